@@ -1,0 +1,411 @@
+"""The NATS JetStream side of every process: connect, provision, publish, consume, and KV compare-and-set.
+
+What it decides:
+- the shape of Shoal's streams, KV buckets and the manifest Object Store (``provision`` is idempotent);
+- how a handler's outcome becomes an acknowledgement: success → ack; ``RetryLater`` or an unexpected error →
+  nak with a growing delay; ``Conflict`` → nak at once (another writer won, the handler re-reads);
+  ``Permanent``, an undecodable or oversized payload, or a last failed delivery → a ``DeadLetter`` record on the
+  dead-letter stream, then ``term`` so the message is never redelivered.
+- that every published event carries ``Nats-Msg-Id`` (its id, for deduplication) and ``traceparent``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+import msgspec
+import nats
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js import api as js_api
+from nats.js.errors import (
+    BucketNotFoundError,
+    KeyDeletedError,
+    KeyNotFoundError,
+    KeyWrongLastSequenceError,
+    NotFoundError,
+)
+from nats.js.kv import KeyValue
+from nats.js.object_store import ObjectStore as NatsObjectStore
+from opentelemetry import trace
+
+from libs import subjects
+from libs.config import NatsSettings
+from libs.events.deadletter import DeadLetter
+from libs.telemetry import extract_context, get_logger, inject_context, tracer
+
+log = get_logger(__name__)
+
+DAY = 24 * 3600.0
+MESSAGE_LIMIT = 1024 * 1024  # JetStream's default max_payload; larger publishes are refused by the server.
+
+
+# --- Outcomes a handler can signal ---
+
+
+class RetryLater(Exception):
+    """Try this message again after ``delay`` seconds (a dependency is down, state is not there yet)."""
+
+    def __init__(self, reason: str, delay: float | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.delay = delay
+
+
+class Permanent(Exception):
+    """Retrying cannot help: the message goes to the dead-letter stream with this reason."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Conflict(Exception):
+    """A compare-and-set lost against another writer; re-read and try again."""
+
+
+# --- Connection and provisioning ---
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    name: str
+    subjects: list[str]
+    max_age: float
+    storage: js_api.StorageType = js_api.StorageType.FILE
+    max_msgs_per_subject: int = -1
+    max_bytes: int = -1
+
+
+STREAMS: tuple[StreamSpec, ...] = (
+    # Commands are kept a week so a service that was down catches up, and for audit.
+    StreamSpec(subjects.STREAM_COMMANDS, [subjects.ALL_COMMANDS], max_age=7 * DAY, max_bytes=1 << 30),
+    StreamSpec(subjects.STREAM_FACTS, [subjects.ALL_FACTS], max_age=7 * DAY, max_bytes=1 << 30),
+    # Heartbeats only matter while fresh: keep the last few per node, for an hour.
+    StreamSpec(subjects.STREAM_AGENT, [subjects.ALL_AGENT], max_age=3600.0, max_msgs_per_subject=16),
+    StreamSpec(subjects.STREAM_DEAD_LETTERS, [subjects.ALL_DEAD_LETTERS], max_age=30 * DAY, max_bytes=1 << 30),
+)
+
+
+@dataclass(frozen=True)
+class BucketSpec:
+    name: str
+    history: int = 1
+    ttl: float | None = None
+
+
+KV_BUCKETS: tuple[BucketSpec, ...] = (
+    BucketSpec(subjects.KV_DATASETS, history=5),
+    BucketSpec(subjects.KV_RUNTIMES, history=5),
+    BucketSpec(subjects.KV_BINDINGS),
+    # An agent that stops beating disappears after a minute even if nobody ticks.
+    BucketSpec(subjects.KV_AGENTS, ttl=60.0),
+)
+
+
+class Bus:
+    """One NATS connection with its JetStream context, and the helpers every service uses."""
+
+    def __init__(self, nc: NatsClient, replicas: int = 1) -> None:
+        self.nc = nc
+        self.js: JetStreamContext = nc.jetstream()
+        self.replicas = replicas
+        self._kv: dict[str, KeyValue] = {}
+
+    async def close(self) -> None:
+        if not self.nc.is_closed:
+            await self.nc.close()
+
+    async def provision(self) -> None:
+        """Create or update every stream, KV bucket and the manifest store; safe to call from every process."""
+        for spec in STREAMS:
+            config = js_api.StreamConfig(
+                name=spec.name,
+                subjects=spec.subjects,
+                retention=js_api.RetentionPolicy.LIMITS,
+                max_age=spec.max_age,
+                max_bytes=spec.max_bytes,
+                max_msgs_per_subject=spec.max_msgs_per_subject,
+                max_msg_size=MESSAGE_LIMIT,
+                storage=spec.storage,
+                num_replicas=self.replicas,
+                duplicate_window=120.0,
+            )
+            try:
+                await self.js.stream_info(spec.name)
+            except NotFoundError:
+                await self.js.add_stream(config)
+            else:
+                await self.js.update_stream(config)
+        for bucket in KV_BUCKETS:
+            try:
+                await self.js.key_value(bucket.name)
+            except BucketNotFoundError:
+                await self.js.create_key_value(
+                    js_api.KeyValueConfig(bucket=bucket.name, history=bucket.history, ttl=bucket.ttl,
+                                          replicas=self.replicas)
+                )
+        try:
+            await self.js.object_store(subjects.OBJ_MANIFESTS)
+        except (BucketNotFoundError, NotFoundError):
+            await self.js.create_object_store(
+                subjects.OBJ_MANIFESTS, js_api.ObjectStoreConfig(replicas=self.replicas)
+            )
+
+    async def kv(self, bucket: str) -> KeyValue:
+        if bucket not in self._kv:
+            self._kv[bucket] = await self.js.key_value(bucket)
+        return self._kv[bucket]
+
+    async def manifests(self) -> NatsObjectStore:
+        return await self.js.object_store(subjects.OBJ_MANIFESTS)
+
+    async def publish(self, subject: str, event: msgspec.Struct, headers: dict[str, str] | None = None) -> int:
+        """Publish an event to JetStream; returns its stream sequence. Deduplicated by the event's id."""
+        all_headers = inject_context(dict(headers or {}))
+        all_headers["Nats-Msg-Id"] = str(getattr(event, "id", ""))
+        all_headers["Content-Type"] = "application/json"
+        ack = await self.js.publish(subject, msgspec.json.encode(event), headers=all_headers)
+        return int(ack.seq)
+
+
+async def connect(settings: NatsSettings, name: str) -> Bus:
+    options: dict[str, Any] = {
+        "servers": settings.urls,
+        "name": name,
+        # Reconnect forever: a service outlives a NATS restart or a cluster leader change.
+        "max_reconnect_attempts": -1,
+        "reconnect_time_wait": 0.5,
+        "connect_timeout": 5,
+    }
+    if settings.user:
+        options["user"] = settings.user
+        options["password"] = settings.password.reveal()
+    if settings.token:
+        options["token"] = settings.token.reveal()
+    if settings.tls_ca or settings.tls_cert:
+        context = ssl.create_default_context(cafile=settings.tls_ca or None)
+        if settings.tls_cert:
+            context.load_cert_chain(settings.tls_cert, settings.tls_key or None)
+        options["tls"] = context
+    nc = await nats.connect(**options)
+    return Bus(nc, replicas=settings.replicas)
+
+
+# --- KV with compare-and-set ---
+
+T = TypeVar("T")
+
+
+async def kv_load(kv: KeyValue, key: str, type_: type[T]) -> tuple[T | None, int | None]:
+    """The decoded value and its revision; (None, None) when absent, (None, rev) when deleted."""
+    try:
+        entry = await kv.get(key)
+    except KeyDeletedError as err:
+        return None, err.entry.revision if err.entry else None
+    except KeyNotFoundError:
+        return None, None
+    if entry.value is None:
+        return None, entry.revision
+    return msgspec.json.decode(entry.value, type=type_), entry.revision
+
+
+async def kv_save(kv: KeyValue, key: str, value: msgspec.Struct, revision: int | None) -> int:
+    """Write only if the key is still at ``revision`` (None: only if it does not exist); else ``Conflict``."""
+    payload = msgspec.json.encode(value)
+    try:
+        if revision is None:
+            return int(await kv.create(key, payload))
+        return int(await kv.update(key, payload, last=revision))
+    except KeyWrongLastSequenceError as err:
+        raise Conflict(f"{key} changed concurrently") from err
+    except nats.js.errors.BadRequestError as err:
+        # create() on an existing key answers "wrong last sequence" as a bad request on some servers.
+        raise Conflict(f"{key} changed concurrently: {err}") from err
+
+
+async def kv_delete(kv: KeyValue, key: str, revision: int | None) -> None:
+    try:
+        await kv.delete(key, last=revision)
+    except KeyWrongLastSequenceError as err:
+        raise Conflict(f"{key} changed concurrently") from err
+
+
+async def kv_values(kv: KeyValue, type_: type[T]) -> list[T]:
+    """Every live value in a bucket (small buckets: datasets, runtimes, agents)."""
+    try:
+        keys = await kv.keys()
+    except nats.js.errors.NoKeysError:
+        return []
+    values = []
+    for key in keys:
+        value, _ = await kv_load(kv, key, type_)
+        if value is not None:
+            values.append(value)
+    return values
+
+
+# --- The consumer loop ---
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """What a handler may want to know about the message besides its decoded event."""
+
+    subject: str
+    headers: dict[str, str]
+    deliveries: int
+    stream_sequence: int
+    # When JetStream stored the message (server clock): the age of a replayed heartbeat, for instance.
+    published_at: float = 0.0
+
+    @property
+    def message_id(self) -> str:
+        return self.headers.get("Nats-Msg-Id", "")
+
+
+E = TypeVar("E")
+Handler = Callable[[E, Delivery], Awaitable[None]]
+InvalidHandler = Callable[[Delivery, str, bytes], Awaitable[None]]
+
+
+def retry_delay(deliveries: int) -> float:
+    """0.5 s doubling per delivery, capped at 30 s: quick recovery from blips, no hammering of a dead store."""
+    return float(min(30.0, 0.5 * 2 ** max(0, deliveries - 1)))
+
+
+@dataclass
+class Consumer(Generic[E]):
+    """A durable pull consumer that decodes at the edge and maps handler outcomes to acks.
+
+    ``on_invalid`` is told about payloads that cannot be decoded (so a command publisher gets a rejection
+    event); they are dead-lettered either way.
+    """
+
+    bus: Bus
+    stream: str
+    durable: str
+    filter_subject: str
+    decoder: msgspec.json.Decoder[E]
+    handler: Handler[E]
+    max_event_bytes: int
+    max_deliver: int = 5
+    on_invalid: InvalidHandler | None = None
+    # Handlers here only touch KV and publish; 30 s covers a slow NATS cluster failover.
+    ack_wait: float = 30.0
+    batch: int = 16
+    _stopping: asyncio.Event = field(default_factory=asyncio.Event, init=False)
+
+    async def run(self) -> None:
+        config = js_api.ConsumerConfig(
+            durable_name=self.durable,
+            ack_policy=js_api.AckPolicy.EXPLICIT,
+            ack_wait=self.ack_wait,
+            max_deliver=self.max_deliver,
+            max_ack_pending=1000,
+            filter_subject=self.filter_subject,
+            deliver_policy=js_api.DeliverPolicy.ALL,
+        )
+        subscription = await self.bus.js.pull_subscribe(
+            self.filter_subject, durable=self.durable, stream=self.stream, config=config
+        )
+        try:
+            while not self._stopping.is_set():
+                try:
+                    messages = await subscription.fetch(self.batch, timeout=1.0)
+                except (TimeoutError, nats.errors.TimeoutError):
+                    continue
+                for message in messages:
+                    await self.process(message)
+        finally:
+            await subscription.unsubscribe()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def process(self, message: Msg) -> None:
+        metadata = message.metadata
+        delivery = Delivery(
+            subject=message.subject,
+            headers=dict(message.headers or {}),
+            deliveries=metadata.num_delivered or 1,
+            stream_sequence=metadata.sequence.stream if metadata.sequence else 0,
+            published_at=metadata.timestamp.timestamp() if metadata.timestamp else 0.0,
+        )
+        bound = log.bind(subject=delivery.subject, seq=delivery.stream_sequence, consumer=self.durable,
+                         msg_id=delivery.message_id, delivery=delivery.deliveries)
+        with tracer(__name__).start_as_current_span(
+            f"process {self.durable}",
+            context=extract_context(delivery.headers),
+            kind=trace.SpanKind.CONSUMER,
+            attributes={"messaging.system": "nats", "messaging.destination.name": delivery.subject},
+        ):
+            if len(message.data) > self.max_event_bytes:
+                reason = f"payload of {len(message.data)} bytes exceeds the limit of {self.max_event_bytes} bytes"
+                await self._reject(message, delivery, reason, bound)
+                return
+            try:
+                event = self.decoder.decode(message.data)
+            except (msgspec.ValidationError, msgspec.DecodeError) as err:
+                await self._reject(message, delivery, f"invalid event: {err}", bound)
+                return
+            try:
+                await self.handler(event, delivery)
+            except Conflict as err:
+                bound.info("conflict, retrying", reason=str(err))
+                await message.nak(delay=0)
+            except Permanent as err:
+                await self._dead_letter(message, delivery, err.reason, bound)
+            except RetryLater as err:
+                await self._retry(message, delivery, err.reason, err.delay, bound)
+            except Exception as err:  # a bug or an unexpected outage: retry, then dead-letter
+                bound.exception("handler failed")
+                await self._retry(message, delivery, f"{type(err).__name__}: {err}", None, bound)
+            else:
+                await message.ack()
+
+    async def _retry(self, message: Msg, delivery: Delivery, reason: str, delay: float | None, bound: Any) -> None:
+        if delivery.deliveries >= self.max_deliver:
+            await self._dead_letter(message, delivery, f"gave up after {delivery.deliveries} deliveries: {reason}",
+                                    bound)
+            return
+        delay = retry_delay(delivery.deliveries) if delay is None else delay
+        bound.warning("retrying later", reason=reason, delay=delay)
+        await message.nak(delay=delay)
+
+    async def _reject(self, message: Msg, delivery: Delivery, reason: str, bound: Any) -> None:
+        if self.on_invalid is not None:
+            try:
+                await self.on_invalid(delivery, reason, message.data)
+            except Exception:
+                bound.exception("could not publish the rejection")
+        await self._dead_letter(message, delivery, reason, bound)
+
+    async def _dead_letter(self, message: Msg, delivery: Delivery, reason: str, bound: Any) -> None:
+        record = DeadLetter(
+            stream=self.stream,
+            consumer=self.durable,
+            subject=delivery.subject,
+            stream_sequence=delivery.stream_sequence,
+            deliveries=delivery.deliveries,
+            reason=reason,
+            payload=bytes(message.data),
+            headers={k: v for k, v in delivery.headers.items() if k != "Nats-Msg-Id"},
+        )
+        # Derived id: a redelivered poison message yields one dead letter, not one per attempt.
+        record = msgspec.structs.replace(record, id=f"dlq-{self.stream}-{self.durable}-{delivery.stream_sequence}")
+        await self.bus.publish(subjects.dead_letter(self.stream, self.durable), record)
+        bound.warning("dead-lettered", reason=reason)
+        await message.term()
+
+
+async def run_all(tasks: Sequence[Awaitable[None]]) -> None:
+    """Run a service's loops; the first one to fail stops the others and the error propagates."""
+    async with asyncio.TaskGroup() as group:
+        for task in tasks:
+            group.create_task(task)  # type: ignore[arg-type]

@@ -1,0 +1,404 @@
+"""Manifests → commands: what ``shoal apply -f`` and ``shoal delete -f`` publish for each YAML document.
+
+Pure functions, no I/O. Decides:
+- which kinds are understood: Shoal's own ``shoal.io/v1alpha1`` Dataset and Runtime, Fluid's
+  ``data.fluid.io/v1alpha1`` Dataset, and Fluid's cache runtimes (AlluxioRuntime, JuiceFSRuntime, ...) mapped
+  onto the one Shoal Runtime;
+- how a Fluid runtime maps: ``spec.replicas`` and ``spec.tieredstore.levels[]`` as they are, the block size from
+  the engine's own setting (Alluxio/GooseFS property, JuiceFS ``block-size`` option), nothing else;
+- that every field Shoal does not use is reported back as an "ignored: ..." note, never dropped silently;
+- that schema errors name the document and the JSON path (``$.spec.mounts[0].mountPoint``).
+
+Semantic validation (bucket names, supported options, DNS labels) is the services' job: they reject with a
+reason the CLI prints. Here only the shape is checked, so a manifest is judged by one authority.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any, Literal
+
+import msgspec
+import yaml
+
+from libs import subjects
+from libs.events.dataset import Dataset, DatasetApply, DatasetDelete, DatasetSpec
+from libs.events.runtime import Runtime, RuntimeApply, RuntimeDelete, RuntimeSpec
+
+SHOAL_API = "shoal.io/v1alpha1"
+FLUID_API = "data.fluid.io/v1alpha1"
+FLUID_RUNTIME_KINDS = (
+    "AlluxioRuntime",
+    "JuiceFSRuntime",
+    "JindoRuntime",
+    "GooseFSRuntime",
+    "EFCRuntime",
+    "ThinRuntime",
+    "VineyardRuntime",
+)
+
+# Fluid/Alluxio spellings of S3 mount options and Shoal's names for them.
+ALLUXIO_OPTION_NAMES = {
+    "alluxio.underfs.s3.endpoint": "endpoint",
+    "alluxio.underfs.s3.endpoint.region": "region",
+    "alluxio.underfs.s3.disable.dns.buckets": "pathStyle",
+}
+
+# Engines that keep their block size in ``spec.properties``; Alluxio and its fork GooseFS spell sizes alike.
+BLOCK_SIZE_PROPERTIES = {
+    "AlluxioRuntime": "alluxio.user.block.size.bytes.default",
+    "GooseFSRuntime": "goosefs.user.block.size.bytes.default",
+}
+JUICEFS_BLOCK_SIZE = "block-size"
+
+METADATA_FIELDS = ("name", "namespace", "labels", "annotations")
+LEVEL_FIELDS = ("mediumtype", "path", "quota", "high", "low")
+
+Kind = Literal["dataset", "runtime"]
+Action = Literal["apply", "delete"]
+CommandEvent = DatasetApply | DatasetDelete | RuntimeApply | RuntimeDelete
+
+
+class ManifestError(ValueError):
+    """The manifest text is not YAML; the message names the document and the line."""
+
+
+@dataclass(frozen=True)
+class Command:
+    """One event to publish for one document, and where it came from (for messages)."""
+
+    document: int  # 1-based position in the YAML stream
+    source_kind: str  # the kind as written, e.g. "AlluxioRuntime"
+    kind: Kind
+    name: str
+    namespace: str
+    subject: str
+    event: CommandEvent
+
+    @property
+    def resource(self) -> str:
+        """kubectl-style resource name printed in results: ``dataset.shoal.io/demo``."""
+        return f"{self.kind}.shoal.io/{self.name}"
+
+
+def parse_documents(text: str) -> list[Any]:
+    """Every YAML document of ``text`` in order; empty documents stay as None so positions keep their numbers."""
+    documents: list[Any] = []
+    try:
+        for document in yaml.safe_load_all(text):
+            documents.append(document)
+    except yaml.YAMLError as err:
+        where = f"document {len(documents) + 1}"
+        mark = getattr(err, "problem_mark", None)
+        if mark is not None:
+            where += f", line {mark.line + 1}, column {mark.column + 1}"
+        problem = getattr(err, "problem", None) or str(err)
+        context = getattr(err, "context", None)
+        detail = f"{problem} ({context})" if context else problem
+        raise ManifestError(f"invalid YAML in {where}: {detail}") from err
+    return documents
+
+
+def documents_to_commands(
+    documents: list[Any], *, default_namespace: str = "default", action: Action = "apply"
+) -> tuple[list[Command], list[str], list[str]]:
+    """Commands for every valid document, notes on ignored fields, and errors of the invalid documents.
+
+    Invalid documents do not stop the others, like ``kubectl apply``: the caller publishes what is valid and
+    reports the rest.
+    """
+    commands: list[Command] = []
+    notes: list[str] = []
+    errors: list[str] = []
+    for position, document in enumerate(documents, start=1):
+        if document is None:
+            continue
+        try:
+            command, document_notes = _document_to_command(position, document, default_namespace, action)
+        except _DocumentError as err:
+            errors.append(str(err))
+            continue
+        commands.append(command)
+        notes.extend(document_notes)
+    return commands, notes, errors
+
+
+# --- one document ---
+
+
+class _DocumentError(Exception):
+    pass
+
+
+def _document_to_command(
+    position: int, document: Any, default_namespace: str, action: Action
+) -> tuple[Command, list[str]]:
+    if not isinstance(document, dict):
+        raise _DocumentError(
+            f"document {position}: expected a mapping with apiVersion, kind, metadata and spec, "
+            f"got {type(document).__name__}"
+        )
+    api_version, kind = document.get("apiVersion"), document.get("kind")
+    label = f"document {position} ({kind}"
+    metadata = document.get("metadata")
+    if isinstance(metadata, dict) and isinstance(metadata.get("name"), str):
+        label += f" {metadata['name']}"
+    label += ")"
+
+    notes = [_ignored(str(kind), key, "not used by Shoal") for key in document
+             if key not in ("apiVersion", "kind", "metadata", "spec", "status")]
+    if "status" in document:
+        notes.append(_ignored(str(kind), "status", "status is computed by Shoal"))
+    meta, meta_notes = _metadata(str(kind), metadata, default_namespace, label)
+    notes += meta_notes
+    spec = document.get("spec") or {}
+    if not isinstance(spec, dict):
+        raise _DocumentError(f"{label}: spec must be a mapping, got {type(spec).__name__}")
+
+    target: type[Dataset] | type[Runtime]
+    if api_version == SHOAL_API and kind == "Dataset":
+        target, mapped_spec = Dataset, spec
+        notes += [_ignored(kind, path, "unknown field") for path in unknown_fields(DatasetSpec, spec, "spec")]
+    elif api_version == SHOAL_API and kind == "Runtime":
+        target, mapped_spec = Runtime, spec
+        notes += [_ignored(kind, path, "unknown field") for path in unknown_fields(RuntimeSpec, spec, "spec")]
+    elif api_version == FLUID_API and kind == "Dataset":
+        target = Dataset
+        notes += [_ignored(kind, path, "not used by Shoal") for path in unknown_fields(DatasetSpec, spec, "spec")]
+        mapped_spec = fluid_dataset_spec(spec)
+    elif api_version == FLUID_API and kind in FLUID_RUNTIME_KINDS:
+        target = Runtime
+        mapped_spec, runtime_notes, problems = fluid_runtime_spec(kind, spec)
+        notes += runtime_notes
+        if problems:
+            raise _DocumentError(f"{label}: " + "; ".join(problems))
+    else:
+        raise _DocumentError(
+            f"{label}: unknown kind {kind!r} of apiVersion {api_version!r}; supported: Dataset and Runtime "
+            f"of {SHOAL_API}, Dataset and {', '.join(FLUID_RUNTIME_KINDS)} of {FLUID_API}"
+        )
+
+    try:
+        obj = msgspec.convert({"metadata": meta, "spec": mapped_spec}, target)
+    except msgspec.ValidationError as err:
+        raise _DocumentError(f"{label}: {err}") from err
+    name, namespace = obj.metadata.name, obj.metadata.namespace
+    event: CommandEvent
+    if isinstance(obj, Dataset):
+        subject = subjects.DATASET_APPLY if action == "apply" else subjects.DATASET_DELETE
+        event = DatasetApply(dataset=obj) if action == "apply" else DatasetDelete(name=name, namespace=namespace)
+        return Command(position, str(kind), "dataset", name, namespace, subject, event), notes
+    subject = subjects.RUNTIME_APPLY if action == "apply" else subjects.RUNTIME_DELETE
+    event = RuntimeApply(runtime=obj) if action == "apply" else RuntimeDelete(name=name, namespace=namespace)
+    return Command(position, str(kind), "runtime", name, namespace, subject, event), notes
+
+
+def _metadata(kind: str, metadata: Any, default_namespace: str, label: str) -> tuple[dict[str, Any], list[str]]:
+    """name, namespace (the default when absent), labels and annotations; server-set fields are noted."""
+    if not isinstance(metadata, dict):
+        raise _DocumentError(f"{label}: metadata with a name is required")
+    meta = {key: value for key, value in metadata.items() if key in METADATA_FIELDS}
+    meta.setdefault("namespace", default_namespace)
+    notes = [_ignored(kind, f"metadata.{key}", "not used by Shoal") for key in metadata if key not in meta]
+    return meta, notes
+
+
+def _ignored(kind: str, path: str, why: str) -> str:
+    return f"ignored: {kind}/{path} ({why})"
+
+
+# --- Fluid Dataset ---
+
+
+def fluid_dataset_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    """Fluid's Dataset spec in Shoal's shape: the same fields, Alluxio's S3 option names made Shoal's.
+
+    Unknown options pass through: the dataset service knows which ones each scheme supports and says why.
+    """
+    mapped = dict(spec)
+    if isinstance(spec.get("mounts"), list):
+        mapped["mounts"] = [
+            {**mount, "options": _rename_options(mount["options"])}
+            if isinstance(mount, dict) and isinstance(mount.get("options"), dict) else mount
+            for mount in spec["mounts"]
+        ]
+    if isinstance(spec.get("sharedOptions"), dict):
+        mapped["sharedOptions"] = _rename_options(spec["sharedOptions"])
+    return mapped
+
+
+def _rename_options(options: dict[Any, Any]) -> dict[Any, Any]:
+    return {ALLUXIO_OPTION_NAMES.get(key, key): value for key, value in options.items()}
+
+
+# --- Fluid runtimes ---
+
+
+def fluid_runtime_spec(kind: str, spec: dict[str, Any]) -> tuple[dict[str, Any], list[str], list[str]]:
+    """A Fluid runtime spec as Shoal's RuntimeSpec dict, notes on every field left out, and value problems."""
+    mapped: dict[str, Any] = {}
+    notes: list[str] = []
+    problems: list[str] = []
+    handled = {"replicas", "tieredstore"}
+    if "replicas" in spec:
+        mapped["replicas"] = spec["replicas"]
+    if "tieredstore" in spec:
+        mapped["tieredstore"], tier_notes = _tieredstore(kind, spec["tieredstore"])
+        notes += tier_notes
+
+    block_size: str | int | None = None
+    if kind in BLOCK_SIZE_PROPERTIES:
+        handled.add("properties")
+        properties = spec.get("properties")
+        if isinstance(properties, dict):
+            key = BLOCK_SIZE_PROPERTIES[kind]
+            for name in properties:
+                if name != key:
+                    notes.append(_ignored(kind, f'spec.properties["{name}"]', "not used by Shoal"))
+            if key in properties:
+                try:
+                    block_size = _bytes_quantity(alluxio_size(properties[key]))
+                except ValueError as err:
+                    problems.append(f'spec.properties["{key}"]: {err}')
+        elif properties is not None:
+            problems.append("spec.properties must be a mapping")
+    elif kind == "JuiceFSRuntime":
+        block_size, juicefs_notes, juicefs_problems = _juicefs_block_size(spec)
+        notes += juicefs_notes
+        problems += juicefs_problems
+        handled |= {"fuse", "configs"}
+    if block_size is not None:
+        mapped["blockSize"] = block_size
+
+    notes += [_ignored(kind, f"spec.{key}", "not used by Shoal") for key in spec if key not in handled]
+    return mapped, notes, problems
+
+
+def _tieredstore(kind: str, tieredstore: Any) -> tuple[Any, list[str]]:
+    if not isinstance(tieredstore, dict):
+        return tieredstore, []  # the schema check names the path and the expected type
+    notes = [_ignored(kind, f"spec.tieredstore.{key}", "not used by Shoal") for key in tieredstore
+             if key != "levels"]
+    levels = tieredstore.get("levels", [])
+    if not isinstance(levels, list):
+        return {"levels": levels}, notes
+    mapped_levels = []
+    for index, level in enumerate(levels):
+        if not isinstance(level, dict):
+            mapped_levels.append(level)
+            continue
+        mapped_levels.append({key: value for key, value in level.items() if key in LEVEL_FIELDS})
+        notes += [_ignored(kind, f"spec.tieredstore.levels[{index}].{key}", "not used by Shoal")
+                  for key in level if key not in LEVEL_FIELDS]
+    return {"levels": mapped_levels}, notes
+
+
+def _juicefs_block_size(spec: dict[str, Any]) -> tuple[str | int | None, list[str], list[str]]:
+    """JuiceFS's block size from ``spec.configs`` (format flags) or ``spec.fuse.options``; the latter wins.
+
+    Fluid passes ``spec.configs`` entries to ``juicefs format`` as ``--<entry>`` and ``spec.fuse.options`` to the
+    mount; ``block-size`` is a format setting, but both places are read so neither is lost.
+    """
+    kind = "JuiceFSRuntime"
+    notes: list[str] = []
+    problems: list[str] = []
+    found: tuple[str, Any] | None = None
+    configs = spec.get("configs")
+    if isinstance(configs, list):
+        for index, entry in enumerate(configs):
+            key, _, value = str(entry).strip().lstrip("-").partition("=")
+            if key == JUICEFS_BLOCK_SIZE:
+                found = (f"spec.configs[{index}]", value)
+            else:
+                notes.append(_ignored(kind, f"spec.configs[{index}] ({entry})", "not used by Shoal"))
+    elif configs is not None:
+        problems.append("spec.configs must be a list")
+    fuse = spec.get("fuse")
+    if isinstance(fuse, dict):
+        notes += [_ignored(kind, f"spec.fuse.{key}", "not used by Shoal") for key in fuse if key != "options"]
+        options = fuse.get("options")
+        if isinstance(options, dict):
+            for key, value in options.items():
+                if key == JUICEFS_BLOCK_SIZE:
+                    found = (f'spec.fuse.options["{key}"]', value)
+                else:
+                    notes.append(_ignored(kind, f'spec.fuse.options["{key}"]', "not used by Shoal"))
+        elif options is not None:
+            problems.append("spec.fuse.options must be a mapping")
+    elif fuse is not None:
+        problems.append("spec.fuse must be a mapping")
+    if found is None:
+        return None, notes, problems
+    where, value = found
+    try:
+        return _bytes_quantity(juicefs_size(value)), notes, problems
+    except ValueError as err:
+        problems.append(f"{where}: {err}")
+        return None, notes, problems
+
+
+# --- sizes ---
+
+_ALLUXIO_SIZE = re.compile(r"^([0-9]+(?:\.[0-9]+)?)\s*([kmgtp]?)b?$", re.IGNORECASE)
+_JUICEFS_SIZE = re.compile(r"^([0-9]+(?:\.[0-9]+)?)\s*([kmgtp]?)(?:i?b)?$", re.IGNORECASE)
+_BINARY = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40, "p": 2**50}
+
+
+def alluxio_size(value: Any) -> int:
+    """Bytes of an Alluxio size ("64MB", "1GB", 67108864): Alluxio's KB/MB/GB are powers of 1024."""
+    return _size(value, _ALLUXIO_SIZE, default_unit="")
+
+
+def juicefs_size(value: Any) -> int:
+    """Bytes of a JuiceFS block size: a plain number is KiB (JuiceFS's unit), "4M"/"4MiB" carry their own."""
+    return _size(value, _JUICEFS_SIZE, default_unit="k")
+
+
+def _size(value: Any, pattern: re.Pattern[str], default_unit: str) -> int:
+    match = pattern.match(str(value).strip()) if not isinstance(value, bool) else None
+    if not match:
+        raise ValueError(f"{value!r} is not a size (examples: 4MB, 64MB, 1GB)")
+    number, unit = match.groups()
+    size = Decimal(number) * _BINARY[(unit or default_unit).lower()]
+    if size != size.to_integral_value() or size <= 0:
+        raise ValueError(f"{value!r} is not a positive whole number of bytes")
+    return int(size)
+
+
+def _bytes_quantity(size: int) -> str | int:
+    """The Kubernetes quantity Shoal's RuntimeSpec uses ("4Mi"), or plain bytes when no unit divides evenly."""
+    for unit, factor in (("Ti", 2**40), ("Gi", 2**30), ("Mi", 2**20), ("Ki", 2**10)):
+        if size % factor == 0:
+            return f"{size // factor}{unit}"
+    return size
+
+
+# --- unknown fields ---
+
+
+def unknown_fields(struct_type: type[Any], value: Any, path: str) -> list[str]:
+    """Paths in ``value`` that ``struct_type`` has no field for (msgspec would drop them without a word)."""
+    return _unknown(msgspec.inspect.type_info(struct_type), value, path)
+
+
+def _unknown(info: msgspec.inspect.Type, value: Any, path: str) -> list[str]:
+    if isinstance(info, msgspec.inspect.StructType) and isinstance(value, dict):
+        fields = {field.encode_name: field for field in info.fields}
+        found: list[str] = []
+        for key, item in value.items():
+            field = fields.get(key)
+            if field is None:
+                found.append(f"{path}.{key}")
+            else:
+                found += _unknown(field.type, item, f"{path}.{key}")
+        return found
+    if isinstance(info, msgspec.inspect.ListType) and isinstance(value, list):
+        return [found for index, item in enumerate(value)
+                for found in _unknown(info.item_type, item, f"{path}[{index}]")]
+    if isinstance(info, msgspec.inspect.UnionType):
+        for member in info.types:
+            if isinstance(member, msgspec.inspect.StructType) and isinstance(value, dict):
+                return _unknown(member, value, path)
+    return []

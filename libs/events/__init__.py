@@ -1,0 +1,56 @@
+"""Event schemas of Shoal, one module per event family (dataset, runtime, agent, dead letters).
+
+``PUBLIC_EVENTS`` lists every type other systems may publish or consume; ``shoal schemas`` exports their JSON
+Schema into docs/schemas/.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from libs.events.agent import AgentHeartbeat
+from libs.events.dataset import (
+    DatasetAccepted,
+    DatasetApply,
+    DatasetDelete,
+    DatasetDeleted,
+    DatasetRejected,
+    DatasetStatusChanged,
+)
+from libs.events.deadletter import DeadLetter
+from libs.events.runtime import (
+    RuntimeAccepted,
+    RuntimeApply,
+    RuntimeDelete,
+    RuntimeDeleted,
+    RuntimeRejected,
+    RuntimeStatusChanged,
+)
+
+PUBLIC_EVENTS: tuple[type[Any], ...] = (
+    DatasetApply,
+    DatasetDelete,
+    DatasetAccepted,
+    DatasetRejected,
+    DatasetStatusChanged,
+    DatasetDeleted,
+    RuntimeApply,
+    RuntimeDelete,
+    RuntimeAccepted,
+    RuntimeRejected,
+    RuntimeStatusChanged,
+    RuntimeDeleted,
+    AgentHeartbeat,
+    DeadLetter,
+)
+
+
+def type_tag(event_type: type[Any]) -> str:
+    tag = msgspec.inspect.type_info(event_type).tag  # type: ignore[attr-defined]
+    return str(tag)
+
+
+def encode(event: msgspec.Struct) -> bytes:
+    return msgspec.json.encode(event)

@@ -1,0 +1,93 @@
+"""Shared pieces of every event: object metadata, the tag convention, ids and byte quantities.
+
+Schema evolution follows msgspec's rules: new fields get defaults, field types never change, and a breaking
+change is a new type tag (``.v2``) decoded side by side with the old one.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from decimal import Decimal
+from typing import Any
+
+import msgspec
+
+TAG_FIELD = "type"
+
+DNS1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+MAX_LABEL_LENGTH = 63
+
+
+class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field=TAG_FIELD, forbid_unknown_fields=False):
+    """Base of every message on the bus. ``id`` is also sent as ``Nats-Msg-Id`` for deduplication."""
+
+    id: str = msgspec.field(default_factory=lambda: uuid.uuid4().hex)
+
+
+class ObjectMeta(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    name: str
+    namespace: str = "default"
+    labels: dict[str, str] = {}
+    annotations: dict[str, str] = {}
+
+
+class ObjectRef(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    namespace: str = "default"
+
+
+def dns_label_errors(value: str, what: str, pattern: re.Pattern[str] = DNS1035_LABEL) -> list[str]:
+    """Why ``value`` is not a DNS label, as sentences a person can act on (empty when it is one)."""
+    kind = "DNS-1035 label" if pattern is DNS1035_LABEL else "DNS-1123 label"
+    if not value:
+        return [f"{what} must not be empty"]
+    errors = []
+    if len(value) > MAX_LABEL_LENGTH:
+        errors.append(f"{what} {value!r} is longer than {MAX_LABEL_LENGTH} characters")
+    if not pattern.match(value):
+        start = "a lower-case letter" if pattern is DNS1035_LABEL else "a lower-case letter or digit"
+        errors.append(
+            f"{what} {value!r} is not a {kind}: use lower-case letters, digits and '-', "
+            f"starting with {start} and ending with a letter or digit"
+        )
+    return errors
+
+
+_BINARY_UNITS = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"]
+
+
+def format_bytes(size: int) -> str:
+    """Human size like Fluid's status strings ("13.33GiB")."""
+    value = float(size)
+    for unit in _BINARY_UNITS:
+        if value < 1024 or unit == _BINARY_UNITS[-1]:
+            return f"{int(value)}{unit}" if unit == "B" else f"{value:.2f}{unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+_QUANTITY = re.compile(r"^([0-9]+(?:\.[0-9]+)?)\s*(Ki|Mi|Gi|Ti|Pi|Ei|k|K|M|G|T|P|E)?(B)?$")
+_QUANTITY_FACTORS = {
+    None: 1,
+    "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
+    "k": 10**3, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18,
+}
+
+
+def parse_quantity(value: str | int) -> int:
+    """A Kubernetes byte quantity ("4Mi", "2Gi", "500M", 1024) in bytes; "4MiB"-style suffixes also pass."""
+    match = _QUANTITY.match(str(value).strip())
+    if not match:
+        raise ValueError(f"{value!r} is not a quantity (examples: 4Mi, 2Gi, 500M)")
+    number, unit, _ = match.groups()
+    parsed = Decimal(number) * _QUANTITY_FACTORS[unit]
+    if parsed != parsed.to_integral_value():
+        raise ValueError(f"{value!r} is not a whole number of bytes")
+    return int(parsed)
+
+
+def to_builtins(event: Any) -> Any:
+    return msgspec.to_builtins(event)

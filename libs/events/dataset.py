@@ -1,0 +1,167 @@
+"""Dataset events: the Dataset object (Fluid's ``data.fluid.io/v1alpha1`` field names), its commands and facts.
+
+JSON field names are camelCase like Fluid's API; Python attributes are snake_case.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+from libs.events.common import Event, ObjectMeta
+
+
+class SecretKeySelector(msgspec.Struct, frozen=True, rename="camel"):
+    name: str
+    key: str
+
+
+class EncryptOptionSource(msgspec.Struct, frozen=True, rename="camel"):
+    secret_key_ref: SecretKeySelector
+
+
+class EncryptOption(msgspec.Struct, frozen=True, rename="camel"):
+    """A mount option whose value is read from a secret, so it never travels in the event itself."""
+
+    name: str
+    value_from: EncryptOptionSource
+
+
+class Mount(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omit_defaults=True):
+    mount_point: str
+    name: str = ""
+    path: str = ""
+    options: dict[str, str] = {}
+    encrypt_options: list[EncryptOption] = []
+    read_only: bool = False
+    shared: bool = False
+
+
+class User(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omit_defaults=True):
+    """Owner of the files in the mount (Fluid's ``spec.owner``)."""
+
+    uid: int | None = None
+    gid: int | None = None
+    user: str = ""
+    group: str = ""
+
+
+AccessMode = Literal["ReadOnlyMany", "ReadWriteMany", "ReadWriteOnce", "ReadOnlyOnce", "ReadWriteOncePod"]
+Placement = Literal["Exclusive", "Shared", ""]
+
+
+class DatasetSpec(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omit_defaults=True):
+    mounts: list[Mount] = []
+    owner: User | None = None
+    # Kubernetes NodeAffinity and Tolerations are kept as given; the scheduler interprets them.
+    node_affinity: dict[str, object] | None = None
+    tolerations: list[dict[str, object]] = []
+    access_modes: list[AccessMode] = msgspec.field(default_factory=lambda: ["ReadOnlyMany"])
+    placement: Placement = "Exclusive"
+    shared_options: dict[str, str] = {}
+    shared_encrypt_options: list[EncryptOption] = []
+
+
+class Dataset(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
+    metadata: ObjectMeta
+    spec: DatasetSpec = DatasetSpec()
+
+
+class CacheStates(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omit_defaults=True):
+    cache_capacity: str = ""
+    cached: str = ""
+    cached_percentage: str = ""
+    cache_hit_ratio: str = ""
+
+
+class Condition(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omit_defaults=True):
+    type: str
+    status: Literal["True", "False", "Unknown"]
+    reason: str = ""
+    message: str = ""
+    last_transition_time: str = ""
+
+
+class RuntimeRef(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
+    name: str
+    namespace: str
+    category: str = "Accelerate"
+    type: str = "shoal"
+
+
+DatasetPhase = Literal["NotBound", "Bound", "Failed"]
+
+
+class DatasetStatus(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
+    phase: DatasetPhase = "NotBound"
+    message: str = ""
+    ufs_total: str = ""
+    ufs_total_bytes: int = 0
+    file_num: int = 0
+    cache_states: CacheStates = CacheStates()
+    runtimes: list[RuntimeRef] = []
+    conditions: list[Condition] = []
+    # Generation of the spec the metadata (ufsTotal, fileNum, manifest) was computed from.
+    synced_generation: int = 0
+    manifest: str = ""
+    last_sync_time: str = ""
+
+
+# --- Commands in ---
+
+
+class DatasetApply(Event, frozen=True, kw_only=True, tag="dataset.apply.v1", rename="camel"):
+    dataset: Dataset
+
+
+class DatasetDelete(Event, frozen=True, kw_only=True, tag="dataset.delete.v1", rename="camel"):
+    name: str
+    namespace: str = "default"
+
+
+DatasetCommand = DatasetApply | DatasetDelete
+
+
+# --- Facts out ---
+
+
+class DatasetAccepted(Event, frozen=True, kw_only=True, tag="dataset.accepted.v1", rename="camel"):
+    causation_id: str
+    name: str
+    namespace: str
+    generation: int
+
+
+class DatasetRejected(Event, frozen=True, kw_only=True, tag="dataset.rejected.v1", rename="camel"):
+    """A command that was not carried out, with a reason a person can act on."""
+
+    causation_id: str
+    reason: str
+    name: str = ""
+    namespace: str = ""
+    subject: str = ""
+
+
+class DatasetStatusChanged(Event, frozen=True, kw_only=True, tag="dataset.status.v1", rename="camel"):
+    name: str
+    namespace: str
+    generation: int
+    status: DatasetStatus
+
+
+class DatasetDeleted(Event, frozen=True, kw_only=True, tag="dataset.deleted.v1", rename="camel"):
+    causation_id: str
+    name: str
+    namespace: str
+
+
+DatasetFact = DatasetAccepted | DatasetRejected | DatasetStatusChanged | DatasetDeleted
+
+
+class DatasetRecord(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
+    """What the dataset service keeps in KV per dataset: desired state, its generation, and status."""
+
+    dataset: Dataset
+    generation: int
+    status: DatasetStatus = DatasetStatus()

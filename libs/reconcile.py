@@ -1,0 +1,77 @@
+"""Level-triggered reconciliation over a KV bucket: every key whose value changes gets ``reconcile(key)``.
+
+The watch first replays every existing key, so work interrupted by a crash is picked up on restart without any
+separate recovery path. At most one reconcile runs per key; a change that arrives meanwhile runs it once more
+afterwards. ``reconcile`` may ask to be called again after a delay (an endpoint was unreachable).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+from nats.js.kv import KeyValue
+
+from libs.telemetry import get_logger
+
+log = get_logger(__name__)
+
+Reconcile = Callable[[str], Awaitable[float | None]]
+# Back-off after an unexpected error in reconcile, so a bug does not spin the CPU.
+ERROR_RETRY_SECONDS = 5.0
+
+
+class Reconciler:
+    def __init__(self, kv: KeyValue, reconcile: Reconcile) -> None:
+        self.kv = kv
+        self.reconcile = reconcile
+        self._running: dict[str, asyncio.Task[None]] = {}
+        self._again: set[str] = set()
+        self._stopping = asyncio.Event()
+
+    async def run(self) -> None:
+        watcher = await self.kv.watchall()
+        try:
+            while not self._stopping.is_set():
+                try:
+                    entry = await watcher.updates(timeout=1.0)
+                except TimeoutError:
+                    continue
+                if entry is None or entry.operation in ("DEL", "PURGE"):
+                    continue
+                self.schedule(entry.key)
+        finally:
+            await watcher.stop()
+            for task in list(self._running.values()):
+                task.cancel()
+            await asyncio.gather(*self._running.values(), return_exceptions=True)
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    def schedule(self, key: str) -> None:
+        if key in self._running:
+            self._again.add(key)
+            return
+        self._running[key] = asyncio.create_task(self._work(key), name=f"reconcile {key}")
+
+    async def _work(self, key: str) -> None:
+        try:
+            while True:
+                self._again.discard(key)
+                try:
+                    delay = await self.reconcile(key)
+                except Exception:
+                    log.exception("reconcile failed", key=key)
+                    delay = ERROR_RETRY_SECONDS
+                if key in self._again:
+                    continue
+                if delay is None:
+                    return
+                try:
+                    await asyncio.wait_for(self._stopping.wait(), timeout=delay)
+                    return
+                except TimeoutError:
+                    continue
+        finally:
+            self._running.pop(key, None)

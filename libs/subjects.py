@@ -1,0 +1,78 @@
+"""Every NATS name Shoal uses, spelled once: subjects, streams, durable consumers, KV buckets, keys.
+
+Services and the CLI import these instead of writing strings, so a rename happens here or nowhere.
+Subjects that other systems may use (commands in, facts out) are part of the public contract and are
+documented in docs/events.md.
+"""
+
+from __future__ import annotations
+
+# --- Streams: one per event family, because retention differs per family. ---
+STREAM_COMMANDS = "SHOAL_COMMANDS"
+STREAM_FACTS = "SHOAL_FACTS"
+STREAM_AGENT = "SHOAL_AGENT"
+STREAM_DEAD_LETTERS = "SHOAL_DEAD_LETTERS"
+
+# --- Commands: other systems publish these (JSON). ---
+DATASET_APPLY = "shoal.cmd.dataset.apply"
+DATASET_DELETE = "shoal.cmd.dataset.delete"
+RUNTIME_APPLY = "shoal.cmd.runtime.apply"
+RUNTIME_DELETE = "shoal.cmd.runtime.delete"
+DATASET_COMMANDS = "shoal.cmd.dataset.*"
+RUNTIME_COMMANDS = "shoal.cmd.runtime.*"
+ALL_COMMANDS = "shoal.cmd.>"
+
+# --- Facts: services publish these; anyone may subscribe. ---
+DATASET_ACCEPTED = "shoal.evt.dataset.accepted"
+DATASET_REJECTED = "shoal.evt.dataset.rejected"
+DATASET_STATUS = "shoal.evt.dataset.status"
+DATASET_DELETED = "shoal.evt.dataset.deleted"
+RUNTIME_ACCEPTED = "shoal.evt.runtime.accepted"
+RUNTIME_REJECTED = "shoal.evt.runtime.rejected"
+RUNTIME_STATUS = "shoal.evt.runtime.status"
+RUNTIME_DELETED = "shoal.evt.runtime.deleted"
+DATASET_FACTS = "shoal.evt.dataset.>"
+RUNTIME_FACTS = "shoal.evt.runtime.>"
+ALL_FACTS = "shoal.evt.>"
+
+# --- Agents: per-node traffic. ---
+AGENT_HEARTBEAT_PREFIX = "shoal.agent.heartbeat"
+AGENT_HEARTBEATS = "shoal.agent.heartbeat.*"
+ALL_AGENT = "shoal.agent.>"
+
+
+def agent_heartbeat(node: str) -> str:
+    """Heartbeats are per node so a stream can keep only the last one of each (max_msgs_per_subject)."""
+    return f"{AGENT_HEARTBEAT_PREFIX}.{node}"
+
+
+# --- Dead letters: one subject per consumer that gave up on a message. ---
+DEAD_LETTER_PREFIX = "shoal.dlq"
+ALL_DEAD_LETTERS = "shoal.dlq.>"
+
+
+def dead_letter(stream: str, durable: str) -> str:
+    return f"{DEAD_LETTER_PREFIX}.{stream}.{durable}"
+
+
+# --- Durable consumers. ---
+DURABLE_DATASET_COMMANDS = "dataset-commands"
+DURABLE_DATASET_RUNTIME_STATUS = "dataset-runtime-status"
+DURABLE_RUNTIME_COMMANDS = "runtime-commands"
+DURABLE_RUNTIME_HEARTBEATS = "runtime-heartbeats"
+
+# --- KV buckets and the Object Store. ---
+KV_DATASETS = "shoal_datasets"
+KV_RUNTIMES = "shoal_runtimes"
+KV_AGENTS = "shoal_agents"
+KV_BINDINGS = "shoal_dataset_bindings"
+OBJ_MANIFESTS = "shoal_manifests"
+
+
+def resource_key(namespace: str, name: str) -> str:
+    """KV key of a namespaced object. Both parts are DNS labels, so they never contain a dot."""
+    return f"{namespace}.{name}"
+
+
+def manifest_name(namespace: str, name: str) -> str:
+    return f"{namespace}.{name}"

@@ -1,0 +1,50 @@
+"""Under file systems (UFS): where a dataset's bytes live, read through one ``ObjectStore`` protocol.
+
+``open_store`` decides which implementation serves a location: ``S3ObjectStore`` for S3 and S3-compatible
+endpoints, ``LocalObjectStore`` for a directory. Both are read-only; see ``base`` for the protocol and errors.
+"""
+
+from __future__ import annotations
+
+from libs.ufs.base import (
+    AccessDenied,
+    EndpointUnreachable,
+    LocalLocation,
+    Location,
+    NoSuchBucket,
+    NoSuchKey,
+    ObjectChanged,
+    ObjectInfo,
+    ObjectStore,
+    S3Location,
+    UfsError,
+)
+from libs.ufs.local import LocalObjectStore
+from libs.ufs.s3 import S3ObjectStore
+
+
+def open_store(location: Location) -> ObjectStore:
+    """The store for ``location``; it opens connections on first use, and the caller closes it."""
+    if isinstance(location, S3Location):
+        return S3ObjectStore(location)
+    if isinstance(location, LocalLocation):
+        return LocalObjectStore(location)
+    raise TypeError(f"no object store for {type(location).__name__}")
+
+
+__all__ = [
+    "AccessDenied",
+    "EndpointUnreachable",
+    "LocalLocation",
+    "LocalObjectStore",
+    "Location",
+    "NoSuchBucket",
+    "NoSuchKey",
+    "ObjectChanged",
+    "ObjectInfo",
+    "ObjectStore",
+    "S3Location",
+    "S3ObjectStore",
+    "UfsError",
+    "open_store",
+]

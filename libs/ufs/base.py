@@ -1,0 +1,87 @@
+"""The object-store seam: what Shoal needs from an under file system (UFS), and the errors it raises.
+
+Every implementation (S3 via aiobotocore, local directories) is idempotent and read-only. Errors are
+``UfsError`` subclasses whose message a person can act on, and whose ``retryable`` says whether trying again
+later may help. Credentials live in ``Secret`` values and never appear in a message or a repr.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import msgspec
+
+from libs.config import Secret
+
+
+class ObjectInfo(msgspec.Struct, frozen=True):
+    """One object (file) below a location. ``key`` is relative to the location's prefix, '/'-separated."""
+
+    key: str
+    size: int
+    etag: str
+    mtime: float
+
+
+class UfsError(Exception):
+    retryable = False
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class NoSuchBucket(UfsError):
+    pass
+
+
+class NoSuchKey(UfsError):
+    pass
+
+
+class AccessDenied(UfsError):
+    pass
+
+
+class EndpointUnreachable(UfsError):
+    retryable = True
+
+
+class ObjectChanged(UfsError):
+    """The object no longer has the ETag we asked for: it was overwritten under us."""
+
+
+@dataclass(frozen=True)
+class S3Location:
+    bucket: str
+    prefix: str = ""
+    endpoint_url: str = ""
+    region: str = "us-east-1"
+    path_style: bool = True
+    access_key_id: Secret = field(default_factory=lambda: Secret(""))
+    secret_access_key: Secret = field(default_factory=lambda: Secret(""))
+
+
+@dataclass(frozen=True)
+class LocalLocation:
+    root: Path
+
+
+Location = S3Location | LocalLocation
+
+
+class ObjectStore(Protocol):
+    def list(self, page_size: int = 1000) -> AsyncIterator[ObjectInfo]:
+        """Every object below the location, page by page: memory stays bounded by one page."""
+        ...
+
+    async def head(self, key: str) -> ObjectInfo: ...
+
+    async def get_range(self, key: str, start: int, length: int, etag: str | None = None) -> bytes:
+        """``length`` bytes from ``start`` (fewer at the end); with ``etag``, ObjectChanged on a mismatch."""
+        ...
+
+    async def close(self) -> None: ...

@@ -1,0 +1,221 @@
+"""The local-directory object store: the ``ObjectStore`` protocol over files below one root folder.
+
+This module owns the file-system I/O behind a local mount and decides what counts as an object: regular files
+below the root, reached without leaving it. Symbolic links to files inside the root are followed; links to
+folders are not (they could loop) and links out of the root are never followed. Keys are '/'-separated paths
+relative to the root; one with an empty, '.' or '..' part, or an absolute one, names no object.
+
+Blocking calls run in worker threads. A listing scans one page at a time and holds only the pending entries
+of the folders on the current path, so memory does not grow with the size of the tree. Within each folder
+entries are visited in an order that makes the whole listing sorted by key, like an S3 listing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import stat
+from collections.abc import AsyncIterator
+from types import TracebackType
+
+from libs.ufs.base import (
+    AccessDenied,
+    LocalLocation,
+    NoSuchBucket,
+    NoSuchKey,
+    ObjectChanged,
+    ObjectInfo,
+    UfsError,
+)
+
+
+def _etag(st: os.stat_result) -> str:
+    """Size and modification time: what changes when a file is rewritten, with no need to read it."""
+    return f"{st.st_size:x}-{st.st_mtime_ns:x}"
+
+
+def _info(key: str, st: os.stat_result) -> ObjectInfo:
+    return ObjectInfo(key=key, size=st.st_size, etag=_etag(st), mtime=st.st_mtime)
+
+
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+class _Walk:
+    """A depth-first scan of the tree that hands out up to ``n`` objects per call to ``page``.
+
+    Plain state instead of a generator: a page runs in a worker thread, and a cancelled listing may leave that
+    thread finishing its page after the caller is gone, which a suspended generator would not survive cleanly.
+    No directory handle stays open between pages.
+    """
+
+    def __init__(self, root: str, real_root: str) -> None:
+        self._root = root
+        self._real_root = real_root
+        # One frame per folder on the current path: its key prefix and its unvisited entries, last one next.
+        self._frames: list[tuple[str, list[tuple[str, str, bool]]]] = []
+        self._started = False
+
+    def _scan(self, prefix: str) -> None:
+        folder = os.path.join(self._root, prefix) if prefix else self._root
+        try:
+            with os.scandir(folder) as entries:
+                # A folder sorts as "name/": then every key below it falls where S3 would put it among its
+                # siblings ("a-b" < "a/c" because '-' < '/').
+                children = []
+                for entry in entries:
+                    is_dir = entry.is_dir(follow_symlinks=False)
+                    children.append((entry.name + "/" if is_dir else entry.name, entry.name, is_dir))
+        except FileNotFoundError:
+            if not prefix:
+                raise
+            return  # removed while we listed: it has nothing left to report
+        except PermissionError as err:
+            # Skipping it would look like its files were deleted.
+            raise AccessDenied(f"permission denied listing local directory '{folder}'") from err
+        children.sort(reverse=True)
+        self._frames.append((prefix, children))
+
+    def page(self, n: int) -> list[ObjectInfo]:
+        if not self._started:
+            self._started = True
+            self._scan("")
+        found: list[ObjectInfo] = []
+        while self._frames and len(found) < n:
+            prefix, children = self._frames[-1]
+            if not children:
+                self._frames.pop()
+                continue
+            _, name, is_dir = children.pop()
+            key = prefix + name
+            if is_dir:
+                self._scan(key + "/")
+                continue
+            path = os.path.join(self._root, key)
+            try:
+                st = os.lstat(path)
+                if stat.S_ISLNK(st.st_mode):
+                    if not _inside(os.path.realpath(path), self._real_root):
+                        continue
+                    st = os.stat(path)
+            except (FileNotFoundError, NotADirectoryError):
+                continue  # removed while we listed, or a dangling link
+            except PermissionError as err:
+                raise AccessDenied(f"permission denied reading '{path}'") from err
+            if stat.S_ISREG(st.st_mode):
+                found.append(_info(key, st))
+        return found
+
+
+class LocalObjectStore:
+    """Read-only access to the regular files below ``location.root``."""
+
+    def __init__(self, location: LocalLocation) -> None:
+        # abspath does no I/O; links in the root itself are resolved when checking containment.
+        self._root = os.path.abspath(location.root)
+
+    def __repr__(self) -> str:
+        return f"LocalObjectStore(root={self._root!r})"
+
+    async def __aenter__(self) -> LocalObjectStore:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Nothing to release: no file stays open between calls."""
+
+    async def list(self, page_size: int = 1000) -> AsyncIterator[ObjectInfo]:
+        if page_size < 1:
+            raise ValueError("page_size must be at least 1")
+        real_root = await asyncio.to_thread(self._real_root)
+        walk = _Walk(self._root, real_root)
+        while True:
+            try:
+                page = await asyncio.to_thread(walk.page, page_size)
+            except FileNotFoundError as err:
+                raise self._no_root() from err
+            for info in page:
+                yield info
+            if len(page) < page_size:
+                return
+
+    async def head(self, key: str) -> ObjectInfo:
+        self._check_key(key)
+        return await asyncio.to_thread(self._head, key)
+
+    async def get_range(self, key: str, start: int, length: int, etag: str | None = None) -> bytes:
+        if start < 0 or length < 0:
+            raise ValueError("start and length must not be negative")
+        self._check_key(key)
+        if length == 0:
+            return b""
+        return await asyncio.to_thread(self._read, key, start, length, etag)
+
+    def _real_root(self) -> str:
+        if not os.path.exists(self._root):
+            raise self._no_root()
+        if not os.path.isdir(self._root):
+            raise NoSuchBucket(f"local path '{self._root}' is not a directory")
+        return os.path.realpath(self._root)
+
+    def _no_root(self) -> NoSuchBucket:
+        return NoSuchBucket(f"local directory '{self._root}' does not exist")
+
+    def _check_key(self, key: str) -> None:
+        parts = key.split("/")
+        if os.path.isabs(key) or "\0" in key or any(part in ("", ".", "..") for part in parts):
+            raise NoSuchKey(f"key {key!r} is not a relative path below local directory '{self._root}'")
+
+    def _resolve(self, key: str) -> str:
+        """The real path of ``key``; NoSuchKey if it is missing or lies outside the root through a link."""
+        real_root = self._real_root()
+        real = os.path.realpath(os.path.join(self._root, key))
+        if not _inside(real, real_root):
+            raise NoSuchKey(f"key '{key}' leads outside local directory '{self._root}'")
+        return real
+
+    def _no_key(self, key: str) -> NoSuchKey:
+        return NoSuchKey(f"file '{key}' does not exist in local directory '{self._root}'")
+
+    def _denied(self, key: str) -> AccessDenied:
+        return AccessDenied(f"permission denied reading '{key}' in local directory '{self._root}'")
+
+    def _head(self, key: str) -> ObjectInfo:
+        real = self._resolve(key)
+        try:
+            st = os.stat(real)
+        except (FileNotFoundError, NotADirectoryError) as err:
+            raise self._no_key(key) from err
+        except PermissionError as err:
+            raise self._denied(key) from err
+        if not stat.S_ISREG(st.st_mode):
+            raise self._no_key(key)
+        return _info(key, st)
+
+    def _read(self, key: str, start: int, length: int, etag: str | None) -> bytes:
+        # Opening the resolved path, not the key, so a link swapped in after the check cannot redirect us.
+        real = self._resolve(key)
+        try:
+            with open(real, "rb") as file:
+                st = os.fstat(file.fileno())
+                if not stat.S_ISREG(st.st_mode):
+                    raise self._no_key(key)
+                # fstat of the open file: the ETag checked is the one of the bytes we are about to read.
+                if etag is not None and _etag(st) != etag:
+                    raise ObjectChanged(
+                        f"file '{key}' in local directory '{self._root}' changed: "
+                        f"its ETag is no longer {etag}"
+                    )
+                file.seek(start)
+                return file.read(length)
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as err:
+            raise self._no_key(key) from err
+        except PermissionError as err:
+            raise self._denied(key) from err
+        except OSError as err:
+            raise UfsError(f"cannot read '{key}' in local directory '{self._root}': {err.strerror}") from err

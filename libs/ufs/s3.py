@@ -1,0 +1,338 @@
+"""The S3 object store: listing, HEAD and ranged GET of one bucket prefix through aiobotocore.
+
+This module owns all S3 network I/O and decides how botocore's failures become ``UfsError``s: each message
+names the bucket and endpoint and says what to check, and never contains a credential. One client per store
+is opened on first use and closed by ``close()``. Timeouts and retries are kept short, so a wrong or dead
+endpoint fails in seconds; a retryable error is left to the caller's own redelivery rather than hidden here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AsyncExitStack
+from datetime import datetime
+from types import TracebackType
+from typing import Any
+
+import aiohttp
+from aiobotocore.config import AioConfig
+from aiobotocore.session import get_session
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    ConnectTimeoutError,
+    EndpointConnectionError,
+    HTTPClientError,
+    NoCredentialsError,
+    PartialCredentialsError,
+    ReadTimeoutError,
+)
+
+from libs.ufs.base import (
+    AccessDenied,
+    EndpointUnreachable,
+    NoSuchBucket,
+    NoSuchKey,
+    ObjectChanged,
+    ObjectInfo,
+    S3Location,
+    UfsError,
+)
+
+# Codes S3 and S3-compatible stores use for bad or missing credentials. SeaweedFS answers a wrong secret with
+# SignatureDoesNotMatch and an unknown key id with InvalidAccessKeyId; HEAD has no body, so a bare 403 there.
+_CREDENTIAL_HINTS = {
+    "SignatureDoesNotMatch": "the signature does not match: check the secret access key",
+    "InvalidAccessKeyId": "the access key id is not known there: check the access key id",
+    "ExpiredToken": "the credentials have expired: renew them",
+    "InvalidToken": "the session token is invalid: renew the credentials",
+}
+_DENIED_CODES = {"AccessDenied", "AllAccessDisabled", "AccountProblem", "403", *_CREDENTIAL_HINTS}
+_REGION_CODES = {"PermanentRedirect", "AuthorizationHeaderMalformed", "IllegalLocationConstraintException"}
+# Server-side trouble that may pass: worth another delivery later, not a configuration problem.
+_TRANSIENT_CODES = {"SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout", "Throttling"}
+
+
+def _etag(raw: str) -> str:
+    return raw.strip('"')
+
+
+def _mtime(value: datetime) -> float:
+    return value.timestamp()
+
+
+def _folder(prefix: str) -> str:
+    """The prefix as a folder: "train" and "train/" both mean the keys below "train/"; "" means all keys."""
+    prefix = prefix.lstrip("/")
+    return prefix if not prefix or prefix.endswith("/") else prefix + "/"
+
+
+class S3ObjectStore:
+    """Read-only access to the objects below ``location.prefix`` in one bucket; keys are relative to it."""
+
+    def __init__(
+        self,
+        location: S3Location,
+        *,
+        connect_timeout: float = 2.0,
+        read_timeout: float = 30.0,
+        max_attempts: int = 3,
+        max_connections: int = 64,
+    ) -> None:
+        self._location = location
+        self._bucket = location.bucket
+        self._prefix = _folder(location.prefix)
+        self._where = location.endpoint_url or f"AWS S3 ({location.region})"
+        self._config = AioConfig(
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            # Total attempts, the first included; standard mode retries throttling and connection errors.
+            retries={"total_max_attempts": max_attempts, "mode": "standard"},
+            # Readers fetch many ranges at once; the default pool of 10 would queue them.
+            max_pool_connections=max_connections,
+            s3={"addressing_style": "path" if location.path_style else "auto"},
+            # Newer botocore adds CRC checksums by default, which some S3-compatible stores reject; reads are
+            # pinned by ETag instead.
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+        )
+        self._stack = AsyncExitStack()
+        self._client: Any = None
+        self._lock = asyncio.Lock()
+
+    def __repr__(self) -> str:
+        return f"S3ObjectStore(bucket={self._bucket!r}, prefix={self._prefix!r}, endpoint={self._where!r})"
+
+    async def __aenter__(self) -> S3ObjectStore:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the client and its connections; the store opens a new one if used again."""
+        async with self._lock:
+            await self._stack.aclose()
+            self._stack = AsyncExitStack()
+            self._client = None
+
+    async def _s3(self) -> Any:
+        if self._client is None:
+            async with self._lock:
+                if self._client is None:
+                    location = self._location
+                    # Empty credentials fall through to botocore's chain (environment, IRSA, instance role).
+                    self._client = await self._stack.enter_async_context(
+                        get_session().create_client(
+                            "s3",
+                            endpoint_url=location.endpoint_url or None,
+                            region_name=location.region,
+                            aws_access_key_id=location.access_key_id.reveal() or None,
+                            aws_secret_access_key=location.secret_access_key.reveal() or None,
+                            config=self._config,
+                        )
+                    )
+        return self._client
+
+    async def list(self, page_size: int = 1000) -> AsyncIterator[ObjectInfo]:
+        """Every object below the prefix, one ListObjectsV2 page at a time; directory markers are skipped."""
+        if page_size < 1:
+            raise ValueError("page_size must be at least 1")
+        client = await self._s3()
+        request: dict[str, Any] = {"Bucket": self._bucket, "Prefix": self._prefix, "MaxKeys": page_size}
+        while True:
+            try:
+                page = await client.list_objects_v2(**request)
+            except (ClientError, BotoCoreError) as err:
+                raise self._error(err, "list") from err
+            for item in page.get("Contents", ()):
+                full_key: str = item["Key"]
+                # Folder markers ("train/sub/") made by consoles and tools are not data.
+                if full_key.endswith("/") or not full_key.startswith(self._prefix):
+                    continue
+                yield ObjectInfo(
+                    key=full_key[len(self._prefix) :],
+                    size=int(item["Size"]),
+                    etag=_etag(item["ETag"]),
+                    mtime=_mtime(item["LastModified"]),
+                )
+            if not page.get("IsTruncated"):
+                return
+            token = page.get("NextContinuationToken")
+            if not token:
+                # Looping without a token would list the first page forever.
+                raise UfsError(
+                    f"S3 endpoint {self._where} returned a truncated listing of bucket '{self._bucket}' "
+                    "without a continuation token"
+                )
+            request["ContinuationToken"] = token
+
+    async def head(self, key: str) -> ObjectInfo:
+        client = await self._s3()
+        try:
+            response = await client.head_object(Bucket=self._bucket, Key=self._prefix + key)
+        except ClientError as err:
+            if _status(err) == 404:
+                # HEAD has no body, so a missing bucket and a missing key are the same bare 404.
+                raise await self._missing(key) from err
+            raise self._error(err, "head", key) from err
+        except BotoCoreError as err:
+            raise self._error(err, "head", key) from err
+        return ObjectInfo(
+            key=key,
+            size=int(response["ContentLength"]),
+            etag=_etag(response["ETag"]),
+            mtime=_mtime(response["LastModified"]),
+        )
+
+    async def get_range(self, key: str, start: int, length: int, etag: str | None = None) -> bytes:
+        """``length`` bytes from ``start``, fewer at the end; with ``etag``, ObjectChanged if it moved on."""
+        if start < 0 or length < 0:
+            raise ValueError("start and length must not be negative")
+        if length == 0:
+            return b""
+        client = await self._s3()
+        request: dict[str, Any] = {
+            "Bucket": self._bucket,
+            "Key": self._prefix + key,
+            "Range": f"bytes={start}-{start + length - 1}",
+        }
+        if etag is not None:
+            request["IfMatch"] = f'"{etag}"'
+        try:
+            response = await client.get_object(**request)
+        except ClientError as err:
+            if _status(err) == 416:
+                # The range starts at or past the end (or the object is empty): there is nothing to read,
+                # but the caller still wants to know if the object is the one it expects.
+                if etag is not None and (await self.head(key)).etag != etag:
+                    raise self._changed(key, etag) from err
+                return b""
+            raise self._error(err, "get", key, etag) from err
+        except BotoCoreError as err:
+            raise self._error(err, "get", key, etag) from err
+        async with response["Body"] as body:
+            # Some stores ignore If-Match; the ETag of what came back is the final word.
+            if etag is not None and _etag(response.get("ETag", "")) != etag:
+                raise self._changed(key, etag)
+            try:
+                data: bytes = await body.read()
+            except (BotoCoreError, aiohttp.ClientError, TimeoutError) as err:
+                raise self._error(err, "get", key, etag) from err
+        if "ContentRange" not in response:
+            # The server ignored Range and sent the whole object.
+            data = data[start : start + length]
+        return data
+
+    async def _missing(self, key: str) -> UfsError:
+        """NoSuchBucket or NoSuchKey after a bare 404, told apart by asking about the bucket itself."""
+        client = await self._s3()
+        try:
+            await client.head_bucket(Bucket=self._bucket)
+        except ClientError as err:
+            if _status(err) == 404:
+                return self._no_bucket()
+        except BotoCoreError:
+            pass
+        return self._no_key(key)
+
+    def _no_bucket(self) -> NoSuchBucket:
+        return NoSuchBucket(f"bucket '{self._bucket}' does not exist at {self._where}")
+
+    def _no_key(self, key: str) -> NoSuchKey:
+        return NoSuchKey(
+            f"object '{self._prefix}{key}' does not exist in bucket '{self._bucket}' at {self._where}"
+        )
+
+    def _changed(self, key: str, etag: str) -> ObjectChanged:
+        return ObjectChanged(
+            f"object '{self._prefix}{key}' in bucket '{self._bucket}' at {self._where} changed: "
+            f"its ETag is no longer {etag}"
+        )
+
+    def _error(
+        self, err: Exception, action: str, key: str | None = None, etag: str | None = None
+    ) -> UfsError:
+        """The UfsError for a botocore or aiohttp failure of ``action`` on ``key`` (None: the bucket)."""
+        mapped = self._map(err, action, key, etag)
+        # Belt and braces: no botocore text we pass on may carry a credential.
+        # (A value of a few characters would match ordinary words, and no real credential is that short.)
+        for secret in (self._location.secret_access_key.reveal(), self._location.access_key_id.reveal()):
+            if len(secret) >= 8 and secret in mapped.message:
+                retryable = mapped.retryable
+                mapped = type(mapped)(mapped.message.replace(secret, "***"))
+                mapped.retryable = retryable
+        return mapped
+
+    def _map(self, err: Exception, action: str, key: str | None, etag: str | None) -> UfsError:
+        bucket = f"bucket '{self._bucket}' at {self._where}"
+        if isinstance(err, ClientError):
+            error = err.response.get("Error", {})
+            code = str(error.get("Code", ""))
+            status = _status(err)
+            if code == "NoSuchBucket":
+                return self._no_bucket()
+            if key is not None and (code == "NoSuchKey" or status == 404):
+                return self._no_key(key)
+            if key is not None and etag is not None and (code == "PreconditionFailed" or status == 412):
+                return self._changed(key, etag)
+            if code in _DENIED_CODES or status == 403:
+                hint = _CREDENTIAL_HINTS.get(code, "check the access key and secret, and the bucket's policy")
+                return AccessDenied(f"access denied to {bucket}: {hint}")
+            if code in _REGION_CODES or status == 301:
+                headers = err.response.get("ResponseMetadata", {}).get("HTTPHeaders", {})
+                region = headers.get("x-amz-bucket-region")
+                found = f" (it is in '{region}')" if region else ""
+                return UfsError(
+                    f"{bucket} is not in region '{self._location.region}'{found}: set the mount's region"
+                )
+            what = f"S3 {action} of " + (f"'{self._prefix}{key}' in {bucket}" if key is not None else bucket)
+            failure = UfsError(f"{what} failed: {code or status} {error.get('Message', '')}".rstrip())
+            if code in _TRANSIENT_CODES or status >= 500:
+                failure.retryable = True
+            return failure
+        if isinstance(err, NoCredentialsError | PartialCredentialsError):
+            return AccessDenied(
+                f"no usable S3 credentials for {bucket}: set the access key id and secret access key"
+            )
+        if isinstance(err, EndpointConnectionError | HTTPClientError | aiohttp.ClientError | TimeoutError):
+            return EndpointUnreachable(f"cannot reach S3 endpoint {self._where}: {self._reason(err)}")
+        return UfsError(f"S3 {action} of {bucket} failed: {type(err).__name__}: {err}")
+
+    def _reason(self, err: Exception) -> str:
+        if isinstance(err, ConnectTimeoutError):
+            return f"no connection within {self._config.connect_timeout} s"
+        if isinstance(err, ReadTimeoutError | TimeoutError):
+            return f"no answer within {self._config.read_timeout} s"
+        for cause in _causes(err):
+            if isinstance(cause, ConnectionRefusedError):
+                return "connection refused"
+            if type(cause).__name__ in ("gaierror", "ClientConnectorDNSError"):
+                return "host name not found"
+            if isinstance(cause, aiohttp.ClientConnectorCertificateError):
+                return "TLS certificate not trusted"
+        return f"connection failed ({type(err).__name__})"
+
+
+def _status(err: ClientError) -> int:
+    return int(err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+
+
+def _causes(err: BaseException) -> Iterator[BaseException]:
+    """``err`` and the errors under it: botocore keeps the aiohttp error in ``kwargs``, aiohttp the OS one."""
+    cause: BaseException | None = err
+    for _ in range(10):  # chains are short; the bound only guards against a cycle
+        if cause is None:
+            return
+        yield cause
+        inner = getattr(cause, "kwargs", {}).get("error") if isinstance(cause, BotoCoreError) else None
+        os_error = getattr(cause, "os_error", None)
+        if isinstance(inner, BaseException):
+            cause = inner
+        elif isinstance(os_error, BaseException):
+            cause = os_error
+        else:
+            cause = cause.__cause__ or cause.__context__

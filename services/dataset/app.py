@@ -1,0 +1,52 @@
+"""Dataset service wiring: which subject goes to which handler, plus the metadata-sync reconciler.
+
+| stream / bucket | subject or key | handler |
+|---|---|---|
+| SHOAL_COMMANDS | shoal.cmd.dataset.* (apply, delete) | DatasetHandlers.on_command |
+| SHOAL_FACTS | shoal.evt.runtime.> (status, deleted) | DatasetHandlers.on_runtime_fact |
+| KV shoal_datasets | every key (watch) | DatasetHandlers.sync via Reconciler |
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+import msgspec
+
+from libs import subjects
+from libs.bus import Consumer, connect
+from libs.config import Settings
+from libs.events.dataset import DatasetCommand
+from libs.events.runtime import RuntimeFact
+from libs.reconcile import Reconciler
+from libs.service import run_loops
+from libs.ufs import open_store
+from services.dataset.handlers import DatasetHandlers
+from services.dataset.sync import StoreOpener
+
+SERVICE_NAME = "shoal-dataset"
+
+
+async def run(settings: Settings, stop: asyncio.Event, clock: Callable[[], float] = time.time,
+              opener: StoreOpener = open_store) -> None:
+    bus = await connect(settings.nats, SERVICE_NAME)
+    try:
+        await bus.provision()
+        handlers = DatasetHandlers(bus, settings, clock, opener)
+        max_bytes, max_deliver = settings.service.max_event_bytes, settings.service.max_deliver
+        commands = Consumer(
+            bus, subjects.STREAM_COMMANDS, subjects.DURABLE_DATASET_COMMANDS, subjects.DATASET_COMMANDS,
+            msgspec.json.Decoder(DatasetCommand), handlers.on_command, on_invalid=handlers.on_invalid_command,
+            max_event_bytes=max_bytes, max_deliver=max_deliver,
+        )
+        runtime_facts = Consumer(
+            bus, subjects.STREAM_FACTS, subjects.DURABLE_DATASET_RUNTIME_STATUS, subjects.RUNTIME_FACTS,
+            msgspec.json.Decoder(RuntimeFact), handlers.on_runtime_fact, max_event_bytes=max_bytes,
+            max_deliver=max_deliver,
+        )
+        reconciler = Reconciler(await bus.kv(subjects.KV_DATASETS), handlers.sync)
+        await run_loops([commands, runtime_facts, reconciler], stop)
+    finally:
+        await bus.close()

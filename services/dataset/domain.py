@@ -1,0 +1,261 @@
+"""Dataset decisions, pure: validation, applying a spec, the phase, and the status after a sync.
+
+No I/O and no clock here: ``now`` is a parameter. Handlers load state, call these, save and publish.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import re
+import time
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import msgspec
+
+from libs.events.common import DNS1123_LABEL, DNS1123_SUBDOMAIN, dns_label_errors, format_bytes
+from libs.events.dataset import (
+    CacheStates,
+    Condition,
+    Dataset,
+    DatasetPhase,
+    DatasetRecord,
+    DatasetStatus,
+    EncryptOption,
+    Mount,
+    RuntimeRef,
+)
+
+SUPPORTED_SCHEMES = ("s3", "local")
+CONDITION_SYNCED = "MetadataSynced"
+
+# Options each scheme understands. Fluid/Alluxio spellings are accepted as aliases of ours.
+S3_OPTIONS = {"endpoint", "region", "pathStyle", "aws.accessKeyId"}
+OPTION_ALIASES = {
+    "alluxio.underfs.s3.endpoint": "endpoint",
+    "alluxio.underfs.s3.endpoint.region": "region",
+    "alluxio.underfs.s3.disable.dns.buckets": "pathStyle",
+    "aws.region": "region",
+    "fs.s3a.endpoint": "endpoint",
+}
+S3_ENCRYPT_OPTIONS = {"aws.accessKeyId", "aws.secretKey"}
+SECRET_OPTION_NAMES = {"aws.secretKey", "aws.secretAccessKey", "fs.s3a.secret.key"}
+S3_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+SECRET_KEY = re.compile(r"^[-._a-zA-Z0-9]+$")
+MOUNT_NAME = re.compile(r"^[A-Za-z0-9]([-._A-Za-z0-9]*[A-Za-z0-9])?$")
+
+
+def canonical_options(mount: Mount, shared: dict[str, str]) -> dict[str, str]:
+    """The mount's options with shared options underneath and aliases resolved to Shoal's names."""
+    merged = {**shared, **mount.options}
+    return {OPTION_ALIASES.get(key, key): value for key, value in merged.items()}
+
+
+def mount_path(mount: Mount, mount_count: int) -> str:
+    """Where a mount appears inside the dataset: its ``path``, else ``/<name>``, else ``/`` when alone."""
+    if mount.path:
+        return posixpath.normpath("/" + mount.path.lstrip("/"))
+    if mount.name:
+        return "/" + mount.name
+    return "/" if mount_count == 1 else ""
+
+
+def validate_dataset(dataset: Dataset) -> list[str]:
+    """Every reason the dataset cannot be accepted, as sentences a person can act on; empty if valid."""
+    errors = dns_label_errors(dataset.metadata.name, "metadata.name")
+    errors += dns_label_errors(dataset.metadata.namespace, "metadata.namespace", DNS1123_LABEL)
+    spec = dataset.spec
+    if not spec.mounts:
+        errors.append("spec.mounts must list at least one mount")
+    seen_paths: dict[str, int] = {}
+    for index, mount in enumerate(spec.mounts):
+        where = f"spec.mounts[{index}]"
+        errors += _mount_errors(mount, where, spec.shared_options, spec.shared_encrypt_options)
+        if mount.name and not MOUNT_NAME.match(mount.name):
+            errors.append(f"{where}.name {mount.name!r} may use only letters, digits, '.', '_' and '-'")
+        path = mount_path(mount, len(spec.mounts))
+        if not path:
+            errors.append(f"{where} needs a name or a path when a dataset has several mounts")
+        elif ".." in mount.path.split("/"):
+            errors.append(f"{where}.path {mount.path!r} must not contain '..'")
+        elif path in seen_paths:
+            errors.append(f"{where} and spec.mounts[{seen_paths[path]}] both appear at {path!r}")
+        else:
+            seen_paths[path] = index
+    if len(seen_paths) > 1 and "/" in seen_paths:
+        errors.append("a mount at '/' cannot be combined with other mounts; give each a name or a path")
+    if spec.owner is not None:
+        for field in ("uid", "gid"):
+            value = getattr(spec.owner, field)
+            if value is not None and value < 0:
+                errors.append(f"spec.owner.{field} must not be negative")
+    return errors
+
+
+def _mount_errors(mount: Mount, where: str, shared: dict[str, str], shared_encrypt: list[EncryptOption]) -> list[str]:
+    errors: list[str] = []
+    parts = urlsplit(mount.mount_point)
+    scheme = parts.scheme
+    if scheme not in SUPPORTED_SCHEMES:
+        shown = f"scheme {scheme!r}" if scheme else "no scheme"
+        return [
+            f"{where}.mountPoint {mount.mount_point!r} has {shown}; supported: "
+            + ", ".join(f"{s}://" for s in SUPPORTED_SCHEMES)
+        ]
+    options = canonical_options(mount, shared)
+    encrypt = [*shared_encrypt, *mount.encrypt_options]
+    if scheme == "s3":
+        if not S3_BUCKET.match(parts.netloc):
+            errors.append(f"{where}.mountPoint {mount.mount_point!r} does not name a valid S3 bucket")
+        if ".." in parts.path.split("/"):
+            errors.append(f"{where}.mountPoint {mount.mount_point!r} must not contain '..'")
+        for key in options:
+            if key in SECRET_OPTION_NAMES:
+                errors.append(
+                    f"{where}.options.{key} holds a secret in clear text: put it in encryptOptions as a "
+                    "secretKeyRef so it never travels in events"
+                )
+            elif key not in S3_OPTIONS:
+                supported = ", ".join(sorted(S3_OPTIONS))
+                errors.append(f"{where}.options.{key} is not supported for s3 (supported: {supported})")
+        if options.get("pathStyle", "true").lower() not in ("true", "false"):
+            errors.append(f"{where}.options.pathStyle must be true or false")
+        endpoint = options.get("endpoint", "")
+        if endpoint and urlsplit(endpoint).scheme not in ("http", "https"):
+            errors.append(f"{where}.options.endpoint {endpoint!r} must be an http:// or https:// URL")
+        for option in encrypt:
+            if option.name not in S3_ENCRYPT_OPTIONS:
+                errors.append(
+                    f"{where}.encryptOptions {option.name!r} is not supported for s3 "
+                    f"(supported: {', '.join(sorted(S3_ENCRYPT_OPTIONS))})"
+                )
+    else:
+        if parts.netloc or not parts.path.startswith("/"):
+            errors.append(f"{where}.mountPoint {mount.mount_point!r} must be an absolute path like local:///data")
+        if ".." in parts.path.split("/"):
+            errors.append(f"{where}.mountPoint {mount.mount_point!r} must not contain '..'")
+        if options:
+            errors.append(f"{where}.options are not supported for local mounts: {', '.join(sorted(options))}")
+        if encrypt:
+            errors.append(f"{where}.encryptOptions are not supported for local mounts")
+    for option in encrypt:
+        ref = option.value_from.secret_key_ref
+        if not DNS1123_SUBDOMAIN.match(ref.name) or len(ref.name) > 253:
+            errors.append(
+                f"{where}.encryptOptions {option.name!r}: secret name {ref.name!r} is not a DNS-1123 subdomain"
+            )
+        if not SECRET_KEY.match(ref.key):
+            errors.append(f"{where}.encryptOptions {option.name!r}: secret key {ref.key!r} is not a valid key")
+    return errors
+
+
+# --- Applying and status ---
+
+
+def apply_dataset(record: DatasetRecord | None, dataset: Dataset) -> tuple[DatasetRecord, bool]:
+    """The record after applying ``dataset``, and whether its spec changed (so it must be synced again)."""
+    if record is None:
+        return DatasetRecord(dataset=dataset, generation=1), True
+    if record.dataset == dataset:
+        return record, False
+    return msgspec.structs.replace(record, dataset=dataset, generation=record.generation + 1), True
+
+
+def needs_sync(record: DatasetRecord) -> bool:
+    return record.status.synced_generation < record.generation
+
+
+@dataclass(frozen=True)
+class SyncResult:
+    """What a metadata sync found, or why it failed."""
+
+    generation: int
+    file_num: int = 0
+    total_bytes: int = 0
+    manifest: str = ""
+    error: str = ""
+    # True when trying again later may succeed (the endpoint was unreachable).
+    retryable: bool = False
+
+
+def iso_time(now: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))
+
+
+def _set_condition(conditions: list[Condition], new: Condition) -> list[Condition]:
+    kept = [c for c in conditions if c.type != new.type]
+    old = next((c for c in conditions if c.type == new.type), None)
+    if old is not None and old.status == new.status:
+        new = msgspec.structs.replace(new, last_transition_time=old.last_transition_time)
+    return [*kept, new]
+
+
+def status_after_sync(record: DatasetRecord, result: SyncResult, runtime_phase: str, now: float) -> DatasetStatus:
+    """The status once a sync of ``result.generation`` finished (successfully or not)."""
+    status = record.status
+    if result.error:
+        condition = Condition(type=CONDITION_SYNCED, status="False", reason="SyncFailed", message=result.error,
+                              last_transition_time=iso_time(now))
+        status = msgspec.structs.replace(
+            status,
+            synced_generation=result.generation,
+            message=result.error,
+            conditions=_set_condition(status.conditions, condition),
+            last_sync_time=iso_time(now),
+        )
+    else:
+        condition = Condition(type=CONDITION_SYNCED, status="True", reason="Synced",
+                              message=f"listed {result.file_num} files", last_transition_time=iso_time(now))
+        status = msgspec.structs.replace(
+            status,
+            synced_generation=result.generation,
+            message="",
+            ufs_total=format_bytes(result.total_bytes),
+            ufs_total_bytes=result.total_bytes,
+            file_num=result.file_num,
+            manifest=result.manifest,
+            conditions=_set_condition(status.conditions, condition),
+            last_sync_time=iso_time(now),
+        )
+    return with_binding(record.dataset, status, runtime_phase, None)
+
+
+def with_binding(dataset: Dataset, status: DatasetStatus, runtime_phase: str,
+                 runtime_capacity: str | None) -> DatasetStatus:
+    """Status with phase and runtimes following the runtime of the same name (Fluid's binding rule)."""
+    phase = dataset_phase(status, runtime_phase)
+    runtimes = (
+        [RuntimeRef(name=dataset.metadata.name, namespace=dataset.metadata.namespace)] if phase == "Bound" else []
+    )
+    cache_states = status.cache_states
+    if runtime_capacity is not None:
+        cache_states = msgspec.structs.replace(cache_states, cache_capacity=runtime_capacity)
+    if phase == "Bound" and not cache_states.cached:
+        cache_states = msgspec.structs.replace(cache_states, cached="0.00B", cached_percentage="0.0%")
+    if phase != "Bound":
+        cache_states = CacheStates(cache_capacity=cache_states.cache_capacity)
+    return msgspec.structs.replace(status, phase=phase, runtimes=runtimes, cache_states=cache_states)
+
+
+def dataset_phase(status: DatasetStatus, runtime_phase: str) -> DatasetPhase:
+    """Failed when the last sync failed; Bound once the runtime is Ready, kept while it is PartialReady."""
+    synced = next((c for c in status.conditions if c.type == CONDITION_SYNCED), None)
+    if synced is not None and synced.status == "False":
+        return "Failed"
+    if runtime_phase == "Ready":
+        return "Bound"
+    if runtime_phase == "PartialReady" and status.phase == "Bound":
+        return "Bound"
+    return "NotBound"
+
+
+class RuntimeBinding(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
+    """The dataset service's copy of the runtime of the same name: its phase and cache capacity."""
+
+    phase: str = "NotReady"
+    cache_capacity: str = ""
+
+
+def status_on_apply(record: DatasetRecord, binding: RuntimeBinding | None) -> DatasetStatus:
+    binding = binding or RuntimeBinding()
+    return with_binding(record.dataset, record.status, binding.phase, binding.cache_capacity)

@@ -1,0 +1,201 @@
+"""Dataset service handlers: decode → load → domain decision → save (compare-and-set) → publish.
+
+Commands (apply, delete) and runtime facts arrive through the bus consumer loop; metadata syncs are started by
+the reconciler whenever a record's generation is ahead of its synced generation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import msgspec
+from nats.js.errors import NotFoundError, ObjectNotFoundError
+
+from libs import subjects
+from libs.bus import Bus, Conflict, Delivery, kv_delete, kv_load, kv_save
+from libs.config import Settings
+from libs.events.dataset import (
+    DatasetAccepted,
+    DatasetApply,
+    DatasetCommand,
+    DatasetDelete,
+    DatasetDeleted,
+    DatasetRecord,
+    DatasetRejected,
+    DatasetStatus,
+    DatasetStatusChanged,
+)
+from libs.events.runtime import RuntimeDeleted, RuntimeFact, RuntimeStatusChanged
+from libs.telemetry import get_logger
+from libs.ufs import open_store
+from services.dataset import domain
+from services.dataset.sync import StoreOpener, sync_metadata
+
+log = get_logger(__name__)
+
+# Compare-and-set retries inside one handler before handing the message back to the consumer loop.
+CAS_ATTEMPTS = 5
+# Wait before listing again an endpoint that was unreachable.
+UNREACHABLE_RETRY_SECONDS = 15.0
+
+
+@dataclass
+class DatasetHandlers:
+    bus: Bus
+    settings: Settings
+    clock: Callable[[], float] = time.time
+    opener: StoreOpener = open_store
+
+    # --- commands ---
+
+    async def on_command(self, command: DatasetCommand, delivery: Delivery) -> None:
+        if isinstance(command, DatasetApply):
+            await self.apply(command, delivery)
+        else:
+            await self.delete(command, delivery)
+
+    async def on_invalid_command(self, delivery: Delivery, reason: str, payload: bytes) -> None:
+        causation = delivery.message_id or f"seq-{delivery.stream_sequence}"
+        await self.bus.publish(
+            subjects.DATASET_REJECTED,
+            DatasetRejected(id=f"{causation}.rejected", causation_id=causation, reason=reason,
+                            subject=delivery.subject),
+        )
+
+    async def apply(self, command: DatasetApply, delivery: Delivery) -> None:
+        dataset = command.dataset
+        name, namespace = dataset.metadata.name, dataset.metadata.namespace
+        errors = domain.validate_dataset(dataset)
+        if errors:
+            log.info("rejected", dataset=f"{namespace}/{name}", reasons=errors)
+            await self.bus.publish(
+                subjects.DATASET_REJECTED,
+                DatasetRejected(id=f"{command.id}.rejected", causation_id=command.id, reason="; ".join(errors),
+                                name=name, namespace=namespace, subject=delivery.subject),
+            )
+            return
+        kv = await self.bus.kv(subjects.KV_DATASETS)
+        key = subjects.resource_key(namespace, name)
+        record, revision = await kv_load(kv, key, DatasetRecord)
+        updated, changed = domain.apply_dataset(record, dataset)
+        saved_revision = revision
+        if changed:
+            binding = await self._binding(namespace, name)
+            updated = msgspec.structs.replace(updated, status=domain.status_on_apply(updated, binding))
+            saved_revision = await kv_save(kv, key, updated, revision)  # Conflict → the loop redelivers at once
+            log.info("applied", dataset=key, generation=updated.generation)
+        await self.bus.publish(
+            subjects.DATASET_ACCEPTED,
+            DatasetAccepted(id=f"{command.id}.accepted", causation_id=command.id, name=name, namespace=namespace,
+                            generation=updated.generation),
+        )
+        if saved_revision is not None and changed and (record is None or record.status != updated.status):
+            await self._publish_status(updated, saved_revision)
+
+    async def delete(self, command: DatasetDelete, delivery: Delivery) -> None:
+        kv = await self.bus.kv(subjects.KV_DATASETS)
+        key = subjects.resource_key(command.namespace, command.name)
+        record, revision = await kv_load(kv, key, DatasetRecord)
+        if record is None:
+            await self.bus.publish(
+                subjects.DATASET_REJECTED,
+                DatasetRejected(id=f"{command.id}.rejected", causation_id=command.id,
+                                reason=f"dataset {command.namespace}/{command.name} does not exist",
+                                name=command.name, namespace=command.namespace, subject=delivery.subject),
+            )
+            return
+        await kv_delete(kv, key, revision)
+        await self._delete_manifest(command.namespace, command.name)
+        log.info("deleted", dataset=key)
+        await self.bus.publish(
+            subjects.DATASET_DELETED,
+            DatasetDeleted(id=f"{command.id}.deleted", causation_id=command.id, name=command.name,
+                           namespace=command.namespace),
+        )
+
+    # --- runtime facts ---
+
+    async def on_runtime_fact(self, fact: RuntimeFact, delivery: Delivery) -> None:
+        if isinstance(fact, RuntimeStatusChanged):
+            binding = domain.RuntimeBinding(phase=fact.status.phase, cache_capacity=fact.status.cache_capacity)
+        elif isinstance(fact, RuntimeDeleted):
+            binding = domain.RuntimeBinding()
+        else:
+            return
+        bindings = await self.bus.kv(subjects.KV_BINDINGS)
+        key = subjects.resource_key(fact.namespace, fact.name)
+        await bindings.put(key, msgspec.json.encode(binding))
+        await self._update_status(
+            key, lambda record: domain.with_binding(record.dataset, record.status, binding.phase,
+                                                    binding.cache_capacity)
+        )
+
+    # --- metadata sync (called by the reconciler) ---
+
+    async def sync(self, key: str) -> float | None:
+        """Sync one dataset if it needs it; returns seconds after which to try again, or None."""
+        kv = await self.bus.kv(subjects.KV_DATASETS)
+        record, _ = await kv_load(kv, key, DatasetRecord)
+        if record is None or not domain.needs_sync(record):
+            return None
+        result = await sync_metadata(record, await self.bus.manifests(), self.settings.s3,
+                                     self.settings.service.list_page_size, self.opener)
+        namespace, name = record.dataset.metadata.namespace, record.dataset.metadata.name
+        binding = await self._binding(namespace, name)
+
+        def after_sync(current: DatasetRecord) -> DatasetStatus:
+            if current.generation != result.generation:
+                return current.status  # a newer spec arrived meanwhile; its own sync follows
+            return domain.status_after_sync(current, result, binding.phase, self.clock())
+
+        still_there = await self._update_status(key, after_sync)
+        if not still_there:
+            await self._delete_manifest(namespace, name)
+        if result.error and result.retryable:
+            return UNREACHABLE_RETRY_SECONDS
+        return None
+
+    # --- helpers ---
+
+    async def _binding(self, namespace: str, name: str) -> domain.RuntimeBinding:
+        bindings = await self.bus.kv(subjects.KV_BINDINGS)
+        binding, _ = await kv_load(bindings, subjects.resource_key(namespace, name), domain.RuntimeBinding)
+        return binding or domain.RuntimeBinding()
+
+    async def _update_status(self, key: str, compute: Callable[[DatasetRecord], DatasetStatus]) -> bool:
+        """Apply ``compute`` to the stored record with compare-and-set; publish if the status changed.
+
+        Returns False when the dataset does not exist (any more).
+        """
+        kv = await self.bus.kv(subjects.KV_DATASETS)
+        for _ in range(CAS_ATTEMPTS):
+            record, revision = await kv_load(kv, key, DatasetRecord)
+            if record is None:
+                return False
+            status = compute(record)
+            if status == record.status:
+                return True
+            updated = msgspec.structs.replace(record, status=status)
+            try:
+                new_revision = await kv_save(kv, key, updated, revision)
+            except Conflict:
+                continue
+            await self._publish_status(updated, new_revision)
+            return True
+        raise Conflict(f"{key}: status update lost {CAS_ATTEMPTS} times in a row")
+
+    async def _publish_status(self, record: DatasetRecord, revision: int) -> None:
+        meta = record.dataset.metadata
+        await self.bus.publish(
+            subjects.DATASET_STATUS,
+            DatasetStatusChanged(id=f"{meta.namespace}.{meta.name}.status.{revision}", name=meta.name,
+                                 namespace=meta.namespace, generation=record.generation, status=record.status),
+        )
+
+    async def _delete_manifest(self, namespace: str, name: str) -> None:
+        manifests = await self.bus.manifests()
+        with contextlib.suppress(ObjectNotFoundError, NotFoundError):
+            await manifests.delete(subjects.manifest_name(namespace, name))

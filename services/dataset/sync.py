@@ -1,0 +1,78 @@
+"""Metadata sync, the dataset service's I/O with the object stores: list every mount, write the manifest.
+
+The listing streams page by page into a temporary NDJSON file that is then uploaded to the JetStream Object
+Store, so memory stays bounded by one listing page whatever the number of objects.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from nats.js.object_store import ObjectStore as NatsObjectStore
+
+from libs import subjects
+from libs.config import S3Settings, Secret
+from libs.events.dataset import DatasetRecord
+from libs.manifest import ManifestEntry, write_entry
+from libs.telemetry import get_logger
+from libs.ufs import open_store
+from libs.ufs.base import Location, ObjectStore, UfsError
+from services.dataset.domain import SyncResult, mount_path
+from services.dataset.locations import MissingSecret, resolve_location, secret_refs
+
+log = get_logger(__name__)
+
+StoreOpener = Callable[[Location], ObjectStore]
+
+
+def read_secrets(secrets_dir: str, refs: list[tuple[str, str]]) -> dict[tuple[str, str], Secret]:
+    """Secrets laid out like a mounted Kubernetes Secret: ``<dir>/<name>/<key>``. Missing ones are left out."""
+    found: dict[tuple[str, str], Secret] = {}
+    if not secrets_dir:
+        return found
+    for name, key in refs:
+        path = Path(secrets_dir) / name / key
+        try:
+            found[(name, key)] = Secret(path.read_text().strip())
+        except OSError:
+            continue
+    return found
+
+
+async def sync_metadata(record: DatasetRecord, manifests: NatsObjectStore, defaults: S3Settings,
+                        page_size: int, opener: StoreOpener = open_store) -> SyncResult:
+    """List every mount of the dataset and store its manifest; a UFS problem becomes ``SyncResult.error``."""
+    dataset = record.dataset
+    generation = record.generation
+    file_num = 0
+    total_bytes = 0
+    with tempfile.TemporaryFile() as out:
+        for index, mount in enumerate(dataset.spec.mounts):
+            try:
+                location = resolve_location(dataset, mount,
+                                            read_secrets(defaults.secrets_dir, secret_refs(dataset, mount)), defaults)
+            except MissingSecret as err:
+                return SyncResult(generation=generation, error=f"mount {mount.mount_point}: {err}")
+            root = mount_path(mount, len(dataset.spec.mounts))
+            store = opener(location)
+            try:
+                async for info in store.list(page_size=page_size):
+                    entry = ManifestEntry(path=posixpath.join(root, info.key), mount=index, key=info.key,
+                                          size=info.size, etag=info.etag, mtime=info.mtime)
+                    write_entry(out, entry)
+                    file_num += 1
+                    total_bytes += info.size
+            except UfsError as err:
+                return SyncResult(generation=generation, error=f"cannot list {mount.mount_point}: {err.message}",
+                                  retryable=err.retryable)
+            finally:
+                await store.close()
+        out.flush()
+        out.seek(0)
+        name = subjects.manifest_name(dataset.metadata.namespace, dataset.metadata.name)
+        await manifests.put(name, out)
+    log.info("synced", dataset=name, generation=generation, files=file_num, bytes=total_bytes)
+    return SyncResult(generation=generation, file_num=file_num, total_bytes=total_bytes, manifest=name)

@@ -1,0 +1,1 @@
+"""Runtime service: runtime specs, agent membership and readiness (see README.md)."""

@@ -1,0 +1,127 @@
+"""Runtime decisions, pure: validation of the spec, and the runtime status computed from agent heartbeats.
+
+A node counts as ready for a runtime when its last heartbeat lists the runtime, says healthy, and is younger
+than three heartbeat intervals. The runtime is Ready when the desired number of replicas are ready,
+PartialReady with fewer (but some), NotReady with none.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import msgspec
+
+from libs.events.agent import AgentRecord
+from libs.events.common import DNS1123_LABEL, dns_label_errors, format_bytes, parse_quantity
+from libs.events.runtime import Runtime, RuntimePhase, RuntimeRecord, RuntimeStatus
+
+MEDIUM_TYPES = ("MEM", "SSD", "HDD")
+# Smaller blocks waste request overhead, larger ones waste cache and bandwidth on random reads.
+MIN_BLOCK_SIZE = 64 * 1024
+MAX_BLOCK_SIZE = 64 * 1024 * 1024
+# Missing this many heartbeats in a row makes a node not ready.
+MISSED_BEATS = 3
+# A cluster of thousands of nodes is the most a single runtime is expected to span.
+MAX_REPLICAS = 10_000
+
+
+def _fraction(value: str | float) -> float | None:
+    try:
+        return float(value)
+    except ValueError:
+        return None
+
+
+def validate_runtime(runtime: Runtime) -> list[str]:
+    errors = dns_label_errors(runtime.metadata.name, "metadata.name")
+    errors += dns_label_errors(runtime.metadata.namespace, "metadata.namespace", DNS1123_LABEL)
+    spec = runtime.spec
+    if not 0 <= spec.replicas <= MAX_REPLICAS:
+        errors.append(f"spec.replicas must be between 0 and {MAX_REPLICAS}, got {spec.replicas}")
+    if not spec.tieredstore.levels:
+        errors.append("spec.tieredstore.levels must list at least one cache tier (MEM, SSD or HDD)")
+    seen_media: set[str] = set()
+    for index, level in enumerate(spec.tieredstore.levels):
+        where = f"spec.tieredstore.levels[{index}]"
+        if level.mediumtype not in MEDIUM_TYPES:
+            errors.append(f"{where}.mediumtype {level.mediumtype!r} is unknown (use MEM, SSD or HDD)")
+        elif level.mediumtype in seen_media:
+            errors.append(f"{where}.mediumtype {level.mediumtype} appears twice")
+        seen_media.add(level.mediumtype)
+        try:
+            if parse_quantity(level.quota) <= 0:
+                errors.append(f"{where}.quota must be greater than 0")
+        except ValueError as err:
+            errors.append(f"{where}.quota: {err}")
+        high, low = _fraction(level.high), _fraction(level.low)
+        if high is None or low is None:
+            errors.append(f"{where}: high and low must be numbers, got high={level.high!r} low={level.low!r}")
+        elif not 0 < low < high <= 1:
+            errors.append(f"{where}: watermarks must satisfy 0 < low < high <= 1, got low={low} high={high}")
+        if level.mediumtype in ("SSD", "HDD"):
+            paths = [p for p in level.path.split(",") if p]
+            if not paths:
+                errors.append(f"{where}.path is required for {level.mediumtype} tiers")
+            for path in paths:
+                if not path.startswith("/") or ".." in path.split("/"):
+                    errors.append(f"{where}.path {path!r} must be an absolute path without '..'")
+    try:
+        block_size = parse_quantity(spec.block_size)
+    except ValueError as err:
+        errors.append(f"spec.blockSize: {err}")
+    else:
+        if not MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE or block_size % 4096:
+            errors.append(
+                f"spec.blockSize must be a multiple of 4Ki between 64Ki and 64Mi, got {spec.block_size!r}"
+            )
+    return errors
+
+
+def apply_runtime(record: RuntimeRecord | None, runtime: Runtime) -> tuple[RuntimeRecord, bool]:
+    if record is None:
+        return RuntimeRecord(runtime=runtime, generation=1), True
+    if record.runtime == runtime:
+        return record, False
+    return msgspec.structs.replace(record, runtime=runtime, generation=record.generation + 1), True
+
+
+def node_capacity(runtime: Runtime) -> int:
+    """Bytes of cache one node gives the runtime: the sum of its tier quotas."""
+    return sum(parse_quantity(level.quota) for level in runtime.spec.tieredstore.levels)
+
+
+def ready_nodes(runtime: Runtime, agents: Iterable[AgentRecord], now: float) -> list[str]:
+    meta = runtime.metadata
+    ready = []
+    for agent in agents:
+        beat = agent.heartbeat
+        fresh = now - agent.received_at <= MISSED_BEATS * beat.interval_seconds
+        serves = any(ref.name == meta.name and ref.namespace == meta.namespace for ref in beat.runtimes)
+        if fresh and serves and beat.healthy:
+            ready.append(beat.node)
+    return sorted(ready)
+
+
+def runtime_status(record: RuntimeRecord, agents: Iterable[AgentRecord], now: float) -> RuntimeStatus:
+    runtime = record.runtime
+    nodes = ready_nodes(runtime, agents, now)
+    desired = runtime.spec.replicas
+    phase: RuntimePhase
+    if nodes and len(nodes) >= desired:
+        phase, message = "Ready", ""
+    elif nodes:
+        phase, message = "PartialReady", f"{len(nodes)} of {desired} agents ready"
+    else:
+        phase, message = "NotReady", f"0 of {desired} agents ready: waiting for agent heartbeats"
+    capacity = node_capacity(runtime) * len(nodes)
+    return RuntimeStatus(
+        phase=phase,
+        message=message,
+        desired_worker_number_scheduled=desired,
+        worker_number_ready=len(nodes),
+        ready_nodes=nodes,
+        cache_capacity=format_bytes(capacity),
+        cache_capacity_bytes=capacity,
+        block_size_bytes=parse_quantity(runtime.spec.block_size),
+        conditions=record.status.conditions,
+    )

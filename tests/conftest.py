@@ -1,0 +1,112 @@
+"""Shared fixtures: a real nats-server with JetStream per test, one real SeaweedFS S3 server per session.
+
+Both are started from the pinned wheels on free loopback ports and stopped by PID even when a test fails.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+from aiobotocore.session import get_session
+
+from libs.bus import Bus, connect
+from libs.config import NatsSettings, Secret, Settings
+from libs.embedded import NatsConfig, SeaweedConfig, ServerProcess, free_port, start_nats, start_seaweedfs
+from libs.ufs.base import S3Location
+from tests.helpers import make_settings
+
+
+class NatsServer:
+    def __init__(self, config: NatsConfig, process: ServerProcess) -> None:
+        self.config = config
+        self.process = process
+        self.url = config.url
+
+
+@pytest.fixture
+def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
+    config = NatsConfig(port=free_port(), monitor_port=free_port(), store_dir=tmp_path / "jetstream")
+    process = start_nats(config, tmp_path / "nats.log")
+    try:
+        yield NatsServer(config, process)
+    finally:
+        process.stop()
+
+
+class SeaweedServer:
+    def __init__(self, config: SeaweedConfig, process: ServerProcess) -> None:
+        self.config = config
+        self.process = process
+        self.endpoint = config.endpoint
+
+    def location(self, bucket: str, prefix: str = "") -> S3Location:
+        return S3Location(
+            bucket=bucket,
+            prefix=prefix,
+            endpoint_url=self.endpoint,
+            access_key_id=Secret(self.config.access_key_id),
+            secret_access_key=Secret(self.config.secret_access_key),
+        )
+
+    def client(self):  # type: ignore[no-untyped-def]
+        """An aiobotocore S3 client context manager for seeding and checking buckets."""
+        return get_session().create_client(
+            "s3",
+            endpoint_url=self.endpoint,
+            region_name="us-east-1",
+            aws_access_key_id=self.config.access_key_id,
+            aws_secret_access_key=self.config.secret_access_key,
+        )
+
+
+@pytest.fixture(scope="session")
+def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedServer]:
+    data_dir = tmp_path_factory.mktemp("seaweedfs")
+    config = SeaweedConfig.on_free_ports(data_dir / "data")
+    process = start_seaweedfs(config, data_dir / "seaweedfs.log")
+    try:
+        yield SeaweedServer(config, process)
+    finally:
+        process.stop()
+
+
+@pytest.fixture
+async def bucket(seaweedfs: SeaweedServer) -> AsyncIterator[str]:
+    """A fresh, empty bucket for one test."""
+    name = f"t-{uuid.uuid4().hex[:12]}"
+    async with seaweedfs.client() as client:
+        await client.create_bucket(Bucket=name)
+    yield name
+
+
+async def put_objects(seaweedfs: SeaweedServer, bucket: str, objects: dict[str, bytes], concurrency: int = 32) -> None:
+    import asyncio
+
+    semaphore = asyncio.Semaphore(concurrency)
+    async with seaweedfs.client() as client:
+
+        async def put(key: str, body: bytes) -> None:
+            async with semaphore:
+                await client.put_object(Bucket=bucket, Key=key, Body=body)
+
+        await asyncio.gather(*(put(key, body) for key, body in objects.items()))
+
+
+@pytest.fixture
+async def bus(nats_server: NatsServer) -> AsyncIterator[Bus]:
+    """A provisioned connection to the test's nats-server."""
+    connection = await connect(NatsSettings(urls=[nats_server.url]), "shoal-tests")
+    await connection.provision()
+    try:
+        yield connection
+    finally:
+        await connection.close()
+
+
+@pytest.fixture
+def settings(nats_server: NatsServer, seaweedfs: SeaweedServer) -> Settings:
+    return make_settings(nats_server.url, seaweedfs.endpoint, seaweedfs.config.access_key_id,
+                         seaweedfs.config.secret_access_key)

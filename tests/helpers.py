@@ -1,0 +1,91 @@
+"""Test helpers: waiting on conditions (never sleeping), running services in-process, reading state."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+import msgspec
+
+from libs import subjects
+from libs.bus import Bus, kv_load
+from libs.config import NatsSettings, S3Settings, Secret, ServiceSettings, Settings
+from libs.events.dataset import DatasetRecord
+from libs.events.runtime import RuntimeRecord
+
+T = TypeVar("T")
+
+
+async def eventually(probe: Callable[[], Awaitable[T | None]], timeout: float = 15.0, what: str = "condition") -> T:
+    """Poll ``probe`` until it returns a truthy value; fail with the last value after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = await probe()
+        if last:
+            return last
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{what} not reached within {timeout} s; last value: {last!r}")
+
+
+def make_settings(nats_url: str, s3_endpoint: str = "", access_key: str = "", secret_key: str = "",
+                  **service: Any) -> Settings:
+    return Settings(
+        nats=NatsSettings(urls=[nats_url]),
+        s3=S3Settings(endpoint=s3_endpoint, access_key_id=Secret(access_key), secret_access_key=Secret(secret_key),
+                      secrets_dir=service.pop("secrets_dir", "")),
+        service=ServiceSettings(log_format="json", **service),
+    )
+
+
+@asynccontextmanager
+async def running(*runs: Callable[[asyncio.Event], Awaitable[None]]) -> AsyncIterator[None]:
+    """Run service ``run`` coroutines as tasks; stop them cleanly (and surface their errors) on exit."""
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(run(stop)) for run in runs]
+    try:
+        yield
+    finally:
+        stop.set()
+        results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 20)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+
+
+async def dataset_record(bus: Bus, name: str, namespace: str = "default") -> DatasetRecord | None:
+    kv = await bus.kv(subjects.KV_DATASETS)
+    record, _ = await kv_load(kv, subjects.resource_key(namespace, name), DatasetRecord)
+    return record
+
+
+async def runtime_record(bus: Bus, name: str, namespace: str = "default") -> RuntimeRecord | None:
+    kv = await bus.kv(subjects.KV_RUNTIMES)
+    record, _ = await kv_load(kv, subjects.resource_key(namespace, name), RuntimeRecord)
+    return record
+
+
+class FactCollector:
+    """Collects every fact published on a subject filter through a core subscription, decoded as JSON."""
+
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+
+    async def start(self, bus: Bus, subject: str = subjects.ALL_FACTS) -> None:
+        async def collect(msg: Any) -> None:
+            self.events.append(msgspec.json.decode(msg.data))
+
+        self._sub = await bus.nc.subscribe(subject, cb=collect)
+
+    def of_type(self, tag: str, **match: Any) -> list[dict[str, Any]]:
+        return [e for e in self.events if e["type"] == tag and all(e.get(k) == v for k, v in match.items())]
+
+    async def wait_for(self, tag: str, timeout: float = 15.0, **match: Any) -> dict[str, Any]:
+        async def probe() -> dict[str, Any] | None:
+            found = self.of_type(tag, **match)
+            return found[-1] if found else None
+
+        return await eventually(probe, timeout, f"{tag} {match}")

@@ -1,0 +1,221 @@
+"""Dataset and runtime lifecycle on a real nats-server (JetStream) and a real SeaweedFS S3 server.
+
+The services run in-process; agents do not exist yet, so tests publish heartbeats as an agent would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import msgspec
+import pytest
+from nats.js.errors import ObjectNotFoundError
+
+from libs import subjects
+from libs.bus import Bus
+from libs.config import Secret, Settings
+from libs.events.agent import AgentHeartbeat
+from libs.events.common import ObjectMeta, ObjectRef
+from libs.events.dataset import Dataset, DatasetApply, DatasetDelete, DatasetSpec, Mount
+from libs.events.runtime import Level, Runtime, RuntimeApply, RuntimeSpec, TieredStore
+from services.dataset import app as dataset_app
+from services.runtime import app as runtime_app
+from tests.conftest import SeaweedServer, put_objects
+from tests.helpers import FactCollector, dataset_record, eventually, running, runtime_record
+
+
+def services(settings: Settings):  # type: ignore[no-untyped-def]
+    return running(lambda stop: dataset_app.run(settings, stop), lambda stop: runtime_app.run(settings, stop))
+
+
+def s3_dataset(name: str, *mount_points: str) -> Dataset:
+    mounts = [Mount(mount_point=m, name=f"m{i}") if len(mount_points) > 1 else Mount(mount_point=m)
+              for i, m in enumerate(mount_points)]
+    return Dataset(metadata=ObjectMeta(name=name), spec=DatasetSpec(mounts=mounts))
+
+
+def mem_runtime(name: str, replicas: int = 1) -> Runtime:
+    return Runtime(metadata=ObjectMeta(name=name),
+                   spec=RuntimeSpec(replicas=replicas,
+                                    tieredstore=TieredStore(levels=[Level(mediumtype="MEM", quota="1Gi")])))
+
+
+async def synced(bus: Bus, name: str, generation: int = 1):  # type: ignore[no-untyped-def]
+    async def probe():  # type: ignore[no-untyped-def]
+        record = await dataset_record(bus, name)
+        return record if record and record.status.synced_generation >= generation else None
+
+    return await eventually(probe, what=f"{name} synced at generation {generation}")
+
+
+async def test_apply_syncs_size_and_file_count(bus: Bus, settings: Settings, seaweedfs: SeaweedServer,
+                                               bucket: str) -> None:
+    objects = {f"train/img_{i:03d}.jpg": bytes([i]) * (1000 + i) for i in range(40)}
+    objects["labels.csv"] = b"a,b\n" * 10
+    await put_objects(seaweedfs, bucket, objects)
+    facts = FactCollector()
+    await facts.start(bus)
+    async with services(settings):
+        command = DatasetApply(dataset=s3_dataset("imagenet", f"s3://{bucket}/"))
+        await bus.publish(subjects.DATASET_APPLY, command)
+        accepted = await facts.wait_for("dataset.accepted.v1", causationId=command.id)
+        assert accepted["generation"] == 1
+        record = await synced(bus, "imagenet")
+        assert record.status.file_num == 41
+        assert record.status.ufs_total_bytes == sum(len(v) for v in objects.values())
+        assert record.status.ufs_total.endswith("KiB")
+        assert record.status.phase == "NotBound"
+        status = await facts.wait_for("dataset.status.v1", name="imagenet")
+        assert status["status"]["fileNum"] == 41
+        # The manifest lists every file with its size and ETag, below the dataset root.
+        manifest = await (await bus.manifests()).get(record.status.manifest)
+        lines = [msgspec.json.decode(line) for line in manifest.data.splitlines()]
+        assert sorted(e["path"] for e in lines) == sorted("/" + k for k in objects)
+        assert all(e["etag"] and e["size"] > 0 for e in lines)
+
+
+async def test_adding_a_mount_resyncs(bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str) -> None:
+    await put_objects(seaweedfs, bucket, {f"a/{i}": b"x" * 10 for i in range(5)} | {f"b/{i}": b"y" * 7 for i in range(3)})
+    async with services(settings):
+        await bus.publish(subjects.DATASET_APPLY, DatasetApply(dataset=s3_dataset("two", f"s3://{bucket}/a")))
+        first = await synced(bus, "two", 1)
+        assert (first.status.file_num, first.status.ufs_total_bytes) == (5, 50)
+        await bus.publish(subjects.DATASET_APPLY,
+                          DatasetApply(dataset=s3_dataset("two", f"s3://{bucket}/a", f"s3://{bucket}/b")))
+        second = await synced(bus, "two", 2)
+        assert second.generation == 2
+        assert (second.status.file_num, second.status.ufs_total_bytes) == (8, 71)
+
+
+async def test_dataset_binds_when_runtime_ready_and_delete_cleans_up(bus: Bus, settings: Settings,
+                                                                     seaweedfs: SeaweedServer, bucket: str) -> None:
+    await put_objects(seaweedfs, bucket, {"f": b"data"})
+    facts = FactCollector()
+    await facts.start(bus)
+    async with services(settings):
+        await bus.publish(subjects.DATASET_APPLY, DatasetApply(dataset=s3_dataset("demo", f"s3://{bucket}")))
+        await bus.publish(subjects.RUNTIME_APPLY, RuntimeApply(runtime=mem_runtime("demo", replicas=2)))
+        await synced(bus, "demo")
+        runtime = await eventually(lambda: runtime_record(bus, "demo"))
+        assert runtime.status.phase == "NotReady"
+
+        async def beat(node: str) -> None:
+            await bus.publish(subjects.agent_heartbeat(node),
+                              AgentHeartbeat(node=node, runtimes=[ObjectRef(name="demo")], sent_at=time.time()))
+
+        await beat("node-a")
+
+        async def runtime_phase(phase: str):  # type: ignore[no-untyped-def]
+            record = await runtime_record(bus, "demo")
+            return record if record and record.status.phase == phase else None
+
+        partial = await eventually(lambda: runtime_phase("PartialReady"))
+        assert partial.status.ready_nodes == ["node-a"]
+        assert (await dataset_record(bus, "demo")).status.phase == "NotBound"  # type: ignore[union-attr]
+        await beat("node-b")
+        ready = await eventually(lambda: runtime_phase("Ready"))
+        assert ready.status.worker_number_ready == 2
+        assert ready.status.cache_capacity_bytes == 2 * 2**30
+
+        async def bound():  # type: ignore[no-untyped-def]
+            record = await dataset_record(bus, "demo")
+            return record if record and record.status.phase == "Bound" else None
+
+        record = await eventually(bound)
+        assert record.status.runtimes[0].name == "demo"
+        assert record.status.cache_states.cache_capacity == "2.00GiB"
+
+        delete = DatasetDelete(name="demo")
+        await bus.publish(subjects.DATASET_DELETE, delete)
+        await facts.wait_for("dataset.deleted.v1", causationId=delete.id)
+        assert await dataset_record(bus, "demo") is None
+        with pytest.raises(ObjectNotFoundError):
+            await (await bus.manifests()).get(record.status.manifest)
+
+
+async def test_republished_command_is_deduplicated(bus: Bus, settings: Settings, seaweedfs: SeaweedServer,
+                                                   bucket: str) -> None:
+    await put_objects(seaweedfs, bucket, {"f": b"data"})
+    command = DatasetApply(dataset=s3_dataset("dedup", f"s3://{bucket}"))
+    first = await bus.publish(subjects.DATASET_APPLY, command)
+    again = await bus.publish(subjects.DATASET_APPLY, command)
+    assert first == again  # JetStream answered the retry with the original sequence
+    facts = FactCollector()
+    await facts.start(bus)
+    async with services(settings):
+        record = await synced(bus, "dedup")
+        assert record.generation == 1
+        # The same spec under a new id (beyond the dedup window) is accepted without a new generation.
+        repeat = DatasetApply(dataset=command.dataset)
+        await bus.publish(subjects.DATASET_APPLY, repeat)
+        accepted = await facts.wait_for("dataset.accepted.v1", causationId=repeat.id)
+        assert accepted["generation"] == 1
+    info = await bus.js.stream_info(subjects.STREAM_COMMANDS)
+    assert info.state.messages == 2
+
+
+async def test_missing_bucket_and_bad_credentials_fail_with_message(bus: Bus, settings: Settings,
+                                                                    seaweedfs: SeaweedServer) -> None:
+    async with services(settings):
+        await bus.publish(subjects.DATASET_APPLY, DatasetApply(dataset=s3_dataset("nobucket", "s3://no-such-bucket-x")))
+        record = await synced(bus, "nobucket")
+        assert record.status.phase == "Failed"
+        assert "no-such-bucket-x" in record.status.message
+        assert "does not exist" in record.status.message
+
+    wrong = dataclasses.replace(
+        settings, s3=dataclasses.replace(settings.s3, secret_access_key=Secret("wrong-secret-value"))
+    )
+    async with running(lambda stop: dataset_app.run(wrong, stop)):
+        await bus.publish(subjects.DATASET_APPLY, DatasetApply(dataset=s3_dataset("badcreds", "s3://whatever")))
+        record = await synced(bus, "badcreds")
+        assert record.status.phase == "Failed"
+        assert "access denied" in record.status.message.lower()
+        assert "wrong-secret-value" not in record.status.message
+
+
+async def test_invalid_dataset_is_rejected_with_reasons(bus: Bus, settings: Settings) -> None:
+    facts = FactCollector()
+    await facts.start(bus)
+    async with services(settings):
+        bad = DatasetApply(dataset=Dataset(metadata=ObjectMeta(name="Bad_Name"),
+                                           spec=DatasetSpec(mounts=[Mount(mount_point="ftp://x/y")])))
+        await bus.publish(subjects.DATASET_APPLY, bad)
+        rejected = await facts.wait_for("dataset.rejected.v1", causationId=bad.id)
+        assert "DNS-1035" in rejected["reason"]
+        assert "ftp" in rejected["reason"] and "s3://" in rejected["reason"]
+        assert await dataset_record(bus, "Bad_Name") is None
+        bad_runtime = RuntimeApply(runtime=Runtime(
+            metadata=ObjectMeta(name="rt"),
+            spec=RuntimeSpec(tieredstore=TieredStore(levels=[Level(mediumtype="NVME", quota="0", high="0.5",
+                                                                   low="0.9")]))))
+        await bus.publish(subjects.RUNTIME_APPLY, bad_runtime)
+        rejected = await facts.wait_for("runtime.rejected.v1", causationId=bad_runtime.id)
+        assert "NVME" in rejected["reason"] and "quota" in rejected["reason"] and "low < high" in rejected["reason"]
+
+
+async def test_unknown_delete_is_rejected(bus: Bus, settings: Settings) -> None:
+    facts = FactCollector()
+    await facts.start(bus)
+    async with services(settings):
+        command = DatasetDelete(name="ghost")
+        await bus.publish(subjects.DATASET_DELETE, command)
+        rejected = await facts.wait_for("dataset.rejected.v1", causationId=command.id)
+        assert "does not exist" in rejected["reason"]
+
+
+async def test_runtime_becomes_not_ready_when_agent_goes_silent(bus: Bus, settings: Settings) -> None:
+    clock = [time.time()]
+    async with running(lambda stop: runtime_app.run(settings, stop, clock=lambda: clock[0])):
+        await bus.publish(subjects.RUNTIME_APPLY, RuntimeApply(runtime=mem_runtime("rt")))
+        await bus.publish(subjects.agent_heartbeat("n1"),
+                          AgentHeartbeat(node="n1", runtimes=[ObjectRef(name="rt")], interval_seconds=1.0))
+
+        async def phase_is(phase: str):  # type: ignore[no-untyped-def]
+            record = await runtime_record(bus, "rt")
+            return record if record and record.status.phase == phase else None
+
+        await eventually(lambda: phase_is("Ready"))
+        clock[0] += 10  # three missed beats later, by the service's clock
+        await eventually(lambda: phase_is("NotReady"))

@@ -1,0 +1,232 @@
+"""S3ObjectStore against a real SeaweedFS S3 gateway: listing, HEAD, ranged reads, and the errors people see."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import time
+from typing import Any
+
+import pytest
+
+from libs.config import Secret
+from libs.embedded import free_port
+from libs.ufs import (
+    AccessDenied,
+    EndpointUnreachable,
+    NoSuchBucket,
+    NoSuchKey,
+    ObjectChanged,
+    ObjectInfo,
+    S3Location,
+    S3ObjectStore,
+    UfsError,
+    open_store,
+)
+from tests.conftest import SeaweedServer, put_objects
+
+WRONG_SECRET = "wrong-secret-Zq9xK2vLp"
+
+
+async def collect(store: S3ObjectStore, page_size: int = 1000) -> list[ObjectInfo]:
+    return [info async for info in store.list(page_size)]
+
+
+def md5(body: bytes) -> str:
+    return hashlib.md5(body).hexdigest()
+
+
+async def test_list_pages_through_every_object(seaweedfs: SeaweedServer, bucket: str) -> None:
+    objects = {f"data/part-{i:04d}.bin": bytes([i % 256]) * (i + 1) for i in range(250)}
+    await put_objects(seaweedfs, bucket, objects)
+    async with S3ObjectStore(seaweedfs.location(bucket, "data")) as store:
+        # Count the requests, so a server ignoring MaxKeys cannot pass for pagination.
+        client = await store._s3()
+        calls: list[dict[str, Any]] = []
+        original = client.list_objects_v2
+
+        async def counting(**kwargs: Any) -> Any:
+            calls.append(kwargs)
+            return await original(**kwargs)
+
+        client.list_objects_v2 = counting
+        listed = await collect(store, page_size=100)
+
+    assert len(calls) == 3
+    assert all(call["MaxKeys"] == 100 for call in calls)
+    assert sorted(info.key for info in listed) == sorted(key.removeprefix("data/") for key in objects)
+    assert len(listed) == 250
+    for info in listed:
+        body = objects["data/" + info.key]
+        assert info.size == len(body)
+        assert info.etag == md5(body)
+        assert abs(info.mtime - time.time()) < 600
+
+
+async def test_prefix_is_a_folder_and_markers_are_skipped(seaweedfs: SeaweedServer, bucket: str) -> None:
+    await put_objects(
+        seaweedfs,
+        bucket,
+        {"train/a.txt": b"a", "train/sub/b.txt": b"bb", "train/": b"", "train/sub/": b"", "trainx/c": b"c", "top": b"t"},
+    )
+    for prefix in ("train", "train/", "/train"):
+        async with S3ObjectStore(seaweedfs.location(bucket, prefix)) as store:
+            assert sorted(info.key for info in await collect(store)) == ["a.txt", "sub/b.txt"], prefix
+    async with S3ObjectStore(seaweedfs.location(bucket)) as store:
+        everything = sorted(info.key for info in await collect(store))
+    assert everything == ["top", "train/a.txt", "train/sub/b.txt", "trainx/c"]
+
+
+async def test_empty_bucket_lists_nothing(seaweedfs: SeaweedServer, bucket: str) -> None:
+    async with S3ObjectStore(seaweedfs.location(bucket, "nothing-here")) as store:
+        assert await collect(store) == []
+
+
+async def test_awkward_key_characters_round_trip(seaweedfs: SeaweedServer, bucket: str) -> None:
+    keys = ["p/a b+c%25.txt", "p/ünï.txt", "p/x?y&z=1#h"]
+    await put_objects(seaweedfs, bucket, {key: key.encode() for key in keys})
+    async with S3ObjectStore(seaweedfs.location(bucket, "p")) as store:
+        listed = {info.key: info for info in await collect(store)}
+        assert sorted(listed) == sorted(key.removeprefix("p/") for key in keys)
+        for key, info in listed.items():
+            assert (await store.head(key)).etag == info.etag
+            assert await store.get_range(key, 0, 100, etag=info.etag) == ("p/" + key).encode()
+
+
+async def test_head(seaweedfs: SeaweedServer, bucket: str) -> None:
+    body = b"hello world"
+    await put_objects(seaweedfs, bucket, {"set/greeting.txt": body})
+    async with S3ObjectStore(seaweedfs.location(bucket, "set")) as store:
+        info = await store.head("greeting.txt")
+        assert (info.key, info.size, info.etag) == ("greeting.txt", len(body), md5(body))
+        assert abs(info.mtime - time.time()) < 600
+        listed = await collect(store)
+        assert [(item.key, item.size, item.etag) for item in listed] == [(info.key, info.size, info.etag)]
+        with pytest.raises(NoSuchKey, match=f"'set/missing.txt' does not exist in bucket '{bucket}'"):
+            await store.head("missing.txt")
+
+
+async def test_ranged_reads(seaweedfs: SeaweedServer, bucket: str) -> None:
+    body = bytes(range(256)) * 4
+    await put_objects(seaweedfs, bucket, {"blob": body, "empty": b""})
+    async with S3ObjectStore(seaweedfs.location(bucket)) as store:
+        etag = (await store.head("blob")).etag
+        assert await store.get_range("blob", 100, 50) == body[100:150]
+        assert await store.get_range("blob", 100, 50, etag=etag) == body[100:150]
+        assert await store.get_range("blob", 0, len(body), etag=etag) == body
+        assert await store.get_range("blob", 1000, 100, etag=etag) == body[1000:]  # tail past the end
+        assert await store.get_range("blob", len(body), 10, etag=etag) == b""  # starts at the end
+        assert await store.get_range("blob", len(body) + 5, 10) == b""
+        assert await store.get_range("blob", 10, 0, etag=etag) == b""
+        assert await store.get_range("empty", 0, 10) == b""
+        with pytest.raises(NoSuchKey):
+            await store.get_range("missing", 0, 10)
+        with pytest.raises(ValueError):
+            await store.get_range("blob", -1, 10)
+
+
+async def test_overwritten_object_is_object_changed(seaweedfs: SeaweedServer, bucket: str) -> None:
+    await put_objects(seaweedfs, bucket, {"x/obj": b"first version"})
+    async with S3ObjectStore(seaweedfs.location(bucket, "x")) as store:
+        old = (await store.head("obj")).etag
+        await put_objects(seaweedfs, bucket, {"x/obj": b"second, longer version"})
+        new = (await store.head("obj")).etag
+        assert new != old
+        with pytest.raises(ObjectChanged, match=f"'x/obj' in bucket '{bucket}'.*no longer {old}"):
+            await store.get_range("obj", 0, 5, etag=old)
+        # Past the end the server answers 416 before looking at If-Match; the ETag is still checked.
+        with pytest.raises(ObjectChanged):
+            await store.get_range("obj", 1000, 5, etag=old)
+        assert await store.get_range("obj", 0, 6, etag=new) == b"second"
+
+
+async def test_object_changed_even_if_the_server_ignores_if_match(seaweedfs: SeaweedServer, bucket: str) -> None:
+    await put_objects(seaweedfs, bucket, {"obj": b"one"})
+    async with S3ObjectStore(seaweedfs.location(bucket)) as store:
+        old = (await store.head("obj")).etag
+        await put_objects(seaweedfs, bucket, {"obj": b"two"})
+        client = await store._s3()
+        original = client.get_object
+
+        async def without_if_match(**kwargs: Any) -> Any:
+            kwargs.pop("IfMatch", None)
+            return await original(**kwargs)
+
+        client.get_object = without_if_match
+        with pytest.raises(ObjectChanged):
+            await store.get_range("obj", 0, 3, etag=old)
+
+
+async def test_missing_bucket(seaweedfs: SeaweedServer) -> None:
+    location = seaweedfs.location("no-such-bucket-here")
+    async with S3ObjectStore(location) as store:
+        expected = f"bucket 'no-such-bucket-here' does not exist at {seaweedfs.endpoint}"
+        with pytest.raises(NoSuchBucket, match=expected):
+            await collect(store)
+        with pytest.raises(NoSuchBucket, match=expected):
+            await store.head("key")
+        with pytest.raises(NoSuchBucket, match=expected):
+            await store.get_range("key", 0, 10)
+
+
+@pytest.mark.parametrize("bad_key_id", [False, True], ids=["wrong-secret", "unknown-key-id"])
+async def test_bad_credentials_are_access_denied_without_leaking(
+    seaweedfs: SeaweedServer, bucket: str, bad_key_id: bool
+) -> None:
+    await put_objects(seaweedfs, bucket, {"obj": b"data"})
+    location = dataclasses.replace(seaweedfs.location(bucket), secret_access_key=Secret(WRONG_SECRET))
+    if bad_key_id:
+        location = dataclasses.replace(location, access_key_id=Secret("nobody-knows-this-key"))
+    async with S3ObjectStore(location) as store:
+        assert WRONG_SECRET not in repr(store)
+        assert WRONG_SECRET not in repr(location)
+        errors: list[AccessDenied] = []
+        for call in (lambda: collect(store), lambda: store.head("obj"), lambda: store.get_range("obj", 0, 2)):
+            with pytest.raises(AccessDenied) as caught:
+                await call()
+            errors.append(caught.value)
+    for err in errors:
+        assert f"access denied to bucket '{bucket}' at {seaweedfs.endpoint}" in str(err)
+        for secret in (WRONG_SECRET, "nobody-knows-this-key", seaweedfs.config.secret_access_key):
+            assert secret not in str(err)
+            assert secret not in repr(err)
+            assert secret not in str(err.__cause__)
+        assert not err.retryable
+    hint = "access key id" if bad_key_id else "secret access key"
+    assert hint in str(errors[0])
+
+
+@pytest.mark.timeout(30)
+async def test_unreachable_endpoint(seaweedfs: SeaweedServer) -> None:
+    # A port we bound and released: nothing listens there, so connecting is refused.
+    endpoint = f"http://127.0.0.1:{free_port()}"
+    location = dataclasses.replace(seaweedfs.location("any-bucket"), endpoint_url=endpoint)
+    async with S3ObjectStore(location) as store:
+        with pytest.raises(EndpointUnreachable) as caught:
+            await collect(store)
+        with pytest.raises(EndpointUnreachable):
+            await store.get_range("key", 0, 1)
+    assert str(caught.value) == f"cannot reach S3 endpoint {endpoint}: connection refused"
+    assert caught.value.retryable
+    assert seaweedfs.config.secret_access_key not in str(caught.value)
+
+
+async def test_open_store_and_reuse_after_close(seaweedfs: SeaweedServer, bucket: str) -> None:
+    await put_objects(seaweedfs, bucket, {"k": b"v"})
+    location = seaweedfs.location(bucket)
+    store = open_store(location)
+    assert isinstance(store, S3ObjectStore)
+    assert "Secret" not in repr(store) and seaweedfs.config.secret_access_key not in repr(store)
+    try:
+        assert (await store.head("k")).size == 1
+        await store.close()
+        await store.close()  # idempotent
+        assert await store.get_range("k", 0, 1) == b"v"  # a new client after close
+    finally:
+        await store.close()
+
+
+def test_errors_are_ufs_errors() -> None:
+    for kind in (AccessDenied, EndpointUnreachable, NoSuchBucket, NoSuchKey, ObjectChanged):
+        assert issubclass(kind, UfsError)
+    assert S3Location(bucket="b").secret_access_key == Secret("")
