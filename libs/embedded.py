@@ -130,9 +130,17 @@ def start_nats(config: NatsConfig, log_path: Path) -> ServerProcess:
         f"  max_memory_store: {config.max_memory_store}\n  max_file_store: {config.max_file_store}\n}}\n"
     )
     server = spawn("nats-server", [find_binary("nats-server"), "-c", str(conf_path)], log_path)
-    wait_until(lambda: _http_ok(config.monitor_port, "/healthz?js-enabled-only=true"), 20, "nats-server",
-               server.process, log_path)
+    _wait_ready(server, lambda: _http_ok(config.monitor_port, "/healthz?js-enabled-only=true"), 20)
     return server
+
+
+def _wait_ready(server: ServerProcess, check: Callable[[], bool], timeout: float) -> None:
+    """Wait for readiness; a server that never gets ready is stopped, not leaked."""
+    try:
+        wait_until(check, timeout, server.name, server.process, server.log_path)
+    except BaseException:
+        server.stop()
+        raise
 
 
 def _http_ok(port: int, path: str) -> bool:
@@ -196,10 +204,13 @@ def start_seaweedfs(config: SeaweedConfig, log_path: Path) -> ServerProcess:
         "-filer", f"-filer.port={config.filer_port}", f"-filer.port.grpc={config.filer_port + 10000}",
         "-s3", f"-s3.port={config.s3_port}", f"-s3.port.grpc={config.s3_port + 10000}",
         f"-s3.config={s3_config}",
+        # Side listeners on fixed ports would clash between instances; Shoal uses none of them.
+        "-s3.port.iceberg=0", "-s3.port.lance=0",
+        f"-filer.localSocket={config.data_dir / 'filer.sock'}", f"-s3.localSocket={config.data_dir / 's3.sock'}",
         # Small volumes so a demo or a test run does not preallocate gigabytes.
         "-master.volumeSizeLimitMB=64", "-volume.max=0", "-master.telemetry=false",
     ]
     server = spawn("seaweedfs", argv, log_path, grace=2.0)
     # The S3 port answers 403 to an anonymous GET once the gateway is up.
-    wait_until(lambda: _http_ok(config.s3_port, "/"), 60, "SeaweedFS S3", server.process, log_path)
+    _wait_ready(server, lambda: _http_ok(config.s3_port, "/"), 60)
     return server

@@ -296,13 +296,12 @@ def publish_example(nats_url: str) -> str:
         dataset=Dataset(metadata=ObjectMeta(name="hello"),
                         spec=DatasetSpec(mounts=[Mount(mount_point=f"s3://{DEMO_BUCKET}/train/")])),
     )
-    payload = msgspec.json.encode(command).decode()
     return (
         ".venv/bin/python - <<'EOF'\n"
         "import asyncio, json, nats\n"
         "async def main():\n"
         f"    nc = await nats.connect({nats_url.split(',')[0]!r})\n"
-        f"    command = json.loads({payload!r})\n"
+        f"    command = {msgspec.to_builtins(command)!r}\n"
         f"    await nc.jetstream().publish({subjects.DATASET_APPLY!r}, json.dumps(command).encode())\n"
         "    await nc.close()\n"
         "asyncio.run(main())\n"
@@ -321,7 +320,6 @@ def banner(*, pid: int, nats_url: str, nats_embedded: bool, nats_monitor_port: i
         s3_line = (f"{s3.endpoint} (from SHOAL_S3_ENDPOINT; credentials from SHOAL_S3_ACCESS_KEY_ID/"
                    f"SHOAL_S3_SECRET_ACCESS_KEY; the demo Dataset expects a bucket {DEMO_BUCKET!r} there)")
     running = ", ".join(f"{name} (PID {service_pid})" for name, service_pid in services.items())
-    indented_example = "\n".join("    " + line for line in publish_example(nats_url).splitlines())
     return "\n".join([
         f"Shoal is up (PID {pid}).",
         f"  NATS      {nats_line}",
@@ -333,8 +331,8 @@ def banner(*, pid: int, nats_url: str, nats_embedded: bool, nats_monitor_port: i
         "Look around:",
         "  .venv/bin/shoal get datasets",
         "  .venv/bin/shoal describe dataset demo",
-        "  Publish a command as JSON with plain Python (nats-py):",
-        indented_example,
+        "  Publish a command as JSON with plain Python (nats-py); paste this into a shell:",
+        publish_example(nats_url),
         "",
         "Ctrl-C to stop (or `shoal down` from another terminal).",
     ])

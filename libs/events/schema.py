@@ -58,8 +58,9 @@ SUBJECTS: dict[type[Any], str] = {
 
 def _schema_hook(type_: Any) -> dict[str, Any]:
     # Kubernetes nodeAffinity and tolerations are kept as free-form ``object`` values: any JSON is valid there.
+    # msgspec refuses an empty schema from a hook, so "any" is spelled as a schema with only a description.
     if type_ is object:
-        return {}
+        return {"description": "Any JSON value, kept as given."}
     raise NotImplementedError
 
 

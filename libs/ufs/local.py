@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import os
 import stat
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from types import TracebackType
 
 from libs.ufs.base import (
@@ -129,7 +129,7 @@ class LocalObjectStore:
     async def close(self) -> None:
         """Nothing to release: no file stays open between calls."""
 
-    async def list(self, page_size: int = 1000) -> AsyncIterator[ObjectInfo]:
+    async def list(self, page_size: int = 1000) -> AsyncGenerator[ObjectInfo, None]:
         if page_size < 1:
             raise ValueError("page_size must be at least 1")
         real_root = await asyncio.to_thread(self._real_root)

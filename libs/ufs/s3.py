@@ -9,7 +9,7 @@ endpoint fails in seconds; a retryable error is left to the caller's own redeliv
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, Iterator
 from contextlib import AsyncExitStack
 from datetime import datetime
 from types import TracebackType
@@ -137,7 +137,7 @@ class S3ObjectStore:
                     )
         return self._client
 
-    async def list(self, page_size: int = 1000) -> AsyncIterator[ObjectInfo]:
+    async def list(self, page_size: int = 1000) -> AsyncGenerator[ObjectInfo, None]:
         """Every object below the prefix, one ListObjectsV2 page at a time; directory markers are skipped."""
         if page_size < 1:
             raise ValueError("page_size must be at least 1")

@@ -1,0 +1,169 @@
+"""What ``shoal get`` and ``shoal describe`` print: kubectl-like tables, JSON/YAML documents, describe text.
+
+Pure: records in, text out, no NATS and no terminal. Decides the columns (Fluid's ``kubectl get dataset`` and
+``kubectl get alluxioruntime`` columns, without AGE: records carry no creation time) and that machine-readable
+output shows every field, defaults included, under their JSON names.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from typing import Any
+
+import msgspec
+import yaml
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from libs.events.common import format_bytes
+from libs.events.dataset import Condition, DatasetRecord
+from libs.events.runtime import RuntimeRecord
+
+# Wide enough that rich never wraps or truncates a cell: scripts read these lines, like kubectl's.
+_UNLIMITED_WIDTH = 100_000
+
+
+def full_builtins(value: Any) -> Any:
+    """``value`` as JSON-ready builtins with every field, defaults too (``to_builtins`` drops omitted defaults)."""
+    if isinstance(value, msgspec.Struct):
+        return {field.encode_name: full_builtins(getattr(value, field.name))
+                for field in msgspec.structs.fields(value)}
+    if isinstance(value, dict):
+        return {str(key): full_builtins(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [full_builtins(item) for item in value]
+    return msgspec.to_builtins(value)
+
+
+# --- tables ---
+
+
+def table_text(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A borderless table, three spaces between columns, no trailing spaces (kubectl's layout)."""
+    table = Table(box=None, pad_edge=False, padding=(0, 3, 0, 0), show_edge=False, header_style=None)
+    for header in headers:
+        table.add_column(header, no_wrap=True, overflow="ignore")
+    for row in rows:
+        # Text, not str: a name with brackets must not be read as rich markup.
+        table.add_row(*(Text(cell) for cell in row))
+    buffer = io.StringIO()
+    Console(file=buffer, width=_UNLIMITED_WIDTH, highlight=False, no_color=True, emoji=False,
+            force_terminal=False).print(table)
+    return "\n".join(line.rstrip() for line in buffer.getvalue().splitlines()) + "\n"
+
+
+def dataset_table(records: Sequence[DatasetRecord], *, wide: bool, show_namespace: bool) -> str:
+    headers = ["NAME", "UFS TOTAL SIZE", "CACHED", "CACHE CAPACITY", "CACHED PERCENTAGE", "PHASE"]
+    if wide:
+        headers += ["FILE NUM", "MESSAGE"]
+    rows = []
+    for record in records:
+        status = record.status
+        row = [record.dataset.metadata.name, status.ufs_total, status.cache_states.cached,
+               status.cache_states.cache_capacity, status.cache_states.cached_percentage, status.phase]
+        if wide:
+            row += [str(status.file_num), status.message]
+        rows.append(row)
+    return _with_namespace(headers, rows, [r.dataset.metadata.namespace for r in records], show_namespace or wide)
+
+
+def runtime_table(records: Sequence[RuntimeRecord], *, wide: bool, show_namespace: bool) -> str:
+    headers = ["NAME", "READY", "CACHE CAPACITY", "BLOCK SIZE", "PHASE"]
+    if wide:
+        headers += ["NODES", "MESSAGE"]
+    rows = []
+    for record in records:
+        status = record.status
+        row = [record.runtime.metadata.name,
+               f"{status.worker_number_ready}/{status.desired_worker_number_scheduled}",
+               status.cache_capacity, runtime_block_size(record), status.phase]
+        if wide:
+            row += [",".join(status.ready_nodes), status.message]
+        rows.append(row)
+    return _with_namespace(headers, rows, [r.runtime.metadata.namespace for r in records], show_namespace or wide)
+
+
+def runtime_block_size(record: RuntimeRecord) -> str:
+    """The size the runtime service settled on, else the one asked for in the spec."""
+    if record.status.block_size_bytes > 0:
+        return format_bytes(record.status.block_size_bytes)
+    return str(record.runtime.spec.block_size)
+
+
+def _with_namespace(headers: list[str], rows: list[list[str]], namespaces: list[str], show: bool) -> str:
+    if show:  # first, like kubectl -A, so rows of one namespace read together
+        headers = ["NAMESPACE", *headers]
+        rows = [[namespace, *row] for namespace, row in zip(namespaces, rows, strict=True)]
+    return table_text(headers, rows)
+
+
+# --- machine-readable ---
+
+
+def records_document(records: Sequence[DatasetRecord | RuntimeRecord], single: bool) -> Any:
+    """One record alone when asked for by name, else ``{"items": [...]}`` (kubectl's List shape)."""
+    if single and len(records) == 1:
+        return full_builtins(records[0])
+    return {"items": [full_builtins(record) for record in records]}
+
+
+def to_json(document: Any) -> str:
+    return msgspec.json.format(msgspec.json.encode(document), indent=2).decode() + "\n"
+
+
+def to_yaml(document: Any) -> str:
+    return yaml.safe_dump(document, sort_keys=False, default_flow_style=False, allow_unicode=True)
+
+
+# --- describe ---
+
+
+def describe_dataset(record: DatasetRecord) -> str:
+    status = full_builtins(record.status)
+    conditions = record.status.conditions
+    status.pop("conditions", None)
+    return _describe("Dataset", record.dataset.metadata, record.generation, record.dataset.spec, status, conditions)
+
+
+def describe_runtime(record: RuntimeRecord) -> str:
+    status = full_builtins(record.status)
+    conditions = record.status.conditions
+    status.pop("conditions", None)
+    return _describe("Runtime", record.runtime.metadata, record.generation, record.runtime.spec, status, conditions)
+
+
+def _describe(kind: str, metadata: Any, generation: int, spec: Any, status: dict[str, Any],
+              conditions: Sequence[Condition]) -> str:
+    lines = [
+        f"Name:         {metadata.name}",
+        f"Namespace:    {metadata.namespace}",
+        f"Kind:         {kind} ({kind.lower()}.shoal.io)",
+        *_key_values("Labels:       ", metadata.labels),
+        *_key_values("Annotations:  ", metadata.annotations),
+        f"Generation:   {generation}",
+        "Spec:",
+        _indented(to_yaml(full_builtins(spec))),
+        "Status:",
+        _indented(to_yaml(status)),
+        "Conditions:",
+    ]
+    if conditions:
+        rows = [[c.type, c.status, c.reason, c.message, c.last_transition_time] for c in conditions]
+        lines.append(_indented(table_text(["TYPE", "STATUS", "REASON", "MESSAGE", "LAST TRANSITION"], rows)))
+    else:
+        lines.append("  <none>")
+    return "\n".join(lines) + "\n"
+
+
+def _key_values(title: str, values: dict[str, str]) -> list[str]:
+    if not values:
+        return [f"{title}<none>"]
+    pad = " " * len(title)
+    return [f"{title if index == 0 else pad}{key}={value}"
+            for index, (key, value) in enumerate(sorted(values.items()))]
+
+
+def _indented(text: str) -> str:
+    return "\n".join(f"  {line}" if line else line for line in text.rstrip("\n").splitlines())

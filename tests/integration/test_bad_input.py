@@ -1,0 +1,209 @@
+"""Bad input on the bus: malformed JSON, unknown type tags, schema violations, oversized payloads, and a
+handler that keeps failing. Each must give a rejection and/or a dead-letter record with the reason, and never
+crash a service or redeliver forever. Real nats-server (JetStream); services in-process.
+"""
+
+from __future__ import annotations
+
+import base64
+
+import msgspec
+import pytest
+
+from libs import subjects
+from libs.bus import Bus, Consumer, Delivery, Permanent
+from libs.config import Settings
+from libs.events.common import ObjectMeta
+from libs.events.dataset import Dataset, DatasetApply, DatasetSpec, Mount
+from services.dataset import app as dataset_app
+from services.runtime import app as runtime_app
+from tests.helpers import FactCollector, dataset_record, eventually, make_settings, running
+
+
+async def dead_letters(bus: Bus) -> list[dict]:  # type: ignore[type-arg]
+    """Every dead-letter record so far, read with an ephemeral ordered consumer."""
+    info = await bus.js.stream_info(subjects.STREAM_DEAD_LETTERS)
+    records = []
+    for seq in range(info.state.first_seq, info.state.last_seq + 1):
+        if info.state.messages == 0:
+            break
+        message = await bus.js.get_msg(subjects.STREAM_DEAD_LETTERS, seq)
+        records.append(msgspec.json.decode(message.data))
+    return records
+
+
+async def dead_letter_for(bus: Bus, subject: str) -> dict:  # type: ignore[type-arg]
+    async def probe():  # type: ignore[no-untyped-def]
+        found = [r for r in await dead_letters(bus) if r["subject"] == subject]
+        return found[-1] if found else None
+
+    return await eventually(probe, what=f"a dead letter for {subject}")
+
+
+@pytest.fixture
+def bus_settings(nats_server) -> Settings:  # type: ignore[no-untyped-def]
+    return make_settings(nats_server.url, max_event_bytes=4096)
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason_part"),
+    [
+        (b"{not json", "invalid event"),
+        (b'{"type": "dataset.explode.v1", "id": "x1"}', "dataset.explode.v1"),
+        (b'{"type": "dataset.apply.v1", "id": "x2", "dataset": {"metadata": {"name": 7}}}', "$.dataset.metadata.name"),
+        (b'{"type": "dataset.apply.v1", "id": "x3"}', "dataset"),
+        (b"\xff\xfe binary", "invalid event"),
+    ],
+    ids=["malformed-json", "unknown-type", "schema-violation", "missing-field", "not-utf8"],
+)
+async def test_undecodable_command_is_rejected_and_dead_lettered(bus: Bus, bus_settings: Settings, payload: bytes,
+                                                                 reason_part: str) -> None:
+    facts = FactCollector()
+    await facts.start(bus)
+    async with running(lambda stop: dataset_app.run(bus_settings, stop)):
+        ack = await bus.js.publish(subjects.DATASET_APPLY, payload, headers={"Nats-Msg-Id": "bad-1"})
+        rejected = await facts.wait_for("dataset.rejected.v1", causationId="bad-1")
+        assert reason_part in rejected["reason"]
+        letter = await dead_letter_for(bus, subjects.DATASET_APPLY)
+        assert letter["streamSequence"] == ack.seq
+        assert base64.b64decode(letter["payload"]) == payload  # nothing lost, byte for byte
+        assert reason_part in letter["reason"]
+        # The service is still alive and serves the next, valid command.
+        good = DatasetApply(dataset=Dataset(metadata=ObjectMeta(name="after"),
+                                            spec=DatasetSpec(mounts=[Mount(mount_point="local:///nonexistent")])))
+        await bus.publish(subjects.DATASET_APPLY, good)
+        await facts.wait_for("dataset.accepted.v1", causationId=good.id)
+    # Terminated, not pending: the poison message is never redelivered.
+    consumer = await bus.js.consumer_info(subjects.STREAM_COMMANDS, subjects.DURABLE_DATASET_COMMANDS)
+    assert consumer.num_ack_pending == 0 and consumer.num_pending == 0
+
+
+async def test_oversized_payload_is_rejected(bus: Bus, bus_settings: Settings) -> None:
+    facts = FactCollector()
+    await facts.start(bus)
+    async with running(lambda stop: runtime_app.run(bus_settings, stop)):
+        payload = b'{"type": "runtime.apply.v1", "id": "big", "pad": "' + b"x" * 10_000 + b'"}'
+        await bus.js.publish(subjects.RUNTIME_APPLY, payload, headers={"Nats-Msg-Id": "big-1"})
+        rejected = await facts.wait_for("runtime.rejected.v1", causationId="big-1")
+        assert "exceeds the limit of 4096 bytes" in rejected["reason"]
+        letter = await dead_letter_for(bus, subjects.RUNTIME_APPLY)
+        assert len(base64.b64decode(letter["payload"])) == len(payload)
+
+
+async def test_payload_beyond_jetstream_limit_is_refused_to_the_publisher(bus: Bus) -> None:
+    with pytest.raises(Exception, match="(?i)maximum|payload"):
+        await bus.js.publish(subjects.DATASET_APPLY, b"x" * (2 * 1024 * 1024))
+
+
+async def test_garbage_on_a_fact_subject_is_dead_lettered_without_crashing(bus: Bus, bus_settings: Settings) -> None:
+    async with running(lambda stop: dataset_app.run(bus_settings, stop)):
+        await bus.js.publish(subjects.RUNTIME_STATUS, b"[1, 2, 3]")
+        letter = await dead_letter_for(bus, subjects.RUNTIME_STATUS)
+        assert letter["consumer"] == subjects.DURABLE_DATASET_RUNTIME_STATUS
+        assert "invalid event" in letter["reason"]
+
+
+async def test_failing_handler_is_retried_then_dead_lettered(bus: Bus) -> None:
+    """The consumer loop itself: retries with delay, then gives up after max_deliver with the reason."""
+    attempts: list[int] = []
+
+    async def flaky(event: DatasetApply, delivery: Delivery) -> None:
+        attempts.append(delivery.deliveries)
+        raise ValueError("store exploded")
+
+    consumer = Consumer(bus, subjects.STREAM_COMMANDS, "flaky", subjects.DATASET_APPLY,
+                        msgspec.json.Decoder(DatasetApply), flaky, max_event_bytes=4096, max_deliver=3)
+    async with running(lambda stop: _run_until(consumer, stop)):
+        await bus.publish(subjects.DATASET_APPLY, DatasetApply(dataset=Dataset(metadata=ObjectMeta(name="x"))))
+        letter = await dead_letter_for(bus, subjects.DATASET_APPLY)
+    assert attempts == [1, 2, 3]
+    assert "gave up after 3 deliveries" in letter["reason"] and "store exploded" in letter["reason"]
+    info = await bus.js.consumer_info(subjects.STREAM_COMMANDS, "flaky")
+    assert info.num_ack_pending == 0
+
+
+async def test_permanent_error_goes_straight_to_dead_letters(bus: Bus) -> None:
+    attempts: list[int] = []
+
+    async def refuse(event: DatasetApply, delivery: Delivery) -> None:
+        attempts.append(delivery.deliveries)
+        raise Permanent("cannot ever work")
+
+    consumer = Consumer(bus, subjects.STREAM_COMMANDS, "refuse", subjects.DATASET_APPLY,
+                        msgspec.json.Decoder(DatasetApply), refuse, max_event_bytes=4096)
+    async with running(lambda stop: _run_until(consumer, stop)):
+        await bus.publish(subjects.DATASET_APPLY, DatasetApply(dataset=Dataset(metadata=ObjectMeta(name="x"))))
+        letter = await dead_letter_for(bus, subjects.DATASET_APPLY)
+    assert attempts == [1]
+    assert letter["reason"] == "cannot ever work"
+
+
+async def _run_until(consumer: Consumer, stop) -> None:  # type: ignore[type-arg, no-untyped-def]
+    import asyncio
+
+    task = asyncio.create_task(consumer.run())
+    await stop.wait()
+    consumer.stop()
+    await task
+
+
+async def test_hand_written_json_from_another_system(nats_server, settings: Settings, seaweedfs, bucket: str) -> None:  # type: ignore[no-untyped-def]
+    """Another system publishes plain JSON text with nats-py alone (no Shoal code) and reads the status event."""
+    import nats
+
+    from tests.conftest import put_objects
+
+    await put_objects(seaweedfs, bucket, {"a.txt": b"hello", "dir/b.bin": b"\x00" * 2048})
+    outside = await nats.connect(nats_server.url)
+    statuses: list[dict] = []  # type: ignore[type-arg]
+
+    async def on_status(msg) -> None:  # type: ignore[no-untyped-def]
+        statuses.append(msgspec.json.decode(msg.data))
+
+    await outside.subscribe("shoal.evt.dataset.status", cb=on_status)
+    text = (
+        '{"type": "dataset.apply.v1", "id": "ext-0001", "dataset": {"metadata": {"name": "external", '
+        '"namespace": "team-a"}, "spec": {"mounts": [{"mountPoint": "s3://' + bucket + '/"}]}}}'
+    )
+    try:
+        async with running(lambda stop: dataset_app.run(settings, stop)):
+            js = outside.jetstream()
+            await eventually(lambda: _stream_exists(js), what="streams provisioned")
+            await js.publish("shoal.cmd.dataset.apply", text.encode(), headers={"Nats-Msg-Id": "ext-0001"})
+
+            async def synced_status():  # type: ignore[no-untyped-def]
+                return next((s for s in statuses if s["name"] == "external" and s["status"].get("fileNum") == 2),
+                            None)
+
+            status = await eventually(synced_status)
+            assert status["namespace"] == "team-a"
+            assert status["status"]["ufsTotalBytes"] == 5 + 2048
+            assert status["status"]["phase"] == "NotBound"
+    finally:
+        await outside.close()
+
+
+async def _stream_exists(js) -> bool:  # type: ignore[no-untyped-def]
+    try:
+        await js.stream_info(subjects.STREAM_COMMANDS)
+        return True
+    except Exception:
+        return False
+
+
+async def test_unreachable_store_fails_then_recovers_on_resync(bus: Bus, nats_server) -> None:  # type: ignore[no-untyped-def]
+    from libs.embedded import free_port
+
+    closed = f"http://127.0.0.1:{free_port()}"
+    settings = make_settings(nats_server.url, closed, "k", "s")
+    async with running(lambda stop: dataset_app.run(settings, stop)):
+        await bus.publish(subjects.DATASET_APPLY, DatasetApply(dataset=Dataset(
+            metadata=ObjectMeta(name="offline"), spec=DatasetSpec(mounts=[Mount(mount_point="s3://some-bucket")]))))
+
+        async def failed():  # type: ignore[no-untyped-def]
+            record = await dataset_record(bus, "offline")
+            return record if record and record.status.phase == "Failed" else None
+
+        record = await eventually(failed, timeout=30)
+        assert "cannot reach" in record.status.message and closed in record.status.message
+
