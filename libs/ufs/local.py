@@ -58,7 +58,7 @@ class _Walk:
         self._started = False
 
     def _scan(self, prefix: str) -> None:
-        folder = os.path.join(self._root, prefix) if prefix else self._root
+        folder = os.path.join(self._root, prefix[:-1]) if prefix else self._root
         try:
             with os.scandir(folder) as entries:
                 # A folder sorts as "name/": then every key below it falls where S3 would put it among its

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import re
 import time
 from typing import Any
 
@@ -67,7 +68,8 @@ async def test_prefix_is_a_folder_and_markers_are_skipped(seaweedfs: SeaweedServ
     await put_objects(
         seaweedfs,
         bucket,
-        {"train/a.txt": b"a", "train/sub/b.txt": b"bb", "train/": b"", "train/sub/": b"", "trainx/c": b"c", "top": b"t"},
+        {"train/a.txt": b"a", "train/sub/b.txt": b"bb", "train/": b"", "train/sub/": b"",
+         "trainx/c": b"c", "top": b"t"},
     )
     for prefix in ("train", "train/", "/train"):
         async with S3ObjectStore(seaweedfs.location(bucket, prefix)) as store:
@@ -102,7 +104,7 @@ async def test_head(seaweedfs: SeaweedServer, bucket: str) -> None:
         assert abs(info.mtime - time.time()) < 600
         listed = await collect(store)
         assert [(item.key, item.size, item.etag) for item in listed] == [(info.key, info.size, info.etag)]
-        with pytest.raises(NoSuchKey, match=f"'set/missing.txt' does not exist in bucket '{bucket}'"):
+        with pytest.raises(NoSuchKey, match=re.escape(f"'set/missing.txt' does not exist in bucket '{bucket}'")):
             await store.head("missing.txt")
 
 
@@ -132,7 +134,8 @@ async def test_overwritten_object_is_object_changed(seaweedfs: SeaweedServer, bu
         await put_objects(seaweedfs, bucket, {"x/obj": b"second, longer version"})
         new = (await store.head("obj")).etag
         assert new != old
-        with pytest.raises(ObjectChanged, match=f"'x/obj' in bucket '{bucket}'.*no longer {old}"):
+        changed = re.escape(f"'x/obj' in bucket '{bucket}'") + ".*" + re.escape(f"no longer {old}")
+        with pytest.raises(ObjectChanged, match=changed):
             await store.get_range("obj", 0, 5, etag=old)
         # Past the end the server answers 416 before looking at If-Match; the ETag is still checked.
         with pytest.raises(ObjectChanged):
@@ -160,7 +163,7 @@ async def test_object_changed_even_if_the_server_ignores_if_match(seaweedfs: Sea
 async def test_missing_bucket(seaweedfs: SeaweedServer) -> None:
     location = seaweedfs.location("no-such-bucket-here")
     async with S3ObjectStore(location) as store:
-        expected = f"bucket 'no-such-bucket-here' does not exist at {seaweedfs.endpoint}"
+        expected = re.escape(f"bucket 'no-such-bucket-here' does not exist at {seaweedfs.endpoint}")
         with pytest.raises(NoSuchBucket, match=expected):
             await collect(store)
         with pytest.raises(NoSuchBucket, match=expected):

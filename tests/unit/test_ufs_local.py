@@ -1,0 +1,222 @@
+"""LocalObjectStore over temporary directories: listing, HEAD, ranged reads, links, and refused keys."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from libs.ufs import (
+    AccessDenied,
+    LocalLocation,
+    LocalObjectStore,
+    NoSuchBucket,
+    NoSuchKey,
+    ObjectChanged,
+    ObjectInfo,
+    open_store,
+)
+from libs.ufs import local as local_module
+
+
+def store_at(root: Path) -> LocalObjectStore:
+    return LocalObjectStore(LocalLocation(root=root))
+
+
+async def collect(store: LocalObjectStore, page_size: int = 1000) -> list[ObjectInfo]:
+    return [info async for info in store.list(page_size)]
+
+
+def write(root: Path, key: str, body: bytes) -> Path:
+    path = root / key
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(body)
+    return path
+
+
+def expected_etag(path: Path) -> str:
+    st = path.stat()
+    return f"{st.st_size:x}-{st.st_mtime_ns:x}"
+
+
+async def test_list_pages_through_every_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    files = {f"d{i % 7}/sub{i % 3}/f-{i:04d}.bin": b"x" * i for i in range(250)}
+    for key, body in files.items():
+        write(tmp_path, key, body)
+    (tmp_path / "empty" / "deeper").mkdir(parents=True)
+
+    pages: list[int] = []
+    original = local_module._Walk.page
+
+    def counting(self: local_module._Walk, n: int) -> list[ObjectInfo]:
+        found = original(self, n)
+        pages.append(len(found))
+        return found
+
+    monkeypatch.setattr(local_module._Walk, "page", counting)
+    listed = await collect(store_at(tmp_path), page_size=100)
+
+    assert pages == [100, 100, 50]
+    assert [info.key for info in listed] == sorted(files)
+    for info in listed:
+        path = tmp_path / info.key
+        assert info.size == len(files[info.key])
+        assert info.etag == expected_etag(path)
+        assert info.mtime == path.stat().st_mtime
+
+
+async def test_listing_is_sorted_by_key_like_s3(tmp_path: Path) -> None:
+    # '-' and ' ' sort before '/', so a folder's files must not all come before its look-alike siblings.
+    keys = ["a-c", "a/b", "a b", "a/x/y", "a0", "b", "ünï"]
+    for key in keys:
+        write(tmp_path, key, key.encode())
+    assert [info.key for info in await collect(store_at(tmp_path))] == sorted(keys)
+
+
+async def test_exact_page_multiple_ends_cleanly(tmp_path: Path) -> None:
+    for i in range(10):
+        write(tmp_path, f"f{i}", b"")
+    assert len(await collect(store_at(tmp_path), page_size=5)) == 10
+
+
+async def test_empty_directory_lists_nothing(tmp_path: Path) -> None:
+    assert await collect(store_at(tmp_path)) == []
+
+
+async def test_head_and_ranged_reads(tmp_path: Path) -> None:
+    body = bytes(range(256)) * 4
+    path = write(tmp_path, "set/blob.bin", body)
+    write(tmp_path, "empty", b"")
+    store = store_at(tmp_path)
+    info = await store.head("set/blob.bin")
+    assert info == ObjectInfo("set/blob.bin", len(body), expected_etag(path), path.stat().st_mtime)
+    assert await store.get_range("set/blob.bin", 100, 50) == body[100:150]
+    assert await store.get_range("set/blob.bin", 100, 50, etag=info.etag) == body[100:150]
+    assert await store.get_range("set/blob.bin", 1000, 100) == body[1000:]  # tail past the end
+    assert await store.get_range("set/blob.bin", len(body) + 5, 10) == b""
+    assert await store.get_range("set/blob.bin", 10, 0) == b""
+    assert await store.get_range("empty", 0, 10) == b""
+    with pytest.raises(ValueError):
+        await store.get_range("set/blob.bin", -1, 1)
+
+
+async def test_missing_keys_and_folders_are_no_such_key(tmp_path: Path) -> None:
+    write(tmp_path, "set/blob.bin", b"data")
+    store = store_at(tmp_path)
+    for key in ("missing", "set", "set/blob.bin/below", "set/missing"):
+        with pytest.raises(NoSuchKey):
+            await store.head(key)
+        with pytest.raises(NoSuchKey):
+            await store.get_range(key, 0, 1)
+
+
+async def test_rewritten_file_is_object_changed(tmp_path: Path) -> None:
+    path = write(tmp_path, "obj", b"first version")
+    store = store_at(tmp_path)
+    old = (await store.head("obj")).etag
+    path.write_bytes(b"second, longer version")
+    # Move the clock on explicitly: a coarse file-system timestamp must not hide the rewrite.
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    new = (await store.head("obj")).etag
+    assert new != old
+    with pytest.raises(ObjectChanged, match=re.escape(f"no longer {old}")):
+        await store.get_range("obj", 0, 5, etag=old)
+    assert await store.get_range("obj", 0, 6, etag=new) == b"second"
+
+
+@pytest.mark.parametrize(
+    "key", ["../outside.txt", "a/../../outside.txt", "a/../b", "./b", "a//b", "", "/etc/passwd", "a/\0"]
+)
+async def test_keys_that_are_not_plain_relative_paths_are_refused(tmp_path: Path, key: str) -> None:
+    root = tmp_path / "root"
+    write(root, "a/b", b"inside")
+    write(root, "b", b"inside")
+    write(tmp_path, "outside.txt", b"secret")
+    store = store_at(root)
+    with pytest.raises(NoSuchKey):
+        await store.head(key)
+    with pytest.raises(NoSuchKey):
+        await store.get_range(key, 0, 100)
+
+
+async def test_links_out_of_the_root_are_not_followed(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    write(root, "real/data.txt", b"inside")
+    outside = write(tmp_path, "outside/secret.txt", b"secret")
+    (root / "out-file").symlink_to(outside)
+    (root / "out-dir").symlink_to(outside.parent, target_is_directory=True)
+    (root / "in-file").symlink_to(root / "real" / "data.txt")
+    (root / "loop").symlink_to(root, target_is_directory=True)  # would never end if followed
+    (root / "dangling").symlink_to(tmp_path / "nowhere")
+    store = store_at(root)
+
+    listed = {info.key: info for info in await collect(store)}
+    assert sorted(listed) == ["in-file", "real/data.txt"]
+    assert listed["in-file"].etag == listed["real/data.txt"].etag
+
+    assert await store.get_range("in-file", 0, 100) == b"inside"
+    for key in ("out-file", "out-dir/secret.txt", "dangling"):
+        with pytest.raises(NoSuchKey):
+            await store.head(key)
+        with pytest.raises(NoSuchKey):
+            await store.get_range(key, 0, 100)
+
+
+async def test_root_reached_through_a_link_works(tmp_path: Path) -> None:
+    write(tmp_path, "real/x", b"x")
+    (tmp_path / "alias").symlink_to(tmp_path / "real", target_is_directory=True)
+    store = store_at(tmp_path / "alias")
+    assert [info.key for info in await collect(store)] == ["x"]
+    assert await store.get_range("x", 0, 1) == b"x"
+
+
+async def test_missing_root_is_no_such_bucket(tmp_path: Path) -> None:
+    root = tmp_path / "not-there"
+    store = store_at(root)
+    message = re.escape(f"local directory '{root}' does not exist")
+    with pytest.raises(NoSuchBucket, match=message):
+        await collect(store)
+    with pytest.raises(NoSuchBucket, match=message):
+        await store.head("x")
+    with pytest.raises(NoSuchBucket, match=message):
+        await store.get_range("x", 0, 1)
+    write(tmp_path, "a-file", b"")
+    with pytest.raises(NoSuchBucket, match="is not a directory"):
+        await collect(store_at(tmp_path / "a-file"))
+
+
+async def test_unreadable_folder_is_access_denied(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write(tmp_path, "ok/a", b"a")
+    write(tmp_path, "locked/b", b"b")
+    real_scandir = os.scandir
+
+    def scandir(path: str) -> object:
+        # Simulated, so the test also holds when run as root, where permissions do not apply.
+        if os.path.basename(str(path).rstrip("/")) == "locked":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(local_module.os, "scandir", scandir)
+    with pytest.raises(AccessDenied, match=r"permission denied listing local directory '.*locked'"):
+        await collect(store_at(tmp_path))
+
+
+async def test_open_store_gives_a_local_store(tmp_path: Path) -> None:
+    write(tmp_path, "k", b"v")
+    store = open_store(LocalLocation(root=tmp_path))
+    assert isinstance(store, LocalObjectStore)
+    assert str(tmp_path) in repr(store)
+    assert await store.get_range("k", 0, 1) == b"v"
+    await store.close()
+
+
+async def test_abandoned_listing_leaves_nothing_open(tmp_path: Path) -> None:
+    for i in range(30):
+        write(tmp_path, f"d/f{i:02d}", b"")
+    listing = store_at(tmp_path).list(page_size=10)
+    first = [await anext(listing) for _ in range(12)]
+    await listing.aclose()  # no directory handle is held between pages, so no ResourceWarning follows
+    assert [info.key for info in first] == [f"d/f{i:02d}" for i in range(12)]
