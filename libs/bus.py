@@ -276,7 +276,8 @@ InvalidHandler = Callable[[Delivery, str, bytes], Awaitable[None]]
 
 def retry_delay(deliveries: int) -> float:
     """0.5 s doubling per delivery, capped at 30 s: quick recovery from blips, no hammering of a dead store."""
-    return float(min(30.0, 0.5 * 2 ** max(0, deliveries - 1)))
+    # The exponent is capped too, so a huge delivery count cannot overflow the float conversion.
+    return float(min(30.0, 0.5 * 2 ** min(max(0, deliveries - 1), 16)))
 
 
 @dataclass

@@ -169,6 +169,8 @@ def _check(settings: Settings) -> list[str]:
         problems.append("SHOAL_MAX_DELIVER: must be at least 1")
     if not 1 <= settings.service.list_page_size <= 1000:
         problems.append("SHOAL_LIST_PAGE_SIZE: must be between 1 and 1000")
+    if not 1 <= settings.nats.replicas <= 5:
+        problems.append("SHOAL_STREAM_REPLICAS: JetStream allows 1 to 5 replicas")
     if settings.nats.user and not settings.nats.password:
         problems.append("NATS_PASSWORD: required when NATS_USER is set")
     return problems

@@ -159,7 +159,7 @@ class _ConnectErrors(logging.Handler):
 
 @asynccontextmanager
 async def session(options: Options) -> AsyncIterator[Bus]:
-    """A connected Bus for one command; NATS being unreachable is a CliError (exit 2)."""
+    """A connected Bus for one command; NATS unreachable or not set up for Shoal is a SetupError (exit 2)."""
     settings = options.nats_settings()
     shown = ", ".join(_shown_url(url) for url in settings.urls)
     nats_log = logging.getLogger("nats.aio.client")
@@ -173,6 +173,7 @@ async def session(options: Options) -> AsyncIterator[Bus]:
         failed = asyncio.create_task(handler.all_failed.wait())
         await asyncio.wait({connecting, failed}, timeout=options.timeout, return_when=asyncio.FIRST_COMPLETED)
         failed.cancel()
+        await asyncio.gather(failed, return_exceptions=True)
         if not connecting.done():
             connecting.cancel()
             await asyncio.gather(connecting, return_exceptions=True)
@@ -400,9 +401,11 @@ def get(options: Options, resource: str, name: str | None, namespace: str, all_n
     if not records:
         if name:
             _not_found(kind, name, namespace)
-        if output in ("json", "yaml"):
+        if output in ("json", "yaml"):  # an empty list, so scripts parse the same shape either way
             click.echo(render.to_json({"items": []}) if output == "json" else render.to_yaml({"items": []}), nl=False)
-        click.echo("No resources found" + ("" if all_namespaces else f" in {namespace} namespace") + ".", err=True)
+        else:
+            click.echo("No resources found" + ("" if all_namespaces else f" in {namespace} namespace") + ".",
+                       err=True)
         return
     if output == "json":
         click.echo(render.to_json(render.records_document(records, single=name is not None)), nl=False)

@@ -24,7 +24,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -35,7 +35,7 @@ import msgspec
 
 from libs import subjects
 from libs.cli.manifests import ManifestError, documents_to_commands, parse_documents
-from libs.config import NatsSettings, SettingsError, load_settings
+from libs.config import NatsSettings, Settings, SettingsError, load_settings
 from libs.embedded import (
     LOOPBACK,
     NatsConfig,
@@ -121,6 +121,9 @@ class Ports:
     seaweed_master: int = 9333
     seaweed_volume: int = 9334
     seaweed_filer: int = 9335
+
+
+DEFAULT_NATS_URL = f"nats://{LOOPBACK}:{Ports.nats}"
 
 
 @dataclass(frozen=True)
@@ -319,6 +322,8 @@ def banner(*, pid: int, nats_url: str, nats_embedded: bool, nats_monitor_port: i
     else:
         s3_line = (f"{s3.endpoint} (from SHOAL_S3_ENDPOINT; credentials from SHOAL_S3_ACCESS_KEY_ID/"
                    f"SHOAL_S3_SECRET_ACCESS_KEY; the demo Dataset expects a bucket {DEMO_BUCKET!r} there)")
+    # The CLI's default server is NATS's default; anything else has to be named on its command line.
+    shoal = ".venv/bin/shoal" if nats_url == DEFAULT_NATS_URL else f".venv/bin/shoal --nats {nats_url}"
     running = ", ".join(f"{name} (PID {service_pid})" for name, service_pid in services.items())
     return "\n".join([
         f"Shoal is up (PID {pid}).",
@@ -329,8 +334,8 @@ def banner(*, pid: int, nats_url: str, nats_embedded: bool, nats_monitor_port: i
         f"  demo      Dataset 'demo' and Runtime 'demo' applied from {manifest}",
         "",
         "Look around:",
-        "  .venv/bin/shoal get datasets",
-        "  .venv/bin/shoal describe dataset demo",
+        f"  {shoal} get datasets",
+        f"  {shoal} describe dataset demo",
         "  Publish a command as JSON with plain Python (nats-py); paste this into a shell:",
         publish_example(nats_url),
         "",
@@ -513,6 +518,35 @@ async def prepare(nats: NatsSettings, s3: S3Access, commands: Sequence[tuple[str
 # --- I/O: the processes ---
 
 
+def child_pids(parent: int) -> list[int]:
+    """Live (non-zombie) children of ``parent``, from /proc; empty where there is no /proc."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == parent and fields[0] != "Z":
+            children.append(int(stat.parent.name))
+    return children
+
+
+def stop_children(parent: int, grace: float = 3.0) -> None:
+    """Stop children not stopped by name yet: one spawned just as Ctrl-C arrived was never registered."""
+    strays = child_pids(parent)
+    for pid in strays:
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and any(pid_alive(pid) for pid in strays):
+        time.sleep(0.05)
+    for pid in strays:
+        if pid_alive(pid):
+            os.kill(pid, signal.SIGKILL)
+    for pid in strays:
+        with suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+
+
 @dataclass
 class Supervised:
     """One service child and its restart bookkeeping."""
@@ -527,11 +561,14 @@ class Supervised:
 
 @dataclass
 class Stack:
+    """The processes one ``shoal up`` owns; ``stop`` ends all of them, however far the start got."""
+
     layout: StateLayout
-    env: dict[str, str]
     servers: list[ServerProcess] = field(default_factory=list)
     services: dict[str, Supervised] = field(default_factory=dict)
     server_markers: dict[str, str] = field(default_factory=dict)
+    # The services' environment, set once the plan is known; restarts reuse it.
+    env: dict[str, str] = field(default_factory=dict)
 
     def record(self) -> None:
         processes = {server.name: (server.pid, self.server_markers[server.name]) for server in self.servers}
@@ -583,6 +620,7 @@ class Stack:
             process.stop()
         for server in reversed(self.servers):
             server.stop()
+        stop_children(os.getpid())
 
 
 def _timestamped(message: str) -> None:
@@ -619,14 +657,34 @@ class UpOptions:
     manifest: Path
 
 
+@dataclass(frozen=True)
+class Plan:
+    """What this run will start and publish, worked out before any process starts."""
+
+    nats: NatsConfig | None  # None: NATS_URL names an existing server
+    seaweed: SeaweedConfig | None  # None: SHOAL_S3_ENDPOINT names an existing store
+    nats_url: str
+    s3: S3Access
+    env: dict[str, str]
+    settings: Settings
+    commands: list[tuple[str, msgspec.Struct]]
+
+
 def run_up(options: UpOptions, environ: Mapping[str, str]) -> None:
     """Everything ``shoal up`` does, until interrupted; returns normally after a clean stop."""
     layout = options.layout
     with _signals_interrupt():
         claim_pidfile(layout)
-        stack: Stack | None = None
+        # Created before anything starts, so whatever was started is stopped however far the start got.
+        stack = Stack(layout)
         try:
-            stack = _start(options, environ)
+            plan = _plan(options, environ)
+            _launch(stack, plan)
+            pids = {name: s.process.pid for name, s in stack.services.items() if s.process is not None}
+            click.echo(banner(pid=os.getpid(), nats_url=plan.nats_url, nats_embedded=plan.nats is not None,
+                              nats_monitor_port=options.ports.nats_monitor, s3=plan.s3,
+                              seeded_objects=len(demo_objects()), services=pids, logs=layout.logs,
+                              manifest=options.manifest))
             while True:
                 stack.supervise_once(time.monotonic(), _timestamped)
                 time.sleep(SUPERVISE_INTERVAL_SECONDS)
@@ -634,13 +692,12 @@ def run_up(options: UpOptions, environ: Mapping[str, str]) -> None:
             click.echo("\nStopping Shoal...", err=True)
         finally:
             _ignore_signals()
-            if stack is not None:
-                stack.stop()
+            stack.stop()
             release_pidfile(layout)
     click.echo("Shoal stopped.", err=True)
 
 
-def _start(options: UpOptions, environ: Mapping[str, str]) -> Stack:
+def _plan(options: UpOptions, environ: Mapping[str, str]) -> Plan:
     layout, ports = options.layout, options.ports
     external_nats = environ.get("NATS_URL", "").strip()
     external_s3 = environ.get("SHOAL_S3_ENDPOINT", "").strip()
@@ -653,9 +710,9 @@ def _start(options: UpOptions, environ: Mapping[str, str]) -> Stack:
     commands, notes = demo_commands(docs, layout.root)
     for note in notes:
         _timestamped(f"{options.manifest.name}: {note}")
-    layout.logs.mkdir(parents=True, exist_ok=True)
 
-    seaweed: SeaweedConfig | None = None
+    nats = None if external_nats else NatsConfig(ports.nats, ports.nats_monitor, layout.nats_store)
+    seaweed = None
     if external_s3:
         s3 = S3Access(external_s3, environ.get("SHOAL_S3_ACCESS_KEY_ID", ""),
                       environ.get("SHOAL_S3_SECRET_ACCESS_KEY", ""), embedded=False)
@@ -663,37 +720,31 @@ def _start(options: UpOptions, environ: Mapping[str, str]) -> Stack:
         seaweed = SeaweedConfig(layout.seaweedfs, s3_port=ports.s3, master_port=ports.seaweed_master,
                                 volume_port=ports.seaweed_volume, filer_port=ports.seaweed_filer)
         s3 = S3Access(seaweed.endpoint, seaweed.access_key_id, seaweed.secret_access_key, embedded=True)
-    nats_url = external_nats or NatsConfig(ports.nats, ports.nats_monitor, layout.nats_store).url
+    nats_url = nats.url if nats is not None else external_nats
     env = service_env(environ, nats_url, s3)
     try:
         settings = load_settings(env)
     except SettingsError as err:
         raise UpError(str(err)) from err
+    return Plan(nats, seaweed, nats_url, s3, env, settings, commands)
 
-    stack = Stack(layout, env)
-    try:
-        if not external_nats:
-            _timestamped(f"starting nats-server on {nats_url}")
-            nats_config = NatsConfig(ports.nats, ports.nats_monitor, layout.nats_store)
-            stack.add_server(start_nats(nats_config, layout.log("nats-server")), "nats-server")
-        if seaweed is not None:
-            _timestamped(f"starting SeaweedFS S3 on {s3.endpoint} (takes a few seconds)")
-            stack.add_server(start_seaweedfs(seaweed, layout.log("seaweedfs")), "weed")
-        _timestamped("provisioning JetStream" + (", seeding the demo bucket" if s3.embedded else "")
-                     + " and applying the demo manifest")
-        asyncio.run(prepare(settings.nats, s3, commands))
-        for name, module in SERVICES.items():
-            stack.services[name] = Supervised(name, module)
-            stack.start_service(stack.services[name])
-    except BaseException:
-        _ignore_signals()
-        stack.stop()
-        raise
-    pids = {name: service.process.pid for name, service in stack.services.items() if service.process}
-    click.echo(banner(pid=os.getpid(), nats_url=nats_url, nats_embedded=not external_nats,
-                      nats_monitor_port=ports.nats_monitor, s3=s3, seeded_objects=len(demo_objects()),
-                      services=pids, logs=layout.logs, manifest=options.manifest))
-    return stack
+
+def _launch(stack: Stack, plan: Plan) -> None:
+    layout = stack.layout
+    layout.logs.mkdir(parents=True, exist_ok=True)
+    if plan.nats is not None:
+        _timestamped(f"starting nats-server on {plan.nats_url}")
+        stack.add_server(start_nats(plan.nats, layout.log("nats-server")), "nats-server")
+    if plan.seaweed is not None:
+        _timestamped(f"starting SeaweedFS S3 on {plan.s3.endpoint} (takes a few seconds)")
+        stack.add_server(start_seaweedfs(plan.seaweed, layout.log("seaweedfs")), "weed")
+    _timestamped("provisioning JetStream" + (", seeding the demo bucket" if plan.s3.embedded else "")
+                 + " and applying the demo manifest")
+    asyncio.run(prepare(plan.settings.nats, plan.s3, plan.commands))
+    stack.env = plan.env
+    for name, module in SERVICES.items():
+        stack.services[name] = Supervised(name, module)
+        stack.start_service(stack.services[name])
 
 
 # --- The commands ---

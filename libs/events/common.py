@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 import uuid
-from decimal import Decimal
+from decimal import Decimal, localcontext
 from typing import Any
 
 import msgspec
@@ -47,7 +47,7 @@ def dns_label_errors(value: str, what: str, pattern: re.Pattern[str] = DNS1035_L
     errors = []
     if len(value) > MAX_LABEL_LENGTH:
         errors.append(f"{what} {value!r} is longer than {MAX_LABEL_LENGTH} characters")
-    if not pattern.match(value):
+    if not pattern.fullmatch(value):
         start = "a lower-case letter" if pattern is DNS1035_LABEL else "a lower-case letter or digit"
         errors.append(
             f"{what} {value!r} is not a {kind}: use lower-case letters, digits and '-', "
@@ -63,7 +63,7 @@ def format_bytes(size: int) -> str:
     """Human size like Fluid's status strings ("13.33GiB")."""
     value = float(size)
     for unit in _BINARY_UNITS:
-        if value < 1024 or unit == _BINARY_UNITS[-1]:
+        if round(value, 2) < 1024 or unit == _BINARY_UNITS[-1]:
             return f"{int(value)}{unit}" if unit == "B" else f"{value:.2f}{unit}"
         value /= 1024
     raise AssertionError("unreachable")
@@ -83,7 +83,9 @@ def parse_quantity(value: str | int) -> int:
     if not match:
         raise ValueError(f"{value!r} is not a quantity (examples: 4Mi, 2Gi, 500M)")
     number, unit, _ = match.groups()
-    parsed = Decimal(number) * _QUANTITY_FACTORS[unit]
+    with localcontext() as exact:
+        exact.prec = 80  # enough digits that no quantity is rounded before the whole-number check
+        parsed = Decimal(number) * _QUANTITY_FACTORS[unit]
     if parsed != parsed.to_integral_value():
         raise ValueError(f"{value!r} is not a whole number of bytes")
     return int(parsed)

@@ -5,7 +5,6 @@ No I/O and no clock here: ``now`` is a parameter. Handlers load state, call thes
 
 from __future__ import annotations
 
-import posixpath
 import re
 import time
 from dataclasses import dataclass
@@ -25,39 +24,18 @@ from libs.events.dataset import (
     Mount,
     RuntimeRef,
 )
+from libs.ufs.mounts import canonical_options, mount_path
 
 SUPPORTED_SCHEMES = ("s3", "local")
 CONDITION_SYNCED = "MetadataSynced"
 
-# Options each scheme understands. Fluid/Alluxio spellings are accepted as aliases of ours.
+# Options each scheme understands; Fluid/Alluxio spellings are aliases (libs.ufs.mounts).
 S3_OPTIONS = {"endpoint", "region", "pathStyle", "aws.accessKeyId"}
-OPTION_ALIASES = {
-    "alluxio.underfs.s3.endpoint": "endpoint",
-    "alluxio.underfs.s3.endpoint.region": "region",
-    "alluxio.underfs.s3.disable.dns.buckets": "pathStyle",
-    "aws.region": "region",
-    "fs.s3a.endpoint": "endpoint",
-}
 S3_ENCRYPT_OPTIONS = {"aws.accessKeyId", "aws.secretKey"}
 SECRET_OPTION_NAMES = {"aws.secretKey", "aws.secretAccessKey", "fs.s3a.secret.key"}
 S3_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 SECRET_KEY = re.compile(r"^[-._a-zA-Z0-9]+$")
 MOUNT_NAME = re.compile(r"^[A-Za-z0-9]([-._A-Za-z0-9]*[A-Za-z0-9])?$")
-
-
-def canonical_options(mount: Mount, shared: dict[str, str]) -> dict[str, str]:
-    """The mount's options with shared options underneath and aliases resolved to Shoal's names."""
-    merged = {**shared, **mount.options}
-    return {OPTION_ALIASES.get(key, key): value for key, value in merged.items()}
-
-
-def mount_path(mount: Mount, mount_count: int) -> str:
-    """Where a mount appears inside the dataset: its ``path``, else ``/<name>``, else ``/`` when alone."""
-    if mount.path:
-        return posixpath.normpath("/" + mount.path.lstrip("/"))
-    if mount.name:
-        return "/" + mount.name
-    return "/" if mount_count == 1 else ""
 
 
 def validate_dataset(dataset: Dataset) -> list[str]:
@@ -71,7 +49,7 @@ def validate_dataset(dataset: Dataset) -> list[str]:
     for index, mount in enumerate(spec.mounts):
         where = f"spec.mounts[{index}]"
         errors += _mount_errors(mount, where, spec.shared_options, spec.shared_encrypt_options)
-        if mount.name and not MOUNT_NAME.match(mount.name):
+        if mount.name and not MOUNT_NAME.fullmatch(mount.name):
             errors.append(f"{where}.name {mount.name!r} may use only letters, digits, '.', '_' and '-'")
         path = mount_path(mount, len(spec.mounts))
         if not path:
@@ -105,7 +83,7 @@ def _mount_errors(mount: Mount, where: str, shared: dict[str, str], shared_encry
     options = canonical_options(mount, shared)
     encrypt = [*shared_encrypt, *mount.encrypt_options]
     if scheme == "s3":
-        if not S3_BUCKET.match(parts.netloc):
+        if not S3_BUCKET.fullmatch(parts.netloc):
             errors.append(f"{where}.mountPoint {mount.mount_point!r} does not name a valid S3 bucket")
         if ".." in parts.path.split("/"):
             errors.append(f"{where}.mountPoint {mount.mount_point!r} must not contain '..'")
@@ -140,11 +118,11 @@ def _mount_errors(mount: Mount, where: str, shared: dict[str, str], shared_encry
             errors.append(f"{where}.encryptOptions are not supported for local mounts")
     for option in encrypt:
         ref = option.value_from.secret_key_ref
-        if not DNS1123_SUBDOMAIN.match(ref.name) or len(ref.name) > 253:
+        if not DNS1123_SUBDOMAIN.fullmatch(ref.name) or len(ref.name) > 253:
             errors.append(
                 f"{where}.encryptOptions {option.name!r}: secret name {ref.name!r} is not a DNS-1123 subdomain"
             )
-        if not SECRET_KEY.match(ref.key):
+        if not SECRET_KEY.fullmatch(ref.key) or ref.key in (".", ".."):
             errors.append(f"{where}.encryptOptions {option.name!r}: secret key {ref.key!r} is not a valid key")
     return errors
 

@@ -9,37 +9,22 @@ from __future__ import annotations
 import posixpath
 import tempfile
 from collections.abc import Callable
-from pathlib import Path
 
 from nats.js.object_store import ObjectStore as NatsObjectStore
 
 from libs import subjects
-from libs.config import S3Settings, Secret
+from libs.config import S3Settings
 from libs.events.dataset import DatasetRecord
 from libs.manifest import ManifestEntry, write_entry
 from libs.telemetry import get_logger
 from libs.ufs import open_store
 from libs.ufs.base import Location, ObjectStore, UfsError
-from services.dataset.domain import SyncResult, mount_path
-from services.dataset.locations import MissingSecret, resolve_location, secret_refs
+from libs.ufs.mounts import MissingSecret, mount_path, read_secrets, resolve_location, secret_refs
+from services.dataset.domain import SyncResult
 
 log = get_logger(__name__)
 
 StoreOpener = Callable[[Location], ObjectStore]
-
-
-def read_secrets(secrets_dir: str, refs: list[tuple[str, str]]) -> dict[tuple[str, str], Secret]:
-    """Secrets laid out like a mounted Kubernetes Secret: ``<dir>/<name>/<key>``. Missing ones are left out."""
-    found: dict[tuple[str, str], Secret] = {}
-    if not secrets_dir:
-        return found
-    for name, key in refs:
-        path = Path(secrets_dir) / name / key
-        try:
-            found[(name, key)] = Secret(path.read_text().strip())
-        except OSError:
-            continue
-    return found
 
 
 async def sync_metadata(record: DatasetRecord, manifests: NatsObjectStore, defaults: S3Settings,

@@ -1,10 +1,12 @@
-"""Turning a Dataset mount into an object-store location: scheme, bucket and prefix, endpoint, credentials.
+"""Dataset mounts as object-store locations: option aliases, where a mount appears, endpoint and credentials.
 
-Pure: secrets arrive as an already-read mapping; credentials stay wrapped in ``Secret``.
+Shared by the dataset service (listing) and the agent (reads). Pure except ``read_secrets``, which reads secret
+files; credentials stay wrapped in ``Secret``.
 """
 
 from __future__ import annotations
 
+import posixpath
 from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -12,7 +14,30 @@ from urllib.parse import urlsplit
 from libs.config import S3Settings, Secret
 from libs.events.dataset import Dataset, Mount
 from libs.ufs.base import LocalLocation, Location, S3Location
-from services.dataset.domain import canonical_options
+
+# Options each scheme understands. Fluid/Alluxio spellings are accepted as aliases of ours.
+OPTION_ALIASES = {
+    "alluxio.underfs.s3.endpoint": "endpoint",
+    "alluxio.underfs.s3.endpoint.region": "region",
+    "alluxio.underfs.s3.disable.dns.buckets": "pathStyle",
+    "aws.region": "region",
+    "fs.s3a.endpoint": "endpoint",
+}
+
+
+def canonical_options(mount: Mount, shared: dict[str, str]) -> dict[str, str]:
+    """The mount's options with shared options underneath and aliases resolved to Shoal's names."""
+    merged = {**shared, **mount.options}
+    return {OPTION_ALIASES.get(key, key): value for key, value in merged.items()}
+
+
+def mount_path(mount: Mount, mount_count: int) -> str:
+    """Where a mount appears inside the dataset: its ``path``, else ``/<name>``, else ``/`` when alone."""
+    if mount.path:
+        return posixpath.normpath("/" + mount.path.lstrip("/"))
+    if mount.name:
+        return "/" + mount.name
+    return "/" if mount_count == 1 else ""
 
 
 class MissingSecret(Exception):
@@ -50,3 +75,17 @@ def resolve_location(dataset: Dataset, mount: Mount, secrets: Mapping[tuple[str,
         access_key_id=access_key,
         secret_access_key=secret_key,
     )
+
+
+def read_secrets(secrets_dir: str, refs: list[tuple[str, str]]) -> dict[tuple[str, str], Secret]:
+    """Secrets laid out like a mounted Kubernetes Secret: ``<dir>/<name>/<key>``. Missing ones are left out."""
+    found: dict[tuple[str, str], Secret] = {}
+    if not secrets_dir:
+        return found
+    for name, key in refs:
+        path = Path(secrets_dir) / name / key
+        try:
+            found[(name, key)] = Secret(path.read_text().strip())
+        except OSError:
+            continue
+    return found

@@ -1,0 +1,359 @@
+"""The ``shoal`` CLI against a real nats-server: get/describe over KV records, apply/delete against the real
+dataset and runtime services, events, unreachable NATS, and the schema export.
+
+CliRunner is synchronous and each command runs its own event loop, so commands run in a worker thread
+(``asyncio.to_thread``) while the test's loop serves the services and the KV writes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import msgspec
+import pytest
+import structlog.testing
+import yaml
+from click.testing import CliRunner, Result
+
+from libs import subjects
+from libs.bus import Bus, connect
+from libs.cli.main import cli
+from libs.config import NatsSettings, Settings
+from libs.embedded import free_port
+from libs.events import PUBLIC_EVENTS, type_tag
+from libs.events.common import ObjectMeta
+from libs.events.dataset import (
+    CacheStates,
+    Condition,
+    Dataset,
+    DatasetAccepted,
+    DatasetRecord,
+    DatasetRejected,
+    DatasetSpec,
+    DatasetStatus,
+    Mount,
+)
+from libs.events.runtime import Level, Runtime, RuntimeRecord, RuntimeSpec, RuntimeStatus, TieredStore
+from libs.events.schema import INDEX_FILE, schema_files
+from tests.conftest import NatsServer
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+async def shoal(server: NatsServer, *args: str, stdin: str | None = None, wait_seconds: float = 10.0) -> Result:
+    """Run ``shoal --nats URL --timeout wait_seconds ARGS`` in a worker thread (it runs its own event loop)."""
+    runner = CliRunner()
+    return await asyncio.to_thread(
+        runner.invoke, cli, ["--nats", server.url, "--timeout", str(wait_seconds), *args], input=stdin
+    )
+
+
+@pytest.fixture
+async def bus(nats_server: NatsServer) -> AsyncIterator[Bus]:
+    bus = await connect(NatsSettings(urls=[nats_server.url]), "test-cli")
+    await bus.provision()
+    try:
+        yield bus
+    finally:
+        await bus.close()
+
+
+IMAGENET = DatasetRecord(
+    dataset=Dataset(
+        metadata=ObjectMeta(name="imagenet", labels={"team": "ml"}),
+        spec=DatasetSpec(mounts=[Mount(mount_point="s3://imagenet/train/", name="train",
+                                       options={"endpoint": "http://minio:9000"})]),
+    ),
+    generation=2,
+    status=DatasetStatus(
+        phase="Bound", message="metadata synced", ufs_total="13.33GiB", ufs_total_bytes=14_312_668_938,
+        file_num=1200,
+        cache_states=CacheStates(cache_capacity="2.00GiB", cached="1.00GiB", cached_percentage="7.5%"),
+        conditions=[Condition(type="MetadataSynced", status="True", reason="Synced", message="1200 files",
+                              last_transition_time="2026-01-01T00:00:00Z")],
+    ),
+)
+MNIST = DatasetRecord(
+    dataset=Dataset(metadata=ObjectMeta(name="mnist", namespace="other"),
+                    spec=DatasetSpec(mounts=[Mount(mount_point="local:///data/mnist")])),
+    generation=1,
+)
+IMAGENET_RUNTIME = RuntimeRecord(
+    runtime=Runtime(metadata=ObjectMeta(name="imagenet"),
+                    spec=RuntimeSpec(replicas=3, tieredstore=TieredStore(levels=[Level(mediumtype="MEM",
+                                                                                       quota="2Gi")]))),
+    generation=1,
+    status=RuntimeStatus(phase="PartialReady", message="2 of 3 nodes ready", desired_worker_number_scheduled=3,
+                         worker_number_ready=2, ready_nodes=["node-a", "node-b"], cache_capacity="6.00GiB",
+                         cache_capacity_bytes=6 * 2**30, block_size_bytes=4 * 2**20),
+)
+
+
+async def put_records(bus: Bus) -> None:
+    datasets = await bus.kv(subjects.KV_DATASETS)
+    for record in (IMAGENET, MNIST):
+        meta = record.dataset.metadata
+        await datasets.put(subjects.resource_key(meta.namespace, meta.name), msgspec.json.encode(record))
+    runtimes = await bus.kv(subjects.KV_RUNTIMES)
+    await runtimes.put(subjects.resource_key("default", "imagenet"), msgspec.json.encode(IMAGENET_RUNTIME))
+
+
+# --- get and describe ---
+
+
+async def test_get_datasets_prints_fluid_like_columns(nats_server: NatsServer, bus: Bus) -> None:
+    await put_records(bus)
+
+    result = await shoal(nats_server, "get", "datasets")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == (
+        "NAME       UFS TOTAL SIZE   CACHED    CACHE CAPACITY   CACHED PERCENTAGE   PHASE\n"
+        "imagenet   13.33GiB         1.00GiB   2.00GiB          7.5%                Bound\n"
+    )
+
+    wide = await shoal(nats_server, "get", "ds", "-A", "-o", "wide")
+    assert wide.exit_code == 0, wide.output
+    lines = wide.stdout.splitlines()
+    assert lines[0].split() == ["NAMESPACE", "NAME", "UFS", "TOTAL", "SIZE", "CACHED", "CACHE", "CAPACITY",
+                                "CACHED", "PERCENTAGE", "PHASE", "FILE", "NUM", "MESSAGE"]
+    assert lines[1].split() == ["default", "imagenet", "13.33GiB", "1.00GiB", "2.00GiB", "7.5%", "Bound", "1200",
+                                "metadata", "synced"]
+    assert lines[2].split() == ["other", "mnist", "NotBound", "0"]
+
+
+async def test_get_json_and_yaml_print_full_records(nats_server: NatsServer, bus: Bus) -> None:
+    await put_records(bus)
+
+    listed = await shoal(nats_server, "get", "dataset", "-A", "-o", "json")
+    assert listed.exit_code == 0, listed.output
+    items = json.loads(listed.stdout)["items"]
+    assert [msgspec.convert(item, DatasetRecord) for item in items] == [IMAGENET, MNIST]
+    # Defaults are shown too, so a reader sees every field.
+    assert items[1]["dataset"]["spec"]["placement"] == "Exclusive"
+
+    single = await shoal(nats_server, "get", "runtime", "imagenet", "-o", "yaml")
+    assert single.exit_code == 0, single.output
+    assert msgspec.convert(yaml.safe_load(single.stdout), RuntimeRecord) == IMAGENET_RUNTIME
+
+
+async def test_get_runtimes_table(nats_server: NatsServer, bus: Bus) -> None:
+    await put_records(bus)
+
+    result = await shoal(nats_server, "get", "runtimes")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == (
+        "NAME       READY   CACHE CAPACITY   BLOCK SIZE   PHASE\n"
+        "imagenet   2/3     6.00GiB          4.00MiB      PartialReady\n"
+    )
+    wide = await shoal(nats_server, "get", "runtime", "-o", "wide")
+    assert wide.stdout.splitlines()[1].split() == ["default", "imagenet", "2/3", "6.00GiB", "4.00MiB",
+                                                   "PartialReady", "node-a,node-b", "2", "of", "3", "nodes", "ready"]
+
+
+async def test_get_nothing_and_not_found(nats_server: NatsServer, bus: Bus) -> None:
+    await put_records(bus)
+
+    empty = await shoal(nats_server, "get", "datasets", "-n", "nobody")
+    assert (empty.exit_code, empty.stdout, empty.stderr) == (0, "", "No resources found in nobody namespace.\n")
+
+    empty_json = await shoal(nats_server, "get", "runtimes", "-n", "nobody", "-o", "json")
+    assert (empty_json.exit_code, json.loads(empty_json.stdout), empty_json.stderr) == (0, {"items": []}, "")
+
+    missing = await shoal(nats_server, "get", "dataset", "ghost")
+    assert missing.exit_code == 1
+    assert missing.stderr == 'error: dataset.shoal.io "ghost" not found in namespace "default"\n'
+
+
+async def test_describe_shows_spec_status_and_conditions(nats_server: NatsServer, bus: Bus) -> None:
+    await put_records(bus)
+
+    result = await shoal(nats_server, "describe", "dataset", "imagenet")
+    assert result.exit_code == 0, result.output
+    text = result.stdout
+    for expected in ("Name:         imagenet", "Namespace:    default", "Labels:       team=ml",
+                     "Generation:   2", "Spec:", "  - mountPoint: s3://imagenet/train/", "      endpoint: http://minio:9000",
+                     "  placement: Exclusive", "Status:", "  phase: Bound", "  ufsTotal: 13.33GiB",
+                     "    cachedPercentage: 7.5%", "  fileNum: 1200", "Conditions:"):
+        assert expected in text.splitlines(), expected
+    condition = text.splitlines()[-1].split()
+    assert condition == ["MetadataSynced", "True", "Synced", "1200", "files", "2026-01-01T00:00:00Z"]
+
+    runtime = await shoal(nats_server, "describe", "runtime", "imagenet")
+    assert runtime.exit_code == 0, runtime.output
+    assert "    - mediumtype: MEM" in runtime.stdout.splitlines()
+    assert "  readyNodes:" in runtime.stdout.splitlines()
+    assert runtime.stdout.rstrip().endswith("Conditions:\n  <none>")
+
+
+# --- apply and delete against the real services ---
+
+
+@pytest.fixture
+async def services(nats_server: NatsServer, bus: Bus) -> AsyncIterator[None]:
+    from services.dataset import app as dataset_app
+    from services.runtime import app as runtime_app
+
+    settings = Settings(nats=NatsSettings(urls=[nats_server.url]))
+    stop = asyncio.Event()
+    # The services' log lines would otherwise print into the CLI's captured stdout.
+    with structlog.testing.capture_logs():
+        tasks = [asyncio.create_task(dataset_app.run(settings, stop)),
+                 asyncio.create_task(runtime_app.run(settings, stop))]
+        try:
+            yield
+        finally:
+            stop.set()
+            await asyncio.gather(*tasks)
+
+
+async def test_apply_get_and_delete_through_the_services(nats_server: NatsServer, services: None,
+                                                         tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.bin").write_bytes(b"x" * 10)
+    manifest = tmp_path / "demo.yaml"
+    manifest.write_text(f"""
+apiVersion: shoal.io/v1alpha1
+kind: Dataset
+metadata: {{name: demo}}
+spec:
+  mounts: [{{mountPoint: "local://{data}"}}]
+---
+apiVersion: data.fluid.io/v1alpha1
+kind: AlluxioRuntime
+metadata: {{name: demo}}
+spec:
+  replicas: 1
+  master: {{replicas: 1}}
+  properties: {{alluxio.user.block.size.bytes.default: 4MB}}
+  tieredstore:
+    levels: [{{mediumtype: MEM, path: /dev/shm, quota: 1Gi, high: "0.95", low: "0.7"}}]
+""")
+
+    applied = await shoal(nats_server, "apply", "-f", str(manifest))
+    assert applied.exit_code == 0, applied.output
+    assert applied.stdout == "dataset.shoal.io/demo configured\nruntime.shoal.io/demo configured\n"
+    assert "ignored: AlluxioRuntime/spec.master (not used by Shoal)" in applied.stderr.splitlines()
+
+    listed = await shoal(nats_server, "get", "runtime", "demo", "-o", "json")
+    assert json.loads(listed.stdout)["runtime"]["spec"]["blockSize"] == "4Mi"
+    datasets = await shoal(nats_server, "get", "datasets")
+    assert datasets.stdout.splitlines()[1].split()[0] == "demo"
+
+    deleted = await shoal(nats_server, "delete", "-f", str(manifest))
+    assert deleted.exit_code == 0, deleted.output
+    assert deleted.stdout == "dataset.shoal.io/demo deleted\nruntime.shoal.io/demo deleted\n"
+    assert deleted.stderr == ""  # ignored-field notes are for apply only
+
+    again = await shoal(nats_server, "delete", "dataset", "demo")
+    assert again.exit_code == 1
+    assert again.stderr == "error: demo rejected: dataset default/demo does not exist\n"
+
+
+async def test_apply_prints_the_services_rejection(nats_server: NatsServer, services: None) -> None:
+    manifest = """
+apiVersion: data.fluid.io/v1alpha1
+kind: Dataset
+metadata: {name: bad}
+spec:
+  mounts: [{mountPoint: "ftp://example.com/data"}]
+---
+apiVersion: shoal.io/v1alpha1
+kind: Runtime
+metadata: {name: bad}
+spec:
+  tieredstore: {levels: [{mediumtype: TAPE, quota: 1Gi}]}
+"""
+    result = await shoal(nats_server, "apply", "-f", "-", stdin=manifest)
+
+    assert result.exit_code == 1
+    assert result.stdout == ""
+    assert result.stderr.splitlines() == [
+        "error: bad rejected: spec.mounts[0].mountPoint 'ftp://example.com/data' has scheme 'ftp'; "
+        "supported: s3://, local://",
+        "error: bad rejected: spec.tieredstore.levels[0].mediumtype 'TAPE' is unknown (use MEM, SSD or HDD)",
+    ]
+
+
+async def test_apply_reports_invalid_documents_and_yaml_errors_without_publishing(nats_server: NatsServer,
+                                                                                 bus: Bus) -> None:
+    schema_error = await shoal(nats_server, "apply", "-f", "-",
+                               stdin="apiVersion: shoal.io/v1alpha1\nkind: Dataset\nmetadata: {name: x}\n"
+                                     "spec: {mounts: [{mountPoint: 1}]}\n")
+    assert schema_error.exit_code == 1
+    assert schema_error.stderr == ("error: <stdin>: document 1 (Dataset x): Expected `str`, got `int` - at "
+                                   "`$.spec.mounts[0].mountPoint`\n")
+
+    yaml_error = await shoal(nats_server, "apply", "-f", "-", stdin="a: 1\n---\nb: [\n")
+    assert yaml_error.exit_code == 1
+    assert yaml_error.stderr.startswith("error: <stdin>: invalid YAML in document 2, line 4")
+
+
+async def test_unanswered_command_times_out(nats_server: NatsServer, bus: Bus) -> None:
+    """Streams exist but no service runs: the command waits for its answer, then says so."""
+    result = await shoal(nats_server, "delete", "runtime", "demo", wait_seconds=0.3)
+
+    assert result.exit_code == 1
+    assert result.stderr == "error: demo: no answer from the runtime service within 0.3s (is it running?)\n"
+
+
+async def test_missing_streams_and_unreachable_nats_exit_2_without_traceback(nats_server: NatsServer) -> None:
+    no_streams = await shoal(nats_server, "delete", "dataset", "demo")
+    assert no_streams.exit_code == 2
+    assert no_streams.stderr == (f"error: Shoal's streams do not exist on NATS at {nats_server.url}: "
+                                 "is `make run` running?\n")
+
+    port = free_port()
+    runner = CliRunner()
+    unreachable = await asyncio.to_thread(runner.invoke, cli, ["--nats", f"nats://127.0.0.1:{port}", "get", "ds"])
+    assert unreachable.exit_code == 2
+    assert unreachable.stderr == (f"error: cannot reach NATS at nats://127.0.0.1:{port} (connection refused): "
+                                  "is `make run` running?\n")
+    assert isinstance(unreachable.exception, SystemExit)
+
+
+# --- events ---
+
+
+async def test_events_replays_facts_as_json_lines(nats_server: NatsServer, bus: Bus) -> None:
+    accepted = DatasetAccepted(causation_id="c1", name="demo", namespace="default", generation=1)
+    rejected = DatasetRejected(causation_id="c2", reason="nope")
+    await bus.publish(subjects.DATASET_ACCEPTED, accepted)
+    await bus.publish(subjects.DATASET_REJECTED, rejected)
+
+    result = await shoal(nats_server, "events", "--all", "--limit", "2", "--subject", subjects.DATASET_FACTS)
+
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert [json.loads(line)["id"] for line in lines] == [accepted.id, rejected.id]
+
+
+# --- schemas ---
+
+
+def test_schemas_export_every_public_type(tmp_path: Path) -> None:
+    result = CliRunner().invoke(cli, ["schemas", str(tmp_path / "schemas")])
+
+    assert result.exit_code == 0, result.output
+    written = {path.name for path in (tmp_path / "schemas").iterdir()}
+    assert written == {f"{type_tag(t)}.json" for t in PUBLIC_EVENTS} | {INDEX_FILE}
+    apply_schema = json.loads((tmp_path / "schemas" / "dataset.apply.v1.json").read_text())
+    assert "mountPoint" in apply_schema["$defs"]["Mount"]["properties"]
+    assert apply_schema["$defs"]["Mount"]["required"] == ["mountPoint"]
+    index = json.loads((tmp_path / "schemas" / INDEX_FILE).read_text())
+    assert {entry["type"] for entry in index["types"]} == {type_tag(t) for t in PUBLIC_EVENTS}
+    assert all(entry["subject"] for entry in index["types"])
+
+    again = CliRunner().invoke(cli, ["schemas", str(tmp_path / "again")])
+    assert again.exit_code == 0
+    for name in written:
+        assert (tmp_path / "again" / name).read_bytes() == (tmp_path / "schemas" / name).read_bytes()
+
+
+def test_committed_schemas_match_the_code() -> None:
+    """docs/schemas/ is what other systems read; regenerate it with `shoal schemas` when an event changes."""
+    committed = {path.name: path.read_text() for path in (REPO / "docs" / "schemas").glob("*.json")}
+    assert committed == schema_files(), "docs/schemas is stale: run `.venv/bin/shoal schemas`"

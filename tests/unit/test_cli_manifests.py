@@ -1,0 +1,411 @@
+"""Manifests → commands (libs.cli.manifests): Shoal kinds, Fluid kinds, ignored-field notes, errors. Pure."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+from libs import subjects
+from libs.cli.manifests import (
+    ManifestError,
+    alluxio_size,
+    documents_to_commands,
+    juicefs_size,
+    parse_documents,
+)
+from libs.events.dataset import DatasetApply, DatasetDelete
+from libs.events.runtime import Level, RuntimeApply, RuntimeDelete
+
+
+def load(text: str) -> list[object]:
+    return parse_documents(textwrap.dedent(text))
+
+
+SHOAL = """
+    apiVersion: shoal.io/v1alpha1
+    kind: Dataset
+    metadata:
+      name: demo
+      labels: {team: ml}
+    spec:
+      mounts:
+        - name: demo
+          mountPoint: s3://demo/train/
+          options: {endpoint: "http://127.0.0.1:8333", pathStyle: "true"}
+    ---
+    apiVersion: shoal.io/v1alpha1
+    kind: Runtime
+    metadata:
+      name: demo
+      namespace: ml
+    spec:
+      replicas: 2
+      blockSize: 4Mi
+      tieredstore:
+        levels:
+          - {mediumtype: MEM, quota: 1Gi, high: "0.95", low: "0.7"}
+    """
+
+
+def test_shoal_kinds_become_apply_commands_without_notes() -> None:
+    commands, notes, errors = documents_to_commands(load(SHOAL))
+
+    assert (notes, errors) == ([], [])
+    dataset, runtime = commands
+    assert (dataset.kind, dataset.name, dataset.namespace, dataset.subject) == (
+        "dataset", "demo", "default", subjects.DATASET_APPLY)
+    assert isinstance(dataset.event, DatasetApply)
+    assert dataset.event.dataset.metadata.labels == {"team": "ml"}
+    assert dataset.event.dataset.spec.mounts[0].options == {"endpoint": "http://127.0.0.1:8333", "pathStyle": "true"}
+    assert dataset.resource == "dataset.shoal.io/demo"
+    assert (runtime.kind, runtime.namespace, runtime.subject, runtime.document) == (
+        "runtime", "ml", subjects.RUNTIME_APPLY, 2)
+    assert isinstance(runtime.event, RuntimeApply)
+    assert runtime.event.runtime.spec.replicas == 2
+    assert runtime.event.runtime.spec.tieredstore.levels == [Level(mediumtype="MEM", quota="1Gi", high="0.95",
+                                                                   low="0.7")]
+
+
+def test_delete_action_makes_delete_commands_and_default_namespace_applies() -> None:
+    commands, _, errors = documents_to_commands(load(SHOAL), default_namespace="team-a", action="delete")
+
+    assert errors == []
+    assert [(c.subject, type(c.event)) for c in commands] == [
+        (subjects.DATASET_DELETE, DatasetDelete), (subjects.RUNTIME_DELETE, RuntimeDelete)]
+    assert commands[0].event == DatasetDelete(id=commands[0].event.id, name="demo", namespace="team-a")
+    # A namespace written in the document wins over the default.
+    assert commands[1].namespace == "ml"
+
+
+def test_unknown_fields_of_shoal_kinds_are_reported_not_dropped_silently() -> None:
+    docs = load("""
+        apiVersion: shoal.io/v1alpha1
+        kind: Dataset
+        metadata: {name: demo, uid: abc}
+        spec:
+          mounts: [{mountPoint: "s3://demo/", mountpoint: typo}]
+          colour: blue
+        status: {phase: Bound}
+        """)
+
+    commands, notes, errors = documents_to_commands(docs)
+
+    assert errors == [] and len(commands) == 1
+    assert sorted(notes) == [
+        "ignored: Dataset/metadata.uid (not used by Shoal)",
+        "ignored: Dataset/spec.colour (unknown field)",
+        "ignored: Dataset/spec.mounts[0].mountpoint (unknown field)",
+        "ignored: Dataset/status (status is computed by Shoal)",
+    ]
+
+
+FLUID_DATASET = """
+    apiVersion: data.fluid.io/v1alpha1
+    kind: Dataset
+    metadata:
+      name: imagenet
+      namespace: ml
+      creationTimestamp: "2024-01-01T00:00:00Z"
+    spec:
+      mounts:
+        - mountPoint: s3://imagenet/train/
+          name: train
+          options:
+            alluxio.underfs.s3.endpoint: http://minio:9000
+            alluxio.underfs.s3.endpoint.region: eu-west-1
+            alluxio.underfs.s3.disable.dns.buckets: "true"
+            alluxio.underfs.s3.inherit.acl: "false"
+          encryptOptions:
+            - name: aws.accessKeyId
+              valueFrom: {secretKeyRef: {name: s3-creds, key: id}}
+            - name: aws.secretKey
+              valueFrom: {secretKeyRef: {name: s3-creds, key: secret}}
+          readOnly: true
+      owner: {uid: 1000, gid: 1000, user: ml, group: ml}
+      nodeAffinity:
+        required:
+          nodeSelectorTerms:
+            - matchExpressions: [{key: gpu, operator: In, values: ["true"]}]
+      tolerations: [{key: dedicated, operator: Equal, value: ml, effect: NoSchedule}]
+      accessModes: [ReadOnlyMany]
+      placement: Shared
+      sharedOptions: {alluxio.underfs.s3.endpoint: "http://minio:9000"}
+      dataRestoreLocation: {path: "local:///backup"}
+      runtimes: [{name: imagenet, namespace: ml}]
+    """
+
+
+def test_fluid_dataset_maps_one_to_one_and_renames_alluxio_s3_options() -> None:
+    commands, notes, errors = documents_to_commands(load(FLUID_DATASET))
+
+    assert errors == []
+    (command,) = commands
+    assert isinstance(command.event, DatasetApply)
+    spec = command.event.dataset.spec
+    assert spec.mounts[0].options == {
+        "endpoint": "http://minio:9000",
+        "region": "eu-west-1",
+        "pathStyle": "true",
+        # Unknown options pass through: the dataset service rejects them with a reason.
+        "alluxio.underfs.s3.inherit.acl": "false",
+    }
+    assert [option.name for option in spec.mounts[0].encrypt_options] == ["aws.accessKeyId", "aws.secretKey"]
+    assert spec.mounts[0].encrypt_options[1].value_from.secret_key_ref.key == "secret"
+    assert spec.mounts[0].read_only is True
+    assert spec.owner is not None and spec.owner.uid == 1000
+    assert spec.node_affinity is not None and "required" in spec.node_affinity
+    assert spec.tolerations[0]["effect"] == "NoSchedule"
+    assert (spec.access_modes, spec.placement) == (["ReadOnlyMany"], "Shared")
+    assert spec.shared_options == {"endpoint": "http://minio:9000"}
+    assert (command.kind, command.namespace, command.source_kind) == ("dataset", "ml", "Dataset")
+    assert sorted(notes) == [
+        "ignored: Dataset/metadata.creationTimestamp (not used by Shoal)",
+        "ignored: Dataset/spec.dataRestoreLocation (not used by Shoal)",
+        "ignored: Dataset/spec.runtimes (not used by Shoal)",
+    ]
+
+
+ALLUXIO = """
+    apiVersion: data.fluid.io/v1alpha1
+    kind: AlluxioRuntime
+    metadata: {name: imagenet, namespace: ml}
+    spec:
+      replicas: 3
+      master: {replicas: 1}
+      fuse: {args: [fuse, --fuse-opts=kernel_cache]}
+      properties:
+        alluxio.user.block.size.bytes.default: 64MB
+        alluxio.user.file.writetype.default: MUST_CACHE
+      tieredstore:
+        levels:
+          - mediumtype: MEM
+            path: /dev/shm
+            quota: 2Gi
+            high: "0.95"
+            low: "0.7"
+          - mediumtype: SSD
+            volumeType: emptyDir
+            path: /mnt/ssd
+            quota: 100Gi
+            high: "0.9"
+            low: "0.5"
+    """
+
+
+def test_alluxio_runtime_keeps_replicas_tiers_and_block_size_and_reports_the_rest() -> None:
+    commands, notes, errors = documents_to_commands(load(ALLUXIO))
+
+    assert errors == []
+    (command,) = commands
+    assert (command.kind, command.subject, command.source_kind) == ("runtime", subjects.RUNTIME_APPLY,
+                                                                    "AlluxioRuntime")
+    assert isinstance(command.event, RuntimeApply)
+    spec = command.event.runtime.spec
+    assert spec.replicas == 3
+    assert spec.block_size == "64Mi"  # Alluxio's MB is 2**20 bytes
+    assert spec.tieredstore.levels == [
+        Level(mediumtype="MEM", path="/dev/shm", quota="2Gi", high="0.95", low="0.7"),
+        Level(mediumtype="SSD", path="/mnt/ssd", quota="100Gi", high="0.9", low="0.5"),
+    ]
+    assert sorted(notes) == [
+        "ignored: AlluxioRuntime/spec.fuse (not used by Shoal)",
+        "ignored: AlluxioRuntime/spec.master (not used by Shoal)",
+        'ignored: AlluxioRuntime/spec.properties["alluxio.user.file.writetype.default"] (not used by Shoal)',
+        "ignored: AlluxioRuntime/spec.tieredstore.levels[1].volumeType (not used by Shoal)",
+    ]
+
+
+def test_juicefs_runtime_reads_block_size_in_kib_from_fuse_options() -> None:
+    docs = load("""
+        apiVersion: data.fluid.io/v1alpha1
+        kind: JuiceFSRuntime
+        metadata: {name: jfs}
+        spec:
+          replicas: 1
+          configs: [trash-days=0]
+          fuse:
+            image: juicedata/juicefs-fuse
+            options: {block-size: "1024", writeback: ""}
+          worker: {options: {cache-size: "1024"}}
+          tieredstore:
+            levels: [{mediumtype: SSD, path: /var/jfsCache, quota: 40960, low: "0.1"}]
+        """)
+
+    commands, notes, errors = documents_to_commands(docs)
+
+    assert errors == []
+    (command,) = commands
+    assert isinstance(command.event, RuntimeApply)
+    spec = command.event.runtime.spec
+    assert spec.block_size == "1Mi"  # 1024 KiB
+    assert spec.tieredstore.levels == [Level(mediumtype="SSD", path="/var/jfsCache", quota=40960, low="0.1")]
+    assert sorted(notes) == [
+        "ignored: JuiceFSRuntime/spec.configs[0] (trash-days=0) (not used by Shoal)",
+        "ignored: JuiceFSRuntime/spec.fuse.image (not used by Shoal)",
+        'ignored: JuiceFSRuntime/spec.fuse.options["writeback"] (not used by Shoal)',
+        "ignored: JuiceFSRuntime/spec.worker (not used by Shoal)",
+    ]
+
+
+def test_juicefs_block_size_from_format_configs() -> None:
+    docs = load("""
+        apiVersion: data.fluid.io/v1alpha1
+        kind: JuiceFSRuntime
+        metadata: {name: jfs}
+        spec:
+          configs: ["--block-size=4096"]
+        """)
+
+    commands, notes, errors = documents_to_commands(docs)
+
+    assert (notes, errors) == ([], [])
+    assert isinstance(commands[0].event, RuntimeApply)
+    assert commands[0].event.runtime.spec.block_size == "4Mi"
+
+
+def test_other_fluid_runtimes_map_replicas_and_report_everything_else() -> None:
+    docs = load("""
+        apiVersion: data.fluid.io/v1alpha1
+        kind: JindoRuntime
+        metadata: {name: jindo}
+        spec:
+          replicas: 2
+          properties: {jfs.cache.size: 1g}
+        """)
+
+    commands, notes, errors = documents_to_commands(docs)
+
+    assert errors == []
+    assert isinstance(commands[0].event, RuntimeApply)
+    assert commands[0].event.runtime.spec.replicas == 2
+    assert notes == ["ignored: JindoRuntime/spec.properties (not used by Shoal)"]
+
+
+def test_unknown_kind_or_api_version_is_an_error_and_other_documents_still_convert() -> None:
+    docs = load("""
+        apiVersion: v1
+        kind: ConfigMap
+        metadata: {name: cm}
+        ---
+        apiVersion: shoal.io/v1alpha1
+        kind: AlluxioRuntime
+        metadata: {name: wrong-group}
+        ---
+        apiVersion: shoal.io/v1alpha1
+        kind: Dataset
+        metadata: {name: good}
+        spec: {mounts: [{mountPoint: "local:///data"}]}
+        """)
+
+    commands, _, errors = documents_to_commands(docs)
+
+    assert [c.name for c in commands] == ["good"]
+    assert len(errors) == 2
+    assert errors[0].startswith("document 1 (ConfigMap cm): unknown kind 'ConfigMap' of apiVersion 'v1'")
+    assert errors[1].startswith("document 2 (AlluxioRuntime wrong-group): unknown kind 'AlluxioRuntime'")
+    assert "AlluxioRuntime" in errors[0] and "data.fluid.io/v1alpha1" in errors[0]
+
+
+def test_schema_violation_names_the_document_and_the_path() -> None:
+    docs = load("""
+        apiVersion: shoal.io/v1alpha1
+        kind: Dataset
+        metadata: {name: bad}
+        spec:
+          mounts:
+            - mountPoint: 42
+        ---
+        apiVersion: data.fluid.io/v1alpha1
+        kind: AlluxioRuntime
+        metadata: {name: bad-tiers}
+        spec:
+          tieredstore:
+            levels: [{mediumtype: MEM}]
+        """)
+
+    commands, _, errors = documents_to_commands(docs)
+
+    assert commands == []
+    assert errors == [
+        "document 1 (Dataset bad): Expected `str`, got `int` - at `$.spec.mounts[0].mountPoint`",
+        "document 2 (AlluxioRuntime bad-tiers): Object missing required field `quota` - at "
+        "`$.spec.tieredstore.levels[0]`",
+    ]
+
+
+def test_missing_metadata_and_non_mapping_documents_are_errors() -> None:
+    docs = load("""
+        apiVersion: shoal.io/v1alpha1
+        kind: Dataset
+        spec: {}
+        ---
+        - just
+        - a list
+        ---
+        ---
+        apiVersion: shoal.io/v1alpha1
+        kind: Runtime
+        metadata: {namespace: x}
+        """)
+
+    commands, _, errors = documents_to_commands(docs)
+
+    assert commands == []
+    assert errors == [
+        "document 1 (Dataset): metadata with a name is required",
+        "document 2: expected a mapping with apiVersion, kind, metadata and spec, got list",
+        # Document 3 is empty and skipped; positions keep counting.
+        "document 4 (Runtime): Object missing required field `name` - at `$.metadata`",
+    ]
+
+
+def test_invalid_block_size_is_an_error_of_the_document() -> None:
+    docs = load("""
+        apiVersion: data.fluid.io/v1alpha1
+        kind: AlluxioRuntime
+        metadata: {name: a}
+        spec:
+          properties: {alluxio.user.block.size.bytes.default: lots}
+        """)
+
+    commands, _, errors = documents_to_commands(docs)
+
+    assert commands == []
+    assert errors == ["document 1 (AlluxioRuntime a): spec.properties[\"alluxio.user.block.size.bytes.default\"]: "
+                      "'lots' is not a size (examples: 4MB, 64MB, 1GB)"]
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ("64MB", 64 * 2**20), ("1GB", 2**30), ("512KB", 512 * 2**10), ("16m", 16 * 2**20), (67108864, 2**26),
+    ("1.5MB", 3 * 2**19),
+])
+def test_alluxio_sizes_are_binary(value: object, expected: int) -> None:
+    assert alluxio_size(value) == expected
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ("4096", 4 * 2**20), (1024, 2**20), ("4M", 4 * 2**20), ("4MiB", 4 * 2**20), ("512K", 512 * 2**10),
+])
+def test_juicefs_plain_numbers_are_kib(value: object, expected: int) -> None:
+    assert juicefs_size(value) == expected
+
+
+@pytest.mark.parametrize("value", ["", "lots", "0", "-1MB", True, "0.3B"])
+def test_bad_sizes_are_refused(value: object) -> None:
+    with pytest.raises(ValueError):
+        alluxio_size(value)
+
+
+def test_yaml_errors_name_the_document_and_the_line() -> None:
+    text = "apiVersion: v1\nkind: A\n---\napiVersion: v1\nkind: [unclosed\nmetadata: {}\n"
+
+    with pytest.raises(ManifestError) as caught:
+        parse_documents(text)
+
+    assert str(caught.value) == ("invalid YAML in document 2, line 6, column 9: expected ',' or ']', but got ':' "
+                                 "(while parsing a flow sequence)")
+
+
+def test_empty_documents_keep_their_positions() -> None:
+    assert parse_documents("a: 1\n---\n---\nb: 2\n") == [{"a": 1}, None, {"b": 2}]

@@ -1,0 +1,184 @@
+"""Byte quantities, human sizes, DNS labels and the retry back-off: small pure helpers shared by every service."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from libs.bus import retry_delay
+from libs.events.common import DNS1035_LABEL, DNS1123_LABEL, dns_label_errors, format_bytes, parse_quantity
+
+# --- parse_quantity ---
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("0", 0),
+        ("1024", 1024),
+        (1024, 1024),
+        ("4Ki", 4 * 1024),
+        ("4Mi", 4 * 1024**2),
+        ("2Gi", 2 * 1024**3),
+        ("1Ti", 1024**4),
+        ("1Pi", 1024**5),
+        ("1Ei", 1024**6),
+        ("500M", 500_000_000),
+        ("1k", 1000),
+        ("1K", 1000),
+        ("3G", 3 * 10**9),
+        ("1.5Ki", 1536),
+        ("0.5Gi", 512 * 1024**2),
+        ("4MiB", 4 * 1024**2),
+        ("4KB", 4000),
+        ("10B", 10),
+        (" 4Mi ", 4 * 1024**2),
+        ("4 Mi", 4 * 1024**2),
+    ],
+)
+def test_parse_quantity_examples(text: str | int, expected: int) -> None:
+    assert parse_quantity(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "Mi", "abc", "-1", "-4Mi", "4mi", "4Xi", "1e3", "1m", "4Mi4", "0x10", "1,5Gi"])
+def test_parse_quantity_rejects_non_quantities(text: str) -> None:
+    with pytest.raises(ValueError, match="is not a quantity"):
+        parse_quantity(text)
+
+
+@pytest.mark.parametrize("text", ["0.5", "1.1Ki", "0.0001Ki"])
+def test_parse_quantity_rejects_fractions_of_a_byte(text: str) -> None:
+    with pytest.raises(ValueError, match="whole number of bytes"):
+        parse_quantity(text)
+
+
+@given(st.integers(min_value=0, max_value=2**60))
+def test_parse_quantity_kibibytes(n: int) -> None:
+    assert parse_quantity(f"{n}Ki") == n * 1024
+
+
+@given(st.integers(min_value=0, max_value=2**40), st.sampled_from(["Ki", "Mi", "Gi", "Ti", "k", "M", "G", ""]))
+def test_parse_quantity_scales_by_the_unit(n: int, unit: str) -> None:
+    assert parse_quantity(f"{n}{unit}") == n * parse_quantity(f"1{unit}")
+
+
+def test_parse_quantity_is_exact_for_numbers_beyond_28_digits() -> None:
+    # BUG (libs/events/common.py, parse_quantity): Decimal's default context keeps 28 significant digits, so a
+    # product longer than that is silently rounded: "9333912832481039Ti" gives 10262745691960521995545739260
+    # instead of 9333912832481039 * 2**40 = 10262745691960521995545739264. Expected: the exact integer (or an
+    # error); absurd as a cache size, but the function must not return a different number of bytes.
+    assert parse_quantity("9333912832481039Ti") == 9333912832481039 * 2**40
+
+
+@given(st.integers(min_value=0, max_value=2**62))
+def test_parse_quantity_of_an_int_is_the_int(n: int) -> None:
+    assert parse_quantity(n) == n == parse_quantity(str(n))
+
+
+# --- format_bytes ---
+
+
+@pytest.mark.parametrize(
+    ("size", "expected"),
+    [
+        (0, "0B"),
+        (1, "1B"),
+        (1023, "1023B"),
+        (1024, "1.00KiB"),
+        (1536, "1.50KiB"),
+        (4 * 1024**2, "4.00MiB"),
+        (14312928706, "13.33GiB"),
+        (30 * 1024**3, "30.00GiB"),
+        (1024**4, "1.00TiB"),
+        (1024**5, "1.00PiB"),
+        # PiB is the largest unit: bigger sizes stay in PiB rather than failing.
+        (1024**6, "1024.00PiB"),
+    ],
+)
+def test_format_bytes_examples(size: int, expected: str) -> None:
+    assert format_bytes(size) == expected
+
+
+_HUMAN = re.compile(r"^(?:[0-9]+B|[0-9]+\.[0-9]{2}(?:KiB|MiB|GiB|TiB|PiB))$")
+_UNIT_FACTORS = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40, "PiB": 2**50}
+
+
+@given(st.integers(min_value=0, max_value=2**70))
+def test_format_bytes_is_close_to_the_size(size: int) -> None:
+    text = format_bytes(size)
+    assert _HUMAN.match(text), text
+    number, unit = re.match(r"^([0-9.]+)(\D+)$", text).groups()  # type: ignore[union-attr]
+    # Two decimals of the unit: within half a hundredth of the unit (plus float slack).
+    assert abs(float(number) * _UNIT_FACTORS[unit] - size) <= 0.005 * _UNIT_FACTORS[unit] + size * 1e-12
+
+
+@given(st.integers(min_value=0, max_value=2**60), st.integers(min_value=0, max_value=2**60))
+def test_format_bytes_never_reports_a_larger_size_as_smaller(a: int, b: int) -> None:
+    small, large = sorted((a, b))
+    number_s, unit_s = re.match(r"^([0-9.]+)(\D+)$", format_bytes(small)).groups()  # type: ignore[union-attr]
+    number_l, unit_l = re.match(r"^([0-9.]+)(\D+)$", format_bytes(large)).groups()  # type: ignore[union-attr]
+    assert float(number_s) * _UNIT_FACTORS[unit_s] <= float(number_l) * _UNIT_FACTORS[unit_l]
+
+
+# --- DNS labels ---
+
+
+@pytest.mark.parametrize("value", ["a", "abc", "a-b", "a1", "imagenet-2012", "a" * 63])
+def test_dns1035_labels_accepted(value: str) -> None:
+    assert dns_label_errors(value, "metadata.name") == []
+
+
+@pytest.mark.parametrize("value", ["", "A", "1abc", "-abc", "abc-", "a_b", "a.b", "a" * 64, "ab c"])
+def test_dns1035_labels_rejected(value: str) -> None:
+    errors = dns_label_errors(value, "metadata.name")
+    assert errors
+    assert all(e.startswith("metadata.name") for e in errors)
+
+
+def test_dns1123_label_may_start_with_a_digit() -> None:
+    assert dns_label_errors("1abc", "metadata.namespace", DNS1123_LABEL) == []
+    assert dns_label_errors("1abc", "metadata.name", DNS1035_LABEL) != []
+
+
+def test_dns_label_errors_name_the_field_and_the_value() -> None:
+    (error,) = dns_label_errors("Bad_Name", "metadata.name")
+    assert "metadata.name" in error
+    assert "'Bad_Name'" in error
+    assert "DNS-1035" in error
+
+
+def test_dns_label_with_a_trailing_newline_is_rejected() -> None:
+    # BUG (libs/events/common.py, dns_label_errors): ``pattern.match`` with a ``$`` anchor accepts a trailing
+    # "\n", so "abc\n" passes as a DNS label. It should be rejected (fullmatch, or \Z instead of $).
+    assert dns_label_errors("abc\n", "metadata.name") != []
+    assert dns_label_errors("abc\n", "metadata.namespace", DNS1123_LABEL) != []
+
+
+# --- retry_delay ---
+
+
+def test_retry_delay_examples() -> None:
+    assert [retry_delay(n) for n in range(1, 9)] == [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0]
+
+
+def test_retry_delay_treats_missing_delivery_counts_as_the_first() -> None:
+    assert retry_delay(0) == retry_delay(1) == 0.5
+    assert retry_delay(-3) == 0.5
+
+
+@given(st.integers(min_value=0, max_value=1000))
+def test_retry_delay_grows_and_is_capped(deliveries: int) -> None:
+    delay = retry_delay(deliveries)
+    assert 0.5 <= delay <= 30.0
+    assert retry_delay(deliveries + 1) >= delay
+    assert isinstance(delay, float)
+
+
+@pytest.mark.parametrize("deliveries", [1025, 1026, 5000, 10**6])
+def test_retry_delay_stays_capped_for_very_many_deliveries(deliveries: int) -> None:
+    # BUG (libs/bus.py, retry_delay): ``0.5 * 2 ** (deliveries - 1)`` converts a huge int to float and raises
+    # OverflowError from deliveries=1025 on (reachable with a large SHOAL_MAX_DELIVER). Expected: 30.0.
+    assert retry_delay(deliveries) == 30.0

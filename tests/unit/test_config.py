@@ -1,0 +1,244 @@
+"""Settings from the environment: defaults, one error listing every bad variable, secrets that never print."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+
+import pytest
+
+from libs.config import (
+    NatsSettings,
+    S3Settings,
+    Secret,
+    ServiceSettings,
+    Settings,
+    SettingsError,
+    describe_settings,
+    load_settings,
+)
+
+NATS_PASSWORD = "hunter2-nats-password"
+S3_SECRET = "wJalrXUtnFEMI-K7MDENG-bPxRfiCYEXAMPLEKEY"
+
+
+def test_defaults_from_an_empty_environment() -> None:
+    settings = load_settings({})
+    assert settings == Settings()
+    assert settings.nats.urls == ["nats://127.0.0.1:4222"]
+    assert settings.nats.user == ""
+    assert not settings.nats.password
+    assert not settings.nats.token
+    assert settings.nats.replicas == 1
+    assert settings.s3.endpoint == ""
+    assert settings.s3.region == "us-east-1"
+    assert settings.s3.path_style is True
+    assert not settings.s3.access_key_id
+    assert not settings.s3.secret_access_key
+    assert settings.service.log_level == "info"
+    assert settings.service.log_format == "auto"
+    assert settings.service.max_event_bytes == 256 * 1024
+    assert settings.service.max_deliver == 5
+    assert settings.service.list_page_size == 1000
+
+
+def test_unrelated_variables_are_ignored() -> None:
+    assert load_settings({"HOME": "/root", "PATH": "/usr/bin", "SHOAL_UNKNOWN": "x"}) == Settings()
+
+
+def test_values_from_the_environment() -> None:
+    settings = load_settings({
+        "NATS_URL": "nats://a:4222",
+        "NATS_USER": "shoal",
+        "NATS_PASSWORD": NATS_PASSWORD,
+        "SHOAL_STREAM_REPLICAS": "3",
+        "SHOAL_S3_ENDPOINT": "http://127.0.0.1:8333",
+        "SHOAL_S3_REGION": "eu-west-1",
+        "SHOAL_S3_ACCESS_KEY_ID": "AKIAEXAMPLE",
+        "SHOAL_S3_SECRET_ACCESS_KEY": S3_SECRET,
+        "SHOAL_LOG_LEVEL": "debug",
+        "SHOAL_LOG_FORMAT": "json",
+        "SHOAL_MAX_EVENT_BYTES": " 65536 ",
+        "SHOAL_MAX_DELIVER": "7",
+        "SHOAL_LIST_PAGE_SIZE": "500",
+    })
+    assert settings.nats.user == "shoal"
+    assert settings.nats.password.reveal() == NATS_PASSWORD
+    assert settings.nats.replicas == 3
+    assert settings.s3.endpoint == "http://127.0.0.1:8333"
+    assert settings.s3.region == "eu-west-1"
+    assert settings.s3.access_key_id.reveal() == "AKIAEXAMPLE"
+    assert settings.s3.secret_access_key.reveal() == S3_SECRET
+    assert settings.service.log_level == "debug"
+    assert settings.service.log_format == "json"
+    assert settings.service.max_event_bytes == 65536
+    assert settings.service.max_deliver == 7
+    assert settings.service.list_page_size == 500
+
+
+# --- NATS_URL ---
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("nats://a:4222", ["nats://a:4222"]),
+        ("nats://a:4222,nats://b:4222,nats://c:4222", ["nats://a:4222", "nats://b:4222", "nats://c:4222"]),
+        (" nats://a:4222 , nats://b:4222 ", ["nats://a:4222", "nats://b:4222"]),
+        ("nats://a:4222,,nats://b:4222,", ["nats://a:4222", "nats://b:4222"]),
+    ],
+)
+def test_nats_url_is_comma_separated(raw: str, expected: list[str]) -> None:
+    assert load_settings({"NATS_URL": raw}).nats.urls == expected
+
+
+@pytest.mark.parametrize("raw", ["", " ", ",", " , , "])
+def test_nats_url_needs_at_least_one_server(raw: str) -> None:
+    with pytest.raises(SettingsError, match="NATS_URL"):
+        load_settings({"NATS_URL": raw})
+
+
+# --- Booleans ---
+
+
+@pytest.mark.parametrize("raw", ["1", "true", "TRUE", "True", "yes", "on", " on "])
+def test_true_booleans(raw: str) -> None:
+    assert load_settings({"SHOAL_S3_PATH_STYLE": raw}).s3.path_style is True
+
+
+@pytest.mark.parametrize("raw", ["0", "false", "FALSE", "no", "off", "", " Off "])
+def test_false_booleans(raw: str) -> None:
+    assert load_settings({"SHOAL_S3_PATH_STYLE": raw}).s3.path_style is False
+
+
+@pytest.mark.parametrize("raw", ["maybe", "2", "t", "y", "enabled"])
+def test_invalid_boolean(raw: str) -> None:
+    with pytest.raises(SettingsError, match="SHOAL_S3_PATH_STYLE") as caught:
+        load_settings({"SHOAL_S3_PATH_STYLE": raw})
+    assert "true or false" in str(caught.value)
+    assert repr(raw) in str(caught.value)
+
+
+# --- One error listing every bad variable ---
+
+
+def test_one_error_lists_every_bad_variable() -> None:
+    bad = {
+        "SHOAL_STREAM_REPLICAS": "three",
+        "SHOAL_S3_PATH_STYLE": "maybe",
+        "SHOAL_MAX_EVENT_BYTES": "lots",
+        "SHOAL_MAX_DELIVER": "0",
+        "SHOAL_LIST_PAGE_SIZE": "5000",
+        "SHOAL_LOG_LEVEL": "verbose",
+        "SHOAL_LOG_FORMAT": "xml",
+        "NATS_URL": "",
+    }
+    with pytest.raises(SettingsError) as caught:
+        load_settings(bad)
+    message = str(caught.value)
+    for name in bad:
+        assert name in message, f"{name} missing from: {message}"
+    # One line per problem, so a person reads them all at once.
+    assert len(message.splitlines()) == 1 + len(bad)
+
+
+def test_error_shows_the_bad_value_of_plain_settings() -> None:
+    with pytest.raises(SettingsError) as caught:
+        load_settings({"SHOAL_MAX_DELIVER": "five", "SHOAL_LOG_LEVEL": "loud"})
+    message = str(caught.value)
+    assert "SHOAL_MAX_DELIVER='five'" in message
+    assert "'loud'" in message
+
+
+@pytest.mark.parametrize(
+    ("name", "raw"),
+    [
+        ("SHOAL_MAX_EVENT_BYTES", "0"),
+        ("SHOAL_MAX_EVENT_BYTES", "-1"),
+        ("SHOAL_MAX_DELIVER", "0"),
+        ("SHOAL_LIST_PAGE_SIZE", "0"),
+        ("SHOAL_LIST_PAGE_SIZE", "1001"),
+        ("SHOAL_STREAM_REPLICAS", "1.5"),
+        ("SHOAL_LOG_LEVEL", "INFO "),
+    ],
+)
+def test_out_of_range_values(name: str, raw: str) -> None:
+    with pytest.raises(SettingsError, match=name):
+        load_settings({name: raw})
+
+
+def test_settings_error_is_a_value_error() -> None:
+    with pytest.raises(ValueError, match="invalid settings"):
+        load_settings({"SHOAL_MAX_DELIVER": "x"})
+
+
+# --- Secrets ---
+
+
+def test_nats_user_without_password_is_an_error() -> None:
+    with pytest.raises(SettingsError, match="NATS_PASSWORD"):
+        load_settings({"NATS_USER": "shoal"})
+
+
+def test_secrets_never_in_the_error_message() -> None:
+    environ = {
+        "NATS_PASSWORD": NATS_PASSWORD,
+        "NATS_TOKEN": "token-" + NATS_PASSWORD,
+        "SHOAL_S3_ACCESS_KEY_ID": "AKIA-" + S3_SECRET,
+        "SHOAL_S3_SECRET_ACCESS_KEY": S3_SECRET,
+        "SHOAL_MAX_DELIVER": "not-a-number",
+        "SHOAL_LOG_LEVEL": "shout",
+    }
+    with pytest.raises(SettingsError) as caught:
+        load_settings(environ)
+    message = str(caught.value)
+    assert "SHOAL_MAX_DELIVER" in message
+    assert NATS_PASSWORD not in message
+    assert S3_SECRET not in message
+    assert NATS_PASSWORD not in repr(caught.value)
+    assert S3_SECRET not in repr(caught.value)
+
+
+def test_secrets_never_in_the_repr_of_settings() -> None:
+    settings = load_settings({
+        "NATS_USER": "shoal",
+        "NATS_PASSWORD": NATS_PASSWORD,
+        "NATS_TOKEN": "token-" + NATS_PASSWORD,
+        "SHOAL_S3_SECRET_ACCESS_KEY": S3_SECRET,
+        "SHOAL_S3_ACCESS_KEY_ID": "AKIA-" + S3_SECRET,
+    })
+    for shown in (repr(settings), str(settings), repr(settings.nats), repr(settings.s3), f"{settings.s3}"):
+        assert NATS_PASSWORD not in shown
+        assert S3_SECRET not in shown
+    assert "Secret('***')" in repr(settings.nats)
+    assert settings.nats.password.reveal() == NATS_PASSWORD
+    assert settings.s3.secret_access_key.reveal() == S3_SECRET
+
+
+def test_secret_behaviour() -> None:
+    secret = Secret(S3_SECRET)
+    assert repr(secret) == str(secret) == f"{secret}" == "Secret('***')"
+    assert repr(Secret("")) == "Secret('')"
+    assert secret.reveal() == S3_SECRET
+    assert bool(secret) is True
+    assert bool(Secret("")) is False
+    assert secret == Secret(S3_SECRET)
+    assert secret != Secret("other")
+    assert secret != S3_SECRET  # never equal to the plain string, so it is not compared by accident
+    assert hash(secret) == hash(Secret(S3_SECRET))
+
+
+# --- Documentation of the settings ---
+
+
+def test_every_setting_is_described() -> None:
+    rows = describe_settings()
+    names = [name for name, _, _ in rows]
+    expected = [f.metadata["env"] for group in (NatsSettings, S3Settings, ServiceSettings) for f in fields(group)]
+    assert names == expected
+    assert len(set(names)) == len(names)
+    assert all(doc for _, _, doc in rows)
+    defaults = {name: default for name, default, _ in rows}
+    assert defaults["NATS_URL"] == "nats://127.0.0.1:4222"
+    assert defaults["SHOAL_S3_PATH_STYLE"] == "True"
+    # A secret's default is shown masked, never as a value.
+    assert defaults["NATS_PASSWORD"] == "Secret('')"

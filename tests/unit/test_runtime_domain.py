@@ -1,0 +1,354 @@
+"""Runtime decisions, pure: validation of the spec, and the status computed from the agents' last heartbeats."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from libs.events.agent import AgentHeartbeat, AgentRecord
+from libs.events.common import ObjectMeta, ObjectRef
+from libs.events.dataset import Condition
+from libs.events.runtime import Level, Runtime, RuntimeRecord, RuntimeSpec, RuntimeStatus, TieredStore
+from services.runtime.domain import (
+    MAX_REPLICAS,
+    MISSED_BEATS,
+    apply_runtime,
+    node_capacity,
+    ready_nodes,
+    runtime_status,
+    validate_runtime,
+)
+
+GiB = 1024**3
+NOW = 1_714_564_800.0
+INTERVAL = 5.0
+
+
+def make_runtime(*levels: Level, name: str = "imagenet", namespace: str = "default", **spec: Any) -> Runtime:
+    if not levels and "tieredstore" not in spec:
+        levels = (Level(mediumtype="MEM", quota="2Gi"),)
+    tiers = spec.pop("tieredstore", TieredStore(levels=list(levels)))
+    return Runtime(metadata=ObjectMeta(name=name, namespace=namespace), spec=RuntimeSpec(tieredstore=tiers, **spec))
+
+
+def valid_runtime(replicas: int = 3) -> Runtime:
+    return make_runtime(
+        Level(mediumtype="MEM", quota="2Gi", high="0.95", low="0.7"),
+        Level(mediumtype="SSD", quota="8Gi", path="/mnt/nvme0/cache,/mnt/nvme1/cache", high="0.9", low="0.6"),
+        replicas=replicas,
+        block_size="4Mi",
+    )
+
+
+def one_error(runtime: Runtime) -> str:
+    errors = validate_runtime(runtime)
+    assert len(errors) == 1, errors
+    return errors[0]
+
+
+def agent(node: str, *runtimes: tuple[str, str], healthy: bool = True, age: float = 0.0,
+          interval: float = INTERVAL) -> AgentRecord:
+    refs = [ObjectRef(name=n, namespace=ns) for n, ns in (runtimes or (("imagenet", "default"),))]
+    beat = AgentHeartbeat(node=node, runtimes=refs, healthy=healthy, interval_seconds=interval, sent_at=NOW - age)
+    return AgentRecord(heartbeat=beat, received_at=NOW - age)
+
+
+def status_of(runtime: Runtime, agents: list[AgentRecord], conditions: list[Condition] | None = None) -> RuntimeStatus:
+    record = RuntimeRecord(runtime=runtime, generation=1, status=RuntimeStatus(conditions=conditions or []))
+    return runtime_status(record, agents, NOW)
+
+
+# --- validate_runtime ---
+
+
+def test_valid_runtime() -> None:
+    assert validate_runtime(valid_runtime()) == []
+
+
+@pytest.mark.parametrize(
+    "level",
+    [
+        Level(mediumtype="MEM", quota="1Gi"),
+        Level(mediumtype="MEM", quota=GiB),
+        Level(mediumtype="MEM", quota="500M", high=0.9, low=0.1),
+        Level(mediumtype="HDD", quota="1Ti", path="/data/cache"),
+        Level(mediumtype="SSD", quota="1Gi", path="/mnt/a,/mnt/b,"),
+        Level(mediumtype="MEM", quota="1Gi", high="1", low="0.99"),
+        Level(mediumtype="MEM", quota="1Gi", high="1.0", low="0.5"),
+    ],
+)
+def test_valid_levels(level: Level) -> None:
+    assert validate_runtime(make_runtime(level)) == []
+
+
+@pytest.mark.parametrize("block_size", ["64Ki", "4Mi", "64Mi", "1Mi", 4 * 1024 * 1024, "68Ki", "1048576"])
+def test_valid_block_sizes(block_size: str | int) -> None:
+    assert validate_runtime(make_runtime(block_size=block_size)) == []
+
+
+@pytest.mark.parametrize("replicas", [0, 1, MAX_REPLICAS])
+def test_valid_replicas(replicas: int) -> None:
+    assert validate_runtime(make_runtime(replicas=replicas)) == []
+
+
+def test_bad_name_and_namespace() -> None:
+    errors = validate_runtime(make_runtime(name="Image_Net", namespace="-ns"))
+    assert [e.split(" ")[0] for e in errors] == ["metadata.name", "metadata.namespace"]
+
+
+def test_no_levels() -> None:
+    assert "at least one cache tier" in one_error(make_runtime(tieredstore=TieredStore()))
+
+
+@pytest.mark.parametrize("medium", ["NVME", "mem", "", "GPU"])
+def test_unknown_medium(medium: str) -> None:
+    error = one_error(make_runtime(Level(mediumtype=medium, quota="1Gi")))
+    assert error == f"spec.tieredstore.levels[0].mediumtype {medium!r} is unknown (use MEM, SSD or HDD)"
+
+
+def test_duplicate_medium() -> None:
+    error = one_error(make_runtime(Level(mediumtype="SSD", quota="1Gi", path="/a"),
+                                   Level(mediumtype="SSD", quota="2Gi", path="/b")))
+    assert error == "spec.tieredstore.levels[1].mediumtype SSD appears twice"
+
+
+@pytest.mark.parametrize("quota", ["0", 0, "0Gi", "0.0Mi"])
+def test_zero_quota(quota: str | int) -> None:
+    assert one_error(make_runtime(Level(mediumtype="MEM", quota=quota))) == (
+        "spec.tieredstore.levels[0].quota must be greater than 0"
+    )
+
+
+@pytest.mark.parametrize("quota", ["lots", "", "-1Gi", -5, "2 GB please", "1.5"])
+def test_quota_not_a_quantity(quota: str | int) -> None:
+    error = one_error(make_runtime(Level(mediumtype="MEM", quota=quota)))
+    assert error.startswith("spec.tieredstore.levels[0].quota: ")
+
+
+@pytest.mark.parametrize(
+    ("high", "low"),
+    [("0.7", "0.7"), ("0.5", "0.7"), ("1.1", "0.7"), ("0.9", "0"), ("0.9", "-0.1"), (2, 1), ("nan", "0.5"),
+     ("inf", "0.5")],
+)
+def test_bad_watermarks(high: str | float, low: str | float) -> None:
+    error = one_error(make_runtime(Level(mediumtype="MEM", quota="1Gi", high=high, low=low)))
+    assert "watermarks must satisfy 0 < low < high <= 1" in error
+
+
+@pytest.mark.parametrize(("high", "low"), [("high", "0.7"), ("0.95", "low"), ("", "0.7"), ("95%", "70%")])
+def test_non_numeric_watermarks(high: str, low: str) -> None:
+    error = one_error(make_runtime(Level(mediumtype="MEM", quota="1Gi", high=high, low=low)))
+    assert "high and low must be numbers" in error
+
+
+@pytest.mark.parametrize("medium", ["SSD", "HDD"])
+def test_disk_tier_without_path(medium: str) -> None:
+    assert one_error(make_runtime(Level(mediumtype=medium, quota="1Gi"))) == (
+        f"spec.tieredstore.levels[0].path is required for {medium} tiers"
+    )
+    assert "path is required" in one_error(make_runtime(Level(mediumtype=medium, quota="1Gi", path=",")))
+
+
+@pytest.mark.parametrize("path", ["cache/ssd", "./cache", "/mnt/../etc", "/mnt/a,relative"])
+def test_disk_tier_path_must_be_absolute_without_dotdot(path: str) -> None:
+    error = one_error(make_runtime(Level(mediumtype="SSD", quota="1Gi", path=path)))
+    assert "must be an absolute path without '..'" in error
+
+
+@pytest.mark.parametrize("block_size", ["32Ki", "60Ki", "128Mi", "0", "1Gi", 1024])
+def test_block_size_out_of_range(block_size: str | int) -> None:
+    error = one_error(make_runtime(block_size=block_size))
+    assert error.startswith("spec.blockSize must be a multiple of 4Ki between 64Ki and 64Mi")
+
+
+@pytest.mark.parametrize("block_size", ["66Ki", "65537", "4194305", "1000000"])
+def test_block_size_not_a_multiple_of_4ki(block_size: str) -> None:
+    assert "multiple of 4Ki" in one_error(make_runtime(block_size=block_size))
+
+
+def test_block_size_not_a_quantity() -> None:
+    assert one_error(make_runtime(block_size="big")).startswith("spec.blockSize: ")
+
+
+@pytest.mark.parametrize("replicas", [-1, -100, MAX_REPLICAS + 1])
+def test_replicas_out_of_range(replicas: int) -> None:
+    assert one_error(make_runtime(replicas=replicas)).startswith("spec.replicas must be between 0 and")
+
+
+def test_every_problem_is_reported_at_once() -> None:
+    runtime = make_runtime(
+        Level(mediumtype="NVME", quota="0", high="x"),
+        Level(mediumtype="SSD", quota="1Gi", path="rel", high="0.5", low="0.6"),
+        replicas=-1,
+        block_size="3Ki",
+    )
+    errors = validate_runtime(runtime)
+    for expected in ("spec.replicas", "'NVME' is unknown", "quota must be greater than 0", "must be numbers",
+                     "absolute path", "0 < low < high", "spec.blockSize"):
+        assert any(expected in e for e in errors), (expected, errors)
+
+
+# --- apply_runtime ---
+
+
+def test_apply_runtime_generations() -> None:
+    record, changed = apply_runtime(None, valid_runtime())
+    assert (record.generation, changed) == (1, True)
+    same, changed = apply_runtime(record, valid_runtime())
+    assert (same, changed) == (record, False)
+    bigger, changed = apply_runtime(record, valid_runtime(replicas=5))
+    assert (bigger.generation, changed) == (2, True)
+
+
+# --- runtime_status ---
+
+
+def test_ready_when_every_replica_beats() -> None:
+    status = status_of(valid_runtime(replicas=2), [agent("node-b"), agent("node-a")])
+    assert status.phase == "Ready"
+    assert status.message == ""
+    assert status.worker_number_ready == 2
+    assert status.desired_worker_number_scheduled == 2
+    assert status.ready_nodes == ["node-a", "node-b"]
+
+
+def test_ready_with_more_agents_than_replicas() -> None:
+    status = status_of(valid_runtime(replicas=1), [agent("node-a"), agent("node-b")])
+    assert status.phase == "Ready"
+    assert status.worker_number_ready == 2
+
+
+def test_partial_ready() -> None:
+    status = status_of(valid_runtime(replicas=3), [agent("node-a"), agent("node-b")])
+    assert status.phase == "PartialReady"
+    assert status.message == "2 of 3 agents ready"
+
+
+def test_not_ready_without_agents() -> None:
+    status = status_of(valid_runtime(replicas=3), [])
+    assert status.phase == "NotReady"
+    assert status.worker_number_ready == 0
+    assert status.ready_nodes == []
+    assert status.message.startswith("0 of 3 agents ready")
+    assert (status.cache_capacity, status.cache_capacity_bytes) == ("0B", 0)
+
+
+def test_stale_heartbeats_are_ignored() -> None:
+    agents = [
+        agent("fresh"),
+        agent("just-in-time", age=MISSED_BEATS * INTERVAL),
+        agent("stale", age=MISSED_BEATS * INTERVAL + 0.001),
+        agent("long-gone", age=3600),
+        agent("slow-beater", age=50, interval=20.0),
+    ]
+    status = status_of(valid_runtime(replicas=5), agents)
+    assert status.ready_nodes == ["fresh", "just-in-time", "slow-beater"]
+    assert status.phase == "PartialReady"
+
+
+def test_unhealthy_agents_are_ignored() -> None:
+    status = status_of(valid_runtime(replicas=2), [agent("node-a"), agent("node-b", healthy=False)])
+    assert status.ready_nodes == ["node-a"]
+    assert status.phase == "PartialReady"
+
+
+def test_heartbeats_for_other_runtimes_or_namespaces_are_ignored() -> None:
+    agents = [
+        agent("mine", ("coco", "default"), ("imagenet", "default")),
+        agent("other-runtime", ("coco", "default")),
+        agent("other-namespace", ("imagenet", "ml-team")),
+        agent("serves-nothing", ("", "")),
+    ]
+    status = status_of(valid_runtime(replicas=1), agents)
+    assert status.ready_nodes == ["mine"]
+    assert status.phase == "Ready"
+
+
+def test_agent_without_runtimes_is_not_ready() -> None:
+    beat = AgentHeartbeat(node="empty", runtimes=[], interval_seconds=INTERVAL)
+    assert status_of(valid_runtime(), [AgentRecord(heartbeat=beat, received_at=NOW)]).worker_number_ready == 0
+
+
+def test_capacity_is_the_sum_of_quotas_times_ready_nodes() -> None:
+    runtime = valid_runtime(replicas=3)
+    assert node_capacity(runtime) == 10 * GiB
+    status = status_of(runtime, [agent("node-a"), agent("node-b"), agent("node-c", healthy=False)])
+    assert status.cache_capacity_bytes == 20 * GiB
+    assert status.cache_capacity == "20.00GiB"
+
+
+def test_block_size_and_conditions_in_status() -> None:
+    condition = Condition(type="Ready", status="True")
+    status = status_of(valid_runtime(), [agent("node-a")], conditions=[condition])
+    assert status.block_size_bytes == 4 * 1024 * 1024
+    assert status.conditions == [condition]
+
+
+def test_zero_replicas_with_no_agents_is_not_ready() -> None:
+    assert status_of(make_runtime(replicas=0), []).phase == "NotReady"
+
+
+# --- Properties over heartbeats ---
+
+
+RUNTIME_REFS = st.sampled_from([("imagenet", "default"), ("imagenet", "ml-team"), ("coco", "default")])
+AGENTS = st.dictionaries(
+    keys=st.sampled_from([f"node-{i}" for i in range(8)]),
+    values=st.builds(
+        lambda refs, healthy, age, interval: (refs, healthy, age, interval),
+        st.lists(RUNTIME_REFS, max_size=3),
+        st.booleans(),
+        st.floats(min_value=0, max_value=100, allow_nan=False),
+        st.sampled_from([1.0, 5.0, 10.0, 30.0]),
+    ),
+    max_size=8,
+)
+
+
+def build_agents(spec: dict[str, tuple[list[tuple[str, str]], bool, float, float]]) -> dict[str, AgentRecord]:
+    out = {}
+    for node, (refs, healthy, age, interval) in spec.items():
+        beat = AgentHeartbeat(node=node, runtimes=[ObjectRef(name=n, namespace=ns) for n, ns in refs],
+                              healthy=healthy, interval_seconds=interval)
+        out[node] = AgentRecord(heartbeat=beat, received_at=NOW - age)
+    return out
+
+
+@given(AGENTS, st.sampled_from([f"node-{i}" for i in range(10)]), st.integers(min_value=0, max_value=10))
+def test_a_fresh_healthy_heartbeat_never_lowers_readiness(spec: Any, node: str, replicas: int) -> None:
+    runtime = valid_runtime(replicas=replicas)
+    agents = build_agents(spec)
+    before = status_of(runtime, list(agents.values()))
+    # The agents KV keeps one record per node: a new beat replaces that node's previous one.
+    agents[node] = agent(node, ("imagenet", "default"))
+    after = status_of(runtime, list(agents.values()))
+    assert after.worker_number_ready >= before.worker_number_ready
+    assert node in after.ready_nodes
+    assert set(before.ready_nodes) <= set(after.ready_nodes)
+    rank = {"NotReady": 0, "PartialReady": 1, "Ready": 2}
+    assert rank[after.phase] >= rank[before.phase]
+
+
+@given(AGENTS, st.integers(min_value=0, max_value=10))
+def test_status_is_consistent_with_its_ready_nodes(spec: Any, replicas: int) -> None:
+    runtime = valid_runtime(replicas=replicas)
+    agents = list(build_agents(spec).values())
+    status = status_of(runtime, agents)
+    assert status.ready_nodes == sorted(set(status.ready_nodes))
+    assert status.ready_nodes == ready_nodes(runtime, agents, NOW)
+    assert status.worker_number_ready == len(status.ready_nodes) <= len(agents)
+    assert status.cache_capacity_bytes == node_capacity(runtime) * status.worker_number_ready
+    if status.worker_number_ready == 0:
+        assert status.phase == "NotReady"
+    elif status.worker_number_ready >= replicas:
+        assert status.phase == "Ready"
+    else:
+        assert status.phase == "PartialReady"
+    for record in agents:
+        beat = record.heartbeat
+        expected = (beat.healthy and NOW - record.received_at <= MISSED_BEATS * beat.interval_seconds
+                    and ObjectRef(name="imagenet", namespace="default") in beat.runtimes)
+        assert (beat.node in status.ready_nodes) == expected
