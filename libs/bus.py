@@ -86,8 +86,8 @@ STREAMS: tuple[StreamSpec, ...] = (
     # Commands are kept a week so a service that was down catches up, and for audit.
     StreamSpec(subjects.STREAM_COMMANDS, [subjects.ALL_COMMANDS], max_age=7 * DAY, max_bytes=1 << 30),
     StreamSpec(subjects.STREAM_FACTS, [subjects.ALL_FACTS], max_age=7 * DAY, max_bytes=1 << 30),
-    # Heartbeats only matter while fresh: keep the last few per node, for an hour.
-    StreamSpec(subjects.STREAM_AGENT, [subjects.ALL_AGENT], max_age=3600.0, max_msgs_per_subject=16),
+    # Heartbeats and inventory only matter while fresh: an hour, and bounded per node.
+    StreamSpec(subjects.STREAM_AGENT, [subjects.ALL_AGENT], max_age=3600.0, max_msgs_per_subject=10_000),
     StreamSpec(subjects.STREAM_DEAD_LETTERS, [subjects.ALL_DEAD_LETTERS], max_age=30 * DAY, max_bytes=1 << 30),
 )
 
@@ -103,6 +103,7 @@ KV_BUCKETS: tuple[BucketSpec, ...] = (
     BucketSpec(subjects.KV_DATASETS, history=5),
     BucketSpec(subjects.KV_RUNTIMES, history=5),
     BucketSpec(subjects.KV_BINDINGS),
+    BucketSpec(subjects.KV_NODE_CACHE),
     # An agent that stops beating disappears after a minute even if nobody ticks.
     BucketSpec(subjects.KV_AGENTS, ttl=60.0),
 )

@@ -97,11 +97,38 @@ class ServiceSettings:
     list_page_size: int = env("SHOAL_LIST_PAGE_SIZE", "Objects per listing page during a sync.", default=1000)
 
 
+def _default_node_name() -> str:
+    import re
+    import socket
+
+    return re.sub(r"[^a-z0-9-]", "-", socket.gethostname().lower()).strip("-")[:63] or "node"
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    node_name: str = env("SHOAL_NODE_NAME", "This node's name in heartbeats and inventory.",
+                         default_factory=_default_node_name)
+    mount_root: str = env("SHOAL_MOUNT_ROOT", "Datasets are mounted at <root>/<namespace>/<name>.",
+                          default="/var/lib/shoal/mnt")
+    runtimes: list[str] = env(
+        "SHOAL_AGENT_RUNTIMES", "Runtimes this agent serves, as namespace/name; empty serves every runtime.",
+        default_factory=list,
+    )
+    # Three missed beats make a node not ready; 2 s lets the runtime notice a dead agent within ~6 s.
+    heartbeat_seconds: float = env("SHOAL_HEARTBEAT_SECONDS", "Seconds between heartbeats.", default=2.0)
+    # Memory for blocks fetched ahead, shared by every open file of a mount.
+    readahead_budget: str = env("SHOAL_READAHEAD_BUDGET", "Read-ahead memory per mount (quantity).",
+                                default="512Mi")
+    cache_policy: str = env("SHOAL_CACHE_POLICY", "lfu-admission (keeps a stable subset) or lru.",
+                            default="lfu-admission")
+
+
 @dataclass(frozen=True)
 class Settings:
     nats: NatsSettings = field(default_factory=NatsSettings)
     s3: S3Settings = field(default_factory=S3Settings)
     service: ServiceSettings = field(default_factory=ServiceSettings)
+    agent: AgentSettings = field(default_factory=AgentSettings)
 
 
 T = TypeVar("T")
@@ -147,6 +174,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         nats=_load_group(NatsSettings, environ, errors),
         s3=_load_group(S3Settings, environ, errors),
         service=_load_group(ServiceSettings, environ, errors),
+        agent=_load_group(AgentSettings, environ, errors),
     )
     for problem in _check(settings):
         errors.append(problem)
@@ -171,6 +199,12 @@ def _check(settings: Settings) -> list[str]:
         problems.append("SHOAL_LIST_PAGE_SIZE: must be between 1 and 1000")
     if not 1 <= settings.nats.replicas <= 5:
         problems.append("SHOAL_STREAM_REPLICAS: JetStream allows 1 to 5 replicas")
+    if settings.agent.cache_policy not in ("lfu-admission", "lru"):
+        problems.append(f"SHOAL_CACHE_POLICY={settings.agent.cache_policy!r}: use lfu-admission or lru")
+    if settings.agent.heartbeat_seconds <= 0:
+        problems.append("SHOAL_HEARTBEAT_SECONDS: must be positive")
+    if not settings.agent.mount_root.startswith("/"):
+        problems.append(f"SHOAL_MOUNT_ROOT={settings.agent.mount_root!r}: must be an absolute path")
     if settings.nats.user and not settings.nats.password:
         problems.append("NATS_PASSWORD: required when NATS_USER is set")
     return problems
@@ -179,7 +213,7 @@ def _check(settings: Settings) -> list[str]:
 def describe_settings() -> list[tuple[str, str, str]]:
     """(variable, default, doc) of every setting, for READMEs and ``--help``."""
     rows = []
-    for group in (NatsSettings, S3Settings, ServiceSettings):
+    for group in (NatsSettings, S3Settings, ServiceSettings, AgentSettings):
         defaults = group()
         for item in fields(group):
             default = getattr(defaults, item.name)

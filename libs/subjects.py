@@ -16,6 +16,7 @@ STREAM_DEAD_LETTERS = "SHOAL_DEAD_LETTERS"
 # --- Commands: other systems publish these (JSON). ---
 DATASET_APPLY = "shoal.cmd.dataset.apply"
 DATASET_DELETE = "shoal.cmd.dataset.delete"
+DATASET_RESYNC = "shoal.cmd.dataset.resync"
 RUNTIME_APPLY = "shoal.cmd.runtime.apply"
 RUNTIME_DELETE = "shoal.cmd.runtime.delete"
 DATASET_COMMANDS = "shoal.cmd.dataset.*"
@@ -46,6 +47,16 @@ def agent_heartbeat(node: str) -> str:
     return f"{AGENT_HEARTBEAT_PREFIX}.{node}"
 
 
+AGENT_INVENTORY_PREFIX = "shoal.agent.inventory"
+AGENT_INVENTORY = "shoal.agent.inventory.*"
+# Core NATS (not stored): a consumer that saw a gap asks for a snapshot.
+INVENTORY_REQUEST = "shoal.ctl.inventory.request"
+
+
+def agent_inventory(node: str) -> str:
+    return f"{AGENT_INVENTORY_PREFIX}.{node}"
+
+
 # --- Dead letters: one subject per consumer that gave up on a message. ---
 DEAD_LETTER_PREFIX = "shoal.dlq"
 ALL_DEAD_LETTERS = "shoal.dlq.>"
@@ -60,18 +71,25 @@ DURABLE_DATASET_COMMANDS = "dataset-commands"
 DURABLE_DATASET_RUNTIME_STATUS = "dataset-runtime-status"
 DURABLE_RUNTIME_COMMANDS = "runtime-commands"
 DURABLE_RUNTIME_HEARTBEATS = "runtime-heartbeats"
+DURABLE_DATASET_INVENTORY = "dataset-inventory"
 
 # --- KV buckets and the Object Store. ---
 KV_DATASETS = "shoal_datasets"
 KV_RUNTIMES = "shoal_runtimes"
 KV_AGENTS = "shoal_agents"
 KV_BINDINGS = "shoal_dataset_bindings"
+# Per (dataset, node) cache totals folded from inventory; keys "<namespace>.<name>.<node>".
+KV_NODE_CACHE = "shoal_dataset_node_cache"
 OBJ_MANIFESTS = "shoal_manifests"
 
 
 def resource_key(namespace: str, name: str) -> str:
     """KV key of a namespaced object. Both parts are DNS labels, so they never contain a dot."""
     return f"{namespace}.{name}"
+
+
+def node_cache_key(namespace: str, name: str, node: str) -> str:
+    return f"{namespace}.{name}.{node}"
 
 
 def manifest_name(namespace: str, name: str) -> str:

@@ -364,6 +364,13 @@ def _cmdline(pid: int) -> bytes | None:
 
 
 def pid_alive(pid: int) -> bool:
+    """Whether the process still runs: a zombie counts as gone once all its threads are gone.
+
+    A multi-threaded process's main thread turns zombie first while the others still close their sockets, and
+    an orphan stays a zombie as long as init does not collect it; so every thread's state is looked at.
+    """
+    if pid <= 0:  # 0 and negative numbers address process groups, never one process
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -371,11 +378,19 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     try:
-        # A zombie has exited; only its parent has not collected it yet.
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except FileNotFoundError:
+        return not Path("/proc/self").exists()
+    except OSError:
         return True
+    for task in tasks:
+        try:
+            state = (task / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if state not in ("Z", "X"):
+            return True
+    return False
 
 
 def runs(pid: int, marker: str) -> bool:
@@ -432,20 +447,34 @@ def stop_leftovers(layout: StateLayout, grace: float = 5.0) -> list[str]:
         processes = record["processes"]
     except (FileNotFoundError, ValueError, KeyError, TypeError):
         return []
-    if pid_alive(int(record.get("up", 0)) or -1) and _is_shoal_up(int(record["up"])):
-        return []
+    if _is_shoal_up(int(record.get("up", 0))):
+        return []  # its owner still runs: nothing is left over
     left = {name: int(entry["pid"]) for name, entry in processes.items() if runs(int(entry["pid"]), entry["marker"])}
     for name, pid in left.items():
         click.echo(f"Stopping {name} (PID {pid}), left running by an earlier shoal up.", err=True)
-        os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and any(pid_alive(pid) for pid in left.values()):
-        time.sleep(0.1)
-    for pid in left.values():
-        if pid_alive(pid):
-            os.kill(pid, signal.SIGKILL)
+    terminate(list(left.values()), grace)
     layout.pids.unlink(missing_ok=True)
     return list(left)
+
+
+def terminate(pids: Sequence[int], grace: float) -> None:
+    """SIGTERM, SIGKILL after ``grace`` seconds, then wait until they are gone (a kill is not instant)."""
+
+    def wait_gone(seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and any(pid_alive(pid) for pid in pids):
+            time.sleep(0.05)
+
+    for pid in pids:
+        with suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    wait_gone(grace)
+    for pid in pids:
+        if pid_alive(pid):
+            with suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    # SIGKILL cannot be ignored; this only covers the moment the kernel needs to tear the process down.
+    wait_gone(5.0)
 
 
 # --- I/O: ports, seeding, provisioning ---
@@ -534,14 +563,7 @@ def child_pids(parent: int) -> list[int]:
 def stop_children(parent: int, grace: float = 3.0) -> None:
     """Stop children not stopped by name yet: one spawned just as Ctrl-C arrived was never registered."""
     strays = child_pids(parent)
-    for pid in strays:
-        os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and any(pid_alive(pid) for pid in strays):
-        time.sleep(0.05)
-    for pid in strays:
-        if pid_alive(pid):
-            os.kill(pid, signal.SIGKILL)
+    terminate(strays, grace)
     for pid in strays:
         with suppress(ChildProcessError):
             os.waitpid(pid, 0)

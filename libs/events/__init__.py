@@ -10,13 +10,14 @@ from typing import Any
 
 import msgspec
 
-from libs.events.agent import AgentHeartbeat
+from libs.events.agent import AgentHeartbeat, InventoryDelta, InventoryRequest, InventorySnapshot
 from libs.events.dataset import (
     DatasetAccepted,
     DatasetApply,
     DatasetDelete,
     DatasetDeleted,
     DatasetRejected,
+    DatasetResync,
     DatasetStatusChanged,
 )
 from libs.events.deadletter import DeadLetter
@@ -32,6 +33,7 @@ from libs.events.runtime import (
 PUBLIC_EVENTS: tuple[type[Any], ...] = (
     DatasetApply,
     DatasetDelete,
+    DatasetResync,
     DatasetAccepted,
     DatasetRejected,
     DatasetStatusChanged,
@@ -43,6 +45,9 @@ PUBLIC_EVENTS: tuple[type[Any], ...] = (
     RuntimeStatusChanged,
     RuntimeDeleted,
     AgentHeartbeat,
+    InventorySnapshot,
+    InventoryDelta,
+    InventoryRequest,
     DeadLetter,
 )
 

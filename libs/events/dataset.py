@@ -104,6 +104,8 @@ class DatasetStatus(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     conditions: list[Condition] = []
     # Generation of the spec the metadata (ufsTotal, fileNum, manifest) was computed from.
     synced_generation: int = 0
+    # How many resync requests the current metadata reflects (see DatasetResync).
+    synced_requests: int = 0
     manifest: str = ""
     last_sync_time: str = ""
 
@@ -120,7 +122,14 @@ class DatasetDelete(Event, frozen=True, kw_only=True, tag="dataset.delete.v1", r
     namespace: str = "default"
 
 
-DatasetCommand = DatasetApply | DatasetDelete
+class DatasetResync(Event, frozen=True, kw_only=True, tag="dataset.resync.v1", rename="camel"):
+    """List the mounts again without a spec change (new objects landed, objects were overwritten)."""
+
+    name: str
+    namespace: str = "default"
+
+
+DatasetCommand = DatasetApply | DatasetDelete | DatasetResync
 
 
 # --- Facts out ---
@@ -165,3 +174,5 @@ class DatasetRecord(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     dataset: Dataset
     generation: int
     status: DatasetStatus = DatasetStatus()
+    # Resync requests received; a sync is due while status.syncedRequests is behind.
+    sync_requests: int = 0

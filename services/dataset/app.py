@@ -4,6 +4,7 @@
 |---|---|---|
 | SHOAL_COMMANDS | shoal.cmd.dataset.* (apply, delete) | DatasetHandlers.on_command |
 | SHOAL_FACTS | shoal.evt.runtime.> (status, deleted) | DatasetHandlers.on_runtime_fact |
+| SHOAL_AGENT | shoal.agent.inventory.* (snapshots, deltas) | DatasetHandlers.on_inventory |
 | KV shoal_datasets | every key (watch) | DatasetHandlers.sync via Reconciler |
 """
 
@@ -16,8 +17,9 @@ from collections.abc import Callable
 import msgspec
 
 from libs import subjects
-from libs.bus import Consumer, connect
+from libs.bus import MESSAGE_LIMIT, Consumer, connect
 from libs.config import Settings
+from libs.events.agent import Inventory
 from libs.events.dataset import DatasetCommand
 from libs.events.runtime import RuntimeFact
 from libs.reconcile import Reconciler
@@ -46,7 +48,12 @@ async def run(settings: Settings, stop: asyncio.Event, clock: Callable[[], float
             msgspec.json.Decoder(RuntimeFact), handlers.on_runtime_fact, max_event_bytes=max_bytes,
             max_deliver=max_deliver,
         )
+        inventory = Consumer(
+            bus, subjects.STREAM_AGENT, subjects.DURABLE_DATASET_INVENTORY, subjects.AGENT_INVENTORY,
+            msgspec.json.Decoder(Inventory), handlers.on_inventory, max_event_bytes=MESSAGE_LIMIT,
+            max_deliver=max_deliver,
+        )
         reconciler = Reconciler(await bus.kv(subjects.KV_DATASETS), handlers.sync)
-        await run_loops([commands, runtime_facts, reconciler], stop)
+        await run_loops([commands, runtime_facts, inventory, reconciler], stop)
     finally:
         await bus.close()

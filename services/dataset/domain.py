@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 import msgspec
 
 from libs.events.common import DNS1123_LABEL, DNS1123_SUBDOMAIN, dns_label_errors, format_bytes
+from libs.events.agent import CacheCounters, Inventory, InventorySnapshot
 from libs.events.dataset import (
     CacheStates,
     Condition,
@@ -140,7 +141,8 @@ def apply_dataset(record: DatasetRecord | None, dataset: Dataset) -> tuple[Datas
 
 
 def needs_sync(record: DatasetRecord) -> bool:
-    return record.status.synced_generation < record.generation
+    status = record.status
+    return status.synced_generation < record.generation or status.synced_requests < record.sync_requests
 
 
 @dataclass(frozen=True)
@@ -148,6 +150,8 @@ class SyncResult:
     """What a metadata sync found, or why it failed."""
 
     generation: int
+    # The record's resync counter when the sync started.
+    requests: int = 0
     file_num: int = 0
     total_bytes: int = 0
     manifest: str = ""
@@ -177,6 +181,7 @@ def status_after_sync(record: DatasetRecord, result: SyncResult, runtime_phase: 
         status = msgspec.structs.replace(
             status,
             synced_generation=result.generation,
+            synced_requests=result.requests,
             message=result.error,
             conditions=_set_condition(status.conditions, condition),
             last_sync_time=iso_time(now),
@@ -187,6 +192,7 @@ def status_after_sync(record: DatasetRecord, result: SyncResult, runtime_phase: 
         status = msgspec.structs.replace(
             status,
             synced_generation=result.generation,
+            synced_requests=result.requests,
             message="",
             ufs_total=format_bytes(result.total_bytes),
             ufs_total_bytes=result.total_bytes,
@@ -237,3 +243,59 @@ class RuntimeBinding(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
 def status_on_apply(record: DatasetRecord, binding: RuntimeBinding | None) -> DatasetStatus:
     binding = binding or RuntimeBinding()
     return with_binding(record.dataset, record.status, binding.phase, binding.cache_capacity)
+
+
+# --- Cache states from agent inventory ---
+
+
+class NodeCache(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
+    """The last inventory position and totals of one node's cache of a dataset."""
+
+    incarnation: str
+    seq: int
+    counters: CacheCounters
+
+
+class DatasetCache(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
+    nodes: dict[str, NodeCache] = {}
+
+
+def fold_inventory(cache: DatasetCache | None, event: Inventory) -> tuple[DatasetCache, bool]:
+    """The dataset's cache after one inventory event, and whether a gap was seen (a snapshot is needed).
+
+    Counters are totals in every event, so cache states stay right even across a gap; only the block lists
+    (for the scheduler) need the snapshot.
+    """
+    cache = cache or DatasetCache()
+    previous = cache.nodes.get(event.node)
+    if isinstance(event, InventorySnapshot):
+        gap = False
+    else:
+        gap = previous is None or previous.incarnation != event.incarnation or event.seq != previous.seq + 1
+    if previous is not None and previous.incarnation == event.incarnation and event.seq <= previous.seq:
+        return cache, False  # a redelivered or reordered old event
+    node = NodeCache(incarnation=event.incarnation, seq=event.seq, counters=event.counters)
+    return DatasetCache(nodes={**cache.nodes, event.node: node}), gap
+
+
+def percentage(part: int, whole: int) -> str:
+    return f"{min(100.0, 100.0 * part / whole):.1f}%" if whole > 0 else "0.0%"
+
+
+def cache_states(cache: DatasetCache, ufs_total_bytes: int) -> CacheStates:
+    cached = sum(node.counters.cached_bytes for node in cache.nodes.values())
+    capacity = sum(node.counters.capacity_bytes for node in cache.nodes.values())
+    hits = sum(node.counters.hit_bytes for node in cache.nodes.values())
+    misses = sum(node.counters.miss_bytes for node in cache.nodes.values())
+    return CacheStates(
+        cache_capacity=format_bytes(capacity),
+        cached=format_bytes(cached),
+        cached_percentage=percentage(cached, ufs_total_bytes),
+        cache_hit_ratio=percentage(hits, hits + misses),
+    )
+
+
+def with_cache_states(status: DatasetStatus, cache: DatasetCache) -> DatasetStatus:
+    if not cache.nodes:
+        return status
+    return msgspec.structs.replace(status, cache_states=cache_states(cache, status.ufs_total_bytes))

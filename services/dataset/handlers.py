@@ -25,9 +25,11 @@ from libs.events.dataset import (
     DatasetDeleted,
     DatasetRecord,
     DatasetRejected,
+    DatasetResync,
     DatasetStatus,
     DatasetStatusChanged,
 )
+from libs.events.agent import Inventory, InventoryRequest
 from libs.events.runtime import RuntimeDeleted, RuntimeFact, RuntimeStatusChanged
 from libs.telemetry import get_logger
 from libs.ufs import open_store
@@ -54,6 +56,8 @@ class DatasetHandlers:
     async def on_command(self, command: DatasetCommand, delivery: Delivery) -> None:
         if isinstance(command, DatasetApply):
             await self.apply(command, delivery)
+        elif isinstance(command, DatasetResync):
+            await self.resync(command, delivery)
         else:
             await self.delete(command, delivery)
 
@@ -95,19 +99,38 @@ class DatasetHandlers:
         if saved_revision is not None and changed and (record is None or record.status != updated.status):
             await self._publish_status(updated, saved_revision)
 
+    async def resync(self, command: DatasetResync, delivery: Delivery) -> None:
+        kv = await self.bus.kv(subjects.KV_DATASETS)
+        key = subjects.resource_key(command.namespace, command.name)
+        record, revision = await kv_load(kv, key, DatasetRecord)
+        if record is None:
+            await self._reject_missing(command, delivery)
+            return
+        updated = msgspec.structs.replace(record, sync_requests=record.sync_requests + 1)
+        await kv_save(kv, key, updated, revision)  # the reconciler sees the change and lists again
+        await self.bus.publish(
+            subjects.DATASET_ACCEPTED,
+            DatasetAccepted(id=f"{command.id}.accepted", causation_id=command.id, name=command.name,
+                            namespace=command.namespace, generation=record.generation),
+        )
+
+    async def _reject_missing(self, command: DatasetDelete | DatasetResync, delivery: Delivery) -> None:
+        await self.bus.publish(
+            subjects.DATASET_REJECTED,
+            DatasetRejected(id=f"{command.id}.rejected", causation_id=command.id,
+                            reason=f"dataset {command.namespace}/{command.name} does not exist",
+                            name=command.name, namespace=command.namespace, subject=delivery.subject),
+        )
+
     async def delete(self, command: DatasetDelete, delivery: Delivery) -> None:
         kv = await self.bus.kv(subjects.KV_DATASETS)
         key = subjects.resource_key(command.namespace, command.name)
         record, revision = await kv_load(kv, key, DatasetRecord)
         if record is None:
-            await self.bus.publish(
-                subjects.DATASET_REJECTED,
-                DatasetRejected(id=f"{command.id}.rejected", causation_id=command.id,
-                                reason=f"dataset {command.namespace}/{command.name} does not exist",
-                                name=command.name, namespace=command.namespace, subject=delivery.subject),
-            )
+            await self._reject_missing(command, delivery)
             return
         await kv_delete(kv, key, revision)
+        await (await self.bus.kv(subjects.KV_NODE_CACHE)).purge(key)
         await self._delete_manifest(command.namespace, command.name)
         log.info("deleted", dataset=key)
         await self.bus.publish(
@@ -132,6 +155,23 @@ class DatasetHandlers:
             key, lambda record: domain.with_binding(record.dataset, record.status, binding.phase,
                                                     binding.cache_capacity)
         )
+
+    # --- agent inventory ---
+
+    async def on_inventory(self, event: Inventory, delivery: Delivery) -> None:
+        """Fold a node's inventory into the dataset's cacheStates (within a second of the agent's batch)."""
+        ref = event.dataset
+        key = subjects.resource_key(ref.namespace, ref.name)
+        kv = await self.bus.kv(subjects.KV_NODE_CACHE)
+        current, revision = await kv_load(kv, key, domain.DatasetCache)
+        folded, gap = domain.fold_inventory(current, event)
+        if folded is not current:
+            await kv_save(kv, key, folded, revision)
+        if gap:
+            log.info("inventory gap, asking for a snapshot", dataset=key, node=event.node, seq=event.seq)
+            request = InventoryRequest(node=event.node, dataset=ref)
+            await self.bus.nc.publish(subjects.INVENTORY_REQUEST, msgspec.json.encode(request))
+        await self._update_status(key, lambda record: domain.with_cache_states(record.status, folded))
 
     # --- metadata sync (called by the reconciler) ---
 

@@ -7,6 +7,7 @@ from dataclasses import fields
 import pytest
 
 from libs.config import (
+    AgentSettings,
     NatsSettings,
     S3Settings,
     Secret,
@@ -233,7 +234,8 @@ def test_secret_behaviour() -> None:
 def test_every_setting_is_described() -> None:
     rows = describe_settings()
     names = [name for name, _, _ in rows]
-    expected = [f.metadata["env"] for group in (NatsSettings, S3Settings, ServiceSettings) for f in fields(group)]
+    groups = (NatsSettings, S3Settings, ServiceSettings, AgentSettings)
+    expected = [f.metadata["env"] for group in groups for f in fields(group)]
     assert names == expected
     assert len(set(names)) == len(names)
     assert all(doc for _, _, doc in rows)
