@@ -209,6 +209,8 @@ def start_seaweedfs(config: SeaweedConfig, log_path: Path) -> ServerProcess:
         f"-filer.localSocket={config.data_dir / 'filer.sock'}", f"-s3.localSocket={config.data_dir / 's3.sock'}",
         # Small volumes so a demo or a test run does not preallocate gigabytes.
         "-master.volumeSizeLimitMB=64", "-volume.max=0", "-master.telemetry=false",
+        # A single master need not wait out the default 10 s election on restart over existing data.
+        "-master.electionTimeout=1s",
     ]
     server = spawn("seaweedfs", argv, log_path, grace=2.0)
     # The S3 port answers 403 to an anonymous GET once the gateway is up.

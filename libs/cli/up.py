@@ -8,7 +8,7 @@ What it decides (pure, at the top of this module):
 - the restart backoff of a service that exits (``restart_delay``, ``failures_after_exit``);
 - the demo bucket's objects (``demo_objects``) and how the demo manifest becomes commands (``demo_commands``).
 
-Which I/O it owns (below the ``--- I/O ---`` line): the pid files, starting and stopping child processes by the
+Which I/O it owns (the ``--- I/O: ... ---`` sections): the pid files, starting and stopping child processes by the
 PID it started, supervising the services, seeding the demo bucket, provisioning JetStream and publishing the demo
 manifest. Shutdown order is services, then SeaweedFS, then NATS, so no service sees its dependencies vanish.
 """
@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import os
 import signal
 import socket
@@ -29,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import Any
+from urllib.parse import urlsplit
 
 import click
 import msgspec
@@ -94,10 +96,6 @@ class StateLayout:
         return self.root / "seaweedfs"
 
     @property
-    def cache(self) -> Path:
-        return self.root / "cache"
-
-    @property
     def pidfile(self) -> Path:
         return self.root / "up.pid"
 
@@ -153,7 +151,7 @@ def ports_needed(ports: Ports, run_nats: bool, run_s3: bool) -> list[PortUse]:
             (ports.seaweed_filer, "SeaweedFS filer", "--seaweed-filer-port / SHOAL_SEAWEED_FILER_PORT"),
         ):
             needed.append(PortUse(port, what, option))
-            needed.append(PortUse(port + SEAWEED_GRPC_OFFSET, f"{what} gRPC ({what} port + 10000)", option))
+            needed.append(PortUse(port + SEAWEED_GRPC_OFFSET, f"{what} gRPC, its port + 10000", option))
     return needed
 
 
@@ -162,11 +160,14 @@ def port_conflicts_message(busy: Sequence[PortUse]) -> str:
     return "cannot start the embedded servers:\n  " + "\n  ".join(lines)
 
 
-def duplicate_ports(needed: Sequence[PortUse]) -> list[str]:
+def port_option_problems(needed: Sequence[PortUse]) -> list[str]:
+    """Ports given twice, and derived gRPC ports past 65535, before any socket is tried."""
     seen: dict[int, PortUse] = {}
     problems = []
     for use in needed:
-        if use.port in seen:
+        if use.port > 65535:
+            problems.append(f"port {use.port} ({use.what}) does not exist: lower {use.option} below 55536")
+        elif use.port in seen:
             problems.append(f"port {use.port} is given to both {seen[use.port].what} and {use.what}")
         seen.setdefault(use.port, use)
     return problems
@@ -411,7 +412,7 @@ def claim_pidfile(layout: StateLayout) -> None:
     if existing is not None and existing != os.getpid() and _is_shoal_up(existing):
         raise UpError(f"shoal up is already running as PID {existing}; stop it with `shoal down`")
     if layout.pidfile.exists():
-        click.echo(f"Removing a stale {layout.pidfile} (PID {existing} is not running).", err=True)
+        click.echo(f"Removing a stale {layout.pidfile}: it names no running shoal up.", err=True)
         layout.pidfile.unlink()
         stop_leftovers(layout)
     layout.root.mkdir(parents=True, exist_ok=True)
@@ -444,12 +445,13 @@ def stop_leftovers(layout: StateLayout, grace: float = 5.0) -> list[str]:
     """Stop children a killed ``shoal up`` left behind (by the PIDs it recorded, if they still run its programs)."""
     try:
         record = json.loads(layout.pids.read_text())
-        processes = record["processes"]
-    except (FileNotFoundError, ValueError, KeyError, TypeError):
-        return []
-    if _is_shoal_up(int(record.get("up", 0))):
+        owner = int(record.get("up", 0))
+        recorded = {name: (int(entry["pid"]), str(entry["marker"])) for name, entry in record["processes"].items()}
+    except (FileNotFoundError, ValueError, KeyError, TypeError, AttributeError):
+        return []  # nothing recorded, or not by us: nothing to stop
+    if _is_shoal_up(owner):
         return []  # its owner still runs: nothing is left over
-    left = {name: int(entry["pid"]) for name, entry in processes.items() if runs(int(entry["pid"]), entry["marker"])}
+    left = {name: pid for name, (pid, marker) in recorded.items() if runs(pid, marker)}
     for name, pid in left.items():
         click.echo(f"Stopping {name} (PID {pid}), left running by an earlier shoal up.", err=True)
     terminate(list(left.values()), grace)
@@ -492,7 +494,7 @@ def port_in_use(port: int) -> bool:
 
 
 def check_ports(needed: Sequence[PortUse]) -> None:
-    problems = duplicate_ports(needed)
+    problems = port_option_problems(needed)
     if problems:
         raise UpError("conflicting port options:\n  " + "\n  ".join(problems))
     busy = [use for use in needed if port_in_use(use.port)]
@@ -526,14 +528,35 @@ async def seed_demo_bucket(s3: S3Access, objects: Sequence[DemoObject]) -> int:
         return len(missing)
 
 
+def _reachable(url: str) -> bool | None:
+    """Whether a TCP connection to a nats:// or tls:// URL opens; None for schemes not checked here."""
+    parts = urlsplit(url if "://" in url else f"nats://{url}")
+    if parts.scheme not in ("nats", "tls") or not parts.hostname:
+        return None
+    try:
+        with socket.create_connection((parts.hostname, parts.port or 4222), timeout=2.0):
+            return True
+    except OSError:
+        return False
+
+
 async def prepare(nats: NatsSettings, s3: S3Access, commands: Sequence[tuple[str, msgspec.Struct]]) -> None:
     """Provision JetStream, seed the demo bucket (embedded S3 only) and publish the demo commands."""
     from libs.bus import connect
 
+    shown = ",".join(nats.urls)
+    # nats-py retries a refused connection forever, logging a traceback each time: ask the sockets first.
+    if all(_reachable(url) is False for url in nats.urls):
+        raise UpError(f"cannot reach NATS at {shown} (connection refused or no route); check NATS_URL")
+    nats_log = logging.getLogger("nats.aio.client")
+    saved_propagate, nats_log.propagate = nats_log.propagate, False
     try:
         bus = await asyncio.wait_for(connect(nats, "shoal-up"), CONNECT_TIMEOUT_SECONDS)
     except (TimeoutError, OSError) as err:
-        raise UpError(f"cannot reach NATS at {','.join(nats.urls)}: {err or 'timed out'}") from err
+        raise UpError(f"cannot reach NATS at {shown}: {err or f'no answer within {CONNECT_TIMEOUT_SECONDS:g} s'}"
+                      ) from err
+    finally:
+        nats_log.propagate = saved_propagate
     try:
         await bus.provision()
         if s3.embedded:
@@ -560,9 +583,12 @@ def child_pids(parent: int) -> list[int]:
     return children
 
 
-def stop_children(parent: int, grace: float = 3.0) -> None:
-    """Stop children not stopped by name yet: one spawned just as Ctrl-C arrived was never registered."""
-    strays = child_pids(parent)
+def stop_children(parent: int, spare: set[int], grace: float = 3.0) -> None:
+    """Stop children not stopped by name yet (one spawned just as Ctrl-C arrived was never registered).
+
+    ``spare``: children the process had before ``shoal up`` started anything, which are not ours to stop.
+    """
+    strays = [pid for pid in child_pids(parent) if pid not in spare]
     terminate(strays, grace)
     for pid in strays:
         with suppress(ChildProcessError):
@@ -591,6 +617,8 @@ class Stack:
     server_markers: dict[str, str] = field(default_factory=dict)
     # The services' environment, set once the plan is known; restarts reuse it.
     env: dict[str, str] = field(default_factory=dict)
+    # Children that existed before this stack started anything (none from the CLI; some when run in-process).
+    earlier_children: set[int] = field(default_factory=lambda: set(child_pids(os.getpid())))
 
     def record(self) -> None:
         processes = {server.name: (server.pid, self.server_markers[server.name]) for server in self.servers}
@@ -642,7 +670,7 @@ class Stack:
             process.stop()
         for server in reversed(self.servers):
             server.stop()
-        stop_children(os.getpid())
+        stop_children(os.getpid(), spare=self.earlier_children)
 
 
 def _timestamped(message: str) -> None:

@@ -1,0 +1,57 @@
+# Shoal's entry points. `make run` starts the whole stack on this machine, `make test` runs every test; both are
+# idempotent and work as root on Debian from a fresh clone. Only `system-deps` touches the system (apt-get).
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# Touched after a successful install: pip runs again only when pyproject.toml is newer than this.
+STAMP := $(VENV)/.installed
+STATE_DIR ?= $(or $(SHOAL_STATE_DIR),.shoal)
+
+.PHONY: venv system-deps run test lint bench schemas clean
+
+venv: $(STAMP)
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --disable-pip-version-check -q -e '.[dev]'
+	touch $(STAMP)
+
+# FUSE 3 (fusermount3, libfuse3 and its pkg-config file) is needed by the agent's mounts. As root with apt-get it
+# is installed; anywhere else we say what to install and carry on, since nothing before the agent needs it.
+system-deps:
+	@if command -v fusermount3 >/dev/null 2>&1 && pkg-config --exists fuse3 2>/dev/null; then \
+		:; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "Installing fuse3, libfuse3-dev and pkg-config with apt-get"; \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q fuse3 libfuse3-dev pkg-config \
+			|| echo "WARNING: apt-get could not install fuse3, libfuse3-dev and pkg-config; FUSE mounts will not work"; \
+	else \
+		echo "NOTE: install fuse3, libfuse3-dev and pkg-config with your package manager (needed for FUSE mounts)"; \
+	fi
+
+run: system-deps venv
+	$(BIN)/shoal up
+
+test: system-deps venv
+	$(BIN)/pytest -q -p no:cacheprovider
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+bench: venv
+	$(BIN)/python -m tests.bench
+
+schemas: venv
+	$(BIN)/shoal schemas docs/schemas
+
+# Refuses while `shoal up` runs on this state directory: its servers would lose their files under them.
+clean:
+	@pid=$$(cat "$(STATE_DIR)/up.pid" 2>/dev/null || true); \
+	if [ -n "$$pid" ] && kill -0 "$$pid" 2>/dev/null; then \
+		echo "shoal up is running as PID $$pid; stop it with '$(BIN)/shoal down' (or Ctrl-C) first"; exit 1; \
+	fi
+	rm -rf "$(STATE_DIR)"

@@ -1,0 +1,297 @@
+"""``shoal up`` end to end: the real command as a child process, with its own state directory and free ports.
+
+It must bring up NATS, SeaweedFS and every service, seed and sync the demo dataset, restart a service that dies,
+refuse a second ``shoal up`` on the same state directory, name a busy port, and on Ctrl-C stop every process it
+started and exit 0. The PIDs come from the ``pids.json`` that ``shoal up`` keeps in its state directory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from libs.bus import connect
+from libs.cli.up import (
+    SERVICES,
+    Stack,
+    StateLayout,
+    demo_objects,
+    failures_after_exit,
+    pid_alive,
+    ports_needed,
+    rebase_tier_paths,
+    restart_delay,
+)
+from libs.cli.up import Ports as UpPorts
+from libs.config import NatsSettings
+from libs.embedded import LOOPBACK, SeaweedConfig, free_port
+from tests.helpers import dataset_record, eventually, runtime_record
+
+SHOAL = str(Path(sys.executable).parent / "shoal")
+# Variables that would make `shoal up` use servers of the outer environment instead of starting its own.
+OUTER_VARIABLES = ("NATS_URL", "SHOAL_S3_ENDPOINT", "SHOAL_S3_ACCESS_KEY_ID", "SHOAL_S3_SECRET_ACCESS_KEY",
+                   "SHOAL_STATE_DIR")
+# SeaweedFS needs a few seconds, more on a busy two-core machine running other tests.
+READY_TIMEOUT = 90.0
+STOP_TIMEOUT = 60.0
+
+
+def up_arguments(state_dir: Path) -> list[str]:
+    """Every port free and non-default, so a developer's own `make run` never collides with the test."""
+    seaweed = SeaweedConfig.on_free_ports(state_dir)
+    return [
+        "up", "--state-dir", str(state_dir),
+        "--nats-port", str(free_port()), "--nats-monitor-port", str(free_port()),
+        "--s3-port", str(seaweed.s3_port), "--seaweed-master-port", str(seaweed.master_port),
+        "--seaweed-volume-port", str(seaweed.volume_port), "--seaweed-filer-port", str(seaweed.filer_port),
+    ]
+
+
+def child_env() -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items()
+           if key not in OUTER_VARIABLES and not (key.startswith("SHOAL_") and key.endswith("_PORT"))}
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+class UpRun:
+    """One `shoal up` child: its merged output as it arrives and the PIDs it recorded."""
+
+    def __init__(self, process: asyncio.subprocess.Process, state_dir: Path, argv: list[str]) -> None:
+        self.process = process
+        self.state_dir = state_dir
+        self.argv = argv
+        self.lines: list[str] = []
+        self.seen_pids: dict[str, int] = {}
+        self._reader = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        assert self.process.stdout is not None
+        async for line in self.process.stdout:
+            self.lines.append(line.decode(errors="replace"))
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    async def wait_for_output(self, text: str, within: float = READY_TIMEOUT) -> None:
+        async def probe() -> bool:
+            if text in self.output:
+                return True
+            if self.process.returncode is not None:
+                raise AssertionError(f"shoal up exited with {self.process.returncode}:\n{self.output}")
+            return False
+
+        await eventually(probe, within, f"{text!r} in the output of shoal up")
+
+    def pids(self) -> dict[str, int]:
+        record = json.loads((self.state_dir / "pids.json").read_text())
+        assert record["up"] == self.process.pid
+        pids = {name: int(entry["pid"]) for name, entry in record["processes"].items()}
+        self.seen_pids.update({f"{name}@{pid}": pid for name, pid in pids.items()})
+        return pids
+
+    async def stop(self, sig: int = signal.SIGINT) -> int:
+        if self.process.returncode is None:
+            self.process.send_signal(sig)
+        code = await asyncio.wait_for(self.process.wait(), STOP_TIMEOUT)
+        await asyncio.wait_for(self._reader, STOP_TIMEOUT)
+        return code
+
+    async def kill_everything(self) -> None:
+        """Teardown after a failure: whatever is still running of this run is killed by its recorded PID."""
+        if self.process.returncode is None:
+            try:
+                await self.stop()
+            except TimeoutError:
+                self.process.kill()
+                await self.process.wait()
+        for pid in self.seen_pids.values():
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        if not self._reader.done():
+            await asyncio.wait_for(self._reader, STOP_TIMEOUT)
+
+
+StartUp = Callable[..., Awaitable[UpRun]]
+
+
+@pytest.fixture
+async def start_up(tmp_path: Path) -> AsyncIterator[StartUp]:
+    runs: list[UpRun] = []
+
+    async def start(state_dir: Path | None = None, argv: list[str] | None = None) -> UpRun:
+        state_dir = state_dir or tmp_path / "state"
+        argv = argv or up_arguments(state_dir)
+        process = await asyncio.create_subprocess_exec(
+            SHOAL, *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            stdin=asyncio.subprocess.DEVNULL, env=child_env(), cwd=tmp_path,
+        )
+        run = UpRun(process, state_dir, argv)
+        runs.append(run)
+        return run
+
+    try:
+        yield start
+    finally:
+        for run in runs:
+            await run.kill_everything()
+
+
+async def run_to_end(argv: list[str], cwd: Path) -> tuple[int, str]:
+    process = await asyncio.create_subprocess_exec(
+        SHOAL, *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        stdin=asyncio.subprocess.DEVNULL, env=child_env(), cwd=cwd,
+    )
+    output, _ = await asyncio.wait_for(process.communicate(), STOP_TIMEOUT)
+    assert process.returncode is not None
+    return process.returncode, output.decode(errors="replace")
+
+
+def nats_url_of(run: UpRun) -> str:
+    port = run.argv[run.argv.index("--nats-port") + 1]
+    return f"nats://{LOOPBACK}:{port}"
+
+
+@pytest.mark.timeout(240)
+async def test_up_syncs_the_demo_restarts_a_dead_service_and_stops_everything_on_ctrl_c(
+        start_up: StartUp) -> None:
+    run = await start_up()
+    await run.wait_for_output("Shoal is up")
+    pids = run.pids()
+    assert set(pids) == {"nats-server", "seaweedfs", *SERVICES}
+    assert all(alive(pid) for pid in pids.values())
+    assert (run.state_dir / "up.pid").read_text().strip() == str(run.process.pid)
+    for log in ("nats-server", "seaweedfs", *SERVICES):
+        assert (run.state_dir / "logs" / f"{log}.log").exists()
+
+    bus = await connect(NatsSettings(urls=[nats_url_of(run)]), "test-up")
+    try:
+        async def demo_synced() -> bool:
+            record = await dataset_record(bus, "demo")
+            return (record is not None and record.status.synced_generation >= 1
+                    and record.status.file_num == len(demo_objects()))
+
+        await eventually(demo_synced, 60, "the demo dataset synced with every seeded object")
+        runtime = await eventually(lambda: runtime_record(bus, "demo"), 30, "the demo runtime")
+        levels = runtime.runtime.spec.tieredstore.levels
+        assert [level.mediumtype for level in levels] == ["MEM", "SSD"]
+        assert levels[1].path == str(run.state_dir / "cache")
+    finally:
+        await bus.close()
+
+    # A service that dies is started again, and pids.json follows it.
+    victim = next(iter(SERVICES))
+    os.kill(pids[victim], signal.SIGKILL)
+    await run.wait_for_output(f"service {victim} restarted", within=30)
+    restarted = run.pids()
+    assert restarted[victim] != pids[victim] and alive(restarted[victim])
+
+    assert await run.stop(signal.SIGINT) == 0, run.output
+    assert "Shoal stopped." in run.output
+    still_running = {name: pid for name, pid in run.seen_pids.items() if alive(pid)}
+    assert still_running == {}
+    assert not (run.state_dir / "up.pid").exists()
+    assert not (run.state_dir / "pids.json").exists()
+
+
+@pytest.mark.timeout(180)
+async def test_a_second_up_on_the_same_state_dir_refuses_and_leaves_the_first_running(
+        start_up: StartUp, tmp_path: Path) -> None:
+    first = await start_up()
+    await first.wait_for_output("Shoal is up")
+    pids = first.pids()
+
+    code, output = await run_to_end(first.argv, tmp_path)
+    assert code != 0
+    assert f"shoal up is already running as PID {first.process.pid}; stop it with `shoal down`" in output
+
+    assert (first.state_dir / "up.pid").read_text().strip() == str(first.process.pid)
+    assert all(alive(pid) for pid in pids.values())
+    # `shoal down` is the other way to stop it: SIGTERM, then it waits for the exit.
+    code, output = await run_to_end(["down", "--state-dir", str(first.state_dir)], tmp_path)
+    assert code == 0, output
+    assert f"Stopped shoal up (PID {first.process.pid})" in output
+    assert await first.stop() == 0
+    assert not any(alive(pid) for pid in pids.values())
+
+
+@pytest.mark.timeout(60)
+async def test_a_busy_port_is_named_with_the_option_that_moves_it(tmp_path: Path) -> None:
+    with socket.socket() as listener:
+        listener.bind((LOOPBACK, 0))
+        listener.listen()
+        busy = listener.getsockname()[1]
+        argv = up_arguments(tmp_path / "state")
+        argv[argv.index("--nats-port") + 1] = str(busy)
+        code, output = await run_to_end(argv, tmp_path)
+    assert code != 0
+    assert f"port {busy} (NATS) on {LOOPBACK} is in use: change it with --nats-port / SHOAL_NATS_PORT" in output
+    assert not (tmp_path / "state" / "up.pid").exists()
+
+
+# --- The pure decisions behind it ---
+
+
+def test_restart_backoff_doubles_from_one_second_to_thirty() -> None:
+    assert [restart_delay(n) for n in range(1, 8)] == [1, 2, 4, 8, 16, 30, 30]
+    assert failures_after_exit(5, ran_seconds=2.0) == 6
+    assert failures_after_exit(5, ran_seconds=3600.0) == 1
+
+
+def test_seaweed_grpc_ports_are_checked_too() -> None:
+    needed = {use.port for use in ports_needed(UpPorts(), run_nats=False, run_s3=True)}
+    assert needed == {8333, 18333, 9333, 19333, 9334, 19334, 9335, 19335}
+    assert {use.port for use in ports_needed(UpPorts(), run_nats=True, run_s3=False)} == {4222, 8222}
+
+
+def test_demo_cache_paths_follow_the_state_dir(tmp_path: Path) -> None:
+    docs: list[dict[str, Any]] = [{"kind": "Runtime", "spec": {"tieredstore": {"levels": [
+        {"mediumtype": "MEM", "quota": "1Gi"},
+        {"mediumtype": "SSD", "path": ".shoal/cache", "quota": "4Gi"},
+        {"mediumtype": "HDD", "path": "/abs/hdd", "quota": "4Gi"},
+    ]}}}, {"kind": "Dataset", "spec": {}}]
+    rebased = rebase_tier_paths(docs, tmp_path / "state")
+    levels = rebased[0]["spec"]["tieredstore"]["levels"]
+    assert [level.get("path") for level in levels] == [None, str(tmp_path / "state" / "cache"), "/abs/hdd"]
+    assert rebased[1] == docs[1]
+    assert docs[0]["spec"]["tieredstore"]["levels"][1]["path"] == ".shoal/cache"  # the input is not changed
+
+
+def test_demo_objects_are_deterministic_with_a_few_multi_block_files() -> None:
+    objects = demo_objects()
+    assert len({obj.key for obj in objects}) == len(objects) == 20
+    assert all(len(obj.body()) == obj.size for obj in objects)
+    assert [obj.body() for obj in objects[:4]] == [obj.body() for obj in demo_objects()[:4]]
+    assert sum(1 for obj in objects if obj.size > 4 << 20) == 2
+    assert {"README.txt", "labels.csv"} <= {obj.key for obj in objects}
+
+
+def test_stop_also_ends_a_child_started_but_never_registered(tmp_path: Path) -> None:
+    """Ctrl-C can land between a server's start and its registration; stop() must not leave it running."""
+    stack = Stack(StateLayout(tmp_path))
+    stray = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        stack.stop()
+        assert not pid_alive(stray.pid)
+    finally:
+        stray.kill()
+        stray.wait()
