@@ -1,1 +1,1 @@
-"""Node agent: FUSE mounts and the block cache. Not built yet (roadmap step 2, the next issue)."""
+"""Node agent: heartbeats, one FUSE mount process per Bound dataset, the block cache and inventory."""

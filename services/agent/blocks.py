@@ -7,29 +7,17 @@ safe as file names and short in inventory events.
 
 from __future__ import annotations
 
-import msgspec
 import xxhash
+
+from libs.events.agent import BlockId
+
+__all__ = ["DEFAULT_BLOCK_SIZE", "BlockId", "block_count", "block_name", "block_span", "blocks_touched", "checksum"]
 
 DEFAULT_BLOCK_SIZE = 4 * 1024 * 1024
 
 
-class BlockId(msgspec.Struct, frozen=True, array_like=True):
-    mount: int
-    key: str
-    etag: str
-    index: int
-
-    @property
-    def name(self) -> str:
-        """32 hex characters, stable across processes and versions (xxh3-128 of the id)."""
-        return block_name(self)
-
-    def describe(self) -> str:
-        return f"{self.mount}:{self.key}@{self.etag}#{self.index}"
-
-
 def block_name(block: BlockId) -> str:
-    return xxhash.xxh3_128_hexdigest(f"{block.mount}\0{block.key}\0{block.etag}\0{block.index}".encode())
+    return block.name
 
 
 def block_span(file_size: int, block_size: int, index: int) -> tuple[int, int]:

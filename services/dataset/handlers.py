@@ -231,7 +231,7 @@ class DatasetHandlers:
         meta = record.dataset.metadata
         await self.bus.publish(
             subjects.DATASET_STATUS,
-            DatasetStatusChanged(id=f"{meta.namespace}.{meta.name}.status.{revision}", name=meta.name,
+            DatasetStatusChanged(id=f"dataset.{meta.namespace}.{meta.name}.status.{revision}", name=meta.name,
                                  namespace=meta.namespace, generation=record.generation, status=record.status),
         )
 

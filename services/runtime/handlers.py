@@ -143,7 +143,7 @@ class RuntimeHandlers:
             meta = record.runtime.metadata
             await self.bus.publish(
                 subjects.RUNTIME_STATUS,
-                RuntimeStatusChanged(id=f"{key}.status.{revision}", name=meta.name, namespace=meta.namespace,
+                RuntimeStatusChanged(id=f"runtime.{key}.status.{revision}", name=meta.name, namespace=meta.namespace,
                                      generation=record.generation, status=status),
             )
             return

@@ -1,0 +1,155 @@
+"""Node agent: heartbeats for the runtimes it serves, and one supervised mount process per Bound dataset.
+
+| source | what | effect |
+|---|---|---|
+| KV shoal_runtimes, shoal_datasets (polled) | Bound datasets of served runtimes | start / stop mount processes |
+| timer | every SHOAL_HEARTBEAT_SECONDS | publish agent.heartbeat.v1 on shoal.agent.heartbeat.<node> |
+
+A mount process that dies is restarted with backoff after its stale mount (ENOTCONN) is removed; on stop every
+mount process gets SIGTERM, and any mount left behind is removed with ``fusermount3 -u -z``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from libs import subjects
+from libs.bus import Bus, connect, kv_values
+from libs.config import Settings
+from libs.events.agent import AgentHeartbeat
+from libs.events.common import ObjectRef
+from libs.events.dataset import DatasetRecord
+from libs.events.runtime import RuntimeRecord
+from libs.telemetry import get_logger
+from services.agent import domain
+from services.agent.mountinfo import is_mounted
+
+SERVICE_NAME = "shoal-agent"
+log = get_logger(SERVICE_NAME)
+
+# How often the wanted mounts are recomputed: well inside the "mounted within a second of Bound" goal.
+POLL_SECONDS = 0.25
+# A mount process gets this long to unmount cleanly after SIGTERM before it is killed.
+STOP_GRACE_SECONDS = 10.0
+
+
+async def force_unmount(path: str) -> None:
+    """Remove a mount left by a dead process (readers would get ENOTCONN until it goes)."""
+    if not is_mounted(path):
+        return
+    process = await asyncio.create_subprocess_exec("fusermount3", "-u", "-z", path,
+                                                   stdout=asyncio.subprocess.DEVNULL,
+                                                   stderr=asyncio.subprocess.PIPE)
+    _, stderr = await process.communicate()
+    if process.returncode != 0:
+        log.warning("could not unmount", path=path, error=stderr.decode(errors="replace").strip())
+
+
+@dataclass
+class MountWorker:
+    namespace: str
+    name: str
+    path: str
+    process: asyncio.subprocess.Process | None = None
+    failures: int = 0
+    next_start: float = 0.0
+
+
+@dataclass
+class NodeAgent:
+    settings: Settings
+    bus: Bus
+    # Environment of mount processes; None inherits the agent's (tests run the agent in-process).
+    child_env: dict[str, str] | None = None
+    workers: dict[tuple[str, str], MountWorker] = field(default_factory=dict)
+    served: list[tuple[str, str]] = field(default_factory=list)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        Path(self.settings.agent.mount_root).mkdir(parents=True, exist_ok=True)
+        heartbeat = asyncio.create_task(self._heartbeats(stop))
+        try:
+            while not stop.is_set():
+                await self.reconcile()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=POLL_SECONDS)
+        finally:
+            heartbeat.cancel()
+            await asyncio.gather(heartbeat, return_exceptions=True)
+            await asyncio.gather(*(self._stop_worker(w) for w in list(self.workers.values())))
+            self.workers.clear()
+
+    async def reconcile(self) -> None:
+        runtimes = await kv_values(await self.bus.kv(subjects.KV_RUNTIMES), RuntimeRecord)
+        datasets = await kv_values(await self.bus.kv(subjects.KV_DATASETS), DatasetRecord)
+        self.served = domain.served_runtimes(runtimes, self.settings.agent.runtimes)
+        wanted = domain.wanted_mounts(datasets, self.served)
+        for ref in [r for r in self.workers if r not in wanted]:
+            await self._stop_worker(self.workers.pop(ref))
+        now = time.monotonic()
+        for namespace, name in sorted(wanted):
+            worker = self.workers.get((namespace, name))
+            if worker is None:
+                path = domain.mountpoint(self.settings.agent.mount_root, namespace, name)
+                worker = self.workers[(namespace, name)] = MountWorker(namespace, name, path)
+            if worker.process is not None and worker.process.returncode is not None:
+                worker.failures += 1
+                worker.next_start = now + domain.restart_delay(worker.failures)
+                log.warning("mount process exited", dataset=f"{namespace}/{name}", code=worker.process.returncode,
+                            restart_in=round(worker.next_start - now, 1))
+                worker.process = None
+            if worker.process is None and now >= worker.next_start:
+                await self._start_worker(worker)
+
+    async def _start_worker(self, worker: MountWorker) -> None:
+        await force_unmount(worker.path)
+        Path(worker.path).mkdir(parents=True, exist_ok=True)
+        worker.process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "services.agent.mountd", "--namespace", worker.namespace, "--name", worker.name,
+            "--mountpoint", worker.path, stdin=asyncio.subprocess.DEVNULL, env=self.child_env,
+        )
+        log.info("mount process started", dataset=f"{worker.namespace}/{worker.name}", pid=worker.process.pid,
+                 mountpoint=worker.path)
+
+    async def _stop_worker(self, worker: MountWorker) -> None:
+        process = worker.process
+        if process is not None and process.returncode is None:
+            process.terminate()
+            try:
+                await asyncio.wait_for(process.wait(), STOP_GRACE_SECONDS)
+            except TimeoutError:
+                process.kill()
+                await process.wait()
+        await force_unmount(worker.path)
+        log.info("mount stopped", dataset=f"{worker.namespace}/{worker.name}")
+
+    async def _heartbeats(self, stop: asyncio.Event) -> None:
+        interval = self.settings.agent.heartbeat_seconds
+        while not stop.is_set():
+            beat = AgentHeartbeat(
+                node=self.settings.agent.node_name,
+                runtimes=[ObjectRef(name=name, namespace=namespace) for namespace, name in self.served],
+                healthy=True, sent_at=time.time(), interval_seconds=interval,
+            )
+            try:
+                await self.bus.publish(subjects.agent_heartbeat(self.settings.agent.node_name), beat)
+            except Exception:
+                log.exception("heartbeat failed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=interval)
+
+
+async def run(settings: Settings, stop: asyncio.Event, child_env: dict[str, str] | None = None) -> None:
+    bus = await connect(settings.nats, SERVICE_NAME)
+    try:
+        await bus.provision()
+        agent = NodeAgent(settings, bus, child_env)
+        # The first reconcile learns the served runtimes, so the first heartbeat already lists them.
+        await agent.reconcile()
+        await agent.run(stop)
+    finally:
+        await bus.close()

@@ -1,0 +1,367 @@
+"""The agent's block cache: which tier holds each block, lookups, admission and eviction applied to the tiers.
+
+``BlockCache`` keeps one index (block name → block id, tier, size) and one eviction policy per tier, and applies
+the policies' plans to the tiers' storage. Tiers are tried in the order MEM, SSD, HDD: a new block goes to the
+first tier that is available and whose policy admits it; a block lives in exactly one tier (no promotion or
+demotion: a block evicted from memory is dropped, not written to disk). Every policy sees every lookup, so each
+tier's admission knows how popular a block is even while another tier holds it. With ``LruPolicy`` the first
+tier admits everything that fits, so lower tiers only get blocks too large for it; the default frequency policy
+refuses newcomers that are not hotter than its residents, and those go down to the next tier.
+
+Rules for callers:
+
+* Everything runs on one asyncio event loop, except ``Reservation.write``, which may run in a worker thread.
+  ``put`` does all of it inline (tests, memory tiers, tools); ``put_async`` runs the file writes of disk tiers
+  through ``asyncio.to_thread``. The split by hand is ``reserve`` → ``Reservation.write`` → ``commit``; commit
+  every reservation, also after a failed write, or its bytes stay reserved.
+* A reservation counts against its tier's high watermark from ``reserve`` on, so concurrent writes never take a
+  tier over its quota, and it is invisible to ``get`` until ``commit``. Victims leave the index at ``reserve``
+  (``on_evicted`` is called then); their files are deleted by ``Reservation.write``, off the loop, and the same
+  block cannot be reserved again until that reservation is committed.
+* ``on_cached(block, size)`` is called once when a block becomes servable (``commit``, ``load``) and
+  ``on_evicted(block, size)`` once when it stops being so (evicted, dropped as stale, found corrupt or missing),
+  so the callbacks alone keep an exact inventory. Blocks on a tier that is down stay indexed: its disk may come
+  back, and meanwhile reads of them miss and go to the object store.
+
+Hot path: ``get`` of a memory block is a dict lookup and one ``record_access`` per tier; of a disk block add
+one open, two preads, one xxh3 and one close (see ``tiers``). Measured with 4 MiB blocks: 5 µs from memory,
+0.6 ms from a page-cached disk tier, 2.5 µs for a miss.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import PurePosixPath
+
+import msgspec
+
+from libs.events.common import parse_quantity
+from libs.events.runtime import Level
+from services.agent.blocks import BlockId
+from services.agent.cache.eviction import EvictionPolicy, FrequencyAdmissionPolicy, PolicyFactory
+from services.agent.cache.tiers import DEFAULT_COOLDOWN_SECONDS, DiskTier, Health, MemoryTier, Tier
+
+BlockCallback = Callable[[BlockId, int], None]
+
+# Faster media first; unknown media (custom tiers in tests) after the known ones, in the order given.
+MEDIUM_ORDER = {"MEM": 0, "SSD": 1, "HDD": 2}
+
+
+class TierStats(msgspec.Struct, frozen=True, kw_only=True):
+    medium: str
+    location: str
+    quota_bytes: int
+    used_bytes: int
+    blocks: int
+    health: str
+
+
+class CacheStats(msgspec.Struct, frozen=True, kw_only=True):
+    cached_bytes: int
+    capacity_bytes: int  # the sum of the tier quotas
+    hits: int
+    misses: int
+    corrupt_blocks: int
+    tiers: list[TierStats]
+
+
+class _Entry:
+    __slots__ = ("block", "size", "tier")
+
+    def __init__(self, block: BlockId, tier: int, size: int) -> None:
+        self.block = block
+        self.tier = tier
+        self.size = size
+
+
+class Reservation:
+    """Room reserved in one tier for one block; ``write`` is the only part allowed off the event loop."""
+
+    __slots__ = ("block", "name", "size", "stale", "tier", "tier_index", "victims")
+
+    def __init__(self, block: BlockId, name: str, size: int, tier_index: int, tier: Tier, victims: list[str]) -> None:
+        self.block = block
+        self.name = name
+        self.size = size
+        self.tier_index = tier_index
+        self.tier = tier
+        self.victims = victims  # evicted from the index at reserve time; their files go in write()
+        self.stale = False  # set by drop_stale meanwhile: commit deletes instead of indexing
+
+    @property
+    def offload(self) -> bool:
+        """Whether ``write`` does file I/O worth a worker thread."""
+        return self.tier.offload_writes
+
+    def write(self, data: bytes) -> bool:
+        """Deletes the victims' files, then stores the block. Touches only the tier, never the index."""
+        for victim in self.victims:
+            self.tier.remove(victim)
+        return self.tier.write(self.block, data)
+
+
+class BlockCache:
+    def __init__(
+        self,
+        tiers: Sequence[Tier],
+        policy_factory: PolicyFactory = FrequencyAdmissionPolicy,
+        on_cached: BlockCallback | None = None,
+        on_evicted: BlockCallback | None = None,
+    ) -> None:
+        if not tiers:
+            raise ValueError("a block cache needs at least one tier")
+        self._tiers = sorted(tiers, key=lambda tier: MEDIUM_ORDER.get(tier.medium, len(MEDIUM_ORDER)))
+        self._policies: list[EvictionPolicy] = [
+            policy_factory(int(tier.high * tier.quota_bytes), int(tier.low * tier.quota_bytes)) for tier in self._tiers
+        ]
+        self._on_cached = on_cached
+        self._on_evicted = on_evicted
+        self._index: dict[str, _Entry] = {}
+        self._pending: dict[str, Reservation] = {}
+        self._in_flight = [0] * len(self._tiers)
+        self._unlinking: set[str] = set()  # victims whose files a pending reservation has yet to delete
+        self._hits = 0
+        self._misses = 0
+
+    @classmethod
+    def from_levels(
+        cls,
+        levels: Iterable[Level],
+        cache_root_suffix: str,
+        *,
+        policy_factory: PolicyFactory = FrequencyAdmissionPolicy,
+        on_cached: BlockCallback | None = None,
+        on_evicted: BlockCallback | None = None,
+        now: Callable[[], float] = time.monotonic,
+        cooldown_seconds: float = DEFAULT_COOLDOWN_SECONDS,
+        fsync: bool = False,
+    ) -> BlockCache:
+        """The cache of a Runtime's tiered store on this node.
+
+        Each disk level's directory gets ``/<cache_root_suffix>`` (e.g. ``default/demo``) appended, so datasets
+        on one node never share a folder. A comma-separated ``path`` becomes one disk tier per directory with an
+        equal share of the quota, filled in the order listed (no striping; simple, and every directory is used).
+        """
+        suffix = PurePosixPath(cache_root_suffix)
+        if not cache_root_suffix or suffix.is_absolute() or ".." in suffix.parts:
+            raise ValueError(f"cache_root_suffix must be a relative path without '..', got {cache_root_suffix!r}")
+        tiers: list[Tier] = []
+        for level in levels:
+            quota = parse_quantity(level.quota)
+            high, low = float(level.high), float(level.low)
+            if level.mediumtype == "MEM":
+                tiers.append(MemoryTier(quota, high=high, low=low))
+            elif level.mediumtype in ("SSD", "HDD"):
+                directories = [path.strip() for path in level.path.split(",") if path.strip()]
+                if not directories:
+                    raise ValueError(f"{level.mediumtype} level needs a path")
+                for directory in directories:
+                    tiers.append(
+                        DiskTier(
+                            PurePosixPath(directory) / suffix,
+                            quota // len(directories),
+                            medium=level.mediumtype,
+                            high=high,
+                            low=low,
+                            cooldown_seconds=cooldown_seconds,
+                            now=now,
+                            fsync=fsync,
+                        )
+                    )
+            else:
+                raise ValueError(f"unknown mediumtype {level.mediumtype!r} (use MEM, SSD or HDD)")
+        return cls(tiers, policy_factory, on_cached, on_evicted)
+
+    @property
+    def tiers(self) -> list[Tier]:
+        return list(self._tiers)
+
+    # -- lookups ------------------------------------------------------------------------------------------
+
+    def get(self, block: BlockId) -> bytes | None:
+        """The block's bytes from the tier that holds it, or None (a miss: fetch it and ``put`` it)."""
+        name = block.name
+        for policy in self._policies:
+            policy.record_access(name)
+        entry = self._index.get(name)
+        if entry is None:
+            self._misses += 1
+            return None
+        tier = self._tiers[entry.tier]
+        data = tier.read(name)
+        if data is None:
+            self._misses += 1
+            if tier.health is Health.NORMAL:
+                self._forget(name, entry)  # missing or corrupt (already deleted): gone for good
+            return None
+        self._hits += 1
+        return data
+
+    def contains(self, block: BlockId) -> bool:
+        entry = self._index.get(block.name)
+        return entry is not None and self._tiers[entry.tier].available()
+
+    def blocks(self) -> list[tuple[BlockId, int]]:
+        """Every indexed block and its size, for inventory snapshots (pending writes are not included)."""
+        return [(entry.block, entry.size) for entry in self._index.values()]
+
+    def stats(self) -> CacheStats:
+        tiers = [
+            TierStats(
+                medium=tier.medium,
+                location=tier.location,
+                quota_bytes=tier.quota_bytes,
+                used_bytes=policy.resident_bytes,
+                blocks=len(policy),
+                health=str(tier.health),
+            )
+            for tier, policy in zip(self._tiers, self._policies, strict=True)
+        ]
+        return CacheStats(
+            cached_bytes=sum(t.used_bytes for t in tiers),
+            capacity_bytes=sum(t.quota_bytes for t in tiers),
+            hits=self._hits,
+            misses=self._misses,
+            corrupt_blocks=sum(tier.corrupt_blocks for tier in self._tiers),
+            tiers=tiers,
+        )
+
+    # -- writes -------------------------------------------------------------------------------------------
+
+    def put(self, block: BlockId, data: bytes) -> bool:
+        """Caches the block if a tier admits it, all inline. True if the block is servable afterwards."""
+        reservation = self.reserve(block, len(data))
+        if reservation is None:
+            return self.contains(block)
+        written = False
+        try:
+            written = reservation.write(data)
+        finally:
+            committed = self.commit(reservation, written)
+        return committed
+
+    async def put_async(self, block: BlockId, data: bytes) -> bool:
+        """``put`` with disk writes in a worker thread; a cancelled caller still gets the write committed."""
+        reservation = self.reserve(block, len(data))
+        if reservation is None:
+            return self.contains(block)
+        if not reservation.offload:
+            written = False
+            try:
+                written = reservation.write(data)
+            finally:
+                committed = self.commit(reservation, written)
+            return committed
+        task = asyncio.ensure_future(asyncio.to_thread(reservation.write, data))
+        try:
+            written = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(lambda done: self.commit(reservation, _write_result(done)))
+            raise
+        except BaseException:
+            self.commit(reservation, False)
+            raise
+        return self.commit(reservation, written)
+
+    def reserve(self, block: BlockId, size: int) -> Reservation | None:
+        """Room for the block in the first tier that admits it, victims already out of the index; or None.
+
+        None also when the block is cached, being written, or its old file is still being deleted.
+        """
+        name = block.name
+        if name in self._index or name in self._pending or name in self._unlinking:
+            return None
+        for index, (tier, policy) in enumerate(zip(self._tiers, self._policies, strict=True)):
+            if not tier.available():
+                continue
+            plan = policy.plan(name, size, self._in_flight[index])
+            if plan is None:
+                continue
+            for victim in plan:
+                self._forget(victim, self._index[victim])
+            self._unlinking.update(plan)
+            self._in_flight[index] += size
+            reservation = Reservation(block, name, size, index, tier, plan)
+            self._pending[name] = reservation
+            return reservation
+        return None
+
+    def commit(self, reservation: Reservation, written: bool) -> bool:
+        """Indexes the block if ``written`` (the result of ``Reservation.write``); True if it is now cached."""
+        name = reservation.name
+        if self._pending.get(name) is not reservation:
+            return False  # committed already
+        del self._pending[name]
+        self._in_flight[reservation.tier_index] -= reservation.size
+        self._unlinking.difference_update(reservation.victims)
+        if reservation.stale:
+            if written:
+                reservation.tier.remove(name)
+            return False
+        if not written:
+            return False
+        self._policies[reservation.tier_index].inserted(name, reservation.size)
+        self._index[name] = _Entry(reservation.block, reservation.tier_index, reservation.size)
+        if self._on_cached is not None:
+            self._on_cached(reservation.block, reservation.size)
+        return True
+
+    # -- maintenance --------------------------------------------------------------------------------------
+
+    def load(self) -> int:
+        """Indexes the blocks the disk tiers kept from a previous run; returns how many. Call it at startup.
+
+        The scans delete temporary files, so this belongs before the first ``put``, not beside writes in flight.
+        Being file I/O, it may run in a worker thread while nothing else uses the cache yet (``on_cached`` then
+        runs in that thread).
+
+        Within a tier the newest blocks are kept when they no longer fit under the high watermark (the quota
+        shrank), the rest are deleted; LRU order follows modification time. A block found in two tiers is kept
+        in the faster one.
+        """
+        loaded = 0
+        for index, (tier, policy) in enumerate(zip(self._tiers, self._policies, strict=True)):
+            kept: list[tuple[BlockId, str, int]] = []
+            room = policy.high_bytes - policy.resident_bytes - self._in_flight[index]
+            for block, name, size in reversed(tier.scan()):  # newest first
+                entry = self._index.get(name)
+                if (entry is not None and entry.tier == index) or name in self._pending:
+                    continue  # loaded before, or being written right now
+                if entry is not None or size > room:
+                    tier.remove(name)  # a copy of a block a faster tier holds, or over the quota
+                    continue
+                room -= size
+                kept.append((block, name, size))
+            for block, name, size in reversed(kept):  # oldest first: LRU order
+                policy.inserted(name, size)
+                self._index[name] = _Entry(block, index, size)
+                if self._on_cached is not None:
+                    self._on_cached(block, size)
+            loaded += len(kept)
+        return loaded
+
+    def drop_stale(self, keep: Callable[[BlockId], bool]) -> int:
+        """Deletes every block ``keep`` rejects (e.g. its mount, key and ETag left the manifest); returns how many.
+
+        Runs on the loop: one unlink per stale block, normally a handful after a re-sync.
+        """
+        stale = [(name, entry) for name, entry in self._index.items() if not keep(entry.block)]
+        for name, entry in stale:
+            self._forget(name, entry)
+            self._tiers[entry.tier].remove(name)
+        for reservation in self._pending.values():
+            if not keep(reservation.block):
+                reservation.stale = True
+        return len(stale)
+
+    def _forget(self, name: str, entry: _Entry) -> None:
+        del self._index[name]
+        self._policies[entry.tier].removed(name)
+        if self._on_evicted is not None:
+            self._on_evicted(entry.block, entry.size)
+
+
+def _write_result(task: asyncio.Future[bool]) -> bool:
+    return not task.cancelled() and task.exception() is None and task.result()

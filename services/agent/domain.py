@@ -1,0 +1,46 @@
+"""Node agent decisions, pure: which runtimes this node serves and which datasets it must mount.
+
+A dataset is mounted when it is Bound, has a manifest, and its runtime (same name and namespace) is served by
+this agent. Mount points are ``<mount root>/<namespace>/<name>``.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from collections.abc import Iterable
+
+from libs.events.dataset import DatasetRecord
+from libs.events.runtime import RuntimeRecord
+
+# Backoff for restarting a mount process that died: quick first retry, capped so a broken mount does not spin.
+RESTART_BACKOFF_START = 1.0
+RESTART_BACKOFF_MAX = 30.0
+
+
+def serves(runtime: RuntimeRecord, selection: list[str]) -> bool:
+    """Whether the agent serves ``runtime``; an empty selection serves every runtime."""
+    meta = runtime.runtime.metadata
+    return not selection or f"{meta.namespace}/{meta.name}" in selection
+
+
+def served_runtimes(runtimes: Iterable[RuntimeRecord], selection: list[str]) -> list[tuple[str, str]]:
+    return sorted((r.runtime.metadata.namespace, r.runtime.metadata.name) for r in runtimes if serves(r, selection))
+
+
+def wanted_mounts(datasets: Iterable[DatasetRecord], served: Iterable[tuple[str, str]]) -> set[tuple[str, str]]:
+    served_set = set(served)
+    wanted = set()
+    for record in datasets:
+        meta = record.dataset.metadata
+        ref = (meta.namespace, meta.name)
+        if ref in served_set and record.status.phase == "Bound" and record.status.manifest:
+            wanted.add(ref)
+    return wanted
+
+
+def mountpoint(root: str, namespace: str, name: str) -> str:
+    return posixpath.join(root, namespace, name)
+
+
+def restart_delay(failures: int) -> float:
+    return min(RESTART_BACKOFF_MAX, RESTART_BACKOFF_START * 2 ** min(max(failures - 1, 0), 8))

@@ -1,0 +1,212 @@
+"""The FUSE edge of the agent: a read-only pyfuse3 filesystem over a dataset's namespace and block reader.
+
+This is the only place that speaks errno: unknown names → ENOENT, any write → EROFS, an object that changed
+under us → ESTALE, the object store failing → EIO. Files are immutable (ETag-pinned), so they are opened with
+``keep_cache`` and warm re-reads are served by the kernel page cache without reaching this process.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Callable
+
+import pyfuse3
+
+from libs.telemetry import get_logger
+from libs.ufs.base import ObjectChanged, UfsError
+from services.agent.namespace import Namespace, Node
+from services.agent.reader import BlockReader, OpenFile
+
+log = get_logger(__name__)
+
+# Names and attributes may be cached by the kernel this long. Entries are short so a new manifest shows
+# within a second; attributes are long because an inode's content never changes (a new ETag is a new inode).
+ENTRY_TIMEOUT = 1.0
+ATTR_TIMEOUT = 60.0
+WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
+
+
+def _erofs() -> pyfuse3.FUSEError:
+    return pyfuse3.FUSEError(errno.EROFS)
+
+
+class DatasetFS(pyfuse3.Operations):
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, namespace: Namespace, reader: BlockReader, uid: int, gid: int, block_size: int,
+                 on_error: Callable[[str, Exception], None] | None = None) -> None:
+        super().__init__()
+        self.namespace = namespace
+        self.reader = reader
+        self.uid = uid
+        self.gid = gid
+        self.block_size = block_size
+        self.on_error = on_error
+        self._handles: dict[int, OpenFile] = {}
+        self._next_fh = 1
+
+    def replace_namespace(self, namespace: Namespace) -> list[tuple[int, str]]:
+        """Swap in a new tree; returns (parent inode, name) of entries that went away, for invalidation."""
+        old = self.namespace
+        self.namespace = namespace
+        gone = []
+        for node in old.nodes.values():
+            if node.inode == node.parent:
+                continue
+            current = namespace.lookup(node.parent, node.name)
+            if current is None or current.inode != node.inode:
+                gone.append((node.parent, node.name))
+        return gone
+
+    # --- metadata ---
+
+    def _attributes(self, node: Node) -> pyfuse3.EntryAttributes:
+        attrs = pyfuse3.EntryAttributes()
+        attrs.st_ino = node.inode
+        attrs.st_mode = self.namespace.mode(node)
+        attrs.st_nlink = 2 if node.is_dir else 1
+        attrs.st_size = node.size
+        attrs.st_uid = self.uid
+        attrs.st_gid = self.gid
+        mtime_ns = int(node.mtime * 1e9)
+        attrs.st_mtime_ns = attrs.st_ctime_ns = attrs.st_atime_ns = mtime_ns
+        attrs.st_blksize = self.block_size
+        attrs.st_blocks = (node.size + 511) // 512
+        attrs.entry_timeout = ENTRY_TIMEOUT
+        attrs.attr_timeout = ATTR_TIMEOUT
+        attrs.generation = 0
+        return attrs
+
+    def _node(self, inode: int) -> Node:
+        node = self.namespace.get(inode)
+        if node is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return node
+
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
+        return self._attributes(self._node(inode))
+
+    async def lookup(self, parent_inode: int, name: bytes,
+                     ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
+        node = self.namespace.lookup(parent_inode, os.fsdecode(name))
+        if node is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return self._attributes(node)
+
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        if not self._node(inode).is_dir:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return inode
+
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        children = self.namespace.children(fh)
+        for position, child in enumerate(children[start_id:], start=start_id + 1):
+            if not pyfuse3.readdir_reply(token, os.fsencode(child.name), self._attributes(child), position):
+                return
+
+    async def releasedir(self, fh: int) -> None:
+        return None
+
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        stats = pyfuse3.StatvfsData()
+        total = sum(entry.size for entry in self.namespace.files())
+        stats.f_bsize = stats.f_frsize = 4096
+        stats.f_blocks = (total + 4095) // 4096
+        stats.f_bfree = stats.f_bavail = 0
+        stats.f_files = len(self.namespace.nodes)
+        stats.f_ffree = stats.f_favail = 0
+        stats.f_namemax = 255
+        return stats
+
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        raise pyfuse3.FUSEError(errno.ENODATA)
+
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        return []
+
+    # --- data ---
+
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        node = self._node(inode)
+        if flags & WRITE_FLAGS:
+            raise _erofs()
+        if node.entry is None:
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        fh = self._next_fh
+        self._next_fh += 1
+        self._handles[fh] = self.reader.open(node.entry)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True, direct_io=False)
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        handle = self._handles.get(fh)
+        if handle is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        try:
+            return await self.reader.read(handle, off, size)
+        except ObjectChanged as err:
+            self._report(handle, err)
+            raise pyfuse3.FUSEError(errno.ESTALE) from err
+        except UfsError as err:
+            self._report(handle, err)
+            raise pyfuse3.FUSEError(errno.EIO) from err
+
+    def _report(self, handle: OpenFile, err: Exception) -> None:
+        log.warning("read failed", path=handle.entry.path, error=str(err))
+        if self.on_error is not None:
+            self.on_error(handle.entry.path, err)
+
+    async def release(self, fh: int) -> None:
+        handle = self._handles.pop(fh, None)
+        if handle is not None:
+            self.reader.close(handle)
+
+    async def flush(self, fh: int) -> None:
+        return None
+
+    # --- everything that would write: read-only filesystem ---
+
+    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
+                      fh: int | None, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        raise _erofs()
+
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
+                     ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        raise _erofs()
+
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        raise _erofs()
+
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        raise _erofs()
+
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        raise _erofs()
+
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        raise _erofs()
+
+    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes,
+                     flags: int, ctx: pyfuse3.RequestContext) -> None:
+        raise _erofs()
+
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        raise _erofs()
+
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
+                   ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        raise _erofs()
+
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        raise _erofs()
+
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
+        raise _erofs()
+
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        raise _erofs()

@@ -1,0 +1,156 @@
+"""A whole node for agent tests: dataset and runtime services and the node agent, in-process, over a real
+nats-server and SeaweedFS; the agent's mount processes are real processes with real FUSE mounts.
+
+Reads of a mount in tests always run in a thread or a subprocess: the test's own event loop serves the services
+(and any fault proxy), so a blocking read on it would wait for itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import os
+import subprocess
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from libs import subjects
+from libs.bus import Bus
+from libs.config import AgentSettings, Settings
+from libs.events.common import ObjectMeta
+from libs.events.dataset import Dataset, DatasetApply, DatasetRecord, DatasetResync, DatasetSpec, Mount
+from libs.events.runtime import Level, Runtime, RuntimeApply, RuntimeSpec, TieredStore
+from services.agent import app as agent_app
+from services.dataset import app as dataset_app
+from services.runtime import app as runtime_app
+from tests.conftest import SeaweedServer
+from tests.helpers import dataset_record, eventually, running, runtime_record
+
+NODE = "node-a"
+
+
+def mounted_paths() -> set[str]:
+    with open("/proc/self/mountinfo") as mounts:
+        return {line.split()[4] for line in mounts if len(line.split()) > 4}
+
+
+def agent_env(settings: Settings, seaweedfs: SeaweedServer, agent: AgentSettings) -> dict[str, str]:
+    return {
+        **os.environ,
+        "NATS_URL": ",".join(settings.nats.urls),
+        "SHOAL_S3_ENDPOINT": seaweedfs.endpoint,
+        "SHOAL_S3_ACCESS_KEY_ID": seaweedfs.config.access_key_id,
+        "SHOAL_S3_SECRET_ACCESS_KEY": seaweedfs.config.secret_access_key,
+        "SHOAL_NODE_NAME": agent.node_name,
+        "SHOAL_MOUNT_ROOT": agent.mount_root,
+        "SHOAL_CACHE_POLICY": agent.cache_policy,
+        "SHOAL_LOG_FORMAT": "json",
+    }
+
+
+@dataclass
+class Node:
+    bus: Bus
+    settings: Settings
+    seaweedfs: SeaweedServer
+    mount_root: Path
+    cache_dir: Path
+
+    def mountpoint(self, name: str, namespace: str = "default") -> Path:
+        return self.mount_root / namespace / name
+
+    async def apply(self, name: str, bucket: str, *, mem: str | None = None, ssd: str | None = "256Mi",
+                    block_size: str = "1Mi", endpoint: str = "", prefix: str = "") -> None:
+        levels = []
+        if mem:
+            levels.append(Level(mediumtype="MEM", quota=mem))
+        if ssd:
+            levels.append(Level(mediumtype="SSD", quota=ssd, path=str(self.cache_dir), high="0.95", low="0.8"))
+        runtime = Runtime(metadata=ObjectMeta(name=name),
+                          spec=RuntimeSpec(tieredstore=TieredStore(levels=levels), block_size=block_size))
+        options = {"endpoint": endpoint} if endpoint else {}
+        dataset = Dataset(metadata=ObjectMeta(name=name),
+                          spec=DatasetSpec(mounts=[Mount(mount_point=f"s3://{bucket}/{prefix}", options=options)]))
+        await self.bus.publish(subjects.RUNTIME_APPLY, RuntimeApply(runtime=runtime))
+        await self.bus.publish(subjects.DATASET_APPLY, DatasetApply(dataset=dataset))
+
+    async def resync(self, name: str) -> None:
+        before = await dataset_record(self.bus, name)
+        assert before is not None
+        await self.bus.publish(subjects.DATASET_RESYNC, DatasetResync(name=name))
+
+        async def resynced() -> DatasetRecord | None:
+            record = await dataset_record(self.bus, name)
+            return record if record and record.status.synced_requests > before.status.synced_requests else None
+
+        await eventually(resynced, what=f"{name} resynced")
+
+    async def wait_mounted(self, name: str, expect: str | None = None, timeout: float = 30.0) -> Path:
+        """Wait until the dataset is mounted (and ``expect``, a relative path, is visible in it)."""
+        path = self.mountpoint(name)
+
+        async def visible() -> bool:
+            if str(path) not in mounted_paths():
+                return False
+            if expect is None:
+                return True
+            return await asyncio.to_thread(os.path.exists, path / expect)
+
+        try:
+            await eventually(visible, timeout=timeout, what=f"{path} mounted")
+        except AssertionError as err:
+            record = await dataset_record(self.bus, name)
+            runtime = await runtime_record(self.bus, name)
+            raise AssertionError(f"{err}; dataset status: {record and record.status}; "
+                                 f"runtime status: {runtime and runtime.status}") from None
+        return path
+
+    async def record(self, name: str) -> DatasetRecord:
+        record = await dataset_record(self.bus, name)
+        assert record is not None
+        return record
+
+
+async def read_file(path: Path) -> bytes:
+    return await asyncio.to_thread(path.read_bytes)
+
+
+async def run_tool(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """An ordinary tool (cat, md5sum, find, fio) run against the mount, off the event loop."""
+    return await asyncio.to_thread(subprocess.run, list(argv), capture_output=True, text=True, check=check,
+                                   timeout=120)
+
+
+def md5(data: bytes) -> str:
+    return hashlib.md5(data).hexdigest()
+
+
+@asynccontextmanager
+async def node_stack(bus: Bus, settings: Settings, seaweedfs: SeaweedServer, tmp_path: Path,
+                     **agent_options: Any) -> AsyncIterator[Node]:
+    agent = AgentSettings(node_name=NODE, mount_root=str(tmp_path / "mnt"), heartbeat_seconds=0.5, **agent_options)
+    node_settings = dataclasses.replace(settings, agent=agent)
+    env = agent_env(node_settings, seaweedfs, agent)
+    node = Node(bus, node_settings, seaweedfs, tmp_path / "mnt", tmp_path / "cache")
+    try:
+        async with running(
+            lambda stop: dataset_app.run(node_settings, stop),
+            lambda stop: runtime_app.run(node_settings, stop),
+            lambda stop: agent_app.run(node_settings, stop, child_env=env),
+        ):
+            yield node
+        leftovers = [p for p in mounted_paths() if p.startswith(str(node.mount_root))]
+        assert not leftovers, f"the agent left mounts behind: {leftovers}"
+    finally:
+        for path in [p for p in mounted_paths() if p.startswith(str(node.mount_root))]:
+            subprocess.run(["fusermount3", "-u", "-z", path], check=False)
+
+
+def decode(data: bytes) -> Any:
+    return msgspec.json.decode(data)

@@ -1,0 +1,350 @@
+"""Cache tiers over temporary directories: atomic checksummed block files, restart scans, and disk health."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import struct
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from services.agent.blocks import BlockId
+from services.agent.cache import tiers as tiers_module
+from services.agent.cache.tiers import HEADER, DiskTier, Health, MemoryTier, ScannedBlock
+
+COOLDOWN = 30.0
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def block(index: int, key: str = "train/part-0.tar", etag: str = "e1") -> BlockId:
+    return BlockId(mount=0, key=key, etag=etag, index=index)
+
+
+def payload(index: int, size: int = 4096) -> bytes:
+    return bytes((index * 7 + i) % 251 for i in range(size))
+
+
+def files_under(root: Path) -> list[Path]:
+    return sorted(path for path in root.rglob("*") if path.is_file())
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def tier(tmp_path: Path, clock: Clock) -> DiskTier:
+    disk = DiskTier(tmp_path / "cache", 1 << 20, cooldown_seconds=COOLDOWN, now=clock)
+    assert disk.scan() == []
+    return disk
+
+
+# -- memory -----------------------------------------------------------------------------------------------
+
+
+def test_memory_tier_stores_blocks_and_forgets_on_remove() -> None:
+    memory = MemoryTier(1000, high=0.9, low=0.5)
+    assert memory.write(block(0), b"abc")
+    assert memory.read(block(0).name) == b"abc"
+    assert memory.remove(block(0).name)
+    assert memory.read(block(0).name) is None
+    assert memory.scan() == []
+    assert (memory.medium, memory.health, memory.corrupt_blocks, memory.available()) == ("MEM", Health.NORMAL, 0, True)
+
+
+def test_limits_are_validated(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="quota"):
+        MemoryTier(0)
+    with pytest.raises(ValueError, match="watermarks"):
+        DiskTier(tmp_path, 100, high=0.5, low=0.6)
+
+
+# -- disk: layout and atomic writes -----------------------------------------------------------------------
+
+
+def test_blocks_round_trip_under_sharded_names_with_no_temporary_files_left(tier: DiskTier) -> None:
+    for index in range(20):
+        assert tier.write(block(index), payload(index))
+    for index in range(20):
+        assert tier.read(block(index).name) == payload(index)
+    files = files_under(tier.directory)
+    assert sorted(path.name for path in files) == sorted(block(index).name for index in range(20))
+    for path in files:
+        assert path.parent.parent == tier.directory
+        assert path.parent.name == path.name[:2]
+    # header, data, then the block id, so a restart can rebuild the index
+    path = Path(tier.path_of(block(0).name))
+    ident = msgspec.msgpack.encode(block(0))
+    assert path.stat().st_size == HEADER.size + 4096 + len(ident)
+    assert path.read_bytes().endswith(ident)
+
+
+def test_an_empty_block_and_an_overwrite_are_fine(tier: DiskTier) -> None:
+    assert tier.write(block(0), b"")
+    assert tier.read(block(0).name) == b""
+    assert tier.write(block(0), b"same block again")
+    assert tier.read(block(0).name) == b"same block again"
+
+
+def test_a_crash_mid_write_leaves_only_a_temporary_file_that_the_scan_deletes(tier: DiskTier) -> None:
+    assert tier.write(block(1), payload(1))
+    name = block(2).name
+    shard = tier.directory / name[:2]
+    shard.mkdir(exist_ok=True)
+    # What a crash between open and os.replace leaves: a partial temporary file, never the final name.
+    temp = shard / f".{name}.4242.0.tmp"
+    temp.write_bytes(payload(2)[:100])
+    assert tier.read(name) is None
+    scanned = tier.scan()
+    assert [(s.block, s.name, s.size) for s in scanned] == [(block(1), block(1).name, 4096)]
+    assert not temp.exists()
+
+
+def test_a_failing_write_removes_its_temporary_file_and_publishes_nothing(
+    tier: DiskTier, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_space(*_: object) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tiers_module.os, "writev", no_space)
+    assert not tier.write(block(3), payload(3))
+    assert files_under(tier.directory) == []
+    assert tier.health is Health.UNSTABLE
+
+
+def test_short_writes_are_completed(tier: DiskTier, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_writev = os.writev
+
+    def short_writev(fd: int, parts: tuple[bytes, ...]) -> int:
+        return real_writev(fd, [parts[0], parts[1][:1000]])  # header and 1000 bytes of data only
+
+    monkeypatch.setattr(tiers_module.os, "writev", short_writev)
+    assert tier.write(block(4), payload(4))
+    monkeypatch.undo()
+    assert tier.read(block(4).name) == payload(4)
+    assert [s.block for s in tier.scan()] == [block(4)]
+
+
+def test_fsync_when_asked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    synced: list[int] = []
+    monkeypatch.setattr(tiers_module.os, "fsync", synced.append)
+    durable = DiskTier(tmp_path / "durable", 1 << 20, fsync=True)
+    durable.scan()
+    assert durable.write(block(0), b"data")
+    assert len(synced) == 1
+
+
+def test_concurrent_writes_from_worker_threads(tier: DiskTier) -> None:
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        results = list(pool.map(lambda i: tier.write(block(i), payload(i)), range(64)))
+    assert all(results)
+    assert all(tier.read(block(i).name) == payload(i) for i in range(64))
+    assert len(files_under(tier.directory)) == 64
+
+
+# -- disk: checksums and garbage --------------------------------------------------------------------------
+
+
+def flip_byte(path: Path, offset: int) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[offset] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["data byte", "last data byte", "magic", "version", "truncated", "empty", "length beyond the file", "huge length"],
+)
+def test_a_damaged_block_is_never_served_but_deleted_and_counted(tier: DiskTier, damage: str) -> None:
+    assert tier.write(block(5), payload(5))
+    path = Path(tier.path_of(block(5).name))
+    if damage == "data byte":
+        flip_byte(path, HEADER.size + 100)
+    elif damage == "last data byte":
+        flip_byte(path, HEADER.size + 4095)
+    elif damage == "magic":
+        flip_byte(path, 0)
+    elif damage == "version":
+        flip_byte(path, 4)
+    elif damage == "truncated":
+        path.write_bytes(path.read_bytes()[: HEADER.size + 2000])
+    elif damage == "empty":
+        path.write_bytes(b"")
+    else:
+        length = 8192 if damage == "length beyond the file" else 1 << 40
+        raw = bytearray(path.read_bytes())
+        struct.pack_into("<Q", raw, 8, length)  # the data length field
+        path.write_bytes(bytes(raw))
+    assert tier.read(block(5).name) is None
+    assert not path.exists()
+    assert tier.corrupt_blocks == 1
+    assert tier.health is Health.NORMAL  # rot in one file says nothing about the disk
+
+
+def test_a_missing_block_file_is_a_plain_miss(tier: DiskTier) -> None:
+    assert tier.read(block(6).name) is None
+    assert (tier.corrupt_blocks, tier.health) == (0, Health.NORMAL)
+
+
+def test_scan_finds_blocks_oldest_first_and_deletes_garbage_in_the_shards(tier: DiskTier) -> None:
+    for index in range(5):
+        assert tier.write(block(index, etag=f"e{index}"), payload(index, 100 + index))
+        os.utime(tier.path_of(block(index, etag=f"e{index}").name), (1000 + 10 * (5 - index),) * 2)
+    keep_name = block(0, etag="e0").name
+    shard = tier.directory / keep_name[:2]
+    # Garbage: a file whose name is not a block name, a valid file under the wrong name, and a short header.
+    (shard / "notes.txt").write_text("hello")
+    wrong = block(9).name
+    (tier.directory / wrong[:2]).mkdir(exist_ok=True)
+    shutil.copy(tier.path_of(keep_name), tier.path_of(wrong))
+    short = block(10).name
+    (tier.directory / short[:2]).mkdir(exist_ok=True)
+    Path(tier.path_of(short)).write_bytes(b"SHBK")
+    # Not ours to judge: things outside the shard directories stay.
+    (tier.directory / "README").write_text("cache of default/demo")
+    (tier.directory / "lost+found").mkdir()
+
+    scanned = tier.scan()
+
+    assert scanned == [
+        ScannedBlock(block(index, etag=f"e{index}"), block(index, etag=f"e{index}").name, 100 + index)
+        for index in reversed(range(5))
+    ]
+    assert not (shard / "notes.txt").exists()
+    assert not Path(tier.path_of(wrong)).exists()
+    assert not Path(tier.path_of(short)).exists()
+    assert (tier.directory / "README").exists() and (tier.directory / "lost+found").is_dir()
+    assert tier.read(keep_name) == payload(0, 100)
+
+
+def test_scan_defers_the_data_checksum_to_the_first_read(tier: DiskTier) -> None:
+    assert tier.write(block(7), payload(7))
+    flip_byte(Path(tier.path_of(block(7).name)), HEADER.size + 1)
+    assert [s.name for s in tier.scan()] == [block(7).name]
+    assert tier.read(block(7).name) is None
+    assert tier.corrupt_blocks == 1
+
+
+# -- disk: health -----------------------------------------------------------------------------------------
+
+
+def test_a_removed_directory_takes_the_tier_down_and_a_restored_one_brings_it_back(
+    tier: DiskTier, clock: Clock
+) -> None:
+    assert tier.write(block(0), payload(0))
+    shutil.rmtree(tier.directory)
+
+    assert tier.read(block(0).name) is None  # the file is gone: a miss, not a disk error
+    assert tier.health is Health.NORMAL
+    assert not tier.write(block(1), payload(1))
+    assert (tier.health, tier.consecutive_errors) == (Health.UNSTABLE, 1)
+    assert not tier.write(block(2), payload(2))
+    assert tier.health is Health.UNSTABLE
+    assert not tier.write(block(3), payload(3))
+    assert tier.health is Health.DOWN
+    assert not tier.available()
+    assert not tier.directory.exists()  # writes never recreate the root: it may be an unmounted disk's mountpoint
+
+    tier.directory.mkdir()
+    clock.now += COOLDOWN - 1
+    assert not tier.write(block(4), payload(4))  # still cooling down: not even tried
+    assert tier.health is Health.DOWN
+    clock.now += 1
+    assert tier.available()
+    assert tier.write(block(4), payload(4))  # the probe
+    assert (tier.health, tier.consecutive_errors) == (Health.NORMAL, 0)
+    assert tier.read(block(4).name) == payload(4)
+
+
+def test_a_directory_replaced_by_a_file_fails_the_probe_and_stays_down(tier: DiskTier, clock: Clock) -> None:
+    shutil.rmtree(tier.directory)
+    tier.directory.write_text("not a directory")
+    for index in range(3):
+        assert not tier.write(block(index), payload(index))
+    assert tier.health is Health.DOWN
+    clock.now += COOLDOWN
+    assert not tier.write(block(3), payload(3))  # probe fails: down for another cool-down
+    assert tier.health is Health.DOWN
+    assert not tier.available()
+    assert tier.scan() == []  # never raises either
+    assert tier.remove(block(0).name) is False
+    clock.now += COOLDOWN
+    tier.directory.unlink()
+    assert tier.scan() == []  # recreates the directory: scan runs at startup and owns that
+    assert tier.health is Health.DOWN  # a scan of nothing proves little; the next block operation decides
+    assert tier.write(block(3), payload(3))
+    assert tier.health is Health.NORMAL
+
+
+def test_read_errors_count_and_a_down_tier_does_no_io_until_the_cool_down(
+    tier: DiskTier, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert tier.write(block(0), payload(0))
+    calls: list[int] = []
+
+    def broken_pread(fd: int, size: int, offset: int) -> bytes:
+        calls.append(fd)
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(tiers_module.os, "pread", broken_pread)
+    for expected in (Health.UNSTABLE, Health.UNSTABLE, Health.DOWN):
+        assert tier.read(block(0).name) is None
+        assert tier.health is expected
+    assert len(calls) == 3
+    assert tier.read(block(0).name) is None
+    assert not tier.write(block(1), payload(1))
+    assert len(calls) == 3  # refused without touching the disk
+    assert Path(tier.path_of(block(0).name)).exists()  # an I/O error is not corruption: the file stays
+    assert tier.corrupt_blocks == 0
+
+    monkeypatch.undo()
+    clock.now += COOLDOWN
+    assert tier.read(block(0).name) == payload(0)
+    assert tier.health is Health.NORMAL
+
+
+def test_one_success_resets_the_error_count(tier: DiskTier, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert tier.write(block(0), payload(0))
+    real_pread = os.pread
+    failures = iter([True, True, False, True, True])
+
+    def flaky_pread(fd: int, size: int, offset: int) -> bytes:
+        if offset == 0 and next(failures):
+            raise OSError(errno.EIO, "Input/output error")
+        return real_pread(fd, size, offset)
+
+    monkeypatch.setattr(tiers_module.os, "pread", flaky_pread)
+    assert tier.read(block(0).name) is None
+    assert tier.read(block(0).name) is None
+    assert tier.read(block(0).name) == payload(0)
+    assert tier.health is Health.NORMAL
+    assert tier.read(block(0).name) is None
+    assert tier.read(block(0).name) is None
+    assert tier.health is Health.UNSTABLE  # two in a row, not three
+
+
+def test_remove_errors_count_but_never_raise(tier: DiskTier, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert tier.write(block(0), payload(0))
+
+    def broken_unlink(path: str) -> None:
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(tiers_module.os, "unlink", broken_unlink)
+    assert tier.remove(block(0).name) is False
+    assert tier.health is Health.UNSTABLE
+    monkeypatch.undo()
+    assert tier.remove(block(0).name) is True
+    assert tier.remove(block(0).name) is True  # already gone is fine
+    assert files_under(tier.directory) == []
