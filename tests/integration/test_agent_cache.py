@@ -1,0 +1,312 @@
+"""The agent's cache and consistency behaviour on real FUSE mounts over SeaweedFS: restart reuse, overwritten
+objects, a full cache, corrupt block files, the object store going away, inventory and cacheStates, manifest
+reloads, and fio verification. Services and the node agent run in-process; mounts are real processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import signal
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+from libs import subjects
+from libs.bus import Bus
+from libs.config import Settings
+from libs.events.dataset import DatasetDelete
+from tests.conftest import SeaweedServer, put_objects
+from tests.faults import CuttableProxy
+from tests.helpers import eventually
+from tests.integration.agent_stack import NODE, md5, mounted_paths, node_stack, read_file, run_tool
+
+MiB = 1024 * 1024
+
+
+def drop_page_cache() -> None:
+    """Make the next read of a mount reach the agent (and its cache) instead of the kernel page cache."""
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def read_range(path: Path, offset: int, length: int) -> bytes:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.pread(fd, length, offset)
+    finally:
+        os.close(fd)
+
+
+class InventoryWatch:
+    """Every inventory event of the test node, in order."""
+
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+
+    async def start(self, bus: Bus) -> None:
+        async def collect(msg: Any) -> None:
+            self.events.append(msgspec.json.decode(msg.data))
+
+        await bus.nc.subscribe(subjects.agent_inventory(NODE), cb=collect)
+
+    def latest(self, incarnation: str | None = None) -> dict[str, Any] | None:
+        matching = [e for e in self.events if incarnation is None or e["incarnation"] == incarnation]
+        return matching[-1] if matching else None
+
+
+def mount_pids(mountpoint: Path) -> list[int]:
+    """PIDs of the mount processes serving ``mountpoint`` (children the test's agent started)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"services.agent.mountd" in argv and os.fsencode(mountpoint) in argv:
+                pids.append(int(entry.name))
+    return pids
+
+
+async def test_restart_after_kill_reuses_the_disk_cache(bus: Bus, settings: Settings, seaweedfs: SeaweedServer,
+                                                        bucket: str, tmp_path: Path) -> None:
+    objects = {f"part-{i}.bin": os.urandom(3 * MiB + i) for i in range(4)}
+    await put_objects(seaweedfs, bucket, objects)
+    inventory = InventoryWatch()
+    await inventory.start(bus)
+    async with node_stack(bus, settings, seaweedfs, tmp_path) as node:
+        await node.apply("warm", bucket)
+        root = await node.wait_mounted("warm", expect="part-3.bin")
+        for key, body in objects.items():
+            assert md5(await read_file(root / key)) == md5(body)
+        total = sum(len(b) for b in objects.values())
+
+        async def all_cached() -> dict[str, Any] | None:
+            event = inventory.latest()
+            return event if event and event["counters"]["cachedBytes"] == total else None
+
+        first = await eventually(all_cached, what="every block cached")
+        assert first["counters"]["missBytes"] == total
+
+        (pid,) = mount_pids(root)
+        os.kill(pid, signal.SIGKILL)  # the mount process dies; the agent replaces it and its stale mount
+
+        async def new_incarnation() -> dict[str, Any] | None:
+            event = inventory.latest()
+            return event if event and event["incarnation"] != first["incarnation"] else None
+
+        snapshot = await eventually(new_incarnation, timeout=30, what="a restarted mount process")
+        assert snapshot["type"] == "agent.inventory.snapshot.v1"
+        assert snapshot["counters"]["cachedBytes"] == total  # found again on disk, nothing downloaded
+        await node.wait_mounted("warm", expect="part-3.bin")
+        assert mount_pids(root) and mount_pids(root) != [pid]
+        for key, body in objects.items():
+            assert md5(await read_file(root / key)) == md5(body)
+
+        async def read_back_counted() -> dict[str, Any] | None:
+            event = inventory.latest(snapshot["incarnation"])
+            return event if event and event["counters"]["hitBytes"] >= total else None
+
+        after = await eventually(read_back_counted, what="hits counted after the restart")
+        assert after["counters"]["missBytes"] == 0  # not one GET to the object store
+
+
+async def test_overwritten_object_never_mixes_versions(bus: Bus, settings: Settings, seaweedfs: SeaweedServer,
+                                                       bucket: str, tmp_path: Path) -> None:
+    old = os.urandom(32 * MiB)
+    new = os.urandom(32 * MiB)
+    await put_objects(seaweedfs, bucket, {"model.bin": old})
+    async with node_stack(bus, settings, seaweedfs, tmp_path) as node:
+        await node.apply("ver", bucket)
+        root = await node.wait_mounted("ver", expect="model.bin")
+        head = await asyncio.to_thread(read_range, root / "model.bin", 0, 4096)
+        assert head == old[:4096]
+        await put_objects(seaweedfs, bucket, {"model.bin": new})
+        # Cached bytes are the manifest's version; uncached bytes of the old version no longer exist.
+        assert await asyncio.to_thread(read_range, root / "model.bin", 0, 4096) == old[:4096]
+        with pytest.raises(OSError) as raised:
+            await asyncio.to_thread(read_range, root / "model.bin", 31 * MiB, 4096)
+        assert raised.value.errno == errno.ESTALE
+        await node.resync("ver")
+
+        async def new_version_served() -> bool:
+            try:
+                return md5(await read_file(root / "model.bin")) == md5(new)
+            except OSError:
+                return False
+
+        await eventually(new_version_served, what="the new version after a resync")
+
+
+async def test_full_cache_stays_within_quota_and_reads_stay_correct(bus: Bus, settings: Settings,
+                                                                   seaweedfs: SeaweedServer, bucket: str,
+                                                                   tmp_path: Path) -> None:
+    objects = {f"f{i}.bin": os.urandom(2 * MiB) for i in range(12)}
+    await put_objects(seaweedfs, bucket, objects)
+    inventory = InventoryWatch()
+    await inventory.start(bus)
+    async with node_stack(bus, settings, seaweedfs, tmp_path) as node:
+        await node.apply("small", bucket, ssd="8Mi")
+        root = await node.wait_mounted("small", expect="f11.bin")
+        for _ in range(2):
+            for key, body in objects.items():
+                assert md5(await read_file(root / key)) == md5(body)
+            await asyncio.to_thread(drop_page_cache)
+
+        async def settled() -> dict[str, Any] | None:
+            event = inventory.latest()
+            return event if event and event["counters"]["cachedBytes"] > 0 else None
+
+        event = await eventually(settled)
+        assert 0 < event["counters"]["cachedBytes"] <= 8 * MiB
+        assert event["counters"]["capacityBytes"] == 8 * MiB
+        used = sum(f.stat().st_size for f in node.cache_dir.rglob("*") if f.is_file())
+        assert used <= 8 * MiB + 64 * 1024  # block files plus their small headers
+
+
+async def test_corrupt_block_file_is_dropped_and_fetched_again(bus: Bus, settings: Settings,
+                                                               seaweedfs: SeaweedServer, bucket: str,
+                                                               tmp_path: Path) -> None:
+    body = os.urandom(4 * MiB)
+    await put_objects(seaweedfs, bucket, {"data.bin": body})
+    inventory = InventoryWatch()
+    await inventory.start(bus)
+    async with node_stack(bus, settings, seaweedfs, tmp_path) as node:
+        await node.apply("rot", bucket)
+        root = await node.wait_mounted("rot", expect="data.bin")
+        assert await read_file(root / "data.bin") == body
+
+        async def cached() -> bool:
+            event = inventory.latest()
+            return bool(event and event["counters"]["cachedBytes"] == len(body))
+
+        await eventually(cached)
+        block_files = [f for f in node.cache_dir.rglob("*") if f.is_file()]
+        assert len(block_files) == 4
+        for block_file in block_files:  # flip one byte in the data of every block
+            raw = bytearray(block_file.read_bytes())
+            raw[len(raw) // 2] ^= 0xFF
+            block_file.write_bytes(bytes(raw))
+        await asyncio.to_thread(drop_page_cache)
+        assert await read_file(root / "data.bin") == body  # fetched again, never the corrupt bytes
+
+
+async def test_store_unreachable_cached_reads_work_uncached_fail_then_recover(
+        bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path) -> None:
+    cached_body, uncached_body = os.urandom(3 * MiB), os.urandom(3 * MiB)
+    await put_objects(seaweedfs, bucket, {"cached.bin": cached_body, "uncached.bin": uncached_body})
+    proxy = CuttableProxy(seaweedfs.config.s3_port)
+    await proxy.start()
+    try:
+        async with node_stack(bus, settings, seaweedfs, tmp_path) as node:
+            await node.apply("flaky", bucket, endpoint=proxy.endpoint)
+            root = await node.wait_mounted("flaky", expect="cached.bin")
+            assert await read_file(root / "cached.bin") == cached_body
+            await eventually(lambda: _blocks_on_disk(node.cache_dir, 3))
+            await proxy.cut()
+            await asyncio.to_thread(drop_page_cache)
+            assert await read_file(root / "cached.bin") == cached_body  # from the agent's disk cache
+            with pytest.raises(OSError) as raised:
+                await read_file(root / "uncached.bin")
+            assert raised.value.errno == errno.EIO
+            await proxy.restore()
+
+            async def recovered() -> bool:
+                try:
+                    return await read_file(root / "uncached.bin") == uncached_body
+                except OSError:
+                    return False
+
+            await eventually(recovered, what="reads after the store came back")
+    finally:
+        await proxy.cut()
+
+
+async def _blocks_on_disk(cache_dir: Path, count: int) -> bool:
+    return len([f for f in cache_dir.rglob("*") if f.is_file() and not f.name.startswith(".")]) >= count
+
+
+async def test_inventory_sequence_and_cache_states(bus: Bus, settings: Settings, seaweedfs: SeaweedServer,
+                                                  bucket: str, tmp_path: Path) -> None:
+    objects = {f"s{i}.bin": os.urandom(MiB + 1000 * i) for i in range(6)}
+    total = sum(len(b) for b in objects.values())
+    await put_objects(seaweedfs, bucket, objects)
+    inventory = InventoryWatch()
+    await inventory.start(bus)
+    async with node_stack(bus, settings, seaweedfs, tmp_path) as node:
+        await node.apply("inv", bucket)
+        root = await node.wait_mounted("inv", expect="s5.bin")
+        for key in objects:
+            await read_file(root / key)
+
+        async def percent_cached() -> Any:
+            record = await node.record("inv")
+            states = record.status.cache_states
+            return record if states.cached_percentage == "100.0%" else None
+
+        record = await eventually(percent_cached, what="cacheStates at 100%")
+        states = record.status.cache_states
+        assert states.cache_capacity == "256.00MiB"
+        assert states.cache_hit_ratio.endswith("%")
+        events = [e for e in inventory.events if e["incarnation"] == inventory.events[0]["incarnation"]]
+        assert events[0]["type"] == "agent.inventory.snapshot.v1"
+        assert [e["seq"] for e in events] == list(range(events[0]["seq"], events[0]["seq"] + len(events)))
+        blocks: dict[str, int] = {}
+        for event in events:
+            for block, size in event.get("cached", []) + event.get("blocks", []):
+                blocks[msgspec.json.encode(block).decode()] = size
+            for block, _ in event.get("evicted", []):
+                blocks.pop(msgspec.json.encode(block).decode(), None)
+        assert sum(blocks.values()) == total == events[-1]["counters"]["cachedBytes"]
+        cli = await run_tool(".venv/bin/shoal", "--nats", ",".join(settings.nats.urls), "get", "datasets")
+        assert "100.0%" in cli.stdout
+
+
+async def test_manifest_reload_and_unmount_on_delete(bus: Bus, settings: Settings, seaweedfs: SeaweedServer,
+                                                    bucket: str, tmp_path: Path) -> None:
+    await put_objects(seaweedfs, bucket, {"keep.txt": b"keep", "gone.txt": b"gone"})
+    async with node_stack(bus, settings, seaweedfs, tmp_path) as node:
+        await node.apply("live", bucket)
+        root = await node.wait_mounted("live", expect="gone.txt")
+        await put_objects(seaweedfs, bucket, {"added/new.txt": b"new"})
+        async with seaweedfs.client() as s3:
+            await s3.delete_object(Bucket=bucket, Key="gone.txt")
+        await node.resync("live")
+
+        async def reloaded() -> bool:
+            names = await run_tool("find", str(root), "-type", "f")
+            return sorted(os.path.relpath(p, root) for p in names.stdout.split()) == ["added/new.txt", "keep.txt"]
+
+        await eventually(reloaded, what="the new manifest in the mount")
+        assert (await read_file(root / "added/new.txt")) == b"new"
+        await bus.publish(subjects.DATASET_DELETE, DatasetDelete(name="live"))
+
+        async def unmounted() -> bool:
+            return str(root) not in mounted_paths()
+
+        await eventually(unmounted, what="the mount removed after delete")
+
+
+async def test_fio_verifies_data_written_with_checksums(bus: Bus, settings: Settings, seaweedfs: SeaweedServer,
+                                                       bucket: str, tmp_path: Path) -> None:
+    source = tmp_path / "fio.dat"
+    subprocess.run(["fio", "--name=write", f"--filename={source}", "--rw=write", "--bs=64k", "--size=24m",
+                    "--verify=crc32c", "--do_verify=0"], check=True, capture_output=True)
+    await put_objects(seaweedfs, bucket, {"fio.dat": source.read_bytes()})
+    async with node_stack(bus, settings, seaweedfs, tmp_path) as node:
+        await node.apply("fio", bucket)
+        root = await node.wait_mounted("fio", expect="fio.dat")
+        for pattern in ("read", "randread"):
+            result = await run_tool("fio", f"--name=verify-{pattern}", f"--filename={root / 'fio.dat'}",
+                                    f"--rw={pattern}", "--bs=64k", "--size=24m", "--verify=crc32c",
+                                    "--verify_only=1", "--readonly", "--numjobs=4", "--group_reporting",
+                                    check=False)
+            assert result.returncode == 0, result.stdout + result.stderr
+            assert "err= 0" in result.stdout
+
+
