@@ -53,6 +53,7 @@ from libs.embedded import (
 SERVICES: dict[str, str] = {
     "dataset": "services.dataset",
     "runtime": "services.runtime",
+    "agent": "services.agent",
 }
 
 DEMO_BUCKET = "demo"
@@ -98,6 +99,11 @@ class StateLayout:
     @property
     def pidfile(self) -> Path:
         return self.root / "up.pid"
+
+    @property
+    def mounts(self) -> Path:
+        """Where the agent mounts datasets: <state>/mnt/<namespace>/<name>."""
+        return self.root.resolve() / "mnt"
 
     @property
     def pids(self) -> Path:
@@ -181,9 +187,10 @@ class S3Access:
     embedded: bool
 
 
-def service_env(base: Mapping[str, str], nats_url: str, s3: S3Access) -> dict[str, str]:
-    """The environment of every service: the caller's, plus where NATS and S3 are."""
+def service_env(base: Mapping[str, str], nats_url: str, s3: S3Access, mount_root: Path) -> dict[str, str]:
+    """The environment of every service: the caller's, plus where NATS and S3 are and where to mount."""
     env = dict(base)
+    env.setdefault("SHOAL_MOUNT_ROOT", str(mount_root))
     env.update({
         "NATS_URL": nats_url,
         "SHOAL_S3_ENDPOINT": s3.endpoint,
@@ -314,7 +321,8 @@ def publish_example(nats_url: str) -> str:
 
 
 def banner(*, pid: int, nats_url: str, nats_embedded: bool, nats_monitor_port: int, s3: S3Access,
-           seeded_objects: int, services: Mapping[str, int], logs: Path, manifest: Path) -> str:
+           seeded_objects: int, services: Mapping[str, int], logs: Path, manifest: Path,
+           mounts: Path) -> str:
     nats_line = (f"{nats_url} (embedded; monitoring http://{LOOPBACK}:{nats_monitor_port})" if nats_embedded
                  else f"{nats_url} (from NATS_URL)")
     if s3.embedded:
@@ -333,10 +341,12 @@ def banner(*, pid: int, nats_url: str, nats_embedded: bool, nats_monitor_port: i
         f"  services  {running}",
         f"  logs      {logs}/",
         f"  demo      Dataset 'demo' and Runtime 'demo' applied from {manifest}",
+        f"  mount     {mounts}/default/demo (the agent mounts it once the dataset is Bound)",
         "",
         "Look around:",
         f"  {shoal} get datasets",
         f"  {shoal} describe dataset demo",
+        f"  find {mounts}/default/demo && md5sum {mounts}/default/demo/train/*",
         "  Publish a command as JSON with plain Python (nats-py); paste this into a shell:",
         publish_example(nats_url),
         "",
@@ -734,7 +744,7 @@ def run_up(options: UpOptions, environ: Mapping[str, str]) -> None:
             click.echo(banner(pid=os.getpid(), nats_url=plan.nats_url, nats_embedded=plan.nats is not None,
                               nats_monitor_port=options.ports.nats_monitor, s3=plan.s3,
                               seeded_objects=len(demo_objects()), services=pids, logs=layout.logs,
-                              manifest=options.manifest))
+                              manifest=options.manifest, mounts=Path(plan.env["SHOAL_MOUNT_ROOT"])))
             while True:
                 stack.supervise_once(time.monotonic(), _timestamped)
                 time.sleep(SUPERVISE_INTERVAL_SECONDS)
@@ -771,7 +781,7 @@ def _plan(options: UpOptions, environ: Mapping[str, str]) -> Plan:
                                 volume_port=ports.seaweed_volume, filer_port=ports.seaweed_filer)
         s3 = S3Access(seaweed.endpoint, seaweed.access_key_id, seaweed.secret_access_key, embedded=True)
     nats_url = nats.url if nats is not None else external_nats
-    env = service_env(environ, nats_url, s3)
+    env = service_env(environ, nats_url, s3, layout.mounts)
     try:
         settings = load_settings(env)
     except SettingsError as err:

@@ -35,6 +35,7 @@ from libs.cli.up import (
 from libs.cli.up import Ports as UpPorts
 from libs.config import NatsSettings
 from libs.embedded import LOOPBACK, SeaweedConfig, free_port
+from services.agent.mountinfo import is_mounted
 from tests.helpers import dataset_record, eventually, runtime_record
 
 SHOAL = str(Path(sys.executable).parent / "shoal")
@@ -195,6 +196,16 @@ async def test_up_syncs_the_demo_restarts_a_dead_service_and_stops_everything_on
         levels = runtime.runtime.spec.tieredstore.levels
         assert [level.mediumtype for level in levels] == ["MEM", "SSD"]
         assert levels[1].path == str(run.state_dir / "cache")
+
+        # The agent mounts the demo once it is Bound; ordinary tools read it.
+        mountpoint = run.state_dir.resolve() / "mnt" / "default" / "demo"
+        await eventually(lambda: _mounted(mountpoint), 60, "the demo dataset mounted by the agent")
+        listing = await asyncio.to_thread(subprocess.run, ["find", str(mountpoint), "-type", "f"],
+                                          capture_output=True, text=True, check=True)
+        assert len(listing.stdout.split()) == len(demo_objects())
+        for obj in demo_objects():
+            data = await asyncio.to_thread((mountpoint / obj.key).read_bytes)
+            assert data == obj.body()
     finally:
         await bus.close()
 
@@ -211,6 +222,7 @@ async def test_up_syncs_the_demo_restarts_a_dead_service_and_stops_everything_on
     assert still_running == {}
     assert not (run.state_dir / "up.pid").exists()
     assert not (run.state_dir / "pids.json").exists()
+    assert not await _mounted(run.state_dir.resolve() / "mnt" / "default" / "demo"), "the agent left its mount"
 
 
 @pytest.mark.timeout(180)
@@ -295,3 +307,7 @@ def test_stop_also_ends_a_child_started_but_never_registered(tmp_path: Path) -> 
     finally:
         stray.kill()
         stray.wait()
+
+
+async def _mounted(path: Path) -> bool:
+    return is_mounted(str(path))
