@@ -51,7 +51,7 @@ class SeaweedServer:
             secret_access_key=Secret(self.config.secret_access_key),
         )
 
-    def client(self):  # type: ignore[no-untyped-def]
+    def client(self):
         """An aiobotocore S3 client context manager for seeding and checking buckets."""
         return get_session().create_client(
             "s3",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
@@ -19,7 +19,8 @@ from libs.events.runtime import RuntimeRecord
 T = TypeVar("T")
 
 
-async def eventually(probe: Callable[[], Awaitable[T | None]], timeout: float = 15.0, what: str = "condition") -> T:
+async def eventually(probe: Callable[[], Awaitable[T | None]], timeout: float = 15.0,
+                     what: str = "condition") -> T:
     """Poll ``probe`` until it returns a truthy value; fail with the last value after ``timeout``."""
     deadline = time.monotonic() + timeout
     last: Any = None
@@ -42,7 +43,7 @@ def make_settings(nats_url: str, s3_endpoint: str = "", access_key: str = "", se
 
 
 @asynccontextmanager
-async def running(*runs: Callable[[asyncio.Event], Awaitable[None]]) -> AsyncIterator[None]:
+async def running(*runs: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> AsyncIterator[None]:
     """Run service ``run`` coroutines as tasks; stop them cleanly (and surface their errors) on exit."""
     stop = asyncio.Event()
     tasks = [asyncio.create_task(run(stop)) for run in runs]

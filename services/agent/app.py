@@ -70,7 +70,7 @@ class NodeAgent:
     served: list[tuple[str, str]] = field(default_factory=list)
 
     async def run(self, stop: asyncio.Event) -> None:
-        Path(self.settings.agent.mount_root).mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(Path(self.settings.agent.mount_root).mkdir, parents=True, exist_ok=True)
         heartbeat = asyncio.create_task(self._heartbeats(stop))
         try:
             while not stop.is_set():
@@ -107,7 +107,7 @@ class NodeAgent:
 
     async def _start_worker(self, worker: MountWorker) -> None:
         await force_unmount(worker.path)
-        Path(worker.path).mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(Path(worker.path).mkdir, parents=True, exist_ok=True)
         worker.process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "services.agent.mountd", "--namespace", worker.namespace, "--name", worker.name,
             "--mountpoint", worker.path, stdin=asyncio.subprocess.DEVNULL, env=self.child_env,

@@ -8,6 +8,7 @@ something changed, and answers snapshot requests.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -99,10 +100,8 @@ class InventoryPublisher:
         try:
             await self._publish_snapshot(subject)
             while not self._stopping.is_set():
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._snapshot_wanted.wait(), timeout=self.interval)
-                except TimeoutError:
-                    pass
                 if self._snapshot_wanted.is_set():
                     self._snapshot_wanted.clear()
                     await self._publish_snapshot(subject)

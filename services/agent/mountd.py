@@ -55,9 +55,9 @@ AGENT_MAX_ATTEMPTS = 1
 async def load_manifest(bus: Bus, name: str) -> list[ManifestEntry]:
     manifests = await bus.manifests()
     with tempfile.TemporaryFile() as out:
-        await manifests.get(name, writeinto=out)  # type: ignore[arg-type]
+        await manifests.get(name, writeinto=out)
         out.seek(0)
-        return list(read_entries(out))  # type: ignore[arg-type]
+        return list(read_entries(out))
 
 
 def agent_store(location: object) -> ObjectStore:
@@ -120,7 +120,7 @@ class MountedDataset:
         publisher = InventoryPublisher(self.bus, inventory, cache.blocks, counters)
         options = set(pyfuse3.default_options)
         options |= {f"fsname=shoal:{self.key}", "subtype=shoal", "ro", "allow_other", "default_permissions"}
-        Path(self.mountpoint).mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(Path(self.mountpoint).mkdir, parents=True, exist_ok=True)
         pyfuse3.init(fs, self.mountpoint, options)
         raise_read_ahead(self.mountpoint)
         log.info("mounted", dataset=self.key, mountpoint=self.mountpoint, files=len(entries))

@@ -12,8 +12,8 @@ from urllib.parse import urlsplit
 
 import msgspec
 
-from libs.events.common import DNS1123_LABEL, DNS1123_SUBDOMAIN, dns_label_errors, format_bytes
 from libs.events.agent import CacheCounters, Inventory, InventorySnapshot
+from libs.events.common import DNS1123_LABEL, DNS1123_SUBDOMAIN, dns_label_errors, format_bytes
 from libs.events.dataset import (
     CacheStates,
     Condition,

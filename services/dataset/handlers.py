@@ -17,6 +17,7 @@ from nats.js.errors import NotFoundError, ObjectNotFoundError
 from libs import subjects
 from libs.bus import Bus, Conflict, Delivery, kv_delete, kv_load, kv_save
 from libs.config import Settings
+from libs.events.agent import Inventory, InventoryRequest
 from libs.events.dataset import (
     DatasetAccepted,
     DatasetApply,
@@ -29,7 +30,6 @@ from libs.events.dataset import (
     DatasetStatus,
     DatasetStatusChanged,
 )
-from libs.events.agent import Inventory, InventoryRequest
 from libs.events.runtime import RuntimeDeleted, RuntimeFact, RuntimeStatusChanged
 from libs.telemetry import get_logger
 from libs.ufs import open_store

@@ -32,6 +32,7 @@ async def sync_metadata(record: DatasetRecord, manifests: NatsObjectStore, defau
     """List every mount of the dataset and store its manifest; a UFS problem becomes ``SyncResult.error``."""
     dataset = record.dataset
     generation = record.generation
+    requests = record.sync_requests
     file_num = 0
     total_bytes = 0
     with tempfile.TemporaryFile() as out:
@@ -40,7 +41,7 @@ async def sync_metadata(record: DatasetRecord, manifests: NatsObjectStore, defau
                 location = resolve_location(dataset, mount,
                                             read_secrets(defaults.secrets_dir, secret_refs(dataset, mount)), defaults)
             except MissingSecret as err:
-                return SyncResult(generation=generation, requests=record.sync_requests, error=f"mount {mount.mount_point}: {err}")
+                return SyncResult(generation=generation, requests=requests, error=f"mount {mount.mount_point}: {err}")
             root = mount_path(mount, len(dataset.spec.mounts))
             store = opener(location)
             try:
@@ -51,8 +52,8 @@ async def sync_metadata(record: DatasetRecord, manifests: NatsObjectStore, defau
                     file_num += 1
                     total_bytes += info.size
             except UfsError as err:
-                return SyncResult(generation=generation, requests=record.sync_requests, error=f"cannot list {mount.mount_point}: {err.message}",
-                                  retryable=err.retryable)
+                return SyncResult(generation=generation, requests=requests,
+                                  error=f"cannot list {mount.mount_point}: {err.message}", retryable=err.retryable)
             finally:
                 await store.close()
         out.flush()
@@ -60,4 +61,5 @@ async def sync_metadata(record: DatasetRecord, manifests: NatsObjectStore, defau
         name = subjects.manifest_name(dataset.metadata.namespace, dataset.metadata.name)
         await manifests.put(name, out)
     log.info("synced", dataset=name, generation=generation, files=file_num, bytes=total_bytes)
-    return SyncResult(generation=generation, requests=record.sync_requests, file_num=file_num, total_bytes=total_bytes, manifest=name)
+    return SyncResult(generation=generation, requests=requests, file_num=file_num, total_bytes=total_bytes,
+                      manifest=name)

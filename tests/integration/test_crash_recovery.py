@@ -61,7 +61,7 @@ async def test_killed_mid_sync_loses_nothing(bus: Bus, nats_server: NatsServer, 
 
         second = start_service(nats_server, seaweedfs, log)
 
-        async def both_synced():  # type: ignore[no-untyped-def]
+        async def both_synced():
             records = [await dataset_record(bus, name) for name in ("crashy", "while-down")]
             done = all(r is not None and r.status.synced_generation == 1 for r in records)
             return records if done else None

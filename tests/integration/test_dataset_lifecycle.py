@@ -25,7 +25,7 @@ from tests.conftest import SeaweedServer, put_objects
 from tests.helpers import FactCollector, dataset_record, eventually, running, runtime_record
 
 
-def services(settings: Settings):  # type: ignore[no-untyped-def]
+def services(settings: Settings):
     return running(lambda stop: dataset_app.run(settings, stop), lambda stop: runtime_app.run(settings, stop))
 
 
@@ -41,8 +41,8 @@ def mem_runtime(name: str, replicas: int = 1) -> Runtime:
                                     tieredstore=TieredStore(levels=[Level(mediumtype="MEM", quota="1Gi")])))
 
 
-async def synced(bus: Bus, name: str, generation: int = 1):  # type: ignore[no-untyped-def]
-    async def probe():  # type: ignore[no-untyped-def]
+async def synced(bus: Bus, name: str, generation: int = 1):
+    async def probe():
         record = await dataset_record(bus, name)
         return record if record and record.status.synced_generation >= generation else None
 
@@ -70,13 +70,14 @@ async def test_apply_syncs_size_and_file_count(bus: Bus, settings: Settings, sea
         assert status["status"]["fileNum"] == 41
         # The manifest lists every file with its size and ETag, below the dataset root.
         manifest = await (await bus.manifests()).get(record.status.manifest)
-        lines = [msgspec.json.decode(line) for line in manifest.data.splitlines()]
+        lines = [msgspec.json.decode(line) for line in (manifest.data or b"").splitlines()]
         assert sorted(e["path"] for e in lines) == sorted("/" + k for k in objects)
         assert all(e["etag"] and e["size"] > 0 for e in lines)
 
 
 async def test_adding_a_mount_resyncs(bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str) -> None:
-    await put_objects(seaweedfs, bucket, {f"a/{i}": b"x" * 10 for i in range(5)} | {f"b/{i}": b"y" * 7 for i in range(3)})
+    objects = {f"a/{i}": b"x" * 10 for i in range(5)} | {f"b/{i}": b"y" * 7 for i in range(3)}
+    await put_objects(seaweedfs, bucket, objects)
     async with services(settings):
         await bus.publish(subjects.DATASET_APPLY, DatasetApply(dataset=s3_dataset("two", f"s3://{bucket}/a")))
         first = await synced(bus, "two", 1)
@@ -106,7 +107,7 @@ async def test_dataset_binds_when_runtime_ready_and_delete_cleans_up(bus: Bus, s
 
         await beat("node-a")
 
-        async def runtime_phase(phase: str):  # type: ignore[no-untyped-def]
+        async def runtime_phase(phase: str):
             record = await runtime_record(bus, "demo")
             return record if record and record.status.phase == phase else None
 
@@ -118,7 +119,7 @@ async def test_dataset_binds_when_runtime_ready_and_delete_cleans_up(bus: Bus, s
         assert ready.status.worker_number_ready == 2
         assert ready.status.cache_capacity_bytes == 2 * 2**30
 
-        async def bound():  # type: ignore[no-untyped-def]
+        async def bound():
             record = await dataset_record(bus, "demo")
             return record if record and record.status.phase == "Bound" else None
 
@@ -212,7 +213,7 @@ async def test_runtime_becomes_not_ready_when_agent_goes_silent(bus: Bus, settin
         await bus.publish(subjects.agent_heartbeat("n1"),
                           AgentHeartbeat(node="n1", runtimes=[ObjectRef(name="rt")], interval_seconds=1.0))
 
-        async def phase_is(phase: str):  # type: ignore[no-untyped-def]
+        async def phase_is(phase: str):
             record = await runtime_record(bus, "rt")
             return record if record and record.status.phase == phase else None
 
