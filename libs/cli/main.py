@@ -41,6 +41,7 @@ from libs.events.dataset import (
     DatasetFact,
     DatasetRecord,
     DatasetRejected,
+    DatasetResync,
 )
 from libs.events.runtime import (
     RuntimeAccepted,
@@ -353,6 +354,19 @@ def delete(options: Options, resource: str | None, name: str | None, namespace: 
     if commands:
         valid = _run(_send(options, commands)) and valid
     if not valid:
+        raise click.exceptions.Exit(1)
+
+
+@cli.command()
+@click.argument("resource", type=click.Choice(["dataset", "ds"], case_sensitive=False))
+@click.argument("name")
+@click.option("-n", "--namespace", default="default", show_default=True)
+@click.pass_obj
+def resync(options: Options, resource: str, name: str, namespace: str) -> None:
+    """List a dataset's mounts again (new or overwritten objects); mounts pick up the new manifest."""
+    event = DatasetResync(name=name, namespace=namespace)
+    command = Command(0, "dataset", "dataset", name, namespace, subjects.DATASET_RESYNC, event)
+    if not _run(_send(options, [command])):
         raise click.exceptions.Exit(1)
 
 

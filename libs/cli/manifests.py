@@ -24,7 +24,7 @@ import msgspec
 import yaml
 
 from libs import subjects
-from libs.events.dataset import Dataset, DatasetApply, DatasetDelete, DatasetSpec
+from libs.events.dataset import Dataset, DatasetApply, DatasetDelete, DatasetResync, DatasetSpec
 from libs.events.runtime import Runtime, RuntimeApply, RuntimeDelete, RuntimeSpec
 
 SHOAL_API = "shoal.io/v1alpha1"
@@ -58,7 +58,7 @@ LEVEL_FIELDS = ("mediumtype", "path", "quota", "high", "low")
 
 Kind = Literal["dataset", "runtime"]
 Action = Literal["apply", "delete"]
-CommandEvent = DatasetApply | DatasetDelete | RuntimeApply | RuntimeDelete
+CommandEvent = DatasetApply | DatasetDelete | RuntimeApply | RuntimeDelete | DatasetResync
 
 
 class ManifestError(ValueError):
