@@ -1,0 +1,49 @@
+"""Listing 100k objects keeps memory bounded: the sync streams pages into the manifest instead of holding the
+listing. A local-directory UFS with 100k files (S3 seeding at that size would take minutes), a real
+nats-server Object Store for the manifest, and tracemalloc for the peak.
+"""
+
+from __future__ import annotations
+
+import os
+import tracemalloc
+from pathlib import Path
+
+from libs.bus import Bus
+from libs.config import S3Settings
+from libs.events.common import ObjectMeta
+from libs.events.dataset import Dataset, DatasetRecord, DatasetSpec, Mount
+from services.dataset.sync import sync_metadata
+
+FILES = 100_000
+MiB = 1024 * 1024
+
+
+def make_tree(root: Path) -> None:
+    for shard in range(100):
+        folder = root / f"shard-{shard:03d}"
+        folder.mkdir(parents=True)
+        for i in range(FILES // 100):
+            os.close(os.open(folder / f"sample-{i:05d}.jpg", os.O_CREAT | os.O_WRONLY, 0o644))
+
+
+async def test_sync_of_100k_objects_stays_within_bounded_memory(bus: Bus, tmp_path: Path) -> None:
+    make_tree(tmp_path / "data")
+    record = DatasetRecord(
+        dataset=Dataset(metadata=ObjectMeta(name="huge"),
+                        spec=DatasetSpec(mounts=[Mount(mount_point=f"local://{tmp_path / 'data'}")])),
+        generation=1,
+    )
+    manifests = await bus.manifests()
+    tracemalloc.start()
+    try:
+        result = await sync_metadata(record, manifests, S3Settings(), page_size=1000)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert result.error == ""
+    assert result.file_num == FILES
+    info = await manifests.get_info(result.manifest)
+    assert info.size > 8 * MiB
+    # Measured: 0.6 MiB peak for a 14 MiB manifest; one page of 1000 entries is well under 4 MiB.
+    assert peak < 4 * MiB, f"peak {peak / MiB:.1f} MiB for a {info.size / MiB:.1f} MiB manifest"
