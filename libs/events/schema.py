@@ -16,13 +16,14 @@ import msgspec
 
 from libs import subjects
 from libs.events import PUBLIC_EVENTS, type_tag
-from libs.events.agent import AgentHeartbeat
+from libs.events.agent import AgentHeartbeat, InventoryDelta, InventoryRequest, InventorySnapshot
 from libs.events.dataset import (
     DatasetAccepted,
     DatasetApply,
     DatasetDelete,
     DatasetDeleted,
     DatasetRejected,
+    DatasetResync,
     DatasetStatusChanged,
 )
 from libs.events.deadletter import DeadLetter
@@ -41,6 +42,7 @@ INDEX_FILE = "index.json"
 SUBJECTS: dict[type[Any], str] = {
     DatasetApply: subjects.DATASET_APPLY,
     DatasetDelete: subjects.DATASET_DELETE,
+    DatasetResync: subjects.DATASET_RESYNC,
     DatasetAccepted: subjects.DATASET_ACCEPTED,
     DatasetRejected: subjects.DATASET_REJECTED,
     DatasetStatusChanged: subjects.DATASET_STATUS,
@@ -52,6 +54,9 @@ SUBJECTS: dict[type[Any], str] = {
     RuntimeStatusChanged: subjects.RUNTIME_STATUS,
     RuntimeDeleted: subjects.RUNTIME_DELETED,
     AgentHeartbeat: subjects.AGENT_HEARTBEATS,
+    InventorySnapshot: subjects.AGENT_INVENTORY,
+    InventoryDelta: subjects.AGENT_INVENTORY,
+    InventoryRequest: subjects.INVENTORY_REQUEST,
     DeadLetter: subjects.ALL_DEAD_LETTERS,
 }
 

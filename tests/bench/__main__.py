@@ -1,6 +1,10 @@
-"""``make bench``: control-plane benchmarks on the embedded stack (real nats-server and SeaweedFS).
+"""``make bench``: the control-plane bench, then the agent data-path bench (``tests/bench/agent.py``).
 
-Measures, for a bucket of 10k objects:
+``python -m tests.bench [--only control|agent]`` runs both by default; arguments the control bench does not know
+(e.g. ``--quick``, ``--workloads``) go to the agent bench.
+
+The control-plane bench runs on the embedded stack (real nats-server and SeaweedFS) and measures, for a bucket of
+10k objects:
 - time from publishing ``dataset.apply`` to the synced status event (median of several runs), with the dataset
   service running as its own process, as in production;
 - listing throughput (objects/s) of Shoal's S3 client and of a full sync (listing + manifest upload), against
@@ -46,7 +50,7 @@ async def seed(endpoint: str, key: str, secret: str, count: int) -> float:
         buckets = {b["Name"] for b in (await s3.list_buckets())["Buckets"]}
         if BUCKET not in buckets:
             await s3.create_bucket(Bucket=BUCKET)
-        present = set()
+        present: set[str] = set()
         async for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET):
             present.update(item["Key"] for item in page.get("Contents", []))
         missing = [f"shard-{i // 1000:02d}/obj-{i:05d}.bin" for i in range(count)]
@@ -96,7 +100,7 @@ async def apply_to_synced(nats_url: str, runs: int, expected: int) -> list[float
             name = f"bench-{os.getpid()}-{run}"
             done = asyncio.get_running_loop().create_future()
 
-            async def on_status(msg, name=name, done=done):  # type: ignore[no-untyped-def]
+            async def on_status(msg, name=name, done=done):
                 event = msgspec.json.decode(msg.data)
                 if event["name"] == name and event["status"].get("fileNum") == expected and not done.done():
                     done.set_result(time.perf_counter())
@@ -116,10 +120,31 @@ async def apply_to_synced(nats_url: str, runs: int, expected: int) -> list[float
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--objects", type=int, default=10_000)
-    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--only", choices=["control", "agent"], help="run one of the two benches (default: both)")
+    parser.add_argument("--objects", type=int, default=10_000, help="control bench: objects in the bucket")
+    parser.add_argument("--runs", type=int, default=5, help="control bench: apply → synced runs")
     parser.add_argument("--state-dir", type=Path, default=Path(".shoal/bench"))
-    args = parser.parse_args()
+    args, agent_args = parser.parse_known_args()
+    if agent_args and args.only == "control":
+        parser.error(f"unrecognized arguments: {' '.join(agent_args)}")
+    failed = []
+    if args.only in (None, "control"):
+        try:
+            control_bench(args)
+        except Exception:
+            if args.only == "control":
+                raise
+            console.print_exception()
+            failed.append("control")
+    if args.only in (None, "agent"):
+        from tests.bench import agent
+
+        agent.main(["--state-dir", str(args.state_dir), *agent_args])
+    if failed:
+        sys.exit(f"the {', '.join(failed)} bench failed (see above)")
+
+
+def control_bench(args: argparse.Namespace) -> None:
     state: Path = args.state_dir.resolve()
     state.mkdir(parents=True, exist_ok=True)
     nats_config = NatsConfig(port=free_port(), monitor_port=free_port(), store_dir=state / f"nats-{os.getpid()}")
