@@ -12,8 +12,6 @@ import argparse
 import asyncio
 import contextlib
 import os
-import signal
-import sys
 import tempfile
 from pathlib import Path
 
@@ -23,13 +21,14 @@ import pyfuse3.asyncio
 
 from libs import subjects
 from libs.bus import Bus, connect, kv_load
-from libs.config import Settings, SettingsError, load_settings
+from libs.config import Settings
 from libs.events.agent import CacheCounters
 from libs.events.common import ObjectRef, parse_quantity
 from libs.events.dataset import DatasetRecord
 from libs.events.runtime import RuntimeRecord
 from libs.manifest import ManifestEntry, read_entries
-from libs.telemetry import get_logger, setup_logging, setup_tracing
+from libs.service import main as service_main
+from libs.telemetry import get_logger
 from libs.ufs import open_store
 from libs.ufs.base import ObjectStore, S3Location
 from libs.ufs.mounts import read_secrets, resolve_location, secret_refs
@@ -216,23 +215,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--name", required=True)
     parser.add_argument("--mountpoint", required=True)
     args = parser.parse_args(argv)
-    try:
-        settings = load_settings()
-    except SettingsError as err:
-        print(f"shoal-mount: {err}", file=sys.stderr)
-        sys.exit(2)
-    setup_logging(settings.service.log_level, settings.service.log_format)
-    setup_tracing("shoal-mount")
-    pyfuse3.asyncio.enable()
-
-    async def _main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stop.set)
-        await serve(settings, args.namespace, args.name, args.mountpoint, stop)
-
-    asyncio.run(_main())
+    pyfuse3.asyncio.enable()  # the FUSE session runs on the asyncio loop, beside NATS
+    service_main("shoal-mount",
+                 lambda settings, stop: serve(settings, args.namespace, args.name, args.mountpoint, stop))
 
 
 if __name__ == "__main__":
