@@ -121,9 +121,12 @@ class MountedDataset:
         options |= {f"fsname=shoal:{self.key}", "subtype=shoal", "ro", "allow_other", "default_permissions"}
         await asyncio.to_thread(Path(self.mountpoint).mkdir, parents=True, exist_ok=True)
         pyfuse3.init(fs, self.mountpoint, options)
+        fuse_loop = asyncio.create_task(pyfuse3.main())
+        # The kernel sets the read-ahead when it processes FUSE INIT; a statfs answered by our own loop proves
+        # INIT is done, so the value written afterwards sticks.
+        await asyncio.to_thread(os.statvfs, self.mountpoint)
         raise_read_ahead(self.mountpoint)
         log.info("mounted", dataset=self.key, mountpoint=self.mountpoint, files=len(entries))
-        fuse_loop = asyncio.create_task(pyfuse3.main())
         inventory_task = asyncio.create_task(publisher.run())
         watcher = asyncio.create_task(self._watch(fs, cache, stop))
         stopper = asyncio.create_task(stop.wait())

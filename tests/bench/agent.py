@@ -628,6 +628,18 @@ class ShoalNode(MountedSystem):
     def daemon_pids(self) -> list[int]:
         return [] if self.agent is None else [self.agent.pid, *descendants(self.agent.pid)]
 
+    def mount_pids(self, name: str) -> list[int]:
+        """The mount process of dataset ``name`` (a child of the agent)."""
+        found = []
+        for pid in self.daemon_pids():
+            try:
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"services.agent.mountd" in argv and name.encode() in argv:
+                found.append(pid)
+        return found
+
     def apply(self, name: str, bucket: str, quota: int, probe: str) -> None:
         asyncio.run(self._apply(name, bucket, quota))
         self.datasets[name] = probe
@@ -816,6 +828,7 @@ class Bench:
         self.store: Store | None = None
         self.shoal: ShoalNode | None = None
         self.phase_times: dict[str, float] = {}
+        self.profile_dir: Path | None = None
 
     # -- setup --
 
@@ -938,13 +951,18 @@ class Bench:
         store_pids = [self.store.process.pid] if self.store is not None else []
         runs: list[tuple[float, str, dict[str, Any], dict[str, float]]] = []
         failure = ""
-        for _ in range(repeat):
+        for attempt in range(repeat):
             pids = daemon()
+            profiler = self.start_profiler(f"{workload}-{system}-{state}-{attempt}", system)
             before = (cpu_seconds(pids), cpu_seconds(store_pids), children_cpu(), time.perf_counter())
             try:
                 value, note, detail = run()
-            except Exception as err:
+            except Exception as err:  # one failed measurement is a row, not a crash
                 value, note, detail = None, f"failed: {str(err).strip()[:300]}", {}
+            finally:
+                profile = self.stop_profiler(profiler)
+            if profile:
+                detail = {**detail, "profile": profile}
             wall = time.perf_counter() - before[3]
             cpu = {"daemon": cpu_seconds(pids) - before[0], "store": cpu_seconds(store_pids) - before[1],
                    "reader": children_cpu() - before[2], "wall": wall}
@@ -967,6 +985,32 @@ class Bench:
         shown = "-" if row.value is None else f"{row.value:,.1f}"
         say(f"  {title:38} {system:22} {STATE_LABEL[state]:26} {shown:>12} {unit:9} {row.note}")
         return row
+
+    def start_profiler(self, label: str, system: str) -> tuple[Child, Path] | None:
+        """py-spy on the Shoal data mount process for one measurement (``--profile``)."""
+        if self.profile_dir is None or self.shoal is None or not system.startswith("Shoal"):
+            return None
+        name = EPOCH if system != "Shoal" else DATA
+        pids = self.shoal.mount_pids(name)
+        if not pids:
+            return None
+        out = self.profile_dir / f"{label.replace(' ', '_').replace('(', '').replace(')', '')}.txt"
+        argv = [str(Path(sys.executable).parent / "py-spy"), "record", "--format", "raw", "--rate", "200",
+                "--output", str(out), "--pid", str(pids[0])]
+        child = Child("py-spy", argv, self.logs / "py-spy.log")
+        time.sleep(0.3)  # attached before the run starts
+        return child, out
+
+    def stop_profiler(self, profiler: tuple[Child, Path] | None) -> dict[str, Any] | None:
+        if profiler is None:
+            return None
+        child, out = profiler
+        with contextlib.suppress(ProcessLookupError):
+            child.proc.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.proc.wait(20)
+        child.stop()
+        return summarize_profile(out)
 
     def drop(self, extra: Sequence[Path]) -> None:
         self.page_cache.drop([self.local_root, *extra])
@@ -1137,6 +1181,46 @@ class Bench:
             console().print(f"  ({phase}: {self.phase_times[phase]:.0f} s)")
 
 
+def summarize_profile(path: Path, top: int = 12) -> dict[str, Any] | None:
+    """Self and inclusive sample shares of the hottest functions in a py-spy raw (collapsed stacks) file."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return None
+    own: dict[str, int] = {}
+    inclusive: dict[str, int] = {}
+    total = 0
+    for line in lines:
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        total += count
+        frames = [_frame(f) for f in stack.split(";")]
+        own[frames[-1]] = own.get(frames[-1], 0) + count
+        for frame in set(frames):
+            inclusive[frame] = inclusive.get(frame, 0) + count
+    if not total:
+        return None
+
+    def shares(counts: dict[str, int]) -> list[tuple[str, float]]:
+        return [(f, round(c / total, 3)) for f, c in sorted(counts.items(), key=lambda kv: -kv[1])[:top]]
+
+    return {"file": str(path), "samples": total, "self": shares(own), "inclusive": shares(inclusive)}
+
+
+def _frame(frame: str) -> str:
+    """``func (path/to/file.py:12)`` → ``func (file.py:12)``."""
+    name, _, where = frame.partition(" (")
+    return f"{name} ({where.rsplit('/', 1)[-1]}" if where else name
+
+
+def short(note: str, limit: int = 90) -> str:
+    """A note's first line, cut for the table (the JSON has it whole)."""
+    line = note.strip().splitlines()[0] if note.strip() else ""
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
 def read_note(result: dict[str, Any]) -> str:
     if result["complete"]:
         return ""
@@ -1273,7 +1357,7 @@ def report(bench: Bench, out_path: Path) -> None:
         table.add_column(column)
     for column in ("value", "vs local warm", "vs best peer", "CPU s daemon/store/reader"):
         table.add_column(column, justify="right")
-    table.add_column("note", max_width=60)
+    table.add_column("note", max_width=48)
     json_rows = []
     previous = ""
     for row in rows:
@@ -1296,7 +1380,7 @@ def report(bench: Bench, out_path: Path) -> None:
         previous = row.workload
         peer_text = "" if vs_peer is None or peer is None else f"{vs_peer:.2f}x ({peer.system})"
         table.add_row(row.workload, row.system, STATE_LABEL[row.state], shown,
-                      "" if vs_local is None else f"{vs_local:.2f}x", peer_text, cpu, escape(row.note))
+                      "" if vs_local is None else f"{vs_local:.2f}x", peer_text, cpu, escape(short(row.note)))
         json_rows.append({**asdict(row), "vs_local_warm": vs_local, "vs_best_peer": vs_peer,
                           "best_peer": None if peer is None else peer.system})
     out = console()
@@ -1346,6 +1430,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--workloads", default="large1,large8,small,walk,rand,epoch",
                         help="comma-separated subset of large1,large8,small,walk,rand,epoch")
     parser.add_argument("--fio-seconds", type=int, default=None)
+    parser.add_argument("--profile", action="store_true",
+                        help="record py-spy profiles of the Shoal mount process per measurement (needs py-spy in "
+                             "the venv) under <state-dir>/agent-profiles")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -1368,6 +1455,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     atexit.register(cleanup)
     previous = {signum: signal.signal(signum, _on_signal) for signum in (signal.SIGTERM, signal.SIGHUP)}
     bench = Bench(sizes, state)
+    if args.profile:
+        if not (Path(sys.executable).parent / "py-spy").exists():
+            parser.error("--profile needs py-spy: .venv/bin/pip install py-spy")
+        bench.profile_dir = state / "agent-profiles"
+        shutil.rmtree(bench.profile_dir, ignore_errors=True)
+        bench.profile_dir.mkdir(parents=True)
     started = time.perf_counter()
     try:
         bench.run(only)

@@ -24,7 +24,7 @@ from libs import subjects
 from libs.bus import Bus
 from libs.config import AgentSettings, Settings
 from libs.events.common import ObjectMeta
-from libs.events.dataset import Dataset, DatasetApply, DatasetRecord, DatasetResync, DatasetSpec, Mount
+from libs.events.dataset import Dataset, DatasetApply, DatasetRecord, DatasetResync, DatasetSpec, Mount, User
 from libs.events.runtime import Level, Runtime, RuntimeApply, RuntimeSpec, TieredStore
 from services.agent import app as agent_app
 from services.dataset import app as dataset_app
@@ -66,7 +66,7 @@ class Node:
         return self.mount_root / namespace / name
 
     async def apply(self, name: str, bucket: str, *, mem: str | None = None, ssd: str | None = "256Mi",
-                    block_size: str = "1Mi", endpoint: str = "", prefix: str = "") -> None:
+                    block_size: str = "1Mi", endpoint: str = "", prefix: str = "", owner: User | None = None) -> None:
         levels = []
         if mem:
             levels.append(Level(mediumtype="MEM", quota=mem))
@@ -76,7 +76,8 @@ class Node:
                           spec=RuntimeSpec(tieredstore=TieredStore(levels=levels), block_size=block_size))
         options = {"endpoint": endpoint} if endpoint else {}
         dataset = Dataset(metadata=ObjectMeta(name=name),
-                          spec=DatasetSpec(mounts=[Mount(mount_point=f"s3://{bucket}/{prefix}", options=options)]))
+                          spec=DatasetSpec(mounts=[Mount(mount_point=f"s3://{bucket}/{prefix}", options=options)],
+                                           owner=owner))
         await self.bus.publish(subjects.RUNTIME_APPLY, RuntimeApply(runtime=runtime))
         await self.bus.publish(subjects.DATASET_APPLY, DatasetApply(dataset=dataset))
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import shutil
 import signal
 import subprocess
 from pathlib import Path
@@ -19,6 +20,8 @@ import pytest
 from libs import subjects
 from libs.bus import Bus
 from libs.config import Settings
+from libs.events.agent import InventoryRequest
+from libs.events.common import ObjectRef
 from libs.events.dataset import DatasetDelete
 from tests.conftest import SeaweedServer, put_objects
 from tests.faults import CuttableProxy
@@ -265,6 +268,37 @@ async def test_inventory_sequence_and_cache_states(bus: Bus, settings: Settings,
         assert sum(blocks.values()) == total == events[-1]["counters"]["cachedBytes"]
         cli = await run_tool(".venv/bin/shoal", "--nats", ",".join(settings.nats.urls), "get", "datasets")
         assert "100.0%" in cli.stdout
+
+        # A consumer that saw a gap asks for a snapshot; the mount answers with the whole inventory.
+        before = len(inventory.events)
+        request = InventoryRequest(node=NODE, dataset=ObjectRef(name="inv"))
+        await bus.nc.publish(subjects.INVENTORY_REQUEST, msgspec.json.encode(request))
+
+        async def snapshot_after_request() -> dict[str, Any] | None:
+            fresh = [e for e in inventory.events[before:] if e["type"] == "agent.inventory.snapshot.v1"]
+            return fresh[-1] if fresh else None
+
+        snapshot = await eventually(snapshot_after_request, what="a snapshot on request")
+        assert sum(size for _, size in snapshot["blocks"]) == total
+        assert snapshot["seq"] > events[-1]["seq"]
+
+
+async def test_failing_cache_directory_is_bypassed(bus: Bus, settings: Settings, seaweedfs: SeaweedServer,
+                                                  bucket: str, tmp_path: Path) -> None:
+    objects = {f"b{i}.bin": os.urandom(2 * MiB) for i in range(4)}
+    await put_objects(seaweedfs, bucket, objects)
+    async with node_stack(bus, settings, seaweedfs, tmp_path) as node:
+        await node.apply("sick", bucket)
+        root = await node.wait_mounted("sick", expect="b3.bin")
+        assert await read_file(root / "b0.bin") == objects["b0.bin"]
+        await eventually(lambda: _blocks_on_disk(node.cache_dir, 2))
+        # The disk under the cache goes away: its folder is replaced by a file, so every cache I/O fails.
+        dataset_cache = node.cache_dir / "default" / "sick"
+        await asyncio.to_thread(shutil.rmtree, dataset_cache)
+        dataset_cache.write_bytes(b"not a directory")
+        await asyncio.to_thread(drop_page_cache)
+        for key, body in objects.items():  # cached and uncached files alike come from the object store
+            assert await read_file(root / key) == body
 
 
 async def test_manifest_reload_and_unmount_on_delete(bus: Bus, settings: Settings, seaweedfs: SeaweedServer,

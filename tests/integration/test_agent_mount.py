@@ -11,10 +11,13 @@ import os
 import random
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from libs.bus import Bus
 from libs.config import Settings
+from libs.events.dataset import User
+from services.agent.mountinfo import device_of
 from tests.conftest import SeaweedServer, put_objects
 from tests.integration.agent_stack import md5, node_stack, read_file, run_tool
 
@@ -52,6 +55,25 @@ async def test_every_file_reads_back_identical(bus: Bus, settings: Settings, sea
         assert stat.st_mode & 0o777 == 0o444
         cat = await run_tool("cat", str(root / "deep/a/b/c/leaf.txt"))
         assert cat.stdout == "leaf"
+        # The kernel sends 1 MiB read requests: the mount's bdi read-ahead was raised from 128 KiB.
+        device = device_of(str(root))
+        assert Path(f"/sys/class/bdi/{device}/read_ahead_kb").read_text().strip() == "1024"
+
+
+async def test_owner_and_mtimes_come_from_the_dataset_and_manifest(bus: Bus, settings: Settings,
+                                                                    seaweedfs: SeaweedServer, bucket: str,
+                                                                    tmp_path: Path) -> None:
+    await put_objects(seaweedfs, bucket, {"owned/file.txt": b"mine"})
+    async with node_stack(bus, settings, seaweedfs, tmp_path) as node:
+        await node.apply("owned", bucket, owner=User(uid=1234, gid=5678))
+        root = await node.wait_mounted("owned", expect="owned/file.txt")
+        record = await node.record("owned")
+        manifest = await (await bus.manifests()).get(record.status.manifest)
+        (entry,) = [msgspec.json.decode(line) for line in (manifest.data or b"").splitlines()]
+        stat = await asyncio.to_thread(os.stat, root / "owned/file.txt")
+        assert (stat.st_uid, stat.st_gid) == (1234, 5678)
+        assert abs(stat.st_mtime - entry["mtime"]) < 1e-3
+        assert stat.st_size == 4
 
 
 async def test_writes_fail_with_erofs_and_unknown_names_with_enoent(bus: Bus, settings: Settings,
