@@ -20,10 +20,11 @@ from services.agent.reader import BlockReader, OpenFile
 
 log = get_logger(__name__)
 
-# Names and attributes may be cached by the kernel this long. Entries are short so a new manifest shows
-# within a second; attributes are long because an inode's content never changes (a new ETag is a new inode).
-ENTRY_TIMEOUT = 1.0
-ATTR_TIMEOUT = 60.0
+# Names and attributes may be cached by the kernel this long, so a warm `find` or `stat` never reaches this
+# process. Safe because content never changes under an inode (a new ETag is a new inode) and a manifest reload
+# invalidates every name that went away or changed; unknown names are not cached (ENOENT, not a negative entry).
+ENTRY_TIMEOUT = 300.0
+ATTR_TIMEOUT = 300.0
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
 
 
@@ -112,7 +113,7 @@ class DatasetFS(pyfuse3.Operations):
 
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         stats = pyfuse3.StatvfsData()
-        total = sum(entry.size for entry in self.namespace.files())
+        total = self.namespace.total_bytes
         stats.f_bsize = stats.f_frsize = 4096
         stats.f_blocks = (total + 4095) // 4096
         stats.f_bfree = stats.f_bavail = 0
@@ -140,7 +141,8 @@ class DatasetFS(pyfuse3.Operations):
         self._handles[fh] = self.reader.open(node.entry)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True, direct_io=False)
 
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:  # type: ignore[override]
+        # pyfuse3 replies from any buffer (PyObject_GetBuffer), so a view into a cached block is not copied.
         handle = self._handles.get(fh)
         if handle is None:
             raise pyfuse3.FUSEError(errno.EBADF)
@@ -163,8 +165,7 @@ class DatasetFS(pyfuse3.Operations):
         if handle is not None:
             self.reader.close(handle)
 
-    async def flush(self, fh: int) -> None:
-        return None
+    # No flush(): pyfuse3 answers ENOSYS, after which the kernel stops sending FLUSH on every close().
 
     # --- everything that would write: read-only filesystem ---
 

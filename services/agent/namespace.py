@@ -58,6 +58,7 @@ class InodeAllocator:
 class Namespace:
     def __init__(self, nodes: dict[int, Node]) -> None:
         self.nodes = nodes
+        self.total_bytes = sum(node.size for node in nodes.values())
 
     @classmethod
     def build(cls, entries: Iterable[ManifestEntry], allocator: InodeAllocator, mtime: float = 0.0) -> Namespace:

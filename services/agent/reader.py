@@ -111,7 +111,8 @@ class BlockReader:
         handle.ahead.clear()
         handle.current = None
 
-    async def read(self, handle: OpenFile, offset: int, length: int) -> bytes:
+    async def read(self, handle: OpenFile, offset: int, length: int) -> bytes | memoryview:
+        """The bytes of [offset, offset+length); a view into a cached block when one block holds them all."""
         entry = handle.entry
         indices = blocks_touched(offset, length, entry.size, self.block_size)
         if not indices:
@@ -121,7 +122,7 @@ class BlockReader:
         if window:
             self._prefetch(handle, indices.stop, indices.stop + window)
         small = not handle.readahead.sequential and length * SMALL_READ_FRACTION <= self.block_size
-        parts = []
+        parts: list[bytes | memoryview] = []
         for index in indices:
             block_start, _ = block_span(entry.size, self.block_size, index)
             lo = max(offset, block_start) - block_start
@@ -130,7 +131,7 @@ class BlockReader:
                 parts.append(await self._small_read(handle, index, lo, hi))
             else:
                 data = await self._block(handle, index)
-                parts.append(data[lo:hi])
+                parts.append(memoryview(data)[lo:hi])  # no copy: FUSE replies straight from the block
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     # --- blocks ---
@@ -179,19 +180,19 @@ class BlockReader:
         self._spawn(self.write_block(block, data))
         return data
 
-    async def _small_read(self, handle: OpenFile, index: int, lo: int, hi: int) -> bytes:
+    async def _small_read(self, handle: OpenFile, index: int, lo: int, hi: int) -> bytes | memoryview:
         entry = handle.entry
         block = self.block_id(entry, index)
         if handle.current is not None and handle.current[0] == index:
-            return handle.current[1][lo:hi]
+            return memoryview(handle.current[1])[lo:hi]
         cached = self.cache.get(block)
         if cached is not None:
             self.stats.hit_bytes += hi - lo
             handle.current = (index, cached)
-            return cached[lo:hi]
+            return memoryview(cached)[lo:hi]
         inflight = self._inflight.get(block)
         if inflight is not None:
-            return (await inflight)[lo:hi]
+            return memoryview(await inflight)[lo:hi]
         # Answer with just these bytes now; bring the whole block into the cache in the background.
         self._spawn(self._warm(entry, index, block))
         block_start, _ = block_span(entry.size, self.block_size, index)
