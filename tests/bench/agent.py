@@ -540,6 +540,7 @@ class Row:
 
 
 PEERS = ("rclone", "s3fs", "direct GETs")
+SYSTEMS = ("local", "direct", "shoal", "rclone", "s3fs")
 STATE_LABEL = {"cold": "cold", "warm": "warm", "dropped": "warm, page cache dropped", "-": "no cache",
                "epochs": "shuffled epochs"}
 
@@ -576,6 +577,10 @@ class MountedSystem:
 
     def daemon_pids(self) -> list[int]:
         raise NotImplementedError
+
+    def serving_pids(self) -> list[int]:
+        """The process(es) serving the mount: a change during a workload invalidates its rows."""
+        return self.daemon_pids()
 
 
 class ShoalNode(MountedSystem):
@@ -627,6 +632,9 @@ class ShoalNode(MountedSystem):
 
     def daemon_pids(self) -> list[int]:
         return [] if self.agent is None else [self.agent.pid, *descendants(self.agent.pid)]
+
+    def serving_pids(self) -> list[int]:
+        return self.mount_pids(DATA)
 
     def mount_pids(self, name: str) -> list[int]:
         """The mount process of dataset ``name`` (a child of the agent)."""
@@ -829,6 +837,7 @@ class Bench:
         self.shoal: ShoalNode | None = None
         self.phase_times: dict[str, float] = {}
         self.profile_dir: Path | None = None
+        self.log_level = "warning"
 
     # -- setup --
 
@@ -916,6 +925,8 @@ class Bench:
             readers = {"large1": 1, "large8": 8, "small": 16}[workload]
             result = run_worker({"kind": "read", "files": self.files(root, objects), "readers": readers,
                                  "chunk": MiB, "deadline": sizes.deadline}, sizes.deadline + 120)
+            if result["error_count"]:
+                return None, f"failed: {read_note(result)}", result
             value = (result["files"] / result["seconds"] if workload == "small"
                      else result["bytes"] / result["seconds"] / 1e6)
             return value, read_note(result), result
@@ -927,6 +938,8 @@ class Bench:
                 else f"find failed: {'; '.join(result['errors'])}")
             if result["entries"] < sizes.meta_files and result["complete"]:
                 note = f"only {result['entries']} entries seen"
+            if result["error_count"] and not result["timed_out"]:
+                return None, note, result
             return result["entries"] / result["seconds"], note, result
         if workload == "rand":
             key, size = sizes.large()[0]
@@ -1027,28 +1040,54 @@ class Bench:
             self.prime(workload, root)
             self.record(workload, "local disk", "warm", functools.partial(run, state="warm"), repeat=3)
 
-    def run_mounted(self, system: MountedSystem, workloads: Sequence[str]) -> None:
-        assert self.store is not None
+    def run_mounted(self, system: MountedSystem, workloads: Sequence[str], attempts: int = 2) -> None:
+        """Per workload: a fresh mount, then cold, warm and dropped runs. A workload whose runs failed (read
+        errors, or the mount process replaced under it) is run once more from a fresh mount; the rows say so."""
         for workload in workloads:
-            try:
-                system.fresh()
-            except Exception as err:
-                reason = f"could not mount: {str(err).strip()[:300]}"
-                for state in ("cold", "warm", "dropped"):
-                    self.rows.append(Row(WORKLOADS[workload].title, system.name, state, None,
-                                         WORKLOADS[workload].unit, reason))
-                say(f"  {system.name}: {reason}")
-                continue
-            self.store.warm()
-
-            for state in ("cold", "warm", "dropped"):
-                if state == "warm":
-                    self.prime(workload, system.root)
-                if state == "dropped":
-                    self.drop([*system.cache_dirs, system.root / "large", system.root / "small"])
-                run = functools.partial(self.measure, workload, system.root, state)
-                self.record(workload, system.name, state, run, system.daemon_pids, repeat=3 if state == "warm" else 1)
+            failures: list[str] = []
+            for attempt in range(1, attempts + 1):
+                first = len(self.rows)
+                self.run_workload(system, workload)
+                failed = [r for r in self.rows[first:] if r.value is None]
+                if not failed or attempt == attempts:
+                    break
+                failures.append(f"{STATE_LABEL[failed[0].state]}: {short(failed[0].note, 200)}")
+                del self.rows[first:]
+                say(f"  {system.name} {WORKLOADS[workload].title}: failed ({failures[-1]}); running it again")
+            if failures:
+                for row in self.rows[first:]:
+                    row.note = "; ".join(filter(None, [row.note, f"attempt {len(failures) + 1}; earlier attempt "
+                                                                 f"failed: {'; '.join(failures)}"]))
+                    row.detail["earlier_failures"] = failures
         system.stop()
+
+    def run_workload(self, system: MountedSystem, workload: str) -> None:
+        assert self.store is not None
+        title, unit = WORKLOADS[workload].title, WORKLOADS[workload].unit
+        try:
+            system.fresh()
+        except Exception as err:
+            reason = f"could not mount: {str(err).strip()[:300]}"
+            for state in ("cold", "warm", "dropped"):
+                self.rows.append(Row(title, system.name, state, None, unit, reason))
+            say(f"  {system.name}: {reason}")
+            return
+        serving = system.serving_pids()
+        self.store.warm()
+        for state in ("cold", "warm", "dropped"):
+            if state == "warm":
+                self.prime(workload, system.root)
+            if state == "dropped":
+                self.drop([*system.cache_dirs, system.root / "large", system.root / "small"])
+            run = functools.partial(self.measure, workload, system.root, state)
+            row = self.record(workload, system.name, state, run, system.daemon_pids,
+                              repeat=3 if state == "warm" else 1)
+            now = system.serving_pids()
+            if now != serving:
+                row.value = None
+                row.note = "; ".join(filter(None, [f"invalid: the mount process changed during the run "
+                                                   f"({serving} → {now})", row.note]))
+                say(f"  {row.note}")
 
     def run_direct(self, workloads: Sequence[str]) -> None:
         assert self.store is not None
@@ -1088,7 +1127,16 @@ class Bench:
 
             self.record(workload, "direct GETs", "-", run)
 
-    def run_epochs(self, policy: str, epochs: int = 3) -> None:
+    def run_epochs(self, policy: str, epochs: int = 3, attempts: int = 2) -> None:
+        for attempt in range(1, attempts + 1):
+            first = len(self.rows)
+            self.run_epochs_once(policy, epochs)
+            if self.rows[-1].value is not None or attempt == attempts:
+                return
+            say(f"  running the epochs again ({self.rows[-1].note})")
+            del self.rows[first:]
+
+    def run_epochs_once(self, policy: str, epochs: int) -> None:
         """Shuffled epochs over a dataset twice the cache; hit ratio per epoch from the agent's counters."""
         shoal = self.shoal
         assert shoal is not None
@@ -1099,6 +1147,7 @@ class Bench:
             shoal.policy = policy
             shoal.fresh(clear=(DATA, EPOCH))
             root = shoal.mountpoint(EPOCH)
+            serving = shoal.mount_pids(EPOCH)
             ratios: list[float] = []
             rates: list[float] = []
             before = shoal.counters(EPOCH)
@@ -1111,6 +1160,9 @@ class Bench:
                 result = run_worker({"kind": "read", "files": self.files(root, order), "readers": 4, "chunk": MiB,
                                      "deadline": sizes.deadline * 2}, sizes.deadline * 2 + 120)
                 after = shoal.counters(EPOCH)
+                if shoal.mount_pids(EPOCH) != serving:
+                    raise RuntimeError(f"the mount process changed during epoch {epoch} ({serving} → "
+                                       f"{shoal.mount_pids(EPOCH)}): its counters started again")
                 hit = after["hitBytes"] - before["hitBytes"]
                 miss = after["missBytes"] - before["missBytes"]
                 before = after
@@ -1131,7 +1183,7 @@ class Bench:
 
     # -- the whole run --
 
-    def run(self, only: set[str]) -> None:
+    def run(self, only: set[str], systems: set[str]) -> None:
         sizes = self.sizes
         self.prepare_run_dir()
         timed = self.timed
@@ -1147,14 +1199,20 @@ class Bench:
         # Room for the whole dataset under the high watermark: nothing is evicted in these workloads.
         shoal.apply(DATA, sizes.bucket, 2 * sum(s for _, s in sizes.objects()[sizes.bucket]) + 64 * MiB,
                     sizes.large()[0][0])
-        with timed("local disk"):
-            self.run_local(workloads)
-        with timed("direct GETs"):
-            self.run_direct(workloads)
-        with timed("Shoal"):
-            self.run_mounted(shoal, workloads)
+        shoal.env["SHOAL_LOG_LEVEL"] = self.log_level
+        if "local" in systems:
+            with timed("local disk"):
+                self.run_local(workloads)
+        if "direct" in systems:
+            with timed("direct GETs"):
+                self.run_direct(workloads)
+        if "shoal" in systems:
+            with timed("Shoal"):
+                self.run_mounted(shoal, workloads)
         for system_type in (RcloneMount, S3fsMount):
             name = system_type.name
+            if name not in systems:
+                continue
             if shutil.which(name) is None:
                 for workload in workloads:
                     for state in ("cold", "warm", "dropped"):
@@ -1163,7 +1221,7 @@ class Bench:
                 continue
             with timed(name):
                 self.run_mounted(system_type(self.run_dir, store, sizes.bucket, self.logs), workloads)
-        if "epoch" in only:
+        if "epoch" in only and "shoal" in systems:
             with timed("epochs"):
                 shoal.apply(EPOCH, sizes.epoch_bucket, sizes.epoch_total // 2, sizes.epoch()[0][0])
                 self.run_epochs("lfu-admission")
@@ -1189,14 +1247,17 @@ def summarize_profile(path: Path, top: int = 12) -> dict[str, Any] | None:
         return None
     own: dict[str, int] = {}
     inclusive: dict[str, int] = {}
-    total = 0
+    total = idle = 0
     for line in lines:
         stack, _, count_text = line.rpartition(" ")
         if not stack or not count_text.isdigit():
             continue
         count = int(count_text)
-        total += count
         frames = [_frame(f) for f in stack.split(";")]
+        if frames[-1].startswith(IDLE_FRAMES):
+            idle += count  # waiting: epoll of the event loop, a thread-pool worker waiting for work
+            continue
+        total += count
         own[frames[-1]] = own.get(frames[-1], 0) + count
         for frame in set(frames):
             inclusive[frame] = inclusive.get(frame, 0) + count
@@ -1206,7 +1267,12 @@ def summarize_profile(path: Path, top: int = 12) -> dict[str, Any] | None:
     def shares(counts: dict[str, int]) -> list[tuple[str, float]]:
         return [(f, round(c / total, 3)) for f, c in sorted(counts.items(), key=lambda kv: -kv[1])[:top]]
 
-    return {"file": str(path), "samples": total, "self": shares(own), "inclusive": shares(inclusive)}
+    return {"file": str(path), "busy_samples": total, "idle_samples": idle, "self": shares(own),
+            "inclusive": shares(inclusive)}
+
+
+IDLE_FRAMES = ("EpollSelector.select (selectors.py", "_worker (thread.py:81)", "Condition.wait (threading.py",
+               "select (selectors.py")
 
 
 def _frame(frame: str) -> str:
@@ -1429,7 +1495,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="small sizes, for trying the bench out")
     parser.add_argument("--workloads", default="large1,large8,small,walk,rand,epoch",
                         help="comma-separated subset of large1,large8,small,walk,rand,epoch")
+    parser.add_argument("--systems", default=",".join(SYSTEMS),
+                        help=f"comma-separated subset of {','.join(SYSTEMS)}")
     parser.add_argument("--fio-seconds", type=int, default=None)
+    parser.add_argument("--log-level", default="warning", help="SHOAL_LOG_LEVEL of the Shoal services")
     parser.add_argument("--profile", action="store_true",
                         help="record py-spy profiles of the Shoal mount process per measurement (needs py-spy in "
                              "the venv) under <state-dir>/agent-profiles")
@@ -1442,6 +1511,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     unknown = only - set(WORKLOADS)
     if unknown:
         parser.error(f"unknown workloads: {', '.join(sorted(unknown))}")
+    systems = {s.strip() for s in args.systems.split(",") if s.strip()}
+    if systems - set(SYSTEMS):
+        parser.error(f"unknown systems: {', '.join(sorted(systems - set(SYSTEMS)))}")
     sizes = QUICK if args.quick else Sizes()
     if args.fio_seconds is not None:
         sizes = Sizes(**{**asdict(sizes), "fio_seconds": args.fio_seconds})
@@ -1455,6 +1527,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     atexit.register(cleanup)
     previous = {signum: signal.signal(signum, _on_signal) for signum in (signal.SIGTERM, signal.SIGHUP)}
     bench = Bench(sizes, state)
+    bench.log_level = args.log_level
     if args.profile:
         if not (Path(sys.executable).parent / "py-spy").exists():
             parser.error("--profile needs py-spy: .venv/bin/pip install py-spy")
@@ -1463,7 +1536,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         bench.profile_dir.mkdir(parents=True)
     started = time.perf_counter()
     try:
-        bench.run(only)
+        bench.run(only, systems)
     finally:
         cleanup()
         for signum, handler in previous.items():

@@ -118,13 +118,16 @@ def test_a_failing_write_removes_its_temporary_file_and_publishes_nothing(
     def no_space(*_: object) -> int:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(tiers_module.os, "writev", no_space)
+    monkeypatch.setattr(tiers_module.os, "writev", no_space)  # buffered writes
+    monkeypatch.setattr(tiers_module.os, "pwrite", no_space)  # O_DIRECT writes
     assert not tier.write(block(3), payload(3))
     assert files_under(tier.directory) == []
     assert tier.health is Health.UNSTABLE
 
 
-def test_short_writes_are_completed(tier: DiskTier, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_short_writes_are_completed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tier = DiskTier(tmp_path / "buffered", 64 * 1024 * 1024, direct_io=False)
+    tier.scan()
     real_writev = os.writev
 
     def short_writev(fd: int, parts: tuple[bytes, ...]) -> int:
@@ -135,6 +138,19 @@ def test_short_writes_are_completed(tier: DiskTier, monkeypatch: pytest.MonkeyPa
     monkeypatch.undo()
     assert tier.read(block(4).name) == payload(4)
     assert [s.block for s in tier.scan()] == [block(4)]
+
+
+def test_short_direct_writes_are_completed(tier: DiskTier, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_pwrite = os.pwrite
+
+    def short_pwrite(fd: int, data: memoryview, offset: int) -> int:
+        return real_pwrite(fd, data[:8192], offset)  # two aligned pages at a time
+
+    monkeypatch.setattr(tiers_module.os, "pwrite", short_pwrite)
+    assert tier.write(block(5), payload(5))
+    monkeypatch.undo()
+    assert tier.read(block(5).name) == payload(5)
+    assert [s.block for s in tier.scan()] == [block(5)]
 
 
 def test_fsync_when_asked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
