@@ -17,7 +17,6 @@ from pathlib import Path
 
 import msgspec
 import pyfuse3
-import pyfuse3.asyncio
 
 from libs import subjects
 from libs.bus import Bus, connect, kv_load
@@ -212,13 +211,33 @@ async def serve(settings: Settings, namespace: str, name: str, mountpoint: str,
         await bus.close()
 
 
+def enable_asyncio_fuse() -> None:
+    """Run pyfuse3 on asyncio, with a sturdier ``notify_closing`` than pyfuse3 3.5's.
+
+    Its asyncio layer sets an exception on every pending wait for the FUSE fd when the session is terminated,
+    and raises InvalidStateError if one of those waits already completed (seen under concurrent reads at
+    shutdown); then the others are never told and the unmount is not clean. Ours skips completed waits.
+    """
+    import pyfuse3.asyncio as fuse_asyncio
+
+    fuse_asyncio.enable()
+    read_futures = fuse_asyncio._read_futures
+
+    def notify_closing(fd: int) -> None:
+        for future in list(read_futures.get(fd, ())):
+            if not future.done():
+                future.set_exception(fuse_asyncio.ClosedResourceError())
+
+    fuse_asyncio.notify_closing = notify_closing
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m services.agent.mountd", description=__doc__)
     parser.add_argument("--namespace", required=True)
     parser.add_argument("--name", required=True)
     parser.add_argument("--mountpoint", required=True)
     args = parser.parse_args(argv)
-    pyfuse3.asyncio.enable()  # the FUSE session runs on the asyncio loop, beside NATS
+    enable_asyncio_fuse()  # the FUSE session runs on the asyncio loop, beside NATS
     service_main("shoal-mount",
                  lambda settings, stop: serve(settings, args.namespace, args.name, args.mountpoint, stop))
 
