@@ -48,11 +48,15 @@ class DatasetFS(pyfuse3.Operations):
         self.on_error = on_error
         self._handles: dict[int, OpenFile] = {}
         self._next_fh = 1
+        # Attributes never change for an inode, so each is built once (readdirplus of a large folder is the hot
+        # path of `find` and `ls -l`); the cache is dropped with the namespace it describes.
+        self._attribute_cache: dict[int, pyfuse3.EntryAttributes] = {}
 
     def replace_namespace(self, namespace: Namespace) -> list[tuple[int, str]]:
         """Swap in a new tree; returns (parent inode, name) of entries that went away, for invalidation."""
         old = self.namespace
         self.namespace = namespace
+        self._attribute_cache = {}
         gone = []
         for node in old.nodes.values():
             if node.inode == node.parent:
@@ -65,6 +69,9 @@ class DatasetFS(pyfuse3.Operations):
     # --- metadata ---
 
     def _attributes(self, node: Node) -> pyfuse3.EntryAttributes:
+        cached = self._attribute_cache.get(node.inode)
+        if cached is not None:
+            return cached
         attrs = pyfuse3.EntryAttributes()
         attrs.st_ino = node.inode
         attrs.st_mode = self.namespace.mode(node)
@@ -79,6 +86,7 @@ class DatasetFS(pyfuse3.Operations):
         attrs.entry_timeout = ENTRY_TIMEOUT
         attrs.attr_timeout = ATTR_TIMEOUT
         attrs.generation = 0
+        self._attribute_cache[node.inode] = attrs
         return attrs
 
     def _node(self, inode: int) -> Node:

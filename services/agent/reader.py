@@ -41,6 +41,8 @@ SMALL_READ_FRACTION = 4
 class BlockCacheLike(Protocol):
     def get(self, block: BlockId) -> bytes | None: ...
 
+    def get_range(self, block: BlockId, start: int, end: int | None) -> bytes | None: ...
+
     def contains(self, block: BlockId) -> bool: ...
 
 
@@ -185,11 +187,11 @@ class BlockReader:
         block = self.block_id(entry, index)
         if handle.current is not None and handle.current[0] == index:
             return memoryview(handle.current[1])[lo:hi]
-        cached = self.cache.get(block)
+        # Only the chunks holding these bytes are read and verified, not the whole block.
+        cached = self.cache.get_range(block, lo, hi)
         if cached is not None:
-            self.stats.hit_bytes += hi - lo
-            handle.current = (index, cached)
-            return memoryview(cached)[lo:hi]
+            self.stats.hit_bytes += len(cached)
+            return cached
         inflight = self._inflight.get(block)
         if inflight is not None:
             return memoryview(await inflight)[lo:hi]

@@ -84,10 +84,10 @@ def test_blocks_round_trip_under_sharded_names_with_no_temporary_files_left(tier
     for path in files:
         assert path.parent.parent == tier.directory
         assert path.parent.name == path.name[:2]
-    # header, data, then the block id, so a restart can rebuild the index
+    # header, chunk checksums, data, then the block id, so a restart can rebuild the index
     path = Path(tier.path_of(block(0).name))
     ident = msgspec.msgpack.encode(block(0))
-    assert path.stat().st_size == HEADER.size + 4096 + len(ident)
+    assert path.stat().st_size == HEADER.size + 8 + 4096 + len(ident)
     assert path.read_bytes().endswith(ident)
 
 
@@ -364,3 +364,21 @@ def test_remove_errors_count_but_never_raise(tier: DiskTier, monkeypatch: pytest
     assert tier.remove(block(0).name) is True
     assert tier.remove(block(0).name) is True  # already gone is fine
     assert files_under(tier.directory) == []
+
+
+def test_a_range_read_verifies_only_the_chunks_it_touches(tier: DiskTier) -> None:
+    data = bytes(range(256)) * (1024 + 3)  # a little over four 64 KiB chunks
+    assert tier.write(block(7), data)
+    assert tier.read_range(block(7).name, 70_000, 70_010) == data[70_000:70_010]
+    assert tier.read_range(block(7).name, 0, None) == data
+    assert tier.read_range(block(7).name, len(data) - 5, len(data) + 100) == data[-5:]
+    assert tier.read_range(block(7).name, 10, 10) == b""
+    # Corrupt the last chunk: reads of the first chunk still verify, a read touching the last one drops the block.
+    path = Path(tier.path_of(block(7).name))
+    raw = bytearray(path.read_bytes())
+    raw[-len(msgspec.msgpack.encode(block(7))) - 10] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    assert tier.read_range(block(7).name, 0, 100) == data[:100]
+    assert tier.read_range(block(7).name, len(data) - 100, None) is None
+    assert not path.exists()
+    assert tier.corrupt_blocks == 1

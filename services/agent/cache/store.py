@@ -182,6 +182,10 @@ class BlockCache:
 
     def get(self, block: BlockId) -> bytes | None:
         """The block's bytes from the tier that holds it, or None (a miss: fetch it and ``put`` it)."""
+        return self.get_range(block, 0, None)
+
+    def get_range(self, block: BlockId, start: int, end: int | None) -> bytes | None:
+        """Bytes [start, end) of the block (end None: all of it), or None on a miss."""
         name = block.name
         for policy in self._policies:
             policy.record_access(name)
@@ -190,7 +194,7 @@ class BlockCache:
             self._misses += 1
             return None
         tier = self._tiers[entry.tier]
-        data = tier.read(name)
+        data = tier.read_range(name, start, end)
         if data is None:
             self._misses += 1
             if tier.health is Health.NORMAL:

@@ -60,9 +60,13 @@ from services.agent.blocks import BlockId, block_name, checksum
 log = get_logger(__name__)
 
 MAGIC = b"SHBK"
-FORMAT_VERSION = 1
-# magic, version, flags, data length, xxh3-64 of the data, id length, reserved: 32 bytes, room to grow.
+FORMAT_VERSION = 2
+# magic, version, flags, data length, xxh3-64 of the chunk table, id length, reserved: 32 bytes, room to grow.
+# Layout: header | chunk table (one xxh3-64 per chunk of data) | data | block id (msgpack).
 HEADER = struct.Struct("<4sHHQQII")
+# Data is checksummed per 64 KiB chunk, so a small random read verifies (and reads) 64 KiB, not the whole block.
+CHUNK_BYTES = 64 * 1024
+CHUNK_SUM = struct.Struct("<Q")
 # One I/O error makes a tier unstable (still used, worth a log line); three in a row mean the disk or the
 # directory is really broken, not a one-off, so it is bypassed (JuiceFS's thresholds are of the same order).
 UNSTABLE_AFTER_ERRORS = 1
@@ -121,6 +125,9 @@ class Tier(Protocol):
     def read(self, name: str) -> bytes | None:
         """The block's bytes, or None if absent, corrupt (then deleted) or the tier is failing."""
 
+    def read_range(self, name: str, start: int, end: int | None) -> bytes | None:
+        """Like ``read``, for bytes [start, end) only; a disk tier reads and verifies just those chunks."""
+
     def write(self, block: BlockId, data: bytes) -> bool:
         """Stores the block under ``block.name``; False if the tier is down or the write failed."""
 
@@ -165,6 +172,10 @@ class MemoryTier:
 
     def read(self, name: str) -> bytes | None:
         return self._blocks.get(name)
+
+    def read_range(self, name: str, start: int, end: int | None) -> bytes | None:
+        data = self._blocks.get(name)
+        return None if data is None else data[start:end]
 
     def write(self, block: BlockId, data: bytes) -> bool:
         self._blocks[block.name] = data
@@ -267,6 +278,10 @@ class DiskTier:
         return f"{self._root}/{name[:SHARD_LENGTH]}/{name}"
 
     def read(self, name: str) -> bytes | None:
+        return self.read_range(name, 0, None)
+
+    def read_range(self, name: str, start: int, end: int | None) -> bytes | None:
+        """Bytes [start, end) of the block (end None: to its end), every chunk they touch verified first."""
         if not self.available():
             return None
         path = self.path_of(name)
@@ -279,19 +294,18 @@ class DiskTier:
             return None
         try:
             try:
-                header = os.pread(fd, HEADER.size, 0)
-                length, digest = _parse_header(header)
-                data = os.pread(fd, length, HEADER.size) if length >= 0 else b""
+                layout = _read_layout(fd)
+                piece = None if layout is None else _read_chunks(fd, layout, start, end)
             finally:
                 os.close(fd)
         except OSError as err:
             self._failed("read", err)
             return None
-        if length < 0 or len(data) != length or checksum(data) != digest:
+        if piece is None:
             self._discard_corrupt(path)
             return None
         self._succeeded()
-        return data
+        return piece
 
     def write(self, block: BlockId, data: bytes) -> bool:
         if not self.available():
@@ -301,7 +315,8 @@ class DiskTier:
         final = f"{shard}/{name}"
         temp = f"{shard}/.{name}.{os.getpid()}.{next(self._temp_ids)}{TEMP_SUFFIX}"
         ident = _ID_ENCODER.encode(block)
-        header = HEADER.pack(MAGIC, FORMAT_VERSION, 0, len(data), checksum(data), len(ident), 0)
+        table = _chunk_table(data)
+        header = HEADER.pack(MAGIC, FORMAT_VERSION, 0, len(data), checksum(table), len(ident), 0)
         try:
             if self._direct:
                 try:
@@ -315,9 +330,9 @@ class DiskTier:
                 fd = self._create(shard, temp)
             try:
                 if self._direct:
-                    _write_direct(fd, (header, data, ident))
+                    _write_direct(fd, (header, table, data, ident))
                 else:
-                    _write_all(fd, (header, data, ident))
+                    _write_all(fd, (header, table, data, ident))
                 if self._fsync:
                     os.fsync(fd)
             finally:
@@ -391,9 +406,10 @@ class DiskTier:
                 return None
             length = _parse_header(header)[0]
             id_length = HEADER.unpack(header)[5]
-            if length < 0 or stat.st_size != HEADER.size + length + id_length:
+            data_offset = _data_offset(_chunk_count(length))
+            if length < 0 or stat.st_size != data_offset + length + id_length:
                 return None
-            encoded = os.pread(fd, id_length, HEADER.size + length)
+            encoded = os.pread(fd, id_length, data_offset + length)
         finally:
             os.close(fd)
         try:
@@ -429,6 +445,55 @@ def _parse_header(header: bytes) -> tuple[int, int]:
     if magic != MAGIC or version != FORMAT_VERSION or length > MAX_DATA_BYTES:
         return -1, 0
     return length, digest
+
+
+def _chunk_count(length: int) -> int:
+    return -(-length // CHUNK_BYTES)
+
+
+def _data_offset(chunks: int) -> int:
+    return HEADER.size + chunks * CHUNK_SUM.size
+
+
+def _chunk_table(data: bytes) -> bytes:
+    view = memoryview(data)
+    return b"".join(CHUNK_SUM.pack(checksum(view[i:i + CHUNK_BYTES])) for i in range(0, len(data), CHUNK_BYTES))
+
+
+def _read_layout(fd: int) -> tuple[int, list[int]] | None:
+    """(data length, chunk checksums) from a block file's header and verified table; None if garbled."""
+    header = os.pread(fd, HEADER.size, 0)
+    length, table_digest = _parse_header(header)
+    if length < 0:
+        return None
+    table = os.pread(fd, _chunk_count(length) * CHUNK_SUM.size, HEADER.size)
+    if len(table) != _chunk_count(length) * CHUNK_SUM.size or checksum(table) != table_digest:
+        return None
+    return length, [value for (value,) in CHUNK_SUM.iter_unpack(table)]
+
+
+def _read_chunks(fd: int, layout: tuple[int, list[int]], start: int, end: int | None) -> bytes | None:
+    """Bytes [start, end) read chunk-aligned and verified; None if a chunk does not match its checksum."""
+    length, sums = layout
+    stop = length if end is None else min(end, length)
+    if stop <= start:
+        return b""
+    first, last = start // CHUNK_BYTES, (stop - 1) // CHUNK_BYTES
+    span_start = first * CHUNK_BYTES
+    data = os.pread(fd, min(length, (last + 1) * CHUNK_BYTES) - span_start, _data_offset(len(sums)) + span_start)
+    if not _chunks_verified(data, sums, first):
+        return None
+    if start == span_start and len(data) == stop - start:
+        return data
+    return data[start - span_start:stop - span_start]
+
+
+def _chunks_verified(data: bytes, sums: list[int], first: int) -> bool:
+    view = memoryview(data)
+    for number, offset in enumerate(range(0, len(data), CHUNK_BYTES), start=first):
+        if number >= len(sums) or checksum(view[offset:offset + CHUNK_BYTES]) != sums[number]:
+            return False
+    return True
 
 
 def _is_shard(entry: os.DirEntry[str]) -> bool:
