@@ -330,7 +330,7 @@ async def test_fio_verifies_data_written_with_checksums(bus: Bus, settings: Sett
                                                        bucket: str, tmp_path: Path) -> None:
     source = tmp_path / "fio.dat"
     subprocess.run(["fio", "--name=write", f"--filename={source}", "--rw=write", "--bs=64k", "--size=24m",
-                    "--verify=crc32c", "--do_verify=0"], check=True, capture_output=True)
+                    "--verify=crc32c", "--do_verify=0", "--verify_state_save=0"], check=True, capture_output=True)
     await put_objects(seaweedfs, bucket, {"fio.dat": source.read_bytes()})
     async with node_stack(bus, settings, seaweedfs, tmp_path) as node:
         await node.apply("fio", bucket)
