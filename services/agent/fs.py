@@ -162,6 +162,12 @@ class DatasetFS(pyfuse3.Operations):
         except UfsError as err:
             self._report(handle, err)
             raise pyfuse3.FUSEError(errno.EIO) from err
+        except Exception as err:
+            # pyfuse3 ends the whole session on any other exception, taking every reader down with ENOTCONN;
+            # one failed read must stay one EIO.
+            log.exception("unexpected read failure", path=handle.entry.path)
+            self._report(handle, err)
+            raise pyfuse3.FUSEError(errno.EIO) from err
 
     def _report(self, handle: OpenFile, err: Exception) -> None:
         log.warning("read failed", path=handle.entry.path, error=str(err))
