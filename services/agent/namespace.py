@@ -59,6 +59,8 @@ class Namespace:
     def __init__(self, nodes: dict[int, Node]) -> None:
         self.nodes = nodes
         self.total_bytes = sum(node.size for node in nodes.values())
+        # Sorted once per folder: readdir is called again for every ~30 entries of a large folder.
+        self._sorted_children: dict[int, list[Node]] = {}
 
     @classmethod
     def build(cls, entries: Iterable[ManifestEntry], allocator: InodeAllocator, mtime: float = 0.0) -> Namespace:
@@ -109,10 +111,15 @@ class Namespace:
 
     def children(self, inode: int) -> list[Node]:
         """Children in name order, so readdir offsets stay stable."""
+        cached = self._sorted_children.get(inode)
+        if cached is not None:
+            return cached
         directory = self.nodes.get(inode)
         if directory is None or not directory.is_dir:
             return []
-        return [self.nodes[i] for _, i in sorted(directory.children.items())]
+        children = [self.nodes[i] for _, i in sorted(directory.children.items())]
+        self._sorted_children[inode] = children
+        return children
 
     def files(self) -> Iterable[ManifestEntry]:
         return (node.entry for node in self.nodes.values() if node.entry is not None)

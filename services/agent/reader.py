@@ -45,6 +45,8 @@ class BlockCacheLike(Protocol):
 
     def contains(self, block: BlockId) -> bool: ...
 
+    def prefetch(self, block: BlockId) -> None: ...
+
 
 class StoreGate:
     """One mount's object store, failing fast for a moment after the endpoint was found unreachable."""
@@ -85,6 +87,7 @@ class OpenFile:
     readahead: ReadAhead
     current: tuple[int, bytes] | None = None
     ahead: dict[int, asyncio.Future[bytes]] = field(default_factory=dict)
+    advised: set[int] = field(default_factory=set)  # cached blocks already hinted to the kernel
 
 
 BlockWriter = Callable[[BlockId, bytes], Awaitable[object]]
@@ -214,6 +217,9 @@ class BlockReader:
                 continue
             block = self.block_id(handle.entry, index)
             if self.cache.contains(block) and block not in self._inflight:
+                if index not in handle.advised:
+                    handle.advised.add(index)
+                    self.cache.prefetch(block)  # the kernel reads it from disk while earlier blocks are served
                 continue  # served from the cache when reached; no need to hold it in memory
             if not self.budget.try_take(self.block_size):
                 return

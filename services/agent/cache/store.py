@@ -203,6 +203,12 @@ class BlockCache:
         self._hits += 1
         return data
 
+    def prefetch(self, block: BlockId) -> None:
+        """Start bringing a cached block into memory ahead of its read (sequential readers of the disk tier)."""
+        entry = self._index.get(block.name)
+        if entry is not None:
+            self._tiers[entry.tier].prefetch(block.name)
+
     def contains(self, block: BlockId) -> bool:
         entry = self._index.get(block.name)
         return entry is not None and self._tiers[entry.tier].available()

@@ -128,6 +128,9 @@ class Tier(Protocol):
     def read_range(self, name: str, start: int, end: int | None) -> bytes | None:
         """Like ``read``, for bytes [start, end) only; a disk tier reads and verifies just those chunks."""
 
+    def prefetch(self, name: str) -> None:
+        """A hint that the block will be read soon (a disk tier starts the read in the kernel)."""
+
     def write(self, block: BlockId, data: bytes) -> bool:
         """Stores the block under ``block.name``; False if the tier is down or the write failed."""
 
@@ -176,6 +179,9 @@ class MemoryTier:
     def read_range(self, name: str, start: int, end: int | None) -> bytes | None:
         data = self._blocks.get(name)
         return None if data is None else data[start:end]
+
+    def prefetch(self, name: str) -> None:
+        return None  # already in memory
 
     def write(self, block: BlockId, data: bytes) -> bool:
         self._blocks[block.name] = data
@@ -306,6 +312,21 @@ class DiskTier:
             return None
         self._succeeded()
         return piece
+
+    def prefetch(self, name: str) -> None:
+        """Ask the kernel to start reading the block file now, so the read that follows finds it in memory."""
+        if not self.available():
+            return
+        try:
+            fd = os.open(self.path_of(name), os.O_RDONLY)
+        except OSError:
+            return  # a hint only: the read itself reports what is wrong
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
 
     def write(self, block: BlockId, data: bytes) -> bool:
         if not self.available():
