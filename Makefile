@@ -42,7 +42,19 @@ lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
-bench: venv
+# The control-plane bench, then the agent data-path bench, which compares Shoal's mount with rclone, s3fs and fio
+# runs (Debian packages fio, rclone, s3fs; installed with apt-get as root when missing, else their rows say why).
+bench: system-deps venv
+	@missing=""; for tool in fio rclone s3fs; do command -v $$tool >/dev/null 2>&1 || missing="$$missing $$tool"; done; \
+	if [ -z "$$missing" ]; then \
+		:; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "Installing$$missing with apt-get"; \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing \
+			|| echo "WARNING: apt-get could not install$$missing; the agent bench reports those rows as missing"; \
+	else \
+		echo "NOTE: install$$missing with your package manager for the agent bench's peer rows"; \
+	fi
 	$(BIN)/python -m tests.bench
 
 schemas: venv

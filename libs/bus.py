@@ -411,3 +411,40 @@ async def run_all(tasks: Sequence[Awaitable[None]]) -> None:
     async with asyncio.TaskGroup() as group:
         for task in tasks:
             group.create_task(task)  # type: ignore[arg-type]
+
+
+class KvMirror(Generic[T]):
+    """An in-memory copy of a KV bucket, kept current by a watch (no listing, which nats-py can miss).
+
+    Keys leave the mirror only on an explicit delete or purge; ``ready`` is set once the initial values are in.
+    """
+
+    def __init__(self, kv: KeyValue, type_: type[T]) -> None:
+        self.kv = kv
+        self.decoder = msgspec.json.Decoder(type_)
+        self.values: dict[str, T] = {}
+        self.ready = asyncio.Event()
+        self._stopping = asyncio.Event()
+
+    async def run(self) -> None:
+        watcher = await self.kv.watchall()
+        try:
+            while not self._stopping.is_set():
+                try:
+                    entry = await watcher.updates(timeout=1.0)
+                except TimeoutError:
+                    continue
+                if entry is None:
+                    self.ready.set()
+                elif entry.operation in ("DEL", "PURGE"):
+                    self.values.pop(entry.key, None)
+                elif entry.value is not None:
+                    try:
+                        self.values[entry.key] = self.decoder.decode(entry.value)
+                    except (msgspec.ValidationError, msgspec.DecodeError):
+                        log.warning("undecodable KV entry ignored", bucket=self.kv._name, key=entry.key)
+        finally:
+            await watcher.stop()
+
+    def stop(self) -> None:
+        self._stopping.set()

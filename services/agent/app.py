@@ -2,11 +2,13 @@
 
 | source | what | effect |
 |---|---|---|
-| KV shoal_runtimes, shoal_datasets (polled) | Bound datasets of served runtimes | start / stop mount processes |
+| KV shoal_runtimes, shoal_datasets (watched) | Bound datasets of served runtimes | start / stop mount processes |
 | timer | every SHOAL_HEARTBEAT_SECONDS | publish agent.heartbeat.v1 on shoal.agent.heartbeat.<node> |
 
 A mount process that dies is restarted with backoff after its stale mount (ENOTCONN) is removed; on stop every
-mount process gets SIGTERM, and any mount left behind is removed with ``fusermount3 -u -z``.
+mount process gets SIGTERM, and any mount left behind is removed with ``fusermount3 -u -z``. A deleted dataset is
+unmounted at once; one that merely stops being Bound (its runtime briefly NotReady, e.g. while this agent
+restarts) keeps its mount for a grace period, so readers are not cut off by a blip.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from libs import subjects
-from libs.bus import Bus, connect, kv_values
+from libs.bus import Bus, KvMirror, connect
 from libs.config import Settings
 from libs.events.agent import AgentHeartbeat
 from libs.events.common import ObjectRef
@@ -32,8 +34,10 @@ from services.agent.mountinfo import is_mounted
 SERVICE_NAME = "shoal-agent"
 log = get_logger(SERVICE_NAME)
 
-# How often the wanted mounts are recomputed: well inside the "mounted within a second of Bound" goal.
+# How often the wanted mounts are recomputed from the watched buckets: well inside "mounted within a second".
 POLL_SECONDS = 0.25
+# A mount whose dataset is no longer Bound (but still exists) is kept this long before it is stopped.
+UNBOUND_GRACE_SECONDS = 30.0
 # A mount process gets this long to unmount cleanly after SIGTERM before it is killed.
 STOP_GRACE_SECONDS = 10.0
 
@@ -58,12 +62,15 @@ class MountWorker:
     process: asyncio.subprocess.Process | None = None
     failures: int = 0
     next_start: float = 0.0
+    unwanted_since: float | None = None
 
 
 @dataclass
 class NodeAgent:
     settings: Settings
     bus: Bus
+    runtimes: KvMirror[RuntimeRecord]
+    datasets: KvMirror[DatasetRecord]
     # Environment of mount processes; None inherits the agent's (tests run the agent in-process).
     child_env: dict[str, str] | None = None
     workers: dict[tuple[str, str], MountWorker] = field(default_factory=dict)
@@ -72,6 +79,11 @@ class NodeAgent:
     async def run(self, stop: asyncio.Event) -> None:
         await asyncio.to_thread(Path(self.settings.agent.mount_root).mkdir, parents=True, exist_ok=True)
         heartbeat = asyncio.create_task(self._heartbeats(stop))
+        mirrors = [asyncio.create_task(self.runtimes.run()), asyncio.create_task(self.datasets.run())]
+        await asyncio.wait([asyncio.create_task(self.runtimes.ready.wait()), *mirrors],
+                           return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait([asyncio.create_task(self.datasets.ready.wait()), *mirrors],
+                           return_when=asyncio.FIRST_COMPLETED)
         try:
             while not stop.is_set():
                 await self.reconcile()
@@ -79,23 +91,31 @@ class NodeAgent:
                     await asyncio.wait_for(stop.wait(), timeout=POLL_SECONDS)
         finally:
             heartbeat.cancel()
-            await asyncio.gather(heartbeat, return_exceptions=True)
+            self.runtimes.stop()
+            self.datasets.stop()
+            await asyncio.gather(heartbeat, *mirrors, return_exceptions=True)
             await asyncio.gather(*(self._stop_worker(w) for w in list(self.workers.values())))
             self.workers.clear()
 
     async def reconcile(self) -> None:
-        runtimes = await kv_values(await self.bus.kv(subjects.KV_RUNTIMES), RuntimeRecord)
-        datasets = await kv_values(await self.bus.kv(subjects.KV_DATASETS), DatasetRecord)
-        self.served = domain.served_runtimes(runtimes, self.settings.agent.runtimes)
-        wanted = domain.wanted_mounts(datasets, self.served)
-        for ref in [r for r in self.workers if r not in wanted]:
-            await self._stop_worker(self.workers.pop(ref))
+        if not (self.runtimes.ready.is_set() and self.datasets.ready.is_set()):
+            return
+        self.served = domain.served_runtimes(self.runtimes.values.values(), self.settings.agent.runtimes)
+        wanted = domain.wanted_mounts(self.datasets.values.values(), self.served)
         now = time.monotonic()
+        for ref in [r for r in self.workers if r not in wanted]:
+            unwanted = self.workers[ref]
+            exists = subjects.resource_key(*ref) in self.datasets.values
+            if unwanted.unwanted_since is None:
+                unwanted.unwanted_since = now
+            if not exists or now - unwanted.unwanted_since >= UNBOUND_GRACE_SECONDS:
+                await self._stop_worker(self.workers.pop(ref))
         for namespace, name in sorted(wanted):
             worker = self.workers.get((namespace, name))
             if worker is None:
                 path = domain.mountpoint(self.settings.agent.mount_root, namespace, name)
                 worker = self.workers[(namespace, name)] = MountWorker(namespace, name, path)
+            worker.unwanted_since = None
             if worker.process is not None and worker.process.returncode is not None:
                 worker.failures += 1
                 worker.next_start = now + domain.restart_delay(worker.failures)
@@ -129,10 +149,13 @@ class NodeAgent:
 
     async def _heartbeats(self, stop: asyncio.Event) -> None:
         interval = self.settings.agent.heartbeat_seconds
+        # A first beat listing nothing would make this node's runtimes briefly not ready (and unbind them).
+        await self.runtimes.ready.wait()
         while not stop.is_set():
+            served = domain.served_runtimes(self.runtimes.values.values(), self.settings.agent.runtimes)
             beat = AgentHeartbeat(
                 node=self.settings.agent.node_name,
-                runtimes=[ObjectRef(name=name, namespace=namespace) for namespace, name in self.served],
+                runtimes=[ObjectRef(name=name, namespace=namespace) for namespace, name in served],
                 healthy=True, sent_at=time.time(), interval_seconds=interval,
             )
             try:
@@ -147,9 +170,8 @@ async def run(settings: Settings, stop: asyncio.Event, child_env: dict[str, str]
     bus = await connect(settings.nats, SERVICE_NAME)
     try:
         await bus.provision()
-        agent = NodeAgent(settings, bus, child_env)
-        # The first reconcile learns the served runtimes, so the first heartbeat already lists them.
-        await agent.reconcile()
+        agent = NodeAgent(settings, bus, KvMirror(await bus.kv(subjects.KV_RUNTIMES), RuntimeRecord),
+                          KvMirror(await bus.kv(subjects.KV_DATASETS), DatasetRecord), child_env)
         await agent.run(stop)
     finally:
         await bus.close()

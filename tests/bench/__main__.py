@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -169,6 +170,9 @@ def control_bench(args: argparse.Namespace) -> None:
             service.wait(15)
         seaweed.stop()
         nats.stop()
+        # JetStream state is per run: only the bucket in SeaweedFS is kept for later runs.
+        shutil.rmtree(nats_config.store_dir, ignore_errors=True)
+        (state / f"nats-{nats_config.port}.conf").unlink(missing_ok=True)
     count = bare[0][0]
     bare_rate = count / statistics.median(t for _, t in bare)
     ours_rate = ours[0][0] / statistics.median(t for _, t in ours)

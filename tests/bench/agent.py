@@ -525,6 +525,7 @@ class Workload:
     key: str
     title: str
     unit: str
+    label: str  # short, for the table
 
 
 @dataclass
@@ -541,6 +542,8 @@ class Row:
 
 PEERS = ("rclone", "s3fs", "direct GETs")
 SYSTEMS = ("local", "direct", "shoal", "rclone", "s3fs")
+STATE_SHORT = {"cold": "cold", "warm": "warm", "dropped": "warm, -pagecache", "-": "no cache",
+               "epochs": "3 epochs"}
 STATE_LABEL = {"cold": "cold", "warm": "warm", "dropped": "warm, page cache dropped", "-": "no cache",
                "epochs": "shuffled epochs"}
 
@@ -598,8 +601,7 @@ class ShoalNode(MountedSystem):
         endpoint, key, secret = store.creds
         self.env = {**os.environ, "NATS_URL": nats_url, "SHOAL_S3_ENDPOINT": endpoint,
                     "SHOAL_S3_ACCESS_KEY_ID": key, "SHOAL_S3_SECRET_ACCESS_KEY": secret,
-                    "SHOAL_MOUNT_ROOT": str(self.mount_root), "SHOAL_NODE_NAME": NODE, "SHOAL_LOG_LEVEL": "warning",
-                    "SHOAL_HEARTBEAT_SECONDS": "1"}
+                    "SHOAL_MOUNT_ROOT": str(self.mount_root), "SHOAL_NODE_NAME": NODE, "SHOAL_LOG_LEVEL": "warning"}
         self.services: list[Child] = []
         self.agent: Child | None = None
         self.policy = "lfu-admission"
@@ -691,6 +693,26 @@ class ShoalNode(MountedSystem):
             shutil.rmtree(self.cache_root / NAMESPACE / name, ignore_errors=True)
         self.start_agent()
         self.wait_mounts()
+        self.settle()
+
+    def settle(self, stable: float = 2.0, timeout: float = 60.0) -> None:
+        """Wait until the mount processes stayed the same for ``stable`` seconds.
+
+        An agent restart can make the runtime NotReady for a moment (missed heartbeats), which makes the new
+        agent unmount and mount again; measuring during that would measure the restart.
+        """
+        deadline = time.monotonic() + timeout
+        last: list[list[int]] = []
+        since = time.monotonic()
+        while time.monotonic() < deadline:
+            current = [self.mount_pids(name) if mounted(self.mountpoint(name)) else [] for name in self.datasets]
+            if current != last:
+                last, since = current, time.monotonic()
+            elif all(current) and time.monotonic() - since >= stable:
+                self.wait_mounts()
+                return
+            time.sleep(0.1)
+        raise TimeoutError(f"Shoal mounts not stable within {timeout:.0f} s (mount processes {last})")
 
     def counters(self, name: str) -> dict[str, int]:
         return asyncio.run(self._counters(name))
@@ -814,12 +836,12 @@ class S3fsMount(MountedSystem):
 
 
 WORKLOADS = {
-    "large1": Workload("large1", "large files sequential, 1 reader", "MB/s"),
-    "large8": Workload("large8", "large files sequential, 8 readers", "MB/s"),
-    "small": Workload("small", "100 KiB files, 16 readers", "files/s"),
-    "walk": Workload("walk", "metadata walk", "stats/s"),
-    "rand": Workload("rand", "fio random 4 KiB reads", "IOPS"),
-    "epoch": Workload("epoch", "epoch hit ratio, cache = ½ dataset", "hit ratio"),
+    "large1": Workload("large1", "large files sequential, 1 reader", "MB/s", "large seq, 1 reader"),
+    "large8": Workload("large8", "large files sequential, 8 readers", "MB/s", "large seq, 8 readers"),
+    "small": Workload("small", "100 KiB files, 16 readers", "files/s", "100 KiB files, 16 rd"),
+    "walk": Workload("walk", "metadata walk", "stats/s", "metadata walk"),
+    "rand": Workload("rand", "fio random 4 KiB reads", "IOPS", "fio rand 4 KiB"),
+    "epoch": Workload("epoch", "epoch hit ratio, cache = ½ dataset", "hit ratio", "epoch hit, ½ cache"),
 }
 
 
@@ -838,8 +860,16 @@ class Bench:
         self.phase_times: dict[str, float] = {}
         self.profile_dir: Path | None = None
         self.log_level = "warning"
+        self.load: dict[str, list[float]] = {}
 
     # -- setup --
+
+    def tidy(self) -> None:
+        """After a run: delete the caches and the JetStream store (gigabytes); keep the logs."""
+        if mounts_under(self.run_dir):
+            return  # never delete under a live mount
+        for name in ("cache", "rclone-cache", "s3fs-cache", "nats", "mnt", "rclone-mnt", "s3fs-mnt"):
+            shutil.rmtree(self.run_dir / name, ignore_errors=True)
 
     def prepare_run_dir(self) -> None:
         for path in mounts_under(self.run_dir):  # left by a run that was killed hard
@@ -1040,7 +1070,7 @@ class Bench:
             self.prime(workload, root)
             self.record(workload, "local disk", "warm", functools.partial(run, state="warm"), repeat=3)
 
-    def run_mounted(self, system: MountedSystem, workloads: Sequence[str], attempts: int = 2) -> None:
+    def run_mounted(self, system: MountedSystem, workloads: Sequence[str], attempts: int = 3) -> None:
         """Per workload: a fresh mount, then cold, warm and dropped runs. A workload whose runs failed (read
         errors, or the mount process replaced under it) is run once more from a fresh mount; the rows say so."""
         for workload in workloads:
@@ -1184,6 +1214,13 @@ class Bench:
     # -- the whole run --
 
     def run(self, only: set[str], systems: set[str]) -> None:
+        self.load["start"] = [round(x, 2) for x in os.getloadavg()]
+        try:
+            self._run(only, systems)
+        finally:
+            self.load["end"] = [round(x, 2) for x in os.getloadavg()]
+
+    def _run(self, only: set[str], systems: set[str]) -> None:
         sizes = self.sizes
         self.prepare_run_dir()
         timed = self.timed
@@ -1419,11 +1456,12 @@ def report(bench: Bench, out_path: Path) -> None:
                          f"{sizes.large_files}x{sizes.large_bytes // MiB} MiB, {sizes.small_files}x"
                          f"{sizes.small_bytes // KiB} KiB, {sizes.meta_files:,} files walked, "
                          f"{sizes.epoch_files}x{sizes.epoch_bytes // MiB} MiB epochs"))
-    for column in ("workload", "system", "state"):
-        table.add_column(column)
-    for column in ("value", "vs local warm", "vs best peer", "CPU s daemon/store/reader"):
-        table.add_column(column, justify="right")
-    table.add_column("note", max_width=48)
+    table.add_column("workload", no_wrap=True, min_width=20)
+    table.add_column("system", no_wrap=True, min_width=21)
+    table.add_column("state", no_wrap=True, min_width=16)
+    for column, width in (("value", 16), ("vs local warm", 13), ("vs best peer", 16), ("CPU s d/s/r", 14)):
+        table.add_column(column, justify="right", no_wrap=True, min_width=width)
+    table.add_column("note", overflow="ellipsis", no_wrap=True)
     json_rows = []
     previous = ""
     for row in rows:
@@ -1444,8 +1482,8 @@ def report(bench: Bench, out_path: Path) -> None:
         if previous and previous != row.workload:
             table.add_section()
         previous = row.workload
-        peer_text = "" if vs_peer is None or peer is None else f"{vs_peer:.2f}x ({peer.system})"
-        table.add_row(row.workload, row.system, STATE_LABEL[row.state], shown,
+        peer_text = "" if vs_peer is None or peer is None else f"{vs_peer:.2f}x {peer.system.split()[0]}"
+        table.add_row(WORKLOADS[key].label, row.system, STATE_SHORT[row.state], shown,
                       "" if vs_local is None else f"{vs_local:.2f}x", peer_text, cpu, escape(short(row.note)))
         json_rows.append({**asdict(row), "vs_local_warm": vs_local, "vs_best_peer": vs_peer,
                           "best_peer": None if peer is None else peer.system})
@@ -1454,18 +1492,24 @@ def report(bench: Bench, out_path: Path) -> None:
     drop_methods = ", ".join(sorted(bench.page_cache.methods)) or "not used"
     notes = [
         "States: cold = fresh cache dir and fresh mount (local disk: page cache dropped); warm = read again; "
-        "warm, page cache dropped = the kernel page cache dropped after the warm run (Shoal: agent disk cache "
-        f"only). Page cache dropped with: {drop_methods}.",
+        "warm, -pagecache = the kernel page cache dropped after the warm run (Shoal: agent disk cache only). Page "
+        f"cache dropped with: {drop_methods}. CPU s d/s/r = CPU seconds of the mount daemon(s) (Shoal: agent and "
+        "mount processes) / SeaweedFS / reader process during the run (median run for repeated warm runs).",
         "Best peer = the fastest of rclone, s3fs and direct GETs in the same state (direct GETs have no cache and "
         "count in every state). SeaweedFS's own files are read into the page cache before every cold run, so "
         "every system's misses meet the same in-memory object store on 127.0.0.1.",
         "Readers run in a separate worker process (Python threads, 1 MiB reads); the walk is find -printf %s "
-        "(one stat per entry); random reads are fio psync, 8 jobs on one large file. CPU s = CPU seconds of the "
-        "mount daemon(s) / SeaweedFS / reader process during the run (median run for repeated warm runs).",
+        "(one stat per entry); random reads are fio psync, 8 jobs on one large file (cold and -pagecache: the first "
+        "reads, an eighth of its pages; warm: time-based). Direct GETs: aiobotocore in one process (large: 8 MiB "
+        "ranges, 16 in flight; small: 16 in flight; walk: LIST; random: 4 KiB ranges, 8 in flight).",
         "Epoch hit ratio: hitBytes/(hitBytes+missBytes) per epoch from the mount's inventory counters (a snapshot "
         "asked for after each epoch); the page cache is dropped before each epoch so every read reaches the agent; "
         "4 readers, files in a new shuffled order each epoch. rclone and s3fs have no hit counters (not measured).",
-        "Phase times: " + ", ".join(f"{k} {v:.0f} s" for k, v in bench.phase_times.items()),
+        "A Shoal workload whose runs failed (read errors, or the mount process replaced under it) is run again "
+        "from a fresh mount, up to 3 times; its rows then say so.",
+        "Phase times: " + ", ".join(f"{k} {v:.0f} s" for k, v in bench.phase_times.items())
+        + f". Load average (1/5/15 min) at start {bench.load.get('start')}, at end {bench.load.get('end')}: "
+        "other processes on this machine share its cores.",
     ]
     for note in notes + bench.notes:
         out.print(f"[dim]• {escape(note)}[/dim]")
@@ -1478,7 +1522,7 @@ def report(bench: Bench, out_path: Path) -> None:
     out_path.write_text(json.dumps({
         "generated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": {"cpus": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version()},
-        "sizes": asdict(sizes), "rows": json_rows,
+        "sizes": asdict(sizes), "rows": json_rows, "load_average": bench.load,
         "targets": [{**asdict(t), "verdict": t.verdict} for t in found],
         "notes": notes + bench.notes, "page_cache_drop": sorted(bench.page_cache.methods),
     }, indent=2))
@@ -1539,11 +1583,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         bench.run(only, systems)
     finally:
         cleanup()
+        bench.tidy()
         for signum, handler in previous.items():
             signal.signal(signum, handler)
         lock.close()
     bench.phase_times["total"] = time.perf_counter() - started
-    report(bench, state / "agent-results.json")
+    report(bench, state / f"agent-results{sizes.suffix}.json")  # --quick writes agent-results-quick.json
 
 
 if __name__ == "__main__":
