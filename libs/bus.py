@@ -239,16 +239,28 @@ async def kv_delete(kv: KeyValue, key: str, revision: int | None) -> None:
 
 async def kv_values(kv: KeyValue, type_: type[T]) -> list[T]:
     """Every live value in a bucket (small buckets: datasets, runtimes, agents)."""
-    try:
-        keys = await kv.keys()
-    except nats.js.errors.NoKeysError:
-        return []
     values = []
-    for key in keys:
+    for key in await kv_keys(kv):
         value, _ = await kv_load(kv, key, type_)
         if value is not None:
             values.append(value)
     return values
+
+
+# nats-py's keys() can answer "no keys" before the server's reply arrives; a bucket that holds messages is asked
+# again a few times before its emptiness is believed.
+KEYS_ATTEMPTS = 5
+
+
+async def kv_keys(kv: KeyValue) -> list[str]:
+    for _ in range(KEYS_ATTEMPTS):
+        try:
+            keys = await kv.keys()
+        except nats.js.errors.NoKeysError:
+            keys = []
+        if keys or (await kv.status()).values == 0:
+            return list(keys)
+    return []
 
 
 # --- The consumer loop ---

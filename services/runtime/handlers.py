@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import msgspec
 
 from libs import subjects
-from libs.bus import Bus, Conflict, Delivery, kv_delete, kv_load, kv_save, kv_values
+from libs.bus import Bus, Conflict, Delivery, kv_delete, kv_keys, kv_load, kv_save, kv_values
 from libs.events.agent import AgentHeartbeat, AgentRecord
 from libs.events.common import dns_label_errors
 from libs.events.runtime import (
@@ -116,11 +116,7 @@ class RuntimeHandlers:
         await self.refresh_all()
 
     async def refresh_all(self) -> None:
-        kv = await self.bus.kv(subjects.KV_RUNTIMES)
-        try:
-            keys = await kv.keys()
-        except Exception:  # nats raises NoKeysError on an empty bucket
-            return
+        keys = await kv_keys(await self.bus.kv(subjects.KV_RUNTIMES))
         agents = await self._agents()
         for key in keys:
             await self.refresh(key, agents)
