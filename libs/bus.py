@@ -12,8 +12,9 @@ What it decides:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -425,6 +426,20 @@ async def run_all(tasks: Sequence[Awaitable[None]]) -> None:
             group.create_task(task)  # type: ignore[arg-type]
 
 
+async def kv_watch(kv: KeyValue, stopping: asyncio.Event) -> AsyncGenerator[KeyValue.Entry | None, None]:
+    """Every entry of a bucket, then None once the initial values are in, then every change, until ``stopping``."""
+    watcher = await kv.watchall()
+    try:
+        while not stopping.is_set():
+            try:
+                entry = await watcher.updates(timeout=1.0)
+            except TimeoutError:
+                continue  # look at ``stopping`` again
+            yield entry
+    finally:
+        await watcher.stop()
+
+
 class KvMirror(Generic[T]):
     """An in-memory copy of a KV bucket, kept current by a watch (no listing, which nats-py can miss).
 
@@ -439,13 +454,8 @@ class KvMirror(Generic[T]):
         self._stopping = asyncio.Event()
 
     async def run(self) -> None:
-        watcher = await self.kv.watchall()
-        try:
-            while not self._stopping.is_set():
-                try:
-                    entry = await watcher.updates(timeout=1.0)
-                except TimeoutError:
-                    continue
+        async with contextlib.aclosing(kv_watch(self.kv, self._stopping)) as entries:
+            async for entry in entries:
                 if entry is None:
                     self.ready.set()
                 elif entry.operation in ("DEL", "PURGE"):
@@ -454,9 +464,7 @@ class KvMirror(Generic[T]):
                     try:
                         self.values[entry.key] = self.decoder.decode(entry.value)
                     except (msgspec.ValidationError, msgspec.DecodeError):
-                        log.warning("undecodable KV entry ignored", bucket=self.kv._name, key=entry.key)
-        finally:
-            await watcher.stop()
+                        log.warning("undecodable KV entry ignored", key=entry.key)
 
     def stop(self) -> None:
         self._stopping.set()

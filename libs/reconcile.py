@@ -8,10 +8,12 @@ afterwards. ``reconcile`` may ask to be called again after a delay (an endpoint 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 
 from nats.js.kv import KeyValue
 
+from libs.bus import kv_watch
 from libs.telemetry import get_logger
 
 log = get_logger(__name__)
@@ -30,18 +32,12 @@ class Reconciler:
         self._stopping = asyncio.Event()
 
     async def run(self) -> None:
-        watcher = await self.kv.watchall()
         try:
-            while not self._stopping.is_set():
-                try:
-                    entry = await watcher.updates(timeout=1.0)
-                except TimeoutError:
-                    continue
-                if entry is None or entry.operation in ("DEL", "PURGE"):
-                    continue
-                self.schedule(entry.key)
+            async with contextlib.aclosing(kv_watch(self.kv, self._stopping)) as entries:
+                async for entry in entries:
+                    if entry is not None and entry.operation not in ("DEL", "PURGE"):
+                        self.schedule(entry.key)
         finally:
-            await watcher.stop()
             for task in list(self._running.values()):
                 task.cancel()
             await asyncio.gather(*self._running.values(), return_exceptions=True)
