@@ -1,0 +1,156 @@
+"""The agent's pure pieces: the tree from a manifest, the read-ahead window and budget, inventory numbering,
+which mounts a node wants, and the dataset service's folding of inventory into cacheStates."""
+
+from __future__ import annotations
+
+from libs.events.agent import BlockId, CacheCounters, InventoryDelta, InventorySnapshot
+from libs.events.common import ObjectMeta, ObjectRef
+from libs.events.dataset import Dataset, DatasetRecord, DatasetStatus
+from libs.events.runtime import Runtime, RuntimeRecord
+from libs.manifest import ManifestEntry
+from services.agent import domain as agent_domain
+from services.agent.inventory import SNAPSHOT_PART_BLOCKS, InventoryLog
+from services.agent.namespace import ROOT_INODE, InodeAllocator, Namespace
+from services.agent.readahead import MemoryBudget, ReadAhead
+from services.dataset import domain as dataset_domain
+
+
+def entry(path: str, etag: str = "e1", size: int = 10) -> ManifestEntry:
+    return ManifestEntry(path=path, mount=0, key=path.lstrip("/"), size=size, etag=etag, mtime=1.0)
+
+
+# --- namespace ---
+
+
+def test_tree_has_folders_files_and_sizes() -> None:
+    tree = Namespace.build([entry("/a/b/c.txt", size=3), entry("/a/d.txt", size=4), entry("/top")],
+                           InodeAllocator())
+    a = tree.lookup(ROOT_INODE, "a")
+    assert a is not None and a.is_dir
+    assert [n.name for n in tree.children(a.inode)] == ["b", "d.txt"]
+    b = tree.lookup(a.inode, "b")
+    assert b is not None
+    c = tree.lookup(b.inode, "c.txt")
+    assert c is not None and c.size == 3 and c.entry is not None
+    assert tree.lookup(ROOT_INODE, "missing") is None
+    assert tree.lookup(c.inode, "x") is None  # a file has no children
+    assert tree.total_bytes == 3 + 4 + 10
+
+
+def test_unusable_paths_are_left_out() -> None:
+    tree = Namespace.build([entry("/ok"), entry("/../escape"), entry("/a/./b"), entry("/a//b"),
+                            entry("/" + "x" * 256), entry("/f"), entry("/f/inside")], InodeAllocator())
+    names = {n.name for n in tree.children(ROOT_INODE)}
+    assert names == {"ok", "f"}  # "f" is a file, so "f/inside" cannot also exist
+
+
+def test_inodes_are_stable_for_unchanged_files_and_new_for_changed_ones() -> None:
+    allocator = InodeAllocator()
+    first = Namespace.build([entry("/same"), entry("/changed", "v1")], allocator)
+    second = Namespace.build([entry("/same"), entry("/changed", "v2")], allocator)
+    same1, same2 = first.lookup(ROOT_INODE, "same"), second.lookup(ROOT_INODE, "same")
+    old, new = first.lookup(ROOT_INODE, "changed"), second.lookup(ROOT_INODE, "changed")
+    assert same1 is not None and same2 is not None and same1.inode == same2.inode
+    assert old is not None and new is not None and old.inode != new.inode
+
+
+# --- read-ahead ---
+
+
+def test_window_doubles_while_sequential_and_resets_on_a_jump() -> None:
+    ahead = ReadAhead(max_blocks=8)
+    windows = [ahead.on_read(i * 100, 100) for i in range(6)]
+    assert windows == [1, 2, 4, 8, 8, 8]
+    assert ahead.on_read(10_000, 100) == 0
+    assert not ahead.sequential
+    assert ahead.on_read(10_100, 100) == 1
+
+
+def test_budget_is_shared_and_never_negative() -> None:
+    budget = MemoryBudget(limit=10)
+    assert budget.try_take(6) and not budget.try_take(5) and budget.try_take(4)
+    budget.give_back(20)
+    assert budget.used == 0
+
+
+# --- inventory numbering ---
+
+
+def block(i: int) -> BlockId:
+    return BlockId(0, "k", "e", i)
+
+
+def test_snapshot_then_consecutive_deltas_and_nothing_when_idle() -> None:
+    log = InventoryLog(node="n", dataset=ObjectRef(name="d"))
+    counters = CacheCounters(cached_bytes=1)
+    parts = log.snapshot([(block(i), 1) for i in range(SNAPSHOT_PART_BLOCKS + 1)], counters)
+    assert [(p.seq, p.part, p.parts) for p in parts] == [(1, 1, 2), (2, 2, 2)]
+    assert log.delta(counters) is None
+    log.cached(block(99), 5)
+    log.evicted(block(1), 1)
+    delta = log.delta(CacheCounters(cached_bytes=5))
+    assert delta is not None and delta.seq == 3
+    assert [b.block for b in delta.cached] == [block(99)] and [b.block for b in delta.evicted] == [block(1)]
+    log.cached(block(7), 1)
+    log.evicted(block(7), 1)  # cached and gone again within one batch: nothing to tell
+    assert log.delta(CacheCounters(cached_bytes=5)) is None
+
+
+# --- which mounts a node wants ---
+
+
+def record(name: str, phase: str = "Bound", manifest: str = "m") -> DatasetRecord:
+    return DatasetRecord(dataset=Dataset(metadata=ObjectMeta(name=name)), generation=1,
+                         status=DatasetStatus(phase=phase, manifest=manifest))  # type: ignore[arg-type]
+
+
+def test_bound_datasets_of_served_runtimes_are_mounted() -> None:
+    runtimes = [RuntimeRecord(runtime=Runtime(metadata=ObjectMeta(name=n)), generation=1) for n in ("a", "b")]
+    served = agent_domain.served_runtimes(runtimes, ["default/a"])
+    assert served == [("default", "a")]
+    assert agent_domain.served_runtimes(runtimes, []) == [("default", "a"), ("default", "b")]
+    datasets = [record("a"), record("b"), record("c")]
+    assert agent_domain.wanted_mounts(datasets, served) == {("default", "a")}
+    assert agent_domain.wanted_mounts([record("a", phase="NotBound")], served) == set()
+    assert agent_domain.wanted_mounts([record("a", manifest="")], served) == set()
+
+
+def test_restart_delay_backs_off_and_caps() -> None:
+    delays = [agent_domain.restart_delay(n) for n in range(1, 10)]
+    assert delays[0] == 1.0 and delays == sorted(delays) and max(delays) == 30.0
+
+
+# --- cacheStates from inventory ---
+
+
+def snapshot(node: str, seq: int, cached: int, incarnation: str = "i1") -> InventorySnapshot:
+    return InventorySnapshot(node=node, dataset=ObjectRef(name="d"), incarnation=incarnation, seq=seq,
+                             counters=CacheCounters(cached_bytes=cached, capacity_bytes=100, hit_bytes=3,
+                                                    miss_bytes=1))
+
+
+def delta(node: str, seq: int, cached: int, incarnation: str = "i1") -> InventoryDelta:
+    return InventoryDelta(node=node, dataset=ObjectRef(name="d"), incarnation=incarnation, seq=seq,
+                          counters=CacheCounters(cached_bytes=cached, capacity_bytes=100, hit_bytes=3,
+                                                 miss_bytes=1))
+
+
+def test_gaps_and_new_incarnations_ask_for_a_snapshot_and_old_events_are_ignored() -> None:
+    cache, gap = dataset_domain.fold_inventory(None, snapshot("n1", 1, 10))
+    assert not gap
+    cache, gap = dataset_domain.fold_inventory(cache, delta("n1", 2, 20))
+    assert not gap and cache.nodes["n1"].counters.cached_bytes == 20
+    same, gap = dataset_domain.fold_inventory(cache, delta("n1", 2, 99))  # redelivered
+    assert same is cache and not gap
+    cache, gap = dataset_domain.fold_inventory(cache, delta("n1", 5, 30))
+    assert gap and cache.nodes["n1"].counters.cached_bytes == 30  # totals stay right across a gap
+    _, gap = dataset_domain.fold_inventory(cache, delta("n1", 1, 30, incarnation="i2"))
+    assert gap
+
+
+def test_cache_states_add_up_nodes() -> None:
+    cache, _ = dataset_domain.fold_inventory(None, snapshot("n1", 1, 30))
+    cache, _ = dataset_domain.fold_inventory(cache, snapshot("n2", 1, 20))
+    states = dataset_domain.cache_states(cache, ufs_total_bytes=200)
+    assert states.cached == "50B" and states.cache_capacity == "200B"
+    assert states.cached_percentage == "25.0%" and states.cache_hit_ratio == "75.0%"
