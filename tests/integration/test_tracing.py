@@ -5,6 +5,7 @@ Real nats-server; an in-memory span exporter (global providers are restored afte
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 
 import msgspec
 from opentelemetry import trace
@@ -57,5 +58,5 @@ async def test_consumer_span_continues_the_publisher_trace(bus: Bus) -> None:
     assert "process traced" in names and "publish apply" in names
 
 
-async def _ready(seen: list[object]) -> bool:
+async def _ready(seen: Sequence[object]) -> bool:
     return bool(seen)
