@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 STATE_DIR ?= $(or $(SHOAL_STATE_DIR),.shoal)
 
-.PHONY: venv system-deps run test lint bench schemas clean
+.PHONY: venv system-deps test-deps run test lint bench schemas clean
 
 venv: $(STAMP)
 
@@ -32,10 +32,22 @@ system-deps:
 		echo "NOTE: install fuse3, libfuse3-dev and pkg-config with your package manager (needed for FUSE mounts)"; \
 	fi
 
+# fio reads the mounts in the tests (fio --verify); installed like the FUSE packages.
+test-deps: system-deps
+	@if command -v fio >/dev/null 2>&1; then \
+		:; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "Installing fio with apt-get"; \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q fio \
+			|| echo "WARNING: apt-get could not install fio; the fio test will fail"; \
+	else \
+		echo "NOTE: install fio with your package manager (the tests read mounts with it)"; \
+	fi
+
 run: system-deps venv
 	$(BIN)/shoal up
 
-test: system-deps venv
+test: test-deps venv
 	$(BIN)/pytest -q -p no:cacheprovider
 
 lint: venv
