@@ -9,6 +9,8 @@ endpoint fails in seconds; a retryable error is left to the caller's own redeliv
 from __future__ import annotations
 
 import asyncio
+import time
+from collections import OrderedDict
 from collections.abc import AsyncGenerator, Iterator
 from contextlib import AsyncExitStack
 from datetime import datetime
@@ -68,6 +70,14 @@ def _folder(prefix: str) -> str:
     return prefix if not prefix or prefix.endswith("/") else prefix + "/"
 
 
+# Reads go to pre-signed GET URLs over a plain aiohttp session: botocore's per-request work (building, signing,
+# parsing) was ~60 % of the agent's CPU per small file. A URL is signed once per key and reused well within its
+# validity; anything but a plain answer (200, 206, 412) goes through the full client for its precise error.
+PRESIGN_SECONDS = 900
+PRESIGN_REUSE_SECONDS = 600
+PRESIGNED_KEYS = 10_000
+
+
 class S3ObjectStore:
     """Read-only access to the objects below ``location.prefix`` in one bucket; keys are relative to it."""
 
@@ -100,6 +110,10 @@ class S3ObjectStore:
         self._stack = AsyncExitStack()
         self._client: Any = None
         self._lock = asyncio.Lock()
+        self._http: aiohttp.ClientSession | None = None
+        self._max_connections = max_connections
+        self._timeouts = aiohttp.ClientTimeout(sock_connect=connect_timeout, sock_read=read_timeout)
+        self._presigned: OrderedDict[str, tuple[str, float]] = OrderedDict()
 
     def __repr__(self) -> str:
         return f"S3ObjectStore(bucket={self._bucket!r}, prefix={self._prefix!r}, endpoint={self._where!r})"
@@ -118,6 +132,10 @@ class S3ObjectStore:
             await self._stack.aclose()
             self._stack = AsyncExitStack()
             self._client = None
+            if self._http is not None:
+                await self._http.close()
+                self._http = None
+            self._presigned.clear()
 
     async def _s3(self) -> Any:
         if self._client is None:
@@ -194,6 +212,9 @@ class S3ObjectStore:
             raise ValueError("start and length must not be negative")
         if length == 0:
             return b""
+        fast = await self._fast_get(key, start, length, etag)
+        if fast is not None:
+            return fast
         client = await self._s3()
         request: dict[str, Any] = {
             "Bucket": self._bucket,
@@ -226,6 +247,44 @@ class S3ObjectStore:
             # The server ignored Range and sent the whole object.
             data = data[start : start + length]
         return data
+
+    async def _fast_get(self, key: str, start: int, length: int, etag: str | None) -> bytes | None:
+        """The ranged GET on a pre-signed URL; None when the answer needs the full client to be explained."""
+        url = await self._presigned_url(key)
+        if self._http is None:
+            self._http = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=self._max_connections), timeout=self._timeouts
+            )
+        headers = {"Range": f"bytes={start}-{start + length - 1}"}
+        if etag is not None:
+            headers["If-Match"] = f'"{etag}"'
+        try:
+            async with self._http.get(url, headers=headers) as response:
+                if response.status == 412 and etag is not None:
+                    raise self._changed(key, etag)
+                if response.status not in (200, 206):
+                    return None
+                if etag is not None and _etag(response.headers.get("ETag", "")) != etag:
+                    raise self._changed(key, etag)
+                data = await response.read()
+        except (aiohttp.ClientError, TimeoutError, OSError) as err:
+            raise self._error(err, "get", key, etag) from err
+        return data if response.status == 206 else data[start : start + length]
+
+    async def _presigned_url(self, key: str) -> str:
+        now = time.monotonic()
+        cached = self._presigned.get(key)
+        if cached is not None and cached[1] > now:
+            self._presigned.move_to_end(key)
+            return cached[0]
+        client = await self._s3()
+        url: str = await client.generate_presigned_url(
+            "get_object", Params={"Bucket": self._bucket, "Key": self._prefix + key}, ExpiresIn=PRESIGN_SECONDS
+        )
+        self._presigned[key] = (url, now + PRESIGN_REUSE_SECONDS)
+        if len(self._presigned) > PRESIGNED_KEYS:
+            self._presigned.popitem(last=False)
+        return url
 
     async def _missing(self, key: str) -> UfsError:
         """NoSuchBucket or NoSuchKey after a bare 404, told apart by asking about the bucket itself."""
