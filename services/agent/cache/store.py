@@ -245,6 +245,9 @@ class BlockCache:
         reservation = self.reserve(block, len(data))
         if reservation is None:
             return self.contains(block)
+        return self._write_inline(reservation, data)
+
+    def _write_inline(self, reservation: Reservation, data: bytes) -> bool:
         written = False
         try:
             written = reservation.write(data)
@@ -258,12 +261,7 @@ class BlockCache:
         if reservation is None:
             return self.contains(block)
         if not reservation.offload:
-            written = False
-            try:
-                written = reservation.write(data)
-            finally:
-                committed = self.commit(reservation, written)
-            return committed
+            return self._write_inline(reservation, data)
         task = asyncio.ensure_future(asyncio.to_thread(reservation.write, data))
         try:
             written = await asyncio.shield(task)
