@@ -36,6 +36,7 @@ from nats.js.object_store import ObjectStore as NatsObjectStore
 from opentelemetry import trace
 
 from libs import subjects
+from libs.backoff import REDELIVERY
 from libs.config import NatsSettings
 from libs.events.deadletter import DeadLetter
 from libs.telemetry import extract_context, get_logger, inject_context, tracer
@@ -289,9 +290,8 @@ InvalidHandler = Callable[[Delivery, str, bytes], Awaitable[None]]
 
 
 def retry_delay(deliveries: int) -> float:
-    """0.5 s doubling per delivery, capped at 30 s: quick recovery from blips, no hammering of a dead store."""
-    # The exponent is capped too, so a huge delivery count cannot overflow the float conversion.
-    return float(min(30.0, 0.5 * 2 ** min(max(0, deliveries - 1), 16)))
+    """0.5 s doubling per delivery, capped at 30 s (``libs.backoff.REDELIVERY``)."""
+    return REDELIVERY.delay(deliveries)
 
 
 @dataclass

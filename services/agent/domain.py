@@ -12,10 +12,6 @@ from collections.abc import Iterable
 from libs.events.dataset import DatasetRecord
 from libs.events.runtime import RuntimeRecord
 
-# Backoff for restarting a mount process that died: quick first retry, capped so a broken mount does not spin.
-RESTART_BACKOFF_START = 1.0
-RESTART_BACKOFF_MAX = 30.0
-
 
 def serves(runtime: RuntimeRecord, selection: list[str]) -> bool:
     """Whether the agent serves ``runtime``; an empty selection serves every runtime."""
@@ -40,7 +36,3 @@ def wanted_mounts(datasets: Iterable[DatasetRecord], served: Iterable[tuple[str,
 
 def mountpoint(root: str, namespace: str, name: str) -> str:
     return posixpath.join(root, namespace, name)
-
-
-def restart_delay(failures: int) -> float:
-    return min(RESTART_BACKOFF_MAX, RESTART_BACKOFF_START * 2 ** min(max(failures - 1, 0), 8))

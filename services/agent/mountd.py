@@ -27,6 +27,8 @@ from libs.events.dataset import DatasetRecord
 from libs.events.runtime import RuntimeRecord
 from libs.manifest import ManifestEntry, read_entries
 from libs.service import main as service_main
+from libs.service import nats_check
+from libs.side_server import Readiness
 from libs.telemetry import get_logger
 from libs.ufs import open_store
 from libs.ufs.base import ObjectStore, S3Location
@@ -36,6 +38,7 @@ from services.agent.cache import BlockCache, FrequencyAdmissionPolicy, LruPolicy
 from services.agent.fs import DatasetFS
 from services.agent.inventory import InventoryLog, InventoryPublisher
 from services.agent.mountinfo import device_of
+from services.agent.mountstatus import StatusReporter
 from services.agent.namespace import InodeAllocator, Namespace
 from services.agent.readahead import MemoryBudget
 from services.agent.reader import BlockReader, StoreGate
@@ -78,7 +81,10 @@ def raise_read_ahead(mountpoint: str) -> None:
 class MountedDataset:
     """Everything one mount process runs, wired together; ``run`` serves until ``stop`` is set."""
 
-    def __init__(self, settings: Settings, bus: Bus, namespace: str, name: str, mountpoint: str) -> None:
+    def __init__(self, settings: Settings, bus: Bus, namespace: str, name: str, mountpoint: str,
+                 status_file: str = "", readiness: Readiness | None = None) -> None:
+        self.status_file = status_file
+        self.readiness = readiness or Readiness()
         self.settings = settings
         self.bus = bus
         self.namespace = namespace
@@ -127,12 +133,18 @@ class MountedDataset:
         raise_read_ahead(self.mountpoint)
         log.info("mounted", dataset=self.key, mountpoint=self.mountpoint, files=len(entries))
         inventory_task = asyncio.create_task(publisher.run())
+        reporter = StatusReporter(self.status_file, cache.stats)
+        reporter_task = asyncio.create_task(reporter.run())
+        self.readiness.add("cache", lambda: "; ".join(
+            f"cache directory {t.location} is down" for t in cache.stats().tiers if t.health == "down") or None)
+        self.readiness.add("fuse", lambda: "FUSE session ended" if fuse_loop.done() else None)
         watcher = asyncio.create_task(self._watch(fs, cache, stop))
         stopper = asyncio.create_task(stop.wait())
         try:
             await asyncio.wait([fuse_loop, inventory_task, watcher, stopper], return_when=asyncio.FIRST_COMPLETED)
         finally:
             publisher.stop()
+            reporter.stop()
             watcher.cancel()
             stopper.cancel()
             pyfuse3.terminate()
@@ -140,7 +152,7 @@ class MountedDataset:
                 await fuse_loop
             pyfuse3.close(unmount=True)
             await reader.drain()
-            await asyncio.gather(inventory_task, watcher, return_exceptions=True)
+            await asyncio.gather(inventory_task, watcher, reporter_task, return_exceptions=True)
             for gate in gates:
                 await gate.store.close()
             log.info("unmounted", dataset=self.key)
@@ -203,10 +215,12 @@ class MountedDataset:
 
 
 async def serve(settings: Settings, namespace: str, name: str, mountpoint: str,
-                stop: asyncio.Event) -> None:
+                stop: asyncio.Event, status_file: str = "", readiness: Readiness | None = None) -> None:
     bus = await connect(settings.nats, f"shoal-mount-{namespace}-{name}")
+    if readiness is not None:
+        readiness.add("nats", nats_check(bus))
     try:
-        await MountedDataset(settings, bus, namespace, name, mountpoint).run(stop)
+        await MountedDataset(settings, bus, namespace, name, mountpoint, status_file, readiness).run(stop)
     finally:
         await bus.close()
 
@@ -236,10 +250,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--namespace", required=True)
     parser.add_argument("--name", required=True)
     parser.add_argument("--mountpoint", required=True)
+    parser.add_argument("--status-file", default="", help="where to report cache health to the agent")
     args = parser.parse_args(argv)
     enable_asyncio_fuse()  # the FUSE session runs on the asyncio loop, beside NATS
     service_main("shoal-mount",
-                 lambda settings, stop: serve(settings, args.namespace, args.name, args.mountpoint, stop))
+                 lambda settings, stop, readiness: serve(settings, args.namespace, args.name, args.mountpoint, stop,
+                                                         args.status_file, readiness))
 
 
 if __name__ == "__main__":

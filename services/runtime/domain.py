@@ -1,8 +1,10 @@
 """Runtime decisions, pure: validation of the spec, and the runtime status computed from agent heartbeats.
 
-A node counts as ready for a runtime when its last heartbeat lists the runtime, says healthy, and is younger
-than three heartbeat intervals. The runtime is Ready when the desired number of replicas are ready,
-PartialReady with fewer (but some), NotReady with none.
+A node serves a runtime when its last heartbeat lists the runtime and is younger than three heartbeat
+intervals, and counts as ready when that heartbeat also says healthy. The runtime is Ready when the desired
+number of replicas are ready; PartialReady with fewer, as long as some node serves it (an unhealthy node, whose
+mount keeps failing or whose cache directory is down, is named in the message with its problems, and keeps a
+Bound dataset Bound: its mounts may still serve reads); NotReady when no node serves it.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from collections.abc import Iterable
 
 import msgspec
 
-from libs.events.agent import AgentRecord
+from libs.events.agent import AgentHeartbeat, AgentRecord
 from libs.events.common import DNS1123_LABEL, dns_label_errors, format_bytes, parse_quantity
 from libs.events.runtime import Runtime, RuntimePhase, RuntimeRecord, RuntimeStatus
 
@@ -90,27 +92,35 @@ def node_capacity(runtime: Runtime) -> int:
     return sum(parse_quantity(level.quota) for level in runtime.spec.tieredstore.levels)
 
 
-def ready_nodes(runtime: Runtime, agents: Iterable[AgentRecord], now: float) -> list[str]:
+def serving_agents(runtime: Runtime, agents: Iterable[AgentRecord], now: float) -> list[AgentHeartbeat]:
+    """The last heartbeats of nodes that serve the runtime and beat recently, healthy or not, by node name."""
     meta = runtime.metadata
-    ready = []
+    serving = []
     for agent in agents:
         beat = agent.heartbeat
         fresh = now - agent.received_at <= MISSED_BEATS * beat.interval_seconds
         serves = any(ref.name == meta.name and ref.namespace == meta.namespace for ref in beat.runtimes)
-        if fresh and serves and beat.healthy:
-            ready.append(beat.node)
-    return sorted(ready)
+        if fresh and serves:
+            serving.append(beat)
+    return sorted(serving, key=lambda beat: beat.node)
+
+
+def ready_nodes(runtime: Runtime, agents: Iterable[AgentRecord], now: float) -> list[str]:
+    return [beat.node for beat in serving_agents(runtime, agents, now) if beat.healthy]
 
 
 def runtime_status(record: RuntimeRecord, agents: Iterable[AgentRecord], now: float) -> RuntimeStatus:
     runtime = record.runtime
-    nodes = ready_nodes(runtime, agents, now)
+    serving = serving_agents(runtime, agents, now)
+    nodes = [beat.node for beat in serving if beat.healthy]
+    unhealthy = [f"{beat.node} unhealthy ({'; '.join(beat.problems) or 'no reason given'})"
+                 for beat in serving if not beat.healthy]
     desired = runtime.spec.replicas
     phase: RuntimePhase
     if nodes and len(nodes) >= desired:
         phase, message = "Ready", ""
-    elif nodes:
-        phase, message = "PartialReady", f"{len(nodes)} of {desired} agents ready"
+    elif serving:
+        phase, message = "PartialReady", "; ".join([f"{len(nodes)} of {desired} agents ready", *unhealthy])
     else:
         phase, message = "NotReady", f"0 of {desired} agents ready: waiting for agent heartbeats"
     capacity = node_capacity(runtime) * len(nodes)

@@ -115,11 +115,6 @@ def test_bound_datasets_of_served_runtimes_are_mounted() -> None:
     assert agent_domain.wanted_mounts([record("a", manifest="")], served) == set()
 
 
-def test_restart_delay_backs_off_and_caps() -> None:
-    delays = [agent_domain.restart_delay(n) for n in range(1, 10)]
-    assert delays[0] == 1.0 and delays == sorted(delays) and max(delays) == 30.0
-
-
 # --- cacheStates from inventory ---
 
 
