@@ -26,6 +26,7 @@ from libs.config import AgentSettings, Settings
 from libs.events.common import ObjectMeta
 from libs.events.dataset import Dataset, DatasetApply, DatasetRecord, DatasetResync, DatasetSpec, Mount, User
 from libs.events.runtime import Level, Runtime, RuntimeApply, RuntimeSpec, TieredStore
+from libs.side_server import Readiness
 from services.agent import app as agent_app
 from services.dataset import app as dataset_app
 from services.runtime import app as runtime_app
@@ -134,16 +135,18 @@ def md5(data: bytes) -> str:
 
 @asynccontextmanager
 async def node_stack(bus: Bus, settings: Settings, seaweedfs: SeaweedServer, tmp_path: Path,
+                     mount_env: dict[str, str] | None = None, readiness: Readiness | None = None,
                      **agent_options: Any) -> AsyncIterator[Node]:
+    """``mount_env``: variables added to the mount processes' environment; ``readiness``: the agent's checks."""
     agent = AgentSettings(node_name=NODE, mount_root=str(tmp_path / "mnt"), heartbeat_seconds=0.5, **agent_options)
     node_settings = dataclasses.replace(settings, agent=agent)
-    env = agent_env(node_settings, seaweedfs, agent)
+    env = {**agent_env(node_settings, seaweedfs, agent), **(mount_env or {})}
     node = Node(bus, node_settings, seaweedfs, tmp_path / "mnt", tmp_path / "cache")
     try:
         async with running(
             lambda stop: dataset_app.run(node_settings, stop),
             lambda stop: runtime_app.run(node_settings, stop),
-            lambda stop: agent_app.run(node_settings, stop, child_env=env),
+            lambda stop: agent_app.run(node_settings, stop, child_env=env, readiness=readiness),
         ):
             yield node
         leftovers = [p for p in mounted_paths() if p.startswith(str(node.mount_root))]
