@@ -109,6 +109,8 @@ def main(name: str, run: ServiceRun) -> None:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
         readiness = Readiness()
+        # Not ready before the process's loops run; ``run_loops`` replaces this check with its own.
+        readiness.add("loops", lambda: "starting")
         side = None
         if settings.service.http_port is not None:
             side = SideServer(readiness, settings.service.http_host, settings.service.http_port)
