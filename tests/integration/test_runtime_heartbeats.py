@@ -7,7 +7,6 @@ keys, history) is counted. With 40 agents beating, a heartbeat must cost no read
 
 from __future__ import annotations
 
-import asyncio
 from collections import Counter
 from typing import Any
 
