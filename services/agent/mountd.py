@@ -139,6 +139,8 @@ class MountedDataset:
             f"cache directory {t.location} is down" for t in cache.stats().tiers if t.health == "down") or None)
         self.readiness.add("fuse", lambda: "FUSE session ended" if fuse_loop.done() else None)
         watcher = asyncio.create_task(self._watch(fs, cache, stop))
+        loops = {"inventory": inventory_task, "status": reporter_task, "manifest watch": watcher}
+        self.readiness.add("loops", lambda: ", ".join(f"{n} not running" for n, t in loops.items() if t.done()) or None)
         stopper = asyncio.create_task(stop.wait())
         try:
             await asyncio.wait([fuse_loop, inventory_task, watcher, stopper], return_when=asyncio.FIRST_COMPLETED)

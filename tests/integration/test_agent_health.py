@@ -10,18 +10,30 @@ import os
 import shutil
 from pathlib import Path
 
+import aiohttp
+
 from libs import subjects
 from libs.bus import Bus, kv_load
 from libs.config import Settings
+from libs.embedded import LOOPBACK
 from libs.events.agent import AgentHeartbeat, AgentRecord
 from libs.events.runtime import RuntimeRecord
 from libs.side_server import Readiness
 from tests.conftest import SeaweedServer, put_objects
 from tests.helpers import eventually, runtime_record
-from tests.integration.agent_stack import NODE, Node, node_stack, read_file
-from tests.integration.test_agent_cache import drop_page_cache
+from tests.integration.agent_stack import NODE, Node, node_stack, read_file, run_tool
+from tests.integration.test_agent_cache import drop_page_cache, mount_pids
 
 MiB = 1024 * 1024
+
+
+async def listening_port(pids: list[int]) -> int | None:
+    """The TCP port a mount process listens on (its side server), from ss(8)."""
+    result = await run_tool("ss", "-ltnpH")
+    for line in result.stdout.splitlines():
+        if any(f"pid={pid}," in line for pid in pids):
+            return int(line.split()[3].rsplit(":", 1)[1])
+    return None
 
 
 async def last_beat(bus: Bus) -> AgentHeartbeat | None:
@@ -95,6 +107,13 @@ async def test_a_cache_directory_that_goes_down_makes_the_agent_unhealthy_and_re
         assert not ready and str(dataset_cache) in checks["mounts"], checks
         await eventually(lambda: runtime_naming_the_node(node, "sick", str(dataset_cache)), 15,
                          "the runtime naming the unhealthy node")
+        # The mount process's own side server says so too.
+        port = await eventually(lambda: listening_port(mount_pids(root)), 15, "the mount process's side server")
+        async with (aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session,
+                    session.get(f"http://{LOOPBACK}:{port}/readyz") as response):
+            body = await response.json()
+            assert response.status == 503 and str(dataset_cache) in body["checks"]["cache"], body
+            assert body["checks"]["nats"] == body["checks"]["fuse"] == body["checks"]["loops"] == "ok", body
         # The dataset stays Bound and mounted: reads still work through the object store.
         assert (await node.record("sick")).status.phase == "Bound"
         assert await read_file(root / "b1.bin") == objects["b1.bin"]
