@@ -6,13 +6,11 @@ the reconciler whenever a record's generation is ahead of its synced generation.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import msgspec
-from nats.js.errors import NotFoundError, ObjectNotFoundError
 
 from libs import subjects
 from libs.bus import Bus, Conflict, Delivery, kv_delete, kv_load, kv_save
@@ -31,6 +29,7 @@ from libs.events.dataset import (
     DatasetStatusChanged,
 )
 from libs.events.runtime import RuntimeDeleted, RuntimeFact, RuntimeStatusChanged
+from libs.manifest import ManifestStore
 from libs.telemetry import get_logger
 from libs.ufs import open_store
 from services.dataset import domain
@@ -181,7 +180,7 @@ class DatasetHandlers:
         record, _ = await kv_load(kv, key, DatasetRecord)
         if record is None or not domain.needs_sync(record):
             return None
-        result = await sync_metadata(record, await self.bus.manifests(), self.settings.s3,
+        result = await sync_metadata(record, await ManifestStore.of(self.bus), self.settings.s3,
                                      self.settings.service.list_page_size, self.opener)
         namespace, name = record.dataset.metadata.namespace, record.dataset.metadata.name
         binding = await self._binding(namespace, name)
@@ -236,6 +235,4 @@ class DatasetHandlers:
         )
 
     async def _delete_manifest(self, namespace: str, name: str) -> None:
-        manifests = await self.bus.manifests()
-        with contextlib.suppress(ObjectNotFoundError, NotFoundError):
-            await manifests.delete(subjects.manifest_name(namespace, name))
+        await (await ManifestStore.of(self.bus)).delete(ManifestStore.name(namespace, name))
