@@ -29,6 +29,8 @@ from libs.events.dataset import (
     DatasetStatusChanged,
 )
 from libs.events.runtime import RuntimeDeleted, RuntimeFact, RuntimeStatusChanged
+from libs.inventory import DatasetInventory
+from libs.inventory import fold as fold_inventory
 from libs.manifest import ManifestStore
 from libs.telemetry import get_logger
 from libs.ufs import open_store
@@ -162,8 +164,9 @@ class DatasetHandlers:
         ref = event.dataset
         key = subjects.resource_key(ref.namespace, ref.name)
         kv = await self.bus.kv(subjects.KV_NODE_CACHE)
-        current, revision = await kv_load(kv, key, domain.DatasetCache)
-        folded, gap = domain.fold_inventory(current, event)
+        current, revision = await kv_load(kv, key, DatasetInventory)
+        # Totals only: the block sets of every node would outgrow a KV value; the scheduler keeps those.
+        folded, gap = fold_inventory(current, event, track_blocks=False)
         if folded is not current:
             await kv_save(kv, key, folded, revision)
         if gap:
