@@ -156,8 +156,6 @@ class SyncResult:
     total_bytes: int = 0
     manifest: str = ""
     error: str = ""
-    # True when trying again later may succeed (the endpoint was unreachable).
-    retryable: bool = False
 
 
 def iso_time(now: float) -> str:

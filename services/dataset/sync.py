@@ -9,6 +9,7 @@ from __future__ import annotations
 import posixpath
 from collections.abc import Callable
 
+from libs.bus import RetryLater
 from libs.config import S3Settings
 from libs.events.dataset import DatasetRecord
 from libs.manifest import ManifestEntry, ManifestStore, ManifestWriter
@@ -21,11 +22,17 @@ from services.dataset.domain import SyncResult
 log = get_logger(__name__)
 
 StoreOpener = Callable[[Location], ObjectStore]
+# Wait before listing again an endpoint that was unreachable.
+UNREACHABLE_RETRY_SECONDS = 15.0
 
 
 async def sync_metadata(record: DatasetRecord, manifests: ManifestStore, defaults: S3Settings,
                         page_size: int, opener: StoreOpener = open_store) -> SyncResult:
-    """List every mount of the dataset and store its manifest; a UFS problem becomes ``SyncResult.error``."""
+    """List every mount of the dataset and store its manifest.
+
+    A problem retrying cannot fix (a missing secret, a bucket that does not exist, access denied) becomes
+    ``SyncResult.error``; an unreachable endpoint raises ``RetryLater`` with the same kind of message.
+    """
     dataset = record.dataset
     generation = record.generation
     requests = record.sync_requests
@@ -43,8 +50,10 @@ async def sync_metadata(record: DatasetRecord, manifests: ManifestStore, default
                     manifest.add(ManifestEntry(path=posixpath.join(root, info.key), mount=index, key=info.key,
                                                size=info.size, etag=info.etag, mtime=info.mtime))
             except UfsError as err:
-                return SyncResult(generation=generation, requests=requests,
-                                  error=f"cannot list {mount.mount_point}: {err.message}", retryable=err.retryable)
+                error = f"cannot list {mount.mount_point}: {err.message}"
+                if err.retryable:
+                    raise RetryLater(error, UNREACHABLE_RETRY_SECONDS) from err
+                return SyncResult(generation=generation, requests=requests, error=error)
             finally:
                 await store.close()
         name = manifests.name(dataset.metadata.namespace, dataset.metadata.name)
