@@ -23,7 +23,6 @@ from typing import Any
 import click
 import msgspec
 
-from libs.cli.manifests import ManifestError, parse_documents
 from libs.cli.stack import S3Access, UpError
 from libs.cli.stack.banner import banner
 from libs.cli.stack.demo import DEMO_MANIFEST, Applied, applied_by, demo_commands, demo_objects, prepare
@@ -32,6 +31,7 @@ from libs.cli.stack.pids import claim_pidfile, is_shoal_up, pid_alive, read_pid,
 from libs.cli.stack.ports import Ports, check_ports, http_ports_needed, ports_needed, service_http_ports
 from libs.cli.stack.supervision import SERVICES, SUPERVISE_INTERVAL_SECONDS, Stack, service_env
 from libs.config import Settings, SettingsError, load_settings
+from libs.documents import ManifestError, parse_documents
 from libs.embedded import LOOPBACK, NatsConfig, SeaweedConfig, start_nats, start_seaweedfs
 
 

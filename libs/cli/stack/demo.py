@@ -19,10 +19,10 @@ from urllib.parse import urlsplit
 
 import msgspec
 
-from libs.cli.manifests import documents_to_commands
 from libs.cli.stack import S3Access, UpError
 from libs.cli.stack.layout import DEFAULT_STATE_DIR
 from libs.config import NatsSettings
+from libs.documents import documents_to_commands
 from libs.events.dataset import DatasetApply
 from libs.events.runtime import RuntimeApply
 
