@@ -26,54 +26,20 @@ from libs.events.dataset import DatasetDelete
 from tests.conftest import SeaweedServer, put_objects
 from tests.faults import CuttableProxy
 from tests.helpers import eventually
-from tests.integration.agent_stack import NODE, md5, mounted_paths, node_stack, read_file, run_tool
+from tests.integration.agent_stack import (
+    NODE,
+    InventoryWatch,
+    drop_page_cache,
+    md5,
+    mount_pids,
+    mounted_paths,
+    node_stack,
+    read_file,
+    read_range,
+    run_tool,
+)
 
 MiB = 1024 * 1024
-
-
-def drop_page_cache() -> None:
-    """Make the next read of a mount reach the agent (and its cache) instead of the kernel page cache."""
-    os.sync()
-    Path("/proc/sys/vm/drop_caches").write_text("3\n")
-
-
-def read_range(path: Path, offset: int, length: int) -> bytes:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return os.pread(fd, length, offset)
-    finally:
-        os.close(fd)
-
-
-class InventoryWatch:
-    """Every inventory event of the test node, in order."""
-
-    def __init__(self) -> None:
-        self.events: list[dict[str, Any]] = []
-
-    async def start(self, bus: Bus) -> None:
-        async def collect(msg: Any) -> None:
-            self.events.append(msgspec.json.decode(msg.data))
-
-        await bus.nc.subscribe(subjects.agent_inventory(NODE), cb=collect)
-
-    def latest(self, incarnation: str | None = None) -> dict[str, Any] | None:
-        matching = [e for e in self.events if incarnation is None or e["incarnation"] == incarnation]
-        return matching[-1] if matching else None
-
-
-def mount_pids(mountpoint: Path) -> list[int]:
-    """PIDs of the mount processes serving ``mountpoint`` (children the test's agent started)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                argv = (entry / "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if b"services.agent.mountd" in argv and os.fsencode(mountpoint) in argv:
-                pids.append(int(entry.name))
-    return pids
 
 
 async def test_restart_after_kill_reuses_the_disk_cache(bus: Bus, settings: Settings, seaweedfs: SeaweedServer,
