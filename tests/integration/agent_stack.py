@@ -31,6 +31,7 @@ from services.dataset import app as dataset_app
 from services.runtime import app as runtime_app
 from tests.conftest import SeaweedServer
 from tests.helpers import dataset_record, eventually, running, runtime_record
+from tests.requirements import require
 
 NODE = "node-a"
 
@@ -143,6 +144,7 @@ def md5(data: bytes) -> str:
 async def node_stack(bus: Bus, settings: Settings, seaweedfs: SeaweedServer, tmp_path: Path,
                      dataset_service: bool = True, **agent_options: Any) -> AsyncIterator[Node]:
     """The node; with ``dataset_service=False`` the test runs the dataset service itself (``node.dataset_service``)."""
+    require("fuse")
     agent = AgentSettings(node_name=NODE, mount_root=str(tmp_path / "mnt"), heartbeat_seconds=0.5, **agent_options)
     node_settings = dataclasses.replace(settings, agent=agent)
     env = agent_env(node_settings, seaweedfs, agent)

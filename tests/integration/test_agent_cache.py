@@ -42,6 +42,8 @@ from tests.integration.agent_stack import (
 
 MiB = 1024 * 1024
 
+pytestmark = pytest.mark.needs("fuse")
+
 
 async def test_restart_after_kill_reuses_the_disk_cache(bus: Bus, settings: Settings, seaweedfs: SeaweedServer,
                                                         bucket: str, tmp_path: Path) -> None:
@@ -113,6 +115,7 @@ async def test_overwritten_object_never_mixes_versions(bus: Bus, settings: Setti
         await eventually(new_version_served, what="the new version after a resync")
 
 
+@pytest.mark.needs("fuse", "page-cache")
 async def test_full_cache_evicts_stays_within_quota_and_reads_stay_correct(bus: Bus, settings: Settings,
                                                                           seaweedfs: SeaweedServer, bucket: str,
                                                                           tmp_path: Path) -> None:
@@ -162,6 +165,7 @@ def cached_blocks(inventory: InventoryWatch) -> dict[tuple[str, int], int]:
     return blocks
 
 
+@pytest.mark.needs("fuse", "page-cache")
 async def test_corrupt_block_file_is_dropped_and_fetched_again(bus: Bus, settings: Settings,
                                                                seaweedfs: SeaweedServer, bucket: str,
                                                                tmp_path: Path) -> None:
@@ -189,6 +193,7 @@ async def test_corrupt_block_file_is_dropped_and_fetched_again(bus: Bus, setting
         assert await read_file(root / "data.bin") == body  # fetched again, never the corrupt bytes
 
 
+@pytest.mark.needs("fuse", "page-cache")
 async def test_store_unreachable_cached_reads_work_uncached_fail_then_recover(
         bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path) -> None:
     cached_body, uncached_body = os.urandom(3 * MiB), os.urandom(3 * MiB)
@@ -224,6 +229,7 @@ async def _blocks_on_disk(cache_dir: Path, count: int) -> bool:
     return len([f for f in cache_dir.rglob("*") if f.is_file() and not f.name.startswith(".")]) >= count
 
 
+@pytest.mark.needs("fuse", "page-cache")
 async def test_inventory_sequence_and_cache_states(bus: Bus, settings: Settings, seaweedfs: SeaweedServer,
                                                   bucket: str, tmp_path: Path) -> None:
     objects = {f"s{i}.bin": os.urandom(MiB + 1000 * i) for i in range(6)}
@@ -256,7 +262,8 @@ async def test_inventory_sequence_and_cache_states(bus: Bus, settings: Settings,
             for block, _ in event.get("evicted", []):
                 blocks.pop(msgspec.json.encode(block).decode(), None)
         assert sum(blocks.values()) == total == events[-1]["counters"]["cachedBytes"]
-        cli = await run_tool(str(Path(sys.executable).parent / "shoal"), "--nats", ",".join(settings.nats.urls), "get", "datasets")
+        shoal = str(Path(sys.executable).parent / "shoal")
+        cli = await run_tool(shoal, "--nats", ",".join(settings.nats.urls), "get", "datasets")
         assert "100.0%" in cli.stdout
 
         # A consumer that saw a gap asks for a snapshot; the mount answers with the whole inventory.
@@ -284,6 +291,7 @@ async def test_inventory_sequence_and_cache_states(bus: Bus, settings: Settings,
         await eventually(half_hits, what="a cache hit ratio of 50.0%")
 
 
+@pytest.mark.needs("fuse", "page-cache")
 async def test_failing_cache_directory_is_bypassed(bus: Bus, settings: Settings, seaweedfs: SeaweedServer,
                                                   bucket: str, tmp_path: Path) -> None:
     objects = {f"b{i}.bin": os.urandom(2 * MiB) for i in range(4)}
@@ -327,6 +335,7 @@ async def test_manifest_reload_and_unmount_on_delete(bus: Bus, settings: Setting
         await eventually(unmounted, what="the mount removed after delete")
 
 
+@pytest.mark.needs("fuse", "fio")
 async def test_fio_verifies_data_written_with_checksums(bus: Bus, settings: Settings, seaweedfs: SeaweedServer,
                                                        bucket: str, tmp_path: Path) -> None:
     source = tmp_path / "fio.dat"

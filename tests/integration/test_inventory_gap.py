@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import pytest
 
 from libs import subjects
 from libs.bus import Bus, kv_load
@@ -21,6 +22,8 @@ from tests.helpers import eventually
 from tests.integration.agent_stack import NODE, InventoryWatch, node_stack, read_file
 
 MiB = 1024 * 1024
+
+pytestmark = pytest.mark.needs("fuse")
 
 
 async def test_sequence_gap_gets_a_snapshot_and_cache_states_converge(bus: Bus, settings: Settings,
