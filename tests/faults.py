@@ -101,7 +101,7 @@ class CountingStore:
         self._gate = None
 
     @property
-    def bytes(self) -> int:
+    def bytes_read(self) -> int:
         return sum(get.length for get in self.gets)
 
     def list(self, page_size: int = 1000) -> AsyncIterator[ObjectInfo]:

@@ -132,7 +132,7 @@ async def test_full_cache_evicts_stays_within_quota_and_reads_stay_correct(bus: 
                 assert md5(await read_file(root / key)) == md5(body)
             await asyncio.to_thread(drop_page_cache)
 
-        async def settled() -> dict[str, int] | None:
+        async def settled() -> dict[tuple[str, int], int] | None:
             cached = cached_blocks(inventory)
             return cached if any(key == "f11.bin" for key, _ in cached) else None
 

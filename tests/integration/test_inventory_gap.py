@@ -71,7 +71,7 @@ async def test_sequence_gap_gets_a_snapshot_and_cache_states_converge(bus: Bus, 
         for seq in range((await bus.js.stream_info(subjects.STREAM_AGENT)).state.last_seq, stream_before, -1):
             message = await bus.js.get_msg(subjects.STREAM_AGENT, seq)
             if message.subject == subject:
-                event = msgspec.json.decode(message.data)
+                event = msgspec.json.decode(message.data or b"{}")
                 lost.append(event["seq"])
                 await bus.js.delete_msg(subjects.STREAM_AGENT, seq)
         assert lost

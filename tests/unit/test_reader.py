@@ -84,7 +84,7 @@ async def test_sequential_reader_gets_blocks_fetched_ahead_once_each(tmp_path: P
     await read_sequentially(setup, handle, 0, 2 * BLOCK)
     await setup.reader.drain()
     assert sorted(setup.blocks_fetched()) == list(range(BLOCKS)), "blocks beyond the ones read are fetched ahead"
-    assert setup.store.bytes == BLOCKS * BLOCK
+    assert setup.store.bytes_read == BLOCKS * BLOCK
     # The rest of the file is served from the blocks fetched ahead: not one more GET.
     await read_sequentially(setup, handle, 2 * BLOCK, BLOCKS * BLOCK)
     setup.reader.close(handle)
