@@ -31,17 +31,17 @@ KEY = "tests.cas"
 async def test_stale_revision_is_a_conflict(bus: Bus) -> None:
     kv = await bus.kv(subjects.KV_BINDINGS)
     first = await kv_save(kv, KEY, Count(0), None)
-    with pytest.raises(Conflict):
+    with pytest.raises(Conflict, match=f"{KEY} changed concurrently"):
         await kv_save(kv, KEY, Count(0, "second creator"), None)  # create only when absent
     # Two writers read the same revision; the first write wins, the second is told.
     (a, rev_a), (b, rev_b) = await kv_load(kv, KEY, Count), await kv_load(kv, KEY, Count)
     assert a == b == Count(0) and rev_a == rev_b == first
     await kv_save(kv, KEY, Count(1, "a"), rev_a)
-    with pytest.raises(Conflict):
+    with pytest.raises(Conflict, match=f"{KEY} changed concurrently"):
         await kv_save(kv, KEY, Count(1, "b"), rev_b)
     value, revision = await kv_load(kv, KEY, Count)
     assert value == Count(1, "a") and revision is not None and revision > first
-    with pytest.raises(Conflict):
+    with pytest.raises(Conflict, match=f"{KEY} changed concurrently"):
         await kv_delete(kv, KEY, first)  # a delete at a stale revision is refused too
     await kv_delete(kv, KEY, revision)
     assert (await kv_load(kv, KEY, Count))[0] is None
