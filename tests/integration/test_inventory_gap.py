@@ -16,7 +16,7 @@ import pytest
 from libs import subjects
 from libs.bus import Bus, kv_load
 from libs.config import Settings
-from services.dataset import domain as dataset_domain
+from libs.inventory import DatasetInventory
 from tests.conftest import SeaweedServer, put_objects
 from tests.helpers import eventually
 from tests.integration.agent_stack import NODE, InventoryWatch, node_stack, read_file
@@ -44,9 +44,9 @@ async def test_sequence_gap_gets_a_snapshot_and_cache_states_converge(bus: Bus, 
     def cached_bytes(event: dict[str, Any]) -> int:
         return int(event["counters"]["cachedBytes"])
 
-    async def node_cache() -> dataset_domain.DatasetCache | None:
+    async def node_cache() -> DatasetInventory | None:
         kv = await bus.kv(subjects.KV_NODE_CACHE)
-        cache, _ = await kv_load(kv, subjects.resource_key("default", "gap"), dataset_domain.DatasetCache)
+        cache, _ = await kv_load(kv, subjects.resource_key("default", "gap"), DatasetInventory)
         return cache
 
     async with node_stack(bus, settings, seaweedfs, tmp_path, dataset_service=False) as node:
@@ -91,10 +91,11 @@ async def test_sequence_gap_gets_a_snapshot_and_cache_states_converge(bus: Bus, 
                 what="the agent's snapshot")
             assert sum(size for _, size in snapshot["blocks"]) == 3 * MiB
 
-            async def converged() -> dataset_domain.DatasetCache | None:
+            async def converged() -> DatasetInventory | None:
                 cache = await node_cache()
                 position = cache.nodes.get(NODE) if cache else None
-                return cache if position is not None and position.seq >= snapshot["seq"] else None
+                # Exact again: the snapshot replaced what the lost deltas left unknown.
+                return cache if position is not None and position.seq >= snapshot["seq"] and position.exact else None
 
             await eventually(converged, what="the dataset's cache at the snapshot")
             record = await node.record("gap")

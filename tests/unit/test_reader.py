@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from libs.manifest import ManifestEntry
+from libs.blocks import BlockId
+from libs.events.dataset import ManifestEntry
 from libs.ufs import LocalLocation, LocalObjectStore
 from libs.ufs.base import EndpointUnreachable, ObjectChanged
-from services.agent.blocks import BlockId
 from services.agent.cache import BlockCache, DiskTier
 from services.agent.readahead import MemoryBudget
 from services.agent.reader import BlockReader, StoreGate
