@@ -95,6 +95,12 @@ class ServiceSettings:
     max_deliver: int = env("SHOAL_MAX_DELIVER", "Deliveries of one message before it is dead-lettered.", default=5)
     # Objects per listing page; S3 caps a page at 1000, and memory during a sync grows with one page.
     list_page_size: int = env("SHOAL_LIST_PAGE_SIZE", "Objects per listing page during a sync.", default=1000)
+    # local:// serves host files through a mount every user of a node may read; only folders the operator
+    # chose may be mounted (the dataset service refuses others at apply, the agent again at mount). Empty: none.
+    local_roots: list[str] = env(
+        "SHOAL_LOCAL_ROOTS", "Folders below which local:// mounts are allowed (comma-separated); empty allows none.",
+        default_factory=list,
+    )
 
 
 def _default_node_name() -> str:
@@ -121,6 +127,10 @@ class AgentSettings:
                                 default="512Mi")
     cache_policy: str = env("SHOAL_CACHE_POLICY", "lfu-admission (keeps a stable subset) or lru.",
                             default="lfu-admission")
+    # Training jobs read datasets as users other than the agent's (root); the kernel still checks every access
+    # against the mode and owner each file is served with (default_permissions). False: only root can read.
+    allow_other: bool = env("SHOAL_MOUNT_ALLOW_OTHER", "Let users other than the agent's read the mounts.",
+                            default=True)
 
 
 @dataclass(frozen=True)
@@ -205,6 +215,9 @@ def _check(settings: Settings) -> list[str]:
         problems.append("SHOAL_HEARTBEAT_SECONDS: must be positive")
     if not settings.agent.mount_root.startswith("/"):
         problems.append(f"SHOAL_MOUNT_ROOT={settings.agent.mount_root!r}: must be an absolute path")
+    for root in settings.service.local_roots:
+        if not root.startswith("/"):
+            problems.append(f"SHOAL_LOCAL_ROOTS: {root!r} must be an absolute path")
     if settings.nats.user and not settings.nats.password:
         problems.append("NATS_PASSWORD: required when NATS_USER is set")
     return problems

@@ -12,13 +12,17 @@ from typing import IO
 import msgspec
 
 
-class ManifestEntry(msgspec.Struct, frozen=True, rename="camel"):
+class ManifestEntry(msgspec.Struct, frozen=True, rename="camel", omit_defaults=True):
     path: str  # '/'-rooted path inside the dataset
     mount: int  # index into spec.mounts
     key: str  # object key relative to the mount's prefix
     size: int
     etag: str
     mtime: float
+    # Local files: permission bits and owner to serve (None for objects, served read-only to everyone).
+    mode: int | None = None
+    uid: int | None = None
+    gid: int | None = None
 
 
 _encoder = msgspec.json.Encoder()
