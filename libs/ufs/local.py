@@ -62,8 +62,11 @@ def served_mode(st: os.stat_result, folders: list[Folder]) -> int:
 
 
 def _info(key: str, st: os.stat_result, folders: list[Folder] | None = None) -> ObjectInfo:
+    """The object; with ``folders`` (a listing, which knows them) also the mode and owner a mount serves."""
+    if folders is None:
+        return ObjectInfo(key=key, size=st.st_size, etag=_etag(st), mtime=st.st_mtime)
     return ObjectInfo(key=key, size=st.st_size, etag=_etag(st), mtime=st.st_mtime,
-                      mode=served_mode(st, folders or []), uid=st.st_uid, gid=st.st_gid)
+                      mode=served_mode(st, folders), uid=st.st_uid, gid=st.st_gid)
 
 
 def _inside(path: str, root: str) -> bool:

@@ -32,8 +32,10 @@ WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
 # raises is never answered (the caller hangs). Out-of-range owners are served as nobody (the kernel's overflow id).
 MAX_ID = 2**32 - 2
 NOBODY = 65534
-# st_size and the times are signed 64-bit in the kernel.
+# st_size is signed 64-bit in the kernel.
 MAX_INT64 = 2**63 - 1
+# Seconds that still fit time_t (pyfuse3 splits nanoseconds into seconds and a remainder): 3 billion years.
+MAX_SECONDS = 1e17
 
 
 def _clamp(value: int, low: int, high: int) -> int:
@@ -49,8 +51,8 @@ def _owner_id(value: int | None, fallback: int) -> int:
 def _time_ns(seconds: float) -> int:
     if math.isnan(seconds):
         return 0
-    # ±9.2e9 s is the int64 range of nanoseconds (the year 2262); infinities land on the bounds.
-    return _clamp(int(max(-9.2e9, min(9.2e9, seconds)) * 1e9), -MAX_INT64, MAX_INT64)
+    # Infinities land on the bounds; NaN (no order) is the epoch.
+    return int(max(-MAX_SECONDS, min(MAX_SECONDS, seconds)) * 1e9)
 
 
 def _erofs() -> pyfuse3.FUSEError:

@@ -362,7 +362,15 @@ def test_shared_encrypt_options_are_checked_too() -> None:
 def test_negative_owner_id(field: str) -> None:
     owner = User(uid=-1) if field == "uid" else User(gid=-1)
     error = one_error(s3_mount(), owner=owner)
-    assert error == f"spec.owner.{field} must not be negative"
+    assert error == f"spec.owner.{field} must be between 0 and 4294967294, got -1"
+
+
+@pytest.mark.parametrize("value", [2**32 - 1, 2**32, 2**63])
+@pytest.mark.parametrize("field", ["uid", "gid"])
+def test_owner_id_beyond_32_bits_is_rejected(field: str, value: int) -> None:
+    owner = User(uid=value) if field == "uid" else User(gid=value)
+    error = one_error(s3_mount(), owner=owner)
+    assert error == f"spec.owner.{field} must be between 0 and 4294967294, got {value}"
 
 
 def test_owner_id_zero_is_allowed() -> None:
