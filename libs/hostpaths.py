@@ -24,6 +24,11 @@ SYSTEM_TREES = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/l
                 "/sys", "/usr")
 
 
+def _normal(path: str) -> str:
+    # normpath keeps a leading '//' (POSIX leaves its meaning open); Linux reads it as '/'.
+    return "/" + posixpath.normpath(path).lstrip("/")
+
+
 def _below(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip("/") + "/")
 
@@ -33,8 +38,8 @@ def local_root_error(path: str, roots: Sequence[str]) -> str | None:
     if not roots:
         return ("local:// mounts are disabled on this installation: the operator lists the folders that may be "
                 "mounted in SHOAL_LOCAL_ROOTS")
-    normal = posixpath.normpath(path)
-    if any(_below(normal, posixpath.normpath(root)) for root in roots):
+    normal = _normal(path)
+    if any(_below(normal, _normal(root)) for root in roots):
         return None
     return f"{normal!r} is not below an allowed local root (SHOAL_LOCAL_ROOTS: {', '.join(roots)})"
 
@@ -52,7 +57,7 @@ def real_local_root_error(path: str, roots: Sequence[str]) -> str | None:
 
 def cache_path_error(path: str) -> str | None:
     """Why ``path`` may not hold a cache tier (a system folder, or below one), or None if it may."""
-    normal = posixpath.normpath(path)
+    normal = _normal(path)
     if normal in SYSTEM_FOLDERS:
         return f"{path!r} is a system folder; give a folder of its own, e.g. /var/cache/shoal"
     tree = next((tree for tree in SYSTEM_TREES if _below(normal, tree)), None)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import re
 from typing import Any
-from urllib.parse import urlsplit
 
 import msgspec
 
@@ -20,8 +19,12 @@ HIDDEN = "***"
 SECRET_OPTION_NAMES = frozenset({"aws.secretKey", "aws.secretAccessKey", "fs.s3a.secret.key"})
 _SECRET_NAME = re.compile(r"secret|passw|token|credential|private[-_.]?key|session[-_.]?key", re.IGNORECASE)
 
-# scheme://userinfo@ anywhere in a text: the userinfo stops at the first character a host cannot follow.
-_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/?#@\s\"'<>]*)@")
+# scheme://userinfo@ anywhere in a text. Either a plain userinfo (no '/' before the '@'), or "user:password@"
+# whose password may hold '/', '+' or '@' unescaped, as AWS secret keys do (then up to the token's last '@').
+# A path with an '@' but no ':' before it ("s3://bucket/a@b") is left alone.
+_USERINFO = re.compile(
+    r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)(?:[^/?#@\s\"'<>]*|[^/?#@\s\"'<>:]*:[^\s\"'<>]*)@"
+)
 # A JSON string member whose name looks secret: "name": "value" (escaped quotes inside the value kept whole).
 _SECRET_MEMBER = re.compile(r'("(?P<name>[^"\\]{1,200})"\s*:\s*)"(?:[^"\\]|\\.)*"')
 
@@ -32,20 +35,23 @@ def is_secret_name(name: str) -> bool:
 
 
 def has_userinfo(url: str) -> bool:
-    """True when the URL carries a user name or password (``s3://user:pass@bucket``)."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "@" in url
-    return "@" in parts.netloc
+    """True when the URL carries a user name or password (``s3://user:pass@bucket``, also unescaped)."""
+    return _USERINFO.search(url) is not None
 
 
-def strip_userinfo(text: str) -> str:
+# Strict: everything between "://" and the token's last '@' (a secret with '/' and no ':' looks like a path).
+_STRICT_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)[^\s\"'<>]*@")
+
+
+def strip_userinfo(text: str, strict: bool = False) -> str:
     """``text`` with the user name and password of every URL in it replaced by ``***``.
 
     Used wherever user input is shown back: ``s3://key:SECRET@bucket/x`` becomes ``s3://***@bucket/x``.
+    ``strict`` also hides whatever precedes an '@' further in (``s3://bucket/a@b`` shows as ``s3://***@b``):
+    for echoing a URL a person gave, where a password with '/' cannot be told from a path.
     """
-    return _USERINFO.sub(lambda match: f"{match['scheme']}{HIDDEN}@", text)
+    pattern = _STRICT_USERINFO if strict else _USERINFO
+    return pattern.sub(lambda match: f"{match['scheme']}{HIDDEN}@", text)
 
 
 def redact_value(value: Any) -> Any:

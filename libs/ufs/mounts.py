@@ -47,11 +47,12 @@ def exposed_secret_errors(dataset: Dataset) -> list[str]:
             if is_secret_name(key):
                 errors.append(f"{where}.{key} holds a secret in clear text: {advice}")
             elif has_userinfo(value):
-                errors.append(f"{where}.{key} {strip_userinfo(value)!r} has credentials in its URL: {advice}")
+                errors.append(f"{where}.{key} {strip_userinfo(value, strict=True)!r} has credentials in its URL: "
+                              f"{advice}")
     for index, mount in enumerate(dataset.spec.mounts):
         if has_userinfo(mount.mount_point):
-            errors.append(f"spec.mounts[{index}].mountPoint {strip_userinfo(mount.mount_point)!r} has credentials "
-                          f"in its URL: {advice}")
+            errors.append(f"spec.mounts[{index}].mountPoint {strip_userinfo(mount.mount_point, strict=True)!r} "
+                          f"has credentials in its URL: {advice}")
     return errors
 
 

@@ -91,10 +91,11 @@ def validate_dataset(dataset: Dataset, local_roots: Sequence[str] | None = None)
 
 def _mount_errors(mount: Mount, where: str, shared: dict[str, str], shared_encrypt: list[EncryptOption]) -> list[str]:
     errors: list[str] = []
-    parts = urlsplit(mount.mount_point)
+    # Shown back in rejections and logs: never with the credentials a URL may carry (reported on their own,
+    # by exposed_secret_errors), and judged without them.
+    shown_point = strip_userinfo(mount.mount_point, strict=True)
+    parts = urlsplit(strip_userinfo(mount.mount_point))
     scheme = parts.scheme
-    # Shown back in rejections and logs: never with the credentials a URL may carry (reported on their own).
-    shown_point = strip_userinfo(mount.mount_point)
     if scheme not in SUPPORTED_SCHEMES:
         shown = f"scheme {scheme!r}" if scheme else "no scheme"
         return [
@@ -118,7 +119,8 @@ def _mount_errors(mount: Mount, where: str, shared: dict[str, str], shared_encry
             errors.append(f"{where}.options.pathStyle must be true or false")
         endpoint = options.get("endpoint", "")
         if endpoint and urlsplit(endpoint).scheme not in ("http", "https"):
-            errors.append(f"{where}.options.endpoint {strip_userinfo(endpoint)!r} must be an http:// or https:// URL")
+            shown_endpoint = strip_userinfo(endpoint, strict=True)
+            errors.append(f"{where}.options.endpoint {shown_endpoint!r} must be an http:// or https:// URL")
         for option in encrypt:
             if option.name not in S3_ENCRYPT_OPTIONS:
                 errors.append(
