@@ -10,6 +10,7 @@ from pathlib import Path
 import pyfuse3
 import pytest
 
+from libs.blocks import BlockId
 from libs.events.common import ObjectMeta
 from libs.events.runtime import Level, Runtime, RuntimeSpec, TieredStore
 from libs.hostpaths import cache_path_error, local_root_error, real_local_root_error
@@ -17,7 +18,6 @@ from libs.manifest import ManifestEntry
 from libs.redact import redact_payload, strip_userinfo
 from libs.ufs.base import LocalLocation
 from libs.ufs.local import LocalObjectStore
-from services.agent.blocks import BlockId
 from services.agent.cache.tiers import MARKER, DiskTier, Health
 from services.agent.fs import NOBODY, DatasetFS
 from services.agent.namespace import InodeAllocator, Namespace
