@@ -17,7 +17,7 @@ HIDDEN = "***"
 # Option and field names that hold a secret: the spellings Shoal, Fluid/Alluxio and Hadoop use, and anything
 # named like a password, token or private key. ``aws.accessKeyId`` is an identifier, not a secret.
 SECRET_OPTION_NAMES = frozenset({"aws.secretKey", "aws.secretAccessKey", "fs.s3a.secret.key"})
-_SECRET_NAME = re.compile(r"secret|passw|token|credential|private[-_.]?key|session[-_.]?key", re.IGNORECASE)
+_SECRET_NAME = re.compile(r"secret|passw|token|private[-_.]?key|session[-_.]?key", re.IGNORECASE)
 
 # scheme://userinfo@ anywhere in a text. Either a plain userinfo (no '/' before the '@'), or "user:password@"
 # whose password may hold '/', '+' or '@' unescaped, as AWS secret keys do (then up to the token's last '@').

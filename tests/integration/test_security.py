@@ -157,6 +157,26 @@ async def test_local_mount_serves_source_modes_so_nobody_cannot_read_root_only_f
         assert read.returncode == 0 and read.stdout == "root only\n", read.stderr
 
 
+async def test_without_allow_other_only_root_reads_a_mount(bus: Bus, nats_server: NatsServer,
+                                                          seaweedfs: SeaweedServer, open_dir: Path) -> None:
+    data = open_dir / "data"
+    data.mkdir()
+    (data / "public.txt").write_text("for everyone on the host\n")
+    (data / "public.txt").chmod(0o644)
+    settings = make_settings(nats_server.url, seaweedfs.endpoint, seaweedfs.config.access_key_id,
+                             seaweedfs.config.secret_access_key, local_roots=[str(data)])
+    async with node_stack(bus, settings, seaweedfs, open_dir, allow_other=False) as node:
+        await bus.publish(subjects.RUNTIME_APPLY, ssd_runtime("private", open_dir / "cache"))
+        await bus.publish(subjects.DATASET_APPLY, local_dataset("private", data))
+        mnt = await node.wait_mounted("private", "public.txt")
+        mounts = await asyncio.to_thread(Path("/proc/self/mountinfo").read_text)
+        line = next(line for line in mounts.splitlines() if f" {mnt} " in line)
+        assert "allow_other" not in line and "default_permissions" in line
+        denied = await asyncio.to_thread(as_nobody, "cat", str(mnt / "public.txt"))
+        assert denied.returncode != 0 and "Permission denied" in denied.stderr, denied
+        assert (await run_tool("cat", str(mnt / "public.txt"))).stdout == "for everyone on the host\n"
+
+
 async def test_local_paths_outside_the_configured_roots_are_refused(bus: Bus, nats_server: NatsServer,
                                                                     tmp_path: Path) -> None:
     allowed = tmp_path / "allowed"
