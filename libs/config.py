@@ -104,6 +104,12 @@ class ServiceSettings:
     # Loopback by default: metrics and readiness are not for the whole network unless the operator says so.
     http_host: str = env("SHOAL_HTTP_HOST", "Address the side server binds (0.0.0.0 in a pod).",
                          default="127.0.0.1")
+    # local:// serves host files through a mount every user of a node may read; only folders the operator
+    # chose may be mounted (the dataset service refuses others at apply, the agent again at mount). Empty: none.
+    local_roots: list[str] = env(
+        "SHOAL_LOCAL_ROOTS", "Folders below which local:// mounts are allowed (comma-separated); empty allows none.",
+        default_factory=list,
+    )
 
 
 def _default_node_name() -> str:
@@ -130,6 +136,10 @@ class AgentSettings:
                                 default="512Mi")
     cache_policy: str = env("SHOAL_CACHE_POLICY", "lfu-admission (keeps a stable subset) or lru.",
                             default="lfu-admission")
+    # Training jobs read datasets as users other than the agent's (root); the kernel still checks every access
+    # against the mode and owner each file is served with (default_permissions). False: only root can read.
+    allow_other: bool = env("SHOAL_MOUNT_ALLOW_OTHER", "Let users other than the agent's read the mounts.",
+                            default=True)
 
 
 @dataclass(frozen=True)
@@ -221,6 +231,9 @@ def _check(settings: Settings) -> list[str]:
         problems.append("SHOAL_HEARTBEAT_SECONDS: must be positive")
     if not settings.agent.mount_root.startswith("/"):
         problems.append(f"SHOAL_MOUNT_ROOT={settings.agent.mount_root!r}: must be an absolute path")
+    for root in settings.service.local_roots:
+        if not root.startswith("/"):
+            problems.append(f"SHOAL_LOCAL_ROOTS: {root!r} must be an absolute path")
     if settings.nats.user and not settings.nats.password:
         problems.append("NATS_PASSWORD: required when NATS_USER is set")
     return problems

@@ -178,7 +178,7 @@ class DatasetRecord(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     sync_requests: int = 0
 
 
-class ManifestEntry(msgspec.Struct, frozen=True, rename="camel"):
+class ManifestEntry(msgspec.Struct, frozen=True, rename="camel", omit_defaults=True):
     """One file of a synced dataset: a line of its manifest (``libs.manifest`` reads and writes them)."""
 
     path: str  # '/'-rooted path inside the dataset
@@ -187,3 +187,7 @@ class ManifestEntry(msgspec.Struct, frozen=True, rename="camel"):
     size: int
     etag: str
     mtime: float
+    # Local files: permission bits and owner to serve (None for objects, served read-only to everyone).
+    mode: int | None = None
+    uid: int | None = None
+    gid: int | None = None

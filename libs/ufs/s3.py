@@ -31,6 +31,7 @@ from botocore.exceptions import (
     ReadTimeoutError,
 )
 
+from libs.redact import strip_userinfo
 from libs.ufs.base import (
     AccessDenied,
     EndpointUnreachable,
@@ -93,7 +94,8 @@ class S3ObjectStore:
         self._location = location
         self._bucket = location.bucket
         self._prefix = _folder(location.prefix)
-        self._where = location.endpoint_url or f"AWS S3 ({location.region})"
+        # Shown in errors and logs: never with credentials written into the URL.
+        self._where = strip_userinfo(location.endpoint_url) or f"AWS S3 ({location.region})"
         self._config = AioConfig(
             connect_timeout=connect_timeout,
             read_timeout=read_timeout,

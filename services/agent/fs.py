@@ -8,7 +8,9 @@ under us → ESTALE, the object store failing → EIO. Files are immutable (ETag
 from __future__ import annotations
 
 import errno
+import math
 import os
+import stat
 from collections.abc import Callable
 
 import pyfuse3
@@ -26,6 +28,31 @@ log = get_logger(__name__)
 ENTRY_TIMEOUT = 300.0
 ATTR_TIMEOUT = 300.0
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
+# uid_t/gid_t are 32 bits and -1 means "none"; pyfuse3 raises on a larger value, and a request whose handler
+# raises is never answered (the caller hangs). Out-of-range owners are served as nobody (the kernel's overflow id).
+MAX_ID = 2**32 - 2
+NOBODY = 65534
+# st_size is signed 64-bit in the kernel.
+MAX_INT64 = 2**63 - 1
+# Seconds that still fit time_t (pyfuse3 splits nanoseconds into seconds and a remainder): 3 billion years.
+MAX_SECONDS = 1e17
+
+
+def _clamp(value: int, low: int, high: int) -> int:
+    return low if value < low else high if value > high else value
+
+
+def _owner_id(value: int | None, fallback: int) -> int:
+    if value is None:
+        return fallback
+    return value if 0 <= value <= MAX_ID else NOBODY
+
+
+def _time_ns(seconds: float) -> int:
+    if math.isnan(seconds):
+        return 0
+    # Infinities land on the bounds; NaN (no order) is the epoch.
+    return int(max(-MAX_SECONDS, min(MAX_SECONDS, seconds)) * 1e9)
 
 
 def _erofs() -> pyfuse3.FUSEError:
@@ -37,11 +64,12 @@ class DatasetFS(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, namespace: Namespace, reader: BlockReader, uid: int, gid: int, block_size: int,
-                 on_error: Callable[[str, Exception], None] | None = None) -> None:
+    def __init__(self, namespace: Namespace, reader: BlockReader, uid: int | None, gid: int | None,
+                 block_size: int, on_error: Callable[[str, Exception], None] | None = None) -> None:
         super().__init__()
         self.namespace = namespace
         self.reader = reader
+        # The Dataset's owner, which overrides a local file's own; None: the file's own owner (root for objects).
         self.uid = uid
         self.gid = gid
         self.block_size = block_size
@@ -72,21 +100,37 @@ class DatasetFS(pyfuse3.Operations):
         cached = self._attribute_cache.get(node.inode)
         if cached is not None:
             return cached
+        try:
+            attrs = self._build_attributes(node)
+        except Exception as err:
+            # Never let an exception out of a handler: pyfuse3 would leave the request unanswered and the
+            # caller (stat, ls) blocked for good. One EIO, and a log line saying which entry.
+            log.exception("cannot build attributes", path=node.entry.path if node.entry else node.name)
+            raise pyfuse3.FUSEError(errno.EIO) from err
+        self._attribute_cache[node.inode] = attrs
+        return attrs
+
+    def _build_attributes(self, node: Node) -> pyfuse3.EntryAttributes:
+        # Every value is brought into the range its kernel field holds: see MAX_ID.
+        entry = node.entry
         attrs = pyfuse3.EntryAttributes()
         attrs.st_ino = node.inode
         attrs.st_mode = self.namespace.mode(node)
+        if entry is not None and entry.mode is not None:
+            # A local file's own bits (already narrowed by its folders), read-only like the whole mount.
+            attrs.st_mode = stat.S_IFREG | (entry.mode & 0o555)
         attrs.st_nlink = 2 if node.is_dir else 1
-        attrs.st_size = node.size
-        attrs.st_uid = self.uid
-        attrs.st_gid = self.gid
-        mtime_ns = int(node.mtime * 1e9)
+        size = _clamp(node.size, 0, MAX_INT64)
+        attrs.st_size = size
+        attrs.st_uid = _owner_id(self.uid, _owner_id(entry.uid, 0) if entry is not None else 0)
+        attrs.st_gid = _owner_id(self.gid, _owner_id(entry.gid, 0) if entry is not None else 0)
+        mtime_ns = _time_ns(node.mtime)
         attrs.st_mtime_ns = attrs.st_ctime_ns = attrs.st_atime_ns = mtime_ns
         attrs.st_blksize = self.block_size
-        attrs.st_blocks = (node.size + 511) // 512
+        attrs.st_blocks = (size + 511) // 512
         attrs.entry_timeout = ENTRY_TIMEOUT
         attrs.attr_timeout = ATTR_TIMEOUT
         attrs.generation = 0
-        self._attribute_cache[node.inode] = attrs
         return attrs
 
     def _node(self, inode: int) -> Node:

@@ -24,13 +24,14 @@ from libs.events.agent import CacheCounters
 from libs.events.common import ObjectRef, parse_quantity
 from libs.events.dataset import DatasetRecord, ManifestEntry
 from libs.events.runtime import RuntimeRecord
+from libs.hostpaths import real_local_root_error
 from libs.manifest import ManifestStore
 from libs.service import main as service_main
 from libs.service import nats_check
 from libs.side_server import Readiness
 from libs.telemetry import get_logger
 from libs.ufs import open_store
-from libs.ufs.base import ObjectStore, S3Location
+from libs.ufs.base import LocalLocation, ObjectStore, S3Location
 from libs.ufs.mounts import read_secrets, resolve_location, secret_refs
 from libs.ufs.s3 import S3ObjectStore
 from services.agent.cache import BlockCache, FrequencyAdmissionPolicy, LruPolicy
@@ -103,9 +104,8 @@ class MountedDataset:
                              MemoryBudget(parse_quantity(self.settings.agent.readahead_budget)),
                              write_block=cache.put_async)
         owner = record.dataset.spec.owner
-        fs = DatasetFS(Namespace.build(entries, self.allocator), reader,
-                       uid=owner.uid if owner and owner.uid is not None else 0,
-                       gid=owner.gid if owner and owner.gid is not None else 0, block_size=block_size)
+        fs = DatasetFS(Namespace.build(entries, self.allocator), reader, uid=owner.uid if owner else None,
+                       gid=owner.gid if owner else None, block_size=block_size)
 
         def counters() -> CacheCounters:
             stats = cache.stats()
@@ -114,7 +114,10 @@ class MountedDataset:
 
         publisher = InventoryPublisher(self.bus, inventory, cache.blocks, counters)
         options = set(pyfuse3.default_options)
-        options |= {f"fsname=shoal:{self.key}", "subtype=shoal", "ro", "allow_other", "default_permissions"}
+        # default_permissions: the kernel checks every access against the mode and owner served (see fs.py).
+        options |= {f"fsname=shoal:{self.key}", "subtype=shoal", "ro", "default_permissions"}
+        if self.settings.agent.allow_other:
+            options.add("allow_other")
         await asyncio.to_thread(Path(self.mountpoint).mkdir, parents=True, exist_ok=True)
         pyfuse3.init(fs, self.mountpoint, options)
         fuse_loop = asyncio.create_task(pyfuse3.main())
@@ -167,7 +170,13 @@ class MountedDataset:
         gates = []
         for mount in dataset.spec.mounts:
             secrets = read_secrets(self.settings.s3.secrets_dir, secret_refs(dataset, mount))
-            gates.append(StoreGate(agent_store(resolve_location(dataset, mount, secrets, self.settings.s3))))
+            location = resolve_location(dataset, mount, secrets, self.settings.s3)
+            if isinstance(location, LocalLocation):
+                # The agent serves as root: it checks the roots itself rather than trust whoever published.
+                refused = real_local_root_error(str(location.root), self.settings.service.local_roots)
+                if refused:
+                    raise SystemExit(f"dataset {self.key}: refusing to mount {mount.mount_point}: {refused}")
+            gates.append(StoreGate(agent_store(location)))
         return gates
 
     @staticmethod
@@ -200,7 +209,8 @@ class MountedDataset:
                 gone = fs.replace_namespace(Namespace.build(entries, self.allocator))
                 for parent, name in gone:
                     with contextlib.suppress(Exception):
-                        pyfuse3.invalidate_entry_async(parent, os.fsencode(name))
+                        # ENOENT only means the kernel never looked the name up: nothing to drop.
+                        pyfuse3.invalidate_entry_async(parent, os.fsencode(name), ignore_enoent=True)
                 self._drop_stale(cache, entries)
                 log.info("manifest reloaded", dataset=self.key, files=len(entries), removed=len(gone))
         finally:

@@ -6,17 +6,20 @@ The listing streams page by page into a ``libs.manifest.ManifestWriter`` (a temp
 
 from __future__ import annotations
 
+import asyncio
 import posixpath
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from libs.bus import RetryLater
 from libs.config import S3Settings
 from libs.events.dataset import DatasetRecord, ManifestEntry
+from libs.hostpaths import real_local_root_error
 from libs.manifest import ManifestStore, ManifestWriter
 from libs.mounts import mount_path
+from libs.redact import strip_userinfo
 from libs.telemetry import get_logger
 from libs.ufs import open_store
-from libs.ufs.base import Location, ObjectStore, UfsError
+from libs.ufs.base import LocalLocation, Location, ObjectStore, UfsError
 from libs.ufs.mounts import MissingSecret, read_secrets, resolve_location, secret_refs
 from services.dataset.domain import SyncResult
 
@@ -28,11 +31,14 @@ UNREACHABLE_RETRY_SECONDS = 15.0
 
 
 async def sync_metadata(record: DatasetRecord, manifests: ManifestStore, defaults: S3Settings,
-                        page_size: int, opener: StoreOpener = open_store) -> SyncResult:
+                        page_size: int, opener: StoreOpener = open_store,
+                        local_roots: Sequence[str] | None = None) -> SyncResult:
     """List every mount of the dataset and store its manifest.
 
     A problem retrying cannot fix (a missing secret, a bucket that does not exist, access denied) becomes
     ``SyncResult.error``; an unreachable endpoint raises ``RetryLater`` with the same kind of message.
+    ``local_roots`` (SHOAL_LOCAL_ROOTS) is checked again on the real path of a ``local://`` mount, so a link
+    below a root cannot lead the listing out of it. Errors never show credentials a URL may carry.
     """
     dataset = record.dataset
     generation = record.generation
@@ -43,15 +49,22 @@ async def sync_metadata(record: DatasetRecord, manifests: ManifestStore, default
                 location = resolve_location(dataset, mount,
                                             read_secrets(defaults.secrets_dir, secret_refs(dataset, mount)), defaults)
             except MissingSecret as err:
-                return SyncResult(generation=generation, requests=requests, error=f"mount {mount.mount_point}: {err}")
+                return SyncResult(generation=generation, requests=requests,
+                                  error=strip_userinfo(f"mount {mount.mount_point}: {err}"))
+            if isinstance(location, LocalLocation) and local_roots is not None:
+                refused = await asyncio.to_thread(real_local_root_error, str(location.root), local_roots)
+                if refused:
+                    return SyncResult(generation=generation, requests=requests,
+                                      error=f"mount {mount.mount_point}: {refused}")
             root = mount_path(mount, len(dataset.spec.mounts))
             store = opener(location)
             try:
                 async for info in store.list(page_size=page_size):
                     manifest.add(ManifestEntry(path=posixpath.join(root, info.key), mount=index, key=info.key,
-                                               size=info.size, etag=info.etag, mtime=info.mtime))
+                                               size=info.size, etag=info.etag, mtime=info.mtime, mode=info.mode,
+                                               uid=info.uid, gid=info.gid))
             except UfsError as err:
-                error = f"cannot list {mount.mount_point}: {err.message}"
+                error = strip_userinfo(f"cannot list {mount.mount_point}: {err.message}")
                 if err.retryable:
                     raise RetryLater(error, UNREACHABLE_RETRY_SECONDS) from err
                 return SyncResult(generation=generation, requests=requests, error=error)

@@ -16,6 +16,7 @@ import msgspec
 from libs.events.agent import AgentHeartbeat, AgentRecord
 from libs.events.common import DNS1123_LABEL, dns_label_errors, format_bytes, parse_quantity
 from libs.events.runtime import Runtime, RuntimePhase, RuntimeRecord, RuntimeStatus
+from libs.hostpaths import cache_path_error
 
 MEDIUM_TYPES = ("MEM", "SSD", "HDD")
 # Smaller blocks waste request overhead, larger ones waste cache and bandwidth on random reads.
@@ -25,6 +26,15 @@ MAX_BLOCK_SIZE = 64 * 1024 * 1024
 MISSED_BEATS = 3
 # A cluster of thousands of nodes is the most a single runtime is expected to span.
 MAX_REPLICAS = 10_000
+# One tier on one node: more than any node's memory or disks today, so a larger quota is a typo (Pi for Gi),
+# and it keeps byte totals summed over tiers and nodes far from overflowing 64-bit counters.
+MAX_TIER_QUOTA = 2**50
+MAX_TIER_QUOTA_TEXT = "1Pi"
+
+
+def validate_ref(name: str, namespace: str) -> list[str]:
+    """Why a command's name and namespace cannot name a runtime (delete), or nothing."""
+    return dns_label_errors(name, "name") + dns_label_errors(namespace, "namespace", DNS1123_LABEL)
 
 
 def _fraction(value: str | float) -> float | None:
@@ -51,8 +61,12 @@ def validate_runtime(runtime: Runtime) -> list[str]:
             errors.append(f"{where}.mediumtype {level.mediumtype} appears twice")
         seen_media.add(level.mediumtype)
         try:
-            if parse_quantity(level.quota) <= 0:
+            quota = parse_quantity(level.quota)
+            if quota <= 0:
                 errors.append(f"{where}.quota must be greater than 0")
+            elif quota > MAX_TIER_QUOTA:
+                errors.append(f"{where}.quota {level.quota!r} is more than {MAX_TIER_QUOTA_TEXT}, the most one tier "
+                              "of one node may hold (a unit typo?)")
         except ValueError as err:
             errors.append(f"{where}.quota: {err}")
         high, low = _fraction(level.high), _fraction(level.low)
@@ -67,6 +81,8 @@ def validate_runtime(runtime: Runtime) -> list[str]:
             for path in paths:
                 if not path.startswith("/") or ".." in path.split("/"):
                     errors.append(f"{where}.path {path!r} must be an absolute path without '..'")
+                elif refused := cache_path_error(path):
+                    errors.append(f"{where}.path {refused}")
     try:
         block_size = parse_quantity(spec.block_size)
     except ValueError as err:

@@ -90,6 +90,15 @@ class RuntimeHandlers:
         await self.refresh(key, self._agents(), force_publish=record is None)
 
     async def delete(self, command: RuntimeDelete, delivery: Delivery) -> None:
+        errors = domain.validate_ref(command.name, command.namespace)
+        if errors:  # not a valid KV key either
+            log.info("rejected", command=command.id, reasons=errors)
+            await self.bus.publish(
+                subjects.RUNTIME_REJECTED,
+                RuntimeRejected(id=f"{command.id}.rejected", causation_id=command.id, reason="; ".join(errors),
+                                name=command.name, namespace=command.namespace, subject=delivery.subject),
+            )
+            return
         kv = await self.bus.kv(subjects.KV_RUNTIMES)
         key = subjects.resource_key(command.namespace, command.name)
         record, revision = await kv_load(kv, key, RuntimeRecord)

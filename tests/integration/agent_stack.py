@@ -52,6 +52,8 @@ def agent_env(settings: Settings, seaweedfs: SeaweedServer, agent: AgentSettings
         "SHOAL_NODE_NAME": agent.node_name,
         "SHOAL_MOUNT_ROOT": agent.mount_root,
         "SHOAL_CACHE_POLICY": agent.cache_policy,
+        "SHOAL_LOCAL_ROOTS": ",".join(settings.service.local_roots),
+        "SHOAL_MOUNT_ALLOW_OTHER": str(agent.allow_other).lower(),
         "SHOAL_LOG_FORMAT": "json",
     }
 
