@@ -106,7 +106,7 @@ class MountedDataset:
                              MemoryBudget(parse_quantity(self.settings.agent.readahead_budget)),
                              write_block=cache.put_async)
         owner = record.dataset.spec.owner
-        fs = DatasetFS(Namespace.build(entries, self.allocator), reader,
+        fs = DatasetFS(self._tree(entries), reader,
                        uid=owner.uid if owner and owner.uid is not None else 0,
                        gid=owner.gid if owner and owner.gid is not None else 0, block_size=block_size)
 
@@ -165,6 +165,13 @@ class MountedDataset:
             gates.append(StoreGate(agent_store(resolve_location(dataset, mount, secrets, self.settings.s3))))
         return gates
 
+    def _tree(self, entries: list[ManifestEntry]) -> Namespace:
+        tree = Namespace.build(entries, self.allocator)
+        if tree.skipped.count:  # only a manifest not written by this version's sync holds such entries
+            log.warning("manifest entries left out of the tree", dataset=self.key, skipped=tree.skipped.count,
+                        examples=tree.skipped.examples)
+        return tree
+
     @staticmethod
     def _drop_stale(cache: BlockCache, entries: list[ManifestEntry]) -> None:
         current = {(entry.mount, entry.key, entry.etag) for entry in entries}
@@ -192,7 +199,7 @@ class MountedDataset:
                     continue
                 entries = await load_manifest(self.bus, record.status.manifest)
                 self.manifest_version = version
-                gone = fs.replace_namespace(Namespace.build(entries, self.allocator))
+                gone = fs.replace_namespace(self._tree(entries))
                 for parent, name in gone:
                     with contextlib.suppress(Exception):
                         pyfuse3.invalidate_entry_async(parent, os.fsencode(name))

@@ -25,10 +25,13 @@ from libs.events.dataset import (
     Mount,
     RuntimeRef,
 )
+from libs.paths import relative_problem
 from libs.ufs.mounts import canonical_options, mount_path
 
 SUPPORTED_SCHEMES = ("s3", "local")
 CONDITION_SYNCED = "MetadataSynced"
+# True while the last sync left objects out of the tree (libs.paths has the rules), with a count and examples.
+CONDITION_SKIPPED = "ObjectsSkipped"
 
 # Options each scheme understands; Fluid/Alluxio spellings are aliases (libs.ufs.mounts).
 S3_OPTIONS = {"endpoint", "region", "pathStyle", "aws.accessKeyId"}
@@ -57,9 +60,17 @@ def validate_dataset(dataset: Dataset) -> list[str]:
             errors.append(f"{where} needs a name or a path when a dataset has several mounts")
         elif ".." in mount.path.split("/"):
             errors.append(f"{where}.path {mount.path!r} must not contain '..'")
+        elif path != "/" and (problem := relative_problem(path[1:])) is not None:
+            errors.append(f"{where} would appear at {path!r}, which {problem}")
         elif path in seen_paths:
             errors.append(f"{where} and spec.mounts[{seen_paths[path]}] both appear at {path!r}")
         else:
+            # One mount inside another's folder would hide it, or be hidden by it: refused, never guessed.
+            outer = next((other for other in seen_paths
+                          if path.startswith(other + "/") or other.startswith(path + "/")), None)
+            if outer is not None:
+                errors.append(f"{where} at {path!r} and spec.mounts[{seen_paths[outer]}] at {outer!r} are nested: "
+                              "give each mount a folder of its own")
             seen_paths[path] = index
     if len(seen_paths) > 1 and "/" in seen_paths:
         errors.append("a mount at '/' cannot be combined with other mounts; give each a name or a path")
@@ -158,6 +169,10 @@ class SyncResult:
     error: str = ""
     # True when trying again later may succeed (the endpoint was unreachable).
     retryable: bool = False
+    # Objects the stores listed, and those left out of the tree (with a few examples: key and reason).
+    listed: int = 0
+    skipped: int = 0
+    skipped_examples: tuple[str, ...] = ()
 
 
 def iso_time(now: float) -> str:
@@ -189,6 +204,7 @@ def status_after_sync(record: DatasetRecord, result: SyncResult, runtime_phase: 
     else:
         condition = Condition(type=CONDITION_SYNCED, status="True", reason="Synced",
                               message=f"listed {result.file_num} files", last_transition_time=iso_time(now))
+        conditions = _set_condition(_set_condition(status.conditions, condition), skipped_condition(result, now))
         status = msgspec.structs.replace(
             status,
             synced_generation=result.generation,
@@ -198,10 +214,23 @@ def status_after_sync(record: DatasetRecord, result: SyncResult, runtime_phase: 
             ufs_total_bytes=result.total_bytes,
             file_num=result.file_num,
             manifest=result.manifest,
-            conditions=_set_condition(status.conditions, condition),
+            conditions=conditions,
             last_sync_time=iso_time(now),
         )
     return with_binding(record.dataset, status, runtime_phase, None)
+
+
+def skipped_condition(result: SyncResult, now: float) -> Condition:
+    """Whether the sync left objects out of the tree: how many of those listed, and a few examples."""
+    if not result.skipped:
+        return Condition(type=CONDITION_SKIPPED, status="False", reason="AllVisible",
+                         message=f"every listed object is in the tree ({result.listed} listed)",
+                         last_transition_time=iso_time(now))
+    message = (f"{result.skipped} of {result.listed} listed objects are not in the tree: "
+               + "; ".join(result.skipped_examples)
+               + ("; …" if result.skipped > len(result.skipped_examples) else ""))
+    return Condition(type=CONDITION_SKIPPED, status="True", reason="UnusableKeys", message=message,
+                     last_transition_time=iso_time(now))
 
 
 def with_binding(dataset: Dataset, status: DatasetStatus, runtime_phase: str,
