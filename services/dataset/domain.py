@@ -30,7 +30,7 @@ from libs.ufs.mounts import canonical_options, mount_path
 
 SUPPORTED_SCHEMES = ("s3", "local")
 CONDITION_SYNCED = "MetadataSynced"
-# True while the last sync left objects out of the tree (libs.paths has the rules), with a count and examples.
+# Present while the last sync left objects out of the tree (libs.paths has the rules), with a count and examples.
 CONDITION_SKIPPED = "ObjectsSkipped"
 
 # Options each scheme understands; Fluid/Alluxio spellings are aliases (libs.ufs.mounts).
@@ -204,7 +204,10 @@ def status_after_sync(record: DatasetRecord, result: SyncResult, runtime_phase: 
     else:
         condition = Condition(type=CONDITION_SYNCED, status="True", reason="Synced",
                               message=f"listed {result.file_num} files", last_transition_time=iso_time(now))
-        conditions = _set_condition(_set_condition(status.conditions, condition), skipped_condition(result, now))
+        conditions = _set_condition(status.conditions, condition)
+        skipped = skipped_condition(result, now)
+        conditions = (_set_condition(conditions, skipped) if skipped is not None
+                      else [c for c in conditions if c.type != CONDITION_SKIPPED])
         status = msgspec.structs.replace(
             status,
             synced_generation=result.generation,
@@ -220,12 +223,10 @@ def status_after_sync(record: DatasetRecord, result: SyncResult, runtime_phase: 
     return with_binding(record.dataset, status, runtime_phase, None)
 
 
-def skipped_condition(result: SyncResult, now: float) -> Condition:
-    """Whether the sync left objects out of the tree: how many of those listed, and a few examples."""
+def skipped_condition(result: SyncResult, now: float) -> Condition | None:
+    """While a sync leaves objects out of the tree: how many of those listed, and a few examples; else None."""
     if not result.skipped:
-        return Condition(type=CONDITION_SKIPPED, status="False", reason="AllVisible",
-                         message=f"every listed object is in the tree ({result.listed} listed)",
-                         last_transition_time=iso_time(now))
+        return None
     message = (f"{result.skipped} of {result.listed} listed objects are not in the tree: "
                + "; ".join(result.skipped_examples)
                + ("; …" if result.skipped > len(result.skipped_examples) else ""))

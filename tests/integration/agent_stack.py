@@ -26,8 +26,10 @@ from libs.config import AgentSettings, Settings
 from libs.events.common import ObjectMeta
 from libs.events.dataset import Dataset, DatasetApply, DatasetRecord, DatasetResync, DatasetSpec, Mount, User
 from libs.events.runtime import Level, Runtime, RuntimeApply, RuntimeSpec, TieredStore
+from libs.ufs import open_store
 from services.agent import app as agent_app
 from services.dataset import app as dataset_app
+from services.dataset.sync import StoreOpener
 from services.runtime import app as runtime_app
 from tests.conftest import SeaweedServer
 from tests.helpers import dataset_record, eventually, running, runtime_record
@@ -134,14 +136,15 @@ def md5(data: bytes) -> str:
 
 @asynccontextmanager
 async def node_stack(bus: Bus, settings: Settings, seaweedfs: SeaweedServer, tmp_path: Path,
-                     **agent_options: Any) -> AsyncIterator[Node]:
+                     opener: StoreOpener = open_store, **agent_options: Any) -> AsyncIterator[Node]:
+    """The node; ``opener`` gives the dataset service's stores for listing (the agent always reads the real ones)."""
     agent = AgentSettings(node_name=NODE, mount_root=str(tmp_path / "mnt"), heartbeat_seconds=0.5, **agent_options)
     node_settings = dataclasses.replace(settings, agent=agent)
     env = agent_env(node_settings, seaweedfs, agent)
     node = Node(bus, node_settings, seaweedfs, tmp_path / "mnt", tmp_path / "cache")
     try:
         async with running(
-            lambda stop: dataset_app.run(node_settings, stop),
+            lambda stop: dataset_app.run(node_settings, stop, opener=opener),
             lambda stop: runtime_app.run(node_settings, stop),
             lambda stop: agent_app.run(node_settings, stop, child_env=env),
         ):
