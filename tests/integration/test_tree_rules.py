@@ -12,6 +12,7 @@ import hashlib
 import os
 import tempfile
 import uuid
+from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +61,7 @@ def walk(tree: Namespace, path: str) -> Node | None:
 
 
 async def sync_with(bus: Bus, settings: Settings, dataset: Dataset, opener: StoreOpener,
-                    ) -> tuple[DatasetRecord, list[ManifestEntry], list[dict[str, Any]]]:
+                    ) -> tuple[DatasetRecord, list[ManifestEntry], list[MutableMapping[str, Any]]]:
     """The real dataset service, listing through ``opener``: the synced record, its manifest and the log."""
     with structlog.testing.capture_logs() as logs:
         async with running(lambda stop: dataset_app.run(settings, stop, opener=opener)):
