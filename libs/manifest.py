@@ -13,7 +13,7 @@ import msgspec
 
 
 class ManifestEntry(msgspec.Struct, frozen=True, rename="camel"):
-    path: str  # '/'-rooted path inside the dataset
+    path: str  # '/'-rooted path inside the dataset; a folder marker's ends in '/' (libs.paths)
     mount: int  # index into spec.mounts
     key: str  # object key relative to the mount's prefix
     size: int

@@ -7,7 +7,8 @@ can hold, so some objects are left out, never renamed or normalised (a normalise
 object's path):
 - a key with an empty name (``a//b``, or a leading '/': ``/etc/x``, which would otherwise leave its mount), or a
   name ``.`` or ``..``;
-- a key with a NUL byte, or a name longer than 255 bytes (``NAME_MAX``) in UTF-8;
+- a key with a NUL byte, or a name longer than 255 bytes (``NAME_MAX``) in UTF-8, or one that is not UTF-8;
+- an empty key;
 - a file whose path is also a folder (``x`` next to ``x/y``, or next to the marker ``x/``): the folder wins, as
   it holds everything below it.
 A key ending in '/' is a folder marker (what consoles write for "create folder"): it makes that folder exist,

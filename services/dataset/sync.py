@@ -69,10 +69,7 @@ async def sync_metadata(record: DatasetRecord, manifests: NatsObjectStore, defau
             if folders.shadows(entry.path):
                 skipped.add(entry.key, paths.SHADOWED, entry.mount)
                 continue
-            if paths.is_folder(entry.path):
-                if entry.size:
-                    skipped.add(entry.key, f"a folder marker: its {entry.size} bytes are not shown", entry.mount)
-            else:
+            if not paths.is_folder(entry.path):
                 file_num += 1
                 total_bytes += entry.size
             write_entry(out, entry)
