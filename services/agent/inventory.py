@@ -13,6 +13,8 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import msgspec
+
 from libs import subjects
 from libs.bus import Bus
 from libs.events.agent import (
@@ -32,6 +34,7 @@ log = get_logger(__name__)
 SNAPSHOT_PART_BLOCKS = 5000
 # Deltas are batched: at most one per second per mount.
 FLUSH_SECONDS = 1.0
+_REQUEST_DECODER = msgspec.json.Decoder(InventoryRequest)
 
 
 @dataclass
@@ -96,7 +99,7 @@ class InventoryPublisher:
 
     async def run(self) -> None:
         subject = subjects.agent_inventory(self.log.node)
-        subscription = await self.bus.nc.subscribe(subjects.INVENTORY_REQUEST, cb=self._on_request)
+        subscription = await self.bus.subscribe(subjects.INVENTORY_REQUEST, _REQUEST_DECODER, self._on_request)
         try:
             await self._publish_snapshot(subject)
             while not self._stopping.is_set():
@@ -123,13 +126,7 @@ class InventoryPublisher:
         for event in self.log.snapshot(self.blocks(), self.counters()):
             await self.bus.publish(subject, event)
 
-    async def _on_request(self, msg: object) -> None:
-        import msgspec
-
-        try:
-            request = msgspec.json.decode(msg.data, type=InventoryRequest)  # type: ignore[attr-defined]
-        except (msgspec.ValidationError, msgspec.DecodeError):
-            return
+    async def _on_request(self, request: InventoryRequest) -> None:
         if request.node and request.node != self.log.node:
             return
         if request.dataset is not None and request.dataset != self.log.dataset:

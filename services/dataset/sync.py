@@ -1,22 +1,21 @@
 """Metadata sync, the dataset service's I/O with the object stores: list every mount, write the manifest.
 
-The listing streams page by page into a temporary NDJSON file, so memory stays bounded by one listing page (plus
-the set of folder paths) whatever the number of objects. Keys become paths by the rules of ``libs.paths``; a
-second pass over that file leaves out files a folder shadows, so the manifest, fileNum and ufsTotal hold only
-what the mount shows, and every object left out is counted, logged and reported in the status.
+The listing streams page by page into a ``libs.manifest.ManifestWriter`` (a temporary NDJSON file) that
+``ManifestStore`` then uploads, so memory stays bounded by one listing page (plus the set of folder paths) whatever
+the number of objects. Keys become paths by the rules of ``libs.paths``; a second pass over a first spool leaves
+out files a folder shadows, so the manifest, fileNum and ufsTotal hold only what the mount shows, and every
+object left out is counted, logged and reported in the status.
 """
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Callable
 
-from nats.js.object_store import ObjectStore as NatsObjectStore
-
-from libs import paths, subjects
+from libs import paths
+from libs.bus import RetryLater
 from libs.config import S3Settings
 from libs.events.dataset import DatasetRecord
-from libs.manifest import ManifestEntry, read_entries, write_entry
+from libs.manifest import ManifestEntry, ManifestStore, ManifestWriter, read_entries
 from libs.telemetry import get_logger
 from libs.ufs import open_store
 from libs.ufs.base import Location, ObjectStore, UfsError
@@ -26,20 +25,24 @@ from services.dataset.domain import SyncResult
 log = get_logger(__name__)
 
 StoreOpener = Callable[[Location], ObjectStore]
+# Wait before listing again an endpoint that was unreachable.
+UNREACHABLE_RETRY_SECONDS = 15.0
 
 
-async def sync_metadata(record: DatasetRecord, manifests: NatsObjectStore, defaults: S3Settings,
+async def sync_metadata(record: DatasetRecord, manifests: ManifestStore, defaults: S3Settings,
                         page_size: int, opener: StoreOpener = open_store) -> SyncResult:
-    """List every mount of the dataset and store its manifest; a UFS problem becomes ``SyncResult.error``."""
+    """List every mount of the dataset and store its manifest.
+
+    A problem retrying cannot fix (a missing secret, a bucket that does not exist, access denied) becomes
+    ``SyncResult.error``; an unreachable endpoint raises ``RetryLater`` with the same kind of message.
+    """
     dataset = record.dataset
     generation = record.generation
     requests = record.sync_requests
     listed = 0
-    file_num = 0
-    total_bytes = 0
     skipped = paths.Skipped()
     folders = paths.Folders()
-    with tempfile.TemporaryFile() as usable, tempfile.TemporaryFile() as out:
+    with ManifestWriter() as usable, ManifestWriter() as manifest:
         for index, mount in enumerate(dataset.spec.mounts):
             try:
                 location = resolve_location(dataset, mount,
@@ -58,28 +61,25 @@ async def sync_metadata(record: DatasetRecord, manifests: NatsObjectStore, defau
                     entry = ManifestEntry(path=paths.dataset_path(root, info.key), mount=index, key=info.key,
                                           size=info.size, etag=info.etag, mtime=info.mtime)
                     folders.note(entry.path)
-                    write_entry(usable, entry)
+                    usable.add(entry)
             except UfsError as err:
-                return SyncResult(generation=generation, requests=requests,
-                                  error=f"cannot list {mount.mount_point}: {err.message}", retryable=err.retryable)
+                error = f"cannot list {mount.mount_point}: {err.message}"
+                if err.retryable:
+                    raise RetryLater(error, UNREACHABLE_RETRY_SECONDS) from err
+                return SyncResult(generation=generation, requests=requests, error=error)
             finally:
                 await store.close()
-        usable.seek(0)
-        for entry in read_entries(usable):
+        for entry in read_entries(usable.rewound()):
             if folders.shadows(entry.path):
                 skipped.add(entry.key, paths.SHADOWED, entry.mount)
                 continue
-            if not paths.is_folder(entry.path):
-                file_num += 1
-                total_bytes += entry.size
-            write_entry(out, entry)
-        out.flush()
-        out.seek(0)
-        name = subjects.manifest_name(dataset.metadata.namespace, dataset.metadata.name)
-        await manifests.put(name, out)
+            manifest.add(entry)
+        name = manifests.name(dataset.metadata.namespace, dataset.metadata.name)
+        await manifests.save(name, manifest)
     if skipped.count:
         log.warning("objects left out of the tree", dataset=name, generation=generation, listed=listed,
                     skipped=skipped.count, examples=skipped.examples)
-    log.info("synced", dataset=name, generation=generation, files=file_num, bytes=total_bytes)
-    return SyncResult(generation=generation, requests=requests, file_num=file_num, total_bytes=total_bytes,
-                      manifest=name, listed=listed, skipped=skipped.count, skipped_examples=tuple(skipped.examples))
+    log.info("synced", dataset=name, generation=generation, files=manifest.file_num, bytes=manifest.total_bytes)
+    return SyncResult(generation=generation, requests=requests, file_num=manifest.file_num,
+                      total_bytes=manifest.total_bytes, manifest=name, listed=listed, skipped=skipped.count,
+                      skipped_examples=tuple(skipped.examples))
