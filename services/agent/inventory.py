@@ -30,7 +30,8 @@ from libs.telemetry import get_logger
 
 log = get_logger(__name__)
 
-# Blocks per snapshot part: ~60 bytes each in JSON keeps a part far below JetStream's 1 MiB message limit.
+# Blocks per snapshot part. Each carries its id (mount, object key, ETag, index) and size: ~60 bytes plus the key
+# in JSON, so 5000 stay below JetStream's 1 MiB message limit only while keys are shorter than ~150 bytes.
 SNAPSHOT_PART_BLOCKS = 5000
 # Deltas are batched: at most one per second per mount.
 FLUSH_SECONDS = 1.0

@@ -25,15 +25,15 @@ from libs.events.dataset import (
     RuntimeRef,
 )
 from libs.inventory import DatasetInventory
+from libs.mounts import canonical_options, mount_path
 from libs.paths import relative_problem
-from libs.ufs.mounts import canonical_options, mount_path
 
 SUPPORTED_SCHEMES = ("s3", "local")
 CONDITION_SYNCED = "MetadataSynced"
 # Present while the last sync left objects out of the tree (libs.paths has the rules), with a count and examples.
 CONDITION_SKIPPED = "ObjectsSkipped"
 
-# Options each scheme understands; Fluid/Alluxio spellings are aliases (libs.ufs.mounts).
+# Options each scheme understands; Fluid/Alluxio spellings are aliases (libs.mounts).
 S3_OPTIONS = {"endpoint", "region", "pathStyle", "aws.accessKeyId"}
 S3_ENCRYPT_OPTIONS = {"aws.accessKeyId", "aws.secretKey"}
 SECRET_OPTION_NAMES = {"aws.secretKey", "aws.secretAccessKey", "fs.s3a.secret.key"}

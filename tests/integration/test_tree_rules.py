@@ -10,7 +10,6 @@ import asyncio
 import errno
 import hashlib
 import os
-import tempfile
 import uuid
 from collections.abc import MutableMapping
 from pathlib import Path
@@ -23,9 +22,9 @@ from libs import paths, subjects
 from libs.bus import Bus
 from libs.config import Settings
 from libs.events.common import ObjectMeta
-from libs.events.dataset import Dataset, DatasetApply, DatasetRecord, DatasetSpec, Mount
+from libs.events.dataset import Dataset, DatasetApply, DatasetRecord, DatasetSpec, ManifestEntry, Mount
 from libs.events.runtime import Level, Runtime, RuntimeApply, RuntimeSpec, TieredStore
-from libs.manifest import ManifestEntry, read_entries
+from libs.manifest import ManifestStore
 from libs.ufs import ObjectInfo, ObjectStore, open_store
 from libs.ufs.base import Location, S3Location
 from services.agent.namespace import ROOT_INODE, InodeAllocator, Namespace, Node
@@ -47,10 +46,7 @@ async def synced(bus: Bus, name: str) -> DatasetRecord:
 
 
 async def manifest_of(bus: Bus, record: DatasetRecord) -> list[ManifestEntry]:
-    with tempfile.TemporaryFile() as out:
-        await (await bus.manifests()).get(record.status.manifest, writeinto=out)
-        out.seek(0)
-        return list(read_entries(out))
+    return await (await ManifestStore.of(bus)).load(record.status.manifest)
 
 
 def walk(tree: Namespace, path: str) -> Node | None:

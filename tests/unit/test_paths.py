@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from libs import paths
-from libs.manifest import ManifestEntry
+from libs.events.dataset import ManifestEntry
 from services.agent.namespace import ROOT_INODE, InodeAllocator, Namespace
 
 
