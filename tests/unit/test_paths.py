@@ -124,3 +124,25 @@ def test_unusable_manifest_paths_are_counted_not_dropped_in_silence() -> None:
                            InodeAllocator())
     assert [n.name for n in tree.children(ROOT_INODE)] == ["ok"]
     assert tree.skipped.count == 7
+
+
+@given(st.lists(st.text(alphabet=st.sampled_from(["a", "b", "/", "."]), min_size=1, max_size=6), max_size=12))
+def test_the_tree_matches_a_reference_model_of_the_rules(keys: list[str]) -> None:
+    usable = [key for key in dict.fromkeys(keys) if paths.key_problem(key) is None]
+    # Reference model, straight from the documented rules: a file is shown unless a usable key lies below it.
+    files = {key for key in usable if not key.endswith("/") and not any(o.startswith(key + "/") for o in usable)}
+    folders = {key[:i] for key in usable for i in range(1, len(key)) if key[i] == "/"}
+    folders |= {key[:-1] for key in usable if key.endswith("/")}
+    tree = Namespace.build([entry(paths.dataset_path("/", key)) for key in usable], InodeAllocator())
+    shown_files, shown_folders = set(), set()
+    for node in tree.nodes.values():
+        if node.inode == ROOT_INODE:
+            continue
+        parts = []
+        walker = node
+        while walker.inode != ROOT_INODE:
+            parts.append(walker.name)
+            walker = tree.nodes[walker.parent]
+        (shown_folders if node.is_dir else shown_files).add("/".join(reversed(parts)))
+    assert (shown_files, shown_folders) == (files, folders)
+    assert tree.skipped.count == len(usable) - len(files) - len({k for k in usable if k.endswith("/")})
