@@ -134,7 +134,8 @@ def test_the_tree_matches_a_reference_model_of_the_rules(keys: list[str]) -> Non
     folders = {key[:i] for key in usable for i in range(1, len(key)) if key[i] == "/"}
     folders |= {key[:-1] for key in usable if key.endswith("/")}
     tree = Namespace.build([entry(paths.dataset_path("/", key)) for key in usable], InodeAllocator())
-    shown_files, shown_folders = set(), set()
+    shown_files: set[str] = set()
+    shown_folders: set[str] = set()
     for node in tree.nodes.values():
         if node.inode == ROOT_INODE:
             continue
