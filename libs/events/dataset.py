@@ -181,7 +181,7 @@ class DatasetRecord(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
 class ManifestEntry(msgspec.Struct, frozen=True, rename="camel", omit_defaults=True):
     """One file of a synced dataset: a line of its manifest (``libs.manifest`` reads and writes them)."""
 
-    path: str  # '/'-rooted path inside the dataset
+    path: str  # '/'-rooted path inside the dataset; a folder marker's ends in '/' (libs.paths)
     mount: int  # index into spec.mounts
     key: str  # object key relative to the mount's prefix
     size: int

@@ -1,8 +1,10 @@
 """The FUSE edge of the agent: a read-only pyfuse3 filesystem over a dataset's namespace and block reader.
 
-This is the only place that speaks errno: unknown names → ENOENT, any write → EROFS, an object that changed
-under us → ESTALE, the object store failing → EIO. Files are immutable (ETag-pinned), so they are opened with
-``keep_cache`` and warm re-reads are served by the kernel page cache without reaching this process.
+This is the only place that speaks errno (docs/semantics.md lists them): unknown names → ENOENT, names over 255
+bytes → ENAMETOOLONG, any write → EROFS, an object that changed or was deleted under us → ESTALE (the tree is
+older than the store: ``shoal resync``), the object store failing → EIO (may pass). Files are immutable
+(ETag-pinned), so they are opened with ``keep_cache`` and warm re-reads are served by the kernel page cache
+without reaching this process.
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ from collections.abc import Callable
 import pyfuse3
 
 from libs.telemetry import get_logger
-from libs.ufs.base import ObjectChanged, UfsError
-from services.agent.namespace import Namespace, Node
+from libs.ufs.base import NoSuchKey, ObjectChanged, UfsError
+from services.agent.namespace import MAX_NAME, Namespace, Node
 from services.agent.reader import BlockReader, OpenFile
 
 log = get_logger(__name__)
@@ -144,6 +146,10 @@ class DatasetFS(pyfuse3.Operations):
 
     async def lookup(self, parent_inode: int, name: bytes,
                      ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
+        if len(name) > MAX_NAME:
+            # The kernel passes FUSE names up to 1 KiB; no name in the tree is that long, but ENOENT would
+            # tell the caller the name could exist.
+            raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
         node = self.namespace.lookup(parent_inode, os.fsdecode(name))
         if node is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
@@ -171,7 +177,7 @@ class DatasetFS(pyfuse3.Operations):
         stats.f_bfree = stats.f_bavail = 0
         stats.f_files = len(self.namespace.nodes)
         stats.f_ffree = stats.f_favail = 0
-        stats.f_namemax = 255
+        stats.f_namemax = MAX_NAME
         return stats
 
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
@@ -200,7 +206,8 @@ class DatasetFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EBADF)
         try:
             return await self.reader.read(handle, off, size)
-        except ObjectChanged as err:
+        except (ObjectChanged, NoSuchKey) as err:
+            # The object was overwritten or deleted since the sync: the tree is stale, not the store down.
             self._report(handle, err)
             raise pyfuse3.FUSEError(errno.ESTALE) from err
         except UfsError as err:

@@ -104,7 +104,7 @@ class MountedDataset:
                              MemoryBudget(parse_quantity(self.settings.agent.readahead_budget)),
                              write_block=cache.put_async)
         owner = record.dataset.spec.owner
-        fs = DatasetFS(Namespace.build(entries, self.allocator), reader, uid=owner.uid if owner else None,
+        fs = DatasetFS(self._tree(entries), reader, uid=owner.uid if owner else None,
                        gid=owner.gid if owner else None, block_size=block_size)
 
         def counters() -> CacheCounters:
@@ -179,6 +179,13 @@ class MountedDataset:
             gates.append(StoreGate(agent_store(location)))
         return gates
 
+    def _tree(self, entries: list[ManifestEntry]) -> Namespace:
+        tree = Namespace.build(entries, self.allocator)
+        if tree.skipped.count:  # only a manifest not written by this version's sync holds such entries
+            log.warning("manifest entries left out of the tree", dataset=self.key, skipped=tree.skipped.count,
+                        examples=tree.skipped.examples)
+        return tree
+
     @staticmethod
     def _drop_stale(cache: BlockCache, entries: list[ManifestEntry]) -> None:
         current = {(entry.mount, entry.key, entry.etag) for entry in entries}
@@ -206,7 +213,7 @@ class MountedDataset:
                     continue
                 entries = await (await ManifestStore.of(self.bus)).load(record.status.manifest)
                 self.manifest_version = version
-                gone = fs.replace_namespace(Namespace.build(entries, self.allocator))
+                gone = fs.replace_namespace(self._tree(entries))
                 for parent, name in gone:
                     with contextlib.suppress(Exception):
                         # ENOENT only means the kernel never looked the name up: nothing to drop.

@@ -28,10 +28,13 @@ from libs.events.dataset import (
 from libs.hostpaths import local_root_error
 from libs.inventory import DatasetInventory
 from libs.mounts import canonical_options, exposed_secret_errors, mount_path
+from libs.paths import relative_problem
 from libs.redact import is_secret_name, strip_userinfo
 
 SUPPORTED_SCHEMES = ("s3", "local")
 CONDITION_SYNCED = "MetadataSynced"
+# Present while the last sync left objects out of the tree (libs.paths has the rules), with a count and examples.
+CONDITION_SKIPPED = "ObjectsSkipped"
 
 # Options each scheme understands; Fluid/Alluxio spellings are aliases (libs.mounts).
 S3_OPTIONS = {"endpoint", "region", "pathStyle", "aws.accessKeyId"}
@@ -75,9 +78,17 @@ def validate_dataset(dataset: Dataset, local_roots: Sequence[str] | None = None)
             errors.append(f"{where} needs a name or a path when a dataset has several mounts")
         elif ".." in mount.path.split("/"):
             errors.append(f"{where}.path {mount.path!r} must not contain '..'")
+        elif path != "/" and (problem := relative_problem(path[1:])) is not None:
+            errors.append(f"{where} would appear at {path!r}, which {problem}")
         elif path in seen_paths:
             errors.append(f"{where} and spec.mounts[{seen_paths[path]}] both appear at {path!r}")
         else:
+            # One mount inside another's folder would hide it, or be hidden by it: refused, never guessed.
+            outer = next((other for other in seen_paths
+                          if path.startswith(other + "/") or other.startswith(path + "/")), None)
+            if outer is not None:
+                errors.append(f"{where} at {path!r} and spec.mounts[{seen_paths[outer]}] at {outer!r} are nested: "
+                              "give each mount a folder of its own")
             seen_paths[path] = index
     if len(seen_paths) > 1 and "/" in seen_paths:
         errors.append("a mount at '/' cannot be combined with other mounts; give each a name or a path")
@@ -175,6 +186,10 @@ class SyncResult:
     total_bytes: int = 0
     manifest: str = ""
     error: str = ""
+    # Objects the stores listed, and those left out of the tree (with a few examples: key and reason).
+    listed: int = 0
+    skipped: int = 0
+    skipped_examples: tuple[str, ...] = ()
 
 
 def iso_time(now: float) -> str:
@@ -206,6 +221,10 @@ def status_after_sync(record: DatasetRecord, result: SyncResult, runtime_phase: 
     else:
         condition = Condition(type=CONDITION_SYNCED, status="True", reason="Synced",
                               message=f"listed {result.file_num} files", last_transition_time=iso_time(now))
+        conditions = _set_condition(status.conditions, condition)
+        skipped = skipped_condition(result, now)
+        conditions = (_set_condition(conditions, skipped) if skipped is not None
+                      else [c for c in conditions if c.type != CONDITION_SKIPPED])
         status = msgspec.structs.replace(
             status,
             synced_generation=result.generation,
@@ -215,10 +234,21 @@ def status_after_sync(record: DatasetRecord, result: SyncResult, runtime_phase: 
             ufs_total_bytes=result.total_bytes,
             file_num=result.file_num,
             manifest=result.manifest,
-            conditions=_set_condition(status.conditions, condition),
+            conditions=conditions,
             last_sync_time=iso_time(now),
         )
     return with_binding(record.dataset, status, runtime_phase, None)
+
+
+def skipped_condition(result: SyncResult, now: float) -> Condition | None:
+    """While a sync leaves objects out of the tree: how many of those listed, and a few examples; else None."""
+    if not result.skipped:
+        return None
+    message = (f"{result.skipped} of {result.listed} listed objects are not in the tree: "
+               + "; ".join(result.skipped_examples)
+               + ("; …" if result.skipped > len(result.skipped_examples) else ""))
+    return Condition(type=CONDITION_SKIPPED, status="True", reason="UnusableKeys", message=message,
+                     last_transition_time=iso_time(now))
 
 
 def with_binding(dataset: Dataset, status: DatasetStatus, runtime_phase: str,

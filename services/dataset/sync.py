@@ -1,20 +1,23 @@
 """Metadata sync, the dataset service's I/O with the object stores: list every mount, write the manifest.
 
 The listing streams page by page into a ``libs.manifest.ManifestWriter`` (a temporary NDJSON file) that
-``ManifestStore`` then uploads, so memory stays bounded by one listing page whatever the number of objects.
+``ManifestStore`` then uploads, so memory stays bounded by one listing page (plus the set of folder paths) whatever
+the number of objects. Keys become paths by the rules of ``libs.paths``; a second pass over a first spool leaves
+out files a folder shadows, so the manifest, fileNum and ufsTotal hold only what the mount shows, and every
+object left out is counted, logged and reported in the status.
 """
 
 from __future__ import annotations
 
 import asyncio
-import posixpath
 from collections.abc import Callable, Sequence
 
+from libs import paths
 from libs.bus import RetryLater
 from libs.config import S3Settings
 from libs.events.dataset import DatasetRecord, ManifestEntry
 from libs.hostpaths import real_local_root_error
-from libs.manifest import ManifestStore, ManifestWriter
+from libs.manifest import ManifestStore, ManifestWriter, read_entries
 from libs.mounts import mount_path
 from libs.redact import strip_userinfo
 from libs.telemetry import get_logger
@@ -43,7 +46,10 @@ async def sync_metadata(record: DatasetRecord, manifests: ManifestStore, default
     dataset = record.dataset
     generation = record.generation
     requests = record.sync_requests
-    with ManifestWriter() as manifest:
+    listed = 0
+    skipped = paths.Skipped()
+    folders = paths.Folders()
+    with ManifestWriter() as usable, ManifestWriter() as manifest:
         for index, mount in enumerate(dataset.spec.mounts):
             try:
                 location = resolve_location(dataset, mount,
@@ -60,9 +66,16 @@ async def sync_metadata(record: DatasetRecord, manifests: ManifestStore, default
             store = opener(location)
             try:
                 async for info in store.list(page_size=page_size):
-                    manifest.add(ManifestEntry(path=posixpath.join(root, info.key), mount=index, key=info.key,
-                                               size=info.size, etag=info.etag, mtime=info.mtime, mode=info.mode,
-                                               uid=info.uid, gid=info.gid))
+                    listed += 1
+                    problem = paths.key_problem(info.key)
+                    if problem is not None:
+                        skipped.add(info.key, problem, index)
+                        continue
+                    entry = ManifestEntry(path=paths.dataset_path(root, info.key), mount=index, key=info.key,
+                                          size=info.size, etag=info.etag, mtime=info.mtime, mode=info.mode,
+                                          uid=info.uid, gid=info.gid)
+                    folders.note(entry.path)
+                    usable.add(entry)
             except UfsError as err:
                 error = strip_userinfo(f"cannot list {mount.mount_point}: {err.message}")
                 if err.retryable:
@@ -70,8 +83,17 @@ async def sync_metadata(record: DatasetRecord, manifests: ManifestStore, default
                 return SyncResult(generation=generation, requests=requests, error=error)
             finally:
                 await store.close()
+        for entry in read_entries(usable.rewound()):
+            if folders.shadows(entry.path):
+                skipped.add(entry.key, paths.SHADOWED, entry.mount)
+                continue
+            manifest.add(entry)
         name = manifests.name(dataset.metadata.namespace, dataset.metadata.name)
         await manifests.save(name, manifest)
+    if skipped.count:
+        log.warning("objects left out of the tree", dataset=name, generation=generation, listed=listed,
+                    skipped=skipped.count, examples=skipped.examples)
     log.info("synced", dataset=name, generation=generation, files=manifest.file_num, bytes=manifest.total_bytes)
     return SyncResult(generation=generation, requests=requests, file_num=manifest.file_num,
-                      total_bytes=manifest.total_bytes, manifest=name)
+                      total_bytes=manifest.total_bytes, manifest=name, listed=listed, skipped=skipped.count,
+                      skipped_examples=tuple(skipped.examples))

@@ -39,7 +39,9 @@ def test_unusable_paths_are_left_out() -> None:
     tree = Namespace.build([entry("/ok"), entry("/../escape"), entry("/a/./b"), entry("/a//b"),
                             entry("/" + "x" * 256), entry("/f"), entry("/f/inside")], InodeAllocator())
     names = {n.name for n in tree.children(ROOT_INODE)}
-    assert names == {"ok", "f"}  # "f" is a file, so "f/inside" cannot also exist
+    assert names == {"ok", "f"}
+    f = tree.lookup(ROOT_INODE, "f")
+    assert f is not None and f.is_dir  # "f/inside" makes "f" a folder, which shadows the file "f"
 
 
 def test_inodes_are_stable_for_unchanged_files_and_new_for_changed_ones() -> None:

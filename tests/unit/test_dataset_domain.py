@@ -33,6 +33,7 @@ from libs.mounts import canonical_options, mount_path
 from libs.ufs.base import LocalLocation, S3Location
 from libs.ufs.mounts import MissingSecret, resolve_location, secret_refs
 from services.dataset.domain import (
+    CONDITION_SKIPPED,
     CONDITION_SYNCED,
     RuntimeBinding,
     SyncResult,
@@ -768,6 +769,44 @@ def test_secret_refs_of_a_mount() -> None:
         ("imagenet-s3", "access-key-id"), ("imagenet-s3", "secret-access-key")
     ]
     assert secret_refs(dataset, dataset.spec.mounts[1]) == []
+
+
+# --- mounts nested in one another; objects left out of the tree ---
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [({"path": "/data"}, {"path": "/data/inner"}), ({"name": "data"}, {"path": "data/x/y"}),
+     ({"path": "/a/b/c"}, {"path": "/a"})],
+)
+def test_nested_mount_paths_are_refused(first: dict[str, str], second: dict[str, str]) -> None:
+    error = one_error(s3_mount("s3://bucket-one", **first), s3_mount("s3://bucket-two", **second))
+    assert error.startswith("spec.mounts[1] at ") and "are nested" in error, error
+
+
+def test_sibling_mount_paths_sharing_a_prefix_are_not_nested() -> None:
+    assert errors_of(s3_mount("s3://bucket-one", path="/data"), s3_mount("s3://bucket-two", path="/data2"),
+                     s3_mount("s3://bucket-three", path="/x/data")) == []
+
+
+@pytest.mark.parametrize("path", ["/" + "p" * 256, "/a/nul\0"])
+def test_mount_path_that_no_tree_can_hold_is_refused(path: str) -> None:
+    error = one_error(s3_mount(path=path))
+    assert error.startswith("spec.mounts[0] would appear at"), error
+
+
+def test_skipped_objects_show_as_a_condition_until_a_sync_skips_none() -> None:
+    result = SyncResult(generation=2, file_num=27, total_bytes=270, listed=29, skipped=2,
+                        skipped_examples=("'x' (mount 0): a folder of the same name exists",
+                                          "'a//b' (mount 0): has an empty name ('//' or a leading '/')"))
+    status = status_after_sync(record_at(), result, "Ready", NOW)
+    (skipped,) = [c for c in status.conditions if c.type == CONDITION_SKIPPED]
+    assert (skipped.status, skipped.reason) == ("True", "UnusableKeys")
+    assert skipped.message.startswith("2 of 29 listed objects are not in the tree: 'x' (mount 0)")
+    assert (status.file_num, status.ufs_total_bytes) == (27, 270)
+    clean = status_after_sync(record_at(status=status), SyncResult(generation=2, file_num=29, listed=29), "Ready",
+                              NOW + 60)
+    assert [c.type for c in clean.conditions] == [CONDITION_SYNCED]
 
 
 # --- cacheStates from the inventory fold ---
