@@ -5,8 +5,10 @@
 | KV shoal_runtimes, shoal_datasets (watched) | Bound datasets of served runtimes | start / stop mount processes |
 | timer | every SHOAL_HEARTBEAT_SECONDS | publish agent.heartbeat.v1 on shoal.agent.heartbeat.<node> |
 
-A mount process that dies is restarted with backoff after its stale mount (ENOTCONN) is removed; on stop every
-mount process gets SIGTERM, and any mount left behind is removed with ``fusermount3 -u -z``. A deleted dataset is
+A mount process that dies is restarted with backoff; its stale mount (ENOTCONN) stays until the new process has
+loaded everything and moves its mount in beneath it, so readers get an error, never an empty folder. On stop every
+mount process gets SIGTERM, any mount left behind is removed with ``fusermount3 -u -z``, and the bare mount point is
+removed. Heartbeats say how each mount is doing (Serving, Starting, Failing). A deleted dataset is
 unmounted at once; one that merely stops being Bound (its runtime briefly NotReady, e.g. while this agent
 restarts) keeps its mount for a grace period, so readers are not cut off by a blip.
 """
@@ -23,13 +25,14 @@ from pathlib import Path
 from libs import subjects
 from libs.bus import Bus, KvMirror, connect
 from libs.config import Settings
-from libs.events.agent import AgentHeartbeat
+from libs.events.agent import AgentHeartbeat, MountReport
 from libs.events.common import ObjectRef
 from libs.events.dataset import DatasetRecord
 from libs.events.runtime import RuntimeRecord
 from libs.telemetry import get_logger
 from services.agent import domain
-from services.agent.mountinfo import is_mounted
+from services.agent.handover import remove_mountpoint
+from services.agent.mountinfo import device_of, is_mounted
 
 SERVICE_NAME = "shoal-agent"
 log = get_logger(SERVICE_NAME)
@@ -63,6 +66,9 @@ class MountWorker:
     failures: int = 0
     next_start: float = 0.0
     unwanted_since: float | None = None
+    exit_code: int | None = None
+    # The dead mount a crashed process left (kept until its replacement moves in beneath it).
+    stale_device: str | None = None
 
 
 @dataclass
@@ -119,6 +125,7 @@ class NodeAgent:
             if worker.process is not None and worker.process.returncode is not None:
                 worker.failures += 1
                 worker.next_start = now + domain.restart_delay(worker.failures)
+                worker.exit_code, worker.stale_device = worker.process.returncode, device_of(worker.path)
                 log.warning("mount process exited", dataset=f"{namespace}/{name}", code=worker.process.returncode,
                             restart_in=round(worker.next_start - now, 1))
                 worker.process = None
@@ -126,8 +133,6 @@ class NodeAgent:
                 await self._start_worker(worker)
 
     async def _start_worker(self, worker: MountWorker) -> None:
-        await force_unmount(worker.path)
-        await asyncio.to_thread(Path(worker.path).mkdir, parents=True, exist_ok=True)
         worker.process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "services.agent.mountd", "--namespace", worker.namespace, "--name", worker.name,
             "--mountpoint", worker.path, stdin=asyncio.subprocess.DEVNULL, env=self.child_env,
@@ -145,7 +150,22 @@ class NodeAgent:
                 process.kill()
                 await process.wait()
         await force_unmount(worker.path)
+        await asyncio.to_thread(remove_mountpoint, worker.path)
         log.info("mount stopped", dataset=f"{worker.namespace}/{worker.name}")
+
+    def _mount_reports(self) -> list[MountReport]:
+        reports = []
+        for (namespace, name), worker in sorted(self.workers.items()):
+            if worker.unwanted_since is not None:
+                continue
+            alive = worker.process is not None and worker.process.returncode is None
+            device = device_of(worker.path) if alive else None
+            reports.append(domain.mount_report(
+                ObjectRef(name=name, namespace=namespace), alive=alive,
+                mounted=device is not None and device != worker.stale_device, exit_code=worker.exit_code,
+                failures=worker.failures,
+            ))
+        return reports
 
     async def _heartbeats(self, stop: asyncio.Event) -> None:
         interval = self.settings.agent.heartbeat_seconds
@@ -156,7 +176,7 @@ class NodeAgent:
             beat = AgentHeartbeat(
                 node=self.settings.agent.node_name,
                 runtimes=[ObjectRef(name=name, namespace=namespace) for namespace, name in served],
-                healthy=True, sent_at=time.time(), interval_seconds=interval,
+                healthy=True, sent_at=time.time(), interval_seconds=interval, mounts=self._mount_reports(),
             )
             try:
                 await self.bus.publish(subjects.agent_heartbeat(self.settings.agent.node_name), beat)
