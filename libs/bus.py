@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
-from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -22,6 +22,7 @@ import msgspec
 import nats
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js import api as js_api
 from nats.js.errors import (
@@ -174,6 +175,29 @@ class Bus:
         all_headers["Content-Type"] = "application/json"
         ack = await self.js.publish(subject, msgspec.json.encode(event), headers=all_headers)
         return int(ack.seq)
+
+    # --- Core NATS: not stored, not acknowledged; for requests only worth something while someone listens. ---
+
+    async def publish_core(self, subject: str, event: msgspec.Struct) -> None:
+        """Send an event to whoever subscribes right now (a snapshot request, for instance)."""
+        await self.nc.publish(subject, msgspec.json.encode(event))
+
+    async def subscribe(self, subject: str, decoder: msgspec.json.Decoder[E],
+                        handler: Callable[[E], Awaitable[None]]) -> Subscription:
+        """Hand every event on ``subject`` to ``handler``, decoded; undecodable payloads are skipped.
+
+        Stop with ``unsubscribe()`` on the result.
+        """
+
+        async def on_message(message: Msg) -> None:
+            try:
+                event = decoder.decode(message.data)
+            except (msgspec.ValidationError, msgspec.DecodeError):
+                log.warning("undecodable message ignored", subject=message.subject)
+                return
+            await handler(event)
+
+        return await self.nc.subscribe(subject, cb=on_message)
 
 
 async def connect(settings: NatsSettings, name: str) -> Bus:
@@ -417,13 +441,6 @@ class Consumer(Generic[E]):
         await self.bus.publish(subjects.dead_letter(self.stream, self.durable), record)
         bound.warning("dead-lettered", reason=reason)
         await message.term()
-
-
-async def run_all(tasks: Sequence[Awaitable[None]]) -> None:
-    """Run a service's loops; the first one to fail stops the others and the error propagates."""
-    async with asyncio.TaskGroup() as group:
-        for task in tasks:
-            group.create_task(task)  # type: ignore[arg-type]
 
 
 async def kv_watch(kv: KeyValue, stopping: asyncio.Event) -> AsyncGenerator[KeyValue.Entry | None, None]:

@@ -1,15 +1,26 @@
 """The dataset manifest: one line per file (path in the dataset, source mount and key, size, ETag, mtime).
 
-Stored in the JetStream Object Store as newline-delimited JSON, so it is written while the listing streams
-(bounded memory) and read back the same way by every agent instead of listing the bucket again.
+Which I/O it owns: the manifests in the JetStream Object Store ``shoal_manifests``, one object per dataset, as
+newline-delimited JSON. ``ManifestStore`` is the one way in: the dataset service spools entries into a
+``ManifestWriter`` while the listing streams (bounded memory) and saves it; every agent loads it back instead of
+listing the bucket again.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
+import tempfile
 from collections.abc import Iterator
+from types import TracebackType
 from typing import IO
 
 import msgspec
+from nats.js.errors import NotFoundError, ObjectNotFoundError
+from nats.js.object_store import ObjectStore as NatsObjectStore
+
+from libs import subjects
+from libs.bus import Bus
 
 
 class ManifestEntry(msgspec.Struct, frozen=True, rename="camel"):
@@ -34,3 +45,62 @@ def read_entries(lines: IO[bytes]) -> Iterator[ManifestEntry]:
     for line in lines:
         if line.strip():
             yield _decoder.decode(line)
+
+
+class ManifestWriter:
+    """A manifest being written: entries go to a temporary file, so memory does not grow with the listing."""
+
+    def __init__(self) -> None:
+        self._out = tempfile.TemporaryFile()  # noqa: SIM115 - owned by the writer, closed by close()
+        self.file_num = 0
+        self.total_bytes = 0
+
+    def add(self, entry: ManifestEntry) -> None:
+        write_entry(self._out, entry)
+        self.file_num += 1
+        self.total_bytes += entry.size
+
+    def rewound(self) -> io.BufferedRandom:
+        self._out.flush()
+        self._out.seek(0)
+        return self._out
+
+    def close(self) -> None:
+        self._out.close()
+
+    def __enter__(self) -> ManifestWriter:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        self.close()
+
+
+class ManifestStore:
+    """Every dataset's manifest, named ``<namespace>.<name>`` in the Object Store."""
+
+    def __init__(self, objects: NatsObjectStore) -> None:
+        self.objects = objects
+
+    @classmethod
+    async def of(cls, bus: Bus) -> ManifestStore:
+        return cls(await bus.manifests())
+
+    @staticmethod
+    def name(namespace: str, name: str) -> str:
+        return subjects.manifest_name(namespace, name)
+
+    async def save(self, name: str, writer: ManifestWriter) -> None:
+        """Upload everything written so far under ``name``, replacing the previous manifest."""
+        await self.objects.put(name, writer.rewound())
+
+    async def load(self, name: str) -> list[ManifestEntry]:
+        with tempfile.TemporaryFile() as out:
+            await self.objects.get(name, writeinto=out)
+            out.seek(0)
+            return list(read_entries(out))
+
+    async def delete(self, name: str) -> None:
+        """Remove a manifest; one that is already gone is fine."""
+        with contextlib.suppress(ObjectNotFoundError, NotFoundError):
+            await self.objects.delete(name)

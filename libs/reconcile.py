@@ -2,7 +2,12 @@
 
 The watch first replays every existing key, so work interrupted by a crash is picked up on restart without any
 separate recovery path. At most one reconcile runs per key; a change that arrives meanwhile runs it once more
-afterwards. ``reconcile`` may ask to be called again after a delay (an endpoint was unreachable).
+afterwards.
+
+``reconcile`` speaks the handlers' retry vocabulary (``libs.bus``): returning means done until the next change;
+``RetryLater`` runs it again after its delay (or a growing one); ``Conflict`` runs it again at once (another
+writer won, re-read); ``Permanent`` is logged and the key waits for its next change. Any other error is logged
+and retried after ``ERROR_RETRY_SECONDS``, so a bug does not spin the CPU.
 """
 
 from __future__ import annotations
@@ -13,12 +18,12 @@ from collections.abc import Awaitable, Callable
 
 from nats.js.kv import KeyValue
 
-from libs.bus import kv_watch
+from libs.bus import Conflict, Permanent, RetryLater, kv_watch, retry_delay
 from libs.telemetry import get_logger
 
 log = get_logger(__name__)
 
-Reconcile = Callable[[str], Awaitable[float | None]]
+Reconcile = Callable[[str], Awaitable[None]]
 # Back-off after an unexpected error in reconcile, so a bug does not spin the CPU.
 ERROR_RETRY_SECONDS = 5.0
 
@@ -52,11 +57,22 @@ class Reconciler:
         self._running[key] = asyncio.create_task(self._work(key), name=f"reconcile {key}")
 
     async def _work(self, key: str) -> None:
+        retries = 0
         try:
             while True:
                 self._again.discard(key)
+                delay: float | None = None
                 try:
-                    delay = await self.reconcile(key)
+                    await self.reconcile(key)
+                except RetryLater as err:
+                    retries += 1
+                    delay = retry_delay(retries) if err.delay is None else err.delay
+                    log.info("reconcile later", key=key, reason=err.reason, delay=delay)
+                except Conflict as err:
+                    log.info("reconcile conflict, again", key=key, reason=str(err))
+                    delay = 0.0
+                except Permanent as err:
+                    log.warning("reconcile gave up", key=key, reason=err.reason)
                 except Exception:
                     log.exception("reconcile failed", key=key)
                     delay = ERROR_RETRY_SECONDS

@@ -3,7 +3,7 @@
 Which I/O it owns: the NATS connection of one command (connect with a deadline, turning "unreachable" into one
 sentence and exit code 2), publishing command events and waiting for the fact that answers each of them
 (matched by ``causationId``), and reading the dataset and runtime KV buckets. What documents mean is decided in
-``libs.cli.manifests`` and what is printed in ``libs.cli.render``; both are pure.
+``libs.documents`` and what is printed in ``libs.cli.render``; both are pure.
 
 Exit codes: 0 success; 1 something was rejected, not found, invalid or unanswered; 2 NATS or the settings are
 unusable (and click's own usage errors).
@@ -31,9 +31,9 @@ from nats.js.errors import BucketNotFoundError, NoStreamResponseError, NotFoundE
 from libs import subjects
 from libs.bus import Bus, connect, kv_load, kv_values
 from libs.cli import render
-from libs.cli.manifests import Command, Kind, ManifestError, documents_to_commands, parse_documents
 from libs.cli.up import down, up
 from libs.config import NatsSettings, SettingsError, load_settings
+from libs.documents import Command, Kind, ManifestError, documents_to_commands, parse_documents
 from libs.events.dataset import (
     DatasetAccepted,
     DatasetDelete,

@@ -36,8 +36,8 @@ import click
 import msgspec
 
 from libs import subjects
-from libs.cli.manifests import ManifestError, documents_to_commands, parse_documents
 from libs.config import NatsSettings, Settings, SettingsError, load_settings
+from libs.documents import ManifestError, documents_to_commands, parse_documents
 from libs.embedded import (
     LOOPBACK,
     NatsConfig,

@@ -43,6 +43,7 @@ RETRY_START_SECONDS = 1.0
 RETRY_MAX_SECONDS = 30.0
 
 _encoder = msgspec.json.Encoder()
+_REQUEST_DECODER = msgspec.json.Decoder(InventoryRequest)
 
 
 def _file_bytes(file: CachedFile) -> int:
@@ -162,16 +163,14 @@ class InventoryPublisher:
     async def run(self) -> None:
         """Publish until ``stop``; failures are logged and retried with backoff, never raised."""
         subject = subjects.agent_inventory(self.log.node)
-        # A server configured below NATS's default limit gets smaller parts.
-        max_payload = getattr(self.bus.nc, "max_payload", 0) or MESSAGE_LIMIT
-        self.log.part_bytes = min(self.log.part_bytes, max_payload - (MESSAGE_LIMIT - PART_BYTES))
         subscription = None
         self._snapshot_wanted.set()  # the first thing published is a snapshot
         try:
             while not self._stopping.is_set():
                 try:
                     if subscription is None:
-                        subscription = await self.bus.nc.subscribe(subjects.INVENTORY_REQUEST, cb=self._on_request)
+                        subscription = await self.bus.subscribe(subjects.INVENTORY_REQUEST, _REQUEST_DECODER,
+                                                                self._on_request)
                     await self._publish_pending(subject)
                     self.failures = 0
                 except Exception as err:
@@ -217,11 +216,7 @@ class InventoryPublisher:
         for event in events:
             await self.bus.publish(subject, event)
 
-    async def _on_request(self, msg: object) -> None:
-        try:
-            request = msgspec.json.decode(msg.data, type=InventoryRequest)  # type: ignore[attr-defined]
-        except (msgspec.ValidationError, msgspec.DecodeError):
-            return
+    async def _on_request(self, request: InventoryRequest) -> None:
         if request.node and request.node != self.log.node:
             return
         if request.dataset is not None and request.dataset != self.log.dataset:

@@ -14,7 +14,6 @@ import argparse
 import asyncio
 import contextlib
 import os
-import tempfile
 from pathlib import Path
 
 import msgspec
@@ -27,7 +26,7 @@ from libs.events.agent import CacheCounters
 from libs.events.common import ObjectRef, parse_quantity
 from libs.events.dataset import DatasetRecord
 from libs.events.runtime import RuntimeRecord
-from libs.manifest import ManifestEntry, read_entries
+from libs.manifest import ManifestEntry, ManifestStore
 from libs.service import main as service_main
 from libs.telemetry import get_logger
 from libs.ufs import open_store
@@ -51,14 +50,6 @@ READ_AHEAD_KB = 1024
 # An agent must fail a read fast when the store is gone rather than retry; the reader's gate remembers it.
 AGENT_CONNECT_TIMEOUT = 1.0
 AGENT_MAX_ATTEMPTS = 1
-
-
-async def load_manifest(bus: Bus, name: str) -> list[ManifestEntry]:
-    manifests = await bus.manifests()
-    with tempfile.TemporaryFile() as out:
-        await manifests.get(name, writeinto=out)
-        out.seek(0)
-        return list(read_entries(out))
 
 
 def agent_store(location: object) -> ObjectStore:
@@ -98,7 +89,7 @@ class MountedDataset:
 
     async def run(self, stop: asyncio.Event) -> None:
         record, runtime = await self._load_records()
-        entries = await load_manifest(self.bus, record.status.manifest)
+        entries = await (await ManifestStore.of(self.bus)).load(record.status.manifest)
         self.manifest_version = (record.status.synced_generation, record.status.last_sync_time)
         levels = runtime.runtime.spec.tieredstore.levels
         block_size = parse_quantity(runtime.runtime.spec.block_size)
@@ -236,7 +227,7 @@ class MountedDataset:
                 version = (record.status.synced_generation, record.status.last_sync_time)
                 if version == self.manifest_version or not record.status.manifest:
                     continue
-                entries = await load_manifest(self.bus, record.status.manifest)
+                entries = await (await ManifestStore.of(self.bus)).load(record.status.manifest)
                 self.manifest_version = version
                 try:
                     self._update_gates(record)  # before the tree: a new mount's files must find their store

@@ -21,10 +21,10 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from libs.blocks import BlockId, block_span, blocks_touched
 from libs.manifest import ManifestEntry
 from libs.telemetry import get_logger
 from libs.ufs.base import EndpointUnreachable, ObjectStore, UfsError
-from services.agent.blocks import BlockId, block_span, blocks_touched
 from services.agent.readahead import MemoryBudget, ReadAhead
 
 log = get_logger(__name__)

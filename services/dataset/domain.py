@@ -12,7 +12,6 @@ from urllib.parse import urlsplit
 
 import msgspec
 
-from libs.events.agent import CacheCounters, Inventory, InventorySnapshot
 from libs.events.common import DNS1123_LABEL, DNS1123_SUBDOMAIN, dns_label_errors, format_bytes
 from libs.events.dataset import (
     CacheStates,
@@ -25,6 +24,7 @@ from libs.events.dataset import (
     Mount,
     RuntimeRef,
 )
+from libs.inventory import DatasetInventory
 from libs.ufs.mounts import canonical_options, mount_path
 
 SUPPORTED_SCHEMES = ("s3", "local")
@@ -158,8 +158,6 @@ class SyncResult:
     total_bytes: int = 0
     manifest: str = ""
     error: str = ""
-    # True when trying again later may succeed (the endpoint was unreachable).
-    retryable: bool = False
 
 
 def iso_time(now: float) -> str:
@@ -269,44 +267,14 @@ def status_on_apply(record: DatasetRecord, binding: RuntimeBinding | None) -> Da
     return with_binding(record.dataset, record.status, binding.phase, binding.cache_capacity)
 
 
-# --- Cache states from agent inventory ---
-
-
-class NodeCache(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
-    """The last inventory position and totals of one node's cache of a dataset."""
-
-    incarnation: str
-    seq: int
-    counters: CacheCounters
-
-
-class DatasetCache(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
-    nodes: dict[str, NodeCache] = {}
-
-
-def fold_inventory(cache: DatasetCache | None, event: Inventory) -> tuple[DatasetCache, bool]:
-    """The dataset's cache after one inventory event, and whether a gap was seen (a snapshot is needed).
-
-    Counters are totals in every event, so cache states stay right even across a gap; only the block lists
-    (for the scheduler) need the snapshot.
-    """
-    cache = cache or DatasetCache()
-    previous = cache.nodes.get(event.node)
-    if isinstance(event, InventorySnapshot):
-        gap = False
-    else:
-        gap = previous is None or previous.incarnation != event.incarnation or event.seq != previous.seq + 1
-    if previous is not None and previous.incarnation == event.incarnation and event.seq <= previous.seq:
-        return cache, False  # a redelivered or reordered old event
-    node = NodeCache(incarnation=event.incarnation, seq=event.seq, counters=event.counters)
-    return DatasetCache(nodes={**cache.nodes, event.node: node}), gap
+# --- Cache states from agent inventory (folded by libs.inventory) ---
 
 
 def percentage(part: int, whole: int) -> str:
     return f"{min(100.0, 100.0 * part / whole):.1f}%" if whole > 0 else "0.0%"
 
 
-def cache_states(cache: DatasetCache, ufs_total_bytes: int) -> CacheStates:
+def cache_states(cache: DatasetInventory, ufs_total_bytes: int) -> CacheStates:
     cached = sum(node.counters.cached_bytes for node in cache.nodes.values())
     capacity = sum(node.counters.capacity_bytes for node in cache.nodes.values())
     hits = sum(node.counters.hit_bytes for node in cache.nodes.values())
@@ -319,7 +287,7 @@ def cache_states(cache: DatasetCache, ufs_total_bytes: int) -> CacheStates:
     )
 
 
-def with_cache_states(status: DatasetStatus, cache: DatasetCache) -> DatasetStatus:
+def with_cache_states(status: DatasetStatus, cache: DatasetInventory) -> DatasetStatus:
     if not cache.nodes:
         return status
     return msgspec.structs.replace(status, cache_states=cache_states(cache, status.ufs_total_bytes))

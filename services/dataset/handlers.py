@@ -6,16 +6,14 @@ the reconciler whenever a record's generation is ahead of its synced generation.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import msgspec
-from nats.js.errors import NotFoundError, ObjectNotFoundError
 
 from libs import subjects
-from libs.bus import Bus, Conflict, Delivery, kv_delete, kv_load, kv_save
+from libs.bus import Bus, Conflict, Delivery, RetryLater, kv_delete, kv_load, kv_save
 from libs.config import Settings
 from libs.events.agent import AnyInventory, InventoryRequest, upgrade
 from libs.events.dataset import (
@@ -31,6 +29,9 @@ from libs.events.dataset import (
     DatasetStatusChanged,
 )
 from libs.events.runtime import RuntimeDeleted, RuntimeFact, RuntimeStatusChanged
+from libs.inventory import DatasetInventory
+from libs.inventory import fold as fold_inventory
+from libs.manifest import ManifestStore
 from libs.telemetry import get_logger
 from libs.ufs import open_store
 from services.dataset import domain
@@ -40,8 +41,6 @@ log = get_logger(__name__)
 
 # Compare-and-set retries inside one handler before handing the message back to the consumer loop.
 CAS_ATTEMPTS = 5
-# Wait before listing again an endpoint that was unreachable.
-UNREACHABLE_RETRY_SECONDS = 15.0
 
 
 @dataclass
@@ -167,28 +166,37 @@ class DatasetHandlers:
         ref = event.dataset
         key = subjects.resource_key(ref.namespace, ref.name)
         kv = await self.bus.kv(subjects.KV_NODE_CACHE)
-        current, revision = await kv_load(kv, key, domain.DatasetCache)
+        current, revision = await kv_load(kv, key, DatasetInventory)
         if current is None and await dataset_record_missing(self.bus, key):
             return  # the last events of a deleted dataset's mount (its cache freed) must not bring its entry back
-        folded, gap = domain.fold_inventory(current, event)
+        # Totals only: the block sets of every node would outgrow a KV value; the scheduler keeps those.
+        folded, gap = fold_inventory(current, event, track_blocks=False)
         if folded is not current:
             await kv_save(kv, key, folded, revision)
         if gap:
             log.info("inventory gap, asking for a snapshot", dataset=key, node=event.node, seq=event.seq)
             request = InventoryRequest(node=event.node, dataset=ref)
-            await self.bus.nc.publish(subjects.INVENTORY_REQUEST, msgspec.json.encode(request))
+            await self.bus.publish_core(subjects.INVENTORY_REQUEST, request)
         await self._update_status(key, lambda record: domain.with_cache_states(record.status, folded))
 
     # --- metadata sync (called by the reconciler) ---
 
-    async def sync(self, key: str) -> float | None:
-        """Sync one dataset if it needs it; returns seconds after which to try again, or None."""
+    async def sync(self, key: str) -> None:
+        """Sync one dataset if it needs it; ``RetryLater`` (from the sync) once its failure is in the status."""
         kv = await self.bus.kv(subjects.KV_DATASETS)
         record, _ = await kv_load(kv, key, DatasetRecord)
         if record is None or not domain.needs_sync(record):
-            return None
-        result = await sync_metadata(record, await self.bus.manifests(), self.settings.s3,
-                                     self.settings.service.list_page_size, self.opener)
+            return
+        try:
+            result = await sync_metadata(record, await ManifestStore.of(self.bus), self.settings.s3,
+                                         self.settings.service.list_page_size, self.opener)
+        except RetryLater as err:
+            await self._record_sync(key, record, domain.SyncResult(generation=record.generation,
+                                                                   requests=record.sync_requests, error=err.reason))
+            raise
+        await self._record_sync(key, record, result)
+
+    async def _record_sync(self, key: str, record: DatasetRecord, result: domain.SyncResult) -> None:
         namespace, name = record.dataset.metadata.namespace, record.dataset.metadata.name
         binding = await self._binding(namespace, name)
 
@@ -200,9 +208,6 @@ class DatasetHandlers:
         still_there = await self._update_status(key, after_sync)
         if not still_there:
             await self._delete_manifest(namespace, name)
-        if result.error and result.retryable:
-            return UNREACHABLE_RETRY_SECONDS
-        return None
 
     # --- helpers ---
 
@@ -242,9 +247,7 @@ class DatasetHandlers:
         )
 
     async def _delete_manifest(self, namespace: str, name: str) -> None:
-        manifests = await self.bus.manifests()
-        with contextlib.suppress(ObjectNotFoundError, NotFoundError):
-            await manifests.delete(subjects.manifest_name(namespace, name))
+        await (await ManifestStore.of(self.bus)).delete(ManifestStore.name(namespace, name))
 
 
 async def dataset_record_missing(bus: Bus, key: str) -> bool:

@@ -1,21 +1,18 @@
 """Metadata sync, the dataset service's I/O with the object stores: list every mount, write the manifest.
 
-The listing streams page by page into a temporary NDJSON file that is then uploaded to the JetStream Object
-Store, so memory stays bounded by one listing page whatever the number of objects.
+The listing streams page by page into a ``libs.manifest.ManifestWriter`` (a temporary NDJSON file) that
+``ManifestStore`` then uploads, so memory stays bounded by one listing page whatever the number of objects.
 """
 
 from __future__ import annotations
 
 import posixpath
-import tempfile
 from collections.abc import Callable
 
-from nats.js.object_store import ObjectStore as NatsObjectStore
-
-from libs import subjects
+from libs.bus import RetryLater
 from libs.config import S3Settings
 from libs.events.dataset import DatasetRecord
-from libs.manifest import ManifestEntry, write_entry
+from libs.manifest import ManifestEntry, ManifestStore, ManifestWriter
 from libs.telemetry import get_logger
 from libs.ufs import open_store
 from libs.ufs.base import Location, ObjectStore, UfsError
@@ -25,17 +22,21 @@ from services.dataset.domain import SyncResult
 log = get_logger(__name__)
 
 StoreOpener = Callable[[Location], ObjectStore]
+# Wait before listing again an endpoint that was unreachable.
+UNREACHABLE_RETRY_SECONDS = 15.0
 
 
-async def sync_metadata(record: DatasetRecord, manifests: NatsObjectStore, defaults: S3Settings,
+async def sync_metadata(record: DatasetRecord, manifests: ManifestStore, defaults: S3Settings,
                         page_size: int, opener: StoreOpener = open_store) -> SyncResult:
-    """List every mount of the dataset and store its manifest; a UFS problem becomes ``SyncResult.error``."""
+    """List every mount of the dataset and store its manifest.
+
+    A problem retrying cannot fix (a missing secret, a bucket that does not exist, access denied) becomes
+    ``SyncResult.error``; an unreachable endpoint raises ``RetryLater`` with the same kind of message.
+    """
     dataset = record.dataset
     generation = record.generation
     requests = record.sync_requests
-    file_num = 0
-    total_bytes = 0
-    with tempfile.TemporaryFile() as out:
+    with ManifestWriter() as manifest:
         for index, mount in enumerate(dataset.spec.mounts):
             try:
                 location = resolve_location(dataset, mount,
@@ -46,20 +47,17 @@ async def sync_metadata(record: DatasetRecord, manifests: NatsObjectStore, defau
             store = opener(location)
             try:
                 async for info in store.list(page_size=page_size):
-                    entry = ManifestEntry(path=posixpath.join(root, info.key), mount=index, key=info.key,
-                                          size=info.size, etag=info.etag, mtime=info.mtime)
-                    write_entry(out, entry)
-                    file_num += 1
-                    total_bytes += info.size
+                    manifest.add(ManifestEntry(path=posixpath.join(root, info.key), mount=index, key=info.key,
+                                               size=info.size, etag=info.etag, mtime=info.mtime))
             except UfsError as err:
-                return SyncResult(generation=generation, requests=requests,
-                                  error=f"cannot list {mount.mount_point}: {err.message}", retryable=err.retryable)
+                error = f"cannot list {mount.mount_point}: {err.message}"
+                if err.retryable:
+                    raise RetryLater(error, UNREACHABLE_RETRY_SECONDS) from err
+                return SyncResult(generation=generation, requests=requests, error=error)
             finally:
                 await store.close()
-        out.flush()
-        out.seek(0)
-        name = subjects.manifest_name(dataset.metadata.namespace, dataset.metadata.name)
-        await manifests.put(name, out)
-    log.info("synced", dataset=name, generation=generation, files=file_num, bytes=total_bytes)
-    return SyncResult(generation=generation, requests=requests, file_num=file_num, total_bytes=total_bytes,
-                      manifest=name)
+        name = manifests.name(dataset.metadata.namespace, dataset.metadata.name)
+        await manifests.save(name, manifest)
+    log.info("synced", dataset=name, generation=generation, files=manifest.file_num, bytes=manifest.total_bytes)
+    return SyncResult(generation=generation, requests=requests, file_num=manifest.file_num,
+                      total_bytes=manifest.total_bytes, manifest=name)

@@ -13,6 +13,7 @@ from libs.bus import Bus
 from libs.config import S3Settings
 from libs.events.common import ObjectMeta
 from libs.events.dataset import Dataset, DatasetRecord, DatasetSpec, Mount
+from libs.manifest import ManifestStore
 from services.dataset.sync import sync_metadata
 
 FILES = 100_000
@@ -37,7 +38,7 @@ async def test_sync_of_100k_objects_stays_within_bounded_memory(bus: Bus, tmp_pa
     manifests = await bus.manifests()
     tracemalloc.start()
     try:
-        result = await sync_metadata(record, manifests, S3Settings(), page_size=1000)
+        result = await sync_metadata(record, ManifestStore(manifests), S3Settings(), page_size=1000)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()

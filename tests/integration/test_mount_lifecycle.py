@@ -23,7 +23,7 @@ from libs.bus import MESSAGE_LIMIT, Bus, kv_load
 from libs.config import Settings
 from libs.events.common import ObjectMeta, format_bytes
 from libs.events.dataset import Dataset, DatasetApply, DatasetSpec, Mount
-from services.dataset.domain import DatasetCache
+from libs.inventory import DatasetInventory
 from tests.conftest import SeaweedServer, put_objects
 from tests.faults import CuttableProxy
 from tests.helpers import eventually, runtime_record
@@ -291,6 +291,6 @@ async def test_deleting_a_dataset_frees_its_cached_blocks(
         listing = await run_tool(SHOAL, "--nats", ",".join(settings.nats.urls), "get", "datasets")
         assert "gone" not in listing.stdout and "kept" in listing.stdout
         node_cache, _ = await kv_load(await bus.kv(subjects.KV_NODE_CACHE), subjects.resource_key("default", "gone"),
-                                      DatasetCache)
+                                      DatasetInventory)
         assert node_cache is None
         assert block_files(node.cache_dir / "default" / "kept") == kept_blocks  # other datasets untouched

@@ -1,5 +1,5 @@
 """The agent's pure pieces: the tree from a manifest, the read-ahead window and budget, inventory numbering,
-which mounts a node wants, and the dataset service's folding of inventory into cacheStates."""
+and which mounts a node wants. (The inventory fold is tested in test_inventory.py.)"""
 
 from __future__ import annotations
 
@@ -24,7 +24,6 @@ from services.agent import domain as agent_domain
 from services.agent.inventory import InventoryLog
 from services.agent.namespace import ROOT_INODE, InodeAllocator, Namespace
 from services.agent.readahead import MemoryBudget, ReadAhead
-from services.dataset import domain as dataset_domain
 
 
 def entry(path: str, etag: str = "e1", size: int = 10) -> ManifestEntry:
@@ -188,19 +187,7 @@ def test_restart_delay_backs_off_and_caps() -> None:
     assert delays[0] == 1.0 and delays == sorted(delays) and max(delays) == 30.0
 
 
-# --- cacheStates from inventory ---
-
-
-def snapshot(node: str, seq: int, cached: int, incarnation: str = "i1") -> InventorySnapshot:
-    return InventorySnapshot(node=node, dataset=ObjectRef(name="d"), incarnation=incarnation, seq=seq,
-                             counters=CacheCounters(cached_bytes=cached, capacity_bytes=100, hit_bytes=3,
-                                                    miss_bytes=1))
-
-
-def delta(node: str, seq: int, cached: int, incarnation: str = "i1") -> InventoryDelta:
-    return InventoryDelta(node=node, dataset=ObjectRef(name="d"), incarnation=incarnation, seq=seq,
-                          counters=CacheCounters(cached_bytes=cached, capacity_bytes=100, hit_bytes=3,
-                                                 miss_bytes=1))
+# --- inventory wire versions ---
 
 
 def test_v1_inventory_events_upgrade_to_v2_with_the_same_blocks() -> None:
@@ -219,24 +206,3 @@ def test_v1_inventory_events_upgrade_to_v2_with_the_same_blocks() -> None:
     assert [(f.key, f.blocks) for f in delta.cached] == [("a", [(1, 4)])]
     assert [(f.key, f.blocks) for f in delta.evicted] == [("b", [(0, 2)])]
     assert upgrade(new) is new
-
-
-def test_gaps_and_new_incarnations_ask_for_a_snapshot_and_old_events_are_ignored() -> None:
-    cache, gap = dataset_domain.fold_inventory(None, snapshot("n1", 1, 10))
-    assert not gap
-    cache, gap = dataset_domain.fold_inventory(cache, delta("n1", 2, 20))
-    assert not gap and cache.nodes["n1"].counters.cached_bytes == 20
-    same, gap = dataset_domain.fold_inventory(cache, delta("n1", 2, 99))  # redelivered
-    assert same is cache and not gap
-    cache, gap = dataset_domain.fold_inventory(cache, delta("n1", 5, 30))
-    assert gap and cache.nodes["n1"].counters.cached_bytes == 30  # totals stay right across a gap
-    _, gap = dataset_domain.fold_inventory(cache, delta("n1", 1, 30, incarnation="i2"))
-    assert gap
-
-
-def test_cache_states_add_up_nodes() -> None:
-    cache, _ = dataset_domain.fold_inventory(None, snapshot("n1", 1, 30))
-    cache, _ = dataset_domain.fold_inventory(cache, snapshot("n2", 1, 20))
-    states = dataset_domain.cache_states(cache, ufs_total_bytes=200)
-    assert states.cached == "50B" and states.cache_capacity == "200B"
-    assert states.cached_percentage == "25.0%" and states.cache_hit_ratio == "75.0%"

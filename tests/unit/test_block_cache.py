@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from libs.blocks import BlockId
 from libs.events.runtime import Level
-from services.agent.blocks import BlockId
 from services.agent.cache import BlockCache, DiskTier, FrequencyAdmissionPolicy, LruPolicy, MemoryTier, PolicyFactory
 from services.agent.cache import tiers as tiers_module
 from services.agent.cache.tiers import HEADER

@@ -12,7 +12,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from services.agent.blocks import BlockId
+from libs.blocks import BlockId
 from services.agent.cache import tiers as tiers_module
 from services.agent.cache.tiers import HEADER, DiskTier, Health, MemoryTier, ScannedBlock
 

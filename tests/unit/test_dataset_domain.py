@@ -12,7 +12,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from libs.config import S3Settings, Secret
-from libs.events.common import ObjectMeta
+from libs.events.agent import CacheCounters, InventorySnapshot
+from libs.events.common import ObjectMeta, ObjectRef
 from libs.events.dataset import (
     CacheStates,
     Condition,
@@ -27,6 +28,7 @@ from libs.events.dataset import (
     SecretKeySelector,
     User,
 )
+from libs.inventory import fold
 from libs.ufs.base import LocalLocation, S3Location
 from libs.ufs.mounts import MissingSecret, canonical_options, mount_path, resolve_location, secret_refs
 from services.dataset.domain import (
@@ -34,6 +36,7 @@ from services.dataset.domain import (
     RuntimeBinding,
     SyncResult,
     apply_dataset,
+    cache_states,
     dataset_phase,
     iso_time,
     needs_sync,
@@ -722,6 +725,21 @@ def test_secret_refs_of_a_mount() -> None:
         ("imagenet-s3", "access-key-id"), ("imagenet-s3", "secret-access-key")
     ]
     assert secret_refs(dataset, dataset.spec.mounts[1]) == []
+
+
+# --- cacheStates from the inventory fold ---
+
+
+def test_cache_states_add_up_nodes() -> None:
+    counters = CacheCounters(cached_bytes=30, capacity_bytes=100, hit_bytes=3, miss_bytes=1)
+    cache, _ = fold(None, InventorySnapshot(node="n1", dataset=ObjectRef(name="d"), incarnation="i", seq=1,
+                                            counters=counters), track_blocks=False)
+    cache, _ = fold(cache, InventorySnapshot(node="n2", dataset=ObjectRef(name="d"), incarnation="i", seq=1,
+                                             counters=msgspec.structs.replace(counters, cached_bytes=20)),
+                    track_blocks=False)
+    states = cache_states(cache, ufs_total_bytes=200)
+    assert states.cached == "50B" and states.cache_capacity == "200B"
+    assert states.cached_percentage == "25.0%" and states.cache_hit_ratio == "75.0%"
 
 
 # --- the runtime's Mounted condition ---

@@ -37,9 +37,9 @@ from pathlib import PurePosixPath
 
 import msgspec
 
+from libs.blocks import BlockId
 from libs.events.common import parse_quantity
 from libs.events.runtime import Level
-from services.agent.blocks import BlockId
 from services.agent.cache.eviction import EvictionPolicy, FrequencyAdmissionPolicy, PolicyFactory
 from services.agent.cache.tiers import DEFAULT_COOLDOWN_SECONDS, DiskTier, Health, MemoryTier, Tier
 

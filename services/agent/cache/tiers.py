@@ -54,8 +54,8 @@ from typing import NamedTuple, Protocol
 
 import msgspec
 
+from libs.blocks import BlockId, block_name, checksum
 from libs.telemetry import get_logger
-from services.agent.blocks import BlockId, block_name, checksum
 
 log = get_logger(__name__)
 

@@ -1,4 +1,4 @@
-"""Manifests → commands (libs.cli.manifests): Shoal kinds, Fluid kinds, ignored-field notes, errors. Pure."""
+"""Manifests → commands (libs.documents): Shoal kinds, Fluid kinds, ignored-field notes, errors. Pure."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import textwrap
 import pytest
 
 from libs import subjects
-from libs.cli.manifests import (
+from libs.documents import (
     ManifestError,
     alluxio_size,
     documents_to_commands,

@@ -1,6 +1,7 @@
-"""Manifests → commands: what ``shoal apply -f`` and ``shoal delete -f`` publish for each YAML document.
+"""Kubernetes/Fluid documents → commands: what ``shoal apply -f`` and ``shoal delete -f`` publish per YAML document.
 
-Pure functions, no I/O. Decides:
+Pure functions, no I/O, in libs so the CLI and a future Kubernetes bridge translate documents the same way.
+Decides:
 - which kinds are understood: Shoal's own ``shoal.io/v1alpha1`` Dataset and Runtime, Fluid's
   ``data.fluid.io/v1alpha1`` Dataset, and Fluid's cache runtimes (AlluxioRuntime, JuiceFSRuntime, ...) mapped
   onto the one Shoal Runtime;

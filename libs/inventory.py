@@ -1,0 +1,121 @@
+"""The inventory fold, pure: what each node caches of a dataset, from its numbered snapshot and delta events.
+
+Decides, per (dataset, node):
+- the position (incarnation, last ``seq``) and the cache totals, which every event carries, so totals stay right
+  even across a gap;
+- the set of cached blocks with their sizes: a snapshot may come in parts 1..n with consecutive ``seq``, in any
+  order; only a complete snapshot replaces the set; deltas add and remove blocks;
+- when to ask the agent for a snapshot: a delta that does not follow the last event (a sequence gap), comes from
+  a new incarnation (the mount process restarted) or from a node never seen, or arrives while a snapshot is
+  still missing parts.
+
+Block identity is opaque here (any hashable value from the events), so the encoding of block ids can change
+without touching the fold. Holders that persist the fold as JSON (the dataset service, in KV) fold with
+``track_blocks=False``: positions and totals only. Holders that keep it in memory (the scheduler) track blocks.
+Old and redelivered events are ignored; the fold returns the very same object when nothing changed. A gap asks
+once: deltas that follow it are consecutive again, so a replay of many queued deltas costs one snapshot.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import msgspec
+
+from libs.events.agent import CacheCounters, Inventory, InventoryDelta, InventorySnapshot, ungroup
+
+
+class Assembly(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
+    """A snapshot being put together: the ``seq`` of its part 1, its number of parts, what has arrived."""
+
+    start: int
+    parts: int
+    received: frozenset[int] = frozenset()
+    blocks: dict[Any, int] = {}
+
+    @property
+    def end(self) -> int:
+        return self.start + self.parts - 1
+
+
+class NodeInventory(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omit_defaults=True):
+    """One node's cache of one dataset, as far as its events tell."""
+
+    incarnation: str
+    seq: int
+    counters: CacheCounters = CacheCounters()
+    # Block → size. Exact only when ``exact``: built from a complete snapshot and every delta since.
+    blocks: dict[Any, int] = {}
+    exact: bool = False
+    assembly: Assembly | None = None
+
+
+class DatasetInventory(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
+    """Every node's cache of one dataset."""
+
+    nodes: dict[str, NodeInventory] = {}
+
+
+class Fold(NamedTuple):
+    inventory: DatasetInventory
+    # True when the node should be asked for a snapshot (``InventoryRequest``).
+    ask_snapshot: bool
+
+
+def fold(inventory: DatasetInventory | None, event: Inventory, *, track_blocks: bool = True) -> Fold:
+    """The dataset's inventory after one event of one of its nodes."""
+    inventory = inventory or DatasetInventory()
+    node, ask = fold_node(inventory.nodes.get(event.node), event, track_blocks=track_blocks)
+    if node is inventory.nodes.get(event.node):
+        return Fold(inventory, ask)
+    return Fold(DatasetInventory(nodes={**inventory.nodes, event.node: node}), ask)
+
+
+def fold_node(node: NodeInventory | None, event: Inventory, *,
+              track_blocks: bool = True) -> tuple[NodeInventory, bool]:
+    """One node's inventory after ``event``, and whether to ask that node for a snapshot."""
+    if isinstance(event, InventorySnapshot):
+        return _snapshot_part(node, event, track_blocks), False
+    return _delta(node, event, track_blocks)
+
+
+def _snapshot_part(node: NodeInventory | None, part: InventorySnapshot, track_blocks: bool) -> NodeInventory:
+    start = part.seq - part.part + 1
+    same = node if node is not None and node.incarnation == part.incarnation else None
+    pending = same.assembly if same is not None else None
+    if same is not None and pending is not None and (pending.start, pending.parts) == (start, part.parts):
+        if part.part in pending.received:
+            return same  # a redelivered part
+        assembly = pending
+    elif same is not None and part.seq <= same.seq:
+        return same  # a part of an older snapshot, already superseded
+    else:
+        assembly = Assembly(start=start, parts=part.parts)
+    blocks = {**assembly.blocks, **{b.block: b.size for b in part.cached_blocks()}} if track_blocks else {}
+    assembly = Assembly(start=assembly.start, parts=assembly.parts, received=assembly.received | {part.part},
+                        blocks=blocks)
+    # Position and totals follow the newest event (parts may arrive out of order).
+    seq, counters = (part.seq, part.counters) if same is None or part.seq > same.seq else (same.seq, same.counters)
+    if len(assembly.received) == assembly.parts:
+        return NodeInventory(incarnation=part.incarnation, seq=seq, counters=counters, blocks=assembly.blocks,
+                             exact=True)
+    # Until the snapshot is complete, the blocks known so far stay (possibly stale, so not exact).
+    return NodeInventory(incarnation=part.incarnation, seq=seq, counters=counters,
+                         blocks=node.blocks if node is not None else {}, exact=False, assembly=assembly)
+
+
+def _delta(node: NodeInventory | None, delta: InventoryDelta, track_blocks: bool) -> tuple[NodeInventory, bool]:
+    if node is not None and node.incarnation == delta.incarnation and delta.seq <= node.seq:
+        return node, False  # a redelivered or reordered old event
+    follows = (node is not None and node.incarnation == delta.incarnation and delta.seq == node.seq + 1
+               and node.assembly is None)
+    blocks = node.blocks if node is not None else {}
+    if track_blocks and (delta.cached or delta.evicted):
+        blocks = {**blocks, **{b.block: b.size for b in ungroup(delta.cached)}}
+        for evicted in ungroup(delta.evicted):
+            blocks.pop(evicted.block, None)
+    exact = follows and node is not None and node.exact
+    # After a gap the blocks are a best guess (deltas still apply) until the snapshot asked for arrives; a
+    # snapshot still missing parts is dropped, since this delta's changes would be lost under it.
+    return NodeInventory(incarnation=delta.incarnation, seq=delta.seq, counters=delta.counters, blocks=blocks,
+                         exact=exact), not follows

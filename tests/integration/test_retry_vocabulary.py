@@ -1,0 +1,141 @@
+"""One retry vocabulary, on a real nats-server: the reconciler honours ``RetryLater``, ``Conflict`` and
+``Permanent``; the dataset sync raises ``RetryLater`` for an unreachable endpoint once the status says so; core
+NATS goes through ``Bus.publish_core`` and ``Bus.subscribe`` (handlers never touch ``bus.nc``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+import msgspec
+import pytest
+from nats.js import api as js_api
+from nats.js.kv import KeyValue
+
+from libs import reconcile, subjects
+from libs.bus import Bus, Conflict, Permanent, RetryLater, kv_save
+from libs.embedded import free_port
+from libs.events.agent import InventoryRequest
+from libs.events.common import ObjectMeta, ObjectRef
+from libs.events.dataset import Dataset, DatasetRecord, DatasetSpec, Mount
+from libs.reconcile import Reconciler
+from services.dataset import sync as dataset_sync
+from services.dataset.handlers import DatasetHandlers
+from tests.helpers import dataset_record, eventually, make_settings
+
+
+class Scripted:
+    """A reconcile whose outcome per key and call is scripted (None: return); records when each call came."""
+
+    def __init__(self, script: dict[str, list[Exception | None]]) -> None:
+        self.script = script
+        self.calls: dict[str, list[float]] = {}
+
+    async def __call__(self, key: str) -> None:
+        calls = self.calls.setdefault(key, [])
+        calls.append(time.monotonic())
+        outcomes = self.script.get(key, [])
+        outcome = outcomes[len(calls) - 1] if len(calls) <= len(outcomes) else None
+        if outcome is not None:
+            raise outcome
+
+    def count(self, key: str) -> int:
+        return len(self.calls.get(key, []))
+
+    def reached(self, key: str, calls: int) -> Callable[[], Awaitable[bool]]:
+        async def probe() -> bool:
+            return self.count(key) == calls
+
+        return probe
+
+    def gaps(self, key: str) -> list[float]:
+        times = self.calls.get(key, [])
+        return [later - earlier for earlier, later in itertools.pairwise(times)]
+
+
+@asynccontextmanager
+async def reconciling(bus: Bus, reconcile_key: Scripted) -> AsyncIterator[KeyValue]:
+    kv = await bus.js.create_key_value(js_api.KeyValueConfig(bucket="test_reconcile"))
+    reconciler = Reconciler(kv, reconcile_key)
+    task = asyncio.create_task(reconciler.run())
+    try:
+        yield kv
+    finally:
+        reconciler.stop()
+        await asyncio.wait_for(task, 10)
+
+
+async def test_retry_later_runs_the_key_again_after_its_delay(bus: Bus) -> None:
+    script = Scripted({"a": [RetryLater("not yet", 0.2), RetryLater("still not", 0.2)]})
+    async with reconciling(bus, script) as kv:
+        await kv.put("a", b"1")
+        # Well below the 5 s that an unexpected error waits.
+        await eventually(script.reached("a", 3), timeout=3, what="three calls")
+    assert all(gap >= 0.2 for gap in script.gaps("a")), script.gaps("a")
+
+
+async def test_conflict_runs_the_key_again_at_once(bus: Bus) -> None:
+    script = Scripted({"c": [Conflict("lost a compare-and-set"), Conflict("again")]})
+    async with reconciling(bus, script) as kv:
+        await kv.put("c", b"1")
+        await eventually(script.reached("c", 3), timeout=2, what="three calls")
+    assert max(script.gaps("c")) < 1.0
+
+
+async def test_permanent_stops_until_the_key_changes_again(bus: Bus, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Were Permanent treated as an unexpected error, it would come back within 0.05 s.
+    monkeypatch.setattr(reconcile, "ERROR_RETRY_SECONDS", 0.05)
+    ticks = 10
+    script = Scripted({"p": [Permanent("the spec can never work")],
+                       "tick": [RetryLater("tick", 0.05) for _ in range(ticks)]})
+    async with reconciling(bus, script) as kv:
+        await kv.put("p", b"1")
+        await eventually(script.reached("p", 1), timeout=3, what="the first call")
+        await kv.put("tick", b"1")
+        # A clock made of another key: ten retries of 0.05 s each after the permanent failure.
+        await eventually(script.reached("tick", ticks + 1), timeout=5, what="ticks")
+        assert script.count("p") == 1
+        await kv.put("p", b"2")  # level-triggered: a change runs it again, and now it succeeds
+        await eventually(script.reached("p", 2), timeout=3, what="the second call")
+
+
+async def test_unreachable_endpoint_is_in_the_status_and_the_sync_retries_later(bus: Bus, nats_server) -> None:
+    closed = f"http://127.0.0.1:{free_port()}"
+    handlers = DatasetHandlers(bus, make_settings(nats_server.url, closed, "k", "s"))
+    record = DatasetRecord(dataset=Dataset(metadata=ObjectMeta(name="offline"),
+                                           spec=DatasetSpec(mounts=[Mount(mount_point="s3://some-bucket")])),
+                           generation=1)
+    key = subjects.resource_key("default", "offline")
+    await kv_save(await bus.kv(subjects.KV_DATASETS), key, record, None)
+    with pytest.raises(RetryLater) as caught:
+        await handlers.sync(key)
+    assert caught.value.delay == dataset_sync.UNREACHABLE_RETRY_SECONDS
+    assert "cannot reach" in caught.value.reason
+    stored = await dataset_record(bus, "offline")
+    assert stored is not None and stored.status.phase == "Failed"
+    assert stored.status.message == caught.value.reason and closed in stored.status.message
+
+
+async def test_core_nats_events_go_through_the_bus_decoded(bus: Bus) -> None:
+    received: list[InventoryRequest] = []
+
+    async def on_request(request: InventoryRequest) -> None:
+        received.append(request)
+
+    async def arrived() -> list[InventoryRequest]:
+        return received
+
+    subscription = await bus.subscribe(subjects.INVENTORY_REQUEST, msgspec.json.Decoder(InventoryRequest),
+                                       on_request)
+    try:
+        await bus.nc.publish(subjects.INVENTORY_REQUEST, b"{not json")  # skipped, the subscription lives on
+        request = InventoryRequest(node="n1", dataset=ObjectRef(name="d"))
+        await bus.publish_core(subjects.INVENTORY_REQUEST, request)
+        await eventually(arrived, timeout=5, what="the request")
+        assert received == [request]
+    finally:
+        await subscription.unsubscribe()
