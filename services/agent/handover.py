@@ -30,6 +30,7 @@ _SYS_MOVE_MOUNT = 429  # the same number on every architecture (new syscalls sha
 _AT_FDCWD = -100
 _MOVE_MOUNT_BENEATH = 0x200
 _MS_BIND = 0x1000
+_MS_MOVE = 0x2000
 _MS_PRIVATE = 1 << 18
 _MNT_DETACH = 2
 
@@ -46,6 +47,11 @@ def _move_mount(source: str, target: str, flags: int) -> None:
     result = _libc.syscall(_SYS_MOVE_MOUNT, _AT_FDCWD, os.fsencode(source), _AT_FDCWD, os.fsencode(target),
                            ctypes.c_uint(flags))
     _check(result, "move_mount", target)
+
+
+def _move(source: str, target: str) -> None:
+    """Move a mount (``mount --move``): every kernel has it, unlike ``move_mount``."""
+    _check(_libc.mount(os.fsencode(source), os.fsencode(target), None, _MS_MOVE, None), "move mount", target)
 
 
 def detach(path: str) -> None:
@@ -66,13 +72,12 @@ def remove_mountpoint(path: str) -> None:
 
 
 class Staging:
-    """A private directory to mount at before the mount is moved into place; ``None`` path when unavailable."""
+    """A private directory to mount at before the mount is moved into place (``prepare``, ``attach``, ``cleanup``)."""
 
     def __init__(self, mountpoint: str) -> None:
         parent, name = os.path.split(os.path.abspath(mountpoint))
         self.mountpoint = os.path.abspath(mountpoint)
         self.path = os.path.join(parent, f".{name}.staging-{os.getpid()}")
-        self._bound = False
 
     def prepare(self) -> bool:
         """Make the staging directory a private mount; False when this process may not mount (then mount in place)."""
@@ -80,7 +85,6 @@ class Staging:
         path = os.fsencode(self.path)
         try:
             _check(_libc.mount(path, path, None, _MS_BIND, None), "bind mount", self.path)
-            self._bound = True
             _check(_libc.mount(None, path, None, _MS_PRIVATE, None), "make private", self.path)
         except OSError as err:
             log.info("mount handover unavailable; mounting in place", reason=str(err))
@@ -99,18 +103,20 @@ class Staging:
                 log.info("mounting beneath is not supported here; replacing the old mount", reason=str(err))
                 detach(self.mountpoint)
                 os.makedirs(self.mountpoint, exist_ok=True)
-                _move_mount(self.path, self.mountpoint, 0)
+                _move(self.path, self.mountpoint)
             else:
                 detach(self.mountpoint)  # the old mount on top; ours is revealed
         else:
             os.makedirs(self.mountpoint, exist_ok=True)
-            _move_mount(self.path, self.mountpoint, 0)
+            _move(self.path, self.mountpoint)
 
     def cleanup(self) -> None:
-        if self._bound:
-            with contextlib.suppress(OSError):
+        """Remove the staging mounts (the bind, and the FUSE mount too if it was never moved) and the directory."""
+        for _ in range(2):
+            if not is_mounted(self.path):
+                break
+            with contextlib.suppress(OSError, subprocess.CalledProcessError):
                 detach(self.path)
-            self._bound = False
         with contextlib.suppress(OSError):
             os.rmdir(self.path)
 
