@@ -9,7 +9,7 @@ A mount process that dies is restarted with backoff; its stale mount (ENOTCONN) 
 loaded everything and moves its mount in beneath it, so readers get an error, never an empty folder. On stop every
 mount process gets SIGTERM, any mount left behind is removed with ``fusermount3 -u -z``, and the bare mount point is
 removed. Heartbeats say how each mount is doing (Serving, Starting, Failing). A deleted dataset is
-unmounted at once; one that merely stops being Bound (its runtime briefly NotReady, e.g. while this agent
+unmounted at once (its mount process deletes its cached blocks; the agent deletes those a dead one left); one that merely stops being Bound (its runtime briefly NotReady, e.g. while this agent
 restarts) keeps its mount for a grace period, so readers are not cut off by a blip.
 """
 
@@ -31,6 +31,7 @@ from libs.events.dataset import DatasetRecord
 from libs.events.runtime import RuntimeRecord
 from libs.telemetry import get_logger
 from services.agent import domain
+from services.agent.cache import BlockCache
 from services.agent.handover import remove_mountpoint
 from services.agent.mountinfo import device_of, is_mounted
 
@@ -116,6 +117,8 @@ class NodeAgent:
                 unwanted.unwanted_since = now
             if not exists or now - unwanted.unwanted_since >= UNBOUND_GRACE_SECONDS:
                 await self._stop_worker(self.workers.pop(ref))
+            if not exists:
+                await self._free_cache(*ref)
         for namespace, name in sorted(wanted):
             worker = self.workers.get((namespace, name))
             if worker is None:
@@ -152,6 +155,29 @@ class NodeAgent:
         await force_unmount(worker.path)
         await asyncio.to_thread(remove_mountpoint, worker.path)
         log.info("mount stopped", dataset=f"{worker.namespace}/{worker.name}")
+
+    async def _free_cache(self, namespace: str, name: str) -> None:
+        """Delete the blocks of a deleted dataset that its mount process (down, or never told) left on disk."""
+        runtime = self.runtimes.values.get(subjects.resource_key(namespace, name))
+        if runtime is None:
+            return
+        levels = runtime.runtime.spec.tieredstore.levels
+        suffix = f"{namespace}/{name}"
+        folders = [Path(d.strip()) / suffix for level in levels for d in level.path.split(",") if d.strip()]
+        if not await asyncio.to_thread(lambda: any(folder.is_dir() for folder in folders)):
+            return  # the mount process freed it (the usual case)
+
+        def free() -> int:
+            cache = BlockCache.from_levels(levels, suffix)
+            cache.load()  # scans what is Shoal's (block files), so only that is deleted
+            return cache.purge()
+
+        try:
+            freed = await asyncio.to_thread(free)
+        except (OSError, ValueError) as err:
+            log.warning("could not free the cache of a deleted dataset", dataset=suffix, error=str(err))
+            return
+        log.info("deleted dataset's cache freed", dataset=suffix, blocks=freed)
 
     def _mount_reports(self) -> list[MountReport]:
         reports = []

@@ -24,6 +24,7 @@ from libs.config import Settings
 from libs.events.common import ObjectMeta, format_bytes
 from libs.events.dataset import Dataset, DatasetApply, DatasetSpec, Mount
 from libs.inventory import DatasetInventory
+from libs.manifest import ManifestStore
 from tests.conftest import SeaweedServer, put_objects
 from tests.faults import CuttableProxy
 from tests.helpers import eventually, runtime_record
@@ -153,7 +154,7 @@ async def test_a_mount_that_keeps_failing_shows_in_dataset_and_runtime_status(
 
         await eventually(lambda: mounted_condition("True"), what="Mounted=True while serving")
         # Every restart of the mount now fails: its manifest is gone from the object store.
-        await (await bus.manifests()).delete(record.status.manifest)
+        await (await ManifestStore.of(bus)).delete(record.status.manifest)
         [pid] = mount_pids(root)
         os.kill(pid, signal.SIGKILL)
         dataset, runtime, condition = await eventually(lambda: mounted_condition("False"), timeout=30,
@@ -294,3 +295,28 @@ async def test_deleting_a_dataset_frees_its_cached_blocks(
                                       DatasetInventory)
         assert node_cache is None
         assert block_files(node.cache_dir / "default" / "kept") == kept_blocks  # other datasets untouched
+
+
+async def test_deleting_a_dataset_whose_mount_is_down_frees_its_cached_blocks_too(
+        bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path) -> None:
+    objects = {f"d{i}.bin": os.urandom(1_500_000) for i in range(2)}
+    await put_objects(seaweedfs, bucket, objects)
+    async with node_stack(bus, settings, seaweedfs, tmp_path) as node:
+        await node.apply("down", bucket)
+        root = await node.wait_mounted("down", expect="d1.bin")
+        for key in objects:
+            await read_file(root / key)
+        cache = node.cache_dir / "default" / "down"
+        await eventually(lambda: _async(len(block_files(cache)) >= 4), what="blocks on disk")
+        # The mount process dies and cannot come back (its manifest is gone): nobody in it to free the cache.
+        record = await node.record("down")
+        await (await ManifestStore.of(bus)).delete(record.status.manifest)
+        [pid] = mount_pids(root)
+        os.kill(pid, signal.SIGKILL)
+        await eventually(lambda: _async(not mount_pids(root)), what="the mount process gone")
+        await run_tool(SHOAL, "--nats", ",".join(settings.nats.urls), "delete", "dataset", "down")
+
+        async def freed() -> bool:
+            return not block_files(cache) and str(root) not in mounted_paths() and not root.exists()
+
+        await eventually(freed, timeout=30, what="the agent freeing the deleted dataset's blocks")
