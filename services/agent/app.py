@@ -9,8 +9,9 @@ A mount process that dies is restarted with backoff; its stale mount (ENOTCONN) 
 loaded everything and moves its mount in beneath it, so readers get an error, never an empty folder. On stop every
 mount process gets SIGTERM, any mount left behind is removed with ``fusermount3 -u -z``, and the bare mount point is
 removed. Heartbeats say how each mount is doing (Serving, Starting, Failing). A deleted dataset is
-unmounted at once (its mount process deletes its cached blocks; the agent deletes those a dead one left); one that merely stops being Bound (its runtime briefly NotReady, e.g. while this agent
-restarts) keeps its mount for a grace period, so readers are not cut off by a blip.
+unmounted at once (its mount process deletes its cached blocks; the agent deletes those a dead one left); one
+that merely stops being Bound (its runtime briefly NotReady, e.g. while this agent restarts) keeps its mount for
+a grace period, so readers are not cut off by a blip.
 """
 
 from __future__ import annotations
