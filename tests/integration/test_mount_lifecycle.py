@@ -56,7 +56,7 @@ async def test_inventory_of_thousands_of_blocks_under_long_keys_arrives_and_the_
     async with node_stack(bus, settings, seaweedfs, tmp_path) as node:
         await node.apply("wide", bucket, block_size="64Ki")
         root = await node.wait_mounted("wide", expect=long_key(count - 1))
-        await run_tool("sh", "-c", f"find '{root}' -type f -print0 | xargs -0 cat > /dev/null")
+        await run_tool("sh", "-c", f"find '{root}' -type f -print0 | xargs -0 -P 8 -n 100 cat > /dev/null")
 
         async def all_cached() -> Any:
             record = await node.record("wide")
