@@ -53,6 +53,7 @@ test: test-deps venv
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports --no-cache
 
 # The control-plane bench, then the agent data-path bench, which compares Shoal's mount with rclone, s3fs and fio
 # runs (Debian packages fio, rclone, s3fs; installed with apt-get as root when missing, else their rows say why).

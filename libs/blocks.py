@@ -1,8 +1,9 @@
 """Block identity and arithmetic: how a file is cut into fixed-size blocks and how a block is named.
 
-A block id pins the mount, the object key, the object's ETag and the block index, so bytes of an overwritten
-object can never be mixed with the old ones: a new ETag is a different block. Names are hashes of the id,
-safe as file names and short in inventory events.
+A block id (``libs.events.agent.BlockId``) pins the mount, the object key, the object's ETag and the block
+index, so bytes of an overwritten object can never be mixed with the old ones: a new ETag is a different block.
+Its name, a hash of the id, is the block's file name in a disk tier; inventory events carry the id itself.
+Shared by the agent's cache and read path and by whoever reasons about blocks (the scheduler next).
 """
 
 from __future__ import annotations

@@ -7,6 +7,10 @@ What it decides:
   ``Permanent``, an undecodable or oversized payload, or a last failed delivery → a ``DeadLetter`` record on the
   dead-letter stream, then ``term`` so the message is never redelivered.
 - that every published event carries ``Nats-Msg-Id`` (its id, for deduplication) and ``traceparent``.
+
+``RetryLater``, ``Permanent`` and ``Conflict`` are the one retry vocabulary: handlers raise them, and both the
+consumer loop here and ``libs.reconcile`` honour them. Core NATS (not stored) goes through ``publish_core`` and
+``subscribe`` too, so services never touch the connection itself.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
-"""The dataset manifest: one line per file (path in the dataset, source mount and key, size, ETag, mtime).
+"""The dataset manifest: one ``ManifestEntry`` line per file (path in the dataset, mount, key, size, ETag, mtime).
 
 Which I/O it owns: the manifests in the JetStream Object Store ``shoal_manifests``, one object per dataset, as
-newline-delimited JSON. ``ManifestStore`` is the one way in: the dataset service spools entries into a
+newline-delimited JSON. (``ManifestEntry`` itself is a schema in ``libs.events.dataset``, so pure modules use it
+without importing NATS.) ``ManifestStore`` is the one way in: the dataset service spools entries into a
 ``ManifestWriter`` while the listing streams (bounded memory) and saves it; every agent loads it back instead of
 listing the bucket again.
 """
@@ -21,16 +22,7 @@ from nats.js.object_store import ObjectStore as NatsObjectStore
 
 from libs import subjects
 from libs.bus import Bus
-
-
-class ManifestEntry(msgspec.Struct, frozen=True, rename="camel"):
-    path: str  # '/'-rooted path inside the dataset
-    mount: int  # index into spec.mounts
-    key: str  # object key relative to the mount's prefix
-    size: int
-    etag: str
-    mtime: float
-
+from libs.events.dataset import ManifestEntry
 
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(ManifestEntry)

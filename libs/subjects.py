@@ -1,8 +1,8 @@
 """Every NATS name Shoal uses, spelled once: subjects, streams, durable consumers, KV buckets, keys.
 
 Services and the CLI import these instead of writing strings, so a rename happens here or nowhere.
-Subjects that other systems may use (commands in, facts out) are part of the public contract and are
-documented in docs/events.md.
+Subjects that other systems may use (commands in, facts out) are part of the public contract: the README's
+"Publishing events from another system" names them, and docs/schemas/ holds the JSON Schema of every event.
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ KV_DATASETS = "shoal_datasets"
 KV_RUNTIMES = "shoal_runtimes"
 KV_AGENTS = "shoal_agents"
 KV_BINDINGS = "shoal_dataset_bindings"
-# Per (dataset, node) cache totals folded from inventory; keys "<namespace>.<name>.<node>".
+# Per dataset, every node's inventory position and cache totals (libs.inventory); keys "<namespace>.<name>".
 KV_NODE_CACHE = "shoal_dataset_node_cache"
 OBJ_MANIFESTS = "shoal_manifests"
 
@@ -86,10 +86,6 @@ OBJ_MANIFESTS = "shoal_manifests"
 def resource_key(namespace: str, name: str) -> str:
     """KV key of a namespaced object. Both parts are DNS labels, so they never contain a dot."""
     return f"{namespace}.{name}"
-
-
-def node_cache_key(namespace: str, name: str, node: str) -> str:
-    return f"{namespace}.{name}.{node}"
 
 
 def manifest_name(namespace: str, name: str) -> str:

@@ -176,3 +176,14 @@ class DatasetRecord(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     status: DatasetStatus = DatasetStatus()
     # Resync requests received; a sync is due while status.syncedRequests is behind.
     sync_requests: int = 0
+
+
+class ManifestEntry(msgspec.Struct, frozen=True, rename="camel"):
+    """One file of a synced dataset: a line of its manifest (``libs.manifest`` reads and writes them)."""
+
+    path: str  # '/'-rooted path inside the dataset
+    mount: int  # index into spec.mounts
+    key: str  # object key relative to the mount's prefix
+    size: int
+    etag: str
+    mtime: float

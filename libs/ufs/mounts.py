@@ -1,43 +1,20 @@
-"""Dataset mounts as object-store locations: option aliases, where a mount appears, endpoint and credentials.
+"""Dataset mounts as object-store locations: endpoint and credentials.
 
 Shared by the dataset service (listing) and the agent (reads). Pure except ``read_secrets``, which reads secret
-files; credentials stay wrapped in ``Secret``.
+files; credentials stay wrapped in ``Secret``. Option aliases and where a mount appears are ``libs.mounts``
+(pure, so domain modules can use them without importing the object stores).
 """
 
 from __future__ import annotations
 
-import posixpath
 from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from libs.config import S3Settings, Secret
 from libs.events.dataset import Dataset, Mount
+from libs.mounts import canonical_options
 from libs.ufs.base import LocalLocation, Location, S3Location
-
-# Options each scheme understands. Fluid/Alluxio spellings are accepted as aliases of ours.
-OPTION_ALIASES = {
-    "alluxio.underfs.s3.endpoint": "endpoint",
-    "alluxio.underfs.s3.endpoint.region": "region",
-    "alluxio.underfs.s3.disable.dns.buckets": "pathStyle",
-    "aws.region": "region",
-    "fs.s3a.endpoint": "endpoint",
-}
-
-
-def canonical_options(mount: Mount, shared: dict[str, str]) -> dict[str, str]:
-    """The mount's options with shared options underneath and aliases resolved to Shoal's names."""
-    merged = {**shared, **mount.options}
-    return {OPTION_ALIASES.get(key, key): value for key, value in merged.items()}
-
-
-def mount_path(mount: Mount, mount_count: int) -> str:
-    """Where a mount appears inside the dataset: its ``path``, else ``/<name>``, else ``/`` when alone."""
-    if mount.path:
-        return posixpath.normpath("/" + mount.path.lstrip("/"))
-    if mount.name:
-        return "/" + mount.name
-    return "/" if mount_count == 1 else ""
 
 
 class MissingSecret(Exception):

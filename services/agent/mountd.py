@@ -24,9 +24,9 @@ from libs.bus import Bus, connect, kv_load
 from libs.config import Settings
 from libs.events.agent import CacheCounters
 from libs.events.common import ObjectRef, parse_quantity
-from libs.events.dataset import DatasetRecord
+from libs.events.dataset import DatasetRecord, ManifestEntry
 from libs.events.runtime import RuntimeRecord
-from libs.manifest import ManifestEntry, ManifestStore
+from libs.manifest import ManifestStore
 from libs.service import main as service_main
 from libs.telemetry import get_logger
 from libs.ufs import open_store

@@ -11,7 +11,7 @@ import stat
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from libs.manifest import ManifestEntry
+from libs.events.dataset import ManifestEntry
 
 ROOT_INODE = 1
 # Read-only tree: files r--r--r--, directories r-xr-xr-x, so every user of the node can read the dataset.

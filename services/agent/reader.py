@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from libs.blocks import BlockId, block_span, blocks_touched
-from libs.manifest import ManifestEntry
+from libs.events.dataset import ManifestEntry
 from libs.telemetry import get_logger
 from libs.ufs.base import EndpointUnreachable, ObjectStore, UfsError
 from services.agent.readahead import MemoryBudget, ReadAhead

@@ -25,14 +25,14 @@ from libs.events.dataset import (
     RuntimeRef,
 )
 from libs.inventory import DatasetInventory
-from libs.ufs.mounts import canonical_options, mount_path
+from libs.mounts import canonical_options, mount_path
 
 SUPPORTED_SCHEMES = ("s3", "local")
 CONDITION_SYNCED = "MetadataSynced"
 # Copied from the runtime of the same name: whether the dataset's mounts are serving on the nodes.
 CONDITION_MOUNTED = "Mounted"
 
-# Options each scheme understands; Fluid/Alluxio spellings are aliases (libs.ufs.mounts).
+# Options each scheme understands; Fluid/Alluxio spellings are aliases (libs.mounts).
 S3_OPTIONS = {"endpoint", "region", "pathStyle", "aws.accessKeyId"}
 S3_ENCRYPT_OPTIONS = {"aws.accessKeyId", "aws.secretKey"}
 SECRET_OPTION_NAMES = {"aws.secretKey", "aws.secretAccessKey", "fs.s3a.secret.key"}

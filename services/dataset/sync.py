@@ -11,12 +11,13 @@ from collections.abc import Callable
 
 from libs.bus import RetryLater
 from libs.config import S3Settings
-from libs.events.dataset import DatasetRecord
-from libs.manifest import ManifestEntry, ManifestStore, ManifestWriter
+from libs.events.dataset import DatasetRecord, ManifestEntry
+from libs.manifest import ManifestStore, ManifestWriter
+from libs.mounts import mount_path
 from libs.telemetry import get_logger
 from libs.ufs import open_store
 from libs.ufs.base import Location, ObjectStore, UfsError
-from libs.ufs.mounts import MissingSecret, mount_path, read_secrets, resolve_location, secret_refs
+from libs.ufs.mounts import MissingSecret, read_secrets, resolve_location, secret_refs
 from services.dataset.domain import SyncResult
 
 log = get_logger(__name__)

@@ -17,9 +17,8 @@ from libs.events.agent import (
     upgrade,
 )
 from libs.events.common import ObjectMeta, ObjectRef
-from libs.events.dataset import Dataset, DatasetRecord, DatasetStatus
+from libs.events.dataset import Dataset, DatasetRecord, DatasetStatus, ManifestEntry
 from libs.events.runtime import Runtime, RuntimeRecord
-from libs.manifest import ManifestEntry
 from services.agent import domain as agent_domain
 from services.agent.inventory import InventoryLog
 from services.agent.namespace import ROOT_INODE, InodeAllocator, Namespace

@@ -29,8 +29,9 @@ from libs.events.dataset import (
     User,
 )
 from libs.inventory import fold
+from libs.mounts import canonical_options, mount_path
 from libs.ufs.base import LocalLocation, S3Location
-from libs.ufs.mounts import MissingSecret, canonical_options, mount_path, resolve_location, secret_refs
+from libs.ufs.mounts import MissingSecret, resolve_location, secret_refs
 from services.dataset.domain import (
     CONDITION_SYNCED,
     RuntimeBinding,
