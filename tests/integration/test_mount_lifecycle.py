@@ -40,8 +40,11 @@ def long_key(i: int) -> str:
     return f"{folders}/{i:05d}-" + "f" * (800 - len(folders) - 7)
 
 
-def block_files(directory: Path) -> list[Path]:
-    return [p for p in directory.rglob("*") if p.is_file()] if directory.exists() else []
+def block_files(directory: Path, temporary: bool = True) -> list[Path]:
+    """Files under ``directory``; without blocks still being written (``.<name>.tmp``) unless ``temporary``."""
+    if not directory.exists():
+        return []
+    return sorted(p for p in directory.rglob("*") if p.is_file() and (temporary or not p.name.startswith(".")))
 
 
 async def test_inventory_of_thousands_of_blocks_under_long_keys_arrives_and_the_mount_restarts(
@@ -274,7 +277,10 @@ async def test_deleting_a_dataset_frees_its_cached_blocks(
             await read_file(kept_root / key)
         cache = node.cache_dir / "default" / "gone"
         await eventually(lambda: _async(len(block_files(cache)) >= 6), what="blocks of 'gone' on disk")
-        kept_blocks = await eventually(lambda: _async(block_files(node.cache_dir / "default" / "kept")))
+        kept = node.cache_dir / "default" / "kept"
+        kept_blocks = await eventually(lambda: _async(len(block_files(kept, temporary=False)) >= 6 and
+                                                      block_files(kept) == block_files(kept, temporary=False)
+                                                      and block_files(kept)), what="blocks of 'kept' on disk")
         await run_tool(SHOAL, "--nats", ",".join(settings.nats.urls), "delete", "dataset", "gone")
 
         async def freed() -> bool:
@@ -287,14 +293,16 @@ async def test_deleting_a_dataset_frees_its_cached_blocks(
             events = [e for e in inventory.events if e["dataset"]["name"] == "gone"]
             return events[-1] if events and events[-1]["counters"]["cachedBytes"] == 0 else None
 
-        last = await eventually(last_inventory, what="inventory saying the node caches nothing of it")
-        assert sum(len(indices) for *_, indices in last.get("evicted", [])) >= 6
+        await eventually(last_inventory, what="inventory saying the node caches nothing of it")
+        evicted = [e for e in inventory.events if e["dataset"]["name"] == "gone" and e["counters"]["cachedBytes"] == 0
+                   and e.get("evicted")]
+        assert sum(len(indices) for e in evicted for *_, indices in e["evicted"]) >= 6  # each freed block named
         listing = await run_tool(SHOAL, "--nats", ",".join(settings.nats.urls), "get", "datasets")
         assert "gone" not in listing.stdout and "kept" in listing.stdout
         node_cache, _ = await kv_load(await bus.kv(subjects.KV_NODE_CACHE), subjects.resource_key("default", "gone"),
                                       DatasetInventory)
         assert node_cache is None
-        assert block_files(node.cache_dir / "default" / "kept") == kept_blocks  # other datasets untouched
+        assert block_files(kept) == kept_blocks  # other datasets untouched
 
 
 async def test_deleting_a_dataset_whose_mount_is_down_frees_its_cached_blocks_too(
