@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 STATE_DIR ?= $(or $(SHOAL_STATE_DIR),.shoal)
 
-.PHONY: venv system-deps test-deps run test lint bench schemas clean
+.PHONY: venv system-deps test-deps run test lint bench schemas clean mutation
 
 venv: $(STAMP)
 
@@ -69,6 +69,12 @@ bench: system-deps venv
 		echo "NOTE: install$$missing with your package manager for the agent bench's peer rows"; \
 	fi
 	$(BIN)/python -m tests.bench
+
+# Mutation testing of the agent's reader, its block cache and the bus against their fast tests (docs/mutation.md).
+# Slow (tens of minutes on 2 cores) and never part of `make test`; results stay in mutants/ for `mutmut browse`.
+mutation: venv
+	$(BIN)/mutmut run --max-children $${MUTATION_JOBS:-2}
+	$(BIN)/mutmut results
 
 schemas: venv
 	$(BIN)/shoal schemas docs/schemas

@@ -264,6 +264,9 @@ async def kv_delete(kv: KeyValue, key: str, revision: int | None) -> None:
         await kv.delete(key, last=revision)
     except KeyWrongLastSequenceError as err:
         raise Conflict(f"{key} changed concurrently") from err
+    except nats.js.errors.BadRequestError as err:
+        # nats-py reports a stale revision on delete as a bad request ("wrong last sequence"), not as the error above.
+        raise Conflict(f"{key} changed concurrently: {err}") from err
 
 
 async def kv_values(kv: KeyValue, type_: type[T]) -> list[T]:

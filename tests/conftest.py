@@ -1,6 +1,7 @@
 """Shared fixtures: a real nats-server with JetStream per test, one real SeaweedFS S3 server per session.
 
 Both are started from the pinned wheels on free loopback ports and stopped by PID even when a test fails.
+Tests that need more from the machine (FUSE, fio, sysfs) say so with ``@pytest.mark.needs`` (tests/requirements.py).
 """
 
 from __future__ import annotations
@@ -17,6 +18,13 @@ from libs.config import NatsSettings, Secret, Settings
 from libs.embedded import NatsConfig, SeaweedConfig, ServerProcess, free_port, start_nats, start_seaweedfs
 from libs.ufs.base import S3Location
 from tests.helpers import make_settings
+from tests.requirements import require
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """``@pytest.mark.needs("fuse", ...)``: fail with one clear message when the machine lacks a requirement."""
+    for marker in item.iter_markers("needs"):
+        require(*marker.args)
 
 
 class NatsServer:

@@ -1,15 +1,25 @@
-"""Fault injection for tests: a TCP proxy on loopback in front of a real server, which can be cut and restored.
+"""Fault injection and probes for tests, in front of real servers and real object stores.
 
-Cutting closes the listener and every open connection, so clients see "connection refused" exactly as if the
-object store went away; restoring listens again on the same port.
+- ``CuttableProxy``: a TCP proxy on loopback that can be cut and restored. Cutting closes the listener and every
+  open connection, so clients see "connection refused" exactly as if the object store went away; restoring
+  listens again on the same port.
+- ``CountingStore``: an ``ObjectStore`` wrapper that records every ranged GET that reaches the real store, can
+  hold GETs until released (to make concurrent misses meet) and can act unreachable.
+- ``HttpProxy``: an HTTP proxy in front of an S3 endpoint that records request headers and can strip
+  ``If-Match``, i.e. behave like a store that ignores conditional GETs.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from aiohttp import ClientSession, web
 
 from libs.embedded import LOOPBACK, free_port
+from libs.ufs.base import EndpointUnreachable, ObjectInfo, ObjectStore
 
 
 class CuttableProxy:
@@ -58,3 +68,111 @@ class CuttableProxy:
         finally:
             self._writers.discard(writer)
             self._writers.discard(upstream_writer)
+
+
+@dataclass(frozen=True)
+class Get:
+    key: str
+    start: int
+    length: int
+
+
+class CountingStore:
+    """An ``ObjectStore`` that passes everything to ``inner`` and records each ranged GET (``gets``).
+
+    ``hold()`` makes GETs wait (counted in ``waiting``) until ``release()``; ``unreachable = True`` makes them
+    fail with ``EndpointUnreachable`` before reaching the store, as a dead endpoint would.
+    """
+
+    def __init__(self, inner: ObjectStore) -> None:
+        self.inner = inner
+        self.gets: list[Get] = []
+        self.unreachable = False
+        self.waiting = 0
+        self.most_waiting = 0
+        self._gate: asyncio.Event | None = None
+
+    def hold(self) -> None:
+        self._gate = asyncio.Event()
+
+    def release(self) -> None:
+        if self._gate is not None:
+            self._gate.set()
+        self._gate = None
+
+    @property
+    def bytes_read(self) -> int:
+        return sum(get.length for get in self.gets)
+
+    def list(self, page_size: int = 1000) -> AsyncIterator[ObjectInfo]:
+        return self.inner.list(page_size)
+
+    async def head(self, key: str) -> ObjectInfo:
+        return await self.inner.head(key)
+
+    async def get_range(self, key: str, start: int, length: int, etag: str | None = None) -> bytes:
+        self.gets.append(Get(key, start, length))
+        if self.unreachable:
+            raise EndpointUnreachable("cannot reach the test's store: cut by the test")
+        gate = self._gate
+        if gate is not None:
+            self.waiting += 1
+            self.most_waiting = max(self.most_waiting, self.waiting)
+            try:
+                await gate.wait()
+            finally:
+                self.waiting -= 1
+        return await self.inner.get_range(key, start, length, etag=etag)
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+class HttpProxy:
+    """Forwards HTTP requests to ``target`` (an S3 endpoint), keeping the Host header so signatures still match.
+
+    Records the headers of every request in ``requests``; with ``strip_if_match`` it drops ``If-Match``, like a
+    store that ignores conditional requests.
+    """
+
+    def __init__(self, target: str, strip_if_match: bool = False) -> None:
+        self.target = target.rstrip("/")
+        self.strip_if_match = strip_if_match
+        self.port = free_port()
+        self.requests: list[dict[str, str]] = []
+        self._runner: web.AppRunner | None = None
+        self._session: ClientSession | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}"
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._forward)
+        self._session = ClientSession(auto_decompress=False)
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, LOOPBACK, self.port).start()
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def _forward(self, request: web.Request) -> web.StreamResponse:
+        assert self._session is not None
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in ("content-length", "transfer-encoding")}
+        self.requests.append(dict(request.headers))
+        if self.strip_if_match:
+            headers = {k: v for k, v in headers.items() if k.lower() != "if-match"}
+        body = await request.read()
+        async with self._session.request(request.method, self.target + request.rel_url.raw_path_qs, headers=headers,
+                                         data=body or None, allow_redirects=False) as upstream:
+            payload = await upstream.read()
+            skip = ("content-length", "transfer-encoding", "connection")
+            return web.Response(status=upstream.status, body=payload,
+                                headers={k: v for k, v in upstream.headers.items() if k.lower() not in skip})

@@ -13,7 +13,7 @@ import hashlib
 import os
 import subprocess
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,7 @@ from services.dataset import app as dataset_app
 from services.runtime import app as runtime_app
 from tests.conftest import SeaweedServer
 from tests.helpers import dataset_record, eventually, running, runtime_record
+from tests.requirements import require
 
 NODE = "node-a"
 
@@ -112,6 +113,13 @@ class Node:
                                  f"runtime status: {runtime and runtime.status}") from None
         return path
 
+    async def dataset_service_run(self, stop: asyncio.Event) -> None:
+        await dataset_app.run(self.settings, stop)
+
+    def dataset_service(self) -> AbstractAsyncContextManager[None]:
+        """The dataset service, running until the block is left (for stacks made with ``dataset_service=False``)."""
+        return running(self.dataset_service_run)
+
     async def record(self, name: str) -> DatasetRecord:
         record = await dataset_record(self.bus, name)
         assert record is not None
@@ -134,23 +142,72 @@ def md5(data: bytes) -> str:
 
 @asynccontextmanager
 async def node_stack(bus: Bus, settings: Settings, seaweedfs: SeaweedServer, tmp_path: Path,
-                     **agent_options: Any) -> AsyncIterator[Node]:
+                     dataset_service: bool = True, **agent_options: Any) -> AsyncIterator[Node]:
+    """The node; with ``dataset_service=False`` the test runs the dataset service itself (``node.dataset_service``)."""
+    require("fuse")
     agent = AgentSettings(node_name=NODE, mount_root=str(tmp_path / "mnt"), heartbeat_seconds=0.5, **agent_options)
     node_settings = dataclasses.replace(settings, agent=agent)
     env = agent_env(node_settings, seaweedfs, agent)
     node = Node(bus, node_settings, seaweedfs, tmp_path / "mnt", tmp_path / "cache")
     try:
-        async with running(
-            lambda stop: dataset_app.run(node_settings, stop),
+        services = [
             lambda stop: runtime_app.run(node_settings, stop),
             lambda stop: agent_app.run(node_settings, stop, child_env=env),
-        ):
+        ]
+        if dataset_service:
+            services.insert(0, node.dataset_service_run)
+        async with running(*services):
             yield node
         leftovers = [p for p in mounted_paths() if p.startswith(str(node.mount_root))]
         assert not leftovers, f"the agent left mounts behind: {leftovers}"
     finally:
         for path in [p for p in mounted_paths() if p.startswith(str(node.mount_root))]:
             subprocess.run(["fusermount3", "-u", "-z", path], check=False)
+
+
+def drop_page_cache() -> None:
+    """Make the next read of a mount reach the agent (and its cache) instead of the kernel page cache."""
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def read_range(path: Path, offset: int, length: int) -> bytes:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.pread(fd, length, offset)
+    finally:
+        os.close(fd)
+
+
+class InventoryWatch:
+    """Every inventory event of the test node, in order."""
+
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+
+    async def start(self, bus: Bus) -> None:
+        async def collect(msg: Any) -> None:
+            self.events.append(msgspec.json.decode(msg.data))
+
+        await bus.nc.subscribe(subjects.agent_inventory(NODE), cb=collect)
+
+    def latest(self, incarnation: str | None = None) -> dict[str, Any] | None:
+        matching = [e for e in self.events if incarnation is None or e["incarnation"] == incarnation]
+        return matching[-1] if matching else None
+
+
+def mount_pids(mountpoint: Path) -> list[int]:
+    """PIDs of the mount processes serving ``mountpoint`` (children the test's agent started)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"services.agent.mountd" in argv and os.fsencode(mountpoint) in argv:
+                pids.append(int(entry.name))
+    return pids
 
 
 def decode(data: bytes) -> Any:

@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -26,54 +27,22 @@ from libs.events.dataset import DatasetDelete
 from tests.conftest import SeaweedServer, put_objects
 from tests.faults import CuttableProxy
 from tests.helpers import eventually
-from tests.integration.agent_stack import NODE, md5, mounted_paths, node_stack, read_file, run_tool
+from tests.integration.agent_stack import (
+    NODE,
+    InventoryWatch,
+    drop_page_cache,
+    md5,
+    mount_pids,
+    mounted_paths,
+    node_stack,
+    read_file,
+    read_range,
+    run_tool,
+)
 
 MiB = 1024 * 1024
 
-
-def drop_page_cache() -> None:
-    """Make the next read of a mount reach the agent (and its cache) instead of the kernel page cache."""
-    os.sync()
-    Path("/proc/sys/vm/drop_caches").write_text("3\n")
-
-
-def read_range(path: Path, offset: int, length: int) -> bytes:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return os.pread(fd, length, offset)
-    finally:
-        os.close(fd)
-
-
-class InventoryWatch:
-    """Every inventory event of the test node, in order."""
-
-    def __init__(self) -> None:
-        self.events: list[dict[str, Any]] = []
-
-    async def start(self, bus: Bus) -> None:
-        async def collect(msg: Any) -> None:
-            self.events.append(msgspec.json.decode(msg.data))
-
-        await bus.nc.subscribe(subjects.agent_inventory(NODE), cb=collect)
-
-    def latest(self, incarnation: str | None = None) -> dict[str, Any] | None:
-        matching = [e for e in self.events if incarnation is None or e["incarnation"] == incarnation]
-        return matching[-1] if matching else None
-
-
-def mount_pids(mountpoint: Path) -> list[int]:
-    """PIDs of the mount processes serving ``mountpoint`` (children the test's agent started)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                argv = (entry / "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if b"services.agent.mountd" in argv and os.fsencode(mountpoint) in argv:
-                pids.append(int(entry.name))
-    return pids
+pytestmark = pytest.mark.needs("fuse")
 
 
 async def test_restart_after_kill_reuses_the_disk_cache(bus: Bus, settings: Settings, seaweedfs: SeaweedServer,
@@ -146,14 +115,16 @@ async def test_overwritten_object_never_mixes_versions(bus: Bus, settings: Setti
         await eventually(new_version_served, what="the new version after a resync")
 
 
-async def test_full_cache_stays_within_quota_and_reads_stay_correct(bus: Bus, settings: Settings,
-                                                                   seaweedfs: SeaweedServer, bucket: str,
-                                                                   tmp_path: Path) -> None:
-    objects = {f"f{i}.bin": os.urandom(2 * MiB) for i in range(12)}
+@pytest.mark.needs("fuse", "page-cache")
+async def test_full_cache_evicts_stays_within_quota_and_reads_stay_correct(bus: Bus, settings: Settings,
+                                                                          seaweedfs: SeaweedServer, bucket: str,
+                                                                          tmp_path: Path) -> None:
+    objects = {f"f{i:02d}.bin": os.urandom(2 * MiB) for i in range(12)}
     await put_objects(seaweedfs, bucket, objects)
     inventory = InventoryWatch()
     await inventory.start(bus)
-    async with node_stack(bus, settings, seaweedfs, tmp_path) as node:
+    # LRU evicts to make room (the default policy would mostly turn newcomers away instead).
+    async with node_stack(bus, settings, seaweedfs, tmp_path, cache_policy="lru") as node:
         await node.apply("small", bucket, ssd="8Mi")
         root = await node.wait_mounted("small", expect="f11.bin")
         for _ in range(2):
@@ -161,17 +132,40 @@ async def test_full_cache_stays_within_quota_and_reads_stay_correct(bus: Bus, se
                 assert md5(await read_file(root / key)) == md5(body)
             await asyncio.to_thread(drop_page_cache)
 
-        async def settled() -> dict[str, Any] | None:
-            event = inventory.latest()
-            return event if event and event["counters"]["cachedBytes"] > 0 else None
+        async def settled() -> dict[tuple[str, int], int] | None:
+            cached = cached_blocks(inventory)
+            return cached if any(key == "f11.bin" for key, _ in cached) else None
 
-        event = await eventually(settled)
-        assert 0 < event["counters"]["cachedBytes"] <= 8 * MiB
-        assert event["counters"]["capacityBytes"] == 8 * MiB
+        cached = await eventually(settled, what="the last file read in the cache")
+        # The first files read made room for the last ones (a policy that only turns newcomers away would still
+        # hold f00 and never f11). Evictions within one inventory batch cancel out, so the final set is the proof.
+        assert all(key != "f00.bin" for key, _ in cached), "the least recently used blocks were evicted"
+        assert 0 < sum(cached.values()) <= 8 * MiB
+        assert len({key for key, _ in cached}) < len(objects)
+        event = inventory.latest()
+        assert event is not None and event["counters"]["capacityBytes"] == 8 * MiB
+        assert event["counters"]["cachedBytes"] == sum(cached.values())
         used = sum(f.stat().st_size for f in node.cache_dir.rglob("*") if f.is_file())
         assert used <= 8 * MiB + 64 * 1024  # block files plus their small headers
 
 
+def cached_blocks(inventory: InventoryWatch) -> dict[tuple[str, int], int]:
+    """(key, block index) → size of every cached block, folded from the inventory events of the last incarnation."""
+    latest = inventory.latest()
+    blocks: dict[tuple[str, int], int] = {}
+    for event in inventory.events:
+        if latest is None or event["incarnation"] != latest["incarnation"]:
+            continue
+        if event["type"] == "agent.inventory.snapshot.v1" and event["part"] == 1:
+            blocks.clear()
+        for block, size in event.get("cached", []) + event.get("blocks", []):
+            blocks[(block[1], block[3])] = size
+        for block, _ in event.get("evicted", []):
+            blocks.pop((block[1], block[3]), None)
+    return blocks
+
+
+@pytest.mark.needs("fuse", "page-cache")
 async def test_corrupt_block_file_is_dropped_and_fetched_again(bus: Bus, settings: Settings,
                                                                seaweedfs: SeaweedServer, bucket: str,
                                                                tmp_path: Path) -> None:
@@ -199,6 +193,7 @@ async def test_corrupt_block_file_is_dropped_and_fetched_again(bus: Bus, setting
         assert await read_file(root / "data.bin") == body  # fetched again, never the corrupt bytes
 
 
+@pytest.mark.needs("fuse", "page-cache")
 async def test_store_unreachable_cached_reads_work_uncached_fail_then_recover(
         bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path) -> None:
     cached_body, uncached_body = os.urandom(3 * MiB), os.urandom(3 * MiB)
@@ -234,6 +229,7 @@ async def _blocks_on_disk(cache_dir: Path, count: int) -> bool:
     return len([f for f in cache_dir.rglob("*") if f.is_file() and not f.name.startswith(".")]) >= count
 
 
+@pytest.mark.needs("fuse", "page-cache")
 async def test_inventory_sequence_and_cache_states(bus: Bus, settings: Settings, seaweedfs: SeaweedServer,
                                                   bucket: str, tmp_path: Path) -> None:
     objects = {f"s{i}.bin": os.urandom(MiB + 1000 * i) for i in range(6)}
@@ -255,7 +251,7 @@ async def test_inventory_sequence_and_cache_states(bus: Bus, settings: Settings,
         record = await eventually(percent_cached, what="cacheStates at 100%")
         states = record.status.cache_states
         assert states.cache_capacity == "256.00MiB"
-        assert states.cache_hit_ratio.endswith("%")
+        assert states.cache_hit_ratio == "0.0%"  # every byte so far came from the object store
         events = [e for e in inventory.events if e["incarnation"] == inventory.events[0]["incarnation"]]
         assert events[0]["type"] == "agent.inventory.snapshot.v2"
         assert [e["seq"] for e in events] == list(range(events[0]["seq"], events[0]["seq"] + len(events)))
@@ -267,7 +263,8 @@ async def test_inventory_sequence_and_cache_states(bus: Bus, settings: Settings,
                 for index, _ in indices:
                     blocks.pop((mount, key, etag, index), None)
         assert sum(blocks.values()) == total == events[-1]["counters"]["cachedBytes"]
-        cli = await run_tool(".venv/bin/shoal", "--nats", ",".join(settings.nats.urls), "get", "datasets")
+        shoal = str(Path(sys.executable).parent / "shoal")
+        cli = await run_tool(shoal, "--nats", ",".join(settings.nats.urls), "get", "datasets")
         assert "100.0%" in cli.stdout
 
         # A consumer that saw a gap asks for a snapshot; the mount answers with the whole inventory.
@@ -283,7 +280,19 @@ async def test_inventory_sequence_and_cache_states(bus: Bus, settings: Settings,
         assert sum(size for *_, indices in snapshot["files"] for _, size in indices) == total
         assert snapshot["seq"] > events[-1]["seq"]
 
+        # Read everything again from the agent's cache: as many bytes hit as missed before.
+        await asyncio.to_thread(drop_page_cache)
+        for key, body in objects.items():
+            assert await read_file(root / key) == body
 
+        async def half_hits() -> Any:
+            record = await node.record("inv")
+            return record if record.status.cache_states.cache_hit_ratio == "50.0%" else None
+
+        await eventually(half_hits, what="a cache hit ratio of 50.0%")
+
+
+@pytest.mark.needs("fuse", "page-cache")
 async def test_failing_cache_directory_is_bypassed(bus: Bus, settings: Settings, seaweedfs: SeaweedServer,
                                                   bucket: str, tmp_path: Path) -> None:
     objects = {f"b{i}.bin": os.urandom(2 * MiB) for i in range(4)}
@@ -327,6 +336,7 @@ async def test_manifest_reload_and_unmount_on_delete(bus: Bus, settings: Setting
         await eventually(unmounted, what="the mount removed after delete")
 
 
+@pytest.mark.needs("fuse", "fio")
 async def test_fio_verifies_data_written_with_checksums(bus: Bus, settings: Settings, seaweedfs: SeaweedServer,
                                                        bucket: str, tmp_path: Path) -> None:
     source = tmp_path / "fio.dat"

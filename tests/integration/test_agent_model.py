@@ -10,6 +10,7 @@ import os
 import random
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
@@ -22,6 +23,8 @@ from tests.integration.agent_stack import node_stack
 
 KiB = 1024
 MiB = 1024 * KiB
+
+pytestmark = pytest.mark.needs("fuse")
 
 
 def source_objects() -> dict[str, bytes]:

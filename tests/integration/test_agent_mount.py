@@ -23,6 +23,8 @@ from tests.integration.agent_stack import md5, node_stack, read_file, run_tool
 
 MiB = 1024 * 1024
 
+pytestmark = pytest.mark.needs("fuse")
+
 
 def dataset_objects(seed: int = 7) -> dict[str, bytes]:
     rng = random.Random(seed)
@@ -38,6 +40,7 @@ def dataset_objects(seed: int = 7) -> dict[str, bytes]:
     return objects
 
 
+@pytest.mark.needs("fuse", "sysfs")
 async def test_every_file_reads_back_identical(bus: Bus, settings: Settings, seaweedfs: SeaweedServer,
                                               bucket: str, tmp_path: Path) -> None:
     objects = dataset_objects()

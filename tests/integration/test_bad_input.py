@@ -191,19 +191,39 @@ async def _stream_exists(js) -> bool:
         return False
 
 
-async def test_unreachable_store_fails_then_recovers_on_resync(bus: Bus, nats_server) -> None:
-    from libs.embedded import free_port
+async def test_unreachable_store_fails_then_recovers_on_resync(bus: Bus, nats_server, seaweedfs, bucket: str) -> None:
+    from libs.events.dataset import DatasetResync
+    from tests.conftest import put_objects
+    from tests.faults import CuttableProxy
 
-    closed = f"http://127.0.0.1:{free_port()}"
-    settings = make_settings(nats_server.url, closed, "k", "s")
-    async with running(lambda stop: dataset_app.run(settings, stop)):
-        await bus.publish(subjects.DATASET_APPLY, DatasetApply(dataset=Dataset(
-            metadata=ObjectMeta(name="offline"), spec=DatasetSpec(mounts=[Mount(mount_point="s3://some-bucket")]))))
+    await put_objects(seaweedfs, bucket, {"a.txt": b"hello", "b/c.txt": b"there"})
+    # The endpoint is a proxy to SeaweedFS that is not listening yet: connections are refused.
+    proxy = CuttableProxy(seaweedfs.config.s3_port)
+    settings = make_settings(nats_server.url, proxy.endpoint, seaweedfs.config.access_key_id,
+                             seaweedfs.config.secret_access_key)
+    try:
+        async with running(lambda stop: dataset_app.run(settings, stop)):
+            await bus.publish(subjects.DATASET_APPLY, DatasetApply(dataset=Dataset(
+                metadata=ObjectMeta(name="offline"), spec=DatasetSpec(mounts=[Mount(mount_point=f"s3://{bucket}")]))))
 
-        async def failed():
-            record = await dataset_record(bus, "offline")
-            return record if record and record.status.phase == "Failed" else None
+            async def failed():
+                record = await dataset_record(bus, "offline")
+                return record if record and record.status.phase == "Failed" else None
 
-        record = await eventually(failed, timeout=30)
-        assert "cannot reach" in record.status.message and closed in record.status.message
+            record = await eventually(failed, timeout=30)
+            assert "cannot reach" in record.status.message and proxy.endpoint in record.status.message
+            assert settings.s3.secret_access_key.reveal() not in record.status.message
 
+            await proxy.start()  # the store is back
+            await bus.publish(subjects.DATASET_RESYNC, DatasetResync(name="offline"))
+
+            async def recovered():
+                record = await dataset_record(bus, "offline")
+                return record if record and record.status.phase != "Failed" and record.status.file_num == 2 else None
+
+            # Well before the service's own retry of an unreachable endpoint (15 s): the resync did it.
+            record = await eventually(recovered, timeout=10, what="the dataset synced after the resync")
+            assert record.status.ufs_total_bytes == 10
+            assert record.status.message == "" or "cannot reach" not in record.status.message
+    finally:
+        await proxy.cut()

@@ -25,6 +25,7 @@ from libs.ufs import (
     open_store,
 )
 from tests.conftest import SeaweedServer, put_objects
+from tests.faults import HttpProxy
 
 WRONG_SECRET = "wrong-secret-Zq9xK2vLp"
 
@@ -143,21 +144,62 @@ async def test_overwritten_object_is_object_changed(seaweedfs: SeaweedServer, bu
         assert await store.get_range("obj", 0, 6, etag=new) == b"second"
 
 
-async def test_object_changed_even_if_the_server_ignores_if_match(seaweedfs: SeaweedServer, bucket: str) -> None:
+def count_full_client_gets(client: Any) -> list[dict[str, Any]]:
+    """Record calls of the botocore client's get_object: reads should not need it (pre-signed URLs)."""
+    calls: list[dict[str, Any]] = []
+    original = client.get_object
+
+    async def counting(**kwargs: Any) -> Any:
+        calls.append(kwargs)
+        return await original(**kwargs)
+
+    client.get_object = counting
+    return calls
+
+
+async def test_overwritten_between_listing_and_read_is_object_changed(seaweedfs: SeaweedServer,
+                                                                      bucket: str) -> None:
+    body = b"listed version " * 100
+    await put_objects(seaweedfs, bucket, {"d/obj": body})
+    async with S3ObjectStore(seaweedfs.location(bucket, "d")) as store:
+        full_client_gets = count_full_client_gets(await store._s3())
+        (listed,) = await collect(store)
+        assert await store.get_range("obj", 0, 100, etag=listed.etag) == body[:100]
+        await put_objects(seaweedfs, bucket, {"d/obj": b"overwritten after the listing " * 100})
+        for start, length in ((0, 100), (500, 700), (0, len(body))):
+            with pytest.raises(ObjectChanged, match=re.escape(f"no longer {listed.etag}")):
+                await store.get_range("obj", start, length, etag=listed.etag)
+        # Answered on the pre-signed path, from the server's 412, not by falling back to the full client.
+        assert full_client_gets == []
+
+
+@pytest.fixture
+async def if_match_ignored(seaweedfs: SeaweedServer):
+    """SeaweedFS behind a proxy that drops If-Match: a store that ignores conditional GETs."""
+    proxy = HttpProxy(seaweedfs.endpoint, strip_if_match=True)
+    await proxy.start()
+    try:
+        yield proxy
+    finally:
+        await proxy.stop()
+
+
+async def test_object_changed_even_if_the_server_ignores_if_match(seaweedfs: SeaweedServer, bucket: str,
+                                                                  if_match_ignored: HttpProxy) -> None:
     await put_objects(seaweedfs, bucket, {"obj": b"one"})
-    async with S3ObjectStore(seaweedfs.location(bucket)) as store:
-        old = (await store.head("obj")).etag
+    location = dataclasses.replace(seaweedfs.location(bucket), endpoint_url=if_match_ignored.endpoint)
+    async with S3ObjectStore(location) as store:
+        old = (await collect(store))[0].etag
+        assert await store.get_range("obj", 0, 3, etag=old) == b"one"
         await put_objects(seaweedfs, bucket, {"obj": b"two"})
-        client = await store._s3()
-        original = client.get_object
-
-        async def without_if_match(**kwargs: Any) -> Any:
-            kwargs.pop("IfMatch", None)
-            return await original(**kwargs)
-
-        client.get_object = without_if_match
+        full_client_gets = count_full_client_gets(await store._s3())
         with pytest.raises(ObjectChanged):
             await store.get_range("obj", 0, 3, etag=old)
+        assert full_client_gets == []
+    # Every ranged GET asked for the ETag it expected, even though this server does not look.
+    gets = [headers for headers in if_match_ignored.requests if "Range" in headers]
+    assert len(gets) == 2
+    assert all(headers.get("If-Match") == f'"{old}"' for headers in gets)
 
 
 async def test_missing_bucket(seaweedfs: SeaweedServer) -> None:

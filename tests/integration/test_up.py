@@ -173,6 +173,7 @@ def nats_url_of(run: UpRun) -> str:
 
 
 @pytest.mark.timeout(240)
+@pytest.mark.needs("fuse")
 async def test_up_syncs_the_demo_restarts_a_dead_service_and_stops_everything_on_ctrl_c(
         start_up: StartUp) -> None:
     run = await start_up()

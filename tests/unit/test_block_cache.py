@@ -403,6 +403,7 @@ async def test_put_async_writes_disk_blocks_in_a_worker_thread(
     assert await cache.put_async(block(0), payload(0))  # memory: inline
     assert await cache.put_async(block(1), payload(1))  # memory refuses it (full, not hotter): disk, in a thread
     assert threads and threads[0] != loop_thread
+    assert cache.get(block(0)) == payload(0)
     assert cache.get(block(1)) == payload(1)
     assert await cache.put_async(block(1), payload(1))  # cached already
     assert inventory.cached == [block(0), block(1)]

@@ -1,0 +1,407 @@
+"""The agent's block reader on real parts: a local-directory object store (wrapped to count GETs) and a real
+disk-tier block cache. Each test pins one behaviour by what reaches the store: blocks fetched ahead for a
+sequential reader, one GET for concurrent misses of one block, the read-ahead memory budget (respected and given
+back), the fail-fast cooldown after the store was unreachable, and small random reads answered by a small GET.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from libs.blocks import BlockId
+from libs.events.dataset import ManifestEntry
+from libs.ufs import LocalLocation, LocalObjectStore
+from libs.ufs.base import EndpointUnreachable, ObjectChanged
+from services.agent.cache import BlockCache, DiskTier
+from services.agent.readahead import MemoryBudget
+from services.agent.reader import BlockReader, StoreGate
+from tests.faults import CountingStore, Get
+from tests.helpers import eventually
+
+BLOCK = 64 * 1024
+BLOCKS = 16
+QUARTER = BLOCK // 4
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclass
+class Setup:
+    reader: BlockReader
+    store: CountingStore
+    cache: BlockCache
+    budget: MemoryBudget
+    entry: ManifestEntry
+    body: bytes
+    clock: Clock
+    recording: RecordingCache
+
+    def blocks_fetched(self) -> list[int]:
+        """Indices of the whole blocks GET so far, in order."""
+        return [get.start // BLOCK for get in self.store.gets if get.length == BLOCK and get.start % BLOCK == 0]
+
+
+class RecordingCache:
+    """The real block cache, recording which blocks the reader hinted to the kernel (``prefetch``)."""
+
+    def __init__(self, cache: BlockCache) -> None:
+        self.cache = cache
+        self.hinted: list[int] = []
+
+    def get(self, block: BlockId) -> bytes | None:
+        return self.cache.get(block)
+
+    def get_range(self, block: BlockId, start: int, end: int | None) -> bytes | None:
+        return self.cache.get_range(block, start, end)
+
+    def contains(self, block: BlockId) -> bool:
+        return self.cache.contains(block)
+
+    def prefetch(self, block: BlockId) -> None:
+        self.hinted.append(block.index)
+        self.cache.prefetch(block)
+
+
+async def make(tmp_path: Path, budget_blocks: int = 64, size: int = BLOCKS * BLOCK,
+               max_ahead_blocks: int | None = None) -> Setup:
+    source = tmp_path / "source"
+    source.mkdir()
+    body = os.urandom(size)
+    (source / "data.bin").write_bytes(body)
+    local = LocalObjectStore(LocalLocation(root=source))
+    info = await local.head("data.bin")
+    store = CountingStore(local)
+    clock = Clock()
+    cache = BlockCache([DiskTier(tmp_path / "cache", 64 * BLOCKS * BLOCK)])
+    cache.load()
+    budget = MemoryBudget(budget_blocks * BLOCK)
+    recording = RecordingCache(cache)
+    reader = BlockReader(recording, [StoreGate(store, clock=clock)], BLOCK, budget, write_block=cache.put_async,
+                         max_ahead_blocks=max_ahead_blocks)
+    entry = ManifestEntry(path="/data.bin", mount=0, key="data.bin", size=info.size, etag=info.etag,
+                          mtime=info.mtime)
+    return Setup(reader, store, cache, budget, entry, body, clock, recording)
+
+
+async def read_sequentially(setup: Setup, handle, start: int, stop: int, step: int = QUARTER) -> None:
+    for offset in range(start, stop, step):
+        data = await setup.reader.read(handle, offset, step)
+        assert bytes(data) == setup.body[offset:offset + step]
+
+
+# --- read-ahead ---
+
+
+async def test_sequential_reader_gets_blocks_fetched_ahead_once_each(tmp_path: Path) -> None:
+    setup = await make(tmp_path)
+    handle = setup.reader.open(setup.entry)
+    # Two blocks' worth of sequential reads: the window grows 1, 2, 4, 8, 16 blocks.
+    await read_sequentially(setup, handle, 0, 2 * BLOCK)
+    await setup.reader.drain()
+    assert sorted(setup.blocks_fetched()) == list(range(BLOCKS)), "blocks beyond the ones read are fetched ahead"
+    assert setup.store.bytes_read == BLOCKS * BLOCK
+    # The rest of the file is served from the blocks fetched ahead: not one more GET.
+    await read_sequentially(setup, handle, 2 * BLOCK, BLOCKS * BLOCK)
+    setup.reader.close(handle)
+    await setup.reader.drain()
+    assert len(setup.store.gets) == BLOCKS
+    assert setup.reader.stats.gets == BLOCKS and setup.reader.stats.miss_bytes == BLOCKS * BLOCK
+
+
+async def test_random_reader_gets_no_read_ahead(tmp_path: Path) -> None:
+    setup = await make(tmp_path)
+    handle = setup.reader.open(setup.entry)
+    for index in (9, 3, 12):  # whole-block reads, never where the last one ended
+        assert bytes(await setup.reader.read(handle, index * BLOCK, BLOCK)) == setup.body[index * BLOCK:][:BLOCK]
+    await setup.reader.drain()
+    assert setup.blocks_fetched() == [9, 3, 12]
+
+
+async def test_read_ahead_reaches_a_short_last_block(tmp_path: Path) -> None:
+    setup = await make(tmp_path, size=4 * BLOCK + 1)
+    handle = setup.reader.open(setup.entry)
+    await read_sequentially(setup, handle, 0, BLOCK)
+    await setup.reader.drain()
+    assert sorted(get.start // BLOCK for get in setup.store.gets) == [0, 1, 2, 3, 4]
+    assert Get("data.bin", 4 * BLOCK, 1) in setup.store.gets
+    assert bytes(await setup.reader.read(handle, BLOCK, 4 * BLOCK)) == setup.body[BLOCK:]
+    assert await setup.reader.read(handle, 4 * BLOCK + 1, 100) == b""  # at the end: nothing, no GET
+    assert len(setup.store.gets) == 5
+    setup.reader.close(handle)
+    await setup.reader.drain()
+
+
+async def test_read_ahead_window_is_capped(tmp_path: Path) -> None:
+    setup = await make(tmp_path, max_ahead_blocks=2)
+    handle = setup.reader.open(setup.entry)
+    await read_sequentially(setup, handle, 0, 2 * BLOCK)  # eight sequential reads: the window would reach 16
+    await setup.reader.drain()
+    assert sorted(setup.blocks_fetched()) == [0, 1, 2, 3]
+    setup.reader.close(handle)
+
+
+async def test_read_ahead_skips_cached_blocks_hints_them_once_and_fetches_beyond(tmp_path: Path) -> None:
+    setup = await make(tmp_path)
+    for index in (2, 3):  # cached beforehand by a random reader
+        other = setup.reader.open(setup.entry)
+        await setup.reader.read(other, index * BLOCK, BLOCK)
+        setup.reader.close(other)
+    await setup.reader.drain()
+    assert setup.blocks_fetched() == [2, 3]
+    handle = setup.reader.open(setup.entry)
+    await read_sequentially(setup, handle, 0, 2 * BLOCK)
+    await setup.reader.drain()
+    assert sorted(setup.blocks_fetched()) == list(range(BLOCKS)), "blocks after the cached ones are fetched ahead"
+    assert setup.blocks_fetched().count(2) == 1 and setup.blocks_fetched().count(3) == 1
+    assert sorted(setup.recording.hinted) == [2, 3]  # each cached block ahead hinted to the kernel, once
+    setup.reader.close(handle)
+
+
+async def test_reads_are_pinned_to_the_manifest_etag(tmp_path: Path) -> None:
+    setup = await make(tmp_path)
+    handle = setup.reader.open(setup.entry)
+    assert bytes(await setup.reader.read(handle, 0, BLOCK)) == setup.body[:BLOCK]
+    await setup.reader.drain()
+    source = tmp_path / "source" / "data.bin"
+    source.write_bytes(os.urandom(len(setup.body)))  # overwritten after the manifest was made
+    os.utime(source, ns=(1, 1))
+    for offset, length in ((5 * BLOCK, BLOCK), (9 * BLOCK + 10, 100)):  # a whole block, a small random read
+        fresh = setup.reader.open(setup.entry)
+        with pytest.raises(ObjectChanged):
+            await setup.reader.read(fresh, offset, length)
+        setup.reader.close(fresh)
+    assert bytes(await setup.reader.read(handle, 0, 100)) == setup.body[:100]  # cached bytes are the manifest's
+    await setup.reader.drain()
+
+
+async def test_same_key_and_etag_on_two_mounts_are_different_blocks(tmp_path: Path) -> None:
+    bodies = []
+    gates = []
+    for mount in range(2):
+        folder = tmp_path / f"mount-{mount}"
+        folder.mkdir()
+        bodies.append(os.urandom(2 * BLOCK))
+        (folder / "same.bin").write_bytes(bodies[-1])
+        os.utime(folder / "same.bin", ns=(10**18, 10**18))  # same size and mtime: the same ETag on both
+        gates.append(StoreGate(CountingStore(LocalObjectStore(LocalLocation(root=folder)))))
+    etag = (await gates[0].store.head("same.bin")).etag
+    assert etag == (await gates[1].store.head("same.bin")).etag
+    cache = BlockCache([DiskTier(tmp_path / "cache", 64 * BLOCK)])
+    cache.load()
+    reader = BlockReader(cache, gates, BLOCK, MemoryBudget(8 * BLOCK), write_block=cache.put_async)
+    for mount in (0, 1):
+        entry = ManifestEntry(path=f"/m{mount}/same.bin", mount=mount, key="same.bin", size=2 * BLOCK, etag=etag,
+                              mtime=1.0)
+        handle = reader.open(entry)
+        assert bytes(await reader.read(handle, 0, 2 * BLOCK)) == bodies[mount]
+        reader.close(handle)
+        await reader.drain()
+
+
+async def test_a_new_version_or_another_file_never_gets_cached_bytes_of_the_old_one(tmp_path: Path) -> None:
+    setup = await make(tmp_path)
+    handle = setup.reader.open(setup.entry)
+    assert bytes(await setup.reader.read(handle, 0, BLOCK)) == setup.body[:BLOCK]
+    setup.reader.close(handle)
+    await setup.reader.drain()
+    source = tmp_path / "source"
+    new_body = os.urandom(len(setup.body))
+    (source / "data.bin").write_bytes(new_body)  # overwritten; the next manifest has its new ETag
+    (source / "twin.bin").write_bytes(os.urandom(len(setup.body)))  # same size and mtime: same local ETag
+    stat = (source / "data.bin").stat()
+    os.utime(source / "twin.bin", ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    for key in ("data.bin", "twin.bin"):
+        info = await setup.store.head(key)
+        entry = ManifestEntry(path=f"/{key}", mount=0, key=key, size=info.size, etag=info.etag, mtime=info.mtime)
+        fresh = setup.reader.open(entry)
+        assert bytes(await setup.reader.read(fresh, 0, BLOCK)) == (source / key).read_bytes()[:BLOCK]
+        setup.reader.close(fresh)
+        await setup.reader.drain()
+    assert (await setup.store.head("twin.bin")).etag == (await setup.store.head("data.bin")).etag
+
+
+async def test_cached_blocks_ahead_are_not_fetched_again(tmp_path: Path) -> None:
+    setup = await make(tmp_path)
+    first = setup.reader.open(setup.entry)
+    await read_sequentially(setup, first, 0, BLOCKS * BLOCK, BLOCK)
+    setup.reader.close(first)
+    await setup.reader.drain()
+    assert len(setup.store.gets) == BLOCKS
+    second = setup.reader.open(setup.entry)
+    await read_sequentially(setup, second, 0, BLOCKS * BLOCK, BLOCK)
+    setup.reader.close(second)
+    await setup.reader.drain()
+    assert len(setup.store.gets) == BLOCKS  # every block came from the disk cache
+    assert setup.reader.stats.hit_bytes == BLOCKS * BLOCK
+    assert setup.budget.used == 0  # cached blocks ahead are hinted to the kernel, not held in memory
+
+
+# --- GET coalescing ---
+
+
+async def test_concurrent_misses_of_one_block_make_one_get(tmp_path: Path) -> None:
+    setup = await make(tmp_path)
+    setup.store.hold()
+    handles = [setup.reader.open(setup.entry) for _ in range(4)]
+    reads = [asyncio.ensure_future(setup.reader.read(handle, 5 * BLOCK, BLOCK)) for handle in handles]
+    await eventually(lambda: _true(setup.store.waiting >= 1), what="a GET held at the store")
+    setup.store.release()
+    for read in reads:
+        assert bytes(await read) == setup.body[5 * BLOCK:6 * BLOCK]
+    await setup.reader.drain()
+    assert setup.blocks_fetched() == [5]
+
+
+async def test_small_read_joins_a_get_in_flight(tmp_path: Path) -> None:
+    setup = await make(tmp_path)
+    setup.store.hold()
+    whole = setup.reader.open(setup.entry)
+    small = setup.reader.open(setup.entry)
+    big_read = asyncio.ensure_future(setup.reader.read(whole, 7 * BLOCK, BLOCK))
+    await eventually(lambda: _true(setup.store.waiting >= 1), what="the block's GET held at the store")
+    small_read = asyncio.ensure_future(setup.reader.read(small, 7 * BLOCK + 100, 1000))
+    await eventually(lambda: _true(setup.store.waiting >= 1 and len(setup.store.gets) >= 1))
+    setup.store.release()
+    assert bytes(await small_read) == setup.body[7 * BLOCK + 100:7 * BLOCK + 1100]
+    assert bytes(await big_read) == setup.body[7 * BLOCK:8 * BLOCK]
+    await setup.reader.drain()
+    assert setup.store.gets == [Get("data.bin", 7 * BLOCK, BLOCK)]
+
+
+# --- the read-ahead memory budget ---
+
+
+async def test_read_ahead_stays_within_the_budget_and_gives_it_all_back(tmp_path: Path) -> None:
+    setup = await make(tmp_path, budget_blocks=2)
+    handle = setup.reader.open(setup.entry)
+    await read_sequentially(setup, handle, 0, 2 * BLOCK)  # the window asks for 16 blocks ahead
+    await setup.reader.drain()
+    assert setup.budget.used == 2 * BLOCK
+    assert sorted(setup.blocks_fetched()) == [0, 1, 2, 3], "only two blocks beyond the ones read"
+    for offset in range(2 * BLOCK, BLOCKS * BLOCK, QUARTER):
+        assert bytes(await setup.reader.read(handle, offset, QUARTER)) == setup.body[offset:offset + QUARTER]
+        assert setup.budget.used <= 2 * BLOCK
+    await setup.reader.drain()
+    assert sorted(setup.blocks_fetched()) == list(range(BLOCKS))  # consumed blocks made room for the next ones
+    assert setup.budget.used == 0  # nothing is ahead at the end of the file
+
+
+async def test_closing_a_handle_gives_its_read_ahead_back(tmp_path: Path) -> None:
+    setup = await make(tmp_path, budget_blocks=4)
+    handle = setup.reader.open(setup.entry)
+    await read_sequentially(setup, handle, 0, BLOCK)
+    assert setup.budget.used == 4 * BLOCK
+    setup.reader.close(handle)
+    assert setup.budget.used == 0
+    # The budget is usable again by the next reader.
+    other = setup.reader.open(setup.entry)
+    await read_sequentially(setup, other, 0, BLOCK)
+    assert setup.budget.used == 4 * BLOCK
+    await setup.reader.read(other, 10 * BLOCK, QUARTER)  # a jump: blocks ahead that were passed are let go
+    assert setup.budget.used == 0
+    setup.reader.close(other)
+    await setup.reader.drain()
+
+
+# --- fail fast while the store is unreachable ---
+
+
+async def test_unreachable_store_fails_fast_for_the_cooldown_then_is_tried_again(tmp_path: Path) -> None:
+    setup = await make(tmp_path)
+
+    async def read_block(index: int) -> bytes:
+        handle = setup.reader.open(setup.entry)  # a fresh handle per read: no read-ahead in the way
+        try:
+            return bytes(await setup.reader.read(handle, index * BLOCK, BLOCK))
+        finally:
+            setup.reader.close(handle)
+
+    assert await read_block(1) == setup.body[BLOCK:2 * BLOCK]
+    await setup.reader.drain()
+    setup.store.unreachable = True
+    with pytest.raises(EndpointUnreachable):
+        await read_block(8)
+    assert len(setup.store.gets) == 2
+    for index in (9, 10):  # within the cooldown: the error again, without asking the store
+        with pytest.raises(EndpointUnreachable):
+            await read_block(index)
+    assert len(setup.store.gets) == 2
+    assert await read_block(1) == setup.body[BLOCK:2 * BLOCK]  # cached: served, the store not asked
+    assert len(setup.store.gets) == 2
+    setup.store.unreachable = False
+    setup.clock.now += 1.01  # the cooldown is over: the store is asked again
+    assert await read_block(11) == setup.body[11 * BLOCK:12 * BLOCK]
+    assert len(setup.store.gets) == 3
+    await setup.reader.drain()
+
+
+async def test_store_gate_counts_the_cooldown_from_the_failure(tmp_path: Path) -> None:
+    setup = await make(tmp_path)
+    gate = StoreGate(setup.store, clock=setup.clock, cooldown=5.0)
+    assert setup.clock.now == 1000.0
+    setup.store.unreachable = True
+    with pytest.raises(EndpointUnreachable):
+        await gate.get_range("data.bin", 0, 10, setup.entry.etag)
+    setup.store.unreachable = False
+    setup.clock.now += 4.9
+    with pytest.raises(EndpointUnreachable):
+        await gate.get_range("data.bin", 0, 10, setup.entry.etag)
+    assert len(setup.store.gets) == 1
+    setup.clock.now = 1005.0  # the failure was at 1000.0: the cooldown ends exactly now
+    assert await gate.get_range("data.bin", 0, 10, setup.entry.etag) == setup.body[:10]
+    assert await gate.get_range("data.bin", 10, 10, setup.entry.etag) == setup.body[10:20]
+    assert len(setup.store.gets) == 3
+
+
+# --- small random reads ---
+
+
+async def test_small_random_read_gets_just_its_bytes_and_warms_the_block(tmp_path: Path) -> None:
+    setup = await make(tmp_path)
+    handle = setup.reader.open(setup.entry)
+    offset = 5 * BLOCK + 1000
+    assert bytes(await setup.reader.read(handle, offset, 4096)) == setup.body[offset:offset + 4096]
+    assert Get("data.bin", offset, 4096) in setup.store.gets  # answered by a GET of just those bytes
+    await setup.reader.drain()
+    assert sorted(setup.store.gets, key=lambda get: get.length) == [Get("data.bin", offset, 4096),
+                                                                     Get("data.bin", 5 * BLOCK, BLOCK)]
+    assert setup.cache.contains(setup.reader.block_id(setup.entry, 5))  # the whole block, for next time
+    other = setup.reader.open(setup.entry)
+    for start in (offset + 8192, offset + 20000):
+        assert bytes(await setup.reader.read(other, start, 4096)) == setup.body[start:start + 4096]
+    assert len(setup.store.gets) == 2  # served from the cached block
+    assert setup.reader.stats.hit_bytes == 2 * 4096
+    assert setup.reader.stats.gets == 2 and setup.reader.stats.miss_bytes == 4096 + BLOCK
+
+
+async def test_a_quarter_block_is_still_a_small_read(tmp_path: Path) -> None:
+    setup = await make(tmp_path)
+    handle = setup.reader.open(setup.entry)
+    offset = 3 * BLOCK + QUARTER
+    assert bytes(await setup.reader.read(handle, offset, QUARTER)) == setup.body[offset:offset + QUARTER]
+    assert Get("data.bin", offset, QUARTER) in setup.store.gets
+    await setup.reader.drain()
+
+
+async def test_large_random_read_fetches_whole_blocks(tmp_path: Path) -> None:
+    setup = await make(tmp_path)
+    handle = setup.reader.open(setup.entry)
+    offset = 5 * BLOCK + 1000
+    assert bytes(await setup.reader.read(handle, offset, BLOCK // 2)) == setup.body[offset:offset + BLOCK // 2]
+    await setup.reader.drain()
+    assert setup.store.gets == [Get("data.bin", 5 * BLOCK, BLOCK)]
+
+
+async def _true(value: bool) -> bool:
+    return value
