@@ -156,12 +156,13 @@ def cached_blocks(inventory: InventoryWatch) -> dict[tuple[str, int], int]:
     for event in inventory.events:
         if latest is None or event["incarnation"] != latest["incarnation"]:
             continue
-        if event["type"] == "agent.inventory.snapshot.v1" and event["part"] == 1:
+        if event["type"] == "agent.inventory.snapshot.v2" and event["part"] == 1:
             blocks.clear()
-        for block, size in event.get("cached", []) + event.get("blocks", []):
-            blocks[(block[1], block[3])] = size
-        for block, _ in event.get("evicted", []):
-            blocks.pop((block[1], block[3]), None)
+        for _, key, _, indices in event.get("cached", []) + event.get("files", []):
+            blocks.update({(key, index): size for index, size in indices})
+        for _, key, _, indices in event.get("evicted", []):
+            for index, _ in indices:
+                blocks.pop((key, index), None)
     return blocks
 
 
