@@ -41,8 +41,10 @@ from nats.js.object_store import ObjectStore as NatsObjectStore
 from opentelemetry import trace
 
 from libs import subjects
+from libs.backoff import REDELIVERY
 from libs.config import NatsSettings
 from libs.events.deadletter import DeadLetter
+from libs.redact import redact_payload, strip_userinfo
 from libs.telemetry import extract_context, get_logger, inject_context, tracer
 
 log = get_logger(__name__)
@@ -320,9 +322,8 @@ InvalidHandler = Callable[[Delivery, str, bytes], Awaitable[None]]
 
 
 def retry_delay(deliveries: int) -> float:
-    """0.5 s doubling per delivery, capped at 30 s: quick recovery from blips, no hammering of a dead store."""
-    # The exponent is capped too, so a huge delivery count cannot overflow the float conversion.
-    return float(min(30.0, 0.5 * 2 ** min(max(0, deliveries - 1), 16)))
+    """0.5 s doubling per delivery, capped at 30 s (``libs.backoff.REDELIVERY``)."""
+    return REDELIVERY.delay(deliveries)
 
 
 @dataclass
@@ -433,6 +434,7 @@ class Consumer(Generic[E]):
         await self._dead_letter(message, delivery, reason, bound)
 
     async def _dead_letter(self, message: Msg, delivery: Delivery, reason: str, bound: Any) -> None:
+        reason = strip_userinfo(reason)
         record = DeadLetter(
             stream=self.stream,
             consumer=self.durable,
@@ -440,7 +442,8 @@ class Consumer(Generic[E]):
             stream_sequence=delivery.stream_sequence,
             deliveries=delivery.deliveries,
             reason=reason,
-            payload=bytes(message.data),
+            # Kept 30 days: secret-looking fields and URL credentials are masked (libs.redact); nothing else changes.
+            payload=redact_payload(bytes(message.data)),
             headers={k: v for k, v in delivery.headers.items() if k != "Nats-Msg-Id"},
         )
         # Derived id: a redelivered poison message yields one dead letter, not one per attempt.

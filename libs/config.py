@@ -95,6 +95,21 @@ class ServiceSettings:
     max_deliver: int = env("SHOAL_MAX_DELIVER", "Deliveries of one message before it is dead-lettered.", default=5)
     # Objects per listing page; S3 caps a page at 1000, and memory during a sync grows with one page.
     list_page_size: int = env("SHOAL_LIST_PAGE_SIZE", "Objects per listing page during a sync.", default=1000)
+    # Any free port by default, so several processes on one machine (and every mount process) never collide;
+    # give a fixed one where a prober must find it (Kubernetes probes, a Prometheus scrape config).
+    http_port: int | None = env(
+        "SHOAL_HTTP_PORT", "Port of the /healthz, /readyz, /metrics side server: 0 picks a free one (logged), "
+        "off disables it.", default=0,
+    )
+    # Loopback by default: metrics and readiness are not for the whole network unless the operator says so.
+    http_host: str = env("SHOAL_HTTP_HOST", "Address the side server binds (0.0.0.0 in a pod).",
+                         default="127.0.0.1")
+    # local:// serves host files through a mount every user of a node may read; only folders the operator
+    # chose may be mounted (the dataset service refuses others at apply, the agent again at mount). Empty: none.
+    local_roots: list[str] = env(
+        "SHOAL_LOCAL_ROOTS", "Folders below which local:// mounts are allowed (comma-separated); empty allows none.",
+        default_factory=list,
+    )
 
 
 def _default_node_name() -> str:
@@ -121,6 +136,10 @@ class AgentSettings:
                                 default="512Mi")
     cache_policy: str = env("SHOAL_CACHE_POLICY", "lfu-admission (keeps a stable subset) or lru.",
                             default="lfu-admission")
+    # Training jobs read datasets as users other than the agent's (root); the kernel still checks every access
+    # against the mode and owner each file is served with (default_permissions). False: only root can read.
+    allow_other: bool = env("SHOAL_MOUNT_ALLOW_OTHER", "Let users other than the agent's read the mounts.",
+                            default=True)
 
 
 @dataclass(frozen=True)
@@ -148,6 +167,11 @@ def _convert(raw: str, annotation: Any) -> Any:
         raise ValueError("expected true or false")
     if annotation is Path:
         return Path(raw)
+    if annotation == int | None:  # a port that can be switched off
+        lowered = raw.strip().lower()
+        if lowered in ("off", "none", "disabled"):
+            return None
+        return msgspec.convert(lowered, int, strict=False)
     return msgspec.convert(raw.strip(), annotation, strict=False)
 
 
@@ -197,6 +221,8 @@ def _check(settings: Settings) -> list[str]:
         problems.append("SHOAL_MAX_DELIVER: must be at least 1")
     if not 1 <= settings.service.list_page_size <= 1000:
         problems.append("SHOAL_LIST_PAGE_SIZE: must be between 1 and 1000")
+    if settings.service.http_port is not None and not 0 <= settings.service.http_port <= 65535:
+        problems.append(f"SHOAL_HTTP_PORT={settings.service.http_port}: use 0 to 65535, or off")
     if not 1 <= settings.nats.replicas <= 5:
         problems.append("SHOAL_STREAM_REPLICAS: JetStream allows 1 to 5 replicas")
     if settings.agent.cache_policy not in ("lfu-admission", "lru"):
@@ -205,6 +231,9 @@ def _check(settings: Settings) -> list[str]:
         problems.append("SHOAL_HEARTBEAT_SECONDS: must be positive")
     if not settings.agent.mount_root.startswith("/"):
         problems.append(f"SHOAL_MOUNT_ROOT={settings.agent.mount_root!r}: must be an absolute path")
+    for root in settings.service.local_roots:
+        if not root.startswith("/"):
+            problems.append(f"SHOAL_LOCAL_ROOTS: {root!r} must be an absolute path")
     if settings.nats.user and not settings.nats.password:
         problems.append("NATS_PASSWORD: required when NATS_USER is set")
     return problems

@@ -96,12 +96,12 @@ class ServerProcess:
 
 
 def spawn(name: str, argv: list[str], log_path: Path, env: dict[str, str] | None = None,
-          grace: float = 10.0) -> ServerProcess:
-    """Start ``argv`` in its own session, output appended to ``log_path``."""
+          grace: float = 10.0, cwd: Path | None = None) -> ServerProcess:
+    """Start ``argv`` in its own session (in ``cwd``, default ours), output appended to ``log_path``."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log = open(log_path, "ab")  # noqa: SIM115 - kept open for the child's lifetime, closed in stop()
     process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                               env=env, start_new_session=True)
+                               env=env, start_new_session=True, cwd=cwd)
     return ServerProcess(name=name, process=process, log_path=log_path, grace=grace, _log=log)
 
 

@@ -23,6 +23,7 @@ from nats.js.object_store import ObjectStore as NatsObjectStore
 from libs import subjects
 from libs.bus import Bus
 from libs.events.dataset import ManifestEntry
+from libs.paths import is_folder
 
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(ManifestEntry)
@@ -49,8 +50,9 @@ class ManifestWriter:
 
     def add(self, entry: ManifestEntry) -> None:
         write_entry(self._out, entry)
-        self.file_num += 1
-        self.total_bytes += entry.size
+        if not is_folder(entry.path):  # a folder marker is not a file (libs.paths)
+            self.file_num += 1
+            self.total_bytes += entry.size
 
     def rewound(self) -> io.BufferedRandom:
         self._out.flush()

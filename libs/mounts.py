@@ -1,4 +1,5 @@
-"""Dataset mounts, pure: the Fluid/Alluxio spellings of mount options, and where each mount appears in the tree.
+"""Dataset mounts, pure: the Fluid/Alluxio spellings of mount options, where each mount appears in the tree,
+and which secrets a spec gives in clear text.
 
 Used by validation (``services.dataset.domain``) and by the listing; ``libs.ufs.mounts`` turns a
 mount into an object-store location.
@@ -8,7 +9,8 @@ from __future__ import annotations
 
 import posixpath
 
-from libs.events.dataset import Mount
+from libs.events.dataset import Dataset, Mount
+from libs.redact import has_userinfo, is_secret_name, strip_userinfo
 
 # Options each scheme understands. Fluid/Alluxio spellings are accepted as aliases of ours.
 OPTION_ALIASES = {
@@ -24,6 +26,30 @@ def canonical_options(mount: Mount, shared: dict[str, str]) -> dict[str, str]:
     """The mount's options with shared options underneath and aliases resolved to Shoal's names."""
     merged = {**shared, **mount.options}
     return {OPTION_ALIASES.get(key, key): value for key, value in merged.items()}
+
+
+def exposed_secret_errors(dataset: Dataset) -> list[str]:
+    """Secrets given in clear text, which would travel (and stay) in events: secret options and URLs with a user
+    or password. Each reason names the field where the secret was given and never shows its value.
+
+    The dataset service rejects such a spec; the CLI refuses it before publishing anything.
+    """
+    errors = []
+    advice = "put it in encryptOptions as a secretKeyRef so it never travels in events"
+    fields = [("spec.sharedOptions", dataset.spec.shared_options)]
+    fields += [(f"spec.mounts[{index}].options", mount.options) for index, mount in enumerate(dataset.spec.mounts)]
+    for where, options in fields:
+        for key, value in options.items():
+            if is_secret_name(key):
+                errors.append(f"{where}.{key} holds a secret in clear text: {advice}")
+            elif has_userinfo(value):
+                errors.append(f"{where}.{key} {strip_userinfo(value, strict=True)!r} has credentials in its URL: "
+                              f"{advice}")
+    for index, mount in enumerate(dataset.spec.mounts):
+        if has_userinfo(mount.mount_point):
+            errors.append(f"spec.mounts[{index}].mountPoint {strip_userinfo(mount.mount_point, strict=True)!r} "
+                          f"has credentials in its URL: {advice}")
+    return errors
 
 
 def mount_path(mount: Mount, mount_count: int) -> str:

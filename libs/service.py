@@ -1,21 +1,34 @@
-"""The process shell shared by every service: settings, logging, tracing, signals, and clean shutdown.
+"""The process shell shared by every service and mount process: settings, logging, tracing, signals, the side
+server, and how a process runs its loops until stopped.
 
-A service module provides ``async def run(settings, stop)``; ``main`` parses settings once (printing every
-bad variable and exiting 2), sets up telemetry, and turns SIGTERM/SIGINT into the ``stop`` event.
+A process provides ``async def run(settings, stop, readiness)``; ``main`` parses settings once (printing every
+bad variable and exiting 2), sets up telemetry, starts the side server (``libs.side_server``: ``/healthz``,
+``/readyz``, ``/metrics``) unless ``SHOAL_HTTP_PORT=off``, and turns SIGTERM/SIGINT into the ``stop`` event.
+``run`` registers its readiness checks (``nats_check``, and ``run_loops`` adds one for its loops) and runs its
+loops with ``run_loops``: every long-running part of a process is a ``Loop`` (``run`` until ``stop``), started
+and stopped the same way.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from libs.config import Settings, SettingsError, load_settings
+from libs.side_server import Readiness, SideServer
 from libs.telemetry import get_logger, setup_logging, setup_tracing
 
-ServiceRun = Callable[[Settings, asyncio.Event], Awaitable[None]]
+if TYPE_CHECKING:
+    from libs.bus import Bus
+
+
+
+class ServiceRun(Protocol):
+    def __call__(self, settings: Settings, stop: asyncio.Event, *, readiness: Readiness) -> Awaitable[None]: ...
 
 
 class Loop(Protocol):
@@ -24,9 +37,22 @@ class Loop(Protocol):
     def stop(self) -> None: ...
 
 
-async def run_loops(loops: Sequence[Loop], stop: asyncio.Event) -> None:
-    """Run the loops until ``stop`` is set or one of them fails; then stop all and wait for them."""
+def loop_name(loop: Loop) -> str:
+    return str(getattr(loop, "name", "") or getattr(loop, "durable", "") or type(loop).__name__)
+
+
+async def run_loops(loops: Sequence[Loop], stop: asyncio.Event, readiness: Readiness | None = None) -> None:
+    """Run the loops until ``stop`` is set or one of them fails; then stop all and wait for them.
+
+    With ``readiness``, a check named ``loops`` fails as soon as one of them is no longer running.
+    """
     tasks = [asyncio.create_task(loop.run()) for loop in loops]
+    if readiness is not None:
+        def check() -> str | None:
+            ended = [loop_name(loop) for loop, task in zip(loops, tasks, strict=True) if task.done()]
+            return f"not running: {', '.join(ended)}" if ended else None
+
+        readiness.add("loops", check)
     stopper = asyncio.create_task(stop.wait())
     try:
         await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
@@ -38,6 +64,33 @@ async def run_loops(loops: Sequence[Loop], stop: asyncio.Event) -> None:
     for result in results:
         if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
             raise result
+
+
+class Periodic:
+    """A loop that awaits ``tick()`` every ``interval`` seconds until stopped; a failing tick is logged, not fatal."""
+
+    def __init__(self, name: str, tick: Callable[[], Awaitable[None]], interval: float) -> None:
+        self.name = name
+        self.tick = tick
+        self.interval = interval
+        self._stopping = asyncio.Event()
+
+    async def run(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                await self.tick()
+            except Exception:
+                get_logger(__name__).exception("periodic work failed", loop=self.name)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), timeout=self.interval)
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+
+def nats_check(bus: Bus) -> Callable[[], str | None]:
+    """Readiness: the process's NATS connection is up (not closed, not reconnecting)."""
+    return lambda: None if bus.nc.is_connected else "not connected to NATS"
 
 
 def main(name: str, run: ServiceRun) -> None:
@@ -55,8 +108,21 @@ def main(name: str, run: ServiceRun) -> None:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
+        readiness = Readiness()
+        # Not ready before the process's loops run; ``run_loops`` replaces this check with its own.
+        readiness.add("loops", lambda: "starting")
+        side = None
+        if settings.service.http_port is not None:
+            side = SideServer(readiness, settings.service.http_host, settings.service.http_port)
+            port = await side.start()
+            log.info("side server listening", url=f"http://{settings.service.http_host}:{port}",
+                     endpoints=["/healthz", "/readyz", "/metrics"])
         log.info("starting", nats=settings.nats.urls)
-        await run(settings, stop)
+        try:
+            await run(settings, stop, readiness=readiness)
+        finally:
+            if side is not None:
+                await side.stop()
         log.info("stopped")
 
     asyncio.run(_main())

@@ -37,7 +37,37 @@ def setup_logging(level: str = "info", fmt: str = "auto") -> None:
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=not _configured_logging,
     )
+    _route_stdlib_logging(level, renderer)
     _configured_logging = True
+
+
+class _StructlogHandler(logging.StreamHandler):
+    """Marks the handler ``setup_logging`` installs, so a second call replaces it instead of adding one."""
+
+
+def _route_stdlib_logging(level: str, renderer: Any) -> None:
+    """Send what libraries log through ``logging`` (pyfuse3's notify thread, asyncio, nats-py) out in the same
+    format as our own lines: without this, Python's last-resort handler prints them as plain text with bare
+    tracebacks, and a JSON log gets lines no collector can parse."""
+    handler = _StructlogHandler(sys.stderr)
+    handler.setFormatter(structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[
+            structlog.stdlib.add_logger_name,
+            structlog.stdlib.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+        ],
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+    ))
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if isinstance(h, _StructlogHandler)]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    # Libraries' own info lines (botocore finding credentials, ...) are noise next to ours: warnings and up.
+    root.setLevel(max(logging.WARNING, logging.getLevelNamesMapping()[level.upper()]))
 
 
 def setup_tracing(service_name: str) -> None:

@@ -7,19 +7,22 @@
   hold GETs until released (to make concurrent misses meet) and can act unreachable.
 - ``HttpProxy``: an HTTP proxy in front of an S3 endpoint that records request headers and can strip
   ``If-Match``, i.e. behave like a store that ignores conditional GETs.
+- ``ListedStore`` and ``ExtraKeys``: stores that list keys a real S3 server will not store as given (a leading
+  '/', '//', long names, NUL), below the real sync.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from aiohttp import ClientSession, web
 
 from libs.embedded import LOOPBACK, free_port
-from libs.ufs.base import EndpointUnreachable, ObjectInfo, ObjectStore
+from libs.ufs.base import EndpointUnreachable, NoSuchKey, ObjectChanged, ObjectInfo, ObjectStore
 
 
 class CuttableProxy:
@@ -176,3 +179,58 @@ class HttpProxy:
             skip = ("content-length", "transfer-encoding", "connection")
             return web.Response(status=upstream.status, body=payload,
                                 headers={k: v for k, v in upstream.headers.items() if k.lower() not in skip})
+
+
+class ListedStore:
+    """An in-memory object store for keys SeaweedFS will not store as given (it normalises '//' and a leading
+    '/', and refuses long names): the real sync lists it like any ``ObjectStore``, in the order given."""
+
+    def __init__(self, objects: dict[str, bytes], mtime: float = 1_700_000_000.0) -> None:
+        self.objects = objects
+        self.mtime = mtime
+
+    def _info(self, key: str) -> ObjectInfo:
+        body = self.objects[key]
+        return ObjectInfo(key=key, size=len(body), etag=hashlib.md5(body).hexdigest(), mtime=self.mtime)
+
+    async def list(self, page_size: int = 1000) -> AsyncIterator[ObjectInfo]:
+        for key in list(self.objects):
+            yield self._info(key)
+
+    async def head(self, key: str) -> ObjectInfo:
+        if key not in self.objects:
+            raise NoSuchKey(f"no object {key!r}")
+        return self._info(key)
+
+    async def get_range(self, key: str, start: int, length: int, etag: str | None = None) -> bytes:
+        info = await self.head(key)
+        if etag is not None and etag != info.etag:
+            raise ObjectChanged(f"{key!r} changed")
+        return self.objects[key][start:start + length]
+
+    async def close(self) -> None:
+        return None
+
+
+class ExtraKeys:
+    """A real store whose listing also names ``extra`` keys (as the store would list them), e.g. a key with a
+    leading '/' that AWS S3 lists but SeaweedFS normalises away; every other call goes to the real store."""
+
+    def __init__(self, store: ObjectStore, extra: list[ObjectInfo]) -> None:
+        self.store = store
+        self.extra = extra
+
+    async def list(self, page_size: int = 1000) -> AsyncIterator[ObjectInfo]:
+        async for info in self.store.list(page_size):
+            yield info
+        for info in self.extra:
+            yield info
+
+    async def head(self, key: str) -> ObjectInfo:
+        return await self.store.head(key)
+
+    async def get_range(self, key: str, start: int, length: int, etag: str | None = None) -> bytes:
+        return await self.store.get_range(key, start, length, etag)
+
+    async def close(self) -> None:
+        await self.store.close()

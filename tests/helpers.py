@@ -38,7 +38,8 @@ def make_settings(nats_url: str, s3_endpoint: str = "", access_key: str = "", se
         nats=NatsSettings(urls=[nats_url]),
         s3=S3Settings(endpoint=s3_endpoint, access_key_id=Secret(access_key), secret_access_key=Secret(secret_key),
                       secrets_dir=service.pop("secrets_dir", "")),
-        service=ServiceSettings(log_format="json", **service),
+        # Tests mount tmp folders through local://; the tests of SHOAL_LOCAL_ROOTS pass their own roots.
+        service=ServiceSettings(log_format="json", **{"local_roots": ["/"], **service}),
     )
 
 

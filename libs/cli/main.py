@@ -36,6 +36,7 @@ from libs.config import NatsSettings, SettingsError, load_settings
 from libs.documents import Command, Kind, ManifestError, documents_to_commands, parse_documents
 from libs.events.dataset import (
     DatasetAccepted,
+    DatasetApply,
     DatasetDelete,
     DatasetDeleted,
     DatasetFact,
@@ -52,6 +53,7 @@ from libs.events.runtime import (
     RuntimeRejected,
 )
 from libs.events.schema import export_schemas
+from libs.mounts import exposed_secret_errors
 
 CLIENT_NAME = "shoal-cli"
 # A service answers a command in milliseconds; 10 s leaves room for a service that is just starting.
@@ -263,7 +265,8 @@ def report_outcomes(outcomes: Sequence[Outcome], timeout: float) -> bool:
     for outcome in outcomes:
         command, fact = outcome.command, outcome.fact
         if isinstance(fact, DatasetAccepted | RuntimeAccepted):
-            click.echo(f"{command.resource} configured")
+            done = "resync requested" if isinstance(command.event, DatasetResync) else "configured"
+            click.echo(f"{command.resource} {done}")
         elif isinstance(fact, DatasetDeleted | RuntimeDeleted):
             click.echo(f"{command.resource} deleted")
         elif isinstance(fact, DatasetRejected | RuntimeRejected):
@@ -291,7 +294,12 @@ def _read_manifests(files: Sequence[IO[str]], namespace: str, action: str) -> tu
         file_commands, file_notes, errors = documents_to_commands(
             documents, default_namespace=namespace, action="delete" if action == "delete" else "apply"
         )
-        commands += file_commands
+        for command in file_commands:
+            # Refused here, before publishing: a command stays in the command stream for a week.
+            exposed = exposed_secret_errors(command.event.dataset) if isinstance(command.event, DatasetApply) else []
+            errors += [f"{command.resource}: {reason}" for reason in exposed]
+            if not exposed:
+                commands.append(command)
         notes += file_notes
         for error in errors:
             click.echo(f"error: {file.name}: {error}", err=True)

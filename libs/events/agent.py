@@ -171,12 +171,15 @@ class MountReport(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omi
 class AgentHeartbeat(Event, frozen=True, kw_only=True, tag="agent.heartbeat.v1", rename="camel"):
     node: str
     runtimes: list[ObjectRef] = []
+    # False while a mount process keeps failing or a cache directory is down; ``problems`` says which.
     healthy: bool = True
     # Unix seconds at the agent; the runtime service judges freshness by its own clock of receipt.
     sent_at: float = 0.0
     # How often the agent beats; a node missing three beats in a row is not ready.
     interval_seconds: float = 5.0
+    # Bytes of cache this node's mounts can use: the quotas of their tiers that are not down.
     capacity_bytes: int = 0
+    problems: list[str] = []
     # The mounts this node should serve and how each is doing; a mount that is not serving shows in status.
     mounts: list[MountReport] = []
 

@@ -178,12 +178,16 @@ class DatasetRecord(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     sync_requests: int = 0
 
 
-class ManifestEntry(msgspec.Struct, frozen=True, rename="camel"):
+class ManifestEntry(msgspec.Struct, frozen=True, rename="camel", omit_defaults=True):
     """One file of a synced dataset: a line of its manifest (``libs.manifest`` reads and writes them)."""
 
-    path: str  # '/'-rooted path inside the dataset
+    path: str  # '/'-rooted path inside the dataset; a folder marker's ends in '/' (libs.paths)
     mount: int  # index into spec.mounts
     key: str  # object key relative to the mount's prefix
     size: int
     etag: str
     mtime: float
+    # Local files: permission bits and owner to serve (None for objects, served read-only to everyone).
+    mode: int | None = None
+    uid: int | None = None
+    gid: int | None = None

@@ -24,6 +24,10 @@ class ObjectInfo(msgspec.Struct, frozen=True):
     size: int
     etag: str
     mtime: float
+    # Local files only: the permission bits and owner a mount serves (see libs.ufs.local); None for objects.
+    mode: int | None = None
+    uid: int | None = None
+    gid: int | None = None
 
 
 class UfsError(Exception):

@@ -5,6 +5,11 @@ below the root, reached without leaving it. Symbolic links to files inside the r
 folders are not (they could loop) and links out of the root are never followed. Keys are '/'-separated paths
 relative to the root; one with an empty, '.' or '..' part, or an absolute one, names no object.
 
+What a mount of the folder exposes: each file is served with its own owner and permission bits, minus the
+read and execute bits of every class (owner, group, others) that could not pass through the folders above it
+(from the root down), so a user who cannot read a file on the host cannot read it through the mount either.
+Folder names themselves stay visible.
+
 Blocking calls run in worker threads. A listing scans one page at a time and holds only the pending entries
 of the folders on the current path, so memory does not grow with the size of the tree. Within each folder
 entries are visited in an order that makes the whole listing sorted by key, like an S3 listing.
@@ -34,8 +39,34 @@ def _etag(st: os.stat_result) -> str:
     return f"{st.st_size:x}-{st.st_mtime_ns:x}"
 
 
-def _info(key: str, st: os.stat_result) -> ObjectInfo:
-    return ObjectInfo(key=key, size=st.st_size, etag=_etag(st), mtime=st.st_mtime)
+# (mode, uid, gid) of a folder on the way from the root to a file.
+Folder = tuple[int, int, int]
+
+
+def served_mode(st: os.stat_result, folders: list[Folder]) -> int:
+    """The file's permission bits, without those of a class that cannot search every folder above it.
+
+    Conservative: a class keeps its bits through a folder only when that folder lets others search it, or the
+    folder's owner (group) is the file's owner (group) and may search it. Set-id and sticky bits are dropped.
+    """
+    mode = st.st_mode & 0o777
+    for folder_mode, folder_uid, folder_gid in folders:
+        if folder_mode & 0o001:
+            continue
+        mode &= ~0o007
+        if not (folder_gid == st.st_gid and folder_mode & 0o010):
+            mode &= ~0o070
+        if not (folder_uid == st.st_uid and folder_mode & 0o100):
+            mode &= ~0o700
+    return mode
+
+
+def _info(key: str, st: os.stat_result, folders: list[Folder] | None = None) -> ObjectInfo:
+    """The object; with ``folders`` (a listing, which knows them) also the mode and owner a mount serves."""
+    if folders is None:
+        return ObjectInfo(key=key, size=st.st_size, etag=_etag(st), mtime=st.st_mtime)
+    return ObjectInfo(key=key, size=st.st_size, etag=_etag(st), mtime=st.st_mtime,
+                      mode=served_mode(st, folders), uid=st.st_uid, gid=st.st_gid)
 
 
 def _inside(path: str, root: str) -> bool:
@@ -55,11 +86,14 @@ class _Walk:
         self._real_root = real_root
         # One frame per folder on the current path: its key prefix and its unvisited entries, last one next.
         self._frames: list[tuple[str, list[tuple[str, str, bool]]]] = []
+        # Mode and owner of each folder on the current path (one per frame), for ``served_mode``.
+        self._folders: list[Folder] = []
         self._started = False
 
     def _scan(self, prefix: str) -> None:
         folder = os.path.join(self._root, prefix[:-1]) if prefix else self._root
         try:
+            st = os.stat(folder)
             with os.scandir(folder) as entries:
                 # A folder sorts as "name/": then every key below it falls where S3 would put it among its
                 # siblings ("a-b" < "a/c" because '-' < '/').
@@ -76,6 +110,7 @@ class _Walk:
             raise AccessDenied(f"permission denied listing local directory '{folder}'") from err
         children.sort(reverse=True)
         self._frames.append((prefix, children))
+        self._folders.append((st.st_mode, st.st_uid, st.st_gid))
 
     def page(self, n: int) -> list[ObjectInfo]:
         if not self._started:
@@ -86,6 +121,7 @@ class _Walk:
             prefix, children = self._frames[-1]
             if not children:
                 self._frames.pop()
+                self._folders.pop()
                 continue
             _, name, is_dir = children.pop()
             key = prefix + name
@@ -104,7 +140,7 @@ class _Walk:
             except PermissionError as err:
                 raise AccessDenied(f"permission denied reading '{path}'") from err
             if stat.S_ISREG(st.st_mode):
-                found.append(_info(key, st))
+                found.append(_info(key, st, self._folders))
         return found
 
 

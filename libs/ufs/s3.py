@@ -31,6 +31,7 @@ from botocore.exceptions import (
     ReadTimeoutError,
 )
 
+from libs.redact import strip_userinfo
 from libs.ufs.base import (
     AccessDenied,
     EndpointUnreachable,
@@ -93,7 +94,8 @@ class S3ObjectStore:
         self._location = location
         self._bucket = location.bucket
         self._prefix = _folder(location.prefix)
-        self._where = location.endpoint_url or f"AWS S3 ({location.region})"
+        # Shown in errors and logs: never with credentials written into the URL.
+        self._where = strip_userinfo(location.endpoint_url) or f"AWS S3 ({location.region})"
         self._config = AioConfig(
             connect_timeout=connect_timeout,
             read_timeout=read_timeout,
@@ -156,7 +158,9 @@ class S3ObjectStore:
         return self._client
 
     async def list(self, page_size: int = 1000) -> AsyncGenerator[ObjectInfo, None]:
-        """Every object below the prefix, one ListObjectsV2 page at a time; directory markers are skipped."""
+        """Every object below the prefix, one ListObjectsV2 page at a time. Folder markers ("train/sub/", made by
+        consoles and tools) are listed as keys ending in '/' (libs.paths decides what they mean), except the
+        prefix's own marker."""
         if page_size < 1:
             raise ValueError("page_size must be at least 1")
         client = await self._s3()
@@ -168,8 +172,7 @@ class S3ObjectStore:
                 raise self._error(err, "list") from err
             for item in page.get("Contents", ()):
                 full_key: str = item["Key"]
-                # Folder markers ("train/sub/") made by consoles and tools are not data.
-                if full_key.endswith("/") or not full_key.startswith(self._prefix):
+                if full_key == self._prefix or not full_key.startswith(self._prefix):
                     continue
                 yield ObjectInfo(
                     key=full_key[len(self._prefix) :],

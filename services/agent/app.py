@@ -5,20 +5,29 @@
 | KV shoal_runtimes, shoal_datasets (watched) | Bound datasets of served runtimes | start / stop mount processes |
 | timer | every SHOAL_HEARTBEAT_SECONDS | publish agent.heartbeat.v1 on shoal.agent.heartbeat.<node> |
 
-A mount process that dies is restarted with backoff; its stale mount (ENOTCONN) stays until the new process has
-loaded everything and moves its mount in beneath it, so readers get an error, never an empty folder. On stop every
-mount process gets SIGTERM, any mount left behind is removed with ``fusermount3 -u -z``, and the bare mount point is
-removed. Heartbeats say how each mount is doing (Serving, Starting, Failing). A deleted dataset is
-unmounted at once (its mount process deletes its cached blocks; the agent deletes those a dead one left); one
-that merely stops being Bound (its runtime briefly NotReady, e.g. while this agent restarts) keeps its mount for
-a grace period, so readers are not cut off by a blip.
+Mount processes are supervised by ``libs.supervisor`` (the same supervisor ``shoal up`` uses): one that dies is
+restarted with backoff (reset after a minute of stable running). Its stale mount (ENOTCONN) stays until the new
+process has loaded everything and moves its mount in beneath it (``services.agent.handover``), so readers get an
+error, never an empty folder. On stop every mount process gets SIGTERM, any mount left behind is removed with
+``fusermount3 -u -z``, and the bare mount point is removed. A deleted dataset is unmounted at once (its mount process
+deletes its cached blocks; the agent deletes those a dead one left); one that merely stops being Bound (its runtime
+briefly NotReady, e.g. while this agent restarts) keeps its mount for a grace period, so readers are not cut off
+by a blip.
+
+Health, in every heartbeat and in ``/readyz``: the agent is unhealthy while a mount process keeps failing (the
+supervisor counts its exits) or a mount's cache directory is down (each mount process reports its tiers' health
+in a status file, ``services.agent.mountstatus``). ``capacityBytes`` is the cache its mounts can use. Heartbeats
+also say how each mount is doing (Serving, Starting, Failing), which runtime and dataset show as ``Mounted``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,11 +39,15 @@ from libs.events.agent import AgentHeartbeat, MountReport
 from libs.events.common import ObjectRef
 from libs.events.dataset import DatasetRecord
 from libs.events.runtime import RuntimeRecord
+from libs.service import Loop, Periodic, nats_check, run_loops
+from libs.side_server import Readiness
+from libs.supervisor import Supervisor
 from libs.telemetry import get_logger
 from services.agent import domain
 from services.agent.cache import BlockCache
 from services.agent.handover import remove_mountpoint
 from services.agent.mountinfo import device_of, is_mounted
+from services.agent.mountstatus import problems_of, read_status, remove_status
 
 SERVICE_NAME = "shoal-agent"
 log = get_logger(SERVICE_NAME)
@@ -59,18 +72,24 @@ async def force_unmount(path: str) -> None:
         log.warning("could not unmount", path=path, error=stderr.decode(errors="replace").strip())
 
 
+Process = asyncio.subprocess.Process
+
+
 @dataclass
 class MountWorker:
     namespace: str
     name: str
     path: str
-    process: asyncio.subprocess.Process | None = None
-    failures: int = 0
-    next_start: float = 0.0
+    status_file: str = ""
+    process: Process | None = None
     unwanted_since: float | None = None
     exit_code: int | None = None
     # The dead mount a crashed process left (kept until its replacement moves in beneath it).
     stale_device: str | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
 
 
 @dataclass
@@ -83,27 +102,26 @@ class NodeAgent:
     child_env: dict[str, str] | None = None
     workers: dict[tuple[str, str], MountWorker] = field(default_factory=dict)
     served: list[tuple[str, str]] = field(default_factory=list)
+    supervisor: Supervisor[Process] = field(default_factory=lambda: Supervisor(lambda p: p.returncode))
+    # Where mount processes write their status files; a folder of this agent's own, removed on stop.
+    status_dir: str = ""
 
-    async def run(self, stop: asyncio.Event) -> None:
+    async def run(self, stop: asyncio.Event, readiness: Readiness | None = None) -> None:
+        readiness = readiness or Readiness()
+        readiness.add("watches", lambda: None if self.runtimes.ready.is_set() and self.datasets.ready.is_set()
+                      else "runtime and dataset watches catching up")
+        readiness.add("mounts", lambda: "; ".join(self.problems()) or None)
         await asyncio.to_thread(Path(self.settings.agent.mount_root).mkdir, parents=True, exist_ok=True)
-        heartbeat = asyncio.create_task(self._heartbeats(stop))
-        mirrors = [asyncio.create_task(self.runtimes.run()), asyncio.create_task(self.datasets.run())]
-        await asyncio.wait([asyncio.create_task(self.runtimes.ready.wait()), *mirrors],
-                           return_when=asyncio.FIRST_COMPLETED)
-        await asyncio.wait([asyncio.create_task(self.datasets.ready.wait()), *mirrors],
-                           return_when=asyncio.FIRST_COMPLETED)
+        self.status_dir = await asyncio.to_thread(tempfile.mkdtemp, prefix="shoal-agent-")
+        loops: list[Loop] = [self.runtimes, self.datasets,
+                             Periodic("heartbeats", self.heartbeat, self.settings.agent.heartbeat_seconds),
+                             Periodic("mounts", self.reconcile, POLL_SECONDS)]
         try:
-            while not stop.is_set():
-                await self.reconcile()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), timeout=POLL_SECONDS)
+            await run_loops(loops, stop, readiness)
         finally:
-            heartbeat.cancel()
-            self.runtimes.stop()
-            self.datasets.stop()
-            await asyncio.gather(heartbeat, *mirrors, return_exceptions=True)
             await asyncio.gather(*(self._stop_worker(w) for w in list(self.workers.values())))
             self.workers.clear()
+            await asyncio.to_thread(shutil.rmtree, self.status_dir, ignore_errors=True)
 
     async def reconcile(self) -> None:
         if not (self.runtimes.ready.is_set() and self.datasets.ready.is_set()):
@@ -117,6 +135,7 @@ class NodeAgent:
             if unwanted.unwanted_since is None:
                 unwanted.unwanted_since = now
             if not exists or now - unwanted.unwanted_since >= UNBOUND_GRACE_SECONDS:
+                self.supervisor.remove(unwanted.key)
                 await self._stop_worker(self.workers.pop(ref))
             if not exists:
                 await self._free_cache(*ref)
@@ -124,22 +143,54 @@ class NodeAgent:
             worker = self.workers.get((namespace, name))
             if worker is None:
                 path = domain.mountpoint(self.settings.agent.mount_root, namespace, name)
-                worker = self.workers[(namespace, name)] = MountWorker(namespace, name, path)
+                status_file = os.path.join(self.status_dir, f"{namespace}.{name}.json")
+                worker = self.workers[(namespace, name)] = MountWorker(namespace, name, path, status_file)
+                self.supervisor.add(worker.key, now)
             worker.unwanted_since = None
-            if worker.process is not None and worker.process.returncode is not None:
-                worker.failures += 1
-                worker.next_start = now + domain.restart_delay(worker.failures)
-                worker.exit_code, worker.stale_device = worker.process.returncode, device_of(worker.path)
-                log.warning("mount process exited", dataset=f"{namespace}/{name}", code=worker.process.returncode,
-                            restart_in=round(worker.next_start - now, 1))
-                worker.process = None
-            if worker.process is None and now >= worker.next_start:
-                await self._start_worker(worker)
+        exits, due = self.supervisor.step(now)
+        for exited in exits:
+            log.warning("mount process exited", dataset=exited.child.name, code=exited.code,
+                        failures=exited.failures, restart_in=exited.delay)
+            for worker in self.workers.values():
+                if worker.key == exited.child.name:
+                    worker.process = None
+                    # Its dead mount stays (ENOTCONN) until the replacement moves in beneath it.
+                    worker.exit_code, worker.stale_device = exited.code, device_of(worker.path)
+        by_key = {worker.key: worker for ref, worker in self.workers.items() if ref in wanted}
+        for child in due:
+            if child.name in by_key:
+                started = by_key[child.name]
+                await self._start_worker(started)
+                if started.process is not None:
+                    self.supervisor.started(child, started.process, time.monotonic())
+
+    def problems(self) -> list[str]:
+        """Why this agent is unhealthy: mount processes that keep failing, cache directories that are down."""
+        problems = [f"mount {child.name} keeps failing (exit code {child.last_exit}, {child.failures} times in a row)"
+                    for child in self.supervisor.failing()]
+        for worker in self.workers.values():
+            status = read_status(worker.status_file) if worker.process is not None else None
+            if status is not None:
+                problems += problems_of(worker.key, status)
+        return problems
+
+    def capacity_bytes(self) -> int:
+        statuses = [read_status(w.status_file) for w in self.workers.values() if w.process is not None]
+        return sum(status.capacity_bytes for status in statuses if status is not None)
+
+    def mount_env(self) -> dict[str, str]:
+        """Mount processes' environment: the agent's, with a side server on a free port each (several mounts
+        cannot share one) unless the agent has none."""
+        env = dict(os.environ if self.child_env is None else self.child_env)
+        env["SHOAL_HTTP_PORT"] = "off" if self.settings.service.http_port is None else "0"
+        return env
 
     async def _start_worker(self, worker: MountWorker) -> None:
+        remove_status(worker.status_file)  # a "down" reported by the process before must not outlive it
         worker.process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "services.agent.mountd", "--namespace", worker.namespace, "--name", worker.name,
-            "--mountpoint", worker.path, stdin=asyncio.subprocess.DEVNULL, env=self.child_env,
+            "--mountpoint", worker.path, "--status-file", worker.status_file, stdin=asyncio.subprocess.DEVNULL,
+            env=self.mount_env(),
         )
         log.info("mount process started", dataset=f"{worker.namespace}/{worker.name}", pid=worker.process.pid,
                  mountpoint=worker.path)
@@ -190,35 +241,37 @@ class NodeAgent:
             reports.append(domain.mount_report(
                 ObjectRef(name=name, namespace=namespace), alive=alive,
                 mounted=device is not None and device != worker.stale_device, exit_code=worker.exit_code,
-                failures=worker.failures,
+                failures=child.failures if (child := self.supervisor.children.get(worker.key)) else 0,
             ))
         return reports
 
-    async def _heartbeats(self, stop: asyncio.Event) -> None:
-        interval = self.settings.agent.heartbeat_seconds
+    async def heartbeat(self) -> None:
         # A first beat listing nothing would make this node's runtimes briefly not ready (and unbind them).
-        await self.runtimes.ready.wait()
-        while not stop.is_set():
-            served = domain.served_runtimes(self.runtimes.values.values(), self.settings.agent.runtimes)
-            beat = AgentHeartbeat(
-                node=self.settings.agent.node_name,
-                runtimes=[ObjectRef(name=name, namespace=namespace) for namespace, name in served],
-                healthy=True, sent_at=time.time(), interval_seconds=interval, mounts=self._mount_reports(),
-            )
-            try:
-                await self.bus.publish(subjects.agent_heartbeat(self.settings.agent.node_name), beat)
-            except Exception:
-                log.exception("heartbeat failed")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=interval)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.runtimes.ready.wait(), timeout=self.settings.agent.heartbeat_seconds)
+        if not self.runtimes.ready.is_set():
+            return
+        served = domain.served_runtimes(self.runtimes.values.values(), self.settings.agent.runtimes)
+        problems = self.problems()
+        beat = AgentHeartbeat(
+            node=self.settings.agent.node_name,
+            runtimes=[ObjectRef(name=name, namespace=namespace) for namespace, name in served],
+            healthy=not problems, problems=problems, sent_at=time.time(),
+            interval_seconds=self.settings.agent.heartbeat_seconds, capacity_bytes=self.capacity_bytes(),
+            mounts=self._mount_reports(),
+        )
+        await self.bus.publish(subjects.agent_heartbeat(self.settings.agent.node_name), beat)
 
 
-async def run(settings: Settings, stop: asyncio.Event, child_env: dict[str, str] | None = None) -> None:
+async def run(settings: Settings, stop: asyncio.Event, child_env: dict[str, str] | None = None,
+              readiness: Readiness | None = None) -> None:
+    readiness = readiness or Readiness()
     bus = await connect(settings.nats, SERVICE_NAME)
+    readiness.add("nats", nats_check(bus))
     try:
         await bus.provision()
         agent = NodeAgent(settings, bus, KvMirror(await bus.kv(subjects.KV_RUNTIMES), RuntimeRecord),
                           KvMirror(await bus.kv(subjects.KV_DATASETS), DatasetRecord), child_env)
-        await agent.run(stop)
+        await agent.run(stop, readiness)
     finally:
         await bus.close()

@@ -14,10 +14,6 @@ from libs.events.common import ObjectRef
 from libs.events.dataset import DatasetRecord
 from libs.events.runtime import RuntimeRecord
 
-# Backoff for restarting a mount process that died: quick first retry, capped so a broken mount does not spin.
-RESTART_BACKOFF_START = 1.0
-RESTART_BACKOFF_MAX = 30.0
-
 
 def serves(runtime: RuntimeRecord, selection: list[str]) -> bool:
     """Whether the agent serves ``runtime``; an empty selection serves every runtime."""
@@ -42,10 +38,6 @@ def wanted_mounts(datasets: Iterable[DatasetRecord], served: Iterable[tuple[str,
 
 def mountpoint(root: str, namespace: str, name: str) -> str:
     return posixpath.join(root, namespace, name)
-
-
-def restart_delay(failures: int) -> float:
-    return min(RESTART_BACKOFF_MAX, RESTART_BACKOFF_START * 2 ** min(max(failures - 1, 0), 8))
 
 
 def mount_report(dataset: ObjectRef, *, alive: bool, mounted: bool, exit_code: int | None,

@@ -1,21 +1,25 @@
 """The FUSE edge of the agent: a read-only pyfuse3 filesystem over a dataset's namespace and block reader.
 
-This is the only place that speaks errno: unknown names → ENOENT, any write → EROFS, an object that changed
-under us → ESTALE, the object store failing → EIO. Files are immutable (ETag-pinned), so they are opened with
-``keep_cache`` and warm re-reads are served by the kernel page cache without reaching this process.
+This is the only place that speaks errno (docs/semantics.md lists them): unknown names → ENOENT, names over 255
+bytes → ENAMETOOLONG, any write → EROFS, an object that changed or was deleted under us → ESTALE (the tree is
+older than the store: ``shoal resync``), the object store failing → EIO (may pass). Files are immutable
+(ETag-pinned), so they are opened with ``keep_cache`` and warm re-reads are served by the kernel page cache
+without reaching this process.
 """
 
 from __future__ import annotations
 
 import errno
+import math
 import os
+import stat
 from collections.abc import Callable
 
 import pyfuse3
 
 from libs.telemetry import get_logger
-from libs.ufs.base import ObjectChanged, UfsError
-from services.agent.namespace import Namespace, Node
+from libs.ufs.base import NoSuchKey, ObjectChanged, UfsError
+from services.agent.namespace import MAX_NAME, Namespace, Node
 from services.agent.reader import BlockReader, OpenFile
 
 log = get_logger(__name__)
@@ -26,6 +30,31 @@ log = get_logger(__name__)
 ENTRY_TIMEOUT = 300.0
 ATTR_TIMEOUT = 300.0
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
+# uid_t/gid_t are 32 bits and -1 means "none"; pyfuse3 raises on a larger value, and a request whose handler
+# raises is never answered (the caller hangs). Out-of-range owners are served as nobody (the kernel's overflow id).
+MAX_ID = 2**32 - 2
+NOBODY = 65534
+# st_size is signed 64-bit in the kernel.
+MAX_INT64 = 2**63 - 1
+# Seconds that still fit time_t (pyfuse3 splits nanoseconds into seconds and a remainder): 3 billion years.
+MAX_SECONDS = 1e17
+
+
+def _clamp(value: int, low: int, high: int) -> int:
+    return low if value < low else high if value > high else value
+
+
+def _owner_id(value: int | None, fallback: int) -> int:
+    if value is None:
+        return fallback
+    return value if 0 <= value <= MAX_ID else NOBODY
+
+
+def _time_ns(seconds: float) -> int:
+    if math.isnan(seconds):
+        return 0
+    # Infinities land on the bounds; NaN (no order) is the epoch.
+    return int(max(-MAX_SECONDS, min(MAX_SECONDS, seconds)) * 1e9)
 
 
 def _erofs() -> pyfuse3.FUSEError:
@@ -37,11 +66,12 @@ class DatasetFS(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, namespace: Namespace, reader: BlockReader, uid: int, gid: int, block_size: int,
-                 on_error: Callable[[str, Exception], None] | None = None) -> None:
+    def __init__(self, namespace: Namespace, reader: BlockReader, uid: int | None, gid: int | None,
+                 block_size: int, on_error: Callable[[str, Exception], None] | None = None) -> None:
         super().__init__()
         self.namespace = namespace
         self.reader = reader
+        # The Dataset's owner, which overrides a local file's own; None: the file's own owner (root for objects).
         self.uid = uid
         self.gid = gid
         self.block_size = block_size
@@ -72,21 +102,37 @@ class DatasetFS(pyfuse3.Operations):
         cached = self._attribute_cache.get(node.inode)
         if cached is not None:
             return cached
+        try:
+            attrs = self._build_attributes(node)
+        except Exception as err:
+            # Never let an exception out of a handler: pyfuse3 would leave the request unanswered and the
+            # caller (stat, ls) blocked for good. One EIO, and a log line saying which entry.
+            log.exception("cannot build attributes", path=node.entry.path if node.entry else node.name)
+            raise pyfuse3.FUSEError(errno.EIO) from err
+        self._attribute_cache[node.inode] = attrs
+        return attrs
+
+    def _build_attributes(self, node: Node) -> pyfuse3.EntryAttributes:
+        # Every value is brought into the range its kernel field holds: see MAX_ID.
+        entry = node.entry
         attrs = pyfuse3.EntryAttributes()
         attrs.st_ino = node.inode
         attrs.st_mode = self.namespace.mode(node)
+        if entry is not None and entry.mode is not None:
+            # A local file's own bits (already narrowed by its folders), read-only like the whole mount.
+            attrs.st_mode = stat.S_IFREG | (entry.mode & 0o555)
         attrs.st_nlink = 2 if node.is_dir else 1
-        attrs.st_size = node.size
-        attrs.st_uid = self.uid
-        attrs.st_gid = self.gid
-        mtime_ns = int(node.mtime * 1e9)
+        size = _clamp(node.size, 0, MAX_INT64)
+        attrs.st_size = size
+        attrs.st_uid = _owner_id(self.uid, _owner_id(entry.uid, 0) if entry is not None else 0)
+        attrs.st_gid = _owner_id(self.gid, _owner_id(entry.gid, 0) if entry is not None else 0)
+        mtime_ns = _time_ns(node.mtime)
         attrs.st_mtime_ns = attrs.st_ctime_ns = attrs.st_atime_ns = mtime_ns
         attrs.st_blksize = self.block_size
-        attrs.st_blocks = (node.size + 511) // 512
+        attrs.st_blocks = (size + 511) // 512
         attrs.entry_timeout = ENTRY_TIMEOUT
         attrs.attr_timeout = ATTR_TIMEOUT
         attrs.generation = 0
-        self._attribute_cache[node.inode] = attrs
         return attrs
 
     def _node(self, inode: int) -> Node:
@@ -100,6 +146,10 @@ class DatasetFS(pyfuse3.Operations):
 
     async def lookup(self, parent_inode: int, name: bytes,
                      ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
+        if len(name) > MAX_NAME:
+            # The kernel passes FUSE names up to 1 KiB; no name in the tree is that long, but ENOENT would
+            # tell the caller the name could exist.
+            raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
         node = self.namespace.lookup(parent_inode, os.fsdecode(name))
         if node is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
@@ -127,7 +177,7 @@ class DatasetFS(pyfuse3.Operations):
         stats.f_bfree = stats.f_bavail = 0
         stats.f_files = len(self.namespace.nodes)
         stats.f_ffree = stats.f_favail = 0
-        stats.f_namemax = 255
+        stats.f_namemax = MAX_NAME
         return stats
 
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
@@ -156,7 +206,8 @@ class DatasetFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EBADF)
         try:
             return await self.reader.read(handle, off, size)
-        except ObjectChanged as err:
+        except (ObjectChanged, NoSuchKey) as err:
+            # The object was overwritten or deleted since the sync: the tree is stale, not the store down.
             self._report(handle, err)
             raise pyfuse3.FUSEError(errno.ESTALE) from err
         except UfsError as err:

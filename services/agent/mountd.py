@@ -26,11 +26,14 @@ from libs.events.agent import CacheCounters
 from libs.events.common import ObjectRef, parse_quantity
 from libs.events.dataset import DatasetRecord, ManifestEntry
 from libs.events.runtime import RuntimeRecord
+from libs.hostpaths import real_local_root_error
 from libs.manifest import ManifestStore
 from libs.service import main as service_main
+from libs.service import nats_check
+from libs.side_server import Readiness
 from libs.telemetry import get_logger
 from libs.ufs import open_store
-from libs.ufs.base import ObjectStore, S3Location
+from libs.ufs.base import LocalLocation, ObjectStore, S3Location
 from libs.ufs.mounts import read_secrets, resolve_location, secret_refs
 from libs.ufs.s3 import S3ObjectStore
 from services.agent.cache import BlockCache, FrequencyAdmissionPolicy, LruPolicy
@@ -38,6 +41,7 @@ from services.agent.fs import DatasetFS
 from services.agent.handover import Staging, replace_in_place, unmount_own
 from services.agent.inventory import InventoryLog, InventoryPublisher
 from services.agent.mountinfo import device_of
+from services.agent.mountstatus import StatusReporter
 from services.agent.namespace import InodeAllocator, Namespace
 from services.agent.readahead import MemoryBudget
 from services.agent.reader import BlockReader, StoreGate
@@ -72,7 +76,10 @@ def raise_read_ahead(mountpoint: str) -> None:
 class MountedDataset:
     """Everything one mount process runs, wired together; ``run`` serves until ``stop`` is set."""
 
-    def __init__(self, settings: Settings, bus: Bus, namespace: str, name: str, mountpoint: str) -> None:
+    def __init__(self, settings: Settings, bus: Bus, namespace: str, name: str, mountpoint: str,
+                 status_file: str = "", readiness: Readiness | None = None) -> None:
+        self.status_file = status_file
+        self.readiness = readiness or Readiness()
         self.settings = settings
         self.bus = bus
         self.namespace = namespace
@@ -105,9 +112,8 @@ class MountedDataset:
                              MemoryBudget(parse_quantity(self.settings.agent.readahead_budget)),
                              write_block=cache.put_async)
         owner = record.dataset.spec.owner
-        fs = DatasetFS(Namespace.build(entries, self.allocator), reader,
-                       uid=owner.uid if owner and owner.uid is not None else 0,
-                       gid=owner.gid if owner and owner.gid is not None else 0, block_size=block_size)
+        fs = DatasetFS(self._tree(entries), reader, uid=owner.uid if owner else None,
+                       gid=owner.gid if owner else None, block_size=block_size)
 
         def counters() -> CacheCounters:
             stats = cache.stats()
@@ -116,7 +122,10 @@ class MountedDataset:
 
         publisher = InventoryPublisher(self.bus, inventory, cache.blocks, counters)
         options = set(pyfuse3.default_options)
-        options |= {f"fsname=shoal:{self.key}", "subtype=shoal", "ro", "allow_other", "default_permissions"}
+        # default_permissions: the kernel checks every access against the mode and owner served (see fs.py).
+        options |= {f"fsname=shoal:{self.key}", "subtype=shoal", "ro", "default_permissions"}
+        if self.settings.agent.allow_other:
+            options.add("allow_other")
         # Mount at a private staging directory, then move the mount into place once FUSE INIT is answered:
         # readers of the mount point see the previous (dead: ENOTCONN) mount until then, never an empty folder.
         staging = Staging(self.mountpoint)
@@ -127,7 +136,14 @@ class MountedDataset:
         pyfuse3.init(fs, mount_at, options)
         fuse_loop = asyncio.create_task(pyfuse3.main())
         inventory_task = asyncio.create_task(publisher.run())
+        reporter = StatusReporter(self.status_file, cache.stats)
+        reporter_task = asyncio.create_task(reporter.run())
+        self.readiness.add("cache", lambda: "; ".join(
+            f"cache directory {t.location} is down" for t in cache.stats().tiers if t.health == "down") or None)
+        self.readiness.add("fuse", lambda: "FUSE session ended" if fuse_loop.done() else None)
         watcher: asyncio.Task[None] | None = None
+        loops = {"inventory": inventory_task, "status": reporter_task}
+        self.readiness.add("loops", lambda: ", ".join(f"{n} not running" for n, t in loops.items() if t.done()) or None)
         stopper = asyncio.create_task(stop.wait())
         device = None
         try:
@@ -142,12 +158,13 @@ class MountedDataset:
                 finally:
                     await asyncio.to_thread(staging.cleanup)
             log.info("mounted", dataset=self.key, mountpoint=self.mountpoint, files=len(entries))
-            watcher = asyncio.create_task(self._watch(fs, cache, stop))
+            watcher = loops["manifest watch"] = asyncio.create_task(self._watch(fs, cache, stop))
             # Inventory is not awaited here: publishing may fail for a while, the mount keeps serving.
             await asyncio.wait([fuse_loop, watcher, stopper], return_when=asyncio.FIRST_COMPLETED)
         finally:
             if watcher is not None:
                 watcher.cancel()
+            reporter.stop()
             stopper.cancel()
             pyfuse3.terminate()
             with contextlib.suppress(Exception):
@@ -159,7 +176,8 @@ class MountedDataset:
                 purged = cache.purge()  # evictions reach the inventory's last delta
                 log.info("dataset deleted, cache freed", dataset=self.key, blocks=purged)
             publisher.stop()
-            await asyncio.gather(inventory_task, *([watcher] if watcher else []), return_exceptions=True)
+            await asyncio.gather(inventory_task, reporter_task, *([watcher] if watcher else []),
+                                 return_exceptions=True)
             for gate in [*self.gates, *self.retired]:
                 await gate.store.close()
             log.info("unmounted", dataset=self.key)
@@ -183,7 +201,13 @@ class MountedDataset:
         locations: list[object] = []
         for mount in dataset.spec.mounts:
             secrets = read_secrets(self.settings.s3.secrets_dir, secret_refs(dataset, mount))
-            locations.append(resolve_location(dataset, mount, secrets, self.settings.s3))
+            location = resolve_location(dataset, mount, secrets, self.settings.s3)
+            if isinstance(location, LocalLocation):
+                # The agent serves as root: it checks the roots itself rather than trust whoever published.
+                refused = real_local_root_error(str(location.root), self.settings.service.local_roots)
+                if refused:
+                    raise SystemExit(f"dataset {self.key}: refusing to mount {mount.mount_point}: {refused}")
+            locations.append(location)
         gates = [
             self.gates[index] if index < len(self.locations) and self.locations[index] == location
             else StoreGate(agent_store(location))
@@ -200,6 +224,13 @@ class MountedDataset:
         except Exception:
             return False
         return record is None
+
+    def _tree(self, entries: list[ManifestEntry]) -> Namespace:
+        tree = Namespace.build(entries, self.allocator)
+        if tree.skipped.count:  # only a manifest not written by this version's sync holds such entries
+            log.warning("manifest entries left out of the tree", dataset=self.key, skipped=tree.skipped.count,
+                        examples=tree.skipped.examples)
+        return tree
 
     @staticmethod
     def _drop_stale(cache: BlockCache, entries: list[ManifestEntry]) -> None:
@@ -231,12 +262,13 @@ class MountedDataset:
                 self.manifest_version = version
                 try:
                     self._update_gates(record)  # before the tree: a new mount's files must find their store
-                except Exception as err:
+                except (Exception, SystemExit) as err:  # e.g. a missing secret: its reads fail, the rest serve
                     log.error("object stores not updated", dataset=self.key, error=str(err))
-                gone = fs.replace_namespace(Namespace.build(entries, self.allocator))
+                gone = fs.replace_namespace(self._tree(entries))
                 for parent, name in gone:
                     with contextlib.suppress(Exception):
-                        pyfuse3.invalidate_entry_async(parent, os.fsencode(name))
+                        # ENOENT only means the kernel never looked the name up: nothing to drop.
+                        pyfuse3.invalidate_entry_async(parent, os.fsencode(name), ignore_enoent=True)
                 self._drop_stale(cache, entries)
                 log.info("manifest reloaded", dataset=self.key, files=len(entries), removed=len(gone))
         finally:
@@ -244,10 +276,12 @@ class MountedDataset:
 
 
 async def serve(settings: Settings, namespace: str, name: str, mountpoint: str,
-                stop: asyncio.Event) -> None:
+                stop: asyncio.Event, status_file: str = "", readiness: Readiness | None = None) -> None:
     bus = await connect(settings.nats, f"shoal-mount-{namespace}-{name}")
+    if readiness is not None:
+        readiness.add("nats", nats_check(bus))
     try:
-        await MountedDataset(settings, bus, namespace, name, mountpoint).run(stop)
+        await MountedDataset(settings, bus, namespace, name, mountpoint, status_file, readiness).run(stop)
     finally:
         await bus.close()
 
@@ -277,10 +311,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--namespace", required=True)
     parser.add_argument("--name", required=True)
     parser.add_argument("--mountpoint", required=True)
+    parser.add_argument("--status-file", default="", help="where to report cache health to the agent")
     args = parser.parse_args(argv)
     enable_asyncio_fuse()  # the FUSE session runs on the asyncio loop, beside NATS
     service_main("shoal-mount",
-                 lambda settings, stop: serve(settings, args.namespace, args.name, args.mountpoint, stop))
+                 lambda settings, stop, readiness: serve(settings, args.namespace, args.name, args.mountpoint, stop,
+                                                         args.status_file, readiness))
 
 
 if __name__ == "__main__":

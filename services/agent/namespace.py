@@ -1,5 +1,8 @@
 """The file tree of one mounted dataset, built from its manifest: inodes, names, attributes. Pure.
 
+Which paths make the tree (folder markers, a folder shadowing a file of the same name, unusable names) is decided
+by ``libs.paths``, the same rules the sync applied when it wrote the manifest.
+
 ``ls``, ``stat`` and ``find`` are answered from here and never reach the object store. Inode numbers are stable
 for a (path, ETag) across manifest reloads, so open files keep reading the version they opened, while a file
 whose object changed gets a new inode (and the kernel drops its cached pages for it).
@@ -11,13 +14,14 @@ import stat
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from libs import paths
 from libs.events.dataset import ManifestEntry
 
 ROOT_INODE = 1
 # Read-only tree: files r--r--r--, directories r-xr-xr-x, so every user of the node can read the dataset.
 FILE_MODE = stat.S_IFREG | 0o444
 DIR_MODE = stat.S_IFDIR | 0o555
-MAX_NAME = 255
+MAX_NAME = paths.MAX_NAME_BYTES
 
 
 @dataclass
@@ -56,44 +60,60 @@ class InodeAllocator:
 
 
 class Namespace:
-    def __init__(self, nodes: dict[int, Node]) -> None:
+    def __init__(self, nodes: dict[int, Node], skipped: paths.Skipped | None = None) -> None:
         self.nodes = nodes
+        self.skipped = skipped or paths.Skipped()
         self.total_bytes = sum(node.size for node in nodes.values())
         # Sorted once per folder: readdir is called again for every ~30 entries of a large folder.
         self._sorted_children: dict[int, list[Node]] = {}
 
     @classmethod
     def build(cls, entries: Iterable[ManifestEntry], allocator: InodeAllocator, mtime: float = 0.0) -> Namespace:
-        """The tree of ``entries``; entries with unusable paths ('..', empty parts, over-long names) are left out."""
+        """The tree of ``entries`` by the rules of ``libs.paths``; what those rules leave out is in ``skipped``.
+
+        The sync writes only paths the rules allow, so nothing is skipped for its manifests; the rules are applied
+        again here so that any other manifest gives the same tree the sync would have, never a wrong one.
+        """
+        skipped = paths.Skipped()
+        folders = paths.Folders()
+        usable = []
+        for entry in entries:
+            problem = paths.relative_problem(entry.path[1:]) if entry.path.startswith("/") else "is not '/'-rooted"
+            if problem is not None:
+                skipped.add(entry.path, problem, entry.mount)
+                continue
+            folders.note(entry.path)
+            usable.append(entry)
         root = Node(inode=ROOT_INODE, name="", parent=ROOT_INODE, mtime=mtime)
         nodes = {ROOT_INODE: root}
-        for entry in entries:
-            parts = entry.path.strip("/").split("/")
-            if any(part in ("", ".", "..") or len(part.encode()) > MAX_NAME or "\0" in part for part in parts):
+        for entry in usable:
+            if folders.shadows(entry.path):
+                skipped.add(entry.path, paths.SHADOWED, entry.mount)
                 continue
+            parts = entry.path.strip("/").split("/")
+            marker = paths.is_folder(entry.path)
             parent = root
             path = ""
-            usable = True
-            for part in parts[:-1]:
+            for part in parts if marker else parts[:-1]:
                 path += "/" + part
                 child_inode = parent.children.get(part)
                 if child_inode is None:
                     child_inode = allocator.inode_for(path + "/", "")
                     nodes[child_inode] = Node(inode=child_inode, name=part, parent=parent.inode, mtime=mtime)
                     parent.children[part] = child_inode
-                child = nodes[child_inode]
-                if not child.is_dir:
-                    usable = False  # a file and a folder share a name: S3 allows it, POSIX does not
-                    break
+                child = nodes[child_inode]  # a folder: files at folder paths were shadowed above
                 child.mtime = max(child.mtime, entry.mtime)
                 parent = child
+            if marker:
+                continue
             name = parts[-1]
-            if not usable or name in parent.children:
+            if name in parent.children:
+                skipped.add(entry.path, paths.DUPLICATE, entry.mount)
                 continue
             inode = allocator.inode_for(entry.path, entry.etag)
             nodes[inode] = Node(inode=inode, name=name, parent=parent.inode, entry=entry, mtime=entry.mtime)
             parent.children[name] = inode
-        return cls(nodes)
+        return cls(nodes, skipped)
 
     def lookup(self, parent: int, name: str) -> Node | None:
         directory = self.nodes.get(parent)

@@ -6,6 +6,8 @@
 | SHOAL_FACTS | shoal.evt.runtime.> (status, deleted) | DatasetHandlers.on_runtime_fact |
 | SHOAL_AGENT | shoal.agent.inventory.* (snapshots, deltas) | DatasetHandlers.on_inventory |
 | KV shoal_datasets | every key (watch) | DatasetHandlers.sync via Reconciler |
+
+Ready (``/readyz``) when connected to NATS and the consumers and the reconciler's watch run.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from libs.events.agent import AnyInventory
 from libs.events.dataset import DatasetCommand
 from libs.events.runtime import RuntimeFact
 from libs.reconcile import Reconciler
-from libs.service import run_loops
+from libs.service import nats_check, run_loops
+from libs.side_server import Readiness
 from libs.ufs import open_store
 from services.dataset.handlers import DatasetHandlers
 from services.dataset.sync import StoreOpener
@@ -32,8 +35,10 @@ SERVICE_NAME = "shoal-dataset"
 
 
 async def run(settings: Settings, stop: asyncio.Event, clock: Callable[[], float] = time.time,
-              opener: StoreOpener = open_store) -> None:
+              opener: StoreOpener = open_store, readiness: Readiness | None = None) -> None:
+    readiness = readiness or Readiness()
     bus = await connect(settings.nats, SERVICE_NAME)
+    readiness.add("nats", nats_check(bus))
     try:
         await bus.provision()
         handlers = DatasetHandlers(bus, settings, clock, opener)
@@ -54,6 +59,6 @@ async def run(settings: Settings, stop: asyncio.Event, clock: Callable[[], float
             max_deliver=max_deliver,
         )
         reconciler = Reconciler(await bus.kv(subjects.KV_DATASETS), handlers.sync)
-        await run_loops([commands, runtime_facts, inventory, reconciler], stop)
+        await run_loops([commands, runtime_facts, inventory, reconciler], stop, readiness)
     finally:
         await bus.close()

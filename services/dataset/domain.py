@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -24,34 +25,54 @@ from libs.events.dataset import (
     Mount,
     RuntimeRef,
 )
+from libs.hostpaths import local_root_error
 from libs.inventory import DatasetInventory
-from libs.mounts import canonical_options, mount_path
+from libs.mounts import canonical_options, exposed_secret_errors, mount_path
+from libs.paths import relative_problem
+from libs.redact import is_secret_name, strip_userinfo
 
 SUPPORTED_SCHEMES = ("s3", "local")
 CONDITION_SYNCED = "MetadataSynced"
+# Present while the last sync left objects out of the tree (libs.paths has the rules), with a count and examples.
+CONDITION_SKIPPED = "ObjectsSkipped"
 # Copied from the runtime of the same name: whether the dataset's mounts are serving on the nodes.
 CONDITION_MOUNTED = "Mounted"
 
 # Options each scheme understands; Fluid/Alluxio spellings are aliases (libs.mounts).
 S3_OPTIONS = {"endpoint", "region", "pathStyle", "aws.accessKeyId"}
 S3_ENCRYPT_OPTIONS = {"aws.accessKeyId", "aws.secretKey"}
-SECRET_OPTION_NAMES = {"aws.secretKey", "aws.secretAccessKey", "fs.s3a.secret.key"}
 S3_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 SECRET_KEY = re.compile(r"^[-._a-zA-Z0-9]+$")
 MOUNT_NAME = re.compile(r"^[A-Za-z0-9]([-._A-Za-z0-9]*[A-Za-z0-9])?$")
+# uid_t and gid_t are 32 bits and (uid_t)-1 means "no owner" to the kernel; a larger value wedged every stat.
+MAX_OWNER_ID = 2**32 - 2
 
 
-def validate_dataset(dataset: Dataset) -> list[str]:
-    """Every reason the dataset cannot be accepted, as sentences a person can act on; empty if valid."""
+def validate_ref(name: str, namespace: str) -> list[str]:
+    """Why a command's name and namespace cannot name a dataset or runtime (delete, resync), or nothing."""
+    return dns_label_errors(name, "name") + dns_label_errors(namespace, "namespace", DNS1123_LABEL)
+
+
+def validate_dataset(dataset: Dataset, local_roots: Sequence[str] | None = None) -> list[str]:
+    """Every reason the dataset cannot be accepted, as sentences a person can act on; empty if valid.
+
+    ``local_roots``: the folders below which ``local://`` mounts are allowed (SHOAL_LOCAL_ROOTS); the service
+    always passes them, None leaves that check out (for tests of the other rules).
+    """
     errors = dns_label_errors(dataset.metadata.name, "metadata.name")
     errors += dns_label_errors(dataset.metadata.namespace, "metadata.namespace", DNS1123_LABEL)
     spec = dataset.spec
     if not spec.mounts:
         errors.append("spec.mounts must list at least one mount")
+    errors += exposed_secret_errors(dataset)
     seen_paths: dict[str, int] = {}
     for index, mount in enumerate(spec.mounts):
         where = f"spec.mounts[{index}]"
         errors += _mount_errors(mount, where, spec.shared_options, spec.shared_encrypt_options)
+        if local_roots is not None and urlsplit(mount.mount_point).scheme == "local":
+            refused = local_root_error(urlsplit(mount.mount_point).path, local_roots)
+            if refused:
+                errors.append(f"{where}.mountPoint: {refused}")
         if mount.name and not MOUNT_NAME.fullmatch(mount.name):
             errors.append(f"{where}.name {mount.name!r} may use only letters, digits, '.', '_' and '-'")
         path = mount_path(mount, len(spec.mounts))
@@ -59,51 +80,60 @@ def validate_dataset(dataset: Dataset) -> list[str]:
             errors.append(f"{where} needs a name or a path when a dataset has several mounts")
         elif ".." in mount.path.split("/"):
             errors.append(f"{where}.path {mount.path!r} must not contain '..'")
+        elif path != "/" and (problem := relative_problem(path[1:])) is not None:
+            errors.append(f"{where} would appear at {path!r}, which {problem}")
         elif path in seen_paths:
             errors.append(f"{where} and spec.mounts[{seen_paths[path]}] both appear at {path!r}")
         else:
+            # One mount inside another's folder would hide it, or be hidden by it: refused, never guessed.
+            outer = next((other for other in seen_paths
+                          if path.startswith(other + "/") or other.startswith(path + "/")), None)
+            if outer is not None:
+                errors.append(f"{where} at {path!r} and spec.mounts[{seen_paths[outer]}] at {outer!r} are nested: "
+                              "give each mount a folder of its own")
             seen_paths[path] = index
     if len(seen_paths) > 1 and "/" in seen_paths:
         errors.append("a mount at '/' cannot be combined with other mounts; give each a name or a path")
     if spec.owner is not None:
         for field in ("uid", "gid"):
             value = getattr(spec.owner, field)
-            if value is not None and value < 0:
-                errors.append(f"spec.owner.{field} must not be negative")
+            if value is not None and not 0 <= value <= MAX_OWNER_ID:
+                errors.append(f"spec.owner.{field} must be between 0 and {MAX_OWNER_ID}, got {value}")
     return errors
 
 
 def _mount_errors(mount: Mount, where: str, shared: dict[str, str], shared_encrypt: list[EncryptOption]) -> list[str]:
     errors: list[str] = []
-    parts = urlsplit(mount.mount_point)
+    # Shown back in rejections and logs: never with the credentials a URL may carry (reported on their own,
+    # by exposed_secret_errors), and judged without them.
+    shown_point = strip_userinfo(mount.mount_point, strict=True)
+    parts = urlsplit(strip_userinfo(mount.mount_point))
     scheme = parts.scheme
     if scheme not in SUPPORTED_SCHEMES:
         shown = f"scheme {scheme!r}" if scheme else "no scheme"
         return [
-            f"{where}.mountPoint {mount.mount_point!r} has {shown}; supported: "
+            f"{where}.mountPoint {shown_point!r} has {shown}; supported: "
             + ", ".join(f"{s}://" for s in SUPPORTED_SCHEMES)
         ]
     options = canonical_options(mount, shared)
     encrypt = [*shared_encrypt, *mount.encrypt_options]
     if scheme == "s3":
-        if not S3_BUCKET.fullmatch(parts.netloc):
-            errors.append(f"{where}.mountPoint {mount.mount_point!r} does not name a valid S3 bucket")
+        if not S3_BUCKET.fullmatch(parts.netloc.rpartition("@")[2]):
+            errors.append(f"{where}.mountPoint {shown_point!r} does not name a valid S3 bucket")
         if ".." in parts.path.split("/"):
-            errors.append(f"{where}.mountPoint {mount.mount_point!r} must not contain '..'")
+            errors.append(f"{where}.mountPoint {shown_point!r} must not contain '..'")
         for key in options:
-            if key in SECRET_OPTION_NAMES:
-                errors.append(
-                    f"{where}.options.{key} holds a secret in clear text: put it in encryptOptions as a "
-                    "secretKeyRef so it never travels in events"
-                )
-            elif key not in S3_OPTIONS:
+            if is_secret_name(key):
+                continue  # reported by exposed_secret_errors, under the field where it was given
+            if key not in S3_OPTIONS:
                 supported = ", ".join(sorted(S3_OPTIONS))
                 errors.append(f"{where}.options.{key} is not supported for s3 (supported: {supported})")
         if options.get("pathStyle", "true").lower() not in ("true", "false"):
             errors.append(f"{where}.options.pathStyle must be true or false")
         endpoint = options.get("endpoint", "")
         if endpoint and urlsplit(endpoint).scheme not in ("http", "https"):
-            errors.append(f"{where}.options.endpoint {endpoint!r} must be an http:// or https:// URL")
+            shown_endpoint = strip_userinfo(endpoint, strict=True)
+            errors.append(f"{where}.options.endpoint {shown_endpoint!r} must be an http:// or https:// URL")
         for option in encrypt:
             if option.name not in S3_ENCRYPT_OPTIONS:
                 errors.append(
@@ -112,9 +142,9 @@ def _mount_errors(mount: Mount, where: str, shared: dict[str, str], shared_encry
                 )
     else:
         if parts.netloc or not parts.path.startswith("/"):
-            errors.append(f"{where}.mountPoint {mount.mount_point!r} must be an absolute path like local:///data")
+            errors.append(f"{where}.mountPoint {shown_point!r} must be an absolute path like local:///data")
         if ".." in parts.path.split("/"):
-            errors.append(f"{where}.mountPoint {mount.mount_point!r} must not contain '..'")
+            errors.append(f"{where}.mountPoint {shown_point!r} must not contain '..'")
         if options:
             errors.append(f"{where}.options are not supported for local mounts: {', '.join(sorted(options))}")
         if encrypt:
@@ -158,6 +188,10 @@ class SyncResult:
     total_bytes: int = 0
     manifest: str = ""
     error: str = ""
+    # Objects the stores listed, and those left out of the tree (with a few examples: key and reason).
+    listed: int = 0
+    skipped: int = 0
+    skipped_examples: tuple[str, ...] = ()
 
 
 def iso_time(now: float) -> str:
@@ -189,6 +223,10 @@ def status_after_sync(record: DatasetRecord, result: SyncResult, runtime_phase: 
     else:
         condition = Condition(type=CONDITION_SYNCED, status="True", reason="Synced",
                               message=f"listed {result.file_num} files", last_transition_time=iso_time(now))
+        conditions = _set_condition(status.conditions, condition)
+        skipped = skipped_condition(result, now)
+        conditions = (_set_condition(conditions, skipped) if skipped is not None
+                      else [c for c in conditions if c.type != CONDITION_SKIPPED])
         status = msgspec.structs.replace(
             status,
             synced_generation=result.generation,
@@ -198,10 +236,21 @@ def status_after_sync(record: DatasetRecord, result: SyncResult, runtime_phase: 
             ufs_total_bytes=result.total_bytes,
             file_num=result.file_num,
             manifest=result.manifest,
-            conditions=_set_condition(status.conditions, condition),
+            conditions=conditions,
             last_sync_time=iso_time(now),
         )
     return with_binding(record.dataset, status, runtime_phase, None)
+
+
+def skipped_condition(result: SyncResult, now: float) -> Condition | None:
+    """While a sync leaves objects out of the tree: how many of those listed, and a few examples; else None."""
+    if not result.skipped:
+        return None
+    message = (f"{result.skipped} of {result.listed} listed objects are not in the tree: "
+               + "; ".join(result.skipped_examples)
+               + ("; …" if result.skipped > len(result.skipped_examples) else ""))
+    return Condition(type=CONDITION_SKIPPED, status="True", reason="UnusableKeys", message=message,
+                     last_transition_time=iso_time(now))
 
 
 def with_binding(dataset: Dataset, status: DatasetStatus, runtime_phase: str,

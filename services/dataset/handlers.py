@@ -71,7 +71,7 @@ class DatasetHandlers:
     async def apply(self, command: DatasetApply, delivery: Delivery) -> None:
         dataset = command.dataset
         name, namespace = dataset.metadata.name, dataset.metadata.namespace
-        errors = domain.validate_dataset(dataset)
+        errors = domain.validate_dataset(dataset, self.settings.service.local_roots)
         if errors:
             log.info("rejected", dataset=f"{namespace}/{name}", reasons=errors)
             await self.bus.publish(
@@ -99,6 +99,8 @@ class DatasetHandlers:
             await self._publish_status(updated, saved_revision)
 
     async def resync(self, command: DatasetResync, delivery: Delivery) -> None:
+        if await self._reject_invalid_ref(command, delivery):
+            return
         kv = await self.bus.kv(subjects.KV_DATASETS)
         key = subjects.resource_key(command.namespace, command.name)
         record, revision = await kv_load(kv, key, DatasetRecord)
@@ -121,7 +123,22 @@ class DatasetHandlers:
                             name=command.name, namespace=command.namespace, subject=delivery.subject),
         )
 
+    async def _reject_invalid_ref(self, command: DatasetDelete | DatasetResync, delivery: Delivery) -> bool:
+        """Reject a command whose name or namespace cannot name a dataset (it is no valid KV key either)."""
+        errors = domain.validate_ref(command.name, command.namespace)
+        if not errors:
+            return False
+        log.info("rejected", command=command.id, reasons=errors)
+        await self.bus.publish(
+            subjects.DATASET_REJECTED,
+            DatasetRejected(id=f"{command.id}.rejected", causation_id=command.id, reason="; ".join(errors),
+                            name=command.name, namespace=command.namespace, subject=delivery.subject),
+        )
+        return True
+
     async def delete(self, command: DatasetDelete, delivery: Delivery) -> None:
+        if await self._reject_invalid_ref(command, delivery):
+            return
         kv = await self.bus.kv(subjects.KV_DATASETS)
         key = subjects.resource_key(command.namespace, command.name)
         record, revision = await kv_load(kv, key, DatasetRecord)
@@ -189,7 +206,8 @@ class DatasetHandlers:
             return
         try:
             result = await sync_metadata(record, await ManifestStore.of(self.bus), self.settings.s3,
-                                         self.settings.service.list_page_size, self.opener)
+                                         self.settings.service.list_page_size, self.opener,
+                                         local_roots=self.settings.service.local_roots)
         except RetryLater as err:
             await self._record_sync(key, record, domain.SyncResult(generation=record.generation,
                                                                    requests=record.sync_requests, error=err.reason))

@@ -1,22 +1,28 @@
 """Metadata sync, the dataset service's I/O with the object stores: list every mount, write the manifest.
 
 The listing streams page by page into a ``libs.manifest.ManifestWriter`` (a temporary NDJSON file) that
-``ManifestStore`` then uploads, so memory stays bounded by one listing page whatever the number of objects.
+``ManifestStore`` then uploads, so memory stays bounded by one listing page (plus the set of folder paths) whatever
+the number of objects. Keys become paths by the rules of ``libs.paths``; a second pass over a first spool leaves
+out files a folder shadows, so the manifest, fileNum and ufsTotal hold only what the mount shows, and every
+object left out is counted, logged and reported in the status.
 """
 
 from __future__ import annotations
 
-import posixpath
-from collections.abc import Callable
+import asyncio
+from collections.abc import Callable, Sequence
 
+from libs import paths
 from libs.bus import RetryLater
 from libs.config import S3Settings
 from libs.events.dataset import DatasetRecord, ManifestEntry
-from libs.manifest import ManifestStore, ManifestWriter
+from libs.hostpaths import real_local_root_error
+from libs.manifest import ManifestStore, ManifestWriter, read_entries
 from libs.mounts import mount_path
+from libs.redact import strip_userinfo
 from libs.telemetry import get_logger
 from libs.ufs import open_store
-from libs.ufs.base import Location, ObjectStore, UfsError
+from libs.ufs.base import LocalLocation, Location, ObjectStore, UfsError
 from libs.ufs.mounts import MissingSecret, read_secrets, resolve_location, secret_refs
 from services.dataset.domain import SyncResult
 
@@ -28,37 +34,66 @@ UNREACHABLE_RETRY_SECONDS = 15.0
 
 
 async def sync_metadata(record: DatasetRecord, manifests: ManifestStore, defaults: S3Settings,
-                        page_size: int, opener: StoreOpener = open_store) -> SyncResult:
+                        page_size: int, opener: StoreOpener = open_store,
+                        local_roots: Sequence[str] | None = None) -> SyncResult:
     """List every mount of the dataset and store its manifest.
 
     A problem retrying cannot fix (a missing secret, a bucket that does not exist, access denied) becomes
     ``SyncResult.error``; an unreachable endpoint raises ``RetryLater`` with the same kind of message.
+    ``local_roots`` (SHOAL_LOCAL_ROOTS) is checked again on the real path of a ``local://`` mount, so a link
+    below a root cannot lead the listing out of it. Errors never show credentials a URL may carry.
     """
     dataset = record.dataset
     generation = record.generation
     requests = record.sync_requests
-    with ManifestWriter() as manifest:
+    listed = 0
+    skipped = paths.Skipped()
+    folders = paths.Folders()
+    with ManifestWriter() as usable, ManifestWriter() as manifest:
         for index, mount in enumerate(dataset.spec.mounts):
             try:
                 location = resolve_location(dataset, mount,
                                             read_secrets(defaults.secrets_dir, secret_refs(dataset, mount)), defaults)
             except MissingSecret as err:
-                return SyncResult(generation=generation, requests=requests, error=f"mount {mount.mount_point}: {err}")
+                return SyncResult(generation=generation, requests=requests,
+                                  error=strip_userinfo(f"mount {mount.mount_point}: {err}"))
+            if isinstance(location, LocalLocation) and local_roots is not None:
+                refused = await asyncio.to_thread(real_local_root_error, str(location.root), local_roots)
+                if refused:
+                    return SyncResult(generation=generation, requests=requests,
+                                      error=f"mount {mount.mount_point}: {refused}")
             root = mount_path(mount, len(dataset.spec.mounts))
             store = opener(location)
             try:
                 async for info in store.list(page_size=page_size):
-                    manifest.add(ManifestEntry(path=posixpath.join(root, info.key), mount=index, key=info.key,
-                                               size=info.size, etag=info.etag, mtime=info.mtime))
+                    listed += 1
+                    problem = paths.key_problem(info.key)
+                    if problem is not None:
+                        skipped.add(info.key, problem, index)
+                        continue
+                    entry = ManifestEntry(path=paths.dataset_path(root, info.key), mount=index, key=info.key,
+                                          size=info.size, etag=info.etag, mtime=info.mtime, mode=info.mode,
+                                          uid=info.uid, gid=info.gid)
+                    folders.note(entry.path)
+                    usable.add(entry)
             except UfsError as err:
-                error = f"cannot list {mount.mount_point}: {err.message}"
+                error = strip_userinfo(f"cannot list {mount.mount_point}: {err.message}")
                 if err.retryable:
                     raise RetryLater(error, UNREACHABLE_RETRY_SECONDS) from err
                 return SyncResult(generation=generation, requests=requests, error=error)
             finally:
                 await store.close()
+        for entry in read_entries(usable.rewound()):
+            if folders.shadows(entry.path):
+                skipped.add(entry.key, paths.SHADOWED, entry.mount)
+                continue
+            manifest.add(entry)
         name = manifests.name(dataset.metadata.namespace, dataset.metadata.name)
         await manifests.save(name, manifest)
+    if skipped.count:
+        log.warning("objects left out of the tree", dataset=name, generation=generation, listed=listed,
+                    skipped=skipped.count, examples=skipped.examples)
     log.info("synced", dataset=name, generation=generation, files=manifest.file_num, bytes=manifest.total_bytes)
     return SyncResult(generation=generation, requests=requests, file_num=manifest.file_num,
-                      total_bytes=manifest.total_bytes, manifest=name)
+                      total_bytes=manifest.total_bytes, manifest=name, listed=listed, skipped=skipped.count,
+                      skipped_examples=tuple(skipped.examples))

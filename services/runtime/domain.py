@@ -1,9 +1,12 @@
 """Runtime decisions, pure: validation of the spec, and the runtime status computed from agent heartbeats.
 
-A node counts as ready for a runtime when its last heartbeat lists the runtime, says healthy, and is younger
-than three heartbeat intervals. The runtime is Ready when the desired number of replicas are ready,
-PartialReady with fewer (but some), NotReady with none. The ``Mounted`` condition says whether every ready node
-that reports a mount of the runtime's dataset (same name) is serving it, and names those that are not.
+A node serves a runtime when its last heartbeat lists the runtime and is younger than three heartbeat
+intervals, and counts as ready when that heartbeat also says healthy. The runtime is Ready when the desired
+number of replicas are ready; PartialReady with fewer, as long as some node serves it (an unhealthy node, whose
+mount keeps failing or whose cache directory is down, is named in the message with its problems, and keeps a
+Bound dataset Bound: its mounts may still serve reads); NotReady when no node serves it. The ``Mounted``
+condition says whether every serving node that reports a mount of the runtime's dataset (same name) is serving
+it, and names those that are not.
 """
 
 from __future__ import annotations
@@ -13,10 +16,11 @@ from collections.abc import Iterable
 
 import msgspec
 
-from libs.events.agent import AgentRecord
+from libs.events.agent import AgentHeartbeat, AgentRecord
 from libs.events.common import DNS1123_LABEL, dns_label_errors, format_bytes, parse_quantity
 from libs.events.dataset import Condition
 from libs.events.runtime import Runtime, RuntimePhase, RuntimeRecord, RuntimeStatus
+from libs.hostpaths import cache_path_error
 
 MEDIUM_TYPES = ("MEM", "SSD", "HDD")
 # Smaller blocks waste request overhead, larger ones waste cache and bandwidth on random reads.
@@ -27,6 +31,15 @@ MISSED_BEATS = 3
 CONDITION_MOUNTED = "Mounted"
 # A cluster of thousands of nodes is the most a single runtime is expected to span.
 MAX_REPLICAS = 10_000
+# One tier on one node: more than any node's memory or disks today, so a larger quota is a typo (Pi for Gi),
+# and it keeps byte totals summed over tiers and nodes far from overflowing 64-bit counters.
+MAX_TIER_QUOTA = 2**50
+MAX_TIER_QUOTA_TEXT = "1Pi"
+
+
+def validate_ref(name: str, namespace: str) -> list[str]:
+    """Why a command's name and namespace cannot name a runtime (delete), or nothing."""
+    return dns_label_errors(name, "name") + dns_label_errors(namespace, "namespace", DNS1123_LABEL)
 
 
 def _fraction(value: str | float) -> float | None:
@@ -53,8 +66,12 @@ def validate_runtime(runtime: Runtime) -> list[str]:
             errors.append(f"{where}.mediumtype {level.mediumtype} appears twice")
         seen_media.add(level.mediumtype)
         try:
-            if parse_quantity(level.quota) <= 0:
+            quota = parse_quantity(level.quota)
+            if quota <= 0:
                 errors.append(f"{where}.quota must be greater than 0")
+            elif quota > MAX_TIER_QUOTA:
+                errors.append(f"{where}.quota {level.quota!r} is more than {MAX_TIER_QUOTA_TEXT}, the most one tier "
+                              "of one node may hold (a unit typo?)")
         except ValueError as err:
             errors.append(f"{where}.quota: {err}")
         high, low = _fraction(level.high), _fraction(level.low)
@@ -69,6 +86,8 @@ def validate_runtime(runtime: Runtime) -> list[str]:
             for path in paths:
                 if not path.startswith("/") or ".." in path.split("/"):
                     errors.append(f"{where}.path {path!r} must be an absolute path without '..'")
+                elif refused := cache_path_error(path):
+                    errors.append(f"{where}.path {refused}")
     try:
         block_size = parse_quantity(spec.block_size)
     except ValueError as err:
@@ -94,32 +113,39 @@ def node_capacity(runtime: Runtime) -> int:
     return sum(parse_quantity(level.quota) for level in runtime.spec.tieredstore.levels)
 
 
-def ready_nodes(runtime: Runtime, agents: Iterable[AgentRecord], now: float) -> list[str]:
+def serving_agents(runtime: Runtime, agents: Iterable[AgentRecord], now: float) -> list[AgentHeartbeat]:
+    """The last heartbeats of nodes that serve the runtime and beat recently, healthy or not, by node name."""
     meta = runtime.metadata
-    ready = []
+    serving = []
     for agent in agents:
         beat = agent.heartbeat
         fresh = now - agent.received_at <= MISSED_BEATS * beat.interval_seconds
         serves = any(ref.name == meta.name and ref.namespace == meta.namespace for ref in beat.runtimes)
-        if fresh and serves and beat.healthy:
-            ready.append(beat.node)
-    return sorted(ready)
+        if fresh and serves:
+            serving.append(beat)
+    return sorted(serving, key=lambda beat: beat.node)
+
+
+def ready_nodes(runtime: Runtime, agents: Iterable[AgentRecord], now: float) -> list[str]:
+    return [beat.node for beat in serving_agents(runtime, agents, now) if beat.healthy]
 
 
 def runtime_status(record: RuntimeRecord, agents: Iterable[AgentRecord], now: float) -> RuntimeStatus:
-    agents = list(agents)
     runtime = record.runtime
-    nodes = ready_nodes(runtime, agents, now)
+    serving = serving_agents(runtime, agents, now)
+    nodes = [beat.node for beat in serving if beat.healthy]
+    unhealthy = [f"{beat.node} unhealthy ({'; '.join(beat.problems) or 'no reason given'})"
+                 for beat in serving if not beat.healthy]
     desired = runtime.spec.replicas
     phase: RuntimePhase
     if nodes and len(nodes) >= desired:
         phase, message = "Ready", ""
-    elif nodes:
-        phase, message = "PartialReady", f"{len(nodes)} of {desired} agents ready"
+    elif serving:
+        phase, message = "PartialReady", "; ".join([f"{len(nodes)} of {desired} agents ready", *unhealthy])
     else:
         phase, message = "NotReady", f"0 of {desired} agents ready: waiting for agent heartbeats"
     capacity = node_capacity(runtime) * len(nodes)
-    mounted = mount_condition(runtime, [a for a in agents if a.heartbeat.node in nodes], now)
+    mounted = mount_condition(runtime, serving, now)
     conditions = with_condition(record.status.conditions, CONDITION_MOUNTED, mounted)
     if mounted is not None and mounted.status == "False":
         message = f"{message}; {mounted.message}" if message else mounted.message
@@ -136,11 +162,11 @@ def runtime_status(record: RuntimeRecord, agents: Iterable[AgentRecord], now: fl
     )
 
 
-def mount_condition(runtime: Runtime, agents: Iterable[AgentRecord], now: float) -> Condition | None:
+def mount_condition(runtime: Runtime, serving: Iterable[AgentHeartbeat], now: float) -> Condition | None:
     """``Mounted``: True when every node reporting the dataset's mount serves it; None when none reports it."""
     meta = runtime.metadata
     reports = sorted(
-        (agent.heartbeat.node, report) for agent in agents for report in agent.heartbeat.mounts
+        (beat.node, report) for beat in serving for report in beat.mounts
         if report.dataset.name == meta.name and report.dataset.namespace == meta.namespace
     )
     if not reports:

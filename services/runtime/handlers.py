@@ -2,19 +2,22 @@
 
 Status is a pure function of the runtime record, the agents' last heartbeats and the time, so every path
 (apply, heartbeat, tick) ends in ``refresh``: compute, compare-and-set if changed, publish the fact.
+
+The agents' last heartbeats are read from an in-memory view of the ``shoal_agents`` bucket fed by a KV watch
+(``KvMirror``), never listed: a heartbeat costs one KV write plus the refresh of the runtimes it names (or named
+before), whatever the number of agents.
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import msgspec
 
 from libs import subjects
-from libs.bus import Bus, Conflict, Delivery, kv_delete, kv_keys, kv_load, kv_save, kv_values
+from libs.bus import Bus, Conflict, Delivery, KvMirror, kv_delete, kv_keys, kv_load, kv_save
 from libs.events.agent import AgentHeartbeat, AgentRecord
 from libs.events.common import dns_label_errors
 from libs.events.runtime import (
@@ -35,11 +38,15 @@ log = get_logger(__name__)
 CAS_ATTEMPTS = 5
 # How often readiness is recomputed without any event, so a silent agent is noticed.
 TICK_SECONDS = 2.0
+# The agents bucket's TTL (libs.bus): its entries expire without a delete the watch could see, so the view
+# forgets an agent silent for this long itself.
+AGENT_FORGET_SECONDS = 60.0
 
 
 @dataclass
 class RuntimeHandlers:
     bus: Bus
+    agents: KvMirror[AgentRecord]
     clock: Callable[[], float] = time.time
 
     async def on_command(self, command: RuntimeCommand, delivery: Delivery) -> None:
@@ -80,9 +87,18 @@ class RuntimeHandlers:
             RuntimeAccepted(id=f"{command.id}.accepted", causation_id=command.id, name=name, namespace=namespace,
                             generation=updated.generation),
         )
-        await self.refresh(key, await self._agents(), force_publish=record is None)
+        await self.refresh(key, self._agents(), force_publish=record is None)
 
     async def delete(self, command: RuntimeDelete, delivery: Delivery) -> None:
+        errors = domain.validate_ref(command.name, command.namespace)
+        if errors:  # not a valid KV key either
+            log.info("rejected", command=command.id, reasons=errors)
+            await self.bus.publish(
+                subjects.RUNTIME_REJECTED,
+                RuntimeRejected(id=f"{command.id}.rejected", causation_id=command.id, reason="; ".join(errors),
+                                name=command.name, namespace=command.namespace, subject=delivery.subject),
+            )
+            return
         kv = await self.bus.kv(subjects.KV_RUNTIMES)
         key = subjects.resource_key(command.namespace, command.name)
         record, revision = await kv_load(kv, key, RuntimeRecord)
@@ -107,17 +123,29 @@ class RuntimeHandlers:
         if errors or beat.interval_seconds <= 0:
             log.warning("ignored heartbeat", node=beat.node, reasons=errors or ["intervalSeconds must be > 0"])
             return
-        agents = await self.bus.kv(subjects.KV_AGENTS)
+        await self.agents.ready.wait()
         received_at = delivery.published_at or self.clock()
-        current, _ = await kv_load(agents, beat.node, AgentRecord)
+        current = self.agents.values.get(beat.node)
         if current is not None and current.received_at > received_at:
             return  # an older beat replayed after a newer one
-        await agents.put(beat.node, msgspec.json.encode(AgentRecord(heartbeat=beat, received_at=received_at)))
-        await self.refresh_all()
+        record = AgentRecord(heartbeat=beat, received_at=received_at)
+        await (await self.bus.kv(subjects.KV_AGENTS)).put(beat.node, msgspec.json.encode(record))
+        # The watch brings the same value back shortly; the view is updated now so this refresh already sees it.
+        self.agents.values[beat.node] = record
+        affected = {subjects.resource_key(ref.namespace, ref.name) for ref in beat.runtimes}
+        if current is not None:
+            affected |= {subjects.resource_key(ref.namespace, ref.name) for ref in current.heartbeat.runtimes}
+        agents = self._agents()
+        for key in sorted(affected):
+            await self.refresh(key, agents)
 
     async def refresh_all(self) -> None:
         keys = await kv_keys(await self.bus.kv(subjects.KV_RUNTIMES))
-        agents = await self._agents()
+        now = self.clock()
+        for node, record in list(self.agents.values.items()):
+            if now - record.received_at > AGENT_FORGET_SECONDS:
+                self.agents.values.pop(node, None)
+        agents = self._agents()
         for key in keys:
             await self.refresh(key, agents)
 
@@ -145,28 +173,5 @@ class RuntimeHandlers:
             return
         raise Conflict(f"{key}: status update lost {CAS_ATTEMPTS} times in a row")
 
-    async def _agents(self) -> list[AgentRecord]:
-        return await kv_values(await self.bus.kv(subjects.KV_AGENTS), AgentRecord)
-
-
-@dataclass
-class Ticker:
-    """Calls ``refresh_all`` every few seconds so readiness follows agents that went silent."""
-
-    handlers: RuntimeHandlers
-    interval: float = TICK_SECONDS
-    _stopping: asyncio.Event = field(default_factory=asyncio.Event, init=False)
-
-    async def run(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                await self.handlers.refresh_all()
-            except Exception:
-                log.exception("refresh failed")
-            try:
-                await asyncio.wait_for(self._stopping.wait(), timeout=self.interval)
-            except TimeoutError:
-                continue
-
-    def stop(self) -> None:
-        self._stopping.set()
+    def _agents(self) -> list[AgentRecord]:
+        return list(self.agents.values.values())

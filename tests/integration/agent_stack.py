@@ -26,8 +26,11 @@ from libs.config import AgentSettings, Settings
 from libs.events.common import ObjectMeta
 from libs.events.dataset import Dataset, DatasetApply, DatasetRecord, DatasetResync, DatasetSpec, Mount, User
 from libs.events.runtime import Level, Runtime, RuntimeApply, RuntimeSpec, TieredStore
+from libs.side_server import Readiness
+from libs.ufs import open_store
 from services.agent import app as agent_app
 from services.dataset import app as dataset_app
+from services.dataset.sync import StoreOpener
 from services.runtime import app as runtime_app
 from tests.conftest import SeaweedServer
 from tests.helpers import dataset_record, eventually, running, runtime_record
@@ -51,6 +54,8 @@ def agent_env(settings: Settings, seaweedfs: SeaweedServer, agent: AgentSettings
         "SHOAL_NODE_NAME": agent.node_name,
         "SHOAL_MOUNT_ROOT": agent.mount_root,
         "SHOAL_CACHE_POLICY": agent.cache_policy,
+        "SHOAL_LOCAL_ROOTS": ",".join(settings.service.local_roots),
+        "SHOAL_MOUNT_ALLOW_OTHER": str(agent.allow_other).lower(),
         "SHOAL_LOG_FORMAT": "json",
     }
 
@@ -62,6 +67,7 @@ class Node:
     seaweedfs: SeaweedServer
     mount_root: Path
     cache_dir: Path
+    opener: StoreOpener = open_store
 
     def mountpoint(self, name: str, namespace: str = "default") -> Path:
         return self.mount_root / namespace / name
@@ -114,7 +120,7 @@ class Node:
         return path
 
     async def dataset_service_run(self, stop: asyncio.Event) -> None:
-        await dataset_app.run(self.settings, stop)
+        await dataset_app.run(self.settings, stop, opener=self.opener)
 
     def dataset_service(self) -> AbstractAsyncContextManager[None]:
         """The dataset service, running until the block is left (for stacks made with ``dataset_service=False``)."""
@@ -142,17 +148,21 @@ def md5(data: bytes) -> str:
 
 @asynccontextmanager
 async def node_stack(bus: Bus, settings: Settings, seaweedfs: SeaweedServer, tmp_path: Path,
-                     dataset_service: bool = True, **agent_options: Any) -> AsyncIterator[Node]:
-    """The node; with ``dataset_service=False`` the test runs the dataset service itself (``node.dataset_service``)."""
+                     dataset_service: bool = True, opener: StoreOpener = open_store,
+                     mount_env: dict[str, str] | None = None, readiness: Readiness | None = None,
+                     **agent_options: Any) -> AsyncIterator[Node]:
+    """The node; with ``dataset_service=False`` the test runs the dataset service itself (``node.dataset_service``).
+    ``opener`` gives the dataset service's stores for listing (the agent always reads the real ones);
+    ``mount_env``: variables added to the mount processes' environment; ``readiness``: the agent's checks."""
     require("fuse")
     agent = AgentSettings(node_name=NODE, mount_root=str(tmp_path / "mnt"), heartbeat_seconds=0.5, **agent_options)
     node_settings = dataclasses.replace(settings, agent=agent)
-    env = agent_env(node_settings, seaweedfs, agent)
-    node = Node(bus, node_settings, seaweedfs, tmp_path / "mnt", tmp_path / "cache")
+    env = {**agent_env(node_settings, seaweedfs, agent), **(mount_env or {})}
+    node = Node(bus, node_settings, seaweedfs, tmp_path / "mnt", tmp_path / "cache", opener)
     try:
         services = [
             lambda stop: runtime_app.run(node_settings, stop),
-            lambda stop: agent_app.run(node_settings, stop, child_env=env),
+            lambda stop: agent_app.run(node_settings, stop, child_env=env, readiness=readiness),
         ]
         if dataset_service:
             services.insert(0, node.dataset_service_run)

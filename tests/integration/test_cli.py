@@ -21,7 +21,7 @@ from click.testing import CliRunner, Result
 from libs import subjects
 from libs.bus import Bus, connect
 from libs.cli.main import cli
-from libs.config import NatsSettings, Settings
+from libs.config import NatsSettings, ServiceSettings, Settings
 from libs.embedded import free_port
 from libs.events import PUBLIC_EVENTS, type_tag
 from libs.events.common import ObjectMeta
@@ -196,7 +196,8 @@ async def services(nats_server: NatsServer, bus: Bus) -> AsyncIterator[None]:
     from services.dataset import app as dataset_app
     from services.runtime import app as runtime_app
 
-    settings = Settings(nats=NatsSettings(urls=[nats_server.url]))
+    # The apply test mounts a tmp folder through local://.
+    settings = Settings(nats=NatsSettings(urls=[nats_server.url]), service=ServiceSettings(local_roots=["/"]))
     stop = asyncio.Event()
     # The services' log lines would otherwise print into the CLI's captured stdout.
     with structlog.testing.capture_logs():

@@ -65,19 +65,20 @@ async def test_list_pages_through_every_object(seaweedfs: SeaweedServer, bucket:
         assert abs(info.mtime - time.time()) < 600
 
 
-async def test_prefix_is_a_folder_and_markers_are_skipped(seaweedfs: SeaweedServer, bucket: str) -> None:
+async def test_prefix_is_a_folder_and_markers_are_listed_as_folders(seaweedfs: SeaweedServer, bucket: str) -> None:
     await put_objects(
         seaweedfs,
         bucket,
         {"train/a.txt": b"a", "train/sub/b.txt": b"bb", "train/": b"", "train/sub/": b"",
          "trainx/c": b"c", "top": b"t"},
     )
+    # The prefix's own marker is the mount's folder, not something in it; other markers end in '/'.
     for prefix in ("train", "train/", "/train"):
         async with S3ObjectStore(seaweedfs.location(bucket, prefix)) as store:
-            assert sorted(info.key for info in await collect(store)) == ["a.txt", "sub/b.txt"], prefix
+            assert sorted(info.key for info in await collect(store)) == ["a.txt", "sub/", "sub/b.txt"], prefix
     async with S3ObjectStore(seaweedfs.location(bucket)) as store:
         everything = sorted(info.key for info in await collect(store))
-    assert everything == ["top", "train/a.txt", "train/sub/b.txt", "trainx/c"]
+    assert everything == ["top", "train/", "train/a.txt", "train/sub/", "train/sub/b.txt", "trainx/c"]
 
 
 async def test_empty_bucket_lists_nothing(seaweedfs: SeaweedServer, bucket: str) -> None:

@@ -8,8 +8,10 @@ started and exit 0. The PIDs come from the ``pids.json`` that ``shoal up`` keeps
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -18,21 +20,17 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 from libs.bus import connect
-from libs.cli.up import (
-    SERVICES,
-    Stack,
-    StateLayout,
-    demo_objects,
-    failures_after_exit,
-    pid_alive,
-    ports_needed,
-    rebase_tier_paths,
-    restart_delay,
-)
-from libs.cli.up import Ports as UpPorts
+from libs.cli.stack.banner import applied_line
+from libs.cli.stack.demo import Applied, demo_objects, rebase_tier_paths
+from libs.cli.stack.layout import StateLayout
+from libs.cli.stack.pids import pid_alive
+from libs.cli.stack.ports import Ports as UpPorts
+from libs.cli.stack.ports import ports_needed, service_http_ports
+from libs.cli.stack.supervision import SERVICES, Stack
 from libs.config import NatsSettings
 from libs.embedded import LOOPBACK, SeaweedConfig, free_port
 from services.agent.mountinfo import is_mounted
@@ -55,6 +53,7 @@ def up_arguments(state_dir: Path) -> list[str]:
         "--nats-port", str(free_port()), "--nats-monitor-port", str(free_port()),
         "--s3-port", str(seaweed.s3_port), "--seaweed-master-port", str(seaweed.master_port),
         "--seaweed-volume-port", str(seaweed.volume_port), "--seaweed-filer-port", str(seaweed.filer_port),
+        "--http-port", "0",
     ]
 
 
@@ -247,6 +246,55 @@ async def test_a_second_up_on_the_same_state_dir_refuses_and_leaves_the_first_ru
     assert not any(alive(pid) for pid in pids.values())
 
 
+OTHER_MANIFEST = """\
+apiVersion: data.fluid.io/v1alpha1
+kind: Dataset
+metadata: {name: other}
+spec:
+  mounts: [{mountPoint: "s3://demo/train/"}]
+---
+apiVersion: data.fluid.io/v1alpha1
+kind: AlluxioRuntime
+metadata: {name: other}
+spec:
+  tieredstore:
+    levels: [{mediumtype: MEM, quota: 64Mi}]
+"""
+
+
+@pytest.mark.timeout(180)
+async def test_up_with_a_manifest_names_what_it_applied_and_serves_health_on_the_ports_it_prints(
+        start_up: StartUp, tmp_path: Path) -> None:
+    manifest = tmp_path / "other.yaml"
+    manifest.write_text(OTHER_MANIFEST)
+    state_dir = tmp_path / "state"
+    run = await start_up(state_dir, [*up_arguments(state_dir), "--manifest", str(manifest)])
+    await run.wait_for_output("Ctrl-C to stop")
+    mounts = state_dir.resolve() / "mnt"
+    assert f"Dataset 'other' and Runtime 'other' applied from {manifest}" in run.output
+    assert f"{mounts}/default/other (the agent mounts it once the dataset is Bound)" in run.output
+    assert "'demo' applied" not in run.output and f"{mounts}/default/demo" not in run.output
+    assert "describe dataset other" in run.output
+
+    health = re.search(r"health +(.*) \(/healthz", run.output)
+    assert health is not None, run.output
+    ports = {name: int(port) for name, port in re.findall(r"(\w+) http://127\.0\.0\.1:(\d+)", health.group(1))}
+    assert set(ports) == set(SERVICES) and len(set(ports.values())) == len(SERVICES)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+        async def ready(port: int) -> bool:
+            try:
+                async with session.get(f"http://{LOOPBACK}:{port}/readyz") as response:
+                    return response.status == 200
+            except aiohttp.ClientConnectionError:
+                return False
+
+        for name, port in ports.items():
+            await eventually(functools.partial(ready, port), 60, f"{name} ready on port {port}")
+            async with session.get(f"http://{LOOPBACK}:{port}/metrics") as response:
+                assert response.status == 200 and "process_cpu_seconds_total" in await response.text()
+    assert await run.stop(signal.SIGINT) == 0, run.output
+
+
 @pytest.mark.timeout(60)
 async def test_a_busy_port_is_named_with_the_option_that_moves_it(tmp_path: Path) -> None:
     with socket.socket() as listener:
@@ -264,10 +312,18 @@ async def test_a_busy_port_is_named_with_the_option_that_moves_it(tmp_path: Path
 # --- The pure decisions behind it ---
 
 
-def test_restart_backoff_doubles_from_one_second_to_thirty() -> None:
-    assert [restart_delay(n) for n in range(1, 8)] == [1, 2, 4, 8, 16, 30, 30]
-    assert failures_after_exit(5, ran_seconds=2.0) == 6
-    assert failures_after_exit(5, ran_seconds=3600.0) == 1
+def test_service_side_server_ports_are_consecutive_or_free() -> None:
+    assert service_http_ports(9470, ["dataset", "runtime", "agent"]) == {"dataset": 9470, "runtime": 9471,
+                                                                          "agent": 9472}
+    free = service_http_ports(0, ["dataset", "runtime", "agent"])
+    assert all(port > 0 for port in free.values())
+
+
+def test_the_banner_names_what_the_manifest_applied(tmp_path: Path) -> None:
+    manifest = tmp_path / "m.yaml"
+    assert applied_line([Applied("Dataset", "default", "a"), Applied("Runtime", "ml", "a")], manifest) == (
+        f"Dataset 'a' and Runtime 'a' (namespace ml) applied from {manifest}")
+    assert "nothing applied" in applied_line([], manifest)
 
 
 def test_seaweed_grpc_ports_are_checked_too() -> None:

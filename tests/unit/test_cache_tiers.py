@@ -14,7 +14,7 @@ import pytest
 
 from libs.blocks import BlockId
 from services.agent.cache import tiers as tiers_module
-from services.agent.cache.tiers import HEADER, DiskTier, Health, MemoryTier, ScannedBlock
+from services.agent.cache.tiers import HEADER, MARKER, DiskTier, Health, MemoryTier, ScannedBlock
 
 COOLDOWN = 30.0
 
@@ -36,7 +36,7 @@ def payload(index: int, size: int = 4096) -> bytes:
 
 
 def files_under(root: Path) -> list[Path]:
-    return sorted(path for path in root.rglob("*") if path.is_file())
+    return sorted(path for path in root.rglob("*") if path.is_file() and path.name != MARKER)
 
 
 @pytest.fixture

@@ -244,3 +244,13 @@ def test_every_setting_is_described() -> None:
     assert defaults["SHOAL_S3_PATH_STYLE"] == "True"
     # A secret's default is shown masked, never as a value.
     assert defaults["NATS_PASSWORD"] == "Secret('')"
+
+
+def test_local_roots_and_allow_other() -> None:
+    assert load_settings({}).service.local_roots == []  # local:// refused until the operator lists folders
+    assert load_settings({}).agent.allow_other is True
+    settings = load_settings({"SHOAL_LOCAL_ROOTS": "/data, /mnt/nfs", "SHOAL_MOUNT_ALLOW_OTHER": "false"})
+    assert settings.service.local_roots == ["/data", "/mnt/nfs"]
+    assert settings.agent.allow_other is False
+    with pytest.raises(SettingsError, match="SHOAL_LOCAL_ROOTS: 'data' must be an absolute path"):
+        load_settings({"SHOAL_LOCAL_ROOTS": "data"})

@@ -33,6 +33,7 @@ from libs.mounts import canonical_options, mount_path
 from libs.ufs.base import LocalLocation, S3Location
 from libs.ufs.mounts import MissingSecret, resolve_location, secret_refs
 from services.dataset.domain import (
+    CONDITION_SKIPPED,
     CONDITION_SYNCED,
     RuntimeBinding,
     SyncResult,
@@ -276,6 +277,41 @@ def test_secret_in_clear_text_in_shared_options_is_rejected() -> None:
     errors = errors_of(s3_mount(), shared_options={"aws.secretKey": SECRET_KEY})
     assert errors
     assert all("encryptOptions" in e and SECRET_KEY not in e for e in errors)
+    # Named where it was given, once, not as an option of the mount it was merged into.
+    assert errors == ["spec.sharedOptions.aws.secretKey holds a secret in clear text: put it in encryptOptions as "
+                      "a secretKeyRef so it never travels in events"]
+
+
+@pytest.mark.parametrize("mount_point", [f"s3://AKIA:{SECRET_KEY}@bucket/x", "s3://AKIA@bucket/x"])
+def test_credentials_in_a_mount_point_are_rejected_without_showing_them(mount_point: str) -> None:
+    error = one_error(Mount(mount_point=mount_point))
+    assert error.startswith("spec.mounts[0].mountPoint 's3://***@bucket/x' has credentials in its URL")
+    assert SECRET_KEY not in error and "AKIA" not in error
+
+
+def test_a_bare_secret_with_slashes_before_an_at_is_never_shown() -> None:
+    # Cannot be told from a bucket 'AKIA...' with a path holding '@': rejected as a bad bucket, shown without it.
+    [error] = errors_of(Mount(mount_point=f"s3://{SECRET_KEY}@bucket/"))
+    assert error == "spec.mounts[0].mountPoint 's3://***@bucket/' does not name a valid S3 bucket"
+
+
+def test_credentials_in_an_endpoint_are_rejected_without_showing_them() -> None:
+    error = one_error(s3_mount(options={"endpoint": f"https://admin:{SECRET_KEY}@minio:9000"}))
+    assert error == ("spec.mounts[0].options.endpoint 'https://***@minio:9000' has credentials in its URL: put it "
+                     "in encryptOptions as a secretKeyRef so it never travels in events")
+
+
+def test_local_mounts_only_below_the_configured_roots() -> None:
+    dataset = make_dataset(Mount(mount_point="local:///data/imagenet"))
+    assert validate_dataset(dataset, local_roots=["/data"]) == []
+    assert validate_dataset(dataset, local_roots=["/srv", "/data/"]) == []
+    [outside] = validate_dataset(dataset, local_roots=["/srv"])
+    assert outside == ("spec.mounts[0].mountPoint: '/data/imagenet' is not below an allowed local root "
+                       "(SHOAL_LOCAL_ROOTS: /srv)")
+    [sibling] = validate_dataset(make_dataset(Mount(mount_point="local:///database")), local_roots=["/data"])
+    assert "not below an allowed local root" in sibling
+    [none] = validate_dataset(dataset, local_roots=[])
+    assert "local:// mounts are disabled" in none
 
 
 def test_unknown_option() -> None:
@@ -367,7 +403,15 @@ def test_shared_encrypt_options_are_checked_too() -> None:
 def test_negative_owner_id(field: str) -> None:
     owner = User(uid=-1) if field == "uid" else User(gid=-1)
     error = one_error(s3_mount(), owner=owner)
-    assert error == f"spec.owner.{field} must not be negative"
+    assert error == f"spec.owner.{field} must be between 0 and 4294967294, got -1"
+
+
+@pytest.mark.parametrize("value", [2**32 - 1, 2**32, 2**63])
+@pytest.mark.parametrize("field", ["uid", "gid"])
+def test_owner_id_beyond_32_bits_is_rejected(field: str, value: int) -> None:
+    owner = User(uid=value) if field == "uid" else User(gid=value)
+    error = one_error(s3_mount(), owner=owner)
+    assert error == f"spec.owner.{field} must be between 0 and 4294967294, got {value}"
 
 
 def test_owner_id_zero_is_allowed() -> None:
@@ -726,6 +770,44 @@ def test_secret_refs_of_a_mount() -> None:
         ("imagenet-s3", "access-key-id"), ("imagenet-s3", "secret-access-key")
     ]
     assert secret_refs(dataset, dataset.spec.mounts[1]) == []
+
+
+# --- mounts nested in one another; objects left out of the tree ---
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [({"path": "/data"}, {"path": "/data/inner"}), ({"name": "data"}, {"path": "data/x/y"}),
+     ({"path": "/a/b/c"}, {"path": "/a"})],
+)
+def test_nested_mount_paths_are_refused(first: dict[str, str], second: dict[str, str]) -> None:
+    error = one_error(s3_mount("s3://bucket-one", **first), s3_mount("s3://bucket-two", **second))
+    assert error.startswith("spec.mounts[1] at ") and "are nested" in error, error
+
+
+def test_sibling_mount_paths_sharing_a_prefix_are_not_nested() -> None:
+    assert errors_of(s3_mount("s3://bucket-one", path="/data"), s3_mount("s3://bucket-two", path="/data2"),
+                     s3_mount("s3://bucket-three", path="/x/data")) == []
+
+
+@pytest.mark.parametrize("path", ["/" + "p" * 256, "/a/nul\0"])
+def test_mount_path_that_no_tree_can_hold_is_refused(path: str) -> None:
+    error = one_error(s3_mount(path=path))
+    assert error.startswith("spec.mounts[0] would appear at"), error
+
+
+def test_skipped_objects_show_as_a_condition_until_a_sync_skips_none() -> None:
+    result = SyncResult(generation=2, file_num=27, total_bytes=270, listed=29, skipped=2,
+                        skipped_examples=("'x' (mount 0): a folder of the same name exists",
+                                          "'a//b' (mount 0): has an empty name ('//' or a leading '/')"))
+    status = status_after_sync(record_at(), result, "Ready", NOW)
+    (skipped,) = [c for c in status.conditions if c.type == CONDITION_SKIPPED]
+    assert (skipped.status, skipped.reason) == ("True", "UnusableKeys")
+    assert skipped.message.startswith("2 of 29 listed objects are not in the tree: 'x' (mount 0)")
+    assert (status.file_num, status.ufs_total_bytes) == (27, 270)
+    clean = status_after_sync(record_at(status=status), SyncResult(generation=2, file_num=29, listed=29), "Ready",
+                              NOW + 60)
+    assert [c.type for c in clean.conditions] == [CONDITION_SYNCED]
 
 
 # --- cacheStates from the inventory fold ---

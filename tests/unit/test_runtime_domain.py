@@ -256,6 +256,17 @@ def test_unhealthy_agents_are_ignored() -> None:
     assert status.phase == "PartialReady"
 
 
+def test_an_unhealthy_only_node_is_named_with_its_problems_and_keeps_the_runtime_partly_ready() -> None:
+    sick = AgentRecord(heartbeat=AgentHeartbeat(
+        node="node-a", runtimes=[ObjectRef(name="imagenet", namespace="default")], healthy=False,
+        problems=["mount default/imagenet: cache directory /c/default/imagenet is down"], interval_seconds=2.0,
+        sent_at=NOW), received_at=NOW)
+    status = status_of(valid_runtime(replicas=1), [sick])
+    assert status.phase == "PartialReady" and status.ready_nodes == [] and status.cache_capacity_bytes == 0
+    assert status.message == ("0 of 1 agents ready; node-a unhealthy (mount default/imagenet: cache directory "
+                              "/c/default/imagenet is down)")
+
+
 def test_heartbeats_for_other_runtimes_or_namespaces_are_ignored() -> None:
     agents = [
         agent("mine", ("coco", "default"), ("imagenet", "default")),
@@ -342,8 +353,12 @@ def test_status_is_consistent_with_its_ready_nodes(spec: Any, replicas: int) -> 
     assert status.ready_nodes == ready_nodes(runtime, agents, NOW)
     assert status.worker_number_ready == len(status.ready_nodes) <= len(agents)
     assert status.cache_capacity_bytes == node_capacity(runtime) * status.worker_number_ready
+    serving_unhealthy = [r for r in agents if not r.heartbeat.healthy
+                         and NOW - r.received_at <= MISSED_BEATS * r.heartbeat.interval_seconds
+                         and ObjectRef(name="imagenet", namespace="default") in r.heartbeat.runtimes]
     if status.worker_number_ready == 0:
-        assert status.phase == "NotReady"
+        # An unhealthy node that still serves keeps the runtime PartialReady (its mounts may still serve).
+        assert status.phase == ("PartialReady" if serving_unhealthy else "NotReady")
     elif status.worker_number_ready >= replicas:
         assert status.phase == "Ready"
     else:

@@ -40,6 +40,7 @@ import msgspec
 from libs.blocks import BlockId
 from libs.events.common import parse_quantity
 from libs.events.runtime import Level
+from libs.hostpaths import cache_path_error
 from services.agent.cache.eviction import EvictionPolicy, FrequencyAdmissionPolicy, PolicyFactory
 from services.agent.cache.tiers import DEFAULT_COOLDOWN_SECONDS, DiskTier, Health, MemoryTier, Tier
 
@@ -158,6 +159,9 @@ class BlockCache:
                 if not directories:
                     raise ValueError(f"{level.mediumtype} level needs a path")
                 for directory in directories:
+                    refused = cache_path_error(directory)
+                    if refused:  # validated at apply too; the agent does not trust whoever published
+                        raise ValueError(f"{level.mediumtype} level path {refused}")
                     tiers.append(
                         DiskTier(
                             PurePosixPath(directory) / suffix,

@@ -23,6 +23,11 @@ milliseconds (much more on HDDs) on every write. Every read verifies the checksu
 0.2 ms per 4 MiB block); a mismatch, short or garbled file is deleted, counted in ``corrupt_blocks``, and
 reported as a miss, never served.
 
+Ownership: Shoal only ever deletes inside a directory it created. The first scan of an empty (or new) directory
+writes a marker file (``MARKER``) into it; a non-empty directory without the marker belongs to someone else
+and the tier refuses it for good (no read, write or delete there), with an error in the log. Every file a scan
+deletes is logged.
+
 Health, like JuiceFS's cache directory states: consecutive I/O errors (``OSError`` other than a missing block
 file: ENOSPC, EIO, the directory removed...) move a disk tier from normal to unstable (after 1) and down (after
 3 in a row). A down tier refuses reads and writes without touching the disk, so callers bypass it to the object
@@ -80,6 +85,9 @@ DEFAULT_LOW = 0.7
 NAME_LENGTH = 32
 SHARD_LENGTH = 2
 TEMP_SUFFIX = ".tmp"
+# Written by the first scan of an empty directory: the proof that the directory is Shoal's to delete in.
+MARKER = ".shoal-cache-tier"
+MARKER_TEXT = b"A Shoal cache tier: Shoal deletes files in this directory. Remove the whole directory to reset it.\n"
 # The runtime refuses block sizes above 64 MiB; a header claiming more is garbage, and reading it would try to
 # allocate whatever the garbage says.
 MAX_DATA_BYTES = 64 * 1024 * 1024
@@ -232,6 +240,8 @@ class DiskTier:
         self._root = str(self.directory)
         self._lock = threading.Lock()
         self._health = Health.NORMAL
+        # Why the directory is not Shoal's to use (non-empty without the marker); set once, never cleared.
+        self._refused = ""
         self._errors = 0  # consecutive I/O errors
         self._retry_at = 0.0
         self._corrupt = 0
@@ -243,7 +253,7 @@ class DiskTier:
 
     @property
     def health(self) -> Health:
-        return self._health
+        return Health.DOWN if self._refused else self._health
 
     @property
     def corrupt_blocks(self) -> int:
@@ -254,7 +264,14 @@ class DiskTier:
         return self._errors
 
     def available(self) -> bool:
+        if self._refused:
+            return False
         return self._health is not Health.DOWN or self._now() >= self._retry_at
+
+    @property
+    def refused(self) -> str:
+        """Why this directory is not used at all (it holds files Shoal did not write), or empty."""
+        return self._refused
 
     def _succeeded(self) -> None:
         if self._errors == 0:
@@ -393,6 +410,8 @@ class DiskTier:
         found: list[tuple[float, ScannedBlock]] = []
         try:
             os.makedirs(self._root, exist_ok=True)
+            if not self._claim():
+                return []
             with os.scandir(self._root) as entries:
                 shards = [entry.path for entry in entries if _is_shard(entry)]
             for shard in shards:
@@ -400,6 +419,7 @@ class DiskTier:
                     files = [(entry.path, entry.name) for entry in entries if not entry.is_dir(follow_symlinks=False)]
                 for path, name in files:
                     if name.startswith(".") and name.endswith(TEMP_SUFFIX):
+                        log.info("cache scan removed a file", path=path, reason="unfinished write")
                         _unlink_quietly(path)  # a write interrupted by a crash
                         continue
                     try:
@@ -410,6 +430,7 @@ class DiskTier:
                         self._failed("scan", err)  # unreadable now; left in place, maybe readable next time
                         continue
                     if scanned is None:
+                        log.warning("cache scan removed a file", path=path, reason="not a sound block file")
                         _unlink_quietly(path)
                     else:
                         found.append(scanned)
@@ -420,7 +441,8 @@ class DiskTier:
         return [block for _, block in found]
 
     def remove_empty_directories(self) -> None:
-        """rmdir of the shard folders and the tier's folder, each only if empty: nothing else is ever deleted."""
+        """rmdir of the shard folders and the tier's folder, each only if empty (but for the tier's marker):
+        nothing else is ever deleted."""
         shards: list[str] = []
         with contextlib.suppress(OSError), os.scandir(self._root) as entries:
             shards = [entry.path for entry in entries if _is_shard(entry)]
@@ -428,9 +450,28 @@ class DiskTier:
             with contextlib.suppress(OSError):
                 os.rmdir(shard)
         with contextlib.suppress(OSError):
+            if os.listdir(self._root) == [MARKER]:  # Shoal's own marker goes last, with the folder
+                os.unlink(os.path.join(self._root, MARKER))
             os.rmdir(self._root)
 
     # -- internals ----------------------------------------------------------------------------------------
+
+    def _claim(self) -> bool:
+        """True if the directory is Shoal's: it has the marker, or it was empty and now has it."""
+        marker = os.path.join(self._root, MARKER)
+        if os.path.exists(marker):
+            return True
+        with os.scandir(self._root) as entries:
+            foreign = [entry.name for entry in itertools.islice(entries, 3)]
+        if foreign:
+            self._refused = (f"cache directory {self._root} holds files Shoal did not write ({', '.join(foreign)}"
+                             f"{', ...' if len(foreign) == 3 else ''}) and has no {MARKER}: not used; give the tier "
+                             "a folder of its own")
+            log.error("cache directory refused", directory=self._root, reason=self._refused)
+            return False
+        with contextlib.suppress(FileExistsError), open(marker, "xb") as out:  # another process won: fine
+            out.write(MARKER_TEXT)
+        return True
 
     def _scan_file(self, path: str, name: str, shard: str) -> tuple[float, ScannedBlock] | None:
         """(mtime, block) if the file's header and id are sound and match its name, else None (garbage)."""

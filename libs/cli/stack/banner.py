@@ -1,0 +1,91 @@
+"""What ``shoal up`` prints once everything runs: where NATS, S3, the services and their side servers are, what
+the manifest applied and where it mounts, and commands to look around. Pure: text from what was started."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import msgspec
+
+from libs import subjects
+from libs.cli.stack import S3Access
+from libs.cli.stack.demo import DEMO_BUCKET, Applied
+from libs.cli.stack.ports import DEFAULT_NATS_URL
+from libs.embedded import LOOPBACK
+
+
+def publish_example(nats_url: str) -> str:
+    """A copy-paste Python snippet that applies a Dataset with nothing but nats-py and JSON."""
+    from libs.events.common import ObjectMeta
+    from libs.events.dataset import Dataset, DatasetApply, DatasetSpec, Mount
+
+    command = DatasetApply(
+        id="hello-1",
+        dataset=Dataset(metadata=ObjectMeta(name="hello"),
+                        spec=DatasetSpec(mounts=[Mount(mount_point=f"s3://{DEMO_BUCKET}/train/")])),
+    )
+    return (
+        ".venv/bin/python - <<'EOF'\n"
+        "import asyncio, json, nats\n"
+        "async def main():\n"
+        f"    nc = await nats.connect({nats_url.split(',')[0]!r})\n"
+        f"    command = {msgspec.to_builtins(command)!r}\n"
+        f"    await nc.jetstream().publish({subjects.DATASET_APPLY!r}, json.dumps(command).encode())\n"
+        "    await nc.close()\n"
+        "asyncio.run(main())\n"
+        "EOF"
+    )
+
+
+def applied_line(applied: Sequence[Applied], manifest: Path) -> str:
+    if not applied:
+        return f"nothing applied from {manifest} (it holds no Dataset or Runtime)"
+    names = [f"{item.kind} {item.name!r}" + ("" if item.namespace == "default" else f" (namespace {item.namespace})")
+             for item in applied]
+    listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+    return f"{listed} applied from {manifest}"
+
+
+def banner(*, pid: int, nats_url: str, nats_embedded: bool, nats_monitor_port: int, s3: S3Access,
+           seeded_objects: int, services: Mapping[str, int], http_ports: Mapping[str, int], logs: Path,
+           manifest: Path, applied: Sequence[Applied], mounts: Path) -> str:
+    nats_line = (f"{nats_url} (embedded; monitoring http://{LOOPBACK}:{nats_monitor_port})" if nats_embedded
+                 else f"{nats_url} (from NATS_URL)")
+    if s3.embedded:
+        s3_line = (f"{s3.endpoint} (embedded SeaweedFS; access key {s3.access_key_id!r}, secret "
+                   f"{s3.secret_access_key!r}; bucket {DEMO_BUCKET!r} with {seeded_objects} demo objects)")
+    else:
+        s3_line = (f"{s3.endpoint} (from SHOAL_S3_ENDPOINT; credentials from SHOAL_S3_ACCESS_KEY_ID/"
+                   f"SHOAL_S3_SECRET_ACCESS_KEY; the demo Dataset expects a bucket {DEMO_BUCKET!r} there)")
+    # The CLI's default server is NATS's default; anything else has to be named on its command line.
+    shoal = ".venv/bin/shoal" if nats_url == DEFAULT_NATS_URL else f".venv/bin/shoal --nats {nats_url}"
+    running = ", ".join(f"{name} (PID {service_pid})" for name, service_pid in services.items())
+    sides = ", ".join(f"{name} http://{LOOPBACK}:{port}" for name, port in http_ports.items())
+    datasets = [item for item in applied if item.kind == "Dataset"]
+    lines = [
+        f"Shoal is up (PID {pid}).",
+        f"  NATS      {nats_line}",
+        f"  S3        {s3_line}",
+        f"  services  {running}",
+        f"  health    {sides} (/healthz, /readyz, /metrics; mount processes log their own)",
+        f"  logs      {logs}/",
+        f"  applied   {applied_line(applied, manifest)}",
+    ]
+    for item in datasets:
+        lines.append(f"  mount     {mounts}/{item.namespace}/{item.name} "
+                     "(the agent mounts it once the dataset is Bound)")
+    lines += ["", "Look around:", f"  {shoal} get datasets"]
+    if datasets:
+        first = datasets[0]
+        where = f"{mounts}/{first.namespace}/{first.name}"
+        namespace = "" if first.namespace == "default" else f" -n {first.namespace}"
+        lines += [f"  {shoal} describe dataset {first.name}{namespace}",
+                  f"  find {where} && md5sum $(find {where} -type f)"]
+    lines += [
+        "  Publish a command as JSON with plain Python (nats-py); paste this into a shell:",
+        publish_example(nats_url),
+        "",
+        "Ctrl-C to stop (or `shoal down` from another terminal).",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,46 @@
+"""The state directory of ``shoal up``: every path below it (logs, JetStream store, SeaweedFS data, pid files,
+mounts), named once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+# The demo manifest writes cache paths under the default state directory; they are moved under --state-dir.
+DEFAULT_STATE_DIR = ".shoal"
+
+
+@dataclass(frozen=True)
+class StateLayout:
+    """Every path below the state directory, named once."""
+
+    root: Path
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def nats_store(self) -> Path:
+        return self.root / "nats"
+
+    @property
+    def seaweedfs(self) -> Path:
+        return self.root / "seaweedfs"
+
+    @property
+    def pidfile(self) -> Path:
+        return self.root / "up.pid"
+
+    @property
+    def mounts(self) -> Path:
+        """Where the agent mounts datasets: <state>/mnt/<namespace>/<name>."""
+        return self.root.resolve() / "mnt"
+
+    @property
+    def pids(self) -> Path:
+        """PIDs of every child, so ``shoal down``, tests and a later ``shoal up`` can find them."""
+        return self.root / "pids.json"
+
+    def log(self, process: str) -> Path:
+        return self.logs / f"{process}.log"

@@ -1,0 +1,115 @@
+"""Which loopback ports ``shoal up`` needs (embedded servers, the services' side servers), and their checks.
+
+Pure: ``ports_needed`` and the problems of the options as given. I/O: whether a port is free, at the bottom.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from libs.cli.stack import UpError
+from libs.embedded import LOOPBACK, free_port
+
+
+@dataclass(frozen=True)
+class Ports:
+    # SeaweedFS's own default for S3 and NATS's defaults, so clients configured for those just work.
+    nats: int = 4222
+    nats_monitor: int = 8222
+    s3: int = 8333
+    # SeaweedFS's master default is 9333; volume and filer sit right beside it rather than on their defaults
+    # (8080 and 8888), which web servers and Jupyter usually hold on a developer's machine.
+    seaweed_master: int = 9333
+    seaweed_volume: int = 9334
+    seaweed_filer: int = 9335
+    # The services' side servers (/healthz, /readyz, /metrics), one port each from this one up, in the order of
+    # ``supervision.SERVICES``; 0 picks free ones. Next to Prometheus exporters' usual range, clear of the above.
+    service_http: int = 9470
+
+
+DEFAULT_NATS_URL = f"nats://{LOOPBACK}:{Ports.nats}"
+
+
+@dataclass(frozen=True)
+class PortUse:
+    port: int
+    what: str
+    option: str
+
+
+# SeaweedFS derives each gRPC port as its HTTP port + 10000 (see libs.embedded.start_seaweedfs).
+SEAWEED_GRPC_OFFSET = 10000
+
+
+def ports_needed(ports: Ports, run_nats: bool, run_s3: bool) -> list[PortUse]:
+    """Every loopback port the embedded servers will bind, with the option that moves it."""
+    needed: list[PortUse] = []
+    if run_nats:
+        needed += [
+            PortUse(ports.nats, "NATS", "--nats-port / SHOAL_NATS_PORT"),
+            PortUse(ports.nats_monitor, "NATS monitoring", "--nats-monitor-port / SHOAL_NATS_MONITOR_PORT"),
+        ]
+    if run_s3:
+        for port, what, option in (
+            (ports.s3, "SeaweedFS S3", "--s3-port / SHOAL_S3_PORT"),
+            (ports.seaweed_master, "SeaweedFS master", "--seaweed-master-port / SHOAL_SEAWEED_MASTER_PORT"),
+            (ports.seaweed_volume, "SeaweedFS volume", "--seaweed-volume-port / SHOAL_SEAWEED_VOLUME_PORT"),
+            (ports.seaweed_filer, "SeaweedFS filer", "--seaweed-filer-port / SHOAL_SEAWEED_FILER_PORT"),
+        ):
+            needed.append(PortUse(port, what, option))
+            needed.append(PortUse(port + SEAWEED_GRPC_OFFSET, f"{what} gRPC, its port + 10000", option))
+    return needed
+
+
+def port_conflicts_message(busy: Sequence[PortUse]) -> str:
+    lines = [f"port {use.port} ({use.what}) on {LOOPBACK} is in use: change it with {use.option}" for use in busy]
+    return "cannot start the embedded servers:\n  " + "\n  ".join(lines)
+
+
+def port_option_problems(needed: Sequence[PortUse]) -> list[str]:
+    """Ports given twice, and derived gRPC ports past 65535, before any socket is tried."""
+    seen: dict[int, PortUse] = {}
+    problems = []
+    for use in needed:
+        if use.port > 65535:
+            problems.append(f"port {use.port} ({use.what}) does not exist: lower {use.option} below 55536")
+        elif use.port in seen:
+            problems.append(f"port {use.port} is given to both {seen[use.port].what} and {use.what}")
+        seen.setdefault(use.port, use)
+    return problems
+
+
+def service_http_ports(first: int, services: Sequence[str]) -> dict[str, int]:
+    """The side-server port of each service: consecutive from ``first``, or free ones when ``first`` is 0."""
+    if first == 0:
+        return {name: free_port() for name in services}
+    return {name: first + offset for offset, name in enumerate(services)}
+
+
+def http_ports_needed(ports: Mapping[str, int]) -> list[PortUse]:
+    return [PortUse(port, f"{name} side server", "--http-port / SHOAL_UP_HTTP_PORT") for name, port in ports.items()]
+
+
+# --- I/O ---
+
+
+def port_in_use(port: int) -> bool:
+    with socket.socket() as sock:
+        # SO_REUSEADDR like the servers themselves: only a listener counts, not connections in TIME_WAIT.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((LOOPBACK, port))
+        except OSError:
+            return True
+        return False
+
+
+def check_ports(needed: Sequence[PortUse]) -> None:
+    problems = port_option_problems(needed)
+    if problems:
+        raise UpError("conflicting port options:\n  " + "\n  ".join(problems))
+    busy = [use for use in needed if port_in_use(use.port)]
+    if busy:
+        raise UpError(port_conflicts_message(busy))

@@ -1,0 +1,135 @@
+"""The services ``shoal up`` runs and keeps running: their table, their environment, and their supervision.
+
+Pure: ``SERVICES`` (name → module), ``service_env`` (what every service gets: where NATS and S3 are, where to
+mount; each also gets its own side-server port, ``SHOAL_HTTP_PORT``). I/O: ``Stack``, the processes one
+``shoal up`` owns; a service that exits is restarted through ``libs.supervisor`` (the one supervisor the
+agent's mount processes use too), with its backoff reset after a minute of stable running. Shutdown order is
+services, then SeaweedFS, then NATS, so no service sees its dependencies vanish.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from libs.cli.stack import S3Access, UpError
+from libs.cli.stack.layout import StateLayout
+from libs.cli.stack.pids import child_pids, stop_children, write_pids
+from libs.embedded import ServerProcess, spawn
+from libs.supervisor import Supervisor
+
+# --- What runs: one line per service. The agent, loader and scheduler are added here when they exist. ---
+
+SERVICES: dict[str, str] = {
+    "dataset": "services.dataset",
+    "runtime": "services.runtime",
+    "agent": "services.agent",
+}
+
+# Polling children is cheap; a fifth of a second makes a crash visible at once without busy-looping.
+SUPERVISE_INTERVAL_SECONDS = 0.2
+# Services get SIGTERM and this long to drain their consumers before SIGKILL.
+SERVICE_GRACE_SECONDS = 10.0
+
+
+def service_env(base: Mapping[str, str], nats_url: str, s3: S3Access, mount_root: Path) -> dict[str, str]:
+    """The environment of every service: the caller's, plus where NATS and S3 are and where to mount."""
+    env = dict(base)
+    env.setdefault("SHOAL_MOUNT_ROOT", str(mount_root))
+    env.update({
+        "NATS_URL": nats_url,
+        "SHOAL_S3_ENDPOINT": s3.endpoint,
+        "SHOAL_S3_ACCESS_KEY_ID": s3.access_key_id,
+        "SHOAL_S3_SECRET_ACCESS_KEY": s3.secret_access_key,
+        # Output goes to log files that tools parse; JSON lines whatever the terminal.
+        "SHOAL_LOG_FORMAT": "json",
+        # A crash's last lines must reach the log file, not die in a buffer.
+        "PYTHONUNBUFFERED": "1",
+    })
+    return env
+
+
+def service_argv(module: str, python: str) -> list[str]:
+    return [python, "-m", module]
+
+
+@dataclass
+class Stack:
+    """The processes one ``shoal up`` owns; ``stop`` ends all of them, however far the start got."""
+
+    layout: StateLayout
+    servers: list[ServerProcess] = field(default_factory=list)
+    server_markers: dict[str, str] = field(default_factory=dict)
+    # The services, by name, with their restart bookkeeping.
+    supervisor: Supervisor[ServerProcess] = field(
+        default_factory=lambda: Supervisor(lambda server: server.process.poll()))
+    # The services' environment, set once the plan is known; restarts reuse it. Each service gets its own
+    # side-server port on top (``http_ports``).
+    env: dict[str, str] = field(default_factory=dict)
+    http_ports: dict[str, int] = field(default_factory=dict)
+    # Children that existed before this stack started anything (none from the CLI; some when run in-process).
+    earlier_children: set[int] = field(default_factory=lambda: set(child_pids(os.getpid())))
+
+    def record(self) -> None:
+        processes = {server.name: (server.pid, self.server_markers[server.name]) for server in self.servers}
+        for name, child in self.supervisor.children.items():
+            if child.process is not None:
+                processes[name] = (child.process.pid, SERVICES[name])
+        write_pids(self.layout, processes)
+
+    def add_server(self, server: ServerProcess, marker: str) -> None:
+        self.servers.append(server)
+        self.server_markers[server.name] = marker
+        self.record()
+
+    def service_pids(self) -> dict[str, int]:
+        return {name: child.process.pid for name, child in self.supervisor.children.items()
+                if child.process is not None}
+
+    def start_services(self, now: float) -> None:
+        for name in SERVICES:
+            self.supervisor.add(name, now)
+        self.supervise_once(now, lambda message: None)
+
+    def _start(self, name: str, now: float) -> ServerProcess:
+        env = dict(self.env)
+        if name in self.http_ports:
+            env["SHOAL_HTTP_PORT"] = str(self.http_ports[name])
+        process = spawn(name, service_argv(SERVICES[name], sys.executable), self.layout.log(name), env=env,
+                        grace=SERVICE_GRACE_SECONDS)
+        self.supervisor.started(self.supervisor.children[name], process, now)
+        self.record()
+        return process
+
+    def supervise_once(self, now: float, echo: Callable[[str], None]) -> None:
+        """Fail on a dead server; schedule or perform the restart of a dead service."""
+        for server in self.servers:
+            if not server.alive():
+                raise UpError(f"{server.name} exited with code {server.process.returncode}; "
+                              f"see {server.log_path}")
+        exits, due = self.supervisor.step(now)
+        for exited in exits:
+            exited.process.stop()  # closes its log file
+            echo(f"service {exited.child.name} exited with code {exited.code}; restarting in {exited.delay:g} s "
+                 f"(log: {exited.process.log_path})")
+        for child in due:
+            process = self._start(child.name, now)
+            if child.last_exit is not None:
+                echo(f"service {child.name} restarted (PID {process.pid})")
+
+    def stop(self) -> None:
+        """Services first (all signalled at once, then waited for), then servers in reverse start order."""
+        running = [child.process for child in self.supervisor.children.values() if child.process is not None]
+        for process in running:
+            if process.alive():
+                process.process.send_signal(signal.SIGTERM)
+        for process in running:
+            process.stop()
+        for server in reversed(self.servers):
+            server.stop()
+        stop_children(os.getpid(), spare=self.earlier_children)
+

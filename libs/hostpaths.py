@@ -1,0 +1,66 @@
+"""Which host paths Shoal may touch: ``local://`` mounts only below the roots the operator configured, and cache
+tier directories never on a system path.
+
+Lexical checks (pure) are for validation, where a spec is judged without touching the disk; the agent and the
+sync repeat the ``local://`` check on real paths (``real_local_root_error``), so a link under a root cannot lead
+out of it.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+from collections.abc import Sequence
+
+# Folders of the operating system that a cache tier must never be, whatever is below them: Shoal creates and
+# deletes files in its tier directories.
+SYSTEM_FOLDERS = frozenset({
+    "/", "/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/lib32", "/lib64", "/libx32", "/media", "/mnt", "/opt",
+    "/proc", "/root", "/run", "/sbin", "/srv", "/sys", "/tmp", "/usr", "/var", "/var/lib", "/var/cache",
+    "/var/log", "/var/tmp", "/usr/local",
+})
+# Trees that belong to the system or the kernel as a whole: nothing below them is a cache directory.
+SYSTEM_TREES = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/libx32", "/proc", "/run", "/sbin",
+                "/sys", "/usr")
+
+
+def _normal(path: str) -> str:
+    # normpath keeps a leading '//' (POSIX leaves its meaning open); Linux reads it as '/'.
+    return "/" + posixpath.normpath(path).lstrip("/")
+
+
+def _below(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def local_root_error(path: str, roots: Sequence[str]) -> str | None:
+    """Why the folder ``path`` may not be mounted through ``local://``, or None if it lies below a root."""
+    if not roots:
+        return ("local:// mounts are disabled on this installation: the operator lists the folders that may be "
+                "mounted in SHOAL_LOCAL_ROOTS")
+    normal = _normal(path)
+    if any(_below(normal, _normal(root)) for root in roots):
+        return None
+    return f"{normal!r} is not below an allowed local root (SHOAL_LOCAL_ROOTS: {', '.join(roots)})"
+
+
+def real_local_root_error(path: str, roots: Sequence[str]) -> str | None:
+    """Like ``local_root_error``, on the real paths (links resolved): does I/O."""
+    lexical = local_root_error(path, roots)
+    if lexical is not None:
+        return lexical
+    real = os.path.realpath(path)
+    if any(_below(real, os.path.realpath(root)) for root in roots):
+        return None
+    return f"{path!r} leads to {real!r}, which is not below an allowed local root ({', '.join(roots)})"
+
+
+def cache_path_error(path: str) -> str | None:
+    """Why ``path`` may not hold a cache tier (a system folder, or below one), or None if it may."""
+    normal = _normal(path)
+    if normal in SYSTEM_FOLDERS:
+        return f"{path!r} is a system folder; give a folder of its own, e.g. /var/cache/shoal"
+    tree = next((tree for tree in SYSTEM_TREES if _below(normal, tree)), None)
+    if tree is not None:
+        return f"{path!r} is inside the system folder {tree}; give a folder of its own, e.g. /var/cache/shoal"
+    return None

@@ -1,0 +1,121 @@
+"""How object keys become paths in a dataset's tree: the one rule the sync (which writes the manifest) and the
+agent (which builds the tree from it) both apply. Pure.
+
+A mount appears at a '/'-rooted folder of the dataset (its *root*); an object with key ``k`` (relative to the
+mount's prefix) appears at ``<root>/<k>``, split into names at every '/'. Object stores allow keys no POSIX tree
+can hold, so some objects are left out, never renamed or normalised (a normalised key could land on another
+object's path):
+- a key with an empty name (``a//b``, or a leading '/': ``/etc/x``, which would otherwise leave its mount), or a
+  name ``.`` or ``..``;
+- a key with a NUL byte, or a name longer than 255 bytes (``NAME_MAX``) in UTF-8, or one that is not UTF-8;
+- an empty key;
+- a file whose path is also a folder (``x`` next to ``x/y``, or next to the marker ``x/``): the folder wins, as
+  it holds everything below it.
+A key ending in '/' is a folder marker (what consoles write for "create folder"): it makes that folder exist,
+empty if nothing is below it; it is not a file, and bytes it holds are not shown.
+
+Every key that is left out is reported with its reason (``Skipped``): the dataset's status carries the count
+and a few examples, and the sync logs them. docs/semantics.md describes the rules for users.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# Linux's NAME_MAX: the longest name a path component may have, in bytes.
+MAX_NAME_BYTES = 255
+# How many skipped keys a report keeps as examples: enough to see the pattern, small enough for a status.
+EXAMPLES = 5
+# Examples are cut to this many characters: a key may be 1 KiB long.
+EXAMPLE_CHARS = 120
+
+SHADOWED = "a folder of the same name exists"
+DUPLICATE = "another object already has this path"
+
+
+def _name_problem(name: str) -> str | None:
+    if name == "":
+        return "has an empty name ('//' or a leading '/')"
+    if name in (".", ".."):
+        return f"has a name {name!r}"
+    try:
+        size = len(name.encode("utf-8", "surrogateescape"))
+    except UnicodeEncodeError:
+        return "is not valid UTF-8"
+    if size > MAX_NAME_BYTES:
+        return f"has a name of {size} bytes (the limit is {MAX_NAME_BYTES})"
+    return None
+
+
+def relative_problem(relative: str) -> str | None:
+    """Why the '/'-separated ``relative`` path (a key, or a mount's path without its leading '/') cannot be in the
+    tree, or None when it can. A trailing '/' (a folder marker) is allowed."""
+    if "\0" in relative:
+        return "contains a NUL byte"
+    if relative.startswith("/"):
+        return "starts with '/' (it would leave its mount)"
+    body = relative[:-1] if relative.endswith("/") else relative
+    for name in body.split("/"):
+        problem = _name_problem(name)
+        if problem is not None:
+            return problem
+    return None
+
+
+def key_problem(key: str) -> str | None:
+    """Why the object ``key`` cannot appear in the tree, or None when it can (see the module's rules)."""
+    if key == "":
+        return "is empty"
+    return relative_problem(key)
+
+
+def is_folder(path: str) -> bool:
+    """Whether a manifest path (or key) is a folder marker rather than a file."""
+    return path.endswith("/")
+
+
+def dataset_path(root: str, key: str) -> str:
+    """Where ``key`` of the mount at ``root`` ('/' or '/a/b') appears; a folder marker keeps its trailing '/'.
+
+    Never leaves ``root``: a key ``key_problem`` refuses is an error here, not a path somewhere else.
+    """
+    problem = key_problem(key)
+    if problem is not None:
+        raise ValueError(f"key {key!r} {problem}")
+    return root.rstrip("/") + "/" + key
+
+
+@dataclass
+class Skipped:
+    """Objects left out of the tree: how many, and a few examples of which and why."""
+
+    count: int = 0
+    examples: list[str] = field(default_factory=list)
+
+    def add(self, key: str, reason: str, mount: int = 0) -> None:
+        self.count += 1
+        if len(self.examples) < EXAMPLES:
+            shown = repr(key)
+            if len(shown) > EXAMPLE_CHARS:
+                shown = shown[: EXAMPLE_CHARS - 1] + "…"
+            self.examples.append(f"{shown} (mount {mount}): {reason}")
+
+
+@dataclass
+class Folders:
+    """The set of folder paths of a tree, for the one rule that needs the whole listing: a folder shadows a file
+    of the same path. Fed every usable path first, then asked about each; the listing may come in any order
+    (SeaweedFS does not list in S3's key order). Memory grows with the number of folders, not of files."""
+
+    paths: set[str] = field(default_factory=set)
+
+    def note(self, path: str) -> None:
+        """Record the folders ``path`` needs: '/a/b/c' needs '/a' and '/a/b'; the marker '/a/b/' also '/a/b'."""
+        folder = path[:-1] if is_folder(path) else path.rsplit("/", 1)[0]
+        while folder and folder not in self.paths:  # a folder already known brings its parents with it
+            self.paths.add(folder)
+            folder = folder.rsplit("/", 1)[0]
+
+    def shadows(self, path: str) -> bool:
+        """Whether ``path`` is a file that a folder of the same path hides."""
+        return not is_folder(path) and path in self.paths

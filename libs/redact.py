@@ -1,0 +1,85 @@
+"""What must never be shown: credentials in URLs and secret-looking fields, and how to hide them.
+
+Shared by every place that shows user input back (rejection reasons, status messages, logs, dead letters) and
+by the CLI, which refuses clear-text secrets before they are published. Pure.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import msgspec
+
+# What stands in for a hidden value.
+HIDDEN = "***"
+
+# Option and field names that hold a secret: the spellings Shoal, Fluid/Alluxio and Hadoop use, and anything
+# named like a password, token or private key. ``aws.accessKeyId`` is an identifier, not a secret.
+SECRET_OPTION_NAMES = frozenset({"aws.secretKey", "aws.secretAccessKey", "fs.s3a.secret.key"})
+_SECRET_NAME = re.compile(r"secret|passw|token|private[-_.]?key|session[-_.]?key", re.IGNORECASE)
+
+# scheme://userinfo@ anywhere in a text. Either a plain userinfo (no '/' before the '@'), or "user:password@"
+# whose password may hold '/', '+' or '@' unescaped, as AWS secret keys do (then up to the token's last '@').
+# A path with an '@' but no ':' before it ("s3://bucket/a@b") is left alone.
+_USERINFO = re.compile(
+    r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)(?:[^/?#@\s\"'<>]*|[^/?#@\s\"'<>:]*:[^\s\"'<>]*)@"
+)
+# A JSON string member whose name looks secret: "name": "value" (escaped quotes inside the value kept whole).
+_SECRET_MEMBER = re.compile(r'("(?P<name>[^"\\]{1,200})"\s*:\s*)"(?:[^"\\]|\\.)*"')
+
+
+def is_secret_name(name: str) -> bool:
+    """True for an option or field name whose value must never travel in clear text."""
+    return name in SECRET_OPTION_NAMES or bool(_SECRET_NAME.search(name))
+
+
+def has_userinfo(url: str) -> bool:
+    """True when the URL carries a user name or password (``s3://user:pass@bucket``, also unescaped)."""
+    return _USERINFO.search(url) is not None
+
+
+# Strict: everything between "://" and the token's last '@' (a secret with '/' and no ':' looks like a path).
+_STRICT_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)[^\s\"'<>]*@")
+
+
+def strip_userinfo(text: str, strict: bool = False) -> str:
+    """``text`` with the user name and password of every URL in it replaced by ``***``.
+
+    Used wherever user input is shown back: ``s3://key:SECRET@bucket/x`` becomes ``s3://***@bucket/x``.
+    ``strict`` also hides whatever precedes an '@' further in (``s3://bucket/a@b`` shows as ``s3://***@b``):
+    for echoing a URL a person gave, where a password with '/' cannot be told from a path.
+    """
+    pattern = _STRICT_USERINFO if strict else _USERINFO
+    return pattern.sub(lambda match: f"{match['scheme']}{HIDDEN}@", text)
+
+
+def redact_value(value: Any) -> Any:
+    """A decoded JSON value with secret-looking members hidden and URL userinfo stripped, at any depth."""
+    if isinstance(value, dict):
+        return {key: HIDDEN if isinstance(key, str) and is_secret_name(key) and item not in ("", None)
+                else redact_value(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [redact_value(item) for item in value]
+    if isinstance(value, str):
+        return strip_userinfo(value)
+    return value
+
+
+def redact_payload(payload: bytes) -> bytes:
+    """A message payload safe to keep: JSON re-encoded through ``redact_value``; anything else (malformed
+    JSON, not UTF-8) has secret-looking ``"name": "value"`` members and URL userinfo masked in its text.
+
+    Only a payload that held something secret changes, so an ordinary dead letter keeps its exact bytes.
+    """
+    try:
+        decoded = msgspec.json.decode(payload)
+    except msgspec.DecodeError:
+        text = payload.decode("utf-8", errors="surrogateescape")
+        masked = _SECRET_MEMBER.sub(
+            lambda match: f'{match[1]}"{HIDDEN}"' if is_secret_name(match["name"]) else match[0], text
+        )
+        masked = strip_userinfo(masked)
+        return payload if masked == text else masked.encode("utf-8", errors="surrogateescape")
+    redacted = redact_value(decoded)
+    return payload if redacted == decoded else msgspec.json.encode(redacted)

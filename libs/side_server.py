@@ -1,0 +1,91 @@
+"""The HTTP side server of every Shoal process: ``/healthz``, ``/readyz`` and ``/metrics`` on its own port.
+
+- ``/healthz`` answers 200 as long as the process's event loop does: "alive", for a liveness probe.
+- ``/readyz`` answers 200 when every readiness check passes and 503 otherwise, with a JSON body naming each
+  check and why it fails (``{"ready": false, "checks": {"nats": "not connected to NATS", "loops": "ok"}}``).
+  Checks are registered by the process's wiring: connected to NATS, its consumers and watches running, and for
+  the agent its mounts healthy.
+- ``/metrics`` is Prometheus text from prometheus-client's global registry, which serves process metrics (CPU,
+  memory, open files) and the GC and platform collectors from the start; other metrics register there too.
+
+The port comes from ``SHOAL_HTTP_PORT`` (0: any free port, logged; ``off``: no side server) on
+``SHOAL_HTTP_HOST``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
+
+# A check answers None when all is well, else the reason a person reads in /readyz.
+Check = Callable[[], str | None]
+
+
+@dataclass
+class Readiness:
+    """Named readiness checks of one process; ready when every one passes (and there is at least one)."""
+
+    checks: dict[str, Check] = field(default_factory=dict)
+
+    def add(self, name: str, check: Check) -> None:
+        self.checks[name] = check
+
+    def report(self) -> tuple[bool, dict[str, str]]:
+        results: dict[str, str] = {}
+        for name, check in self.checks.items():
+            try:
+                problem = check()
+            except Exception as err:  # a broken check must not take the endpoint down
+                problem = f"check failed: {type(err).__name__}: {err}"
+            results[name] = problem or "ok"
+        return bool(results) and all(value == "ok" for value in results.values()), results
+
+
+class SideServer:
+    """One aiohttp server on ``host:port`` (port 0: a free one, see ``port`` once started)."""
+
+    def __init__(self, readiness: Readiness, host: str, port: int,
+                 registry: CollectorRegistry = REGISTRY) -> None:
+        self.readiness = readiness
+        self.host = host
+        self.requested_port = port
+        self.port = 0
+        self.registry = registry
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> int:
+        app = web.Application()
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        app.router.add_get("/metrics", self._metrics)
+        # No access log: probes every few seconds would drown the process's own log lines.
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.requested_port)
+        await site.start()
+        server = site._server
+        sockets = getattr(server, "sockets", None) or []
+        self.port = int(sockets[0].getsockname()[1]) if sockets else self.requested_port
+        return self.port
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def _readyz(self, request: web.Request) -> web.Response:
+        ready, checks = self.readiness.report()
+        body = json.dumps({"ready": ready, "checks": checks}, indent=2) + "\n"
+        return web.Response(text=body, status=200 if ready else 503, content_type="application/json")
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        response = web.Response(body=generate_latest(self.registry))
+        response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+        return response

@@ -1,0 +1,83 @@
+"""What a mount process tells its agent about its health: a small JSON file it rewrites whenever that changes.
+
+The agent names the file (``--status-file``, in a folder of its own) and reads it on every heartbeat; the mount
+process writes it atomically (a temporary file, then ``os.replace``) at start and whenever its cache tiers'
+health changes. A file, not a NATS subject: the health never leaves the node, and a reader sees the mount's
+last word even while the mount restarts (the agent removes the file before each start, so a stale "down" from
+an earlier process is never reported). Crash loops are seen by the agent's own supervisor, not reported here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import msgspec
+
+from services.agent.cache.store import CacheStats
+
+
+class MountStatus(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
+    pid: int
+    # Cache directories (disk tiers) that went down after repeated I/O errors; reads bypass them to the store.
+    down: list[str] = []
+    # Bytes of cache the mount can use: the quotas of its tiers that are not down.
+    capacity_bytes: int = 0
+
+
+def status_of(stats: CacheStats, pid: int) -> MountStatus:
+    down = [tier.location for tier in stats.tiers if tier.health == "down"]
+    capacity = sum(tier.quota_bytes for tier in stats.tiers if tier.health != "down")
+    return MountStatus(pid=pid, down=down, capacity_bytes=capacity)
+
+
+def problems_of(dataset: str, status: MountStatus) -> list[str]:
+    return [f"mount {dataset}: cache directory {location} is down" for location in status.down]
+
+
+def write_status(path: str, status: MountStatus) -> None:
+    temporary = f"{path}.{os.getpid()}.tmp"
+    Path(temporary).write_bytes(msgspec.json.encode(status))
+    os.replace(temporary, path)
+
+
+def read_status(path: str) -> MountStatus | None:
+    """The mount's last status, or None when it wrote none (yet) or the file cannot be read."""
+    try:
+        return msgspec.json.decode(Path(path).read_bytes(), type=MountStatus)
+    except (OSError, msgspec.DecodeError, msgspec.ValidationError):
+        return None
+
+
+class StatusReporter:
+    """A mount process's loop: writes its status at start and whenever it changes (looked at every second)."""
+
+    # A tier goes down after three failed operations, which readers cause within moments; a second is soon
+    # enough for a heartbeat every two.
+    INTERVAL_SECONDS = 1.0
+
+    def __init__(self, path: str, stats: Callable[[], CacheStats]) -> None:
+        self.path = path
+        self.stats = stats
+        self._stopping = asyncio.Event()
+
+    async def run(self) -> None:
+        last: MountStatus | None = None
+        while not self._stopping.is_set():
+            status = status_of(self.stats(), os.getpid())
+            if status != last and self.path:
+                await asyncio.to_thread(write_status, self.path, status)
+                last = status
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), timeout=self.INTERVAL_SECONDS)
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+
+def remove_status(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)

@@ -1,0 +1,119 @@
+"""The agent's health is real: a mount process that keeps failing and a cache directory that goes down make its
+heartbeats unhealthy (with the reason), its readiness fail, and the runtime name the node; on real nats-server,
+SeaweedFS and FUSE mounts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+from pathlib import Path
+
+import aiohttp
+
+from libs import subjects
+from libs.bus import Bus, kv_load
+from libs.config import Settings
+from libs.embedded import LOOPBACK
+from libs.events.agent import AgentHeartbeat, AgentRecord
+from libs.events.runtime import RuntimeRecord
+from libs.side_server import Readiness
+from tests.conftest import SeaweedServer, put_objects
+from tests.helpers import eventually, runtime_record
+from tests.integration.agent_stack import NODE, Node, node_stack, read_file, run_tool
+from tests.integration.test_agent_cache import drop_page_cache, mount_pids
+
+MiB = 1024 * 1024
+
+
+async def listening_port(pids: list[int]) -> int | None:
+    """The TCP port a mount process listens on (its side server), from ss(8)."""
+    result = await run_tool("ss", "-ltnpH")
+    for line in result.stdout.splitlines():
+        if any(f"pid={pid}," in line for pid in pids):
+            return int(line.split()[3].rsplit(":", 1)[1])
+    return None
+
+
+async def last_beat(bus: Bus) -> AgentHeartbeat | None:
+    record, _ = await kv_load(await bus.kv(subjects.KV_AGENTS), NODE, AgentRecord)
+    return record.heartbeat if record is not None else None
+
+
+async def unhealthy_with(node: Node, text: str) -> AgentHeartbeat | None:
+    beat = await last_beat(node.bus)
+    return beat if beat is not None and not beat.healthy and any(text in p for p in beat.problems) else None
+
+
+async def runtime_naming_the_node(node: Node, name: str, text: str) -> RuntimeRecord | None:
+    record = await runtime_record(node.bus, name)
+    if record is None or record.status.phase != "PartialReady":
+        return None
+    return record if f"{NODE} unhealthy" in record.status.message and text in record.status.message else None
+
+
+async def test_a_mount_process_that_keeps_failing_makes_the_agent_unhealthy(
+        bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path) -> None:
+    await put_objects(seaweedfs, bucket, {"a.bin": b"a" * 1000})
+    readiness = Readiness()
+    # Mount processes refuse their settings and exit at once, every time; the agent itself is fine.
+    async with node_stack(bus, settings, seaweedfs, tmp_path, mount_env={"SHOAL_CACHE_POLICY": "bogus"},
+                          readiness=readiness) as node:
+        await eventually(lambda: last_beat(bus), what="a first heartbeat")
+        beat = await last_beat(bus)
+        assert beat is not None and beat.healthy and beat.problems == []
+        await node.apply("broken", bucket)
+
+        beat = await eventually(lambda: unhealthy_with(node, "mount default/broken keeps failing"), 30,
+                                "an unhealthy heartbeat naming the failing mount")
+        assert "exit code 2" in beat.problems[0]
+        ready, checks = readiness.report()
+        assert not ready and "keeps failing" in checks["mounts"], checks
+        record = await eventually(lambda: runtime_naming_the_node(node, "broken", "keeps failing"), 15,
+                                  "the runtime naming the unhealthy node")
+        assert record.status.ready_nodes == [] and record.status.worker_number_ready == 0
+
+
+async def test_a_cache_directory_that_goes_down_makes_the_agent_unhealthy_and_reads_still_work(
+        bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path) -> None:
+    objects = {f"b{i}.bin": os.urandom(2 * MiB) for i in range(4)}
+    await put_objects(seaweedfs, bucket, objects)
+    readiness = Readiness()
+    async with node_stack(bus, settings, seaweedfs, tmp_path, readiness=readiness) as node:
+        await node.apply("sick", bucket)
+        root = await node.wait_mounted("sick", expect="b3.bin")
+        assert await read_file(root / "b0.bin") == objects["b0.bin"]
+
+        async def healthy_with_capacity() -> AgentHeartbeat | None:
+            beat = await last_beat(bus)
+            return beat if beat is not None and beat.healthy and beat.capacity_bytes == 256 * MiB else None
+
+        await eventually(healthy_with_capacity, 15, "a healthy heartbeat with the mount's cache capacity")
+        assert readiness.report()[0], readiness.report()
+
+        # The disk under the cache goes away: its folder is replaced by a file, so every cache I/O fails.
+        dataset_cache = node.cache_dir / "default" / "sick"
+        await asyncio.to_thread(shutil.rmtree, dataset_cache)
+        dataset_cache.write_bytes(b"not a directory")
+        await asyncio.to_thread(drop_page_cache)
+        for key, body in objects.items():  # reads bypass the broken directory
+            assert await read_file(root / key) == body
+
+        beat = await eventually(lambda: unhealthy_with(node, f"cache directory {dataset_cache} is down"), 15,
+                                "an unhealthy heartbeat naming the cache directory")
+        assert beat.capacity_bytes == 0  # its only tier is down
+        ready, checks = readiness.report()
+        assert not ready and str(dataset_cache) in checks["mounts"], checks
+        await eventually(lambda: runtime_naming_the_node(node, "sick", str(dataset_cache)), 15,
+                         "the runtime naming the unhealthy node")
+        # The mount process's own side server says so too.
+        port = await eventually(lambda: listening_port(mount_pids(root)), 15, "the mount process's side server")
+        async with (aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session,
+                    session.get(f"http://{LOOPBACK}:{port}/readyz") as response):
+            body = await response.json()
+            assert response.status == 503 and str(dataset_cache) in body["checks"]["cache"], body
+            assert body["checks"]["nats"] == body["checks"]["fuse"] == body["checks"]["loops"] == "ok", body
+        # The dataset stays Bound and mounted: reads still work through the object store.
+        assert (await node.record("sick")).status.phase == "Bound"
+        assert await read_file(root / "b1.bin") == objects["b1.bin"]

@@ -1,0 +1,99 @@
+"""Every process's side server, on real processes: ``/healthz``, ``/readyz`` and ``/metrics`` of the dataset,
+runtime and agent services started as ``python -m services.<name>`` on a real nats-server, and readiness that
+follows the NATS connection (false while nats-server is stopped, true again once it is back).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from libs.config import Settings
+from libs.embedded import LOOPBACK, ServerProcess, free_port, spawn, start_nats
+from tests.conftest import NatsServer, SeaweedServer
+from tests.helpers import eventually
+
+SERVICES = ("dataset", "runtime", "agent")
+
+
+@pytest.fixture
+def services(nats_server: NatsServer, seaweedfs: SeaweedServer, tmp_path: Path) -> Iterator[dict[str, int]]:
+    """The three services as child processes, each with its side server on its own port: name → port."""
+    started: list[ServerProcess] = []
+    ports: dict[str, int] = {}
+    try:
+        for name in SERVICES:
+            ports[name] = free_port()
+            env = {**os.environ, "NATS_URL": nats_server.url, "SHOAL_S3_ENDPOINT": seaweedfs.endpoint,
+                   "SHOAL_HTTP_PORT": str(ports[name]), "SHOAL_LOG_FORMAT": "json",
+                   "SHOAL_MOUNT_ROOT": str(tmp_path / "mnt"), "SHOAL_NODE_NAME": "side-node"}
+            started.append(spawn(name, [sys.executable, "-m", f"services.{name}"], tmp_path / f"{name}.log", env=env))
+        yield ports
+    finally:
+        for process in started:
+            process.stop()
+
+
+async def get(session: aiohttp.ClientSession, port: int, path: str) -> tuple[int, str]:
+    try:
+        async with session.get(f"http://{LOOPBACK}:{port}{path}") as response:
+            return response.status, await response.text()
+    except aiohttp.ClientConnectionError:
+        return 0, ""
+
+
+@pytest.mark.timeout(120)
+async def test_side_servers_answer_health_readiness_and_metrics_and_readiness_follows_nats(
+        services: dict[str, int], nats_server: NatsServer, tmp_path: Path) -> None:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+        async def all_ready() -> bool:
+            return all([(await get(session, port, "/readyz"))[0] == 200 for port in services.values()])
+
+        await eventually(all_ready, 60, "every service ready")
+        for name, port in services.items():
+            assert await get(session, port, "/healthz") == (200, "ok\n")
+            status, body = await get(session, port, "/readyz")
+            checks = json.loads(body)["checks"]
+            assert status == 200 and set(checks.values()) == {"ok"}, (name, checks)
+            assert {"nats", "loops"} <= set(checks), (name, checks)
+            status, metrics = await get(session, port, "/metrics")
+            assert status == 200
+            assert "process_resident_memory_bytes" in metrics and "process_cpu_seconds_total" in metrics
+        agent_checks = json.loads((await get(session, services["agent"], "/readyz"))[1])["checks"]
+        assert {"mounts", "watches"} <= set(agent_checks)
+
+        nats_server.process.stop()  # NATS goes away: alive still, but no longer ready
+
+        async def none_ready() -> bool:
+            return all([(await get(session, port, "/readyz"))[0] == 503 for port in services.values()])
+
+        await eventually(none_ready, 30, "every service not ready without NATS")
+        for port in services.values():
+            assert await get(session, port, "/healthz") == (200, "ok\n")
+            assert json.loads((await get(session, port, "/readyz"))[1])["checks"]["nats"] == "not connected to NATS"
+
+        restarted = start_nats(nats_server.config, tmp_path / "nats-again.log")
+        try:
+            await eventually(all_ready, 60, "every service ready again once NATS is back")
+        finally:
+            restarted.stop()
+
+
+def test_the_side_server_port_setting_takes_a_port_zero_or_off() -> None:
+    from libs.config import SettingsError, load_settings
+
+    assert load_settings({"SHOAL_HTTP_PORT": "9464"}).service.http_port == 9464
+    assert load_settings({"SHOAL_HTTP_PORT": "0"}).service.http_port == 0
+    assert load_settings({"SHOAL_HTTP_PORT": "off"}).service.http_port is None
+    assert load_settings({}).service.http_port == 0
+    with pytest.raises(SettingsError, match="SHOAL_HTTP_PORT"):
+        load_settings({"SHOAL_HTTP_PORT": "70000"})
+    assert isinstance(Settings().service.http_host, str)
+
+

@@ -1,0 +1,173 @@
+"""What must never be shown or touched, as pure rules (libs.redact, libs.hostpaths), and the pieces that apply
+them to real files: the local store's served modes, a disk tier's ownership marker, the FUSE attributes."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pyfuse3
+import pytest
+
+from libs.blocks import BlockId
+from libs.events.common import ObjectMeta
+from libs.events.runtime import Level, Runtime, RuntimeSpec, TieredStore
+from libs.hostpaths import cache_path_error, local_root_error, real_local_root_error
+from libs.manifest import ManifestEntry
+from libs.redact import redact_payload, strip_userinfo
+from libs.ufs.base import LocalLocation
+from libs.ufs.local import LocalObjectStore
+from services.agent.cache.tiers import MARKER, DiskTier, Health
+from services.agent.fs import NOBODY, DatasetFS
+from services.agent.namespace import InodeAllocator, Namespace
+from services.runtime.domain import validate_runtime
+
+SECRET = "s3cr3t-VALUE/with+chars"
+
+
+# --- libs.redact ---
+
+
+@pytest.mark.parametrize(("text", "shown"), [
+    (f"s3://AKIA:{SECRET}@bucket/x", "s3://***@bucket/x"),
+    (f"cannot reach http://admin:{SECRET}@127.0.0.1:9000: refused", "cannot reach http://***@127.0.0.1:9000: refused"),
+    ("https://user@host/path", "https://***@host/path"),
+    ("s3://bucket/a@b", "s3://bucket/a@b"),  # '@' in a path is not userinfo
+    ("no url here, a@b.c", "no url here, a@b.c"),
+])
+def test_strip_userinfo(text: str, shown: str) -> None:
+    assert strip_userinfo(text) == shown
+
+
+def test_redact_payload_masks_secret_fields_at_any_depth_and_keeps_the_rest() -> None:
+    payload = json.dumps({"type": "dataset.apply.v1", "dataset": {"spec": {
+        "sharedOptions": {"aws.secretKey": SECRET, "region": "eu"},
+        "mounts": [{"mountPoint": f"s3://k:{SECRET}@b/", "options": {"fs.s3a.secret.key": SECRET,
+                                                                    "password": SECRET, "endpoint": "http://x"}}]}}})
+    redacted = json.loads(redact_payload(payload.encode()))
+    spec = redacted["dataset"]["spec"]
+    assert spec["sharedOptions"] == {"aws.secretKey": "***", "region": "eu"}
+    assert spec["mounts"][0]["mountPoint"] == "s3://***@b/"
+    assert spec["mounts"][0]["options"] == {"fs.s3a.secret.key": "***", "password": "***", "endpoint": "http://x"}
+    assert SECRET not in redact_payload(payload.encode()).decode()
+
+
+def test_redact_payload_leaves_ordinary_payloads_byte_for_byte() -> None:
+    for payload in (b'{"type":  "x", "id": 1}', b"not json at all \xff", b'{"a": "b"'):
+        assert redact_payload(payload) is payload
+
+
+def test_redact_payload_masks_malformed_json_by_pattern() -> None:
+    payload = b'{"spec": {"options": {"aws.secretKey": "' + SECRET.encode() + b'", "x": "s3://u:p@b"'
+    redacted = redact_payload(payload)
+    assert SECRET.encode() not in redacted and b":p@" not in redacted
+    assert redacted == b'{"spec": {"options": {"aws.secretKey": "***", "x": "s3://***@b"'
+
+
+# --- libs.hostpaths ---
+
+
+@pytest.mark.parametrize("path", ["/", "/etc", "/var", "/home", "/usr", "/tmp", "/etc/shoal", "/proc/1", "/sys/x",
+                                  "/dev/shm", "/boot/cache", "/usr/local/cache", "//", "/var/../etc"])
+def test_system_paths_hold_no_cache(path: str) -> None:
+    assert cache_path_error(path) is not None
+
+
+@pytest.mark.parametrize("path", ["/var/cache/shoal", "/mnt/nvme0/cache", "/home/ml/cache", "/tmp/x", "/data"])
+def test_paths_of_their_own_may_hold_a_cache(path: str) -> None:
+    assert cache_path_error(path) is None
+
+
+def test_local_roots_follow_links(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    (root / "data").mkdir(parents=True)
+    (root / "out").symlink_to("/etc")
+    assert local_root_error(str(root / "data"), [str(root)]) is None
+    assert real_local_root_error(str(root / "data"), [str(root)]) is None
+    assert local_root_error(str(root / "out"), [str(root)]) is None  # lexically inside
+    assert "leads to '/etc'" in (real_local_root_error(str(root / "out"), [str(root)]) or "")
+    assert local_root_error(str(tmp_path / "rootless"), [str(root)]) is not None
+
+
+# --- runtime validation ---
+
+
+def runtime_with(level: Level) -> Runtime:
+    return Runtime(metadata=ObjectMeta(name="rt"), spec=RuntimeSpec(tieredstore=TieredStore(levels=[level])))
+
+
+@pytest.mark.parametrize("quota", ["1000000000000000000000000000000", "2Pi", "1Ei", 10**30])
+def test_tier_quota_has_an_upper_bound(quota: str | int) -> None:
+    [error] = validate_runtime(runtime_with(Level(mediumtype="MEM", quota=quota)))
+    assert "is more than 1Pi" in error
+
+
+def test_tier_path_on_a_system_folder_is_rejected() -> None:
+    [error] = validate_runtime(runtime_with(Level(mediumtype="SSD", quota="1Gi", path="/mnt/ok,/")))
+    assert error == ("spec.tieredstore.levels[0].path '/' is a system folder; give a folder of its own, "
+                     "e.g. /var/cache/shoal")
+
+
+# --- real files: served modes, the tier marker ---
+
+
+async def test_local_listing_serves_modes_narrowed_by_folders(tmp_path: Path) -> None:
+    (tmp_path / "open").mkdir()
+    (tmp_path / "closed").mkdir()
+    for folder, name, mode in (("open", "a", 0o644), ("open", "b", 0o600), ("closed", "c", 0o644),
+                               ("closed", "d", 0o755)):
+        path = tmp_path / folder / name
+        path.write_text(name)
+        path.chmod(mode)
+    (tmp_path / "closed").chmod(0o700)
+    tmp_path.chmod(0o755)
+    store = LocalObjectStore(LocalLocation(root=tmp_path))
+    modes = {info.key: (info.mode, info.uid) async for info in store.list()}
+    assert modes == {"open/a": (0o644, os.getuid()), "open/b": (0o600, os.getuid()),
+                     "closed/c": (0o600, os.getuid()), "closed/d": (0o700, os.getuid())}
+
+
+def test_a_tier_directory_with_foreign_files_is_refused_and_left_alone(tmp_path: Path) -> None:
+    foreign = tmp_path / "repo"
+    (foreign / "ab").mkdir(parents=True)
+    (foreign / "ab" / ("cd" * 16)).write_bytes(b"not a block")  # looks like a block name
+    tier = DiskTier(foreign, 1 << 20)
+    assert tier.scan() == []
+    assert (foreign / "ab" / ("cd" * 16)).read_bytes() == b"not a block"
+    assert tier.refused and "has no .shoal-cache-tier" in tier.refused
+    assert tier.health is Health.DOWN and not tier.available()
+    assert tier.write(BlockId(mount=0, key="k", etag="e", index=0), b"data") is False
+    assert not (foreign / MARKER).exists() and sorted(p.name for p in foreign.rglob("*")) == ["ab", "cd" * 16]
+
+
+def test_a_new_tier_directory_is_marked_and_then_cleaned_as_shoals(tmp_path: Path) -> None:
+    tier = DiskTier(tmp_path / "new", 1 << 20)
+    assert tier.scan() == [] and (tmp_path / "new" / MARKER).exists()
+    garbage = tmp_path / "new" / "ab" / ("cd" * 16)
+    garbage.parent.mkdir()
+    garbage.write_bytes(b"garbled")
+    again = DiskTier(tmp_path / "new", 1 << 20)
+    assert again.scan() == [] and not garbage.exists() and not again.refused
+
+
+# --- FUSE attributes: no value can make a handler raise ---
+
+
+@pytest.mark.parametrize(("uid", "gid", "mtime", "size"), [
+    (2**32, 2**40, 0.0, 1), (-1, -5, float("nan"), 0), (None, None, float("inf"), 2**70), (7, 8, -1e300, 3),
+])
+async def test_attributes_never_raise(uid: int | None, gid: int | None, mtime: float, size: int) -> None:
+    entry = ManifestEntry(path="/f", mount=0, key="f", size=size, etag="e", mtime=mtime, mode=0o640, uid=2**33,
+                          gid=5)
+    namespace = Namespace.build([entry], InodeAllocator())
+    fs = DatasetFS(namespace, reader=None, uid=uid, gid=gid, block_size=4096)  # type: ignore[arg-type]
+    node = namespace.lookup(1, "f")
+    assert node is not None
+    attrs = await fs.getattr(node.inode)
+    assert attrs.st_uid == (uid if uid is not None and 0 <= uid < 2**32 - 1 else NOBODY)
+    assert attrs.st_gid == (gid if gid is not None and 0 <= gid < 2**32 - 1 else NOBODY if gid is not None else 5)
+    assert attrs.st_mode & 0o777 == 0o440
+    assert 0 <= attrs.st_size < 2**63
+    root = await fs.getattr(1)
+    assert isinstance(root, pyfuse3.EntryAttributes)
