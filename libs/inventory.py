@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 
 import msgspec
 
-from libs.events.agent import CacheCounters, Inventory, InventoryDelta, InventorySnapshot
+from libs.events.agent import CacheCounters, Inventory, InventoryDelta, InventorySnapshot, ungroup
 
 
 class Assembly(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
@@ -91,7 +91,7 @@ def _snapshot_part(node: NodeInventory | None, part: InventorySnapshot, track_bl
         return same  # a part of an older snapshot, already superseded
     else:
         assembly = Assembly(start=start, parts=part.parts)
-    blocks = {**assembly.blocks, **{b.block: b.size for b in part.blocks}} if track_blocks else {}
+    blocks = {**assembly.blocks, **{b.block: b.size for b in part.cached_blocks()}} if track_blocks else {}
     assembly = Assembly(start=assembly.start, parts=assembly.parts, received=assembly.received | {part.part},
                         blocks=blocks)
     # Position and totals follow the newest event (parts may arrive out of order).
@@ -111,8 +111,8 @@ def _delta(node: NodeInventory | None, delta: InventoryDelta, track_blocks: bool
                and node.assembly is None)
     blocks = node.blocks if node is not None else {}
     if track_blocks and (delta.cached or delta.evicted):
-        blocks = {**blocks, **{b.block: b.size for b in delta.cached}}
-        for evicted in delta.evicted:
+        blocks = {**blocks, **{b.block: b.size for b in ungroup(delta.cached)}}
+        for evicted in ungroup(delta.evicted):
             blocks.pop(evicted.block, None)
     exact = follows and node is not None and node.exact
     # After a gap the blocks are a best guess (deltas still apply) until the snapshot asked for arrives; a

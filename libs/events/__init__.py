@@ -10,7 +10,14 @@ from typing import Any
 
 import msgspec
 
-from libs.events.agent import AgentHeartbeat, InventoryDelta, InventoryRequest, InventorySnapshot
+from libs.events.agent import (
+    AgentHeartbeat,
+    InventoryDelta,
+    InventoryDeltaV1,
+    InventoryRequest,
+    InventorySnapshot,
+    InventorySnapshotV1,
+)
 from libs.events.dataset import (
     DatasetAccepted,
     DatasetApply,
@@ -47,6 +54,8 @@ PUBLIC_EVENTS: tuple[type[Any], ...] = (
     AgentHeartbeat,
     InventorySnapshot,
     InventoryDelta,
+    InventorySnapshotV1,
+    InventoryDeltaV1,
     InventoryRequest,
     DeadLetter,
 )

@@ -3,9 +3,16 @@
 Inventory per (node, dataset) is a numbered stream: a snapshot (possibly in several parts) starts it, deltas
 follow with consecutive ``seq``; a consumer that sees a gap, or a new ``incarnation`` (the mount process
 restarted), asks for a snapshot with ``InventoryRequest``.
+
+Version 2 of the inventory events (``.v2``) groups blocks by object: the key and ETag are written once per object
+(``CachedFile``), not once per block, because keys reach 1 KiB and a snapshot must stay under NATS's payload limit.
+Version 1 payloads (one ``[mount, key, etag, index]`` per block) still decode; ``upgrade`` turns them into v2.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Literal
 
 import msgspec
 import xxhash
@@ -35,6 +42,31 @@ class CachedBlock(msgspec.Struct, frozen=True, array_like=True):
     size: int
 
 
+class CachedFile(msgspec.Struct, frozen=True, array_like=True):
+    """Cached blocks of one object version: ``[mount, key, etag, [[index, size], ...]]``."""
+
+    mount: int
+    key: str
+    etag: str
+    blocks: list[tuple[int, int]]
+
+    def cached_blocks(self) -> Iterator[CachedBlock]:
+        for index, size in self.blocks:
+            yield CachedBlock(block=BlockId(self.mount, self.key, self.etag, index), size=size)
+
+
+def group_blocks(blocks: Iterable[tuple[BlockId, int]]) -> list[CachedFile]:
+    """Blocks grouped per object version, in (mount, key, etag) order and block order within an object."""
+    grouped: dict[tuple[int, str, str], list[tuple[int, int]]] = {}
+    for block, size in blocks:
+        grouped.setdefault((block.mount, block.key, block.etag), []).append((block.index, size))
+    return [CachedFile(mount, key, etag, sorted(entries)) for (mount, key, etag), entries in sorted(grouped.items())]
+
+
+def ungroup(files: Iterable[CachedFile]) -> list[CachedBlock]:
+    return [block for file in files for block in file.cached_blocks()]
+
+
 class CacheCounters(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     """Totals of one (node, dataset) cache at the time of the event."""
 
@@ -45,7 +77,35 @@ class CacheCounters(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     miss_bytes: int = 0
 
 
-class InventorySnapshot(Event, frozen=True, kw_only=True, tag="agent.inventory.snapshot.v1", rename="camel"):
+class InventorySnapshot(Event, frozen=True, kw_only=True, tag="agent.inventory.snapshot.v2", rename="camel"):
+    """One part of a full snapshot; parts are cut by encoded size and carry consecutive ``seq``."""
+
+    node: str
+    dataset: ObjectRef
+    incarnation: str
+    seq: int
+    part: int = 1
+    parts: int = 1
+    files: list[CachedFile] = []
+    counters: CacheCounters = CacheCounters()
+
+    def cached_blocks(self) -> list[CachedBlock]:
+        return ungroup(self.files)
+
+
+class InventoryDelta(Event, frozen=True, kw_only=True, tag="agent.inventory.delta.v2", rename="camel"):
+    node: str
+    dataset: ObjectRef
+    incarnation: str
+    seq: int
+    cached: list[CachedFile] = []
+    evicted: list[CachedFile] = []
+    counters: CacheCounters = CacheCounters()
+
+
+class InventorySnapshotV1(Event, frozen=True, kw_only=True, tag="agent.inventory.snapshot.v1", rename="camel"):
+    """Superseded by ``InventorySnapshot`` (v2); still decoded, see ``upgrade``."""
+
     node: str
     dataset: ObjectRef
     incarnation: str
@@ -56,7 +116,9 @@ class InventorySnapshot(Event, frozen=True, kw_only=True, tag="agent.inventory.s
     counters: CacheCounters = CacheCounters()
 
 
-class InventoryDelta(Event, frozen=True, kw_only=True, tag="agent.inventory.delta.v1", rename="camel"):
+class InventoryDeltaV1(Event, frozen=True, kw_only=True, tag="agent.inventory.delta.v1", rename="camel"):
+    """Superseded by ``InventoryDelta`` (v2); still decoded, see ``upgrade``."""
+
     node: str
     dataset: ObjectRef
     incarnation: str
@@ -66,7 +128,26 @@ class InventoryDelta(Event, frozen=True, kw_only=True, tag="agent.inventory.delt
     counters: CacheCounters = CacheCounters()
 
 
+# What consumers fold (the current version), and what they decode (every version still accepted).
 Inventory = InventorySnapshot | InventoryDelta
+AnyInventory = InventorySnapshot | InventoryDelta | InventorySnapshotV1 | InventoryDeltaV1
+
+
+def upgrade(event: AnyInventory) -> Inventory:
+    """A v1 inventory event as its v2 equivalent (same id, position and counters); v2 events unchanged."""
+    if isinstance(event, InventorySnapshotV1):
+        return InventorySnapshot(
+            id=event.id, node=event.node, dataset=event.dataset, incarnation=event.incarnation, seq=event.seq,
+            part=event.part, parts=event.parts, counters=event.counters,
+            files=group_blocks((b.block, b.size) for b in event.blocks),
+        )
+    if isinstance(event, InventoryDeltaV1):
+        return InventoryDelta(
+            id=event.id, node=event.node, dataset=event.dataset, incarnation=event.incarnation, seq=event.seq,
+            counters=event.counters, cached=group_blocks((b.block, b.size) for b in event.cached),
+            evicted=group_blocks((b.block, b.size) for b in event.evicted),
+        )
+    return event
 
 
 class InventoryRequest(Event, frozen=True, kw_only=True, tag="agent.inventory.request.v1", rename="camel"):
@@ -74,6 +155,17 @@ class InventoryRequest(Event, frozen=True, kw_only=True, tag="agent.inventory.re
 
     node: str = ""
     dataset: ObjectRef | None = None
+
+
+MountState = Literal["Starting", "Serving", "Failing"]
+
+
+class MountReport(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omit_defaults=True):
+    """How the mount of one dataset is doing on the node: Serving, Starting, or Failing (exited, restarting)."""
+
+    dataset: ObjectRef
+    state: MountState
+    message: str = ""
 
 
 class AgentHeartbeat(Event, frozen=True, kw_only=True, tag="agent.heartbeat.v1", rename="camel"):
@@ -88,6 +180,8 @@ class AgentHeartbeat(Event, frozen=True, kw_only=True, tag="agent.heartbeat.v1",
     # Bytes of cache this node's mounts can use: the quotas of their tiers that are not down.
     capacity_bytes: int = 0
     problems: list[str] = []
+    # The mounts this node should serve and how each is doing; a mount that is not serving shows in status.
+    mounts: list[MountReport] = []
 
 
 class AgentRecord(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):

@@ -16,7 +16,14 @@ import msgspec
 
 from libs import subjects
 from libs.events import PUBLIC_EVENTS, type_tag
-from libs.events.agent import AgentHeartbeat, InventoryDelta, InventoryRequest, InventorySnapshot
+from libs.events.agent import (
+    AgentHeartbeat,
+    InventoryDelta,
+    InventoryDeltaV1,
+    InventoryRequest,
+    InventorySnapshot,
+    InventorySnapshotV1,
+)
 from libs.events.dataset import (
     DatasetAccepted,
     DatasetApply,
@@ -56,6 +63,8 @@ SUBJECTS: dict[type[Any], str] = {
     AgentHeartbeat: subjects.AGENT_HEARTBEATS,
     InventorySnapshot: subjects.AGENT_INVENTORY,
     InventoryDelta: subjects.AGENT_INVENTORY,
+    InventorySnapshotV1: subjects.AGENT_INVENTORY,
+    InventoryDeltaV1: subjects.AGENT_INVENTORY,
     InventoryRequest: subjects.INVENTORY_REQUEST,
     DeadLetter: subjects.ALL_DEAD_LETTERS,
 }

@@ -6,14 +6,18 @@
 | timer | every SHOAL_HEARTBEAT_SECONDS | publish agent.heartbeat.v1 on shoal.agent.heartbeat.<node> |
 
 Mount processes are supervised by ``libs.supervisor`` (the same supervisor ``shoal up`` uses): one that dies is
-restarted with backoff (reset after a minute of stable running) after its stale mount (ENOTCONN) is removed; on
-stop every mount process gets SIGTERM, and any mount left behind is removed with ``fusermount3 -u -z``. A deleted
-dataset is unmounted at once; one that merely stops being Bound (its runtime briefly NotReady, e.g. while this agent
-restarts) keeps its mount for a grace period, so readers are not cut off by a blip.
+restarted with backoff (reset after a minute of stable running). Its stale mount (ENOTCONN) stays until the new
+process has loaded everything and moves its mount in beneath it (``services.agent.handover``), so readers get an
+error, never an empty folder. On stop every mount process gets SIGTERM, any mount left behind is removed with
+``fusermount3 -u -z``, and the bare mount point is removed. A deleted dataset is unmounted at once (its mount process
+deletes its cached blocks; the agent deletes those a dead one left); one that merely stops being Bound (its runtime
+briefly NotReady, e.g. while this agent restarts) keeps its mount for a grace period, so readers are not cut off
+by a blip.
 
 Health, in every heartbeat and in ``/readyz``: the agent is unhealthy while a mount process keeps failing (the
 supervisor counts its exits) or a mount's cache directory is down (each mount process reports its tiers' health
-in a status file, ``services.agent.mountstatus``). ``capacityBytes`` is the cache its mounts can use.
+in a status file, ``services.agent.mountstatus``). ``capacityBytes`` is the cache its mounts can use. Heartbeats
+also say how each mount is doing (Serving, Starting, Failing), which runtime and dataset show as ``Mounted``.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from pathlib import Path
 from libs import subjects
 from libs.bus import Bus, KvMirror, connect
 from libs.config import Settings
-from libs.events.agent import AgentHeartbeat
+from libs.events.agent import AgentHeartbeat, MountReport
 from libs.events.common import ObjectRef
 from libs.events.dataset import DatasetRecord
 from libs.events.runtime import RuntimeRecord
@@ -40,7 +44,9 @@ from libs.side_server import Readiness
 from libs.supervisor import Supervisor
 from libs.telemetry import get_logger
 from services.agent import domain
-from services.agent.mountinfo import is_mounted
+from services.agent.cache import BlockCache
+from services.agent.handover import remove_mountpoint
+from services.agent.mountinfo import device_of, is_mounted
 from services.agent.mountstatus import problems_of, read_status, remove_status
 
 SERVICE_NAME = "shoal-agent"
@@ -77,6 +83,9 @@ class MountWorker:
     status_file: str = ""
     process: Process | None = None
     unwanted_since: float | None = None
+    exit_code: int | None = None
+    # The dead mount a crashed process left (kept until its replacement moves in beneath it).
+    stale_device: str | None = None
 
     @property
     def key(self) -> str:
@@ -128,6 +137,8 @@ class NodeAgent:
             if not exists or now - unwanted.unwanted_since >= UNBOUND_GRACE_SECONDS:
                 self.supervisor.remove(unwanted.key)
                 await self._stop_worker(self.workers.pop(ref))
+            if not exists:
+                await self._free_cache(*ref)
         for namespace, name in sorted(wanted):
             worker = self.workers.get((namespace, name))
             if worker is None:
@@ -143,6 +154,8 @@ class NodeAgent:
             for worker in self.workers.values():
                 if worker.key == exited.child.name:
                     worker.process = None
+                    # Its dead mount stays (ENOTCONN) until the replacement moves in beneath it.
+                    worker.exit_code, worker.stale_device = exited.code, device_of(worker.path)
         by_key = {worker.key: worker for ref, worker in self.workers.items() if ref in wanted}
         for child in due:
             if child.name in by_key:
@@ -173,8 +186,6 @@ class NodeAgent:
         return env
 
     async def _start_worker(self, worker: MountWorker) -> None:
-        await force_unmount(worker.path)
-        await asyncio.to_thread(Path(worker.path).mkdir, parents=True, exist_ok=True)
         remove_status(worker.status_file)  # a "down" reported by the process before must not outlive it
         worker.process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "services.agent.mountd", "--namespace", worker.namespace, "--name", worker.name,
@@ -194,7 +205,45 @@ class NodeAgent:
                 process.kill()
                 await process.wait()
         await force_unmount(worker.path)
+        await asyncio.to_thread(remove_mountpoint, worker.path)
         log.info("mount stopped", dataset=f"{worker.namespace}/{worker.name}")
+
+    async def _free_cache(self, namespace: str, name: str) -> None:
+        """Delete the blocks of a deleted dataset that its mount process (down, or never told) left on disk."""
+        runtime = self.runtimes.values.get(subjects.resource_key(namespace, name))
+        if runtime is None:
+            return
+        levels = runtime.runtime.spec.tieredstore.levels
+        suffix = f"{namespace}/{name}"
+        folders = [Path(d.strip()) / suffix for level in levels for d in level.path.split(",") if d.strip()]
+        if not await asyncio.to_thread(lambda: any(folder.is_dir() for folder in folders)):
+            return  # the mount process freed it (the usual case)
+
+        def free() -> int:
+            cache = BlockCache.from_levels(levels, suffix)
+            cache.load()  # scans what is Shoal's (block files), so only that is deleted
+            return cache.purge()
+
+        try:
+            freed = await asyncio.to_thread(free)
+        except (OSError, ValueError) as err:
+            log.warning("could not free the cache of a deleted dataset", dataset=suffix, error=str(err))
+            return
+        log.info("deleted dataset's cache freed", dataset=suffix, blocks=freed)
+
+    def _mount_reports(self) -> list[MountReport]:
+        reports = []
+        for (namespace, name), worker in sorted(self.workers.items()):
+            if worker.unwanted_since is not None:
+                continue
+            alive = worker.process is not None and worker.process.returncode is None
+            device = device_of(worker.path) if alive else None
+            reports.append(domain.mount_report(
+                ObjectRef(name=name, namespace=namespace), alive=alive,
+                mounted=device is not None and device != worker.stale_device, exit_code=worker.exit_code,
+                failures=child.failures if (child := self.supervisor.children.get(worker.key)) else 0,
+            ))
+        return reports
 
     async def heartbeat(self) -> None:
         # A first beat listing nothing would make this node's runtimes briefly not ready (and unbind them).
@@ -209,6 +258,7 @@ class NodeAgent:
             runtimes=[ObjectRef(name=name, namespace=namespace) for namespace, name in served],
             healthy=not problems, problems=problems, sent_at=time.time(),
             interval_seconds=self.settings.agent.heartbeat_seconds, capacity_bytes=self.capacity_bytes(),
+            mounts=self._mount_reports(),
         )
         await self.bus.publish(subjects.agent_heartbeat(self.settings.agent.node_name), beat)
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import posixpath
 from collections.abc import Iterable
 
+from libs.events.agent import MountReport
+from libs.events.common import ObjectRef
 from libs.events.dataset import DatasetRecord
 from libs.events.runtime import RuntimeRecord
 
@@ -36,3 +38,20 @@ def wanted_mounts(datasets: Iterable[DatasetRecord], served: Iterable[tuple[str,
 
 def mountpoint(root: str, namespace: str, name: str) -> str:
     return posixpath.join(root, namespace, name)
+
+
+def mount_report(dataset: ObjectRef, *, alive: bool, mounted: bool, exit_code: int | None,
+                 failures: int) -> MountReport:
+    """How a wanted mount is doing, for heartbeats: Serving once its process has put its own mount in place."""
+    if alive and mounted:
+        return MountReport(dataset=dataset, state="Serving")
+    if alive:
+        message = "mount process starting" if exit_code is None else (
+            f"mount process restarted after it exited with code {exit_code}; loading")
+        return MountReport(dataset=dataset, state="Starting", message=message)
+    if exit_code is None:
+        return MountReport(dataset=dataset, state="Starting", message="mount process not started yet")
+    # No countdown in the text: heartbeats repeat it, and status should change only when the state does.
+    return MountReport(dataset=dataset, state="Failing", message=(
+        f"mount process exited with code {exit_code} ({failures} time{'s' if failures != 1 else ''} in a row); "
+        "restarting with backoff"))

@@ -2,8 +2,10 @@
 
 The node agent runs one of these per mounted dataset (pyfuse3 serves one mount per process, and separate
 processes let several mounts use several cores). It owns: loading the manifest, the block cache of the
-dataset's runtime tiers, the FUSE session, reloading the tree when the dataset is re-synced, and publishing the
-cache inventory. SIGTERM unmounts and exits 0.
+dataset's runtime tiers, the FUSE session, reloading the tree (and the object stores of its mounts) when the
+dataset is re-synced, and publishing the cache inventory. The mount is put in place only once everything is loaded,
+beneath a previous (dead) mount at the mount point (``handover``). SIGTERM unmounts and exits 0; when the dataset
+was deleted, its cached blocks are deleted too.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from libs.ufs.mounts import read_secrets, resolve_location, secret_refs
 from libs.ufs.s3 import S3ObjectStore
 from services.agent.cache import BlockCache, FrequencyAdmissionPolicy, LruPolicy
 from services.agent.fs import DatasetFS
+from services.agent.handover import Staging, replace_in_place, unmount_own
 from services.agent.inventory import InventoryLog, InventoryPublisher
 from services.agent.mountinfo import device_of
 from services.agent.mountstatus import StatusReporter
@@ -85,6 +88,11 @@ class MountedDataset:
         self.key = subjects.resource_key(namespace, name)
         self.allocator = InodeAllocator()
         self.manifest_version: tuple[int, str] = (0, "")
+        # The object store of each mount, rebuilt for mounts added or changed by a later sync.
+        self.gates: list[StoreGate] = []
+        self.locations: list[object] = []
+        self.retired: list[StoreGate] = []
+        self.deleted = False
 
     async def run(self, stop: asyncio.Event) -> None:
         record, runtime = await self._load_records()
@@ -99,8 +107,8 @@ class MountedDataset:
                                        on_cached=inventory.cached, on_evicted=inventory.evicted)
         await asyncio.to_thread(cache.load)
         self._drop_stale(cache, entries)
-        gates = self._gates(record)
-        reader = BlockReader(cache, gates, block_size,
+        self._update_gates(record)
+        reader = BlockReader(cache, self.gates, block_size,
                              MemoryBudget(parse_quantity(self.settings.agent.readahead_budget)),
                              write_block=cache.put_async)
         owner = record.dataset.spec.owner
@@ -118,43 +126,63 @@ class MountedDataset:
         options |= {f"fsname=shoal:{self.key}", "subtype=shoal", "ro", "default_permissions"}
         if self.settings.agent.allow_other:
             options.add("allow_other")
-        await asyncio.to_thread(Path(self.mountpoint).mkdir, parents=True, exist_ok=True)
-        pyfuse3.init(fs, self.mountpoint, options)
+        # Mount at a private staging directory, then move the mount into place once FUSE INIT is answered:
+        # readers of the mount point see the previous (dead: ENOTCONN) mount until then, never an empty folder.
+        staging = Staging(self.mountpoint)
+        staged = await asyncio.to_thread(staging.prepare)
+        if not staged:
+            await asyncio.to_thread(replace_in_place, self.mountpoint)
+        mount_at = staging.path if staged else self.mountpoint
+        pyfuse3.init(fs, mount_at, options)
         fuse_loop = asyncio.create_task(pyfuse3.main())
-        # The kernel sets the read-ahead when it processes FUSE INIT; a statfs answered by our own loop proves
-        # INIT is done, so the value written afterwards sticks.
-        await asyncio.to_thread(os.statvfs, self.mountpoint)
-        raise_read_ahead(self.mountpoint)
-        log.info("mounted", dataset=self.key, mountpoint=self.mountpoint, files=len(entries))
         inventory_task = asyncio.create_task(publisher.run())
         reporter = StatusReporter(self.status_file, cache.stats)
         reporter_task = asyncio.create_task(reporter.run())
         self.readiness.add("cache", lambda: "; ".join(
             f"cache directory {t.location} is down" for t in cache.stats().tiers if t.health == "down") or None)
         self.readiness.add("fuse", lambda: "FUSE session ended" if fuse_loop.done() else None)
-        watcher = asyncio.create_task(self._watch(fs, cache, stop))
-        loops = {"inventory": inventory_task, "status": reporter_task, "manifest watch": watcher}
+        watcher: asyncio.Task[None] | None = None
+        loops = {"inventory": inventory_task, "status": reporter_task}
         self.readiness.add("loops", lambda: ", ".join(f"{n} not running" for n, t in loops.items() if t.done()) or None)
         stopper = asyncio.create_task(stop.wait())
+        device = None
         try:
-            await asyncio.wait([fuse_loop, inventory_task, watcher, stopper], return_when=asyncio.FIRST_COMPLETED)
+            # The kernel sets the read-ahead when it processes FUSE INIT; a statfs answered by our own loop proves
+            # INIT is done, so the value written afterwards sticks.
+            await asyncio.to_thread(os.statvfs, mount_at)
+            raise_read_ahead(mount_at)
+            device = device_of(mount_at)
+            if staged:
+                try:
+                    await asyncio.to_thread(staging.attach)
+                finally:
+                    await asyncio.to_thread(staging.cleanup)
+            log.info("mounted", dataset=self.key, mountpoint=self.mountpoint, files=len(entries))
+            watcher = loops["manifest watch"] = asyncio.create_task(self._watch(fs, cache, stop))
+            # Inventory is not awaited here: publishing may fail for a while, the mount keeps serving.
+            await asyncio.wait([fuse_loop, watcher, stopper], return_when=asyncio.FIRST_COMPLETED)
         finally:
-            publisher.stop()
+            if watcher is not None:
+                watcher.cancel()
             reporter.stop()
-            watcher.cancel()
             stopper.cancel()
             pyfuse3.terminate()
             with contextlib.suppress(Exception):
                 await fuse_loop
-            pyfuse3.close(unmount=True)
+            await asyncio.to_thread(unmount_own, self.mountpoint, device)
+            pyfuse3.close(unmount=False)
             await reader.drain()
-            await asyncio.gather(inventory_task, watcher, reporter_task, return_exceptions=True)
-            for gate in gates:
+            if self.deleted or await self._dataset_gone():
+                purged = cache.purge()  # evictions reach the inventory's last delta
+                log.info("dataset deleted, cache freed", dataset=self.key, blocks=purged)
+            publisher.stop()
+            await asyncio.gather(inventory_task, reporter_task, *([watcher] if watcher else []),
+                                 return_exceptions=True)
+            for gate in [*self.gates, *self.retired]:
                 await gate.store.close()
             log.info("unmounted", dataset=self.key)
-        for task in (fuse_loop, inventory_task):
-            if task.done() and not task.cancelled() and task.exception() is not None:
-                raise task.exception()  # type: ignore[misc]
+        if fuse_loop.done() and not fuse_loop.cancelled() and fuse_loop.exception() is not None:
+            raise fuse_loop.exception()  # type: ignore[misc]
 
     async def _load_records(self) -> tuple[DatasetRecord, RuntimeRecord]:
         record, _ = await kv_load(await self.bus.kv(subjects.KV_DATASETS), self.key, DatasetRecord)
@@ -165,9 +193,12 @@ class MountedDataset:
             raise SystemExit(f"runtime {self.key} does not exist")
         return record, runtime
 
-    def _gates(self, record: DatasetRecord) -> list[StoreGate]:
+    def _update_gates(self, record: DatasetRecord) -> None:
+        """One object store per mount of the spec: kept where a mount's location is unchanged, new where it was
+        added or its options (endpoint, credentials...) changed. Edits ``self.gates`` in place, which the reader
+        shares; replaced stores are closed at exit (a read may still be using one)."""
         dataset = record.dataset
-        gates = []
+        locations: list[object] = []
         for mount in dataset.spec.mounts:
             secrets = read_secrets(self.settings.s3.secrets_dir, secret_refs(dataset, mount))
             location = resolve_location(dataset, mount, secrets, self.settings.s3)
@@ -176,8 +207,23 @@ class MountedDataset:
                 refused = real_local_root_error(str(location.root), self.settings.service.local_roots)
                 if refused:
                     raise SystemExit(f"dataset {self.key}: refusing to mount {mount.mount_point}: {refused}")
-            gates.append(StoreGate(agent_store(location)))
-        return gates
+            locations.append(location)
+        gates = [
+            self.gates[index] if index < len(self.locations) and self.locations[index] == location
+            else StoreGate(agent_store(location))
+            for index, location in enumerate(locations)
+        ]
+        self.retired += [gate for gate in self.gates if gate not in gates]
+        self.gates[:] = gates
+        self.locations = locations
+
+    async def _dataset_gone(self) -> bool:
+        """Whether the dataset was deleted (the agent may stop us before our watch sees it); False if unsure."""
+        try:
+            record, _ = await kv_load(await self.bus.kv(subjects.KV_DATASETS), self.key, DatasetRecord)
+        except Exception:
+            return False
+        return record is None
 
     def _tree(self, entries: list[ManifestEntry]) -> Namespace:
         tree = Namespace.build(entries, self.allocator)
@@ -205,6 +251,7 @@ class MountedDataset:
                     continue
                 if entry.operation in ("DEL", "PURGE"):
                     log.info("dataset deleted, unmounting", dataset=self.key)
+                    self.deleted = True
                     stop.set()
                     return
                 record = msgspec.json.decode(entry.value, type=DatasetRecord)
@@ -213,6 +260,10 @@ class MountedDataset:
                     continue
                 entries = await (await ManifestStore.of(self.bus)).load(record.status.manifest)
                 self.manifest_version = version
+                try:
+                    self._update_gates(record)  # before the tree: a new mount's files must find their store
+                except (Exception, SystemExit) as err:  # e.g. a missing secret: its reads fail, the rest serve
+                    log.error("object stores not updated", dataset=self.key, error=str(err))
                 gone = fs.replace_namespace(self._tree(entries))
                 for parent, name in gone:
                     with contextlib.suppress(Exception):

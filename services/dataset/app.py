@@ -21,7 +21,7 @@ import msgspec
 from libs import subjects
 from libs.bus import MESSAGE_LIMIT, Consumer, connect
 from libs.config import Settings
-from libs.events.agent import Inventory
+from libs.events.agent import AnyInventory
 from libs.events.dataset import DatasetCommand
 from libs.events.runtime import RuntimeFact
 from libs.reconcile import Reconciler
@@ -55,7 +55,7 @@ async def run(settings: Settings, stop: asyncio.Event, clock: Callable[[], float
         )
         inventory = Consumer(
             bus, subjects.STREAM_AGENT, subjects.DURABLE_DATASET_INVENTORY, subjects.AGENT_INVENTORY,
-            msgspec.json.Decoder(Inventory), handlers.on_inventory, max_event_bytes=MESSAGE_LIMIT,
+            msgspec.json.Decoder(AnyInventory), handlers.on_inventory, max_event_bytes=MESSAGE_LIMIT,
             max_deliver=max_deliver,
         )
         reconciler = Reconciler(await bus.kv(subjects.KV_DATASETS), handlers.sync)

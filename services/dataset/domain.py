@@ -35,6 +35,8 @@ SUPPORTED_SCHEMES = ("s3", "local")
 CONDITION_SYNCED = "MetadataSynced"
 # Present while the last sync left objects out of the tree (libs.paths has the rules), with a count and examples.
 CONDITION_SKIPPED = "ObjectsSkipped"
+# Copied from the runtime of the same name: whether the dataset's mounts are serving on the nodes.
+CONDITION_MOUNTED = "Mounted"
 
 # Options each scheme understands; Fluid/Alluxio spellings are aliases (libs.mounts).
 S3_OPTIONS = {"endpoint", "region", "pathStyle", "aws.accessKeyId"}
@@ -265,7 +267,29 @@ def with_binding(dataset: Dataset, status: DatasetStatus, runtime_phase: str,
         cache_states = msgspec.structs.replace(cache_states, cached="0.00B", cached_percentage="0.0%")
     if phase != "Bound":
         cache_states = CacheStates(cache_capacity=cache_states.cache_capacity)
-    return msgspec.structs.replace(status, phase=phase, runtimes=runtimes, cache_states=cache_states)
+    return msgspec.structs.replace(status, phase=phase, runtimes=runtimes, cache_states=cache_states,
+                                   message=status_message(status.conditions))
+
+
+def status_message(conditions: list[Condition]) -> str:
+    """The one-line message: a failed sync first, else a mount that is not serving, else nothing."""
+    for kind in (CONDITION_SYNCED, CONDITION_MOUNTED):
+        condition = next((c for c in conditions if c.type == kind), None)
+        if condition is not None and condition.status == "False":
+            return condition.message
+    return ""
+
+
+def with_mount_condition(status: DatasetStatus, mounted: Condition | None) -> DatasetStatus:
+    """Status with the runtime's ``Mounted`` condition copied in (removed when the runtime has none)."""
+    old = next((c for c in status.conditions if c.type == CONDITION_MOUNTED), None)
+    if mounted is None:
+        conditions = [c for c in status.conditions if c.type != CONDITION_MOUNTED]
+    elif old is not None and old.status == mounted.status and old.message == mounted.message:
+        conditions = status.conditions
+    else:
+        conditions = _set_condition(status.conditions, mounted)
+    return msgspec.structs.replace(status, conditions=conditions, message=status_message(conditions))
 
 
 def dataset_phase(status: DatasetStatus, runtime_phase: str) -> DatasetPhase:

@@ -15,7 +15,7 @@ import msgspec
 from libs import subjects
 from libs.bus import Bus, Conflict, Delivery, RetryLater, kv_delete, kv_load, kv_save
 from libs.config import Settings
-from libs.events.agent import Inventory, InventoryRequest
+from libs.events.agent import AnyInventory, InventoryRequest, upgrade
 from libs.events.dataset import (
     DatasetAccepted,
     DatasetApply,
@@ -158,8 +158,10 @@ class DatasetHandlers:
     # --- runtime facts ---
 
     async def on_runtime_fact(self, fact: RuntimeFact, delivery: Delivery) -> None:
+        mounted = None
         if isinstance(fact, RuntimeStatusChanged):
             binding = domain.RuntimeBinding(phase=fact.status.phase, cache_capacity=fact.status.cache_capacity)
+            mounted = next((c for c in fact.status.conditions if c.type == domain.CONDITION_MOUNTED), None)
         elif isinstance(fact, RuntimeDeleted):
             binding = domain.RuntimeBinding()
         else:
@@ -168,18 +170,22 @@ class DatasetHandlers:
         key = subjects.resource_key(fact.namespace, fact.name)
         await bindings.put(key, msgspec.json.encode(binding))
         await self._update_status(
-            key, lambda record: domain.with_binding(record.dataset, record.status, binding.phase,
-                                                    binding.cache_capacity)
+            key, lambda record: domain.with_binding(
+                record.dataset, domain.with_mount_condition(record.status, mounted), binding.phase,
+                binding.cache_capacity)
         )
 
     # --- agent inventory ---
 
-    async def on_inventory(self, event: Inventory, delivery: Delivery) -> None:
+    async def on_inventory(self, received: AnyInventory, delivery: Delivery) -> None:
         """Fold a node's inventory into the dataset's cacheStates (within a second of the agent's batch)."""
+        event = upgrade(received)
         ref = event.dataset
         key = subjects.resource_key(ref.namespace, ref.name)
         kv = await self.bus.kv(subjects.KV_NODE_CACHE)
         current, revision = await kv_load(kv, key, DatasetInventory)
+        if current is None and await dataset_record_missing(self.bus, key):
+            return  # the last events of a deleted dataset's mount (its cache freed) must not bring its entry back
         # Totals only: the block sets of every node would outgrow a KV value; the scheduler keeps those.
         folded, gap = fold_inventory(current, event, track_blocks=False)
         if folded is not current:
@@ -260,3 +266,8 @@ class DatasetHandlers:
 
     async def _delete_manifest(self, namespace: str, name: str) -> None:
         await (await ManifestStore.of(self.bus)).delete(ManifestStore.name(namespace, name))
+
+
+async def dataset_record_missing(bus: Bus, key: str) -> bool:
+    record, _ = await kv_load(await bus.kv(subjects.KV_DATASETS), key, DatasetRecord)
+    return record is None

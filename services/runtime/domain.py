@@ -4,17 +4,21 @@ A node serves a runtime when its last heartbeat lists the runtime and is younger
 intervals, and counts as ready when that heartbeat also says healthy. The runtime is Ready when the desired
 number of replicas are ready; PartialReady with fewer, as long as some node serves it (an unhealthy node, whose
 mount keeps failing or whose cache directory is down, is named in the message with its problems, and keeps a
-Bound dataset Bound: its mounts may still serve reads); NotReady when no node serves it.
+Bound dataset Bound: its mounts may still serve reads); NotReady when no node serves it. The ``Mounted``
+condition says whether every serving node that reports a mount of the runtime's dataset (same name) is serving
+it, and names those that are not.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 
 import msgspec
 
 from libs.events.agent import AgentHeartbeat, AgentRecord
 from libs.events.common import DNS1123_LABEL, dns_label_errors, format_bytes, parse_quantity
+from libs.events.dataset import Condition
 from libs.events.runtime import Runtime, RuntimePhase, RuntimeRecord, RuntimeStatus
 from libs.hostpaths import cache_path_error
 
@@ -24,6 +28,7 @@ MIN_BLOCK_SIZE = 64 * 1024
 MAX_BLOCK_SIZE = 64 * 1024 * 1024
 # Missing this many heartbeats in a row makes a node not ready.
 MISSED_BEATS = 3
+CONDITION_MOUNTED = "Mounted"
 # A cluster of thousands of nodes is the most a single runtime is expected to span.
 MAX_REPLICAS = 10_000
 # One tier on one node: more than any node's memory or disks today, so a larger quota is a typo (Pi for Gi),
@@ -140,6 +145,10 @@ def runtime_status(record: RuntimeRecord, agents: Iterable[AgentRecord], now: fl
     else:
         phase, message = "NotReady", f"0 of {desired} agents ready: waiting for agent heartbeats"
     capacity = node_capacity(runtime) * len(nodes)
+    mounted = mount_condition(runtime, serving, now)
+    conditions = with_condition(record.status.conditions, CONDITION_MOUNTED, mounted)
+    if mounted is not None and mounted.status == "False":
+        message = f"{message}; {mounted.message}" if message else mounted.message
     return RuntimeStatus(
         phase=phase,
         message=message,
@@ -149,5 +158,37 @@ def runtime_status(record: RuntimeRecord, agents: Iterable[AgentRecord], now: fl
         cache_capacity=format_bytes(capacity),
         cache_capacity_bytes=capacity,
         block_size_bytes=parse_quantity(runtime.spec.block_size),
-        conditions=record.status.conditions,
+        conditions=conditions,
     )
+
+
+def mount_condition(runtime: Runtime, serving: Iterable[AgentHeartbeat], now: float) -> Condition | None:
+    """``Mounted``: True when every node reporting the dataset's mount serves it; None when none reports it."""
+    meta = runtime.metadata
+    reports = sorted(
+        (beat.node, report) for beat in serving for report in beat.mounts
+        if report.dataset.name == meta.name and report.dataset.namespace == meta.namespace
+    )
+    if not reports:
+        return None
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))
+    failing = [(node, report) for node, report in reports if report.state != "Serving"]
+    if not failing:
+        return Condition(type=CONDITION_MOUNTED, status="True", reason="Serving",
+                         message=f"mounted on {len(reports)} node(s)", last_transition_time=stamp)
+    reason = "MountFailing" if any(report.state == "Failing" for _, report in failing) else "MountStarting"
+    message = "not serving on " + "; ".join(f"{node}: {report.message or report.state}" for node, report in failing)
+    return Condition(type=CONDITION_MOUNTED, status="False", reason=reason, message=message,
+                     last_transition_time=stamp)
+
+
+def with_condition(conditions: list[Condition], kind: str, new: Condition | None) -> list[Condition]:
+    """``conditions`` with the one of type ``kind`` replaced by ``new`` (removed if None); the transition time is
+    kept while the status stays the same, so a repeated report does not count as a change."""
+    old = next((c for c in conditions if c.type == kind), None)
+    kept = [c for c in conditions if c.type != kind]
+    if new is None:
+        return kept
+    if old is not None and old.status == new.status:
+        new = msgspec.structs.replace(new, last_transition_time=old.last_transition_time)
+    return [*kept, new]

@@ -218,7 +218,7 @@ class ShoalNode(MountedSystem):
 
             async def on_event(msg: Any) -> None:
                 event = msgspec.json.decode(msg.data)
-                if (event.get("type") == "agent.inventory.snapshot.v1" and event["dataset"]["name"] == name
+                if (event.get("type") == "agent.inventory.snapshot.v2" and event["dataset"]["name"] == name
                         and not answer.done()):
                     answer.set_result(event["counters"])
 

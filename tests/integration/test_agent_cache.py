@@ -74,7 +74,7 @@ async def test_restart_after_kill_reuses_the_disk_cache(bus: Bus, settings: Sett
             return event if event and event["incarnation"] != first["incarnation"] else None
 
         snapshot = await eventually(new_incarnation, timeout=30, what="a restarted mount process")
-        assert snapshot["type"] == "agent.inventory.snapshot.v1"
+        assert snapshot["type"] == "agent.inventory.snapshot.v2"
         assert snapshot["counters"]["cachedBytes"] == total  # found again on disk, nothing downloaded
         await node.wait_mounted("warm", expect="part-3.bin")
         assert mount_pids(root) and mount_pids(root) != [pid]
@@ -157,12 +157,13 @@ def cached_blocks(inventory: InventoryWatch) -> dict[tuple[str, int], int]:
     for event in inventory.events:
         if latest is None or event["incarnation"] != latest["incarnation"]:
             continue
-        if event["type"] == "agent.inventory.snapshot.v1" and event["part"] == 1:
+        if event["type"] == "agent.inventory.snapshot.v2" and event["part"] == 1:
             blocks.clear()
-        for block, size in event.get("cached", []) + event.get("blocks", []):
-            blocks[(block[1], block[3])] = size
-        for block, _ in event.get("evicted", []):
-            blocks.pop((block[1], block[3]), None)
+        for _, key, _, indices in event.get("cached", []) + event.get("files", []):
+            blocks.update({(key, index): size for index, size in indices})
+        for _, key, _, indices in event.get("evicted", []):
+            for index, _ in indices:
+                blocks.pop((key, index), None)
     return blocks
 
 
@@ -254,14 +255,15 @@ async def test_inventory_sequence_and_cache_states(bus: Bus, settings: Settings,
         assert states.cache_capacity == "256.00MiB"
         assert states.cache_hit_ratio == "0.0%"  # every byte so far came from the object store
         events = [e for e in inventory.events if e["incarnation"] == inventory.events[0]["incarnation"]]
-        assert events[0]["type"] == "agent.inventory.snapshot.v1"
+        assert events[0]["type"] == "agent.inventory.snapshot.v2"
         assert [e["seq"] for e in events] == list(range(events[0]["seq"], events[0]["seq"] + len(events)))
-        blocks: dict[str, int] = {}
+        blocks: dict[tuple[int, str, str, int], int] = {}
         for event in events:
-            for block, size in event.get("cached", []) + event.get("blocks", []):
-                blocks[msgspec.json.encode(block).decode()] = size
-            for block, _ in event.get("evicted", []):
-                blocks.pop(msgspec.json.encode(block).decode(), None)
+            for mount, key, etag, indices in event.get("cached", []) + event.get("files", []):
+                blocks.update({(mount, key, etag, index): size for index, size in indices})
+            for mount, key, etag, indices in event.get("evicted", []):
+                for index, _ in indices:
+                    blocks.pop((mount, key, etag, index), None)
         assert sum(blocks.values()) == total == events[-1]["counters"]["cachedBytes"]
         shoal = str(Path(sys.executable).parent / "shoal")
         cli = await run_tool(shoal, "--nats", ",".join(settings.nats.urls), "get", "datasets")
@@ -273,11 +275,11 @@ async def test_inventory_sequence_and_cache_states(bus: Bus, settings: Settings,
         await bus.nc.publish(subjects.INVENTORY_REQUEST, msgspec.json.encode(request))
 
         async def snapshot_after_request() -> dict[str, Any] | None:
-            fresh = [e for e in inventory.events[before:] if e["type"] == "agent.inventory.snapshot.v1"]
+            fresh = [e for e in inventory.events[before:] if e["type"] == "agent.inventory.snapshot.v2"]
             return fresh[-1] if fresh else None
 
         snapshot = await eventually(snapshot_after_request, what="a snapshot on request")
-        assert sum(size for _, size in snapshot["blocks"]) == total
+        assert sum(size for *_, indices in snapshot["files"] for _, size in indices) == total
         assert snapshot["seq"] > events[-1]["seq"]
 
         # Read everything again from the agent's cache: as many bytes hit as missed before.

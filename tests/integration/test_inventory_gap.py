@@ -79,7 +79,7 @@ async def test_sequence_gap_gets_a_snapshot_and_cache_states_converge(bus: Bus, 
         assert await read_file(root / "g2.bin") == objects["g2.bin"]
         last = await eventually(lambda: _latest(inventory, seen, lambda e: cached_bytes(e) == 3 * MiB),
                                 what="a delta with the third file cached")
-        assert last["type"] == "agent.inventory.delta.v1" and last["seq"] > max(lost)
+        assert last["type"] == "agent.inventory.delta.v2" and last["seq"] > max(lost)
         requests_before = len(requests)
 
         async with node.dataset_service():
@@ -87,9 +87,9 @@ async def test_sequence_gap_gets_a_snapshot_and_cache_states_converge(bus: Bus, 
                                        what="a snapshot request after the gap")
             assert request["node"] == NODE and request["dataset"]["name"] == "gap"
             snapshot = await eventually(
-                lambda: _latest(inventory, seen, lambda e: e["type"] == "agent.inventory.snapshot.v1"),
+                lambda: _latest(inventory, seen, lambda e: e["type"] == "agent.inventory.snapshot.v2"),
                 what="the agent's snapshot")
-            assert sum(size for _, size in snapshot["blocks"]) == 3 * MiB
+            assert sum(size for *_, indices in snapshot["files"] for _, size in indices) == 3 * MiB
 
             async def converged() -> DatasetInventory | None:
                 cache = await node_cache()

@@ -3,12 +3,24 @@ and which mounts a node wants. (The inventory fold is tested in test_inventory.p
 
 from __future__ import annotations
 
-from libs.events.agent import BlockId, CacheCounters
+import msgspec
+
+from libs.bus import MESSAGE_LIMIT
+from libs.events.agent import (
+    BlockId,
+    CacheCounters,
+    CachedBlock,
+    InventoryDelta,
+    InventoryDeltaV1,
+    InventorySnapshot,
+    InventorySnapshotV1,
+    upgrade,
+)
 from libs.events.common import ObjectMeta, ObjectRef
 from libs.events.dataset import Dataset, DatasetRecord, DatasetStatus, ManifestEntry
 from libs.events.runtime import Runtime, RuntimeRecord
 from services.agent import domain as agent_domain
-from services.agent.inventory import SNAPSHOT_PART_BLOCKS, InventoryLog
+from services.agent.inventory import InventoryLog
 from services.agent.namespace import ROOT_INODE, InodeAllocator, Namespace
 from services.agent.readahead import MemoryBudget, ReadAhead
 
@@ -81,19 +93,65 @@ def block(i: int) -> BlockId:
 
 
 def test_snapshot_then_consecutive_deltas_and_nothing_when_idle() -> None:
-    log = InventoryLog(node="n", dataset=ObjectRef(name="d"))
+    log = InventoryLog(node="n", dataset=ObjectRef(name="d"), part_bytes=1000)
     counters = CacheCounters(cached_bytes=1)
-    parts = log.snapshot([(block(i), 1) for i in range(SNAPSHOT_PART_BLOCKS + 1)], counters)
-    assert [(p.seq, p.part, p.parts) for p in parts] == [(1, 1, 2), (2, 2, 2)]
-    assert log.delta(counters) is None
+    parts = log.snapshot([(block(i), 1) for i in range(200)], counters)
+    assert len(parts) > 1
+    assert [(p.seq, p.part, p.parts) for p in parts] == [(i, i, len(parts)) for i in range(1, len(parts) + 1)]
+    assert sorted(b.block.index for p in parts for b in p.cached_blocks()) == list(range(200))
+    assert log.delta(counters) == []
     log.cached(block(99), 5)
     log.evicted(block(1), 1)
-    delta = log.delta(CacheCounters(cached_bytes=5))
-    assert delta is not None and delta.seq == 3
-    assert [b.block for b in delta.cached] == [block(99)] and [b.block for b in delta.evicted] == [block(1)]
+    [delta] = log.delta(CacheCounters(cached_bytes=5))
+    assert delta.seq == len(parts) + 1
+    assert [b.block for f in delta.cached for b in f.cached_blocks()] == [block(99)]
+    assert [b.block for f in delta.evicted for b in f.cached_blocks()] == [block(1)]
     log.cached(block(7), 1)
     log.evicted(block(7), 1)  # cached and gone again within one batch: nothing to tell
-    assert log.delta(CacheCounters(cached_bytes=5)) is None
+    assert log.delta(CacheCounters(cached_bytes=5)) == []
+
+
+def long_key(i: int) -> str:
+    return f"{i:05d}/" + "k" * 794  # 800 characters, like the keys that broke the 1 MiB limit
+
+
+def test_snapshot_parts_stay_under_the_payload_limit_with_thousands_of_long_keys() -> None:
+    log = InventoryLog(node="n", dataset=ObjectRef(name="d"))
+    blocks = [(BlockId(0, long_key(i), "e" * 32, 0), 65536) for i in range(3000)]
+    parts = log.snapshot(blocks, CacheCounters())
+    sizes = [len(msgspec.json.encode(p)) for p in parts]
+    assert len(parts) > 1 and max(sizes) <= MESSAGE_LIMIT - 32 * 1024, sizes
+    assert {b.block for p in parts for b in p.cached_blocks()} == {b for b, _ in blocks}
+    assert [p.seq for p in parts] == list(range(1, len(parts) + 1))
+
+
+def test_a_key_is_written_once_per_object_not_once_per_block() -> None:
+    log = InventoryLog(node="n", dataset=ObjectRef(name="d"))
+    blocks = [(BlockId(0, long_key(1), "e" * 32, i), 65536) for i in range(20_000)]
+    [part] = log.snapshot(blocks, CacheCounters())
+    assert len(msgspec.json.encode(part)) < 20_000 * 20
+    assert part.cached_blocks() == [CachedBlock(block=b, size=s) for b, s in blocks]
+
+
+def test_one_object_with_more_blocks_than_a_part_holds_is_split_across_parts() -> None:
+    log = InventoryLog(node="n", dataset=ObjectRef(name="d"), part_bytes=2000)
+    blocks = [(BlockId(0, long_key(1), "e", i), 1) for i in range(1000)]
+    parts = log.snapshot(blocks, CacheCounters())
+    assert len(parts) > 1 and all(len(msgspec.json.encode(p.files)) <= 2000 for p in parts)
+    assert [b.block for p in parts for b in p.cached_blocks()] == [b for b, _ in blocks]
+
+
+def test_a_large_delta_is_cut_into_consecutive_events() -> None:
+    log = InventoryLog(node="n", dataset=ObjectRef(name="d"))
+    log.snapshot([], CacheCounters())
+    for i in range(3000):
+        log.cached(BlockId(0, long_key(i), "e" * 32, 0), 1)
+    for i in range(3000, 4000):
+        log.evicted(BlockId(0, long_key(i), "e" * 32, 0), 1)
+    deltas = log.delta(CacheCounters())
+    assert len(deltas) > 1 and [d.seq for d in deltas] == list(range(2, len(deltas) + 2))
+    assert max(len(msgspec.json.encode(d)) for d in deltas) <= MESSAGE_LIMIT - 32 * 1024
+    assert sum(len(d.cached) for d in deltas) == 3000 and sum(len(d.evicted) for d in deltas) == 1000
 
 
 # --- which mounts a node wants ---
@@ -113,3 +171,34 @@ def test_bound_datasets_of_served_runtimes_are_mounted() -> None:
     assert agent_domain.wanted_mounts(datasets, served) == {("default", "a")}
     assert agent_domain.wanted_mounts([record("a", phase="NotBound")], served) == set()
     assert agent_domain.wanted_mounts([record("a", manifest="")], served) == set()
+
+
+def test_mount_reports_say_serving_starting_or_failing() -> None:
+    ref = ObjectRef(name="d")
+    assert agent_domain.mount_report(ref, alive=True, mounted=True, exit_code=None, failures=0).state == "Serving"
+    assert agent_domain.mount_report(ref, alive=True, mounted=False, exit_code=None, failures=0).state == "Starting"
+    failing = agent_domain.mount_report(ref, alive=False, mounted=False, exit_code=1, failures=3)
+    assert failing.state == "Failing" and "exited with code 1 (3 times in a row)" in failing.message
+    restarted = agent_domain.mount_report(ref, alive=True, mounted=False, exit_code=-9, failures=1)
+    assert restarted.state == "Starting" and "-9" in restarted.message
+
+
+# --- inventory wire versions ---
+
+
+def test_v1_inventory_events_upgrade_to_v2_with_the_same_blocks() -> None:
+    blocks = [CachedBlock(block=BlockId(0, "a", "e", i), size=4) for i in (1, 0)] + [
+        CachedBlock(block=BlockId(1, "b", "f", 0), size=2)]
+    old = InventorySnapshotV1(id="x", node="n", dataset=ObjectRef(name="d"), incarnation="i", seq=3, part=1,
+                              parts=2, blocks=blocks, counters=CacheCounters(cached_bytes=10))
+    new = upgrade(old)
+    assert isinstance(new, InventorySnapshot)
+    assert (new.id, new.seq, new.part, new.parts, new.counters) == ("x", 3, 1, 2, old.counters)
+    assert sorted(new.cached_blocks(), key=str) == sorted(blocks, key=str)
+    assert [(f.key, f.blocks) for f in new.files] == [("a", [(0, 4), (1, 4)]), ("b", [(0, 2)])]
+    delta = upgrade(InventoryDeltaV1(node="n", dataset=ObjectRef(name="d"), incarnation="i", seq=4,
+                                     cached=blocks[:1], evicted=blocks[2:]))
+    assert isinstance(delta, InventoryDelta)
+    assert [(f.key, f.blocks) for f in delta.cached] == [("a", [(1, 4)])]
+    assert [(f.key, f.blocks) for f in delta.evicted] == [("b", [(0, 2)])]
+    assert upgrade(new) is new

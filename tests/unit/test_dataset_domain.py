@@ -46,6 +46,7 @@ from services.dataset.domain import (
     status_on_apply,
     validate_dataset,
     with_binding,
+    with_mount_condition,
 )
 
 ACCESS_KEY = "AKIAGOLDENEXAMPLE0001"
@@ -822,3 +823,25 @@ def test_cache_states_add_up_nodes() -> None:
     states = cache_states(cache, ufs_total_bytes=200)
     assert states.cached == "50B" and states.cache_capacity == "200B"
     assert states.cached_percentage == "25.0%" and states.cache_hit_ratio == "75.0%"
+
+
+# --- the runtime's Mounted condition ---
+
+
+def test_a_mount_that_is_not_serving_shows_in_conditions_and_message_until_it_serves() -> None:
+    record = record_at()
+    status = status_after_sync(record, SyncResult(generation=2, file_num=1), "Ready", NOW)
+    down = Condition(type="Mounted", status="False", reason="MountFailing",
+                     message="not serving on node-a: mount process exited with code 1 (3 times in a row)",
+                     last_transition_time=iso_time(NOW))
+    status = with_binding(record.dataset, with_mount_condition(status, down), "Ready", None)
+    assert status.phase == "Bound" and status.message == down.message
+    assert [c.type for c in status.conditions] == [CONDITION_SYNCED, "Mounted"]
+    # A later sync keeps telling it: the message follows the conditions, not the last writer.
+    status = status_after_sync(msgspec.structs.replace(record, status=status), SyncResult(generation=2, file_num=2),
+                               "Ready", NOW + 5)
+    assert status.message == down.message
+    up = msgspec.structs.replace(down, status="True", reason="Serving", message="mounted on 1 node(s)")
+    status = with_mount_condition(status, up)
+    assert status.message == "" and [c.status for c in status.conditions if c.type == "Mounted"] == ["True"]
+    assert [c.type for c in with_mount_condition(status, None).conditions] == [CONDITION_SYNCED]

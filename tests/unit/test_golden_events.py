@@ -15,7 +15,7 @@ import msgspec
 import pytest
 
 from libs.events import PUBLIC_EVENTS, type_tag
-from libs.events.agent import AgentHeartbeat
+from libs.events.agent import AgentHeartbeat, InventoryDelta, InventorySnapshot, ungroup, upgrade
 from libs.events.common import ObjectRef
 from libs.events.dataset import DatasetApply, DatasetStatusChanged
 from libs.events.deadletter import DeadLetter
@@ -176,6 +176,30 @@ def test_heartbeat_golden() -> None:
     assert event.healthy is True
     assert event.sent_at == 1714564805.25
     assert event.interval_seconds == 5.0
+
+
+def test_heartbeat_golden_reports_each_mount() -> None:
+    event = decode("agent.heartbeat.v1", golden_bytes("agent.heartbeat.v1"))
+    assert isinstance(event, AgentHeartbeat)
+    assert [(m.dataset.name, m.state) for m in event.mounts] == [("imagenet", "Serving"), ("coco", "Failing")]
+    assert "exited with code 1" in event.mounts[1].message
+
+
+def test_inventory_v2_golden_writes_each_key_once_and_v1_upgrades_to_the_same_blocks() -> None:
+    snapshot = decode("agent.inventory.snapshot.v2", golden_bytes("agent.inventory.snapshot.v2"))
+    assert isinstance(snapshot, InventorySnapshot)
+    assert [(f.mount, f.key, f.blocks) for f in snapshot.files] == [
+        (0, "train/img_0001.jpg", [(0, 4194304), (1, 1048576)]), (1, "labels/train.csv", [(0, 81920)])]
+    assert [b.block.index for b in snapshot.cached_blocks()] == [0, 1, 0]
+    old = decode("agent.inventory.snapshot.v1", golden_bytes("agent.inventory.snapshot.v1"))
+    upgraded = upgrade(old)
+    assert isinstance(upgraded, InventorySnapshot) and upgraded.cached_blocks() == old.blocks
+    old_delta = decode("agent.inventory.delta.v1", golden_bytes("agent.inventory.delta.v1"))
+    delta = upgrade(old_delta)
+    assert isinstance(delta, InventoryDelta)
+    assert ungroup(delta.cached) == old_delta.cached and ungroup(delta.evicted) == old_delta.evicted
+    new_delta = decode("agent.inventory.delta.v2", golden_bytes("agent.inventory.delta.v2"))
+    assert ungroup(new_delta.evicted) == old_delta.evicted
 
 
 def test_dead_letter_golden_payload_is_base64_of_the_exact_bytes() -> None:

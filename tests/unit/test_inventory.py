@@ -8,16 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from random import Random
-from unittest import mock
 
 import msgspec
 from hypothesis import given
 from hypothesis import strategies as st
 
-from libs.events.agent import BlockId, CacheCounters, CachedBlock, Inventory, InventoryDelta, InventorySnapshot
+from libs.events.agent import BlockId, CacheCounters, Inventory, InventoryDelta, InventorySnapshot, group_blocks
 from libs.events.common import ObjectRef
 from libs.inventory import DatasetInventory, NodeInventory, fold
-from services.agent import inventory as agent_inventory
 from services.agent.inventory import InventoryLog
 
 DATASET = ObjectRef(name="d")
@@ -30,15 +28,15 @@ def block(i: int) -> BlockId:
 def snapshot(seq: int, cached: int = 0, *, node: str = "n1", incarnation: str = "i1", part: int = 1,
              parts: int = 1, blocks: Iterable[int] = ()) -> InventorySnapshot:
     return InventorySnapshot(node=node, dataset=DATASET, incarnation=incarnation, seq=seq, part=part, parts=parts,
-                             blocks=[CachedBlock(block(i), 1) for i in blocks],
+                             files=group_blocks((block(i), 1) for i in blocks),
                              counters=CacheCounters(cached_bytes=cached))
 
 
 def delta(seq: int, cached: int = 0, *, node: str = "n1", incarnation: str = "i1", add: Iterable[int] = (),
           remove: Iterable[int] = ()) -> InventoryDelta:
     return InventoryDelta(node=node, dataset=DATASET, incarnation=incarnation, seq=seq,
-                          cached=[CachedBlock(block(i), 1) for i in add],
-                          evicted=[CachedBlock(block(i), 1) for i in remove],
+                          cached=group_blocks((block(i), 1) for i in add),
+                          evicted=group_blocks((block(i), 1) for i in remove),
                           counters=CacheCounters(cached_bytes=cached))
 
 
@@ -136,11 +134,11 @@ BATCHES = st.lists(st.lists(st.tuples(st.booleans(), BLOCK_IDS), max_size=8), ma
 def agent_events(initial: set[int], batches: list[list[tuple[bool, int]]], part_blocks: int,
                  ) -> tuple[list[Inventory], set[BlockId]]:
     """What a real ``InventoryLog`` publishes for a cache that starts with ``initial`` and then changes."""
-    log = InventoryLog(node="n1", dataset=DATASET, incarnation="i1")
+    # ``part_blocks`` blocks per part: the object's header (15 bytes) and at most 7 bytes per block of it.
+    log = InventoryLog(node="n1", dataset=DATASET, incarnation="i1", part_bytes=15 + 7 * part_blocks)
     cached = {block(i) for i in initial}
-    with mock.patch.object(agent_inventory, "SNAPSHOT_PART_BLOCKS", part_blocks):
-        events: list[Inventory] = list(log.snapshot([(b, 1) for b in sorted(cached, key=lambda b: b.index)],
-                                                    CacheCounters(cached_bytes=len(cached))))
+    events: list[Inventory] = list(log.snapshot([(b, 1) for b in sorted(cached, key=lambda b: b.index)],
+                                                CacheCounters(cached_bytes=len(cached))))
     for batch in batches:
         for add, i in batch:
             if add and block(i) not in cached:
@@ -149,9 +147,7 @@ def agent_events(initial: set[int], batches: list[list[tuple[bool, int]]], part_
             elif not add and block(i) in cached:
                 cached.discard(block(i))
                 log.evicted(block(i), 1)
-        event = log.delta(CacheCounters(cached_bytes=len(cached)))
-        if event is not None:
-            events.append(event)
+        events.extend(log.delta(CacheCounters(cached_bytes=len(cached))))
     return events, cached
 
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from libs.events.agent import AgentHeartbeat, AgentRecord
+from libs.events.agent import AgentHeartbeat, AgentRecord, MountReport
 from libs.events.common import ObjectMeta, ObjectRef
 from libs.events.dataset import Condition
 from libs.events.runtime import Level, Runtime, RuntimeRecord, RuntimeSpec, RuntimeStatus, TieredStore
@@ -367,3 +368,31 @@ def test_status_is_consistent_with_its_ready_nodes(spec: Any, replicas: int) -> 
         expected = (beat.healthy and NOW - record.received_at <= MISSED_BEATS * beat.interval_seconds
                     and ObjectRef(name="imagenet", namespace="default") in beat.runtimes)
         assert (beat.node in status.ready_nodes) == expected
+
+
+# --- whether the dataset's mounts serve ---
+
+
+def with_mounts(record: AgentRecord, *reports: MountReport) -> AgentRecord:
+    beat = msgspec.structs.replace(record.heartbeat, mounts=list(reports))
+    return msgspec.structs.replace(record, heartbeat=beat)
+
+
+def test_mounted_condition_names_the_nodes_whose_mount_is_not_serving() -> None:
+    runtime = valid_runtime(replicas=2)
+    ref = ObjectRef(name="imagenet")
+    serving = MountReport(dataset=ref, state="Serving")
+    failing = MountReport(dataset=ref, state="Failing", message="mount process exited with code 1 (2 times in a row)")
+    other = MountReport(dataset=ObjectRef(name="coco"), state="Failing", message="not this runtime's")
+    status = status_of(runtime, [with_mounts(agent("node-a"), serving), with_mounts(agent("node-b"), failing, other)])
+    [mounted] = [c for c in status.conditions if c.type == "Mounted"]
+    assert (mounted.status, mounted.reason) == ("False", "MountFailing")
+    assert "node-b: mount process exited with code 1" in mounted.message and "node-a" not in mounted.message
+    assert "not this runtime's" not in mounted.message
+    assert status.phase == "Ready" and mounted.message in status.message
+    status = status_of(runtime, [with_mounts(agent("node-a"), serving), with_mounts(agent("node-b"), serving)],
+                       conditions=status.conditions)
+    [mounted] = [c for c in status.conditions if c.type == "Mounted"]
+    assert mounted.status == "True" and status.message == ""
+    # No node reports the mount (the dataset is not bound): no condition at all.
+    assert [c.type for c in status_of(runtime, [agent("node-a")], conditions=status.conditions).conditions] == []

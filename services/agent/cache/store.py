@@ -368,6 +368,21 @@ class BlockCache:
                 reservation.stale = True
         return len(stale)
 
+    def purge(self) -> int:
+        """Deletes every block and then the emptied folders (the dataset was deleted); returns how many blocks.
+
+        Writes still in flight are marked stale, so their files are deleted when they commit.
+        """
+        entries = list(self._index.items())
+        for name, entry in entries:
+            self._forget(name, entry)
+            self._tiers[entry.tier].remove(name)
+        for reservation in self._pending.values():
+            reservation.stale = True
+        for tier in self._tiers:
+            tier.remove_empty_directories()
+        return len(entries)
+
     def _forget(self, name: str, entry: _Entry) -> None:
         del self._index[name]
         self._policies[entry.tier].removed(name)

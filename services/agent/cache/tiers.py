@@ -148,6 +148,9 @@ class Tier(Protocol):
     def scan(self) -> list[ScannedBlock]:
         """Blocks that survived a restart, oldest first (by modification time)."""
 
+    def remove_empty_directories(self) -> None:
+        """Removes the tier's folders if no file is left in them (after its dataset was deleted)."""
+
 
 def _check_limits(quota_bytes: int, high: float, low: float) -> None:
     if quota_bytes <= 0:
@@ -201,6 +204,9 @@ class MemoryTier:
 
     def scan(self) -> list[ScannedBlock]:
         return []
+
+    def remove_empty_directories(self) -> None:
+        return None
 
 
 class DiskTier:
@@ -433,6 +439,20 @@ class DiskTier:
             return []
         found.sort(key=lambda item: item[0])
         return [block for _, block in found]
+
+    def remove_empty_directories(self) -> None:
+        """rmdir of the shard folders and the tier's folder, each only if empty (but for the tier's marker):
+        nothing else is ever deleted."""
+        shards: list[str] = []
+        with contextlib.suppress(OSError), os.scandir(self._root) as entries:
+            shards = [entry.path for entry in entries if _is_shard(entry)]
+        for shard in shards:
+            with contextlib.suppress(OSError):
+                os.rmdir(shard)
+        with contextlib.suppress(OSError):
+            if os.listdir(self._root) == [MARKER]:  # Shoal's own marker goes last, with the folder
+                os.unlink(os.path.join(self._root, MARKER))
+            os.rmdir(self._root)
 
     # -- internals ----------------------------------------------------------------------------------------
 

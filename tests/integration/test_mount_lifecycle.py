@@ -1,0 +1,339 @@
+"""A mount's life on real FUSE over SeaweedFS and nats-server: inventory of thousands of long keys, inventory
+publishes that fail, a mount that keeps failing (and shows it in status), a mount process killed under a reader,
+mounts added to a Bound dataset, and a deleted dataset's cache freed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+from nats.js.api import StreamConfig
+
+from libs import subjects
+from libs.bus import MESSAGE_LIMIT, Bus, kv_load
+from libs.config import Settings
+from libs.events.common import ObjectMeta, format_bytes
+from libs.events.dataset import Dataset, DatasetApply, DatasetSpec, Mount
+from libs.inventory import DatasetInventory
+from libs.manifest import ManifestStore
+from tests.conftest import SeaweedServer, put_objects
+from tests.faults import CuttableProxy
+from tests.helpers import eventually, runtime_record
+from tests.integration.agent_stack import md5, mounted_paths, node_stack, read_file, run_tool
+from tests.integration.test_agent_cache import InventoryWatch, mount_pids
+
+SHOAL = ".venv/bin/shoal"
+
+
+def long_key(i: int) -> str:
+    """An 800-character key in 200-character folders (a path segment must stay under 255 bytes)."""
+    folders = "/".join(c * 199 for c in "abc")
+    return f"{folders}/{i:05d}-" + "f" * (800 - len(folders) - 7)
+
+
+def block_files(directory: Path, temporary: bool = True) -> list[Path]:
+    """Files under ``directory``; without blocks still being written (``.<name>.tmp``) unless ``temporary``."""
+    if not directory.exists():
+        return []
+    return sorted(p for p in directory.rglob("*") if p.is_file() and (temporary or not p.name.startswith(".")))
+
+
+async def test_inventory_of_thousands_of_blocks_under_long_keys_arrives_and_the_mount_restarts(
+        bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path) -> None:
+    # 2,000 blocks with 800-character keys: ~1.7 MB as one v1 snapshot, beyond NATS's 1 MiB payload limit.
+    count = 2000
+    objects = {long_key(i): f"{i:08d}".encode() for i in range(count)}
+    assert {len(key) for key in objects} == {800}
+    await put_objects(seaweedfs, bucket, objects, concurrency=64)
+    inventory = InventoryWatch()
+    await inventory.start(bus)
+    async with node_stack(bus, settings, seaweedfs, tmp_path) as node:
+        await node.apply("wide", bucket, block_size="64Ki")
+        root = await node.wait_mounted("wide", expect=long_key(count - 1))
+        await run_tool("sh", "-c", f"find '{root}' -type f -print0 | xargs -0 -P 8 -n 100 cat > /dev/null")
+
+        async def all_cached() -> Any:
+            record = await node.record("wide")
+            return record if record.status.cache_states.cached_percentage == "100.0%" else None
+
+        await eventually(all_cached, timeout=30, what="every block in cacheStates")
+        [pid] = mount_pids(root)
+        first = inventory.latest()
+        assert first is not None
+        os.kill(pid, signal.SIGKILL)  # the restarted mount starts with a snapshot of all 2,000 blocks
+
+        async def whole_snapshot() -> list[dict[str, Any]] | None:
+            parts = [e for e in inventory.events if e["incarnation"] != first["incarnation"]
+                     and e["type"] == "agent.inventory.snapshot.v2"]
+            return parts if parts and len(parts) == parts[-1]["parts"] else None
+
+        parts = await eventually(whole_snapshot, timeout=60, what="the restarted mount's snapshot, every part")
+        assert len(parts) > 1 and [p["part"] for p in parts] == list(range(1, len(parts) + 1))
+        assert [p["seq"] for p in parts] == list(range(parts[0]["seq"], parts[0]["seq"] + len(parts)))
+        assert all(len(msgspec.json.encode(p)) < MESSAGE_LIMIT for p in parts)
+        assert sum(len(indices) for p in parts for *_, indices in p["files"]) == count
+        await node.wait_mounted("wide")
+        assert mount_pids(root) and mount_pids(root) != [pid]
+        assert await read_file(root / long_key(7)) == objects[long_key(7)]
+
+
+async def set_agent_stream_subjects(bus: Bus, subject_list: list[str]) -> None:
+    info = await bus.js.stream_info(subjects.STREAM_AGENT)
+    config: StreamConfig = info.config
+    config.subjects = subject_list
+    await bus.js.update_stream(config)
+
+
+async def test_a_failing_inventory_publish_leaves_the_mount_serving(
+        bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path) -> None:
+    objects = {f"f{i}.bin": os.urandom(100_000 + i) for i in range(4)}
+    await put_objects(seaweedfs, bucket, objects)
+    inventory = InventoryWatch()
+    await inventory.start(bus)
+    async with node_stack(bus, settings, seaweedfs, tmp_path) as node:
+        await node.apply("pub", bucket)
+        root = await node.wait_mounted("pub", expect="f3.bin")
+        [pid] = mount_pids(root)
+        assert await read_file(root / "f0.bin") == objects["f0.bin"]
+        first = await eventually(lambda: _async(inventory.latest()), what="inventory of the first read")
+        # JetStream stops taking inventory (heartbeats still go through): every inventory publish now fails.
+        await set_agent_stream_subjects(bus, [subjects.AGENT_HEARTBEATS])
+        before = len(inventory.events)
+        assert await read_file(root / "f1.bin") == objects["f1.bin"]  # a change the next delta must carry
+
+        async def snapshot_after_failure() -> dict[str, Any] | None:
+            # The failed publish is seen by this core subscriber, and the publisher starts over with a snapshot
+            # from the same process (same incarnation): the failure was noticed and the mount lived on.
+            later = inventory.events[before:]
+            deltas = [e for e in later if e["type"] == "agent.inventory.delta.v2"]
+            snapshots = [e for e in later if e["type"] == "agent.inventory.snapshot.v2"
+                         and deltas and e["seq"] > deltas[0]["seq"]]
+            return snapshots[0] if snapshots else None
+
+        snapshot = await eventually(snapshot_after_failure, timeout=30, what="a snapshot after a failed publish")
+        assert snapshot["incarnation"] == first["incarnation"]
+        assert mount_pids(root) == [pid]
+        for key, body in objects.items():
+            assert md5(await read_file(root / key)) == md5(body)
+        await set_agent_stream_subjects(bus, [subjects.ALL_AGENT])
+        total = sum(len(body) for body in objects.values())
+
+        async def caught_up() -> Any:
+            record = await node.record("pub")
+            return record if record.status.cache_states.cached == format_bytes(total) else None
+
+        await eventually(caught_up, timeout=30, what="cacheStates once inventory flows again")
+        assert mount_pids(root) == [pid]
+
+
+async def _async(value: Any) -> Any:
+    return value
+
+
+async def test_a_mount_that_keeps_failing_shows_in_dataset_and_runtime_status(
+        bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path) -> None:
+    await put_objects(seaweedfs, bucket, {"a.txt": b"a"})
+    async with node_stack(bus, settings, seaweedfs, tmp_path) as node:
+        await node.apply("sad", bucket)
+        root = await node.wait_mounted("sad", expect="a.txt")
+        record = await node.record("sad")
+
+        async def mounted_condition(status: str) -> Any:
+            dataset = await node.record("sad")
+            runtime = await runtime_record(bus, "sad")
+            found = [c for c in dataset.status.conditions if c.type == "Mounted" and c.status == status]
+            found_rt = [c for c in runtime.status.conditions if c.type == "Mounted" and c.status == status] \
+                if runtime else []
+            return (dataset, runtime, found[0]) if found and found_rt else None
+
+        await eventually(lambda: mounted_condition("True"), what="Mounted=True while serving")
+        # Every restart of the mount now fails: its manifest is gone from the object store.
+        await (await ManifestStore.of(bus)).delete(record.status.manifest)
+        [pid] = mount_pids(root)
+        os.kill(pid, signal.SIGKILL)
+        dataset, runtime, condition = await eventually(lambda: mounted_condition("False"), timeout=30,
+                                                       what="Mounted=False on dataset and runtime")
+        assert condition.reason == "MountFailing" and "node-a: mount process exited with code" in condition.message
+        assert dataset.status.phase == "Bound" and dataset.status.message == condition.message
+        assert "not serving on node-a" in runtime.status.message
+        cli = await run_tool(SHOAL, "--nats", ",".join(settings.nats.urls), "get", "datasets", "-o", "wide")
+        assert "not serving on node-a" in cli.stdout
+        with pytest.raises(OSError) as raised:  # the dead mount stays: readers get an error, not an empty folder
+            await asyncio.to_thread(os.listdir, root)
+        assert raised.value.errno == errno.ENOTCONN
+        await node.resync("sad")  # a new manifest: the next restart succeeds
+        dataset, _, _ = await eventually(lambda: mounted_condition("True"), timeout=30, what="serving again")
+        assert dataset.status.message == ""
+        assert await read_file(root / "a.txt") == b"a"
+
+
+async def test_readers_never_see_an_empty_folder_while_a_killed_mount_restarts(
+        bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path) -> None:
+    objects = {f"img_{i}.jpg": os.urandom(1000) for i in range(20)}
+    await put_objects(seaweedfs, bucket, objects)
+    async with node_stack(bus, settings, seaweedfs, tmp_path) as node:
+        await node.apply("steady", bucket)
+        root = await node.wait_mounted("steady", expect="img_19.jpg")
+        [pid] = mount_pids(root)
+        seen: list[str] = []
+        stop = threading.Event()
+
+        def poll() -> None:
+            # Paced a little so the test's own event loop (which runs the services) keeps the GIL often enough.
+            while not stop.is_set():
+                try:
+                    names = os.listdir(root)
+                    seen.append("listing" if sorted(names) == sorted(objects) else f"WRONG {sorted(names)[:3]}")
+                except OSError as err:
+                    seen.append(errno.errorcode.get(err.errno or 0, str(err)))
+                try:
+                    os.stat(root / "img_3.jpg")
+                except OSError as err:
+                    seen.append(f"stat {errno.errorcode.get(err.errno or 0, str(err))}")
+                time.sleep(0.001)
+
+        reader = threading.Thread(target=poll)
+        reader.start()
+        try:
+            await eventually(lambda: _async("listing" in seen), what="the reader under way")
+            os.kill(pid, signal.SIGKILL)
+
+            async def restarted() -> bool:
+                pids = mount_pids(root)
+                if not pids or pids == [pid] or "ENOTCONN" not in seen:
+                    return False
+                after = seen[seen.index("ENOTCONN"):]
+                return after.count("listing") >= 50  # the new mount, listed many times over
+
+            await eventually(restarted, timeout=30, what="the replacement mount serving the reader")
+        finally:
+            stop.set()
+            await asyncio.to_thread(reader.join)
+        outcomes = set(seen)
+        assert "ENOTCONN" in outcomes  # the reader did see the dead mount
+        # Errors only (ECONNABORTED: a request in flight when the process died): never an empty or partial
+        # listing, never ENOENT for a file of the dataset.
+        errors = {"ENOTCONN", "ECONNABORTED"}
+        assert outcomes <= {"listing", *errors, *(f"stat {e}" for e in errors)}, sorted(outcomes)
+        assert md5(await read_file(root / "img_3.jpg")) == md5(objects["img_3.jpg"])
+
+
+async def test_a_mount_added_to_a_bound_dataset_reads_through_the_running_mount(
+        bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path) -> None:
+    objects = {"train/a.bin": os.urandom(300_000), "train/later.bin": os.urandom(200_000),
+               "extra/b.bin": os.urandom(250_000)}
+    await put_objects(seaweedfs, bucket, objects)
+    proxy = CuttableProxy(seaweedfs.config.s3_port)
+    await proxy.start()
+    try:
+        async with node_stack(bus, settings, seaweedfs, tmp_path) as node:
+            await node.apply("grow", bucket, prefix="train/", endpoint=proxy.endpoint)
+            root = await node.wait_mounted("grow", expect="a.bin")
+            assert md5(await read_file(root / "a.bin")) == md5(objects["train/a.bin"])
+            [pid] = mount_pids(root)
+            # Re-applied: the first mount now reads straight from the store (its endpoint option changed), and a
+            # second mount over the whole bucket is added.
+            grown = Dataset(metadata=ObjectMeta(name="grow"), spec=DatasetSpec(mounts=[
+                Mount(mount_point=f"s3://{bucket}/train/", name="train", options={"endpoint": seaweedfs.endpoint}),
+                Mount(mount_point=f"s3://{bucket}/", name="all"),
+            ]))
+            await bus.publish(subjects.DATASET_APPLY, DatasetApply(dataset=grown))
+            await node.wait_mounted("grow", expect="all/extra/b.bin")
+            await proxy.cut()  # the old endpoint is gone: reads must use the new one
+            for path, key in [("all/extra/b.bin", "extra/b.bin"), ("all/train/a.bin", "train/a.bin"),
+                              ("train/later.bin", "train/later.bin")]:
+                result = await run_tool("md5sum", str(root / path), check=False)
+                assert result.returncode == 0, f"{path}: {result.stderr}"
+                assert result.stdout.split()[0] == md5(objects[key])
+            piped = await run_tool("sh", "-c", f"cat '{root / 'all/train/later.bin'}' | md5sum")
+            assert piped.stdout.split()[0] == md5(objects["train/later.bin"])
+            assert mount_pids(root) == [pid]  # the running mount, not a new one
+    finally:
+        await proxy.cut()
+
+
+async def test_deleting_a_dataset_frees_its_cached_blocks(
+        bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path) -> None:
+    objects = {f"d{i}.bin": os.urandom(1_500_000) for i in range(3)}
+    await put_objects(seaweedfs, bucket, objects)
+    inventory = InventoryWatch()
+    await inventory.start(bus)
+    async with node_stack(bus, settings, seaweedfs, tmp_path) as node:
+        await node.apply("gone", bucket)
+        await node.apply("kept", bucket)
+        root = await node.wait_mounted("gone", expect="d2.bin")
+        kept_root = await node.wait_mounted("kept", expect="d2.bin")
+        for key in objects:
+            await read_file(root / key)
+            await read_file(kept_root / key)
+        cache = node.cache_dir / "default" / "gone"
+        await eventually(lambda: _async(len(block_files(cache)) >= 6), what="blocks of 'gone' on disk")
+        kept = node.cache_dir / "default" / "kept"
+        kept_blocks = await eventually(lambda: _async(len(block_files(kept, temporary=False)) >= 6 and
+                                                      block_files(kept) == block_files(kept, temporary=False)
+                                                      and block_files(kept)), what="blocks of 'kept' on disk")
+        await run_tool(SHOAL, "--nats", ",".join(settings.nats.urls), "delete", "dataset", "gone")
+
+        async def freed() -> bool:
+            return not block_files(cache) and str(root) not in mounted_paths()
+
+        await eventually(freed, timeout=30, what="the deleted dataset's blocks removed from the cache directory")
+        assert not root.exists()  # no bare mount point left behind either
+
+        await eventually(lambda: _async(not mount_pids(root)), what="the mount process gone, its last events sent")
+
+        async def holds_nothing() -> bool:
+            # Folded, the node's events say it holds no block of the dataset any more (blocks cached and freed
+            # within one batch cancel out; freed after an earlier delta, they are listed as evicted).
+            events = [e for e in inventory.events if e["dataset"]["name"] == "gone"]
+            held: set[tuple[int, str, str, int]] = set()
+            for event in events:
+                if event["type"] == "agent.inventory.snapshot.v2" and event["part"] == 1:
+                    held = set()
+                for mount, key, etag, indices in event.get("files", []) + event.get("cached", []):
+                    held |= {(mount, key, etag, index) for index, _ in indices}
+                for mount, key, etag, indices in event.get("evicted", []):
+                    held -= {(mount, key, etag, index) for index, _ in indices}
+            return bool(events) and events[-1]["counters"]["cachedBytes"] == 0 and not held
+
+        await eventually(holds_nothing, what="inventory saying the node caches nothing of it")
+        listing = await run_tool(SHOAL, "--nats", ",".join(settings.nats.urls), "get", "datasets")
+        assert "gone" not in listing.stdout and "kept" in listing.stdout
+        node_cache, _ = await kv_load(await bus.kv(subjects.KV_NODE_CACHE), subjects.resource_key("default", "gone"),
+                                      DatasetInventory)
+        assert node_cache is None
+        assert block_files(kept) == kept_blocks  # other datasets untouched
+
+
+async def test_deleting_a_dataset_whose_mount_is_down_frees_its_cached_blocks_too(
+        bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path) -> None:
+    objects = {f"d{i}.bin": os.urandom(1_500_000) for i in range(2)}
+    await put_objects(seaweedfs, bucket, objects)
+    async with node_stack(bus, settings, seaweedfs, tmp_path) as node:
+        await node.apply("down", bucket)
+        root = await node.wait_mounted("down", expect="d1.bin")
+        for key in objects:
+            await read_file(root / key)
+        cache = node.cache_dir / "default" / "down"
+        await eventually(lambda: _async(len(block_files(cache)) >= 4), what="blocks on disk")
+        # The mount process dies and cannot come back (its manifest is gone): nobody in it to free the cache.
+        record = await node.record("down")
+        await (await ManifestStore.of(bus)).delete(record.status.manifest)
+        [pid] = mount_pids(root)
+        os.kill(pid, signal.SIGKILL)
+        await eventually(lambda: _async(not mount_pids(root)), what="the mount process gone")
+        await run_tool(SHOAL, "--nats", ",".join(settings.nats.urls), "delete", "dataset", "down")
+
+        async def freed() -> bool:
+            return not block_files(cache) and str(root) not in mounted_paths() and not root.exists()
+
+        await eventually(freed, timeout=30, what="the agent freeing the deleted dataset's blocks")
