@@ -25,6 +25,7 @@ from libs.events.common import ObjectMeta, format_bytes
 from libs.events.dataset import Dataset, DatasetApply, DatasetSpec, Mount
 from libs.inventory import DatasetInventory
 from libs.manifest import ManifestStore
+from services.agent.cache.tiers import MARKER
 from tests.conftest import SeaweedServer, put_objects
 from tests.faults import CuttableProxy
 from tests.helpers import eventually, runtime_record
@@ -41,10 +42,12 @@ def long_key(i: int) -> str:
 
 
 def block_files(directory: Path, temporary: bool = True) -> list[Path]:
-    """Files under ``directory``; without blocks still being written (``.<name>.tmp``) unless ``temporary``."""
+    """Block files under ``directory`` (not the tier's ownership marker); without blocks still being written
+    (``.<name>.tmp``) unless ``temporary``."""
     if not directory.exists():
         return []
-    return sorted(p for p in directory.rglob("*") if p.is_file() and (temporary or not p.name.startswith(".")))
+    return sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MARKER
+                  and (temporary or not p.name.startswith(".")))
 
 
 async def test_inventory_of_thousands_of_blocks_under_long_keys_arrives_and_the_mount_restarts(
@@ -292,8 +295,8 @@ async def test_deleting_a_dataset_frees_its_cached_blocks(
         await eventually(lambda: _async(not mount_pids(root)), what="the mount process gone, its last events sent")
 
         async def holds_nothing() -> bool:
-            # Folded, the node's events say it holds no block of the dataset any more (blocks cached and freed
-            # within one batch cancel out; freed after an earlier delta, they are listed as evicted).
+            # Folded, the node's events say it holds no block of the dataset any more (every freed block is
+            # listed as evicted).
             events = [e for e in inventory.events if e["dataset"]["name"] == "gone"]
             held: set[tuple[int, str, str, int]] = set()
             for event in events:
