@@ -102,8 +102,10 @@ class InventoryLog:
         self._cached[block] = size
 
     def evicted(self, block: BlockId, size: int) -> None:
-        if self._cached.pop(block, None) is None:
-            self._evicted[block] = size
+        # Always reported, even when cached earlier in this batch: the block may have been in the cache (and in
+        # what consumers hold) before the batch, and an eviction of a block they never saw changes nothing.
+        self._cached.pop(block, None)
+        self._evicted[block] = size
 
     def snapshot(self, blocks: list[tuple[BlockId, int]], counters: CacheCounters) -> list[InventorySnapshot]:
         """A full snapshot in parts; pending changes are included in it, so they are dropped."""

@@ -106,8 +106,11 @@ def test_snapshot_then_consecutive_deltas_and_nothing_when_idle() -> None:
     assert delta.seq == len(parts) + 1
     assert [b.block for f in delta.cached for b in f.cached_blocks()] == [block(99)]
     assert [b.block for f in delta.evicted for b in f.cached_blocks()] == [block(1)]
-    log.cached(block(7), 1)
-    log.evicted(block(7), 1)  # cached and gone again within one batch: nothing to tell
+    log.cached(block(1), 1)
+    log.evicted(block(1), 1)  # back and gone again within one batch: still gone for whoever held it before
+    [delta] = log.delta(CacheCounters(cached_bytes=5))
+    assert not delta.cached
+    assert [b.block for f in delta.evicted for b in f.cached_blocks()] == [block(1)]
     assert log.delta(CacheCounters(cached_bytes=5)) == []
 
 
