@@ -25,7 +25,6 @@ from libs.events.common import ObjectMeta, format_bytes
 from libs.events.dataset import Dataset, DatasetApply, DatasetSpec, Mount
 from libs.inventory import DatasetInventory
 from libs.manifest import ManifestStore
-from services.agent.cache.tiers import MARKER
 from tests.conftest import SeaweedServer, put_objects
 from tests.faults import CuttableProxy
 from tests.helpers import eventually, runtime_record
@@ -41,13 +40,13 @@ def long_key(i: int) -> str:
     return f"{folders}/{i:05d}-" + "f" * (800 - len(folders) - 7)
 
 
-def block_files(directory: Path, temporary: bool = True) -> list[Path]:
-    """Block files under ``directory`` (not the tier's ownership marker); without blocks still being written
-    (``.<name>.tmp``) unless ``temporary``."""
+def block_files(directory: Path, temporary: bool = False) -> list[Path]:
+    """Block files under ``directory`` (named by their hash); blocks still being written (``.<name>.tmp``) too
+    if ``temporary``. Not the tier's ownership marker."""
     if not directory.exists():
         return []
-    return sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MARKER
-                  and (temporary or not p.name.startswith(".")))
+    return sorted(p for p in directory.rglob("*") if p.is_file() and (
+        not p.name.startswith(".") or (temporary and p.name.endswith(".tmp"))))
 
 
 async def test_inventory_of_thousands_of_blocks_under_long_keys_arrives_and_the_mount_restarts(
@@ -281,14 +280,15 @@ async def test_deleting_a_dataset_frees_its_cached_blocks(
         cache = node.cache_dir / "default" / "gone"
         await eventually(lambda: _async(len(block_files(cache)) >= 6), what="blocks of 'gone' on disk")
         kept = node.cache_dir / "default" / "kept"
-        kept_blocks = await eventually(lambda: _async(len(block_files(kept, temporary=False)) >= 6 and
-                                                      block_files(kept) == block_files(kept, temporary=False)
+        kept_blocks = await eventually(lambda: _async(len(block_files(kept)) >= 6 and
+                                                      block_files(kept, temporary=True) == block_files(kept)
                                                       and block_files(kept)), what="blocks of 'kept' on disk")
         await run_tool(SHOAL, "--nats", ",".join(settings.nats.urls), "delete", "dataset", "gone")
 
         async def freed() -> bool:
-            return not block_files(cache) and str(root) not in mounted_paths()
+            return not cache.exists() and str(root) not in mounted_paths()
 
+        # Its folder goes too: block files, shards and the tier's marker, nothing else was in it.
         await eventually(freed, timeout=30, what="the deleted dataset's blocks removed from the cache directory")
         assert not root.exists()  # no bare mount point left behind either
 
@@ -337,6 +337,6 @@ async def test_deleting_a_dataset_whose_mount_is_down_frees_its_cached_blocks_to
         await run_tool(SHOAL, "--nats", ",".join(settings.nats.urls), "delete", "dataset", "down")
 
         async def freed() -> bool:
-            return not block_files(cache) and str(root) not in mounted_paths() and not root.exists()
+            return not cache.exists() and str(root) not in mounted_paths() and not root.exists()
 
         await eventually(freed, timeout=30, what="the agent freeing the deleted dataset's blocks")
