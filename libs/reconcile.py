@@ -2,7 +2,8 @@
 
 The watch first replays every existing key, so work interrupted by a crash is picked up on restart without any
 separate recovery path. At most one reconcile runs per key; a change that arrives meanwhile runs it once more
-afterwards.
+afterwards, also cutting short the wait of a key that asked to be retried later (a resync must not wait out the
+retry delay of an unreachable endpoint).
 
 ``reconcile`` speaks the handlers' retry vocabulary (``libs.bus``): returning means done until the next change;
 ``RetryLater`` runs it again after its delay (or a growing one); ``Conflict`` runs it again at once (another
@@ -34,6 +35,7 @@ class Reconciler:
         self.reconcile = reconcile
         self._running: dict[str, asyncio.Task[None]] = {}
         self._again: set[str] = set()
+        self._wake: dict[str, asyncio.Event] = {}
         self._stopping = asyncio.Event()
 
     async def run(self) -> None:
@@ -53,6 +55,8 @@ class Reconciler:
     def schedule(self, key: str) -> None:
         if key in self._running:
             self._again.add(key)
+            if key in self._wake:
+                self._wake[key].set()
             return
         self._running[key] = asyncio.create_task(self._work(key), name=f"reconcile {key}")
 
@@ -80,10 +84,16 @@ class Reconciler:
                     continue
                 if delay is None:
                     return
+                wake = self._wake[key] = asyncio.Event()
+                stopping = asyncio.ensure_future(self._stopping.wait())
+                woken = asyncio.ensure_future(wake.wait())
                 try:
-                    await asyncio.wait_for(self._stopping.wait(), timeout=delay)
+                    await asyncio.wait([stopping, woken], timeout=delay, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    stopping.cancel()
+                    woken.cancel()
+                    self._wake.pop(key, None)
+                if self._stopping.is_set():
                     return
-                except TimeoutError:
-                    continue
         finally:
             self._running.pop(key, None)

@@ -78,6 +78,16 @@ async def test_retry_later_runs_the_key_again_after_its_delay(bus: Bus) -> None:
     assert all(gap >= 0.2 for gap in script.gaps("a")), script.gaps("a")
 
 
+async def test_a_change_cuts_short_the_wait_of_a_key_retried_later(bus: Bus) -> None:
+    # An unreachable endpoint waits 15 s; a resync (a change of the key) must not wait that out.
+    script = Scripted({"a": [RetryLater("endpoint unreachable", 60.0)]})
+    async with reconciling(bus, script) as kv:
+        await kv.put("a", b"1")
+        await eventually(script.reached("a", 1), timeout=3, what="the first call")
+        await kv.put("a", b"2")
+        await eventually(script.reached("a", 2), timeout=3, what="a second call long before the 60 s delay")
+
+
 async def test_conflict_runs_the_key_again_at_once(bus: Bus) -> None:
     script = Scripted({"c": [Conflict("lost a compare-and-set"), Conflict("again")]})
     async with reconciling(bus, script) as kv:
