@@ -126,6 +126,10 @@ class Bus:
         self.replicas = replicas
         self._kv: dict[str, KeyValue] = {}
 
+    def reconnects(self) -> int:
+        """How often the connection was re-established: a watch starts again when this changes."""
+        return int(self.nc.stats["reconnects"])
+
     async def close(self) -> None:
         if not self.nc.is_closed:
             await self.nc.close()
@@ -453,43 +457,72 @@ class Consumer(Generic[E]):
         await message.term()
 
 
-async def kv_watch(kv: KeyValue, stopping: asyncio.Event) -> AsyncGenerator[KeyValue.Entry | None, None]:
-    """Every entry of a bucket, then None once the initial values are in, then every change, until ``stopping``."""
+class Replay:
+    """Yielded by ``kv_watch`` when it starts again after a reconnect: every entry follows again, then None."""
+
+
+# How often a watch looks at ``stopping`` and at the connection's reconnect count.
+WATCH_TICK_SECONDS = 1.0
+
+
+async def kv_watch(kv: KeyValue, stopping: asyncio.Event, reconnects: Callable[[], int] | None = None,
+                   ) -> AsyncGenerator[KeyValue.Entry | Replay | None, None]:
+    """Every entry of a bucket, then None once the initial values are in, then every change, until ``stopping``.
+
+    With ``reconnects`` (``Bus.reconnects``), a reconnect starts the watch again (``Replay``, every entry, None):
+    nats-py's ordered consumer notices a restarted server only after missed heartbeats (~20 s measured), and
+    changes made meanwhile would wait that long.
+    """
+    seen = reconnects() if reconnects else 0
     watcher = await kv.watchall()
     try:
         while not stopping.is_set():
+            if reconnects is not None and reconnects() != seen:
+                seen = reconnects()
+                with contextlib.suppress(Exception):  # the old consumer may be gone with the old server
+                    await watcher.stop()
+                watcher = await kv.watchall()
+                yield Replay()
             try:
-                entry = await watcher.updates(timeout=1.0)
+                entry = await watcher.updates(timeout=WATCH_TICK_SECONDS)
             except TimeoutError:
-                continue  # look at ``stopping`` again
+                continue  # look at ``stopping`` and the reconnect count again
             yield entry
     finally:
-        await watcher.stop()
+        with contextlib.suppress(Exception):
+            await watcher.stop()
 
 
 class KvMirror(Generic[T]):
     """An in-memory copy of a KV bucket, kept current by a watch (no listing, which nats-py can miss).
 
-    Keys leave the mirror only on an explicit delete or purge; ``ready`` is set once the initial values are in.
+    Keys leave the mirror on an explicit delete or purge, or when a replay after a reconnect no longer holds them;
+    ``ready`` is set once the initial values are in. During a replay readers keep the previous view.
     """
 
-    def __init__(self, kv: KeyValue, type_: type[T]) -> None:
+    def __init__(self, kv: KeyValue, type_: type[T], reconnects: Callable[[], int] | None = None) -> None:
         self.kv = kv
         self.decoder = msgspec.json.Decoder(type_)
+        self.reconnects = reconnects
         self.values: dict[str, T] = {}
         self.ready = asyncio.Event()
         self._stopping = asyncio.Event()
 
     async def run(self) -> None:
-        async with contextlib.aclosing(kv_watch(self.kv, self._stopping)) as entries:
+        target = self.values
+        async with contextlib.aclosing(kv_watch(self.kv, self._stopping, self.reconnects)) as entries:
             async for entry in entries:
-                if entry is None:
+                if isinstance(entry, Replay):
+                    target = {}
+                elif entry is None:
+                    if target is not self.values:
+                        self.values = target
                     self.ready.set()
                 elif entry.operation in ("DEL", "PURGE"):
-                    self.values.pop(entry.key, None)
+                    target.pop(entry.key, None)
                 elif entry.value is not None:
                     try:
-                        self.values[entry.key] = self.decoder.decode(entry.value)
+                        target[entry.key] = self.decoder.decode(entry.value)
                     except (msgspec.ValidationError, msgspec.DecodeError):
                         log.warning("undecodable KV entry ignored", key=entry.key)
 

@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 
 from nats.js.kv import KeyValue
 
-from libs.bus import Conflict, Permanent, RetryLater, kv_watch, retry_delay
+from libs.bus import Conflict, Permanent, Replay, RetryLater, kv_watch, retry_delay
 from libs.telemetry import get_logger
 
 log = get_logger(__name__)
@@ -30,9 +30,10 @@ ERROR_RETRY_SECONDS = 5.0
 
 
 class Reconciler:
-    def __init__(self, kv: KeyValue, reconcile: Reconcile) -> None:
+    def __init__(self, kv: KeyValue, reconcile: Reconcile, reconnects: Callable[[], int] | None = None) -> None:
         self.kv = kv
         self.reconcile = reconcile
+        self.reconnects = reconnects
         self._running: dict[str, asyncio.Task[None]] = {}
         self._again: set[str] = set()
         self._wake: dict[str, asyncio.Event] = {}
@@ -40,9 +41,10 @@ class Reconciler:
 
     async def run(self) -> None:
         try:
-            async with contextlib.aclosing(kv_watch(self.kv, self._stopping)) as entries:
+            async with contextlib.aclosing(kv_watch(self.kv, self._stopping, self.reconnects)) as entries:
                 async for entry in entries:
-                    if entry is not None and entry.operation not in ("DEL", "PURGE"):
+                    # A replay after a reconnect schedules every key again: level-triggered, so harmless.
+                    if entry is not None and not isinstance(entry, Replay) and entry.operation not in ("DEL", "PURGE"):
                         self.schedule(entry.key)
         finally:
             for task in list(self._running.values()):

@@ -270,8 +270,8 @@ async def run(settings: Settings, stop: asyncio.Event, child_env: dict[str, str]
     readiness.add("nats", nats_check(bus))
     try:
         await bus.provision()
-        agent = NodeAgent(settings, bus, KvMirror(await bus.kv(subjects.KV_RUNTIMES), RuntimeRecord),
-                          KvMirror(await bus.kv(subjects.KV_DATASETS), DatasetRecord), child_env)
+        agent = NodeAgent(settings, bus, KvMirror(await bus.kv(subjects.KV_RUNTIMES), RuntimeRecord, bus.reconnects),
+                          KvMirror(await bus.kv(subjects.KV_DATASETS), DatasetRecord, bus.reconnects), child_env)
         await agent.run(stop, readiness)
     finally:
         await bus.close()

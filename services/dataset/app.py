@@ -58,7 +58,7 @@ async def run(settings: Settings, stop: asyncio.Event, clock: Callable[[], float
             msgspec.json.Decoder(AnyInventory), handlers.on_inventory, max_event_bytes=MESSAGE_LIMIT,
             max_deliver=max_deliver,
         )
-        reconciler = Reconciler(await bus.kv(subjects.KV_DATASETS), handlers.sync)
+        reconciler = Reconciler(await bus.kv(subjects.KV_DATASETS), handlers.sync, bus.reconnects)
         await run_loops([commands, runtime_facts, inventory, reconciler], stop, readiness)
     finally:
         await bus.close()

@@ -38,7 +38,7 @@ async def run(settings: Settings, stop: asyncio.Event, clock: Callable[[], float
     readiness.add("nats", nats_check(bus))
     try:
         await bus.provision()
-        agents = KvMirror(await bus.kv(subjects.KV_AGENTS), AgentRecord)
+        agents = KvMirror(await bus.kv(subjects.KV_AGENTS), AgentRecord, bus.reconnects)
         readiness.add("agents watch", lambda: None if agents.ready.is_set() else "agents watch catching up")
         handlers = RuntimeHandlers(bus, agents, clock)
         max_bytes, max_deliver = settings.service.max_event_bytes, settings.service.max_deliver

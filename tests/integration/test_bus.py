@@ -101,7 +101,7 @@ async def test_services_keep_working_across_a_nats_server_restart(nats_server: N
             fresh = await connect(settings.nats, "tests-after-restart")
             try:
                 await fresh.publish(subjects.DATASET_APPLY, apply_local("after", source))
-                record = await eventually(lambda: _synced(fresh, "after"), timeout=60,
+                record = await eventually(lambda: _synced(fresh, "after"), timeout=10,
                                           what="a dataset applied after the restart synced by the same service")
                 assert record.status.file_num == 2
             finally:
