@@ -47,8 +47,9 @@ test-deps: system-deps
 run: system-deps venv
 	$(BIN)/shoal up
 
+# Tests run in two workers, a test file per worker (files share servers and fixtures): about half the wall time.
 test: test-deps venv
-	$(BIN)/pytest -q -p no:cacheprovider
+	$(BIN)/pytest -q -p no:cacheprovider -n 2 --dist loadfile
 
 lint: venv
 	$(BIN)/ruff check .
