@@ -24,7 +24,8 @@ import aiohttp
 import pytest
 
 from libs.bus import connect
-from libs.cli.stack.banner import applied_line
+from libs.cli.stack import S3Access
+from libs.cli.stack.banner import applied_line, banner
 from libs.cli.stack.demo import Applied, demo_objects, rebase_tier_paths
 from libs.cli.stack.layout import StateLayout
 from libs.cli.stack.pids import pid_alive
@@ -324,6 +325,14 @@ def test_the_banner_names_what_the_manifest_applied(tmp_path: Path) -> None:
     assert applied_line([Applied("Dataset", "default", "a"), Applied("Runtime", "ml", "a")], manifest) == (
         f"Dataset 'a' and Runtime 'a' (namespace ml) applied from {manifest}")
     assert "nothing applied" in applied_line([], manifest)
+
+
+def test_the_banner_never_shows_a_nats_password(tmp_path: Path) -> None:
+    s3 = S3Access(endpoint="http://127.0.0.1:8333", access_key_id="k", secret_access_key="s", embedded=False)
+    text = banner(pid=1, nats_url="nats://user:hunter2@127.0.0.1:4222", nats_embedded=False, nats_monitor_port=0,
+                  s3=s3, seeded_objects=0, services={}, http_ports={}, logs=tmp_path, manifest=tmp_path / "m.yaml",
+                  applied=[], mounts=tmp_path)
+    assert "hunter2" not in text and "nats://***@127.0.0.1:4222" in text
 
 
 def test_seaweed_grpc_ports_are_checked_too() -> None:

@@ -13,6 +13,7 @@ from libs.cli.stack import S3Access
 from libs.cli.stack.demo import DEMO_BUCKET, Applied
 from libs.cli.stack.ports import DEFAULT_NATS_URL
 from libs.embedded import LOOPBACK
+from libs.redact import strip_userinfo
 
 
 def publish_example(nats_url: str) -> str:
@@ -50,6 +51,8 @@ def applied_line(applied: Sequence[Applied], manifest: Path) -> str:
 def banner(*, pid: int, nats_url: str, nats_embedded: bool, nats_monitor_port: int, s3: S3Access,
            seeded_objects: int, services: Mapping[str, int], http_ports: Mapping[str, int], logs: Path,
            manifest: Path, applied: Sequence[Applied], mounts: Path) -> str:
+    # A NATS_URL may carry a user and password; the banner lands in terminals and logs, so it never shows them.
+    nats_url = strip_userinfo(nats_url)
     nats_line = (f"{nats_url} (embedded; monitoring http://{LOOPBACK}:{nats_monitor_port})" if nats_embedded
                  else f"{nats_url} (from NATS_URL)")
     if s3.embedded:
