@@ -151,6 +151,16 @@ def test_a_new_tier_directory_is_marked_and_then_cleaned_as_shoals(tmp_path: Pat
     assert again.scan() == [] and not garbage.exists() and not again.refused
 
 
+def test_a_cache_written_before_the_marker_is_claimed_with_its_blocks(tmp_path: Path) -> None:
+    block = BlockId(mount=0, key="k", etag="e", index=0)
+    old = DiskTier(tmp_path / "old", 1 << 20)
+    assert old.scan() == [] and old.write(block, b"data")
+    (tmp_path / "old" / MARKER).unlink()  # as an older Shoal left it
+    upgraded = DiskTier(tmp_path / "old", 1 << 20)
+    assert [scanned.block for scanned in upgraded.scan()] == [block]
+    assert not upgraded.refused and (tmp_path / "old" / MARKER).exists()
+
+
 # --- FUSE attributes: no value can make a handler raise ---
 
 

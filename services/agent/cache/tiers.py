@@ -463,6 +463,10 @@ class DiskTier:
             return True
         with os.scandir(self._root) as entries:
             foreign = [entry.name for entry in itertools.islice(entries, 3)]
+        if foreign and _written_by_shoal(self._root):
+            # A cache from before the marker existed: every file in it is one of our blocks, so it is ours.
+            log.info("cache directory from an older Shoal claimed", directory=self._root)
+            foreign = []
         if foreign:
             self._refused = (f"cache directory {self._root} holds files Shoal did not write ({', '.join(foreign)}"
                              f"{', ...' if len(foreign) == 3 else ''}) and has no {MARKER}: not used; give the tier "
@@ -514,6 +518,23 @@ class DiskTier:
             self._corrupt += 1
         log.warning("corrupt cache block deleted", path=path)
         _unlink_quietly(path)
+
+
+def _written_by_shoal(root: str) -> bool:
+    """Whether every file below ``root`` starts with Shoal's block magic (a cache written before the marker).
+
+    Reads four bytes per file, once, on the first start after an upgrade; any other file (a git object, a
+    document) makes the directory someone else's.
+    """
+    for directory, _, files in os.walk(root):
+        for name in files:
+            try:
+                with open(os.path.join(directory, name), "rb") as block:
+                    if block.read(len(MAGIC)) != MAGIC:
+                        return False
+            except OSError:
+                return False
+    return True
 
 
 def _parse_header(header: bytes) -> tuple[int, int]:
