@@ -81,6 +81,7 @@ class Staging:
 
     def prepare(self) -> bool:
         """Make the staging directory a private mount; False when this process may not mount (then mount in place)."""
+        self.remove_stale()
         os.makedirs(self.path, exist_ok=True)
         path = os.fsencode(self.path)
         try:
@@ -91,6 +92,21 @@ class Staging:
             self.cleanup()
             return False
         return True
+
+    def remove_stale(self) -> None:
+        """Remove the staging mounts of earlier mount processes of this mount point that died mid-handover.
+
+        The agent runs one mount process per mount point at a time, so a staging directory whose process is gone
+        is left over from a kill between mounting and moving; nothing else would ever unmount it.
+        """
+        parent, prefix = os.path.dirname(self.path), os.path.basename(self.path).rsplit("-", 1)[0] + "-"
+        stale: list[str] = []
+        with contextlib.suppress(OSError), os.scandir(parent) as entries:  # no parent yet: nothing stale
+            stale = [entry.path for entry in entries if entry.name.startswith(prefix) and entry.path != self.path
+                     and not _process_alive(entry.name[len(prefix):])]
+        for path in stale:
+            log.warning("staging mount of a dead mount process removed", path=path)
+            Staging.cleanup_path(path)
 
     def attach(self) -> None:
         """Move the mount made at the staging directory onto the mount point (beneath any mount there)."""
@@ -112,13 +128,29 @@ class Staging:
 
     def cleanup(self) -> None:
         """Remove the staging mounts (the bind, and the FUSE mount too if it was never moved) and the directory."""
+        Staging.cleanup_path(self.path)
+
+    @staticmethod
+    def cleanup_path(path: str) -> None:
         for _ in range(2):
-            if not is_mounted(self.path):
+            if not is_mounted(path):
                 break
             with contextlib.suppress(OSError, subprocess.CalledProcessError):
-                detach(self.path)
+                detach(path)
         with contextlib.suppress(OSError):
-            os.rmdir(self.path)
+            os.rmdir(path)
+
+
+def _process_alive(pid: str) -> bool:
+    if not pid.isdigit():
+        return True  # not a name we made: leave it alone
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
 
 
 def replace_in_place(mountpoint: str) -> None:
