@@ -466,22 +466,23 @@ WATCH_TICK_SECONDS = 1.0
 
 
 async def kv_watch(kv: KeyValue, stopping: asyncio.Event, reconnects: Callable[[], int] | None = None,
-                   ) -> AsyncGenerator[KeyValue.Entry | Replay | None, None]:
-    """Every entry of a bucket, then None once the initial values are in, then every change, until ``stopping``.
+                   keys: str = ">") -> AsyncGenerator[KeyValue.Entry | Replay | None, None]:
+    """Every entry of a bucket (or of ``keys``, a key or a wildcard), then None once the initial values are in, then
+    every change, until ``stopping``.
 
     With ``reconnects`` (``Bus.reconnects``), a reconnect starts the watch again (``Replay``, every entry, None):
     nats-py's ordered consumer notices a restarted server only after missed heartbeats (~20 s measured), and
     changes made meanwhile would wait that long.
     """
     seen = reconnects() if reconnects else 0
-    watcher = await kv.watchall()
+    watcher = await kv.watch(keys)
     try:
         while not stopping.is_set():
             if reconnects is not None and reconnects() != seen:
                 seen = reconnects()
                 with contextlib.suppress(Exception):  # the old consumer may be gone with the old server
                     await watcher.stop()
-                watcher = await kv.watchall()
+                watcher = await kv.watch(keys)
                 yield Replay()
             try:
                 entry = await watcher.updates(timeout=WATCH_TICK_SECONDS)

@@ -20,7 +20,7 @@ import msgspec
 import pyfuse3
 
 from libs import subjects
-from libs.bus import Bus, connect, kv_load
+from libs.bus import Bus, Replay, connect, kv_load, kv_watch
 from libs.config import Settings
 from libs.events.agent import CacheCounters
 from libs.events.common import ObjectRef, parse_quantity
@@ -240,20 +240,18 @@ class MountedDataset:
     async def _watch(self, fs: DatasetFS, cache: BlockCache, stop: asyncio.Event) -> None:
         """Reload the tree when the dataset is re-synced; stop when it is deleted."""
         kv = await self.bus.kv(subjects.KV_DATASETS)
-        watcher = await kv.watch(self.key)
-        try:
-            while True:
-                try:
-                    entry = await watcher.updates(timeout=5.0)
-                except TimeoutError:
-                    continue
-                if entry is None:
+        # Started again after a reconnect (libs.bus.kv_watch), so a resync right after a NATS restart is seen.
+        async with contextlib.aclosing(kv_watch(kv, stop, self.bus.reconnects, keys=self.key)) as watched:
+            async for entry in watched:
+                if entry is None or isinstance(entry, Replay):
                     continue
                 if entry.operation in ("DEL", "PURGE"):
                     log.info("dataset deleted, unmounting", dataset=self.key)
                     self.deleted = True
                     stop.set()
                     return
+                if entry.value is None:
+                    continue
                 record = msgspec.json.decode(entry.value, type=DatasetRecord)
                 version = (record.status.synced_generation, record.status.last_sync_time)
                 if version == self.manifest_version or not record.status.manifest:
@@ -271,8 +269,6 @@ class MountedDataset:
                         pyfuse3.invalidate_entry_async(parent, os.fsencode(name), ignore_enoent=True)
                 self._drop_stale(cache, entries)
                 log.info("manifest reloaded", dataset=self.key, files=len(entries), removed=len(gone))
-        finally:
-            await watcher.stop()
 
 
 async def serve(settings: Settings, namespace: str, name: str, mountpoint: str,
