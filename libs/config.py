@@ -131,9 +131,26 @@ class AgentSettings:
     )
     # Three missed beats make a node not ready; 2 s lets the runtime notice a dead agent within ~6 s.
     heartbeat_seconds: float = env("SHOAL_HEARTBEAT_SECONDS", "Seconds between heartbeats.", default=2.0)
-    # Memory for blocks fetched ahead, shared by every open file of a mount.
-    readahead_budget: str = env("SHOAL_READAHEAD_BUDGET", "Read-ahead memory per mount (quantity).",
-                                default="512Mi")
+    # Memory for blocks fetched ahead, shared by every open file of every mount of the node.
+    readahead_budget: str = env("SHOAL_READAHEAD_BUDGET", "Read-ahead memory of the node, all mounts together "
+                                "(quantity).", default="512Mi")
+    # Memory tiers of all the node's mounts together: 20 datasets with a 2Gi MEM tier each must not take 40Gi.
+    memory_tier_budget: str = env("SHOAL_MEMORY_TIER_BUDGET", "Memory the MEM tiers of all the node's mounts may "
+                                  "hold together (quantity); each mount gets at most its runtime's quota.",
+                                  default="4Gi")
+    labels: dict[str, str] = env("SHOAL_NODE_LABELS", "This node's labels as key=value,key=value (zone, region, "
+                                 "any), matched against a Dataset's nodeAffinity.", default_factory=dict)
+    # Several agents on one machine (tests, `shoal up --agents N`) share the runtime's tier paths; each keeps
+    # its blocks in its own folder below them.
+    cache_subdir: str = env("SHOAL_CACHE_SUBDIR", "Folder below each tier path for this agent's blocks "
+                            "(<path>/<subdir>/<namespace>/<name>); empty: <path>/<namespace>/<name>.", default="")
+    # Loopback by default: peers on one machine. In a cluster, the node's address (every node must reach it).
+    peer_host: str = env("SHOAL_PEER_HOST", "Address mount processes serve cached blocks to other nodes on, and "
+                         "advertise.", default="127.0.0.1")
+    # A file, not a variable: a secret in the environment shows in /proc and in crash reports.
+    peer_secret_file: str = env("SHOAL_PEER_SECRET_FILE", "File holding the cluster's peer secret (each runtime's "
+                                "signing key is derived from it); empty: no peer reads, every node reads the store.",
+                                default="")
     cache_policy: str = env("SHOAL_CACHE_POLICY", "lfu-admission (keeps a stable subset) or lru.",
                             default="lfu-admission")
     # Training jobs read datasets as users other than the agent's (root); the kernel still checks every access
@@ -158,6 +175,11 @@ def _convert(raw: str, annotation: Any) -> Any:
         return Secret(raw)
     if annotation == list[str]:
         return [part.strip() for part in raw.split(",") if part.strip()]
+    if annotation == dict[str, str]:
+        pairs = [part.strip() for part in raw.split(",") if part.strip()]
+        if any("=" not in pair for pair in pairs):
+            raise ValueError("expected key=value pairs separated by commas")
+        return {key.strip(): value.strip() for key, value in (pair.split("=", 1) for pair in pairs)}
     if annotation is bool:
         lowered = raw.strip().lower()
         if lowered in ("1", "true", "yes", "on"):
@@ -246,6 +268,8 @@ def describe_settings() -> list[tuple[str, str, str]]:
         defaults = group()
         for item in fields(group):
             default = getattr(defaults, item.name)
+            if isinstance(default, dict):
+                default = [f"{key}={value}" for key, value in default.items()]
             shown = ",".join(default) if isinstance(default, list) else str(default)
             rows.append((item.metadata["env"], shown, item.metadata["doc"]))
     return rows

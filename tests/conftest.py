@@ -28,20 +28,39 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 
 
 class NatsServer:
-    def __init__(self, config: NatsConfig, process: ServerProcess) -> None:
+    def __init__(self, config: NatsConfig, process: ServerProcess, logs: Path) -> None:
         self.config = config
-        self.process = process
+        self.process: ServerProcess | None = process
         self.url = config.url
+        self.logs = logs
+        self.starts = 1
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.stop()
+            self.process = None
+
+    def start(self) -> None:
+        """Start the server again, same port and JetStream store; the fixture stops it after the clients close."""
+        assert self.process is None, "stop the server first"
+        self.starts += 1
+        self.process = start_nats(self.config, self.logs / f"nats-{self.starts}.log")
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
 
 
 @pytest.fixture
 def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
+    """A nats-server for one test. Tests that restart it use ``stop``/``start``/``restart``, never a process of
+    their own: the clients (``bus``) are closed while it still runs, then the fixture stops it."""
     config = NatsConfig(port=free_port(), monitor_port=free_port(), store_dir=tmp_path / "jetstream")
-    process = start_nats(config, tmp_path / "nats.log")
+    server = NatsServer(config, start_nats(config, tmp_path / "nats.log"), tmp_path)
     try:
-        yield NatsServer(config, process)
+        yield server
     finally:
-        process.stop()
+        server.stop()
 
 
 class SeaweedServer:

@@ -72,9 +72,13 @@ class CacheCounters(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
 
     cached_bytes: int = 0
     capacity_bytes: int = 0
-    # Bytes served from the cache / fetched from the object store since the mount process started.
+    # Bytes read since the mount process started: from this node's own cache tiers (``hitBytes``), from the
+    # object store (``missBytes``), and from other nodes' caches over the peer protocol (``remoteBytes``).
     hit_bytes: int = 0
     miss_bytes: int = 0
+    remote_bytes: int = 0
+    # Bytes this node's peer server sent to other nodes.
+    served_bytes: int = 0
 
 
 class InventorySnapshot(Event, frozen=True, kw_only=True, tag="agent.inventory.snapshot.v2", rename="camel"):
@@ -166,6 +170,9 @@ class MountReport(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omi
     dataset: ObjectRef
     state: MountState
     message: str = ""
+    # Where other nodes read this mount's cached blocks (``http://host:port``; the protocol is in the agent's
+    # README); empty when the mount serves no peers.
+    peer_url: str = ""
 
 
 class AgentHeartbeat(Event, frozen=True, kw_only=True, tag="agent.heartbeat.v1", rename="camel"):
@@ -182,6 +189,8 @@ class AgentHeartbeat(Event, frozen=True, kw_only=True, tag="agent.heartbeat.v1",
     problems: list[str] = []
     # The mounts this node should serve and how each is doing; a mount that is not serving shows in status.
     mounts: list[MountReport] = []
+    # The node's labels (zone, region, any key=value), matched against a Dataset's nodeAffinity.
+    labels: dict[str, str] = {}
 
 
 class AgentRecord(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):

@@ -73,6 +73,9 @@ class CacheStates(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omi
     cached: str = ""
     cached_percentage: str = ""
     cache_hit_ratio: str = ""
+    # Fluid's split of reads: from the reading node's own cache, from another node's cache (a peer).
+    local_hit_ratio: str = ""
+    remote_hit_ratio: str = ""
 
 
 class Condition(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omit_defaults=True):
@@ -93,6 +96,16 @@ class RuntimeRef(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
 DatasetPhase = Literal["NotBound", "Bound", "Failed"]
 
 
+class NodeCache(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omit_defaults=True):
+    """What one node caches of the dataset and how its reads were served (bytes since its mount started)."""
+
+    node: str
+    cached_bytes: int = 0
+    local_read_bytes: int = 0
+    remote_read_bytes: int = 0
+    store_read_bytes: int = 0
+
+
 class DatasetStatus(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     phase: DatasetPhase = "NotBound"
     message: str = ""
@@ -100,6 +113,8 @@ class DatasetStatus(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     ufs_total_bytes: int = 0
     file_num: int = 0
     cache_states: CacheStates = CacheStates()
+    # Per node, by name: where the cached bytes are (``shoal describe dataset``).
+    nodes: list[NodeCache] = []
     runtimes: list[RuntimeRef] = []
     conditions: list[Condition] = []
     # Generation of the spec the metadata (ufsTotal, fileNum, manifest) was computed from.

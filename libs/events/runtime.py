@@ -43,6 +43,23 @@ class Runtime(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
 RuntimePhase = Literal["NotReady", "PartialReady", "Ready"]
 
 
+class CacheWorker(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omit_defaults=True):
+    """An agent picked to hold the runtime's cache. The ring of block owners is the ready workers."""
+
+    node: str
+    # False while the agent misses heartbeats: it stays picked (its disk cache is kept) but leaves the ring.
+    ready: bool = True
+    # The peer endpoint of the node's mount of the dataset (``MountReport.peer_url``).
+    peer_url: str = ""
+
+
+class NotPicked(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
+    """An agent serving the runtime that is not one of its cache workers, and why."""
+
+    node: str
+    reason: str
+
+
 class RuntimeStatus(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     phase: RuntimePhase = "NotReady"
     message: str = ""
@@ -53,6 +70,11 @@ class RuntimeStatus(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     cache_capacity_bytes: int = 0
     block_size_bytes: int = 0
     conditions: list[Condition] = []
+    current_worker_number_scheduled: int = 0
+    # The cache workers in the order they were picked (kept while they exist: a worker is replaced only when
+    # its agent is gone or no longer eligible), and the agents not picked with the reason.
+    workers: list[CacheWorker] = []
+    not_picked: list[NotPicked] = []
 
 
 class RuntimeApply(Event, frozen=True, kw_only=True, tag="runtime.apply.v1", rename="camel"):

@@ -12,7 +12,6 @@ import pytest
 from libs import subjects
 from libs.bus import Bus, Conflict, connect, kv_delete, kv_load, kv_save
 from libs.config import NatsSettings
-from libs.embedded import ServerProcess, start_nats
 from libs.events.common import ObjectMeta
 from libs.events.dataset import Dataset, DatasetApply, DatasetSpec, Mount
 from services.dataset import app as dataset_app
@@ -86,7 +85,6 @@ async def test_services_keep_working_across_a_nats_server_restart(nats_server: N
     source.mkdir()
     (source / "a.txt").write_bytes(b"hello")
     settings = make_settings(nats_server.url)
-    replacement: ServerProcess | None = None
     bus = await connect(settings.nats, "tests-restart")
     await bus.provision()
     try:
@@ -94,8 +92,7 @@ async def test_services_keep_working_across_a_nats_server_restart(nats_server: N
             await bus.publish(subjects.DATASET_APPLY, apply_local("before", source))
             await eventually(lambda: _synced(bus, "before"), what="a dataset synced before the restart")
 
-            nats_server.process.stop()
-            replacement = start_nats(nats_server.config, tmp_path / "nats-restarted.log")
+            nats_server.restart()
             (source / "b.txt").write_bytes(b"world!")
             # A new client proves the server is back; the service must find it again on its own connection.
             fresh = await connect(settings.nats, "tests-after-restart")
@@ -110,8 +107,6 @@ async def test_services_keep_working_across_a_nats_server_restart(nats_server: N
             assert (await dataset_record(bus, "before")) is not None
     finally:
         await bus.close()
-        if replacement is not None:
-            replacement.stop()
 
 
 def apply_local(name: str, folder: Path) -> DatasetApply:

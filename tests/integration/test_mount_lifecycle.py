@@ -21,7 +21,6 @@ from nats.js.api import StreamConfig
 from libs import subjects
 from libs.bus import MESSAGE_LIMIT, Bus, kv_load
 from libs.config import Settings
-from libs.embedded import ServerProcess, start_nats
 from libs.events.common import ObjectMeta, format_bytes
 from libs.events.dataset import Dataset, DatasetApply, DatasetResync, DatasetSpec, Mount
 from libs.inventory import DatasetInventory
@@ -349,21 +348,15 @@ async def test_a_resync_right_after_a_nats_server_restart_reaches_the_running_mo
     # Every watch (the dataset service's reconciler, the agent's mirrors, the mount's own watch of its dataset)
     # starts again on reconnect; nats-py alone noticed the restarted server only after ~20 s of missed heartbeats.
     await put_objects(seaweedfs, bucket, {"a.bin": b"before"})
-    replacement: ServerProcess | None = None
-    try:
-        async with node_stack(bus, settings, seaweedfs, tmp_path) as node:
-            await node.apply("steady", bucket)
-            root = await node.wait_mounted("steady", expect="a.bin")
-            [pid] = mount_pids(root)
-            nats_server.process.stop()
-            replacement = start_nats(nats_server.config, tmp_path / "nats-restarted.log")
-            await put_objects(seaweedfs, bucket, {"b.bin": b"after the restart"})
-            await eventually(lambda: _async(bus.nc.is_connected), what="the test's client reconnected")
-            await bus.publish(subjects.DATASET_RESYNC, DatasetResync(name="steady"))
-            await eventually(lambda: _async((root / "b.bin").exists()), timeout=10,
-                             what="the new file in the running mount within 10 s of the resync")
-            assert (await read_file(root / "b.bin")) == b"after the restart"
-            assert mount_pids(root) == [pid]  # the same mount process, reconnected
-    finally:
-        if replacement is not None:
-            replacement.stop()
+    async with node_stack(bus, settings, seaweedfs, tmp_path) as node:
+        await node.apply("steady", bucket)
+        root = await node.wait_mounted("steady", expect="a.bin")
+        [pid] = mount_pids(root)
+        nats_server.restart()
+        await put_objects(seaweedfs, bucket, {"b.bin": b"after the restart"})
+        await eventually(lambda: _async(bus.nc.is_connected), what="the test's client reconnected")
+        await bus.publish(subjects.DATASET_RESYNC, DatasetResync(name="steady"))
+        await eventually(lambda: _async((root / "b.bin").exists()), timeout=10,
+                         what="the new file in the running mount within 10 s of the resync")
+        assert (await read_file(root / "b.bin")) == b"after the restart"
+        assert mount_pids(root) == [pid]  # the same mount process, reconnected

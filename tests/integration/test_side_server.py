@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 
 from libs.config import Settings
-from libs.embedded import LOOPBACK, ServerProcess, free_port, spawn, start_nats
+from libs.embedded import LOOPBACK, ServerProcess, free_port, spawn
 from tests.conftest import NatsServer, SeaweedServer
 from tests.helpers import eventually
 
@@ -68,7 +68,7 @@ async def test_side_servers_answer_health_readiness_and_metrics_and_readiness_fo
         agent_checks = json.loads((await get(session, services["agent"], "/readyz"))[1])["checks"]
         assert {"mounts", "watches"} <= set(agent_checks)
 
-        nats_server.process.stop()  # NATS goes away: alive still, but no longer ready
+        nats_server.stop()  # NATS goes away: alive still, but no longer ready
 
         async def none_ready() -> bool:
             return all([(await get(session, port, "/readyz"))[0] == 503 for port in services.values()])
@@ -78,11 +78,8 @@ async def test_side_servers_answer_health_readiness_and_metrics_and_readiness_fo
             assert await get(session, port, "/healthz") == (200, "ok\n")
             assert json.loads((await get(session, port, "/readyz"))[1])["checks"]["nats"] == "not connected to NATS"
 
-        restarted = start_nats(nats_server.config, tmp_path / "nats-again.log")
-        try:
-            await eventually(all_ready, 60, "every service ready again once NATS is back")
-        finally:
-            restarted.stop()
+        nats_server.start()
+        await eventually(all_ready, 60, "every service ready again once NATS is back")
 
 
 def test_the_side_server_port_setting_takes_a_port_zero_or_off() -> None:

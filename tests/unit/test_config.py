@@ -254,3 +254,11 @@ def test_local_roots_and_allow_other() -> None:
     assert settings.agent.allow_other is False
     with pytest.raises(SettingsError, match="SHOAL_LOCAL_ROOTS: 'data' must be an absolute path"):
         load_settings({"SHOAL_LOCAL_ROOTS": "data"})
+
+
+def test_node_labels_are_key_value_pairs() -> None:
+    settings = load_settings({"SHOAL_NODE_LABELS": "zone=a, region=eu-1,topology.kubernetes.io/zone=z"})
+    assert settings.agent.labels == {"zone": "a", "region": "eu-1", "topology.kubernetes.io/zone": "z"}
+    assert load_settings({}).agent.labels == {}
+    with pytest.raises(SettingsError, match="SHOAL_NODE_LABELS"):
+        load_settings({"SHOAL_NODE_LABELS": "zone"})
