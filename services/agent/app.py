@@ -18,6 +18,10 @@ Health, in every heartbeat and in ``/readyz``: the agent is unhealthy while a mo
 supervisor counts its exits) or a mount's cache directory is down (each mount process reports its tiers' health
 in a status file, ``services.agent.mountstatus``). ``capacityBytes`` is the cache its mounts can use. Heartbeats
 also say how each mount is doing (Serving, Starting, Failing), which runtime and dataset show as ``Mounted``.
+
+Budgets of the node (``services.agent.budget``): the agent owns the read-ahead budget file its mount processes
+share (one slot each, zeroed when a process exits, so a crash leaks nothing) and grants each mount process its MEM
+tiers out of SHOAL_MEMORY_TIER_BUDGET when it starts it (``--memory-quota``), until the mount stops.
 """
 
 from __future__ import annotations
@@ -36,18 +40,20 @@ from libs import subjects
 from libs.bus import Bus, KvMirror, connect
 from libs.config import Settings
 from libs.events.agent import AgentHeartbeat, MountReport
-from libs.events.common import ObjectRef
+from libs.events.common import ObjectRef, parse_quantity
 from libs.events.dataset import DatasetRecord
 from libs.events.runtime import RuntimeRecord
 from libs.service import Loop, Periodic, nats_check, run_loops
 from libs.side_server import Readiness
 from libs.supervisor import Supervisor
 from libs.telemetry import get_logger
-from services.agent import domain
+from services.agent import budget, domain
 from services.agent.cache import BlockCache
 from services.agent.handover import remove_mountpoint
 from services.agent.mountinfo import device_of, is_mounted
 from services.agent.mountstatus import problems_of, read_status, remove_status
+from services.agent.nodebudget import FILE_NAME as BUDGET_FILE_NAME
+from services.agent.nodebudget import SlotFile
 
 SERVICE_NAME = "shoal-agent"
 log = get_logger(SERVICE_NAME)
@@ -86,6 +92,10 @@ class MountWorker:
     exit_code: int | None = None
     # The dead mount a crashed process left (kept until its replacement moves in beneath it).
     stale_device: str | None = None
+    # Its share of the node's budgets (services.agent.budget): a slot of the read-ahead file, kept across
+    # restarts, and the bytes its MEM tiers were granted at the last start.
+    budget_slot: int = 0
+    memory_grant: int = 0
 
     @property
     def key(self) -> str:
@@ -105,6 +115,8 @@ class NodeAgent:
     supervisor: Supervisor[Process] = field(default_factory=lambda: Supervisor(lambda p: p.returncode))
     # Where mount processes write their status files; a folder of this agent's own, removed on stop.
     status_dir: str = ""
+    # The node's read-ahead budget, shared by the mount processes (services.agent.nodebudget).
+    slots: SlotFile | None = None
 
     async def run(self, stop: asyncio.Event, readiness: Readiness | None = None) -> None:
         readiness = readiness or Readiness()
@@ -113,6 +125,8 @@ class NodeAgent:
         readiness.add("mounts", lambda: "; ".join(self.problems()) or None)
         await asyncio.to_thread(Path(self.settings.agent.mount_root).mkdir, parents=True, exist_ok=True)
         self.status_dir = await asyncio.to_thread(tempfile.mkdtemp, prefix="shoal-agent-")
+        self.slots = SlotFile.create(os.path.join(self.status_dir, BUDGET_FILE_NAME),
+                                     parse_quantity(self.settings.agent.readahead_budget))
         loops: list[Loop] = [self.runtimes, self.datasets,
                              Periodic("heartbeats", self.heartbeat, self.settings.agent.heartbeat_seconds),
                              Periodic("mounts", self.reconcile, POLL_SECONDS)]
@@ -121,6 +135,8 @@ class NodeAgent:
         finally:
             await asyncio.gather(*(self._stop_worker(w) for w in list(self.workers.values())))
             self.workers.clear()
+            if self.slots is not None:
+                self.slots.close()
             await asyncio.to_thread(shutil.rmtree, self.status_dir, ignore_errors=True)
 
     async def reconcile(self) -> None:
@@ -144,7 +160,9 @@ class NodeAgent:
             if worker is None:
                 path = domain.mountpoint(self.settings.agent.mount_root, namespace, name)
                 status_file = os.path.join(self.status_dir, f"{namespace}.{name}.json")
-                worker = self.workers[(namespace, name)] = MountWorker(namespace, name, path, status_file)
+                slot = budget.free_slot(w.budget_slot for w in self.workers.values())
+                worker = self.workers[(namespace, name)] = MountWorker(namespace, name, path, status_file,
+                                                                       budget_slot=slot)
                 self.supervisor.add(worker.key, now)
             worker.unwanted_since = None
         exits, due = self.supervisor.step(now)
@@ -154,6 +172,7 @@ class NodeAgent:
             for worker in self.workers.values():
                 if worker.key == exited.child.name:
                     worker.process = None
+                    self._release_readahead(worker)  # a crashed process's read-ahead is free again at once
                     # Its dead mount stays (ENOTCONN) until the replacement moves in beneath it.
                     worker.exit_code, worker.stale_device = exited.code, device_of(worker.path)
         by_key = {worker.key: worker for ref, worker in self.workers.items() if ref in wanted}
@@ -185,12 +204,33 @@ class NodeAgent:
         env["SHOAL_HTTP_PORT"] = "off" if self.settings.service.http_port is None else "0"
         return env
 
+    def _release_readahead(self, worker: MountWorker) -> None:
+        """Zero the slot of a worker whose process is gone (exited, crashed or stopped)."""
+        if self.slots is not None:
+            self.slots.zero(worker.budget_slot)
+
+    def _budget_args(self, worker: MountWorker) -> list[str]:
+        """The mount process's share of the node's budgets, as flags; grants its MEM tiers what is left."""
+        runtime = self.runtimes.values.get(subjects.resource_key(worker.namespace, worker.name))
+        try:
+            wanted = budget.memory_quota(runtime.runtime.spec.tieredstore.levels) if runtime else 0
+        except ValueError:
+            wanted = 0  # refused at apply; the mount process reports the bad level itself
+        others = sum(w.memory_grant for w in self.workers.values() if w is not worker)
+        worker.memory_grant = budget.memory_grant(wanted, parse_quantity(self.settings.agent.memory_tier_budget),
+                                                  others)
+        self._release_readahead(worker)
+        args = ["--memory-quota", str(worker.memory_grant)]
+        if self.slots is not None:
+            args += ["--budget-file", self.slots.path, "--budget-slot", str(worker.budget_slot)]
+        return args
+
     async def _start_worker(self, worker: MountWorker) -> None:
         remove_status(worker.status_file)  # a "down" reported by the process before must not outlive it
         worker.process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "services.agent.mountd", "--namespace", worker.namespace, "--name", worker.name,
-            "--mountpoint", worker.path, "--status-file", worker.status_file, stdin=asyncio.subprocess.DEVNULL,
-            env=self.mount_env(),
+            "--mountpoint", worker.path, "--status-file", worker.status_file, *self._budget_args(worker),
+            stdin=asyncio.subprocess.DEVNULL, env=self.mount_env(),
         )
         log.info("mount process started", dataset=f"{worker.namespace}/{worker.name}", pid=worker.process.pid,
                  mountpoint=worker.path)
@@ -204,6 +244,7 @@ class NodeAgent:
             except TimeoutError:
                 process.kill()
                 await process.wait()
+        self._release_readahead(worker)
         await force_unmount(worker.path)
         await asyncio.to_thread(remove_mountpoint, worker.path)
         log.info("mount stopped", dataset=f"{worker.namespace}/{worker.name}")

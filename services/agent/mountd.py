@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import msgspec
@@ -25,7 +26,7 @@ from libs.config import Settings
 from libs.events.agent import CacheCounters
 from libs.events.common import ObjectRef, parse_quantity
 from libs.events.dataset import DatasetRecord, ManifestEntry
-from libs.events.runtime import RuntimeRecord
+from libs.events.runtime import Level, RuntimeRecord
 from libs.hostpaths import real_local_root_error
 from libs.manifest import ManifestStore
 from libs.service import main as service_main
@@ -36,6 +37,7 @@ from libs.ufs import open_store
 from libs.ufs.base import LocalLocation, ObjectStore, S3Location
 from libs.ufs.mounts import read_secrets, resolve_location, secret_refs
 from libs.ufs.s3 import S3ObjectStore
+from services.agent import budget
 from services.agent.cache import BlockCache, FrequencyAdmissionPolicy, LruPolicy
 from services.agent.fs import DatasetFS
 from services.agent.handover import Staging, replace_in_place, unmount_own
@@ -43,6 +45,7 @@ from services.agent.inventory import InventoryLog, InventoryPublisher
 from services.agent.mountinfo import device_of
 from services.agent.mountstatus import StatusReporter
 from services.agent.namespace import InodeAllocator, Namespace
+from services.agent.nodebudget import BudgetFileError, NodeReadAhead, SlotFile
 from services.agent.readahead import MemoryBudget
 from services.agent.reader import BlockReader, StoreGate
 
@@ -73,12 +76,25 @@ def raise_read_ahead(mountpoint: str) -> None:
         log.info("read-ahead left at the kernel default", reason=str(err))
 
 
+@dataclass(frozen=True)
+class NodeGrants:
+    """What the agent gave this mount process of the node's budgets (``services.agent.budget``): a slot of the
+    read-ahead budget file, and the bytes its MEM tiers may hold. Empty: this process budgets alone (read-ahead
+    from SHOAL_READAHEAD_BUDGET, MEM tiers at the runtime's quota), as when run by hand."""
+
+    budget_file: str = ""
+    budget_slot: int = 0
+    memory_quota: int | None = None
+
+
 class MountedDataset:
     """Everything one mount process runs, wired together; ``run`` serves until ``stop`` is set."""
 
     def __init__(self, settings: Settings, bus: Bus, namespace: str, name: str, mountpoint: str,
-                 status_file: str = "", readiness: Readiness | None = None) -> None:
+                 status_file: str = "", readiness: Readiness | None = None,
+                 grants: NodeGrants | None = None) -> None:
         self.status_file = status_file
+        self.grants = grants or NodeGrants()
         self.readiness = readiness or Readiness()
         self.settings = settings
         self.bus = bus
@@ -98,7 +114,7 @@ class MountedDataset:
         record, runtime = await self._load_records()
         entries = await (await ManifestStore.of(self.bus)).load(record.status.manifest)
         self.manifest_version = (record.status.synced_generation, record.status.last_sync_time)
-        levels = runtime.runtime.spec.tieredstore.levels
+        levels = self._granted_levels(runtime.runtime.spec.tieredstore.levels)
         block_size = parse_quantity(runtime.runtime.spec.block_size)
         inventory = InventoryLog(node=self.settings.agent.node_name, dataset=ObjectRef(name=self.name,
                                                                                        namespace=self.namespace))
@@ -108,9 +124,12 @@ class MountedDataset:
         await asyncio.to_thread(cache.load)
         self._drop_stale(cache, entries)
         self._update_gates(record)
-        reader = BlockReader(cache, self.gates, block_size,
-                             MemoryBudget(parse_quantity(self.settings.agent.readahead_budget)),
-                             write_block=cache.put_async)
+        slots = self._budget_file()
+        if slots is not None:
+            slots.zero(self.grants.budget_slot)  # holds nothing yet (the agent zeroed it too; a crash leaks none)
+        readahead = (MemoryBudget(slots.limit, node=NodeReadAhead(slots, self.grants.budget_slot)) if slots
+                     else MemoryBudget(parse_quantity(self.settings.agent.readahead_budget)))
+        reader = BlockReader(cache, self.gates, block_size, readahead, write_block=cache.put_async)
         owner = record.dataset.spec.owner
         fs = DatasetFS(self._tree(entries), reader, uid=owner.uid if owner else None,
                        gid=owner.gid if owner else None, block_size=block_size)
@@ -180,9 +199,31 @@ class MountedDataset:
                                  return_exceptions=True)
             for gate in [*self.gates, *self.retired]:
                 await gate.store.close()
+            if slots is not None:
+                slots.zero(self.grants.budget_slot)
+                slots.close()
             log.info("unmounted", dataset=self.key)
         if fuse_loop.done() and not fuse_loop.cancelled() and fuse_loop.exception() is not None:
             raise fuse_loop.exception()  # type: ignore[misc]
+
+    def _budget_file(self) -> SlotFile | None:
+        if not self.grants.budget_file:
+            return None
+        try:
+            return SlotFile(self.grants.budget_file)
+        except (OSError, BudgetFileError) as err:
+            raise SystemExit(f"dataset {self.key}: read-ahead budget file unusable: {err}") from None
+
+    def _granted_levels(self, levels: list[Level]) -> list[Level]:
+        """The runtime's levels with the MEM tiers cut to what the agent granted out of the node's budget."""
+        granted = self.grants.memory_quota
+        if granted is None:
+            return levels
+        wanted = budget.memory_quota(levels)
+        if granted < wanted:
+            log.warning("memory tier smaller than the runtime's quota: the node's SHOAL_MEMORY_TIER_BUDGET is "
+                        "taken by other mounts", dataset=self.key, quota_bytes=wanted, granted_bytes=granted)
+        return budget.capped_levels(levels, granted)
 
     async def _load_records(self) -> tuple[DatasetRecord, RuntimeRecord]:
         record, _ = await kv_load(await self.bus.kv(subjects.KV_DATASETS), self.key, DatasetRecord)
@@ -272,12 +313,13 @@ class MountedDataset:
 
 
 async def serve(settings: Settings, namespace: str, name: str, mountpoint: str,
-                stop: asyncio.Event, status_file: str = "", readiness: Readiness | None = None) -> None:
+                stop: asyncio.Event, status_file: str = "", readiness: Readiness | None = None,
+                grants: NodeGrants | None = None) -> None:
     bus = await connect(settings.nats, f"shoal-mount-{namespace}-{name}")
     if readiness is not None:
         readiness.add("nats", nats_check(bus))
     try:
-        await MountedDataset(settings, bus, namespace, name, mountpoint, status_file, readiness).run(stop)
+        await MountedDataset(settings, bus, namespace, name, mountpoint, status_file, readiness, grants).run(stop)
     finally:
         await bus.close()
 
@@ -308,11 +350,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--name", required=True)
     parser.add_argument("--mountpoint", required=True)
     parser.add_argument("--status-file", default="", help="where to report cache health to the agent")
+    parser.add_argument("--budget-file", default="", help="the node's read-ahead budget file (from the agent)")
+    parser.add_argument("--budget-slot", type=int, default=0, help="this mount's slot in --budget-file")
+    parser.add_argument("--memory-quota", type=int, default=None,
+                        help="bytes the MEM tiers may hold, granted by the agent out of the node's budget")
     args = parser.parse_args(argv)
+    grants = NodeGrants(args.budget_file, args.budget_slot, args.memory_quota)
     enable_asyncio_fuse()  # the FUSE session runs on the asyncio loop, beside NATS
     service_main("shoal-mount",
                  lambda settings, stop, readiness: serve(settings, args.namespace, args.name, args.mountpoint, stop,
-                                                         args.status_file, readiness))
+                                                         args.status_file, readiness, grants))
 
 
 if __name__ == "__main__":
