@@ -136,8 +136,10 @@ class MountedDataset:
 
         def counters() -> CacheCounters:
             stats = cache.stats()
+            reads = reader.stats
             return CacheCounters(cached_bytes=stats.cached_bytes, capacity_bytes=stats.capacity_bytes,
-                                 hit_bytes=reader.stats.hit_bytes, miss_bytes=reader.stats.miss_bytes)
+                                 hit_bytes=reads.hit_bytes, miss_bytes=reads.miss_bytes,
+                                 remote_bytes=reads.remote_bytes, served_bytes=reads.served_bytes)
 
         publisher = InventoryPublisher(self.bus, inventory, cache.blocks, counters)
         options = set(pyfuse3.default_options)

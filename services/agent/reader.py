@@ -76,8 +76,10 @@ class StoreGate:
 
 @dataclass
 class ReadStats:
-    hit_bytes: int = 0
-    miss_bytes: int = 0
+    hit_bytes: int = 0  # from this node's cache tiers
+    miss_bytes: int = 0  # from the object store
+    remote_bytes: int = 0  # from other nodes' caches (peer reads)
+    served_bytes: int = 0  # sent to other nodes by this mount's peer server
     gets: int = 0
 
 

@@ -23,6 +23,7 @@ from libs.events.dataset import (
     DatasetStatus,
     EncryptOption,
     Mount,
+    NodeCache,
     RuntimeRef,
 )
 from libs.hostpaths import local_root_error
@@ -324,19 +325,35 @@ def percentage(part: int, whole: int) -> str:
 
 
 def cache_states(cache: DatasetInventory, ufs_total_bytes: int) -> CacheStates:
-    cached = sum(node.counters.cached_bytes for node in cache.nodes.values())
-    capacity = sum(node.counters.capacity_bytes for node in cache.nodes.values())
-    hits = sum(node.counters.hit_bytes for node in cache.nodes.values())
-    misses = sum(node.counters.miss_bytes for node in cache.nodes.values())
+    """The dataset's cache over every node. Reads split as Fluid's: ``localHitRatio`` from the reading node's own
+    tiers, ``remoteHitRatio`` from another node's cache (a peer), the rest from the store; ``cacheHitRatio`` is
+    local and remote together. Bytes since each node's mount process started."""
+    counters = [node.counters for node in cache.nodes.values()]
+    cached = sum(c.cached_bytes for c in counters)
+    capacity = sum(c.capacity_bytes for c in counters)
+    local = sum(c.hit_bytes for c in counters)
+    remote = sum(c.remote_bytes for c in counters)
+    store = sum(c.miss_bytes for c in counters)
+    reads = local + remote + store
     return CacheStates(
         cache_capacity=format_bytes(capacity),
         cached=format_bytes(cached),
         cached_percentage=percentage(cached, ufs_total_bytes),
-        cache_hit_ratio=percentage(hits, hits + misses),
+        cache_hit_ratio=percentage(local + remote, reads),
+        local_hit_ratio=percentage(local, reads),
+        remote_hit_ratio=percentage(remote, reads),
     )
+
+
+def node_caches(cache: DatasetInventory) -> list[NodeCache]:
+    """Where the cached bytes are and how each node's reads were served, by node name."""
+    return [NodeCache(node=name, cached_bytes=node.counters.cached_bytes, local_read_bytes=node.counters.hit_bytes,
+                      remote_read_bytes=node.counters.remote_bytes, store_read_bytes=node.counters.miss_bytes)
+            for name, node in sorted(cache.nodes.items())]
 
 
 def with_cache_states(status: DatasetStatus, cache: DatasetInventory) -> DatasetStatus:
     if not cache.nodes:
         return status
-    return msgspec.structs.replace(status, cache_states=cache_states(cache, status.ufs_total_bytes))
+    return msgspec.structs.replace(status, cache_states=cache_states(cache, status.ufs_total_bytes),
+                                   nodes=node_caches(cache))

@@ -24,6 +24,7 @@ from libs.events.dataset import (
     EncryptOption,
     EncryptOptionSource,
     Mount,
+    NodeCache,
     RuntimeRef,
     SecretKeySelector,
     User,
@@ -46,6 +47,7 @@ from services.dataset.domain import (
     status_on_apply,
     validate_dataset,
     with_binding,
+    with_cache_states,
     with_mount_condition,
 )
 
@@ -823,6 +825,41 @@ def test_cache_states_add_up_nodes() -> None:
     states = cache_states(cache, ufs_total_bytes=200)
     assert states.cached == "50B" and states.cache_capacity == "200B"
     assert states.cached_percentage == "25.0%" and states.cache_hit_ratio == "75.0%"
+
+
+def two_nodes(first: CacheCounters, second: CacheCounters) -> Any:
+    cache = None
+    for node, counters in (("node-b", second), ("node-a", first)):
+        cache, _ = fold(cache, InventorySnapshot(node=node, dataset=ObjectRef(name="d"), incarnation="i", seq=1,
+                                                 counters=counters), track_blocks=False)
+    return cache
+
+
+def test_hit_ratios_split_local_remote_and_store_reads_over_every_node() -> None:
+    # node-a read 60 from its own tiers, 20 from peers, 20 from the store; node-b: 0 / 60 / 40.
+    cache = two_nodes(CacheCounters(cached_bytes=50, hit_bytes=60, remote_bytes=20, miss_bytes=20, served_bytes=60),
+                      CacheCounters(cached_bytes=10, remote_bytes=60, miss_bytes=40, served_bytes=20))
+    states = cache_states(cache, ufs_total_bytes=100)
+    assert (states.cache_hit_ratio, states.local_hit_ratio, states.remote_hit_ratio) == ("70.0%", "30.0%", "40.0%")
+    assert states.cached == "60B" and states.cached_percentage == "60.0%"
+
+
+def test_no_reads_yet_gives_zero_ratios() -> None:
+    states = cache_states(two_nodes(CacheCounters(cached_bytes=5), CacheCounters()), ufs_total_bytes=10)
+    assert (states.cache_hit_ratio, states.local_hit_ratio, states.remote_hit_ratio) == ("0.0%", "0.0%", "0.0%")
+
+
+def test_status_lists_each_nodes_cache_and_read_split_by_node_name() -> None:
+    cache = two_nodes(CacheCounters(cached_bytes=50, hit_bytes=60, remote_bytes=20, miss_bytes=20),
+                      CacheCounters(cached_bytes=10, remote_bytes=60, miss_bytes=40))
+    status = with_cache_states(DatasetStatus(phase="Bound", ufs_total_bytes=100), cache)
+    assert status.nodes == [
+        NodeCache(node="node-a", cached_bytes=50, local_read_bytes=60, remote_read_bytes=20, store_read_bytes=20),
+        NodeCache(node="node-b", cached_bytes=10, remote_read_bytes=60, store_read_bytes=40),
+    ]
+    assert status.cache_states.remote_hit_ratio == "40.0%"
+    # Binding changes keep where the bytes are.
+    assert with_binding(valid_s3_dataset(), status, "Ready", "1Gi").nodes == status.nodes
 
 
 # --- the runtime's Mounted condition ---
