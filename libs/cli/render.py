@@ -18,7 +18,7 @@ from rich.table import Table
 from rich.text import Text
 
 from libs.events.common import format_bytes
-from libs.events.dataset import Condition, DatasetRecord
+from libs.events.dataset import Condition, DatasetRecord, NodeCache
 from libs.events.runtime import RuntimeRecord
 
 # Wide enough that rich never wraps or truncates a cell: scripts read these lines, like kubectl's.
@@ -57,14 +57,17 @@ def table_text(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 def dataset_table(records: Sequence[DatasetRecord], *, wide: bool, show_namespace: bool) -> str:
     headers = ["NAME", "UFS TOTAL SIZE", "CACHED", "CACHE CAPACITY", "CACHED PERCENTAGE", "PHASE"]
     if wide:
-        headers += ["FILE NUM", "MESSAGE"]
+        # Reads served by a cache (the node's own or a peer's), by the node's own, by a peer's: Fluid's ratios.
+        headers += ["FILE NUM", "CACHE HIT RATIO", "LOCAL HIT RATIO", "REMOTE HIT RATIO", "MESSAGE"]
     rows = []
     for record in records:
         status = record.status
-        row = [record.dataset.metadata.name, status.ufs_total, status.cache_states.cached,
-               status.cache_states.cache_capacity, status.cache_states.cached_percentage, status.phase]
+        states = status.cache_states
+        row = [record.dataset.metadata.name, status.ufs_total, states.cached, states.cache_capacity,
+               states.cached_percentage, status.phase]
         if wide:
-            row += [str(status.file_num), status.message]
+            row += [str(status.file_num), states.cache_hit_ratio, states.local_hit_ratio, states.remote_hit_ratio,
+                    status.message]
         rows.append(row)
     return _with_namespace(headers, rows, [r.dataset.metadata.namespace for r in records], show_namespace or wide)
 
@@ -124,7 +127,18 @@ def describe_dataset(record: DatasetRecord) -> str:
     status = full_builtins(record.status)
     conditions = record.status.conditions
     status.pop("conditions", None)
-    return _describe("Dataset", record.dataset.metadata, record.generation, record.dataset.spec, status, conditions)
+    status.pop("nodes", None)  # a table of its own below
+    return _describe("Dataset", record.dataset.metadata, record.generation, record.dataset.spec, status, conditions,
+                     extra=["Cache by node:", node_cache_table(record.status.nodes)])
+
+
+def node_cache_table(nodes: Sequence[NodeCache]) -> str:
+    """Where the dataset's cached bytes are, and how each node's reads were served (own cache, peers, store)."""
+    if not nodes:
+        return "  <none>"
+    rows = [[n.node, format_bytes(n.cached_bytes), format_bytes(n.local_read_bytes),
+             format_bytes(n.remote_read_bytes), format_bytes(n.store_read_bytes)] for n in nodes]
+    return _indented(table_text(["NODE", "CACHED", "LOCAL READS", "REMOTE READS", "STORE READS"], rows))
 
 
 def describe_runtime(record: RuntimeRecord) -> str:
@@ -135,7 +149,7 @@ def describe_runtime(record: RuntimeRecord) -> str:
 
 
 def _describe(kind: str, metadata: Any, generation: int, spec: Any, status: dict[str, Any],
-              conditions: Sequence[Condition]) -> str:
+              conditions: Sequence[Condition], extra: Sequence[str] = ()) -> str:
     lines = [
         f"Name:         {metadata.name}",
         f"Namespace:    {metadata.namespace}",
@@ -147,6 +161,7 @@ def _describe(kind: str, metadata: Any, generation: int, spec: Any, status: dict
         _indented(to_yaml(full_builtins(spec))),
         "Status:",
         _indented(to_yaml(status)),
+        *extra,
         "Conditions:",
     ]
     if conditions:

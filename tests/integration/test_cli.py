@@ -71,7 +71,8 @@ IMAGENET = DatasetRecord(
     status=DatasetStatus(
         phase="Bound", message="metadata synced", ufs_total="13.33GiB", ufs_total_bytes=14_312_668_938,
         file_num=1200,
-        cache_states=CacheStates(cache_capacity="2.00GiB", cached="1.00GiB", cached_percentage="7.5%"),
+        cache_states=CacheStates(cache_capacity="2.00GiB", cached="1.00GiB", cached_percentage="7.5%",
+                                 cache_hit_ratio="80.0%", local_hit_ratio="30.0%", remote_hit_ratio="50.0%"),
         conditions=[Condition(type="MetadataSynced", status="True", reason="Synced", message="1200 files",
                               last_transition_time="2026-01-01T00:00:00Z")],
     ),
@@ -118,9 +119,10 @@ async def test_get_datasets_prints_fluid_like_columns(nats_server: NatsServer, b
     assert wide.exit_code == 0, wide.output
     lines = wide.stdout.splitlines()
     assert lines[0].split() == ["NAMESPACE", "NAME", "UFS", "TOTAL", "SIZE", "CACHED", "CACHE", "CAPACITY",
-                                "CACHED", "PERCENTAGE", "PHASE", "FILE", "NUM", "MESSAGE"]
+                                "CACHED", "PERCENTAGE", "PHASE", "FILE", "NUM", "CACHE", "HIT", "RATIO", "LOCAL",
+                                "HIT", "RATIO", "REMOTE", "HIT", "RATIO", "MESSAGE"]
     assert lines[1].split() == ["default", "imagenet", "13.33GiB", "1.00GiB", "2.00GiB", "7.5%", "Bound", "1200",
-                                "metadata", "synced"]
+                                "80.0%", "30.0%", "50.0%", "metadata", "synced"]
     assert lines[2].split() == ["other", "mnist", "NotBound", "0"]
 
 

@@ -1,0 +1,79 @@
+"""Status where the bytes are: the dataset service folds inventory counters from two nodes (real nats-server)
+into ``cacheStates`` hit ratios (local, remote, store) and ``status.nodes``; the CLI's describe lists them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from click.testing import CliRunner
+
+from libs import subjects
+from libs.bus import Bus
+from libs.cli.main import cli
+from libs.config import Settings
+from libs.events.agent import CacheCounters, InventoryDelta, InventorySnapshot
+from libs.events.common import ObjectMeta, ObjectRef
+from libs.events.dataset import Dataset, DatasetApply, DatasetRecord, DatasetSpec, Mount, NodeCache
+from services.dataset import app as dataset_app
+from tests.conftest import SeaweedServer, put_objects
+from tests.helpers import dataset_record, eventually, running
+
+DATASET = ObjectRef(name="model")
+
+
+async def status_where(bus: Bus, check: Any) -> DatasetRecord:
+    async def probe() -> DatasetRecord | None:
+        record = await dataset_record(bus, "model")
+        return record if record is not None and check(record) else None
+
+    return await eventually(probe, what="the dataset's status")
+
+
+async def test_cache_states_and_nodes_follow_two_nodes_counters(bus: Bus, settings: Settings,
+                                                               seaweedfs: SeaweedServer, bucket: str) -> None:
+    await put_objects(seaweedfs, bucket, {"model.bin": b"m" * 1000})
+    async with running(lambda stop: dataset_app.run(settings, stop)):
+        dataset = Dataset(metadata=ObjectMeta(name="model"),
+                          spec=DatasetSpec(mounts=[Mount(mount_point=f"s3://{bucket}/")]))
+        await bus.publish(subjects.DATASET_APPLY, DatasetApply(dataset=dataset))
+        await status_where(bus, lambda r: r.status.ufs_total_bytes == 1000)
+
+        # node-a: an owner reading from its own cache and the store; node-b: a client reading through peers.
+        await bus.publish(subjects.agent_inventory("node-b"), InventorySnapshot(
+            node="node-b", dataset=DATASET, incarnation="b1", seq=1,
+            counters=CacheCounters(cached_bytes=0, remote_bytes=900, miss_bytes=100)))
+        await bus.publish(subjects.agent_inventory("node-a"), InventorySnapshot(
+            node="node-a", dataset=DATASET, incarnation="a1", seq=1,
+            counters=CacheCounters(cached_bytes=1000, capacity_bytes=4000, hit_bytes=600, miss_bytes=400,
+                                   served_bytes=900)))
+        record = await status_where(bus, lambda r: len(r.status.nodes) == 2)
+        assert record.status.nodes == [
+            NodeCache(node="node-a", cached_bytes=1000, local_read_bytes=600, store_read_bytes=400),
+            NodeCache(node="node-b", remote_read_bytes=900, store_read_bytes=100),
+        ]
+        states = record.status.cache_states
+        # 2000 bytes read: 600 local, 900 remote, 500 from the store.
+        assert (states.cache_hit_ratio, states.local_hit_ratio, states.remote_hit_ratio) == ("75.0%", "30.0%",
+                                                                                              "45.0%")
+        assert states.cached_percentage == "100.0%"
+
+        # A later delta from node-b moves its row and the ratios.
+        await bus.publish(subjects.agent_inventory("node-b"), InventoryDelta(
+            node="node-b", dataset=DATASET, incarnation="b1", seq=2,
+            counters=CacheCounters(remote_bytes=2900, miss_bytes=100)))
+        record = await status_where(bus, lambda r: r.status.nodes[-1].remote_read_bytes == 2900)
+        assert record.status.cache_states.remote_hit_ratio == "72.5%"  # 2900 of 4000
+
+        # shoal describe lists where the bytes are, node by node.
+        url = ",".join(settings.nats.urls)
+        result = await asyncio.to_thread(CliRunner().invoke, cli, ["--nats", url, "describe", "dataset", "model"])
+        assert result.exit_code == 0, result.output
+        lines = result.stdout.splitlines()
+        start = lines.index("Cache by node:")
+        assert [line.split() for line in lines[start + 1:start + 4]] == [
+            ["NODE", "CACHED", "LOCAL", "READS", "REMOTE", "READS", "STORE", "READS"],
+            ["node-a", "1000B", "600B", "0B", "400B"],
+            ["node-b", "0B", "0B", "2.83KiB", "100B"],
+        ]
