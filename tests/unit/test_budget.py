@@ -13,8 +13,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from libs.blocks import BlockId
 from libs.events.runtime import Level
 from services.agent import budget
+from services.agent.cache import BlockCache
 from services.agent.nodebudget import BudgetFileError, NodeReadAhead, SlotFile
 from services.agent.readahead import MemoryBudget
 
@@ -223,3 +225,9 @@ def test_concurrent_processes_never_exceed_the_budget(tmp_path: Path) -> None:
                 worker.kill()
             worker.join()
         agent.close()
+
+
+def test_a_mount_granted_no_memory_still_builds_a_cache_that_holds_nothing() -> None:
+    cache = BlockCache.from_levels(budget.capped_levels([Level(mediumtype="MEM", quota="8Mi")], 0), "default/d")
+    assert not cache.put(BlockId(0, "k", "e", 0), b"x" * 1024)  # reads go through to the store
+    assert cache.stats().capacity_bytes == budget.NOTHING_GRANTED_QUOTA
