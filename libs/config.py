@@ -15,6 +15,8 @@ from typing import Any, TypeVar, get_type_hints
 
 import msgspec
 
+from libs.events.common import parse_quantity
+
 
 class SettingsError(ValueError):
     """One or more environment variables are invalid; the message lists every one of them."""
@@ -251,6 +253,12 @@ def _check(settings: Settings) -> list[str]:
         problems.append(f"SHOAL_CACHE_POLICY={settings.agent.cache_policy!r}: use lfu-admission or lru")
     if settings.agent.heartbeat_seconds <= 0:
         problems.append("SHOAL_HEARTBEAT_SECONDS: must be positive")
+    for variable, quantity in (("SHOAL_READAHEAD_BUDGET", settings.agent.readahead_budget),
+                               ("SHOAL_MEMORY_TIER_BUDGET", settings.agent.memory_tier_budget)):
+        try:
+            parse_quantity(quantity)
+        except ValueError as err:
+            problems.append(f"{variable}: {err}")
     if not settings.agent.mount_root.startswith("/"):
         problems.append(f"SHOAL_MOUNT_ROOT={settings.agent.mount_root!r}: must be an absolute path")
     for root in settings.service.local_roots:

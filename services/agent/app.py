@@ -81,6 +81,11 @@ async def force_unmount(path: str) -> None:
 Process = asyncio.subprocess.Process
 
 
+def node_budgets(settings: Settings) -> tuple[int, int]:
+    """The node's read-ahead and MEM tier budgets in bytes (checked when the settings were loaded)."""
+    return parse_quantity(settings.agent.readahead_budget), parse_quantity(settings.agent.memory_tier_budget)
+
+
 @dataclass
 class MountWorker:
     namespace: str
@@ -117,6 +122,7 @@ class NodeAgent:
     status_dir: str = ""
     # The node's read-ahead budget, shared by the mount processes (services.agent.nodebudget).
     slots: SlotFile | None = None
+    memory_budget: int = 0
 
     async def run(self, stop: asyncio.Event, readiness: Readiness | None = None) -> None:
         readiness = readiness or Readiness()
@@ -124,9 +130,9 @@ class NodeAgent:
                       else "runtime and dataset watches catching up")
         readiness.add("mounts", lambda: "; ".join(self.problems()) or None)
         await asyncio.to_thread(Path(self.settings.agent.mount_root).mkdir, parents=True, exist_ok=True)
+        readahead_budget, self.memory_budget = node_budgets(self.settings)
         self.status_dir = await asyncio.to_thread(tempfile.mkdtemp, prefix="shoal-agent-")
-        self.slots = SlotFile.create(os.path.join(self.status_dir, BUDGET_FILE_NAME),
-                                     parse_quantity(self.settings.agent.readahead_budget))
+        self.slots = SlotFile.create(os.path.join(self.status_dir, BUDGET_FILE_NAME), readahead_budget)
         loops: list[Loop] = [self.runtimes, self.datasets,
                              Periodic("heartbeats", self.heartbeat, self.settings.agent.heartbeat_seconds),
                              Periodic("mounts", self.reconcile, POLL_SECONDS)]
@@ -217,8 +223,7 @@ class NodeAgent:
         except ValueError:
             wanted = 0  # refused at apply; the mount process reports the bad level itself
         others = sum(w.memory_grant for w in self.workers.values() if w is not worker)
-        worker.memory_grant = budget.memory_grant(wanted, parse_quantity(self.settings.agent.memory_tier_budget),
-                                                  others)
+        worker.memory_grant = budget.memory_grant(wanted, self.memory_budget, others)
         self._release_readahead(worker)
         args = ["--memory-quota", str(worker.memory_grant)]
         if self.slots is not None:

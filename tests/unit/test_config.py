@@ -160,6 +160,8 @@ def test_error_shows_the_bad_value_of_plain_settings() -> None:
         ("SHOAL_LIST_PAGE_SIZE", "1001"),
         ("SHOAL_STREAM_REPLICAS", "1.5"),
         ("SHOAL_LOG_LEVEL", "INFO "),
+        ("SHOAL_READAHEAD_BUDGET", "lots"),
+        ("SHOAL_MEMORY_TIER_BUDGET", "4 gigs"),
     ],
 )
 def test_out_of_range_values(name: str, raw: str) -> None:
