@@ -5,8 +5,10 @@ Owns the file I/O only; the rules are ``services.agent.budget``. Layout (little-
 The agent creates the file in its status folder and gives each mount worker a slot number (kept across restarts
 of that mount process). Every change reads the slots and writes one under an exclusive ``flock`` of the file (a
 few microseconds: a pread and a pwrite of a few hundred bytes), so the total across slots never exceeds the
-budget whatever the interleaving. A mount process writes only its own slot; the agent zeroes a slot once its
-process has exited (crash included) and before it starts the next one, so a crash never leaks budget.
+budget whatever the interleaving. A take never waits for the lock (a busy lock refuses that read-ahead, which the
+next read asks for again); only giving back waits, for a lock held microseconds. A mount process writes only its
+own slot; the agent zeroes a slot once its process has exited (crash included) and before it starts the next one,
+so a crash never leaks budget.
 """
 
 from __future__ import annotations
@@ -62,6 +64,13 @@ class SlotFile:
         finally:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
 
+    def _try_lock(self) -> bool:
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
+
     def _header(self) -> int:
         raw = os.pread(self._fd, _HEADER.size, 0)
         if len(raw) != _HEADER.size or raw[:8] != MAGIC:
@@ -82,12 +91,18 @@ class SlotFile:
             return self._slots()
 
     def try_take(self, slot: int, size: int) -> bool:
-        with self._locked():
+        """Take ``size`` bytes for ``slot`` if the rules allow; never waits for the lock (the caller is a FUSE
+        event loop, and a read-ahead refused now is simply asked for again on the next read)."""
+        if not self._try_lock():
+            return False
+        try:
             slots = self._slots()
             if not budget.may_take(slots, slot, size, self.limit):
                 return False
             self._write(slot, budget.after_take(slots, slot, size)[slot])
             return True
+        finally:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
 
     def give_back(self, slot: int, size: int) -> None:
         with self._locked():
