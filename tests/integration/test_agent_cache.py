@@ -23,7 +23,7 @@ from libs.bus import Bus
 from libs.config import Settings
 from libs.events.agent import InventoryRequest
 from libs.events.common import ObjectRef
-from libs.events.dataset import DatasetDelete
+from libs.events.dataset import DatasetDelete, NodeCache
 from services.agent.cache.tiers import MARKER
 from tests.conftest import SeaweedServer, put_objects
 from tests.faults import CuttableProxy
@@ -292,7 +292,12 @@ async def test_inventory_sequence_and_cache_states(bus: Bus, settings: Settings,
             record = await node.record("inv")
             return record if record.status.cache_states.cache_hit_ratio == "50.0%" else None
 
-        await eventually(half_hits, what="a cache hit ratio of 50.0%")
+        record = await eventually(half_hits, what="a cache hit ratio of 50.0%")
+        # One node, no peers: every hit is local; its row says where the bytes are and how they were read.
+        states = record.status.cache_states
+        assert (states.local_hit_ratio, states.remote_hit_ratio) == ("50.0%", "0.0%")
+        assert record.status.nodes == [NodeCache(node=NODE, cached_bytes=total, local_read_bytes=total,
+                                                 store_read_bytes=total)]
 
 
 @pytest.mark.needs("fuse", "page-cache")
