@@ -9,6 +9,7 @@ import asyncio
 import errno
 import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -31,7 +32,8 @@ from tests.helpers import eventually, runtime_record
 from tests.integration.agent_stack import md5, mounted_paths, node_stack, read_file, run_tool
 from tests.integration.test_agent_cache import InventoryWatch, mount_pids
 
-SHOAL = ".venv/bin/shoal"
+# The CLI of the interpreter running the tests (its venv), wherever the checkout is.
+SHOAL = str(Path(sys.executable).parent / "shoal")
 
 
 def long_key(i: int) -> str:
