@@ -22,7 +22,7 @@ from services.runtime.domain import (
 
 NOW = 1_714_564_800.0
 INTERVAL = 2.0
-ZONE_A = {"required": {"nodeSelectorTerms": [{"matchExpressions": [
+ZONE_A: dict[str, object] = {"required": {"nodeSelectorTerms": [{"matchExpressions": [
     {"key": "zone", "operator": "In", "values": ["a"]}]}]}}
 
 
