@@ -40,7 +40,7 @@ from pathlib import Path
 
 from libs import subjects
 from libs.bus import Bus, KvMirror, connect
-from libs.config import Settings
+from libs.config import AgentSettings, Settings
 from libs.events.agent import AgentHeartbeat, MountReport
 from libs.events.common import ObjectRef
 from libs.events.dataset import DatasetRecord
@@ -201,11 +201,16 @@ class NodeAgent:
         cannot share one) unless the agent has none, and the agent's node name, cache subdir and peer settings."""
         env = dict(os.environ if self.child_env is None else self.child_env)
         env["SHOAL_HTTP_PORT"] = "off" if self.settings.service.http_port is None else "0"
-        # What makes this agent's mounts its own when several agents share a machine, from its settings (which
-        # tests build in-process) rather than whatever the environment says.
+        # What makes this agent's mounts its own when several agents share a machine comes from its settings
+        # (which tests build in-process); a setting left at its default leaves the environment's value alone.
         agent = self.settings.agent
-        env.update({"SHOAL_NODE_NAME": agent.node_name, "SHOAL_CACHE_SUBDIR": agent.cache_subdir,
-                    "SHOAL_PEER_HOST": agent.peer_host, "SHOAL_PEER_SECRET_FILE": agent.peer_secret_file})
+        env["SHOAL_NODE_NAME"] = agent.node_name
+        for variable, value in (("SHOAL_CACHE_SUBDIR", agent.cache_subdir),
+                                ("SHOAL_PEER_SECRET_FILE", agent.peer_secret_file)):
+            if value:
+                env[variable] = value
+        if agent.peer_host != AgentSettings().peer_host:
+            env["SHOAL_PEER_HOST"] = agent.peer_host
         return env
 
     def _peer_port(self) -> int:
