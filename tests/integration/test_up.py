@@ -272,7 +272,9 @@ async def test_up_with_three_agents_runs_three_nodes_that_each_mount_the_demo_an
         # One replica: the first agent holds the cache, the others are clients; scaling picks them too.
         async def workers(count: int) -> Any:
             record = await runtime_record(bus, "demo")
-            picked = [w.node for w in record.status.workers if w.ready] if record else []
+            if record is None:
+                return None
+            picked = [w.node for w in record.status.workers if w.ready]
             return record if len(picked) == count and len(record.status.not_picked) == 3 - count else None
 
         # (Whichever agent beat first: picks are sticky.)
