@@ -224,10 +224,11 @@ MAX_AGENTS = 64
                    f"({', '.join(SERVICES)}): /healthz, /readyz, /metrics; 0 picks free ones (env SHOAL_UP_HTTP_PORT).")
 @click.option("--manifest", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=DEMO_MANIFEST,
               show_default=True, help="Dataset and Runtime documents applied once everything runs.")
-@click.option("--agents", type=click.IntRange(1, MAX_AGENTS), default=1, show_default=True,
+@click.option("--agents", envvar="SHOAL_UP_AGENTS", type=click.IntRange(1, MAX_AGENTS), default=1,
+              show_default=True,
               help="Agents (nodes) to run on this machine. With more than one, each is node <name>-<i> with labels "
                    f"{AGENT_INDEX_LABEL}=<i> and {ZONE_LABEL}=zone-a|zone-b (alternating), mounts under "
-                   "<state-dir>/mnt/<node>, and they read each other's caches.")
+                   "<state-dir>/mnt/<node>, and they read each other's caches (env SHOAL_UP_AGENTS).")
 def up(state_dir: Path, nats_port: int, nats_monitor_port: int, s3_port: int, seaweed_master_port: int,
        seaweed_volume_port: int, seaweed_filer_port: int, http_port: int, manifest: Path, agents: int) -> None:
     """Run NATS, SeaweedFS S3 and every Shoal service on this machine, with a demo dataset; Ctrl-C stops all.
