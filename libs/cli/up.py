@@ -221,7 +221,8 @@ MAX_AGENTS = 64
 @click.option("--http-port", envvar="SHOAL_UP_HTTP_PORT", default=_defaults.service_http, show_default=True,
               type=click.IntRange(0, 65533),
               help=f"First of {len(SERVICES)} consecutive side-server ports on {LOOPBACK}, one per service "
-                   f"({', '.join(SERVICES)}): /healthz, /readyz, /metrics; 0 picks free ones (env SHOAL_UP_HTTP_PORT).")
+                   f"({', '.join(SERVICES)}; agent-1..N with --agents N): /healthz, /readyz, /metrics; 0 picks free "
+                   "ones (env SHOAL_UP_HTTP_PORT).")
 @click.option("--manifest", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=DEMO_MANIFEST,
               show_default=True, help="Dataset and Runtime documents applied once everything runs.")
 @click.option("--agents", envvar="SHOAL_UP_AGENTS", type=click.IntRange(1, MAX_AGENTS), default=1,

@@ -42,7 +42,7 @@ from tests.helpers import dataset_record, eventually, runtime_record
 SHOAL = str(Path(sys.executable).parent / "shoal")
 # Variables that would make `shoal up` use servers of the outer environment instead of starting its own.
 OUTER_VARIABLES = ("NATS_URL", "SHOAL_S3_ENDPOINT", "SHOAL_S3_ACCESS_KEY_ID", "SHOAL_S3_SECRET_ACCESS_KEY",
-                   "SHOAL_STATE_DIR")
+                   "SHOAL_STATE_DIR", "SHOAL_UP_AGENTS", "SHOAL_NODE_NAME", "SHOAL_NODE_LABELS")
 # SeaweedFS needs a few seconds, more on a busy two-core machine running other tests.
 READY_TIMEOUT = 90.0
 STOP_TIMEOUT = 60.0
