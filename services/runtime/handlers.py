@@ -130,6 +130,9 @@ class RuntimeHandlers:
             )
             return
         await kv_delete(kv, key, revision)
+        # Its workers are free now: the other runtimes may pick them at once, not at the next tick.
+        self.runtimes.values.pop(key, None)
+        self.workers_changed = True
         log.info("deleted", runtime=key)
         await self.bus.publish(
             subjects.RUNTIME_DELETED,

@@ -15,7 +15,15 @@ from libs.config import Settings
 from libs.events.agent import AgentHeartbeat, MountReport
 from libs.events.common import ObjectMeta, ObjectRef
 from libs.events.dataset import Dataset, DatasetApply, DatasetSpec, Mount
-from libs.events.runtime import Level, Runtime, RuntimeApply, RuntimeRecord, RuntimeSpec, TieredStore
+from libs.events.runtime import (
+    Level,
+    Runtime,
+    RuntimeApply,
+    RuntimeDelete,
+    RuntimeRecord,
+    RuntimeSpec,
+    TieredStore,
+)
 from services.dataset import app as dataset_app
 from services.runtime import app as runtime_app
 from tests.conftest import SeaweedServer, put_objects
@@ -108,3 +116,10 @@ async def test_workers_follow_affinity_placement_and_replicas(bus: Bus, settings
 
         silent = await eventually(n1_silent, 20, "n1 not ready after missed heartbeats")
         assert [w.node for w in silent.status.workers] == ["n1", "n3"]
+
+        # Deleting train frees its workers for eval at once.
+        await bus.publish(subjects.RUNTIME_DELETE, RuntimeDelete(name="train"))
+        for node in ("n2", "n3", "n4"):
+            await beat(bus, node, "eval")
+        await apply(bus, bucket, "eval", replicas=3)
+        await workers_of(bus, "eval", ["n4", "n2", "n3"], serving=3)
