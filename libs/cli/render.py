@@ -141,18 +141,18 @@ def describe_runtime(record: RuntimeRecord) -> str:
     workers = [[worker.node, "True" if worker.ready else "False", worker.peer_url or "<none>"]
                for worker in record.status.workers]
     not_picked = [[agent.node, agent.reason] for agent in record.status.not_picked]
-    sections = [
+    workers_sections = [
         "Workers:",
         _indented(table_text(["NODE", "READY", "PEER"], workers)) if workers else "  <none>",
         "Not picked:",
         _indented(table_text(["NODE", "REASON"], not_picked)) if not_picked else "  <none>",
     ]
     return _describe("Runtime", record.runtime.metadata, record.generation, record.runtime.spec, status, conditions,
-                     sections)
+                     extra=workers_sections)
 
 
 def _describe(kind: str, metadata: Any, generation: int, spec: Any, status: dict[str, Any],
-              conditions: Sequence[Condition], sections: Sequence[str] = ()) -> str:
+              conditions: Sequence[Condition], extra: Sequence[str] = ()) -> str:
     lines = [
         f"Name:         {metadata.name}",
         f"Namespace:    {metadata.namespace}",
@@ -164,7 +164,7 @@ def _describe(kind: str, metadata: Any, generation: int, spec: Any, status: dict
         _indented(to_yaml(full_builtins(spec))),
         "Status:",
         _indented(to_yaml(status)),
-        *sections,
+        *extra,
         "Conditions:",
     ]
     if conditions:
