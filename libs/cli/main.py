@@ -1,4 +1,4 @@
-"""The ``shoal`` command line: apply, get, describe, delete, events, schemas (and up/down from libs.cli.up).
+"""The ``shoal`` command line: apply, get, describe, delete, scale, events, schemas (and up/down from libs.cli.up).
 
 Which I/O it owns: the NATS connection of one command (connect with a deadline, turning "unreachable" into one
 sentence and exit code 2), publishing command events and waiting for the fact that answers each of them
@@ -46,6 +46,7 @@ from libs.events.dataset import (
 )
 from libs.events.runtime import (
     RuntimeAccepted,
+    RuntimeApply,
     RuntimeDelete,
     RuntimeDeleted,
     RuntimeFact,
@@ -376,6 +377,45 @@ def resync(options: Options, resource: str, name: str, namespace: str) -> None:
     command = Command(0, "dataset", "dataset", name, namespace, subjects.DATASET_RESYNC, event)
     if not _run(_send(options, [command])):
         raise click.exceptions.Exit(1)
+
+
+@cli.command()
+@click.argument("resource", type=click.Choice(["runtime", "runtimes"], case_sensitive=False))
+@click.argument("name")
+@click.option("--replicas", type=int, required=True, help="How many cache workers the runtime should have.")
+@click.option("-n", "--namespace", default="default", show_default=True)
+@click.pass_obj
+def scale(options: Options, resource: str, name: str, replicas: int, namespace: str) -> None:
+    """Set a runtime's number of cache workers: `shoal scale runtime NAME --replicas N`.
+
+    The runtime's spec is applied again with the new replicas; the runtime service keeps the workers it has
+    (growing) or drops the most recently picked ones (shrinking).
+    """
+    if replicas < 0:
+        raise CliError(f"--replicas must be 0 or more, got {replicas}")
+    if not _run(_scale(options, name, namespace, replicas)):
+        raise click.exceptions.Exit(1)
+
+
+async def _scale(options: Options, name: str, namespace: str, replicas: int) -> bool:
+    async with session(options) as bus:
+        try:
+            kv = await bus.kv(subjects.KV_RUNTIMES)
+        except BucketNotFoundError:
+            _not_found("runtime", name, namespace)
+        record, _ = await kv_load(kv, subjects.resource_key(namespace, name), RuntimeRecord)
+        if record is None:
+            _not_found("runtime", name, namespace)
+        runtime = record.runtime
+        spec = msgspec.structs.replace(runtime.spec, replicas=replicas)
+        event = RuntimeApply(runtime=msgspec.structs.replace(runtime, spec=spec))
+        command = Command(0, "runtime", "runtime", name, namespace, subjects.RUNTIME_APPLY, event)
+        outcomes = await send_commands(bus, [command], options.timeout)
+    [outcome] = outcomes
+    if isinstance(outcome.fact, RuntimeAccepted):
+        click.echo(f"{command.resource} scaled to {replicas} replicas")
+        return True
+    return report_outcomes(outcomes, options.timeout)
 
 
 # --- get and describe ---

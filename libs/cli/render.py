@@ -19,7 +19,7 @@ from rich.text import Text
 
 from libs.events.common import format_bytes
 from libs.events.dataset import Condition, DatasetRecord, NodeCache
-from libs.events.runtime import RuntimeRecord
+from libs.events.runtime import CacheWorker, RuntimeRecord
 
 # Wide enough that rich never wraps or truncates a cell: scripts read these lines, like kubectl's.
 _UNLIMITED_WIDTH = 100_000
@@ -75,7 +75,7 @@ def dataset_table(records: Sequence[DatasetRecord], *, wide: bool, show_namespac
 def runtime_table(records: Sequence[RuntimeRecord], *, wide: bool, show_namespace: bool) -> str:
     headers = ["NAME", "READY", "CACHE CAPACITY", "BLOCK SIZE", "PHASE"]
     if wide:
-        headers += ["NODES", "MESSAGE"]
+        headers += ["NODES", "WORKERS", "MESSAGE"]
     rows = []
     for record in records:
         status = record.status
@@ -83,9 +83,14 @@ def runtime_table(records: Sequence[RuntimeRecord], *, wide: bool, show_namespac
                f"{status.worker_number_ready}/{status.desired_worker_number_scheduled}",
                status.cache_capacity, runtime_block_size(record), status.phase]
         if wide:
-            row += [",".join(status.ready_nodes), status.message]
+            row += [",".join(status.ready_nodes), workers_text(status.workers), status.message]
         rows.append(row)
     return _with_namespace(headers, rows, [r.runtime.metadata.namespace for r in records], show_namespace or wide)
+
+
+def workers_text(workers: Sequence[CacheWorker]) -> str:
+    """The cache workers in pick order, a worker that is not ready marked so: ``node-1,node-2(not ready)``."""
+    return ",".join(worker.node if worker.ready else f"{worker.node}(not ready)" for worker in workers)
 
 
 def runtime_block_size(record: RuntimeRecord) -> str:
@@ -142,10 +147,22 @@ def node_cache_table(nodes: Sequence[NodeCache]) -> str:
 
 
 def describe_runtime(record: RuntimeRecord) -> str:
+    """Spec, status, then the cache workers (ready, peer endpoint) and the agents not picked with the reason."""
     status = full_builtins(record.status)
     conditions = record.status.conditions
-    status.pop("conditions", None)
-    return _describe("Runtime", record.runtime.metadata, record.generation, record.runtime.spec, status, conditions)
+    for shown_apart in ("conditions", "workers", "notPicked"):
+        status.pop(shown_apart, None)
+    workers = [[worker.node, "True" if worker.ready else "False", worker.peer_url or "<none>"]
+               for worker in record.status.workers]
+    not_picked = [[agent.node, agent.reason] for agent in record.status.not_picked]
+    workers_sections = [
+        "Workers:",
+        _indented(table_text(["NODE", "READY", "PEER"], workers)) if workers else "  <none>",
+        "Not picked:",
+        _indented(table_text(["NODE", "REASON"], not_picked)) if not_picked else "  <none>",
+    ]
+    return _describe("Runtime", record.runtime.metadata, record.generation, record.runtime.spec, status, conditions,
+                     extra=workers_sections)
 
 
 def _describe(kind: str, metadata: Any, generation: int, spec: Any, status: dict[str, Any],

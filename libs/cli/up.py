@@ -29,7 +29,19 @@ from libs.cli.stack.demo import DEMO_MANIFEST, Applied, applied_by, demo_command
 from libs.cli.stack.layout import DEFAULT_STATE_DIR, StateLayout
 from libs.cli.stack.pids import claim_pidfile, is_shoal_up, pid_alive, read_pid, release_pidfile, stop_leftovers
 from libs.cli.stack.ports import Ports, check_ports, http_ports_needed, ports_needed, service_http_ports
-from libs.cli.stack.supervision import SERVICES, SUPERVISE_INTERVAL_SECONDS, Stack, service_env
+from libs.cli.stack.supervision import (
+    AGENT_INDEX_LABEL,
+    SERVICES,
+    SUPERVISE_INTERVAL_SECONDS,
+    ZONE_LABEL,
+    AgentPlan,
+    Stack,
+    agent_env,
+    agent_plans,
+    ensure_peer_secret,
+    service_env,
+    stack_services,
+)
 from libs.config import Settings, SettingsError, load_settings
 from libs.documents import ManifestError, parse_documents
 from libs.embedded import LOOPBACK, NatsConfig, SeaweedConfig, start_nats, start_seaweedfs
@@ -67,6 +79,8 @@ class UpOptions:
     layout: StateLayout
     ports: Ports
     manifest: Path
+    # How many agents (nodes) to run on this machine.
+    agents: int = 1
 
 
 @dataclass(frozen=True)
@@ -82,6 +96,9 @@ class Plan:
     commands: list[tuple[str, msgspec.Struct]]
     applied: list[Applied]
     http_ports: dict[str, int]
+    services: dict[str, str]
+    # With several agents: each one's node, labels and paths (empty for one agent, which keeps today's).
+    agents: list[AgentPlan]
 
 
 def run_up(options: UpOptions, environ: Mapping[str, str]) -> None:
@@ -98,7 +115,8 @@ def run_up(options: UpOptions, environ: Mapping[str, str]) -> None:
                               nats_monitor_port=options.ports.nats_monitor, s3=plan.s3,
                               seeded_objects=len(demo_objects()), services=stack.service_pids(),
                               http_ports=plan.http_ports, logs=layout.logs, manifest=options.manifest,
-                              applied=plan.applied, mounts=Path(plan.env["SHOAL_MOUNT_ROOT"])))
+                              applied=plan.applied, mounts=Path(plan.env["SHOAL_MOUNT_ROOT"]),
+                              agents=[(agent.node, agent.mount_root) for agent in plan.agents]))
             while True:
                 stack.supervise_once(time.monotonic(), _timestamped)
                 time.sleep(SUPERVISE_INTERVAL_SECONDS)
@@ -115,7 +133,8 @@ def _plan(options: UpOptions, environ: Mapping[str, str]) -> Plan:
     layout, ports = options.layout, options.ports
     external_nats = environ.get("NATS_URL", "").strip()
     external_s3 = environ.get("SHOAL_S3_ENDPOINT", "").strip()
-    http_ports = service_http_ports(ports.service_http, list(SERVICES))
+    services = stack_services(options.agents)
+    http_ports = service_http_ports(ports.service_http, list(services))
     check_ports(ports_needed(ports, run_nats=not external_nats, run_s3=not external_s3)
                 + http_ports_needed(http_ports))
     # Parse the manifest before starting anything: a broken one should cost no server start.
@@ -142,7 +161,9 @@ def _plan(options: UpOptions, environ: Mapping[str, str]) -> Plan:
         settings = load_settings(env)
     except SettingsError as err:
         raise UpError(str(err)) from err
-    return Plan(nats, seaweed, nats_url, s3, env, settings, commands, applied_by(commands), http_ports)
+    agents = agent_plans(options.agents, settings.agent.node_name, settings.agent.labels, layout.mounts)
+    return Plan(nats, seaweed, nats_url, s3, env, settings, commands, applied_by(commands), http_ports, services,
+                agents)
 
 
 def _launch(stack: Stack, plan: Plan) -> None:
@@ -159,6 +180,11 @@ def _launch(stack: Stack, plan: Plan) -> None:
     asyncio.run(prepare(plan.settings.nats, plan.s3, plan.commands))
     stack.env = plan.env
     stack.http_ports = plan.http_ports
+    stack.services = plan.services
+    if plan.agents:
+        # Several agents read each other's caches; one alone has no peers, so it runs no peer server.
+        ensure_peer_secret(layout.peer_secret)
+        stack.service_envs = {agent.service: agent_env(agent, layout.peer_secret) for agent in plan.agents}
     stack.start_services(time.monotonic())
 
 
@@ -177,6 +203,8 @@ def _port_option(name: str, env: str, default: int, what: str) -> Callable[[Any]
 
 
 _defaults = Ports()
+# Every agent is a Python process with its mounts' processes; more than this on one machine is a typo.
+MAX_AGENTS = 64
 
 
 @click.command()
@@ -193,11 +221,17 @@ _defaults = Ports()
 @click.option("--http-port", envvar="SHOAL_UP_HTTP_PORT", default=_defaults.service_http, show_default=True,
               type=click.IntRange(0, 65533),
               help=f"First of {len(SERVICES)} consecutive side-server ports on {LOOPBACK}, one per service "
-                   f"({', '.join(SERVICES)}): /healthz, /readyz, /metrics; 0 picks free ones (env SHOAL_UP_HTTP_PORT).")
+                   f"({', '.join(SERVICES)}; agent-1..N with --agents N): /healthz, /readyz, /metrics; 0 picks free "
+                   "ones (env SHOAL_UP_HTTP_PORT).")
 @click.option("--manifest", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=DEMO_MANIFEST,
               show_default=True, help="Dataset and Runtime documents applied once everything runs.")
+@click.option("--agents", envvar="SHOAL_UP_AGENTS", type=click.IntRange(1, MAX_AGENTS), default=1,
+              show_default=True,
+              help="Agents (nodes) to run on this machine. With more than one, each is node <name>-<i> with labels "
+                   f"{AGENT_INDEX_LABEL}=<i> and {ZONE_LABEL}=zone-a|zone-b (alternating), mounts under "
+                   "<state-dir>/mnt/<node>, and they read each other's caches (env SHOAL_UP_AGENTS).")
 def up(state_dir: Path, nats_port: int, nats_monitor_port: int, s3_port: int, seaweed_master_port: int,
-       seaweed_volume_port: int, seaweed_filer_port: int, http_port: int, manifest: Path) -> None:
+       seaweed_volume_port: int, seaweed_filer_port: int, http_port: int, manifest: Path, agents: int) -> None:
     """Run NATS, SeaweedFS S3 and every Shoal service on this machine, with a demo dataset; Ctrl-C stops all.
 
     An existing NATS is used instead when NATS_URL is set, an existing S3 when SHOAL_S3_ENDPOINT is set
@@ -205,7 +239,7 @@ def up(state_dir: Path, nats_port: int, nats_monitor_port: int, s3_port: int, se
     """
     ports = Ports(nats=nats_port, nats_monitor=nats_monitor_port, s3=s3_port, seaweed_master=seaweed_master_port,
                   seaweed_volume=seaweed_volume_port, seaweed_filer=seaweed_filer_port, service_http=http_port)
-    options = UpOptions(StateLayout(state_dir.resolve()), ports, manifest.resolve())
+    options = UpOptions(StateLayout(state_dir.resolve()), ports, manifest.resolve(), agents)
     try:
         run_up(options, os.environ)
     except UpError as err:

@@ -14,6 +14,11 @@ deletes its cached blocks; the agent deletes those a dead one left); one that me
 briefly NotReady, e.g. while this agent restarts) keeps its mount for a grace period, so readers are not cut off
 by a blip.
 
+Peers: with a peer secret file (``SHOAL_PEER_SECRET_FILE``) each mount process also serves its cached blocks to
+other nodes on a port the agent picks once per mount (``--peer-port``, on ``SHOAL_PEER_HOST``) and keeps across
+restarts of that process; heartbeats carry the node's labels and, for a Serving mount, its ``peerUrl``. Several
+agents can share a machine with distinct ``SHOAL_NODE_NAME``, ``SHOAL_MOUNT_ROOT`` and ``SHOAL_CACHE_SUBDIR``.
+
 Health, in every heartbeat and in ``/readyz``: the agent is unhealthy while a mount process keeps failing (the
 supervisor counts its exits) or a mount's cache directory is down (each mount process reports its tiers' health
 in a status file, ``services.agent.mountstatus``). ``capacityBytes`` is the cache its mounts can use. Heartbeats
@@ -30,6 +35,7 @@ import asyncio
 import contextlib
 import os
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -38,7 +44,7 @@ from pathlib import Path
 
 from libs import subjects
 from libs.bus import Bus, KvMirror, connect
-from libs.config import Settings
+from libs.config import AgentSettings, Settings
 from libs.events.agent import AgentHeartbeat, MountReport
 from libs.events.common import ObjectRef, parse_quantity
 from libs.events.dataset import DatasetRecord
@@ -64,6 +70,14 @@ POLL_SECONDS = 0.25
 UNBOUND_GRACE_SECONDS = 30.0
 # A mount process gets this long to unmount cleanly after SIGTERM before it is killed.
 STOP_GRACE_SECONDS = 10.0
+
+
+def free_port(host: str) -> int:
+    """A port nothing listens on now, on ``host`` (the mount process binds it a moment later)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
 
 
 async def force_unmount(path: str) -> None:
@@ -101,6 +115,9 @@ class MountWorker:
     # restarts, and the bytes its MEM tiers were granted at the last start.
     budget_slot: int = 0
     memory_grant: int = 0
+    # Where this mount's peer server listens (0: none). Picked once and kept across restarts of the process, so a
+    # restarted owner is found again at the URL the other nodes know.
+    peer_port: int = 0
 
     @property
     def key(self) -> str:
@@ -168,7 +185,8 @@ class NodeAgent:
                 status_file = os.path.join(self.status_dir, f"{namespace}.{name}.json")
                 slot = budget.free_slot(w.budget_slot for w in self.workers.values())
                 worker = self.workers[(namespace, name)] = MountWorker(namespace, name, path, status_file,
-                                                                       budget_slot=slot)
+                                                                       budget_slot=slot,
+                                                                       peer_port=self._peer_port())
                 self.supervisor.add(worker.key, now)
             worker.unwanted_since = None
         exits, due = self.supervisor.step(now)
@@ -205,9 +223,19 @@ class NodeAgent:
 
     def mount_env(self) -> dict[str, str]:
         """Mount processes' environment: the agent's, with a side server on a free port each (several mounts
-        cannot share one) unless the agent has none."""
+        cannot share one) unless the agent has none, and the agent's node name, cache subdir and peer settings."""
         env = dict(os.environ if self.child_env is None else self.child_env)
         env["SHOAL_HTTP_PORT"] = "off" if self.settings.service.http_port is None else "0"
+        # What makes this agent's mounts its own when several agents share a machine comes from its settings
+        # (which tests build in-process); a setting left at its default leaves the environment's value alone.
+        agent = self.settings.agent
+        env["SHOAL_NODE_NAME"] = agent.node_name
+        for variable, value in (("SHOAL_CACHE_SUBDIR", agent.cache_subdir),
+                                ("SHOAL_PEER_SECRET_FILE", agent.peer_secret_file)):
+            if value:
+                env[variable] = value
+        if agent.peer_host != AgentSettings().peer_host:
+            env["SHOAL_PEER_HOST"] = agent.peer_host
         return env
 
     def _release_readahead(self, worker: MountWorker) -> None:
@@ -230,15 +258,27 @@ class NodeAgent:
             args += ["--budget-file", self.slots.path, "--budget-slot", str(worker.budget_slot)]
         return args
 
+    def _peer_port(self) -> int:
+        """A free port on the peer host for a new mount's peer server; 0 (none) without a peer secret."""
+        if not self.settings.agent.peer_secret_file:
+            return 0
+        return free_port(self.settings.agent.peer_host)
+
+    def peer_url(self, worker: MountWorker) -> str:
+        return domain.peer_url(self.settings.agent.peer_host, worker.peer_port)
+
     async def _start_worker(self, worker: MountWorker) -> None:
         remove_status(worker.status_file)  # a "down" reported by the process before must not outlive it
+        argv = ["--namespace", worker.namespace, "--name", worker.name, "--mountpoint", worker.path,
+                "--status-file", worker.status_file]
+        if worker.peer_port:
+            argv += ["--peer-port", str(worker.peer_port)]
         worker.process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "services.agent.mountd", "--namespace", worker.namespace, "--name", worker.name,
-            "--mountpoint", worker.path, "--status-file", worker.status_file, *self._budget_args(worker),
+            sys.executable, "-m", "services.agent.mountd", *argv, *self._budget_args(worker),
             stdin=asyncio.subprocess.DEVNULL, env=self.mount_env(),
         )
         log.info("mount process started", dataset=f"{worker.namespace}/{worker.name}", pid=worker.process.pid,
-                 mountpoint=worker.path)
+                 mountpoint=worker.path, peer_port=worker.peer_port or None)
 
     async def _stop_worker(self, worker: MountWorker) -> None:
         process = worker.process
@@ -260,7 +300,7 @@ class NodeAgent:
         if runtime is None:
             return
         levels = runtime.runtime.spec.tieredstore.levels
-        suffix = f"{namespace}/{name}"
+        suffix = domain.cache_suffix(self.settings.agent.cache_subdir, namespace, name)
         folders = [Path(d.strip()) / suffix for level in levels for d in level.path.split(",") if d.strip()]
         if not await asyncio.to_thread(lambda: any(folder.is_dir() for folder in folders)):
             return  # the mount process freed it (the usual case)
@@ -288,6 +328,7 @@ class NodeAgent:
                 ObjectRef(name=name, namespace=namespace), alive=alive,
                 mounted=device is not None and device != worker.stale_device, exit_code=worker.exit_code,
                 failures=child.failures if (child := self.supervisor.children.get(worker.key)) else 0,
+                peer_url=self.peer_url(worker),
             ))
         return reports
 
@@ -304,7 +345,7 @@ class NodeAgent:
             runtimes=[ObjectRef(name=name, namespace=namespace) for namespace, name in served],
             healthy=not problems, problems=problems, sent_at=time.time(),
             interval_seconds=self.settings.agent.heartbeat_seconds, capacity_bytes=self.capacity_bytes(),
-            mounts=self._mount_reports(),
+            mounts=self._mount_reports(), labels=dict(self.settings.agent.labels),
         )
         await self.bus.publish(subjects.agent_heartbeat(self.settings.agent.node_name), beat)
 

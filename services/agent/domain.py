@@ -1,7 +1,8 @@
 """Node agent decisions, pure: which runtimes this node serves and which datasets it must mount.
 
 A dataset is mounted when it is Bound, has a manifest, and its runtime (same name and namespace) is served by
-this agent. Mount points are ``<mount root>/<namespace>/<name>``.
+this agent. Mount points are ``<mount root>/<namespace>/<name>``; blocks live in ``<tier path>/[<cache subdir>/]
+<namespace>/<name>`` (a subdir per agent when several share a machine).
 """
 
 from __future__ import annotations
@@ -40,11 +41,24 @@ def mountpoint(root: str, namespace: str, name: str) -> str:
     return posixpath.join(root, namespace, name)
 
 
+def cache_suffix(subdir: str, namespace: str, name: str) -> str:
+    """The folder of a dataset's blocks below each tier path: ``[<subdir>/]<namespace>/<name>``."""
+    return posixpath.join(subdir, namespace, name) if subdir else posixpath.join(namespace, name)
+
+
+def peer_url(host: str, port: int) -> str:
+    """Where other nodes reach a mount's peer server; empty without one."""
+    if not port:
+        return ""
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
 def mount_report(dataset: ObjectRef, *, alive: bool, mounted: bool, exit_code: int | None,
-                 failures: int) -> MountReport:
-    """How a wanted mount is doing, for heartbeats: Serving once its process has put its own mount in place."""
+                 failures: int, peer_url: str = "") -> MountReport:
+    """How a wanted mount is doing, for heartbeats: Serving once its process has put its own mount in place (with
+    its peer URL, the only state in which its peer server answers)."""
     if alive and mounted:
-        return MountReport(dataset=dataset, state="Serving")
+        return MountReport(dataset=dataset, state="Serving", peer_url=peer_url)
     if alive:
         message = "mount process starting" if exit_code is None else (
             f"mount process restarted after it exited with code {exit_code}; loading")

@@ -5,10 +5,13 @@
 | SHOAL_COMMANDS | shoal.cmd.runtime.* (apply, delete) | RuntimeHandlers.on_command |
 | SHOAL_AGENT | shoal.agent.heartbeat.* | RuntimeHandlers.on_heartbeat |
 | KV shoal_agents | every key (watch) | the in-memory view of agents' last heartbeats (``KvMirror``) |
+| KV shoal_datasets | every key (watch) | the Datasets' nodeAffinity and placement, for picking cache workers |
+| KV shoal_runtimes | every key (watch) | the other runtimes' cache workers (Exclusive placement) |
 | (timer) | every 2 s | RuntimeHandlers.refresh_all |
+| (timer) | every 0.25 s | RuntimeHandlers.check_placements (a Dataset's placement changed, workers moved) |
 
-Ready (``/readyz``) when connected to NATS, the consumers, the agents watch and the timer run, and the agents
-watch has caught up.
+Ready (``/readyz``) when connected to NATS, the consumers, the watches and the timers run, and the watches have
+caught up.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from typing import Any
 
 import msgspec
 
@@ -23,10 +27,11 @@ from libs import subjects
 from libs.bus import Consumer, KvMirror, connect
 from libs.config import Settings
 from libs.events.agent import AgentHeartbeat, AgentRecord
-from libs.events.runtime import RuntimeCommand
+from libs.events.dataset import DatasetRecord
+from libs.events.runtime import RuntimeCommand, RuntimeRecord
 from libs.service import Periodic, nats_check, run_loops
 from libs.side_server import Readiness
-from services.runtime.handlers import TICK_SECONDS, RuntimeHandlers
+from services.runtime.handlers import PLACEMENT_CHECK_SECONDS, TICK_SECONDS, RuntimeHandlers
 
 SERVICE_NAME = "shoal-runtime"
 
@@ -39,8 +44,12 @@ async def run(settings: Settings, stop: asyncio.Event, clock: Callable[[], float
     try:
         await bus.provision()
         agents = KvMirror(await bus.kv(subjects.KV_AGENTS), AgentRecord, bus.reconnects)
-        readiness.add("agents watch", lambda: None if agents.ready.is_set() else "agents watch catching up")
-        handlers = RuntimeHandlers(bus, agents, clock)
+        datasets = KvMirror(await bus.kv(subjects.KV_DATASETS), DatasetRecord, bus.reconnects)
+        runtimes = KvMirror(await bus.kv(subjects.KV_RUNTIMES), RuntimeRecord, bus.reconnects)
+        watches: dict[str, KvMirror[Any]] = {"agents": agents, "datasets": datasets, "runtimes": runtimes}
+        readiness.add("watches", lambda: ", ".join(f"{name} watch catching up" for name, mirror in watches.items()
+                                                   if not mirror.ready.is_set()) or None)
+        handlers = RuntimeHandlers(bus, agents, datasets, runtimes, clock)
         max_bytes, max_deliver = settings.service.max_event_bytes, settings.service.max_deliver
         commands = Consumer(
             bus, subjects.STREAM_COMMANDS, subjects.DURABLE_RUNTIME_COMMANDS, subjects.RUNTIME_COMMANDS,
@@ -53,6 +62,7 @@ async def run(settings: Settings, stop: asyncio.Event, clock: Callable[[], float
             max_deliver=max_deliver,
         )
         ticker = Periodic("status ticker", handlers.refresh_all, TICK_SECONDS)
-        await run_loops([agents, commands, heartbeats, ticker], stop, readiness)
+        placements = Periodic("placement check", handlers.check_placements, PLACEMENT_CHECK_SECONDS)
+        await run_loops([agents, datasets, runtimes, commands, heartbeats, ticker, placements], stop, readiness)
     finally:
         await bus.close()

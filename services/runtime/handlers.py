@@ -6,13 +6,21 @@ Status is a pure function of the runtime record, the agents' last heartbeats and
 The agents' last heartbeats are read from an in-memory view of the ``shoal_agents`` bucket fed by a KV watch
 (``KvMirror``), never listed: a heartbeat costs one KV write plus the refresh of the runtimes it names (or named
 before), whatever the number of agents.
+
+Cache workers depend on more than the runtime and the agents: the Dataset of the same name (its ``nodeAffinity``
+and ``placement``, from a view of ``shoal_datasets``) and the other runtimes' workers (an Exclusive dataset's
+workers hold no other cache; from a view of ``shoal_runtimes`` that this service updates as it saves, so two
+refreshes never hand one agent to two Exclusive runtimes). Refreshes run one at a time for the same reason.
+``check_placements`` refreshes a runtime whose Dataset's placement changed, and every runtime after some
+runtime's workers changed (an agent freed or taken).
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import msgspec
 
@@ -20,6 +28,7 @@ from libs import subjects
 from libs.bus import Bus, Conflict, Delivery, KvMirror, kv_delete, kv_keys, kv_load, kv_save
 from libs.events.agent import AgentHeartbeat, AgentRecord
 from libs.events.common import dns_label_errors
+from libs.events.dataset import DatasetRecord
 from libs.events.runtime import (
     RuntimeAccepted,
     RuntimeApply,
@@ -38,6 +47,9 @@ log = get_logger(__name__)
 CAS_ATTEMPTS = 5
 # How often readiness is recomputed without any event, so a silent agent is noticed.
 TICK_SECONDS = 2.0
+# How often a changed Dataset placement or moved workers are looked for: in-memory, so cheap; fast enough that a
+# re-applied nodeAffinity shows in status within a second.
+PLACEMENT_CHECK_SECONDS = 0.25
 # The agents bucket's TTL (libs.bus): its entries expire without a delete the watch could see, so the view
 # forgets an agent silent for this long itself.
 AGENT_FORGET_SECONDS = 60.0
@@ -47,7 +59,14 @@ AGENT_FORGET_SECONDS = 60.0
 class RuntimeHandlers:
     bus: Bus
     agents: KvMirror[AgentRecord]
+    datasets: KvMirror[DatasetRecord]
+    runtimes: KvMirror[RuntimeRecord]
     clock: Callable[[], float] = time.time
+    # One refresh at a time: each reads the other runtimes' workers that the previous one may have changed.
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # The placement each runtime's workers were last picked with, and whether some runtime's workers changed.
+    placements: dict[str, domain.Placement] = field(default_factory=dict)
+    workers_changed: bool = False
 
     async def on_command(self, command: RuntimeCommand, delivery: Delivery) -> None:
         if isinstance(command, RuntimeApply):
@@ -111,6 +130,9 @@ class RuntimeHandlers:
             )
             return
         await kv_delete(kv, key, revision)
+        # Its workers are free now: the other runtimes may pick them at once, not at the next tick.
+        self.runtimes.values.pop(key, None)
+        self.workers_changed = True
         log.info("deleted", runtime=key)
         await self.bus.publish(
             subjects.RUNTIME_DELETED,
@@ -150,12 +172,42 @@ class RuntimeHandlers:
             await self.refresh(key, agents)
 
     async def refresh(self, key: str, agents: list[AgentRecord], force_publish: bool = False) -> None:
+        async with self.lock:
+            await self._refresh(key, agents, force_publish)
+
+    def placement(self, key: str) -> domain.Placement:
+        dataset = self.datasets.values.get(key)
+        return domain.placement_of(dataset.dataset.spec if dataset is not None else None)
+
+    def others(self, key: str) -> list[domain.OtherRuntime]:
+        return [domain.OtherRuntime(f"{record.runtime.metadata.namespace}/{record.runtime.metadata.name}",
+                                    self.placement(other).exclusive,
+                                    tuple(worker.node for worker in record.status.workers))
+                for other, record in self.runtimes.values.items() if other != key and record.status.workers]
+
+    async def check_placements(self) -> None:
+        """Refresh the runtimes whose Dataset's nodeAffinity or placement changed, or all after workers moved."""
+        if not (self.datasets.ready.is_set() and self.runtimes.ready.is_set()):
+            return
+        keys = sorted(self.runtimes.values)
+        changed = [key for key in keys if self.placements.get(key) != self.placement(key)]
+        if self.workers_changed:
+            self.workers_changed, changed = False, keys
+        agents = self._agents()
+        for key in changed:
+            await self.refresh(key, agents)
+
+    async def _refresh(self, key: str, agents: list[AgentRecord], force_publish: bool) -> None:
+        await self.datasets.ready.wait()
+        await self.runtimes.ready.wait()
         kv = await self.bus.kv(subjects.KV_RUNTIMES)
         for _ in range(CAS_ATTEMPTS):
             record, revision = await kv_load(kv, key, RuntimeRecord)
             if record is None:
                 return
-            status = domain.runtime_status(record, agents, self.clock())
+            placement = self.placement(key)
+            self.placements[key] = placement
+            status = domain.runtime_status(record, agents, self.clock(), placement, self.others(key))
             if status == record.status and not force_publish:
                 return
             updated = msgspec.structs.replace(record, status=status)
@@ -164,6 +216,11 @@ class RuntimeHandlers:
                     revision = await kv_save(kv, key, updated, revision)
             except Conflict:
                 continue
+            # The watch brings it back shortly; the next refresh must already see these workers.
+            self.runtimes.values[key] = updated
+            if [w.node for w in status.workers] != [w.node for w in record.status.workers]:
+                self.workers_changed = True
+                log.info("cache workers", runtime=key, workers=[w.node for w in status.workers])
             meta = record.runtime.metadata
             await self.bus.publish(
                 subjects.RUNTIME_STATUS,

@@ -36,7 +36,16 @@ from libs.events.dataset import (
     DatasetStatus,
     Mount,
 )
-from libs.events.runtime import Level, Runtime, RuntimeRecord, RuntimeSpec, RuntimeStatus, TieredStore
+from libs.events.runtime import (
+    CacheWorker,
+    Level,
+    NotPicked,
+    Runtime,
+    RuntimeRecord,
+    RuntimeSpec,
+    RuntimeStatus,
+    TieredStore,
+)
 from libs.events.schema import INDEX_FILE, schema_files
 from tests.conftest import NatsServer
 
@@ -89,7 +98,12 @@ IMAGENET_RUNTIME = RuntimeRecord(
     generation=1,
     status=RuntimeStatus(phase="PartialReady", message="2 of 3 nodes ready", desired_worker_number_scheduled=3,
                          worker_number_ready=2, ready_nodes=["node-a", "node-b"], cache_capacity="6.00GiB",
-                         cache_capacity_bytes=6 * 2**30, block_size_bytes=4 * 2**20),
+                         cache_capacity_bytes=6 * 2**30, block_size_bytes=4 * 2**20,
+                         current_worker_number_scheduled=3,
+                         workers=[CacheWorker(node="node-b", peer_url="http://127.0.0.1:41000"),
+                                  CacheWorker(node="node-a", peer_url="http://127.0.0.1:41001"),
+                                  CacheWorker(node="node-c", ready=False)],
+                         not_picked=[NotPicked(node="node-d", reason="does not match nodeAffinity: zone In [a]")]),
 )
 
 
@@ -152,7 +166,9 @@ async def test_get_runtimes_table(nats_server: NatsServer, bus: Bus) -> None:
     )
     wide = await shoal(nats_server, "get", "runtime", "-o", "wide")
     assert wide.stdout.splitlines()[1].split() == ["default", "imagenet", "2/3", "6.00GiB", "4.00MiB",
-                                                   "PartialReady", "node-a,node-b", "2", "of", "3", "nodes", "ready"]
+                                                   "PartialReady", "node-a,node-b",
+                                                   "node-b,node-a,node-c(not", "ready)", "2", "of", "3", "nodes",
+                                                   "ready"]
 
 
 async def test_get_nothing_and_not_found(nats_server: NatsServer, bus: Bus) -> None:
@@ -186,7 +202,16 @@ async def test_describe_shows_spec_status_and_conditions(nats_server: NatsServer
     runtime = await shoal(nats_server, "describe", "runtime", "imagenet")
     assert runtime.exit_code == 0, runtime.output
     assert "    - mediumtype: MEM" in runtime.stdout.splitlines()
-    assert "  readyNodes:" in runtime.stdout.splitlines()
+    lines = runtime.stdout.splitlines()
+    assert "  readyNodes:" in lines
+    # Workers in pick order with readiness and peer endpoint, then the agents not picked and why.
+    workers = lines.index("Workers:")
+    assert [line.split() for line in lines[workers + 1:workers + 5]] == [
+        ["NODE", "READY", "PEER"], ["node-b", "True", "http://127.0.0.1:41000"],
+        ["node-a", "True", "http://127.0.0.1:41001"], ["node-c", "False", "<none>"]]
+    assert lines[workers + 5:workers + 8] == ["Not picked:", "  NODE     REASON",
+                                              "  node-d   does not match nodeAffinity: zone In [a]"]
+    assert "  workers:" not in lines and "  notPicked:" not in lines
     assert runtime.stdout.rstrip().endswith("Conditions:\n  <none>")
 
 
@@ -254,6 +279,38 @@ spec:
     again = await shoal(nats_server, "delete", "dataset", "demo")
     assert again.exit_code == 1
     assert again.stderr == "error: demo rejected: dataset default/demo does not exist\n"
+
+
+async def test_scale_reapplies_the_runtime_with_new_replicas(nats_server: NatsServer, services: None,
+                                                              bus: Bus) -> None:
+    manifest = """
+apiVersion: shoal.io/v1alpha1
+kind: Runtime
+metadata: {name: scaled}
+spec:
+  replicas: 1
+  blockSize: 1Mi
+  tieredstore: {levels: [{mediumtype: MEM, quota: 1Gi}]}
+"""
+    applied = await shoal(nats_server, "apply", "-f", "-", stdin=manifest)
+    assert applied.exit_code == 0, applied.output
+
+    scaled = await shoal(nats_server, "scale", "runtime", "scaled", "--replicas", "3")
+    assert scaled.exit_code == 0, scaled.output
+    assert scaled.stdout == "runtime.shoal.io/scaled scaled to 3 replicas\n"
+    record = msgspec.convert(json.loads((await shoal(nats_server, "get", "runtime", "scaled", "-o", "json")).stdout),
+                             RuntimeRecord)
+    assert (record.runtime.spec.replicas, record.generation) == (3, 2)
+    assert record.runtime.spec.block_size == "1Mi"  # the rest of the spec is kept
+
+    missing = await shoal(nats_server, "scale", "runtime", "ghost", "--replicas", "2")
+    assert (missing.exit_code, missing.stderr) == (1, 'error: runtime.shoal.io "ghost" not found in namespace '
+                                                      '"default"\n')
+    negative = await shoal(nats_server, "scale", "runtime", "scaled", "--replicas", "-1")
+    assert (negative.exit_code, negative.stderr) == (1, "error: --replicas must be 0 or more, got -1\n")
+    too_many = await shoal(nats_server, "scale", "runtime", "scaled", "--replicas", "20000")
+    assert too_many.exit_code == 1
+    assert "rejected: spec.replicas must be between 0 and 10000, got 20000" in too_many.stderr
 
 
 async def test_apply_prints_the_services_rejection(nats_server: NatsServer, services: None) -> None:

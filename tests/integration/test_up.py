@@ -23,7 +23,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from libs.bus import connect
+from libs import subjects
+from libs.bus import connect, kv_load
 from libs.cli.stack import S3Access
 from libs.cli.stack.banner import applied_line, banner
 from libs.cli.stack.demo import Applied, demo_objects, rebase_tier_paths
@@ -31,16 +32,17 @@ from libs.cli.stack.layout import StateLayout
 from libs.cli.stack.pids import pid_alive
 from libs.cli.stack.ports import Ports as UpPorts
 from libs.cli.stack.ports import ports_needed, service_http_ports
-from libs.cli.stack.supervision import SERVICES, Stack
+from libs.cli.stack.supervision import SERVICES, Stack, agent_env, agent_plans, ensure_peer_secret, stack_services
 from libs.config import NatsSettings
 from libs.embedded import LOOPBACK, SeaweedConfig, free_port
+from libs.events.agent import AgentRecord
 from services.agent.mountinfo import is_mounted
 from tests.helpers import dataset_record, eventually, runtime_record
 
 SHOAL = str(Path(sys.executable).parent / "shoal")
 # Variables that would make `shoal up` use servers of the outer environment instead of starting its own.
 OUTER_VARIABLES = ("NATS_URL", "SHOAL_S3_ENDPOINT", "SHOAL_S3_ACCESS_KEY_ID", "SHOAL_S3_SECRET_ACCESS_KEY",
-                   "SHOAL_STATE_DIR")
+                   "SHOAL_STATE_DIR", "SHOAL_UP_AGENTS", "SHOAL_NODE_NAME", "SHOAL_NODE_LABELS")
 # SeaweedFS needs a few seconds, more on a busy two-core machine running other tests.
 READY_TIMEOUT = 90.0
 STOP_TIMEOUT = 60.0
@@ -139,12 +141,13 @@ StartUp = Callable[..., Awaitable[UpRun]]
 async def start_up(tmp_path: Path) -> AsyncIterator[StartUp]:
     runs: list[UpRun] = []
 
-    async def start(state_dir: Path | None = None, argv: list[str] | None = None) -> UpRun:
+    async def start(state_dir: Path | None = None, argv: list[str] | None = None,
+                    env: dict[str, str] | None = None) -> UpRun:
         state_dir = state_dir or tmp_path / "state"
         argv = argv or up_arguments(state_dir)
         process = await asyncio.create_subprocess_exec(
             SHOAL, *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-            stdin=asyncio.subprocess.DEVNULL, env=child_env(), cwd=tmp_path,
+            stdin=asyncio.subprocess.DEVNULL, env={**child_env(), **(env or {})}, cwd=tmp_path,
         )
         run = UpRun(process, state_dir, argv)
         runs.append(run)
@@ -224,6 +227,76 @@ async def test_up_syncs_the_demo_restarts_a_dead_service_and_stops_everything_on
     assert not (run.state_dir / "up.pid").exists()
     assert not (run.state_dir / "pids.json").exists()
     assert not await _mounted(run.state_dir.resolve() / "mnt" / "default" / "demo"), "the agent left its mount"
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.needs("fuse")
+async def test_up_with_three_agents_runs_three_nodes_that_each_mount_the_demo_and_one_holds_its_cache(
+        start_up: StartUp, tmp_path: Path) -> None:
+    state_dir = tmp_path / "state"
+    run = await start_up(state_dir, [*up_arguments(state_dir), "--agents", "3"], env={"SHOAL_NODE_NAME": "box"})
+    await run.wait_for_output("Shoal is up")
+    nodes = ["box-1", "box-2", "box-3"]
+    pids = run.pids()
+    assert set(pids) == {"nats-server", "seaweedfs", "dataset", "runtime", "agent-1", "agent-2", "agent-3"}
+    assert f"  agents    {', '.join(nodes)}" in run.output
+    secret = state_dir.resolve() / "peer.secret"
+    assert secret.stat().st_mode & 0o777 == 0o600
+    assert secret.read_text().strip() not in run.output
+
+    bus = await connect(NatsSettings(urls=[nats_url_of(run)]), "test-up")
+    try:
+        agents = await bus.kv(subjects.KV_AGENTS)
+
+        async def labels() -> dict[str, dict[str, str]] | None:
+            found = {}
+            for node in nodes:
+                record, _ = await kv_load(agents, node, AgentRecord)
+                if record is None:
+                    return None
+                found[node] = record.heartbeat.labels
+            return found
+
+        seen = await eventually(labels, 60, "a heartbeat from each agent")
+        assert seen == {f"box-{i}": {"shoal.io/agent-index": str(i),
+                                     "topology.kubernetes.io/zone": "zone-a" if i % 2 else "zone-b"}
+                        for i in (1, 2, 3)}
+
+        # Every agent mounts the demo below its own folder, and reads it right.
+        obj = demo_objects()[0]
+        for node in nodes:
+            mountpoint = state_dir.resolve() / "mnt" / node / "default" / "demo"
+            await eventually(functools.partial(_mounted, mountpoint), 60, f"the demo mounted by {node}")
+            assert await asyncio.to_thread((mountpoint / obj.key).read_bytes) == obj.body()
+
+        # One replica: the first agent holds the cache, the others are clients; scaling picks them too.
+        async def workers(count: int) -> Any:
+            record = await runtime_record(bus, "demo")
+            if record is None:
+                return None
+            picked = [w.node for w in record.status.workers if w.ready]
+            return record if len(picked) == count and len(record.status.not_picked) == 3 - count else None
+
+        # (Whichever agent beat first: picks are sticky.)
+        record = await eventually(functools.partial(workers, 1), 30, "the demo's only cache worker")
+        [first] = [w.node for w in record.status.workers]
+        assert {p.node: p.reason for p in record.status.not_picked} == {
+            node: "1 of 1 replicas already picked" for node in nodes if node != first}
+        cli = ["--nats", nats_url_of(run)]
+        code, output = await run_to_end([*cli, "scale", "runtime", "demo", "--replicas", "3"], tmp_path)
+        assert code == 0, output
+        record = await eventually(functools.partial(workers, 3), 30, "three cache workers")
+        picked = [w.node for w in record.status.workers]
+        assert picked == [first, *(node for node in nodes if node != first)]
+        code, output = await run_to_end([*cli, "get", "runtimes", "-o", "wide"], tmp_path)
+        assert code == 0 and ",".join(picked) in output.splitlines()[1], output
+    finally:
+        await bus.close()
+
+    assert await run.stop(signal.SIGINT) == 0, run.output
+    assert not any(alive(pid) for pid in run.seen_pids.values())
+    for node in nodes:
+        assert not await _mounted(state_dir.resolve() / "mnt" / node / "default" / "demo")
 
 
 @pytest.mark.timeout(180)
@@ -311,6 +384,27 @@ async def test_a_busy_port_is_named_with_the_option_that_moves_it(tmp_path: Path
 
 
 # --- The pure decisions behind it ---
+
+
+def test_several_agents_get_their_own_node_labels_paths_and_the_peer_secret(tmp_path: Path) -> None:
+    assert stack_services(1) == SERVICES
+    assert list(stack_services(2)) == ["dataset", "runtime", "agent-1", "agent-2"]
+    assert agent_plans(1, "box", {}, tmp_path) == []
+    plans = agent_plans(3, "box", {"rack": "r1"}, tmp_path / "mnt")
+    assert [(p.service, p.node, p.mount_root, p.cache_subdir) for p in plans] == [
+        (f"agent-{i}", f"box-{i}", tmp_path / "mnt" / f"box-{i}", f"box-{i}") for i in (1, 2, 3)]
+    assert plans[1].labels == {"rack": "r1", "shoal.io/agent-index": "2", "topology.kubernetes.io/zone": "zone-b"}
+    assert len(agent_plans(2, "x" * 63, {}, tmp_path)[1].node) == 63
+    env = agent_env(plans[0], tmp_path / "peer.secret")
+    assert env["SHOAL_NODE_LABELS"] == "rack=r1,shoal.io/agent-index=1,topology.kubernetes.io/zone=zone-a"
+    assert env["SHOAL_PEER_SECRET_FILE"] == str(tmp_path / "peer.secret")
+
+    secret = tmp_path / "state" / "peer.secret"
+    ensure_peer_secret(secret)
+    first = secret.read_text()
+    assert len(first.strip()) == 64 and secret.stat().st_mode & 0o777 == 0o600
+    ensure_peer_secret(secret)
+    assert secret.read_text() == first  # made once, kept across runs
 
 
 def test_service_side_server_ports_are_consecutive_or_free() -> None:

@@ -205,3 +205,18 @@ def test_v1_inventory_events_upgrade_to_v2_with_the_same_blocks() -> None:
     assert [(f.key, f.blocks) for f in delta.cached] == [("a", [(1, 4)])]
     assert [(f.key, f.blocks) for f in delta.evicted] == [("b", [(0, 2)])]
     assert upgrade(new) is new
+
+
+def test_a_serving_mount_reports_its_peer_url_and_blocks_live_below_the_cache_subdir() -> None:
+    ref = ObjectRef(name="d")
+    assert agent_domain.peer_url("127.0.0.1", 4100) == "http://127.0.0.1:4100"
+    assert agent_domain.peer_url("::1", 4100) == "http://[::1]:4100"
+    assert agent_domain.peer_url("127.0.0.1", 0) == ""
+    serving = agent_domain.mount_report(ref, alive=True, mounted=True, exit_code=None, failures=0,
+                                        peer_url="http://127.0.0.1:4100")
+    assert serving.peer_url == "http://127.0.0.1:4100"
+    starting = agent_domain.mount_report(ref, alive=True, mounted=False, exit_code=None, failures=0,
+                                         peer_url="http://127.0.0.1:4100")
+    assert starting.peer_url == ""  # its peer server is not answering yet
+    assert agent_domain.cache_suffix("", "default", "d") == "default/d"
+    assert agent_domain.cache_suffix("node-2", "default", "d") == "node-2/default/d"

@@ -12,7 +12,15 @@ from hypothesis import strategies as st
 from libs.events.agent import AgentHeartbeat, AgentRecord, MountReport
 from libs.events.common import ObjectMeta, ObjectRef
 from libs.events.dataset import Condition
-from libs.events.runtime import Level, Runtime, RuntimeRecord, RuntimeSpec, RuntimeStatus, TieredStore
+from libs.events.runtime import (
+    Level,
+    NotPicked,
+    Runtime,
+    RuntimeRecord,
+    RuntimeSpec,
+    RuntimeStatus,
+    TieredStore,
+)
 from services.runtime.domain import (
     MAX_REPLICAS,
     MISSED_BEATS,
@@ -219,7 +227,11 @@ def test_ready_when_every_replica_beats() -> None:
 def test_ready_with_more_agents_than_replicas() -> None:
     status = status_of(valid_runtime(replicas=1), [agent("node-a"), agent("node-b")])
     assert status.phase == "Ready"
-    assert status.worker_number_ready == 2
+    # Both serve (node-b as a client); one cache worker, as asked.
+    assert status.ready_nodes == ["node-a", "node-b"]
+    assert status.worker_number_ready == 1
+    assert [w.node for w in status.workers] == ["node-a"]
+    assert status.not_picked == [NotPicked(node="node-b", reason="1 of 1 replicas already picked")]
 
 
 def test_partial_ready() -> None:
@@ -351,15 +363,18 @@ def test_status_is_consistent_with_its_ready_nodes(spec: Any, replicas: int) -> 
     status = status_of(runtime, agents)
     assert status.ready_nodes == sorted(set(status.ready_nodes))
     assert status.ready_nodes == ready_nodes(runtime, agents, NOW)
-    assert status.worker_number_ready == len(status.ready_nodes) <= len(agents)
-    assert status.cache_capacity_bytes == node_capacity(runtime) * status.worker_number_ready
+    assert len(status.ready_nodes) <= len(agents)
+    # From scratch every healthy serving node is eligible: workers are the first ``replicas`` of them.
+    assert [w.node for w in status.workers] == status.ready_nodes[:replicas]
+    assert status.worker_number_ready == min(replicas, len(status.ready_nodes))
+    assert status.cache_capacity_bytes == node_capacity(runtime) * len(status.ready_nodes)
     serving_unhealthy = [r for r in agents if not r.heartbeat.healthy
                          and NOW - r.received_at <= MISSED_BEATS * r.heartbeat.interval_seconds
                          and ObjectRef(name="imagenet", namespace="default") in r.heartbeat.runtimes]
-    if status.worker_number_ready == 0:
+    if not status.ready_nodes:
         # An unhealthy node that still serves keeps the runtime PartialReady (its mounts may still serve).
         assert status.phase == ("PartialReady" if serving_unhealthy else "NotReady")
-    elif status.worker_number_ready >= replicas:
+    elif len(status.ready_nodes) >= replicas:
         assert status.phase == "Ready"
     else:
         assert status.phase == "PartialReady"

@@ -50,7 +50,9 @@ def applied_line(applied: Sequence[Applied], manifest: Path) -> str:
 
 def banner(*, pid: int, nats_url: str, nats_embedded: bool, nats_monitor_port: int, s3: S3Access,
            seeded_objects: int, services: Mapping[str, int], http_ports: Mapping[str, int], logs: Path,
-           manifest: Path, applied: Sequence[Applied], mounts: Path) -> str:
+           manifest: Path, applied: Sequence[Applied], mounts: Path,
+           agents: Sequence[tuple[str, Path]] = ()) -> str:
+    """What ``shoal up`` prints once everything runs; ``agents`` (node, mount root) when it runs several."""
     # A NATS_URL may carry a user and password; the banner lands in terminals and logs, so it never shows them.
     nats_url = strip_userinfo(nats_url)
     nats_line = (f"{nats_url} (embedded; monitoring http://{LOOPBACK}:{nats_monitor_port})" if nats_embedded
@@ -75,13 +77,18 @@ def banner(*, pid: int, nats_url: str, nats_embedded: bool, nats_monitor_port: i
         f"  logs      {logs}/",
         f"  applied   {applied_line(applied, manifest)}",
     ]
+    if agents:
+        lines.append(f"  agents    {', '.join(node for node, _ in agents)} (each mounts every dataset it serves; "
+                     "`shoal describe runtime` shows which hold the cache)")
+    roots = [root for _, root in agents] or [mounts]
     for item in datasets:
-        lines.append(f"  mount     {mounts}/{item.namespace}/{item.name} "
-                     "(the agent mounts it once the dataset is Bound)")
+        for root in roots:
+            lines.append(f"  mount     {root}/{item.namespace}/{item.name} "
+                         "(the agent mounts it once the dataset is Bound)")
     lines += ["", "Look around:", f"  {shoal} get datasets"]
     if datasets:
         first = datasets[0]
-        where = f"{mounts}/{first.namespace}/{first.name}"
+        where = f"{roots[0]}/{first.namespace}/{first.name}"
         namespace = "" if first.namespace == "default" else f" -n {first.namespace}"
         lines += [f"  {shoal} describe dataset {first.name}{namespace}",
                   f"  find {where} && md5sum $(find {where} -type f)"]

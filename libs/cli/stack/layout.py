@@ -34,8 +34,14 @@ class StateLayout:
 
     @property
     def mounts(self) -> Path:
-        """Where the agent mounts datasets: <state>/mnt/<namespace>/<name>."""
+        """Where the agent mounts datasets: <state>/mnt/<namespace>/<name>; with several agents each has its own
+        folder, <state>/mnt/<node>/<namespace>/<name>."""
         return self.root.resolve() / "mnt"
+
+    @property
+    def peer_secret(self) -> Path:
+        """The cluster's peer secret (``shoal up --agents N``): random, 0600, made once and kept."""
+        return self.root.resolve() / "peer.secret"
 
     @property
     def pids(self) -> Path:

@@ -1,7 +1,9 @@
 """The services ``shoal up`` runs and keeps running: their table, their environment, and their supervision.
 
 Pure: ``SERVICES`` (name → module), ``service_env`` (what every service gets: where NATS and S3 are, where to
-mount; each also gets its own side-server port, ``SHOAL_HTTP_PORT``). I/O: ``Stack``, the processes one
+mount; each also gets its own side-server port, ``SHOAL_HTTP_PORT``), and with ``--agents N`` (N > 1) the
+agents' table (``stack_services``: ``agent-1`` .. ``agent-N``) and each agent's own node name, labels, mount root,
+cache subdir and the cluster's peer secret file (``agent_plans``, ``agent_env``). I/O: ``Stack``, the processes one
 ``shoal up`` owns; a service that exits is restarted through ``libs.supervisor`` (the one supervisor the
 agent's mount processes use too), with its backoff reset after a minute of stable running. Shutdown order is
 services, then SeaweedFS, then NATS, so no service sees its dependencies vanish.
@@ -10,6 +12,7 @@ services, then SeaweedFS, then NATS, so no service sees its dependencies vanish.
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import sys
 from collections.abc import Callable, Mapping
@@ -22,13 +25,68 @@ from libs.cli.stack.pids import child_pids, stop_children, write_pids
 from libs.embedded import ServerProcess, spawn
 from libs.supervisor import Supervisor
 
-# --- What runs: one line per service. The agent, loader and scheduler are added here when they exist. ---
+# --- What runs: one line per service. The loader and scheduler are added here when they exist. ---
 
 SERVICES: dict[str, str] = {
     "dataset": "services.dataset",
     "runtime": "services.runtime",
     "agent": "services.agent",
 }
+
+AGENT = "agent"
+# The labels every agent of ``shoal up --agents N`` carries (node affinity can select on them): its index, and a
+# zone alternating between two, so a Dataset can pin its cache to half of the agents.
+AGENT_INDEX_LABEL = "shoal.io/agent-index"
+ZONE_LABEL = "topology.kubernetes.io/zone"
+ZONES = ("zone-a", "zone-b")
+# Node names are DNS-1123 labels.
+MAX_NODE_NAME = 63
+
+
+@dataclass(frozen=True)
+class AgentPlan:
+    """One agent of ``shoal up --agents N``: its service name, node name, labels, mount root and cache subdir."""
+
+    service: str
+    node: str
+    labels: dict[str, str]
+    mount_root: Path
+    cache_subdir: str
+
+
+def stack_services(agents: int) -> dict[str, str]:
+    """The services to run: today's table for one agent; ``agent-1`` .. ``agent-N`` in place of ``agent``."""
+    if agents <= 1:
+        return dict(SERVICES)
+    services = {name: module for name, module in SERVICES.items() if name != AGENT}
+    services.update({f"{AGENT}-{index}": SERVICES[AGENT] for index in range(1, agents + 1)})
+    return services
+
+
+def agent_plans(agents: int, base_node: str, base_labels: Mapping[str, str], mounts: Path) -> list[AgentPlan]:
+    """N > 1 agents: nodes ``<base>-1`` .. ``<base>-N``, each mounting at ``<mounts>/<node>`` and caching in its own
+    subdir (the node name) of the runtime's tier paths. One agent (N = 1) keeps today's name and paths."""
+    if agents <= 1:
+        return []
+    plans = []
+    for index in range(1, agents + 1):
+        suffix = f"-{index}"
+        node = base_node[:MAX_NODE_NAME - len(suffix)].rstrip("-") + suffix
+        labels = {**base_labels, AGENT_INDEX_LABEL: str(index), ZONE_LABEL: ZONES[(index - 1) % len(ZONES)]}
+        plans.append(AgentPlan(f"{AGENT}{suffix}", node, labels, mounts / node, node))
+    return plans
+
+
+def agent_env(plan: AgentPlan, peer_secret_file: Path) -> dict[str, str]:
+    """The variables that make one agent of several its own node."""
+    return {
+        "SHOAL_NODE_NAME": plan.node,
+        "SHOAL_NODE_LABELS": ",".join(f"{key}={value}" for key, value in sorted(plan.labels.items())),
+        "SHOAL_MOUNT_ROOT": str(plan.mount_root),
+        "SHOAL_CACHE_SUBDIR": plan.cache_subdir,
+        "SHOAL_PEER_SECRET_FILE": str(peer_secret_file),
+    }
+
 
 # Polling children is cheap; a fifth of a second makes a crash visible at once without busy-looping.
 SUPERVISE_INTERVAL_SECONDS = 0.2
@@ -53,6 +111,25 @@ def service_env(base: Mapping[str, str], nats_url: str, s3: S3Access, mount_root
     return env
 
 
+# 256 bits: HMAC-SHA256 keys are derived from it, so anything shorter would be the weak link.
+PEER_SECRET_BYTES = 32
+
+
+def ensure_peer_secret(path: Path) -> None:
+    """Create the peer secret file once (random, 0600, never printed); an existing one is kept, so agents that
+    restart, and caches signed for, stay valid across runs."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        os.chmod(path, 0o600)
+        if path.stat().st_size == 0:
+            raise UpError(f"{path} is empty: delete it and shoal up makes a new peer secret") from None
+        return
+    with os.fdopen(fd, "w") as file:
+        file.write(secrets.token_hex(PEER_SECRET_BYTES) + "\n")
+
+
 def service_argv(module: str, python: str) -> list[str]:
     return [python, "-m", module]
 
@@ -71,6 +148,9 @@ class Stack:
     # side-server port on top (``http_ports``).
     env: dict[str, str] = field(default_factory=dict)
     http_ports: dict[str, int] = field(default_factory=dict)
+    # What runs (name → module; ``stack_services``) and the variables each service gets on top of ``env``.
+    services: dict[str, str] = field(default_factory=lambda: dict(SERVICES))
+    service_envs: dict[str, dict[str, str]] = field(default_factory=dict)
     # Children that existed before this stack started anything (none from the CLI; some when run in-process).
     earlier_children: set[int] = field(default_factory=lambda: set(child_pids(os.getpid())))
 
@@ -78,7 +158,7 @@ class Stack:
         processes = {server.name: (server.pid, self.server_markers[server.name]) for server in self.servers}
         for name, child in self.supervisor.children.items():
             if child.process is not None:
-                processes[name] = (child.process.pid, SERVICES[name])
+                processes[name] = (child.process.pid, self.services[name])
         write_pids(self.layout, processes)
 
     def add_server(self, server: ServerProcess, marker: str) -> None:
@@ -91,15 +171,15 @@ class Stack:
                 if child.process is not None}
 
     def start_services(self, now: float) -> None:
-        for name in SERVICES:
+        for name in self.services:
             self.supervisor.add(name, now)
         self.supervise_once(now, lambda message: None)
 
     def _start(self, name: str, now: float) -> ServerProcess:
-        env = dict(self.env)
+        env = {**self.env, **self.service_envs.get(name, {})}
         if name in self.http_ports:
             env["SHOAL_HTTP_PORT"] = str(self.http_ports[name])
-        process = spawn(name, service_argv(SERVICES[name], sys.executable), self.layout.log(name), env=env,
+        process = spawn(name, service_argv(self.services[name], sys.executable), self.layout.log(name), env=env,
                         grace=SERVICE_GRACE_SECONDS)
         self.supervisor.started(self.supervisor.children[name], process, now)
         self.record()

@@ -1,0 +1,134 @@
+"""Kubernetes node affinity against a node's labels, pure: which nodes a Dataset's ``nodeAffinity`` allows, and
+why not.
+
+The required terms are read from ``required`` (Fluid's Dataset field) or
+``requiredDuringSchedulingIgnoredDuringExecution`` (Kubernetes' NodeAffinity); preferred terms are not
+constraints and are ignored. Terms are ORed, the expressions of one term ANDed, as in Kubernetes. Operators:
+In, NotIn, Exists, DoesNotExist, Gt, Lt (integers). ``matchFields`` supports ``metadata.name`` (the node name).
+A node always carries the implicit label ``kubernetes.io/hostname`` = its name. An affinity that cannot be read
+(not the documented shape, an unknown operator) allows no node, and the reason says what is wrong, so a typo
+never silently allows everything.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+HOSTNAME_LABEL = "kubernetes.io/hostname"
+NODE_NAME_FIELD = "metadata.name"
+REQUIRED_KEYS = ("required", "requiredDuringSchedulingIgnoredDuringExecution")
+OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist", "Gt", "Lt")
+
+
+def node_labels(node: str, labels: Mapping[str, str]) -> dict[str, str]:
+    """The node's labels with the implicit hostname label (an explicit one wins)."""
+    return {HOSTNAME_LABEL: node, **labels}
+
+
+def required_terms(affinity: Mapping[str, Any] | None) -> list[Any] | None:
+    """The required node selector terms, or None when the affinity requires nothing."""
+    if not affinity:
+        return None
+    for key in REQUIRED_KEYS:
+        selector = affinity.get(key)
+        if selector is None:
+            continue
+        if not isinstance(selector, Mapping):
+            return [selector]  # not a selector: reported by ``mismatch``
+        terms = selector.get("nodeSelectorTerms")
+        return terms if isinstance(terms, list) else [terms]
+    return None
+
+
+def _expression_text(expression: Mapping[str, Any]) -> str:
+    key, operator = expression.get("key", ""), expression.get("operator", "")
+    values = expression.get("values") or []
+    if operator in ("Exists", "DoesNotExist"):
+        return f"{key} {operator}"
+    shown = ",".join(str(v) for v in values) if isinstance(values, list) else str(values)
+    return f"{key} {operator} [{shown}]"
+
+
+def _expression_error(expression: Any) -> str | None:
+    if not isinstance(expression, Mapping) or not isinstance(expression.get("key"), str):
+        return f"a match expression must have a key and an operator, got {expression!r}"
+    operator = expression.get("operator")
+    if operator not in OPERATORS:
+        return f"unknown operator {operator!r} (use {', '.join(OPERATORS)})"
+    values = expression.get("values") or []
+    if not isinstance(values, list):
+        return f"values of {expression['key']} must be a list"
+    if operator in ("Gt", "Lt"):
+        if len(values) != 1 or _integer(values[0]) is None:
+            return f"{expression['key']} {operator} needs one integer value"
+    elif operator in ("In", "NotIn") and not values:
+        return f"{expression['key']} {operator} needs at least one value"
+    return None
+
+
+def _integer(value: Any) -> int | None:
+    try:
+        return int(str(value))
+    except ValueError:
+        return None
+
+
+def _matches(expression: Mapping[str, Any], labels: Mapping[str, str]) -> bool:
+    key, operator = expression["key"], expression["operator"]
+    values = [str(v) for v in expression.get("values") or []]
+    present = key in labels
+    if operator == "Exists":
+        return present
+    if operator == "DoesNotExist":
+        return not present
+    if operator == "In":
+        return present and labels[key] in values
+    if operator == "NotIn":
+        return not present or labels[key] not in values
+    have, want = _integer(labels.get(key, "")), _integer(values[0])
+    if have is None or want is None:
+        return False
+    return have > want if operator == "Gt" else have < want
+
+
+def _term_mismatch(term: Any, node: str, labels: Mapping[str, str]) -> str | None:
+    """Why the node fails this term (the first failing expression), or None when it matches."""
+    if not isinstance(term, Mapping):
+        return f"a node selector term must be a mapping, got {term!r}"
+    expressions = term.get("matchExpressions") or []
+    fields = term.get("matchFields") or []
+    if not isinstance(expressions, list) or not isinstance(fields, list):
+        return "matchExpressions and matchFields must be lists"
+    if not expressions and not fields:
+        return "an empty node selector term matches no node"
+    for expression in expressions:
+        if error := _expression_error(expression):
+            return error
+        if not _matches(expression, labels):
+            return _expression_text(expression)
+    for expression in fields:
+        if error := _expression_error(expression):
+            return error
+        if expression["key"] != NODE_NAME_FIELD:
+            return f"matchFields supports only {NODE_NAME_FIELD}, got {expression['key']!r}"
+        if not _matches(expression, {NODE_NAME_FIELD: node}):
+            return _expression_text(expression)
+    return None
+
+
+def mismatch(affinity: Mapping[str, Any] | None, node: str, labels: Mapping[str, str]) -> str | None:
+    """Why ``node`` with ``labels`` does not satisfy the required node affinity, or None when it does."""
+    terms = required_terms(affinity)
+    if terms is None:
+        return None
+    if not terms:
+        return "nodeSelectorTerms is empty: no node matches"
+    all_labels = node_labels(node, labels)
+    reasons = []
+    for term in terms:
+        reason = _term_mismatch(term, node, all_labels)
+        if reason is None:
+            return None
+        reasons.append(reason)
+    return " or ".join(dict.fromkeys(reasons))

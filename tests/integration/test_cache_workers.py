@@ -1,0 +1,125 @@
+"""The runtime service picks cache workers on a real nats-server: agents (heartbeats published as an agent would,
+with labels and peer URLs) against Datasets' nodeAffinity and placement (applied through the dataset service),
+re-picked when a Dataset or the replicas change, sticky when a worker falls silent."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+
+from libs import subjects
+from libs.bus import Bus
+from libs.config import Settings
+from libs.events.agent import AgentHeartbeat, MountReport
+from libs.events.common import ObjectMeta, ObjectRef
+from libs.events.dataset import Dataset, DatasetApply, DatasetSpec, Mount
+from libs.events.runtime import (
+    Level,
+    Runtime,
+    RuntimeApply,
+    RuntimeDelete,
+    RuntimeRecord,
+    RuntimeSpec,
+    TieredStore,
+)
+from services.dataset import app as dataset_app
+from services.runtime import app as runtime_app
+from tests.conftest import SeaweedServer, put_objects
+from tests.helpers import eventually, running, runtime_record
+
+ZONES = {"n1": "a", "n2": "b", "n3": "a", "n4": "b"}
+
+
+def zone_in(*zones: str) -> dict[str, Any]:
+    return {"required": {"nodeSelectorTerms": [{"matchExpressions": [
+        {"key": "topology.kubernetes.io/zone", "operator": "In", "values": list(zones)}]}]}}
+
+
+async def apply(bus: Bus, bucket: str, name: str, replicas: int, placement: str = "Exclusive",
+                affinity: dict[str, Any] | None = None) -> None:
+    spec = DatasetSpec(mounts=[Mount(mount_point=f"s3://{bucket}/")], placement=placement,  # type: ignore[arg-type]
+                       node_affinity=affinity)
+    await bus.publish(subjects.DATASET_APPLY, DatasetApply(dataset=Dataset(metadata=ObjectMeta(name=name), spec=spec)))
+    await bus.publish(subjects.RUNTIME_APPLY, RuntimeApply(runtime=Runtime(
+        metadata=ObjectMeta(name=name),
+        spec=RuntimeSpec(replicas=replicas, tieredstore=TieredStore(levels=[Level(mediumtype="MEM", quota="1Gi")])))))
+
+
+async def beat(bus: Bus, node: str, *serves: str) -> None:
+    mounts = [MountReport(dataset=ObjectRef(name=name), state="Serving", peer_url=f"http://127.0.0.1:70{node[1:]}{i}")
+              for i, name in enumerate(serves)]
+    await bus.publish(subjects.agent_heartbeat(node), AgentHeartbeat(
+        node=node, runtimes=[ObjectRef(name=name) for name in serves], sent_at=time.time(), interval_seconds=1.0,
+        labels={"topology.kubernetes.io/zone": ZONES[node]}, mounts=mounts))
+
+
+async def workers_of(bus: Bus, name: str, expected: list[str], serving: int = 4) -> RuntimeRecord:
+    """The runtime once its workers are ``expected`` and ``serving`` agents are accounted for."""
+    async def probe() -> RuntimeRecord | None:
+        record = await runtime_record(bus, name)
+        if record is None or [w.node for w in record.status.workers] != expected:
+            return None
+        return record if len(record.status.workers) + len(record.status.not_picked) >= serving else None
+
+    try:
+        return await eventually(probe, 15, f"{name}'s workers {expected}")
+    except AssertionError:
+        record = await runtime_record(bus, name)
+        raise AssertionError(f"{name}: {record and record.status}") from None
+
+
+@pytest.mark.timeout(90)
+async def test_workers_follow_affinity_placement_and_replicas(bus: Bus, settings: Settings,
+                                                              seaweedfs: SeaweedServer, bucket: str) -> None:
+    await put_objects(seaweedfs, bucket, {"f": b"data"})
+    async with running(lambda stop: dataset_app.run(settings, stop), lambda stop: runtime_app.run(settings, stop)):
+        await apply(bus, bucket, "train", replicas=1, affinity=zone_in("a"))
+        for node in ZONES:
+            await beat(bus, node, "train")
+        record = await workers_of(bus, "train", ["n1"])
+        status = record.status
+        assert status.workers[0].ready and status.workers[0].peer_url == "http://127.0.0.1:7010"
+        assert {(p.node, p.reason) for p in status.not_picked} == {
+            ("n2", "does not match nodeAffinity: topology.kubernetes.io/zone In [a]"),
+            ("n3", "1 of 1 replicas already picked"),
+            ("n4", "does not match nodeAffinity: topology.kubernetes.io/zone In [a]"),
+        }
+        assert (status.current_worker_number_scheduled, status.worker_number_ready) == (1, 1)
+
+        # Scaling up keeps n1 and fills from the eligible ones in name order; widening the affinity adds zone b.
+        await apply(bus, bucket, "train", replicas=3, affinity=zone_in("a"))
+        await workers_of(bus, "train", ["n1", "n3"])
+        await apply(bus, bucket, "train", replicas=3, affinity=zone_in("a", "b"))
+        record = await workers_of(bus, "train", ["n1", "n3", "n2"])
+        assert record.status.phase == "Ready"
+
+        # An Exclusive dataset takes no worker of another: "eval" gets the only agent left, n4.
+        await apply(bus, bucket, "eval", replicas=2)
+        for node in ZONES:
+            await beat(bus, node, "train", "eval")
+        record = await workers_of(bus, "eval", ["n4"])
+        assert {p.node: p.reason for p in record.status.not_picked}["n1"] == "worker of default/train (Exclusive)"
+
+        # Scaling train down frees n2 (the latest picked) for eval.
+        await apply(bus, bucket, "train", replicas=2, affinity=zone_in("a", "b"))
+        await workers_of(bus, "train", ["n1", "n3"])
+        await workers_of(bus, "eval", ["n4", "n2"])
+
+        # A silent worker stays picked, not ready, and leaves the ring; the runtime reports it.
+        async def n1_silent() -> RuntimeRecord | None:
+            for node in ("n2", "n3", "n4"):
+                await beat(bus, node, "train", "eval")
+            record = await runtime_record(bus, "train")
+            return record if record and not record.status.workers[0].ready else None
+
+        silent = await eventually(n1_silent, 20, "n1 not ready after missed heartbeats")
+        assert [w.node for w in silent.status.workers] == ["n1", "n3"]
+
+        # Deleting train frees its workers for eval at once.
+        await bus.publish(subjects.RUNTIME_DELETE, RuntimeDelete(name="train"))
+        for node in ("n2", "n3", "n4"):
+            await beat(bus, node, "eval")
+        await apply(bus, bucket, "eval", replicas=3)
+        await workers_of(bus, "eval", ["n4", "n2", "n3"], serving=3)

@@ -1,0 +1,77 @@
+"""Node affinity against node labels: Kubernetes' operators, OR of terms, AND of expressions, readable reasons."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from libs.affinity import mismatch
+
+
+def required(*terms: dict[str, Any], key: str = "requiredDuringSchedulingIgnoredDuringExecution") -> dict[str, Any]:
+    return {key: {"nodeSelectorTerms": list(terms)}}
+
+
+def expr(key: str, operator: str, *values: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {"key": key, "operator": operator}
+    if values:
+        out["values"] = list(values)
+    return out
+
+
+ZONE_A = {"zone": "a", "gpus": "4"}
+
+
+@pytest.mark.parametrize(("expression", "matches"), [
+    (expr("zone", "In", "a", "b"), True),
+    (expr("zone", "In", "b"), False),
+    (expr("zone", "NotIn", "b"), True),
+    (expr("zone", "NotIn", "a"), False),
+    (expr("region", "NotIn", "x"), True),  # absent key: NotIn holds, as in Kubernetes
+    (expr("zone", "Exists"), True),
+    (expr("region", "Exists"), False),
+    (expr("region", "DoesNotExist"), True),
+    (expr("zone", "DoesNotExist"), False),
+    (expr("gpus", "Gt", "2"), True),
+    (expr("gpus", "Gt", "4"), False),
+    (expr("gpus", "Lt", "8"), True),
+    (expr("zone", "Gt", "1"), False),  # not a number: no match
+    (expr("kubernetes.io/hostname", "In", "node-1"), True),  # implicit hostname label
+])
+def test_operators(expression: dict[str, Any], matches: bool) -> None:
+    assert (mismatch(required({"matchExpressions": [expression]}), "node-1", ZONE_A) is None) == matches
+
+
+def test_terms_are_ored_and_expressions_anded() -> None:
+    both = {"matchExpressions": [expr("zone", "In", "a"), expr("gpus", "Gt", "8")]}
+    assert mismatch(required(both), "n", ZONE_A) == "gpus Gt [8]"
+    assert mismatch(required(both, {"matchExpressions": [expr("zone", "In", "a")]}), "n", ZONE_A) is None
+    assert mismatch(required({"matchExpressions": [expr("zone", "In", "b")]},
+                             {"matchExpressions": [expr("zone", "In", "c")]}), "n", ZONE_A) == (
+        "zone In [b] or zone In [c]")
+
+
+def test_fluids_required_key_and_match_fields_on_the_node_name() -> None:
+    term = {"matchFields": [expr("metadata.name", "In", "node-2")]}
+    assert mismatch(required(term, key="required"), "node-2", {}) is None
+    assert mismatch(required(term, key="required"), "node-1", {}) == "metadata.name In [node-2]"
+
+
+def test_no_affinity_or_only_preferred_terms_allow_every_node() -> None:
+    assert mismatch(None, "n", {}) is None
+    assert mismatch({}, "n", {}) is None
+    assert mismatch({"preferredDuringSchedulingIgnoredDuringExecution": []}, "n", {}) is None
+
+
+@pytest.mark.parametrize(("affinity", "reason"), [
+    (required({"matchExpressions": [expr("zone", "Near", "a")]}), "unknown operator 'Near'"),
+    (required({"matchExpressions": [expr("gpus", "Gt", "x")]}), "gpus Gt needs one integer value"),
+    (required({"matchExpressions": [expr("zone", "In")]}), "zone In needs at least one value"),
+    (required({}), "an empty node selector term matches no node"),
+    (required(), "nodeSelectorTerms is empty: no node matches"),
+    ({"required": "zone=a"}, "a node selector term must be a mapping"),
+])
+def test_an_unreadable_affinity_allows_no_node_and_says_why(affinity: dict[str, Any], reason: str) -> None:
+    found = mismatch(affinity, "n", ZONE_A)
+    assert found is not None and found.startswith(reason), found

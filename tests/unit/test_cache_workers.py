@@ -1,0 +1,193 @@
+"""Picking a runtime's cache workers, pure: replicas, nodeAffinity, Exclusive/Shared placement, stickiness."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from libs.events.agent import AgentHeartbeat, AgentRecord, MountReport
+from libs.events.common import ObjectMeta, ObjectRef
+from libs.events.dataset import DatasetSpec
+from libs.events.runtime import CacheWorker, Level, NotPicked, Runtime, RuntimeRecord, RuntimeSpec, TieredStore
+from services.runtime.domain import (
+    MISSED_BEATS,
+    OtherRuntime,
+    Placement,
+    pick_workers,
+    placement_of,
+    runtime_status,
+)
+
+NOW = 1_714_564_800.0
+INTERVAL = 2.0
+ZONE_A: dict[str, object] = {"required": {"nodeSelectorTerms": [{"matchExpressions": [
+    {"key": "zone", "operator": "In", "values": ["a"]}]}]}}
+
+
+def runtime(replicas: int, name: str = "demo") -> Runtime:
+    return Runtime(metadata=ObjectMeta(name=name), spec=RuntimeSpec(
+        replicas=replicas, tieredstore=TieredStore(levels=[Level(mediumtype="MEM", quota="1Gi")])))
+
+
+def agent(node: str, labels: dict[str, str] | None = None, *, age: float = 0.0, healthy: bool = True,
+          serves: tuple[str, ...] = ("demo",), peer_url: str = "") -> AgentRecord:
+    mounts = [MountReport(dataset=ObjectRef(name="demo"), state="Serving", peer_url=peer_url)] if peer_url else []
+    beat = AgentHeartbeat(node=node, runtimes=[ObjectRef(name=n) for n in serves], healthy=healthy,
+                          interval_seconds=INTERVAL, labels=labels or {}, mounts=mounts)
+    return AgentRecord(heartbeat=beat, received_at=NOW - age)
+
+
+def by_node(*agents: AgentRecord) -> dict[str, AgentRecord]:
+    return {a.heartbeat.node: a for a in agents}
+
+
+def workers(*nodes: str) -> list[CacheWorker]:
+    return [CacheWorker(node=n) for n in nodes]
+
+
+def test_fills_replicas_in_name_order_and_says_why_the_rest_are_not_picked() -> None:
+    agents = by_node(agent("n3"), agent("n1"), agent("n2"), agent("n4", healthy=False))
+    picked, not_picked = pick_workers(runtime(2), [], agents, NOW)
+    assert picked == ["n1", "n2"]
+    assert not_picked == [NotPicked(node="n3", reason="2 of 2 replicas already picked"),
+                          NotPicked(node="n4", reason="unhealthy (no reason given)")]
+
+
+def test_node_affinity_against_labels() -> None:
+    agents = by_node(agent("n1", {"zone": "b"}), agent("n2", {"zone": "a"}), agent("n3"))
+    picked, not_picked = pick_workers(runtime(3), [], agents, NOW, Placement(affinity=ZONE_A))
+    assert picked == ["n2"]
+    assert not_picked == [NotPicked(node="n1", reason="does not match nodeAffinity: zone In [a]"),
+                          NotPicked(node="n3", reason="does not match nodeAffinity: zone In [a]")]
+
+
+def test_exclusive_and_shared_placement() -> None:
+    agents = by_node(agent("n1"), agent("n2"))
+    other_exclusive = OtherRuntime("default/other", exclusive=True, workers=("n1",))
+    other_shared = OtherRuntime("default/other", exclusive=False, workers=("n1",))
+    # An Exclusive runtime's worker serves nobody else, whatever the other's placement.
+    assert pick_workers(runtime(2), [], agents, NOW, Placement(exclusive=False), [other_exclusive]) == (
+        ["n2"], [NotPicked(node="n1", reason="worker of default/other (Exclusive)")])
+    assert pick_workers(runtime(2), [], agents, NOW, Placement(exclusive=True), [other_shared]) == (
+        ["n2"], [NotPicked(node="n1", reason="worker of default/other, and this dataset is Exclusive")])
+    # Two Shared ones share.
+    assert pick_workers(runtime(2), [], agents, NOW, Placement(exclusive=False), [other_shared])[0] == ["n1", "n2"]
+
+
+def test_placement_follows_the_dataset() -> None:
+    assert placement_of(None) == Placement(affinity=None, exclusive=True)
+    assert placement_of(DatasetSpec(placement="Shared", node_affinity=ZONE_A)) == Placement(ZONE_A, False)
+    assert placement_of(DatasetSpec(placement="")).exclusive  # Fluid: empty means Exclusive
+
+
+def test_a_silent_worker_stays_picked_not_ready_until_its_record_is_gone() -> None:
+    rt = runtime(2)
+    silent = agent("n1", age=MISSED_BEATS * INTERVAL + 1)
+    agents = by_node(silent, agent("n2"), agent("n3"))
+    record = RuntimeRecord(runtime=rt, generation=1)
+    record = RuntimeRecord(runtime=rt, generation=1, status=runtime_status(record, list(agents.values()), NOW - 60))
+    assert [w.node for w in record.status.workers] == ["n1", "n2"]
+    status = runtime_status(record, list(agents.values()), NOW)
+    assert [(w.node, w.ready) for w in status.workers] == [("n1", False), ("n2", True)]
+    assert status.worker_number_ready == 1
+    # The record expires (the agents bucket's TTL): n3 takes its place.
+    del agents["n1"]
+    status = runtime_status(record, list(agents.values()), NOW)
+    assert [(w.node, w.ready) for w in status.workers] == [("n2", True), ("n3", True)]
+
+
+def test_scaling_up_keeps_the_workers_and_down_drops_the_latest() -> None:
+    agents = by_node(*(agent(f"n{i}") for i in range(5)))
+    current = workers("n3", "n0", "n4")  # picked earlier, in this order
+    assert pick_workers(runtime(4), current, agents, NOW)[0] == ["n3", "n0", "n4", "n1"]
+    assert pick_workers(runtime(2), current, agents, NOW)[0] == ["n3", "n0"]
+
+
+def test_a_worker_no_longer_eligible_is_replaced() -> None:
+    agents = by_node(agent("n1", {"zone": "b"}), agent("n2", {"zone": "a"}))
+    assert pick_workers(runtime(1), workers("n1"), agents, NOW, Placement(affinity=ZONE_A))[0] == ["n2"]
+
+
+def test_worker_peer_urls_come_from_their_mount_reports_and_make_the_ring() -> None:
+    rt = runtime(2)
+    agents = [agent("n1", peer_url="http://127.0.0.1:4001"), agent("n2"), agent("n3", peer_url="http://x:1")]
+    status = runtime_status(RuntimeRecord(runtime=rt, generation=1), agents, NOW)
+    assert status.workers == [CacheWorker(node="n1", ready=True, peer_url="http://127.0.0.1:4001"),
+                              CacheWorker(node="n2", ready=True, peer_url="")]
+    assert status.current_worker_number_scheduled == 2 and status.worker_number_ready == 2
+    assert status.cache_capacity_bytes == 2**30  # the ring (workers with a peer endpoint) holds the cache
+
+
+def test_an_exclusive_shortfall_keeps_the_runtime_ready_so_its_dataset_still_mounts() -> None:
+    status = runtime_status(RuntimeRecord(runtime=runtime(1), generation=1), [agent("n1")], NOW,
+                            Placement(), [OtherRuntime("default/other", True, ("n1",))])
+    assert status.phase == "Ready" and status.workers == []
+    assert status.message == "0 of 1 cache workers ready (see notPicked)"
+
+
+# --- Properties ---
+
+NODES = [f"node-{i}" for i in range(8)]
+AGENTS = st.dictionaries(
+    keys=st.sampled_from(NODES),
+    values=st.tuples(st.sampled_from(["a", "b", ""]), st.booleans(), st.sampled_from([0.0, 1.0, 100.0]),
+                     st.booleans()),
+    max_size=8,
+)
+
+
+def build(spec: dict[str, Any]) -> dict[str, AgentRecord]:
+    return by_node(*(agent(node, {"zone": zone} if zone else {}, healthy=healthy, age=age,
+                           serves=("demo",) if serving else ("other",))
+                     for node, (zone, healthy, age, serving) in spec.items()))
+
+
+PLACEMENTS = st.sampled_from([Placement(), Placement(affinity=ZONE_A), Placement(exclusive=False)])
+OTHERS = st.lists(st.builds(lambda ex, ws: OtherRuntime("default/other", ex, tuple(ws)), st.booleans(),
+                            st.lists(st.sampled_from(NODES), max_size=3)), max_size=1)
+
+
+@given(AGENTS, st.integers(0, 6), st.lists(st.sampled_from(NODES), max_size=6, unique=True), PLACEMENTS, OTHERS)
+def test_never_more_than_replicas_and_never_an_ineligible_agent(spec: Any, replicas: int, current: list[str],
+                                                                placement: Placement,
+                                                                others: list[OtherRuntime]) -> None:
+    agents = build(spec)
+    picked, not_picked = pick_workers(runtime(replicas), workers(*current), agents, NOW, placement, others)
+    assert len(picked) == len(set(picked)) <= replicas
+    assert not set(picked) & {n.node for n in not_picked}
+    for node in picked:
+        labels = agents[node].heartbeat.labels
+        if placement.affinity is not None:
+            assert labels.get("zone") == "a"
+        for other in others:
+            if node in other.workers:
+                assert not other.exclusive and not placement.exclusive
+        assert "demo" in [ref.name for ref in agents[node].heartbeat.runtimes]
+
+
+@given(AGENTS, st.integers(0, 6), PLACEMENTS)
+def test_picking_again_with_the_same_agents_changes_nothing(spec: Any, replicas: int, placement: Placement) -> None:
+    agents = build(spec)
+    first, _ = pick_workers(runtime(replicas), [], agents, NOW, placement)
+    again, _ = pick_workers(runtime(replicas), workers(*first), agents, NOW, placement)
+    assert again == first
+
+
+@given(AGENTS, st.integers(0, 6), st.integers(0, 4), PLACEMENTS)
+def test_scaling_up_keeps_every_worker_and_down_keeps_the_first(spec: Any, replicas: int, more: int,
+                                                               placement: Placement) -> None:
+    agents = build(spec)
+    first, _ = pick_workers(runtime(replicas), [], agents, NOW, placement)
+    grown, _ = pick_workers(runtime(replicas + more), workers(*first), agents, NOW, placement)
+    assert grown[:len(first)] == first
+    shrunk, _ = pick_workers(runtime(max(replicas - more, 0)), workers(*first), agents, NOW, placement)
+    assert shrunk == first[:len(shrunk)]
+
+
+def test_scaling_three_to_four_keeps_the_three() -> None:
+    agents = by_node(*(agent(f"n{i}") for i in range(6)))
+    three, _ = pick_workers(runtime(3), [], agents, NOW)
+    four, _ = pick_workers(runtime(4), workers(*three), agents, NOW)
+    assert four[:3] == three and len(four) == 4
