@@ -177,6 +177,7 @@ class BlockReader:
         # read that is asking a peer: two nodes with different views of the ring could wait on each other).
         self._store_inflight: dict[BlockId, asyncio.Future[bytes]] = {}
         self._peer_logged: dict[str, float] = {}
+        self._writing: dict[BlockId, bytes] = {}  # fetched, being written to the cache
         self._background: set[asyncio.Future[object]] = set()
 
     def open(self, entry: ManifestEntry) -> OpenFile:
@@ -232,7 +233,7 @@ class BlockReader:
     async def fetch(self, entry: ManifestEntry, index: int) -> bytes:
         """The whole block: from the cache, or the GET already in flight, or a new GET."""
         block = self.block_id(entry, index)
-        cached = self.cache.get(block)
+        cached = self._local(block)
         if cached is not None:
             self.stats.hit_bytes += len(cached)
             return cached
@@ -253,6 +254,9 @@ class BlockReader:
 
     async def _get_and_cache(self, entry: ManifestEntry, index: int, block: BlockId) -> bytes:
         """The block from its route: peers in order, then the store; cached here if the route says so."""
+        writing = self._writing.get(block)
+        if writing is not None:  # fetched a moment ago (e.g. for a peer), not yet in the cache
+            return writing
         route = self.route(block)
         _, length = block_span(entry.size, self.block_size, index)
         client = self.router.client if self.router is not None else None
@@ -267,7 +271,7 @@ class BlockReader:
                 continue
             self.stats.remote_bytes += length
             if route.cache:
-                self._spawn(self.write_block(block, data))
+                self._keep(block, data)
             return data
         return await self._store_block(entry, index, block, cache=route.cache)
 
@@ -282,7 +286,7 @@ class BlockReader:
     async def serve_block(self, entry: ManifestEntry, index: int) -> bytes:
         """The whole block for the peer server: from the cache, else from the store (never a peer), cached."""
         block = self.block_id(entry, index)
-        cached = self.cache.get(block)
+        cached = self._local(block)
         if cached is not None:
             return cached
         return await self._store_block(entry, index, block, cache=True)
@@ -296,9 +300,28 @@ class BlockReader:
             future.add_done_callback(_retrieve)
         # Shielded: one waiter going away (a peer client hanging up) must not cancel the fetch for the others.
         data = await asyncio.shield(future)
-        if cache:  # a second write of one block is a no-op in the cache
-            self._spawn(self.write_block(block, data))
+        if cache:
+            self._keep(block, data)
         return data
+
+    def _keep(self, block: BlockId, data: bytes) -> None:
+        """Write the block to the cache in the background; until it is written, lookups find it here (a peer
+        asking right after the fetch must not cause a second GET)."""
+        if block in self._writing:
+            return
+        self._writing[block] = data
+
+        async def write() -> None:
+            try:
+                await self.write_block(block, data)
+            finally:
+                self._writing.pop(block, None)
+
+        self._spawn(write())
+
+    def _local(self, block: BlockId) -> bytes | None:
+        cached = self.cache.get(block)
+        return cached if cached is not None else self._writing.get(block)
 
     async def _store_get(self, entry: ManifestEntry, index: int) -> bytes:
         start, length = block_span(entry.size, self.block_size, index)
