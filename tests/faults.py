@@ -154,12 +154,23 @@ class HttpProxy:
         self.port = free_port()
         self.requests: list[dict[str, str]] = []
         self.calls: list[Call] = []
+        self.waiting = 0
+        self._gate: asyncio.Event | None = None
         self._runner: web.AppRunner | None = None
         self._session: ClientSession | None = None
 
     @property
     def endpoint(self) -> str:
         return f"http://{LOOPBACK}:{self.port}"
+
+    def hold(self) -> None:
+        """Make ranged GETs wait (counted in ``waiting``) until ``release``."""
+        self._gate = asyncio.Event()
+
+    def release(self) -> None:
+        if self._gate is not None:
+            self._gate.set()
+        self._gate = None
 
     def ranged_gets(self, key: str | None = None) -> list[Call]:
         """The ranged GETs (block reads) that went through, optionally of one object key."""
@@ -187,6 +198,13 @@ class HttpProxy:
         headers = {k: v for k, v in request.headers.items() if k.lower() not in ("content-length", "transfer-encoding")}
         self.requests.append(dict(request.headers))
         self.calls.append(Call(request.method, request.path, request.headers.get("Range")))
+        gate = self._gate
+        if gate is not None and request.method == "GET" and "Range" in request.headers:
+            self.waiting += 1
+            try:
+                await gate.wait()
+            finally:
+                self.waiting -= 1
         if self.strip_if_match:
             headers = {k: v for k, v in headers.items() if k.lower() != "if-match"}
         body = await request.read()

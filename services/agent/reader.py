@@ -178,6 +178,7 @@ class BlockReader:
         self._store_inflight: dict[BlockId, asyncio.Future[bytes]] = {}
         self._peer_logged: dict[str, float] = {}
         self._writing: dict[BlockId, bytes] = {}  # fetched, being written to the cache
+        self._cache_wanted: set[BlockId] = set()  # store fetches in flight that some caller wants cached
         self._background: set[asyncio.Future[object]] = set()
 
     def open(self, entry: ManifestEntry) -> OpenFile:
@@ -292,15 +293,17 @@ class BlockReader:
         return await self._store_block(entry, index, block, cache=True)
 
     async def _store_block(self, entry: ManifestEntry, index: int, block: BlockId, cache: bool) -> bytes:
+        if cache:
+            self._cache_wanted.add(block)
         future = self._store_inflight.get(block)
         if future is None:
-            future = asyncio.ensure_future(self._store_get(entry, index))
+            future = asyncio.ensure_future(self._store_get(entry, index, block))
             self._store_inflight[block] = future
             future.add_done_callback(lambda _: self._store_inflight.pop(block, None))
             future.add_done_callback(_retrieve)
         # Shielded: one waiter going away (a peer client hanging up) must not cancel the fetch for the others.
         data = await asyncio.shield(future)
-        if cache:
+        if cache:  # joined a fetch that had just finished: keep it too (a no-op if it is kept already)
             self._keep(block, data)
         return data
 
@@ -323,13 +326,22 @@ class BlockReader:
         cached = self.cache.get(block)
         return cached if cached is not None else self._writing.get(block)
 
-    async def _store_get(self, entry: ManifestEntry, index: int) -> bytes:
+    async def _store_get(self, entry: ManifestEntry, index: int, block: BlockId) -> bytes:
         start, length = block_span(entry.size, self.block_size, index)
-        data = await self.gates[entry.mount].get_range(entry.key, start, length, entry.etag)
+        try:
+            data = await self.gates[entry.mount].get_range(entry.key, start, length, entry.etag)
+        except BaseException:
+            self._cache_wanted.discard(block)
+            raise
         if len(data) != length:
+            self._cache_wanted.discard(block)
             raise UfsError(f"{entry.key}: expected {length} bytes at offset {start}, got {len(data)}")
         self.stats.gets += 1
         self.stats.miss_bytes += length
+        # Kept before the fetch counts as done: a lookup right after must find the block, not fetch it again.
+        if block in self._cache_wanted:
+            self._cache_wanted.discard(block)
+            self._keep(block, data)
         return data
 
     async def _small_read(self, handle: OpenFile, index: int, lo: int, hi: int) -> bytes | memoryview:
