@@ -461,3 +461,30 @@ async def test_a_client_hanging_up_does_not_cancel_a_shared_store_fetch(tmp_path
     assert await second == n.body[2 * RBLOCK:3 * RBLOCK]
     assert len(n.store.gets) == 1
     await n.reader.drain()
+
+
+async def test_a_block_fetched_for_a_peer_is_found_while_its_cache_write_is_pending(tmp_path: Path) -> None:
+    n = await node(tmp_path)
+    written = asyncio.Event()
+    write = n.reader.write_block
+
+    async def held_write(block: BlockId, data: bytes) -> object:
+        await written.wait()
+        return await write(block, data)
+
+    n.reader.write_block = held_write
+    for _ in range(2):
+        assert await n.reader.serve_block(n.entry, 1) == n.body[RBLOCK:2 * RBLOCK]
+    assert await read_block(n, 1) == n.body[RBLOCK:2 * RBLOCK]
+    assert len(n.store.gets) == 1 and n.cache.blocks() == []
+    written.set()
+    await n.reader.drain()
+    assert [b.index for b, _ in n.cache.blocks()] == [1]
+
+
+def test_the_cache_folder_of_a_dataset_takes_the_agent_subfolder() -> None:
+    from services.agent.mountd import cache_suffix
+
+    assert cache_suffix("", "default", "demo") == "default/demo"
+    assert cache_suffix("node-a", "default", "demo") == "node-a/default/demo"
+    assert cache_suffix("/agents/node-a/", "ns", "x") == "agents/node-a/ns/x"
