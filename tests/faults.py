@@ -276,8 +276,8 @@ class TamperingPeerProxy:
 
     ``flip``: one byte of the block flipped (checksum and signature left as sent); ``resign``: the response
     signature altered; ``short``: the body cut short (connection closed); ``length``: a block one byte longer,
-    re-checksummed, with the signature as sent; ``none``: passed through unchanged. ``answers`` counts
-    answers spoiled."""
+    re-checksummed, with the signature as sent; ``none``: passed through unchanged. ``answers`` counts the
+    blocks the peer answered (spoiled unless ``none``)."""
 
     def __init__(self, target: str, mode: str = "flip") -> None:
         self.target = target.rstrip("/")
@@ -314,13 +314,13 @@ class TamperingPeerProxy:
             body = await upstream.read()
             status = upstream.status
             content_type = upstream.headers.get("Content-Type", "")
-        if status != 200 or self.mode == "none":
-            return web.Response(status=status, body=body, headers={"Content-Type": content_type})
         preamble, _, block = body.lstrip(b"\n").partition(b"\n")
         words = preamble.split()
-        if words[:1] != [b"OK"]:
+        if status != 200 or words[:1] != [b"OK"]:
             return web.Response(status=status, body=body, headers={"Content-Type": content_type})
         self.answers += 1
+        if self.mode == "none":
+            return web.Response(status=status, body=body, headers={"Content-Type": content_type})
         if self.mode == "flip":
             spoiled = bytearray(block)
             spoiled[len(spoiled) // 2] ^= 0xFF

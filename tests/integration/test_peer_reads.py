@@ -302,3 +302,36 @@ async def _etags(bus: Bus, manifest: Any) -> set[str]:
 
     entries = await (await ManifestStore.of(bus)).load(manifest)
     return {entry.etag for entry in entries}
+
+
+async def test_a_running_mount_follows_the_ring_in_the_runtime_record(
+        bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path) -> None:
+    objects = {f"probe-{i:02}.bin": os.urandom(100_000 + i) for i in range(40)}
+    async with cluster(bus, settings, seaweedfs, bucket, tmp_path, objects) as nodes:
+        owner = nodes.start("node-a")
+        client = nodes.start("node-c")  # both start with no workers: every read goes to the store
+        await nodes.wait_mounted("probe-39.bin")
+        relay = TamperingPeerProxy(owner.url, "none")  # counts the answers node-a gives through it
+        await relay.start()
+        try:
+            probes = iter(objects)
+
+            async def read_next() -> int:
+                key = next(probes)
+                assert md5(await read_file(client.mountpoint / key)) == md5(objects[key])
+                return relay.answers
+
+            assert await read_next() == 0
+            await nodes.set_workers([CacheWorker(node="node-a", peer_url=relay.url)])
+            await eventually(read_next, what="node-c reading through node-a")
+            await nodes.set_workers([CacheWorker(node="node-a", ready=False, peer_url=relay.url)])
+            before = relay.answers
+
+            async def store_again() -> bool:
+                nonlocal before
+                answers, before = await read_next() - before, relay.answers
+                return answers == 0
+
+            await eventually(store_again, what="node-c back on the store once node-a is not ready")
+        finally:
+            await relay.stop()
