@@ -90,6 +90,9 @@ TOTAL_TIMEOUT = 60.0
 MAX_CLIENT_REQUESTS = 32
 # After a peer failed to answer (or lied), requests to it fail at once for this long (like StoreGate).
 PEER_COOLDOWN_SECONDS = 1.0
+# ...doubling while it keeps failing, up to this: a hung peer (alive to the agent's heartbeats, deaf to us) costs a
+# read timeout every 8 s at most, and a restarted one is back within seconds.
+MAX_PEER_COOLDOWN_SECONDS = 8.0
 # Error bodies and preamble lines are tiny; never read more of them than this.
 MAX_REASON_BYTES = 4096
 
@@ -325,18 +328,21 @@ class PeerClient:
     def __init__(self, key: bytes, namespace: str, name: str, *, clock: Callable[[], float] = time.time,
                  monotonic: Callable[[], float] = time.monotonic, max_requests: int = MAX_CLIENT_REQUESTS,
                  connect_timeout: float = CONNECT_TIMEOUT, read_timeout: float = READ_TIMEOUT,
-                 total_timeout: float = TOTAL_TIMEOUT, cooldown: float = PEER_COOLDOWN_SECONDS) -> None:
+                 total_timeout: float = TOTAL_TIMEOUT, cooldown: float = PEER_COOLDOWN_SECONDS,
+                 max_cooldown: float = MAX_PEER_COOLDOWN_SECONDS) -> None:
         self.key = key
         self.namespace = namespace
         self.name = name
         self.clock = clock
         self.monotonic = monotonic
         self.cooldown = cooldown
+        self.max_cooldown = max_cooldown
         self.timeout = aiohttp.ClientTimeout(total=total_timeout, connect=connect_timeout,
                                              sock_connect=connect_timeout, sock_read=read_timeout)
         self.max_requests = max_requests
         self._slots = asyncio.Semaphore(max_requests)
         self._down: dict[str, tuple[float, str]] = {}
+        self._strikes: dict[str, int] = {}  # failed skips in a row per peer
         self._session: aiohttp.ClientSession | None = None
 
     def _client(self) -> aiohttp.ClientSession:
@@ -363,19 +369,31 @@ class PeerClient:
         try:
             async with self._slots:
                 try:
-                    return await self._get(url, block, length, block_size)
+                    data = await self._get(url, block, length, block_size)
                 except aiohttp.ConnectionTimeoutError:
                     # Once more: on a loaded node a connect can miss 0.5 s by a hair, and giving up sends the read
                     # to a source that may go to the store. A dead host costs 2 x 0.5 s, a refused port nothing.
-                    return await self._get(url, block, length, block_size)
+                    data = await self._get(url, block, length, block_size)
         except PeerError as err:
             if err.cooldown:
-                self._down[url] = (self.monotonic() + self.cooldown, str(err))
+                self._mark_down(url, str(err))
             raise
         except (aiohttp.ClientError, OSError, asyncio.IncompleteReadError, TimeoutError, ValueError) as err:
             reason = f"peer {url}: {type(err).__name__}: {err}".rstrip(": ")
-            self._down[url] = (self.monotonic() + self.cooldown, reason)
+            self._mark_down(url, reason)
             raise PeerError(reason) from None
+        self._strikes.pop(url, None)
+        return data
+
+    def _mark_down(self, url: str, reason: str) -> None:
+        """Skip ``url`` for a while: 1 s, doubling while it keeps failing (a hung peer is not waited on every
+        second), at most ``max_cooldown``; concurrent failures during one skip count once."""
+        now = self.monotonic()
+        until, _ = self._down.get(url, (0.0, ""))
+        if now < until:
+            return
+        strikes = self._strikes[url] = self._strikes.get(url, 0) + 1
+        self._down[url] = (now + min(self.cooldown * 2 ** (strikes - 1), self.max_cooldown), reason)
 
     async def _get(self, url: str, block: BlockId, length: int, block_size: int) -> bytes:
         path = block_path(self.namespace, self.name)

@@ -488,3 +488,31 @@ def test_the_cache_folder_of_a_dataset_takes_the_agent_subfolder() -> None:
     assert cache_suffix("", "default", "demo") == "default/demo"
     assert cache_suffix("node-a", "default", "demo") == "node-a/default/demo"
     assert cache_suffix("/agents/node-a/", "ns", "x") == "agents/node-a/ns/x"
+
+
+async def test_a_peer_that_keeps_failing_is_skipped_longer_until_it_answers(
+        peer: tuple[PeerServer, Served, str]) -> None:
+    _, served, url = peer
+    proxy = TamperingPeerProxy(url, "resign")
+    await proxy.start()
+    clock = [0.0]
+    client = PeerClient(KEY, "default", "demo", monotonic=lambda: clock[0])
+    try:
+        for skip in (1.0, 2.0, 4.0, 8.0, 8.0):
+            with pytest.raises(PeerError, match="bad response signature"):
+                await client.get_block(proxy.url, block(0), BLOCK, BLOCK)
+            start = clock[0]
+            clock[0] = start + skip - 0.01
+            assert client.down(proxy.url)
+            clock[0] = start + skip
+            assert client.down(proxy.url) is None
+        proxy.mode = "none"
+        assert await client.get_block(proxy.url, block(0), BLOCK, BLOCK) == served.blocks[("a b/ü.bin", 0)]
+        proxy.mode = "flip"
+        with pytest.raises(PeerError, match="checksum"):
+            await client.get_block(proxy.url, block(0), BLOCK, BLOCK)
+        clock[0] += 1.0
+        assert client.down(proxy.url) is None, "an answer in between starts the skips over at 1 s"
+    finally:
+        await client.close()
+        await proxy.stop()
