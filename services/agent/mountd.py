@@ -5,9 +5,9 @@ processes let several mounts use several cores). It owns: loading the manifest, 
 dataset's runtime tiers, the FUSE session, reloading the tree (and the object stores of its mounts) when the
 dataset is re-synced, publishing the cache inventory, and the peer side of the distributed cache: the ring of
 block owners (from the runtime record's ``status.workers``, watched) that routes its misses, and with
-``--peer-port`` a peer server lending its blocks to the other nodes (``peer.py``; the README says why it lives here). The mount is put in place only once everything is loaded,
-beneath a previous (dead) mount at the mount point (``handover``). SIGTERM unmounts and exits 0; when the dataset
-was deleted, its cached blocks are deleted too.
+``--peer-port`` a peer server lending its blocks to the other nodes (``peer.py``; the README says why it lives
+here). The mount is put in place only once everything is loaded, beneath a previous (dead) mount at the mount point
+(``handover``). SIGTERM unmounts and exits 0; when the dataset was deleted, its cached blocks are deleted too.
 """
 
 from __future__ import annotations
