@@ -21,6 +21,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +47,7 @@ from libs.events.runtime import (
     RuntimeStatus,
     TieredStore,
 )
+from libs.manifest import ManifestStore
 from services.agent.peer import HEADER_EXPIRES, HEADER_SIGNATURE, block_path, runtime_key, sign_request
 from services.dataset import app as dataset_app
 from tests.conftest import SeaweedServer, put_objects
@@ -188,7 +190,7 @@ async def test_peer_requests_without_a_valid_signature_are_refused(
         etag = next(iter(await _etags(bus, record.status.manifest)))
         query = {"mount": "0", "key": "w.bin", "etag": etag, "index": "0", "blockSize": str(BLOCK)}
         key = runtime_key(SECRET, "default", NAME)
-        now = int(await asyncio.to_thread(_now))
+        now = int(time.time())
         cases = {
             "none": ({}, 401),
             "bad": ({HEADER_EXPIRES: str(now + 30), HEADER_SIGNATURE: "ab" * 32}, 403),
@@ -291,15 +293,7 @@ async def test_kill_9_of_an_owner_during_a_read_returns_the_right_bytes(
         assert md5(data) == md5(objects["big.bin"])
 
 
-def _now() -> float:
-    import time
-
-    return time.time()
-
-
 async def _etags(bus: Bus, manifest: Any) -> set[str]:
-    from libs.manifest import ManifestStore
-
     entries = await (await ManifestStore.of(bus)).load(manifest)
     return {entry.etag for entry in entries}
 
