@@ -94,7 +94,7 @@ class Cluster:
         kv = await self.bus.kv(subjects.KV_RUNTIMES)
         await kv.put(subjects.resource_key("default", NAME), msgspec.json.encode(record))
 
-    def start(self, node: str, port: int | None = None) -> MountProcess:
+    def start(self, node: str, port: int | None = None, **popen: Any) -> MountProcess:
         mount = self.nodes.get(node) or MountProcess(node, self.tmp_path / node / "mnt" / NAME, port or free_port())
         self.nodes[node] = mount
         mount.mountpoint.parent.mkdir(parents=True, exist_ok=True)
@@ -106,14 +106,14 @@ class Cluster:
             "SHOAL_NODE_NAME": node,
             "SHOAL_CACHE_SUBDIR": node,
             "SHOAL_PEER_HOST": LOOPBACK,
-            "SHOAL_PEER_SECRET_FILE": str(self.tmp_path / "peer-secret"),
+            "SHOAL_PEER_SECRET_FILE": popen.pop("secret_file", str(self.tmp_path / "peer-secret")),
             "SHOAL_HTTP_PORT": "off",
             "SHOAL_LOG_FORMAT": "json",
         }
         mount.process = subprocess.Popen(
             [sys.executable, "-m", "services.agent.mountd", "--namespace", "default", "--name", NAME,
              "--mountpoint", str(mount.mountpoint), "--peer-port", str(mount.port)],
-            env=env, stdin=subprocess.DEVNULL)
+            env=env, stdin=subprocess.DEVNULL, **popen)
         return mount
 
     async def wait_mounted(self, expect: str) -> None:
@@ -329,3 +329,14 @@ async def test_a_running_mount_follows_the_ring_in_the_runtime_record(
             await eventually(store_again, what="node-c back on the store once node-a is not ready")
         finally:
             await relay.stop()
+
+
+async def test_an_unreadable_peer_secret_stops_the_mount_process_with_the_reason(
+        bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path) -> None:
+    async with cluster(bus, settings, seaweedfs, bucket, tmp_path, {"x.bin": b"x"}) as nodes:
+        mount = nodes.start("node-a", secret_file=str(tmp_path / "no-such-secret"), stderr=subprocess.PIPE)
+        assert mount.process is not None
+        _, stderr = await asyncio.to_thread(mount.process.communicate, timeout=60)
+        assert mount.process.returncode != 0
+        assert b"cannot read the peer secret file" in stderr and SECRET not in stderr
+        assert str(mount.mountpoint) not in mounted_paths()
