@@ -10,7 +10,8 @@ real cluster the runtime service fills it from the agents' heartbeats.
 Shown: a request without a valid signature is refused; a peer answering corrupt bytes or a bad signature is not
 believed and the read still returns the source's bytes; md5 through every mount equals the source while each
 block is fetched from the store once for the whole cluster; ``kill -9`` of an owner in the middle of a read
-returns the right bytes, no EIO.
+returns the right bytes, no EIO; a running mount follows the ring; a new worker fetches from the store only the
+blocks it now owns first (counted); an unreadable peer secret stops the mount process with the reason.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import msgspec
 import pytest
 
 from libs import subjects
-from libs.blocks import block_count
+from libs.blocks import BlockId, block_count
 from libs.bus import Bus
 from libs.config import Settings
 from libs.embedded import LOOPBACK, free_port
@@ -48,6 +49,7 @@ from libs.events.runtime import (
     TieredStore,
 )
 from libs.manifest import ManifestStore
+from libs.ring import owners
 from services.agent.peer import HEADER_EXPIRES, HEADER_SIGNATURE, block_path, runtime_key, sign_request
 from services.dataset import app as dataset_app
 from tests.conftest import SeaweedServer, put_objects
@@ -340,3 +342,39 @@ async def test_an_unreadable_peer_secret_stops_the_mount_process_with_the_reason
         assert mount.process.returncode != 0
         assert b"cannot read the peer secret file" in stderr and SECRET not in stderr
         assert str(mount.mountpoint) not in mounted_paths()
+
+
+async def test_a_new_worker_fetches_only_the_blocks_it_now_owns(
+        bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path) -> None:
+    objects = {f"layer-{i}.bin": os.urandom(5 * MiB + i * 100_001) for i in range(3)}
+    async with cluster(bus, settings, seaweedfs, bucket, tmp_path, objects) as nodes:
+        ports = {node: free_port() for node in ("node-a", "node-b", "node-c")}
+
+        def workers(*names: str) -> list[CacheWorker]:
+            return [CacheWorker(node=name, peer_url=f"http://{LOOPBACK}:{ports[name]}") for name in names]
+
+        await nodes.set_workers(workers("node-a", "node-b"))
+        for node in ("node-a", "node-b", "node-c"):  # node-c is a client for now: it keeps nothing
+            nodes.start(node, ports[node])
+        await nodes.wait_mounted("layer-2.bin")
+        for key, body in objects.items():
+            assert md5(await read_file(nodes.nodes["node-c"].mountpoint / key)) == md5(body)
+        blocks = sum(block_count(len(body), BLOCK) for body in objects.values())
+        assert len(nodes.store.ranged_gets()) == blocks
+
+        await nodes.set_workers(workers("node-a", "node-b", "node-c"))  # scale 2 -> 3
+        nodes.start("node-d")  # a new client, reading with the new ring from its start
+        await nodes.wait_mounted("layer-2.bin")
+        before = len(nodes.store.ranged_gets())
+        for key, body in objects.items():
+            assert md5(await read_file(nodes.nodes["node-d"].mountpoint / key)) == md5(body)
+        record = await dataset_record(bus, NAME)
+        assert record is not None
+        entries = await (await ManifestStore.of(bus)).load(record.status.manifest)
+        moved = [BlockId(e.mount, e.key, e.etag, i) for e in entries for i in range(block_count(e.size, BLOCK))
+                 if owners(BlockId(e.mount, e.key, e.etag, i).name, ["node-a", "node-b", "node-c"])[0] == "node-c"]
+        assert 0 < len(moved) < blocks
+        fetched = nodes.store.ranged_gets()[before:]
+        assert sorted((call.path.rsplit("/", 1)[1], call.range) for call in fetched) == sorted(
+            (block.key, f"bytes={block.index * BLOCK}-{min((block.index + 1) * BLOCK, len(objects[block.key])) - 1}")
+            for block in moved), "only the blocks node-c now owns first came from the store, once each"
