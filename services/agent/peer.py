@@ -34,7 +34,7 @@ import json
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 from urllib.parse import urlencode
 
 import aiohttp
@@ -45,7 +45,6 @@ from libs.events.dataset import ManifestEntry
 from libs.telemetry import get_logger
 
 log = get_logger(__name__)
-T = TypeVar("T")
 
 __all__ = [
     "PeerClient",
@@ -258,7 +257,7 @@ class PeerServer:
             return self._refuse(404, "object not in this peer's manifest")
         if entry.etag != query["etag"]:
             return self._refuse(409, "this peer's manifest has another ETag for the object")
-        if index * block_size >= max(entry.size, 1):
+        if index * block_size >= entry.size:
             return self._refuse(400, "block index past the end of the object")
         if self._waiting >= self._max_waiting:
             return self._refuse(503, "too many requests waiting")
@@ -268,7 +267,14 @@ class PeerServer:
                     signature: str) -> web.StreamResponse:
         response = web.StreamResponse(status=200, headers={"Content-Type": CONTENT_TYPE,
                                                             "Cache-Control": "no-store"})
-        await response.prepare(request)
+        try:
+            await response.prepare(request)
+            await self._answer(response, entry, index, signature)
+        except ConnectionError:  # the client went away (gave up, or died): nothing to tell anyone
+            pass
+        return response
+
+    async def _answer(self, response: web.StreamResponse, entry: ManifestEntry, index: int, signature: str) -> None:
         self._waiting += 1
         acquire = asyncio.ensure_future(self._slots.acquire())
         try:
@@ -282,36 +288,33 @@ class PeerServer:
         try:
             load = asyncio.ensure_future(self.source(entry, index))
             load.add_done_callback(_retrieve)
+            # Shielded: a client that goes away must not cancel a fetch other readers may share.
+            await _keepalive(response, asyncio.shield(load))
             try:
-                # Shielded: a client that goes away must not cancel a fetch other readers may share.
-                data = await _keepalive(response, asyncio.shield(load))
-            except (ConnectionError, asyncio.CancelledError):
-                raise
+                data = load.result()
             except Exception as err:  # the store failed: say so; the client tries its next source
                 reason = " ".join(str(err).split())[:200] or type(err).__name__
                 await response.write(f"ERR {reason}\n".encode())
                 await response.write_eof()
-                return response
+                return
             digest = checksum(data)
             proof = sign_response(self.key, signature, digest, len(data))
             await response.write(f"OK {len(data)} {digest:016x} {proof}\n".encode())
             await response.write(data)
             await response.write_eof()
             self.served_bytes += len(data)
-            return response
         finally:
             self._slots.release()
 
 
-async def _keepalive(response: web.StreamResponse, future: asyncio.Future[T]) -> T:
-    """The future's result, writing a newline to the client every ``KEEPALIVE_SECONDS`` until it is done."""
+async def _keepalive(response: web.StreamResponse, future: asyncio.Future[Any]) -> None:
+    """Wait for the future, writing a newline to the client every ``KEEPALIVE_SECONDS`` until it is done."""
     try:
         while not (await asyncio.wait([future], timeout=KEEPALIVE_SECONDS))[0]:
             await response.write(b"\n")
     except BaseException:
         future.cancel()
         raise
-    return future.result()
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:

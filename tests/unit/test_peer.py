@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,7 @@ from services.agent.peer import (
     HEADER_EXPIRES,
     HEADER_SIGNATURE,
     MAX_EXPIRY_AHEAD_SECONDS,
+    MAX_SERVING,
     PeerClient,
     PeerConfigError,
     PeerError,
@@ -516,3 +518,22 @@ async def test_a_peer_that_keeps_failing_is_skipped_longer_until_it_answers(
     finally:
         await client.close()
         await proxy.stop()
+
+
+async def test_a_client_hanging_up_while_the_peer_fetches_frees_its_slot(peer: tuple[PeerServer, Served, str]) -> None:
+    server, served, url = peer
+    served.delay = 0.6  # keep-alives go out while the "store" answers
+    expires = int(time.time()) + 30
+    query = block_query(block(1), BLOCK)
+    headers = {HEADER_EXPIRES: str(expires), HEADER_SIGNATURE: sign_request(KEY, "GET", PATH, query, expires)}
+    async with aiohttp.ClientSession() as session:
+        response = await session.get(url + PATH, params=query, headers=headers)
+        assert response.status == 200
+        response.close()  # hang up before the block
+
+    async def idle() -> bool:
+        return server._waiting == 0 and server._slots._value == MAX_SERVING and bool(served.calls)
+
+    await eventually(idle, what="the slot given back")
+    assert server.served_bytes == 0
+    assert await client_call(lambda c: c.get_block(url, block(1), BLOCK, BLOCK)) == served.blocks[("a b/ü.bin", 1)]
