@@ -5,8 +5,10 @@
   listens again on the same port.
 - ``CountingStore``: an ``ObjectStore`` wrapper that records every ranged GET that reaches the real store, can
   hold GETs until released (to make concurrent misses meet) and can act unreachable.
-- ``HttpProxy``: an HTTP proxy in front of an S3 endpoint that records request headers and can strip
-  ``If-Match``, i.e. behave like a store that ignores conditional GETs.
+- ``HttpProxy``: an HTTP proxy in front of an S3 endpoint that records request headers (and method, path,
+  Range in ``calls``) and can strip ``If-Match``, i.e. behave like a store that ignores conditional GETs.
+- ``TamperingPeerProxy``: in front of a real peer server (services.agent.peer), answers with a flipped block byte,
+  a bad response signature, a short body or a wrong length, like a corrupt or lying peer.
 - ``ListedStore`` and ``ExtraKeys``: stores that list keys a real S3 server will not store as given (a leading
   '/', '//', long names, NUL), below the real sync.
 """
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 
 from aiohttp import ClientSession, web
 
+from libs.blocks import checksum
 from libs.embedded import LOOPBACK, free_port
 from libs.ufs.base import EndpointUnreachable, NoSuchKey, ObjectChanged, ObjectInfo, ObjectStore
 
@@ -131,6 +134,13 @@ class CountingStore:
         await self.inner.close()
 
 
+@dataclass(frozen=True)
+class Call:
+    method: str
+    path: str
+    range: str | None
+
+
 class HttpProxy:
     """Forwards HTTP requests to ``target`` (an S3 endpoint), keeping the Host header so signatures still match.
 
@@ -143,12 +153,29 @@ class HttpProxy:
         self.strip_if_match = strip_if_match
         self.port = free_port()
         self.requests: list[dict[str, str]] = []
+        self.calls: list[Call] = []
+        self.waiting = 0
+        self._gate: asyncio.Event | None = None
         self._runner: web.AppRunner | None = None
         self._session: ClientSession | None = None
 
     @property
     def endpoint(self) -> str:
         return f"http://{LOOPBACK}:{self.port}"
+
+    def hold(self) -> None:
+        """Make ranged GETs wait (counted in ``waiting``) until ``release``."""
+        self._gate = asyncio.Event()
+
+    def release(self) -> None:
+        if self._gate is not None:
+            self._gate.set()
+        self._gate = None
+
+    def ranged_gets(self, key: str | None = None) -> list[Call]:
+        """The ranged GETs (block reads) that went through, optionally of one object key."""
+        return [call for call in self.calls if call.method == "GET" and call.range
+                and (key is None or call.path.endswith("/" + key))]
 
     async def start(self) -> None:
         app = web.Application()
@@ -170,6 +197,14 @@ class HttpProxy:
         assert self._session is not None
         headers = {k: v for k, v in request.headers.items() if k.lower() not in ("content-length", "transfer-encoding")}
         self.requests.append(dict(request.headers))
+        self.calls.append(Call(request.method, request.path, request.headers.get("Range")))
+        gate = self._gate
+        if gate is not None and request.method == "GET" and "Range" in request.headers:
+            self.waiting += 1
+            try:
+                await gate.wait()
+            finally:
+                self.waiting -= 1
         if self.strip_if_match:
             headers = {k: v for k, v in headers.items() if k.lower() != "if-match"}
         body = await request.read()
@@ -234,3 +269,75 @@ class ExtraKeys:
 
     async def close(self) -> None:
         await self.store.close()
+
+
+class TamperingPeerProxy:
+    """Forwards peer-protocol requests to a real peer server and spoils the answer as ``mode`` says:
+
+    ``flip``: one byte of the block flipped (checksum and signature left as sent); ``resign``: the response
+    signature altered; ``short``: the body cut short (connection closed); ``length``: a block one byte longer,
+    re-checksummed, with the signature as sent; ``none``: passed through unchanged. ``answers`` counts the
+    blocks the peer answered (spoiled unless ``none``)."""
+
+    def __init__(self, target: str, mode: str = "flip") -> None:
+        self.target = target.rstrip("/")
+        self.mode = mode
+        self.port = free_port()
+        self.answers = 0
+        self._runner: web.AppRunner | None = None
+        self._session: ClientSession | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}"
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._forward)
+        self._session = ClientSession(auto_decompress=False)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, LOOPBACK, self.port).start()
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def _forward(self, request: web.Request) -> web.StreamResponse:
+        assert self._session is not None
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in ("host", "content-length")}
+        async with self._session.get(self.target + request.rel_url.raw_path_qs, headers=headers) as upstream:
+            body = await upstream.read()
+            status = upstream.status
+            content_type = upstream.headers.get("Content-Type", "")
+        preamble, _, block = body.lstrip(b"\n").partition(b"\n")
+        words = preamble.split()
+        if status != 200 or words[:1] != [b"OK"]:
+            return web.Response(status=status, body=body, headers={"Content-Type": content_type})
+        self.answers += 1
+        if self.mode == "none":
+            return web.Response(status=status, body=body, headers={"Content-Type": content_type})
+        if self.mode == "flip":
+            spoiled = bytearray(block)
+            spoiled[len(spoiled) // 2] ^= 0xFF
+            return web.Response(body=preamble + b"\n" + bytes(spoiled))
+        if self.mode == "resign":
+            proof = words[3]
+            words[3] = (b"0" if proof[:1] != b"0" else b"1") + proof[1:]
+            return web.Response(body=b" ".join(words) + b"\n" + block)
+        if self.mode == "length":
+            longer = block + b"\0"
+            words[1] = str(len(longer)).encode()
+            words[2] = f"{checksum(longer):016x}".encode()
+            return web.Response(body=b" ".join(words) + b"\n" + longer)
+        # short: headers and half the body, then the connection is dropped mid-answer.
+        response = web.StreamResponse(status=200, headers={"Content-Type": content_type})
+        await response.prepare(request)
+        await response.write(preamble + b"\n" + block[: len(block) // 2])
+        assert request.transport is not None
+        request.transport.close()
+        return response

@@ -3,9 +3,11 @@
 The node agent runs one of these per mounted dataset (pyfuse3 serves one mount per process, and separate
 processes let several mounts use several cores). It owns: loading the manifest, the block cache of the
 dataset's runtime tiers, the FUSE session, reloading the tree (and the object stores of its mounts) when the
-dataset is re-synced, and publishing the cache inventory. The mount is put in place only once everything is loaded,
-beneath a previous (dead) mount at the mount point (``handover``). SIGTERM unmounts and exits 0; when the dataset
-was deleted, its cached blocks are deleted too.
+dataset is re-synced, publishing the cache inventory, and the peer side of the distributed cache: the ring of
+block owners (from the runtime record's ``status.workers``, watched) that routes its misses, and with
+``--peer-port`` a peer server lending its blocks to the other nodes (``peer.py``; the README says why it lives
+here). The mount is put in place only once everything is loaded, beneath a previous (dead) mount at the mount point
+(``handover``). SIGTERM unmounts and exits 0; when the dataset was deleted, its cached blocks are deleted too.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from libs.config import Settings
 from libs.events.agent import CacheCounters
 from libs.events.common import ObjectRef, parse_quantity
 from libs.events.dataset import DatasetRecord, ManifestEntry
-from libs.events.runtime import Level, RuntimeRecord
+from libs.events.runtime import CacheWorker, Level, RuntimeRecord
 from libs.hostpaths import real_local_root_error
 from libs.manifest import ManifestStore
 from libs.service import main as service_main
@@ -46,8 +48,9 @@ from services.agent.mountinfo import device_of
 from services.agent.mountstatus import StatusReporter
 from services.agent.namespace import InodeAllocator, Namespace
 from services.agent.nodebudget import BudgetFileError, NodeReadAhead, SlotFile
+from services.agent.peer import PeerClient, PeerConfigError, PeerServer, load_secret, runtime_key
 from services.agent.readahead import MemoryBudget
-from services.agent.reader import BlockReader, StoreGate
+from services.agent.reader import BlockReader, BlockRouter, StoreGate
 
 log = get_logger("shoal-mount")
 
@@ -92,9 +95,10 @@ class MountedDataset:
 
     def __init__(self, settings: Settings, bus: Bus, namespace: str, name: str, mountpoint: str,
                  status_file: str = "", readiness: Readiness | None = None,
-                 grants: NodeGrants | None = None) -> None:
+                 grants: NodeGrants | None = None, peer_port: int = 0) -> None:
         self.status_file = status_file
         self.grants = grants or NodeGrants()
+        self.peer_port = peer_port
         self.readiness = readiness or Readiness()
         self.settings = settings
         self.bus = bus
@@ -109,6 +113,8 @@ class MountedDataset:
         self.locations: list[object] = []
         self.retired: list[StoreGate] = []
         self.deleted = False
+        # (mount, key) → entry of the current manifest: what the peer server may serve.
+        self.entries: dict[tuple[int, str], ManifestEntry] = {}
 
     async def run(self, stop: asyncio.Event) -> None:
         record, runtime = await self._load_records()
@@ -119,8 +125,9 @@ class MountedDataset:
         inventory = InventoryLog(node=self.settings.agent.node_name, dataset=ObjectRef(name=self.name,
                                                                                        namespace=self.namespace))
         policy = LruPolicy if self.settings.agent.cache_policy == "lru" else FrequencyAdmissionPolicy
-        cache = BlockCache.from_levels(levels, f"{self.namespace}/{self.name}", policy_factory=policy,
-                                       on_cached=inventory.cached, on_evicted=inventory.evicted)
+        cache = BlockCache.from_levels(levels, cache_suffix(self.settings.agent.cache_subdir, self.namespace,
+                                                            self.name),
+                                       policy_factory=policy, on_cached=inventory.cached, on_evicted=inventory.evicted)
         await asyncio.to_thread(cache.load)
         self._drop_stale(cache, entries)
         self._update_gates(record)
@@ -129,7 +136,22 @@ class MountedDataset:
             slots.zero(self.grants.budget_slot)  # holds nothing yet (the agent zeroed it too; a crash leaks none)
         readahead = (MemoryBudget(slots.limit, node=NodeReadAhead(slots, self.grants.budget_slot)) if slots
                      else MemoryBudget(parse_quantity(self.settings.agent.readahead_budget)))
-        reader = BlockReader(cache, self.gates, block_size, readahead, write_block=cache.put_async)
+        self.entries = {(entry.mount, entry.key): entry for entry in entries}
+        key = self._peer_key()
+        client = PeerClient(key, self.namespace, self.name) if key is not None else None
+        router = BlockRouter(self.settings.agent.node_name, client)
+        router.update(runtime.status.workers)
+        reader = BlockReader(cache, self.gates, block_size, readahead, write_block=cache.put_async, router=router)
+        peer_server = None
+        if key is not None and self.peer_port:
+            peer_server = PeerServer(key, self.namespace, self.name, block_size,
+                                     lambda mount, object_key: self.entries.get((mount, object_key)),
+                                     reader.serve_block)
+            try:
+                await peer_server.start(self.settings.agent.peer_host, self.peer_port)
+            except OSError as err:
+                raise SystemExit(f"dataset {self.key}: cannot serve peers on "
+                                 f"{self.settings.agent.peer_host}:{self.peer_port}: {err.strerror or err}") from None
         owner = record.dataset.spec.owner
         fs = DatasetFS(self._tree(entries), reader, uid=owner.uid if owner else None,
                        gid=owner.gid if owner else None, block_size=block_size)
@@ -139,7 +161,8 @@ class MountedDataset:
             reads = reader.stats
             return CacheCounters(cached_bytes=stats.cached_bytes, capacity_bytes=stats.capacity_bytes,
                                  hit_bytes=reads.hit_bytes, miss_bytes=reads.miss_bytes,
-                                 remote_bytes=reads.remote_bytes, served_bytes=reads.served_bytes)
+                                 remote_bytes=reads.remote_bytes,
+                                 served_bytes=peer_server.served_bytes if peer_server else 0)
 
         publisher = InventoryPublisher(self.bus, inventory, cache.blocks, counters)
         options = set(pyfuse3.default_options)
@@ -163,6 +186,7 @@ class MountedDataset:
             f"cache directory {t.location} is down" for t in cache.stats().tiers if t.health == "down") or None)
         self.readiness.add("fuse", lambda: "FUSE session ended" if fuse_loop.done() else None)
         watcher: asyncio.Task[None] | None = None
+        ring_watch: asyncio.Task[None] | None = None
         loops = {"inventory": inventory_task, "status": reporter_task}
         self.readiness.add("loops", lambda: ", ".join(f"{n} not running" for n, t in loops.items() if t.done()) or None)
         stopper = asyncio.create_task(stop.wait())
@@ -180,11 +204,14 @@ class MountedDataset:
                     await asyncio.to_thread(staging.cleanup)
             log.info("mounted", dataset=self.key, mountpoint=self.mountpoint, files=len(entries))
             watcher = loops["manifest watch"] = asyncio.create_task(self._watch(fs, cache, stop))
+            ring_watch = loops["runtime watch"] = asyncio.create_task(self._watch_runtime(router, stop))
             # Inventory is not awaited here: publishing may fail for a while, the mount keeps serving.
             await asyncio.wait([fuse_loop, watcher, stopper], return_when=asyncio.FIRST_COMPLETED)
         finally:
             if watcher is not None:
                 watcher.cancel()
+            if ring_watch is not None:
+                ring_watch.cancel()
             reporter.stop()
             stopper.cancel()
             pyfuse3.terminate()
@@ -192,13 +219,17 @@ class MountedDataset:
                 await fuse_loop
             await asyncio.to_thread(unmount_own, self.mountpoint, device)
             pyfuse3.close(unmount=False)
+            if peer_server is not None:
+                await peer_server.stop()
             await reader.drain()
+            if client is not None:
+                await client.close()
             if self.deleted or await self._dataset_gone():
                 purged = cache.purge()  # evictions reach the inventory's last delta
                 log.info("dataset deleted, cache freed", dataset=self.key, blocks=purged)
             publisher.stop()
             await asyncio.gather(inventory_task, reporter_task, *([watcher] if watcher else []),
-                                 return_exceptions=True)
+                                 *([ring_watch] if ring_watch else []), return_exceptions=True)
             for gate in [*self.gates, *self.retired]:
                 await gate.store.close()
             if slots is not None:
@@ -235,6 +266,35 @@ class MountedDataset:
         if runtime is None:
             raise SystemExit(f"runtime {self.key} does not exist")
         return record, runtime
+
+    def _peer_key(self) -> bytes | None:
+        """This runtime's peer signing key, or None when no secret is set (peer reads and server off)."""
+        path = self.settings.agent.peer_secret_file
+        if not path:
+            log.info("no peer secret (SHOAL_PEER_SECRET_FILE): no peer server, every block read from the store",
+                     dataset=self.key)
+            return None
+        try:
+            return runtime_key(load_secret(path), self.namespace, self.name)
+        except PeerConfigError as err:
+            raise SystemExit(f"dataset {self.key}: {err}") from None
+
+    async def _watch_runtime(self, router: BlockRouter, stop: asyncio.Event) -> None:
+        """Keep the ring of block owners current from the runtime record's ``status.workers``."""
+        kv = await self.bus.kv(subjects.KV_RUNTIMES)
+        async with contextlib.aclosing(kv_watch(kv, stop, self.bus.reconnects, keys=self.key)) as watched:
+            async for entry in watched:
+                if entry is None or isinstance(entry, Replay):
+                    continue
+                workers: list[CacheWorker] = []
+                if entry.operation not in ("DEL", "PURGE") and entry.value is not None:
+                    try:
+                        workers = msgspec.json.decode(entry.value, type=RuntimeRecord).status.workers
+                    except msgspec.ValidationError as err:
+                        log.error("runtime record not understood, ring unchanged", dataset=self.key, error=str(err))
+                        continue
+                if router.update(workers):
+                    log.info("ring of block owners changed", dataset=self.key, owners=sorted(router.ring))
 
     def _update_gates(self, record: DatasetRecord) -> None:
         """One object store per mount of the spec: kept where a mount's location is unchanged, new where it was
@@ -310,18 +370,25 @@ class MountedDataset:
                     with contextlib.suppress(Exception):
                         # ENOENT only means the kernel never looked the name up: nothing to drop.
                         pyfuse3.invalidate_entry_async(parent, os.fsencode(name), ignore_enoent=True)
+                self.entries = {(entry.mount, entry.key): entry for entry in entries}
                 self._drop_stale(cache, entries)
                 log.info("manifest reloaded", dataset=self.key, files=len(entries), removed=len(gone))
 
 
+def cache_suffix(subdir: str, namespace: str, name: str) -> str:
+    """The folder below each disk tier path for this dataset: ``[<subdir>/]<namespace>/<name>``."""
+    return f"{subdir.strip('/')}/{namespace}/{name}" if subdir.strip("/") else f"{namespace}/{name}"
+
+
 async def serve(settings: Settings, namespace: str, name: str, mountpoint: str,
                 stop: asyncio.Event, status_file: str = "", readiness: Readiness | None = None,
-                grants: NodeGrants | None = None) -> None:
+                grants: NodeGrants | None = None, peer_port: int = 0) -> None:
     bus = await connect(settings.nats, f"shoal-mount-{namespace}-{name}")
     if readiness is not None:
         readiness.add("nats", nats_check(bus))
     try:
-        await MountedDataset(settings, bus, namespace, name, mountpoint, status_file, readiness, grants).run(stop)
+        await MountedDataset(settings, bus, namespace, name, mountpoint, status_file, readiness, grants,
+                             peer_port).run(stop)
     finally:
         await bus.close()
 
@@ -356,12 +423,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--budget-slot", type=int, default=0, help="this mount's slot in --budget-file")
     parser.add_argument("--memory-quota", type=int, default=None,
                         help="bytes the MEM tiers may hold, granted by the agent out of the node's budget")
+    parser.add_argument("--peer-port", type=int, default=0,
+                        help="serve this mount's blocks to peers on SHOAL_PEER_HOST:PORT (0: no peer server)")
     args = parser.parse_args(argv)
+    if not 0 <= args.peer_port <= 65535:
+        parser.error("--peer-port must be between 0 and 65535")
     grants = NodeGrants(args.budget_file, args.budget_slot, args.memory_quota)
     enable_asyncio_fuse()  # the FUSE session runs on the asyncio loop, beside NATS
     service_main("shoal-mount",
                  lambda settings, stop, readiness: serve(settings, args.namespace, args.name, args.mountpoint, stop,
-                                                         args.status_file, readiness, grants))
+                                                         args.status_file, readiness, grants, args.peer_port))
 
 
 if __name__ == "__main__":

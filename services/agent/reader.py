@@ -1,10 +1,18 @@
-"""The agent's read path for one dataset: block cache → blocks in flight → ranged GET on the object store.
+"""The agent's read path for one dataset: block cache → blocks in flight → the block's owners → the object store.
 
 What it decides:
-- concurrent misses for one block are coalesced into one GET;
+- concurrent misses for one block are coalesced into one fetch;
+- where a missing block comes from (``BlockRouter``, over the ring of the runtime's cache workers): its first
+  owner reads the store and caches; its second owner asks the first, then the store, and caches; any other node
+  asks owner 1, owner 2, then the store, and keeps nothing on disk (Fluid's clients hold no cache). Without a
+  ring (no workers with a peer endpoint, or no peer secret) every node reads the store and caches. A peer that
+  fails or lies (``PeerError``) only sends the read to the next source;
+- a block the peer server is asked for comes from the cache or the store (``serve_block``), never another peer,
+  coalesced with this mount's own store fetch of it;
 - sequential readers get blocks fetched ahead (window from ``readahead``), within one memory budget;
 - a small random read inside an uncached block is answered with a GET of just those bytes, while the whole
-  block is fetched in the background for next time;
+  block is fetched in the background for next time; when the block's source is a peer, the whole block is
+  fetched from the peer instead (the protocol serves whole blocks; one round trip on the cluster network);
 - every GET is pinned to the manifest's ETag (If-Match), so a changed object fails the read (``ObjectChanged``)
   instead of mixing versions;
 - an unreachable object store is remembered for a moment, so reads of uncached data fail fast instead of each
@@ -17,14 +25,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from libs.blocks import BlockId, block_span, blocks_touched
 from libs.events.dataset import ManifestEntry
+from libs.events.runtime import CacheWorker
+from libs.ring import owners
 from libs.telemetry import get_logger
 from libs.ufs.base import EndpointUnreachable, ObjectStore, UfsError
+from services.agent.peer import PeerError
 from services.agent.readahead import MemoryBudget, ReadAhead
 
 log = get_logger(__name__)
@@ -34,6 +45,8 @@ log = get_logger(__name__)
 UNREACHABLE_COOLDOWN_SECONDS = 1.0
 # Ranged GETs in flight per mount: enough to fill a 10 Gbit/s link with 4 MiB blocks at ~30 ms latency.
 MAX_CONCURRENT_GETS = 32
+# A failing peer is logged at most this often (with the count of failures so far).
+PEER_LOG_SECONDS = 5.0
 # A read smaller than this fraction of a block, off the sequential path, is a "small random read".
 SMALL_READ_FRACTION = 4
 
@@ -77,10 +90,62 @@ class StoreGate:
 @dataclass
 class ReadStats:
     hit_bytes: int = 0  # from this node's cache tiers
-    miss_bytes: int = 0  # from the object store
-    remote_bytes: int = 0  # from other nodes' caches (peer reads)
-    served_bytes: int = 0  # sent to other nodes by this mount's peer server
-    gets: int = 0
+    miss_bytes: int = 0  # from the object store (for this node's readers and for peers)
+    remote_bytes: int = 0  # from peers
+    gets: int = 0  # store GETs
+    peer_failures: int = 0  # peer requests that failed or were not believed (the read moved on)
+
+
+# --- routing ---
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where a missing block comes from: these peers in order, then the store; and whether to cache it here."""
+
+    peers: tuple[str, ...] = ()
+    cache: bool = True
+
+
+LOCAL = Route()
+
+
+def ring_of(workers: Iterable[CacheWorker]) -> dict[str, str]:
+    """The ring of block owners from a runtime's ``status.workers``: ready workers with a peer endpoint."""
+    return {worker.node: worker.peer_url for worker in workers if worker.ready and worker.peer_url}
+
+
+def plan_route(block_name: str, ring: Mapping[str, str], me: str) -> Route:
+    """The route of one block for node ``me`` (pure). ``ring``: node → peer URL."""
+    ranked = owners(block_name, ring, 2)
+    if not ranked or ranked[0] == me:
+        return LOCAL
+    if len(ranked) > 1 and ranked[1] == me:
+        return Route(peers=(ring[ranked[0]],), cache=True)
+    return Route(peers=tuple(ring[node] for node in ranked), cache=False)
+
+
+class PeerSource(Protocol):
+    async def get_block(self, url: str, block: BlockId, length: int, block_size: int) -> bytes: ...
+
+
+class BlockRouter:
+    """The reader's view of the ring, kept current by the mount's watch of its runtime record."""
+
+    def __init__(self, me: str, client: PeerSource | None) -> None:
+        self.me = me
+        self.client = client
+        self.ring: dict[str, str] = {}
+
+    def update(self, workers: Iterable[CacheWorker]) -> bool:
+        """Take the runtime's current workers; True if the ring changed."""
+        ring = ring_of(workers) if self.client is not None else {}
+        changed = ring != self.ring
+        self.ring = ring
+        return changed
+
+    def route(self, block: BlockId) -> Route:
+        return plan_route(block.name, self.ring, self.me) if self.ring else LOCAL
 
 
 @dataclass
@@ -97,15 +162,23 @@ BlockWriter = Callable[[BlockId, bytes], Awaitable[object]]
 
 class BlockReader:
     def __init__(self, cache: BlockCacheLike, gates: Sequence[StoreGate], block_size: int, budget: MemoryBudget,
-                 write_block: BlockWriter, max_ahead_blocks: int | None = None) -> None:
+                 write_block: BlockWriter, max_ahead_blocks: int | None = None,
+                 router: BlockRouter | None = None) -> None:
         self.cache = cache
         self.gates = gates
         self.block_size = block_size
         self.budget = budget
         self.write_block = write_block
         self.max_ahead_blocks = max_ahead_blocks
+        self.router = router
         self.stats = ReadStats()
         self._inflight: dict[BlockId, asyncio.Future[bytes]] = {}
+        # Store fetches in flight, shared by this mount's reads and its peer server's (which must never join a
+        # read that is asking a peer: two nodes with different views of the ring could wait on each other).
+        self._store_inflight: dict[BlockId, asyncio.Future[bytes]] = {}
+        self._peer_logged: dict[str, float] = {}
+        self._writing: dict[BlockId, bytes] = {}  # fetched, being written to the cache
+        self._cache_wanted: set[BlockId] = set()  # store fetches in flight that some caller wants cached
         self._background: set[asyncio.Future[object]] = set()
 
     def open(self, entry: ManifestEntry) -> OpenFile:
@@ -161,7 +234,7 @@ class BlockReader:
     async def fetch(self, entry: ManifestEntry, index: int) -> bytes:
         """The whole block: from the cache, or the GET already in flight, or a new GET."""
         block = self.block_id(entry, index)
-        cached = self.cache.get(block)
+        cached = self._local(block)
         if cached is not None:
             self.stats.hit_bytes += len(cached)
             return cached
@@ -177,14 +250,98 @@ class BlockReader:
             future.add_done_callback(_retrieve)
         return future
 
+    def route(self, block: BlockId) -> Route:
+        return self.router.route(block) if self.router is not None else LOCAL
+
     async def _get_and_cache(self, entry: ManifestEntry, index: int, block: BlockId) -> bytes:
+        """The block from its route: peers in order, then the store; cached here if the route says so."""
+        writing = self._writing.get(block)
+        if writing is not None:  # fetched a moment ago (e.g. for a peer), not yet in the cache
+            return writing
+        route = self.route(block)
+        _, length = block_span(entry.size, self.block_size, index)
+        client = self.router.client if self.router is not None else None
+        for url in route.peers:
+            if client is None:
+                break
+            try:
+                data = await client.get_block(url, block, length, self.block_size)
+            except PeerError as err:
+                self.stats.peer_failures += 1
+                self._log_peer_failure(url, block, err)
+                continue
+            self.stats.remote_bytes += length
+            if route.cache:
+                self._keep(block, data)
+            return data
+        return await self._store_block(entry, index, block, cache=route.cache)
+
+    def _log_peer_failure(self, url: str, block: BlockId, err: PeerError) -> None:
+        # Once per peer every few seconds: a dead owner fails every block it owns until the ring drops it.
+        now = time.monotonic()
+        if now - self._peer_logged.get(url, -PEER_LOG_SECONDS) >= PEER_LOG_SECONDS:
+            self._peer_logged[url] = now
+            log.info("peer read failed, trying the next source", peer=url, block=block.describe(), reason=str(err),
+                     failures=self.stats.peer_failures)
+
+    async def serve_block(self, entry: ManifestEntry, index: int) -> bytes:
+        """The whole block for the peer server: from the cache, else from the store (never a peer), cached."""
+        block = self.block_id(entry, index)
+        cached = self._local(block)
+        if cached is not None:
+            return cached
+        return await self._store_block(entry, index, block, cache=True)
+
+    async def _store_block(self, entry: ManifestEntry, index: int, block: BlockId, cache: bool) -> bytes:
+        if cache:
+            self._cache_wanted.add(block)
+        future = self._store_inflight.get(block)
+        if future is None:
+            future = asyncio.ensure_future(self._store_get(entry, index, block))
+            self._store_inflight[block] = future
+            future.add_done_callback(lambda _: self._store_inflight.pop(block, None))
+            future.add_done_callback(_retrieve)
+        # Shielded: one waiter going away (a peer client hanging up) must not cancel the fetch for the others.
+        data = await asyncio.shield(future)
+        if cache:  # joined a fetch that had just finished: keep it too (a no-op if it is kept already)
+            self._keep(block, data)
+        return data
+
+    def _keep(self, block: BlockId, data: bytes) -> None:
+        """Write the block to the cache in the background; until it is written, lookups find it here (a peer
+        asking right after the fetch must not cause a second GET)."""
+        if block in self._writing:
+            return
+        self._writing[block] = data
+
+        async def write() -> None:
+            try:
+                await self.write_block(block, data)
+            finally:
+                self._writing.pop(block, None)
+
+        self._spawn(write())
+
+    def _local(self, block: BlockId) -> bytes | None:
+        cached = self.cache.get(block)
+        return cached if cached is not None else self._writing.get(block)
+
+    async def _store_get(self, entry: ManifestEntry, index: int, block: BlockId) -> bytes:
         start, length = block_span(entry.size, self.block_size, index)
-        data = await self.gates[entry.mount].get_range(entry.key, start, length, entry.etag)
+        try:
+            data = await self.gates[entry.mount].get_range(entry.key, start, length, entry.etag)
+        except BaseException:
+            self._cache_wanted.discard(block)
+            raise
         if len(data) != length:
+            self._cache_wanted.discard(block)
             raise UfsError(f"{entry.key}: expected {length} bytes at offset {start}, got {len(data)}")
         self.stats.gets += 1
         self.stats.miss_bytes += length
-        self._spawn(self.write_block(block, data))
+        # Kept before the fetch counts as done: a lookup right after must find the block, not fetch it again.
+        if block in self._cache_wanted:
+            self._cache_wanted.discard(block)
+            self._keep(block, data)
         return data
 
     async def _small_read(self, handle: OpenFile, index: int, lo: int, hi: int) -> bytes | memoryview:
@@ -200,6 +357,8 @@ class BlockReader:
         inflight = self._inflight.get(block)
         if inflight is not None:
             return memoryview(await inflight)[lo:hi]
+        if self.route(block).peers:  # peers serve whole blocks: fetch it from the owner, answer from it
+            return memoryview(await self._start(entry, index, block))[lo:hi]
         # Answer with just these bytes now; bring the whole block into the cache in the background.
         self._spawn(self._warm(entry, index, block))
         block_start, _ = block_span(entry.size, self.block_size, index)
@@ -239,8 +398,9 @@ class BlockReader:
 
     async def drain(self) -> None:
         """Wait for background fetches and cache writes (used at shutdown and by tests)."""
-        while self._background or self._inflight:
-            await asyncio.gather(*self._background, *self._inflight.values(), return_exceptions=True)
+        while self._background or self._inflight or self._store_inflight:
+            await asyncio.gather(*self._background, *self._inflight.values(), *self._store_inflight.values(),
+                                 return_exceptions=True)
 
 
 def _retrieve(future: asyncio.Future[bytes]) -> None:

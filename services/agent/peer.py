@@ -1,0 +1,441 @@
+"""The peer protocol v1: mount processes of one dataset on different nodes lend each other whole cached blocks.
+
+Owns the HTTP I/O between peers (aiohttp, server and client) and the signing rules; the wire format is documented
+in ``services/agent/README.md`` ("Peer protocol"). In short:
+
+- ``GET /shoal-peer/v1/<namespace>/<name>/block?mount=M&key=K&etag=E&index=I&blockSize=B`` asks for block ``I``
+  of object ``K`` at ETag ``E`` (the manifest's) cut in blocks of ``B`` bytes.
+- The request is signed: ``Shoal-Peer-Expires`` (unix seconds) and ``Shoal-Peer-Signature`` (hex
+  HMAC-SHA256 under the runtime's key of method, path, sorted query and expiry). The runtime key is
+  HMAC-SHA256(cluster secret, ``shoal-peer/v1/<namespace>/<name>``): the secret never travels, and a key
+  learnt from one runtime opens no other.
+- A request the server refuses gets a status and a JSON ``{"reason": ...}``: 400 bad parameters, 401 missing or
+  expired signature, 403 bad signature, 404 another dataset or an object not in this mount's manifest, 409 another
+  ETag or block size, 503 too many requests waiting.
+- An accepted request gets ``200`` at once (so a live peer answers within the client's read timeout even while it
+  fetches the block from a slow store), then a body: keep-alive newlines while the block is being fetched, then
+  ``OK <length> <xxh3-64 hex> <response signature hex>\\n`` and exactly ``length`` bytes; or ``ERR <reason>\\n``.
+  The response signature is HMAC-SHA256 under the runtime key of the request's signature, the checksum and the
+  length, so a response cannot be replayed for another request.
+
+The server answers from this mount's block cache; a block it does not have it fetches from the store through the
+mount's ``BlockReader`` (coalesced with the mount's own reads of that block, and cached), never from another peer,
+so requests cannot loop. The client (``PeerClient.get_block``) verifies signature, length and checksum; every
+failure is a ``PeerError`` with a reason and the reader moves on to the next source: a peer never yields wrong
+bytes, and a dead one costs about a second (0.5 s connect, 1 s between reads) and is skipped for a moment after.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+import aiohttp
+from aiohttp import web
+
+from libs.blocks import BlockId, checksum
+from libs.events.dataset import ManifestEntry
+from libs.telemetry import get_logger
+
+log = get_logger(__name__)
+
+__all__ = [
+    "PeerClient",
+    "PeerConfigError",
+    "PeerError",
+    "PeerServer",
+    "block_path",
+    "block_query",
+    "load_secret",
+    "runtime_key",
+    "sign_request",
+    "sign_response",
+    "verify_request",
+]
+
+VERSION = "v1"
+PATH_PREFIX = f"/shoal-peer/{VERSION}"
+HEADER_EXPIRES = "Shoal-Peer-Expires"
+HEADER_SIGNATURE = "Shoal-Peer-Signature"
+CONTENT_TYPE = "application/vnd.shoal.peer-block.v1"
+QUERY_FIELDS = ("mount", "key", "etag", "index", "blockSize")
+
+# A signed request is good for this long: enough for clock skew between nodes on NTP and a queued request,
+# short enough that a captured request is soon useless.
+REQUEST_TTL_SECONDS = 30
+# A server refuses expiries further ahead than this (a client whose clock runs ahead, or a forever-valid request).
+MAX_EXPIRY_AHEAD_SECONDS = 120
+# Blocks a server holds in memory while sending: 16 x 4 MiB = 64 MiB per mount process at most.
+MAX_SERVING = 16
+# Requests waiting for a serving slot beyond this are answered 503 at once (the client tries its next source)
+# rather than piling up; cheap while they wait (no block in memory), so generous.
+MAX_WAITING = 256
+# While a block is fetched from the store, a newline every so often keeps the client's read timeout for dead peers.
+KEEPALIVE_SECONDS = 0.25
+# Client: a dead or unreachable peer must cost about a second (issue 8): connect within 0.5 s (tried twice), then
+# no more than 1 s without a byte.
+CONNECT_TIMEOUT = 0.5
+READ_TIMEOUT = 1.0
+# Whole-request bound: a peer that keeps sending keep-alives forever is given up on.
+TOTAL_TIMEOUT = 60.0
+# Peer requests in flight per mount process (each holds at most one block in memory).
+MAX_CLIENT_REQUESTS = 32
+# After a peer failed to answer (or lied), requests to it fail at once for this long (like StoreGate).
+PEER_COOLDOWN_SECONDS = 1.0
+# ...doubling while it keeps failing, up to this: a hung peer (alive to the agent's heartbeats, deaf to us) costs a
+# read timeout every 8 s at most, and a restarted one is back within seconds.
+MAX_PEER_COOLDOWN_SECONDS = 8.0
+# Error bodies and preamble lines are tiny; never read more of them than this.
+MAX_REASON_BYTES = 4096
+
+
+class PeerError(Exception):
+    """A peer did not give a block we can believe; the message says why. The reader tries its next source.
+
+    ``cooldown``: whether the peer should be skipped for a moment (it is unreachable, or lies), or only this
+    request failed (another manifest, busy, the store failed behind it).
+    """
+
+    def __init__(self, reason: str, cooldown: bool = True) -> None:
+        super().__init__(reason)
+        self.cooldown = cooldown
+
+
+class PeerConfigError(Exception):
+    """The peer secret cannot be used (unreadable or empty file): a message a person can act on, no secret in it."""
+
+
+# --- keys and signatures (pure) ---
+
+
+def load_secret(path: str) -> bytes:
+    """The cluster's peer secret from ``path`` (surrounding whitespace dropped)."""
+    try:
+        secret = Path(path).read_bytes().strip()
+    except OSError as err:
+        raise PeerConfigError(f"cannot read the peer secret file {path}: {err.strerror or err}") from None
+    if not secret:
+        raise PeerConfigError(f"the peer secret file {path} is empty")
+    return secret
+
+
+def runtime_key(secret: bytes, namespace: str, name: str) -> bytes:
+    """The signing key of one runtime: HMAC-SHA256(secret, "shoal-peer/v1/<ns>/<name>")."""
+    return hmac.new(secret, f"shoal-peer/{VERSION}/{namespace}/{name}".encode(), hashlib.sha256).digest()
+
+
+def block_path(namespace: str, name: str) -> str:
+    return f"{PATH_PREFIX}/{namespace}/{name}/block"
+
+
+def block_query(block: BlockId, block_size: int) -> dict[str, str]:
+    return {"mount": str(block.mount), "key": block.key, "etag": block.etag, "index": str(block.index),
+            "blockSize": str(block_size)}
+
+
+def _canonical(method: str, path: str, query: Mapping[str, str], expires: int) -> bytes:
+    # Sorted and re-encoded, so the signature does not depend on how either side percent-encodes.
+    return "\n".join([method.upper(), path, urlencode(sorted(query.items())), str(expires)]).encode()
+
+
+def sign_request(key: bytes, method: str, path: str, query: Mapping[str, str], expires: int) -> str:
+    return hmac.new(key, _canonical(method, path, query, expires), hashlib.sha256).hexdigest()
+
+
+def verify_request(key: bytes, method: str, path: str, query: Mapping[str, str], expires: str | None,
+                   signature: str | None, now: float) -> tuple[int, str] | None:
+    """None if the request is signed under ``key`` and not expired; else (HTTP status, reason)."""
+    if not signature or not expires:
+        return 401, f"missing {HEADER_SIGNATURE} or {HEADER_EXPIRES}"
+    try:
+        deadline = int(expires)
+    except ValueError:
+        return 401, f"{HEADER_EXPIRES} is not a number of seconds"
+    if deadline < now:
+        return 401, "signature expired"
+    if deadline > now + MAX_EXPIRY_AHEAD_SECONDS:
+        return 401, "expiry too far ahead (clock skew?)"
+    expected = sign_request(key, method, path, query, deadline)
+    if not hmac.compare_digest(expected, signature.strip().lower()):
+        return 403, "bad signature"
+    return None
+
+
+def sign_response(key: bytes, request_signature: str, block_checksum: int, length: int) -> str:
+    message = f"response\n{request_signature}\n{block_checksum:016x}\n{length}".encode()
+    return hmac.new(key, message, hashlib.sha256).hexdigest()
+
+
+# --- server ---
+
+Lookup = Callable[[int, str], ManifestEntry | None]
+BlockSource = Callable[[ManifestEntry, int], Awaitable[bytes]]
+
+
+class PeerServer:
+    """Serves this mount's blocks to the other nodes of its dataset.
+
+    ``lookup(mount, key)`` gives the manifest entry this mount serves (its current manifest), ``source(entry,
+    index)`` the block's bytes: from the cache, else from the store and cached (``BlockReader.serve_block``).
+    """
+
+    def __init__(self, key: bytes, namespace: str, name: str, block_size: int, lookup: Lookup,
+                 source: BlockSource, clock: Callable[[], float] = time.time, max_serving: int = MAX_SERVING,
+                 max_waiting: int = MAX_WAITING) -> None:
+        self.key = key
+        self.namespace = namespace
+        self.name = name
+        self.block_size = block_size
+        self.lookup = lookup
+        self.source = source
+        self.clock = clock
+        self.served_bytes = 0
+        self.refused = 0
+        self._slots = asyncio.Semaphore(max_serving)
+        self._max_waiting = max_waiting
+        self._waiting = 0
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get(f"{PATH_PREFIX}/{{namespace}}/{{name}}/block", self.handle)
+        return app
+
+    async def start(self, host: str, port: int) -> None:
+        self._runner = web.AppRunner(self.app(), access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port, reuse_address=True)
+        await site.start()
+        addresses = self._runner.addresses
+        self.port = addresses[0][1] if addresses else port
+        log.info("peer server listening", dataset=f"{self.namespace}/{self.name}", host=host, port=self.port)
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    def _refuse(self, status: int, reason: str) -> web.Response:
+        self.refused += 1
+        return web.json_response({"reason": reason}, status=status)
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        query: dict[str, str] = {}
+        for field, value in request.query.items():
+            if field in query:
+                return self._refuse(400, f"parameter {field} given twice")
+            query[field] = value
+        refused = verify_request(self.key, request.method, request.path, query,
+                                 request.headers.get(HEADER_EXPIRES), request.headers.get(HEADER_SIGNATURE),
+                                 self.clock())
+        if refused is not None:
+            return self._refuse(*refused)
+        if (request.match_info["namespace"], request.match_info["name"]) != (self.namespace, self.name):
+            return self._refuse(404, f"this peer serves {self.namespace}/{self.name}")
+        unknown = sorted(set(query) - set(QUERY_FIELDS))
+        missing = [field for field in QUERY_FIELDS if field not in query]
+        if unknown or missing:
+            return self._refuse(400, f"unknown parameters {unknown}, missing {missing}")
+        try:
+            mount, index, block_size = int(query["mount"]), int(query["index"]), int(query["blockSize"])
+        except ValueError:
+            return self._refuse(400, "mount, index and blockSize must be integers")
+        if mount < 0 or index < 0 or block_size <= 0:
+            return self._refuse(400, "mount, index and blockSize must not be negative")
+        if block_size != self.block_size:
+            return self._refuse(409, f"this peer cuts blocks of {self.block_size} bytes")
+        entry = self.lookup(mount, query["key"])
+        if entry is None:
+            return self._refuse(404, "object not in this peer's manifest")
+        if entry.etag != query["etag"]:
+            return self._refuse(409, "this peer's manifest has another ETag for the object")
+        if index * block_size >= entry.size:
+            return self._refuse(400, "block index past the end of the object")
+        if self._waiting >= self._max_waiting:
+            return self._refuse(503, "too many requests waiting")
+        return await self._send(request, entry, index, request.headers[HEADER_SIGNATURE].strip().lower())
+
+    async def _send(self, request: web.Request, entry: ManifestEntry, index: int,
+                    signature: str) -> web.StreamResponse:
+        response = web.StreamResponse(status=200, headers={"Content-Type": CONTENT_TYPE,
+                                                            "Cache-Control": "no-store"})
+        try:
+            await response.prepare(request)
+            await self._answer(response, entry, index, signature)
+        except ConnectionError:  # the client went away (gave up, or died): nothing to tell anyone
+            pass
+        return response
+
+    async def _answer(self, response: web.StreamResponse, entry: ManifestEntry, index: int, signature: str) -> None:
+        self._waiting += 1
+        acquire = asyncio.ensure_future(self._slots.acquire())
+        try:
+            await _keepalive(response, acquire)
+        except BaseException:
+            if acquire.done() and not acquire.cancelled() and acquire.exception() is None:
+                self._slots.release()
+            raise
+        finally:
+            self._waiting -= 1
+        try:
+            load = asyncio.ensure_future(self.source(entry, index))
+            load.add_done_callback(_retrieve)
+            # Shielded: a client that goes away must not cancel a fetch other readers may share.
+            await _keepalive(response, asyncio.shield(load))
+            try:
+                data = load.result()
+            except Exception as err:  # the store failed: say so; the client tries its next source
+                reason = " ".join(str(err).split())[:200] or type(err).__name__
+                await response.write(f"ERR {reason}\n".encode())
+                await response.write_eof()
+                return
+            digest = checksum(data)
+            proof = sign_response(self.key, signature, digest, len(data))
+            await response.write(f"OK {len(data)} {digest:016x} {proof}\n".encode())
+            await response.write(data)
+            await response.write_eof()
+            self.served_bytes += len(data)
+        finally:
+            self._slots.release()
+
+
+async def _keepalive(response: web.StreamResponse, future: asyncio.Future[Any]) -> None:
+    """Wait for the future, writing a newline to the client every ``KEEPALIVE_SECONDS`` until it is done."""
+    try:
+        while not (await asyncio.wait([future], timeout=KEEPALIVE_SECONDS))[0]:
+            await response.write(b"\n")
+    except BaseException:
+        future.cancel()
+        raise
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+# --- client ---
+
+
+class PeerClient:
+    """Fetches whole blocks from peers, believing only signed, checksummed answers of the right length."""
+
+    def __init__(self, key: bytes, namespace: str, name: str, *, clock: Callable[[], float] = time.time,
+                 monotonic: Callable[[], float] = time.monotonic, max_requests: int = MAX_CLIENT_REQUESTS,
+                 connect_timeout: float = CONNECT_TIMEOUT, read_timeout: float = READ_TIMEOUT,
+                 total_timeout: float = TOTAL_TIMEOUT, cooldown: float = PEER_COOLDOWN_SECONDS,
+                 max_cooldown: float = MAX_PEER_COOLDOWN_SECONDS) -> None:
+        self.key = key
+        self.namespace = namespace
+        self.name = name
+        self.clock = clock
+        self.monotonic = monotonic
+        self.cooldown = cooldown
+        self.max_cooldown = max_cooldown
+        self.timeout = aiohttp.ClientTimeout(total=total_timeout, connect=connect_timeout,
+                                             sock_connect=connect_timeout, sock_read=read_timeout)
+        self.max_requests = max_requests
+        self._slots = asyncio.Semaphore(max_requests)
+        self._down: dict[str, tuple[float, str]] = {}
+        self._strikes: dict[str, int] = {}  # failed skips in a row per peer
+        self._session: aiohttp.ClientSession | None = None
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            connector = aiohttp.TCPConnector(limit=self.max_requests, enable_cleanup_closed=True)
+            self._session = aiohttp.ClientSession(connector=connector, timeout=self.timeout, auto_decompress=False)
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def down(self, url: str) -> str | None:
+        """Why ``url`` is being skipped for the moment, or None."""
+        until, reason = self._down.get(url, (0.0, ""))
+        return reason if self.monotonic() < until else None
+
+    async def get_block(self, url: str, block: BlockId, length: int, block_size: int) -> bytes:
+        """Block ``block`` (``length`` bytes, cut in ``block_size`` blocks) from the peer at ``url``."""
+        skipped = self.down(url)
+        if skipped is not None:
+            raise PeerError(f"peer {url} skipped for a moment: {skipped}")
+        try:
+            async with self._slots:
+                try:
+                    data = await self._get(url, block, length, block_size)
+                except aiohttp.ConnectionTimeoutError:
+                    # Once more: on a loaded node a connect can miss 0.5 s by a hair, and giving up sends the read
+                    # to a source that may go to the store. A dead host costs 2 x 0.5 s, a refused port nothing.
+                    data = await self._get(url, block, length, block_size)
+        except PeerError as err:
+            if err.cooldown:
+                self._mark_down(url, str(err))
+            raise
+        except (aiohttp.ClientError, OSError, asyncio.IncompleteReadError, TimeoutError, ValueError) as err:
+            reason = f"peer {url}: {type(err).__name__}: {err}".rstrip(": ")
+            self._mark_down(url, reason)
+            raise PeerError(reason) from None
+        self._strikes.pop(url, None)
+        return data
+
+    def _mark_down(self, url: str, reason: str) -> None:
+        """Skip ``url`` for a while: 1 s, doubling while it keeps failing (a hung peer is not waited on every
+        second), at most ``max_cooldown``; concurrent failures during one skip count once."""
+        now = self.monotonic()
+        until, _ = self._down.get(url, (0.0, ""))
+        if now < until:
+            return
+        strikes = self._strikes[url] = self._strikes.get(url, 0) + 1
+        self._down[url] = (now + min(self.cooldown * 2 ** (strikes - 1), self.max_cooldown), reason)
+
+    async def _get(self, url: str, block: BlockId, length: int, block_size: int) -> bytes:
+        path = block_path(self.namespace, self.name)
+        query = block_query(block, block_size)
+        expires = int(self.clock()) + REQUEST_TTL_SECONDS
+        signature = sign_request(self.key, "GET", path, query, expires)
+        headers = {HEADER_EXPIRES: str(expires), HEADER_SIGNATURE: signature}
+        async with self._client().get(url.rstrip("/") + path, params=query, headers=headers) as response:
+            if response.status != 200:
+                raise _refused(url, response.status, await response.content.read(MAX_REASON_BYTES))
+            while True:
+                line = await response.content.readline()
+                if not line:
+                    raise PeerError(f"peer {url}: answer ended before the block")
+                if line != b"\n":
+                    break
+            words = line.decode("ascii", "replace").split()
+            if words[:1] == ["ERR"]:
+                raise PeerError(f"peer {url} could not get the block: {' '.join(words[1:])[:200]}",
+                                cooldown=False)
+            if len(words) != 4 or words[0] != "OK":
+                raise PeerError(f"peer {url}: malformed answer")
+            told_length, told_checksum, proof = int(words[1]), int(words[2], 16), words[3]
+            if not hmac.compare_digest(sign_response(self.key, signature, told_checksum, told_length), proof):
+                raise PeerError(f"peer {url}: bad response signature")
+            if told_length != length:  # before reading: a lying length must not make us allocate
+                raise PeerError(f"peer {url}: answered {told_length} bytes, the block has {length}")
+            data = await response.content.readexactly(length)
+            if await response.content.read(1):
+                raise PeerError(f"peer {url}: bytes after the block")
+        if checksum(data) != told_checksum:
+            raise PeerError(f"peer {url}: block checksum mismatch")
+        return data
+
+
+def _refused(url: str, status: int, body: bytes) -> PeerError:
+    try:
+        reason = str(json.loads(body).get("reason", ""))
+    except (ValueError, AttributeError):
+        reason = ""
+    # Another manifest or a busy peer says nothing about the peer's health; auth failures do (every request fails).
+    return PeerError(f"peer {url} refused ({status}): {reason or 'no reason given'}", cooldown=status in (401, 403))
