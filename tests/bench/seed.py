@@ -449,6 +449,9 @@ class SeedRow:
     gets: int
     note: str = ""
     detail: dict[str, Any] = field(default_factory=dict)
+    # False when the run finished but does not measure what it claims (agents sharing a cache folder, a mount
+    # process replaced mid-run): shown, never counted for a target.
+    valid: bool = True
 
 
 @dataclass
@@ -629,21 +632,21 @@ class SeedBench:
             stats = self.link.reset()
             cpu = cpu_seconds(daemons) - cpu_before
             counters = cluster.counters([agent.node for agent in agents], name)
-            problems = [self.check(results)]
+            problem = self.check(results)
+            invalid = []
             if [agent.mount_pids() for agent in agents] != serving:
-                problems.append("invalid: a mount process was replaced during the run")
+                invalid.append("INVALID: a mount process was replaced during the run")
             shared = tier / NAMESPACE / name
             if readers > 1 and shared.is_dir() and any(shared.iterdir()):
-                problems.append(f"invalid: agents shared one cache folder ({shared}; SHOAL_CACHE_SUBDIR not "
-                                "honoured by this agent)")
-            problem = "; ".join(p for p in problems if p)
+                invalid.append(f"INVALID: the agents shared one cache folder ({shared.relative_to(self.run_dir)}; "
+                               "this agent ignores SHOAL_CACHE_SUBDIR)")
             peer_bytes = sum(c.get("remoteBytes", 0) for c in counters.values())
             note = ring.note or f"ring of {len(ring.workers)}"
             note += f"; {show_bytes(peer_bytes)} read from peers" if peer_bytes else "; no peer reads"
             detail = {**self.reader_detail(results, stats), "ring": asdict(ring), "counters": counters,
                       "daemon_cpu_seconds": round(cpu, 1)}
             return self.add(SeedRow("Shoal", readers, None if problem else wall, stats.store_bytes, stats.gets,
-                                    problem or note, detail))
+                                    "; ".join([problem or note, *invalid]), detail, valid=not invalid))
         except Exception as err:
             stats = self.link.reset()
             return self.add(SeedRow("Shoal", readers, None, stats.store_bytes, stats.gets,
@@ -782,15 +785,15 @@ def target_lines(bench: SeedBench) -> list[tuple[str, str, str]]:
     lines = []
     first, top = min(config.consumers), max(config.consumers)
     shoal_1, shoal_n = row("Shoal", first), row("Shoal", top)
-    if shoal_1 and shoal_n and shoal_1.wall and shoal_n.wall is not None:
+    if shoal_1 and shoal_n and shoal_1.wall and shoal_n.wall is not None and shoal_1.valid and shoal_n.valid:
         ratio = shoal_n.wall / shoal_1.wall
         lines.append(("PASS" if ratio <= SHOAL_TIME_TARGET else "MISS",
                       f"Shoal at N = {top} takes ≤ {SHOAL_TIME_TARGET}x its N = {first} time",
                       f"{shoal_n.wall:.1f} s vs {shoal_1.wall:.1f} s: {ratio:.2f}x"))
     else:
         lines.append(("n/a", f"Shoal at N = {top} takes ≤ {SHOAL_TIME_TARGET}x its N = {first} time",
-                      "not measured (a run failed)"))
-    if shoal_n and shoal_n.wall is not None:
+                      "not measured (a run failed or is invalid, see its row)"))
+    if shoal_n and shoal_n.wall is not None and shoal_n.valid:
         ratio = shoal_n.store_bytes / model
         lines.append(("PASS" if ratio <= STORE_BYTES_TARGET else "MISS",
                       f"Shoal at N = {top} transfers ≈ 1x the model from the store",
@@ -804,7 +807,9 @@ def target_lines(bench: SeedBench) -> list[tuple[str, str, str]]:
     peers = [r for r in bench.peer if r.kind == "peer"]
     peer_rates = [r.rate for r in peers if r.rate]
     text = f"peer reads ≥ {PEER_TARGET}x the owner's own disk-cache reads"
-    if owner and peer_rates and len(peer_rates) == len(peers):
+    if "INVALID" in bench.peer_note:
+        lines.append(("n/a", text, bench.peer_note))
+    elif owner and peer_rates and len(peer_rates) == len(peers):
         ratio = statistics.median(peer_rates) / statistics.median(owner)
         from_peer = sum(r.sources.get("remoteBytes", 0) for r in peers)
         total = sum(r.bytes for r in peers)
