@@ -531,6 +531,7 @@ class SeedBench:
                 known = json.loads(record.read_text())
                 head = await s3.head_object(Bucket=config.bucket, Key=KEY)
                 if head["ContentLength"] == config.model_bytes and head["ETag"] == known["etag"]:
+                    await self.first_byte(s3)
                     return str(known["xxh3_128"])
             say(f"  uploading a {show_bytes(config.model_bytes)} model of random bytes to s3://{config.bucket}/{KEY} "
                 "(kept for later runs)...")
@@ -551,9 +552,17 @@ class SeedBench:
                     await s3.abort_multipart_upload(Bucket=config.bucket, Key=KEY, UploadId=upload["UploadId"])
                 raise
             head = await s3.head_object(Bucket=config.bucket, Key=KEY)
+            await self.first_byte(s3)
             digest = hasher.hexdigest()
             record.write_text(json.dumps({"etag": head["ETag"], "size": config.model_bytes, "xxh3_128": digest}))
             return digest
+
+    async def first_byte(self, s3: Any) -> None:
+        """One byte of the model read straight from SeaweedFS: a store that just started answers its first GETs
+        of a volume with errors that clients retry, which would count as extra GETs on the first row."""
+        response = await s3.get_object(Bucket=self.config.bucket, Key=KEY, Range="bytes=0-0")
+        async with response["Body"] as body:
+            await body.read()
 
     def warm_store(self) -> None:
         """SeaweedFS's files in the page cache before every run: the link, not the store's disk, is the limit."""
@@ -838,13 +847,14 @@ def report(bench: SeedBench, out_path: Path, docs_path: Path) -> None:
              f"{show_rate(config.rate)}, {os.cpu_count()} cores")
     table = Table(title=title)
     for column, justify in (("system", "left"), ("N", "right"), ("wall time", "right"), ("vs N=1", "right"),
-                            ("store bytes", "right"), ("x model", "right"), ("GETs", "right"), ("note", "left")):
+                            ("store bytes", "right"), ("x model", "right"), ("GETs", "right"), ("CPU s", "right"),
+                            ("note", "left")):
         table.add_column(column, justify=justify, no_wrap=column != "note")  # type: ignore[arg-type]
     for row in sorted(bench.rows, key=lambda r: (r.system != "Shoal", r.readers)):
         first = base.get(row.system)
         table.add_row(row.system, str(row.readers), "—" if row.wall is None else f"{row.wall:.1f} s",
                       "" if row.wall is None or not first else f"{row.wall / first:.2f}x",
-                      show_bytes(row.store_bytes), f"{row.store_bytes / model:.2f}x", str(row.gets),
+                      show_bytes(row.store_bytes), f"{row.store_bytes / model:.2f}x", str(row.gets), cpu_of(row),
                       escape(row.note[:120]))
     out = console()
     out.print(table)
@@ -883,6 +893,12 @@ def report(bench: SeedBench, out_path: Path, docs_path: Path) -> None:
         out.print(f"[dim]{docs_path} not updated: the model is under 1 GiB (SHOAL_BENCH_SEED_DOCS=1 forces it)[/dim]")
 
 
+def cpu_of(row: SeedRow) -> str:
+    """CPU seconds of Shoal's agents and mount processes during the run ("" for direct readers)."""
+    cpu = row.detail.get("daemon_cpu_seconds")
+    return "" if cpu is None else f"{cpu:.1f}"
+
+
 def notes_of(bench: SeedBench) -> list[str]:
     config = bench.config
     return [
@@ -892,7 +908,9 @@ def notes_of(bench: SeedBench) -> list[str]:
         "Shoal: every reader on its own agent (own process, node name, labels, mount root, cache folder), a fresh "
         "runtime with replicas = N (every reader's agent a cache worker) and cold caches for each N; the readers "
         "start together and read the whole file through their mount (1 MiB reads, xxh3-128 checked). Wall time = "
-        "from the start to the last reader's end. Direct GETs: N processes, one full GET each through the same link.",
+        "from the start to the last reader's end. Direct GETs: N processes, one full GET each through the same link. "
+        f"CPU s = CPU seconds of Shoal's agents and mount processes during the run ({os.cpu_count()} cores: a run "
+        f"of W seconds has at most {os.cpu_count()}W).",
         "Peer reads: two agents, replicas = 1; the owner reads the model cold, then, alternately, the owner reads "
         "it from its disk cache and the other agent reads it through its own mount, with the page cache dropped "
         f"(method: {', '.join(sorted(bench.page_cache.methods)) or 'not used'}) before every read. Sources from "
@@ -915,8 +933,8 @@ def markdown(bench: SeedBench, targets: Sequence[tuple[str, str, str]], notes: S
         f"(kernel {platform.release()}): one {show_bytes(model)} model, the store link limited to "
         f"{show_rate(config.rate)}. Run it with `SHOAL_BENCH=seed make bench` (settings in `tests/bench/seed.py`).",
         "",
-        "| readers | N | wall time | vs N = 1 | store bytes | \u00d7 model | GETs | note |",
-        "|---|---|---|---|---|---|---|---|",
+        "| readers | N | wall time | vs N = 1 | store bytes | \u00d7 model | GETs | CPU s | note |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for system in ("Shoal", "direct GETs"):
         rows = sorted((r for r in bench.rows if r.system == system), key=lambda r: r.readers)
@@ -926,7 +944,7 @@ def markdown(bench: SeedBench, targets: Sequence[tuple[str, str, str]], notes: S
             wall = "\u2014" if row.wall is None else f"{row.wall:.1f} s"
             relative = "" if row.wall is None or not first else f"{row.wall / first:.2f}{TIMES}"
             lines.append(f"| {system} | {row.readers} | {wall} | {relative} | {show_bytes(row.store_bytes)} | "
-                         f"{row.store_bytes / model:.2f}{TIMES} | {row.gets} | {note} |")
+                         f"{row.store_bytes / model:.2f}{TIMES} | {row.gets} | {cpu_of(row)} | {note} |")
     lines += ["", "Peer reads (warm owner, cold reader) against the owner's own disk-cache reads, same run:", "",
               "| read | node | throughput | store bytes | own cache / peer / store |", "|---|---|---|---|---|"]
     for read in bench.peer:
