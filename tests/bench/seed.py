@@ -24,7 +24,8 @@ a reader that got its bytes from the store rather than from its peer is reported
 Settings (environment): ``SHOAL_BENCH_SEED_SIZE`` (quantity, default 1Gi), ``SHOAL_BENCH_SEED_RATE`` (the link,
 e.g. 50MB/s or 400Mbit/s; default 50MB/s), ``SHOAL_BENCH_SEED_CONSUMERS`` (default 1,2,4,8),
 ``SHOAL_BENCH_SEED_ROUNDS`` (peer-read rounds, default 3), ``SHOAL_BENCH_SEED_DOCS`` (1: rewrite the seed section
-of docs/benchmarks.md, 0: never; default: only for a model of at least 1 GiB).
+of docs/benchmarks.md, 0: never; default: only for a model of at least 1 GiB), ``SHOAL_BENCH_SEED_LOG_LEVEL`` (of
+the Shoal services and agents, default warning; their logs stay under ``<state>/seed-run/logs``).
 
 Every process it starts is stopped by its PID and every mount under its run folder is unmounted, also on errors and
 Ctrl-C (``processes.cleanup`` and the readers' own list).
@@ -985,8 +986,10 @@ def write_docs(path: Path, section: str) -> None:
 # --- entry point -------------------------------------------------------------------------------------------------
 
 
-def main(state_dir: Path, environ: Mapping[str, str] | None = None, log_level: str = "warning") -> None:
-    config = SeedConfig.from_env(os.environ if environ is None else environ)
+def main(state_dir: Path, environ: Mapping[str, str] | None = None) -> None:
+    environ = os.environ if environ is None else environ
+    config = SeedConfig.from_env(environ)
+    log_level = environ.get("SHOAL_BENCH_SEED_LOG_LEVEL", "warning")
     state = state_dir.resolve()
     state.mkdir(parents=True, exist_ok=True)
     lock = open(state / "seed-bench.lock", "w")  # held for the whole run
