@@ -803,7 +803,9 @@ def target_lines(bench: SeedBench) -> list[tuple[str, str, str]]:
     lines = []
     first, top = min(config.consumers), max(config.consumers)
     shoal_1, shoal_n = row("Shoal", first), row("Shoal", top)
-    if shoal_1 and shoal_n and shoal_1.wall and shoal_n.wall is not None and shoal_1.valid and shoal_n.valid:
+    if first == top:
+        lines.append(("n/a", f"Shoal's time against N = {first}", "one value of N measured"))
+    elif shoal_1 and shoal_n and shoal_1.wall and shoal_n.wall is not None and shoal_1.valid and shoal_n.valid:
         ratio = shoal_n.wall / shoal_1.wall
         lines.append(("PASS" if ratio <= SHOAL_TIME_TARGET else "MISS",
                       f"Shoal at N = {top} takes ≤ {SHOAL_TIME_TARGET}x its N = {first} time",
@@ -817,7 +819,7 @@ def target_lines(bench: SeedBench) -> list[tuple[str, str, str]]:
                       f"Shoal at N = {top} transfers ≈ 1x the model from the store",
                       f"{show_bytes(shoal_n.store_bytes)}: {ratio:.2f}x the model"))
     direct_1, direct_n = row("direct GETs", first), row("direct GETs", top)
-    if direct_1 and direct_n and direct_1.wall and direct_n.wall is not None:
+    if first != top and direct_1 and direct_n and direct_1.wall and direct_n.wall is not None:
         lines.append(("info", f"direct readers take ≈ N x (N = {top})",
                       f"{direct_n.wall / direct_1.wall:.2f}x the N = {first} time, "
                       f"{direct_n.store_bytes / model:.2f}x the model from the store"))
