@@ -8,7 +8,18 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from tests.bench.seed import DOCS_END, GiB, SeedConfig, parse_rate, write_docs
+from tests.bench.seed import (
+    DOCS_END,
+    GiB,
+    MiB,
+    PeerRead,
+    SeedBench,
+    SeedConfig,
+    SeedRow,
+    parse_rate,
+    target_lines,
+    write_docs,
+)
 from tests.bench.throttle import RequestCounter, ThrottledProxy
 
 
@@ -95,3 +106,28 @@ def test_docs_section_is_replaced_in_place(tmp_path: Path) -> None:
     fresh.write_text("# Benchmarks\n")
     write_docs(fresh, f"<!-- seed-bench:begin -->\nfirst\n{DOCS_END}")
     assert fresh.read_text() == f"# Benchmarks\n\n<!-- seed-bench:begin -->\nfirst\n{DOCS_END}\n"
+
+
+def _bench(rows: list[SeedRow], peer: list[PeerRead]) -> SeedBench:
+    bench = SeedBench(SeedConfig(model_bytes=64 * MiB, consumers=(1, 8)), Path("/nonexistent"))
+    bench.rows, bench.peer = rows, peer
+    return bench
+
+
+def test_targets_pass_miss_and_refuse_what_does_not_measure_them() -> None:
+    model = 64 * MiB
+    good = _bench([SeedRow("Shoal", 1, 10.0, model, 16), SeedRow("Shoal", 8, 12.0, model + 4096, 16)],
+                  [PeerRead("owner disk", "a", 1.0, model, 0, {"hitBytes": model}),
+                   PeerRead("peer", "b", 1.2, model, 0, {"remoteBytes": model})])
+    assert [verdict for verdict, _, _ in target_lines(good)] == ["PASS", "PASS", "PASS"]
+    slow = _bench([SeedRow("Shoal", 1, 10.0, model, 16), SeedRow("Shoal", 8, 14.0, 8 * model, 128)],
+                  [PeerRead("owner disk", "a", 1.0, model, 0, {"hitBytes": model}),
+                   PeerRead("peer", "b", 2.0, model, 0, {"remoteBytes": model})])
+    assert [verdict for verdict, _, _ in target_lines(slow)] == ["MISS", "MISS", "MISS"]
+    # Agents sharing a cache folder, and a "peer" read that came from the reader's own cache: never counted.
+    invalid = _bench([SeedRow("Shoal", 1, 10.0, model, 16), SeedRow("Shoal", 8, 10.0, model, 16, valid=False)],
+                     [PeerRead("owner disk", "a", 1.0, model, 0, {"hitBytes": model}),
+                      PeerRead("peer", "b", 1.0, model, 0, {"hitBytes": model})])
+    verdicts = target_lines(invalid)
+    assert [verdict for verdict, _, _ in verdicts] == ["n/a", "n/a"]
+    assert "not a peer-read measurement" in verdicts[1][2]
