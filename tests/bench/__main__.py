@@ -1,9 +1,10 @@
 """``make bench``: the control-plane bench, the agent data-path bench (``tests/bench/agent.py``), then the seed
 bench (``tests/bench/seed.py``: N consumers of one model behind a bandwidth-limited store, and peer reads).
 
-``python -m tests.bench [--only control|agent|seed]`` runs all three by default; ``SHOAL_BENCH=seed make bench``
-(or ``control``, ``agent``) runs one. Arguments the control bench does not know (e.g. ``--quick``,
-``--workloads``) go to the agent bench; the seed bench takes its settings from ``SHOAL_BENCH_SEED_*``.
+``python -m tests.bench [--only control|agent|seed] [--quick]`` runs all three by default; ``SHOAL_BENCH=seed make
+bench`` (or ``control``, ``agent``) runs one. ``--quick`` makes the agent and seed benches small; other arguments
+the control bench does not know (e.g. ``--workloads``) go to the agent bench; the seed bench takes its settings
+from ``SHOAL_BENCH_SEED_*``.
 
 The control-plane bench runs on the embedded stack (real nats-server and SeaweedFS) and measures, for a bucket of
 10k objects:
@@ -130,6 +131,8 @@ def main() -> None:
     parser.add_argument("--objects", type=int, default=10_000, help="control bench: objects in the bucket")
     parser.add_argument("--runs", type=int, default=5, help="control bench: apply → synced runs")
     parser.add_argument("--state-dir", type=Path, default=Path(".shoal/bench"))
+    parser.add_argument("--quick", action="store_true", help="agent and seed benches: small sizes, for trying "
+                        "them out")
     args, agent_args = parser.parse_known_args()
     if args.only not in (None, *BENCHES):
         parser.error(f"SHOAL_BENCH={args.only!r}: expected one of {', '.join(BENCHES)}")
@@ -148,7 +151,7 @@ def main() -> None:
         from tests.bench import agent
 
         try:
-            agent.main(["--state-dir", str(args.state_dir), *agent_args])
+            agent.main(["--state-dir", str(args.state_dir), *(["--quick"] if args.quick else []), *agent_args])
         except Exception:
             if args.only == "agent":
                 raise
@@ -157,7 +160,7 @@ def main() -> None:
     if args.only in (None, "seed"):
         from tests.bench import seed
 
-        seed.main(args.state_dir)
+        seed.main(args.state_dir, quick=args.quick)
     if failed:
         sys.exit(f"the {', '.join(failed)} bench failed (see above)")
 

@@ -117,11 +117,12 @@ class SeedConfig:
     write_docs: bool | None = None  # None: when the model is at least 1 GiB
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str]) -> SeedConfig:
+    def from_env(cls, environ: Mapping[str, str], quick: bool = False) -> SeedConfig:
+        """The settings from ``SHOAL_BENCH_SEED_*``; ``quick`` starts from ``QUICK`` rather than the defaults."""
         from libs.events.common import parse_quantity
 
         errors = []
-        values: dict[str, Any] = {}
+        values: dict[str, Any] = asdict(QUICK) if quick else {}
         for name, attribute, parse in (
             ("SHOAL_BENCH_SEED_SIZE", "model_bytes", parse_quantity),
             ("SHOAL_BENCH_SEED_RATE", "rate", parse_rate),
@@ -159,6 +160,10 @@ class SeedConfig:
     def deadline(self, readers: int) -> float:
         """Seconds a run may take: every reader's full copy through the link, twice over, plus start-up."""
         return readers * self.model_bytes / self.rate * 2 + 180
+
+
+# ``--quick``: minutes rather than a quarter of an hour, and few enough agents for a shared 2-core machine.
+QUICK = SeedConfig(model_bytes=128 * MiB, rate=20e6, consumers=(1, 2, 4), peer_rounds=2)
 
 
 def show_bytes(size: float) -> str:
@@ -988,9 +993,9 @@ def write_docs(path: Path, section: str) -> None:
 # --- entry point -------------------------------------------------------------------------------------------------
 
 
-def main(state_dir: Path, environ: Mapping[str, str] | None = None) -> None:
+def main(state_dir: Path, environ: Mapping[str, str] | None = None, quick: bool = False) -> None:
     environ = os.environ if environ is None else environ
-    config = SeedConfig.from_env(environ)
+    config = SeedConfig.from_env(environ, quick)
     log_level = environ.get("SHOAL_BENCH_SEED_LOG_LEVEL", "warning")
     state = state_dir.resolve()
     state.mkdir(parents=True, exist_ok=True)

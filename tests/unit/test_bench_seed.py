@@ -43,6 +43,8 @@ def test_settings_from_the_environment() -> None:
     assert SeedConfig.from_env({}).docs is True  # 1 GiB by default: the docs are rewritten
     assert SeedConfig.from_env({"SHOAL_BENCH_SEED_SIZE": "512Mi"}).docs is False
     assert SeedConfig().model_bytes == GiB
+    quick = SeedConfig.from_env({"SHOAL_BENCH_SEED_RATE": "10MB/s"}, quick=True)
+    assert (quick.model_bytes, quick.rate, quick.consumers) == (128 * 2**20, 10e6, (1, 2, 4))  # the variable wins
 
 
 def test_bad_settings_name_the_variable() -> None:
