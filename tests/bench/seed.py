@@ -477,6 +477,7 @@ class PeerRead:
     store_bytes: int
     sources: dict[str, int] = field(default_factory=dict)  # the node's counters' deltas: hit/miss/remote bytes
     note: str = ""
+    cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds of each agent (and its mount) during the read
 
     @property
     def rate(self) -> float | None:
@@ -725,15 +726,18 @@ class SeedBench:
         before = self.cluster.counters([agent.node], name).get(agent.node, {})
         self.link.reset()
         spec = {"kind": "consume", "path": str(agent.mountpoint(name) / KEY), "chunk": MiB}
+        daemons = {a.node: [a.child.pid, *descendants(a.child.pid)] for a in agents}
+        cpu_before = {node: cpu_seconds(pids) for node, pids in daemons.items()}
         try:
             _, results = run_together([spec], self.config.deadline(1), self.logs / "readers.log")
             stats = self.link.reset()
+            cpu = {node: round(cpu_seconds(pids) - cpu_before[node], 1) for node, pids in daemons.items()}
             problem = self.check(results)
             after = self.cluster.counters([agent.node], name).get(agent.node, {})
             sources = {key: after.get(key, 0) - before.get(key, 0)
                        for key in ("hitBytes", "remoteBytes", "missBytes")}
             read = PeerRead(kind, agent.node, None if problem else results[0]["seconds"], results[0]["bytes"],
-                            stats.store_bytes, sources, problem)
+                            stats.store_bytes, sources, problem, cpu)
         except Exception as err:
             read = PeerRead(kind, agent.node, None, 0, self.link.reset().store_bytes, {}, f"failed: {err}")
         self.peer.append(read)
@@ -875,14 +879,14 @@ def report(bench: SeedBench, out_path: Path, docs_path: Path) -> None:
     out = console()
     out.print(table)
     peer_table = Table(title="Peer reads (warm owner, cold reader) against the owner's own disk-cache reads")
-    for column in ("read", "node", "throughput", "store bytes", "from own cache / peer / store"):
+    for column in ("read", "node", "throughput", "store bytes", "from own cache / peer / store", "CPU s by agent"):
         peer_table.add_column(column)
     for read in bench.peer:
         peer_table.add_row(read.kind, read.node, "—" if read.rate is None else f"{read.rate / 1e6:,.0f} MB/s",
                            show_bytes(read.store_bytes),
                            " / ".join(show_bytes(read.sources.get(k, 0))
                                       for k in ("hitBytes", "remoteBytes", "missBytes")) if read.sources else "",
-                           )
+                           cpu_by_agent(read))
     out.print(peer_table)
     notes = notes_of(bench)
     for note in notes:
@@ -907,6 +911,10 @@ def report(bench: SeedBench, out_path: Path, docs_path: Path) -> None:
         out.print(f"[dim]{docs_path} updated (seed section)[/dim]")
     else:
         out.print(f"[dim]{docs_path} not updated: the model is under 1 GiB (SHOAL_BENCH_SEED_DOCS=1 forces it)[/dim]")
+
+
+def cpu_by_agent(read: PeerRead) -> str:
+    return ", ".join(f"{node} {cpu:.1f}" for node, cpu in sorted(read.cpu.items()))
 
 
 def cpu_of(row: SeedRow) -> str:
@@ -963,12 +971,13 @@ def markdown(bench: SeedBench, targets: Sequence[tuple[str, str, str]], notes: S
             lines.append(f"| {system} | {row.readers} | {wall} | {relative} | {show_bytes(row.store_bytes)} | "
                          f"{row.store_bytes / model:.2f}{TIMES} | {row.gets} | {cpu_of(row)} | {note} |")
     lines += ["", "Peer reads (warm owner, cold reader) against the owner's own disk-cache reads, same run:", "",
-              "| read | node | throughput | store bytes | own cache / peer / store |", "|---|---|---|---|---|"]
+              "| read | node | throughput | store bytes | own cache / peer / store | CPU s by agent |",
+              "|---|---|---|---|---|---|"]
     for read in bench.peer:
         sources = " / ".join(show_bytes(read.sources.get(k, 0)) for k in ("hitBytes", "remoteBytes", "missBytes"))
         lines.append(f"| {read.kind} | {read.node} | "
                      f"{'—' if read.rate is None else f'{read.rate / 1e6:,.0f} MB/s'} | "
-                     f"{show_bytes(read.store_bytes)} | {sources if read.sources else ''} |")
+                     f"{show_bytes(read.store_bytes)} | {sources if read.sources else ''} | {cpu_by_agent(read)} |")
     if bench.peer_note:
         lines += ["", *textwrap.wrap(f"{bench.peer_note}.", DOCS_WIDTH)]
     lines += ["", "| target | measured | |", "|---|---|---|"]
