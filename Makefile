@@ -57,10 +57,12 @@ lint: venv
 	$(BIN)/lint-imports --no-cache
 
 # The control-plane bench, then the agent data-path bench, which compares Shoal's mount with rclone, s3fs and fio
-# runs (Debian packages fio, rclone, s3fs; installed with apt-get as root when missing, else their rows say why).
+# runs (Debian packages fio, rclone, s3fs; installed with apt-get as root when missing, else their rows say why),
+# then the seed bench (N consumers of one model behind a bandwidth-limited store; SHOAL_BENCH_SEED_* settings).
+# SHOAL_BENCH=control|agent|seed runs one of them.
 bench: system-deps venv
 	@missing=""; for tool in fio rclone s3fs; do command -v $$tool >/dev/null 2>&1 || missing="$$missing $$tool"; done; \
-	if [ -z "$$missing" ]; then \
+	if [ -z "$$missing" ] || { [ -n "$(SHOAL_BENCH)" ] && [ "$(SHOAL_BENCH)" != agent ]; }; then \
 		:; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 		echo "Installing$$missing with apt-get"; \

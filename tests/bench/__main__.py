@@ -1,7 +1,10 @@
-"""``make bench``: the control-plane bench, then the agent data-path bench (``tests/bench/agent.py``).
+"""``make bench``: the control-plane bench, the agent data-path bench (``tests/bench/agent.py``), then the seed
+bench (``tests/bench/seed.py``: N consumers of one model behind a bandwidth-limited store, and peer reads).
 
-``python -m tests.bench [--only control|agent]`` runs both by default; arguments the control bench does not know
-(e.g. ``--quick``, ``--workloads``) go to the agent bench.
+``python -m tests.bench [--only control|agent|seed] [--quick]`` runs all three by default; ``SHOAL_BENCH=seed make
+bench`` (or ``control``, ``agent``) runs one. ``--quick`` makes the agent and seed benches small; other arguments
+the control bench does not know (e.g. ``--workloads``) go to the agent bench; the seed bench takes its settings
+from ``SHOAL_BENCH_SEED_*``.
 
 The control-plane bench runs on the embedded stack (real nats-server and SeaweedFS) and measures, for a bucket of
 10k objects:
@@ -39,6 +42,7 @@ from libs.events.dataset import Dataset, DatasetApply, DatasetSpec, Mount
 from libs.ufs import S3Location, open_store
 
 BUCKET = "bench-10k"
+BENCHES = ("control", "agent", "seed")
 console = Console(width=120)
 
 
@@ -121,12 +125,18 @@ async def apply_to_synced(nats_url: str, runs: int, expected: int) -> list[float
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--only", choices=["control", "agent"], help="run one of the two benches (default: both)")
+    only = os.environ.get("SHOAL_BENCH", "").strip() or None
+    parser.add_argument("--only", choices=BENCHES, default=only,
+                        help="run one of the benches (default: all, or $SHOAL_BENCH)")
     parser.add_argument("--objects", type=int, default=10_000, help="control bench: objects in the bucket")
     parser.add_argument("--runs", type=int, default=5, help="control bench: apply → synced runs")
     parser.add_argument("--state-dir", type=Path, default=Path(".shoal/bench"))
+    parser.add_argument("--quick", action="store_true", help="agent and seed benches: small sizes, for trying "
+                        "them out")
     args, agent_args = parser.parse_known_args()
-    if agent_args and args.only == "control":
+    if args.only not in (None, *BENCHES):
+        parser.error(f"SHOAL_BENCH={args.only!r}: expected one of {', '.join(BENCHES)}")
+    if agent_args and args.only in ("control", "seed"):
         parser.error(f"unrecognized arguments: {' '.join(agent_args)}")
     failed = []
     if args.only in (None, "control"):
@@ -140,7 +150,17 @@ def main() -> None:
     if args.only in (None, "agent"):
         from tests.bench import agent
 
-        agent.main(["--state-dir", str(args.state_dir), *agent_args])
+        try:
+            agent.main(["--state-dir", str(args.state_dir), *(["--quick"] if args.quick else []), *agent_args])
+        except Exception:
+            if args.only == "agent":
+                raise
+            console.print_exception()
+            failed.append("agent")
+    if args.only in (None, "seed"):
+        from tests.bench import seed
+
+        seed.main(args.state_dir, quick=args.quick)
     if failed:
         sys.exit(f"the {', '.join(failed)} bench failed (see above)")
 
