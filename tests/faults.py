@@ -141,7 +141,41 @@ class Call:
     range: str | None
 
 
-class HttpProxy:
+class LoopbackProxy:
+    """An HTTP server on a free loopback port whose every request goes to ``_forward`` (a subclass's), with a
+    client session to the ``target`` it forwards to."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target.rstrip("/")
+        self.port = free_port()
+        self._runner: web.AppRunner | None = None
+        self._session: ClientSession | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}"
+
+    async def _forward(self, request: web.Request) -> web.StreamResponse:
+        raise NotImplementedError
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._forward)
+        self._session = ClientSession(auto_decompress=False)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, LOOPBACK, self.port).start()
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+class HttpProxy(LoopbackProxy):
     """Forwards HTTP requests to ``target`` (an S3 endpoint), keeping the Host header so signatures still match.
 
     Records the headers of every request in ``requests``; with ``strip_if_match`` it drops ``If-Match``, like a
@@ -149,19 +183,12 @@ class HttpProxy:
     """
 
     def __init__(self, target: str, strip_if_match: bool = False) -> None:
-        self.target = target.rstrip("/")
+        super().__init__(target)
         self.strip_if_match = strip_if_match
-        self.port = free_port()
         self.requests: list[dict[str, str]] = []
         self.calls: list[Call] = []
         self.waiting = 0
         self._gate: asyncio.Event | None = None
-        self._runner: web.AppRunner | None = None
-        self._session: ClientSession | None = None
-
-    @property
-    def endpoint(self) -> str:
-        return f"http://{LOOPBACK}:{self.port}"
 
     def hold(self) -> None:
         """Make ranged GETs wait (counted in ``waiting``) until ``release``."""
@@ -176,22 +203,6 @@ class HttpProxy:
         """The ranged GETs (block reads) that went through, optionally of one object key."""
         return [call for call in self.calls if call.method == "GET" and call.range
                 and (key is None or call.path.endswith("/" + key))]
-
-    async def start(self) -> None:
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", self._forward)
-        self._session = ClientSession(auto_decompress=False)
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, LOOPBACK, self.port).start()
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
 
     async def _forward(self, request: web.Request) -> web.StreamResponse:
         assert self._session is not None
@@ -271,7 +282,7 @@ class ExtraKeys:
         await self.store.close()
 
 
-class TamperingPeerProxy:
+class TamperingPeerProxy(LoopbackProxy):
     """Forwards peer-protocol requests to a real peer server and spoils the answer as ``mode`` says:
 
     ``flip``: one byte of the block flipped (checksum and signature left as sent); ``resign``: the response
@@ -280,32 +291,13 @@ class TamperingPeerProxy:
     blocks the peer answered (spoiled unless ``none``)."""
 
     def __init__(self, target: str, mode: str = "flip") -> None:
-        self.target = target.rstrip("/")
+        super().__init__(target)
         self.mode = mode
-        self.port = free_port()
         self.answers = 0
-        self._runner: web.AppRunner | None = None
-        self._session: ClientSession | None = None
 
     @property
     def url(self) -> str:
-        return f"http://{LOOPBACK}:{self.port}"
-
-    async def start(self) -> None:
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", self._forward)
-        self._session = ClientSession(auto_decompress=False)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, LOOPBACK, self.port).start()
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        return self.endpoint
 
     async def _forward(self, request: web.Request) -> web.StreamResponse:
         assert self._session is not None

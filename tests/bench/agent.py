@@ -46,14 +46,13 @@ from typing import Any
 
 from tests.bench.processes import (
     Child,
-    _mount_roots,
     _on_signal,
     _servers,
     children_cpu,
     cleanup,
     cpu_seconds,
+    fresh_run_dir,
     mounts_under,
-    unmount,
 )
 from tests.bench.report import STATE_LABEL, SYSTEMS, Row, console, report, say, short, summarize_profile
 from tests.bench.systems import DATA, EPOCH, MountedSystem, RcloneMount, S3fsMount, ShoalNode, Store
@@ -88,14 +87,7 @@ class Bench:
             shutil.rmtree(self.run_dir / name, ignore_errors=True)
 
     def prepare_run_dir(self) -> None:
-        for path in mounts_under(self.run_dir):  # left by a run that was killed hard
-            unmount(path)
-        left = mounts_under(self.run_dir)
-        if left:
-            raise SystemExit(f"cannot clear {self.run_dir}: still mounted: {', '.join(left)}")
-        shutil.rmtree(self.run_dir, ignore_errors=True)
-        self.logs.mkdir(parents=True, exist_ok=True)
-        _mount_roots.append(self.run_dir)
+        fresh_run_dir(self.run_dir, self.logs)
 
     def local_copy(self) -> float:
         """Write the objects as local files unless they are there (the source of the bucket's bytes too)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -117,6 +118,19 @@ def unmount(path: Path | str) -> None:
             subprocess.run([*argv, str(path)], capture_output=True, timeout=30, check=False)
     if mounted(path):
         print(f"WARNING: {path} is still mounted", file=sys.stderr)
+
+
+def fresh_run_dir(run_dir: Path, logs: Path) -> None:
+    """Empty ``run_dir`` for a run (unmounting what a run killed hard left there), make ``logs``, and register
+    the folder so every mount below it is removed at exit."""
+    for path in mounts_under(run_dir):
+        unmount(path)
+    left = mounts_under(run_dir)
+    if left:
+        raise SystemExit(f"cannot clear {run_dir}: still mounted: {', '.join(left)}")
+    shutil.rmtree(run_dir, ignore_errors=True)
+    logs.mkdir(parents=True, exist_ok=True)
+    _mount_roots.append(run_dir)
 
 
 def wait_mounted(path: Path, timeout: float, owner: Child | None = None, what: str = "") -> None:

@@ -64,6 +64,7 @@ from tests.bench.processes import (
     cleanup,
     cpu_seconds,
     descendants,
+    fresh_run_dir,
     mounted,
     mounts_under,
     unmount,
@@ -509,14 +510,7 @@ class SeedBench:
     # -- setup --
 
     def prepare_run_dir(self) -> None:
-        for path in mounts_under(self.run_dir):  # left by a run that was killed hard
-            unmount(path)
-        left = mounts_under(self.run_dir)
-        if left:
-            raise SystemExit(f"cannot clear {self.run_dir}: still mounted: {', '.join(left)}")
-        shutil.rmtree(self.run_dir, ignore_errors=True)
-        self.logs.mkdir(parents=True, exist_ok=True)
-        _mount_roots.append(self.run_dir)
+        fresh_run_dir(self.run_dir, self.logs)
 
     def start_servers(self) -> str:
         from libs.embedded import NatsConfig, SeaweedConfig, free_port, start_nats, start_seaweedfs
