@@ -277,13 +277,16 @@ class TamperingPeerProxy:
     ``flip``: one byte of the block flipped (checksum and signature left as sent); ``resign``: the response
     signature altered; ``short``: the body cut short (connection closed); ``length``: a block one byte longer,
     re-checksummed, with the signature as sent; ``none``: passed through unchanged. ``answers`` counts the
-    blocks the peer answered (spoiled unless ``none``)."""
+    blocks the peer answered (spoiled unless ``none``). ``stall``: seconds each request is held before it is
+    forwarded, not a byte sent meanwhile (a peer whose event loop is starved, or hung); ``stop`` ends the stalls."""
 
     def __init__(self, target: str, mode: str = "flip") -> None:
         self.target = target.rstrip("/")
         self.mode = mode
         self.port = free_port()
         self.answers = 0
+        self.stall = 0.0
+        self._released = asyncio.Event()
         self._runner: web.AppRunner | None = None
         self._session: ClientSession | None = None
 
@@ -300,6 +303,7 @@ class TamperingPeerProxy:
         await web.TCPSite(self._runner, LOOPBACK, self.port).start()
 
     async def stop(self) -> None:
+        self._released.set()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -308,6 +312,9 @@ class TamperingPeerProxy:
             self._session = None
 
     async def _forward(self, request: web.Request) -> web.StreamResponse:
+        if self.stall:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._released.wait(), self.stall)
         assert self._session is not None
         headers = {k: v for k, v in request.headers.items() if k.lower() not in ("host", "content-length")}
         async with self._session.get(self.target + request.rel_url.raw_path_qs, headers=headers) as upstream:
