@@ -279,12 +279,13 @@ class PeerServer:
                                                             "Cache-Control": "no-store"})
         try:
             await response.prepare(request)
-            await self._answer(response, entry, index, signature)
+            await self._answer(request, response, entry, index, signature)
         except ConnectionError:  # the client went away (gave up, or died): nothing to tell anyone
             pass
         return response
 
-    async def _answer(self, response: web.StreamResponse, entry: ManifestEntry, index: int, signature: str) -> None:
+    async def _answer(self, request: web.Request, response: web.StreamResponse, entry: ManifestEntry, index: int,
+                      signature: str) -> None:
         self._waiting += 1
         acquire = asyncio.ensure_future(self._slots.acquire())
         try:
@@ -310,8 +311,8 @@ class PeerServer:
             digest = checksum(data)
             proof = sign_response(self.key, signature, digest, len(data))
             await response.write(f"OK {len(data)} {digest:016x} {proof}\n".encode())
-            await response.write(data)
-            await response.write_eof()
+            _write_chunk(request, data)
+            await response.write_eof()  # the last chunk, and waits until the block is (nearly) all sent
             self.served_bytes += len(data)
         finally:
             self._slots.release()
@@ -325,6 +326,21 @@ async def _keepalive(response: web.StreamResponse, future: asyncio.Future[Any], 
     except BaseException:
         future.cancel()
         raise
+
+
+def _write_chunk(request: web.Request, data: bytes) -> None:
+    """``data`` as one HTTP/1.1 chunk, framed here rather than by ``response.write``: on Python < 3.12.9 aiohttp
+    joins the chunk header and the data into a new bytes first (a copy of the whole block), and asyncio copies
+    what the socket does not take at once twice (a bytes slice, then its buffer; once with a memoryview). Framing
+    it here cut the server's CPU per block by ~40% (4 MiB blocks from memory, loopback). The same bytes on the
+    wire. The response headers are out already (they left with the preamble)."""
+    transport = request.transport
+    if transport is None or transport.is_closing():
+        raise ConnectionResetError("the client went away")
+    if data:  # an empty chunk would end the body
+        transport.write(f"{len(data):x}\r\n".encode("ascii"))
+        transport.write(memoryview(data))
+        transport.write(b"\r\n")
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:

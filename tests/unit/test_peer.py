@@ -15,6 +15,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlencode
 
 import aiohttp
 import pytest
@@ -305,6 +306,36 @@ async def test_a_dead_peer_fails_fast_and_is_skipped_a_moment() -> None:
             await client.get_block(url, block(1), BLOCK, BLOCK)
     finally:
         await client.close()
+
+
+async def test_blocks_go_out_as_well_formed_chunks_on_a_kept_alive_connection(
+        peer: tuple[PeerServer, Served, str]) -> None:
+    # The server frames the block's HTTP chunk itself (_write_chunk): read it with a strict parser of our own, two
+    # answers on one connection, so a framing slip shows up as a bad size line or a broken second answer.
+    server, served, _ = peer
+    reader, writer = await asyncio.open_connection(LOOPBACK, server.port)
+    try:
+        for index in (0, 3):  # a whole block, then the short last one
+            query = block_query(block(index), BLOCK)
+            expires = int(time.time()) + 30
+            writer.write(f"GET {PATH}?{urlencode(query)} HTTP/1.1\r\nHost: peer\r\n{HEADER_EXPIRES}: {expires}\r\n"
+                         f"{HEADER_SIGNATURE}: {sign_request(KEY, 'GET', PATH, query, expires)}\r\n\r\n".encode())
+            assert (await reader.readline()).startswith(b"HTTP/1.1 200 ")
+            headers = []
+            while (line := await reader.readline()) != b"\r\n":
+                headers.append(line.decode().lower().strip())
+            assert "transfer-encoding: chunked" in headers
+            body = b""
+            while size := int(await reader.readline(), 16):
+                body += await reader.readexactly(size)
+                assert await reader.readexactly(2) == b"\r\n"
+            assert await reader.readexactly(2) == b"\r\n"  # no trailers after the last chunk
+            preamble, _, data = body.lstrip(b"\n").partition(b"\n")
+            assert preamble.split()[:2] == [b"OK", str(len(data)).encode()]
+            assert data == served.blocks[("a b/ü.bin", index)]
+    finally:
+        writer.close()
+        await writer.wait_closed()
 
 
 async def test_a_peer_silent_longer_than_a_second_is_waited_for_not_skipped(
