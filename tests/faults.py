@@ -288,18 +288,28 @@ class TamperingPeerProxy(LoopbackProxy):
     ``flip``: one byte of the block flipped (checksum and signature left as sent); ``resign``: the response
     signature altered; ``short``: the body cut short (connection closed); ``length``: a block one byte longer,
     re-checksummed, with the signature as sent; ``none``: passed through unchanged. ``answers`` counts the
-    blocks the peer answered (spoiled unless ``none``)."""
+    blocks the peer answered (spoiled unless ``none``). ``stall``: seconds each request is held before it is
+    forwarded, not a byte sent meanwhile (a peer whose event loop is starved, or hung); ``stop`` ends the stalls."""
 
     def __init__(self, target: str, mode: str = "flip") -> None:
         super().__init__(target)
         self.mode = mode
         self.answers = 0
+        self.stall = 0.0
+        self._released = asyncio.Event()
 
     @property
     def url(self) -> str:
         return self.endpoint
 
+    async def stop(self) -> None:
+        self._released.set()
+        await super().stop()
+
     async def _forward(self, request: web.Request) -> web.StreamResponse:
+        if self.stall:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._released.wait(), self.stall)
         assert self._session is not None
         headers = {k: v for k, v in request.headers.items() if k.lower() not in ("host", "content-length")}
         async with self._session.get(self.target + request.rel_url.raw_path_qs, headers=headers) as upstream:

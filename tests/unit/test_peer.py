@@ -15,6 +15,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlencode
 
 import aiohttp
 import pytest
@@ -27,10 +28,13 @@ from libs.ring import owners
 from libs.ufs import LocalLocation, LocalObjectStore
 from services.agent.cache import BlockCache, DiskTier
 from services.agent.peer import (
+    CONNECT_TIMEOUT,
     HEADER_EXPIRES,
     HEADER_SIGNATURE,
+    KEEPALIVE_SECONDS,
     MAX_EXPIRY_AHEAD_SECONDS,
     MAX_SERVING,
+    READ_TIMEOUT,
     PeerClient,
     PeerConfigError,
     PeerError,
@@ -177,7 +181,8 @@ async def peer() -> AsyncIterator[tuple[PeerServer, Served, str]]:
     body = os.urandom(3 * BLOCK + 100)
     entry = ManifestEntry(path="/a b/ü.bin", mount=0, key="a b/ü.bin", size=len(body), etag="e1", mtime=0.0)
     served = Served({(entry.key, i): body[i * BLOCK:(i + 1) * BLOCK] for i in range(4)}, {(0, entry.key): entry})
-    server = PeerServer(KEY, "default", "demo", BLOCK, served.lookup, served.source)
+    # Keep-alives well inside the short read timeouts some tests give their clients.
+    server = PeerServer(KEY, "default", "demo", BLOCK, served.lookup, served.source, keepalive=0.1)
     await server.start(LOOPBACK, 0)
     try:
         yield server, served, f"http://{LOOPBACK}:{server.port}"
@@ -301,6 +306,76 @@ async def test_a_dead_peer_fails_fast_and_is_skipped_a_moment() -> None:
             await client.get_block(url, block(1), BLOCK, BLOCK)
     finally:
         await client.close()
+
+
+async def test_blocks_go_out_as_well_formed_chunks_on_a_kept_alive_connection(
+        peer: tuple[PeerServer, Served, str]) -> None:
+    # The server frames the block's HTTP chunk itself (_write_chunk): read it with a strict parser of our own, two
+    # answers on one connection, so a framing slip shows up as a bad size line or a broken second answer.
+    server, served, _ = peer
+    reader, writer = await asyncio.open_connection(LOOPBACK, server.port)
+    try:
+        for index in (0, 3):  # a whole block, then the short last one
+            query = block_query(block(index), BLOCK)
+            expires = int(time.time()) + 30
+            writer.write(f"GET {PATH}?{urlencode(query)} HTTP/1.1\r\nHost: peer\r\n{HEADER_EXPIRES}: {expires}\r\n"
+                         f"{HEADER_SIGNATURE}: {sign_request(KEY, 'GET', PATH, query, expires)}\r\n\r\n".encode())
+            assert (await reader.readline()).startswith(b"HTTP/1.1 200 ")
+            headers = []
+            while (line := await reader.readline()) != b"\r\n":
+                headers.append(line.decode().lower().strip())
+            assert "transfer-encoding: chunked" in headers
+            body = b""
+            while size := int(await reader.readline(), 16):
+                body += await reader.readexactly(size)
+                assert await reader.readexactly(2) == b"\r\n"
+            assert await reader.readexactly(2) == b"\r\n"  # no trailers after the last chunk
+            preamble, _, data = body.lstrip(b"\n").partition(b"\n")
+            assert preamble.split()[:2] == [b"OK", str(len(data)).encode()]
+            assert data == served.blocks[("a b/ü.bin", index)]
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
+async def test_a_peer_silent_longer_than_a_second_is_waited_for_not_skipped(
+        peer: tuple[PeerServer, Served, str]) -> None:
+    _, served, url = peer
+    proxy = TamperingPeerProxy(url, "none")
+    proxy.stall = 1.5  # a busy peer's event loop starved for 1.5 s: not a byte, not even the status line
+    await proxy.start()
+    client = PeerClient(KEY, "default", "demo")  # the timeouts the mounts use
+    try:
+        assert await client.get_block(proxy.url, block(2), BLOCK, BLOCK) == served.blocks[("a b/ü.bin", 2)]
+        assert client.down(proxy.url) is None
+    finally:
+        await client.close()
+        await proxy.stop()
+
+
+async def test_a_hung_peer_costs_the_read_timeout_then_is_skipped_a_moment(
+        peer: tuple[PeerServer, Served, str]) -> None:
+    _, _, url = peer
+    proxy = TamperingPeerProxy(url, "none")
+    proxy.stall = 60.0  # alive to TCP, deaf to requests (its mount process stopped, say)
+    await proxy.start()
+    client = PeerClient(KEY, "default", "demo", read_timeout=0.3)
+    try:
+        with pytest.raises(PeerError, match="Timeout"):
+            await client.get_block(proxy.url, block(0), BLOCK, BLOCK)
+        assert client.down(proxy.url)
+        with pytest.raises(PeerError, match="skipped for a moment"):
+            await client.get_block(proxy.url, block(1), BLOCK, BLOCK)
+    finally:
+        await client.close()
+        await proxy.stop()
+
+
+def test_timeouts_wait_out_a_syn_retransmission_and_several_missed_keepalives() -> None:
+    # Linux resends an unanswered SYN after 1 s (a stalled peer's full accept queue drops it): a connect timeout
+    # shorter than that fails live peers. A read timeout of a few keep-alive intervals fails busy ones.
+    assert CONNECT_TIMEOUT > 1.0
+    assert READ_TIMEOUT >= 4 * KEEPALIVE_SECONDS
 
 
 def test_the_response_signature_binds_request_checksum_and_length() -> None:
