@@ -50,6 +50,8 @@ BLOCK = MiB
 NAME = "shared"
 THREE = ("node-a", "node-b", "node-c")
 DISK = "shoal.io/disk"
+# Three agents without labels (cluster_stack copies each node's labels, so sharing this is safe).
+UNLABELLED: dict[str, dict[str, str]] = {node: {} for node in THREE}
 
 # A block as the store proxy sees its GET: (object key, Range header).
 Get = tuple[str, str]
@@ -143,7 +145,7 @@ async def test_three_workers_fetch_each_block_once_for_the_cluster(
     await put_objects(seaweedfs, bucket, objects)
     store = await counted_store(seaweedfs)
     try:
-        async with cluster_stack(bus, settings, seaweedfs, tmp_path, dict.fromkeys(THREE, {})) as cluster:
+        async with cluster_stack(bus, settings, seaweedfs, tmp_path, UNLABELLED) as cluster:
             await apply(bus, cluster, store, bucket, replicas=3)
             record = await ring_is(bus, list(THREE))
             assert record.status.not_picked == []
@@ -176,7 +178,7 @@ async def test_scaling_3_to_4_fetches_only_the_blocks_whose_first_owner_changed(
     await put_objects(seaweedfs, bucket, objects)
     store = await counted_store(seaweedfs)
     try:
-        async with cluster_stack(bus, settings, seaweedfs, tmp_path, dict.fromkeys(THREE, {})) as cluster:
+        async with cluster_stack(bus, settings, seaweedfs, tmp_path, UNLABELLED) as cluster:
             await apply(bus, cluster, store, bucket, replicas=3)
             await ring_is(bus, list(THREE))
             cluster.start_agent("node-d")  # started once the three are picked: a client of the dataset
@@ -216,7 +218,7 @@ async def test_kill_9_of_an_owner_mid_read_then_it_comes_back_with_its_cache(
     await put_objects(seaweedfs, bucket, {**warm, **big})
     store = await counted_store(seaweedfs)
     try:
-        async with cluster_stack(bus, settings, seaweedfs, tmp_path, dict.fromkeys(THREE, {})) as cluster:
+        async with cluster_stack(bus, settings, seaweedfs, tmp_path, UNLABELLED) as cluster:
             await apply(bus, cluster, store, bucket, replicas=3)
             record = await ring_is(bus, list(THREE))
             victim_url = peer_urls(record)["node-a"]
@@ -241,6 +243,13 @@ async def test_kill_9_of_an_owner_mid_read_then_it_comes_back_with_its_cache(
                 store.release()
             data = await asyncio.wait_for(reading, 60)
             assert md5(data) == md5(big["big.bin"]), "the read through node-c returns the source's bytes"
+
+            async def out_of_the_ring() -> bool:  # its agent reports the mount down: no peer URL, no ring place
+                record = await runtime_record(bus, NAME)
+                return record is not None and any(w.node == "node-a" and not (w.ready and w.peer_url)
+                                                  for w in record.status.workers)
+
+            await eventually(out_of_the_ring, 20, "node-a out of the ring while its mount process is down")
 
             async def restarted() -> int | None:
                 pids = [p for p in mount_pids(victim) if p != pid]
@@ -301,7 +310,7 @@ async def test_a_worker_whose_agent_stops_leaves_the_ring_and_reads_go_on(
     await put_objects(seaweedfs, bucket, objects)
     store = await counted_store(seaweedfs)
     try:
-        async with cluster_stack(bus, settings, seaweedfs, tmp_path, dict.fromkeys(THREE, {})) as cluster:
+        async with cluster_stack(bus, settings, seaweedfs, tmp_path, UNLABELLED) as cluster:
             await apply(bus, cluster, store, bucket, replicas=3)
             await ring_is(bus, list(THREE))
             await cluster.wait_mounted(NAME, "shard-2.bin")
