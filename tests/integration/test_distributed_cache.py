@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import signal
 from pathlib import Path
 from typing import Any
@@ -57,9 +58,13 @@ UNLABELLED: dict[str, dict[str, str]] = {node: {} for node in THREE}
 Get = tuple[str, str]
 
 
-def objects_of(count: int, blocks: int) -> dict[str, bytes]:
-    """``count`` files of a few blocks each, the last block short (sizes differ so block ranges differ)."""
-    return {f"shard-{i}.bin": os.urandom(blocks * BLOCK + 1000 * (i + 1)) for i in range(count)}
+def objects_of(count: int, blocks: int, seed: int = 5) -> dict[str, bytes]:
+    """``count`` files of a few blocks each, the last block short (sizes differ so block ranges differ).
+
+    Seeded: block names hash the object's ETag (its md5 here), so the same bytes give every run the same owners,
+    and the assertions on them (node-a owns some warm blocks, about a quarter moves) cannot fail by chance."""
+    rng = random.Random(seed)
+    return {f"shard-{i}.bin": rng.randbytes(blocks * BLOCK + 1000 * (i + 1)) for i in range(count)}
 
 
 async def apply(bus: Bus, cluster: Cluster, store: HttpProxy, bucket: str, replicas: int,
@@ -205,6 +210,7 @@ async def test_scaling_3_to_4_fetches_only_the_blocks_whose_first_owner_changed(
 
             moved = {get for get, block in blocks.items() if owners(block.name, four)[0] == "node-d"}
             assert 0 < len(moved) < len(blocks) / 2, f"about a quarter of {len(blocks)} blocks moves, not {moved}"
+            assert len(moved) == 5, "5 of these 20 blocks (seeded bytes) score highest on node-d"
             assert sorted(store_gets(store, before)) == sorted(moved), \
                 "only the blocks node-d now owns first came from the store, once each"
     finally:
@@ -214,7 +220,7 @@ async def test_scaling_3_to_4_fetches_only_the_blocks_whose_first_owner_changed(
 async def test_kill_9_of_an_owner_mid_read_then_it_comes_back_with_its_cache(
         bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path) -> None:
     warm = objects_of(3, 3)
-    big = {"big.bin": os.urandom(12 * BLOCK + 77)}
+    big = {"big.bin": random.Random(12).randbytes(12 * BLOCK + 77)}
     await put_objects(seaweedfs, bucket, {**warm, **big})
     store = await counted_store(seaweedfs)
     try:
