@@ -1,5 +1,7 @@
 """A whole node for agent tests: dataset and runtime services and the node agent, in-process, over a real
 nats-server and SeaweedFS; the agent's mount processes are real processes with real FUSE mounts.
+``cluster_stack``: the same with several agents (nodes) on one machine, each with its own node name, mount root,
+cache folder and labels, and one shared peer secret, so their mount processes read from each other.
 
 Reads of a mount in tests always run in a thread or a subprocess: the test's own event loop serves the services
 (and any fault proxy), so a blocking read on it would wait for itself.
@@ -12,7 +14,7 @@ import dataclasses
 import hashlib
 import os
 import subprocess
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -172,6 +174,99 @@ async def node_stack(bus: Bus, settings: Settings, seaweedfs: SeaweedServer, tmp
         assert not leftovers, f"the agent left mounts behind: {leftovers}"
     finally:
         for path in [p for p in mounted_paths() if p.startswith(str(node.mount_root))]:
+            subprocess.run(["fusermount3", "-u", "-z", path], check=False)
+
+
+@dataclass
+class ClusterAgent:
+    """One node of a ``cluster_stack``: an in-process agent, stopped on its own with ``Cluster.stop_agent``."""
+
+    name: str
+    settings: Settings
+    mount_root: Path
+    stop: asyncio.Event
+    task: asyncio.Task[None]
+
+    def mountpoint(self, name: str, namespace: str = "default") -> Path:
+        return self.mount_root / namespace / name
+
+
+@dataclass
+class Cluster:
+    bus: Bus
+    settings: Settings
+    seaweedfs: SeaweedServer
+    tmp_path: Path
+    # The runtime's tier path; each agent keeps its blocks in <cache_dir>/<node name>/ (SHOAL_CACHE_SUBDIR).
+    cache_dir: Path
+    secret_file: Path
+    agents: dict[str, ClusterAgent] = dataclasses.field(default_factory=dict)
+
+    def start_agent(self, name: str, labels: Mapping[str, str] | None = None) -> ClusterAgent:
+        require("fuse")
+        agent = AgentSettings(node_name=name, mount_root=str(self.tmp_path / name / "mnt"), heartbeat_seconds=0.5,
+                              labels=dict(labels or {}), cache_subdir=name, peer_secret_file=str(self.secret_file))
+        node_settings = dataclasses.replace(self.settings, agent=agent)
+        env = agent_env(node_settings, self.seaweedfs, agent)
+        stop = asyncio.Event()
+        task = asyncio.create_task(agent_app.run(node_settings, stop, child_env=env))
+        started = self.agents[name] = ClusterAgent(name, node_settings, Path(agent.mount_root), stop, task)
+        return started
+
+    async def stop_agent(self, name: str) -> None:
+        """Stop one agent as its node going away would: its mount processes stop, its heartbeats end."""
+        agent = self.agents[name]
+        agent.stop.set()
+        await asyncio.wait_for(agent.task, 30)
+
+    async def wait_mounted(self, name: str, expect: str, nodes: list[str] | None = None,
+                           timeout: float = 30.0) -> None:
+        """Wait until every running agent (or ``nodes``) mounts dataset ``name`` with ``expect`` visible in it."""
+        for node in nodes or [n for n, a in self.agents.items() if not a.task.done()]:
+            path = self.agents[node].mountpoint(name)
+
+            async def visible(path: Path = path) -> bool:
+                return str(path) in mounted_paths() and await asyncio.to_thread(os.path.exists, path / expect)
+
+            try:
+                await eventually(visible, timeout=timeout, what=f"{path} mounted")
+            except AssertionError as err:
+                record = await dataset_record(self.bus, name)
+                runtime = await runtime_record(self.bus, name)
+                raise AssertionError(f"{err}; dataset status: {record and record.status}; "
+                                     f"runtime status: {runtime and runtime.status}") from None
+
+
+@asynccontextmanager
+async def cluster_stack(bus: Bus, settings: Settings, seaweedfs: SeaweedServer, tmp_path: Path,
+                        nodes: Mapping[str, Mapping[str, str]]) -> AsyncIterator[Cluster]:
+    """The dataset and runtime services in-process and one agent per entry of ``nodes`` (node name: labels),
+    sharing a peer secret file; more can be started (``Cluster.start_agent``) and stopped (``stop_agent``).
+    Every agent is stopped and every mount under ``tmp_path`` removed on exit, also on failure."""
+    require("fuse")
+    secret = tmp_path / "peer.secret"
+    secret.write_text(os.urandom(32).hex())
+    secret.chmod(0o600)
+    cluster = Cluster(bus, settings, seaweedfs, tmp_path, tmp_path / "cache", secret)
+    try:
+        async with running(lambda stop: dataset_app.run(settings, stop), lambda stop: runtime_app.run(settings, stop)):
+            try:
+                for name, labels in nodes.items():
+                    cluster.start_agent(name, labels)
+                yield cluster
+            finally:
+                for agent in cluster.agents.values():
+                    agent.stop.set()
+                results = await asyncio.wait_for(
+                    asyncio.gather(*(a.task for a in cluster.agents.values()), return_exceptions=True), 30)
+            errors = [result for result in results if isinstance(result, BaseException)]
+            if errors:
+                raise errors[0]
+        mounts = [a.mount_root for a in cluster.agents.values()]
+        leftovers = [p for p in mounted_paths() if any(p.startswith(str(root)) for root in mounts)]
+        assert not leftovers, f"the agents left mounts behind: {leftovers}"
+    finally:
+        for path in [p for p in mounted_paths() if p.startswith(str(tmp_path))]:
             subprocess.run(["fusermount3", "-u", "-z", path], check=False)
 
 
