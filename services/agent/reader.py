@@ -241,14 +241,7 @@ class BlockReader:
         return await self._start(entry, index, block)
 
     def _start(self, entry: ManifestEntry, index: int, block: BlockId) -> asyncio.Future[bytes]:
-        future = self._inflight.get(block)
-        if future is None:
-            future = asyncio.ensure_future(self._get_and_cache(entry, index, block))
-            self._inflight[block] = future
-            future.add_done_callback(lambda _: self._inflight.pop(block, None))
-            # Prefetches nobody ends up reading must not log "exception was never retrieved".
-            future.add_done_callback(_retrieve)
-        return future
+        return _coalesced(self._inflight, block, lambda: self._get_and_cache(entry, index, block))
 
     def route(self, block: BlockId) -> Route:
         return self.router.route(block) if self.router is not None else LOCAL
@@ -295,12 +288,7 @@ class BlockReader:
     async def _store_block(self, entry: ManifestEntry, index: int, block: BlockId, cache: bool) -> bytes:
         if cache:
             self._cache_wanted.add(block)
-        future = self._store_inflight.get(block)
-        if future is None:
-            future = asyncio.ensure_future(self._store_get(entry, index, block))
-            self._store_inflight[block] = future
-            future.add_done_callback(lambda _: self._store_inflight.pop(block, None))
-            future.add_done_callback(_retrieve)
+        future = _coalesced(self._store_inflight, block, lambda: self._store_get(entry, index, block))
         # Shielded: one waiter going away (a peer client hanging up) must not cancel the fetch for the others.
         data = await asyncio.shield(future)
         if cache:  # joined a fetch that had just finished: keep it too (a no-op if it is kept already)
@@ -401,6 +389,19 @@ class BlockReader:
         while self._background or self._inflight or self._store_inflight:
             await asyncio.gather(*self._background, *self._inflight.values(), *self._store_inflight.values(),
                                  return_exceptions=True)
+
+
+def _coalesced(inflight: dict[BlockId, asyncio.Future[bytes]], block: BlockId,
+               fetch: Callable[[], Awaitable[bytes]]) -> asyncio.Future[bytes]:
+    """The fetch of ``block`` already in ``inflight``, or a new one (``fetch()``) kept there until it is done."""
+    future = inflight.get(block)
+    if future is None:
+        future = asyncio.ensure_future(fetch())
+        inflight[block] = future
+        future.add_done_callback(lambda _: inflight.pop(block, None))
+        # Fetches nobody ends up waiting for (prefetches) must not log "exception was never retrieved".
+        future.add_done_callback(_retrieve)
+    return future
 
 
 def _retrieve(future: asyncio.Future[bytes]) -> None:

@@ -20,9 +20,11 @@ on a new ring come after the test saw it there and dropped the page cache.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import signal
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -121,7 +123,7 @@ def store_gets(store: HttpProxy, since: int = 0) -> list[Get]:
 async def read_everything(cluster: Cluster, objects: dict[str, bytes], nodes: tuple[str, ...] | list[str]) -> None:
     """Every file through every node's mount, one node after the other; each file's md5 must be the source's.
 
-    One node at a time: a peer that does not answer within its read timeout (1 s) sends the read to the next
+    One node at a time: a peer that does not answer within its read timeout (3 s) sends the read to the next
     source, the store, by design; reading on every node at once on a loaded 2-core machine could starve one that
     long and fetch a block twice. Concurrent misses meeting at an owner are test_peer_reads' job."""
     for node in nodes:
@@ -138,206 +140,195 @@ async def status_nodes(bus: Bus, check: Any, what: str) -> DatasetRecord:
     return await eventually(probe, 15, what)
 
 
-async def counted_store(seaweedfs: SeaweedServer) -> HttpProxy:
+@contextlib.asynccontextmanager
+async def counted_cluster(bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path,
+                          objects: dict[str, bytes], labels: dict[str, dict[str, str]],
+                          ) -> AsyncIterator[tuple[Cluster, HttpProxy]]:
+    """``objects`` in the bucket, the store behind a counting proxy, and the agents of ``labels`` running."""
+    await put_objects(seaweedfs, bucket, objects)
     store = HttpProxy(seaweedfs.endpoint)
     await store.start()
-    return store
+    try:
+        async with cluster_stack(bus, settings, seaweedfs, tmp_path, labels) as cluster:
+            yield cluster, store
+    finally:
+        await store.stop()
 
 
 async def test_three_workers_fetch_each_block_once_for_the_cluster(
         bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path) -> None:
     objects = objects_of(3, 3)
-    await put_objects(seaweedfs, bucket, objects)
-    store = await counted_store(seaweedfs)
-    try:
-        async with cluster_stack(bus, settings, seaweedfs, tmp_path, UNLABELLED) as cluster:
-            await apply(bus, cluster, store, bucket, replicas=3)
-            record = await ring_is(bus, list(THREE))
-            assert record.status.not_picked == []
-            assert len({w.peer_url for w in record.status.workers}) == 3
-            await cluster.wait_mounted(NAME, "shard-2.bin")
+    async with counted_cluster(bus, settings, seaweedfs, bucket, tmp_path, objects, UNLABELLED) as (
+            cluster, store):
+        await apply(bus, cluster, store, bucket, replicas=3)
+        record = await ring_is(bus, list(THREE))
+        assert record.status.not_picked == []
+        assert len({w.peer_url for w in record.status.workers}) == 3
+        await cluster.wait_mounted(NAME, "shard-2.bin")
 
-            await read_everything(cluster, objects, THREE)
-            blocks = await blocks_of(bus)
-            gets = store_gets(store)
-            assert sorted(gets) == sorted(blocks), "each block fetched from the store exactly once for the cluster"
+        await read_everything(cluster, objects, THREE)
+        blocks = await blocks_of(bus)
+        gets = store_gets(store)
+        assert sorted(gets) == sorted(blocks), "each block fetched from the store exactly once for the cluster"
 
-            total = sum(len(body) for body in objects.values())
+        total = sum(len(body) for body in objects.values())
 
-            def every_node_counted(record: DatasetRecord) -> bool:
-                nodes = record.status.nodes
-                return (len(nodes) == 3 and sum(n.store_read_bytes for n in nodes) == total
-                        and all(n.remote_read_bytes > 0 for n in nodes))
+        def every_node_counted(record: DatasetRecord) -> bool:
+            nodes = record.status.nodes
+            return (len(nodes) == 3 and sum(n.store_read_bytes for n in nodes) == total
+                    and all(n.remote_read_bytes > 0 for n in nodes))
 
-            done = await status_nodes(bus, every_node_counted, "every node's reads in the dataset's status")
-            assert [n.node for n in done.status.nodes] == list(THREE)
-            assert sum(n.cached_bytes for n in done.status.nodes) >= total  # owners (and second owners) keep it
-            assert done.status.cache_states.remote_hit_ratio != "0.0%"
-    finally:
-        await store.stop()
+        done = await status_nodes(bus, every_node_counted, "every node's reads in the dataset's status")
+        assert [n.node for n in done.status.nodes] == list(THREE)
+        assert sum(n.cached_bytes for n in done.status.nodes) >= total  # owners (and second owners) keep it
+        assert done.status.cache_states.remote_hit_ratio != "0.0%"
 
 
 async def test_scaling_3_to_4_fetches_only_the_blocks_whose_first_owner_changed(
         bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path) -> None:
     objects = objects_of(4, 4)
-    await put_objects(seaweedfs, bucket, objects)
-    store = await counted_store(seaweedfs)
-    try:
-        async with cluster_stack(bus, settings, seaweedfs, tmp_path, UNLABELLED) as cluster:
-            await apply(bus, cluster, store, bucket, replicas=3)
-            await ring_is(bus, list(THREE))
-            cluster.start_agent("node-d")  # started once the three are picked: a client of the dataset
+    async with counted_cluster(bus, settings, seaweedfs, bucket, tmp_path, objects, UNLABELLED) as (
+            cluster, store):
+        await apply(bus, cluster, store, bucket, replicas=3)
+        await ring_is(bus, list(THREE))
+        cluster.start_agent("node-d")  # started once the three are picked: a client of the dataset
 
-            async def d_is_a_client() -> bool:
-                record = await runtime_record(bus, NAME)
-                return record is not None and [p.node for p in record.status.not_picked] == ["node-d"]
+        async def d_is_a_client() -> bool:
+            record = await runtime_record(bus, NAME)
+            return record is not None and [p.node for p in record.status.not_picked] == ["node-d"]
 
-            await eventually(d_is_a_client, 20, "node-d serving the runtime as a client")
-            four = [*THREE, "node-d"]
-            await cluster.wait_mounted(NAME, "shard-3.bin")
-            await read_everything(cluster, objects, four)
-            blocks = await blocks_of(bus)
-            assert sorted(store_gets(store)) == sorted(blocks)
+        await eventually(d_is_a_client, 20, "node-d serving the runtime as a client")
+        four = [*THREE, "node-d"]
+        await cluster.wait_mounted(NAME, "shard-3.bin")
+        await read_everything(cluster, objects, four)
+        blocks = await blocks_of(bus)
+        assert sorted(store_gets(store)) == sorted(blocks)
 
-            url = ",".join(settings.nats.urls)
-            result = await asyncio.to_thread(CliRunner().invoke, cli, ["--nats", url, "scale", "runtime", NAME,
-                                                                       "--replicas", "4"])
-            assert result.exit_code == 0, result.output
-            await ring_is(bus, four)
-            before = len(store.ranged_gets())
-            await asyncio.to_thread(drop_page_cache)
-            await read_everything(cluster, objects, four)
+        url = ",".join(settings.nats.urls)
+        result = await asyncio.to_thread(CliRunner().invoke, cli, ["--nats", url, "scale", "runtime", NAME,
+                                                                   "--replicas", "4"])
+        assert result.exit_code == 0, result.output
+        await ring_is(bus, four)
+        before = len(store.ranged_gets())
+        await asyncio.to_thread(drop_page_cache)
+        await read_everything(cluster, objects, four)
 
-            moved = {get for get, block in blocks.items() if owners(block.name, four)[0] == "node-d"}
-            assert 0 < len(moved) < len(blocks) / 2, f"about a quarter of {len(blocks)} blocks moves, not {moved}"
-            assert len(moved) == 5, "5 of these 20 blocks (seeded bytes) score highest on node-d"
-            assert sorted(store_gets(store, before)) == sorted(moved), \
-                "only the blocks node-d now owns first came from the store, once each"
-    finally:
-        await store.stop()
+        moved = {get for get, block in blocks.items() if owners(block.name, four)[0] == "node-d"}
+        assert 0 < len(moved) < len(blocks) / 2, f"about a quarter of {len(blocks)} blocks moves, not {moved}"
+        assert len(moved) == 5, "5 of these 20 blocks (seeded bytes) score highest on node-d"
+        assert sorted(store_gets(store, before)) == sorted(moved), \
+            "only the blocks node-d now owns first came from the store, once each"
 
 
 async def test_kill_9_of_an_owner_mid_read_then_it_comes_back_with_its_cache(
         bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path) -> None:
     warm = objects_of(3, 3)
     big = {"big.bin": random.Random(12).randbytes(12 * BLOCK + 77)}
-    await put_objects(seaweedfs, bucket, {**warm, **big})
-    store = await counted_store(seaweedfs)
-    try:
-        async with cluster_stack(bus, settings, seaweedfs, tmp_path, UNLABELLED) as cluster:
-            await apply(bus, cluster, store, bucket, replicas=3)
-            record = await ring_is(bus, list(THREE))
-            victim_url = peer_urls(record)["node-a"]
-            await cluster.wait_mounted(NAME, "big.bin")
-            await read_everything(cluster, warm, ["node-c"])  # every owner caches the blocks it owns first
-            blocks = await blocks_of(bus)
-            warm_blocks = {get for get in blocks if get[0] in warm}
-            assert sorted(store_gets(store)) == sorted(warm_blocks)
-            assert any(owners(blocks[get].name, THREE)[0] == "node-a" for get in warm_blocks)
+    async with counted_cluster(bus, settings, seaweedfs, bucket, tmp_path, {**warm, **big}, UNLABELLED) as (
+            cluster, store):
+        await apply(bus, cluster, store, bucket, replicas=3)
+        record = await ring_is(bus, list(THREE))
+        victim_url = peer_urls(record)["node-a"]
+        await cluster.wait_mounted(NAME, "big.bin")
+        await read_everything(cluster, warm, ["node-c"])  # every owner caches the blocks it owns first
+        blocks = await blocks_of(bus)
+        warm_blocks = {get for get in blocks if get[0] in warm}
+        assert sorted(store_gets(store)) == sorted(warm_blocks)
+        assert any(owners(blocks[get].name, THREE)[0] == "node-a" for get in warm_blocks)
 
-            victim = cluster.agents["node-a"].mountpoint(NAME)
-            [pid] = mount_pids(victim)
-            store.hold()  # the owners' store GETs for node-c's read wait: the read is in flight when node-a dies
-            reading = asyncio.ensure_future(read_file(cluster.agents["node-c"].mountpoint(NAME) / "big.bin"))
-            try:
-                async def fetching() -> bool:
-                    return store.waiting > 0
+        victim = cluster.agents["node-a"].mountpoint(NAME)
+        [pid] = mount_pids(victim)
+        store.hold()  # the owners' store GETs for node-c's read wait: the read is in flight when node-a dies
+        reading = asyncio.ensure_future(read_file(cluster.agents["node-c"].mountpoint(NAME) / "big.bin"))
+        try:
+            async def fetching() -> bool:
+                return store.waiting > 0
 
-                await eventually(fetching, what="a block of big.bin being fetched for node-c")
-                os.kill(pid, signal.SIGKILL)
-            finally:
-                store.release()
-            data = await asyncio.wait_for(reading, 60)
-            assert md5(data) == md5(big["big.bin"]), "the read through node-c returns the source's bytes"
+            await eventually(fetching, what="a block of big.bin being fetched for node-c")
+            os.kill(pid, signal.SIGKILL)
+        finally:
+            store.release()
+        data = await asyncio.wait_for(reading, 60)
+        assert md5(data) == md5(big["big.bin"]), "the read through node-c returns the source's bytes"
 
-            async def out_of_the_ring() -> bool:  # its agent reports the mount down: no peer URL, no ring place
-                record = await runtime_record(bus, NAME)
-                return record is not None and any(w.node == "node-a" and not (w.ready and w.peer_url)
-                                                  for w in record.status.workers)
+        async def out_of_the_ring() -> bool:  # its agent reports the mount down: no peer URL, no ring place
+            record = await runtime_record(bus, NAME)
+            return record is not None and any(w.node == "node-a" and not (w.ready and w.peer_url)
+                                              for w in record.status.workers)
 
-            await eventually(out_of_the_ring, 20, "node-a out of the ring while its mount process is down")
+        await eventually(out_of_the_ring, 20, "node-a out of the ring while its mount process is down")
 
-            async def restarted() -> int | None:
-                pids = [p for p in mount_pids(victim) if p != pid]
-                return pids[0] if pids else None
+        async def restarted() -> int | None:
+            pids = [p for p in mount_pids(victim) if p != pid]
+            return pids[0] if pids else None
 
-            new_pid = await eventually(restarted, 30, "node-a's mount process restarted by its agent")
-            argv = Path(f"/proc/{new_pid}/cmdline").read_bytes().decode().split("\0")
-            assert victim_url.endswith(":" + argv[argv.index("--peer-port") + 1]), "restarted on the same peer port"
-            await cluster.wait_mounted(NAME, "big.bin", ["node-a"])
-            assert peer_urls(await ring_is(bus, list(THREE)))["node-a"] == victim_url
+        new_pid = await eventually(restarted, 30, "node-a's mount process restarted by its agent")
+        argv = Path(f"/proc/{new_pid}/cmdline").read_bytes().decode().split("\0")
+        assert victim_url.endswith(":" + argv[argv.index("--peer-port") + 1]), "restarted on the same peer port"
+        await cluster.wait_mounted(NAME, "big.bin", ["node-a"])
+        assert peer_urls(await ring_is(bus, list(THREE)))["node-a"] == victim_url
 
-            # Back in the ring with its disk cache: the warm blocks (a third of them node-a's) come from the
-            # owners' disks through every mount, not one from the store.
-            before = len(store.ranged_gets())
-            await asyncio.to_thread(drop_page_cache)
-            await read_everything(cluster, warm, THREE)
-            assert store_gets(store, before) == [], "no warm block fetched from the store again"
-    finally:
-        await store.stop()
+        # Back in the ring with its disk cache: the warm blocks (a third of them node-a's) come from the
+        # owners' disks through every mount, not one from the store.
+        before = len(store.ranged_gets())
+        await asyncio.to_thread(drop_page_cache)
+        await read_everything(cluster, warm, THREE)
+        assert store_gets(store, before) == [], "no warm block fetched from the store again"
 
 
 async def test_node_affinity_keeps_an_unlabelled_agent_a_client(
         bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path) -> None:
     objects = objects_of(2, 3)
-    await put_objects(seaweedfs, bucket, objects)
-    store = await counted_store(seaweedfs)
     labels = {"node-a": {DISK: "ssd"}, "node-b": {DISK: "ssd"}, "node-c": {DISK: "hdd"}}
     affinity = {"required": {"nodeSelectorTerms": [{"matchExpressions": [
         {"key": DISK, "operator": "In", "values": ["ssd"]}]}]}}
-    try:
-        async with cluster_stack(bus, settings, seaweedfs, tmp_path, labels) as cluster:
-            await apply(bus, cluster, store, bucket, replicas=3, affinity=affinity)
-            await ring_is(bus, ["node-a", "node-b"])
+    async with counted_cluster(bus, settings, seaweedfs, bucket, tmp_path, objects, labels) as (
+            cluster, store):
+        await apply(bus, cluster, store, bucket, replicas=3, affinity=affinity)
+        await ring_is(bus, ["node-a", "node-b"])
 
-            async def c_not_picked() -> RuntimeRecord | None:
-                record = await runtime_record(bus, NAME)
-                return record if record and [p.node for p in record.status.not_picked] == ["node-c"] else None
+        async def c_not_picked() -> RuntimeRecord | None:
+            record = await runtime_record(bus, NAME)
+            return record if record and [p.node for p in record.status.not_picked] == ["node-c"] else None
 
-            record = await eventually(c_not_picked, 20, "node-c in notPicked")
-            assert record.status.not_picked[0].reason.startswith("does not match nodeAffinity"), record.status
-            await cluster.wait_mounted(NAME, "shard-1.bin")
-            await read_everything(cluster, objects, THREE)
-            assert sorted(store_gets(store)) == sorted(await blocks_of(bus))
+        record = await eventually(c_not_picked, 20, "node-c in notPicked")
+        assert record.status.not_picked[0].reason.startswith("does not match nodeAffinity"), record.status
+        await cluster.wait_mounted(NAME, "shard-1.bin")
+        await read_everything(cluster, objects, THREE)
+        assert sorted(store_gets(store)) == sorted(await blocks_of(bus))
 
-            total = sum(len(body) for body in objects.values())
-            done = await status_nodes(bus, lambda r: len(r.status.nodes) == 3 and r.status.nodes[2].remote_read_bytes
-                                      == total, "node-c's reads counted")
-            node_c = done.status.nodes[2]
-            assert (node_c.node, node_c.cached_bytes, node_c.store_read_bytes) == ("node-c", 0, 0), \
-                "a client reads everything from the workers and keeps nothing"
-    finally:
-        await store.stop()
+        total = sum(len(body) for body in objects.values())
+        done = await status_nodes(bus, lambda r: len(r.status.nodes) == 3 and r.status.nodes[2].remote_read_bytes
+                                  == total, "node-c's reads counted")
+        node_c = done.status.nodes[2]
+        assert (node_c.node, node_c.cached_bytes, node_c.store_read_bytes) == ("node-c", 0, 0), \
+            "a client reads everything from the workers and keeps nothing"
 
 
 async def test_a_worker_whose_agent_stops_leaves_the_ring_and_reads_go_on(
         bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path) -> None:
     objects = objects_of(3, 3)
-    await put_objects(seaweedfs, bucket, objects)
-    store = await counted_store(seaweedfs)
-    try:
-        async with cluster_stack(bus, settings, seaweedfs, tmp_path, UNLABELLED) as cluster:
-            await apply(bus, cluster, store, bucket, replicas=3)
-            await ring_is(bus, list(THREE))
-            await cluster.wait_mounted(NAME, "shard-2.bin")
-            # Read through node-a and node-c: each block's second owner among them asks the first and keeps a copy.
-            await read_everything(cluster, objects, ["node-a", "node-c"])
-            blocks = await blocks_of(bus)
-            assert sorted(store_gets(store)) == sorted(blocks)
-            assert any(owners(block.name, THREE)[0] == "node-b" for block in blocks.values())
+    async with counted_cluster(bus, settings, seaweedfs, bucket, tmp_path, objects, UNLABELLED) as (
+            cluster, store):
+        await apply(bus, cluster, store, bucket, replicas=3)
+        await ring_is(bus, list(THREE))
+        await cluster.wait_mounted(NAME, "shard-2.bin")
+        # Read through node-a and node-c: each block's second owner among them asks the first and keeps a copy.
+        await read_everything(cluster, objects, ["node-a", "node-c"])
+        blocks = await blocks_of(bus)
+        assert sorted(store_gets(store)) == sorted(blocks)
+        assert any(owners(block.name, THREE)[0] == "node-b" for block in blocks.values())
 
-            await cluster.stop_agent("node-b")
+        await cluster.stop_agent("node-b")
 
-            async def b_not_ready() -> RuntimeRecord | None:
-                record = await runtime_record(bus, NAME)
-                workers = {w.node: w.ready for w in record.status.workers} if record else {}
-                return record if workers == {"node-a": True, "node-b": False, "node-c": True} else None
+        async def b_not_ready() -> RuntimeRecord | None:
+            record = await runtime_record(bus, NAME)
+            workers = {w.node: w.ready for w in record.status.workers} if record else {}
+            return record if workers == {"node-a": True, "node-b": False, "node-c": True} else None
 
-            await eventually(b_not_ready, 20, "node-b picked but not ready")
-            before = len(store.ranged_gets())
-            await asyncio.to_thread(drop_page_cache)
-            await read_everything(cluster, objects, ["node-a", "node-c"])
-            # node-b's blocks are read from their second owners, who kept them: the store is not asked again.
-            assert store_gets(store, before) == []
-    finally:
-        await store.stop()
+        await eventually(b_not_ready, 20, "node-b picked but not ready")
+        before = len(store.ranged_gets())
+        await asyncio.to_thread(drop_page_cache)
+        await read_everything(cluster, objects, ["node-a", "node-c"])
+        # node-b's blocks are read from their second owners, who kept them: the store is not asked again.
+        assert store_gets(store, before) == []
