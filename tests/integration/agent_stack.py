@@ -63,6 +63,23 @@ def agent_env(settings: Settings, seaweedfs: SeaweedServer, agent: AgentSettings
 
 
 @dataclass
+async def wait_visible(bus: Bus, name: str, path: Path, expect: str | None, timeout: float) -> None:
+    """Wait until ``path`` is a mount (with ``expect``, a relative path, visible in it); on timeout the error
+    carries the dataset's and runtime's status, which say why."""
+    async def visible() -> bool:
+        if str(path) not in mounted_paths():
+            return False
+        return expect is None or await asyncio.to_thread(os.path.exists, path / expect)
+
+    try:
+        await eventually(visible, timeout=timeout, what=f"{path} mounted")
+    except AssertionError as err:
+        record = await dataset_record(bus, name)
+        runtime = await runtime_record(bus, name)
+        raise AssertionError(f"{err}; dataset status: {record and record.status}; "
+                             f"runtime status: {runtime and runtime.status}") from None
+
+
 class Node:
     bus: Bus
     settings: Settings
@@ -104,21 +121,7 @@ class Node:
     async def wait_mounted(self, name: str, expect: str | None = None, timeout: float = 30.0) -> Path:
         """Wait until the dataset is mounted (and ``expect``, a relative path, is visible in it)."""
         path = self.mountpoint(name)
-
-        async def visible() -> bool:
-            if str(path) not in mounted_paths():
-                return False
-            if expect is None:
-                return True
-            return await asyncio.to_thread(os.path.exists, path / expect)
-
-        try:
-            await eventually(visible, timeout=timeout, what=f"{path} mounted")
-        except AssertionError as err:
-            record = await dataset_record(self.bus, name)
-            runtime = await runtime_record(self.bus, name)
-            raise AssertionError(f"{err}; dataset status: {record and record.status}; "
-                                 f"runtime status: {runtime and runtime.status}") from None
+        await wait_visible(self.bus, name, path, expect, timeout)
         return path
 
     async def dataset_service_run(self, stop: asyncio.Event) -> None:
@@ -223,18 +226,7 @@ class Cluster:
                            timeout: float = 30.0) -> None:
         """Wait until every running agent (or ``nodes``) mounts dataset ``name`` with ``expect`` visible in it."""
         for node in nodes or [n for n, a in self.agents.items() if not a.task.done()]:
-            path = self.agents[node].mountpoint(name)
-
-            async def visible(path: Path = path) -> bool:
-                return str(path) in mounted_paths() and await asyncio.to_thread(os.path.exists, path / expect)
-
-            try:
-                await eventually(visible, timeout=timeout, what=f"{path} mounted")
-            except AssertionError as err:
-                record = await dataset_record(self.bus, name)
-                runtime = await runtime_record(self.bus, name)
-                raise AssertionError(f"{err}; dataset status: {record and record.status}; "
-                                     f"runtime status: {runtime and runtime.status}") from None
+            await wait_visible(self.bus, name, self.agents[node].mountpoint(name), expect, timeout)
 
 
 @asynccontextmanager
