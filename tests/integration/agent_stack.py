@@ -62,7 +62,6 @@ def agent_env(settings: Settings, seaweedfs: SeaweedServer, agent: AgentSettings
     }
 
 
-@dataclass
 async def wait_visible(bus: Bus, name: str, path: Path, expect: str | None, timeout: float) -> None:
     """Wait until ``path`` is a mount (with ``expect``, a relative path, visible in it); on timeout the error
     carries the dataset's and runtime's status, which say why."""
@@ -80,6 +79,7 @@ async def wait_visible(bus: Bus, name: str, path: Path, expect: str | None, time
                              f"runtime status: {runtime and runtime.status}") from None
 
 
+@dataclass
 class Node:
     bus: Bus
     settings: Settings
