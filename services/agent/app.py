@@ -199,6 +199,10 @@ class NodeAgent:
                     self._release_readahead(worker)  # a crashed process's read-ahead is free again at once
                     # Its dead mount stays (ENOTCONN) until the replacement moves in beneath it.
                     worker.exit_code, worker.stale_device = exited.code, device_of(worker.path)
+                    if exited.code == domain.EXIT_PEER_PORT_TAKEN:
+                        worker.peer_port = self._peer_port()
+                        log.warning("peer port taken, the mount gets another", dataset=worker.key,
+                                    peer_port=worker.peer_port)
         by_key = {worker.key: worker for ref, worker in self.workers.items() if ref in wanted}
         for child in due:
             if child.name in by_key:

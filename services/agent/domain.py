@@ -15,6 +15,10 @@ from libs.events.common import ObjectRef
 from libs.events.dataset import DatasetRecord
 from libs.events.runtime import RuntimeRecord
 
+# A mount process exits with this code (EX_TEMPFAIL) when another process took its peer port meanwhile: the agent
+# then picks another port for it. Otherwise the port is kept across restarts, so peers find a restarted owner.
+EXIT_PEER_PORT_TAKEN = 75
+
 
 def serves(runtime: RuntimeRecord, selection: list[str]) -> bool:
     """Whether the agent serves ``runtime``; an empty selection serves every runtime."""

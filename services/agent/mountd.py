@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,7 @@ from libs.ufs.mounts import read_secrets, resolve_location, secret_refs
 from libs.ufs.s3 import S3ObjectStore
 from services.agent import budget
 from services.agent.cache import BlockCache, FrequencyAdmissionPolicy, LruPolicy
+from services.agent.domain import EXIT_PEER_PORT_TAKEN
 from services.agent.fs import DatasetFS
 from services.agent.handover import Staging, replace_in_place, unmount_own
 from services.agent.inventory import InventoryLog, InventoryPublisher
@@ -150,8 +152,11 @@ class MountedDataset:
             try:
                 await peer_server.start(self.settings.agent.peer_host, self.peer_port)
             except OSError as err:
-                raise SystemExit(f"dataset {self.key}: cannot serve peers on "
-                                 f"{self.settings.agent.peer_host}:{self.peer_port}: {err.strerror or err}") from None
+                where = f"{self.settings.agent.peer_host}:{self.peer_port}"
+                if err.errno == errno.EADDRINUSE:  # the agent picks another port before the restart
+                    log.error("peer port taken by another process", dataset=self.key, address=where)
+                    raise SystemExit(EXIT_PEER_PORT_TAKEN) from None
+                raise SystemExit(f"dataset {self.key}: cannot serve peers on {where}: {err.strerror or err}") from None
         owner = record.dataset.spec.owner
         fs = DatasetFS(self._tree(entries), reader, uid=owner.uid if owner else None,
                        gid=owner.gid if owner else None, block_size=block_size)

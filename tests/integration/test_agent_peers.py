@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 from pathlib import Path
 
 from libs.bus import Bus
@@ -80,3 +81,41 @@ async def test_without_a_peer_secret_no_mount_gets_a_peer_port(
         assert peer_port_of(pid) is None
         beat = await eventually(lambda: serving_beat(bus), 15, "a heartbeat with the mount serving")
         assert beat.mounts[0].peer_url == "" and beat.labels == {}
+
+
+async def test_a_peer_port_taken_while_the_mount_was_down_is_replaced_by_another(
+        bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path) -> None:
+    # The agent keeps a mount's peer port across restarts; if another process bound it meanwhile, the mount process
+    # exits with EXIT_PEER_PORT_TAKEN and the agent gives it a new port instead of restarting it into the same wall.
+    await put_objects(seaweedfs, bucket, {"a.bin": b"a" * 1000})
+    secret = tmp_path / "peer.secret"
+    secret.write_text("1" * 64)
+    secret.chmod(0o600)
+    async with node_stack(bus, settings, seaweedfs, tmp_path, peer_secret_file=str(secret)) as node:
+        await node.apply("squatted", bucket)
+        mountpoint = await node.wait_mounted("squatted", "a.bin")
+        [pid] = mount_pids(mountpoint)
+        port = peer_port_of(pid)
+        assert port is not None
+        os.kill(pid, signal.SIGKILL)
+        await eventually(lambda: _async(not os.path.exists(f"/proc/{pid}")), 10, "the mount process gone")
+        squatter = socket.socket()
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past TIME_WAIT, never past a listener
+        try:
+            squatter.bind(("127.0.0.1", port))
+            squatter.listen()
+
+            async def moved() -> AgentHeartbeat | None:
+                beat = await serving_beat(bus)
+                return beat if beat and beat.mounts[0].peer_url not in ("", f"http://127.0.0.1:{port}") else None
+
+            beat = await eventually(moved, 45, "the mount serving again on another peer port")
+            [new_pid] = mount_pids(mountpoint)
+            assert beat.mounts[0].peer_url == f"http://127.0.0.1:{peer_port_of(new_pid)}"
+            assert await read_file(mountpoint / "a.bin") == b"a" * 1000
+        finally:
+            squatter.close()
+
+
+async def _async(value: bool) -> bool:
+    return value
