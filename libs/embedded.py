@@ -34,10 +34,22 @@ def find_binary(name: str) -> str:
     return found
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((LOOPBACK, 0))
-        return int(sock.getsockname()[1])
+# Ports this process handed out: the kernel may offer a port it just closed again at once, and two servers
+# configured from two calls (nats-server's client and monitor ports) would then collide.
+_handed_out: set[int] = set()
+
+
+def free_port(host: str = LOOPBACK) -> int:
+    """A port nothing listens on now on ``host`` (the caller binds it a moment later), never one this process
+    handed out before."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    while True:
+        with socket.socket(family) as sock:
+            sock.bind((host, 0))
+            port = int(sock.getsockname()[1])
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
 
 
 def wait_until(check: Callable[[], bool], timeout: float, what: str, process: subprocess.Popen[bytes] | None = None,

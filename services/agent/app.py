@@ -35,7 +35,6 @@ import asyncio
 import contextlib
 import os
 import shutil
-import socket
 import sys
 import tempfile
 import time
@@ -45,6 +44,7 @@ from pathlib import Path
 from libs import subjects
 from libs.bus import Bus, KvMirror, connect
 from libs.config import AgentSettings, Settings
+from libs.embedded import free_port
 from libs.events.agent import AgentHeartbeat, MountReport
 from libs.events.common import ObjectRef, parse_quantity
 from libs.events.dataset import DatasetRecord
@@ -70,14 +70,6 @@ POLL_SECONDS = 0.25
 UNBOUND_GRACE_SECONDS = 30.0
 # A mount process gets this long to unmount cleanly after SIGTERM before it is killed.
 STOP_GRACE_SECONDS = 10.0
-
-
-def free_port(host: str) -> int:
-    """A port nothing listens on now, on ``host`` (the mount process binds it a moment later)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 async def force_unmount(path: str) -> None:
