@@ -21,6 +21,14 @@ from tests.integration.test_agent_health import last_beat
 LABELS = {"topology.kubernetes.io/zone": "zone-a", "shoal.io/agent-index": "1"}
 
 
+def peer_secret(folder: Path) -> str:
+    """A peer secret file as an operator makes one: random, readable by its owner only."""
+    secret = folder / "peer.secret"
+    secret.write_text(os.urandom(32).hex())
+    secret.chmod(0o600)
+    return str(secret)
+
+
 def cmdline(pid: int) -> list[str]:
     return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
 
@@ -38,10 +46,8 @@ async def serving_beat(bus: Bus) -> AgentHeartbeat | None:
 async def test_a_mount_keeps_its_peer_port_across_restarts_and_heartbeats_carry_labels_and_peer_url(
         bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path) -> None:
     await put_objects(seaweedfs, bucket, {"a.bin": b"a" * 1000})
-    secret = tmp_path / "peer.secret"
-    secret.write_text("0" * 64)
-    secret.chmod(0o600)
-    async with node_stack(bus, settings, seaweedfs, tmp_path, labels=LABELS, peer_secret_file=str(secret)) as node:
+    async with node_stack(bus, settings, seaweedfs, tmp_path, labels=LABELS,
+                          peer_secret_file=peer_secret(tmp_path)) as node:
         await node.apply("peers", bucket)
         mountpoint = await node.wait_mounted("peers", "a.bin")
         [pid] = mount_pids(mountpoint)
@@ -88,10 +94,7 @@ async def test_a_peer_port_taken_while_the_mount_was_down_is_replaced_by_another
     # The agent keeps a mount's peer port across restarts; if another process bound it meanwhile, the mount process
     # exits with EXIT_PEER_PORT_TAKEN and the agent gives it a new port instead of restarting it into the same wall.
     await put_objects(seaweedfs, bucket, {"a.bin": b"a" * 1000})
-    secret = tmp_path / "peer.secret"
-    secret.write_text("1" * 64)
-    secret.chmod(0o600)
-    async with node_stack(bus, settings, seaweedfs, tmp_path, peer_secret_file=str(secret)) as node:
+    async with node_stack(bus, settings, seaweedfs, tmp_path, peer_secret_file=peer_secret(tmp_path)) as node:
         await node.apply("squatted", bucket)
         mountpoint = await node.wait_mounted("squatted", "a.bin")
         [pid] = mount_pids(mountpoint)
