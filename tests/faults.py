@@ -83,7 +83,35 @@ class Get:
     length: int
 
 
-class CountingStore:
+class HoldsGets:
+    """``hold()`` makes the ranged GETs that reach ``_pass_gate`` wait, counted in ``waiting`` (the most at once in
+    ``most_waiting``), until ``release()``."""
+
+    waiting = 0
+    most_waiting = 0
+    _gate: asyncio.Event | None = None
+
+    def hold(self) -> None:
+        self._gate = asyncio.Event()
+
+    def release(self) -> None:
+        if self._gate is not None:
+            self._gate.set()
+        self._gate = None
+
+    async def _pass_gate(self) -> None:
+        gate = self._gate
+        if gate is None:
+            return
+        self.waiting += 1
+        self.most_waiting = max(self.most_waiting, self.waiting)
+        try:
+            await gate.wait()
+        finally:
+            self.waiting -= 1
+
+
+class CountingStore(HoldsGets):
     """An ``ObjectStore`` that passes everything to ``inner`` and records each ranged GET (``gets``).
 
     ``hold()`` makes GETs wait (counted in ``waiting``) until ``release()``; ``unreachable = True`` makes them
@@ -94,17 +122,6 @@ class CountingStore:
         self.inner = inner
         self.gets: list[Get] = []
         self.unreachable = False
-        self.waiting = 0
-        self.most_waiting = 0
-        self._gate: asyncio.Event | None = None
-
-    def hold(self) -> None:
-        self._gate = asyncio.Event()
-
-    def release(self) -> None:
-        if self._gate is not None:
-            self._gate.set()
-        self._gate = None
 
     @property
     def bytes_read(self) -> int:
@@ -120,14 +137,7 @@ class CountingStore:
         self.gets.append(Get(key, start, length))
         if self.unreachable:
             raise EndpointUnreachable("cannot reach the test's store: cut by the test")
-        gate = self._gate
-        if gate is not None:
-            self.waiting += 1
-            self.most_waiting = max(self.most_waiting, self.waiting)
-            try:
-                await gate.wait()
-            finally:
-                self.waiting -= 1
+        await self._pass_gate()
         return await self.inner.get_range(key, start, length, etag=etag)
 
     async def close(self) -> None:
@@ -175,7 +185,7 @@ class LoopbackProxy:
             self._session = None
 
 
-class HttpProxy(LoopbackProxy):
+class HttpProxy(HoldsGets, LoopbackProxy):
     """Forwards HTTP requests to ``target`` (an S3 endpoint), keeping the Host header so signatures still match.
 
     Records the headers of every request in ``requests``; with ``strip_if_match`` it drops ``If-Match``, like a
@@ -187,17 +197,6 @@ class HttpProxy(LoopbackProxy):
         self.strip_if_match = strip_if_match
         self.requests: list[dict[str, str]] = []
         self.calls: list[Call] = []
-        self.waiting = 0
-        self._gate: asyncio.Event | None = None
-
-    def hold(self) -> None:
-        """Make ranged GETs wait (counted in ``waiting``) until ``release``."""
-        self._gate = asyncio.Event()
-
-    def release(self) -> None:
-        if self._gate is not None:
-            self._gate.set()
-        self._gate = None
 
     def ranged_gets(self, key: str | None = None) -> list[Call]:
         """The ranged GETs (block reads) that went through, optionally of one object key."""
@@ -209,13 +208,8 @@ class HttpProxy(LoopbackProxy):
         headers = {k: v for k, v in request.headers.items() if k.lower() not in ("content-length", "transfer-encoding")}
         self.requests.append(dict(request.headers))
         self.calls.append(Call(request.method, request.path, request.headers.get("Range")))
-        gate = self._gate
-        if gate is not None and request.method == "GET" and "Range" in request.headers:
-            self.waiting += 1
-            try:
-                await gate.wait()
-            finally:
-                self.waiting -= 1
+        if request.method == "GET" and "Range" in request.headers:
+            await self._pass_gate()
         if self.strip_if_match:
             headers = {k: v for k, v in headers.items() if k.lower() != "if-match"}
         body = await request.read()

@@ -39,7 +39,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -54,7 +54,7 @@ from tests.bench.processes import (
     fresh_run_dir,
     mounts_under,
 )
-from tests.bench.report import STATE_LABEL, SYSTEMS, Row, console, report, say, short, summarize_profile
+from tests.bench.report import STATE_LABEL, SYSTEMS, Row, report, say, short, summarize_profile, timed_phase
 from tests.bench.systems import DATA, EPOCH, MountedSystem, RcloneMount, S3fsMount, ShoalNode, Store
 from tests.bench.worker import PageCache, run_worker, worker_main
 from tests.bench.workloads import FIO_JOBS, QUICK, WORKLOADS, KiB, MiB, Sizes, content, fio_randread, read_note
@@ -473,15 +473,8 @@ class Bench:
                 self.run_epochs("lru")
         shoal.stop()
 
-    @contextlib.contextmanager
-    def timed(self, phase: str) -> Iterator[None]:
-        console().print(f"[bold]{phase}[/bold]")
-        started = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.phase_times[phase] = time.perf_counter() - started
-            console().print(f"  ({phase}: {self.phase_times[phase]:.0f} s)")
+    def timed(self, phase: str) -> contextlib.AbstractContextManager[None]:
+        return timed_phase(self.phase_times, phase)
 
 
 # --- entry point ---------------------------------------------------------------------------------------------

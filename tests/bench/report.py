@@ -4,10 +4,12 @@ targets with PASS/MISS, py-spy profile summaries, and the JSON results file.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -89,6 +91,18 @@ def short(note: str, limit: int = 90) -> str:
 # --- reporting -----------------------------------------------------------------------------------------------
 
 _console: Any = None
+
+
+@contextlib.contextmanager
+def timed_phase(phase_times: dict[str, float], phase: str) -> Iterator[None]:
+    """Print the phase's name, time it into ``phase_times`` (the report's "Phase times"), and print how long it took."""
+    console().print(f"[bold]{phase}[/bold]")
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        phase_times[phase] = time.perf_counter() - started
+        console().print(f"  ({phase}: {phase_times[phase]:.0f} s)")
 
 
 def console() -> Any:

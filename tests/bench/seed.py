@@ -49,7 +49,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -70,7 +70,7 @@ from tests.bench.processes import (
     unmount,
     wait_mounted,
 )
-from tests.bench.report import console, say
+from tests.bench.report import console, say, timed_phase
 from tests.bench.throttle import LinkStats, ThrottledProxy
 from tests.bench.worker import PageCache, read_tree
 from tests.bench.workloads import MiB
@@ -772,14 +772,8 @@ class SeedBench:
         with self.timed("peer reads"):
             self.run_peer()
 
-    @contextlib.contextmanager
-    def timed(self, phase: str) -> Iterator[None]:
-        console().print(f"[bold]{phase}[/bold]")
-        started = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.phase_times[phase] = time.perf_counter() - started
+    def timed(self, phase: str) -> contextlib.AbstractContextManager[None]:
+        return timed_phase(self.phase_times, phase)
 
     def stop(self) -> None:
         if self.link is not None:
