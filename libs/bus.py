@@ -96,6 +96,8 @@ STREAMS: tuple[StreamSpec, ...] = (
     StreamSpec(subjects.STREAM_FACTS, [subjects.ALL_FACTS], max_age=7 * DAY, max_bytes=1 << 30),
     # Heartbeats and inventory only matter while fresh: an hour, and bounded per node.
     StreamSpec(subjects.STREAM_AGENT, [subjects.ALL_AGENT], max_age=3600.0, max_msgs_per_subject=10_000),
+    # Tasks wait for their mount process (which may be restarting) as long as a load may reasonably take.
+    StreamSpec(subjects.STREAM_TASKS, [subjects.ALL_TASKS], max_age=DAY, max_bytes=1 << 30),
     StreamSpec(subjects.STREAM_DEAD_LETTERS, [subjects.ALL_DEAD_LETTERS], max_age=30 * DAY, max_bytes=1 << 30),
 )
 
@@ -114,6 +116,8 @@ KV_BUCKETS: tuple[BucketSpec, ...] = (
     BucketSpec(subjects.KV_NODE_CACHE),
     # An agent that stops beating disappears after a minute even if nobody ticks.
     BucketSpec(subjects.KV_AGENTS, ttl=60.0),
+    BucketSpec(subjects.KV_OPERATIONS, history=5),
+    BucketSpec(subjects.KV_OPERATION_RUNS),
 )
 
 

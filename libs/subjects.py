@@ -12,6 +12,8 @@ STREAM_COMMANDS = "SHOAL_COMMANDS"
 STREAM_FACTS = "SHOAL_FACTS"
 STREAM_AGENT = "SHOAL_AGENT"
 STREAM_DEAD_LETTERS = "SHOAL_DEAD_LETTERS"
+# Loader → agents work (NodeTask) and agents → loader progress (TaskProgress): kept until done, not an hour.
+STREAM_TASKS = "SHOAL_TASKS"
 
 # --- Commands: other systems publish these (JSON). ---
 DATASET_APPLY = "shoal.cmd.dataset.apply"
@@ -19,8 +21,14 @@ DATASET_DELETE = "shoal.cmd.dataset.delete"
 DATASET_RESYNC = "shoal.cmd.dataset.resync"
 RUNTIME_APPLY = "shoal.cmd.runtime.apply"
 RUNTIME_DELETE = "shoal.cmd.runtime.delete"
+DATALOAD_APPLY = "shoal.cmd.dataload.apply"
+DATALOAD_DELETE = "shoal.cmd.dataload.delete"
+DATALOAD_RUN = "shoal.cmd.dataload.run"
+DATACLEAN_APPLY = "shoal.cmd.dataclean.apply"
+DATACLEAN_DELETE = "shoal.cmd.dataclean.delete"
 DATASET_COMMANDS = "shoal.cmd.dataset.*"
 RUNTIME_COMMANDS = "shoal.cmd.runtime.*"
+OPERATION_COMMANDS = ["shoal.cmd.dataload.*", "shoal.cmd.dataclean.*"]
 ALL_COMMANDS = "shoal.cmd.>"
 
 # --- Facts: services publish these; anyone may subscribe. ---
@@ -32,6 +40,17 @@ RUNTIME_ACCEPTED = "shoal.evt.runtime.accepted"
 RUNTIME_REJECTED = "shoal.evt.runtime.rejected"
 RUNTIME_STATUS = "shoal.evt.runtime.status"
 RUNTIME_DELETED = "shoal.evt.runtime.deleted"
+# Operation facts: one event family for DataLoad and DataClean, on a subject per kind.
+DATALOAD_ACCEPTED = "shoal.evt.dataload.accepted"
+DATALOAD_REJECTED = "shoal.evt.dataload.rejected"
+DATALOAD_STATUS = "shoal.evt.dataload.status"
+DATALOAD_DELETED = "shoal.evt.dataload.deleted"
+DATACLEAN_ACCEPTED = "shoal.evt.dataclean.accepted"
+DATACLEAN_REJECTED = "shoal.evt.dataclean.rejected"
+DATACLEAN_STATUS = "shoal.evt.dataclean.status"
+DATACLEAN_DELETED = "shoal.evt.dataclean.deleted"
+DATALOAD_FACTS = "shoal.evt.dataload.>"
+DATACLEAN_FACTS = "shoal.evt.dataclean.>"
 DATASET_FACTS = "shoal.evt.dataset.>"
 RUNTIME_FACTS = "shoal.evt.runtime.>"
 ALL_FACTS = "shoal.evt.>"
@@ -57,6 +76,31 @@ def agent_inventory(node: str) -> str:
     return f"{AGENT_INVENTORY_PREFIX}.{node}"
 
 
+# --- Loader ↔ agents (stream SHOAL_TASKS). A task goes to the mount process of one dataset on one node. ---
+TASK_PREFIX = "shoal.task.node"
+ALL_TASKS = "shoal.task.>"
+TASK_PROGRESS_PREFIX = "shoal.task.progress"
+TASK_PROGRESS = "shoal.task.progress.*"
+# Core NATS (not stored): every mount process hears it and stops the parts of that run.
+TASK_CANCEL = "shoal.ctl.task.cancel"
+
+
+def node_task(node: str, namespace: str, name: str) -> str:
+    return f"{TASK_PREFIX}.{node}.{namespace}.{name}"
+
+
+def task_progress(node: str) -> str:
+    return f"{TASK_PROGRESS_PREFIX}.{node}"
+
+
+def task_durable(node: str, namespace: str, name: str) -> str:
+    """The durable consumer of one mount process's tasks (kept across its restarts, so a part resumes)."""
+    return f"tasks-{node}-{namespace}-{name}"
+
+
+# --- Scheduler: core NATS request/reply (ScoreRequest → ScoreReply). ---
+SCHED_SCORE = "shoal.sched.score"
+
 # --- Dead letters: one subject per consumer that gave up on a message. ---
 DEAD_LETTER_PREFIX = "shoal.dlq"
 ALL_DEAD_LETTERS = "shoal.dlq.>"
@@ -72,6 +116,9 @@ DURABLE_DATASET_RUNTIME_STATUS = "dataset-runtime-status"
 DURABLE_RUNTIME_COMMANDS = "runtime-commands"
 DURABLE_RUNTIME_HEARTBEATS = "runtime-heartbeats"
 DURABLE_DATASET_INVENTORY = "dataset-inventory"
+DURABLE_LOADER_COMMANDS = "loader-commands"
+DURABLE_LOADER_PROGRESS = "loader-progress"
+DURABLE_SCHEDULER_INVENTORY = "scheduler-inventory"
 
 # --- KV buckets and the Object Store. ---
 KV_DATASETS = "shoal_datasets"
@@ -81,11 +128,19 @@ KV_BINDINGS = "shoal_dataset_bindings"
 # Per dataset, every node's inventory position and cache totals (libs.inventory); keys "<namespace>.<name>".
 KV_NODE_CACHE = "shoal_dataset_node_cache"
 OBJ_MANIFESTS = "shoal_manifests"
+# DataLoads and DataCleans (OperationRecord), keys ``operation_key``; the loader's run state, same keys.
+KV_OPERATIONS = "shoal_operations"
+KV_OPERATION_RUNS = "shoal_operation_runs"
 
 
 def resource_key(namespace: str, name: str) -> str:
     """KV key of a namespaced object. Both parts are DNS labels, so they never contain a dot."""
     return f"{namespace}.{name}"
+
+
+def operation_key(kind: str, namespace: str, name: str) -> str:
+    """KV key of a DataLoad or DataClean: ``dataload.<namespace>.<name>`` (the kind in lower case)."""
+    return f"{kind.lower()}.{namespace}.{name}"
 
 
 def manifest_name(namespace: str, name: str) -> str:

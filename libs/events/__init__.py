@@ -28,6 +28,17 @@ from libs.events.dataset import (
     DatasetStatusChanged,
 )
 from libs.events.deadletter import DeadLetter
+from libs.events.operation import (
+    DataCleanApply,
+    DataCleanDelete,
+    DataLoadApply,
+    DataLoadDelete,
+    DataLoadRun,
+    OperationAccepted,
+    OperationDeleted,
+    OperationRejected,
+    OperationStatusChanged,
+)
 from libs.events.runtime import (
     RuntimeAccepted,
     RuntimeApply,
@@ -36,6 +47,7 @@ from libs.events.runtime import (
     RuntimeRejected,
     RuntimeStatusChanged,
 )
+from libs.events.schedule import ScoreReply, ScoreRequest
 
 PUBLIC_EVENTS: tuple[type[Any], ...] = (
     DatasetApply,
@@ -51,6 +63,17 @@ PUBLIC_EVENTS: tuple[type[Any], ...] = (
     RuntimeRejected,
     RuntimeStatusChanged,
     RuntimeDeleted,
+    DataLoadApply,
+    DataLoadDelete,
+    DataLoadRun,
+    DataCleanApply,
+    DataCleanDelete,
+    OperationAccepted,
+    OperationRejected,
+    OperationStatusChanged,
+    OperationDeleted,
+    ScoreRequest,
+    ScoreReply,
     AgentHeartbeat,
     InventorySnapshot,
     InventoryDelta,

@@ -1,0 +1,247 @@
+"""Data operations: DataLoad (Fluid's warm-up, same fields) and DataClean (Shoal's own: the opposite of a load),
+their commands and facts, and the tasks the loader hands to the agents and the progress agents report back.
+
+A DataLoad or DataClean is an *operation*. Its facts are one family for both kinds (``kind`` says which), because
+their status is the same shape: Fluid's ``OperationStatus`` (phase, duration, conditions, lastScheduleTime,
+lastSuccessfulTime) plus Shoal's ``progress`` in files and bytes.
+
+Each execution of an operation is a *run* (a Once load has one; Cron and OnEvent loads have one per firing). The
+loader cuts a run into *parts*, each the work of one node on one dataset, and publishes them as ``NodeTask`` to
+the node's mount process of that dataset, which owns the block cache. The mount process reports ``TaskProgress``
+(cumulative for the part, at most once a second, and a last one with ``done``).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+from libs.events.agent import CachedFile
+from libs.events.common import Event, ObjectMeta, ObjectRef
+from libs.events.dataset import Condition
+
+OperationKind = Literal["DataLoad", "DataClean"]
+Policy = Literal["Once", "Cron", "OnEvent"]
+OperationPhase = Literal["Pending", "Executing", "Complete", "Failed"]
+
+
+class TargetPath(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omit_defaults=True):
+    """A file or folder of the dataset (as seen through the mount: ``/<mountPoint name>/<path in the object>``)."""
+
+    path: str
+    # How many owners of each block hold it (Fluid: "replicas"); at most the runtime's cache workers.
+    replicas: int = 1
+
+
+class OperationRef(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omit_defaults=True):
+    """Fluid's ``runAfter``: the operation that must be Complete before this one starts."""
+
+    kind: str
+    name: str
+    namespace: str = ""  # empty: the namespace of the operation that names it
+
+
+class DataLoadSpec(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omit_defaults=True):
+    dataset: ObjectRef
+    # Re-sync the dataset's listing before loading (Fluid: loadMetadata).
+    load_metadata: bool = False
+    # Empty: the whole dataset, one replica.
+    target: list[TargetPath] = []
+    policy: Policy = "Once"
+    # A cron expression (five fields, as Kubernetes CronJobs); required for policy Cron, refused otherwise.
+    schedule: str = ""
+    run_after: OperationRef | None = None
+    ttl_seconds_after_finished: int | None = None
+
+
+class DataCleanSpec(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omit_defaults=True):
+    dataset: ObjectRef
+    # Empty: every block of the dataset on every node; ``replicas`` is ignored.
+    target: list[TargetPath] = []
+    run_after: OperationRef | None = None
+    ttl_seconds_after_finished: int | None = None
+
+
+class DataLoad(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
+    metadata: ObjectMeta
+    spec: DataLoadSpec
+
+
+class DataClean(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
+    metadata: ObjectMeta
+    spec: DataCleanSpec
+
+
+class NodeProgress(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omit_defaults=True):
+    node: str
+    bytes_done: int = 0
+    bytes_total: int = 0
+
+
+class Progress(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omit_defaults=True):
+    """Shoal's progress of the current (or last) run. A clean counts freed bytes as done."""
+
+    files_done: int = 0
+    files_total: int = 0
+    bytes_done: int = 0
+    bytes_total: int = 0
+    # Blocks found already cached (a load) or not cached anywhere (a clean): done without work.
+    bytes_skipped: int = 0
+    rate_bytes_per_second: float = 0.0
+    # None while unknown (no bytes done yet, or done).
+    eta_seconds: float | None = None
+    nodes: list[NodeProgress] = []
+
+
+class OperationStatus(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omit_defaults=True):
+    """Fluid's OperationStatus (phase, duration, conditions, lastScheduleTime, lastSuccessfulTime) + progress."""
+
+    phase: OperationPhase = "Pending"
+    message: str = ""
+    # Fluid writes a duration like "1m32s"; "Unfinished" while running.
+    duration: str = ""
+    conditions: list[Condition] = []
+    last_schedule_time: str = ""
+    last_successful_time: str = ""
+    # RFC 3339 times of the current (or last) run.
+    start_time: str = ""
+    completion_time: str = ""
+    # Runs started so far (Cron, OnEvent); the current run's id is ``<kind>.<namespace>.<name>.<runs>``.
+    runs: int = 0
+    progress: Progress = Progress()
+    # What the operation waits for while Pending (e.g. "DataLoad default/warm to be Complete").
+    waiting_for: str = ""
+
+
+# --- Commands (other systems publish these). ---
+
+
+class DataLoadApply(Event, frozen=True, kw_only=True, tag="dataload.apply.v1", rename="camel"):
+    data_load: DataLoad
+
+
+class DataLoadDelete(Event, frozen=True, kw_only=True, tag="dataload.delete.v1", rename="camel"):
+    """Deletes the DataLoad and cancels its work (blocks already cached stay)."""
+
+    name: str
+    namespace: str = "default"
+
+
+class DataLoadRun(Event, frozen=True, kw_only=True, tag="dataload.run.v1", rename="camel"):
+    """Run a DataLoad now (any policy but Once; refused while it is Executing)."""
+
+    name: str
+    namespace: str = "default"
+
+
+class DataCleanApply(Event, frozen=True, kw_only=True, tag="dataclean.apply.v1", rename="camel"):
+    data_clean: DataClean
+
+
+class DataCleanDelete(Event, frozen=True, kw_only=True, tag="dataclean.delete.v1", rename="camel"):
+    name: str
+    namespace: str = "default"
+
+
+OperationCommand = DataLoadApply | DataLoadDelete | DataLoadRun | DataCleanApply | DataCleanDelete
+
+
+# --- Facts (the loader publishes these). ---
+
+
+class OperationAccepted(Event, frozen=True, kw_only=True, tag="operation.accepted.v1", rename="camel"):
+    causation_id: str
+    kind: OperationKind
+    name: str
+    namespace: str
+    generation: int
+
+
+class OperationRejected(Event, frozen=True, kw_only=True, tag="operation.rejected.v1", rename="camel"):
+    causation_id: str
+    reason: str
+    kind: str = ""
+    name: str = ""
+    namespace: str = ""
+    subject: str = ""
+
+
+class OperationStatusChanged(Event, frozen=True, kw_only=True, tag="operation.status.v1", rename="camel"):
+    kind: OperationKind
+    name: str
+    namespace: str
+    generation: int
+    status: OperationStatus
+
+
+class OperationDeleted(Event, frozen=True, kw_only=True, tag="operation.deleted.v1", rename="camel"):
+    """Deleted by a command (``causation_id`` = its id) or by ``ttlSecondsAfterFinished`` (empty)."""
+
+    kind: OperationKind
+    name: str
+    namespace: str
+    causation_id: str = ""
+
+
+OperationFact = OperationAccepted | OperationRejected | OperationStatusChanged | OperationDeleted
+
+
+# --- Loader ↔ agents (internal; JSON like the rest). ---
+
+TaskAction = Literal["load", "clean"]
+
+
+class NodeTask(Event, frozen=True, kw_only=True, tag="agent.task.v1", rename="camel"):
+    """One part of a run, for the mount process of ``dataset`` on ``node``. ``id`` = ``<run>.<part>``.
+
+    load: cache ``blocks`` (fetched from the store into this node's tiers, never through FUSE; blocks already
+    cached are skipped). clean: evict ``blocks`` and every cached block of ``files`` (any version); both empty
+    and ``everything`` set: the whole dataset's cache on the node.
+    """
+
+    run: str
+    part: int
+    parts: int
+    node: str
+    dataset: ObjectRef
+    action: TaskAction
+    blocks: list[CachedFile] = []
+    # (mount, key) of whole files to evict, for a clean of paths.
+    files: list[tuple[int, str]] = []
+    everything: bool = False
+
+
+class TaskCancel(Event, frozen=True, kw_only=True, tag="agent.task.cancel.v1", rename="camel"):
+    """Stop the parts of ``run`` (core NATS broadcast; a part delivered later is checked against the KV too)."""
+
+    run: str
+
+
+class TaskProgress(Event, frozen=True, kw_only=True, tag="agent.task.progress.v1", rename="camel"):
+    """Cumulative progress of one part. ``files_done``: indexes (in the part's ``blocks``) of the files whose
+    blocks in this part are all done. ``failed``: blocks that could not be done, with ``message`` saying why."""
+
+    run: str
+    part: int
+    node: str
+    blocks_done: int = 0
+    bytes_done: int = 0
+    bytes_skipped: int = 0
+    files_done: list[int] = []
+    failed: int = 0
+    message: str = ""
+    done: bool = False
+
+
+class OperationRecord(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
+    """What the loader keeps in KV ``shoal_operations`` (key ``subjects.operation_key``): spec and status. The
+    state of the current run (parts, their progress) is the loader's own, in ``shoal_operation_runs``."""
+
+    kind: OperationKind
+    metadata: ObjectMeta
+    load: DataLoadSpec | None = None
+    clean: DataCleanSpec | None = None
+    generation: int = 1
+    created_at: str = ""
+    status: OperationStatus = OperationStatus()

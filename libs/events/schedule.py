@@ -1,0 +1,55 @@
+"""Scheduling questions: which nodes hold the bytes of the datasets a pod (or job) uses, asked over NATS
+request/reply (``sched.score.v1``) by any scheduler; the webhook and the extender ask the same function.
+
+Scores are 0..100 per node (the Kubernetes extender's range is 0..10 and is scaled there). ``required`` keeps
+only nodes that hold some of the dataset's cache (Fluid's ``fluid.io/dataset.<name>.sched: required``). A request
+that uses no dataset ranks nodes *without* cache first (Fluid's "prefer nodes without cache").
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from libs.events.common import Event
+
+
+class DatasetUse(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omit_defaults=True):
+    name: str
+    namespace: str = "default"
+    # Only these dataset paths count (a file or folder, as in the mount); empty: the whole dataset.
+    paths: list[str] = []
+    required: bool = False
+
+
+class Candidate(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omit_defaults=True):
+    """A node the caller may place the work on, with its labels (for zone/region locality). Labels empty: the
+    labels the node's agent reported, if any."""
+
+    name: str
+    labels: dict[str, str] = {}
+
+
+class ScoreRequest(Event, frozen=True, kw_only=True, tag="sched.score.v1", rename="camel"):
+    datasets: list[DatasetUse] = []
+    # Empty: every node the scheduler knows (agents that reported inventory or heartbeats).
+    candidates: list[Candidate] = []
+
+
+class NodeScore(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omit_defaults=True):
+    node: str
+    score: int
+    # Bytes of the requested datasets (and paths) this node caches, and their share of the requested total.
+    cached_bytes: int = 0
+    share: float = 0.0
+    # How the score was made, for a person ("holds 92% of default/imagenet", "same zone as a cache node").
+    reason: str = ""
+
+
+class ScoreReply(Event, frozen=True, kw_only=True, tag="sched.score.reply.v1", rename="camel"):
+    """Nodes best first (ties broken by name); in required mode, nodes left out are listed in ``filtered``."""
+
+    causation_id: str = ""
+    scores: list[NodeScore] = []
+    filtered: dict[str, str] = {}
+    # Set when the request could not be answered (malformed, unknown dataset...); scores are then empty.
+    error: str = ""
