@@ -301,8 +301,8 @@ class Cluster:
         self.service_env = {**self.base_env, "SHOAL_S3_ENDPOINT": seaweed.endpoint}
         self.services: list[Child] = []
 
-    def start_services(self) -> None:
-        for module in ("services.dataset", "services.runtime"):
+    def start_services(self, modules: Sequence[str] = ("services.dataset", "services.runtime")) -> None:
+        for module in modules:
             self.services.append(Child(module, [sys.executable, "-m", module], self.logs / f"{module}.log",
                                        env=self.service_env))
 
@@ -355,19 +355,20 @@ class Cluster:
 
         return await connect(NatsSettings(urls=[self.nats_url]), "shoal-bench-seed")
 
-    def wait_serving(self, agents: Sequence[Agent], name: str, size: int, timeout: float = 180.0) -> None:
-        """Every agent's mount is up and shows the model at its size, and the mount processes stayed the same for
-        2 s (a runtime that flips NotReady while agents start makes an agent mount again)."""
+    def wait_serving(self, agents: Sequence[Agent], name: str, size: int, timeout: float = 180.0,
+                     key: str = KEY) -> None:
+        """Every agent's mount is up and shows ``key`` (the model) at its size, and the mount processes stayed the
+        same for 2 s (a runtime that flips NotReady while agents start makes an agent mount again)."""
         deadline = time.monotonic() + timeout
         for agent in agents:
             path = agent.mountpoint(name)
             wait_mounted(path, max(1.0, deadline - time.monotonic()), agent.child, f"the mount of {agent.node}")
             while True:
                 with contextlib.suppress(OSError):
-                    if (path / KEY).stat().st_size == size:
+                    if (path / key).stat().st_size == size:
                         break
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"{path / KEY} not visible at {size} bytes in {agent.node}'s mount")
+                    raise TimeoutError(f"{path / key} not visible at {size} bytes in {agent.node}'s mount")
                 time.sleep(0.1)
         last: list[list[int]] = []
         since = time.monotonic()
