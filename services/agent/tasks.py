@@ -298,7 +298,7 @@ class TaskRunner:
             with contextlib.suppress(Exception):
                 await message.nak(delay=0)  # the next mount process gets it at once
             return
-        final = ledger.progress(task, _progress_id(task, deliveries, "final"), done=True,
+        final = ledger.progress(task, progress_id(task, deliveries, "final"), done=True,
                                 message=CANCELLED if outcome == "cancelled" else "")
         try:
             await self.bus.publish(subjects.task_progress(self.node), final)
@@ -363,7 +363,7 @@ class TaskRunner:
             sent += 1
             try:
                 await self.bus.publish(subjects.task_progress(self.node),
-                                       ledger.progress(task, _progress_id(task, deliveries, str(sent))))
+                                       ledger.progress(task, progress_id(task, deliveries, str(sent))))
             except Exception as err:  # the next one carries the same counts, cumulative
                 log.warning("progress not published", dataset=self._key, run=task.run, error=repr(err))
 
@@ -431,7 +431,7 @@ class TaskRunner:
                     ledger.done(file_index, size, skipped=True)
 
 
-def _progress_id(task: NodeTask, deliveries: int, k: str) -> str:
+def progress_id(task: NodeTask, deliveries: int, k: str) -> str:
     """``<run>.<part>.<k>``; k names the delivery too, so a part run again after a restart is not deduplicated
     against what the previous process published."""
     return f"{task.run}.{task.part}.{deliveries}-{k}"
