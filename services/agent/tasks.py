@@ -227,7 +227,12 @@ class TaskRunner:
                     for message in messages:
                         await self._process(message)
                 except Exception as err:
-                    log.warning("task consumer failed, pulling again", dataset=self._key, error=repr(err))
+                    log.warning("task consumer failed, subscribing again", dataset=self._key, error=repr(err))
+                    if subscription is not None:  # e.g. its consumer is gone: pull_subscribe makes it again
+                        with contextlib.suppress(Exception):
+                            await subscription.unsubscribe()
+                        subscription = None
+                        self.subscribed.clear()
                     await self._wait(RETRY_SECONDS)
         finally:
             self.subscribed.clear()
