@@ -257,6 +257,10 @@ def _check(settings: Settings) -> list[str]:
         problems.append(f"SHOAL_CACHE_POLICY={settings.agent.cache_policy!r}: use lfu-admission or lru")
     if settings.agent.heartbeat_seconds <= 0:
         problems.append("SHOAL_HEARTBEAT_SECONDS: must be positive")
+    # The node name is one token of NATS subjects (heartbeats, inventory, tasks) and part of durable names.
+    if not settings.agent.node_name or any(c in settings.agent.node_name for c in ".*> \t\r\n"):
+        problems.append(f"SHOAL_NODE_NAME={settings.agent.node_name!r}: must be non-empty, without '.', '*', '>' "
+                        "or spaces (it names NATS subjects); e.g. the host name with dots replaced by '-'")
     if settings.agent.load_concurrency < 1:
         problems.append(f"SHOAL_LOAD_CONCURRENCY={settings.agent.load_concurrency}: must be at least 1")
     for variable, quantity in (("SHOAL_READAHEAD_BUDGET", settings.agent.readahead_budget),
