@@ -1,13 +1,17 @@
 """The pure pieces of the agent's task executor (``services.agent.tasks``): which runs are current, which blocks of
-a load can be fetched against the manifest, and the cumulative counts a part reports."""
+a load can be fetched against the manifest, the cumulative counts a part reports; and that a load on any node
+reads the store, never a peer."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from libs.events.agent import CachedFile
 from libs.events.common import ObjectMeta, ObjectRef
 from libs.events.dataset import ManifestEntry
 from libs.events.operation import DataLoadSpec, NodeTask, OperationRecord, OperationStatus
 from services.agent.tasks import CHANGED, PartLedger, block_problem, load_blocks, not_current, parse_run, progress_id
+from tests.unit.test_peer import RBLOCK, node
 
 BLOCK = 1024
 
@@ -84,3 +88,13 @@ def testprogress_ids_differ_across_deliveries_of_a_part() -> None:
     ids = {progress_id(part, delivery, k) for delivery in (1, 2) for k in ("1", "2", "final")}
     assert len(ids) == 6
     assert all(i.startswith("dataload.default.warm.3.1.") for i in ids)
+
+
+async def test_a_load_on_a_non_owner_fetches_from_the_store_never_a_peer(tmp_path: Path) -> None:
+    """``warm`` is the store path whatever the ring says: the loader picked this node to hold the block."""
+    n = await node(tmp_path, me="me", ring_nodes=("a", "b", "c"))  # "me" is not even in the ring: a client
+    for index in range(3):
+        assert await n.reader.warm(n.entry, index) is True
+    assert n.peers.asks == []
+    assert sorted(get.start // RBLOCK for get in n.store.gets) == [0, 1, 2]
+    assert all(n.cache.contains(n.reader.block_id(n.entry, index)) for index in range(3))
