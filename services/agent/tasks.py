@@ -195,7 +195,6 @@ class TaskRunner:
         self.concurrency = max(1, concurrency)
         self.subject = subjects.node_task(node, dataset.namespace, dataset.name)
         self.durable = subjects.task_durable(node, dataset.namespace, dataset.name)
-        self.subscribed = asyncio.Event()  # the consumer is pulling (readiness, tests)
         self._stopping = asyncio.Event()
         self._running: _Running | None = None
         self._cancelled: deque[str] = deque(maxlen=CANCELLED_RUNS)
@@ -219,7 +218,6 @@ class TaskRunner:
                         subscription = await self.bus.js.pull_subscribe(
                             self.subject, durable=self.durable, stream=subjects.STREAM_TASKS,
                             config=self._consumer_config())
-                        self.subscribed.set()
                     try:
                         messages = await subscription.fetch(1, timeout=FETCH_SECONDS)
                     except (TimeoutError, nats.errors.TimeoutError):
@@ -232,10 +230,8 @@ class TaskRunner:
                         with contextlib.suppress(Exception):
                             await subscription.unsubscribe()
                         subscription = None
-                        self.subscribed.clear()
                     await self._wait(RETRY_SECONDS)
         finally:
-            self.subscribed.clear()
             for sub in (subscription, cancels):
                 if sub is not None:
                     with contextlib.suppress(Exception):

@@ -145,12 +145,12 @@ def size(file: CachedFile) -> int:
 
 @asynccontextmanager
 async def loader_stack(bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path,
-                       **mount_env: str) -> AsyncIterator[Loader]:
+                       **agent_options: Any) -> AsyncIterator[Loader]:
     await put_objects(seaweedfs, bucket, OBJECTS)
     store = PassingProxy(seaweedfs.endpoint)
     await store.start()
     try:
-        async with node_stack(bus, settings, seaweedfs, tmp_path, mount_env=mount_env) as node:
+        async with node_stack(bus, settings, seaweedfs, tmp_path, **agent_options) as node:
             await node.apply(NAME, bucket, endpoint=store.endpoint)
             await node.wait_mounted(NAME, expect="data/b.bin")
             record = await node.record(NAME)
@@ -270,7 +270,7 @@ async def test_a_part_whose_run_is_not_current_is_skipped(
 
 async def test_task_cancel_stops_a_running_part(
         bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path) -> None:
-    async with loader_stack(bus, settings, seaweedfs, bucket, tmp_path, SHOAL_LOAD_CONCURRENCY="2") as loader:
+    async with loader_stack(bus, settings, seaweedfs, bucket, tmp_path, load_concurrency=2) as loader:
         run = await loader.operation("cancelled")
         loader.store.hold()
         await loader.publish(run, "load", [loader.blocks("data/a.bin"), loader.blocks("data/b.bin")])
@@ -293,7 +293,7 @@ async def test_task_cancel_stops_a_running_part(
 
 async def test_a_killed_mount_process_resumes_its_part_and_fetches_each_block_once(
         bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path) -> None:
-    async with loader_stack(bus, settings, seaweedfs, bucket, tmp_path, SHOAL_LOAD_CONCURRENCY="1") as loader:
+    async with loader_stack(bus, settings, seaweedfs, bucket, tmp_path, load_concurrency=1) as loader:
         run = await loader.operation("resumed")
         files = [loader.blocks("data/a.bin"), loader.blocks("data/b.bin")]
         loader.store.passes = 3  # three blocks fetched and cached, the fourth held
