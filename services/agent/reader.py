@@ -9,6 +9,8 @@ What it decides:
   fails or lies (``PeerError``) only sends the read to the next source;
 - a block the peer server is asked for comes from the cache or the store (``serve_block``), never another peer,
   coalesced with this mount's own store fetch of it;
+- a block a DataLoad warms (``warm``) comes from the store into the cache whatever its route, never a peer,
+  coalesced the same way;
 - sequential readers get blocks fetched ahead (window from ``readahead``), within one memory budget;
 - a small random read inside an uncached block is answered with a GET of just those bytes, while the whole
   block is fetched in the background for next time; when the block's source is a peer, the whole block is
