@@ -122,9 +122,11 @@ class NatsConfig:
     port: int
     monitor_port: int
     store_dir: Path
-    # Bounded so a test run or a laptop demo never sizes JetStream from the whole machine's RAM and disk.
+    # Bounded so a test run or a laptop demo never sizes JetStream from the whole machine's RAM and disk. The file
+    # store must hold the max_bytes every stream reserves (libs.bus.STREAMS: four of 1 GiB since SHOAL_TASKS), or
+    # provisioning fails with "insufficient storage resources"; reserved, not written.
     max_memory_store: str = "256MB"
-    max_file_store: str = "4GB"
+    max_file_store: str = "8GB"
 
     @property
     def url(self) -> str:

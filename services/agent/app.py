@@ -230,8 +230,11 @@ class NodeAgent:
                                 ("SHOAL_PEER_SECRET_FILE", agent.peer_secret_file)):
             if value:
                 env[variable] = value
-        if agent.peer_host != AgentSettings().peer_host:
+        defaults = AgentSettings()
+        if agent.peer_host != defaults.peer_host:
             env["SHOAL_PEER_HOST"] = agent.peer_host
+        if agent.load_concurrency != defaults.load_concurrency:  # the mount processes execute loads
+            env["SHOAL_LOAD_CONCURRENCY"] = str(agent.load_concurrency)
         return env
 
     def _release_readahead(self, worker: MountWorker) -> None:

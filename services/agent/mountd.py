@@ -6,8 +6,9 @@ dataset's runtime tiers, the FUSE session, reloading the tree (and the object st
 dataset is re-synced, publishing the cache inventory, and the peer side of the distributed cache: the ring of
 block owners (from the runtime record's ``status.workers``, watched) that routes its misses, and with
 ``--peer-port`` a peer server lending its blocks to the other nodes (``peer.py``; the README says why it lives
-here). The mount is put in place only once everything is loaded, beneath a previous (dead) mount at the mount point
-(``handover``). SIGTERM unmounts and exits 0; when the dataset was deleted, its cached blocks are deleted too.
+here); and the loader's DataLoad and DataClean parts for this dataset on this node (``tasks.py``). The mount is
+put in place only once everything is loaded, beneath a previous (dead) mount at the mount point (``handover``).
+SIGTERM unmounts and exits 0; when the dataset was deleted, its cached blocks are deleted too.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ from services.agent.nodebudget import BudgetFileError, NodeReadAhead, SlotFile
 from services.agent.peer import PeerClient, PeerConfigError, PeerServer, load_secret, runtime_key
 from services.agent.readahead import MemoryBudget
 from services.agent.reader import BlockReader, BlockRouter, StoreGate
+from services.agent.tasks import TaskRunner
 
 log = get_logger("shoal-mount")
 
@@ -185,6 +187,11 @@ class MountedDataset:
         pyfuse3.init(fs, mount_at, options)
         fuse_loop = asyncio.create_task(pyfuse3.main())
         inventory_task = asyncio.create_task(publisher.run())
+        # Loads and cleans work on the cache and the reader's store path, not on FUSE: they start with them.
+        runner = TaskRunner(self.bus, self.settings.agent.node_name, ObjectRef(name=self.name,
+                                                                               namespace=self.namespace),
+                            cache, reader, lambda: self.entries, self.settings.agent.load_concurrency)
+        tasks_task = asyncio.create_task(runner.run())
         reporter = StatusReporter(self.status_file, cache.stats)
         reporter_task = asyncio.create_task(reporter.run())
         self.readiness.add("cache", lambda: "; ".join(
@@ -192,7 +199,7 @@ class MountedDataset:
         self.readiness.add("fuse", lambda: "FUSE session ended" if fuse_loop.done() else None)
         watcher: asyncio.Task[None] | None = None
         ring_watch: asyncio.Task[None] | None = None
-        loops = {"inventory": inventory_task, "status": reporter_task}
+        loops = {"inventory": inventory_task, "status": reporter_task, "tasks": tasks_task}
         self.readiness.add("loops", lambda: ", ".join(f"{n} not running" for n, t in loops.items() if t.done()) or None)
         stopper = asyncio.create_task(stop.wait())
         device = None
@@ -218,6 +225,7 @@ class MountedDataset:
             if ring_watch is not None:
                 ring_watch.cancel()
             reporter.stop()
+            runner.stop()  # a part in progress stops between blocks and is given back for the next process
             stopper.cancel()
             pyfuse3.terminate()
             with contextlib.suppress(Exception):
@@ -226,12 +234,14 @@ class MountedDataset:
             pyfuse3.close(unmount=False)
             if peer_server is not None:
                 await peer_server.stop()
+            await asyncio.gather(tasks_task, return_exceptions=True)  # before the reader drains and stores close
             await reader.drain()
             if client is not None:
                 await client.close()
             if self.deleted or await self._dataset_gone():
                 purged = cache.purge()  # evictions reach the inventory's last delta
                 log.info("dataset deleted, cache freed", dataset=self.key, blocks=purged)
+                await runner.forget()
             publisher.stop()
             await asyncio.gather(inventory_task, reporter_task, *([watcher] if watcher else []),
                                  *([ring_watch] if ring_watch else []), return_exceptions=True)

@@ -9,6 +9,8 @@ What it decides:
   fails or lies (``PeerError``) only sends the read to the next source;
 - a block the peer server is asked for comes from the cache or the store (``serve_block``), never another peer,
   coalesced with this mount's own store fetch of it;
+- a block a DataLoad warms (``warm``) comes from the store into the cache whatever its route, never a peer,
+  coalesced the same way;
 - sequential readers get blocks fetched ahead (window from ``readahead``), within one memory budget;
 - a small random read inside an uncached block is answered with a GET of just those bytes, while the whole
   block is fetched in the background for next time; when the block's source is a peer, the whole block is
@@ -178,6 +180,7 @@ class BlockReader:
         self._store_inflight: dict[BlockId, asyncio.Future[bytes]] = {}
         self._peer_logged: dict[str, float] = {}
         self._writing: dict[BlockId, bytes] = {}  # fetched, being written to the cache
+        self._written: dict[BlockId, asyncio.Future[object]] = {}  # the writes of ``_writing``, for ``warm``
         self._cache_wanted: set[BlockId] = set()  # store fetches in flight that some caller wants cached
         self._background: set[asyncio.Future[object]] = set()
 
@@ -285,6 +288,25 @@ class BlockReader:
             return cached
         return await self._store_block(entry, index, block, cache=True)
 
+    async def warm(self, entry: ManifestEntry, index: int) -> bool:
+        """Bring one block into this node's cache straight from the store, for a DataLoad (never a peer: the
+        loader already picked this node as an owner; never FUSE). False when it was cached or being written
+        already; True when it was fetched for this call (joining a store fetch of it in flight). Returns once the
+        block's cache write is over; whether the cache kept it is ``cache.contains``. Store errors raise
+        ``UfsError``."""
+        block = self.block_id(entry, index)
+        if self.cache.contains(block):
+            return False
+        written = self._written.get(block)
+        if written is not None:
+            await asyncio.shield(written)
+            return False
+        await self._store_block(entry, index, block, cache=True)
+        written = self._written.get(block)
+        if written is not None:
+            await asyncio.shield(written)
+        return True
+
     async def _store_block(self, entry: ManifestEntry, index: int, block: BlockId, cache: bool) -> bytes:
         if cache:
             self._cache_wanted.add(block)
@@ -307,8 +329,9 @@ class BlockReader:
                 await self.write_block(block, data)
             finally:
                 self._writing.pop(block, None)
+                self._written.pop(block, None)
 
-        self._spawn(write())
+        self._written[block] = self._spawn(write())
 
     def _local(self, block: BlockId) -> bytes | None:
         cached = self.cache.get(block)
@@ -379,10 +402,11 @@ class BlockReader:
             del handle.ahead[index]
             self.budget.give_back(self.block_size)
 
-    def _spawn(self, work: Awaitable[object]) -> None:
+    def _spawn(self, work: Awaitable[object]) -> asyncio.Future[object]:
         task = asyncio.ensure_future(work)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        return task
 
     async def drain(self) -> None:
         """Wait for background fetches and cache writes (used at shutdown and by tests)."""

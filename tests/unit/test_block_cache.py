@@ -472,3 +472,47 @@ def test_from_levels_refuses_unknown_media_and_disk_levels_without_a_path() -> N
         BlockCache.from_levels([Level(mediumtype="HDD", quota="1Mi")], "default/demo")
     with pytest.raises(ValueError, match="at least one tier"):
         BlockCache([])
+
+
+# -- evictions asked for (DataClean) ---------------------------------------------------------------------
+
+
+def test_evict_frees_the_blocks_named_through_the_inventory(tmp_path: Path, inventory: Inventory) -> None:
+    root = tmp_path / "ssd"
+    cache = make_cache(disk(root, 10), inventory=inventory)
+    for index in range(5):
+        assert cache.put(block(index), payload(index))
+
+    evicted = cache.evict([block(1), block(4), block(9)])  # 9 was never cached
+
+    assert evicted == [(block(1), SIZE), (block(4), SIZE)]
+    assert inventory.evicted == [block(1), block(4)]
+    assert cache.get(block(1)) is None and cache.get(block(4)) is None
+    assert cache.stats().cached_bytes == 3 * SIZE
+    assert {path.name for path in block_files(root)} == {block(i).name for i in (0, 2, 3)}
+
+
+def test_cached_blocks_selects_every_version_of_a_file_for_evict(tmp_path: Path, inventory: Inventory) -> None:
+    root = tmp_path / "ssd"
+    cache = make_cache(disk(root, 10), inventory=inventory)
+    for index in range(2):
+        assert cache.put(block(index, etag="old"), payload(index))
+        assert cache.put(block(index, etag="new"), payload(index))
+    assert cache.put(block(0, key="other"), payload(0))
+
+    chosen = cache.cached_blocks(lambda b: b.key == "train/shard-0.tar")
+    assert sorted(b.name for b in chosen) == sorted(block(i, etag=e).name for i in range(2) for e in ("old", "new"))
+    assert len(cache.evict(chosen)) == 4
+    assert [b for b, _ in cache.blocks()] == [block(0, key="other")]
+    assert [path.name for path in block_files(root)] == [block(0, key="other").name]
+
+
+def test_evict_during_a_write_deletes_the_block_when_it_lands(tmp_path: Path, inventory: Inventory) -> None:
+    root = tmp_path / "ssd"
+    cache = make_cache(disk(root, 4), inventory=inventory)
+    reservation = cache.reserve(block(0), SIZE)
+    assert reservation is not None
+    assert cache.evict([block(0)]) == []
+    assert reservation.write(payload(0))
+    assert cache.commit(reservation, True) is False
+    assert block_files(root) == [] and inventory.cached == []

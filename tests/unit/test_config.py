@@ -162,6 +162,9 @@ def test_error_shows_the_bad_value_of_plain_settings() -> None:
         ("SHOAL_LOG_LEVEL", "INFO "),
         ("SHOAL_READAHEAD_BUDGET", "lots"),
         ("SHOAL_MEMORY_TIER_BUDGET", "4 gigs"),
+        ("SHOAL_LOAD_CONCURRENCY", "0"),
+        ("SHOAL_NODE_NAME", "node-1.example.com"),
+        ("SHOAL_NODE_NAME", "node *"),
     ],
 )
 def test_out_of_range_values(name: str, raw: str) -> None:

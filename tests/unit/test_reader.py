@@ -405,3 +405,45 @@ async def test_large_random_read_fetches_whole_blocks(tmp_path: Path) -> None:
 
 async def _true(value: bool) -> bool:
     return value
+
+
+# --- warm (DataLoad) ---
+
+
+async def test_warm_fetches_a_block_into_the_cache_once_and_then_skips_it(tmp_path: Path) -> None:
+    setup = await make(tmp_path)
+    block = setup.reader.block_id(setup.entry, 3)
+    assert await setup.reader.warm(setup.entry, 3) is True
+    assert setup.cache.contains(block)  # written when warm returns, not later
+    assert await setup.reader.warm(setup.entry, 3) is False
+    assert setup.blocks_fetched() == [3]
+    handle = setup.reader.open(setup.entry)
+    assert bytes(await setup.reader.read(handle, 3 * BLOCK, BLOCK)) == setup.body[3 * BLOCK:4 * BLOCK]
+    assert setup.blocks_fetched() == [3]
+
+
+async def test_warm_joins_a_read_in_flight_and_a_read_joins_a_warm(tmp_path: Path) -> None:
+    setup = await make(tmp_path)
+    setup.store.hold()
+    handle = setup.reader.open(setup.entry)
+    read = asyncio.ensure_future(setup.reader.read(handle, 5 * BLOCK, BLOCK))
+    await eventually(lambda: _true(setup.store.waiting >= 1), what="a GET held at the store")
+    warms = [asyncio.ensure_future(setup.reader.warm(setup.entry, index)) for index in (5, 6)]
+    await eventually(lambda: _true(setup.store.waiting >= 2), what="the second block's GET held too")
+    other = setup.reader.open(setup.entry)
+    read_6 = asyncio.ensure_future(setup.reader.read(other, 6 * BLOCK, BLOCK))
+    setup.store.release()
+    assert bytes(await read) == setup.body[5 * BLOCK:6 * BLOCK]
+    assert bytes(await read_6) == setup.body[6 * BLOCK:7 * BLOCK]
+    assert [await warm for warm in warms] == [True, True]
+    await setup.reader.drain()
+    assert sorted(setup.blocks_fetched()) == [5, 6]
+    assert all(setup.cache.contains(setup.reader.block_id(setup.entry, i)) for i in (5, 6))
+
+
+async def test_warm_raises_the_store_error_and_caches_nothing(tmp_path: Path) -> None:
+    setup = await make(tmp_path)
+    setup.store.unreachable = True
+    with pytest.raises(EndpointUnreachable):
+        await setup.reader.warm(setup.entry, 0)
+    assert not setup.cache.contains(setup.reader.block_id(setup.entry, 0))

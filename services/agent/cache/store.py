@@ -368,6 +368,30 @@ class BlockCache:
                 reservation.stale = True
         return len(stale)
 
+    def cached_blocks(self, select: Callable[[BlockId], bool]) -> list[BlockId]:
+        """The indexed blocks ``select`` accepts (e.g. every block of some files), for ``evict``."""
+        return [entry.block for entry in self._index.values() if select(entry.block)]
+
+    def evict(self, blocks: Iterable[BlockId]) -> list[tuple[BlockId, int]]:
+        """Deletes these blocks (a DataClean); returns those that were cached, with their sizes.
+
+        The path of every eviction: out of the index and the policy (``on_evicted``, so the inventory reports it),
+        then the file. A write of one of them still in flight is marked stale, so its file is deleted when it
+        commits. Runs on the loop, one unlink per block: callers evict in slices and yield between them.
+        """
+        evicted: list[tuple[BlockId, int]] = []
+        for block in blocks:
+            name = block.name
+            entry = self._index.get(name)
+            if entry is not None:
+                self._forget(name, entry)
+                self._tiers[entry.tier].remove(name)
+                evicted.append((entry.block, entry.size))
+            pending = self._pending.get(name)
+            if pending is not None:
+                pending.stale = True
+        return evicted
+
     def purge(self) -> int:
         """Deletes every block and then the emptied folders (the dataset was deleted); returns how many blocks.
 

@@ -1,0 +1,438 @@
+"""The loader's work on this node's cache of one dataset: the mount process executes the ``NodeTask`` parts of
+DataLoads and DataCleans addressed to it (the protocol: ``libs.events.operation`` and the agent README).
+
+What it decides:
+- which parts run: one at a time, from this mount's durable consumer (``subjects.task_durable``), and only while
+  their run is current — the operation's record in KV ``shoal_operations`` is Executing at that run's number;
+  a part of an older, deleted or finished run is acknowledged and skipped (``not_current``);
+- per block of a load: failed when its object version is not in the current manifest ("object changed since the
+  load was planned"); skipped when cached; otherwise fetched from the store into the cache (``BlockReader.warm``:
+  the reader's coalesced store path, never FUSE, never a peer), at most ``SHOAL_LOAD_CONCURRENCY`` at once, and
+  done once written. A store error fails that block with its reason (an unreachable store is tried again twice
+  first), never the part or the process;
+- a clean: the blocks named (skipped when not cached), every cached block of ``files`` (any version), or
+  everything, evicted through the cache's own eviction path, so inventory deltas report it; freed bytes are done;
+- progress (``PartLedger``, pure): cumulative ``TaskProgress`` at most once a second while there is news, then a
+  final one with ``done`` (``failed`` and the first reason if blocks failed), then the acknowledgement;
+- ``TaskCancel`` (core NATS) stops the run's part between blocks: the blocks in flight are not waited for (their
+  fetches finish in the reader and are cached), a final progress says "cancelled", the part is acknowledged;
+- a mount process that stops leaves its part unacknowledged (a clean stop gives it back at once): its successor
+  gets it again, skips what is cached, so no block is fetched twice. A killed one's part comes back after
+  ``ACK_WAIT_SECONDS``; ``in_progress`` every second keeps a live one's part from being redelivered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+import msgspec
+import nats
+from nats.aio.msg import Msg
+from nats.js import api as js_api
+
+from libs import subjects
+from libs.blocks import BlockId, block_count
+from libs.bus import DAY, Bus, kv_load
+from libs.events.common import ObjectRef
+from libs.events.dataset import ManifestEntry
+from libs.events.operation import NodeTask, OperationRecord, TaskCancel, TaskProgress
+from libs.telemetry import get_logger
+from libs.ufs.base import EndpointUnreachable, UfsError
+from services.agent.cache import BlockCache
+from services.agent.reader import BlockReader
+
+log = get_logger(__name__)
+
+# A part whose mount process was killed goes to its successor after this long without an ``in_progress``; a live
+# process sends one every HEARTBEAT_SECONDS, so only a loop stalled for 5 s lets a part be delivered twice (which
+# costs nothing: cached blocks are skipped).
+ACK_WAIT_SECONDS = 5.0
+# The protocol's "at most once a second" for progress, and the in_progress cadence with it.
+HEARTBEAT_SECONDS = 1.0
+# A part delivered this often without being finished (a process that crashes on it every time) is given up;
+# a restart or a clean stop each count one.
+MAX_DELIVER = 20
+# A durable nobody pulled from for a day (its dataset unmounted from this node) is dropped by the server; the
+# stream keeps tasks for a day too, so nothing it could still deliver is lost.
+INACTIVE_SECONDS = DAY
+# How long one pull waits for a part before looking at ``stop`` again.
+FETCH_SECONDS = 1.0
+# Blocks evicted per turn of the loop: one unlink each, so FUSE reads are served between slices.
+CLEAN_SLICE = 256
+# An unreachable store is tried this often per block, waiting past the reader's 1 s fail-fast window between.
+STORE_ATTEMPTS = 3
+STORE_RETRY_SECONDS = 1.5
+# Cancelled runs remembered, for parts of them delivered after the broadcast (the KV check covers the rest).
+CANCELLED_RUNS = 64
+# After NATS errors in the consumer loop, wait this long before pulling again.
+RETRY_SECONDS = 1.0
+
+CHANGED = "object changed since the load was planned"
+NOT_KEPT = "fetched but not kept: the cache is full of blocks read more often, or its tiers are down"
+CANCELLED = "cancelled"
+
+_TASK = msgspec.json.Decoder(NodeTask)
+_CANCEL = msgspec.json.Decoder(TaskCancel)
+
+
+# --- pure ---
+
+
+def parse_run(run: str) -> tuple[str, int] | None:
+    """``<operation key>.<n>`` → (operation key, n); None when it is not of that shape."""
+    key, _, number = run.rpartition(".")
+    if not key or not number.isdigit():
+        return None
+    return key, int(number)
+
+
+def not_current(run: str, record: OperationRecord | None) -> str | None:
+    """Why a part of ``run`` must not run, given its operation's record; None when the run is current."""
+    parsed = parse_run(run)
+    if parsed is None:
+        return f"run id {run!r} is not <operation>.<number>"
+    if record is None:
+        return "its operation no longer exists"
+    if record.status.runs != parsed[1]:
+        return f"the operation is at run {record.status.runs}"
+    if record.status.phase != "Executing":
+        return f"the operation is {record.status.phase}"
+    return None
+
+
+def block_problem(entry: ManifestEntry | None, etag: str, index: int, block_size: int) -> str | None:
+    """Why a block of a load cannot be fetched against the current manifest; None when it can."""
+    if entry is None or entry.etag != etag:
+        return CHANGED
+    if not 0 <= index < block_count(entry.size, block_size):
+        return f"block {index} is past the end of the object ({entry.size} bytes)"
+    return None
+
+
+@dataclass
+class PartLedger:
+    """What one part has done so far, as ``TaskProgress`` says it: cumulative counts, files whose blocks in the
+    part are all done (failed ones never are), and the first failure's reason."""
+
+    remaining: list[int]  # per file of the part's ``blocks``: blocks not done yet
+    failed_files: set[int] = field(default_factory=set)
+    blocks_done: int = 0
+    bytes_done: int = 0
+    bytes_skipped: int = 0
+    failed: int = 0
+    message: str = ""
+    version: int = 0  # bumped on every change, so the heartbeat publishes only news
+
+    @classmethod
+    def of(cls, task: NodeTask) -> PartLedger:
+        return cls(remaining=[len(file.blocks) for file in task.blocks])
+
+    def done(self, file: int | None, size: int, *, skipped: bool = False) -> None:
+        """A block done (``file``: its index in the part's ``blocks``, None for blocks of ``files``/everything)."""
+        self.blocks_done += 1
+        if skipped:
+            self.bytes_skipped += size
+        else:
+            self.bytes_done += size
+        if file is not None:
+            self.remaining[file] -= 1
+        self.version += 1
+
+    def fail(self, file: int | None, reason: str) -> None:
+        self.failed += 1
+        self.message = self.message or reason
+        if file is not None:
+            self.failed_files.add(file)
+        self.version += 1
+
+    def files_done(self) -> list[int]:
+        return [i for i, left in enumerate(self.remaining) if left <= 0 and i not in self.failed_files]
+
+    def progress(self, task: NodeTask, event_id: str, *, done: bool = False, message: str = "") -> TaskProgress:
+        return TaskProgress(id=event_id, run=task.run, part=task.part, node=task.node, blocks_done=self.blocks_done,
+                            bytes_done=self.bytes_done, bytes_skipped=self.bytes_skipped,
+                            files_done=self.files_done(), failed=self.failed, message=message or self.message,
+                            done=done)
+
+
+def load_blocks(task: NodeTask) -> Iterator[tuple[int, int, int]]:
+    """(file index in the part, block index, size) of every block of a part, in order."""
+    for file_index, file in enumerate(task.blocks):
+        for index, size in file.blocks:
+            yield file_index, index, size
+
+
+# --- I/O ---
+
+
+Outcome = Literal["finished", "cancelled", "stopped"]
+
+
+@dataclass
+class _Running:
+    run: str
+    abort: asyncio.Event = field(default_factory=asyncio.Event)
+    cancelled: bool = False
+
+
+class TaskRunner:
+    """Pulls this mount's parts and executes them on its cache, until ``stop``."""
+
+    def __init__(self, bus: Bus, node: str, dataset: ObjectRef, cache: BlockCache, reader: BlockReader,
+                 entries: Callable[[], Mapping[tuple[int, str], ManifestEntry]], concurrency: int) -> None:
+        self.bus = bus
+        self.node = node
+        self.dataset = dataset
+        self.cache = cache
+        self.reader = reader
+        self.entries = entries
+        self.concurrency = max(1, concurrency)
+        self.subject = subjects.node_task(node, dataset.namespace, dataset.name)
+        self.durable = subjects.task_durable(node, dataset.namespace, dataset.name)
+        self._stopping = asyncio.Event()
+        self._running: _Running | None = None
+        self._cancelled: deque[str] = deque(maxlen=CANCELLED_RUNS)
+
+    def stop(self) -> None:
+        """Stop pulling; a part being executed stops between blocks and is given back unacknowledged."""
+        self._stopping.set()
+        if self._running is not None:
+            self._running.abort.set()
+
+    async def run(self) -> None:
+        """Pull and execute parts until ``stop``; NATS errors are logged and retried, never raised."""
+        cancels = None
+        subscription = None
+        try:
+            while not self._stopping.is_set():
+                try:
+                    if cancels is None:
+                        cancels = await self.bus.subscribe(subjects.TASK_CANCEL, _CANCEL, self._on_cancel)
+                    if subscription is None:
+                        subscription = await self.bus.js.pull_subscribe(
+                            self.subject, durable=self.durable, stream=subjects.STREAM_TASKS,
+                            config=self._consumer_config())
+                    try:
+                        messages = await subscription.fetch(1, timeout=FETCH_SECONDS)
+                    except (TimeoutError, nats.errors.TimeoutError):
+                        continue
+                    for message in messages:
+                        await self._process(message)
+                except Exception as err:
+                    log.warning("task consumer failed, subscribing again", dataset=self._key, error=repr(err))
+                    if subscription is not None:  # e.g. its consumer is gone: pull_subscribe makes it again
+                        with contextlib.suppress(Exception):
+                            await subscription.unsubscribe()
+                        subscription = None
+                    await self._wait(RETRY_SECONDS)
+        finally:
+            for sub in (subscription, cancels):
+                if sub is not None:
+                    with contextlib.suppress(Exception):
+                        await sub.unsubscribe()
+
+    async def forget(self) -> None:
+        """Delete this mount's durable (the dataset was deleted: nothing will be addressed to it again)."""
+        with contextlib.suppress(Exception):
+            await self.bus.js.delete_consumer(subjects.STREAM_TASKS, self.durable)
+
+    @property
+    def _key(self) -> str:
+        return f"{self.dataset.namespace}/{self.dataset.name}"
+
+    def _consumer_config(self) -> js_api.ConsumerConfig:
+        return js_api.ConsumerConfig(
+            durable_name=self.durable,
+            ack_policy=js_api.AckPolicy.EXPLICIT,
+            ack_wait=ACK_WAIT_SECONDS,
+            max_deliver=MAX_DELIVER,
+            max_ack_pending=1,  # one part at a time
+            filter_subject=self.subject,
+            # Parts published before this mount's first start are for it too (the KV check skips stale ones).
+            deliver_policy=js_api.DeliverPolicy.ALL,
+            inactive_threshold=INACTIVE_SECONDS,
+        )
+
+    async def _wait(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+
+    async def _on_cancel(self, cancel: TaskCancel) -> None:
+        self._cancelled.append(cancel.run)
+        running = self._running
+        if running is not None and running.run == cancel.run:
+            running.cancelled = True
+            running.abort.set()
+
+    # --- one part ---
+
+    async def _process(self, message: Msg) -> None:
+        deliveries = message.metadata.num_delivered or 1
+        try:
+            task = _TASK.decode(message.data)
+        except (msgspec.ValidationError, msgspec.DecodeError) as err:
+            log.error("task not understood, dropped", dataset=self._key, error=str(err))
+            await message.term()
+            return
+        bound = log.bind(dataset=self._key, run=task.run, part=task.part, action=task.action, delivery=deliveries)
+        if task.node != self.node or task.dataset != self.dataset:
+            bound.error("task addressed to another mount, dropped", node=task.node,
+                        task_dataset=f"{task.dataset.namespace}/{task.dataset.name}")
+            await message.ack()
+            return
+        skip = CANCELLED if task.run in self._cancelled else await self._not_current(task.run)
+        if skip:
+            bound.info("part skipped: its run is not current", reason=skip)
+            await message.ack()
+            return
+        started = time.monotonic()
+        ledger = PartLedger.of(task)
+        outcome = await self._execute(message, task, ledger, deliveries)
+        if outcome == "stopped":
+            bound.info("part interrupted by a stop, given back", blocks_done=ledger.blocks_done)
+            with contextlib.suppress(Exception):
+                await message.nak(delay=0)  # the next mount process gets it at once
+            return
+        final = ledger.progress(task, progress_id(task, deliveries, "final"), done=True,
+                                message=CANCELLED if outcome == "cancelled" else "")
+        try:
+            await self.bus.publish(subjects.task_progress(self.node), final)
+        except Exception as err:  # run the part again later: cached blocks are skipped, the final one sent then
+            bound.warning("final progress not published, part given back", error=repr(err))
+            with contextlib.suppress(Exception):
+                await message.nak(delay=RETRY_SECONDS)
+            return
+        await message.ack()
+        bound.info("part done", outcome=outcome, blocks_done=final.blocks_done, bytes_done=final.bytes_done,
+                   bytes_skipped=final.bytes_skipped, failed=final.failed, message=final.message,
+                   seconds=round(time.monotonic() - started, 3))
+
+    async def _not_current(self, run: str) -> str | None:
+        parsed = parse_run(run)
+        record = None
+        if parsed is not None:
+            try:
+                record, _ = await kv_load(await self.bus.kv(subjects.KV_OPERATIONS), parsed[0], OperationRecord)
+            except (msgspec.ValidationError, msgspec.DecodeError) as err:
+                return f"its operation record is not understood: {err}"
+        return not_current(run, record)
+
+    async def _execute(self, message: Msg, task: NodeTask, ledger: PartLedger, deliveries: int) -> Outcome:
+        running = self._running = _Running(task.run)
+        if self._stopping.is_set():
+            running.abort.set()
+        work = asyncio.ensure_future(self._load(task, ledger, running.abort) if task.action == "load"
+                                     else self._clean(task, ledger, running.abort))
+        aborted = asyncio.ensure_future(running.abort.wait())
+        heartbeat = asyncio.ensure_future(self._heartbeat(message, task, ledger, deliveries))
+        try:
+            await asyncio.wait([work, aborted], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for future in (work, aborted, heartbeat):
+                future.cancel()
+            await asyncio.gather(work, aborted, heartbeat, return_exceptions=True)
+            self._running = None
+        if work.done() and not work.cancelled() and work.exception() is None and not running.abort.is_set():
+            return "finished"
+        if running.cancelled:
+            return "cancelled"
+        if self._stopping.is_set():
+            return "stopped"
+        exception = None if work.cancelled() else work.exception()
+        if exception is not None:  # a bug: report it as the part's failure rather than loop on it
+            log.error("part failed", dataset=self._key, run=task.run, part=task.part, error=repr(exception))
+            ledger.fail(None, f"the agent failed: {exception!r}")
+        return "finished"
+
+    async def _heartbeat(self, message: Msg, task: NodeTask, ledger: PartLedger, deliveries: int) -> None:
+        """Every second: keep the part ours (``in_progress``) and publish progress if there is news."""
+        published = 0
+        sent = 0
+        while True:
+            await asyncio.sleep(HEARTBEAT_SECONDS)
+            with contextlib.suppress(Exception):
+                await message.in_progress()
+            if ledger.version == published:
+                continue
+            published = ledger.version
+            sent += 1
+            try:
+                await self.bus.publish(subjects.task_progress(self.node),
+                                       ledger.progress(task, progress_id(task, deliveries, str(sent))))
+            except Exception as err:  # the next one carries the same counts, cumulative
+                log.warning("progress not published", dataset=self._key, run=task.run, error=repr(err))
+
+    async def _load(self, task: NodeTask, ledger: PartLedger, abort: asyncio.Event) -> None:
+        blocks = load_blocks(task)  # shared by the workers: each block is taken once
+
+        async def worker() -> None:
+            for file_index, index, size in blocks:
+                if abort.is_set():
+                    return
+                await self._load_block(task, file_index, index, size, ledger, abort)
+
+        total = sum(ledger.remaining)
+        await asyncio.gather(*(worker() for _ in range(min(self.concurrency, total))))
+
+    async def _load_block(self, task: NodeTask, file_index: int, index: int, size: int, ledger: PartLedger,
+                          abort: asyncio.Event) -> None:
+        file = task.blocks[file_index]
+        entry = self.entries().get((file.mount, file.key))
+        problem = block_problem(entry, file.etag, index, self.reader.block_size)
+        if problem is not None or entry is None:
+            ledger.fail(file_index, f"{file.key}: {problem}")
+            return
+        for attempt in range(1, STORE_ATTEMPTS + 1):
+            try:
+                fetched = await self.reader.warm(entry, index)
+                break
+            except EndpointUnreachable as err:
+                if attempt == STORE_ATTEMPTS or abort.is_set():
+                    ledger.fail(file_index, f"{file.key}: {err}")
+                    return
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(abort.wait(), STORE_RETRY_SECONDS)
+            except UfsError as err:
+                ledger.fail(file_index, f"{file.key}: {err}")
+                return
+        if not self.cache.contains(self.reader.block_id(entry, index)):
+            ledger.fail(file_index, f"{file.key}: {NOT_KEPT}")
+            return
+        ledger.done(file_index, size, skipped=not fetched)
+
+    async def _clean(self, task: NodeTask, ledger: PartLedger, abort: asyncio.Event) -> None:
+        if task.everything or task.files:
+            files = {(mount, key) for mount, key in task.files}
+            victims = self.cache.cached_blocks(
+                (lambda _: True) if task.everything else (lambda block: (block.mount, block.key) in files))
+            for start in range(0, len(victims), CLEAN_SLICE):
+                if abort.is_set():
+                    return
+                for _, size in self.cache.evict(victims[start:start + CLEAN_SLICE]):
+                    ledger.done(None, size)
+                await asyncio.sleep(0)  # FUSE reads between slices
+        named = 0
+        for file_index, file in enumerate(task.blocks):
+            for index, size in file.blocks:
+                if named % CLEAN_SLICE == 0:
+                    if abort.is_set():
+                        return
+                    await asyncio.sleep(0)
+                named += 1
+                evicted = self.cache.evict([BlockId(file.mount, file.key, file.etag, index)])
+                if evicted:
+                    ledger.done(file_index, evicted[0][1])
+                else:
+                    ledger.done(file_index, size, skipped=True)
+
+
+def progress_id(task: NodeTask, deliveries: int, k: str) -> str:
+    """``<run>.<part>.<k>``; k names the delivery too, so a part run again after a restart is not deduplicated
+    against what the previous process published."""
+    return f"{task.run}.{task.part}.{deliveries}-{k}"

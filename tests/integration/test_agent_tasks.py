@@ -1,0 +1,333 @@
+"""The agent side of DataLoad and DataClean (issue 9): a mount process executes the ``NodeTask`` parts published to
+it, on a real nats-server, SeaweedFS behind a counting HTTP proxy (every store GET is seen), the dataset and runtime
+services and the node agent in-process, and the agent's real mount process with its real FUSE mount.
+
+The tests play the loader: they write the operation's record (Executing at run 1) into KV ``shoal_operations``,
+publish parts by hand on ``subjects.node_task`` and read ``TaskProgress`` from ``subjects.task_progress``.
+
+Shown: a load caches exactly its blocks (inventory snapshot), each fetched once, and a read through the mount then
+makes no store GET; a second load skips what is cached and fails blocks of objects the manifest does not have (or
+has at another version) with a message; a clean frees the bytes (``cachedBytes`` drops) of the blocks named, of
+whole files, then of everything; a part whose run is not current is skipped; ``TaskCancel`` ends a running part
+at once ("cancelled") and nothing more is fetched for it; a mount process killed (SIGKILL) or stopped (SIGTERM) in
+the middle of a part gets it again after its restart, skips the blocks it cached before and fetches each of the
+others once.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+from libs import subjects
+from libs.blocks import block_count, block_span
+from libs.bus import Bus, kv_load
+from libs.config import Settings
+from libs.events.agent import CachedFile, InventoryRequest
+from libs.events.common import ObjectMeta, ObjectRef
+from libs.events.dataset import ManifestEntry
+from libs.events.operation import (
+    DataLoadSpec,
+    NodeTask,
+    OperationRecord,
+    OperationStatus,
+    TaskAction,
+    TaskCancel,
+    TaskProgress,
+)
+from libs.manifest import ManifestStore
+from tests.conftest import SeaweedServer, put_objects
+from tests.faults import HttpProxy
+from tests.helpers import eventually
+from tests.integration.agent_stack import NODE, InventoryWatch, Node, md5, mount_pids, node_stack, read_file
+
+pytestmark = pytest.mark.needs("fuse")
+
+MiB = 1024 * 1024
+BLOCK = MiB
+NAME = "warm"
+OBJECTS = {
+    "data/a.bin": os.urandom(3 * MiB + 100),
+    "data/b.bin": os.urandom(2 * MiB + 5),
+    "c.bin": os.urandom(MiB),
+}
+
+
+class PassingProxy(HttpProxy):
+    """The counting proxy, letting ``passes`` ranged GETs through before ``hold()`` holds the others."""
+
+    passes = 0
+
+    async def _pass_gate(self) -> None:
+        if self.passes > 0:
+            self.passes -= 1
+            return
+        await super()._pass_gate()
+
+
+@dataclass
+class Loader:
+    """The test's stand-in for the loader: operation records, parts, and the progress they report."""
+
+    bus: Bus
+    node: Node
+    store: PassingProxy
+    bucket: str
+    entries: dict[str, ManifestEntry]
+    progress: list[TaskProgress] = field(default_factory=list)
+    inventory: InventoryWatch = field(default_factory=InventoryWatch)
+
+    async def operation(self, op: str, *, runs: int = 1, phase: str = "Executing") -> str:
+        """Write DataLoad ``op``'s record at ``runs`` and ``phase``; returns the id of that run."""
+        key = subjects.operation_key("DataLoad", "default", op)
+        record = OperationRecord(kind="DataLoad", metadata=ObjectMeta(name=op),
+                                 load=DataLoadSpec(dataset=ObjectRef(name=NAME)),
+                                 status=OperationStatus(phase=phase, runs=runs))  # type: ignore[arg-type]
+        await (await self.bus.kv(subjects.KV_OPERATIONS)).put(key, msgspec.json.encode(record))
+        return f"{key}.{runs}"
+
+    def blocks(self, key: str, indices: list[int] | None = None, etag: str | None = None) -> CachedFile:
+        entry = self.entries[key]
+        chosen = range(block_count(entry.size, BLOCK)) if indices is None else indices
+        return CachedFile(entry.mount, key, etag or entry.etag,
+                          [(i, block_span(entry.size, BLOCK, i)[1]) for i in chosen])
+
+    async def publish(self, run: str, action: TaskAction, blocks: list[CachedFile], part: int = 0,
+                      **extra: Any) -> None:
+        task = NodeTask(id=f"{run}.{part}", run=run, part=part, parts=part + 1, node=NODE,
+                        dataset=ObjectRef(name=NAME), action=action, blocks=blocks, **extra)
+        await self.bus.publish(subjects.node_task(NODE, "default", NAME), task)
+
+    async def final(self, run: str, part: int = 0, timeout: float = 20.0) -> TaskProgress:
+        async def probe() -> TaskProgress | None:
+            done = [p for p in self.progress if p.run == run and p.part == part and p.done]
+            return done[-1] if done else None
+
+        return await eventually(probe, timeout, f"the final progress of {run}.{part}")
+
+    async def snapshot(self) -> dict[str, Any]:
+        """A fresh inventory snapshot of the mount (asked for now, so it holds every block cached so far)."""
+        before = len(self.inventory.events)
+        await self.bus.publish_core(subjects.INVENTORY_REQUEST, InventoryRequest(node=NODE,
+                                                                               dataset=ObjectRef(name=NAME)))
+
+        async def fresh() -> dict[str, Any] | None:
+            events = [e for e in self.inventory.events[before:] if e["type"] == "agent.inventory.snapshot.v2"]
+            return events[-1] if events else None
+
+        return await eventually(fresh, what="an inventory snapshot on request")
+
+    def gets(self, since: int = 0) -> list[tuple[str, str]]:
+        return [(call.path.split(f"/{self.bucket}/", 1)[1], call.range or "")
+                for call in self.store.ranged_gets()[since:]]
+
+
+def cached(snapshot: dict[str, Any]) -> set[tuple[str, int]]:
+    return {(key, index) for _, key, _, blocks in snapshot["files"] for index, _ in blocks}
+
+
+def ranges(file: CachedFile, entry: ManifestEntry) -> list[tuple[str, str]]:
+    """The store GETs that fetch ``file``'s blocks, as the proxy sees them."""
+    spans = [block_span(entry.size, BLOCK, index) for index, _ in file.blocks]
+    return [(file.key, f"bytes={start}-{start + length - 1}") for start, length in spans]
+
+
+def size(file: CachedFile) -> int:
+    return sum(length for _, length in file.blocks)
+
+
+@asynccontextmanager
+async def loader_stack(bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path,
+                       **agent_options: Any) -> AsyncIterator[Loader]:
+    await put_objects(seaweedfs, bucket, OBJECTS)
+    store = PassingProxy(seaweedfs.endpoint)
+    await store.start()
+    try:
+        async with node_stack(bus, settings, seaweedfs, tmp_path, **agent_options) as node:
+            await node.apply(NAME, bucket, endpoint=store.endpoint)
+            await node.wait_mounted(NAME, expect="data/b.bin")
+            record = await node.record(NAME)
+            entries = await (await ManifestStore.of(bus)).load(record.status.manifest)
+            loader = Loader(bus, node, store, bucket, {entry.key: entry for entry in entries})
+
+            async def collect(msg: Any) -> None:
+                loader.progress.append(msgspec.json.decode(msg.data, type=TaskProgress))
+
+            subscription = await bus.nc.subscribe(subjects.task_progress(NODE), cb=collect)
+            await loader.inventory.start(bus)
+            try:
+                yield loader
+            finally:
+                store.release()
+                await subscription.unsubscribe()
+    finally:
+        store.release()
+        await store.stop()
+
+
+async def test_a_load_caches_exactly_its_blocks_and_the_next_read_makes_no_store_get(
+        bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path) -> None:
+    async with loader_stack(bus, settings, seaweedfs, bucket, tmp_path) as loader:
+        run = await loader.operation("first")
+        a, b0 = loader.blocks("data/a.bin"), loader.blocks("data/b.bin", [0])
+        await loader.publish(run, "load", [a, b0])
+        final = await loader.final(run)
+        assert (final.done, final.failed, final.message) == (True, 0, "")
+        assert (final.blocks_done, final.bytes_done, final.bytes_skipped) == (5, size(a) + size(b0), 0)
+        assert final.files_done == [0, 1]
+        entries = loader.entries
+        expected = ranges(a, entries["data/a.bin"]) + ranges(b0, entries["data/b.bin"])
+        assert sorted(loader.gets()) == sorted(expected), "each block of the load fetched once, nothing else"
+        assert cached(await loader.snapshot()) == {("data/a.bin", i) for i in range(4)} | {("data/b.bin", 0)}
+
+        # Read through the mount: every block is in the cache, the store is not asked.
+        root = loader.node.mountpoint(NAME)
+        assert md5(await read_file(root / "data/a.bin")) == md5(OBJECTS["data/a.bin"])
+        assert len(loader.gets()) == len(expected)
+
+        # Run 2 of the same operation: what is cached is skipped; an object the manifest does not have, or has at
+        # another version, fails its blocks with a message; the rest is fetched once.
+        run2 = await loader.operation("first", runs=2)
+        b, c = loader.blocks("data/b.bin"), loader.blocks("c.bin")
+        gone = CachedFile(0, "data/gone.bin", "0" * 32, [(0, 100)])
+        stale = loader.blocks("c.bin", etag="f" * 32)
+        await loader.publish(run2, "load", [a, b, gone, stale, c])
+        second = await loader.final(run2)
+        assert second.done and second.failed == 2
+        assert "data/gone.bin" in second.message and "changed since the load was planned" in second.message
+        assert second.bytes_skipped == size(a) + size(b0)
+        assert second.bytes_done == size(b) - size(b0) + size(c)
+        assert second.files_done == [0, 1, 4]  # not the failed ones
+        assert second.blocks_done == 4 + 3 + 1
+        expected += ranges(loader.blocks("data/b.bin", [1, 2]), entries["data/b.bin"])
+        expected += ranges(c, entries["c.bin"])
+        assert sorted(loader.gets()) == sorted(expected)
+
+
+async def test_a_clean_frees_the_bytes_of_blocks_files_and_everything(
+        bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path) -> None:
+    async with loader_stack(bus, settings, seaweedfs, bucket, tmp_path) as loader:
+        everything = [loader.blocks(key) for key in OBJECTS]
+        total = sum(size(file) for file in everything)
+        run = await loader.operation("load")
+        await loader.publish(run, "load", everything)
+        assert (await loader.final(run)).bytes_done == total
+        assert (await loader.snapshot())["counters"]["cachedBytes"] == total
+
+        clean = await loader.operation("clean")
+        a = loader.blocks("data/a.bin")
+        await loader.publish(clean, "clean", [], files=[(0, "data/a.bin")])
+        freed = await loader.final(clean)
+        assert (freed.bytes_done, freed.failed) == (size(a), 0)
+        snapshot = await loader.snapshot()
+        assert snapshot["counters"]["cachedBytes"] == total - size(a)
+        assert not any(key == "data/a.bin" for key, _ in cached(snapshot))
+
+        # Blocks named: cached ones are freed, the others skipped (nothing to free).
+        named = await loader.operation("named")
+        b0 = loader.blocks("data/b.bin", [0])
+        await loader.publish(named, "clean", [b0, loader.blocks("data/a.bin", [0])])
+        result = await loader.final(named)
+        assert (result.bytes_done, result.bytes_skipped, result.files_done) == (size(b0), BLOCK, [0, 1])
+        everything_run = await loader.operation("all")
+        await loader.publish(everything_run, "clean", [], everything=True)
+        rest = await loader.final(everything_run)
+        assert rest.bytes_done == total - size(a) - size(b0)
+        assert (await loader.snapshot())["counters"]["cachedBytes"] == 0
+
+        # A read after the clean goes to the store again.
+        gets = len(loader.gets())
+        root = loader.node.mountpoint(NAME)
+        assert md5(await read_file(root / "c.bin")) == md5(OBJECTS["c.bin"])
+        assert len(loader.gets()) == gets + 1
+
+
+async def test_a_part_whose_run_is_not_current_is_skipped(
+        bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path) -> None:
+    async with loader_stack(bus, settings, seaweedfs, bucket, tmp_path) as loader:
+        finished = await loader.operation("finished", phase="Complete")
+        superseded = (await loader.operation("moved-on", runs=3)).rsplit(".", 1)[0] + ".2"
+        deleted = subjects.operation_key("DataLoad", "default", "deleted") + ".1"
+        for run in (finished, superseded, deleted):
+            await loader.publish(run, "load", [loader.blocks("data/a.bin")])
+        current = await loader.operation("current")
+        await loader.publish(current, "load", [loader.blocks("c.bin")])
+        # Parts run one at a time in order: once the current one is done, the others were looked at.
+        assert (await loader.final(current)).bytes_done == MiB
+        assert {p.run for p in loader.progress} == {current}
+        assert [key for key, _ in loader.gets()] == ["c.bin"]
+        # The run's record as the loader left it: the agent writes nothing there.
+        record, _ = await kv_load(await bus.kv(subjects.KV_OPERATIONS), current.rsplit(".", 1)[0], OperationRecord)
+        assert record is not None and record.status.phase == "Executing"
+
+
+async def test_task_cancel_stops_a_running_part(
+        bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path) -> None:
+    async with loader_stack(bus, settings, seaweedfs, bucket, tmp_path, load_concurrency=2) as loader:
+        run = await loader.operation("cancelled")
+        loader.store.hold()
+        await loader.publish(run, "load", [loader.blocks("data/a.bin"), loader.blocks("data/b.bin")])
+
+        async def two_waiting() -> bool:
+            return loader.store.waiting == 2
+
+        await eventually(two_waiting, what="two block GETs in flight (SHOAL_LOAD_CONCURRENCY=2)")
+        await bus.publish_core(subjects.TASK_CANCEL, TaskCancel(run=run))
+        final = await loader.final(run)  # while both GETs are still held: the part does not wait for them
+        assert (final.done, final.message, final.blocks_done) == (True, "cancelled", 0)
+        loader.store.release()
+
+        # Once a later part is done, the cancelled one has certainly stopped: only its two GETs reached the store.
+        later = await loader.operation("later")
+        await loader.publish(later, "load", [loader.blocks("c.bin")])
+        assert (await loader.final(later)).bytes_done == MiB
+        assert len(loader.gets()) == 3
+
+
+@pytest.mark.parametrize(("stop_signal", "kept"), [(signal.SIGKILL, 3), (signal.SIGTERM, 4)], ids=["kill", "term"])
+async def test_a_stopped_mount_process_resumes_its_part_and_fetches_each_block_once(
+        bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path,
+        stop_signal: signal.Signals, kept: int) -> None:
+    """SIGKILL: the block whose GET the kill cut is fetched again by the next process, nothing else is. SIGTERM:
+    the process stops between blocks, lets the block in flight land in the cache, and gives the part back."""
+    async with loader_stack(bus, settings, seaweedfs, bucket, tmp_path, load_concurrency=1) as loader:
+        run = await loader.operation("resumed")
+        files = [loader.blocks("data/a.bin"), loader.blocks("data/b.bin")]
+        loader.store.passes = 3  # three blocks fetched and cached, the fourth held
+        loader.store.hold()
+        await loader.publish(run, "load", files)
+
+        async def three_done() -> TaskProgress | None:
+            return next((p for p in loader.progress if p.run == run and p.blocks_done == 3), None)
+
+        midway = await eventually(three_done, what="progress of three blocks")
+        assert not midway.done and midway.bytes_done == 3 * BLOCK
+        assert loader.store.waiting == 1
+        before = set(loader.gets())
+        root = loader.node.mountpoint(NAME)
+        (pid,) = mount_pids(root)
+        os.kill(pid, stop_signal)
+        killed_at = len(loader.gets())
+        loader.store.release()
+
+        final = await loader.final(run, timeout=40)
+        assert (final.failed, final.blocks_done) == (0, 7)
+        sizes = [length for f in files for _, length in f.blocks]
+        assert final.bytes_skipped == sum(sizes[:kept])
+        assert final.bytes_done == sum(sizes[kept:])
+        entries = loader.entries
+        every = ranges(files[0], entries["data/a.bin"]) + ranges(files[1], entries["data/b.bin"])
+        after = loader.gets(killed_at)
+        # The blocks cached before the restart are not fetched again; every other block once.
+        assert sorted(after) == sorted(every[kept:])
+        assert len(before) == 4 and set(every[:3]) < before
+        assert mount_pids(root) != [pid]
+        assert cached(await loader.snapshot()) == {(f.key, i) for f in files for i, _ in f.blocks}

@@ -1,0 +1,100 @@
+"""The pure pieces of the agent's task executor (``services.agent.tasks``): which runs are current, which blocks of
+a load can be fetched against the manifest, the cumulative counts a part reports; and that a load on any node
+reads the store, never a peer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from libs.events.agent import CachedFile
+from libs.events.common import ObjectMeta, ObjectRef
+from libs.events.dataset import ManifestEntry
+from libs.events.operation import DataLoadSpec, NodeTask, OperationRecord, OperationStatus
+from services.agent.tasks import CHANGED, PartLedger, block_problem, load_blocks, not_current, parse_run, progress_id
+from tests.unit.test_peer import RBLOCK, node
+
+BLOCK = 1024
+
+
+def record(runs: int, phase: str = "Executing") -> OperationRecord:
+    return OperationRecord(kind="DataLoad", metadata=ObjectMeta(name="warm"),
+                           load=DataLoadSpec(dataset=ObjectRef(name="ds")),
+                           status=OperationStatus(phase=phase, runs=runs))  # type: ignore[arg-type]
+
+
+def task(*files: CachedFile) -> NodeTask:
+    return NodeTask(run="dataload.default.warm.3", part=1, parts=2, node="n", dataset=ObjectRef(name="ds"),
+                    action="load", blocks=list(files))
+
+
+def test_parse_run() -> None:
+    assert parse_run("dataload.default.warm.3") == ("dataload.default.warm", 3)
+    assert parse_run("dataload.default.warm") is None
+    assert parse_run("3") is None
+    assert parse_run("dataload.default.warm.-1") is None
+
+
+def test_a_run_is_current_only_while_its_operation_executes_it() -> None:
+    run = "dataload.default.warm.3"
+    assert not_current(run, record(3)) is None
+    assert not_current(run, record(4)) == "the operation is at run 4"
+    assert not_current(run, record(3, "Complete")) == "the operation is Complete"
+    assert not_current(run, record(3, "Failed")) == "the operation is Failed"
+    assert not_current(run, None) == "its operation no longer exists"
+    assert "not <operation>.<number>" in (not_current("nonsense", record(3)) or "")
+
+
+def test_a_block_is_fetched_only_at_the_manifest_version_and_within_the_object() -> None:
+    entry = ManifestEntry(path="/a", mount=0, key="a", size=2 * BLOCK + 1, etag="e1", mtime=0.0)
+    assert block_problem(entry, "e1", 0, BLOCK) is None
+    assert block_problem(entry, "e1", 2, BLOCK) is None
+    assert block_problem(entry, "e2", 0, BLOCK) == CHANGED
+    assert block_problem(None, "e1", 0, BLOCK) == CHANGED
+    assert "past the end" in (block_problem(entry, "e1", 3, BLOCK) or "")
+    assert "past the end" in (block_problem(entry, "e1", -1, BLOCK) or "")
+
+
+def test_the_ledger_counts_cumulatively_and_names_files_done_without_failures() -> None:
+    part = task(CachedFile(0, "a", "e", [(0, BLOCK), (1, 10)]), CachedFile(0, "b", "e", [(0, BLOCK)]),
+                CachedFile(0, "c", "e", [(0, 5)]))
+    assert list(load_blocks(part)) == [(0, 0, BLOCK), (0, 1, 10), (1, 0, BLOCK), (2, 0, 5)]
+    ledger = PartLedger.of(part)
+    assert ledger.progress(part, "x").files_done == []
+    ledger.done(0, BLOCK)
+    ledger.done(1, BLOCK, skipped=True)
+    ledger.fail(2, "c: object changed since the load was planned")
+    ledger.fail(0, "a: store down")
+    ledger.done(None, 7)  # a block of a whole-file clean: counted, in no file
+    progress = ledger.progress(part, "x")
+    assert (progress.blocks_done, progress.bytes_done, progress.bytes_skipped) == (3, BLOCK + 7, BLOCK)
+    assert (progress.failed, progress.message) == (2, "c: object changed since the load was planned")
+    assert progress.files_done == [1]  # a has a failed block, c failed
+    final = ledger.progress(part, "y", done=True, message="cancelled")
+    assert (final.done, final.message, final.id, final.run, final.part) == (True, "cancelled", "y", part.run, 1)
+
+
+def test_the_ledger_version_moves_with_every_change() -> None:
+    ledger = PartLedger.of(task(CachedFile(0, "a", "e", [(0, 1)])))
+    versions = [ledger.version]
+    ledger.done(0, 1)
+    versions.append(ledger.version)
+    ledger.fail(None, "x")
+    versions.append(ledger.version)
+    assert versions == sorted(set(versions))
+
+
+def testprogress_ids_differ_across_deliveries_of_a_part() -> None:
+    part = task()
+    ids = {progress_id(part, delivery, k) for delivery in (1, 2) for k in ("1", "2", "final")}
+    assert len(ids) == 6
+    assert all(i.startswith("dataload.default.warm.3.1.") for i in ids)
+
+
+async def test_a_load_on_a_non_owner_fetches_from_the_store_never_a_peer(tmp_path: Path) -> None:
+    """``warm`` is the store path whatever the ring says: the loader picked this node to hold the block."""
+    n = await node(tmp_path, me="me", ring_nodes=("a", "b", "c"))  # "me" is not even in the ring: a client
+    for index in range(3):
+        assert await n.reader.warm(n.entry, index) is True
+    assert n.peers.asks == []
+    assert sorted(get.start // RBLOCK for get in n.store.gets) == [0, 1, 2]
+    assert all(n.cache.contains(n.reader.block_id(n.entry, index)) for index in range(3))
