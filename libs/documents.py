@@ -23,7 +23,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import msgspec
 import yaml
@@ -40,6 +40,7 @@ from libs.events.operation import (
     DataLoadDelete,
     DataLoadRun,
     DataLoadSpec,
+    Policy,
 )
 from libs.events.runtime import Runtime, RuntimeApply, RuntimeDelete, RuntimeSpec
 
@@ -199,6 +200,9 @@ def _document_to_command(
         why = "unknown field" if api_version == SHOAL_API else "not used by Shoal"
         notes += [_ignored(kind, path, why) for path in unknown_fields(DataLoadSpec, spec, "spec")]
         mapped_spec = _dataset_in_namespace(spec, meta["namespace"])
+        policy = spec.get("policy", "Once")
+        if policy not in get_args(Policy):  # msgspec would say "Invalid enum value" without the choices
+            raise _DocumentError(f"{label}: spec.policy {policy!r} is not one of {', '.join(get_args(Policy))}")
     elif kind == "DataClean" and api_version == SHOAL_API:
         target = DataClean
         notes += [_ignored(kind, path, "unknown field") for path in unknown_fields(DataCleanSpec, spec, "spec")]
