@@ -90,6 +90,7 @@ async def open_watch(bus: Bus, kind: str, namespace: str, name: str) -> Operatio
     watch = OperationWatch(kind, namespace, name, entries, stopping)
     while await watch.next_change():  # the initial value, if any, then the end-of-initial-values marker
         pass
+    watch.deleted = False  # a delete marker left by an earlier operation of that name is not this one's end
     return watch
 
 
@@ -107,7 +108,8 @@ async def follow(watches: Sequence[tuple[OperationWatch, int]], console: Console
         TaskProgressColumn(),
         TextColumn("{task.fields[detail]}"),
     )
-    with Progress(*columns, console=console, auto_refresh=console.is_terminal) as bar:
+    # Off a terminal (a pipe, CI logs) a bar cannot redraw: one line per phase change instead (_follow_one).
+    with Progress(*columns, console=console, disable=not console.is_terminal) as bar:
         results = await asyncio.gather(*(_follow_one(watch, generation, bar) for watch, generation in watches))
     return list(results)
 
@@ -122,12 +124,22 @@ async def _follow_one(watch: OperationWatch, generation: int, bar: Progress) -> 
             if record.status.phase != phase:
                 phase = record.status.phase
                 if not bar.console.is_terminal:  # no live bar there: say each phase once
-                    bar.console.print(f"{watch.resource} {phase} {render.progress_text(record.status.progress)}")
+                    bar.console.print(_phase_line(watch.resource, record), highlight=False, soft_wrap=True)
             if finished(record, generation):
                 return Finished(watch.resource, record)
         elif watch.deleted:
             return Finished(watch.resource, None, f"{watch.resource} was deleted before it finished")
         await watch.next_change()
+
+
+def _phase_line(resource: str, record: OperationRecord) -> str:
+    line = f"{resource} {record.status.phase}"
+    progress = render.progress_text(record.status.progress)
+    if progress != "-":
+        line += f" {progress}"
+    if record.status.phase == "Pending" and record.status.waiting_for:
+        line += f" (waiting for {record.status.waiting_for})"
+    return line
 
 
 def _show(bar: Progress, task: TaskID, record: OperationRecord) -> None:

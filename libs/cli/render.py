@@ -124,7 +124,7 @@ def operation_table(records: Sequence[OperationRecord], *, now: datetime, wide: 
         row = [record.metadata.name, operation_dataset(record), status.phase, age_text(record.created_at, now),
                status.duration or "-", progress_text(status.progress)]
         if wide:
-            policy: str = record.load.policy if record.load is not None else "Once"
+            policy: str = record.load.policy if record.load is not None else "-"  # a clean runs once
             if record.load is not None and record.load.schedule:
                 policy += f" ({record.load.schedule})"
             row += [policy, str(status.runs), rate_text(status.progress.rate_bytes_per_second),
@@ -143,11 +143,13 @@ def operation_dataset(record: OperationRecord) -> str:
 
 
 def progress_text(progress: Progress) -> str:
-    """``812/1000 files, 8.00GiB/10.00GiB``; ``-`` before the loader has planned the run (no totals yet)."""
+    """``812/1000 files, 8.00GiB/10.00GiB`` (bytes alone without a file count); ``-`` before the loader has
+    planned the run (no totals yet)."""
     if progress.files_total == 0 and progress.bytes_total == 0:
         return "-"
-    return (f"{progress.files_done}/{progress.files_total} files, "
-            f"{format_bytes(progress.bytes_done)}/{format_bytes(progress.bytes_total)}")
+    sizes = f"{format_bytes(progress.bytes_done)}/{format_bytes(progress.bytes_total)}"
+    # A clean of a whole dataset counts freed bytes, not files.
+    return f"{progress.files_done}/{progress.files_total} files, {sizes}" if progress.files_total else sizes
 
 
 def rate_text(bytes_per_second: float) -> str:

@@ -76,6 +76,7 @@ def test_progress_text_has_files_and_bytes_once_planned() -> None:
     assert render.progress_text(Progress()) == "-"
     assert render.progress_text(Progress(files_done=812, files_total=1000, bytes_done=8 * GiB,
                                          bytes_total=10 * GiB)) == "812/1000 files, 8.00GiB/10.00GiB"
+    assert render.progress_text(Progress(bytes_done=GiB, bytes_total=2 * GiB)) == "1.00GiB/2.00GiB"
 
 
 def operation(name: str, *, clean: bool = False, namespace: str = "default", status: OperationStatus | None = None,
