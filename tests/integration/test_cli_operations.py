@@ -39,6 +39,7 @@ from libs.events.operation import (
     OperationAccepted,
     OperationCommand,
     OperationDeleted,
+    OperationKind,
     OperationRecord,
     OperationRejected,
     OperationStatus,
@@ -50,7 +51,7 @@ from tests.integration.test_cli import shoal
 
 GiB = 2**30
 MiB = 2**20
-_COMMANDS: msgspec.json.Decoder[OperationCommand] = msgspec.json.Decoder(OperationCommand)  # type: ignore[arg-type]
+_COMMANDS: msgspec.json.Decoder[OperationCommand] = msgspec.json.Decoder(OperationCommand)
 
 
 def record_of(command: DataLoadApply | DataCleanApply, generation: int, status: OperationStatus) -> OperationRecord:
@@ -81,7 +82,7 @@ class StandInLoader:
         command = _COMMANDS.decode(message.data)
         self.received.append((message.subject, command))
         family = "dataclean" if message.subject.startswith("shoal.cmd.dataclean") else "dataload"
-        kind = "DataClean" if family == "dataclean" else "DataLoad"
+        kind: OperationKind = "DataClean" if family == "dataclean" else "DataLoad"
         if self.reject:
             await self.bus.publish(subjects.DATALOAD_REJECTED if family == "dataload" else subjects.DATACLEAN_REJECTED,
                                    OperationRejected(causation_id=command.id, reason=self.reject, kind=kind))
