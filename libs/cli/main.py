@@ -224,7 +224,8 @@ async def session(options: Options) -> AsyncIterator[Bus]:
             raise SetupError(f"cannot reach NATS at {shown} ({_error_text(err)}): is `make run` running?") from err
         try:
             yield bus
-        except (NoStreamResponseError, nats.errors.NoRespondersError) as err:
+        # A KV bucket is a stream too: a missing one (e.g. for --wait's watch) means the same.
+        except (NoStreamResponseError, nats.errors.NoRespondersError, BucketNotFoundError) as err:
             raise SetupError(f"Shoal's streams do not exist on NATS at {shown}: is `make run` running?") from err
         except nats.errors.TimeoutError as err:
             raise SetupError(f"NATS at {shown} did not answer in time") from err

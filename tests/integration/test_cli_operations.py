@@ -269,6 +269,14 @@ async def test_no_loader_running_is_said(nats_server: NatsServer, bus: Bus) -> N
     assert result.stderr == "error: warm: no answer from the loader service within 0.3s (is it running?)\n"
 
 
+async def test_wait_without_shoals_streams_exits_2(nats_server: NatsServer) -> None:
+    result = await shoal(nats_server, "load", "dataset", "demo", "--wait")
+
+    assert result.exit_code == 2
+    assert result.stderr == (f"error: Shoal's streams do not exist on NATS at {nats_server.url}: "
+                             "is `make run` running?\n")
+
+
 # --- load, clean, run, delete ---
 
 
