@@ -2,9 +2,13 @@
 
 Pure functions, no I/O, in libs so the CLI and a future Kubernetes bridge translate documents the same way.
 Decides:
-- which kinds are understood: Shoal's own ``shoal.io/v1alpha1`` Dataset and Runtime, Fluid's
-  ``data.fluid.io/v1alpha1`` Dataset, and Fluid's cache runtimes (AlluxioRuntime, JuiceFSRuntime, ...) mapped
-  onto the one Shoal Runtime;
+- which kinds are understood: Shoal's own ``shoal.io/v1alpha1`` Dataset, Runtime, DataLoad and DataClean,
+  Fluid's ``data.fluid.io/v1alpha1`` Dataset and DataLoad, and Fluid's cache runtimes (AlluxioRuntime,
+  JuiceFSRuntime, ...) mapped onto the one Shoal Runtime;
+- how a Fluid DataLoad maps: its fields as they are (Shoal's DataLoadSpec has Fluid's names); what only a
+  Kubernetes Job would use (options, affinity, nodeSelector, tolerations, schedulerName, podMetadata,
+  imagePullSecrets, resources, runAfter.affinityStrategy) is noted as ignored; ``spec.dataset.namespace`` left
+  out means the operation's own namespace, as in Fluid;
 - how a Fluid runtime maps: ``spec.replicas`` and ``spec.tieredstore.levels[]`` as they are, the block size from
   the engine's own setting (Alluxio/GooseFS property, JuiceFS ``block-size`` option), nothing else;
 - that every field Shoal does not use is reported back as an "ignored: ..." note, never dropped silently;
@@ -19,13 +23,25 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import msgspec
 import yaml
 
 from libs import subjects
 from libs.events.dataset import Dataset, DatasetApply, DatasetDelete, DatasetResync, DatasetSpec
+from libs.events.operation import (
+    DataClean,
+    DataCleanApply,
+    DataCleanDelete,
+    DataCleanSpec,
+    DataLoad,
+    DataLoadApply,
+    DataLoadDelete,
+    DataLoadRun,
+    DataLoadSpec,
+    Policy,
+)
 from libs.events.runtime import Runtime, RuntimeApply, RuntimeDelete, RuntimeSpec
 
 SHOAL_API = "shoal.io/v1alpha1"
@@ -57,9 +73,13 @@ JUICEFS_BLOCK_SIZE = "block-size"
 METADATA_FIELDS = ("name", "namespace", "labels", "annotations")
 LEVEL_FIELDS = ("mediumtype", "path", "quota", "high", "low")
 
-Kind = Literal["dataset", "runtime"]
+Kind = Literal["dataset", "runtime", "dataload", "dataclean"]
+OPERATION_KINDS: tuple[Kind, ...] = ("dataload", "dataclean")
 Action = Literal["apply", "delete"]
-CommandEvent = DatasetApply | DatasetDelete | RuntimeApply | RuntimeDelete | DatasetResync
+CommandEvent = (
+    DatasetApply | DatasetDelete | RuntimeApply | RuntimeDelete | DatasetResync
+    | DataLoadApply | DataLoadDelete | DataLoadRun | DataCleanApply | DataCleanDelete
+)
 
 
 class ManifestError(ValueError):
@@ -158,7 +178,7 @@ def _document_to_command(
     if not isinstance(spec, dict):
         raise _DocumentError(f"{label}: spec must be a mapping, got {type(spec).__name__}")
 
-    target: type[Dataset] | type[Runtime]
+    target: type[Dataset] | type[Runtime] | type[DataLoad] | type[DataClean]
     if api_version == SHOAL_API and kind == "Dataset":
         target, mapped_spec = Dataset, spec
         notes += [_ignored(kind, path, "unknown field") for path in unknown_fields(DatasetSpec, spec, "spec")]
@@ -175,25 +195,60 @@ def _document_to_command(
         notes += runtime_notes
         if problems:
             raise _DocumentError(f"{label}: " + "; ".join(problems))
+    elif kind == "DataLoad" and api_version in (SHOAL_API, FLUID_API):
+        target = DataLoad
+        why = "unknown field" if api_version == SHOAL_API else "not used by Shoal"
+        notes += [_ignored(kind, path, why) for path in unknown_fields(DataLoadSpec, spec, "spec")]
+        mapped_spec = _dataset_in_namespace(spec, meta["namespace"])
+        policy = spec.get("policy", "Once")
+        if policy not in get_args(Policy):  # msgspec would say "Invalid enum value" without the choices
+            raise _DocumentError(f"{label}: spec.policy {policy!r} is not one of {', '.join(get_args(Policy))}")
+    elif kind == "DataClean" and api_version == SHOAL_API:
+        target = DataClean
+        notes += [_ignored(kind, path, "unknown field") for path in unknown_fields(DataCleanSpec, spec, "spec")]
+        mapped_spec = _dataset_in_namespace(spec, meta["namespace"])
     else:
         raise _DocumentError(
-            f"{label}: unknown kind {kind!r} of apiVersion {api_version!r}; supported: Dataset and Runtime "
-            f"of {SHOAL_API}, Dataset and {', '.join(FLUID_RUNTIME_KINDS)} of {FLUID_API}"
+            f"{label}: unknown kind {kind!r} of apiVersion {api_version!r}; supported: Dataset, Runtime, "
+            f"DataLoad and DataClean of {SHOAL_API}, Dataset, DataLoad and {', '.join(FLUID_RUNTIME_KINDS)} "
+            f"of {FLUID_API}"
         )
 
     try:
         obj = msgspec.convert({"metadata": meta, "spec": mapped_spec}, target)
     except msgspec.ValidationError as err:
         raise _DocumentError(f"{label}: {err}") from err
+    return _command(position, str(kind), obj, action), notes
+
+
+def _command(position: int, source_kind: str, obj: Dataset | Runtime | DataLoad | DataClean,
+             action: Action) -> Command:
     name, namespace = obj.metadata.name, obj.metadata.namespace
+    apply = action == "apply"
     event: CommandEvent
+    kind: Kind
     if isinstance(obj, Dataset):
-        subject = subjects.DATASET_APPLY if action == "apply" else subjects.DATASET_DELETE
-        event = DatasetApply(dataset=obj) if action == "apply" else DatasetDelete(name=name, namespace=namespace)
-        return Command(position, str(kind), "dataset", name, namespace, subject, event), notes
-    subject = subjects.RUNTIME_APPLY if action == "apply" else subjects.RUNTIME_DELETE
-    event = RuntimeApply(runtime=obj) if action == "apply" else RuntimeDelete(name=name, namespace=namespace)
-    return Command(position, str(kind), "runtime", name, namespace, subject, event), notes
+        kind, subject = "dataset", subjects.DATASET_APPLY if apply else subjects.DATASET_DELETE
+        event = DatasetApply(dataset=obj) if apply else DatasetDelete(name=name, namespace=namespace)
+    elif isinstance(obj, Runtime):
+        kind, subject = "runtime", subjects.RUNTIME_APPLY if apply else subjects.RUNTIME_DELETE
+        event = RuntimeApply(runtime=obj) if apply else RuntimeDelete(name=name, namespace=namespace)
+    elif isinstance(obj, DataLoad):
+        kind, subject = "dataload", subjects.DATALOAD_APPLY if apply else subjects.DATALOAD_DELETE
+        event = DataLoadApply(data_load=obj) if apply else DataLoadDelete(name=name, namespace=namespace)
+    else:
+        kind, subject = "dataclean", subjects.DATACLEAN_APPLY if apply else subjects.DATACLEAN_DELETE
+        event = DataCleanApply(data_clean=obj) if apply else DataCleanDelete(name=name, namespace=namespace)
+    return Command(position, source_kind, kind, name, namespace, subject, event)
+
+
+def _dataset_in_namespace(spec: dict[str, Any], namespace: str) -> dict[str, Any]:
+    """An operation's ``spec.dataset`` without a namespace names a dataset of the operation's namespace (Fluid's
+    rule), not of "default"."""
+    dataset = spec.get("dataset")
+    if isinstance(dataset, dict) and "namespace" not in dataset:
+        return {**spec, "dataset": {**dataset, "namespace": namespace}}
+    return spec
 
 
 def _metadata(kind: str, metadata: Any, default_namespace: str, label: str) -> tuple[dict[str, Any], list[str]]:

@@ -1,9 +1,11 @@
-"""The ``shoal`` command line: apply, get, describe, delete, scale, events, schemas (and up/down from libs.cli.up).
+"""The ``shoal`` command line: apply, get, describe, delete, scale, load, clean, run, events, schemas (and up/down
+from libs.cli.up).
 
 Which I/O it owns: the NATS connection of one command (connect with a deadline, turning "unreachable" into one
 sentence and exit code 2), publishing command events and waiting for the fact that answers each of them
-(matched by ``causationId``), and reading the dataset and runtime KV buckets. What documents mean is decided in
-``libs.documents`` and what is printed in ``libs.cli.render``; both are pure.
+(matched by ``causationId``), and reading the dataset, runtime and operation KV buckets. What documents mean is
+decided in ``libs.documents`` and what is printed in ``libs.cli.render``; both are pure. Following a DataLoad or
+DataClean to its end (``--wait``) is ``libs.cli.operations``.
 
 Exit codes: 0 success; 1 something was rejected, not found, invalid or unanswered; 2 NATS or the settings are
 unusable (and click's own usage errors).
@@ -13,9 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any, NoReturn
 from urllib.parse import urlsplit, urlunsplit
@@ -30,10 +34,11 @@ from nats.js.errors import BucketNotFoundError, NoStreamResponseError, NotFoundE
 
 from libs import subjects
 from libs.bus import Bus, connect, kv_load, kv_values
-from libs.cli import render
+from libs.cli import operations, render
 from libs.cli.up import down, up
 from libs.config import NatsSettings, SettingsError, load_settings
-from libs.documents import Command, Kind, ManifestError, documents_to_commands, parse_documents
+from libs.documents import OPERATION_KINDS, Command, Kind, ManifestError, documents_to_commands, parse_documents
+from libs.events.common import ObjectMeta, ObjectRef
 from libs.events.dataset import (
     DatasetAccepted,
     DatasetApply,
@@ -43,6 +48,23 @@ from libs.events.dataset import (
     DatasetRecord,
     DatasetRejected,
     DatasetResync,
+)
+from libs.events.operation import (
+    DataClean,
+    DataCleanApply,
+    DataCleanDelete,
+    DataCleanSpec,
+    DataLoad,
+    DataLoadApply,
+    DataLoadDelete,
+    DataLoadRun,
+    DataLoadSpec,
+    OperationAccepted,
+    OperationDeleted,
+    OperationFact,
+    OperationRecord,
+    OperationRejected,
+    TargetPath,
 )
 from libs.events.runtime import (
     RuntimeAccepted,
@@ -64,15 +86,28 @@ DEFAULT_SCHEMAS_DIR = Path("docs/schemas")
 RESOURCE_ALIASES: dict[str, Kind] = {
     "dataset": "dataset", "datasets": "dataset", "ds": "dataset",
     "runtime": "runtime", "runtimes": "runtime",
+    # "load" is Fluid's short name of DataLoad.
+    "dataload": "dataload", "dataloads": "dataload", "load": "dataload",
+    "dataclean": "dataclean", "datacleans": "dataclean",
 }
-KV_BUCKET: dict[Kind, str] = {"dataset": subjects.KV_DATASETS, "runtime": subjects.KV_RUNTIMES}
-FACTS: dict[Kind, str] = {"dataset": subjects.DATASET_FACTS, "runtime": subjects.RUNTIME_FACTS}
-RECORD_TYPE: dict[Kind, type[DatasetRecord] | type[RuntimeRecord]] = {
-    "dataset": DatasetRecord, "runtime": RuntimeRecord,
+KV_BUCKET: dict[Kind, str] = {"dataset": subjects.KV_DATASETS, "runtime": subjects.KV_RUNTIMES,
+                              "dataload": subjects.KV_OPERATIONS, "dataclean": subjects.KV_OPERATIONS}
+FACTS: dict[Kind, str] = {"dataset": subjects.DATASET_FACTS, "runtime": subjects.RUNTIME_FACTS,
+                          "dataload": subjects.DATALOAD_FACTS, "dataclean": subjects.DATACLEAN_FACTS}
+# The service that answers each kind's commands, for "no answer" messages.
+SERVICE: dict[Kind, str] = {"dataset": "dataset", "runtime": "runtime", "dataload": "loader",
+                            "dataclean": "loader"}
+RECORD_TYPE: dict[Kind, type[DatasetRecord] | type[RuntimeRecord] | type[OperationRecord]] = {
+    "dataset": DatasetRecord, "runtime": RuntimeRecord, "dataload": OperationRecord, "dataclean": OperationRecord,
 }
+# Kubernetes' generateName alphabet: no vowels (no words) and no look-alikes (0/o, 1/l).
+_NAME_SUFFIX_ALPHABET = "bcdfghjklmnpqrstvwxz2456789"
+_NAME_SUFFIX_LENGTH = 5
+_MAX_NAME = 63  # a DNS label
 
+AnyFact = DatasetFact | RuntimeFact | OperationFact
 # Decoded once: every fact that may answer a command (status facts decode too and are skipped).
-_FACT_DECODER: msgspec.json.Decoder[DatasetFact | RuntimeFact] = msgspec.json.Decoder(DatasetFact | RuntimeFact)
+_FACT_DECODER: msgspec.json.Decoder[AnyFact] = msgspec.json.Decoder(AnyFact)
 
 
 class CliError(click.ClickException):
@@ -189,7 +224,8 @@ async def session(options: Options) -> AsyncIterator[Bus]:
             raise SetupError(f"cannot reach NATS at {shown} ({_error_text(err)}): is `make run` running?") from err
         try:
             yield bus
-        except (NoStreamResponseError, nats.errors.NoRespondersError) as err:
+        # A KV bucket is a stream too: a missing one (e.g. for --wait's watch) means the same.
+        except (NoStreamResponseError, nats.errors.NoRespondersError, BucketNotFoundError) as err:
             raise SetupError(f"Shoal's streams do not exist on NATS at {shown}: is `make run` running?") from err
         except nats.errors.TimeoutError as err:
             raise SetupError(f"NATS at {shown} did not answer in time") from err
@@ -260,22 +296,27 @@ async def send_commands(bus: Bus, commands: Sequence[Command], wait_seconds: flo
     return outcomes
 
 
-def report_outcomes(outcomes: Sequence[Outcome], timeout: float) -> bool:
+def report_outcomes(outcomes: Sequence[Outcome], timeout: float, applied: str = "configured") -> bool:
     """Print one line per command in document order; True when every command was carried out."""
     ok = True
     for outcome in outcomes:
         command, fact = outcome.command, outcome.fact
-        if isinstance(fact, DatasetAccepted | RuntimeAccepted):
-            done = "resync requested" if isinstance(command.event, DatasetResync) else "configured"
+        if isinstance(fact, DatasetAccepted | RuntimeAccepted | OperationAccepted):
+            if isinstance(command.event, DatasetResync):
+                done = "resync requested"
+            elif isinstance(command.event, DataLoadRun):
+                done = "run requested"
+            else:
+                done = applied
             click.echo(f"{command.resource} {done}")
-        elif isinstance(fact, DatasetDeleted | RuntimeDeleted):
+        elif isinstance(fact, DatasetDeleted | RuntimeDeleted | OperationDeleted):
             click.echo(f"{command.resource} deleted")
-        elif isinstance(fact, DatasetRejected | RuntimeRejected):
+        elif isinstance(fact, DatasetRejected | RuntimeRejected | OperationRejected):
             click.echo(f"error: {command.name} rejected: {fact.reason}", err=True)
             ok = False
         else:
-            click.echo(f"error: {command.name}: no answer from the {command.kind} service within {timeout:g}s "
-                       f"(is it running?)", err=True)
+            click.echo(f"error: {command.name}: no answer from the {SERVICE[command.kind]} service within "
+                       f"{timeout:g}s (is it running?)", err=True)
             ok = False
     return ok
 
@@ -313,27 +354,47 @@ def _read_manifests(files: Sequence[IO[str]], namespace: str, action: str) -> tu
               help="Manifest file (multi-document YAML), or - for stdin. Repeatable.")
 @click.option("-n", "--namespace", default="default", show_default=True,
               help="Namespace of documents that do not name one.")
+@click.option("--wait", is_flag=True,
+              help="Follow each DataLoad and DataClean until it is Complete or Failed, with a progress bar; "
+                   "exit 1 if one Failed.")
 @click.pass_obj
-def apply(options: Options, files: tuple[IO[str], ...], namespace: str) -> None:
-    """Create or update datasets and runtimes from Shoal or Fluid manifests.
+def apply(options: Options, files: tuple[IO[str], ...], namespace: str, wait: bool) -> None:
+    """Create or update datasets, runtimes, DataLoads and DataCleans from Shoal or Fluid manifests.
 
-    Fluid runtimes (AlluxioRuntime, JuiceFSRuntime, ...) become Shoal runtimes; every field Shoal does not use
-    is listed on stderr as "ignored: ...".
+    Fluid runtimes (AlluxioRuntime, JuiceFSRuntime, ...) become Shoal runtimes and a Fluid DataLoad applies as
+    it is; every field Shoal does not use is listed on stderr as "ignored: ...".
     """
     commands, notes, valid = _read_manifests(files, namespace, "apply")
     for note in notes:
         click.echo(note, err=True)
     if commands:
-        ok = _run(_send(options, commands))
+        ok = _run(_send(options, commands, wait=wait))
         valid = valid and ok
     if not valid:
         raise click.exceptions.Exit(1)
 
 
-async def _send(options: Options, commands: Sequence[Command]) -> bool:
+async def _send(options: Options, commands: Sequence[Command], *, wait: bool = False,
+                applied: str = "configured") -> bool:
+    """Publish the commands and report their answers; with ``wait``, then follow the accepted operations."""
     async with session(options) as bus:
-        outcomes = await send_commands(bus, commands, options.timeout)
-    return report_outcomes(outcomes, options.timeout)
+        watches: dict[str, operations.OperationWatch] = {}
+        try:
+            if wait:  # opened before publishing: the end of a fast operation must not be missed
+                for command in commands:
+                    if isinstance(command.event, DataLoadApply | DataCleanApply):
+                        watches[command.event.id] = await operations.open_watch(
+                            bus, command.kind, command.namespace, command.name)
+            outcomes = await send_commands(bus, commands, options.timeout)
+            ok = report_outcomes(outcomes, options.timeout, applied)
+            followed = [(watches[outcome.command.event.id], outcome.fact.generation) for outcome in outcomes
+                        if isinstance(outcome.fact, OperationAccepted) and outcome.command.event.id in watches]
+            if followed:
+                ok = operations.report(await operations.follow(followed)) and ok
+        finally:
+            for watch in watches.values():
+                await watch.close()
+    return ok
 
 
 @cli.command()
@@ -345,18 +406,25 @@ async def _send(options: Options, commands: Sequence[Command]) -> bool:
 @click.pass_obj
 def delete(options: Options, resource: str | None, name: str | None, namespace: str,
            files: tuple[IO[str], ...]) -> None:
-    """Delete a dataset or runtime: `shoal delete dataset NAME` or `shoal delete -f FILE`."""
+    """Delete a dataset, runtime, DataLoad or DataClean: `shoal delete dataset NAME` or `shoal delete -f FILE`.
+
+    Deleting a DataLoad or DataClean cancels its work; blocks already cached stay.
+    """
     if files and (resource or name):
         raise click.UsageError("give either -f FILE or RESOURCE NAME, not both")
     if files:
         commands, _, valid = _read_manifests(files, namespace, "delete")
     elif resource and name:
         kind = RESOURCE_ALIASES[resource.lower()]
-        event: DatasetDelete | RuntimeDelete
+        event: DatasetDelete | RuntimeDelete | DataLoadDelete | DataCleanDelete
         if kind == "dataset":
             event, subject = DatasetDelete(name=name, namespace=namespace), subjects.DATASET_DELETE
-        else:
+        elif kind == "runtime":
             event, subject = RuntimeDelete(name=name, namespace=namespace), subjects.RUNTIME_DELETE
+        elif kind == "dataload":
+            event, subject = DataLoadDelete(name=name, namespace=namespace), subjects.DATALOAD_DELETE
+        else:
+            event, subject = DataCleanDelete(name=name, namespace=namespace), subjects.DATACLEAN_DELETE
         commands, valid = [Command(0, kind, kind, name, namespace, subject, event)], True
     else:
         raise click.UsageError("name what to delete: RESOURCE NAME (e.g. dataset demo) or -f FILE")
@@ -418,6 +486,89 @@ async def _scale(options: Options, name: str, namespace: str, replicas: int) -> 
     return report_outcomes(outcomes, options.timeout)
 
 
+# --- DataLoad and DataClean shortcuts ---
+
+
+def generated_name(dataset: str, what: str) -> str:
+    """``<dataset>-<what>-<5 random characters>`` (like Kubernetes' generateName), at most a DNS label long."""
+    suffix = "".join(secrets.choice(_NAME_SUFFIX_ALPHABET) for _ in range(_NAME_SUFFIX_LENGTH))
+    tail = f"-{what}-{suffix}"
+    return dataset[:_MAX_NAME - len(tail)].rstrip("-") + tail
+
+
+def _targets(paths: Sequence[str], replicas: int) -> list[TargetPath]:
+    """One target per path; no path means the whole dataset ('/' when a replica count has to be said)."""
+    if not paths:
+        return [TargetPath(path="/", replicas=replicas)] if replicas != 1 else []
+    return [TargetPath(path=path, replicas=replicas) for path in paths]
+
+
+_DATASET_CHOICE = click.Choice(["dataset", "ds"], case_sensitive=False)
+_WAIT_HELP = "Follow it until it is Complete or Failed, with a progress bar; exit 1 if it Failed."
+
+
+@cli.command()
+@click.argument("resource", type=_DATASET_CHOICE)
+@click.argument("dataset")
+@click.option("--path", "paths", multiple=True, metavar="P",
+              help="A file or folder to load, as seen through the mount (/<mount name>/...). Repeatable; "
+                   "none: the whole dataset.")
+@click.option("--replicas", type=click.IntRange(min=1), default=1, show_default=True,
+              help="How many cache workers hold each block.")
+@click.option("--load-metadata", is_flag=True, help="List the dataset's store again before loading.")
+@click.option("--name", default=None, help="The DataLoad's name.  [default: <dataset>-load-<random>]")
+@click.option("-n", "--namespace", default="default", show_default=True)
+@click.option("--wait", is_flag=True, help=_WAIT_HELP)
+@click.pass_obj
+def load(options: Options, resource: str, dataset: str, paths: tuple[str, ...], replicas: int,
+         load_metadata: bool, name: str | None, namespace: str, wait: bool) -> None:
+    """Warm a dataset's cache now: creates a Once DataLoad and prints its name.
+
+    `shoal load dataset demo --path /train/images --wait` loads the folder images/ of the dataset's mount named
+    "train", shows its progress and exits 1 if the load fails.
+    """
+    name = name or generated_name(dataset, "load")
+    spec = DataLoadSpec(dataset=ObjectRef(name=dataset, namespace=namespace), load_metadata=load_metadata,
+                        target=_targets(paths, replicas))
+    event = DataLoadApply(data_load=DataLoad(metadata=ObjectMeta(name=name, namespace=namespace), spec=spec))
+    command = Command(0, "DataLoad", "dataload", name, namespace, subjects.DATALOAD_APPLY, event)
+    if not _run(_send(options, [command], wait=wait, applied="created")):
+        raise click.exceptions.Exit(1)
+
+
+@cli.command()
+@click.argument("resource", type=_DATASET_CHOICE)
+@click.argument("dataset")
+@click.option("--path", "paths", multiple=True, metavar="P",
+              help="A file or folder to evict, as seen through the mount. Repeatable; none: the whole dataset.")
+@click.option("--name", default=None, help="The DataClean's name.  [default: <dataset>-clean-<random>]")
+@click.option("-n", "--namespace", default="default", show_default=True)
+@click.option("--wait", is_flag=True, help=_WAIT_HELP)
+@click.pass_obj
+def clean(options: Options, resource: str, dataset: str, paths: tuple[str, ...], name: str | None,
+          namespace: str, wait: bool) -> None:
+    """Evict a dataset's cached blocks (or those under --path) from every node: creates a DataClean."""
+    name = name or generated_name(dataset, "clean")
+    spec = DataCleanSpec(dataset=ObjectRef(name=dataset, namespace=namespace), target=_targets(paths, 1))
+    event = DataCleanApply(data_clean=DataClean(metadata=ObjectMeta(name=name, namespace=namespace), spec=spec))
+    command = Command(0, "DataClean", "dataclean", name, namespace, subjects.DATACLEAN_APPLY, event)
+    if not _run(_send(options, [command], wait=wait, applied="created")):
+        raise click.exceptions.Exit(1)
+
+
+@cli.command(name="run")
+@click.argument("resource", type=click.Choice(["dataload", "load"], case_sensitive=False))
+@click.argument("name")
+@click.option("-n", "--namespace", default="default", show_default=True)
+@click.pass_obj
+def run_operation(options: Options, resource: str, name: str, namespace: str) -> None:
+    """Run a Cron or OnEvent DataLoad now (publishes dataload.run.v1, as other systems may)."""
+    event = DataLoadRun(name=name, namespace=namespace)
+    command = Command(0, "DataLoad", "dataload", name, namespace, subjects.DATALOAD_RUN, event)
+    if not _run(_send(options, [command])):
+        raise click.exceptions.Exit(1)
+
+
 # --- get and describe ---
 
 
@@ -429,16 +580,25 @@ async def load_records(options: Options, kind: Kind, namespace: str | None, name
         except BucketNotFoundError:
             return []  # nothing was ever applied: the services create the buckets on start
         record_type = RECORD_TYPE[kind]
+        operation = kind in OPERATION_KINDS
         if name is not None and namespace is not None:
-            record, _ = await kv_load(kv, subjects.resource_key(namespace, name), record_type)
+            key = subjects.operation_key(kind, namespace, name) if operation else subjects.resource_key(namespace,
+                                                                                                      name)
+            record, _ = await kv_load(kv, key, record_type)
             return [record] if record is not None else []
         records: list[Any] = await kv_values(kv, record_type)
+    if operation:  # one bucket holds both kinds
+        records = [record for record in records if record.kind.lower() == kind]
     records = [record for record in records if namespace is None or _meta(record).namespace == namespace]
     return sorted(records, key=lambda record: (_meta(record).namespace, _meta(record).name))
 
 
-def _meta(record: DatasetRecord | RuntimeRecord) -> Any:
-    return record.dataset.metadata if isinstance(record, DatasetRecord) else record.runtime.metadata
+def _meta(record: DatasetRecord | RuntimeRecord | OperationRecord) -> Any:
+    if isinstance(record, DatasetRecord):
+        return record.dataset.metadata
+    if isinstance(record, RuntimeRecord):
+        return record.runtime.metadata
+    return record.metadata
 
 
 def _not_found(kind: Kind, name: str, namespace: str) -> NoReturn:
@@ -455,7 +615,7 @@ def _not_found(kind: Kind, name: str, namespace: str) -> NoReturn:
 @click.pass_obj
 def get(options: Options, resource: str, name: str | None, namespace: str, all_namespaces: bool,
         output: str | None) -> None:
-    """List datasets or runtimes (`shoal get datasets`, `shoal get runtime demo -o yaml`)."""
+    """List datasets, runtimes, DataLoads or DataCleans (`shoal get datasets`, `shoal get dataloads -o wide`)."""
     if all_namespaces and name:
         raise click.UsageError("a resource cannot be retrieved by name across all namespaces")
     kind = RESOURCE_ALIASES[resource.lower()]
@@ -475,6 +635,9 @@ def get(options: Options, resource: str, name: str | None, namespace: str, all_n
         click.echo(render.to_yaml(render.records_document(records, single=name is not None)), nl=False)
     elif kind == "dataset":
         click.echo(render.dataset_table(records, wide=output == "wide", show_namespace=all_namespaces), nl=False)
+    elif kind in OPERATION_KINDS:
+        click.echo(render.operation_table(records, now=datetime.now(UTC), wide=output == "wide",
+                                          show_namespace=all_namespaces), nl=False)
     else:
         click.echo(render.runtime_table(records, wide=output == "wide", show_namespace=all_namespaces), nl=False)
 
@@ -485,7 +648,8 @@ def get(options: Options, resource: str, name: str | None, namespace: str, all_n
 @click.option("-n", "--namespace", default="default", show_default=True)
 @click.pass_obj
 def describe(options: Options, resource: str, name: str | None, namespace: str) -> None:
-    """Show every spec and status field of a dataset or runtime (all of the namespace without NAME)."""
+    """Show every spec and status field of a dataset, runtime, DataLoad or DataClean (all of the namespace
+    without NAME); a DataLoad's or DataClean's progress per node too."""
     kind = RESOURCE_ALIASES[resource.lower()]
     records = _run(load_records(options, kind, namespace, name))
     if not records:
@@ -493,8 +657,9 @@ def describe(options: Options, resource: str, name: str | None, namespace: str) 
             _not_found(kind, name, namespace)
         click.echo(f"No resources found in {namespace} namespace.", err=True)
         return
-    texts = [render.describe_dataset(r) if isinstance(r, DatasetRecord) else render.describe_runtime(r)
-             for r in records]
+    texts = [render.describe_dataset(r) if isinstance(r, DatasetRecord)
+             else render.describe_operation(r) if isinstance(r, OperationRecord)
+             else render.describe_runtime(r) for r in records]
     click.echo("\n".join(texts), nl=False)
 
 

@@ -1,14 +1,16 @@
 """What ``shoal get`` and ``shoal describe`` print: kubectl-like tables, JSON/YAML documents, describe text.
 
-Pure: records in, text out, no NATS and no terminal. Decides the columns (Fluid's ``kubectl get dataset`` and
-``kubectl get alluxioruntime`` columns, without AGE: records carry no creation time) and that machine-readable
-output shows every field, defaults included, under their JSON names.
+Pure: records in, text out, no NATS, no terminal and no clock (``now`` is a parameter). Decides the columns
+(Fluid's ``kubectl get dataset`` and ``kubectl get alluxioruntime`` columns, without AGE: those records carry no
+creation time; Fluid's DataLoad columns DATASET, PHASE, AGE, DURATION plus Shoal's PROGRESS for DataLoad and
+DataClean) and that machine-readable output shows every field, defaults included, under their JSON names.
 """
 
 from __future__ import annotations
 
 import io
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
 import msgspec
@@ -19,6 +21,7 @@ from rich.text import Text
 
 from libs.events.common import format_bytes
 from libs.events.dataset import Condition, DatasetRecord, NodeCache
+from libs.events.operation import NodeProgress, OperationRecord, Progress
 from libs.events.runtime import CacheWorker, RuntimeRecord
 
 # Wide enough that rich never wraps or truncates a cell: scripts read these lines, like kubectl's.
@@ -107,10 +110,117 @@ def _with_namespace(headers: list[str], rows: list[list[str]], namespaces: list[
     return table_text(headers, rows)
 
 
+# --- DataLoad and DataClean ---
+
+
+def operation_table(records: Sequence[OperationRecord], *, now: datetime, wide: bool, show_namespace: bool) -> str:
+    """Fluid's DataLoad columns (DATASET, PHASE, AGE, DURATION) plus PROGRESS; wide adds how it runs and why."""
+    headers = ["NAME", "DATASET", "PHASE", "AGE", "DURATION", "PROGRESS"]
+    if wide:
+        headers += ["POLICY", "RUNS", "RATE", "ETA", "MESSAGE"]
+    rows = []
+    for record in records:
+        status = record.status
+        row = [record.metadata.name, operation_dataset(record), status.phase, age_text(record.created_at, now),
+               status.duration or "-", progress_text(status.progress)]
+        if wide:
+            policy: str = record.load.policy if record.load is not None else "-"  # a clean runs once
+            if record.load is not None and record.load.schedule:
+                policy += f" ({record.load.schedule})"
+            row += [policy, str(status.runs), rate_text(status.progress.rate_bytes_per_second),
+                    eta_text(status.progress.eta_seconds), status.message or status.waiting_for]
+        rows.append(row)
+    return _with_namespace(headers, rows, [r.metadata.namespace for r in records], show_namespace or wide)
+
+
+def operation_dataset(record: OperationRecord) -> str:
+    """The target dataset's name, with its namespace when that is not the operation's own."""
+    spec = record.load or record.clean
+    if spec is None:
+        return "<none>"
+    ref = spec.dataset
+    return ref.name if ref.namespace == record.metadata.namespace else f"{ref.namespace}/{ref.name}"
+
+
+def progress_text(progress: Progress) -> str:
+    """``812/1000 files, 8.00GiB/10.00GiB`` (bytes alone without a file count); ``-`` before the loader has
+    planned the run (no totals yet)."""
+    if progress.files_total == 0 and progress.bytes_total == 0:
+        return "-"
+    sizes = f"{format_bytes(progress.bytes_done)}/{format_bytes(progress.bytes_total)}"
+    # A clean of a whole dataset counts freed bytes, not files.
+    return f"{progress.files_done}/{progress.files_total} files, {sizes}" if progress.files_total else sizes
+
+
+def rate_text(bytes_per_second: float) -> str:
+    return f"{format_bytes(int(bytes_per_second))}/s" if bytes_per_second > 0 else "-"
+
+
+def eta_text(seconds: float | None) -> str:
+    return "-" if seconds is None else duration_text(seconds)
+
+
+def duration_text(seconds: float) -> str:
+    """kubectl's short human durations: 45s, 5m30s, 3h20m, 4d5h (the two largest units, the second when it matters)."""
+    total = max(0, int(seconds))
+    if total < 120:
+        return f"{total}s"
+    minutes, secs = divmod(total, 60)
+    if minutes < 10:
+        return f"{minutes}m{secs}s" if secs else f"{minutes}m"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 3:
+        return f"{hours * 60 + minutes}m"
+    if hours < 8:
+        return f"{hours}h{minutes}m" if minutes else f"{hours}h"
+    days, hours = divmod(hours, 24)
+    if days < 2:
+        return f"{days * 24 + hours}h"
+    if days < 8:
+        return f"{days}d{hours}h" if hours else f"{days}d"
+    return f"{days}d"
+
+
+def age_text(created_at: str, now: datetime) -> str:
+    """How long ago an RFC 3339 time was; ``<unknown>`` when the record has none (or an unreadable one)."""
+    try:
+        created = datetime.fromisoformat(created_at.replace("Z", "+00:00"))
+    except ValueError:
+        return "<unknown>"
+    if created.tzinfo is None or now.tzinfo is None:
+        return "<unknown>"
+    return duration_text((now - created).total_seconds())
+
+
+def describe_operation(record: OperationRecord) -> str:
+    """Spec, status (without what is shown apart), progress per node, then conditions."""
+    status = full_builtins(record.status)
+    conditions = record.status.conditions
+    status.pop("conditions", None)
+    status["progress"].pop("nodes", None)  # a table of its own below
+    spec = record.load if record.load is not None else record.clean
+    return _describe(record.kind, record.metadata, record.generation, spec, status, conditions,
+                     extra=["Progress by node:", node_progress_table(record.status.progress.nodes)],
+                     created=record.created_at or "<unknown>")
+
+
+def node_progress_table(nodes: Sequence[NodeProgress]) -> str:
+    if not nodes:
+        return "  <none>"
+    rows = [[n.node, format_bytes(n.bytes_done), format_bytes(n.bytes_total), percent_text(n.bytes_done,
+                                                                                          n.bytes_total)]
+            for n in nodes]
+    return _indented(table_text(["NODE", "DONE", "TOTAL", "PERCENT"], rows))
+
+
+def percent_text(done: int, total: int) -> str:
+    return f"{100 * done / total:.1f}%" if total > 0 else "-"
+
+
 # --- machine-readable ---
 
 
-def records_document(records: Sequence[DatasetRecord | RuntimeRecord], single: bool) -> Any:
+def records_document(records: Sequence[DatasetRecord | RuntimeRecord | OperationRecord], single: bool) -> Any:
     """One record alone when asked for by name, else ``{"items": [...]}`` (kubectl's List shape)."""
     if single and len(records) == 1:
         return full_builtins(records[0])
@@ -166,7 +276,7 @@ def describe_runtime(record: RuntimeRecord) -> str:
 
 
 def _describe(kind: str, metadata: Any, generation: int, spec: Any, status: dict[str, Any],
-              conditions: Sequence[Condition], extra: Sequence[str] = ()) -> str:
+              conditions: Sequence[Condition], extra: Sequence[str] = (), created: str | None = None) -> str:
     lines = [
         f"Name:         {metadata.name}",
         f"Namespace:    {metadata.namespace}",
@@ -174,6 +284,7 @@ def _describe(kind: str, metadata: Any, generation: int, spec: Any, status: dict
         *_key_values("Labels:       ", metadata.labels),
         *_key_values("Annotations:  ", metadata.annotations),
         f"Generation:   {generation}",
+        *([f"Created:      {created}"] if created is not None else []),
         "Spec:",
         _indented(to_yaml(full_builtins(spec))),
         "Status:",

@@ -34,6 +34,17 @@ from libs.events.dataset import (
     DatasetStatusChanged,
 )
 from libs.events.deadletter import DeadLetter
+from libs.events.operation import (
+    DataCleanApply,
+    DataCleanDelete,
+    DataLoadApply,
+    DataLoadDelete,
+    DataLoadRun,
+    OperationAccepted,
+    OperationDeleted,
+    OperationRejected,
+    OperationStatusChanged,
+)
 from libs.events.runtime import (
     RuntimeAccepted,
     RuntimeApply,
@@ -42,6 +53,7 @@ from libs.events.runtime import (
     RuntimeRejected,
     RuntimeStatusChanged,
 )
+from libs.events.schedule import ScoreReply, ScoreRequest
 
 INDEX_FILE = "index.json"
 
@@ -67,6 +79,18 @@ SUBJECTS: dict[type[Any], str] = {
     InventoryDeltaV1: subjects.AGENT_INVENTORY,
     InventoryRequest: subjects.INVENTORY_REQUEST,
     DeadLetter: subjects.ALL_DEAD_LETTERS,
+    DataLoadApply: subjects.DATALOAD_APPLY,
+    DataLoadDelete: subjects.DATALOAD_DELETE,
+    DataLoadRun: subjects.DATALOAD_RUN,
+    DataCleanApply: subjects.DATACLEAN_APPLY,
+    DataCleanDelete: subjects.DATACLEAN_DELETE,
+    # One family of facts for both operation kinds: published on the subject of the operation's kind.
+    OperationAccepted: f"{subjects.DATALOAD_ACCEPTED}, {subjects.DATACLEAN_ACCEPTED}",
+    OperationRejected: f"{subjects.DATALOAD_REJECTED}, {subjects.DATACLEAN_REJECTED}",
+    OperationStatusChanged: f"{subjects.DATALOAD_STATUS}, {subjects.DATACLEAN_STATUS}",
+    OperationDeleted: f"{subjects.DATALOAD_DELETED}, {subjects.DATACLEAN_DELETED}",
+    ScoreRequest: subjects.SCHED_SCORE,
+    ScoreReply: f"the reply subject of a {subjects.SCHED_SCORE} request",
 }
 
 

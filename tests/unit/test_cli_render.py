@@ -1,10 +1,23 @@
-"""What ``shoal describe dataset`` prints about where the bytes are (pure rendering)."""
+"""What ``shoal describe dataset`` prints about where the bytes are, and the DataLoad/DataClean columns, durations
+and progress text (pure rendering)."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
+import pytest
+
 from libs.cli import render
-from libs.events.common import ObjectMeta
+from libs.events.common import ObjectMeta, ObjectRef
 from libs.events.dataset import Dataset, DatasetRecord, DatasetSpec, DatasetStatus, Mount, NodeCache
+from libs.events.operation import (
+    DataCleanSpec,
+    DataLoadSpec,
+    NodeProgress,
+    OperationRecord,
+    OperationStatus,
+    Progress,
+)
 
 MiB = 1024 * 1024
 
@@ -34,3 +47,85 @@ def test_describe_lists_cached_bytes_and_read_split_per_node() -> None:
 def test_describe_says_none_before_any_node_reported() -> None:
     lines = render.describe_dataset(record([])).splitlines()
     assert lines[lines.index("Cache by node:") + 1] == "  <none>"
+
+
+# --- DataLoad and DataClean ---
+
+GiB = 1024 * MiB
+NOW = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(("seconds", "text"), [
+    (0, "0s"), (45, "45s"), (119, "119s"), (120, "2m"), (330, "5m30s"), (600, "10m"), (2 * 3600 + 59 * 60, "179m"),
+    (3 * 3600 + 20 * 60, "3h20m"), (5 * 3600, "5h"), (30 * 3600, "30h"), (4 * 86400 + 5 * 3600, "4d5h"),
+    (20 * 86400 + 3600, "20d"), (-5, "0s"),
+])
+def test_durations_read_like_kubectl(seconds: float, text: str) -> None:
+    assert render.duration_text(seconds) == text
+
+
+def test_age_of_a_record() -> None:
+    assert render.age_text("2026-01-01T11:58:30Z", NOW) == "90s"
+    assert render.age_text("2026-01-01T11:00:00+00:00", NOW) == "60m"
+    assert render.age_text("", NOW) == "<unknown>"
+    assert render.age_text("yesterday", NOW) == "<unknown>"
+    assert render.age_text("2026-01-01T11:00:00", NOW) == "<unknown>"  # no zone: not guessed
+
+
+def test_progress_text_has_files_and_bytes_once_planned() -> None:
+    assert render.progress_text(Progress()) == "-"
+    assert render.progress_text(Progress(files_done=812, files_total=1000, bytes_done=8 * GiB,
+                                         bytes_total=10 * GiB)) == "812/1000 files, 8.00GiB/10.00GiB"
+    assert render.progress_text(Progress(bytes_done=GiB, bytes_total=2 * GiB)) == "1.00GiB/2.00GiB"
+
+
+def operation(name: str, *, clean: bool = False, namespace: str = "default", status: OperationStatus | None = None,
+              dataset: ObjectRef | None = None) -> OperationRecord:
+    ref = dataset or ObjectRef(name="imagenet", namespace=namespace)
+    return OperationRecord(
+        kind="DataClean" if clean else "DataLoad", metadata=ObjectMeta(name=name, namespace=namespace),
+        load=None if clean else DataLoadSpec(dataset=ref, policy="Cron", schedule="0 * * * *"),
+        clean=DataCleanSpec(dataset=ref) if clean else None,
+        created_at="2026-01-01T11:55:00Z", status=status or OperationStatus(),
+    )
+
+
+def test_operation_table_has_fluids_columns_and_progress() -> None:
+    running = operation("warm", status=OperationStatus(
+        phase="Executing", duration="Unfinished", runs=3,
+        progress=Progress(files_done=812, files_total=1000, bytes_done=8 * GiB, bytes_total=10 * GiB,
+                          rate_bytes_per_second=100 * MiB, eta_seconds=20.4)))
+    elsewhere = operation("pending", dataset=ObjectRef(name="shared", namespace="data"),
+                          status=OperationStatus(waiting_for="DataLoad default/warm to be Complete"))
+
+    assert render.operation_table([running, elsewhere], now=NOW, wide=False, show_namespace=False) == (
+        "NAME      DATASET       PHASE       AGE   DURATION     PROGRESS\n"
+        "warm      imagenet      Executing   5m    Unfinished   812/1000 files, 8.00GiB/10.00GiB\n"
+        "pending   data/shared   Pending     5m    -            -\n"
+    )
+    wide = render.operation_table([running, elsewhere], now=NOW, wide=True, show_namespace=False).splitlines()
+    assert wide[0].split() == ["NAMESPACE", "NAME", "DATASET", "PHASE", "AGE", "DURATION", "PROGRESS", "POLICY",
+                               "RUNS", "RATE", "ETA", "MESSAGE"]
+    assert "Cron (0 * * * *)   3      100.00MiB/s   20s" in wide[1]
+    assert wide[2].endswith("DataLoad default/warm to be Complete")
+
+
+def test_describe_operation_shows_progress_per_node() -> None:
+    record = operation("cool", clean=True, status=OperationStatus(
+        phase="Complete", duration="3s",
+        progress=Progress(bytes_done=3 * GiB, bytes_total=3 * GiB,
+                          nodes=[NodeProgress(node="node-a", bytes_done=GiB, bytes_total=2 * GiB),
+                                 NodeProgress(node="node-b")])))
+
+    lines = render.describe_operation(record).splitlines()
+
+    assert lines[:3] == ["Name:         cool", "Namespace:    default", "Kind:         DataClean (dataclean.shoal.io)"]
+    assert "Created:      2026-01-01T11:55:00Z" in lines
+    assert "    name: imagenet" in lines  # spec.dataset
+    assert "  phase: Complete" in lines
+    assert "    nodes:" not in lines  # shown as a table instead
+    table = lines.index("Progress by node:")
+    assert [line.split() for line in lines[table + 1:table + 4]] == [
+        ["NODE", "DONE", "TOTAL", "PERCENT"], ["node-a", "1.00GiB", "2.00GiB", "50.0%"],
+        ["node-b", "0B", "0B", "-"]]
+    assert lines[-2:] == ["Conditions:", "  <none>"]

@@ -14,7 +14,19 @@ from libs.documents import (
     juicefs_size,
     parse_documents,
 )
+from libs.events.common import ObjectMeta, ObjectRef
 from libs.events.dataset import DatasetApply, DatasetDelete
+from libs.events.operation import (
+    DataCleanApply,
+    DataCleanDelete,
+    DataCleanSpec,
+    DataLoad,
+    DataLoadApply,
+    DataLoadDelete,
+    DataLoadSpec,
+    OperationRef,
+    TargetPath,
+)
 from libs.events.runtime import Level, RuntimeApply, RuntimeDelete
 
 
@@ -409,3 +421,165 @@ def test_yaml_errors_name_the_document_and_the_line() -> None:
 
 def test_empty_documents_keep_their_positions() -> None:
     assert parse_documents("a: 1\n---\n---\nb: 2\n") == [{"a": 1}, None, {"b": 2}]
+
+
+# --- DataLoad and DataClean ---
+
+# A Fluid DataLoad as Fluid's docs and samples write them (warm-up with replicas, metadata sync, a runAfter with
+# an affinity strategy), plus every field that only Fluid's loader Job would use.
+FLUID_DATALOAD = """
+    apiVersion: data.fluid.io/v1alpha1
+    kind: DataLoad
+    metadata:
+      name: spark-dataload
+      namespace: ml
+    spec:
+      dataset:
+        name: spark
+      loadMetadata: true
+      target:
+        - path: /spark/spark-2.4.7
+          replicas: 1
+        - path: /spark/spark-3.0.1/pyspark-3.0.1.tar.gz
+          replicas: 2
+      policy: Cron
+      schedule: "*/30 * * * *"
+      runAfter:
+        apiVersion: data.fluid.io/v1alpha1
+        kind: DataLoad
+        name: spark-meta
+        affinityStrategy:
+          policy: Require
+      ttlSecondsAfterFinished: 300
+      options: {atomicCache: "true"}
+      podMetadata: {labels: {team: ml}}
+      affinity: {nodeAffinity: {}}
+      nodeSelector: {disk: ssd}
+      tolerations: [{key: gpu, operator: Exists}]
+      schedulerName: volcano
+      imagePullSecrets: [{name: registry}]
+      resources: {limits: {cpu: "1"}}
+    status:
+      phase: Complete
+    """
+
+
+def test_fluid_dataload_applies_unchanged_and_notes_what_only_a_job_would_use() -> None:
+    commands, notes, errors = documents_to_commands(load(FLUID_DATALOAD))
+
+    assert errors == []
+    [command] = commands
+    assert (command.kind, command.source_kind, command.name, command.namespace, command.subject) == (
+        "dataload", "DataLoad", "spark-dataload", "ml", subjects.DATALOAD_APPLY)
+    assert command.resource == "dataload.shoal.io/spark-dataload"
+    assert isinstance(command.event, DataLoadApply)
+    assert command.event.data_load == DataLoad(
+        metadata=ObjectMeta(name="spark-dataload", namespace="ml"),
+        spec=DataLoadSpec(
+            # No namespace in spec.dataset: the DataLoad's own, as in Fluid.
+            dataset=ObjectRef(name="spark", namespace="ml"),
+            load_metadata=True,
+            target=[TargetPath(path="/spark/spark-2.4.7", replicas=1),
+                    TargetPath(path="/spark/spark-3.0.1/pyspark-3.0.1.tar.gz", replicas=2)],
+            policy="Cron",
+            schedule="*/30 * * * *",
+            run_after=OperationRef(kind="DataLoad", name="spark-meta"),
+            ttl_seconds_after_finished=300,
+        ),
+    )
+    assert sorted(notes) == sorted([
+        "ignored: DataLoad/status (status is computed by Shoal)",
+        *(f"ignored: DataLoad/spec.{field} (not used by Shoal)" for field in (
+            "runAfter.apiVersion", "runAfter.affinityStrategy", "options", "podMetadata", "affinity",
+            "nodeSelector", "tolerations", "schedulerName", "imagePullSecrets", "resources")),
+    ])
+
+
+def test_fluid_sample_dataload_needs_only_a_dataset() -> None:
+    text = """
+        apiVersion: data.fluid.io/v1alpha1
+        kind: DataLoad
+        metadata: {name: spark-dataload}
+        spec:
+          dataset: {name: spark, namespace: default}
+        """
+    [command], notes, errors = documents_to_commands(load(text))
+
+    assert (notes, errors) == ([], [])
+    assert isinstance(command.event, DataLoadApply)
+    spec = command.event.data_load.spec
+    assert (spec.dataset, spec.target, spec.policy, spec.load_metadata) == (
+        ObjectRef(name="spark"), [], "Once", False)
+
+
+def test_shoal_dataload_and_dataclean_and_their_deletes() -> None:
+    text = """
+        apiVersion: shoal.io/v1alpha1
+        kind: DataLoad
+        metadata: {name: warm}
+        spec:
+          dataset: {name: demo, namespace: data}
+          target: [{path: /train/images, replicas: 2}]
+          policy: OnEvent
+          colour: blue
+        ---
+        apiVersion: shoal.io/v1alpha1
+        kind: DataClean
+        metadata: {name: cool, namespace: data}
+        spec:
+          dataset: {name: demo}
+          target: [{path: /train/images}]
+          runAfter: {kind: DataLoad, name: warm}
+        """
+    commands, notes, errors = documents_to_commands(load(text))
+
+    assert errors == []
+    assert notes == ["ignored: DataLoad/spec.colour (unknown field)"]
+    warm, cool = commands
+    assert isinstance(warm.event, DataLoadApply) and isinstance(cool.event, DataCleanApply)
+    assert warm.event.data_load.spec.dataset == ObjectRef(name="demo", namespace="data")
+    assert warm.event.data_load.spec.policy == "OnEvent"
+    assert (cool.kind, cool.subject, cool.resource) == ("dataclean", subjects.DATACLEAN_APPLY,
+                                                        "dataclean.shoal.io/cool")
+    assert cool.event.data_clean.spec == DataCleanSpec(
+        dataset=ObjectRef(name="demo", namespace="data"), target=[TargetPath(path="/train/images")],
+        run_after=OperationRef(kind="DataLoad", name="warm"))
+
+    deletes, _, errors = documents_to_commands(load(text), action="delete")
+    assert errors == []
+    assert [(c.subject, c.event) for c in deletes] == [
+        (subjects.DATALOAD_DELETE, DataLoadDelete(name="warm", namespace="default", id=deletes[0].event.id)),
+        (subjects.DATACLEAN_DELETE, DataCleanDelete(name="cool", namespace="data", id=deletes[1].event.id)),
+    ]
+
+
+@pytest.mark.parametrize(("spec", "error"), [
+    ("{}", "Object missing required field `dataset` - at `$.spec`"),
+    ("{dataset: {name: demo}, policy: Sometimes}",
+     "spec.policy 'Sometimes' is not one of Once, Cron, OnEvent"),
+    ("{dataset: {name: demo}, target: [{replicas: 2}]}",
+     "Object missing required field `path` - at `$.spec.target[0]`"),
+    ("{dataset: {name: demo}, target: /train}", "Expected `array`, got `str` - at `$.spec.target`"),
+    ("{dataset: {name: demo}, ttlSecondsAfterFinished: soon}", "Expected `int | null`, got `str`"),
+    ("[dataset]", "spec must be a mapping, got list"),
+])
+def test_bad_dataloads_name_the_document_and_the_path(spec: str, error: str) -> None:
+    text = f"apiVersion: data.fluid.io/v1alpha1\nkind: DataLoad\nmetadata: {{name: bad}}\nspec: {spec}\n"
+
+    commands, _, errors = documents_to_commands(parse_documents(text))
+
+    assert commands == []
+    [message] = errors
+    assert message.startswith("document 1 (DataLoad bad): ")
+    assert error in message
+
+
+def test_fluid_has_no_dataclean() -> None:
+    text = "apiVersion: data.fluid.io/v1alpha1\nkind: DataClean\nmetadata: {name: c}\nspec: {dataset: {name: d}}\n"
+
+    commands, _, [error] = documents_to_commands(parse_documents(text))
+
+    assert commands == []
+    assert error.startswith("document 1 (DataClean c): unknown kind 'DataClean' of apiVersion "
+                            "'data.fluid.io/v1alpha1'; supported: Dataset, Runtime, DataLoad and DataClean of "
+                            "shoal.io/v1alpha1")

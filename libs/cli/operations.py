@@ -1,0 +1,186 @@
+"""Following DataLoads and DataCleans until they finish (``--wait``): a KV watch per operation and a live progress bar.
+
+Which I/O it owns: the watch of each operation's key in KV ``shoal_operations`` (the loader writes the record at
+most once a second and at every phase change, so a watch sees each phase without polling), and drawing progress
+on stderr with rich (a bar per operation on a terminal; one line per phase change elsewhere, e.g. in CI logs).
+Stdout gets one result line per operation, for scripts.
+
+A watch is opened *before* the command is published: a small load can finish within the loader's first second,
+and a ``ttlSecondsAfterFinished: 0`` operation can be gone right after, so opening it later could miss the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncGenerator, Sequence
+from dataclasses import dataclass, field
+
+import click
+import msgspec
+from nats.js.kv import KeyValue
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskID, TaskProgressColumn, TextColumn
+
+from libs import subjects
+from libs.bus import Bus, Replay, kv_watch
+from libs.cli import render
+from libs.events.common import format_bytes
+from libs.events.operation import OperationRecord
+
+TERMINAL_PHASES = ("Complete", "Failed")
+
+_RECORD_DECODER = msgspec.json.Decoder(OperationRecord)
+
+
+@dataclass(frozen=True)
+class Finished:
+    """How a followed operation ended: its last record, or ``error`` when it ended without one (deleted)."""
+
+    resource: str
+    record: OperationRecord | None
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.record is not None and self.record.status.phase == "Complete"
+
+
+@dataclass
+class OperationWatch:
+    """The watch of one operation's KV key, and the last record it has seen (None: none, or deleted)."""
+
+    kind: str  # "dataload" | "dataclean"
+    namespace: str
+    name: str
+    entries: AsyncGenerator[KeyValue.Entry | Replay | None, None]
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    latest: OperationRecord | None = None
+    deleted: bool = False
+
+    @property
+    def resource(self) -> str:
+        return f"{self.kind}.shoal.io/{self.name}"
+
+    async def next_change(self) -> bool:
+        """Wait for the next put or delete of the key; False at the end of the initial values (or a replay)."""
+        item = await self.entries.__anext__()
+        if item is None or isinstance(item, Replay):
+            return False
+        if item.operation in ("DEL", "PURGE"):
+            self.latest, self.deleted = None, True
+        elif item.value is not None:
+            try:
+                self.latest, self.deleted = _RECORD_DECODER.decode(item.value), False
+            except (msgspec.ValidationError, msgspec.DecodeError):
+                return False  # a newer record version this CLI cannot read: wait for the next
+        return True
+
+    async def close(self) -> None:
+        self.stopping.set()
+        with contextlib.suppress(Exception):
+            await self.entries.aclose()
+
+
+async def open_watch(bus: Bus, kind: str, namespace: str, name: str) -> OperationWatch:
+    """A watch of the operation's key, its current value read (so later changes are the ones that matter)."""
+    kv = await bus.kv(subjects.KV_OPERATIONS)
+    stopping = asyncio.Event()
+    entries = kv_watch(kv, stopping, bus.reconnects, keys=subjects.operation_key(kind, namespace, name))
+    watch = OperationWatch(kind, namespace, name, entries, stopping)
+    while await watch.next_change():  # the initial value, if any, then the end-of-initial-values marker
+        pass
+    watch.deleted = False  # a delete marker left by an earlier operation of that name is not this one's end
+    return watch
+
+
+def finished(record: OperationRecord | None, generation: int) -> bool:
+    """The run of the applied generation (or a later one) ended."""
+    return record is not None and record.generation >= generation and record.status.phase in TERMINAL_PHASES
+
+
+async def follow(watches: Sequence[tuple[OperationWatch, int]], console: Console | None = None) -> list[Finished]:
+    """Follow each (watch, generation accepted) until its operation is Complete or Failed, drawing progress."""
+    console = console or Console(stderr=True)
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        TextColumn("{task.fields[detail]}"),
+    )
+    # Off a terminal (a pipe, CI logs) a bar cannot redraw: one line per phase change instead (_follow_one).
+    with Progress(*columns, console=console, disable=not console.is_terminal) as bar:
+        results = await asyncio.gather(*(_follow_one(watch, generation, bar) for watch, generation in watches))
+    return list(results)
+
+
+async def _follow_one(watch: OperationWatch, generation: int, bar: Progress) -> Finished:
+    task = bar.add_task(watch.resource, total=None, detail="waiting for the loader")
+    phase = ""
+    while True:
+        record = watch.latest
+        if record is not None and record.generation >= generation:
+            _show(bar, task, record)
+            if record.status.phase != phase:
+                phase = record.status.phase
+                if not bar.console.is_terminal:  # no live bar there: say each phase once
+                    bar.console.print(_phase_line(watch.resource, record), highlight=False, soft_wrap=True)
+            if finished(record, generation):
+                return Finished(watch.resource, record)
+        elif watch.deleted:
+            return Finished(watch.resource, None, f"{watch.resource} was deleted before it finished")
+        await watch.next_change()
+
+
+def _phase_line(resource: str, record: OperationRecord) -> str:
+    line = f"{resource} {record.status.phase}"
+    progress = render.progress_text(record.status.progress)
+    if progress != "-":
+        line += f" {progress}"
+    if record.status.phase == "Pending" and record.status.waiting_for:
+        line += f" (waiting for {record.status.waiting_for})"
+    return line
+
+
+def _show(bar: Progress, task: TaskID, record: OperationRecord) -> None:
+    progress = record.status.progress
+    # Blocks found already cached are "done without work" (Progress): bytes_done counts them, so the bar reaches
+    # its end on a load of an already warm dataset.
+    total = progress.bytes_total or None
+    detail: list[str] = [record.status.phase]
+    if progress.files_total:
+        detail.append(f"{progress.files_done}/{progress.files_total} files")
+    if progress.bytes_total:
+        detail.append(f"{format_bytes(progress.bytes_done)}/{format_bytes(progress.bytes_total)}")
+    if progress.rate_bytes_per_second > 0 and record.status.phase == "Executing":
+        detail.append(render.rate_text(progress.rate_bytes_per_second))
+    if progress.eta_seconds is not None and record.status.phase == "Executing":
+        detail.append(f"ETA {render.eta_text(progress.eta_seconds)}")
+    if record.status.waiting_for and record.status.phase == "Pending":
+        detail.append(f"waiting for {record.status.waiting_for}")
+    completed = progress.bytes_done if total else 0
+    if record.status.phase == "Complete" and total is None:
+        total, completed = 1, 1  # nothing to do (every block was cached already, or an empty target)
+    bar.update(task, total=total, completed=completed, detail=", ".join(detail))
+
+
+def report(results: Sequence[Finished]) -> bool:
+    """One line per operation: stdout for Complete, stderr (``error: ...``) for Failed; True when all Complete."""
+    for result in results:
+        record = result.record
+        if record is None:
+            click.echo(f"error: {result.error}", err=True)
+        elif record.status.phase == "Complete":
+            progress = record.status.progress
+            text = f"{result.resource} Complete"
+            if progress.files_total or progress.bytes_total:
+                text += f": {render.progress_text(progress)}"
+            if record.status.duration:
+                text += f" in {record.status.duration}"
+            if progress.bytes_skipped:
+                skipped = "already cached" if record.kind == "DataLoad" else "not cached anywhere"
+                text += f" ({format_bytes(progress.bytes_skipped)} {skipped})"
+            click.echo(text)
+        else:
+            click.echo(f"error: {result.resource} Failed: {record.status.message or 'no message'}", err=True)
+    return all(result.ok for result in results)

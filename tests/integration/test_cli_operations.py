@@ -1,0 +1,416 @@
+"""The ``shoal`` CLI's DataLoad and DataClean commands against a real nats-server: apply (Fluid and Shoal
+documents), ``load``/``clean``/``run``/``delete``, ``get``/``describe`` over KV records, and ``--wait`` following an
+operation to Complete or Failed.
+
+The loader service is built on another branch at the same time, so ``StandInLoader`` stands in for it: it answers
+commands with the facts of the contract (libs/events/operation.py) and writes ``OperationRecord`` values into
+``shoal_operations`` as the loader would. End-to-end tests with the real loader and agents come after the merge.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import re
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+import msgspec
+import pytest
+import yaml
+from nats.aio.msg import Msg
+from rich.console import Console
+
+from libs import subjects
+from libs.bus import Bus
+from libs.cli import operations
+from libs.events.common import ObjectMeta, ObjectRef
+from libs.events.dataset import Condition
+from libs.events.operation import (
+    DataCleanApply,
+    DataCleanSpec,
+    DataLoad,
+    DataLoadApply,
+    DataLoadDelete,
+    DataLoadRun,
+    DataLoadSpec,
+    NodeProgress,
+    OperationAccepted,
+    OperationCommand,
+    OperationDeleted,
+    OperationKind,
+    OperationRecord,
+    OperationRejected,
+    OperationStatus,
+    Progress,
+    TargetPath,
+)
+from tests.conftest import NatsServer
+from tests.integration.test_cli import shoal
+
+GiB = 2**30
+MiB = 2**20
+_COMMANDS: msgspec.json.Decoder[OperationCommand] = msgspec.json.Decoder(OperationCommand)
+
+
+def record_of(command: DataLoadApply | DataCleanApply, generation: int, status: OperationStatus) -> OperationRecord:
+    if isinstance(command, DataLoadApply):
+        return OperationRecord(kind="DataLoad", metadata=command.data_load.metadata, load=command.data_load.spec,
+                               generation=generation, created_at="2026-01-01T00:00:00Z", status=status)
+    return OperationRecord(kind="DataClean", metadata=command.data_clean.metadata, clean=command.data_clean.spec,
+                           generation=generation, created_at="2026-01-01T00:00:00Z", status=status)
+
+
+@dataclass
+class StandInLoader:
+    """Stands in for the loader service (on another branch until the merge).
+
+    Applies are accepted with ``generation`` and followed by a record per status in ``statuses`` (written to KV
+    in order, as the loader's phase changes and progress would be); ``reject`` rejects every command with that
+    reason; runs and deletes get their facts.
+    """
+
+    bus: Bus
+    generation: int = 1
+    statuses: Sequence[OperationStatus] = (OperationStatus(),)
+    reject: str = ""
+    delete_record: bool = False  # delete the record after writing the statuses (a TTL or a concurrent delete)
+    received: list[tuple[str, OperationCommand]] = field(default_factory=list)
+
+    async def on_command(self, message: Msg) -> None:
+        command = _COMMANDS.decode(message.data)
+        self.received.append((message.subject, command))
+        family = "dataclean" if message.subject.startswith("shoal.cmd.dataclean") else "dataload"
+        kind: OperationKind = "DataClean" if family == "dataclean" else "DataLoad"
+        if self.reject:
+            await self.bus.publish(subjects.DATALOAD_REJECTED if family == "dataload" else subjects.DATACLEAN_REJECTED,
+                                   OperationRejected(causation_id=command.id, reason=self.reject, kind=kind))
+            return
+        if isinstance(command, DataLoadApply | DataCleanApply):
+            meta = command.data_load.metadata if isinstance(command, DataLoadApply) else command.data_clean.metadata
+            await self.bus.publish(
+                subjects.DATALOAD_ACCEPTED if family == "dataload" else subjects.DATACLEAN_ACCEPTED,
+                OperationAccepted(causation_id=command.id, kind=kind, name=meta.name, namespace=meta.namespace,
+                                  generation=self.generation))
+            kv = await self.bus.kv(subjects.KV_OPERATIONS)
+            key = subjects.operation_key(kind, meta.namespace, meta.name)
+            for status in self.statuses:
+                await kv.put(key, msgspec.json.encode(record_of(command, self.generation, status)))
+            if self.delete_record:
+                await kv.delete(key)
+        elif isinstance(command, DataLoadRun):
+            await self.bus.publish(subjects.DATALOAD_ACCEPTED, OperationAccepted(
+                causation_id=command.id, kind="DataLoad", name=command.name, namespace=command.namespace,
+                generation=self.generation))
+        else:
+            await self.bus.publish(subjects.DATALOAD_DELETED if family == "dataload" else subjects.DATACLEAN_DELETED,
+                                   OperationDeleted(causation_id=command.id, kind=kind, name=command.name,
+                                                    namespace=command.namespace))
+
+
+@pytest.fixture
+async def loader(bus: Bus) -> AsyncIterator[StandInLoader]:
+    stand_in = StandInLoader(bus)
+    subscriptions = [await bus.nc.subscribe(pattern, cb=stand_in.on_command)
+                     for pattern in subjects.OPERATION_COMMANDS]
+    await bus.nc.flush()
+    try:
+        yield stand_in
+    finally:
+        for subscription in subscriptions:
+            await subscription.unsubscribe()
+
+
+def executing(files_done: int, bytes_done: int) -> OperationStatus:
+    return OperationStatus(phase="Executing", duration="Unfinished", runs=1, progress=Progress(
+        files_done=files_done, files_total=10, bytes_done=bytes_done, bytes_total=40 * MiB,
+        rate_bytes_per_second=20 * MiB, eta_seconds=1.0))
+
+
+COMPLETE = OperationStatus(phase="Complete", duration="2s", runs=1, progress=Progress(
+    files_done=10, files_total=10, bytes_done=40 * MiB, bytes_total=40 * MiB, bytes_skipped=8 * MiB))
+
+FLUID_DATALOAD = """\
+apiVersion: data.fluid.io/v1alpha1
+kind: DataLoad
+metadata:
+  name: spark-dataload
+spec:
+  dataset:
+    name: spark
+    namespace: default
+  loadMetadata: true
+  target:
+    - path: /spark/spark-2.4.7
+      replicas: 1
+    - path: /spark/spark-3.0.1/pyspark-3.0.1.tar.gz
+      replicas: 2
+  nodeSelector: {disk: ssd}
+"""
+
+
+# --- apply ---
+
+
+async def test_apply_of_a_fluid_dataload_publishes_the_dataload_command(nats_server: NatsServer,
+                                                                        loader: StandInLoader) -> None:
+    result = await shoal(nats_server, "apply", "-f", "-", stdin=FLUID_DATALOAD)
+
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "dataload.shoal.io/spark-dataload configured\n"
+    assert result.stderr == "ignored: DataLoad/spec.nodeSelector (not used by Shoal)\n"
+    [(subject, command)] = loader.received
+    assert subject == subjects.DATALOAD_APPLY
+    assert isinstance(command, DataLoadApply)
+    assert command.data_load.metadata == ObjectMeta(name="spark-dataload")
+    assert command.data_load.spec == DataLoadSpec(
+        dataset=ObjectRef(name="spark"), load_metadata=True,
+        target=[TargetPath(path="/spark/spark-2.4.7"),
+                TargetPath(path="/spark/spark-3.0.1/pyspark-3.0.1.tar.gz", replicas=2)])
+
+
+async def test_apply_wait_follows_the_load_to_complete(nats_server: NatsServer, loader: StandInLoader) -> None:
+    """The stand-in writes Pending, two Executing steps and Complete while the CLI waits on its KV watch."""
+    loader.statuses = [OperationStatus(waiting_for="DataLoad default/spark-meta to be Complete"),
+                       executing(3, 12 * MiB), executing(7, 28 * MiB), COMPLETE]
+
+    result = await shoal(nats_server, "apply", "-f", "-", "--wait", stdin=FLUID_DATALOAD)
+
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines() == [
+        "dataload.shoal.io/spark-dataload configured",
+        "dataload.shoal.io/spark-dataload Complete: 10/10 files, 40.00MiB/40.00MiB in 2s (8.00MiB already cached)",
+    ]
+    # Off a terminal there is no live bar: each phase is said once.
+    _ignored_note, *phases = result.stderr.splitlines()
+    assert phases == ["dataload.shoal.io/spark-dataload Pending (waiting for DataLoad default/spark-meta to be "
+                      "Complete)",
+                      "dataload.shoal.io/spark-dataload Executing 3/10 files, 12.00MiB/40.00MiB",
+                      "dataload.shoal.io/spark-dataload Complete 10/10 files, 40.00MiB/40.00MiB"]
+
+
+async def test_a_terminal_gets_a_live_progress_bar(bus: Bus) -> None:
+    """``follow`` on a (forced) terminal draws the bar; the stand-in's writes are the loader's."""
+    command = DataLoadApply(data_load=DataLoad(metadata=ObjectMeta(name="warm"),
+                                               spec=DataLoadSpec(dataset=ObjectRef(name="demo"))))
+    watch = await operations.open_watch(bus, "dataload", "default", "warm")
+    screen = io.StringIO()
+    console = Console(file=screen, force_terminal=True, width=160, color_system=None)
+    try:
+        following = asyncio.create_task(operations.follow([(watch, 1)], console))
+        kv = await bus.kv(subjects.KV_OPERATIONS)
+        for status in (executing(3, 12 * MiB), COMPLETE):
+            await kv.put(subjects.operation_key("DataLoad", "default", "warm"),
+                         msgspec.json.encode(record_of(command, 1, status)))
+        [result] = await asyncio.wait_for(following, timeout=10)
+    finally:
+        await watch.close()
+
+    assert result.ok and result.record is not None and result.record.status == COMPLETE
+    assert "100% Complete, 10/10 files, 40.00MiB/40.00MiB" in screen.getvalue()
+
+
+async def test_apply_wait_exits_1_with_the_message_when_the_load_fails(nats_server: NatsServer, bus: Bus,
+                                                                       loader: StandInLoader) -> None:
+    """An earlier generation's Complete record is not this apply's end: the CLI waits for generation 2."""
+    earlier = DataLoadApply(data_load=DataLoad(metadata=ObjectMeta(name="spark-dataload"),
+                                               spec=DataLoadSpec(dataset=ObjectRef(name="spark"))))
+    kv = await bus.kv(subjects.KV_OPERATIONS)
+    await kv.put(subjects.operation_key("DataLoad", "default", "spark-dataload"),
+                 msgspec.json.encode(record_of(earlier, 1, COMPLETE)))
+    message = "node-b: 3 blocks failed: object changed since the load was planned (data/a.bin)"
+    loader.generation = 2
+    loader.statuses = [OperationStatus(), executing(3, 12 * MiB),
+                       OperationStatus(phase="Failed", duration="1s", runs=1, message=message,
+                                       progress=executing(3, 12 * MiB).progress)]
+
+    result = await shoal(nats_server, "apply", "-f", "-", "--wait", stdin=FLUID_DATALOAD)
+
+    assert result.exit_code == 1
+    assert result.stdout == "dataload.shoal.io/spark-dataload configured\n"
+    assert result.stderr.splitlines()[-1] == f"error: dataload.shoal.io/spark-dataload Failed: {message}"
+    assert "dataload.shoal.io/spark-dataload Complete 10/10 files, 40.00MiB/40.00MiB" not in result.stderr
+
+
+async def test_wait_says_so_when_the_operation_is_deleted_before_it_finished(nats_server: NatsServer,
+                                                                             loader: StandInLoader) -> None:
+    loader.statuses = [OperationStatus(), executing(1, MiB)]
+    loader.delete_record = True
+
+    result = await shoal(nats_server, "load", "dataset", "demo", "--name", "gone", "--wait")
+
+    assert result.exit_code == 1
+    assert result.stderr.splitlines()[-1] == "error: dataload.shoal.io/gone was deleted before it finished"
+
+
+async def test_rejected_apply_and_invalid_documents(nats_server: NatsServer, loader: StandInLoader) -> None:
+    loader.reject = "dataset default/spark does not exist"
+    rejected = await shoal(nats_server, "apply", "-f", "-", "--wait", stdin=FLUID_DATALOAD)
+    assert rejected.exit_code == 1
+    assert rejected.stderr.splitlines()[-1] == "error: spark-dataload rejected: dataset default/spark does not exist"
+
+    received = len(loader.received)
+    invalid = await shoal(nats_server, "apply", "-f", "-", stdin=(
+        "apiVersion: data.fluid.io/v1alpha1\nkind: DataLoad\nmetadata: {name: x}\nspec: {policy: Weekly}\n"
+        "---\napiVersion: data.fluid.io/v1alpha1\nkind: DataLoad\nmetadata: {name: y}\nspec: {loadMetadata: true}\n"))
+    assert invalid.exit_code == 1
+    assert invalid.stderr.splitlines() == [
+        "error: <stdin>: document 1 (DataLoad x): spec.policy 'Weekly' is not one of Once, Cron, OnEvent",
+        "error: <stdin>: document 2 (DataLoad y): Object missing required field `dataset` - at `$.spec`",
+    ]
+    assert len(loader.received) == received  # nothing published
+
+
+async def test_no_loader_running_is_said(nats_server: NatsServer, bus: Bus) -> None:
+    result = await shoal(nats_server, "run", "dataload", "warm", wait_seconds=0.3)
+
+    assert result.exit_code == 1
+    assert result.stderr == "error: warm: no answer from the loader service within 0.3s (is it running?)\n"
+
+
+async def test_wait_without_shoals_streams_exits_2(nats_server: NatsServer) -> None:
+    result = await shoal(nats_server, "load", "dataset", "demo", "--wait")
+
+    assert result.exit_code == 2
+    assert result.stderr == (f"error: Shoal's streams do not exist on NATS at {nats_server.url}: "
+                             "is `make run` running?\n")
+
+
+# --- load, clean, run, delete ---
+
+
+async def test_load_dataset_creates_a_once_dataload_and_waits(nats_server: NatsServer,
+                                                               loader: StandInLoader) -> None:
+    loader.statuses = [executing(5, 20 * MiB), COMPLETE]
+
+    result = await shoal(nats_server, "load", "dataset", "demo", "--path", "/train/images", "--path",
+                         "/train/labels.csv", "--replicas", "2", "-n", "ml", "--wait")
+
+    assert result.exit_code == 0, result.output
+    created, done = result.stdout.splitlines()
+    match = re.fullmatch(r"dataload\.shoal\.io/(demo-load-[bcdfghjklmnpqrstvwxz2456789]{5}) created", created)
+    assert match, created
+    assert done.startswith(f"dataload.shoal.io/{match[1]} Complete: 10/10 files")
+    [(subject, command)] = loader.received
+    assert subject == subjects.DATALOAD_APPLY and isinstance(command, DataLoadApply)
+    assert command.data_load.metadata == ObjectMeta(name=match[1], namespace="ml")
+    assert command.data_load.spec == DataLoadSpec(
+        dataset=ObjectRef(name="demo", namespace="ml"), policy="Once",
+        target=[TargetPath(path="/train/images", replicas=2), TargetPath(path="/train/labels.csv", replicas=2)])
+
+    whole = await shoal(nats_server, "load", "dataset", "demo", "--replicas", "3")
+    assert whole.exit_code == 0, whole.output
+    command = loader.received[-1][1]
+    assert isinstance(command, DataLoadApply)
+    assert command.data_load.spec.target == [TargetPath(path="/", replicas=3)]
+
+    bad = await shoal(nats_server, "load", "dataset", "demo", "--replicas", "0")
+    assert bad.exit_code == 2 and "--replicas" in bad.stderr
+
+
+async def test_clean_run_and_delete(nats_server: NatsServer, loader: StandInLoader) -> None:
+    cleaned = await shoal(nats_server, "clean", "dataset", "demo", "--path", "/train", "--name", "cool")
+    assert (cleaned.exit_code, cleaned.stdout) == (0, "dataclean.shoal.io/cool created\n")
+    subject, command = loader.received[-1]
+    assert subject == subjects.DATACLEAN_APPLY and isinstance(command, DataCleanApply)
+    assert command.data_clean.spec == DataCleanSpec(dataset=ObjectRef(name="demo"),
+                                                    target=[TargetPath(path="/train")])
+
+    ran = await shoal(nats_server, "run", "dataload", "warm")
+    assert (ran.exit_code, ran.stdout) == (0, "dataload.shoal.io/warm run requested\n")
+    assert loader.received[-1] == (subjects.DATALOAD_RUN, DataLoadRun(name="warm", id=loader.received[-1][1].id))
+
+    deleted = await shoal(nats_server, "delete", "dataload", "warm")
+    assert (deleted.exit_code, deleted.stdout) == (0, "dataload.shoal.io/warm deleted\n")
+    assert loader.received[-1] == (subjects.DATALOAD_DELETE,
+                                   DataLoadDelete(name="warm", id=loader.received[-1][1].id))
+    deleted_clean = await shoal(nats_server, "delete", "dataclean", "cool")
+    assert (deleted_clean.exit_code, deleted_clean.stdout) == (0, "dataclean.shoal.io/cool deleted\n")
+    assert loader.received[-1][0] == subjects.DATACLEAN_DELETE
+
+    loader.reject = "DataLoad default/once has policy Once: apply it again instead"
+    refused = await shoal(nats_server, "run", "load", "once")
+    assert (refused.exit_code, refused.stderr) == (1, f"error: once rejected: {loader.reject}\n")
+
+
+# --- get and describe over KV records (written here as the loader would) ---
+
+
+WARM = OperationRecord(
+    kind="DataLoad", metadata=ObjectMeta(name="warm", labels={"team": "ml"}),
+    load=DataLoadSpec(dataset=ObjectRef(name="imagenet"), target=[TargetPath(path="/train", replicas=2)]),
+    generation=1, created_at="2026-01-01T00:00:00Z",
+    status=OperationStatus(
+        phase="Executing", duration="Unfinished", runs=1, start_time="2026-01-01T00:00:01Z",
+        progress=Progress(files_done=812, files_total=1000, bytes_done=8 * GiB, bytes_total=10 * GiB,
+                          rate_bytes_per_second=200 * MiB, eta_seconds=10.0,
+                          nodes=[NodeProgress(node="node-a", bytes_done=5 * GiB, bytes_total=5 * GiB),
+                                 NodeProgress(node="node-b", bytes_done=3 * GiB, bytes_total=5 * GiB)]),
+        conditions=[Condition(type="Executing", status="True", reason="Started", message="2 nodes",
+                              last_transition_time="2026-01-01T00:00:01Z")]),
+)
+COOL = OperationRecord(
+    kind="DataClean", metadata=ObjectMeta(name="cool", namespace="other"),
+    clean=DataCleanSpec(dataset=ObjectRef(name="imagenet", namespace="other")), generation=1,
+    created_at="2026-01-01T00:00:00Z",
+    status=OperationStatus(phase="Complete", duration="1s", progress=Progress(bytes_done=GiB, bytes_total=GiB)),
+)
+
+
+async def put_operations(bus: Bus) -> None:
+    kv = await bus.kv(subjects.KV_OPERATIONS)
+    for record in (WARM, COOL):
+        key = subjects.operation_key(record.kind, record.metadata.namespace, record.metadata.name)
+        await kv.put(key, msgspec.json.encode(record))
+
+
+async def test_get_dataloads_has_fluids_columns_and_progress(nats_server: NatsServer, bus: Bus) -> None:
+    await put_operations(bus)
+
+    result = await shoal(nats_server, "get", "dataloads")
+    assert result.exit_code == 0, result.output
+    header, row = result.stdout.splitlines()
+    assert header.split() == ["NAME", "DATASET", "PHASE", "AGE", "DURATION", "PROGRESS"]
+    cells = re.split(r"\s{3,}", row)
+    assert cells[:3] == ["warm", "imagenet", "Executing"]
+    assert re.fullmatch(r"\d+d", cells[3]), cells[3]  # created on 2026-01-01
+    assert cells[4:] == ["Unfinished", "812/1000 files, 8.00GiB/10.00GiB"]
+
+    # One bucket holds both kinds: datacleans are listed apart, here across namespaces.
+    cleans = await shoal(nats_server, "get", "datacleans", "-A", "-o", "wide")
+    lines = cleans.stdout.splitlines()
+    assert lines[0].split()[:3] == ["NAMESPACE", "NAME", "DATASET"]
+    cells = re.split(r"\s{3,}", lines[1])
+    assert cells[:4] + cells[5:] == ["other", "cool", "imagenet", "Complete", "1s", "1.00GiB/1.00GiB", "-", "0", "-",
+                                      "-"]
+    assert len(lines) == 2
+
+    as_json = await shoal(nats_server, "get", "load", "warm", "-o", "json")
+    assert msgspec.convert(json.loads(as_json.stdout), OperationRecord) == WARM
+    as_yaml = await shoal(nats_server, "get", "dataclean", "cool", "-n", "other", "-o", "yaml")
+    assert msgspec.convert(yaml.safe_load(as_yaml.stdout), OperationRecord) == COOL
+
+    missing = await shoal(nats_server, "get", "dataload", "cool")
+    assert (missing.exit_code, missing.stderr) == (1, 'error: dataload.shoal.io "cool" not found in namespace '
+                                                      '"default"\n')
+    none = await shoal(nats_server, "get", "datacleans")
+    assert (none.exit_code, none.stderr) == (0, "No resources found in default namespace.\n")
+
+
+async def test_describe_dataload_shows_spec_status_nodes_and_conditions(nats_server: NatsServer, bus: Bus) -> None:
+    await put_operations(bus)
+
+    result = await shoal(nats_server, "describe", "dataload", "warm")
+
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    for expected in ("Name:         warm", "Kind:         DataLoad (dataload.shoal.io)", "Labels:       team=ml",
+                     "Created:      2026-01-01T00:00:00Z", "  policy: Once", "  - path: /train",
+                     "    replicas: 2", "  phase: Executing", "    filesDone: 812", "  runs: 1"):
+        assert expected in lines, expected
+    nodes = lines.index("Progress by node:")
+    assert [line.split() for line in lines[nodes + 1:nodes + 4]] == [
+        ["NODE", "DONE", "TOTAL", "PERCENT"], ["node-a", "5.00GiB", "5.00GiB", "100.0%"],
+        ["node-b", "3.00GiB", "5.00GiB", "60.0%"]]
+    assert lines[-1].split() == ["Executing", "True", "Started", "2", "nodes", "2026-01-01T00:00:01Z"]
