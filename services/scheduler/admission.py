@@ -143,7 +143,7 @@ def parse_review(body: Any) -> Review:
     if labels.get(INJECTION_LABEL) == "false":
         return Review(uid, namespace, pod, skip=f"{INJECTION_LABEL}=false")
     if places_itself(spec):
-        return Review(uid, namespace, pod, skip=f"sets its own {HOSTNAME_LABEL} placement")
+        return Review(uid, namespace, pod, skip=f"places itself by {HOSTNAME_LABEL}")
     return Review(uid, namespace, pod)
 
 
