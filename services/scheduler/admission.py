@@ -122,8 +122,9 @@ def parse_review(body: Any) -> Review:
     uid = _string(request.get("uid"), "request.uid", optional=False)
     if not uid:
         raise BadReview("request.uid must not be empty")
-    kind = _object(request.get("kind"), "request.kind")
-    operation = _string(request.get("operation"), "request.operation")
+    kind = _object(request.get("kind"), "request.kind", optional=False)
+    _string(kind.get("kind"), "request.kind.kind", optional=False)
+    operation = _string(request.get("operation"), "request.operation", optional=False)
     namespace = _string(request.get("namespace"), "request.namespace")
     if kind.get("group", "") != "" or kind.get("kind") != "Pod":
         return Review(uid, namespace, {}, skip=f"not a pod ({kind.get('group', '')}/{kind.get('kind')})")

@@ -39,7 +39,7 @@ def pod(**spec: Any) -> dict[str, Any]:
     return {"metadata": {"name": "p"}, "spec": {"containers": [{"name": "c", "image": "i"}], **spec}}
 
 
-def review(obj: dict[str, Any], **request: Any) -> dict[str, Any]:
+def review(obj: Any, **request: Any) -> dict[str, Any]:
     return {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
             "request": {"uid": "u-1", "kind": {"group": "", "version": "v1", "kind": "Pod"}, "namespace": "ns",
                         "operation": "CREATE", "object": obj, **request}}
@@ -140,13 +140,15 @@ def test_pods_left_alone(body: dict[str, Any], skip: str) -> None:
 
 def test_affinity_on_other_keys_is_not_a_reason_to_skip() -> None:
     zone = {"matchExpressions": [{"key": "topology.kubernetes.io/zone", "operator": "In", "values": ["a"]}]}
-    assert parse_review(review(pod(affinity={"nodeAffinity": {REQUIRED_KEY: {"nodeSelectorTerms": [zone]}}}))).skip == ""
+    zoned = pod(affinity={"nodeAffinity": {REQUIRED_KEY: {"nodeSelectorTerms": [zone]}}})
+    assert parse_review(review(zoned)).skip == ""
 
 
 # --- reply → terms ---
 
 def test_placement_prefers_nodes_by_score_and_drops_zero() -> None:
-    wanted = placement(reply(("node-b", 90), ("node-a", 40), ("node-d", 40), ("node-c", 0)), Uses([DatasetUse(name="d")]))
+    scores = reply(("node-b", 90), ("node-a", 40), ("node-d", 40), ("node-c", 0))
+    wanted = placement(scores, Uses([DatasetUse(name="d")]))
     assert wanted.preferred == [(90, ["node-b"]), (40, ["node-a", "node-d"])]
     assert wanted.required_hosts == [] and wanted.warnings == []
 
