@@ -9,12 +9,14 @@ seconds (keep it below the webhook configuration's ``timeoutSeconds`` and the ex
 it is slow or raises, ``/mutate`` allows the pod unchanged, ``/filter`` answers ``Error`` (the configuration's
 ``ignorable: true`` lets the pod schedule without the extender) and ``/prioritize`` scores every node 0. A
 request that is not of the documented shape gets HTTP 400 with the reason. Each outcome is counted, per route,
-in ``counts`` and in the Prometheus counter ``REQUESTS_METRIC``.
+in ``counts`` and in the Prometheus counter ``REQUESTS_METRIC``; each request counts once.
 
 One worker thread, not one per request: a hung ``answer`` then holds one thread, and the requests queued behind
-it are cancelled when their time is up instead of piling up threads. ``answer`` therefore runs off the event
-loop's thread; it must only read the fold (it may see the fold between two updates, never a torn one, as long as
-the fold replaces what it changes rather than mutating containers that ``answer`` iterates).
+it are cancelled when their time is up instead of piling up threads. So ``answer`` runs off the event loop's
+thread while the fold is updated on it: it must only read, and only in ways a concurrent update cannot break
+mid-iteration (the fold swaps in new maps instead of resizing the ones ``answer`` iterates, or ``answer`` takes
+``dict.copy()``/``list()`` snapshots, which are atomic under the GIL). An answer that raises anyway is counted as
+failed and the pod is admitted unchanged.
 
 Datasets a pod names through a PVC may not be datasets at all (any PVC is listed): when the scheduler answers
 "unknown dataset" for a request with several datasets, the ones it does not know and the pod does not require
@@ -51,7 +53,8 @@ UNCHANGED = "unchanged"  # answered, nothing to add (no dataset, no cache node, 
 ANSWERED = "answered"  # /filter, /prioritize: answered from the scheduler
 MALFORMED = "malformed"  # HTTP 400
 TIMEOUT = "timeout"  # answer too slow: allowed unchanged / Error / zeros
-FAILED = "failed"  # answer raised, or the scheduler's reply carried an error
+FAILED = "failed"  # answer raised: allowed unchanged / Error / zeros
+UNANSWERED = "unanswered"  # the reply carried an error (an unknown dataset: often an ordinary PVC, not a dataset)
 INTERNAL = "internal"  # a bug here: HTTP 500 (the webhook's failurePolicy Ignore still admits the pod)
 REQUESTS_METRIC = "shoal_scheduler_http_requests"
 _REQUESTS = PrometheusCounter(REQUESTS_METRIC, "Requests to the scheduler's webhook and extender, by outcome",
@@ -149,8 +152,9 @@ class SchedulerHttp:
             log.warning("scheduler answer failed", route=route, error=f"{type(err).__name__}: {err}")
             return None, f"the scheduler failed: {type(err).__name__}"
         if reply.error:
-            self._count(route, FAILED)
-            log.info("scheduler gave no answer", route=route, error=reply.error)
+            self._count(route, UNANSWERED)
+            # Debug only: every pod with an ordinary PVC (not a dataset's) gets here.
+            log.debug("scheduler gave no answer", route=route, error=reply.error)
         return reply, ""
 
     @web.middleware
@@ -182,7 +186,7 @@ class SchedulerHttp:
             self._count(MUTATE, UNCHANGED)
             return _json(review_response(review.uid, warnings=uses.warnings if uses else ()))
         reply, _ = await self._ask(MUTATE, uses.datasets, [])
-        if reply is None:
+        if reply is None or reply.error:
             return _json(review_response(review.uid, warnings=uses.warnings))
         wanted = placement(reply, uses)
         patch = affinity_patch(review.pod, wanted)

@@ -197,6 +197,14 @@ async def test_an_ordinary_pvc_next_to_the_dataset_does_not_cancel_the_preferenc
     assert status == 200 and best_preferred(patched_pod(review, answer)) == ["node-b"]
 
 
+async def test_a_pod_with_only_an_ordinary_pvc_is_left_alone_and_counted_once(served: Served) -> None:
+    review = recorded_review()
+    review["request"]["object"]["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"] = "postgres-data"
+    status, answer = await served.post("/mutate", review)
+    assert status == 200 and patched_pod(review, answer) == review["request"]["object"]
+    assert dict(served.http.counts) == {"mutate.unanswered": 1}
+
+
 @pytest.mark.parametrize("own", [
     {"nodeSelector": {HOST: "node-c"}},
     {"affinity": {"nodeAffinity": {PREFERRED: [
