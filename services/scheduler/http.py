@@ -4,19 +4,20 @@
 It owns the I/O only: the translations are pure (``admission.py``, ``extender.py``) and every answer comes from
 ``answer`` (the scheduler's ``domain.score`` over the fold, the same function as the NATS API).
 
-Bounded time, never blocking a pod: ``answer`` runs on one worker thread and is awaited at most ``timeout``
-seconds (keep it below the webhook configuration's ``timeoutSeconds`` and the extender's ``httpTimeout``). When
-it is slow or raises, ``/mutate`` allows the pod unchanged, ``/filter`` answers ``Error`` (the configuration's
+Bounded time, never blocking a pod: an answer later than ``timeout`` seconds (keep it below the webhook
+configuration's ``timeoutSeconds`` and the extender's ``httpTimeout``) is not used, and neither is an answer that
+raises: ``/mutate`` then allows the pod unchanged, ``/filter`` answers ``Error`` (the configuration's
 ``ignorable: true`` lets the pod schedule without the extender) and ``/prioritize`` scores every node 0. A
 request that is not of the documented shape gets HTTP 400 with the reason. Each outcome is counted, per route,
 in ``counts`` and in the Prometheus counter ``REQUESTS_METRIC``; each request counts once.
 
-One worker thread, not one per request: a hung ``answer`` then holds one thread, and the requests queued behind
-it are cancelled when their time is up instead of piling up threads. So ``answer`` runs off the event loop's
-thread while the fold is updated on it: it must only read, and only in ways a concurrent update cannot break
-mid-iteration (the fold swaps in new maps instead of resizing the ones ``answer`` iterates, or ``answer`` takes
-``dict.copy()``/``list()`` snapshots, which are atomic under the GIL). An answer that raises anyway is counted as
-failed and the pod is admitted unchanged.
+Where ``answer`` runs: on the event loop's thread by default, because the scheduler's fold is read without
+copies and is a consistent snapshot only there (``services/scheduler/fold.py``: updates run on the same loop).
+It takes well under a millisecond; a late one is discarded after the fact (the API server's own timeout and
+``failurePolicy: Ignore`` cover a loop that is blocked meanwhile). ``threaded=True`` runs it on one worker thread
+instead and stops waiting at ``timeout`` sharp, for an ``answer`` that is safe to call off the loop's thread;
+one thread, not one per request, so a hung ``answer`` holds one thread and the calls queued behind it are
+dropped when their time is up.
 
 Datasets a pod names through a PVC may not be datasets at all (any PVC is listed): when the scheduler answers
 "unknown dataset" for a request with several datasets, the ones it does not know and the pod does not require
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -92,9 +94,10 @@ def _json(body: Any, status: int = 200) -> web.Response:
 class SchedulerHttp:
     """The webhook and extender routes, answered by ``answer`` within ``timeout`` seconds."""
 
-    def __init__(self, answer: Answer, *, timeout: float) -> None:
+    def __init__(self, answer: Answer, *, timeout: float, threaded: bool = False) -> None:
         self._answer = answer
         self.timeout = timeout
+        self.threaded = threaded
         self.counts: Counter[str] = Counter()
         self.port = 0
         self._runner: web.AppRunner | None = None
@@ -137,12 +140,8 @@ class SchedulerHttp:
     async def _ask(self, route: str, datasets: list[DatasetUse],
                    candidates: list[Candidate]) -> tuple[ScoreReply | None, str]:
         """The scheduler's reply, or None and why there is none (counted)."""
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sched-answer")
-        call = asyncio.get_running_loop().run_in_executor(self._executor, ask_known, self._answer, datasets,
-                                                          candidates)
         try:
-            reply = await asyncio.wait_for(call, self.timeout)
+            reply = await self._call(datasets, candidates)
         except TimeoutError:
             self._count(route, TIMEOUT)
             log.warning("scheduler did not answer in time", route=route, timeout=self.timeout)
@@ -156,6 +155,20 @@ class SchedulerHttp:
             # Debug only: every pod with an ordinary PVC (not a dataset's) gets here.
             log.debug("scheduler gave no answer", route=route, error=reply.error)
         return reply, ""
+
+    async def _call(self, datasets: list[DatasetUse], candidates: list[Candidate]) -> ScoreReply:
+        """``ask_known`` on the loop's thread or the worker thread; TimeoutError when later than ``timeout``."""
+        if not self.threaded:
+            started = time.monotonic()
+            reply = ask_known(self._answer, datasets, candidates)
+            if time.monotonic() - started > self.timeout:
+                raise TimeoutError
+            return reply
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sched-answer")
+        call = asyncio.get_running_loop().run_in_executor(self._executor, ask_known, self._answer, datasets,
+                                                          candidates)
+        return await asyncio.wait_for(call, self.timeout)
 
     @web.middleware
     async def _guard(self, request: web.Request,
@@ -225,3 +238,37 @@ class SchedulerHttp:
         if reply is not None and not reply.error:
             self._count(PRIORITIZE, ANSWERED)
         return _json(priorities(args, reply))
+
+
+class HttpLoop:
+    """``SchedulerHttp`` as one of the service's loops (``libs.service.Loop``): serves from ``run`` until ``stop``.
+    The scheduler's wiring adds it (``app.run(extra_loops=...)``) when ``SHOAL_SCHED_HTTP_PORT`` is set."""
+
+    name = "scheduler-http"
+
+    def __init__(self, http: SchedulerHttp, host: str, port: int, ssl_context: ssl.SSLContext | None) -> None:
+        self.http = http
+        self.host = host
+        self.port = port
+        self.ssl_context = ssl_context
+        self._stopping = asyncio.Event()
+
+    async def run(self) -> None:
+        await self.http.start(self.host, self.port, self.ssl_context)
+        try:
+            await self._stopping.wait()
+        finally:
+            await self.http.stop()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+
+def http_loop(answer: Answer, *, host: str, port: int, timeout: float, tls_cert: str = "",
+              tls_key: str = "") -> HttpLoop:
+    """The loop serving ``answer`` on ``host:port``: HTTPS with ``tls_cert`` and ``tls_key``; plain HTTP without
+    (the API server calls webhooks over HTTPS only, so plain HTTP suits an extender on loopback, or tests)."""
+    context = server_tls(tls_cert, tls_key) if tls_cert and tls_key else None
+    if context is None:
+        log.warning("scheduler http without TLS: the API server will not call a webhook over plain HTTP")
+    return HttpLoop(SchedulerHttp(answer, timeout=timeout), host, port, context)

@@ -9,12 +9,14 @@ the recorded AdmissionReview as the API server sends it, and the returned JSON p
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import copy
 import json
 import ssl
 import subprocess
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +27,8 @@ import jsonpatch
 import pytest
 
 from libs.events.schedule import NodeScore, ScoreReply, ScoreRequest
-from services.scheduler.http import SchedulerHttp, server_tls
+from services.scheduler.http import SchedulerHttp, http_loop, server_tls
+from tests.helpers import eventually
 
 FIXTURES = Path(__file__).parent.parent / "fixtures" / "scheduler"
 HOST = "kubernetes.io/hostname"
@@ -226,11 +229,19 @@ async def test_a_pod_without_datasets_is_left_alone(served: Served) -> None:
     assert served.http.counts["mutate.unchanged"] == 1
 
 
-async def test_a_slow_or_failing_scheduler_allows_the_pod_unchanged(tls: Tls) -> None:
+@pytest.mark.parametrize("threaded", [False, True], ids=["on-the-loop", "threaded"])
+async def test_a_slow_or_failing_scheduler_allows_the_pod_unchanged(tls: Tls, threaded: bool) -> None:
     release = threading.Event()
-    stub = StubScheduler(override=lambda request: ScoreReply(scores=[NodeScore(node="node-b", score=90)])
-                         if release.wait(30) else ScoreReply(error="never released"))
-    http = SchedulerHttp(stub, timeout=0.3)
+    late = ScoreReply(scores=[NodeScore(node="node-b", score=90)])
+
+    def slow(request: ScoreRequest) -> ScoreReply:
+        if threaded:  # hangs until released: the server must stop waiting on its own
+            return late if release.wait(30) else ScoreReply(error="never released")
+        time.sleep(0.3)  # on the loop's thread: answers, but after the timeout, so the answer is not used
+        return late
+
+    stub = StubScheduler(override=slow)
+    http = SchedulerHttp(stub, timeout=0.05 if not threaded else 0.3, threaded=threaded)
     port = await http.start("127.0.0.1", 0, server_tls(str(tls.cert), str(tls.key)))
     try:
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=tls.client()),
@@ -314,3 +325,39 @@ async def test_the_webhook_speaks_tls_only_with_its_certificate(served: Served) 
             await untrusting.get(f"{served.url}/healthz")
     async with served.session.get(f"{served.url}/healthz") as health:
         assert health.status == 200 and await health.text() == "ok\n"
+
+
+async def test_answer_runs_on_the_loops_thread_by_default(served: Served) -> None:
+    """The scheduler's fold is a consistent snapshot only on the event loop's thread (it is read without copies)."""
+    threads: list[int] = []
+
+    def recording(request: ScoreRequest) -> ScoreReply:
+        threads.append(threading.get_ident())
+        served.stub.override = None
+        return served.stub(request)
+
+    served.stub.override = recording
+    status, _ = await served.post("/mutate", recorded_review())
+    assert status == 200 and threads == [threading.get_ident()]
+
+
+async def test_the_service_loop_serves_until_stopped(tls: Tls) -> None:
+    loop = http_loop(StubScheduler(), host="127.0.0.1", port=0, timeout=2.0, tls_cert=str(tls.cert),
+                     tls_key=str(tls.key))
+    task = asyncio.create_task(loop.run())
+    try:
+        port = await eventually(lambda: _bound(loop.http), what="the scheduler http port")
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=tls.client())) as session, \
+                session.get(f"https://127.0.0.1:{port}/healthz") as health:
+            assert health.status == 200
+    finally:
+        loop.stop()
+        await asyncio.wait_for(task, 10)
+    assert loop.http.port == port
+    with pytest.raises(aiohttp.ClientConnectorError):
+        async with aiohttp.ClientSession() as session:
+            await session.get(f"https://127.0.0.1:{port}/healthz")
+
+
+async def _bound(http: SchedulerHttp) -> int:
+    return http.port
