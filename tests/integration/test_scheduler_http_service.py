@@ -174,3 +174,72 @@ async def test_webhook_and_extender_answer_from_the_scheduler_service(bus: Bus, 
             assert max(ranked, key=lambda p: p["Score"]) == {"Host": "node-c", "Score": 10}
     finally:
         await listener.unsubscribe()
+
+
+@pytest.mark.needs("fuse")
+async def test_webhook_and_extender_follow_the_bytes_read_through_real_agents(
+        bus: Bus, settings: Settings, seaweedfs: Any, bucket: str, tmp_path: Path,
+        certificate: tuple[Path, Path]) -> None:
+    """Three real agents (real FUSE mounts, every node caching what it reads): reading through node-c makes the
+    webhook prefer node-c and, in required mode, require it alone; the extender ranks it first and filters the
+    others; reading through node-a too adds node-a to the nodes a required pod may use."""
+    agents = pytest.importorskip("tests.integration.test_scheduler_agents", reason=_MERGE)
+    stack = pytest.importorskip("tests.integration.agent_stack")
+    from tests.conftest import put_objects
+
+    await put_objects(seaweedfs, bucket, agents.OBJECTS)
+    cert, key = certificate
+    name = agents.NAME
+
+    def pod_review(required: bool = False) -> dict[str, Any]:
+        body = review(required=False)
+        body["request"]["namespace"] = "default"
+        body["request"]["object"]["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"] = name
+        if required:
+            body["request"]["object"]["metadata"]["labels"][f"fluid.io/dataset.{name}.sched"] = "required"
+        return body
+
+    def names_args(required: bool = False) -> dict[str, Any]:
+        labels = {f"fluid.io/dataset.{name}.sched": "required"} if required else {}
+        return {"Pod": {"metadata": {"name": "p", "namespace": "default", "labels": labels},
+                        "spec": {"volumes": [{"name": "d", "persistentVolumeClaim": {"claimName": name}}]}},
+                "NodeNames": sorted(agents.NODES)}
+
+    async with stack.cluster_stack(bus, settings, seaweedfs, tmp_path, agents.NODES) as cluster:
+        await agents.apply(bus, cluster, bucket, seaweedfs.endpoint)
+        await cluster.wait_mounted(name, expect="f2.bin")
+        async with scheduler_with_http(settings, cert, key) as url, aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(ssl=ssl.create_default_context(cafile=str(cert))),
+                timeout=aiohttp.ClientTimeout(total=30)) as session:
+
+            async def post(path: str, body: Any) -> Any:
+                async with session.post(f"{url}{path}", json=body) as response:
+                    assert response.status == 200, await response.text()
+                    return await response.json()
+
+            await agents.read_through(cluster, "node-c", "f0.bin", "f1.bin")
+
+            async def required_hosts(expected: list[str]) -> dict[str, Any] | None:
+                body = pod_review(required=True)
+                answer = await post("/mutate", body)
+                if "patch" not in answer["response"]:
+                    return None
+                pod = patched(body, answer)
+                (term,) = pod["spec"]["affinity"]["nodeAffinity"][REQUIRED]["nodeSelectorTerms"]
+                return pod if term["matchExpressions"][0]["values"] == expected else None
+
+            pod = await eventually(lambda: required_hosts(["node-c"]), what="a required pod sent to node-c only")
+            assert preferred(pod)[0][1] == ["node-c"]
+            pod = patched(pod_review(), await post("/mutate", pod_review()))
+            assert [nodes for _, nodes in preferred(pod)] == [["node-c"], ["node-b"], ["node-a"]]  # host, zone, region
+
+            ranked = {p["Host"]: p["Score"] for p in await post("/prioritize", names_args())}
+            assert ranked["node-c"] > ranked["node-b"] > ranked["node-a"] > 0
+            kept = await post("/filter", names_args(required=True))
+            assert kept["NodeNames"] == ["node-c"] and set(kept["FailedNodes"]) == {"node-a", "node-b"}
+
+            await agents.read_through(cluster, "node-a", "f2.bin")
+            await eventually(lambda: required_hosts(["node-a", "node-c"]), timeout=20,
+                             what="node-a allowed once it holds a file too")
+            kept = await post("/filter", names_args(required=True))
+            assert kept["NodeNames"] == ["node-a", "node-c"]
