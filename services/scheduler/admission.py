@@ -222,7 +222,7 @@ def datasets_of(pod: Mapping[str, Any], namespace: str) -> Uses:
         parts = match.group(1).split(".")
         ns, name = (namespace, parts[0]) if len(parts) == 1 else (parts[0], parts[-1])
         if len(parts) > 2 or not _dataset_name(name) or not DNS1123_LABEL.fullmatch(ns):
-            warnings.append(f"label {key} names no dataset: use fluid.io/dataset.<name>.sched or "
+            warnings.append(f"shoal: label {key} names no dataset: use fluid.io/dataset.<name>.sched or "
                             f"fluid.io/dataset.<namespace>.<name>.sched")
             continue
         uses[(ns, name)] = uses.get((ns, name), False) or value == SCHED_REQUIRED

@@ -11,6 +11,8 @@ from typing import Any
 
 import jsonpatch
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from libs.events.schedule import DatasetUse, NodeScore, ScoreReply
 from services.scheduler.admission import (
@@ -243,3 +245,61 @@ def test_the_response_echoes_the_uid_and_carries_the_patch_in_base64() -> None:
     assert json.loads(base64.b64decode(response["patch"])) == ops
     assert response["warnings"] == ["w"]
     assert review_response("u-2")["response"] == {"uid": "u-2", "allowed": True}
+
+
+# --- any shape the API server accepts: the patch applies and keeps what was there ---
+
+_ABSENT = object()
+_EXPR = {"key": "gpu", "operator": "Exists"}
+_FIELD = {"key": "metadata.labels", "operator": "Exists"}
+
+
+def _maybe(value: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    return st.one_of(st.just(_ABSENT), st.none(), value)
+
+
+def _drop_absent(obj: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in obj.items() if v is not _ABSENT}
+
+
+_terms_st = st.lists(st.builds(lambda e, f: _drop_absent({"matchExpressions": e, "matchFields": f}),
+                               _maybe(st.lists(st.just(_EXPR), max_size=2)), _maybe(st.lists(st.just(_FIELD),
+                                                                                             max_size=1))),
+                     max_size=3)
+_node_affinity_st = st.builds(
+    lambda p, r: _drop_absent({PREFERRED_KEY: p, REQUIRED_KEY: r}),
+    _maybe(st.lists(st.just(OTHER_PREFERRED), max_size=2)),
+    _maybe(st.builds(lambda t: _drop_absent({"nodeSelectorTerms": t}), _maybe(_terms_st))))
+_spec_st = st.builds(lambda a: _drop_absent({"affinity": a}),
+                     _maybe(st.builds(lambda n: _drop_absent({"nodeAffinity": n, "podAffinity": {"x": 1}}),
+                                      _maybe(_node_affinity_st))))
+
+
+@given(_spec_st, st.booleans())
+def test_the_patch_applies_to_any_affinity_and_keeps_it(spec: dict[str, Any], require: bool) -> None:
+    before = {"metadata": {"name": "p"}, "spec": {"containers": [], **copy.deepcopy(spec)}}
+    wanted = REQUIRE if require else PREFER
+    after = applied(copy.deepcopy(before), affinity_patch(before, wanted))
+    old = ((spec.get("affinity") or {}).get("nodeAffinity") or {})
+    new = after["spec"]["affinity"]["nodeAffinity"]
+    ours = [{"weight": w, "preference": {"matchExpressions": [{"key": HOST, "operator": "In", "values": hosts}]}}
+            for w, hosts in wanted.preferred]
+    assert new[PREFERRED_KEY] == (old.get(PREFERRED_KEY) or []) + ours
+    old_terms = (old.get(REQUIRED_KEY) or {}).get("nodeSelectorTerms") or []
+    if not require:
+        assert new.get(REQUIRED_KEY) == old.get(REQUIRED_KEY)
+        return
+    expression = {"key": HOST, "operator": "In", "values": wanted.required_hosts}
+    new_terms = new[REQUIRED_KEY]["nodeSelectorTerms"]
+    if not old_terms:
+        assert new_terms == [{"matchExpressions": [expression]}]
+        return
+    assert len(new_terms) == len(old_terms)
+    for was, now in zip(old_terms, new_terms, strict=True):
+        if not was.get("matchExpressions") and not was.get("matchFields"):
+            assert now == was
+        else:
+            assert now["matchExpressions"] == (was.get("matchExpressions") or []) + [expression]
+            assert now.get("matchFields") == was.get("matchFields")
+    if isinstance(spec.get("affinity"), dict):
+        assert after["spec"]["affinity"]["podAffinity"] == {"x": 1}
