@@ -33,6 +33,12 @@ def _fio() -> str | None:
     return None
 
 
+def _openssl() -> str | None:
+    if shutil.which("openssl") is None:
+        return "openssl is not installed (Debian: apt-get install openssl); it makes the tests' TLS certificates"
+    return None
+
+
 def _page_cache() -> str | None:
     if not os.access("/proc/sys/vm/drop_caches", os.W_OK):
         return "/proc/sys/vm/drop_caches is not writable (tests drop the page cache so reads reach the agent)"
@@ -48,6 +54,7 @@ def _sysfs() -> str | None:
 NEEDS: dict[str, tuple[str, Callable[[], str | None]]] = {
     "fuse": ("root and /dev/fuse", _fuse),
     "fio": ("fio", _fio),
+    "openssl": ("the openssl command", _openssl),
     "page-cache": ("root and a writable /proc/sys/vm/drop_caches", _page_cache),
     "sysfs": ("a writable sysfs", _sysfs),
 }

@@ -1,0 +1,146 @@
+"""The kube-scheduler extender's translations, pure: ``ExtenderArgs`` → the pod's datasets and the candidate
+nodes, and the scheduler's ``ScoreReply`` → an ``ExtenderFilterResult`` or a ``HostPriorityList``. ``http.py``
+asks the scheduler and serves the routes.
+
+The wire format is k8s.io/kube-scheduler/extender/v1, whose Go structs have no JSON tags: kube-scheduler
+sends ``Pod``, ``Nodes`` (a NodeList, when the extender is configured with ``nodeCacheCapable: false``) or
+``NodeNames`` (when ``true``). Go decodes keys case-insensitively, so these keys are read the same way and
+answered in Go's spelling.
+
+- Filter: only a pod with a required dataset (Fluid's ``fluid.io/dataset.<name>.sched: required``) is
+  filtered; it keeps the nodes the scheduler kept (those that hold the cache) and lists the others with the
+  reason in ``FailedNodes`` and ``FailedAndUnresolvableNodes`` (preempting pods does not bring a cache, and
+  schedulers older than that field read ``FailedNodes``). The answer repeats the candidates in the form they
+  came in: ``Nodes`` with the full node objects when they were sent (kube-scheduler reads only ``Nodes`` then),
+  ``NodeNames`` always. When the scheduler cannot answer, ``Error`` says why (the configuration's
+  ``ignorable: true`` then lets the pod be scheduled without the extender).
+- Prioritize: every candidate gets ``Score`` 0..``MAX_EXTENDER_PRIORITY``, the scheduler's 0..100 score
+  divided by ten and rounded up (a node that holds any of the data never ties with one that holds none).
+  A pod that uses no dataset is scored too: the scheduler ranks nodes without cache first.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from libs.events.schedule import Candidate, ScoreReply
+
+from .admission import BadReview, Uses, datasets_of
+
+# k8s.io/kube-scheduler/extender/v1 MaxExtenderPriority; kube-scheduler multiplies by the extender's weight and by
+# MaxNodeScore / MaxExtenderPriority (100 / 10).
+MAX_EXTENDER_PRIORITY = 10
+# The scheduler's scores are 0..100 (libs/events/schedule.py).
+MAX_SCORE = 100
+
+
+class BadArgs(ValueError):
+    """The request is not an ExtenderArgs of the documented shape; the message says which field."""
+
+
+@dataclass(frozen=True)
+class Args:
+    """One ExtenderArgs: the pod's namespace and datasets, and the candidate nodes (with their objects, when
+    kube-scheduler sent them)."""
+
+    namespace: str
+    uses: Uses
+    candidates: list[Candidate]
+    node_objects: list[Mapping[str, Any]] | None
+
+
+def _field(body: Mapping[str, Any], name: str) -> Any:
+    """A key of a Go struct without JSON tags, matched case-insensitively as Go's decoder does."""
+    for key, value in body.items():
+        if isinstance(key, str) and key.lower() == name.lower():
+            return value
+    return None
+
+
+def parse_args(body: Any) -> Args:
+    """Read one decoded ExtenderArgs; raise ``BadArgs`` when it is not one."""
+    if not isinstance(body, Mapping):
+        raise BadArgs(f"the body must be an ExtenderArgs object, not {type(body).__name__}")
+    pod = _field(body, "Pod")
+    if not isinstance(pod, Mapping):
+        raise BadArgs("Pod must be an object (the pod being scheduled)")
+    metadata = pod.get("metadata") or {}
+    if not isinstance(metadata, Mapping) or not isinstance(metadata.get("namespace") or "", str):
+        raise BadArgs("Pod.metadata must be an object with a string namespace")
+    namespace = metadata.get("namespace") or "default"
+    try:
+        uses = datasets_of(pod, namespace)
+    except BadReview as err:
+        raise BadArgs(f"Pod: {err}") from err
+    nodes, names = _field(body, "Nodes"), _field(body, "NodeNames")
+    if nodes is not None:
+        items = nodes.get("items") if isinstance(nodes, Mapping) else None
+        if not isinstance(items, list):
+            raise BadArgs("Nodes must be a NodeList with an items list")
+        candidates = [_candidate(node, f"Nodes.items[{i}]") for i, node in enumerate(items)]
+        return Args(namespace, uses, candidates, list(items))
+    if isinstance(names, list) and all(isinstance(name, str) and name for name in names):
+        return Args(namespace, uses, [Candidate(name=name) for name in names], None)
+    if names is not None:
+        raise BadArgs("NodeNames must be a list of node names")
+    raise BadArgs("neither Nodes nor NodeNames is set: no candidate nodes")
+
+
+def _candidate(node: Any, where: str) -> Candidate:
+    metadata = node.get("metadata") if isinstance(node, Mapping) else None
+    name = metadata.get("name") if isinstance(metadata, Mapping) else None
+    if not isinstance(metadata, Mapping) or not isinstance(name, str) or not name:
+        raise BadArgs(f"{where}.metadata.name must be a node name")
+    labels = metadata.get("labels") or {}
+    if not isinstance(labels, Mapping) or not all(isinstance(v, str) for v in labels.values()):
+        raise BadArgs(f"{where}.metadata.labels must map strings to strings")
+    return Candidate(name=name, labels=dict(labels))
+
+
+def _names(uses: Sequence[Any]) -> str:
+    return ", ".join(f"{use.namespace}/{use.name}" for use in uses)
+
+
+def filter_result(args: Args, reply: ScoreReply | None, failure: str = "") -> dict[str, Any]:
+    """The ExtenderFilterResult for ``args``. A pod that requires no dataset keeps every node (the scheduler
+    need not be asked: ``reply`` is then ignored); otherwise ``reply`` is the scheduler's answer, or None with
+    ``failure`` saying why there is none."""
+    required = args.uses.required
+    names = [c.name for c in args.candidates]
+    failed: dict[str, str] = {}
+    if required:
+        problem = failure or (reply.error if reply is not None else "no answer")
+        if problem or reply is None:
+            return {"Nodes": None, "NodeNames": None, "FailedNodes": {}, "FailedAndUnresolvableNodes": {},
+                    "Error": f"shoal scheduler: {problem}"}
+        kept = {score.node for score in reply.scores}
+        default = f"holds no cache of {_names(required)}, which the pod requires (fluid.io/dataset.*.sched label)"
+        failed = {name: reply.filtered.get(name) or default for name in names if name not in kept}
+    passed = [name for name in names if name not in failed]
+    result: dict[str, Any] = {"NodeNames": passed, "FailedNodes": failed, "FailedAndUnresolvableNodes": failed,
+                              "Error": ""}
+    if args.node_objects is not None:
+        result["Nodes"] = {"apiVersion": "v1", "kind": "NodeList", "metadata": {},
+                           "items": [node for node, name in zip(args.node_objects, names, strict=True)
+                                     if name not in failed]}
+    return result
+
+
+def extender_score(score: int) -> int:
+    """0..100 → 0..10, rounded up so any cached share counts, clamped to the extender's range."""
+    return max(0, min(MAX_EXTENDER_PRIORITY, math.ceil(score * MAX_EXTENDER_PRIORITY / MAX_SCORE)))
+
+
+def priorities(args: Args, reply: ScoreReply | None) -> list[dict[str, Any]]:
+    """The HostPriorityList: every candidate, in the order sent; 0 where the scheduler gave no score (no
+    answer, an error, a node it does not know)."""
+    scores = {s.node: s.score for s in reply.scores} if reply is not None and not reply.error else {}
+    return [{"Host": c.name, "Score": extender_score(scores.get(c.name, 0))} for c in args.candidates]
+
+
+def error_body(reason: str) -> dict[str, Any]:
+    """The body of a 400 answer: the filter result's ``Error`` field, which is also what a person reads."""
+    return {"Error": reason}

@@ -1,0 +1,274 @@
+"""The scheduler's Kubernetes-facing HTTP server (aiohttp, HTTPS in a cluster): the mutating admission webhook
+``/mutate`` (AdmissionReview v1), the kube-scheduler extender ``/filter`` and ``/prioritize``, and ``/healthz``.
+
+It owns the I/O only: the translations are pure (``admission.py``, ``extender.py``) and every answer comes from
+``answer`` (the scheduler's ``domain.score`` over the fold, the same function as the NATS API).
+
+Bounded time, never blocking a pod: an answer later than ``timeout`` seconds (keep it below the webhook
+configuration's ``timeoutSeconds`` and the extender's ``httpTimeout``) is not used, and neither is an answer that
+raises: ``/mutate`` then allows the pod unchanged, ``/filter`` answers ``Error`` (the configuration's
+``ignorable: true`` lets the pod schedule without the extender) and ``/prioritize`` scores every node 0. A
+request that is not of the documented shape gets HTTP 400 with the reason. Each outcome is counted, per route,
+in ``counts`` and in the Prometheus counter ``REQUESTS_METRIC``; each request counts once.
+
+Where ``answer`` runs: on the event loop's thread by default, because the scheduler's fold is read without
+copies and is a consistent snapshot only there (``services/scheduler/fold.py``: updates run on the same loop).
+It takes well under a millisecond; a late one is discarded after the fact (the API server's own timeout and
+``failurePolicy: Ignore`` cover a loop that is blocked meanwhile). ``threaded=True`` runs it on one worker thread
+instead and stops waiting at ``timeout`` sharp, for an ``answer`` that is safe to call off the loop's thread;
+one thread, not one per request, so a hung ``answer`` holds one thread and the calls queued behind it are
+dropped when their time is up.
+
+Datasets a pod names through a PVC may not be datasets at all (any PVC is listed): when the scheduler answers
+"unknown dataset" for a request with several datasets, the ones it does not know and the pod does not require
+are dropped and it is asked again, so an ordinary PVC next to a dataset's does not cancel the preference.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import msgspec
+from aiohttp import web
+from prometheus_client import Counter as PrometheusCounter
+
+from libs.events.schedule import Candidate, DatasetUse, ScoreReply, ScoreRequest
+from libs.telemetry import get_logger
+
+from .admission import BadReview, affinity_patch, datasets_of, parse_review, placement, review_response
+from .extender import BadArgs, error_body, filter_result, parse_args, priorities
+
+log = get_logger(__name__)
+
+Answer = Callable[[ScoreRequest], ScoreReply]
+
+MUTATE, FILTER, PRIORITIZE = "mutate", "filter", "prioritize"
+# Outcomes counted per route.
+PATCHED = "patched"  # /mutate: affinity added
+UNCHANGED = "unchanged"  # answered, nothing to add (no dataset, no cache node, the pod places itself...)
+ANSWERED = "answered"  # /filter, /prioritize: answered from the scheduler
+MALFORMED = "malformed"  # HTTP 400
+TIMEOUT = "timeout"  # answer too slow: allowed unchanged / Error / zeros
+FAILED = "failed"  # answer raised: allowed unchanged / Error / zeros
+UNANSWERED = "unanswered"  # the reply carried an error (an unknown dataset: often an ordinary PVC, not a dataset)
+INTERNAL = "internal"  # a bug here: HTTP 500 (the webhook's failurePolicy Ignore still admits the pod)
+REQUESTS_METRIC = "shoal_scheduler_http_requests"
+_REQUESTS = PrometheusCounter(REQUESTS_METRIC, "Requests to the scheduler's webhook and extender, by outcome",
+                              ["route", "outcome"])
+# A pod is at most ~1.5 MiB (etcd's object limit); with nodeCacheCapable: false kube-scheduler sends every
+# candidate's full Node object (5-15 KiB each), so 64 MiB covers a few thousand nodes.
+MAX_BODY = 64 * 1024 * 1024
+
+
+def server_tls(cert_file: str, key_file: str) -> ssl.SSLContext:
+    """A server-side TLS context for ``start``: the API server calls webhooks over HTTPS only."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(cert_file, key_file)
+    return context
+
+
+def ask_known(answer: Answer, datasets: list[DatasetUse], candidates: list[Candidate]) -> ScoreReply:
+    """Ask ``answer``; when it cannot answer a request with several datasets, ask again without those it does
+    not know, unless the pod requires them (then the error stands)."""
+    reply = answer(ScoreRequest(datasets=datasets, candidates=candidates))
+    if not reply.error or len(datasets) < 2:
+        return reply
+    known = [use for use in datasets
+             if use.required or not answer(ScoreRequest(datasets=[use], candidates=candidates)).error]
+    if not known or len(known) == len(datasets):
+        return reply
+    return answer(ScoreRequest(datasets=known, candidates=candidates))
+
+
+def _json(body: Any, status: int = 200) -> web.Response:
+    return web.Response(body=msgspec.json.encode(body), status=status, content_type="application/json")
+
+
+class SchedulerHttp:
+    """The webhook and extender routes, answered by ``answer`` within ``timeout`` seconds."""
+
+    def __init__(self, answer: Answer, *, timeout: float, threaded: bool = False) -> None:
+        self._answer = answer
+        self.timeout = timeout
+        self.threaded = threaded
+        self.counts: Counter[str] = Counter()
+        self.port = 0
+        self._runner: web.AppRunner | None = None
+        self._executor: ThreadPoolExecutor | None = None
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=MAX_BODY, middlewares=[self._guard])
+        app.router.add_post("/mutate", self._mutate)
+        app.router.add_post("/filter", self._filter)
+        app.router.add_post("/prioritize", self._prioritize)
+        app.router.add_get("/healthz", self._healthz)
+        return app
+
+    async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> int:
+        """Serve on ``host:port`` (0: a free port), over TLS when ``ssl_context`` is given; return the port."""
+        # No access log: the API server calls the webhook for every pod created; outcomes are counted instead.
+        self._runner = web.AppRunner(self.app(), access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port, ssl_context=ssl_context)
+        await site.start()
+        sockets = getattr(site._server, "sockets", None) or []
+        self.port = int(sockets[0].getsockname()[1]) if sockets else port
+        log.info("scheduler http started", host=host, port=self.port, tls=ssl_context is not None,
+                 routes=["/mutate", "/filter", "/prioritize", "/healthz"])
+        return self.port
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        if self._executor is not None:
+            # A hung answer keeps its thread; nothing waits for it, and queued calls are dropped.
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
+
+    def _count(self, route: str, outcome: str) -> None:
+        self.counts[f"{route}.{outcome}"] += 1
+        _REQUESTS.labels(route, outcome).inc()
+
+    async def _ask(self, route: str, datasets: list[DatasetUse],
+                   candidates: list[Candidate]) -> tuple[ScoreReply | None, str]:
+        """The scheduler's reply, or None and why there is none (counted)."""
+        try:
+            reply = await self._call(datasets, candidates)
+        except TimeoutError:
+            self._count(route, TIMEOUT)
+            log.warning("scheduler did not answer in time", route=route, timeout=self.timeout)
+            return None, f"no answer within {self.timeout:g} s"
+        except Exception as err:
+            self._count(route, FAILED)
+            log.warning("scheduler answer failed", route=route, error=f"{type(err).__name__}: {err}")
+            return None, f"the scheduler failed: {type(err).__name__}"
+        if reply.error:
+            self._count(route, UNANSWERED)
+            # Debug only: every pod with an ordinary PVC (not a dataset's) gets here.
+            log.debug("scheduler gave no answer", route=route, error=reply.error)
+        return reply, ""
+
+    async def _call(self, datasets: list[DatasetUse], candidates: list[Candidate]) -> ScoreReply:
+        """``ask_known`` on the loop's thread or the worker thread; TimeoutError when later than ``timeout``."""
+        if not self.threaded:
+            started = time.monotonic()
+            reply = ask_known(self._answer, datasets, candidates)
+            if time.monotonic() - started > self.timeout:
+                raise TimeoutError
+            return reply
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sched-answer")
+        call = asyncio.get_running_loop().run_in_executor(self._executor, ask_known, self._answer, datasets,
+                                                          candidates)
+        return await asyncio.wait_for(call, self.timeout)
+
+    @web.middleware
+    async def _guard(self, request: web.Request,
+                     handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+        """A bug here answers 500 (counted, logged), never takes the server down."""
+        try:
+            return await handler(request)
+        except web.HTTPException:
+            raise
+        except Exception as err:
+            route = request.path.strip("/") or "/"
+            self._count(route, INTERNAL)
+            log.exception("scheduler http request failed", route=route)
+            return _json({"error": f"internal error: {type(err).__name__}"}, status=500)
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def _mutate(self, request: web.Request) -> web.Response:
+        try:
+            review = parse_review(msgspec.json.decode(await request.read()))
+            uses = datasets_of(review.pod, review.namespace) if not review.skip else None
+        except (msgspec.DecodeError, BadReview) as err:
+            self._count(MUTATE, MALFORMED)
+            log.warning("malformed admission review", reason=str(err))
+            return _json({"error": f"not an AdmissionReview v1 of a pod: {err}"}, status=400)
+        if uses is None or not uses.datasets:
+            self._count(MUTATE, UNCHANGED)
+            return _json(review_response(review.uid, warnings=uses.warnings if uses else ()))
+        reply, _ = await self._ask(MUTATE, uses.datasets, [])
+        if reply is None or reply.error:
+            return _json(review_response(review.uid, warnings=uses.warnings))
+        wanted = placement(reply, uses)
+        patch = affinity_patch(review.pod, wanted)
+        self._count(MUTATE, PATCHED if patch else UNCHANGED)
+        if patch:
+            metadata = review.pod.get("metadata") or {}
+            log.info("pod placed near its data", namespace=review.namespace,
+                     pod=metadata.get("name") or metadata.get("generateName"),
+                     datasets=[f"{use.namespace}/{use.name}" for use in uses.datasets],
+                     preferred=[nodes for _, nodes in wanted.preferred], required=wanted.required_hosts)
+        return _json(review_response(review.uid, patch, [*uses.warnings, *wanted.warnings]))
+
+    async def _filter(self, request: web.Request) -> web.Response:
+        try:
+            args = parse_args(msgspec.json.decode(await request.read()))
+        except (msgspec.DecodeError, BadArgs) as err:
+            self._count(FILTER, MALFORMED)
+            log.warning("malformed extender filter request", reason=str(err))
+            return _json(error_body(f"not an ExtenderArgs: {err}"), status=400)
+        if not args.uses.required:
+            self._count(FILTER, ANSWERED)
+            return _json(filter_result(args, None))
+        reply, failure = await self._ask(FILTER, args.uses.datasets, args.candidates)
+        if reply is not None and not reply.error:
+            self._count(FILTER, ANSWERED)
+        return _json(filter_result(args, reply, failure))
+
+    async def _prioritize(self, request: web.Request) -> web.Response:
+        try:
+            args = parse_args(msgspec.json.decode(await request.read()))
+        except (msgspec.DecodeError, BadArgs) as err:
+            self._count(PRIORITIZE, MALFORMED)
+            log.warning("malformed extender prioritize request", reason=str(err))
+            return _json(error_body(f"not an ExtenderArgs: {err}"), status=400)
+        reply, _ = await self._ask(PRIORITIZE, args.uses.datasets, args.candidates)
+        if reply is not None and not reply.error:
+            self._count(PRIORITIZE, ANSWERED)
+        return _json(priorities(args, reply))
+
+
+class HttpLoop:
+    """``SchedulerHttp`` as one of the service's loops (``libs.service.Loop``): serves from ``run`` until ``stop``.
+    The scheduler's wiring adds it (``app.run(extra_loops=...)``) when ``SHOAL_SCHED_HTTP_PORT`` is set."""
+
+    name = "scheduler-http"
+
+    def __init__(self, http: SchedulerHttp, host: str, port: int, ssl_context: ssl.SSLContext | None) -> None:
+        self.http = http
+        self.host = host
+        self.port = port
+        self.ssl_context = ssl_context
+        self._stopping = asyncio.Event()
+
+    async def run(self) -> None:
+        await self.http.start(self.host, self.port, self.ssl_context)
+        try:
+            await self._stopping.wait()
+        finally:
+            await self.http.stop()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+
+def http_loop(answer: Answer, *, host: str, port: int, timeout: float, tls_cert: str = "",
+              tls_key: str = "") -> HttpLoop:
+    """The loop serving ``answer`` on ``host:port``: HTTPS with ``tls_cert`` and ``tls_key``; plain HTTP without
+    (the API server calls webhooks over HTTPS only, so plain HTTP suits an extender on loopback, or tests)."""
+    context = server_tls(tls_cert, tls_key) if tls_cert and tls_key else None
+    if context is None:
+        log.warning("scheduler http without TLS: the API server will not call a webhook over plain HTTP")
+    return HttpLoop(SchedulerHttp(answer, timeout=timeout), host, port, context)

@@ -1,0 +1,363 @@
+"""The scheduler's webhook and extender over real HTTPS on 127.0.0.1, with a throwaway self-signed certificate.
+
+``answer`` is a stub here (``StubScheduler``: scores = share of the requested datasets' bytes a node caches):
+the real scheduler core (the fold and ``domain.score``) is wired to ``SchedulerHttp`` in ``app.py`` on another
+branch, and the end-to-end test with real agents comes after that merge. What is real: the aiohttp server, TLS,
+the recorded AdmissionReview as the API server sends it, and the returned JSON patch applied to the pod with the
+``jsonpatch`` package, as the API server applies it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import copy
+import json
+import ssl
+import subprocess
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import jsonpatch
+import pytest
+
+from libs.events.schedule import NodeScore, ScoreReply, ScoreRequest
+from services.scheduler.http import SchedulerHttp, http_loop, server_tls
+from tests.helpers import eventually
+
+FIXTURES = Path(__file__).parent.parent / "fixtures" / "scheduler"
+HOST = "kubernetes.io/hostname"
+PREFERRED = "preferredDuringSchedulingIgnoredDuringExecution"
+REQUIRED = "requiredDuringSchedulingIgnoredDuringExecution"
+NODES = ["node-a", "node-b", "node-c"]
+# ml-team/imagenet: node-b holds 90 % of it, node-a 10 %, node-c nothing.
+CACHE = {("ml-team", "imagenet"): {"node-b": 900, "node-a": 100}}
+
+pytestmark = pytest.mark.needs("openssl")
+
+
+@dataclass
+class StubScheduler:
+    """Stands in for the scheduler core's ``answer``: unknown datasets are an error, required datasets keep only
+    the nodes that hold some of them, no dataset ranks nodes without cache first."""
+
+    cache: dict[tuple[str, str], dict[str, int]] = field(default_factory=lambda: copy.deepcopy(CACHE))
+    requests: list[ScoreRequest] = field(default_factory=list)
+    # Replaces the answer when set (a slow or failing scheduler).
+    override: Callable[[ScoreRequest], ScoreReply] | None = None
+
+    def __call__(self, request: ScoreRequest) -> ScoreReply:
+        self.requests.append(request)
+        if self.override is not None:
+            return self.override(request)
+        names = [c.name for c in request.candidates] or NODES
+        for use in request.datasets:
+            if (use.namespace, use.name) not in self.cache:
+                return ScoreReply(causation_id=request.id, error=f"unknown dataset {use.namespace}/{use.name}")
+        if not request.datasets:
+            holders = {node for nodes in self.cache.values() for node, size in nodes.items() if size}
+            scores = [NodeScore(node=n, score=0 if n in holders else 100) for n in names]
+            return ScoreReply(causation_id=request.id, scores=sorted(scores, key=lambda s: (-s.score, s.node)))
+        held = [self.cache[(use.namespace, use.name)] for use in request.datasets]
+        total = sum(sum(nodes.values()) for nodes in held)
+        filtered = {n: f"holds none of {use.namespace}/{use.name}" for n in names for use in request.datasets
+                    if use.required and not self.cache[(use.namespace, use.name)].get(n)}
+        scores = [NodeScore(node=n, score=round(100 * sum(h.get(n, 0) for h in held) / total),
+                            cached_bytes=sum(h.get(n, 0) for h in held)) for n in names if n not in filtered]
+        return ScoreReply(causation_id=request.id, scores=sorted(scores, key=lambda s: (-s.score, s.node)),
+                          filtered=filtered)
+
+
+@dataclass
+class Tls:
+    cert: Path
+    key: Path
+
+    def client(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=str(self.cert))
+
+
+@pytest.fixture(scope="module")
+def tls(tmp_path_factory: pytest.TempPathFactory) -> Tls:
+    """A throwaway self-signed certificate for the webhook's service name and 127.0.0.1 (what the API server
+    would trust through the configuration's caBundle)."""
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "tls.crt", folder / "tls.key"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+         "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=shoal-scheduler.shoal-system.svc",
+         "-addext", "subjectAltName=DNS:shoal-scheduler.shoal-system.svc,IP:127.0.0.1"],
+        check=True, capture_output=True, timeout=30)
+    return Tls(cert, key)
+
+
+@dataclass
+class Served:
+    http: SchedulerHttp
+    stub: StubScheduler
+    url: str
+    session: aiohttp.ClientSession
+
+    async def post(self, path: str, body: Any) -> tuple[int, Any]:
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        async with self.session.post(f"{self.url}{path}", data=data,
+                                     headers={"Content-Type": "application/json"}) as response:
+            return response.status, await response.json()
+
+
+@pytest.fixture
+async def served(tls: Tls) -> AsyncIterator[Served]:
+    stub = StubScheduler()
+    # 2 s: far above the stub's microseconds even on a loaded machine; the slow-answer test sets its own.
+    http = SchedulerHttp(stub, timeout=2.0)
+    port = await http.start("127.0.0.1", 0, server_tls(str(tls.cert), str(tls.key)))
+    try:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=tls.client()),
+                                         timeout=aiohttp.ClientTimeout(total=30)) as session:
+            yield Served(http, stub, f"https://127.0.0.1:{port}", session)
+    finally:
+        await http.stop()
+
+
+def recorded_review() -> dict[str, Any]:
+    return json.loads((FIXTURES / "admission-review-pod-with-dataset.json").read_text())
+
+
+def patched_pod(review: dict[str, Any], answer: dict[str, Any]) -> dict[str, Any]:
+    """The pod as the API server stores it after applying the webhook's patch (the same pod when none)."""
+    response = answer["response"]
+    assert response["uid"] == review["request"]["uid"] and response["allowed"] is True
+    if "patch" not in response:
+        assert "patchType" not in response
+        return review["request"]["object"]
+    assert response["patchType"] == "JSONPatch"
+    return jsonpatch.apply_patch(review["request"]["object"], json.loads(base64.b64decode(response["patch"])))
+
+
+def best_preferred(pod: dict[str, Any]) -> list[str]:
+    terms = pod["spec"]["affinity"]["nodeAffinity"][PREFERRED]
+    best = max(terms, key=lambda term: term["weight"])
+    (expression,) = best["preference"]["matchExpressions"]
+    assert expression["key"] == HOST and expression["operator"] == "In"
+    return list(expression["values"])
+
+
+async def test_recorded_review_of_a_pod_with_a_dataset_pvc_prefers_the_node_holding_it(served: Served) -> None:
+    review = recorded_review()
+    status, answer = await served.post("/mutate", review)
+    assert status == 200
+    pod = patched_pod(review, answer)
+    assert best_preferred(pod) == ["node-b"]
+    weights = {tuple(t["preference"]["matchExpressions"][0]["values"]): t["weight"]
+               for t in pod["spec"]["affinity"]["nodeAffinity"][PREFERRED]}
+    assert weights == {("node-b",): 90, ("node-a",): 10}
+    assert REQUIRED not in pod["spec"]["affinity"]["nodeAffinity"]
+    # Nothing else of the pod changed.
+    original = review["request"]["object"]
+    assert {k: v for k, v in pod["spec"].items() if k != "affinity"} == original["spec"]
+    assert pod["metadata"] == original["metadata"]
+    (request,) = served.stub.requests
+    assert [(u.namespace, u.name, u.required) for u in request.datasets] == [("ml-team", "imagenet", False)]
+    assert served.http.counts["mutate.patched"] == 1
+
+
+async def test_required_label_requires_the_nodes_that_hold_the_cache(served: Served) -> None:
+    review = recorded_review()
+    review["request"]["object"]["metadata"]["labels"]["fluid.io/dataset.imagenet.sched"] = "required"
+    # The pod already has a required term of its own: ours must narrow it, not add an alternative.
+    review["request"]["object"]["spec"]["affinity"] = {"nodeAffinity": {REQUIRED: {"nodeSelectorTerms": [
+        {"matchExpressions": [{"key": "kubernetes.io/arch", "operator": "In", "values": ["amd64"]}]}]}}}
+    status, answer = await served.post("/mutate", review)
+    assert status == 200
+    pod = patched_pod(review, answer)
+    (term,) = pod["spec"]["affinity"]["nodeAffinity"][REQUIRED]["nodeSelectorTerms"]
+    assert term["matchExpressions"] == [
+        {"key": "kubernetes.io/arch", "operator": "In", "values": ["amd64"]},
+        {"key": HOST, "operator": "In", "values": ["node-a", "node-b"]},
+    ]
+    assert best_preferred(pod) == ["node-b"]
+
+
+async def test_required_with_no_cache_anywhere_is_not_enforced_and_says_so(served: Served) -> None:
+    served.stub.cache[("ml-team", "imagenet")] = {}
+    review = recorded_review()
+    review["request"]["object"]["metadata"]["labels"]["fluid.io/dataset.imagenet.sched"] = "required"
+    status, answer = await served.post("/mutate", review)
+    assert status == 200 and patched_pod(review, answer) == review["request"]["object"]
+    assert "no node caches ml-team/imagenet" in answer["response"]["warnings"][0]
+
+
+async def test_an_ordinary_pvc_next_to_the_dataset_does_not_cancel_the_preference(served: Served) -> None:
+    review = recorded_review()
+    review["request"]["object"]["spec"]["volumes"].append(
+        {"name": "db", "persistentVolumeClaim": {"claimName": "postgres-data"}})
+    status, answer = await served.post("/mutate", review)
+    assert status == 200 and best_preferred(patched_pod(review, answer)) == ["node-b"]
+
+
+async def test_a_pod_with_only_an_ordinary_pvc_is_left_alone_and_counted_once(served: Served) -> None:
+    review = recorded_review()
+    review["request"]["object"]["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"] = "postgres-data"
+    status, answer = await served.post("/mutate", review)
+    assert status == 200 and patched_pod(review, answer) == review["request"]["object"]
+    assert dict(served.http.counts) == {"mutate.unanswered": 1}
+
+
+@pytest.mark.parametrize("own", [
+    {"nodeSelector": {HOST: "node-c"}},
+    {"affinity": {"nodeAffinity": {PREFERRED: [
+        {"weight": 50, "preference": {"matchExpressions": [{"key": HOST, "operator": "In", "values": ["node-c"]}]}}]}}},
+])
+async def test_pods_with_their_own_host_placement_are_left_alone(served: Served, own: dict[str, Any]) -> None:
+    review = recorded_review()
+    review["request"]["object"]["spec"].update(own)
+    status, answer = await served.post("/mutate", review)
+    assert status == 200 and patched_pod(review, answer) == review["request"]["object"]
+    assert served.stub.requests == []  # the scheduler was not even asked
+
+
+async def test_a_pod_without_datasets_is_left_alone(served: Served) -> None:
+    review = recorded_review()
+    review["request"]["object"]["spec"]["volumes"] = []
+    status, answer = await served.post("/mutate", review)
+    assert status == 200 and patched_pod(review, answer) == review["request"]["object"]
+    assert served.http.counts["mutate.unchanged"] == 1
+
+
+@pytest.mark.parametrize("threaded", [False, True], ids=["on-the-loop", "threaded"])
+async def test_a_slow_or_failing_scheduler_allows_the_pod_unchanged(tls: Tls, threaded: bool) -> None:
+    release = threading.Event()
+    late = ScoreReply(scores=[NodeScore(node="node-b", score=90)])
+
+    def slow(request: ScoreRequest) -> ScoreReply:
+        if threaded:  # hangs until released: the server must stop waiting on its own
+            return late if release.wait(30) else ScoreReply(error="never released")
+        time.sleep(0.3)  # on the loop's thread: answers, but after the timeout, so the answer is not used
+        return late
+
+    stub = StubScheduler(override=slow)
+    http = SchedulerHttp(stub, timeout=0.05 if not threaded else 0.3, threaded=threaded)
+    port = await http.start("127.0.0.1", 0, server_tls(str(tls.cert), str(tls.key)))
+    try:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=tls.client()),
+                                         timeout=aiohttp.ClientTimeout(total=30)) as session:
+            served = Served(http, stub, f"https://127.0.0.1:{port}", session)
+            review = recorded_review()
+            status, answer = await served.post("/mutate", review)
+            assert status == 200 and patched_pod(review, answer) == review["request"]["object"]
+            assert http.counts["mutate.timeout"] == 1
+            release.set()
+
+            def broken(request: ScoreRequest) -> ScoreReply:
+                raise RuntimeError("fold unavailable")
+
+            stub.override = broken
+            status, answer = await served.post("/mutate", review)
+            assert status == 200 and patched_pod(review, answer) == review["request"]["object"]
+            assert http.counts["mutate.failed"] == 1
+            # The extender degrades the same way: an Error to ignore, neutral priorities.
+            extender = json.loads((FIXTURES / "extender-args-nodes.json").read_text())
+            status, result = await served.post("/filter", extender)
+            assert status == 200 and "RuntimeError" in result["Error"]
+            status, ranked = await served.post("/prioritize", extender)
+            assert status == 200 and [p["Score"] for p in ranked] == [0, 0, 0]
+            # And it recovers when the scheduler does.
+            stub.override = None
+            status, answer = await served.post("/mutate", review)
+            assert best_preferred(patched_pod(review, answer)) == ["node-b"]
+    finally:
+        release.set()
+        await http.stop()
+
+
+@pytest.mark.parametrize(("body", "reason"), [
+    (b"{not json", "not an AdmissionReview v1 of a pod"),
+    ({"apiVersion": "v1", "kind": "Pod"}, "expected apiVersion admission.k8s.io/v1"),
+    ({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": {"uid": "u"}},
+     "request.kind must be an object"),
+    ({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+      "request": {"uid": "u", "kind": {"group": "", "version": "v1", "kind": "Pod"}, "operation": "CREATE"}},
+     "request.object must be an object"),
+])
+async def test_a_malformed_review_is_a_400_with_the_reason(served: Served, body: Any, reason: str) -> None:
+    status, answer = await served.post("/mutate", body)
+    assert status == 400 and reason in answer["error"]
+    assert served.http.counts["mutate.malformed"] == 1
+    async with served.session.get(f"{served.url}/healthz") as health:
+        assert health.status == 200
+
+
+async def test_extender_filters_and_ranks_by_cached_bytes(served: Served) -> None:
+    args = json.loads((FIXTURES / "extender-args-nodes.json").read_text())
+    status, result = await served.post("/filter", args)
+    assert status == 200 and result["Error"] == ""
+    # kube-scheduler with nodeCacheCapable: false reads the full node objects back from Nodes.
+    assert [node["metadata"]["name"] for node in result["Nodes"]["items"]] == ["node-a", "node-b"]
+    assert result["FailedNodes"] == {"node-c": "holds none of ml-team/imagenet"}
+    status, ranked = await served.post("/prioritize", args)
+    assert status == 200 and ranked == [{"Host": "node-a", "Score": 1}, {"Host": "node-b", "Score": 9},
+                                        {"Host": "node-c", "Score": 0}]
+    # The labels of the nodes kube-scheduler sent reach the scheduler (zone/region locality).
+    assert served.stub.requests[-1].candidates[1].labels["topology.kubernetes.io/zone"] == "eu-1b"
+    # nodeCacheCapable: true sends names only; a pod without datasets is steered away from cache nodes.
+    by_name = {"Pod": {"metadata": {"namespace": "ml-team"}, "spec": {}}, "NodeNames": NODES}
+    status, result = await served.post("/filter", by_name)
+    assert status == 200 and result["NodeNames"] == NODES and "Nodes" not in result
+    status, ranked = await served.post("/prioritize", by_name)
+    assert {p["Host"]: p["Score"] for p in ranked} == {"node-a": 0, "node-b": 0, "node-c": 10}
+
+
+async def test_extender_rejects_malformed_args_with_an_error(served: Served) -> None:
+    for path in ("/filter", "/prioritize"):
+        status, result = await served.post(path, {"Pod": {}, "NodeNames": "node-a"})
+        assert status == 400 and "NodeNames must be a list of node names" in result["Error"]
+    assert served.http.counts["filter.malformed"] == served.http.counts["prioritize.malformed"] == 1
+
+
+async def test_the_webhook_speaks_tls_only_with_its_certificate(served: Served) -> None:
+    async with aiohttp.ClientSession() as untrusting:
+        with pytest.raises(aiohttp.ClientConnectorCertificateError):
+            await untrusting.get(f"{served.url}/healthz")
+    async with served.session.get(f"{served.url}/healthz") as health:
+        assert health.status == 200 and await health.text() == "ok\n"
+
+
+async def test_answer_runs_on_the_loops_thread_by_default(served: Served) -> None:
+    """The scheduler's fold is a consistent snapshot only on the event loop's thread (it is read without copies)."""
+    threads: list[int] = []
+
+    def recording(request: ScoreRequest) -> ScoreReply:
+        threads.append(threading.get_ident())
+        served.stub.override = None
+        return served.stub(request)
+
+    served.stub.override = recording
+    status, _ = await served.post("/mutate", recorded_review())
+    assert status == 200 and threads == [threading.get_ident()]
+
+
+async def test_the_service_loop_serves_until_stopped(tls: Tls) -> None:
+    loop = http_loop(StubScheduler(), host="127.0.0.1", port=0, timeout=2.0, tls_cert=str(tls.cert),
+                     tls_key=str(tls.key))
+    task = asyncio.create_task(loop.run())
+    try:
+        port = await eventually(lambda: _bound(loop.http), what="the scheduler http port")
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=tls.client())) as session, \
+                session.get(f"https://127.0.0.1:{port}/healthz") as health:
+            assert health.status == 200
+    finally:
+        loop.stop()
+        await asyncio.wait_for(task, 10)
+    assert loop.http.port == port
+    with pytest.raises(aiohttp.ClientConnectorError):
+        async with aiohttp.ClientSession() as session:
+            await session.get(f"https://127.0.0.1:{port}/healthz")
+
+
+async def _bound(http: SchedulerHttp) -> int:
+    return http.port

@@ -1,0 +1,122 @@
+"""The extender's pure translations: ExtenderArgs in Go's spelling (or any case), filter results in the form the
+candidates came in, priorities on the 0..10 scale, and clear errors for what is not an ExtenderArgs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from libs.events.schedule import Candidate, DatasetUse, NodeScore, ScoreReply
+from services.scheduler.extender import (
+    MAX_EXTENDER_PRIORITY,
+    BadArgs,
+    extender_score,
+    filter_result,
+    parse_args,
+    priorities,
+)
+
+FIXTURE = Path(__file__).parent.parent / "fixtures" / "scheduler" / "extender-args-nodes.json"
+
+
+def recorded() -> dict[str, Any]:
+    return json.loads(FIXTURE.read_text())
+
+
+def by_names(*names: str, labels: dict[str, str] | None = None) -> dict[str, Any]:
+    return {"Pod": {"metadata": {"name": "p", "namespace": "ns", "labels": labels or {}},
+                    "spec": {"volumes": [{"name": "d", "persistentVolumeClaim": {"claimName": "data"}}]}},
+            "NodeNames": list(names)}
+
+
+REQUIRED = {"fluid.io/dataset.data.sched": "required"}
+
+
+def test_the_recorded_args_give_the_pods_datasets_and_labelled_candidates() -> None:
+    args = parse_args(recorded())
+    assert args.namespace == "ml-team"
+    assert args.uses.datasets == [DatasetUse(name="imagenet", namespace="ml-team", required=True)]
+    assert [c.name for c in args.candidates] == ["node-a", "node-b", "node-c"]
+    assert args.candidates[1].labels["topology.kubernetes.io/zone"] == "eu-1b"
+    assert args.node_objects is not None and len(args.node_objects) == 3
+
+
+def test_keys_are_read_case_insensitively_as_go_does() -> None:
+    lower = {"pod": {"metadata": {"namespace": "ns"}}, "nodenames": ["node-a"]}
+    args = parse_args(lower)
+    assert args.candidates == [Candidate(name="node-a")] and args.node_objects is None
+
+
+@pytest.mark.parametrize(("body", "reason"), [
+    ([], "the body must be an ExtenderArgs object"),
+    ({"NodeNames": ["a"]}, "Pod must be an object"),
+    ({"Pod": {}, "Nodes": None, "NodeNames": None}, "neither Nodes nor NodeNames"),
+    ({"Pod": {}, "Nodes": {"items": {"a": 1}}}, "Nodes must be a NodeList"),
+    ({"Pod": {}, "Nodes": {"items": [{"metadata": {}}]}}, r"Nodes.items\[0\].metadata.name"),
+    ({"Pod": {}, "Nodes": {"items": [{"metadata": {"name": "a", "labels": {"x": 1}}}]}}, "labels must map"),
+    ({"Pod": {}, "NodeNames": ["a", 3]}, "NodeNames must be a list of node names"),
+    ({"Pod": {"metadata": {"namespace": 5}}, "NodeNames": ["a"]}, "Pod.metadata"),
+    ({"Pod": {"spec": {"volumes": "x"}}, "NodeNames": ["a"]}, "Pod: spec.volumes must be a list"),
+])
+def test_malformed_args_name_the_field(body: Any, reason: str) -> None:
+    with pytest.raises(BadArgs, match=reason):
+        parse_args(body)
+
+
+def test_filter_keeps_every_node_when_nothing_is_required() -> None:
+    args = parse_args(by_names("node-a", "node-b"))
+    result = filter_result(args, None)
+    assert result["NodeNames"] == ["node-a", "node-b"] and result["FailedNodes"] == {} and result["Error"] == ""
+    assert "Nodes" not in result
+
+
+def test_filter_in_required_mode_keeps_the_nodes_that_hold_the_cache() -> None:
+    args = parse_args(by_names("node-a", "node-b", "node-c", labels=REQUIRED))
+    reply = ScoreReply(scores=[NodeScore(node="node-b", score=80)], filtered={"node-a": "holds none of ns/data"})
+    result = filter_result(args, reply)
+    assert result["NodeNames"] == ["node-b"] and result["Error"] == ""
+    assert result["FailedNodes"]["node-a"] == "holds none of ns/data"
+    assert "ns/data" in result["FailedNodes"]["node-c"]  # not in the reply at all: the default reason
+    assert result["FailedAndUnresolvableNodes"] == result["FailedNodes"]
+
+
+def test_filter_answers_node_objects_when_it_was_sent_node_objects() -> None:
+    args = parse_args(recorded())
+    reply = ScoreReply(scores=[NodeScore(node="node-c", score=30), NodeScore(node="node-a", score=90)])
+    result = filter_result(args, reply)
+    assert [node["metadata"]["name"] for node in result["Nodes"]["items"]] == ["node-a", "node-c"]
+    assert result["Nodes"]["items"][0] == recorded()["Nodes"]["items"][0]  # the object as sent, not a summary
+    assert set(result["FailedNodes"]) == {"node-b"}
+
+
+@pytest.mark.parametrize(("reply", "failure", "says"), [
+    (None, "no answer within 0.5 s", "no answer within 0.5 s"),
+    (ScoreReply(error="unknown dataset ns/data"), "", "unknown dataset ns/data"),
+])
+def test_filter_errors_when_the_scheduler_cannot_answer_a_required_pod(reply: ScoreReply | None, failure: str,
+                                                                       says: str) -> None:
+    result = filter_result(parse_args(by_names("node-a", labels=REQUIRED)), reply, failure)
+    assert says in result["Error"] and result["NodeNames"] is None
+
+
+def test_priorities_scale_scores_to_the_extender_range() -> None:
+    args = parse_args(by_names("node-a", "node-b", "node-c", "node-d"))
+    reply = ScoreReply(scores=[NodeScore(node="node-b", score=100), NodeScore(node="node-a", score=3),
+                               NodeScore(node="node-c", score=0)])
+    assert priorities(args, reply) == [{"Host": "node-a", "Score": 1}, {"Host": "node-b", "Score": 10},
+                                       {"Host": "node-c", "Score": 0}, {"Host": "node-d", "Score": 0}]
+    assert priorities(args, None) == [{"Host": n, "Score": 0} for n in ("node-a", "node-b", "node-c", "node-d")]
+    assert all(p["Score"] == 0 for p in priorities(args, ScoreReply(scores=reply.scores, error="x")))
+
+
+@given(st.integers(0, 100), st.integers(0, 100))
+def test_extender_score_keeps_order_and_range(a: int, b: int) -> None:
+    assert 0 <= extender_score(a) <= MAX_EXTENDER_PRIORITY
+    if a <= b:
+        assert extender_score(a) <= extender_score(b)
+    assert (extender_score(a) == 0) == (a == 0)
