@@ -360,7 +360,8 @@ class Consumer(Generic[E]):
     bus: Bus
     stream: str
     durable: str
-    filter_subject: str
+    # One subject filter, or several (JetStream's filter_subjects: one durable over e.g. two command families).
+    filter_subject: str | list[str]
     decoder: msgspec.json.Decoder[E]
     handler: Handler[E]
     max_event_bytes: int
@@ -372,17 +373,19 @@ class Consumer(Generic[E]):
     _stopping: asyncio.Event = field(default_factory=asyncio.Event, init=False)
 
     async def run(self) -> None:
+        filters = [self.filter_subject] if isinstance(self.filter_subject, str) else list(self.filter_subject)
         config = js_api.ConsumerConfig(
             durable_name=self.durable,
             ack_policy=js_api.AckPolicy.EXPLICIT,
             ack_wait=self.ack_wait,
             max_deliver=self.max_deliver,
             max_ack_pending=1000,
-            filter_subject=self.filter_subject,
+            filter_subject=filters[0] if len(filters) == 1 else None,
+            filter_subjects=filters if len(filters) > 1 else None,
             deliver_policy=js_api.DeliverPolicy.ALL,
         )
         subscription = await self.bus.js.pull_subscribe(
-            self.filter_subject, durable=self.durable, stream=self.stream, config=config
+            filters[0], durable=self.durable, stream=self.stream, config=config
         )
         try:
             while not self._stopping.is_set():
