@@ -423,7 +423,7 @@ class PartState(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omit_
     done: bool = False
 
 
-RunStage = Literal["metadata", "executing", "finished"]
+RunStage = Literal["planning", "metadata", "executing", "finished"]
 
 
 class RunState(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omit_defaults=True):
@@ -437,6 +437,8 @@ class RunState(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omit_d
     resync_requests: int = 0
     deadline: float = 0.0
     ring: list[str] = []
+    # OnEvent runs fired by a sync load only the entries new or changed since the previous run's manifest.
+    changes_only: bool = False
     files_total: int = 0
     parts: list[PartState] = []
     # Runs asked for with dataload.run.v1 and not started yet.
