@@ -96,8 +96,10 @@ STREAMS: tuple[StreamSpec, ...] = (
     StreamSpec(subjects.STREAM_FACTS, [subjects.ALL_FACTS], max_age=7 * DAY, max_bytes=1 << 30),
     # Heartbeats and inventory only matter while fresh: an hour, and bounded per node.
     StreamSpec(subjects.STREAM_AGENT, [subjects.ALL_AGENT], max_age=3600.0, max_msgs_per_subject=10_000),
-    # Tasks wait for their mount process (which may be restarting) as long as a load may reasonably take.
-    StreamSpec(subjects.STREAM_TASKS, [subjects.ALL_TASKS], max_age=DAY, max_bytes=1 << 30),
+    # Tasks wait for their mount process (which may be restarting) as long as a load may reasonably take. Parts are
+    # at most ~256 KiB, so 256 MiB holds a thousand in flight; 1 GiB here took the reservations of the four bounded
+    # streams past the embedded server's max_file_store (4 GB) and every provision failed.
+    StreamSpec(subjects.STREAM_TASKS, [subjects.ALL_TASKS], max_age=DAY, max_bytes=256 << 20),
     StreamSpec(subjects.STREAM_DEAD_LETTERS, [subjects.ALL_DEAD_LETTERS], max_age=30 * DAY, max_bytes=1 << 30),
 )
 
