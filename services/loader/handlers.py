@@ -248,6 +248,8 @@ class LoaderHandlers:
         if record is None:
             return
         state, _ = await self._state(key)
+        if state.stage != "finished":
+            record = await self._ensure_started(key, record, revision, state, now)
         if state.stage == "planning":
             await self._plan(key, record, state, now)
         elif state.stage == "metadata":
@@ -271,6 +273,16 @@ class LoaderHandlers:
             await self._remove(key, record, revision, "")
         else:
             await self._maybe_start(key, record, revision, state, now)
+
+    async def _ensure_started(self, key: str, record: OperationRecord, revision: int | None, state: domain.RunState,
+                              now: float) -> OperationRecord:
+        """The record shows the run of the run state as Executing (a loader killed between saving the run state and
+        the record left it behind): mount processes skip parts of a run the record does not show."""
+        number = int(state.run.rsplit(".", 1)[1])
+        if record.status.phase == "Executing" and record.status.runs == number:
+            return record
+        log.info("run state ahead of the record, catching up", run=state.run)
+        return await self._save_status(key, record, revision, domain.status_started(record.status, number, now))
 
     async def _maybe_start(self, key: str, record: OperationRecord, revision: int | None, state: domain.RunState,
                            now: float) -> None:

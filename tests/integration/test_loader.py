@@ -52,6 +52,7 @@ from libs.events.operation import (
 from libs.events.runtime import CacheWorker, Runtime, RuntimeRecord, RuntimeStatus
 from libs.manifest import ManifestStore, ManifestWriter
 from services.loader import app as loader_app
+from services.loader import domain
 from tests.conftest import NatsServer
 from tests.helpers import FactCollector, eventually, make_settings, running
 
@@ -118,7 +119,8 @@ async def phase_of(bus: Bus, phase: str, name: str = "warm", kind: str = "DataLo
 class ScriptedAgent:
     """Consumes every node's parts of one dataset like a mount process (durable ``task_durable``, explicit ack),
     reports cumulative progress and a final ``done``, and records what it saw. While ``hold`` is set it reports
-    half of a part and waits (a long part); ``fail`` makes it report failed blocks."""
+    half of a part and waits (a long part); ``fail`` makes it report failed blocks. Like a mount process, it skips
+    (acks without work) a part whose run the operation's record does not show as current and Executing."""
 
     bus: Bus
     nodes: list[str]
@@ -127,6 +129,7 @@ class ScriptedAgent:
     fail: str = ""
     seen: list[tuple[str, int]] = field(default_factory=list)  # (task id, stream sequence)
     tasks: dict[str, NodeTask] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)  # parts of a run that is not current
     _workers: list[asyncio.Task[None]] = field(default_factory=list)
 
     async def start(self) -> None:
@@ -153,9 +156,18 @@ class ScriptedAgent:
             for message in messages:
                 task = msgspec.json.decode(message.data, type=NodeTask)
                 self.seen.append((task.id, message.metadata.sequence.stream))
-                self.tasks[task.id] = task
-                await self._do(task)
+                if await self._current(task.run):
+                    self.tasks[task.id] = task
+                    await self._do(task)
+                else:
+                    self.skipped.append(task.id)
                 await message.ack()
+
+    async def _current(self, run: str) -> bool:
+        """The protocol's check before a part: the operation's record shows this run, Executing."""
+        key, number = run.rsplit(".", 1)
+        found, _ = await kv_load(await self.bus.kv(subjects.KV_OPERATIONS), key, OperationRecord)
+        return found is not None and found.status.runs == int(number) and found.status.phase == "Executing"
 
     async def _do(self, task: NodeTask) -> None:
         sizes = [size for file in task.blocks for _, size in file.blocks]
@@ -192,8 +204,9 @@ async def agent(bus: Bus, nodes: list[str], **options: Any) -> AsyncIterator[Scr
 
 def loader(nats_server: NatsServer, clock: Callable[[], float] | None = None, **options: Any) -> Any:
     settings = make_settings(nats_server.url)
-    extra = {"clock": clock} if clock else {}
-    return running(lambda stop: loader_app.run(settings, stop, **extra, **options))
+    if clock is not None:
+        options["clock"] = clock
+    return running(lambda stop: loader_app.run(settings, stop, **options))
 
 
 async def publish(bus: Bus, subject: str, event: msgspec.Struct) -> None:
@@ -411,7 +424,8 @@ async def test_run_after_waits_for_complete_and_fails_after_failed(bus: Bus, nat
         # After a Failed one: Failed, naming it.
         scripted.fail = "object changed since the load was planned"
         await publish(bus, subjects.DATALOAD_APPLY, dataload(name="broken"))
-        assert "node-a failed 1 block(s): object changed" in (await phase_of(bus, "Failed", name="broken")).status.message
+        broken = await phase_of(bus, "Failed", name="broken")
+        assert "node-a failed 1 block(s): object changed" in broken.status.message
         await publish(bus, subjects.DATALOAD_APPLY, dataload(name="after",
                                                              run_after=OperationRef(kind="DataLoad", name="broken")))
         after = await phase_of(bus, "Failed", name="after")
@@ -447,3 +461,20 @@ async def test_a_clean_reaches_every_node(bus: Bus, nats_server: NatsServer) -> 
     assert wiped.status.progress.bytes_done == 3 * 1000
     some = [t for t in scripted.tasks.values() if t.run == "dataclean.default.some.1"]
     assert all(t.files == [(0, "dir/b")] and not t.everything for t in some) and len(some) == 3
+
+
+async def test_a_loader_killed_between_run_state_and_record_catches_up(bus: Bus, nats_server: NatsServer) -> None:
+    """The run state says run 1 is being planned, the record still says Pending with no run (the loader died
+    between the two writes): the restarted loader plans run 1, shows it Executing, and runs no second one."""
+    await put_dataset(bus, files(("a", BLOCK)))
+    await put_runtime(bus, NODES[:1])
+    key = subjects.operation_key("DataLoad", "default", "warm")
+    record = OperationRecord(kind="DataLoad", metadata=ObjectMeta(name="warm"),
+                             load=DataLoadSpec(dataset=ObjectRef(name="data")), created_at="2026-01-01T00:00:00Z")
+    await (await bus.kv(subjects.KV_OPERATIONS)).put(key, msgspec.json.encode(record))
+    state = domain.RunState(run=f"{key}.1", stage="planning", started_at=1.0)
+    await (await bus.kv(subjects.KV_OPERATION_RUNS)).put(key, msgspec.json.encode(state))
+    async with agent(bus, NODES[:1]) as scripted, loader(nats_server):
+        done = await phase_of(bus, "Complete")
+    assert done.status.runs == 1
+    assert {task.run for task in scripted.tasks.values()} == {f"{key}.1"}
