@@ -6,6 +6,7 @@
 | SHOAL_TASKS | shoal.task.progress.* (TaskProgress from the mount processes) | LoaderHandlers.on_progress |
 | KV shoal_operations | every key (watch) | the operations to tick, and runAfter's view of the others |
 | KV shoal_datasets | every key (watch) | OnEvent: a dataset synced again |
+| KV shoal_operation_runs | every key (watch) | the run states, so a tick reads KV only where there is work |
 | (timer) | every 0.25 s | LoaderHandlers.tick (start due runs, resume, fold progress, finish, TTL) |
 
 Ready (``/readyz``) when connected to NATS, the consumers, the watches and the timer run, and the watches have
@@ -28,6 +29,7 @@ from libs.events.dataset import DatasetRecord
 from libs.events.operation import OperationCommand, OperationRecord, TaskProgress
 from libs.service import Periodic, nats_check, run_loops
 from libs.side_server import Readiness
+from services.loader.domain import RunState
 from services.loader.handlers import METADATA_TIMEOUT_SECONDS, TICK_SECONDS, LoaderHandlers
 
 SERVICE_NAME = "shoal-loader"
@@ -42,10 +44,11 @@ async def run(settings: Settings, stop: asyncio.Event, clock: Callable[[], float
         await bus.provision()
         operations = KvMirror(await bus.kv(subjects.KV_OPERATIONS), OperationRecord, bus.reconnects)
         datasets = KvMirror(await bus.kv(subjects.KV_DATASETS), DatasetRecord, bus.reconnects)
-        watches: dict[str, KvMirror[Any]] = {"operations": operations, "datasets": datasets}
+        runs = KvMirror(await bus.kv(subjects.KV_OPERATION_RUNS), RunState, bus.reconnects)
+        watches: dict[str, KvMirror[Any]] = {"operations": operations, "datasets": datasets, "runs": runs}
         readiness.add("watches", lambda: ", ".join(f"{name} watch catching up" for name, mirror in watches.items()
                                                    if not mirror.ready.is_set()) or None)
-        handlers = LoaderHandlers(bus, operations, datasets, clock, metadata_timeout=metadata_timeout)
+        handlers = LoaderHandlers(bus, operations, datasets, runs, clock, metadata_timeout=metadata_timeout)
         max_bytes, max_deliver = settings.service.max_event_bytes, settings.service.max_deliver
         commands = Consumer(
             bus, subjects.STREAM_COMMANDS, subjects.DURABLE_LOADER_COMMANDS, list(subjects.OPERATION_COMMANDS),
@@ -58,6 +61,6 @@ async def run(settings: Settings, stop: asyncio.Event, clock: Callable[[], float
             max_deliver=max_deliver,
         )
         ticker = Periodic("operation ticker", handlers.tick, TICK_SECONDS)
-        await run_loops([operations, datasets, commands, progress, ticker], stop, readiness)
+        await run_loops([operations, datasets, runs, commands, progress, ticker], stop, readiness)
     finally:
         await bus.close()

@@ -80,6 +80,8 @@ class LoaderHandlers:
     bus: Bus
     operations: KvMirror[OperationRecord]
     datasets: KvMirror[DatasetRecord]
+    # The run states, so a tick reads KV only for operations with something to do.
+    runs: KvMirror[domain.RunState]
     clock: Callable[[], float] = time.time
     metadata_timeout: float = METADATA_TIMEOUT_SECONDS
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -162,8 +164,9 @@ class LoaderHandlers:
             await self._reject(command.id, "DataLoad", command.name, command.namespace, reason, delivery)
             return
         state, state_revision = await self._state(key)
-        await kv_save(await self.bus.kv(subjects.KV_OPERATION_RUNS), key,
-                      msgspec.structs.replace(state, requested=state.requested + 1), state_revision)
+        state = msgspec.structs.replace(state, requested=state.requested + 1)
+        await kv_save(await self.bus.kv(subjects.KV_OPERATION_RUNS), key, state, state_revision)
+        self.runs.values[key] = state
         await self.bus.publish(FACTS["DataLoad"][0], OperationAccepted(
             id=f"{command.id}.accepted", causation_id=command.id, kind="DataLoad", name=command.name,
             namespace=command.namespace, generation=record.generation))
@@ -196,6 +199,7 @@ class LoaderHandlers:
         await store.delete(subjects.loader_plan(key))
         await store.delete(subjects.loader_manifest(key))
         self.operations.values.pop(key, None)
+        self.runs.values.pop(key, None)
         self.plans.pop(key, None)
         self.dirty.discard(key)
         meta = record.metadata
@@ -223,6 +227,7 @@ class LoaderHandlers:
             parts[progress.part] = part
             state = msgspec.structs.replace(state, parts=parts)
             await kv_save(await self.bus.kv(subjects.KV_OPERATION_RUNS), key, state, revision)
+            self.runs.values[key] = state
             self.dirty.add(key)
             if domain.outcome(state) is not None:
                 await self._advance(key)
@@ -232,14 +237,26 @@ class LoaderHandlers:
     # --- the tick ---
 
     async def tick(self) -> None:
-        if not (self.operations.ready.is_set() and self.datasets.ready.is_set()):
+        if not (self.operations.ready.is_set() and self.datasets.ready.is_set() and self.runs.ready.is_set()):
             return
         async with self.lock:
-            for key in sorted(self.operations.values):
+            now = self.clock()
+            for key, record in sorted(self.operations.values.items()):
+                if not self._may_advance(key, record, now):
+                    continue
                 try:
                     await self._advance(key)
                 except Exception:
                     log.exception("advancing an operation failed", operation=key)
+
+    def _may_advance(self, key: str, record: OperationRecord, now: float) -> bool:
+        """From the mirrors, in memory: whether ``_advance`` could do anything for this operation now."""
+        state = self.runs.values.get(key, domain.RunState())
+        if state.stage != "finished" or domain.expired(record, now):
+            return True
+        ref = domain.dataset_ref(record)
+        dataset = self.datasets.values.get(subjects.resource_key(ref.namespace, ref.name))
+        return domain.due(record, state, dataset, now) is not None
 
     async def _advance(self, key: str) -> None:
         """Whatever is due for one operation now: resume, progress, finish, start, wait, expire."""
@@ -449,6 +466,7 @@ class LoaderHandlers:
         kv = await self.bus.kv(subjects.KV_OPERATION_RUNS)
         _, revision = await kv_load(kv, key, domain.RunState)
         await kv_save(kv, key, state, revision)
+        self.runs.values[key] = state
 
     async def _save_status(self, key: str, record: OperationRecord, revision: int | None,
                            status: OperationStatus) -> OperationRecord:

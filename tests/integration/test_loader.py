@@ -478,3 +478,32 @@ async def test_a_loader_killed_between_run_state_and_record_catches_up(bus: Bus,
         done = await phase_of(bus, "Complete")
     assert done.status.runs == 1
     assert {task.run for task in scripted.tasks.values()} == {f"{key}.1"}
+
+
+async def test_a_restarted_loader_publishes_the_parts_it_had_not_published(bus: Bus, nats_server: NatsServer) -> None:
+    """The loader died after saving an executing run (state and plan) and before publishing its parts: the restarted
+    loader publishes every part not done, and the run completes. Part 0 was already reported done: not again."""
+    entries = files(("a", 3 * BLOCK), ("b", 5 * BLOCK))
+    await put_dataset(bus, entries)
+    await put_runtime(bus, NODES)
+    key = subjects.operation_key("DataLoad", "default", "warm")
+    run = f"{key}.1"
+    plan = domain.plan_load(run, ObjectRef(name="data"), entries, {0: 1, 1: 1}, NODES, NODES, BLOCK)
+    assert len(plan.parts) > 1
+    parts = domain.parts_state(plan)
+    parts[0] = msgspec.structs.replace(parts[0], done=True, bytes_done=parts[0].bytes_total,
+                                       files_done=list(range(len(plan.parts[0].task.blocks))))
+    state = domain.RunState(run=run, stage="executing", started_at=1.0, ring=NODES, files_total=len(plan.files),
+                            parts=parts)
+    record = OperationRecord(kind="DataLoad", metadata=ObjectMeta(name="warm"),
+                             load=DataLoadSpec(dataset=ObjectRef(name="data")), created_at="2026-01-01T00:00:00Z",
+                             status=domain.status_started(OperationRecord(kind="DataLoad", metadata=ObjectMeta(
+                                 name="warm")).status, 1, 1.0))
+    await (await ManifestStore.of(bus)).objects.put(subjects.loader_plan(key), msgspec.json.encode(plan))
+    await (await bus.kv(subjects.KV_OPERATION_RUNS)).put(key, msgspec.json.encode(state))
+    await (await bus.kv(subjects.KV_OPERATIONS)).put(key, msgspec.json.encode(record))
+    async with agent(bus, NODES) as scripted, loader(nats_server):
+        done = await phase_of(bus, "Complete")
+    assert sorted(task_id for task_id, _ in scripted.seen) == [p.task.id for p in plan.parts[1:]]
+    assert done.status.progress.bytes_done == done.status.progress.bytes_total == 8 * BLOCK
+    assert done.status.progress.files_done == 2
