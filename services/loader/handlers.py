@@ -143,7 +143,7 @@ class LoaderHandlers:
             namespace=meta.namespace, generation=updated.generation))
         if record is None:
             await self._publish_status(updated, revision)
-        await self._advance(key)
+        await self._advance_now(key)
 
     async def _run(self, command: DataLoadRun, delivery: Delivery) -> None:
         errors = domain.validate_ref(command.name, command.namespace)
@@ -170,7 +170,7 @@ class LoaderHandlers:
         await self.bus.publish(FACTS["DataLoad"][0], OperationAccepted(
             id=f"{command.id}.accepted", causation_id=command.id, kind="DataLoad", name=command.name,
             namespace=command.namespace, generation=record.generation))
-        await self._advance(key)
+        await self._advance_now(key)
 
     async def _delete(self, command: DataLoadDelete | DataCleanDelete, kind: OperationKind,
                       delivery: Delivery) -> None:
@@ -248,6 +248,14 @@ class LoaderHandlers:
                     await self._advance(key)
                 except Exception:
                     log.exception("advancing an operation failed", operation=key)
+
+    async def _advance_now(self, key: str) -> None:
+        """After a command: start what is due at once. The command is done either way; a failure here is the
+        tick's to retry, not a reason to deliver the command again."""
+        try:
+            await self._advance(key)
+        except Exception:
+            log.exception("advancing an operation failed; the tick retries", operation=key)
 
     def _may_advance(self, key: str, record: OperationRecord, now: float) -> bool:
         """From the mirrors, in memory: whether ``_advance`` could do anything for this operation now."""
@@ -368,8 +376,15 @@ class LoaderHandlers:
             return
         assert dataset is not None and runtime is not None
         store = await ManifestStore.of(self.bus)
-        entries = await store.load(dataset.status.manifest or store.name(ref.namespace, ref.name))
-        targets = (record.load or record.clean).target  # type: ignore[union-attr]
+        try:
+            entries = await store.load(dataset.status.manifest or store.name(ref.namespace, ref.name))
+        except (ObjectNotFoundError, NotFoundError):
+            await self._finish(key, "Failed", f"dataset {ref.namespace}/{ref.name} has no manifest yet; wait until "
+                               f"it is synced (status.lastSyncTime) and run again")
+            return
+        spec = record.load or record.clean
+        assert spec is not None
+        targets = spec.target
         chosen, missing = domain.select(entries, targets)
         if missing:
             await self._finish(key, "Failed", domain.missing_message(missing, ref))

@@ -248,12 +248,15 @@ async def test_a_load_completes_with_progress(bus: Bus, nats_server: NatsServer)
     ("unbound", {}, "is NotBound, not Bound"),
     ("ok", {"target": [TargetPath(path="/x/nope")]}, "target path '/x/nope' is not in the manifest"),
     ("ok", {"target": [TargetPath(path="/x/a", replicas=4)]}, "replicas 4 is more than the 3 cache worker(s)"),
+    ("no manifest", {}, "has no manifest yet"),
 ])
 async def test_bad_input_fails_the_run_with_what_to_change(bus: Bus, nats_server: NatsServer, setup: str,
                                                            spec: dict[str, Any], message: str) -> None:
     if setup != "none":
-        await put_dataset(bus, files(("a", BLOCK)), phase="Bound" if setup == "ok" else "NotBound")
+        await put_dataset(bus, files(("a", BLOCK)), phase="NotBound" if setup == "unbound" else "Bound")
         await put_runtime(bus, NODES)
+    if setup == "no manifest":
+        await (await ManifestStore.of(bus)).delete(ManifestStore.name("default", "data"))
     async with loader(nats_server):
         await publish(bus, subjects.DATALOAD_APPLY, dataload(**spec))
         failed = await phase_of(bus, "Failed")
