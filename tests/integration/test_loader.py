@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,9 +24,11 @@ from nats.js import api as js_api
 
 from libs import subjects
 from libs.bus import Bus, kv_load
+from libs.events.agent import AgentHeartbeat
 from libs.events.common import ObjectMeta, ObjectRef
 from libs.events.dataset import (
     Dataset,
+    DatasetApply,
     DatasetRecord,
     DatasetResync,
     DatasetSpec,
@@ -49,10 +52,21 @@ from libs.events.operation import (
     TaskCancel,
     TaskProgress,
 )
-from libs.events.runtime import CacheWorker, Runtime, RuntimeRecord, RuntimeStatus
+from libs.events.runtime import (
+    CacheWorker,
+    Level,
+    Runtime,
+    RuntimeApply,
+    RuntimeRecord,
+    RuntimeSpec,
+    RuntimeStatus,
+    TieredStore,
+)
 from libs.manifest import ManifestStore, ManifestWriter
+from services.dataset import app as dataset_app
 from services.loader import app as loader_app
 from services.loader import domain
+from services.runtime import app as runtime_app
 from tests.conftest import NatsServer
 from tests.helpers import FactCollector, eventually, make_settings, running
 
@@ -510,3 +524,47 @@ async def test_a_restarted_loader_publishes_the_parts_it_had_not_published(bus: 
     assert sorted(task_id for task_id, _ in scripted.seen) == [p.task.id for p in plan.parts[1:]]
     assert done.status.progress.bytes_done == done.status.progress.bytes_total == 8 * BLOCK
     assert done.status.progress.files_done == 2
+
+
+async def test_on_event_after_a_real_resync(bus: Bus, nats_server: NatsServer, tmp_path: Any) -> None:
+    """With the real dataset and runtime services (a local:// folder, one node beating as an agent would): an
+    OnEvent load runs when a DatasetResync found a new object and loads only that object."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "a.bin").write_bytes(b"a" * 5000)
+    (folder / "b.bin").write_bytes(b"b" * 100)
+    settings = make_settings(nats_server.url)
+    stop_beating = asyncio.Event()
+
+    async def beat() -> None:
+        while not stop_beating.is_set():
+            await bus.publish(subjects.agent_heartbeat("node-a"), AgentHeartbeat(
+                node="node-a", runtimes=[ObjectRef(name="data")], sent_at=time.time(), interval_seconds=1.0))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop_beating.wait(), 0.5)
+
+    beating = asyncio.create_task(beat())
+    try:
+        async with running(lambda stop: dataset_app.run(settings, stop), lambda stop: runtime_app.run(settings, stop),
+                           lambda stop: loader_app.run(settings, stop)), agent(bus, ["node-a"]) as scripted:
+            await publish(bus, subjects.DATASET_APPLY, DatasetApply(dataset=Dataset(
+                metadata=ObjectMeta(name="data"), spec=DatasetSpec(mounts=[Mount(mount_point=f"local://{folder}")]))))
+            await publish(bus, subjects.RUNTIME_APPLY, RuntimeApply(runtime=Runtime(
+                metadata=ObjectMeta(name="data"),
+                spec=RuntimeSpec(tieredstore=TieredStore(levels=[Level(mediumtype="MEM", quota="1Gi")])))))
+
+            async def bound() -> DatasetRecord | None:
+                found, _ = await kv_load(await bus.kv(subjects.KV_DATASETS), "default.data", DatasetRecord)
+                return found if found and found.status.phase == "Bound" else None
+
+            await eventually(bound, what="dataset Bound")
+            await publish(bus, subjects.DATALOAD_APPLY, dataload(policy="OnEvent"))
+            await phase_of(bus, "Complete", runs=1)
+            assert scripted.keys("dataload.default.warm.1") == {"a.bin", "b.bin"}
+            (folder / "c.bin").write_bytes(b"c" * 10)
+            await publish(bus, subjects.DATASET_RESYNC, DatasetResync(name="data"))
+            await phase_of(bus, "Complete", runs=2)
+            assert scripted.keys("dataload.default.warm.2") == {"c.bin"}
+    finally:
+        stop_beating.set()
+        await beating
