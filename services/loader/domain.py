@@ -26,7 +26,7 @@ from libs import ring
 from libs.blocks import block_count, block_span
 from libs.events.agent import BlockId, CachedFile
 from libs.events.common import DNS1123_LABEL, ObjectMeta, ObjectRef, dns_label_errors
-from libs.events.dataset import DatasetRecord, ManifestEntry
+from libs.events.dataset import Condition, DatasetRecord, ManifestEntry
 from libs.events.operation import (
     DataClean,
     DataCleanSpec,
@@ -518,9 +518,12 @@ def status_started(status: OperationStatus, runs: int, now: float) -> OperationS
 
 def status_finished(status: OperationStatus, phase: OperationPhase, message: str, started_at: float,
                     now: float) -> OperationStatus:
+    # Fluid's operations carry one condition of the final phase's type ("Complete" or "Failed"), status True.
+    condition = Condition(type=phase, status="True", reason="RunComplete" if phase == "Complete" else "RunFailed",
+                          message=message, last_transition_time=iso_time(now))
     return msgspec.structs.replace(
         status, phase=phase, message=message, duration=format_duration(now - started_at),
-        completion_time=iso_time(now), waiting_for="",
+        completion_time=iso_time(now), waiting_for="", conditions=[condition],
         last_successful_time=iso_time(now) if phase == "Complete" else status.last_successful_time)
 
 

@@ -238,6 +238,18 @@ def test_duration_is_fluid_style() -> None:
     assert [domain.format_duration(s) for s in (0, 32, 92, 7205)] == ["0s", "32s", "1m32s", "2h0m5s"]
 
 
+def test_a_finished_run_has_fluids_status() -> None:
+    started = domain.status_started(OperationStatus(), 3, t("2026-01-01T00:00:00Z"))
+    assert (started.phase, started.duration, started.runs) == ("Executing", "Unfinished", 3)
+    done = domain.status_finished(started, "Complete", "", t("2026-01-01T00:00:00Z"), t("2026-01-01T00:01:32Z"))
+    assert (done.duration, done.last_successful_time, done.completion_time) == (
+        "1m32s", "2026-01-01T00:01:32Z", "2026-01-01T00:01:32Z")
+    assert [(c.type, c.status) for c in done.conditions] == [("Complete", "True")]
+    failed = domain.status_finished(done, "Failed", "boom", 0.0, t("2026-01-02T00:00:00Z"))
+    assert failed.last_successful_time == "2026-01-01T00:01:32Z"
+    assert [(c.type, c.message) for c in failed.conditions] == [("Failed", "boom")]
+
+
 # --- when runs are due ---
 
 
