@@ -565,15 +565,17 @@ def due(record: OperationRecord, state: RunState, dataset: DatasetRecord | None,
     if state.requested:
         return "requested"
     policy = record.load.policy if record.load is not None else "Once"
+    # "Never started" is an empty startTime, not runs == 0: a re-created operation continues the run numbers of
+    # the deleted one of the same name (run ids are message ids, and JetStream drops a repeated one).
     if policy == "Once":
-        return "once" if record.status.runs == 0 else None
+        return "once" if not record.status.start_time else None
     if policy == "Cron":
         assert record.load is not None
         if cron_due(record.load.schedule, record.status.last_schedule_time, record.created_at, now):
             return "cron"
         return None
     # OnEvent: a first run loads the target, later ones what the dataset's syncs changed.
-    if record.status.runs == 0:
+    if not record.status.start_time:
         return "event"
     if dataset is not None and dataset.status.phase == "Bound" and state.sync_stamp != dataset_stamp(dataset):
         return "event"

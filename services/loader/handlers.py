@@ -134,6 +134,12 @@ class LoaderHandlers:
         kv = await self.bus.kv(subjects.KV_OPERATIONS)
         record, revision = await kv_load(kv, key, OperationRecord)
         updated, changed = domain.apply_operation(record, kind, meta, load, clean, self.clock())
+        if record is None:
+            # Run numbers continue those of a deleted operation of the same name: run and part ids are message ids.
+            previous, _ = await self._state(key)
+            if previous.run:
+                runs = int(previous.run.rsplit(".", 1)[1])
+                updated = msgspec.structs.replace(updated, status=msgspec.structs.replace(updated.status, runs=runs))
         if changed:
             revision = await kv_save(kv, key, updated, revision)
             self.operations.values[key] = updated
@@ -193,18 +199,20 @@ class LoaderHandlers:
             await self.bus.publish_core(subjects.TASK_CANCEL, TaskCancel(id=f"{state.run}.cancel", run=state.run))
             log.info("cancelled", run=state.run)
         await kv_delete(await self.bus.kv(subjects.KV_OPERATIONS), key, revision)
-        if state_revision is not None:
+        if state.run:
+            # Only the last run's id is kept: an operation re-created under this name numbers its runs after it.
+            await self._save_state(key, domain.RunState(run=state.run))
+        elif state_revision is not None:
             await kv_delete(await self.bus.kv(subjects.KV_OPERATION_RUNS), key, None)
         store = await ManifestStore.of(self.bus)
         await store.delete(subjects.loader_plan(key))
         await store.delete(subjects.loader_manifest(key))
         self.operations.values.pop(key, None)
-        self.runs.values.pop(key, None)
         self.plans.pop(key, None)
         self.dirty.discard(key)
         meta = record.metadata
         await self.bus.publish(FACTS[record.kind][3], OperationDeleted(
-            id=f"{key}.deleted.{causation or record.generation}", kind=record.kind, name=meta.name,
+            id=f"{key}.deleted.{revision}", kind=record.kind, name=meta.name,
             namespace=meta.namespace, causation_id=causation))
         log.info("deleted", operation=key, by=causation or "ttlSecondsAfterFinished")
 
@@ -350,7 +358,7 @@ class LoaderHandlers:
         else:
             state = msgspec.structs.replace(state, stage="planning")
         # An OnEvent run fired by a sync loads what changed since the last run; the others load the whole target.
-        state = msgspec.structs.replace(state, changes_only=trigger == "event" and record.status.runs > 0)
+        state = msgspec.structs.replace(state, changes_only=trigger == "event" and bool(record.status.start_time))
         await self._save_state(key, state)
         log.info("run started", run=run, trigger=trigger, problem=problem or None)
         if problem:

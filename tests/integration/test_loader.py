@@ -568,3 +568,23 @@ async def test_on_event_after_a_real_resync(bus: Bus, nats_server: NatsServer, t
     finally:
         stop_beating.set()
         await beating
+
+
+async def test_a_recreated_operation_continues_the_run_numbers(bus: Bus, nats_server: NatsServer) -> None:
+    """Delete and apply again under the same name (within JetStream's duplicate window): the new run gets a new id,
+    so its parts are not dropped as duplicates of the deleted operation's."""
+    await put_dataset(bus, files(("a", BLOCK)))
+    await put_runtime(bus, NODES[:1])
+    async with agent(bus, NODES[:1]) as scripted, loader(nats_server):
+        await publish(bus, subjects.DATALOAD_APPLY, dataload())
+        await phase_of(bus, "Complete", runs=1)
+        await publish(bus, subjects.DATALOAD_DELETE, DataLoadDelete(name="warm"))
+
+        async def gone() -> bool:
+            return await operation(bus) is None
+
+        await eventually(gone, what="deleted")
+        await publish(bus, subjects.DATALOAD_APPLY, dataload())
+        again = await phase_of(bus, "Complete", runs=2)
+    assert {task.run for task in scripted.tasks.values()} == {"dataload.default.warm.1", "dataload.default.warm.2"}
+    assert again.status.progress.bytes_done == BLOCK

@@ -255,7 +255,9 @@ def test_a_finished_run_has_fluids_status() -> None:
 
 def test_once_runs_once() -> None:
     assert domain.due(record(), domain.RunState(), None, 0.0) == "once"
-    assert domain.due(record(runs=1, phase="Complete"), domain.RunState(), None, 0.0) is None
+    assert domain.due(record(runs=1, phase="Complete", start_time="x"), domain.RunState(), None, 0.0) is None
+    # A re-created operation starts at the deleted one's run number, and still runs once.
+    assert domain.due(record(runs=4), domain.RunState(), None, 0.0) == "once"
     assert domain.due(record(phase="Executing"), domain.RunState(), None, 0.0) is None
 
 
@@ -276,7 +278,7 @@ def test_on_event_runs_when_the_dataset_synced_again() -> None:
                             status=DatasetStatus(phase="Bound", synced_generation=1, last_sync_time="x"))
     stamp = domain.dataset_stamp(dataset)
     assert domain.due(record(spec), domain.RunState(), dataset, 0.0) == "event"
-    ran = record(spec, runs=1, phase="Complete")
+    ran = record(spec, runs=1, phase="Complete", start_time="x")
     assert domain.due(ran, domain.RunState(sync_stamp=stamp), dataset, 0.0) is None
     resynced = msgspec.structs.replace(dataset, status=msgspec.structs.replace(dataset.status, synced_requests=1))
     assert domain.due(ran, domain.RunState(sync_stamp=stamp), resynced, 0.0) == "event"
