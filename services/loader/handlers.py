@@ -407,8 +407,9 @@ class LoaderHandlers:
                               if (entries[i].mount, entries[i].key, entries[i].etag) in changed}
                 await self._save_entries(store, subjects.loader_manifest(key), entries)
             ring = domain.ring_of(runtime)
-            plan = domain.plan_load(state.run, ref, entries, chosen, ring, runtime.status.ready_nodes,
-                                    block_size(runtime))
+            # A thread: planning 100k files takes seconds; the event loop (NATS pings, /readyz) keeps running meanwhile.
+            plan = await asyncio.to_thread(domain.plan_load, state.run, ref, entries, chosen, ring,
+                                           runtime.status.ready_nodes, block_size(runtime))
         else:
             picked = [entries[i] for i in sorted(chosen)] if targets else None
             plan = domain.plan_clean(state.run, ref, picked, domain.clean_nodes(runtime))
