@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import calendar
 import time
+from unittest.mock import patch
 
 import msgspec
 from hypothesis import given, settings
@@ -149,7 +150,7 @@ MANIFESTS = st.lists(
     max_size=25, unique_by=lambda x: x[0])
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(MANIFESTS, st.integers(1, 6), st.integers(1, 4), st.sampled_from([1024, 4096, 10_000]))
 def test_plan_assigns_each_block_to_exactly_replicas_distinct_owners(files, workers, replicas, block_size) -> None:
     replicas = min(replicas, workers)
@@ -305,3 +306,22 @@ def test_ttl_removes_finished_once_operations() -> None:
     cron = record(DataLoadSpec(dataset=REF, policy="Cron", schedule="* * * * *", ttl_seconds_after_finished=0),
                   phase="Complete", completion_time="2026-01-01T00:00:00Z")
     assert not domain.expired(cron, t("2027-01-01T00:00:00Z"))
+
+
+@settings(max_examples=40, deadline=None)
+@given(MANIFESTS, st.integers(1, 4), st.integers(3, 9), st.integers(150, 600))
+def test_parts_stay_within_small_limits_and_cover_every_block_once(files, workers, max_blocks, max_bytes) -> None:
+    """The same cutting with tiny limits, so files span parts and parts fill up."""
+    entries = [ManifestEntry(path="/" + p, mount=0, key=p, size=s, etag=e, mtime=0.0) for p, s, e in files]
+    nodes = [f"node-{i}" for i in range(workers)]
+    with patch.object(domain, "MAX_PART_BLOCKS", max_blocks), patch.object(domain, "MAX_PART_BYTES", max_bytes):
+        plan = domain.plan_load("r.1", REF, entries, dict.fromkeys(range(len(entries)), 1), nodes, nodes, 1024)
+    seen: list[tuple[str, BlockId]] = []
+    for part in plan.parts:
+        assert 0 < part.blocks <= max_blocks
+        assert sum(len(msgspec.json.encode(f)) + 1 for f in part.task.blocks) <= max_bytes
+        assert len(part.file_ids) == len(part.task.blocks)
+        for file_id, file in zip(part.file_ids, part.task.blocks, strict=True):
+            assert (plan.files[file_id].key, plan.files[file_id].etag) == (file.key, file.etag)
+            seen += [(part.task.node, BlockId(file.mount, file.key, file.etag, i)) for i, _ in file.blocks]
+    assert len(seen) == len(set(seen)) == sum((e.size + 1023) // 1024 for e in entries)
