@@ -26,14 +26,16 @@ from nats.js.errors import NotFoundError, ObjectNotFoundError
 
 from libs import subjects
 from libs.bus import Bus, Delivery, KvMirror, kv_delete, kv_load, kv_save
-from libs.events.common import parse_quantity
+from libs.events.common import ObjectMeta, parse_quantity
 from libs.events.dataset import DatasetRecord, DatasetResync, ManifestEntry
 from libs.events.operation import (
     DataCleanApply,
     DataCleanDelete,
+    DataCleanSpec,
     DataLoadApply,
     DataLoadDelete,
     DataLoadRun,
+    DataLoadSpec,
     OperationAccepted,
     OperationCommand,
     OperationDeleted,
@@ -124,9 +126,8 @@ class LoaderHandlers:
             id=f"{command_id}.rejected", causation_id=command_id, reason=reason, kind=kind, name=name,
             namespace=namespace, subject=delivery.subject))
 
-    async def _apply(self, command_id: str, kind: OperationKind, meta: domain.ObjectMeta, errors: list[str],
-                     delivery: Delivery, load: domain.DataLoadSpec | None = None,
-                     clean: domain.DataCleanSpec | None = None) -> None:
+    async def _apply(self, command_id: str, kind: OperationKind, meta: ObjectMeta, errors: list[str],
+                     delivery: Delivery, load: DataLoadSpec | None = None, clean: DataCleanSpec | None = None) -> None:
         if errors:
             await self._reject(command_id, kind, meta.name, meta.namespace, "; ".join(errors), delivery)
             return
