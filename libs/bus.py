@@ -96,8 +96,10 @@ STREAMS: tuple[StreamSpec, ...] = (
     StreamSpec(subjects.STREAM_FACTS, [subjects.ALL_FACTS], max_age=7 * DAY, max_bytes=1 << 30),
     # Heartbeats and inventory only matter while fresh: an hour, and bounded per node.
     StreamSpec(subjects.STREAM_AGENT, [subjects.ALL_AGENT], max_age=3600.0, max_msgs_per_subject=10_000),
-    # Tasks wait for their mount process (which may be restarting) as long as a load may reasonably take.
-    StreamSpec(subjects.STREAM_TASKS, [subjects.ALL_TASKS], max_age=DAY, max_bytes=1 << 30),
+    # Tasks wait for their mount process (which may be restarting) as long as a load may reasonably take. Parts are
+    # at most ~256 KiB, so 256 MiB holds a thousand in flight; 1 GiB here took the reservations of the four bounded
+    # streams past the embedded server's max_file_store (4 GB) and every provision failed.
+    StreamSpec(subjects.STREAM_TASKS, [subjects.ALL_TASKS], max_age=DAY, max_bytes=256 << 20),
     StreamSpec(subjects.STREAM_DEAD_LETTERS, [subjects.ALL_DEAD_LETTERS], max_age=30 * DAY, max_bytes=1 << 30),
 )
 
@@ -360,7 +362,8 @@ class Consumer(Generic[E]):
     bus: Bus
     stream: str
     durable: str
-    filter_subject: str
+    # One subject filter, or several (JetStream's filter_subjects: one durable over e.g. two command families).
+    filter_subject: str | list[str]
     decoder: msgspec.json.Decoder[E]
     handler: Handler[E]
     max_event_bytes: int
@@ -372,17 +375,19 @@ class Consumer(Generic[E]):
     _stopping: asyncio.Event = field(default_factory=asyncio.Event, init=False)
 
     async def run(self) -> None:
+        filters = [self.filter_subject] if isinstance(self.filter_subject, str) else list(self.filter_subject)
         config = js_api.ConsumerConfig(
             durable_name=self.durable,
             ack_policy=js_api.AckPolicy.EXPLICIT,
             ack_wait=self.ack_wait,
             max_deliver=self.max_deliver,
             max_ack_pending=1000,
-            filter_subject=self.filter_subject,
+            filter_subject=filters[0] if len(filters) == 1 else None,
+            filter_subjects=filters if len(filters) > 1 else None,
             deliver_policy=js_api.DeliverPolicy.ALL,
         )
         subscription = await self.bus.js.pull_subscribe(
-            self.filter_subject, durable=self.durable, stream=self.stream, config=config
+            filters[0], durable=self.durable, stream=self.stream, config=config
         )
         try:
             while not self._stopping.is_set():

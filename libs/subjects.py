@@ -145,3 +145,13 @@ def operation_key(kind: str, namespace: str, name: str) -> str:
 
 def manifest_name(namespace: str, name: str) -> str:
     return f"{namespace}.{name}"
+
+
+# The loader's objects in the same Object Store: the current run's plan (its parts, republished after a restart)
+# and the manifest the last OnEvent run saw. Five dot-separated parts, so never a dataset's ``<ns>.<name>``.
+def loader_plan(operation: str) -> str:
+    return f"loader.{operation}.plan"
+
+
+def loader_manifest(operation: str) -> str:
+    return f"loader.{operation}.manifest"

@@ -1,0 +1,66 @@
+"""Loader service wiring.
+
+| stream | subject | handler |
+|---|---|---|
+| SHOAL_COMMANDS | shoal.cmd.dataload.*, shoal.cmd.dataclean.* (apply, delete, run) | LoaderHandlers.on_command |
+| SHOAL_TASKS | shoal.task.progress.* (TaskProgress from the mount processes) | LoaderHandlers.on_progress |
+| KV shoal_operations | every key (watch) | the operations to tick, and runAfter's view of the others |
+| KV shoal_datasets | every key (watch) | OnEvent: a dataset synced again |
+| KV shoal_operation_runs | every key (watch) | the run states, so a tick reads KV only where there is work |
+| (timer) | every 0.25 s | LoaderHandlers.tick (start due runs, resume, fold progress, finish, TTL) |
+
+Ready (``/readyz``) when connected to NATS, the consumers, the watches and the timer run, and the watches have
+caught up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+
+from libs import subjects
+from libs.bus import Consumer, KvMirror, connect
+from libs.config import Settings
+from libs.events.dataset import DatasetRecord
+from libs.events.operation import OperationCommand, OperationRecord, TaskProgress
+from libs.service import Periodic, nats_check, run_loops
+from libs.side_server import Readiness
+from services.loader.domain import RunState
+from services.loader.handlers import METADATA_TIMEOUT_SECONDS, TICK_SECONDS, LoaderHandlers
+
+SERVICE_NAME = "shoal-loader"
+
+
+async def run(settings: Settings, stop: asyncio.Event, clock: Callable[[], float] = time.time,
+              readiness: Readiness | None = None, metadata_timeout: float = METADATA_TIMEOUT_SECONDS) -> None:
+    readiness = readiness or Readiness()
+    bus = await connect(settings.nats, SERVICE_NAME)
+    readiness.add("nats", nats_check(bus))
+    try:
+        await bus.provision()
+        operations = KvMirror(await bus.kv(subjects.KV_OPERATIONS), OperationRecord, bus.reconnects)
+        datasets = KvMirror(await bus.kv(subjects.KV_DATASETS), DatasetRecord, bus.reconnects)
+        runs = KvMirror(await bus.kv(subjects.KV_OPERATION_RUNS), RunState, bus.reconnects)
+        watches: dict[str, KvMirror[Any]] = {"operations": operations, "datasets": datasets, "runs": runs}
+        readiness.add("watches", lambda: ", ".join(f"{name} watch catching up" for name, mirror in watches.items()
+                                                   if not mirror.ready.is_set()) or None)
+        handlers = LoaderHandlers(bus, operations, datasets, runs, clock, metadata_timeout=metadata_timeout)
+        max_bytes, max_deliver = settings.service.max_event_bytes, settings.service.max_deliver
+        commands = Consumer(
+            bus, subjects.STREAM_COMMANDS, subjects.DURABLE_LOADER_COMMANDS, list(subjects.OPERATION_COMMANDS),
+            msgspec.json.Decoder(OperationCommand), handlers.on_command, on_invalid=handlers.on_invalid_command,
+            max_event_bytes=max_bytes, max_deliver=max_deliver,
+        )
+        progress = Consumer(
+            bus, subjects.STREAM_TASKS, subjects.DURABLE_LOADER_PROGRESS, subjects.TASK_PROGRESS,
+            msgspec.json.Decoder(TaskProgress), handlers.on_progress, max_event_bytes=max_bytes,
+            max_deliver=max_deliver,
+        )
+        ticker = Periodic("operation ticker", handlers.tick, TICK_SECONDS)
+        await run_loops([operations, datasets, runs, commands, progress, ticker], stop, readiness)
+    finally:
+        await bus.close()

@@ -1,0 +1,616 @@
+"""Loader decisions, pure (no I/O, no clock: ``now`` is a parameter).
+
+- Validation of DataLoad / DataClean specs (rejections a person can act on) and of a run against the current
+  dataset and runtime (``Failed`` with a message saying what to change).
+- The plan: manifest entries + target paths + the ring of block owners (or the ready nodes) + replicas + block
+  size → parts per node (``NodeTask``), each at most ``MAX_PART_BLOCKS`` blocks and about ``MAX_PART_BYTES``
+  encoded. Deterministic: the same inputs give the same parts, so a restarted loader republishes the same ids.
+- Progress folding: the parts' cumulative ``TaskProgress`` → ``Progress`` (rate, ETA, per node, files done).
+- When a run is due: Once (never ran), Cron (``croniter``; decided from lastScheduleTime, so a missed run runs once
+  and a restart does not run it again), OnEvent (the manifest changed: only new or changed entries), runAfter
+  (wait / go / fail naming the other operation), TTL expiry.
+"""
+
+from __future__ import annotations
+
+import calendar
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import msgspec
+from croniter import croniter
+
+from libs import ring
+from libs.blocks import block_count, block_span
+from libs.events.agent import BlockId, CachedFile
+from libs.events.common import DNS1123_LABEL, ObjectMeta, ObjectRef, dns_label_errors
+from libs.events.dataset import Condition, DatasetRecord, ManifestEntry
+from libs.events.operation import (
+    DataClean,
+    DataCleanSpec,
+    DataLoad,
+    DataLoadSpec,
+    NodeProgress,
+    NodeTask,
+    OperationKind,
+    OperationPhase,
+    OperationRecord,
+    OperationRef,
+    OperationStatus,
+    Progress,
+    TargetPath,
+    TaskAction,
+    TaskProgress,
+)
+from libs.events.runtime import RuntimeRecord
+from libs.paths import is_folder
+
+# The brief's part size: a NodeTask stays far below NATS's 1 MiB payload limit and a part is minutes of work at
+# most, so a restarted mount process redoes (skips) little.
+MAX_PART_BLOCKS = 2000
+MAX_PART_BYTES = 256 * 1024
+OPERATION_KINDS: tuple[OperationKind, ...] = ("DataLoad", "DataClean")
+# Far above any runtime's cache workers; only bounds nonsense before the run checks the real number.
+MAX_REPLICAS = 64
+# What a run that finished reports as its duration while it runs (Fluid's word).
+UNFINISHED = "Unfinished"
+
+
+# --- Times ---
+
+
+def iso_time(now: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))
+
+
+def parse_time(value: str) -> float | None:
+    if not value:
+        return None
+    try:
+        return float(calendar.timegm(time.strptime(value, "%Y-%m-%dT%H:%M:%SZ")))
+    except ValueError:
+        return None
+
+
+def format_duration(seconds: float) -> str:
+    """Fluid's (Go's) duration style, whole seconds: "0s", "32s", "1m32s", "2h0m5s"."""
+    total = max(0, round(seconds))
+    hours, rest = divmod(total, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes}m{secs}s"
+    if minutes:
+        return f"{minutes}m{secs}s"
+    return f"{secs}s"
+
+
+# --- Validation of commands ---
+
+
+def validate_ref(name: str, namespace: str) -> list[str]:
+    """Why a command's name and namespace cannot name an operation (delete, run), or nothing."""
+    return dns_label_errors(name, "name", DNS1123_LABEL) + dns_label_errors(namespace, "namespace", DNS1123_LABEL)
+
+
+def valid_schedule(schedule: str) -> bool:
+    return len(schedule.split()) == 5 and bool(croniter.is_valid(schedule))
+
+
+def _target_errors(targets: Sequence[TargetPath], replicas_matter: bool) -> list[str]:
+    errors = []
+    for index, target in enumerate(targets):
+        where = f"spec.target[{index}]"
+        if not target.path.startswith("/"):
+            errors.append(f"{where}.path {target.path!r} must start with '/' (a path in the dataset, e.g. /train)")
+        if replicas_matter and not 1 <= target.replicas <= MAX_REPLICAS:
+            errors.append(f"{where}.replicas must be between 1 and {MAX_REPLICAS}, got {target.replicas}")
+    return errors
+
+
+def _common_errors(meta: ObjectMeta, dataset: ObjectRef, run_after: OperationRef | None,
+                   ttl: int | None) -> list[str]:
+    errors = dns_label_errors(meta.name, "metadata.name", DNS1123_LABEL)
+    errors += dns_label_errors(meta.namespace, "metadata.namespace", DNS1123_LABEL)
+    errors += dns_label_errors(dataset.name, "spec.dataset.name", DNS1123_LABEL)
+    if dataset.namespace:
+        errors += dns_label_errors(dataset.namespace, "spec.dataset.namespace", DNS1123_LABEL)
+    if run_after is not None:
+        if run_after.kind not in OPERATION_KINDS:
+            errors.append(f"spec.runAfter.kind must be DataLoad or DataClean, got {run_after.kind!r}")
+        errors += dns_label_errors(run_after.name, "spec.runAfter.name", DNS1123_LABEL)
+        if run_after.namespace:
+            errors += dns_label_errors(run_after.namespace, "spec.runAfter.namespace", DNS1123_LABEL)
+    if ttl is not None and ttl < 0:
+        errors.append(f"spec.ttlSecondsAfterFinished must be 0 or more, got {ttl}")
+    return errors
+
+
+def validate_load(load: DataLoad) -> list[str]:
+    spec = load.spec
+    errors = _common_errors(load.metadata, spec.dataset, spec.run_after, spec.ttl_seconds_after_finished)
+    errors += _target_errors(spec.target, replicas_matter=True)
+    if spec.policy == "Cron":
+        if not spec.schedule:
+            errors.append("spec.schedule is required for policy Cron (a cron expression such as '*/5 * * * *')")
+        elif not valid_schedule(spec.schedule):
+            errors.append(f"spec.schedule {spec.schedule!r} is not a valid cron expression: five fields "
+                          "(minute hour day-of-month month day-of-week), e.g. '0 * * * *'")
+    elif spec.schedule:
+        errors.append(f"spec.schedule is only for policy Cron; remove it or set policy: Cron (policy is "
+                      f"{spec.policy})")
+    if spec.run_after is not None and _same(spec.run_after, "DataLoad", load.metadata):
+        errors.append("spec.runAfter names this DataLoad itself; name another operation")
+    return errors
+
+
+def validate_clean(clean: DataClean) -> list[str]:
+    spec = clean.spec
+    errors = _common_errors(clean.metadata, spec.dataset, spec.run_after, spec.ttl_seconds_after_finished)
+    errors += _target_errors(spec.target, replicas_matter=False)
+    if spec.run_after is not None and _same(spec.run_after, "DataClean", clean.metadata):
+        errors.append("spec.runAfter names this DataClean itself; name another operation")
+    return errors
+
+
+def _same(ref: OperationRef, kind: str, meta: ObjectMeta) -> bool:
+    return ref.kind == kind and ref.name == meta.name and (ref.namespace or meta.namespace) == meta.namespace
+
+
+# --- Records ---
+
+
+def dataset_ref(record: OperationRecord) -> ObjectRef:
+    spec = record.load or record.clean
+    assert spec is not None
+    ref = spec.dataset
+    return ObjectRef(name=ref.name, namespace=ref.namespace or record.metadata.namespace)
+
+
+def apply_operation(record: OperationRecord | None, kind: OperationKind, meta: ObjectMeta,
+                    load: DataLoadSpec | None, clean: DataCleanSpec | None,
+                    now: float) -> tuple[OperationRecord, bool]:
+    """The record after an apply, and whether it changed (a new operation, or a new spec: generation + 1)."""
+    if record is None:
+        return OperationRecord(kind=kind, metadata=meta, load=load, clean=clean, generation=1,
+                               created_at=iso_time(now)), True
+    if record.metadata == meta and record.load == load and record.clean == clean:
+        return record, False
+    spec_changed = record.load != load or record.clean != clean
+    return msgspec.structs.replace(record, metadata=meta, load=load, clean=clean,
+                                   generation=record.generation + (1 if spec_changed else 0)), True
+
+
+# --- Checks of a run against the current state ---
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """What a run needs to know of its dataset and runtime (None: they do not exist)."""
+
+    dataset: DatasetRecord | None
+    runtime: RuntimeRecord | None
+
+
+def ring_of(runtime: RuntimeRecord) -> list[str]:
+    """The brief's ring: ready cache workers that serve peers."""
+    return [w.node for w in runtime.status.workers if w.ready and w.peer_url]
+
+
+def clean_nodes(runtime: RuntimeRecord) -> list[str]:
+    """Every node that may hold cache of the dataset: ready nodes and every picked worker."""
+    return sorted(set(runtime.status.ready_nodes) | {w.node for w in runtime.status.workers})
+
+
+def run_problem(record: OperationRecord, cluster: Cluster) -> str | None:
+    """Why a run of ``record`` cannot start now (the run fails with this message), or None."""
+    ref = dataset_ref(record)
+    name = f"{ref.namespace}/{ref.name}"
+    if cluster.dataset is None:
+        return f"dataset {name} does not exist; create it or fix spec.dataset"
+    if cluster.dataset.status.phase != "Bound":
+        return (f"dataset {name} is {cluster.dataset.status.phase}, not Bound; apply a runtime named {ref.name} "
+                f"in namespace {ref.namespace} and wait for the dataset to be Bound")
+    if cluster.runtime is None:
+        return f"runtime {name} does not exist; apply a runtime named {ref.name} in namespace {ref.namespace}"
+    if record.kind == "DataClean":
+        if not clean_nodes(cluster.runtime):
+            return f"runtime {name} has no ready nodes; nothing can be cleaned until an agent serves it"
+        return None
+    load = record.load
+    assert load is not None
+    nodes = ring_of(cluster.runtime) or list(cluster.runtime.status.ready_nodes)
+    if not nodes:
+        return f"runtime {name} has no ready cache workers; start an agent for it or wait until one is ready"
+    most = max((t.replicas for t in load.target), default=1)
+    if most > len(nodes):
+        return (f"replicas {most} is more than the {len(nodes)} cache worker(s) of runtime {name} "
+                f"({', '.join(sorted(nodes))}); lower spec.target[].replicas to at most {len(nodes)} or add "
+                f"cache workers")
+    return None
+
+
+# --- Targets and the OnEvent diff ---
+
+
+def matches(path: str, target: str) -> bool:
+    if target == "/" or target.rstrip("/") == "":
+        return True
+    base = target.rstrip("/")
+    return path == base or path.startswith(base + "/")
+
+
+def files_of(entries: Iterable[ManifestEntry]) -> list[ManifestEntry]:
+    return [e for e in entries if not is_folder(e.path)]
+
+
+def select(entries: Sequence[ManifestEntry], targets: Sequence[TargetPath]) -> tuple[dict[int, int], list[str]]:
+    """Which entries (index → replicas) the targets name, and the target paths that name nothing.
+
+    No targets: every file, one replica. An entry named by several targets gets the largest replicas.
+    """
+    if not targets:
+        return {i: 1 for i, e in enumerate(entries) if not is_folder(e.path)}, []
+    chosen: dict[int, int] = {}
+    missing = []
+    for target in targets:
+        hit = False
+        for index, entry in enumerate(entries):
+            if matches(entry.path, target.path):
+                hit = True  # a folder marker proves the folder exists, even if empty
+                if not is_folder(entry.path):
+                    chosen[index] = max(chosen.get(index, 0), target.replicas)
+        if not hit:
+            missing.append(target.path)
+    return chosen, missing
+
+
+def missing_message(missing: Sequence[str], dataset: ObjectRef) -> str:
+    paths = ", ".join(repr(p) for p in missing)
+    return (f"target path {paths} is not in the manifest of dataset {dataset.namespace}/{dataset.name}; fix "
+            f"spec.target (paths are '/<mountPoint name>/<path>', as the mount shows them) or resync the dataset")
+
+
+def changed_entries(old: Iterable[ManifestEntry], new: Sequence[ManifestEntry]) -> list[ManifestEntry]:
+    """OnEvent: entries of ``new`` whose (mount, key, etag) was not in ``old`` (new or overwritten objects)."""
+    seen = {(e.mount, e.key, e.etag) for e in old}
+    return [e for e in new if (e.mount, e.key, e.etag) not in seen]
+
+
+# --- The plan ---
+
+
+class PlannedFile(msgspec.Struct, frozen=True, array_like=True):
+    mount: int
+    key: str
+    etag: str
+    size: int
+
+
+class PlannedPart(msgspec.Struct, frozen=True, kw_only=True):
+    task: NodeTask
+    # For each entry of task.blocks (or task.files): the index of its file in Plan.files.
+    file_ids: list[int] = []
+    blocks: int = 0
+    bytes_total: int = 0
+
+
+class Plan(msgspec.Struct, frozen=True, kw_only=True):
+    """A run's parts; saved next to the run state so a restarted loader republishes the same tasks."""
+
+    run: str
+    files: list[PlannedFile] = []
+    parts: list[PlannedPart] = []
+
+
+def _encoded(file: CachedFile) -> int:
+    return len(msgspec.json.encode(file)) + 1
+
+
+def _chunks(items: list[tuple[int, CachedFile]]) -> list[list[tuple[int, CachedFile]]]:
+    """Cut one node's (file id, blocks) list into parts of at most MAX_PART_BLOCKS blocks / ~MAX_PART_BYTES."""
+    parts: list[list[tuple[int, CachedFile]]] = []
+    current: list[tuple[int, CachedFile]] = []
+    blocks = size = 0
+    for file_id, file in items:
+        pending = list(file.blocks)
+        while pending:
+            room_blocks = MAX_PART_BLOCKS - blocks
+            piece = CachedFile(file.mount, file.key, file.etag, pending[:max(1, room_blocks)])
+            # Shrink the piece until it fits the byte budget (a key is at most ~1 KiB, so this ends fast).
+            while len(piece.blocks) > 1 and size + _encoded(piece) > MAX_PART_BYTES:
+                piece = CachedFile(file.mount, file.key, file.etag, piece.blocks[:len(piece.blocks) // 2])
+            if current and (blocks + len(piece.blocks) > MAX_PART_BLOCKS or size + _encoded(piece) > MAX_PART_BYTES):
+                parts.append(current)
+                current, blocks, size = [], 0, 0
+                continue
+            current.append((file_id, piece))
+            blocks += len(piece.blocks)
+            size += _encoded(piece)
+            pending = pending[len(piece.blocks):]
+    if current:
+        parts.append(current)
+    return parts
+
+
+def plan_load(run: str, dataset: ObjectRef, entries: Sequence[ManifestEntry], chosen: dict[int, int],
+              ring_nodes: Sequence[str], ready_nodes: Sequence[str], block_size: int) -> Plan:
+    """Every block of the chosen entries to ``replicas`` owners on the ring (or to every ready node without a
+    ring), grouped per node into parts. Empty files have no blocks and are not in the plan."""
+    ring_set = sorted(set(ring_nodes))
+    everyone = sorted(set(ready_nodes))
+    files: list[PlannedFile] = []
+    per_node: dict[str, list[tuple[int, CachedFile]]] = {}
+    for index in sorted(chosen, key=lambda i: (entries[i].mount, entries[i].key, entries[i].etag, i)):
+        entry = entries[index]
+        count = block_count(entry.size, block_size)
+        if count == 0:
+            continue
+        file_id = len(files)
+        files.append(PlannedFile(entry.mount, entry.key, entry.etag, entry.size))
+        node_blocks: dict[str, list[tuple[int, int]]] = {}
+        for block in range(count):
+            size = block_span(entry.size, block_size, block)[1]
+            name = BlockId(entry.mount, entry.key, entry.etag, block).name
+            holders = ring.owners(name, ring_set, chosen[index]) if ring_set else everyone
+            for node in holders:
+                node_blocks.setdefault(node, []).append((block, size))
+        for node, blocks in node_blocks.items():
+            per_node.setdefault(node, []).append((file_id, CachedFile(entry.mount, entry.key, entry.etag, blocks)))
+    pieces = [(node, chunk) for node in sorted(per_node) for chunk in _chunks(per_node[node])]
+    parts = []
+    for number, (node, chunk) in enumerate(pieces):
+        task = NodeTask(id=f"{run}.{number}", run=run, part=number, parts=len(pieces), node=node, dataset=dataset,
+                        action="load", blocks=[file for _, file in chunk])
+        parts.append(PlannedPart(task=task, file_ids=[file_id for file_id, _ in chunk],
+                                 blocks=sum(len(f.blocks) for _, f in chunk),
+                                 bytes_total=sum(size for _, f in chunk for _, size in f.blocks)))
+    return Plan(run=run, files=files, parts=parts)
+
+
+def plan_clean(run: str, dataset: ObjectRef, entries: Sequence[ManifestEntry] | None,
+               nodes: Sequence[str]) -> Plan:
+    """A part per node (more when the files do not fit one): the target files' (mount, key), or everything."""
+    action: TaskAction = "clean"
+    files: list[PlannedFile] = []
+    if entries is not None:
+        seen: set[tuple[int, str]] = set()
+        for entry in sorted(files_of(entries), key=lambda e: (e.mount, e.key)):
+            if (entry.mount, entry.key) not in seen:
+                seen.add((entry.mount, entry.key))
+                files.append(PlannedFile(entry.mount, entry.key, "", entry.size))
+    chunks: list[list[int]] = []
+    size = 0
+    current: list[int] = []
+    for file_id, file in enumerate(files):
+        cost = len(msgspec.json.encode([file.mount, file.key])) + 1
+        if current and (len(current) >= MAX_PART_BLOCKS or size + cost > MAX_PART_BYTES):
+            chunks.append(current)
+            current, size = [], 0
+        current.append(file_id)
+        size += cost
+    if current:
+        chunks.append(current)
+    pieces: list[tuple[str, list[int] | None]] = []
+    for node in sorted(set(nodes)):
+        if entries is None:
+            pieces.append((node, None))
+        else:
+            pieces += [(node, chunk) for chunk in chunks]
+    parts = []
+    for number, (node, chunk) in enumerate(pieces):
+        task = NodeTask(id=f"{run}.{number}", run=run, part=number, parts=len(pieces), node=node, dataset=dataset,
+                        action=action, everything=chunk is None,
+                        files=[(files[i].mount, files[i].key) for i in chunk or []])
+        parts.append(PlannedPart(task=task, file_ids=list(chunk or [])))
+    return Plan(run=run, files=files, parts=parts)
+
+
+# --- Run state and progress ---
+
+
+class PartState(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omit_defaults=True):
+    node: str
+    blocks: int = 0
+    bytes_total: int = 0
+    blocks_done: int = 0
+    bytes_done: int = 0
+    bytes_skipped: int = 0
+    files_done: list[int] = []
+    failed: int = 0
+    message: str = ""
+    done: bool = False
+
+
+RunStage = Literal["planning", "metadata", "executing", "finished"]
+
+
+class RunState(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omit_defaults=True):
+    """The loader's state of an operation (KV ``shoal_operation_runs``, key ``operation_key``): the current run,
+    its parts' progress, and what decides the next run."""
+
+    run: str = ""
+    stage: RunStage = "finished"
+    started_at: float = 0.0
+    # loadMetadata: the dataset's resync counter to wait for, and until when.
+    resync_requests: int = 0
+    deadline: float = 0.0
+    ring: list[str] = []
+    # OnEvent runs fired by a sync load only the entries new or changed since the previous run's manifest.
+    changes_only: bool = False
+    files_total: int = 0
+    parts: list[PartState] = []
+    # Runs asked for with dataload.run.v1 and not started yet.
+    requested: int = 0
+    # OnEvent: the dataset's (syncedGeneration, syncedRequests, lastSyncTime) the last run looked at.
+    sync_stamp: str = ""
+
+
+def parts_state(plan: Plan) -> list[PartState]:
+    return [PartState(node=p.task.node, blocks=p.blocks, bytes_total=p.bytes_total) for p in plan.parts]
+
+
+def fold_part(part: PartState, progress: TaskProgress) -> PartState:
+    """Cumulative progress: never goes back (a late, older report changes nothing), and done sticks."""
+    if part.done:
+        return part
+    if progress.bytes_done + progress.bytes_skipped < part.bytes_done + part.bytes_skipped and not progress.done:
+        return part
+    return msgspec.structs.replace(
+        part, blocks_done=progress.blocks_done, bytes_done=progress.bytes_done, bytes_skipped=progress.bytes_skipped,
+        files_done=sorted(set(progress.files_done)), failed=progress.failed, message=progress.message,
+        done=progress.done)
+
+
+def files_done(plan: Plan, parts: Sequence[PartState]) -> int:
+    """Files all of whose parts report them done."""
+    wanted: dict[int, int] = {}
+    got: dict[int, int] = {}
+    for planned, state in zip(plan.parts, parts, strict=True):
+        done = set(state.files_done)
+        for index, file_id in enumerate(planned.file_ids):
+            wanted[file_id] = wanted.get(file_id, 0) + 1
+            if index in done:
+                got[file_id] = got.get(file_id, 0) + 1
+    return sum(1 for file_id, count in wanted.items() if got.get(file_id, 0) == count)
+
+
+def fold_progress(state: RunState, files_finished: int, now: float) -> Progress:
+    """The run's Progress: bytes done (including skipped ones) over the run, rate over the run, ETA, per node."""
+    done = sum(p.bytes_done for p in state.parts)
+    skipped = sum(p.bytes_skipped for p in state.parts)
+    total = sum(p.bytes_total for p in state.parts)
+    elapsed = max(now - state.started_at, 1e-3)
+    rate = done / elapsed
+    finished = all(p.done for p in state.parts)
+    remaining = max(0, total - done - skipped)
+    eta = remaining / rate if rate > 0 and remaining > 0 and not finished else None
+    nodes: dict[str, tuple[int, int]] = {}
+    for part in state.parts:
+        node_done, node_total = nodes.get(part.node, (0, 0))
+        nodes[part.node] = (node_done + part.bytes_done + part.bytes_skipped, node_total + part.bytes_total)
+    return Progress(files_done=files_finished, files_total=state.files_total, bytes_done=done + skipped,
+                    bytes_total=total, bytes_skipped=skipped, rate_bytes_per_second=round(rate, 1),
+                    eta_seconds=None if eta is None else round(eta, 1),
+                    nodes=[NodeProgress(node=n, bytes_done=d, bytes_total=t) for n, (d, t) in sorted(nodes.items())])
+
+
+def outcome(state: RunState) -> tuple[OperationPhase, str] | None:
+    """Complete / Failed once every part is done; None while some part works."""
+    if not all(p.done for p in state.parts):
+        return None
+    for part in state.parts:
+        if part.failed:
+            reason = part.message or "blocks could not be done"
+            return "Failed", f"node {part.node} failed {part.failed} block(s): {reason}"
+    return "Complete", ""
+
+
+# --- Status transitions ---
+
+
+def status_started(status: OperationStatus, runs: int, now: float) -> OperationStatus:
+    return msgspec.structs.replace(status, phase="Executing", message="", duration=UNFINISHED, runs=runs,
+                                   start_time=iso_time(now), completion_time="", last_schedule_time=iso_time(now),
+                                   progress=Progress(), waiting_for="")
+
+
+def status_finished(status: OperationStatus, phase: OperationPhase, message: str, started_at: float,
+                    now: float) -> OperationStatus:
+    # Fluid's operations carry one condition of the final phase's type ("Complete" or "Failed"), status True.
+    condition = Condition(type=phase, status="True", reason="RunComplete" if phase == "Complete" else "RunFailed",
+                          message=message, last_transition_time=iso_time(now))
+    return msgspec.structs.replace(
+        status, phase=phase, message=message, duration=format_duration(now - started_at),
+        completion_time=iso_time(now), waiting_for="", conditions=[condition],
+        last_successful_time=iso_time(now) if phase == "Complete" else status.last_successful_time)
+
+
+def status_failed_to_start(status: OperationStatus, runs: int, message: str, now: float) -> OperationStatus:
+    """A run that could not start (bad input against the current state) is a Failed run."""
+    started = status_started(status, runs, now)
+    return status_finished(started, "Failed", message, now, now)
+
+
+# --- When the next run is due ---
+
+
+def next_cron(schedule: str, after: float) -> float:
+    return float(croniter(schedule, after).get_next(float))
+
+
+def cron_due(schedule: str, last_schedule: str, created_at: str, now: float) -> bool:
+    """Due when the first firing after the last run's start (or the creation) has passed: however many firings were
+    missed (the loader was down), this is one run, and lastScheduleTime (saved as the run starts) makes it so after
+    a restart too."""
+    since = parse_time(last_schedule) or parse_time(created_at)
+    if since is None:
+        return False
+    return next_cron(schedule, since) <= now
+
+
+def dataset_stamp(dataset: DatasetRecord) -> str:
+    status = dataset.status
+    return f"{status.synced_generation}.{status.synced_requests}.{status.last_sync_time}"
+
+
+Trigger = Literal["once", "cron", "requested", "event"]
+
+
+def due(record: OperationRecord, state: RunState, dataset: DatasetRecord | None, now: float) -> Trigger | None:
+    """Why a run of ``record`` should start now, or None (never while one is running)."""
+    if record.status.phase == "Executing" or state.stage != "finished":
+        return None
+    if state.requested:
+        return "requested"
+    policy = record.load.policy if record.load is not None else "Once"
+    # "Never started" is an empty startTime, not runs == 0: a re-created operation continues the run numbers of
+    # the deleted one of the same name (run ids are message ids, and JetStream drops a repeated one).
+    if policy == "Once":
+        return "once" if not record.status.start_time else None
+    if policy == "Cron":
+        assert record.load is not None
+        if cron_due(record.load.schedule, record.status.last_schedule_time, record.created_at, now):
+            return "cron"
+        return None
+    # OnEvent: a first run loads the target, later ones what the dataset's syncs changed.
+    if not record.status.start_time:
+        return "event"
+    if dataset is not None and dataset.status.phase == "Bound" and state.sync_stamp != dataset_stamp(dataset):
+        return "event"
+    return None
+
+
+RunAfter = Literal["go", "wait", "fail"]
+
+
+def run_after(ref: OperationRef | None, namespace: str, other: OperationRecord | None) -> tuple[RunAfter, str]:
+    """runAfter: go when the named operation is Complete, fail when it Failed, otherwise wait (with what for)."""
+    if ref is None:
+        return "go", ""
+    name = f"{ref.kind} {ref.namespace or namespace}/{ref.name}"
+    if other is None:
+        return "wait", f"{name} to exist and be Complete"
+    if other.status.phase == "Complete":
+        return "go", ""
+    if other.status.phase == "Failed":
+        return "fail", f"{name} (spec.runAfter) Failed: {other.status.message or 'no reason given'}"
+    return "wait", f"{name} to be Complete"
+
+
+def run_after_key(ref: OperationRef, namespace: str) -> tuple[str, str, str]:
+    return ref.kind, ref.namespace or namespace, ref.name
+
+
+def expired(record: OperationRecord, now: float) -> bool:
+    """ttlSecondsAfterFinished: a finished Once load or a clean is removed that long after it finished. Cron and
+    OnEvent loads are never finished for good, so they stay."""
+    spec = record.load or record.clean
+    ttl = spec.ttl_seconds_after_finished if spec is not None else None
+    if ttl is None or record.status.phase not in ("Complete", "Failed"):
+        return False
+    if record.load is not None and record.load.policy != "Once":
+        return False
+    finished = parse_time(record.status.completion_time)
+    return finished is not None and finished + ttl <= now

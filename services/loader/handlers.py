@@ -1,0 +1,560 @@
+"""Loader handlers: operation commands, agents' task progress, and the tick that starts and finishes runs.
+
+Which I/O it owns: KV ``shoal_operations`` (OperationRecord: spec and status; the loader is its only writer) and
+``shoal_operation_runs`` (``domain.RunState``: the current run's stage and parts' progress), the run's plan and the
+last OnEvent manifest in the Object Store (``subjects.loader_plan`` / ``loader_manifest``), parts published on
+``subjects.node_task`` (JetStream, ``Nats-Msg-Id`` = the part's id, so a republished part is deduplicated),
+``TaskCancel`` on core NATS, ``DatasetResync`` for loadMetadata, and the operation facts.
+
+Every change of an operation goes through one lock (commands, progress, the tick): the loader is one process and
+this keeps each read-decide-write of a record and its run state whole. State is written before anything is
+published, so a loader killed at any point resumes from KV: a run in ``planning`` is planned again, one in
+``executing`` republishes its parts that are not done (same ids) and keeps folding progress from its durable
+consumer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import msgspec
+from nats.js.errors import NotFoundError, ObjectNotFoundError
+
+from libs import subjects
+from libs.bus import Bus, Delivery, KvMirror, kv_delete, kv_load, kv_save
+from libs.events.common import ObjectMeta, parse_quantity
+from libs.events.dataset import DatasetRecord, DatasetResync, ManifestEntry
+from libs.events.operation import (
+    DataCleanApply,
+    DataCleanDelete,
+    DataCleanSpec,
+    DataLoadApply,
+    DataLoadDelete,
+    DataLoadRun,
+    DataLoadSpec,
+    OperationAccepted,
+    OperationCommand,
+    OperationDeleted,
+    OperationKind,
+    OperationPhase,
+    OperationRecord,
+    OperationRejected,
+    OperationStatus,
+    OperationStatusChanged,
+    TaskCancel,
+    TaskProgress,
+)
+from libs.events.runtime import RuntimeRecord
+from libs.manifest import ManifestStore, ManifestWriter
+from libs.telemetry import get_logger
+from services.loader import domain
+
+log = get_logger(__name__)
+
+# How often runs are started, waited for and finished without an event (Cron firings, runAfter, TTL, OnEvent).
+TICK_SECONDS = 0.25
+# The brief: progress facts at most once a second per operation (phase changes are written at once).
+STATUS_INTERVAL_SECONDS = 1.0
+# loadMetadata: how long a run waits for the dataset service to list the dataset again before it fails. A listing
+# of a million objects takes about a minute on a local store.
+METADATA_TIMEOUT_SECONDS = 300.0
+DEFAULT_BLOCK_SIZE = 4 * 1024 * 1024
+
+FACTS: dict[str, tuple[str, str, str, str]] = {
+    # kind → accepted, rejected, status, deleted
+    "DataLoad": (subjects.DATALOAD_ACCEPTED, subjects.DATALOAD_REJECTED, subjects.DATALOAD_STATUS,
+                 subjects.DATALOAD_DELETED),
+    "DataClean": (subjects.DATACLEAN_ACCEPTED, subjects.DATACLEAN_REJECTED, subjects.DATACLEAN_STATUS,
+                  subjects.DATACLEAN_DELETED),
+}
+
+
+def kind_of_subject(subject: str) -> OperationKind:
+    return "DataClean" if subject.startswith(subjects.DATACLEAN_APPLY.rsplit(".", 1)[0]) else "DataLoad"
+
+
+@dataclass
+class LoaderHandlers:
+    bus: Bus
+    operations: KvMirror[OperationRecord]
+    datasets: KvMirror[DatasetRecord]
+    # The run states, so a tick reads KV only for operations with something to do.
+    runs: KvMirror[domain.RunState]
+    clock: Callable[[], float] = time.time
+    metadata_timeout: float = METADATA_TIMEOUT_SECONDS
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # The current run's plan per operation (also in the Object Store), for counting files done.
+    plans: dict[str, domain.Plan] = field(default_factory=dict)
+    # Runs whose parts this process published or republished (a restarted loader republishes the others once).
+    published: set[str] = field(default_factory=set)
+    # Operations with progress not yet in their status, and when their status was last written (monotonic).
+    dirty: set[str] = field(default_factory=set)
+    written_at: dict[str, float] = field(default_factory=dict)
+
+    # --- commands ---
+
+    async def on_command(self, command: OperationCommand, delivery: Delivery) -> None:
+        async with self.lock:
+            if isinstance(command, DataLoadApply):
+                load = command.data_load
+                await self._apply(command.id, "DataLoad", load.metadata, domain.validate_load(load), delivery,
+                                  load=load.spec)
+            elif isinstance(command, DataCleanApply):
+                clean = command.data_clean
+                await self._apply(command.id, "DataClean", clean.metadata, domain.validate_clean(clean), delivery,
+                                  clean=clean.spec)
+            elif isinstance(command, DataLoadRun):
+                await self._run(command, delivery)
+            else:
+                kind: OperationKind = "DataLoad" if isinstance(command, DataLoadDelete) else "DataClean"
+                await self._delete(command, kind, delivery)
+
+    async def on_invalid_command(self, delivery: Delivery, reason: str, payload: bytes) -> None:
+        causation = delivery.message_id or f"seq-{delivery.stream_sequence}"
+        kind = kind_of_subject(delivery.subject)
+        await self.bus.publish(FACTS[kind][1], OperationRejected(id=f"{causation}.rejected", causation_id=causation,
+                                                                 reason=reason, kind=kind, subject=delivery.subject))
+
+    async def _reject(self, command_id: str, kind: OperationKind, name: str, namespace: str, reason: str,
+                      delivery: Delivery) -> None:
+        log.info("rejected", kind=kind, operation=f"{namespace}/{name}", reason=reason)
+        await self.bus.publish(FACTS[kind][1], OperationRejected(
+            id=f"{command_id}.rejected", causation_id=command_id, reason=reason, kind=kind, name=name,
+            namespace=namespace, subject=delivery.subject))
+
+    async def _apply(self, command_id: str, kind: OperationKind, meta: ObjectMeta, errors: list[str],
+                     delivery: Delivery, load: DataLoadSpec | None = None, clean: DataCleanSpec | None = None) -> None:
+        if errors:
+            await self._reject(command_id, kind, meta.name, meta.namespace, "; ".join(errors), delivery)
+            return
+        key = subjects.operation_key(kind, meta.namespace, meta.name)
+        kv = await self.bus.kv(subjects.KV_OPERATIONS)
+        record, revision = await kv_load(kv, key, OperationRecord)
+        updated, changed = domain.apply_operation(record, kind, meta, load, clean, self.clock())
+        if record is None:
+            # Run numbers continue those of a deleted operation of the same name: run and part ids are message ids.
+            previous, _ = await self._state(key)
+            if previous.run:
+                runs = int(previous.run.rsplit(".", 1)[1])
+                updated = msgspec.structs.replace(updated, status=msgspec.structs.replace(updated.status, runs=runs))
+        if changed:
+            revision = await kv_save(kv, key, updated, revision)
+            self.operations.values[key] = updated
+            log.info("applied", operation=key, generation=updated.generation)
+        await self.bus.publish(FACTS[kind][0], OperationAccepted(
+            id=f"{command_id}.accepted", causation_id=command_id, kind=kind, name=meta.name,
+            namespace=meta.namespace, generation=updated.generation))
+        if record is None:
+            await self._publish_status(updated, revision)
+        await self._advance_now(key)
+
+    async def _run(self, command: DataLoadRun, delivery: Delivery) -> None:
+        errors = domain.validate_ref(command.name, command.namespace)
+        if errors:
+            await self._reject(command.id, "DataLoad", command.name, command.namespace, "; ".join(errors), delivery)
+            return
+        key = subjects.operation_key("DataLoad", command.namespace, command.name)
+        record, _ = await kv_load(await self.bus.kv(subjects.KV_OPERATIONS), key, OperationRecord)
+        name = f"DataLoad {command.namespace}/{command.name}"
+        reason = ""
+        if record is None or record.load is None:
+            reason = f"{name} does not exist; apply it first"
+        elif record.load.policy == "Once":
+            reason = f"{name} has policy Once and runs once; use policy Cron or OnEvent to run it again"
+        elif record.status.phase == "Executing":
+            reason = f"{name} is Executing; run it again once this run is Complete or Failed"
+        if reason or record is None:
+            await self._reject(command.id, "DataLoad", command.name, command.namespace, reason, delivery)
+            return
+        state, state_revision = await self._state(key)
+        state = msgspec.structs.replace(state, requested=state.requested + 1)
+        await kv_save(await self.bus.kv(subjects.KV_OPERATION_RUNS), key, state, state_revision)
+        self.runs.values[key] = state
+        await self.bus.publish(FACTS["DataLoad"][0], OperationAccepted(
+            id=f"{command.id}.accepted", causation_id=command.id, kind="DataLoad", name=command.name,
+            namespace=command.namespace, generation=record.generation))
+        await self._advance_now(key)
+
+    async def _delete(self, command: DataLoadDelete | DataCleanDelete, kind: OperationKind,
+                      delivery: Delivery) -> None:
+        errors = domain.validate_ref(command.name, command.namespace)
+        if errors:
+            await self._reject(command.id, kind, command.name, command.namespace, "; ".join(errors), delivery)
+            return
+        key = subjects.operation_key(kind, command.namespace, command.name)
+        record, revision = await kv_load(await self.bus.kv(subjects.KV_OPERATIONS), key, OperationRecord)
+        if record is None:
+            await self._reject(command.id, kind, command.name, command.namespace,
+                               f"{kind} {command.namespace}/{command.name} does not exist", delivery)
+            return
+        await self._remove(key, record, revision, command.id)
+
+    async def _remove(self, key: str, record: OperationRecord, revision: int | None, causation: str) -> None:
+        """Cancel the running run (blocks already cached stay), forget the operation, publish the fact."""
+        state, state_revision = await self._state(key)
+        if state.stage != "finished" and state.run:
+            await self.bus.publish_core(subjects.TASK_CANCEL, TaskCancel(id=f"{state.run}.cancel", run=state.run))
+            log.info("cancelled", run=state.run)
+        await kv_delete(await self.bus.kv(subjects.KV_OPERATIONS), key, revision)
+        if state.run:
+            # Only the last run's id is kept: an operation re-created under this name numbers its runs after it.
+            await self._save_state(key, domain.RunState(run=state.run))
+        elif state_revision is not None:
+            await kv_delete(await self.bus.kv(subjects.KV_OPERATION_RUNS), key, None)
+        store = await ManifestStore.of(self.bus)
+        await store.delete(subjects.loader_plan(key))
+        await store.delete(subjects.loader_manifest(key))
+        self.operations.values.pop(key, None)
+        self.plans.pop(key, None)
+        self.dirty.discard(key)
+        meta = record.metadata
+        await self.bus.publish(FACTS[record.kind][3], OperationDeleted(
+            id=f"{key}.deleted.{revision}", kind=record.kind, name=meta.name,
+            namespace=meta.namespace, causation_id=causation))
+        log.info("deleted", operation=key, by=causation or "ttlSecondsAfterFinished")
+
+    # --- progress from the mount processes ---
+
+    async def on_progress(self, progress: TaskProgress, delivery: Delivery) -> None:
+        key = progress.run.rsplit(".", 1)[0]
+        async with self.lock:
+            state, revision = await self._state(key)
+            if state.run != progress.run or state.stage != "executing":
+                return  # a run that was superseded, deleted or already finished
+            if not 0 <= progress.part < len(state.parts) or state.parts[progress.part].node != progress.node:
+                log.warning("progress for an unknown part ignored", run=progress.run, part=progress.part,
+                            node=progress.node)
+                return
+            part = domain.fold_part(state.parts[progress.part], progress)
+            if part == state.parts[progress.part]:
+                return
+            parts = list(state.parts)
+            parts[progress.part] = part
+            state = msgspec.structs.replace(state, parts=parts)
+            await kv_save(await self.bus.kv(subjects.KV_OPERATION_RUNS), key, state, revision)
+            self.runs.values[key] = state
+            self.dirty.add(key)
+            if domain.outcome(state) is not None:
+                await self._advance(key)
+            else:
+                await self._write_progress(key, force=False)
+
+    # --- the tick ---
+
+    async def tick(self) -> None:
+        if not (self.operations.ready.is_set() and self.datasets.ready.is_set() and self.runs.ready.is_set()):
+            return
+        async with self.lock:
+            now = self.clock()
+            for key, record in sorted(self.operations.values.items()):
+                if not self._may_advance(key, record, now):
+                    continue
+                try:
+                    await self._advance(key)
+                except Exception:
+                    log.exception("advancing an operation failed", operation=key)
+
+    async def _advance_now(self, key: str) -> None:
+        """After a command: start what is due at once. The command is done either way; a failure here is the
+        tick's to retry, not a reason to deliver the command again."""
+        try:
+            await self._advance(key)
+        except Exception:
+            log.exception("advancing an operation failed; the tick retries", operation=key)
+
+    def _may_advance(self, key: str, record: OperationRecord, now: float) -> bool:
+        """From the mirrors, in memory: whether ``_advance`` could do anything for this operation now."""
+        state = self.runs.values.get(key, domain.RunState())
+        if state.stage != "finished" or domain.expired(record, now):
+            return True
+        ref = domain.dataset_ref(record)
+        dataset = self.datasets.values.get(subjects.resource_key(ref.namespace, ref.name))
+        return domain.due(record, state, dataset, now) is not None
+
+    async def _advance(self, key: str) -> None:
+        """Whatever is due for one operation now: resume, progress, finish, start, wait, expire."""
+        now = self.clock()
+        record, revision = await kv_load(await self.bus.kv(subjects.KV_OPERATIONS), key, OperationRecord)
+        if record is None:
+            return
+        state, _ = await self._state(key)
+        if state.stage != "finished":
+            record = await self._ensure_started(key, record, revision, state, now)
+        if state.stage == "planning":
+            await self._plan(key, record, state, now)
+        elif state.stage == "metadata":
+            dataset = await self._dataset(record)
+            if dataset is not None and dataset.status.synced_requests >= state.resync_requests:
+                await self._plan(key, record, state, now)
+            elif now > state.deadline:
+                ref = domain.dataset_ref(record)
+                await self._finish(key, "Failed", f"dataset {ref.namespace}/{ref.name} was not listed again within "
+                                   f"{self.metadata_timeout:.0f} s (loadMetadata); check the dataset's status and "
+                                   f"the dataset service, or set loadMetadata: false")
+        elif state.stage == "executing":
+            if state.run not in self.published:
+                await self._publish_parts(key, state, resume=True)
+            result = domain.outcome(state)
+            if result is not None:
+                await self._finish(key, *result)
+            else:
+                await self._write_progress(key, force=False)
+        elif domain.expired(record, now):
+            await self._remove(key, record, revision, "")
+        else:
+            await self._maybe_start(key, record, revision, state, now)
+
+    async def _ensure_started(self, key: str, record: OperationRecord, revision: int | None, state: domain.RunState,
+                              now: float) -> OperationRecord:
+        """The record shows the run of the run state as Executing (a loader killed between saving the run state and
+        the record left it behind): mount processes skip parts of a run the record does not show."""
+        number = int(state.run.rsplit(".", 1)[1])
+        if record.status.phase == "Executing" and record.status.runs == number:
+            return record
+        log.info("run state ahead of the record, catching up", run=state.run)
+        return await self._save_status(key, record, revision, domain.status_started(record.status, number, now))
+
+    async def _maybe_start(self, key: str, record: OperationRecord, revision: int | None, state: domain.RunState,
+                           now: float) -> None:
+        ref = domain.dataset_ref(record)
+        mirrored = self.datasets.values.get(subjects.resource_key(ref.namespace, ref.name))
+        trigger = domain.due(record, state, mirrored, now)
+        if trigger is None:
+            return
+        spec = record.load or record.clean
+        assert spec is not None
+        other = None
+        if spec.run_after is not None:
+            kind, namespace, name = domain.run_after_key(spec.run_after, record.metadata.namespace)
+            other = self.operations.values.get(subjects.operation_key(kind, namespace, name))
+        decision, why = domain.run_after(spec.run_after, record.metadata.namespace, other)
+        if decision == "wait":
+            if record.status.waiting_for != why:
+                status = msgspec.structs.replace(record.status, phase="Pending", waiting_for=why)
+                await self._save_status(key, record, revision, status)
+            return
+        await self._start(key, record, revision, state, trigger, now, failure=why if decision == "fail" else "")
+
+    async def _start(self, key: str, record: OperationRecord, revision: int | None, state: domain.RunState,
+                     trigger: domain.Trigger, now: float, failure: str) -> None:
+        number = record.status.runs + 1
+        run = f"{key}.{number}"
+        dataset = await self._dataset(record)
+        runtime = await self._runtime(record)
+        problem = failure or domain.run_problem(record, domain.Cluster(dataset, runtime))
+        state = msgspec.structs.replace(
+            state, run=run, started_at=now, parts=[], files_total=0, ring=[],
+            requested=state.requested - 1 if trigger == "requested" else state.requested,
+            sync_stamp=domain.dataset_stamp(dataset) if dataset is not None else state.sync_stamp)
+        load_metadata = record.load is not None and record.load.load_metadata
+        if problem:
+            state = msgspec.structs.replace(state, stage="finished")
+        elif load_metadata and dataset is not None:
+            state = msgspec.structs.replace(state, stage="metadata", resync_requests=dataset.sync_requests + 1,
+                                            deadline=now + self.metadata_timeout)
+        else:
+            state = msgspec.structs.replace(state, stage="planning")
+        # An OnEvent run fired by a sync loads what changed since the last run; the others load the whole target.
+        state = msgspec.structs.replace(state, changes_only=trigger == "event" and bool(record.status.start_time))
+        await self._save_state(key, state)
+        log.info("run started", run=run, trigger=trigger, problem=problem or None)
+        if problem:
+            await self._save_status(key, record, revision,
+                                    domain.status_failed_to_start(record.status, number, problem, now))
+            return
+        record = await self._save_status(key, record, revision, domain.status_started(record.status, number, now))
+        if state.stage == "metadata":
+            ref = domain.dataset_ref(record)
+            await self.bus.publish(subjects.DATASET_RESYNC,
+                                   DatasetResync(id=f"{run}.resync", name=ref.name, namespace=ref.namespace))
+            return
+        await self._plan(key, record, state, now)
+
+    async def _plan(self, key: str, record: OperationRecord, state: domain.RunState, now: float) -> None:
+        """Plan the run against the dataset's manifest and the runtime's ring, save it, publish its parts."""
+        ref = domain.dataset_ref(record)
+        dataset = await self._dataset(record)
+        runtime = await self._runtime(record)
+        problem = domain.run_problem(record, domain.Cluster(dataset, runtime))
+        if problem:
+            await self._finish(key, "Failed", problem)
+            return
+        assert dataset is not None and runtime is not None
+        store = await ManifestStore.of(self.bus)
+        try:
+            entries = await store.load(dataset.status.manifest or store.name(ref.namespace, ref.name))
+        except (ObjectNotFoundError, NotFoundError):
+            await self._finish(key, "Failed", f"dataset {ref.namespace}/{ref.name} has no manifest yet; wait until "
+                               f"it is synced (status.lastSyncTime) and run again")
+            return
+        spec = record.load or record.clean
+        assert spec is not None
+        targets = spec.target
+        chosen, missing = domain.select(entries, targets)
+        if missing:
+            await self._finish(key, "Failed", domain.missing_message(missing, ref))
+            return
+        ring: list[str] = []
+        if record.load is not None:
+            if record.load.policy == "OnEvent":
+                if state.changes_only:
+                    previous = await self._load_entries(store, subjects.loader_manifest(key))
+                    changed = {(e.mount, e.key, e.etag) for e in domain.changed_entries(previous, entries)}
+                    chosen = {i: r for i, r in chosen.items()
+                              if (entries[i].mount, entries[i].key, entries[i].etag) in changed}
+                await self._save_entries(store, subjects.loader_manifest(key), entries)
+            ring = domain.ring_of(runtime)
+            # A thread: planning 100k files takes seconds; the event loop (NATS pings, /readyz) keeps running meanwhile.
+            plan = await asyncio.to_thread(domain.plan_load, state.run, ref, entries, chosen, ring,
+                                           runtime.status.ready_nodes, block_size(runtime))
+        else:
+            picked = [entries[i] for i in sorted(chosen)] if targets else None
+            plan = domain.plan_clean(state.run, ref, picked, domain.clean_nodes(runtime))
+        await store.objects.put(subjects.loader_plan(key), msgspec.json.encode(plan))
+        self.plans[key] = plan
+        state = msgspec.structs.replace(state, stage="executing", ring=ring, parts=domain.parts_state(plan),
+                                        files_total=len(plan.files) if record.load is not None else 0,
+                                        sync_stamp=domain.dataset_stamp(dataset))
+        await self._save_state(key, state)
+        log.info("planned", run=state.run, parts=len(plan.parts), files=len(plan.files),
+                 bytes=sum(p.bytes_total for p in plan.parts))
+        await self._publish_parts(key, state, resume=False)
+        if not plan.parts:
+            await self._finish(key, "Complete", "nothing to load: every targeted file is empty or unchanged"
+                               if record.load is not None else "")
+            return
+        await self._write_progress(key, force=True)
+
+    async def _publish_parts(self, key: str, state: domain.RunState, resume: bool) -> None:
+        plan = await self._plan_of(key, state.run)
+        if plan is None:
+            await self._finish(key, "Failed", "the run's plan is gone (loader storage lost); run it again")
+            return
+        republished = 0
+        for planned, part in zip(plan.parts, state.parts, strict=True):
+            if part.done:
+                continue
+            task = planned.task
+            await self.bus.publish(subjects.node_task(task.node, task.dataset.namespace, task.dataset.name), task)
+            republished += 1
+        self.published.add(state.run)
+        if resume:
+            log.info("run resumed", run=state.run, parts_republished=republished)
+
+    async def _finish(self, key: str, phase: OperationPhase, message: str) -> None:
+        now = self.clock()
+        kv = await self.bus.kv(subjects.KV_OPERATIONS)
+        record, revision = await kv_load(kv, key, OperationRecord)
+        state, _ = await self._state(key)
+        if record is None:
+            return
+        status = record.status
+        if state.parts:
+            plan = await self._plan_of(key, state.run)
+            done = domain.files_done(plan, state.parts) if plan is not None else 0
+            status = msgspec.structs.replace(status, progress=domain.fold_progress(state, done, now))
+        status = domain.status_finished(status, phase, message, state.started_at or now, now)
+        await self._save_state(key, msgspec.structs.replace(state, stage="finished"))
+        await self._save_status(key, record, revision, status)
+        self.dirty.discard(key)
+        log.info("run finished", run=state.run, phase=phase, message=message or None)
+
+    async def _write_progress(self, key: str, force: bool) -> None:
+        """Fold the parts' progress into the status: at most once a second, unless ``force``."""
+        if not force and (key not in self.dirty
+                          or time.monotonic() - self.written_at.get(key, 0.0) < STATUS_INTERVAL_SECONDS):
+            return
+        kv = await self.bus.kv(subjects.KV_OPERATIONS)
+        record, revision = await kv_load(kv, key, OperationRecord)
+        state, _ = await self._state(key)
+        if record is None or state.stage != "executing":
+            return
+        plan = await self._plan_of(key, state.run)
+        done = domain.files_done(plan, state.parts) if plan is not None else 0
+        progress = domain.fold_progress(state, done, self.clock())
+        self.dirty.discard(key)
+        if progress != record.status.progress:
+            await self._save_status(key, record, revision, msgspec.structs.replace(record.status, progress=progress))
+
+    # --- state ---
+
+    async def _state(self, key: str) -> tuple[domain.RunState, int | None]:
+        state, revision = await kv_load(await self.bus.kv(subjects.KV_OPERATION_RUNS), key, domain.RunState)
+        return state or domain.RunState(), revision
+
+    async def _save_state(self, key: str, state: domain.RunState) -> None:
+        # Only this process writes run state, under the lock, so the last revision is the one just read.
+        kv = await self.bus.kv(subjects.KV_OPERATION_RUNS)
+        _, revision = await kv_load(kv, key, domain.RunState)
+        await kv_save(kv, key, state, revision)
+        self.runs.values[key] = state
+
+    async def _save_status(self, key: str, record: OperationRecord, revision: int | None,
+                           status: OperationStatus) -> OperationRecord:
+        updated = msgspec.structs.replace(record, status=status)
+        revision = await kv_save(await self.bus.kv(subjects.KV_OPERATIONS), key, updated, revision)
+        self.operations.values[key] = updated
+        self.written_at[key] = time.monotonic()
+        await self._publish_status(updated, revision)
+        return updated
+
+    async def _publish_status(self, record: OperationRecord, revision: int | None) -> None:
+        meta = record.metadata
+        key = subjects.operation_key(record.kind, meta.namespace, meta.name)
+        await self.bus.publish(FACTS[record.kind][2], OperationStatusChanged(
+            id=f"{key}.status.{revision}", kind=record.kind, name=meta.name, namespace=meta.namespace,
+            generation=record.generation, status=record.status))
+
+    async def _dataset(self, record: OperationRecord) -> DatasetRecord | None:
+        ref = domain.dataset_ref(record)
+        found, _ = await kv_load(await self.bus.kv(subjects.KV_DATASETS),
+                                 subjects.resource_key(ref.namespace, ref.name), DatasetRecord)
+        return found
+
+    async def _runtime(self, record: OperationRecord) -> RuntimeRecord | None:
+        ref = domain.dataset_ref(record)
+        found, _ = await kv_load(await self.bus.kv(subjects.KV_RUNTIMES),
+                                 subjects.resource_key(ref.namespace, ref.name), RuntimeRecord)
+        return found
+
+    async def _plan_of(self, key: str, run: str) -> domain.Plan | None:
+        plan = self.plans.get(key)
+        if plan is not None and plan.run == run:
+            return plan
+        store = await ManifestStore.of(self.bus)
+        try:
+            result = await store.objects.get(subjects.loader_plan(key))
+        except (ObjectNotFoundError, NotFoundError):
+            return None
+        plan = msgspec.json.decode(result.data or b"{}", type=domain.Plan)
+        if plan.run != run:
+            return None
+        self.plans[key] = plan
+        return plan
+
+    @staticmethod
+    async def _load_entries(store: ManifestStore, name: str) -> list[ManifestEntry]:
+        with contextlib.suppress(ObjectNotFoundError, NotFoundError):
+            return await store.load(name)
+        return []
+
+    @staticmethod
+    async def _save_entries(store: ManifestStore, name: str, entries: list[ManifestEntry]) -> None:
+        with ManifestWriter() as writer:
+            for entry in entries:
+                writer.add(entry)
+            await store.save(name, writer)
+
+
+def block_size(runtime: RuntimeRecord) -> int:
+    if runtime.status.block_size_bytes:
+        return runtime.status.block_size_bytes
+    try:
+        return parse_quantity(runtime.runtime.spec.block_size)
+    except ValueError:
+        return DEFAULT_BLOCK_SIZE
+

@@ -1,0 +1,590 @@
+"""The loader service on a real nats-server: DataLoad and DataClean runs, progress, Cron, OnEvent, runAfter, TTL,
+bad input, delete, and a loader restarted mid-run.
+
+The loader's ``app.run`` runs in-process. Datasets, runtimes and manifests are written straight into their KV
+buckets and the Object Store (what the dataset and runtime services would write), so each test sets exactly the
+state it needs. ``ScriptedAgent`` stands in for the mount process's task executor (``services/agent/tasks.py``,
+written on another branch): it consumes each node's task subject through the durable a mount process uses, and
+publishes ``TaskProgress`` as the protocol says (cumulative, then a final ``done``), acking after the final one.
+End-to-end tests with real agents, FUSE mounts and a store come after the merge.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+import pytest
+from nats.js import api as js_api
+
+from libs import subjects
+from libs.bus import Bus, kv_load
+from libs.events.agent import AgentHeartbeat
+from libs.events.common import ObjectMeta, ObjectRef
+from libs.events.dataset import (
+    Dataset,
+    DatasetApply,
+    DatasetRecord,
+    DatasetResync,
+    DatasetSpec,
+    DatasetStatus,
+    ManifestEntry,
+    Mount,
+)
+from libs.events.operation import (
+    DataClean,
+    DataCleanApply,
+    DataCleanSpec,
+    DataLoad,
+    DataLoadApply,
+    DataLoadDelete,
+    DataLoadRun,
+    DataLoadSpec,
+    NodeTask,
+    OperationRecord,
+    OperationRef,
+    TargetPath,
+    TaskCancel,
+    TaskProgress,
+)
+from libs.events.runtime import (
+    CacheWorker,
+    Level,
+    Runtime,
+    RuntimeApply,
+    RuntimeRecord,
+    RuntimeSpec,
+    RuntimeStatus,
+    TieredStore,
+)
+from libs.manifest import ManifestStore, ManifestWriter
+from services.dataset import app as dataset_app
+from services.loader import app as loader_app
+from services.loader import domain
+from services.runtime import app as runtime_app
+from tests.conftest import NatsServer
+from tests.helpers import FactCollector, eventually, make_settings, running
+
+BLOCK = 4096
+NODES = ["node-a", "node-b", "node-c"]
+
+
+# --- state the dataset and runtime services would write ---
+
+
+async def put_dataset(bus: Bus, entries: list[ManifestEntry], name: str = "data", phase: str = "Bound",
+                      requests: int = 0) -> None:
+    store = await ManifestStore.of(bus)
+    with ManifestWriter() as writer:
+        for entry in entries:
+            writer.add(entry)
+        await store.save(store.name("default", name), writer)
+    record = DatasetRecord(
+        dataset=Dataset(metadata=ObjectMeta(name=name), spec=DatasetSpec(mounts=[Mount(mount_point="local:///x")])),
+        generation=1, sync_requests=requests,
+        status=DatasetStatus(phase=phase, synced_generation=1, synced_requests=requests,  # type: ignore[arg-type]
+                             manifest=store.name("default", name), last_sync_time=f"sync-{requests}"))
+    await (await bus.kv(subjects.KV_DATASETS)).put(subjects.resource_key("default", name), msgspec.json.encode(record))
+
+
+async def put_runtime(bus: Bus, nodes: list[str], name: str = "data") -> None:
+    record = RuntimeRecord(runtime=Runtime(metadata=ObjectMeta(name=name)), generation=1, status=RuntimeStatus(
+        phase="Ready", ready_nodes=nodes, block_size_bytes=BLOCK,
+        workers=[CacheWorker(node=n, peer_url=f"http://{n}:1") for n in nodes]))
+    await (await bus.kv(subjects.KV_RUNTIMES)).put(subjects.resource_key("default", name), msgspec.json.encode(record))
+
+
+def files(*specs: tuple[str, int], etag: str = "e1") -> list[ManifestEntry]:
+    return [ManifestEntry(path=f"/x/{key}", mount=0, key=key, size=size, etag=etag, mtime=0.0) for key, size in specs]
+
+
+def dataload(name: str = "warm", **spec: Any) -> DataLoadApply:
+    return DataLoadApply(data_load=DataLoad(metadata=ObjectMeta(name=name),
+                                            spec=DataLoadSpec(dataset=ObjectRef(name=spec.pop("dataset", "data")),
+                                                              **spec)))
+
+
+async def operation(bus: Bus, name: str = "warm", kind: str = "DataLoad") -> OperationRecord | None:
+    found, _ = await kv_load(await bus.kv(subjects.KV_OPERATIONS), subjects.operation_key(kind, "default", name),
+                             OperationRecord)
+    return found
+
+
+async def phase_of(bus: Bus, phase: str, name: str = "warm", kind: str = "DataLoad",
+                   runs: int | None = None) -> OperationRecord:
+    async def probe() -> OperationRecord | None:
+        found = await operation(bus, name, kind)
+        if found and found.status.phase == phase and (runs is None or found.status.runs == runs):
+            return found
+        return None
+
+    return await eventually(probe, what=f"{kind} {name} {phase} (runs {runs})")
+
+
+# --- the stand-in for the mount processes' task executor ---
+
+
+@dataclass
+class ScriptedAgent:
+    """Consumes every node's parts of one dataset like a mount process (durable ``task_durable``, explicit ack),
+    reports cumulative progress and a final ``done``, and records what it saw. While ``hold`` is set it reports
+    half of a part and waits (a long part); ``fail`` makes it report failed blocks. Like a mount process, it skips
+    (acks without work) a part whose run the operation's record does not show as current and Executing."""
+
+    bus: Bus
+    nodes: list[str]
+    dataset: str = "data"
+    hold: asyncio.Event = field(default_factory=asyncio.Event)
+    fail: str = ""
+    seen: list[tuple[str, int]] = field(default_factory=list)  # (task id, stream sequence)
+    tasks: dict[str, NodeTask] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)  # parts of a run that is not current
+    _workers: list[asyncio.Task[None]] = field(default_factory=list)
+
+    async def start(self) -> None:
+        for node in self.nodes:
+            subject = subjects.node_task(node, "default", self.dataset)
+            config = js_api.ConsumerConfig(durable_name=subjects.task_durable(node, "default", self.dataset),
+                                           ack_policy=js_api.AckPolicy.EXPLICIT, ack_wait=120.0,
+                                           filter_subject=subject, max_ack_pending=1)
+            sub = await self.bus.js.pull_subscribe(subject, durable=config.durable_name,
+                                                   stream=subjects.STREAM_TASKS, config=config)
+            self._workers.append(asyncio.create_task(self._work(sub)))
+
+    async def stop(self) -> None:
+        for worker in self._workers:
+            worker.cancel()
+        await asyncio.gather(*self._workers, return_exceptions=True)
+
+    async def _work(self, sub: Any) -> None:
+        while True:
+            try:
+                messages = await sub.fetch(1, timeout=0.5)
+            except Exception:
+                continue
+            for message in messages:
+                task = msgspec.json.decode(message.data, type=NodeTask)
+                self.seen.append((task.id, message.metadata.sequence.stream))
+                if await self._current(task.run):
+                    self.tasks[task.id] = task
+                    await self._do(task)
+                else:
+                    self.skipped.append(task.id)
+                await message.ack()
+
+    async def _current(self, run: str) -> bool:
+        """The protocol's check before a part: the operation's record shows this run, Executing."""
+        key, number = run.rsplit(".", 1)
+        found, _ = await kv_load(await self.bus.kv(subjects.KV_OPERATIONS), key, OperationRecord)
+        return found is not None and found.status.runs == int(number) and found.status.phase == "Executing"
+
+    async def _do(self, task: NodeTask) -> None:
+        sizes = [size for file in task.blocks for _, size in file.blocks]
+        total, count = sum(sizes), len(sizes)
+        if task.action == "clean":
+            total, count = 1000, 0  # freed bytes
+        progress = TaskProgress(id=f"{task.id}.0", run=task.run, part=task.part, node=task.node,
+                                blocks_done=count // 2, bytes_done=total // 2)
+        await self.bus.publish(subjects.task_progress(task.node), progress)
+        if self.hold.is_set():
+            await eventually(self._released, timeout=60, what="agent released")
+        failed = 1 if self.fail else 0
+        final = msgspec.structs.replace(progress, id=f"{task.id}.1", blocks_done=count - failed,
+                                        bytes_done=total, files_done=list(range(len(task.blocks))), done=True,
+                                        failed=failed, message=self.fail)
+        await self.bus.publish(subjects.task_progress(task.node), final)
+
+    async def _released(self) -> bool:
+        return not self.hold.is_set()
+
+    def keys(self, run: str) -> set[str]:
+        return {file.key for task in self.tasks.values() if task.run == run for file in task.blocks}
+
+
+@contextlib.asynccontextmanager
+async def agent(bus: Bus, nodes: list[str], **options: Any) -> AsyncIterator[ScriptedAgent]:
+    scripted = ScriptedAgent(bus, nodes, **options)
+    await scripted.start()
+    try:
+        yield scripted
+    finally:
+        await scripted.stop()
+
+
+def loader(nats_server: NatsServer, clock: Callable[[], float] | None = None, **options: Any) -> Any:
+    settings = make_settings(nats_server.url)
+    if clock is not None:
+        options["clock"] = clock
+    return running(lambda stop: loader_app.run(settings, stop, **options))
+
+
+async def publish(bus: Bus, subject: str, event: msgspec.Struct) -> None:
+    await bus.publish(subject, event)
+
+
+# --- tests ---
+
+
+async def test_a_load_completes_with_progress(bus: Bus, nats_server: NatsServer) -> None:
+    await put_dataset(bus, files(("train/a", 3 * BLOCK), ("train/b", BLOCK + 1), ("other", BLOCK)))
+    await put_runtime(bus, NODES)
+    facts = FactCollector()
+    await facts.start(bus, subjects.DATALOAD_FACTS)
+    async with loader(nats_server), agent(bus, NODES) as scripted:
+        command = dataload(target=[TargetPath(path="/x/train", replicas=2)])
+        await publish(bus, subjects.DATALOAD_APPLY, command)
+        await facts.wait_for("operation.accepted.v1", causationId=command.id)
+        done = await phase_of(bus, "Complete")
+    progress = done.status.progress
+    assert progress.files_total == 2 and progress.files_done == 2
+    assert progress.bytes_total == progress.bytes_done == 2 * (4 * BLOCK + 1)  # two replicas of each block
+    assert sum(n.bytes_done for n in progress.nodes) == progress.bytes_done
+    assert done.status.duration.endswith("s") and done.status.last_successful_time
+    assert done.status.runs == 1 and done.status.start_time and done.status.completion_time
+    assert scripted.keys("dataload.default.warm.1") == {"train/a", "train/b"}
+    holders: dict[tuple[str, int], set[str]] = {}
+    for task in scripted.tasks.values():
+        for file in task.blocks:
+            for index, _ in file.blocks:
+                holders.setdefault((file.key, index), set()).add(task.node)
+    assert len(holders) == 5 and all(len(nodes) == 2 for nodes in holders.values())
+    phases = [e["status"].get("phase", "Pending") for e in facts.of_type("operation.status.v1")]
+    assert phases[0] == "Pending" and "Executing" in phases and phases[-1] == "Complete"
+
+
+@pytest.mark.parametrize(("setup", "spec", "message"), [
+    ("none", {}, "dataset default/data does not exist"),
+    ("unbound", {}, "is NotBound, not Bound"),
+    ("ok", {"target": [TargetPath(path="/x/nope")]}, "target path '/x/nope' is not in the manifest"),
+    ("ok", {"target": [TargetPath(path="/x/a", replicas=4)]}, "replicas 4 is more than the 3 cache worker(s)"),
+    ("no manifest", {}, "has no manifest yet"),
+])
+async def test_bad_input_fails_the_run_with_what_to_change(bus: Bus, nats_server: NatsServer, setup: str,
+                                                           spec: dict[str, Any], message: str) -> None:
+    if setup != "none":
+        await put_dataset(bus, files(("a", BLOCK)), phase="NotBound" if setup == "unbound" else "Bound")
+        await put_runtime(bus, NODES)
+    if setup == "no manifest":
+        await (await ManifestStore.of(bus)).delete(ManifestStore.name("default", "data"))
+    async with loader(nats_server):
+        await publish(bus, subjects.DATALOAD_APPLY, dataload(**spec))
+        failed = await phase_of(bus, "Failed")
+    assert message in failed.status.message
+
+
+async def test_invalid_commands_are_rejected(bus: Bus, nats_server: NatsServer) -> None:
+    facts = FactCollector()
+    await facts.start(bus, subjects.DATALOAD_FACTS)
+    async with loader(nats_server):
+        bad_cron = dataload(policy="Cron", schedule="61 * * * *")
+        await publish(bus, subjects.DATALOAD_APPLY, bad_cron)
+        rejected = await facts.wait_for("operation.rejected.v1", causationId=bad_cron.id)
+        assert "not a valid cron expression" in rejected["reason"]
+        await bus.js.publish(subjects.DATALOAD_APPLY, b'{"type": "dataload.apply.v1", "dataLoad": 3}',
+                             headers={"Nats-Msg-Id": "garbage-1"})
+        garbage = await facts.wait_for("operation.rejected.v1", causationId="garbage-1")
+        assert "invalid event" in garbage["reason"] and garbage["kind"] == "DataLoad"
+        missing = DataLoadRun(name="nothing")
+        await publish(bus, subjects.DATALOAD_RUN, missing)
+        assert "does not exist" in (await facts.wait_for("operation.rejected.v1", causationId=missing.id))["reason"]
+    assert await operation(bus) is None
+
+
+async def test_a_restarted_loader_resumes_and_publishes_no_part_twice(bus: Bus, nats_server: NatsServer) -> None:
+    await put_dataset(bus, files(*[(f"f{i}", 2 * BLOCK) for i in range(12)]))
+    await put_runtime(bus, NODES)
+    async with agent(bus, NODES) as scripted:
+        scripted.hold.set()
+        async with loader(nats_server):
+            await publish(bus, subjects.DATALOAD_APPLY, dataload())
+
+            async def half_way() -> OperationRecord | None:
+                found = await operation(bus)
+                return found if found and found.status.progress.bytes_done > 0 else None
+
+            await eventually(half_way, what="progress folded before the restart")
+        # The loader is down; agents finish their parts meanwhile, their progress waits in the stream.
+        scripted.hold.clear()
+        async with loader(nats_server):
+            done = await phase_of(bus, "Complete")
+    ids = [task_id for task_id, _ in scripted.seen]
+    assert ids and len(ids) == len(set(ids)), scripted.seen  # each part once: the republished ones deduplicated
+    assert done.status.progress.bytes_done == done.status.progress.bytes_total == 12 * 2 * BLOCK
+
+
+async def test_cron_runs_on_schedule_once_per_firing(bus: Bus, nats_server: NatsServer) -> None:
+    await put_dataset(bus, files(("a", BLOCK)))
+    await put_runtime(bus, NODES[:1])
+    now = [1_767_225_600.0 + 10]  # 2026-01-01T00:00:10Z
+    async with agent(bus, NODES[:1]):
+        async with loader(nats_server, clock=lambda: now[0]):
+            await publish(bus, subjects.DATALOAD_APPLY, dataload(policy="Cron", schedule="* * * * *"))
+            pending = await phase_of(bus, "Pending")
+            assert pending.status.runs == 0
+            now[0] += 60  # past 00:01:00
+            first = await phase_of(bus, "Complete", runs=1)
+            assert first.status.last_schedule_time == "2026-01-01T00:01:10Z"
+        # A restart in the same minute does not run it again.
+        async with loader(nats_server, clock=lambda: now[0]):
+            now[0] += 30  # 00:01:40: the next firing (00:02:00) has not come
+            run = DataLoadRun(name="warm")
+            await publish(bus, subjects.DATALOAD_RUN, run)  # a manual run still runs now
+            await phase_of(bus, "Complete", runs=2)
+            now[0] += 3600  # an hour of missed firings: one run
+            await phase_of(bus, "Complete", runs=3)
+            record = await operation(bus)
+            assert record is not None and record.status.runs == 3
+
+
+async def test_on_event_loads_only_new_or_changed_objects(bus: Bus, nats_server: NatsServer) -> None:
+    await put_dataset(bus, files(("a", BLOCK), ("b", BLOCK)))
+    await put_runtime(bus, NODES[:2])
+    async with agent(bus, NODES[:2]) as scripted, loader(nats_server):
+        await publish(bus, subjects.DATALOAD_APPLY, dataload(policy="OnEvent"))
+        await phase_of(bus, "Complete", runs=1)
+        assert scripted.keys("dataload.default.warm.1") == {"a", "b"}
+        # A resync found "b" overwritten and "c" new.
+        await put_dataset(bus, [*files(("a", BLOCK)), *files(("b", BLOCK), ("c", 2 * BLOCK), etag="e2")],
+                          requests=1)
+        await phase_of(bus, "Complete", runs=2)
+        assert scripted.keys("dataload.default.warm.2") == {"b", "c"}
+        # A sync that changed nothing runs nothing (the stamp moves, the diff is empty: a run with no parts).
+        await put_dataset(bus, [*files(("a", BLOCK)), *files(("b", BLOCK), ("c", 2 * BLOCK), etag="e2")],
+                          requests=2)
+        third = await phase_of(bus, "Complete", runs=3)
+        assert "nothing to load" in third.status.message
+        assert not scripted.keys("dataload.default.warm.3")
+
+
+async def test_load_metadata_resyncs_first_and_fails_when_no_sync_comes(bus: Bus, nats_server: NatsServer) -> None:
+    await put_dataset(bus, files(("a", BLOCK)))
+    await put_runtime(bus, NODES[:1])
+    resyncs: list[DatasetResync] = []
+
+    async def on_resync(msg: Any) -> None:
+        resync = msgspec.json.decode(msg.data, type=DatasetResync)
+        resyncs.append(resync)
+        if resync.name == "data":  # the dataset service's part: list again (a new object appeared)
+            await put_dataset(bus, files(("a", BLOCK), ("new", BLOCK)), requests=1)
+
+    sub = await bus.nc.subscribe(subjects.DATASET_RESYNC, cb=on_resync)
+    try:
+        async with agent(bus, NODES[:1]) as scripted, loader(nats_server, metadata_timeout=1.0):
+            await publish(bus, subjects.DATALOAD_APPLY, dataload(load_metadata=True))
+            await phase_of(bus, "Complete")
+            assert scripted.keys("dataload.default.warm.1") == {"a", "new"}
+            await put_dataset(bus, files(("z", BLOCK)), name="quiet")
+            await put_runtime(bus, NODES[:1], name="quiet")
+            await publish(bus, subjects.DATALOAD_APPLY, dataload(name="late", dataset="quiet", load_metadata=True))
+            failed = await phase_of(bus, "Failed", name="late")
+            assert "was not listed again" in failed.status.message
+    finally:
+        await sub.unsubscribe()
+    assert {r.name for r in resyncs} == {"data", "quiet"}
+
+
+async def test_delete_cancels_the_run(bus: Bus, nats_server: NatsServer) -> None:
+    await put_dataset(bus, files(("a", BLOCK)))
+    await put_runtime(bus, NODES[:1])
+    cancels: list[TaskCancel] = []
+
+    async def on_cancel(msg: Any) -> None:
+        cancels.append(msgspec.json.decode(msg.data, type=TaskCancel))
+
+    sub = await bus.nc.subscribe(subjects.TASK_CANCEL, cb=on_cancel)
+    facts = FactCollector()
+    await facts.start(bus, subjects.DATALOAD_FACTS)
+    try:
+        async with agent(bus, NODES[:1]) as scripted, loader(nats_server):
+            scripted.hold.set()
+            await publish(bus, subjects.DATALOAD_APPLY, dataload())
+            await phase_of(bus, "Executing")
+            delete = DataLoadDelete(name="warm")
+            await publish(bus, subjects.DATALOAD_DELETE, delete)
+            await facts.wait_for("operation.deleted.v1", causationId=delete.id)
+            async def cancelled() -> list[TaskCancel]:
+                return cancels
+
+            await eventually(cancelled, what="TaskCancel")
+            scripted.hold.clear()
+    finally:
+        await sub.unsubscribe()
+    assert [c.run for c in cancels] == ["dataload.default.warm.1"]
+    assert await operation(bus) is None
+
+
+async def test_run_after_waits_for_complete_and_fails_after_failed(bus: Bus, nats_server: NatsServer) -> None:
+    await put_dataset(bus, files(("a", BLOCK)))
+    await put_runtime(bus, NODES[:1])
+    async with agent(bus, NODES[:1]) as scripted, loader(nats_server):
+        scripted.hold.set()
+        await publish(bus, subjects.DATALOAD_APPLY, dataload(name="second",
+                                                             run_after=OperationRef(kind="DataLoad", name="first")))
+
+        async def waiting() -> OperationRecord | None:
+            found = await operation(bus, "second")
+            return found if found and found.status.waiting_for else None
+
+        assert (await eventually(waiting)).status.waiting_for == "DataLoad default/first to exist and be Complete"
+        await publish(bus, subjects.DATALOAD_APPLY, dataload(name="first"))
+        await phase_of(bus, "Executing", name="first")
+        second = await phase_of(bus, "Pending", name="second")
+        assert second.status.runs == 0
+        scripted.hold.clear()
+        await phase_of(bus, "Complete", name="first")
+        await phase_of(bus, "Complete", name="second")
+        # After a Failed one: Failed, naming it.
+        scripted.fail = "object changed since the load was planned"
+        await publish(bus, subjects.DATALOAD_APPLY, dataload(name="broken"))
+        broken = await phase_of(bus, "Failed", name="broken")
+        assert "node-a failed 1 block(s): object changed" in broken.status.message
+        await publish(bus, subjects.DATALOAD_APPLY, dataload(name="after",
+                                                             run_after=OperationRef(kind="DataLoad", name="broken")))
+        after = await phase_of(bus, "Failed", name="after")
+    assert "DataLoad default/broken (spec.runAfter) Failed" in after.status.message
+
+
+async def test_ttl_removes_a_finished_operation(bus: Bus, nats_server: NatsServer) -> None:
+    await put_dataset(bus, files(("a", BLOCK)))
+    await put_runtime(bus, NODES[:1])
+    facts = FactCollector()
+    await facts.start(bus, subjects.DATALOAD_FACTS)
+    async with agent(bus, NODES[:1]), loader(nats_server):
+        await publish(bus, subjects.DATALOAD_APPLY, dataload(ttl_seconds_after_finished=0))
+        deleted = await facts.wait_for("operation.deleted.v1", name="warm")
+    assert deleted.get("causationId", "") == ""  # removed by the TTL, not by a command
+    assert [e["status"].get("phase", "Pending") for e in facts.of_type("operation.status.v1")][-1] == "Complete"
+    assert await operation(bus) is None
+
+
+async def test_a_clean_reaches_every_node(bus: Bus, nats_server: NatsServer) -> None:
+    await put_dataset(bus, files(("a", BLOCK), ("dir/b", BLOCK)))
+    await put_runtime(bus, NODES)
+    async with agent(bus, NODES) as scripted, loader(nats_server):
+        await publish(bus, subjects.DATACLEAN_APPLY, DataCleanApply(data_clean=DataClean(
+            metadata=ObjectMeta(name="wipe"), spec=DataCleanSpec(dataset=ObjectRef(name="data")))))
+        wiped = await phase_of(bus, "Complete", name="wipe", kind="DataClean")
+        await publish(bus, subjects.DATACLEAN_APPLY, DataCleanApply(data_clean=DataClean(
+            metadata=ObjectMeta(name="some"), spec=DataCleanSpec(dataset=ObjectRef(name="data"),
+                                                                 target=[TargetPath(path="/x/dir")]))))
+        await phase_of(bus, "Complete", name="some", kind="DataClean")
+    everything = [t for t in scripted.tasks.values() if t.run == "dataclean.default.wipe.1"]
+    assert sorted(t.node for t in everything) == NODES and all(t.everything for t in everything)
+    assert wiped.status.progress.bytes_done == 3 * 1000
+    some = [t for t in scripted.tasks.values() if t.run == "dataclean.default.some.1"]
+    assert all(t.files == [(0, "dir/b")] and not t.everything for t in some) and len(some) == 3
+
+
+async def test_a_loader_killed_between_run_state_and_record_catches_up(bus: Bus, nats_server: NatsServer) -> None:
+    """The run state says run 1 is being planned, the record still says Pending with no run (the loader died
+    between the two writes): the restarted loader plans run 1, shows it Executing, and runs no second one."""
+    await put_dataset(bus, files(("a", BLOCK)))
+    await put_runtime(bus, NODES[:1])
+    key = subjects.operation_key("DataLoad", "default", "warm")
+    record = OperationRecord(kind="DataLoad", metadata=ObjectMeta(name="warm"),
+                             load=DataLoadSpec(dataset=ObjectRef(name="data")), created_at="2026-01-01T00:00:00Z")
+    await (await bus.kv(subjects.KV_OPERATIONS)).put(key, msgspec.json.encode(record))
+    state = domain.RunState(run=f"{key}.1", stage="planning", started_at=1.0)
+    await (await bus.kv(subjects.KV_OPERATION_RUNS)).put(key, msgspec.json.encode(state))
+    async with agent(bus, NODES[:1]) as scripted, loader(nats_server):
+        done = await phase_of(bus, "Complete")
+    assert done.status.runs == 1
+    assert {task.run for task in scripted.tasks.values()} == {f"{key}.1"}
+
+
+async def test_a_restarted_loader_publishes_the_parts_it_had_not_published(bus: Bus, nats_server: NatsServer) -> None:
+    """The loader died after saving an executing run (state and plan) and before publishing its parts: the restarted
+    loader publishes every part not done, and the run completes. Part 0 was already reported done: not again."""
+    entries = files(("a", 3 * BLOCK), ("b", 5 * BLOCK))
+    await put_dataset(bus, entries)
+    await put_runtime(bus, NODES)
+    key = subjects.operation_key("DataLoad", "default", "warm")
+    run = f"{key}.1"
+    plan = domain.plan_load(run, ObjectRef(name="data"), entries, {0: 1, 1: 1}, NODES, NODES, BLOCK)
+    assert len(plan.parts) > 1
+    parts = domain.parts_state(plan)
+    parts[0] = msgspec.structs.replace(parts[0], done=True, bytes_done=parts[0].bytes_total,
+                                       files_done=list(range(len(plan.parts[0].task.blocks))))
+    state = domain.RunState(run=run, stage="executing", started_at=1.0, ring=NODES, files_total=len(plan.files),
+                            parts=parts)
+    record = OperationRecord(kind="DataLoad", metadata=ObjectMeta(name="warm"),
+                             load=DataLoadSpec(dataset=ObjectRef(name="data")), created_at="2026-01-01T00:00:00Z",
+                             status=domain.status_started(OperationRecord(kind="DataLoad", metadata=ObjectMeta(
+                                 name="warm")).status, 1, 1.0))
+    await (await ManifestStore.of(bus)).objects.put(subjects.loader_plan(key), msgspec.json.encode(plan))
+    await (await bus.kv(subjects.KV_OPERATION_RUNS)).put(key, msgspec.json.encode(state))
+    await (await bus.kv(subjects.KV_OPERATIONS)).put(key, msgspec.json.encode(record))
+    async with agent(bus, NODES) as scripted, loader(nats_server):
+        done = await phase_of(bus, "Complete")
+    assert sorted(task_id for task_id, _ in scripted.seen) == [p.task.id for p in plan.parts[1:]]
+    assert done.status.progress.bytes_done == done.status.progress.bytes_total == 8 * BLOCK
+    assert done.status.progress.files_done == 2
+
+
+async def test_on_event_after_a_real_resync(bus: Bus, nats_server: NatsServer, tmp_path: Any) -> None:
+    """With the real dataset and runtime services (a local:// folder, one node beating as an agent would): an
+    OnEvent load runs when a DatasetResync found a new object and loads only that object."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "a.bin").write_bytes(b"a" * 5000)
+    (folder / "b.bin").write_bytes(b"b" * 100)
+    settings = make_settings(nats_server.url)
+    stop_beating = asyncio.Event()
+
+    async def beat() -> None:
+        while not stop_beating.is_set():
+            await bus.publish(subjects.agent_heartbeat("node-a"), AgentHeartbeat(
+                node="node-a", runtimes=[ObjectRef(name="data")], sent_at=time.time(), interval_seconds=1.0))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop_beating.wait(), 0.5)
+
+    beating = asyncio.create_task(beat())
+    try:
+        async with running(lambda stop: dataset_app.run(settings, stop), lambda stop: runtime_app.run(settings, stop),
+                           lambda stop: loader_app.run(settings, stop)), agent(bus, ["node-a"]) as scripted:
+            await publish(bus, subjects.DATASET_APPLY, DatasetApply(dataset=Dataset(
+                metadata=ObjectMeta(name="data"), spec=DatasetSpec(mounts=[Mount(mount_point=f"local://{folder}")]))))
+            await publish(bus, subjects.RUNTIME_APPLY, RuntimeApply(runtime=Runtime(
+                metadata=ObjectMeta(name="data"),
+                spec=RuntimeSpec(tieredstore=TieredStore(levels=[Level(mediumtype="MEM", quota="1Gi")])))))
+
+            async def bound() -> DatasetRecord | None:
+                found, _ = await kv_load(await bus.kv(subjects.KV_DATASETS), "default.data", DatasetRecord)
+                return found if found and found.status.phase == "Bound" else None
+
+            await eventually(bound, what="dataset Bound")
+            await publish(bus, subjects.DATALOAD_APPLY, dataload(policy="OnEvent"))
+            await phase_of(bus, "Complete", runs=1)
+            assert scripted.keys("dataload.default.warm.1") == {"a.bin", "b.bin"}
+            (folder / "c.bin").write_bytes(b"c" * 10)
+            await publish(bus, subjects.DATASET_RESYNC, DatasetResync(name="data"))
+            await phase_of(bus, "Complete", runs=2)
+            assert scripted.keys("dataload.default.warm.2") == {"c.bin"}
+    finally:
+        stop_beating.set()
+        await beating
+
+
+async def test_a_recreated_operation_continues_the_run_numbers(bus: Bus, nats_server: NatsServer) -> None:
+    """Delete and apply again under the same name (within JetStream's duplicate window): the new run gets a new id,
+    so its parts are not dropped as duplicates of the deleted operation's."""
+    await put_dataset(bus, files(("a", BLOCK)))
+    await put_runtime(bus, NODES[:1])
+    async with agent(bus, NODES[:1]) as scripted, loader(nats_server):
+        await publish(bus, subjects.DATALOAD_APPLY, dataload())
+        await phase_of(bus, "Complete", runs=1)
+        await publish(bus, subjects.DATALOAD_DELETE, DataLoadDelete(name="warm"))
+
+        async def gone() -> bool:
+            return await operation(bus) is None
+
+        await eventually(gone, what="deleted")
+        await publish(bus, subjects.DATALOAD_APPLY, dataload())
+        again = await phase_of(bus, "Complete", runs=2)
+    assert {task.run for task in scripted.tasks.values()} == {"dataload.default.warm.1", "dataload.default.warm.2"}
+    assert again.status.progress.bytes_done == BLOCK

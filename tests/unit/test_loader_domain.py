@@ -1,0 +1,327 @@
+"""The loader's pure decisions: validation, the plan (with Hypothesis properties), progress, Cron, OnEvent,
+runAfter, TTL."""
+
+from __future__ import annotations
+
+import calendar
+import time
+from unittest.mock import patch
+
+import msgspec
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from libs import ring
+from libs.events.agent import BlockId
+from libs.events.common import ObjectMeta, ObjectRef
+from libs.events.dataset import Dataset, DatasetRecord, DatasetStatus, ManifestEntry
+from libs.events.operation import (
+    DataClean,
+    DataCleanSpec,
+    DataLoad,
+    DataLoadSpec,
+    OperationRecord,
+    OperationRef,
+    OperationStatus,
+    TargetPath,
+    TaskProgress,
+)
+from libs.events.runtime import CacheWorker, Runtime, RuntimeRecord, RuntimeStatus
+from services.loader import domain
+
+REF = ObjectRef(name="data")
+
+
+def t(text: str) -> float:
+    return float(calendar.timegm(time.strptime(text, "%Y-%m-%dT%H:%M:%SZ")))
+
+
+def load(**spec: object) -> DataLoad:
+    return DataLoad(metadata=ObjectMeta(name="warm"), spec=DataLoadSpec(dataset=REF, **spec))  # type: ignore[arg-type]
+
+
+def entry(path: str, size: int, etag: str = "e1", mount: int = 0) -> ManifestEntry:
+    return ManifestEntry(path=path, mount=mount, key=path.lstrip("/"), size=size, etag=etag, mtime=0.0)
+
+
+def record(spec: DataLoadSpec | None = None, **status: object) -> OperationRecord:
+    return OperationRecord(kind="DataLoad", metadata=ObjectMeta(name="warm"), load=spec or DataLoadSpec(dataset=REF),
+                           created_at="2026-01-01T00:00:00Z", status=OperationStatus(**status))  # type: ignore[arg-type]
+
+
+# --- validation ---
+
+
+def test_a_valid_load_has_no_errors() -> None:
+    assert domain.validate_load(load(target=[TargetPath(path="/train", replicas=2)])) == []
+    assert domain.validate_load(load(policy="Cron", schedule="*/5 * * * *")) == []
+
+
+def test_every_bad_field_is_named() -> None:
+    errors = domain.validate_load(DataLoad(
+        metadata=ObjectMeta(name="Warm_Up"),
+        spec=DataLoadSpec(dataset=ObjectRef(name="x.y"), target=[TargetPath(path="train", replicas=0)],
+                          policy="Once", schedule="* * * * *", ttl_seconds_after_finished=-1,
+                          run_after=OperationRef(kind="Job", name="a"))))
+    text = "\n".join(errors)
+    for needle in ("metadata.name", "spec.dataset.name", "must start with '/'", "replicas must be between",
+                   "only for policy Cron", "ttlSecondsAfterFinished", "runAfter.kind"):
+        assert needle in text, needle
+
+
+def test_cron_needs_a_valid_five_field_schedule() -> None:
+    assert "required for policy Cron" in domain.validate_load(load(policy="Cron"))[0]
+    for bad in ("61 * * * *", "every minute", "* * * * * *"):
+        assert "not a valid cron expression" in domain.validate_load(load(policy="Cron", schedule=bad))[0]
+
+
+def test_run_after_itself_is_refused() -> None:
+    errors = domain.validate_load(load(run_after=OperationRef(kind="DataLoad", name="warm")))
+    assert any("itself" in e for e in errors)
+
+
+def test_clean_validation() -> None:
+    clean = DataClean(metadata=ObjectMeta(name="c"), spec=DataCleanSpec(dataset=REF, target=[TargetPath(path="x")]))
+    assert any("must start with '/'" in e for e in domain.validate_clean(clean))
+
+
+def test_apply_bumps_generation_only_on_spec_change() -> None:
+    meta = ObjectMeta(name="warm")
+    spec = DataLoadSpec(dataset=REF)
+    first, changed = domain.apply_operation(None, "DataLoad", meta, spec, None, 0.0)
+    assert changed and first.generation == 1
+    same, changed = domain.apply_operation(first, "DataLoad", meta, spec, None, 5.0)
+    assert not changed and same is first
+    other, changed = domain.apply_operation(first, "DataLoad", meta, DataLoadSpec(dataset=REF, load_metadata=True),
+                                            None, 5.0)
+    assert changed and other.generation == 2
+
+
+# --- run checks ---
+
+
+def cluster(phase: str = "Bound", workers: int = 2, ring_workers: bool = True) -> domain.Cluster:
+    dataset = DatasetRecord(dataset=Dataset(metadata=ObjectMeta(name="data")), generation=1,
+                            status=DatasetStatus(phase=phase))  # type: ignore[arg-type]
+    nodes = [f"n{i}" for i in range(workers)]
+    runtime = RuntimeRecord(runtime=Runtime(metadata=ObjectMeta(name="data")), generation=1, status=RuntimeStatus(
+        ready_nodes=nodes,
+        workers=[CacheWorker(node=n, peer_url="http://x" if ring_workers else "") for n in nodes]))
+    return domain.Cluster(dataset, runtime)
+
+
+def test_run_problems_say_what_to_change() -> None:
+    spec = DataLoadSpec(dataset=REF, target=[TargetPath(path="/a", replicas=3)])
+    assert "does not exist" in (domain.run_problem(record(), domain.Cluster(None, None)) or "")
+    assert "not Bound" in (domain.run_problem(record(), cluster(phase="NotBound")) or "")
+    message = domain.run_problem(record(spec), cluster(workers=2)) or ""
+    assert "replicas 3 is more than the 2 cache worker(s)" in message and "lower" in message
+    assert domain.run_problem(record(spec), cluster(workers=3)) is None
+    # Without a ring, the ready nodes count.
+    assert domain.run_problem(record(spec), cluster(workers=3, ring_workers=False)) is None
+
+
+# --- targets, OnEvent diff ---
+
+
+def test_select_matches_files_and_folders_not_prefixes() -> None:
+    entries = [entry("/m/train/a", 1), entry("/m/train/b", 1), entry("/m/trainer", 1), entry("/m/empty/", 0)]
+    chosen, missing = domain.select(entries, [TargetPath(path="/m/train", replicas=2),
+                                              TargetPath(path="/m/train/a", replicas=3),
+                                              TargetPath(path="/m/empty"), TargetPath(path="/m/nope")])
+    assert chosen == {0: 3, 1: 2}
+    assert missing == ["/m/nope"]
+    everything, _ = domain.select(entries, [])
+    assert sorted(everything) == [0, 1, 2]
+    slash, _ = domain.select(entries, [TargetPath(path="/")])
+    assert sorted(slash) == [0, 1, 2]
+
+
+def test_changed_entries_are_new_or_overwritten() -> None:
+    old = [entry("/a", 1), entry("/b", 1)]
+    new = [entry("/a", 1), entry("/b", 2, etag="e2"), entry("/c", 1)]
+    assert [e.path for e in domain.changed_entries(old, new)] == ["/b", "/c"]
+
+
+# --- the plan ---
+
+MANIFESTS = st.lists(
+    st.tuples(st.text("abcdef/", min_size=1, max_size=12), st.integers(0, 50_000), st.sampled_from(["e1", "e2"])),
+    max_size=25, unique_by=lambda x: x[0])
+
+
+@settings(max_examples=40, deadline=None)
+@given(MANIFESTS, st.integers(1, 6), st.integers(1, 4), st.sampled_from([1024, 4096, 10_000]))
+def test_plan_assigns_each_block_to_exactly_replicas_distinct_owners(files, workers, replicas, block_size) -> None:
+    replicas = min(replicas, workers)
+    entries = [ManifestEntry(path="/" + p, mount=0, key=p, size=s, etag=e, mtime=0.0) for p, s, e in files]
+    chosen = {i: replicas for i in range(len(entries))}
+    nodes = [f"node-{i}" for i in range(workers)]
+    plan = domain.plan_load("dataload.default.warm.1", REF, entries, chosen, nodes, nodes, block_size)
+    assert plan == domain.plan_load("dataload.default.warm.1", REF, entries, chosen, list(reversed(nodes)), nodes,
+                                    block_size)  # deterministic, whatever the order of the ring
+    holders: dict[BlockId, list[str]] = {}
+    for number, part in enumerate(plan.parts):
+        task = part.task
+        assert task.id == f"dataload.default.warm.1.{number}" and task.part == number
+        assert task.parts == len(plan.parts)
+        assert sum(len(f.blocks) for f in task.blocks) == part.blocks <= domain.MAX_PART_BLOCKS
+        assert len(msgspec.json.encode(task.blocks)) <= domain.MAX_PART_BYTES
+        for file in task.blocks:
+            for index, size in file.blocks:
+                block = BlockId(file.mount, file.key, file.etag, index)
+                holders.setdefault(block, []).append(task.node)
+                assert size > 0
+    expected = {BlockId(0, e.key, e.etag, i) for e in entries for i in range((e.size + block_size - 1) // block_size)}
+    assert set(holders) == expected
+    for block, owners in holders.items():
+        assert sorted(owners) == sorted(ring.owners(block.name, nodes, replicas))
+        assert len(set(owners)) == len(owners) == replicas
+
+
+def test_plan_without_a_ring_gives_every_ready_node_every_block() -> None:
+    plan = domain.plan_load("r.1", REF, [entry("/a", 10_000)], {0: 1}, [], ["n1", "n2"], 4096)
+    assert [p.task.node for p in plan.parts] == ["n1", "n2"]
+    assert all(p.blocks == 3 and p.bytes_total == 10_000 for p in plan.parts)
+
+
+def test_large_files_are_cut_into_parts_within_limits() -> None:
+    # 5,000 blocks of one file and many files with long keys: several parts, each within both limits.
+    entries = [entry("/big", 5000 * 1024)] + [entry("/k" + "x" * 900 + str(i), 10) for i in range(400)]
+    plan = domain.plan_load("r.1", REF, entries, dict.fromkeys(range(len(entries)), 1), ["n1"], ["n1"], 1024)
+    assert len(plan.parts) > 3
+    assert sum(p.blocks for p in plan.parts) == 5400
+    for part in plan.parts:
+        assert part.blocks <= domain.MAX_PART_BLOCKS
+        assert len(msgspec.json.encode(part.task)) <= domain.MAX_PART_BYTES + 1024
+
+
+def test_clean_plan_targets_files_or_everything() -> None:
+    everything = domain.plan_clean("c.1", REF, None, ["n2", "n1"])
+    assert [(p.task.node, p.task.everything, p.task.action) for p in everything.parts] == [
+        ("n1", True, "clean"), ("n2", True, "clean")]
+    some = domain.plan_clean("c.1", REF, [entry("/a", 5), entry("/b", 5)], ["n1"])
+    assert some.parts[0].task.files == [(0, "a"), (0, "b")] and not some.parts[0].task.everything
+
+
+# --- progress ---
+
+
+def test_progress_folds_parts_files_rate_and_eta() -> None:
+    entries = [entry("/a", 8192), entry("/b", 4096)]
+    plan = domain.plan_load("r.1", REF, entries, {0: 2, 1: 2}, ["n1", "n2"], ["n1", "n2"], 4096)
+    state = domain.RunState(run="r.1", stage="executing", started_at=100.0, files_total=2,
+                            parts=domain.parts_state(plan))
+    first = plan.parts[0].task
+    progress = TaskProgress(run="r.1", part=0, node=first.node, blocks_done=3, bytes_done=8192, bytes_skipped=4096,
+                            files_done=[0, 1], done=True)
+    parts = list(state.parts)
+    parts[0] = domain.fold_part(parts[0], progress)
+    state = msgspec.structs.replace(state, parts=parts)
+    # Both files are also in the other node's part: not done yet.
+    assert domain.files_done(plan, state.parts) == 0
+    folded = domain.fold_progress(state, 0, now=104.0)
+    assert folded.bytes_done == 12288 and folded.bytes_total == 24576 and folded.bytes_skipped == 4096
+    assert folded.rate_bytes_per_second == 2048.0 and folded.eta_seconds == 6.0
+    assert [n.bytes_done for n in folded.nodes] == [12288, 0]
+    # An older report never moves a part back, and done sticks.
+    assert domain.fold_part(parts[0], msgspec.structs.replace(progress, bytes_done=0, done=False)) == parts[0]
+    assert domain.outcome(state) is None
+    parts[1] = domain.fold_part(parts[1], msgspec.structs.replace(progress, part=1, node=plan.parts[1].task.node,
+                                                                  failed=1, message="object changed"))
+    state = msgspec.structs.replace(state, parts=parts)
+    assert domain.files_done(plan, state.parts) == 2
+    phase, message = domain.outcome(state) or ("", "")
+    assert phase == "Failed" and plan.parts[1].task.node in message and "object changed" in message
+
+
+def test_duration_is_fluid_style() -> None:
+    assert [domain.format_duration(s) for s in (0, 32, 92, 7205)] == ["0s", "32s", "1m32s", "2h0m5s"]
+
+
+def test_a_finished_run_has_fluids_status() -> None:
+    started = domain.status_started(OperationStatus(), 3, t("2026-01-01T00:00:00Z"))
+    assert (started.phase, started.duration, started.runs) == ("Executing", "Unfinished", 3)
+    done = domain.status_finished(started, "Complete", "", t("2026-01-01T00:00:00Z"), t("2026-01-01T00:01:32Z"))
+    assert (done.duration, done.last_successful_time, done.completion_time) == (
+        "1m32s", "2026-01-01T00:01:32Z", "2026-01-01T00:01:32Z")
+    assert [(c.type, c.status) for c in done.conditions] == [("Complete", "True")]
+    failed = domain.status_finished(done, "Failed", "boom", 0.0, t("2026-01-02T00:00:00Z"))
+    assert failed.last_successful_time == "2026-01-01T00:01:32Z"
+    assert [(c.type, c.message) for c in failed.conditions] == [("Failed", "boom")]
+
+
+# --- when runs are due ---
+
+
+def test_once_runs_once() -> None:
+    assert domain.due(record(), domain.RunState(), None, 0.0) == "once"
+    assert domain.due(record(runs=1, phase="Complete", start_time="x"), domain.RunState(), None, 0.0) is None
+    # A re-created operation starts at the deleted one's run number, and still runs once.
+    assert domain.due(record(runs=4), domain.RunState(), None, 0.0) == "once"
+    assert domain.due(record(phase="Executing"), domain.RunState(), None, 0.0) is None
+
+
+def test_cron_missed_runs_run_once() -> None:
+    spec = DataLoadSpec(dataset=REF, policy="Cron", schedule="*/10 * * * *")
+    fresh = record(spec)
+    assert domain.due(fresh, domain.RunState(), None, t("2026-01-01T00:09:59Z")) is None
+    assert domain.due(fresh, domain.RunState(), None, t("2026-01-01T00:10:00Z")) == "cron"
+    # Down for an hour: one run now, and after it started (lastScheduleTime saved), nothing until the next firing.
+    started = record(spec, runs=1, phase="Complete", last_schedule_time="2026-01-01T01:03:00Z")
+    assert domain.due(started, domain.RunState(), None, t("2026-01-01T01:05:00Z")) is None
+    assert domain.due(started, domain.RunState(), None, t("2026-01-01T01:10:00Z")) == "cron"
+
+
+def test_on_event_runs_when_the_dataset_synced_again() -> None:
+    spec = DataLoadSpec(dataset=REF, policy="OnEvent")
+    dataset = DatasetRecord(dataset=Dataset(metadata=ObjectMeta(name="data")), generation=1,
+                            status=DatasetStatus(phase="Bound", synced_generation=1, last_sync_time="x"))
+    stamp = domain.dataset_stamp(dataset)
+    assert domain.due(record(spec), domain.RunState(), dataset, 0.0) == "event"
+    ran = record(spec, runs=1, phase="Complete", start_time="x")
+    assert domain.due(ran, domain.RunState(sync_stamp=stamp), dataset, 0.0) is None
+    resynced = msgspec.structs.replace(dataset, status=msgspec.structs.replace(dataset.status, synced_requests=1))
+    assert domain.due(ran, domain.RunState(sync_stamp=stamp), resynced, 0.0) == "event"
+    assert domain.due(ran, domain.RunState(sync_stamp=stamp, requested=1), dataset, 0.0) == "requested"
+
+
+def test_run_after_waits_goes_or_fails_naming_the_other() -> None:
+    ref = OperationRef(kind="DataLoad", name="first")
+    assert domain.run_after(None, "default", None) == ("go", "")
+    assert domain.run_after(ref, "default", None)[0] == "wait"
+    assert domain.run_after(ref, "default", record(phase="Executing")) == (
+        "wait", "DataLoad default/first to be Complete")
+    assert domain.run_after(ref, "default", record(phase="Complete"))[0] == "go"
+    decision, message = domain.run_after(ref, "default", record(phase="Failed", message="boom"))
+    assert decision == "fail" and "DataLoad default/first" in message and "boom" in message
+
+
+def test_ttl_removes_finished_once_operations() -> None:
+    spec = DataLoadSpec(dataset=REF, ttl_seconds_after_finished=30)
+    done = record(spec, phase="Complete", completion_time="2026-01-01T00:00:00Z")
+    assert not domain.expired(done, t("2026-01-01T00:00:29Z"))
+    assert domain.expired(done, t("2026-01-01T00:00:30Z"))
+    assert not domain.expired(record(spec, phase="Executing"), t("2027-01-01T00:00:00Z"))
+    cron = record(DataLoadSpec(dataset=REF, policy="Cron", schedule="* * * * *", ttl_seconds_after_finished=0),
+                  phase="Complete", completion_time="2026-01-01T00:00:00Z")
+    assert not domain.expired(cron, t("2027-01-01T00:00:00Z"))
+
+
+@settings(max_examples=40, deadline=None)
+@given(MANIFESTS, st.integers(1, 4), st.integers(3, 9), st.integers(150, 600))
+def test_parts_stay_within_small_limits_and_cover_every_block_once(files, workers, max_blocks, max_bytes) -> None:
+    """The same cutting with tiny limits, so files span parts and parts fill up."""
+    entries = [ManifestEntry(path="/" + p, mount=0, key=p, size=s, etag=e, mtime=0.0) for p, s, e in files]
+    nodes = [f"node-{i}" for i in range(workers)]
+    with patch.object(domain, "MAX_PART_BLOCKS", max_blocks), patch.object(domain, "MAX_PART_BYTES", max_bytes):
+        plan = domain.plan_load("r.1", REF, entries, dict.fromkeys(range(len(entries)), 1), nodes, nodes, 1024)
+    seen: list[tuple[str, BlockId]] = []
+    for part in plan.parts:
+        assert 0 < part.blocks <= max_blocks
+        assert sum(len(msgspec.json.encode(f)) + 1 for f in part.task.blocks) <= max_bytes
+        assert len(part.file_ids) == len(part.task.blocks)
+        for file_id, file in zip(part.file_ids, part.task.blocks, strict=True):
+            assert (plan.files[file_id].key, plan.files[file_id].etag) == (file.key, file.etag)
+            seen += [(part.task.node, BlockId(file.mount, file.key, file.etag, i)) for i, _ in file.blocks]
+    assert len(seen) == len(set(seen)) == sum((e.size + 1023) // 1024 for e in entries)
