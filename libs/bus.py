@@ -228,6 +228,21 @@ class Bus:
 
         return await self.nc.subscribe(subject, cb=on_message)
 
+    async def serve(self, subject: str, answer: Callable[[bytes], bytes], queue: str = "") -> Subscription:
+        """Answer requests on ``subject`` (core NATS request/reply): ``answer`` turns the raw request into the raw
+        reply, so it decides itself what a malformed request gets. Processes sharing ``queue`` share the requests.
+        Requests without a reply subject are dropped. Stop with ``unsubscribe()`` on the result."""
+
+        async def on_request(message: Msg) -> None:
+            if not message.reply:
+                return
+            try:
+                await self.nc.publish(message.reply, answer(message.data))
+            except Exception:  # one bad request or a closed connection must not end the subscription
+                log.exception("request not answered", subject=message.subject)
+
+        return await self.nc.subscribe(subject, queue=queue, cb=on_request)
+
 
 async def connect(settings: NatsSettings, name: str) -> Bus:
     options: dict[str, Any] = {
