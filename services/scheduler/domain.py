@@ -143,7 +143,7 @@ def score(request: ScoreRequest, view: View, weights: Weights) -> ScoreReply:
     """Every candidate node scored 0..100, best first (ties by name); see the module docstring for the rules."""
     normalised = normalise(request)
     if isinstance(normalised, str):
-        return ScoreReply(causation_id=request.id, error=normalised)
+        return ScoreReply(id=f"{request.id}.reply", causation_id=request.id, error=normalised)
     uses, candidates = normalised
     labelled: list[tuple[str, Mapping[str, str]]] = (
         candidates or [(node, view.labels(node)) for node in sorted(view.nodes())])
@@ -156,7 +156,8 @@ def score(request: ScoreRequest, view: View, weights: Weights) -> ScoreReply:
     for use in uses:
         total = view.dataset_total(use.key, use.paths)
         if total is None:
-            return ScoreReply(causation_id=request.id, error=f"unknown dataset {use.key[0]}/{use.key[1]}")
+            return ScoreReply(id=f"{request.id}.reply", causation_id=request.id,
+                              error=f"unknown dataset {use.key[0]}/{use.key[1]}")
         totals[use.key] = total
         held[use.key] = view.cached(use.key, use.paths)
     requested = sum(totals.values())
@@ -210,7 +211,7 @@ def score(request: ScoreRequest, view: View, weights: Weights) -> ScoreReply:
         scores.append(NodeScore(node=node, score=round(TOP_SCORE * value / top), cached_bytes=cached.get(node, 0),
                                 share=round(own, 6), reason=reason))
     scores.sort(key=lambda item: (-item.score, item.node))
-    return ScoreReply(causation_id=request.id, scores=scores, filtered=filtered)
+    return ScoreReply(id=f"{request.id}.reply", causation_id=request.id, scores=scores, filtered=filtered)
 
 
 def _without_data(request: ScoreRequest, view: View, labelled: list[tuple[str, Mapping[str, str]]]) -> ScoreReply:
@@ -221,7 +222,7 @@ def _without_data(request: ScoreRequest, view: View, labelled: list[tuple[str, M
         for node, _ in labelled
     ]
     scores.sort(key=lambda item: (-item.score, item.node))
-    return ScoreReply(causation_id=request.id, scores=scores)
+    return ScoreReply(id=f"{request.id}.reply", causation_id=request.id, scores=scores)
 
 
 @dataclass
