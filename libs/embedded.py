@@ -124,7 +124,8 @@ class NatsConfig:
     store_dir: Path
     # Bounded so a test run or a laptop demo never sizes JetStream from the whole machine's RAM and disk.
     max_memory_store: str = "256MB"
-    max_file_store: str = "4GB"
+    # Above the streams' reservations (four streams bounded at 1 GiB each) plus room for the KV buckets.
+    max_file_store: str = "8GB"
 
     @property
     def url(self) -> str:
