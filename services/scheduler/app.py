@@ -100,7 +100,7 @@ async def run(settings: Settings, stop: asyncio.Event, clock: Callable[[], float
         inventory = Consumer(
             bus, subjects.STREAM_AGENT, subjects.DURABLE_SCHEDULER_INVENTORY, subjects.AGENT_INVENTORY,
             msgspec.json.Decoder(AnyInventory), handlers.on_inventory, max_event_bytes=MESSAGE_LIMIT,
-            max_deliver=settings.service.max_deliver, batch=INVENTORY_BATCH,
+            max_deliver=settings.service.max_deliver, batch=INVENTORY_BATCH, traced=False,
         )
         loops: list[Loop] = [agents, DatasetWatch(handlers), inventory, ScoreServer(bus, handlers),
                              Periodic("sweep", handlers.sweep, SWEEP_SECONDS)]

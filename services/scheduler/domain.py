@@ -22,9 +22,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
+
+import msgspec
 
 from libs.events.schedule import NodeScore, ScoreReply, ScoreRequest
 
@@ -120,23 +122,34 @@ def _names(uses: list[Use]) -> str:
     return ", ".join(f"{namespace}/{name}" for namespace, name in (use.key for use in uses))
 
 
-def _best_two(holders: Iterable[tuple[str, str, float]]) -> dict[str, list[tuple[float, str]]]:
-    """Per group (zone or region): its two best (share, node), best first, ties by name."""
-    best: dict[str, list[tuple[float, str]]] = {}
-    for group, node, share in holders:
-        entries = best.setdefault(group, [])
-        entries.append((share, node))
-        entries.sort(key=lambda item: (-item[0], item[1]))
+# Group (zone or region) → its two best holders as (-share, node), best first: sorting these tuples ranks by share,
+# then by name, whatever order the holders came in.
+Best = dict[str, list[tuple[float, str]]]
+
+
+def _offer(best: Best, group: str, node: str, share: float) -> None:
+    if not group:
+        return
+    item = (-share, node)
+    entries = best.get(group)
+    if entries is None:
+        best[group] = [item]
+    elif len(entries) < 2 or item < entries[1]:
+        entries.append(item)
+        entries.sort()
         del entries[2:]
-    return best
 
 
-def _neighbour(best: Mapping[str, list[tuple[float, str]]], group: str, node: str) -> tuple[float, str]:
+def _neighbour(best: Best, group: str, node: str) -> tuple[float, str]:
     """The best share held in ``group`` by a node other than ``node``."""
     for share, holder in best.get(group, ()):
         if holder != node:
-            return share, holder
+            return -share, holder
     return 0.0, ""
+
+
+# Whole files are counted (for the reason) on the best nodes only: counting them costs a pass over a node's files.
+WHOLE_FILES_NOTED = 10
 
 
 def score(request: ScoreRequest, view: View, weights: Weights) -> ScoreReply:
@@ -146,8 +159,8 @@ def score(request: ScoreRequest, view: View, weights: Weights) -> ScoreReply:
         return ScoreReply(id=f"{request.id}.reply", causation_id=request.id, error=normalised)
     uses, candidates = normalised
     labelled: list[tuple[str, Mapping[str, str]]] = (
-        candidates or [(node, view.labels(node)) for node in sorted(view.nodes())])
-    labelled = [(node, labels or view.labels(node)) for node, labels in labelled]
+        [(node, labels or view.labels(node)) for node, labels in candidates] if candidates
+        else [(node, view.labels(node)) for node in sorted(view.nodes())])
     if not uses:
         return _without_data(request, view, labelled)
 
@@ -163,55 +176,78 @@ def score(request: ScoreRequest, view: View, weights: Weights) -> ScoreReply:
     requested = sum(totals.values())
     cached: dict[str, int] = {}
     for use in uses:
+        total = totals[use.key]
         for node, size in held[use.key].items():
-            cached[node] = cached.get(node, 0) + min(size, totals[use.key])
-
-    def share_of(node: str) -> float:
-        return min(cached.get(node, 0) / requested, 1.0) if requested > 0 else 0.0
+            cached[node] = cached.get(node, 0) + min(size, total)
+    shares = {node: min(size / requested, 1.0) for node, size in cached.items()} if requested > 0 else {}
 
     filtered: dict[str, str] = {}
-    kept: list[tuple[str, Mapping[str, str]]] = []
-    for node, labels in labelled:
-        missing = [use for use in uses if use.required and held[use.key].get(node, 0) <= 0]
-        if missing:
-            filtered[node] = f"holds none of {_names(missing)} (required)"
-        else:
-            kept.append((node, labels))
+    kept = labelled
+    required = [use for use in uses if use.required]
+    if required:
+        kept = []
+        for node, labels in labelled:
+            missing = [use for use in required if held[use.key].get(node, 0) <= 0]
+            if missing:
+                filtered[node] = f"holds none of {_names(missing)} (required)"
+            else:
+                kept.append((node, labels))
 
     # Zones and regions of the nodes holding bytes (every known node, not only candidates: a candidate close to a
     # cache node gains even if that node itself may not take the work).
-    holders = [(node, share_of(node)) for node in sorted(cached) if share_of(node) > 0]
-    zone_of = {node: view.labels(node).get(weights.zone_label, "") for node, _ in holders}
-    region_of = {node: view.labels(node).get(weights.region_label, "") for node, _ in holders}
-    zones = _best_two((zone_of[node], node, share) for node, share in holders if zone_of[node])
-    regions = _best_two((region_of[node], node, share) for node, share in holders if region_of[node])
+    zone_label, region_label = weights.zone_label, weights.region_label
+    zones: Best = {}
+    regions: Best = {}
+    for node, share in shares.items():
+        if share > 0:
+            labels = view.labels(node)
+            _offer(zones, labels.get(zone_label, ""), node, share)
+            _offer(regions, labels.get(region_label, ""), node, share)
     top = max(weights.node, weights.zone, weights.region) or 1
     names = _names(uses)
+    reasons: dict[tuple[str, str, str, float], str] = {}
 
     scores = []
     for node, labels in kept:
-        own = share_of(node)
+        own = shares.get(node, 0.0)
         value = weights.node * own
-        reason = f"holds {_percent(own)} of {names}" if own > 0 else f"holds none of {names}"
-        zone = labels.get(weights.zone_label, "")
-        if zone:
-            share, holder = _neighbour(zones, zone, node)
-            if weights.zone * share > value:
-                value = weights.zone * share
-                reason = f"same zone ({zone}) as {holder}, which holds {_percent(share)} of {names}"
-        region = labels.get(weights.region_label, "")
-        if region:
-            share, holder = _neighbour(regions, region, node)
-            if weights.region * share > value:
-                value = weights.region * share
-                reason = f"same region ({region}) as {holder}, which holds {_percent(share)} of {names}"
-        whole = sum(view.whole_files(use.key, node) for use in uses) if own > 0 else 0
-        if whole:
-            reason += f" ({whole} whole files)"
+        why: tuple[str, str, str, float] = ("own", "", "", own)
+        if zones:
+            zone = labels.get(zone_label, "")
+            if zone:
+                share, holder = _neighbour(zones, zone, node)
+                if weights.zone * share > value:
+                    value, why = weights.zone * share, ("zone", zone, holder, share)
+        if regions:
+            region = labels.get(region_label, "")
+            if region:
+                share, holder = _neighbour(regions, region, node)
+                if weights.region * share > value:
+                    value, why = weights.region * share, ("region", region, holder, share)
+        reason = reasons.get(why)
+        if reason is None:
+            reason = reasons[why] = _reason(why, names)
         scores.append(NodeScore(node=node, score=round(TOP_SCORE * value / top), cached_bytes=cached.get(node, 0),
                                 share=round(own, 6), reason=reason))
-    scores.sort(key=lambda item: (-item.score, item.node))
+    scores.sort(key=_rank)
+    for index, item in enumerate(scores[:WHOLE_FILES_NOTED]):
+        whole = sum(view.whole_files(use.key, item.node) for use in uses) if item.cached_bytes else 0
+        if whole:
+            scores[index] = msgspec.structs.replace(item, reason=f"{item.reason} ({whole} whole files)")
     return ScoreReply(id=f"{request.id}.reply", causation_id=request.id, scores=scores, filtered=filtered)
+
+
+def _rank(item: NodeScore) -> tuple[int, str]:
+    return -item.score, item.node
+
+
+def _reason(why: tuple[str, str, str, float], names: str) -> str:
+    kind, group, holder, share = why
+    if kind == "zone":
+        return f"same zone ({group}) as {holder}, which holds {_percent(share)} of {names}"
+    if kind == "region":
+        return f"same region ({group}) as {holder}, which holds {_percent(share)} of {names}"
+    return f"holds {_percent(share)} of {names}" if share > 0 else f"holds none of {names}"
 
 
 def _without_data(request: ScoreRequest, view: View, labelled: list[tuple[str, Mapping[str, str]]]) -> ScoreReply:
@@ -221,7 +257,7 @@ def _without_data(request: ScoreRequest, view: View, labelled: list[tuple[str, M
         else NodeScore(node=node, score=TOP_SCORE, reason="holds no cache")
         for node, _ in labelled
     ]
-    scores.sort(key=lambda item: (-item.score, item.node))
+    scores.sort(key=_rank)
     return ScoreReply(id=f"{request.id}.reply", causation_id=request.id, scores=scores)
 
 

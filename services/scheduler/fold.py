@@ -117,6 +117,8 @@ class CacheFold:
     def __init__(self) -> None:
         self.datasets: dict[DatasetKey, dict[str, NodeCache]] = {}
         self.catalogs: dict[DatasetKey, Catalog] = {}
+        # Node → how many datasets it has a cache entry for: the known nodes, without a pass over every dataset.
+        self.node_entries: dict[str, int] = {}
 
     def apply(self, event: Inventory) -> bool:
         """Fold one event; True when its node should be asked for a snapshot (``InventoryRequest``)."""
@@ -129,6 +131,7 @@ class CacheFold:
             return ask  # old or redelivered
         if cache is None:
             cache = nodes[event.node] = NodeCache(position=after)
+            self.node_entries[event.node] = self.node_entries.get(event.node, 0) + 1
         cache.position = after
         catalog = self.catalogs.get(key)
         if isinstance(event, InventorySnapshot):
@@ -194,15 +197,24 @@ class CacheFold:
             self._recount(cache, catalog)
 
     def forget_dataset(self, key: DatasetKey) -> None:
-        self.datasets.pop(key, None)
+        for node in self.datasets.pop(key, {}):
+            self._entry_gone(node)
         self.catalogs.pop(key, None)
 
     def forget_node(self, node: str) -> None:
         for nodes in self.datasets.values():
             nodes.pop(node, None)
+        self.node_entries.pop(node, None)
+
+    def _entry_gone(self, node: str) -> None:
+        left = self.node_entries.get(node, 0) - 1
+        if left > 0:
+            self.node_entries[node] = left
+        else:
+            self.node_entries.pop(node, None)
 
     def nodes(self) -> set[str]:
-        return {node for nodes in self.datasets.values() for node in nodes}
+        return set(self.node_entries)
 
     def caching_nodes(self) -> set[str]:
         """Nodes holding any block of any dataset."""

@@ -1,10 +1,11 @@
-"""``make bench``: the control-plane bench, the agent data-path bench (``tests/bench/agent.py``), then the seed
-bench (``tests/bench/seed.py``: N consumers of one model behind a bandwidth-limited store, and peer reads).
+"""``make bench``: the control-plane bench, the agent data-path bench (``tests/bench/agent.py``), the seed
+bench (``tests/bench/seed.py``: N consumers of one model behind a bandwidth-limited store, and peer reads), then the
+scheduler bench (``tests/bench/scheduler.py``: inventory fold rate against the JetStream ceiling, decision latency).
 
-``python -m tests.bench [--only control|agent|seed] [--quick]`` runs all three by default; ``SHOAL_BENCH=seed make
-bench`` (or ``control``, ``agent``) runs one. ``--quick`` makes the agent and seed benches small; other arguments
-the control bench does not know (e.g. ``--workloads``) go to the agent bench; the seed bench takes its settings
-from ``SHOAL_BENCH_SEED_*``.
+``python -m tests.bench [--only control|agent|seed|scheduler] [--quick]`` runs all four by default;
+``SHOAL_BENCH=seed make bench`` (or ``control``, ``agent``, ``scheduler``) runs one. ``--quick`` makes the agent,
+seed and scheduler benches small; other arguments the control bench does not know (e.g. ``--workloads``) go to the
+agent bench; the seed bench takes its settings from ``SHOAL_BENCH_SEED_*``.
 
 The control-plane bench runs on the embedded stack (real nats-server and SeaweedFS) and measures, for a bucket of
 10k objects:
@@ -42,7 +43,7 @@ from libs.events.dataset import Dataset, DatasetApply, DatasetSpec, Mount
 from libs.ufs import S3Location, open_store
 
 BUCKET = "bench-10k"
-BENCHES = ("control", "agent", "seed")
+BENCHES = ("control", "agent", "seed", "scheduler")
 console = Console(width=120)
 
 
@@ -136,7 +137,7 @@ def main() -> None:
     args, agent_args = parser.parse_known_args()
     if args.only not in (None, *BENCHES):
         parser.error(f"SHOAL_BENCH={args.only!r}: expected one of {', '.join(BENCHES)}")
-    if agent_args and args.only in ("control", "seed"):
+    if agent_args and args.only in ("control", "seed", "scheduler"):
         parser.error(f"unrecognized arguments: {' '.join(agent_args)}")
     failed = []
     if args.only in (None, "control"):
@@ -161,6 +162,16 @@ def main() -> None:
         from tests.bench import seed
 
         seed.main(args.state_dir, quick=args.quick)
+    if args.only in (None, "scheduler"):
+        from tests.bench import scheduler
+
+        try:
+            scheduler.main(args.state_dir, quick=args.quick)
+        except Exception:
+            if args.only == "scheduler":
+                raise
+            console.print_exception()
+            failed.append("scheduler")
     if failed:
         sys.exit(f"the {', '.join(failed)} bench failed (see above)")
 

@@ -13,6 +13,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import TypeVar
 
 import msgspec
 import pytest
@@ -42,6 +43,7 @@ from tests.helpers import eventually, make_settings
 MiB = 1 << 20
 DATASET = ObjectRef(name="imagenet", namespace="ml")
 ZONE = "topology.kubernetes.io/zone"
+T = TypeVar("T")
 FILES = {"/train/a.bin": 2 * MiB, "/train/b.bin": 2 * MiB, "/val/c.bin": MiB}
 
 
@@ -105,7 +107,7 @@ async def scheduler(settings: Settings) -> AsyncIterator[Callable[[], SchedulerH
         await asyncio.wait_for(task, 20)
 
 
-async def _true(value: bool) -> bool:
+async def _true(value: T) -> T:
     return value
 
 
