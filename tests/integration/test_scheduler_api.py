@@ -10,6 +10,7 @@ the same answers; deleting the dataset forgets its cache. (Real agents and mount
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -20,7 +21,7 @@ import pytest
 
 from libs import subjects
 from libs.bus import Bus
-from libs.config import Settings
+from libs.config import SchedulerSettings, Settings
 from libs.events.agent import (
     AgentHeartbeat,
     AgentRecord,
@@ -198,3 +199,44 @@ async def test_score_api_gap_restart_and_deletion(bus: Bus, scheduler_settings: 
 async def _error(bus: Bus) -> ScoreReply | None:
     reply = await ask(bus, WHOLE)
     return reply if reply.error else None
+
+
+class FakeHttp:
+    """Stands in for ``services.scheduler.http.SchedulerHttp``: records how the loop drives it."""
+
+    def __init__(self, answer: Callable[[ScoreRequest], ScoreReply]) -> None:
+        self.answer = answer
+        self.started: tuple[str, int, object] | None = None
+        self.stopped = False
+
+    async def start(self, host: str, port: int, ssl_context: object = None) -> int:
+        self.started = (host, port, ssl_context)
+        return 40000
+
+    async def stop(self) -> None:
+        self.stopped = True
+
+
+async def test_extra_loops_run_an_http_front_on_the_same_answers(bus: Bus, scheduler_settings: Settings) -> None:
+    await seed(bus, {"node-a": {}})
+    agent = FakeAgent(bus, "node-a")
+    fronts: list[FakeHttp] = []
+
+    def front(handlers: SchedulerHandlers, settings: Settings) -> app.HttpFront:
+        fronts.append(FakeHttp(handlers.answer))
+        return app.HttpFront(fronts[-1], settings.scheduler)
+
+    settings = dataclasses.replace(scheduler_settings, scheduler=SchedulerSettings(http_port=0))
+    stop = asyncio.Event()
+    task = asyncio.create_task(app.run(settings, stop, extra_loops=[front]))
+    try:
+        await eventually(lambda: _true(bool(fronts) and fronts[0].started), what="the front started")
+        assert fronts[0].started == ("127.0.0.1", 0, None)
+        await agent.cache("/val/c.bin")
+        await eventually(lambda: _true(ranking(fronts[0].answer(WHOLE)) == [("node-a", 20)]),
+                         what="the front's answers follow the fold")
+        assert ranking(await ask(bus, WHOLE)) == ranking(fronts[0].answer(WHOLE))
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 20)
+    assert fronts[0].stopped
