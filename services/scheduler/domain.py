@@ -207,28 +207,39 @@ def score(request: ScoreRequest, view: View, weights: Weights) -> ScoreReply:
     names = _names(uses)
     reasons: dict[tuple[str, str, str, float], str] = {}
 
-    scores = []
-    for node, labels in kept:
-        own = shares.get(node, 0.0)
+    def place(node: str, own: float, zone: str, region: str) -> tuple[int, str]:
         value = weights.node * own
         why: tuple[str, str, str, float] = ("own", "", "", own)
-        if zones:
-            zone = labels.get(zone_label, "")
-            if zone:
-                share, holder = _neighbour(zones, zone, node)
-                if weights.zone * share > value:
-                    value, why = weights.zone * share, ("zone", zone, holder, share)
-        if regions:
-            region = labels.get(region_label, "")
-            if region:
-                share, holder = _neighbour(regions, region, node)
-                if weights.region * share > value:
-                    value, why = weights.region * share, ("region", region, holder, share)
+        if zone:
+            share, holder = _neighbour(zones, zone, node)
+            if weights.zone * share > value:
+                value, why = weights.zone * share, ("zone", zone, holder, share)
+        if region:
+            share, holder = _neighbour(regions, region, node)
+            if weights.region * share > value:
+                value, why = weights.region * share, ("region", region, holder, share)
         reason = reasons.get(why)
         if reason is None:
             reason = reasons[why] = _reason(why, names)
-        scores.append(NodeScore(node=node, score=round(TOP_SCORE * value / top), cached_bytes=cached.get(node, 0),
-                                share=round(own, 6), reason=reason))
+        return round(TOP_SCORE * value / top), reason
+
+    # A node that is not among its zone's or region's two best holders has the same neighbours as every other such
+    # node there, so its score depends only on (zone, region, own share): computed once per distinct triple.
+    tops = {node for best in (zones, regions) for entries in best.values() for _, node in entries}
+    memo: dict[tuple[str, str, float], tuple[int, str]] = {}
+    scores = []
+    for node, labels in kept:
+        own = shares.get(node, 0.0)
+        zone = labels.get(zone_label, "") if zones else ""
+        region = labels.get(region_label, "") if regions else ""
+        if node in tops:
+            placed = place(node, own, zone, region)
+        else:
+            key = (zone, region, own)
+            known = memo.get(key)
+            placed = known if known is not None else memo.setdefault(key, place(node, own, zone, region))
+        scores.append(NodeScore(node=node, score=placed[0], cached_bytes=cached.get(node, 0), share=round(own, 6),
+                                reason=placed[1]))
     scores.sort(key=_rank)
     for index, item in enumerate(scores[:WHOLE_FILES_NOTED]):
         whole = sum(view.whole_files(use.key, item.node) for use in uses) if item.cached_bytes else 0
