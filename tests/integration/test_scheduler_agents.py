@@ -5,19 +5,24 @@ The runtime has no cache workers (``replicas: 0``): every node reads the store a
 "read through node-c" puts the bytes on node-c. Shown: after reading two of three files through node-c, the NATS API
 ranks node-c first (its share, whole files), node-b next (same zone), node-a last (same region); path hints and
 required mode follow the files read; a restarted scheduler gives the very same answer; deleting the dataset frees
-its caches and the scheduler forgets it; the dataset applied again and read through node-a moves the answer there.
+its caches and the scheduler forgets it; the dataset applied again and read through node-a moves the answer there;
+a delta published by hand with a gap in node-a's sequence makes the scheduler ask node-a, whose agent answers.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TypeVar
 
+import msgspec
 import pytest
+from nats.aio.msg import Msg
 
 from libs import subjects
 from libs.bus import Bus
 from libs.config import Settings
-from libs.events.common import ObjectMeta
+from libs.events.agent import InventoryDelta, InventoryRequest
+from libs.events.common import ObjectMeta, ObjectRef
 from libs.events.dataset import Dataset, DatasetApply, DatasetDelete, DatasetSpec, Mount
 from libs.events.runtime import Level, Runtime, RuntimeApply, RuntimeSpec, TieredStore
 from libs.events.schedule import DatasetUse, ScoreReply, ScoreRequest
@@ -28,6 +33,7 @@ from tests.integration.test_scheduler_api import ask, ranking, scheduler
 
 pytestmark = pytest.mark.needs("fuse")
 
+T = TypeVar("T")
 MiB = 1 << 20
 NAME = "scored"
 ZONE, REGION = "topology.kubernetes.io/zone", "topology.kubernetes.io/region"
@@ -83,7 +89,7 @@ async def test_the_scheduler_follows_the_bytes_of_real_agents(bus: Bus, settings
                                                                   required=True)]))
             assert ranking(f0) == [("node-c", 100)] and set(f0.filtered) == {"node-a", "node-b"}
 
-        async with scheduler(settings):
+        async with scheduler(settings) as handlers:
             again = await eventually(lambda: ranked(bus, "node-c", round(share, 6)),
                                      what="the same answer after a restart")
             assert again.scores == reply.scores
@@ -105,6 +111,38 @@ async def test_the_scheduler_follows_the_bytes_of_real_agents(bus: Bus, settings
             # node-c's blocks went with the deleted dataset: it holds nothing now.
             assert {s.node: s.cached_bytes for s in moved.scores} == {
                 "node-a": len(OBJECTS["f2.bin"]), "node-b": 0, "node-c": 0}
+
+            # A gap in node-a's sequence (a delta published by hand two numbers ahead): the scheduler asks node-a
+            # for a snapshot of this dataset, and the real agent answers with one.
+            requests: list[InventoryRequest] = []
+            snapshots: list[bytes] = []
+
+            async def on_request(request: InventoryRequest) -> None:
+                requests.append(request)
+
+            async def on_inventory(message: Msg) -> None:
+                if b"agent.inventory.snapshot" in message.data:
+                    snapshots.append(message.data)
+
+            listeners = [
+                await bus.subscribe(subjects.INVENTORY_REQUEST, msgspec.json.Decoder(InventoryRequest), on_request),
+                await bus.nc.subscribe(subjects.agent_inventory("node-a"), cb=on_inventory)]
+            try:
+                position = handlers().fold.datasets[("default", NAME)]["node-a"].position
+                await bus.publish(subjects.agent_inventory("node-a"), InventoryDelta(
+                    node="node-a", dataset=ObjectRef(name=NAME), incarnation=position.incarnation,
+                    seq=position.seq + 2, counters=position.counters))
+                asked = await eventually(lambda: _found([r for r in requests if r.node == "node-a"]),
+                                         what="a snapshot request to node-a after the gap")
+                assert asked[0].dataset == ObjectRef(name=NAME)
+                await eventually(lambda: _found(snapshots), what="node-a's agent answering with a snapshot")
+            finally:
+                for listener in listeners:
+                    await listener.unsubscribe()
+
+
+async def _found(items: list[T]) -> list[T]:
+    return items
 
 
 async def _gone(bus: Bus) -> bool:
