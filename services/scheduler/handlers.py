@@ -43,6 +43,21 @@ _REQUEST_DECODER = msgspec.json.Decoder(ScoreRequest)
 _RECORD_DECODER = msgspec.json.Decoder(DatasetRecord)
 
 
+class _Identified(msgspec.Struct):
+    id: str = ""
+
+
+_ID_DECODER = msgspec.json.Decoder(_Identified)
+
+
+def _request_id(data: bytes) -> str:
+    """The id of a request that is otherwise malformed, so the caller can match the error to its request."""
+    try:
+        return _ID_DECODER.decode(data).id
+    except (msgspec.ValidationError, msgspec.DecodeError):
+        return ""
+
+
 def dataset_key(kv_key: str) -> DatasetKey | None:
     """``<namespace>.<name>`` (both DNS labels, no dots) as (namespace, name); None for anything else."""
     namespace, dot, name = kv_key.partition(".")
@@ -102,7 +117,8 @@ class SchedulerHandlers:
         except (msgspec.ValidationError, msgspec.DecodeError) as err:
             SCORE_REQUESTS.labels("malformed").inc()
             self._count("malformed")
-            return msgspec.json.encode(ScoreReply(error=f"invalid sched.score.v1 request: {err}"))
+            return msgspec.json.encode(ScoreReply(causation_id=_request_id(data),
+                                                  error=f"invalid sched.score.v1 request: {err}"))
         return msgspec.json.encode(self.answer(request))
 
     # --- inventory ---

@@ -159,11 +159,13 @@ async def test_score_api_gap_restart_and_deletion(bus: Bus, scheduler_settings: 
             assert ranking(val) == [("node-c", 100)] and set(val.filtered) == {"node-a", "node-b"}
 
             # Bad input: an error answer each, counted, and the service keeps answering.
-            malformed = await ask(bus, b'{"type": "sched.score.v1", "datasets": 7}')
+            malformed = await ask(bus, b'{"type": "sched.score.v1", "id": "q7", "datasets": 7}')
             assert malformed.error.startswith("invalid sched.score.v1 request") and malformed.scores == []
+            assert malformed.causation_id == "q7"
+            assert (await ask(bus, b"\xff not json")).error.startswith("invalid sched.score.v1 request")
             unknown = await ask(bus, ScoreRequest(datasets=[DatasetUse(name="nope")]))
             assert unknown.error == "unknown dataset default/nope"
-            assert handlers().counts["malformed"] == 1 and handlers().counts["error"] == 1
+            assert handlers().counts["malformed"] == 2 and handlers().counts["error"] == 1
 
             # A gap in node-c's sequence: the scheduler asks node-c (and only it) for a snapshot.
             before = len(requests)
