@@ -41,6 +41,8 @@ SERVICE_NAME = "shoal-scheduler"
 QUEUE_GROUP = "shoal-scheduler"
 # How often nodes whose agent went away are looked for; their cache stops counting within this of the timeout.
 SWEEP_SECONDS = 5.0
+# How often labels and liveness are compared for the decision cache: a relabelled node counts within a second.
+LABELS_SECONDS = 1.0
 # Inventory events are small and folding one takes microseconds: large fetches keep the consumer near the
 # stream's own rate (see the scheduler bench).
 INVENTORY_BATCH = 256
@@ -151,7 +153,8 @@ async def run(settings: Settings, stop: asyncio.Event, clock: Callable[[], float
             max_deliver=settings.service.max_deliver, batch=INVENTORY_BATCH, traced=False,
         )
         loops: list[Loop] = [agents, DatasetWatch(handlers), inventory, ScoreServer(bus, handlers),
-                             Periodic("sweep", handlers.sweep, SWEEP_SECONDS)]
+                             Periodic("sweep", handlers.sweep, SWEEP_SECONDS),
+                             Periodic("labels", handlers.refresh_labels, LABELS_SECONDS)]
         loops += [make(handlers, settings) for make in extra_loops]
         if started is not None:
             started(handlers)

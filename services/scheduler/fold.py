@@ -119,6 +119,17 @@ class CacheFold:
         self.catalogs: dict[DatasetKey, Catalog] = {}
         # Node → how many datasets it has a cache entry for: the known nodes, without a pass over every dataset.
         self.node_entries: dict[str, int] = {}
+        # Change stamps from one counter that only grows (a forgotten dataset applied again never reuses a stamp):
+        # per dataset, for the node set, and for anything at all. Decisions are cached until one they read moves.
+        self.generation = 0
+        self.versions: dict[DatasetKey, int] = {}
+        self.nodes_version = 0
+
+    def _changed(self, key: DatasetKey, nodes: bool = False) -> None:
+        self.generation += 1
+        self.versions[key] = self.generation
+        if nodes:
+            self.nodes_version = self.generation
 
     def apply(self, event: Inventory) -> bool:
         """Fold one event; True when its node should be asked for a snapshot (``InventoryRequest``)."""
@@ -129,6 +140,7 @@ class CacheFold:
         after, ask = fold_node(before, event, track_blocks=False)
         if after is before:
             return ask  # old or redelivered
+        self._changed(key, nodes=cache is None)
         if cache is None:
             cache = nodes[event.node] = NodeCache(position=after)
             self.node_entries[event.node] = self.node_entries.get(event.node, 0) + 1
@@ -189,6 +201,7 @@ class CacheFold:
 
     def set_catalog(self, key: DatasetKey, catalog: Catalog | None) -> None:
         """A new manifest of the dataset (None: not known): which cached file versions count changes."""
+        self._changed(key)
         if catalog is None:
             self.catalogs.pop(key, None)
         else:
@@ -197,13 +210,15 @@ class CacheFold:
             self._recount(cache, catalog)
 
     def forget_dataset(self, key: DatasetKey) -> None:
+        self._changed(key, nodes=True)
         for node in self.datasets.pop(key, {}):
             self._entry_gone(node)
         self.catalogs.pop(key, None)
 
     def forget_node(self, node: str) -> None:
-        for nodes in self.datasets.values():
-            nodes.pop(node, None)
+        for key, nodes in self.datasets.items():
+            if nodes.pop(node, None) is not None:
+                self._changed(key, nodes=True)
         self.node_entries.pop(node, None)
 
     def _entry_gone(self, node: str) -> None:

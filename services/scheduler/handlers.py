@@ -15,6 +15,7 @@ import contextlib
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import msgspec
 from prometheus_client import Counter
@@ -40,7 +41,15 @@ INVENTORY_IGNORED = Counter("shoal_scheduler_inventory_ignored", "Inventory even
 SNAPSHOT_REQUESTS = Counter("shoal_scheduler_snapshot_requests", "Snapshot requests sent to agents.")
 
 _REQUEST_DECODER = msgspec.json.Decoder(ScoreRequest)
+# Distinct questions whose answers are kept; past this the memory starts over (a few MB at most).
+ANSWERS_KEPT = 1024
 _RECORD_DECODER = msgspec.json.Decoder(DatasetRecord)
+
+
+def _request_key(request: ScoreRequest) -> Any:
+    """The question without its id: equal for two requests that must get the same answer."""
+    return (tuple((use.namespace, use.name, tuple(use.paths), use.required) for use in request.datasets),
+            tuple((candidate.name, tuple(sorted(candidate.labels.items()))) for candidate in request.candidates))
 
 
 class _Identified(msgspec.Struct):
@@ -96,6 +105,11 @@ class SchedulerHandlers:
     def __post_init__(self) -> None:
         self.totals = _Totals(self.datasets)
         self.view = LiveView(self.fold, self.totals, self._labels, self._alive)
+        # Decisions already made, by request, with the stamps of what they read (see ``answer``).
+        self._answers: dict[Any, tuple[Any, ScoreReply]] = {}
+        self.info_version = 0
+        self.labels_version = 0
+        self._labels_seen: Any = ()
 
     def _count(self, what: str) -> None:
         self.counts[what] = self.counts.get(what, 0) + 1
@@ -103,12 +117,33 @@ class SchedulerHandlers:
     # --- answers ---
 
     def answer(self, request: ScoreRequest) -> ScoreReply:
-        """The decision for one request, from memory (the webhook, the extender and the NATS API all call this)."""
-        reply = domain.score(request, self.view, self.weights)
+        """The decision for one request, from memory (the webhook, the extender and the NATS API all call this).
+
+        A decision is kept and given again while nothing it read has changed: the requested datasets' caches and
+        catalogs, the set of nodes, the datasets' totals, and the nodes' labels and liveness (re-read every second
+        by ``refresh_labels``). Many pods of one job ask the same question in a burst; only the first pays for it.
+        """
+        key = _request_key(request)
+        stamp = self._stamp(request)
+        known = self._answers.get(key)
+        if known is not None and known[0] == stamp:
+            reply = msgspec.structs.replace(known[1], id=f"{request.id}.reply", causation_id=request.id)
+        else:
+            reply = domain.score(request, self.view, self.weights)
+            if len(self._answers) >= ANSWERS_KEPT:
+                self._answers.clear()
+            self._answers[key] = (stamp, reply)
         outcome = "error" if reply.error else "answered"
         SCORE_REQUESTS.labels(outcome).inc()
         self._count(outcome)
         return reply
+
+    def _stamp(self, request: ScoreRequest) -> Any:
+        fold = self.fold
+        if not request.datasets:
+            return fold.generation, self.info_version, self.labels_version
+        return (tuple(fold.versions.get((use.namespace or "default", use.name), 0) for use in request.datasets),
+                fold.nodes_version, self.info_version, self.labels_version)
 
     def answer_raw(self, data: bytes) -> bytes:
         """``sched.score.v1`` over NATS: a malformed request gets a ``ScoreReply`` with the reason, never silence."""
@@ -184,6 +219,8 @@ class SchedulerHandlers:
         info = info_of(record)
         before = self.datasets.get(key)
         self.datasets[key] = info
+        if before != info:
+            self.info_version += 1
         if before is not None and before.manifest_version == info.manifest_version:
             return
         if not record.status.manifest:
@@ -200,6 +237,7 @@ class SchedulerHandlers:
 
     def forget_dataset(self, key: DatasetKey) -> None:
         self.datasets.pop(key, None)
+        self.info_version += 1
         self.fold.forget_dataset(key)
 
     # --- nodes ---
@@ -211,6 +249,14 @@ class SchedulerHandlers:
     def _alive(self) -> Iterator[str]:
         now = self.clock()
         return (node for node, record in self.agents.values.items() if now - record.received_at <= self.node_timeout)
+
+    async def refresh_labels(self) -> None:
+        """Notice changed labels and nodes coming or going (heartbeats rewrite every record every beat, so only
+        what decisions read is compared)."""
+        seen = tuple(sorted((node, tuple(sorted(self._labels(node).items()))) for node in self._alive()))
+        if seen != self._labels_seen:
+            self._labels_seen = seen
+            self.labels_version += 1
 
     async def sweep(self) -> None:
         """Forget the cache of nodes whose agent went away (record deleted, or no heartbeat for ``node_timeout``)."""

@@ -154,3 +154,39 @@ def test_same_blocks_and_same_snapshot_requests_as_the_shared_fold(sequence: lis
         mine = {BlockId(*file, index): size for file, held in cache.files.items() for index, size in held.items()}
         assert mine == position.blocks
         assert cache.total == cache.current == sum(position.blocks.values())
+
+
+def test_decisions_are_kept_only_while_what_they_read_is_unchanged() -> None:
+    import asyncio
+    from types import SimpleNamespace
+
+    from libs.events.agent import AgentHeartbeat, AgentRecord
+    from libs.events.schedule import DatasetUse, ScoreRequest
+    from services.scheduler.handlers import DatasetInfo, SchedulerHandlers
+
+    beat = AgentHeartbeat(node="n2", labels={"topology.kubernetes.io/zone": "z1"})
+    agents = SimpleNamespace(values={"n2": AgentRecord(heartbeat=beat, received_at=100.0)}, ready=asyncio.Event())
+    handlers = SchedulerHandlers(bus=None, agents=agents, clock=lambda: 100.0)  # type: ignore[arg-type]
+    handlers.datasets[KEY] = DatasetInfo(total=4 * MiB, manifest_version=("", 0, 0, ""))
+    handlers.fold.apply(snapshot(1, blocks("k", "e", [(0, MiB)])))
+    asyncio.run(handlers.refresh_labels())  # as the periodic refresh does at start
+    question = [DatasetUse(name="d", namespace="ml")]
+    first = handlers.answer(ScoreRequest(id="q1", datasets=question))
+    again = handlers.answer(ScoreRequest(id="q2", datasets=question))
+    assert again.scores is first.scores and (again.id, again.causation_id) == ("q2.reply", "q2")
+    assert [(s.node, s.score) for s in first.scores] == [("n1", 25), ("n2", 0)]
+    # A delta of the requested dataset: a new decision.
+    handlers.fold.apply(delta(2, blocks("k", "e", [(1, MiB)])))
+    moved = handlers.answer(ScoreRequest(id="q3", datasets=question))
+    assert [(s.node, s.score) for s in moved.scores] == [("n1", 50), ("n2", 0)]
+    # A label change, noticed by the periodic refresh: n2 is now in n1's zone.
+    agents.values["n1"] = AgentRecord(heartbeat=AgentHeartbeat(node="n1", labels={"topology.kubernetes.io/zone": "z1"}),
+                                      received_at=100.0)
+    assert handlers.answer(ScoreRequest(id="q4", datasets=question)).scores is moved.scores
+    asyncio.run(handlers.refresh_labels())
+    relabelled = handlers.answer(ScoreRequest(id="q5", datasets=question))
+    assert [(s.node, s.score) for s in relabelled.scores] == [("n1", 50), ("n2", 25)]
+    # The dataset's total changes (a resync): a new decision.
+    handlers.datasets[KEY] = DatasetInfo(total=8 * MiB, manifest_version=("", 0, 1, ""))
+    handlers.info_version += 1
+    assert [s.score for s in handlers.answer(ScoreRequest(datasets=question)).scores] == [25, 12]
