@@ -15,7 +15,10 @@ On a real nats-server (embedded, its own process) with ``--agents`` simulated ag
    has taken the last message: block events per second, and the ratio to the ceiling (target >= 0.8). Both folds
    must end with the same blocks;
 5. **decision latency** of a pod using the 3 hot datasets over every node (1,000 candidates): ``handlers.answer``
-   in process (target p99 < 1 ms) and ``sched.score.v1`` over NATS from another connection (target p99 < 5 ms).
+   in process (target p99 < 1 ms), both the first time (scored from the fold: the decision cache emptied before
+   each) and repeated (the pods of one job asking the same question while the fold does not move: the kept
+   decision), and ``sched.score.v1`` over NATS from another connection (target p99 < 5 ms; the client shares this
+   process's event loop with the service, so it pays for both ends).
 
 A "block event" is one block cached or evicted, in a snapshot or a delta. Results go to
 ``<state-dir>/scheduler-results.json`` and are printed.
@@ -216,6 +219,12 @@ async def decisions(bus: Bus, handlers: SchedulerHandlers, count: int) -> dict[s
     request = ScoreRequest(datasets=[DatasetUse(name=dataset_ref(i).name, namespace="bench") for i in range(HOT)])
     reply = handlers.answer(request)
     assert not reply.error and reply.scores, reply.error
+    cold = []
+    for _ in range(count):
+        handlers._answers.clear()  # the first question after a change: scored from the fold
+        started = time.perf_counter()
+        handlers.answer(request)
+        cold.append(time.perf_counter() - started)
     local = []
     for _ in range(count):
         started = time.perf_counter()
@@ -234,8 +243,10 @@ async def decisions(bus: Bus, handlers: SchedulerHandlers, count: int) -> dict[s
     finally:
         await client.close()
     local_p50, local_p99 = percentiles(local)
+    cold_p50, cold_p99 = percentiles(cold)
     remote_p50, remote_p99 = percentiles(remote)
-    return {"nodes": len(reply.scores), "local_p50_ms": local_p50 * 1e3, "local_p99_ms": local_p99 * 1e3,
+    return {"nodes": len(reply.scores), "cold_p50_ms": cold_p50 * 1e3, "cold_p99_ms": cold_p99 * 1e3,
+            "local_p50_ms": local_p50 * 1e3, "local_p99_ms": local_p99 * 1e3,
             "nats_p50_ms": remote_p50 * 1e3, "nats_p99_ms": remote_p99 * 1e3}
 
 
@@ -314,10 +325,13 @@ def report(results: dict[str, Any]) -> None:
     row("fold, scheduler service", f"{results['service_events_per_s']:,.0f} events/s", ">= 0.8x ceiling",
         results["ratio"] >= 0.8)
     row("service / ceiling", f"{results['ratio']:.2f}x", ">= 0.8x", results["ratio"] >= 0.8)
-    row(f"decision, in process ({results['nodes']} nodes)",
+    row(f"decision, in process, first ({results['nodes']} nodes)",
+        f"p50 {results['cold_p50_ms']:.2f} ms, p99 {results['cold_p99_ms']:.2f} ms", "p99 < 1 ms",
+        results["cold_p99_ms"] < 1.0)
+    row(f"decision, in process, repeated ({results['nodes']} nodes)",
         f"p50 {results['local_p50_ms']:.2f} ms, p99 {results['local_p99_ms']:.2f} ms", "p99 < 1 ms",
         results["local_p99_ms"] < 1.0)
-    row(f"decision, over NATS ({results['nodes']} nodes)",
+    row(f"decision, over NATS, repeated ({results['nodes']} nodes)",
         f"p50 {results['nats_p50_ms']:.2f} ms, p99 {results['nats_p99_ms']:.2f} ms", "p99 < 5 ms",
         results["nats_p99_ms"] < 5.0)
     Console(width=120).print(table)
