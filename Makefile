@@ -58,8 +58,10 @@ lint: venv
 
 # The control-plane bench, then the agent data-path bench, which compares Shoal's mount with rclone, s3fs and fio
 # runs (Debian packages fio, rclone, s3fs; installed with apt-get as root when missing, else their rows say why),
-# then the seed bench (N consumers of one model behind a bandwidth-limited store; SHOAL_BENCH_SEED_* settings).
-# SHOAL_BENCH=control|agent|seed runs one of them.
+# then the seed bench (N consumers of one model behind a bandwidth-limited store; SHOAL_BENCH_SEED_* settings),
+# then the warm-up bench (a DataLoad on three agents against direct GETs; SHOAL_BENCH_WARMUP_* settings),
+# then the scheduler bench (inventory fold rate against the JetStream ceiling, decision latency).
+# SHOAL_BENCH=control|agent|seed|warmup|scheduler runs one of them.
 bench: system-deps venv
 	@missing=""; for tool in fio rclone s3fs; do command -v $$tool >/dev/null 2>&1 || missing="$$missing $$tool"; done; \
 	if [ -z "$$missing" ] || { [ -n "$(SHOAL_BENCH)" ] && [ "$(SHOAL_BENCH)" != agent ]; }; then \

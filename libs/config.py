@@ -166,11 +166,41 @@ class AgentSettings:
 
 
 @dataclass(frozen=True)
+class SchedulerSettings:
+    """The scheduler service: its HTTP front (admission webhook, extender) and its scoring weights."""
+
+    # Loopback by default, like the side server; 0.0.0.0 in a pod, where the API server must reach the webhook.
+    http_host: str = env("SHOAL_SCHED_HTTP_HOST", "Address the webhook and extender listen on.", default="127.0.0.1")
+    # Off by default: a webhook needs a certificate the API server trusts, which only a deployment can provide.
+    http_port: int | None = env("SHOAL_SCHED_HTTP_PORT", "Port of the webhook and extender (HTTPS with a "
+                                "certificate): 0 picks a free one, off (default) serves none.", default=None)
+    tls_cert: str = env("SHOAL_SCHED_TLS_CERT", "Certificate (PEM) of the webhook and extender; with the key, "
+                        "HTTPS.", default="")
+    tls_key: str = env("SHOAL_SCHED_TLS_KEY", "Private key (PEM) of SHOAL_SCHED_TLS_CERT.", default="")
+    # Well under the API server's webhook timeout (10 s by default): an answer that comes late blocks pod creation.
+    http_timeout: float = env("SHOAL_SCHED_HTTP_TIMEOUT", "Seconds an HTTP answer may take before the request "
+                              "gets no preference.", default=2.0)
+    # Fluid's affinity plugin defaults (node 100, zone 50, region 20): holding the bytes beats being near them.
+    node_weight: int = env("SHOAL_SCHED_WEIGHT_NODE", "Weight of the bytes a node holds itself.", default=100)
+    zone_weight: int = env("SHOAL_SCHED_WEIGHT_ZONE", "Weight of the bytes held in the node's zone.", default=50)
+    region_weight: int = env("SHOAL_SCHED_WEIGHT_REGION", "Weight of the bytes held in the node's region.",
+                             default=20)
+    zone_label: str = env("SHOAL_SCHED_ZONE_LABEL", "Node label naming its zone.",
+                          default="topology.kubernetes.io/zone")
+    region_label: str = env("SHOAL_SCHED_REGION_LABEL", "Node label naming its region.",
+                            default="topology.kubernetes.io/region")
+    # The agents bucket forgets a silent agent after 60 s (its TTL): the same horizon for its cache here.
+    node_timeout: float = env("SHOAL_SCHED_NODE_TIMEOUT", "Seconds without a heartbeat after which a node's cache "
+                              "is forgotten.", default=60.0)
+
+
+@dataclass(frozen=True)
 class Settings:
     nats: NatsSettings = field(default_factory=NatsSettings)
     s3: S3Settings = field(default_factory=S3Settings)
     service: ServiceSettings = field(default_factory=ServiceSettings)
     agent: AgentSettings = field(default_factory=AgentSettings)
+    scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
 
 
 T = TypeVar("T")
@@ -227,6 +257,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         s3=_load_group(S3Settings, environ, errors),
         service=_load_group(ServiceSettings, environ, errors),
         agent=_load_group(AgentSettings, environ, errors),
+        scheduler=_load_group(SchedulerSettings, environ, errors),
     )
     for problem in _check(settings):
         errors.append(problem)
@@ -276,13 +307,33 @@ def _check(settings: Settings) -> list[str]:
             problems.append(f"SHOAL_LOCAL_ROOTS: {root!r} must be an absolute path")
     if settings.nats.user and not settings.nats.password:
         problems.append("NATS_PASSWORD: required when NATS_USER is set")
+    return problems + _check_scheduler(settings.scheduler)
+
+
+def _check_scheduler(sched: SchedulerSettings) -> list[str]:
+    problems = []
+    if sched.http_port is not None and not 0 <= sched.http_port <= 65535:
+        problems.append(f"SHOAL_SCHED_HTTP_PORT={sched.http_port}: use 0 to 65535, or off")
+    if bool(sched.tls_cert) != bool(sched.tls_key):
+        problems.append("SHOAL_SCHED_TLS_CERT and SHOAL_SCHED_TLS_KEY: give both or neither")
+    if sched.http_timeout <= 0:
+        problems.append("SHOAL_SCHED_HTTP_TIMEOUT: must be positive")
+    for variable, weight in (("SHOAL_SCHED_WEIGHT_NODE", sched.node_weight),
+                             ("SHOAL_SCHED_WEIGHT_ZONE", sched.zone_weight),
+                             ("SHOAL_SCHED_WEIGHT_REGION", sched.region_weight)):
+        if weight < 0:
+            problems.append(f"{variable}={weight}: must be 0 or more")
+    if max(sched.node_weight, sched.zone_weight, sched.region_weight) == 0:
+        problems.append("SHOAL_SCHED_WEIGHT_*: at least one weight must be positive")
+    if sched.node_timeout <= 0:
+        problems.append("SHOAL_SCHED_NODE_TIMEOUT: must be positive")
     return problems
 
 
 def describe_settings() -> list[tuple[str, str, str]]:
     """(variable, default, doc) of every setting, for READMEs and ``--help``."""
     rows = []
-    for group in (NatsSettings, S3Settings, ServiceSettings, AgentSettings):
+    for group in (NatsSettings, S3Settings, ServiceSettings, AgentSettings, SchedulerSettings):
         defaults = group()
         for item in fields(group):
             default = getattr(defaults, item.name)

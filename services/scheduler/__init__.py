@@ -1,1 +1,1 @@
-"""Scheduler service: cache-aware scoring from node inventory. Not built yet (roadmap step 5)."""
+"""Scheduler service: folds every node's inventory into where each dataset's bytes are, and scores nodes for work."""

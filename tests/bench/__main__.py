@@ -1,11 +1,13 @@
 """``make bench``: the control-plane bench, the agent data-path bench (``tests/bench/agent.py``), the seed
 bench (``tests/bench/seed.py``: N consumers of one model behind a bandwidth-limited store, and peer reads), then the
-warm-up bench (``tests/bench/warmup.py``: a DataLoad against direct GETs of the same objects).
+warm-up bench (``tests/bench/warmup.py``: a DataLoad against direct GETs of the same objects), then the scheduler
+bench (``tests/bench/scheduler.py``: inventory fold rate against the JetStream ceiling, decision latency).
 
-``python -m tests.bench [--only control|agent|seed|warmup] [--quick]`` runs them all by default; ``SHOAL_BENCH=seed
-make bench`` (or ``control``, ``agent``, ``warmup``) runs one. ``--quick`` makes the agent, seed and warm-up
-benches small; other arguments the control bench does not know (e.g. ``--workloads``) go to the agent bench; the
-seed and warm-up benches take their settings from ``SHOAL_BENCH_SEED_*`` and ``SHOAL_BENCH_WARMUP_*``.
+``python -m tests.bench [--only control|agent|seed|warmup|scheduler] [--quick]`` runs them all by default;
+``SHOAL_BENCH=seed make bench`` (or ``control``, ``agent``, ``warmup``, ``scheduler``) runs one. ``--quick`` makes the
+agent, seed, warm-up and scheduler benches small; other arguments the control bench does not know (e.g.
+``--workloads``) go to the agent bench; the seed and warm-up benches take their settings from ``SHOAL_BENCH_SEED_*``
+and ``SHOAL_BENCH_WARMUP_*``.
 
 The control-plane bench runs on the embedded stack (real nats-server and SeaweedFS) and measures, for a bucket of
 10k objects:
@@ -43,7 +45,7 @@ from libs.events.dataset import Dataset, DatasetApply, DatasetSpec, Mount
 from libs.ufs import S3Location, open_store
 
 BUCKET = "bench-10k"
-BENCHES = ("control", "agent", "seed", "warmup")
+BENCHES = ("control", "agent", "seed", "warmup", "scheduler")
 console = Console(width=120)
 
 
@@ -137,7 +139,7 @@ def main() -> None:
     args, agent_args = parser.parse_known_args()
     if args.only not in (None, *BENCHES):
         parser.error(f"SHOAL_BENCH={args.only!r}: expected one of {', '.join(BENCHES)}")
-    if agent_args and args.only in ("control", "seed", "warmup"):
+    if agent_args and args.only in ("control", "seed", "warmup", "scheduler"):
         parser.error(f"unrecognized arguments: {' '.join(agent_args)}")
     failed = []
     if args.only in (None, "control"):
@@ -165,7 +167,23 @@ def main() -> None:
     if args.only in (None, "warmup"):
         from tests.bench import warmup
 
-        warmup.main(args.state_dir, quick=args.quick)
+        try:
+            warmup.main(args.state_dir, quick=args.quick)
+        except Exception:
+            if args.only == "warmup":
+                raise
+            console.print_exception()
+            failed.append("warmup")
+    if args.only in (None, "scheduler"):
+        from tests.bench import scheduler
+
+        try:
+            scheduler.main(args.state_dir, quick=args.quick)
+        except Exception:
+            if args.only == "scheduler":
+                raise
+            console.print_exception()
+            failed.append("scheduler")
     if failed:
         sys.exit(f"the {', '.join(failed)} bench failed (see above)")
 

@@ -10,6 +10,7 @@ from libs.config import (
     AgentSettings,
     NatsSettings,
     S3Settings,
+    SchedulerSettings,
     Secret,
     ServiceSettings,
     Settings,
@@ -239,7 +240,7 @@ def test_secret_behaviour() -> None:
 def test_every_setting_is_described() -> None:
     rows = describe_settings()
     names = [name for name, _, _ in rows]
-    groups = (NatsSettings, S3Settings, ServiceSettings, AgentSettings)
+    groups = (NatsSettings, S3Settings, ServiceSettings, AgentSettings, SchedulerSettings)
     expected = [f.metadata["env"] for group in groups for f in fields(group)]
     assert names == expected
     assert len(set(names)) == len(names)
@@ -267,3 +268,20 @@ def test_node_labels_are_key_value_pairs() -> None:
     assert load_settings({}).agent.labels == {}
     with pytest.raises(SettingsError, match="SHOAL_NODE_LABELS"):
         load_settings({"SHOAL_NODE_LABELS": "zone"})
+
+
+def test_scheduler_settings() -> None:
+    defaults = load_settings({}).scheduler
+    assert defaults.http_port is None  # no webhook until a deployment gives it a certificate
+    assert (defaults.node_weight, defaults.zone_weight, defaults.region_weight) == (100, 50, 20)
+    settings = load_settings({"SHOAL_SCHED_HTTP_PORT": "8443", "SHOAL_SCHED_WEIGHT_ZONE": "70",
+                              "SHOAL_SCHED_TLS_CERT": "/tls/crt", "SHOAL_SCHED_TLS_KEY": "/tls/key"}).scheduler
+    assert settings.http_port == 8443 and settings.zone_weight == 70 and settings.tls_key == "/tls/key"
+    with pytest.raises(SettingsError) as raised:
+        load_settings({"SHOAL_SCHED_TLS_CERT": "/tls/crt", "SHOAL_SCHED_WEIGHT_NODE": "-1",
+                       "SHOAL_SCHED_HTTP_PORT": "70000", "SHOAL_SCHED_NODE_TIMEOUT": "0"})
+    message = str(raised.value)
+    for problem in ("SHOAL_SCHED_TLS_CERT and SHOAL_SCHED_TLS_KEY: give both or neither",
+                    "SHOAL_SCHED_WEIGHT_NODE=-1: must be 0 or more", "SHOAL_SCHED_HTTP_PORT=70000",
+                    "SHOAL_SCHED_NODE_TIMEOUT: must be positive"):
+        assert problem in message

@@ -1,0 +1,163 @@
+"""Scheduler service wiring: which subject goes to which handler, and the loops of the process.
+
+| stream / bucket / subject | what | handler |
+|---|---|---|
+| SHOAL_AGENT | shoal.agent.inventory.* (durable scheduler-inventory) | SchedulerHandlers.on_inventory |
+| KV shoal_datasets | every key (watch) | SchedulerHandlers.watch_datasets (totals, manifests, deletions) |
+| KV shoal_agents | every key (mirror) | node labels and liveness |
+| core NATS shoal.sched.score | ScoreRequest → ScoreReply (queue group) | SchedulerHandlers.answer_raw |
+| core NATS shoal.ctl.inventory.request | published: InventoryRequest on a gap, and to every agent at start | — |
+
+``extra_loops``: more loops made from the handlers (``handlers.answer`` is the one decision function), run and
+stopped with the others. The HTTP front (admission webhook, extender) runs as ``HttpFront(server, settings)``, a
+loop around any ``HttpServer`` (start/stop), with TLS from the settings. Ready (``/readyz``) when connected to NATS
+and every loop runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import time
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+import msgspec
+
+from libs import subjects
+from libs.bus import MESSAGE_LIMIT, Bus, Consumer, KvMirror, connect
+from libs.config import SchedulerSettings, Settings
+from libs.events.agent import AgentRecord, AnyInventory
+from libs.service import Loop, Periodic, nats_check, run_loops
+from libs.side_server import Readiness
+from libs.telemetry import get_logger
+from services.scheduler.domain import Weights
+from services.scheduler.handlers import SchedulerHandlers
+
+log = get_logger(__name__)
+
+SERVICE_NAME = "shoal-scheduler"
+# Replicas of the scheduler share score requests (each holds the whole fold, so any of them can answer).
+QUEUE_GROUP = "shoal-scheduler"
+# How often nodes whose agent went away are looked for; their cache stops counting within this of the timeout.
+SWEEP_SECONDS = 5.0
+# How often labels and liveness are compared for the decision cache: a relabelled node counts within a second.
+LABELS_SECONDS = 1.0
+# Inventory events are small and folding one takes microseconds: large fetches keep the consumer near the
+# stream's own rate (see the scheduler bench).
+INVENTORY_BATCH = 256
+
+# Makes extra loops from the running handlers and the settings (e.g. the webhook and extender server).
+LoopFactory = Callable[[SchedulerHandlers, Settings], Loop]
+
+
+def weights_of(settings: SchedulerSettings) -> Weights:
+    return Weights(node=settings.node_weight, zone=settings.zone_weight, region=settings.region_weight,
+                   zone_label=settings.zone_label, region_label=settings.region_label)
+
+
+class ScoreServer:
+    """The ``sched.score.v1`` request/reply subscription, as a loop."""
+
+    name = "score-requests"
+
+    def __init__(self, bus: Bus, handlers: SchedulerHandlers) -> None:
+        self.bus = bus
+        self.handlers = handlers
+        self._stopping = asyncio.Event()
+
+    async def run(self) -> None:
+        subscription = await self.bus.serve(subjects.SCHED_SCORE, self.handlers.answer_raw, queue=QUEUE_GROUP)
+        try:
+            await self._stopping.wait()
+        finally:
+            await subscription.unsubscribe()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+
+class HttpServer(Protocol):
+    """What the HTTP front (``services.scheduler.http.SchedulerHttp``: admission webhook and extender) provides."""
+
+    async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> int: ...
+
+    async def stop(self) -> None: ...
+
+
+def server_tls(settings: SchedulerSettings) -> ssl.SSLContext | None:
+    """HTTPS from ``SHOAL_SCHED_TLS_CERT``/``_KEY`` (the API server only calls webhooks over HTTPS); None: plain."""
+    if not settings.tls_cert:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(settings.tls_cert, settings.tls_key or None)
+    return context
+
+
+class HttpFront:
+    """An ``HttpServer`` run as a loop on ``SHOAL_SCHED_HTTP_HOST``:``SHOAL_SCHED_HTTP_PORT``."""
+
+    name = "http-front"
+
+    def __init__(self, server: HttpServer, settings: SchedulerSettings) -> None:
+        self.server = server
+        self.settings = settings
+        self.port = 0
+        self._stopping = asyncio.Event()
+
+    async def run(self) -> None:
+        port = self.settings.http_port if self.settings.http_port is not None else 0
+        self.port = await self.server.start(self.settings.http_host, port, server_tls(self.settings))
+        log.info("webhook and extender listening", host=self.settings.http_host, port=self.port,
+                 tls=bool(self.settings.tls_cert))
+        try:
+            await self._stopping.wait()
+        finally:
+            await self.server.stop()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+
+class DatasetWatch:
+    """The ``shoal_datasets`` watch (``SchedulerHandlers.watch_datasets``), as a loop."""
+
+    name = "datasets"
+
+    def __init__(self, handlers: SchedulerHandlers) -> None:
+        self.handlers = handlers
+        self._stopping = asyncio.Event()
+
+    async def run(self) -> None:
+        await self.handlers.watch_datasets(self._stopping)
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+
+async def run(settings: Settings, stop: asyncio.Event, clock: Callable[[], float] = time.time,
+              readiness: Readiness | None = None, extra_loops: Sequence[LoopFactory] = (),
+              started: Callable[[SchedulerHandlers], None] | None = None) -> None:
+    """Run until ``stop``. ``started`` is handed the handlers once wired (tests and benches read the fold)."""
+    readiness = readiness or Readiness()
+    bus = await connect(settings.nats, SERVICE_NAME)
+    readiness.add("nats", nats_check(bus))
+    try:
+        await bus.provision()
+        agents = KvMirror(await bus.kv(subjects.KV_AGENTS), AgentRecord, bus.reconnects)
+        handlers = SchedulerHandlers(bus, agents, weights_of(settings.scheduler), settings.scheduler.node_timeout,
+                                     clock)
+        inventory = Consumer(
+            bus, subjects.STREAM_AGENT, subjects.DURABLE_SCHEDULER_INVENTORY, subjects.AGENT_INVENTORY,
+            msgspec.json.Decoder(AnyInventory), handlers.on_inventory, max_event_bytes=MESSAGE_LIMIT,
+            max_deliver=settings.service.max_deliver, batch=INVENTORY_BATCH, traced=False,
+        )
+        loops: list[Loop] = [agents, DatasetWatch(handlers), inventory, ScoreServer(bus, handlers),
+                             Periodic("sweep", handlers.sweep, SWEEP_SECONDS),
+                             Periodic("labels", handlers.refresh_labels, LABELS_SECONDS)]
+        loops += [make(handlers, settings) for make in extra_loops]
+        if started is not None:
+            started(handlers)
+        await run_loops(loops, stop, readiness)
+    finally:
+        await bus.close()

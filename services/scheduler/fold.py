@@ -1,0 +1,298 @@
+"""The scheduler's memory, pure: every node's cached blocks per dataset, each dataset's file catalog, node labels.
+
+Decides what the scheduler knows and forgets; no I/O (the handlers feed it events, manifests and heartbeats):
+- ``CacheFold`` folds inventory events. *When* an event counts, when a snapshot replaces the blocks and when to ask
+  a node for a snapshot (a gap, a new incarnation, an unknown node) is ``libs.inventory``'s decision, the same as
+  the dataset service's, taken on positions only (``track_blocks=False``); the blocks themselves live here in
+  mutable per-file maps, because the shared fold copies a node's whole block map on every delta (fine for the
+  few-blocks case, quadratic for a node holding a large dataset). A snapshot's parts are gathered apart and
+  replace the node's blocks once complete, exactly when the shared fold says the position is exact again.
+- ``Catalog`` indexes a dataset's manifest (files by (mount, key, ETag), sizes, paths in sorted order with running
+  totals): which cached blocks belong to the current version of a file, whether a file is whole (its cached blocks
+  add up to its size: every block has a distinct index and blocks partition the file, so no block size is needed),
+  and the bytes under any path hint in O(log files).
+- Memory follows what is cached: an evicted block leaves its file's map, a file without blocks leaves the node, a
+  deleted dataset or a node that went away is dropped whole. What stays per (dataset, node) after everything is
+  evicted is its position (a few fields), needed to detect the next gap. A catalog is one tuple per file of the
+  datasets that exist.
+
+``LiveView`` answers ``services.scheduler.domain.View`` from these, without copying: the event loop is single
+threaded and ``score`` synchronous, so during one decision the fold *is* a consistent snapshot.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+from libs.events.agent import CachedFile, Inventory, InventorySnapshot
+from libs.events.dataset import ManifestEntry
+from libs.inventory import NodeInventory, fold_node
+from libs.paths import is_folder
+
+# (namespace, name) of a dataset.
+DatasetKey = tuple[str, str]
+# One version of one file: (mount index, object key, ETag), as inventory events group blocks.
+FileKey = tuple[int, str, str]
+
+
+def path_matches(path: str, hints: Iterable[str]) -> bool:
+    """The loader's rule: a hint selects the path equal to it and everything below it; '/' selects everything."""
+    for hint in hints:
+        folder = hint.rstrip("/")
+        if not folder or path == hint or path.startswith(folder + "/"):
+            return True
+    return False
+
+
+class Catalog:
+    """A dataset's manifest, indexed for the scheduler (folder markers are not files)."""
+
+    def __init__(self, entries: Iterable[ManifestEntry]) -> None:
+        files = sorted((e.path, e.size, (e.mount, e.key, e.etag)) for e in entries if not is_folder(e.path))
+        self.paths = [path for path, _, _ in files]
+        self.running = [0, *itertools.accumulate(size for _, size, _ in files)]
+        self.files: dict[FileKey, tuple[str, int]] = {key: (path, size) for path, size, key in files}
+        self.total = self.running[-1]
+
+    def size(self, key: FileKey) -> int | None:
+        found = self.files.get(key)
+        return found[1] if found else None
+
+    def total_under(self, hints: Iterable[str]) -> int:
+        """Bytes of the files the hints select (overlapping hints count a file once)."""
+        spans = []
+        for hint in hints:
+            folder = hint.rstrip("/")
+            if not folder:
+                return self.total
+            exact = bisect.bisect_left(self.paths, hint)
+            if exact < len(self.paths) and self.paths[exact] == hint:
+                spans.append((exact, exact + 1))
+            # Every path below ``folder/`` sorts in [folder/, folder0): '0' is the character after '/'.
+            spans.append((bisect.bisect_left(self.paths, folder + "/"), bisect.bisect_left(self.paths, folder + "0")))
+        total, reached = 0, 0
+        for start, end in sorted(spans):
+            start = max(start, reached)
+            if end > start:
+                total += self.running[end] - self.running[start]
+                reached = end
+        return total
+
+    def selects(self, key: FileKey, hints: Iterable[str]) -> bool:
+        found = self.files.get(key)
+        return found is not None and path_matches(found[0], hints)
+
+
+@dataclass
+class NodeCache:
+    """One node's cache of one dataset: its position in the node's event stream and its blocks by file."""
+
+    position: NodeInventory
+    # File version → block index → block size.
+    files: dict[FileKey, dict[int, int]] = field(default_factory=dict)
+    # Bytes of all cached blocks, and of the blocks of file versions in the dataset's current catalog.
+    total: int = 0
+    current: int = 0
+    # The snapshot being gathered: (incarnation, seq of part 1, parts) and the files of the parts so far.
+    pending: tuple[str, int, int] | None = None
+    pending_files: dict[FileKey, dict[int, int]] = field(default_factory=dict)
+
+    def file_bytes(self, key: FileKey) -> int:
+        return sum(self.files.get(key, {}).values())
+
+
+def _add(files: dict[FileKey, dict[int, int]], cached: Iterable[CachedFile]) -> None:
+    for item in cached:
+        blocks = files.setdefault((item.mount, item.key, item.etag), {})
+        for index, size in item.blocks:
+            blocks[index] = size
+
+
+class CacheFold:
+    """Every dataset's node caches, from inventory events; ``catalogs`` say which file versions are current."""
+
+    def __init__(self) -> None:
+        self.datasets: dict[DatasetKey, dict[str, NodeCache]] = {}
+        self.catalogs: dict[DatasetKey, Catalog] = {}
+        # Node → how many datasets it has a cache entry for: the known nodes, without a pass over every dataset.
+        self.node_entries: dict[str, int] = {}
+        # Change stamps from one counter that only grows (a forgotten dataset applied again never reuses a stamp):
+        # per dataset, for the node set, and for anything at all. Decisions are cached until one they read moves.
+        self.generation = 0
+        self.versions: dict[DatasetKey, int] = {}
+        self.nodes_version = 0
+
+    def _changed(self, key: DatasetKey, nodes: bool = False) -> None:
+        self.generation += 1
+        self.versions[key] = self.generation
+        if nodes:
+            self.nodes_version = self.generation
+
+    def apply(self, event: Inventory) -> bool:
+        """Fold one event; True when its node should be asked for a snapshot (``InventoryRequest``)."""
+        key = (event.dataset.namespace, event.dataset.name)
+        nodes = self.datasets.setdefault(key, {})
+        cache = nodes.get(event.node)
+        before = cache.position if cache is not None else None
+        after, ask = fold_node(before, event, track_blocks=False)
+        if after is before:
+            return ask  # old or redelivered
+        self._changed(key, nodes=cache is None)
+        if cache is None:
+            cache = nodes[event.node] = NodeCache(position=after)
+            self.node_entries[event.node] = self.node_entries.get(event.node, 0) + 1
+        cache.position = after
+        catalog = self.catalogs.get(key)
+        if isinstance(event, InventorySnapshot):
+            self._snapshot_part(cache, event, after, catalog)
+        else:
+            cache.pending, cache.pending_files = None, {}  # the shared fold drops an incomplete snapshot too
+            self._change(cache, event.cached, event.evicted, catalog)
+        return ask
+
+    def _snapshot_part(self, cache: NodeCache, part: InventorySnapshot, after: NodeInventory,
+                       catalog: Catalog | None) -> None:
+        gathering = (part.incarnation, part.seq - part.part + 1, part.parts)
+        if cache.pending != gathering:
+            cache.pending, cache.pending_files = gathering, {}
+        _add(cache.pending_files, part.files)
+        if after.assembly is None:  # complete: the snapshot replaces what the node had
+            cache.files, cache.pending, cache.pending_files = cache.pending_files, None, {}
+            self._recount(cache, catalog)
+
+    @staticmethod
+    def _change(cache: NodeCache, cached: list[CachedFile], evicted: list[CachedFile],
+                catalog: Catalog | None) -> None:
+        for item in cached:
+            file = (item.mount, item.key, item.etag)
+            counts = catalog is None or file in catalog.files
+            blocks = cache.files.setdefault(file, {})
+            for index, size in item.blocks:
+                grown = size - blocks.get(index, 0)
+                blocks[index] = size
+                cache.total += grown
+                if counts:
+                    cache.current += grown
+        for item in evicted:
+            file = (item.mount, item.key, item.etag)
+            held = cache.files.get(file)
+            if held is None:
+                continue
+            counts = catalog is None or file in catalog.files
+            for index, _ in item.blocks:
+                size = held.pop(index, 0)
+                cache.total -= size
+                if counts:
+                    cache.current -= size
+            if not held:
+                del cache.files[file]
+
+    @staticmethod
+    def _recount(cache: NodeCache, catalog: Catalog | None) -> None:
+        cache.total = cache.current = 0
+        for file, blocks in cache.files.items():
+            size = sum(blocks.values())
+            cache.total += size
+            if catalog is None or file in catalog.files:
+                cache.current += size
+
+    def set_catalog(self, key: DatasetKey, catalog: Catalog | None) -> None:
+        """A new manifest of the dataset (None: not known): which cached file versions count changes."""
+        self._changed(key)
+        if catalog is None:
+            self.catalogs.pop(key, None)
+        else:
+            self.catalogs[key] = catalog
+        for cache in self.datasets.get(key, {}).values():
+            self._recount(cache, catalog)
+
+    def forget_dataset(self, key: DatasetKey) -> None:
+        self._changed(key, nodes=True)
+        for node in self.datasets.pop(key, {}):
+            self._entry_gone(node)
+        self.catalogs.pop(key, None)
+
+    def forget_node(self, node: str) -> None:
+        for key, nodes in self.datasets.items():
+            if nodes.pop(node, None) is not None:
+                self._changed(key, nodes=True)
+        self.node_entries.pop(node, None)
+
+    def _entry_gone(self, node: str) -> None:
+        left = self.node_entries.get(node, 0) - 1
+        if left > 0:
+            self.node_entries[node] = left
+        else:
+            self.node_entries.pop(node, None)
+
+    def nodes(self) -> set[str]:
+        return set(self.node_entries)
+
+    def caching_nodes(self) -> set[str]:
+        """Nodes holding any block of any dataset."""
+        return {node for nodes in self.datasets.values() for node, cache in nodes.items() if cache.total > 0}
+
+    def blocks(self) -> int:
+        """Cached blocks known, all datasets and nodes (memory follows this)."""
+        return sum(len(blocks) for nodes in self.datasets.values() for cache in nodes.values()
+                   for blocks in cache.files.values())
+
+    def whole_files(self, key: DatasetKey, node: str) -> int:
+        """Files of the current catalog the node holds every byte of."""
+        catalog = self.catalogs.get(key)
+        cache = self.datasets.get(key, {}).get(node)
+        if catalog is None or cache is None:
+            return 0
+        return sum(1 for file, blocks in cache.files.items()
+                   if (size := catalog.size(file)) is not None and sum(blocks.values()) == size)
+
+
+@dataclass
+class LiveView:
+    """``domain.View`` over the fold, the datasets that exist (with their total bytes) and the nodes' labels.
+
+    ``totals``: bytes of each existing dataset (its status' ufsTotalBytes); a dataset missing there is unknown.
+    ``labels``: a node's labels from its last heartbeat; ``alive``: nodes whose heartbeat is fresh.
+    """
+
+    fold: CacheFold
+    totals: Mapping[DatasetKey, int]
+    node_labels: Callable[[str], Mapping[str, str]]
+    alive: Callable[[], Iterable[str]]
+
+    def dataset_total(self, dataset: DatasetKey, paths: tuple[str, ...]) -> int | None:
+        if dataset not in self.totals:
+            return None
+        catalog = self.fold.catalogs.get(dataset)
+        if catalog is not None:
+            return catalog.total_under(paths) if paths else catalog.total
+        return 0 if paths else self.totals[dataset]
+
+    def cached(self, dataset: DatasetKey, paths: tuple[str, ...]) -> dict[str, int]:
+        nodes = self.fold.datasets.get(dataset, {})
+        if not paths:
+            return {node: cache.current for node, cache in nodes.items() if cache.current > 0}
+        catalog = self.fold.catalogs.get(dataset)
+        if catalog is None:
+            return {}
+        held = {}
+        for node, cache in nodes.items():
+            size = sum(sum(blocks.values()) for file, blocks in cache.files.items() if catalog.selects(file, paths))
+            if size > 0:
+                held[node] = size
+        return held
+
+    def whole_files(self, dataset: DatasetKey, node: str) -> int:
+        return self.fold.whole_files(dataset, node)
+
+    def labels(self, node: str) -> Mapping[str, str]:
+        return self.node_labels(node)
+
+    def nodes(self) -> set[str]:
+        return self.fold.nodes() | set(self.alive())
+
+    def caching_nodes(self) -> set[str]:
+        return self.fold.caching_nodes()

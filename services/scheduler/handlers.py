@@ -1,0 +1,291 @@
+"""Scheduler handlers: inventory in (fold), datasets and manifests in (catalogs), heartbeats in (labels, liveness),
+score requests answered from the same in-memory state.
+
+I/O it owns: the inventory consumer's handler, the ``shoal_datasets`` watch (and loading a dataset's manifest when
+it was synced again), snapshot requests (``InventoryRequest`` on a gap, and to everyone at start: the fold lives in
+memory, so a restarted scheduler rebuilds it from fresh snapshots), the ``sched.score.v1`` request/reply, and the
+sweep that forgets nodes whose agent went away. ``answer`` is synchronous and only reads memory: the NATS API, the
+webhook and the extender all call it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+from prometheus_client import Counter
+
+from libs import subjects
+from libs.bus import Bus, Delivery, KvMirror, Replay, kv_watch
+from libs.events.agent import AgentRecord, AnyInventory, InventoryRequest, upgrade
+from libs.events.common import ObjectRef
+from libs.events.dataset import DatasetRecord
+from libs.events.schedule import ScoreReply, ScoreRequest
+from libs.manifest import ManifestStore
+from libs.telemetry import get_logger
+from services.scheduler import domain
+from services.scheduler.fold import CacheFold, Catalog, DatasetKey, LiveView
+
+log = get_logger(__name__)
+
+# Metric names, spelled once. ``outcome``: answered, error (an error answer: unknown dataset, too large...),
+# malformed (not a ScoreRequest). ``kind`` of ignored inventory: unknown_dataset (deleted, or not yet applied).
+SCORE_REQUESTS = Counter("shoal_scheduler_score_requests", "Score requests answered, by outcome.", ["outcome"])
+INVENTORY_IGNORED = Counter("shoal_scheduler_inventory_ignored", "Inventory events not folded, by reason.",
+                            ["reason"])
+SNAPSHOT_REQUESTS = Counter("shoal_scheduler_snapshot_requests", "Snapshot requests sent to agents.")
+
+_REQUEST_DECODER = msgspec.json.Decoder(ScoreRequest)
+# Distinct questions whose answers are kept; past this the memory starts over (a few MB at most).
+ANSWERS_KEPT = 1024
+_RECORD_DECODER = msgspec.json.Decoder(DatasetRecord)
+
+
+def _request_key(request: ScoreRequest) -> Any:
+    """The question without its id: equal for two requests that must get the same answer."""
+    return (tuple((use.namespace, use.name, tuple(use.paths), use.required) for use in request.datasets),
+            tuple((candidate.name, tuple(sorted(candidate.labels.items()))) for candidate in request.candidates))
+
+
+class _Identified(msgspec.Struct):
+    id: str = ""
+
+
+_ID_DECODER = msgspec.json.Decoder(_Identified)
+
+
+def _request_id(data: bytes) -> str:
+    """The id of a request that is otherwise malformed, so the caller can match the error to its request."""
+    try:
+        return _ID_DECODER.decode(data).id
+    except (msgspec.ValidationError, msgspec.DecodeError):
+        return ""
+
+
+def dataset_key(kv_key: str) -> DatasetKey | None:
+    """``<namespace>.<name>`` (both DNS labels, no dots) as (namespace, name); None for anything else."""
+    namespace, dot, name = kv_key.partition(".")
+    return (namespace, name) if dot and namespace and name and "." not in name else None
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    total: int
+    # Changes whenever the dataset service writes a new manifest (a sync or a resync).
+    manifest_version: tuple[str, int, int, str]
+
+
+def info_of(record: DatasetRecord) -> DatasetInfo:
+    status = record.status
+    return DatasetInfo(total=status.ufs_total_bytes, manifest_version=(
+        status.manifest, status.synced_generation, status.synced_requests, status.last_sync_time))
+
+
+@dataclass
+class SchedulerHandlers:
+    bus: Bus
+    agents: KvMirror[AgentRecord]
+    weights: domain.Weights = field(default_factory=domain.Weights)
+    node_timeout: float = 60.0
+    clock: Callable[[], float] = time.time
+    fold: CacheFold = field(default_factory=CacheFold)
+    datasets: dict[DatasetKey, DatasetInfo] = field(default_factory=dict)
+    # Nodes whose agent was seen beating: when such a node's record is gone or stale, its cache is forgotten.
+    # (A node that never beat, e.g. a bench's simulated agent, is judged by its inventory alone.)
+    beating: set[str] = field(default_factory=set)
+    datasets_ready: asyncio.Event = field(default_factory=asyncio.Event)
+    # Counts of this process's outcomes, for tests and the README's "errors are counted" (also in /metrics).
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.totals = _Totals(self.datasets)
+        self.view = LiveView(self.fold, self.totals, self._labels, self._alive)
+        # Decisions already made, by request, with the stamps of what they read (see ``answer``).
+        self._answers: dict[Any, tuple[Any, ScoreReply]] = {}
+        self.info_version = 0
+        self.labels_version = 0
+        self._labels_seen: Any = ()
+
+    def _count(self, what: str) -> None:
+        self.counts[what] = self.counts.get(what, 0) + 1
+
+    # --- answers ---
+
+    def answer(self, request: ScoreRequest) -> ScoreReply:
+        """The decision for one request, from memory (the webhook, the extender and the NATS API all call this).
+
+        A decision is kept and given again while nothing it read has changed: the requested datasets' caches and
+        catalogs, the set of nodes, the datasets' totals, and the nodes' labels and liveness (re-read every second
+        by ``refresh_labels``). Many pods of one job ask the same question in a burst; only the first pays for it.
+        """
+        key = _request_key(request)
+        stamp = self._stamp(request)
+        known = self._answers.get(key)
+        if known is not None and known[0] == stamp:
+            reply = msgspec.structs.replace(known[1], id=f"{request.id}.reply", causation_id=request.id)
+        else:
+            reply = domain.score(request, self.view, self.weights)
+            if len(self._answers) >= ANSWERS_KEPT:
+                self._answers.clear()
+            self._answers[key] = (stamp, reply)
+        outcome = "error" if reply.error else "answered"
+        SCORE_REQUESTS.labels(outcome).inc()
+        self._count(outcome)
+        return reply
+
+    def _stamp(self, request: ScoreRequest) -> Any:
+        fold = self.fold
+        if not request.datasets:
+            return fold.generation, self.info_version, self.labels_version
+        return (tuple(fold.versions.get((use.namespace or "default", use.name), 0) for use in request.datasets),
+                fold.nodes_version, self.info_version, self.labels_version)
+
+    def answer_raw(self, data: bytes) -> bytes:
+        """``sched.score.v1`` over NATS: a malformed request gets a ``ScoreReply`` with the reason, never silence."""
+        try:
+            request = _REQUEST_DECODER.decode(data)
+        except (msgspec.ValidationError, msgspec.DecodeError) as err:
+            SCORE_REQUESTS.labels("malformed").inc()
+            self._count("malformed")
+            return msgspec.json.encode(ScoreReply(causation_id=_request_id(data),
+                                                  error=f"invalid sched.score.v1 request: {err}"))
+        return msgspec.json.encode(self.answer(request))
+
+    # --- inventory ---
+
+    async def on_inventory(self, received: AnyInventory, delivery: Delivery) -> None:
+        await self.datasets_ready.wait()
+        event = upgrade(received)
+        key = (event.dataset.namespace, event.dataset.name)
+        if key not in self.datasets:
+            # A deleted dataset's last events (its cache freed) must not bring it back; a dataset not applied yet
+            # has no mounts to report. Either way, a later delta of a dataset that exists asks for a snapshot.
+            INVENTORY_IGNORED.labels("unknown_dataset").inc()
+            self._count("inventory_unknown_dataset")
+            return
+        if self.fold.apply(event):
+            log.info("inventory gap, asking for a snapshot", dataset=f"{key[0]}/{key[1]}", node=event.node,
+                     seq=event.seq)
+            await self.ask_snapshot(event.node, event.dataset)
+
+    async def ask_snapshot(self, node: str = "", dataset: ObjectRef | None = None) -> None:
+        SNAPSHOT_REQUESTS.inc()
+        self._count("snapshot_requests")
+        await self.bus.publish_core(subjects.INVENTORY_REQUEST, InventoryRequest(node=node, dataset=dataset))
+
+    # --- datasets and their manifests ---
+
+    async def watch_datasets(self, stopping: asyncio.Event) -> None:
+        """Follow ``shoal_datasets``: totals and catalogs of the datasets that exist; forget deleted ones. Once the
+        initial values are in, ask every agent for a snapshot (the fold is rebuilt from them after a restart)."""
+        replaying: set[DatasetKey] | None = set()
+        asked = False
+        async with contextlib.aclosing(kv_watch(await self.bus.kv(subjects.KV_DATASETS), stopping,
+                                                self.bus.reconnects)) as entries:
+            async for entry in entries:
+                if isinstance(entry, Replay):
+                    replaying = set()
+                elif entry is None:
+                    if replaying is not None:
+                        for gone in set(self.datasets) - replaying:
+                            self.forget_dataset(gone)
+                    replaying = None
+                    self.datasets_ready.set()
+                    if not asked:
+                        asked = True
+                        await self.ask_snapshot()
+                else:
+                    key = dataset_key(entry.key)
+                    if key is None:
+                        continue
+                    if entry.operation in ("DEL", "PURGE") or entry.value is None:
+                        self.forget_dataset(key)
+                        continue
+                    try:
+                        record = _RECORD_DECODER.decode(entry.value)
+                    except (msgspec.ValidationError, msgspec.DecodeError):
+                        log.warning("undecodable dataset record ignored", key=entry.key)
+                        continue
+                    if replaying is not None:
+                        replaying.add(key)
+                    await self.dataset_changed(key, record)
+
+    async def dataset_changed(self, key: DatasetKey, record: DatasetRecord) -> None:
+        info = info_of(record)
+        before = self.datasets.get(key)
+        self.datasets[key] = info
+        if before != info:
+            self.info_version += 1
+        if before is not None and before.manifest_version == info.manifest_version:
+            return
+        if not record.status.manifest:
+            self.fold.set_catalog(key, None)
+            return
+        try:
+            entries = await (await ManifestStore.of(self.bus)).load(record.status.manifest)
+        except Exception as err:  # no manifest (yet): every cached block counts until the next sync brings one
+            log.warning("manifest not loaded", dataset=f"{key[0]}/{key[1]}", error=str(err))
+            self.fold.set_catalog(key, None)
+            return
+        if key in self.datasets:  # not deleted while the manifest loaded
+            self.fold.set_catalog(key, Catalog(entries))
+
+    def forget_dataset(self, key: DatasetKey) -> None:
+        self.datasets.pop(key, None)
+        self.info_version += 1
+        self.fold.forget_dataset(key)
+
+    # --- nodes ---
+
+    def _labels(self, node: str) -> Mapping[str, str]:
+        record = self.agents.values.get(node)
+        return record.heartbeat.labels if record is not None else {}
+
+    def _alive(self) -> Iterator[str]:
+        now = self.clock()
+        return (node for node, record in self.agents.values.items() if now - record.received_at <= self.node_timeout)
+
+    async def refresh_labels(self) -> None:
+        """Notice changed labels and nodes coming or going (heartbeats rewrite every record every beat, so only
+        what decisions read is compared)."""
+        seen = tuple(sorted((node, tuple(sorted(self._labels(node).items()))) for node in self._alive()))
+        if seen != self._labels_seen:
+            self._labels_seen = seen
+            self.labels_version += 1
+
+    async def sweep(self) -> None:
+        """Forget the cache of nodes whose agent went away (record deleted, or no heartbeat for ``node_timeout``)."""
+        if not self.agents.ready.is_set():
+            return
+        now = self.clock()
+        self.beating |= set(self.agents.values)
+        for node in sorted(self.fold.nodes() & self.beating):
+            record = self.agents.values.get(node)
+            if record is None or now - record.received_at > self.node_timeout:
+                log.info("node gone, its cache forgotten", node=node)
+                self.fold.forget_node(node)
+                self.beating.discard(node)
+
+
+class _Totals(Mapping[DatasetKey, int]):
+    """Datasets that exist → their bytes, read through to the handlers' dataset infos (no copy per decision)."""
+
+    def __init__(self, datasets: dict[DatasetKey, DatasetInfo]) -> None:
+        self.datasets = datasets
+
+    def __getitem__(self, key: DatasetKey) -> int:
+        return self.datasets[key].total
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.datasets
+
+    def __iter__(self) -> Iterator[DatasetKey]:
+        return iter(self.datasets)
+
+    def __len__(self) -> int:
+        return len(self.datasets)

@@ -1,0 +1,244 @@
+"""The scheduler service over a real nats-server, fed by hand: a dataset record and manifest in their stores, agent
+records with labels, and two simulated agents that publish inventory and answer snapshot requests as real ones do.
+
+Shown: ``sched.score.v1`` ranks the node holding most bytes first and honours path hints, required mode and zones;
+a malformed request and an unknown dataset get error answers (counted); a delta with a gap makes the scheduler ask
+that node for a snapshot; a restarted scheduler rebuilds its fold from the snapshots it asks for at start and gives
+the same answers; deleting the dataset forgets its cache. (Real agents and mounts: ``test_scheduler_agents``.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import TypeVar
+
+import msgspec
+import pytest
+
+from libs import subjects
+from libs.bus import Bus
+from libs.config import SchedulerSettings, Settings
+from libs.events.agent import (
+    AgentHeartbeat,
+    AgentRecord,
+    BlockId,
+    CacheCounters,
+    InventoryDelta,
+    InventoryRequest,
+    InventorySnapshot,
+    group_blocks,
+)
+from libs.events.common import ObjectMeta, ObjectRef
+from libs.events.dataset import Dataset, DatasetRecord, DatasetSpec, DatasetStatus, ManifestEntry, Mount
+from libs.events.schedule import DatasetUse, ScoreReply, ScoreRequest
+from libs.manifest import ManifestStore, ManifestWriter
+from services.scheduler import app
+from services.scheduler.handlers import SchedulerHandlers
+from tests.conftest import NatsServer
+from tests.helpers import eventually, make_settings
+
+MiB = 1 << 20
+DATASET = ObjectRef(name="imagenet", namespace="ml")
+ZONE = "topology.kubernetes.io/zone"
+T = TypeVar("T")
+FILES = {"/train/a.bin": 2 * MiB, "/train/b.bin": 2 * MiB, "/val/c.bin": MiB}
+
+
+class FakeAgent:
+    """One node's mount of the dataset: its blocks, its numbered events, and answers to snapshot requests."""
+
+    def __init__(self, bus: Bus, node: str, incarnation: str = "inc-1") -> None:
+        self.bus, self.node, self.incarnation = bus, node, incarnation
+        self.seq = 0
+        self.blocks: dict[BlockId, int] = {}
+
+    async def snapshot(self) -> None:
+        self.seq += 1
+        await self.bus.publish(subjects.agent_inventory(self.node), InventorySnapshot(
+            node=self.node, dataset=DATASET, incarnation=self.incarnation, seq=self.seq,
+            files=group_blocks(self.blocks.items()), counters=CacheCounters(cached_bytes=sum(self.blocks.values()))))
+
+    async def cache(self, path: str, gap: int = 0) -> None:
+        added = {BlockId(0, path.lstrip("/"), "e1", i): MiB for i in range(FILES[path] // MiB)}
+        self.blocks.update(added)
+        self.seq += 1 + gap
+        await self.bus.publish(subjects.agent_inventory(self.node), InventoryDelta(
+            node=self.node, dataset=DATASET, incarnation=self.incarnation, seq=self.seq,
+            cached=group_blocks(added.items()), counters=CacheCounters(cached_bytes=sum(self.blocks.values()))))
+
+    async def on_request(self, request: InventoryRequest) -> None:
+        if request.node in ("", self.node) and request.dataset in (None, DATASET):
+            await self.snapshot()
+
+
+async def seed(bus: Bus, nodes: dict[str, dict[str, str]]) -> None:
+    """The dataset's record and manifest, and fresh agent records with the nodes' labels."""
+    with ManifestWriter() as writer:
+        for path, size in FILES.items():
+            writer.add(ManifestEntry(path=path, mount=0, key=path.lstrip("/"), size=size, etag="e1", mtime=0.0))
+        await (await ManifestStore.of(bus)).save("ml.imagenet", writer)
+    record = DatasetRecord(
+        dataset=Dataset(metadata=ObjectMeta(name="imagenet", namespace="ml"),
+                        spec=DatasetSpec(mounts=[Mount(mount_point="s3://b/")])),
+        generation=1, status=DatasetStatus(phase="Bound", ufs_total_bytes=5 * MiB, file_num=3, synced_generation=1,
+                                           manifest="ml.imagenet"))
+    await (await bus.kv(subjects.KV_DATASETS)).put("ml.imagenet", msgspec.json.encode(record))
+    agents = await bus.kv(subjects.KV_AGENTS)
+    for node, labels in nodes.items():
+        beat = AgentHeartbeat(node=node, labels=labels, sent_at=time.time())
+        await agents.put(node, msgspec.json.encode(AgentRecord(heartbeat=beat, received_at=time.time())))
+
+
+@asynccontextmanager
+async def scheduler(settings: Settings) -> AsyncIterator[Callable[[], SchedulerHandlers]]:
+    """The scheduler service in-process; yields a getter for its handlers (its fold and counts)."""
+    found: list[SchedulerHandlers] = []
+    stop = asyncio.Event()
+    task = asyncio.create_task(app.run(settings, stop, started=found.append))
+    try:
+        await eventually(lambda: _true(bool(found)), what="the scheduler wired")
+        await asyncio.wait_for(found[0].datasets_ready.wait(), 15)
+        yield lambda: found[0]
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 20)
+
+
+async def _true(value: T) -> T:
+    return value
+
+
+async def ask(bus: Bus, request: ScoreRequest | bytes) -> ScoreReply:
+    data = request if isinstance(request, bytes) else msgspec.json.encode(request)
+    reply = await bus.nc.request(subjects.SCHED_SCORE, data, timeout=5)
+    return msgspec.json.decode(reply.data, type=ScoreReply)
+
+
+def ranking(reply: ScoreReply) -> list[tuple[str, int]]:
+    return [(score.node, score.score) for score in reply.scores]
+
+
+WHOLE = ScoreRequest(datasets=[DatasetUse(name="imagenet", namespace="ml")])
+
+
+@pytest.fixture
+def scheduler_settings(nats_server: NatsServer) -> Settings:
+    return make_settings(nats_server.url)
+
+
+async def test_score_api_gap_restart_and_deletion(bus: Bus, scheduler_settings: Settings) -> None:
+    await seed(bus, {"node-a": {ZONE: "z1"}, "node-b": {ZONE: "z1"}, "node-c": {ZONE: "z2"}})
+    agent_a, agent_c = FakeAgent(bus, "node-a"), FakeAgent(bus, "node-c")
+    requests: list[InventoryRequest] = []
+
+    async def on_request(request: InventoryRequest) -> None:
+        requests.append(request)
+        await agent_a.on_request(request)
+        await agent_c.on_request(request)
+
+    listener = await bus.subscribe(subjects.INVENTORY_REQUEST, msgspec.json.Decoder(InventoryRequest), on_request)
+    try:
+        async with scheduler(scheduler_settings) as handlers:
+            await agent_a.cache("/train/a.bin")
+            await agent_c.cache("/val/c.bin")
+            await agent_a.cache("/train/b.bin")
+
+            async def settled(expected: list[tuple[str, int]], request: ScoreRequest = WHOLE) -> ScoreReply | None:
+                reply = await ask(bus, request)
+                return reply if ranking(reply) == expected else None
+
+            first = await eventually(lambda: settled([("node-a", 80), ("node-b", 40), ("node-c", 20)]),
+                                     what="node-a (80 %) first, node-b in its zone next")
+            assert first.scores[0].cached_bytes == 4 * MiB and "(2 whole files)" in first.scores[0].reason
+            val = await ask(bus, ScoreRequest(datasets=[DatasetUse(name="imagenet", namespace="ml",
+                                                                   paths=["/val"], required=True)]))
+            assert ranking(val) == [("node-c", 100)] and set(val.filtered) == {"node-a", "node-b"}
+
+            # Bad input: an error answer each, counted, and the service keeps answering.
+            malformed = await ask(bus, b'{"type": "sched.score.v1", "id": "q7", "datasets": 7}')
+            assert malformed.error.startswith("invalid sched.score.v1 request") and malformed.scores == []
+            assert malformed.causation_id == "q7"
+            assert (await ask(bus, b"\xff not json")).error.startswith("invalid sched.score.v1 request")
+            unknown = await ask(bus, ScoreRequest(datasets=[DatasetUse(name="nope")]))
+            assert unknown.error == "unknown dataset default/nope"
+            assert handlers().counts["malformed"] == 2 and handlers().counts["error"] == 1
+
+            # A gap in node-c's sequence: the scheduler asks node-c (and only it) for a snapshot.
+            before = len(requests)
+            await agent_c.cache("/train/a.bin", gap=3)
+            gap = await eventually(lambda: _true([r for r in requests[before:] if r.node == "node-c"]),
+                                   what="a snapshot request after the gap")
+            assert gap[0].dataset == DATASET
+            await eventually(lambda: settled([("node-a", 80), ("node-c", 60), ("node-b", 40)]),
+                             what="node-c's snapshot folded")
+            answer = await ask(bus, WHOLE)
+
+        # A restarted scheduler asks everyone for a snapshot and answers the same.
+        before = len(requests)
+        async with scheduler(scheduler_settings) as handlers:
+            await eventually(lambda: _true(any(r.node == "" and r.dataset is None for r in requests[before:])),
+                             what="a snapshot request to every agent at start")
+            again = await eventually(lambda: settled([("node-a", 80), ("node-c", 60), ("node-b", 40)]),
+                                     what="the same ranking after a restart")
+            assert again.scores == answer.scores
+
+            # Deleting the dataset forgets its cache; the last events of its mounts do not bring it back.
+            await (await bus.kv(subjects.KV_DATASETS)).delete("ml.imagenet")
+            gone = await eventually(lambda: _error(bus), what="the deleted dataset unknown")
+            assert gone.error == "unknown dataset ml/imagenet"
+            await agent_a.cache("/val/c.bin")
+            await eventually(lambda: _true(handlers().counts.get("inventory_unknown_dataset", 0) >= 1),
+                             what="the late event ignored")
+            assert ("ml", "imagenet") not in handlers().fold.datasets
+    finally:
+        await listener.unsubscribe()
+
+
+async def _error(bus: Bus) -> ScoreReply | None:
+    reply = await ask(bus, WHOLE)
+    return reply if reply.error else None
+
+
+class FakeHttp:
+    """Stands in for ``services.scheduler.http.SchedulerHttp``: records how the loop drives it."""
+
+    def __init__(self, answer: Callable[[ScoreRequest], ScoreReply]) -> None:
+        self.answer = answer
+        self.started: tuple[str, int, object] | None = None
+        self.stopped = False
+
+    async def start(self, host: str, port: int, ssl_context: object = None) -> int:
+        self.started = (host, port, ssl_context)
+        return 40000
+
+    async def stop(self) -> None:
+        self.stopped = True
+
+
+async def test_extra_loops_run_an_http_front_on_the_same_answers(bus: Bus, scheduler_settings: Settings) -> None:
+    await seed(bus, {"node-a": {}})
+    agent = FakeAgent(bus, "node-a")
+    fronts: list[FakeHttp] = []
+
+    def front(handlers: SchedulerHandlers, settings: Settings) -> app.HttpFront:
+        fronts.append(FakeHttp(handlers.answer))
+        return app.HttpFront(fronts[-1], settings.scheduler)
+
+    settings = dataclasses.replace(scheduler_settings, scheduler=SchedulerSettings(http_port=0))
+    stop = asyncio.Event()
+    task = asyncio.create_task(app.run(settings, stop, extra_loops=[front]))
+    try:
+        await eventually(lambda: _true(bool(fronts) and fronts[0].started), what="the front started")
+        assert fronts[0].started == ("127.0.0.1", 0, None)
+        await agent.cache("/val/c.bin")
+        await eventually(lambda: _true(ranking(fronts[0].answer(WHOLE)) == [("node-a", 20)]),
+                         what="the front's answers follow the fold")
+        assert ranking(await ask(bus, WHOLE)) == ranking(fronts[0].answer(WHOLE))
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 20)
+    assert fronts[0].stopped

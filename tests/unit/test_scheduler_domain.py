@@ -1,0 +1,153 @@
+"""The scheduler's scoring (``services.scheduler.domain.score``), pure: shares, tiered locality, required mode, work
+without datasets, bad input; and, with Hypothesis, that more cached bytes never lower a node's score and that the
+order of the request's lists never changes the answer."""
+
+from __future__ import annotations
+
+import msgspec
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from libs.events.schedule import Candidate, DatasetUse, ScoreRequest
+from services.scheduler.domain import MAX_DATASETS, StaticView, Weights, score
+
+ZONE = "topology.kubernetes.io/zone"
+REGION = "topology.kubernetes.io/region"
+IMAGENET = ("ml", "imagenet")
+LABELS = ("ml", "labels")
+
+
+def view() -> StaticView:
+    return StaticView(
+        totals={IMAGENET: 1000, LABELS: 100},
+        cache={IMAGENET: {"node-a": 900, "node-c": 100}, LABELS: {"node-b": 100}},
+        node_labels={
+            "node-a": {ZONE: "z1", REGION: "r1"},
+            "node-b": {ZONE: "z1", REGION: "r1"},
+            "node-c": {ZONE: "z2", REGION: "r1"},
+            "node-d": {ZONE: "z3", REGION: "r2"},
+        },
+    )
+
+
+def request(*uses: DatasetUse, candidates: list[Candidate] | None = None) -> ScoreRequest:
+    return ScoreRequest(id="r1", datasets=list(uses), candidates=candidates or [])
+
+
+def test_the_node_holding_most_of_the_bytes_comes_first_then_its_zone_then_its_region() -> None:
+    reply = score(request(DatasetUse(name="imagenet", namespace="ml")), view(), Weights())
+    assert reply.error == "" and reply.causation_id == "r1"
+    assert [(s.node, s.score) for s in reply.scores] == [("node-a", 90), ("node-b", 45), ("node-c", 18),
+                                                         ("node-d", 0)]
+    first = reply.scores[0]
+    assert first.cached_bytes == 900 and first.share == 0.9 and "holds 90.0% of ml/imagenet" in first.reason
+    assert "same zone (z1) as node-a" in reply.scores[1].reason
+    # node-c holds 10% itself (10 points) but is in node-a's region (0.9 x 20 = 18).
+    assert "same region (r1) as node-a" in reply.scores[2].reason
+
+
+def test_share_is_of_all_requested_bytes_and_weights_are_data() -> None:
+    both = request(DatasetUse(name="imagenet", namespace="ml"), DatasetUse(name="labels", namespace="ml"))
+    reply = score(both, view(), Weights(zone=0, region=0))
+    assert {s.node: s.cached_bytes for s in reply.scores} == {"node-a": 900, "node-b": 100, "node-c": 100,
+                                                              "node-d": 0}
+    assert [(s.node, s.score) for s in reply.scores][:2] == [("node-a", 82), ("node-b", 9)]
+
+
+def test_required_keeps_only_nodes_holding_the_dataset() -> None:
+    reply = score(request(DatasetUse(name="imagenet", namespace="ml", required=True)), view(), Weights())
+    assert [s.node for s in reply.scores] == ["node-a", "node-c"]
+    assert reply.filtered == {"node-b": "holds none of ml/imagenet (required)",
+                              "node-d": "holds none of ml/imagenet (required)"}
+
+
+def test_work_without_datasets_prefers_nodes_without_cache() -> None:
+    reply = score(request(), view(), Weights())
+    assert [(s.node, s.score) for s in reply.scores] == [("node-d", 100), ("node-a", 0), ("node-b", 0),
+                                                         ("node-c", 0)]
+
+
+def test_candidates_limit_the_answer_and_unknown_nodes_get_no_preference() -> None:
+    candidates = [Candidate(name="node-x", labels={ZONE: "z1"}), Candidate(name="node-c"), Candidate(name="node-y")]
+    reply = score(request(DatasetUse(name="imagenet", namespace="ml"), candidates=candidates), view(), Weights())
+    # node-x is unknown but says it is in zone z1, next to node-a's 90 %.
+    assert [(s.node, s.score) for s in reply.scores] == [("node-x", 45), ("node-c", 18), ("node-y", 0)]
+
+
+def test_bad_input_is_an_error_answer() -> None:
+    unknown = score(request(DatasetUse(name="nope")), view(), Weights())
+    assert unknown.error == "unknown dataset default/nope" and unknown.scores == []
+    too_many = score(request(*[DatasetUse(name=f"d{i}") for i in range(MAX_DATASETS + 1)]), view(), Weights())
+    assert "too many datasets" in too_many.error
+    relative = score(request(DatasetUse(name="imagenet", namespace="ml", paths=["train"])), view(), Weights())
+    assert "must start with '/'" in relative.error
+    nameless = score(request(candidates=[Candidate(name="")]), view(), Weights())
+    assert nameless.error == "a candidate without a name"
+
+
+def test_an_empty_dataset_gives_no_preference() -> None:
+    empty = StaticView(totals={IMAGENET: 0}, node_labels={"node-a": {}, "node-b": {}})
+    reply = score(request(DatasetUse(name="imagenet", namespace="ml")), empty, Weights())
+    assert [(s.node, s.score) for s in reply.scores] == [("node-a", 0), ("node-b", 0)]
+
+
+# --- properties ---
+
+NODES = [f"node-{i}" for i in range(6)]
+DATASETS = [("ml", f"d{i}") for i in range(3)]
+
+cache_strategy = st.dictionaries(
+    st.sampled_from(DATASETS), st.dictionaries(st.sampled_from(NODES), st.integers(0, 1000), max_size=6),
+    min_size=len(DATASETS), max_size=len(DATASETS))
+labels_strategy = st.dictionaries(
+    st.sampled_from(NODES),
+    st.fixed_dictionaries({}, optional={ZONE: st.sampled_from(["z1", "z2"]), REGION: st.sampled_from(["r1", "r2"])}),
+    max_size=6)
+weights_strategy = st.builds(Weights, node=st.integers(0, 200), zone=st.integers(0, 200),
+                             region=st.integers(0, 200)).filter(lambda w: max(w.node, w.zone, w.region) > 0)
+uses_strategy = st.lists(st.builds(DatasetUse, name=st.sampled_from([d[1] for d in DATASETS]),
+                                   namespace=st.just("ml"), required=st.booleans(),
+                                   paths=st.lists(st.sampled_from(["/a", "/b/c"]), max_size=2)),
+                         max_size=4)
+
+
+def static(cache: dict[tuple[str, str], dict[str, int]], labels: dict[str, dict[str, str]]) -> StaticView:
+    return StaticView(totals={d: 1000 for d in DATASETS}, cache=cache,
+                      node_labels={node: labels.get(node, {}) for node in NODES})
+
+
+@settings(max_examples=150, deadline=None)
+@given(cache=cache_strategy, labels=labels_strategy, weights=weights_strategy, uses=uses_strategy,
+       node=st.sampled_from(NODES), dataset=st.sampled_from(DATASETS), more=st.integers(1, 1000))
+def test_more_cached_bytes_never_lower_a_nodes_score(cache: dict[tuple[str, str], dict[str, int]],
+                                                    labels: dict[str, dict[str, str]], weights: Weights,
+                                                    uses: list[DatasetUse], node: str, dataset: tuple[str, str],
+                                                    more: int) -> None:
+    before = score(request(*uses), static(cache, labels), weights)
+    grown = {d: dict(nodes) for d, nodes in cache.items()}
+    grown[dataset][node] = min(grown[dataset].get(node, 0) + more, 1000)
+    after = score(request(*uses), static(grown, labels), weights)
+    old = {s.node: s.score for s in before.scores}
+    new = {s.node: s.score for s in after.scores}
+    if uses and node in old:
+        assert node in new, "a node holding more of a required dataset was filtered"
+        assert new[node] >= old[node]
+
+
+@settings(max_examples=150, deadline=None)
+@given(cache=cache_strategy, labels=labels_strategy, weights=weights_strategy, uses=uses_strategy,
+       candidates=st.lists(st.builds(Candidate, name=st.sampled_from([*NODES, "node-x"]),
+                                     labels=st.sampled_from([{}, {ZONE: "z1"}, {REGION: "r2"}])), max_size=8),
+       seed=st.randoms(use_true_random=False))
+def test_the_order_of_the_request_never_changes_the_answer(cache: dict[tuple[str, str], dict[str, int]],
+                                                          labels: dict[str, dict[str, str]], weights: Weights,
+                                                          uses: list[DatasetUse], candidates: list[Candidate],
+                                                          seed: object) -> None:
+    shuffled_uses, shuffled_candidates = list(uses), list(candidates)
+    seed.shuffle(shuffled_uses)  # type: ignore[attr-defined]
+    seed.shuffle(shuffled_candidates)  # type: ignore[attr-defined]
+    shuffled_uses = [msgspec.structs.replace(use, paths=list(reversed(use.paths))) for use in shuffled_uses]
+    one = score(request(*uses, candidates=candidates), static(cache, labels), weights)
+    two = score(request(*shuffled_uses, candidates=shuffled_candidates), static(cache, labels), weights)
+    assert msgspec.json.encode(one) == msgspec.json.encode(two)
+    assert [s.node for s in one.scores] == [s.node for s in sorted(one.scores, key=lambda s: (-s.score, s.node))]

@@ -1,0 +1,192 @@
+"""The scheduler's fold (``services.scheduler.fold``), pure: blocks per node and file, current versions against the
+manifest's catalog, whole files, bytes under path hints, forgetting; and, with Hypothesis, that for *any* sequence
+of events (parts out of order, gaps, redeliveries, new incarnations) it holds exactly the blocks the shared fold
+``libs.inventory`` holds with ``track_blocks=True``, and asks for a snapshot exactly when it does."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from libs.events.agent import BlockId, CacheCounters, Inventory, InventoryDelta, InventorySnapshot, group_blocks
+from libs.events.common import ObjectRef
+from libs.events.dataset import ManifestEntry
+from libs.inventory import DatasetInventory, fold
+from services.scheduler.domain import Weights, score
+from services.scheduler.fold import CacheFold, Catalog, LiveView, path_matches
+
+DATASET = ObjectRef(name="d", namespace="ml")
+KEY = ("ml", "d")
+MiB = 1 << 20
+
+
+def blocks(key: str, etag: str, sizes: Iterable[tuple[int, int]]) -> list[tuple[BlockId, int]]:
+    return [(BlockId(0, key, etag, index), size) for index, size in sizes]
+
+
+def snapshot(seq: int, items: list[tuple[BlockId, int]], *, node: str = "n1", incarnation: str = "i1",
+             part: int = 1, parts: int = 1) -> InventorySnapshot:
+    return InventorySnapshot(node=node, dataset=DATASET, incarnation=incarnation, seq=seq, part=part, parts=parts,
+                             files=group_blocks(items), counters=CacheCounters())
+
+
+def delta(seq: int, add: list[tuple[BlockId, int]] = (), remove: list[tuple[BlockId, int]] = (),  # type: ignore[assignment]
+          *, node: str = "n1", incarnation: str = "i1") -> InventoryDelta:
+    return InventoryDelta(node=node, dataset=DATASET, incarnation=incarnation, seq=seq, cached=group_blocks(add),
+                          evicted=group_blocks(remove), counters=CacheCounters())
+
+
+def entry(path: str, key: str, size: int, etag: str = "e1") -> ManifestEntry:
+    return ManifestEntry(path=path, mount=0, key=key, size=size, etag=etag, mtime=0.0)
+
+
+CATALOG = Catalog([entry("/train/a.bin", "train/a.bin", 2 * MiB + 10), entry("/train/b.bin", "train/b.bin", MiB),
+                   entry("/val/c.bin", "val/c.bin", 3 * MiB), entry("/train/", "train/", 0)])
+
+
+def test_blocks_per_file_current_versions_and_whole_files() -> None:
+    state = CacheFold()
+    state.set_catalog(KEY, CATALOG)
+    a = blocks("train/a.bin", "e1", [(0, MiB), (1, MiB)])
+    assert not state.apply(snapshot(1, a))
+    cache = state.datasets[KEY]["n1"]
+    assert cache.total == cache.current == 2 * MiB and state.whole_files(KEY, "n1") == 0
+    # The last (short) block makes a.bin whole; a block of an old version is cached but does not count.
+    assert not state.apply(delta(2, blocks("train/a.bin", "e1", [(2, 10)]) + blocks("val/c.bin", "old", [(0, MiB)])))
+    assert cache.total == 3 * MiB + 10 and cache.current == 2 * MiB + 10
+    assert state.whole_files(KEY, "n1") == 1
+    # A resync whose manifest has c.bin at version "old": now it counts.
+    state.set_catalog(KEY, Catalog([*[entry(p, k, s) for p, k, s in [("/train/a.bin", "train/a.bin", 2 * MiB + 10)]],
+                                    entry("/val/c.bin", "val/c.bin", 3 * MiB, etag="old")]))
+    assert cache.current == 3 * MiB + 10
+    # Evictions give the memory back: a file without blocks leaves the node.
+    assert not state.apply(delta(3, remove=blocks("val/c.bin", "old", [(0, MiB)])))
+    assert ("0", "val/c.bin", "old") not in cache.files and (0, "val/c.bin", "old") not in cache.files
+    assert cache.total == 2 * MiB + 10 and state.blocks() == 3
+
+
+def test_a_gap_asks_and_the_snapshot_replaces_the_blocks_once_all_parts_are_in() -> None:
+    state = CacheFold()
+    a0, a1, b0 = (blocks("train/a.bin", "e1", [(i, MiB)]) for i in (0, 1, 2))
+    assert not state.apply(snapshot(1, a0))
+    assert state.apply(delta(3, a1))  # seq 2 lost
+    assert state.datasets[KEY]["n1"].total == 2 * MiB
+    assert not state.apply(snapshot(5, b0, part=2, parts=2))
+    assert state.datasets[KEY]["n1"].total == 2 * MiB  # incomplete: the old blocks stay
+    assert not state.apply(snapshot(4, a0, part=1, parts=2))
+    assert state.datasets[KEY]["n1"].total == 2 * MiB and set(state.datasets[KEY]["n1"].files) == {
+        (0, "train/a.bin", "e1")}
+    assert state.datasets[KEY]["n1"].files[(0, "train/a.bin", "e1")] == {0: MiB, 2: MiB}
+    assert state.apply(delta(1, node="n2"))  # a node never seen
+
+
+def test_forgetting_datasets_and_nodes() -> None:
+    state = CacheFold()
+    state.apply(snapshot(1, blocks("k", "e", [(0, 5)])))
+    state.apply(snapshot(1, blocks("k", "e", [(0, 5)]), node="n2"))
+    state.forget_node("n1")
+    assert state.nodes() == {"n2"} and state.caching_nodes() == {"n2"}
+    state.forget_dataset(KEY)
+    assert state.nodes() == set() and state.blocks() == 0
+
+
+def test_path_hints_select_files_and_folders() -> None:
+    assert CATALOG.total == 6 * MiB + 10
+    assert CATALOG.total_under(["/train"]) == CATALOG.total_under(["/train/"]) == 3 * MiB + 10
+    assert CATALOG.total_under(["/train/b.bin", "/train"]) == 3 * MiB + 10  # overlaps count once
+    assert CATALOG.total_under(["/val/c.bin"]) == 3 * MiB
+    assert CATALOG.total_under(["/tra"]) == 0 and CATALOG.total_under(["/"]) == CATALOG.total
+    assert path_matches("/train/a.bin", ["/train"]) and not path_matches("/trainer/x", ["/train"])
+
+
+def test_the_live_view_scores_from_the_fold() -> None:
+    state = CacheFold()
+    state.set_catalog(KEY, CATALOG)
+    state.apply(snapshot(1, blocks("train/a.bin", "e1", [(0, MiB), (1, MiB), (2, 10)])))
+    state.apply(snapshot(1, blocks("val/c.bin", "e1", [(0, MiB), (1, MiB), (2, MiB)]), node="n2"))
+    view = LiveView(state, {KEY: CATALOG.total}, lambda node: {}, lambda: ["n3"])
+    from libs.events.schedule import DatasetUse, ScoreRequest
+
+    whole = score(ScoreRequest(datasets=[DatasetUse(name="d", namespace="ml")]), view, Weights())
+    assert [s.node for s in whole.scores] == ["n2", "n1", "n3"]
+    train = score(ScoreRequest(datasets=[DatasetUse(name="d", namespace="ml", paths=["/train"])]), view, Weights())
+    assert [(s.node, s.score) for s in train.scores] == [("n1", 67), ("n2", 0), ("n3", 0)]
+    assert "(1 whole files)" in train.scores[0].reason
+    unknown = score(ScoreRequest(datasets=[DatasetUse(name="x", namespace="ml")]), view, Weights())
+    assert unknown.error == "unknown dataset ml/x"
+
+
+# --- the same decisions and blocks as the shared fold, for any event sequence ---
+
+SIZES = st.integers(1, 4)
+ITEMS = st.lists(st.tuples(st.sampled_from(["a", "b"]), st.integers(0, 5), SIZES), max_size=4)
+
+
+@st.composite
+def events(draw: st.DrawFn) -> Inventory:
+    node = draw(st.sampled_from(["n1", "n2"]))
+    incarnation = draw(st.sampled_from(["i1", "i2"]))
+    seq = draw(st.integers(1, 8))
+
+    def items(raw: list[tuple[str, int, int]]) -> list[tuple[BlockId, int]]:
+        return [(BlockId(0, key, "e", index), size) for key, index, size in raw]
+
+    if draw(st.booleans()):
+        parts = draw(st.integers(1, 3))
+        part = draw(st.integers(1, parts))
+        return snapshot(seq + part - 1, items(draw(ITEMS)), node=node, incarnation=incarnation, part=part,
+                        parts=parts)
+    return delta(seq, items(draw(ITEMS)), items(draw(ITEMS)), node=node, incarnation=incarnation)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(events(), max_size=25))
+def test_same_blocks_and_same_snapshot_requests_as_the_shared_fold(sequence: list[Inventory]) -> None:
+    state = CacheFold()
+    shared: DatasetInventory | None = None
+    for event in sequence:
+        shared, expected_ask = fold(shared, event, track_blocks=True)
+        assert state.apply(event) == expected_ask
+    for node, position in (shared.nodes.items() if shared else []):
+        cache = state.datasets[KEY][node]
+        mine = {BlockId(*file, index): size for file, held in cache.files.items() for index, size in held.items()}
+        assert mine == position.blocks
+        assert cache.total == cache.current == sum(position.blocks.values())
+
+
+def test_decisions_are_kept_only_while_what_they_read_is_unchanged() -> None:
+    import asyncio
+    from types import SimpleNamespace
+
+    from libs.events.agent import AgentHeartbeat, AgentRecord
+    from libs.events.schedule import DatasetUse, ScoreRequest
+    from services.scheduler.handlers import DatasetInfo, SchedulerHandlers
+
+    beat = AgentHeartbeat(node="n2", labels={"topology.kubernetes.io/zone": "z1"})
+    agents = SimpleNamespace(values={"n2": AgentRecord(heartbeat=beat, received_at=100.0)}, ready=asyncio.Event())
+    handlers = SchedulerHandlers(bus=None, agents=agents, clock=lambda: 100.0)  # type: ignore[arg-type]
+    handlers.datasets[KEY] = DatasetInfo(total=4 * MiB, manifest_version=("", 0, 0, ""))
+    handlers.fold.apply(snapshot(1, blocks("k", "e", [(0, MiB)])))
+    asyncio.run(handlers.refresh_labels())  # as the periodic refresh does at start
+    question = [DatasetUse(name="d", namespace="ml")]
+    first = handlers.answer(ScoreRequest(id="q1", datasets=question))
+    again = handlers.answer(ScoreRequest(id="q2", datasets=question))
+    assert again.scores is first.scores and (again.id, again.causation_id) == ("q2.reply", "q2")
+    assert [(s.node, s.score) for s in first.scores] == [("n1", 25), ("n2", 0)]
+    # A delta of the requested dataset: a new decision.
+    handlers.fold.apply(delta(2, blocks("k", "e", [(1, MiB)])))
+    moved = handlers.answer(ScoreRequest(id="q3", datasets=question))
+    assert [(s.node, s.score) for s in moved.scores] == [("n1", 50), ("n2", 0)]
+    # A label change, noticed by the periodic refresh: n2 is now in n1's zone.
+    agents.values["n1"] = AgentRecord(heartbeat=AgentHeartbeat(node="n1", labels={"topology.kubernetes.io/zone": "z1"}),
+                                      received_at=100.0)
+    assert handlers.answer(ScoreRequest(id="q4", datasets=question)).scores is moved.scores
+    asyncio.run(handlers.refresh_labels())
+    relabelled = handlers.answer(ScoreRequest(id="q5", datasets=question))
+    assert [(s.node, s.score) for s in relabelled.scores] == [("n1", 50), ("n2", 25)]
+    # The dataset's total changes (a resync): a new decision.
+    handlers.datasets[KEY] = DatasetInfo(total=8 * MiB, manifest_version=("", 0, 1, ""))
+    handlers.info_version += 1
+    assert [s.score for s in handlers.answer(ScoreRequest(datasets=question)).scores] == [25, 12]
