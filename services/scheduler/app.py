@@ -8,19 +8,17 @@
 | core NATS shoal.sched.score | ScoreRequest → ScoreReply (queue group) | SchedulerHandlers.answer_raw |
 | core NATS shoal.ctl.inventory.request | published: InventoryRequest on a gap, and to every agent at start | — |
 
-``extra_loops``: more loops made from the handlers (``handlers.answer`` is the one decision function), run and
-stopped with the others. The HTTP front (admission webhook, extender) runs as ``HttpFront(server, settings)``, a
-loop around any ``HttpServer`` (start/stop), with TLS from the settings. Ready (``/readyz``) when connected to NATS
-and every loop runs.
+With ``SHOAL_SCHED_HTTP_PORT`` set, the HTTP front (admission webhook and extender, ``services.scheduler.http``)
+runs as one more loop on ``handlers.answer``, the same decision function, with TLS from ``SHOAL_SCHED_TLS_*``.
+``extra_loops``: more loops made from the handlers (tests), run and stopped with the others. Ready (``/readyz``)
+when connected to NATS and every loop runs.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ssl
 import time
 from collections.abc import Callable, Sequence
-from typing import Protocol
 
 import msgspec
 
@@ -33,6 +31,7 @@ from libs.side_server import Readiness
 from libs.telemetry import get_logger
 from services.scheduler.domain import Weights
 from services.scheduler.handlers import SchedulerHandlers
+from services.scheduler.http import http_loop
 
 log = get_logger(__name__)
 
@@ -77,48 +76,6 @@ class ScoreServer:
         self._stopping.set()
 
 
-class HttpServer(Protocol):
-    """What the HTTP front (``services.scheduler.http.SchedulerHttp``: admission webhook and extender) provides."""
-
-    async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> int: ...
-
-    async def stop(self) -> None: ...
-
-
-def server_tls(settings: SchedulerSettings) -> ssl.SSLContext | None:
-    """HTTPS from ``SHOAL_SCHED_TLS_CERT``/``_KEY`` (the API server only calls webhooks over HTTPS); None: plain."""
-    if not settings.tls_cert:
-        return None
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(settings.tls_cert, settings.tls_key or None)
-    return context
-
-
-class HttpFront:
-    """An ``HttpServer`` run as a loop on ``SHOAL_SCHED_HTTP_HOST``:``SHOAL_SCHED_HTTP_PORT``."""
-
-    name = "http-front"
-
-    def __init__(self, server: HttpServer, settings: SchedulerSettings) -> None:
-        self.server = server
-        self.settings = settings
-        self.port = 0
-        self._stopping = asyncio.Event()
-
-    async def run(self) -> None:
-        port = self.settings.http_port if self.settings.http_port is not None else 0
-        self.port = await self.server.start(self.settings.http_host, port, server_tls(self.settings))
-        log.info("webhook and extender listening", host=self.settings.http_host, port=self.port,
-                 tls=bool(self.settings.tls_cert))
-        try:
-            await self._stopping.wait()
-        finally:
-            await self.server.stop()
-
-    def stop(self) -> None:
-        self._stopping.set()
-
-
 class DatasetWatch:
     """The ``shoal_datasets`` watch (``SchedulerHandlers.watch_datasets``), as a loop."""
 
@@ -155,6 +112,10 @@ async def run(settings: Settings, stop: asyncio.Event, clock: Callable[[], float
         loops: list[Loop] = [agents, DatasetWatch(handlers), inventory, ScoreServer(bus, handlers),
                              Periodic("sweep", handlers.sweep, SWEEP_SECONDS),
                              Periodic("labels", handlers.refresh_labels, LABELS_SECONDS)]
+        sched = settings.scheduler
+        if sched.http_port is not None:
+            loops.append(http_loop(handlers.answer, host=sched.http_host, port=sched.http_port,
+                                   timeout=sched.http_timeout, tls_cert=sched.tls_cert, tls_key=sched.tls_key))
         loops += [make(handlers, settings) for make in extra_loops]
         if started is not None:
             started(handlers)

@@ -251,10 +251,14 @@ class HttpLoop:
         self.host = host
         self.port = port
         self.ssl_context = ssl_context
+        # The port it listens on once started (``port`` 0 picks a free one).
+        self.bound_port = 0
         self._stopping = asyncio.Event()
 
     async def run(self) -> None:
-        await self.http.start(self.host, self.port, self.ssl_context)
+        self.bound_port = await self.http.start(self.host, self.port, self.ssl_context)
+        log.info("webhook and extender listening", host=self.host, port=self.bound_port,
+                 tls=self.ssl_context is not None)
         try:
             await self._stopping.wait()
         finally:

@@ -16,12 +16,14 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import TypeVar
 
+import aiohttp
 import msgspec
 import pytest
 
 from libs import subjects
 from libs.bus import Bus
 from libs.config import SchedulerSettings, Settings
+from libs.embedded import free_port
 from libs.events.agent import (
     AgentHeartbeat,
     AgentRecord,
@@ -203,42 +205,38 @@ async def _error(bus: Bus) -> ScoreReply | None:
     return reply if reply.error else None
 
 
-class FakeHttp:
-    """Stands in for ``services.scheduler.http.SchedulerHttp``: records how the loop drives it."""
-
-    def __init__(self, answer: Callable[[ScoreRequest], ScoreReply]) -> None:
-        self.answer = answer
-        self.started: tuple[str, int, object] | None = None
-        self.stopped = False
-
-    async def start(self, host: str, port: int, ssl_context: object = None) -> int:
-        self.started = (host, port, ssl_context)
-        return 40000
-
-    async def stop(self) -> None:
-        self.stopped = True
+PVC_POD = {"metadata": {"name": "trainer", "namespace": "ml"},
+           "spec": {"volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": "imagenet"}}]}}
 
 
-async def test_extra_loops_run_an_http_front_on_the_same_answers(bus: Bus, scheduler_settings: Settings) -> None:
+async def test_the_http_front_runs_when_its_port_is_set_and_answers_from_the_same_fold(
+        bus: Bus, scheduler_settings: Settings) -> None:
+    """SHOAL_SCHED_HTTP_PORT set (plain HTTP here; TLS is covered in test_scheduler_http): the extender's
+    prioritize answer follows the fold like the NATS API's."""
     await seed(bus, {"node-a": {}})
     agent = FakeAgent(bus, "node-a")
-    fronts: list[FakeHttp] = []
-
-    def front(handlers: SchedulerHandlers, settings: Settings) -> app.HttpFront:
-        fronts.append(FakeHttp(handlers.answer))
-        return app.HttpFront(fronts[-1], settings.scheduler)
-
-    settings = dataclasses.replace(scheduler_settings, scheduler=SchedulerSettings(http_port=0))
+    port = free_port()
+    settings = dataclasses.replace(scheduler_settings, scheduler=SchedulerSettings(http_port=port))
     stop = asyncio.Event()
-    task = asyncio.create_task(app.run(settings, stop, extra_loops=[front]))
+    task = asyncio.create_task(app.run(settings, stop))
+    base = f"http://127.0.0.1:{port}"
+
+    async def prioritized(session: aiohttp.ClientSession) -> list[dict[str, object]] | None:
+        try:
+            async with session.post(f"{base}/prioritize", json={"Pod": PVC_POD, "NodeNames": ["node-a"]}) as answer:
+                scores: list[dict[str, object]] = await answer.json()
+        except aiohttp.ClientConnectionError:
+            return None
+        return scores if scores and scores[0].get("Score") else None
+
     try:
-        await eventually(lambda: _true(bool(fronts) and fronts[0].started), what="the front started")
-        assert fronts[0].started == ("127.0.0.1", 0, None)
         await agent.cache("/val/c.bin")
-        await eventually(lambda: _true(ranking(fronts[0].answer(WHOLE)) == [("node-a", 20)]),
-                         what="the front's answers follow the fold")
-        assert ranking(await ask(bus, WHOLE)) == ranking(fronts[0].answer(WHOLE))
+        async with aiohttp.ClientSession() as session:
+            scores = await eventually(lambda: prioritized(session), what="the extender ranks node-a", timeout=20)
+            assert scores == [{"Host": "node-a", "Score": 2}]
+            async with session.get(f"{base}/healthz") as health:
+                assert health.status == 200
+        assert ranking(await ask(bus, WHOLE)) == [("node-a", 20)]
     finally:
         stop.set()
         await asyncio.wait_for(task, 20)
-    assert fronts[0].stopped

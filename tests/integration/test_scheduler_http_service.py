@@ -1,13 +1,11 @@
 """The webhook and the extender answered by the real scheduler service (its fold fed by agents' inventory over a
-real nats-server), over HTTPS, wired the way the service wires them (``app.run(extra_loops=[...])``).
+real nats-server), over HTTPS, through ``http_loop`` as the service builds it (here handed in with
+``app.run(extra_loops=[...])`` to learn the bound port; ``test_scheduler_api`` shows the settings wiring).
 
 Shown: after node-a caches 80 % of ml/imagenet and node-c 20 % (node-b shares node-a's zone), the recorded
 AdmissionReview's patch, applied with ``jsonpatch``, prefers node-a most, then node-b, then node-c; in required mode
 it requires the nodes that hold the cache (node-a, node-c); the extender ranks node-a first and, in required mode,
 filters node-b out; and the answers follow the cache when node-c takes the lead.
-
-Needs the scheduler core (``services/scheduler/app.py``, ``handlers.py``; its test helpers in
-``test_scheduler_api``), which lives on another branch until the merge: skipped without it.
 """
 
 from __future__ import annotations
@@ -31,13 +29,13 @@ from libs import subjects
 from libs.bus import Bus
 from libs.config import Settings
 from libs.events.agent import InventoryRequest
+from services.scheduler import app as scheduler_app
 from services.scheduler.http import HttpLoop, http_loop
 from tests.conftest import NatsServer
 from tests.helpers import eventually, make_settings
-
-_MERGE = "the scheduler core is merged from another branch"
-scheduler_app = pytest.importorskip("services.scheduler.app", reason=_MERGE)
-api = pytest.importorskip("tests.integration.test_scheduler_api", reason=_MERGE)
+from tests.integration import agent_stack as stack
+from tests.integration import test_scheduler_agents as agents
+from tests.integration import test_scheduler_api as api
 
 pytestmark = pytest.mark.needs("openssl")
 
@@ -183,8 +181,6 @@ async def test_webhook_and_extender_follow_the_bytes_read_through_real_agents(
     """Three real agents (real FUSE mounts, every node caching what it reads): reading through node-c makes the
     webhook prefer node-c and, in required mode, require it alone; the extender ranks it first and filters the
     others; reading through node-a too adds node-a to the nodes a required pod may use."""
-    agents = pytest.importorskip("tests.integration.test_scheduler_agents", reason=_MERGE)
-    stack = pytest.importorskip("tests.integration.agent_stack")
     from tests.conftest import put_objects
 
     await put_objects(seaweedfs, bucket, agents.OBJECTS)
