@@ -238,7 +238,8 @@ async def test_up_with_three_agents_runs_three_nodes_that_each_mount_the_demo_an
     await run.wait_for_output("Shoal is up")
     nodes = ["box-1", "box-2", "box-3"]
     pids = run.pids()
-    assert set(pids) == {"nats-server", "seaweedfs", "dataset", "runtime", "agent-1", "agent-2", "agent-3"}
+    assert set(pids) == {"nats-server", "seaweedfs", "dataset", "runtime", "loader", "scheduler", "agent-1", "agent-2",
+                         "agent-3"}
     assert f"  agents    {', '.join(nodes)}" in run.output
     secret = state_dir.resolve() / "peer.secret"
     assert secret.stat().st_mode & 0o777 == 0o600
@@ -388,7 +389,7 @@ async def test_a_busy_port_is_named_with_the_option_that_moves_it(tmp_path: Path
 
 def test_several_agents_get_their_own_node_labels_paths_and_the_peer_secret(tmp_path: Path) -> None:
     assert stack_services(1) == SERVICES
-    assert list(stack_services(2)) == ["dataset", "runtime", "agent-1", "agent-2"]
+    assert list(stack_services(2)) == ["dataset", "runtime", "loader", "scheduler", "agent-1", "agent-2"]
     assert agent_plans(1, "box", {}, tmp_path) == []
     plans = agent_plans(3, "box", {"rack": "r1"}, tmp_path / "mnt")
     assert [(p.service, p.node, p.mount_root, p.cache_subdir) for p in plans] == [

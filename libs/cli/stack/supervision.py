@@ -25,11 +25,13 @@ from libs.cli.stack.pids import child_pids, stop_children, write_pids
 from libs.embedded import ServerProcess, spawn
 from libs.supervisor import Supervisor
 
-# --- What runs: one line per service. The loader and scheduler are added here when they exist. ---
+# --- What runs: one line per service. ---
 
 SERVICES: dict[str, str] = {
     "dataset": "services.dataset",
     "runtime": "services.runtime",
+    "loader": "services.loader",
+    "scheduler": "services.scheduler",
     "agent": "services.agent",
 }
 
