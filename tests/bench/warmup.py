@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from libs.events.common import parse_quantity
+from libs.events.common import format_bytes, parse_quantity
 from tests.bench.processes import PROJECT_ROOT, _on_signal, _servers, cleanup, fresh_run_dir, mounts_under
 from tests.bench.report import console, say, timed_phase
 from tests.bench.seed import NAMESPACE, TIMES, Agent, Cluster, show_bytes
@@ -70,7 +70,7 @@ class Workload:
         return [f"f{index:06d}.bin" for index in range(self.count)]
 
     def describe(self) -> str:
-        return f"{self.count} files of {show_bytes(self.size)}"
+        return f"{self.count} files of {format_bytes(self.size)}"
 
 
 def parse_workload(name: str, text: str) -> Workload:
