@@ -49,7 +49,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -453,6 +453,19 @@ class Cluster:
             await bus.close()
 
 
+@contextlib.asynccontextmanager
+async def bucket_client(seaweed: SeaweedConfig, bucket: str) -> AsyncIterator[Any]:
+    """An S3 client straight to SeaweedFS (not through the link), with ``bucket`` created if missing."""
+    from aiobotocore.session import get_session
+
+    async with get_session().create_client(
+            "s3", endpoint_url=seaweed.endpoint, region_name="us-east-1", aws_access_key_id=seaweed.access_key_id,
+            aws_secret_access_key=seaweed.secret_access_key) as s3:
+        if bucket not in {b["Name"] for b in (await s3.list_buckets())["Buckets"]}:
+            await s3.create_bucket(Bucket=bucket)
+        yield s3
+
+
 # --- results ---------------------------------------------------------------------------------------------------
 
 
@@ -525,18 +538,11 @@ class SeedBench:
     async def upload_model(self) -> str:
         """The model in the bucket (once: random bytes, multipart); returns its xxh3-128, kept next to the store."""
         import xxhash
-        from aiobotocore.session import get_session
 
         assert self.seaweed is not None
         config = self.config
         record = self.state / f"seed-model-{config.model_bytes}.json"
-        async with get_session().create_client(
-                "s3", endpoint_url=self.seaweed.endpoint, region_name="us-east-1",
-                aws_access_key_id=self.seaweed.access_key_id,
-                aws_secret_access_key=self.seaweed.secret_access_key) as s3:
-            buckets = {b["Name"] for b in (await s3.list_buckets())["Buckets"]}
-            if config.bucket not in buckets:
-                await s3.create_bucket(Bucket=config.bucket)
+        async with bucket_client(self.seaweed, config.bucket) as s3:
             with contextlib.suppress(OSError, ValueError, KeyError):
                 known = json.loads(record.read_text())
                 head = await s3.head_object(Bucket=config.bucket, Key=KEY)

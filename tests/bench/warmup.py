@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 from libs.events.common import format_bytes, parse_quantity
 from tests.bench.processes import PROJECT_ROOT, _on_signal, _servers, cleanup, fresh_run_dir, mounts_under
 from tests.bench.report import console, say, timed_phase
-from tests.bench.seed import NAMESPACE, TIMES, Agent, Cluster, show_bytes
+from tests.bench.seed import NAMESPACE, TIMES, Agent, Cluster, bucket_client, show_bytes
 from tests.bench.throttle import ThrottledProxy
 from tests.bench.worker import read_tree, run_worker
 from tests.bench.workloads import MiB
@@ -160,16 +160,8 @@ class WarmupBench:
 
     async def upload(self, workload: Workload) -> None:
         """The workload's bucket, filled once with random bytes (kept for later runs when complete)."""
-        from aiobotocore.session import get_session
-
         assert self.seaweed is not None
-        async with get_session().create_client(
-                "s3", endpoint_url=self.seaweed.endpoint, region_name="us-east-1",
-                aws_access_key_id=self.seaweed.access_key_id,
-                aws_secret_access_key=self.seaweed.secret_access_key) as s3:
-            buckets = {b["Name"] for b in (await s3.list_buckets())["Buckets"]}
-            if workload.name not in buckets:
-                await s3.create_bucket(Bucket=workload.name)
+        async with bucket_client(self.seaweed, workload.name) as s3:
             present: dict[str, int] = {}
             async for page in s3.get_paginator("list_objects_v2").paginate(Bucket=workload.name):
                 present.update({item["Key"]: item["Size"] for item in page.get("Contents", [])})
