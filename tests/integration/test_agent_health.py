@@ -65,7 +65,7 @@ async def test_a_mount_process_that_keeps_failing_makes_the_agent_unhealthy(
         assert beat is not None and beat.healthy and beat.problems == []
         await node.apply("broken", bucket)
 
-        beat = await eventually(lambda: unhealthy_with(node, "mount default/broken keeps failing"), 30,
+        beat = await eventually(lambda: unhealthy_with(node, "mount default/broken keeps failing"), 60,
                                 "an unhealthy heartbeat naming the failing mount")
         assert "exit code 2" in beat.problems[0]
         ready, checks = readiness.report()

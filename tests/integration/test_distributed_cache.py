@@ -80,7 +80,7 @@ async def apply(bus: Bus, cluster: Cluster, store: HttpProxy, bucket: str, repli
     await bus.publish(subjects.DATASET_APPLY, DatasetApply(dataset=dataset))
 
 
-async def ring_is(bus: Bus, expected: list[str], timeout: float = 20.0) -> RuntimeRecord:
+async def ring_is(bus: Bus, expected: list[str], timeout: float = 60.0) -> RuntimeRecord:
     """The runtime once its workers are ``expected`` (in any order: picks follow the heartbeats' arrival), every
     one ready with a peer URL."""
     async def probe() -> RuntimeRecord | None:
