@@ -80,6 +80,10 @@ class View(Protocol):
     def places(self, zone_label: str, region_label: str) -> Places:
         """``Places.of`` the known nodes and their labels (a view may keep one while neither changes)."""
 
+    def column(self, dataset: DatasetKey, paths: tuple[str, ...], places: Places) -> Sequence[int]:
+        """``cached`` in the order of ``places.nodes`` (0 for a node holding none; every holder is a known node).
+        A view may keep one while the dataset's cache does not change."""
+
 
 @dataclass(frozen=True)
 class Use:
@@ -189,7 +193,18 @@ def _owns(uses: list[Use], totals: Mapping[DatasetKey, int], held: Mapping[Datas
     return owns if owns is not None else [0] * len(nodes)
 
 
-def _best_holders(members: Mapping[str, tuple[int, ...]], owns: list[int], nodes: Sequence[str],
+def _known(uses: list[Use], totals: Mapping[DatasetKey, int], view: View, places: Places) -> Sequence[int]:
+    """``_owns`` of every known node, from the view's columns (kept by the view while a dataset does not change)."""
+    owns: Sequence[int] | None = None
+    for use in uses:
+        total, column = totals[use.key], view.column(use.key, use.paths, places)
+        if max(column, default=0) > total:
+            column = [min(size, total) for size in column]
+        owns = column if owns is None else list(map(operator.add, owns, column))
+    return owns if owns is not None else [0] * len(places.nodes)
+
+
+def _best_holders(members: Mapping[str, tuple[int, ...]], owns: Sequence[int], nodes: Sequence[str],
                   requested: int) -> Best:
     """Each group's two best holders of bytes. Members are positions in name order, so the first of equal sizes is
     the name that sorts first."""
@@ -250,10 +265,11 @@ def score(request: ScoreRequest, view: View, weights: Weights) -> ScoreReply:
         held[use.key] = view.cached(use.key, use.paths)
     requested = sum(totals.values())
     # Bytes of every known node (holders are known nodes), for the zones' and regions' best holders.
-    known = _owns(uses, totals, held, places.nodes)
+    known = _known(uses, totals, view, places)
 
     kinds: Sequence[tuple[str, str]] = places.kinds
     kind: Sequence[int]
+    owns: Sequence[int]
     if candidates:
         owns = _owns(uses, totals, held, nodes)
         numbers = {where: number for number, where in enumerate(places.kinds)}
@@ -343,8 +359,9 @@ def score(request: ScoreRequest, view: View, weights: Weights) -> ScoreReply:
     scores = [NodeScore(node=node, score=score, cached_bytes=size, share=share, reason=reason)
               for node, size, (score, share, reason)
               in zip(nodes, owns, map(_Memo(placed).__getitem__, keys), strict=True)]
-    # The best holders: their neighbours are the others (the second best, or another group's best).
-    holders = {holder for best in (zones, regions) for entries in best.values() for _, holder in entries}
+    # The best holder of a zone or region: its neighbour there is the second best, not itself. (The second best's
+    # neighbour is the best, as for every other node there.)
+    holders = {entries[0][1] for best in (zones, regions) for entries in best.values()}
     if holders:
         index = places.index if nodes is places.nodes else {node: at for at, node in enumerate(nodes)}
         for holder in holders:
@@ -435,3 +452,6 @@ class StaticView:
 
     def places(self, zone_label: str, region_label: str) -> Places:
         return Places.of(self.nodes(), self.labels, zone_label, region_label)
+
+    def column(self, dataset: DatasetKey, paths: tuple[str, ...], places: Places) -> Sequence[int]:
+        return cast(list[int], list(map(self.cached(dataset, paths).get, places.nodes, itertools.repeat(0))))

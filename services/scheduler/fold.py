@@ -29,6 +29,7 @@ import bisect
 import itertools
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import cast
 
 from libs.events.agent import CachedFile, Inventory, InventorySnapshot
 from libs.events.dataset import ManifestEntry
@@ -269,6 +270,11 @@ class CacheFold:
                    if (size := catalog.size(file)) is not None and sum(blocks.values()) == size)
 
 
+# Datasets whose per-node columns the live view keeps (each one int per known node): the datasets asked about
+# lately; past this it starts over.
+COLUMNS_KEPT = 256
+
+
 @dataclass
 class LiveView:
     """``domain.View`` over the fold, the datasets that exist (with their total bytes) and the nodes' labels.
@@ -286,6 +292,8 @@ class LiveView:
     alive: Callable[[], Iterable[str]]
     labels_version: Callable[[], object] | None = None
     _places: tuple[object, Places] | None = field(default=None, init=False, repr=False)
+    # Dataset → (its change stamp, the places, ``column``): kept while neither moves.
+    _columns: dict[DatasetKey, tuple[int, Places, list[int]]] = field(default_factory=dict, init=False, repr=False)
 
     def dataset_total(self, dataset: DatasetKey, paths: tuple[str, ...]) -> int | None:
         if dataset not in self.totals:
@@ -320,6 +328,18 @@ class LiveView:
 
     def caching_nodes(self) -> set[str]:
         return self.fold.caching_nodes()
+
+    def column(self, dataset: DatasetKey, paths: tuple[str, ...], places: Places) -> list[int]:
+        version = self.fold.versions.get(dataset, 0)
+        kept = self._columns.get(dataset) if not paths else None
+        if kept is not None and kept[0] == version and kept[1] is places:
+            return kept[2]  # read, never written
+        column = cast(list[int], list(map(self.cached(dataset, paths).get, places.nodes, itertools.repeat(0))))
+        if not paths:
+            if len(self._columns) >= COLUMNS_KEPT:
+                self._columns.clear()
+            self._columns[dataset] = (version, places, column)
+        return column
 
     def places(self, zone_label: str, region_label: str) -> Places:
         if self.labels_version is None:
