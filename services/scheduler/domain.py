@@ -18,6 +18,11 @@
   never heard of is scored like a node without cache (no preference), its labels from the request if given.
 - **determinism**: the request is normalised (datasets merged by name, paths and candidates deduplicated and
   sorted), so input order never changes the answer; nodes come best first, ties by name.
+
+The view is read, never written (maps and columns it hands out may be its own); what it may keep between decisions
+(``Places``, per-dataset columns) is a pure function of what it stands for, kept while that does not change. A
+decision over 1,000 nodes is a few C-level passes (``map``, ``max``), one ``NodeScore`` per node and one sort; the
+first straightforward version is kept in the tests as the oracle the answers must equal.
 """
 
 from __future__ import annotations
@@ -72,7 +77,7 @@ class View(Protocol):
     def labels(self, node: str) -> Mapping[str, str]: ...
 
     def nodes(self) -> set[str]:
-        """Every node known: reported inventory or a fresh heartbeat."""
+        """Every node known: reported inventory or a fresh heartbeat (so every node that caches)."""
 
     def caching_nodes(self) -> set[str]:
         """Nodes that hold any block of any dataset."""
