@@ -18,19 +18,28 @@
   never heard of is scored like a node without cache (no preference), its labels from the request if given.
 - **determinism**: the request is normalised (datasets merged by name, paths and candidates deduplicated and
   sorted), so input order never changes the answer; nodes come best first, ties by name.
+
+The view is read, never written (maps and columns it hands out may be its own); what it may keep between decisions
+(``Places``, per-dataset columns) is a pure function of what it stands for, kept while that does not change. A
+decision over 1,000 nodes is a few C-level passes (``map``, ``max``), one ``NodeScore`` per node and one sort; the
+first straightforward version is kept in the tests as the oracle the answers must equal.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import itertools
+import operator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar, cast
 
 import msgspec
 
 from libs.events.schedule import NodeScore, ScoreReply, ScoreRequest
 
 DatasetKey = tuple[str, str]
+K = TypeVar("K")
+V = TypeVar("V")
 
 # Bounds on one request: a pod rarely mounts more than a handful of datasets, and a Kubernetes cluster tops out at
 # 5,000 nodes (its documented limit); beyond these a request is abuse or a bug, answered with an error.
@@ -68,10 +77,17 @@ class View(Protocol):
     def labels(self, node: str) -> Mapping[str, str]: ...
 
     def nodes(self) -> set[str]:
-        """Every node known: reported inventory or a fresh heartbeat."""
+        """Every node known: reported inventory or a fresh heartbeat (so every node that caches)."""
 
     def caching_nodes(self) -> set[str]:
         """Nodes that hold any block of any dataset."""
+
+    def places(self, zone_label: str, region_label: str) -> Places:
+        """``Places.of`` the known nodes and their labels (a view may keep one while neither changes)."""
+
+    def column(self, dataset: DatasetKey, paths: tuple[str, ...], places: Places) -> Sequence[int]:
+        """``cached`` in the order of ``places.nodes`` (0 for a node holding none; every holder is a known node).
+        A view may keep one while the dataset's cache does not change."""
 
 
 @dataclass(frozen=True)
@@ -122,47 +138,126 @@ def _names(uses: list[Use]) -> str:
     return ", ".join(f"{namespace}/{name}" for namespace, name in (use.key for use in uses))
 
 
-# Group (zone or region) → its two best holders as (-share, node), best first: sorting these tuples ranks by share,
-# then by name, whatever order the holders came in.
+@dataclass(frozen=True)
+class Places:
+    """Where the known nodes are, as scoring reads it: every known node (sorted by name), the kind of place it is in
+    (its (zone, region), numbered), and each zone's and region's nodes (positions in ``nodes``). A pure function of
+    the node set and their labels (``Places.of``): a view keeps one until either changes, so a decision does not
+    read every node's labels again."""
+
+    nodes: tuple[str, ...] = ()
+    # Number of the (zone, region) of each node of ``nodes`` ('' when the node has no such label): ``kinds[n]``.
+    kind: tuple[int, ...] = ()
+    kinds: tuple[tuple[str, str], ...] = ()
+    index: Mapping[str, int] = field(default_factory=dict)
+    zones: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    regions: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, nodes: Iterable[str], labels: Callable[[str], Mapping[str, str]], zone_label: str,
+           region_label: str) -> Places:
+        ordered = tuple(sorted(set(nodes)))
+        numbers: dict[tuple[str, str], int] = {}
+        kind = []
+        zones: dict[str, list[int]] = {}
+        regions: dict[str, list[int]] = {}
+        for position, node in enumerate(ordered):
+            node_labels = labels(node)
+            zone, region = node_labels.get(zone_label, ""), node_labels.get(region_label, "")
+            kind.append(numbers.setdefault((zone, region), len(numbers)))
+            if zone:
+                zones.setdefault(zone, []).append(position)
+            if region:
+                regions.setdefault(region, []).append(position)
+        return cls(nodes=ordered, kind=tuple(kind), kinds=tuple(numbers),
+                   index={node: position for position, node in enumerate(ordered)},
+                   zones={zone: tuple(members) for zone, members in zones.items()},
+                   regions={region: tuple(members) for region, members in regions.items()})
+
+    def where(self, node: str) -> tuple[str, str] | None:
+        position = self.index.get(node)
+        return None if position is None else self.kinds[self.kind[position]]
+
+
+# Group (zone or region) → its (at most) two best holders as (share, node), best first; ties go to the node whose
+# name sorts first, whatever order the holders came in.
 Best = dict[str, list[tuple[float, str]]]
 
 
-def _offer(best: Best, group: str, node: str, share: float) -> None:
-    if not group:
-        return
-    item = (-share, node)
-    entries = best.get(group)
-    if entries is None:
-        best[group] = [item]
-    elif len(entries) < 2 or item < entries[1]:
-        entries.append(item)
-        entries.sort()
-        del entries[2:]
+def _owns(uses: list[Use], totals: Mapping[DatasetKey, int], held: Mapping[DatasetKey, Mapping[str, int]],
+          nodes: Sequence[str]) -> list[int]:
+    """Each node's cached bytes of the requested datasets (each dataset counted up to its total), in the order of
+    ``nodes``; read with ``map`` (no Python frame per node)."""
+    owns: list[int] | None = None
+    for use in uses:
+        total, sizes = totals[use.key], held[use.key]
+        if max(sizes.values(), default=0) > total:
+            sizes = {node: min(size, total) for node, size in sizes.items()}
+        column = cast(Iterator[int], map(sizes.get, nodes, itertools.repeat(0)))
+        owns = list(column if owns is None else map(operator.add, owns, column))
+    return owns if owns is not None else [0] * len(nodes)
+
+
+def _known(uses: list[Use], totals: Mapping[DatasetKey, int], view: View, places: Places) -> Sequence[int]:
+    """``_owns`` of every known node, from the view's columns (kept by the view while a dataset does not change)."""
+    owns: Sequence[int] | None = None
+    for use in uses:
+        total, column = totals[use.key], view.column(use.key, use.paths, places)
+        if max(column, default=0) > total:
+            column = [min(size, total) for size in column]
+        owns = column if owns is None else list(map(operator.add, owns, column))
+    return owns if owns is not None else [0] * len(places.nodes)
+
+
+def _best_holders(members: Mapping[str, tuple[int, ...]], owns: Sequence[int], nodes: Sequence[str],
+                  requested: int) -> Best:
+    """Each group's two best holders of bytes. Members are positions in name order, so the first of equal sizes is
+    the name that sorts first."""
+    best: Best = {}
+    size_at = owns.__getitem__
+    for group, positions in members.items():
+        sizes = list(map(size_at, positions))
+        top = max(sizes, default=0)
+        if top <= 0:
+            continue
+        first = sizes.index(top)
+        entries = [(min(top / requested, 1.0), nodes[positions[first]])]
+        sizes[first] = 0
+        second = max(sizes)
+        if second > 0:
+            entries.append((min(second / requested, 1.0), nodes[positions[sizes.index(second)]]))
+        best[group] = entries
+    return best
 
 
 def _neighbour(best: Best, group: str, node: str) -> tuple[float, str]:
     """The best share held in ``group`` by a node other than ``node``."""
     for share, holder in best.get(group, ()):
         if holder != node:
-            return -share, holder
+            return share, holder
     return 0.0, ""
 
 
 # Whole files are counted (for the reason) on the best nodes only: counting them costs a pass over a node's files.
 WHOLE_FILES_NOTED = 10
+_SCORE = operator.attrgetter("score")
 
 
 def score(request: ScoreRequest, view: View, weights: Weights) -> ScoreReply:
-    """Every candidate node scored 0..100, best first (ties by name); see the module docstring for the rules."""
+    """Every candidate node scored 0..100, best first (ties by name); see the module docstring for the rules.
+
+    Linear in nodes with little Python per node: sizes are read with ``map``; a node's score depends only on its
+    own bytes and its (zone, region) unless it is one of its zone's or region's two best holders, so the score and
+    reason are worked out once per distinct (bytes, zone, region) and once per such holder; the answer is sorted
+    once (nodes are visited by name and the sort is stable, so ties stay by name)."""
     normalised = normalise(request)
     if isinstance(normalised, str):
         return ScoreReply(id=f"{request.id}.reply", causation_id=request.id, error=normalised)
     uses, candidates = normalised
-    labelled: list[tuple[str, Mapping[str, str]]] = (
-        [(node, labels or view.labels(node)) for node, labels in candidates] if candidates
-        else [(node, view.labels(node)) for node in sorted(view.nodes())])
+    places = view.places(weights.zone_label, weights.region_label)
+    nodes: Sequence[str] = [node for node, _ in candidates] if candidates else places.nodes
     if not uses:
-        return _without_data(request, view, labelled)
+        return _without_data(request, view, nodes)
 
     totals: dict[DatasetKey, int] = {}
     held: dict[DatasetKey, Mapping[str, int]] = {}
@@ -174,40 +269,55 @@ def score(request: ScoreRequest, view: View, weights: Weights) -> ScoreReply:
         totals[use.key] = total
         held[use.key] = view.cached(use.key, use.paths)
     requested = sum(totals.values())
-    cached: dict[str, int] = {}
-    for use in uses:
-        total = totals[use.key]
-        for node, size in held[use.key].items():
-            cached[node] = cached.get(node, 0) + min(size, total)
-    shares = {node: min(size / requested, 1.0) for node, size in cached.items()} if requested > 0 else {}
+    # Bytes of every known node (holders are known nodes), for the zones' and regions' best holders.
+    known = _known(uses, totals, view, places)
+
+    kinds: Sequence[tuple[str, str]] = places.kinds
+    kind: Sequence[int]
+    owns: Sequence[int]
+    if candidates:
+        owns = _owns(uses, totals, held, nodes)
+        numbers = {where: number for number, where in enumerate(places.kinds)}
+        kind = [numbers.setdefault(_group(labels, weights) if labels
+                                   else places.where(node) or _group(view.labels(node), weights), len(numbers))
+                for node, labels in candidates]
+        kinds = tuple(numbers)
+    else:
+        owns, kind = known, places.kind
 
     filtered: dict[str, str] = {}
-    kept = labelled
     required = [use for use in uses if use.required]
     if required:
         kept = []
-        for node, labels in labelled:
+        for at, node in enumerate(nodes):
             missing = [use for use in required if held[use.key].get(node, 0) <= 0]
             if missing:
                 filtered[node] = f"holds none of {_names(missing)} (required)"
             else:
-                kept.append((node, labels))
+                kept.append(at)
+        nodes, owns, kind = [nodes[k] for k in kept], [owns[k] for k in kept], [kind[k] for k in kept]
 
     # Zones and regions of the nodes holding bytes (every known node, not only candidates: a candidate close to a
     # cache node gains even if that node itself may not take the work).
-    zone_label, region_label = weights.zone_label, weights.region_label
-    zones: Best = {}
-    regions: Best = {}
-    for node, share in shares.items():
-        if share > 0:
-            labels = view.labels(node)
-            _offer(zones, labels.get(zone_label, ""), node, share)
-            _offer(regions, labels.get(region_label, ""), node, share)
+    zones = _best_holders(places.zones, known, places.nodes, requested) if requested > 0 else {}
+    regions = _best_holders(places.regions, known, places.nodes, requested) if requested > 0 else {}
     top = max(weights.node, weights.zone, weights.region) or 1
     names = _names(uses)
     reasons: dict[tuple[str, str, str, float], str] = {}
 
-    def place(node: str, own: float, zone: str, region: str) -> tuple[int, str]:
+    def share_of(size: int) -> float:
+        return min(size / requested, 1.0) if requested > 0 else 0.0
+
+    def reason_of(why: tuple[str, str, str, float]) -> str:
+        reason = reasons.get(why)
+        if reason is None:
+            reason = reasons[why] = _reason(why, names)
+        return reason
+
+    def place(node: str, size: int, zone: str, region: str) -> tuple[int, float, str]:
+        """The node's score, share and reason: the best of its own bytes, its zone's and its region's (ties go to
+        its own, then the zone)."""
+        own = share_of(size)
         value = weights.node * own
         why: tuple[str, str, str, float] = ("own", "", "", own)
         if zone:
@@ -218,34 +328,76 @@ def score(request: ScoreRequest, view: View, weights: Weights) -> ScoreReply:
             share, holder = _neighbour(regions, region, node)
             if weights.region * share > value:
                 value, why = weights.region * share, ("region", region, holder, share)
-        reason = reasons.get(why)
-        if reason is None:
-            reason = reasons[why] = _reason(why, names)
-        return round(TOP_SCORE * value / top), reason
+        return round(TOP_SCORE * value / top), round(own, 6), reason_of(why)
 
-    # A node that is not among its zone's or region's two best holders has the same neighbours as every other such
-    # node there, so its score depends only on (zone, region, own share): computed once per distinct triple.
-    tops = {node for best in (zones, regions) for entries in best.values() for _, node in entries}
-    memo: dict[tuple[str, str, float], tuple[int, str]] = {}
-    scores = []
-    for node, labels in kept:
-        own = shares.get(node, 0.0)
-        zone = labels.get(zone_label, "") if zones else ""
-        region = labels.get(region_label, "") if regions else ""
-        if node in tops:
-            placed = place(node, own, zone, region)
+    # ``place`` in two halves for the nodes that are not among their zone's or region's two best holders: what
+    # their own bytes are worth depends on the bytes only, what their neighbours' are worth on (zone, region) only
+    # (the same best holders for all of them), so each half is worked out once per distinct value and the two
+    # compared once per distinct (bytes, zone, region), numbered ``bytes * len(kinds) + kind`` (an int: cheap to
+    # hash). The comparison keeps ``place``'s order of preference.
+    def own_term(size: int) -> tuple[float, int, float, str]:
+        own = share_of(size)
+        value = weights.node * own
+        return value, round(TOP_SCORE * value / top), round(own, 6), reason_of(("own", "", "", own))
+
+    def near_term(number: int) -> tuple[float, int, str]:
+        zone, region = kinds[number]
+        zone_share, zone_holder = _neighbour(zones, zone, "")
+        region_share, region_holder = _neighbour(regions, region, "")
+        zone_value, region_value = weights.zone * zone_share, weights.region * region_share
+        if zone_value >= region_value:
+            value, why = zone_value, ("zone", zone, zone_holder, zone_share)
         else:
-            key = (zone, region, own)
-            known = memo.get(key)
-            placed = known if known is not None else memo.setdefault(key, place(node, own, zone, region))
-        scores.append(NodeScore(node=node, score=placed[0], cached_bytes=cached.get(node, 0), share=round(own, 6),
-                                reason=placed[1]))
-    scores.sort(key=_rank)
-    for index, item in enumerate(scores[:WHOLE_FILES_NOTED]):
+            value, why = region_value, ("region", region, region_holder, region_share)
+        return value, round(TOP_SCORE * value / top), reason_of(why) if value > 0 else ""
+
+    own_terms: _Memo[int, tuple[float, int, float, str]] = _Memo(own_term)
+    near_terms: _Memo[int, tuple[float, int, str]] = _Memo(near_term)
+    width = len(kinds) or 1
+
+    def placed(key: int) -> tuple[int, float, str]:
+        size, number = divmod(key, width)
+        own, near = own_terms[size], near_terms[number]
+        return (near[1], own[2], near[2]) if near[0] > own[0] else (own[1], own[2], own[3])
+
+    keys = map(operator.add, map(operator.mul, owns, itertools.repeat(width)), kind)
+    scores = [NodeScore(node=node, score=score, cached_bytes=size, share=share, reason=reason)
+              for node, size, (score, share, reason)
+              in zip(nodes, owns, map(_Memo(placed).__getitem__, keys), strict=True)]
+    # The best holder of a zone or region: its neighbour there is the second best, not itself. (The second best's
+    # neighbour is the best, as for every other node there.)
+    holders = {entries[0][1] for best in (zones, regions) for entries in best.values()}
+    if holders:
+        index = places.index if nodes is places.nodes else {node: at for at, node in enumerate(nodes)}
+        for holder in holders:
+            spot = index.get(holder)
+            if spot is not None:
+                score, share, reason = place(holder, owns[spot], *kinds[kind[spot]])
+                scores[spot] = NodeScore(node=holder, score=score, cached_bytes=owns[spot], share=share,
+                                         reason=reason)
+    scores.sort(key=_SCORE, reverse=True)  # stable: equal scores stay in name order
+    for rank, item in enumerate(scores[:WHOLE_FILES_NOTED]):
         whole = sum(view.whole_files(use.key, item.node) for use in uses) if item.cached_bytes else 0
         if whole:
-            scores[index] = msgspec.structs.replace(item, reason=f"{item.reason} ({whole} whole files)")
+            scores[rank] = msgspec.structs.replace(item, reason=f"{item.reason} ({whole} whole files)")
     return ScoreReply(id=f"{request.id}.reply", causation_id=request.id, scores=scores, filtered=filtered)
+
+
+class _Memo(dict[K, V]):
+    """A dict that works a missing value out (``make``) and keeps it: looked up with ``map``, no Python frame per
+    hit."""
+
+    def __init__(self, make: Callable[[K], V]) -> None:
+        super().__init__()
+        self.make = make
+
+    def __missing__(self, key: K) -> V:
+        value = self[key] = self.make(key)
+        return value
+
+
+def _group(labels: Mapping[str, str], weights: Weights) -> tuple[str, str]:
+    return labels.get(weights.zone_label, ""), labels.get(weights.region_label, "")
 
 
 def _rank(item: NodeScore) -> tuple[int, str]:
@@ -261,12 +413,12 @@ def _reason(why: tuple[str, str, str, float], names: str) -> str:
     return f"holds {_percent(share)} of {names}" if share > 0 else f"holds none of {names}"
 
 
-def _without_data(request: ScoreRequest, view: View, labelled: list[tuple[str, Mapping[str, str]]]) -> ScoreReply:
+def _without_data(request: ScoreRequest, view: View, nodes: Sequence[str]) -> ScoreReply:
     caching = view.caching_nodes()
     scores = [
         NodeScore(node=node, score=0, reason="holds cache; work without datasets goes elsewhere") if node in caching
         else NodeScore(node=node, score=TOP_SCORE, reason="holds no cache")
-        for node, _ in labelled
+        for node in nodes
     ]
     scores.sort(key=_rank)
     return ScoreReply(id=f"{request.id}.reply", causation_id=request.id, scores=scores)
@@ -302,3 +454,9 @@ class StaticView:
 
     def caching_nodes(self) -> set[str]:
         return {node for nodes in self.cache.values() for node, size in nodes.items() if size > 0}
+
+    def places(self, zone_label: str, region_label: str) -> Places:
+        return Places.of(self.nodes(), self.labels, zone_label, region_label)
+
+    def column(self, dataset: DatasetKey, paths: tuple[str, ...], places: Places) -> Sequence[int]:
+        return cast(list[int], list(map(self.cached(dataset, paths).get, places.nodes, itertools.repeat(0))))

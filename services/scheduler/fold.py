@@ -15,6 +15,9 @@ Decides what the scheduler knows and forgets; no I/O (the handlers feed it event
   deleted dataset or a node that went away is dropped whole. What stays per (dataset, node) after everything is
   evicted is its position (a few fields), needed to detect the next gap. A catalog is one tuple per file of the
   datasets that exist.
+- ``CacheFold.held`` is kept as events arrive: per dataset, node → bytes of the current version that node caches
+  (nodes holding none left out), i.e. ``NodeCache.current`` gathered, so a decision reads one map per dataset
+  instead of a pass over the dataset's node caches.
 
 ``LiveView`` answers ``services.scheduler.domain.View`` from these, without copying: the event loop is single
 threaded and ``score`` synchronous, so during one decision the fold *is* a consistent snapshot.
@@ -26,11 +29,13 @@ import bisect
 import itertools
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import cast
 
 from libs.events.agent import CachedFile, Inventory, InventorySnapshot
 from libs.events.dataset import ManifestEntry
 from libs.inventory import NodeInventory, fold_node
 from libs.paths import is_folder
+from services.scheduler.domain import Places
 
 # (namespace, name) of a dataset.
 DatasetKey = tuple[str, str]
@@ -116,6 +121,9 @@ class CacheFold:
 
     def __init__(self) -> None:
         self.datasets: dict[DatasetKey, dict[str, NodeCache]] = {}
+        # Dataset → node → ``current`` of its cache, only nodes where it is > 0: what a decision reads, kept up to
+        # date with every change of ``current`` (``_held``), never rebuilt per decision.
+        self.held: dict[DatasetKey, dict[str, int]] = {}
         self.catalogs: dict[DatasetKey, Catalog] = {}
         # Node → how many datasets it has a cache entry for: the known nodes, without a pass over every dataset.
         self.node_entries: dict[str, int] = {}
@@ -151,7 +159,16 @@ class CacheFold:
         else:
             cache.pending, cache.pending_files = None, {}  # the shared fold drops an incomplete snapshot too
             self._change(cache, event.cached, event.evicted, catalog)
+        self._held(key, event.node, cache)
         return ask
+
+    def _held(self, key: DatasetKey, node: str, cache: NodeCache) -> None:
+        if cache.current > 0:
+            self.held.setdefault(key, {})[node] = cache.current
+        else:
+            held = self.held.get(key)
+            if held is not None:
+                held.pop(node, None)
 
     def _snapshot_part(self, cache: NodeCache, part: InventorySnapshot, after: NodeInventory,
                        catalog: Catalog | None) -> None:
@@ -206,19 +223,22 @@ class CacheFold:
             self.catalogs.pop(key, None)
         else:
             self.catalogs[key] = catalog
-        for cache in self.datasets.get(key, {}).values():
+        for node, cache in self.datasets.get(key, {}).items():
             self._recount(cache, catalog)
+            self._held(key, node, cache)
 
     def forget_dataset(self, key: DatasetKey) -> None:
         self._changed(key, nodes=True)
         for node in self.datasets.pop(key, {}):
             self._entry_gone(node)
         self.catalogs.pop(key, None)
+        self.held.pop(key, None)
 
     def forget_node(self, node: str) -> None:
         for key, nodes in self.datasets.items():
             if nodes.pop(node, None) is not None:
                 self._changed(key, nodes=True)
+                self.held.get(key, {}).pop(node, None)
         self.node_entries.pop(node, None)
 
     def _entry_gone(self, node: str) -> None:
@@ -250,18 +270,30 @@ class CacheFold:
                    if (size := catalog.size(file)) is not None and sum(blocks.values()) == size)
 
 
+# Datasets whose per-node columns the live view keeps (each one int per known node): the datasets asked about
+# lately; past this it starts over.
+COLUMNS_KEPT = 256
+
+
 @dataclass
 class LiveView:
     """``domain.View`` over the fold, the datasets that exist (with their total bytes) and the nodes' labels.
 
     ``totals``: bytes of each existing dataset (its status' ufsTotalBytes); a dataset missing there is unknown.
     ``labels``: a node's labels from its last heartbeat; ``alive``: nodes whose heartbeat is fresh.
+    ``labels_version``: a stamp that moves whenever a node's labels or liveness change (the handlers compare them
+    once a second); with it, ``places`` is kept until the fold's node set or that stamp moves. Without it (None),
+    ``places`` is worked out for every decision.
     """
 
     fold: CacheFold
     totals: Mapping[DatasetKey, int]
     node_labels: Callable[[str], Mapping[str, str]]
     alive: Callable[[], Iterable[str]]
+    labels_version: Callable[[], object] | None = None
+    _places: tuple[object, Places] | None = field(default=None, init=False, repr=False)
+    # Dataset → (its change stamp, the places, ``column``): kept while neither moves.
+    _columns: dict[DatasetKey, tuple[int, Places, list[int]]] = field(default_factory=dict, init=False, repr=False)
 
     def dataset_total(self, dataset: DatasetKey, paths: tuple[str, ...]) -> int | None:
         if dataset not in self.totals:
@@ -271,10 +303,10 @@ class LiveView:
             return catalog.total_under(paths) if paths else catalog.total
         return 0 if paths else self.totals[dataset]
 
-    def cached(self, dataset: DatasetKey, paths: tuple[str, ...]) -> dict[str, int]:
-        nodes = self.fold.datasets.get(dataset, {})
+    def cached(self, dataset: DatasetKey, paths: tuple[str, ...]) -> Mapping[str, int]:
         if not paths:
-            return {node: cache.current for node, cache in nodes.items() if cache.current > 0}
+            return self.fold.held.get(dataset, {})  # kept by the fold; read, never written, by scoring
+        nodes = self.fold.datasets.get(dataset, {})
         catalog = self.fold.catalogs.get(dataset)
         if catalog is None:
             return {}
@@ -296,3 +328,23 @@ class LiveView:
 
     def caching_nodes(self) -> set[str]:
         return self.fold.caching_nodes()
+
+    def column(self, dataset: DatasetKey, paths: tuple[str, ...], places: Places) -> list[int]:
+        version = self.fold.versions.get(dataset, 0)
+        kept = self._columns.get(dataset) if not paths else None
+        if kept is not None and kept[0] == version and kept[1] is places:
+            return kept[2]  # read, never written
+        column = cast(list[int], list(map(self.cached(dataset, paths).get, places.nodes, itertools.repeat(0))))
+        if not paths:
+            if len(self._columns) >= COLUMNS_KEPT:
+                self._columns.clear()
+            self._columns[dataset] = (version, places, column)
+        return column
+
+    def places(self, zone_label: str, region_label: str) -> Places:
+        if self.labels_version is None:
+            return Places.of(self.nodes(), self.labels, zone_label, region_label)
+        stamp = (self.fold.nodes_version, self.labels_version(), zone_label, region_label)
+        if self._places is None or self._places[0] != stamp:
+            self._places = (stamp, Places.of(self.nodes(), self.labels, zone_label, region_label))
+        return self._places[1]

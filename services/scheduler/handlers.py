@@ -104,11 +104,12 @@ class SchedulerHandlers:
 
     def __post_init__(self) -> None:
         self.totals = _Totals(self.datasets)
-        self.view = LiveView(self.fold, self.totals, self._labels, self._alive)
-        # Decisions already made, by request, with the stamps of what they read (see ``answer``).
-        self._answers: dict[Any, tuple[Any, ScoreReply]] = {}
         self.info_version = 0
         self.labels_version = 0
+        # The view keeps the nodes' places (sorted names, zones, regions) until the node set or the labels move.
+        self.view = LiveView(self.fold, self.totals, self._labels, self._alive, lambda: self.labels_version)
+        # Decisions already made, by request, with the stamps of what they read (see ``answer``).
+        self._answers: dict[Any, tuple[Any, ScoreReply]] = {}
         self._labels_seen: Any = ()
 
     def _count(self, what: str) -> None:

@@ -190,3 +190,33 @@ def test_decisions_are_kept_only_while_what_they_read_is_unchanged() -> None:
     handlers.datasets[KEY] = DatasetInfo(total=8 * MiB, manifest_version=("", 0, 1, ""))
     handlers.info_version += 1
     assert [s.score for s in handlers.answer(ScoreRequest(datasets=question)).scores] == [25, 12]
+
+
+def held_recounted(state: CacheFold) -> dict[tuple[str, str], dict[str, int]]:
+    """What ``CacheFold.held`` must be: every node cache's ``current`` bytes, nodes holding none left out."""
+    return {key: {node: cache.current for node, cache in nodes.items() if cache.current > 0}
+            for key, nodes in state.datasets.items()}
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(events(), st.sampled_from(["catalog", "no catalog", "forget n1", "forget dataset"])),
+                max_size=25))
+def test_the_held_bytes_kept_as_events_arrive_equal_a_recount(sequence: list[Inventory | str]) -> None:
+    """``held`` (what decisions read) is kept incrementally; after any events, catalog changes and forgetting, it
+    equals a recount of the node caches (empty maps aside)."""
+    state = CacheFold()
+    catalog = Catalog([entry("/a", "a", 8, etag="e"), entry("/b", "b", 8, etag="other")])
+    for step in sequence:
+        if step == "catalog":
+            state.set_catalog(KEY, catalog)
+        elif step == "no catalog":
+            state.set_catalog(KEY, None)
+        elif step == "forget n1":
+            state.forget_node("n1")
+        elif step == "forget dataset":
+            state.forget_dataset(KEY)
+        else:
+            assert not isinstance(step, str)
+            state.apply(step)
+        held = {key: nodes for key, nodes in state.held.items() if nodes}
+        assert held == {key: nodes for key, nodes in held_recounted(state).items() if nodes}
