@@ -1,0 +1,360 @@
+"""DataLoad and DataClean end to end (issue 9, "How it is shown"), with nothing stood in for: the loader's
+``app.run`` in-process, real node agents (``agent_stack.node_stack`` / ``cluster_stack``) whose mount processes are
+real subprocesses with real FUSE mounts and execute the parts (``services/agent/tasks.py``), a real nats-server,
+and SeaweedFS behind a counting HTTP proxy (``tests.faults.HttpProxy``: every store GET is seen).
+
+Shown: a DataLoad of a folder caches exactly that folder's blocks (an inventory snapshot asked for after the
+load), a read of those files through the mount then makes no store GET, and files outside the folder are not
+cached; with three agents and ``replicas: 2`` each block is on exactly its two owners (``libs.ring.owners`` over
+the runtime's ring) and the store saw each block twice, once per holder (a load never reads through a peer:
+each holder fetches its copy from the store); a DataClean of a path frees those blocks on every agent
+(``cachedBytes`` drops by exactly their bytes); the loader killed mid-load (its task cancelled while the store
+holds the agents' GETs) resumes in a new process and completes, each block fetched once; an OnEvent DataLoad runs
+again after a resync that found new objects and fetches only those; the ``shoal`` CLI loads with ``--wait``, lists
+the DataLoad Complete with its progress, and exits non-zero with the loader's message for a path the manifest
+does not have.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+from collections import Counter
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+from libs import subjects
+from libs.blocks import BlockId, block_count, block_span
+from libs.bus import Bus
+from libs.config import Settings
+from libs.events.agent import InventoryRequest
+from libs.events.common import ObjectMeta, ObjectRef
+from libs.events.dataset import ManifestEntry
+from libs.events.operation import DataClean, DataCleanApply, DataCleanSpec, TargetPath
+from libs.manifest import ManifestStore
+from libs.ring import owners
+from services.loader import app as loader_app
+from tests.conftest import NatsServer, SeaweedServer, put_objects
+from tests.faults import HttpProxy
+from tests.helpers import dataset_record, eventually, running
+from tests.integration.agent_stack import NODE, Cluster, Node, cluster_stack, md5, node_stack, read_file
+from tests.integration.test_cli import shoal
+from tests.integration.test_distributed_cache import THREE, UNLABELLED, ring_is
+from tests.integration.test_distributed_cache import apply as apply_cluster
+from tests.integration.test_loader import dataload, operation, phase_of
+
+pytestmark = pytest.mark.needs("fuse")
+
+MiB = 1024 * 1024
+BLOCK = MiB  # the stacks' runtimes use block_size "1Mi"
+# The dataset's name in the cluster tests is test_distributed_cache's (its ``apply`` and ``ring_is`` use it).
+CLUSTER_NAME = "shared"
+NAME = "warm"
+
+# A store GET as the proxy sees it: (object key, Range header).
+Get = tuple[str, str]
+
+
+def objects() -> dict[str, bytes]:
+    """Two files (five blocks) under train/, one in val/, one at the top. Seeded: block names hash the ETag, so
+    every run places the blocks on the same owners."""
+    rng = random.Random(9)
+    return {
+        "train/a.bin": rng.randbytes(2 * MiB + 100),
+        "train/sub/b.bin": rng.randbytes(MiB + 5),
+        "val/c.bin": rng.randbytes(MiB),
+        "top.bin": rng.randbytes(1000),
+    }
+
+
+# --- what the store, the manifest and the agents say ---
+
+
+def get_of(entry: ManifestEntry, index: int) -> Get:
+    start, length = block_span(entry.size, BLOCK, index)
+    return entry.key, f"bytes={start}-{start + length - 1}"
+
+
+def blocks_under(entries: dict[str, ManifestEntry], prefix: str) -> dict[Get, BlockId]:
+    """Every block of the files whose key starts with ``prefix``, by the store GET that fetches it."""
+    return {get_of(entry, i): BlockId(entry.mount, entry.key, entry.etag, i)
+            for key, entry in entries.items() if key.startswith(prefix)
+            for i in range(block_count(entry.size, BLOCK))}
+
+
+def size_of(entry: ManifestEntry, index: int) -> int:
+    return block_span(entry.size, BLOCK, index)[1]
+
+
+def store_gets(store: HttpProxy, since: int = 0) -> list[Get]:
+    return [(call.path.split("/", 2)[2], call.range or "") for call in store.ranged_gets()[since:]]
+
+
+async def manifest(bus: Bus, name: str) -> dict[str, ManifestEntry]:
+    record = await dataset_record(bus, name)
+    assert record is not None and record.status.manifest
+    return {e.key: e for e in await (await ManifestStore.of(bus)).load(record.status.manifest)}
+
+
+async def snapshot(bus: Bus, node: str, name: str) -> dict[str, Any]:
+    """A fresh inventory snapshot of ``node``'s mount of ``name`` (asked for now: it holds every block cached)."""
+    events: list[dict[str, Any]] = []
+
+    async def collect(msg: Any) -> None:
+        event = msgspec.json.decode(msg.data)
+        if event["type"] == "agent.inventory.snapshot.v2" and event["dataset"]["name"] == name:
+            events.append(event)
+
+    subscription = await bus.nc.subscribe(subjects.agent_inventory(node), cb=collect)
+    try:
+        await bus.nc.flush()
+        await bus.publish_core(subjects.INVENTORY_REQUEST, InventoryRequest(node=node, dataset=ObjectRef(name=name)))
+
+        async def fresh() -> dict[str, Any] | None:
+            return events[-1] if events else None
+
+        return await eventually(fresh, what=f"an inventory snapshot of {node}")
+    finally:
+        await subscription.unsubscribe()
+
+
+def cached(snapshot: dict[str, Any]) -> set[tuple[str, int]]:
+    return {(key, index) for _, key, _, blocks in snapshot["files"] for index, _ in blocks}
+
+
+def pairs(blocks: dict[Get, BlockId]) -> set[tuple[str, int]]:
+    return {(block.key, block.index) for block in blocks.values()}
+
+
+# --- stacks ---
+
+
+@contextlib.asynccontextmanager
+async def loader(settings: Settings) -> AsyncIterator[None]:
+    async with running(lambda stop: loader_app.run(settings, stop)):
+        yield
+
+
+@dataclass
+class Single:
+    node: Node
+    store: HttpProxy
+    entries: dict[str, ManifestEntry]
+
+    @property
+    def mount(self) -> Path:
+        return self.node.mountpoint(NAME)
+
+
+@contextlib.asynccontextmanager
+async def single(bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path,
+                 **agent_options: Any) -> AsyncIterator[Single]:
+    """One agent (no peer secret, so no ring: the node caches every block it is given) with dataset ``NAME``
+    mounted from ``objects()`` behind the counting proxy."""
+    await put_objects(seaweedfs, bucket, objects())
+    store = HttpProxy(seaweedfs.endpoint)
+    await store.start()
+    try:
+        async with node_stack(bus, settings, seaweedfs, tmp_path, **agent_options) as node:
+            await node.apply(NAME, bucket, endpoint=store.endpoint)
+            await node.wait_mounted(NAME, expect="train/sub/b.bin")
+            yield Single(node, store, await manifest(bus, NAME))
+    finally:
+        store.release()
+        await store.stop()
+
+
+@contextlib.asynccontextmanager
+async def three(bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str,
+                tmp_path: Path) -> AsyncIterator[tuple[Cluster, HttpProxy, list[str]]]:
+    """Three agents, all cache workers with peer URLs (the ring), mounting ``CLUSTER_NAME``."""
+    await put_objects(seaweedfs, bucket, objects())
+    store = HttpProxy(seaweedfs.endpoint)
+    await store.start()
+    try:
+        async with cluster_stack(bus, settings, seaweedfs, tmp_path, UNLABELLED) as cluster:
+            await apply_cluster(bus, cluster, store, bucket, replicas=3)
+            record = await ring_is(bus, list(THREE))
+            await cluster.wait_mounted(CLUSTER_NAME, "train/sub/b.bin")
+            yield cluster, store, [w.node for w in record.status.workers if w.ready and w.peer_url]
+    finally:
+        store.release()
+        await store.stop()
+
+
+# --- tests ---
+
+
+async def test_a_load_of_a_folder_caches_exactly_its_blocks_and_its_reads_make_no_store_get(
+        bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path) -> None:
+    async with single(bus, settings, seaweedfs, bucket, tmp_path) as stack, loader(settings):
+        await bus.publish(subjects.DATALOAD_APPLY, dataload("train", dataset=NAME,
+                                                            target=[TargetPath(path="/train")]))
+        done = await phase_of(bus, "Complete", "train")
+
+        train = blocks_under(stack.entries, "train/")
+        assert len(train) == 5
+        assert sorted(store_gets(stack.store)) == sorted(train), "each block of the folder fetched once, no other"
+        assert cached(await snapshot(bus, NODE, NAME)) == pairs(train), "exactly the folder's blocks cached"
+        progress = done.status.progress
+        folder_bytes = stack.entries["train/a.bin"].size + stack.entries["train/sub/b.bin"].size
+        assert (progress.files_done, progress.files_total) == (2, 2)
+        assert (progress.bytes_done, progress.bytes_total, progress.bytes_skipped) == (folder_bytes,) * 2 + (0,)
+        assert [(n.node, n.bytes_done) for n in progress.nodes] == [(NODE, folder_bytes)]
+
+        # Reads of the folder's files through the mount: every block is in the cache, the store is not asked.
+        source = objects()
+        for key in ("train/a.bin", "train/sub/b.bin"):
+            assert md5(await read_file(stack.mount / key)) == md5(source[key])
+        assert len(store_gets(stack.store)) == len(train)
+        # A file outside the folder was not loaded: reading it goes to the store.
+        assert md5(await read_file(stack.mount / "val/c.bin")) == md5(source["val/c.bin"])
+        assert store_gets(stack.store, len(train)) == [get_of(stack.entries["val/c.bin"], 0)]
+
+
+async def test_three_agents_replicas_2_put_each_block_on_its_two_owners_and_a_clean_frees_a_path(
+        bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path) -> None:
+    async with three(bus, settings, seaweedfs, bucket, tmp_path) as (_, store, ring), loader(settings):
+        entries = await manifest(bus, CLUSTER_NAME)
+        await bus.publish(subjects.DATALOAD_APPLY, dataload("twice", dataset=CLUSTER_NAME,
+                                                            target=[TargetPath(path="/train", replicas=2)]))
+        done = await phase_of(bus, "Complete", "twice")
+
+        train = blocks_under(entries, "train/")
+        holders = {get: owners(block.name, ring, 2) for get, block in train.items()}
+        assert len(holders) == 5 and all(len(nodes) == 2 for nodes in holders.values())
+        # A load never reads through a peer: each of a block's two holders fetches its copy from the store.
+        assert Counter(store_gets(store)) == dict.fromkeys(train, 2)
+        before: dict[str, int] = {}
+        for node in THREE:
+            inventory = await snapshot(bus, node, CLUSTER_NAME)
+            mine = {get for get, nodes in holders.items() if node in nodes}
+            assert cached(inventory) == {(train[get].key, train[get].index) for get in mine}, \
+                f"{node} holds exactly the blocks it owns (first or second)"
+            before[node] = inventory["counters"]["cachedBytes"]
+            assert before[node] == sum(size_of(entries[train[get].key], train[get].index) for get in mine)
+        folder_bytes = sum(size_of(entries[b.key], b.index) for b in train.values())
+        assert done.status.progress.bytes_done == 2 * folder_bytes
+        assert sum(n.bytes_done for n in done.status.progress.nodes) == 2 * folder_bytes
+
+        # A DataClean of one path: its blocks leave every agent that held them, nothing else does.
+        clean = DataCleanApply(data_clean=DataClean(metadata=ObjectMeta(name="drop-a"), spec=DataCleanSpec(
+            dataset=ObjectRef(name=CLUSTER_NAME), target=[TargetPath(path="/train/a.bin")])))
+        await bus.publish(subjects.DATACLEAN_APPLY, clean)
+        cleaned = await phase_of(bus, "Complete", "drop-a", kind="DataClean")
+        gone = {get for get, block in train.items() if block.key == "train/a.bin"}
+        freed = 0
+        for node in THREE:
+            inventory = await snapshot(bus, node, CLUSTER_NAME)
+            kept = {get for get, nodes in holders.items() if node in nodes and get not in gone}
+            assert cached(inventory) == {(train[get].key, train[get].index) for get in kept}
+            dropped = sum(size_of(entries["train/a.bin"], train[get].index) for get in gone if node in holders[get])
+            assert inventory["counters"]["cachedBytes"] == before[node] - dropped, f"{node} freed a.bin's bytes"
+            freed += dropped
+        assert freed == 2 * entries["train/a.bin"].size
+        assert cleaned.status.progress.bytes_done == freed
+        assert Counter(store_gets(store)) == dict.fromkeys(train, 2), "a clean fetches nothing"
+
+
+async def test_a_loader_killed_mid_load_resumes_and_each_block_is_fetched_once(
+        bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path) -> None:
+    async with single(bus, settings, seaweedfs, bucket, tmp_path, load_concurrency=2) as stack:
+        progress: list[dict[str, Any]] = []
+
+        async def collect(msg: Any) -> None:
+            progress.append(msgspec.json.decode(msg.data))
+
+        subscription = await bus.nc.subscribe(subjects.task_progress(NODE), cb=collect)
+        first = asyncio.create_task(loader_app.run(settings, asyncio.Event()))
+        try:
+            stack.store.hold()
+            await bus.publish(subjects.DATALOAD_APPLY, dataload("resumed", dataset=NAME))
+
+            async def two_held() -> bool:
+                return stack.store.waiting == 2
+
+            await eventually(two_held, what="two block GETs held (SHOAL_LOAD_CONCURRENCY=2)")
+            executing = await phase_of(bus, "Executing", "resumed")
+            assert executing.status.runs == 1
+        finally:
+            first.cancel()  # the loader dies mid-load: no clean stop, whatever it was doing is cut
+            with contextlib.suppress(asyncio.CancelledError):
+                await first
+        # While no loader runs, the agent finishes the part; its progress waits in the loader's durable consumer.
+        stack.store.release()
+
+        async def final() -> bool:
+            return any(p["done"] for p in progress)
+
+        await eventually(final, what="the agent's final progress")
+        await subscription.unsubscribe()
+        async with loader(settings):
+            done = await phase_of(bus, "Complete", "resumed")
+        everything = blocks_under(stack.entries, "")
+        assert done.status.runs == 1, "the run was resumed, not started again"
+        assert sorted(store_gets(stack.store)) == sorted(everything), "each block fetched once"
+        assert cached(await snapshot(bus, NODE, NAME)) == pairs(everything)
+        total = sum(entry.size for entry in stack.entries.values())
+        assert (done.status.progress.bytes_done, done.status.progress.files_done) == (total, len(stack.entries))
+
+
+async def test_an_on_event_load_runs_after_a_resync_and_loads_only_the_new_objects(
+        bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path) -> None:
+    async with single(bus, settings, seaweedfs, bucket, tmp_path) as stack, loader(settings):
+        await bus.publish(subjects.DATALOAD_APPLY, dataload("follow", dataset=NAME, policy="OnEvent",
+                                                            target=[TargetPath(path="/train")]))
+        await phase_of(bus, "Complete", "follow", runs=1)
+        first = blocks_under(stack.entries, "train/")
+        assert sorted(store_gets(stack.store)) == sorted(first)
+
+        rng = random.Random(10)
+        added = {"train/new/d.bin": rng.randbytes(2 * MiB + 7), "train/e.bin": rng.randbytes(300),
+                 "val/f.bin": rng.randbytes(MiB)}  # val/ is outside the target
+        await put_objects(seaweedfs, bucket, added)
+        await stack.node.resync(NAME)
+        second = await phase_of(bus, "Complete", "follow", runs=2)
+
+        entries = await manifest(bus, NAME)
+        new = {get: block for get, block in blocks_under(entries, "train/").items() if get[0] in added}
+        assert len(new) == 4
+        assert sorted(store_gets(stack.store, len(first))) == sorted(new), "only the new objects' blocks fetched"
+        assert (second.status.progress.files_done, second.status.progress.files_total) == (2, 2)
+        assert cached(await snapshot(bus, NODE, NAME)) == pairs(first) | pairs(new)
+        # The new files read through the mount from the cache.
+        gets = len(store_gets(stack.store))
+        assert md5(await read_file(stack.mount / "train/new/d.bin")) == md5(added["train/new/d.bin"])
+        assert len(store_gets(stack.store)) == gets
+
+
+async def test_the_cli_loads_with_wait_lists_the_load_and_fails_on_a_missing_path(
+        bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path,
+        nats_server: NatsServer) -> None:
+    async with single(bus, settings, seaweedfs, bucket, tmp_path) as stack, loader(settings):
+        result = await shoal(nats_server, "load", "dataset", NAME, "--path", "/train/sub", "--name", "sub",
+                             "--wait", wait_seconds=30)
+        assert result.exit_code == 0, result.output
+        assert "Complete" in result.stdout, result.output
+        sub = blocks_under(stack.entries, "train/sub/")
+        assert cached(await snapshot(bus, NODE, NAME)) == pairs(sub)
+        assert sorted(store_gets(stack.store)) == sorted(sub)
+
+        listed = await shoal(nats_server, "get", "dataloads")
+        assert listed.exit_code == 0, listed.output
+        header, row = listed.stdout.splitlines()
+        assert header.split() == ["NAME", "DATASET", "PHASE", "AGE", "DURATION", "PROGRESS"], listed.stdout
+        assert row.split()[:3] == ["sub", NAME, "Complete"], listed.stdout
+        assert "1/1" in row, f"the files done of the load in its PROGRESS column: {row!r}"
+
+        missing = await shoal(nats_server, "load", "dataset", NAME, "--path", "/nope", "--name", "nope", "--wait",
+                              wait_seconds=30)
+        assert missing.exit_code != 0, missing.output
+        assert "target path '/nope' is not in the manifest of dataset default/warm" in missing.output
+        record = await operation(bus, "nope")
+        assert record is not None and record.status.phase == "Failed"
+        assert len(store_gets(stack.store)) == len(sub)
