@@ -291,6 +291,14 @@ async def test_up_with_three_agents_runs_three_nodes_that_each_mount_the_demo_an
         assert picked == [first, *(node for node in nodes if node != first)]
         code, output = await run_to_end([*cli, "get", "runtimes", "-o", "wide"], tmp_path)
         assert code == 0 and ",".join(picked) in output.splitlines()[1], output
+
+        # The loader runs under `shoal up`: a DataLoad of the demo is done by the three agents and listed Complete.
+        code, output = await run_to_end([*cli, "load", "dataset", "demo", "--name", "demo-warm", "--wait"], tmp_path)
+        assert code == 0, output
+        code, output = await run_to_end([*cli, "get", "dataloads"], tmp_path)
+        assert code == 0, output
+        [row] = [line for line in output.splitlines() if line.startswith("demo-warm ")]
+        assert row.split()[1:3] == ["demo", "Complete"], output
     finally:
         await bus.close()
 
