@@ -423,6 +423,15 @@ def test_service_side_server_ports_are_consecutive_or_free() -> None:
     assert all(port > 0 for port in free.values())
 
 
+def test_free_side_server_ports_are_never_the_servers_ports(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The servers' ports (e.g. the SeaweedFS filer's) are free until they start, so the OS may hand one out again
+    for a side server; such a port is skipped (it made `shoal up --http-port 0` refuse "conflicting port options")."""
+    handed_out = iter([7001, 7002, 7003, 7004, 7005])
+    monkeypatch.setattr("libs.cli.stack.ports.free_port", lambda: next(handed_out))
+    assert service_http_ports(0, ["dataset", "runtime", "agent"], taken={7001, 7003}) == {
+        "dataset": 7002, "runtime": 7004, "agent": 7005}
+
+
 def test_the_banner_names_what_the_manifest_applied(tmp_path: Path) -> None:
     manifest = tmp_path / "m.yaml"
     assert applied_line([Applied("Dataset", "default", "a"), Applied("Runtime", "ml", "a")], manifest) == (
