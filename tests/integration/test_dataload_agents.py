@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
+import signal
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -43,7 +45,16 @@ from services.loader import app as loader_app
 from tests.conftest import NatsServer, SeaweedServer, put_objects
 from tests.faults import HttpProxy
 from tests.helpers import dataset_record, eventually, running
-from tests.integration.agent_stack import NODE, Cluster, Node, cluster_stack, md5, node_stack, read_file
+from tests.integration.agent_stack import (
+    NODE,
+    Cluster,
+    Node,
+    cluster_stack,
+    md5,
+    mount_pids,
+    node_stack,
+    read_file,
+)
 from tests.integration.test_cli import shoal
 from tests.integration.test_distributed_cache import THREE, UNLABELLED, ring_is
 from tests.integration.test_distributed_cache import apply as apply_cluster
@@ -358,3 +369,35 @@ async def test_the_cli_loads_with_wait_lists_the_load_and_fails_on_a_missing_pat
         record = await operation(bus, "nope")
         assert record is not None and record.status.phase == "Failed"
         assert len(store_gets(stack.store)) == len(sub)
+
+
+async def test_an_on_event_load_waits_for_the_mount_to_load_the_manifest_it_was_planned_on(
+        bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path) -> None:
+    """The loader plans against the manifest the dataset record names as soon as its KV watch sees the resync; the
+    mount process learns of it through its own watch. Paused (SIGSTOP) across the resync, the mount process gets
+    the new manifest and the new part at the same moment: the part must not fail the new objects' blocks as
+    "object changed since the load was planned" because the mount is one manifest behind."""
+    async with single(bus, settings, seaweedfs, bucket, tmp_path) as stack, loader(settings):
+        await bus.publish(subjects.DATALOAD_APPLY, dataload("follow", dataset=NAME, policy="OnEvent",
+                                                            target=[TargetPath(path="/train")]))
+        await phase_of(bus, "Complete", "follow", runs=1)
+        before = len(store_gets(stack.store))
+        added = {"train/late.bin": random.Random(11).randbytes(MiB + 3)}
+        await put_objects(seaweedfs, bucket, added)
+        (pid,) = mount_pids(stack.mount)
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            await stack.node.resync(NAME)
+
+            async def published() -> bool:  # the progress with the run's totals is written once its parts are out
+                record = await operation(bus, "follow")
+                return record is not None and record.status.runs == 2 and record.status.progress.bytes_total > 0
+
+            await eventually(published, what="run 2 planned and its part published")
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        second = await phase_of(bus, "Complete", "follow", runs=2)
+        assert (second.status.progress.files_done, second.status.progress.files_total) == (1, 1)
+        entries = await manifest(bus, NAME)
+        new = blocks_under({"train/late.bin": entries["train/late.bin"]}, "")
+        assert sorted(store_gets(stack.store, before)) == sorted(new)
