@@ -231,7 +231,7 @@ async def test_a_load_of_a_folder_caches_exactly_its_blocks_and_its_reads_make_n
 
 async def test_three_agents_replicas_2_put_each_block_on_its_two_owners_and_a_clean_frees_a_path(
         bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path) -> None:
-    async with three(bus, settings, seaweedfs, bucket, tmp_path) as (_, store, ring), loader(settings):
+    async with three(bus, settings, seaweedfs, bucket, tmp_path) as (cluster, store, ring), loader(settings):
         entries = await manifest(bus, CLUSTER_NAME)
         await bus.publish(subjects.DATALOAD_APPLY, dataload("twice", dataset=CLUSTER_NAME,
                                                             target=[TargetPath(path="/train", replicas=2)]))
@@ -271,6 +271,22 @@ async def test_three_agents_replicas_2_put_each_block_on_its_two_owners_and_a_cl
         assert freed == 2 * entries["train/a.bin"].size
         assert cleaned.status.progress.bytes_done == freed
         assert Counter(store_gets(store)) == dict.fromkeys(train, 2), "a clean fetches nothing"
+        after = {node: before[node] - sum(size_of(entries["train/a.bin"], train[get].index)
+                                          for get in gone if node in holders[get]) for node in THREE}
+
+        # The dataset's status (what `shoal get datasets` shows) follows the agents' inventory: the freed bytes.
+        async def status_freed() -> bool:
+            record = await dataset_record(bus, CLUSTER_NAME)
+            cached_bytes = {n.node: n.cached_bytes for n in record.status.nodes} if record else {}
+            return {node: cached_bytes.get(node) for node in THREE} == after
+
+        await eventually(status_freed, what=f"the dataset's per-node cachedBytes {after}")
+
+        # What is still loaded reads through every node's mount (from the holders, over the peers) with no GET.
+        for node in THREE:
+            body = await read_file(cluster.agents[node].mountpoint(CLUSTER_NAME) / "train/sub/b.bin")
+            assert md5(body) == md5(objects()["train/sub/b.bin"]), node
+        assert Counter(store_gets(store)) == dict.fromkeys(train, 2), "the loaded blocks are read from the cache"
 
 
 async def test_a_loader_killed_mid_load_resumes_and_each_block_is_fetched_once(
