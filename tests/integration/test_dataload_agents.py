@@ -10,9 +10,10 @@ the runtime's ring) and the store saw each block twice, once per holder (a load 
 each holder fetches its copy from the store); a DataClean of a path frees those blocks on every agent
 (``cachedBytes`` drops by exactly their bytes); the loader killed mid-load (its task cancelled while the store
 holds the agents' GETs) resumes in a new process and completes, each block fetched once; an OnEvent DataLoad runs
-again after a resync that found new objects and fetches only those; the ``shoal`` CLI loads with ``--wait``, lists
-the DataLoad Complete with its progress, and exits non-zero with the loader's message for a path the manifest
-does not have.
+again after a resync that found new objects and fetches only those, also when the mount process learns of the new
+manifest after the part arrives (paused across the resync); deleting a DataLoad cancels the agent's part; the
+``shoal`` CLI loads with ``--wait``, lists the DataLoad Complete with its progress, and exits non-zero with the
+loader's message for a path the manifest does not have.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from libs.config import Settings
 from libs.events.agent import InventoryRequest
 from libs.events.common import ObjectMeta, ObjectRef
 from libs.events.dataset import ManifestEntry
-from libs.events.operation import DataClean, DataCleanApply, DataCleanSpec, TargetPath
+from libs.events.operation import DataClean, DataCleanApply, DataCleanSpec, DataLoadDelete, TargetPath
 from libs.manifest import ManifestStore
 from libs.ring import owners
 from services.loader import app as loader_app
@@ -417,3 +418,39 @@ async def test_an_on_event_load_waits_for_the_mount_to_load_the_manifest_it_was_
         entries = await manifest(bus, NAME)
         new = blocks_under({"train/late.bin": entries["train/late.bin"]}, "")
         assert sorted(store_gets(stack.store, before)) == sorted(new)
+
+
+async def test_deleting_a_dataload_cancels_the_agents_work(
+        bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path) -> None:
+    async with single(bus, settings, seaweedfs, bucket, tmp_path, load_concurrency=2) as stack, loader(settings):
+        progress: list[dict[str, Any]] = []
+
+        async def collect(msg: Any) -> None:
+            progress.append(msgspec.json.decode(msg.data))
+
+        subscription = await bus.nc.subscribe(subjects.task_progress(NODE), cb=collect)
+        stack.store.hold()
+        await bus.publish(subjects.DATALOAD_APPLY, dataload("doomed", dataset=NAME))
+
+        async def two_held() -> bool:
+            return stack.store.waiting == 2
+
+        await eventually(two_held, what="two block GETs held (SHOAL_LOAD_CONCURRENCY=2)")
+        await bus.publish(subjects.DATALOAD_DELETE, DataLoadDelete(name="doomed"))
+
+        async def cancelled() -> dict[str, Any] | None:
+            return next((p for p in progress if p["done"]), None)
+
+        final = await eventually(cancelled, what="the part's final progress")
+        assert (final["message"], final["blocksDone"]) == ("cancelled", 0), final
+        assert await operation(bus, "doomed") is None
+        stack.store.release()
+        await subscription.unsubscribe()
+
+        # Once a later load is done, the cancelled part has certainly stopped: only its first two blocks (in plan
+        # order: top.bin, then train/a.bin's first) reached the store, besides the later load's own.
+        await bus.publish(subjects.DATALOAD_APPLY, dataload("later", dataset=NAME, target=[TargetPath(path="/val")]))
+        await phase_of(bus, "Complete", "later")
+        entries = stack.entries
+        expected = [get_of(entries["top.bin"], 0), get_of(entries["train/a.bin"], 0), get_of(entries["val/c.bin"], 0)]
+        assert sorted(store_gets(stack.store)) == sorted(expected)
