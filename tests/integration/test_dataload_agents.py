@@ -11,7 +11,8 @@ each holder fetches its copy from the store); a DataClean of a path frees those 
 (``cachedBytes`` drops by exactly their bytes); the loader killed mid-load (its task cancelled while the store
 holds the agents' GETs) resumes in a new process and completes, each block fetched once; an OnEvent DataLoad runs
 again after a resync that found new objects and fetches only those, also when the mount process learns of the new
-manifest after the part arrives (paused across the resync); deleting a DataLoad cancels the agent's part; the
+manifest after the part arrives (paused across the resync); a Cron load runs at its firings (the loader's clock
+moved) and its second run skips every cached block; deleting a DataLoad cancels the agent's part; the
 ``shoal`` CLI loads with ``--wait``, lists the DataLoad Complete with its progress, and exits non-zero with the
 loader's message for a path the manifest does not have.
 """
@@ -23,6 +24,7 @@ import contextlib
 import os
 import random
 import signal
+import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -454,3 +456,30 @@ async def test_deleting_a_dataload_cancels_the_agents_work(
         entries = stack.entries
         expected = [get_of(entries["top.bin"], 0), get_of(entries["train/a.bin"], 0), get_of(entries["val/c.bin"], 0)]
         assert sorted(store_gets(stack.store)) == sorted(expected)
+
+
+async def test_a_cron_load_runs_on_schedule_and_its_next_run_skips_what_is_cached(
+        bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path) -> None:
+    """The loader's clock is moved past each firing (cron's finest schedule is a minute); the agents' is not."""
+    offset = [0.0]
+
+    def clock() -> float:
+        return time.time() + offset[0]
+
+    async with single(bus, settings, seaweedfs, bucket, tmp_path) as stack, running(
+            lambda stop: loader_app.run(settings, stop, clock=clock)):
+        await bus.publish(subjects.DATALOAD_APPLY, dataload("nightly", dataset=NAME, policy="Cron",
+                                                            schedule="* * * * *", target=[TargetPath(path="/train")]))
+        pending = await phase_of(bus, "Pending", "nightly")
+        assert pending.status.runs == 0 and store_gets(stack.store) == []
+        offset[0] += 60  # past the next firing
+        first = await phase_of(bus, "Complete", "nightly", runs=1)
+        train = blocks_under(stack.entries, "train/")
+        assert sorted(store_gets(stack.store)) == sorted(train)
+        folder_bytes = stack.entries["train/a.bin"].size + stack.entries["train/sub/b.bin"].size
+        assert first.status.progress.bytes_skipped == 0
+
+        offset[0] += 60
+        second = await phase_of(bus, "Complete", "nightly", runs=2)
+        assert second.status.progress.bytes_skipped == second.status.progress.bytes_done == folder_bytes
+        assert sorted(store_gets(stack.store)) == sorted(train), "the second run fetched nothing: all was cached"
