@@ -292,8 +292,12 @@ async def test_three_agents_replicas_2_put_each_block_on_its_two_owners_and_a_cl
         assert Counter(store_gets(store)) == dict.fromkeys(train, 2), "the loaded blocks are read from the cache"
 
 
+@pytest.mark.parametrize("finished_while_down", [True, False], ids=["agent-done-while-down", "agent-done-after"])
 async def test_a_loader_killed_mid_load_resumes_and_each_block_is_fetched_once(
-        bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path) -> None:
+        bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path,
+        finished_while_down: bool) -> None:
+    """The agent's part ends while no loader runs (its progress waits in the loader's durable consumer), or after
+    the new loader republished it (same id: the stream drops the duplicate) and folds its progress live."""
     async with single(bus, settings, seaweedfs, bucket, tmp_path, load_concurrency=2) as stack:
         progress: list[dict[str, Any]] = []
 
@@ -316,16 +320,20 @@ async def test_a_loader_killed_mid_load_resumes_and_each_block_is_fetched_once(
             first.cancel()  # the loader dies mid-load: no clean stop, whatever it was doing is cut
             with contextlib.suppress(asyncio.CancelledError):
                 await first
-        # While no loader runs, the agent finishes the part; its progress waits in the loader's durable consumer.
-        stack.store.release()
 
         async def final() -> bool:
             return any(p["done"] for p in progress)
 
-        await eventually(final, what="the agent's final progress")
-        await subscription.unsubscribe()
+        if finished_while_down:
+            stack.store.release()
+            await eventually(final, what="the agent's final progress")
+        else:
+            assert not await final()
         async with loader(settings):
+            stack.store.release()
             done = await phase_of(bus, "Complete", "resumed")
+        await subscription.unsubscribe()
+        assert [p["done"] for p in progress].count(True) == 1, "the part ran once"
         everything = blocks_under(stack.entries, "")
         assert done.status.runs == 1, "the run was resumed, not started again"
         assert sorted(store_gets(stack.store)) == sorted(everything), "each block fetched once"
