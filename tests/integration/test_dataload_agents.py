@@ -8,13 +8,14 @@ load), a read of those files through the mount then makes no store GET, and file
 cached; with three agents and ``replicas: 2`` each block is on exactly its two owners (``libs.ring.owners`` over
 the runtime's ring) and the store saw each block twice, once per holder (a load never reads through a peer:
 each holder fetches its copy from the store); a DataClean of a path frees those blocks on every agent
-(``cachedBytes`` drops by exactly their bytes); the loader killed mid-load (its task cancelled while the store
-holds the agents' GETs) resumes in a new process and completes, each block fetched once; an OnEvent DataLoad runs
-again after a resync that found new objects and fetches only those, also when the mount process learns of the new
-manifest after the part arrives (paused across the resync); a Cron load runs at its firings (the loader's clock
-moved) and its second run skips every cached block; deleting a DataLoad cancels the agent's part; the
-``shoal`` CLI loads with ``--wait``, lists the DataLoad Complete with its progress, and exits non-zero with the
-loader's message for a path the manifest does not have.
+(``cachedBytes`` drops by exactly their bytes, in the inventory and the dataset's status); the loader killed
+mid-load (its task cancelled while the store holds the agents' GETs) resumes in a new process and completes, each
+block fetched once; a mount process killed mid-load is restarted and the load completes (only the blocks whose
+GETs the kill cut are fetched twice); an OnEvent DataLoad runs again after a resync that found new objects and
+fetches only those, also when the mount process learns of the new manifest after the part arrives (paused across
+the resync); a Cron load runs at its firings (the loader's clock moved) and its second run skips every cached
+block; deleting a DataLoad cancels the agent's part; the ``shoal`` CLI loads with ``--wait``, lists the DataLoad
+Complete with its progress, and exits non-zero with the loader's message for a path the manifest does not have.
 """
 
 from __future__ import annotations
@@ -41,7 +42,14 @@ from libs.config import Settings
 from libs.events.agent import InventoryRequest
 from libs.events.common import ObjectMeta, ObjectRef
 from libs.events.dataset import ManifestEntry
-from libs.events.operation import DataClean, DataCleanApply, DataCleanSpec, DataLoadDelete, TargetPath
+from libs.events.operation import (
+    DataClean,
+    DataCleanApply,
+    DataCleanSpec,
+    DataLoadDelete,
+    OperationRecord,
+    TargetPath,
+)
 from libs.manifest import ManifestStore
 from libs.ring import owners
 from services.loader import app as loader_app
@@ -491,3 +499,34 @@ async def test_a_cron_load_runs_on_schedule_and_its_next_run_skips_what_is_cache
         second = await phase_of(bus, "Complete", "nightly", runs=2)
         assert second.status.progress.bytes_skipped == second.status.progress.bytes_done == folder_bytes
         assert sorted(store_gets(stack.store)) == sorted(train), "the second run fetched nothing: all was cached"
+
+
+async def test_a_mount_process_killed_mid_load_is_restarted_and_the_load_completes(
+        bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path) -> None:
+    """SIGKILL cuts the two GETs in flight: those two blocks are fetched again by the restarted process (it gets the
+    part back after the ack wait), every other block once; the loader folds the second delivery's progress."""
+    async with single(bus, settings, seaweedfs, bucket, tmp_path, load_concurrency=2) as stack, loader(settings):
+        stack.store.hold()
+        await bus.publish(subjects.DATALOAD_APPLY, dataload("survivor", dataset=NAME))
+
+        async def two_held() -> bool:
+            return stack.store.waiting == 2
+
+        await eventually(two_held, what="two block GETs held (SHOAL_LOAD_CONCURRENCY=2)")
+        cut = store_gets(stack.store)
+        (pid,) = mount_pids(stack.mount)
+        os.kill(pid, signal.SIGKILL)
+        stack.store.release()
+
+        async def complete() -> OperationRecord | None:  # the restart and the 5 s ack wait take longer than a load
+            record = await operation(bus, "survivor")
+            return record if record is not None and record.status.phase == "Complete" else None
+
+        done = await eventually(complete, 45, "DataLoad survivor Complete after the mount process's restart")
+        assert done.status.runs == 1
+        assert mount_pids(stack.mount) != [pid]
+        everything = blocks_under(stack.entries, "")
+        assert Counter(store_gets(stack.store)) == {get: 2 if get in cut else 1 for get in everything}
+        assert cached(await snapshot(bus, NODE, NAME)) == pairs(everything)
+        total = sum(entry.size for entry in stack.entries.values())
+        assert (done.status.progress.bytes_done, done.status.progress.files_done) == (total, len(stack.entries))
