@@ -15,7 +15,8 @@ GETs the kill cut are fetched twice); an OnEvent DataLoad runs again after a res
 fetches only those, also when the mount process learns of the new manifest after the part arrives (paused across
 the resync); a Cron load runs at its firings (the loader's clock moved) and its second run skips every cached
 block; deleting a DataLoad cancels the agent's part; the ``shoal`` CLI loads with ``--wait``, lists the DataLoad
-Complete with its progress, and exits non-zero with the loader's message for a path the manifest does not have.
+Complete with its progress, exits non-zero with the loader's message for a path the manifest does not have,
+applies Fluid's DataLoad YAML (``loadMetadata``: an object put after the mount is loaded too) and cleans a folder.
 """
 
 from __future__ import annotations
@@ -78,6 +79,21 @@ BLOCK = MiB  # the stacks' runtimes use block_size "1Mi"
 # The dataset's name in the cluster tests is test_distributed_cache's (its ``apply`` and ``ring_is`` use it).
 CLUSTER_NAME = "shared"
 NAME = "warm"
+
+FLUID_DATALOAD = """\
+apiVersion: data.fluid.io/v1alpha1
+kind: DataLoad
+metadata:
+  name: fluid-style
+spec:
+  dataset:
+    name: {name}
+    namespace: default
+  loadMetadata: true
+  target:
+    - path: /train
+      replicas: 1
+"""
 
 # A store GET as the proxy sees it: (object key, Range header).
 Get = tuple[str, str]
@@ -378,7 +394,7 @@ async def test_an_on_event_load_runs_after_a_resync_and_loads_only_the_new_objec
         assert len(store_gets(stack.store)) == gets
 
 
-async def test_the_cli_loads_with_wait_lists_the_load_and_fails_on_a_missing_path(
+async def test_the_cli_loads_lists_fails_on_a_missing_path_applies_fluid_yaml_and_cleans(
         bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path,
         nats_server: NatsServer) -> None:
     async with single(bus, settings, seaweedfs, bucket, tmp_path) as stack, loader(settings):
@@ -404,6 +420,22 @@ async def test_the_cli_loads_with_wait_lists_the_load_and_fails_on_a_missing_pat
         record = await operation(bus, "nope")
         assert record is not None and record.status.phase == "Failed"
         assert len(store_gets(stack.store)) == len(sub)
+
+        # Fluid's DataLoad YAML, unchanged, with loadMetadata: the loader lists the store again first, so an object
+        # put after the mount is loaded too.
+        await put_objects(seaweedfs, bucket, {"train/fresh.bin": b"fresh" * 1000})
+        fluid = FLUID_DATALOAD.format(name=NAME)
+        applied = await shoal(nats_server, "apply", "-f", "-", "--wait", stdin=fluid, wait_seconds=30)
+        assert applied.exit_code == 0, applied.output
+        entries = await manifest(bus, NAME)
+        train = blocks_under(entries, "train/")
+        assert "train/fresh.bin" in entries and cached(await snapshot(bus, NODE, NAME)) == pairs(train)
+
+        # `shoal clean` of a folder evicts it.
+        cleaned = await shoal(nats_server, "clean", "dataset", NAME, "--path", "/train/sub", "--wait",
+                              wait_seconds=30)
+        assert cleaned.exit_code == 0, cleaned.output
+        assert cached(await snapshot(bus, NODE, NAME)) == pairs(train) - pairs(sub)
 
 
 async def test_an_on_event_load_waits_for_the_mount_to_load_the_manifest_it_was_planned_on(
