@@ -315,6 +315,13 @@ async def test_three_agents_replicas_2_put_each_block_on_its_two_owners_and_a_cl
             assert md5(body) == md5(objects()["train/sub/b.bin"]), node
         assert Counter(store_gets(store)) == dict.fromkeys(train, 2), "the loaded blocks are read from the cache"
 
+        # More replicas than the ring has workers: the run fails saying what to change, and fetches nothing.
+        await bus.publish(subjects.DATALOAD_APPLY, dataload("too-many", dataset=CLUSTER_NAME,
+                                                            target=[TargetPath(path="/val", replicas=4)]))
+        failed = await phase_of(bus, "Failed", "too-many")
+        assert "replicas 4 is more than the 3 cache worker(s)" in failed.status.message, failed.status
+        assert Counter(store_gets(store)) == dict.fromkeys(train, 2)
+
 
 @pytest.mark.parametrize("finished_while_down", [True, False], ids=["agent-done-while-down", "agent-done-after"])
 async def test_a_loader_killed_mid_load_resumes_and_each_block_is_fetched_once(
