@@ -3,20 +3,21 @@
 real subprocesses with real FUSE mounts and execute the parts (``services/agent/tasks.py``), a real nats-server,
 and SeaweedFS behind a counting HTTP proxy (``tests.faults.HttpProxy``: every store GET is seen).
 
-Shown: a DataLoad of a folder caches exactly that folder's blocks (an inventory snapshot asked for after the
-load), a read of those files through the mount then makes no store GET, and files outside the folder are not
-cached; with three agents and ``replicas: 2`` each block is on exactly its two owners (``libs.ring.owners`` over
-the runtime's ring) and the store saw each block twice, once per holder (a load never reads through a peer:
-each holder fetches its copy from the store); a DataClean of a path frees those blocks on every agent
-(``cachedBytes`` drops by exactly their bytes, in the inventory and the dataset's status); the loader killed
-mid-load (its task cancelled while the store holds the agents' GETs) resumes in a new process and completes, each
-block fetched once; a mount process killed mid-load is restarted and the load completes (only the blocks whose
-GETs the kill cut are fetched twice); an OnEvent DataLoad runs again after a resync that found new objects and
-fetches only those, also when the mount process learns of the new manifest after the part arrives (paused across
-the resync); a Cron load runs at its firings (the loader's clock moved) and its second run skips every cached
-block; deleting a DataLoad cancels the agent's part; the ``shoal`` CLI loads with ``--wait``, lists the DataLoad
-Complete with its progress, exits non-zero with the loader's message for a path the manifest does not have,
-applies Fluid's DataLoad YAML (``loadMetadata``: an object put after the mount is loaded too) and cleans a folder.
+Shown: a DataLoad of a folder caches exactly that folder's blocks (an inventory snapshot asked for after the load),
+a read of those files through the mount then makes no store GET, and files outside the folder are not cached; with
+three agents and ``replicas: 2`` each block is on exactly its two owners (``libs.ring.owners`` over the runtime's
+ring) and the store saw each block twice, once per holder (a load never reads through a peer: each holder fetches
+its copy from the store); a DataClean of a path frees those blocks on every agent (``cachedBytes`` drops by exactly
+their bytes, in the inventory and the dataset's status); the loader killed mid-load (its task cancelled while the
+store holds the agents' GETs) resumes in a new process and completes, each block fetched once; a mount process
+killed mid-load is restarted and the load completes (only the blocks whose GETs the kill cut are fetched twice); an
+OnEvent DataLoad runs again after a resync that found new objects and fetches only those, then after one that found
+an overwritten object while the mount process was paused (it learns of the new manifest when the part arrives, and
+waits for it) and fetches only that; a Cron load runs at its firings (the loader's clock moved) and its second run
+skips every cached block; deleting a DataLoad cancels the agent's part; the ``shoal`` CLI loads with ``--wait``,
+lists the DataLoad Complete with its progress, exits non-zero with the loader's message for a path the manifest does
+not have, applies Fluid's DataLoad YAML (``loadMetadata``: an object put after the mount is loaded too) and cleans a
+folder.
 """
 
 from __future__ import annotations
@@ -373,7 +374,7 @@ async def test_a_loader_killed_mid_load_resumes_and_each_block_is_fetched_once(
         assert (done.status.progress.bytes_done, done.status.progress.files_done) == (total, len(stack.entries))
 
 
-async def test_an_on_event_load_runs_after_a_resync_and_loads_only_the_new_objects(
+async def test_an_on_event_load_runs_after_a_resync_and_loads_only_the_new_or_changed_objects(
         bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path) -> None:
     async with single(bus, settings, seaweedfs, bucket, tmp_path) as stack, loader(settings):
         await bus.publish(subjects.DATALOAD_APPLY, dataload("follow", dataset=NAME, policy="OnEvent",
@@ -399,6 +400,29 @@ async def test_an_on_event_load_runs_after_a_resync_and_loads_only_the_new_objec
         gets = len(store_gets(stack.store))
         assert md5(await read_file(stack.mount / "train/new/d.bin")) == md5(added["train/new/d.bin"])
         assert len(store_gets(stack.store)) == gets
+
+        # An object overwritten, with the mount process paused (SIGSTOP) across the resync: it gets the new manifest
+        # and the run's part at the same moment. The part waits until the mount serves the manifest it was planned
+        # on; it does not fail the new version's blocks as "object changed since the load was planned".
+        changed = {"train/e.bin": rng.randbytes(MiB + 1)}
+        await put_objects(seaweedfs, bucket, changed)
+        (pid,) = mount_pids(stack.mount)
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            await stack.node.resync(NAME)
+
+            async def published() -> bool:  # the progress with the run's totals is written once its parts are out
+                record = await operation(bus, "follow")
+                return record is not None and record.status.runs == 3 and record.status.progress.bytes_total > 0
+
+            await eventually(published, what="run 3 planned and its part published")
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        third = await phase_of(bus, "Complete", "follow", runs=3)
+        assert (third.status.progress.files_done, third.status.progress.files_total) == (1, 1)
+        rewritten = blocks_under({"train/e.bin": (await manifest(bus, NAME))["train/e.bin"]}, "")
+        assert len(rewritten) == 2
+        assert sorted(store_gets(stack.store, gets)) == sorted(rewritten), "only the overwritten object fetched"
 
 
 async def test_the_cli_loads_lists_fails_on_a_missing_path_applies_fluid_yaml_and_cleans(
@@ -443,38 +467,6 @@ async def test_the_cli_loads_lists_fails_on_a_missing_path_applies_fluid_yaml_an
                               wait_seconds=30)
         assert cleaned.exit_code == 0, cleaned.output
         assert cached(await snapshot(bus, NODE, NAME)) == pairs(train) - pairs(sub)
-
-
-async def test_an_on_event_load_waits_for_the_mount_to_load_the_manifest_it_was_planned_on(
-        bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path) -> None:
-    """The loader plans against the manifest the dataset record names as soon as its KV watch sees the resync; the
-    mount process learns of it through its own watch. Paused (SIGSTOP) across the resync, the mount process gets
-    the new manifest and the new part at the same moment: the part must not fail the new objects' blocks as
-    "object changed since the load was planned" because the mount is one manifest behind."""
-    async with single(bus, settings, seaweedfs, bucket, tmp_path) as stack, loader(settings):
-        await bus.publish(subjects.DATALOAD_APPLY, dataload("follow", dataset=NAME, policy="OnEvent",
-                                                            target=[TargetPath(path="/train")]))
-        await phase_of(bus, "Complete", "follow", runs=1)
-        before = len(store_gets(stack.store))
-        added = {"train/late.bin": random.Random(11).randbytes(MiB + 3)}
-        await put_objects(seaweedfs, bucket, added)
-        (pid,) = mount_pids(stack.mount)
-        os.kill(pid, signal.SIGSTOP)
-        try:
-            await stack.node.resync(NAME)
-
-            async def published() -> bool:  # the progress with the run's totals is written once its parts are out
-                record = await operation(bus, "follow")
-                return record is not None and record.status.runs == 2 and record.status.progress.bytes_total > 0
-
-            await eventually(published, what="run 2 planned and its part published")
-        finally:
-            os.kill(pid, signal.SIGCONT)
-        second = await phase_of(bus, "Complete", "follow", runs=2)
-        assert (second.status.progress.files_done, second.status.progress.files_total) == (1, 1)
-        entries = await manifest(bus, NAME)
-        new = blocks_under({"train/late.bin": entries["train/late.bin"]}, "")
-        assert sorted(store_gets(stack.store, before)) == sorted(new)
 
 
 async def test_deleting_a_dataload_cancels_the_agents_work(
