@@ -227,6 +227,21 @@ async def three(bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: 
         await store.stop()
 
 
+async def finished(bus: Bus, name: str, runs: int = 1, kind: str = "DataLoad",
+                   timeout: float = 20.0) -> OperationRecord:
+    """The operation once run ``runs`` is over, which must be Complete: a Failed run fails the test at once, with
+    the loader's message (rather than a timeout)."""
+    async def over() -> OperationRecord | None:
+        record = await operation(bus, name, kind)
+        if record is None or record.status.runs < runs or record.status.phase not in ("Complete", "Failed"):
+            return None
+        return record
+
+    record = await eventually(over, timeout, f"{kind} {name} run {runs} finished")
+    assert (record.status.phase, record.status.runs) == ("Complete", runs), record.status
+    return record
+
+
 # --- tests ---
 
 
@@ -235,7 +250,7 @@ async def test_a_load_of_a_folder_caches_exactly_its_blocks_and_its_reads_make_n
     async with single(bus, settings, seaweedfs, bucket, tmp_path) as stack, loader(settings):
         await bus.publish(subjects.DATALOAD_APPLY, dataload("train", dataset=NAME,
                                                             target=[TargetPath(path="/train")]))
-        done = await phase_of(bus, "Complete", "train")
+        done = await finished(bus, "train")
 
         train = blocks_under(stack.entries, "train/")
         assert len(train) == 5
@@ -263,7 +278,7 @@ async def test_three_agents_replicas_2_put_each_block_on_its_two_owners_and_a_cl
         entries = await manifest(bus, CLUSTER_NAME)
         await bus.publish(subjects.DATALOAD_APPLY, dataload("twice", dataset=CLUSTER_NAME,
                                                             target=[TargetPath(path="/train", replicas=2)]))
-        done = await phase_of(bus, "Complete", "twice")
+        done = await finished(bus, "twice")
 
         train = blocks_under(entries, "train/")
         holders = {get: owners(block.name, ring, 2) for get, block in train.items()}
@@ -286,7 +301,7 @@ async def test_three_agents_replicas_2_put_each_block_on_its_two_owners_and_a_cl
         clean = DataCleanApply(data_clean=DataClean(metadata=ObjectMeta(name="drop-a"), spec=DataCleanSpec(
             dataset=ObjectRef(name=CLUSTER_NAME), target=[TargetPath(path="/train/a.bin")])))
         await bus.publish(subjects.DATACLEAN_APPLY, clean)
-        cleaned = await phase_of(bus, "Complete", "drop-a", kind="DataClean")
+        cleaned = await finished(bus, "drop-a", kind="DataClean")
         gone = {get for get, block in train.items() if block.key == "train/a.bin"}
         freed = 0
         for node in THREE:
@@ -363,7 +378,7 @@ async def test_a_loader_killed_mid_load_resumes_and_each_block_is_fetched_once(
             assert not await final()
         async with loader(settings):
             stack.store.release()
-            done = await phase_of(bus, "Complete", "resumed")
+            done = await finished(bus, "resumed")
         await subscription.unsubscribe()
         assert [p["done"] for p in progress].count(True) == 1, "the part ran once"
         everything = blocks_under(stack.entries, "")
@@ -379,7 +394,7 @@ async def test_an_on_event_load_runs_after_a_resync_and_loads_only_the_new_or_ch
     async with single(bus, settings, seaweedfs, bucket, tmp_path) as stack, loader(settings):
         await bus.publish(subjects.DATALOAD_APPLY, dataload("follow", dataset=NAME, policy="OnEvent",
                                                             target=[TargetPath(path="/train")]))
-        await phase_of(bus, "Complete", "follow", runs=1)
+        await finished(bus, "follow", runs=1)
         first = blocks_under(stack.entries, "train/")
         assert sorted(store_gets(stack.store)) == sorted(first)
 
@@ -388,7 +403,7 @@ async def test_an_on_event_load_runs_after_a_resync_and_loads_only_the_new_or_ch
                  "val/f.bin": rng.randbytes(MiB)}  # val/ is outside the target
         await put_objects(seaweedfs, bucket, added)
         await stack.node.resync(NAME)
-        second = await phase_of(bus, "Complete", "follow", runs=2)
+        second = await finished(bus, "follow", runs=2)
 
         entries = await manifest(bus, NAME)
         new = {get: block for get, block in blocks_under(entries, "train/").items() if get[0] in added}
@@ -418,7 +433,7 @@ async def test_an_on_event_load_runs_after_a_resync_and_loads_only_the_new_or_ch
             await eventually(published, what="run 3 planned and its part published")
         finally:
             os.kill(pid, signal.SIGCONT)
-        third = await phase_of(bus, "Complete", "follow", runs=3)
+        third = await finished(bus, "follow", runs=3)
         assert (third.status.progress.files_done, third.status.progress.files_total) == (1, 1)
         rewritten = blocks_under({"train/e.bin": (await manifest(bus, NAME))["train/e.bin"]}, "")
         assert len(rewritten) == 2
@@ -499,7 +514,7 @@ async def test_deleting_a_dataload_cancels_the_agents_work(
         # Once a later load is done, the cancelled part has certainly stopped: only its first two blocks (in plan
         # order: top.bin, then train/a.bin's first) reached the store, besides the later load's own.
         await bus.publish(subjects.DATALOAD_APPLY, dataload("later", dataset=NAME, target=[TargetPath(path="/val")]))
-        await phase_of(bus, "Complete", "later")
+        await finished(bus, "later")
         entries = stack.entries
         expected = [get_of(entries["top.bin"], 0), get_of(entries["train/a.bin"], 0), get_of(entries["val/c.bin"], 0)]
         assert sorted(store_gets(stack.store)) == sorted(expected)
@@ -520,14 +535,14 @@ async def test_a_cron_load_runs_on_schedule_and_its_next_run_skips_what_is_cache
         pending = await phase_of(bus, "Pending", "nightly")
         assert pending.status.runs == 0 and store_gets(stack.store) == []
         offset[0] += 60  # past the next firing
-        first = await phase_of(bus, "Complete", "nightly", runs=1)
+        first = await finished(bus, "nightly", runs=1)
         train = blocks_under(stack.entries, "train/")
         assert sorted(store_gets(stack.store)) == sorted(train)
         folder_bytes = stack.entries["train/a.bin"].size + stack.entries["train/sub/b.bin"].size
         assert first.status.progress.bytes_skipped == 0
 
         offset[0] += 60
-        second = await phase_of(bus, "Complete", "nightly", runs=2)
+        second = await finished(bus, "nightly", runs=2)
         assert second.status.progress.bytes_skipped == second.status.progress.bytes_done == folder_bytes
         assert sorted(store_gets(stack.store)) == sorted(train), "the second run fetched nothing: all was cached"
 
@@ -548,13 +563,7 @@ async def test_a_mount_process_killed_mid_load_is_restarted_and_the_load_complet
         (pid,) = mount_pids(stack.mount)
         os.kill(pid, signal.SIGKILL)
         stack.store.release()
-
-        async def complete() -> OperationRecord | None:  # the restart and the 5 s ack wait take longer than a load
-            record = await operation(bus, "survivor")
-            return record if record is not None and record.status.phase == "Complete" else None
-
-        done = await eventually(complete, 45, "DataLoad survivor Complete after the mount process's restart")
-        assert done.status.runs == 1
+        done = await finished(bus, "survivor", timeout=45)  # the restart and the 5 s ack wait come first
         assert mount_pids(stack.mount) != [pid]
         everything = blocks_under(stack.entries, "")
         assert Counter(store_gets(stack.store)) == {get: 2 if get in cut else 1 for get in everything}
