@@ -220,7 +220,7 @@ async def three(bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: 
         async with cluster_stack(bus, settings, seaweedfs, tmp_path, UNLABELLED) as cluster:
             await apply_cluster(bus, cluster, store, bucket, replicas=3)
             record = await ring_is(bus, list(THREE))
-            await cluster.wait_mounted(CLUSTER_NAME, "train/sub/b.bin")
+            await cluster.wait_mounted(CLUSTER_NAME, "train/sub/b.bin", timeout=60)  # three mount processes start
             yield cluster, store, [w.node for w in record.status.workers if w.ready and w.peer_url]
     finally:
         store.release()
@@ -228,7 +228,7 @@ async def three(bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: 
 
 
 async def finished(bus: Bus, name: str, runs: int = 1, kind: str = "DataLoad",
-                   timeout: float = 20.0) -> OperationRecord:
+                   timeout: float = 30.0) -> OperationRecord:
     """The operation once run ``runs`` is over, which must be Complete: a Failed run fails the test at once, with
     the loader's message (rather than a timeout)."""
     async def over() -> OperationRecord | None:
