@@ -134,9 +134,9 @@ def _plan(options: UpOptions, environ: Mapping[str, str]) -> Plan:
     external_nats = environ.get("NATS_URL", "").strip()
     external_s3 = environ.get("SHOAL_S3_ENDPOINT", "").strip()
     services = stack_services(options.agents)
-    http_ports = service_http_ports(ports.service_http, list(services))
-    check_ports(ports_needed(ports, run_nats=not external_nats, run_s3=not external_s3)
-                + http_ports_needed(http_ports))
+    servers = ports_needed(ports, run_nats=not external_nats, run_s3=not external_s3)
+    http_ports = service_http_ports(ports.service_http, list(services), taken={use.port for use in servers})
+    check_ports(servers + http_ports_needed(http_ports))
     # Parse the manifest before starting anything: a broken one should cost no server start.
     try:
         docs = parse_documents(options.manifest.read_text())

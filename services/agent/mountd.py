@@ -119,6 +119,8 @@ class MountedDataset:
         self.deleted = False
         # (mount, key) → entry of the current manifest: what the peer server may serve.
         self.entries: dict[tuple[int, str], ManifestEntry] = {}
+        # The loader's parts on this mount (told when a new manifest is served: a load part may wait for it).
+        self.tasks: TaskRunner | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
         record, runtime = await self._load_records()
@@ -190,7 +192,9 @@ class MountedDataset:
         # Loads and cleans work on the cache and the reader's store path, not on FUSE: they start with them.
         runner = TaskRunner(self.bus, self.settings.agent.node_name, ObjectRef(name=self.name,
                                                                                namespace=self.namespace),
-                            cache, reader, lambda: self.entries, self.settings.agent.load_concurrency)
+                            cache, reader, lambda: self.entries, self.settings.agent.load_concurrency,
+                            serving=lambda: self.manifest_version)
+        self.tasks = runner
         tasks_task = asyncio.create_task(runner.run())
         reporter = StatusReporter(self.status_file, cache.stats)
         reporter_task = asyncio.create_task(reporter.run())
@@ -387,6 +391,8 @@ class MountedDataset:
                         pyfuse3.invalidate_entry_async(parent, os.fsencode(name), ignore_enoent=True)
                 self.entries = {(entry.mount, entry.key): entry for entry in entries}
                 self._drop_stale(cache, entries)
+                if self.tasks is not None:
+                    self.tasks.manifest_reloaded()
                 log.info("manifest reloaded", dataset=self.key, files=len(entries), removed=len(gone))
 
 

@@ -6,10 +6,12 @@ What it decides:
   their run is current — the operation's record in KV ``shoal_operations`` is Executing at that run's number;
   a part of an older, deleted or finished run is acknowledged and skipped (``not_current``);
 - per block of a load: failed when its object version is not in the current manifest ("object changed since the
-  load was planned"); skipped when cached; otherwise fetched from the store into the cache (``BlockReader.warm``:
-  the reader's coalesced store path, never FUSE, never a peer), at most ``SHOAL_LOAD_CONCURRENCY`` at once, and
-  done once written. A store error fails that block with its reason (an unreachable store is tried again twice
-  first), never the part or the process;
+  load was planned"), checked once the mount serves the manifest the dataset record names (the loader planned
+  against it; the mount's own KV watch may load it a moment later, e.g. right after a resync that fired an
+  OnEvent or loadMetadata run), waited for up to ``MANIFEST_WAIT_SECONDS``; skipped when cached; otherwise
+  fetched from the store into the cache (``BlockReader.warm``: the reader's coalesced store path, never FUSE,
+  never a peer), at most ``SHOAL_LOAD_CONCURRENCY`` at once, and done once written. A store error fails that
+  block with its reason (an unreachable store is tried again twice first), never the part or the process;
 - a clean: the blocks named (skipped when not cached), every cached block of ``files`` (any version), or
   everything, evicted through the cache's own eviction path, so inventory deltas report it; freed bytes are done;
 - progress (``PartLedger``, pure): cumulative ``TaskProgress`` at most once a second while there is news, then a
@@ -40,7 +42,7 @@ from libs import subjects
 from libs.blocks import BlockId, block_count
 from libs.bus import DAY, Bus, kv_load
 from libs.events.common import ObjectRef
-from libs.events.dataset import ManifestEntry
+from libs.events.dataset import DatasetRecord, ManifestEntry
 from libs.events.operation import NodeTask, OperationRecord, TaskCancel, TaskProgress
 from libs.telemetry import get_logger
 from libs.ufs.base import EndpointUnreachable, UfsError
@@ -72,6 +74,12 @@ STORE_RETRY_SECONDS = 1.5
 CANCELLED_RUNS = 64
 # After NATS errors in the consumer loop, wait this long before pulling again.
 RETRY_SECONDS = 1.0
+# How long a load part waits for this mount to load the manifest its dataset's record names before checking its
+# blocks (the loader planned the part against that manifest). Loading one takes well under a second; a mount still
+# behind after this long checks against what it has, and blocks it does not know fail as changed.
+MANIFEST_WAIT_SECONDS = 30.0
+# While waiting, the dataset record is read again this often (a reload is also signalled at once).
+MANIFEST_CHECK_SECONDS = 1.0
 
 CHANGED = "object changed since the load was planned"
 NOT_KEPT = "fetched but not kept: the cache is full of blocks read more often, or its tiers are down"
@@ -104,6 +112,16 @@ def not_current(run: str, record: OperationRecord | None) -> str | None:
     if record.status.phase != "Executing":
         return f"the operation is {record.status.phase}"
     return None
+
+
+def manifest_version(record: DatasetRecord) -> tuple[int, str]:
+    """The version of the manifest a dataset record names, as the mount process tracks it."""
+    return record.status.synced_generation, record.status.last_sync_time
+
+
+def manifest_behind(record: DatasetRecord | None, serving: tuple[int, str]) -> bool:
+    """True when the dataset's record names a manifest newer than the one the mount serves (``serving``)."""
+    return record is not None and bool(record.status.manifest) and manifest_version(record) != serving
 
 
 def block_problem(entry: ManifestEntry | None, etag: str, index: int, block_size: int) -> str | None:
@@ -185,7 +203,8 @@ class TaskRunner:
     """Pulls this mount's parts and executes them on its cache, until ``stop``."""
 
     def __init__(self, bus: Bus, node: str, dataset: ObjectRef, cache: BlockCache, reader: BlockReader,
-                 entries: Callable[[], Mapping[tuple[int, str], ManifestEntry]], concurrency: int) -> None:
+                 entries: Callable[[], Mapping[tuple[int, str], ManifestEntry]], concurrency: int,
+                 serving: Callable[[], tuple[int, str]] | None = None) -> None:
         self.bus = bus
         self.node = node
         self.dataset = dataset
@@ -193,11 +212,18 @@ class TaskRunner:
         self.reader = reader
         self.entries = entries
         self.concurrency = max(1, concurrency)
+        # The version of the manifest behind ``entries`` (``manifest_version``); None: never wait for a newer one.
+        self.serving = serving
+        self._reloaded = asyncio.Event()
         self.subject = subjects.node_task(node, dataset.namespace, dataset.name)
         self.durable = subjects.task_durable(node, dataset.namespace, dataset.name)
         self._stopping = asyncio.Event()
         self._running: _Running | None = None
         self._cancelled: deque[str] = deque(maxlen=CANCELLED_RUNS)
+
+    def manifest_reloaded(self) -> None:
+        """The mount serves a new manifest: a load part waiting for it looks again at once."""
+        self._reloaded.set()
 
     def stop(self) -> None:
         """Stop pulling; a part being executed stops between blocks and is given back unacknowledged."""
@@ -368,7 +394,34 @@ class TaskRunner:
             except Exception as err:  # the next one carries the same counts, cumulative
                 log.warning("progress not published", dataset=self._key, run=task.run, error=repr(err))
 
+    async def _caught_up(self, task: NodeTask, abort: asyncio.Event) -> None:
+        """Wait (at most ``MANIFEST_WAIT_SECONDS``, or until ``abort``) until this mount serves the manifest the
+        dataset's record names, which the loader planned ``task`` against."""
+        if self.serving is None:
+            return
+        deadline = time.monotonic() + MANIFEST_WAIT_SECONDS
+        kv = await self.bus.kv(subjects.KV_DATASETS)
+        key = subjects.resource_key(self.dataset.namespace, self.dataset.name)
+        while not abort.is_set():
+            self._reloaded.clear()
+            try:
+                record, _ = await kv_load(kv, key, DatasetRecord)
+            except (msgspec.ValidationError, msgspec.DecodeError):
+                return
+            if not manifest_behind(record, self.serving()):
+                return
+            left = deadline - time.monotonic()
+            if left <= 0:
+                log.warning("manifest still behind the dataset's, checking the part's blocks against it",
+                            dataset=self._key, run=task.run, part=task.part)
+                return
+            log.info("waiting for the dataset's new manifest before the part", dataset=self._key, run=task.run,
+                     part=task.part)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._reloaded.wait(), min(left, MANIFEST_CHECK_SECONDS))
+
     async def _load(self, task: NodeTask, ledger: PartLedger, abort: asyncio.Event) -> None:
+        await self._caught_up(task, abort)
         blocks = load_blocks(task)  # shared by the workers: each block is taken once
 
         async def worker() -> None:

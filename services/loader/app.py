@@ -30,13 +30,14 @@ from libs.events.operation import OperationCommand, OperationRecord, TaskProgres
 from libs.service import Periodic, nats_check, run_loops
 from libs.side_server import Readiness
 from services.loader.domain import RunState
-from services.loader.handlers import METADATA_TIMEOUT_SECONDS, TICK_SECONDS, LoaderHandlers
+from services.loader.handlers import METADATA_TIMEOUT_SECONDS, NODE_GONE_SECONDS, TICK_SECONDS, LoaderHandlers
 
 SERVICE_NAME = "shoal-loader"
 
 
 async def run(settings: Settings, stop: asyncio.Event, clock: Callable[[], float] = time.time,
-              readiness: Readiness | None = None, metadata_timeout: float = METADATA_TIMEOUT_SECONDS) -> None:
+              readiness: Readiness | None = None, metadata_timeout: float = METADATA_TIMEOUT_SECONDS,
+              node_gone_timeout: float = NODE_GONE_SECONDS) -> None:
     readiness = readiness or Readiness()
     bus = await connect(settings.nats, SERVICE_NAME)
     readiness.add("nats", nats_check(bus))
@@ -48,7 +49,8 @@ async def run(settings: Settings, stop: asyncio.Event, clock: Callable[[], float
         watches: dict[str, KvMirror[Any]] = {"operations": operations, "datasets": datasets, "runs": runs}
         readiness.add("watches", lambda: ", ".join(f"{name} watch catching up" for name, mirror in watches.items()
                                                    if not mirror.ready.is_set()) or None)
-        handlers = LoaderHandlers(bus, operations, datasets, runs, clock, metadata_timeout=metadata_timeout)
+        handlers = LoaderHandlers(bus, operations, datasets, runs, clock, metadata_timeout=metadata_timeout,
+                                  node_gone_timeout=node_gone_timeout)
         max_bytes, max_deliver = settings.service.max_event_bytes, settings.service.max_deliver
         commands = Consumer(
             bus, subjects.STREAM_COMMANDS, subjects.DURABLE_LOADER_COMMANDS, list(subjects.OPERATION_COMMANDS),

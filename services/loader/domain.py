@@ -496,6 +496,16 @@ def fold_progress(state: RunState, files_finished: int, now: float) -> Progress:
                     nodes=[NodeProgress(node=n, bytes_done=d, bytes_total=t) for n, (d, t) in sorted(nodes.items())])
 
 
+def nodes_gone(state: RunState, runtime: RuntimeRecord | None) -> list[str]:
+    """Nodes with parts not done that the runtime no longer lists as ready (neither a ready node nor a ready cache
+    worker): their parts cannot end until they come back."""
+    if runtime is None:
+        here: set[str] = set()
+    else:
+        here = set(runtime.status.ready_nodes) | {w.node for w in runtime.status.workers if w.ready}
+    return sorted({part.node for part in state.parts if not part.done} - here)
+
+
 def outcome(state: RunState) -> tuple[OperationPhase, str] | None:
     """Complete / Failed once every part is done; None while some part works."""
     if not all(p.done for p in state.parts):

@@ -62,6 +62,10 @@ STATUS_INTERVAL_SECONDS = 1.0
 # loadMetadata: how long a run waits for the dataset service to list the dataset again before it fails. A listing
 # of a million objects takes about a minute on a local store.
 METADATA_TIMEOUT_SECONDS = 300.0
+# A load whose parts wait on a node the runtime no longer lists as ready fails after this long (its parts would
+# wait for it for ever, and a Cron or OnEvent load would never run again). An agent or mount process restarting is
+# back within seconds; a node drained or lost is not.
+NODE_GONE_SECONDS = 120.0
 DEFAULT_BLOCK_SIZE = 4 * 1024 * 1024
 
 FACTS: dict[str, tuple[str, str, str, str]] = {
@@ -86,6 +90,7 @@ class LoaderHandlers:
     runs: KvMirror[domain.RunState]
     clock: Callable[[], float] = time.time
     metadata_timeout: float = METADATA_TIMEOUT_SECONDS
+    node_gone_timeout: float = NODE_GONE_SECONDS
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     # The current run's plan per operation (also in the Object Store), for counting files done.
     plans: dict[str, domain.Plan] = field(default_factory=dict)
@@ -94,6 +99,8 @@ class LoaderHandlers:
     # Operations with progress not yet in their status, and when their status was last written (monotonic).
     dirty: set[str] = field(default_factory=set)
     written_at: dict[str, float] = field(default_factory=dict)
+    # (operation, node) → when (monotonic) this process first saw the node gone with parts of the run not done.
+    gone_since: dict[tuple[str, str], float] = field(default_factory=dict)
 
     # --- commands ---
 
@@ -299,6 +306,8 @@ class LoaderHandlers:
             if state.run not in self.published:
                 await self._publish_parts(key, state, resume=True)
             result = domain.outcome(state)
+            if result is None and record.load is not None:
+                result = await self._node_gone(key, record, state)
             if result is not None:
                 await self._finish(key, *result)
             else:
@@ -307,6 +316,22 @@ class LoaderHandlers:
             await self._remove(key, record, revision, "")
         else:
             await self._maybe_start(key, record, revision, state, now)
+
+    async def _node_gone(self, key: str, record: OperationRecord,
+                         state: domain.RunState) -> tuple[OperationPhase, str] | None:
+        """Failed, naming the node, once a node with parts not done has not been ready for ``node_gone_timeout``."""
+        gone = domain.nodes_gone(state, await self._runtime(record))
+        now = time.monotonic()
+        for stale in [k for k in self.gone_since if k[0] == key and k[1] not in gone]:
+            del self.gone_since[stale]
+        for node in gone:
+            since = self.gone_since.setdefault((key, node), now)
+            if now - since >= self.node_gone_timeout:
+                ref = domain.dataset_ref(record)
+                return "Failed", (f"node {node} is no longer a ready node of runtime {ref.namespace}/{ref.name} "
+                                  f"(for {self.node_gone_timeout:.0f} s) and its part of the load is not done; run "
+                                  f"the load again: its blocks go to the nodes ready then")
+        return None
 
     async def _ensure_started(self, key: str, record: OperationRecord, revision: int | None, state: domain.RunState,
                               now: float) -> OperationRecord:

@@ -295,6 +295,22 @@ async def test_invalid_commands_are_rejected(bus: Bus, nats_server: NatsServer) 
     assert await operation(bus) is None
 
 
+async def test_a_load_fails_naming_a_node_that_left_with_its_part_not_done(bus: Bus, nats_server: NatsServer) -> None:
+    """Its parts would wait for it for ever (and a Cron or OnEvent load would never run again)."""
+    await put_dataset(bus, files(*[(f"f{i}", 2 * BLOCK) for i in range(12)]))
+    await put_runtime(bus, NODES)
+    async with agent(bus, NODES) as scripted, loader(nats_server, node_gone_timeout=1.0):
+        scripted.hold.set()
+        await publish(bus, subjects.DATALOAD_APPLY, dataload())
+        await phase_of(bus, "Executing")
+        await put_runtime(bus, NODES[:2])
+        failed = await phase_of(bus, "Failed")
+        scripted.hold.clear()
+    assert failed.status.message.startswith("node node-c is no longer a ready node of runtime default/data"), \
+        failed.status.message
+    assert "run the load again" in failed.status.message
+
+
 async def test_a_restarted_loader_resumes_and_publishes_no_part_twice(bus: Bus, nats_server: NatsServer) -> None:
     await put_dataset(bus, files(*[(f"f{i}", 2 * BLOCK) for i in range(12)]))
     await put_runtime(bus, NODES)

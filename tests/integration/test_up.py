@@ -291,6 +291,14 @@ async def test_up_with_three_agents_runs_three_nodes_that_each_mount_the_demo_an
         assert picked == [first, *(node for node in nodes if node != first)]
         code, output = await run_to_end([*cli, "get", "runtimes", "-o", "wide"], tmp_path)
         assert code == 0 and ",".join(picked) in output.splitlines()[1], output
+
+        # The loader runs under `shoal up`: a DataLoad of the demo is done by the three agents and listed Complete.
+        code, output = await run_to_end([*cli, "load", "dataset", "demo", "--name", "demo-warm", "--wait"], tmp_path)
+        assert code == 0, output
+        code, output = await run_to_end([*cli, "get", "dataloads"], tmp_path)
+        assert code == 0, output
+        [row] = [line for line in output.splitlines() if line.startswith("demo-warm ")]
+        assert row.split()[1:3] == ["demo", "Complete"], output
     finally:
         await bus.close()
 
@@ -413,6 +421,15 @@ def test_service_side_server_ports_are_consecutive_or_free() -> None:
                                                                           "agent": 9472}
     free = service_http_ports(0, ["dataset", "runtime", "agent"])
     assert all(port > 0 for port in free.values())
+
+
+def test_free_side_server_ports_are_never_the_servers_ports(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The servers' ports (e.g. the SeaweedFS filer's) are free until they start, so the OS may hand one out again
+    for a side server; such a port is skipped (it made `shoal up --http-port 0` refuse "conflicting port options")."""
+    handed_out = iter([7001, 7002, 7003, 7004, 7005])
+    monkeypatch.setattr("libs.cli.stack.ports.free_port", lambda: next(handed_out))
+    assert service_http_ports(0, ["dataset", "runtime", "agent"], taken={7001, 7003}) == {
+        "dataset": 7002, "runtime": 7004, "agent": 7005}
 
 
 def test_the_banner_names_what_the_manifest_applied(tmp_path: Path) -> None:

@@ -8,9 +8,18 @@ from pathlib import Path
 
 from libs.events.agent import CachedFile
 from libs.events.common import ObjectMeta, ObjectRef
-from libs.events.dataset import ManifestEntry
+from libs.events.dataset import Dataset, DatasetRecord, DatasetSpec, DatasetStatus, ManifestEntry
 from libs.events.operation import DataLoadSpec, NodeTask, OperationRecord, OperationStatus
-from services.agent.tasks import CHANGED, PartLedger, block_problem, load_blocks, not_current, parse_run, progress_id
+from services.agent.tasks import (
+    CHANGED,
+    PartLedger,
+    block_problem,
+    load_blocks,
+    manifest_behind,
+    not_current,
+    parse_run,
+    progress_id,
+)
 from tests.unit.test_peer import RBLOCK, node
 
 BLOCK = 1024
@@ -52,6 +61,18 @@ def test_a_block_is_fetched_only_at_the_manifest_version_and_within_the_object()
     assert block_problem(None, "e1", 0, BLOCK) == CHANGED
     assert "past the end" in (block_problem(entry, "e1", 3, BLOCK) or "")
     assert "past the end" in (block_problem(entry, "e1", -1, BLOCK) or "")
+
+
+def test_a_mount_is_behind_when_the_dataset_record_names_another_manifest_version() -> None:
+    def synced(generation: int, at: str, manifest: str = "manifest.default.ds") -> DatasetRecord:
+        return DatasetRecord(dataset=Dataset(metadata=ObjectMeta(name="ds"), spec=DatasetSpec()), generation=generation,
+                             status=DatasetStatus(synced_generation=generation, last_sync_time=at, manifest=manifest))
+
+    assert not manifest_behind(synced(2, "t2"), (2, "t2"))
+    assert manifest_behind(synced(2, "t3"), (2, "t2")), "a resync of the same generation is a new manifest"
+    assert manifest_behind(synced(3, "t2"), (2, "t2"))
+    assert not manifest_behind(synced(3, "t3", manifest=""), (2, "t2")), "no manifest to wait for"
+    assert not manifest_behind(None, (2, "t2")), "a deleted dataset: nothing to wait for"
 
 
 def test_the_ledger_counts_cumulatively_and_names_files_done_without_failures() -> None:

@@ -325,3 +325,13 @@ def test_parts_stay_within_small_limits_and_cover_every_block_once(files, worker
             assert (plan.files[file_id].key, plan.files[file_id].etag) == (file.key, file.etag)
             seen += [(part.task.node, BlockId(file.mount, file.key, file.etag, i)) for i, _ in file.blocks]
     assert len(seen) == len(set(seen)) == sum((e.size + 1023) // 1024 for e in entries)
+
+
+def test_nodes_gone_are_those_with_parts_not_done_that_are_not_ready() -> None:
+    state = domain.RunState(run="r.1", stage="executing", parts=[
+        domain.PartState(node="a"), domain.PartState(node="b"), domain.PartState(node="c", done=True),
+        domain.PartState(node="d")])
+    runtime = RuntimeRecord(runtime=Runtime(metadata=ObjectMeta(name="data")), generation=1, status=RuntimeStatus(
+        ready_nodes=["a"], workers=[CacheWorker(node="b", ready=True), CacheWorker(node="d", ready=False)]))
+    assert domain.nodes_gone(state, runtime) == ["d"], "c is done; a is a ready node, b a ready worker"
+    assert domain.nodes_gone(state, None) == ["a", "b", "d"]

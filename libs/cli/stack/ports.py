@@ -6,7 +6,7 @@ Pure: ``ports_needed`` and the problems of the options as given. I/O: whether a 
 from __future__ import annotations
 
 import socket
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 from libs.cli.stack import UpError
@@ -81,10 +81,18 @@ def port_option_problems(needed: Sequence[PortUse]) -> list[str]:
     return problems
 
 
-def service_http_ports(first: int, services: Sequence[str]) -> dict[str, int]:
-    """The side-server port of each service: consecutive from ``first``, or free ones when ``first`` is 0."""
+def service_http_ports(first: int, services: Sequence[str], taken: Collection[int] = ()) -> dict[str, int]:
+    """The side-server port of each service: consecutive from ``first``, or free ones when ``first`` is 0 —
+    never one of ``taken`` (the servers' ports: free now because nothing binds them yet, so the OS may hand one
+    out here too)."""
     if first == 0:
-        return {name: free_port() for name in services}
+        ports = {}
+        for name in services:
+            port = free_port()
+            while port in taken:
+                port = free_port()
+            ports[name] = port
+        return ports
     return {name: first + offset for offset, name in enumerate(services)}
 
 

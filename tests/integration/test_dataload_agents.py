@@ -1,0 +1,572 @@
+"""DataLoad and DataClean end to end (issue 9, "How it is shown"), with nothing stood in for: the loader's
+``app.run`` in-process, real node agents (``agent_stack.node_stack`` / ``cluster_stack``) whose mount processes are
+real subprocesses with real FUSE mounts and execute the parts (``services/agent/tasks.py``), a real nats-server,
+and SeaweedFS behind a counting HTTP proxy (``tests.faults.HttpProxy``: every store GET is seen).
+
+Shown: a DataLoad of a folder caches exactly that folder's blocks (an inventory snapshot asked for after the load),
+a read of those files through the mount then makes no store GET, and files outside the folder are not cached; with
+three agents and ``replicas: 2`` each block is on exactly its two owners (``libs.ring.owners`` over the runtime's
+ring) and the store saw each block twice, once per holder (a load never reads through a peer: each holder fetches
+its copy from the store); a DataClean of a path frees those blocks on every agent (``cachedBytes`` drops by exactly
+their bytes, in the inventory and the dataset's status); the loader killed mid-load (its task cancelled while the
+store holds the agents' GETs) resumes in a new process and completes, each block fetched once; a mount process
+killed mid-load is restarted and the load completes (only the blocks whose GETs the kill cut are fetched twice); an
+OnEvent DataLoad runs again after a resync that found new objects and fetches only those, then after one that found
+an overwritten object while the mount process was paused (it learns of the new manifest when the part arrives, and
+waits for it) and fetches only that; a Cron load runs at its firings (the loader's clock moved) and its second run
+skips every cached block; deleting a DataLoad cancels the agent's part; the ``shoal`` CLI loads with ``--wait``,
+lists the DataLoad Complete with its progress, exits non-zero with the loader's message for a path the manifest does
+not have, applies Fluid's DataLoad YAML (``loadMetadata``: an object put after the mount is loaded too) and cleans a
+folder.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import signal
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+from libs import subjects
+from libs.blocks import BlockId, block_count, block_span
+from libs.bus import Bus
+from libs.config import Settings
+from libs.events.agent import InventoryRequest
+from libs.events.common import ObjectMeta, ObjectRef
+from libs.events.dataset import ManifestEntry
+from libs.events.operation import (
+    DataClean,
+    DataCleanApply,
+    DataCleanSpec,
+    DataLoadDelete,
+    OperationRecord,
+    TargetPath,
+)
+from libs.manifest import ManifestStore
+from libs.ring import owners
+from services.loader import app as loader_app
+from tests.conftest import NatsServer, SeaweedServer, put_objects
+from tests.faults import HttpProxy
+from tests.helpers import dataset_record, eventually, running
+from tests.integration.agent_stack import (
+    NODE,
+    Cluster,
+    Node,
+    cluster_stack,
+    md5,
+    mount_pids,
+    node_stack,
+    read_file,
+)
+from tests.integration.test_cli import shoal
+from tests.integration.test_distributed_cache import THREE, UNLABELLED, ring_is
+from tests.integration.test_distributed_cache import apply as apply_cluster
+from tests.integration.test_loader import dataload, operation, phase_of
+
+pytestmark = pytest.mark.needs("fuse")
+
+MiB = 1024 * 1024
+BLOCK = MiB  # the stacks' runtimes use block_size "1Mi"
+# The dataset's name in the cluster tests is test_distributed_cache's (its ``apply`` and ``ring_is`` use it).
+CLUSTER_NAME = "shared"
+NAME = "warm"
+
+FLUID_DATALOAD = """\
+apiVersion: data.fluid.io/v1alpha1
+kind: DataLoad
+metadata:
+  name: fluid-style
+spec:
+  dataset:
+    name: {name}
+    namespace: default
+  loadMetadata: true
+  target:
+    - path: /train
+      replicas: 1
+"""
+
+# A store GET as the proxy sees it: (object key, Range header).
+Get = tuple[str, str]
+
+
+def objects() -> dict[str, bytes]:
+    """Two files (five blocks) under train/, one in val/, one at the top. Seeded: block names hash the ETag, so
+    every run places the blocks on the same owners."""
+    rng = random.Random(9)
+    return {
+        "train/a.bin": rng.randbytes(2 * MiB + 100),
+        "train/sub/b.bin": rng.randbytes(MiB + 5),
+        "val/c.bin": rng.randbytes(MiB),
+        "top.bin": rng.randbytes(1000),
+    }
+
+
+# --- what the store, the manifest and the agents say ---
+
+
+def get_of(entry: ManifestEntry, index: int) -> Get:
+    start, length = block_span(entry.size, BLOCK, index)
+    return entry.key, f"bytes={start}-{start + length - 1}"
+
+
+def blocks_under(entries: dict[str, ManifestEntry], prefix: str) -> dict[Get, BlockId]:
+    """Every block of the files whose key starts with ``prefix``, by the store GET that fetches it."""
+    return {get_of(entry, i): BlockId(entry.mount, entry.key, entry.etag, i)
+            for key, entry in entries.items() if key.startswith(prefix)
+            for i in range(block_count(entry.size, BLOCK))}
+
+
+def size_of(entry: ManifestEntry, index: int) -> int:
+    return block_span(entry.size, BLOCK, index)[1]
+
+
+def store_gets(store: HttpProxy, since: int = 0) -> list[Get]:
+    return [(call.path.split("/", 2)[2], call.range or "") for call in store.ranged_gets()[since:]]
+
+
+async def manifest(bus: Bus, name: str) -> dict[str, ManifestEntry]:
+    record = await dataset_record(bus, name)
+    assert record is not None and record.status.manifest
+    return {e.key: e for e in await (await ManifestStore.of(bus)).load(record.status.manifest)}
+
+
+async def snapshot(bus: Bus, node: str, name: str) -> dict[str, Any]:
+    """A fresh inventory snapshot of ``node``'s mount of ``name`` (asked for now: it holds every block cached)."""
+    events: list[dict[str, Any]] = []
+
+    async def collect(msg: Any) -> None:
+        event = msgspec.json.decode(msg.data)
+        if event["type"] == "agent.inventory.snapshot.v2" and event["dataset"]["name"] == name:
+            events.append(event)
+
+    subscription = await bus.nc.subscribe(subjects.agent_inventory(node), cb=collect)
+    try:
+        await bus.nc.flush()
+        await bus.publish_core(subjects.INVENTORY_REQUEST, InventoryRequest(node=node, dataset=ObjectRef(name=name)))
+
+        async def fresh() -> dict[str, Any] | None:
+            return events[-1] if events else None
+
+        return await eventually(fresh, what=f"an inventory snapshot of {node}")
+    finally:
+        await subscription.unsubscribe()
+
+
+def cached(snapshot: dict[str, Any]) -> set[tuple[str, int]]:
+    return {(key, index) for _, key, _, blocks in snapshot["files"] for index, _ in blocks}
+
+
+def pairs(blocks: dict[Get, BlockId]) -> set[tuple[str, int]]:
+    return {(block.key, block.index) for block in blocks.values()}
+
+
+# --- stacks ---
+
+
+@contextlib.asynccontextmanager
+async def loader(settings: Settings) -> AsyncIterator[None]:
+    async with running(lambda stop: loader_app.run(settings, stop)):
+        yield
+
+
+@dataclass
+class Single:
+    node: Node
+    store: HttpProxy
+    entries: dict[str, ManifestEntry]
+
+    @property
+    def mount(self) -> Path:
+        return self.node.mountpoint(NAME)
+
+
+@contextlib.asynccontextmanager
+async def single(bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path,
+                 **agent_options: Any) -> AsyncIterator[Single]:
+    """One agent (no peer secret, so no ring: the node caches every block it is given) with dataset ``NAME``
+    mounted from ``objects()`` behind the counting proxy."""
+    await put_objects(seaweedfs, bucket, objects())
+    store = HttpProxy(seaweedfs.endpoint)
+    await store.start()
+    try:
+        async with node_stack(bus, settings, seaweedfs, tmp_path, **agent_options) as node:
+            await node.apply(NAME, bucket, endpoint=store.endpoint)
+            await node.wait_mounted(NAME, expect="train/sub/b.bin")
+            yield Single(node, store, await manifest(bus, NAME))
+    finally:
+        store.release()
+        await store.stop()
+
+
+@contextlib.asynccontextmanager
+async def three(bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str,
+                tmp_path: Path) -> AsyncIterator[tuple[Cluster, HttpProxy, list[str]]]:
+    """Three agents, all cache workers with peer URLs (the ring), mounting ``CLUSTER_NAME``."""
+    await put_objects(seaweedfs, bucket, objects())
+    store = HttpProxy(seaweedfs.endpoint)
+    await store.start()
+    try:
+        async with cluster_stack(bus, settings, seaweedfs, tmp_path, UNLABELLED) as cluster:
+            await apply_cluster(bus, cluster, store, bucket, replicas=3)
+            record = await ring_is(bus, list(THREE))
+            await cluster.wait_mounted(CLUSTER_NAME, "train/sub/b.bin", timeout=60)  # three mount processes start
+            yield cluster, store, [w.node for w in record.status.workers if w.ready and w.peer_url]
+    finally:
+        store.release()
+        await store.stop()
+
+
+async def finished(bus: Bus, name: str, runs: int = 1, kind: str = "DataLoad",
+                   timeout: float = 30.0) -> OperationRecord:
+    """The operation once run ``runs`` is over, which must be Complete: a Failed run fails the test at once, with
+    the loader's message (rather than a timeout)."""
+    async def over() -> OperationRecord | None:
+        record = await operation(bus, name, kind)
+        if record is None or record.status.runs < runs or record.status.phase not in ("Complete", "Failed"):
+            return None
+        return record
+
+    record = await eventually(over, timeout, f"{kind} {name} run {runs} finished")
+    assert (record.status.phase, record.status.runs) == ("Complete", runs), record.status
+    return record
+
+
+# --- tests ---
+
+
+async def test_a_load_of_a_folder_caches_exactly_its_blocks_and_its_reads_make_no_store_get(
+        bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path) -> None:
+    async with single(bus, settings, seaweedfs, bucket, tmp_path) as stack, loader(settings):
+        await bus.publish(subjects.DATALOAD_APPLY, dataload("train", dataset=NAME,
+                                                            target=[TargetPath(path="/train")]))
+        done = await finished(bus, "train")
+
+        train = blocks_under(stack.entries, "train/")
+        assert len(train) == 5
+        assert sorted(store_gets(stack.store)) == sorted(train), "each block of the folder fetched once, no other"
+        assert cached(await snapshot(bus, NODE, NAME)) == pairs(train), "exactly the folder's blocks cached"
+        progress = done.status.progress
+        folder_bytes = stack.entries["train/a.bin"].size + stack.entries["train/sub/b.bin"].size
+        assert (progress.files_done, progress.files_total) == (2, 2)
+        assert (progress.bytes_done, progress.bytes_total, progress.bytes_skipped) == (folder_bytes,) * 2 + (0,)
+        assert [(n.node, n.bytes_done) for n in progress.nodes] == [(NODE, folder_bytes)]
+
+        # Reads of the folder's files through the mount: every block is in the cache, the store is not asked.
+        source = objects()
+        for key in ("train/a.bin", "train/sub/b.bin"):
+            assert md5(await read_file(stack.mount / key)) == md5(source[key])
+        assert len(store_gets(stack.store)) == len(train)
+        # A file outside the folder was not loaded: reading it goes to the store.
+        assert md5(await read_file(stack.mount / "val/c.bin")) == md5(source["val/c.bin"])
+        assert store_gets(stack.store, len(train)) == [get_of(stack.entries["val/c.bin"], 0)]
+
+
+async def test_three_agents_replicas_2_put_each_block_on_its_two_owners_and_a_clean_frees_a_path(
+        bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path) -> None:
+    async with three(bus, settings, seaweedfs, bucket, tmp_path) as (cluster, store, ring), loader(settings):
+        entries = await manifest(bus, CLUSTER_NAME)
+        await bus.publish(subjects.DATALOAD_APPLY, dataload("twice", dataset=CLUSTER_NAME,
+                                                            target=[TargetPath(path="/train", replicas=2)]))
+        done = await finished(bus, "twice")
+
+        train = blocks_under(entries, "train/")
+        holders = {get: owners(block.name, ring, 2) for get, block in train.items()}
+        assert len(holders) == 5 and all(len(nodes) == 2 for nodes in holders.values())
+        # A load never reads through a peer: each of a block's two holders fetches its copy from the store.
+        assert Counter(store_gets(store)) == dict.fromkeys(train, 2)
+        before: dict[str, int] = {}
+        for node in THREE:
+            inventory = await snapshot(bus, node, CLUSTER_NAME)
+            mine = {get for get, nodes in holders.items() if node in nodes}
+            assert cached(inventory) == {(train[get].key, train[get].index) for get in mine}, \
+                f"{node} holds exactly the blocks it owns (first or second)"
+            before[node] = inventory["counters"]["cachedBytes"]
+            assert before[node] == sum(size_of(entries[train[get].key], train[get].index) for get in mine)
+        folder_bytes = sum(size_of(entries[b.key], b.index) for b in train.values())
+        assert done.status.progress.bytes_done == 2 * folder_bytes
+        assert sum(n.bytes_done for n in done.status.progress.nodes) == 2 * folder_bytes
+
+        # A DataClean of one path: its blocks leave every agent that held them, nothing else does.
+        clean = DataCleanApply(data_clean=DataClean(metadata=ObjectMeta(name="drop-a"), spec=DataCleanSpec(
+            dataset=ObjectRef(name=CLUSTER_NAME), target=[TargetPath(path="/train/a.bin")])))
+        await bus.publish(subjects.DATACLEAN_APPLY, clean)
+        cleaned = await finished(bus, "drop-a", kind="DataClean")
+        gone = {get for get, block in train.items() if block.key == "train/a.bin"}
+        freed = 0
+        for node in THREE:
+            inventory = await snapshot(bus, node, CLUSTER_NAME)
+            kept = {get for get, nodes in holders.items() if node in nodes and get not in gone}
+            assert cached(inventory) == {(train[get].key, train[get].index) for get in kept}
+            dropped = sum(size_of(entries["train/a.bin"], train[get].index) for get in gone if node in holders[get])
+            assert inventory["counters"]["cachedBytes"] == before[node] - dropped, f"{node} freed a.bin's bytes"
+            freed += dropped
+        assert freed == 2 * entries["train/a.bin"].size
+        assert cleaned.status.progress.bytes_done == freed
+        assert Counter(store_gets(store)) == dict.fromkeys(train, 2), "a clean fetches nothing"
+        after = {node: before[node] - sum(size_of(entries["train/a.bin"], train[get].index)
+                                          for get in gone if node in holders[get]) for node in THREE}
+
+        # The dataset's status (what `shoal get datasets` shows) follows the agents' inventory: the freed bytes.
+        async def status_freed() -> bool:
+            record = await dataset_record(bus, CLUSTER_NAME)
+            cached_bytes = {n.node: n.cached_bytes for n in record.status.nodes} if record else {}
+            return {node: cached_bytes.get(node) for node in THREE} == after
+
+        await eventually(status_freed, what=f"the dataset's per-node cachedBytes {after}")
+
+        # What is still loaded reads through every node's mount (from the holders, over the peers) with no GET.
+        for node in THREE:
+            body = await read_file(cluster.agents[node].mountpoint(CLUSTER_NAME) / "train/sub/b.bin")
+            assert md5(body) == md5(objects()["train/sub/b.bin"]), node
+        assert Counter(store_gets(store)) == dict.fromkeys(train, 2), "the loaded blocks are read from the cache"
+
+        # More replicas than the ring has workers: the run fails saying what to change, and fetches nothing.
+        await bus.publish(subjects.DATALOAD_APPLY, dataload("too-many", dataset=CLUSTER_NAME,
+                                                            target=[TargetPath(path="/val", replicas=4)]))
+        failed = await phase_of(bus, "Failed", "too-many")
+        assert "replicas 4 is more than the 3 cache worker(s)" in failed.status.message, failed.status
+        assert Counter(store_gets(store)) == dict.fromkeys(train, 2)
+
+
+@pytest.mark.parametrize("finished_while_down", [True, False], ids=["agent-done-while-down", "agent-done-after"])
+async def test_a_loader_killed_mid_load_resumes_and_each_block_is_fetched_once(
+        bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path,
+        finished_while_down: bool) -> None:
+    """The agent's part ends while no loader runs (its progress waits in the loader's durable consumer), or after
+    the new loader republished it (same id: the stream drops the duplicate) and folds its progress live."""
+    async with single(bus, settings, seaweedfs, bucket, tmp_path, load_concurrency=2) as stack:
+        progress: list[dict[str, Any]] = []
+
+        async def collect(msg: Any) -> None:
+            progress.append(msgspec.json.decode(msg.data))
+
+        subscription = await bus.nc.subscribe(subjects.task_progress(NODE), cb=collect)
+        first = asyncio.create_task(loader_app.run(settings, asyncio.Event()))
+        try:
+            stack.store.hold()
+            await bus.publish(subjects.DATALOAD_APPLY, dataload("resumed", dataset=NAME))
+
+            async def two_held() -> bool:
+                return stack.store.waiting == 2
+
+            await eventually(two_held, what="two block GETs held (SHOAL_LOAD_CONCURRENCY=2)")
+            executing = await phase_of(bus, "Executing", "resumed")
+            assert executing.status.runs == 1
+        finally:
+            first.cancel()  # the loader dies mid-load: no clean stop, whatever it was doing is cut
+            with contextlib.suppress(asyncio.CancelledError):
+                await first
+
+        async def final() -> bool:
+            return any(p["done"] for p in progress)
+
+        if finished_while_down:
+            stack.store.release()
+            await eventually(final, what="the agent's final progress")
+        else:
+            assert not await final()
+        async with loader(settings):
+            stack.store.release()
+            done = await finished(bus, "resumed")
+        await subscription.unsubscribe()
+        assert [p["done"] for p in progress].count(True) == 1, "the part ran once"
+        everything = blocks_under(stack.entries, "")
+        assert done.status.runs == 1, "the run was resumed, not started again"
+        assert sorted(store_gets(stack.store)) == sorted(everything), "each block fetched once"
+        assert cached(await snapshot(bus, NODE, NAME)) == pairs(everything)
+        total = sum(entry.size for entry in stack.entries.values())
+        assert (done.status.progress.bytes_done, done.status.progress.files_done) == (total, len(stack.entries))
+
+
+async def test_an_on_event_load_runs_after_a_resync_and_loads_only_the_new_or_changed_objects(
+        bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path) -> None:
+    async with single(bus, settings, seaweedfs, bucket, tmp_path) as stack, loader(settings):
+        await bus.publish(subjects.DATALOAD_APPLY, dataload("follow", dataset=NAME, policy="OnEvent",
+                                                            target=[TargetPath(path="/train")]))
+        await finished(bus, "follow", runs=1)
+        first = blocks_under(stack.entries, "train/")
+        assert sorted(store_gets(stack.store)) == sorted(first)
+
+        rng = random.Random(10)
+        added = {"train/new/d.bin": rng.randbytes(2 * MiB + 7), "train/e.bin": rng.randbytes(300),
+                 "val/f.bin": rng.randbytes(MiB)}  # val/ is outside the target
+        await put_objects(seaweedfs, bucket, added)
+        await stack.node.resync(NAME)
+        second = await finished(bus, "follow", runs=2)
+
+        entries = await manifest(bus, NAME)
+        new = {get: block for get, block in blocks_under(entries, "train/").items() if get[0] in added}
+        assert len(new) == 4
+        assert sorted(store_gets(stack.store, len(first))) == sorted(new), "only the new objects' blocks fetched"
+        assert (second.status.progress.files_done, second.status.progress.files_total) == (2, 2)
+        assert cached(await snapshot(bus, NODE, NAME)) == pairs(first) | pairs(new)
+        # The new files read through the mount from the cache.
+        gets = len(store_gets(stack.store))
+        assert md5(await read_file(stack.mount / "train/new/d.bin")) == md5(added["train/new/d.bin"])
+        assert len(store_gets(stack.store)) == gets
+
+        # An object overwritten, with the mount process paused (SIGSTOP) across the resync: it gets the new manifest
+        # and the run's part at the same moment. The part waits until the mount serves the manifest it was planned
+        # on; it does not fail the new version's blocks as "object changed since the load was planned".
+        changed = {"train/e.bin": rng.randbytes(MiB + 1)}
+        await put_objects(seaweedfs, bucket, changed)
+        (pid,) = mount_pids(stack.mount)
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            await stack.node.resync(NAME)
+
+            async def published() -> bool:  # the progress with the run's totals is written once its parts are out
+                record = await operation(bus, "follow")
+                return record is not None and record.status.runs == 3 and record.status.progress.bytes_total > 0
+
+            await eventually(published, what="run 3 planned and its part published")
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        third = await finished(bus, "follow", runs=3)
+        assert (third.status.progress.files_done, third.status.progress.files_total) == (1, 1)
+        rewritten = blocks_under({"train/e.bin": (await manifest(bus, NAME))["train/e.bin"]}, "")
+        assert len(rewritten) == 2
+        assert sorted(store_gets(stack.store, gets)) == sorted(rewritten), "only the overwritten object fetched"
+
+
+async def test_the_cli_loads_lists_fails_on_a_missing_path_applies_fluid_yaml_and_cleans(
+        bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path,
+        nats_server: NatsServer) -> None:
+    async with single(bus, settings, seaweedfs, bucket, tmp_path) as stack, loader(settings):
+        result = await shoal(nats_server, "load", "dataset", NAME, "--path", "/train/sub", "--name", "sub",
+                             "--wait", wait_seconds=30)
+        assert result.exit_code == 0, result.output
+        assert "Complete" in result.stdout, result.output
+        sub = blocks_under(stack.entries, "train/sub/")
+        assert cached(await snapshot(bus, NODE, NAME)) == pairs(sub)
+        assert sorted(store_gets(stack.store)) == sorted(sub)
+
+        listed = await shoal(nats_server, "get", "dataloads")
+        assert listed.exit_code == 0, listed.output
+        header, row = listed.stdout.splitlines()
+        assert header.split() == ["NAME", "DATASET", "PHASE", "AGE", "DURATION", "PROGRESS"], listed.stdout
+        assert row.split()[:3] == ["sub", NAME, "Complete"], listed.stdout
+        assert "1/1" in row, f"the files done of the load in its PROGRESS column: {row!r}"
+
+        missing = await shoal(nats_server, "load", "dataset", NAME, "--path", "/nope", "--name", "nope", "--wait",
+                              wait_seconds=30)
+        assert missing.exit_code != 0, missing.output
+        assert "target path '/nope' is not in the manifest of dataset default/warm" in missing.output
+        record = await operation(bus, "nope")
+        assert record is not None and record.status.phase == "Failed"
+        assert len(store_gets(stack.store)) == len(sub)
+
+        # Fluid's DataLoad YAML, unchanged, with loadMetadata: the loader lists the store again first, so an object
+        # put after the mount is loaded too.
+        await put_objects(seaweedfs, bucket, {"train/fresh.bin": b"fresh" * 1000})
+        fluid = FLUID_DATALOAD.format(name=NAME)
+        applied = await shoal(nats_server, "apply", "-f", "-", "--wait", stdin=fluid, wait_seconds=30)
+        assert applied.exit_code == 0, applied.output
+        entries = await manifest(bus, NAME)
+        train = blocks_under(entries, "train/")
+        assert "train/fresh.bin" in entries and cached(await snapshot(bus, NODE, NAME)) == pairs(train)
+
+        # `shoal clean` of a folder evicts it.
+        cleaned = await shoal(nats_server, "clean", "dataset", NAME, "--path", "/train/sub", "--wait",
+                              wait_seconds=30)
+        assert cleaned.exit_code == 0, cleaned.output
+        assert cached(await snapshot(bus, NODE, NAME)) == pairs(train) - pairs(sub)
+
+
+async def test_deleting_a_dataload_cancels_the_agents_work(
+        bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path) -> None:
+    async with single(bus, settings, seaweedfs, bucket, tmp_path, load_concurrency=2) as stack, loader(settings):
+        progress: list[dict[str, Any]] = []
+
+        async def collect(msg: Any) -> None:
+            progress.append(msgspec.json.decode(msg.data))
+
+        subscription = await bus.nc.subscribe(subjects.task_progress(NODE), cb=collect)
+        stack.store.hold()
+        await bus.publish(subjects.DATALOAD_APPLY, dataload("doomed", dataset=NAME))
+
+        async def two_held() -> bool:
+            return stack.store.waiting == 2
+
+        await eventually(two_held, what="two block GETs held (SHOAL_LOAD_CONCURRENCY=2)")
+        await bus.publish(subjects.DATALOAD_DELETE, DataLoadDelete(name="doomed"))
+
+        async def cancelled() -> dict[str, Any] | None:
+            return next((p for p in progress if p["done"]), None)
+
+        final = await eventually(cancelled, what="the part's final progress")
+        assert (final["message"], final["blocksDone"]) == ("cancelled", 0), final
+        assert await operation(bus, "doomed") is None
+        stack.store.release()
+        await subscription.unsubscribe()
+
+        # Once a later load is done, the cancelled part has certainly stopped: only its first two blocks (in plan
+        # order: top.bin, then train/a.bin's first) reached the store, besides the later load's own.
+        await bus.publish(subjects.DATALOAD_APPLY, dataload("later", dataset=NAME, target=[TargetPath(path="/val")]))
+        await finished(bus, "later")
+        entries = stack.entries
+        expected = [get_of(entries["top.bin"], 0), get_of(entries["train/a.bin"], 0), get_of(entries["val/c.bin"], 0)]
+        assert sorted(store_gets(stack.store)) == sorted(expected)
+
+
+async def test_a_cron_load_runs_on_schedule_and_its_next_run_skips_what_is_cached(
+        bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path) -> None:
+    """The loader's clock is moved past each firing (cron's finest schedule is a minute); the agents' is not."""
+    offset = [0.0]
+
+    def clock() -> float:
+        return time.time() + offset[0]
+
+    async with single(bus, settings, seaweedfs, bucket, tmp_path) as stack, running(
+            lambda stop: loader_app.run(settings, stop, clock=clock)):
+        await bus.publish(subjects.DATALOAD_APPLY, dataload("nightly", dataset=NAME, policy="Cron",
+                                                            schedule="* * * * *", target=[TargetPath(path="/train")]))
+        pending = await phase_of(bus, "Pending", "nightly")
+        assert pending.status.runs == 0 and store_gets(stack.store) == []
+        offset[0] += 60  # past the next firing
+        first = await finished(bus, "nightly", runs=1)
+        train = blocks_under(stack.entries, "train/")
+        assert sorted(store_gets(stack.store)) == sorted(train)
+        folder_bytes = stack.entries["train/a.bin"].size + stack.entries["train/sub/b.bin"].size
+        assert first.status.progress.bytes_skipped == 0
+
+        offset[0] += 60
+        second = await finished(bus, "nightly", runs=2)
+        assert second.status.progress.bytes_skipped == second.status.progress.bytes_done == folder_bytes
+        assert sorted(store_gets(stack.store)) == sorted(train), "the second run fetched nothing: all was cached"
+
+
+async def test_a_mount_process_killed_mid_load_is_restarted_and_the_load_completes(
+        bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path) -> None:
+    """SIGKILL cuts the two GETs in flight: those two blocks are fetched again by the restarted process (it gets the
+    part back after the ack wait), every other block once; the loader folds the second delivery's progress."""
+    async with single(bus, settings, seaweedfs, bucket, tmp_path, load_concurrency=2) as stack, loader(settings):
+        stack.store.hold()
+        await bus.publish(subjects.DATALOAD_APPLY, dataload("survivor", dataset=NAME))
+
+        async def two_held() -> bool:
+            return stack.store.waiting == 2
+
+        await eventually(two_held, what="two block GETs held (SHOAL_LOAD_CONCURRENCY=2)")
+        cut = store_gets(stack.store)
+        (pid,) = mount_pids(stack.mount)
+        os.kill(pid, signal.SIGKILL)
+        stack.store.release()
+        done = await finished(bus, "survivor", timeout=45)  # the restart and the 5 s ack wait come first
+        assert mount_pids(stack.mount) != [pid]
+        everything = blocks_under(stack.entries, "")
+        assert Counter(store_gets(stack.store)) == {get: 2 if get in cut else 1 for get in everything}
+        assert cached(await snapshot(bus, NODE, NAME)) == pairs(everything)
+        total = sum(entry.size for entry in stack.entries.values())
+        assert (done.status.progress.bytes_done, done.status.progress.files_done) == (total, len(stack.entries))
