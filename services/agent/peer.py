@@ -32,14 +32,15 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import ipaddress
 import json
+import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import Any
-from urllib.parse import urlencode
+from typing import Any, cast
+from urllib.parse import quote, urlencode, urlsplit
 
-import aiohttp
 from aiohttp import web
 
 from libs.blocks import BlockId, checksum
@@ -103,6 +104,15 @@ PEER_COOLDOWN_SECONDS = 1.0
 MAX_PEER_COOLDOWN_SECONDS = 8.0
 # Error bodies and preamble lines are tiny; never read more of them than this.
 MAX_REASON_BYTES = 4096
+# Client: an answer's status line and headers (aiohttp sends a few hundred bytes), and a chunk-size line.
+MAX_HEADER_BYTES = 16 * 1024
+MAX_CHUNK_LINE = 1024
+# Client: what one read for status, headers and chunk sizes asks the socket for (the block is read into its own
+# buffer, not through this).
+FILL_BYTES = 64 * 1024
+# Client: a kept-alive connection idle longer than this is closed rather than reused. Well under aiohttp's
+# server keep-alive (75 s), so the peer rarely closes one we are about to use (that case is retried once).
+IDLE_SECONDS = 15.0
 
 
 class PeerError(Exception):
@@ -352,7 +362,14 @@ def _retrieve(future: asyncio.Future[Any]) -> None:
 
 
 class PeerClient:
-    """Fetches whole blocks from peers, believing only signed, checksummed answers of the right length."""
+    """Fetches whole blocks from peers, believing only signed, checksummed answers of the right length.
+
+    Its HTTP/1.1 is its own (``_Connection``, ``_Body``) rather than aiohttp's: the block is received straight
+    into the buffer that is returned (``recv_into``, one copy from the kernel), where aiohttp's client copied each
+    block three times (its socket reads, its body parser, joining the pieces) and the reading mount process, one
+    event loop that also answers FUSE, spent more CPU on that than on anything else. Idle connections are kept per
+    peer and reused. The wire format is the same (any HTTP/1.1 answer: chunked, with a length, or until close).
+    """
 
     def __init__(self, key: bytes, namespace: str, name: str, *, clock: Callable[[], float] = time.time,
                  monotonic: Callable[[], float] = time.monotonic, max_requests: int = MAX_CLIENT_REQUESTS,
@@ -366,24 +383,22 @@ class PeerClient:
         self.monotonic = monotonic
         self.cooldown = cooldown
         self.max_cooldown = max_cooldown
-        self.timeout = aiohttp.ClientTimeout(total=total_timeout, connect=connect_timeout,
-                                             sock_connect=connect_timeout, sock_read=read_timeout)
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self.total_timeout = total_timeout
         self.max_requests = max_requests
         self._slots = asyncio.Semaphore(max_requests)
         self._down: dict[str, tuple[float, str]] = {}
         self._strikes: dict[str, int] = {}  # failed skips in a row per peer
-        self._session: aiohttp.ClientSession | None = None
-
-    def _client(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            connector = aiohttp.TCPConnector(limit=self.max_requests, enable_cleanup_closed=True)
-            self._session = aiohttp.ClientSession(connector=connector, timeout=self.timeout, auto_decompress=False)
-        return self._session
+        self._idle: dict[str, list[_Connection]] = {}  # kept-alive connections per peer URL, newest last
+        self._closed = False
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        self._closed = True
+        for connections in self._idle.values():
+            for connection in connections:
+                connection.close()
+        self._idle.clear()
 
     def down(self, url: str) -> str | None:
         """Why ``url`` is being skipped for the moment, or None."""
@@ -396,13 +411,13 @@ class PeerClient:
         if skipped is not None:
             raise PeerError(f"peer {url} skipped for a moment: {skipped}")
         try:
-            async with self._slots:
+            async with self._slots, asyncio.timeout(self.total_timeout):
                 data = await self._get(url, block, length, block_size)
         except PeerError as err:
             if err.cooldown:
                 self._mark_down(url, str(err))
             raise
-        except (aiohttp.ClientError, OSError, asyncio.IncompleteReadError, TimeoutError, ValueError) as err:
+        except (OSError, asyncio.IncompleteReadError, TimeoutError, ValueError) as err:
             reason = f"peer {url}: {type(err).__name__}: {err}".rstrip(": ")
             self._mark_down(url, reason)
             raise PeerError(reason) from None
@@ -424,33 +439,324 @@ class PeerClient:
         query = block_query(block, block_size)
         expires = int(self.clock()) + REQUEST_TTL_SECONDS
         signature = sign_request(self.key, "GET", path, query, expires)
-        headers = {HEADER_EXPIRES: str(expires), HEADER_SIGNATURE: signature}
-        async with self._client().get(url.rstrip("/") + path, params=query, headers=headers) as response:
-            if response.status != 200:
-                raise _refused(url, response.status, await response.content.read(MAX_REASON_BYTES))
-            while True:
-                line = await response.content.readline()
-                if not line:
-                    raise PeerError(f"peer {url}: answer ended before the block")
-                if line != b"\n":
-                    break
-            words = line.decode("ascii", "replace").split()
-            if words[:1] == ["ERR"]:
-                raise PeerError(f"peer {url} could not get the block: {' '.join(words[1:])[:200]}",
-                                cooldown=False)
-            if len(words) != 4 or words[0] != "OK":
-                raise PeerError(f"peer {url}: malformed answer")
-            told_length, told_checksum, proof = int(words[1]), int(words[2], 16), words[3]
-            if not hmac.compare_digest(sign_response(self.key, signature, told_checksum, told_length), proof):
-                raise PeerError(f"peer {url}: bad response signature")
-            if told_length != length:  # before reading: a lying length must not make us allocate
-                raise PeerError(f"peer {url}: answered {told_length} bytes, the block has {length}")
-            data = await response.content.readexactly(length)
-            if await response.content.read(1):
-                raise PeerError(f"peer {url}: bytes after the block")
-        if checksum(data) != told_checksum:
-            raise PeerError(f"peer {url}: block checksum mismatch")
+        host, port = _host_port(url)
+        request = (f"GET {path}?{urlencode(query, quote_via=quote)} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+                   f"{HEADER_EXPIRES}: {expires}\r\n{HEADER_SIGNATURE}: {signature}\r\n\r\n").encode()
+        connection = self._reuse(url)
+        if connection is not None:
+            try:
+                return await self._exchange(url, connection, request, signature, length)
+            except (OSError, asyncio.IncompleteReadError) as err:
+                # A kept-alive connection the peer closed meanwhile (idle timeout, restart) fails before a byte
+                # of the answer: ask again on a new one. Anything later is the peer's answer failing.
+                if connection.received:
+                    raise
+                log.debug("kept-alive peer connection closed, asking on a new one", peer=url, reason=str(err))
+        connection = await _Connection.open(host, port, self.connect_timeout, self.read_timeout)
+        return await self._exchange(url, connection, request, signature, length)
+
+    def _reuse(self, url: str) -> _Connection | None:
+        connections = self._idle.get(url)
+        now = self.monotonic()
+        while connections:
+            connection = connections.pop()
+            if now - connection.idle_since < IDLE_SECONDS:
+                return connection
+            connection.close()
+        return None
+
+    def _keep(self, url: str, connection: _Connection) -> None:
+        connections = self._idle.setdefault(url, [])
+        if self._closed or len(connections) >= self.max_requests:
+            connection.close()
+            return
+        connection.idle_since = self.monotonic()
+        connections.append(connection)
+
+    async def _exchange(self, url: str, connection: _Connection, request: bytes, signature: str,
+                        length: int) -> bytes:
+        """One request and its answer on ``connection``, which goes back to the idle ones if it can be reused."""
+        try:
+            await connection.send(request)
+            status, body = await connection.response()
+            if status != 200:
+                raise _refused(url, status, await body.read_up_to(MAX_REASON_BYTES))
+            data = await self._block(url, body, signature, length)
+        except BaseException:
+            connection.close()
+            raise
+        if body.reusable:
+            self._keep(url, connection)
+        else:
+            connection.close()
         return data
+
+    async def _block(self, url: str, body: _Body, signature: str, length: int) -> bytes:
+        while True:
+            line = await body.readline(MAX_REASON_BYTES)
+            if not line:
+                raise PeerError(f"peer {url}: answer ended before the block")
+            if line != b"\n":
+                break
+        if not line.endswith(b"\n"):
+            raise PeerError(f"peer {url}: malformed answer")
+        words = line.decode("ascii", "replace").split()
+        if words[:1] == ["ERR"]:
+            raise PeerError(f"peer {url} could not get the block: {' '.join(words[1:])[:200]}", cooldown=False)
+        if len(words) != 4 or words[0] != "OK":
+            raise PeerError(f"peer {url}: malformed answer")
+        told_length, told_checksum, proof = int(words[1]), int(words[2], 16), words[3]
+        if not hmac.compare_digest(sign_response(self.key, signature, told_checksum, told_length), proof):
+            raise PeerError(f"peer {url}: bad response signature")
+        if told_length != length:  # before reading: a lying length must not make us allocate
+            raise PeerError(f"peer {url}: answered {told_length} bytes, the block has {length}")
+        data = bytearray(length)
+        view = memoryview(data)
+        got = 0
+        while got < length:
+            n = await body.readinto(view[got:])
+            if not n:
+                raise PeerError(f"peer {url}: answer cut short ({got} of {length} bytes)")
+            got += n
+        if await body.read_up_to(1):
+            raise PeerError(f"peer {url}: bytes after the block")
+        if checksum(view) != told_checksum:
+            raise PeerError(f"peer {url}: block checksum mismatch")
+        view.release()
+        # Typed as bytes for the reader: nothing writes to it from here on, and bytes(data) would copy the block.
+        return cast(bytes, data)
+
+
+def _host_port(url: str) -> tuple[str, int]:
+    parts = urlsplit(url)
+    if parts.scheme != "http" or not parts.hostname:
+        raise ValueError(f"not a peer URL (http://host:port): {url}")
+    return parts.hostname, parts.port or 80
+
+
+class _Connection:
+    """One kept-alive HTTP/1.1 connection to a peer: a non-blocking socket read with the loop's ``sock_*`` calls,
+    ``read_timeout`` at most for each wait (a byte at least that often), the bytes read ahead in ``buffer``."""
+
+    def __init__(self, sock: socket.socket, read_timeout: float) -> None:
+        self.sock = sock
+        self.read_timeout = read_timeout
+        self.buffer = bytearray()
+        self.received = False  # any byte of an answer arrived on it
+        self.idle_since = 0.0
+        self._loop = asyncio.get_running_loop()
+
+    @classmethod
+    async def open(cls, host: str, port: int, connect_timeout: float, read_timeout: float) -> _Connection:
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(connect_timeout):
+            try:
+                ipaddress.ip_address(host)
+                family, address = (socket.AF_INET6 if ":" in host else socket.AF_INET), (host, port)
+            except ValueError:  # a name: resolved now; kept-alive connections make this rare
+                infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+                if not infos:
+                    raise OSError(f"cannot resolve {host}") from None
+                family, address = infos[0][0], (str(infos[0][4][0]), int(infos[0][4][1]))
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            try:
+                sock.setblocking(False)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                await loop.sock_connect(sock, address)
+            except BaseException:
+                sock.close()
+                raise
+        return cls(sock, read_timeout)
+
+    def close(self) -> None:
+        self.sock.close()
+
+    async def send(self, data: bytes) -> None:
+        self.received = False
+        async with asyncio.timeout(self.read_timeout):
+            await self._loop.sock_sendall(self.sock, data)
+
+    async def _recv_into(self, view: memoryview) -> int:
+        try:
+            n = self.sock.recv_into(view)
+        except (BlockingIOError, InterruptedError):
+            async with asyncio.timeout(self.read_timeout):
+                n = await self._loop.sock_recv_into(self.sock, view)
+        if n:
+            self.received = True
+        return n
+
+    async def _fill(self) -> int:
+        """Read what has arrived (up to ``FILL_BYTES``) onto ``buffer``; 0 at the end of the stream. For status,
+        headers and chunk sizes: the block itself goes through ``readinto``."""
+        try:
+            data = self.sock.recv(FILL_BYTES)
+        except (BlockingIOError, InterruptedError):
+            async with asyncio.timeout(self.read_timeout):
+                data = await self._loop.sock_recv(self.sock, FILL_BYTES)
+        if data:
+            self.received = True
+            self.buffer += data
+        return len(data)
+
+    async def readline(self, limit: int) -> bytes:
+        """One line with its ``\\n``; ValueError past ``limit`` bytes, IncompleteReadError at the end."""
+        searched = 0
+        while (end := self.buffer.find(b"\n", searched)) < 0:
+            if len(self.buffer) > limit:
+                raise ValueError("line too long in the peer's answer")
+            searched = len(self.buffer)
+            if not await self._fill():
+                raise asyncio.IncompleteReadError(bytes(self.buffer), None)
+        line = bytes(self.buffer[:end + 1])
+        del self.buffer[:end + 1]
+        return line
+
+    async def read_some(self, limit: int) -> bytes:
+        """Up to ``limit`` bytes (at least one), b"" at the end of the stream."""
+        if not self.buffer and not await self._fill():
+            return b""
+        piece = bytes(self.buffer[:limit])
+        del self.buffer[:limit]
+        return piece
+
+    async def readinto(self, view: memoryview) -> int:
+        """Bytes into ``view``: what was read ahead, else straight from the socket (the block's path)."""
+        if self.buffer:
+            n = min(len(self.buffer), len(view))
+            view[:n] = self.buffer[:n]
+            del self.buffer[:n]
+            return n
+        return await self._recv_into(view)
+
+    async def response(self) -> tuple[int, _Body]:
+        """The status and the body of the answer to the request just sent."""
+        status_line = await self.readline(MAX_HEADER_BYTES)
+        parts = status_line.split(None, 2)
+        if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
+            raise ValueError("not an HTTP/1.x answer")
+        status, keep_alive = int(parts[1]), parts[0] == b"HTTP/1.1"
+        length: int | None = None
+        chunked = False
+        size = len(status_line)
+        while (line := await self.readline(MAX_HEADER_BYTES)) not in (b"\r\n", b"\n"):
+            size += len(line)
+            if size > MAX_HEADER_BYTES:
+                raise ValueError("answer headers too long")
+            name, _, value = line.decode("latin-1").partition(":")
+            name, value = name.strip().lower(), value.strip().lower()
+            if name == "content-length":
+                length = int(value)
+                if length < 0:
+                    raise ValueError("negative Content-Length")
+            elif name == "transfer-encoding":
+                chunked = value.endswith("chunked")
+            elif name == "connection" and "close" in value:
+                keep_alive = False
+        return status, _Body(self, None if chunked else length, chunked, keep_alive)
+
+
+class _Body:
+    """The body of one answer, unframed: chunked, with a Content-Length, or until the connection closes."""
+
+    def __init__(self, connection: _Connection, length: int | None, chunked: bool, keep_alive: bool) -> None:
+        self.connection = connection
+        self.left = length  # bytes left with a Content-Length
+        self.chunked = chunked
+        self.keep_alive = keep_alive and (chunked or length is not None)
+        self.chunk_left = 0
+        self.started = False
+        self.done = length == 0 and not chunked
+        self.pending = bytearray()  # body bytes read ahead by readline
+
+    @property
+    def reusable(self) -> bool:
+        """The whole answer was read and the connection may carry another request."""
+        return self.done and self.keep_alive and not self.pending and not self.connection.buffer
+
+    async def _available(self) -> int:
+        """Body bytes readable now without crossing a frame boundary; 0 at the end of the body."""
+        if self.done:
+            return 0
+        if self.chunked:
+            if self.chunk_left == 0:
+                if self.started and await self.connection.readline(2) not in (b"\r\n", b"\n"):
+                    raise ValueError("bad chunk framing in the peer's answer")
+                self.started = True
+                size_line = await self.connection.readline(MAX_CHUNK_LINE)
+                size = int(size_line.split(b";", 1)[0].strip(), 16)
+                if size < 0:
+                    raise ValueError("bad chunk size in the peer's answer")
+                if size == 0:
+                    while await self.connection.readline(MAX_HEADER_BYTES) not in (b"\r\n", b"\n"):
+                        pass  # trailers
+                    self.done = True
+                    return 0
+                self.chunk_left = size
+            return self.chunk_left
+        return self.left if self.left is not None else 1 << 62
+
+    def _consumed(self, n: int) -> None:
+        if self.chunked:
+            self.chunk_left -= n
+        elif self.left is not None:
+            self.left -= n
+            self.done = self.left == 0
+
+    def _ended(self) -> int:
+        if self.chunked or self.left is not None:  # framed, yet the connection closed: cut short
+            raise asyncio.IncompleteReadError(b"", None)
+        self.done = True
+        return 0
+
+    async def readinto(self, view: memoryview) -> int:
+        if self.pending:
+            n = min(len(self.pending), len(view))
+            view[:n] = self.pending[:n]
+            del self.pending[:n]
+            return n
+        available = await self._available()
+        if not available:
+            return 0
+        n = await self.connection.readinto(view[:available])
+        if not n:
+            return self._ended()
+        self._consumed(n)
+        return n
+
+    async def _read_some(self, limit: int) -> bytes:
+        available = await self._available()
+        if not available:
+            return b""
+        piece = await self.connection.read_some(min(available, limit))
+        if not piece:
+            self._ended()
+            return b""
+        self._consumed(len(piece))
+        return piece
+
+    async def readline(self, limit: int) -> bytes:
+        """One line of the body with its ``\\n`` (what is left, at the end); ValueError past ``limit`` bytes."""
+        while (end := self.pending.find(b"\n")) < 0:
+            if len(self.pending) > limit:
+                raise ValueError("line too long in the peer's answer")
+            piece = await self._read_some(FILL_BYTES)
+            if not piece:
+                line = bytes(self.pending)
+                self.pending.clear()
+                return line
+            self.pending += piece
+        line = bytes(self.pending[:end + 1])
+        del self.pending[:end + 1]
+        return line
+
+    async def read_up_to(self, limit: int) -> bytes:
+        """At most ``limit`` bytes of what is left of the body (all of it, if shorter)."""
+        out = bytearray(self.pending[:limit])
+        del self.pending[:limit]
+        while len(out) < limit and (piece := await self._read_some(limit - len(out))):
+            out += piece
+        return bytes(out)
 
 
 def _refused(url: str, status: int, body: bytes) -> PeerError:

@@ -1,0 +1,177 @@
+"""The peer client's own HTTP/1.1 (``PeerClient`` reads answers itself, straight into the block's buffer).
+
+A scripted peer on loopback (``ScriptedPeer``: a bare asyncio server answering with bytes a test writes, signed
+with the runtime key like a real peer) sends the same v1 answer framed every way HTTP/1.1 allows — odd chunk
+boundaries, a Content-Length, until the connection closes — and malformed or lying variants: the block is read
+whole from the first, and every one of the others is a ``PeerError``, never bytes. Then connection reuse: kept
+alive between requests, and a kept-alive connection the peer closed meanwhile is replaced without failing the read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+
+from libs.blocks import BlockId, checksum
+from libs.embedded import LOOPBACK
+from services.agent.peer import PeerClient, PeerError, runtime_key, sign_response
+
+KEY = runtime_key(b"cluster secret", "default", "demo")
+LENGTH = 300_000  # several socket reads, and more than one read-ahead of headers
+BODY = os.urandom(LENGTH)
+BLOCK = BlockId(0, "k", "e", 0)
+
+Script = Callable[[str], bytes]  # the request's signature -> the whole HTTP answer
+
+
+def preamble(signature: str, data: bytes = BODY, length: int | None = None) -> bytes:
+    told = len(data) if length is None else length
+    return f"OK {told} {checksum(data):016x} {sign_response(KEY, signature, checksum(data), told)}\n".encode()
+
+
+def chunked(*pieces: bytes) -> bytes:
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: application/vnd.shoal.peer-block.v1\r\nTransfer-Encoding: chunked\r\n\r\n"
+    return head + b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces) + b"0\r\n\r\n"
+
+
+def with_length(body: bytes, status: str = "200 OK") -> bytes:
+    return f"HTTP/1.1 {status}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
+
+
+class ScriptedPeer:
+    """Answers each request with ``script(signature)``; closes after each answer if ``close_after``."""
+
+    def __init__(self, script: Script, close_after: bool = False) -> None:
+        self.script = script
+        self.close_after = close_after
+        self.connections = 0
+        self.requests = 0
+        self._server: asyncio.Server | None = None
+        self._writers: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> str:
+        self._server = await asyncio.start_server(self._serve, LOOPBACK, 0)
+        return f"http://{LOOPBACK}:{self._server.sockets[0].getsockname()[1]}"
+
+    async def stop(self) -> None:
+        for writer in self._writers:
+            writer.close()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self._writers.append(writer)
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                self.requests += 1
+                signature = next(line.split(b":", 1)[1].strip().decode() for line in head.split(b"\r\n")
+                                 if line.lower().startswith(b"shoal-peer-signature:"))
+                writer.write(self.script(signature))
+                await writer.drain()
+                if self.close_after:
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+Make = Callable[..., Awaitable[tuple[ScriptedPeer, str]]]
+
+
+@pytest.fixture
+async def scripted() -> AsyncIterator[Make]:
+    peers: list[ScriptedPeer] = []
+
+    async def make(script: Script, close_after: bool = False) -> tuple[ScriptedPeer, str]:
+        peer = ScriptedPeer(script, close_after)
+        peers.append(peer)
+        return peer, await peer.start()
+
+    try:
+        yield make
+    finally:
+        for peer in peers:
+            await peer.stop()
+
+
+async def fetch(url: str, times: int = 1) -> list[bytes]:
+    client = PeerClient(KEY, "default", "demo", read_timeout=2.0)
+    try:
+        return [await client.get_block(url, BLOCK, LENGTH, LENGTH) for _ in range(times)]
+    finally:
+        await client.close()
+
+
+GOOD: dict[str, Script] = {
+    "one chunk each": lambda s: chunked(b"\n", b"\n", preamble(s), BODY),
+    "odd chunk boundaries": lambda s: chunked(b"\n" + preamble(s)[:5], preamble(s)[5:] + BODY[:7], BODY[7:100_001],
+                                              BODY[100_001:]),
+    "preamble and block in one chunk": lambda s: chunked(preamble(s) + BODY),
+    "content-length": lambda s: with_length(b"\n" + preamble(s) + BODY),
+    "until close": lambda s: b"HTTP/1.0 200 OK\r\n\r\n" + preamble(s) + BODY,
+}
+
+
+@pytest.mark.parametrize("framing", GOOD)
+async def test_a_block_is_read_whole_however_the_answer_is_framed(scripted: Make, framing: str) -> None:
+    _, url = await scripted(GOOD[framing], close_after=framing == "until close")
+    assert await fetch(url, times=2) == [BODY, BODY]
+
+
+def flipped(s: str) -> bytes:
+    spoiled = bytearray(BODY)
+    spoiled[1234] ^= 1
+    return chunked(preamble(s), bytes(spoiled))
+
+
+BAD: dict[str, tuple[Script, str]] = {
+    "flipped byte": (flipped, "checksum"),
+    "bytes after the block (length)": (lambda s: with_length(preamble(s) + BODY + b"x"), "bytes after the block"),
+    "bytes after the block (chunk)": (lambda s: chunked(preamble(s), BODY, b"x"), "bytes after the block"),
+    "short block, then the end": (lambda s: chunked(preamble(s), BODY[:-1]), "cut short"),
+    "bad chunk size": (lambda s: chunked(preamble(s))[:-5] + b"zz\r\n" + BODY, "ValueError"),
+    "chunk longer than sent": (lambda s: chunked(preamble(s))[:-5] + b"%x\r\n" % (LENGTH + 10) + BODY,
+                               "IncompleteReadError|cut short"),
+    "bad signature": (lambda s: chunked(preamble(s).rsplit(b" ", 1)[0] + b" " + b"0" * 64 + b"\n", BODY),
+                      "bad response signature"),
+    "signed for another request": (lambda s: chunked(preamble("0" * 64), BODY), "bad response signature"),
+    "other length": (lambda s: chunked(preamble(s, BODY + b"x"), BODY + b"x"), "answered"),
+    "not HTTP": (lambda s: b"SSH-2.0-OpenSSH\r\n\r\n", "not an HTTP"),
+    "headers never end": (lambda s: b"HTTP/1.1 200 OK\r\n" + b"X: y\r\n" * 5000, "too long"),
+    "refused": (lambda s: with_length(b'{"reason": "bad signature"}', "403 Forbidden"), "403.*bad signature"),
+}
+
+
+@pytest.mark.parametrize("case", BAD)
+async def test_a_malformed_or_lying_answer_is_a_peer_error_never_bytes(scripted: Make, case: str) -> None:
+    script, match = BAD[case]
+    _, url = await scripted(script, close_after=True)
+    with pytest.raises(PeerError, match=match):
+        await fetch(url)
+
+
+async def test_a_connection_is_kept_alive_between_requests(scripted: Make) -> None:
+    peer, url = await scripted(GOOD["one chunk each"])
+    assert await fetch(url, times=3) == [BODY] * 3
+    assert (peer.connections, peer.requests) == (1, 3)
+
+
+async def test_a_kept_alive_connection_the_peer_closed_is_replaced(scripted: Make) -> None:
+    # The peer closes each connection after its answer without saying so (an idle timeout, a restart): the next
+    # request finds it closed before any byte of an answer and is asked again on a new connection.
+    peer, url = await scripted(GOOD["content-length"], close_after=True)
+    client = PeerClient(KEY, "default", "demo", read_timeout=2.0)
+    try:
+        for _ in range(3):
+            assert await client.get_block(url, BLOCK, LENGTH, LENGTH) == BODY
+        assert client.down(url) is None
+    finally:
+        await client.close()
+    assert peer.connections == 3 and peer.requests == 3
