@@ -5,6 +5,8 @@ with the runtime key like a real peer) sends the same v1 answer framed every way
 boundaries, a Content-Length, until the connection closes — and malformed or lying variants: the block is read
 whole from the first, and every one of the others is a ``PeerError``, never bytes. Then connection reuse: kept
 alive between requests, and a kept-alive connection the peer closed meanwhile is replaced without failing the read.
+Last, the server's side: a block in a disk tier goes out from its file (``sendfile``, not read by the owner), a
+file corrupt on the owner is refused by the reader, and a garbled one is dropped and the block sent from its source.
 """
 
 from __future__ import annotations
@@ -12,12 +14,15 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 import pytest
 
 from libs.blocks import BlockId, checksum
 from libs.embedded import LOOPBACK
-from services.agent.peer import PeerClient, PeerError, runtime_key, sign_response
+from libs.events.dataset import ManifestEntry
+from services.agent.cache import BlockCache, DiskTier
+from services.agent.peer import PeerClient, PeerError, PeerServer, chunk_table, runtime_key, sign_response
 
 KEY = runtime_key(b"cluster secret", "default", "demo")
 LENGTH = 300_000  # several socket reads, and more than one read-ahead of headers
@@ -27,9 +32,23 @@ BLOCK = BlockId(0, "k", "e", 0)
 Script = Callable[[str], bytes]  # the request's signature -> the whole HTTP answer
 
 
-def preamble(signature: str, data: bytes = BODY, length: int | None = None) -> bytes:
-    told = len(data) if length is None else length
-    return f"OK {told} {checksum(data):016x} {sign_response(KEY, signature, checksum(data), told)}\n".encode()
+CHUNK = 64 * 1024
+
+
+def preamble(signature: str, data: bytes = BODY, chunk: int = CHUNK, proof: str | None = None,
+             table: bytes | None = None) -> bytes:
+    """The v2 preamble and the chunk table: what comes before the block's bytes."""
+    table = chunk_table(data, chunk) if table is None else table
+    proof = sign_response(KEY, signature, checksum(table), len(data), chunk) if proof is None else proof
+    return f"OK {len(data)} {chunk} {checksum(table):016x} {proof}\n".encode() + table
+
+
+def spoiled_table(signature: str) -> bytes:
+    table = bytearray(chunk_table(BODY, CHUNK))
+    table[3] ^= 1
+    told = checksum(chunk_table(BODY, CHUNK))  # the digest and signature of the right table
+    proof = sign_response(KEY, signature, told, LENGTH, CHUNK)
+    return chunked(f"OK {LENGTH} {CHUNK} {told:016x} {proof}\n".encode() + bytes(table), BODY)
 
 
 def chunked(*pieces: bytes) -> bytes:
@@ -139,8 +158,9 @@ BAD: dict[str, tuple[Script, str]] = {
     "bad chunk size": (lambda s: chunked(preamble(s))[:-5] + b"zz\r\n" + BODY, "ValueError"),
     "chunk longer than sent": (lambda s: chunked(preamble(s))[:-5] + b"%x\r\n" % (LENGTH + 10) + BODY,
                                "IncompleteReadError|cut short"),
-    "bad signature": (lambda s: chunked(preamble(s).rsplit(b" ", 1)[0] + b" " + b"0" * 64 + b"\n", BODY),
-                      "bad response signature"),
+    "bad signature": (lambda s: chunked(preamble(s, proof="0" * 64), BODY), "bad response signature"),
+    "spoiled chunk table": (spoiled_table, "chunk table checksum"),
+    "tiny chunks": (lambda s: chunked(preamble(s, chunk=16), BODY), "chunks of 16 bytes"),
     "signed for another request": (lambda s: chunked(preamble("0" * 64), BODY), "bad response signature"),
     "other length": (lambda s: chunked(preamble(s, BODY + b"x"), BODY + b"x"), "answered"),
     "not HTTP": (lambda s: b"SSH-2.0-OpenSSH\r\n\r\n", "not an HTTP"),
@@ -175,3 +195,66 @@ async def test_a_kept_alive_connection_the_peer_closed_is_replaced(scripted: Mak
     finally:
         await client.close()
     assert peer.connections == 3 and peer.requests == 3
+
+
+# --- the server's side: cached blocks go out from their files ---
+
+
+@pytest.fixture
+async def file_peer(tmp_path: Path) -> AsyncIterator[tuple[PeerServer, BlockCache, list[int], str]]:
+    """A real peer server over a disk-tier cache holding block 0 of ``BODY``; ``source`` calls are recorded."""
+    entry = ManifestEntry(path="/k", mount=0, key="k", size=LENGTH, etag="e", mtime=0.0)
+    cache = BlockCache([DiskTier(tmp_path / "cache", 16 * LENGTH)])
+    cache.load()
+    assert await cache.put_async(BLOCK, BODY)
+    calls: list[int] = []
+
+    async def source(_: ManifestEntry, index: int) -> bytes:
+        calls.append(index)
+        return BODY
+
+    server = PeerServer(KEY, "default", "demo", LENGTH, lambda mount, key: entry if key == "k" else None, source,
+                        open_file=lambda _, index: cache.open_block(BlockId(0, "k", "e", index)))
+    await server.start(LOOPBACK, 0)
+    try:
+        yield server, cache, calls, f"http://{LOOPBACK}:{server.port}"
+    finally:
+        await server.stop()
+
+
+def block_file(cache: BlockCache) -> Path:
+    tier = cache.tiers[0]
+    assert isinstance(tier, DiskTier)
+    return Path(tier.path_of(BLOCK.name))
+
+
+async def test_a_cached_block_goes_out_from_its_file(
+        file_peer: tuple[PeerServer, BlockCache, list[int], str]) -> None:
+    server, _, calls, url = file_peer
+    assert await fetch(url, times=2) == [BODY, BODY]
+    assert calls == [] and server.served_bytes == 2 * LENGTH
+
+
+async def test_a_block_file_corrupt_on_the_owner_is_never_believed(
+        file_peer: tuple[PeerServer, BlockCache, list[int], str]) -> None:
+    # The owner sends its file without reading it: the reader checks every chunk against the table.
+    _, cache, _, url = file_peer
+    path = block_file(cache)
+    with path.open("r+b") as file:
+        file.seek(-100_000, os.SEEK_END)  # in the data, before the block id at the end
+        byte = file.read(1)
+        file.seek(-1, os.SEEK_CUR)
+        file.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(PeerError, match="block checksum mismatch"):
+        await fetch(url)
+
+
+async def test_a_garbled_block_file_is_dropped_and_the_block_sent_from_its_source(
+        file_peer: tuple[PeerServer, BlockCache, list[int], str]) -> None:
+    _, cache, calls, url = file_peer
+    path = block_file(cache)
+    with path.open("r+b") as file:
+        file.seek(40)  # in the chunk table, whose digest is in the header
+        file.write(b"\xff\xff")
+    assert await fetch(url) == [BODY]
+    assert calls == [0] and not path.exists() and not cache.contains(BLOCK)
