@@ -141,7 +141,9 @@ GOOD: dict[str, Script] = {
 @pytest.mark.parametrize("framing", GOOD)
 async def test_a_block_is_read_whole_however_the_answer_is_framed(scripted: Make, framing: str) -> None:
     _, url = await scripted(GOOD[framing], close_after=framing == "until close")
-    assert await fetch(url, times=2) == [BODY, BODY]
+    blocks = await fetch(url, times=2)
+    assert blocks == [BODY, BODY]
+    assert all(type(b) is bytes for b in blocks) and blocks[0] is not blocks[1], "immutable, one object per block"
 
 
 def flipped(s: str) -> bytes:
