@@ -364,7 +364,12 @@ class PeerServer:
             raise ConnectionResetError("the client went away")
         count = opened.table_bytes + opened.length
         transport.write(f"{count:x}\r\n".encode("ascii"))
-        sent = await asyncio.get_running_loop().sendfile(transport, opened.file, opened.offset, count)
+        try:
+            sent = await asyncio.get_running_loop().sendfile(transport, opened.file, opened.offset, count)
+        except RuntimeError:  # "transport is closing": the client went away between two checks
+            if transport.is_closing():
+                raise ConnectionResetError("the client went away") from None
+            raise
         if sent != count:  # the file shrank under us: the answer cannot be framed any more; the client sees it cut
             transport.close()
             raise ConnectionResetError(f"block file ended after {sent} of {count} bytes")
