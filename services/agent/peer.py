@@ -161,7 +161,7 @@ def load_secret(path: str) -> bytes:
 
 
 def runtime_key(secret: bytes, namespace: str, name: str) -> bytes:
-    """The signing key of one runtime: HMAC-SHA256(secret, "shoal-peer/v1/<ns>/<name>")."""
+    """The signing key of one runtime: HMAC-SHA256(secret, "shoal-peer/v2/<ns>/<name>")."""
     return hmac.new(secret, f"shoal-peer/{VERSION}/{namespace}/{name}".encode(), hashlib.sha256).digest()
 
 

@@ -52,7 +52,7 @@ def spoiled_table(signature: str) -> bytes:
 
 
 def chunked(*pieces: bytes) -> bytes:
-    head = b"HTTP/1.1 200 OK\r\nContent-Type: application/vnd.shoal.peer-block.v1\r\nTransfer-Encoding: chunked\r\n\r\n"
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: application/vnd.shoal.peer-block.v2\r\nTransfer-Encoding: chunked\r\n\r\n"
     return head + b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces) + b"0\r\n\r\n"
 
 
