@@ -122,9 +122,11 @@ class NatsConfig:
     port: int
     monitor_port: int
     store_dir: Path
-    # Bounded so a test run or a laptop demo never sizes JetStream from the whole machine's RAM and disk.
+    # Bounded so a test run or a laptop demo never sizes JetStream from the whole machine's RAM and disk. File:
+    # room for every stream's max_bytes (libs/bus.py reserves four of 1 GiB, > "4GB"; the seed bench's
+    # nats-server refused a stream with "insufficient storage resources"); only what is written takes disk.
     max_memory_store: str = "256MB"
-    max_file_store: str = "4GB"
+    max_file_store: str = "8GB"
 
     @property
     def url(self) -> str:
