@@ -1,6 +1,6 @@
 """The peer protocol v2: mount processes of one dataset on different nodes lend each other whole cached blocks.
 
-Owns the HTTP I/O between peers (aiohttp server; the client's own HTTP/1.1) and the signing rules; the wire format
+Owns the HTTP I/O between peers (aiohttp, server and client) and the signing rules; the wire format
 is documented in ``services/agent/README.md`` ("Peer protocol"). In short:
 
 - ``GET /shoal-peer/v2/<namespace>/<name>/block?mount=M&key=K&etag=E&index=I&blockSize=B`` asks for block ``I``
@@ -34,22 +34,21 @@ that is merely busy on a loaded node is not abandoned for the store), and either
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import hashlib
 import hmac
-import ipaddress
 import json
-import socket
 import struct
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urlencode, urlsplit
+from urllib.parse import urlencode
 
+import aiohttp
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
-from libs.blocks import BlockId, checksum
+from libs.blocks import BlockId, checksum, checksum_stream
 from libs.events.dataset import ManifestEntry
 from libs.telemetry import get_logger
 from services.agent.cache import BlockFile
@@ -119,15 +118,14 @@ CHUNK_BYTES = TIER_CHUNK_BYTES
 MIN_CHUNK_BYTES = 4096
 MAX_CHUNK_BYTES = 64 * 1024 * 1024
 CHUNK_SUM = struct.Struct("<Q")
-# Client: an answer's status line and headers (aiohttp sends a few hundred bytes), and a chunk-size line.
-MAX_HEADER_BYTES = 16 * 1024
-MAX_CHUNK_LINE = 1024
-# Client: what one read for status, headers and chunk sizes asks the socket for (the block is read into its own
-# buffer, not through this).
-FILL_BYTES = 64 * 1024
-# Client: a kept-alive connection idle longer than this is closed rather than reused. Well under aiohttp's
-# server keep-alive (75 s), so the peer rarely closes one we are about to use (that case is retried once).
+# Client: a kept-alive connection idle longer than this is closed rather than reused (the connector's keep-alive).
+# Well under aiohttp's server keep-alive (75 s), so the peer rarely closes one we are about to use (aiohttp asks
+# again once on a new connection when a kept-alive one turns out closed before the answer).
 IDLE_SECONDS = 15.0
+# Client: aiohttp's read buffer per response (its StreamReader stops reading the socket above twice this). Its
+# default, 64 KiB, pauses and resumes the socket several times per 4 MiB block; 1 MiB lets a block stream in
+# with a few (measured: see the agent README), bounded per request in flight (32 x 2 MiB).
+READ_BUFSIZE = 1024 * 1024
 
 
 class PeerError(Exception):
@@ -422,18 +420,19 @@ def _retrieve(future: asyncio.Future[Any]) -> None:
 class PeerClient:
     """Fetches whole blocks from peers, believing only signed, checksummed answers of the right length.
 
-    Its HTTP/1.1 is its own (``_Connection``, ``_Body``) rather than aiohttp's: the block is received straight
-    into the buffer that is returned (``recv_into``, one copy from the kernel), where aiohttp's client copied each
-    block three times (its socket reads, its body parser, joining the pieces) and the reading mount process, one
-    event loop that also answers FUSE, spent more CPU on that than on anything else. Idle connections are kept per
-    peer and reused. The wire format is the same (any HTTP/1.1 answer: chunked, with a length, or until close).
+    aiohttp's client, as every HTTP surface of Shoal (a well-kept library rather than an HTTP/1.1 of our own). One
+    session per mount process, its connector keeping connections to each peer alive between requests (as many per
+    peer as requests may be in flight, so a request never waits for the pool: the connect timeout stays a bound on
+    one connect). The block is taken as aiohttp's parser hands it over, piece by piece (``readchunk``: its pieces
+    as they are, never joined), each 64 KiB chunk checked against the table the moment its last byte is in, and the
+    pieces joined once into the ``bytes`` the reader gets: no zero-filled buffer, no copy after the checks.
     """
 
     def __init__(self, key: bytes, namespace: str, name: str, *, clock: Callable[[], float] = time.time,
                  monotonic: Callable[[], float] = time.monotonic, max_requests: int = MAX_CLIENT_REQUESTS,
                  connect_timeout: float = CONNECT_TIMEOUT, read_timeout: float = READ_TIMEOUT,
                  total_timeout: float = TOTAL_TIMEOUT, cooldown: float = PEER_COOLDOWN_SECONDS,
-                 max_cooldown: float = MAX_PEER_COOLDOWN_SECONDS) -> None:
+                 max_cooldown: float = MAX_PEER_COOLDOWN_SECONDS, read_bufsize: int = READ_BUFSIZE) -> None:
         self.key = key
         self.namespace = namespace
         self.name = name
@@ -441,22 +440,27 @@ class PeerClient:
         self.monotonic = monotonic
         self.cooldown = cooldown
         self.max_cooldown = max_cooldown
-        self.connect_timeout = connect_timeout
-        self.read_timeout = read_timeout
-        self.total_timeout = total_timeout
+        self.timeout = aiohttp.ClientTimeout(total=total_timeout, connect=connect_timeout,
+                                             sock_connect=connect_timeout, sock_read=read_timeout)
         self.max_requests = max_requests
+        self.read_bufsize = read_bufsize
         self._slots = asyncio.Semaphore(max_requests)
         self._down: dict[str, tuple[float, str]] = {}
         self._strikes: dict[str, int] = {}  # failed skips in a row per peer
-        self._idle: dict[str, list[_Connection]] = {}  # kept-alive connections per peer URL, newest last
-        self._closed = False
+        self._session: aiohttp.ClientSession | None = None
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            connector = aiohttp.TCPConnector(limit=self.max_requests, limit_per_host=self.max_requests,
+                                             keepalive_timeout=IDLE_SECONDS)
+            self._session = aiohttp.ClientSession(connector=connector, timeout=self.timeout, auto_decompress=False,
+                                                  read_bufsize=self.read_bufsize)
+        return self._session
 
     async def close(self) -> None:
-        self._closed = True
-        for connections in self._idle.values():
-            for connection in connections:
-                connection.close()
-        self._idle.clear()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
 
     def down(self, url: str) -> str | None:
         """Why ``url`` is being skipped for the moment, or None."""
@@ -469,13 +473,14 @@ class PeerClient:
         if skipped is not None:
             raise PeerError(f"peer {url} skipped for a moment: {skipped}")
         try:
-            async with self._slots, asyncio.timeout(self.total_timeout):
+            async with self._slots:
                 data = await self._get(url, block, length, block_size)
         except PeerError as err:
             if err.cooldown:
                 self._mark_down(url, str(err))
             raise
-        except (OSError, asyncio.IncompleteReadError, TimeoutError, ValueError) as err:
+        except (aiohttp.ClientError, HttpProcessingError, OSError, asyncio.IncompleteReadError, TimeoutError,
+                ValueError) as err:
             reason = f"peer {url}: {type(err).__name__}: {err}".rstrip(": ")
             self._mark_down(url, reason)
             raise PeerError(reason) from None
@@ -497,356 +502,89 @@ class PeerClient:
         query = block_query(block, block_size)
         expires = int(self.clock()) + REQUEST_TTL_SECONDS
         signature = sign_request(self.key, "GET", path, query, expires)
-        host, port = _host_port(url)
-        request = (f"GET {path}?{urlencode(query, quote_via=quote)} HTTP/1.1\r\nHost: {host}:{port}\r\n"
-                   f"{HEADER_EXPIRES}: {expires}\r\n{HEADER_SIGNATURE}: {signature}\r\n\r\n").encode()
-        connection = self._reuse(url)
-        if connection is not None:
+        headers = {HEADER_EXPIRES: str(expires), HEADER_SIGNATURE: signature}
+        async with self._client().get(url.rstrip("/") + path, params=query, headers=headers) as response:
             try:
-                return await self._exchange(url, connection, request, signature, length)
-            except (OSError, asyncio.IncompleteReadError) as err:
-                # A kept-alive connection the peer closed meanwhile (idle timeout, restart) fails before a byte
-                # of the answer: ask again on a new one. Anything later is the peer's answer failing.
-                if connection.received:
-                    raise
-                log.debug("kept-alive peer connection closed, asking on a new one", peer=url, reason=str(err))
-        connection = await _Connection.open(host, port, self.connect_timeout, self.read_timeout)
-        return await self._exchange(url, connection, request, signature, length)
-
-    def _reuse(self, url: str) -> _Connection | None:
-        connections = self._idle.get(url)
-        now = self.monotonic()
-        while connections:
-            connection = connections.pop()
-            if now - connection.idle_since < IDLE_SECONDS:
-                return connection
-            connection.close()
-        return None
-
-    def _keep(self, url: str, connection: _Connection) -> None:
-        connections = self._idle.setdefault(url, [])
-        if self._closed or len(connections) >= self.max_requests:
-            connection.close()
-            return
-        connection.idle_since = self.monotonic()
-        connections.append(connection)
-
-    async def _exchange(self, url: str, connection: _Connection, request: bytes, signature: str,
-                        length: int) -> bytes:
-        """One request and its answer on ``connection``, which goes back to the idle ones if it can be reused."""
-        try:
-            await connection.send(request)
-            status, body = await connection.response()
-            if status != 200:
-                raise _refused(url, status, await body.read_up_to(MAX_REASON_BYTES))
-            data = await self._block(url, body, signature, length)
-        except BaseException:
-            connection.close()
-            raise
-        if body.reusable:
-            self._keep(url, connection)
-        else:
-            connection.close()
-        return data
-
-    async def _block(self, url: str, body: _Body, signature: str, length: int) -> bytes:
-        while True:
-            line = await body.readline(MAX_REASON_BYTES)
-            if not line:
-                raise PeerError(f"peer {url}: answer ended before the block")
-            if line != b"\n":
-                break
-        if not line.endswith(b"\n"):
-            raise PeerError(f"peer {url}: malformed answer")
-        words = line.decode("ascii", "replace").split()
-        if words[:1] == ["ERR"]:
-            raise PeerError(f"peer {url} could not get the block: {' '.join(words[1:])[:200]}", cooldown=False)
-        if len(words) != 5 or words[0] != "OK":
-            raise PeerError(f"peer {url}: malformed answer")
-        told_length, chunk_bytes, told_digest, proof = int(words[1]), int(words[2]), int(words[3], 16), words[4]
-        if not hmac.compare_digest(sign_response(self.key, signature, told_digest, told_length, chunk_bytes), proof):
-            raise PeerError(f"peer {url}: bad response signature")
-        # Before reading: a lying length or chunk size must not make us allocate.
-        if told_length != length:
-            raise PeerError(f"peer {url}: answered {told_length} bytes, the block has {length}")
-        if not MIN_CHUNK_BYTES <= chunk_bytes <= MAX_CHUNK_BYTES:
-            raise PeerError(f"peer {url}: chunks of {chunk_bytes} bytes")
-        table = bytearray(-(-length // chunk_bytes) * CHUNK_SUM.size)
-        await _read_exactly(url, body, memoryview(table))
-        if checksum(memoryview(table)) != told_digest:
-            raise PeerError(f"peer {url}: chunk table checksum mismatch")
-        data, view = _receive_buffer(length)
-        await _read_exactly(url, body, view)
-        if await body.read_up_to(1):
-            raise PeerError(f"peer {url}: bytes after the block")
-        for (expected,), offset in zip(CHUNK_SUM.iter_unpack(table), range(0, length, chunk_bytes), strict=True):
-            if checksum(view[offset:offset + chunk_bytes]) != expected:
-                raise PeerError(f"peer {url}: block checksum mismatch (chunk at {offset})")
-        view.release()
-        return data
-
-
-_new_bytes = ctypes.pythonapi.PyBytes_FromStringAndSize
-_new_bytes.restype = ctypes.py_object
-_new_bytes.argtypes = (ctypes.c_char_p, ctypes.c_ssize_t)
-
-
-def _receive_buffer(length: int) -> tuple[bytes, memoryview]:
-    """A new ``bytes`` of ``length`` bytes, not zeroed, and a writable view of it to receive a block into.
-
-    Why not ``bytearray(length)``: it zero-fills the 4 MiB first, which cost the reading mount process as much CPU
-    as receiving the block (profiled), and it would hand the reader a mutable block. Writing into a new bytes object
-    is safe here because nothing else can hold it before it is returned: it is created by the C API (never one of
-    CPython's shared empty or one-character objects: ``length`` > 0, no source string), its hash is not computed
-    yet, and an answer that fails half-way drops it unseen."""
-    if length <= 0:
-        return b"", memoryview(bytearray())
-    data = _new_bytes(None, length)
-    address = ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value
-    if not isinstance(data, bytes) or len(data) != length or not address:
-        raise MemoryError(f"cannot allocate a buffer of {length} bytes")
-    return data, memoryview((ctypes.c_ubyte * length).from_address(address)).cast("B")
-
-
-async def _read_exactly(url: str, body: _Body, view: memoryview) -> None:
-    got = 0
-    while got < len(view):
-        n = await body.readinto(view[got:])
-        if not n:
-            raise PeerError(f"peer {url}: answer cut short ({got} of {len(view)} bytes)")
-        got += n
-
-
-def _host_port(url: str) -> tuple[str, int]:
-    parts = urlsplit(url)
-    if parts.scheme != "http" or not parts.hostname:
-        raise ValueError(f"not a peer URL (http://host:port): {url}")
-    return parts.hostname, parts.port or 80
-
-
-class _Connection:
-    """One kept-alive HTTP/1.1 connection to a peer: a non-blocking socket read with the loop's ``sock_*`` calls,
-    ``read_timeout`` at most for each wait (a byte at least that often), the bytes read ahead in ``buffer``."""
-
-    def __init__(self, sock: socket.socket, read_timeout: float) -> None:
-        self.sock = sock
-        self.read_timeout = read_timeout
-        self.buffer = bytearray()
-        self.received = False  # any byte of an answer arrived on it
-        self.idle_since = 0.0
-        self._loop = asyncio.get_running_loop()
-
-    @classmethod
-    async def open(cls, host: str, port: int, connect_timeout: float, read_timeout: float) -> _Connection:
-        loop = asyncio.get_running_loop()
-        async with asyncio.timeout(connect_timeout):
-            try:
-                ipaddress.ip_address(host)
-                family, address = (socket.AF_INET6 if ":" in host else socket.AF_INET), (host, port)
-            except ValueError:  # a name: resolved now; kept-alive connections make this rare
-                infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-                if not infos:
-                    raise OSError(f"cannot resolve {host}") from None
-                family, address = infos[0][0], (str(infos[0][4][0]), int(infos[0][4][1]))
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            try:
-                sock.setblocking(False)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                await loop.sock_connect(sock, address)
+                if response.status != 200:
+                    raise _refused(url, response.status, await response.content.read(MAX_REASON_BYTES))
+                return await _block(self.key, url, response.content, signature, length)
             except BaseException:
-                sock.close()
+                response.close()  # part of an answer unread: the connection never goes back to the pool
                 raise
-        return cls(sock, read_timeout)
-
-    def close(self) -> None:
-        self.sock.close()
-
-    async def send(self, data: bytes) -> None:
-        self.received = False
-        async with asyncio.timeout(self.read_timeout):
-            await self._loop.sock_sendall(self.sock, data)
-
-    async def _recv_into(self, view: memoryview) -> int:
-        try:
-            n = self.sock.recv_into(view)
-        except (BlockingIOError, InterruptedError):
-            async with asyncio.timeout(self.read_timeout):
-                n = await self._loop.sock_recv_into(self.sock, view)
-        if n:
-            self.received = True
-        return n
-
-    async def _fill(self) -> int:
-        """Read what has arrived (up to ``FILL_BYTES``) onto ``buffer``; 0 at the end of the stream. For status,
-        headers and chunk sizes: the block itself goes through ``readinto``."""
-        try:
-            data = self.sock.recv(FILL_BYTES)
-        except (BlockingIOError, InterruptedError):
-            async with asyncio.timeout(self.read_timeout):
-                data = await self._loop.sock_recv(self.sock, FILL_BYTES)
-        if data:
-            self.received = True
-            self.buffer += data
-        return len(data)
-
-    async def readline(self, limit: int) -> bytes:
-        """One line with its ``\\n``; ValueError past ``limit`` bytes, IncompleteReadError at the end."""
-        searched = 0
-        while (end := self.buffer.find(b"\n", searched)) < 0:
-            if len(self.buffer) > limit:
-                raise ValueError("line too long in the peer's answer")
-            searched = len(self.buffer)
-            if not await self._fill():
-                raise asyncio.IncompleteReadError(bytes(self.buffer), None)
-        line = bytes(self.buffer[:end + 1])
-        del self.buffer[:end + 1]
-        return line
-
-    async def read_some(self, limit: int) -> bytes:
-        """Up to ``limit`` bytes (at least one), b"" at the end of the stream."""
-        if not self.buffer and not await self._fill():
-            return b""
-        piece = bytes(self.buffer[:limit])
-        del self.buffer[:limit]
-        return piece
-
-    async def readinto(self, view: memoryview) -> int:
-        """Bytes into ``view``: what was read ahead, else straight from the socket (the block's path)."""
-        if self.buffer:
-            n = min(len(self.buffer), len(view))
-            view[:n] = self.buffer[:n]
-            del self.buffer[:n]
-            return n
-        return await self._recv_into(view)
-
-    async def response(self) -> tuple[int, _Body]:
-        """The status and the body of the answer to the request just sent."""
-        status_line = await self.readline(MAX_HEADER_BYTES)
-        parts = status_line.split(None, 2)
-        if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
-            raise ValueError("not an HTTP/1.x answer")
-        status, keep_alive = int(parts[1]), parts[0] == b"HTTP/1.1"
-        length: int | None = None
-        chunked = False
-        size = len(status_line)
-        while (line := await self.readline(MAX_HEADER_BYTES)) not in (b"\r\n", b"\n"):
-            size += len(line)
-            if size > MAX_HEADER_BYTES:
-                raise ValueError("answer headers too long")
-            name, _, value = line.decode("latin-1").partition(":")
-            name, value = name.strip().lower(), value.strip().lower()
-            if name == "content-length":
-                length = int(value)
-                if length < 0:
-                    raise ValueError("negative Content-Length")
-            elif name == "transfer-encoding":
-                chunked = value.endswith("chunked")
-            elif name == "connection" and "close" in value:
-                keep_alive = False
-        return status, _Body(self, None if chunked else length, chunked, keep_alive)
 
 
-class _Body:
-    """The body of one answer, unframed: chunked, with a Content-Length, or until the connection closes."""
+async def _block(key: bytes, url: str, content: aiohttp.StreamReader, signature: str, length: int) -> bytes:
+    """The block of a v2 answer (the status was 200): keep-alives, preamble, table, block, then the end."""
+    while True:
+        line = await content.readline(max_line_length=MAX_REASON_BYTES)
+        if not line:
+            raise PeerError(f"peer {url}: answer ended before the block")
+        if line != b"\n":
+            break
+    if not line.endswith(b"\n"):
+        raise PeerError(f"peer {url}: malformed answer")
+    words = line.decode("ascii", "replace").split()
+    if words[:1] == ["ERR"]:
+        raise PeerError(f"peer {url} could not get the block: {' '.join(words[1:])[:200]}", cooldown=False)
+    if len(words) != 5 or words[0] != "OK":
+        raise PeerError(f"peer {url}: malformed answer")
+    told_length, chunk_bytes, told_digest, proof = int(words[1]), int(words[2]), int(words[3], 16), words[4]
+    if not hmac.compare_digest(sign_response(key, signature, told_digest, told_length, chunk_bytes), proof):
+        raise PeerError(f"peer {url}: bad response signature")
+    # Before reading: a lying length or chunk size must not make us read or hold more than the block.
+    if told_length != length:
+        raise PeerError(f"peer {url}: answered {told_length} bytes, the block has {length}")
+    if not MIN_CHUNK_BYTES <= chunk_bytes <= MAX_CHUNK_BYTES:
+        raise PeerError(f"peer {url}: chunks of {chunk_bytes} bytes")
+    table_bytes = -(-length // chunk_bytes) * CHUNK_SUM.size
+    try:
+        table = await content.readexactly(table_bytes)
+    except asyncio.IncompleteReadError as err:
+        raise PeerError(f"peer {url}: answer cut short ({len(err.partial)} of {table_bytes} bytes)") from None
+    if checksum(table) != told_digest:
+        raise PeerError(f"peer {url}: chunk table checksum mismatch")
+    data = await _receive(url, content, length, chunk_bytes, [digest for (digest,) in CHUNK_SUM.iter_unpack(table)])
+    if await content.read(1):
+        raise PeerError(f"peer {url}: bytes after the block")
+    return data
 
-    def __init__(self, connection: _Connection, length: int | None, chunked: bool, keep_alive: bool) -> None:
-        self.connection = connection
-        self.left = length  # bytes left with a Content-Length
-        self.chunked = chunked
-        self.keep_alive = keep_alive and (chunked or length is not None)
-        self.chunk_left = 0
-        self.started = False
-        self.done = length == 0 and not chunked
-        self.pending = bytearray()  # body bytes read ahead by readline
 
-    @property
-    def reusable(self) -> bool:
-        """The whole answer was read and the connection may carry another request."""
-        return self.done and self.keep_alive and not self.pending and not self.connection.buffer
+async def _receive(url: str, content: aiohttp.StreamReader, length: int, chunk_bytes: int,
+                   digests: list[int]) -> bytes:
+    """``length`` bytes of the body, each chunk checked against ``digests`` as soon as it is complete (a peer
+    sending a wrong chunk is refused there, not after the whole block), joined once at the end.
 
-    async def _available(self) -> int:
-        """Body bytes readable now without crossing a frame boundary; 0 at the end of the body."""
-        if self.done:
-            return 0
-        if self.chunked:
-            if self.chunk_left == 0:
-                if self.started and await self.connection.readline(2) not in (b"\r\n", b"\n"):
-                    raise ValueError("bad chunk framing in the peer's answer")
-                self.started = True
-                size_line = await self.connection.readline(MAX_CHUNK_LINE)
-                size = int(size_line.split(b";", 1)[0].strip(), 16)
-                if size < 0:
-                    raise ValueError("bad chunk size in the peer's answer")
-                if size == 0:
-                    while await self.connection.readline(MAX_HEADER_BYTES) not in (b"\r\n", b"\n"):
-                        pass  # trailers
-                    self.done = True
-                    return 0
-                self.chunk_left = size
-            return self.chunk_left
-        return self.left if self.left is not None else 1 << 62
-
-    def _consumed(self, n: int) -> None:
-        if self.chunked:
-            self.chunk_left -= n
-        elif self.left is not None:
-            self.left -= n
-            self.done = self.left == 0
-
-    def _ended(self) -> int:
-        if self.chunked or self.left is not None:  # framed, yet the connection closed: cut short
-            raise asyncio.IncompleteReadError(b"", None)
-        self.done = True
-        return 0
-
-    async def readinto(self, view: memoryview) -> int:
-        if self.pending:
-            n = min(len(self.pending), len(view))
-            view[:n] = self.pending[:n]
-            del self.pending[:n]
-            return n
-        available = await self._available()
-        if not available:
-            return 0
-        n = await self.connection.readinto(view[:available])
-        if not n:
-            return self._ended()
-        self._consumed(n)
-        return n
-
-    async def _read_some(self, limit: int) -> bytes:
-        available = await self._available()
-        if not available:
-            return b""
-        piece = await self.connection.read_some(min(available, limit))
+    ``readchunk`` rather than ``readany`` or ``read(n)``: it hands over one piece of aiohttp's buffer at a time as
+    it is, where those join what is buffered (a copy more). Chunks straddle pieces, so each is checksummed
+    incrementally (``checksum_stream``: the same digest as ``checksum`` of the whole chunk)."""
+    pieces: list[bytes] = []
+    got = 0
+    chunk_end = min(chunk_bytes, length)  # where the chunk being received ends
+    stream = checksum_stream()
+    while got < length:
+        piece, end_of_http_chunk = await content.readchunk()
         if not piece:
-            self._ended()
-            return b""
-        self._consumed(len(piece))
-        return piece
-
-    async def readline(self, limit: int) -> bytes:
-        """One line of the body with its ``\\n`` (what is left, at the end); ValueError past ``limit`` bytes."""
-        while (end := self.pending.find(b"\n")) < 0:
-            if len(self.pending) > limit:
-                raise ValueError("line too long in the peer's answer")
-            piece = await self._read_some(FILL_BYTES)
-            if not piece:
-                line = bytes(self.pending)
-                self.pending.clear()
-                return line
-            self.pending += piece
-        line = bytes(self.pending[:end + 1])
-        del self.pending[:end + 1]
-        return line
-
-    async def read_up_to(self, limit: int) -> bytes:
-        """At most ``limit`` bytes of what is left of the body (all of it, if shorter)."""
-        out = bytearray(self.pending[:limit])
-        del self.pending[:limit]
-        while len(out) < limit and (piece := await self._read_some(limit - len(out))):
-            out += piece
-        return bytes(out)
+            if end_of_http_chunk:  # the end of an HTTP chunk that was read to its end already: no bytes
+                continue
+            raise PeerError(f"peer {url}: answer cut short ({got} of {length} bytes)")
+        if got + len(piece) > length:
+            raise PeerError(f"peer {url}: bytes after the block")
+        view = memoryview(piece)
+        at = 0
+        while at < len(view):
+            take = min(len(view) - at, chunk_end - got)
+            stream.update(view[at:at + take])
+            at += take
+            got += take
+            if got == chunk_end:
+                chunk = (chunk_end - 1) // chunk_bytes
+                if stream.intdigest() != digests[chunk]:
+                    raise PeerError(f"peer {url}: block checksum mismatch (chunk at {chunk * chunk_bytes})")
+                stream.reset()
+                chunk_end = min(chunk_end + chunk_bytes, length)
+        view.release()
+        pieces.append(piece)
+    return b"".join(pieces)
 
 
 def _refused(url: str, status: int, body: bytes) -> PeerError:
