@@ -28,7 +28,7 @@ from services.agent.cache import BlockCache, DiskTier
 from services.agent.peer import PeerClient, PeerError, PeerServer, chunk_table, runtime_key, sign_response
 
 KEY = runtime_key(b"cluster secret", "default", "demo")
-LENGTH = 300_000  # several socket reads, and more than one read-ahead of headers
+LENGTH = 300_000  # several 64 KiB chunks, the last one short; several socket reads
 BODY = os.urandom(LENGTH)
 BLOCK = BlockId(0, "k", "e", 0)
 
@@ -64,7 +64,8 @@ def with_length(body: bytes, status: str = "200 OK") -> bytes:
 
 
 class ScriptedPeer:
-    """Answers each request with ``script(signature)``; closes after each answer if ``close_after``."""
+    """A bare asyncio server answering each request with the bytes ``script(signature)`` gives, HTTP or not;
+    closes after each answer if ``close_after``."""
 
     def __init__(self, script: Script, close_after: bool = False) -> None:
         self.script = script
