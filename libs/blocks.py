@@ -12,7 +12,8 @@ import xxhash
 
 from libs.events.agent import BlockId
 
-__all__ = ["DEFAULT_BLOCK_SIZE", "BlockId", "block_count", "block_name", "block_span", "blocks_touched", "checksum"]
+__all__ = ["DEFAULT_BLOCK_SIZE", "BlockId", "block_count", "block_name", "block_span", "blocks_touched", "checksum",
+           "checksum_stream"]
 
 DEFAULT_BLOCK_SIZE = 4 * 1024 * 1024
 
@@ -42,3 +43,9 @@ def blocks_touched(offset: int, length: int, file_size: int, block_size: int) ->
 def checksum(data: bytes | memoryview) -> int:
     """64-bit xxh3 of a block's bytes: fast enough (~10 GB/s) to verify every block read from disk."""
     return xxhash.xxh3_64_intdigest(data)
+
+
+def checksum_stream() -> xxhash.xxh3_64:
+    """``checksum`` fed in pieces (``update``, then ``intdigest``; ``reset`` to start over): the same digest over
+    the same bytes, for data that arrives in pieces that do not line up with what is checksummed."""
+    return xxhash.xxh3_64()

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 
 from aiohttp import ClientSession, web
 
-from libs.blocks import checksum
 from libs.embedded import LOOPBACK, free_port
 from libs.ufs.base import EndpointUnreachable, NoSuchKey, ObjectChanged, ObjectInfo, ObjectStore
 
@@ -280,8 +279,8 @@ class TamperingPeerProxy(LoopbackProxy):
     """Forwards peer-protocol requests to a real peer server and spoils the answer as ``mode`` says:
 
     ``flip``: one byte of the block flipped (checksum and signature left as sent); ``resign``: the response
-    signature altered; ``short``: the body cut short (connection closed); ``length``: a block one byte longer,
-    re-checksummed, with the signature as sent; ``none``: passed through unchanged. ``answers`` counts the
+    signature altered; ``short``: the body cut short (connection closed); ``length``: a block one byte longer and
+    the length says so, with the signature as sent; ``none``: passed through unchanged. ``answers`` counts the
     blocks the peer answered (spoiled unless ``none``). ``stall``: seconds each request is held before it is
     forwarded, not a byte sent meanwhile (a peer whose event loop is starved, or hung); ``stop`` ends the stalls."""
 
@@ -322,13 +321,12 @@ class TamperingPeerProxy(LoopbackProxy):
             spoiled[len(spoiled) // 2] ^= 0xFF
             return web.Response(body=preamble + b"\n" + bytes(spoiled))
         if self.mode == "resign":
-            proof = words[3]
-            words[3] = (b"0" if proof[:1] != b"0" else b"1") + proof[1:]
+            proof = words[-1]
+            words[-1] = (b"0" if proof[:1] != b"0" else b"1") + proof[1:]
             return web.Response(body=b" ".join(words) + b"\n" + block)
         if self.mode == "length":
-            longer = block + b"\0"
-            words[1] = str(len(longer)).encode()
-            words[2] = f"{checksum(longer):016x}".encode()
+            longer = block + b"\0"  # the chunk table and the block, one byte more
+            words[1] = str(int(words[1]) + 1).encode()
             return web.Response(body=b" ".join(words) + b"\n" + longer)
         # short: headers and half the body, then the connection is dropped mid-answer.
         response = web.StreamResponse(status=200, headers={"Content-Type": content_type})

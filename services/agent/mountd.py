@@ -152,7 +152,8 @@ class MountedDataset:
         if key is not None and self.peer_port:
             peer_server = PeerServer(key, self.namespace, self.name, block_size,
                                      lambda mount, object_key: self.entries.get((mount, object_key)),
-                                     reader.serve_block)
+                                     reader.serve_block,
+                                     open_file=lambda entry, index: cache.open_block(reader.block_id(entry, index)))
             try:
                 await peer_server.start(self.settings.agent.peer_host, self.peer_port)
             except OSError as err:

@@ -1,30 +1,34 @@
-"""The peer protocol v1: mount processes of one dataset on different nodes lend each other whole cached blocks.
+"""The peer protocol v2: mount processes of one dataset on different nodes lend each other whole cached blocks.
 
-Owns the HTTP I/O between peers (aiohttp, server and client) and the signing rules; the wire format is documented
-in ``services/agent/README.md`` ("Peer protocol"). In short:
+Owns the HTTP I/O between peers (aiohttp, server and client) and the signing rules; the wire format
+is documented in ``services/agent/README.md`` ("Peer protocol"). In short:
 
-- ``GET /shoal-peer/v1/<namespace>/<name>/block?mount=M&key=K&etag=E&index=I&blockSize=B`` asks for block ``I``
+- ``GET /shoal-peer/v2/<namespace>/<name>/block?mount=M&key=K&etag=E&index=I&blockSize=B`` asks for block ``I``
   of object ``K`` at ETag ``E`` (the manifest's) cut in blocks of ``B`` bytes.
 - The request is signed: ``Shoal-Peer-Expires`` (unix seconds) and ``Shoal-Peer-Signature`` (hex
   HMAC-SHA256 under the runtime's key of method, path, sorted query and expiry). The runtime key is
-  HMAC-SHA256(cluster secret, ``shoal-peer/v1/<namespace>/<name>``): the secret never travels, and a key
-  learnt from one runtime opens no other.
+  HMAC-SHA256(cluster secret, ``shoal-peer/v2/<namespace>/<name>``): the secret never travels, and a key
+  learnt from one runtime (or protocol version) opens no other.
 - A request the server refuses gets a status and a JSON ``{"reason": ...}``: 400 bad parameters, 401 missing or
   expired signature, 403 bad signature, 404 another dataset or an object not in this mount's manifest, 409 another
   ETag or block size, 503 too many requests waiting.
 - An accepted request gets ``200`` at once (so a live peer answers within the client's read timeout even while it
   fetches the block from a slow store), then a body: keep-alive newlines while the block is being fetched, then
-  ``OK <length> <xxh3-64 hex> <response signature hex>\\n`` and exactly ``length`` bytes; or ``ERR <reason>\\n``.
-  The response signature is HMAC-SHA256 under the runtime key of the request's signature, the checksum and the
-  length, so a response cannot be replayed for another request.
+  ``OK <length> <chunk bytes> <xxh3-64 hex of the chunk table> <response signature hex>\n``, the chunk table (one
+  little-endian xxh3-64 per ``chunk bytes`` of the block) and exactly ``length`` bytes; or ``ERR <reason>\n``.
+  The response signature is HMAC-SHA256 under the runtime key of the request's signature, the table's checksum,
+  the length and the chunk size, so a response cannot be replayed for another request.
+- v1 sent one xxh3-64 of the whole block instead of the table. The table is what a disk tier keeps in each block
+  file right before the data, so a block on disk goes out with ``sendfile`` from its file as it is: the owner
+  neither reads nor checksums it (the header's digest vouches for the table), and the reader checks every chunk.
 
 The server answers from this mount's block cache; a block it does not have it fetches from the store through the
 mount's ``BlockReader`` (coalesced with the mount's own reads of that block, and cached), never from another peer,
-so requests cannot loop. The client (``PeerClient.get_block``) verifies signature, length and checksum; every
-failure is a ``PeerError`` with a reason and the reader moves on to the next source: a peer never yields wrong
-bytes. A killed peer costs nothing to notice (its port refuses, its connections reset); only a peer that is alive
-but silent, or a host that vanished, is waited for (1.5 s to connect, 3 s without a byte: generous, so a peer that
-is merely busy on a loaded node is not abandoned for the store), and either is then skipped for a moment.
+so requests cannot loop. The client (``PeerClient.get_block``) verifies signature, length, table and every chunk;
+every failure is a ``PeerError`` with a reason and the reader moves on to the next source: a peer never yields
+wrong bytes. A killed peer costs nothing to notice (its port refuses, its connections reset); only a peer that is
+alive but silent, or a host that vanished, is waited for (1.5 s to connect, 3 s without a byte: generous, so a peer
+that is merely busy on a loaded node is not abandoned for the store), and either is then skipped for a moment.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import asyncio
 import hashlib
 import hmac
 import json
+import struct
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
@@ -41,10 +46,13 @@ from urllib.parse import urlencode
 
 import aiohttp
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
-from libs.blocks import BlockId, checksum
+from libs.blocks import BlockId, checksum, checksum_stream
 from libs.events.dataset import ManifestEntry
 from libs.telemetry import get_logger
+from services.agent.cache import BlockFile
+from services.agent.cache.tiers import CHUNK_BYTES as TIER_CHUNK_BYTES
 
 log = get_logger(__name__)
 
@@ -62,11 +70,11 @@ __all__ = [
     "verify_request",
 ]
 
-VERSION = "v1"
+VERSION = "v2"
 PATH_PREFIX = f"/shoal-peer/{VERSION}"
 HEADER_EXPIRES = "Shoal-Peer-Expires"
 HEADER_SIGNATURE = "Shoal-Peer-Signature"
-CONTENT_TYPE = "application/vnd.shoal.peer-block.v1"
+CONTENT_TYPE = f"application/vnd.shoal.peer-block.{VERSION}"
 QUERY_FIELDS = ("mount", "key", "etag", "index", "blockSize")
 
 # A signed request is good for this long: enough for clock skew between nodes on NTP and a queued request,
@@ -103,6 +111,21 @@ PEER_COOLDOWN_SECONDS = 1.0
 MAX_PEER_COOLDOWN_SECONDS = 8.0
 # Error bodies and preamble lines are tiny; never read more of them than this.
 MAX_REASON_BYTES = 4096
+# Chunks of a block checksummed one by one in an answer (the table before the block): the disk tier's chunk, so a
+# block file's own table goes out as it is. The client accepts any size in [MIN_CHUNK_BYTES, MAX_CHUNK_BYTES]: a
+# tiny chunk would make a huge table, a block is never larger than 64 MiB.
+CHUNK_BYTES = TIER_CHUNK_BYTES
+MIN_CHUNK_BYTES = 4096
+MAX_CHUNK_BYTES = 64 * 1024 * 1024
+CHUNK_SUM = struct.Struct("<Q")
+# Client: a kept-alive connection idle longer than this is closed rather than reused (the connector's keep-alive).
+# Well under aiohttp's server keep-alive (75 s), so the peer rarely closes one we are about to use (aiohttp asks
+# again once on a new connection when a kept-alive one turns out closed before the answer).
+IDLE_SECONDS = 15.0
+# Client: aiohttp's read buffer per response (its StreamReader stops reading the socket above twice this). Its
+# default, 64 KiB, pauses and resumes the socket several times per 4 MiB block; 1 MiB lets a block stream in
+# with a few (measured: see the agent README), bounded per request in flight (32 x 2 MiB).
+READ_BUFSIZE = 1024 * 1024
 
 
 class PeerError(Exception):
@@ -136,7 +159,7 @@ def load_secret(path: str) -> bytes:
 
 
 def runtime_key(secret: bytes, namespace: str, name: str) -> bytes:
-    """The signing key of one runtime: HMAC-SHA256(secret, "shoal-peer/v1/<ns>/<name>")."""
+    """The signing key of one runtime: HMAC-SHA256(secret, "shoal-peer/v2/<ns>/<name>")."""
     return hmac.new(secret, f"shoal-peer/{VERSION}/{namespace}/{name}".encode(), hashlib.sha256).digest()
 
 
@@ -177,8 +200,8 @@ def verify_request(key: bytes, method: str, path: str, query: Mapping[str, str],
     return None
 
 
-def sign_response(key: bytes, request_signature: str, block_checksum: int, length: int) -> str:
-    message = f"response\n{request_signature}\n{block_checksum:016x}\n{length}".encode()
+def sign_response(key: bytes, request_signature: str, table_digest: int, length: int, chunk_bytes: int) -> str:
+    message = f"response\n{request_signature}\n{table_digest:016x}\n{length}\n{chunk_bytes}".encode()
     return hmac.new(key, message, hashlib.sha256).hexdigest()
 
 
@@ -186,6 +209,7 @@ def sign_response(key: bytes, request_signature: str, block_checksum: int, lengt
 
 Lookup = Callable[[int, str], ManifestEntry | None]
 BlockSource = Callable[[ManifestEntry, int], Awaitable[bytes]]
+FileSource = Callable[[ManifestEntry, int], BlockFile | None]
 
 
 class PeerServer:
@@ -197,8 +221,10 @@ class PeerServer:
 
     def __init__(self, key: bytes, namespace: str, name: str, block_size: int, lookup: Lookup,
                  source: BlockSource, clock: Callable[[], float] = time.time, max_serving: int = MAX_SERVING,
-                 max_waiting: int = MAX_WAITING, keepalive: float = KEEPALIVE_SECONDS) -> None:
+                 max_waiting: int = MAX_WAITING, keepalive: float = KEEPALIVE_SECONDS,
+                 open_file: FileSource | None = None) -> None:
         self.key = key
+        self.open_file = open_file
         self.namespace = namespace
         self.name = name
         self.block_size = block_size
@@ -297,6 +323,11 @@ class PeerServer:
         finally:
             self._waiting -= 1
         try:
+            opened = self.open_file(entry, index) if self.open_file is not None else None
+            if opened is not None:
+                with opened.file:
+                    await self._send_file(request, response, opened, signature)
+                return
             load = asyncio.ensure_future(self.source(entry, index))
             load.add_done_callback(_retrieve)
             # Shielded: a client that goes away must not cancel a fetch other readers may share.
@@ -308,14 +339,41 @@ class PeerServer:
                 await response.write(f"ERR {reason}\n".encode())
                 await response.write_eof()
                 return
-            digest = checksum(data)
-            proof = sign_response(self.key, signature, digest, len(data))
-            await response.write(f"OK {len(data)} {digest:016x} {proof}\n".encode())
-            _write_chunk(request, data)
+            table = chunk_table(data, CHUNK_BYTES)
+            await response.write(self._preamble(signature, len(data), CHUNK_BYTES, checksum(table)))
+            _write_chunk(request, table, data)
             await response.write_eof()  # the last chunk, and waits until the block is (nearly) all sent
             self.served_bytes += len(data)
         finally:
             self._slots.release()
+
+
+    def _preamble(self, signature: str, length: int, chunk_bytes: int, table_digest: int) -> bytes:
+        proof = sign_response(self.key, signature, table_digest, length, chunk_bytes)
+        return f"OK {length} {chunk_bytes} {table_digest:016x} {proof}\n".encode()
+
+    async def _send_file(self, request: web.Request, response: web.StreamResponse, opened: BlockFile,
+                         signature: str) -> None:
+        """Table and block straight from the cache file to the socket (``sendfile``: no copy, no checksum here;
+        the client checks every chunk against the table, whose digest the header vouched for and we sign)."""
+        await response.write(self._preamble(signature, opened.length, opened.chunk_bytes, opened.table_digest))
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("the client went away")
+        count = opened.table_bytes + opened.length
+        transport.write(f"{count:x}\r\n".encode("ascii"))
+        try:
+            sent = await asyncio.get_running_loop().sendfile(transport, opened.file, opened.offset, count)
+        except RuntimeError:  # "transport is closing": the client went away between two checks
+            if transport.is_closing():
+                raise ConnectionResetError("the client went away") from None
+            raise
+        if sent != count:  # the file shrank under us: the answer cannot be framed any more; the client sees it cut
+            transport.close()
+            raise ConnectionResetError(f"block file ended after {sent} of {count} bytes")
+        transport.write(b"\r\n")
+        await response.write_eof()
+        self.served_bytes += opened.length
 
 
 async def _keepalive(response: web.StreamResponse, future: asyncio.Future[Any], interval: float) -> None:
@@ -328,8 +386,8 @@ async def _keepalive(response: web.StreamResponse, future: asyncio.Future[Any], 
         raise
 
 
-def _write_chunk(request: web.Request, data: bytes) -> None:
-    """``data`` as one HTTP/1.1 chunk, framed here rather than by ``response.write``: on Python < 3.12.9 aiohttp
+def _write_chunk(request: web.Request, *parts: bytes) -> None:
+    """``parts`` as one HTTP/1.1 chunk, framed here rather than by ``response.write``: on Python < 3.12.9 aiohttp
     joins the chunk header and the data into a new bytes first (a copy of the whole block), and asyncio copies
     what the socket does not take at once twice (a bytes slice, then its buffer; once with a memoryview). Framing
     it here cut the server's CPU per block by ~40% (4 MiB blocks from memory, loopback). The same bytes on the
@@ -337,10 +395,18 @@ def _write_chunk(request: web.Request, data: bytes) -> None:
     transport = request.transport
     if transport is None or transport.is_closing():
         raise ConnectionResetError("the client went away")
-    if data:  # an empty chunk would end the body
-        transport.write(f"{len(data):x}\r\n".encode("ascii"))
-        transport.write(memoryview(data))
+    size = sum(len(part) for part in parts)
+    if size:  # an empty chunk would end the body
+        transport.write(f"{size:x}\r\n".encode("ascii"))
+        for part in parts:
+            transport.write(memoryview(part))
         transport.write(b"\r\n")
+
+
+def chunk_table(data: bytes | memoryview, chunk_bytes: int) -> bytes:
+    """One xxh3-64 (little-endian) per ``chunk_bytes`` of ``data``: what a v2 answer sends before the block."""
+    view = memoryview(data)
+    return b"".join(CHUNK_SUM.pack(checksum(view[i:i + chunk_bytes])) for i in range(0, len(view), chunk_bytes))
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:
@@ -352,13 +418,21 @@ def _retrieve(future: asyncio.Future[Any]) -> None:
 
 
 class PeerClient:
-    """Fetches whole blocks from peers, believing only signed, checksummed answers of the right length."""
+    """Fetches whole blocks from peers, believing only signed, checksummed answers of the right length.
+
+    aiohttp's client, as every HTTP surface of Shoal (a well-kept library rather than an HTTP/1.1 of our own). One
+    session per mount process, its connector keeping connections to each peer alive between requests (as many per
+    peer as requests may be in flight, so a request never waits for the pool: the connect timeout stays a bound on
+    one connect). The block is taken as aiohttp's parser hands it over, piece by piece (``readchunk``: its pieces
+    as they are, never joined), each 64 KiB chunk checked against the table the moment its last byte is in, and the
+    pieces joined once into the ``bytes`` the reader gets: no zero-filled buffer, no copy after the checks.
+    """
 
     def __init__(self, key: bytes, namespace: str, name: str, *, clock: Callable[[], float] = time.time,
                  monotonic: Callable[[], float] = time.monotonic, max_requests: int = MAX_CLIENT_REQUESTS,
                  connect_timeout: float = CONNECT_TIMEOUT, read_timeout: float = READ_TIMEOUT,
                  total_timeout: float = TOTAL_TIMEOUT, cooldown: float = PEER_COOLDOWN_SECONDS,
-                 max_cooldown: float = MAX_PEER_COOLDOWN_SECONDS) -> None:
+                 max_cooldown: float = MAX_PEER_COOLDOWN_SECONDS, read_bufsize: int = READ_BUFSIZE) -> None:
         self.key = key
         self.namespace = namespace
         self.name = name
@@ -369,6 +443,7 @@ class PeerClient:
         self.timeout = aiohttp.ClientTimeout(total=total_timeout, connect=connect_timeout,
                                              sock_connect=connect_timeout, sock_read=read_timeout)
         self.max_requests = max_requests
+        self.read_bufsize = read_bufsize
         self._slots = asyncio.Semaphore(max_requests)
         self._down: dict[str, tuple[float, str]] = {}
         self._strikes: dict[str, int] = {}  # failed skips in a row per peer
@@ -376,8 +451,10 @@ class PeerClient:
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            connector = aiohttp.TCPConnector(limit=self.max_requests, enable_cleanup_closed=True)
-            self._session = aiohttp.ClientSession(connector=connector, timeout=self.timeout, auto_decompress=False)
+            connector = aiohttp.TCPConnector(limit=self.max_requests, limit_per_host=self.max_requests,
+                                             keepalive_timeout=IDLE_SECONDS)
+            self._session = aiohttp.ClientSession(connector=connector, timeout=self.timeout, auto_decompress=False,
+                                                  read_bufsize=self.read_bufsize)
         return self._session
 
     async def close(self) -> None:
@@ -402,7 +479,8 @@ class PeerClient:
             if err.cooldown:
                 self._mark_down(url, str(err))
             raise
-        except (aiohttp.ClientError, OSError, asyncio.IncompleteReadError, TimeoutError, ValueError) as err:
+        except (aiohttp.ClientError, HttpProcessingError, OSError, asyncio.IncompleteReadError, TimeoutError,
+                ValueError) as err:
             reason = f"peer {url}: {type(err).__name__}: {err}".rstrip(": ")
             self._mark_down(url, reason)
             raise PeerError(reason) from None
@@ -426,31 +504,87 @@ class PeerClient:
         signature = sign_request(self.key, "GET", path, query, expires)
         headers = {HEADER_EXPIRES: str(expires), HEADER_SIGNATURE: signature}
         async with self._client().get(url.rstrip("/") + path, params=query, headers=headers) as response:
-            if response.status != 200:
-                raise _refused(url, response.status, await response.content.read(MAX_REASON_BYTES))
-            while True:
-                line = await response.content.readline()
-                if not line:
-                    raise PeerError(f"peer {url}: answer ended before the block")
-                if line != b"\n":
-                    break
-            words = line.decode("ascii", "replace").split()
-            if words[:1] == ["ERR"]:
-                raise PeerError(f"peer {url} could not get the block: {' '.join(words[1:])[:200]}",
-                                cooldown=False)
-            if len(words) != 4 or words[0] != "OK":
-                raise PeerError(f"peer {url}: malformed answer")
-            told_length, told_checksum, proof = int(words[1]), int(words[2], 16), words[3]
-            if not hmac.compare_digest(sign_response(self.key, signature, told_checksum, told_length), proof):
-                raise PeerError(f"peer {url}: bad response signature")
-            if told_length != length:  # before reading: a lying length must not make us allocate
-                raise PeerError(f"peer {url}: answered {told_length} bytes, the block has {length}")
-            data = await response.content.readexactly(length)
-            if await response.content.read(1):
-                raise PeerError(f"peer {url}: bytes after the block")
-        if checksum(data) != told_checksum:
-            raise PeerError(f"peer {url}: block checksum mismatch")
-        return data
+            try:
+                if response.status != 200:
+                    raise _refused(url, response.status, await response.content.read(MAX_REASON_BYTES))
+                return await _block(self.key, url, response.content, signature, length)
+            except BaseException:
+                response.close()  # part of an answer unread: the connection never goes back to the pool
+                raise
+
+
+async def _block(key: bytes, url: str, content: aiohttp.StreamReader, signature: str, length: int) -> bytes:
+    """The block of a v2 answer (the status was 200): keep-alives, preamble, table, block, then the end."""
+    while True:
+        line = await content.readline(max_line_length=MAX_REASON_BYTES)
+        if not line:
+            raise PeerError(f"peer {url}: answer ended before the block")
+        if line != b"\n":
+            break
+    if not line.endswith(b"\n"):
+        raise PeerError(f"peer {url}: malformed answer")
+    words = line.decode("ascii", "replace").split()
+    if words[:1] == ["ERR"]:
+        raise PeerError(f"peer {url} could not get the block: {' '.join(words[1:])[:200]}", cooldown=False)
+    if len(words) != 5 or words[0] != "OK":
+        raise PeerError(f"peer {url}: malformed answer")
+    told_length, chunk_bytes, told_digest, proof = int(words[1]), int(words[2]), int(words[3], 16), words[4]
+    if not hmac.compare_digest(sign_response(key, signature, told_digest, told_length, chunk_bytes), proof):
+        raise PeerError(f"peer {url}: bad response signature")
+    # Before reading: a lying length or chunk size must not make us read or hold more than the block.
+    if told_length != length:
+        raise PeerError(f"peer {url}: answered {told_length} bytes, the block has {length}")
+    if not MIN_CHUNK_BYTES <= chunk_bytes <= MAX_CHUNK_BYTES:
+        raise PeerError(f"peer {url}: chunks of {chunk_bytes} bytes")
+    table_bytes = -(-length // chunk_bytes) * CHUNK_SUM.size
+    try:
+        table = await content.readexactly(table_bytes)
+    except asyncio.IncompleteReadError as err:
+        raise PeerError(f"peer {url}: answer cut short ({len(err.partial)} of {table_bytes} bytes)") from None
+    if checksum(table) != told_digest:
+        raise PeerError(f"peer {url}: chunk table checksum mismatch")
+    data = await _receive(url, content, length, chunk_bytes, [digest for (digest,) in CHUNK_SUM.iter_unpack(table)])
+    if await content.read(1):
+        raise PeerError(f"peer {url}: bytes after the block")
+    return data
+
+
+async def _receive(url: str, content: aiohttp.StreamReader, length: int, chunk_bytes: int,
+                   digests: list[int]) -> bytes:
+    """``length`` bytes of the body, each chunk checked against ``digests`` as soon as it is complete (a peer
+    sending a wrong chunk is refused there, not after the whole block), joined once at the end.
+
+    ``readchunk`` rather than ``readany`` or ``read(n)``: it hands over one piece of aiohttp's buffer at a time as
+    it is, where those join what is buffered (a copy more). Chunks straddle pieces, so each is checksummed
+    incrementally (``checksum_stream``: the same digest as ``checksum`` of the whole chunk)."""
+    pieces: list[bytes] = []
+    got = 0
+    chunk_end = min(chunk_bytes, length)  # where the chunk being received ends
+    stream = checksum_stream()
+    while got < length:
+        piece, end_of_http_chunk = await content.readchunk()
+        if not piece:
+            if end_of_http_chunk:  # the end of an HTTP chunk that was read to its end already: no bytes
+                continue
+            raise PeerError(f"peer {url}: answer cut short ({got} of {length} bytes)")
+        if got + len(piece) > length:
+            raise PeerError(f"peer {url}: bytes after the block")
+        view = memoryview(piece)
+        at = 0
+        while at < len(view):
+            take = min(len(view) - at, chunk_end - got)
+            stream.update(view[at:at + take])
+            at += take
+            got += take
+            if got == chunk_end:
+                chunk = (chunk_end - 1) // chunk_bytes
+                if stream.intdigest() != digests[chunk]:
+                    raise PeerError(f"peer {url}: block checksum mismatch (chunk at {chunk * chunk_bytes})")
+                stream.reset()
+                chunk_end = min(chunk_end + chunk_bytes, length)
+        view.release()
+        pieces.append(piece)
+    return b"".join(pieces)
 
 
 def _refused(url: str, status: int, body: bytes) -> PeerError:

@@ -50,7 +50,15 @@ from libs.events.runtime import (
 )
 from libs.manifest import ManifestStore
 from libs.ring import owners
-from services.agent.peer import HEADER_EXPIRES, HEADER_SIGNATURE, block_path, runtime_key, sign_request
+from services.agent.peer import (
+    CHUNK_BYTES,
+    HEADER_EXPIRES,
+    HEADER_SIGNATURE,
+    block_path,
+    chunk_table,
+    runtime_key,
+    sign_request,
+)
 from services.dataset import app as dataset_app
 from tests.conftest import SeaweedServer, put_objects
 from tests.faults import HttpProxy, TamperingPeerProxy
@@ -210,7 +218,9 @@ async def test_peer_requests_without_a_valid_signature_are_refused(
             good = {HEADER_EXPIRES: str(now + 30), HEADER_SIGNATURE: sign_request(key, "GET", path, query, now + 30)}
             async with session.get(mount.url + path, params=query, headers=good) as response:
                 assert response.status == 200
-                assert (await response.read()).lstrip(b"\n").split(b"\n", 1)[1] == objects["w.bin"][:BLOCK]
+                first = objects["w.bin"][:BLOCK]  # after the preamble: the chunk table, then the block
+                assert (await response.read()).lstrip(b"\n").split(b"\n", 1)[1] == \
+                    chunk_table(first, CHUNK_BYTES) + first
         assert len(nodes.store.ranged_gets()) == 1, "only the signed request reached the store"
 
 

@@ -20,7 +20,7 @@ from urllib.parse import urlencode
 import aiohttp
 import pytest
 
-from libs.blocks import BlockId
+from libs.blocks import BlockId, checksum
 from libs.embedded import LOOPBACK, free_port
 from libs.events.dataset import ManifestEntry
 from libs.events.runtime import CacheWorker
@@ -28,6 +28,7 @@ from libs.ring import owners
 from libs.ufs import LocalLocation, LocalObjectStore
 from services.agent.cache import BlockCache, DiskTier
 from services.agent.peer import (
+    CHUNK_BYTES,
     CONNECT_TIMEOUT,
     HEADER_EXPIRES,
     HEADER_SIGNATURE,
@@ -41,6 +42,7 @@ from services.agent.peer import (
     PeerServer,
     block_path,
     block_query,
+    chunk_table,
     load_secret,
     runtime_key,
     sign_request,
@@ -330,9 +332,12 @@ async def test_blocks_go_out_as_well_formed_chunks_on_a_kept_alive_connection(
                 body += await reader.readexactly(size)
                 assert await reader.readexactly(2) == b"\r\n"
             assert await reader.readexactly(2) == b"\r\n"  # no trailers after the last chunk
-            preamble, _, data = body.lstrip(b"\n").partition(b"\n")
-            assert preamble.split()[:2] == [b"OK", str(len(data)).encode()]
-            assert data == served.blocks[("a b/ü.bin", index)]
+            preamble, _, table_and_data = body.lstrip(b"\n").partition(b"\n")
+            expected = served.blocks[("a b/ü.bin", index)]
+            table = chunk_table(expected, CHUNK_BYTES)
+            assert preamble.split()[:4] == [b"OK", str(len(expected)).encode(), str(CHUNK_BYTES).encode(),
+                                            f"{checksum(table):016x}".encode()]
+            assert table_and_data == table + expected
     finally:
         writer.close()
         await writer.wait_closed()
@@ -378,10 +383,11 @@ def test_timeouts_wait_out_a_syn_retransmission_and_several_missed_keepalives() 
     assert READ_TIMEOUT >= 4 * KEEPALIVE_SECONDS
 
 
-def test_the_response_signature_binds_request_checksum_and_length() -> None:
-    base = sign_response(KEY, "sig", 42, 10)
-    assert len({base, sign_response(KEY, "sig2", 42, 10), sign_response(KEY, "sig", 43, 10),
-                sign_response(KEY, "sig", 42, 11), sign_response(b"k", "sig", 42, 10)}) == 5
+def test_the_response_signature_binds_request_checksum_length_and_chunk_size() -> None:
+    base = sign_response(KEY, "sig", 42, 10, 4096)
+    assert len({base, sign_response(KEY, "sig2", 42, 10, 4096), sign_response(KEY, "sig", 43, 10, 4096),
+                sign_response(KEY, "sig", 42, 11, 4096), sign_response(KEY, "sig", 42, 10, 8192),
+                sign_response(b"k", "sig", 42, 10, 4096)}) == 6
 
 
 # --- the reader's routing ---

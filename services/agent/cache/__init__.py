@@ -28,10 +28,11 @@ checksum included.
 
 from services.agent.cache.eviction import EvictionPolicy, FrequencyAdmissionPolicy, LruPolicy, PolicyFactory
 from services.agent.cache.store import BlockCache, CacheStats, Reservation, TierStats
-from services.agent.cache.tiers import DiskTier, Health, MemoryTier, ScannedBlock, Tier
+from services.agent.cache.tiers import BlockFile, DiskTier, Health, MemoryTier, ScannedBlock, Tier
 
 __all__ = [
     "BlockCache",
+    "BlockFile",
     "CacheStats",
     "DiskTier",
     "EvictionPolicy",

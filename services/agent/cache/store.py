@@ -42,7 +42,7 @@ from libs.events.common import parse_quantity
 from libs.events.runtime import Level
 from libs.hostpaths import cache_path_error
 from services.agent.cache.eviction import EvictionPolicy, FrequencyAdmissionPolicy, PolicyFactory
-from services.agent.cache.tiers import DEFAULT_COOLDOWN_SECONDS, DiskTier, Health, MemoryTier, Tier
+from services.agent.cache.tiers import DEFAULT_COOLDOWN_SECONDS, BlockFile, DiskTier, Health, MemoryTier, Tier
 
 BlockCallback = Callable[[BlockId, int], None]
 
@@ -206,6 +206,23 @@ class BlockCache:
             return None
         self._hits += 1
         return data
+
+    def open_block(self, block: BlockId) -> BlockFile | None:
+        """The block's file open for sending as it is (``DiskTier.open_block``), or None: not cached, or in a
+        memory tier (then ``get``), or garbled (then forgotten, like a corrupt read)."""
+        name = block.name
+        entry = self._index.get(name)
+        if entry is None:
+            return None
+        for policy in self._policies:
+            policy.record_access(name)
+        tier = self._tiers[entry.tier]
+        opened = tier.open_block(name)
+        if opened is not None:
+            self._hits += 1
+        elif isinstance(tier, DiskTier) and tier.health is Health.NORMAL:
+            self._forget(name, entry)  # missing or corrupt (already deleted): gone for good
+        return opened
 
     def prefetch(self, block: BlockId) -> None:
         """Start bringing a cached block into memory ahead of its read (sequential readers of the disk tier)."""

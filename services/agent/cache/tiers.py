@@ -47,6 +47,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import errno
+import io
 import itertools
 import mmap
 import os
@@ -111,6 +112,20 @@ class ScannedBlock(NamedTuple):
     size: int
 
 
+class BlockFile(NamedTuple):
+    """A cached block's file, open, to be sent as it is (the peer server's ``sendfile``): from ``offset`` on,
+    ``file`` holds the chunk table (``table_bytes``: one xxh3-64 per ``chunk_bytes`` of data, little-endian) and
+    then the block's ``length`` bytes. ``table_digest`` (xxh3-64 of the table) was checked against the header; the
+    data was not: whoever receives it checks each chunk against the table. The caller closes ``file``."""
+
+    file: io.FileIO
+    offset: int
+    length: int
+    chunk_bytes: int
+    table_bytes: int
+    table_digest: int
+
+
 class Tier(Protocol):
     """One storage level of the cache. Reads and writes never raise for I/O errors."""
 
@@ -138,6 +153,9 @@ class Tier(Protocol):
 
     def prefetch(self, name: str) -> None:
         """A hint that the block will be read soon (a disk tier starts the read in the kernel)."""
+
+    def open_block(self, name: str) -> BlockFile | None:
+        """The block's file open for sending as it is (disk tiers), or None (absent, garbled, a memory tier)."""
 
     def write(self, block: BlockId, data: bytes) -> bool:
         """Stores the block under ``block.name``; False if the tier is down or the write failed."""
@@ -193,6 +211,9 @@ class MemoryTier:
 
     def prefetch(self, name: str) -> None:
         return None  # already in memory
+
+    def open_block(self, name: str) -> BlockFile | None:
+        return None  # no file: the block's bytes are sent from memory
 
     def write(self, block: BlockId, data: bytes) -> bool:
         self._blocks[block.name] = data
@@ -350,6 +371,36 @@ class DiskTier:
             pass
         finally:
             os.close(fd)
+
+    def open_block(self, name: str) -> BlockFile | None:
+        """The block file open for sending, its header and chunk table verified (not its data: the receiver
+        checks every chunk against the table, so the bytes never pass through this process)."""
+        if not self.available():
+            return None
+        path = self.path_of(name)
+        try:
+            file = io.FileIO(path, "r")
+        except FileNotFoundError:
+            return None
+        except OSError as err:
+            self._failed("read", err)
+            return None
+        try:
+            fd = file.fileno()
+            length, digest = _parse_header(os.pread(fd, HEADER.size, 0))
+            table_bytes = _chunk_count(length) * CHUNK_SUM.size
+            intact = (length >= 0 and os.fstat(fd).st_size >= _data_offset(_chunk_count(length)) + length
+                      and checksum(os.pread(fd, table_bytes, HEADER.size)) == digest)
+        except OSError as err:
+            file.close()
+            self._failed("read", err)
+            return None
+        if not intact:
+            file.close()
+            self._discard_corrupt(path)
+            return None
+        self._succeeded()
+        return BlockFile(file, HEADER.size, length, CHUNK_BYTES, table_bytes, digest)
 
     def write(self, block: BlockId, data: bytes) -> bool:
         if not self.available():

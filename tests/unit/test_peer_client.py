@@ -1,0 +1,351 @@
+"""The peer client (``PeerClient``: aiohttp's client, the block taken piece by piece and checked chunk by chunk).
+
+Good answers come from an aiohttp server scripted by the test (``AiohttpPeer``: the pieces of a v2 answer written
+as they are, each one HTTP chunk, or the whole with a Content-Length), signed with the runtime key like a real
+peer's: keep-alives, the preamble and the block cut at odd places, the block read whole every time. Lying or
+malformed answers come from a bare asyncio server (``ScriptedPeer``: any bytes the test writes, so a peer that does
+not speak aiohttp's HTTP, or none at all): every one of them is a ``PeerError``, never bytes, and a wrong first
+chunk is refused before the rest of the block arrives. Then connection reuse: kept alive between requests, and a
+kept-alive connection the peer closed meanwhile is replaced without failing the read. Last, the real
+``PeerServer``: a block in a disk tier goes out from its file (``sendfile``, not read by the owner), a file corrupt
+on the owner is refused by the reader, and a garbled one is dropped and the block sent from its source.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from libs.blocks import BlockId, checksum
+from libs.embedded import LOOPBACK
+from libs.events.dataset import ManifestEntry
+from services.agent.cache import BlockCache, DiskTier
+from services.agent.peer import PeerClient, PeerError, PeerServer, chunk_table, runtime_key, sign_response
+
+KEY = runtime_key(b"cluster secret", "default", "demo")
+LENGTH = 300_000  # several 64 KiB chunks, the last one short; several socket reads
+BODY = os.urandom(LENGTH)
+BLOCK = BlockId(0, "k", "e", 0)
+
+Script = Callable[[str], bytes]  # the request's signature -> the whole HTTP answer
+
+
+CHUNK = 64 * 1024
+
+
+def preamble(signature: str, data: bytes = BODY, chunk: int = CHUNK, proof: str | None = None,
+             table: bytes | None = None) -> bytes:
+    """The v2 preamble and the chunk table: what comes before the block's bytes."""
+    table = chunk_table(data, chunk) if table is None else table
+    proof = sign_response(KEY, signature, checksum(table), len(data), chunk) if proof is None else proof
+    return f"OK {len(data)} {chunk} {checksum(table):016x} {proof}\n".encode() + table
+
+
+def spoiled_table(signature: str) -> bytes:
+    table = bytearray(chunk_table(BODY, CHUNK))
+    table[3] ^= 1
+    told = checksum(chunk_table(BODY, CHUNK))  # the digest and signature of the right table
+    proof = sign_response(KEY, signature, told, LENGTH, CHUNK)
+    return chunked(f"OK {LENGTH} {CHUNK} {told:016x} {proof}\n".encode() + bytes(table), BODY)
+
+
+def chunked(*pieces: bytes) -> bytes:
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: application/vnd.shoal.peer-block.v2\r\nTransfer-Encoding: chunked\r\n\r\n"
+    return head + b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces) + b"0\r\n\r\n"
+
+
+def with_length(body: bytes, status: str = "200 OK") -> bytes:
+    return f"HTTP/1.1 {status}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
+
+
+class ScriptedPeer:
+    """A bare asyncio server answering each request with the bytes ``script(signature)`` gives, HTTP or not;
+    closes after each answer if ``close_after``."""
+
+    def __init__(self, script: Script, close_after: bool = False) -> None:
+        self.script = script
+        self.close_after = close_after
+        self.connections = 0
+        self.requests = 0
+        self._server: asyncio.Server | None = None
+        self._writers: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> str:
+        self._server = await asyncio.start_server(self._serve, LOOPBACK, 0)
+        return f"http://{LOOPBACK}:{self._server.sockets[0].getsockname()[1]}"
+
+    async def stop(self) -> None:
+        for writer in self._writers:
+            writer.close()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self._writers.append(writer)
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                self.requests += 1
+                signature = next(line.split(b":", 1)[1].strip().decode() for line in head.split(b"\r\n")
+                                 if line.lower().startswith(b"shoal-peer-signature:"))
+                writer.write(self.script(signature))
+                await writer.drain()
+                if self.close_after:
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+Make = Callable[..., Awaitable[tuple[ScriptedPeer, str]]]
+MakeAiohttp = Callable[..., Awaitable[tuple["AiohttpPeer", str]]]
+
+
+@pytest.fixture
+async def scripted() -> AsyncIterator[Make]:
+    peers: list[ScriptedPeer] = []
+
+    async def make(script: Script, close_after: bool = False) -> tuple[ScriptedPeer, str]:
+        peer = ScriptedPeer(script, close_after)
+        peers.append(peer)
+        return peer, await peer.start()
+
+    try:
+        yield make
+    finally:
+        for peer in peers:
+            await peer.stop()
+
+
+async def fetch(url: str, times: int = 1) -> list[bytes]:
+    client = PeerClient(KEY, "default", "demo", read_timeout=2.0)
+    try:
+        return [await client.get_block(url, BLOCK, LENGTH, LENGTH) for _ in range(times)]
+    finally:
+        await client.close()
+
+
+class AiohttpPeer:
+    """An aiohttp server answering each request with ``script(signature)``: each piece one HTTP chunk (written as it
+    is by ``StreamResponse.write``), or all of them as one body with a Content-Length if ``content_length``."""
+
+    def __init__(self, script: Pieces, content_length: bool = False) -> None:
+        self.script = script
+        self.content_length = content_length
+        self.requests = 0
+        self.clients: set[object] = set()  # the client's address of every request: one per connection
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> str:
+        app = web.Application()
+        app.router.add_get("/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, LOOPBACK, 0)
+        await site.start()
+        return f"http://{LOOPBACK}:{self._runner.addresses[0][1]}"
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        self.requests += 1
+        assert request.transport is not None
+        self.clients.add(request.transport.get_extra_info("peername"))
+        pieces = self.script(request.headers["Shoal-Peer-Signature"])
+        if self.content_length:
+            return web.Response(body=b"".join(pieces), content_type="application/vnd.shoal.peer-block.v2")
+        response = web.StreamResponse()
+        await response.prepare(request)
+        for piece in pieces:
+            await response.write(piece)
+        await response.write_eof()
+        return response
+
+
+Pieces = Callable[[str], list[bytes]]  # the request's signature -> the pieces of the body
+
+
+@pytest.fixture
+async def aiohttp_peer() -> AsyncIterator[Callable[..., Awaitable[tuple[AiohttpPeer, str]]]]:
+    peers: list[AiohttpPeer] = []
+
+    async def make(script: Pieces, content_length: bool = False) -> tuple[AiohttpPeer, str]:
+        peer = AiohttpPeer(script, content_length)
+        peers.append(peer)
+        return peer, await peer.start()
+
+    try:
+        yield make
+    finally:
+        for peer in peers:
+            await peer.stop()
+
+
+GOOD: dict[str, Pieces] = {
+    "one chunk each": lambda s: [b"\n", b"\n", preamble(s), BODY],
+    "odd chunk boundaries": lambda s: [b"\n" + preamble(s)[:5], preamble(s)[5:] + BODY[:7], BODY[7:100_001],
+                                       BODY[100_001:]],
+    "chunk boundaries inside the table": lambda s: [preamble(s)[:-20], preamble(s)[-20:-3], preamble(s)[-3:] + BODY],
+    "a chunk per 1000 bytes": lambda s: [preamble(s)] + [BODY[i:i + 1000] for i in range(0, LENGTH, 1000)],
+    "preamble and block in one chunk": lambda s: [preamble(s) + BODY],
+    "content-length": lambda s: [b"\n", preamble(s), BODY],
+}
+
+
+@pytest.mark.parametrize("framing", GOOD)
+async def test_a_block_is_read_whole_however_the_answer_is_cut(aiohttp_peer: MakeAiohttp, framing: str) -> None:
+    _, url = await aiohttp_peer(GOOD[framing], content_length=framing == "content-length")
+    blocks = await fetch(url, times=2)
+    assert blocks == [BODY, BODY]
+    assert all(type(b) is bytes for b in blocks) and blocks[0] is not blocks[1], "immutable, one object per block"
+
+
+async def test_a_block_is_read_from_a_peer_that_answers_until_it_closes(scripted: Make) -> None:
+    # HTTP/1.0, no length: the body ends when the connection does (aiohttp's server never does this; a peer may).
+    _, url = await scripted(lambda s: b"HTTP/1.0 200 OK\r\n\r\n" + preamble(s) + BODY, close_after=True)
+    assert await fetch(url, times=2) == [BODY, BODY]
+
+
+def flipped(s: str) -> bytes:
+    spoiled = bytearray(BODY)
+    spoiled[1234] ^= 1
+    return chunked(preamble(s), bytes(spoiled))
+
+
+BAD: dict[str, tuple[Script, str]] = {
+    "flipped byte": (flipped, "checksum"),
+    "bytes after the block (length)": (lambda s: with_length(preamble(s) + BODY + b"x"), "bytes after the block"),
+    "bytes after the block (chunk)": (lambda s: chunked(preamble(s), BODY, b"x"), "bytes after the block"),
+    "short block, then the end": (lambda s: chunked(preamble(s), BODY[:-1]), "cut short"),
+    "bad chunk size": (lambda s: chunked(preamble(s))[:-5] + b"zz\r\n" + BODY, "chunk size"),
+    "chunk longer than sent": (lambda s: chunked(preamble(s))[:-5] + b"%x\r\n" % (LENGTH + 10) + BODY,
+                               "ClientPayloadError|cut short"),
+    "length longer than sent": (lambda s: with_length(preamble(s) + BODY)[:-1000], "ClientPayloadError|cut short"),
+    "table cut short": (lambda s: with_length(preamble(s)[:-5]), "cut short"),
+    "bad signature": (lambda s: chunked(preamble(s, proof="0" * 64), BODY), "bad response signature"),
+    "spoiled chunk table": (spoiled_table, "chunk table checksum"),
+    "tiny chunks": (lambda s: chunked(preamble(s, chunk=16), BODY), "chunks of 16 bytes"),
+    "signed for another request": (lambda s: chunked(preamble("0" * 64), BODY), "bad response signature"),
+    "other length": (lambda s: chunked(preamble(s, BODY + b"x"), BODY + b"x"), "answered"),
+    "not HTTP": (lambda s: b"SSH-2.0-OpenSSH\r\n\r\n", "ClientResponseError"),
+    "headers never end": (lambda s: b"HTTP/1.1 200 OK\r\n" + b"X: y\r\n" * 50_000, "ClientResponseError"),
+    "preamble line never ends": (lambda s: chunked(b"OK " + b"1" * 100_000), "LineTooLong|malformed"),
+    "store failed behind the peer": (lambda s: chunked(b"\n", b"ERR the store said 503\n"),
+                                     "could not get the block: the store said 503"),
+    "refused": (lambda s: with_length(b'{"reason": "bad signature"}', "403 Forbidden"), "403.*bad signature"),
+}
+
+
+@pytest.mark.parametrize("case", BAD)
+async def test_a_malformed_or_lying_answer_is_a_peer_error_never_bytes(scripted: Make, case: str) -> None:
+    script, match = BAD[case]
+    _, url = await scripted(script, close_after=True)
+    with pytest.raises(PeerError, match=match):
+        await fetch(url)
+
+
+async def test_a_connection_is_kept_alive_between_requests(aiohttp_peer: MakeAiohttp) -> None:
+    peer, url = await aiohttp_peer(GOOD["one chunk each"])
+    assert await fetch(url, times=3) == [BODY] * 3
+    assert (len(peer.clients), peer.requests) == (1, 3)
+
+
+async def test_a_wrong_chunk_is_refused_before_the_rest_of_the_block_arrives(scripted: Make) -> None:
+    # The peer sends a spoiled first chunk, then nothing more while keeping the connection open: the reader must
+    # refuse at that chunk rather than wait (it would give up after its read timeout with another reason).
+    def spoiled_first_chunk(s: str) -> bytes:
+        first = bytearray(BODY[:CHUNK])
+        first[10] ^= 1
+        head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (len(preamble(s)) + LENGTH)
+        return head + preamble(s) + bytes(first)
+
+    _, url = await scripted(spoiled_first_chunk)
+    with pytest.raises(PeerError, match=r"block checksum mismatch \(chunk at 0\)"):
+        await fetch(url)
+
+
+async def test_a_kept_alive_connection_the_peer_closed_is_replaced(scripted: Make) -> None:
+    # The peer closes each connection after its answer without saying so (an idle timeout, a restart): the next
+    # request finds it closed before any byte of an answer and is asked again on a new connection.
+    peer, url = await scripted(lambda s: with_length(b"\n" + preamble(s) + BODY), close_after=True)
+    client = PeerClient(KEY, "default", "demo", read_timeout=2.0)
+    try:
+        for _ in range(3):
+            assert await client.get_block(url, BLOCK, LENGTH, LENGTH) == BODY
+        assert client.down(url) is None
+    finally:
+        await client.close()
+    assert peer.connections == 3 and peer.requests == 3
+
+
+# --- the server's side: cached blocks go out from their files ---
+
+
+@pytest.fixture
+async def file_peer(tmp_path: Path) -> AsyncIterator[tuple[PeerServer, BlockCache, list[int], str]]:
+    """A real peer server over a disk-tier cache holding block 0 of ``BODY``; ``source`` calls are recorded."""
+    entry = ManifestEntry(path="/k", mount=0, key="k", size=LENGTH, etag="e", mtime=0.0)
+    cache = BlockCache([DiskTier(tmp_path / "cache", 16 * LENGTH)])
+    cache.load()
+    assert await cache.put_async(BLOCK, BODY)
+    calls: list[int] = []
+
+    async def source(_: ManifestEntry, index: int) -> bytes:
+        calls.append(index)
+        return BODY
+
+    server = PeerServer(KEY, "default", "demo", LENGTH, lambda mount, key: entry if key == "k" else None, source,
+                        open_file=lambda _, index: cache.open_block(BlockId(0, "k", "e", index)))
+    await server.start(LOOPBACK, 0)
+    try:
+        yield server, cache, calls, f"http://{LOOPBACK}:{server.port}"
+    finally:
+        await server.stop()
+
+
+def block_file(cache: BlockCache) -> Path:
+    tier = cache.tiers[0]
+    assert isinstance(tier, DiskTier)
+    return Path(tier.path_of(BLOCK.name))
+
+
+async def test_a_cached_block_goes_out_from_its_file(
+        file_peer: tuple[PeerServer, BlockCache, list[int], str]) -> None:
+    server, _, calls, url = file_peer
+    assert await fetch(url, times=2) == [BODY, BODY]
+    assert calls == [] and server.served_bytes == 2 * LENGTH
+
+
+async def test_a_block_file_corrupt_on_the_owner_is_never_believed(
+        file_peer: tuple[PeerServer, BlockCache, list[int], str]) -> None:
+    # The owner sends its file without reading it: the reader checks every chunk against the table.
+    _, cache, _, url = file_peer
+    path = block_file(cache)
+    with path.open("r+b") as file:
+        file.seek(-100_000, os.SEEK_END)  # in the data, before the block id at the end
+        byte = file.read(1)
+        file.seek(-1, os.SEEK_CUR)
+        file.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(PeerError, match="block checksum mismatch"):
+        await fetch(url)
+
+
+async def test_a_garbled_block_file_is_dropped_and_the_block_sent_from_its_source(
+        file_peer: tuple[PeerServer, BlockCache, list[int], str]) -> None:
+    _, cache, calls, url = file_peer
+    path = block_file(cache)
+    with path.open("r+b") as file:
+        file.seek(40)  # in the chunk table, whose digest is in the header
+        file.write(b"\xff\xff")
+    assert await fetch(url) == [BODY]
+    assert calls == [0] and not path.exists() and not cache.contains(BLOCK)
