@@ -9,7 +9,7 @@ import json
 import os
 import platform
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -271,3 +271,27 @@ def report(bench: Bench, out_path: Path) -> None:
         "notes": notes + bench.notes, "page_cache_drop": sorted(bench.page_cache.methods),
     }, indent=2))
     out.print(f"[dim]results written to {out_path}[/dim]")
+
+
+def print_targets(out: Any, title: str, lines: Sequence[tuple[str, str, str]]) -> None:
+    """The (verdict, target, measured) lines of a bench, PASS in green and MISS in red."""
+    from rich.markup import escape
+
+    out.print(f"\n[bold]{escape(title)}[/bold]")
+    for verdict, text, measured in lines:
+        style = {"PASS": "green", "MISS": "red"}.get(verdict, "yellow")
+        out.print(f"  [{style}]{verdict:4}[/{style}]  {escape(text)}: {escape(measured)}")
+
+
+def write_docs_section(path: Path, section: str, begin: str, end: str) -> None:
+    """Replace the generated section of ``path`` between the markers ``begin`` (matched up to its " (") and
+    ``end``, or append it."""
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    start = text.find(begin.split(" (")[0])
+    stop = text.find(end)
+    if start >= 0 and stop > start:
+        text = text[:start] + section + text[stop + len(end):]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    path.write_text(text)
+

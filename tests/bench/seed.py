@@ -70,7 +70,7 @@ from tests.bench.processes import (
     unmount,
     wait_mounted,
 )
-from tests.bench.report import console, say, timed_phase
+from tests.bench.report import console, print_targets, say, timed_phase, write_docs_section
 from tests.bench.throttle import LinkStats, ThrottledProxy
 from tests.bench.worker import PageCache, read_tree
 from tests.bench.workloads import MiB
@@ -887,10 +887,7 @@ def report(bench: SeedBench, out_path: Path, docs_path: Path) -> None:
     for note in notes:
         out.print(f"[dim]• {escape(note)}[/dim]")
     targets = target_lines(bench)
-    out.print("\n[bold]Targets (issue 8)[/bold]")
-    for verdict, text, measured in targets:
-        style = {"PASS": "green", "MISS": "red"}.get(verdict, "yellow")
-        out.print(f"  [{style}]{verdict:4}[/{style}]  {escape(text)}: {escape(measured)}")
+    print_targets(out, "Targets (issue 8)", targets)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps({
         "generated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -902,7 +899,7 @@ def report(bench: SeedBench, out_path: Path, docs_path: Path) -> None:
     }, indent=2))
     out.print(f"[dim]results written to {out_path}[/dim]")
     if config.docs:
-        write_docs(docs_path, markdown(bench, targets, notes))
+        write_docs_section(docs_path, markdown(bench, targets, notes), DOCS_BEGIN, DOCS_END)
         out.print(f"[dim]{docs_path} updated (seed section)[/dim]")
     else:
         out.print(f"[dim]{docs_path} not updated: the model is under 1 GiB (SHOAL_BENCH_SEED_DOCS=1 forces it)[/dim]")
@@ -980,18 +977,6 @@ def markdown(bench: SeedBench, targets: Sequence[tuple[str, str, str]], notes: S
     lines += [""] + [line for note in notes
                      for line in textwrap.wrap(f"- {note}", DOCS_WIDTH, subsequent_indent="  ")] + [DOCS_END]
     return "\n".join(lines)
-
-
-def write_docs(path: Path, section: str) -> None:
-    """Replace the generated seed section of ``path`` (between the markers), or append it."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    begin = text.find(DOCS_BEGIN.split(" (")[0])
-    end = text.find(DOCS_END)
-    if begin >= 0 and end > begin:
-        text = text[:begin] + section + text[end + len(DOCS_END):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text)
 
 
 # --- entry point -------------------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 from libs.events.common import format_bytes, parse_quantity
 from tests.bench.processes import PROJECT_ROOT, _on_signal, _servers, cleanup, fresh_run_dir, mounts_under
-from tests.bench.report import console, say, timed_phase
+from tests.bench.report import console, print_targets, say, timed_phase, write_docs_section
 from tests.bench.seed import NAMESPACE, TIMES, Agent, Cluster, bucket_client, show_bytes
 from tests.bench.throttle import ThrottledProxy
 from tests.bench.worker import read_tree, run_worker
@@ -324,10 +324,7 @@ def report(bench: WarmupBench, out_path: Path, docs_path: Path) -> None:
     out = console()
     out.print(table)
     lines = targets(bench)
-    out.print("\n[bold]Targets (issue 9)[/bold]")
-    for verdict, text, measured in lines:
-        style = {"PASS": "green", "MISS": "red"}.get(verdict, "yellow")
-        out.print(f"  [{style}]{verdict:4}[/{style}]  {text}: {measured}")
+    print_targets(out, "Targets (issue 9)", lines)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps({
         "generated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "cpus": os.cpu_count(),
@@ -337,7 +334,7 @@ def report(bench: WarmupBench, out_path: Path, docs_path: Path) -> None:
     }, indent=2))
     out.print(f"[dim]results written to {out_path}[/dim]")
     if bench.config.write_docs:
-        write_docs(docs_path, markdown(bench, lines))
+        write_docs_section(docs_path, markdown(bench, lines), DOCS_BEGIN, DOCS_END)
         out.print(f"[dim]{docs_path} updated (warm-up section)[/dim]")
 
 
@@ -366,16 +363,6 @@ def markdown(bench: WarmupBench, lines: Sequence[tuple[str, str, str]]) -> str:
     text += [f"| {verdict} | {target} | {measured} |" for verdict, target, measured in lines]
     text.append(DOCS_END)
     return "\n".join(text)
-
-
-def write_docs(path: Path, section: str) -> None:
-    current = path.read_text() if path.exists() else ""
-    if DOCS_BEGIN in current and DOCS_END in current:
-        before, rest = current.split(DOCS_BEGIN, 1)
-        after = rest.split(DOCS_END, 1)[1]
-        path.write_text(before + section + after)
-    else:
-        path.write_text(current.rstrip("\n") + "\n\n" + section + "\n")
 
 
 def main(state_dir: Path, environ: Mapping[str, str] | None = None, quick: bool = False) -> None:

@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
+from tests.bench.report import write_docs_section
 from tests.bench.seed import (
+    DOCS_BEGIN,
     DOCS_END,
     GiB,
     MiB,
@@ -18,7 +20,6 @@ from tests.bench.seed import (
     SeedRow,
     parse_rate,
     target_lines,
-    write_docs,
 )
 from tests.bench.throttle import RequestCounter, ThrottledProxy
 
@@ -100,13 +101,13 @@ def test_docs_section_is_replaced_in_place(tmp_path: Path) -> None:
     docs = tmp_path / "benchmarks.md"
     docs.write_text("# Benchmarks\n\nhand-written\n\n<!-- seed-bench:begin (old) -->\nold numbers\n"
                     f"{DOCS_END}\n\n## After\n")
-    write_docs(docs, f"<!-- seed-bench:begin (new) -->\nnew numbers\n{DOCS_END}")
+    write_docs_section(docs, f"<!-- seed-bench:begin (new) -->\nnew numbers\n{DOCS_END}", DOCS_BEGIN, DOCS_END)
     text = docs.read_text()
     assert "old numbers" not in text and "new numbers" in text
     assert text.startswith("# Benchmarks\n\nhand-written\n") and text.endswith("\n\n## After\n")
     fresh = tmp_path / "other.md"
     fresh.write_text("# Benchmarks\n")
-    write_docs(fresh, f"<!-- seed-bench:begin -->\nfirst\n{DOCS_END}")
+    write_docs_section(fresh, f"<!-- seed-bench:begin -->\nfirst\n{DOCS_END}", DOCS_BEGIN, DOCS_END)
     assert fresh.read_text() == f"# Benchmarks\n\n<!-- seed-bench:begin -->\nfirst\n{DOCS_END}\n"
 
 
