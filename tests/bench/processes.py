@@ -6,6 +6,7 @@ under the bench's mount folders and stops the embedded servers, also on errors a
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import resource
 import shutil
@@ -14,7 +15,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from libs.embedded import ServerProcess, spawn
@@ -88,6 +89,24 @@ def cleanup() -> None:
 
 def _on_signal(signum: int, _frame: object) -> None:
     raise SystemExit(128 + signum)
+
+
+@contextlib.contextmanager
+def exclusive_run(state: Path, what: str) -> Iterator[None]:
+    """One ``what`` bench at a time on ``state`` (a lock file held for the run), with SIGTERM and SIGHUP cleaning
+    up like Ctrl-C; the previous handlers come back afterwards."""
+    state.mkdir(parents=True, exist_ok=True)
+    with open(state / f"{what}-bench.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SystemExit(f"another {what} bench is running on {state}") from None
+        previous = {signum: signal.signal(signum, _on_signal) for signum in (signal.SIGTERM, signal.SIGHUP)}
+        try:
+            yield
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
 
 
 def _unescape(field_: str) -> str:

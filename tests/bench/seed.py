@@ -36,14 +36,12 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
-import fcntl
 import json
 import os
 import platform
 import re
 import secrets
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -59,11 +57,11 @@ from tests.bench.processes import (
     PROJECT_ROOT,
     Child,
     _mount_roots,
-    _on_signal,
     _servers,
     cleanup,
     cpu_seconds,
     descendants,
+    exclusive_run,
     fresh_run_dir,
     mounted,
     mounts_under,
@@ -987,25 +985,16 @@ def main(state_dir: Path, environ: Mapping[str, str] | None = None, quick: bool 
     config = SeedConfig.from_env(environ, quick)
     log_level = environ.get("SHOAL_BENCH_SEED_LOG_LEVEL", "warning")
     state = state_dir.resolve()
-    state.mkdir(parents=True, exist_ok=True)
-    lock = open(state / "seed-bench.lock", "w")  # held for the whole run
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        raise SystemExit(f"another seed bench is running on {state}") from None
-    bench = SeedBench(config, state, log_level)
-    atexit.register(bench.stop)
-    previous = {signum: signal.signal(signum, _on_signal) for signum in (signal.SIGTERM, signal.SIGHUP)}
-    say(f"seed bench: {show_bytes(config.model_bytes)} model, link {show_rate(config.rate)}, N = "
-        f"{', '.join(map(str, config.consumers))}, {config.peer_rounds} peer-read rounds")
-    started = time.perf_counter()
-    try:
-        bench.run()
-    finally:
-        bench.stop()
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-        lock.close()
+    with exclusive_run(state, "seed"):
+        bench = SeedBench(config, state, log_level)
+        atexit.register(bench.stop)
+        say(f"seed bench: {show_bytes(config.model_bytes)} model, link {show_rate(config.rate)}, N = "
+            f"{', '.join(map(str, config.consumers))}, {config.peer_rounds} peer-read rounds")
+        started = time.perf_counter()
+        try:
+            bench.run()
+        finally:
+            bench.stop()
     bench.phase_times["total"] = time.perf_counter() - started
     report(bench, state / "seed-results.json", PROJECT_ROOT / "docs" / "benchmarks.md")
 

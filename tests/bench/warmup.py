@@ -21,13 +21,11 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
-import fcntl
 import json
 import os
 import platform
 import secrets
 import shutil
-import signal
 import textwrap
 import time
 from collections.abc import Mapping, Sequence
@@ -36,7 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from libs.events.common import format_bytes, parse_quantity
-from tests.bench.processes import PROJECT_ROOT, _on_signal, _servers, cleanup, fresh_run_dir, mounts_under
+from tests.bench.processes import PROJECT_ROOT, _servers, cleanup, exclusive_run, fresh_run_dir, mounts_under
 from tests.bench.report import console, print_targets, say, timed_phase, write_docs_section
 from tests.bench.seed import NAMESPACE, TIMES, Agent, Cluster, bucket_client, show_bytes
 from tests.bench.throttle import ThrottledProxy
@@ -369,21 +367,12 @@ def main(state_dir: Path, environ: Mapping[str, str] | None = None, quick: bool 
     environ = os.environ if environ is None else environ
     config = WarmupConfig.from_env(environ, quick)
     state = state_dir.resolve()
-    state.mkdir(parents=True, exist_ok=True)
-    lock = open(state / "warmup-bench.lock", "w")  # held for the whole run
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        raise SystemExit(f"another warm-up bench is running on {state}") from None
-    bench = WarmupBench(config, state, environ.get("SHOAL_BENCH_WARMUP_LOG_LEVEL", "warning"))
-    atexit.register(bench.stop)
-    previous = {signum: signal.signal(signum, _on_signal) for signum in (signal.SIGTERM, signal.SIGHUP)}
-    say(f"warm-up bench: large {config.large.describe()}, small {config.small.describe()}, {AGENTS} agents")
-    try:
-        bench.run()
-    finally:
-        bench.stop()
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-        lock.close()
+    with exclusive_run(state, "warm-up"):
+        bench = WarmupBench(config, state, environ.get("SHOAL_BENCH_WARMUP_LOG_LEVEL", "warning"))
+        atexit.register(bench.stop)
+        say(f"warm-up bench: large {config.large.describe()}, small {config.small.describe()}, {AGENTS} agents")
+        try:
+            bench.run()
+        finally:
+            bench.stop()
     report(bench, state / "warmup-results.json", PROJECT_ROOT / "docs" / "benchmarks.md")
