@@ -18,9 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
-from prometheus_client import Counter
 
-from libs import subjects
+from libs import metrics, subjects
 from libs.bus import Bus, Delivery, KvMirror, Replay, kv_watch
 from libs.events.agent import AgentRecord, AnyInventory, InventoryRequest, upgrade
 from libs.events.common import ObjectRef
@@ -33,12 +32,8 @@ from services.scheduler.fold import CacheFold, Catalog, DatasetKey, LiveView
 
 log = get_logger(__name__)
 
-# Metric names, spelled once. ``outcome``: answered, error (an error answer: unknown dataset, too large...),
-# malformed (not a ScoreRequest). ``kind`` of ignored inventory: unknown_dataset (deleted, or not yet applied).
-SCORE_REQUESTS = Counter("shoal_scheduler_score_requests", "Score requests answered, by outcome.", ["outcome"])
-INVENTORY_IGNORED = Counter("shoal_scheduler_inventory_ignored", "Inventory events not folded, by reason.",
-                            ["reason"])
-SNAPSHOT_REQUESTS = Counter("shoal_scheduler_snapshot_requests", "Snapshot requests sent to agents.")
+# Decision outcomes over NATS: answered, error (an error answer: unknown dataset, too large...), malformed (not a
+# ScoreRequest). Ignored inventory: unknown_dataset (deleted, or not yet applied).
 
 _REQUEST_DECODER = msgspec.json.Decoder(ScoreRequest)
 # Distinct questions whose answers are kept; past this the memory starts over (a few MB at most).
@@ -135,7 +130,7 @@ class SchedulerHandlers:
                 self._answers.clear()
             self._answers[key] = (stamp, reply)
         outcome = "error" if reply.error else "answered"
-        SCORE_REQUESTS.labels(outcome).inc()
+        metrics.DECISIONS.labels(metrics.WAY_NATS, outcome).inc()
         self._count(outcome)
         return reply
 
@@ -151,7 +146,7 @@ class SchedulerHandlers:
         try:
             request = _REQUEST_DECODER.decode(data)
         except (msgspec.ValidationError, msgspec.DecodeError) as err:
-            SCORE_REQUESTS.labels("malformed").inc()
+            metrics.DECISIONS.labels(metrics.WAY_NATS, "malformed").inc()
             self._count("malformed")
             return msgspec.json.encode(ScoreReply(causation_id=_request_id(data),
                                                   error=f"invalid sched.score.v1 request: {err}"))
@@ -166,7 +161,7 @@ class SchedulerHandlers:
         if key not in self.datasets:
             # A deleted dataset's last events (its cache freed) must not bring it back; a dataset not applied yet
             # has no mounts to report. Either way, a later delta of a dataset that exists asks for a snapshot.
-            INVENTORY_IGNORED.labels("unknown_dataset").inc()
+            metrics.FOLD_EVENTS.labels("unknown_dataset").inc()
             self._count("inventory_unknown_dataset")
             return
         if self.fold.apply(event):
@@ -175,7 +170,7 @@ class SchedulerHandlers:
             await self.ask_snapshot(event.node, event.dataset)
 
     async def ask_snapshot(self, node: str = "", dataset: ObjectRef | None = None) -> None:
-        SNAPSHOT_REQUESTS.inc()
+        metrics.SNAPSHOT_REQUESTS.inc()
         self._count("snapshot_requests")
         await self.bus.publish_core(subjects.INVENTORY_REQUEST, InventoryRequest(node=node, dataset=dataset))
 

@@ -9,7 +9,7 @@ configuration's ``timeoutSeconds`` and the extender's ``httpTimeout``) is not us
 raises: ``/mutate`` then allows the pod unchanged, ``/filter`` answers ``Error`` (the configuration's
 ``ignorable: true`` lets the pod schedule without the extender) and ``/prioritize`` scores every node 0. A
 request that is not of the documented shape gets HTTP 400 with the reason. Each outcome is counted, per route,
-in ``counts`` and in the Prometheus counter ``REQUESTS_METRIC``; each request counts once.
+in ``counts`` and in the Prometheus counter ``libs.metrics.DECISIONS``; each request counts once.
 
 Where ``answer`` runs: on the event loop's thread by default, because the scheduler's fold is read without
 copies and is a consistent snapshot only there (``services/scheduler/fold.py``: updates run on the same loop).
@@ -36,8 +36,8 @@ from typing import Any
 
 import msgspec
 from aiohttp import web
-from prometheus_client import Counter as PrometheusCounter
 
+from libs import metrics
 from libs.events.schedule import Candidate, DatasetUse, ScoreReply, ScoreRequest
 from libs.telemetry import get_logger
 
@@ -58,9 +58,8 @@ TIMEOUT = "timeout"  # answer too slow: allowed unchanged / Error / zeros
 FAILED = "failed"  # answer raised: allowed unchanged / Error / zeros
 UNANSWERED = "unanswered"  # the reply carried an error (an unknown dataset: often an ordinary PVC, not a dataset)
 INTERNAL = "internal"  # a bug here: HTTP 500 (the webhook's failurePolicy Ignore still admits the pod)
-REQUESTS_METRIC = "shoal_scheduler_http_requests"
-_REQUESTS = PrometheusCounter(REQUESTS_METRIC, "Requests to the scheduler's webhook and extender, by outcome",
-                              ["route", "outcome"])
+# The Prometheus way label of each route (libs.metrics.DECISIONS).
+_WAY = {MUTATE: metrics.WAY_WEBHOOK, FILTER: metrics.WAY_FILTER, PRIORITIZE: metrics.WAY_PRIORITIZE}
 # A pod is at most ~1.5 MiB (etcd's object limit); with nodeCacheCapable: false kube-scheduler sends every
 # candidate's full Node object (5-15 KiB each), so 64 MiB covers a few thousand nodes.
 MAX_BODY = 64 * 1024 * 1024
@@ -135,7 +134,7 @@ class SchedulerHttp:
 
     def _count(self, route: str, outcome: str) -> None:
         self.counts[f"{route}.{outcome}"] += 1
-        _REQUESTS.labels(route, outcome).inc()
+        metrics.DECISIONS.labels(_WAY[route], outcome).inc()
 
     async def _ask(self, route: str, datasets: list[DatasetUse],
                    candidates: list[Candidate]) -> tuple[ScoreReply | None, str]:

@@ -1,0 +1,121 @@
+"""Every Prometheus metric of every Shoal process, spelled once: names, help, label keys, units and buckets.
+
+Exposition is prometheus-client's: each instrument here registers in its global registry, which the side server
+(``libs.side_server``) serves on ``/metrics`` next to the process collector. A process only moves the instruments
+it owns; the others stay absent from its output (a labelled metric shows no series until a label set is used).
+
+Naming follows Prometheus: counters end in ``_total`` (prometheus-client adds it to the name given here), units are
+base units in the name (``_seconds``, ``_bytes``), gauges have no suffix. Labels stay bounded: consumer durables,
+outcomes, tiers, sources, FUSE operations, dataset and node names, never a path, an object key or a block id.
+
+Label values used by more than one module are constants below, so dashboards and code agree on the spelling.
+
+``SHOAL_METRICS=off`` turns the data-path instruments (the ``DATA_PATH`` group: per-read and per-block counters and
+histograms of the agent) into no-ops, for the bench that measures what metrics cost on reads; the control-plane
+instruments stay on either way (they are a few increments per command).
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import Counter, Gauge, Histogram
+
+# --- label values ----------------------------------------------------------------------------------------------
+
+# Outcome of one message handed to a bus consumer's handler (libs.bus.Consumer).
+OK, REJECTED, RETRIED, DEAD_LETTERED, CONFLICT = "ok", "rejected", "retried", "dead_lettered", "conflict"
+# Where a block's bytes came from on a read: memory and disk are cache hits, peer and store are misses.
+MEMORY, DISK, PEER, STORE = "memory", "disk", "peer", "store"
+HIT_SOURCES = (MEMORY, DISK)
+MISS_SOURCES = (PEER, STORE)
+# Cache tiers with a size and a capacity.
+TIERS = (MEMORY, DISK)
+# How a scheduling question arrived: the NATS API, the admission webhook, the extender's two verbs.
+WAY_NATS, WAY_WEBHOOK, WAY_FILTER, WAY_PRIORITIZE = "nats", "webhook", "filter", "prioritize"
+
+# --- buckets ---------------------------------------------------------------------------------------------------
+
+# Handlers, syncs and store requests: a millisecond to a minute.
+SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+# FUSE requests and scheduling decisions: tens of microseconds (a cached getattr) to a few seconds (a cold read).
+FAST_SECONDS_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                        0.5, 1.0, 2.5)
+
+
+def data_path_enabled() -> bool:
+    """False when ``SHOAL_METRICS=off``: the agent's per-read instruments are skipped (see module docstring)."""
+    return os.environ.get("SHOAL_METRICS", "on").strip().lower() not in ("off", "0", "false", "no")
+
+
+# --- every service: the bus ------------------------------------------------------------------------------------
+
+COMMANDS = Counter("shoal_messages_handled", "Messages handed to a consumer's handler, by outcome "
+                   "(ok, rejected, retried, dead_lettered, conflict).", ["consumer", "outcome"])
+HANDLER_SECONDS = Histogram("shoal_handler_duration_seconds", "Time a consumer's handler took for one message.",
+                            ["consumer"], buckets=SECONDS_BUCKETS)
+CONSUMER_LAG = Gauge("shoal_consumer_lag_messages", "Messages in the stream not yet delivered to this consumer "
+                     "(JetStream num_pending) at its last fetch.", ["consumer"])
+KV_CONFLICTS = Counter("shoal_kv_conflicts", "Compare-and-set writes to a KV bucket that lost to another writer.",
+                       ["bucket"])
+
+# --- dataset service -------------------------------------------------------------------------------------------
+
+DATASETS = Gauge("shoal_datasets", "Datasets by phase.", ["phase"])
+DATASET_SYNC_SECONDS = Histogram("shoal_dataset_sync_duration_seconds", "Time to list a dataset's sources and "
+                                 "save its manifest, by outcome (ok, failed).", ["outcome"], buckets=SECONDS_BUCKETS)
+DATASET_OBJECTS = Gauge("shoal_dataset_objects", "Objects in a dataset's manifest at its last sync.", ["dataset"])
+DATASET_UFS_BYTES = Gauge("shoal_dataset_ufs_bytes", "Bytes in a dataset's sources at its last sync.", ["dataset"])
+
+# --- runtime service -------------------------------------------------------------------------------------------
+
+RUNTIMES = Gauge("shoal_runtimes", "Runtimes by phase.", ["phase"])
+RUNTIME_WORKERS = Gauge("shoal_runtime_workers", "Cache workers picked for a runtime.", ["runtime"])
+
+# --- agent: cache and data path (label ``node`` is the agent's node name) --------------------------------------
+
+CACHE_BYTES = Gauge("shoal_cache_bytes", "Bytes held in a cache tier.", ["node", "dataset", "tier"])
+CACHE_CAPACITY_BYTES = Gauge("shoal_cache_capacity_bytes", "Capacity of a cache tier.", ["node", "dataset", "tier"])
+BLOCK_READS = Counter("shoal_block_reads", "Block reads by the source that served them (memory and disk are hits, "
+                      "peer and store are misses).", ["node", "dataset", "source"])
+READ_BYTES = Counter("shoal_read_bytes", "Bytes read by source.", ["node", "dataset", "source"])
+STORE_REQUEST_SECONDS = Histogram("shoal_store_request_duration_seconds", "Object store requests by operation "
+                                  "(get, head, list).", ["node", "dataset", "operation"], buckets=SECONDS_BUCKETS)
+STORE_ERRORS = Counter("shoal_store_errors", "Failed object store requests, by operation and reason "
+                       "(not_found, changed, denied, timeout, other).", ["node", "dataset", "operation", "reason"])
+READAHEAD_BYTES = Gauge("shoal_readahead_bytes", "Read-ahead memory held on the node.", ["node"])
+READAHEAD_BUDGET_BYTES = Gauge("shoal_readahead_budget_bytes", "The node's read-ahead memory budget.", ["node"])
+EVICTIONS = Counter("shoal_cache_evictions", "Blocks evicted from a tier.", ["node", "dataset", "tier"])
+CACHE_DIR_HEALTHY = Gauge("shoal_cache_dir_healthy", "1 when a cache directory is writable and within its quota, "
+                          "else 0.", ["node", "dir"])
+FUSE_SECONDS = Histogram("shoal_fuse_request_duration_seconds", "FUSE requests by operation (lookup, getattr, "
+                         "open, read, readdir, ...).", ["node", "dataset", "operation"],
+                         buckets=FAST_SECONDS_BUCKETS)
+PEER_REQUESTS = Counter("shoal_peer_requests_served", "Block requests answered by this agent's peer server, by "
+                        "outcome (ok, not_cached, unauthorized, bad_request, error).", ["node", "dataset", "outcome"])
+PEER_SERVED_BYTES = Counter("shoal_peer_served_bytes", "Bytes sent to peers.", ["node", "dataset"])
+WARMUP_BYTES = Counter("shoal_warmup_bytes", "Bytes fetched into the cache by load tasks.", ["node", "dataset"])
+
+DATA_PATH = (BLOCK_READS, READ_BYTES, STORE_REQUEST_SECONDS, FUSE_SECONDS, PEER_SERVED_BYTES)
+
+# --- loader ----------------------------------------------------------------------------------------------------
+
+OPERATIONS = Gauge("shoal_operations", "DataLoads and DataCleans by kind and phase.", ["kind", "phase"])
+OPERATION_BYTES_DONE = Gauge("shoal_operation_bytes_done", "Bytes done by an operation's current run.",
+                             ["kind", "operation"])
+OPERATION_BYTES_PLANNED = Gauge("shoal_operation_bytes_planned", "Bytes an operation's current run will do.",
+                                ["kind", "operation"])
+OPERATION_RUNS = Counter("shoal_operation_runs", "Finished operation runs by kind and phase (Complete, Failed).",
+                         ["kind", "phase"])
+
+# --- scheduler -------------------------------------------------------------------------------------------------
+
+FOLD_LAG_SECONDS = Gauge("shoal_scheduler_fold_lag_seconds", "Age of the newest inventory event folded when it "
+                         "was folded.")
+FOLD_EVENTS = Counter("shoal_scheduler_fold_events", "Inventory events folded, or ignored by reason.",
+                      ["outcome"])
+SNAPSHOT_REQUESTS = Counter("shoal_scheduler_snapshot_requests", "Snapshot requests sent to agents.")
+DECISIONS = Counter("shoal_scheduler_decisions", "Scheduling questions answered, by way (nats, webhook, filter, "
+                    "prioritize) and outcome.", ["way", "outcome"])
+DECISION_SECONDS = Histogram("shoal_scheduler_decision_duration_seconds", "Time to answer one scheduling "
+                             "question.", ["way"], buckets=FAST_SECONDS_BUCKETS)
