@@ -167,7 +167,7 @@ def test_the_agent_mounts_fuse_where_the_node_and_its_pods_see_it(rendered: list
 def test_each_process_has_its_own_service_account_and_only_the_bridge_a_token(
         rendered: list[dict[str, Any]]) -> None:
     accounts = {obj["metadata"]["name"]: obj for obj in rendered if obj["kind"] == "ServiceAccount"}
-    used = {}
+    used: dict[str, str] = {}
     for obj in workloads(rendered):
         pod = obj["spec"]["template"]["spec"]
         name = pod.get("serviceAccountName", "default")
@@ -299,3 +299,17 @@ def test_shoal_processes_run_their_module_with_real_settings_and_bounded_resourc
         security = container["securityContext"]
         assert security["allowPrivilegeEscalation"] is False and security["capabilities"]["drop"] == ["ALL"]
         assert security.get("privileged") is not True and security["readOnlyRootFilesystem"] is True, name
+
+
+def test_the_image_user_is_the_one_the_pods_run_as(rendered: list[dict[str, Any]]) -> None:
+    # No Docker here to build the image: its user and build context are checked against the manifests instead.
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    (uid,) = {line.split("--uid ")[1].split()[0] for line in dockerfile.splitlines() if "useradd" in line}
+    assert f"USER {uid}" in dockerfile
+    for name, template, _ in shoal_workloads(rendered):
+        if name != "shoal-agent":
+            assert str(template["spec"]["securityContext"]["runAsUser"]) == uid, name
+    # The build context keeps what `pip install .` reads: the project file, its readme and the packages.
+    allowed = {line[1:].rstrip("/") for line in (ROOT / ".dockerignore").read_text().splitlines()
+               if line.startswith("!")}
+    assert {"pyproject.toml", "README.md", "libs", "services"} <= allowed
