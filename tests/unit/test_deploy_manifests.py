@@ -154,8 +154,8 @@ def test_the_agent_mounts_fuse_where_the_node_and_its_pods_see_it(rendered: list
     assert volumes[mounts[root]["name"]]["hostPath"]["path"] == root
     assert container["securityContext"]["privileged"] is True
     # The cache directories are on the node, at the same path, so a Runtime's tier path is the node's path.
-    cache = mounts["/var/cache/shoal"]
-    assert volumes[cache["name"]]["hostPath"]["path"] == "/var/cache/shoal"
+    cache = mounts["/var/lib/shoal/cache"]
+    assert volumes[cache["name"]]["hostPath"]["path"] == "/var/lib/shoal/cache"
 
     env = {variable["name"]: variable for variable in container["env"]}
     assert env["SHOAL_NODE_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
