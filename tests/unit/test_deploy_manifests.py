@@ -150,6 +150,9 @@ def test_the_agent_mounts_fuse_where_the_node_and_its_pods_see_it(rendered: list
     # Bidirectional propagation (which only a privileged container may ask for) at the mount root, which is the
     # same path on the node: the bridge's PersistentVolumes point at <root>/<namespace>/<name> on the node.
     root = settings.get("SHOAL_MOUNT_ROOT", AgentSettings().mount_root)
+    # The bridge points each dataset's PersistentVolume at <its mount root>/<namespace>/<name>: the same root.
+    (bridge,) = [container for name, _, container in shoal_workloads(rendered) if name == "shoal-bridge"]
+    assert settings_of(rendered, bridge).get("SHOAL_MOUNT_ROOT", AgentSettings().mount_root) == root
     assert mounts[root]["mountPropagation"] == "Bidirectional"
     assert volumes[mounts[root]["name"]]["hostPath"]["path"] == root
     assert container["securityContext"]["privileged"] is True
