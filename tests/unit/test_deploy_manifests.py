@@ -18,7 +18,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from libs.config import AgentSettings, describe_settings
+from libs.config import AgentSettings, describe_settings, load_settings
 from libs.kube import FLUID_GROUP, RESOURCES, SHOAL_GROUP, SYSTEM_NAMESPACE
 
 ROOT = Path(__file__).parent.parent.parent
@@ -316,3 +316,17 @@ def test_the_image_user_is_the_one_the_pods_run_as(rendered: list[dict[str, Any]
     allowed = {line[1:].rstrip("/") for line in (ROOT / ".dockerignore").read_text().splitlines()
                if line.startswith("!")}
     assert {"pyproject.toml", "README.md", "libs", "services"} <= allowed
+
+
+def test_every_process_accepts_its_settings(rendered: list[dict[str, Any]]) -> None:
+    # What the downward API fills in at run time, as it would look on a node.
+    downward = {"spec.nodeName": "kind-worker", "status.podIP": "10.244.1.7"}
+    for name, _, container in shoal_workloads(rendered):
+        environ = config_map(rendered, container)
+        for variable in container.get("env", []):
+            if "valueFrom" in variable:
+                environ[variable["name"]] = downward[variable["valueFrom"]["fieldRef"]["fieldPath"]]
+            else:
+                environ[variable["name"]] = variable["value"]
+        settings = load_settings(environ)  # raises SettingsError naming every bad variable
+        assert settings.nats.replicas == 3 and settings.service.http_port == 9090, name
