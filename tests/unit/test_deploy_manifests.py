@@ -7,6 +7,7 @@ replicated three times, and every Shoal pod is probed and scraped on its side se
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -39,12 +40,16 @@ PROCESSES = {
 SCRAPE = ("prometheus.io/scrape", "prometheus.io/port", "prometheus.io/path")
 
 
-@pytest.fixture(scope="module")
-def rendered() -> list[dict[str, Any]]:
-    result = subprocess.run([str(KUBECTL), "kustomize", str(DEPLOY)], capture_output=True, text=True, timeout=60,
-                            check=False)
+def render(directory: Path) -> list[dict[str, Any]]:
+    result = subprocess.run([str(KUBECTL), "kustomize", str(directory)], capture_output=True, text=True,
+                            timeout=60, check=False)
     assert result.returncode == 0, result.stderr
     return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+@pytest.fixture(scope="module")
+def rendered() -> list[dict[str, Any]]:
+    return render(DEPLOY)
 
 
 def find(objects: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
@@ -330,3 +335,26 @@ def test_every_process_accepts_its_settings(rendered: list[dict[str, Any]]) -> N
                 environ[variable["name"]] = variable["value"]
         settings = load_settings(environ)  # raises SettingsError naming every bad variable
         assert settings.nats.replicas == 3 and settings.service.http_port == 9090, name
+
+
+def test_the_cert_manager_component_makes_the_certificate_the_scheduler_and_webhook_use(
+        rendered: list[dict[str, Any]], tmp_path: Path) -> None:
+    # As a user's own kustomization next to Shoal's would use it (kustomize takes relative paths only).
+    base = os.path.relpath(DEPLOY, tmp_path)
+    (tmp_path / "kustomization.yaml").write_text(f"resources: [{base}]\ncomponents: [{base}/cert-manager]\n")
+    objects = render(tmp_path)
+    added = [obj for obj in objects if obj["apiVersion"].startswith("cert-manager.io/")]
+    assert [obj for obj in objects if obj not in added] == rendered
+    (certificate,) = [obj for obj in added if obj["kind"] == "Certificate"]
+    (issuer,) = [obj for obj in added if obj["kind"] == "Issuer"]
+    assert certificate["spec"]["issuerRef"] == {"kind": "Issuer", "name": issuer["metadata"]["name"]}
+    assert issuer["metadata"]["namespace"] == certificate["metadata"]["namespace"] == SYSTEM_NAMESPACE
+
+    scheduler = find(rendered, "Deployment", "shoal-scheduler")["spec"]["template"]["spec"]
+    (tls,) = [volume for volume in scheduler["volumes"] if volume["name"] == "tls"]
+    assert certificate["spec"]["secretName"] == tls["secret"]["secretName"]
+    (configuration,) = [obj for obj in rendered if obj["kind"] == "MutatingWebhookConfiguration"]
+    injected = configuration["metadata"]["annotations"]["cert-manager.io/inject-ca-from"]
+    assert injected == f"{certificate['metadata']['namespace']}/{certificate['metadata']['name']}"
+    service = configuration["webhooks"][0]["clientConfig"]["service"]
+    assert f"{service['name']}.{service['namespace']}.svc" in certificate["spec"]["dnsNames"]
