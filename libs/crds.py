@@ -37,7 +37,7 @@ from typing import Any
 import msgspec
 import yaml
 
-from libs.events.common import format_bytes
+from libs.events.common import DNS1035_LABEL, DNS1123_LABEL, MAX_LABEL_LENGTH, format_bytes
 from libs.events.dataset import CacheStates, Condition, DatasetSpec, DatasetStatus, RuntimeRef
 from libs.events.operation import DataCleanSpec, DataLoadSpec, OperationStatus, Progress
 from libs.events.runtime import RuntimeSpec, RuntimeStatus
@@ -96,11 +96,12 @@ class FluidRuntimeStatus(msgspec.Struct, frozen=True, kw_only=True, rename="came
     """The worker fields of Fluid's RuntimeStatus: Shoal's cache workers are Fluid's workers. Shoal has no
     master and no fuse daemon set, so their fields stay unset."""
 
+    # The counts have no default, so they are always written (required in Fluid's schema too): a column shows 0.
+    desired_worker_number_scheduled: int
+    current_worker_number_scheduled: int
+    worker_number_ready: int
     worker_phase: str = ""
     worker_reason: str = ""
-    desired_worker_number_scheduled: int = 0
-    current_worker_number_scheduled: int = 0
-    worker_number_ready: int = 0
     cache_states: dict[str, str] = {}
     conditions: list[Condition] = []
 
@@ -386,7 +387,7 @@ def crd(resource: Resource) -> dict[str, Any]:
         "properties": {
             "apiVersion": {"type": "string"},
             "kind": {"type": "string"},
-            "metadata": {"type": "object"},
+            "metadata": _metadata_schema(resource),
             "spec": spec,
             "status": status,
         },
@@ -423,6 +424,16 @@ def crd(resource: Resource) -> dict[str, Any]:
             }],
         },
     }
+
+
+def _metadata_schema(resource: Resource) -> dict[str, Any]:
+    """The names Shoal accepts (the only metadata a CRD may constrain), so ``kubectl apply`` refuses the others
+    at once: datasets and runtimes are DNS-1035 labels (they name volumes and services, as in Fluid), operations
+    DNS-1123 labels; the services check the same (``dns_label_errors``)."""
+    pattern = DNS1123_LABEL if resource.kind in ("DataLoad", "DataClean") else DNS1035_LABEL
+    return {"type": "object", "properties": {
+        "name": {"type": "string", "maxLength": MAX_LABEL_LENGTH, "pattern": pattern.pattern},
+    }}
 
 
 def _without_description(schema: dict[str, Any]) -> dict[str, Any]:

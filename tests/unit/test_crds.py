@@ -106,11 +106,17 @@ def json_schema(node: dict[str, Any]) -> dict[str, Any]:
         out["items"] = json_schema(node["items"])
     if "required" in node:
         out["required"] = node["required"]
+    for key in ("pattern", "maxLength"):
+        if key in node:
+            out[key] = node[key]
     return out
 
 
 def schema_errors(document: dict[str, Any]) -> list[str]:
-    validator = jsonschema.Draft202012Validator(json_schema(openapi_schema(crd_for(document))))
+    schema = json_schema(openapi_schema(crd_for(document)))
+    # The apiserver checks the rest of metadata itself (ObjectMeta); the CRD only narrows the name.
+    del schema["properties"]["metadata"]["additionalProperties"]
+    validator = jsonschema.Draft202012Validator(schema)
     return sorted(f"{error.json_path}: {error.message}" for error in validator.iter_errors(document))
 
 
@@ -268,6 +274,8 @@ BROKEN_REASONS = {
     "no-dataset": ["$.spec: 'dataset' is a required property"],
     "mounts-as-a-string": ["$.spec.mounts: 's3://spark/' is not of type 'array'"],
     "level-without-medium": ["$.spec.tieredstore.levels[0]: 'mediumtype' is a required property"],
+    "9lives": ["$.metadata.name: '9lives' does not match"],
+    "warm.train": ["$.metadata.name: 'warm.train' does not match"],
 }
 
 
@@ -383,6 +391,25 @@ def test_status_the_bridge_writes_is_valid_and_every_column_shows_it(path: Path,
     assert shown[path.name] == expected_columns(document)
 
 
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda path: path.name)
+def test_the_first_status_the_bridge_writes_is_valid_too(path: Path) -> None:
+    document = load_yaml(path)
+    fluid = document["apiVersion"].startswith("data.fluid.io/")
+    kind = document["kind"]
+    status: Any
+    if kind == "Dataset":
+        status = fluid_dataset_status(DatasetStatus()) if fluid else DatasetStatus()
+    elif kind.endswith("Runtime"):
+        status = fluid_runtime_status(RuntimeStatus()) if fluid else RuntimeStatus()
+    else:
+        waiting = OperationStatus(waiting_for="DataLoad ml/warm to be Complete")
+        status = fluid_operation_status(waiting) if fluid else waiting
+    document["status"] = msgspec.to_builtins(status)
+    assert schema_errors(document) == []
+    document["status"]["phase" if "phase" in document["status"] else "workerPhase"] = 7
+    assert schema_errors(document) != []  # and the status schema does check
+
+
 def test_a_column_on_a_missing_field_would_show_empty(tmp_path: Path) -> None:
     document = load_yaml(ROOT / "deploy" / "examples" / "shoal-dataset.yaml")
     document["status"] = {"phase": "Bound"}
@@ -414,8 +441,9 @@ def test_fluid_runtime_status_reports_shoals_cache_workers_as_fluids_workers() -
         "cacheStates": {"cacheCapacity": "306.00GiB"},
         "conditions": [{"type": "Ready", "status": "True", "reason": "Synced", "lastTransitionTime": CREATED}],
     }
-    assert msgspec.to_builtins(fluid_runtime_status(RuntimeStatus(cache_capacity_bytes=2**30)))[
-        "cacheStates"] == {"cacheCapacity": "1.00GiB"}
+    assert msgspec.to_builtins(fluid_runtime_status(RuntimeStatus(cache_capacity_bytes=2**30))) == {
+        "workerPhase": "NotReady", "desiredWorkerNumberScheduled": 0, "currentWorkerNumberScheduled": 0,
+        "workerNumberReady": 0, "cacheStates": {"cacheCapacity": "1.00GiB"}}
 
 
 def test_fluid_operation_status_has_fluids_waiting_for_object() -> None:
