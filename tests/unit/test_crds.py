@@ -112,8 +112,24 @@ def json_schema(node: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def without_pruned_nulls(value: Any, node: dict[str, Any]) -> Any:
+    """``value`` as the apiserver validates it: a null where the schema is not ``nullable`` is pruned first
+    (Kubernetes' "Defaulting and Nullable" rule; ``spec:`` with nothing after it is such a null)."""
+    if isinstance(value, dict):
+        properties = node.get("properties", {})
+        return {key: without_pruned_nulls(item, properties.get(key) or node.get("additionalProperties") or {})
+                for key, item in value.items()
+                if item is not None or (properties.get(key) or {}).get("nullable") or (node.get(PRESERVE)
+                and key not in properties)}
+    if isinstance(value, list):
+        return [without_pruned_nulls(item, node.get("items") or {}) for item in value]
+    return value
+
+
 def schema_errors(document: dict[str, Any]) -> list[str]:
-    schema = json_schema(openapi_schema(crd_for(document)))
+    openapi = openapi_schema(crd_for(document))
+    document = without_pruned_nulls(document, openapi)
+    schema = json_schema(openapi)
     # The apiserver checks the rest of metadata itself (ObjectMeta); the CRD only narrows the name.
     del schema["properties"]["metadata"]["additionalProperties"]
     validator = jsonschema.Draft202012Validator(schema)
@@ -251,6 +267,13 @@ def test_example_is_accepted_by_its_crd_and_by_shoal(path: Path) -> None:
     else:
         assert isinstance(event, DataCleanApply)
         assert validate_clean(event.data_clean) == []
+
+
+def test_an_empty_spec_is_pruned_as_the_apiserver_does_not_rejected() -> None:
+    document = yaml.safe_load("apiVersion: data.fluid.io/v1alpha1\nkind: EFCRuntime\nmetadata: {name: efc}\nspec:\n")
+    assert document["spec"] is None
+    assert schema_errors(document) == []
+    assert schema_errors({**document, "spec": "none"}) != []
 
 
 def test_fluid_fields_shoal_ignores_are_preserved_not_rejected() -> None:
