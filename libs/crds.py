@@ -128,7 +128,8 @@ def fluid_dataset_status(status: DatasetStatus) -> FluidDatasetStatus:
     return FluidDatasetStatus(
         phase=status.phase,
         ufs_total=status.ufs_total,
-        file_num=str(status.file_num) if status.file_num else "",
+        # "0" once the listing is done (an empty dataset), nothing before the first sync.
+        file_num=str(status.file_num) if status.file_num or status.synced_generation else "",
         cache_states=_cache_states(status.cache_states),
         runtimes=status.runtimes,
         conditions=status.conditions,

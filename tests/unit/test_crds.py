@@ -470,6 +470,7 @@ def test_fluid_dataset_status_keeps_fluids_names_and_spells_the_file_count_as_a_
         "conditions": [{"type": "Ready", "status": "True", "reason": "Synced", "lastTransitionTime": CREATED}],
     }
     assert msgspec.to_builtins(fluid_dataset_status(DatasetStatus())) == {"phase": "NotBound"}
+    assert msgspec.to_builtins(fluid_dataset_status(DatasetStatus(synced_generation=1)))["fileNum"] == "0"
 
 
 def test_fluid_runtime_status_reports_shoals_cache_workers_as_fluids_workers() -> None:
