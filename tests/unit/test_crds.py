@@ -152,11 +152,12 @@ def test_write_crds_writes_every_file_and_removes_stale_generated_ones(tmp_path:
     (tmp_path / "shoal.io_gone.yaml").write_text(crds.HEADER + "kind: CustomResourceDefinition\n")
     (tmp_path / "hand-written.yaml").write_text("kind: ConfigMap\n")
 
-    written = crds.main([str(tmp_path)])
+    exit_code = crds.main([str(tmp_path)])
 
-    assert written == 0
+    assert exit_code == 0
     assert {path.name for path in tmp_path.iterdir()} == {*generated_files(), "README.md", "hand-written.yaml"}
     assert (tmp_path / "kustomization.yaml").read_text() == generated_files()["kustomization.yaml"]
+    assert crds.main([]) == 2  # usage
 
 
 def test_one_crd_per_resource_with_a_status_subresource_and_fluids_names() -> None:
