@@ -91,3 +91,8 @@ clean:
 		echo "shoal up is running as PID $$pid; stop it with '$(BIN)/shoal down' (or Ctrl-C) first"; exit 1; \
 	fi
 	rm -rf "$(STATE_DIR)"
+
+# The CustomResourceDefinitions in deploy/crds, generated from the msgspec types of the events (libs/crds.py).
+.PHONY: crds
+crds: venv
+	$(BIN)/python -m libs.crds deploy/crds
