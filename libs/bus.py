@@ -438,7 +438,7 @@ class Consumer(Generic[E]):
                 try:
                     messages = await subscription.fetch(self.batch, timeout=1.0)
                 except (TimeoutError, nats.errors.TimeoutError):
-                    # Nothing arrived within the wait: everything before was handled and acked, none is pending.
+                    # Nothing arrived within the wait: no message of the stream is waiting for this consumer.
                     self._lag.set(0)
                     continue
                 # Messages still in the stream behind the last one fetched (JetStream's count for this consumer).
