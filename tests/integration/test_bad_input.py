@@ -250,6 +250,7 @@ async def test_unreachable_store_fails_then_recovers_on_resync(bus: Bus, nats_se
     proxy = CuttableProxy(seaweedfs.config.s3_port)
     settings = make_settings(nats_server.url, proxy.endpoint, seaweedfs.config.access_key_id,
                              seaweedfs.config.secret_access_key)
+    metrics = Snapshot()
     try:
         async with running(lambda stop: dataset_app.run(settings, stop)):
             await bus.publish(subjects.DATASET_APPLY, DatasetApply(dataset=Dataset(
@@ -274,5 +275,8 @@ async def test_unreachable_store_fails_then_recovers_on_resync(bus: Bus, nats_se
             record = await eventually(recovered, timeout=10, what="the dataset synced after the resync")
             assert record.status.ufs_total_bytes == 10
             assert record.status.message == "" or "cannot reach" not in record.status.message
+            # The syncs were timed by outcome: the unreachable one failed, the one after the resync ok.
+            assert metrics.moved("shoal_dataset_sync_duration_seconds_count", outcome="failed") >= 1
+            assert metrics.moved("shoal_dataset_sync_duration_seconds_count", outcome="ok") >= 1
     finally:
         await proxy.cut()
