@@ -7,6 +7,9 @@ What it decides:
   ``Permanent``, an undecodable or oversized payload, or a last failed delivery → a ``DeadLetter`` record on the
   dead-letter stream, then ``term`` so the message is never redelivered.
 - that every published event carries ``Nats-Msg-Id`` (its id, for deduplication) and ``traceparent``.
+- what every service's bus metrics count (``libs.metrics``): each message a consumer handles once, by outcome
+  (ok, rejected, retried, dead_lettered, conflict), its handler's time, the consumer's lag at each fetch, and
+  each compare-and-set that loses (``kv_save``, ``kv_delete``).
 
 ``RetryLater``, ``Permanent`` and ``Conflict`` are the one retry vocabulary: handlers raise them, and both the
 consumer loop here and ``libs.reconcile`` honour them. Core NATS (not stored) goes through ``publish_core`` and
@@ -18,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
+import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -40,7 +44,7 @@ from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore as NatsObjectStore
 from opentelemetry import trace
 
-from libs import subjects
+from libs import metrics, subjects
 from libs.backoff import REDELIVERY
 from libs.config import NatsSettings
 from libs.events.deadletter import DeadLetter
@@ -295,9 +299,11 @@ async def kv_save(kv: KeyValue, key: str, value: msgspec.Struct, revision: int |
             return int(await kv.create(key, payload))
         return int(await kv.update(key, payload, last=revision))
     except KeyWrongLastSequenceError as err:
+        _lost(kv)
         raise Conflict(f"{key} changed concurrently") from err
     except nats.js.errors.BadRequestError as err:
         # create() on an existing key answers "wrong last sequence" as a bad request on some servers.
+        _lost(kv)
         raise Conflict(f"{key} changed concurrently: {err}") from err
 
 
@@ -305,10 +311,18 @@ async def kv_delete(kv: KeyValue, key: str, revision: int | None) -> None:
     try:
         await kv.delete(key, last=revision)
     except KeyWrongLastSequenceError as err:
+        _lost(kv)
         raise Conflict(f"{key} changed concurrently") from err
     except nats.js.errors.BadRequestError as err:
         # nats-py reports a stale revision on delete as a bad request ("wrong last sequence"), not as the error above.
+        _lost(kv)
         raise Conflict(f"{key} changed concurrently: {err}") from err
+
+
+def _lost(kv: KeyValue) -> None:
+    """Count one compare-and-set that lost, by bucket (the only place ``KV_CONFLICTS`` moves)."""
+    # nats-py keeps the bucket's name only in a private attribute; the bucket names are few and fixed (KV_BUCKETS).
+    metrics.KV_CONFLICTS.labels(getattr(kv, "_name", "") or "unknown").inc()
 
 
 async def kv_values(kv: KeyValue, type_: type[T]) -> list[T]:
@@ -395,6 +409,15 @@ class Consumer(Generic[E]):
     # provider is installed, also one installed later).
     _tracer: trace.Tracer = field(default_factory=lambda: tracer(__name__), init=False)
 
+    def __post_init__(self) -> None:
+        # The label sets are bound once (a lookup per message would cost as much as the increment) and every
+        # outcome is there from the start, at 0, so a rate over it is 0 rather than absent.
+        self._outcomes = {outcome: metrics.COMMANDS.labels(self.durable, outcome)
+                          for outcome in (metrics.OK, metrics.REJECTED, metrics.RETRIED, metrics.DEAD_LETTERED,
+                                          metrics.CONFLICT)}
+        self._handler_seconds = metrics.HANDLER_SECONDS.labels(self.durable)
+        self._lag = metrics.CONSUMER_LAG.labels(self.durable)
+
     async def run(self) -> None:
         filters = [self.filter_subject] if isinstance(self.filter_subject, str) else list(self.filter_subject)
         config = js_api.ConsumerConfig(
@@ -415,7 +438,12 @@ class Consumer(Generic[E]):
                 try:
                     messages = await subscription.fetch(self.batch, timeout=1.0)
                 except (TimeoutError, nats.errors.TimeoutError):
+                    # Nothing arrived within the wait: no message of the stream is waiting for this consumer.
+                    self._lag.set(0)
                     continue
+                # Messages still in the stream behind the last one fetched (JetStream's count for this consumer).
+                if messages:
+                    self._lag.set(messages[-1].metadata.num_pending or 0)
                 for message in messages:
                     await self.process(message)
         finally:
@@ -450,39 +478,54 @@ class Consumer(Generic[E]):
                         msg_id=delivery.message_id, delivery=delivery.deliveries)
 
     async def _handle(self, message: Msg, delivery: Delivery) -> None:
+        # The one place a handled message is counted: ``_outcome`` says what became of it.
+        self._outcomes[await self._outcome(message, delivery)].inc()
+
+    async def _outcome(self, message: Msg, delivery: Delivery) -> str:
         if len(message.data) > self.max_event_bytes:
             reason = f"payload of {len(message.data)} bytes exceeds the limit of {self.max_event_bytes} bytes"
             await self._reject(message, delivery, reason, self._bound(delivery))
-            return
+            return metrics.REJECTED
         try:
             event = self.decoder.decode(message.data)
         except (msgspec.ValidationError, msgspec.DecodeError) as err:
             await self._reject(message, delivery, f"invalid event: {err}", self._bound(delivery))
-            return
+            return metrics.REJECTED
         try:
-            await self.handler(event, delivery)
+            await self._call(event, delivery)
         except Conflict as err:
             self._bound(delivery).info("conflict, retrying", reason=str(err))
             await message.nak(delay=0)
+            return metrics.CONFLICT
         except Permanent as err:
             await self._dead_letter(message, delivery, err.reason, self._bound(delivery))
+            return metrics.DEAD_LETTERED
         except RetryLater as err:
-            await self._retry(message, delivery, err.reason, err.delay, self._bound(delivery))
+            return await self._retry(message, delivery, err.reason, err.delay, self._bound(delivery))
         except Exception as err:  # a bug or an unexpected outage: retry, then dead-letter
             bound = self._bound(delivery)
             bound.exception("handler failed")
-            await self._retry(message, delivery, f"{type(err).__name__}: {err}", None, bound)
-        else:
-            await message.ack()
+            return await self._retry(message, delivery, f"{type(err).__name__}: {err}", None, bound)
+        await message.ack()
+        return metrics.OK
 
-    async def _retry(self, message: Msg, delivery: Delivery, reason: str, delay: float | None, bound: Any) -> None:
+    async def _call(self, event: E, delivery: Delivery) -> None:
+        """The handler, timed whatever its outcome."""
+        started = time.perf_counter()
+        try:
+            await self.handler(event, delivery)
+        finally:
+            self._handler_seconds.observe(time.perf_counter() - started)
+
+    async def _retry(self, message: Msg, delivery: Delivery, reason: str, delay: float | None, bound: Any) -> str:
         if delivery.deliveries >= self.max_deliver:
             await self._dead_letter(message, delivery, f"gave up after {delivery.deliveries} deliveries: {reason}",
                                     bound)
-            return
+            return metrics.DEAD_LETTERED
         delay = retry_delay(delivery.deliveries) if delay is None else delay
         bound.warning("retrying later", reason=reason, delay=delay)
         await message.nak(delay=delay)
+        return metrics.RETRIED
 
     async def _reject(self, message: Msg, delivery: Delivery, reason: str, bound: Any) -> None:
         if self.on_invalid is not None:

@@ -61,6 +61,8 @@ KV_CONFLICTS = Counter("shoal_kv_conflicts", "Compare-and-set writes to a KV buc
 
 # --- dataset service -------------------------------------------------------------------------------------------
 
+# Outcome of a metadata sync besides OK: the listing failed (a problem in the status, or a retry later).
+SYNC_FAILED = "failed"
 DATASETS = Gauge("shoal_datasets", "Datasets by phase.", ["phase"])
 DATASET_SYNC_SECONDS = Histogram("shoal_dataset_sync_duration_seconds", "Time to list a dataset's sources and "
                                  "save its manifest, by outcome (ok, failed).", ["outcome"], buckets=SECONDS_BUCKETS)

@@ -9,6 +9,9 @@ retry delay of an unreachable endpoint).
 ``RetryLater`` runs it again after its delay (or a growing one); ``Conflict`` runs it again at once (another
 writer won, re-read); ``Permanent`` is logged and the key waits for its next change. Any other error is logged
 and retried after ``ERROR_RETRY_SECONDS``, so a bug does not spin the CPU.
+
+``observe``, when given, sees every item of the watch as it comes (entries, deletes, ``Replay``, the None after
+the initial values): what a service counts about the bucket (its gauges) needs no watch of its own.
 """
 
 from __future__ import annotations
@@ -25,15 +28,18 @@ from libs.telemetry import get_logger
 log = get_logger(__name__)
 
 Reconcile = Callable[[str], Awaitable[None]]
+Observe = Callable[[KeyValue.Entry | Replay | None], None]
 # Back-off after an unexpected error in reconcile, so a bug does not spin the CPU.
 ERROR_RETRY_SECONDS = 5.0
 
 
 class Reconciler:
-    def __init__(self, kv: KeyValue, reconcile: Reconcile, reconnects: Callable[[], int] | None = None) -> None:
+    def __init__(self, kv: KeyValue, reconcile: Reconcile, reconnects: Callable[[], int] | None = None,
+                 observe: Observe | None = None) -> None:
         self.kv = kv
         self.reconcile = reconcile
         self.reconnects = reconnects
+        self.observe = observe
         self._running: dict[str, asyncio.Task[None]] = {}
         self._again: set[str] = set()
         self._wake: dict[str, asyncio.Event] = {}
@@ -43,6 +49,8 @@ class Reconciler:
         try:
             async with contextlib.aclosing(kv_watch(self.kv, self._stopping, self.reconnects)) as entries:
                 async for entry in entries:
+                    if self.observe is not None:
+                        self.observe(entry)
                     # A replay after a reconnect schedules every key again: level-triggered, so harmless.
                     if entry is not None and not isinstance(entry, Replay) and entry.operation not in ("DEL", "PURGE"):
                         self.schedule(entry.key)

@@ -5,7 +5,7 @@
 | SHOAL_COMMANDS | shoal.cmd.dataset.* (apply, delete) | DatasetHandlers.on_command |
 | SHOAL_FACTS | shoal.evt.runtime.> (status, deleted) | DatasetHandlers.on_runtime_fact |
 | SHOAL_AGENT | shoal.agent.inventory.* (snapshots, deltas) | DatasetHandlers.on_inventory |
-| KV shoal_datasets | every key (watch) | DatasetHandlers.sync via Reconciler |
+| KV shoal_datasets | every key (watch) | DatasetHandlers.sync via Reconciler; the gauges (DatasetCensus) |
 
 Ready (``/readyz``) when connected to NATS and the consumers and the reconciler's watch run.
 """
@@ -28,6 +28,7 @@ from libs.reconcile import Reconciler
 from libs.service import nats_check, run_loops
 from libs.side_server import Readiness
 from libs.ufs import open_store
+from services.dataset.census import DatasetCensus
 from services.dataset.handlers import DatasetHandlers
 from services.dataset.sync import StoreOpener
 
@@ -58,7 +59,8 @@ async def run(settings: Settings, stop: asyncio.Event, clock: Callable[[], float
             msgspec.json.Decoder(AnyInventory), handlers.on_inventory, max_event_bytes=MESSAGE_LIMIT,
             max_deliver=max_deliver,
         )
-        reconciler = Reconciler(await bus.kv(subjects.KV_DATASETS), handlers.sync, bus.reconnects)
+        reconciler = Reconciler(await bus.kv(subjects.KV_DATASETS), handlers.sync, bus.reconnects,
+                                observe=DatasetCensus().observe)
         await run_loops([commands, runtime_facts, inventory, reconciler], stop, readiness)
     finally:
         await bus.close()

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import msgspec
 
-from libs import subjects
+from libs import metrics, subjects
 from libs.bus import Bus, Conflict, Delivery, RetryLater, kv_delete, kv_load, kv_save
 from libs.config import Settings
 from libs.events.agent import AnyInventory, InventoryRequest, upgrade
@@ -205,14 +205,25 @@ class DatasetHandlers:
         if record is None or not domain.needs_sync(record):
             return
         try:
-            result = await sync_metadata(record, await ManifestStore.of(self.bus), self.settings.s3,
-                                         self.settings.service.list_page_size, self.opener,
-                                         local_roots=self.settings.service.local_roots)
+            result = await self._list(record)
         except RetryLater as err:
             await self._record_sync(key, record, domain.SyncResult(generation=record.generation,
                                                                    requests=record.sync_requests, error=err.reason))
             raise
         await self._record_sync(key, record, result)
+
+    async def _list(self, record: DatasetRecord) -> domain.SyncResult:
+        """The sync itself (list, write the manifest), timed by outcome: ok, or failed (an error or a raise)."""
+        started = time.perf_counter()
+        outcome = metrics.SYNC_FAILED
+        try:
+            result = await sync_metadata(record, await ManifestStore.of(self.bus), self.settings.s3,
+                                         self.settings.service.list_page_size, self.opener,
+                                         local_roots=self.settings.service.local_roots)
+            outcome = metrics.SYNC_FAILED if result.error else metrics.OK
+            return result
+        finally:
+            metrics.DATASET_SYNC_SECONDS.labels(outcome).observe(time.perf_counter() - started)
 
     async def _record_sync(self, key: str, record: DatasetRecord, result: domain.SyncResult) -> None:
         namespace, name = record.dataset.metadata.namespace, record.dataset.metadata.name

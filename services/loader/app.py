@@ -8,6 +8,7 @@
 | KV shoal_datasets | every key (watch) | OnEvent: a dataset synced again |
 | KV shoal_operation_runs | every key (watch) | the run states, so a tick reads KV only where there is work |
 | (timer) | every 0.25 s | LoaderHandlers.tick (start due runs, resume, fold progress, finish, TTL) |
+| (timer) | every 0.25 s | LoaderHandlers.export_gauges (operations by kind and phase, current runs' bytes) |
 
 Ready (``/readyz``) when connected to NATS, the consumers, the watches and the timer run, and the watches have
 caught up.
@@ -30,7 +31,13 @@ from libs.events.operation import OperationCommand, OperationRecord, TaskProgres
 from libs.service import Periodic, nats_check, run_loops
 from libs.side_server import Readiness
 from services.loader.domain import RunState
-from services.loader.handlers import METADATA_TIMEOUT_SECONDS, NODE_GONE_SECONDS, TICK_SECONDS, LoaderHandlers
+from services.loader.handlers import (
+    GAUGE_SECONDS,
+    METADATA_TIMEOUT_SECONDS,
+    NODE_GONE_SECONDS,
+    TICK_SECONDS,
+    LoaderHandlers,
+)
 
 SERVICE_NAME = "shoal-loader"
 
@@ -63,6 +70,7 @@ async def run(settings: Settings, stop: asyncio.Event, clock: Callable[[], float
             max_deliver=max_deliver,
         )
         ticker = Periodic("operation ticker", handlers.tick, TICK_SECONDS)
-        await run_loops([operations, datasets, runs, commands, progress, ticker], stop, readiness)
+        gauges = Periodic("gauges", handlers.export_gauges, GAUGE_SECONDS)
+        await run_loops([operations, datasets, runs, commands, progress, ticker, gauges], stop, readiness)
     finally:
         await bus.close()

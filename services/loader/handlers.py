@@ -18,13 +18,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import typing
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import msgspec
 from nats.js.errors import NotFoundError, ObjectNotFoundError
 
-from libs import subjects
+from libs import metrics, subjects
 from libs.bus import Bus, Delivery, KvMirror, kv_delete, kv_load, kv_save
 from libs.events.common import ObjectMeta, parse_quantity
 from libs.events.dataset import DatasetRecord, DatasetResync, ManifestEntry
@@ -49,6 +51,7 @@ from libs.events.operation import (
     TaskProgress,
 )
 from libs.events.runtime import RuntimeRecord
+from libs.gauges import GaugeFamily
 from libs.manifest import ManifestStore, ManifestWriter
 from libs.telemetry import get_logger
 from services.loader import domain
@@ -67,6 +70,10 @@ METADATA_TIMEOUT_SECONDS = 300.0
 # back within seconds; a node drained or lost is not.
 NODE_GONE_SECONDS = 120.0
 DEFAULT_BLOCK_SIZE = 4 * 1024 * 1024
+# How often the gauges are recounted from the in-memory views: as often as the tick passes over the same views
+# (setting only what changed), so they follow a change within a fraction of a scrape interval.
+GAUGE_SECONDS = TICK_SECONDS
+OPERATION_PHASES: tuple[OperationPhase, ...] = typing.get_args(OperationPhase)
 
 FACTS: dict[str, tuple[str, str, str, str]] = {
     # kind → accepted, rejected, status, deleted
@@ -101,6 +108,10 @@ class LoaderHandlers:
     written_at: dict[str, float] = field(default_factory=dict)
     # (operation, node) → when (monotonic) this process first saw the node gone with parts of the run not done.
     gone_since: dict[tuple[str, str], float] = field(default_factory=dict)
+    # The gauges' series as last set (a removed operation's are removed).
+    phase_gauge: GaugeFamily = field(default_factory=lambda: GaugeFamily(metrics.OPERATIONS))
+    done_gauge: GaugeFamily = field(default_factory=lambda: GaugeFamily(metrics.OPERATION_BYTES_DONE))
+    planned_gauge: GaugeFamily = field(default_factory=lambda: GaugeFamily(metrics.OPERATION_BYTES_PLANNED))
 
     # --- commands ---
 
@@ -265,6 +276,27 @@ class LoaderHandlers:
                 except Exception:
                     log.exception("advancing an operation failed", operation=key)
 
+    async def export_gauges(self) -> None:
+        """Operations by kind and phase (every pair, 0 included) and each operation's current run bytes (done,
+        including skipped ones, as in its progress; and planned), from the in-memory views."""
+        if not (self.operations.ready.is_set() and self.runs.ready.is_set()):
+            return
+        records = list(self.operations.values.items())
+        phases = Counter((record.kind, record.status.phase) for _, record in records)
+        self.phase_gauge.update({(kind, phase): phases[(kind, phase)]
+                                 for kind in domain.OPERATION_KINDS for phase in OPERATION_PHASES})
+        done: dict[tuple[str, ...], float] = {}
+        planned: dict[tuple[str, ...], float] = {}
+        for key, record in records:  # a deleted operation (a command, its TTL) is not here: its series go
+            state = self.runs.values.get(key)
+            if state is None or not state.parts:
+                continue
+            labels = (record.kind, f"{record.metadata.namespace}/{record.metadata.name}")
+            done[labels] = sum(part.bytes_done + part.bytes_skipped for part in state.parts)
+            planned[labels] = sum(part.bytes_total for part in state.parts)
+        self.done_gauge.update(done)
+        self.planned_gauge.update(planned)
+
     async def _advance_now(self, key: str) -> None:
         """After a command: start what is due at once. The command is done either way; a failure here is the
         tick's to retry, not a reason to deliver the command again."""
@@ -390,6 +422,7 @@ class LoaderHandlers:
         if problem:
             await self._save_status(key, record, revision,
                                     domain.status_failed_to_start(record.status, number, problem, now))
+            metrics.OPERATION_RUNS.labels(record.kind, "Failed").inc()  # a run that could not start ends here
             return
         record = await self._save_status(key, record, revision, domain.status_started(record.status, number, now))
         if state.stage == "metadata":
@@ -486,6 +519,7 @@ class LoaderHandlers:
         await self._save_state(key, msgspec.structs.replace(state, stage="finished"))
         await self._save_status(key, record, revision, status)
         self.dirty.discard(key)
+        metrics.OPERATION_RUNS.labels(record.kind, phase).inc()
         log.info("run finished", run=state.run, phase=phase, message=message or None)
 
     async def _write_progress(self, key: str, force: bool) -> None:

@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+import typing
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import msgspec
 
-from libs import subjects
+from libs import metrics, subjects
 from libs.bus import Bus, Conflict, Delivery, KvMirror, kv_delete, kv_keys, kv_load, kv_save
 from libs.events.agent import AgentHeartbeat, AgentRecord
 from libs.events.common import dns_label_errors
@@ -35,10 +37,12 @@ from libs.events.runtime import (
     RuntimeCommand,
     RuntimeDelete,
     RuntimeDeleted,
+    RuntimePhase,
     RuntimeRecord,
     RuntimeRejected,
     RuntimeStatusChanged,
 )
+from libs.gauges import GaugeFamily
 from libs.telemetry import get_logger
 from services.runtime import domain
 
@@ -53,6 +57,10 @@ PLACEMENT_CHECK_SECONDS = 0.25
 # The agents bucket's TTL (libs.bus): its entries expire without a delete the watch could see, so the view
 # forgets an agent silent for this long itself.
 AGENT_FORGET_SECONDS = 60.0
+# How often the gauges are recounted from the in-memory view: as often as placements are checked (a pass over the
+# same view, setting only what changed), so they follow a change within a fraction of a scrape interval.
+GAUGE_SECONDS = PLACEMENT_CHECK_SECONDS
+RUNTIME_PHASES: tuple[RuntimePhase, ...] = typing.get_args(RuntimePhase)
 
 
 @dataclass
@@ -67,6 +75,9 @@ class RuntimeHandlers:
     # The placement each runtime's workers were last picked with, and whether some runtime's workers changed.
     placements: dict[str, domain.Placement] = field(default_factory=dict)
     workers_changed: bool = False
+    # The gauges' series as last set (a deleted runtime's are removed).
+    phase_gauge: GaugeFamily = field(default_factory=lambda: GaugeFamily(metrics.RUNTIMES))
+    workers_gauge: GaugeFamily = field(default_factory=lambda: GaugeFamily(metrics.RUNTIME_WORKERS))
 
     async def on_command(self, command: RuntimeCommand, delivery: Delivery) -> None:
         if isinstance(command, RuntimeApply):
@@ -229,6 +240,16 @@ class RuntimeHandlers:
             )
             return
         raise Conflict(f"{key}: status update lost {CAS_ATTEMPTS} times in a row")
+
+    async def export_gauges(self) -> None:
+        """Runtimes by phase (every phase, 0 included) and each runtime's cache workers, from the runtimes' view."""
+        if not self.runtimes.ready.is_set():
+            return
+        records = list(self.runtimes.values.values())
+        phases = Counter(record.status.phase for record in records)
+        self.phase_gauge.update({(phase,): phases[phase] for phase in RUNTIME_PHASES})
+        self.workers_gauge.update({(f"{record.runtime.metadata.namespace}/{record.runtime.metadata.name}",):
+                                   len(record.status.workers) for record in records})
 
     def _agents(self) -> list[AgentRecord]:
         return list(self.agents.values.values())

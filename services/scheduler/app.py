@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 
 import msgspec
 
-from libs import subjects
+from libs import metrics, subjects
 from libs.bus import MESSAGE_LIMIT, Bus, Consumer, KvMirror, connect
 from libs.config import SchedulerSettings, Settings
 from libs.events.agent import AgentRecord, AnyInventory
@@ -45,6 +45,7 @@ LABELS_SECONDS = 1.0
 # Inventory events are small and folding one takes microseconds: large fetches keep the consumer near the
 # stream's own rate (see the scheduler bench).
 INVENTORY_BATCH = 256
+_NATS_SECONDS = metrics.DECISION_SECONDS.labels(metrics.WAY_NATS)
 
 # Makes extra loops from the running handlers and the settings (e.g. the webhook and extender server).
 LoopFactory = Callable[[SchedulerHandlers, Settings], Loop]
@@ -66,7 +67,7 @@ class ScoreServer:
         self._stopping = asyncio.Event()
 
     async def run(self) -> None:
-        subscription = await self.bus.serve(subjects.SCHED_SCORE, self.handlers.answer_raw, queue=QUEUE_GROUP)
+        subscription = await self.bus.serve(subjects.SCHED_SCORE, self.answer, queue=QUEUE_GROUP)
         try:
             await self._stopping.wait()
         finally:
@@ -74,6 +75,14 @@ class ScoreServer:
 
     def stop(self) -> None:
         self._stopping.set()
+
+    def answer(self, data: bytes) -> bytes:
+        """``SchedulerHandlers.answer_raw``, timed (``libs.metrics.DECISION_SECONDS``, way nats)."""
+        started = time.perf_counter()
+        try:
+            return self.handlers.answer_raw(data)
+        finally:
+            _NATS_SECONDS.observe(time.perf_counter() - started)
 
 
 class DatasetWatch:

@@ -9,7 +9,8 @@ configuration's ``timeoutSeconds`` and the extender's ``httpTimeout``) is not us
 raises: ``/mutate`` then allows the pod unchanged, ``/filter`` answers ``Error`` (the configuration's
 ``ignorable: true`` lets the pod schedule without the extender) and ``/prioritize`` scores every node 0. A
 request that is not of the documented shape gets HTTP 400 with the reason. Each outcome is counted, per route,
-in ``counts`` and in the Prometheus counter ``libs.metrics.DECISIONS``; each request counts once.
+in ``counts`` and in the Prometheus counter ``libs.metrics.DECISIONS``; each request counts once, and its time is
+in ``libs.metrics.DECISION_SECONDS``.
 
 Where ``answer`` runs: on the event loop's thread by default, because the scheduler's fold is read without
 copies and is a consistent snapshot only there (``services/scheduler/fold.py``: updates run on the same loop).
@@ -172,16 +173,22 @@ class SchedulerHttp:
     @web.middleware
     async def _guard(self, request: web.Request,
                      handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
-        """A bug here answers 500 (counted, logged), never takes the server down."""
+        """A bug here answers 500 (counted, logged), never takes the server down. Each route's answer is timed
+        (``libs.metrics.DECISION_SECONDS``: reading the body, deciding, building the reply), whatever it is."""
+        route = request.path.strip("/") or "/"
+        way = _WAY.get(route)
+        started = time.perf_counter()
         try:
             return await handler(request)
         except web.HTTPException:
             raise
         except Exception as err:
-            route = request.path.strip("/") or "/"
             self._count(route, INTERNAL)
             log.exception("scheduler http request failed", route=route)
             return _json({"error": f"internal error: {type(err).__name__}"}, status=500)
+        finally:
+            if way is not None:
+                metrics.DECISION_SECONDS.labels(way).observe(time.perf_counter() - started)
 
     async def _healthz(self, request: web.Request) -> web.Response:
         return web.Response(text="ok\n")

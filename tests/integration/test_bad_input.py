@@ -11,13 +11,16 @@ import msgspec
 import pytest
 
 from libs import subjects
-from libs.bus import Bus, Consumer, Delivery, Permanent
+from libs.bus import Bus, Conflict, Consumer, Delivery, Permanent, RetryLater
 from libs.config import Settings
 from libs.events.common import ObjectMeta
 from libs.events.dataset import Dataset, DatasetApply, DatasetSpec, Mount
 from services.dataset import app as dataset_app
 from services.runtime import app as runtime_app
 from tests.helpers import FactCollector, dataset_record, eventually, make_settings, running
+from tests.metric_values import Snapshot, value
+
+HANDLED = "shoal_messages_handled_total"
 
 
 async def dead_letters(bus: Bus) -> list[dict]:
@@ -60,6 +63,7 @@ async def test_undecodable_command_is_rejected_and_dead_lettered(bus: Bus, bus_s
                                                                  reason_part: str) -> None:
     facts = FactCollector()
     await facts.start(bus)
+    metrics = Snapshot()
     async with running(lambda stop: dataset_app.run(bus_settings, stop)):
         ack = await bus.js.publish(subjects.DATASET_APPLY, payload, headers={"Nats-Msg-Id": "bad-1"})
         rejected = await facts.wait_for("dataset.rejected.v1", causationId="bad-1")
@@ -76,6 +80,12 @@ async def test_undecodable_command_is_rejected_and_dead_lettered(bus: Bus, bus_s
     # Terminated, not pending: the poison message is never redelivered.
     consumer = await bus.js.consumer_info(subjects.STREAM_COMMANDS, subjects.DURABLE_DATASET_COMMANDS)
     assert consumer.num_ack_pending == 0 and consumer.num_pending == 0
+    # Counted once each, by outcome: the poison message rejected (not also dead-lettered), the valid one ok.
+    durable = subjects.DURABLE_DATASET_COMMANDS
+    assert metrics.moved(HANDLED, consumer=durable, outcome="rejected") == 1
+    assert metrics.moved(HANDLED, consumer=durable, outcome="dead_lettered") == 0
+    assert metrics.moved(HANDLED, consumer=durable, outcome="ok") == 1
+    assert metrics.moved("shoal_handler_duration_seconds_count", consumer=durable) == 1  # only the decoded one
 
 
 async def test_oversized_payload_is_rejected(bus: Bus, bus_settings: Settings) -> None:
@@ -113,6 +123,7 @@ async def test_failing_handler_is_retried_then_dead_lettered(bus: Bus) -> None:
 
     consumer = Consumer(bus, subjects.STREAM_COMMANDS, "flaky", subjects.DATASET_APPLY,
                         msgspec.json.Decoder(DatasetApply), flaky, max_event_bytes=4096, max_deliver=3)
+    metrics = Snapshot()
     async with running(lambda stop: _run_until(consumer, stop)):
         await bus.publish(subjects.DATASET_APPLY, DatasetApply(dataset=Dataset(metadata=ObjectMeta(name="x"))))
         letter = await dead_letter_for(bus, subjects.DATASET_APPLY)
@@ -120,6 +131,44 @@ async def test_failing_handler_is_retried_then_dead_lettered(bus: Bus) -> None:
     assert "gave up after 3 deliveries" in letter["reason"] and "store exploded" in letter["reason"]
     info = await bus.js.consumer_info(subjects.STREAM_COMMANDS, "flaky")
     assert info.num_ack_pending == 0
+    assert metrics.moved(HANDLED, consumer="flaky", outcome="retried") == 2
+    assert metrics.moved(HANDLED, consumer="flaky", outcome="dead_lettered") == 1
+    assert metrics.moved("shoal_handler_duration_seconds_count", consumer="flaky") == 3
+
+
+async def test_outcomes_handler_time_and_lag_are_counted_per_consumer(bus: Bus) -> None:
+    """RetryLater → retried, Conflict → conflict, success → ok, each handler call timed, and the consumer's lag
+    at a fetch is what the stream still holds for it."""
+    seen: list[tuple[str, int, float]] = []
+
+    async def moody(event: DatasetApply, delivery: Delivery) -> None:
+        lag = value("shoal_consumer_lag_messages", consumer="moody")
+        seen.append((event.dataset.metadata.name, delivery.deliveries, lag))
+        if event.dataset.metadata.name == "first" and delivery.deliveries == 1:
+            raise RetryLater("not yet", delay=0.0)
+        if event.dataset.metadata.name == "first" and delivery.deliveries == 2:
+            raise Conflict("another writer won")
+
+    for name in ("first", "second", "third"):  # in the stream before the consumer's first fetch
+        await bus.publish(subjects.DATASET_APPLY, DatasetApply(dataset=Dataset(metadata=ObjectMeta(name=name))))
+    consumer = Consumer(bus, subjects.STREAM_COMMANDS, "moody", subjects.DATASET_APPLY,
+                        msgspec.json.Decoder(DatasetApply), moody, max_event_bytes=4096, batch=1)
+    metrics = Snapshot()
+    async with running(lambda stop: _run_until(consumer, stop)):
+        await eventually(lambda: _async(len({name for name, _, _ in seen}) == 3 and ("first", 3) in
+                                        {(name, n) for name, n, _ in seen}), what="every message handled")
+        await eventually(lambda: _async(value("shoal_consumer_lag_messages", consumer="moody") == 0),
+                         what="no lag once everything is handled")
+    assert seen[0] == ("first", 1, 2.0)  # fetched one of three: two behind it
+    assert metrics.moved(HANDLED, consumer="moody", outcome="retried") == 1
+    assert metrics.moved(HANDLED, consumer="moody", outcome="conflict") == 1
+    assert metrics.moved(HANDLED, consumer="moody", outcome="ok") == 3
+    assert metrics.moved(HANDLED, consumer="moody", outcome="rejected") == 0
+    assert metrics.moved("shoal_handler_duration_seconds_count", consumer="moody") == 5
+
+
+async def _async(result: bool) -> bool:
+    return result
 
 
 async def test_permanent_error_goes_straight_to_dead_letters(bus: Bus) -> None:
@@ -201,6 +250,7 @@ async def test_unreachable_store_fails_then_recovers_on_resync(bus: Bus, nats_se
     proxy = CuttableProxy(seaweedfs.config.s3_port)
     settings = make_settings(nats_server.url, proxy.endpoint, seaweedfs.config.access_key_id,
                              seaweedfs.config.secret_access_key)
+    metrics = Snapshot()
     try:
         async with running(lambda stop: dataset_app.run(settings, stop)):
             await bus.publish(subjects.DATASET_APPLY, DatasetApply(dataset=Dataset(
@@ -225,5 +275,8 @@ async def test_unreachable_store_fails_then_recovers_on_resync(bus: Bus, nats_se
             record = await eventually(recovered, timeout=10, what="the dataset synced after the resync")
             assert record.status.ufs_total_bytes == 10
             assert record.status.message == "" or "cannot reach" not in record.status.message
+            # The syncs were timed by outcome: the unreachable one failed, the one after the resync ok.
+            assert metrics.moved("shoal_dataset_sync_duration_seconds_count", outcome="failed") >= 1
+            assert metrics.moved("shoal_dataset_sync_duration_seconds_count", outcome="ok") >= 1
     finally:
         await proxy.cut()

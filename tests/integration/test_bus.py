@@ -17,6 +17,7 @@ from libs.events.dataset import Dataset, DatasetApply, DatasetSpec, Mount
 from services.dataset import app as dataset_app
 from tests.conftest import NatsServer
 from tests.helpers import dataset_record, eventually, make_settings, running
+from tests.metric_values import Snapshot
 
 
 class Count(msgspec.Struct, frozen=True):
@@ -29,6 +30,7 @@ KEY = "tests.cas"
 
 async def test_stale_revision_is_a_conflict(bus: Bus) -> None:
     kv = await bus.kv(subjects.KV_BINDINGS)
+    metrics = Snapshot()
     first = await kv_save(kv, KEY, Count(0), None)
     with pytest.raises(Conflict, match=f"{KEY} changed concurrently"):
         await kv_save(kv, KEY, Count(0, "second creator"), None)  # create only when absent
@@ -44,6 +46,8 @@ async def test_stale_revision_is_a_conflict(bus: Bus) -> None:
         await kv_delete(kv, KEY, first)  # a delete at a stale revision is refused too
     await kv_delete(kv, KEY, revision)
     assert (await kv_load(kv, KEY, Count))[0] is None
+    # Each lost compare-and-set is counted once, by bucket: the second create, the stale update, the stale delete.
+    assert metrics.moved("shoal_kv_conflicts_total", bucket=subjects.KV_BINDINGS) == 3
 
 
 async def test_concurrent_read_modify_write_loses_no_update(bus: Bus, nats_server: NatsServer) -> None:

@@ -23,6 +23,7 @@ from services.dataset import app as dataset_app
 from services.runtime import app as runtime_app
 from tests.conftest import SeaweedServer, put_objects
 from tests.helpers import FactCollector, dataset_record, eventually, running, runtime_record
+from tests.metric_values import Snapshot, exists, value
 
 
 def services(settings: Settings):
@@ -94,12 +95,19 @@ async def test_dataset_binds_when_runtime_ready_and_delete_cleans_up(bus: Bus, s
     await put_objects(seaweedfs, bucket, {"f": b"data"})
     facts = FactCollector()
     await facts.start(bus)
+    metrics = Snapshot()
     async with services(settings):
         await bus.publish(subjects.DATASET_APPLY, DatasetApply(dataset=s3_dataset("demo", f"s3://{bucket}")))
         await bus.publish(subjects.RUNTIME_APPLY, RuntimeApply(runtime=mem_runtime("demo", replicas=2)))
         await synced(bus, "demo")
         runtime = await eventually(lambda: runtime_record(bus, "demo"))
         assert runtime.status.phase == "NotReady"
+        # The gauges follow the bucket: one dataset, NotBound, with what its sync found; the sync timed as ok.
+        await gauges(bus, {"shoal_datasets": ({"phase": "NotBound"}, 1), "shoal_dataset_objects": (DEMO, 1),
+                           "shoal_dataset_ufs_bytes": (DEMO, 4), "shoal_runtimes": ({"phase": "NotReady"}, 1)})
+        assert value("shoal_datasets", phase="Bound") == value("shoal_datasets", phase="Failed") == 0
+        assert metrics.moved("shoal_dataset_sync_duration_seconds_count", outcome="ok") == 1
+        assert metrics.moved("shoal_dataset_sync_duration_seconds_count", outcome="failed") == 0
 
         async def beat(node: str) -> None:
             await bus.publish(subjects.agent_heartbeat(node),
@@ -126,6 +134,9 @@ async def test_dataset_binds_when_runtime_ready_and_delete_cleans_up(bus: Bus, s
         record = await eventually(bound)
         assert record.status.runtimes[0].name == "demo"
         assert record.status.cache_states.cache_capacity == "2.00GiB"
+        await gauges(bus, {"shoal_datasets": ({"phase": "Bound"}, 1), "shoal_runtimes": ({"phase": "Ready"}, 1),
+                           "shoal_runtime_workers": ({"runtime": "default/demo"}, 2)})
+        assert value("shoal_datasets", phase="NotBound") == 0
 
         delete = DatasetDelete(name="demo")
         await bus.publish(subjects.DATASET_DELETE, delete)
@@ -133,6 +144,22 @@ async def test_dataset_binds_when_runtime_ready_and_delete_cleans_up(bus: Bus, s
         assert await dataset_record(bus, "demo") is None
         with pytest.raises(ObjectNotFoundError):
             await (await bus.manifests()).get(record.status.manifest)
+        # Deleted: counted nowhere, and its own series are gone.
+        await gauges(bus, {"shoal_datasets": ({"phase": "Bound"}, 0)})
+        assert not exists("shoal_dataset_objects", **DEMO) and not exists("shoal_dataset_ufs_bytes", **DEMO)
+
+
+DEMO = {"dataset": "default/demo"}
+
+
+async def gauges(bus: Bus, expected: dict[str, tuple[dict[str, str], float]]) -> None:
+    """Wait until each gauge has its value (the services set them as the KV changes, or every second)."""
+
+    async def probe() -> dict[str, float] | None:
+        now = {name: value(name, **labels) for name, (labels, _) in expected.items()}
+        return None if any(now[name] != want for name, (_, want) in expected.items()) else now
+
+    await eventually(probe, what=f"gauges at {expected}")
 
 
 async def test_republished_command_is_deduplicated(bus: Bus, settings: Settings, seaweedfs: SeaweedServer,

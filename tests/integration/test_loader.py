@@ -69,6 +69,7 @@ from services.loader import domain
 from services.runtime import app as runtime_app
 from tests.conftest import NatsServer
 from tests.helpers import FactCollector, eventually, make_settings, running
+from tests.metric_values import Snapshot, exists, value
 
 BLOCK = 4096
 NODES = ["node-a", "node-b", "node-c"]
@@ -227,6 +228,23 @@ async def publish(bus: Bus, subject: str, event: msgspec.Struct) -> None:
     await bus.publish(subject, event)
 
 
+async def gauges(expected: dict[tuple[str, tuple[str, str]], float]) -> None:
+    """Wait until each gauge (name, (kind, phase or operation)) has its value: the loader recounts them 4 times a
+    second."""
+
+    def labels(name: str, values: tuple[str, str]) -> dict[str, str]:
+        return {"kind": values[0], ("phase" if name == "shoal_operations" else "operation"): values[1]}
+
+    async def probe() -> bool:
+        return all(value(name, **labels(name, values)) == want for (name, values), want in expected.items())
+
+    await eventually(probe, what=f"gauges at {expected}")
+
+
+async def _true(result: bool) -> bool:
+    return result
+
+
 # --- tests ---
 
 
@@ -235,11 +253,19 @@ async def test_a_load_completes_with_progress(bus: Bus, nats_server: NatsServer)
     await put_runtime(bus, NODES)
     facts = FactCollector()
     await facts.start(bus, subjects.DATALOAD_FACTS)
+    metrics = Snapshot()
     async with loader(nats_server), agent(bus, NODES) as scripted:
         command = dataload(target=[TargetPath(path="/x/train", replicas=2)])
         await publish(bus, subjects.DATALOAD_APPLY, command)
         await facts.wait_for("operation.accepted.v1", causationId=command.id)
         done = await phase_of(bus, "Complete")
+        # The gauges follow: one DataLoad, Complete, its run's bytes all done.
+        await gauges({("shoal_operations", ("DataLoad", "Complete")): 1,
+                      ("shoal_operations", ("DataLoad", "Pending")): 0,
+                      ("shoal_operation_bytes_done", ("DataLoad", "default/warm")): 2 * (4 * BLOCK + 1),
+                      ("shoal_operation_bytes_planned", ("DataLoad", "default/warm")): 2 * (4 * BLOCK + 1)})
+    assert metrics.moved("shoal_operation_runs_total", kind="DataLoad", phase="Complete") == 1
+    assert metrics.moved("shoal_operation_runs_total", kind="DataLoad", phase="Failed") == 0
     progress = done.status.progress
     assert progress.files_total == 2 and progress.files_done == 2
     assert progress.bytes_total == progress.bytes_done == 2 * (4 * BLOCK + 1)  # two replicas of each block
@@ -271,10 +297,12 @@ async def test_bad_input_fails_the_run_with_what_to_change(bus: Bus, nats_server
         await put_runtime(bus, NODES)
     if setup == "no manifest":
         await (await ManifestStore.of(bus)).delete(ManifestStore.name("default", "data"))
+    metrics = Snapshot()
     async with loader(nats_server):
         await publish(bus, subjects.DATALOAD_APPLY, dataload(**spec))
         failed = await phase_of(bus, "Failed")
     assert message in failed.status.message
+    assert metrics.moved("shoal_operation_runs_total", kind="DataLoad", phase="Failed") == 1  # failed to start or not
 
 
 async def test_invalid_commands_are_rejected(bus: Bus, nats_server: NatsServer) -> None:
@@ -420,9 +448,14 @@ async def test_delete_cancels_the_run(bus: Bus, nats_server: NatsServer) -> None
             scripted.hold.set()
             await publish(bus, subjects.DATALOAD_APPLY, dataload())
             await phase_of(bus, "Executing")
+            await gauges({("shoal_operations", ("DataLoad", "Executing")): 1,
+                          ("shoal_operation_bytes_planned", ("DataLoad", "default/warm")): BLOCK})
             delete = DataLoadDelete(name="warm")
             await publish(bus, subjects.DATALOAD_DELETE, delete)
             await facts.wait_for("operation.deleted.v1", causationId=delete.id)
+            await gauges({("shoal_operations", ("DataLoad", "Executing")): 0})
+            await eventually(lambda: _true(not exists("shoal_operation_bytes_planned", kind="DataLoad",
+                                                      operation="default/warm")), what="the deleted load's series gone")
             async def cancelled() -> list[TaskCancel]:
                 return cancels
 
@@ -473,6 +506,8 @@ async def test_ttl_removes_a_finished_operation(bus: Bus, nats_server: NatsServe
     async with agent(bus, NODES[:1]), loader(nats_server):
         await publish(bus, subjects.DATALOAD_APPLY, dataload(ttl_seconds_after_finished=0))
         deleted = await facts.wait_for("operation.deleted.v1", name="warm")
+        await eventually(lambda: _true(not exists("shoal_operation_bytes_done", kind="DataLoad",
+                                                  operation="default/warm")), what="the expired load's series gone")
     assert deleted.get("causationId", "") == ""  # removed by the TTL, not by a command
     assert [e["status"].get("phase", "Pending") for e in facts.of_type("operation.status.v1")][-1] == "Complete"
     assert await operation(bus) is None

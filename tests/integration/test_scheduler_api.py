@@ -42,6 +42,7 @@ from services.scheduler import app
 from services.scheduler.handlers import SchedulerHandlers
 from tests.conftest import NatsServer
 from tests.helpers import eventually, make_settings
+from tests.metric_values import Snapshot
 
 MiB = 1 << 20
 DATASET = ObjectRef(name="imagenet", namespace="ml")
@@ -143,6 +144,7 @@ async def test_score_api_gap_restart_and_deletion(bus: Bus, scheduler_settings: 
         await agent_c.on_request(request)
 
     listener = await bus.subscribe(subjects.INVENTORY_REQUEST, msgspec.json.Decoder(InventoryRequest), on_request)
+    metrics = Snapshot()
     try:
         async with scheduler(scheduler_settings) as handlers:
             await agent_a.cache("/train/a.bin")
@@ -168,6 +170,11 @@ async def test_score_api_gap_restart_and_deletion(bus: Bus, scheduler_settings: 
             unknown = await ask(bus, ScoreRequest(datasets=[DatasetUse(name="nope")]))
             assert unknown.error == "unknown dataset default/nope"
             assert handlers().counts["malformed"] == 2 and handlers().counts["error"] == 1
+            # Every question over NATS is timed once, whatever its outcome; the events so far were folded.
+            decided = sum(metrics.moved("shoal_scheduler_decisions_total", way="nats", outcome=outcome)
+                          for outcome in ("answered", "error", "malformed"))
+            assert metrics.moved("shoal_scheduler_decision_duration_seconds_count", way="nats") == decided >= 5
+            assert metrics.moved("shoal_scheduler_fold_events_total", outcome="folded") >= 3
 
             # A gap in node-c's sequence: the scheduler asks node-c (and only it) for a snapshot.
             before = len(requests)
@@ -195,6 +202,7 @@ async def test_score_api_gap_restart_and_deletion(bus: Bus, scheduler_settings: 
             await agent_a.cache("/val/c.bin")
             await eventually(lambda: _true(handlers().counts.get("inventory_unknown_dataset", 0) >= 1),
                              what="the late event ignored")
+            assert metrics.moved("shoal_scheduler_fold_events_total", outcome="unknown_dataset") >= 1
             assert ("ml", "imagenet") not in handlers().fold.datasets
     finally:
         await listener.unsubscribe()

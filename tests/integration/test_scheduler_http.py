@@ -29,6 +29,7 @@ import pytest
 from libs.events.schedule import NodeScore, ScoreReply, ScoreRequest
 from services.scheduler.http import SchedulerHttp, http_loop, server_tls
 from tests.helpers import eventually
+from tests.metric_values import Snapshot
 
 FIXTURES = Path(__file__).parent.parent / "fixtures" / "scheduler"
 HOST = "kubernetes.io/hostname"
@@ -149,7 +150,9 @@ def best_preferred(pod: dict[str, Any]) -> list[str]:
 
 async def test_recorded_review_of_a_pod_with_a_dataset_pvc_prefers_the_node_holding_it(served: Served) -> None:
     review = recorded_review()
+    metrics = Snapshot()
     status, answer = await served.post("/mutate", review)
+    assert metrics.moved("shoal_scheduler_decision_duration_seconds_count", way="webhook") == 1  # timed once
     assert status == 200
     pod = patched_pod(review, answer)
     assert best_preferred(pod) == ["node-b"]
@@ -285,15 +288,18 @@ async def test_a_slow_or_failing_scheduler_allows_the_pod_unchanged(tls: Tls, th
      "request.object must be an object"),
 ])
 async def test_a_malformed_review_is_a_400_with_the_reason(served: Served, body: Any, reason: str) -> None:
+    metrics = Snapshot()
     status, answer = await served.post("/mutate", body)
     assert status == 400 and reason in answer["error"]
     assert served.http.counts["mutate.malformed"] == 1
+    assert metrics.moved("shoal_scheduler_decision_duration_seconds_count", way="webhook") == 1  # timed as well
     async with served.session.get(f"{served.url}/healthz") as health:
         assert health.status == 200
 
 
 async def test_extender_filters_and_ranks_by_cached_bytes(served: Served) -> None:
     args = json.loads((FIXTURES / "extender-args-nodes.json").read_text())
+    metrics = Snapshot()
     status, result = await served.post("/filter", args)
     assert status == 200 and result["Error"] == ""
     # kube-scheduler with nodeCacheCapable: false reads the full node objects back from Nodes.
@@ -310,6 +316,9 @@ async def test_extender_filters_and_ranks_by_cached_bytes(served: Served) -> Non
     assert status == 200 and result["NodeNames"] == NODES and "Nodes" not in result
     status, ranked = await served.post("/prioritize", by_name)
     assert {p["Host"]: p["Score"] for p in ranked} == {"node-a": 0, "node-b": 0, "node-c": 10}
+    seconds = "shoal_scheduler_decision_duration_seconds_count"
+    assert metrics.moved(seconds, way="filter") == metrics.moved(seconds, way="prioritize") == 2
+    assert metrics.moved(seconds, way="webhook") == 0
 
 
 async def test_extender_rejects_malformed_args_with_an_error(served: Served) -> None:

@@ -65,6 +65,18 @@ async def test_side_servers_answer_health_readiness_and_metrics_and_readiness_fo
             status, metrics = await get(session, port, "/metrics")
             assert status == 200
             assert "process_resident_memory_bytes" in metrics and "process_cpu_seconds_total" in metrics
+        # The services' own metrics, as Prometheus text: their consumers' outcomes from the start, and the gauges
+        # of what their buckets hold (nothing yet).
+        expected = {"dataset": ['shoal_messages_handled_total{consumer="dataset-commands",outcome="rejected"} 0.0',
+                                'shoal_datasets{phase="NotBound"} 0.0'],
+                    "runtime": ['shoal_messages_handled_total{consumer="runtime-heartbeats",outcome="ok"}',
+                                'shoal_runtimes{phase="Ready"} 0.0']}
+        for name, lines in expected.items():
+            async def exported(port: int = services[name], lines: list[str] = lines) -> bool:
+                text = (await get(session, port, "/metrics"))[1]
+                return all(line in text for line in lines)
+
+            await eventually(exported, 15, f"{name}'s own metrics on /metrics")
         agent_checks = json.loads((await get(session, services["agent"], "/readyz"))[1])["checks"]
         assert {"mounts", "watches"} <= set(agent_checks)
 

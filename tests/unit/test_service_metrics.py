@@ -1,0 +1,90 @@
+"""The services' gauges and the scheduler's fold metrics, without I/O: the dataset census fed KV entries as the
+reconciler's watch yields them, ``GaugeFamily`` on a registry of its own, and the scheduler's inventory handler
+fed events with their JetStream time. (The consumer loop's counts are shown on a real nats-server in
+``tests/integration/test_bad_input.py``.)"""
+
+from __future__ import annotations
+
+from typing import cast
+
+import msgspec
+from nats.js.kv import KeyValue
+from prometheus_client import CollectorRegistry, Gauge
+
+from libs.bus import Bus, Delivery, KvMirror, Replay
+from libs.events.agent import AgentRecord, CacheCounters, InventorySnapshot
+from libs.events.common import ObjectMeta, ObjectRef
+from libs.events.dataset import Dataset, DatasetRecord, DatasetStatus
+from libs.gauges import GaugeFamily
+from services.dataset.census import DatasetCensus
+from services.scheduler.handlers import DatasetInfo, SchedulerHandlers
+from tests.metric_values import Snapshot, exists, value
+
+
+def test_a_gauge_family_sets_what_changed_and_removes_what_left() -> None:
+    registry = CollectorRegistry()
+    gauge = Gauge("t_things", "Things.", ["thing"], registry=registry)
+    family = GaugeFamily(gauge)
+    family.update({("a",): 1, ("b",): 2})
+    assert registry.get_sample_value("t_things", {"thing": "a"}) == 1
+    family.update({("b",): 3})
+    assert registry.get_sample_value("t_things", {"thing": "a"}) is None
+    assert registry.get_sample_value("t_things", {"thing": "b"}) == 3
+
+
+def entry(name: str, phase: str = "NotBound", files: int = 0, synced: bool = False,
+          operation: str | None = None) -> KeyValue.Entry:
+    record = DatasetRecord(dataset=Dataset(metadata=ObjectMeta(name=name, namespace="t")), generation=1,
+                           status=DatasetStatus(phase=phase, file_num=files, ufs_total_bytes=10 * files,  # type: ignore[arg-type]
+                                                last_sync_time="2026-12-05T00:00:00Z" if synced else ""))
+    value_ = None if operation else msgspec.json.encode(record)
+    return KeyValue.Entry(bucket="shoal_datasets", key=f"t.{name}", value=value_, revision=1, delta=None,
+                          created=None, operation=operation)
+
+
+def phases() -> dict[str, float]:
+    return {phase: value("shoal_datasets", phase=phase) for phase in ("NotBound", "Bound", "Failed")}
+
+
+def test_the_dataset_census_follows_the_bucket() -> None:
+    census = DatasetCensus()
+    census.observe(entry("a", files=3, synced=True))
+    census.observe(entry("b"))
+    census.observe(None)  # the initial values are in
+    assert phases() == {"NotBound": 2, "Bound": 0, "Failed": 0}
+    assert value("shoal_dataset_objects", dataset="t/a") == 3 and value("shoal_dataset_ufs_bytes", dataset="t/a") == 30
+    assert not exists("shoal_dataset_objects", dataset="t/b")  # not listed yet
+    census.observe(entry("a", phase="Bound", files=4, synced=True))
+    assert phases() == {"NotBound": 1, "Bound": 1, "Failed": 0}
+    assert value("shoal_dataset_objects", dataset="t/a") == 4
+    census.observe(entry("a", operation="DEL"))
+    assert phases() == {"NotBound": 1, "Bound": 0, "Failed": 0}
+    assert not exists("shoal_dataset_objects", dataset="t/a") and not exists("shoal_dataset_ufs_bytes", dataset="t/a")
+    # A replay after a reconnect: the view changes only once it is complete, then to exactly what it holds.
+    census.observe(Replay())
+    census.observe(entry("c", phase="Failed", files=1, synced=True))
+    assert phases() == {"NotBound": 1, "Bound": 0, "Failed": 0}
+    census.observe(None)
+    assert phases() == {"NotBound": 0, "Bound": 0, "Failed": 1}
+    assert value("shoal_dataset_objects", dataset="t/c") == 1
+
+
+async def test_inventory_events_are_counted_by_what_the_fold_made_of_them_with_their_lag() -> None:
+    handlers = SchedulerHandlers(cast(Bus, None), cast(KvMirror[AgentRecord], None), clock=lambda: 1000.0)
+    handlers.datasets[("ml", "known")] = DatasetInfo(total=0, manifest_version=("", 0, 0, ""))
+    handlers.datasets_ready.set()
+    metrics = Snapshot()
+
+    def snapshot(dataset: str) -> InventorySnapshot:
+        return InventorySnapshot(node="n1", dataset=ObjectRef(name=dataset, namespace="ml"), incarnation="i1", seq=1,
+                                 counters=CacheCounters())
+
+    stored_at = Delivery(subject="s", headers={}, deliveries=1, stream_sequence=1, published_at=958.0)
+    await handlers.on_inventory(snapshot("known"), stored_at)
+    assert metrics.moved("shoal_scheduler_fold_events_total", outcome="folded") == 1
+    assert value("shoal_scheduler_fold_lag_seconds") == 42.0  # stored at 958, folded at 1000
+    await handlers.on_inventory(snapshot("known"), stored_at)  # redelivered: nothing changes
+    assert metrics.moved("shoal_scheduler_fold_events_total", outcome="stale") == 1
+    await handlers.on_inventory(snapshot("gone"), stored_at)
+    assert metrics.moved("shoal_scheduler_fold_events_total", outcome="unknown_dataset") == 1
+    assert metrics.moved("shoal_scheduler_fold_events_total", outcome="folded") == 1
