@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 STATE_DIR ?= $(or $(SHOAL_STATE_DIR),.shoal)
 
-.PHONY: venv system-deps prometheus test-deps run test lint bench schemas clean mutation
+.PHONY: venv system-deps prometheus test-deps run test lint bench schemas dashboards clean mutation
 
 venv: $(STAMP)
 
@@ -103,6 +103,11 @@ mutation: venv
 
 schemas: venv
 	$(BIN)/shoal schemas docs/schemas
+
+# Grafana dashboards as code: deploy/grafana/build.py writes deploy/grafana/dashboards/*.json (committed; a unit test
+# fails when they differ from a fresh build).
+dashboards: venv
+	$(BIN)/python -m deploy.grafana.build
 
 # Refuses while `shoal up` runs on this state directory: its servers would lose their files under them.
 clean:

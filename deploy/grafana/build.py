@@ -52,7 +52,9 @@ GRID_COLUMNS = 24
 # The window of every rate(): Grafana's own, at least four scrape intervals of the datasource.
 RATE = "$__rate_interval"
 TAGS = ["shoal"]
-# A minute between refreshes suits a cache that changes over seconds; Grafana's users can pick less.
+# What a variable at "All" matches: every value, also ones that appear after the dashboard loaded.
+ALL = ".*"
+# Half a minute between refreshes suits a cache that changes over seconds; Grafana's users can pick less.
 REFRESH = "30s"
 
 # --- metric names as Prometheus scrapes them ---------------------------------------------------------------------
@@ -181,7 +183,7 @@ def _panel(panel: Panel, panel_id: int, x: int, y: int) -> Any:
 
 def _variable(variable: Variable) -> builders.QueryVariable:
     return (builders.QueryVariable(variable.name).label(variable.label).datasource(DATASOURCE)
-            .query(variable.query).multi(True).include_all(True).all_value(".*")
+            .query(variable.query).multi(True).include_all(True).all_value(ALL)
             .current(VariableOption(selected=True, text="All", value="$__all"))
             .refresh(VariableRefresh.ON_TIME_RANGE_CHANGED).sort(VariableSort.ALPHABETICAL_ASC))
 
@@ -439,6 +441,16 @@ BOARDS = (OVERVIEW, DATA_PATH, CONTROL_PLANE)
 def dashboards() -> dict[str, dict[str, Any]]:
     """File name → JSON model of every dashboard."""
     return {board.filename: build(board) for board in BOARDS}
+
+
+def concrete(expr: str, rate_interval: str = "1m") -> str:
+    """``expr`` as Prometheus itself would get it from Grafana: template variables at "All" (their ``all_value``)
+    and ``$__rate_interval`` a fixed window. For checking queries outside Grafana."""
+    expr = expr.replace(RATE, rate_interval)
+    # Longest first, so a variable whose name starts another's never eats part of it.
+    for variable in sorted({v.name for board in BOARDS for v in board.variables}, key=len, reverse=True):
+        expr = expr.replace(f"${variable}", ALL)
+    return expr
 
 
 def panels(model: dict[str, Any]) -> Iterator[dict[str, Any]]:
