@@ -121,7 +121,7 @@ async def lose_a_compare_and_set(bus: Bus) -> None:
         await kv_save(kv, key, record, None)
 
 
-@pytest.mark.timeout(150)
+@pytest.mark.timeout(240)
 async def test_every_dashboard_query_returns_data_from_a_running_stack(
         bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
@@ -141,7 +141,8 @@ async def test_every_dashboard_query_returns_data_from_a_running_stack(
                     prometheus(tmp_path, {"services": port}, targets_dir) as url,
                     aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session):
             await apply(bus, bucket, cluster.cache_dir, seaweedfs.endpoint)
-            await cluster.wait_mounted(NAME, "train/a.bin")
+            # Mount processes take seconds to start, many more on a machine busy with other tests.
+            await cluster.wait_mounted(NAME, "train/a.bin", timeout=90)
 
             # A load of train/, then reads: its blocks from this node's cache or its peer's; top.bin from the store.
             await bus.publish(subjects.DATALOAD_APPLY, dataload("warm", dataset=NAME,
