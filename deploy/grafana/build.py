@@ -20,7 +20,7 @@ import argparse
 import json
 import sys
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -144,11 +144,10 @@ class Board:
     description: str
     rows: tuple[Row, ...]
     variables: tuple[Variable, ...] = ()
-    file: str = field(default="")
 
     @property
     def filename(self) -> str:
-        return self.file or f"{self.uid}.json"
+        return f"{self.uid}.json"
 
 
 def _target(query: Query, ref_id: str) -> prom.Dataquery:

@@ -547,3 +547,11 @@ def test_with_prometheus_url_up_starts_none_and_prints_it(tmp_path: Path) -> Non
     else:
         assert started is not None and started[1].port > 0 and line.startswith(started[1].url)
         assert started[1].targets_dir == layout.prometheus_targets
+
+
+def test_the_banner_says_where_prometheus_is(tmp_path: Path) -> None:
+    s3 = S3Access("http://127.0.0.1:8333", "shoal", "secret", embedded=True)
+    text = banner(pid=1, nats_url="nats://127.0.0.1:4222", nats_embedded=True, nats_monitor_port=8222, s3=s3,
+                  seeded_objects=0, services={}, http_ports={}, logs=tmp_path, manifest=tmp_path / "m.yaml",
+                  applied=[], mounts=tmp_path, metrics="http://127.0.0.1:9090 (Prometheus ...)")
+    assert "  metrics   http://127.0.0.1:9090 (Prometheus ...)" in text
