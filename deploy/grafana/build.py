@@ -54,31 +54,34 @@ RATE = "$__rate_interval"
 TAGS = ["shoal"]
 # What a variable at "All" matches: every value, also ones that appear after the dashboard loaded.
 ALL = ".*"
-# Half a minute between refreshes suits a cache that changes over seconds; Grafana's users can pick less.
+# Fresh enough for caches that fill over minutes, light on Prometheus; Grafana's users can pick less.
 REFRESH = "30s"
 
 # --- metric names as Prometheus scrapes them ---------------------------------------------------------------------
 
 
-def total(counter: Counter) -> str:
-    """A counter's series: prometheus-client exposes ``<name>_total``."""
-    assert counter._type == "counter", counter
-    return f"{counter._name}_total"
-
-
-def gauge(instrument: Gauge) -> str:
-    assert instrument._type == "gauge", instrument
+def _name(instrument: Counter | Gauge | Histogram, kind: str) -> str:
+    """The instrument's base name; a counter where a histogram is meant would make a query that matches nothing."""
+    if instrument._type != kind:
+        raise TypeError(f"{instrument._name} is a {instrument._type}, not a {kind}")
     return str(instrument._name)
 
 
+def total(counter: Counter) -> str:
+    """A counter's series: prometheus-client exposes ``<name>_total``."""
+    return f"{_name(counter, 'counter')}_total"
+
+
+def gauge(instrument: Gauge) -> str:
+    return _name(instrument, "gauge")
+
+
 def buckets(histogram: Histogram) -> str:
-    assert histogram._type == "histogram", histogram
-    return f"{histogram._name}_bucket"
+    return f"{_name(histogram, 'histogram')}_bucket"
 
 
 def count(histogram: Histogram) -> str:
-    assert histogram._type == "histogram", histogram
-    return f"{histogram._name}_count"
+    return f"{_name(histogram, 'histogram')}_count"
 
 
 def one_of(values: Sequence[str]) -> str:

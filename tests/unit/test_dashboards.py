@@ -138,3 +138,11 @@ def test_a_row_wider_than_the_grid_is_refused() -> None:
                                                       build.Panel("q", "", (build.Query("up"),), width=16))),))
     with pytest.raises(ValueError, match="32 columns wide"):
         build.build(wide)
+
+
+def test_series_names_follow_prometheus_client_and_a_wrong_kind_is_refused() -> None:
+    assert build.total(metrics.BLOCK_READS) == "shoal_block_reads_total"
+    assert build.buckets(metrics.FUSE_SECONDS) == "shoal_fuse_request_duration_seconds_bucket"
+    assert build.gauge(metrics.CACHE_BYTES) == "shoal_cache_bytes"
+    with pytest.raises(TypeError, match="is a counter, not a histogram"):
+        build.count(metrics.BLOCK_READS)  # type: ignore[arg-type]
