@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 STATE_DIR ?= $(or $(SHOAL_STATE_DIR),.shoal)
 
-.PHONY: venv system-deps test-deps run test lint bench schemas clean mutation
+.PHONY: venv system-deps prometheus test-deps run test lint bench schemas dashboards clean mutation
 
 venv: $(STAMP)
 
@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 # FUSE 3 (fusermount3, libfuse3 and its pkg-config file) is needed by the agent's mounts. As root with apt-get it
 # is installed; anywhere else we say what to install and carry on, since nothing before the agent needs it.
-system-deps:
+system-deps: prometheus
 	@if command -v fusermount3 >/dev/null 2>&1 && pkg-config --exists fuse3 2>/dev/null; then \
 		:; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
@@ -30,6 +30,26 @@ system-deps:
 			|| echo "WARNING: apt-get could not install fuse3, libfuse3-dev and pkg-config; FUSE mounts will not work"; \
 	else \
 		echo "NOTE: install fuse3, libfuse3-dev and pkg-config with your package manager (needed for FUSE mounts)"; \
+	fi
+
+# Prometheus (Debian's package) for `shoal up` and the dashboard test. Unpacked into a project folder rather than
+# installed, since installing the package starts a system service; libs/cli/stack/prometheus.py finds it there
+# (or on PATH). Unpacked in a temporary folder and moved into place, so an interrupted run leaves nothing half-made.
+PROMETHEUS_DIR := .shoal/tools/prometheus
+prometheus:
+	@if [ -x "$(PROMETHEUS_DIR)/usr/bin/prometheus" ] || command -v prometheus >/dev/null 2>&1; then \
+		:; \
+	elif command -v apt-get >/dev/null 2>&1 && command -v dpkg >/dev/null 2>&1; then \
+		echo "Fetching Debian's prometheus package into $(PROMETHEUS_DIR) (unpacked, not installed)"; \
+		work=$$(mktemp -d) && \
+		{ (cd "$$work" && apt-get download -q prometheus) \
+		  || { [ "$$(id -u)" = 0 ] && apt-get update -q && (cd "$$work" && apt-get download -q prometheus); }; } && \
+		dpkg -x "$$work"/prometheus_*.deb "$$work/root" && mkdir -p "$$(dirname $(PROMETHEUS_DIR))" && \
+		rm -rf "$(PROMETHEUS_DIR)" && mv "$$work/root" "$(PROMETHEUS_DIR)" \
+		|| echo "WARNING: could not fetch Debian's prometheus package; shoal up runs without Prometheus"; \
+		rm -rf "$$work"; \
+	else \
+		echo "NOTE: put prometheus and promtool on PATH (or set PROMETHEUS_URL) to see Shoal's metrics"; \
 	fi
 
 # fio reads the mounts in the tests (fio --verify); installed like the FUSE packages.
@@ -83,6 +103,11 @@ mutation: venv
 
 schemas: venv
 	$(BIN)/shoal schemas docs/schemas
+
+# Grafana dashboards as code: deploy/grafana/build.py writes deploy/grafana/dashboards/*.json (committed; a unit test
+# fails when they differ from a fresh build).
+dashboards: venv
+	$(BIN)/python -m deploy.grafana.build
 
 # Refuses while `shoal up` runs on this state directory: its servers would lose their files under them.
 clean:

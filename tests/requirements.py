@@ -51,12 +51,22 @@ def _sysfs() -> str | None:
     return None
 
 
+def _prometheus() -> str | None:
+    from libs.cli.stack.prometheus import find_tool
+
+    if find_tool("prometheus") is None or find_tool("promtool") is None:
+        return ("prometheus and promtool are not in .shoal/tools/prometheus/ or on PATH (make system-deps unpacks "
+                "Debian's prometheus package there)")
+    return None
+
+
 NEEDS: dict[str, tuple[str, Callable[[], str | None]]] = {
     "fuse": ("root and /dev/fuse", _fuse),
     "fio": ("fio", _fio),
     "openssl": ("the openssl command", _openssl),
     "page-cache": ("root and a writable /proc/sys/vm/drop_caches", _page_cache),
     "sysfs": ("a writable sysfs", _sysfs),
+    "prometheus": ("Prometheus", _prometheus),
 }
 
 

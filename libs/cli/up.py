@@ -28,7 +28,16 @@ from libs.cli.stack.banner import banner
 from libs.cli.stack.demo import DEMO_MANIFEST, Applied, applied_by, demo_commands, demo_objects, prepare
 from libs.cli.stack.layout import DEFAULT_STATE_DIR, StateLayout
 from libs.cli.stack.pids import claim_pidfile, is_shoal_up, pid_alive, read_pid, release_pidfile, stop_leftovers
-from libs.cli.stack.ports import Ports, check_ports, http_ports_needed, ports_needed, service_http_ports
+from libs.cli.stack.ports import Ports, PortUse, check_ports, http_ports_needed, ports_needed, service_http_ports
+from libs.cli.stack.prometheus import DEFAULT_PORT as PROMETHEUS_PORT
+from libs.cli.stack.prometheus import (
+    HOW_TO_GET,
+    TARGETS_DIR_VARIABLE,
+    URL_VARIABLE,
+    PrometheusConfig,
+    find_tool,
+    start_prometheus,
+)
 from libs.cli.stack.supervision import (
     AGENT_INDEX_LABEL,
     SERVICES,
@@ -44,7 +53,7 @@ from libs.cli.stack.supervision import (
 )
 from libs.config import Settings, SettingsError, load_settings
 from libs.documents import ManifestError, parse_documents
-from libs.embedded import LOOPBACK, NatsConfig, SeaweedConfig, start_nats, start_seaweedfs
+from libs.embedded import LOOPBACK, NatsConfig, SeaweedConfig, free_port, start_nats, start_seaweedfs
 
 
 def _timestamped(message: str) -> None:
@@ -81,6 +90,8 @@ class UpOptions:
     manifest: Path
     # How many agents (nodes) to run on this machine.
     agents: int = 1
+    # Prometheus's port on loopback (0: a free one), when a binary is found and PROMETHEUS_URL is not set.
+    prometheus_port: int = PROMETHEUS_PORT
 
 
 @dataclass(frozen=True)
@@ -99,6 +110,10 @@ class Plan:
     services: dict[str, str]
     # With several agents: each one's node, labels and paths (empty for one agent, which keeps today's).
     agents: list[AgentPlan]
+    # Prometheus to start (binary, config); None: PROMETHEUS_URL names one, or there is no binary.
+    prometheus: tuple[str, PrometheusConfig] | None = None
+    # What the banner says about metrics: the address of Prometheus, or how to get one.
+    metrics_line: str = HOW_TO_GET
 
 
 def run_up(options: UpOptions, environ: Mapping[str, str]) -> None:
@@ -116,7 +131,8 @@ def run_up(options: UpOptions, environ: Mapping[str, str]) -> None:
                               seeded_objects=len(demo_objects()), services=stack.service_pids(),
                               http_ports=plan.http_ports, logs=layout.logs, manifest=options.manifest,
                               applied=plan.applied, mounts=Path(plan.env["SHOAL_MOUNT_ROOT"]),
-                              agents=[(agent.node, agent.mount_root) for agent in plan.agents]))
+                              agents=[(agent.node, agent.mount_root) for agent in plan.agents],
+                              metrics=plan.metrics_line))
             while True:
                 stack.supervise_once(time.monotonic(), _timestamped)
                 time.sleep(SUPERVISE_INTERVAL_SECONDS)
@@ -136,7 +152,11 @@ def _plan(options: UpOptions, environ: Mapping[str, str]) -> Plan:
     services = stack_services(options.agents)
     servers = ports_needed(ports, run_nats=not external_nats, run_s3=not external_s3)
     http_ports = service_http_ports(ports.service_http, list(services), taken={use.port for use in servers})
-    check_ports(servers + http_ports_needed(http_ports))
+    prometheus, metrics_line = _plan_prometheus(layout, options.prometheus_port, environ,
+                                                taken={use.port for use in servers} | set(http_ports.values()))
+    prometheus_ports = ([PortUse(prometheus[1].port, "Prometheus", "--prometheus-port / SHOAL_PROMETHEUS_PORT")]
+                        if prometheus else [])
+    check_ports(servers + http_ports_needed(http_ports) + prometheus_ports)
     # Parse the manifest before starting anything: a broken one should cost no server start.
     try:
         docs = parse_documents(options.manifest.read_text())
@@ -157,13 +177,35 @@ def _plan(options: UpOptions, environ: Mapping[str, str]) -> Plan:
         s3 = S3Access(seaweed.endpoint, seaweed.access_key_id, seaweed.secret_access_key, embedded=True)
     nats_url = nats.url if nats is not None else external_nats
     env = service_env(environ, nats_url, s3, layout.mounts)
+    if prometheus is not None:
+        # The agents write one scrape target per mount process there (their side servers' ports are their own).
+        env[TARGETS_DIR_VARIABLE] = str(prometheus[1].targets_dir)
     try:
         settings = load_settings(env)
     except SettingsError as err:
         raise UpError(str(err)) from err
     agents = agent_plans(options.agents, settings.agent.node_name, settings.agent.labels, layout.mounts)
     return Plan(nats, seaweed, nats_url, s3, env, settings, commands, applied_by(commands), http_ports, services,
-                agents)
+                agents, prometheus, metrics_line)
+
+
+def _plan_prometheus(layout: StateLayout, port: int, environ: Mapping[str, str],
+                     taken: set[int]) -> tuple[tuple[str, PrometheusConfig] | None, str]:
+    """The Prometheus to start (None when PROMETHEUS_URL names one or no binary is found) and the banner's line."""
+    external = environ.get(URL_VARIABLE, "").strip()
+    if external:
+        return None, (f"{external} (from {URL_VARIABLE}; it scrapes the side servers below: see "
+                      "deploy/grafana/README.md)")
+    binary = find_tool("prometheus")
+    if binary is None:
+        return None, HOW_TO_GET
+    if port == 0:
+        port = free_port()
+        while port in taken:
+            port = free_port()
+    config = PrometheusConfig(port, layout.prometheus, layout.prometheus_config, layout.prometheus_targets)
+    return (binary, config), (f"{config.url} (Prometheus scraping every service and mount process; its API, "
+                              "and Grafana's dashboards in deploy/grafana/)")
 
 
 def _launch(stack: Stack, plan: Plan) -> None:
@@ -178,6 +220,13 @@ def _launch(stack: Stack, plan: Plan) -> None:
     _timestamped("provisioning JetStream" + (", seeding the demo bucket" if plan.s3.embedded else "")
                  + f" and applying {len(plan.commands)} documents of the manifest")
     asyncio.run(prepare(plan.settings.nats, plan.s3, plan.commands))
+    if plan.prometheus is not None:
+        binary, config = plan.prometheus
+        _timestamped(f"starting Prometheus on {config.url}")
+        # Targets of an earlier run name ports its mount processes no longer hold.
+        for stale in config.targets_dir.glob("*.json"):
+            stale.unlink()
+        stack.add_server(start_prometheus(binary, config, plan.http_ports, layout.log("prometheus")), "prometheus")
     stack.env = plan.env
     stack.http_ports = plan.http_ports
     stack.services = plan.services
@@ -223,6 +272,11 @@ MAX_AGENTS = 64
               help=f"First of {len(SERVICES)} consecutive side-server ports on {LOOPBACK}, one per service "
                    f"({', '.join(SERVICES)}; agent-1..N with --agents N): /healthz, /readyz, /metrics; 0 picks free "
                    "ones (env SHOAL_UP_HTTP_PORT).")
+@click.option("--prometheus-port", envvar="SHOAL_PROMETHEUS_PORT", default=PROMETHEUS_PORT, show_default=True,
+              type=click.IntRange(0, 65535),
+              help=f"Prometheus port on {LOOPBACK}, when a prometheus binary is found (.shoal/tools/prometheus/ from "
+                   "`make system-deps`, or PATH) and PROMETHEUS_URL is not set; 0 picks a free one "
+                   "(env SHOAL_PROMETHEUS_PORT).")
 @click.option("--manifest", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=DEMO_MANIFEST,
               show_default=True, help="Dataset and Runtime documents applied once everything runs.")
 @click.option("--agents", envvar="SHOAL_UP_AGENTS", type=click.IntRange(1, MAX_AGENTS), default=1,
@@ -231,15 +285,18 @@ MAX_AGENTS = 64
                    f"{AGENT_INDEX_LABEL}=<i> and {ZONE_LABEL}=zone-a|zone-b (alternating), mounts under "
                    "<state-dir>/mnt/<node>, and they read each other's caches (env SHOAL_UP_AGENTS).")
 def up(state_dir: Path, nats_port: int, nats_monitor_port: int, s3_port: int, seaweed_master_port: int,
-       seaweed_volume_port: int, seaweed_filer_port: int, http_port: int, manifest: Path, agents: int) -> None:
+       seaweed_volume_port: int, seaweed_filer_port: int, http_port: int, prometheus_port: int, manifest: Path,
+       agents: int) -> None:
     """Run NATS, SeaweedFS S3 and every Shoal service on this machine, with a demo dataset; Ctrl-C stops all.
 
     An existing NATS is used instead when NATS_URL is set, an existing S3 when SHOAL_S3_ENDPOINT is set
-    (with SHOAL_S3_ACCESS_KEY_ID and SHOAL_S3_SECRET_ACCESS_KEY).
+    (with SHOAL_S3_ACCESS_KEY_ID and SHOAL_S3_SECRET_ACCESS_KEY). Prometheus is started too when a binary is found
+    (`make system-deps` unpacks Debian's), scraping every service and mount process; PROMETHEUS_URL names an existing
+    one instead.
     """
     ports = Ports(nats=nats_port, nats_monitor=nats_monitor_port, s3=s3_port, seaweed_master=seaweed_master_port,
                   seaweed_volume=seaweed_volume_port, seaweed_filer=seaweed_filer_port, service_http=http_port)
-    options = UpOptions(StateLayout(state_dir.resolve()), ports, manifest.resolve(), agents)
+    options = UpOptions(StateLayout(state_dir.resolve()), ports, manifest.resolve(), agents, prometheus_port)
     try:
         run_up(options, os.environ)
     except UpError as err:

@@ -32,6 +32,7 @@ from libs.cli.stack.layout import StateLayout
 from libs.cli.stack.pids import pid_alive
 from libs.cli.stack.ports import Ports as UpPorts
 from libs.cli.stack.ports import ports_needed, service_http_ports
+from libs.cli.stack.prometheus import HOW_TO_GET, MOUNTS_JOB, SERVICES_JOB, find_tool
 from libs.cli.stack.supervision import SERVICES, Stack, agent_env, agent_plans, ensure_peer_secret, stack_services
 from libs.config import NatsSettings
 from libs.embedded import LOOPBACK, SeaweedConfig, free_port
@@ -42,9 +43,11 @@ from tests.helpers import dataset_record, eventually, runtime_record
 SHOAL = str(Path(sys.executable).parent / "shoal")
 # Variables that would make `shoal up` use servers of the outer environment instead of starting its own.
 OUTER_VARIABLES = ("NATS_URL", "SHOAL_S3_ENDPOINT", "SHOAL_S3_ACCESS_KEY_ID", "SHOAL_S3_SECRET_ACCESS_KEY",
-                   "SHOAL_STATE_DIR", "SHOAL_UP_AGENTS", "SHOAL_NODE_NAME", "SHOAL_NODE_LABELS")
+                   "SHOAL_STATE_DIR", "SHOAL_UP_AGENTS", "SHOAL_NODE_NAME", "SHOAL_NODE_LABELS", "PROMETHEUS_URL")
 # SeaweedFS needs a few seconds, more on a busy two-core machine running other tests.
 READY_TIMEOUT = 90.0
+# `shoal up` also runs Prometheus when `make system-deps` unpacked it (or one is on PATH).
+PROMETHEUS = ("prometheus",) if find_tool("prometheus") else ()
 STOP_TIMEOUT = 60.0
 
 
@@ -56,7 +59,7 @@ def up_arguments(state_dir: Path) -> list[str]:
         "--nats-port", str(free_port()), "--nats-monitor-port", str(free_port()),
         "--s3-port", str(seaweed.s3_port), "--seaweed-master-port", str(seaweed.master_port),
         "--seaweed-volume-port", str(seaweed.volume_port), "--seaweed-filer-port", str(seaweed.filer_port),
-        "--http-port", "0",
+        "--http-port", "0", "--prometheus-port", "0",
     ]
 
 
@@ -170,6 +173,30 @@ async def run_to_end(argv: list[str], cwd: Path) -> tuple[int, str]:
     return process.returncode, output.decode(errors="replace")
 
 
+async def scraped_by_prometheus(run: UpRun) -> None:
+    """The Prometheus `shoal up` printed scrapes every service's side server and the agent's mount process (from
+    the file_sd target the agent writes), all up."""
+    printed = re.search(r"metrics +(http://127\.0\.0\.1:\d+) \(Prometheus", run.output)
+    assert printed is not None, run.output
+    seen: dict[str, list[str]] = {}
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+        async def all_up() -> bool:
+            async with session.get(f"{printed.group(1)}/api/v1/targets") as response:
+                active = (await response.json())["data"]["activeTargets"]
+            seen.clear()
+            for target in active:
+                seen.setdefault(target["scrapePool"], []).append(
+                    f"{target['labels'].get('service', target['scrapeUrl'])}: {target['health']}")
+            up = {pool: {entry.split(":")[0] for entry in entries if entry.endswith(": up")}
+                  for pool, entries in seen.items()}
+            return up.get(SERVICES_JOB) == set(SERVICES) and bool(up.get(MOUNTS_JOB))
+
+        try:
+            await eventually(all_up, 60, "every service and the mount process scraped by Prometheus")
+        except AssertionError as err:
+            raise AssertionError(f"{err}; targets: {seen}") from None
+
+
 def nats_url_of(run: UpRun) -> str:
     port = run.argv[run.argv.index("--nats-port") + 1]
     return f"nats://{LOOPBACK}:{port}"
@@ -182,7 +209,7 @@ async def test_up_syncs_the_demo_restarts_a_dead_service_and_stops_everything_on
     run = await start_up()
     await run.wait_for_output("Shoal is up")
     pids = run.pids()
-    assert set(pids) == {"nats-server", "seaweedfs", *SERVICES}
+    assert set(pids) == {"nats-server", "seaweedfs", *SERVICES, *PROMETHEUS}
     assert all(alive(pid) for pid in pids.values())
     assert (run.state_dir / "up.pid").read_text().strip() == str(run.process.pid)
     for log in ("nats-server", "seaweedfs", *SERVICES):
@@ -212,6 +239,10 @@ async def test_up_syncs_the_demo_restarts_a_dead_service_and_stops_everything_on
             assert data == obj.body()
     finally:
         await bus.close()
+    if PROMETHEUS:
+        await scraped_by_prometheus(run)
+    else:
+        assert HOW_TO_GET in run.output
 
     # A service that dies is started again, and pids.json follows it.
     victim = next(iter(SERVICES))
@@ -239,7 +270,7 @@ async def test_up_with_three_agents_runs_three_nodes_that_each_mount_the_demo_an
     nodes = ["box-1", "box-2", "box-3"]
     pids = run.pids()
     assert set(pids) == {"nats-server", "seaweedfs", "dataset", "runtime", "loader", "scheduler", "agent-1", "agent-2",
-                         "agent-3"}
+                         "agent-3", *PROMETHEUS}
     assert f"  agents    {', '.join(nodes)}" in run.output
     secret = state_dir.resolve() / "peer.secret"
     assert secret.stat().st_mode & 0o777 == 0o600
@@ -489,3 +520,38 @@ def test_stop_also_ends_a_child_started_but_never_registered(tmp_path: Path) -> 
 
 async def _mounted(path: Path) -> bool:
     return is_mounted(str(path))
+
+
+def test_prometheus_scrapes_every_side_server_and_the_agents_mount_targets(tmp_path: Path) -> None:
+    from libs.cli.stack.prometheus import scrape_config
+
+    config = json.loads(scrape_config({"dataset": 9470, "agent": 9474}, tmp_path / "targets", "5s"))
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    assert jobs[SERVICES_JOB]["static_configs"] == [
+        {"targets": [f"{LOOPBACK}:9470"], "labels": {"service": "dataset"}},
+        {"targets": [f"{LOOPBACK}:9474"], "labels": {"service": "agent"}}]
+    assert jobs[MOUNTS_JOB]["file_sd_configs"] == [{"files": [str(tmp_path / "targets" / "*.json")],
+                                                    "refresh_interval": "5s"}]
+    assert config["global"]["scrape_interval"] == "5s"
+
+
+def test_with_prometheus_url_up_starts_none_and_prints_it(tmp_path: Path) -> None:
+    from libs.cli.up import _plan_prometheus
+
+    layout = StateLayout(tmp_path)
+    started, line = _plan_prometheus(layout, 9090, {"PROMETHEUS_URL": "http://prom.example:9090"}, taken=set())
+    assert started is None and line.startswith("http://prom.example:9090 (from PROMETHEUS_URL")
+    started, line = _plan_prometheus(layout, 0, {}, taken=set())
+    if find_tool("prometheus") is None:
+        assert started is None and line == HOW_TO_GET
+    else:
+        assert started is not None and started[1].port > 0 and line.startswith(started[1].url)
+        assert started[1].targets_dir == layout.prometheus_targets
+
+
+def test_the_banner_says_where_prometheus_is(tmp_path: Path) -> None:
+    s3 = S3Access("http://127.0.0.1:8333", "shoal", "secret", embedded=True)
+    text = banner(pid=1, nats_url="nats://127.0.0.1:4222", nats_embedded=True, nats_monitor_port=8222, s3=s3,
+                  seeded_objects=0, services={}, http_ports={}, logs=tmp_path, manifest=tmp_path / "m.yaml",
+                  applied=[], mounts=tmp_path, metrics="http://127.0.0.1:9090 (Prometheus ...)")
+    assert "  metrics   http://127.0.0.1:9090 (Prometheus ...)" in text

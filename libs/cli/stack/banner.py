@@ -51,8 +51,9 @@ def applied_line(applied: Sequence[Applied], manifest: Path) -> str:
 def banner(*, pid: int, nats_url: str, nats_embedded: bool, nats_monitor_port: int, s3: S3Access,
            seeded_objects: int, services: Mapping[str, int], http_ports: Mapping[str, int], logs: Path,
            manifest: Path, applied: Sequence[Applied], mounts: Path,
-           agents: Sequence[tuple[str, Path]] = ()) -> str:
-    """What ``shoal up`` prints once everything runs; ``agents`` (node, mount root) when it runs several."""
+           agents: Sequence[tuple[str, Path]] = (), metrics: str = "") -> str:
+    """What ``shoal up`` prints once everything runs; ``agents`` (node, mount root) when it runs several;
+    ``metrics``: where Prometheus is, or how to get one."""
     # A NATS_URL may carry a user and password; the banner lands in terminals and logs, so it never shows them.
     nats_url = strip_userinfo(nats_url)
     nats_line = (f"{nats_url} (embedded; monitoring http://{LOOPBACK}:{nats_monitor_port})" if nats_embedded
@@ -74,6 +75,7 @@ def banner(*, pid: int, nats_url: str, nats_embedded: bool, nats_monitor_port: i
         f"  S3        {s3_line}",
         f"  services  {running}",
         f"  health    {sides} (/healthz, /readyz, /metrics; mount processes log their own)",
+        *([f"  metrics   {metrics}"] if metrics else []),
         f"  logs      {logs}/",
         f"  applied   {applied_line(applied, manifest)}",
     ]

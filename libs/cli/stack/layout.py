@@ -1,5 +1,5 @@
-"""The state directory of ``shoal up``: every path below it (logs, JetStream store, SeaweedFS data, pid files,
-mounts), named once."""
+"""The state directory of ``shoal up``: every path below it (logs, JetStream store, SeaweedFS data, Prometheus,
+pid files, mounts), named once."""
 
 from __future__ import annotations
 
@@ -42,6 +42,21 @@ class StateLayout:
     def peer_secret(self) -> Path:
         """The cluster's peer secret (``shoal up --agents N``): random, 0600, made once and kept."""
         return self.root.resolve() / "peer.secret"
+
+    @property
+    def prometheus(self) -> Path:
+        """Prometheus's data (its TSDB), kept across runs like the JetStream store."""
+        return self.root / "prometheus"
+
+    @property
+    def prometheus_config(self) -> Path:
+        """Written by every ``shoal up`` that starts Prometheus: the services' ports change with the options."""
+        return self.root / "prometheus.yml"
+
+    @property
+    def prometheus_targets(self) -> Path:
+        """One file_sd JSON per mount process, written by the agents (``SHOAL_PROMETHEUS_TARGETS_DIR``)."""
+        return self.root.resolve() / "prometheus-targets"
 
     @property
     def pids(self) -> Path:

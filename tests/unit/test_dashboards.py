@@ -1,0 +1,148 @@
+"""The Grafana dashboards (``deploy/grafana``) without Grafana: the committed JSON is what the builder makes, its
+structure is sound (unique panel ids, the 24-column grid, every target with a refId and an expression on the
+provisioned datasource), every metric it names is one of ``libs.metrics`` as Prometheus scrapes it, and every
+expression parses (``promtool check rules``, each written as a recording rule). That the queries return data from
+the running services is ``tests/integration/test_dashboards_live.py``'s part.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from prometheus_client import Counter, Gauge, Histogram
+
+from deploy.grafana import build
+from libs import metrics
+from libs.cli.stack.prometheus import find_tool
+
+PROVISIONING = build.HERE / "provisioning"
+
+
+def targets(model: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(panel title, target) of every query of a dashboard."""
+    return [(panel["title"], target) for panel in build.panels(model) for target in panel.get("targets") or []]
+
+
+def every_expr() -> list[str]:
+    return [target["expr"] for model in build.dashboards().values() for _, target in targets(model)]
+
+
+def exposed_names() -> set[str]:
+    """Every series name prometheus-client exposes for the instruments of ``libs.metrics``."""
+    names = set()
+    for value in vars(metrics).values():
+        if isinstance(value, Counter):
+            names |= {f"{value._name}_total", f"{value._name}_created"}
+        elif isinstance(value, Histogram):
+            names |= {f"{value._name}_{suffix}" for suffix in ("bucket", "count", "sum", "created")}
+        elif isinstance(value, Gauge):
+            names.add(value._name)
+    return names
+
+
+def test_the_committed_dashboards_are_what_the_builder_makes() -> None:
+    assert build.stale() == [], "run `make dashboards` and commit deploy/grafana/dashboards/"
+    committed = sorted(path.name for path in build.DASHBOARDS_DIR.glob("*.json"))
+    assert committed == sorted(build.dashboards()), "a dashboard file the builder does not make"
+
+
+@pytest.mark.parametrize("name", sorted(build.dashboards()))
+def test_each_dashboard_is_structurally_sound(name: str) -> None:
+    model = json.loads((build.DASHBOARDS_DIR / name).read_text())
+    assert model["uid"] and model["title"] and model["panels"]
+    every = list(build.panels(model))
+    ids = [panel["id"] for panel in every]
+    assert len(ids) == len(set(ids)), f"duplicate panel ids in {name}: {ids}"
+    assert all(isinstance(panel_id, int) and panel_id > 0 for panel_id in ids)
+    occupied: set[tuple[int, int]] = set()
+    for panel in every:
+        grid = panel["gridPos"]
+        assert grid["w"] > 0 and grid["h"] > 0 and grid["x"] >= 0 and grid["y"] >= 0, panel["title"]
+        assert grid["x"] + grid["w"] <= build.GRID_COLUMNS, f"{panel['title']} leaves the 24-column grid: {grid}"
+        cells = {(x, y) for x in range(grid["x"], grid["x"] + grid["w"])
+                 for y in range(grid["y"], grid["y"] + grid["h"])}
+        assert not cells & occupied, f"{panel['title']} overlaps another panel"
+        occupied |= cells
+        if panel["type"] == "row":
+            continue
+        assert panel["datasource"] == {"type": "prometheus", "uid": build.DATASOURCE_UID}, panel["title"]
+        assert panel["targets"], f"{panel['title']} has no query"
+        ref_ids = [target["refId"] for target in panel["targets"]]
+        assert all(ref_ids) and len(ref_ids) == len(set(ref_ids)), panel["title"]
+        for target in panel["targets"]:
+            assert target["expr"].strip(), panel["title"]
+            assert target.get("datasource", panel["datasource"])["uid"] == build.DATASOURCE_UID
+    for variable in model.get("templating", {}).get("list", []):
+        assert variable["datasource"]["uid"] == build.DATASOURCE_UID
+        assert f"${variable['name']}" in json.dumps([t for _, t in targets(model)]), "a variable no query uses"
+
+
+def test_the_datasource_and_dashboard_provider_are_provisioned() -> None:
+    datasources = yaml.safe_load((PROVISIONING / "datasources" / "prometheus.yaml").read_text())
+    assert datasources["apiVersion"] == 1
+    (source,) = datasources["datasources"]
+    assert source["uid"] == build.DATASOURCE_UID and source["type"] == "prometheus" and source["url"]
+    providers = yaml.safe_load((PROVISIONING / "dashboards" / "shoal.yaml").read_text())
+    assert providers["apiVersion"] == 1
+    (provider,) = providers["providers"]
+    assert provider["type"] == "file" and provider["options"]["path"]
+
+
+def test_every_query_names_only_metrics_of_libs_metrics_and_every_metric_is_shown() -> None:
+    known = exposed_names()
+    named = {name for expr in every_expr() for name in re.findall(r"\bshoal_\w+", expr)}
+    assert named - known == set(), "a dashboard names a metric that libs.metrics does not expose"
+    shown = {name.removesuffix("_total") for name in named} | {re.sub(r"_(bucket|count|sum)$", "", n) for n in named}
+    instruments = {value._name for value in vars(metrics).values() if isinstance(value, Counter | Gauge | Histogram)}
+    assert instruments - shown == set(), "a metric of libs.metrics is on no dashboard: add a panel in build.py"
+
+
+def test_variables_and_the_rate_interval_are_all_substituted() -> None:
+    for expr in every_expr():
+        assert "$" not in build.concrete(expr), expr
+
+
+@pytest.mark.needs("prometheus")
+def test_every_expression_parses(tmp_path: Path) -> None:
+    promtool = find_tool("promtool")
+    assert promtool is not None
+    rules = [{"record": f"shoal:dashboard_query_{index}", "expr": build.concrete(expr)}
+             for index, expr in enumerate(every_expr())]
+    path = tmp_path / "rules.yaml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "dashboards", "rules": rules}]}))
+    result = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"SUCCESS: {len(rules)} rules found" in result.stdout
+
+
+@pytest.mark.needs("prometheus")
+def test_promtool_rejects_a_broken_expression(tmp_path: Path) -> None:
+    """The check above can fail: a query with a typo does not pass it."""
+    promtool = find_tool("promtool")
+    assert promtool is not None
+    path = tmp_path / "rules.yaml"
+    broken = build.concrete(every_expr()[0]).replace(")", "", 1)
+    path.write_text(yaml.safe_dump({"groups": [{"name": "g", "rules": [{"record": "r:x", "expr": broken}]}]}))
+    result = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+
+
+def test_a_row_wider_than_the_grid_is_refused() -> None:
+    wide = build.Board("x", "X", "", (build.Row("r", (build.Panel("p", "", (build.Query("up"),), width=16),
+                                                      build.Panel("q", "", (build.Query("up"),), width=16))),))
+    with pytest.raises(ValueError, match="32 columns wide"):
+        build.build(wide)
+
+
+def test_series_names_follow_prometheus_client_and_a_wrong_kind_is_refused() -> None:
+    assert build.total(metrics.BLOCK_READS) == "shoal_block_reads_total"
+    assert build.buckets(metrics.FUSE_SECONDS) == "shoal_fuse_request_duration_seconds_bucket"
+    assert build.gauge(metrics.CACHE_BYTES) == "shoal_cache_bytes"
+    with pytest.raises(TypeError, match="is a counter, not a histogram"):
+        build.count(metrics.BLOCK_READS)  # type: ignore[arg-type]
