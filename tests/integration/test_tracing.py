@@ -8,9 +8,7 @@ in ``test_tracing_mount.py``.
 from __future__ import annotations
 
 import asyncio
-import io
 import json
-import logging
 import os
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
@@ -18,7 +16,6 @@ from typing import Any
 
 import msgspec
 import pytest
-import structlog
 from nats.aio.msg import Msg
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
@@ -32,7 +29,7 @@ from libs.events.common import ObjectMeta
 from libs.events.dataset import Dataset, DatasetApply, DatasetSpec, Mount
 from services.dataset import app as dataset_app
 from tests.conftest import SeaweedServer
-from tests.helpers import eventually, running
+from tests.helpers import eventually, json_lines, json_logs, running
 
 
 @contextmanager
@@ -50,28 +47,6 @@ def spans_in_memory() -> Iterator[InMemorySpanExporter]:
     finally:
         trace._TRACER_PROVIDER = original
         provider.shutdown()
-
-
-@contextmanager
-def json_logs(monkeypatch: pytest.MonkeyPatch) -> Iterator[io.StringIO]:
-    """The processes' real log set-up (``setup_logging``), writing JSON lines to the returned buffer."""
-    buffer = io.StringIO()
-    root = logging.getLogger()
-    level = root.level
-    # As if configured before: loggers are not cached, so nothing keeps writing to the buffer after the test.
-    monkeypatch.setattr(telemetry, "_configured_logging", True)
-    telemetry.setup_logging("info", "json", file=buffer)
-    try:
-        yield buffer
-    finally:
-        structlog.reset_defaults()
-        for handler in [h for h in root.handlers if isinstance(h, telemetry._StructlogHandler)]:
-            root.removeHandler(handler)
-        root.setLevel(level)
-
-
-def lines_of(buffer: io.StringIO) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in buffer.getvalue().splitlines() if line.startswith("{")]
 
 
 def traceparent(trace_id: int, span_id: int) -> str:
@@ -184,7 +159,7 @@ async def test_log_lines_carry_the_trace_of_the_handling_span(bus: Bus, settings
         outside = telemetry.get_logger("test")
         outside.info("outside any span")
     [span] = handled
-    lines = {line["event"]: line for line in lines_of(buffer)}
+    lines = {line["event"]: line for line in json_lines(buffer.getvalue())}
     assert lines["handled"]["trace_id"] == f"{outside_trace:032x}" == format(span.trace_id, "032x")
     assert lines["handled"]["span_id"] == format(span.span_id, "016x")
     assert "trace_id" not in lines["outside any span"]
