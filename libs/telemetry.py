@@ -116,13 +116,15 @@ def tracing_exporter(environ: Mapping[str, str]) -> str:
     if environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
         return EXPORTER_NONE
     names = [n.strip().lower() for n in environ.get("OTEL_TRACES_EXPORTER", "").split(",") if n.strip()]
-    if not names:
-        return EXPORTER_OTLP if any(environ.get(v, "").strip() for v in ENDPOINT_VARIABLES) else EXPORTER_NONE
     unknown = sorted(set(names) - {EXPORTER_OTLP, EXPORTER_NONE})
     if unknown:
         raise TracingConfigError(f"OTEL_TRACES_EXPORTER: {', '.join(unknown)} is not available here "
                                  f"(use {EXPORTER_OTLP} or {EXPORTER_NONE})")
-    if EXPORTER_OTLP not in names:
+    if names:
+        wanted = EXPORTER_OTLP in names
+    else:
+        wanted = any(environ.get(variable, "").strip() for variable in ENDPOINT_VARIABLES)
+    if not wanted:
         return EXPORTER_NONE
     for variable in PROTOCOL_VARIABLES:
         protocol = environ.get(variable, "").strip().lower()
