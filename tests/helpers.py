@@ -14,6 +14,10 @@ from typing import Any, TypeVar
 import msgspec
 import pytest
 import structlog
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from libs import subjects, telemetry
 from libs.bus import Bus, kv_load
@@ -127,3 +131,20 @@ def json_lines(text: str) -> list[dict[str, Any]]:
             except ValueError:
                 continue
     return lines
+
+
+@contextmanager
+def spans_in_memory() -> Iterator[InMemorySpanExporter]:
+    """Every span of this process goes to the returned exporter while the block runs."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    # Tracers resolve the global provider when first used (the bus's, the consumers', the handlers' are made when
+    # their objects are): swapping it for the test only leaves other tests' providers alone.
+    original = trace._TRACER_PROVIDER
+    trace._TRACER_PROVIDER = provider
+    try:
+        yield exporter
+    finally:
+        trace._TRACER_PROVIDER = original
+        provider.shutdown()

@@ -10,17 +10,15 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from collections.abc import AsyncIterator, Iterator, Sequence
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from typing import Any
 
 import msgspec
 import pytest
 from nats.aio.msg import Msg
 from opentelemetry import trace
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace import ReadableSpan
 
 from libs import subjects, telemetry
 from libs.bus import Bus, Consumer, Delivery
@@ -29,24 +27,7 @@ from libs.events.common import ObjectMeta
 from libs.events.dataset import Dataset, DatasetApply, DatasetSpec, Mount
 from services.dataset import app as dataset_app
 from tests.conftest import SeaweedServer
-from tests.helpers import eventually, json_lines, json_logs, running
-
-
-@contextmanager
-def spans_in_memory() -> Iterator[InMemorySpanExporter]:
-    """Every span of this process goes to the returned exporter while the block runs."""
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    # Tracers resolve the global provider when first used (the bus's, the consumers', the handlers' are made when
-    # their objects are): swapping it for the test only leaves other tests' providers alone.
-    original = trace._TRACER_PROVIDER
-    trace._TRACER_PROVIDER = provider
-    try:
-        yield exporter
-    finally:
-        trace._TRACER_PROVIDER = original
-        provider.shutdown()
+from tests.helpers import eventually, json_lines, json_logs, running, spans_in_memory
 
 
 def traceparent(trace_id: int, span_id: int) -> str:
