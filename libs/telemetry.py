@@ -23,7 +23,7 @@ import structlog
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.sdk.resources import OTELResourceDetector, Resource
-from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 _configured_logging = False
@@ -140,20 +140,17 @@ def tracing_resource(service_name: str) -> Resource:
     return Resource.create({} if named else {"service.name": service_name})
 
 
-def setup_tracing(service_name: str, environ: Mapping[str, str] | None = None,
-                  processor: SpanProcessor | None = None) -> TracerProvider:
-    """Install this process's TracerProvider (once) and, when the ``OTEL_*`` variables ask for it, a batching
-    OTLP/HTTP exporter (``processor`` replaces it: tests). Raises ``TracingConfigError`` on a variable it cannot
-    honour; the service shell turns that into an exit with the message."""
+def setup_tracing(service_name: str, environ: Mapping[str, str] | None = None) -> TracerProvider:
+    """Install this process's TracerProvider (once) and, when the ``OTEL_*`` variables of ``environ`` (the
+    process's by default) ask for it, a batching OTLP/HTTP exporter. Raises ``TracingConfigError`` on a variable
+    it cannot honour; the service shell turns that into an exit with the message."""
     current = trace.get_tracer_provider()
     if isinstance(current, TracerProvider):
         return current
     environ = os.environ if environ is None else environ
     exporter = tracing_exporter(environ)
     provider = TracerProvider(resource=tracing_resource(service_name))
-    if processor is not None:
-        provider.add_span_processor(processor)
-    elif exporter == EXPORTER_OTLP:
+    if exporter == EXPORTER_OTLP:
         # Imported only when used: it pulls in requests and protobuf, which a process without traces never needs.
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
