@@ -1,6 +1,7 @@
 """The read path's spans (``services.agent.reader``): a miss is a ``read miss`` span whose children are the peer
-requests (``peer GET``, an error when the peer fails) and the store GET it took; a cache hit makes no span. Real
-local store and disk tier, a scripted peer client, an in-memory exporter."""
+requests (``peer GET``, an error when the peer fails) and the store GET it took; a cache hit makes no span; the
+owner answering a peer request continues the asking node's trace (``serve block``). Real local store and disk
+tier, a scripted peer client or a real peer server and client on loopback, an in-memory exporter."""
 
 from __future__ import annotations
 
@@ -12,11 +13,12 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import StatusCode
 
 from libs.blocks import BlockId
+from libs.embedded import LOOPBACK
 from libs.events.dataset import ManifestEntry
 from libs.events.runtime import CacheWorker
 from libs.ufs import LocalLocation, LocalObjectStore
 from services.agent.cache import BlockCache, DiskTier
-from services.agent.peer import PeerError
+from services.agent.peer import PeerClient, PeerError, PeerServer
 from services.agent.readahead import MemoryBudget
 from services.agent.reader import BlockReader, BlockRouter, StoreGate
 from tests.helpers import spans_in_memory
@@ -103,3 +105,34 @@ async def test_store_gets_outside_a_trace_make_no_span(tmp_path: Path) -> None:
         reader, entry = await reader_for(tmp_path, None)
         await reader.gates[0].get_range(entry.key, 0, 10, entry.etag)
     assert exporter.get_finished_spans() == ()
+
+
+async def test_the_owner_serves_a_block_in_the_asking_node_trace(tmp_path: Path) -> None:
+    body = os.urandom(BLOCK)
+    entry = ManifestEntry(path="/b.bin", mount=0, key="b.bin", size=BLOCK, etag="e1", mtime=0.0)
+    fetched_in: list[trace.SpanContext] = []
+
+    async def source(entry: ManifestEntry, index: int) -> bytes:
+        fetched_in.append(trace.get_current_span().get_span_context())
+        return body
+
+    key = b"k" * 32
+    with spans_in_memory() as exporter:
+        server = PeerServer(key, "default", "demo", BLOCK, lambda mount, k: entry if k == entry.key else None,
+                            source)
+        await server.start(LOOPBACK, 0)
+        client = PeerClient(key, "default", "demo")
+        try:
+            with trace.get_tracer("test").start_as_current_span("peer GET") as asking:
+                data = await client.get_block(f"http://{LOOPBACK}:{server.port}", BlockId(0, "b.bin", "e1", 0),
+                                              BLOCK, BLOCK)
+        finally:
+            await client.close()
+            await server.stop()
+        spans = exporter.get_finished_spans()
+    assert data == body
+    [served] = [span for span in spans if span.name == "serve block"]
+    assert served.kind == trace.SpanKind.SERVER
+    assert served.parent is not None and served.parent.span_id == asking.get_span_context().span_id
+    assert served.context.trace_id == asking.get_span_context().trace_id
+    assert [context.span_id for context in fetched_in] == [served.context.span_id]  # the store fetch inside it
