@@ -6,7 +6,9 @@ What it decides:
   nak with a growing delay; ``Conflict`` → nak at once (another writer won, the handler re-reads);
   ``Permanent``, an undecodable or oversized payload, or a last failed delivery → a ``DeadLetter`` record on the
   dead-letter stream, then ``term`` so the message is never redelivered.
-- that every published event carries ``Nats-Msg-Id`` (its id, for deduplication) and ``traceparent``.
+- that every published event carries ``Nats-Msg-Id`` (its id, for deduplication) and, inside a trace, a PRODUCER
+  span whose ``traceparent`` the headers carry; every consumed message gets a CONSUMER span continuing it
+  (``messaging.system=nats``, ``messaging.destination.name`` = the subject).
 - what every service's bus metrics count (``libs.metrics``): each message a consumer handles once, by outcome
   (ok, rejected, retried, dead_lettered, conflict), its handler's time, the consumer's lag at each fetch, and
   each compare-and-set that loses (``kv_save``, ``kv_delete``).
@@ -49,7 +51,7 @@ from libs.backoff import REDELIVERY
 from libs.config import NatsSettings
 from libs.events.deadletter import DeadLetter
 from libs.redact import redact_payload, strip_userinfo
-from libs.telemetry import extract_context, get_logger, inject_context, tracer
+from libs.telemetry import extract_context, get_logger, inject_context, messaging_attributes, producer_span, tracer
 
 log = get_logger(__name__)
 
@@ -135,6 +137,7 @@ class Bus:
         self.js: JetStreamContext = nc.jetstream()
         self.replicas = replicas
         self._kv: dict[str, KeyValue] = {}
+        self._tracer = tracer(__name__)
 
     def reconnects(self) -> int:
         """How often the connection was re-established: a watch starts again when this changes."""
@@ -205,10 +208,11 @@ class Bus:
 
     async def publish(self, subject: str, event: msgspec.Struct, headers: dict[str, str] | None = None) -> int:
         """Publish an event to JetStream; returns its stream sequence. Deduplicated by the event's id."""
-        all_headers = inject_context(dict(headers or {}))
-        all_headers["Nats-Msg-Id"] = str(getattr(event, "id", ""))
-        all_headers["Content-Type"] = "application/json"
-        ack = await self.js.publish(subject, msgspec.json.encode(event), headers=all_headers)
+        with producer_span(self._tracer, subject):
+            all_headers = inject_context(dict(headers or {}))
+            all_headers["Nats-Msg-Id"] = str(getattr(event, "id", ""))
+            all_headers["Content-Type"] = "application/json"
+            ack = await self.js.publish(subject, msgspec.json.encode(event), headers=all_headers)
         return int(ack.seq)
 
     # --- Core NATS: not stored, not acknowledged; for requests only worth something while someone listens. ---
@@ -468,7 +472,7 @@ class Consumer(Generic[E]):
             f"process {self.durable}",
             context=extract_context(delivery.headers),
             kind=trace.SpanKind.CONSUMER,
-            attributes={"messaging.system": "nats", "messaging.destination.name": delivery.subject},
+            attributes=messaging_attributes(delivery.subject),
         ):
             await self._handle(message, delivery)
 

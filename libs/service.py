@@ -2,7 +2,8 @@
 server, and how a process runs its loops until stopped.
 
 A process provides ``async def run(settings, stop, readiness)``; ``main`` parses settings once (printing every
-bad variable and exiting 2), sets up telemetry, starts the side server (``libs.side_server``: ``/healthz``,
+bad variable and exiting 2), sets up telemetry (exporting spans when the ``OTEL_*`` variables say so, and flushing
+them when the process ends, also after an error), starts the side server (``libs.side_server``: ``/healthz``,
 ``/readyz``, ``/metrics``) unless ``SHOAL_HTTP_PORT=off``, and turns SIGTERM/SIGINT into the ``stop`` event.
 ``run`` registers its readiness checks (``nats_check``, and ``run_loops`` adds one for its loops) and runs its
 loops with ``run_loops``: every long-running part of a process is a ``Loop`` (``run`` until ``stop``), started
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from libs.config import Settings, SettingsError, load_settings
 from libs.side_server import Readiness, SideServer
-from libs.telemetry import get_logger, setup_logging, setup_tracing
+from libs.telemetry import TracingConfigError, get_logger, setup_logging, setup_tracing, shutdown_tracing
 
 if TYPE_CHECKING:
     from libs.bus import Bus
@@ -100,7 +101,11 @@ def main(name: str, run: ServiceRun) -> None:
         print(f"{name}: {err}", file=sys.stderr)
         sys.exit(2)
     setup_logging(settings.service.log_level, settings.service.log_format)
-    setup_tracing(name)
+    try:
+        setup_tracing(name)
+    except TracingConfigError as err:
+        print(f"{name}: {err}", file=sys.stderr)
+        sys.exit(2)
     log = get_logger(name)
 
     async def _main() -> None:
@@ -125,4 +130,8 @@ def main(name: str, run: ServiceRun) -> None:
                 await side.stop()
         log.info("stopped")
 
-    asyncio.run(_main())
+    try:
+        asyncio.run(_main())
+    finally:
+        # Off the event loop: the OTLP exporter's flush is a blocking HTTP call.
+        shutdown_tracing()

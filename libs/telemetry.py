@@ -1,43 +1,63 @@
 """Logging and tracing set-up shared by every process, and trace-context propagation through NATS headers.
 
 Logs: structlog, JSON lines when stderr is not a terminal (collectors parse them), readable console output on
-one. Traces: an OpenTelemetry TracerProvider; ``traceparent`` travels in message headers (``inject_context`` on
-publish, ``extract_context`` on receive) so one trace follows a command from publisher to every service.
+one; a line written inside a span carries its ``trace_id`` and ``span_id`` (hex, as trace backends show them).
+Traces: an OpenTelemetry TracerProvider in every process, so trace ids exist (and travel, and reach the logs) even
+when nothing exports them; spans are exported over OTLP/HTTP only when the standard ``OTEL_*`` variables ask for it
+(``tracing_exporter`` decides: off when unset), in batches, flushed by ``shutdown_tracing`` when the process ends.
+``traceparent`` travels in message headers (``inject_context`` on publish, ``extract_context`` on receive) and in
+records that start work later (``current_traceparent`` / ``context_of``), so one trace follows a command from
+its publisher through every service.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Iterator, Mapping, MutableMapping
+from contextlib import contextmanager, nullcontext
+from typing import Any, TextIO
 
 import structlog
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
-from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.resources import OTELResourceDetector, Resource
 from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 _configured_logging = False
 
 
-def setup_logging(level: str = "info", fmt: str = "auto") -> None:
+def add_trace_ids(_logger: Any, _method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """structlog processor: the current span's ``trace_id`` and ``span_id`` (hex), when a span is current."""
+    context = trace.get_current_span().get_span_context()
+    if context.is_valid:
+        event["trace_id"] = format(context.trace_id, "032x")
+        event["span_id"] = format(context.span_id, "016x")
+    return event
+
+
+def setup_logging(level: str = "info", fmt: str = "auto", file: TextIO | None = None) -> None:
+    """``file``: where lines go (stderr by default; tests pass a buffer)."""
     global _configured_logging
-    use_console = fmt == "console" or (fmt == "auto" and sys.stderr.isatty())
+    file = file or sys.stderr
+    use_console = fmt == "console" or (fmt == "auto" and file.isatty())
     renderer: Any = structlog.dev.ConsoleRenderer() if use_console else structlog.processors.JSONRenderer()
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
+            add_trace_ids,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=file),
         cache_logger_on_first_use=not _configured_logging,
     )
-    _route_stdlib_logging(level, renderer)
+    _route_stdlib_logging(level, renderer, file)
     _configured_logging = True
 
 
@@ -45,13 +65,14 @@ class _StructlogHandler(logging.StreamHandler):
     """Marks the handler ``setup_logging`` installs, so a second call replaces it instead of adding one."""
 
 
-def _route_stdlib_logging(level: str, renderer: Any) -> None:
+def _route_stdlib_logging(level: str, renderer: Any, file: TextIO) -> None:
     """Send what libraries log through ``logging`` (pyfuse3's notify thread, asyncio, nats-py) out in the same
     format as our own lines: without this, Python's last-resort handler prints them as plain text with bare
     tracebacks, and a JSON log gets lines no collector can parse."""
-    handler = _StructlogHandler(sys.stderr)
+    handler = _StructlogHandler(file)
     handler.setFormatter(structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=[
+            add_trace_ids,
             structlog.stdlib.add_logger_name,
             structlog.stdlib.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
@@ -70,11 +91,81 @@ def _route_stdlib_logging(level: str, renderer: Any) -> None:
     root.setLevel(max(logging.WARNING, logging.getLevelNamesMapping()[level.upper()]))
 
 
-def setup_tracing(service_name: str) -> None:
-    """Install a TracerProvider once per process; exporters are added by the observability work."""
-    if isinstance(trace.get_tracer_provider(), TracerProvider):
-        return
-    trace.set_tracer_provider(TracerProvider(resource=Resource.create({"service.name": service_name})))
+class TracingConfigError(ValueError):
+    """An ``OTEL_*`` variable asks for something this process cannot do; the message names it."""
+
+
+# The exporters Shoal ships (OTEL_TRACES_EXPORTER): OTLP over HTTP/protobuf, or none.
+EXPORTER_OTLP = "otlp"
+EXPORTER_NONE = "none"
+ENDPOINT_VARIABLES = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
+PROTOCOL_VARIABLES = ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL")
+HTTP_PROTOBUF = "http/protobuf"
+# Spans left in the queue at exit get this long to reach the collector (SIGTERM's grace in a pod is 30 s, and a
+# mount process must unmount within the agent's stop grace).
+SHUTDOWN_FLUSH_MILLIS = 3000
+
+
+def tracing_exporter(environ: Mapping[str, str]) -> str:
+    """Which exporter the environment asks for: ``otlp`` or ``none``.
+
+    Off unless asked: ``OTEL_TRACES_EXPORTER=otlp``, or an OTLP endpoint variable with ``OTEL_TRACES_EXPORTER``
+    unset (the SDK's own default, ``otlp`` towards localhost, would send every process's spans to a collector
+    that is not there). ``OTEL_SDK_DISABLED=true`` turns it off too. Anything else is a ``TracingConfigError``.
+    """
+    if environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return EXPORTER_NONE
+    names = [n.strip().lower() for n in environ.get("OTEL_TRACES_EXPORTER", "").split(",") if n.strip()]
+    unknown = sorted(set(names) - {EXPORTER_OTLP, EXPORTER_NONE})
+    if unknown:
+        raise TracingConfigError(f"OTEL_TRACES_EXPORTER: {', '.join(unknown)} is not available here "
+                                 f"(use {EXPORTER_OTLP} or {EXPORTER_NONE})")
+    if names:
+        wanted = EXPORTER_OTLP in names
+    else:
+        wanted = any(environ.get(variable, "").strip() for variable in ENDPOINT_VARIABLES)
+    if not wanted:
+        return EXPORTER_NONE
+    for variable in PROTOCOL_VARIABLES:
+        protocol = environ.get(variable, "").strip().lower()
+        if protocol and protocol != HTTP_PROTOBUF:
+            raise TracingConfigError(f"{variable}: {protocol} is not available here (use {HTTP_PROTOBUF})")
+    return EXPORTER_OTLP
+
+
+def tracing_resource(service_name: str) -> Resource:
+    """``service.name`` is the process's own unless OTEL_SERVICE_NAME or OTEL_RESOURCE_ATTRIBUTES name one; the
+    rest of OTEL_RESOURCE_ATTRIBUTES is added (the SDK reads both variables from the environment)."""
+    named = "service.name" in OTELResourceDetector().detect().attributes  # the detector reads both
+    return Resource.create({} if named else {"service.name": service_name})
+
+
+def setup_tracing(service_name: str, environ: Mapping[str, str] | None = None) -> TracerProvider:
+    """Install this process's TracerProvider (once) and, when the ``OTEL_*`` variables of ``environ`` (the
+    process's by default) ask for it, a batching OTLP/HTTP exporter. Raises ``TracingConfigError`` on a variable
+    it cannot honour; the service shell turns that into an exit with the message."""
+    current = trace.get_tracer_provider()
+    if isinstance(current, TracerProvider):
+        return current
+    environ = os.environ if environ is None else environ
+    exporter = tracing_exporter(environ)
+    provider = TracerProvider(resource=tracing_resource(service_name))
+    if exporter == EXPORTER_OTLP:
+        # Imported only when used: it pulls in requests and protobuf, which a process without traces never needs.
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        # Batching (OTEL_BSP_* tune it) keeps the export off the hot path: a span costs a queue append.
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    trace.set_tracer_provider(provider)
+    return provider
+
+
+def shutdown_tracing() -> None:
+    """Export the spans still queued and stop the exporter: the last thing a process does (``libs.service``)."""
+    provider = trace.get_tracer_provider()
+    if isinstance(provider, TracerProvider):
+        provider.force_flush(SHUTDOWN_FLUSH_MILLIS)
+        provider.shutdown()
 
 
 def get_logger(name: str) -> Any:
@@ -93,3 +184,46 @@ def inject_context(headers: dict[str, str]) -> dict[str, str]:
 
 def extract_context(headers: Mapping[str, str] | None) -> otel_context.Context:
     return propagate.extract(dict(headers or {}))
+
+
+def current_traceparent() -> str:
+    """The current span as a ``traceparent`` value ("" outside a trace): kept in a record whose change starts
+    work later (a KV watch carries no headers), so that work joins the trace that asked for it."""
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return carrier.get("traceparent", "")
+
+
+def context_of(traceparent: str) -> otel_context.Context:
+    """The context to start a span in from a stored ``traceparent`` (a new trace when it is empty)."""
+    return propagate.extract({"traceparent": traceparent} if traceparent else {})
+
+
+def in_trace() -> bool:
+    """Whether a span is current: child spans of I/O are made only inside a trace."""
+    return trace.get_current_span().get_span_context().is_valid
+
+
+@contextmanager
+def producer_span(span_tracer: trace.Tracer, subject: str) -> Iterator[None]:
+    """A PRODUCER span for one publish to ``subject`` when a trace is current (its headers then carry this span);
+    nothing outside a trace: heartbeats and inventory start no trace of their own, and a consumer of a message
+    without ``traceparent`` starts the trace itself."""
+    if not in_trace():
+        yield
+        return
+    with span_tracer.start_as_current_span(f"publish {subject}", kind=trace.SpanKind.PRODUCER,
+                                           attributes=messaging_attributes(subject)):
+        yield
+
+
+def child_span(span_tracer: trace.Tracer, name: str, kind: trace.SpanKind = trace.SpanKind.INTERNAL,
+               attributes: Mapping[str, Any] | None = None) -> Any:
+    """A span under the current one, or no span at all outside a trace (cheap on hot paths)."""
+    if not in_trace():
+        return nullcontext()
+    return span_tracer.start_as_current_span(name, kind=kind, attributes=attributes)
+
+
+def messaging_attributes(subject: str) -> dict[str, str]:
+    return {"messaging.system": "nats", "messaging.destination.name": subject}

@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import io
+import json
+import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any, TypeVar
 
 import msgspec
+import pytest
+import structlog
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from libs import subjects
+from libs import subjects, telemetry
 from libs.bus import Bus, kv_load
 from libs.config import NatsSettings, S3Settings, Secret, ServiceSettings, Settings
 from libs.events.dataset import DatasetRecord
@@ -91,3 +100,51 @@ class FactCollector:
             return found[-1] if found else None
 
         return await eventually(probe, timeout, f"{tag} {match}")
+
+
+@contextmanager
+def json_logs(monkeypatch: pytest.MonkeyPatch, level: str = "info") -> Iterator[io.StringIO]:
+    """This process's log lines through the processes' own set-up (``setup_logging``), as JSON into the returned
+    buffer while the block runs; structlog's and logging's configuration are restored afterwards."""
+    buffer = io.StringIO()
+    root = logging.getLogger()
+    root_level = root.level
+    # As if configured before: loggers are not cached, so nothing keeps writing to the buffer after the block.
+    monkeypatch.setattr(telemetry, "_configured_logging", True)
+    telemetry.setup_logging(level, "json", file=buffer)
+    try:
+        yield buffer
+    finally:
+        structlog.reset_defaults()
+        for handler in [h for h in root.handlers if isinstance(h, telemetry._StructlogHandler)]:
+            root.removeHandler(handler)
+        root.setLevel(root_level)
+
+
+def json_lines(text: str) -> list[dict[str, Any]]:
+    """The JSON log lines in ``text`` (other output left out)."""
+    lines = []
+    for line in text.splitlines():
+        if line.startswith("{"):
+            try:
+                lines.append(json.loads(line))
+            except ValueError:
+                continue
+    return lines
+
+
+@contextmanager
+def spans_in_memory() -> Iterator[InMemorySpanExporter]:
+    """Every span of this process goes to the returned exporter while the block runs."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    # Tracers resolve the global provider when first used (the bus's, the consumers', the handlers' are made when
+    # their objects are): swapping it for the test only leaves other tests' providers alone.
+    original = trace._TRACER_PROVIDER
+    trace._TRACER_PROVIDER = provider
+    try:
+        yield exporter
+    finally:
+        trace._TRACER_PROVIDER = original
+        provider.shutdown()

@@ -191,6 +191,9 @@ class DatasetRecord(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     status: DatasetStatus = DatasetStatus()
     # Resync requests received; a sync is due while status.syncedRequests is behind.
     sync_requests: int = 0
+    # The trace of the command that last asked for a sync (W3C traceparent, "" if none): the sync starts from a KV
+    # watch, which carries no message headers, and joins that trace through this.
+    traceparent: str = ""
 
 
 class ManifestEntry(msgspec.Struct, frozen=True, rename="camel", omit_defaults=True):

@@ -47,10 +47,11 @@ from urllib.parse import urlencode
 import aiohttp
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
+from opentelemetry import trace
 
 from libs.blocks import BlockId, checksum, checksum_stream
 from libs.events.dataset import ManifestEntry
-from libs.telemetry import get_logger
+from libs.telemetry import extract_context, get_logger, inject_context, tracer
 from services.agent.cache import BlockFile
 from services.agent.cache.tiers import CHUNK_BYTES as TIER_CHUNK_BYTES
 
@@ -297,7 +298,15 @@ class PeerServer:
             return self._refuse(400, "block index past the end of the object")
         if self._waiting >= self._max_waiting:
             return self._refuse(503, "too many requests waiting")
-        return await self._send(request, entry, index, request.headers[HEADER_SIGNATURE].strip().lower())
+        signature = request.headers[HEADER_SIGNATURE].strip().lower()
+        if "traceparent" not in request.headers:
+            return await self._send(request, entry, index, signature)
+        # The asking node's read miss continues here (a store GET made for it is a child of this span).
+        with tracer(__name__).start_as_current_span("serve block", context=extract_context(request.headers),
+                                                    kind=trace.SpanKind.SERVER,
+                                                    attributes={"shoal.object.key": entry.key,
+                                                                "shoal.block.index": index}):
+            return await self._send(request, entry, index, signature)
 
     async def _send(self, request: web.Request, entry: ManifestEntry, index: int,
                     signature: str) -> web.StreamResponse:
@@ -502,7 +511,8 @@ class PeerClient:
         query = block_query(block, block_size)
         expires = int(self.clock()) + REQUEST_TTL_SECONDS
         signature = sign_request(self.key, "GET", path, query, expires)
-        headers = {HEADER_EXPIRES: str(expires), HEADER_SIGNATURE: signature}
+        # traceparent (inside a trace) lets the owner's span join the reader's trace; not signed, it only labels.
+        headers = inject_context({HEADER_EXPIRES: str(expires), HEADER_SIGNATURE: signature})
         async with self._client().get(url.rstrip("/") + path, params=query, headers=headers) as response:
             try:
                 if response.status != 200:

@@ -20,6 +20,10 @@ What it decides:
 - an unreachable object store is remembered for a moment, so reads of uncached data fail fast instead of each
   waiting for a connect timeout, and cached reads never touch it.
 Errors are ``UfsError`` here; the FUSE layer turns them into errnos.
+
+Traces: a miss (a block fetched, or the bytes of a small random read) is a ``read miss`` span with a child span per
+peer request (``peer GET``) and per store GET (``store GET``, made in ``StoreGate`` inside a trace only); a hit
+makes no span (a span costs more than serving a block from memory).
 """
 
 from __future__ import annotations
@@ -31,11 +35,13 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from opentelemetry import trace
+
 from libs.blocks import BlockId, block_span, blocks_touched
 from libs.events.dataset import ManifestEntry
 from libs.events.runtime import CacheWorker
 from libs.ring import owners
-from libs.telemetry import get_logger
+from libs.telemetry import child_span, get_logger, tracer
 from libs.ufs.base import EndpointUnreachable, ObjectStore, UfsError
 from services.agent.peer import PeerError
 from services.agent.readahead import MemoryBudget, ReadAhead
@@ -74,10 +80,16 @@ class StoreGate:
         self._down_until = 0.0
         self._last_error: EndpointUnreachable | None = None
         self._slots = asyncio.Semaphore(MAX_CONCURRENT_GETS)
+        self._tracer = tracer(__name__)
 
     async def get_range(self, key: str, start: int, length: int, etag: str) -> bytes:
         if self._last_error is not None and self.clock() < self._down_until:
             raise self._last_error
+        with child_span(self._tracer, "store GET", trace.SpanKind.CLIENT,
+                        {"shoal.object.key": key, "shoal.range.start": start, "shoal.range.length": length}):
+            return await self._get_range(key, start, length, etag)
+
+    async def _get_range(self, key: str, start: int, length: int, etag: str) -> bytes:
         async with self._slots:
             try:
                 data = await self.store.get_range(key, start, length, etag=etag)
@@ -183,6 +195,7 @@ class BlockReader:
         self._written: dict[BlockId, asyncio.Future[object]] = {}  # the writes of ``_writing``, for ``warm``
         self._cache_wanted: set[BlockId] = set()  # store fetches in flight that some caller wants cached
         self._background: set[asyncio.Future[object]] = set()
+        self._tracer = tracer(__name__)
 
     def open(self, entry: ManifestEntry) -> OpenFile:
         readahead = ReadAhead() if self.max_ahead_blocks is None else ReadAhead(max_blocks=self.max_ahead_blocks)
@@ -254,6 +267,10 @@ class BlockReader:
         writing = self._writing.get(block)
         if writing is not None:  # fetched a moment ago (e.g. for a peer), not yet in the cache
             return writing
+        with self._tracer.start_as_current_span("read miss", attributes=_block_attributes(block)):
+            return await self._from_route(entry, index, block)
+
+    async def _from_route(self, entry: ManifestEntry, index: int, block: BlockId) -> bytes:
         route = self.route(block)
         _, length = block_span(entry.size, self.block_size, index)
         client = self.router.client if self.router is not None else None
@@ -261,7 +278,9 @@ class BlockReader:
             if client is None:
                 break
             try:
-                data = await client.get_block(url, block, length, self.block_size)
+                with self._tracer.start_as_current_span("peer GET", kind=trace.SpanKind.CLIENT,
+                                                        attributes={"server.address": url}):
+                    data = await client.get_block(url, block, length, self.block_size)
             except PeerError as err:
                 self.stats.peer_failures += 1
                 self._log_peer_failure(url, block, err)
@@ -373,7 +392,8 @@ class BlockReader:
         # Answer with just these bytes now; bring the whole block into the cache in the background.
         self._spawn(self._warm(entry, index, block))
         block_start, _ = block_span(entry.size, self.block_size, index)
-        data = await self.gates[entry.mount].get_range(entry.key, block_start + lo, hi - lo, entry.etag)
+        with self._tracer.start_as_current_span("read miss", attributes=_block_attributes(block)):
+            data = await self.gates[entry.mount].get_range(entry.key, block_start + lo, hi - lo, entry.etag)
         self.stats.gets += 1
         self.stats.miss_bytes += len(data)
         return data
@@ -413,6 +433,10 @@ class BlockReader:
         while self._background or self._inflight or self._store_inflight:
             await asyncio.gather(*self._background, *self._inflight.values(), *self._store_inflight.values(),
                                  return_exceptions=True)
+
+
+def _block_attributes(block: BlockId) -> dict[str, str | int]:
+    return {"shoal.object.key": block.key, "shoal.block.index": block.index, "shoal.block.mount": block.mount}
 
 
 def _coalesced(inflight: dict[BlockId, asyncio.Future[bytes]], block: BlockId,

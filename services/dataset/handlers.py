@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import msgspec
+from opentelemetry import trace
 
 from libs import metrics, subjects
 from libs.bus import Bus, Conflict, Delivery, RetryLater, kv_delete, kv_load, kv_save
@@ -32,7 +33,7 @@ from libs.events.runtime import RuntimeDeleted, RuntimeFact, RuntimeStatusChange
 from libs.inventory import DatasetInventory
 from libs.inventory import fold as fold_inventory
 from libs.manifest import ManifestStore
-from libs.telemetry import get_logger
+from libs.telemetry import context_of, current_traceparent, get_logger, tracer
 from libs.ufs import open_store
 from services.dataset import domain
 from services.dataset.sync import StoreOpener, sync_metadata
@@ -49,6 +50,7 @@ class DatasetHandlers:
     settings: Settings
     clock: Callable[[], float] = time.time
     opener: StoreOpener = open_store
+    _tracer: trace.Tracer = field(default_factory=lambda: tracer(__name__), init=False)
 
     # --- commands ---
 
@@ -87,7 +89,8 @@ class DatasetHandlers:
         saved_revision = revision
         if changed:
             binding = await self._binding(namespace, name)
-            updated = msgspec.structs.replace(updated, status=domain.status_on_apply(updated, binding))
+            updated = msgspec.structs.replace(updated, status=domain.status_on_apply(updated, binding),
+                                              traceparent=current_traceparent())
             saved_revision = await kv_save(kv, key, updated, revision)  # Conflict → the loop redelivers at once
             log.info("applied", dataset=key, generation=updated.generation)
         await self.bus.publish(
@@ -107,7 +110,8 @@ class DatasetHandlers:
         if record is None:
             await self._reject_missing(command, delivery)
             return
-        updated = msgspec.structs.replace(record, sync_requests=record.sync_requests + 1)
+        updated = msgspec.structs.replace(record, sync_requests=record.sync_requests + 1,
+                                          traceparent=current_traceparent())
         await kv_save(kv, key, updated, revision)  # the reconciler sees the change and lists again
         await self.bus.publish(
             subjects.DATASET_ACCEPTED,
@@ -204,6 +208,13 @@ class DatasetHandlers:
         record, _ = await kv_load(kv, key, DatasetRecord)
         if record is None or not domain.needs_sync(record):
             return
+        # In the trace of the command that asked for it (kept in the record: the watch carries no headers).
+        with self._tracer.start_as_current_span("sync dataset", context=context_of(record.traceparent),
+                                                attributes={"shoal.dataset": key,
+                                                            "shoal.generation": record.generation}):
+            await self._sync(key, record)
+
+    async def _sync(self, key: str, record: DatasetRecord) -> None:
         try:
             result = await self._list(record)
         except RetryLater as err:

@@ -1,0 +1,99 @@
+"""Which exporter the OTEL_* variables ask for, the service name they give, trace ids in log lines, and the
+traceparent kept in records. Pure: no global provider is installed (spans come from a local provider)."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pytest
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+
+from libs.telemetry import (
+    TracingConfigError,
+    add_trace_ids,
+    context_of,
+    current_traceparent,
+    tracing_exporter,
+    tracing_resource,
+)
+
+ENDPOINT = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"}
+
+
+@pytest.mark.parametrize(("environ", "expected"), [
+    ({}, "none"),  # off when unset: no collector is assumed
+    (ENDPOINT, "otlp"),
+    ({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://collector:4318/v1/traces"}, "otlp"),
+    ({"OTEL_TRACES_EXPORTER": "otlp"}, "otlp"),  # the SDK's default endpoint, localhost:4318
+    ({**ENDPOINT, "OTEL_TRACES_EXPORTER": "none"}, "none"),
+    ({**ENDPOINT, "OTEL_TRACES_EXPORTER": " OTLP "}, "otlp"),
+    ({**ENDPOINT, "OTEL_SDK_DISABLED": "true"}, "none"),
+    ({**ENDPOINT, "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"}, "otlp"),
+])
+def test_the_exporter_the_environment_asks_for(environ: dict[str, str], expected: str) -> None:
+    assert tracing_exporter(environ) == expected
+
+
+@pytest.mark.parametrize(("environ", "message"), [
+    ({"OTEL_TRACES_EXPORTER": "zipkin"}, "OTEL_TRACES_EXPORTER: zipkin is not available here (use otlp or none)"),
+    ({"OTEL_TRACES_EXPORTER": "otlp,console"}, "OTEL_TRACES_EXPORTER: console is not available here"),
+    ({**ENDPOINT, "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"},
+     "OTEL_EXPORTER_OTLP_PROTOCOL: grpc is not available here (use http/protobuf)"),
+    ({**ENDPOINT, "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/json"}, "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"),
+])
+def test_an_exporter_not_shipped_is_a_clear_error(environ: dict[str, str], message: str) -> None:
+    with pytest.raises(TracingConfigError, match=re.escape(message)):
+        tracing_exporter(environ)
+
+
+def test_service_name_is_the_process_own_unless_the_environment_names_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OTEL_SERVICE_NAME", raising=False)
+    monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment=staging")
+    resource = tracing_resource("shoal-dataset")
+    assert resource.attributes["service.name"] == "shoal-dataset"
+    assert resource.attributes["deployment.environment"] == "staging"
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "dataset-eu")
+    assert tracing_resource("shoal-dataset").attributes["service.name"] == "dataset-eu"
+    monkeypatch.delenv("OTEL_SERVICE_NAME")
+    monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", "service.name=from-attributes")
+    assert tracing_resource("shoal-dataset").attributes["service.name"] == "from-attributes"
+
+
+def test_log_lines_get_the_ids_of_the_current_span_only() -> None:
+    event: dict[str, Any] = {"event": "outside"}
+    assert add_trace_ids(None, "info", event) == {"event": "outside"}
+    with TracerProvider().get_tracer("test").start_as_current_span("work") as span:
+        context = span.get_span_context()
+        inside = add_trace_ids(None, "info", {"event": "inside"})
+    assert inside == {"event": "inside", "trace_id": f"{context.trace_id:032x}", "span_id": f"{context.span_id:016x}"}
+
+
+def test_a_stored_traceparent_continues_its_trace() -> None:
+    assert current_traceparent() == ""
+    tracer = TracerProvider().get_tracer("test")
+    with tracer.start_as_current_span("command") as command:
+        stored = current_traceparent()
+    sync = tracer.start_span("sync", context=context_of(stored))
+    assert isinstance(sync, ReadableSpan) and sync.parent is not None
+    assert sync.parent.span_id == command.get_span_context().span_id
+    assert sync.get_span_context().trace_id == command.get_span_context().trace_id
+    fresh = tracer.start_span("fresh", context=context_of(""))
+    assert isinstance(fresh, ReadableSpan) and fresh.parent is None
+
+
+def test_a_process_refuses_to_start_on_an_exporter_it_does_not_ship(monkeypatch: pytest.MonkeyPatch,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    from libs import service
+
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "jaeger")
+    monkeypatch.setattr(service, "setup_logging", lambda *args: None)  # leave this process's logging alone
+
+    async def never(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("started despite the bad variable")
+
+    with pytest.raises(SystemExit) as exited:
+        service.main("shoal-test", never)
+    assert exited.value.code == 2
+    assert capsys.readouterr().err == (
+        "shoal-test: OTEL_TRACES_EXPORTER: jaeger is not available here (use otlp or none)\n")
