@@ -16,6 +16,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from libs.blocks import BlockId
+from libs.embedded import LOOPBACK
 from libs.events.dataset import ManifestEntry
 from libs.metrics import dataset_label
 from libs.ufs import LocalLocation, LocalObjectStore
@@ -32,6 +33,7 @@ from services.agent.metrics import (
     write_target,
 )
 from services.agent.namespace import InodeAllocator, Namespace
+from services.agent.peer import PeerClient, PeerError, PeerServer, runtime_key
 from services.agent.readahead import MemoryBudget
 from services.agent.reader import BlockReader, StoreGate
 from tests.faults import CountingStore
@@ -202,3 +204,40 @@ def test_a_block_being_written_counts_as_a_memory_hit() -> None:
     assert reads is not None
     reads.hit(BlockId(mount=0, key="k", etag='"e"', index=0), 10)
     assert sample("shoal_read_bytes_total", node=name, dataset=DATASET, source="memory") == 10
+
+
+async def test_the_peer_server_counts_requests_by_outcome_and_bytes_served() -> None:
+    name = node()
+    metrics = MountMetrics(name, DATASET, data_path=True)
+    key = runtime_key(b"cluster secret", "default", "demo")
+    body = os.urandom(3 * 1024)
+    entry = ManifestEntry(path="/a.bin", mount=0, key="a.bin", size=len(body), etag="e1", mtime=0.0)
+    cached = {0}
+    failing = {2}
+
+    async def source(_: ManifestEntry, index: int) -> bytes:
+        if index in failing:
+            raise OSError("store unreachable")
+        return body[index * 1024:(index + 1) * 1024]
+
+    server = PeerServer(key, "default", "demo", 1024, lambda mount, k: entry if (mount, k) == (0, "a.bin") else None,
+                        source, metrics=metrics.peer, cached=lambda _, index: index in cached)
+    await server.start(LOOPBACK, 0)
+    url = f"http://{LOOPBACK}:{server.port}"
+    client = PeerClient(key, "default", "demo")
+    stranger = PeerClient(runtime_key(b"another secret", "default", "demo"), "default", "demo")
+    try:
+        assert await client.get_block(url, BlockId(0, "a.bin", "e1", 0), 1024, 1024) == body[:1024]
+        assert await client.get_block(url, BlockId(0, "a.bin", "e1", 1), 1024, 1024) == body[1024:2048]
+        for bad, who in ((BlockId(0, "a.bin", "e1", 2), client), (BlockId(0, "a.bin", "e2", 0), client),
+                         (BlockId(0, "a.bin", "e1", 0), stranger)):
+            with pytest.raises(PeerError):
+                await who.get_block(url, bad, 1024, 1024)
+    finally:
+        await client.close()
+        await stranger.close()
+        await server.stop()
+    labels = {"node": name, "dataset": DATASET}
+    for outcome, count in (("ok", 1), ("not_cached", 1), ("error", 1), ("bad_request", 1), ("unauthorized", 1)):
+        assert sample("shoal_peer_requests_served_total", **labels, outcome=outcome) == count, outcome
+    assert sample("shoal_peer_served_bytes_total", **labels) == 2048
