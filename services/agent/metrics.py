@@ -11,8 +11,11 @@ Every series of a mount process carries ``node`` (SHOAL_NODE_NAME) and ``dataset
   and the health of each configured cache directory (from its mount processes' status files, per heartbeat).
 
 Hot-path cost: the per-read instruments (``libs.metrics.DATA_PATH``) are counters and histograms whose children
-are resolved here once; with ``SHOAL_METRICS=off`` (``data_path_enabled()`` false) they are not created at all and
-the read path only tests ``is None``.
+are resolved here once, and moved through ``adder``/``observer``: the library's own ``inc``/``observe`` take a lock
+and check their arguments on every call (a histogram observation measured 4x the cost of the timing wrapper around
+a FUSE handler), while a mount process moves them from one thread, its event loop, which also serves /metrics, so
+plain additions to the same values do. With ``SHOAL_METRICS=off`` (``data_path_enabled()`` false) they are not
+created at all and the read path only tests ``is None``.
 
 Discovery: with SHOAL_PROMETHEUS_TARGETS_DIR set, each mount process writes ``<dir>/<node>-<ns>-<name>.json``, a
 Prometheus file_sd list naming its side server, while it runs (``write_target``; the agent removes the file of a
@@ -21,22 +24,53 @@ process that died without doing so).
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import json
 import os
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
-from prometheus_client import Gauge
+from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client.values import MutexValue
 
 from libs import metrics as m
-from libs.blocks import BlockId
 from libs.ufs.base import AccessDenied, EndpointUnreachable, NoSuchBucket, NoSuchKey, ObjectChanged
 from services.agent.cache.store import CacheStats
 
 # The job name of mount processes' targets (Prometheus' ``job`` label).
 MOUNT_JOB = "shoal-mount"
 SOURCES = (m.MEMORY, m.DISK, m.PEER, m.STORE)
+
+
+def adder(child: Counter) -> Callable[[float], None]:
+    """``child.inc`` for a counter moved only from the event loop: a plain addition to its value (the library's
+    lock guards against other threads, which never move it). The library's ``inc`` where its values are not the
+    in-process kind (multiprocess mode)."""
+    value = getattr(child, "_value", None)
+    if type(value) is not MutexValue:
+        return child.inc
+
+    def add(amount: float = 1.0) -> None:
+        value._value += amount
+
+    return add
+
+
+def observer(child: Histogram) -> Callable[[float], None]:
+    """``child.observe`` for a histogram observed only from the event loop: the sum and the one bucket that counts
+    the amount (the first upper bound at or above it, as the library does) grow by plain additions."""
+    buckets, total, bounds = (getattr(child, name, None) for name in ("_buckets", "_sum", "_upper_bounds"))
+    if (type(total) is not MutexValue or not isinstance(buckets, list) or not isinstance(bounds, list)
+            or len(buckets) != len(bounds) or any(type(bucket) is not MutexValue for bucket in buckets)):
+        return child.observe
+    search = bisect.bisect_left
+
+    def observe(amount: float) -> None:
+        total._value += amount
+        buckets[search(bounds, amount)]._value += 1
+
+    return observe
 
 
 def tier_label(medium: str) -> str:
@@ -61,20 +95,22 @@ class ReadMetrics:
     """Block reads and bytes by source (``BLOCK_READS``, ``READ_BYTES``), for the reader: one call per block
     fetched from a source, not per FUSE read of a block already in hand."""
 
-    __slots__ = ("_bytes", "_reads", "_tier_of")
+    __slots__ = ("_by_medium", "_bytes", "_last_medium", "_reads")
 
-    def __init__(self, node: str, dataset: str, tier_of: Callable[[BlockId], str | None]) -> None:
-        self._reads = {source: m.BLOCK_READS.labels(node, dataset, source).inc for source in SOURCES}
-        self._bytes = {source: m.READ_BYTES.labels(node, dataset, source).inc for source in SOURCES}
-        self._tier_of = tier_of
+    def __init__(self, node: str, dataset: str, last_medium: Callable[[], str | None]) -> None:
+        self._reads = {source: adder(m.BLOCK_READS.labels(node, dataset, source)) for source in SOURCES}
+        self._bytes = {source: adder(m.READ_BYTES.labels(node, dataset, source)) for source in SOURCES}
+        self._last_medium = last_medium
+        # The medium of the cache's last hit → source; None: not from a tier but from a block still being
+        # written to the cache (held in memory).
+        self._by_medium = {None: m.MEMORY, "MEM": m.MEMORY, "SSD": m.DISK, "HDD": m.DISK}
 
-    def hit(self, block: BlockId, size: int) -> None:
-        """A block (or part of one) served by this node's cache; a block still being written counts as memory."""
-        medium = self._tier_of(block)
-        self.read(m.MEMORY if medium is None else tier_label(medium), size)
+    def hit(self, size: int) -> None:
+        """Bytes of a block served by this node's cache, told right after the cache lookup that found them."""
+        self.read(self._by_medium.get(self._last_medium(), m.DISK), size)
 
     def read(self, source: str, size: int) -> None:
-        self._reads[source]()
+        self._reads[source](1)
         self._bytes[source](size)
 
 
@@ -84,7 +120,7 @@ class StoreMetrics:
     def __init__(self, node: str, dataset: str, data_path: bool) -> None:
         self.node = node
         self.dataset = dataset
-        self.observe_get = m.STORE_REQUEST_SECONDS.labels(node, dataset, m.GET).observe if data_path else None
+        self.observe_get = observer(m.STORE_REQUEST_SECONDS.labels(node, dataset, m.GET)) if data_path else None
 
     def failed(self, operation: str, err: BaseException) -> None:
         # Rare: resolved when it happens (reasons are a handful).
@@ -97,7 +133,7 @@ class PeerMetrics:
     def __init__(self, node: str, dataset: str, data_path: bool) -> None:
         outcomes = (m.OK, m.NOT_CACHED, m.UNAUTHORIZED, m.BAD_REQUEST, m.ERROR)
         self._answered = {outcome: m.PEER_REQUESTS.labels(node, dataset, outcome).inc for outcome in outcomes}
-        self.served = m.PEER_SERVED_BYTES.labels(node, dataset).inc if data_path else None
+        self.served = adder(m.PEER_SERVED_BYTES.labels(node, dataset)) if data_path else None
 
     def answered(self, outcome: str) -> None:
         self._answered[outcome]()
@@ -120,14 +156,15 @@ class MountMetrics:
         self._evictions = {tier: m.EVICTIONS.labels(node, dataset, tier).inc for tier in m.TIERS}
         self._gauges: list[tuple[Gauge, tuple[str, ...]]] = []
 
-    def reads(self, tier_of: Callable[[BlockId], str | None]) -> ReadMetrics | None:
-        return ReadMetrics(self.node, self.dataset, tier_of) if self.data_path else None
+    def reads(self, last_medium: Callable[[], str | None]) -> ReadMetrics | None:
+        """The reader's counters; ``last_medium()``: the medium of the cache's last hit (``BlockCache.last_medium``)."""
+        return ReadMetrics(self.node, self.dataset, last_medium) if self.data_path else None
 
     def fuse_observer(self) -> Callable[[str], Callable[[float], None]] | None:
         """For ``fs.time_operations``: operation → the ``observe`` of its FUSE_SECONDS child; None when off."""
         if not self.data_path:
             return None
-        return lambda operation: m.FUSE_SECONDS.labels(self.node, self.dataset, operation).observe
+        return lambda operation: observer(m.FUSE_SECONDS.labels(self.node, self.dataset, operation))
 
     def tier_evicted(self, medium: str) -> None:
         self._evictions[tier_label(medium)]()

@@ -153,7 +153,7 @@ class MountedDataset:
         router = BlockRouter(self.settings.agent.node_name, client)
         router.update(runtime.status.workers)
         reader = BlockReader(cache, self.gates, block_size, readahead, write_block=cache.put_async, router=router,
-                             metrics=self.metrics.reads(cache.tier_of))
+                             metrics=self.metrics.reads(lambda: cache.last_medium))
         peer_server = None
         if key is not None and self.peer_port:
             peer_server = PeerServer(key, self.namespace, self.name, block_size,

@@ -257,7 +257,7 @@ class BlockReader:
         if cached is not None:
             self.stats.hit_bytes += len(cached)
             if self.metrics is not None:
-                self.metrics.hit(block, len(cached))
+                self.metrics.hit(len(cached))
             return cached
         return await self._start(entry, index, block)
 
@@ -387,7 +387,7 @@ class BlockReader:
         if cached is not None:
             self.stats.hit_bytes += len(cached)
             if self.metrics is not None:
-                self.metrics.hit(block, len(cached))
+                self.metrics.hit(len(cached))
             return cached
         inflight = self._inflight.get(block)
         if inflight is not None:

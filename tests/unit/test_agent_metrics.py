@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pyfuse3
 import pytest
-from prometheus_client import REGISTRY
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
 
 from libs.blocks import BlockId
 from libs.embedded import LOOPBACK
 from libs.events.dataset import ManifestEntry
-from libs.metrics import dataset_label
+from libs.metrics import FAST_SECONDS_BUCKETS, dataset_label
 from libs.ufs import LocalLocation, LocalObjectStore
 from libs.ufs.base import AccessDenied, EndpointUnreachable, NoSuchKey, ObjectChanged, UfsError
 from services.agent.cache import BlockCache, DiskTier, MemoryTier
@@ -26,7 +26,9 @@ from services.agent.fs import DatasetFS, time_operations
 from services.agent.metrics import (
     MountMetrics,
     NodeMetrics,
+    adder,
     dir_health,
+    observer,
     remove_target,
     store_error_reason,
     target_path,
@@ -59,7 +61,8 @@ async def reader_over(tmp_path: Path, metrics: MountMetrics, cache: BlockCache) 
     store = CountingStore(LocalObjectStore(LocalLocation(root=source)))
     info = await store.head("data.bin")
     reader = BlockReader(cache, [StoreGate(store, metrics=metrics.store)], BLOCK, MemoryBudget(64 * BLOCK),
-                         write_block=cache.put_async, max_ahead_blocks=0, metrics=metrics.reads(cache.tier_of))
+                         write_block=cache.put_async, max_ahead_blocks=0,
+                         metrics=metrics.reads(lambda: cache.last_medium))
     entry = ManifestEntry(path="/data.bin", mount=0, key="data.bin", size=info.size, etag=info.etag, mtime=info.mtime)
     return reader, entry, store, body
 
@@ -200,9 +203,9 @@ def test_the_prometheus_target_is_a_file_sd_list_written_whole_and_removed(tmp_p
 
 def test_a_block_being_written_counts_as_a_memory_hit() -> None:
     metrics = MountMetrics(name := node(), DATASET, data_path=True)
-    reads = metrics.reads(lambda block: None)
+    reads = metrics.reads(lambda: None)  # the cache missed; the bytes came from a block being written
     assert reads is not None
-    reads.hit(BlockId(mount=0, key="k", etag='"e"', index=0), 10)
+    reads.hit(10)
     assert sample("shoal_read_bytes_total", node=name, dataset=DATASET, source="memory") == 10
 
 
@@ -241,3 +244,23 @@ async def test_the_peer_server_counts_requests_by_outcome_and_bytes_served() -> 
     for outcome, count in (("ok", 1), ("not_cached", 1), ("error", 1), ("bad_request", 1), ("unauthorized", 1)):
         assert sample("shoal_peer_requests_served_total", **labels, outcome=outcome) == count, outcome
     assert sample("shoal_peer_served_bytes_total", **labels) == 2048
+
+
+def test_the_hot_path_bindings_move_the_same_samples_as_the_library() -> None:
+    registry = CollectorRegistry()
+    histogram = Histogram("t_seconds", "t", ["way"], buckets=FAST_SECONDS_BUCKETS, registry=registry)
+    counter = Counter("t_bytes", "t", ["way"], registry=registry)
+    fast_observe, fast_add = observer(histogram.labels("fast")), adder(counter.labels("fast"))
+    assert fast_observe != histogram.labels("fast").observe  # the fast path, not a fallback
+    for amount in (0.0, 0.00005, 0.00007, 0.001, 0.3, 2.5, 3.0, 1e9):  # on a bound, between, past the last
+        fast_observe(amount)
+        histogram.labels("library").observe(amount)
+        fast_add(amount)
+        counter.labels("library").inc(amount)
+
+    def samples(way: str) -> list[tuple[str, dict[str, str], float]]:
+        return [(s.name, {k: v for k, v in s.labels.items() if k != "way"}, s.value)
+                for family in registry.collect() for s in family.samples
+                if s.labels.get("way") == way and not s.name.endswith("_created")]
+
+    assert samples("fast") == samples("library") and samples("fast")

@@ -125,6 +125,9 @@ class BlockCache:
         self._on_cached = on_cached
         self._on_evicted = on_evicted
         self.on_tier_evicted = on_tier_evicted
+        # The medium (MEM, SSD, HDD) that served the last ``get``/``get_range``, None after a miss: the agent's
+        # hit counters read it right after a lookup (cheaper than looking the block up again).
+        self.last_medium: str | None = None
         self._index: dict[str, _Entry] = {}
         self._pending: dict[str, Reservation] = {}
         self._in_flight = [0] * len(self._tiers)
@@ -202,15 +205,18 @@ class BlockCache:
         entry = self._index.get(name)
         if entry is None:
             self._misses += 1
+            self.last_medium = None
             return None
         tier = self._tiers[entry.tier]
         data = tier.read_range(name, start, end)
         if data is None:
             self._misses += 1
+            self.last_medium = None
             if tier.health is Health.NORMAL:
                 self._forget(name, entry)  # missing or corrupt (already deleted): gone for good
             return None
         self._hits += 1
+        self.last_medium = tier.medium
         return data
 
     def open_block(self, block: BlockId) -> BlockFile | None:
@@ -235,11 +241,6 @@ class BlockCache:
         entry = self._index.get(block.name)
         if entry is not None:
             self._tiers[entry.tier].prefetch(block.name)
-
-    def tier_of(self, block: BlockId) -> str | None:
-        """The medium (MEM, SSD, HDD) of the tier holding the block, or None when it is not indexed."""
-        entry = self._index.get(block.name)
-        return None if entry is None else self._tiers[entry.tier].medium
 
     def contains(self, block: BlockId) -> bool:
         entry = self._index.get(block.name)
