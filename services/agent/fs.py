@@ -4,7 +4,7 @@ This is the only place that speaks errno (docs/semantics.md lists them): unknown
 bytes → ENAMETOOLONG, any write → EROFS, an object that changed or was deleted under us → ESTALE (the tree is
 older than the store: ``shoal resync``), the object store failing → EIO (may pass). Files are immutable
 (ETag-pinned), so they are opened with ``keep_cache`` and warm re-reads are served by the kernel page cache
-without reaching this process.
+without reaching this process. ``time_operations`` times every handler for /metrics, in one wrapper per handler.
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ dataset's runtime tiers, the FUSE session, reloading the tree (and the object st
 dataset is re-synced, publishing the cache inventory, and the peer side of the distributed cache: the ring of
 block owners (from the runtime record's ``status.workers``, watched) that routes its misses, and with
 ``--peer-port`` a peer server lending its blocks to the other nodes (``peer.py``; the README says why it lives
-here); and the loader's DataLoad and DataClean parts for this dataset on this node (``tasks.py``). The mount is
+here); the loader's DataLoad and DataClean parts for this dataset on this node (``tasks.py``); and its
+Prometheus series on its side server's /metrics, with a file_sd target for discovery (``metrics.py``). The mount is
 put in place only once everything is loaded, beneath a previous (dead) mount at the mount point (``handover``).
 SIGTERM unmounts and exits 0; when the dataset was deleted, its cached blocks are deleted too.
 """
