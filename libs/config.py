@@ -163,6 +163,11 @@ class AgentSettings:
     # against the mode and owner each file is served with (default_permissions). False: only root can read.
     allow_other: bool = env("SHOAL_MOUNT_ALLOW_OTHER", "Let users other than the agent's read the mounts.",
                             default=True)
+    # Each mount process has its own side server on a free port: Prometheus finds them through file_sd files
+    # written here (``shoal up`` points its Prometheus at such a folder). Empty: no files.
+    prometheus_targets_dir: str = env("SHOAL_PROMETHEUS_TARGETS_DIR", "Folder where each mount process writes its "
+                                      "Prometheus file_sd target (<node>-<namespace>-<name>.json) while it runs; "
+                                      "empty: none.", default="")
 
 
 @dataclass(frozen=True)

@@ -98,6 +98,20 @@ PEER_REQUESTS = Counter("shoal_peer_requests_served", "Block requests answered b
 PEER_SERVED_BYTES = Counter("shoal_peer_served_bytes", "Bytes sent to peers.", ["node", "dataset"])
 WARMUP_BYTES = Counter("shoal_warmup_bytes", "Bytes fetched into the cache by load tasks.", ["node", "dataset"])
 
+# Label values of the agent's instruments (spelled here for dashboards; ``services/agent/metrics.py`` binds them).
+# Object store operations (STORE_REQUEST_SECONDS, STORE_ERRORS): a mount process only reads (get).
+GET, HEAD, LIST = "get", "head", "list"
+# Why a store request failed (STORE_ERRORS), from the ``libs.ufs.base`` error it raised.
+NOT_FOUND, CHANGED, DENIED, TIMEOUT, OTHER = "not_found", "changed", "denied", "timeout", "other"
+# How the peer server answered a block request (PEER_REQUESTS); ``ok`` is OK above.
+NOT_CACHED, UNAUTHORIZED, BAD_REQUEST, ERROR = "not_cached", "unauthorized", "bad_request", "error"
+
+
+def dataset_label(namespace: str, name: str) -> str:
+    """The ``dataset`` label of the agent's series: ``<namespace>/<name>`` (how the agent names a mount in logs)."""
+    return f"{namespace}/{name}"
+
+
 DATA_PATH = (BLOCK_READS, READ_BYTES, STORE_REQUEST_SECONDS, FUSE_SECONDS, PEER_SERVED_BYTES)
 
 # --- loader ----------------------------------------------------------------------------------------------------

@@ -94,7 +94,9 @@ def nats_check(bus: Bus) -> Callable[[], str | None]:
     return lambda: None if bus.nc.is_connected else "not connected to NATS"
 
 
-def main(name: str, run: ServiceRun) -> None:
+def main(name: str, run: ServiceRun, on_listening: Callable[[int], None] | None = None) -> None:
+    """Run a process; ``on_listening(port)`` is told the side server's port before ``run`` starts (a mount process
+    names it in its Prometheus target file)."""
     try:
         settings = load_settings()
     except SettingsError as err:
@@ -122,6 +124,8 @@ def main(name: str, run: ServiceRun) -> None:
             port = await side.start()
             log.info("side server listening", url=f"http://{settings.service.http_host}:{port}",
                      endpoints=["/healthz", "/readyz", "/metrics"])
+            if on_listening is not None:
+                on_listening(port)
         log.info("starting", nats=settings.nats.urls)
         try:
             await run(settings, stop, readiness=readiness)

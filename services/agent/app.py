@@ -56,6 +56,7 @@ from libs.telemetry import get_logger
 from services.agent import budget, domain
 from services.agent.cache import BlockCache
 from services.agent.handover import remove_mountpoint
+from services.agent.metrics import NodeMetrics, dir_health, remove_target
 from services.agent.mountinfo import device_of, is_mounted
 from services.agent.mountstatus import problems_of, read_status, remove_status
 from services.agent.nodebudget import FILE_NAME as BUDGET_FILE_NAME
@@ -132,6 +133,8 @@ class NodeAgent:
     # The node's read-ahead budget, shared by the mount processes (services.agent.nodebudget).
     slots: SlotFile | None = None
     memory_budget: int = 0
+    # The node's series on the agent's /metrics: read-ahead held and budget, cache directories' health.
+    metrics: NodeMetrics | None = None
 
     async def run(self, stop: asyncio.Event, readiness: Readiness | None = None) -> None:
         readiness = readiness or Readiness()
@@ -142,6 +145,8 @@ class NodeAgent:
         readahead_budget, self.memory_budget = node_budgets(self.settings)
         self.status_dir = await asyncio.to_thread(tempfile.mkdtemp, prefix="shoal-agent-")
         self.slots = SlotFile.create(os.path.join(self.status_dir, BUDGET_FILE_NAME), readahead_budget)
+        self.metrics = NodeMetrics(self.settings.agent.node_name)
+        self.metrics.watch_readahead(self.slots.held, readahead_budget)
         loops: list[Loop] = [self.runtimes, self.datasets,
                              Periodic("heartbeats", self.heartbeat, self.settings.agent.heartbeat_seconds),
                              Periodic("mounts", self.reconcile, POLL_SECONDS)]
@@ -150,6 +155,8 @@ class NodeAgent:
         finally:
             await asyncio.gather(*(self._stop_worker(w) for w in list(self.workers.values())))
             self.workers.clear()
+            if self.metrics is not None:
+                self.metrics.close()  # before the budget file its gauge reads is closed
             if self.slots is not None:
                 self.slots.close()
             await asyncio.to_thread(shutil.rmtree, self.status_dir, ignore_errors=True)
@@ -189,6 +196,7 @@ class NodeAgent:
                 if worker.key == exited.child.name:
                     worker.process = None
                     self._release_readahead(worker)  # a crashed process's read-ahead is free again at once
+                    self._remove_target(worker)  # a killed process leaves its Prometheus target behind
                     # Its dead mount stays (ENOTCONN) until the replacement moves in beneath it.
                     worker.exit_code, worker.stale_device = exited.code, device_of(worker.path)
                     if exited.code == domain.EXIT_PEER_PORT_TAKEN:
@@ -213,6 +221,28 @@ class NodeAgent:
                 problems += problems_of(worker.key, status)
         return problems
 
+    def export_cache_dirs(self) -> None:
+        """The health of each configured cache directory of the running mounts, for /metrics: down while a
+        mount's tier below it is down (its status file says so)."""
+        if self.metrics is None:
+            return
+        directories: set[str] = set()
+        down: list[str] = []
+        for worker in self.workers.values():
+            status = read_status(worker.status_file) if worker.process is not None else None
+            runtime = self.runtimes.values.get(subjects.resource_key(worker.namespace, worker.name))
+            if status is None or runtime is None:
+                continue
+            down += status.down
+            directories.update(d.strip() for level in runtime.runtime.spec.tieredstore.levels
+                               if level.mediumtype != "MEM" for d in level.path.split(",") if d.strip())
+        self.metrics.cache_dirs(dir_health(sorted(directories), down))
+
+    def _remove_target(self, worker: MountWorker) -> None:
+        if self.settings.agent.prometheus_targets_dir:
+            remove_target(self.settings.agent.prometheus_targets_dir, self.settings.agent.node_name,
+                          worker.namespace, worker.name)
+
     def capacity_bytes(self) -> int:
         statuses = [read_status(w.status_file) for w in self.workers.values() if w.process is not None]
         return sum(status.capacity_bytes for status in statuses if status is not None)
@@ -235,6 +265,8 @@ class NodeAgent:
             env["SHOAL_PEER_HOST"] = agent.peer_host
         if agent.load_concurrency != defaults.load_concurrency:  # the mount processes execute loads
             env["SHOAL_LOAD_CONCURRENCY"] = str(agent.load_concurrency)
+        if agent.prometheus_targets_dir:  # each mount process writes its own target there
+            env["SHOAL_PROMETHEUS_TARGETS_DIR"] = agent.prometheus_targets_dir
         return env
 
     def _release_readahead(self, worker: MountWorker) -> None:
@@ -289,6 +321,7 @@ class NodeAgent:
                 process.kill()
                 await process.wait()
         self._release_readahead(worker)
+        self._remove_target(worker)
         await force_unmount(worker.path)
         await asyncio.to_thread(remove_mountpoint, worker.path)
         log.info("mount stopped", dataset=f"{worker.namespace}/{worker.name}")
@@ -339,6 +372,7 @@ class NodeAgent:
             return
         served = domain.served_runtimes(self.runtimes.values.values(), self.settings.agent.runtimes)
         problems = self.problems()
+        self.export_cache_dirs()
         beat = AgentHeartbeat(
             node=self.settings.agent.node_name,
             runtimes=[ObjectRef(name=name, namespace=namespace) for namespace, name in served],

@@ -4,16 +4,19 @@ This is the only place that speaks errno (docs/semantics.md lists them): unknown
 bytes → ENAMETOOLONG, any write → EROFS, an object that changed or was deleted under us → ESTALE (the tree is
 older than the store: ``shoal resync``), the object store failing → EIO (may pass). Files are immutable
 (ETag-pinned), so they are opened with ``keep_cache`` and warm re-reads are served by the kernel page cache
-without reaching this process.
+without reaching this process. ``time_operations`` times every handler for /metrics, in one wrapper per handler.
 """
 
 from __future__ import annotations
 
 import errno
+import inspect
 import math
 import os
 import stat
-from collections.abc import Callable
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import pyfuse3
 
@@ -59,6 +62,39 @@ def _time_ns(seconds: float) -> int:
 
 def _erofs() -> pyfuse3.FUSEError:
     return pyfuse3.FUSEError(errno.EROFS)
+
+
+# The FUSE request handlers of pyfuse3 (its Operations' coroutines), by name: the ``operation`` label of their
+# latency. Bounded: the names pyfuse3 defines.
+FUSE_OPERATIONS = tuple(name for name, value in vars(pyfuse3.Operations).items()
+                        if inspect.iscoroutinefunction(value))
+
+
+def time_operations(fs: pyfuse3.Operations, observer: Callable[[str], Callable[[float], None]]) -> list[str]:
+    """Time every FUSE handler ``fs`` implements, in one wrapper per handler: ``observer(name)`` gives the
+    function told each request's seconds (raised errors included). Handlers ``fs`` leaves to pyfuse3 (ENOSYS:
+    the kernel stops asking) are left alone. Returns the names wrapped."""
+    wrapped = []
+    for name in FUSE_OPERATIONS:
+        if getattr(type(fs), name) is getattr(pyfuse3.Operations, name):
+            continue
+        # pyfuse3 looks each handler up on the instance per request, so an instance attribute takes its place.
+        setattr(fs, name, _timed(getattr(fs, name), observer(name)))
+        wrapped.append(name)
+    return wrapped
+
+
+def _timed(handler: Callable[..., Awaitable[Any]], observe: Callable[[float], None]) -> Callable[..., Awaitable[Any]]:
+    clock = time.perf_counter
+
+    async def timed(*args: Any, **kwargs: Any) -> Any:
+        started = clock()
+        try:
+            return await handler(*args, **kwargs)
+        finally:
+            observe(clock() - started)
+
+    return timed
 
 
 class DatasetFS(pyfuse3.Operations):

@@ -6,7 +6,8 @@ dataset's runtime tiers, the FUSE session, reloading the tree (and the object st
 dataset is re-synced, publishing the cache inventory, and the peer side of the distributed cache: the ring of
 block owners (from the runtime record's ``status.workers``, watched) that routes its misses, and with
 ``--peer-port`` a peer server lending its blocks to the other nodes (``peer.py``; the README says why it lives
-here); and the loader's DataLoad and DataClean parts for this dataset on this node (``tasks.py``). The mount is
+here); the loader's DataLoad and DataClean parts for this dataset on this node (``tasks.py``); and its
+Prometheus series on its side server's /metrics, with a file_sd target for discovery (``metrics.py``). The mount is
 put in place only once everything is loaded, beneath a previous (dead) mount at the mount point (``handover``).
 SIGTERM unmounts and exits 0; when the dataset was deleted, its cached blocks are deleted too.
 """
@@ -33,6 +34,7 @@ from libs.events.dataset import DatasetRecord, ManifestEntry
 from libs.events.runtime import CacheWorker, Level, RuntimeRecord
 from libs.hostpaths import real_local_root_error
 from libs.manifest import ManifestStore
+from libs.metrics import dataset_label
 from libs.service import main as service_main
 from libs.service import nats_check
 from libs.side_server import Readiness
@@ -44,9 +46,10 @@ from libs.ufs.s3 import S3ObjectStore
 from services.agent import budget
 from services.agent.cache import BlockCache, FrequencyAdmissionPolicy, LruPolicy
 from services.agent.domain import EXIT_PEER_PORT_TAKEN
-from services.agent.fs import DatasetFS
+from services.agent.fs import DatasetFS, time_operations
 from services.agent.handover import Staging, replace_in_place, unmount_own
 from services.agent.inventory import InventoryLog, InventoryPublisher
+from services.agent.metrics import MountMetrics, remove_target, write_target
 from services.agent.mountinfo import device_of
 from services.agent.mountstatus import StatusReporter
 from services.agent.namespace import InodeAllocator, Namespace
@@ -121,6 +124,8 @@ class MountedDataset:
         self.entries: dict[tuple[int, str], ManifestEntry] = {}
         # The loader's parts on this mount (told when a new manifest is served: a load part may wait for it).
         self.tasks: TaskRunner | None = None
+        # This mount's series on /metrics (services.agent.metrics), labelled node and "<namespace>/<name>".
+        self.metrics = MountMetrics(settings.agent.node_name, dataset_label(namespace, name))
 
     async def run(self, stop: asyncio.Event) -> None:
         record, runtime = await self._load_records()
@@ -134,6 +139,7 @@ class MountedDataset:
         cache = BlockCache.from_levels(levels, cache_suffix(self.settings.agent.cache_subdir, self.namespace,
                                                             self.name),
                                        policy_factory=policy, on_cached=inventory.cached, on_evicted=inventory.evicted)
+        cache.on_tier_evicted = self.metrics.tier_evicted
         await asyncio.to_thread(cache.load)
         self._drop_stale(cache, entries)
         self._update_gates(record)
@@ -147,13 +153,16 @@ class MountedDataset:
         client = PeerClient(key, self.namespace, self.name) if key is not None else None
         router = BlockRouter(self.settings.agent.node_name, client)
         router.update(runtime.status.workers)
-        reader = BlockReader(cache, self.gates, block_size, readahead, write_block=cache.put_async, router=router)
+        reader = BlockReader(cache, self.gates, block_size, readahead, write_block=cache.put_async, router=router,
+                             metrics=self.metrics.reads(lambda: cache.last_medium))
         peer_server = None
         if key is not None and self.peer_port:
             peer_server = PeerServer(key, self.namespace, self.name, block_size,
                                      lambda mount, object_key: self.entries.get((mount, object_key)),
                                      reader.serve_block,
-                                     open_file=lambda entry, index: cache.open_block(reader.block_id(entry, index)))
+                                     open_file=lambda entry, index: cache.open_block(reader.block_id(entry, index)),
+                                     metrics=self.metrics.peer,
+                                     cached=lambda entry, index: cache.contains(reader.block_id(entry, index)))
             try:
                 await peer_server.start(self.settings.agent.peer_host, self.peer_port)
             except OSError as err:
@@ -165,6 +174,10 @@ class MountedDataset:
         owner = record.dataset.spec.owner
         fs = DatasetFS(self._tree(entries), reader, uid=owner.uid if owner else None,
                        gid=owner.gid if owner else None, block_size=block_size)
+        observer = self.metrics.fuse_observer()
+        if observer is not None:  # None with SHOAL_METRICS=off: the handlers stay as they are
+            time_operations(fs, observer)
+        self.metrics.watch_cache(cache.stats)
 
         def counters() -> CacheCounters:
             stats = cache.stats()
@@ -194,7 +207,7 @@ class MountedDataset:
         runner = TaskRunner(self.bus, self.settings.agent.node_name, ObjectRef(name=self.name,
                                                                                namespace=self.namespace),
                             cache, reader, lambda: self.entries, self.settings.agent.load_concurrency,
-                            serving=lambda: self.manifest_version)
+                            serving=lambda: self.manifest_version, warmed=self.metrics.warmup_bytes.inc)
         self.tasks = runner
         tasks_task = asyncio.create_task(runner.run())
         reporter = StatusReporter(self.status_file, cache.stats)
@@ -255,6 +268,7 @@ class MountedDataset:
             if slots is not None:
                 slots.zero(self.grants.budget_slot)
                 slots.close()
+            self.metrics.close()
             log.info("unmounted", dataset=self.key)
         if fuse_loop.done() and not fuse_loop.cancelled() and fuse_loop.exception() is not None:
             raise fuse_loop.exception()  # type: ignore[misc]
@@ -333,7 +347,7 @@ class MountedDataset:
             locations.append(location)
         gates = [
             self.gates[index] if index < len(self.locations) and self.locations[index] == location
-            else StoreGate(agent_store(location))
+            else StoreGate(agent_store(location), metrics=self.metrics.store)
             for index, location in enumerate(locations)
         ]
         self.retired += [gate for gate in self.gates if gate not in gates]
@@ -404,15 +418,29 @@ def cache_suffix(subdir: str, namespace: str, name: str) -> str:
 
 async def serve(settings: Settings, namespace: str, name: str, mountpoint: str,
                 stop: asyncio.Event, status_file: str = "", readiness: Readiness | None = None,
-                grants: NodeGrants | None = None, peer_port: int = 0) -> None:
-    bus = await connect(settings.nats, f"shoal-mount-{namespace}-{name}")
-    if readiness is not None:
-        readiness.add("nats", nats_check(bus))
+                grants: NodeGrants | None = None, peer_port: int = 0, side_port: int = 0) -> None:
+    """One mount until ``stop``; with SHOAL_PROMETHEUS_TARGETS_DIR and a side server (``side_port``), its
+    Prometheus file_sd target is there for as long as this runs."""
+    targets, node = settings.agent.prometheus_targets_dir, settings.agent.node_name
+    if targets and side_port:
+        try:
+            path = await asyncio.to_thread(write_target, targets, node, namespace, name, settings.service.http_host,
+                                           side_port)
+            log.info("prometheus target written", dataset=f"{namespace}/{name}", path=str(path))
+        except OSError as err:  # metrics are still served; only discovery is missing
+            log.error("cannot write the prometheus target", dataset=f"{namespace}/{name}", error=str(err))
     try:
-        await MountedDataset(settings, bus, namespace, name, mountpoint, status_file, readiness, grants,
-                             peer_port).run(stop)
+        bus = await connect(settings.nats, f"shoal-mount-{namespace}-{name}")
+        if readiness is not None:
+            readiness.add("nats", nats_check(bus))
+        try:
+            await MountedDataset(settings, bus, namespace, name, mountpoint, status_file, readiness, grants,
+                                 peer_port).run(stop)
+        finally:
+            await bus.close()
     finally:
-        await bus.close()
+        if targets and side_port:
+            remove_target(targets, node, namespace, name)
 
 
 def enable_asyncio_fuse() -> None:
@@ -452,9 +480,12 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--peer-port must be between 0 and 65535")
     grants = NodeGrants(args.budget_file, args.budget_slot, args.memory_quota)
     enable_asyncio_fuse()  # the FUSE session runs on the asyncio loop, beside NATS
+    side: dict[str, int] = {}  # the side server's port, once it listens (before serve starts)
     service_main("shoal-mount",
                  lambda settings, stop, readiness: serve(settings, args.namespace, args.name, args.mountpoint, stop,
-                                                         args.status_file, readiness, grants, args.peer_port))
+                                                         args.status_file, readiness, grants, args.peer_port,
+                                                         side.get("port", 0)),
+                 on_listening=lambda port: side.__setitem__("port", port))
 
 
 if __name__ == "__main__":

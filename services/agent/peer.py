@@ -51,9 +51,11 @@ from opentelemetry import trace
 
 from libs.blocks import BlockId, checksum, checksum_stream
 from libs.events.dataset import ManifestEntry
+from libs.metrics import ERROR, NOT_CACHED, OK
 from libs.telemetry import extract_context, get_logger, inject_context, tracer
 from services.agent.cache import BlockFile
 from services.agent.cache.tiers import CHUNK_BYTES as TIER_CHUNK_BYTES
+from services.agent.metrics import PeerMetrics
 
 log = get_logger(__name__)
 
@@ -211,6 +213,7 @@ def sign_response(key: bytes, request_signature: str, table_digest: int, length:
 Lookup = Callable[[int, str], ManifestEntry | None]
 BlockSource = Callable[[ManifestEntry, int], Awaitable[bytes]]
 FileSource = Callable[[ManifestEntry, int], BlockFile | None]
+Cached = Callable[[ManifestEntry, int], bool]
 
 
 class PeerServer:
@@ -223,8 +226,13 @@ class PeerServer:
     def __init__(self, key: bytes, namespace: str, name: str, block_size: int, lookup: Lookup,
                  source: BlockSource, clock: Callable[[], float] = time.time, max_serving: int = MAX_SERVING,
                  max_waiting: int = MAX_WAITING, keepalive: float = KEEPALIVE_SECONDS,
-                 open_file: FileSource | None = None) -> None:
+                 open_file: FileSource | None = None, metrics: PeerMetrics | None = None,
+                 cached: Cached | None = None) -> None:
         self.key = key
+        # Requests by outcome and bytes served, for /metrics; ``cached`` tells ok (from the cache) from
+        # not_cached (fetched from the store to answer).
+        self.metrics = metrics
+        self.cached = cached
         self.open_file = open_file
         self.namespace = namespace
         self.name = name
@@ -262,6 +270,8 @@ class PeerServer:
 
     def _refuse(self, status: int, reason: str) -> web.Response:
         self.refused += 1
+        if self.metrics is not None:
+            self.metrics.refused(status)
         return web.json_response({"reason": reason}, status=status)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -312,15 +322,20 @@ class PeerServer:
                     signature: str) -> web.StreamResponse:
         response = web.StreamResponse(status=200, headers={"Content-Type": CONTENT_TYPE,
                                                             "Cache-Control": "no-store"})
+        outcome = ERROR
         try:
             await response.prepare(request)
-            await self._answer(request, response, entry, index, signature)
+            outcome = await self._answer(request, response, entry, index, signature)
         except ConnectionError:  # the client went away (gave up, or died): nothing to tell anyone
             pass
+        finally:
+            if self.metrics is not None:
+                self.metrics.answered(outcome)
         return response
 
     async def _answer(self, request: web.Request, response: web.StreamResponse, entry: ManifestEntry, index: int,
-                      signature: str) -> None:
+                      signature: str) -> str:
+        """Sends the block (or ``ERR``); returns the outcome for /metrics: ok, not_cached or error."""
         self._waiting += 1
         acquire = asyncio.ensure_future(self._slots.acquire())
         try:
@@ -336,7 +351,8 @@ class PeerServer:
             if opened is not None:
                 with opened.file:
                     await self._send_file(request, response, opened, signature)
-                return
+                return OK
+            outcome = OK if self.cached is None or self.cached(entry, index) else NOT_CACHED
             load = asyncio.ensure_future(self.source(entry, index))
             load.add_done_callback(_retrieve)
             # Shielded: a client that goes away must not cancel a fetch other readers may share.
@@ -347,12 +363,15 @@ class PeerServer:
                 reason = " ".join(str(err).split())[:200] or type(err).__name__
                 await response.write(f"ERR {reason}\n".encode())
                 await response.write_eof()
-                return
+                return ERROR
             table = chunk_table(data, CHUNK_BYTES)
             await response.write(self._preamble(signature, len(data), CHUNK_BYTES, checksum(table)))
             _write_chunk(request, table, data)
             await response.write_eof()  # the last chunk, and waits until the block is (nearly) all sent
             self.served_bytes += len(data)
+            if self.metrics is not None and self.metrics.served is not None:
+                self.metrics.served(len(data))
+            return outcome
         finally:
             self._slots.release()
 
@@ -383,6 +402,8 @@ class PeerServer:
         transport.write(b"\r\n")
         await response.write_eof()
         self.served_bytes += opened.length
+        if self.metrics is not None and self.metrics.served is not None:
+            self.metrics.served(opened.length)
 
 
 async def _keepalive(response: web.StreamResponse, future: asyncio.Future[Any], interval: float) -> None:

@@ -40,9 +40,11 @@ from opentelemetry import trace
 from libs.blocks import BlockId, block_span, blocks_touched
 from libs.events.dataset import ManifestEntry
 from libs.events.runtime import CacheWorker
+from libs.metrics import GET, PEER, STORE
 from libs.ring import owners
 from libs.telemetry import child_span, get_logger, tracer
 from libs.ufs.base import EndpointUnreachable, ObjectStore, UfsError
+from services.agent.metrics import ReadMetrics, StoreMetrics
 from services.agent.peer import PeerError
 from services.agent.readahead import MemoryBudget, ReadAhead
 
@@ -73,8 +75,9 @@ class StoreGate:
     """One mount's object store, failing fast for a moment after the endpoint was found unreachable."""
 
     def __init__(self, store: ObjectStore, clock: Callable[[], float] = time.monotonic,
-                 cooldown: float = UNREACHABLE_COOLDOWN_SECONDS) -> None:
+                 cooldown: float = UNREACHABLE_COOLDOWN_SECONDS, metrics: StoreMetrics | None = None) -> None:
         self.store = store
+        self.metrics = metrics
         self.clock = clock
         self.cooldown = cooldown
         self._down_until = 0.0
@@ -91,12 +94,23 @@ class StoreGate:
 
     async def _get_range(self, key: str, start: int, length: int, etag: str) -> bytes:
         async with self._slots:
+            observe = self.metrics.observe_get if self.metrics is not None else None
+            started = time.perf_counter() if observe is not None else 0.0
             try:
                 data = await self.store.get_range(key, start, length, etag=etag)
             except EndpointUnreachable as err:
                 self._last_error = err
                 self._down_until = self.clock() + self.cooldown
+                if self.metrics is not None:
+                    self.metrics.failed(GET, err)
                 raise
+            except Exception as err:
+                if self.metrics is not None:
+                    self.metrics.failed(GET, err)
+                raise
+            finally:
+                if observe is not None:
+                    observe(time.perf_counter() - started)
         self._last_error = None
         return data
 
@@ -177,7 +191,7 @@ BlockWriter = Callable[[BlockId, bytes], Awaitable[object]]
 class BlockReader:
     def __init__(self, cache: BlockCacheLike, gates: Sequence[StoreGate], block_size: int, budget: MemoryBudget,
                  write_block: BlockWriter, max_ahead_blocks: int | None = None,
-                 router: BlockRouter | None = None) -> None:
+                 router: BlockRouter | None = None, metrics: ReadMetrics | None = None) -> None:
         self.cache = cache
         self.gates = gates
         self.block_size = block_size
@@ -185,6 +199,8 @@ class BlockReader:
         self.write_block = write_block
         self.max_ahead_blocks = max_ahead_blocks
         self.router = router
+        # Block reads by source for /metrics; None with SHOAL_METRICS=off (then the read path skips them).
+        self.metrics = metrics
         self.stats = ReadStats()
         self._inflight: dict[BlockId, asyncio.Future[bytes]] = {}
         # Store fetches in flight, shared by this mount's reads and its peer server's (which must never join a
@@ -253,6 +269,8 @@ class BlockReader:
         cached = self._local(block)
         if cached is not None:
             self.stats.hit_bytes += len(cached)
+            if self.metrics is not None:
+                self.metrics.hit(len(cached))
             return cached
         return await self._start(entry, index, block)
 
@@ -286,6 +304,8 @@ class BlockReader:
                 self._log_peer_failure(url, block, err)
                 continue
             self.stats.remote_bytes += length
+            if self.metrics is not None:
+                self.metrics.read(PEER, length)
             if route.cache:
                 self._keep(block, data)
             return data
@@ -368,6 +388,8 @@ class BlockReader:
             raise UfsError(f"{entry.key}: expected {length} bytes at offset {start}, got {len(data)}")
         self.stats.gets += 1
         self.stats.miss_bytes += length
+        if self.metrics is not None:
+            self.metrics.read(STORE, length)
         # Kept before the fetch counts as done: a lookup right after must find the block, not fetch it again.
         if block in self._cache_wanted:
             self._cache_wanted.discard(block)
@@ -383,6 +405,8 @@ class BlockReader:
         cached = self.cache.get_range(block, lo, hi)
         if cached is not None:
             self.stats.hit_bytes += len(cached)
+            if self.metrics is not None:
+                self.metrics.hit(len(cached))
             return cached
         inflight = self._inflight.get(block)
         if inflight is not None:
@@ -396,6 +420,8 @@ class BlockReader:
             data = await self.gates[entry.mount].get_range(entry.key, block_start + lo, hi - lo, entry.etag)
         self.stats.gets += 1
         self.stats.miss_bytes += len(data)
+        if self.metrics is not None:
+            self.metrics.read(STORE, len(data))
         return data
 
     async def _warm(self, entry: ManifestEntry, index: int, block: BlockId) -> None:

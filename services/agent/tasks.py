@@ -204,8 +204,11 @@ class TaskRunner:
 
     def __init__(self, bus: Bus, node: str, dataset: ObjectRef, cache: BlockCache, reader: BlockReader,
                  entries: Callable[[], Mapping[tuple[int, str], ManifestEntry]], concurrency: int,
-                 serving: Callable[[], tuple[int, str]] | None = None) -> None:
+                 serving: Callable[[], tuple[int, str]] | None = None,
+                 warmed: Callable[[int], None] | None = None) -> None:
         self.bus = bus
+        # Told the bytes of each block a load fetched into the cache (the WARMUP_BYTES counter of /metrics).
+        self.warmed = warmed
         self.node = node
         self.dataset = dataset
         self.cache = cache
@@ -458,6 +461,8 @@ class TaskRunner:
             ledger.fail(file_index, f"{file.key}: {NOT_KEPT}")
             return
         ledger.done(file_index, size, skipped=not fetched)
+        if fetched and self.warmed is not None:
+            self.warmed(size)
 
     async def _clean(self, task: NodeTask, ledger: PartLedger, abort: asyncio.Event) -> None:
         if task.everything or task.files:

@@ -135,11 +135,12 @@ class ShoalNode(MountedSystem):
                 found.append(pid)
         return found
 
-    def apply(self, name: str, bucket: str, quota: int, probe: str) -> None:
-        asyncio.run(self._apply(name, bucket, quota))
+    def apply(self, name: str, bucket: str, quota: int, probe: str, medium: str = "SSD") -> None:
+        """A dataset of the bucket with one cache tier: SSD under ``cache_root``, or MEM."""
+        asyncio.run(self._apply(name, bucket, quota, medium))
         self.datasets[name] = probe
 
-    async def _apply(self, name: str, bucket: str, quota: int) -> None:
+    async def _apply(self, name: str, bucket: str, quota: int, medium: str = "SSD") -> None:
         from libs import subjects
         from libs.bus import connect
         from libs.config import NatsSettings
@@ -150,7 +151,8 @@ class ShoalNode(MountedSystem):
         bus = await connect(NatsSettings(urls=[self.nats_url]), "shoal-bench-agent")
         try:
             await bus.provision()
-            levels = [Level(mediumtype="SSD", quota=quota, path=str(self.cache_root))]
+            levels = [Level(mediumtype="MEM", quota=quota) if medium == "MEM"
+                      else Level(mediumtype="SSD", quota=quota, path=str(self.cache_root))]
             runtime = Runtime(metadata=ObjectMeta(name=name),
                               spec=RuntimeSpec(tieredstore=TieredStore(levels=levels)))
             dataset = Dataset(metadata=ObjectMeta(name=name),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
+import json
 import os
 import subprocess
 from collections.abc import AsyncIterator, Mapping
@@ -20,7 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import msgspec
+from prometheus_client.parser import text_string_to_metric_families
 
 from libs import subjects
 from libs.bus import Bus
@@ -309,3 +312,42 @@ def mount_pids(mountpoint: Path) -> list[int]:
 
 def decode(data: bytes) -> Any:
     return msgspec.json.decode(data)
+
+
+def evict_from_page_cache(path: Path) -> None:
+    """Drop one file's pages from the kernel page cache, so its next read reaches the mount process."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def target_port(targets_dir: Path, name: str, node: str = NODE, namespace: str = "default") -> int | None:
+    """The side-server port a mount process names in its Prometheus file_sd target, or None while there is none."""
+    try:
+        (group,) = json.loads((targets_dir / f"{node}-{namespace}-{name}.json").read_text())
+    except FileNotFoundError:
+        return None
+    assert group["labels"] == {"job": "shoal-mount", "node": node, "dataset": f"{namespace}/{name}"}, group
+    (address,) = group["targets"]
+    host, _, port = address.rpartition(":")
+    assert host == "127.0.0.1", address
+    return int(port)
+
+
+async def scrape(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """A process's /metrics over HTTP: (sample name, labels) → value."""
+    async with (aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session,
+                session.get(f"http://127.0.0.1:{port}/metrics") as response):
+        assert response.status == 200
+        text = await response.text()
+    return {(sample.name, frozenset(sample.labels.items())): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def series(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str) -> float | None:
+    """The sum of the samples of ``name`` whose labels include ``labels``; None when there is none."""
+    found = [value for (sample, have), value in samples.items()
+             if sample == name and set(labels.items()) <= have]
+    return sum(found) if found else None

@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 
 import aiohttp
+from prometheus_client import REGISTRY
 
 from libs import subjects
 from libs.bus import Bus, kv_load
@@ -21,7 +22,7 @@ from libs.events.runtime import RuntimeRecord
 from libs.side_server import Readiness
 from tests.conftest import SeaweedServer, put_objects
 from tests.helpers import eventually, runtime_record
-from tests.integration.agent_stack import NODE, Node, node_stack, read_file, run_tool
+from tests.integration.agent_stack import NODE, Node, node_stack, read_file, run_tool, scrape, series
 from tests.integration.test_agent_cache import drop_page_cache, mount_pids
 
 MiB = 1024 * 1024
@@ -91,6 +92,11 @@ async def test_a_cache_directory_that_goes_down_makes_the_agent_unhealthy_and_re
 
         await eventually(healthy_with_capacity, 15, "a healthy heartbeat with the mount's cache capacity")
         assert readiness.report()[0], readiness.report()
+        # The agent's own series (it runs in this process): the configured cache directory is healthy.
+        directory = {"node": NODE, "dir": str(node.cache_dir)}
+        assert REGISTRY.get_sample_value("shoal_cache_dir_healthy", directory) == 1
+        assert REGISTRY.get_sample_value("shoal_readahead_budget_bytes", {"node": NODE}) == 512 * MiB
+        assert REGISTRY.get_sample_value("shoal_readahead_bytes", {"node": NODE}) is not None
 
         # The disk under the cache goes away: its folder is replaced by a file, so every cache I/O fails.
         dataset_cache = node.cache_dir / "default" / "sick"
@@ -103,6 +109,7 @@ async def test_a_cache_directory_that_goes_down_makes_the_agent_unhealthy_and_re
         beat = await eventually(lambda: unhealthy_with(node, f"cache directory {dataset_cache} is down"), 15,
                                 "an unhealthy heartbeat naming the cache directory")
         assert beat.capacity_bytes == 0  # its only tier is down
+        assert REGISTRY.get_sample_value("shoal_cache_dir_healthy", directory) == 0  # set before that beat
         ready, checks = readiness.report()
         assert not ready and str(dataset_cache) in checks["mounts"], checks
         await eventually(lambda: runtime_naming_the_node(node, "sick", str(dataset_cache)), 15,
@@ -114,6 +121,9 @@ async def test_a_cache_directory_that_goes_down_makes_the_agent_unhealthy_and_re
             body = await response.json()
             assert response.status == 503 and str(dataset_cache) in body["checks"]["cache"], body
             assert body["checks"]["nats"] == body["checks"]["fuse"] == body["checks"]["loops"] == "ok", body
+        mine = {"node": NODE, "dataset": "default/sick"}
+        samples = await scrape(port)
+        assert series(samples, "shoal_cache_capacity_bytes", **mine, tier="disk") == 0  # a tier down has none
         # The dataset stays Bound and mounted: reads still work through the object store.
         assert (await node.record("sick")).status.phase == "Bound"
         assert await read_file(root / "b1.bin") == objects["b1.bin"]

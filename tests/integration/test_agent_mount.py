@@ -19,7 +19,18 @@ from libs.config import Settings
 from libs.events.dataset import User
 from services.agent.mountinfo import device_of
 from tests.conftest import SeaweedServer, put_objects
-from tests.integration.agent_stack import md5, node_stack, read_file, run_tool
+from tests.helpers import eventually
+from tests.integration.agent_stack import (
+    NODE,
+    evict_from_page_cache,
+    md5,
+    node_stack,
+    read_file,
+    run_tool,
+    scrape,
+    series,
+    target_port,
+)
 
 MiB = 1024 * 1024
 
@@ -45,7 +56,8 @@ async def test_every_file_reads_back_identical(bus: Bus, settings: Settings, sea
                                               bucket: str, tmp_path: Path) -> None:
     objects = dataset_objects()
     await put_objects(seaweedfs, bucket, objects)
-    async with node_stack(bus, settings, seaweedfs, tmp_path) as node:
+    targets = tmp_path / "targets"
+    async with node_stack(bus, settings, seaweedfs, tmp_path, prometheus_targets_dir=str(targets)) as node:
         await node.apply("imgs", bucket)
         root = await node.wait_mounted("imgs", expect="labels.csv")
         found = await run_tool("find", str(root), "-type", "f")
@@ -62,12 +74,44 @@ async def test_every_file_reads_back_identical(bus: Bus, settings: Settings, sea
         device = device_of(str(root))
         assert Path(f"/sys/class/bdi/{device}/read_ahead_kb").read_text().strip() == "1024"
 
+        # The mount process's /metrics, found through its Prometheus target: every file came from the store once.
+        port = target_port(targets, "imgs")
+        assert port is not None
+        mine = {"node": NODE, "dataset": "default/imgs"}
+        total = sum(len(body) for body in objects.values())
+
+        async def all_cached() -> dict | None:
+            samples = await scrape(port)
+            return samples if (series(samples, "shoal_cache_bytes", **mine, tier="disk") or 0) >= total else None
+
+        first = await eventually(all_cached, what="every block in the disk tier, on /metrics")
+        assert series(first, "shoal_read_bytes_total", **mine, source="store") == total
+        assert series(first, "shoal_cache_capacity_bytes", **mine, tier="disk") == 256 * MiB
+        assert (series(first, "shoal_fuse_request_duration_seconds_count", **mine, operation="read") or 0) > 0
+        assert (series(first, "shoal_fuse_request_duration_seconds_count", **mine, operation="lookup") or 0) > 0
+        assert (series(first, "shoal_store_request_duration_seconds_count", **mine, operation="get") or 0) > 0
+        # Read twice more past the kernel's page cache: disk hits, not one more byte from the store.
+        big = root / "train/big-1.bin"
+        for _ in range(2):
+            await asyncio.to_thread(evict_from_page_cache, big)
+            assert md5(await read_file(big)) == md5(objects["train/big-1.bin"])
+        second = await scrape(port)
+        assert series(second, "shoal_read_bytes_total", **mine, source="store") == total
+        hits = (series(second, "shoal_read_bytes_total", **mine, source="disk") or 0) - (
+            series(first, "shoal_read_bytes_total", **mine, source="disk") or 0)
+        assert hits == 2 * len(objects["train/big-1.bin"])
+        assert (series(second, "shoal_block_reads_total", **mine, source="disk") or 0) >= 6  # 3 blocks, twice
+    assert not (targets / f"{NODE}-default-imgs.json").exists(), "the target outlived its mount"
+
 
 async def test_owner_and_mtimes_come_from_the_dataset_and_manifest(bus: Bus, settings: Settings,
                                                                     seaweedfs: SeaweedServer, bucket: str,
                                                                     tmp_path: Path) -> None:
     await put_objects(seaweedfs, bucket, {"owned/file.txt": b"mine"})
-    async with node_stack(bus, settings, seaweedfs, tmp_path) as node:
+    targets = tmp_path / "targets"
+    # SHOAL_METRICS=off rides along: the per-read series of this mount never move, its cache gauges still do.
+    async with node_stack(bus, settings, seaweedfs, tmp_path, mount_env={"SHOAL_METRICS": "off"},
+                          prometheus_targets_dir=str(targets)) as node:
         await node.apply("owned", bucket, owner=User(uid=1234, gid=5678))
         root = await node.wait_mounted("owned", expect="owned/file.txt")
         record = await node.record("owned")
@@ -77,6 +121,20 @@ async def test_owner_and_mtimes_come_from_the_dataset_and_manifest(bus: Bus, set
         assert (stat.st_uid, stat.st_gid) == (1234, 5678)
         assert abs(stat.st_mtime - entry["mtime"]) < 1e-3
         assert stat.st_size == 4
+
+        assert (await run_tool("cat", str(root / "owned/file.txt"))).stdout == "mine"
+        port = target_port(targets, "owned")
+        assert port is not None
+        mine = {"node": NODE, "dataset": "default/owned"}
+
+        async def cached() -> dict | None:
+            samples = await scrape(port)
+            return samples if series(samples, "shoal_cache_bytes", **mine, tier="disk") == 4 else None
+
+        samples = await eventually(cached, what="the file in the disk tier, on /metrics")
+        for name in ("shoal_block_reads_total", "shoal_read_bytes_total", "shoal_fuse_request_duration_seconds_count",
+                     "shoal_store_request_duration_seconds_count"):
+            assert series(samples, name) is None, f"{name} moved with SHOAL_METRICS=off"
 
 
 async def test_writes_fail_with_erofs_and_unknown_names_with_enoent(bus: Bus, settings: Settings,

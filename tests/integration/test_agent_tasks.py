@@ -47,7 +47,18 @@ from libs.manifest import ManifestStore
 from tests.conftest import SeaweedServer, put_objects
 from tests.faults import HttpProxy
 from tests.helpers import eventually
-from tests.integration.agent_stack import NODE, InventoryWatch, Node, md5, mount_pids, node_stack, read_file
+from tests.integration.agent_stack import (
+    NODE,
+    InventoryWatch,
+    Node,
+    md5,
+    mount_pids,
+    node_stack,
+    read_file,
+    scrape,
+    series,
+    target_port,
+)
 
 pytestmark = pytest.mark.needs("fuse")
 
@@ -175,7 +186,8 @@ async def loader_stack(bus: Bus, settings: Settings, seaweedfs: SeaweedServer, b
 
 async def test_a_load_caches_exactly_its_blocks_and_the_next_read_makes_no_store_get(
         bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path) -> None:
-    async with loader_stack(bus, settings, seaweedfs, bucket, tmp_path) as loader:
+    async with loader_stack(bus, settings, seaweedfs, bucket, tmp_path,
+                            prometheus_targets_dir=str(tmp_path / "targets")) as loader:
         run = await loader.operation("first")
         a, b0 = loader.blocks("data/a.bin"), loader.blocks("data/b.bin", [0])
         await loader.publish(run, "load", [a, b0])
@@ -210,6 +222,11 @@ async def test_a_load_caches_exactly_its_blocks_and_the_next_read_makes_no_store
         expected += ranges(loader.blocks("data/b.bin", [1, 2]), entries["data/b.bin"])
         expected += ranges(c, entries["c.bin"])
         assert sorted(loader.gets()) == sorted(expected)
+        # The mount process's /metrics counts the bytes loads fetched (not those skipped).
+        port = target_port(tmp_path / "targets", NAME)
+        assert port is not None
+        warmed = series(await scrape(port), "shoal_warmup_bytes_total", node=NODE, dataset=f"default/{NAME}")
+        assert warmed == final.bytes_done + second.bytes_done
 
 
 async def test_a_clean_frees_the_bytes_of_blocks_files_and_everything(

@@ -63,7 +63,7 @@ from services.dataset import app as dataset_app
 from tests.conftest import SeaweedServer, put_objects
 from tests.faults import HttpProxy, TamperingPeerProxy
 from tests.helpers import dataset_record, eventually, running
-from tests.integration.agent_stack import md5, mounted_paths, read_file
+from tests.integration.agent_stack import md5, mounted_paths, read_file, scrape, series, target_port
 
 pytestmark = pytest.mark.needs("fuse")
 
@@ -117,7 +117,8 @@ class Cluster:
             "SHOAL_CACHE_SUBDIR": node,
             "SHOAL_PEER_HOST": LOOPBACK,
             "SHOAL_PEER_SECRET_FILE": popen.pop("secret_file", str(self.tmp_path / "peer-secret")),
-            "SHOAL_HTTP_PORT": "off",
+            "SHOAL_HTTP_PORT": "0",  # each on a free port, named in its Prometheus target
+            "SHOAL_PROMETHEUS_TARGETS_DIR": str(self.tmp_path / "targets"),
             "SHOAL_LOG_FORMAT": "json",
         }
         mount.process = subprocess.Popen(
@@ -277,6 +278,25 @@ async def test_every_block_is_fetched_from_the_store_once_for_the_cluster(
         assert counters["node-c"].get("cachedBytes", 0) == 0, "a client keeps no copy"
         assert counters["node-c"].get("missBytes", 0) == 0
         assert sum(c.get("servedBytes", 0) for c in counters.values()) >= total
+
+        # The same story on each mount process's /metrics.
+        scraped = {}
+        for node in nodes.nodes:
+            port = target_port(tmp_path / "targets", NAME, node=node)
+            assert port is not None, node
+            scraped[node] = await scrape(port)
+
+        def value(node: str, name: str, **labels: str) -> float:
+            return series(scraped[node], name, node=node, dataset=f"default/{NAME}", **labels) or 0.0
+
+        assert value("node-c", "shoal_read_bytes_total", source="peer") == total
+        assert value("node-c", "shoal_read_bytes_total", source="store") == 0
+        assert sum(value(node, "shoal_read_bytes_total", source="store") for node in scraped) == total
+        served = sum(value(node, "shoal_peer_served_bytes_total") for node in scraped)
+        assert served == sum(c.get("servedBytes", 0) for c in counters.values())
+        answered = sum(value(node, "shoal_peer_requests_served_total", outcome=outcome) for node in scraped
+                       for outcome in ("ok", "not_cached"))
+        assert answered >= value("node-c", "shoal_block_reads_total", source="peer") > 0
 
 
 async def test_kill_9_of_an_owner_during_a_read_returns_the_right_bytes(

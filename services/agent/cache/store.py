@@ -20,8 +20,10 @@ Rules for callers:
   block cannot be reserved again until that reservation is committed.
 * ``on_cached(block, size)`` is called once when a block becomes servable (``commit``, ``load``) and
   ``on_evicted(block, size)`` once when it stops being so (evicted, dropped as stale, found corrupt or missing),
-  so the callbacks alone keep an exact inventory. Blocks on a tier that is down stay indexed: its disk may come
-  back, and meanwhile reads of them miss and go to the object store.
+  so the callbacks alone keep an exact inventory. ``on_tier_evicted(medium)`` is called for each block evicted to
+  make room or by ``evict`` (a DataClean), not for stale, corrupt or purged ones: the agent's eviction counter.
+  Blocks on a tier that is down stay indexed: its disk may come back, and meanwhile reads of them miss and go to
+  the object store.
 
 Hot path: ``get`` of a memory block is a dict lookup and one ``record_access`` per tier; of a disk block add
 one open, two preads, one xxh3 and one close (see ``tiers``). Measured with 4 MiB blocks: 5 µs from memory,
@@ -45,6 +47,8 @@ from services.agent.cache.eviction import EvictionPolicy, FrequencyAdmissionPoli
 from services.agent.cache.tiers import DEFAULT_COOLDOWN_SECONDS, BlockFile, DiskTier, Health, MemoryTier, Tier
 
 BlockCallback = Callable[[BlockId, int], None]
+# Told the medium of the tier a block was evicted from (to make room, or by ``evict``): the agent's metrics.
+EvictionCallback = Callable[[str], None]
 
 # Faster media first; unknown media (custom tiers in tests) after the known ones, in the order given.
 MEDIUM_ORDER = {"MEM": 0, "SSD": 1, "HDD": 2}
@@ -110,6 +114,7 @@ class BlockCache:
         policy_factory: PolicyFactory = FrequencyAdmissionPolicy,
         on_cached: BlockCallback | None = None,
         on_evicted: BlockCallback | None = None,
+        on_tier_evicted: EvictionCallback | None = None,
     ) -> None:
         if not tiers:
             raise ValueError("a block cache needs at least one tier")
@@ -119,6 +124,10 @@ class BlockCache:
         ]
         self._on_cached = on_cached
         self._on_evicted = on_evicted
+        self.on_tier_evicted = on_tier_evicted
+        # The medium (MEM, SSD, HDD) that served the last ``get``/``get_range``, None after a miss: the agent's
+        # hit counters read it right after a lookup (cheaper than looking the block up again).
+        self.last_medium: str | None = None
         self._index: dict[str, _Entry] = {}
         self._pending: dict[str, Reservation] = {}
         self._in_flight = [0] * len(self._tiers)
@@ -196,15 +205,18 @@ class BlockCache:
         entry = self._index.get(name)
         if entry is None:
             self._misses += 1
+            self.last_medium = None
             return None
         tier = self._tiers[entry.tier]
         data = tier.read_range(name, start, end)
         if data is None:
             self._misses += 1
+            self.last_medium = None
             if tier.health is Health.NORMAL:
                 self._forget(name, entry)  # missing or corrupt (already deleted): gone for good
             return None
         self._hits += 1
+        self.last_medium = tier.medium
         return data
 
     def open_block(self, block: BlockId) -> BlockFile | None:
@@ -310,6 +322,8 @@ class BlockCache:
                 continue
             for victim in plan:
                 self._forget(victim, self._index[victim])
+                if self.on_tier_evicted is not None:
+                    self.on_tier_evicted(tier.medium)
             self._unlinking.update(plan)
             self._in_flight[index] += size
             reservation = Reservation(block, name, size, index, tier, plan)
@@ -404,6 +418,8 @@ class BlockCache:
                 self._forget(name, entry)
                 self._tiers[entry.tier].remove(name)
                 evicted.append((entry.block, entry.size))
+                if self.on_tier_evicted is not None:
+                    self.on_tier_evicted(self._tiers[entry.tier].medium)
             pending = self._pending.get(name)
             if pending is not None:
                 pending.stale = True
