@@ -101,7 +101,7 @@ class ApiError(Exception):
         return aiohttp.web.json_response(self.status(), status=self.code)
 
 
-class FakeApiServer(KubernetesScaffold):  # type: ignore[misc]
+class FakeApiServer(KubernetesScaffold):
     """kmock's scaffold (discovery, request log) with the object store and watch semantics described above."""
 
     def __attrs_post_init__(self) -> None:
@@ -141,7 +141,7 @@ class FakeApiServer(KubernetesScaffold):  # type: ignore[misc]
             self.bookmarks += 1
             self.changed.notify_all()
 
-    def get(self, group: str, plural: str, namespace: str | None, name: str) -> dict[str, Any] | None:
+    def stored(self, group: str, plural: str, namespace: str | None, name: str) -> dict[str, Any] | None:
         found = self.store.get((group, plural, namespace, name))
         return copy.deepcopy(found) if found is not None else None
 
@@ -165,7 +165,7 @@ class FakeApiServer(KubernetesScaffold):  # type: ignore[misc]
                 return await self._serve(request, parts)
             except ApiError as err:
                 return err.response()
-        return await super()._handle(request)  # type: ignore[no-any-return]
+        return await super()._handle(request)
 
     def _parse(self, parts: list[str]) -> tuple[Kind, str | None, str | None, str | None]:
         if parts[0] == "api":

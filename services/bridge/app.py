@@ -1,0 +1,90 @@
+"""Bridge wiring: a list-and-watch loop per custom resource, KV mirrors of Shoal's state, the rejection facts, and
+the periodic reflection of that state onto the custom resources.
+
+| source | what | handler |
+|---|---|---|
+| Kubernetes API | every resource of ``libs.kube.RESOURCES`` (list, then watch) | BridgeHandlers.on_listing / on_event |
+| KV shoal_datasets, shoal_runtimes, shoal_operations | every key (watch) | Mirrors (read by tick) |
+| SHOAL_FACTS | shoal.evt.*.rejected (ordered consumer, from the start) | BridgeHandlers.on_rejection |
+| — | every REFLECT_SECONDS | BridgeHandlers.tick (status, volume and claim, Events, retries) |
+
+Ready (``/readyz``) when connected to NATS, every resource was listed once and the loops run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+
+import msgspec
+from kubernetes_asyncio import client, config
+from nats.js.api import DeliverPolicy
+
+from libs import kube, subjects
+from libs.bus import KvMirror, connect
+from libs.config import KubeSettings, Settings
+from libs.events.dataset import DatasetRecord
+from libs.events.operation import OperationRecord
+from libs.events.runtime import RuntimeRecord
+from libs.service import Loop, Periodic, nats_check, run_loops
+from libs.side_server import Readiness
+from services.bridge.handlers import BridgeHandlers, Mirrors, RejectionFact
+from services.bridge.watch import ResourceWatcher
+
+SERVICE_NAME = "shoal-bridge"
+# How often Shoal's state is compared with what the custom resources show: "within seconds" for kubectl get,
+# and cheap (in-memory comparisons; a write only when something changed).
+REFLECT_SECONDS = 0.5
+
+
+async def api_client(settings: KubeSettings) -> client.ApiClient:
+    """A client of the API server: the kubeconfig file when one is set, else the pod's service account."""
+    configuration = client.Configuration()
+    if settings.kubeconfig:
+        await config.load_kube_config(config_file=settings.kubeconfig, client_configuration=configuration)
+    else:
+        config.load_incluster_config(client_configuration=configuration)
+    return client.ApiClient(configuration)
+
+
+async def run(settings: Settings, stop: asyncio.Event, readiness: Readiness | None = None,
+              clock: Callable[[], float] = time.time) -> None:
+    readiness = readiness or Readiness()
+    bus = await connect(settings.nats, SERVICE_NAME)
+    readiness.add("nats", nats_check(bus))
+    api = await api_client(settings.kube)
+    rejections = None
+    try:
+        await bus.provision()
+        mirrors = Mirrors(
+            datasets=KvMirror(await bus.kv(subjects.KV_DATASETS), DatasetRecord, bus.reconnects),
+            runtimes=KvMirror(await bus.kv(subjects.KV_RUNTIMES), RuntimeRecord, bus.reconnects),
+            operations=KvMirror(await bus.kv(subjects.KV_OPERATIONS), OperationRecord, bus.reconnects),
+        )
+        handlers = BridgeHandlers(bus, api, settings, mirrors, clock)
+        decoder = msgspec.json.Decoder(RejectionFact)
+
+        async def on_rejection(message: object) -> None:
+            with contextlib.suppress(msgspec.ValidationError, msgspec.DecodeError):
+                await handlers.on_rejection(decoder.decode(message.data))  # type: ignore[attr-defined]
+
+        # Every rejection kept in the stream, so one published before a restart still reaches its object.
+        rejections = await bus.js.subscribe(subjects.ALL_REJECTIONS, cb=on_rejection, ordered_consumer=True,
+                                            deliver_policy=DeliverPolicy.ALL)
+        namespaces: list[str | None] = list(settings.kube.namespaces) or [None]
+        watchers = [ResourceWatcher(api, resource, namespace, handlers.on_listing, handlers.on_event,
+                                    settings.kube.watch_seconds)
+                    for resource in kube.RESOURCES for namespace in namespaces]
+        readiness.add("kubernetes", lambda: None if all(w.synced.is_set() for w in watchers)
+                      else "custom resources not listed yet")
+        loops: list[Loop] = [mirrors.datasets, mirrors.runtimes, mirrors.operations, *watchers,
+                             Periodic("reflect", handlers.tick, REFLECT_SECONDS)]
+        await run_loops(loops, stop, readiness)
+    finally:
+        if rejections is not None:
+            with contextlib.suppress(Exception):
+                await rejections.unsubscribe()
+        await api.close()
+        await bus.close()
