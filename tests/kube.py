@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import copy
 import datetime
 import json
@@ -46,6 +47,8 @@ from kmock import KubernetesScaffold, ResourceInfo, resource
 from libs import kube
 
 Key = tuple[str, str, str | None, str]  # (group, plural, namespace or None, name)
+# How often an idle watch checks that its client is still there, so a test's server stops without waiting.
+WATCH_CHECK_SECONDS = 0.2
 
 
 @dataclass(frozen=True)
@@ -345,10 +348,13 @@ class FakeApiServer(KubernetesScaffold):
                         remaining = None if deadline is None else deadline - asyncio.get_running_loop().time()
                         if remaining is not None and remaining <= 0:
                             break
-                        try:
-                            await asyncio.wait_for(self.changed.wait(), remaining)
-                        except TimeoutError:
+                        # aiohttp does not cancel a handler whose client left: look at the connection now and then.
+                        transport = raw.transport
+                        if transport is None or transport.is_closing():
                             break
+                        step = WATCH_CHECK_SECONDS if remaining is None else min(remaining, WATCH_CHECK_SECONDS)
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(self.changed.wait(), step)
                         continue
                     ended = self.watch_generation != generation
                     bookmark_due = self.bookmarks != seen_bookmarks
