@@ -24,6 +24,7 @@ from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from libs import kube, subjects
+from libs.backoff import Backoff
 from libs.bus import Bus, KvMirror
 from libs.config import Settings
 from libs.events.dataset import DatasetDelete, DatasetRecord
@@ -38,6 +39,13 @@ log = get_logger(__name__)
 # API calls the bridge makes per write: well under a watch's lifetime, long enough for a slow apiserver.
 REQUEST_TIMEOUT_SECONDS = 10.0
 MERGE_PATCH = "application/merge-patch+json"
+# Status writes and retries after the API server failed: soon, but at most every 5 s, so status catches up within
+# seconds of the server's return without a request per object twice a second while it is down.
+TICK_RETRY = Backoff(first=0.5, cap=5.0)
+
+
+class _Unavailable(Exception):
+    """An object could not be handled: the rest of this tick waits for the next."""
 
 
 class RejectionFact(msgspec.Struct, frozen=True, rename="camel"):
@@ -98,6 +106,9 @@ class BridgeHandlers:
     recorded_events: set[str] = field(default_factory=set)
     deletes_sent: set[ObjectKey] = field(default_factory=set)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock, init=False)
+    _errors: dict[ObjectKey, str] = field(default_factory=dict, init=False)
+    _tick_failures: int = field(default=0, init=False)
+    _quiet_until: float = field(default=0.0, init=False)
 
     @property
     def custom(self) -> client.CustomObjectsApi:
@@ -142,20 +153,26 @@ class BridgeHandlers:
 
     # --- one object ---
 
-    async def _handle(self, key: ObjectKey) -> None:
+    async def _handle(self, key: ObjectKey) -> bool:
+        """Act on the object's latest version; False (and ``pending``) when the API or NATS failed."""
         try:
             async with self._lock:
                 obj = self.objects.get(key)
                 if obj is None:
-                    return
+                    self.pending.discard(key)
+                    return True
                 if domain.is_deleting(obj):
                     await self._finish_delete(key, obj)
                 else:
                     await self._apply(key, obj)
             self.pending.discard(key)
+            self._errors.pop(key, None)
+            return True
         except Exception as err:  # an API server or NATS outage: tick() tries again
             self.pending.add(key)
+            self._errors[key] = _short(err)
             log.warning("handling failed, trying again", object=str(key), error=_short(err))
+            return False
 
     async def _apply(self, key: ObjectKey, obj: dict[str, Any]) -> None:
         errors: list[str] = []
@@ -247,18 +264,31 @@ class BridgeHandlers:
     # --- periodic: status, volumes, Events, retries ---
 
     async def tick(self) -> None:
+        """Retry what failed, finish deletes, reflect Shoal's state; after a failure, wait (``TICK_RETRY``) before
+        the next try, so an API server that is down is not asked about every object twice a second."""
+        if time.monotonic() < self._quiet_until:
+            return
+        try:
+            await self._tick()
+        except Exception as err:
+            self._tick_failures += 1
+            delay = TICK_RETRY.delay(self._tick_failures)
+            self._quiet_until = time.monotonic() + delay
+            log.warning("API server not answering, status writes wait", error=_short(err), delay=delay)
+        else:
+            self._tick_failures = 0
+
+    async def _tick(self) -> None:
         for key in list(self.pending):
-            await self._handle(key)
+            if not await self._handle(key):
+                raise _Unavailable(self._errors.get(key, "handling failed"))
         for key, obj in list(self.objects.items()):
             if domain.is_deleting(obj):
-                if key not in self.pending:
-                    await self._handle(key)
+                if key not in self.pending and not await self._handle(key):
+                    raise _Unavailable(self._errors.get(key, "handling failed"))
                 continue
-            try:
-                async with self._lock:
-                    await self._reflect(key, obj)
-            except Exception as err:
-                log.warning("status not written, trying again", object=str(key), error=_short(err))
+            async with self._lock:
+                await self._reflect(key, obj)
 
     def refusal(self, key: ObjectKey) -> Refusal | None:
         if key in self.invalid:
