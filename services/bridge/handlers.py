@@ -105,6 +105,8 @@ class BridgeHandlers:
     volumes: set[ObjectKey] = field(default_factory=set)
     recorded_events: set[str] = field(default_factory=set)
     deletes_sent: set[ObjectKey] = field(default_factory=set)
+    # Objects whose Secrets are read again on their next handling (set by a list).
+    refresh: set[ObjectKey] = field(default_factory=set)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock, init=False)
     _errors: dict[ObjectKey, str] = field(default_factory=dict, init=False)
     _tick_failures: int = field(default=0, init=False)
@@ -128,6 +130,7 @@ class BridgeHandlers:
         for key in gone:
             await self.on_deleted(key, self.objects[key])
         for obj in items:
+            self.refresh.add(domain.key_of(resource, obj))
             await self.on_object(resource, obj)
 
     async def on_event(self, resource: kube.Resource, event_type: str, obj: dict[str, Any]) -> None:
@@ -175,20 +178,22 @@ class BridgeHandlers:
             return False
 
     async def _apply(self, key: ObjectKey, obj: dict[str, Any]) -> None:
-        errors: list[str] = []
-        if key.resource.kind == "Dataset":
+        translation = domain.translate(key.resource, obj)
+        command = translation.command
+        errors = translation.errors
+        if command is not None and self.published.get(key) == command.event.id and key not in self.refresh:
+            return  # this spec is in Shoal already (a status write of ours came back, a duplicate event)
+        if command is not None and key.resource.kind == "Dataset":
+            # Read when the spec changes and at every list, so a changed Secret reaches the services.
             errors = await self._store_secrets(key.namespace, domain.secret_refs(obj))
-        translation = domain.translate(key.resource, obj) if not errors else None
-        if translation is not None:
-            errors = translation.errors
-        if errors or translation is None or translation.command is None:
+        self.refresh.discard(key)
+        if errors or command is None:
             message = "; ".join(errors)
             if self.invalid.get(key) != message:
                 log.info("invalid custom resource", object=str(key), reasons=errors)
             self.invalid[key] = message
             return
         self.invalid.pop(key, None)
-        command = translation.command
         if self.published.get(key) == command.event.id:
             return
         # Held before Shoal knows the object, so a delete always waits for Shoal's clean-up.

@@ -183,8 +183,10 @@ async def test_fluid_dataset_with_secret_and_alluxio_runtime(cluster: Cluster, b
     await put_objects(seaweedfs, bucket, {"a": b"1", "b/c": b"22"})
     secret_key = seaweedfs.config.secret_access_key
     seen: list[bytes] = []
+    seen_subjects: set[str] = set()
 
     async def collect(msg: Any) -> None:
+        seen_subjects.add(msg.subject)
         seen.append(msg.data + b"".join(f"{k}{v}".encode() for k, v in (msg.headers or {}).items()))
 
     every_subject = await bus.nc.subscribe(">", cb=collect)
@@ -222,6 +224,9 @@ async def test_fluid_dataset_with_secret_and_alluxio_runtime(cluster: Cluster, b
         condition = await eventually(lambda: _condition(cluster, FLUID, "team", "broken"))
         assert "Secret team/absent not found" in condition["message"]
     await every_subject.unsubscribe()
+    # Commands, facts and KV writes (the dataset's record) were all watched.
+    assert {subjects.DATASET_APPLY, subjects.DATASET_STATUS} <= seen_subjects
+    assert any(s.startswith(f"$KV.{subjects.KV_DATASETS}.") for s in seen_subjects)
     assert seen and not [m for m in seen if secret_key.encode() in m or base64.b64encode(secret_key.encode()) in m]
 
 
