@@ -36,7 +36,7 @@ from services.bridge.watch import ResourceWatcher
 SERVICE_NAME = "shoal-bridge"
 # How often Shoal's state is compared with what the custom resources show: "within seconds" for kubectl get,
 # and cheap (in-memory comparisons; a write only when something changed).
-REFLECT_SECONDS = 0.5
+REFLECT_SECONDS = 0.25
 
 
 async def api_client(settings: KubeSettings) -> client.ApiClient:
