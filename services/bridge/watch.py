@@ -84,6 +84,10 @@ class ResourceWatcher:
             except (aiohttp.ClientError, OSError, TimeoutError) as err:
                 failures += 1
                 await self._pause(failures, f"{type(err).__name__}: {err}")
+            except Exception as err:  # a malformed answer, a bug: logged, and the loop lives on
+                log.exception("watch failed", resource=self.resource.crd_name)
+                failures += 1
+                await self._pause(failures, f"{type(err).__name__}")
 
     async def _pause(self, failures: int, reason: str) -> None:
         delay = API_RETRY.delay(failures)

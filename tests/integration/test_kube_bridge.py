@@ -119,6 +119,7 @@ async def test_dataset_cr_to_bound_volume_relist_invalid_and_delete(cluster: Clu
         await cluster.create(SHOAL_RUNTIME, "demo", {"replicas": 1, "tieredstore": MEM_TIER})
         await cluster.create(SHOAL, "empty", {"mounts": []})  # refused by the dataset service
         await cluster.create(DATALOAD, "warm", {"dataset": {"name": "demo"}, "policy": "Sometimes"})  # by the bridge
+        await cluster.create(DATALOAD, "orphan", {"dataset": {"name": "nothere"}})  # a run that fails
         obj = await cluster.status(SHOAL, "demo", phase="NotBound", fileNum=3)
         assert kube.FINALIZER in obj["metadata"]["finalizers"]
         await heartbeat(bus, "demo")
@@ -142,9 +143,12 @@ async def test_dataset_cr_to_bound_volume_relist_invalid_and_delete(cluster: Clu
         load = await eventually(lambda: _condition(cluster, DATALOAD, "default", "warm"))
         assert load["reason"] == "Invalid" and "Sometimes" in load["message"]
         assert kube.FINALIZER not in (cluster.get(DATALOAD, "warm") or {})["metadata"].get("finalizers", [])
-        events = await eventually(lambda: _events(cluster, 2))
+        orphan = await cluster.status(DATALOAD, "orphan", phase="Failed")
+        assert "nothere" in orphan["status"]["message"]
+        events = await eventually(lambda: _events(cluster, 3))
         reasons = {(e["involvedObject"]["name"], e["reason"], e["type"]) for e in events}
-        assert {("empty", "Rejected", "Warning"), ("warm", "Invalid", "Warning")} <= reasons
+        assert {("empty", "Rejected", "Warning"), ("warm", "Invalid", "Warning"),
+                ("orphan", "DataLoadFailed", "Warning")} <= reasons
 
         # Re-lists: after a closed watch, then after 410 Gone; the generation stays.
         lists = _list_count(cluster)
