@@ -42,19 +42,32 @@ REFLECT_SECONDS = 0.25
 async def api_client(settings: KubeSettings) -> client.ApiClient:
     """A client of the API server: the kubeconfig file when one is set, else the pod's service account."""
     configuration = client.Configuration()
-    if settings.kubeconfig:
-        await config.load_kube_config(config_file=settings.kubeconfig, client_configuration=configuration)
-    else:
-        config.load_incluster_config(client_configuration=configuration)
+    try:
+        if settings.kubeconfig:
+            await config.load_kube_config(config_file=settings.kubeconfig, client_configuration=configuration)
+        else:
+            config.load_incluster_config(client_configuration=configuration)
+    except (config.ConfigException, OSError) as err:
+        where = f"SHOAL_KUBECONFIG={settings.kubeconfig!r}" if settings.kubeconfig else "the in-cluster service account"
+        raise BridgeConfigError(f"cannot reach Kubernetes through {where}: {err}; set SHOAL_KUBECONFIG to a kubeconfig "
+                                "file, or run the bridge in a pod") from err
     return client.ApiClient(configuration)
+
+
+class BridgeConfigError(RuntimeError):
+    """The Kubernetes client cannot be configured (no kubeconfig, not in a pod)."""
 
 
 async def run(settings: Settings, stop: asyncio.Event, readiness: Readiness | None = None,
               clock: Callable[[], float] = time.time) -> None:
     readiness = readiness or Readiness()
-    bus = await connect(settings.nats, SERVICE_NAME)
-    readiness.add("nats", nats_check(bus))
     api = await api_client(settings.kube)
+    try:
+        bus = await connect(settings.nats, SERVICE_NAME)
+    except BaseException:
+        await api.close()
+        raise
+    readiness.add("nats", nats_check(bus))
     rejections = None
     try:
         await bus.provision()

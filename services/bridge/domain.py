@@ -29,6 +29,7 @@ DROPPED_ANNOTATIONS = ("kubectl.kubernetes.io/last-applied-configuration",)
 CONDITION_ACCEPTED = "Accepted"
 REASON_INVALID = "Invalid"  # the bridge could not translate it (schema, missing secret)
 REASON_REJECTED = "Rejected"  # a service refused it (validation); the message is its reason
+REASON_IGNORED = "FieldsIgnored"  # a Normal Event listing the fields Shoal does not use (libs.documents' notes)
 # As Fluid's PersistentVolumes: the size of a FUSE mount is not enforced, and a claim must fit its volume.
 VOLUME_CAPACITY = "100Pi"
 # Static binding only: no provisioner exists for it, the claim names its volume.

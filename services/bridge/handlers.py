@@ -201,6 +201,12 @@ class BridgeHandlers:
         await self.bus.publish(command.subject, command.event)
         self.published[key] = command.event.id
         log.info("applied", object=str(key), command=command.event.id, notes=len(translation.notes))
+        if translation.notes:  # what Shoal leaves out of a (Fluid) object is said, never dropped silently
+            try:
+                await self._record_event(key, obj, domain.event_name(obj, domain.REASON_IGNORED, command.event.id),
+                                         "Normal", domain.REASON_IGNORED, "; ".join(translation.notes))
+            except Exception as err:  # the command is out; the note is not worth a retry
+                log.warning("event not recorded", object=str(key), error=_short(err))
 
     async def _finish_delete(self, key: ObjectKey, obj: dict[str, Any]) -> None:
         """Delete in Shoal, wait until Shoal's record is gone, then the volume and claim, then the finalizer."""

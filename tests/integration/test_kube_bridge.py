@@ -207,7 +207,8 @@ async def test_fluid_dataset_with_secret_and_alluxio_runtime(cluster: Cluster, b
         await cluster.create(ALLUXIO, "imagenet", {
             "replicas": 1, "tieredstore": {"levels": [{"mediumtype": "MEM", "path": "/dev/shm", "quota": "1Gi",
                                                        "high": "0.95", "low": "0.7"}]},
-            "properties": {"alluxio.user.block.size.bytes.default": "8MB"}}, namespace="team")
+            "properties": {"alluxio.user.block.size.bytes.default": "8MB"},
+            "fuse": {"args": ["fuse", "--attr-timeout=7200s"]}}, namespace="team")
         missing = [{"name": "aws.secretKey", "valueFrom": {"secretKeyRef": {"name": "absent", "key": "k"}}}]
         await cluster.create(FLUID, "broken", {"mounts": [{"mountPoint": f"s3://{bucket}", "name": "b",
                                                            "encryptOptions": missing}]}, namespace="team")
@@ -227,6 +228,10 @@ async def test_fluid_dataset_with_secret_and_alluxio_runtime(cluster: Cluster, b
         assert runtime["status"]["cacheStates"] == {"cacheCapacity": "1.00GiB"}
         condition = await eventually(lambda: _condition(cluster, FLUID, "team", "broken"))
         assert "Secret team/absent not found" in condition["message"]
+        # What Shoal does not use of a Fluid object is said in a Normal Event, not dropped silently.
+        ignored = await eventually(lambda: _async([e for e in cluster.server.objects("", "events")
+                                                   if e["reason"] == "FieldsIgnored"]))
+        assert "spec.fuse" in ignored[0]["message"] and ignored[0]["type"] == "Normal"
     await every_subject.unsubscribe()
     # Commands, facts and KV writes (the dataset's record) were all watched.
     assert {subjects.DATASET_APPLY, subjects.DATASET_STATUS} <= seen_subjects

@@ -126,3 +126,4 @@ def test_finished_loads_and_events() -> None:
                               message="done", now=0)
     assert event["involvedObject"]["uid"] == "u-1" and event["metadata"]["namespace"] == "team"
     assert event["firstTimestamp"] == "1970-01-01T00:00:00Z"
+
