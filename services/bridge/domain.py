@@ -248,7 +248,7 @@ def desired_status(resource: kube.Resource, obj: dict[str, Any], status: msgspec
     A refusal adds the ``Accepted=False`` condition (its time kept while it holds, so an unchanged status is not
     written again) and makes a Dataset or an operation ``Failed``.
     """
-    desired = shoal_status(resource, status)
+    desired = without_nulls(shoal_status(resource, status))
     if refusal is None:
         return desired or None
     current = (obj.get("status") or {}).get("conditions") or []
@@ -263,6 +263,16 @@ def desired_status(resource: kube.Resource, obj: dict[str, Any], status: msgspec
     if not is_fluid(resource):
         desired["message"] = refusal.message
     return desired
+
+
+def without_nulls(value: Any) -> Any:
+    """``value`` without null members: a merge patch reads null as "remove", so a status holding one would never
+    match what the server stores and would be written again at every tick."""
+    if isinstance(value, dict):
+        return {k: without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [without_nulls(v) for v in value]
+    return value
 
 
 def merge_patch(current: Any, desired: Any) -> Any:

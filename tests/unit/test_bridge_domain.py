@@ -92,6 +92,7 @@ def test_merge_patch_removes_and_replaces() -> None:
     assert domain.merge_patch(current, desired) == {"phase": "Bound", "cacheStates": {"cacheCapacity": "3B"},
                                                     "old": None, "conditions": []}
     assert domain.merge_patch(desired, desired) is None
+    assert domain.without_nulls({"a": None, "b": [{"c": None, "d": 1}]}) == {"b": [{"d": 1}]}
 
 
 def test_finalizer_patch_keeps_other_finalizers() -> None:
