@@ -18,9 +18,9 @@ import msgspec
 
 from libs import kube
 from libs.documents import SHOAL_API, Command, documents_to_commands
-from libs.events.common import DNS1123_SUBDOMAIN, to_builtins
+from libs.events.common import DNS1123_SUBDOMAIN, format_bytes, to_builtins
 from libs.events.dataset import Condition, DatasetStatus
-from libs.events.operation import OperationStatus
+from libs.events.operation import OperationStatus, Progress
 from libs.events.runtime import RuntimeStatus
 
 # The annotation kubectl keeps a whole copy of the object in: not the user's metadata, and it can be large.
@@ -219,25 +219,46 @@ def iso_time(now: float) -> str:
 
 def shoal_status(resource: kube.Resource, status: msgspec.Struct | None) -> dict[str, Any]:
     """Shoal's status of the object's family as the CR shows it: Shoal's own shape for Shoal's kinds, Fluid's for
-    Fluid's (the events' status structs already use Fluid's field names)."""
+    Fluid's (the events' status structs already use Fluid's field names).
+
+    The Fluid shapes are those of the CRDs' status schemas (``libs.crds``' ``fluid_dataset_status``,
+    ``fluid_runtime_status``, ``fluid_operation_status``, written by the kube-crds work): ``fileNum`` is a string as
+    in Fluid, a runtime has worker fields only (Shoal has no master and no fuse daemon set), an operation shows
+    ``waitingFor`` and Shoal's ``progress``.
+    """
     if status is None:
         return {}
     full: dict[str, Any] = to_builtins(status)
     if not is_fluid(resource):
-        return full
+        # OperationStatus leaves defaults out; the phase is a printer column, so it is always shown.
+        return {"phase": status.phase, **full} if isinstance(status, OperationStatus) else full
     if isinstance(status, DatasetStatus):
-        return {k: full[k] for k in ("phase", "ufsTotal", "fileNum", "cacheStates", "conditions", "runtimes")
-                if k in full}
+        fluid = {"phase": status.phase, "ufsTotal": status.ufs_total,
+                 # "0" once the listing is done (an empty dataset), nothing before the first sync.
+                 "fileNum": str(status.file_num) if status.file_num or status.synced_generation else "",
+                 "cacheStates": {k: v for k, v in full["cacheStates"].items() if v},
+                 "runtimes": full["runtimes"], "conditions": full["conditions"]}
+        return {k: v for k, v in fluid.items() if v not in ("", {}, [])}
     if isinstance(status, RuntimeStatus):
-        return {"masterPhase": status.phase, "workerPhase": status.phase, "fusePhase": status.phase,
-                "cacheStates": {"cacheCapacity": status.cache_capacity},
-                "desiredWorkerNumberScheduled": status.desired_worker_number_scheduled,
-                "currentWorkerNumberScheduled": status.current_worker_number_scheduled,
-                "workerNumberReady": status.worker_number_ready,
-                "conditions": full.get("conditions", [])}
+        capacity = status.cache_capacity or (format_bytes(status.cache_capacity_bytes)
+                                             if status.cache_capacity_bytes else "")
+        runtime: dict[str, Any] = {
+            "desiredWorkerNumberScheduled": status.desired_worker_number_scheduled,
+            "currentWorkerNumberScheduled": status.current_worker_number_scheduled,
+            "workerNumberReady": status.worker_number_ready,
+            "workerPhase": status.phase, "workerReason": status.message,
+            "cacheStates": {"cacheCapacity": capacity} if capacity else {},
+            "conditions": full["conditions"]}
+        return {k: v for k, v in runtime.items() if v not in ("", {}, []) or isinstance(v, int)}
     if isinstance(status, OperationStatus):
-        return {k: full[k] for k in ("phase", "duration", "conditions", "lastScheduleTime", "lastSuccessfulTime")
-                if k in full}
+        operation: dict[str, Any] = {
+            "phase": status.phase, "duration": status.duration, "conditions": full.get("conditions"),
+            "lastScheduleTime": status.last_schedule_time, "lastSuccessfulTime": status.last_successful_time}
+        if status.waiting_for:
+            operation["waitingFor"] = {"operationComplete": False}
+        if status.progress != Progress():
+            operation["progress"] = full["progress"]
+        return {k: v for k, v in operation.items() if v not in (None, "", {}, [])}
     return full
 
 

@@ -63,15 +63,18 @@ def test_fluid_shapes_and_shoal_shape() -> None:
     status = DatasetStatus(phase="Bound", ufs_total="1.00KiB", file_num=2, manifest="team.demo",
                            cache_states=CacheStates(cache_capacity="1.00GiB", cached="0.00B"))
     fluid = domain.desired_status(FLUID_DATASET, cr(FLUID_DATASET, {}), status, None, now=0)
-    assert fluid is not None and fluid["phase"] == "Bound" and fluid["fileNum"] == 2
+    assert fluid is not None and fluid["phase"] == "Bound" and fluid["fileNum"] == "2"  # a string, as Fluid
     assert "manifest" not in fluid and "syncedGeneration" not in fluid
     shoal = domain.desired_status(SHOAL_DATASET, cr(SHOAL_DATASET, {}), status, None, now=0)
     assert shoal is not None and shoal["manifest"] == "team.demo"
     runtime = domain.desired_status(ALLUXIO, cr(ALLUXIO, {}), RuntimeStatus(phase="Ready", worker_number_ready=1,
                                                                              cache_capacity="1.00GiB"), None, now=0)
-    assert runtime == {"masterPhase": "Ready", "workerPhase": "Ready", "fusePhase": "Ready",
-                       "cacheStates": {"cacheCapacity": "1.00GiB"}, "desiredWorkerNumberScheduled": 0,
-                       "currentWorkerNumberScheduled": 0, "workerNumberReady": 1, "conditions": []}
+    assert runtime == {"workerPhase": "Ready", "cacheStates": {"cacheCapacity": "1.00GiB"},
+                       "desiredWorkerNumberScheduled": 0, "currentWorkerNumberScheduled": 0, "workerNumberReady": 1}
+    load = domain.desired_status(kube.FLUID_RESOURCES[1], cr(kube.FLUID_RESOURCES[1], {}),
+                                 OperationStatus(phase="Pending", waiting_for="DataLoad team/a to be Complete"),
+                                 None, now=0)
+    assert load == {"phase": "Pending", "waitingFor": {"operationComplete": False}}
     assert domain.desired_status(SHOAL_DATASET, cr(SHOAL_DATASET, {}), None, None, now=0) is None
 
 
