@@ -107,6 +107,8 @@ class BridgeHandlers:
     deletes_sent: set[ObjectKey] = field(default_factory=set)
     # Objects whose Secrets are read again on their next handling (set by a list).
     refresh: set[ObjectKey] = field(default_factory=set)
+    # The status last written to each object.
+    written: dict[ObjectKey, dict[str, Any] | None] = field(default_factory=dict)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock, init=False)
     _errors: dict[ObjectKey, str] = field(default_factory=dict, init=False)
     _tick_failures: int = field(default=0, init=False)
@@ -149,6 +151,7 @@ class BridgeHandlers:
         self.objects.pop(key, None)
         self.pending.discard(key)
         self.invalid.pop(key, None)
+        self.written.pop(key, None)
         if self.published.pop(key, None) is not None and key not in self.deletes_sent:
             with contextlib.suppress(Exception):  # best effort: the object is gone from Kubernetes either way
                 await self._publish_delete(key, obj)
@@ -319,11 +322,14 @@ class BridgeHandlers:
             status = None  # not Shoal's object yet (a name taken before): nothing to show
         desired = domain.desired_status(key.resource, obj, status, refusal, self.clock())
         patch = domain.status_patch(obj, desired)
-        if patch is not None:
+        # Written already: the server shows something else only if its schema pruned a field; writing again at
+        # every tick would not change that.
+        if patch is not None and self.written.get(key) != desired:
             updated = await self.custom.patch_namespaced_custom_object_status(
                 key.resource.group, key.resource.version, key.namespace, key.resource.plural, key.name, patch,
                 _content_type=MERGE_PATCH,  # type: ignore[call-arg]  # in **kwargs, not in the stubs
                 _request_timeout=REQUEST_TIMEOUT_SECONDS)
+            self.written[key] = desired
             if isinstance(updated, dict) and self.objects.get(key) is obj:
                 self.objects[key] = updated
         if refusal is not None:
