@@ -247,8 +247,8 @@ async def test_api_server_errors_then_recovery(cluster: Cluster, bus: Bus, tmp_p
         await cluster.server._create(cluster.server.kinds[(SHOAL.group, SHOAL.plural)], "default", {
             "apiVersion": SHOAL.api_version, "kind": SHOAL.kind, "metadata": {"name": "demo"},
             "spec": {"mounts": [{"mountPoint": files(tmp_path)}]}})
-        await eventually(lambda: _async(len(cluster.server.recorded("GET", "/datasets")) >= 2),
-                         what="the bridge retrying its list")
+        await eventually(lambda: _async(len(cluster.server.recorded("GET", f"/{SHOAL.group}/{SHOAL.version}/datasets"))
+                                        >= 2), what="the bridge retrying its list")
         assert await dataset_record(bus, "demo") is None
         cluster.server.failing = None
         await cluster.status(SHOAL, "demo", phase="NotBound", fileNum=3)
