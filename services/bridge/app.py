@@ -90,8 +90,11 @@ async def run(settings: Settings, stop: asyncio.Event, readiness: Readiness | No
         watchers = [ResourceWatcher(api, resource, namespace, handlers.on_listing, handlers.on_event,
                                     settings.kube.watch_seconds)
                     for resource in kube.RESOURCES for namespace in namespaces]
-        readiness.add("kubernetes", lambda: None if all(w.synced.is_set() for w in watchers)
-                      else "custom resources not listed yet")
+        def listed() -> str | None:
+            waiting = [w.name for w in watchers if not w.synced.is_set()]
+            return f"not listed yet: {', '.join(waiting)}" if waiting else None
+
+        readiness.add("kubernetes", listed)
         loops: list[Loop] = [mirrors.datasets, mirrors.runtimes, mirrors.operations, *watchers,
                              Periodic("reflect", handlers.tick, REFLECT_SECONDS)]
         await run_loops(loops, stop, readiness)

@@ -23,6 +23,7 @@ from libs.bus import Bus
 from libs.config import KubeSettings, Settings
 from libs.events.agent import AgentHeartbeat
 from libs.events.common import ObjectRef
+from libs.side_server import Readiness
 from services.bridge import app as bridge_app
 from services.bridge.domain import CONDITION_ACCEPTED
 from services.dataset import app as dataset_app
@@ -158,6 +159,14 @@ async def test_dataset_cr_to_bound_volume_relist_invalid_and_delete(cluster: Clu
         await cluster.server.expire()
         await eventually(lambda: _async(_list_count(cluster) > lists), what="a re-list after 410 Gone")
         await cluster.server.bookmark()
+        # A bridge that starts again (here a second one) lists and publishes every command again, with the same
+        # ids: JetStream keeps none of them.
+        commands = (await bus.js.stream_info(subjects.STREAM_COMMANDS)).state.messages
+        readiness = Readiness()
+        async with running(lambda stop: bridge_app.run(cluster.settings, stop, readiness=readiness)):
+            await eventually(lambda: _async("kubernetes" in readiness.checks and readiness.report()[0]),
+                             what="a second bridge's lists handled")
+        assert (await bus.js.stream_info(subjects.STREAM_COMMANDS)).state.messages == commands
         # A change made after the re-lists arrives through the new watch, and is a new generation.
         await cluster.custom.patch_namespaced_custom_object(
             SHOAL.group, SHOAL.version, "default", SHOAL.plural, "demo",
