@@ -17,7 +17,7 @@ from typing import Any
 import msgspec
 
 from libs import kube
-from libs.documents import SHOAL_API, Command, documents_to_commands
+from libs.documents import Command, documents_to_commands
 from libs.events.common import DNS1123_SUBDOMAIN, format_bytes, to_builtins
 from libs.events.dataset import Condition, DatasetStatus
 from libs.events.operation import OperationStatus, Progress
@@ -172,7 +172,8 @@ def apply_id(resource: kube.Resource, obj: dict[str, Any], command: Command) -> 
     gives the same id (JetStream drops the repeat within its duplicate window, and the services keep the generation
     of a same-spec apply after it), while a label change, which keeps the generation, still gives a new one."""
     meta = obj.get("metadata") or {}
-    body = msgspec.json.encode(msgspec.structs.replace(command.event, id=""))
+    # Sorted keys: the same labels or options in another order are the same command.
+    body = msgspec.json.encode(msgspec.structs.replace(command.event, id=""), order="sorted")
     digest = hashlib.sha256(body).hexdigest()[:12]
     return f"k8s.{resource.kind.lower()}.{meta.get('uid', '')}.{meta.get('generation', 0)}.{digest}"
 
@@ -419,7 +420,3 @@ def finished_load(resource: kube.Resource, status: msgspec.Struct | None) -> tup
     if status.phase == "Failed":
         return "Warning", f"{resource.kind}Failed", status.message or f"{resource.kind} failed"
     return None
-
-
-def is_shoal(resource: kube.Resource) -> bool:
-    return resource.api_version == SHOAL_API
