@@ -250,14 +250,21 @@ async def test_fluid_dataset_with_secret_and_alluxio_runtime(cluster: Cluster, b
 
 async def test_api_server_errors_then_recovery(cluster: Cluster, bus: Bus, tmp_path: Path) -> None:
     """503 from the start: the bridge keeps retrying; once the API answers it lists, applies and writes status.
-    503 again while Shoal's status changes: written once the API is back."""
+    503 again while Shoal's status changes: written once the API is back. The bridge watches one namespace here
+    (SHOAL_KUBE_NAMESPACES): an object of another is not its business."""
+    settings = dataclasses.replace(cluster.settings, kube=dataclasses.replace(cluster.settings.kube,
+                                                                              namespaces=["default"]))
     cluster.server.failing = 503
-    async with everything(cluster.settings):
+    async with everything(settings):
+        await cluster.server._create(cluster.server.kinds[(SHOAL.group, SHOAL.plural)], "elsewhere", {
+            "apiVersion": SHOAL.api_version, "kind": SHOAL.kind, "metadata": {"name": "other"},
+            "spec": {"mounts": [{"mountPoint": files(tmp_path / "other")}]}})
         await cluster.server._create(cluster.server.kinds[(SHOAL.group, SHOAL.plural)], "default", {
             "apiVersion": SHOAL.api_version, "kind": SHOAL.kind, "metadata": {"name": "demo"},
             "spec": {"mounts": [{"mountPoint": files(tmp_path)}]}})
-        await eventually(lambda: _async(len(cluster.server.recorded("GET", f"/{SHOAL.group}/{SHOAL.version}/datasets"))
-                                        >= 2), what="the bridge retrying its list")
+        listing = f"/{SHOAL.group}/{SHOAL.version}/namespaces/default/datasets"
+        await eventually(lambda: _async(len(cluster.server.recorded("GET", listing)) >= 2),
+                         what="the bridge retrying its list")
         assert await dataset_record(bus, "demo") is None
         cluster.server.failing = None
         await cluster.status(SHOAL, "demo", phase="NotBound", fileNum=3)
@@ -268,6 +275,8 @@ async def test_api_server_errors_then_recovery(cluster: Cluster, bus: Bus, tmp_p
         assert (cluster.get(SHOAL, "demo") or {})["status"]["phase"] == "NotBound"
         cluster.server.failing = None
         await cluster.status(SHOAL, "demo", phase="Bound")
+    assert await dataset_record(bus, "other", "elsewhere") is None
+    assert "status" not in (cluster.get(SHOAL, "other", "elsewhere") or {})
 
 
 # --- helpers ---
