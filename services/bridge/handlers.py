@@ -39,8 +39,8 @@ log = get_logger(__name__)
 # API calls the bridge makes per write: well under a watch's lifetime, long enough for a slow apiserver.
 REQUEST_TIMEOUT_SECONDS = 10.0
 MERGE_PATCH = "application/merge-patch+json"
-# Status writes and retries after the API server failed: soon, but at most every 5 s, so status catches up within
-# seconds of the server's return without a request per object twice a second while it is down.
+# Status writes and retries after a failed pass: soon, but at most every 5 s, so status catches up within seconds
+# of the API server's return without a request per object at every tick while it is down.
 TICK_RETRY = Backoff(first=0.5, cap=5.0)
 
 
@@ -110,7 +110,6 @@ class BridgeHandlers:
     # The status last written to each object.
     written: dict[ObjectKey, dict[str, Any] | None] = field(default_factory=dict)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock, init=False)
-    _errors: dict[ObjectKey, str] = field(default_factory=dict, init=False)
     _tick_failures: int = field(default=0, init=False)
     _quiet_until: float = field(default=0.0, init=False)
 
@@ -172,11 +171,9 @@ class BridgeHandlers:
                 else:
                     await self._apply(key, obj)
             self.pending.discard(key)
-            self._errors.pop(key, None)
             return True
         except Exception as err:  # an API server or NATS outage: tick() tries again
             self.pending.add(key)
-            self._errors[key] = _short(err)
             log.warning("handling failed, trying again", object=str(key), error=_short(err))
             return False
 
@@ -279,7 +276,7 @@ class BridgeHandlers:
 
     async def tick(self) -> None:
         """Retry what failed, finish deletes, reflect Shoal's state; after a failure, wait (``TICK_RETRY``) before
-        the next try, so an API server that is down is not asked about every object twice a second."""
+        the next try, so an API server that is down is not asked about every object at every tick."""
         if time.monotonic() < self._quiet_until:
             return
         try:
@@ -288,21 +285,31 @@ class BridgeHandlers:
             self._tick_failures += 1
             delay = TICK_RETRY.delay(self._tick_failures)
             self._quiet_until = time.monotonic() + delay
-            log.warning("API server not answering, status writes wait", error=_short(err), delay=delay)
+            log.warning("next pass waits", reason=str(err) if isinstance(err, _Unavailable) else _short(err),
+                        delay=delay)
         else:
             self._tick_failures = 0
 
     async def _tick(self) -> None:
+        """One pass over every object; each failure is the object's own (one broken object does not hold back the
+        others), and any failure makes the next pass wait."""
+        failed: list[str] = []
         for key in list(self.pending):
             if not await self._handle(key):
-                raise _Unavailable(self._errors.get(key, "handling failed"))
+                failed.append(str(key))
         for key, obj in list(self.objects.items()):
             if domain.is_deleting(obj):
                 if key not in self.pending and not await self._handle(key):
-                    raise _Unavailable(self._errors.get(key, "handling failed"))
+                    failed.append(str(key))
                 continue
-            async with self._lock:
-                await self._reflect(key, obj)
+            try:
+                async with self._lock:
+                    await self._reflect(key, obj)
+            except Exception as err:
+                log.warning("status not written, trying again", object=str(key), error=_short(err))
+                failed.append(str(key))
+        if failed:
+            raise _Unavailable(f"{len(failed)} objects not handled, e.g. {failed[0]}")
 
     def refusal(self, key: ObjectKey) -> Refusal | None:
         if key in self.invalid:
