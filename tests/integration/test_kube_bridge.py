@@ -237,6 +237,9 @@ async def test_fluid_dataset_with_secret_and_alluxio_runtime(cluster: Cluster, b
         assert runtime["status"]["cacheStates"] == {"cacheCapacity": "1.00GiB"}
         condition = await eventually(lambda: _condition(cluster, FLUID, "team", "broken"))
         assert "Secret team/absent not found" in condition["message"]
+        # Handed over as a file only its owner reads, under the namespaced name the command carries.
+        handed = Path(settings.s3.secrets_dir) / "team.s3-creds" / "secret"
+        assert handed.read_text() == secret_key and handed.stat().st_mode & 0o777 == 0o600
         # What Shoal does not use of a Fluid object is said in a Normal Event, not dropped silently.
         ignored = await eventually(lambda: _async([e for e in cluster.server.objects("", "events")
                                                    if e["reason"] == "FieldsIgnored"]))
