@@ -20,6 +20,7 @@ from collections.abc import Callable
 
 import msgspec
 from kubernetes_asyncio import client, config
+from nats.aio.msg import Msg
 from nats.js.api import DeliverPolicy
 
 from libs import kube, subjects
@@ -79,9 +80,9 @@ async def run(settings: Settings, stop: asyncio.Event, readiness: Readiness | No
         handlers = BridgeHandlers(bus, api, settings, mirrors, clock)
         decoder = msgspec.json.Decoder(RejectionFact)
 
-        async def on_rejection(message: object) -> None:
-            with contextlib.suppress(msgspec.ValidationError, msgspec.DecodeError):
-                await handlers.on_rejection(decoder.decode(message.data))  # type: ignore[attr-defined]
+        async def on_rejection(message: Msg) -> None:
+            with contextlib.suppress(msgspec.ValidationError, msgspec.DecodeError):  # not a rejection we can read
+                await handlers.on_rejection(decoder.decode(message.data))
 
         # Every rejection kept in the stream, so one published before a restart still reaches its object.
         rejections = await bus.js.subscribe(subjects.ALL_REJECTIONS, cb=on_rejection, ordered_consumer=True,
@@ -90,6 +91,7 @@ async def run(settings: Settings, stop: asyncio.Event, readiness: Readiness | No
         watchers = [ResourceWatcher(api, resource, namespace, handlers.on_listing, handlers.on_event,
                                     settings.kube.watch_seconds)
                     for resource in kube.RESOURCES for namespace in namespaces]
+
         def listed() -> str | None:
             waiting = [w.name for w in watchers if not w.synced.is_set()]
             return f"not listed yet: {', '.join(waiting)}" if waiting else None
