@@ -200,12 +200,28 @@ class SchedulerSettings:
 
 
 @dataclass(frozen=True)
+class KubeSettings:
+    """The Kubernetes bridge (services/bridge): which API server and which namespaces it watches."""
+
+    # Empty: the in-cluster service account (the bridge's Deployment); a file for a bridge run outside the cluster.
+    kubeconfig: str = env("SHOAL_KUBECONFIG", "kubeconfig file of the API server the bridge watches; empty: the "
+                          "in-cluster service account.", default="")
+    namespaces: list[str] = env("SHOAL_KUBE_NAMESPACES", "Namespaces whose custom resources the bridge watches "
+                                "(comma-separated); empty: every namespace.", default_factory=list)
+    # The apiserver ends a watch after its own timeout anyway; five minutes keeps re-lists rare and a stuck stream
+    # short-lived.
+    watch_seconds: int = env("SHOAL_KUBE_WATCH_SECONDS", "Seconds a watch runs before it is started again from "
+                             "its last version.", default=300)
+
+
+@dataclass(frozen=True)
 class Settings:
     nats: NatsSettings = field(default_factory=NatsSettings)
     s3: S3Settings = field(default_factory=S3Settings)
     service: ServiceSettings = field(default_factory=ServiceSettings)
     agent: AgentSettings = field(default_factory=AgentSettings)
     scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
+    kube: KubeSettings = field(default_factory=KubeSettings)
 
 
 T = TypeVar("T")
@@ -263,6 +279,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         service=_load_group(ServiceSettings, environ, errors),
         agent=_load_group(AgentSettings, environ, errors),
         scheduler=_load_group(SchedulerSettings, environ, errors),
+        kube=_load_group(KubeSettings, environ, errors),
     )
     for problem in _check(settings):
         errors.append(problem)
@@ -312,6 +329,8 @@ def _check(settings: Settings) -> list[str]:
             problems.append(f"SHOAL_LOCAL_ROOTS: {root!r} must be an absolute path")
     if settings.nats.user and not settings.nats.password:
         problems.append("NATS_PASSWORD: required when NATS_USER is set")
+    if settings.kube.watch_seconds < 1:
+        problems.append(f"SHOAL_KUBE_WATCH_SECONDS={settings.kube.watch_seconds}: must be at least 1")
     return problems + _check_scheduler(settings.scheduler)
 
 
@@ -338,7 +357,7 @@ def _check_scheduler(sched: SchedulerSettings) -> list[str]:
 def describe_settings() -> list[tuple[str, str, str]]:
     """(variable, default, doc) of every setting, for READMEs and ``--help``."""
     rows = []
-    for group in (NatsSettings, S3Settings, ServiceSettings, AgentSettings, SchedulerSettings):
+    for group in (NatsSettings, S3Settings, ServiceSettings, AgentSettings, SchedulerSettings, KubeSettings):
         defaults = group()
         for item in fields(group):
             default = getattr(defaults, item.name)

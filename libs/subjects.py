@@ -54,6 +54,8 @@ DATACLEAN_FACTS = "shoal.evt.dataclean.>"
 DATASET_FACTS = "shoal.evt.dataset.>"
 RUNTIME_FACTS = "shoal.evt.runtime.>"
 ALL_FACTS = "shoal.evt.>"
+# Every family's rejections (dataset, runtime, dataload, dataclean): the Kubernetes bridge shows them on the CRs.
+ALL_REJECTIONS = "shoal.evt.*.rejected"
 
 # --- Agents: per-node traffic. ---
 AGENT_HEARTBEAT_PREFIX = "shoal.agent.heartbeat"

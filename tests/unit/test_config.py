@@ -8,6 +8,7 @@ import pytest
 
 from libs.config import (
     AgentSettings,
+    KubeSettings,
     NatsSettings,
     S3Settings,
     SchedulerSettings,
@@ -240,7 +241,7 @@ def test_secret_behaviour() -> None:
 def test_every_setting_is_described() -> None:
     rows = describe_settings()
     names = [name for name, _, _ in rows]
-    groups = (NatsSettings, S3Settings, ServiceSettings, AgentSettings, SchedulerSettings)
+    groups = (NatsSettings, S3Settings, ServiceSettings, AgentSettings, SchedulerSettings, KubeSettings)
     expected = [f.metadata["env"] for group in groups for f in fields(group)]
     assert names == expected
     assert len(set(names)) == len(names)

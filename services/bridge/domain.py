@@ -1,0 +1,422 @@
+"""Bridge decisions, pure: a custom resource → the command Shoal understands (with a deterministic id), the status
+to write back in Shoal's or Fluid's shape, the merge patch that gets there, and the PersistentVolume, claim and
+Kubernetes Events the bridge creates.
+
+No I/O and no clock: objects come in as the API server's JSON (dicts), ``now`` is a parameter. Handlers read the
+API and the KV mirrors, call these, and write.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+from libs import kube
+from libs.documents import Command, documents_to_commands
+from libs.events.common import DNS1123_SUBDOMAIN, format_bytes, to_builtins
+from libs.events.dataset import Condition, DatasetStatus
+from libs.events.operation import OperationStatus, Progress
+from libs.events.runtime import RuntimeStatus
+
+# The annotation kubectl keeps a whole copy of the object in: not the user's metadata, and it can be large.
+DROPPED_ANNOTATIONS = ("kubectl.kubernetes.io/last-applied-configuration",)
+# Condition the bridge adds when Shoal (or the bridge itself) refused the object's current spec.
+CONDITION_ACCEPTED = "Accepted"
+REASON_INVALID = "Invalid"  # the bridge could not translate it (schema, missing secret)
+REASON_REJECTED = "Rejected"  # a service refused it (validation); the message is its reason
+REASON_IGNORED = "FieldsIgnored"  # a Normal Event listing the fields Shoal does not use (libs.documents' notes)
+# As Fluid's PersistentVolumes: the size of a FUSE mount is not enforced, and a claim must fit its volume.
+VOLUME_CAPACITY = "100Pi"
+# Static binding only: no provisioner exists for it, the claim names its volume.
+STORAGE_CLASS = "shoal"
+COMPONENT = kube.MANAGED_BY
+# Kubernetes object names (Events) are DNS-1123 subdomains of at most 253 characters.
+MAX_NAME = 253
+# libs.documents names the document in a YAML stream ("document 1 (Dataset demo): "); here there is only one.
+_DOCUMENT_LABEL = re.compile(r"^document 1 \([^)]*\): ")
+
+
+@dataclass(frozen=True)
+class ObjectKey:
+    resource: kube.Resource
+    namespace: str
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.resource.kind}.{self.resource.group} {self.namespace}/{self.name}"
+
+
+def key_of(resource: kube.Resource, obj: dict[str, Any]) -> ObjectKey:
+    meta = obj.get("metadata") or {}
+    return ObjectKey(resource, str(meta.get("namespace") or "default"), str(meta.get("name") or ""))
+
+
+def is_fluid(resource: kube.Resource) -> bool:
+    return resource.group == kube.FLUID_GROUP
+
+
+def family(resource: kube.Resource) -> str:
+    """dataset, runtime, dataload or dataclean: which Shoal object (and KV bucket) a kind maps to."""
+    if resource.kind in ("Dataset", "DataLoad", "DataClean"):
+        return resource.kind.lower()
+    return "runtime"
+
+
+# --- Secrets ---
+
+
+def stored_secret_name(namespace: str, name: str) -> str:
+    """The name a referenced Secret is handed to the services under: namespaced, so a Dataset of one namespace can
+    never use a same-named Secret of another (a namespace holds no '.', so the split is unambiguous)."""
+    return f"{namespace}.{name}"
+
+
+def secret_refs(obj: dict[str, Any]) -> list[tuple[str, str]]:
+    """(Secret name, key) of every ``encryptOptions`` entry of a Dataset object, in order, without repeats."""
+    spec = obj.get("spec") or {}
+    if not isinstance(spec, dict):
+        return []
+    options: list[Any] = list(spec.get("sharedEncryptOptions") or [])
+    for mount in spec.get("mounts") or []:
+        if isinstance(mount, dict):
+            options += list(mount.get("encryptOptions") or [])
+    refs: list[tuple[str, str]] = []
+    for option in options:
+        ref = ((option or {}).get("valueFrom") or {}).get("secretKeyRef") if isinstance(option, dict) else None
+        if (isinstance(ref, dict) and isinstance(ref.get("name"), str) and isinstance(ref.get("key"), str)
+                and (ref["name"], ref["key"]) not in refs):
+            refs.append((ref["name"], ref["key"]))
+    return refs
+
+
+def _rename_refs(options: Any, namespace: str) -> Any:
+    if not isinstance(options, list):
+        return options
+    renamed = []
+    for option in options:
+        ref = ((option or {}).get("valueFrom") or {}).get("secretKeyRef") if isinstance(option, dict) else None
+        if isinstance(ref, dict) and isinstance(ref.get("name"), str):
+            option = {**option, "valueFrom": {**option["valueFrom"],
+                                              "secretKeyRef": {**ref, "name": stored_secret_name(namespace,
+                                                                                                 ref["name"])}}}
+        renamed.append(option)
+    return renamed
+
+
+def with_stored_secret_names(spec: dict[str, Any], namespace: str) -> dict[str, Any]:
+    """The spec with every secretKeyRef naming the stored copy (``stored_secret_name``) instead of the Secret."""
+    mapped = dict(spec)
+    if "sharedEncryptOptions" in spec:
+        mapped["sharedEncryptOptions"] = _rename_refs(spec["sharedEncryptOptions"], namespace)
+    if isinstance(spec.get("mounts"), list):
+        mapped["mounts"] = [{**m, "encryptOptions": _rename_refs(m["encryptOptions"], namespace)}
+                            if isinstance(m, dict) and "encryptOptions" in m else m for m in spec["mounts"]]
+    return mapped
+
+
+def secret_ref_errors(refs: list[tuple[str, str]], namespace: str) -> list[str]:
+    """Secret names that cannot be stored namespaced (too long for a DNS-1123 subdomain)."""
+    return [f"secret {name!r}: {stored_secret_name(namespace, name)!r} would be longer than {MAX_NAME} characters "
+            "or not a DNS-1123 subdomain" for name, _ in refs
+            if len(stored_secret_name(namespace, name)) > MAX_NAME
+            or not DNS1123_SUBDOMAIN.fullmatch(stored_secret_name(namespace, name))]
+
+
+# --- Translation ---
+
+
+@dataclass(frozen=True)
+class Translation:
+    """The command for an object's current spec, or why there is none."""
+
+    command: Command | None
+    errors: list[str]
+    notes: list[str]
+
+
+def document_of(resource: kube.Resource, obj: dict[str, Any]) -> dict[str, Any]:
+    """The object as ``shoal apply -f`` would read it: apiVersion, kind, user metadata, spec; Secrets renamed."""
+    meta = obj.get("metadata") or {}
+    user_meta: dict[str, Any] = {"name": meta.get("name"), "namespace": meta.get("namespace") or "default"}
+    if meta.get("labels"):
+        user_meta["labels"] = meta["labels"]
+    annotations = {k: v for k, v in (meta.get("annotations") or {}).items() if k not in DROPPED_ANNOTATIONS}
+    if annotations:
+        user_meta["annotations"] = annotations
+    spec = obj.get("spec") or {}
+    if resource.kind == "Dataset" and isinstance(spec, dict):
+        spec = with_stored_secret_names(spec, user_meta["namespace"])
+    return {"apiVersion": resource.api_version, "kind": resource.kind, "metadata": user_meta, "spec": spec}
+
+
+def translate(resource: kube.Resource, obj: dict[str, Any]) -> Translation:
+    """The apply command of the object (``libs.documents``, as ``shoal apply -f``), with a deterministic id."""
+    document = document_of(resource, obj)
+    namespace = document["metadata"]["namespace"]
+    commands, notes, errors = documents_to_commands([document], default_namespace=namespace)
+    if errors or not commands:
+        return Translation(None, [_DOCUMENT_LABEL.sub("", e) for e in errors] or ["not understood"], notes)
+    command = commands[0]
+    event = msgspec.structs.replace(command.event, id=apply_id(resource, obj, command))
+    return Translation(Command(command.document, command.source_kind, command.kind, command.name,
+                               command.namespace, command.subject, event), [], notes)
+
+
+def apply_id(resource: kube.Resource, obj: dict[str, Any], command: Command) -> str:
+    """``k8s.<kind>.<uid>.<generation>.<digest of the command>``: the same object at the same generation always
+    gives the same id (JetStream drops the repeat within its duplicate window, and the services keep the generation
+    of a same-spec apply after it), while a label change, which keeps the generation, still gives a new one."""
+    meta = obj.get("metadata") or {}
+    # Sorted keys: the same labels or options in another order are the same command.
+    body = msgspec.json.encode(msgspec.structs.replace(command.event, id=""), order="sorted")
+    digest = hashlib.sha256(body).hexdigest()[:12]
+    return f"k8s.{resource.kind.lower()}.{meta.get('uid', '')}.{meta.get('generation', 0)}.{digest}"
+
+
+def delete_id(resource: kube.Resource, obj: dict[str, Any]) -> str:
+    return f"k8s.{resource.kind.lower()}.{(obj.get('metadata') or {}).get('uid', '')}.delete"
+
+
+# --- Finalizer ---
+
+
+def is_deleting(obj: dict[str, Any]) -> bool:
+    return bool((obj.get("metadata") or {}).get("deletionTimestamp"))
+
+
+def finalizers(obj: dict[str, Any]) -> list[str]:
+    return list((obj.get("metadata") or {}).get("finalizers") or [])
+
+
+def finalizer_patch(obj: dict[str, Any], held: bool) -> dict[str, Any] | None:
+    """The merge patch that adds (``held``) or removes Shoal's finalizer, or None when nothing changes. A merge
+    patch replaces the whole list: other controllers' finalizers are written back as they were read."""
+    current = finalizers(obj)
+    if held == (kube.FINALIZER in current):
+        return None
+    wanted = [*current, kube.FINALIZER] if held else [f for f in current if f != kube.FINALIZER]
+    return {"metadata": {"finalizers": wanted}}
+
+
+# --- Status ---
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why the object's current spec is not in effect: the bridge's own (``REASON_INVALID``) or a service's."""
+
+    reason: str
+    message: str
+
+
+def iso_time(now: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))
+
+
+def shoal_status(resource: kube.Resource, status: msgspec.Struct | None) -> dict[str, Any]:
+    """Shoal's status of the object's family as the CR shows it: Shoal's own shape for Shoal's kinds, Fluid's for
+    Fluid's (the events' status structs already use Fluid's field names).
+
+    The Fluid shapes are those of the CRDs' status schemas (``libs.crds``' ``fluid_dataset_status``,
+    ``fluid_runtime_status``, ``fluid_operation_status``, written by the kube-crds work): ``fileNum`` is a string as
+    in Fluid, a runtime has worker fields only (Shoal has no master and no fuse daemon set), an operation shows
+    ``waitingFor`` and Shoal's ``progress``.
+    """
+    if status is None:
+        return {}
+    full: dict[str, Any] = to_builtins(status)
+    if not is_fluid(resource):
+        # OperationStatus leaves defaults out; the phase is a printer column, so it is always shown.
+        return {"phase": status.phase, **full} if isinstance(status, OperationStatus) else full
+    if isinstance(status, DatasetStatus):
+        fluid = {"phase": status.phase, "ufsTotal": status.ufs_total,
+                 # "0" once the listing is done (an empty dataset), nothing before the first sync.
+                 "fileNum": str(status.file_num) if status.file_num or status.synced_generation else "",
+                 "cacheStates": {k: v for k, v in full["cacheStates"].items() if v},
+                 "runtimes": full["runtimes"], "conditions": full["conditions"]}
+        return {k: v for k, v in fluid.items() if v not in ("", {}, [])}
+    if isinstance(status, RuntimeStatus):
+        capacity = status.cache_capacity or (format_bytes(status.cache_capacity_bytes)
+                                             if status.cache_capacity_bytes else "")
+        runtime: dict[str, Any] = {
+            "desiredWorkerNumberScheduled": status.desired_worker_number_scheduled,
+            "currentWorkerNumberScheduled": status.current_worker_number_scheduled,
+            "workerNumberReady": status.worker_number_ready,
+            "workerPhase": status.phase, "workerReason": status.message,
+            "cacheStates": {"cacheCapacity": capacity} if capacity else {},
+            "conditions": full["conditions"]}
+        return {k: v for k, v in runtime.items() if v not in ("", {}, []) or isinstance(v, int)}
+    if isinstance(status, OperationStatus):
+        operation: dict[str, Any] = {
+            "phase": status.phase, "duration": status.duration, "conditions": full.get("conditions"),
+            "lastScheduleTime": status.last_schedule_time, "lastSuccessfulTime": status.last_successful_time}
+        if status.waiting_for:
+            operation["waitingFor"] = {"operationComplete": False}
+        if status.progress != Progress():
+            operation["progress"] = full["progress"]
+        return {k: v for k, v in operation.items() if v not in (None, "", {}, [])}
+    return full
+
+
+def desired_status(resource: kube.Resource, obj: dict[str, Any], status: msgspec.Struct | None,
+                   refusal: Refusal | None, now: float) -> dict[str, Any] | None:
+    """The status the CR should show, or None when there is nothing to show yet (Shoal has not answered).
+
+    A refusal adds the ``Accepted=False`` condition (its time kept while it holds, so an unchanged status is not
+    written again) and makes a Dataset or an operation ``Failed``.
+    """
+    desired = without_nulls(shoal_status(resource, status))
+    if refusal is None:
+        return desired or None
+    current = (obj.get("status") or {}).get("conditions") or []
+    old = next((c for c in current if isinstance(c, dict) and c.get("type") == CONDITION_ACCEPTED), None)
+    since = old.get("lastTransitionTime") if old and old.get("status") == "False" else None
+    condition = to_builtins(Condition(type=CONDITION_ACCEPTED, status="False", reason=refusal.reason,
+                                      message=refusal.message, last_transition_time=since or iso_time(now)))
+    conditions = [c for c in desired.get("conditions", []) if c.get("type") != CONDITION_ACCEPTED]
+    desired["conditions"] = [*conditions, condition]
+    if family(resource) != "runtime":
+        desired["phase"] = "Failed"
+    if not is_fluid(resource):
+        desired["message"] = refusal.message
+    return desired
+
+
+def without_nulls(value: Any) -> Any:
+    """``value`` without null members: a merge patch reads null as "remove", so a status holding one would never
+    match what the server stores and would be written again at every tick."""
+    if isinstance(value, dict):
+        return {k: without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [without_nulls(v) for v in value]
+    return value
+
+
+def merge_patch(current: Any, desired: Any) -> Any:
+    """The RFC 7386 merge patch that turns ``current`` into ``desired`` (None when they are equal): mappings key by
+    key with null for a key to remove, anything else replaced whole."""
+    if current == desired:
+        return None
+    if not isinstance(current, dict) or not isinstance(desired, dict):
+        return desired
+    patch: dict[str, Any] = {}
+    for key in current.keys() - desired.keys():
+        patch[key] = None
+    for key, value in desired.items():
+        if key not in current:
+            patch[key] = value
+        elif current[key] != value:
+            patch[key] = merge_patch(current[key], value) if isinstance(value, dict) else value
+    return patch
+
+
+def status_patch(obj: dict[str, Any], desired: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The body of the status merge patch, or None when the CR already shows ``desired``."""
+    if desired is None:
+        return None
+    change = merge_patch(obj.get("status") or {}, desired)
+    return None if change is None else {"status": change}
+
+
+# --- PersistentVolume and claim of a Bound Dataset ---
+
+
+def dataset_label(namespace: str, name: str) -> str:
+    """``<namespace>.<name>``, or a digest of it when longer than a label value may be (63)."""
+    value = f"{namespace}.{name}"
+    return value if len(value) <= 63 else hashlib.sha256(value.encode()).hexdigest()[:63]
+
+
+def mount_path(mount_root: str, namespace: str, name: str) -> str:
+    """Where every agent mounts the dataset on its node (SHOAL_MOUNT_ROOT/<namespace>/<name>)."""
+    return f"{mount_root.rstrip('/')}/{namespace}/{name}"
+
+
+def _labels(namespace: str, name: str) -> dict[str, str]:
+    return {kube.MANAGED_BY_LABEL: kube.MANAGED_BY, kube.DATASET_LABEL: dataset_label(namespace, name)}
+
+
+def access_modes(obj: dict[str, Any]) -> list[str]:
+    modes = (obj.get("spec") or {}).get("accessModes")
+    return [str(m) for m in modes] if isinstance(modes, list) and modes else ["ReadOnlyMany"]
+
+
+def persistent_volume(obj: dict[str, Any], mount_root: str) -> dict[str, Any]:
+    """The dataset's PersistentVolume: a hostPath to the agent's mount on the node. The pod's volumeMount takes
+    ``mountPropagation: HostToContainer`` so a mount made (or made again) after the pod started reaches it."""
+    meta = obj["metadata"]
+    namespace, name = meta.get("namespace") or "default", meta["name"]
+    return {
+        "apiVersion": "v1", "kind": "PersistentVolume",
+        "metadata": {"name": kube.volume_name(namespace, name), "labels": _labels(namespace, name)},
+        "spec": {
+            "capacity": {"storage": VOLUME_CAPACITY},
+            "accessModes": access_modes(obj),
+            "persistentVolumeReclaimPolicy": "Retain",
+            "storageClassName": STORAGE_CLASS,
+            "hostPath": {"path": mount_path(mount_root, namespace, name), "type": "Directory"},
+            "claimRef": {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "namespace": namespace,
+                         "name": kube.claim_name(name)},
+        },
+    }
+
+
+def persistent_volume_claim(obj: dict[str, Any]) -> dict[str, Any]:
+    meta = obj["metadata"]
+    namespace, name = meta.get("namespace") or "default", meta["name"]
+    return {
+        "apiVersion": "v1", "kind": "PersistentVolumeClaim",
+        "metadata": {"name": kube.claim_name(name), "namespace": namespace, "labels": _labels(namespace, name)},
+        "spec": {
+            "accessModes": access_modes(obj),
+            "resources": {"requests": {"storage": VOLUME_CAPACITY}},
+            "storageClassName": STORAGE_CLASS,
+            "volumeName": kube.volume_name(namespace, name),
+        },
+    }
+
+
+# --- Kubernetes Events ---
+
+
+def event_name(obj: dict[str, Any], *parts: object) -> str:
+    """A deterministic Event name: the same occurrence gives the same name, so recording it twice is a 409."""
+    name = str((obj.get("metadata") or {}).get("name", ""))
+    uid = str((obj.get("metadata") or {}).get("uid", ""))
+    digest = hashlib.sha256("\0".join([uid, *map(str, parts)]).encode()).hexdigest()[:16]
+    return f"{name[:MAX_NAME - 17]}.{digest}"
+
+
+def kube_event(resource: kube.Resource, obj: dict[str, Any], *, name: str, event_type: str, reason: str,
+               message: str, now: float) -> dict[str, Any]:
+    """A core v1 Event about the object (``kubectl describe`` shows it)."""
+    meta = obj.get("metadata") or {}
+    stamp = iso_time(now)
+    return {
+        "apiVersion": "v1", "kind": "Event",
+        "metadata": {"name": name, "namespace": meta.get("namespace") or "default"},
+        "involvedObject": {"apiVersion": resource.api_version, "kind": resource.kind, "name": meta.get("name"),
+                           "namespace": meta.get("namespace") or "default", "uid": meta.get("uid"),
+                           "resourceVersion": meta.get("resourceVersion")},
+        "reason": reason, "message": message[:1024], "type": event_type,
+        "source": {"component": COMPONENT}, "reportingComponent": COMPONENT, "reportingInstance": COMPONENT,
+        "firstTimestamp": stamp, "lastTimestamp": stamp, "count": 1,
+    }
+
+
+def finished_load(resource: kube.Resource, status: msgspec.Struct | None) -> tuple[str, str, str] | None:
+    """(Event type, reason, message) when an operation's current run is finished, else None."""
+    if family(resource) not in ("dataload", "dataclean") or not isinstance(status, OperationStatus):
+        return None
+    if status.phase == "Complete":
+        done = status.progress
+        return "Normal", f"{resource.kind}Complete", (f"{resource.kind} complete in {status.duration or '?'}: "
+                                                      f"{done.files_done} files, {done.bytes_done} bytes")
+    if status.phase == "Failed":
+        return "Warning", f"{resource.kind}Failed", status.message or f"{resource.kind} failed"
+    return None

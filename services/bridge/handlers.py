@@ -1,0 +1,437 @@
+"""Bridge handlers: a custom resource seen on a watch → finalizer, Secrets, apply/delete command; Shoal's state (KV
+mirrors, rejection facts) → status patch, PersistentVolume and claim, Kubernetes Events.
+
+Level-triggered like a controller: ``on_object`` acts on an object's latest version, and ``tick`` (every fraction
+of a second) writes what each object should show and finishes what failed before, so a write lost to an
+unreachable API server is made again once it answers. Decisions are ``domain``'s; here is the I/O.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgspec
+from kubernetes_asyncio import client
+from kubernetes_asyncio.client.exceptions import ApiException
+
+from libs import kube, subjects
+from libs.backoff import Backoff
+from libs.bus import Bus, KvMirror
+from libs.config import Settings
+from libs.events.dataset import DatasetDelete, DatasetRecord
+from libs.events.operation import DataCleanDelete, DataLoadDelete, OperationRecord
+from libs.events.runtime import RuntimeDelete, RuntimeRecord
+from libs.telemetry import get_logger
+from services.bridge import domain
+from services.bridge.domain import ObjectKey, Refusal
+
+log = get_logger(__name__)
+
+# API calls the bridge makes per write: well under a watch's lifetime, long enough for a slow apiserver.
+REQUEST_TIMEOUT_SECONDS = 10.0
+MERGE_PATCH = "application/merge-patch+json"
+# Status writes and retries after a failed pass: soon, but at most every 5 s, so status catches up within seconds
+# of the API server's return without a request per object at every tick while it is down.
+TICK_RETRY = Backoff(first=0.5, cap=5.0)
+
+
+class _Unavailable(Exception):
+    """An object could not be handled: the rest of this tick waits for the next."""
+
+
+class RejectionFact(msgspec.Struct, frozen=True, rename="camel"):
+    """What the bridge reads of any ``*.rejected`` fact (dataset, runtime, operation): the command and why."""
+
+    causation_id: str = ""
+    reason: str = ""
+
+
+@dataclass
+class Mirrors:
+    """Shoal's current state, kept by KV watches (``libs.bus.KvMirror``)."""
+
+    datasets: KvMirror[DatasetRecord]
+    runtimes: KvMirror[RuntimeRecord]
+    operations: KvMirror[OperationRecord]
+
+    def ready(self) -> bool:
+        return all(m.ready.is_set() for m in (self.datasets, self.runtimes, self.operations))
+
+    def status_of(self, key: ObjectKey) -> msgspec.Struct | None:
+        family = domain.family(key.resource)
+        if family == "dataset":
+            dataset = self.datasets.values.get(subjects.resource_key(key.namespace, key.name))
+            return dataset.status if dataset is not None else None
+        if family == "runtime":
+            runtime = self.runtimes.values.get(subjects.resource_key(key.namespace, key.name))
+            return runtime.status if runtime is not None else None
+        operation = self.operations.values.get(subjects.operation_key(key.resource.kind, key.namespace, key.name))
+        return operation.status if operation is not None else None
+
+    def exists(self, key: ObjectKey) -> bool:
+        family = domain.family(key.resource)
+        if family in ("dataset", "runtime"):
+            mirror: KvMirror[Any] = self.datasets if family == "dataset" else self.runtimes
+            return subjects.resource_key(key.namespace, key.name) in mirror.values
+        return subjects.operation_key(key.resource.kind, key.namespace, key.name) in self.operations.values
+
+
+@dataclass
+class BridgeHandlers:
+    bus: Bus
+    api: client.ApiClient
+    settings: Settings
+    mirrors: Mirrors
+    clock: Callable[[], float] = time.time
+    # The latest version of every custom resource the watches delivered.
+    objects: dict[ObjectKey, dict[str, Any]] = field(default_factory=dict)
+    # The apply command id published for each object's current spec (deterministic: rebuilt by a re-list).
+    published: dict[ObjectKey, str] = field(default_factory=dict)
+    # Why the bridge itself could not turn an object into a command.
+    invalid: dict[ObjectKey, str] = field(default_factory=dict)
+    # Rejection facts by the id of the command they refused.
+    rejections: dict[str, str] = field(default_factory=dict)
+    # Objects whose last handling failed (an API or NATS error): ``tick`` handles them again.
+    pending: set[ObjectKey] = field(default_factory=set)
+    volumes: set[ObjectKey] = field(default_factory=set)
+    recorded_events: set[str] = field(default_factory=set)
+    deletes_sent: set[ObjectKey] = field(default_factory=set)
+    # Objects whose Secrets are read again on their next handling (set by a list).
+    refresh: set[ObjectKey] = field(default_factory=set)
+    # The status last written to each object.
+    written: dict[ObjectKey, dict[str, Any] | None] = field(default_factory=dict)
+    _lock: asyncio.Lock = field(default_factory=asyncio.Lock, init=False)
+    _tick_failures: int = field(default=0, init=False)
+    _quiet_until: float = field(default=0.0, init=False)
+
+    @property
+    def custom(self) -> client.CustomObjectsApi:
+        return client.CustomObjectsApi(self.api)
+
+    @property
+    def core(self) -> client.CoreV1Api:
+        return client.CoreV1Api(self.api)
+
+    # --- from the watches ---
+
+    async def on_listing(self, resource: kube.Resource, namespace: str | None, items: list[dict[str, Any]]) -> None:
+        """A fresh list of one resource: objects gone from it were deleted while the bridge was not watching."""
+        listed = {domain.key_of(resource, obj) for obj in items}
+        gone = [key for key in self.objects if key.resource == resource
+                and (namespace is None or key.namespace == namespace) and key not in listed]
+        for key in gone:
+            await self.on_deleted(key, self.objects[key])
+        for obj in items:
+            self.refresh.add(domain.key_of(resource, obj))
+            await self.on_object(resource, obj)
+
+    async def on_event(self, resource: kube.Resource, event_type: str, obj: dict[str, Any]) -> None:
+        if event_type == "DELETED":
+            await self.on_deleted(domain.key_of(resource, obj), obj)
+        elif event_type in ("ADDED", "MODIFIED"):
+            await self.on_object(resource, obj)
+
+    async def on_object(self, resource: kube.Resource, obj: dict[str, Any]) -> None:
+        key = domain.key_of(resource, obj)
+        self.objects[key] = obj
+        await self._handle(key)
+
+    async def on_deleted(self, key: ObjectKey, obj: dict[str, Any]) -> None:
+        """Gone without Shoal's finalizer (never accepted, or the finalizer was removed by hand)."""
+        self.objects.pop(key, None)
+        self.pending.discard(key)
+        self.invalid.pop(key, None)
+        self.written.pop(key, None)
+        if self.published.pop(key, None) is not None and key not in self.deletes_sent:
+            with contextlib.suppress(Exception):  # best effort: the object is gone from Kubernetes either way
+                await self._publish_delete(key, obj)
+        self.deletes_sent.discard(key)
+
+    # --- one object ---
+
+    async def _handle(self, key: ObjectKey) -> bool:
+        """Act on the object's latest version; False (and ``pending``) when the API or NATS failed."""
+        try:
+            async with self._lock:
+                obj = self.objects.get(key)
+                if obj is None:
+                    self.pending.discard(key)
+                    return True
+                if domain.is_deleting(obj):
+                    await self._finish_delete(key, obj)
+                else:
+                    await self._apply(key, obj)
+            self.pending.discard(key)
+            return True
+        except Exception as err:  # an API server or NATS outage: tick() tries again
+            self.pending.add(key)
+            log.warning("handling failed, trying again", object=str(key), error=_short(err))
+            return False
+
+    async def _apply(self, key: ObjectKey, obj: dict[str, Any]) -> None:
+        translation = domain.translate(key.resource, obj)
+        command = translation.command
+        errors = translation.errors
+        if command is not None and self.published.get(key) == command.event.id and key not in self.refresh:
+            return  # this spec is in Shoal already (a status write of ours came back, a duplicate event)
+        if command is not None and key.resource.kind == "Dataset":
+            # Read when the spec changes and at every list, so a changed Secret reaches the services.
+            errors = await self._store_secrets(key.namespace, domain.secret_refs(obj))
+        self.refresh.discard(key)
+        if errors or command is None:
+            message = "; ".join(errors)
+            if self.invalid.get(key) != message:
+                log.info("invalid custom resource", object=str(key), reasons=errors)
+            self.invalid[key] = message
+            return
+        self.invalid.pop(key, None)
+        if self.published.get(key) == command.event.id:
+            return
+        # Held before Shoal knows the object, so a delete always waits for Shoal's clean-up.
+        await self._patch_object(key, domain.finalizer_patch(obj, held=True))
+        await self.bus.publish(command.subject, command.event)
+        self.published[key] = command.event.id
+        log.info("applied", object=str(key), command=command.event.id, notes=len(translation.notes))
+        if translation.notes:  # what Shoal leaves out of a (Fluid) object is said, never dropped silently
+            try:
+                await self._record_event(key, obj, domain.event_name(obj, domain.REASON_IGNORED, command.event.id),
+                                         "Normal", domain.REASON_IGNORED, "; ".join(translation.notes))
+            except Exception as err:  # the command is out; the note is not worth a retry
+                log.warning("event not recorded", object=str(key), error=_short(err))
+
+    async def _finish_delete(self, key: ObjectKey, obj: dict[str, Any]) -> None:
+        """Delete in Shoal, wait until Shoal's record is gone, then the volume and claim, then the finalizer."""
+        if kube.FINALIZER not in domain.finalizers(obj):
+            return
+        if key not in self.deletes_sent:
+            await self._publish_delete(key, obj)
+            self.deletes_sent.add(key)
+        if not self.mirrors.ready() or self.mirrors.exists(key):
+            return  # tick() looks again
+        if key.resource.kind == "Dataset":
+            await self._delete_volume(key)
+        await self._patch_object(key, domain.finalizer_patch(obj, held=False))
+        self.published.pop(key, None)
+        log.info("deleted", object=str(key))
+
+    async def _publish_delete(self, key: ObjectKey, obj: dict[str, Any]) -> None:
+        family = domain.family(key.resource)
+        command_id = domain.delete_id(key.resource, obj)
+        event: msgspec.Struct
+        if family == "dataset":
+            subject, event = subjects.DATASET_DELETE, DatasetDelete(id=command_id, name=key.name,
+                                                                    namespace=key.namespace)
+        elif family == "runtime":
+            subject, event = subjects.RUNTIME_DELETE, RuntimeDelete(id=command_id, name=key.name,
+                                                                    namespace=key.namespace)
+        elif family == "dataload":
+            subject, event = subjects.DATALOAD_DELETE, DataLoadDelete(id=command_id, name=key.name,
+                                                                      namespace=key.namespace)
+        else:
+            subject, event = subjects.DATACLEAN_DELETE, DataCleanDelete(id=command_id, name=key.name,
+                                                                        namespace=key.namespace)
+        await self.bus.publish(subject, event)
+
+    # --- Secrets ---
+
+    async def _store_secrets(self, namespace: str, refs: list[tuple[str, str]]) -> list[str]:
+        """Hand every referenced Secret key to the services as a file ``<SHOAL_SECRETS_DIR>/<ns>.<name>/<key>``
+        (the layout they read, ``libs.ufs.mounts.read_secrets``); the command carries only the reference. Returns
+        why a reference cannot be resolved (never with a value)."""
+        if not refs:
+            return []
+        errors = domain.secret_ref_errors(refs, namespace)
+        if not self.settings.s3.secrets_dir:
+            errors.append("the bridge has no SHOAL_SECRETS_DIR to hand Secrets to the services")
+        if errors:
+            return errors
+        for name, key in refs:
+            try:
+                secret = await self.core.read_namespaced_secret(name, namespace,
+                                                                _request_timeout=REQUEST_TIMEOUT_SECONDS)
+            except ApiException as err:
+                if err.status == 404:
+                    errors.append(f"Secret {namespace}/{name} not found (needed by encryptOptions)")
+                    continue
+                raise
+            data = secret.data or {}
+            if key not in data:
+                errors.append(f"Secret {namespace}/{name} has no key {key!r} (needed by encryptOptions)")
+                continue
+            value = base64.b64decode(data[key])
+            target = Path(self.settings.s3.secrets_dir) / domain.stored_secret_name(namespace, name) / key
+            await asyncio.to_thread(_write_private, target, value)
+        return errors
+
+    # --- periodic: status, volumes, Events, retries ---
+
+    async def tick(self) -> None:
+        """Retry what failed, finish deletes, reflect Shoal's state; after a failure, wait (``TICK_RETRY``) before
+        the next try, so an API server that is down is not asked about every object at every tick."""
+        if time.monotonic() < self._quiet_until:
+            return
+        try:
+            await self._tick()
+        except Exception as err:
+            self._tick_failures += 1
+            delay = TICK_RETRY.delay(self._tick_failures)
+            self._quiet_until = time.monotonic() + delay
+            log.warning("next pass waits", reason=str(err) if isinstance(err, _Unavailable) else _short(err),
+                        delay=delay)
+        else:
+            self._tick_failures = 0
+
+    async def _tick(self) -> None:
+        """One pass over every object; each failure is the object's own (one broken object does not hold back the
+        others), and any failure makes the next pass wait."""
+        failed: list[str] = []
+        for key in list(self.pending):
+            if not await self._handle(key):
+                failed.append(str(key))
+        for key, obj in list(self.objects.items()):
+            if domain.is_deleting(obj):
+                if key not in self.pending and not await self._handle(key):
+                    failed.append(str(key))
+                continue
+            try:
+                async with self._lock:
+                    await self._reflect(key, obj)
+            except Exception as err:
+                log.warning("status not written, trying again", object=str(key), error=_short(err))
+                failed.append(str(key))
+        if failed:
+            raise _Unavailable(f"{len(failed)} objects not handled, e.g. {failed[0]}")
+
+    def refusal(self, key: ObjectKey) -> Refusal | None:
+        if key in self.invalid:
+            return Refusal(domain.REASON_INVALID, self.invalid[key])
+        command_id = self.published.get(key)
+        if command_id is not None and command_id in self.rejections:
+            return Refusal(domain.REASON_REJECTED, self.rejections[command_id])
+        return None
+
+    async def _reflect(self, key: ObjectKey, obj: dict[str, Any]) -> None:
+        """Shoal's state onto the object: status (if changed), volume and claim when Bound, Events."""
+        if self.objects.get(key) is not obj:
+            return  # a newer version arrived meanwhile; the next tick handles it
+        status = self.mirrors.status_of(key)
+        refusal = self.refusal(key)
+        if self.published.get(key) is None and refusal is None:
+            status = None  # not Shoal's object yet (a name taken before): nothing to show
+        desired = domain.desired_status(key.resource, obj, status, refusal, self.clock())
+        patch = domain.status_patch(obj, desired)
+        # Written already: the server shows something else only if its schema pruned a field; writing again at
+        # every tick would not change that.
+        if patch is not None and self.written.get(key) != desired:
+            updated = await self.custom.patch_namespaced_custom_object_status(
+                key.resource.group, key.resource.version, key.namespace, key.resource.plural, key.name, patch,
+                _content_type=MERGE_PATCH,  # type: ignore[call-arg]  # in **kwargs, not in the stubs
+                _request_timeout=REQUEST_TIMEOUT_SECONDS)
+            self.written[key] = desired
+            if isinstance(updated, dict) and self.objects.get(key) is obj:
+                self.objects[key] = updated
+        if refusal is not None:
+            await self._record_event(key, obj, domain.event_name(obj, refusal.reason, refusal.message),
+                                     "Warning", refusal.reason, refusal.message)
+        if key.resource.kind == "Dataset" and refusal is None and getattr(status, "phase", "") == "Bound":
+            await self._create_volume(key, obj)
+        finished = domain.finished_load(key.resource, status)
+        if finished is not None and refusal is None:
+            event_type, reason, message = finished
+            runs = getattr(status, "runs", 0)
+            completed = getattr(status, "completion_time", "")
+            await self._record_event(key, obj, domain.event_name(obj, reason, runs, completed), event_type, reason,
+                                     message)
+
+    async def _record_event(self, key: ObjectKey, obj: dict[str, Any], name: str, event_type: str, reason: str,
+                            message: str) -> None:
+        if name in self.recorded_events:
+            return
+        body = domain.kube_event(key.resource, obj, name=name, event_type=event_type, reason=reason,
+                                 message=message, now=self.clock())
+        try:
+            await self.core.create_namespaced_event(key.namespace, body,  # type: ignore[arg-type]  # a dict is sent as is
+                                                    _request_timeout=REQUEST_TIMEOUT_SECONDS)
+        except ApiException as err:
+            if err.status != 409:  # 409: recorded before (a restart), the name is deterministic
+                raise
+        self.recorded_events.add(name)
+
+    async def _create_volume(self, key: ObjectKey, obj: dict[str, Any]) -> None:
+        if key in self.volumes:
+            return
+        volume = domain.persistent_volume(obj, self.settings.agent.mount_root)
+        claim = domain.persistent_volume_claim(obj)
+        for create in (lambda: self.core.create_persistent_volume(volume,  # type: ignore[arg-type]
+                                                                   _request_timeout=REQUEST_TIMEOUT_SECONDS),
+                       lambda: self.core.create_namespaced_persistent_volume_claim(
+                           key.namespace, claim,  # type: ignore[arg-type]
+                           _request_timeout=REQUEST_TIMEOUT_SECONDS)):
+            try:
+                await create()
+            except ApiException as err:
+                if err.status != 409:
+                    raise
+        self.volumes.add(key)
+        log.info("volume and claim created", object=str(key), volume=volume["metadata"]["name"])
+
+    async def _delete_volume(self, key: ObjectKey) -> None:
+        for delete in (lambda: self.core.delete_namespaced_persistent_volume_claim(
+                           kube.claim_name(key.name), key.namespace, _request_timeout=REQUEST_TIMEOUT_SECONDS),
+                       lambda: self.core.delete_persistent_volume(
+                           kube.volume_name(key.namespace, key.name), _request_timeout=REQUEST_TIMEOUT_SECONDS)):
+            try:
+                await delete()
+            except ApiException as err:
+                if err.status != 404:
+                    raise
+        self.volumes.discard(key)
+
+    async def _patch_object(self, key: ObjectKey, patch: dict[str, Any] | None) -> None:
+        if patch is None:
+            return
+        updated = await self.custom.patch_namespaced_custom_object(
+            key.resource.group, key.resource.version, key.namespace, key.resource.plural, key.name, patch,
+            _content_type=MERGE_PATCH,  # type: ignore[call-arg]  # in **kwargs, not in the stubs
+            _request_timeout=REQUEST_TIMEOUT_SECONDS)
+        if isinstance(updated, dict) and key in self.objects:
+            self.objects[key] = updated
+
+    # --- facts ---
+
+    async def on_rejection(self, fact: RejectionFact) -> None:
+        if fact.causation_id.startswith("k8s."):
+            self.rejections[fact.causation_id] = fact.reason
+
+
+def _write_private(path: Path, value: bytes) -> None:
+    """Write a secret file readable by the owner only, atomically; unchanged files are left alone."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with contextlib.suppress(OSError):
+        if path.read_bytes() == value:
+            return
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    try:
+        with os.fdopen(handle, "wb") as out:
+            out.write(value)
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+
+
+def _short(err: Exception) -> str:
+    """An API error without its response body (which may echo an object back)."""
+    if isinstance(err, ApiException):
+        return f"HTTP {err.status} {err.reason}"
+    return f"{type(err).__name__}: {err}"[:300]

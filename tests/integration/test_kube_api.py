@@ -1,0 +1,135 @@
+"""The test API server (``tests/kube.py``) through kubernetes-asyncio: the gaps of kmock 0.8 it closes stay closed."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from kmock import Server
+from kubernetes_asyncio import client, watch
+from kubernetes_asyncio.client.exceptions import ApiException
+
+from libs import kube
+from tests.kube import FakeApiServer
+
+DATASETS = kube.SHOAL_RESOURCES[0]
+MERGE = "application/merge-patch+json"
+
+
+@pytest.fixture
+async def api() -> AsyncIterator[tuple[FakeApiServer, client.CustomObjectsApi]]:
+    async with FakeApiServer() as server, Server(server) as http, \
+            client.ApiClient(client.Configuration(host=str(http.url).rstrip("/"))) as api_client:
+        yield server, client.CustomObjectsApi(api_client)
+
+
+def dataset(name: str, **spec: Any) -> dict[str, Any]:
+    return {"apiVersion": DATASETS.api_version, "kind": DATASETS.kind, "metadata": {"name": name}, "spec": spec}
+
+
+async def create(custom: client.CustomObjectsApi, body: dict[str, Any], namespace: str = "default") -> Any:
+    r = DATASETS
+    return await custom.create_namespaced_custom_object(r.group, r.version, namespace, r.plural, body)
+
+
+async def patch(custom: client.CustomObjectsApi, name: str, body: Any, status: bool = False,
+                content_type: str = MERGE) -> Any:
+    r = DATASETS
+    call = custom.patch_namespaced_custom_object_status if status else custom.patch_namespaced_custom_object
+    return await call(r.group, r.version, "default", r.plural, name, body,
+                      _content_type=content_type)  # type: ignore[call-arg]
+
+
+async def events(custom: client.CustomObjectsApi, version: str, count: int = 1) -> list[dict[str, Any]]:
+    """The first ``count`` events of a watch from ``version``."""
+    r = DATASETS
+    seen = []
+    stream = watch.Watch()
+    async for event in stream.stream(custom.list_cluster_custom_object, r.group, r.version, r.plural,
+                                     resource_version=version, allow_watch_bookmarks=True, timeout_seconds=30):
+        seen.append(event)
+        if len(seen) == count:
+            break
+    await stream.close()
+    return seen
+
+
+async def test_create_fills_metadata_and_lists_carry_kind(api: tuple[FakeApiServer, Any]) -> None:
+    _, custom = api
+    created = await create(custom, dataset("a", x=1), namespace="team")
+    meta = created["metadata"]
+    assert meta["namespace"] == "team" and meta["uid"] and meta["generation"] == 1
+    assert meta["resourceVersion"] and meta["creationTimestamp"]
+    listing = await custom.list_cluster_custom_object(DATASETS.group, DATASETS.version, DATASETS.plural)
+    assert listing["kind"] == "DatasetList" and listing["apiVersion"] == DATASETS.api_version
+    assert listing["metadata"]["resourceVersion"] == meta["resourceVersion"]
+    with pytest.raises(ApiException) as conflict:
+        await create(custom, dataset("a"), namespace="team")
+    assert conflict.value.status == 409
+
+
+async def test_watch_resumes_from_a_version_and_expires(api: tuple[FakeApiServer, Any]) -> None:
+    server, custom = api
+    first = await create(custom, dataset("a"))
+    await create(custom, dataset("b"))
+    seen = await events(custom, first["metadata"]["resourceVersion"])
+    assert [(e["type"], e["raw_object"]["metadata"]["name"]) for e in seen] == [("ADDED", "b")]
+    await server.expire()
+    with pytest.raises(ApiException) as gone:
+        await events(custom, first["metadata"]["resourceVersion"])
+    assert gone.value.status == 410
+
+
+async def test_status_is_a_subresource_and_generation_follows_spec(api: tuple[FakeApiServer, Any]) -> None:
+    server, custom = api
+    await create(custom, dataset("a", x=1))
+    after = await patch(custom, "a", {"spec": {"x": 2}, "status": {"phase": "Bound"}}, status=True)
+    assert after["spec"] == {"x": 1} and after["status"] == {"phase": "Bound"}
+    after = await patch(custom, "a", {"spec": {"x": 2}, "status": {"phase": "Failed"}})
+    assert after["spec"] == {"x": 2} and after["status"] == {"phase": "Bound"}
+    assert after["metadata"]["generation"] == 2
+    after = await patch(custom, "a", {"metadata": {"labels": {"k": "v"}}})
+    assert after["metadata"]["generation"] == 2  # metadata is not the spec
+    after = await patch(custom, "a", [{"op": "replace", "path": "/spec/x", "value": 3}],
+                        content_type="application/json-patch+json")
+    assert after["spec"] == {"x": 3}
+    assert [r.headers["Content-Type"] for r in server.recorded("PATCH")].count(MERGE) == 3
+
+
+async def test_finalizers_hold_a_delete(api: tuple[FakeApiServer, Any]) -> None:
+    server, custom = api
+    r = DATASETS
+    await create(custom, {**dataset("a"), "metadata": {"name": "a", "finalizers": ["x/y"]}})
+    await custom.delete_namespaced_custom_object(r.group, r.version, "default", r.plural, "a")
+    held = server.stored(r.group, r.plural, "default", "a")
+    assert held is not None and held["metadata"]["deletionTimestamp"]
+    version = held["metadata"]["resourceVersion"]
+    await patch(custom, "a", {"metadata": {"finalizers": []}})
+    assert server.stored(r.group, r.plural, "default", "a") is None
+    assert [e["type"] for e in await events(custom, version)] == ["DELETED"]
+
+
+async def test_faults_end_watches_and_fail_requests(api: tuple[FakeApiServer, Any]) -> None:
+    server, custom = api
+    created = await create(custom, dataset("a"))
+    await server.bookmark()  # before the watch: not seen by it
+    server.failing = 503
+    with pytest.raises(ApiException) as failed:
+        await create(custom, dataset("b"))
+    assert failed.value.status == 503
+    server.failing = None
+    await create(custom, dataset("c"))
+    stream = watch.Watch()
+    seen = []
+    async for event in stream.stream(custom.list_cluster_custom_object, DATASETS.group, DATASETS.version,
+                                     DATASETS.plural, resource_version=created["metadata"]["resourceVersion"],
+                                     allow_watch_bookmarks=True, timeout_seconds=30):
+        seen.append(event["type"])
+        if len(seen) == 1:
+            await server.bookmark()
+        elif len(seen) == 2:
+            await server.end_watches()
+            await create(custom, dataset("d"))  # after the end: a watch still open would deliver it
+    await stream.close()
+    assert seen == ["ADDED", "BOOKMARK"]

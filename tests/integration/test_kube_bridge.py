@@ -1,0 +1,333 @@
+"""The Kubernetes bridge against the test API server (``tests/kube.py``, kmock: there is no kube-apiserver here),
+through kubernetes-asyncio, with a real nats-server and the real dataset, runtime and loader services in-process.
+
+Agents do not run: tests publish heartbeats as an agent would, so runtimes become Ready and datasets Bound.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from kmock import Server
+from kubernetes_asyncio import client
+
+from libs import kube, subjects
+from libs.bus import Bus
+from libs.config import KubeSettings, Settings
+from libs.events.agent import AgentHeartbeat
+from libs.events.common import ObjectRef
+from libs.side_server import Readiness
+from services.bridge import app as bridge_app
+from services.bridge.domain import CONDITION_ACCEPTED
+from services.dataset import app as dataset_app
+from services.loader import app as loader_app
+from services.runtime import app as runtime_app
+from tests.conftest import NatsServer, SeaweedServer, put_objects
+from tests.helpers import dataset_record, eventually, make_settings, running
+from tests.kube import FakeApiServer
+
+SHOAL = kube.SHOAL_RESOURCES[0]  # shoal.io Dataset
+SHOAL_RUNTIME = kube.SHOAL_RESOURCES[1]
+FLUID = next(r for r in kube.FLUID_RESOURCES if r.kind == "Dataset")
+ALLUXIO = next(r for r in kube.FLUID_RESOURCES if r.kind == "AlluxioRuntime")
+DATALOAD = kube.SHOAL_RESOURCES[2]
+MERGE = "application/merge-patch+json"
+
+
+@dataclasses.dataclass
+class Cluster:
+    server: FakeApiServer
+    custom: client.CustomObjectsApi
+    core: client.CoreV1Api
+    settings: Settings
+
+    async def create(self, resource: kube.Resource, name: str, spec: dict[str, Any],
+                     namespace: str = "default") -> dict[str, Any]:
+        body = {"apiVersion": resource.api_version, "kind": resource.kind,
+                "metadata": {"name": name, "namespace": namespace}, "spec": spec}
+        result: dict[str, Any] = await self.custom.create_namespaced_custom_object(
+            resource.group, resource.version, namespace, resource.plural, body)
+        return result
+
+    def get(self, resource: kube.Resource, name: str, namespace: str = "default") -> dict[str, Any] | None:
+        return self.server.stored(resource.group, resource.plural, namespace, name)
+
+    async def status(self, resource: kube.Resource, name: str, namespace: str = "default",
+                     **expected: Any) -> dict[str, Any]:
+        async def probe() -> dict[str, Any] | None:
+            obj = self.get(resource, name, namespace)
+            status = (obj or {}).get("status") or {}
+            return obj if all(status.get(k) == v for k, v in expected.items()) else None
+
+        return await eventually(probe, what=f"{resource.kind} {name} with status {expected}")
+
+
+@pytest.fixture
+async def cluster(tmp_path: Path, nats_server: NatsServer) -> AsyncIterator[Cluster]:
+    async with FakeApiServer() as server, Server(server) as http:
+        kubeconfig = tmp_path / "kubeconfig"
+        kubeconfig.write_text(yaml.safe_dump({
+            "apiVersion": "v1", "kind": "Config", "current-context": "test",
+            "clusters": [{"name": "test", "cluster": {"server": str(http.url).rstrip("/")}}],
+            "users": [{"name": "test", "user": {"token": "test"}}],
+            "contexts": [{"name": "test", "context": {"cluster": "test", "user": "test"}}],
+        }))
+        base = make_settings(nats_server.url, secrets_dir=str(tmp_path / "secrets"))
+        settings = dataclasses.replace(
+            base, kube=KubeSettings(kubeconfig=str(kubeconfig), watch_seconds=30),
+            agent=dataclasses.replace(base.agent, mount_root="/var/lib/shoal/mnt"))
+        configuration = client.Configuration(host=str(http.url).rstrip("/"))
+        async with client.ApiClient(configuration) as api:
+            yield Cluster(server, client.CustomObjectsApi(api), client.CoreV1Api(api), settings)
+
+
+def everything(settings: Settings):
+    return running(lambda stop: dataset_app.run(settings, stop), lambda stop: runtime_app.run(settings, stop),
+                   lambda stop: loader_app.run(settings, stop), lambda stop: bridge_app.run(settings, stop))
+
+
+async def heartbeat(bus: Bus, runtime: str) -> None:
+    await bus.publish(subjects.agent_heartbeat("node-a"),
+                      AgentHeartbeat(node="node-a", runtimes=[ObjectRef(name=runtime)], sent_at=time.time(),
+                                     capacity_bytes=2**30))
+
+
+def files(tmp_path: Path, count: int = 3) -> str:
+    folder = tmp_path / "data"
+    folder.mkdir(parents=True)
+    for i in range(count):
+        (folder / f"f{i}").write_bytes(b"x" * (100 + i))
+    return f"local://{folder}"
+
+
+MEM_TIER = {"levels": [{"mediumtype": "MEM", "quota": "1Gi"}]}
+
+
+async def test_dataset_cr_to_bound_volume_relist_invalid_and_delete(cluster: Cluster, bus: Bus,
+                                                                   tmp_path: Path) -> None:
+    """Shoal's Dataset and Runtime CRs → commands → phase Bound on the CR and the PV/PVC; a closed watch and a
+    410 Gone re-list without a new generation; invalid CRs get a condition and an Event; a delete waits for Shoal;
+    every patch is a merge patch."""
+    async with everything(cluster.settings):
+        await cluster.create(SHOAL, "demo", {"mounts": [{"mountPoint": files(tmp_path / "a")}]})
+        await cluster.create(SHOAL_RUNTIME, "demo", {"replicas": 1, "tieredstore": MEM_TIER})
+        await cluster.create(SHOAL, "empty", {"mounts": []})  # refused by the dataset service
+        await cluster.create(DATALOAD, "warm", {"dataset": {"name": "demo"}, "policy": "Sometimes"})  # by the bridge
+        await cluster.create(DATALOAD, "orphan", {"dataset": {"name": "nothere"}})  # a run that fails
+        obj = await cluster.status(SHOAL, "demo", phase="NotBound", fileNum=3)
+        assert kube.FINALIZER in obj["metadata"]["finalizers"]
+        await heartbeat(bus, "demo")
+        obj = await cluster.status(SHOAL, "demo", phase="Bound")
+        assert obj["status"]["cacheStates"]["cachedPercentage"] == "0.0%"
+        await cluster.status(SHOAL_RUNTIME, "demo", phase="Ready")
+
+        volume_name = kube.volume_name("default", "demo")
+        volume = await eventually(lambda: _get(cluster, "", "persistentvolumes", None, volume_name))
+        assert volume["spec"]["hostPath"]["path"] == "/var/lib/shoal/mnt/default/demo"
+        assert volume["metadata"]["labels"][kube.MANAGED_BY_LABEL] == kube.MANAGED_BY
+        claim = await eventually(lambda: _get(cluster, "", "persistentvolumeclaims", "default",
+                                              kube.claim_name("demo")))
+        assert claim["spec"]["volumeName"] == volume_name
+        assert claim["metadata"]["labels"][kube.DATASET_LABEL] == "default.demo"
+
+        # Invalid: a condition and a Warning Event each, and no finalizer on what Shoal never accepted.
+        empty = await cluster.status(SHOAL, "empty", phase="Failed")
+        condition = next(c for c in empty["status"]["conditions"] if c["type"] == CONDITION_ACCEPTED)
+        assert condition["reason"] == "Rejected" and "at least one mount" in condition["message"]
+        load = await eventually(lambda: _condition(cluster, DATALOAD, "default", "warm"))
+        assert load["reason"] == "Invalid" and "Sometimes" in load["message"]
+        assert kube.FINALIZER not in (cluster.get(DATALOAD, "warm") or {})["metadata"].get("finalizers", [])
+        orphan = await cluster.status(DATALOAD, "orphan", phase="Failed")
+        assert "nothere" in orphan["status"]["message"]
+        events = await eventually(lambda: _events(cluster, 3))
+        reasons = {(e["involvedObject"]["name"], e["reason"], e["type"]) for e in events}
+        assert {("empty", "Rejected", "Warning"), ("warm", "Invalid", "Warning"),
+                ("orphan", "DataLoadFailed", "Warning")} <= reasons
+
+        # Re-lists: after a closed watch, then after 410 Gone; the generation stays.
+        lists = _list_count(cluster)
+        await cluster.server.end_watches()
+        await eventually(lambda: _async(_list_count(cluster) > lists), what="a re-list after a closed watch")
+        lists = _list_count(cluster)
+        await cluster.server.expire()
+        await eventually(lambda: _async(_list_count(cluster) > lists), what="a re-list after 410 Gone")
+        await cluster.server.bookmark()
+        # A bridge that starts again (here a second one) lists and publishes every command again, with the same
+        # ids: JetStream keeps none of them.
+        commands = (await bus.js.stream_info(subjects.STREAM_COMMANDS)).state.messages
+        readiness = Readiness()
+        async with running(lambda stop: bridge_app.run(cluster.settings, stop, readiness=readiness)):
+            await eventually(lambda: _async("kubernetes" in readiness.checks and readiness.report()[0]),
+                             what="a second bridge's lists handled")
+        assert (await bus.js.stream_info(subjects.STREAM_COMMANDS)).state.messages == commands
+        # A change made after the re-lists arrives through the new watch, and is a new generation.
+        await cluster.custom.patch_namespaced_custom_object(
+            SHOAL.group, SHOAL.version, "default", SHOAL.plural, "demo",
+            {"spec": {"mounts": [{"mountPoint": files(tmp_path / "b", 5)}]}},
+            _content_type=MERGE)  # type: ignore[call-arg]
+        await cluster.status(SHOAL, "demo", fileNum=5)
+        record = await dataset_record(bus, "demo")
+        assert record is not None and record.generation == 2  # one per spec, none per re-list
+
+        await cluster.custom.delete_namespaced_custom_object(SHOAL.group, SHOAL.version, "default", SHOAL.plural,
+                                                             "demo")
+        await eventually(lambda: _gone(cluster, SHOAL.group, SHOAL.plural, "default", "demo"),
+                         what="the Dataset gone once Shoal deleted it")
+        assert await dataset_record(bus, "demo") is None  # the finalizer waited for Shoal's record to go
+        assert cluster.server.stored("", "persistentvolumes", None, volume_name) is None
+        assert cluster.server.stored("", "persistentvolumeclaims", "default", "demo") is None
+
+    patches = cluster.server.recorded("PATCH")
+    assert patches and all(r.headers.get("Content-Type") == MERGE for r in patches)
+    assert any(r.url.path.endswith("/datasets/demo/status") for r in patches)
+
+
+async def test_fluid_dataset_with_secret_and_alluxio_runtime(cluster: Cluster, bus: Bus, seaweedfs: SeaweedServer,
+                                                             bucket: str) -> None:
+    """A Fluid Dataset whose S3 credentials come from a Kubernetes Secret, and an AlluxioRuntime: Bound, with
+    Fluid-shaped status; the Secret's value is in no message on any subject."""
+    await put_objects(seaweedfs, bucket, {"a": b"1", "b/c": b"22"})
+    secret_key = seaweedfs.config.secret_access_key
+    seen: list[bytes] = []
+    seen_subjects: set[str] = set()
+
+    async def collect(msg: Any) -> None:
+        seen_subjects.add(msg.subject)
+        seen.append(msg.data + b"".join(f"{k}{v}".encode() for k, v in (msg.headers or {}).items()))
+
+    every_subject = await bus.nc.subscribe(">", cb=collect)
+    await cluster.core.create_namespaced_secret("team", client.V1Secret(
+        metadata=client.V1ObjectMeta(name="s3-creds"),
+        string_data={"id": seaweedfs.config.access_key_id, "secret": secret_key}))
+    settings = dataclasses.replace(cluster.settings, s3=dataclasses.replace(
+        cluster.settings.s3, endpoint=seaweedfs.endpoint))
+    encrypt = [{"name": "aws.accessKeyId", "valueFrom": {"secretKeyRef": {"name": "s3-creds", "key": "id"}}},
+               {"name": "aws.secretKey", "valueFrom": {"secretKeyRef": {"name": "s3-creds", "key": "secret"}}}]
+    async with everything(settings):
+        await cluster.create(FLUID, "imagenet", {"mounts": [{"mountPoint": f"s3://{bucket}", "name": "b",
+                                                             "encryptOptions": encrypt}]}, namespace="team")
+        await cluster.create(ALLUXIO, "imagenet", {
+            "replicas": 1, "tieredstore": {"levels": [{"mediumtype": "MEM", "path": "/dev/shm", "quota": "1Gi",
+                                                       "high": "0.95", "low": "0.7"}]},
+            "properties": {"alluxio.user.block.size.bytes.default": "8MB"},
+            "fuse": {"args": ["fuse", "--attr-timeout=7200s"]}}, namespace="team")
+        missing = [{"name": "aws.secretKey", "valueFrom": {"secretKeyRef": {"name": "absent", "key": "k"}}}]
+        await cluster.create(FLUID, "broken", {"mounts": [{"mountPoint": f"s3://{bucket}", "name": "b",
+                                                           "encryptOptions": missing}]}, namespace="team")
+        # Listing the bucket needs the Secret's keys: the services have no other credentials.
+        await eventually(lambda: _status_of(cluster, FLUID, "team", "imagenet", "fileNum", "2"),
+                         what="the Dataset synced with the Secret's credentials")
+        await bus.publish(subjects.agent_heartbeat("node-a"), AgentHeartbeat(
+            node="node-a", runtimes=[ObjectRef(name="imagenet", namespace="team")], sent_at=time.time()))
+        obj = await cluster.status(FLUID, "imagenet", phase="Bound", namespace="team")
+        status = obj["status"]
+        assert status["ufsTotal"] == "3B" and status["cacheStates"]["cacheCapacity"] == "1.00GiB"
+        assert status["runtimes"] == [{"name": "imagenet", "namespace": "team", "category": "Accelerate",
+                                       "type": "shoal"}]
+        assert not {"manifest", "syncedGeneration", "nodes"} & status.keys()  # Shoal's own fields stay out
+        runtime = await cluster.status(ALLUXIO, "imagenet", workerPhase="Ready", namespace="team")
+        assert runtime["status"]["workerNumberReady"] == 1 and "masterPhase" not in runtime["status"]
+        assert runtime["status"]["cacheStates"] == {"cacheCapacity": "1.00GiB"}
+        condition = await eventually(lambda: _condition(cluster, FLUID, "team", "broken"))
+        assert "Secret team/absent not found" in condition["message"]
+        # Handed over as a file only its owner reads, under the namespaced name the command carries.
+        handed = Path(settings.s3.secrets_dir) / "team.s3-creds" / "secret"
+        assert handed.read_text() == secret_key and handed.stat().st_mode & 0o777 == 0o600
+        # What Shoal does not use of a Fluid object is said in a Normal Event, not dropped silently.
+        ignored = await eventually(lambda: _async([e for e in cluster.server.objects("", "events")
+                                                   if e["reason"] == "FieldsIgnored"]))
+        assert "spec.fuse" in ignored[0]["message"] and ignored[0]["type"] == "Normal"
+    await every_subject.unsubscribe()
+    # Commands, facts and KV writes (the dataset's record) were all watched.
+    assert {subjects.DATASET_APPLY, subjects.DATASET_STATUS} <= seen_subjects
+    assert any(s.startswith(f"$KV.{subjects.KV_DATASETS}.") for s in seen_subjects)
+    assert seen and not [m for m in seen if secret_key.encode() in m or base64.b64encode(secret_key.encode()) in m]
+
+
+async def test_api_server_errors_then_recovery(cluster: Cluster, bus: Bus, tmp_path: Path) -> None:
+    """503 from the start: the bridge keeps retrying; once the API answers it lists, applies and writes status.
+    503 again while Shoal's status changes: written once the API is back. The bridge watches one namespace here
+    (SHOAL_KUBE_NAMESPACES): an object of another is not its business."""
+    settings = dataclasses.replace(cluster.settings, kube=dataclasses.replace(cluster.settings.kube,
+                                                                              namespaces=["default"]))
+    cluster.server.failing = 503
+    async with everything(settings):
+        await cluster.server._create(cluster.server.kinds[(SHOAL.group, SHOAL.plural)], "elsewhere", {
+            "apiVersion": SHOAL.api_version, "kind": SHOAL.kind, "metadata": {"name": "other"},
+            "spec": {"mounts": [{"mountPoint": files(tmp_path / "other")}]}})
+        await cluster.server._create(cluster.server.kinds[(SHOAL.group, SHOAL.plural)], "default", {
+            "apiVersion": SHOAL.api_version, "kind": SHOAL.kind, "metadata": {"name": "demo"},
+            "spec": {"mounts": [{"mountPoint": files(tmp_path)}]}})
+        listing = f"/{SHOAL.group}/{SHOAL.version}/namespaces/default/datasets"
+        await eventually(lambda: _async(len(cluster.server.recorded("GET", listing)) >= 2),
+                         what="the bridge retrying its list")
+        assert await dataset_record(bus, "demo") is None
+        cluster.server.failing = None
+        await cluster.status(SHOAL, "demo", phase="NotBound", fileNum=3)
+        cluster.server.failing = 503
+        await bus.publish(subjects.RUNTIME_APPLY, _runtime_apply("demo"))
+        await heartbeat(bus, "demo")
+        await eventually(lambda: _bound_in_shoal(bus, "demo"), what="Bound in Shoal while the API fails")
+        assert (cluster.get(SHOAL, "demo") or {})["status"]["phase"] == "NotBound"
+        cluster.server.failing = None
+        await cluster.status(SHOAL, "demo", phase="Bound")
+    assert await dataset_record(bus, "other", "elsewhere") is None
+    assert "status" not in (cluster.get(SHOAL, "other", "elsewhere") or {})
+
+
+# --- helpers ---
+
+
+def _runtime_apply(name: str):
+    from libs.events.common import ObjectMeta
+    from libs.events.runtime import Level, Runtime, RuntimeApply, RuntimeSpec, TieredStore
+
+    return RuntimeApply(runtime=Runtime(metadata=ObjectMeta(name=name), spec=RuntimeSpec(
+        tieredstore=TieredStore(levels=[Level(mediumtype="MEM", quota="1Gi")]))))
+
+
+async def _bound_in_shoal(bus: Bus, name: str) -> bool:
+    record = await dataset_record(bus, name)
+    return record is not None and record.status.phase == "Bound"
+
+
+async def _async(value: Any) -> Any:
+    return value
+
+
+def _list_count(cluster: Cluster) -> int:
+    return len([r for r in cluster.server.recorded("GET", f"/{SHOAL.plural}")
+                if SHOAL.group in r.url.path and "watch" not in (r.params or {})])
+
+
+async def _get(cluster: Cluster, group: str, plural: str, namespace: str | None, name: str) -> dict[str, Any] | None:
+    return cluster.server.stored(group, plural, namespace, name)
+
+
+async def _events(cluster: Cluster, count: int) -> list[dict[str, Any]] | None:
+    events = cluster.server.objects("", "events")
+    return events if len(events) >= count else None
+
+
+async def _gone(cluster: Cluster, group: str, plural: str, namespace: str, name: str) -> bool:
+    return cluster.server.stored(group, plural, namespace, name) is None
+
+
+async def _status_of(cluster: Cluster, resource: kube.Resource, namespace: str, name: str, field: str,
+                     value: Any) -> bool:
+    obj = cluster.server.stored(resource.group, resource.plural, namespace, name) or {}
+    return bool((obj.get("status") or {}).get(field) == value)
+
+
+async def _condition(cluster: Cluster, resource: kube.Resource, namespace: str, name: str) -> dict[str, Any] | None:
+    obj = cluster.server.stored(resource.group, resource.plural, namespace, name) or {}
+    return next((c for c in (obj.get("status") or {}).get("conditions") or [] if c["type"] == CONDITION_ACCEPTED),
+                None)
+

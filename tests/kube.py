@@ -1,0 +1,372 @@
+"""A Kubernetes API server for tests: a project-owned subclass of kmock 0.8's scaffold with an object store of its own.
+
+There is no kube-apiserver on these machines (no Docker, kind or k3s). This stands in for one, for what the bridge
+(``services/bridge``) and kubernetes-asyncio need, and closes the gaps of kmock 0.8 listed in
+``/work/shared/notes/kubernetes.md``:
+
+- ``watch=True`` (kubernetes-asyncio's spelling) starts a watch; a watch streams events after the
+  ``resourceVersion`` it names (everything since, from an event log), ends after ``timeoutSeconds``, sends
+  BOOKMARKs when asked (``allowWatchBookmarks``), and answers ``410 Gone`` (an ERROR event) for a version older
+  than the log keeps;
+- create answers 201 and fills ``uid``, ``resourceVersion``, ``generation``, ``creationTimestamp`` and
+  ``metadata.namespace`` from the URL; an existing name is 409;
+- lists carry ``kind`` (``<Kind>List``), ``apiVersion`` and the list's ``resourceVersion``;
+- ``status`` is a subresource for the custom resources: a patch of ``/status`` changes only ``status``, a patch
+  of the object leaves ``status`` alone; ``generation`` grows when ``spec`` changes;
+- a patch is applied by its content type: ``application/merge-patch+json`` (RFC 7386) and
+  ``application/json-patch+json`` (RFC 6902, with the ``jsonpatch`` package); strategic merge is treated as a
+  merge patch;
+- delete with finalizers sets ``deletionTimestamp``; the object goes once its last finalizer is removed.
+
+What kmock keeps: discovery (``/api``, ``/apis``) and the log of every request (method, path, headers, body;
+``recorded()`` filters it) for assertions. A Secret's ``stringData`` is stored base64-encoded in ``data``.
+
+Faults for tests: ``end_watches()`` closes every open watch (the client sees a closed stream), ``expire()``
+makes every version seen so far too old (410 Gone), ``failing = 503`` answers that status to every resource
+request until set back to None, and ``bookmark()`` sends a BOOKMARK
+on every watch that asked for them. Not served: label and field selectors, PUT, server-side apply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import copy
+import datetime
+import json
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp.web
+import jsonpatch
+import yarl
+from kmock import KubernetesScaffold, ResourceInfo, resource
+
+from libs import kube
+
+Key = tuple[str, str, str | None, str]  # (group, plural, namespace or None, name)
+# How often an idle watch checks that its client is still there, so a test's server stops without waiting.
+WATCH_CHECK_SECONDS = 0.2
+
+
+@dataclass(frozen=True)
+class Kind:
+    group: str
+    version: str
+    plural: str
+    kind: str
+    namespaced: bool
+    status_subresource: bool
+
+    @property
+    def api_version(self) -> str:
+        return f"{self.group}/{self.version}" if self.group else self.version
+
+
+CORE_KINDS = (
+    Kind("", "v1", "secrets", "Secret", True, False),
+    Kind("", "v1", "events", "Event", True, False),
+    Kind("", "v1", "persistentvolumes", "PersistentVolume", False, True),
+    Kind("", "v1", "persistentvolumeclaims", "PersistentVolumeClaim", True, True),
+)
+CUSTOM_KINDS = tuple(Kind(r.group, r.version, r.plural, r.kind, True, True) for r in kube.RESOURCES)
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386: a mapping merges key by key (null removes), anything else replaces."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    result = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = merge_patch(result.get(key), value)
+    return result
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class ApiError(Exception):
+    def __init__(self, code: int, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.code, self.reason, self.message = code, reason, message
+
+    def status(self) -> dict[str, Any]:
+        return {"apiVersion": "v1", "kind": "Status", "metadata": {}, "status": "Failure", "code": self.code,
+                "reason": self.reason, "message": self.message}
+
+    def response(self) -> aiohttp.web.Response:
+        return aiohttp.web.json_response(self.status(), status=self.code)
+
+
+class FakeApiServer(KubernetesScaffold):
+    """kmock's scaffold (discovery, request log) with the object store and watch semantics described above."""
+
+    def __attrs_post_init__(self) -> None:
+        super().__attrs_post_init__()
+        self.kinds = {(k.group, k.plural): k for k in (*CORE_KINDS, *CUSTOM_KINDS)}
+        for k in self.kinds.values():
+            self.resources[resource(k.group, k.version, k.plural)] = ResourceInfo(
+                kind=k.kind, namespaced=k.namespaced, verbs={"list", "watch", "get", "create", "patch", "delete"},
+                subresources={"status"} if k.status_subresource else set())
+        self.store: dict[Key, dict[str, Any]] = {}
+        self.version = 0
+        # (resourceVersion, (group, plural), event) of every change; watches read it from a version on.
+        self.log: list[tuple[int, tuple[str, str], dict[str, Any]]] = []
+        self.oldest = 0  # versions below this are "too old" (410)
+        self.failing: int | None = None
+        self.changed = asyncio.Condition()
+        self.watch_generation = 0  # end_watches() bumps it; a watch started under an older one ends
+        self.bookmarks = 0
+
+    # --- faults and helpers for tests ---
+
+    async def end_watches(self) -> None:
+        async with self.changed:
+            self.watch_generation += 1
+            self.changed.notify_all()
+
+    async def expire(self) -> None:
+        """Forget the event log: a watch from any version seen so far gets 410 Gone."""
+        async with self.changed:
+            self.oldest = self.version + 1
+            self.log.clear()
+            self.watch_generation += 1
+            self.changed.notify_all()
+
+    async def bookmark(self) -> None:
+        async with self.changed:
+            self.bookmarks += 1
+            self.changed.notify_all()
+
+    def stored(self, group: str, plural: str, namespace: str | None, name: str) -> dict[str, Any] | None:
+        found = self.store.get((group, plural, namespace, name))
+        return copy.deepcopy(found) if found is not None else None
+
+    def objects(self, group: str, plural: str) -> list[dict[str, Any]]:
+        return [copy.deepcopy(obj) for (g, p, _, _), obj in self.store.items() if (g, p) == (group, plural)]
+
+    def recorded(self, method: str = "", path_contains: str = "") -> list[Any]:
+        """Requests seen so far (kmock's log), by method and a piece of the path."""
+        return [r for r in self._requests
+                if (not method or r.method.value == method.upper()) and path_contains in r.url.path]
+
+    # --- serving ---
+
+    async def _handle(self, request: Any) -> aiohttp.web.StreamResponse:
+        path = yarl.URL(str(request.url)).path
+        parts = path.strip("/").split("/")
+        if (parts[:1] == ["api"] and len(parts) >= 3) or (parts[:1] == ["apis"] and len(parts) >= 4):
+            if self.failing is not None:
+                return ApiError(self.failing, "ServiceUnavailable", "injected failure").response()
+            try:
+                return await self._serve(request, parts)
+            except ApiError as err:
+                return err.response()
+        return await super()._handle(request)
+
+    def _parse(self, parts: list[str]) -> tuple[Kind, str | None, str | None, str | None]:
+        if parts[0] == "api":
+            group, rest = "", parts[2:]
+        else:
+            group, rest = parts[1], parts[3:]
+        namespace = None
+        if rest[:1] == ["namespaces"] and len(rest) >= 3:
+            namespace, rest = rest[1], rest[2:]
+        plural = rest[0]
+        name = rest[1] if len(rest) > 1 else None
+        sub = rest[2] if len(rest) > 2 else None
+        kind = self.kinds.get((group, plural))
+        if kind is None:
+            raise ApiError(404, "NotFound", f"the server could not find the requested resource ({plural})")
+        return kind, namespace if kind.namespaced else None, name, sub
+
+    async def _serve(self, request: Any, parts: list[str]) -> aiohttp.web.StreamResponse:
+        kind, namespace, name, sub = self._parse(parts)
+        method = request.method.value
+        params = {k: str(v) for k, v in request.params.items()} if request.params else {}
+        if method == "GET" and name is None:
+            if params.get("watch", "").lower() in ("true", "1"):
+                return await self._watch(request, kind, namespace, params)
+            return aiohttp.web.json_response(self._list(kind, namespace))
+        if method == "POST" and name is None:
+            return aiohttp.web.json_response(await self._create(kind, namespace, request.data), status=201)
+        if name is None:
+            raise ApiError(405, "MethodNotAllowed", f"{method} on a collection is not served")
+        key = (kind.group, kind.plural, namespace, name)
+        if method == "GET":
+            if key not in self.store:
+                raise ApiError(404, "NotFound", f'{kind.plural} "{name}" not found')
+            return aiohttp.web.json_response(self.store[key])
+        if method == "PATCH":
+            content_type = request.headers.get("Content-Type", "").split(";")[0].strip()
+            return aiohttp.web.json_response(await self._patch(kind, key, sub, content_type, request.data))
+        if method == "DELETE":
+            return aiohttp.web.json_response(await self._delete(kind, key))
+        raise ApiError(405, "MethodNotAllowed", f"{method} is not served by this test server")
+
+    def _list(self, kind: Kind, namespace: str | None) -> dict[str, Any]:
+        items = [obj for (g, p, ns, _), obj in sorted(self.store.items(), key=lambda item: str(item[0]))
+                 if (g, p) == (kind.group, kind.plural) and (namespace is None or ns == namespace)]
+        return {"apiVersion": kind.api_version, "kind": f"{kind.kind}List",
+                "metadata": {"resourceVersion": str(self.version)}, "items": items}
+
+    async def _record(self, kind: Kind, event_type: str, obj: dict[str, Any]) -> None:
+        """Under ``self.changed``: a new version for ``obj`` (unless DELETED), logged for the watches."""
+        self.version += 1
+        if event_type != "DELETED":
+            obj["metadata"]["resourceVersion"] = str(self.version)
+        self.log.append((self.version, (kind.group, kind.plural),
+                         {"type": event_type, "object": copy.deepcopy(obj)}))
+        self.changed.notify_all()
+
+    async def _create(self, kind: Kind, namespace: str | None, body: Any) -> dict[str, Any]:
+        if not isinstance(body, dict) or not isinstance(body.get("metadata"), dict) or not body["metadata"].get("name"):
+            raise ApiError(422, "Invalid", "metadata.name: Required value")
+        obj = copy.deepcopy(body)
+        meta = obj["metadata"]
+        if namespace is not None:
+            meta["namespace"] = namespace
+        else:
+            meta.pop("namespace", None)
+        key = (kind.group, kind.plural, namespace, meta["name"])
+        async with self.changed:
+            if key in self.store:
+                raise ApiError(409, "AlreadyExists", f'{kind.plural} "{meta["name"]}" already exists')
+            obj.setdefault("apiVersion", kind.api_version)
+            obj.setdefault("kind", kind.kind)
+            meta.update(uid=str(uuid.uuid4()), generation=1, creationTimestamp=_now())
+            if kind.status_subresource and kind.group:
+                obj.pop("status", None)
+            if kind.kind == "Secret" and isinstance(obj.get("stringData"), dict):  # the apiserver encodes it
+                encoded = {k: base64.b64encode(str(v).encode()).decode() for k, v in obj.pop("stringData").items()}
+                obj["data"] = {**(obj.get("data") or {}), **encoded}
+            self.store[key] = obj
+            await self._record(kind, "ADDED", obj)
+            return copy.deepcopy(obj)
+
+    async def _patch(self, kind: Kind, key: Key, sub: str | None, content_type: str, body: Any) -> dict[str, Any]:
+        if sub not in (None, "status") or (sub == "status" and not kind.status_subresource):
+            raise ApiError(404, "NotFound", f"no subresource {sub!r}")
+        async with self.changed:
+            if key not in self.store:
+                raise ApiError(404, "NotFound", f'{kind.plural} "{key[3]}" not found')
+            old = self.store[key]
+            if content_type == "application/json-patch+json":
+                if not isinstance(body, list):
+                    raise ApiError(400, "BadRequest", "a JSON patch is a list of operations")
+                try:
+                    patched = jsonpatch.apply_patch(old, body)
+                except (jsonpatch.JsonPatchException, jsonpatch.JsonPointerException) as err:
+                    raise ApiError(422, "Invalid", str(err)) from err
+            elif content_type in ("application/merge-patch+json", "application/strategic-merge-patch+json"):
+                if not isinstance(body, dict):
+                    raise ApiError(400, "BadRequest", "a merge patch is a JSON object")
+                patched = merge_patch(old, body)
+            else:
+                raise ApiError(415, "UnsupportedMediaType", f"the body of a patch cannot be {content_type!r}")
+            new = copy.deepcopy(old)
+            if sub == "status":
+                new["status"] = patched.get("status")  # the status subresource changes status only
+                if new["status"] is None:
+                    new.pop("status")
+            else:
+                for field, value in patched.items():
+                    if field not in ("status", "metadata"):
+                        new[field] = value
+                meta = patched.get("metadata") or {}
+                for field in ("labels", "annotations", "finalizers", "ownerReferences"):
+                    if field in meta:
+                        new["metadata"][field] = meta[field]
+                    else:
+                        new["metadata"].pop(field, None)
+                if new.get("spec") != old.get("spec"):
+                    new["metadata"]["generation"] = old["metadata"].get("generation", 1) + 1
+            if new == old:
+                return copy.deepcopy(old)  # a no-op patch keeps the version, as the apiserver does
+            meta = new["metadata"]
+            if meta.get("deletionTimestamp") and not meta.get("finalizers"):
+                del self.store[key]
+                await self._record(kind, "DELETED", new)
+            else:
+                self.store[key] = new
+                await self._record(kind, "MODIFIED", new)
+            return copy.deepcopy(new)
+
+    async def _delete(self, kind: Kind, key: Key) -> dict[str, Any]:
+        async with self.changed:
+            if key not in self.store:
+                raise ApiError(404, "NotFound", f'{kind.plural} "{key[3]}" not found')
+            obj = self.store[key]
+            if obj["metadata"].get("finalizers"):
+                if not obj["metadata"].get("deletionTimestamp"):
+                    obj["metadata"]["deletionTimestamp"] = _now()
+                    await self._record(kind, "MODIFIED", obj)
+                return copy.deepcopy(obj)
+            del self.store[key]
+            await self._record(kind, "DELETED", obj)
+            return copy.deepcopy(obj)
+
+    async def _watch(self, request: Any, kind: Kind, namespace: str | None,
+                     params: dict[str, str]) -> aiohttp.web.StreamResponse:
+        raw = request._raw_request
+        response = aiohttp.web.StreamResponse(status=200, headers={"Content-Type": "application/json"})
+        await response.prepare(raw)
+        start = int(params.get("resourceVersion") or 0)
+        timeout = float(params["timeoutSeconds"]) if params.get("timeoutSeconds") else None
+        bookmarks = params.get("allowWatchBookmarks", "").lower() in ("true", "1")
+        deadline = asyncio.get_running_loop().time() + timeout if timeout else None
+
+        async def send(event: dict[str, Any]) -> None:
+            await response.write(json.dumps(event).encode() + b"\n")
+
+        async with self.changed:
+            generation, seen_bookmarks = self.watch_generation, self.bookmarks
+            if start and start < self.oldest:
+                gone = ApiError(410, "Expired", f"too old resource version: {start} ({self.oldest})")
+                await send({"type": "ERROR", "object": gone.status()})
+                await response.write_eof()
+                return response
+            position = start
+            if not start:  # no version: the current objects as ADDED first, as a real apiserver does
+                for obj in self._list(kind, namespace)["items"]:
+                    await send({"type": "ADDED", "object": obj})
+                position = self.version
+        try:
+            while True:
+                async with self.changed:
+                    pending = [event for version, which, event in self.log
+                               if version > position and which == (kind.group, kind.plural)
+                               and (namespace is None or event["object"]["metadata"].get("namespace") == namespace)]
+                    position = max(position, self.version)
+                    if not pending and self.watch_generation == generation and self.bookmarks == seen_bookmarks:
+                        remaining = None if deadline is None else deadline - asyncio.get_running_loop().time()
+                        if remaining is not None and remaining <= 0:
+                            break
+                        # aiohttp does not cancel a handler whose client left: look at the connection now and then.
+                        transport = raw.transport
+                        if transport is None or transport.is_closing():
+                            break
+                        step = WATCH_CHECK_SECONDS if remaining is None else min(remaining, WATCH_CHECK_SECONDS)
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(self.changed.wait(), step)
+                        continue
+                    ended = self.watch_generation != generation
+                    bookmark_due = self.bookmarks != seen_bookmarks
+                    seen_bookmarks = self.bookmarks
+                for event in pending:
+                    await send(event)
+                if bookmark_due and bookmarks:
+                    await send({"type": "BOOKMARK", "object": {"apiVersion": kind.api_version, "kind": kind.kind,
+                                                               "metadata": {"resourceVersion": str(position)}}})
+                if ended:
+                    break
+            await response.write_eof()
+        except (ConnectionResetError, asyncio.CancelledError):
+            pass
+        return response

@@ -1,0 +1,133 @@
+"""The bridge's pure decisions: translation and ids, Secret names, status shapes, merge patches, volumes, Events."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from libs import kube
+from libs.events.dataset import CacheStates, DatasetStatus
+from libs.events.operation import OperationStatus, Progress
+from libs.events.runtime import RuntimeStatus
+from services.bridge import domain
+
+SHOAL_DATASET = kube.SHOAL_RESOURCES[0]
+FLUID_DATASET = next(r for r in kube.FLUID_RESOURCES if r.kind == "Dataset")
+ALLUXIO = next(r for r in kube.FLUID_RESOURCES if r.kind == "AlluxioRuntime")
+DATALOAD = kube.SHOAL_RESOURCES[2]
+
+
+def cr(resource: kube.Resource, spec: dict[str, Any], **meta: Any) -> dict[str, Any]:
+    return {"apiVersion": resource.api_version, "kind": resource.kind,
+            "metadata": {"name": "demo", "namespace": "team", "uid": "u-1", "generation": 1,
+                         "resourceVersion": "7", **meta}, "spec": spec}
+
+
+S3 = {"mounts": [{"mountPoint": "s3://bucket/prefix", "encryptOptions": [
+    {"name": "aws.secretKey", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "secret"}}}]}]}
+
+
+def test_the_same_object_gives_the_same_id_and_a_change_a_new_one() -> None:
+    obj = cr(SHOAL_DATASET, S3)
+    first = domain.translate(SHOAL_DATASET, obj)
+    again = domain.translate(SHOAL_DATASET, copy.deepcopy(obj))
+    assert first.command is not None and again.command is not None
+    assert first.command.event.id == again.command.event.id
+    assert first.command.event.id.startswith("k8s.dataset.u-1.1.")
+    relabelled = cr(SHOAL_DATASET, S3, labels={"team": "vision"})  # same generation, different command
+    other = domain.translate(SHOAL_DATASET, relabelled).command
+    assert other is not None and other.event.id != first.command.event.id
+    # kubectl's copy of the whole object is not the user's metadata: it never reaches the command.
+    annotated = cr(SHOAL_DATASET, S3, annotations={domain.DROPPED_ANNOTATIONS[0]: "{...}"})
+    assert domain.translate(SHOAL_DATASET, annotated).command.event.id == first.command.event.id  # type: ignore
+
+
+def test_secret_references_are_namespaced_and_carry_no_value() -> None:
+    obj = cr(FLUID_DATASET, S3)
+    assert domain.secret_refs(obj) == [("creds", "secret")]
+    command = domain.translate(FLUID_DATASET, obj).command
+    assert command is not None
+    ref = command.event.dataset.spec.mounts[0].encrypt_options[0].value_from.secret_key_ref  # type: ignore
+    assert (ref.name, ref.key) == ("team.creds", "secret")
+    assert domain.secret_ref_errors([("x" * 250, "k")], "team")
+
+
+def test_invalid_objects_say_why() -> None:
+    load = cr(DATALOAD, {"dataset": {"name": "demo"}, "policy": "Sometimes"})
+    translation = domain.translate(DATALOAD, load)
+    assert translation.command is None
+    assert translation.errors == ["spec.policy 'Sometimes' is not one of Once, Cron, OnEvent"]
+
+
+def test_fluid_shapes_and_shoal_shape() -> None:
+    status = DatasetStatus(phase="Bound", ufs_total="1.00KiB", file_num=2, manifest="team.demo",
+                           cache_states=CacheStates(cache_capacity="1.00GiB", cached="0.00B"))
+    fluid = domain.desired_status(FLUID_DATASET, cr(FLUID_DATASET, {}), status, None, now=0)
+    assert fluid is not None and fluid["phase"] == "Bound" and fluid["fileNum"] == "2"  # a string, as Fluid
+    assert "manifest" not in fluid and "syncedGeneration" not in fluid
+    shoal = domain.desired_status(SHOAL_DATASET, cr(SHOAL_DATASET, {}), status, None, now=0)
+    assert shoal is not None and shoal["manifest"] == "team.demo"
+    runtime = domain.desired_status(ALLUXIO, cr(ALLUXIO, {}), RuntimeStatus(phase="Ready", worker_number_ready=1,
+                                                                             cache_capacity="1.00GiB"), None, now=0)
+    assert runtime == {"workerPhase": "Ready", "cacheStates": {"cacheCapacity": "1.00GiB"},
+                       "desiredWorkerNumberScheduled": 0, "currentWorkerNumberScheduled": 0, "workerNumberReady": 1}
+    load = domain.desired_status(kube.FLUID_RESOURCES[1], cr(kube.FLUID_RESOURCES[1], {}),
+                                 OperationStatus(phase="Pending", waiting_for="DataLoad team/a to be Complete"),
+                                 None, now=0)
+    assert load == {"phase": "Pending", "waitingFor": {"operationComplete": False}}
+    assert domain.desired_status(SHOAL_DATASET, cr(SHOAL_DATASET, {}), None, None, now=0) is None
+
+
+def test_a_refusal_fails_the_object_and_keeps_its_time() -> None:
+    refusal = domain.Refusal(domain.REASON_REJECTED, "spec.mounts must list at least one mount")
+    obj = cr(SHOAL_DATASET, {})
+    first = domain.desired_status(SHOAL_DATASET, obj, None, refusal, now=1000)
+    assert first is not None and first["phase"] == "Failed" and first["message"] == refusal.message
+    obj["status"] = first
+    later = domain.desired_status(SHOAL_DATASET, obj, None, refusal, now=2000)
+    assert later == first and domain.status_patch(obj, later) is None  # nothing to write again
+
+
+def test_merge_patch_removes_and_replaces() -> None:
+    current = {"phase": "NotBound", "cacheStates": {"cached": "1B", "cacheCapacity": "2B"}, "old": 1,
+               "conditions": [{"type": "A"}]}
+    desired = {"phase": "Bound", "cacheStates": {"cached": "1B", "cacheCapacity": "3B"}, "conditions": []}
+    assert domain.merge_patch(current, desired) == {"phase": "Bound", "cacheStates": {"cacheCapacity": "3B"},
+                                                    "old": None, "conditions": []}
+    assert domain.merge_patch(desired, desired) is None
+    assert domain.without_nulls({"a": None, "b": [{"c": None, "d": 1}]}) == {"b": [{"d": 1}]}
+
+
+def test_finalizer_patch_keeps_other_finalizers() -> None:
+    obj = cr(SHOAL_DATASET, {}, finalizers=["other/one"])
+    assert domain.finalizer_patch(obj, held=True) == {"metadata": {"finalizers": ["other/one", kube.FINALIZER]}}
+    obj["metadata"]["finalizers"] = ["other/one", kube.FINALIZER]
+    assert domain.finalizer_patch(obj, held=True) is None
+    assert domain.finalizer_patch(obj, held=False) == {"metadata": {"finalizers": ["other/one"]}}
+
+
+def test_volume_and_claim_bind_to_each_other() -> None:
+    obj = cr(FLUID_DATASET, {"accessModes": ["ReadWriteMany"]})
+    volume = domain.persistent_volume(obj, "/var/lib/shoal/mnt/")
+    claim = domain.persistent_volume_claim(obj)
+    assert volume["metadata"]["name"] == "team-demo" == claim["spec"]["volumeName"]
+    assert volume["spec"]["claimRef"]["name"] == claim["metadata"]["name"] == "demo"
+    assert volume["spec"]["hostPath"]["path"] == "/var/lib/shoal/mnt/team/demo"
+    assert volume["spec"]["accessModes"] == claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert claim["metadata"]["labels"] == {kube.MANAGED_BY_LABEL: kube.MANAGED_BY, kube.DATASET_LABEL: "team.demo"}
+    assert len(domain.dataset_label("n" * 63, "d" * 63)) == 63
+
+
+def test_finished_loads_and_events() -> None:
+    done = OperationStatus(phase="Complete", duration="3s", runs=1, progress=Progress(files_done=2, bytes_done=10))
+    assert domain.finished_load(DATALOAD, done) == ("Normal", "DataLoadComplete",
+                                                    "DataLoad complete in 3s: 2 files, 10 bytes")
+    assert domain.finished_load(DATALOAD, OperationStatus(phase="Executing")) is None
+    obj = cr(DATALOAD, {})
+    name = domain.event_name(obj, "DataLoadComplete", 1)
+    assert name == domain.event_name(obj, "DataLoadComplete", 1) != domain.event_name(obj, "DataLoadComplete", 2)
+    event = domain.kube_event(DATALOAD, obj, name=name, event_type="Normal", reason="DataLoadComplete",
+                              message="done", now=0)
+    assert event["involvedObject"]["uid"] == "u-1" and event["metadata"]["namespace"] == "team"
+    assert event["firstTimestamp"] == "1970-01-01T00:00:00Z"
+
