@@ -17,10 +17,11 @@ from typing import Any
 import msgspec
 
 from libs import kube
+from libs.crds import fluid_dataset_status, fluid_operation_status, fluid_runtime_status
 from libs.documents import Command, documents_to_commands
-from libs.events.common import DNS1123_SUBDOMAIN, format_bytes, to_builtins
+from libs.events.common import DNS1123_SUBDOMAIN, to_builtins
 from libs.events.dataset import Condition, DatasetStatus
-from libs.events.operation import OperationStatus, Progress
+from libs.events.operation import OperationStatus
 from libs.events.runtime import RuntimeStatus
 
 # The annotation kubectl keeps a whole copy of the object in: not the user's metadata, and it can be large.
@@ -222,10 +223,9 @@ def shoal_status(resource: kube.Resource, status: msgspec.Struct | None) -> dict
     """Shoal's status of the object's family as the CR shows it: Shoal's own shape for Shoal's kinds, Fluid's for
     Fluid's (the events' status structs already use Fluid's field names).
 
-    The Fluid shapes are those of the CRDs' status schemas (``libs.crds``' ``fluid_dataset_status``,
-    ``fluid_runtime_status``, ``fluid_operation_status``, written by the kube-crds work): ``fileNum`` is a string as
-    in Fluid, a runtime has worker fields only (Shoal has no master and no fuse daemon set), an operation shows
-    ``waitingFor`` and Shoal's ``progress``.
+    The Fluid shapes are the CRDs' status schemas, built by ``libs.crds``' converters (one source for both):
+    ``fileNum`` is a string as in Fluid, a runtime has worker fields only (Shoal has no master and no fuse daemon
+    set), an operation shows ``waitingFor`` and Shoal's ``progress``.
     """
     if status is None:
         return {}
@@ -234,32 +234,11 @@ def shoal_status(resource: kube.Resource, status: msgspec.Struct | None) -> dict
         # OperationStatus leaves defaults out; the phase is a printer column, so it is always shown.
         return {"phase": status.phase, **full} if isinstance(status, OperationStatus) else full
     if isinstance(status, DatasetStatus):
-        fluid = {"phase": status.phase, "ufsTotal": status.ufs_total,
-                 # "0" once the listing is done (an empty dataset), nothing before the first sync.
-                 "fileNum": str(status.file_num) if status.file_num or status.synced_generation else "",
-                 "cacheStates": {k: v for k, v in full["cacheStates"].items() if v},
-                 "runtimes": full["runtimes"], "conditions": full["conditions"]}
-        return {k: v for k, v in fluid.items() if v not in ("", {}, [])}
+        return to_builtins(fluid_dataset_status(status))
     if isinstance(status, RuntimeStatus):
-        capacity = status.cache_capacity or (format_bytes(status.cache_capacity_bytes)
-                                             if status.cache_capacity_bytes else "")
-        runtime: dict[str, Any] = {
-            "desiredWorkerNumberScheduled": status.desired_worker_number_scheduled,
-            "currentWorkerNumberScheduled": status.current_worker_number_scheduled,
-            "workerNumberReady": status.worker_number_ready,
-            "workerPhase": status.phase, "workerReason": status.message,
-            "cacheStates": {"cacheCapacity": capacity} if capacity else {},
-            "conditions": full["conditions"]}
-        return {k: v for k, v in runtime.items() if v not in ("", {}, []) or isinstance(v, int)}
+        return to_builtins(fluid_runtime_status(status))
     if isinstance(status, OperationStatus):
-        operation: dict[str, Any] = {
-            "phase": status.phase, "duration": status.duration, "conditions": full.get("conditions"),
-            "lastScheduleTime": status.last_schedule_time, "lastSuccessfulTime": status.last_successful_time}
-        if status.waiting_for:
-            operation["waitingFor"] = {"operationComplete": False}
-        if status.progress != Progress():
-            operation["progress"] = full["progress"]
-        return {k: v for k, v in operation.items() if v not in (None, "", {}, [])}
+        return to_builtins(fluid_operation_status(status))
     return full
 
 
