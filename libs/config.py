@@ -15,7 +15,7 @@ from typing import Any, TypeVar, get_type_hints
 
 import msgspec
 
-from libs.events.common import parse_quantity
+from libs.events.common import DNS1123_LABEL, DNS1123_SUBDOMAIN, parse_quantity
 
 
 class SettingsError(ValueError):
@@ -82,7 +82,8 @@ class S3Settings:
     path_style: bool = env("SHOAL_S3_PATH_STYLE", "Address buckets by path, not by host name.", default=True)
     secrets_dir: str = env(
         "SHOAL_SECRETS_DIR",
-        "Folder of secrets referenced by encryptOptions: <dir>/<secret name>/<key>, like a mounted Secret.",
+        "Folder of secrets referenced by encryptOptions: <dir>/<secret name>/<key>, like a mounted Secret, "
+        "or <dir>/<secret name>.<key> (one mounted Secret holding many, SHOAL_KUBE_SECRET_MIRROR).",
         default="",
     )
 
@@ -212,6 +213,18 @@ class KubeSettings:
     # short-lived.
     watch_seconds: int = env("SHOAL_KUBE_WATCH_SECONDS", "Seconds a watch runs before it is started again from "
                              "its last version.", default=300)
+    # In a cluster the services run in other pods and nodes than the bridge: they mount this one Secret instead of
+    # reading the bridge's folder (deploy/ sets shoal-system/shoal-dataset-secrets).
+    secret_mirror: str = env("SHOAL_KUBE_SECRET_MIRROR", "<namespace>/<name> of the Secret the bridge copies the "
+                             "Secret keys named by encryptOptions into (data key <namespace>.<secret>.<key>), "
+                             "for the services to mount as SHOAL_SECRETS_DIR; empty: files in the bridge's "
+                             "SHOAL_SECRETS_DIR.", default="")
+
+    @property
+    def secret_mirror_ref(self) -> tuple[str, str] | None:
+        """(namespace, name) of ``secret_mirror``, or None when unset (checked by ``load_settings``)."""
+        namespace, _, name = self.secret_mirror.partition("/")
+        return (namespace, name) if self.secret_mirror else None
 
 
 @dataclass(frozen=True)
@@ -331,6 +344,11 @@ def _check(settings: Settings) -> list[str]:
         problems.append("NATS_PASSWORD: required when NATS_USER is set")
     if settings.kube.watch_seconds < 1:
         problems.append(f"SHOAL_KUBE_WATCH_SECONDS={settings.kube.watch_seconds}: must be at least 1")
+    mirror = settings.kube.secret_mirror_ref
+    if mirror is not None and not (DNS1123_LABEL.fullmatch(mirror[0]) and len(mirror[0]) <= 63
+                                   and DNS1123_SUBDOMAIN.fullmatch(mirror[1]) and len(mirror[1]) <= 253):
+        problems.append(f"SHOAL_KUBE_SECRET_MIRROR={settings.kube.secret_mirror!r}: use <namespace>/<name> of a "
+                        "Secret, e.g. shoal-system/shoal-dataset-secrets")
     return problems + _check_scheduler(settings.scheduler)
 
 

@@ -1,5 +1,6 @@
 """Dataset mounts, pure: the Fluid/Alluxio spellings of mount options, where each mount appears in the tree,
-and which secrets a spec gives in clear text.
+which secrets a spec gives in clear text, and how a secret key is named in one Secret holding many
+(``flat_secret_key``: the Kubernetes bridge writes that name, ``libs.ufs.mounts.read_secrets`` reads it).
 
 Used by validation (``services.dataset.domain``) and by the listing; ``libs.ufs.mounts`` turns a
 mount into an object-store location.
@@ -59,3 +60,12 @@ def mount_path(mount: Mount, mount_count: int) -> str:
     if mount.name:
         return "/" + mount.name
     return "/" if mount_count == 1 else ""
+
+
+def flat_secret_key(name: str, key: str) -> str:
+    """The data key of secret ``name``'s ``key`` when many secrets share one Kubernetes Secret: ``<name>.<key>``.
+
+    A Secret volume shows each data key as a file of the mounted folder, so ``<dir>/<name>.<key>`` is what the
+    services read (``libs.ufs.mounts.read_secrets``) of the Secret the bridge keeps (``SHOAL_KUBE_SECRET_MIRROR``).
+    """
+    return f"{name}.{key}"

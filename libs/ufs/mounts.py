@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 
 from libs.config import S3Settings, Secret
 from libs.events.dataset import Dataset, Mount
-from libs.mounts import canonical_options
+from libs.mounts import canonical_options, flat_secret_key
 from libs.ufs.base import LocalLocation, Location, S3Location
 
 
@@ -55,14 +55,17 @@ def resolve_location(dataset: Dataset, mount: Mount, secrets: Mapping[tuple[str,
 
 
 def read_secrets(secrets_dir: str, refs: list[tuple[str, str]]) -> dict[tuple[str, str], Secret]:
-    """Secrets laid out like a mounted Kubernetes Secret: ``<dir>/<name>/<key>``. Missing ones are left out."""
+    """Secrets from ``secrets_dir``: ``<dir>/<name>/<key>`` (a folder per secret, as a mounted Secret per name
+    gives), else ``<dir>/<name>.<key>`` (``flat_secret_key``: one mounted Secret holding many). Missing ones are
+    left out."""
     found: dict[tuple[str, str], Secret] = {}
     if not secrets_dir:
         return found
     for name, key in refs:
-        path = Path(secrets_dir) / name / key
-        try:
-            found[(name, key)] = Secret(path.read_text().strip())
-        except OSError:
-            continue
+        for path in (Path(secrets_dir) / name / key, Path(secrets_dir) / flat_secret_key(name, key)):
+            try:
+                found[(name, key)] = Secret(path.read_text().strip())
+            except OSError:
+                continue
+            break
     return found

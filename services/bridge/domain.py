@@ -8,6 +8,7 @@ API and the KV mirrors, call these, and write.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import re
 import time
@@ -23,6 +24,7 @@ from libs.events.common import DNS1123_SUBDOMAIN, to_builtins
 from libs.events.dataset import Condition, DatasetStatus
 from libs.events.operation import OperationStatus
 from libs.events.runtime import RuntimeStatus
+from libs.mounts import flat_secret_key
 
 # The annotation kubectl keeps a whole copy of the object in: not the user's metadata, and it can be large.
 DROPPED_ANNOTATIONS = ("kubectl.kubernetes.io/last-applied-configuration",)
@@ -38,6 +40,9 @@ STORAGE_CLASS = "shoal"
 COMPONENT = kube.MANAGED_BY
 # Kubernetes object names (Events) are DNS-1123 subdomains of at most 253 characters.
 MAX_NAME = 253
+# A Secret's data keys (Kubernetes' IsConfigMapKey): these characters, at most 253 of them.
+SECRET_DATA_KEY = re.compile(r"[-._a-zA-Z0-9]+")
+MAX_SECRET_DATA_KEY = 253
 # libs.documents names the document in a YAML stream ("document 1 (Dataset demo): "); here there is only one.
 _DOCUMENT_LABEL = re.compile(r"^document 1 \([^)]*\): ")
 
@@ -126,6 +131,41 @@ def secret_ref_errors(refs: list[tuple[str, str]], namespace: str) -> list[str]:
             "or not a DNS-1123 subdomain" for name, _ in refs
             if len(stored_secret_name(namespace, name)) > MAX_NAME
             or not DNS1123_SUBDOMAIN.fullmatch(stored_secret_name(namespace, name))]
+
+
+def mirror_key(namespace: str, name: str, key: str) -> str:
+    """The data key of Secret ``namespace/name``'s ``key`` in the bridge's mirror Secret (``SHOAL_KUBE_SECRET_MIRROR``):
+    the stored name and the key, spelled as the services read them (``libs.mounts.flat_secret_key``)."""
+    return flat_secret_key(stored_secret_name(namespace, name), key)
+
+
+def mirror_key_errors(refs: list[tuple[str, str]], namespace: str) -> list[str]:
+    """References whose mirror data key Kubernetes would refuse (too long, or a character a key cannot hold)."""
+    errors = []
+    for name, key in refs:
+        flat = mirror_key(namespace, name, key)
+        if len(flat) > MAX_SECRET_DATA_KEY or not SECRET_DATA_KEY.fullmatch(flat):
+            errors.append(f"secret {name!r} key {key!r}: the mirror's key {flat!r} would be longer than "
+                          f"{MAX_SECRET_DATA_KEY} characters or hold characters other than letters, digits, "
+                          "'-', '_' and '.'")
+    return errors
+
+
+def mirror_changes(current: dict[str, str], wanted: dict[str, bytes]) -> dict[str, str]:
+    """The mirror Secret's ``data`` entries (base64) that differ from ``wanted``: what a merge patch must set."""
+    encoded = {key: base64.b64encode(value).decode() for key, value in wanted.items()}
+    return {key: value for key, value in encoded.items() if current.get(key) != value}
+
+
+def unused_mirror_keys(gone: dict[str, Any], remaining: list[dict[str, Any]]) -> list[str]:
+    """Mirror keys of a deleted Dataset object that no remaining Dataset object refers to."""
+    namespace = _namespace_of(gone)
+    keep = {mirror_key(_namespace_of(obj), name, key) for obj in remaining for name, key in secret_refs(obj)}
+    return sorted({mirror_key(namespace, name, key) for name, key in secret_refs(gone)} - keep)
+
+
+def _namespace_of(obj: dict[str, Any]) -> str:
+    return str((obj.get("metadata") or {}).get("namespace") or "default")
 
 
 # --- Translation ---

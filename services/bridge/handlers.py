@@ -109,6 +109,8 @@ class BridgeHandlers:
     refresh: set[ObjectKey] = field(default_factory=set)
     # The status last written to each object.
     written: dict[ObjectKey, dict[str, Any] | None] = field(default_factory=dict)
+    # Which (namespace, Secret, key) each data key of the mirror Secret holds (``_mirror_collisions``).
+    mirror_owners: dict[str, tuple[str, str, str]] = field(default_factory=dict)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock, init=False)
     _tick_failures: int = field(default=0, init=False)
     _quiet_until: float = field(default=0.0, init=False)
@@ -154,6 +156,8 @@ class BridgeHandlers:
         if self.published.pop(key, None) is not None and key not in self.deletes_sent:
             with contextlib.suppress(Exception):  # best effort: the object is gone from Kubernetes either way
                 await self._publish_delete(key, obj)
+            with contextlib.suppress(Exception):
+                await self._forget_secrets(key, obj)
         self.deletes_sent.discard(key)
 
     # --- one object ---
@@ -219,6 +223,7 @@ class BridgeHandlers:
             return  # tick() looks again
         if key.resource.kind == "Dataset":
             await self._delete_volume(key)
+            await self._forget_secrets(key, obj)
         await self._patch_object(key, domain.finalizer_patch(obj, held=False))
         self.published.pop(key, None)
         log.info("deleted", object=str(key))
@@ -244,16 +249,23 @@ class BridgeHandlers:
     # --- Secrets ---
 
     async def _store_secrets(self, namespace: str, refs: list[tuple[str, str]]) -> list[str]:
-        """Hand every referenced Secret key to the services as a file ``<SHOAL_SECRETS_DIR>/<ns>.<name>/<key>``
-        (the layout they read, ``libs.ufs.mounts.read_secrets``); the command carries only the reference. Returns
-        why a reference cannot be resolved (never with a value)."""
+        """Hand every referenced Secret key to the services; the command carries only the reference. With
+        ``SHOAL_KUBE_SECRET_MIRROR`` into that one Secret (``_mirror``), which the services mount; else as a file
+        ``<SHOAL_SECRETS_DIR>/<ns>.<name>/<key>`` (one host). Both are layouts ``libs.ufs.mounts.read_secrets``
+        reads. Returns why a reference cannot be resolved (never with a value)."""
         if not refs:
             return []
+        mirror = self.settings.kube.secret_mirror_ref
         errors = domain.secret_ref_errors(refs, namespace)
-        if not self.settings.s3.secrets_dir:
-            errors.append("the bridge has no SHOAL_SECRETS_DIR to hand Secrets to the services")
+        if mirror is not None:
+            errors += domain.mirror_key_errors(refs, namespace)
+            errors += self._mirror_collisions(namespace, refs)
+        elif not self.settings.s3.secrets_dir:
+            errors.append("the bridge has neither SHOAL_KUBE_SECRET_MIRROR nor SHOAL_SECRETS_DIR to hand Secrets "
+                          "to the services")
         if errors:
             return errors
+        values: dict[tuple[str, str], bytes] = {}
         for name, key in refs:
             try:
                 secret = await self.core.read_namespaced_secret(name, namespace,
@@ -267,10 +279,102 @@ class BridgeHandlers:
             if key not in data:
                 errors.append(f"Secret {namespace}/{name} has no key {key!r} (needed by encryptOptions)")
                 continue
-            value = base64.b64decode(data[key])
-            target = Path(self.settings.s3.secrets_dir) / domain.stored_secret_name(namespace, name) / key
-            await asyncio.to_thread(_write_private, target, value)
+            values[(name, key)] = base64.b64decode(data[key])
+        if mirror is not None:
+            wanted = {domain.mirror_key(namespace, name, key): value for (name, key), value in values.items()}
+            errors += await self._mirror(mirror, wanted)
+        else:
+            for (name, key), value in values.items():
+                target = Path(self.settings.s3.secrets_dir) / domain.stored_secret_name(namespace, name) / key
+                await asyncio.to_thread(_write_private, target, value)
         return errors
+
+    def _mirror_collisions(self, namespace: str, refs: list[tuple[str, str]]) -> list[str]:
+        """A mirror key is ``<ns>.<secret>.<key>``, and names and keys may hold dots: Secret ``a.b`` key ``c`` and
+        Secret ``a`` key ``b.c`` would share one. The first reference the bridge saw keeps it (until a restart)."""
+        errors = []
+        for name, key in refs:
+            flat = domain.mirror_key(namespace, name, key)
+            owner = self.mirror_owners.setdefault(flat, (namespace, name, key))
+            if owner != (namespace, name, key):
+                errors.append(f"Secret {namespace}/{name} key {key!r} would share the mirror's key {flat!r} with "
+                              f"Secret {owner[0]}/{owner[1]} key {owner[2]!r}: rename one")
+        return errors
+
+    async def _mirror(self, mirror: tuple[str, str], wanted: dict[str, bytes]) -> list[str]:
+        """Make the mirror Secret hold ``wanted`` (data keys → values): read it, then one merge patch of the keys
+        that differ, and nothing when none does; created if absent. Returns why it could not (403), never a
+        value; other API errors raise (retried by ``tick``)."""
+        if not wanted:
+            return []
+        namespace, name = mirror
+        where = f"Secret {namespace}/{name} (SHOAL_KUBE_SECRET_MIRROR)"
+        try:
+            current = await self.core.read_namespaced_secret(name, namespace, _request_timeout=REQUEST_TIMEOUT_SECONDS)
+        except ApiException as err:
+            if err.status == 403:
+                return [f"the bridge may not read {where}: grant it get and patch on that Secret (deploy/)"]
+            if err.status != 404:
+                raise
+            return await self._create_mirror(mirror, wanted, where)
+        changes = domain.mirror_changes(current.data or {}, wanted)
+        if not changes:
+            return []
+        try:
+            await self.core.patch_namespaced_secret(
+                name, namespace, {"data": changes},
+                _content_type=MERGE_PATCH,  # type: ignore[call-arg]  # in **kwargs, not in the stubs
+                _request_timeout=REQUEST_TIMEOUT_SECONDS)
+        except ApiException as err:
+            if err.status == 403:
+                return [f"the bridge may not patch {where}: grant it get and patch on that Secret (deploy/)"]
+            raise
+        log.info("secret mirror updated", secret=f"{namespace}/{name}", keys=sorted(changes))  # names, no values
+        return []
+
+    async def _create_mirror(self, mirror: tuple[str, str], wanted: dict[str, bytes], where: str) -> list[str]:
+        namespace, name = mirror
+        body = {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+                "metadata": {"name": name, "namespace": namespace,
+                             "labels": {kube.MANAGED_BY_LABEL: kube.MANAGED_BY}},
+                "data": domain.mirror_changes({}, wanted)}
+        try:
+            await self.core.create_namespaced_secret(namespace, body,  # type: ignore[arg-type]  # a dict is sent as is
+                                                     _request_timeout=REQUEST_TIMEOUT_SECONDS)
+        except ApiException as err:
+            if err.status == 403:
+                return [f"{where} does not exist and the bridge may not create it: apply deploy/ (it has an empty "
+                        "one) or create it"]
+            raise  # 409 included (created meanwhile): the next handling reads and patches it
+        log.info("secret mirror created", secret=f"{namespace}/{name}", keys=sorted(wanted))
+        return []
+
+    async def _forget_secrets(self, key: ObjectKey, obj: dict[str, Any]) -> None:
+        """Remove a deleted Dataset's keys from the mirror Secret, unless another Dataset still refers to them."""
+        mirror = self.settings.kube.secret_mirror_ref
+        if mirror is None or key.resource.kind != "Dataset":
+            return
+        remaining = [other for other_key, other in self.objects.items()
+                     if other_key.resource.kind == "Dataset" and other_key != key]
+        unused = domain.unused_mirror_keys(obj, remaining)
+        if not unused:
+            return
+        namespace, name = mirror
+        try:
+            current = await self.core.read_namespaced_secret(name, namespace, _request_timeout=REQUEST_TIMEOUT_SECONDS)
+        except ApiException as err:
+            if err.status in (403, 404):
+                return  # nothing of ours there, or not ours to change: said when the keys were written
+            raise
+        present = [flat for flat in unused if flat in (current.data or {})]
+        if present:
+            await self.core.patch_namespaced_secret(
+                name, namespace, {"data": dict.fromkeys(present)},  # null removes a key (RFC 7386)
+                _content_type=MERGE_PATCH,  # type: ignore[call-arg]  # in **kwargs, not in the stubs
+                _request_timeout=REQUEST_TIMEOUT_SECONDS)
+            log.info("secret mirror keys removed", secret=f"{namespace}/{name}", keys=present)
+        for flat in unused:
+            self.mirror_owners.pop(flat, None)
 
     # --- periodic: status, volumes, Events, retries ---
 
