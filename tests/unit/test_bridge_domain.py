@@ -52,6 +52,29 @@ def test_secret_references_are_namespaced_and_carry_no_value() -> None:
     assert domain.secret_ref_errors([("x" * 250, "k")], "team")
 
 
+def test_mirror_keys_are_flat_checked_and_patched_only_when_changed() -> None:
+    assert domain.mirror_key("team", "s3-creds", "secret") == "team.s3-creds.secret"
+    assert domain.mirror_key_errors([("creds", "secret"), ("creds", "a_B-1.x")], "team") == []
+    (too_long,) = domain.mirror_key_errors([("c" * 200, "k" * 60)], "team")
+    assert "longer than 253" in too_long
+    assert domain.mirror_key_errors([("creds", "bad key")], "team")
+    current = {"team.creds.id": "QUtJRA==", "team.creds.secret": "b2xk"}  # AKID, old
+    assert domain.mirror_changes(current, {"team.creds.id": b"AKID"}) == {}
+    assert domain.mirror_changes(current, {"team.creds.id": b"AKID", "team.creds.secret": b"new"}) == {
+        "team.creds.secret": "bmV3"}
+
+
+def test_a_deleted_datasets_mirror_keys_go_unless_another_uses_them() -> None:
+    shared = cr(SHOAL_DATASET, S3, name="other")
+    two_keys = cr(SHOAL_DATASET, {"mounts": [{"mountPoint": "s3://b", "encryptOptions": [
+        {"name": "aws.accessKeyId", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "id"}}},
+        {"name": "aws.secretKey", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "secret"}}}]}]})
+    assert domain.unused_mirror_keys(two_keys, [shared]) == ["team.creds.id"]
+    assert domain.unused_mirror_keys(two_keys, []) == ["team.creds.id", "team.creds.secret"]
+    elsewhere = cr(SHOAL_DATASET, S3, name="other", namespace="ml")  # the same Secret name in another namespace
+    assert domain.unused_mirror_keys(two_keys, [elsewhere]) == ["team.creds.id", "team.creds.secret"]
+
+
 def test_invalid_objects_say_why() -> None:
     load = cr(DATALOAD, {"dataset": {"name": "demo"}, "policy": "Sometimes"})
     translation = domain.translate(DATALOAD, load)

@@ -238,6 +238,15 @@ def test_secret_behaviour() -> None:
 # --- Documentation of the settings ---
 
 
+def test_the_secret_mirror_is_a_namespace_and_a_name() -> None:
+    assert load_settings({}).kube.secret_mirror_ref is None
+    settings = load_settings({"SHOAL_KUBE_SECRET_MIRROR": "shoal-system/shoal-dataset-secrets"})
+    assert settings.kube.secret_mirror_ref == ("shoal-system", "shoal-dataset-secrets")
+    for bad in ("shoal-dataset-secrets", "shoal-system/", "/name", "a/b/c", "Shoal/x"):
+        with pytest.raises(SettingsError, match="SHOAL_KUBE_SECRET_MIRROR"):
+            load_settings({"SHOAL_KUBE_SECRET_MIRROR": bad})
+
+
 def test_every_setting_is_described() -> None:
     rows = describe_settings()
     names = [name for name, _, _ in rows]

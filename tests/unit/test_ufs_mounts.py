@@ -1,0 +1,40 @@
+"""Secret files as the services read them (``libs.ufs.mounts.read_secrets``): a folder per Secret, or one mounted
+Secret holding many under flat keys (``libs.mounts.flat_secret_key``, what the bridge's mirror writes)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from libs.config import Secret
+from libs.mounts import flat_secret_key
+from libs.ufs.mounts import read_secrets
+
+
+def kubelet_volume(folder: Path, data: dict[str, str]) -> str:
+    """A Secret volume as the kubelet lays it out: each key a link into a timestamped ``..data`` folder."""
+    version = folder / "..2026_12_05_09_00_00.1"
+    version.mkdir(parents=True)
+    for key, value in data.items():
+        (version / key).write_text(value)
+    (folder / "..data").symlink_to(version.name)
+    for key in data:
+        (folder / key).symlink_to(f"..data/{key}")
+    return str(folder)
+
+
+def test_the_flat_layout_of_one_mounted_secret(tmp_path: Path) -> None:
+    assert flat_secret_key("team.s3-creds", "secret") == "team.s3-creds.secret"
+    folder = kubelet_volume(tmp_path / "mirror", {"team.s3-creds.id": "AKID\n", "team.s3-creds.secret": "SK"})
+    refs = [("team.s3-creds", "id"), ("team.s3-creds", "secret"), ("team.s3-creds", "absent"), ("other", "id")]
+    assert read_secrets(folder, refs) == {("team.s3-creds", "id"): Secret("AKID"),
+                                          ("team.s3-creds", "secret"): Secret("SK")}
+
+
+def test_a_folder_per_secret_is_read_first(tmp_path: Path) -> None:
+    (tmp_path / "creds").mkdir()
+    (tmp_path / "creds" / "key").write_text("nested")
+    (tmp_path / "creds.key").write_text("flat")
+    (tmp_path / "creds.other").write_text("flat only")
+    assert read_secrets(str(tmp_path), [("creds", "key"), ("creds", "other")]) == {
+        ("creds", "key"): Secret("nested"), ("creds", "other"): Secret("flat only")}
+    assert read_secrets("", [("creds", "key")]) == {}
