@@ -23,6 +23,7 @@ from libs.bus import Bus
 from libs.config import KubeSettings, Settings
 from libs.events.agent import AgentHeartbeat
 from libs.events.common import ObjectRef
+from libs.events.dataset import DatasetResync
 from libs.side_server import Readiness
 from services.bridge import app as bridge_app
 from services.bridge.domain import CONDITION_ACCEPTED
@@ -251,6 +252,69 @@ async def test_fluid_dataset_with_secret_and_alluxio_runtime(cluster: Cluster, b
     assert seen and not [m for m in seen if secret_key.encode() in m or base64.b64encode(secret_key.encode()) in m]
 
 
+async def test_secret_mirror_reaches_the_services_through_a_mounted_secret(
+        cluster: Cluster, bus: Bus, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path) -> None:
+    """SHOAL_KUBE_SECRET_MIRROR (deploy/'s cluster mode): the bridge copies the referenced keys into the one Secret
+    in shoal-system, under ``<ns>.<secret>.<key>``, with a merge patch and in no message on any subject. The dataset
+    service reads them from a folder laid out as the kubelet mounts that Secret; until the kubelet has refreshed
+    the volume the sync fails with the missing key, and a resync then binds the dataset with those credentials.
+    Deleting the Dataset removes its keys from the mirror."""
+    await put_objects(seaweedfs, bucket, {"a": b"1", "b/c": b"22"})
+    secret_key = seaweedfs.config.secret_access_key
+    seen: list[bytes] = []
+
+    async def collect(msg: Any) -> None:
+        seen.append(msg.data + b"".join(f"{k}{v}".encode() for k, v in (msg.headers or {}).items()))
+
+    every_subject = await bus.nc.subscribe(">", cb=collect)
+    await cluster.core.create_namespaced_secret("team", client.V1Secret(
+        metadata=client.V1ObjectMeta(name="s3-creds"),
+        string_data={"id": seaweedfs.config.access_key_id, "secret": secret_key}))
+    # As deploy/ installs it: empty; the bridge may only get and patch it.
+    await cluster.core.create_namespaced_secret(kube.SYSTEM_NAMESPACE, client.V1Secret(
+        metadata=client.V1ObjectMeta(name="shoal-dataset-secrets"), type="Opaque"))
+    mounted = tmp_path / "mounted"  # SHOAL_SECRETS_DIR of the dataset service: the Secret volume's mount path
+    mounted.mkdir()
+    settings = dataclasses.replace(
+        cluster.settings,
+        s3=dataclasses.replace(cluster.settings.s3, endpoint=seaweedfs.endpoint, secrets_dir=str(mounted)),
+        kube=dataclasses.replace(cluster.settings.kube,
+                                 secret_mirror=f"{kube.SYSTEM_NAMESPACE}/shoal-dataset-secrets"))
+    encrypt = [{"name": "aws.accessKeyId", "valueFrom": {"secretKeyRef": {"name": "s3-creds", "key": "id"}}},
+               {"name": "aws.secretKey", "valueFrom": {"secretKeyRef": {"name": "s3-creds", "key": "secret"}}}]
+    async with everything(settings):
+        await cluster.create(SHOAL, "imagenet", {"mounts": [{"mountPoint": f"s3://{bucket}",
+                                                             "encryptOptions": encrypt}]}, namespace="team")
+
+        async def mirrored() -> dict[str, str] | None:
+            data = (cluster.server.stored("", "secrets", kube.SYSTEM_NAMESPACE, "shoal-dataset-secrets")
+                    or {}).get("data") or {}
+            return data if {"team.s3-creds.id", "team.s3-creds.secret"} <= data.keys() else None
+
+        data = await eventually(mirrored, what="the keys in the mirror Secret")
+        assert base64.b64decode(data["team.s3-creds.secret"]).decode() == secret_key
+        assert base64.b64decode(data["team.s3-creds.id"]).decode() == seaweedfs.config.access_key_id
+        # The kubelet has not refreshed the volume yet: the sync says which key is missing (what a user sees).
+        message = await eventually(lambda: _sync_message(cluster, "team", "imagenet"),
+                                   what="the sync failing on the key not mounted yet")
+        assert "secret 'team.s3-creds' has no key" in message and secret_key not in message
+        _kubelet_writes(mounted, data)
+        await bus.publish(subjects.DATASET_RESYNC, DatasetResync(name="imagenet", namespace="team"))
+        await cluster.status(SHOAL, "imagenet", namespace="team", fileNum=2)
+
+        await cluster.custom.delete_namespaced_custom_object(SHOAL.group, SHOAL.version, "team", SHOAL.plural,
+                                                             "imagenet")
+        await eventually(lambda: _async(not (cluster.server.stored(
+            "", "secrets", kube.SYSTEM_NAMESPACE, "shoal-dataset-secrets") or {}).get("data")),
+                         what="the deleted Dataset's keys removed from the mirror")
+    await every_subject.unsubscribe()
+    assert seen and not [m for m in seen if secret_key.encode() in m or base64.b64encode(secret_key.encode()) in m]
+    mirror_patches = cluster.server.recorded("PATCH", "/secrets/shoal-dataset-secrets")
+    assert len(mirror_patches) == 2  # one to add both keys (a re-read with no change sends none), one to remove
+    assert all(r.headers.get("Content-Type") == MERGE for r in mirror_patches)
+    assert not cluster.server.recorded("POST", "/secrets")[2:]  # the test's two; the bridge created none
+
+
 async def test_api_server_errors_then_recovery(cluster: Cluster, bus: Bus, tmp_path: Path) -> None:
     """503 from the start: the bridge keeps retrying; once the API answers it lists, applies and writes status.
     503 again while Shoal's status changes: written once the API is back. The bridge watches one namespace here
@@ -291,6 +355,22 @@ def _runtime_apply(name: str):
 
     return RuntimeApply(runtime=Runtime(metadata=ObjectMeta(name=name), spec=RuntimeSpec(
         tieredstore=TieredStore(levels=[Level(mediumtype="MEM", quota="1Gi")]))))
+
+
+async def _sync_message(cluster: Cluster, namespace: str, name: str) -> str | None:
+    message = ((cluster.get(SHOAL, name, namespace) or {}).get("status") or {}).get("message") or ""
+    return message if "has no key" in message else None
+
+
+def _kubelet_writes(folder: Path, data: dict[str, str]) -> None:
+    """A Secret volume as the kubelet lays it out: each data key a file (a link into a ``..data`` folder)."""
+    version = folder / "..2026_12_05_09_00_00.1"
+    version.mkdir()
+    for key, value in data.items():
+        (version / key).write_bytes(base64.b64decode(value))
+    (folder / "..data").symlink_to(version.name)
+    for key in data:
+        (folder / key).symlink_to(f"..data/{key}")
 
 
 async def _bound_in_shoal(bus: Bus, name: str) -> bool:
