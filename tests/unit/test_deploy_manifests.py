@@ -98,7 +98,8 @@ def test_every_rendered_object_is_a_valid_kubernetes_object(rendered: list[dict[
         kubernetes_validate.validate(obj, KUBERNETES, strict=True)
         validated.append(obj["kind"])
     assert {"Namespace", "DaemonSet", "Deployment", "StatefulSet", "Service", "ServiceAccount", "ClusterRole",
-            "ClusterRoleBinding", "MutatingWebhookConfiguration", "ConfigMap"} <= set(validated)
+            "ClusterRoleBinding", "Role", "RoleBinding", "Secret", "MutatingWebhookConfiguration",
+            "ConfigMap"} <= set(validated)
     names = {(obj["kind"], obj["metadata"].get("namespace"), obj["metadata"]["name"]) for obj in rendered}
     assert len(names) == len(rendered), "two objects with one name"
 
@@ -194,13 +195,16 @@ def test_each_process_has_its_own_service_account_and_only_the_bridge_a_token(
     assert bound == {("shoal-bridge", SYSTEM_NAMESPACE)}, "only the bridge may call the API"
 
 
-def bridge_rules(rendered: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def bridge_rules(rendered: list[dict[str, Any]], binding_kind: str = "ClusterRoleBinding") -> list[dict[str, Any]]:
+    """The rules granted to the bridge by bindings of one kind (cluster-wide, or in a namespace)."""
     rules = []
     for binding in rendered:
-        if binding["kind"] not in ("ClusterRoleBinding", "RoleBinding"):
+        if binding["kind"] != binding_kind:
             continue
         if any(subject["name"] == "shoal-bridge" for subject in binding["subjects"]):
             role = find(rendered, binding["roleRef"]["kind"], binding["roleRef"]["name"])
+            if role["kind"] == "Role":
+                assert role["metadata"]["namespace"] == binding["metadata"]["namespace"]
             rules += role["rules"]
     return rules
 
@@ -240,6 +244,39 @@ def test_the_bridge_may_touch_exactly_the_resources_it_serves(rendered: list[dic
     # The role a namespace binds to let the bridge resolve its encryptOptions: one Secret by name, nothing more.
     secrets = find(rendered, "ClusterRole", "shoal-bridge-secrets")
     assert secrets["rules"] == [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]}]
+    # In its own namespace: get and patch of the one Secret it mirrors encryptOptions' keys into, by name.
+    assert bridge_rules(rendered, "RoleBinding") == [{"apiGroups": [""], "resources": ["secrets"],
+                                                      "resourceNames": ["shoal-dataset-secrets"],
+                                                      "verbs": ["get", "patch"]}]
+
+
+def test_the_services_mount_the_secret_the_bridge_mirrors(rendered: list[dict[str, Any]]) -> None:
+    containers = {name: (template["spec"], container) for name, template, container in shoal_workloads(rendered)}
+    bridge = settings_of(rendered, containers["shoal-bridge"][1])
+    namespace, name = load_settings({"SHOAL_KUBE_SECRET_MIRROR": bridge["SHOAL_KUBE_SECRET_MIRROR"]}).kube \
+        .secret_mirror_ref or ("", "")
+    mirror = find(rendered, "Secret", name)
+    # Installed empty: values are the bridge's to write (and `kubectl apply -k` again leaves its keys alone).
+    assert mirror["metadata"]["namespace"] == namespace == SYSTEM_NAMESPACE
+    assert mirror["type"] == "Opaque" and not mirror.get("data") and not mirror.get("stringData")
+    (role,) = [obj for obj in rendered if obj["kind"] == "Role"
+               and any(name in rule.get("resourceNames", []) for rule in obj["rules"])]
+    assert role["metadata"]["namespace"] == namespace
+    assert "SHOAL_SECRETS_DIR" not in bridge  # the bridge writes the Secret, not files
+    # Whoever reads encryptOptions' keys (listing, and the agents' mount processes, which inherit the agent's
+    # environment) finds the mirror mounted at its SHOAL_SECRETS_DIR.
+    for reader in ("shoal-dataset", "shoal-agent"):
+        pod, container = containers[reader]
+        folder = settings_of(rendered, container)["SHOAL_SECRETS_DIR"]
+        (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == folder]
+        assert mount["readOnly"] is True, reader
+        (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+        assert volume["secret"]["secretName"] == name, reader
+        assert volume["secret"]["optional"] is True, reader  # a cluster without encryptOptions starts anyway
+        # Readable by the user the process runs as: the owner (root) or the pod's fsGroup.
+        user = pod.get("securityContext", {}).get("runAsUser", container["securityContext"].get("runAsUser"))
+        mode = volume["secret"]["defaultMode"]
+        assert mode & 0o400 if user == 0 else (mode & 0o040 and pod["securityContext"]["fsGroup"]), reader
 
 
 def test_nats_is_a_jetstream_cluster_of_three_and_streams_have_three_replicas(
