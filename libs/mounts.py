@@ -62,6 +62,11 @@ def mount_path(mount: Mount, mount_count: int) -> str:
     return "/" if mount_count == 1 else ""
 
 
+# How a dataset's status says a secret key was not found (``libs.ufs.mounts.MissingSecret``): the Kubernetes bridge
+# recognises it to ask again once the kubelet has refreshed the mounted Secret.
+MISSING_SECRET_KEY = "has no key"
+
+
 def flat_secret_key(name: str, key: str) -> str:
     """The data key of secret ``name``'s ``key`` when many secrets share one Kubernetes Secret: ``<name>.<key>``.
 

@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 
 from libs.config import S3Settings, Secret
 from libs.events.dataset import Dataset, Mount
-from libs.mounts import canonical_options, flat_secret_key
+from libs.mounts import MISSING_SECRET_KEY, canonical_options, flat_secret_key
 from libs.ufs.base import LocalLocation, Location, S3Location
 
 
@@ -37,7 +37,7 @@ def resolve_location(dataset: Dataset, mount: Mount, secrets: Mapping[tuple[str,
     for option in [*dataset.spec.shared_encrypt_options, *mount.encrypt_options]:
         ref = option.value_from.secret_key_ref
         if (ref.name, ref.key) not in secrets:
-            raise MissingSecret(f"secret {ref.name!r} has no key {ref.key!r} (needed for {option.name})")
+            raise MissingSecret(f"secret {ref.name!r} {MISSING_SECRET_KEY} {ref.key!r} (needed for {option.name})")
         encrypted[option.name] = secrets[(ref.name, ref.key)]
     access_key = encrypted.get("aws.accessKeyId") or (
         Secret(options["aws.accessKeyId"]) if "aws.accessKeyId" in options else defaults.access_key_id

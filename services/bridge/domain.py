@@ -24,7 +24,7 @@ from libs.events.common import DNS1123_SUBDOMAIN, to_builtins
 from libs.events.dataset import Condition, DatasetStatus
 from libs.events.operation import OperationStatus
 from libs.events.runtime import RuntimeStatus
-from libs.mounts import flat_secret_key
+from libs.mounts import MISSING_SECRET_KEY, flat_secret_key
 
 # The annotation kubectl keeps a whole copy of the object in: not the user's metadata, and it can be large.
 DROPPED_ANNOTATIONS = ("kubectl.kubernetes.io/last-applied-configuration",)
@@ -166,6 +166,26 @@ def unused_mirror_keys(gone: dict[str, Any], remaining: list[dict[str, Any]]) ->
 
 def _namespace_of(obj: dict[str, Any]) -> str:
     return str((obj.get("metadata") or {}).get("namespace") or "default")
+
+
+# The kubelet refreshes a mounted Secret within about a minute (its sync period plus its cache's lifetime), so a
+# key just mirrored is usually not in the services' folder at a new Dataset's first sync. The bridge asks for a
+# resync this often while the sync says a key is missing, at most this many times (three minutes), after which the
+# failure stays (a mirror the services do not mount, say) until the user resyncs or changes the Dataset.
+MIRROR_RESYNC_SECONDS = 20.0
+MIRROR_RESYNC_TRIES = 9
+
+
+def waits_for_mounted_secret(status: Any) -> bool:
+    """The Dataset's last sync failed because a secret key was not in the services' folder (yet)."""
+    return (isinstance(status, DatasetStatus) and status.phase == "Failed"
+            and MISSING_SECRET_KEY in status.message)
+
+
+def resync_id(obj: dict[str, Any], tries: int) -> str:
+    """The id of the bridge's ``tries``-th resync of this version of a Dataset: the same after a restart."""
+    meta = obj.get("metadata") or {}
+    return f"k8s.resync.{meta.get('uid', '')}.{meta.get('generation', 0)}.{tries}"
 
 
 # --- Translation ---

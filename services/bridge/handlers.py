@@ -27,7 +27,7 @@ from libs import kube, subjects
 from libs.backoff import Backoff
 from libs.bus import Bus, KvMirror
 from libs.config import Settings
-from libs.events.dataset import DatasetDelete, DatasetRecord
+from libs.events.dataset import DatasetDelete, DatasetRecord, DatasetResync
 from libs.events.operation import DataCleanDelete, DataLoadDelete, OperationRecord
 from libs.events.runtime import RuntimeDelete, RuntimeRecord
 from libs.telemetry import get_logger
@@ -42,6 +42,8 @@ MERGE_PATCH = "application/merge-patch+json"
 # Status writes and retries after a failed pass: soon, but at most every 5 s, so status catches up within seconds
 # of the API server's return without a request per object at every tick while it is down.
 TICK_RETRY = Backoff(first=0.5, cap=5.0)
+# Module-level so tests can shorten it (the kubelet's refresh is what it waits for).
+MIRROR_RESYNC_SECONDS = domain.MIRROR_RESYNC_SECONDS
 
 
 class _Unavailable(Exception):
@@ -111,6 +113,8 @@ class BridgeHandlers:
     written: dict[ObjectKey, dict[str, Any] | None] = field(default_factory=dict)
     # Which (namespace, Secret, key) each data key of the mirror Secret holds (``_mirror_collisions``).
     mirror_owners: dict[str, tuple[str, str, str]] = field(default_factory=dict)
+    # Resyncs asked for a Dataset waiting for the kubelet to mount its keys: (command id of the spec, tries, when).
+    resyncs: dict[ObjectKey, tuple[str, int, float]] = field(default_factory=dict)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock, init=False)
     _tick_failures: int = field(default=0, init=False)
     _quiet_until: float = field(default=0.0, init=False)
@@ -153,6 +157,7 @@ class BridgeHandlers:
         self.pending.discard(key)
         self.invalid.pop(key, None)
         self.written.pop(key, None)
+        self.resyncs.pop(key, None)
         if self.published.pop(key, None) is not None and key not in self.deletes_sent:
             with contextlib.suppress(Exception):  # best effort: the object is gone from Kubernetes either way
                 await self._publish_delete(key, obj)
@@ -448,6 +453,8 @@ class BridgeHandlers:
                                      "Warning", refusal.reason, refusal.message)
         if key.resource.kind == "Dataset" and refusal is None and getattr(status, "phase", "") == "Bound":
             await self._create_volume(key, obj)
+        if key.resource.kind == "Dataset" and refusal is None:
+            await self._resync_for_mounted_secret(key, obj, status)
         finished = domain.finished_load(key.resource, status)
         if finished is not None and refusal is None:
             event_type, reason, message = finished
@@ -455,6 +462,25 @@ class BridgeHandlers:
             completed = getattr(status, "completion_time", "")
             await self._record_event(key, obj, domain.event_name(obj, reason, runs, completed), event_type, reason,
                                      message)
+
+    async def _resync_for_mounted_secret(self, key: ObjectKey, obj: dict[str, Any], status: Any) -> None:
+        """With the mirror, a Dataset's first sync usually runs before the kubelet has put the keys in the services'
+        folder: ask the dataset service to sync again every ``MIRROR_RESYNC_SECONDS``, a bounded number of times
+        per spec (``domain.MIRROR_RESYNC_TRIES``)."""
+        command_id = self.published.get(key)
+        if (self.settings.kube.secret_mirror_ref is None or command_id is None
+                or not domain.waits_for_mounted_secret(status)):
+            return
+        spec, tries, last = self.resyncs.get(key, (command_id, 0, self.clock()))
+        if spec != command_id:  # a new spec: its own tries
+            tries, last = 0, self.clock()
+        if tries >= domain.MIRROR_RESYNC_TRIES or self.clock() - last < MIRROR_RESYNC_SECONDS:
+            self.resyncs[key] = (command_id, tries, last)
+            return
+        await self.bus.publish(subjects.DATASET_RESYNC, DatasetResync(
+            id=domain.resync_id(obj, tries + 1), name=key.name, namespace=key.namespace))
+        self.resyncs[key] = (command_id, tries + 1, self.clock())
+        log.info("resync asked: a secret key is not mounted yet", object=str(key), tries=tries + 1)
 
     async def _record_event(self, key: ObjectKey, obj: dict[str, Any], name: str, event_type: str, reason: str,
                             message: str) -> None:

@@ -23,9 +23,9 @@ from libs.bus import Bus
 from libs.config import KubeSettings, Settings
 from libs.events.agent import AgentHeartbeat
 from libs.events.common import ObjectRef
-from libs.events.dataset import DatasetResync
 from libs.side_server import Readiness
 from services.bridge import app as bridge_app
+from services.bridge import handlers as bridge_handlers
 from services.bridge.domain import CONDITION_ACCEPTED
 from services.dataset import app as dataset_app
 from services.loader import app as loader_app
@@ -253,18 +253,23 @@ async def test_fluid_dataset_with_secret_and_alluxio_runtime(cluster: Cluster, b
 
 
 async def test_secret_mirror_reaches_the_services_through_a_mounted_secret(
-        cluster: Cluster, bus: Bus, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path) -> None:
+        cluster: Cluster, bus: Bus, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """SHOAL_KUBE_SECRET_MIRROR (deploy/'s cluster mode): the bridge copies the referenced keys into the one Secret
     in shoal-system, under ``<ns>.<secret>.<key>``, with a merge patch and in no message on any subject. The dataset
     service reads them from a folder laid out as the kubelet mounts that Secret; until the kubelet has refreshed
-    the volume the sync fails with the missing key, and a resync then binds the dataset with those credentials.
-    Deleting the Dataset removes its keys from the mirror."""
+    the volume the sync fails with the missing key (phase Failed), and the bridge's resync then binds the dataset
+    with those credentials. Deleting the Dataset removes its keys from the mirror."""
+    monkeypatch.setattr(bridge_handlers, "MIRROR_RESYNC_SECONDS", 0.3)  # the kubelet here is the test itself
     await put_objects(seaweedfs, bucket, {"a": b"1", "b/c": b"22"})
     secret_key = seaweedfs.config.secret_access_key
     seen: list[bytes] = []
+    resyncs: list[str] = []
 
     async def collect(msg: Any) -> None:
         seen.append(msg.data + b"".join(f"{k}{v}".encode() for k, v in (msg.headers or {}).items()))
+        if msg.subject == subjects.DATASET_RESYNC:
+            resyncs.append((msg.headers or {}).get("Nats-Msg-Id", ""))
 
     every_subject = await bus.nc.subscribe(">", cb=collect)
     await cluster.core.create_namespaced_secret("team", client.V1Secret(
@@ -298,9 +303,10 @@ async def test_secret_mirror_reaches_the_services_through_a_mounted_secret(
         message = await eventually(lambda: _sync_message(cluster, "team", "imagenet"),
                                    what="the sync failing on the key not mounted yet")
         assert "secret 'team.s3-creds' has no key" in message and secret_key not in message
+        assert (cluster.get(SHOAL, "imagenet", "team") or {})["status"]["phase"] == "Failed"
         _kubelet_writes(mounted, data)
-        await bus.publish(subjects.DATASET_RESYNC, DatasetResync(name="imagenet", namespace="team"))
-        await cluster.status(SHOAL, "imagenet", namespace="team", fileNum=2)
+        await cluster.status(SHOAL, "imagenet", namespace="team", fileNum=2, phase="NotBound")
+        assert resyncs and all(r.startswith("k8s.resync.") for r in resyncs)  # the bridge asked, nobody else
 
         await cluster.custom.delete_namespaced_custom_object(SHOAL.group, SHOAL.version, "team", SHOAL.plural,
                                                              "imagenet")

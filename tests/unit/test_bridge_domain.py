@@ -64,6 +64,18 @@ def test_mirror_keys_are_flat_checked_and_patched_only_when_changed() -> None:
         "team.creds.secret": "bmV3"}
 
 
+def test_a_sync_that_misses_a_mounted_key_is_asked_again() -> None:
+    missing = DatasetStatus(phase="Failed", message="mount s3://b: secret 'team.creds' has no key 'id' (needed for "
+                                                    "aws.accessKeyId)")
+    assert domain.waits_for_mounted_secret(missing)
+    assert not domain.waits_for_mounted_secret(DatasetStatus(phase="Failed", message="cannot list s3://b: denied"))
+    assert not domain.waits_for_mounted_secret(DatasetStatus(phase="NotBound"))
+    assert not domain.waits_for_mounted_secret(None)
+    obj = cr(SHOAL_DATASET, S3)
+    assert domain.resync_id(obj, 1) == domain.resync_id(copy.deepcopy(obj), 1) != domain.resync_id(obj, 2)
+    assert domain.resync_id(obj, 1) != domain.resync_id(cr(SHOAL_DATASET, S3, generation=2), 1)
+
+
 def test_a_deleted_datasets_mirror_keys_go_unless_another_uses_them() -> None:
     shared = cr(SHOAL_DATASET, S3, name="other")
     two_keys = cr(SHOAL_DATASET, {"mounts": [{"mountPoint": "s3://b", "encryptOptions": [
