@@ -25,6 +25,7 @@ from libs.events.agent import AgentHeartbeat
 from libs.events.common import ObjectRef
 from libs.side_server import Readiness
 from services.bridge import app as bridge_app
+from services.bridge import domain as bridge_domain
 from services.bridge import handlers as bridge_handlers
 from services.bridge.domain import CONDITION_ACCEPTED
 from services.dataset import app as dataset_app
@@ -260,7 +261,10 @@ async def test_secret_mirror_reaches_the_services_through_a_mounted_secret(
     service reads them from a folder laid out as the kubelet mounts that Secret; until the kubelet has refreshed
     the volume the sync fails with the missing key (phase Failed), and the bridge's resync then binds the dataset
     with those credentials. Deleting the Dataset removes its keys from the mirror."""
-    monkeypatch.setattr(bridge_handlers, "MIRROR_RESYNC_SECONDS", 0.3)  # the kubelet here is the test itself
+    # The kubelet here is the test itself, which writes the files once it has seen the failure: ask often, and
+    # without running out of tries on a slow machine.
+    monkeypatch.setattr(bridge_handlers, "MIRROR_RESYNC_SECONDS", 0.3)
+    monkeypatch.setattr(bridge_domain, "MIRROR_RESYNC_TRIES", 1000)
     await put_objects(seaweedfs, bucket, {"a": b"1", "b/c": b"22"})
     secret_key = seaweedfs.config.secret_access_key
     seen: list[bytes] = []
