@@ -279,6 +279,10 @@ class BridgeHandlers:
                 if err.status == 404:
                     errors.append(f"Secret {namespace}/{name} not found (needed by encryptOptions)")
                     continue
+                if err.status == 403:  # read again at the next re-list, once the binding exists
+                    errors.append(f"the bridge may not read Secret {namespace}/{name}: bind the ClusterRole "
+                                  f"shoal-bridge-secrets to it in {namespace} (docs/kubernetes.md)")
+                    continue
                 raise
             data = secret.data or {}
             if key not in data:

@@ -25,6 +25,8 @@ class StubCore:
 
     async def read_namespaced_secret(self, name: str, namespace: str, **kwargs: Any) -> V1Secret:
         self.calls.append(("read", (namespace, name), kwargs))
+        if namespace == "locked":
+            raise ApiException(status=403, reason="Forbidden")
         if self.data is None:
             raise ApiException(status=404, reason="Not Found")
         return V1Secret(data=dict(self.data))
@@ -71,3 +73,8 @@ async def test_only_changed_keys_are_patched_as_a_merge_patch() -> None:
     (kind, body, kwargs) = core.calls[-1]
     assert kind == "patch" and body == {"data": {"team.creds.secret": base64.b64encode(b"new").decode()}}
     assert kwargs["_content_type"] == "application/merge-patch+json"
+
+
+async def test_a_users_secret_the_bridge_may_not_read_is_a_reason_on_the_dataset() -> None:
+    (reason,) = await stubbed(StubCore({}))._store_secrets("locked", [("creds", "secret")])
+    assert "may not read Secret locked/creds" in reason and "shoal-bridge-secrets" in reason
