@@ -37,13 +37,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from libs.events.common import format_bytes, parse_quantity
+from libs.events.common import format_bytes
 from tests.bench.processes import PROJECT_ROOT, _servers, cleanup, cpu_seconds, exclusive_run, fresh_run_dir
 from tests.bench.report import console, print_targets, say, timed_phase, write_docs_section
 from tests.bench.seed import TIMES, bucket_client
 from tests.bench.systems import NAMESPACE, NODE, ShoalNode, Store
 from tests.bench.worker import evict, read_tree, run_worker
-from tests.bench.workloads import QUICK
+from tests.bench.workloads import QUICK, count_and_size
 
 BUCKET = "bench-metrics"
 DATASET = "metrics"
@@ -82,16 +82,9 @@ class Workload:
 
 
 def parse_workload(name: str, text: str, readers: int) -> Workload:
-    """``"8x64Mi"`` → 8 files of 64 MiB."""
-    count, _, size = text.partition("x")
-    try:
-        workload = Workload(name, int(count), parse_quantity(size), readers)
-    except ValueError as err:
-        raise SystemExit(f"SHOAL_BENCH_METRICS_{name.upper()}={text!r}: expected COUNTxSIZE like 8x64Mi "
-                         f"({err})") from None
-    if workload.count < 1 or workload.size < 1:
-        raise SystemExit(f"SHOAL_BENCH_METRICS_{name.upper()}={text!r}: count and size must be positive")
-    return workload
+    """``"8x128Mi"`` → 8 files of 128 MiB."""
+    count, size = count_and_size(f"SHOAL_BENCH_METRICS_{name.upper()}", text)
+    return Workload(name, count, size, readers)
 
 
 @dataclass

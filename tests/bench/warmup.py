@@ -33,13 +33,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from libs.events.common import format_bytes, parse_quantity
+from libs.events.common import format_bytes
 from tests.bench.processes import PROJECT_ROOT, _servers, cleanup, exclusive_run, fresh_run_dir, mounts_under
 from tests.bench.report import console, print_targets, say, timed_phase, write_docs_section
 from tests.bench.seed import NAMESPACE, TIMES, Agent, Cluster, bucket_client, show_bytes
 from tests.bench.throttle import ThrottledProxy
 from tests.bench.worker import read_tree, run_worker
-from tests.bench.workloads import MiB
+from tests.bench.workloads import MiB, count_and_size
 
 if TYPE_CHECKING:
     from libs.embedded import SeaweedConfig
@@ -73,15 +73,8 @@ class Workload:
 
 def parse_workload(name: str, text: str) -> Workload:
     """``"8x128Mi"`` → 8 files of 128 MiB."""
-    count, _, size = text.partition("x")
-    try:
-        workload = Workload(name, int(count), parse_quantity(size))
-    except ValueError as err:
-        raise SystemExit(f"SHOAL_BENCH_WARMUP_{name.upper()}={text!r}: expected COUNTxSIZE like 8x128Mi "
-                         f"({err})") from None
-    if workload.count < 1 or workload.size < 1:
-        raise SystemExit(f"SHOAL_BENCH_WARMUP_{name.upper()}={text!r}: count and size must be positive")
-    return workload
+    count, size = count_and_size(f"SHOAL_BENCH_WARMUP_{name.upper()}", text)
+    return Workload(name, count, size)
 
 
 @dataclass

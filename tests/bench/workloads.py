@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from libs.events.common import parse_quantity
+
 KiB = 1024
 MiB = 1024 * KiB
 FIO_JOBS = 8
@@ -62,6 +64,18 @@ class Sizes:
 
 QUICK = Sizes(large_files=4, large_bytes=32 * MiB, small_files=300, meta_files=2000, epoch_files=32,
               fio_seconds=3, deadline=20.0, suffix="-quick")
+
+
+def count_and_size(variable: str, text: str) -> tuple[int, int]:
+    """A bench's ``COUNTxSIZE`` setting: ``"8x128Mi"`` → (8, 128 MiB); a bad one stops the bench naming it."""
+    count, _, size = text.partition("x")
+    try:
+        parsed = int(count), parse_quantity(size)
+    except ValueError as err:
+        raise SystemExit(f"{variable}={text!r}: expected COUNTxSIZE like 8x128Mi ({err})") from None
+    if parsed[0] < 1 or parsed[1] < 1:
+        raise SystemExit(f"{variable}={text!r}: count and size must be positive")
+    return parsed
 
 
 def content(key: str, size: int) -> bytes:
