@@ -27,6 +27,7 @@ first straightforward version is kept in the tests as the oracle the answers mus
 
 from __future__ import annotations
 
+import functools
 import itertools
 import operator
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -85,9 +86,14 @@ class View(Protocol):
     def places(self, zone_label: str, region_label: str) -> Places:
         """``Places.of`` the known nodes and their labels (a view may keep one while neither changes)."""
 
-    def column(self, dataset: DatasetKey, paths: tuple[str, ...], places: Places) -> Sequence[int]:
-        """``cached`` in the order of ``places.nodes`` (0 for a node holding none; every holder is a known node).
-        A view may keep one while the dataset's cache does not change."""
+    def column(self, dataset: DatasetKey, paths: tuple[str, ...], places: Places) -> tuple[Sequence[int], int]:
+        """``cached`` in the order of ``places.nodes`` (0 for a node holding none; every holder is a known node),
+        and its largest value. A view may keep one while the dataset's cache does not change (and patch it when
+        it does)."""
+
+    def known(self, parts: tuple[Part, ...], places: Places) -> Sequence[int]:
+        """The parts' columns added up (``add_columns``): every known node's bytes of those datasets. A view may
+        keep one while the datasets' caches do not change (and patch it when they do)."""
 
 
 @dataclass(frozen=True)
@@ -102,6 +108,8 @@ class Use:
 def normalise(request: ScoreRequest) -> tuple[list[Use], list[tuple[str, Mapping[str, str]]]] | str:
     """The request's datasets (merged by name, sorted) and candidates (sorted; a node named twice keeps the labels
     that sort last, so the order of the list never matters), or an error."""
+    if request.limit < 0:
+        return f"limit must be 0 (every node) or more, not {request.limit}"
     if len(request.datasets) > MAX_DATASETS:
         return f"too many datasets: {len(request.datasets)} (at most {MAX_DATASETS})"
     if len(request.candidates) > MAX_CANDIDATES:
@@ -198,15 +206,24 @@ def _owns(uses: list[Use], totals: Mapping[DatasetKey, int], held: Mapping[Datas
     return owns if owns is not None else [0] * len(nodes)
 
 
+# A requested dataset as the view's ``known`` reads it: its key, path hints, and its bytes (a node's bytes of it are
+# counted up to these).
+Part = tuple[DatasetKey, tuple[str, ...], int]
+
+
+def add_columns(columns: Iterable[tuple[Sequence[int], int, int]], count: int) -> list[int]:
+    """The sum of columns given as (column, its largest value, cap), each value counted up to its cap; a new list
+    (``count`` zeros when there is no column)."""
+    owns: Iterator[int] | None = None
+    for column, peak, cap in columns:
+        capped: Iterable[int] = [min(size, cap) for size in column] if peak > cap else column
+        owns = iter(capped) if owns is None else map(operator.add, owns, capped)
+    return list(owns) if owns is not None else [0] * count
+
+
 def _known(uses: list[Use], totals: Mapping[DatasetKey, int], view: View, places: Places) -> Sequence[int]:
-    """``_owns`` of every known node, from the view's columns (kept by the view while a dataset does not change)."""
-    owns: Sequence[int] | None = None
-    for use in uses:
-        total, column = totals[use.key], view.column(use.key, use.paths, places)
-        if max(column, default=0) > total:
-            column = [min(size, total) for size in column]
-        owns = column if owns is None else list(map(operator.add, owns, column))
-    return owns if owns is not None else [0] * len(places.nodes)
+    """``_owns`` of every known node, from the view (which may keep it while the datasets do not change)."""
+    return view.known(tuple((use.key, use.paths, totals[use.key]) for use in uses), places)
 
 
 def _best_holders(members: Mapping[str, tuple[int, ...]], owns: Sequence[int], nodes: Sequence[str],
@@ -240,7 +257,6 @@ def _neighbour(best: Best, group: str, node: str) -> tuple[float, str]:
 
 # Whole files are counted (for the reason) on the best nodes only: counting them costs a pass over a node's files.
 WHOLE_FILES_NOTED = 10
-_SCORE = operator.attrgetter("score")
 
 
 def score(request: ScoreRequest, view: View, weights: Weights) -> ScoreReply:
@@ -332,24 +348,17 @@ def score(request: ScoreRequest, view: View, weights: Weights) -> ScoreReply:
 
     # ``place`` in two halves for the nodes that are not among their zone's or region's two best holders: what
     # their own bytes are worth depends on the bytes only, what their neighbours' are worth on (zone, region) only
-    # (the same best holders for all of them), so each half is worked out once per distinct value and the two
-    # compared once per distinct (bytes, zone, region), numbered ``bytes * len(kinds) + kind`` (an int: cheap to
-    # hash). The comparison keeps ``place``'s order of preference.
+    # (the same best holders for all of them), so each half is worked out once per distinct value (and kept across
+    # decisions: ``_own_term`` and ``_near_term`` are pure) and the two compared once per distinct (bytes, zone,
+    # region), numbered ``bytes * len(kinds) + kind`` (an int: cheap to hash). The comparison keeps ``place``'s order
+    # of preference.
     def own_term(size: int) -> tuple[float, int, float, str]:
-        own = share_of(size)
-        value = weights.node * own
-        return value, round(TOP_SCORE * value / top), round(own, 6), reason_of(("own", "", "", own))
+        return _own_term(size, requested, weights.node, top, names)
 
     def near_term(number: int) -> tuple[float, int, str]:
         zone, region = kinds[number]
-        zone_share, zone_holder = _neighbour(zones, zone, "")
-        region_share, region_holder = _neighbour(regions, region, "")
-        zone_value, region_value = weights.zone * zone_share, weights.region * region_share
-        if zone_value >= region_value:
-            value, why = zone_value, ("zone", zone, zone_holder, zone_share)
-        else:
-            value, why = region_value, ("region", region, region_holder, region_share)
-        return value, round(TOP_SCORE * value / top), reason_of(why) if value > 0 else ""
+        return _near_term(zone, region, _neighbour(zones, zone, ""), _neighbour(regions, region, ""), weights.zone,
+                          weights.region, top, names)
 
     own_terms: _Memo[int, tuple[float, int, float, str]] = _Memo(own_term)
     near_terms: _Memo[int, tuple[float, int, str]] = _Memo(near_term)
@@ -360,27 +369,38 @@ def score(request: ScoreRequest, view: View, weights: Weights) -> ScoreReply:
         own, near = own_terms[size], near_terms[number]
         return (near[1], own[2], near[2]) if near[0] > own[0] else (own[1], own[2], own[3])
 
-    keys = map(operator.add, map(operator.mul, owns, itertools.repeat(width)), kind)
-    scores = [NodeScore(node=node, score=score, cached_bytes=size, share=share, reason=reason)
-              for node, size, (score, share, reason)
-              in zip(nodes, owns, map(_Memo(placed).__getitem__, keys), strict=True)]
+    # Ranked as ints, ``score * stride + (count - position)``: sorted descending, best score first and, among equal
+    # scores, the node that comes first in name order (``nodes`` is by name) first, with no Python frame per node.
+    count = len(nodes)
+    stride = count + 1
+    keys = list(map(operator.add, map(operator.mul, owns, itertools.repeat(width)), kind))
+    answers: _Memo[int, tuple[int, float, str]] = _Memo(placed)
+    ranked: _Memo[int, int] = _Memo(lambda key: answers[key][0] * stride)
+    ranks = list(map(operator.add, map(ranked.__getitem__, keys), range(count, 0, -1)))
     # The best holder of a zone or region: its neighbour there is the second best, not itself. (The second best's
     # neighbour is the best, as for every other node there.)
+    apart: dict[int, tuple[int, float, str]] = {}
     holders = {entries[0][1] for best in (zones, regions) for entries in best.values()}
     if holders:
         index = places.index if nodes is places.nodes else {node: at for at, node in enumerate(nodes)}
         for holder in holders:
             spot = index.get(holder)
             if spot is not None:
-                score, share, reason = place(holder, owns[spot], *kinds[kind[spot]])
-                scores[spot] = NodeScore(node=holder, score=score, cached_bytes=owns[spot], share=share,
-                                         reason=reason)
-    scores.sort(key=_SCORE, reverse=True)  # stable: equal scores stay in name order
+                apart[spot] = place(holder, owns[spot], *kinds[kind[spot]])
+                ranks[spot] = apart[spot][0] * stride + count - spot
+    ranks.sort(reverse=True)
+    limit = request.limit or count
+    scores = []
+    for rank in ranks[:limit]:  # only the listed nodes become ``NodeScore``s
+        spot = count - rank % stride
+        score, share, reason = apart.get(spot) or answers[keys[spot]]
+        scores.append(NodeScore(node=nodes[spot], score=score, cached_bytes=owns[spot], share=share, reason=reason))
     for rank, item in enumerate(scores[:WHOLE_FILES_NOTED]):
         whole = sum(view.whole_files(use.key, item.node) for use in uses) if item.cached_bytes else 0
         if whole:
             scores[rank] = msgspec.structs.replace(item, reason=f"{item.reason} ({whole} whole files)")
-    return ScoreReply(id=f"{request.id}.reply", causation_id=request.id, scores=scores, filtered=filtered)
+    return ScoreReply(id=f"{request.id}.reply", causation_id=request.id, scores=scores, filtered=filtered,
+                      unlisted=max(count - limit, 0), unlisted_score=ranks[limit] // stride if count > limit else 0)
 
 
 class _Memo(dict[K, V]):
@@ -394,6 +414,30 @@ class _Memo(dict[K, V]):
     def __missing__(self, key: K) -> V:
         value = self[key] = self.make(key)
         return value
+
+
+# Terms kept across decisions (a few hundred bytes each): distinct byte counts and neighbourhoods seen lately.
+TERMS_KEPT = 4096
+
+
+@functools.lru_cache(maxsize=TERMS_KEPT)
+def _own_term(size: int, requested: int, weight: int, top: int, names: str) -> tuple[float, int, float, str]:
+    """What a node's own bytes are worth: (value, score, share, reason)."""
+    own = min(size / requested, 1.0) if requested > 0 else 0.0
+    value = weight * own
+    return value, round(TOP_SCORE * value / top), round(own, 6), _reason(("own", "", "", own), names)
+
+
+@functools.lru_cache(maxsize=TERMS_KEPT)
+def _near_term(zone: str, region: str, zone_best: tuple[float, str], region_best: tuple[float, str],
+               zone_weight: int, region_weight: int, top: int, names: str) -> tuple[float, int, str]:
+    """What the best holder of another node's zone or region is worth: (value, score, reason); the zone on a tie."""
+    zone_value, region_value = zone_weight * zone_best[0], region_weight * region_best[0]
+    if zone_value >= region_value:
+        value, why = zone_value, ("zone", zone, zone_best[1], zone_best[0])
+    else:
+        value, why = region_value, ("region", region, region_best[1], region_best[0])
+    return value, round(TOP_SCORE * value / top), _reason(why, names) if value > 0 else ""
 
 
 def _group(labels: Mapping[str, str], weights: Weights) -> tuple[str, str]:
@@ -414,14 +458,19 @@ def _reason(why: tuple[str, str, str, float], names: str) -> str:
 
 
 def _without_data(request: ScoreRequest, view: View, nodes: Sequence[str]) -> ScoreReply:
+    """Nodes without cache first (score 100), then the others (0), each part by name (``nodes`` is by name); only
+    the listed ones become ``NodeScore``s."""
     caching = view.caching_nodes()
-    scores = [
-        NodeScore(node=node, score=0, reason="holds cache; work without datasets goes elsewhere") if node in caching
-        else NodeScore(node=node, score=TOP_SCORE, reason="holds no cache")
-        for node in nodes
-    ]
-    scores.sort(key=_rank)
-    return ScoreReply(id=f"{request.id}.reply", causation_id=request.id, scores=scores)
+    limit = request.limit or len(nodes)
+    ranked = itertools.chain(itertools.filterfalse(caching.__contains__, nodes), filter(caching.__contains__, nodes))
+    listed = list(itertools.islice(ranked, limit + 1))
+    scores = [NodeScore(node=node, score=0, reason="holds cache; work without datasets goes elsewhere")
+              if node in caching else NodeScore(node=node, score=TOP_SCORE, reason="holds no cache")
+              for node in listed[:limit]]
+    unlisted = max(len(nodes) - limit, 0)
+    rest = (0 if listed[limit] in caching else TOP_SCORE) if unlisted else 0
+    return ScoreReply(id=f"{request.id}.reply", causation_id=request.id, scores=scores, unlisted=unlisted,
+                      unlisted_score=rest)
 
 
 @dataclass
@@ -458,5 +507,9 @@ class StaticView:
     def places(self, zone_label: str, region_label: str) -> Places:
         return Places.of(self.nodes(), self.labels, zone_label, region_label)
 
-    def column(self, dataset: DatasetKey, paths: tuple[str, ...], places: Places) -> Sequence[int]:
-        return cast(list[int], list(map(self.cached(dataset, paths).get, places.nodes, itertools.repeat(0))))
+    def column(self, dataset: DatasetKey, paths: tuple[str, ...], places: Places) -> tuple[Sequence[int], int]:
+        column = cast(list[int], list(map(self.cached(dataset, paths).get, places.nodes, itertools.repeat(0))))
+        return column, max(column, default=0)
+
+    def known(self, parts: tuple[Part, ...], places: Places) -> Sequence[int]:
+        return add_columns([(*self.column(key, paths, places), cap) for key, paths, cap in parts], len(places.nodes))

@@ -36,6 +36,7 @@ log = get_logger(__name__)
 # ScoreRequest). Ignored inventory: unknown_dataset (deleted, or not yet applied).
 
 _REQUEST_DECODER = msgspec.json.Decoder(ScoreRequest)
+_REPLY_ENCODER = msgspec.json.Encoder()
 # Distinct questions whose answers are kept; past this the memory starts over (a few MB at most).
 ANSWERS_KEPT = 1024
 _RECORD_DECODER = msgspec.json.Decoder(DatasetRecord)
@@ -44,7 +45,8 @@ _RECORD_DECODER = msgspec.json.Decoder(DatasetRecord)
 def _request_key(request: ScoreRequest) -> Any:
     """The question without its id: equal for two requests that must get the same answer."""
     return (tuple((use.namespace, use.name, tuple(use.paths), use.required) for use in request.datasets),
-            tuple((candidate.name, tuple(sorted(candidate.labels.items()))) for candidate in request.candidates))
+            tuple((candidate.name, tuple(sorted(candidate.labels.items()))) for candidate in request.candidates),
+            request.limit)
 
 
 class _Identified(msgspec.Struct):
@@ -148,9 +150,9 @@ class SchedulerHandlers:
         except (msgspec.ValidationError, msgspec.DecodeError) as err:
             metrics.DECISIONS.labels(metrics.WAY_NATS, "malformed").inc()
             self._count("malformed")
-            return msgspec.json.encode(ScoreReply(causation_id=_request_id(data),
-                                                  error=f"invalid sched.score.v1 request: {err}"))
-        return msgspec.json.encode(self.answer(request))
+            return _REPLY_ENCODER.encode(ScoreReply(causation_id=_request_id(data),
+                                                    error=f"invalid sched.score.v1 request: {err}"))
+        return _REPLY_ENCODER.encode(self.answer(request))
 
     # --- inventory ---
 
