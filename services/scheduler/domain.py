@@ -18,11 +18,14 @@
   never heard of is scored like a node without cache (no preference), its labels from the request if given.
 - **determinism**: the request is normalised (datasets merged by name, paths and candidates deduplicated and
   sorted), so input order never changes the answer; nodes come best first, ties by name.
+- **the best ``limit`` nodes**: the reply lists the first ``limit`` nodes of that ranking (0: all), and how many
+  others were scored (``unlisted``) with the best score among them (``unlisted_score``).
 
 The view is read, never written (maps and columns it hands out may be its own); what it may keep between decisions
-(``Places``, per-dataset columns) is a pure function of what it stands for, kept while that does not change. A
-decision over 1,000 nodes is a few C-level passes (``map``, ``max``), one ``NodeScore`` per node and one sort; the
-first straightforward version is kept in the tests as the oracle the answers must equal.
+(``Places``, per-dataset columns and their sums, patched where the cache moved) is a pure function of what it
+stands for. A decision over 1,000 nodes is a few C-level passes (``map``, ``max``) and one sort of ints, and makes
+``NodeScore``s only for the nodes it lists; the first straightforward version is kept in the tests as the oracle
+the answers (and the top of its full ranking) must equal.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import itertools
 import operator
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, TypeVar, cast
+from typing import Any, Protocol, TypeVar, cast
 
 import msgspec
 
@@ -91,9 +94,10 @@ class View(Protocol):
         and its largest value. A view may keep one while the dataset's cache does not change (and patch it when
         it does)."""
 
-    def known(self, parts: tuple[Part, ...], places: Places) -> Sequence[int]:
+    def known(self, parts: tuple[Part, ...], places: Places) -> Sums:
         """The parts' columns added up (``add_columns``): every known node's bytes of those datasets. A view may
-        keep one while the datasets' caches do not change (and patch it when they do)."""
+        keep one while the datasets' caches do not change (and patch it when they do, saying where in
+        ``Sums.moved``)."""
 
 
 @dataclass(frozen=True)
@@ -221,9 +225,53 @@ def add_columns(columns: Iterable[tuple[Sequence[int], int, int]], count: int) -
     return list(owns) if owns is not None else [0] * count
 
 
-def _known(uses: list[Use], totals: Mapping[DatasetKey, int], view: View, places: Places) -> Sequence[int]:
+@dataclass(eq=False)
+class Sums:
+    """``View.known``'s answer: every known node's bytes of some datasets (``column``, in ``places.nodes`` order),
+    and what scoring derives from it, which a view that keeps the column keeps with it: ``derived`` (filled and
+    patched by ``_derive`` only) and ``moved``, the positions the view patched since scoring last derived (None:
+    derive everything again)."""
+
+    column: Sequence[int]
+    moved: set[int] | None = None
+    derived: dict[str, Any] = field(default_factory=dict)
+
+
+def _known(uses: list[Use], totals: Mapping[DatasetKey, int], view: View, places: Places) -> Sums:
     """``_owns`` of every known node, from the view (which may keep it while the datasets do not change)."""
     return view.known(tuple((use.key, use.paths, totals[use.key]) for use in uses), places)
+
+
+def _derive(sums: Sums, places: Places, requested: int) -> tuple[Best, Best, list[int]]:
+    """The zones' and regions' best holders (``_best_holders``) and every known node's key (``bytes * len(kinds) +
+    kind``) of a sum: kept in ``sums.derived`` and, when the view patched the column, worked out again only at the
+    moved positions and in their zone and region (the same values as a full pass: a group's best holders are a
+    function of its members' bytes)."""
+    derived, moved, column = sums.derived, sums.moved, sums.column
+    width = len(places.kinds) or 1
+    if moved is None or not derived:
+        derived["zones"] = _best_holders(places.zones, column, places.nodes, requested) if requested > 0 else {}
+        derived["regions"] = _best_holders(places.regions, column, places.nodes, requested) if requested > 0 else {}
+        derived["keys"] = list(map(operator.add, map(operator.mul, column, itertools.repeat(width)), places.kind))
+    elif moved:
+        keys: list[int] = derived["keys"]
+        zones: dict[str, tuple[int, ...]] = {}
+        regions: dict[str, tuple[int, ...]] = {}
+        for spot in moved:
+            keys[spot] = column[spot] * width + places.kind[spot]
+            zone, region = places.kinds[places.kind[spot]]
+            if zone:
+                zones[zone] = places.zones[zone]
+            if region:
+                regions[region] = places.regions[region]
+        if requested > 0:
+            for name, groups in (("zones", zones), ("regions", regions)):
+                best: Best = derived[name]
+                for group in groups:
+                    best.pop(group, None)
+                best.update(_best_holders(groups, column, places.nodes, requested))
+    sums.moved = set()
+    return derived["zones"], derived["regions"], derived["keys"]
 
 
 def _best_holders(members: Mapping[str, tuple[int, ...]], owns: Sequence[int], nodes: Sequence[str],
@@ -264,8 +312,8 @@ def score(request: ScoreRequest, view: View, weights: Weights) -> ScoreReply:
 
     Linear in nodes with little Python per node: sizes are read with ``map``; a node's score depends only on its
     own bytes and its (zone, region) unless it is one of its zone's or region's two best holders, so the score and
-    reason are worked out once per distinct (bytes, zone, region) and once per such holder; the answer is sorted
-    once (nodes are visited by name and the sort is stable, so ties stay by name)."""
+    reason are worked out once per distinct (bytes, zone, region) and once per such holder; nodes are ranked by
+    one sort of ints (score and name order in one number) and only the listed ones become ``NodeScore``s."""
     normalised = normalise(request)
     if isinstance(normalised, str):
         return ScoreReply(id=f"{request.id}.reply", causation_id=request.id, error=normalised)
@@ -286,7 +334,11 @@ def score(request: ScoreRequest, view: View, weights: Weights) -> ScoreReply:
         held[use.key] = view.cached(use.key, use.paths)
     requested = sum(totals.values())
     # Bytes of every known node (holders are known nodes), for the zones' and regions' best holders.
-    known = _known(uses, totals, view, places)
+    sums = _known(uses, totals, view, places)
+    known = sums.column
+    # Zones and regions of the nodes holding bytes (every known node, not only candidates: a candidate close to a
+    # cache node gains even if that node itself may not take the work), and every known node's key.
+    zones, regions, known_keys = _derive(sums, places, requested)
 
     kinds: Sequence[tuple[str, str]] = places.kinds
     kind: Sequence[int]
@@ -313,10 +365,6 @@ def score(request: ScoreRequest, view: View, weights: Weights) -> ScoreReply:
                 kept.append(at)
         nodes, owns, kind = [nodes[k] for k in kept], [owns[k] for k in kept], [kind[k] for k in kept]
 
-    # Zones and regions of the nodes holding bytes (every known node, not only candidates: a candidate close to a
-    # cache node gains even if that node itself may not take the work).
-    zones = _best_holders(places.zones, known, places.nodes, requested) if requested > 0 else {}
-    regions = _best_holders(places.regions, known, places.nodes, requested) if requested > 0 else {}
     top = max(weights.node, weights.zone, weights.region) or 1
     names = _names(uses)
     reasons: dict[tuple[str, str, str, float], str] = {}
@@ -373,7 +421,8 @@ def score(request: ScoreRequest, view: View, weights: Weights) -> ScoreReply:
     # scores, the node that comes first in name order (``nodes`` is by name) first, with no Python frame per node.
     count = len(nodes)
     stride = count + 1
-    keys = list(map(operator.add, map(operator.mul, owns, itertools.repeat(width)), kind))
+    keys = (known_keys if owns is known else
+            list(map(operator.add, map(operator.mul, owns, itertools.repeat(width)), kind)))
     answers: _Memo[int, tuple[int, float, str]] = _Memo(placed)
     ranked: _Memo[int, int] = _Memo(lambda key: answers[key][0] * stride)
     ranks = list(map(operator.add, map(ranked.__getitem__, keys), range(count, 0, -1)))
@@ -511,5 +560,6 @@ class StaticView:
         column = cast(list[int], list(map(self.cached(dataset, paths).get, places.nodes, itertools.repeat(0))))
         return column, max(column, default=0)
 
-    def known(self, parts: tuple[Part, ...], places: Places) -> Sequence[int]:
-        return add_columns([(*self.column(key, paths, places), cap) for key, paths, cap in parts], len(places.nodes))
+    def known(self, parts: tuple[Part, ...], places: Places) -> Sums:
+        columns = [(*self.column(key, paths, places), cap) for key, paths, cap in parts]
+        return Sums(add_columns(columns, len(places.nodes)))

@@ -35,7 +35,7 @@ from libs.events.agent import CachedFile, Inventory, InventorySnapshot
 from libs.events.dataset import ManifestEntry
 from libs.inventory import NodeInventory, fold_node
 from libs.paths import is_folder
-from services.scheduler.domain import Part, Places, add_columns
+from services.scheduler.domain import Part, Places, Sums, add_columns
 
 # Moves of one dataset's ``held`` remembered for readers (``CacheFold.moves``): a decision after a few changes
 # patches a few entries; past this many it reads every node again, which costs about as much.
@@ -315,7 +315,7 @@ class _Sum:
 
     stamp: tuple[int, ...]
     places: Places
-    column: list[int]
+    sums: Sums
     seen: tuple[tuple[list[str] | None, int], ...]
 
 
@@ -399,21 +399,21 @@ class LiveView:
                                          len(moves) if moves is not None else 0)
         return column, self._columns[dataset].peak
 
-    def known(self, parts: tuple[Part, ...], places: Places) -> list[int]:
+    def known(self, parts: tuple[Part, ...], places: Places) -> Sums:
         columns = [(*self.column(key, paths, places), cap) for key, paths, cap in parts]  # each up to date
         if any(paths for _, paths, _ in parts):
-            return add_columns(columns, len(places.nodes))
+            return Sums(add_columns(columns, len(places.nodes)))
         stamp = tuple(self.fold.versions.get(key, 0) for key, _, _ in parts)
         kept = self._sums.get(parts)
         if kept is not None and kept.places is places and (kept.stamp == stamp or self._patch_sum(parts, kept,
                                                                                                   columns)):
             kept.stamp = stamp
-            return kept.column  # read, never written, by scoring
-        column = add_columns(columns, len(places.nodes))
+            return kept.sums  # the column read, never written, by scoring
+        sums = Sums(add_columns(columns, len(places.nodes)))
         if len(self._sums) >= SUMS_KEPT:
             self._sums.clear()
-        self._sums[parts] = _Sum(stamp, places, column, self._seen(parts))
-        return column
+        self._sums[parts] = _Sum(stamp, places, sums, self._seen(parts))
+        return sums
 
     def _seen(self, parts: tuple[Part, ...]) -> tuple[tuple[list[str] | None, int], ...]:
         moves = [self.fold.moves.get(key) for key, _, _ in parts]
@@ -433,8 +433,11 @@ class LiveView:
                 if spot is None:
                     return False
                 spots.add(spot)
+        total = cast(list[int], kept.sums.column)
         for spot in spots:
-            kept.column[spot] = sum(min(column[spot], cap) for column, _, cap in columns)
+            total[spot] = sum(min(column[spot], cap) for column, _, cap in columns)
+        if kept.sums.moved is not None:
+            kept.sums.moved |= spots
         kept.seen = self._seen(parts)
         return True
 

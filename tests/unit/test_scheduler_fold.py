@@ -15,7 +15,7 @@ from libs.events.agent import BlockId, CacheCounters, Inventory, InventoryDelta,
 from libs.events.common import ObjectRef
 from libs.events.dataset import ManifestEntry
 from libs.inventory import DatasetInventory, fold
-from services.scheduler.domain import Weights, score
+from services.scheduler.domain import Weights, _derive, score
 from services.scheduler.fold import CacheFold, Catalog, LiveView, path_matches
 
 DATASET = ObjectRef(name="d", namespace="ml")
@@ -234,11 +234,14 @@ OTHER_KEY = ("ml", "e")
 def test_what_the_live_view_keeps_and_patches_equals_a_fresh_read(sequence: list[tuple[Inventory, bool] | str]) -> None:
     """The live view keeps each dataset's column and the sum of the requested datasets' columns, and patches them
     from the fold's moves; read after every step (so patches are taken), they equal a fresh view's, and the whole
-    files kept per node equal a recount."""
+    files kept per node equal a recount. So do the zones' and regions' best holders and the nodes' keys scoring
+    derives from a kept sum, patched where it moved."""
     state = CacheFold()
     catalog = Catalog([entry("/a", "a", 8, etag="e"), entry("/b", "b", 8, etag="other")])
     alive = ["n1"]
-    kept = LiveView(state, {KEY: 10, OTHER_KEY: 6}, lambda node: {}, lambda: alive, lambda: len(alive))
+    table = {"n1": {"zone": "z1", "region": "r1"}, "n2": {"zone": "z1", "region": "r1"}, "n3": {"region": "r1"}}
+    labels = lambda node: table.get(node, {})  # noqa: E731
+    kept = LiveView(state, {KEY: 10, OTHER_KEY: 6}, labels, lambda: alive, lambda: len(alive))
     parts = ((KEY, (), 10), (OTHER_KEY, (), 6))
     for step in sequence:
         if step == "catalog":
@@ -256,13 +259,16 @@ def test_what_the_live_view_keeps_and_patches_equals_a_fresh_read(sequence: list
             event, other = step
             state.apply(replace(event, dataset=OTHER) if other else event)
         places = kept.places("zone", "region")
-        fresh = LiveView(state, {KEY: 10, OTHER_KEY: 6}, lambda node: {}, lambda: alive)
+        fresh = LiveView(state, {KEY: 10, OTHER_KEY: 6}, labels, lambda: alive)
         fresh_places = fresh.places("zone", "region")
         assert places.nodes == fresh_places.nodes
         for key in (KEY, OTHER_KEY):
             assert kept.column(key, (), places) == fresh.column(key, (), fresh_places)
-        assert kept.known(parts, places) == fresh.known(parts, fresh_places)
-        assert kept.known(parts[1:], places) == fresh.known(parts[1:], fresh_places)
+        for asked in (parts, parts[1:]):
+            sums, fresh_sums = kept.known(asked, places), fresh.known(asked, fresh_places)
+            assert list(sums.column) == list(fresh_sums.column)
+            requested = sum(cap for _, _, cap in asked)
+            assert _derive(sums, places, requested) == _derive(fresh_sums, fresh_places, requested)
         for node in places.nodes:
             cache = state.datasets.get(KEY, {}).get(node)
             recount = 0 if cache is None or KEY not in state.catalogs else sum(
