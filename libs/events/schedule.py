@@ -4,6 +4,12 @@ request/reply (``sched.score.v1``) by any scheduler; the webhook and the extende
 Scores are 0..100 per node (the Kubernetes extender's range is 0..10 and is scaled there). ``required`` keeps
 only nodes that hold some of the dataset's cache (Fluid's ``fluid.io/dataset.<name>.sched: required``). A request
 that uses no dataset ranks nodes *without* cache first (Fluid's "prefer nodes without cache").
+
+A reply lists the best ``limit`` nodes (100 unless the request says otherwise; 0: every node), so a cluster of
+1,000 nodes answers with 100 entries, not 1,000: ``unlisted`` says how many nodes were scored but left out and
+``unlistedScore`` the best score among them (every node left out scores at most that). The listed nodes are
+exactly the first ``limit`` of the full ranking. Both fields are new in v1 with defaults, so a request without
+``limit`` still decodes (and gets the best 100) and an older reader ignores the two counts.
 """
 
 from __future__ import annotations
@@ -33,6 +39,9 @@ class ScoreRequest(Event, frozen=True, kw_only=True, tag="sched.score.v1", renam
     datasets: list[DatasetUse] = []
     # Empty: every node the scheduler knows (agents that reported inventory or heartbeats).
     candidates: list[Candidate] = []
+    # How many of the best nodes the reply lists (0: every node, e.g. to get a score per candidate). 100 by
+    # default: more than a job's pods spread over, and a reply of ~15 KB of JSON rather than ~150 KB for 1,000 nodes.
+    limit: int = 100
 
 
 class NodeScore(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omit_defaults=True):
@@ -53,3 +62,7 @@ class ScoreReply(Event, frozen=True, kw_only=True, tag="sched.score.reply.v1", r
     filtered: dict[str, str] = {}
     # Set when the request could not be answered (malformed, unknown dataset...); scores are then empty.
     error: str = ""
+    # Nodes scored but not listed (the request's ``limit``), and the best score among them: every node that is
+    # neither in ``scores`` nor in ``filtered`` scores at most ``unlisted_score``.
+    unlisted: int = 0
+    unlisted_score: int = 0

@@ -18,20 +18,24 @@
   never heard of is scored like a node without cache (no preference), its labels from the request if given.
 - **determinism**: the request is normalised (datasets merged by name, paths and candidates deduplicated and
   sorted), so input order never changes the answer; nodes come best first, ties by name.
+- **the best ``limit`` nodes**: the reply lists the first ``limit`` nodes of that ranking (0: all), and how many
+  others were scored (``unlisted``) with the best score among them (``unlisted_score``).
 
 The view is read, never written (maps and columns it hands out may be its own); what it may keep between decisions
-(``Places``, per-dataset columns) is a pure function of what it stands for, kept while that does not change. A
-decision over 1,000 nodes is a few C-level passes (``map``, ``max``), one ``NodeScore`` per node and one sort; the
-first straightforward version is kept in the tests as the oracle the answers must equal.
+(``Places``, per-dataset columns and their sums, patched where the cache moved) is a pure function of what it
+stands for. A decision over 1,000 nodes is a few C-level passes (``map``, ``max``) and one sort of ints, and makes
+``NodeScore``s only for the nodes it lists; the first straightforward version is kept in the tests as the oracle
+the answers (and the top of its full ranking) must equal.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import operator
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, TypeVar, cast
+from typing import Any, Protocol, TypeVar, cast
 
 import msgspec
 
@@ -85,9 +89,15 @@ class View(Protocol):
     def places(self, zone_label: str, region_label: str) -> Places:
         """``Places.of`` the known nodes and their labels (a view may keep one while neither changes)."""
 
-    def column(self, dataset: DatasetKey, paths: tuple[str, ...], places: Places) -> Sequence[int]:
-        """``cached`` in the order of ``places.nodes`` (0 for a node holding none; every holder is a known node).
-        A view may keep one while the dataset's cache does not change."""
+    def column(self, dataset: DatasetKey, paths: tuple[str, ...], places: Places) -> tuple[Sequence[int], int]:
+        """``cached`` in the order of ``places.nodes`` (0 for a node holding none; every holder is a known node),
+        and its largest value. A view may keep one while the dataset's cache does not change (and patch it when
+        it does)."""
+
+    def known(self, parts: tuple[Part, ...], places: Places) -> Sums:
+        """The parts' columns added up (``add_columns``): every known node's bytes of those datasets. A view may
+        keep one while the datasets' caches do not change (and patch it when they do, saying where in
+        ``Sums.moved``)."""
 
 
 @dataclass(frozen=True)
@@ -102,6 +112,8 @@ class Use:
 def normalise(request: ScoreRequest) -> tuple[list[Use], list[tuple[str, Mapping[str, str]]]] | str:
     """The request's datasets (merged by name, sorted) and candidates (sorted; a node named twice keeps the labels
     that sort last, so the order of the list never matters), or an error."""
+    if request.limit < 0:
+        return f"limit must be 0 (every node) or more, not {request.limit}"
     if len(request.datasets) > MAX_DATASETS:
         return f"too many datasets: {len(request.datasets)} (at most {MAX_DATASETS})"
     if len(request.candidates) > MAX_CANDIDATES:
@@ -198,15 +210,68 @@ def _owns(uses: list[Use], totals: Mapping[DatasetKey, int], held: Mapping[Datas
     return owns if owns is not None else [0] * len(nodes)
 
 
-def _known(uses: list[Use], totals: Mapping[DatasetKey, int], view: View, places: Places) -> Sequence[int]:
-    """``_owns`` of every known node, from the view's columns (kept by the view while a dataset does not change)."""
-    owns: Sequence[int] | None = None
-    for use in uses:
-        total, column = totals[use.key], view.column(use.key, use.paths, places)
-        if max(column, default=0) > total:
-            column = [min(size, total) for size in column]
-        owns = column if owns is None else list(map(operator.add, owns, column))
-    return owns if owns is not None else [0] * len(places.nodes)
+# A requested dataset as the view's ``known`` reads it: its key, path hints, and its bytes (a node's bytes of it are
+# counted up to these).
+Part = tuple[DatasetKey, tuple[str, ...], int]
+
+
+def add_columns(columns: Iterable[tuple[Sequence[int], int, int]], count: int) -> list[int]:
+    """The sum of columns given as (column, its largest value, cap), each value counted up to its cap; a new list
+    (``count`` zeros when there is no column)."""
+    owns: Iterator[int] | None = None
+    for column, peak, cap in columns:
+        capped: Iterable[int] = [min(size, cap) for size in column] if peak > cap else column
+        owns = iter(capped) if owns is None else map(operator.add, owns, capped)
+    return list(owns) if owns is not None else [0] * count
+
+
+@dataclass(eq=False)
+class Sums:
+    """``View.known``'s answer: every known node's bytes of some datasets (``column``, in ``places.nodes`` order),
+    and what scoring derives from it, which a view that keeps the column keeps with it: ``derived`` (filled and
+    patched by ``_derive`` only) and ``moved``, the positions the view patched since scoring last derived (None:
+    derive everything again)."""
+
+    column: Sequence[int]
+    moved: set[int] | None = None
+    derived: dict[str, Any] = field(default_factory=dict)
+
+
+def _known(uses: list[Use], totals: Mapping[DatasetKey, int], view: View, places: Places) -> Sums:
+    """``_owns`` of every known node, from the view (which may keep it while the datasets do not change)."""
+    return view.known(tuple((use.key, use.paths, totals[use.key]) for use in uses), places)
+
+
+def _derive(sums: Sums, places: Places, requested: int) -> tuple[Best, Best, list[int]]:
+    """The zones' and regions' best holders (``_best_holders``) and every known node's key (``bytes * len(kinds) +
+    kind``) of a sum: kept in ``sums.derived`` and, when the view patched the column, worked out again only at the
+    moved positions and in their zone and region (the same values as a full pass: a group's best holders are a
+    function of its members' bytes)."""
+    derived, moved, column = sums.derived, sums.moved, sums.column
+    width = len(places.kinds) or 1
+    if moved is None or not derived:
+        derived["zones"] = _best_holders(places.zones, column, places.nodes, requested) if requested > 0 else {}
+        derived["regions"] = _best_holders(places.regions, column, places.nodes, requested) if requested > 0 else {}
+        derived["keys"] = list(map(operator.add, map(operator.mul, column, itertools.repeat(width)), places.kind))
+    elif moved:
+        keys: list[int] = derived["keys"]
+        zones: dict[str, tuple[int, ...]] = {}
+        regions: dict[str, tuple[int, ...]] = {}
+        for spot in moved:
+            keys[spot] = column[spot] * width + places.kind[spot]
+            zone, region = places.kinds[places.kind[spot]]
+            if zone:
+                zones[zone] = places.zones[zone]
+            if region:
+                regions[region] = places.regions[region]
+        if requested > 0:
+            for name, groups in (("zones", zones), ("regions", regions)):
+                best: Best = derived[name]
+                for group in groups:
+                    best.pop(group, None)
+                best.update(_best_holders(groups, column, places.nodes, requested))
+    sums.moved = set()
+    return derived["zones"], derived["regions"], derived["keys"]
 
 
 def _best_holders(members: Mapping[str, tuple[int, ...]], owns: Sequence[int], nodes: Sequence[str],
@@ -240,7 +305,6 @@ def _neighbour(best: Best, group: str, node: str) -> tuple[float, str]:
 
 # Whole files are counted (for the reason) on the best nodes only: counting them costs a pass over a node's files.
 WHOLE_FILES_NOTED = 10
-_SCORE = operator.attrgetter("score")
 
 
 def score(request: ScoreRequest, view: View, weights: Weights) -> ScoreReply:
@@ -248,8 +312,8 @@ def score(request: ScoreRequest, view: View, weights: Weights) -> ScoreReply:
 
     Linear in nodes with little Python per node: sizes are read with ``map``; a node's score depends only on its
     own bytes and its (zone, region) unless it is one of its zone's or region's two best holders, so the score and
-    reason are worked out once per distinct (bytes, zone, region) and once per such holder; the answer is sorted
-    once (nodes are visited by name and the sort is stable, so ties stay by name)."""
+    reason are worked out once per distinct (bytes, zone, region) and once per such holder; nodes are ranked by
+    one sort of ints (score and name order in one number) and only the listed ones become ``NodeScore``s."""
     normalised = normalise(request)
     if isinstance(normalised, str):
         return ScoreReply(id=f"{request.id}.reply", causation_id=request.id, error=normalised)
@@ -270,7 +334,11 @@ def score(request: ScoreRequest, view: View, weights: Weights) -> ScoreReply:
         held[use.key] = view.cached(use.key, use.paths)
     requested = sum(totals.values())
     # Bytes of every known node (holders are known nodes), for the zones' and regions' best holders.
-    known = _known(uses, totals, view, places)
+    sums = _known(uses, totals, view, places)
+    known = sums.column
+    # Zones and regions of the nodes holding bytes (every known node, not only candidates: a candidate close to a
+    # cache node gains even if that node itself may not take the work), and every known node's key.
+    zones, regions, known_keys = _derive(sums, places, requested)
 
     kinds: Sequence[tuple[str, str]] = places.kinds
     kind: Sequence[int]
@@ -297,10 +365,6 @@ def score(request: ScoreRequest, view: View, weights: Weights) -> ScoreReply:
                 kept.append(at)
         nodes, owns, kind = [nodes[k] for k in kept], [owns[k] for k in kept], [kind[k] for k in kept]
 
-    # Zones and regions of the nodes holding bytes (every known node, not only candidates: a candidate close to a
-    # cache node gains even if that node itself may not take the work).
-    zones = _best_holders(places.zones, known, places.nodes, requested) if requested > 0 else {}
-    regions = _best_holders(places.regions, known, places.nodes, requested) if requested > 0 else {}
     top = max(weights.node, weights.zone, weights.region) or 1
     names = _names(uses)
     reasons: dict[tuple[str, str, str, float], str] = {}
@@ -332,24 +396,17 @@ def score(request: ScoreRequest, view: View, weights: Weights) -> ScoreReply:
 
     # ``place`` in two halves for the nodes that are not among their zone's or region's two best holders: what
     # their own bytes are worth depends on the bytes only, what their neighbours' are worth on (zone, region) only
-    # (the same best holders for all of them), so each half is worked out once per distinct value and the two
-    # compared once per distinct (bytes, zone, region), numbered ``bytes * len(kinds) + kind`` (an int: cheap to
-    # hash). The comparison keeps ``place``'s order of preference.
+    # (the same best holders for all of them), so each half is worked out once per distinct value (and kept across
+    # decisions: ``_own_term`` and ``_near_term`` are pure) and the two compared once per distinct (bytes, zone,
+    # region), numbered ``bytes * len(kinds) + kind`` (an int: cheap to hash). The comparison keeps ``place``'s order
+    # of preference.
     def own_term(size: int) -> tuple[float, int, float, str]:
-        own = share_of(size)
-        value = weights.node * own
-        return value, round(TOP_SCORE * value / top), round(own, 6), reason_of(("own", "", "", own))
+        return _own_term(size, requested, weights.node, top, names)
 
     def near_term(number: int) -> tuple[float, int, str]:
         zone, region = kinds[number]
-        zone_share, zone_holder = _neighbour(zones, zone, "")
-        region_share, region_holder = _neighbour(regions, region, "")
-        zone_value, region_value = weights.zone * zone_share, weights.region * region_share
-        if zone_value >= region_value:
-            value, why = zone_value, ("zone", zone, zone_holder, zone_share)
-        else:
-            value, why = region_value, ("region", region, region_holder, region_share)
-        return value, round(TOP_SCORE * value / top), reason_of(why) if value > 0 else ""
+        return _near_term(zone, region, _neighbour(zones, zone, ""), _neighbour(regions, region, ""), weights.zone,
+                          weights.region, top, names)
 
     own_terms: _Memo[int, tuple[float, int, float, str]] = _Memo(own_term)
     near_terms: _Memo[int, tuple[float, int, str]] = _Memo(near_term)
@@ -360,27 +417,39 @@ def score(request: ScoreRequest, view: View, weights: Weights) -> ScoreReply:
         own, near = own_terms[size], near_terms[number]
         return (near[1], own[2], near[2]) if near[0] > own[0] else (own[1], own[2], own[3])
 
-    keys = map(operator.add, map(operator.mul, owns, itertools.repeat(width)), kind)
-    scores = [NodeScore(node=node, score=score, cached_bytes=size, share=share, reason=reason)
-              for node, size, (score, share, reason)
-              in zip(nodes, owns, map(_Memo(placed).__getitem__, keys), strict=True)]
+    # Ranked as ints, ``score * stride + (count - position)``: sorted descending, best score first and, among equal
+    # scores, the node that comes first in name order (``nodes`` is by name) first, with no Python frame per node.
+    count = len(nodes)
+    stride = count + 1
+    keys = (known_keys if owns is known else
+            list(map(operator.add, map(operator.mul, owns, itertools.repeat(width)), kind)))
+    answers: _Memo[int, tuple[int, float, str]] = _Memo(placed)
+    ranked: _Memo[int, int] = _Memo(lambda key: answers[key][0] * stride)
+    ranks = list(map(operator.add, map(ranked.__getitem__, keys), range(count, 0, -1)))
     # The best holder of a zone or region: its neighbour there is the second best, not itself. (The second best's
     # neighbour is the best, as for every other node there.)
+    apart: dict[int, tuple[int, float, str]] = {}
     holders = {entries[0][1] for best in (zones, regions) for entries in best.values()}
     if holders:
         index = places.index if nodes is places.nodes else {node: at for at, node in enumerate(nodes)}
         for holder in holders:
             spot = index.get(holder)
             if spot is not None:
-                score, share, reason = place(holder, owns[spot], *kinds[kind[spot]])
-                scores[spot] = NodeScore(node=holder, score=score, cached_bytes=owns[spot], share=share,
-                                         reason=reason)
-    scores.sort(key=_SCORE, reverse=True)  # stable: equal scores stay in name order
+                apart[spot] = place(holder, owns[spot], *kinds[kind[spot]])
+                ranks[spot] = apart[spot][0] * stride + count - spot
+    ranks.sort(reverse=True)
+    limit = request.limit or count
+    scores = []
+    for rank in ranks[:limit]:  # only the listed nodes become ``NodeScore``s
+        spot = count - rank % stride
+        score, share, reason = apart.get(spot) or answers[keys[spot]]
+        scores.append(NodeScore(node=nodes[spot], score=score, cached_bytes=owns[spot], share=share, reason=reason))
     for rank, item in enumerate(scores[:WHOLE_FILES_NOTED]):
         whole = sum(view.whole_files(use.key, item.node) for use in uses) if item.cached_bytes else 0
         if whole:
             scores[rank] = msgspec.structs.replace(item, reason=f"{item.reason} ({whole} whole files)")
-    return ScoreReply(id=f"{request.id}.reply", causation_id=request.id, scores=scores, filtered=filtered)
+    return ScoreReply(id=f"{request.id}.reply", causation_id=request.id, scores=scores, filtered=filtered,
+                      unlisted=max(count - limit, 0), unlisted_score=ranks[limit] // stride if count > limit else 0)
 
 
 class _Memo(dict[K, V]):
@@ -394,6 +463,30 @@ class _Memo(dict[K, V]):
     def __missing__(self, key: K) -> V:
         value = self[key] = self.make(key)
         return value
+
+
+# Terms kept across decisions (a few hundred bytes each): distinct byte counts and neighbourhoods seen lately.
+TERMS_KEPT = 4096
+
+
+@functools.lru_cache(maxsize=TERMS_KEPT)
+def _own_term(size: int, requested: int, weight: int, top: int, names: str) -> tuple[float, int, float, str]:
+    """What a node's own bytes are worth: (value, score, share, reason)."""
+    own = min(size / requested, 1.0) if requested > 0 else 0.0
+    value = weight * own
+    return value, round(TOP_SCORE * value / top), round(own, 6), _reason(("own", "", "", own), names)
+
+
+@functools.lru_cache(maxsize=TERMS_KEPT)
+def _near_term(zone: str, region: str, zone_best: tuple[float, str], region_best: tuple[float, str],
+               zone_weight: int, region_weight: int, top: int, names: str) -> tuple[float, int, str]:
+    """What the best holder of another node's zone or region is worth: (value, score, reason); the zone on a tie."""
+    zone_value, region_value = zone_weight * zone_best[0], region_weight * region_best[0]
+    if zone_value >= region_value:
+        value, why = zone_value, ("zone", zone, zone_best[1], zone_best[0])
+    else:
+        value, why = region_value, ("region", region, region_best[1], region_best[0])
+    return value, round(TOP_SCORE * value / top), _reason(why, names) if value > 0 else ""
 
 
 def _group(labels: Mapping[str, str], weights: Weights) -> tuple[str, str]:
@@ -414,14 +507,19 @@ def _reason(why: tuple[str, str, str, float], names: str) -> str:
 
 
 def _without_data(request: ScoreRequest, view: View, nodes: Sequence[str]) -> ScoreReply:
+    """Nodes without cache first (score 100), then the others (0), each part by name (``nodes`` is by name); only
+    the listed ones become ``NodeScore``s."""
     caching = view.caching_nodes()
-    scores = [
-        NodeScore(node=node, score=0, reason="holds cache; work without datasets goes elsewhere") if node in caching
-        else NodeScore(node=node, score=TOP_SCORE, reason="holds no cache")
-        for node in nodes
-    ]
-    scores.sort(key=_rank)
-    return ScoreReply(id=f"{request.id}.reply", causation_id=request.id, scores=scores)
+    limit = request.limit or len(nodes)
+    ranked = itertools.chain(itertools.filterfalse(caching.__contains__, nodes), filter(caching.__contains__, nodes))
+    listed = list(itertools.islice(ranked, limit + 1))
+    scores = [NodeScore(node=node, score=0, reason="holds cache; work without datasets goes elsewhere")
+              if node in caching else NodeScore(node=node, score=TOP_SCORE, reason="holds no cache")
+              for node in listed[:limit]]
+    unlisted = max(len(nodes) - limit, 0)
+    rest = (0 if listed[limit] in caching else TOP_SCORE) if unlisted else 0
+    return ScoreReply(id=f"{request.id}.reply", causation_id=request.id, scores=scores, unlisted=unlisted,
+                      unlisted_score=rest)
 
 
 @dataclass
@@ -458,5 +556,10 @@ class StaticView:
     def places(self, zone_label: str, region_label: str) -> Places:
         return Places.of(self.nodes(), self.labels, zone_label, region_label)
 
-    def column(self, dataset: DatasetKey, paths: tuple[str, ...], places: Places) -> Sequence[int]:
-        return cast(list[int], list(map(self.cached(dataset, paths).get, places.nodes, itertools.repeat(0))))
+    def column(self, dataset: DatasetKey, paths: tuple[str, ...], places: Places) -> tuple[Sequence[int], int]:
+        column = cast(list[int], list(map(self.cached(dataset, paths).get, places.nodes, itertools.repeat(0))))
+        return column, max(column, default=0)
+
+    def known(self, parts: tuple[Part, ...], places: Places) -> Sums:
+        columns = [(*self.column(key, paths, places), cap) for key, paths, cap in parts]
+        return Sums(add_columns(columns, len(places.nodes)))

@@ -35,7 +35,11 @@ from libs.events.agent import CachedFile, Inventory, InventorySnapshot
 from libs.events.dataset import ManifestEntry
 from libs.inventory import NodeInventory, fold_node
 from libs.paths import is_folder
-from services.scheduler.domain import Places
+from services.scheduler.domain import Part, Places, Sums, add_columns
+
+# Moves of one dataset's ``held`` remembered for readers (``CacheFold.moves``): a decision after a few changes
+# patches a few entries; past this many it reads every node again, which costs about as much.
+MOVES_KEPT = 256
 
 # (namespace, name) of a dataset.
 DatasetKey = tuple[str, str]
@@ -104,6 +108,8 @@ class NodeCache:
     # The snapshot being gathered: (incarnation, seq of part 1, parts) and the files of the parts so far.
     pending: tuple[str, int, int] | None = None
     pending_files: dict[FileKey, dict[int, int]] = field(default_factory=dict)
+    # ``CacheFold.whole_files`` as last counted; None once the blocks or the catalog moved (counted again on demand).
+    whole: int | None = None
 
     def file_bytes(self, key: FileKey) -> int:
         return sum(self.files.get(key, {}).values())
@@ -132,6 +138,10 @@ class CacheFold:
         self.generation = 0
         self.versions: dict[DatasetKey, int] = {}
         self.nodes_version = 0
+        # Dataset → the nodes whose ``held`` entry moved, in order (a node once per move): a reader that saw the list
+        # up to some length patches what it keeps from the rest instead of reading every node again. Past
+        # ``MOVES_KEPT`` moves the list is replaced by a new one (readers holding the old one start over).
+        self.moves: dict[DatasetKey, list[str]] = {}
 
     def _changed(self, key: DatasetKey, nodes: bool = False) -> None:
         self.generation += 1
@@ -163,6 +173,12 @@ class CacheFold:
         return ask
 
     def _held(self, key: DatasetKey, node: str, cache: NodeCache) -> None:
+        cache.whole = None
+        moves = self.moves.get(key)
+        if moves is None or len(moves) >= MOVES_KEPT:
+            self.moves[key] = [node]
+        else:
+            moves.append(node)
         if cache.current > 0:
             self.held.setdefault(key, {})[node] = cache.current
         else:
@@ -233,12 +249,14 @@ class CacheFold:
             self._entry_gone(node)
         self.catalogs.pop(key, None)
         self.held.pop(key, None)
+        self.moves.pop(key, None)
 
     def forget_node(self, node: str) -> None:
         for key, nodes in self.datasets.items():
             if nodes.pop(node, None) is not None:
                 self._changed(key, nodes=True)
                 self.held.get(key, {}).pop(node, None)
+                self.moves.pop(key, None)
         self.node_entries.pop(node, None)
 
     def _entry_gone(self, node: str) -> None:
@@ -266,13 +284,43 @@ class CacheFold:
         cache = self.datasets.get(key, {}).get(node)
         if catalog is None or cache is None:
             return 0
-        return sum(1 for file, blocks in cache.files.items()
-                   if (size := catalog.size(file)) is not None and sum(blocks.values()) == size)
+        if cache.whole is None:
+            cache.whole = sum(1 for file, blocks in cache.files.items()
+                              if (size := catalog.size(file)) is not None and sum(blocks.values()) == size)
+        return cache.whole
 
 
 # Datasets whose per-node columns the live view keeps (each one int per known node): the datasets asked about
 # lately; past this it starts over.
 COLUMNS_KEPT = 256
+
+
+@dataclass
+class _Column:
+    """One dataset's bytes per node of ``places`` (``LiveView.column``), its largest value, and how far into the
+    fold's ``moves`` of the dataset it has read."""
+
+    version: int
+    places: Places
+    column: list[int]
+    peak: int
+    moves: list[str] | None
+    seen: int
+
+
+@dataclass
+class _Sum:
+    """``LiveView.known`` of some datasets as of their change stamps, and how far into each one's moves it has
+    read."""
+
+    stamp: tuple[int, ...]
+    places: Places
+    sums: Sums
+    seen: tuple[tuple[list[str] | None, int], ...]
+
+
+# Sums of requested datasets kept by the live view (one int per known node each): the questions asked lately.
+SUMS_KEPT = 64
 
 
 @dataclass
@@ -292,8 +340,11 @@ class LiveView:
     alive: Callable[[], Iterable[str]]
     labels_version: Callable[[], object] | None = None
     _places: tuple[object, Places] | None = field(default=None, init=False, repr=False)
-    # Dataset → (its change stamp, the places, ``column``): kept while neither moves.
-    _columns: dict[DatasetKey, tuple[int, Places, list[int]]] = field(default_factory=dict, init=False, repr=False)
+    # Dataset → its column as of a change stamp, for the places: kept while the places stay, patched from the fold's
+    # moves when the dataset's cache changes.
+    _columns: dict[DatasetKey, _Column] = field(default_factory=dict, init=False, repr=False)
+    # Requested datasets (their ``Part``s) → their column sum, kept and patched the same way.
+    _sums: dict[tuple[Part, ...], _Sum] = field(default_factory=dict, init=False, repr=False)
 
     def dataset_total(self, dataset: DatasetKey, paths: tuple[str, ...]) -> int | None:
         if dataset not in self.totals:
@@ -329,17 +380,84 @@ class LiveView:
     def caching_nodes(self) -> set[str]:
         return self.fold.caching_nodes()
 
-    def column(self, dataset: DatasetKey, paths: tuple[str, ...], places: Places) -> list[int]:
+    def column(self, dataset: DatasetKey, paths: tuple[str, ...], places: Places) -> tuple[list[int], int]:
+        if paths:
+            column = cast(list[int], list(map(self.cached(dataset, paths).get, places.nodes, itertools.repeat(0))))
+            return column, max(column, default=0)
         version = self.fold.versions.get(dataset, 0)
-        kept = self._columns.get(dataset) if not paths else None
-        if kept is not None and kept[0] == version and kept[1] is places:
-            return kept[2]  # read, never written
-        column = cast(list[int], list(map(self.cached(dataset, paths).get, places.nodes, itertools.repeat(0))))
-        if not paths:
-            if len(self._columns) >= COLUMNS_KEPT:
-                self._columns.clear()
-            self._columns[dataset] = (version, places, column)
-        return column
+        kept = self._columns.get(dataset)
+        if kept is not None and kept.places is places:
+            if kept.version != version:
+                self._patch(dataset, kept, version)
+            if kept.version == version:
+                return kept.column, kept.peak  # read, never written, by scoring
+        column = cast(list[int], list(map(self.fold.held.get(dataset, {}).get, places.nodes, itertools.repeat(0))))
+        moves = self.fold.moves.get(dataset)
+        if len(self._columns) >= COLUMNS_KEPT:
+            self._columns.clear()
+        self._columns[dataset] = _Column(version, places, column, max(column, default=0), moves,
+                                         len(moves) if moves is not None else 0)
+        return column, self._columns[dataset].peak
+
+    def known(self, parts: tuple[Part, ...], places: Places) -> Sums:
+        columns = [(*self.column(key, paths, places), cap) for key, paths, cap in parts]  # each up to date
+        if any(paths for _, paths, _ in parts):
+            return Sums(add_columns(columns, len(places.nodes)))
+        stamp = tuple(self.fold.versions.get(key, 0) for key, _, _ in parts)
+        kept = self._sums.get(parts)
+        if kept is not None and kept.places is places and (kept.stamp == stamp or self._patch_sum(parts, kept,
+                                                                                                  columns)):
+            kept.stamp = stamp
+            return kept.sums  # the column read, never written, by scoring
+        sums = Sums(add_columns(columns, len(places.nodes)))
+        if len(self._sums) >= SUMS_KEPT:
+            self._sums.clear()
+        self._sums[parts] = _Sum(stamp, places, sums, self._seen(parts))
+        return sums
+
+    def _seen(self, parts: tuple[Part, ...]) -> tuple[tuple[list[str] | None, int], ...]:
+        moves = [self.fold.moves.get(key) for key, _, _ in parts]
+        return tuple((log, len(log) if log is not None else 0) for log in moves)
+
+    def _patch_sum(self, parts: tuple[Part, ...], kept: _Sum,
+                   columns: list[tuple[list[int], int, int]]) -> bool:
+        """Bring a kept sum up to date at the nodes the parts' datasets moved since, when their moves reach back."""
+        spots = set()
+        index = kept.places.index
+        for (key, _, _), (log, seen) in zip(parts, kept.seen, strict=True):
+            moves = self.fold.moves.get(key)
+            if moves is not log or (moves is not None and len(moves) < seen):
+                return False
+            for node in moves[seen:] if moves is not None else ():
+                spot = index.get(node)
+                if spot is None:
+                    return False
+                spots.add(spot)
+        total = cast(list[int], kept.sums.column)
+        for spot in spots:
+            total[spot] = sum(min(column[spot], cap) for column, _, cap in columns)
+        if kept.sums.moved is not None:
+            kept.sums.moved |= spots
+        kept.seen = self._seen(parts)
+        return True
+
+    def _patch(self, dataset: DatasetKey, kept: _Column, version: int) -> None:
+        """Bring a kept column up to ``version`` from the fold's moves since it was read, when they reach back."""
+        moves = self.fold.moves.get(dataset)
+        if moves is None or moves is not kept.moves or len(moves) < kept.seen:
+            return
+        held, index, column = self.fold.held.get(dataset, {}), kept.places.index, kept.column
+        peak, lowered = kept.peak, False
+        for node in moves[kept.seen:]:
+            spot = index.get(node)
+            if spot is None:
+                return  # a node the places do not know: read every node again
+            size = held.get(node, 0)
+            lowered = lowered or (column[spot] == peak and size < peak)
+            column[spot] = size
+            peak = max(peak, size)
+        kept.peak = max(column, default=0) if lowered else peak
+        kept.seen, kept.version = len(moves), version
 
     def places(self, zone_label: str, region_label: str) -> Places:
         if self.labels_version is None:

@@ -41,6 +41,7 @@ _STALE = metrics.FOLD_EVENTS.labels("stale")
 _UNKNOWN_DATASET = metrics.FOLD_EVENTS.labels("unknown_dataset")
 
 _REQUEST_DECODER = msgspec.json.Decoder(ScoreRequest)
+_REPLY_ENCODER = msgspec.json.Encoder()
 # Distinct questions whose answers are kept; past this the memory starts over (a few MB at most).
 ANSWERS_KEPT = 1024
 _RECORD_DECODER = msgspec.json.Decoder(DatasetRecord)
@@ -49,7 +50,8 @@ _RECORD_DECODER = msgspec.json.Decoder(DatasetRecord)
 def _request_key(request: ScoreRequest) -> Any:
     """The question without its id: equal for two requests that must get the same answer."""
     return (tuple((use.namespace, use.name, tuple(use.paths), use.required) for use in request.datasets),
-            tuple((candidate.name, tuple(sorted(candidate.labels.items()))) for candidate in request.candidates))
+            tuple((candidate.name, tuple(sorted(candidate.labels.items()))) for candidate in request.candidates),
+            request.limit)
 
 
 class _Identified(msgspec.Struct):
@@ -153,9 +155,9 @@ class SchedulerHandlers:
         except (msgspec.ValidationError, msgspec.DecodeError) as err:
             metrics.DECISIONS.labels(metrics.WAY_NATS, "malformed").inc()
             self._count("malformed")
-            return msgspec.json.encode(ScoreReply(causation_id=_request_id(data),
-                                                  error=f"invalid sched.score.v1 request: {err}"))
-        return msgspec.json.encode(self.answer(request))
+            return _REPLY_ENCODER.encode(ScoreReply(causation_id=_request_id(data),
+                                                    error=f"invalid sched.score.v1 request: {err}"))
+        return _REPLY_ENCODER.encode(self.answer(request))
 
     # --- inventory ---
 

@@ -74,17 +74,22 @@ def server_tls(cert_file: str, key_file: str) -> ssl.SSLContext:
     return context
 
 
+# ``ScoreRequest.limit`` for a reply that lists every node.
+EVERY_NODE = 0
+
+
 def ask_known(answer: Answer, datasets: list[DatasetUse], candidates: list[Candidate]) -> ScoreReply:
-    """Ask ``answer``; when it cannot answer a request with several datasets, ask again without those it does
-    not know, unless the pod requires them (then the error stands)."""
-    reply = answer(ScoreRequest(datasets=datasets, candidates=candidates))
+    """Ask ``answer`` for every node's score (``limit=0``: the extender scores each candidate, the webhook requires
+    every node kept); when it cannot answer a request with several datasets, ask again without those it does not
+    know, unless the pod requires them (then the error stands)."""
+    reply = answer(ScoreRequest(datasets=datasets, candidates=candidates, limit=EVERY_NODE))
     if not reply.error or len(datasets) < 2:
         return reply
     known = [use for use in datasets
-             if use.required or not answer(ScoreRequest(datasets=[use], candidates=candidates)).error]
+             if use.required or not answer(ScoreRequest(datasets=[use], candidates=candidates, limit=EVERY_NODE)).error]
     if not known or len(known) == len(datasets):
         return reply
-    return answer(ScoreRequest(datasets=known, candidates=candidates))
+    return answer(ScoreRequest(datasets=known, candidates=candidates, limit=EVERY_NODE))
 
 
 def _json(body: Any, status: int = 200) -> web.Response:

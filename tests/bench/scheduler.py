@@ -21,7 +21,10 @@ On a real nats-server (embedded, its own process) with ``--agents`` simulated ag
    from the fold as it now is), first with nothing changed (the decision cache emptied before each), and repeated
    (the pods of one job asking the same question while the fold does not move: the kept decision); and
    ``sched.score.v1`` over NATS from another connection, repeated and first after a change (target p99 < 5 ms;
-   the client shares this process's event loop with the service, so it pays for both ends).
+   the client shares this process's event loop with the service, so it pays for both ends). The request leaves
+   ``limit`` at its default, so the reply lists the best 100 nodes; two more rows say where the time over NATS
+   goes: the NATS handler's own work without NATS (``answer_raw``: decode, the kept decision, encode) and the kept
+   decision over NATS with every node listed (``limit: 0``, the old reply's size).
 
 A "block event" is one block cached or evicted, in a snapshot or a delta. Results go to
 ``<state-dir>/scheduler-results.json`` and are printed.
@@ -264,26 +267,43 @@ async def decisions(bus: Bus, handlers: SchedulerHandlers, count: int, agents: i
     local: tuple[list[int], list[int]] = ([], [])
     for _ in range(count):
         timed(local, lambda: handlers.answer(request))
+    data = msgspec.json.encode(request)
+    every = msgspec.json.encode(msgspec.structs.replace(request, limit=0))
+    # The NATS handler's own work (decode the request, the kept decision, encode the reply), without NATS: what a
+    # request over NATS costs beyond this is nats-py and the server.
+    raw: tuple[list[int], list[int]] = ([], [])
+    for _ in range(count):
+        timed(raw, lambda: handlers.answer_raw(data))
     client = await connect(bus_settings(bus), "bench-client")
     remote: list[int] = []
     remote_changed: list[int] = []
-    data = msgspec.json.encode(request)
+    remote_every: list[int] = []
     try:
-        for samples, change in ((remote, False), (remote_changed, True)):
+        for samples, change, body in ((remote, False, data), (remote_changed, True, data),
+                                      (remote_every, False, every)):
             for _ in range(count):
                 if change:
                     changes.fold_one()
                 started = time.perf_counter_ns()
-                answer = await client.nc.request(subjects.SCHED_SCORE, data, timeout=5)
+                answer = await client.nc.request(subjects.SCHED_SCORE, body, timeout=5)
                 samples.append(time.perf_counter_ns() - started)
-        decoded = msgspec.json.decode(answer.data, type=ScoreReply)
-        assert len(decoded.scores) == len(reply.scores)
+            decoded = msgspec.json.decode(answer.data, type=ScoreReply)
+            assert decoded.scores and not decoded.error, decoded.error
+            sizes = (len(answer.data), len(decoded.scores))
+            if body is data:
+                assert len(decoded.scores) == len(reply.scores)
+                reply_bytes, listed = sizes
+            else:
+                assert len(decoded.scores) == len(reply.scores) + reply.unlisted
+                every_bytes = sizes[0]
     finally:
         await client.close()
-    results: dict[str, float] = {"nodes": len(reply.scores)}
+    results: dict[str, float] = {"nodes": len(reply.scores) + reply.unlisted, "listed": listed,
+                                 "reply_bytes": reply_bytes, "every_reply_bytes": every_bytes}
     for name, samples in (("changed", changed[0]), ("changed_cpu", changed[1]), ("cold", cold[0]),
-                          ("cold_cpu", cold[1]), ("local", local[0]), ("local_cpu", local[1]), ("nats", remote),
-                          ("nats_changed", remote_changed)):
+                          ("cold_cpu", cold[1]), ("local", local[0]), ("local_cpu", local[1]), ("raw", raw[0]),
+                          ("raw_cpu", raw[1]), ("nats", remote), ("nats_changed", remote_changed),
+                          ("nats_every", remote_every)):
         p50, p99 = percentiles([sample / 1e6 for sample in samples])
         results[f"{name}_p50_ms"], results[f"{name}_p99_ms"] = p50, p99
     return results
@@ -376,8 +396,13 @@ def report(results: dict[str, Any]) -> None:
     latency("changed", "in process, first after a change", 1.0)
     latency("cold", "in process, first, nothing changed", 1.0)
     latency("local", "in process, repeated (kept)", 1.0)
+    latency("raw", "NATS handler without NATS, kept", 5.0)
     latency("nats_changed", "over NATS, first after a change", 5.0)
     latency("nats", "over NATS, repeated (kept)", 5.0)
+    latency("nats_every", "over NATS, kept, every node listed", 5.0)
+    if "reply_bytes" in results:
+        table.add_row("reply over NATS", f"{results['listed']:.0f} nodes listed, {results['reply_bytes']:,.0f} bytes; "
+                      f"every node: {results['every_reply_bytes']:,.0f} bytes", "-", "")
     Console(width=120).print(table)
 
 

@@ -289,3 +289,15 @@ def test_missing_required_field_fails_naming_it() -> None:
 def test_payload_of_another_type_is_refused() -> None:
     with pytest.raises(msgspec.ValidationError, match=re.escape("runtime.apply.v1")):
         decode("dataset.apply.v1", golden_bytes("runtime.apply.v1"))
+
+
+def test_a_score_request_and_reply_without_the_limit_fields_still_decode() -> None:
+    """``limit``, ``unlisted`` and ``unlistedScore`` came later in sched.score v1: payloads written before them
+    decode, a request to the default limit (the best 100 nodes) and a reply to nothing left out."""
+    request = golden_dict("sched.score.v1")
+    del request["limit"]
+    assert decode("sched.score.v1", json.dumps(request).encode()).limit == 100
+    reply = golden_dict("sched.score.reply.v1")
+    del reply["unlisted"], reply["unlistedScore"]
+    decoded = decode("sched.score.reply.v1", json.dumps(reply).encode())
+    assert (decoded.unlisted, decoded.unlisted_score) == (0, 0)

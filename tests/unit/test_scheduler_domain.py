@@ -1,6 +1,7 @@
 """The scheduler's scoring (``services.scheduler.domain.score``), pure: shares, tiered locality, required mode, work
 without datasets, bad input; and, with Hypothesis, that more cached bytes never lower a node's score and that the
-order of the request's lists never changes the answer."""
+order of the request's lists never changes the answer; a reply limited to the best nodes lists exactly the top of
+the reference's full ranking."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import msgspec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from libs.events.schedule import Candidate, DatasetUse, ScoreRequest
+from libs.events.schedule import Candidate, DatasetUse, ScoreReply, ScoreRequest
 from services.scheduler.domain import MAX_DATASETS, Places, StaticView, Weights, score
 from tests.unit.scheduler_reference import reference_score
 
@@ -31,8 +32,8 @@ def view() -> StaticView:
     )
 
 
-def request(*uses: DatasetUse, candidates: list[Candidate] | None = None) -> ScoreRequest:
-    return ScoreRequest(id="r1", datasets=list(uses), candidates=candidates or [])
+def request(*uses: DatasetUse, candidates: list[Candidate] | None = None, limit: int = 100) -> ScoreRequest:
+    return ScoreRequest(id="r1", datasets=list(uses), candidates=candidates or [], limit=limit)
 
 
 def test_the_node_holding_most_of_the_bytes_comes_first_then_its_zone_then_its_region() -> None:
@@ -190,3 +191,44 @@ def test_a_tie_between_zone_and_region_goes_to_the_zone_as_in_the_reference() ->
     assert fast.scores[1].reason.startswith("same zone (z1) as node-a")
     slow = reference_score(request(DatasetUse(name="imagenet", namespace="ml")), tied, weights)
     assert msgspec.json.encode(fast) == msgspec.json.encode(slow)
+
+
+# --- the compact reply: the best ``limit`` nodes, and how many more and their best score ---
+
+def truncated(full: ScoreReply, limit: int) -> ScoreReply:
+    """What a reply limited to ``limit`` nodes must be: the full ranking's first ``limit`` nodes, the count of the
+    others and the best score among them."""
+    if not limit or len(full.scores) <= limit:
+        return full
+    return msgspec.structs.replace(full, scores=full.scores[:limit], unlisted=len(full.scores) - limit,
+                                   unlisted_score=full.scores[limit].score)
+
+
+def test_a_limited_reply_lists_the_best_nodes_and_says_what_the_others_score_at_most() -> None:
+    top_two = score(request(DatasetUse(name="imagenet", namespace="ml"), limit=2), view(), Weights())
+    assert [(s.node, s.score) for s in top_two.scores] == [("node-a", 90), ("node-b", 45)]
+    assert (top_two.unlisted, top_two.unlisted_score) == (2, 18)
+    every = score(request(DatasetUse(name="imagenet", namespace="ml"), limit=0), view(), Weights())
+    assert len(every.scores) == 4 and every.unlisted == 0
+    without_data = score(request(limit=1), view(), Weights())
+    assert [(s.node, s.score) for s in without_data.scores] == [("node-d", 100)]
+    assert (without_data.unlisted, without_data.unlisted_score) == (3, 0)
+    assert score(request(limit=-1), view(), Weights()).error == "limit must be 0 (every node) or more, not -1"
+
+
+@settings(max_examples=150, deadline=None)
+@given(cache=cache_strategy, labels=labels_strategy, weights=weights_strategy, uses=uses_strategy,
+       candidates=st.lists(st.builds(Candidate, name=st.sampled_from([*NODES, "node-x"]),
+                                     labels=st.sampled_from([{}, {ZONE: "z1"}, {REGION: "r2"}])), max_size=8),
+       totals=st.lists(st.integers(0, 1500), min_size=len(DATASETS), max_size=len(DATASETS)),
+       limit=st.integers(0, 8))
+def test_the_best_nodes_listed_are_the_top_of_the_references_full_ranking(
+        cache: dict[tuple[str, str], dict[str, int]], labels: dict[str, dict[str, str]], weights: Weights,
+        uses: list[DatasetUse], candidates: list[Candidate], totals: list[int], limit: int) -> None:
+    """A reply limited to ``limit`` nodes equals the reference's full answer cut after ``limit`` nodes, with the
+    count and best score of the rest."""
+    static_view = StaticView(totals=dict(zip(DATASETS, totals, strict=True)), cache=cache,
+                             node_labels={node: labels.get(node, {}) for node in NODES})
+    fast = score(request(*uses, candidates=candidates, limit=limit), static_view, weights)
+    full = reference_score(request(*uses, candidates=candidates, limit=0), static_view, weights)
+    assert msgspec.json.encode(fast) == msgspec.json.encode(truncated(full, limit))

@@ -9,12 +9,13 @@ from collections.abc import Iterable
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from msgspec.structs import replace
 
 from libs.events.agent import BlockId, CacheCounters, Inventory, InventoryDelta, InventorySnapshot, group_blocks
 from libs.events.common import ObjectRef
 from libs.events.dataset import ManifestEntry
 from libs.inventory import DatasetInventory, fold
-from services.scheduler.domain import Weights, score
+from services.scheduler.domain import Weights, _derive, score
 from services.scheduler.fold import CacheFold, Catalog, LiveView, path_matches
 
 DATASET = ObjectRef(name="d", namespace="ml")
@@ -220,3 +221,57 @@ def test_the_held_bytes_kept_as_events_arrive_equal_a_recount(sequence: list[Inv
             state.apply(step)
         held = {key: nodes for key, nodes in state.held.items() if nodes}
         assert held == {key: nodes for key, nodes in held_recounted(state).items() if nodes}
+
+
+OTHER = ObjectRef(name="e", namespace="ml")
+OTHER_KEY = ("ml", "e")
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.one_of(st.tuples(events(), st.booleans()),
+                          st.sampled_from(["catalog", "no catalog", "forget n1", "forget dataset", "n3 beats"])),
+                max_size=30))
+def test_what_the_live_view_keeps_and_patches_equals_a_fresh_read(sequence: list[tuple[Inventory, bool] | str]) -> None:
+    """The live view keeps each dataset's column and the sum of the requested datasets' columns, and patches them
+    from the fold's moves; read after every step (so patches are taken), they equal a fresh view's, and the whole
+    files kept per node equal a recount. So do the zones' and regions' best holders and the nodes' keys scoring
+    derives from a kept sum, patched where it moved."""
+    state = CacheFold()
+    catalog = Catalog([entry("/a", "a", 8, etag="e"), entry("/b", "b", 8, etag="other")])
+    alive = ["n1"]
+    table = {"n1": {"zone": "z1", "region": "r1"}, "n2": {"zone": "z1", "region": "r1"}, "n3": {"region": "r1"}}
+    labels = lambda node: table.get(node, {})  # noqa: E731
+    kept = LiveView(state, {KEY: 10, OTHER_KEY: 6}, labels, lambda: alive, lambda: len(alive))
+    parts = ((KEY, (), 10), (OTHER_KEY, (), 6))
+    for step in sequence:
+        if step == "catalog":
+            state.set_catalog(KEY, catalog)
+        elif step == "no catalog":
+            state.set_catalog(KEY, None)
+        elif step == "forget n1":
+            state.forget_node("n1")
+        elif step == "forget dataset":
+            state.forget_dataset(KEY)
+        elif step == "n3 beats":
+            alive.append("n3")
+        else:
+            assert not isinstance(step, str)
+            event, other = step
+            state.apply(replace(event, dataset=OTHER) if other else event)
+        places = kept.places("zone", "region")
+        fresh = LiveView(state, {KEY: 10, OTHER_KEY: 6}, labels, lambda: alive)
+        fresh_places = fresh.places("zone", "region")
+        assert places.nodes == fresh_places.nodes
+        for key in (KEY, OTHER_KEY):
+            assert kept.column(key, (), places) == fresh.column(key, (), fresh_places)
+        for asked in (parts, parts[1:]):
+            sums, fresh_sums = kept.known(asked, places), fresh.known(asked, fresh_places)
+            assert list(sums.column) == list(fresh_sums.column)
+            requested = sum(cap for _, _, cap in asked)
+            assert _derive(sums, places, requested) == _derive(fresh_sums, fresh_places, requested)
+        for node in places.nodes:
+            cache = state.datasets.get(KEY, {}).get(node)
+            recount = 0 if cache is None or KEY not in state.catalogs else sum(
+                1 for file, held in cache.files.items()
+                if (size := state.catalogs[KEY].size(file)) is not None and sum(held.values()) == size)
+            assert state.whole_files(KEY, node) == recount
