@@ -220,7 +220,7 @@ class DatasetHandlers:
         except RetryLater as err:
             await self._record_sync(key, record, domain.SyncResult(generation=record.generation,
                                                                    requests=record.sync_requests, error=err.reason))
-            raise
+            raise RetryLater(err.reason, self.settings.service.sync_retry_seconds) from err
         await self._record_sync(key, record, result)
 
     async def _list(self, record: DatasetRecord) -> domain.SyncResult:

@@ -23,7 +23,6 @@ from libs.events.agent import InventoryRequest
 from libs.events.common import ObjectMeta, ObjectRef
 from libs.events.dataset import Dataset, DatasetRecord, DatasetSpec, Mount
 from libs.reconcile import Reconciler
-from services.dataset import sync as dataset_sync
 from services.dataset.handlers import DatasetHandlers
 from tests.helpers import dataset_record, eventually, make_settings
 
@@ -115,7 +114,8 @@ async def test_permanent_stops_until_the_key_changes_again(bus: Bus, monkeypatch
 
 async def test_unreachable_endpoint_is_in_the_status_and_the_sync_retries_later(bus: Bus, nats_server) -> None:
     closed = f"http://127.0.0.1:{free_port()}"
-    handlers = DatasetHandlers(bus, make_settings(nats_server.url, closed, "k", "s"))
+    settings = make_settings(nats_server.url, closed, "k", "s")
+    handlers = DatasetHandlers(bus, settings)
     record = DatasetRecord(dataset=Dataset(metadata=ObjectMeta(name="offline"),
                                            spec=DatasetSpec(mounts=[Mount(mount_point="s3://some-bucket")])),
                            generation=1)
@@ -123,7 +123,7 @@ async def test_unreachable_endpoint_is_in_the_status_and_the_sync_retries_later(
     await kv_save(await bus.kv(subjects.KV_DATASETS), key, record, None)
     with pytest.raises(RetryLater) as caught:
         await handlers.sync(key)
-    assert caught.value.delay == dataset_sync.UNREACHABLE_RETRY_SECONDS
+    assert caught.value.delay == settings.service.sync_retry_seconds
     assert "cannot reach" in caught.value.reason
     stored = await dataset_record(bus, "offline")
     assert stored is not None and stored.status.phase == "Failed"
