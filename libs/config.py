@@ -113,6 +113,12 @@ class ServiceSettings:
         "SHOAL_LOCAL_ROOTS", "Folders below which local:// mounts are allowed (comma-separated); empty allows none.",
         default_factory=list,
     )
+    # An unreachable store is often back within seconds (a restart, a network blip); listing it again sooner
+    # would mostly add load to a store that is struggling. A resync does not wait.
+    sync_retry_seconds: float = env(
+        "SHOAL_SYNC_RETRY_SECONDS", "Seconds before the dataset service lists again a store that was unreachable.",
+        default=15.0,
+    )
 
 
 def _default_node_name() -> str:
@@ -315,6 +321,8 @@ def _check(settings: Settings) -> list[str]:
         problems.append("SHOAL_MAX_DELIVER: must be at least 1")
     if not 1 <= settings.service.list_page_size <= 1000:
         problems.append("SHOAL_LIST_PAGE_SIZE: must be between 1 and 1000")
+    if settings.service.sync_retry_seconds <= 0:
+        problems.append("SHOAL_SYNC_RETRY_SECONDS: must be positive")
     if settings.service.http_port is not None and not 0 <= settings.service.http_port <= 65535:
         problems.append(f"SHOAL_HTTP_PORT={settings.service.http_port}: use 0 to 65535, or off")
     if not 1 <= settings.nats.replicas <= 5:

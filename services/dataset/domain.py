@@ -5,6 +5,7 @@ No I/O and no clock here: ``now`` is a parameter. Handlers load state, call thes
 
 from __future__ import annotations
 
+import calendar
 import re
 import time
 from collections.abc import Sequence
@@ -34,6 +35,10 @@ from libs.redact import is_secret_name, strip_userinfo
 
 SUPPORTED_SCHEMES = ("s3", "local")
 CONDITION_SYNCED = "MetadataSynced"
+# Reasons of a False MetadataSynced: the store could not be reached (the sync is tried again after a delay, see
+# sync_due_in), or any other failure (it waits for a new spec or a resync).
+REASON_UNREACHABLE = "StoreUnreachable"
+REASON_FAILED = "SyncFailed"
 # Present while the last sync left objects out of the tree (libs.paths has the rules), with a count and examples.
 CONDITION_SKIPPED = "ObjectsSkipped"
 # Copied from the runtime of the same name: whether the dataset's mounts are serving on the nodes.
@@ -173,9 +178,28 @@ def apply_dataset(record: DatasetRecord | None, dataset: Dataset) -> tuple[Datas
     return msgspec.structs.replace(record, dataset=dataset, generation=record.generation + 1), True
 
 
-def needs_sync(record: DatasetRecord) -> bool:
+def sync_due_in(record: DatasetRecord, now: float, retry_seconds: float) -> float | None:
+    """Seconds until the dataset should be synced: 0.0 at once (a new spec, a resync, or a retry of an unreachable
+    store whose delay has passed), more while that retry waits, None when nothing is due until its next change
+    (synced, or failed for a reason retrying cannot fix).
+
+    The wait counts from ``lastSyncTime`` (whole seconds, so a retry may come up to a second early), so any
+    other write of the record (cache states, the runtime's phase) finds the same remaining wait, not a due sync.
+    """
     status = record.status
-    return status.synced_generation < record.generation or status.synced_requests < record.sync_requests
+    if status.synced_generation < record.generation or status.synced_requests < record.sync_requests:
+        return 0.0
+    synced = next((c for c in status.conditions if c.type == CONDITION_SYNCED), None)
+    if synced is None or synced.status != "False" or synced.reason != REASON_UNREACHABLE:
+        return None
+    last = parse_iso_time(status.last_sync_time)
+    if last is None:
+        return 0.0  # no time to count from: retry rather than stay failed
+    return max(0.0, last + retry_seconds - now)
+
+
+def needs_sync(record: DatasetRecord, now: float, retry_seconds: float) -> bool:
+    return sync_due_in(record, now, retry_seconds) == 0.0
 
 
 @dataclass(frozen=True)
@@ -193,10 +217,23 @@ class SyncResult:
     listed: int = 0
     skipped: int = 0
     skipped_examples: tuple[str, ...] = ()
+    # The error may go away by itself (an unreachable store): the sync is tried again after a delay.
+    retryable: bool = False
+
+
+ISO_TIME = "%Y-%m-%dT%H:%M:%SZ"
 
 
 def iso_time(now: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))
+    return time.strftime(ISO_TIME, time.gmtime(now))
+
+
+def parse_iso_time(text: str) -> float | None:
+    """The seconds since the epoch of an ``iso_time`` string; None when empty or not in that form."""
+    try:
+        return float(calendar.timegm(time.strptime(text, ISO_TIME)))
+    except ValueError:
+        return None
 
 
 def _set_condition(conditions: list[Condition], new: Condition) -> list[Condition]:
@@ -211,7 +248,8 @@ def status_after_sync(record: DatasetRecord, result: SyncResult, runtime_phase: 
     """The status once a sync of ``result.generation`` finished (successfully or not)."""
     status = record.status
     if result.error:
-        condition = Condition(type=CONDITION_SYNCED, status="False", reason="SyncFailed", message=result.error,
+        reason = REASON_UNREACHABLE if result.retryable else REASON_FAILED
+        condition = Condition(type=CONDITION_SYNCED, status="False", reason=reason, message=result.error,
                               last_transition_time=iso_time(now))
         status = msgspec.structs.replace(
             status,

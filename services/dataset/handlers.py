@@ -203,11 +203,21 @@ class DatasetHandlers:
     # --- metadata sync (called by the reconciler) ---
 
     async def sync(self, key: str) -> None:
-        """Sync one dataset if it needs it; ``RetryLater`` (from the sync) once its failure is in the status."""
+        """Sync one dataset if it needs it; ``RetryLater`` while the retry of an unreachable store is not due yet,
+        or once a sync found it unreachable (after putting that in the status).
+
+        The retry's due time is in the record (``domain.sync_due_in``), not in the reconciler's wait: the status
+        write of a failed sync, or any other write, wakes the reconciler, which then waits out what is left.
+        """
         kv = await self.bus.kv(subjects.KV_DATASETS)
         record, _ = await kv_load(kv, key, DatasetRecord)
-        if record is None or not domain.needs_sync(record):
+        if record is None:
             return
+        due_in = domain.sync_due_in(record, self.clock(), self.settings.service.sync_retry_seconds)
+        if due_in is None:
+            return
+        if due_in > 0:
+            raise RetryLater(f"{key}: store unreachable, next sync in {due_in:.1f} s", due_in)
         # In the trace of the command that asked for it (kept in the record: the watch carries no headers).
         with self._tracer.start_as_current_span("sync dataset", context=context_of(record.traceparent),
                                                 attributes={"shoal.dataset": key,
@@ -219,8 +229,9 @@ class DatasetHandlers:
             result = await self._list(record)
         except RetryLater as err:
             await self._record_sync(key, record, domain.SyncResult(generation=record.generation,
-                                                                   requests=record.sync_requests, error=err.reason))
-            raise
+                                                                   requests=record.sync_requests, error=err.reason,
+                                                                   retryable=True))
+            raise RetryLater(err.reason, self.settings.service.sync_retry_seconds) from err
         await self._record_sync(key, record, result)
 
     async def _list(self, record: DatasetRecord) -> domain.SyncResult:

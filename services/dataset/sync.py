@@ -29,8 +29,6 @@ from services.dataset.domain import SyncResult
 log = get_logger(__name__)
 
 StoreOpener = Callable[[Location], ObjectStore]
-# Wait before listing again an endpoint that was unreachable.
-UNREACHABLE_RETRY_SECONDS = 15.0
 
 
 async def sync_metadata(record: DatasetRecord, manifests: ManifestStore, defaults: S3Settings,
@@ -79,7 +77,7 @@ async def sync_metadata(record: DatasetRecord, manifests: ManifestStore, default
             except UfsError as err:
                 error = strip_userinfo(f"cannot list {mount.mount_point}: {err.message}")
                 if err.retryable:
-                    raise RetryLater(error, UNREACHABLE_RETRY_SECONDS) from err
+                    raise RetryLater(error) from err  # the handler knows the delay (settings)
                 return SyncResult(generation=generation, requests=requests, error=error)
             finally:
                 await store.close()

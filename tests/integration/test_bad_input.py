@@ -280,3 +280,36 @@ async def test_unreachable_store_fails_then_recovers_on_resync(bus: Bus, nats_se
             assert metrics.moved("shoal_dataset_sync_duration_seconds_count", outcome="ok") >= 1
     finally:
         await proxy.cut()
+
+
+async def test_unreachable_store_is_retried_without_a_resync(bus: Bus, nats_server, seaweedfs, bucket: str) -> None:
+    """The service lists an unreachable store again on its own once it is back: no resync, no new spec."""
+    from tests.conftest import put_objects
+    from tests.faults import CuttableProxy
+
+    await put_objects(seaweedfs, bucket, {"a.txt": b"hello", "b/c.txt": b"there"})
+    proxy = CuttableProxy(seaweedfs.config.s3_port)  # not listening yet: connections are refused
+    settings = make_settings(nats_server.url, proxy.endpoint, seaweedfs.config.access_key_id,
+                             seaweedfs.config.secret_access_key, sync_retry_seconds=1.0)
+    try:
+        async with running(lambda stop: dataset_app.run(settings, stop)):
+            await bus.publish(subjects.DATASET_APPLY, DatasetApply(dataset=Dataset(
+                metadata=ObjectMeta(name="blip"), spec=DatasetSpec(mounts=[Mount(mount_point=f"s3://{bucket}")]))))
+
+            async def failed():
+                record = await dataset_record(bus, "blip")
+                return record if record and record.status.phase == "Failed" else None
+
+            before = await eventually(failed, timeout=30, what="the dataset failed on the unreachable store")
+            assert "cannot reach" in before.status.message
+            await proxy.start()  # the store is back; nothing else happens
+
+            async def recovered():
+                record = await dataset_record(bus, "blip")
+                return record if record and record.status.phase != "Failed" and record.status.file_num == 2 else None
+
+            record = await eventually(recovered, timeout=15, what="the dataset synced again on its own")
+            assert record.status.message == ""
+            assert (record.generation, record.sync_requests) == (before.generation, before.sync_requests)
+    finally:
+        await proxy.cut()

@@ -17,13 +17,13 @@ from nats.js import api as js_api
 from nats.js.kv import KeyValue
 
 from libs import reconcile, subjects
-from libs.bus import Bus, Conflict, Permanent, RetryLater, kv_save
+from libs.bus import Bus, Conflict, Permanent, RetryLater, kv_load, kv_save
 from libs.embedded import free_port
 from libs.events.agent import InventoryRequest
 from libs.events.common import ObjectMeta, ObjectRef
 from libs.events.dataset import Dataset, DatasetRecord, DatasetSpec, Mount
 from libs.reconcile import Reconciler
-from services.dataset import sync as dataset_sync
+from libs.ufs.base import EndpointUnreachable, Location, ObjectInfo, ObjectStore
 from services.dataset.handlers import DatasetHandlers
 from tests.helpers import dataset_record, eventually, make_settings
 
@@ -115,7 +115,8 @@ async def test_permanent_stops_until_the_key_changes_again(bus: Bus, monkeypatch
 
 async def test_unreachable_endpoint_is_in_the_status_and_the_sync_retries_later(bus: Bus, nats_server) -> None:
     closed = f"http://127.0.0.1:{free_port()}"
-    handlers = DatasetHandlers(bus, make_settings(nats_server.url, closed, "k", "s"))
+    settings = make_settings(nats_server.url, closed, "k", "s")
+    handlers = DatasetHandlers(bus, settings)
     record = DatasetRecord(dataset=Dataset(metadata=ObjectMeta(name="offline"),
                                            spec=DatasetSpec(mounts=[Mount(mount_point="s3://some-bucket")])),
                            generation=1)
@@ -123,11 +124,60 @@ async def test_unreachable_endpoint_is_in_the_status_and_the_sync_retries_later(
     await kv_save(await bus.kv(subjects.KV_DATASETS), key, record, None)
     with pytest.raises(RetryLater) as caught:
         await handlers.sync(key)
-    assert caught.value.delay == dataset_sync.UNREACHABLE_RETRY_SECONDS
+    assert caught.value.delay == settings.service.sync_retry_seconds
     assert "cannot reach" in caught.value.reason
     stored = await dataset_record(bus, "offline")
     assert stored is not None and stored.status.phase == "Failed"
     assert stored.status.message == caught.value.reason and closed in stored.status.message
+
+
+class Unreachable:
+    """A store that is never reachable; counts how often the sync opened it (each opening lists it once)."""
+
+    def __init__(self) -> None:
+        self.opened = 0
+
+    def __call__(self, location: Location) -> ObjectStore:
+        self.opened += 1
+        return self  # type: ignore[return-value]
+
+    async def list(self, page_size: int = 1000) -> AsyncIterator[ObjectInfo]:
+        raise EndpointUnreachable("cannot reach S3 endpoint http://127.0.0.1:1: connection refused")
+        yield  # an async generator, like a real store's listing
+
+    async def close(self) -> None:
+        pass
+
+
+async def test_a_pending_retry_waits_without_listing_and_a_resync_does_not_wait(bus: Bus, nats_server) -> None:
+    settings = make_settings(nats_server.url, "http://127.0.0.1:1", "k", "s", sync_retry_seconds=15.0)
+    clock = [1_700_000_000.0]
+    store = Unreachable()
+    handlers = DatasetHandlers(bus, settings, clock=lambda: clock[0], opener=store)
+    kv = await bus.kv(subjects.KV_DATASETS)
+    key = subjects.resource_key("default", "blip")
+    await kv_save(kv, key, DatasetRecord(dataset=Dataset(metadata=ObjectMeta(name="blip"), spec=DatasetSpec(
+        mounts=[Mount(mount_point="s3://some-bucket")])), generation=1), None)
+    with pytest.raises(RetryLater) as caught:
+        await handlers.sync(key)
+    assert (store.opened, caught.value.delay) == (1, 15.0)
+    # Run again at once (the reconciler does, woken by the status write or any other write): it waits out
+    # what is left of the delay and does not list the store again.
+    clock[0] += 5
+    with pytest.raises(RetryLater) as caught:
+        await handlers.sync(key)
+    assert (store.opened, caught.value.delay) == (1, 10.0)
+    clock[0] += 10  # due: listed again (still unreachable, so another full delay)
+    with pytest.raises(RetryLater) as caught:
+        await handlers.sync(key)
+    assert (store.opened, caught.value.delay) == (2, 15.0)
+    # A resync does not wait for the retry.
+    record, revision = await kv_load(kv, key, DatasetRecord)
+    assert record is not None
+    await kv_save(kv, key, msgspec.structs.replace(record, sync_requests=record.sync_requests + 1), revision)
+    with pytest.raises(RetryLater):
+        await handlers.sync(key)
+    assert store.opened == 3
 
 
 async def test_core_nats_events_go_through_the_bus_decoded(bus: Bus) -> None:

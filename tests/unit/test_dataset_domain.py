@@ -34,8 +34,11 @@ from libs.mounts import canonical_options, mount_path
 from libs.ufs.base import LocalLocation, S3Location
 from libs.ufs.mounts import MissingSecret, resolve_location, secret_refs
 from services.dataset.domain import (
+    CONDITION_MOUNTED,
     CONDITION_SKIPPED,
     CONDITION_SYNCED,
+    REASON_FAILED,
+    REASON_UNREACHABLE,
     RuntimeBinding,
     SyncResult,
     apply_dataset,
@@ -45,6 +48,7 @@ from services.dataset.domain import (
     needs_sync,
     status_after_sync,
     status_on_apply,
+    sync_due_in,
     validate_dataset,
     with_binding,
     with_cache_states,
@@ -445,7 +449,7 @@ def test_apply_new_dataset_is_generation_1() -> None:
     assert record.generation == 1
     assert record.dataset == dataset
     assert record.status == DatasetStatus()
-    assert needs_sync(record)
+    assert needs_sync(record, NOW, 15.0)
 
 
 def test_apply_same_spec_is_unchanged() -> None:
@@ -458,12 +462,12 @@ def test_apply_same_spec_is_unchanged() -> None:
 def test_apply_new_spec_bumps_generation_and_keeps_status() -> None:
     record, _ = apply_dataset(None, valid_s3_dataset())
     synced = msgspec.structs.replace(record, status=DatasetStatus(synced_generation=1, file_num=3))
-    assert not needs_sync(synced)
+    assert not needs_sync(synced, NOW, 15.0)
     updated, changed = apply_dataset(synced, make_dataset(s3_mount("s3://imagenet-val")))
     assert changed is True
     assert updated.generation == 2
     assert updated.status == synced.status
-    assert needs_sync(updated)
+    assert needs_sync(updated, NOW, 15.0)
 
 
 DATASET_POOL = st.builds(
@@ -882,3 +886,76 @@ def test_a_mount_that_is_not_serving_shows_in_conditions_and_message_until_it_se
     status = with_mount_condition(status, up)
     assert status.message == "" and [c.status for c in status.conditions if c.type == "Mounted"] == ["True"]
     assert [c.type for c in with_mount_condition(status, None).conditions] == [CONDITION_SYNCED]
+
+
+# --- retrying a store that was unreachable (sync_due_in) ---
+
+RETRY = 15.0
+
+
+def unreachable_at(when: float, record: DatasetRecord | None = None) -> DatasetRecord:
+    record = record or record_at()
+    result = SyncResult(generation=record.generation, requests=record.sync_requests,
+                        error="cannot reach S3 endpoint http://127.0.0.1:1: connection refused", retryable=True)
+    return msgspec.structs.replace(record, status=status_after_sync(record, result, "Ready", when))
+
+
+def test_an_unreachable_store_is_recorded_as_such() -> None:
+    status = unreachable_at(NOW).status
+    assert status.phase == "Failed" and "cannot reach" in status.message
+    assert status.synced_generation == 2
+    (condition,) = status.conditions
+    assert (condition.type, condition.status, condition.reason) == (CONDITION_SYNCED, "False", REASON_UNREACHABLE)
+
+
+def test_an_unreachable_store_is_retried_once_the_delay_passed() -> None:
+    record = unreachable_at(NOW)
+    assert sync_due_in(record, NOW, RETRY) == RETRY
+    assert sync_due_in(record, NOW + 10, RETRY) == 5.0
+    assert not needs_sync(record, NOW + 10, RETRY)
+    assert sync_due_in(record, NOW + RETRY, RETRY) == 0.0
+    assert needs_sync(record, NOW + 60, RETRY)
+
+
+def test_an_unrelated_status_write_does_not_bring_the_retry_forward() -> None:
+    record = unreachable_at(NOW)
+    mounted = Condition(type=CONDITION_MOUNTED, status="True", reason="Mounted", last_transition_time=iso_time(NOW))
+    status = with_binding(record.dataset, with_mount_condition(record.status, mounted), "NotReady", "2.00GiB")
+    rewritten = msgspec.structs.replace(record, status=status)
+    assert rewritten.status != record.status
+    assert sync_due_in(rewritten, NOW + 4, RETRY) == 11.0
+
+
+def test_a_retry_that_fails_again_waits_again_from_its_own_time() -> None:
+    again = unreachable_at(NOW + RETRY, unreachable_at(NOW))
+    assert sync_due_in(again, NOW + RETRY, RETRY) == RETRY
+
+
+def test_a_resync_or_a_new_spec_does_not_wait_for_the_retry() -> None:
+    record = unreachable_at(NOW)
+    assert sync_due_in(msgspec.structs.replace(record, sync_requests=1), NOW, RETRY) == 0.0
+    assert sync_due_in(msgspec.structs.replace(record, generation=3), NOW, RETRY) == 0.0
+
+
+def test_a_failure_retrying_cannot_fix_waits_for_a_change() -> None:
+    failed = status_after_sync(record_at(), SyncResult(generation=2, error="bucket does not exist"), "Ready", NOW)
+    assert failed.conditions[0].reason == REASON_FAILED
+    assert sync_due_in(record_at(status=failed), NOW + 3600, RETRY) is None
+
+
+def test_a_synced_dataset_is_not_due() -> None:
+    synced = status_after_sync(record_at(), SyncResult(generation=2, file_num=1), "Ready", NOW)
+    assert sync_due_in(record_at(status=synced), NOW + 3600, RETRY) is None
+
+
+def test_success_after_unreachable_clears_the_retry() -> None:
+    record = unreachable_at(NOW)
+    recovered = status_after_sync(record, SyncResult(generation=2, file_num=1), "Ready", NOW + RETRY)
+    assert recovered.phase == "Bound"
+    assert sync_due_in(msgspec.structs.replace(record, status=recovered), NOW + 3600, RETRY) is None
+
+
+def test_an_unreadable_sync_time_retries_rather_than_stays_failed() -> None:
+    record = unreachable_at(NOW)
+    broken = msgspec.structs.replace(record, status=msgspec.structs.replace(record.status, last_sync_time="soon"))
+    assert sync_due_in(broken, NOW, RETRY) == 0.0
