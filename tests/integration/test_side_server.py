@@ -52,10 +52,24 @@ async def get(session: aiohttp.ClientSession, port: int, path: str) -> tuple[int
 async def test_side_servers_answer_health_readiness_and_metrics_and_readiness_follows_nats(
         services: dict[str, int], nats_server: NatsServer, tmp_path: Path) -> None:
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
-        async def all_ready() -> bool:
-            return all([(await get(session, port, "/readyz"))[0] == 200 for port in services.values()])
+        waiting: dict[str, str] = {}  # the services not ready at the last look, and their /readyz bodies
 
-        await eventually(all_ready, 60, "every service ready")
+        async def all_ready() -> bool:
+            waiting.clear()
+            for name, port in services.items():
+                status, body = await get(session, port, "/readyz")
+                if status != 200:
+                    waiting[name] = body or "no answer"
+            return not waiting
+
+        async def until_all_ready(what: str) -> None:
+            try:
+                await eventually(all_ready, 60, what)
+            except AssertionError as err:
+                logs = {name: (tmp_path / f"{name}.log").read_text()[-3000:] for name in waiting}
+                raise AssertionError(f"{err}; not ready: {waiting}; their logs' ends: {logs}") from None
+
+        await until_all_ready("every service ready")
         for name, port in services.items():
             assert await get(session, port, "/healthz") == (200, "ok\n")
             status, body = await get(session, port, "/readyz")
@@ -91,7 +105,7 @@ async def test_side_servers_answer_health_readiness_and_metrics_and_readiness_fo
             assert json.loads((await get(session, port, "/readyz"))[1])["checks"]["nats"] == "not connected to NATS"
 
         nats_server.start()
-        await eventually(all_ready, 60, "every service ready again once NATS is back")
+        await until_all_ready("every service ready again once NATS is back")
 
 
 def test_the_side_server_port_setting_takes_a_port_zero_or_off() -> None:
