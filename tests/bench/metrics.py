@@ -39,7 +39,7 @@ from pathlib import Path
 
 from libs.events.common import format_bytes
 from tests.bench.processes import PROJECT_ROOT, _servers, cleanup, cpu_seconds, exclusive_run, fresh_run_dir
-from tests.bench.report import console, print_targets, say, timed_phase, write_docs_section
+from tests.bench.report import console, print_targets, say, targets_table, timed_phase, write_docs_section
 from tests.bench.seed import TIMES, bucket_client
 from tests.bench.systems import NAMESPACE, NODE, ShoalNode, Store
 from tests.bench.worker import evict, read_tree, run_worker
@@ -387,8 +387,7 @@ def markdown(bench: MetricsBench, summaries: Sequence[Summary], lines: Sequence[
                     f"{'—' if off is None else f'{off:,.1f} {s.unit}'} | "
                     f"{'—' if s.ratio is None else f'{s.ratio:.3f}'} | {_cpu(s.cpu_per_gb.get('on'))} | "
                     f"{_cpu(s.cpu_per_gb.get('off'))} |")
-    text += ["", "| verdict | target | measured |", "|---|---|---|"]
-    text += [f"| {verdict} | {target} | {measured} |" for verdict, target, measured in lines]
+    text += targets_table(lines)
     text.append(DOCS_END)
     return "\n".join(text)
 

@@ -283,6 +283,12 @@ def print_targets(out: Any, title: str, lines: Sequence[tuple[str, str, str]]) -
         out.print(f"  [{style}]{verdict:4}[/{style}]  {escape(text)}: {escape(measured)}")
 
 
+def targets_table(lines: Sequence[tuple[str, str, str]]) -> list[str]:
+    """The (verdict, target, measured) lines of a bench as the Markdown table its docs section ends with."""
+    return ["", "| verdict | target | measured |", "|---|---|---|",
+            *(f"| {verdict} | {target} | {measured} |" for verdict, target, measured in lines)]
+
+
 def write_docs_section(path: Path, section: str, begin: str, end: str) -> None:
     """Replace the generated section of ``path`` between the markers ``begin`` (matched up to its " (") and
     ``end``, or append it."""

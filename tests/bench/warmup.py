@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from libs.events.common import format_bytes
 from tests.bench.processes import PROJECT_ROOT, _servers, cleanup, exclusive_run, fresh_run_dir, mounts_under
-from tests.bench.report import console, print_targets, say, timed_phase, write_docs_section
+from tests.bench.report import console, print_targets, say, targets_table, timed_phase, write_docs_section
 from tests.bench.seed import NAMESPACE, TIMES, Agent, Cluster, bucket_client, show_bytes
 from tests.bench.throttle import ThrottledProxy
 from tests.bench.worker import read_tree, run_worker
@@ -350,8 +350,7 @@ def markdown(bench: WarmupBench, lines: Sequence[tuple[str, str, str]]) -> str:
         seconds = "\u2014" if r.seconds is None else f"{r.seconds:.1f} s"
         text.append(f"| {r.workload} | {r.system} | {rate} | {seconds} | {show_bytes(r.store_bytes)} | "
                     f"{', '.join(show_bytes(b) for b in r.per_node.values())} | {r.note.replace('|', '/')[:100]} |")
-    text += ["", "| verdict | target | measured |", "|---|---|---|"]
-    text += [f"| {verdict} | {target} | {measured} |" for verdict, target, measured in lines]
+    text += targets_table(lines)
     text.append(DOCS_END)
     return "\n".join(text)
 
