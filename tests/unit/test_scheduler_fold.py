@@ -14,6 +14,7 @@ from msgspec.structs import replace
 from libs.events.agent import BlockId, CacheCounters, Inventory, InventoryDelta, InventorySnapshot, group_blocks
 from libs.events.common import ObjectRef
 from libs.events.dataset import ManifestEntry
+from libs.events.schedule import DatasetUse, ScoreRequest
 from libs.inventory import DatasetInventory, fold
 from services.scheduler.domain import Weights, _derive, score
 from services.scheduler.fold import CacheFold, Catalog, LiveView, path_matches
@@ -269,6 +270,13 @@ def test_what_the_live_view_keeps_and_patches_equals_a_fresh_read(sequence: list
             assert list(sums.column) == list(fresh_sums.column)
             requested = sum(cap for _, _, cap in asked)
             assert _derive(sums, places, requested) == _derive(fresh_sums, fresh_places, requested)
+        # Scoring keeps its terms with a kept sum and drops those of the groups whose best holders moved: the
+        # answers equal a fresh view's (which keeps nothing) after every step.
+        for uses in ([DatasetUse(name="d", namespace="ml"), DatasetUse(name="e", namespace="ml")],
+                     [DatasetUse(name="e", namespace="ml")]):
+            asking = ScoreRequest(id="q", datasets=uses, limit=0)
+            assert score(asking, kept, Weights(zone_label="zone", region_label="region")) == score(
+                asking, fresh, Weights(zone_label="zone", region_label="region"))
         for node in places.nodes:
             cache = state.datasets.get(KEY, {}).get(node)
             recount = 0 if cache is None or KEY not in state.catalogs else sum(
