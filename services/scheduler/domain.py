@@ -243,42 +243,60 @@ def _known(uses: list[Use], totals: Mapping[DatasetKey, int], view: View, places
 
 
 def _derive(sums: Sums, places: Places, requested: int) -> tuple[Best, Best, list[int]]:
-    """The zones' and regions' best holders (``_best_holders``) and every known node's key (``bytes * len(kinds) +
+    """The zones' and regions' best holders (``_tops``) and every known node's key (``bytes * len(kinds) +
     kind``) of a sum: kept in ``sums.derived`` and, when the view patched the column, worked out again only at the
-    moved positions and in their zone and region (the same values as a full pass: a group's best holders are a
-    function of its members' bytes)."""
+    moved positions (the same values as a full pass: a group's best holders are a function of its members' bytes).
+    A group's two best holders are kept as (bytes, position) too: a moved member that rises, or one that is not
+    among them, is compared with them; only a best holder that falls makes the group be read again."""
     derived, moved, column = sums.derived, sums.moved, sums.column
     width = len(places.kinds) or 1
     if moved is None or not derived:
-        derived["zones"] = _best_holders(places.zones, column, places.nodes, requested) if requested > 0 else {}
-        derived["regions"] = _best_holders(places.regions, column, places.nodes, requested) if requested > 0 else {}
+        for name, members in (("zones", places.zones), ("regions", places.regions)):
+            tops = _tops(members, column) if requested > 0 else {}
+            derived[f"{name}_tops"] = tops
+            derived[name] = {group: _shares(top, places.nodes, requested) for group, top in tops.items()}
         derived["keys"] = list(map(operator.add, map(operator.mul, column, itertools.repeat(width)), places.kind))
+        derived["terms"] = None  # scoring's kept terms (``_Terms``) start over
+        derived["stale"] = set()
     elif moved:
         keys: list[int] = derived["keys"]
-        zones: dict[str, tuple[int, ...]] = {}
-        regions: dict[str, tuple[int, ...]] = {}
+        zones: dict[str, list[int]] = {}
+        regions: dict[str, list[int]] = {}
         for spot in moved:
             keys[spot] = column[spot] * width + places.kind[spot]
             zone, region = places.kinds[places.kind[spot]]
             if zone:
-                zones[zone] = places.zones[zone]
+                zones.setdefault(zone, []).append(spot)
             if region:
-                regions[region] = places.regions[region]
+                regions.setdefault(region, []).append(spot)
         if requested > 0:
-            for name, groups in (("zones", zones), ("regions", regions)):
+            stale: set[tuple[str, str]] = derived["stale"]
+            for name, groups, members in (("zones", zones, places.zones), ("regions", regions, places.regions)):
                 best: Best = derived[name]
-                for group in groups:
-                    best.pop(group, None)
-                best.update(_best_holders(groups, column, places.nodes, requested))
+                all_tops: dict[str, list[tuple[int, int]]] = derived[f"{name}_tops"]
+                for group, spots in groups.items():
+                    top = _patch_top(all_tops.get(group, []), spots, column)
+                    if top is None:
+                        top = _tops({group: members[group]}, column).get(group, [])
+                    entries = _shares(top, places.nodes, requested)
+                    if top:
+                        all_tops[group] = top
+                    else:
+                        all_tops.pop(group, None)
+                    if best.get(group) != (entries or None):
+                        stale.add((name, group))  # the terms of its nodes' (zone, region) are worked out again
+                    if entries:
+                        best[group] = entries
+                    else:
+                        best.pop(group, None)
     sums.moved = set()
     return derived["zones"], derived["regions"], derived["keys"]
 
 
-def _best_holders(members: Mapping[str, tuple[int, ...]], owns: Sequence[int], nodes: Sequence[str],
-                  requested: int) -> Best:
-    """Each group's two best holders of bytes. Members are positions in name order, so the first of equal sizes is
-    the name that sorts first."""
-    best: Best = {}
+def _tops(members: Mapping[str, tuple[int, ...]], owns: Sequence[int]) -> dict[str, list[tuple[int, int]]]:
+    """Each group's (at most) two best holders as (bytes, position), best first; members are positions in name
+    order, so the first of equal sizes is the name that sorts first. Groups holding nothing are left out."""
+    found: dict[str, list[tuple[int, int]]] = {}
     size_at = owns.__getitem__
     for group, positions in members.items():
         sizes = list(map(size_at, positions))
@@ -286,13 +304,33 @@ def _best_holders(members: Mapping[str, tuple[int, ...]], owns: Sequence[int], n
         if top <= 0:
             continue
         first = sizes.index(top)
-        entries = [(min(top / requested, 1.0), nodes[positions[first]])]
+        entries = [(top, positions[first])]
         sizes[first] = 0
         second = max(sizes)
         if second > 0:
-            entries.append((min(second / requested, 1.0), nodes[positions[sizes.index(second)]]))
-        best[group] = entries
-    return best
+            entries.append((second, positions[sizes.index(second)]))
+        found[group] = entries
+    return found
+
+
+def _patch_top(top: list[tuple[int, int]], spots: Iterable[int], owns: Sequence[int]) -> list[tuple[int, int]] | None:
+    """A group's ``_tops`` entry after its members at ``spots`` moved, or None when it cannot be told without
+    reading the group again (a best holder fell: the third best is not known)."""
+    entries = {position: size for size, position in top}
+    for spot in spots:
+        size = owns[spot]
+        held = entries.get(spot)
+        if held is not None and size < held:
+            return None
+        if size > 0:
+            entries[spot] = size
+    # Best first: more bytes, then the first position (name order).
+    ranked = sorted(((size, position) for position, size in entries.items()), key=lambda e: (-e[0], e[1]))
+    return ranked[:2]
+
+
+def _shares(top: list[tuple[int, int]], nodes: Sequence[str], requested: int) -> list[tuple[float, str]]:
+    return [(min(size / requested, 1.0), nodes[position]) for size, position in top]
 
 
 def _neighbour(best: Best, group: str, node: str) -> tuple[float, str]:
@@ -408,13 +446,11 @@ def score(request: ScoreRequest, view: View, weights: Weights) -> ScoreReply:
         return _near_term(zone, region, _neighbour(zones, zone, ""), _neighbour(regions, region, ""), weights.zone,
                           weights.region, top, names)
 
-    own_terms: _Memo[int, tuple[float, int, float, str]] = _Memo(own_term)
-    near_terms: _Memo[int, tuple[float, int, str]] = _Memo(near_term)
     width = len(kinds) or 1
 
     def placed(key: int) -> tuple[int, float, str]:
         size, number = divmod(key, width)
-        own, near = own_terms[size], near_terms[number]
+        own, near = terms.own[size], terms.near[number]
         return (near[1], own[2], near[2]) if near[0] > own[0] else (own[1], own[2], own[3])
 
     # Ranked as ints, ``score * stride + (count - position)``: sorted descending, best score first and, among equal
@@ -423,8 +459,12 @@ def score(request: ScoreRequest, view: View, weights: Weights) -> ScoreReply:
     stride = count + 1
     keys = (known_keys if owns is known else
             list(map(operator.add, map(operator.mul, owns, itertools.repeat(width)), kind)))
-    answers: _Memo[int, tuple[int, float, str]] = _Memo(placed)
-    ranked: _Memo[int, int] = _Memo(lambda key: answers[key][0] * stride)
+    # Every known node scored: the terms are kept with the sums (``_Terms``), dropped only for the (zone, region)s
+    # whose best holders moved, so a decision after a change works out the few keys that change, not every one.
+    terms = _Terms.of(sums.derived if owns is known else {}, (requested, names, weights, count, width), places.kinds)
+    terms.own.make, terms.near.make, terms.answers.make = own_term, near_term, placed
+    terms.ranked.make = lambda key: terms.answers[key][0] * stride
+    answers, ranked = terms.answers, terms.ranked
     ranks = list(map(operator.add, map(ranked.__getitem__, keys), range(count, 0, -1)))
     # The best holder of a zone or region: its neighbour there is the second best, not itself. (The second best's
     # neighbour is the best, as for every other node there.)
@@ -456,13 +496,52 @@ class _Memo(dict[K, V]):
     """A dict that works a missing value out (``make``) and keeps it: looked up with ``map``, no Python frame per
     hit."""
 
-    def __init__(self, make: Callable[[K], V]) -> None:
+    def __init__(self, make: Callable[[K], V] | None = None) -> None:
         super().__init__()
-        self.make = make
+        self.make = cast(Callable[[K], V], make)
 
     def __missing__(self, key: K) -> V:
         value = self[key] = self.make(key)
         return value
+
+
+@dataclass
+class _Terms:
+    """What ``score`` works out per distinct value, kept with a kept sum (``Sums.derived``) across decisions: a
+    node's own term per byte count (``own``), its neighbours' per (zone, region) number (``near``), and the score,
+    share and reason (``answers``) and rank (``ranked``) per node key. All are functions of the sum's best holders
+    and ``context`` (requested bytes, names, weights, node count, key width): kept while the context stays; the
+    entries of a (zone, region) whose zone's or region's best holders moved (``_derive`` notes them in
+    ``derived["stale"]``) are dropped and worked out again. Past ``TERMS_KEPT`` byte counts and keys they start
+    over (the cache moves, so old byte counts are left behind)."""
+
+    context: tuple[Any, ...]
+    own: _Memo[int, tuple[float, int, float, str]] = field(default_factory=_Memo)
+    near: _Memo[int, tuple[float, int, str]] = field(default_factory=_Memo)
+    answers: _Memo[int, tuple[int, float, str]] = field(default_factory=_Memo)
+    ranked: _Memo[int, int] = field(default_factory=_Memo)
+
+    @classmethod
+    def of(cls, derived: dict[str, Any], context: tuple[Any, ...], kinds: Sequence[tuple[str, str]]) -> _Terms:
+        """The kept terms of ``derived`` (fresh ones when it keeps none or for another context), brought up to
+        date."""
+        kept: _Terms | None = derived.get("terms")
+        stale: set[tuple[str, str]] = derived.get("stale", set())
+        if kept is None or kept.context != context or len(kept.answers) + len(kept.own) > TERMS_KEPT:
+            kept = cls(context)
+            if "keys" in derived:
+                derived["terms"] = kept
+        elif stale:
+            width = context[-1]
+            numbers = {number for number, (zone, region) in enumerate(kinds)
+                       if ("zones", zone) in stale or ("regions", region) in stale}
+            for number in numbers:
+                kept.near.pop(number, None)
+            for memo in (kept.answers, kept.ranked):
+                for key in [key for key in memo if key % width in numbers]:
+                    del memo[key]
+        stale.clear()
+        return kept
 
 
 # Terms kept across decisions (a few hundred bytes each): distinct byte counts and neighbourhoods seen lately.

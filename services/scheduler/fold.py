@@ -38,7 +38,8 @@ from libs.paths import is_folder
 from services.scheduler.domain import Part, Places, Sums, add_columns
 
 # Moves of one dataset's ``held`` remembered for readers (``CacheFold.moves``): a decision after a few changes
-# patches a few entries; past this many it reads every node again, which costs about as much.
+# patches a few entries; a reader more than this many behind reads every node again, which costs about as much.
+# Past this many the older half is dropped (readers that are up to date keep patching).
 MOVES_KEPT = 256
 
 # (namespace, name) of a dataset.
@@ -140,8 +141,11 @@ class CacheFold:
         self.nodes_version = 0
         # Dataset → the nodes whose ``held`` entry moved, in order (a node once per move): a reader that saw the list
         # up to some length patches what it keeps from the rest instead of reading every node again. Past
-        # ``MOVES_KEPT`` moves the list is replaced by a new one (readers holding the old one start over).
+        # ``MOVES_KEPT`` moves the older half is dropped and ``moves_base`` (how many were dropped from that list)
+        # grows: a reader's place in the moves is absolute (``moves_base`` + index). A forgotten dataset or node starts
+        # a new list (readers holding the old one start over).
         self.moves: dict[DatasetKey, list[str]] = {}
+        self.moves_base: dict[DatasetKey, int] = {}
 
     def _changed(self, key: DatasetKey, nodes: bool = False) -> None:
         self.generation += 1
@@ -175,8 +179,13 @@ class CacheFold:
     def _held(self, key: DatasetKey, node: str, cache: NodeCache) -> None:
         cache.whole = None
         moves = self.moves.get(key)
-        if moves is None or len(moves) >= MOVES_KEPT:
-            self.moves[key] = [node]
+        if moves is None:
+            self.moves[key], self.moves_base[key] = [node], 0
+        elif len(moves) >= MOVES_KEPT:
+            dropped = len(moves) // 2
+            del moves[:dropped]
+            self.moves_base[key] += dropped
+            moves.append(node)
         else:
             moves.append(node)
         if cache.current > 0:
@@ -250,6 +259,7 @@ class CacheFold:
         self.catalogs.pop(key, None)
         self.held.pop(key, None)
         self.moves.pop(key, None)
+        self.moves_base.pop(key, None)
 
     def forget_node(self, node: str) -> None:
         for key, nodes in self.datasets.items():
@@ -257,6 +267,7 @@ class CacheFold:
                 self._changed(key, nodes=True)
                 self.held.get(key, {}).pop(node, None)
                 self.moves.pop(key, None)
+                self.moves_base.pop(key, None)
         self.node_entries.pop(node, None)
 
     def _entry_gone(self, node: str) -> None:
@@ -396,7 +407,7 @@ class LiveView:
         if len(self._columns) >= COLUMNS_KEPT:
             self._columns.clear()
         self._columns[dataset] = _Column(version, places, column, max(column, default=0), moves,
-                                         len(moves) if moves is not None else 0)
+                                         self._reached(dataset, moves))
         return column, self._columns[dataset].peak
 
     def known(self, parts: tuple[Part, ...], places: Places) -> Sums:
@@ -416,8 +427,18 @@ class LiveView:
         return sums
 
     def _seen(self, parts: tuple[Part, ...]) -> tuple[tuple[list[str] | None, int], ...]:
-        moves = [self.fold.moves.get(key) for key, _, _ in parts]
-        return tuple((log, len(log) if log is not None else 0) for log in moves)
+        return tuple((log, self._reached(key, log)) for key, _, _ in parts for log in (self.fold.moves.get(key),))
+
+    def _reached(self, dataset: DatasetKey, moves: list[str] | None) -> int:
+        """The absolute place just after the last of the dataset's moves."""
+        return self.fold.moves_base.get(dataset, 0) + len(moves) if moves is not None else 0
+
+    def _since(self, dataset: DatasetKey, moves: list[str] | None, seen: int) -> list[str] | None:
+        """The dataset's moves after the absolute place ``seen`` (None when the older ones were dropped)."""
+        if moves is None:
+            return []
+        start = seen - self.fold.moves_base.get(dataset, 0)
+        return moves[start:] if 0 <= start <= len(moves) else None
 
     def _patch_sum(self, parts: tuple[Part, ...], kept: _Sum,
                    columns: list[tuple[list[int], int, int]]) -> bool:
@@ -426,9 +447,10 @@ class LiveView:
         index = kept.places.index
         for (key, _, _), (log, seen) in zip(parts, kept.seen, strict=True):
             moves = self.fold.moves.get(key)
-            if moves is not log or (moves is not None and len(moves) < seen):
+            since = self._since(key, moves, seen) if moves is log else None
+            if since is None:
                 return False
-            for node in moves[seen:] if moves is not None else ():
+            for node in since:
                 spot = index.get(node)
                 if spot is None:
                     return False
@@ -444,11 +466,12 @@ class LiveView:
     def _patch(self, dataset: DatasetKey, kept: _Column, version: int) -> None:
         """Bring a kept column up to ``version`` from the fold's moves since it was read, when they reach back."""
         moves = self.fold.moves.get(dataset)
-        if moves is None or moves is not kept.moves or len(moves) < kept.seen:
+        since = self._since(dataset, moves, kept.seen) if moves is not None and moves is kept.moves else None
+        if since is None:
             return
         held, index, column = self.fold.held.get(dataset, {}), kept.places.index, kept.column
         peak, lowered = kept.peak, False
-        for node in moves[kept.seen:]:
+        for node in since:
             spot = index.get(node)
             if spot is None:
                 return  # a node the places do not know: read every node again
@@ -457,7 +480,7 @@ class LiveView:
             column[spot] = size
             peak = max(peak, size)
         kept.peak = max(column, default=0) if lowered else peak
-        kept.seen, kept.version = len(moves), version
+        kept.seen, kept.version = self._reached(dataset, moves), version
 
     def places(self, zone_label: str, region_label: str) -> Places:
         if self.labels_version is None:

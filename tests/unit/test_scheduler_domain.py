@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from libs.events.schedule import Candidate, DatasetUse, ScoreReply, ScoreRequest
-from services.scheduler.domain import MAX_DATASETS, Places, StaticView, Weights, score
+from services.scheduler.domain import MAX_DATASETS, Places, StaticView, Sums, Weights, _derive, score
 from tests.unit.scheduler_reference import reference_score
 
 ZONE = "topology.kubernetes.io/zone"
@@ -232,3 +232,27 @@ def test_the_best_nodes_listed_are_the_top_of_the_references_full_ranking(
     fast = score(request(*uses, candidates=candidates, limit=limit), static_view, weights)
     full = reference_score(request(*uses, candidates=candidates, limit=0), static_view, weights)
     assert msgspec.json.encode(fast) == msgspec.json.encode(truncated(full, limit))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 3), min_size=1, max_size=12),
+       st.lists(st.lists(st.tuples(st.integers(0, 11), st.integers(0, 3)), max_size=4), max_size=12))
+def test_best_holders_patched_where_the_bytes_moved_equal_a_full_pass(start: list[int],
+                                                                      steps: list[list[tuple[int, int]]]) -> None:
+    """``_derive`` keeps each zone's and region's two best holders and patches them at the moved positions (a
+    best holder that falls makes its group be read again); after any moves, with ties, they equal a full pass."""
+    nodes = [f"n{i:02d}" for i in range(len(start))]
+    table = {node: {"z": f"z{i % 3}", "r": f"r{i % 2}"} for i, node in enumerate(nodes)}
+    places = Places.of(nodes, lambda node: table[node], "z", "r")
+    column = list(start)
+    kept = Sums(column)
+    requested = 3 * len(column)
+    _derive(kept, places, requested)
+    for step in steps:
+        moved = set()
+        for spot, size in step:
+            if spot < len(column):
+                column[spot] = size
+                moved.add(spot)
+        kept.moved = moved
+        assert _derive(kept, places, requested) == _derive(Sums(list(column)), places, requested)

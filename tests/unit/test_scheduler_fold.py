@@ -14,7 +14,9 @@ from msgspec.structs import replace
 from libs.events.agent import BlockId, CacheCounters, Inventory, InventoryDelta, InventorySnapshot, group_blocks
 from libs.events.common import ObjectRef
 from libs.events.dataset import ManifestEntry
+from libs.events.schedule import DatasetUse, ScoreRequest
 from libs.inventory import DatasetInventory, fold
+from services.scheduler import fold as fold_module
 from services.scheduler.domain import Weights, _derive, score
 from services.scheduler.fold import CacheFold, Catalog, LiveView, path_matches
 
@@ -235,7 +237,16 @@ def test_what_the_live_view_keeps_and_patches_equals_a_fresh_read(sequence: list
     """The live view keeps each dataset's column and the sum of the requested datasets' columns, and patches them
     from the fold's moves; read after every step (so patches are taken), they equal a fresh view's, and the whole
     files kept per node equal a recount. So do the zones' and regions' best holders and the nodes' keys scoring
-    derives from a kept sum, patched where it moved."""
+    derives from a kept sum, patched where it moved. The fold remembers only 2 moves here, so readers that fall
+    behind the dropped ones read every node again, and readers that keep up patch across the drops."""
+    kept_moves, fold_module.MOVES_KEPT = fold_module.MOVES_KEPT, 2
+    try:
+        live_view_steps(sequence)
+    finally:
+        fold_module.MOVES_KEPT = kept_moves
+
+
+def live_view_steps(sequence: list[tuple[Inventory, bool] | str]) -> None:
     state = CacheFold()
     catalog = Catalog([entry("/a", "a", 8, etag="e"), entry("/b", "b", 8, etag="other")])
     alive = ["n1"]
@@ -269,6 +280,13 @@ def test_what_the_live_view_keeps_and_patches_equals_a_fresh_read(sequence: list
             assert list(sums.column) == list(fresh_sums.column)
             requested = sum(cap for _, _, cap in asked)
             assert _derive(sums, places, requested) == _derive(fresh_sums, fresh_places, requested)
+        # Scoring keeps its terms with a kept sum and drops those of the groups whose best holders moved: the
+        # answers equal a fresh view's (which keeps nothing) after every step.
+        for uses in ([DatasetUse(name="d", namespace="ml"), DatasetUse(name="e", namespace="ml")],
+                     [DatasetUse(name="e", namespace="ml")]):
+            asking = ScoreRequest(id="q", datasets=uses, limit=0)
+            assert score(asking, kept, Weights(zone_label="zone", region_label="region")) == score(
+                asking, fresh, Weights(zone_label="zone", region_label="region"))
         for node in places.nodes:
             cache = state.datasets.get(KEY, {}).get(node)
             recount = 0 if cache is None or KEY not in state.catalogs else sum(
