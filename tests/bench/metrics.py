@@ -25,7 +25,6 @@ is stopped by its PID and every mount under its run folder is unmounted, also on
 from __future__ import annotations
 
 import asyncio
-import atexit
 import json
 import os
 import platform
@@ -38,7 +37,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from libs.events.common import format_bytes
-from tests.bench.processes import PROJECT_ROOT, _servers, cleanup, cpu_seconds, exclusive_run, fresh_run_dir
+from tests.bench.processes import (
+    PROJECT_ROOT,
+    _servers,
+    cleanup,
+    cpu_seconds,
+    exclusive_run,
+    fresh_run_dir,
+    run_then_stop,
+)
 from tests.bench.report import console, print_targets, say, targets_table, timed_phase, write_docs_section
 from tests.bench.seed import TIMES, bucket_client
 from tests.bench.systems import NAMESPACE, NODE, ShoalNode, Store
@@ -398,11 +405,7 @@ def main(state_dir: Path, environ: Mapping[str, str] | None = None, quick: bool 
     state = state_dir.resolve()
     with exclusive_run(state, "metrics"):
         bench = MetricsBench(config, state, environ.get("SHOAL_BENCH_METRICS_LOG_LEVEL", "warning"))
-        atexit.register(bench.stop)
         say(f"metrics-cost bench: large {config.large.describe()}, small {config.small.describe()}, "
             f"{config.rounds} rounds of metrics on and off")
-        try:
-            bench.run()
-        finally:
-            bench.stop()
+        run_then_stop(bench)
     report(bench, state / "metrics-results.json", PROJECT_ROOT / "docs" / "benchmarks.md")

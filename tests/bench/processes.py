@@ -5,6 +5,7 @@ under the bench's mount folders and stops the embedded servers, also on errors a
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import fcntl
 import os
@@ -17,6 +18,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Protocol
 
 from libs.embedded import ServerProcess, spawn
 
@@ -198,3 +200,19 @@ def cpu_seconds(pids: Iterable[int]) -> float:
 def children_cpu() -> float:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
+
+
+class Runnable(Protocol):
+    def run(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+def run_then_stop(bench: Runnable) -> None:
+    """Run a bench whose ``stop`` ends every process it started: after the run, on an error, and at interpreter
+    exit (a signal that ends the interpreter before the ``finally``)."""
+    atexit.register(bench.stop)
+    try:
+        bench.run()
+    finally:
+        bench.stop()

@@ -34,7 +34,6 @@ Ctrl-C (``processes.cleanup`` and the readers' own list).
 from __future__ import annotations
 
 import asyncio
-import atexit
 import contextlib
 import json
 import os
@@ -65,6 +64,7 @@ from tests.bench.processes import (
     fresh_run_dir,
     mounted,
     mounts_under,
+    run_then_stop,
     unmount,
     wait_mounted,
 )
@@ -987,14 +987,10 @@ def main(state_dir: Path, environ: Mapping[str, str] | None = None, quick: bool 
     state = state_dir.resolve()
     with exclusive_run(state, "seed"):
         bench = SeedBench(config, state, log_level)
-        atexit.register(bench.stop)
         say(f"seed bench: {show_bytes(config.model_bytes)} model, link {show_rate(config.rate)}, N = "
             f"{', '.join(map(str, config.consumers))}, {config.peer_rounds} peer-read rounds")
         started = time.perf_counter()
-        try:
-            bench.run()
-        finally:
-            bench.stop()
+        run_then_stop(bench)
     bench.phase_times["total"] = time.perf_counter() - started
     report(bench, state / "seed-results.json", PROJECT_ROOT / "docs" / "benchmarks.md")
 

@@ -19,7 +19,6 @@ PID and every mount under its run folder is unmounted, also on errors (``process
 from __future__ import annotations
 
 import asyncio
-import atexit
 import contextlib
 import json
 import os
@@ -34,7 +33,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from libs.events.common import format_bytes
-from tests.bench.processes import PROJECT_ROOT, _servers, cleanup, exclusive_run, fresh_run_dir, mounts_under
+from tests.bench.processes import (
+    PROJECT_ROOT,
+    _servers,
+    cleanup,
+    exclusive_run,
+    fresh_run_dir,
+    mounts_under,
+    run_then_stop,
+)
 from tests.bench.report import console, print_targets, say, targets_table, timed_phase, write_docs_section
 from tests.bench.seed import NAMESPACE, TIMES, Agent, Cluster, bucket_client, show_bytes
 from tests.bench.throttle import ThrottledProxy
@@ -361,10 +368,6 @@ def main(state_dir: Path, environ: Mapping[str, str] | None = None, quick: bool 
     state = state_dir.resolve()
     with exclusive_run(state, "warm-up"):
         bench = WarmupBench(config, state, environ.get("SHOAL_BENCH_WARMUP_LOG_LEVEL", "warning"))
-        atexit.register(bench.stop)
         say(f"warm-up bench: large {config.large.describe()}, small {config.small.describe()}, {AGENTS} agents")
-        try:
-            bench.run()
-        finally:
-            bench.stop()
+        run_then_stop(bench)
     report(bench, state / "warmup-results.json", PROJECT_ROOT / "docs" / "benchmarks.md")
