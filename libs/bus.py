@@ -374,6 +374,36 @@ class Delivery:
         return self.headers.get("Nats-Msg-Id", "")
 
 
+# Where the delivery count, stream sequence and store time sit in a JetStream reply subject, by its token count:
+# ``$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<tm>.<pending>`` (9 tokens) or, since servers with
+# domains, ``$JS.ACK.<domain>.<account>.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<tm>.<pending>.<token>``.
+_REPLY_TOKENS = {9: (4, 5, 7), 11: (6, 7, 9), 12: (6, 7, 9)}
+
+
+def delivery_of(message: Msg) -> Delivery:
+    """The message's delivery facts, read straight from its reply subject. nats-py's ``metadata`` says the same
+    but builds a datetime and several objects per message, which at inventory rates costs a tenth of the fold;
+    it stays the fallback for a reply of another shape."""
+    tokens = (message.reply or "").split(".")
+    positions = _REPLY_TOKENS.get(len(tokens))
+    headers = dict(message.headers or {})
+    if positions is not None and tokens[1] == "ACK":
+        delivered, sequence, stored = positions
+        try:
+            return Delivery(subject=message.subject, headers=headers, deliveries=int(tokens[delivered]) or 1,
+                            stream_sequence=int(tokens[sequence]), published_at=int(tokens[stored]) / 1e9)
+        except ValueError:
+            pass
+    metadata = message.metadata
+    return Delivery(
+        subject=message.subject,
+        headers=headers,
+        deliveries=metadata.num_delivered or 1,
+        stream_sequence=metadata.sequence.stream if metadata.sequence else 0,
+        published_at=metadata.timestamp.timestamp() if metadata.timestamp else 0.0,
+    )
+
+
 E = TypeVar("E")
 Handler = Callable[[E, Delivery], Awaitable[None]]
 InvalidHandler = Callable[[Delivery, str, bytes], Awaitable[None]]
@@ -416,11 +446,13 @@ class Consumer(Generic[E]):
     def __post_init__(self) -> None:
         # The label sets are bound once (a lookup per message would cost as much as the increment) and every
         # outcome is there from the start, at 0, so a rate over it is 0 rather than absent.
-        self._outcomes = {outcome: metrics.COMMANDS.labels(self.durable, outcome)
+        # Moved by plain additions (``libs.metrics.adder``): at inventory rates the library's locked methods cost
+        # a fifth of what the handler does.
+        self._outcomes = {outcome: metrics.adder(metrics.COMMANDS.labels(self.durable, outcome))
                           for outcome in (metrics.OK, metrics.REJECTED, metrics.RETRIED, metrics.DEAD_LETTERED,
                                           metrics.CONFLICT)}
-        self._handler_seconds = metrics.HANDLER_SECONDS.labels(self.durable)
-        self._lag = metrics.CONSUMER_LAG.labels(self.durable)
+        self._handler_seconds = metrics.observer(metrics.HANDLER_SECONDS.labels(self.durable))
+        self._lag = metrics.setter(metrics.CONSUMER_LAG.labels(self.durable))
 
     async def run(self) -> None:
         filters = [self.filter_subject] if isinstance(self.filter_subject, str) else list(self.filter_subject)
@@ -443,11 +475,11 @@ class Consumer(Generic[E]):
                     messages = await subscription.fetch(self.batch, timeout=1.0)
                 except (TimeoutError, nats.errors.TimeoutError):
                     # Nothing arrived within the wait: no message of the stream is waiting for this consumer.
-                    self._lag.set(0)
+                    self._lag(0)
                     continue
                 # Messages still in the stream behind the last one fetched (JetStream's count for this consumer).
                 if messages:
-                    self._lag.set(messages[-1].metadata.num_pending or 0)
+                    self._lag(messages[-1].metadata.num_pending or 0)
                 for message in messages:
                     await self.process(message)
         finally:
@@ -457,14 +489,7 @@ class Consumer(Generic[E]):
         self._stopping.set()
 
     async def process(self, message: Msg) -> None:
-        metadata = message.metadata
-        delivery = Delivery(
-            subject=message.subject,
-            headers=dict(message.headers or {}),
-            deliveries=metadata.num_delivered or 1,
-            stream_sequence=metadata.sequence.stream if metadata.sequence else 0,
-            published_at=metadata.timestamp.timestamp() if metadata.timestamp else 0.0,
-        )
+        delivery = delivery_of(message)
         if not self.traced:
             await self._handle(message, delivery)
             return
@@ -483,7 +508,7 @@ class Consumer(Generic[E]):
 
     async def _handle(self, message: Msg, delivery: Delivery) -> None:
         # The one place a handled message is counted: ``_outcome`` says what became of it.
-        self._outcomes[await self._outcome(message, delivery)].inc()
+        self._outcomes[await self._outcome(message, delivery)](1)
 
     async def _outcome(self, message: Msg, delivery: Delivery) -> str:
         if len(message.data) > self.max_event_bytes:
@@ -519,7 +544,7 @@ class Consumer(Generic[E]):
         try:
             await self.handler(event, delivery)
         finally:
-            self._handler_seconds.observe(time.perf_counter() - started)
+            self._handler_seconds(time.perf_counter() - started)
 
     async def _retry(self, message: Msg, delivery: Delivery, reason: str, delay: float | None, bound: Any) -> str:
         if delivery.deliveries >= self.max_deliver:

@@ -24,53 +24,22 @@ process that died without doing so).
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 import json
 import os
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
-from prometheus_client import Counter, Gauge, Histogram
-from prometheus_client.values import MutexValue
+from prometheus_client import Gauge
 
 from libs import metrics as m
+from libs.metrics import adder, observer
 from libs.ufs.base import AccessDenied, EndpointUnreachable, NoSuchBucket, NoSuchKey, ObjectChanged
 from services.agent.cache.store import CacheStats
 
 # The job name of mount processes' targets (Prometheus' ``job`` label).
 MOUNT_JOB = "shoal-mount"
 SOURCES = (m.MEMORY, m.DISK, m.PEER, m.STORE)
-
-
-def adder(child: Counter) -> Callable[[float], None]:
-    """``child.inc`` for a counter moved only from the event loop: a plain addition to its value (the library's
-    lock guards against other threads, which never move it). The library's ``inc`` where its values are not the
-    in-process kind (multiprocess mode)."""
-    value = getattr(child, "_value", None)
-    if type(value) is not MutexValue:
-        return child.inc
-
-    def add(amount: float = 1.0) -> None:
-        value._value += amount
-
-    return add
-
-
-def observer(child: Histogram) -> Callable[[float], None]:
-    """``child.observe`` for a histogram observed only from the event loop: the sum and the one bucket that counts
-    the amount (the first upper bound at or above it, as the library does) grow by plain additions."""
-    buckets, total, bounds = (getattr(child, name, None) for name in ("_buckets", "_sum", "_upper_bounds"))
-    if (type(total) is not MutexValue or not isinstance(buckets, list) or not isinstance(bounds, list)
-            or len(buckets) != len(bounds) or any(type(bucket) is not MutexValue for bucket in buckets)):
-        return child.observe
-    search = bisect.bisect_left
-
-    def observe(amount: float) -> None:
-        total._value += amount
-        buckets[search(bounds, amount)]._value += 1
-
-    return observe
 
 
 def tier_label(medium: str) -> str:

@@ -36,9 +36,10 @@ log = get_logger(__name__)
 # ScoreRequest). Ignored inventory: unknown_dataset (deleted, or not yet applied).
 # Inventory events by what the fold made of them (libs.metrics.FOLD_EVENTS): folded (the fold moved), stale (old or
 # redelivered: nothing changed), unknown_dataset. Bound once: this is the scheduler's busiest path.
-_FOLDED = metrics.FOLD_EVENTS.labels("folded")
-_STALE = metrics.FOLD_EVENTS.labels("stale")
-_UNKNOWN_DATASET = metrics.FOLD_EVENTS.labels("unknown_dataset")
+_FOLDED = metrics.adder(metrics.FOLD_EVENTS.labels("folded"))
+_STALE = metrics.adder(metrics.FOLD_EVENTS.labels("stale"))
+_UNKNOWN_DATASET = metrics.adder(metrics.FOLD_EVENTS.labels("unknown_dataset"))
+_FOLD_LAG = metrics.setter(metrics.FOLD_LAG_SECONDS)
 
 _REQUEST_DECODER = msgspec.json.Decoder(ScoreRequest)
 _REPLY_ENCODER = msgspec.json.Encoder()
@@ -168,17 +169,17 @@ class SchedulerHandlers:
         if key not in self.datasets:
             # A deleted dataset's last events (its cache freed) must not bring it back; a dataset not applied yet
             # has no mounts to report. Either way, a later delta of a dataset that exists asks for a snapshot.
-            _UNKNOWN_DATASET.inc()
+            _UNKNOWN_DATASET(1)
             self._count("inventory_unknown_dataset")
             return
         generation = self.fold.generation
         ask = self.fold.apply(event)
         if self.fold.generation == generation:
-            _STALE.inc()
+            _STALE(1)
         else:
-            _FOLDED.inc()
+            _FOLDED(1)
             if delivery.published_at:  # JetStream's time of the event: how far behind the fold is
-                metrics.FOLD_LAG_SECONDS.set(max(0.0, self.clock() - delivery.published_at))
+                _FOLD_LAG(max(0.0, self.clock() - delivery.published_at))
         if ask:
             log.info("inventory gap, asking for a snapshot", dataset=f"{key[0]}/{key[1]}", node=event.node,
                      seq=event.seq)

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pyfuse3
 import pytest
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
 from libs.blocks import BlockId
 from libs.embedded import LOOPBACK
 from libs.events.dataset import ManifestEntry
-from libs.metrics import FAST_SECONDS_BUCKETS, dataset_label
+from libs.metrics import FAST_SECONDS_BUCKETS, adder, dataset_label, observer, setter
 from libs.ufs import LocalLocation, LocalObjectStore
 from libs.ufs.base import AccessDenied, EndpointUnreachable, NoSuchKey, ObjectChanged, UfsError
 from services.agent.cache import BlockCache, DiskTier, MemoryTier
@@ -26,9 +26,7 @@ from services.agent.fs import DatasetFS, time_operations
 from services.agent.metrics import (
     MountMetrics,
     NodeMetrics,
-    adder,
     dir_health,
-    observer,
     remove_target,
     store_error_reason,
     target_path,
@@ -250,13 +248,18 @@ def test_the_hot_path_bindings_move_the_same_samples_as_the_library() -> None:
     registry = CollectorRegistry()
     histogram = Histogram("t_seconds", "t", ["way"], buckets=FAST_SECONDS_BUCKETS, registry=registry)
     counter = Counter("t_bytes", "t", ["way"], registry=registry)
+    gauge = Gauge("t_pending", "t", ["way"], registry=registry)
     fast_observe, fast_add = observer(histogram.labels("fast")), adder(counter.labels("fast"))
+    fast_set = setter(gauge.labels("fast"))
     assert fast_observe != histogram.labels("fast").observe  # the fast path, not a fallback
+    assert fast_set != gauge.labels("fast").set
     for amount in (0.0, 0.00005, 0.00007, 0.001, 0.3, 2.5, 3.0, 1e9):  # on a bound, between, past the last
         fast_observe(amount)
         histogram.labels("library").observe(amount)
         fast_add(amount)
         counter.labels("library").inc(amount)
+        fast_set(amount)
+        gauge.labels("library").set(amount)
 
     def samples(way: str) -> list[tuple[str, dict[str, str], float]]:
         return [(s.name, {k: v for k, v in s.labels.items() if k != "way"}, s.value)

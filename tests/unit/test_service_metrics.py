@@ -8,10 +8,13 @@ from __future__ import annotations
 from typing import cast
 
 import msgspec
+import pytest
+from nats.aio.msg import Msg
+from nats.errors import NotJSMessageError
 from nats.js.kv import KeyValue
 from prometheus_client import CollectorRegistry, Gauge
 
-from libs.bus import Bus, Delivery, KvMirror, Replay
+from libs.bus import Bus, Delivery, KvMirror, Replay, delivery_of
 from libs.events.agent import AgentRecord, CacheCounters, InventorySnapshot
 from libs.events.common import ObjectMeta, ObjectRef
 from libs.events.dataset import Dataset, DatasetRecord, DatasetStatus
@@ -88,3 +91,25 @@ async def test_inventory_events_are_counted_by_what_the_fold_made_of_them_with_t
     await handlers.on_inventory(snapshot("gone"), stored_at)
     assert metrics.moved("shoal_scheduler_fold_events_total", outcome="unknown_dataset") == 1
     assert metrics.moved("shoal_scheduler_fold_events_total", outcome="folded") == 1
+
+
+@pytest.mark.parametrize("reply", [
+    "$JS.ACK.SHOAL_AGENT.scheduler-inventory.3.1042.977.1764921600123456789.12",
+    "$JS.ACK.hub.ACCHASH.SHOAL_AGENT.scheduler-inventory.1.7.7.1764921600987654321.0.Xy9",
+    "$JS.ACK._.ACCHASH.SHOAL_AGENT.scheduler-inventory.2.8.8.1764921600000000001.4",
+])
+def test_delivery_facts_read_from_the_reply_match_the_libraries_metadata(reply: str) -> None:
+    # The consumer reads them straight from the reply subject (nats-py's parse is a tenth of a fold); both shapes
+    # of reply, with and without a domain, must say what the library says.
+    message = Msg(_client=None, subject="shoal.agent.inventory.n1", reply=reply,  # type: ignore[arg-type]
+                  headers={"Nats-Msg-Id": "m-1"})
+    fast, metadata = delivery_of(message), message.metadata
+    assert fast.deliveries == metadata.num_delivered
+    assert fast.stream_sequence == metadata.sequence.stream
+    assert fast.published_at == pytest.approx(metadata.timestamp.timestamp(), abs=1e-6)
+    assert fast.message_id == "m-1" and fast.subject == "shoal.agent.inventory.n1"
+
+
+def test_a_reply_of_another_shape_falls_back_to_the_library() -> None:
+    with pytest.raises(NotJSMessageError):  # the library's parse, and its own error for a reply not JetStream's
+        delivery_of(Msg(_client=None, subject="s", reply="_INBOX.abc"))  # type: ignore[arg-type]
