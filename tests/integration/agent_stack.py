@@ -95,7 +95,9 @@ class Node:
         return self.mount_root / namespace / name
 
     async def apply(self, name: str, bucket: str, *, mem: str | None = None, ssd: str | None = "256Mi",
-                    block_size: str = "1Mi", endpoint: str = "", prefix: str = "", owner: User | None = None) -> None:
+                    block_size: str = "1Mi", endpoint: str = "", prefix: str = "", owner: User | None = None,
+                    mount_point: str = "") -> None:
+        """Apply a runtime and a dataset of ``bucket`` (S3 under ``prefix``), or of ``mount_point`` if given."""
         levels = []
         if mem:
             levels.append(Level(mediumtype="MEM", quota=mem))
@@ -105,7 +107,8 @@ class Node:
                           spec=RuntimeSpec(tieredstore=TieredStore(levels=levels), block_size=block_size))
         options = {"endpoint": endpoint} if endpoint else {}
         dataset = Dataset(metadata=ObjectMeta(name=name),
-                          spec=DatasetSpec(mounts=[Mount(mount_point=f"s3://{bucket}/{prefix}", options=options)],
+                          spec=DatasetSpec(mounts=[Mount(mount_point=mount_point or f"s3://{bucket}/{prefix}",
+                                                         options=options)],
                                            owner=owner))
         await self.bus.publish(subjects.RUNTIME_APPLY, RuntimeApply(runtime=runtime))
         await self.bus.publish(subjects.DATASET_APPLY, DatasetApply(dataset=dataset))
