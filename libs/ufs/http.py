@@ -159,8 +159,10 @@ def parse_listing(page: str, page_url: str) -> list[Entry]:
     a trailing '/', and has no query or fragment. Names are decoded ('%20' → ' '); one that decodes to '.', '..'
     or contains '/' is left out.
     """
+    if not urlsplit(page_url).path.endswith("/"):
+        page_url += "/"  # the page of a folder: its links are relative to the folder, as after the server's redirect
     base = urlsplit(page_url)
-    folder = base.path if base.path.endswith("/") else base.path + "/"
+    folder = base.path
     found: dict[str, Entry] = {}
     for link in parse_links(page):
         target = urlsplit(urljoin(page_url, link.href))
