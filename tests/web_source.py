@@ -16,7 +16,6 @@ import http.server
 import os
 import threading
 import time
-from email.utils import formatdate
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -118,7 +117,7 @@ class WebSource:
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+    def log_message(self, format: str, *args: Any) -> None:
         pass
 
 
@@ -150,7 +149,3 @@ def rewrite(path: Path, data: bytes) -> None:
     before = path.stat().st_mtime
     path.write_bytes(data)
     os.utime(path, (before + 5, before + 5))
-
-
-def http_date(seconds: float) -> str:
-    return formatdate(seconds, usegmt=True)

@@ -1,4 +1,7 @@
-"""The web folder listing parser and the version pins of http(s):// mounts (libs.ufs.http), pure."""
+"""The web folder listing parser and the version pins of http(s):// mounts (libs.ufs.http), pure.
+
+The pages are as the servers write them, long lines included."""
+# ruff: noqa: E501
 
 from __future__ import annotations
 
