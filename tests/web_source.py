@@ -28,7 +28,7 @@ from libs.embedded import LOOPBACK, free_port
 def nginx_page(path: str, folder: Path) -> str:
     rows = ['<a href="../">../</a>']
     for entry in sorted(folder.iterdir(), key=lambda e: e.name):
-        st = entry.stat()
+        st = entry.stat() if entry.exists() else entry.lstat()  # a dangling link is listed, as nginx does
         date = time.strftime("%d-%b-%Y %H:%M", time.gmtime(st.st_mtime))
         if entry.is_dir():
             name, size = entry.name + "/", "-"
@@ -50,7 +50,7 @@ def apache_page(path: str, folder: Path) -> str:
             '<td align="right">  - </td><td>&nbsp;</td></tr>\n')
     rows = []
     for entry in sorted(folder.iterdir(), key=lambda e: e.name):
-        st = entry.stat()
+        st = entry.stat() if entry.exists() else entry.lstat()
         date = time.strftime("%Y-%m-%d %H:%M", time.gmtime(st.st_mtime))
         name = entry.name + "/" if entry.is_dir() else entry.name
         size = "  - " if entry.is_dir() else f"{st.st_size / 1024:.1f}K"

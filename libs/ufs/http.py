@@ -393,11 +393,14 @@ class HttpObjectStore:
     async def _heads(self, frame: _Frame, batch: builtins.list[Entry]) -> builtins.list[ObjectInfo]:
         slots = asyncio.Semaphore(HEAD_CONCURRENCY)
 
-        async def one(entry: Entry) -> ObjectInfo:
+        async def one(entry: Entry) -> ObjectInfo | None:
             async with slots:
-                return await self._probe(frame.prefix + entry.name, entry.size, frame.url + quote(entry.name))
+                try:
+                    return await self._probe(frame.prefix + entry.name, entry.size, frame.url + quote(entry.name))
+                except NoSuchKey:
+                    return None  # removed while we listed, or a dangling link the server lists: nothing to serve
 
-        return list(await asyncio.gather(*(one(entry) for entry in batch)))
+        return [info for info in await asyncio.gather(*(one(entry) for entry in batch)) if info is not None]
 
     # -- one file --
 

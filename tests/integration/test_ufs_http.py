@@ -39,6 +39,7 @@ async def listing(store: HttpObjectStore) -> list[ObjectInfo]:
 async def test_lists_every_file_below_with_sizes_and_pins_and_reads_ranges(tmp_path: Path, style: str) -> None:
     root = tree(tmp_path / "site" / "data", FILES)
     (root / "sub dir" / "deeper" / "up").symlink_to("../../z")  # a link to a folder elsewhere, not a loop
+    (root / "dangling").symlink_to("nowhere")  # listed, but 404: left out like a file removed while listing
     async with WebSource(tmp_path / "site", style=style, etags=style == "nginx") as web, \
             HttpObjectStore(HttpLocation(url=web.url + "data")) as store:
         infos = await listing(store)
@@ -54,8 +55,7 @@ async def test_lists_every_file_below_with_sizes_and_pins_and_reads_ranges(tmp_p
         assert await store.get_range("sub dir/b.bin", len(data) - 5, 100, pin) == data[-5:]
         assert await store.get_range("sub dir/b.bin", len(data), 10, pin) == b""
         assert (await store.head("\u00fc name.txt")).size == len(FILES["\u00fc name.txt"])
-        # The server really answered with ranges: no GET of the file without one.
-        assert ("GET", "/data/sub dir/b.bin") in web.calls
+        assert ("HEAD", "/data/dangling") in web.calls  # listed, asked about, left out
 
 
 @pytest.mark.parametrize("etags", [True, False], ids=["if-match", "if-unmodified-since"])
