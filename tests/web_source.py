@@ -3,7 +3,8 @@
 - ``WebSource``: an aiohttp server whose folder pages look like nginx's ``autoindex`` or Apache's
   ``mod_autoindex`` table; files go through aiohttp's own ``FileResponse`` (Range, ETag, If-Match,
   If-Unmodified-Since, as a real static server answers). ``etags=False`` leaves ETag out (Last-Modified only);
-  ``redirects`` maps a folder path to where it redirects; every request's (method, path) is kept in ``calls``.
+  ``redirects`` maps a folder path to where it redirects; ``head=False`` refuses HEAD (405); every request's
+  (method, path) is kept in ``calls``.
 - ``PythonSource``: Python's own ``http.server`` in a thread, which knows no Range (a 200 with the whole body),
   no ETag and no preconditions: only Last-Modified.
 """
@@ -67,8 +68,9 @@ PAGES = {"nginx": nginx_page, "apache": apache_page}
 
 class WebSource:
     def __init__(self, root: Path, style: str = "nginx", etags: bool = True,
-                 redirects: dict[str, str] | None = None) -> None:
+                 redirects: dict[str, str] | None = None, head: bool = True) -> None:
         self.root = root
+        self.head = head
         self.style = style
         self.etags = etags
         self.redirects = redirects or {}
@@ -100,6 +102,8 @@ class WebSource:
 
     async def _serve(self, request: web.Request) -> web.StreamResponse:
         self.calls.append((request.method, request.path))
+        if request.method == "HEAD" and not self.head:
+            raise web.HTTPMethodNotAllowed("HEAD", ["GET"])
         if request.path in self.redirects:
             raise web.HTTPFound(self.redirects[request.path])
         relative = request.match_info["tail"]

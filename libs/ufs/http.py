@@ -244,6 +244,11 @@ def _total_of_content_range(value: str | None) -> int | None:
     return int(total) if total.isdigit() else None
 
 
+def _length(headers: CIMultiDictProxy[str]) -> int | None:
+    length = headers.get("Content-Length", "").strip()
+    return int(length) if length.isdigit() else None
+
+
 def _range_start(value: str | None) -> int | None:
     match = re.match(r"^\s*bytes\s+(\d+)-\d+/", value or "")
     return int(match.group(1)) if match else None
@@ -409,24 +414,23 @@ class HttpObjectStore:
         return await self._probe(key, None, self.url_of(key))
 
     async def _probe(self, key: str, listed_size: int | None, url: str) -> ObjectInfo:
-        """The file's size and pin from a HEAD; a server refusing HEAD gets a one-byte ranged GET instead."""
+        """The file's size and pin from a HEAD; a server refusing HEAD, or answering it without a size the listing
+        does not show either, gets a one-byte ranged GET instead."""
         try:
             async with self._http().head(url, headers=IDENTITY, allow_redirects=True) as response:
                 status, headers = response.status, response.headers
-            if status in (405, 501):
+            if status in (405, 501) or (status == 200 and _length(headers) is None and listed_size is None):
                 async with self._http().get(url, headers={"Range": "bytes=0-0", **IDENTITY}) as response:
                     status, headers = response.status, response.headers
                     if status == 206:
                         total = _total_of_content_range(headers.get("Content-Range"))
-                        size = total if total is not None else listed_size
-                        return self._info(key, headers, size)
+                        return self._info(key, headers, total if total is not None else listed_size)
         except (aiohttp.ClientError, TimeoutError, OSError) as err:
             raise self._unreachable(err) from err
         if status != 200:
             raise self._status_error(status, url, key=key)
-        length = headers.get("Content-Length")
-        size = int(length) if length is not None and length.isdigit() else listed_size
-        return self._info(key, headers, size)
+        size = _length(headers)
+        return self._info(key, headers, size if size is not None else listed_size)
 
     def _info(self, key: str, headers: CIMultiDictProxy[str], size: int | None) -> ObjectInfo:
         if size is None:
@@ -465,8 +469,7 @@ class HttpObjectStore:
                         raise UfsError(f"{strip_userinfo(url)} answered another range than asked "
                                        f"({response.headers.get('Content-Range')}) for bytes from {start}")
                 else:
-                    length_header = response.headers.get("Content-Length", "")
-                    total = int(length_header) if length_header.isdigit() else None
+                    total = _length(response.headers)
                 if etag is not None and not answer_matches(etag, response.headers, total):
                     raise self._changed(key, etag)
                 if status == 206:
