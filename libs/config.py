@@ -119,6 +119,14 @@ class ServiceSettings:
         "SHOAL_SYNC_RETRY_SECONDS", "Seconds before the dataset service lists again a store that was unreachable.",
         default=15.0,
     )
+    # pvc://<claim>/<sub/path> reads the files of a PersistentVolumeClaim of the dataset's namespace where it is
+    # mounted: <root>/<namespace>/<claim> (claims are namespaced, so two namespaces' "data" claims never meet). In
+    # Kubernetes each claim is mounted into the dataset service and agent pods there; on one machine it is a
+    # plain folder per claim. Empty: pvc:// mounts are refused.
+    pvc_root: str = env(
+        "SHOAL_PVC_ROOT", "Folder where volume claims are mounted, as <root>/<namespace>/<claim>, for pvc:// mounts; "
+        "empty refuses pvc://.", default="",
+    )
 
 
 def _default_node_name() -> str:
@@ -348,6 +356,8 @@ def _check(settings: Settings) -> list[str]:
     for root in settings.service.local_roots:
         if not root.startswith("/"):
             problems.append(f"SHOAL_LOCAL_ROOTS: {root!r} must be an absolute path")
+    if settings.service.pvc_root and not settings.service.pvc_root.startswith("/"):
+        problems.append(f"SHOAL_PVC_ROOT={settings.service.pvc_root!r}: must be an absolute path")
     if settings.nats.user and not settings.nats.password:
         problems.append("NATS_PASSWORD: required when NATS_USER is set")
     if settings.kube.watch_seconds < 1:

@@ -1,7 +1,8 @@
 """Under file systems (UFS): where a dataset's bytes live, read through one ``ObjectStore`` protocol.
 
 ``open_store`` decides which implementation serves a location: ``S3ObjectStore`` for S3 and S3-compatible
-endpoints, ``LocalObjectStore`` for a directory. Both are read-only; see ``base`` for the protocol and errors.
+endpoints, ``LocalObjectStore`` for a directory (``local://`` and ``pvc://``), ``HttpObjectStore`` for a web
+server folder (``http://``, ``https://``). All are read-only; see ``base`` for the protocol and errors.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 from libs.ufs.base import (
     AccessDenied,
     EndpointUnreachable,
+    HttpLocation,
     LocalLocation,
     Location,
     NoSuchBucket,
@@ -19,6 +21,7 @@ from libs.ufs.base import (
     S3Location,
     UfsError,
 )
+from libs.ufs.http import HttpObjectStore
 from libs.ufs.local import LocalObjectStore
 from libs.ufs.s3 import S3ObjectStore
 
@@ -29,12 +32,16 @@ def open_store(location: Location) -> ObjectStore:
         return S3ObjectStore(location)
     if isinstance(location, LocalLocation):
         return LocalObjectStore(location)
+    if isinstance(location, HttpLocation):
+        return HttpObjectStore(location)
     raise TypeError(f"no object store for {type(location).__name__}")
 
 
 __all__ = [
     "AccessDenied",
     "EndpointUnreachable",
+    "HttpLocation",
+    "HttpObjectStore",
     "LocalLocation",
     "LocalObjectStore",
     "Location",

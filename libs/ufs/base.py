@@ -1,8 +1,8 @@
 """The object-store seam: what Shoal needs from an under file system (UFS), and the errors it raises.
 
-Every implementation (S3 via aiobotocore, local directories) is idempotent and read-only. Errors are
-``UfsError`` subclasses whose message a person can act on, and whose ``retryable`` says whether trying again
-later may help. Credentials live in ``Secret`` values and never appear in a message or a repr.
+Every implementation (S3 via aiobotocore, local directories, web folders through aiohttp) is idempotent and
+read-only. Errors are ``UfsError`` subclasses whose message a person can act on, and whose ``retryable`` says
+whether trying again later may help. Credentials live in ``Secret`` values and never appear in a message or a repr.
 """
 
 from __future__ import annotations
@@ -72,9 +72,32 @@ class S3Location:
 @dataclass(frozen=True)
 class LocalLocation:
     root: Path
+    # pvc:// mounts: the folder where the volume claim is mounted (SHOAL_PVC_ROOT/<namespace>/<claim>). The
+    # location must stay below it (checked on real paths, instead of SHOAL_LOCAL_ROOTS); if it is missing, the
+    # claim does not exist (or is not mounted here). None for local:// mounts.
+    claim_root: Path | None = None
 
 
-Location = S3Location | LocalLocation
+# Listing limits of a web folder; why these numbers: libs.ufs.http.
+DEFAULT_HTTP_MAX_DEPTH = 32
+DEFAULT_HTTP_MAX_PAGES = 10_000
+DEFAULT_HTTP_MAX_FILES = 1_000_000
+
+
+@dataclass(frozen=True)
+class HttpLocation:
+    """A folder served by a web server with autoindex pages (Fluid's WebUFS): ``url`` is http(s)://host/path/."""
+
+    url: str
+    # Sub-folder levels followed below the mount: deeper means a loop (or a tree to mount lower down).
+    max_depth: int = DEFAULT_HTTP_MAX_DEPTH
+    # Listing pages fetched in one sync, the mount's own included.
+    max_pages: int = DEFAULT_HTTP_MAX_PAGES
+    # Files listed in one sync: each costs a HEAD and a manifest entry.
+    max_files: int = DEFAULT_HTTP_MAX_FILES
+
+
+Location = S3Location | LocalLocation | HttpLocation
 
 
 class ObjectStore(Protocol):

@@ -1,20 +1,32 @@
-"""Dataset mounts as object-store locations: endpoint and credentials.
+"""Dataset mounts as object-store locations: endpoint and credentials, web folder and its limits, the folder of
+a ``local://`` path or of a ``pvc://`` volume claim (``SHOAL_PVC_ROOT/<namespace>/<claim>/<sub/path>``).
 
 Shared by the dataset service (listing) and the agent (reads). Pure except ``read_secrets``, which reads secret
-files; credentials stay wrapped in ``Secret``. Option aliases and where a mount appears are ``libs.mounts``
-(pure, so domain modules can use them without importing the object stores).
+files, and ``local_location_error``, which looks at the disk; credentials stay wrapped in ``Secret``. Option
+aliases and where a mount appears are ``libs.mounts`` (pure, so domain modules can use them without importing
+the object stores).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from libs.config import S3Settings, Secret
 from libs.events.dataset import Dataset, Mount
+from libs.hostpaths import real_local_root_error
 from libs.mounts import MISSING_SECRET_KEY, canonical_options, flat_secret_key
-from libs.ufs.base import LocalLocation, Location, S3Location
+from libs.ufs.base import (
+    HttpLocation,
+    LocalLocation,
+    Location,
+    S3Location,
+)
+
+# Options of http(s):// mounts (validated by the dataset service) and the HttpLocation field each sets.
+HTTP_LIMIT_OPTIONS = {"maxDepth": "max_depth", "maxPages": "max_pages", "maxFiles": "max_files"}
 
 
 class MissingSecret(Exception):
@@ -27,12 +39,31 @@ def secret_refs(dataset: Dataset, mount: Mount) -> list[tuple[str, str]]:
     return [(o.value_from.secret_key_ref.name, o.value_from.secret_key_ref.key) for o in options]
 
 
+def claim_folder(pvc_root: str, namespace: str, claim: str) -> Path:
+    """Where volume claim ``claim`` of ``namespace`` is mounted: ``<SHOAL_PVC_ROOT>/<namespace>/<claim>``."""
+    return Path(pvc_root) / namespace / claim
+
+
 def resolve_location(dataset: Dataset, mount: Mount, secrets: Mapping[tuple[str, str], Secret],
-                     defaults: S3Settings) -> Location:
+                     defaults: S3Settings, pvc_root: str = "") -> Location:
+    """The location of ``mount``; ``pvc_root`` is SHOAL_PVC_ROOT (a pvc:// mount without one resolves below a
+    folder that does not exist, which ``local_location_error`` reports)."""
     parts = urlsplit(mount.mount_point)
     if parts.scheme == "local":
         return LocalLocation(root=Path(parts.path))
     options = canonical_options(mount, dataset.spec.shared_options)
+    if parts.scheme == "pvc":
+        claim = claim_folder(pvc_root or "/nonexistent-pvc-root", dataset.metadata.namespace, parts.netloc)
+        sub = unquote(parts.path).strip("/")
+        return LocalLocation(root=claim / sub if sub else claim, claim_root=claim)
+    if parts.scheme in ("http", "https"):
+        limits = {}
+        for name, field in HTTP_LIMIT_OPTIONS.items():
+            value = options.get(name, "")
+            # Validation refuses anything but a positive number; an older record keeps the default.
+            if value.isdigit() and int(value) > 0:
+                limits[field] = int(value)
+        return HttpLocation(url=mount.mount_point, **limits)
     encrypted: dict[str, Secret] = {}
     for option in [*dataset.spec.shared_encrypt_options, *mount.encrypt_options]:
         ref = option.value_from.secret_key_ref
@@ -69,3 +100,28 @@ def read_secrets(secrets_dir: str, refs: list[tuple[str, str]]) -> dict[tuple[st
                 continue
             break
     return found
+
+
+def local_location_error(location: LocalLocation, local_roots: Sequence[str]) -> str | None:
+    """Why the folder of a ``local://`` or ``pvc://`` location may not be listed or mounted here, or None.
+
+    ``local://``: its real path must lie below ``local_roots`` (SHOAL_LOCAL_ROOTS). ``pvc://``: the claim's folder
+    must exist (else the claim does not exist, or is not mounted here) and the real path must stay inside it.
+    Does I/O.
+    """
+    claim = location.claim_root
+    if claim is None:
+        return real_local_root_error(str(location.root), local_roots)
+    namespace, name = claim.parent.name, claim.name
+    if not os.path.isdir(claim):
+        return (f"volume claim {name!r} of namespace {namespace!r} is not mounted at {str(claim)!r}: check the claim "
+                "name in the mountPoint, create the PersistentVolumeClaim in the dataset's namespace, or mount it "
+                "into the dataset service and the agents at SHOAL_PVC_ROOT/<namespace>/<claim>")
+    if not os.path.isdir(location.root):
+        sub = os.path.relpath(location.root, claim)
+        return (f"folder {sub!r} does not exist in volume claim {name!r} of namespace {namespace!r}: check the "
+                "mountPoint")
+    real, real_claim = os.path.realpath(location.root), os.path.realpath(claim)
+    if real != real_claim and not real.startswith(real_claim.rstrip("/") + "/"):
+        return f"{str(location.root)!r} leads to {real!r}, outside volume claim {name!r}"
+    return None

@@ -32,7 +32,6 @@ from libs.events.agent import CacheCounters
 from libs.events.common import ObjectRef, parse_quantity
 from libs.events.dataset import DatasetRecord, ManifestEntry
 from libs.events.runtime import CacheWorker, Level, RuntimeRecord
-from libs.hostpaths import real_local_root_error
 from libs.manifest import ManifestStore
 from libs.metrics import dataset_label
 from libs.service import main as service_main
@@ -40,8 +39,9 @@ from libs.service import nats_check
 from libs.side_server import Readiness
 from libs.telemetry import get_logger
 from libs.ufs import open_store
-from libs.ufs.base import LocalLocation, ObjectStore, S3Location
-from libs.ufs.mounts import read_secrets, resolve_location, secret_refs
+from libs.ufs.base import HttpLocation, LocalLocation, ObjectStore, S3Location
+from libs.ufs.http import HttpObjectStore
+from libs.ufs.mounts import local_location_error, read_secrets, resolve_location, secret_refs
 from libs.ufs.s3 import S3ObjectStore
 from services.agent import budget
 from services.agent.cache import BlockCache, FrequencyAdmissionPolicy, LruPolicy
@@ -73,6 +73,8 @@ def agent_store(location: object) -> ObjectStore:
     """Object stores for reads: short connect timeout and no client-side retries (the gate fails fast)."""
     if isinstance(location, S3Location):
         return S3ObjectStore(location, connect_timeout=AGENT_CONNECT_TIMEOUT, max_attempts=AGENT_MAX_ATTEMPTS)
+    if isinstance(location, HttpLocation):
+        return HttpObjectStore(location, connect_timeout=AGENT_CONNECT_TIMEOUT)
     return open_store(location)  # type: ignore[arg-type]
 
 
@@ -338,10 +340,12 @@ class MountedDataset:
         locations: list[object] = []
         for mount in dataset.spec.mounts:
             secrets = read_secrets(self.settings.s3.secrets_dir, secret_refs(dataset, mount))
-            location = resolve_location(dataset, mount, secrets, self.settings.s3)
+            location = resolve_location(dataset, mount, secrets, self.settings.s3,
+                                        pvc_root=self.settings.service.pvc_root)
             if isinstance(location, LocalLocation):
-                # The agent serves as root: it checks the roots itself rather than trust whoever published.
-                refused = real_local_root_error(str(location.root), self.settings.service.local_roots)
+                # The agent serves as root: it checks the roots (or the claim) itself rather than trust whoever
+                # published.
+                refused = local_location_error(location, self.settings.service.local_roots)
                 if refused:
                     raise SystemExit(f"dataset {self.key}: refusing to mount {mount.mount_point}: {refused}")
             locations.append(location)

@@ -10,7 +10,7 @@ import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 import msgspec
 
@@ -33,7 +33,7 @@ from libs.mounts import canonical_options, exposed_secret_errors, mount_path
 from libs.paths import relative_problem
 from libs.redact import is_secret_name, strip_userinfo
 
-SUPPORTED_SCHEMES = ("s3", "local")
+SUPPORTED_SCHEMES = ("s3", "local", "http", "https", "pvc")
 CONDITION_SYNCED = "MetadataSynced"
 # Reasons of a False MetadataSynced: the store could not be reached (the sync is tried again after a delay, see
 # sync_due_in), or any other failure (it waits for a new spec or a resync).
@@ -49,6 +49,8 @@ S3_OPTIONS = {"endpoint", "region", "pathStyle", "aws.accessKeyId"}
 S3_ENCRYPT_OPTIONS = {"aws.accessKeyId", "aws.secretKey"}
 S3_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 SECRET_KEY = re.compile(r"^[-._a-zA-Z0-9]+$")
+# http(s):// mounts (Fluid's WebUFS): listing limits, positive whole numbers (libs.ufs.mounts.HTTP_LIMIT_OPTIONS).
+HTTP_OPTIONS = {"maxDepth", "maxPages", "maxFiles"}
 MOUNT_NAME = re.compile(r"^[A-Za-z0-9]([-._A-Za-z0-9]*[A-Za-z0-9])?$")
 # uid_t and gid_t are 32 bits and (uid_t)-1 means "no owner" to the kernel; a larger value wedged every stat.
 MAX_OWNER_ID = 2**32 - 2
@@ -59,11 +61,13 @@ def validate_ref(name: str, namespace: str) -> list[str]:
     return dns_label_errors(name, "name") + dns_label_errors(namespace, "namespace", DNS1123_LABEL)
 
 
-def validate_dataset(dataset: Dataset, local_roots: Sequence[str] | None = None) -> list[str]:
+def validate_dataset(dataset: Dataset, local_roots: Sequence[str] | None = None,
+                     pvc_root: str | None = None) -> list[str]:
     """Every reason the dataset cannot be accepted, as sentences a person can act on; empty if valid.
 
-    ``local_roots``: the folders below which ``local://`` mounts are allowed (SHOAL_LOCAL_ROOTS); the service
-    always passes them, None leaves that check out (for tests of the other rules).
+    ``local_roots``: the folders below which ``local://`` mounts are allowed (SHOAL_LOCAL_ROOTS); ``pvc_root``:
+    where volume claims are mounted (SHOAL_PVC_ROOT, empty: pvc:// refused). The service always passes them, None
+    leaves that check out (for tests of the other rules).
     """
     errors = dns_label_errors(dataset.metadata.name, "metadata.name")
     errors += dns_label_errors(dataset.metadata.namespace, "metadata.namespace", DNS1123_LABEL)
@@ -79,6 +83,9 @@ def validate_dataset(dataset: Dataset, local_roots: Sequence[str] | None = None)
             refused = local_root_error(urlsplit(mount.mount_point).path, local_roots)
             if refused:
                 errors.append(f"{where}.mountPoint: {refused}")
+        if pvc_root is not None and not pvc_root and urlsplit(mount.mount_point).scheme == "pvc":
+            errors.append(f"{where}.mountPoint: pvc:// mounts are disabled on this installation: the operator sets "
+                          "SHOAL_PVC_ROOT to the folder where volume claims are mounted (<root>/<namespace>/<claim>)")
         if mount.name and not MOUNT_NAME.fullmatch(mount.name):
             errors.append(f"{where}.name {mount.name!r} may use only letters, digits, '.', '_' and '-'")
         path = mount_path(mount, len(spec.mounts))
@@ -146,6 +153,20 @@ def _mount_errors(mount: Mount, where: str, shared: dict[str, str], shared_encry
                     f"{where}.encryptOptions {option.name!r} is not supported for s3 "
                     f"(supported: {', '.join(sorted(S3_ENCRYPT_OPTIONS))})"
                 )
+    elif scheme in ("http", "https"):
+        # Only the mount's own: shared encryptOptions are for the dataset's other (s3) mounts.
+        errors += _web_errors(parts, shown_point, where, options, mount.encrypt_options)
+    elif scheme == "pvc":
+        claim = parts.netloc
+        if not DNS1123_SUBDOMAIN.fullmatch(claim) or len(claim) > 253:
+            errors.append(f"{where}.mountPoint {shown_point!r} must name a volume claim (a DNS-1123 name) like "
+                          "pvc://my-claim/sub/folder")
+        if ".." in parts.path.split("/") or parts.query or parts.fragment:
+            errors.append(f"{where}.mountPoint {shown_point!r} must be a plain path without '..', '?' or '#'")
+        if options:
+            errors.append(f"{where}.options are not supported for pvc mounts: {', '.join(sorted(options))}")
+        if mount.encrypt_options:
+            errors.append(f"{where}.encryptOptions are not supported for pvc mounts")
     else:
         if parts.netloc or not parts.path.startswith("/"):
             errors.append(f"{where}.mountPoint {shown_point!r} must be an absolute path like local:///data")
@@ -163,6 +184,34 @@ def _mount_errors(mount: Mount, where: str, shared: dict[str, str], shared_encry
             )
         if not SECRET_KEY.fullmatch(ref.key) or ref.key in (".", ".."):
             errors.append(f"{where}.encryptOptions {option.name!r}: secret key {ref.key!r} is not a valid key")
+    return errors
+
+
+def _web_errors(parts: SplitResult, shown_point: str, where: str, options: dict[str, str],
+                encrypt: list[EncryptOption]) -> list[str]:
+    """Why an http(s):// mount (a web server folder with autoindex pages) cannot be listed as given."""
+    errors = []
+    if not parts.hostname:
+        errors.append(f"{where}.mountPoint {shown_point!r} must name a web server, like "
+                      "https://mirrors.example.org/data/")
+    try:
+        parts.port  # noqa: B018 - raises on a port that is not a number or out of range
+    except ValueError:
+        errors.append(f"{where}.mountPoint {shown_point!r} has an invalid port")
+    if ".." in parts.path.split("/"):
+        errors.append(f"{where}.mountPoint {shown_point!r} must not contain '..'")
+    if parts.query or parts.fragment:
+        errors.append(f"{where}.mountPoint {shown_point!r} must be a folder URL without '?' or '#'")
+    for key, value in options.items():
+        if is_secret_name(key):
+            continue  # reported by exposed_secret_errors
+        if key not in HTTP_OPTIONS:
+            errors.append(f"{where}.options.{key} is not supported for web mounts "
+                          f"(supported: {', '.join(sorted(HTTP_OPTIONS))})")
+        elif not (value.isdigit() and 0 < int(value) <= 10**9):
+            errors.append(f"{where}.options.{key} must be a positive whole number, got {value!r}")
+    if encrypt:
+        errors.append(f"{where}.encryptOptions are not supported for web mounts (Shoal reads public folders)")
     return errors
 
 

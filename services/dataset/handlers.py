@@ -73,7 +73,8 @@ class DatasetHandlers:
     async def apply(self, command: DatasetApply, delivery: Delivery) -> None:
         dataset = command.dataset
         name, namespace = dataset.metadata.name, dataset.metadata.namespace
-        errors = domain.validate_dataset(dataset, self.settings.service.local_roots)
+        errors = domain.validate_dataset(dataset, self.settings.service.local_roots,
+                                         pvc_root=self.settings.service.pvc_root)
         if errors:
             log.info("rejected", dataset=f"{namespace}/{name}", reasons=errors)
             await self.bus.publish(
@@ -241,7 +242,8 @@ class DatasetHandlers:
         try:
             result = await sync_metadata(record, await ManifestStore.of(self.bus), self.settings.s3,
                                          self.settings.service.list_page_size, self.opener,
-                                         local_roots=self.settings.service.local_roots)
+                                         local_roots=self.settings.service.local_roots,
+                                         pvc_root=self.settings.service.pvc_root)
             outcome = metrics.SYNC_FAILED if result.error else metrics.OK
             return result
         finally:

@@ -16,14 +16,13 @@ from libs import paths
 from libs.bus import RetryLater
 from libs.config import S3Settings
 from libs.events.dataset import DatasetRecord, ManifestEntry
-from libs.hostpaths import real_local_root_error
 from libs.manifest import ManifestStore, ManifestWriter, read_entries
 from libs.mounts import mount_path
 from libs.redact import strip_userinfo
 from libs.telemetry import get_logger
 from libs.ufs import open_store
 from libs.ufs.base import LocalLocation, Location, ObjectStore, UfsError
-from libs.ufs.mounts import MissingSecret, read_secrets, resolve_location, secret_refs
+from libs.ufs.mounts import MissingSecret, local_location_error, read_secrets, resolve_location, secret_refs
 from services.dataset.domain import SyncResult
 
 log = get_logger(__name__)
@@ -33,13 +32,14 @@ StoreOpener = Callable[[Location], ObjectStore]
 
 async def sync_metadata(record: DatasetRecord, manifests: ManifestStore, defaults: S3Settings,
                         page_size: int, opener: StoreOpener = open_store,
-                        local_roots: Sequence[str] | None = None) -> SyncResult:
+                        local_roots: Sequence[str] | None = None, pvc_root: str = "") -> SyncResult:
     """List every mount of the dataset and store its manifest.
 
     A problem retrying cannot fix (a missing secret, a bucket that does not exist, access denied) becomes
     ``SyncResult.error``; an unreachable endpoint raises ``RetryLater`` with the same kind of message.
     ``local_roots`` (SHOAL_LOCAL_ROOTS) is checked again on the real path of a ``local://`` mount, so a link
-    below a root cannot lead the listing out of it. Errors never show credentials a URL may carry.
+    below a root cannot lead the listing out of it; a ``pvc://`` mount's claim must be mounted below ``pvc_root``
+    (SHOAL_PVC_ROOT), or the dataset fails with a message saying so. Errors never show credentials a URL may carry.
     """
     dataset = record.dataset
     generation = record.generation
@@ -51,12 +51,13 @@ async def sync_metadata(record: DatasetRecord, manifests: ManifestStore, default
         for index, mount in enumerate(dataset.spec.mounts):
             try:
                 location = resolve_location(dataset, mount,
-                                            read_secrets(defaults.secrets_dir, secret_refs(dataset, mount)), defaults)
+                                            read_secrets(defaults.secrets_dir, secret_refs(dataset, mount)), defaults,
+                                            pvc_root=pvc_root)
             except MissingSecret as err:
                 return SyncResult(generation=generation, requests=requests,
                                   error=strip_userinfo(f"mount {mount.mount_point}: {err}"))
-            if isinstance(location, LocalLocation) and local_roots is not None:
-                refused = await asyncio.to_thread(real_local_root_error, str(location.root), local_roots)
+            if isinstance(location, LocalLocation) and (local_roots is not None or location.claim_root is not None):
+                refused = await asyncio.to_thread(local_location_error, location, local_roots or ())
                 if refused:
                     return SyncResult(generation=generation, requests=requests,
                                       error=f"mount {mount.mount_point}: {refused}")

@@ -298,3 +298,10 @@ def test_scheduler_settings() -> None:
                     "SHOAL_SCHED_WEIGHT_NODE=-1: must be 0 or more", "SHOAL_SCHED_HTTP_PORT=70000",
                     "SHOAL_SCHED_NODE_TIMEOUT: must be positive"):
         assert problem in message
+
+
+def test_pvc_root() -> None:
+    assert load_settings({}).service.pvc_root == ""  # pvc:// refused until the operator says where claims are
+    assert load_settings({"SHOAL_PVC_ROOT": "/var/lib/shoal/claims"}).service.pvc_root == "/var/lib/shoal/claims"
+    with pytest.raises(SettingsError, match="SHOAL_PVC_ROOT='claims': must be an absolute path"):
+        load_settings({"SHOAL_PVC_ROOT": "claims"})

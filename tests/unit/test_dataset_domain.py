@@ -31,7 +31,7 @@ from libs.events.dataset import (
 )
 from libs.inventory import fold
 from libs.mounts import canonical_options, mount_path
-from libs.ufs.base import LocalLocation, S3Location
+from libs.ufs.base import HttpLocation, LocalLocation, S3Location
 from libs.ufs.mounts import MissingSecret, resolve_location, secret_refs
 from services.dataset.domain import (
     CONDITION_MOUNTED,
@@ -192,7 +192,7 @@ def test_no_mounts() -> None:
 @pytest.mark.parametrize(
     ("mount_point", "shown"),
     [("gs://bucket", "scheme 'gs'"), ("hdfs://nn:8020/data", "scheme 'hdfs'"), ("bucket/path", "no scheme"),
-     ("", "no scheme"), ("pvc://claim", "scheme 'pvc'")],
+     ("", "no scheme"), ("ftp://host/data", "scheme 'ftp'")],
 )
 def test_unsupported_scheme_lists_supported_ones(mount_point: str, shown: str) -> None:
     error = one_error(Mount(mount_point=mount_point))
@@ -959,3 +959,51 @@ def test_an_unreadable_sync_time_retries_rather_than_stays_failed() -> None:
     record = unreachable_at(NOW)
     broken = msgspec.structs.replace(record, status=msgspec.structs.replace(record.status, last_sync_time="soon"))
     assert sync_due_in(broken, NOW, RETRY) == 0.0
+
+
+# --- validate_dataset: web folders (http, https) and volume claims (pvc) ---
+
+
+def test_valid_web_and_claim_mounts() -> None:
+    dataset = make_dataset(
+        Mount(mount_point="https://mirrors.bit.edu.cn/apache/zookeeper/zookeeper-3.6.2/", name="zk"),
+        Mount(mount_point="http://10.0.0.5:8080/data", name="web", options={"maxDepth": "8", "maxFiles": "5000"}),
+        Mount(mount_point="pvc://train-data/set1", name="claim"),
+        s3_mount("s3://imagenet-train", name="s3", encrypt_options=[encrypt("aws.secretKey")]),
+    )
+    assert validate_dataset(dataset, pvc_root="/var/lib/shoal/claims") == []
+
+
+@pytest.mark.parametrize(
+    ("mount", "reason"),
+    [(Mount(mount_point="http:///data/"), "must name a web server"),
+     (Mount(mount_point="https://host:99999/"), "has an invalid port"),
+     (Mount(mount_point="http://host/a/../b/"), "must not contain '..'"),
+     (Mount(mount_point="http://host/data/?sort=name"), "without '?' or '#'"),
+     (Mount(mount_point="http://host/", options={"endpoint": "http://x"}), "options.endpoint is not supported for web"),
+     (Mount(mount_point="http://host/", options={"maxPages": "0"}), "options.maxPages must be a positive whole"),
+     (Mount(mount_point="http://host/", encrypt_options=[encrypt("token")]), "encryptOptions are not supported"),
+     (Mount(mount_point="pvc://Bad_Claim/x"), "must name a volume claim"),
+     (Mount(mount_point="pvc:///x"), "must name a volume claim"),
+     (Mount(mount_point="pvc://claim/../x"), "without '..'"),
+     (Mount(mount_point="pvc://claim", options={"maxDepth": "3"}), "options are not supported for pvc"),
+     (Mount(mount_point="pvc://claim", encrypt_options=[encrypt("k")]), "encryptOptions are not supported for pvc")],
+)
+def test_bad_web_and_claim_mounts(mount: Mount, reason: str) -> None:
+    (error,) = validate_dataset(make_dataset(mount), pvc_root="/claims")
+    assert error.startswith("spec.mounts[0]") and reason in error, error
+
+
+def test_pvc_is_refused_when_the_installation_sets_no_claim_root() -> None:
+    (error,) = validate_dataset(make_dataset(Mount(mount_point="pvc://data")), pvc_root="")
+    assert "pvc:// mounts are disabled" in error and "SHOAL_PVC_ROOT" in error
+
+
+def test_web_and_claim_mounts_resolve_to_their_locations() -> None:
+    dataset = make_dataset(Mount(mount_point="pvc://data/a%20b/c/", name="p"),
+                           Mount(mount_point="https://h/x/", name="w", options={"maxDepth": "3"}),
+                           namespace="team")
+    claim, web = (resolve_location(dataset, mount, {}, S3Settings(), pvc_root="/claims")
+                  for mount in dataset.spec.mounts)
+    assert claim == LocalLocation(root=Path("/claims/team/data/a b/c"), claim_root=Path("/claims/team/data"))
+    assert web == HttpLocation(url="https://h/x/", max_depth=3)

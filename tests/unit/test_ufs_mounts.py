@@ -7,7 +7,8 @@ from pathlib import Path
 
 from libs.config import Secret
 from libs.mounts import flat_secret_key
-from libs.ufs.mounts import read_secrets
+from libs.ufs.base import LocalLocation
+from libs.ufs.mounts import local_location_error, read_secrets
 
 
 def kubelet_volume(folder: Path, data: dict[str, str]) -> str:
@@ -38,3 +39,19 @@ def test_a_folder_per_secret_is_read_first(tmp_path: Path) -> None:
     assert read_secrets(str(tmp_path), [("creds", "key"), ("creds", "other")]) == {
         ("creds", "key"): Secret("nested"), ("creds", "other"): Secret("flat only")}
     assert read_secrets("", [("creds", "key")]) == {}
+
+
+def test_a_claim_folder_must_exist_and_hold_the_mounted_path(tmp_path: Path) -> None:
+    claim = tmp_path / "team" / "data"
+    missing = local_location_error(LocalLocation(root=claim / "sub", claim_root=claim), [])
+    assert missing is not None and "volume claim 'data' of namespace 'team' is not mounted" in missing
+    assert "SHOAL_PVC_ROOT/<namespace>/<claim>" in missing
+    (claim / "sub").mkdir(parents=True)
+    assert local_location_error(LocalLocation(root=claim / "sub", claim_root=claim), []) is None
+    assert "folder 'other' does not exist" in (local_location_error(
+        LocalLocation(root=claim / "other", claim_root=claim), []) or "")
+    (claim / "out").symlink_to(tmp_path)
+    assert "outside volume claim 'data'" in (local_location_error(
+        LocalLocation(root=claim / "out", claim_root=claim), []) or "")
+    # local:// keeps its own rule: SHOAL_LOCAL_ROOTS.
+    assert "SHOAL_LOCAL_ROOTS" in (local_location_error(LocalLocation(root=claim), []) or "")

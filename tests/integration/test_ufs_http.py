@@ -1,0 +1,139 @@
+"""The web folder object store (libs.ufs.http) against real web servers on loopback: aiohttp serving nginx- and
+Apache-style autoindex pages (Range, ETag, If-Match as a static server answers them) and Python's http.server
+(no Range, no ETag)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from libs.embedded import LOOPBACK, free_port
+from libs.ufs.base import EndpointUnreachable, HttpLocation, NoSuchBucket, NoSuchKey, ObjectChanged, ObjectInfo
+from libs.ufs.http import HttpObjectStore, ListingLoop, ListingTooLarge
+from tests.web_source import PythonSource, WebSource, rewrite
+
+FILES = {
+    "a.txt": b"alpha\n",
+    "sub dir/b.bin": bytes(range(256)) * 40,
+    "sub dir/deeper/c.txt": b"c" * 3000,
+    "\u00fc name.txt": b"umlaut\n",
+    "z/empty": b"",
+}
+
+
+def tree(root: Path, files: dict[str, bytes]) -> Path:
+    for key, data in files.items():
+        path = root / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    return root
+
+
+async def listing(store: HttpObjectStore) -> list[ObjectInfo]:
+    return [info async for info in store.list(page_size=2)]
+
+
+@pytest.mark.parametrize("style", ["nginx", "apache"])
+async def test_lists_every_file_below_with_sizes_and_pins_and_reads_ranges(tmp_path: Path, style: str) -> None:
+    root = tree(tmp_path / "site" / "data", FILES)
+    (root / "sub dir" / "deeper" / "up").symlink_to("../../z")  # a link to a folder elsewhere, not a loop
+    (root / "dangling").symlink_to("nowhere")  # listed, but 404: left out like a file removed while listing
+    async with WebSource(tmp_path / "site", style=style, etags=style == "nginx") as web, \
+            HttpObjectStore(HttpLocation(url=web.url + "data")) as store:
+        infos = await listing(store)
+        assert [i.key for i in infos] == sorted(["a.txt", "sub dir/b.bin", "sub dir/deeper/c.txt",
+                                                 "sub dir/deeper/up/empty", "\u00fc name.txt", "z/empty"])
+        by_key = {i.key: i for i in infos}
+        assert {key: by_key[key].size for key in FILES} == {key: len(data) for key, data in FILES.items()}
+        pin = by_key["sub dir/b.bin"].etag
+        assert pin.startswith('"') if style == "nginx" else pin.startswith("last-modified:")
+        assert by_key["a.txt"].mtime == pytest.approx(os.stat(root / "a.txt").st_mtime, abs=1)
+        data = FILES["sub dir/b.bin"]
+        assert await store.get_range("sub dir/b.bin", 1000, 3000, pin) == data[1000:4000]
+        assert await store.get_range("sub dir/b.bin", len(data) - 5, 100, pin) == data[-5:]
+        assert await store.get_range("sub dir/b.bin", len(data), 10, pin) == b""
+        assert (await store.head("\u00fc name.txt")).size == len(FILES["\u00fc name.txt"])
+        assert ("HEAD", "/data/dangling") in web.calls  # listed, asked about, left out
+
+
+@pytest.mark.parametrize("etags", [True, False], ids=["if-match", "if-unmodified-since"])
+async def test_a_file_changed_under_us_is_never_mixed(tmp_path: Path, etags: bool) -> None:
+    root = tree(tmp_path / "site", {"f.bin": b"1" * 5000})
+    async with WebSource(root, etags=etags) as web, HttpObjectStore(HttpLocation(url=web.url)) as store:
+        (info,) = await listing(store)
+        assert await store.get_range("f.bin", 0, 100, info.etag) == b"1" * 100
+        rewrite(root / "f.bin", b"2" * 5000)  # same size, new version
+        with pytest.raises(ObjectChanged, match=r"f\.bin changed"):
+            await store.get_range("f.bin", 100, 100, info.etag)
+        with pytest.raises(ObjectChanged):
+            await store.get_range("f.bin", 5000, 100, info.etag)  # past the end: still the wrong version
+
+
+async def test_a_server_without_range_is_read_whole_and_cut(tmp_path: Path) -> None:
+    data = os.urandom(300_000)
+    root = tree(tmp_path / "site", {"big.bin": data, "d/small.txt": b"small"})
+    with PythonSource(root) as web:
+        async with HttpObjectStore(HttpLocation(url=web.url)) as store:
+            infos = {i.key: i for i in await listing(store)}
+            assert set(infos) == {"big.bin", "d/small.txt"}
+            pin = infos["big.bin"].etag
+            assert pin.startswith("last-modified:") and infos["big.bin"].size == len(data)
+            assert await store.get_range("big.bin", 123_456, 70_000, pin) == data[123_456:193_456]
+            assert await store.get_range("big.bin", 299_990, 100, pin) == data[299_990:]
+            rewrite(root / "big.bin", os.urandom(300_000))
+            with pytest.raises(ObjectChanged):  # http.server ignores If-Unmodified-Since; the answer tells
+                await store.get_range("big.bin", 0, 10, pin)
+
+
+async def test_a_listed_file_gone_is_no_such_key_and_a_missing_folder_no_such_bucket(tmp_path: Path) -> None:
+    root = tree(tmp_path / "site", {"f.txt": b"x"})
+    async with WebSource(root) as web, HttpObjectStore(HttpLocation(url=web.url)) as store:
+        (info,) = await listing(store)
+        (root / "f.txt").unlink()
+        with pytest.raises(NoSuchKey, match="does not exist"):
+            await store.get_range("f.txt", 0, 1, info.etag)
+        async with HttpObjectStore(HttpLocation(url=web.url + "nope/")) as missing:
+            with pytest.raises(NoSuchBucket, match="nope/ does not exist"):
+                await listing(missing)
+
+
+async def test_an_unreachable_server_is_retryable() -> None:
+    url = f"http://{LOOPBACK}:{free_port()}/data/"
+    async with HttpObjectStore(HttpLocation(url=url)) as store:
+        with pytest.raises(EndpointUnreachable, match="unreachable") as err:
+            await listing(store)
+        assert err.value.retryable and url in err.value.message
+        with pytest.raises(EndpointUnreachable):
+            await store.get_range("f", 0, 1, '"x"')
+
+
+async def test_listings_that_loop_are_stopped(tmp_path: Path) -> None:
+    root = tree(tmp_path / "site", {"data/a/f.txt": b"f", "deep/1/2/3/4/f.txt": b"f", "up/x.txt": b"x"})
+    (root / "data" / "a" / "again").symlink_to("..")  # a symlink cycle: ever-deeper URLs of the same pages
+    async with WebSource(root, redirects={"/up/back/": "/up/"}) as web:
+        (root / "up" / "back").mkdir()
+        async with HttpObjectStore(HttpLocation(url=web.url + "data/")) as store:
+            with pytest.raises(ListingLoop, match="lists the same entries as"):
+                await listing(store)
+        async with HttpObjectStore(HttpLocation(url=web.url + "up/")) as store:
+            with pytest.raises(ListingLoop, match=r"redirects to .*/up/, above it"):
+                await listing(store)
+        async with HttpObjectStore(HttpLocation(url=web.url + "deep/", max_depth=2)) as store:
+            with pytest.raises(ListingLoop, match=r"deeper than 2 folders.*maxDepth"):
+                await listing(store)
+        async with HttpObjectStore(HttpLocation(url=web.url, max_pages=3)) as store:
+            with pytest.raises(ListingTooLarge, match="more than 3 listing pages"):
+                await listing(store)
+        async with HttpObjectStore(HttpLocation(url=web.url + "deep/1/2/3/4/", max_files=0)) as store:
+            with pytest.raises(ListingTooLarge, match="more than 0 files"):
+                await listing(store)
+
+
+async def test_a_server_refusing_head_is_asked_with_a_one_byte_range(tmp_path: Path) -> None:
+    root = tree(tmp_path / "site", {"f.bin": b"x" * 5000})  # Apache pages show "4.9K": no exact size to take
+    async with WebSource(root, style="apache", head=False) as web, HttpObjectStore(HttpLocation(url=web.url)) as store:
+        (info,) = await listing(store)
+        assert (info.key, info.size) == ("f.bin", 5000) and info.etag.startswith('"')
+        assert ("HEAD", "/f.bin") in web.calls and ("GET", "/f.bin") in web.calls
