@@ -330,9 +330,10 @@ class Bus:
         """``call``, or ``PermissionDenied`` as soon as the server refuses ``subject`` to this user: a refused
         JetStream publish or API request gets no answer, and would otherwise end in a timeout saying nothing."""
         denied = self.denials.watch(subject)
-        task = asyncio.ensure_future(call)
+        task: asyncio.Future[R] = asyncio.ensure_future(call)
         try:
-            await asyncio.wait({task, denied}, return_when=asyncio.FIRST_COMPLETED)
+            waiting: list[asyncio.Future[Any]] = [task, denied]
+            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
             if denied.done() and not denied.cancelled():
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
@@ -342,6 +343,10 @@ class Bus:
             self.denials.forget(subject, denied)
             if not task.done():
                 task.cancel()
+
+    async def erase(self, stream: str, sequence: int) -> None:
+        """Remove one message from a stream, its bytes overwritten on disk (a command that carried a secret)."""
+        await self.refusable(natsauth.stream_api("MSG.DELETE", stream), self.js.delete_msg(stream, sequence))
 
     # --- Core NATS: not stored, not acknowledged; for requests only worth something while someone listens. ---
 

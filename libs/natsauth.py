@@ -122,7 +122,8 @@ def _write_kv(bucket: str) -> list[str]:
 
 
 def _read_objects(bucket: str) -> list[str]:
-    return _read_stream(object_stream(bucket)) + _consume(object_stream(bucket))
+    # nats-py's object get subscribes by subject without naming the stream, so it looks the stream up first.
+    return [f"{API}.STREAM.NAMES", *_read_stream(object_stream(bucket)), *_consume(object_stream(bucket))]
 
 
 def _write_objects(bucket: str) -> list[str]:
@@ -173,7 +174,9 @@ def permissions(kind: str, node: str = "") -> Permissions:
             consumers=[(subjects.STREAM_COMMANDS, subjects.DURABLE_DATASET_COMMANDS),
                        (subjects.STREAM_FACTS, subjects.DURABLE_DATASET_RUNTIME_STATUS),
                        (subjects.STREAM_AGENT, subjects.DURABLE_DATASET_INVENTORY)],
-            publish=[subjects.DATASET_FACTS, subjects.INVENTORY_REQUEST],
+            # It erases an apply that carried a secret in clear from the command stream (docs/security.md).
+            publish=[subjects.DATASET_FACTS, subjects.INVENTORY_REQUEST,
+                     stream_api("MSG.DELETE", subjects.STREAM_COMMANDS)],
             kv_writes=[subjects.KV_DATASETS, subjects.KV_BINDINGS, subjects.KV_NODE_CACHE], objects=True)
     if kind == RUNTIME:
         return _service(
@@ -197,7 +200,8 @@ def permissions(kind: str, node: str = "") -> Permissions:
     if kind == BRIDGE:
         # Kubernetes is where the bridge's commands come from; it shows rejections on the custom resources.
         perms = _service(consumers=[], publish=[subjects.ALL_COMMANDS])
-        return Permissions(publish=_unique([*perms.publish, *_read_stream(subjects.STREAM_FACTS),
+        # Its subscription names no stream: nats-py looks the stream up by subject (STREAM.NAMES).
+        return Permissions(publish=_unique([*perms.publish, f"{API}.STREAM.NAMES", *_read_stream(subjects.STREAM_FACTS),
                                             *_consume(subjects.STREAM_FACTS)]))
     if kind == AGENT:
         return _agent(node)
