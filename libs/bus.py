@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import re
 import ssl
 import time
@@ -387,6 +388,17 @@ class Bus:
         return await self.nc.subscribe(subject, queue=queue, cb=on_request)
 
 
+class _QuietTlsClose(logging.Filter):
+    """asyncio warns "returning true from eof_received() has no effect when using ssl" each time a TLS connection
+    of nats-py closes: nothing is wrong, and a CLI user should not read it after every command."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "eof_received() has no effect when using ssl" not in record.getMessage()
+
+
+_QUIET_TLS_CLOSE = _QuietTlsClose()
+
+
 async def connect(settings: NatsSettings, name: str) -> Bus:
     denials = Denials()
     options: dict[str, Any] = {
@@ -410,6 +422,7 @@ async def connect(settings: NatsSettings, name: str) -> Bus:
         if settings.tls_cert:
             context.load_cert_chain(settings.tls_cert, settings.tls_key or None)
         options["tls"] = context
+        logging.getLogger("asyncio").addFilter(_QUIET_TLS_CLOSE)  # once: filters are a set
     nc = await nats.connect(**options)
     return Bus(nc, replicas=settings.replicas, denials=denials)
 

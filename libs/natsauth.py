@@ -44,7 +44,7 @@ INBOX_ROOT = "_INBOX"
 API = "$JS.API"
 
 # Every stream Shoal provisions: its own, and the ones behind the KV buckets and the Object Store.
-_KV_BUCKETS = (subjects.KV_DATASETS, subjects.KV_RUNTIMES, subjects.KV_AGENTS, subjects.KV_BINDINGS,
+KV_BUCKETS = (subjects.KV_DATASETS, subjects.KV_RUNTIMES, subjects.KV_AGENTS, subjects.KV_BINDINGS,
                subjects.KV_NODE_CACHE, subjects.KV_OPERATIONS, subjects.KV_OPERATION_RUNS)
 _STREAMS = (subjects.STREAM_COMMANDS, subjects.STREAM_FACTS, subjects.STREAM_AGENT, subjects.STREAM_TASKS,
             subjects.STREAM_DEAD_LETTERS)
@@ -63,7 +63,7 @@ def object_stream(bucket: str) -> str:
     return f"OBJ_{bucket}"
 
 
-ALL_STREAMS: tuple[str, ...] = (*_STREAMS, *(kv_stream(b) for b in _KV_BUCKETS),
+ALL_STREAMS: tuple[str, ...] = (*_STREAMS, *(kv_stream(b) for b in KV_BUCKETS),
                                 object_stream(subjects.OBJ_MANIFESTS))
 
 
@@ -142,7 +142,7 @@ def _info_all() -> list[str]:
 
 
 def _read_all_kv() -> list[str]:
-    return [subject for bucket in _KV_BUCKETS for subject in _read_kv(bucket)]
+    return [subject for bucket in KV_BUCKETS for subject in _read_kv(bucket)]
 
 
 def _dead_letters(*consumers: tuple[str, str]) -> list[str]:
@@ -272,3 +272,18 @@ def authorization_block(users_: Iterable[User]) -> str:
 
 def _list(items: Iterable[str]) -> str:
     return "[" + ", ".join(json.dumps(item) for item in items) + "]"
+
+
+def matches(pattern: str, subject: str) -> bool:
+    """NATS subject matching: ``*`` is one token, ``>`` one or more at the end."""
+    wanted, tokens = pattern.split("."), subject.split(".")
+    for index, token in enumerate(wanted):
+        if token == ">":
+            return len(tokens) > index
+        if index >= len(tokens) or (token != "*" and token != tokens[index]):
+            return False
+    return len(tokens) == len(wanted)
+
+
+def may_publish(kind: str, subject: str, node: str = "") -> bool:
+    return any(matches(pattern, subject) for pattern in permissions(kind, node).publish)
