@@ -93,3 +93,25 @@ def test_nats_server_accepts_the_generated_block(tmp_path: Path) -> None:
     checked = subprocess.run([find_binary("nats-server"), "-t", "-c", str(conf)], capture_output=True, text=True,
                              env={"OBSERVER_PASSWORD": "from-the-environment"}, timeout=30, check=False)
     assert checked.returncode == 0, checked.stderr + checked.stdout
+
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+
+
+def test_the_deploy_users_are_current() -> None:
+    """deploy/nats-secure/auth.conf is what libs.natsauth makes (`make nats-auth` writes it)."""
+    assert (DEPLOY / "nats-secure" / "auth.conf").read_text() == natsauth.deploy_authorization()
+
+
+def test_the_secure_nats_config_is_the_base_one_plus_tls_and_users() -> None:
+    """The component replaces deploy/nats/nats.yaml's server config: a change there must be made here too."""
+    def server_config(path: Path) -> str:
+        return path.read_text().split("  nats.conf: |\n", 1)[1].split("\n---", 1)[0]
+
+    base = server_config(DEPLOY / "nats" / "nats.yaml").rstrip("\n")
+    secure = server_config(DEPLOY / "nats-secure" / "nats-config.yaml")
+    assert secure.startswith(base + "\n")
+    assert "tls {" in secure[len(base):] and "include ../nats-auth/auth.conf" in secure[len(base):]
+    statefulset = (DEPLOY / "nats-secure" / "nats-statefulset.yaml").read_text()
+    for kind in KINDS:
+        assert natsauth.password_variable(kind) in statefulset
