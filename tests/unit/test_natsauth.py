@@ -115,3 +115,13 @@ def test_the_secure_nats_config_is_the_base_one_plus_tls_and_users() -> None:
     statefulset = (DEPLOY / "nats-secure" / "nats-statefulset.yaml").read_text()
     for kind in KINDS:
         assert natsauth.password_variable(kind) in statefulset
+
+
+def test_shoal_up_secure_gives_each_service_its_kinds_user_and_each_agent_its_nodes(tmp_path: Path) -> None:
+    from libs.cli.stack.supervision import agent_plans, service_users, stack_services
+
+    assert service_users(stack_services(1), [], "box") == {
+        "dataset": DATASET, "runtime": RUNTIME, "loader": LOADER, "scheduler": SCHEDULER, "agent": "agent-box"}
+    users = service_users(stack_services(2), agent_plans(2, "box", {}, tmp_path), "box")
+    assert users["agent-1"] == "agent-box-1" and users["agent-2"] == "agent-box-2"
+    assert natsauth.parse_user(users["agent-2"]) == (AGENT, "box-2")
