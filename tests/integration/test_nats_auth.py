@@ -21,6 +21,7 @@ import asyncio
 import dataclasses
 import os
 import secrets
+import shutil
 import socket
 import ssl
 from collections.abc import AsyncIterator, Iterator
@@ -368,3 +369,33 @@ async def test_every_kind_does_its_job_unrefused_and_no_secret_shows_anywhere(
     leaks = [f"{what} in {where}" for what, value in planted_values.items() for where, text in sources.items()
              if value in text]
     assert leaks == []
+
+
+def test_shoal_up_secure_plans_tls_users_and_a_password_per_service(tmp_path: Path, tls_files: TlsFiles) -> None:
+    from libs.cli.stack import UpError
+    from libs.cli.stack.demo import DEMO_MANIFEST
+    from libs.cli.stack.layout import StateLayout
+    from libs.cli.stack.ports import Ports
+    from libs.cli.up import UpOptions, _plan
+    from libs.embedded import SeaweedConfig
+
+    seaweed = SeaweedConfig.on_free_ports(tmp_path)
+    ports = Ports(nats=free_port(), nats_monitor=free_port(), s3=seaweed.s3_port, seaweed_master=seaweed.master_port,
+                  seaweed_volume=seaweed.volume_port, seaweed_filer=seaweed.filer_port, service_http=0)
+    options = UpOptions(StateLayout(tmp_path / "state"), ports, DEMO_MANIFEST, agents=2, secure=True)
+    # The module's certificates, which shoal up keeps when it finds them (openssl is the slow part).
+    options.layout.nats_secure.mkdir(parents=True)
+    for made in (tls_files.ca, tls_files.cert, tls_files.key):
+        shutil.copy(made, options.layout.nats_secure / made.name)
+    # An external Prometheus: nothing to start, and no binary looked for.
+    plan = _plan(options, {"PROMETHEUS_URL": "http://127.0.0.1:9"})
+    assert plan.nats is not None and plan.secure is not None
+    assert "tls {" in plan.nats.extra_config and "authorization {" in plan.nats.extra_config
+    assert plan.settings.nats.user == natsauth.CLI and plan.settings.nats.tls_ca == str(plan.secure.tls.ca)
+    # The shared environment holds no password; each service gets its own user's (``Stack.service_envs``).
+    assert "NATS_PASSWORD" not in plan.env and plan.env["NATS_TLS_CA"] == str(plan.secure.tls.ca)
+    assert set(plan.users) == set(plan.services)
+    assert {plan.users["agent-1"], plan.users["agent-2"]} <= set(plan.secure.passwords)
+    assert (tmp_path / "state" / "nats-secure" / "passwords.json").stat().st_mode & 0o777 == 0o600
+    with pytest.raises(UpError, match="--secure secures the embedded NATS"):
+        _plan(options, {"PROMETHEUS_URL": "http://127.0.0.1:9", "NATS_URL": "nats://127.0.0.1:4222"})
