@@ -9,6 +9,10 @@ What it decides:
 - that every published event carries ``Nats-Msg-Id`` (its id, for deduplication) and, inside a trace, a PRODUCER
   span whose ``traceparent`` the headers carry; every consumed message gets a CONSUMER span continuing it
   (``messaging.system=nats``, ``messaging.destination.name`` = the subject).
+- that a publish or stream operation the server refuses this user (its permissions: ``libs.natsauth``) raises
+  ``PermissionDenied`` at once, naming the subject, rather than timing out; any other refusal is logged as
+  "permission denied" with its subject. ``provision`` updates only a stream whose settings differ, and leaves what
+  this user may not provision to those who may.
 - what every service's bus metrics count (``libs.metrics``): each message a consumer handles once, by outcome
   (ok, rejected, retried, dead_lettered, conflict), its handler's time, the consumer's lag at each fetch, and
   each compare-and-set that loses (``kv_save``, ``kv_delete``).
