@@ -64,8 +64,9 @@ test-deps: system-deps
 		echo "NOTE: install fio with your package manager (the tests read mounts with it)"; \
 	fi
 
+# `make run SECURE=1`: NATS with TLS and a user per process (shoal up --secure; docs/security.md).
 run: system-deps venv
-	$(BIN)/shoal up
+	$(BIN)/shoal up $(if $(SECURE),--secure)
 
 # Tests run in two workers, a test file per worker (files share servers and fixtures): about half the wall time.
 test: test-deps venv
@@ -119,6 +120,10 @@ clean:
 	rm -rf "$(STATE_DIR)"
 
 # The CustomResourceDefinitions in deploy/crds, generated from the msgspec types of the events (libs/crds.py).
-.PHONY: crds
+.PHONY: crds nats-auth
+# deploy/nats-secure/auth.conf: the NATS users and permissions of libs/natsauth.py, for the nats-secure component.
+nats-auth: venv
+	$(BIN)/python -m libs.natsauth > deploy/nats-secure/auth.conf
+
 crds: venv
 	$(BIN)/python -m libs.crds deploy/crds

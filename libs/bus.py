@@ -9,6 +9,10 @@ What it decides:
 - that every published event carries ``Nats-Msg-Id`` (its id, for deduplication) and, inside a trace, a PRODUCER
   span whose ``traceparent`` the headers carry; every consumed message gets a CONSUMER span continuing it
   (``messaging.system=nats``, ``messaging.destination.name`` = the subject).
+- that a publish or stream operation the server refuses this user (its permissions: ``libs.natsauth``) raises
+  ``PermissionDenied`` at once, naming the subject, rather than timing out; any other refusal is logged as
+  "permission denied" with its subject. ``provision`` updates only a stream whose settings differ, and leaves what
+  this user may not provision to those who may.
 - what every service's bus metrics count (``libs.metrics``): each message a consumer handles once, by outcome
   (ok, rejected, retried, dead_lettered, conflict), its handler's time, the consumer's lag at each fetch, and
   each compare-and-set that loses (``kv_save``, ``kv_delete``).
@@ -22,6 +26,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import re
 import ssl
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
@@ -31,6 +37,7 @@ from typing import Any, Generic, TypeVar
 import msgspec
 import nats
 from nats.aio.client import Client as NatsClient
+from nats.aio.client import _default_error_callback as _nats_default_error_callback
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
@@ -46,7 +53,7 @@ from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore as NatsObjectStore
 from opentelemetry import trace
 
-from libs import metrics, subjects
+from libs import metrics, natsauth, subjects
 from libs.backoff import REDELIVERY
 from libs.config import NatsSettings
 from libs.events.deadletter import DeadLetter
@@ -56,6 +63,7 @@ from libs.telemetry import extract_context, get_logger, inject_context, messagin
 log = get_logger(__name__)
 
 DAY = 24 * 3600.0
+R = TypeVar("R")
 MESSAGE_LIMIT = 1024 * 1024  # JetStream's default max_payload; larger publishes are refused by the server.
 
 
@@ -81,6 +89,71 @@ class Permanent(Exception):
 
 class Conflict(Exception):
     """A compare-and-set lost against another writer; re-read and try again."""
+
+
+class PermissionDenied(Exception):
+    """The server refused this user a publish or a subscription (``libs.natsauth``): nothing was stored or sent."""
+
+    def __init__(self, subject: str, action: str = "publish") -> None:
+        super().__init__(f"permission denied: NATS refused this user to {action} to {subject!r}")
+        self.subject = subject
+        self.action = action
+
+
+# nats-server's asynchronous error for a refused publish or subscription: -ERR 'Permissions Violation for Publish
+# to "shoal.cmd.dataset.apply"' (the subject in quotes). nats-py hands it to the error callback and keeps the
+# connection; a JetStream publish would only time out, so ``Bus`` matches it to the waiting call instead.
+_VIOLATION = re.compile(r"permissions violation for (publish|subscription) to \"([^\"]*)\"", re.IGNORECASE)
+
+
+class Denials:
+    """The permission violations the server reports on one connection, matched to the calls waiting on them.
+
+    nats-py lower-cases the server's error text, so a refusal is matched to its call without regard to case.
+    """
+
+    def __init__(self) -> None:
+        self._waiting: dict[str, list[tuple[str, asyncio.Future[str]]]] = {}
+        # Every refusal seen (action, subject), newest last, bounded: what tests and a debugging operator look at.
+        self.seen: list[tuple[str, str]] = []
+
+    def watch(self, subject: str) -> asyncio.Future[str]:
+        """A future that completes (with the action) when the server refuses ``subject``."""
+        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._waiting.setdefault(subject.lower(), []).append((subject, future))
+        return future
+
+    def forget(self, subject: str, future: asyncio.Future[str]) -> None:
+        key = subject.lower()
+        waiting = [entry for entry in self._waiting.get(key, []) if entry[1] is not future]
+        if waiting:
+            self._waiting[key] = waiting
+        else:
+            self._waiting.pop(key, None)
+        if not future.done():
+            future.cancel()
+
+    async def on_error(self, error: Exception) -> None:
+        """nats-py's error callback: a refusal is logged as one clear line and wakes its caller; any other error
+        goes to nats-py's own handler (its log, which the CLI watches while connecting)."""
+        found = _VIOLATION.search(str(error))
+        if found is None:
+            await _nats_default_error_callback(error)
+            return
+        action = "publish" if found.group(1).lower() == "publish" else "subscribe"
+        waiting = self._waiting.pop(found.group(2).lower(), [])
+        subject = waiting[0][0] if waiting else found.group(2)
+        del self.seen[:-DENIALS_KEPT]
+        self.seen.append((action, subject))
+        if not waiting:  # a waiting call raises PermissionDenied instead, and its caller says what it was doing
+            log.error("permission denied", action=action, subject=subject)
+        for _, future in waiting:
+            if not future.done():
+                future.set_result(action)
+
+
+# A service that keeps trying a refused subject must not grow this list; the last few say enough.
+DENIALS_KEPT = 100
 
 
 # --- Connection and provisioning ---
@@ -129,11 +202,36 @@ KV_BUCKETS: tuple[BucketSpec, ...] = (
 )
 
 
+# What ``provision`` sets on a stream; one that already has these is left alone (no update: a user without the
+# right to update, an agent, then provisions nothing and is refused nothing).
+_PROVISIONED_FIELDS = ("subjects", "retention", "max_age", "max_bytes", "max_msgs_per_subject", "max_msg_size",
+                       "storage", "num_replicas", "duplicate_window")
+
+
+def _differs(existing: js_api.StreamConfig, wanted: js_api.StreamConfig) -> bool:
+    for name in _PROVISIONED_FIELDS:
+        have, want = getattr(existing, name), getattr(wanted, name)
+        if isinstance(want, float) and isinstance(have, int | float):
+            if abs(have - want) > 1e-3:  # durations travel as nanoseconds
+                return True
+        elif name == "subjects":
+            if sorted(have or []) != sorted(want or []):
+                return True
+        elif have != want:
+            return True
+    return False
+
+
 class Bus:
     """One NATS connection with its JetStream context, and the helpers every service uses."""
 
-    def __init__(self, nc: NatsClient, replicas: int = 1) -> None:
+    def __init__(self, nc: NatsClient, replicas: int = 1, denials: Denials | None = None,
+                 authenticated: bool = False) -> None:
         self.nc = nc
+        self.denials = denials or Denials()
+        # Only a server that knows who we are can refuse us a subject: without a user or token, ``refusable`` costs
+        # nothing on the hot path (a task and a wait per publish).
+        self.authenticated = authenticated
         self.js: JetStreamContext = nc.jetstream()
         self.replicas = replicas
         self._kv: dict[str, KeyValue] = {}
@@ -163,7 +261,12 @@ class Bus:
             log.warning("NATS connection did not close cleanly", error=str(err))
 
     async def provision(self) -> None:
-        """Create or update every stream, KV bucket and the manifest store; safe to call from every process."""
+        """Create or update every stream, KV bucket and the manifest store; safe to call from every process.
+
+        What this user may not provision (an agent: ``libs.natsauth``) is left to the users that may, and named in
+        one log line; a missing stream then shows where it is used.
+        """
+        refused: list[str] = []
         for spec in STREAMS:
             config = js_api.StreamConfig(
                 name=spec.name,
@@ -178,25 +281,41 @@ class Bus:
                 duplicate_window=120.0,
             )
             try:
-                await self.js.stream_info(spec.name)
-            except NotFoundError:
-                await self.js.add_stream(config)
-            else:
-                await self.js.update_stream(config)
+                try:
+                    info = await self.refusable(natsauth.stream_api("INFO", spec.name),
+                                                self.js.stream_info(spec.name))
+                except NotFoundError:
+                    await self.refusable(natsauth.stream_api("CREATE", spec.name), self.js.add_stream(config))
+                else:
+                    if _differs(info.config, config):
+                        await self.refusable(natsauth.stream_api("UPDATE", spec.name),
+                                             self.js.update_stream(config))
+            except PermissionDenied:
+                refused.append(spec.name)
         for bucket in KV_BUCKETS:
+            stream = natsauth.kv_stream(bucket.name)
             try:
-                await self.js.key_value(bucket.name)
-            except BucketNotFoundError:
-                await self.js.create_key_value(
-                    js_api.KeyValueConfig(bucket=bucket.name, history=bucket.history, ttl=bucket.ttl,
-                                          replicas=self.replicas)
-                )
+                try:
+                    await self.refusable(natsauth.stream_api("INFO", stream), self.js.key_value(bucket.name))
+                except BucketNotFoundError:
+                    await self.refusable(natsauth.stream_api("CREATE", stream), self.js.create_key_value(
+                        js_api.KeyValueConfig(bucket=bucket.name, history=bucket.history, ttl=bucket.ttl,
+                                              replicas=self.replicas)
+                    ))
+            except PermissionDenied:
+                refused.append(stream)
+        stream = natsauth.object_stream(subjects.OBJ_MANIFESTS)
         try:
-            await self.js.object_store(subjects.OBJ_MANIFESTS)
-        except (BucketNotFoundError, NotFoundError):
-            await self.js.create_object_store(
-                subjects.OBJ_MANIFESTS, js_api.ObjectStoreConfig(replicas=self.replicas)
-            )
+            try:
+                await self.refusable(natsauth.stream_api("INFO", stream), self.js.object_store(subjects.OBJ_MANIFESTS))
+            except (BucketNotFoundError, NotFoundError):
+                await self.refusable(natsauth.stream_api("CREATE", stream), self.js.create_object_store(
+                    subjects.OBJ_MANIFESTS, js_api.ObjectStoreConfig(replicas=self.replicas)
+                ))
+        except PermissionDenied:
+            refused.append(stream)
+        if refused:
+            log.info("provisioning left to users allowed to", streams=refused)
 
     async def kv(self, bucket: str) -> KeyValue:
         if bucket not in self._kv:
@@ -212,8 +331,33 @@ class Bus:
             all_headers = inject_context(dict(headers or {}))
             all_headers["Nats-Msg-Id"] = str(getattr(event, "id", ""))
             all_headers["Content-Type"] = "application/json"
-            ack = await self.js.publish(subject, msgspec.json.encode(event), headers=all_headers)
+            ack = await self.refusable(subject, self.js.publish(subject, msgspec.json.encode(event),
+                                                                headers=all_headers))
         return int(ack.seq)
+
+    async def refusable(self, subject: str, call: Awaitable[R]) -> R:
+        """``call``, or ``PermissionDenied`` as soon as the server refuses ``subject`` to this user: a refused
+        JetStream publish or API request gets no answer, and would otherwise end in a timeout saying nothing."""
+        if not self.authenticated:
+            return await call
+        denied = self.denials.watch(subject)
+        task: asyncio.Future[R] = asyncio.ensure_future(call)
+        try:
+            waiting: list[asyncio.Future[Any]] = [task, denied]
+            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            if denied.done() and not denied.cancelled():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+                raise PermissionDenied(subject, denied.result())
+            return task.result()
+        finally:
+            self.denials.forget(subject, denied)
+            if not task.done():
+                task.cancel()
+
+    async def erase(self, stream: str, sequence: int) -> None:
+        """Remove one message from a stream, its bytes overwritten on disk (a command that carried a secret)."""
+        await self.refusable(natsauth.stream_api("MSG.DELETE", stream), self.js.delete_msg(stream, sequence))
 
     # --- Core NATS: not stored, not acknowledged; for requests only worth something while someone listens. ---
 
@@ -254,7 +398,19 @@ class Bus:
         return await self.nc.subscribe(subject, queue=queue, cb=on_request)
 
 
+class _QuietTlsClose(logging.Filter):
+    """asyncio warns "returning true from eof_received() has no effect when using ssl" each time a TLS connection
+    of nats-py closes: nothing is wrong, and a CLI user should not read it after every command."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "eof_received() has no effect when using ssl" not in record.getMessage()
+
+
+_QUIET_TLS_CLOSE = _QuietTlsClose()
+
+
 async def connect(settings: NatsSettings, name: str) -> Bus:
+    denials = Denials()
     options: dict[str, Any] = {
         "servers": settings.urls,
         "name": name,
@@ -262,10 +418,13 @@ async def connect(settings: NatsSettings, name: str) -> Bus:
         "max_reconnect_attempts": -1,
         "reconnect_time_wait": 0.5,
         "connect_timeout": 5,
+        "error_cb": denials.on_error,
     }
     if settings.user:
         options["user"] = settings.user
         options["password"] = settings.password.reveal()
+        # Replies to this user arrive below its own inbox, the only one its permissions let it read.
+        options["inbox_prefix"] = natsauth.inbox_prefix(settings.user)
     if settings.token:
         options["token"] = settings.token.reveal()
     if settings.tls_ca or settings.tls_cert:
@@ -273,8 +432,10 @@ async def connect(settings: NatsSettings, name: str) -> Bus:
         if settings.tls_cert:
             context.load_cert_chain(settings.tls_cert, settings.tls_key or None)
         options["tls"] = context
+        logging.getLogger("asyncio").addFilter(_QUIET_TLS_CLOSE)  # once: filters are a set
     nc = await nats.connect(**options)
-    return Bus(nc, replicas=settings.replicas)
+    return Bus(nc, replicas=settings.replicas, denials=denials,
+               authenticated=bool(settings.user or settings.token.reveal() or any("@" in url for url in settings.urls)))
 
 
 # --- KV with compare-and-set ---

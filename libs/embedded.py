@@ -127,6 +127,8 @@ class NatsConfig:
     # provisioning fails with "insufficient storage resources"; reserved, not written.
     max_memory_store: str = "256MB"
     max_file_store: str = "8GB"
+    # Appended to the server's config: TLS and users for a secured server (``libs.natssecure``).
+    extra_config: str = ""
 
     @property
     def url(self) -> str:
@@ -136,12 +138,16 @@ class NatsConfig:
 def start_nats(config: NatsConfig, log_path: Path) -> ServerProcess:
     config.store_dir.mkdir(parents=True, exist_ok=True)
     conf_path = config.store_dir.parent / f"nats-{config.port}.conf"
+    if config.extra_config:  # it holds the users' passwords: owner only, before anything is written
+        conf_path.touch(0o600)
+        conf_path.chmod(0o600)
     conf_path.write_text(
         f"listen: {LOOPBACK}:{config.port}\n"
         f"http: {LOOPBACK}:{config.monitor_port}\n"
         f"max_payload: 1MB\n"
         f"jetstream {{\n  store_dir: {json.dumps(str(config.store_dir))}\n"
         f"  max_memory_store: {config.max_memory_store}\n  max_file_store: {config.max_file_store}\n}}\n"
+        + config.extra_config
     )
     server = spawn("nats-server", [find_binary("nats-server"), "-c", str(conf_path)], log_path)
     _wait_ready(server, lambda: _http_ok(config.monitor_port, "/healthz?js-enabled-only=true"), 20)

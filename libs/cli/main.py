@@ -33,7 +33,7 @@ from nats.js import api as js_api
 from nats.js.errors import BucketNotFoundError, NoStreamResponseError, NotFoundError
 
 from libs import subjects
-from libs.bus import Bus, connect, kv_load, kv_values
+from libs.bus import Bus, PermissionDenied, connect, kv_load, kv_values
 from libs.cli import operations, render
 from libs.cli.up import down, up
 from libs.config import NatsSettings, SettingsError, load_settings
@@ -229,6 +229,8 @@ async def session(options: Options) -> AsyncIterator[Bus]:
             raise SetupError(f"Shoal's streams do not exist on NATS at {shown}: is `make run` running?") from err
         except nats.errors.TimeoutError as err:
             raise SetupError(f"NATS at {shown} did not answer in time") from err
+        except PermissionDenied as err:  # NATS_USER is not one that may do this (libs.natsauth: the cli user may)
+            raise SetupError(f"{err} (NATS_USER={settings.user or '(none)'})") from err
         finally:
             await bus.close()
     finally:

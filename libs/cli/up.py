@@ -15,7 +15,7 @@ import signal
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -23,6 +23,7 @@ from typing import Any
 import click
 import msgspec
 
+from libs import natsauth, natssecure
 from libs.cli.stack import S3Access, UpError
 from libs.cli.stack.banner import banner
 from libs.cli.stack.demo import DEMO_MANIFEST, Applied, applied_by, demo_commands, demo_objects, prepare
@@ -49,11 +50,13 @@ from libs.cli.stack.supervision import (
     agent_plans,
     ensure_peer_secret,
     service_env,
+    service_users,
     stack_services,
 )
-from libs.config import Settings, SettingsError, load_settings
+from libs.config import Secret, Settings, SettingsError, load_settings
 from libs.documents import ManifestError, parse_documents
 from libs.embedded import LOOPBACK, NatsConfig, SeaweedConfig, free_port, start_nats, start_seaweedfs
+from libs.natssecure import SecureNats
 
 
 def _timestamped(message: str) -> None:
@@ -92,6 +95,8 @@ class UpOptions:
     agents: int = 1
     # Prometheus's port on loopback (0: a free one), when a binary is found and PROMETHEUS_URL is not set.
     prometheus_port: int = PROMETHEUS_PORT
+    # NATS with TLS and a user per process (libs.natsauth), certificates and passwords under the state directory.
+    secure: bool = False
 
 
 @dataclass(frozen=True)
@@ -114,6 +119,9 @@ class Plan:
     prometheus: tuple[str, PrometheusConfig] | None = None
     # What the banner says about metrics: the address of Prometheus, or how to get one.
     metrics_line: str = HOW_TO_GET
+    # --secure: the certificates and users' passwords, and each service's NATS user.
+    secure: SecureNats | None = None
+    users: dict[str, str] = field(default_factory=dict)
 
 
 def run_up(options: UpOptions, environ: Mapping[str, str]) -> None:
@@ -185,8 +193,24 @@ def _plan(options: UpOptions, environ: Mapping[str, str]) -> Plan:
     except SettingsError as err:
         raise UpError(str(err)) from err
     agents = agent_plans(options.agents, settings.agent.node_name, settings.agent.labels, layout.mounts)
+    secure, users = None, {}
+    if options.secure:
+        if nats is None:
+            raise UpError("--secure secures the embedded NATS; with NATS_URL set, give NATS_USER, NATS_PASSWORD and "
+                          "NATS_TLS_CA for your server instead (docs/security.md)")
+        users = service_users(services, agents, settings.agent.node_name)
+        try:
+            secure = natssecure.prepare(layout.nats_secure, [*natsauth.KINDS, *users.values()])
+        except natssecure.SecureSetupError as err:
+            raise UpError(str(err)) from err
+        nats = replace(nats, extra_config=secure.server_config())
+        env["NATS_TLS_CA"] = str(secure.tls.ca)
+        # shoal up itself provisions, seeds and applies as the CLI user; each service gets its own user (_launch).
+        cli = secure.client_env(natsauth.CLI)
+        settings = replace(settings, nats=replace(settings.nats, user=cli["NATS_USER"],
+                                                  password=Secret(cli["NATS_PASSWORD"]), tls_ca=cli["NATS_TLS_CA"]))
     return Plan(nats, seaweed, nats_url, s3, env, settings, commands, applied_by(commands), http_ports, services,
-                agents, prometheus, metrics_line)
+                agents, prometheus, metrics_line, secure, users)
 
 
 def _plan_prometheus(layout: StateLayout, port: int, environ: Mapping[str, str],
@@ -234,6 +258,11 @@ def _launch(stack: Stack, plan: Plan) -> None:
         # Several agents read each other's caches; one alone has no peers, so it runs no peer server.
         ensure_peer_secret(layout.peer_secret)
         stack.service_envs = {agent.service: agent_env(agent, layout.peer_secret) for agent in plan.agents}
+    if plan.secure is not None:
+        # Each service sees its own password only; the CLI's is in a file a shell can source.
+        for name, user in plan.users.items():
+            stack.service_envs[name] = {**stack.service_envs.get(name, {}), **plan.secure.client_env(user)}
+        _timestamped(f"NATS requires TLS and a user per process; for the shoal CLI: . {plan.secure.env_file('cli')}")
     stack.start_services(time.monotonic())
 
 
@@ -284,9 +313,13 @@ MAX_AGENTS = 64
               help="Agents (nodes) to run on this machine. With more than one, each is node <name>-<i> with labels "
                    f"{AGENT_INDEX_LABEL}=<i> and {ZONE_LABEL}=zone-a|zone-b (alternating), mounts under "
                    "<state-dir>/mnt/<node>, and they read each other's caches (env SHOAL_UP_AGENTS).")
+@click.option("--secure", envvar="SHOAL_UP_SECURE", is_flag=True,
+              help="NATS with TLS (a CA and certificate made in <state-dir>/nats-secure) and a user per process with "
+                   "least-privilege permissions (docs/security.md); <state-dir>/nats-secure/cli.env holds the CLI's "
+                   "credentials (env SHOAL_UP_SECURE).")
 def up(state_dir: Path, nats_port: int, nats_monitor_port: int, s3_port: int, seaweed_master_port: int,
        seaweed_volume_port: int, seaweed_filer_port: int, http_port: int, prometheus_port: int, manifest: Path,
-       agents: int) -> None:
+       agents: int, secure: bool) -> None:
     """Run NATS, SeaweedFS S3 and every Shoal service on this machine, with a demo dataset; Ctrl-C stops all.
 
     An existing NATS is used instead when NATS_URL is set, an existing S3 when SHOAL_S3_ENDPOINT is set
@@ -296,7 +329,7 @@ def up(state_dir: Path, nats_port: int, nats_monitor_port: int, s3_port: int, se
     """
     ports = Ports(nats=nats_port, nats_monitor=nats_monitor_port, s3=s3_port, seaweed_master=seaweed_master_port,
                   seaweed_volume=seaweed_volume_port, seaweed_filer=seaweed_filer_port, service_http=http_port)
-    options = UpOptions(StateLayout(state_dir.resolve()), ports, manifest.resolve(), agents, prometheus_port)
+    options = UpOptions(StateLayout(state_dir.resolve()), ports, manifest.resolve(), agents, prometheus_port, secure)
     try:
         run_up(options, os.environ)
     except UpError as err:

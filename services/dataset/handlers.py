@@ -33,6 +33,7 @@ from libs.events.runtime import RuntimeDeleted, RuntimeFact, RuntimeStatusChange
 from libs.inventory import DatasetInventory
 from libs.inventory import fold as fold_inventory
 from libs.manifest import ManifestStore
+from libs.mounts import exposed_secret_errors
 from libs.telemetry import context_of, current_traceparent, get_logger, tracer
 from libs.ufs import open_store
 from services.dataset import domain
@@ -77,6 +78,8 @@ class DatasetHandlers:
                                          pvc_root=self.settings.service.pvc_root)
         if errors:
             log.info("rejected", dataset=f"{namespace}/{name}", reasons=errors)
+            if exposed_secret_errors(dataset):
+                await self._erase_command(delivery)
             await self.bus.publish(
                 subjects.DATASET_REJECTED,
                 DatasetRejected(id=f"{command.id}.rejected", causation_id=command.id, reason="; ".join(errors),
@@ -119,6 +122,15 @@ class DatasetHandlers:
             DatasetAccepted(id=f"{command.id}.accepted", causation_id=command.id, name=command.name,
                             namespace=command.namespace, generation=record.generation),
         )
+
+    async def _erase_command(self, delivery: Delivery) -> None:
+        """A secret given in clear must not stay in the command stream for its week: the message is erased
+        (overwritten) before the rejection is told. Failing to erase is logged and does not stop the rejection."""
+        try:
+            await self.bus.erase(subjects.STREAM_COMMANDS, delivery.stream_sequence)
+        except Exception as err:
+            log.warning("could not erase a command holding a secret", seq=delivery.stream_sequence,
+                        error=type(err).__name__)
 
     async def _reject_missing(self, command: DatasetDelete | DatasetResync, delivery: Delivery) -> None:
         await self.bus.publish(

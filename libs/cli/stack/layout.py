@@ -44,6 +44,11 @@ class StateLayout:
         return self.root.resolve() / "peer.secret"
 
     @property
+    def nats_secure(self) -> Path:
+        """``shoal up --secure``: the NATS server's CA and certificate, every user's password, ``cli.env``."""
+        return self.root.resolve() / "nats-secure"
+
+    @property
     def prometheus(self) -> Path:
         """Prometheus's data (its TSDB), kept across runs like the JetStream store."""
         return self.root / "prometheus"

@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from libs import natsauth
 from libs.cli.stack import S3Access, UpError
 from libs.cli.stack.layout import StateLayout
 from libs.cli.stack.pids import child_pids, stop_children, write_pids
@@ -88,6 +89,14 @@ def agent_env(plan: AgentPlan, peer_secret_file: Path) -> dict[str, str]:
         "SHOAL_CACHE_SUBDIR": plan.cache_subdir,
         "SHOAL_PEER_SECRET_FILE": str(peer_secret_file),
     }
+
+
+def service_users(services: Mapping[str, str], agents: list[AgentPlan], node_name: str) -> dict[str, str]:
+    """``--secure``: the NATS user of each service (``libs.natsauth``): its kind, and each agent limited to its
+    node (``agent-<node>``; the mount processes inherit the agent's)."""
+    nodes = {agent.service: agent.node for agent in agents}
+    return {name: natsauth.user_name(natsauth.AGENT, nodes.get(name, node_name)) if module == SERVICES[AGENT]
+            else natsauth.user_name(module.rsplit(".", 1)[-1]) for name, module in services.items()}
 
 
 # Polling children is cheap; a fifth of a second makes a crash visible at once without busy-looping.

@@ -1,0 +1,401 @@
+"""Least privilege on NATS and no secret anywhere (issue 15, points 4 and 6), against a real nats-server that requires
+TLS and a user per process kind (``libs.natsauth``, ``libs.natssecure``).
+
+Shown: the dataset, runtime, loader, scheduler and agent services (the agent's mount processes too), each as its own
+user, do a whole small flow that the CLI user starts (apply, sync, mount, read, a DataLoad, a score request) while
+an observer receives the facts and the bridge user sends a command and follows rejections, and the server refuses
+none of them anything; an agent publishing a dataset command is refused at once with an error naming the subject
+("permission denied"), and no dataset appears; the observer can neither publish nor subscribe to commands; a client
+with a wrong password, or one that does not speak TLS, is refused.
+
+Secrets (point 6): that flow plants recognisable secrets (the S3 secret key of the working credentials and a wrong
+one, both through ``encryptOptions``/``secretKeyRef``; a URL with credentials in a rejected apply; every NATS
+password; the agents' peer secret) and then scans everything it produced: every message of every stream (events,
+dead letters, every KV record and its history, the manifests), every log line of every process (the services and
+the mount process, the nats-server), ``/metrics`` of the services and of the mount process: no occurrence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import secrets
+import shutil
+import socket
+import ssl
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import msgspec
+import nats
+import pytest
+from nats.aio.msg import Msg
+from prometheus_client import REGISTRY, generate_latest
+
+from libs import natsauth, subjects
+from libs.bus import Bus, PermissionDenied, connect, kv_load
+from libs.config import AgentSettings, NatsSettings, Secret, Settings
+from libs.embedded import NatsConfig, ServerProcess, free_port, start_nats
+from libs.events.common import ObjectMeta, ObjectRef
+from libs.events.dataset import (
+    Dataset,
+    DatasetApply,
+    DatasetRecord,
+    DatasetResync,
+    DatasetSpec,
+    EncryptOption,
+    EncryptOptionSource,
+    Mount,
+    SecretKeySelector,
+)
+from libs.events.operation import DataLoad, DataLoadApply, DataLoadSpec, OperationRecord
+from libs.events.runtime import Level, Runtime, RuntimeApply, RuntimeSpec, TieredStore
+from libs.events.schedule import ScoreReply, ScoreRequest
+from libs.natssecure import SecureNats, TlsFiles, ensure_passwords, make_certs
+from services.agent import app as agent_app
+from services.dataset import app as dataset_app
+from services.loader import app as loader_app
+from services.runtime import app as runtime_app
+from services.scheduler import app as scheduler_app
+from tests.conftest import SeaweedServer, put_objects
+from tests.helpers import eventually, make_settings, running
+from tests.integration.agent_stack import agent_env, md5, mounted_paths, read_file, target_port
+from tests.requirements import require
+
+NODE = "node-a"
+T = TypeVar("T")
+AGENT_USER = natsauth.user_name(natsauth.AGENT, NODE)
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
+    """One CA and server certificate for the module (openssl takes a few tenths of a second per pair)."""
+    return make_certs(tmp_path_factory.mktemp("nats-tls"))
+
+
+@dataclass
+class SecureServer:
+    url: str
+    secure: SecureNats
+    log: Path
+    process: ServerProcess
+
+    def nats(self, user: str) -> NatsSettings:
+        return NatsSettings(urls=[self.url], user=user, password=Secret(self.secure.passwords[user]),
+                            tls_ca=str(self.secure.tls.ca))
+
+    async def connect(self, user: str) -> Bus:
+        return await connect(self.nats(user), f"test-{user}")
+
+    def violations(self) -> list[str]:
+        """The server's log lines about refused publishes and subscriptions (nats-server logs each, by user)."""
+        return [line for line in self.log.read_text(errors="replace").splitlines() if "Violation" in line]
+
+
+@pytest.fixture
+def secure_server(tmp_path: Path, tls_files: TlsFiles) -> Iterator[SecureServer]:
+    """A nats-server with JetStream that requires TLS and knows a user per process kind (and the test's agent)."""
+    passwords = ensure_passwords(tmp_path / "passwords.json", [*natsauth.KINDS, AGENT_USER])
+    secure = SecureNats(tmp_path, tls_files, passwords)
+    config = NatsConfig(port=free_port(), monitor_port=free_port(), store_dir=tmp_path / "jetstream",
+                        extra_config=secure.server_config())
+    log = tmp_path / "nats.log"
+    process = start_nats(config, log)
+    try:
+        yield SecureServer(config.url, secure, log, process)
+    finally:
+        process.stop()
+
+
+@pytest.fixture
+async def cli_bus(secure_server: SecureServer) -> AsyncIterator[Bus]:
+    """The CLI/admin user's connection, which provisions Shoal's streams as ``shoal up`` does."""
+    bus = await secure_server.connect(natsauth.CLI)
+    await bus.provision()
+    try:
+        yield bus
+    finally:
+        await bus.close()
+
+
+def local_dataset(name: str, folder: Path) -> DatasetApply:
+    return DatasetApply(dataset=Dataset(metadata=ObjectMeta(name=name),
+                                        spec=DatasetSpec(mounts=[Mount(mount_point=f"local://{folder}")])))
+
+
+async def record_of(bus: Bus, name: str) -> DatasetRecord | None:
+    record, _ = await kv_load(await bus.kv(subjects.KV_DATASETS), subjects.resource_key("default", name),
+                              DatasetRecord)
+    return record
+
+
+async def test_an_agent_is_refused_a_dataset_command_and_nothing_happens(
+        secure_server: SecureServer, cli_bus: Bus, tmp_path: Path) -> None:
+    folder = tmp_path / "data"
+    folder.mkdir()
+    settings = dataclasses.replace(make_settings(secure_server.url), nats=secure_server.nats(natsauth.DATASET))
+    agent = await secure_server.connect(AGENT_USER)
+    observer = await secure_server.connect(natsauth.OBSERVER)
+    try:
+        async with running(lambda stop: dataset_app.run(settings, stop)):
+            with pytest.raises(PermissionDenied) as refused:
+                await agent.publish(subjects.DATASET_APPLY, local_dataset("forged", folder))
+            assert "permission denied" in str(refused.value)
+            assert subjects.DATASET_APPLY in str(refused.value)
+            assert ("publish", subjects.DATASET_APPLY) in agent.denials.seen
+            # The observer may not publish, not even without JetStream, nor listen to commands.
+            with pytest.raises(PermissionDenied):
+                await observer.publish(subjects.DATASET_APPLY, local_dataset("observed", folder))
+            await observer.publish_core(subjects.DATASET_APPLY, local_dataset("observed", folder))
+            await observer.nc.subscribe(subjects.ALL_COMMANDS)
+            await observer.nc.flush()
+            await eventually(lambda: _async(("subscribe", subjects.ALL_COMMANDS) in observer.denials.seen),
+                             what="the observer's subscription to commands refused")
+            assert ("publish", subjects.DATASET_APPLY) in observer.denials.seen
+            # The CLI's apply goes through and is applied: the service works, and what was refused never arrived.
+            await cli_bus.publish(subjects.DATASET_APPLY, local_dataset("allowed", folder))
+            await eventually(lambda: record_of(cli_bus, "allowed"), what="the CLI's dataset applied")
+            assert await record_of(cli_bus, "forged") is None
+            assert await record_of(cli_bus, "observed") is None
+            commands = await cli_bus.js.stream_info(subjects.STREAM_COMMANDS)
+            assert commands.state.messages == 1
+    finally:
+        await agent.close()
+        await observer.close()
+    refused_users = {line.split('"$G/user:')[1].split('"')[0] for line in secure_server.violations()}
+    assert refused_users == {AGENT_USER, natsauth.OBSERVER}
+
+
+async def _async(value: T) -> T:
+    return value
+
+
+async def test_a_wrong_password_or_no_tls_is_refused(secure_server: SecureServer) -> None:
+    right = secure_server.nats(natsauth.CLI)
+    context = ssl.create_default_context(cafile=right.tls_ca)
+    with pytest.raises(nats.errors.Error, match=r"[Aa]uthorization"):
+        await nats.connect(right.urls, user=natsauth.CLI, password="not-the-password", tls=context,
+                           allow_reconnect=False, max_reconnect_attempts=0, connect_timeout=5)
+    # Without the CA the server's certificate is not trusted; the client gives up rather than talk in clear.
+    with pytest.raises(Exception, match=r"CERTIFICATE_VERIFY_FAILED|certificate verify failed"):
+        await nats.connect(right.urls, user=natsauth.CLI, password=right.password.reveal(), allow_reconnect=False,
+                           max_reconnect_attempts=0, connect_timeout=5)
+    # A client that ignores TLS and sends its CONNECT in clear gets no PONG: the server wants a handshake first.
+    host, port = right.urls[0].removeprefix("nats://").split(":")
+    answer = await asyncio.to_thread(_plain_connect, host, int(port), right.password.reveal())
+    assert b'"tls_required":true' in answer.split(b"\r\n")[0]
+    assert b"PONG" not in answer
+
+
+def _plain_connect(host: str, port: int, password: str) -> bytes:
+    with socket.create_connection((host, port), timeout=5) as sock:
+        received = sock.recv(4096)  # INFO
+        sock.sendall(b'CONNECT {"user":"cli","pass":"%s","verbose":false}\r\nPING\r\n' % password.encode())
+        try:
+            while chunk := sock.recv(4096):
+                received += chunk
+        except OSError:
+            pass
+    return received
+
+
+# --- The whole flow, each process its own user, and the scan for secrets. ---
+
+
+def secret_files(root: Path, values: dict[str, dict[str, str]]) -> str:
+    """Secrets laid out like mounted Kubernetes Secrets (``<dir>/<name>/<key>``)."""
+    for name, keys in values.items():
+        (root / name).mkdir(parents=True)
+        for key, value in keys.items():
+            (root / name / key).write_text(value)
+    return str(root)
+
+
+def credentials_from(secret: str) -> list[EncryptOption]:
+    return [EncryptOption(name=option, value_from=EncryptOptionSource(secret_key_ref=SecretKeySelector(secret, key)))
+            for option, key in (("aws.accessKeyId", "id"), ("aws.secretKey", "secret"))]
+
+
+async def everything_stored(bus: Bus) -> list[bytes]:
+    """Every message every stream holds (events, dead letters, KV records with history, manifests), headers too."""
+    found = []
+    for stream in natsauth.ALL_STREAMS:
+        state = (await bus.js.stream_info(stream)).state
+        for sequence in range(max(state.first_seq, 1), state.last_seq + 1 if state.messages else 1):
+            try:
+                message = await bus.js.get_msg(stream, sequence)
+            except nats.js.errors.NotFoundError:
+                continue
+            found.append((message.subject or "").encode() + b" " + msgspec.json.encode(message.headers or {})
+                         + b" " + (message.data or b""))
+    return found
+
+
+async def scrape_text(port: int) -> str:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+    await writer.drain()
+    body = await reader.read()
+    writer.close()
+    return body.decode(errors="replace")
+
+
+async def test_every_kind_does_its_job_unrefused_and_no_secret_shows_anywhere(
+        secure_server: SecureServer, cli_bus: Bus, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path,
+        capfd: pytest.CaptureFixture[str]) -> None:
+    require("fuse")
+    s3_secret = seaweedfs.config.secret_access_key
+    planted = f"planted-s3-secret-{secrets.token_hex(8)}"
+    peer_secret = secrets.token_hex(32)
+    peer_file = tmp_path / "peer.secret"
+    peer_file.write_text(peer_secret)
+    peer_file.chmod(0o600)
+    secrets_dir = secret_files(tmp_path / "secrets", {
+        "s3-creds": {"id": seaweedfs.config.access_key_id, "secret": s3_secret},
+        "planted-creds": {"id": seaweedfs.config.access_key_id, "secret": planted},
+    })
+    body = os.urandom(300_000)
+    await put_objects(seaweedfs, bucket, {"data.bin": body, "more/part.bin": b"x" * 1000})
+    targets = tmp_path / "targets"
+    targets.mkdir()
+
+    # No default S3 credentials anywhere: the secret files are the only way into the bucket.
+    base = make_settings(secure_server.url, seaweedfs.endpoint, secrets_dir=secrets_dir)
+
+    def as_user(user: str, **changes: object) -> Settings:
+        return dataclasses.replace(base, nats=secure_server.nats(user), **changes)  # type: ignore[arg-type]
+
+    agent_settings = AgentSettings(node_name=NODE, mount_root=str(tmp_path / "mnt"), heartbeat_seconds=0.5,
+                                   peer_secret_file=str(peer_file))
+    agent_user = as_user(AGENT_USER, agent=agent_settings)
+    mount_env = {**agent_env(agent_user, seaweedfs, agent_settings),
+                 **secure_server.secure.client_env(AGENT_USER),
+                 "SHOAL_S3_ACCESS_KEY_ID": "", "SHOAL_S3_SECRET_ACCESS_KEY": "", "SHOAL_SECRETS_DIR": secrets_dir,
+                 "SHOAL_PEER_SECRET_FILE": str(peer_file), "SHOAL_PROMETHEUS_TARGETS_DIR": str(targets),
+                 "SHOAL_LOG_LEVEL": "debug"}
+    facts: list[bytes] = []
+    rejections: list[bytes] = []
+    metrics_texts: list[str] = []
+    async with AsyncExitStack() as stack:
+        observer = await secure_server.connect(natsauth.OBSERVER)
+        stack.push_async_callback(observer.close)
+        bridge = await secure_server.connect(natsauth.BRIDGE)
+        stack.push_async_callback(bridge.close)
+
+        async def on_fact(message: Msg) -> None:
+            facts.append(message.data)
+
+        async def on_rejection(message: Msg) -> None:
+            rejections.append(message.data)
+
+        await observer.nc.subscribe(subjects.ALL_FACTS, cb=on_fact)
+        await bridge.provision()
+        await bridge.js.subscribe(subjects.ALL_REJECTIONS, cb=on_rejection, ordered_consumer=True)
+        try:
+            async with running(
+                lambda stop: dataset_app.run(as_user(natsauth.DATASET), stop),
+                lambda stop: runtime_app.run(as_user(natsauth.RUNTIME), stop),
+                lambda stop: loader_app.run(as_user(natsauth.LOADER), stop),
+                lambda stop: scheduler_app.run(as_user(natsauth.SCHEDULER), stop),
+                lambda stop: agent_app.run(agent_user, stop, child_env=mount_env),
+            ):
+                runtime = Runtime(metadata=ObjectMeta(name="good"), spec=RuntimeSpec(
+                    tieredstore=TieredStore(levels=[Level(mediumtype="SSD", quota="64Mi", path=str(tmp_path / "c"))]),
+                    block_size="1Mi"))
+                await cli_bus.publish(subjects.RUNTIME_APPLY, RuntimeApply(runtime=runtime))
+                for name, secret in (("good", "s3-creds"), ("planted", "planted-creds")):
+                    mount = Mount(mount_point=f"s3://{bucket}/", encrypt_options=credentials_from(secret))
+                    await cli_bus.publish(subjects.DATASET_APPLY, DatasetApply(
+                        dataset=Dataset(metadata=ObjectMeta(name=name), spec=DatasetSpec(mounts=[mount]))))
+                # Credentials in a URL: refused at apply, the reason naming the field, not the value.
+                leaky = Mount(mount_point=f"s3://{seaweedfs.config.access_key_id}:{planted}@{bucket}/")
+                await bridge.publish(subjects.DATASET_APPLY, DatasetApply(
+                    dataset=Dataset(metadata=ObjectMeta(name="leaky"), spec=DatasetSpec(mounts=[leaky]))))
+
+                root = tmp_path / "mnt" / "default" / "good"
+                await eventually(lambda: _async(str(root) in mounted_paths()), timeout=30, what="good mounted")
+                assert md5(await read_file(root / "data.bin")) == md5(body)
+
+                load = DataLoad(metadata=ObjectMeta(name="warm"), spec=DataLoadSpec(dataset=ObjectRef(name="good")))
+                await cli_bus.publish(subjects.DATALOAD_APPLY, DataLoadApply(data_load=load))
+
+                async def loaded() -> bool:
+                    record, _ = await kv_load(await cli_bus.kv(subjects.KV_OPERATIONS),
+                                              subjects.operation_key("DataLoad", "default", "warm"), OperationRecord)
+                    return record is not None and record.status.phase == "Complete"
+
+                await eventually(loaded, timeout=30, what="the DataLoad complete")
+                await bridge.publish(subjects.DATASET_RESYNC, DatasetResync(name="good"))
+
+                async def failed() -> DatasetRecord | None:
+                    record = await record_of(cli_bus, "planted")
+                    return record if record and record.status.phase == "Failed" else None
+
+                assert planted not in (await eventually(failed, what="wrong credentials failed")).status.message
+                reply = await cli_bus.nc.request(subjects.SCHED_SCORE, msgspec.json.encode(ScoreRequest()), timeout=5)
+                assert msgspec.json.decode(reply.data, type=ScoreReply).error == ""
+                await eventually(lambda: _async(bool(rejections)), what="the bridge follows the rejection")
+                await eventually(lambda: _async(any(b"dataset.status" in f or b'"Bound"' in f for f in facts)),
+                                 what="the observer receives facts")
+                port = await eventually(lambda: _async(target_port(targets, "good")), what="the mount's target")
+                metrics_texts.append(await scrape_text(port))
+                metrics_texts.append(generate_latest(REGISTRY).decode())
+        finally:
+            for path in [p for p in mounted_paths() if p.startswith(str(tmp_path))]:
+                await asyncio.to_thread(os.system, f"fusermount3 -u -z {path}")
+        stored = await everything_stored(cli_bus)
+    captured = capfd.readouterr()
+
+    # Each process did its job without the server refusing it anything.
+    assert secure_server.violations() == []
+    assert stored and facts and metrics_texts
+
+    planted_values = {"the S3 secret key": s3_secret, "the planted S3 secret key": planted,
+                      "the peer secret": peer_secret,
+                      **{f"the NATS password of {user}": password
+                         for user, password in secure_server.secure.passwords.items()}}
+    sources = {
+        "streams and KV": b"\n".join(stored).decode(errors="replace"),
+        "facts the observer received": b"\n".join(facts).decode(errors="replace"),
+        "logs of the services and the mount process": captured.out + captured.err,
+        "the nats-server log": secure_server.log.read_text(errors="replace"),
+        "/metrics": "\n".join(metrics_texts),
+    }
+    assert "Failed" in sources["streams and KV"] and "***@" in sources["streams and KV"]
+    leaks = [f"{what} in {where}" for what, value in planted_values.items() for where, text in sources.items()
+             if value in text]
+    assert leaks == []
+
+
+def test_shoal_up_secure_plans_tls_users_and_a_password_per_service(tmp_path: Path, tls_files: TlsFiles) -> None:
+    from libs.cli.stack import UpError
+    from libs.cli.stack.demo import DEMO_MANIFEST
+    from libs.cli.stack.layout import StateLayout
+    from libs.cli.stack.ports import Ports
+    from libs.cli.up import UpOptions, _plan
+    from libs.embedded import SeaweedConfig
+
+    seaweed = SeaweedConfig.on_free_ports(tmp_path)
+    ports = Ports(nats=free_port(), nats_monitor=free_port(), s3=seaweed.s3_port, seaweed_master=seaweed.master_port,
+                  seaweed_volume=seaweed.volume_port, seaweed_filer=seaweed.filer_port, service_http=0)
+    options = UpOptions(StateLayout(tmp_path / "state"), ports, DEMO_MANIFEST, agents=2, secure=True)
+    # The module's certificates, which shoal up keeps when it finds them (openssl is the slow part).
+    options.layout.nats_secure.mkdir(parents=True)
+    for made in (tls_files.ca, tls_files.cert, tls_files.key):
+        shutil.copy(made, options.layout.nats_secure / made.name)
+    # An external Prometheus: nothing to start, and no binary looked for.
+    plan = _plan(options, {"PROMETHEUS_URL": "http://127.0.0.1:9"})
+    assert plan.nats is not None and plan.secure is not None
+    assert "tls {" in plan.nats.extra_config and "authorization {" in plan.nats.extra_config
+    assert plan.settings.nats.user == natsauth.CLI and plan.settings.nats.tls_ca == str(plan.secure.tls.ca)
+    # The shared environment holds no password; each service gets its own user's (``Stack.service_envs``).
+    assert "NATS_PASSWORD" not in plan.env and plan.env["NATS_TLS_CA"] == str(plan.secure.tls.ca)
+    assert set(plan.users) == set(plan.services)
+    assert {plan.users["agent-1"], plan.users["agent-2"]} <= set(plan.secure.passwords)
+    assert (tmp_path / "state" / "nats-secure" / "passwords.json").stat().st_mode & 0o777 == 0o600
+    with pytest.raises(UpError, match="--secure secures the embedded NATS"):
+        _plan(options, {"PROMETHEUS_URL": "http://127.0.0.1:9", "NATS_URL": "nats://127.0.0.1:4222"})
