@@ -9,7 +9,9 @@ listing the bucket again.
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import hashlib
 import io
 import tempfile
 from collections.abc import Iterator
@@ -26,6 +28,8 @@ from libs.events.dataset import ManifestEntry
 from libs.paths import is_folder
 
 _encoder = msgspec.json.Encoder()
+# How the NATS Object Store names an object's digest (ObjectInfo.digest): compared with ManifestWriter.digest.
+OBJECT_DIGEST_PREFIX = "SHA-256="
 _decoder = msgspec.json.Decoder(ManifestEntry)
 
 
@@ -47,12 +51,19 @@ class ManifestWriter:
         self._out = tempfile.TemporaryFile()  # noqa: SIM115 - owned by the writer, closed by close()
         self.file_num = 0
         self.total_bytes = 0
+        self._sha256 = hashlib.sha256()
 
     def add(self, entry: ManifestEntry) -> None:
-        write_entry(self._out, entry)
+        line = _encoder.encode(entry) + b"\n"
+        self._out.write(line)
+        self._sha256.update(line)
         if not is_folder(entry.path):  # a folder marker is not a file (libs.paths)
             self.file_num += 1
             self.total_bytes += entry.size
+
+    def digest(self) -> str:
+        """The SHA-256 of everything written so far, spelled as the Object Store spells an object's digest."""
+        return OBJECT_DIGEST_PREFIX + base64.urlsafe_b64encode(self._sha256.digest()).decode()
 
     def rewound(self) -> io.BufferedRandom:
         self._out.flush()
@@ -84,9 +95,18 @@ class ManifestStore:
     def name(namespace: str, name: str) -> str:
         return subjects.manifest_name(namespace, name)
 
-    async def save(self, name: str, writer: ManifestWriter) -> None:
-        """Upload everything written so far under ``name``, replacing the previous manifest."""
+    async def save(self, name: str, writer: ManifestWriter) -> bool:
+        """Upload everything written so far under ``name``, replacing the previous manifest; False (nothing
+        uploaded) when the stored manifest already has exactly these bytes, so an unchanged listing makes no
+        new object."""
+        try:
+            info = await self.objects.get_info(name)
+        except (ObjectNotFoundError, NotFoundError):
+            info = None
+        if info is not None and info.digest == writer.digest():
+            return False
         await self.objects.put(name, writer.rewound())
+        return True
 
     async def load(self, name: str) -> list[ManifestEntry]:
         with tempfile.TemporaryFile() as out:
