@@ -10,8 +10,9 @@ Decides:
   imagePullSecrets, resources, runAfter.affinityStrategy) is noted as ignored; ``spec.dataset.namespace`` left
   out means the operation's own namespace, as in Fluid;
 - how a Fluid runtime maps: ``spec.replicas``, ``spec.tieredstore.levels[]`` and
-  ``spec.management.metadataSyncPolicy`` as they are, the block size from the engine's own setting
-  (Alluxio/GooseFS property, JuiceFS ``block-size`` option), nothing else;
+  ``spec.management.metadataSyncPolicy`` as they are, Shoal's ``spec.autoscaling`` too (the CRDs of Fluid's
+  kinds take it), the block size from the engine's own setting (Alluxio/GooseFS property, JuiceFS
+  ``block-size`` option), nothing else;
 - that every field Shoal does not use is reported back as an "ignored: ..." note, never dropped silently;
 - that schema errors name the document and the JSON path (``$.spec.mounts[0].mountPoint``).
 
@@ -304,6 +305,11 @@ def fluid_runtime_spec(kind: str, spec: dict[str, Any]) -> tuple[dict[str, Any],
     if "tieredstore" in spec:
         mapped["tieredstore"], tier_notes = _tieredstore(kind, spec["tieredstore"])
         notes += tier_notes
+    if "autoscaling" in spec:  # Shoal's elastic cache: Fluid has none, the CRDs of its kinds take Shoal's
+        handled.add("autoscaling")
+        mapped["autoscaling"] = spec["autoscaling"]
+        notes += [_ignored(kind, path, "not used by Shoal") for path in unknown_fields(RuntimeSpec, {
+            "autoscaling": spec["autoscaling"]}, "spec")]
     if "management" in spec:
         handled.add("management")
         mapped["management"], management_notes = _management(kind, spec["management"])
