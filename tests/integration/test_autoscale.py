@@ -1,13 +1,16 @@
-"""The elastic cache on real agents (``agent_stack.cluster_stack``: two in-process agents with real FUSE mounts over
-SeaweedFS and nats-server, the dataset and runtime services in-process): reading more than half of one worker's
-cache grows the runtime to two workers; once the reads stop, it shrinks back to one after the cool-down. Each
-decision is a ``runtime.autoscaled.v1`` fact with its reason, kept in ``status.autoscaling`` and shown by
-``shoal describe runtime``.
+"""The elastic cache and autoSync on real agents (``agent_stack.cluster_stack``: two in-process agents with real
+FUSE mounts over SeaweedFS and nats-server, the dataset and runtime services in-process): reading more than half
+of one worker's cache grows the runtime to two workers; once the reads stop, it shrinks back to one after the
+cool-down. Each decision is a ``runtime.autoscaled.v1`` fact with its reason, kept in ``status.autoscaling`` and
+shown by ``shoal describe runtime``. Then an object added to the bucket reaches the mount by autoSync alone, within
+its (short) period. One stack for both: starting agents and mounts is most of such a test's time.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import os
 import random
 from pathlib import Path
 from typing import Any
@@ -32,7 +35,7 @@ from libs.events.runtime import (
     TieredStore,
 )
 from tests.conftest import SeaweedServer, put_objects
-from tests.helpers import eventually, runtime_record
+from tests.helpers import dataset_record, eventually, runtime_record
 from tests.integration.agent_stack import cluster_stack, md5, read_file
 
 pytestmark = pytest.mark.needs("fuse")
@@ -43,6 +46,8 @@ NAME = "elastic"
 COOL_DOWN_SECONDS = 2
 # One worker's cache: six 1 MiB files read through it fill it past the target (the tier evicts at 95% to 70%).
 QUOTA = "4Mi"
+# autoSync's period here (SHOAL_AUTOSYNC_SECONDS; the default is minutes).
+AUTOSYNC_SECONDS = 1.0
 POLICY = AutoscalingPolicy(min_replicas=1, max_replicas=2, target_cache_used_percent=50,
                            cool_down_seconds=COOL_DOWN_SECONDS)
 
@@ -56,8 +61,10 @@ async def workers_are(bus: Bus, count: int) -> RuntimeRecord:
     return await eventually(probe, timeout=30, what=f"{count} cache workers")
 
 
-async def test_the_cache_grows_under_reads_and_shrinks_after_the_cool_down(
+async def test_the_cache_grows_under_reads_shrinks_after_the_cool_down_and_autosync_brings_a_new_object(
         bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path) -> None:
+    settings = dataclasses.replace(settings, service=dataclasses.replace(settings.service,
+                                                                         autosync_seconds=AUTOSYNC_SECONDS))
     rng = random.Random(13)
     files = {f"part-{i}.bin": rng.randbytes(MiB) for i in range(6)}
     await put_objects(seaweedfs, bucket, files)
@@ -103,5 +110,16 @@ async def test_the_cache_grows_under_reads_and_shrinks_after_the_cool_down(
             assert record.status.autoscaling.last_scale_time > grown.status.autoscaling.last_scale_time
             shown = describe_runtime(record)
             assert "Autoscaling:" in shown and up.reason in shown and down.reason in shown
+
+            # autoSync (the runtime leaves it unset: on, as in Fluid): an object added to the bucket is listed
+            # within the period, and the mount shows it without a resync.
+            late = rng.randbytes(1000)
+            await put_objects(seaweedfs, bucket, {"late.bin": late})
+            await eventually(lambda: asyncio.to_thread(os.path.exists, root / "late.bin"), timeout=20,
+                             what="late.bin in the mount")
+            assert md5(await read_file(root / "late.bin")) == md5(late)
+            dataset = await dataset_record(bus, NAME)
+            assert dataset is not None and dataset.status.file_num == 7
+            assert (dataset.generation, dataset.sync_requests) == (1, 0)  # listed by itself: no new spec, no resync
     finally:
         await subscription.unsubscribe()

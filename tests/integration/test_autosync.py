@@ -1,14 +1,12 @@
-"""autoSync on real components: an object added to the SeaweedFS bucket shows in the agent's FUSE mount within
-the period; on nats-server and SeaweedFS with the dataset service's handlers on a test clock, an unchanged
-listing writes no new manifest and no status, and autoSync off on the runtime (Fluid's
-``management.metadataSyncPolicy.autoSync: false``) lists nothing.
+"""autoSync on nats-server and SeaweedFS, the dataset service's handlers on a test clock: a due listing that finds
+nothing new writes no new manifest and no status; one that finds an added object does; autoSync off on the runtime
+(Fluid's ``management.metadataSyncPolicy.autoSync: false``) lists nothing, while a resync still lists. (An added
+object reaching a real mount by autoSync is in ``test_autoscale.py``, on the same stack as the autoscaler.)
 """
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
-import os
 from collections import Counter
 from pathlib import Path
 
@@ -35,11 +33,6 @@ from libs.ufs import open_store
 from libs.ufs.base import Location, ObjectStore
 from services.dataset.handlers import DatasetHandlers
 from tests.conftest import SeaweedServer, put_objects
-from tests.helpers import eventually
-from tests.integration.agent_stack import node_stack, read_file
-
-# Short, so the test sees several listings in a few seconds (the default is minutes).
-PERIOD_SECONDS = 1.0
 
 
 class CountingOpener:
@@ -68,27 +61,6 @@ def dataset(name: str, bucket: str) -> DatasetApply:
 async def manifest_nuid(bus: Bus, name: str) -> str:
     info = await (await ManifestStore.of(bus)).objects.get_info(subjects.manifest_name("default", name))
     return str(info.nuid)
-
-
-async def test_an_object_added_to_the_bucket_reaches_the_mount_within_the_period(
-        bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path) -> None:
-    settings = dataclasses.replace(settings, service=dataclasses.replace(settings.service,
-                                                                         autosync_seconds=PERIOD_SECONDS))
-    opener = CountingOpener()
-    await put_objects(seaweedfs, bucket, {"data/a.txt": b"first"})
-    async with node_stack(bus, settings, seaweedfs, tmp_path, opener=opener) as node:
-        await bus.publish(subjects.RUNTIME_APPLY, runtime("data", None, node.cache_dir))  # unset: on, as in Fluid
-        await bus.publish(subjects.DATASET_APPLY, dataset("data", bucket))
-        root = await node.wait_mounted("data", expect="a.txt")
-        first = await node.record("data")
-        await put_objects(seaweedfs, bucket, {"data/b.txt": b"second object"})
-        await eventually(lambda: asyncio.to_thread(os.path.exists, root / "b.txt"), timeout=20,
-                         what="b.txt in the mount")
-        assert await read_file(root / "b.txt") == b"second object"
-        record = await node.record("data")
-        assert record.status.file_num == 2 and record.generation == first.generation
-        assert record.sync_requests == first.sync_requests == 0  # listed by itself, not by a resync
-        assert opener.opened["data"] >= 2
 
 
 async def test_an_unchanged_listing_writes_nothing_and_autosync_off_lists_nothing(
