@@ -6,6 +6,7 @@ object reaching a real mount by autoSync is in ``test_autoscale.py``, on the sam
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections import Counter
 from pathlib import Path
@@ -32,7 +33,7 @@ from libs.manifest import ManifestStore
 from libs.ufs import open_store
 from libs.ufs.base import Location, ObjectStore
 from services.dataset.handlers import DatasetHandlers
-from tests.conftest import SeaweedServer, put_objects
+from tests.conftest import SeaweedServer
 
 
 class CountingOpener:
@@ -65,13 +66,24 @@ async def manifest_nuid(bus: Bus, name: str) -> str:
 
 async def test_an_unchanged_listing_writes_nothing_and_autosync_off_lists_nothing(
         bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str) -> None:
+    async with contextlib.AsyncExitStack() as stack:
+        await unchanged_and_off(bus, settings, seaweedfs, bucket, stack)
+
+
+async def unchanged_and_off(bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str,
+                            stack: contextlib.AsyncExitStack) -> None:
     settings = dataclasses.replace(settings, service=dataclasses.replace(settings.service, autosync_seconds=60.0))
     clock = [1_700_000_000.0]
     opener = CountingOpener()
     handlers = DatasetHandlers(bus, settings, clock=lambda: clock[0], opener=opener)
     woken: list[str] = []
     handlers.wake = woken.append
-    await put_objects(seaweedfs, bucket, {"data/a.txt": b"first"})
+    store = await stack.enter_async_context(seaweedfs.client())  # one client for the test's own puts
+
+    async def put(key: str, body: bytes) -> None:
+        await store.put_object(Bucket=bucket, Key=key, Body=body)
+
+    await put("data/a.txt", b"first")
     kv = await bus.kv(subjects.KV_DATASETS)
     key = subjects.resource_key("default", "data")
     await kv_save(kv, key, DatasetRecord(dataset=dataset("data", bucket).dataset, generation=1), None)
@@ -89,7 +101,7 @@ async def test_an_unchanged_listing_writes_nothing_and_autosync_off_lists_nothin
     assert await manifest_nuid(bus, "data") == nuid
 
     # Due and changed: a new manifest and a new status.
-    await put_objects(seaweedfs, bucket, {"data/b.txt": b"second"})
+    await put("data/b.txt", b"second")
     clock[0] += 60
     await handlers.sync(key)
     changed, _ = await kv_load(kv, key, DatasetRecord)
@@ -102,7 +114,7 @@ async def test_an_unchanged_listing_writes_nothing_and_autosync_off_lists_nothin
     await handlers.on_runtime_fact(RuntimeAccepted(causation_id="c", name="data", namespace="default",
                                                    generation=1), delivery)
     assert woken == [key]
-    await put_objects(seaweedfs, bucket, {"data/c.txt": b"third"})
+    await put("data/c.txt", b"third")
     clock[0] += 3600
     assert await handlers.sync(key) is None and opener.opened["data"] == 3
     # A resync still lists (the policy is about listing by itself).
