@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from libs.cli.render import describe_runtime
 from libs.events.common import ObjectMeta
 from libs.events.dataset import NodeCache
 from libs.events.runtime import (
@@ -18,6 +19,7 @@ from libs.events.runtime import (
     MetadataSyncPolicy,
     Runtime,
     RuntimeManagement,
+    RuntimeRecord,
     RuntimeSpec,
     RuntimeStatus,
     TieredStore,
@@ -178,3 +180,16 @@ def test_a_negative_sync_period_is_refused() -> None:
     errors = validate_runtime(make_runtime(management={"metadataSyncPolicy": {"periodSeconds": -1}}))
     assert errors == ["spec.management.metadataSyncPolicy.periodSeconds must be 0 (the service's default) or "
                       "more, got -1"]
+
+
+def test_describe_runtime_shows_the_measures_and_the_decisions() -> None:
+    runtime = make_runtime(autoscaling={"minReplicas": 1, "maxReplicas": 3, "targetCacheUsedPercent": 60,
+                                        "coolDownSeconds": 30})
+    choice = autoscale(POLICY, 1, sample(70, reads={"a": (10, 90)}), {"a": (0, 0)}, state(), NOW)
+    record = RuntimeRecord(runtime=runtime, generation=1, status=RuntimeStatus(autoscaling=choice.state))
+    shown = describe_runtime(record)
+    assert "Autoscaling:\n  cache used 70.0%, hit ratio 10.0% (workers 1..3, cool-down 30 s)" in shown
+    assert "2023-11-14T22:13:20Z   1      2    grow: cache 70.0% used >= target 60% while reading" in shown
+    assert "Autoscaling" not in describe_runtime(RuntimeRecord(runtime=make_runtime(), generation=1))
+    waiting = describe_runtime(RuntimeRecord(runtime=runtime, generation=1))
+    assert "Autoscaling:\n  <not evaluated yet>" in waiting
