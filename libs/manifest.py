@@ -30,6 +30,8 @@ from libs.paths import is_folder
 _encoder = msgspec.json.Encoder()
 # How the NATS Object Store names an object's digest (ObjectInfo.digest): compared with ManifestWriter.digest.
 OBJECT_DIGEST_PREFIX = "SHA-256="
+# Read size when hashing a spooled manifest: large enough that hashing runs at memory speed.
+DIGEST_CHUNK = 1024 * 1024
 _decoder = msgspec.json.Decoder(ManifestEntry)
 
 
@@ -51,19 +53,22 @@ class ManifestWriter:
         self._out = tempfile.TemporaryFile()  # noqa: SIM115 - owned by the writer, closed by close()
         self.file_num = 0
         self.total_bytes = 0
-        self._sha256 = hashlib.sha256()
 
     def add(self, entry: ManifestEntry) -> None:
-        line = _encoder.encode(entry) + b"\n"
-        self._out.write(line)
-        self._sha256.update(line)
+        write_entry(self._out, entry)
         if not is_folder(entry.path):  # a folder marker is not a file (libs.paths)
             self.file_num += 1
             self.total_bytes += entry.size
 
     def digest(self) -> str:
-        """The SHA-256 of everything written so far, spelled as the Object Store spells an object's digest."""
-        return OBJECT_DIGEST_PREFIX + base64.urlsafe_b64encode(self._sha256.digest()).decode()
+        """The SHA-256 of everything written so far, spelled as the Object Store spells an object's digest.
+
+        One pass over the spool at the end (hashlib in large chunks), not a hash update per entry."""
+        sha256 = hashlib.sha256()
+        spool = self.rewound()
+        while chunk := spool.read(DIGEST_CHUNK):
+            sha256.update(chunk)
+        return OBJECT_DIGEST_PREFIX + base64.urlsafe_b64encode(sha256.digest()).decode()
 
     def rewound(self) -> io.BufferedRandom:
         self._out.flush()
