@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import msgspec
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from libs.cli.render import describe_runtime
@@ -125,6 +125,7 @@ def test_cache_sample_counts_the_workers_cache_only() -> None:
                                                                reads={"a": (3, 3), "c": (0, 7)})
 
 
+@settings(max_examples=60, deadline=None)  # pure arithmetic: a few dozen cases cover the branches
 @given(replicas=st.integers(0, 12), used=st.integers(0, 200), hits=st.integers(0, 100), misses=st.integers(0, 100),
        since_scale=st.floats(0, 100), since_pressure=st.floats(0, 100),
        low=st.integers(0, 4), span=st.integers(0, 4), cool=st.integers(1, 60))

@@ -7,7 +7,7 @@ import dataclasses
 
 import msgspec
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from libs.documents import documents_to_commands, parse_documents
@@ -82,6 +82,7 @@ def test_spec_resync_and_retry_come_first_and_a_failure_retrying_cannot_fix_wait
     assert next_sync(failed, NOW + 1000, RETRY, ON) is None
 
 
+@settings(max_examples=60, deadline=None)  # pure arithmetic: a few dozen cases cover the branches
 @given(elapsed=st.floats(0, 10_000), period=st.floats(1, 3600), listed=st.none() | st.floats(0, 10_000))
 def test_never_due_before_a_period_after_the_last_listing(elapsed: float, period: float,
                                                           listed: float | None) -> None:
