@@ -37,6 +37,7 @@ from libs.events.runtime import (
 from tests.conftest import SeaweedServer, put_objects
 from tests.helpers import dataset_record, eventually, runtime_record
 from tests.integration.agent_stack import cluster_stack, md5, read_file
+from tests.metric_values import Snapshot
 
 pytestmark = pytest.mark.needs("fuse")
 
@@ -73,6 +74,7 @@ async def test_the_cache_grows_under_reads_shrinks_after_the_cool_down_and_autos
     async def collect(msg: Any) -> None:
         facts.append(msgspec.json.decode(msg.data, type=RuntimeAutoscaled))
 
+    counted = Snapshot()
     subscription = await bus.nc.subscribe(subjects.RUNTIME_AUTOSCALED, cb=collect)
     try:
         async with cluster_stack(bus, settings, seaweedfs, tmp_path, {"node-a": {}, "node-b": {}}) as cluster:
@@ -108,6 +110,8 @@ async def test_the_cache_grows_under_reads_shrinks_after_the_cool_down_and_autos
             assert [d.reason for d in record.status.autoscaling.decisions] == [up.reason, down.reason]
             assert grown.status.autoscaling is not None
             assert record.status.autoscaling.last_scale_time > grown.status.autoscaling.last_scale_time
+            assert [counted.moved("shoal_runtime_autoscales_total", direction=direction)
+                    for direction in ("up", "down")] == [1, 1]
             shown = describe_runtime(record)
             assert "Autoscaling:" in shown and up.reason in shown and down.reason in shown
 

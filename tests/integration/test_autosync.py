@@ -34,6 +34,7 @@ from libs.ufs import open_store
 from libs.ufs.base import Location, ObjectStore
 from services.dataset.handlers import DatasetHandlers
 from tests.conftest import SeaweedServer
+from tests.metric_values import Snapshot
 
 
 class CountingOpener:
@@ -75,6 +76,7 @@ async def unchanged_and_off(bus: Bus, settings: Settings, seaweedfs: SeaweedServ
     settings = dataclasses.replace(settings, service=dataclasses.replace(settings.service, autosync_seconds=60.0))
     clock = [1_700_000_000.0]
     opener = CountingOpener()
+    counted = Snapshot()
     handlers = DatasetHandlers(bus, settings, clock=lambda: clock[0], opener=opener)
     woken: list[str] = []
     handlers.wake = woken.append
@@ -106,6 +108,8 @@ async def unchanged_and_off(bus: Bus, settings: Settings, seaweedfs: SeaweedServ
     await handlers.sync(key)
     changed, _ = await kv_load(kv, key, DatasetRecord)
     assert changed is not None and changed.status.file_num == 2 and await manifest_nuid(bus, "data") != nuid
+    assert [counted.moved("shoal_dataset_autosyncs_total", outcome=outcome)
+            for outcome in ("unchanged", "changed", "failed")] == [1, 1, 0]
 
     # autoSync off on the runtime: a runtime.accepted fact wakes the dataset's sync, which then plans nothing.
     delivery = Delivery(subject=subjects.RUNTIME_ACCEPTED, headers={}, deliveries=1, stream_sequence=1)
