@@ -127,6 +127,13 @@ class ServiceSettings:
         "SHOAL_PVC_ROOT", "Folder where volume claims are mounted, as <root>/<namespace>/<claim>, for pvc:// mounts; "
         "empty refuses pvc://.", default="",
     )
+    # Fluid's autoSync is on unless a runtime turns it off: objects that land in the store show up in the mounts
+    # within this long. Listing costs one request per 1000 objects, so minutes, not seconds; an unchanged
+    # listing writes nothing. A runtime's metadataSyncPolicy.periodSeconds overrides it.
+    autosync_seconds: float = env(
+        "SHOAL_AUTOSYNC_SECONDS", "Seconds between listings of a dataset whose runtime leaves autoSync on "
+        "(unless its metadataSyncPolicy gives periodSeconds); 0 turns periodic listing off.", default=300.0,
+    )
 
 
 def _default_node_name() -> str:
@@ -331,6 +338,8 @@ def _check(settings: Settings) -> list[str]:
         problems.append("SHOAL_LIST_PAGE_SIZE: must be between 1 and 1000")
     if settings.service.sync_retry_seconds <= 0:
         problems.append("SHOAL_SYNC_RETRY_SECONDS: must be positive")
+    if settings.service.autosync_seconds < 0:
+        problems.append("SHOAL_AUTOSYNC_SECONDS: must be 0 (off) or positive")
     if settings.service.http_port is not None and not 0 <= settings.service.http_port <= 65535:
         problems.append(f"SHOAL_HTTP_PORT={settings.service.http_port}: use 0 to 65535, or off")
     if not 1 <= settings.nats.replicas <= 5:

@@ -9,8 +9,10 @@ Decides:
   Kubernetes Job would use (options, affinity, nodeSelector, tolerations, schedulerName, podMetadata,
   imagePullSecrets, resources, runAfter.affinityStrategy) is noted as ignored; ``spec.dataset.namespace`` left
   out means the operation's own namespace, as in Fluid;
-- how a Fluid runtime maps: ``spec.replicas`` and ``spec.tieredstore.levels[]`` as they are, the block size from
-  the engine's own setting (Alluxio/GooseFS property, JuiceFS ``block-size`` option), nothing else;
+- how a Fluid runtime maps: ``spec.replicas``, ``spec.tieredstore.levels[]`` and
+  ``spec.management.metadataSyncPolicy`` as they are, Shoal's ``spec.autoscaling`` too (the CRDs of Fluid's
+  kinds take it), the block size from the engine's own setting (Alluxio/GooseFS property, JuiceFS
+  ``block-size`` option), nothing else;
 - that every field Shoal does not use is reported back as an "ignored: ..." note, never dropped silently;
 - that schema errors name the document and the JSON path (``$.spec.mounts[0].mountPoint``).
 
@@ -42,7 +44,7 @@ from libs.events.operation import (
     DataLoadSpec,
     Policy,
 )
-from libs.events.runtime import Runtime, RuntimeApply, RuntimeDelete, RuntimeSpec
+from libs.events.runtime import Runtime, RuntimeApply, RuntimeDelete, RuntimeManagement, RuntimeSpec
 
 SHOAL_API = "shoal.io/v1alpha1"
 FLUID_API = "data.fluid.io/v1alpha1"
@@ -303,6 +305,15 @@ def fluid_runtime_spec(kind: str, spec: dict[str, Any]) -> tuple[dict[str, Any],
     if "tieredstore" in spec:
         mapped["tieredstore"], tier_notes = _tieredstore(kind, spec["tieredstore"])
         notes += tier_notes
+    if "autoscaling" in spec:  # Shoal's elastic cache: Fluid has none, the CRDs of its kinds take Shoal's
+        handled.add("autoscaling")
+        mapped["autoscaling"] = spec["autoscaling"]
+        notes += [_ignored(kind, path, "not used by Shoal") for path in unknown_fields(RuntimeSpec, {
+            "autoscaling": spec["autoscaling"]}, "spec")]
+    if "management" in spec:
+        handled.add("management")
+        mapped["management"], management_notes = _management(kind, spec["management"])
+        notes += management_notes
 
     block_size: str | int | None = None
     if kind in BLOCK_SIZE_PROPERTIES:
@@ -349,6 +360,18 @@ def _tieredstore(kind: str, tieredstore: Any) -> tuple[Any, list[str]]:
         notes += [_ignored(kind, f"spec.tieredstore.levels[{index}].{key}", "not used by Shoal")
                   for key in level if key not in LEVEL_FIELDS]
     return {"levels": mapped_levels}, notes
+
+
+def _management(kind: str, management: Any) -> tuple[Any, list[str]]:
+    """Fluid's RuntimeManagement: its metadataSyncPolicy as it is (autoSync); cleanCachePolicy is not used."""
+    if not isinstance(management, dict):
+        return management, []  # the schema check names the path and the expected type
+    notes = [_ignored(kind, f"spec.management.{key}", "not used by Shoal") for key in management
+             if key != "metadataSyncPolicy"]
+    mapped = {key: value for key, value in management.items() if key == "metadataSyncPolicy"}
+    notes += [_ignored(kind, path, "not used by Shoal") for path in unknown_fields(RuntimeManagement, mapped,
+                                                                                   "spec.management")]
+    return mapped, notes
 
 
 def _juicefs_block_size(spec: dict[str, Any]) -> tuple[str | int | None, list[str], list[str]]:

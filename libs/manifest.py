@@ -9,7 +9,9 @@ listing the bucket again.
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import hashlib
 import io
 import tempfile
 from collections.abc import Iterator
@@ -26,6 +28,10 @@ from libs.events.dataset import ManifestEntry
 from libs.paths import is_folder
 
 _encoder = msgspec.json.Encoder()
+# How the NATS Object Store names an object's digest (ObjectInfo.digest): compared with ManifestWriter.digest.
+OBJECT_DIGEST_PREFIX = "SHA-256="
+# Read size when hashing a spooled manifest: large enough that hashing runs at memory speed.
+DIGEST_CHUNK = 1024 * 1024
 _decoder = msgspec.json.Decoder(ManifestEntry)
 
 
@@ -53,6 +59,16 @@ class ManifestWriter:
         if not is_folder(entry.path):  # a folder marker is not a file (libs.paths)
             self.file_num += 1
             self.total_bytes += entry.size
+
+    def digest(self) -> str:
+        """The SHA-256 of everything written so far, spelled as the Object Store spells an object's digest.
+
+        One pass over the spool at the end (hashlib in large chunks), not a hash update per entry."""
+        sha256 = hashlib.sha256()
+        spool = self.rewound()
+        while chunk := spool.read(DIGEST_CHUNK):
+            sha256.update(chunk)
+        return OBJECT_DIGEST_PREFIX + base64.urlsafe_b64encode(sha256.digest()).decode()
 
     def rewound(self) -> io.BufferedRandom:
         self._out.flush()
@@ -84,9 +100,18 @@ class ManifestStore:
     def name(namespace: str, name: str) -> str:
         return subjects.manifest_name(namespace, name)
 
-    async def save(self, name: str, writer: ManifestWriter) -> None:
-        """Upload everything written so far under ``name``, replacing the previous manifest."""
+    async def save(self, name: str, writer: ManifestWriter) -> bool:
+        """Upload everything written so far under ``name``, replacing the previous manifest; False (nothing
+        uploaded) when the stored manifest already has exactly these bytes, so an unchanged listing makes no
+        new object."""
+        try:
+            info = await self.objects.get_info(name)
+        except (ObjectNotFoundError, NotFoundError):
+            info = None
+        if info is not None and info.digest == writer.digest():
+            return False
         await self.objects.put(name, writer.rewound())
+        return True
 
     async def load(self, name: str) -> list[ManifestEntry]:
         with tempfile.TemporaryFile() as out:

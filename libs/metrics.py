@@ -121,11 +121,19 @@ DATASET_SYNC_SECONDS = Histogram("shoal_dataset_sync_duration_seconds", "Time to
                                  "save its manifest, by outcome (ok, failed).", ["outcome"], buckets=SECONDS_BUCKETS)
 DATASET_OBJECTS = Gauge("shoal_dataset_objects", "Objects in a dataset's manifest at its last sync.", ["dataset"])
 DATASET_UFS_BYTES = Gauge("shoal_dataset_ufs_bytes", "Bytes in a dataset's sources at its last sync.", ["dataset"])
+# Outcome of a periodic (autoSync) listing: a changed listing makes a new manifest, an unchanged one writes nothing.
+AUTOSYNC_CHANGED, AUTOSYNC_UNCHANGED = "changed", "unchanged"
+DATASET_AUTOSYNCS = Counter("shoal_dataset_autosyncs", "Periodic (autoSync) listings of a dataset, by outcome "
+                            "(changed, unchanged, failed).", ["outcome"])
 
 # --- runtime service -------------------------------------------------------------------------------------------
 
 RUNTIMES = Gauge("shoal_runtimes", "Runtimes by phase.", ["phase"])
 RUNTIME_WORKERS = Gauge("shoal_runtime_workers", "Cache workers picked for a runtime.", ["runtime"])
+# Direction of an autoscaler decision.
+SCALE_UP, SCALE_DOWN = "up", "down"
+RUNTIME_AUTOSCALES = Counter("shoal_runtime_autoscales", "Changes of replicas the autoscaler made, by direction "
+                             "(up, down).", ["direction"])
 
 # --- agent: cache and data path (label ``node`` is the agent's node name) --------------------------------------
 

@@ -183,7 +183,8 @@ def permissions(kind: str, node: str = "") -> Permissions:
         return _service(
             consumers=[(subjects.STREAM_COMMANDS, subjects.DURABLE_RUNTIME_COMMANDS),
                        (subjects.STREAM_AGENT, subjects.DURABLE_RUNTIME_HEARTBEATS)],
-            publish=[subjects.RUNTIME_FACTS],
+            # Its autoscaler changes replicas the way `shoal scale` does: by applying the runtime again.
+            publish=[subjects.RUNTIME_FACTS, subjects.RUNTIME_APPLY],
             kv_writes=[subjects.KV_RUNTIMES, subjects.KV_AGENTS])
     if kind == LOADER:
         return _service(

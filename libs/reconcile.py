@@ -5,10 +5,12 @@ separate recovery path. At most one reconcile runs per key; a change that arrive
 afterwards, also cutting short the wait of a key that asked to be retried later (a resync must not wait out the
 retry delay of an unreachable endpoint).
 
-``reconcile`` speaks the handlers' retry vocabulary (``libs.bus``): returning means done until the next change;
-``RetryLater`` runs it again after its delay (or a growing one); ``Conflict`` runs it again at once (another
-writer won, re-read); ``Permanent`` is logged and the key waits for its next change. Any other error is logged
-and retried after ``ERROR_RETRY_SECONDS``, so a bug does not spin the CPU.
+``reconcile`` speaks the handlers' retry vocabulary (``libs.bus``): returning means done until the next change,
+or, when it returns a number, until the next change or that many seconds, whichever comes first (a schedule,
+such as a dataset's periodic listing, not a failure: nothing is logged); ``RetryLater`` runs it again after its
+delay (or a growing one); ``Conflict`` runs it again at once (another writer won, re-read); ``Permanent`` is
+logged and the key waits for its next change. Any other error is logged and retried after
+``ERROR_RETRY_SECONDS``, so a bug does not spin the CPU.
 
 ``observe``, when given, sees every item of the watch as it comes (entries, deletes, ``Replay``, the None after
 the initial values): what a service counts about the bucket (its gauges) needs no watch of its own.
@@ -27,7 +29,8 @@ from libs.telemetry import get_logger
 
 log = get_logger(__name__)
 
-Reconcile = Callable[[str], Awaitable[None]]
+# Returns None (done until the next change) or the seconds after which to run again anyway.
+Reconcile = Callable[[str], Awaitable[float | None]]
 Observe = Callable[[KeyValue.Entry | Replay | None], None]
 # Back-off after an unexpected error in reconcile, so a bug does not spin the CPU.
 ERROR_RETRY_SECONDS = 5.0
@@ -77,7 +80,7 @@ class Reconciler:
                 self._again.discard(key)
                 delay: float | None = None
                 try:
-                    await self.reconcile(key)
+                    delay = await self.reconcile(key)
                 except RetryLater as err:
                     retries += 1
                     delay = retry_delay(retries) if err.delay is None else err.delay

@@ -40,6 +40,8 @@ RUNTIME_ACCEPTED = "shoal.evt.runtime.accepted"
 RUNTIME_REJECTED = "shoal.evt.runtime.rejected"
 RUNTIME_STATUS = "shoal.evt.runtime.status"
 RUNTIME_DELETED = "shoal.evt.runtime.deleted"
+# The autoscaler's decisions (a change of replicas and its reason).
+RUNTIME_AUTOSCALED = "shoal.evt.runtime.autoscaled"
 # Operation facts: one event family for DataLoad and DataClean, on a subject per kind.
 DATALOAD_ACCEPTED = "shoal.evt.dataload.accepted"
 DATALOAD_REJECTED = "shoal.evt.dataload.rejected"

@@ -484,6 +484,9 @@ async def _scale(options: Options, name: str, namespace: str, replicas: int) -> 
     [outcome] = outcomes
     if isinstance(outcome.fact, RuntimeAccepted):
         click.echo(f"{command.resource} scaled to {replicas} replicas")
+        if (policy := runtime.spec.autoscaling) is not None:
+            click.echo(f"note: {command.resource} has autoscaling ({policy.min_replicas}..{policy.max_replicas} "
+                       "workers): its autoscaler goes on changing replicas from here", err=True)
         return True
     return report_outcomes(outcomes, options.timeout)
 

@@ -260,7 +260,7 @@ def describe_runtime(record: RuntimeRecord) -> str:
     """Spec, status, then the cache workers (ready, peer endpoint) and the agents not picked with the reason."""
     status = full_builtins(record.status)
     conditions = record.status.conditions
-    for shown_apart in ("conditions", "workers", "notPicked"):
+    for shown_apart in ("conditions", "workers", "notPicked", "autoscaling"):
         status.pop(shown_apart, None)
     workers = [[worker.node, "True" if worker.ready else "False", worker.peer_url or "<none>"]
                for worker in record.status.workers]
@@ -270,9 +270,26 @@ def describe_runtime(record: RuntimeRecord) -> str:
         _indented(table_text(["NODE", "READY", "PEER"], workers)) if workers else "  <none>",
         "Not picked:",
         _indented(table_text(["NODE", "REASON"], not_picked)) if not_picked else "  <none>",
+        *autoscaling_section(record),
     ]
     return _describe("Runtime", record.runtime.metadata, record.generation, record.runtime.spec, status, conditions,
                      extra=workers_sections)
+
+
+def autoscaling_section(record: RuntimeRecord) -> list[str]:
+    """The elastic cache: what the autoscaler last saw, and its recent decisions with their reasons."""
+    policy, state = record.runtime.spec.autoscaling, record.status.autoscaling
+    if policy is None:
+        return []
+    lines = ["Autoscaling:"]
+    if state is None:
+        return [*lines, "  <not evaluated yet>"]
+    ratio = "no reads" if state.hit_ratio_percent is None else f"{state.hit_ratio_percent:.1f}%"
+    lines.append(f"  cache used {state.cache_used_percent:.1f}%, hit ratio {ratio} "
+                 f"(workers {policy.min_replicas}..{policy.max_replicas}, cool-down {policy.cool_down_seconds} s)")
+    rows = [[d.time, str(d.from_replicas), str(d.to_replicas), d.reason] for d in state.decisions]
+    lines.append(_indented(table_text(["TIME", "FROM", "TO", "REASON"], rows)) if rows else "  <no decisions yet>")
+    return lines
 
 
 def _describe(kind: str, metadata: Any, generation: int, spec: Any, status: dict[str, Any],

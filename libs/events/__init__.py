@@ -42,6 +42,7 @@ from libs.events.operation import (
 from libs.events.runtime import (
     RuntimeAccepted,
     RuntimeApply,
+    RuntimeAutoscaled,
     RuntimeDelete,
     RuntimeDeleted,
     RuntimeRejected,
@@ -63,6 +64,7 @@ PUBLIC_EVENTS: tuple[type[Any], ...] = (
     RuntimeRejected,
     RuntimeStatusChanged,
     RuntimeDeleted,
+    RuntimeAutoscaled,
     DataLoadApply,
     DataLoadDelete,
     DataLoadRun,

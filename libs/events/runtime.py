@@ -28,11 +28,46 @@ class TieredStore(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omi
     levels: list[Level] = []
 
 
+class MetadataSyncPolicy(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omit_defaults=True):
+    """Fluid's ``management.metadataSyncPolicy``: whether the dataset's listing is kept up to date by itself.
+
+    ``autoSync`` unset means on, as in Fluid. Shoal lists the dataset again every ``periodSeconds`` (a Shoal
+    field; 0 takes the dataset service's SHOAL_AUTOSYNC_SECONDS) while it is on; the first listing and
+    ``shoal resync`` happen either way (the mount needs a manifest).
+    """
+
+    auto_sync: bool | None = None
+    period_seconds: int = 0
+
+
+class RuntimeManagement(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omit_defaults=True):
+    """Fluid's ``spec.management`` (its ``cleanCachePolicy`` is not used by Shoal)."""
+
+    metadata_sync_policy: MetadataSyncPolicy = MetadataSyncPolicy()
+
+
+class AutoscalingPolicy(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omit_defaults=True):
+    """Shoal's elastic cache: the runtime service moves ``replicas`` between the bounds by itself.
+
+    It grows while the dataset is read and the workers' cache is fuller than ``targetCacheUsedPercent`` or
+    fewer reads than ``targetHitRatioPercent`` are served from a cache; it shrinks by one worker once no such
+    pressure was seen for ``coolDownSeconds`` (and never sooner than that after its last change).
+    """
+
+    min_replicas: int = 1
+    max_replicas: int = 1
+    target_cache_used_percent: int | None = None
+    target_hit_ratio_percent: int | None = None
+    cool_down_seconds: int = 300
+
+
 class RuntimeSpec(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omit_defaults=True):
     replicas: int = 1
     tieredstore: TieredStore = TieredStore()
     # 4 MiB like JuiceFS: large enough for sequential throughput, small enough for random reads.
     block_size: str | int = "4Mi"
+    management: RuntimeManagement = RuntimeManagement()
+    autoscaling: AutoscalingPolicy | None = None
 
 
 class Runtime(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
@@ -60,6 +95,29 @@ class NotPicked(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     reason: str
 
 
+class ScaleDecision(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omit_defaults=True):
+    """One change of replicas the autoscaler made, and why."""
+
+    from_replicas: int
+    to_replicas: int
+    reason: str
+    time: str = ""
+
+
+class AutoscalingStatus(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omit_defaults=True):
+    """What the autoscaler last saw and did (kept in the record, so the cool-down survives a restart)."""
+
+    # The workers' cached bytes over their capacity, and the share of reads served by a cache since the
+    # previous look (None while nothing was read).
+    cache_used_percent: float = 0.0
+    hit_ratio_percent: float | None = None
+    # Epoch seconds of the last change of replicas and of the last pressure seen (growth wanted).
+    last_scale_time: float = 0.0
+    last_pressure_time: float = 0.0
+    # The most recent decisions, newest last (at most AUTOSCALE_HISTORY).
+    decisions: list[ScaleDecision] = []
+
+
 class RuntimeStatus(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     phase: RuntimePhase = "NotReady"
     message: str = ""
@@ -75,6 +133,8 @@ class RuntimeStatus(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     # its agent is gone or no longer eligible), and the agents not picked with the reason.
     workers: list[CacheWorker] = []
     not_picked: list[NotPicked] = []
+    # Present when the spec has an autoscaling policy.
+    autoscaling: AutoscalingStatus | None = None
 
 
 class RuntimeApply(Event, frozen=True, kw_only=True, tag="runtime.apply.v1", rename="camel"):
@@ -117,7 +177,20 @@ class RuntimeDeleted(Event, frozen=True, kw_only=True, tag="runtime.deleted.v1",
     namespace: str
 
 
-RuntimeFact = RuntimeAccepted | RuntimeRejected | RuntimeStatusChanged | RuntimeDeleted
+class RuntimeAutoscaled(Event, frozen=True, kw_only=True, tag="runtime.autoscaled.v1", rename="camel"):
+    """The autoscaler changed the runtime's replicas (through a ``runtime.apply.v1``, as ``shoal scale`` does)."""
+
+    name: str
+    namespace: str
+    from_replicas: int
+    to_replicas: int
+    # Why, in words: the measure, the target and the bounds ("cache 91% used >= target 60% ...").
+    reason: str
+    cache_used_percent: float = 0.0
+    hit_ratio_percent: float | None = None
+
+
+RuntimeFact = RuntimeAccepted | RuntimeRejected | RuntimeStatusChanged | RuntimeDeleted | RuntimeAutoscaled
 
 
 class RuntimeRecord(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):

@@ -48,6 +48,7 @@ from libs.events.operation import (
 from libs.events.runtime import (
     RuntimeAccepted,
     RuntimeApply,
+    RuntimeAutoscaled,
     RuntimeDelete,
     RuntimeDeleted,
     RuntimeRejected,
@@ -72,6 +73,7 @@ SUBJECTS: dict[type[Any], str] = {
     RuntimeRejected: subjects.RUNTIME_REJECTED,
     RuntimeStatusChanged: subjects.RUNTIME_STATUS,
     RuntimeDeleted: subjects.RUNTIME_DELETED,
+    RuntimeAutoscaled: subjects.RUNTIME_AUTOSCALED,
     AgentHeartbeat: subjects.AGENT_HEARTBEATS,
     InventorySnapshot: subjects.AGENT_INVENTORY,
     InventoryDelta: subjects.AGENT_INVENTORY,

@@ -3,9 +3,10 @@
 | stream / bucket | subject or key | handler |
 |---|---|---|
 | SHOAL_COMMANDS | shoal.cmd.dataset.* (apply, delete) | DatasetHandlers.on_command |
-| SHOAL_FACTS | shoal.evt.runtime.> (status, deleted) | DatasetHandlers.on_runtime_fact |
+| SHOAL_FACTS | shoal.evt.runtime.> (status, deleted; accepted: sync policy) | DatasetHandlers.on_runtime_fact |
 | SHOAL_AGENT | shoal.agent.inventory.* (snapshots, deltas) | DatasetHandlers.on_inventory |
-| KV shoal_datasets | every key (watch) | DatasetHandlers.sync via Reconciler; the gauges (DatasetCensus) |
+| KV shoal_datasets | every key (watch) | DatasetHandlers.sync via Reconciler (autoSync: again after its period); |
+| | | the gauges (DatasetCensus) |
 
 Ready (``/readyz``) when connected to NATS and the consumers and the reconciler's watch run.
 """
@@ -61,6 +62,7 @@ async def run(settings: Settings, stop: asyncio.Event, clock: Callable[[], float
         )
         reconciler = Reconciler(await bus.kv(subjects.KV_DATASETS), handlers.sync, bus.reconnects,
                                 observe=DatasetCensus().observe)
+        handlers.wake = reconciler.schedule
         await run_loops([commands, runtime_facts, inventory, reconciler], stop, readiness)
     finally:
         await bus.close()

@@ -10,6 +10,7 @@ import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 from urllib.parse import SplitResult, urlsplit
 
 import msgspec
@@ -27,6 +28,7 @@ from libs.events.dataset import (
     NodeCache,
     RuntimeRef,
 )
+from libs.events.runtime import RuntimeSpec
 from libs.hostpaths import local_root_error
 from libs.inventory import DatasetInventory
 from libs.mounts import canonical_options, exposed_secret_errors, mount_path
@@ -227,28 +229,95 @@ def apply_dataset(record: DatasetRecord | None, dataset: Dataset) -> tuple[Datas
     return msgspec.structs.replace(record, dataset=dataset, generation=record.generation + 1), True
 
 
-def sync_due_in(record: DatasetRecord, now: float, retry_seconds: float) -> float | None:
-    """Seconds until the dataset should be synced: 0.0 at once (a new spec, a resync, or a retry of an unreachable
-    store whose delay has passed), more while that retry waits, None when nothing is due until its next change
-    (synced, or failed for a reason retrying cannot fix).
+@dataclass(frozen=True)
+class SyncPolicy:
+    """When a synced dataset is listed again by itself: its runtime's ``management.metadataSyncPolicy``."""
 
-    The wait counts from ``lastSyncTime`` (whole seconds, so a retry may come up to a second early), so any
-    other write of the record (cache states, the runtime's phase) finds the same remaining wait, not a due sync.
+    auto: bool = True
+    # Seconds between listings while ``auto``; 0 never lists by itself.
+    period_seconds: float = 0.0
+
+
+def sync_policy(runtime: RuntimeSpec | None, default_seconds: float) -> SyncPolicy:
+    """The runtime's metadataSyncPolicy (Fluid's: autoSync unset means on), its period or ``default_seconds``
+    (SHOAL_AUTOSYNC_SECONDS); a dataset without a runtime (yet) follows the defaults."""
+    if runtime is None:
+        return SyncPolicy(auto=True, period_seconds=default_seconds)
+    policy = runtime.management.metadata_sync_policy
+    return SyncPolicy(auto=policy.auto_sync is not False,
+                      period_seconds=float(policy.period_seconds) if policy.period_seconds > 0 else default_seconds)
+
+
+# Why a sync is due: a new spec, a resync, the retry of an unreachable store, or the autoSync period.
+SyncKind = Literal["spec", "resync", "retry", "auto"]
+
+
+@dataclass(frozen=True)
+class SyncDue:
+    kind: SyncKind
+    in_seconds: float
+
+
+def next_sync(record: DatasetRecord, now: float, retry_seconds: float, policy: SyncPolicy = SyncPolicy(),
+              listed_at: float | None = None) -> SyncDue | None:
+    """Why and in how many seconds the dataset should be listed next; None when nothing is due until its next
+    change (a failure retrying cannot fix, or synced with autoSync off or without a period).
+
+    At once for a new spec or a resync. After a store was unreachable, ``retry_seconds`` after ``lastSyncTime``
+    (whole seconds, so a retry may come up to a second early). A synced dataset whose ``policy`` is on is listed
+    ``period_seconds`` after its last listing: ``listed_at`` (the service remembers it, as an unchanged listing
+    writes nothing) or else ``lastSyncTime`` (after a restart). Counting from stored times means any other
+    write of the record (cache states, the runtime's phase) finds the same remaining wait, not a due sync.
     """
     status = record.status
-    if status.synced_generation < record.generation or status.synced_requests < record.sync_requests:
-        return 0.0
+    if status.synced_generation < record.generation:
+        return SyncDue("spec", 0.0)
+    if status.synced_requests < record.sync_requests:
+        return SyncDue("resync", 0.0)
     synced = next((c for c in status.conditions if c.type == CONDITION_SYNCED), None)
-    if synced is None or synced.status != "False" or synced.reason != REASON_UNREACHABLE:
+    if synced is None:
         return None
     last = parse_iso_time(status.last_sync_time)
-    if last is None:
-        return 0.0  # no time to count from: retry rather than stay failed
-    return max(0.0, last + retry_seconds - now)
+    if synced.status == "False":
+        if synced.reason != REASON_UNREACHABLE:
+            return None
+        if last is None:
+            return SyncDue("retry", 0.0)  # no time to count from: retry rather than stay failed
+        return SyncDue("retry", max(0.0, last + retry_seconds - now))
+    if not policy.auto or policy.period_seconds <= 0:
+        return None
+    since = max((t for t in (last, listed_at) if t is not None), default=None)
+    if since is None:
+        return SyncDue("auto", 0.0)
+    return SyncDue("auto", max(0.0, since + policy.period_seconds - now))
+
+
+def sync_due_in(record: DatasetRecord, now: float, retry_seconds: float, policy: SyncPolicy = SyncPolicy(),
+                listed_at: float | None = None) -> float | None:
+    """Seconds until the dataset should be synced (``next_sync``): 0.0 at once, more while a retry or the
+    autoSync period waits, None when nothing is due until its next change."""
+    due = next_sync(record, now, retry_seconds, policy, listed_at)
+    return None if due is None else due.in_seconds
 
 
 def needs_sync(record: DatasetRecord, now: float, retry_seconds: float) -> bool:
     return sync_due_in(record, now, retry_seconds) == 0.0
+
+
+def sync_changes_nothing(record: DatasetRecord, result: SyncResult) -> bool:
+    """True when a listing found exactly what the status already says (same manifest bytes, files, bytes, objects
+    left out), so an autoSync pass writes nothing: no new manifest, no status write, nothing for the mounts."""
+    status = record.status
+    if result.error or result.manifest_changed:
+        return False
+    synced = next((c for c in status.conditions if c.type == CONDITION_SYNCED), None)
+    skipped = next((c for c in status.conditions if c.type == CONDITION_SKIPPED), None)
+    expected = skipped_condition(result, 0.0)
+    same_skipped = (skipped.message if skipped else None) == (expected.message if expected else None)
+    return (synced is not None and synced.status == "True" and same_skipped
+            and status.synced_generation == result.generation and status.synced_requests == result.requests
+            and status.manifest == result.manifest and status.file_num == result.file_num
+            and status.ufs_total_bytes == result.total_bytes)
 
 
 @dataclass(frozen=True)
@@ -268,6 +337,8 @@ class SyncResult:
     skipped_examples: tuple[str, ...] = ()
     # The error may go away by itself (an unreachable store): the sync is tried again after a delay.
     retryable: bool = False
+    # False when the manifest written has the same bytes as the one stored before (nothing was uploaded).
+    manifest_changed: bool = True
 
 
 ISO_TIME = "%Y-%m-%dT%H:%M:%SZ"

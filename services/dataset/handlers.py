@@ -29,7 +29,7 @@ from libs.events.dataset import (
     DatasetStatus,
     DatasetStatusChanged,
 )
-from libs.events.runtime import RuntimeDeleted, RuntimeFact, RuntimeStatusChanged
+from libs.events.runtime import RuntimeAccepted, RuntimeDeleted, RuntimeFact, RuntimeRecord, RuntimeStatusChanged
 from libs.inventory import DatasetInventory
 from libs.inventory import fold as fold_inventory
 from libs.manifest import ManifestStore
@@ -51,7 +51,13 @@ class DatasetHandlers:
     settings: Settings
     clock: Callable[[], float] = time.time
     opener: StoreOpener = open_store
+    # Asks the reconciler to look at a dataset again (app wires Reconciler.schedule): a runtime re-applied with
+    # another metadataSyncPolicy changes when its dataset is listed next, though the dataset's record did not change.
+    wake: Callable[[str], None] | None = None
     _tracer: trace.Tracer = field(default_factory=lambda: tracer(__name__), init=False)
+    # When each dataset was last listed, by this process's clock: an unchanged autoSync listing writes nothing, so
+    # the record cannot say it (after a restart the period counts from lastSyncTime).
+    _listed_at: dict[str, float] = field(default_factory=dict, init=False)
 
     # --- commands ---
 
@@ -176,6 +182,10 @@ class DatasetHandlers:
 
     async def on_runtime_fact(self, fact: RuntimeFact, delivery: Delivery) -> None:
         mounted = None
+        if isinstance(fact, RuntimeAccepted):
+            if self.wake is not None:  # its metadataSyncPolicy may have changed: when is the next listing?
+                self.wake(subjects.resource_key(fact.namespace, fact.name))
+            return
         if isinstance(fact, RuntimeStatusChanged):
             binding = domain.RuntimeBinding(phase=fact.status.phase, cache_capacity=fact.status.cache_capacity)
             mounted = next((c for c in fact.status.conditions if c.type == domain.CONDITION_MOUNTED), None)
@@ -215,36 +225,64 @@ class DatasetHandlers:
 
     # --- metadata sync (called by the reconciler) ---
 
-    async def sync(self, key: str) -> None:
+    async def sync(self, key: str) -> float | None:
         """Sync one dataset if it needs it; ``RetryLater`` while the retry of an unreachable store is not due yet,
-        or once a sync found it unreachable (after putting that in the status).
+        or once a sync found it unreachable (after putting that in the status). Returns the seconds until its
+        next autoSync listing (the reconciler looks again then), or None when none is planned.
 
-        The retry's due time is in the record (``domain.sync_due_in``), not in the reconciler's wait: the status
+        The due time comes from the record (``domain.next_sync``), not from the reconciler's wait: the status
         write of a failed sync, or any other write, wakes the reconciler, which then waits out what is left.
         """
         kv = await self.bus.kv(subjects.KV_DATASETS)
         record, _ = await kv_load(kv, key, DatasetRecord)
         if record is None:
-            return
-        due_in = domain.sync_due_in(record, self.clock(), self.settings.service.sync_retry_seconds)
-        if due_in is None:
-            return
-        if due_in > 0:
-            raise RetryLater(f"{key}: store unreachable, next sync in {due_in:.1f} s", due_in)
+            self._listed_at.pop(key, None)
+            return None
+        meta = record.dataset.metadata
+        policy = await self._sync_policy(meta.namespace, meta.name)
+        due = domain.next_sync(record, self.clock(), self.settings.service.sync_retry_seconds, policy,
+                               self._listed_at.get(key))
+        if due is None:
+            return None
+        if due.in_seconds > 0:
+            if due.kind == "retry":
+                raise RetryLater(f"{key}: store unreachable, next sync in {due.in_seconds:.1f} s", due.in_seconds)
+            return due.in_seconds
         # In the trace of the command that asked for it (kept in the record: the watch carries no headers).
         with self._tracer.start_as_current_span("sync dataset", context=context_of(record.traceparent),
                                                 attributes={"shoal.dataset": key,
-                                                            "shoal.generation": record.generation}):
-            await self._sync(key, record)
+                                                            "shoal.generation": record.generation,
+                                                            "shoal.sync": due.kind}):
+            await self._sync(key, record, due.kind)
+        return policy.period_seconds if policy.auto and policy.period_seconds > 0 else None
 
-    async def _sync(self, key: str, record: DatasetRecord) -> None:
+    async def _sync_policy(self, namespace: str, name: str) -> domain.SyncPolicy:
+        """The metadataSyncPolicy of the runtime of the same name (the runtime service's record holds its spec)."""
+        runtimes = await self.bus.kv(subjects.KV_RUNTIMES)
+        runtime, _ = await kv_load(runtimes, subjects.resource_key(namespace, name), RuntimeRecord)
+        return domain.sync_policy(runtime.runtime.spec if runtime is not None else None,
+                                  self.settings.service.autosync_seconds)
+
+    async def _sync(self, key: str, record: DatasetRecord, kind: domain.SyncKind = "spec") -> None:
         try:
             result = await self._list(record)
         except RetryLater as err:
+            if kind == "auto":
+                metrics.DATASET_AUTOSYNCS.labels(metrics.SYNC_FAILED).inc()
             await self._record_sync(key, record, domain.SyncResult(generation=record.generation,
                                                                    requests=record.sync_requests, error=err.reason,
                                                                    retryable=True))
             raise RetryLater(err.reason, self.settings.service.sync_retry_seconds) from err
+        self._listed_at[key] = self.clock()
+        if kind == "auto":
+            unchanged = domain.sync_changes_nothing(record, result)
+            metrics.DATASET_AUTOSYNCS.labels(
+                metrics.AUTOSYNC_UNCHANGED if unchanged else metrics.SYNC_FAILED if result.error
+                else metrics.AUTOSYNC_CHANGED).inc()
+            if unchanged:
+                log.debug("autoSync: listing unchanged", dataset=key)
+                return  # nothing new: no status write, so the mounts keep their manifest
+            log.info("autoSync: listing changed", dataset=key, files=result.file_num, error=result.error)
         await self._record_sync(key, record, result)
 
     async def _list(self, record: DatasetRecord) -> domain.SyncResult:

@@ -4,7 +4,8 @@ The listing streams page by page into a ``libs.manifest.ManifestWriter`` (a temp
 ``ManifestStore`` then uploads, so memory stays bounded by one listing page (plus the set of folder paths) whatever
 the number of objects. Keys become paths by the rules of ``libs.paths``; a second pass over a first spool leaves
 out files a folder shadows, so the manifest, fileNum and ufsTotal hold only what the mount shows, and every
-object left out is counted, logged and reported in the status.
+object left out is counted, logged and reported in the status. A manifest with the same bytes as the stored one
+is not uploaded again (``SyncResult.manifest_changed``), so a periodic listing that finds nothing new writes nothing.
 """
 
 from __future__ import annotations
@@ -88,11 +89,12 @@ async def sync_metadata(record: DatasetRecord, manifests: ManifestStore, default
                 continue
             manifest.add(entry)
         name = manifests.name(dataset.metadata.namespace, dataset.metadata.name)
-        await manifests.save(name, manifest)
+        changed = await manifests.save(name, manifest)
     if skipped.count:
         log.warning("objects left out of the tree", dataset=name, generation=generation, listed=listed,
                     skipped=skipped.count, examples=skipped.examples)
-    log.info("synced", dataset=name, generation=generation, files=manifest.file_num, bytes=manifest.total_bytes)
+    log.info("synced", dataset=name, generation=generation, files=manifest.file_num, bytes=manifest.total_bytes,
+             manifest_changed=changed)
     return SyncResult(generation=generation, requests=requests, file_num=manifest.file_num,
                       total_bytes=manifest.total_bytes, manifest=name, listed=listed, skipped=skipped.count,
-                      skipped_examples=tuple(skipped.examples))
+                      skipped_examples=tuple(skipped.examples), manifest_changed=changed)

@@ -10,6 +10,7 @@
 | (timer) | every 2 s | RuntimeHandlers.refresh_all |
 | (timer) | every 0.25 s | RuntimeHandlers.check_placements (a Dataset's placement changed, workers moved) |
 | (timer) | every 0.25 s | RuntimeHandlers.export_gauges (runtimes by phase, workers per runtime) |
+| (timer) | every 1 s | RuntimeHandlers.autoscale_all (the elastic cache: spec.autoscaling) |
 
 Ready (``/readyz``) when connected to NATS, the consumers, the watches and the timers run, and the watches have
 caught up.
@@ -32,7 +33,13 @@ from libs.events.dataset import DatasetRecord
 from libs.events.runtime import RuntimeCommand, RuntimeRecord
 from libs.service import Periodic, nats_check, run_loops
 from libs.side_server import Readiness
-from services.runtime.handlers import GAUGE_SECONDS, PLACEMENT_CHECK_SECONDS, TICK_SECONDS, RuntimeHandlers
+from services.runtime.handlers import (
+    AUTOSCALE_SECONDS,
+    GAUGE_SECONDS,
+    PLACEMENT_CHECK_SECONDS,
+    TICK_SECONDS,
+    RuntimeHandlers,
+)
 
 SERVICE_NAME = "shoal-runtime"
 
@@ -65,7 +72,8 @@ async def run(settings: Settings, stop: asyncio.Event, clock: Callable[[], float
         ticker = Periodic("status ticker", handlers.refresh_all, TICK_SECONDS)
         placements = Periodic("placement check", handlers.check_placements, PLACEMENT_CHECK_SECONDS)
         gauges = Periodic("gauges", handlers.export_gauges, GAUGE_SECONDS)
-        await run_loops([agents, datasets, runtimes, commands, heartbeats, ticker, placements, gauges], stop,
-                        readiness)
+        autoscaler = Periodic("autoscaler", handlers.autoscale_all, AUTOSCALE_SECONDS)
+        await run_loops([agents, datasets, runtimes, commands, heartbeats, ticker, placements, gauges, autoscaler],
+                        stop, readiness)
     finally:
         await bus.close()

@@ -16,6 +16,12 @@ cache, and an Exclusive dataset takes no worker of another). Picks are sticky: a
 stays picked with ``ready: false`` (it leaves the ring of block owners and comes back with its disk cache) and is
 replaced only when its agent's record is gone or it is no longer eligible; new picks go in node-name order;
 scaling down drops the most recently picked. ``notPicked`` says why every other serving agent is not a worker.
+
+The elastic cache (``autoscale``): with ``spec.autoscaling``, replicas move between ``minReplicas`` and
+``maxReplicas`` by themselves, judged from what the dataset service folded from the agents' inventory into the
+Dataset's status (the workers' cached bytes, each node's read counters). One step at a time, at most one per
+``coolDownSeconds``; growth while the dataset is read and the cache is too full or misses too much, shrinking after
+a whole cool-down without such pressure.
 """
 
 from __future__ import annotations
@@ -30,8 +36,18 @@ import msgspec
 from libs import affinity
 from libs.events.agent import AgentHeartbeat, AgentRecord
 from libs.events.common import DNS1123_LABEL, dns_label_errors, format_bytes, parse_quantity
-from libs.events.dataset import Condition, DatasetSpec
-from libs.events.runtime import CacheWorker, NotPicked, Runtime, RuntimePhase, RuntimeRecord, RuntimeStatus
+from libs.events.dataset import Condition, DatasetSpec, NodeCache
+from libs.events.runtime import (
+    AutoscalingPolicy,
+    AutoscalingStatus,
+    CacheWorker,
+    NotPicked,
+    Runtime,
+    RuntimePhase,
+    RuntimeRecord,
+    RuntimeStatus,
+    ScaleDecision,
+)
 from libs.hostpaths import cache_path_error
 
 MEDIUM_TYPES = ("MEM", "SSD", "HDD")
@@ -100,6 +116,7 @@ def validate_runtime(runtime: Runtime) -> list[str]:
                     errors.append(f"{where}.path {path!r} must be an absolute path without '..'")
                 elif refused := cache_path_error(path):
                     errors.append(f"{where}.path {refused}")
+    errors += autoscaling_errors(spec.autoscaling, spec.management.metadata_sync_policy.period_seconds)
     try:
         block_size = parse_quantity(spec.block_size)
     except ValueError as err:
@@ -109,6 +126,31 @@ def validate_runtime(runtime: Runtime) -> list[str]:
             errors.append(
                 f"spec.blockSize must be a multiple of 4Ki between 64Ki and 64Mi, got {spec.block_size!r}"
             )
+    return errors
+
+
+def autoscaling_errors(policy: AutoscalingPolicy | None, period_seconds: int) -> list[str]:
+    """Why ``spec.autoscaling`` or ``spec.management.metadataSyncPolicy.periodSeconds`` cannot be used."""
+    errors = []
+    if period_seconds < 0:
+        errors.append(f"spec.management.metadataSyncPolicy.periodSeconds must be 0 (the service's default) or "
+                      f"more, got {period_seconds}")
+    if policy is None:
+        return errors
+    where = "spec.autoscaling"
+    if not 0 <= policy.min_replicas <= policy.max_replicas <= MAX_REPLICAS or policy.max_replicas < 1:
+        errors.append(f"{where} needs 0 <= minReplicas <= maxReplicas <= {MAX_REPLICAS} and maxReplicas >= 1, got "
+                      f"minReplicas={policy.min_replicas} maxReplicas={policy.max_replicas}")
+    if policy.target_cache_used_percent is None and policy.target_hit_ratio_percent is None:
+        errors.append(f"{where} needs targetCacheUsedPercent or targetHitRatioPercent (or both): what should make "
+                      "it grow")
+    for name, value in (("targetCacheUsedPercent", policy.target_cache_used_percent),
+                        ("targetHitRatioPercent", policy.target_hit_ratio_percent)):
+        if value is not None and not 1 <= value <= 100:
+            errors.append(f"{where}.{name} must be between 1 and 100, got {value}")
+    if policy.cool_down_seconds < 1:
+        errors.append(f"{where}.coolDownSeconds must be at least 1 (it keeps the autoscaler from flapping), got "
+                      f"{policy.cool_down_seconds}")
     return errors
 
 
@@ -287,6 +329,8 @@ def runtime_status(record: RuntimeRecord, agents: Iterable[AgentRecord], now: fl
         conditions=conditions,
         workers=workers,
         not_picked=not_picked,
+        # The autoscaler's state is its own (``autoscale``), kept while the spec has a policy.
+        autoscaling=record.status.autoscaling if runtime.spec.autoscaling is not None else None,
     )
 
 
@@ -320,3 +364,110 @@ def with_condition(conditions: list[Condition], kind: str, new: Condition | None
     if old is not None and old.status == new.status:
         new = msgspec.structs.replace(new, last_transition_time=old.last_transition_time)
     return [*kept, new]
+
+
+# --- The elastic cache ---
+
+# Decisions kept in status.autoscaling.decisions (``shoal describe runtime`` shows them); each is also a fact.
+AUTOSCALE_HISTORY = 10
+# Per node: bytes read from a cache (own tiers or a peer) and from the store, since its mount process started.
+ReadCounters = Mapping[str, tuple[int, int]]
+
+
+@dataclass(frozen=True)
+class CacheSample:
+    """The runtime's cache at one look, from its Dataset's status (folded by the dataset service from inventory)."""
+
+    cached_bytes: int
+    capacity_bytes: int
+    reads: ReadCounters
+
+
+def cache_sample(runtime: Runtime, status: RuntimeStatus, nodes: Sequence[NodeCache]) -> CacheSample:
+    """The bytes cached on the current workers over their tiers' quota, and every node's read counters."""
+    workers = {worker.node for worker in status.workers}
+    return CacheSample(
+        cached_bytes=sum(node.cached_bytes for node in nodes if node.node in workers),
+        capacity_bytes=node_capacity(runtime) * len(workers),
+        reads={node.node: (node.local_read_bytes + node.remote_read_bytes, node.store_read_bytes) for node in nodes},
+    )
+
+
+def read_window(previous: ReadCounters | None, current: ReadCounters) -> tuple[int, int]:
+    """Cache and store bytes read since the previous look; a node whose counters went back (its mount process
+    restarted) counts from zero. Nothing for the first look (no window yet)."""
+    if previous is None:
+        return 0, 0
+    hits = misses = 0
+    for node, (hit, miss) in current.items():
+        before_hit, before_miss = previous.get(node, (0, 0))
+        restarted = hit < before_hit or miss < before_miss
+        hits += hit if restarted else hit - before_hit
+        misses += miss if restarted else miss - before_miss
+    return hits, misses
+
+
+@dataclass(frozen=True)
+class ScaleChoice:
+    """What the autoscaler decided at one look: the replicas to have (the current ones when holding), why, and its
+    state to keep (``status.autoscaling``). ``decision`` is set when the replicas change."""
+
+    replicas: int
+    reason: str
+    state: AutoscalingStatus
+    decision: ScaleDecision | None = None
+
+
+def _percent(part: int, whole: int) -> float:
+    return round(100.0 * part / whole, 1) if whole > 0 else 0.0
+
+
+def autoscale(policy: AutoscalingPolicy, replicas: int, sample: CacheSample, previous: ReadCounters | None,
+              state: AutoscalingStatus | None, now: float) -> ScaleChoice:
+    """The elastic cache's decision, pure.
+
+    - Outside ``[minReplicas, maxReplicas]`` (a re-applied spec): back to the nearest bound at once.
+    - Pressure, while the dataset is read (bytes read since the previous look): the workers' cache is at least
+      ``targetCacheUsedPercent`` full, or fewer than ``targetHitRatioPercent`` of the bytes read came from a
+      cache. Pressure grows the workers by one, unless at ``maxReplicas`` or within ``coolDownSeconds`` of the
+      last change (the new worker needs that long to join the ring and fill).
+    - No pressure for ``coolDownSeconds`` (and as long since the last change): shrink by one, down to
+      ``minReplicas``. A first look counts as pressure-free from then on, so a runtime is not shrunk at once.
+    """
+    state = state or AutoscalingStatus(last_pressure_time=now)
+    low, high, cool = policy.min_replicas, policy.max_replicas, policy.cool_down_seconds
+    used = _percent(sample.cached_bytes, sample.capacity_bytes)
+    hits, misses = read_window(previous, sample.reads)
+    ratio = _percent(hits, hits + misses) if hits + misses else None
+    measures = f"cache {used:.1f}% used" + (f", hit ratio {ratio:.1f}%" if ratio is not None else ", no reads")
+    pressure = []
+    if hits + misses and policy.target_cache_used_percent is not None and used >= policy.target_cache_used_percent:
+        pressure.append(f"cache {used:.1f}% used >= target {policy.target_cache_used_percent}% while reading")
+    if ratio is not None and policy.target_hit_ratio_percent is not None and ratio < policy.target_hit_ratio_percent:
+        pressure.append(f"hit ratio {ratio:.1f}% < target {policy.target_hit_ratio_percent}%")
+    seen = msgspec.structs.replace(state, cache_used_percent=used, hit_ratio_percent=ratio,
+                                   last_pressure_time=now if pressure else state.last_pressure_time)
+    since_scale = now - state.last_scale_time
+
+    def change(to: int, why: str) -> ScaleChoice:
+        reason = f"{why}: {replicas} -> {to} workers"
+        decision = ScaleDecision(from_replicas=replicas, to_replicas=to, reason=reason,
+                                 time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)))
+        kept = [*seen.decisions, decision][-AUTOSCALE_HISTORY:]
+        return ScaleChoice(to, reason, msgspec.structs.replace(seen, last_scale_time=now, decisions=kept), decision)
+
+    if replicas < low:
+        return change(low, f"below minReplicas {low}")
+    if replicas > high:
+        return change(high, f"above maxReplicas {high}")
+    if pressure:
+        why = "; ".join(pressure)
+        if replicas >= high:
+            return ScaleChoice(replicas, f"{why}, but already at maxReplicas {high}", seen)
+        if since_scale < cool:
+            return ScaleChoice(replicas, f"{why}; cooling down {cool - since_scale:.0f} s more", seen)
+        return change(replicas + 1, f"grow: {why} (max {high})")
+    calm = now - max(state.last_pressure_time, state.last_scale_time)
+    if replicas > low and calm >= cool:
+        return change(replicas - 1, f"shrink: no pressure for {cool} s ({measures}; min {low})")
+    return ScaleChoice(replicas, f"hold: {measures}", seen)

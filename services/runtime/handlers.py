@@ -13,6 +13,11 @@ workers hold no other cache; from a view of ``shoal_runtimes`` that this service
 refreshes never hand one agent to two Exclusive runtimes). Refreshes run one at a time for the same reason.
 ``check_placements`` refreshes a runtime whose Dataset's placement changed, and every runtime after some
 runtime's workers changed (an agent freed or taken).
+
+``autoscale_all`` is the elastic cache: for each runtime with ``spec.autoscaling`` it samples the Dataset's
+folded cache (``domain.cache_sample``), asks ``domain.autoscale``, keeps its state in ``status.autoscaling``, and
+on a change re-applies the runtime with the new replicas on ``shoal.cmd.runtime.apply`` (the path of ``shoal
+scale``) and publishes ``runtime.autoscaled.v1`` with the reason.
 """
 
 from __future__ import annotations
@@ -32,8 +37,10 @@ from libs.events.agent import AgentHeartbeat, AgentRecord
 from libs.events.common import dns_label_errors
 from libs.events.dataset import DatasetRecord
 from libs.events.runtime import (
+    AutoscalingStatus,
     RuntimeAccepted,
     RuntimeApply,
+    RuntimeAutoscaled,
     RuntimeCommand,
     RuntimeDelete,
     RuntimeDeleted,
@@ -60,6 +67,9 @@ AGENT_FORGET_SECONDS = 60.0
 # How often the gauges are recounted from the in-memory view: as often as placements are checked (a pass over the
 # same view, setting only what changed), so they follow a change within a fraction of a scrape interval.
 GAUGE_SECONDS = PLACEMENT_CHECK_SECONDS
+# How often the autoscaler looks: agents batch inventory at most every second and the dataset service folds it
+# within one, so looking faster would mostly see the same numbers.
+AUTOSCALE_SECONDS = 1.0
 RUNTIME_PHASES: tuple[RuntimePhase, ...] = typing.get_args(RuntimePhase)
 
 
@@ -78,6 +88,8 @@ class RuntimeHandlers:
     # The gauges' series as last set (a deleted runtime's are removed).
     phase_gauge: GaugeFamily = field(default_factory=lambda: GaugeFamily(metrics.RUNTIMES))
     workers_gauge: GaugeFamily = field(default_factory=lambda: GaugeFamily(metrics.RUNTIME_WORKERS))
+    # The autoscaler's previous look at each runtime's read counters (its window starts there).
+    read_counters: dict[str, domain.ReadCounters] = field(default_factory=dict)
 
     async def on_command(self, command: RuntimeCommand, delivery: Delivery) -> None:
         if isinstance(command, RuntimeApply):
@@ -182,9 +194,50 @@ class RuntimeHandlers:
         for key in keys:
             await self.refresh(key, agents)
 
-    async def refresh(self, key: str, agents: list[AgentRecord], force_publish: bool = False) -> None:
+    async def refresh(self, key: str, agents: list[AgentRecord], force_publish: bool = False,
+                      autoscaling: AutoscalingStatus | None = None) -> None:
         async with self.lock:
-            await self._refresh(key, agents, force_publish)
+            await self._refresh(key, agents, force_publish, autoscaling)
+
+    async def autoscale_all(self) -> None:
+        """One look of the autoscaler at every runtime with ``spec.autoscaling``."""
+        if not (self.datasets.ready.is_set() and self.runtimes.ready.is_set()):
+            return
+        for key in set(self.read_counters) - set(self.runtimes.values):
+            self.read_counters.pop(key, None)  # a deleted runtime
+        for key, record in sorted(self.runtimes.values.items()):
+            if record.runtime.spec.autoscaling is not None:
+                await self.autoscale(key, record)
+
+    async def autoscale(self, key: str, record: RuntimeRecord) -> None:
+        policy = record.runtime.spec.autoscaling
+        assert policy is not None
+        dataset = self.datasets.values.get(key)
+        sample = domain.cache_sample(record.runtime, record.status, dataset.status.nodes if dataset else [])
+        choice = domain.autoscale(policy, record.runtime.spec.replicas, sample, self.read_counters.get(key),
+                                  record.status.autoscaling, self.clock())
+        self.read_counters[key] = sample.reads
+        if choice.state != record.status.autoscaling:
+            # Saved before the apply: the cool-down holds from now even if the apply takes a while to land.
+            await self.refresh(key, self._agents(), autoscaling=choice.state)
+        if choice.decision is None:
+            return
+        meta = record.runtime.metadata
+        spec = msgspec.structs.replace(record.runtime.spec, replicas=choice.replicas)
+        decided = len(choice.state.decisions)
+        command_id = f"runtime.{key}.autoscale.{record.generation}.{choice.state.last_scale_time:.0f}"
+        log.info("autoscaled", runtime=key, replicas=choice.replicas, reason=choice.reason, decisions=decided)
+        await self.bus.publish(subjects.RUNTIME_APPLY,
+                               RuntimeApply(id=command_id, runtime=msgspec.structs.replace(record.runtime, spec=spec)))
+        metrics.RUNTIME_AUTOSCALES.labels(
+            metrics.SCALE_UP if choice.replicas > record.runtime.spec.replicas else metrics.SCALE_DOWN).inc()
+        await self.bus.publish(
+            subjects.RUNTIME_AUTOSCALED,
+            RuntimeAutoscaled(id=f"{command_id}.autoscaled", name=meta.name, namespace=meta.namespace,
+                              from_replicas=choice.decision.from_replicas, to_replicas=choice.decision.to_replicas,
+                              reason=choice.reason, cache_used_percent=choice.state.cache_used_percent,
+                              hit_ratio_percent=choice.state.hit_ratio_percent),
+        )
 
     def placement(self, key: str) -> domain.Placement:
         dataset = self.datasets.values.get(key)
@@ -208,7 +261,8 @@ class RuntimeHandlers:
         for key in changed:
             await self.refresh(key, agents)
 
-    async def _refresh(self, key: str, agents: list[AgentRecord], force_publish: bool) -> None:
+    async def _refresh(self, key: str, agents: list[AgentRecord], force_publish: bool,
+                       autoscaling: AutoscalingStatus | None = None) -> None:
         await self.datasets.ready.wait()
         await self.runtimes.ready.wait()
         kv = await self.bus.kv(subjects.KV_RUNTIMES)
@@ -219,6 +273,8 @@ class RuntimeHandlers:
             placement = self.placement(key)
             self.placements[key] = placement
             status = domain.runtime_status(record, agents, self.clock(), placement, self.others(key))
+            if autoscaling is not None and record.runtime.spec.autoscaling is not None:
+                status = msgspec.structs.replace(status, autoscaling=autoscaling)
             if status == record.status and not force_publish:
                 return
             updated = msgspec.structs.replace(record, status=status)

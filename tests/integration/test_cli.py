@@ -311,6 +311,14 @@ spec:
     too_many = await shoal(nats_server, "scale", "runtime", "scaled", "--replicas", "20000")
     assert too_many.exit_code == 1
     assert "rejected: spec.replicas must be between 0 and 10000, got 20000" in too_many.stderr
+    # A runtime with an autoscaler: scaled all the same, with a note that the autoscaler goes on.
+    elastic = manifest.replace("{name: scaled}", "{name: elastic}") + (
+        "  autoscaling: {maxReplicas: 3, targetCacheUsedPercent: 80}\n")
+    assert (await shoal(nats_server, "apply", "-f", "-", stdin=elastic)).exit_code == 0
+    noted = await shoal(nats_server, "scale", "runtime", "elastic", "--replicas", "2")
+    assert (noted.exit_code, noted.stdout) == (0, "runtime.shoal.io/elastic scaled to 2 replicas\n"), noted.output
+    assert noted.stderr == ("note: runtime.shoal.io/elastic has autoscaling (1..3 workers): its autoscaler goes on "
+                            "changing replicas from here\n")
 
 
 async def test_apply_prints_the_services_rejection(nats_server: NatsServer, services: None) -> None:

@@ -78,6 +78,31 @@ async def test_retry_later_runs_the_key_again_after_its_delay(bus: Bus) -> None:
     assert all(gap >= 0.2 for gap in script.gaps("a")), script.gaps("a")
 
 
+async def test_a_returned_number_runs_the_key_again_after_it_without_a_change(bus: Bus) -> None:
+    # A schedule (a dataset's autoSync period), not a failure: the key runs again after the seconds returned.
+    returned = iter([0.2, 0.2])
+    calls: list[float] = []
+
+    async def scheduled(key: str) -> float | None:
+        calls.append(time.monotonic())
+        return next(returned, None)
+
+    kv = await bus.js.create_key_value(js_api.KeyValueConfig(bucket="test_reconcile"))
+    reconciler = Reconciler(kv, scheduled)
+    task = asyncio.create_task(reconciler.run())
+    try:
+        await kv.put("s", b"1")
+
+        async def thrice() -> bool:
+            return len(calls) == 3
+
+        await eventually(thrice, timeout=3, what="three calls from one change")
+    finally:
+        reconciler.stop()
+        await asyncio.wait_for(task, 10)
+    assert all(later - earlier >= 0.2 for earlier, later in itertools.pairwise(calls)), calls
+
+
 async def test_a_change_cuts_short_the_wait_of_a_key_retried_later(bus: Bus) -> None:
     # An unreachable endpoint waits 15 s; a resync (a change of the key) must not wait that out.
     script = Scripted({"a": [RetryLater("endpoint unreachable", 60.0)]})

@@ -1,0 +1,196 @@
+"""The elastic cache's decision (``services.runtime.domain.autoscale``), pure: bounds, growth under pressure, the
+cool-down, shrinking after a calm cool-down, and the read window; plus the policy's validation."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from libs.cli.render import describe_runtime
+from libs.events.common import ObjectMeta
+from libs.events.dataset import NodeCache
+from libs.events.runtime import (
+    AutoscalingPolicy,
+    AutoscalingStatus,
+    CacheWorker,
+    Level,
+    MetadataSyncPolicy,
+    Runtime,
+    RuntimeManagement,
+    RuntimeRecord,
+    RuntimeSpec,
+    RuntimeStatus,
+    TieredStore,
+)
+from services.runtime.domain import (
+    AUTOSCALE_HISTORY,
+    CacheSample,
+    autoscale,
+    cache_sample,
+    read_window,
+    validate_runtime,
+)
+
+NOW = 1_700_000_000.0
+MI = 2**20
+POLICY = AutoscalingPolicy(min_replicas=1, max_replicas=3, target_cache_used_percent=60, cool_down_seconds=30)
+
+
+def sample(used: int, capacity: int = 100, reads: dict[str, tuple[int, int]] | None = None) -> CacheSample:
+    return CacheSample(cached_bytes=used, capacity_bytes=capacity, reads=reads or {})
+
+
+def state(last_scale: float = 0.0, last_pressure: float = NOW - 1000) -> AutoscalingStatus:
+    return AutoscalingStatus(last_scale_time=last_scale, last_pressure_time=last_pressure)
+
+
+def test_grows_by_one_while_reading_a_full_cache() -> None:
+    choice = autoscale(POLICY, 1, sample(70, reads={"a": (10, 90)}), {"a": (0, 0)}, state(), NOW)
+    assert choice.replicas == 2
+    assert choice.decision is not None and (choice.decision.from_replicas, choice.decision.to_replicas) == (1, 2)
+    assert "cache 70.0% used >= target 60% while reading" in choice.reason and "1 -> 2 workers" in choice.reason
+    assert choice.state.last_scale_time == NOW and choice.state.last_pressure_time == NOW
+    assert choice.state.decisions == [choice.decision]
+
+
+def test_a_full_cache_nobody_reads_is_no_pressure() -> None:
+    choice = autoscale(POLICY, 1, sample(95, reads={"a": (10, 90)}), {"a": (10, 90)}, state(), NOW)
+    assert choice.replicas == 1 and choice.decision is None
+    assert choice.reason.startswith("hold") and "no reads" in choice.reason
+
+
+def test_a_low_hit_ratio_grows() -> None:
+    policy = AutoscalingPolicy(min_replicas=1, max_replicas=3, target_hit_ratio_percent=80, cool_down_seconds=30)
+    choice = autoscale(policy, 2, sample(10, reads={"a": (50, 50)}), {}, state(), NOW)
+    assert choice.replicas == 3 and "hit ratio 50.0% < target 80%" in choice.reason
+    assert choice.state.hit_ratio_percent == 50.0
+
+
+def test_no_growth_within_the_cool_down_or_past_max() -> None:
+    reading = sample(90, reads={"a": (0, 10)})
+    cooling = autoscale(POLICY, 1, reading, {}, state(last_scale=NOW - 10), NOW)
+    assert cooling.replicas == 1 and "cooling down 20 s more" in cooling.reason
+    assert cooling.state.last_pressure_time == NOW  # still pressure: it delays a shrink
+    at_max = autoscale(POLICY, 3, reading, {}, state(), NOW)
+    assert at_max.replicas == 3 and "already at maxReplicas 3" in at_max.reason
+
+
+def test_shrinks_after_a_calm_cool_down_and_not_before() -> None:
+    idle = sample(90)
+    assert autoscale(POLICY, 2, idle, {}, state(last_pressure=NOW - 29), NOW).replicas == 2
+    assert autoscale(POLICY, 2, idle, {}, state(last_scale=NOW - 29), NOW).replicas == 2
+    choice = autoscale(POLICY, 2, idle, {}, state(last_pressure=NOW - 30, last_scale=NOW - 40), NOW)
+    assert choice.replicas == 1 and choice.reason.startswith("shrink: no pressure for 30 s")
+    assert autoscale(POLICY, 1, idle, {}, state(), NOW).replicas == 1  # never below minReplicas
+
+
+def test_a_first_look_does_not_shrink_at_once() -> None:
+    choice = autoscale(POLICY, 3, sample(0), None, None, NOW)
+    assert choice.replicas == 3 and choice.state.last_pressure_time == NOW
+    assert autoscale(POLICY, 3, sample(0), {}, choice.state, NOW + 30).replicas == 2
+
+
+def test_out_of_bounds_goes_to_the_bound_at_once() -> None:
+    below = autoscale(POLICY, 0, sample(0), {}, state(last_scale=NOW), NOW)
+    assert below.replicas == 1 and below.reason == "below minReplicas 1: 0 -> 1 workers"
+    above = autoscale(POLICY, 7, sample(0), {}, state(last_scale=NOW), NOW)
+    assert above.replicas == 3 and above.reason == "above maxReplicas 3: 7 -> 3 workers"
+
+
+def test_history_is_bounded() -> None:
+    current = AutoscalingStatus()
+    replicas = 5
+    for step in range(AUTOSCALE_HISTORY + 3):
+        choice = autoscale(POLICY, replicas, sample(0), {}, current, NOW + step)
+        current, replicas = choice.state, 5  # out of bounds every time: a decision each look
+    assert len(current.decisions) == AUTOSCALE_HISTORY
+    assert current.decisions[-1].time == "2023-11-14T22:13:32Z"
+
+
+def test_read_window_counts_a_restarted_mount_from_zero() -> None:
+    assert read_window(None, {"a": (5, 5)}) == (0, 0)
+    assert read_window({"a": (10, 10)}, {"a": (15, 12), "b": (1, 2)}) == (6, 4)
+    assert read_window({"a": (10, 10)}, {"a": (3, 1)}) == (3, 1)
+
+
+def test_cache_sample_counts_the_workers_cache_only() -> None:
+    runtime = Runtime(metadata=ObjectMeta(name="d"),
+                      spec=RuntimeSpec(tieredstore=TieredStore(levels=[Level(mediumtype="MEM", quota="4Mi")])))
+    status = RuntimeStatus(workers=[CacheWorker(node="a"), CacheWorker(node="b", ready=False)])
+    nodes = [NodeCache(node="a", cached_bytes=3 * MI, local_read_bytes=1, remote_read_bytes=2, store_read_bytes=3),
+             NodeCache(node="c", cached_bytes=MI, store_read_bytes=7)]
+    assert cache_sample(runtime, status, nodes) == CacheSample(cached_bytes=3 * MI, capacity_bytes=8 * MI,
+                                                               reads={"a": (3, 3), "c": (0, 7)})
+
+
+@settings(max_examples=60, deadline=None)  # pure arithmetic: a few dozen cases cover the branches
+@given(replicas=st.integers(0, 12), used=st.integers(0, 200), hits=st.integers(0, 100), misses=st.integers(0, 100),
+       since_scale=st.floats(0, 100), since_pressure=st.floats(0, 100),
+       low=st.integers(0, 4), span=st.integers(0, 4), cool=st.integers(1, 60))
+def test_one_step_within_bounds_and_a_reason_for_each_change(replicas: int, used: int, hits: int, misses: int,
+                                                             since_scale: float, since_pressure: float, low: int,
+                                                             span: int, cool: int) -> None:
+    policy = AutoscalingPolicy(min_replicas=low, max_replicas=max(1, low + span), target_cache_used_percent=60,
+                               target_hit_ratio_percent=50, cool_down_seconds=cool)
+    before = state(last_scale=NOW - since_scale, last_pressure=NOW - since_pressure)
+    choice = autoscale(policy, replicas, sample(used, reads={"a": (hits, misses)}), {"a": (0, 0)}, before, NOW)
+    in_bounds = policy.min_replicas <= replicas <= policy.max_replicas
+    assert policy.min_replicas <= choice.replicas <= policy.max_replicas
+    if in_bounds:
+        assert abs(choice.replicas - replicas) <= 1
+        if choice.replicas != replicas:
+            assert since_scale >= cool  # never two changes within a cool-down
+    assert (choice.decision is None) == (choice.replicas == replicas)
+    if choice.decision is not None:
+        assert choice.decision.reason == choice.reason and choice.reason
+        assert choice.state.decisions[-1] == choice.decision
+    if choice.replicas < replicas and in_bounds:
+        assert NOW - max(before.last_pressure_time, before.last_scale_time) >= cool
+
+
+def make_runtime(**spec: object) -> Runtime:
+    return Runtime(metadata=ObjectMeta(name="d"), spec=msgspec.convert(
+        {"tieredstore": {"levels": [{"mediumtype": "MEM", "quota": "1Gi"}]}, **spec}, RuntimeSpec))
+
+
+def test_a_valid_policy_passes() -> None:
+    assert validate_runtime(make_runtime(autoscaling={"minReplicas": 1, "maxReplicas": 4,
+                                                      "targetHitRatioPercent": 90, "coolDownSeconds": 60})) == []
+    runtime = make_runtime(management={"metadataSyncPolicy": {"autoSync": False, "periodSeconds": 30}})
+    assert runtime.spec.management == RuntimeManagement(metadata_sync_policy=MetadataSyncPolicy(
+        auto_sync=False, period_seconds=30))
+    assert validate_runtime(runtime) == []
+
+
+@pytest.mark.parametrize(("autoscaling", "expected"), [
+    ({"minReplicas": 3, "maxReplicas": 2, "targetCacheUsedPercent": 80}, "minReplicas <= maxReplicas"),
+    ({"minReplicas": 0, "maxReplicas": 0, "targetCacheUsedPercent": 80}, "maxReplicas >= 1"),
+    ({"maxReplicas": 2}, "needs targetCacheUsedPercent or targetHitRatioPercent"),
+    ({"maxReplicas": 2, "targetCacheUsedPercent": 0}, "targetCacheUsedPercent must be between 1 and 100"),
+    ({"maxReplicas": 2, "targetHitRatioPercent": 101}, "targetHitRatioPercent must be between 1 and 100"),
+    ({"maxReplicas": 2, "targetCacheUsedPercent": 50, "coolDownSeconds": 0}, "coolDownSeconds must be at least 1"),
+])
+def test_a_bad_policy_is_refused_with_what_to_change(autoscaling: dict[str, int], expected: str) -> None:
+    errors = validate_runtime(make_runtime(autoscaling=autoscaling))
+    assert len(errors) == 1 and expected in errors[0], errors
+
+
+def test_a_negative_sync_period_is_refused() -> None:
+    errors = validate_runtime(make_runtime(management={"metadataSyncPolicy": {"periodSeconds": -1}}))
+    assert errors == ["spec.management.metadataSyncPolicy.periodSeconds must be 0 (the service's default) or "
+                      "more, got -1"]
+
+
+def test_describe_runtime_shows_the_measures_and_the_decisions() -> None:
+    runtime = make_runtime(autoscaling={"minReplicas": 1, "maxReplicas": 3, "targetCacheUsedPercent": 60,
+                                        "coolDownSeconds": 30})
+    choice = autoscale(POLICY, 1, sample(70, reads={"a": (10, 90)}), {"a": (0, 0)}, state(), NOW)
+    record = RuntimeRecord(runtime=runtime, generation=1, status=RuntimeStatus(autoscaling=choice.state))
+    shown = describe_runtime(record)
+    assert "Autoscaling:\n  cache used 70.0%, hit ratio 10.0% (workers 1..3, cool-down 30 s)" in shown
+    assert "2023-11-14T22:13:20Z   1      2    grow: cache 70.0% used >= target 60% while reading" in shown
+    assert "Autoscaling" not in describe_runtime(RuntimeRecord(runtime=make_runtime(), generation=1))
+    waiting = describe_runtime(RuntimeRecord(runtime=runtime, generation=1))
+    assert "Autoscaling:\n  <not evaluated yet>" in waiting
