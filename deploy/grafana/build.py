@@ -401,6 +401,15 @@ CONTROL_PLANE = Board(
                   (Query(f"sum by (dataset) ({gauge(metrics.DATASET_OBJECTS)})", "{{dataset}}"),),
                   width=6),
         )),
+        Row("Sync policy and elastic cache", (
+            Panel("autoSync listings", "Periodic listings by outcome: changed (a new manifest reached the mounts), "
+                  "unchanged (nothing written), failed.",
+                  (Query(f"sum by (outcome) ({rate(total(metrics.DATASET_AUTOSYNCS))})", "{{outcome}}"),),
+                  unit="ops", width=12),
+            Panel("Autoscaler changes", "Cache workers the autoscaler added (up) or removed (down).",
+                  (Query(f"sum by (direction) ({rate(total(metrics.RUNTIME_AUTOSCALES))})", "{{direction}}"),),
+                  unit="ops", width=12),
+        )),
         Row("Loads and cleans", (
             Panel("Operations by phase", "DataLoads and DataCleans by kind and phase.",
                   (Query(f"sum by (kind, phase) ({gauge(metrics.OPERATIONS)})", "{{kind}} {{phase}}",
