@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -51,10 +52,11 @@ async def read_all(mount: Path, objects: dict[str, bytes]) -> None:
         assert md5(await read_file(mount / key)) == md5(body), f"wrong bytes of {key} through {mount}"
 
 
-async def status_of(bus: Bus, name: str, namespace: str, check: object, what: str) -> DatasetRecord:
+async def status_of(bus: Bus, name: str, namespace: str, check: Callable[[DatasetRecord], bool],
+                    what: str) -> DatasetRecord:
     async def probe() -> DatasetRecord | None:
         record = await dataset_record(bus, name, namespace)
-        return record if record is not None and check(record) else None  # type: ignore[operator]
+        return record if record is not None and check(record) else None
 
     try:
         return await eventually(probe, 15, what)

@@ -1,7 +1,7 @@
 """Reference datasets (``dataset://<namespace>/<name>``), pure parts: what a mount point names, what is refused at
 apply (several, mixed, malformed, itself, options; a source that is a reference: chain or cycle), the status a
 reference mirrors from its source or fails with, the dataset service's index of references, the agent's links,
-and the bridge's volume path."""
+the bridge's volume path, and a runtime named after a reference."""
 
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ from services.agent.links import make_link, remove_link
 from services.bridge.domain import volume_path
 from services.dataset import domain
 from services.dataset.references import ReferenceIndex
+from services.runtime.domain import ineligible_reason, placement_of
 
 NOW = 1_714_564_800.0
 
@@ -225,3 +226,13 @@ def test_the_bridge_gives_a_reference_its_sources_volume() -> None:
     assert volume_path(obj, "/var/lib/shoal/mnt") == "/var/lib/shoal/mnt/team-a/src/train"
     obj["spec"] = {"mounts": [{"mountPoint": "s3://bucket"}]}
     assert volume_path(obj, "/var/lib/shoal/mnt/") == "/var/lib/shoal/mnt/team-b/ref"
+
+
+# --- the runtime service: a runtime named after a reference takes no agent ---
+
+
+def test_a_runtime_named_after_a_reference_picks_no_worker() -> None:
+    placement = placement_of(dataset("dataset://team-a/src").spec)
+    assert placement.reference
+    assert "is a reference" in (ineligible_reason("node-a", {}, placement, []) or "")
+    assert ineligible_reason("node-a", {}, placement_of(dataset("s3://bucket").spec), []) is None
