@@ -134,6 +134,7 @@ def _mount_errors(mount: Mount, where: str, shared: dict[str, str], shared_encry
         return [
             f"{where}.mountPoint {shown_point!r} has {shown}; supported: "
             + ", ".join(f"{s}://" for s in SUPPORTED_SCHEMES)
+            + f", and {REFERENCE_PREFIX}<namespace>/<name> alone (a reference)"
         ]
     options = canonical_options(mount, shared)
     encrypt = [*shared_encrypt, *mount.encrypt_options]
