@@ -1,7 +1,7 @@
 """Reference datasets (``dataset://<namespace>/<name>``), pure parts: what a mount point names, what is refused at
 apply (several, mixed, malformed, itself, options; a source that is a reference: chain or cycle), the status a
 reference mirrors from its source or fails with, the dataset service's index of references, the agent's links,
-the bridge's volume path, and a runtime named after a reference."""
+the bridge's volume path, a runtime named after a reference, and a load of one."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from libs.events.common import ObjectMeta
+from libs.events.common import ObjectMeta, ObjectRef
 from libs.events.dataset import (
     CacheStates,
     Condition,
@@ -24,12 +24,14 @@ from libs.events.dataset import (
     NodeCache,
     RuntimeRef,
 )
+from libs.events.operation import DataLoadSpec, OperationRecord
 from libs.references import Reference, parse, reference_of
 from services.agent import domain as agent_domain
 from services.agent.links import make_link, remove_link
 from services.bridge.domain import volume_path
 from services.dataset import domain
 from services.dataset.references import ReferenceIndex
+from services.loader import domain as loader_domain
 from services.runtime.domain import ineligible_reason, placement_of
 
 NOW = 1_714_564_800.0
@@ -236,3 +238,14 @@ def test_a_runtime_named_after_a_reference_picks_no_worker() -> None:
     assert placement.reference
     assert "is a reference" in (ineligible_reason("node-a", {}, placement, []) or "")
     assert ineligible_reason("node-a", {}, placement_of(dataset("s3://bucket").spec), []) is None
+
+
+# --- the loader: a load of a reference goes to its source ---
+
+
+def test_a_load_of_a_reference_says_to_load_the_source() -> None:
+    operation = OperationRecord(kind="DataLoad", metadata=ObjectMeta(name="warm", namespace="team-b"),
+                                load=DataLoadSpec(dataset=ObjectRef(name="ref", namespace="team-b")))
+    ref = record(dataset("dataset://team-a/src"), DatasetStatus(phase="Bound"))
+    problem = loader_domain.run_problem(operation, loader_domain.Cluster(ref, None)) or ""
+    assert "is a reference to team-a/src" in problem and "run the DataLoad on team-a/src" in problem
