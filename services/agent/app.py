@@ -61,7 +61,7 @@ from libs.telemetry import get_logger
 from services.agent import budget, domain
 from services.agent.cache import BlockCache
 from services.agent.handover import remove_mountpoint
-from services.agent.links import make_link, remove_link
+from services.agent.links import existing_links, make_link, remove_link
 from services.agent.metrics import NodeMetrics, dir_health, remove_target
 from services.agent.mountinfo import device_of, is_mounted
 from services.agent.mountstatus import problems_of, read_status, remove_status
@@ -150,6 +150,7 @@ class NodeAgent:
                       else "runtime and dataset watches catching up")
         readiness.add("mounts", lambda: "; ".join(self.problems()) or None)
         await asyncio.to_thread(Path(self.settings.agent.mount_root).mkdir, parents=True, exist_ok=True)
+        self.links = await asyncio.to_thread(existing_links, self.settings.agent.mount_root)
         readahead_budget, self.memory_budget = node_budgets(self.settings)
         self.status_dir = await asyncio.to_thread(tempfile.mkdtemp, prefix="shoal-agent-")
         self.slots = SlotFile.create(os.path.join(self.status_dir, BUDGET_FILE_NAME), readahead_budget)

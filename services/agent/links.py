@@ -36,6 +36,20 @@ def make_link(path: str, target: str) -> str | None:
     return None
 
 
+def existing_links(mount_root: str) -> dict[tuple[str, str], str]:
+    """The links at ``<mount root>/<namespace>/<name>`` an earlier run of the agent left (it may have stopped
+    without removing them, or been killed): adopted, so those no longer wanted are removed like any other."""
+    found: dict[tuple[str, str], str] = {}
+    with contextlib.suppress(FileNotFoundError):
+        for namespace in os.scandir(mount_root):
+            if not namespace.is_dir(follow_symlinks=False):
+                continue
+            for entry in os.scandir(namespace.path):
+                if entry.is_symlink():
+                    found[(namespace.name, entry.name)] = os.readlink(entry.path)
+    return found
+
+
 def remove_link(path: str) -> None:
     """Remove the link at ``path``; anything else there is not ours to remove."""
     if os.path.islink(path):

@@ -27,7 +27,7 @@ from libs.events.dataset import (
 from libs.events.operation import DataLoadSpec, OperationRecord
 from libs.references import Reference, parse, reference_of
 from services.agent import domain as agent_domain
-from services.agent.links import make_link, remove_link
+from services.agent.links import existing_links, make_link, remove_link
 from services.bridge.domain import volume_path
 from services.dataset import domain
 from services.dataset.references import ReferenceIndex
@@ -214,8 +214,9 @@ def test_links_are_made_repointed_and_removed_never_anything_else(tmp_path: Path
     assert make_link(str(link), "../team-a/src") is None
     assert (link / "file").read_text() == "x" and os.readlink(link) == "../team-a/src"
     assert make_link(str(link), "../team-a/other") is None and os.readlink(link) == "../team-a/other"
+    assert existing_links(str(root)) == {("team-b", "ref"): "../team-a/other"}  # adopted by a restarted agent
     remove_link(str(link))
-    assert not os.path.lexists(link)
+    assert not os.path.lexists(link) and existing_links(str(root)) == {}
     (link / "kept").mkdir(parents=True)  # a folder with something in it is not ours to remove
     assert "is in the way" in (make_link(str(link), "../team-a/src") or "")
     remove_link(str(link))
