@@ -227,12 +227,18 @@ def _web_errors(parts: SplitResult, shown_point: str, where: str, options: dict[
 
 
 def apply_dataset(record: DatasetRecord | None, dataset: Dataset) -> tuple[DatasetRecord, bool]:
-    """The record after applying ``dataset``, and whether its spec changed (so it must be synced again)."""
+    """The record after applying ``dataset``, and whether its spec changed (so it must be synced again).
+
+    A dataset that becomes a reference, or stops being one, starts from an empty status: what it showed (its own
+    listing, or its source's) is not its own any more, and must not be mounted meanwhile."""
     if record is None:
         return DatasetRecord(dataset=dataset, generation=1), True
     if record.dataset == dataset:
         return record, False
-    return msgspec.structs.replace(record, dataset=dataset, generation=record.generation + 1), True
+    updated = msgspec.structs.replace(record, dataset=dataset, generation=record.generation + 1)
+    if is_reference(record.dataset) != is_reference(dataset):
+        updated = msgspec.structs.replace(updated, status=DatasetStatus())
+    return updated, True
 
 
 @dataclass(frozen=True)

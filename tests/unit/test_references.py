@@ -120,6 +120,16 @@ def test_a_source_that_is_a_reference_is_refused_as_a_cycle_or_a_chain() -> None
     assert domain.reference_apply_errors(c_to_a, BOUND_SOURCE) == []
 
 
+def test_becoming_a_reference_or_ceasing_to_be_one_starts_from_an_empty_status() -> None:
+    physical = msgspec.structs.replace(BOUND_SOURCE, dataset=dataset("s3://bucket", name="ref"))
+    updated, changed = domain.apply_dataset(physical, dataset("dataset://team-a/src"))
+    assert changed and updated.status == DatasetStatus() and updated.generation == 2
+    back, _ = domain.apply_dataset(msgspec.structs.replace(updated, status=BOUND_SOURCE.status), dataset("s3://b2"))
+    assert back.status == DatasetStatus()
+    kept, _ = domain.apply_dataset(physical, dataset("s3://other", name="ref"))
+    assert kept.status == BOUND_SOURCE.status  # an ordinary change keeps the status until the sync
+
+
 # --- the status a reference mirrors ---
 
 
