@@ -7,13 +7,15 @@ Shown: the reference is Bound once its source is and its mount point shows the s
 was read once through the source (warm), every file read through the reference has the source's md5 with zero
 store GETs (the reference reads the source's mount and block cache: the kernel's page cache is dropped for each
 file first, so the reads reach the mount process); the reference's status mirrors the source's (ufsTotal,
-fileNum, cacheStates, nodes); a reference to itself, one mixing ``dataset://`` with a store, and a cycle are
+fileNum, cacheStates, nodes); the scheduler scores a use of the reference (or of the folder it shows) by the
+source's cached bytes; a reference to itself, one mixing ``dataset://`` with a store, and a cycle are
 refused with what to change, a missing source fails the reference with a message; deleting a reference leaves the
 source Bound, mounted and cached (read again: still no GET); deleting the source fails the references to it.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 from collections.abc import Callable
@@ -26,10 +28,12 @@ from libs.bus import Bus
 from libs.config import Settings
 from libs.events.common import ObjectMeta
 from libs.events.dataset import Dataset, DatasetApply, DatasetDelete, DatasetRecord, DatasetSpec, Mount
+from libs.events.schedule import DatasetUse, ScoreRequest
 from tests.conftest import SeaweedServer, put_objects
 from tests.faults import HttpProxy
 from tests.helpers import FactCollector, dataset_record, eventually
-from tests.integration.agent_stack import Node, evict_from_page_cache, md5, node_stack, read_file
+from tests.integration.agent_stack import NODE, Node, evict_from_page_cache, md5, node_stack, read_file
+from tests.integration.test_scheduler_api import ask, scheduler
 
 pytestmark = pytest.mark.needs("fuse")
 
@@ -99,8 +103,15 @@ async def test_a_reference_in_another_namespace_reads_the_sources_cache(
             await status_of(bus, "ref", "team-b", mirrors, "the reference mirrors the source")
             await _refusals(bus, facts, node)
 
-            # A second reference, then the first deleted: the source is left Bound, mounted and cached.
+            # The scheduler places work using the reference where the source's cache is (its folder's bytes).
             await bus.publish(subjects.DATASET_APPLY, reference("ref-c", "team-c", "dataset://default/src/dir"))
+            async with scheduler(settings):
+                for name, namespace, cached in (("ref", "team-b", sum(map(len, objects.values()))),
+                                                ("ref-c", "team-c", len(objects["dir/b.bin"]))):
+                    await eventually(functools.partial(_scored, bus, name, namespace, cached), 15,
+                                     f"{namespace}/{name}'s use scored on node-a's {cached} cached bytes")
+
+            # A second reference, then the first deleted: the source is left Bound, mounted and cached.
             await eventually(lambda: _exists(node.mountpoint("ref-c", "team-c") / "b.bin"), 15, "ref-c linked")
             await bus.publish(subjects.DATASET_DELETE, DatasetDelete(name="ref", namespace="team-b"))
             await eventually(lambda: _gone(ref_mount), 15, "the reference's link removed")
@@ -134,6 +145,11 @@ async def _refusals(bus: Bus, facts: FactCollector, node: Node) -> None:
     assert "would make a cycle" in rejected["reason"]
     assert await dataset_record(bus, "b", "team-c") is None
     assert not os.path.lexists(node.mountpoint("a", "team-b"))
+
+
+async def _scored(bus: Bus, name: str, namespace: str, cached: int) -> bool:
+    reply = await ask(bus, ScoreRequest(datasets=[DatasetUse(name=name, namespace=namespace)]))
+    return not reply.error and [(s.node, s.cached_bytes) for s in reply.scores] == [(NODE, cached)]
 
 
 async def _exists(path: Path) -> bool:

@@ -1,7 +1,7 @@
 """Reference datasets (``dataset://<namespace>/<name>``), pure parts: what a mount point names, what is refused at
 apply (several, mixed, malformed, itself, options; a source that is a reference: chain or cycle), the status a
 reference mirrors from its source or fails with, the dataset service's index of references, the agent's links,
-the bridge's volume path, a runtime named after a reference, and a load of one."""
+the bridge's volume path, a runtime named after a reference, a load of one, and the scheduler's view of one."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from libs.events.dataset import (
     RuntimeRef,
 )
 from libs.events.operation import DataLoadSpec, OperationRecord
+from libs.events.schedule import DatasetUse, ScoreRequest
 from libs.references import Reference, parse, reference_of
 from services.agent import domain as agent_domain
 from services.agent.links import existing_links, make_link, remove_link
@@ -33,6 +34,7 @@ from services.dataset import domain
 from services.dataset.references import ReferenceIndex
 from services.loader import domain as loader_domain
 from services.runtime.domain import ineligible_reason, placement_of
+from services.scheduler.domain import through_references
 
 NOW = 1_714_564_800.0
 
@@ -260,3 +262,21 @@ def test_a_load_of_a_reference_says_to_load_the_source() -> None:
     ref = record(dataset("dataset://team-a/src"), DatasetStatus(phase="Bound"))
     problem = loader_domain.run_problem(operation, loader_domain.Cluster(ref, None)) or ""
     assert "is a reference to team-a/src" in problem and "run the DataLoad on team-a/src" in problem
+
+
+# --- the scheduler: a use of a reference is a use of its source ---
+
+
+def test_the_scheduler_scores_a_reference_as_its_source_under_its_folder() -> None:
+    sources = {("team-b", "ref"): Reference("team-a", "src", "train"), ("team-b", "all"): Reference("team-a", "src")}
+    request = ScoreRequest(datasets=[DatasetUse(name="ref", namespace="team-b", paths=["/", "/x"], required=True),
+                                     DatasetUse(name="ref", namespace="team-b"),
+                                     DatasetUse(name="all", namespace="team-b", paths=["/y"]),
+                                     DatasetUse(name="other")])
+    assert through_references(request, sources).datasets == [
+        DatasetUse(name="src", namespace="team-a", paths=["/train", "/train/x"], required=True),
+        DatasetUse(name="src", namespace="team-a", paths=["/train"]),
+        DatasetUse(name="src", namespace="team-a", paths=["/y"]),
+        DatasetUse(name="other")]
+    plain = ScoreRequest(datasets=[DatasetUse(name="other")])
+    assert through_references(plain, sources) is plain
