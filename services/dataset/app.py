@@ -46,7 +46,8 @@ async def run(settings: Settings, stop: asyncio.Event, clock: Callable[[], float
     readiness.add("nats", nats_check(bus))
     try:
         await bus.provision()
-        handlers = DatasetHandlers(bus, settings, clock, opener)
+        references = ReferenceIndex()
+        handlers = DatasetHandlers(bus, settings, clock, opener, references=references)
         max_bytes, max_deliver = settings.service.max_event_bytes, settings.service.max_deliver
         commands = Consumer(
             bus, subjects.STREAM_COMMANDS, subjects.DURABLE_DATASET_COMMANDS, subjects.DATASET_COMMANDS,
@@ -63,7 +64,7 @@ async def run(settings: Settings, stop: asyncio.Event, clock: Callable[[], float
             msgspec.json.Decoder(AnyInventory), handlers.on_inventory, max_event_bytes=MESSAGE_LIMIT,
             max_deliver=max_deliver,
         )
-        census, references = DatasetCensus(), ReferenceIndex()
+        census = DatasetCensus()
 
         def observe(entry: KeyValue.Entry | Replay | None) -> None:
             census.observe(entry)

@@ -531,6 +531,12 @@ def with_cache_states(status: DatasetStatus, cache: DatasetInventory) -> Dataset
 
 # --- Reference datasets (dataset://<namespace>/<name>, libs.references) ---
 
+
+def with_dataset_ref(status: DatasetStatus, references: Sequence[str]) -> DatasetStatus:
+    """A source's status naming the references that mount it (Fluid's ``datasetRef``, ``<namespace>/<name>``)."""
+    wanted = sorted(references)
+    return status if status.dataset_ref == wanted else msgspec.structs.replace(status, dataset_ref=wanted)
+
 # A reference's own condition: whether its source exists and can be followed (it mirrors the source's status).
 CONDITION_SOURCE = "SourceAvailable"
 REASON_FOLLOWING = "Following"
@@ -630,4 +636,4 @@ def reference_status(record: DatasetRecord, source: DatasetRecord | None, now: f
     else:
         message = ""
     return msgspec.structs.replace(mirrored, conditions=conditions, message=message, synced_generation=generation,
-                                   synced_requests=requests)
+                                   synced_requests=requests, dataset_ref=[])

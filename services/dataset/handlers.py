@@ -39,6 +39,7 @@ from libs.references import is_reference, reference_of
 from libs.telemetry import context_of, current_traceparent, get_logger, tracer
 from libs.ufs import open_store
 from services.dataset import domain
+from services.dataset.references import ReferenceIndex
 from services.dataset.sync import StoreOpener, sync_metadata
 
 log = get_logger(__name__)
@@ -56,6 +57,8 @@ class DatasetHandlers:
     # Asks the reconciler to look at a dataset again (app wires Reconciler.schedule): a runtime re-applied with
     # another metadataSyncPolicy changes when its dataset is listed next, though the dataset's record did not change.
     wake: Callable[[str], None] | None = None
+    # Which datasets reference which (fed by the reconciler's watch): a source's ``datasetRef``.
+    references: ReferenceIndex | None = None
     _tracer: trace.Tracer = field(default_factory=lambda: tracer(__name__), init=False)
     # When each dataset was last listed, by this process's clock: an unchanged autoSync listing writes nothing, so
     # the record cannot say it (after a restart the period counts from lastSyncTime).
@@ -265,6 +268,11 @@ class DatasetHandlers:
         if is_reference(record.dataset):
             await self._follow(key, record)
             return None
+        if self.references is not None:
+            mounted_by = [f"{namespace}/{name}" for namespace, _, name in
+                          (ref.partition(".") for ref in self.references.referencing(key))]
+            if record.status.dataset_ref != sorted(mounted_by):
+                await self._update_status(key, lambda current: domain.with_dataset_ref(current.status, mounted_by))
         meta = record.dataset.metadata
         policy = await self._sync_policy(meta.namespace, meta.name)
         due = domain.next_sync(record, self.clock(), self.settings.service.sync_retry_seconds, policy,

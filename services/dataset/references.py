@@ -3,7 +3,8 @@
 A reference's status mirrors its source's (``domain.reference_status``), so every change of a source (a sync,
 its cache states, its phase, its deletion) must reach the references to it: their own keys did not change, so the
 reconciler would not look at them. Fed by ``Reconciler.observe`` (no second watch), this index asks the
-reconciler to reconcile each reference of a key that changed or was deleted. In memory only: the watch replays
+reconciler to reconcile each reference of a key that changed or was deleted, and a source whose references
+changed (its ``datasetRef``). In memory only: the watch replays
 every key at start and after a reconnect, which rebuilds it (and reconciles every reference anyway).
 Only the few fields read here are decoded.
 """
@@ -67,23 +68,30 @@ class ReferenceIndex:
         if entry is None or isinstance(entry, Replay):
             return  # a replay brings every key again, and the reconciler reconciles each
         key = entry.key
-        self._forget(key)
+        before = self._forget(key)
+        after = None
         if entry.operation not in ("DEL", "PURGE") and entry.value:
-            source = source_key(entry.value)
-            if source is not None:
-                self.source_of[key] = source
-                self.references[source].add(key)
+            after = source_key(entry.value)
+            if after is not None:
+                self.source_of[key] = after
+                self.references[after].add(key)
         for reference in sorted(self.references.get(key, ())):
             self.schedule(reference)
+        if before != after:  # a source whose references changed names them in its status (datasetRef)
+            for source in (before, after):
+                if source is not None:
+                    self.schedule(source)
 
     def referencing(self, key: str) -> list[str]:
         """The references to the dataset at ``key`` (``<namespace>.<name>``), sorted."""
         return sorted(self.references.get(key, ()))
 
-    def _forget(self, key: str) -> None:
+    def _forget(self, key: str) -> str | None:
+        """Drop ``key`` as a reference; the source it referenced, if any."""
         source = self.source_of.pop(key, None)
         if source is not None:
             self.references[source].discard(key)
             if not self.references[source]:
                 with contextlib.suppress(KeyError):
                     del self.references[source]
+        return source

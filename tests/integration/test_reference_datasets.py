@@ -7,10 +7,11 @@ Shown: the reference is Bound once its source is and its mount point shows the s
 was read once through the source (warm), every file read through the reference has the source's md5 with zero
 store GETs (the reference reads the source's mount and block cache: the kernel's page cache is dropped for each
 file first, so the reads reach the mount process); the reference's status mirrors the source's (ufsTotal,
-fileNum, cacheStates, nodes); the scheduler scores a use of the reference (or of the folder it shows) by the
-source's cached bytes; a reference to itself, one mixing ``dataset://`` with a store, and a cycle are
-refused with what to change, a missing source fails the reference with a message; deleting a reference leaves the
-source Bound, mounted and cached (read again: still no GET); deleting the source fails the references to it.
+fileNum, cacheStates, nodes) and the source names it (``datasetRef``, as Fluid); the scheduler scores a use of
+the reference (or of the folder it shows) by the source's cached bytes; a reference to itself, one mixing
+``dataset://`` with a store, and a cycle are refused with what to change, a missing source fails the reference
+with a message; deleting a reference leaves the source Bound, mounted and cached (read again: still no GET);
+deleting the source fails the references to it.
 """
 
 from __future__ import annotations
@@ -101,6 +102,8 @@ async def test_a_reference_in_another_namespace_reads_the_sources_cache(
                         and status.cache_states.cached == source.status.cache_states.cached != "")
 
             await status_of(bus, "ref", "team-b", mirrors, "the reference mirrors the source")
+            await status_of(bus, SOURCE, "default", lambda r: r.status.dataset_ref == ["team-b/ref"],
+                            "the source's datasetRef names the reference")
             await _refusals(bus, facts, node)
 
             # The scheduler places work using the reference where the source's cache is (its folder's bytes).
@@ -115,6 +118,8 @@ async def test_a_reference_in_another_namespace_reads_the_sources_cache(
             await eventually(lambda: _exists(node.mountpoint("ref-c", "team-c") / "b.bin"), 15, "ref-c linked")
             await bus.publish(subjects.DATASET_DELETE, DatasetDelete(name="ref", namespace="team-b"))
             await eventually(lambda: _gone(ref_mount), 15, "the reference's link removed")
+            await status_of(bus, SOURCE, "default", lambda r: r.status.dataset_ref == ["team-c/ref-c"],
+                            "the source's datasetRef names its one reference left")
             assert (await node.record(SOURCE)).status.phase == "Bound"
             await read_all(source_mount, objects)
             assert len(store.ranged_gets()) == warm_gets, "the source's cache was touched by deleting a reference"

@@ -191,14 +191,25 @@ def test_the_index_reconciles_the_references_of_a_key_that_changed_or_went() -> 
     encode = msgspec.json.encode
     index.observe(Entry("team-b.ref", encode(record(dataset("dataset://team-a/src")))))  # type: ignore[arg-type]
     index.observe(Entry("team-c.ref", encode(record(dataset("dataset://team-a/src")))))  # type: ignore[arg-type]
-    assert index.referencing("team-a.src") == ["team-b.ref", "team-c.ref"] and scheduled == []
+    assert index.referencing("team-a.src") == ["team-b.ref", "team-c.ref"]
+    assert scheduled == ["team-a.src", "team-a.src"]  # the source names its references (datasetRef)
+    index.observe(Entry("team-b.ref", encode(record(dataset("dataset://team-a/src", name="x")))))  # type: ignore[arg-type]
     index.observe(Entry("team-a.src", encode(BOUND_SOURCE)))  # type: ignore[arg-type]
-    assert scheduled == ["team-b.ref", "team-c.ref"]
+    assert scheduled[2:] == ["team-b.ref", "team-c.ref"]  # the same source: only the references follow
     index.observe(Entry("team-b.ref", None, "DEL"))  # type: ignore[arg-type]
     index.observe(Entry("team-c.ref", encode(record(dataset("s3://bucket")))))  # type: ignore[arg-type]
+    assert scheduled[4:] == ["team-a.src", "team-a.src"]
     index.observe(Entry("team-a.src", None, "PURGE"))  # type: ignore[arg-type]
-    assert index.referencing("team-a.src") == [] and scheduled == ["team-b.ref", "team-c.ref"]
+    assert index.referencing("team-a.src") == [] and len(scheduled) == 6
     index.observe(Entry("team-x.bad", b"not json"))  # type: ignore[arg-type]
+
+
+def test_a_source_names_its_references_and_a_reference_mirrors_none() -> None:
+    status = domain.with_dataset_ref(BOUND_SOURCE.status, ["team-c/ref", "team-b/ref"])
+    assert status.dataset_ref == ["team-b/ref", "team-c/ref"]
+    assert domain.with_dataset_ref(status, ["team-b/ref", "team-c/ref"]) is status
+    source = msgspec.structs.replace(BOUND_SOURCE, status=status)
+    assert domain.reference_status(record(dataset("dataset://team-a/src")), source, NOW).dataset_ref == []
 
 
 # --- the agent: links, not mounts ---
