@@ -90,6 +90,7 @@ class FluidDatasetStatus(msgspec.Struct, frozen=True, kw_only=True, rename="came
     cache_states: dict[str, str] = {}
     runtimes: list[RuntimeRef] = []
     conditions: list[Condition] = []
+    dataset_ref: list[str] = []
 
 
 class FluidRuntimeStatus(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omit_defaults=True):
@@ -133,6 +134,7 @@ def fluid_dataset_status(status: DatasetStatus) -> FluidDatasetStatus:
         cache_states=_cache_states(status.cache_states),
         runtimes=status.runtimes,
         conditions=status.conditions,
+        dataset_ref=status.dataset_ref,
     )
 
 

@@ -123,6 +123,8 @@ class DatasetStatus(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     synced_requests: int = 0
     manifest: str = ""
     last_sync_time: str = ""
+    # Fluid's ``datasetRef``: the reference datasets (``dataset://``) that mount this one, as ``<namespace>/<name>``.
+    dataset_ref: list[str] = []
 
 
 # --- Commands in ---

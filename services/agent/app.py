@@ -14,6 +14,10 @@ deletes its cached blocks; the agent deletes those a dead one left); one that me
 briefly NotReady, e.g. while this agent restarts) keeps its mount for a grace period, so readers are not cut off
 by a blip.
 
+Reference datasets (``dataset://``): no mount process; the agent keeps a link at the reference's mount point into
+its source's mount point while the reference is Bound and this node mounts the source (``domain.wanted_links``,
+``services.agent.links``), and removes it when the reference goes, or the source's mount does.
+
 Peers: with a peer secret file (``SHOAL_PEER_SECRET_FILE``) each mount process also serves its cached blocks to
 other nodes on a port the agent picks once per mount (``--peer-port``, on ``SHOAL_PEER_HOST``) and keeps across
 restarts of that process; heartbeats carry the node's labels and, for a Serving mount, its ``peerUrl``. Several
@@ -49,6 +53,7 @@ from libs.events.agent import AgentHeartbeat, MountReport
 from libs.events.common import ObjectRef, parse_quantity
 from libs.events.dataset import DatasetRecord
 from libs.events.runtime import RuntimeRecord
+from libs.references import is_reference
 from libs.service import Loop, Periodic, nats_check, run_loops
 from libs.side_server import Readiness
 from libs.supervisor import Supervisor
@@ -56,6 +61,7 @@ from libs.telemetry import get_logger
 from services.agent import budget, domain
 from services.agent.cache import BlockCache
 from services.agent.handover import remove_mountpoint
+from services.agent.links import existing_links, make_link, remove_link
 from services.agent.metrics import NodeMetrics, dir_health, remove_target
 from services.agent.mountinfo import device_of, is_mounted
 from services.agent.mountstatus import problems_of, read_status, remove_status
@@ -135,6 +141,8 @@ class NodeAgent:
     memory_budget: int = 0
     # The node's series on the agent's /metrics: read-ahead held and budget, cache directories' health.
     metrics: NodeMetrics | None = None
+    # Reference datasets shown on this node: (namespace, name) → the link's target (services.agent.links).
+    links: dict[tuple[str, str], str] = field(default_factory=dict)
 
     async def run(self, stop: asyncio.Event, readiness: Readiness | None = None) -> None:
         readiness = readiness or Readiness()
@@ -142,6 +150,7 @@ class NodeAgent:
                       else "runtime and dataset watches catching up")
         readiness.add("mounts", lambda: "; ".join(self.problems()) or None)
         await asyncio.to_thread(Path(self.settings.agent.mount_root).mkdir, parents=True, exist_ok=True)
+        self.links = await asyncio.to_thread(existing_links, self.settings.agent.mount_root)
         readahead_budget, self.memory_budget = node_budgets(self.settings)
         self.status_dir = await asyncio.to_thread(tempfile.mkdtemp, prefix="shoal-agent-")
         self.slots = SlotFile.create(os.path.join(self.status_dir, BUDGET_FILE_NAME), readahead_budget)
@@ -155,6 +164,8 @@ class NodeAgent:
         finally:
             await asyncio.gather(*(self._stop_worker(w) for w in list(self.workers.values())))
             self.workers.clear()
+            for ref in list(self.links):
+                await self._unlink(ref)
             if self.metrics is not None:
                 self.metrics.close()  # before the budget file its gauge reads is closed
             if self.slots is not None:
@@ -169,7 +180,9 @@ class NodeAgent:
         now = time.monotonic()
         for ref in [r for r in self.workers if r not in wanted]:
             unwanted = self.workers[ref]
-            exists = subjects.resource_key(*ref) in self.datasets.values
+            # A dataset that became a reference has no cache of its own any more: its mount goes at once.
+            record = self.datasets.values.get(subjects.resource_key(*ref))
+            exists = record is not None and not is_reference(record.dataset)
             if unwanted.unwanted_since is None:
                 unwanted.unwanted_since = now
             if not exists or now - unwanted.unwanted_since >= UNBOUND_GRACE_SECONDS:
@@ -188,6 +201,7 @@ class NodeAgent:
                                                                        peer_port=self._peer_port())
                 self.supervisor.add(worker.key, now)
             worker.unwanted_since = None
+        await self._reconcile_links()
         exits, due = self.supervisor.step(now)
         for exited in exits:
             log.warning("mount process exited", dataset=exited.child.name, code=exited.code,
@@ -210,6 +224,28 @@ class NodeAgent:
                 await self._start_worker(started)
                 if started.process is not None:
                     self.supervisor.started(child, started.process, time.monotonic())
+
+    async def _reconcile_links(self) -> None:
+        """Make, repoint or remove the links of reference datasets (``domain.wanted_links``)."""
+        links = domain.wanted_links(self.datasets.values.values(), self.workers, self.links)
+        for ref in [r for r in self.links if r not in links]:
+            await self._unlink(ref)
+        for (namespace, name), source in sorted(links.items()):
+            target = domain.link_target(source)
+            if self.links.get((namespace, name)) == target:
+                continue
+            path = domain.mountpoint(self.settings.agent.mount_root, namespace, name)
+            problem = await asyncio.to_thread(make_link, path, target)
+            if problem is not None:
+                log.warning("reference not linked yet", dataset=f"{namespace}/{name}", reason=problem)
+                continue
+            self.links[(namespace, name)] = target
+            log.info("reference linked", dataset=f"{namespace}/{name}", source=str(source), target=target)
+
+    async def _unlink(self, ref: tuple[str, str]) -> None:
+        await asyncio.to_thread(remove_link, domain.mountpoint(self.settings.agent.mount_root, *ref))
+        self.links.pop(ref, None)
+        log.info("reference unlinked", dataset=f"{ref[0]}/{ref[1]}")
 
     def problems(self) -> list[str]:
         """Why this agent is unhealthy: mount processes that keep failing, cache directories that are down."""

@@ -3,6 +3,10 @@
 A dataset is mounted when it is Bound, has a manifest, and its runtime (same name and namespace) is served by
 this agent. Mount points are ``<mount root>/<namespace>/<name>``; blocks live in ``<tier path>/[<cache subdir>/]
 <namespace>/<name>`` (a subdir per agent when several share a machine).
+
+A reference dataset (``dataset://<namespace>/<name>``, ``libs.references``) gets no mount process and no cache:
+its mount point is a link into its source's mount point (``../<namespace>/<name>[/<folder>]``), made while it is
+Bound and this node mounts the source, so its readers go through the source's FUSE mount and block cache.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from libs.events.agent import MountReport
 from libs.events.common import ObjectRef
 from libs.events.dataset import DatasetRecord
 from libs.events.runtime import RuntimeRecord
+from libs.references import Reference, is_reference, reference_of
 
 # A mount process exits with this code (EX_TEMPFAIL) when another process took its peer port meanwhile: the agent
 # then picks another port for it. Otherwise the port is kept across restarts, so peers find a restarted owner.
@@ -36,9 +41,35 @@ def wanted_mounts(datasets: Iterable[DatasetRecord], served: Iterable[tuple[str,
     for record in datasets:
         meta = record.dataset.metadata
         ref = (meta.namespace, meta.name)
-        if ref in served_set and record.status.phase == "Bound" and record.status.manifest:
+        if (ref in served_set and record.status.phase == "Bound" and record.status.manifest
+                and not is_reference(record.dataset)):
             wanted.add(ref)
     return wanted
+
+
+def wanted_links(datasets: Iterable[DatasetRecord], mounted: Iterable[tuple[str, str]],
+                 linked: Iterable[tuple[str, str]]) -> dict[tuple[str, str], Reference]:
+    """The references to show on this node, each with its source: those whose source this node mounts (``mounted``:
+    its mount workers, a stopping one's grace included), made once the reference is Bound and kept while the
+    source's mount is (``linked``: the links made), so a blip of the source's phase does not cut its readers off
+    before the source's own mount goes."""
+    mounted_set, linked_set = set(mounted), set(linked)
+    links = {}
+    for record in datasets:
+        source = reference_of(record.dataset)
+        if source is None or (source.namespace, source.name) not in mounted_set:
+            continue
+        meta = record.dataset.metadata
+        ref = (meta.namespace, meta.name)
+        if record.status.phase == "Bound" or ref in linked_set:
+            links[ref] = source
+    return links
+
+
+def link_target(source: Reference) -> str:
+    """What a reference's link at ``<mount root>/<namespace>/<name>`` points to: its source's mount point (or a
+    folder in it), relative, so it holds wherever the mount root is seen from (a container mounting the root)."""
+    return posixpath.join("..", source.namespace, source.name, *([source.folder] if source.folder else []))
 
 
 def mountpoint(root: str, namespace: str, name: str) -> str:

@@ -17,7 +17,7 @@ from typing import Any
 
 import msgspec
 
-from libs import kube
+from libs import kube, references
 from libs.crds import fluid_dataset_status, fluid_operation_status, fluid_runtime_status
 from libs.documents import Command, documents_to_commands
 from libs.events.common import DNS1123_SUBDOMAIN, to_builtins
@@ -385,9 +385,25 @@ def access_modes(obj: dict[str, Any]) -> list[str]:
     return [str(m) for m in modes] if isinstance(modes, list) and modes else ["ReadOnlyMany"]
 
 
+def volume_path(obj: dict[str, Any], mount_root: str) -> str:
+    """The node path a dataset's volume shows: its own mount, or for a reference (``dataset://``) its source's mount
+    (or the folder in it), as Fluid copies the source's volume, so the pod reads through the source's mount."""
+    meta = obj["metadata"]
+    mounts = (obj.get("spec") or {}).get("mounts")
+    for mount in mounts if isinstance(mounts, list) else []:
+        point = mount.get("mountPoint") if isinstance(mount, dict) else None
+        if isinstance(point, str) and point.startswith(references.PREFIX):
+            source = references.parse(point)[0]
+            if source is not None:
+                path = mount_path(mount_root, source.namespace, source.name)
+                return f"{path}/{source.folder}" if source.folder else path
+    return mount_path(mount_root, meta.get("namespace") or "default", meta["name"])
+
+
 def persistent_volume(obj: dict[str, Any], mount_root: str) -> dict[str, Any]:
-    """The dataset's PersistentVolume: a hostPath to the agent's mount on the node. The pod's volumeMount takes
-    ``mountPropagation: HostToContainer`` so a mount made (or made again) after the pod started reaches it."""
+    """The dataset's PersistentVolume: a hostPath to the agent's mount on the node (``volume_path``). The pod's
+    volumeMount takes ``mountPropagation: HostToContainer`` so a mount made (or made again) after the pod started
+    reaches it."""
     meta = obj["metadata"]
     namespace, name = meta.get("namespace") or "default", meta["name"]
     return {
@@ -398,7 +414,7 @@ def persistent_volume(obj: dict[str, Any], mount_root: str) -> dict[str, Any]:
             "accessModes": access_modes(obj),
             "persistentVolumeReclaimPolicy": "Retain",
             "storageClassName": STORAGE_CLASS,
-            "hostPath": {"path": mount_path(mount_root, namespace, name), "type": "Directory"},
+            "hostPath": {"path": volume_path(obj, mount_root), "type": "Directory"},
             "claimRef": {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "namespace": namespace,
                          "name": kube.claim_name(name)},
         },

@@ -7,6 +7,7 @@
 | SHOAL_AGENT | shoal.agent.inventory.* (snapshots, deltas) | DatasetHandlers.on_inventory |
 | KV shoal_datasets | every key (watch) | DatasetHandlers.sync via Reconciler (autoSync: again after its period); |
 | | | the gauges (DatasetCensus) |
+| KV shoal_datasets | a key that changed or went (same watch) | its references reconciled (ReferenceIndex) |
 
 Ready (``/readyz``) when connected to NATS and the consumers and the reconciler's watch run.
 """
@@ -18,9 +19,10 @@ import time
 from collections.abc import Callable
 
 import msgspec
+from nats.js.kv import KeyValue
 
 from libs import subjects
-from libs.bus import MESSAGE_LIMIT, Consumer, connect
+from libs.bus import MESSAGE_LIMIT, Consumer, Replay, connect
 from libs.config import Settings
 from libs.events.agent import AnyInventory
 from libs.events.dataset import DatasetCommand
@@ -31,6 +33,7 @@ from libs.side_server import Readiness
 from libs.ufs import open_store
 from services.dataset.census import DatasetCensus
 from services.dataset.handlers import DatasetHandlers
+from services.dataset.references import ReferenceIndex
 from services.dataset.sync import StoreOpener
 
 SERVICE_NAME = "shoal-dataset"
@@ -43,7 +46,8 @@ async def run(settings: Settings, stop: asyncio.Event, clock: Callable[[], float
     readiness.add("nats", nats_check(bus))
     try:
         await bus.provision()
-        handlers = DatasetHandlers(bus, settings, clock, opener)
+        references = ReferenceIndex()
+        handlers = DatasetHandlers(bus, settings, clock, opener, references=references)
         max_bytes, max_deliver = settings.service.max_event_bytes, settings.service.max_deliver
         commands = Consumer(
             bus, subjects.STREAM_COMMANDS, subjects.DURABLE_DATASET_COMMANDS, subjects.DATASET_COMMANDS,
@@ -60,9 +64,15 @@ async def run(settings: Settings, stop: asyncio.Event, clock: Callable[[], float
             msgspec.json.Decoder(AnyInventory), handlers.on_inventory, max_event_bytes=MESSAGE_LIMIT,
             max_deliver=max_deliver,
         )
-        reconciler = Reconciler(await bus.kv(subjects.KV_DATASETS), handlers.sync, bus.reconnects,
-                                observe=DatasetCensus().observe)
+        census = DatasetCensus()
+
+        def observe(entry: KeyValue.Entry | Replay | None) -> None:
+            census.observe(entry)
+            references.observe(entry)
+
+        reconciler = Reconciler(await bus.kv(subjects.KV_DATASETS), handlers.sync, bus.reconnects, observe=observe)
         handlers.wake = reconciler.schedule
+        references.schedule = reconciler.schedule  # a source's change reconciles the references to it
         await run_loops([commands, runtime_facts, inventory, reconciler], stop, readiness)
     finally:
         await bus.close()

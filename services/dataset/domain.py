@@ -34,6 +34,9 @@ from libs.inventory import DatasetInventory
 from libs.mounts import canonical_options, exposed_secret_errors, mount_path
 from libs.paths import relative_problem
 from libs.redact import is_secret_name, strip_userinfo
+from libs.references import PREFIX as REFERENCE_PREFIX
+from libs.references import is_reference, is_reference_mount, reference_of
+from libs.references import parse as parse_reference
 
 SUPPORTED_SCHEMES = ("s3", "local", "http", "https", "pvc")
 CONDITION_SYNCED = "MetadataSynced"
@@ -77,6 +80,8 @@ def validate_dataset(dataset: Dataset, local_roots: Sequence[str] | None = None,
     if not spec.mounts:
         errors.append("spec.mounts must list at least one mount")
     errors += exposed_secret_errors(dataset)
+    if is_reference(dataset):
+        return errors + reference_errors(dataset)
     seen_paths: dict[str, int] = {}
     for index, mount in enumerate(spec.mounts):
         where = f"spec.mounts[{index}]"
@@ -129,6 +134,7 @@ def _mount_errors(mount: Mount, where: str, shared: dict[str, str], shared_encry
         return [
             f"{where}.mountPoint {shown_point!r} has {shown}; supported: "
             + ", ".join(f"{s}://" for s in SUPPORTED_SCHEMES)
+            + f", and {REFERENCE_PREFIX}<namespace>/<name> alone (a reference)"
         ]
     options = canonical_options(mount, shared)
     encrypt = [*shared_encrypt, *mount.encrypt_options]
@@ -221,12 +227,18 @@ def _web_errors(parts: SplitResult, shown_point: str, where: str, options: dict[
 
 
 def apply_dataset(record: DatasetRecord | None, dataset: Dataset) -> tuple[DatasetRecord, bool]:
-    """The record after applying ``dataset``, and whether its spec changed (so it must be synced again)."""
+    """The record after applying ``dataset``, and whether its spec changed (so it must be synced again).
+
+    A dataset that becomes a reference, or stops being one, starts from an empty status: what it showed (its own
+    listing, or its source's) is not its own any more, and must not be mounted meanwhile."""
     if record is None:
         return DatasetRecord(dataset=dataset, generation=1), True
     if record.dataset == dataset:
         return record, False
-    return msgspec.structs.replace(record, dataset=dataset, generation=record.generation + 1), True
+    updated = msgspec.structs.replace(record, dataset=dataset, generation=record.generation + 1)
+    if is_reference(record.dataset) != is_reference(dataset):
+        updated = msgspec.structs.replace(updated, status=DatasetStatus())
+    return updated, True
 
 
 @dataclass(frozen=True)
@@ -515,3 +527,113 @@ def with_cache_states(status: DatasetStatus, cache: DatasetInventory) -> Dataset
         return status
     return msgspec.structs.replace(status, cache_states=cache_states(cache, status.ufs_total_bytes),
                                    nodes=node_caches(cache))
+
+
+# --- Reference datasets (dataset://<namespace>/<name>, libs.references) ---
+
+
+def with_dataset_ref(status: DatasetStatus, references: Sequence[str]) -> DatasetStatus:
+    """A source's status naming the references that mount it (Fluid's ``datasetRef``, ``<namespace>/<name>``)."""
+    wanted = sorted(references)
+    return status if status.dataset_ref == wanted else msgspec.structs.replace(status, dataset_ref=wanted)
+
+# A reference's own condition: whether its source exists and can be followed (it mirrors the source's status).
+CONDITION_SOURCE = "SourceAvailable"
+REASON_FOLLOWING = "Following"
+REASON_SOURCE_MISSING = "SourceMissing"
+REASON_SOURCE_IS_REFERENCE = "SourceIsReference"
+
+
+def reference_errors(dataset: Dataset) -> list[str]:
+    """Why a spec with a ``dataset://`` mount cannot be a reference, as Fluid refuses it: exactly one mount, no
+    other kind beside it, a well-formed source that is not the dataset itself, no options of its own (the source's
+    apply). Whether the source exists, and is not a reference itself, is the status's business (it may come later)."""
+    mounts = dataset.spec.mounts
+    meta = dataset.metadata
+    references = [index for index, mount in enumerate(mounts) if is_reference_mount(mount)]
+    if len(references) > 1:
+        return [f"spec.mounts has {len(references)} {REFERENCE_PREFIX} mounts: a reference dataset mounts exactly "
+                "one dataset; make one reference dataset per source"]
+    (index,) = references
+    where = f"spec.mounts[{index}]"
+    if len(mounts) > 1:
+        others = ", ".join(f"spec.mounts[{i}]" for i in range(len(mounts)) if i != index)
+        return [f"{where} is a {REFERENCE_PREFIX} mount, which cannot be combined with other mounts ({others}), "
+                "as in Fluid: put those in the source dataset, or in a dataset of their own"]
+    mount = mounts[index]
+    source, problem = parse_reference(mount.mount_point)
+    if source is None:
+        return [f"{where}.mountPoint {problem}"]
+    errors = []
+    if (source.namespace, source.name) == (meta.namespace, meta.name):
+        errors.append(f"{where}.mountPoint {mount.mount_point!r} names this dataset itself: a reference mounts "
+                      "another dataset; name that one")
+    if mount.options or mount.encrypt_options or dataset.spec.shared_options or dataset.spec.shared_encrypt_options:
+        errors.append(f"{where}: options and encryptOptions are not used by a {REFERENCE_PREFIX} mount (the source's "
+                      "own apply); remove them")
+    return errors
+
+
+def reference_apply_errors(dataset: Dataset, source: DatasetRecord | None) -> list[str]:
+    """Why a reference cannot be applied given its source as it is now: a source that is itself a reference (a
+    chain, or with this one a cycle such as a→b→a). A missing source is accepted (applied in any order, it fails
+    until the source comes); a chain made later, by a race or by re-applying the source, fails in the status."""
+    ref = reference_of(dataset)
+    if ref is None or source is None or not is_reference(source.dataset):
+        return []
+    further = reference_of(source.dataset)
+    meta = dataset.metadata
+    loop = further is not None and (further.namespace, further.name) == (meta.namespace, meta.name)
+    what = "a cycle" if loop else "a chain"
+    return [f"spec.mounts[0].mountPoint {REFERENCE_PREFIX}{ref} names a dataset that is itself a reference (to "
+            f"{further}), which would make {what}: references do not chain; mount a dataset of stores"
+            + ("" if loop or further is None else f", such as {REFERENCE_PREFIX}{further}")]
+
+
+def _source_condition(previous: DatasetStatus, status: Literal["True", "False"], reason: str, message: str,
+                      now: float) -> Condition:
+    old = next((c for c in previous.conditions if c.type == CONDITION_SOURCE), None)
+    since = old.last_transition_time if old is not None and old.status == status else iso_time(now)
+    return Condition(type=CONDITION_SOURCE, status=status, reason=reason, message=message,
+                     last_transition_time=since)
+
+
+def reference_status(record: DatasetRecord, source: DatasetRecord | None, now: float) -> DatasetStatus:
+    """The status of a reference dataset, given its source's record (None when it does not exist).
+
+    It mirrors the source (phase, ufsTotal, fileNum, cacheStates, nodes, runtimes: the source's runtime serves it)
+    with a ``SourceAvailable`` condition. A source that does not exist, or is itself a reference (chains and cycles
+    are never followed, so a→b→a can never be Bound), makes it Failed with a message saying what to change; it
+    follows again as soon as the source is there. Its own generation counts as synced: it lists nothing."""
+    ref = reference_of(record.dataset)
+    previous = record.status
+    generation, requests = record.generation, record.sync_requests
+    if ref is None:  # refused at apply; kept total for a record written before this rule
+        return previous
+    mount_point = f"{REFERENCE_PREFIX}{ref}"
+    if source is None or is_reference(source.dataset):
+        if source is None:
+            reason = REASON_SOURCE_MISSING
+            message = (f"source dataset {ref.namespace}/{ref.name} does not exist: create it, or point "
+                       f"spec.mounts[0].mountPoint ({mount_point}) at an existing dataset")
+        else:
+            reason = REASON_SOURCE_IS_REFERENCE
+            further = reference_of(source.dataset)
+            message = (f"source dataset {ref.namespace}/{ref.name} is itself a reference (to {further}): references "
+                       f"do not chain; mount {REFERENCE_PREFIX}{further} instead")
+        condition = _source_condition(previous, "False", reason, message, now)
+        return DatasetStatus(phase="Failed", message=message, conditions=[condition],
+                             last_sync_time=previous.last_sync_time, synced_generation=generation,
+                             synced_requests=requests)
+    mirrored = source.status
+    condition = _source_condition(previous, "True", REASON_FOLLOWING,
+                                  f"mirrors {ref.namespace}/{ref.name}, whose cache serves this dataset", now)
+    conditions = [*[c for c in mirrored.conditions if c.type != CONDITION_SOURCE], condition]
+    if mirrored.message:
+        message = f"source dataset {ref.namespace}/{ref.name}: {mirrored.message}"
+    elif mirrored.phase != "Bound":
+        message = f"waiting for source dataset {ref.namespace}/{ref.name} to be Bound (it is {mirrored.phase})"
+    else:
+        message = ""
+    return msgspec.structs.replace(mirrored, conditions=conditions, message=message, synced_generation=generation,
+                                   synced_requests=requests, dataset_ref=[])

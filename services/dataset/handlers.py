@@ -18,6 +18,7 @@ from libs.bus import Bus, Conflict, Delivery, RetryLater, kv_delete, kv_load, kv
 from libs.config import Settings
 from libs.events.agent import AnyInventory, InventoryRequest, upgrade
 from libs.events.dataset import (
+    Dataset,
     DatasetAccepted,
     DatasetApply,
     DatasetCommand,
@@ -34,9 +35,11 @@ from libs.inventory import DatasetInventory
 from libs.inventory import fold as fold_inventory
 from libs.manifest import ManifestStore
 from libs.mounts import exposed_secret_errors
+from libs.references import is_reference, reference_of
 from libs.telemetry import context_of, current_traceparent, get_logger, tracer
 from libs.ufs import open_store
 from services.dataset import domain
+from services.dataset.references import ReferenceIndex
 from services.dataset.sync import StoreOpener, sync_metadata
 
 log = get_logger(__name__)
@@ -54,6 +57,8 @@ class DatasetHandlers:
     # Asks the reconciler to look at a dataset again (app wires Reconciler.schedule): a runtime re-applied with
     # another metadataSyncPolicy changes when its dataset is listed next, though the dataset's record did not change.
     wake: Callable[[str], None] | None = None
+    # Which datasets reference which (fed by the reconciler's watch): a source's ``datasetRef``.
+    references: ReferenceIndex | None = None
     _tracer: trace.Tracer = field(default_factory=lambda: tracer(__name__), init=False)
     # When each dataset was last listed, by this process's clock: an unchanged autoSync listing writes nothing, so
     # the record cannot say it (after a restart the period counts from lastSyncTime).
@@ -93,14 +98,26 @@ class DatasetHandlers:
             )
             return
         kv = await self.bus.kv(subjects.KV_DATASETS)
+        source = await self._source_of(dataset)
+        errors = domain.reference_apply_errors(dataset, source)
+        if errors:
+            log.info("rejected", dataset=f"{namespace}/{name}", reasons=errors)
+            await self.bus.publish(
+                subjects.DATASET_REJECTED,
+                DatasetRejected(id=f"{command.id}.rejected", causation_id=command.id, reason="; ".join(errors),
+                                name=name, namespace=namespace, subject=delivery.subject),
+            )
+            return
         key = subjects.resource_key(namespace, name)
         record, revision = await kv_load(kv, key, DatasetRecord)
         updated, changed = domain.apply_dataset(record, dataset)
         saved_revision = revision
         if changed:
-            binding = await self._binding(namespace, name)
-            updated = msgspec.structs.replace(updated, status=domain.status_on_apply(updated, binding),
-                                              traceparent=current_traceparent())
+            if is_reference(dataset):
+                status = domain.reference_status(updated, source, self.clock())
+            else:
+                status = domain.status_on_apply(updated, await self._binding(namespace, name))
+            updated = msgspec.structs.replace(updated, status=status, traceparent=current_traceparent())
             saved_revision = await kv_save(kv, key, updated, revision)  # Conflict → the loop redelivers at once
             log.info("applied", dataset=key, generation=updated.generation)
         await self.bus.publish(
@@ -119,6 +136,16 @@ class DatasetHandlers:
         record, revision = await kv_load(kv, key, DatasetRecord)
         if record is None:
             await self._reject_missing(command, delivery)
+            return
+        if (source := reference_of(record.dataset)) is not None:
+            await self.bus.publish(
+                subjects.DATASET_REJECTED,
+                DatasetRejected(id=f"{command.id}.rejected", causation_id=command.id,
+                                reason=(f"dataset {command.namespace}/{command.name} is a reference to "
+                                        f"{source.namespace}/{source.name}, which lists nothing itself: resync "
+                                        f"{source.namespace}/{source.name}"),
+                                name=command.name, namespace=command.namespace, subject=delivery.subject),
+            )
             return
         updated = msgspec.structs.replace(record, sync_requests=record.sync_requests + 1,
                                           traceparent=current_traceparent())
@@ -238,6 +265,14 @@ class DatasetHandlers:
         if record is None:
             self._listed_at.pop(key, None)
             return None
+        if is_reference(record.dataset):
+            await self._follow(key, record)
+            return None
+        if self.references is not None:
+            mounted_by = [f"{namespace}/{name}" for namespace, _, name in
+                          (ref.partition(".") for ref in self.references.referencing(key))]
+            if record.status.dataset_ref != sorted(mounted_by):
+                await self._update_status(key, lambda current: domain.with_dataset_ref(current.status, mounted_by))
         meta = record.dataset.metadata
         policy = await self._sync_policy(meta.namespace, meta.name)
         due = domain.next_sync(record, self.clock(), self.settings.service.sync_retry_seconds, policy,
@@ -312,6 +347,23 @@ class DatasetHandlers:
         if not still_there:
             await self._delete_manifest(namespace, name)
 
+    # --- reference datasets (dataset://, libs.references) ---
+
+    async def _follow(self, key: str, record: DatasetRecord) -> None:
+        """Mirror the source's status into a reference's (the reconciler calls this for the reference's own
+        changes, and ``ReferenceIndex`` for each change or deletion of its source)."""
+        source = await self._source_of(record.dataset)
+        await self._update_status(key, lambda current: domain.reference_status(current, source, self.clock()),
+                                  references=True)
+
+    async def _source_of(self, dataset: Dataset) -> DatasetRecord | None:
+        """The record of the dataset a reference mounts; None when it does not exist or this is no reference."""
+        ref = reference_of(dataset)
+        if ref is None:
+            return None
+        source, _ = await kv_load(await self.bus.kv(subjects.KV_DATASETS), ref.key, DatasetRecord)
+        return source
+
     # --- helpers ---
 
     async def _binding(self, namespace: str, name: str) -> domain.RuntimeBinding:
@@ -319,16 +371,20 @@ class DatasetHandlers:
         binding, _ = await kv_load(bindings, subjects.resource_key(namespace, name), domain.RuntimeBinding)
         return binding or domain.RuntimeBinding()
 
-    async def _update_status(self, key: str, compute: Callable[[DatasetRecord], DatasetStatus]) -> bool:
+    async def _update_status(self, key: str, compute: Callable[[DatasetRecord], DatasetStatus],
+                             references: bool = False) -> bool:
         """Apply ``compute`` to the stored record with compare-and-set; publish if the status changed.
 
-        Returns False when the dataset does not exist (any more).
+        A reference's status is its source's (``_follow``, which passes ``references``): any other update leaves it
+        alone (a runtime of the same name, say). Returns False when the dataset does not exist (any more).
         """
         kv = await self.bus.kv(subjects.KV_DATASETS)
         for _ in range(CAS_ATTEMPTS):
             record, revision = await kv_load(kv, key, DatasetRecord)
             if record is None:
                 return False
+            if is_reference(record.dataset) and not references:
+                return True
             status = compute(record)
             if status == record.status:
                 return True

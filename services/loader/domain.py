@@ -46,6 +46,7 @@ from libs.events.operation import (
 )
 from libs.events.runtime import RuntimeRecord
 from libs.paths import is_folder
+from libs.references import reference_of
 
 # The brief's part size: a NodeTask stays far below NATS's 1 MiB payload limit and a part is minutes of work at
 # most, so a restarted mount process redoes (skips) little.
@@ -209,6 +210,9 @@ def run_problem(record: OperationRecord, cluster: Cluster) -> str | None:
     name = f"{ref.namespace}/{ref.name}"
     if cluster.dataset is None:
         return f"dataset {name} does not exist; create it or fix spec.dataset"
+    if (source := reference_of(cluster.dataset.dataset)) is not None:
+        return (f"dataset {name} is a reference to {source.namespace}/{source.name}, whose cache it reads; run the "
+                f"{record.kind} on {source.namespace}/{source.name} (spec.dataset) instead")
     if cluster.dataset.status.phase != "Bound":
         return (f"dataset {name} is {cluster.dataset.status.phase}, not Bound; apply a runtime named {ref.name} "
                 f"in namespace {ref.namespace} and wait for the dataset to be Bound")

@@ -49,6 +49,7 @@ from libs.events.runtime import (
     ScaleDecision,
 )
 from libs.hostpaths import cache_path_error
+from libs.references import is_reference_mount
 
 MEDIUM_TYPES = ("MEM", "SSD", "HDD")
 # Smaller blocks waste request overhead, larger ones waste cache and bandwidth on random reads.
@@ -194,6 +195,9 @@ class Placement:
     affinity: Mapping[str, Any] | None = None
     # Fluid's default: a worker holds the cache of one dataset only.
     exclusive: bool = True
+    # The Dataset is a reference (``dataset://``, libs.references): its source's runtime caches it, so a runtime of
+    # its name (a ThinRuntime from Fluid's older samples) picks no worker and takes no agent from anyone.
+    reference: bool = False
 
 
 @dataclass(frozen=True)
@@ -208,12 +212,15 @@ class OtherRuntime:
 def placement_of(dataset: DatasetSpec | None) -> Placement:
     if dataset is None:
         return Placement()
-    return Placement(affinity=dataset.node_affinity, exclusive=dataset.placement != "Shared")
+    return Placement(affinity=dataset.node_affinity, exclusive=dataset.placement != "Shared",
+                     reference=any(is_reference_mount(mount) for mount in dataset.mounts))
 
 
 def ineligible_reason(node: str, labels: Mapping[str, str], placement: Placement,
                       others: Iterable[OtherRuntime]) -> str | None:
     """Why an agent may not be one of the runtime's cache workers, or None when it may."""
+    if placement.reference:
+        return "the dataset is a reference (dataset://): its source's runtime caches it"
     if (reason := affinity.mismatch(placement.affinity, node, labels)) is not None:
         return f"does not match nodeAffinity: {reason}"
     for other in sorted(others, key=lambda o: o.key):

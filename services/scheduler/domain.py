@@ -18,6 +18,8 @@
   never heard of is scored like a node without cache (no preference), its labels from the request if given.
 - **determinism**: the request is normalised (datasets merged by name, paths and candidates deduplicated and
   sorted), so input order never changes the answer; nodes come best first, ties by name.
+- **reference datasets** (``dataset://``, ``libs.references``): a use of a reference is a use of its source (and
+  of the source's folder the reference shows), whose cache it reads: ``through_references`` rewrites the request.
 - **the best ``limit`` nodes**: the reply lists the first ``limit`` nodes of that ranking (0: all), and how many
   others were scored (``unlisted``) with the best score among them (``unlisted_score``).
 
@@ -39,7 +41,8 @@ from typing import Any, Protocol, TypeVar, cast
 
 import msgspec
 
-from libs.events.schedule import NodeScore, ScoreReply, ScoreRequest
+from libs.events.schedule import DatasetUse, NodeScore, ScoreReply, ScoreRequest
+from libs.references import Reference
 
 DatasetKey = tuple[str, str]
 K = TypeVar("K")
@@ -642,3 +645,22 @@ class StaticView:
     def known(self, parts: tuple[Part, ...], places: Places) -> Sums:
         columns = [(*self.column(key, paths, places), cap) for key, paths, cap in parts]
         return Sums(add_columns(columns, len(places.nodes)))
+
+
+def through_references(request: ScoreRequest, sources: Mapping[tuple[str, str], Reference]) -> ScoreRequest:
+    """The request with each use of a reference dataset made a use of its source (``sources``: reference key →
+    source), its paths below the folder the reference shows (the whole folder when it named none)."""
+    if not sources or not any((use.namespace or "default", use.name) in sources for use in request.datasets):
+        return request
+    uses = []
+    for use in request.datasets:
+        source = sources.get((use.namespace or "default", use.name))
+        if source is None:
+            uses.append(use)
+            continue
+        paths = list(use.paths)
+        if source.folder:
+            folder = "/" + source.folder
+            paths = [folder + (path if path != "/" else "") for path in paths] or [folder]
+        uses.append(DatasetUse(name=source.name, namespace=source.namespace, paths=paths, required=use.required))
+    return msgspec.structs.replace(request, datasets=uses)

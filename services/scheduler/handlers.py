@@ -26,6 +26,7 @@ from libs.events.common import ObjectRef
 from libs.events.dataset import DatasetRecord
 from libs.events.schedule import ScoreReply, ScoreRequest
 from libs.manifest import ManifestStore
+from libs.references import Reference, reference_of
 from libs.telemetry import get_logger
 from services.scheduler import domain
 from services.scheduler.fold import CacheFold, Catalog, DatasetKey, LiveView
@@ -98,6 +99,8 @@ class SchedulerHandlers:
     clock: Callable[[], float] = time.time
     fold: CacheFold = field(default_factory=CacheFold)
     datasets: dict[DatasetKey, DatasetInfo] = field(default_factory=dict)
+    # Reference datasets (dataset://): their key → the source whose cache they read (``domain.through_references``).
+    references: dict[DatasetKey, Reference] = field(default_factory=dict)
     # Nodes whose agent was seen beating: when such a node's record is gone or stale, its cache is forgotten.
     # (A node that never beat, e.g. a bench's simulated agent, is judged by its inventory alone.)
     beating: set[str] = field(default_factory=set)
@@ -127,6 +130,7 @@ class SchedulerHandlers:
         catalogs, the set of nodes, the datasets' totals, and the nodes' labels and liveness (re-read every second
         by ``refresh_labels``). Many pods of one job ask the same question in a burst; only the first pays for it.
         """
+        request = domain.through_references(request, self.references)
         key = _request_key(request)
         stamp = self._stamp(request)
         known = self._answers.get(key)
@@ -204,7 +208,7 @@ class SchedulerHandlers:
                     replaying = set()
                 elif entry is None:
                     if replaying is not None:
-                        for gone in set(self.datasets) - replaying:
+                        for gone in (set(self.datasets) | set(self.references)) - replaying:
                             self.forget_dataset(gone)
                     replaying = None
                     self.datasets_ready.set()
@@ -228,6 +232,13 @@ class SchedulerHandlers:
                     await self.dataset_changed(key, record)
 
     async def dataset_changed(self, key: DatasetKey, record: DatasetRecord) -> None:
+        source = reference_of(record.dataset)
+        if source is not None:  # no cache of its own: its uses are its source's (answer)
+            if key in self.datasets:
+                self.forget_dataset(key)
+            self.references[key] = source
+            return
+        self.references.pop(key, None)
         info = info_of(record)
         before = self.datasets.get(key)
         self.datasets[key] = info
@@ -248,6 +259,7 @@ class SchedulerHandlers:
             self.fold.set_catalog(key, Catalog(entries))
 
     def forget_dataset(self, key: DatasetKey) -> None:
+        self.references.pop(key, None)
         self.datasets.pop(key, None)
         self.info_version += 1
         self.fold.forget_dataset(key)

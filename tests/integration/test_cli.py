@@ -341,7 +341,7 @@ spec:
     assert result.stdout == ""
     assert result.stderr.splitlines() == [
         "error: bad rejected: spec.mounts[0].mountPoint 'ftp://example.com/data' has scheme 'ftp'; "
-        "supported: s3://, local://, http://, https://, pvc://",
+        "supported: s3://, local://, http://, https://, pvc://, and dataset://<namespace>/<name> alone (a reference)",
         "error: bad rejected: spec.tieredstore.levels[0].mediumtype 'TAPE' is unknown (use MEM, SSD or HDD)",
     ]
 
