@@ -15,6 +15,7 @@ import functools
 import html
 import http.server
 import os
+import ssl
 import threading
 import time
 from pathlib import Path
@@ -68,8 +69,10 @@ PAGES = {"nginx": nginx_page, "apache": apache_page}
 
 class WebSource:
     def __init__(self, root: Path, style: str = "nginx", etags: bool = True,
-                 redirects: dict[str, str] | None = None, head: bool = True) -> None:
+                 redirects: dict[str, str] | None = None, head: bool = True,
+                 tls: ssl.SSLContext | None = None) -> None:
         self.root = root
+        self.tls = tls
         self.head = head
         self.style = style
         self.etags = etags
@@ -80,7 +83,7 @@ class WebSource:
 
     @property
     def url(self) -> str:
-        return f"http://{LOOPBACK}:{self.port}/"
+        return f"{'https' if self.tls else 'http'}://{LOOPBACK}:{self.port}/"
 
     async def __aenter__(self) -> WebSource:
         app = web.Application()
@@ -89,7 +92,7 @@ class WebSource:
             app.on_response_prepare.append(self._drop_etag)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        await web.TCPSite(self._runner, LOOPBACK, self.port).start()
+        await web.TCPSite(self._runner, LOOPBACK, self.port, ssl_context=self.tls).start()
         return self
 
     async def __aexit__(self, *exc: object) -> None:

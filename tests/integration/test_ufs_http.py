@@ -4,13 +4,26 @@ Apache-style autoindex pages (Range, ETag, If-Match as a static server answers t
 
 from __future__ import annotations
 
+import asyncio
 import os
+import ssl
+import sys
+from asyncio.subprocess import PIPE
 from pathlib import Path
 
 import pytest
 
 from libs.embedded import LOOPBACK, free_port
-from libs.ufs.base import EndpointUnreachable, HttpLocation, NoSuchBucket, NoSuchKey, ObjectChanged, ObjectInfo
+from libs.natssecure import make_certs
+from libs.ufs.base import (
+    EndpointUnreachable,
+    HttpLocation,
+    NoSuchBucket,
+    NoSuchKey,
+    ObjectChanged,
+    ObjectInfo,
+    UfsError,
+)
 from libs.ufs.http import HttpObjectStore, ListingLoop, ListingTooLarge
 from tests.web_source import PythonSource, WebSource, rewrite
 
@@ -137,3 +150,42 @@ async def test_a_server_refusing_head_is_asked_with_a_one_byte_range(tmp_path: P
         (info,) = await listing(store)
         assert (info.key, info.size) == ("f.bin", 5000) and info.etag.startswith('"')
         assert ("HEAD", "/f.bin") in web.calls and ("GET", "/f.bin") in web.calls
+
+
+# Lists the folder and reads a range in a fresh process, so SSL_CERT_FILE (read when the TLS defaults load, at
+# aiohttp's import) decides which CA is trusted, as it does for the services and mount processes.
+_LIST_AND_READ = """
+import asyncio, sys
+from libs.ufs.base import HttpLocation
+from libs.ufs.http import HttpObjectStore
+
+async def main():
+    async with HttpObjectStore(HttpLocation(url=sys.argv[1])) as store:
+        infos = [info async for info in store.list()]
+        print(sorted(info.key for info in infos))
+        print((await store.get_range("a.txt", 1, 3, infos[0].etag)).decode())
+
+asyncio.run(main())
+"""
+
+
+async def test_https_folders_are_read_when_their_ca_is_trusted_and_refused_with_a_reason_otherwise(
+        tmp_path: Path) -> None:
+    root = tree(tmp_path / "site" / "data", {"a.txt": b"alpha\n", "sub/b.txt": b"b"})
+    (tmp_path / "certs").mkdir()
+    certs = make_certs(tmp_path / "certs")
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_tls.load_cert_chain(certs.cert, certs.key)
+    async with WebSource(root.parent, tls=server_tls) as web:
+        assert web.url.startswith("https://")
+        async with HttpObjectStore(HttpLocation(url=web.url + "data")) as store:  # this process trusts no such CA
+            with pytest.raises(UfsError, match=r"TLS with web server .* failed .*check its certificate") as err:
+                await listing(store)
+            assert not err.value.retryable  # retrying cannot fix a certificate
+        env = {**os.environ, "SSL_CERT_FILE": str(certs.ca), "PYTHONPATH": os.getcwd()}
+        # Not subprocess.run: the server answers from this event loop.
+        process = await asyncio.create_subprocess_exec(sys.executable, "-c", _LIST_AND_READ, web.url + "data",
+                                                       env=env, stdout=PIPE, stderr=PIPE)
+        out, errors = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 0, errors.decode()[-2000:]
+    assert out.decode().splitlines() == ["['a.txt', 'sub/b.txt']", "lph"]
