@@ -25,7 +25,7 @@ import contextlib
 import ssl
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Generic, TypeVar
 
 import msgspec
@@ -47,7 +47,7 @@ from nats.js.object_store import ObjectStore as NatsObjectStore
 from opentelemetry import trace
 
 from libs import metrics, subjects
-from libs.backoff import REDELIVERY
+from libs.backoff import REDELIVERY, Backoff
 from libs.config import NatsSettings
 from libs.events.deadletter import DeadLetter
 from libs.redact import redact_payload, strip_userinfo
@@ -56,6 +56,9 @@ from libs.telemetry import extract_context, get_logger, inject_context, messagin
 log = get_logger(__name__)
 
 DAY = 24 * 3600.0
+# The streams JetStream keeps a KV bucket and an object store in (nats-py spells them only inside its own code).
+KV_STREAM_PREFIX = "KV_"
+OBJ_STREAM_PREFIX = "OBJ_"
 MESSAGE_LIMIT = 1024 * 1024  # JetStream's default max_payload; larger publishes are refused by the server.
 
 
@@ -191,12 +194,23 @@ class Bus:
                     js_api.KeyValueConfig(bucket=bucket.name, history=bucket.history, ttl=bucket.ttl,
                                           replicas=self.replicas)
                 )
+            else:
+                await self._replicate(f"{KV_STREAM_PREFIX}{bucket.name}")
         try:
             await self.js.object_store(subjects.OBJ_MANIFESTS)
         except (BucketNotFoundError, NotFoundError):
             await self.js.create_object_store(
                 subjects.OBJ_MANIFESTS, js_api.ObjectStoreConfig(replicas=self.replicas)
             )
+        else:
+            await self._replicate(f"{OBJ_STREAM_PREFIX}{subjects.OBJ_MANIFESTS}")
+
+    async def _replicate(self, stream: str) -> None:
+        """Bring an existing bucket's stream to ``replicas`` (SHOAL_STREAM_REPLICAS raised after it was created,
+        e.g. when a single server grew into a cluster); JetStream copies its messages to the new peers."""
+        info = await self.js.stream_info(stream)
+        if info.config.num_replicas != self.replicas:
+            await self.js.update_stream(replace(info.config, num_replicas=self.replicas))
 
     async def kv(self, bucket: str) -> KeyValue:
         if bucket not in self._kv:
@@ -379,6 +393,11 @@ Handler = Callable[[E, Delivery], Awaitable[None]]
 InvalidHandler = Callable[[Delivery, str, bytes], Awaitable[None]]
 
 
+# Attaching a consumer again after its server went away: a cluster elects new leaders within seconds (~6 s
+# measured for a killed stream leader), so retry quickly, then at most every 2 s (one API request each).
+ATTACH = Backoff(first=0.25, cap=2.0)
+
+
 def retry_delay(deliveries: int) -> float:
     """0.5 s doubling per delivery, capped at 30 s (``libs.backoff.REDELIVERY``)."""
     return REDELIVERY.delay(deliveries)
@@ -434,24 +453,45 @@ class Consumer(Generic[E]):
             filter_subjects=filters if len(filters) > 1 else None,
             deliver_policy=js_api.DeliverPolicy.ALL,
         )
-        subscription = await self.bus.js.pull_subscribe(
-            filters[0], durable=self.durable, stream=self.stream, config=config
-        )
-        try:
-            while not self._stopping.is_set():
+        failures = 0
+        while not self._stopping.is_set():
+            try:
+                subscription = await self.bus.js.pull_subscribe(
+                    filters[0], durable=self.durable, stream=self.stream, config=config
+                )
                 try:
-                    messages = await subscription.fetch(self.batch, timeout=1.0)
-                except (TimeoutError, nats.errors.TimeoutError):
-                    # Nothing arrived within the wait: no message of the stream is waiting for this consumer.
-                    self._lag.set(0)
-                    continue
-                # Messages still in the stream behind the last one fetched (JetStream's count for this consumer).
-                if messages:
-                    self._lag.set(messages[-1].metadata.num_pending or 0)
-                for message in messages:
-                    await self.process(message)
-        finally:
-            await subscription.unsubscribe()
+                    async for _ in self._pull(subscription):
+                        failures = 0
+                finally:
+                    with contextlib.suppress(Exception):  # its server may be the one that went away
+                        await subscription.unsubscribe()
+            except nats.errors.Error as err:
+                # The consumer's server went away (a cluster electing a new leader answers 503, no responders, or
+                # times out) or the connection is down: attach again, as often as ATTACH allows, until stopped.
+                if self.bus.nc.is_closed:
+                    raise
+                failures += 1
+                delay = ATTACH.delay(failures)
+                log.warning("consumer detached, attaching again", consumer=self.durable, error=repr(err),
+                            delay=delay)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), delay)
+
+    async def _pull(self, subscription: JetStreamContext.PullSubscription) -> AsyncGenerator[None, None]:
+        """Fetch and process until stopped; yields after each fetch that reached the consumer."""
+        while not self._stopping.is_set():
+            try:
+                messages = await subscription.fetch(self.batch, timeout=1.0)
+            except (TimeoutError, nats.errors.TimeoutError):
+                # Nothing arrived within the wait: no message of the stream is waiting for this consumer.
+                self._lag.set(0)
+                continue
+            yield
+            # Messages still in the stream behind the last one fetched (JetStream's count for this consumer).
+            if messages:
+                self._lag.set(messages[-1].metadata.num_pending or 0)
+            for message in messages:
+                await self.process(message)
 
     def stop(self) -> None:
         self._stopping.set()
@@ -577,14 +617,19 @@ async def kv_watch(kv: KeyValue, stopping: asyncio.Event, reconnects: Callable[[
     changes made meanwhile would wait that long.
     """
     seen = reconnects() if reconnects else 0
-    watcher = await kv.watch(keys)
+    watcher = await _start_watch(kv, keys, stopping)
+    if watcher is None:
+        return
     try:
         while not stopping.is_set():
             if reconnects is not None and reconnects() != seen:
                 seen = reconnects()
                 with contextlib.suppress(Exception):  # the old consumer may be gone with the old server
                     await watcher.stop()
-                watcher = await kv.watch(keys)
+                restarted = await _start_watch(kv, keys, stopping)
+                if restarted is None:
+                    return
+                watcher = restarted
                 yield Replay()
             try:
                 entry = await watcher.updates(timeout=WATCH_TICK_SECONDS)
@@ -594,6 +639,23 @@ async def kv_watch(kv: KeyValue, stopping: asyncio.Event, reconnects: Callable[[
     finally:
         with contextlib.suppress(Exception):
             await watcher.stop()
+
+
+async def _start_watch(kv: KeyValue, keys: str, stopping: asyncio.Event) -> KeyValue.KeyWatcher | None:
+    """A new watch, tried again (ATTACH's pace) while NATS cannot start one: right after a reconnect the server,
+    or a cluster electing new leaders, may not answer yet. None once ``stopping``."""
+    failures = 0
+    while not stopping.is_set():
+        try:
+            return await kv.watch(keys)
+        except nats.errors.Error as err:
+            failures += 1
+            delay = ATTACH.delay(failures)
+            log.warning("watch not started, trying again", bucket=getattr(kv, "_name", ""), error=repr(err),
+                        delay=delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), delay)
+    return None
 
 
 class KvMirror(Generic[T]):

@@ -395,3 +395,16 @@ def with_cache_states(status: DatasetStatus, cache: DatasetInventory) -> Dataset
         return status
     return msgspec.structs.replace(status, cache_states=cache_states(cache, status.ufs_total_bytes),
                                    nodes=node_caches(cache))
+
+
+# Resync ids a record remembers: a redelivery arrives within a few fetch batches (16 messages each) of the first
+# delivery, so 32 covers it while keeping the record small (~1 KiB of ids).
+RESYNC_IDS_KEPT = 32
+
+
+def request_resync(record: DatasetRecord, command_id: str) -> DatasetRecord | None:
+    """The record counting one more resync request, or None when this command was already counted (redelivered)."""
+    if command_id and command_id in record.resync_ids:
+        return None
+    return msgspec.structs.replace(record, sync_requests=record.sync_requests + 1,
+                                   resync_ids=[*record.resync_ids, command_id][-RESYNC_IDS_KEPT:])

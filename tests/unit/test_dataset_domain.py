@@ -39,6 +39,7 @@ from services.dataset.domain import (
     CONDITION_SYNCED,
     REASON_FAILED,
     REASON_UNREACHABLE,
+    RESYNC_IDS_KEPT,
     RuntimeBinding,
     SyncResult,
     apply_dataset,
@@ -46,6 +47,7 @@ from services.dataset.domain import (
     dataset_phase,
     iso_time,
     needs_sync,
+    request_resync,
     status_after_sync,
     status_on_apply,
     sync_due_in,
@@ -959,3 +961,16 @@ def test_an_unreadable_sync_time_retries_rather_than_stays_failed() -> None:
     record = unreachable_at(NOW)
     broken = msgspec.structs.replace(record, status=msgspec.structs.replace(record.status, last_sync_time="soon"))
     assert sync_due_in(broken, NOW, RETRY) == 0.0
+
+
+def test_a_resync_is_counted_once_however_often_it_is_delivered() -> None:
+    record = record_at()
+    first = request_resync(record, "r1")
+    assert first is not None and first.sync_requests == record.sync_requests + 1
+    assert request_resync(first, "r1") is None  # redelivered after its write landed
+    second = request_resync(first, "r2")
+    assert second is not None and second.sync_requests == record.sync_requests + 2
+    for index in range(3, 3 + RESYNC_IDS_KEPT):
+        second = request_resync(second, f"r{index}")
+        assert second is not None
+    assert len(second.resync_ids) == RESYNC_IDS_KEPT and "r1" not in second.resync_ids
