@@ -43,7 +43,8 @@ from tests.helpers import dataset_record, eventually, runtime_record
 SHOAL = str(Path(sys.executable).parent / "shoal")
 # Variables that would make `shoal up` use servers of the outer environment instead of starting its own.
 OUTER_VARIABLES = ("NATS_URL", "SHOAL_S3_ENDPOINT", "SHOAL_S3_ACCESS_KEY_ID", "SHOAL_S3_SECRET_ACCESS_KEY",
-                   "SHOAL_STATE_DIR", "SHOAL_UP_AGENTS", "SHOAL_NODE_NAME", "SHOAL_NODE_LABELS", "PROMETHEUS_URL")
+                   "SHOAL_STATE_DIR", "SHOAL_UP_AGENTS", "SHOAL_NODE_NAME", "SHOAL_NODE_LABELS", "PROMETHEUS_URL",
+                   "SHOAL_NATS_CLUSTER", "SHOAL_STREAM_REPLICAS")
 # SeaweedFS needs a few seconds, more on a busy two-core machine running other tests.
 READY_TIMEOUT = 90.0
 # `shoal up` also runs Prometheus when `make system-deps` unpacked it (or one is on PATH).
@@ -482,6 +483,29 @@ def test_seaweed_grpc_ports_are_checked_too() -> None:
     needed = {use.port for use in ports_needed(UpPorts(), run_nats=False, run_s3=True)}
     assert needed == {8333, 18333, 9333, 19333, 9334, 19334, 9335, 19335}
     assert {use.port for use in ports_needed(UpPorts(), run_nats=True, run_s3=False)} == {4222, 8222}
+
+
+def test_a_nats_cluster_gets_consecutive_ports_its_own_stores_every_url_and_as_many_replicas(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from libs.cli import up as up_module
+
+    needed = ports_needed(UpPorts(), run_nats=True, run_s3=False, nats_servers=3)
+    assert {use.port for use in needed} == {4222, 4223, 4224, 8222, 8223, 8224, 6222, 6223, 6224}
+    monkeypatch.setattr(up_module, "check_ports", lambda needed: None)  # planning only: nothing binds them
+    layout = StateLayout(tmp_path)
+    plan = up_module._plan(up_module.UpOptions(layout, UpPorts(), up_module.DEMO_MANIFEST, nats_servers=3), {})
+    assert [config.port for config in plan.nats] == [4222, 4223, 4224]
+    assert len({config.store_dir for config in plan.nats}) == 3
+    assert all(config.store_dir.parent == layout.nats_cluster_stores for config in plan.nats)
+    assert [config.cluster and config.cluster.routes for config in plan.nats] == [(6222, 6223, 6224)] * 3
+    assert plan.settings.nats.urls == [f"nats://{LOOPBACK}:{port}" for port in (4222, 4223, 4224)]
+    assert plan.settings.nats.replicas == 3
+    single = up_module._plan(up_module.UpOptions(layout, UpPorts(), up_module.DEMO_MANIFEST), {})
+    assert [config.store_dir for config in single.nats] == [layout.nats_store] and single.settings.nats.replicas == 1
+    text = banner(pid=1, nats_url=plan.nats_url, nats_embedded=True, nats_monitor_port=8222,
+                  s3=plan.s3, seeded_objects=0, services={}, http_ports={}, logs=tmp_path, manifest=tmp_path,
+                  applied=[], mounts=tmp_path, nats_servers=3)
+    assert "JetStream cluster of 3" in text and "8222..8224" in text
 
 
 def test_demo_cache_paths_follow_the_state_dir(tmp_path: Path) -> None:
