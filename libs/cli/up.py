@@ -3,7 +3,8 @@
 This module is the command and its order of work; each concern lives in ``libs.cli.stack``: the state directory
 (``layout``), ports (``ports``), pid files (``pids``), the demo bucket and the manifest's commands (``demo``),
 starting and restarting the services (``supervision``) and what is printed (``banner``). ``run_up``: plan
-(parse the manifest, check every port) before anything starts, start the embedded servers, provision, seed and
+(parse the manifest, check every port) before anything starts, start the embedded servers (one nats-server, or
+``--nats-cluster N`` of them as one JetStream cluster), provision, seed and
 apply, start the services, print the banner, then supervise until Ctrl-C, and stop everything in order.
 """
 
