@@ -394,8 +394,8 @@ InvalidHandler = Callable[[Delivery, str, bytes], Awaitable[None]]
 
 
 # Attaching a consumer again after its server went away: a cluster elects new leaders within seconds (~6 s
-# measured for a killed stream leader), so retry quickly, then at most every 2 s (one API request each).
-ATTACH = Backoff(first=0.25, cap=2.0)
+# measured for a killed stream leader), so retry quickly, then every second (a fetch or one API request each).
+ATTACH = Backoff(first=0.25, cap=1.0)
 
 
 def retry_delay(deliveries: int) -> float:
@@ -454,11 +454,19 @@ class Consumer(Generic[E]):
             deliver_policy=js_api.DeliverPolicy.ALL,
         )
         failures = 0
+        # Whether the durable may be missing (at the start, or the server said so): only then is it looked up and
+        # created. Otherwise attaching again makes no API request, which during a cluster's election would wait out
+        # the 5 s API timeout; the fetches themselves find the consumer's new leader once it is elected.
+        lookup = True
         while not self._stopping.is_set():
             try:
-                subscription = await self.bus.js.pull_subscribe(
-                    filters[0], durable=self.durable, stream=self.stream, config=config
-                )
+                if lookup:
+                    subscription = await self.bus.js.pull_subscribe(
+                        filters[0], durable=self.durable, stream=self.stream, config=config
+                    )
+                    lookup = False
+                else:
+                    subscription = await self.bus.js.pull_subscribe_bind(durable=self.durable, stream=self.stream)
                 try:
                     async for _ in self._pull(subscription):
                         failures = 0
@@ -470,6 +478,7 @@ class Consumer(Generic[E]):
                 # times out) or the connection is down: attach again, as often as ATTACH allows, until stopped.
                 if self.bus.nc.is_closed:
                     raise
+                lookup = isinstance(err, NotFoundError)
                 failures += 1
                 delay = ATTACH.delay(failures)
                 log.warning("consumer detached, attaching again", consumer=self.durable, error=repr(err),

@@ -41,7 +41,7 @@ pytestmark = pytest.mark.needs("fuse")
 
 MiB = 1024 * 1024
 # Commands published on each side of the kill: enough that some are in flight while the stream leader is gone.
-FLOW = 12
+FLOW = 6
 # The bound for services to resume after losing a server; asserted generously (a correctness bound on a
 # loaded two-core machine), measured and reported exactly.
 RESUME_BOUND_SECONDS = 30.0
