@@ -11,6 +11,7 @@ apply, start the services, print the banner, then supervise until Ctrl-C, and st
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import signal
 import time
@@ -249,8 +250,9 @@ def _launch(stack: Stack, plan: Plan) -> None:
         stack.add_server(start_nats(plan.nats[0], layout.log("nats-server")), "nats-server")
     elif plan.nats:
         _timestamped(f"starting a JetStream cluster of {len(plan.nats)} nats-servers on {plan.nats_url}")
-        for server in start_nats_cluster(plan.nats, layout.logs):
+        for server, member in zip(start_nats_cluster(plan.nats, layout.logs), plan.nats, strict=True):
             stack.add_server(server, "nats-server")
+            stack.restarts[server.name] = functools.partial(start_nats, member, server.log_path)
     if plan.seaweed is not None:
         _timestamped(f"starting SeaweedFS S3 on {plan.s3.endpoint} (takes a few seconds)")
         stack.add_server(start_seaweedfs(plan.seaweed, layout.log("seaweedfs")), "weed")

@@ -530,6 +530,41 @@ def test_demo_objects_are_deterministic_with_a_few_multi_block_files() -> None:
     assert {"README.txt", "labels.csv"} <= {obj.key for obj in objects}
 
 
+def test_a_dead_cluster_member_is_restarted_once_and_any_other_dead_server_stops_up(tmp_path: Path) -> None:
+    from libs.cli.stack import UpError
+    from libs.cli.stack.supervision import SERVER_STABLE_SECONDS
+    from libs.embedded import spawn
+
+    layout = StateLayout(tmp_path)
+    stack = Stack(layout)
+
+    def sleeper(name: str) -> Callable[[], Any]:
+        return lambda: spawn(name, ["sleep", "60"], layout.log(name))
+
+    try:
+        member, lone = sleeper("nats-2")(), sleeper("weed")()
+        stack.add_server(member, "sleep")
+        stack.add_server(lone, "sleep")
+        stack.restarts["nats-2"] = sleeper("nats-2")
+        said: list[str] = []
+        member.kill()
+        stack.supervise_once(100.0, said.append)
+        restarted = stack.servers[0]
+        assert restarted.alive() and restarted.pid != member.pid and restarted.name == "nats-2"
+        assert json.loads(layout.pids.read_text())["processes"]["nats-2"]["pid"] == restarted.pid
+        assert "nats-2 exited" in said[0] and f"PID {restarted.pid}" in said[1]
+        restarted.kill()  # again within a minute: broken, not unlucky
+        with pytest.raises(UpError, match="nats-2 exited"):
+            stack.supervise_once(100.0 + SERVER_STABLE_SECONDS / 2, said.append)
+        restarted.stop()  # closes its log (shoal up's stop() would)
+        stack.servers[0] = sleeper("nats-2")()
+        lone.kill()
+        with pytest.raises(UpError, match="weed exited"):
+            stack.supervise_once(200.0, said.append)
+    finally:
+        stack.stop()
+
+
 def test_stop_also_ends_a_child_started_but_never_registered(tmp_path: Path) -> None:
     """Ctrl-C can land between a server's start and its registration; stop() must not leave it running."""
     stack = Stack(StateLayout(tmp_path))
