@@ -30,8 +30,9 @@ from libs.events.common import ObjectMeta
 from libs.events.dataset import Dataset, DatasetAccepted, DatasetApply, DatasetResync, DatasetSpec, Mount
 from libs.events.operation import TargetPath
 from tests.conftest import NatsServer, SeaweedServer, put_objects
+from tests.faults import HttpProxy
 from tests.helpers import dataset_record, eventually, json_logs, make_settings
-from tests.integration.agent_stack import md5, node_stack, run_tool
+from tests.integration.agent_stack import md5, mount_pids, node_stack, run_tool
 from tests.integration.test_dataload_agents import finished, loader
 from tests.integration.test_loader import dataload
 from tests.nats_cluster import NatsCluster
@@ -135,12 +136,19 @@ async def test_kill_9_of_the_command_streams_leader_loses_no_command_and_applies
     (folder / "one.txt").write_bytes(b"one")
     await put_objects(seaweedfs, bucket, objects())
     bus = await connect(settings.nats, "tests-cluster-fault")
+    # The store behind a proxy that can hold block GETs: the load is in flight when the server dies.
+    store = HttpProxy(seaweedfs.endpoint)
+    await store.start()
     killed: int | None = None
     try:
         await bus.provision()
         async with node_stack(bus, settings, seaweedfs, tmp_path) as node, loader(settings):
-            await node.apply("warm", bucket)
+            await node.apply("warm", bucket, endpoint=store.endpoint)
             await node.wait_mounted("warm", expect="train/b.bin")
+            store.hold()
+            await bus.publish(subjects.DATALOAD_APPLY, dataload("warm-all", dataset="warm",
+                                                                target=[TargetPath(path="/")]))
+            await eventually(lambda: _true(store.waiting > 0), what="the load fetching its first block")
             await bus.publish(subjects.DATASET_APPLY, apply_local("counted", folder))
             await eventually(lambda: synced(bus, "counted"), what="the counted dataset synced")
 
@@ -158,9 +166,8 @@ async def test_kill_9_of_the_command_streams_leader_loses_no_command_and_applies
             await publish_surely(bus, subjects.DATASET_APPLY, applies[FLOW])
             resumed = asyncio.create_task(seconds_until(functools.partial(synced, bus, first), killed_at,
                                                         f"{first}, applied right after the kill, synced"))
-            # The load and the rest of the commands go out while the cluster elects new leaders.
-            await publish_surely(bus, subjects.DATALOAD_APPLY, dataload("warm-all", dataset="warm",
-                                                                        target=[TargetPath(path="/")]))
+            # The rest of the commands go out while the cluster elects new leaders; the load goes on.
+            store.release()
             for apply, resync in zip(applies[FLOW:], resyncs[FLOW:], strict=True):
                 await publish_surely(bus, subjects.DATASET_APPLY, apply)  # the first again: deduplicated
                 await publish_surely(bus, subjects.DATASET_RESYNC, resync)
@@ -198,11 +205,13 @@ async def test_kill_9_of_the_command_streams_leader_loses_no_command_and_applies
             await eventually(lambda: synced(bus, "counted", requests=len(resyncs) + 1), timeout=30,
                              what="a resync after the rejoin synced")
     finally:
+        store.release()
+        await store.stop()
         await bus.close()
         if killed is not None and nats_cluster.servers[killed] is None:
             nats_cluster.restart(killed)  # the module's next test gets three servers again
     record_fault("kill -9 of the commands stream's leader, one of three NATS servers, while dataset commands, "
-                 "inventory and a DataLoad flow",
+                 "inventory and a DataLoad (fetching its blocks) flow",
                  f"publishes retried through the election; services resumed (a dataset applied after the kill "
                  f"synced) {resumed_seconds:.1f} s after the kill; the server restarted and caught up in "
                  f"{rejoined[0]:.1f} s", resumed_seconds, area="NATS")
@@ -219,6 +228,7 @@ async def test_with_nats_down_the_mount_serves_cached_and_uncached_reads_and_ser
         root = await node.wait_mounted("offline", expect="train/b.bin")
         cached = await run_tool("md5sum", str(root / "train/a.bin"))
         assert cached.stdout.split()[0] == md5(files["train/a.bin"])
+        [pid] = mount_pids(root)
 
         nats_server.stop()
         # The store is still there: a block already cached and one never read both come back right.
@@ -236,9 +246,10 @@ async def test_with_nats_down_the_mount_serves_cached_and_uncached_reads_and_ser
             await bus.publish(subjects.DATASET_APPLY, apply_local("later", tmp_path / "later"))
             await eventually(lambda: synced(bus, "later"), timeout=RESUME_BOUND_SECONDS,
                              what="a dataset applied after NATS came back synced")
-        # And the agent still serves the dataset it had: its mount answers, the runtime sees it.
+        # And the same mount process still serves the dataset: it rode out the outage, nothing was remounted.
         read = await run_tool("md5sum", str(root / "c.bin"))
         assert read.stdout.split()[0] == md5(files["c.bin"])
+        assert mount_pids(root) == [pid]
     record_fault("NATS entirely unavailable (the only server stopped) under a mounted dataset",
                  "the mount kept serving cached and uncached reads from the store; once NATS was back, services "
                  f"reconnected and a command sent then was applied {caught_up[0]:.1f} s after the restart",
