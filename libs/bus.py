@@ -396,6 +396,9 @@ InvalidHandler = Callable[[Delivery, str, bytes], Awaitable[None]]
 # Attaching a consumer again after its server went away: a cluster elects new leaders within seconds (~6 s
 # measured for a killed stream leader), so retry quickly, then every second (a fetch or one API request each).
 ATTACH = Backoff(first=0.25, cap=1.0)
+# Failed attaches between two look-ups of the durable (~2 s at first): a look-up during an election waits out its
+# 5 s API timeout, so not at every attempt.
+LOOKUP_EVERY = 4
 
 
 def retry_delay(deliveries: int) -> float:
@@ -454,9 +457,9 @@ class Consumer(Generic[E]):
             deliver_policy=js_api.DeliverPolicy.ALL,
         )
         failures = 0
-        # Whether the durable may be missing (at the start, or the server said so): only then is it looked up and
-        # created. Otherwise attaching again makes no API request, which during a cluster's election would wait out
-        # the 5 s API timeout; the fetches themselves find the consumer's new leader once it is elected.
+        # Whether the durable may be missing (at the start, the server said so, or every LOOKUP_EVERY failures): only
+        # then is it looked up and created. Otherwise attaching again makes no API request, which during a cluster's
+        # election would wait out the 5 s API timeout; the fetches find the consumer's new leader once elected.
         lookup = True
         while not self._stopping.is_set():
             try:
@@ -478,8 +481,10 @@ class Consumer(Generic[E]):
                 # times out) or the connection is down: attach again, as often as ATTACH allows, until stopped.
                 if self.bus.nc.is_closed:
                     raise
-                lookup = isinstance(err, NotFoundError)
                 failures += 1
+                # A deleted durable answers fetches like a leaderless one (503, no responders): every few failures
+                # it is looked up (and created if gone) after all.
+                lookup = isinstance(err, NotFoundError) or failures % LOOKUP_EVERY == 0
                 delay = ATTACH.delay(failures)
                 log.warning("consumer detached, attaching again", consumer=self.durable, error=repr(err),
                             delay=delay)

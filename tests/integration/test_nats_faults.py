@@ -25,7 +25,7 @@ import pytest
 from nats.aio.msg import Msg
 
 from libs import subjects
-from libs.bus import Bus, connect
+from libs.bus import Bus, Consumer, Delivery, connect
 from libs.events.common import ObjectMeta
 from libs.events.dataset import Dataset, DatasetAccepted, DatasetApply, DatasetResync, DatasetSpec, Mount
 from libs.events.operation import TargetPath
@@ -255,3 +255,32 @@ async def test_with_nats_down_the_mount_serves_cached_and_uncached_reads_and_ser
                  f"reconnected and a command sent then was applied {caught_up[0]:.1f} s after the restart",
                  caught_up[0], area="NATS")
 
+
+
+async def test_a_consumer_whose_durable_was_deleted_creates_it_again_and_handles_what_follows(bus: Bus) -> None:
+    handled: list[str] = []
+
+    async def handle(event: DatasetResync, delivery: Delivery) -> None:
+        handled.append(event.id)
+
+    consumer = Consumer(bus, subjects.STREAM_COMMANDS, "tests-recreated", subjects.DATASET_RESYNC,
+                        msgspec.json.Decoder(DatasetResync), handle, max_event_bytes=1 << 16)
+    task = asyncio.create_task(consumer.run())
+    try:
+        first = DatasetResync(name="one")
+        await bus.publish(subjects.DATASET_RESYNC, first)
+        await eventually(lambda: _true(first.id in handled), what="the first command handled")
+        with stopwatch() as recovered:
+            await bus.js.delete_consumer(subjects.STREAM_COMMANDS, "tests-recreated")
+            second = DatasetResync(name="two")
+            await bus.publish(subjects.DATASET_RESYNC, second)
+            await eventually(lambda: _true(second.id in handled), timeout=RESUME_BOUND_SECONDS,
+                             what="a command after the durable's deletion handled")
+        # A new durable starts at the stream's beginning (DeliverPolicy.ALL, as at a service's first start): the
+        # first command comes again before the second, which handlers take as a redelivery.
+        assert handled[0] == first.id and handled[-1] == second.id
+    finally:
+        consumer.stop()
+        await task
+    record_fault("a service's durable consumer deleted under it", "the consumer looked its durable up, created it "
+                 f"again and handled the next command {recovered[0]:.1f} s later", recovered[0], area="NATS")
