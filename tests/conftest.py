@@ -1,4 +1,5 @@
-"""Shared fixtures: a real nats-server with JetStream per test, one real SeaweedFS S3 server per session.
+"""Shared fixtures: a real nats-server with JetStream per test, one real SeaweedFS S3 server per session, and a
+three-server JetStream cluster per module that asks for one (``nats_cluster``, tests/nats_cluster.py).
 
 Both are started from the pinned wheels on free loopback ports and stopped by PID even when a test fails.
 Tests that need more from the machine (FUSE, fio, sysfs) say so with ``@pytest.mark.needs`` (tests/requirements.py).
