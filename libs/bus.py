@@ -9,6 +9,9 @@ What it decides:
 - that every published event carries ``Nats-Msg-Id`` (its id, for deduplication) and, inside a trace, a PRODUCER
   span whose ``traceparent`` the headers carry; every consumed message gets a CONSUMER span continuing it
   (``messaging.system=nats``, ``messaging.destination.name`` = the subject).
+- that a consumer or a KV watch outlives its server: when the server goes (a restart, a cluster electing new
+  leaders) it attaches again (``ATTACH``'s pace) instead of ending its service; an existing bucket's stream is
+  brought to ``SHOAL_STREAM_REPLICAS`` at provisioning.
 - what every service's bus metrics count (``libs.metrics``): each message a consumer handles once, by outcome
   (ok, rejected, retried, dead_lettered, conflict), its handler's time, the consumer's lag at each fetch, and
   each compare-and-set that loses (``kv_save``, ``kv_delete``).
