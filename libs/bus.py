@@ -10,8 +10,8 @@ What it decides:
   span whose ``traceparent`` the headers carry; every consumed message gets a CONSUMER span continuing it
   (``messaging.system=nats``, ``messaging.destination.name`` = the subject).
 - that a consumer or a KV watch outlives its server: when the server goes (a restart, a cluster electing new
-  leaders) it attaches again (``ATTACH``'s pace) instead of ending its service; an existing bucket's stream is
-  brought to ``SHOAL_STREAM_REPLICAS`` at provisioning.
+  leaders) it attaches again (``ATTACH``'s pace) instead of ending its service; provisioning raises an existing
+  stream's or bucket's replicas to ``SHOAL_STREAM_REPLICAS``, and never lowers them.
 - what every service's bus metrics count (``libs.metrics``): each message a consumer handles once, by outcome
   (ok, rejected, retried, dead_lettered, conflict), its handler's time, the consumer's lag at each fetch, and
   each compare-and-set that loses (``kv_save``, ``kv_delete``).
@@ -184,11 +184,13 @@ class Bus:
                 duplicate_window=120.0,
             )
             try:
-                await self.js.stream_info(spec.name)
+                info = await self.js.stream_info(spec.name)
             except NotFoundError:
                 await self.js.add_stream(config)
             else:
-                await self.js.update_stream(config)
+                # Never fewer replicas than it has: one process with the default of 1 must not strip a cluster.
+                await self.js.update_stream(replace(config, num_replicas=max(self.replicas,
+                                                                             info.config.num_replicas or 1)))
         for bucket in KV_BUCKETS:
             try:
                 await self.js.key_value(bucket.name)
@@ -209,10 +211,11 @@ class Bus:
             await self._replicate(f"{OBJ_STREAM_PREFIX}{subjects.OBJ_MANIFESTS}")
 
     async def _replicate(self, stream: str) -> None:
-        """Bring an existing bucket's stream to ``replicas`` (SHOAL_STREAM_REPLICAS raised after it was created,
-        e.g. when a single server grew into a cluster); JetStream copies its messages to the new peers."""
+        """Bring an existing bucket's stream up to ``replicas`` (SHOAL_STREAM_REPLICAS raised after it was created,
+        e.g. when a single server grew into a cluster); JetStream copies its messages to the new peers. Never
+        down: lowering is an operator's decision, not a side effect of one process's default."""
         info = await self.js.stream_info(stream)
-        if info.config.num_replicas != self.replicas:
+        if (info.config.num_replicas or 1) < self.replicas:
             await self.js.update_stream(replace(info.config, num_replicas=self.replicas))
 
     async def kv(self, bucket: str) -> KeyValue:

@@ -25,7 +25,16 @@ import pytest
 from nats.aio.msg import Msg
 
 from libs import subjects
-from libs.bus import Bus, Consumer, Delivery, connect
+from libs.bus import (
+    KV_BUCKETS,
+    KV_STREAM_PREFIX,
+    OBJ_STREAM_PREFIX,
+    STREAMS,
+    Bus,
+    Consumer,
+    Delivery,
+    connect,
+)
 from libs.events.common import ObjectMeta
 from libs.events.dataset import Dataset, DatasetAccepted, DatasetApply, DatasetResync, DatasetSpec, Mount
 from libs.events.operation import TargetPath
@@ -284,3 +293,25 @@ async def test_a_consumer_whose_durable_was_deleted_creates_it_again_and_handles
         await task
     record_fault("a service's durable consumer deleted under it", "the consumer looked its durable up, created it "
                  f"again and handled the next command {recovered[0]:.1f} s later", recovered[0], area="NATS")
+
+
+async def test_provisioning_raises_replicas_to_the_setting_and_never_lowers_them(nats_cluster: NatsCluster) -> None:
+    async def replicas(bus: Bus) -> dict[str, int]:
+        names = [spec.name for spec in STREAMS] + [f"{KV_STREAM_PREFIX}{b.name}" for b in KV_BUCKETS] + [
+            f"{OBJ_STREAM_PREFIX}{subjects.OBJ_MANIFESTS}"]
+        return {name: (await bus.js.stream_info(name)).config.num_replicas or 1 for name in names}
+
+    one = await connect(dataclasses.replace(nats_cluster.settings(), replicas=1), "tests-one-replica")
+    three = await connect(nats_cluster.settings(), "tests-three-replicas")
+    try:
+        await three.provision()
+        await one.provision()  # a process left at the default of 1
+        assert set((await replicas(one)).values()) == {3}
+        bucket = f"{KV_STREAM_PREFIX}{subjects.KV_AGENTS}"
+        info = await one.js.stream_info(bucket)
+        await one.js.update_stream(dataclasses.replace(info.config, num_replicas=1))  # an operator lowered it
+        await three.provision()
+        assert (await replicas(three))[bucket] == 3
+    finally:
+        await one.close()
+        await three.close()
