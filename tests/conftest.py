@@ -1,4 +1,5 @@
-"""Shared fixtures: a real nats-server with JetStream per test, one real SeaweedFS S3 server per session.
+"""Shared fixtures: a real nats-server with JetStream per test, one real SeaweedFS S3 server per session, and a
+three-server JetStream cluster per module that asks for one (``nats_cluster``, tests/nats_cluster.py).
 
 Both are started from the pinned wheels on free loopback ports and stopped by PID even when a test fails.
 Tests that need more from the machine (FUSE, fio, sysfs) say so with ``@pytest.mark.needs`` (tests/requirements.py).
@@ -18,6 +19,7 @@ from libs.config import NatsSettings, Secret, Settings
 from libs.embedded import NatsConfig, SeaweedConfig, ServerProcess, free_port, start_nats, start_seaweedfs
 from libs.ufs.base import S3Location
 from tests.helpers import make_settings
+from tests.nats_cluster import NatsCluster
 from tests.requirements import require
 
 
@@ -137,3 +139,15 @@ async def bus(nats_server: NatsServer) -> AsyncIterator[Bus]:
 def settings(nats_server: NatsServer, seaweedfs: SeaweedServer) -> Settings:
     return make_settings(nats_server.url, seaweedfs.endpoint, seaweedfs.config.access_key_id,
                          seaweedfs.config.secret_access_key)
+
+
+@pytest.fixture(scope="module")
+def nats_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsCluster]:
+    """Three nats-servers forming one JetStream cluster, shared by a module's tests (starting them is the cost);
+    each test names its resources apart. Every server is stopped by PID at the end, also after a failure, and a
+    test may kill one (``kill``) and start it again (``restart``)."""
+    cluster = NatsCluster.start(tmp_path_factory.mktemp("nats-cluster"))
+    try:
+        yield cluster
+    finally:
+        cluster.stop()

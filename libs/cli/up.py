@@ -3,13 +3,15 @@
 This module is the command and its order of work; each concern lives in ``libs.cli.stack``: the state directory
 (``layout``), ports (``ports``), pid files (``pids``), the demo bucket and the manifest's commands (``demo``),
 starting and restarting the services (``supervision``) and what is printed (``banner``). ``run_up``: plan
-(parse the manifest, check every port) before anything starts, start the embedded servers, provision, seed and
+(parse the manifest, check every port) before anything starts, start the embedded servers (one nats-server, or
+``--nats-cluster N`` of them as one JetStream cluster), provision, seed and
 apply, start the services, print the banner, then supervise until Ctrl-C, and stop everything in order.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import signal
 import time
@@ -29,7 +31,15 @@ from libs.cli.stack.banner import banner
 from libs.cli.stack.demo import DEMO_MANIFEST, Applied, applied_by, demo_commands, demo_objects, prepare
 from libs.cli.stack.layout import DEFAULT_STATE_DIR, StateLayout
 from libs.cli.stack.pids import claim_pidfile, is_shoal_up, pid_alive, read_pid, release_pidfile, stop_leftovers
-from libs.cli.stack.ports import Ports, PortUse, check_ports, http_ports_needed, ports_needed, service_http_ports
+from libs.cli.stack.ports import (
+    Ports,
+    PortUse,
+    check_ports,
+    http_ports_needed,
+    nats_cluster_ports,
+    ports_needed,
+    service_http_ports,
+)
 from libs.cli.stack.prometheus import DEFAULT_PORT as PROMETHEUS_PORT
 from libs.cli.stack.prometheus import (
     HOW_TO_GET,
@@ -55,7 +65,17 @@ from libs.cli.stack.supervision import (
 )
 from libs.config import Secret, Settings, SettingsError, load_settings
 from libs.documents import ManifestError, parse_documents
-from libs.embedded import LOOPBACK, NatsConfig, SeaweedConfig, free_port, start_nats, start_seaweedfs
+from libs.embedded import (
+    LOOPBACK,
+    NatsConfig,
+    SeaweedConfig,
+    free_port,
+    nats_cluster,
+    nats_urls,
+    start_nats,
+    start_nats_cluster,
+    start_seaweedfs,
+)
 from libs.natssecure import SecureNats
 
 
@@ -97,13 +117,15 @@ class UpOptions:
     prometheus_port: int = PROMETHEUS_PORT
     # NATS with TLS and a user per process (libs.natsauth), certificates and passwords under the state directory.
     secure: bool = False
+    # Embedded nats-servers: 1, or a JetStream cluster of 3 (or 5) whose streams and buckets get as many replicas.
+    nats_servers: int = 1
 
 
 @dataclass(frozen=True)
 class Plan:
     """What this run will start and publish, worked out before any process starts."""
 
-    nats: NatsConfig | None  # None: NATS_URL names an existing server
+    nats: list[NatsConfig]  # empty: NATS_URL names an existing server (or cluster); several: a cluster
     seaweed: SeaweedConfig | None  # None: SHOAL_S3_ENDPOINT names an existing store
     nats_url: str
     s3: S3Access
@@ -134,13 +156,13 @@ def run_up(options: UpOptions, environ: Mapping[str, str]) -> None:
         try:
             plan = _plan(options, environ)
             _launch(stack, plan)
-            click.echo(banner(pid=os.getpid(), nats_url=plan.nats_url, nats_embedded=plan.nats is not None,
+            click.echo(banner(pid=os.getpid(), nats_url=plan.nats_url, nats_embedded=bool(plan.nats),
                               nats_monitor_port=options.ports.nats_monitor, s3=plan.s3,
                               seeded_objects=len(demo_objects()), services=stack.service_pids(),
                               http_ports=plan.http_ports, logs=layout.logs, manifest=options.manifest,
                               applied=plan.applied, mounts=Path(plan.env["SHOAL_MOUNT_ROOT"]),
                               agents=[(agent.node, agent.mount_root) for agent in plan.agents],
-                              metrics=plan.metrics_line))
+                              metrics=plan.metrics_line, nats_servers=len(plan.nats)))
             while True:
                 stack.supervise_once(time.monotonic(), _timestamped)
                 time.sleep(SUPERVISE_INTERVAL_SECONDS)
@@ -158,7 +180,8 @@ def _plan(options: UpOptions, environ: Mapping[str, str]) -> Plan:
     external_nats = environ.get("NATS_URL", "").strip()
     external_s3 = environ.get("SHOAL_S3_ENDPOINT", "").strip()
     services = stack_services(options.agents)
-    servers = ports_needed(ports, run_nats=not external_nats, run_s3=not external_s3)
+    servers = ports_needed(ports, run_nats=not external_nats, run_s3=not external_s3,
+                           nats_servers=options.nats_servers)
     http_ports = service_http_ports(ports.service_http, list(services), taken={use.port for use in servers})
     prometheus, metrics_line = _plan_prometheus(layout, options.prometheus_port, environ,
                                                 taken={use.port for use in servers} | set(http_ports.values()))
@@ -174,7 +197,7 @@ def _plan(options: UpOptions, environ: Mapping[str, str]) -> Plan:
     for note in notes:
         _timestamped(f"{options.manifest.name}: {note}")
 
-    nats = None if external_nats else NatsConfig(ports.nats, ports.nats_monitor, layout.nats_store)
+    nats = [] if external_nats else _plan_nats(layout, ports, options.nats_servers)
     seaweed = None
     if external_s3:
         s3 = S3Access(external_s3, environ.get("SHOAL_S3_ACCESS_KEY_ID", ""),
@@ -183,8 +206,11 @@ def _plan(options: UpOptions, environ: Mapping[str, str]) -> Plan:
         seaweed = SeaweedConfig(layout.seaweedfs, s3_port=ports.s3, master_port=ports.seaweed_master,
                                 volume_port=ports.seaweed_volume, filer_port=ports.seaweed_filer)
         s3 = S3Access(seaweed.endpoint, seaweed.access_key_id, seaweed.secret_access_key, embedded=True)
-    nats_url = nats.url if nats is not None else external_nats
+    nats_url = nats_urls(nats) if nats else external_nats
     env = service_env(environ, nats_url, s3, layout.mounts)
+    if len(nats) > 1:
+        # Every message on every server: losing one loses nothing and blocks nothing.
+        env["SHOAL_STREAM_REPLICAS"] = str(len(nats))
     if prometheus is not None:
         # The agents write one scrape target per mount process there (their side servers' ports are their own).
         env[TARGETS_DIR_VARIABLE] = str(prometheus[1].targets_dir)
@@ -195,7 +221,7 @@ def _plan(options: UpOptions, environ: Mapping[str, str]) -> Plan:
     agents = agent_plans(options.agents, settings.agent.node_name, settings.agent.labels, layout.mounts)
     secure, users = None, {}
     if options.secure:
-        if nats is None:
+        if not nats:
             raise UpError("--secure secures the embedded NATS; with NATS_URL set, give NATS_USER, NATS_PASSWORD and "
                           "NATS_TLS_CA for your server instead (docs/security.md)")
         users = service_users(services, agents, settings.agent.node_name)
@@ -203,7 +229,7 @@ def _plan(options: UpOptions, environ: Mapping[str, str]) -> Plan:
             secure = natssecure.prepare(layout.nats_secure, [*natsauth.KINDS, *users.values()])
         except natssecure.SecureSetupError as err:
             raise UpError(str(err)) from err
-        nats = replace(nats, extra_config=secure.server_config())
+        nats = [replace(server, extra_config=secure.server_config()) for server in nats]
         env["NATS_TLS_CA"] = str(secure.tls.ca)
         # shoal up itself provisions, seeds and applies as the CLI user; each service gets its own user (_launch).
         cli = secure.client_env(natsauth.CLI)
@@ -211,6 +237,14 @@ def _plan(options: UpOptions, environ: Mapping[str, str]) -> Plan:
                                                   password=Secret(cli["NATS_PASSWORD"]), tls_ca=cli["NATS_TLS_CA"]))
     return Plan(nats, seaweed, nats_url, s3, env, settings, commands, applied_by(commands), http_ports, services,
                 agents, prometheus, metrics_line, secure, users)
+
+
+def _plan_nats(layout: StateLayout, ports: Ports, servers: int) -> list[NatsConfig]:
+    """One embedded nats-server, or ``servers`` on consecutive ports forming one JetStream cluster."""
+    if servers <= 1:
+        return [NatsConfig(ports.nats, ports.nats_monitor, layout.nats_store)]
+    clients, monitors, routes = nats_cluster_ports(ports, servers)
+    return nats_cluster(servers, clients, monitors, routes, layout.nats_cluster_stores)
 
 
 def _plan_prometheus(layout: StateLayout, port: int, environ: Mapping[str, str],
@@ -235,9 +269,14 @@ def _plan_prometheus(layout: StateLayout, port: int, environ: Mapping[str, str],
 def _launch(stack: Stack, plan: Plan) -> None:
     layout = stack.layout
     layout.logs.mkdir(parents=True, exist_ok=True)
-    if plan.nats is not None:
+    if len(plan.nats) == 1:
         _timestamped(f"starting nats-server on {plan.nats_url}")
-        stack.add_server(start_nats(plan.nats, layout.log("nats-server")), "nats-server")
+        stack.add_server(start_nats(plan.nats[0], layout.log("nats-server")), "nats-server")
+    elif plan.nats:
+        _timestamped(f"starting a JetStream cluster of {len(plan.nats)} nats-servers on {plan.nats_url}")
+        for server, member in zip(start_nats_cluster(plan.nats, layout.logs), plan.nats, strict=True):
+            stack.add_server(server, "nats-server")
+            stack.restarts[server.name] = functools.partial(start_nats, member, server.log_path)
     if plan.seaweed is not None:
         _timestamped(f"starting SeaweedFS S3 on {plan.s3.endpoint} (takes a few seconds)")
         stack.add_server(start_seaweedfs(plan.seaweed, layout.log("seaweedfs")), "weed")
@@ -283,6 +322,8 @@ def _port_option(name: str, env: str, default: int, what: str) -> Callable[[Any]
 _defaults = Ports()
 # Every agent is a Python process with its mounts' processes; more than this on one machine is a typo.
 MAX_AGENTS = 64
+# RAFT wants an odd number of servers; 5 tolerate two failures, more only cost a laptop memory.
+MAX_NATS_SERVERS = 5
 
 
 @click.command()
@@ -308,6 +349,14 @@ MAX_AGENTS = 64
                    "(env SHOAL_PROMETHEUS_PORT).")
 @click.option("--manifest", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=DEMO_MANIFEST,
               show_default=True, help="Dataset and Runtime documents applied once everything runs.")
+@_port_option("--nats-cluster-port", "SHOAL_NATS_CLUSTER_PORT", _defaults.nats_cluster,
+              "With --nats-cluster: first NATS cluster-route")
+@click.option("--nats-cluster", "nats_servers", envvar="SHOAL_NATS_CLUSTER", type=click.IntRange(1, MAX_NATS_SERVERS),
+              default=1, show_default=True,
+              help="Embedded nats-servers. 3 (or 5) run one JetStream cluster on loopback: server i on --nats-port + "
+                   "i, --nats-monitor-port + i and --nats-cluster-port + i, its store in <state-dir>/nats-cluster/"
+                   "nats-<i>; streams and KV buckets get that many replicas and every service every URL, so one "
+                   "server can die without losing or blocking anything (env SHOAL_NATS_CLUSTER).")
 @click.option("--agents", envvar="SHOAL_UP_AGENTS", type=click.IntRange(1, MAX_AGENTS), default=1,
               show_default=True,
               help="Agents (nodes) to run on this machine. With more than one, each is node <name>-<i> with labels "
@@ -319,7 +368,7 @@ MAX_AGENTS = 64
                    "credentials (env SHOAL_UP_SECURE).")
 def up(state_dir: Path, nats_port: int, nats_monitor_port: int, s3_port: int, seaweed_master_port: int,
        seaweed_volume_port: int, seaweed_filer_port: int, http_port: int, prometheus_port: int, manifest: Path,
-       agents: int, secure: bool) -> None:
+       agents: int, secure: bool, nats_cluster_port: int = _defaults.nats_cluster, nats_servers: int = 1) -> None:
     """Run NATS, SeaweedFS S3 and every Shoal service on this machine, with a demo dataset; Ctrl-C stops all.
 
     An existing NATS is used instead when NATS_URL is set, an existing S3 when SHOAL_S3_ENDPOINT is set
@@ -327,9 +376,14 @@ def up(state_dir: Path, nats_port: int, nats_monitor_port: int, s3_port: int, se
     (`make system-deps` unpacks Debian's), scraping every service and mount process; PROMETHEUS_URL names an existing
     one instead.
     """
+    if nats_servers % 2 == 0:
+        raise click.BadParameter(f"{nats_servers} servers tolerate no more failures than {nats_servers - 1}: "
+                                 "use 3 or 5", param_hint="--nats-cluster")
     ports = Ports(nats=nats_port, nats_monitor=nats_monitor_port, s3=s3_port, seaweed_master=seaweed_master_port,
-                  seaweed_volume=seaweed_volume_port, seaweed_filer=seaweed_filer_port, service_http=http_port)
-    options = UpOptions(StateLayout(state_dir.resolve()), ports, manifest.resolve(), agents, prometheus_port, secure)
+                  seaweed_volume=seaweed_volume_port, seaweed_filer=seaweed_filer_port, service_http=http_port,
+                  nats_cluster=nats_cluster_port)
+    options = UpOptions(StateLayout(state_dir.resolve()), ports, manifest.resolve(), agents, prometheus_port,
+                        secure=secure, nats_servers=nats_servers)
     try:
         run_up(options, os.environ)
     except UpError as err:

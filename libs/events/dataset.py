@@ -196,6 +196,10 @@ class DatasetRecord(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     # The trace of the command that last asked for a sync (W3C traceparent, "" if none): the sync starts from a KV
     # watch, which carries no message headers, and joins that trace through this.
     traceparent: str = ""
+    # Ids of the latest resync commands counted in sync_requests (newest last, at most RESYNC_IDS_KEPT): a resync
+    # redelivered after its write landed (its fact's publish failed, or the write's ack was lost in a NATS
+    # failover) is not counted twice.
+    resync_ids: list[str] = []
 
 
 class ManifestEntry(msgspec.Struct, frozen=True, rename="camel", omit_defaults=True):

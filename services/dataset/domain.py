@@ -637,3 +637,16 @@ def reference_status(record: DatasetRecord, source: DatasetRecord | None, now: f
         message = ""
     return msgspec.structs.replace(mirrored, conditions=conditions, message=message, synced_generation=generation,
                                    synced_requests=requests, dataset_ref=[])
+
+
+# Resync ids a record remembers: a redelivery arrives within a few fetch batches (16 messages each) of the first
+# delivery, so 32 covers it while keeping the record small (~1 KiB of ids).
+RESYNC_IDS_KEPT = 32
+
+
+def request_resync(record: DatasetRecord, command_id: str) -> DatasetRecord | None:
+    """The record counting one more resync request, or None when this command was already counted (redelivered)."""
+    if command_id and command_id in record.resync_ids:
+        return None
+    return msgspec.structs.replace(record, sync_requests=record.sync_requests + 1,
+                                   resync_ids=[*record.resync_ids, command_id][-RESYNC_IDS_KEPT:])

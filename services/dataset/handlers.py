@@ -147,9 +147,10 @@ class DatasetHandlers:
                                 name=command.name, namespace=command.namespace, subject=delivery.subject),
             )
             return
-        updated = msgspec.structs.replace(record, sync_requests=record.sync_requests + 1,
-                                          traceparent=current_traceparent())
-        await kv_save(kv, key, updated, revision)  # the reconciler sees the change and lists again
+        counted = domain.request_resync(record, command.id)
+        if counted is not None:  # None: a redelivery of a resync already counted; only its fact is published again
+            updated = msgspec.structs.replace(counted, traceparent=current_traceparent())
+            await kv_save(kv, key, updated, revision)  # the reconciler sees the change and lists again
         await self.bus.publish(
             subjects.DATASET_ACCEPTED,
             DatasetAccepted(id=f"{command.id}.accepted", causation_id=command.id, name=command.name,

@@ -43,7 +43,8 @@ from tests.helpers import dataset_record, eventually, runtime_record
 SHOAL = str(Path(sys.executable).parent / "shoal")
 # Variables that would make `shoal up` use servers of the outer environment instead of starting its own.
 OUTER_VARIABLES = ("NATS_URL", "SHOAL_S3_ENDPOINT", "SHOAL_S3_ACCESS_KEY_ID", "SHOAL_S3_SECRET_ACCESS_KEY",
-                   "SHOAL_STATE_DIR", "SHOAL_UP_AGENTS", "SHOAL_NODE_NAME", "SHOAL_NODE_LABELS", "PROMETHEUS_URL")
+                   "SHOAL_STATE_DIR", "SHOAL_UP_AGENTS", "SHOAL_NODE_NAME", "SHOAL_NODE_LABELS", "PROMETHEUS_URL",
+                   "SHOAL_NATS_CLUSTER", "SHOAL_STREAM_REPLICAS")
 # SeaweedFS needs a few seconds, more on a busy two-core machine running other tests.
 READY_TIMEOUT = 90.0
 # `shoal up` also runs Prometheus when `make system-deps` unpacked it (or one is on PATH).
@@ -484,6 +485,29 @@ def test_seaweed_grpc_ports_are_checked_too() -> None:
     assert {use.port for use in ports_needed(UpPorts(), run_nats=True, run_s3=False)} == {4222, 8222}
 
 
+def test_a_nats_cluster_gets_consecutive_ports_its_own_stores_every_url_and_as_many_replicas(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from libs.cli import up as up_module
+
+    needed = ports_needed(UpPorts(), run_nats=True, run_s3=False, nats_servers=3)
+    assert {use.port for use in needed} == {4222, 4223, 4224, 8222, 8223, 8224, 6222, 6223, 6224}
+    monkeypatch.setattr(up_module, "check_ports", lambda needed: None)  # planning only: nothing binds them
+    layout = StateLayout(tmp_path)
+    plan = up_module._plan(up_module.UpOptions(layout, UpPorts(), up_module.DEMO_MANIFEST, nats_servers=3), {})
+    assert [config.port for config in plan.nats] == [4222, 4223, 4224]
+    assert len({config.store_dir for config in plan.nats}) == 3
+    assert all(config.store_dir.parent == layout.nats_cluster_stores for config in plan.nats)
+    assert [config.cluster and config.cluster.routes for config in plan.nats] == [(6222, 6223, 6224)] * 3
+    assert plan.settings.nats.urls == [f"nats://{LOOPBACK}:{port}" for port in (4222, 4223, 4224)]
+    assert plan.settings.nats.replicas == 3
+    single = up_module._plan(up_module.UpOptions(layout, UpPorts(), up_module.DEMO_MANIFEST), {})
+    assert [config.store_dir for config in single.nats] == [layout.nats_store] and single.settings.nats.replicas == 1
+    text = banner(pid=1, nats_url=plan.nats_url, nats_embedded=True, nats_monitor_port=8222,
+                  s3=plan.s3, seeded_objects=0, services={}, http_ports={}, logs=tmp_path, manifest=tmp_path,
+                  applied=[], mounts=tmp_path, nats_servers=3)
+    assert "JetStream cluster of 3" in text and "8222..8224" in text
+
+
 def test_demo_cache_paths_follow_the_state_dir(tmp_path: Path) -> None:
     docs: list[dict[str, Any]] = [{"kind": "Runtime", "spec": {"tieredstore": {"levels": [
         {"mediumtype": "MEM", "quota": "1Gi"},
@@ -504,6 +528,41 @@ def test_demo_objects_are_deterministic_with_a_few_multi_block_files() -> None:
     assert [obj.body() for obj in objects[:4]] == [obj.body() for obj in demo_objects()[:4]]
     assert sum(1 for obj in objects if obj.size > 4 << 20) == 2
     assert {"README.txt", "labels.csv"} <= {obj.key for obj in objects}
+
+
+def test_a_dead_cluster_member_is_restarted_once_and_any_other_dead_server_stops_up(tmp_path: Path) -> None:
+    from libs.cli.stack import UpError
+    from libs.cli.stack.supervision import SERVER_STABLE_SECONDS
+    from libs.embedded import spawn
+
+    layout = StateLayout(tmp_path)
+    stack = Stack(layout)
+
+    def sleeper(name: str) -> Callable[[], Any]:
+        return lambda: spawn(name, ["sleep", "60"], layout.log(name))
+
+    try:
+        member, lone = sleeper("nats-2")(), sleeper("weed")()
+        stack.add_server(member, "sleep")
+        stack.add_server(lone, "sleep")
+        stack.restarts["nats-2"] = sleeper("nats-2")
+        said: list[str] = []
+        member.kill()
+        stack.supervise_once(100.0, said.append)
+        restarted = stack.servers[0]
+        assert restarted.alive() and restarted.pid != member.pid and restarted.name == "nats-2"
+        assert json.loads(layout.pids.read_text())["processes"]["nats-2"]["pid"] == restarted.pid
+        assert "nats-2 exited" in said[0] and f"PID {restarted.pid}" in said[1]
+        restarted.kill()  # again within a minute: broken, not unlucky
+        with pytest.raises(UpError, match="nats-2 exited"):
+            stack.supervise_once(100.0 + SERVER_STABLE_SECONDS / 2, said.append)
+        restarted.stop()  # closes its log (shoal up's stop() would)
+        stack.servers[0] = sleeper("nats-2")()
+        lone.kill()
+        with pytest.raises(UpError, match="weed exited"):
+            stack.supervise_once(200.0, said.append)
+    finally:
+        stack.stop()
 
 
 def test_stop_also_ends_a_child_started_but_never_registered(tmp_path: Path) -> None:

@@ -39,6 +39,7 @@ from services.dataset.domain import (
     CONDITION_SYNCED,
     REASON_FAILED,
     REASON_UNREACHABLE,
+    RESYNC_IDS_KEPT,
     RuntimeBinding,
     SyncResult,
     apply_dataset,
@@ -46,6 +47,7 @@ from services.dataset.domain import (
     dataset_phase,
     iso_time,
     needs_sync,
+    request_resync,
     status_after_sync,
     status_on_apply,
     sync_due_in,
@@ -1007,3 +1009,16 @@ def test_web_and_claim_mounts_resolve_to_their_locations() -> None:
                   for mount in dataset.spec.mounts)
     assert claim == LocalLocation(root=Path("/claims/team/data/a b/c"), claim_root=Path("/claims/team/data"))
     assert web == HttpLocation(url="https://h/x/", max_depth=3)
+
+
+def test_a_resync_is_counted_once_however_often_it_is_delivered() -> None:
+    record = record_at()
+    first = request_resync(record, "r1")
+    assert first is not None and first.sync_requests == record.sync_requests + 1
+    assert request_resync(first, "r1") is None  # redelivered after its write landed
+    second = request_resync(first, "r2")
+    assert second is not None and second.sync_requests == record.sync_requests + 2
+    for index in range(3, 3 + RESYNC_IDS_KEPT):
+        second = request_resync(second, f"r{index}")
+        assert second is not None
+    assert len(second.resync_ids) == RESYNC_IDS_KEPT and "r1" not in second.resync_ids

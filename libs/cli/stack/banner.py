@@ -51,13 +51,17 @@ def applied_line(applied: Sequence[Applied], manifest: Path) -> str:
 def banner(*, pid: int, nats_url: str, nats_embedded: bool, nats_monitor_port: int, s3: S3Access,
            seeded_objects: int, services: Mapping[str, int], http_ports: Mapping[str, int], logs: Path,
            manifest: Path, applied: Sequence[Applied], mounts: Path,
-           agents: Sequence[tuple[str, Path]] = (), metrics: str = "") -> str:
+           agents: Sequence[tuple[str, Path]] = (), metrics: str = "", nats_servers: int = 1) -> str:
     """What ``shoal up`` prints once everything runs; ``agents`` (node, mount root) when it runs several;
-    ``metrics``: where Prometheus is, or how to get one."""
+    ``metrics``: where Prometheus is, or how to get one; ``nats_servers``: the embedded cluster's size."""
     # A NATS_URL may carry a user and password; the banner lands in terminals and logs, so it never shows them.
     nats_url = strip_userinfo(nats_url)
     nats_line = (f"{nats_url} (embedded; monitoring http://{LOOPBACK}:{nats_monitor_port})" if nats_embedded
                  else f"{nats_url} (from NATS_URL)")
+    if nats_embedded and nats_servers > 1:
+        nats_line = (f"{nats_url} (embedded JetStream cluster of {nats_servers}, streams and buckets with "
+                     f"{nats_servers} replicas; monitoring http://{LOOPBACK}:{nats_monitor_port}.."
+                     f"{nats_monitor_port + nats_servers - 1})")
     if s3.embedded:
         s3_line = (f"{s3.endpoint} (embedded SeaweedFS; access key {s3.access_key_id!r}, secret "
                    f"{s3.secret_access_key!r}; bucket {DEMO_BUCKET!r} with {seeded_objects} demo objects)")

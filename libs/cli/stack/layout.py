@@ -25,6 +25,12 @@ class StateLayout:
         return self.root / "nats"
 
     @property
+    def nats_cluster_stores(self) -> Path:
+        """``--nats-cluster N``: one JetStream store per server below it (nats-1 ..), apart from the single server's,
+        whose streams a cluster could not take over."""
+        return self.root / "nats-cluster"
+
+    @property
     def seaweedfs(self) -> Path:
         return self.root / "seaweedfs"
 

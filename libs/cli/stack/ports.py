@@ -27,6 +27,9 @@ class Ports:
     # The services' side servers (/healthz, /readyz, /metrics), one port each from this one up, in the order of
     # ``supervision.SERVICES``; 0 picks free ones. Next to Prometheus exporters' usual range, clear of the above.
     service_http: int = 9470
+    # With ``--nats-cluster N``: server i (from 0) listens on nats + i, nats_monitor + i and, for its routes to the
+    # others, nats_cluster + i; NATS's own default route port.
+    nats_cluster: int = 6222
 
 
 DEFAULT_NATS_URL = f"nats://{LOOPBACK}:{Ports.nats}"
@@ -43,10 +46,20 @@ class PortUse:
 SEAWEED_GRPC_OFFSET = 10000
 
 
-def ports_needed(ports: Ports, run_nats: bool, run_s3: bool) -> list[PortUse]:
-    """Every loopback port the embedded servers will bind, with the option that moves it."""
+def ports_needed(ports: Ports, run_nats: bool, run_s3: bool, nats_servers: int = 1) -> list[PortUse]:
+    """Every loopback port the embedded servers will bind, with the option that moves it; ``nats_servers`` > 1:
+    a cluster, each server on the next ports (``nats_cluster_ports``)."""
     needed: list[PortUse] = []
-    if run_nats:
+    if run_nats and nats_servers > 1:
+        clients, monitors, routes = nats_cluster_ports(ports, nats_servers)
+        for index in range(nats_servers):
+            name = f"NATS server {index + 1} of {nats_servers}"
+            needed += [
+                PortUse(clients[index], name, "--nats-port / SHOAL_NATS_PORT"),
+                PortUse(monitors[index], f"{name} monitoring", "--nats-monitor-port / SHOAL_NATS_MONITOR_PORT"),
+                PortUse(routes[index], f"{name} cluster routes", "--nats-cluster-port / SHOAL_NATS_CLUSTER_PORT"),
+            ]
+    elif run_nats:
         needed += [
             PortUse(ports.nats, "NATS", "--nats-port / SHOAL_NATS_PORT"),
             PortUse(ports.nats_monitor, "NATS monitoring", "--nats-monitor-port / SHOAL_NATS_MONITOR_PORT"),
@@ -61,6 +74,12 @@ def ports_needed(ports: Ports, run_nats: bool, run_s3: bool) -> list[PortUse]:
             needed.append(PortUse(port, what, option))
             needed.append(PortUse(port + SEAWEED_GRPC_OFFSET, f"{what} gRPC, its port + 10000", option))
     return needed
+
+
+def nats_cluster_ports(ports: Ports, servers: int) -> tuple[list[int], list[int], list[int]]:
+    """Client, monitoring and route ports of each server of ``--nats-cluster N``: consecutive from the options."""
+    return ([ports.nats + i for i in range(servers)], [ports.nats_monitor + i for i in range(servers)],
+            [ports.nats_cluster + i for i in range(servers)])
 
 
 def port_conflicts_message(busy: Sequence[PortUse]) -> str:

@@ -103,6 +103,8 @@ def service_users(services: Mapping[str, str], agents: list[AgentPlan], node_nam
 SUPERVISE_INTERVAL_SECONDS = 0.2
 # Services get SIGTERM and this long to drain their consumers before SIGKILL.
 SERVICE_GRACE_SECONDS = 10.0
+# A cluster member that exits again this soon after its restart is broken, not unlucky: shoal up stops.
+SERVER_STABLE_SECONDS = 60.0
 
 
 def service_env(base: Mapping[str, str], nats_url: str, s3: S3Access, mount_root: Path) -> dict[str, str]:
@@ -164,6 +166,10 @@ class Stack:
     service_envs: dict[str, dict[str, str]] = field(default_factory=dict)
     # Children that existed before this stack started anything (none from the CLI; some when run in-process).
     earlier_children: set[int] = field(default_factory=lambda: set(child_pids(os.getpid())))
+    # Servers started again when they exit, by name: a member of a NATS cluster (the others keep serving meanwhile,
+    # and it catches up from them). Any other server that exits ends ``shoal up``.
+    restarts: dict[str, Callable[[], ServerProcess]] = field(default_factory=dict)
+    _restarted_at: dict[str, float] = field(default_factory=dict)
 
     def record(self) -> None:
         processes = {server.name: (server.pid, self.server_markers[server.name]) for server in self.servers}
@@ -197,11 +203,23 @@ class Stack:
         return process
 
     def supervise_once(self, now: float, echo: Callable[[str], None]) -> None:
-        """Fail on a dead server; schedule or perform the restart of a dead service."""
-        for server in self.servers:
-            if not server.alive():
+        """Restart a dead cluster member (fail if it dies again within SERVER_STABLE_SECONDS), fail on any other
+        dead server; schedule or perform the restart of a dead service."""
+        for index, server in enumerate(self.servers):
+            if server.alive():
+                continue
+            restart = self.restarts.get(server.name)
+            if restart is None or now - self._restarted_at.get(server.name, -SERVER_STABLE_SECONDS) \
+                    < SERVER_STABLE_SECONDS:
                 raise UpError(f"{server.name} exited with code {server.process.returncode}; "
                               f"see {server.log_path}")
+            server.stop()  # closes its log file
+            echo(f"{server.name} exited with code {server.process.returncode}; restarting it (the rest of the "
+                 "cluster serves meanwhile)")
+            self.servers[index] = restart()
+            self._restarted_at[server.name] = now
+            self.record()
+            echo(f"{server.name} restarted (PID {self.servers[index].pid})")
         exits, due = self.supervisor.step(now)
         for exited in exits:
             exited.process.stop()  # closes its log file
