@@ -9,6 +9,9 @@
   Range in ``calls``) and can strip ``If-Match``, i.e. behave like a store that ignores conditional GETs.
 - ``TamperingPeerProxy``: in front of a real peer server (services.agent.peer), answers with a flipped block byte,
   a bad response signature, a short body or a wrong length, like a corrupt or lying peer.
+- ``FaultyStoreProxy``: an ``HttpProxy`` that answers the next ranged GETs with the HTTP errors queued in
+  ``faults`` (500, 503: S3 XML error bodies), every one with ``always`` while it is set, and holds each ranged GET
+  ``delay`` seconds before forwarding it (a slow store), counting what it spoiled in ``injected``.
 - ``ListedStore`` and ``ExtraKeys``: stores that list keys a real S3 server will not store as given (a leading
   '/', '//', long names, NUL), below the real sync.
 """
@@ -218,6 +221,38 @@ class HttpProxy(HoldsGets, LoopbackProxy):
             skip = ("content-length", "transfer-encoding", "connection")
             return web.Response(status=upstream.status, body=payload,
                                 headers={k: v for k, v in upstream.headers.items() if k.lower() not in skip})
+
+
+_S3_ERRORS = {500: ("InternalError", "We encountered an internal error. Please try again."),
+              503: ("SlowDown", "Please reduce your request rate.")}
+
+
+class FaultyStoreProxy(HttpProxy):
+    """An S3 endpoint that fails or lags on ranged GETs (block reads) as the test says; everything else (listing,
+    HEAD, presigning) passes. ``faults``: statuses for the next ranged GETs, one each, in order; ``always``: a
+    status for every ranged GET while set (0: none); ``delay``: seconds each ranged GET waits before it is
+    forwarded; ``injected``: the errors answered so far."""
+
+    def __init__(self, target: str) -> None:
+        super().__init__(target)
+        self.faults: list[int] = []
+        self.always = 0
+        self.delay = 0.0
+        self.injected = 0
+
+    async def _forward(self, request: web.Request) -> web.StreamResponse:
+        if request.method == "GET" and "Range" in request.headers:
+            status = self.faults.pop(0) if self.faults else self.always
+            if status:
+                self.injected += 1
+                self.calls.append(Call(request.method, request.path, request.headers.get("Range")))
+                code, message = _S3_ERRORS.get(status, ("InternalError", "injected"))
+                body = (f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code>'
+                        f"<Message>{message}</Message></Error>")
+                return web.Response(status=status, body=body.encode(), content_type="application/xml")
+            if self.delay:
+                await asyncio.sleep(self.delay)  # the fault itself: a store that answers late
+        return await super()._forward(request)
 
 
 class ListedStore:
