@@ -38,6 +38,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -135,6 +136,9 @@ class NodeAgent:
     memory_budget: int = 0
     # The node's series on the agent's /metrics: read-ahead held and budget, cache directories' health.
     metrics: NodeMetrics | None = None
+    # The wall clock stamped on heartbeats (``sentAt``, informative: receivers judge freshness by their own clock
+    # of receipt). Tests skew it to show that a node whose clock is hours off is treated like any other.
+    clock: Callable[[], float] = time.time
 
     async def run(self, stop: asyncio.Event, readiness: Readiness | None = None) -> None:
         readiness = readiness or Readiness()
@@ -376,7 +380,7 @@ class NodeAgent:
         beat = AgentHeartbeat(
             node=self.settings.agent.node_name,
             runtimes=[ObjectRef(name=name, namespace=namespace) for namespace, name in served],
-            healthy=not problems, problems=problems, sent_at=time.time(),
+            healthy=not problems, problems=problems, sent_at=self.clock(),
             interval_seconds=self.settings.agent.heartbeat_seconds, capacity_bytes=self.capacity_bytes(),
             mounts=self._mount_reports(), labels=dict(self.settings.agent.labels),
         )
@@ -384,14 +388,15 @@ class NodeAgent:
 
 
 async def run(settings: Settings, stop: asyncio.Event, child_env: dict[str, str] | None = None,
-              readiness: Readiness | None = None) -> None:
+              readiness: Readiness | None = None, clock: Callable[[], float] = time.time) -> None:
     readiness = readiness or Readiness()
     bus = await connect(settings.nats, SERVICE_NAME)
     readiness.add("nats", nats_check(bus))
     try:
         await bus.provision()
         agent = NodeAgent(settings, bus, KvMirror(await bus.kv(subjects.KV_RUNTIMES), RuntimeRecord, bus.reconnects),
-                          KvMirror(await bus.kv(subjects.KV_DATASETS), DatasetRecord, bus.reconnects), child_env)
+                          KvMirror(await bus.kv(subjects.KV_DATASETS), DatasetRecord, bus.reconnects), child_env,
+                          clock=clock)
         await agent.run(stop, readiness)
     finally:
         await bus.close()
