@@ -194,6 +194,10 @@ class DatasetRecord(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     # The trace of the command that last asked for a sync (W3C traceparent, "" if none): the sync starts from a KV
     # watch, which carries no message headers, and joins that trace through this.
     traceparent: str = ""
+    # The commands stream's sequence of the last apply that changed the spec (0: not known). An older apply
+    # delivered again later (the service was killed before acking it, and JetStream redelivers it after its ack
+    # wait, behind newer commands) is stale: applying it would put an old spec back under a new generation.
+    command_sequence: int = 0
 
 
 class ManifestEntry(msgspec.Struct, frozen=True, rename="camel", omit_defaults=True):

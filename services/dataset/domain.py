@@ -169,13 +169,16 @@ def _mount_errors(mount: Mount, where: str, shared: dict[str, str], shared_encry
 # --- Applying and status ---
 
 
-def apply_dataset(record: DatasetRecord | None, dataset: Dataset) -> tuple[DatasetRecord, bool]:
-    """The record after applying ``dataset``, and whether its spec changed (so it must be synced again)."""
+def apply_dataset(record: DatasetRecord | None, dataset: Dataset, sequence: int = 0) -> tuple[DatasetRecord, bool]:
+    """The record after applying ``dataset`` (an apply at stream ``sequence``, 0: unknown), and whether its spec
+    changed (so it must be synced again). An apply older than the one the record holds is stale (delivered again
+    after a crash, behind newer commands): not applied."""
     if record is None:
-        return DatasetRecord(dataset=dataset, generation=1), True
-    if record.dataset == dataset:
+        return DatasetRecord(dataset=dataset, generation=1, command_sequence=sequence), True
+    if record.dataset == dataset or (sequence and sequence < record.command_sequence):
         return record, False
-    return msgspec.structs.replace(record, dataset=dataset, generation=record.generation + 1), True
+    return msgspec.structs.replace(record, dataset=dataset, generation=record.generation + 1,
+                                   command_sequence=sequence), True
 
 
 def sync_due_in(record: DatasetRecord, now: float, retry_seconds: float) -> float | None:

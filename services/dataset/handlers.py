@@ -85,7 +85,7 @@ class DatasetHandlers:
         kv = await self.bus.kv(subjects.KV_DATASETS)
         key = subjects.resource_key(namespace, name)
         record, revision = await kv_load(kv, key, DatasetRecord)
-        updated, changed = domain.apply_dataset(record, dataset)
+        updated, changed = domain.apply_dataset(record, dataset, delivery.stream_sequence)
         saved_revision = revision
         if changed:
             binding = await self._binding(namespace, name)
