@@ -28,6 +28,7 @@ import os
 import signal
 import subprocess
 from collections import Counter
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +86,7 @@ def s3_env(seaweedfs: SeaweedServer) -> dict[str, str]:
 
 
 @contextlib.asynccontextmanager
-async def in_process_agent(settings: Settings, node: str = "node-k"):  # type: ignore[no-untyped-def]
+async def in_process_agent(settings: Settings, node: str = "node-k") -> AsyncIterator[None]:
     """A node agent with no dataset to mount (so no FUSE): it beats for every runtime."""
     node_settings = dataclasses.replace(settings, agent=AgentSettings(node_name=node, heartbeat_seconds=1.0))
     stop = asyncio.Event()
@@ -141,7 +142,8 @@ async def test_the_runtime_service_killed_mid_burst_applies_each_runtime_once(
                 async def all_ready() -> list[Any] | None:
                     records = [await runtime_record(bus, f"rt-{i:02d}") for i in range(RUNTIMES)]
                     ok = all(r is not None and r.status.phase == "Ready" for r in records)
-                    latest = records[again] is not None and records[again].runtime == changed.runtime
+                    record = records[again]
+                    latest = record is not None and record.runtime == changed.runtime
                     return records if ok and latest else None
 
                 try:
