@@ -3,7 +3,7 @@ in-process with its clock skewed (``services.agent.app.run(clock=...)``, stamped
 next to the real runtime service.
 
 Freshness is judged by the time JetStream stored each beat, never by the agent's stamp, so: with the agent's clock
-three hours ahead, then a day behind, then right again, the runtime stays Ready the whole time (not one NotReady
+three hours ahead, then a day behind, the runtime stays Ready the whole time (not one NotReady
 status in between); and once the agent stops beating the runtime goes NotReady (its last beats stamped three hours
 ahead) after three missed intervals and the service's sweep, not three hours late.
 """
@@ -73,7 +73,7 @@ async def test_an_agent_clock_hours_off_neither_flaps_its_runtime_nor_moves_its_
                 return await phase() == "Ready"
 
             await eventually(ready, what="the runtime Ready with the agent three hours ahead")
-            for offset in (3 * HOUR, -24 * HOUR, 0.0):
+            for offset in (3 * HOUR, -24 * HOUR):
                 clock.offset = offset
                 seen = len(beats)
 
@@ -107,6 +107,6 @@ async def test_an_agent_clock_hours_off_neither_flaps_its_runtime_nor_moves_its_
         # Three missed 0.3 s beats, then the service's 2 s sweep: a few seconds, far from three hours.
         await eventually(not_ready, timeout=10, what="NotReady once the skewed agent stopped beating")
         expired = time.monotonic() - stopped
-    record_fault("an agent's clock 3 h ahead, then 24 h behind, then right (its heartbeats stamped so)",
+    record_fault("an agent's clock 3 h ahead, then 24 h behind, then 3 h ahead again (its heartbeats stamped so)",
                  "the runtime stays Ready throughout (no NotReady status); after the agent stops it goes NotReady "
                  "on the receipt times, as for any node", expired, area="agents")

@@ -54,11 +54,11 @@ async def test_store_errors_are_retried_slow_answers_wait_and_a_dead_store_fails
                          area="store")
 
             # Slow answers: every block GET waits; reads are slower, never wrong, never an error.
-            store.delay = 1.0
+            store.delay = 0.5
             with stopwatch() as slow:
                 assert await read_file(root / "slow.bin") == objects["slow.bin"]
             store.delay = 0.0
-            record_fault("every block GET answered 1 s late", "reads wait for the store; right bytes, no error",
+            record_fault("every block GET answered 0.5 s late", "reads wait for the store; right bytes, no error",
                          slow[0], area="store")
 
             # A store that fails every GET: one EIO within the client's bounded retries, reported in the metrics.
