@@ -11,7 +11,7 @@ resumes, and what must not happen twice does not:
 - scheduler, killed after it folded a node's cached bytes: the restarted one asks the agents for snapshots and
   answers the same share (not zero, not counted twice);
 - node agent, killed mid-DataLoad: its restart replaces the mount process, the agent's part is delivered again and
-  the load completes; no block is fetched more than twice, and only the blocks in flight at the kill twice;
+  the load completes; no block is fetched more than twice, and at most the two GETs the replacement cut twice;
 - Kubernetes bridge, killed while it publishes the commands of 20 Dataset objects: every one is held (finalizer)
   with its status written back, each dataset applied once (the commands' ids are deterministic).
 
@@ -280,23 +280,27 @@ async def test_the_agent_killed_mid_load_comes_back_and_the_load_completes(
                 return store.waiting == 2
 
             await eventually(two_held, timeout=30, what="two block GETs held")
-            in_flight = set(store_gets(store))
             process.kill()  # the agent goes; its mount process (and its GETs) stay until the new agent replaces it
             with stopwatch() as recovery:
                 process.start()
+                store.release()  # the orphan finishes or is cut mid-GET when the new agent replaces it
 
                 async def replaced() -> bool:
                     pids = mount_pids(mount)
                     return bool(pids) and not set(pids) & set(old)
 
-                await eventually(replaced, timeout=60, what="the restarted agent's own mount process")
-                store.release()
+                try:
+                    await eventually(replaced, timeout=60, what="the restarted agent's own mount process")
+                except AssertionError as err:
+                    raise AssertionError(f"{err}; mount processes {mount_pids(mount)} (old {old}); "
+                                         f"{process.tail(4000)}") from None
                 done = await finished(bus, "through", timeout=60)
             everything = blocks_under(entries, "")
             fetched = Counter(store_gets(store))
             assert set(fetched) == set(everything)
             twice = {get for get, count in fetched.items() if count > 1}
-            assert max(fetched.values()) <= 2 and twice <= in_flight, fetched
+            # Only GETs the replacement cut (SHOAL_LOAD_CONCURRENCY=2 at a time) are made again.
+            assert max(fetched.values()) <= 2 and len(twice) <= 2, fetched
             assert done.status.runs == 1
             assert cached(await snapshot(bus, NODE, NAME)) == pairs(everything)
             assert process.stop() == 0, process.tail()
