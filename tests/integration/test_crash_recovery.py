@@ -73,7 +73,7 @@ async def test_killed_mid_sync_loses_nothing(bus: Bus, nats_server: NatsServer, 
         command = DatasetApply(dataset=Dataset(metadata=ObjectMeta(name="crashy"),
                                                spec=DatasetSpec(mounts=[Mount(mount_point=f"s3://{bucket}")])))
         await bus.publish(subjects.DATASET_APPLY, command)
-        await facts.wait_for("dataset.accepted.v1", causationId=command.id)
+        await facts.wait_for("dataset.accepted.v1", timeout=60, causationId=command.id)  # a cold start under load
         first.send_signal(signal.SIGKILL)
         first.wait(10)
         record = await dataset_record(bus, "crashy")
@@ -140,7 +140,7 @@ async def test_agent_killed_with_sigkill_recovers_its_mount_and_reuses_the_cache
         async with running(lambda stop: dataset_app.run(node_settings, stop),
                            lambda stop: runtime_app.run(node_settings, stop)):
             await node.apply("survivor", bucket)
-            root = await node.wait_mounted("survivor", expect="k2.bin")
+            root = await node.wait_mounted("survivor", expect="k2.bin", timeout=60)
             for key, body in objects.items():
                 assert await read_file(root / key) == body
 
@@ -167,7 +167,7 @@ async def test_agent_killed_with_sigkill_recovers_its_mount_and_reuses_the_cache
             snapshot = await eventually(recovered, timeout=60, what="a new mount process after the agent restart")
             remounted = time.monotonic() - killed
             assert snapshot["counters"]["cachedBytes"] == total  # the blocks on disk were found again
-            await node.wait_mounted("survivor", expect="k2.bin")
+            await node.wait_mounted("survivor", expect="k2.bin", timeout=60)
             assert mount_count(root) == 1
             assert len(mount_pids(root)) == 1
             await asyncio.to_thread(drop_page_cache)

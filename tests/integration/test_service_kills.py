@@ -224,7 +224,7 @@ async def test_the_scheduler_killed_rebuilds_what_it_knows_from_snapshots(
     try:
         async with node_stack(bus, settings, seaweedfs, tmp_path) as node:
             await node.apply("sched", bucket)
-            root = await node.wait_mounted("sched", expect="b.bin")
+            root = await node.wait_mounted("sched", expect="b.bin", timeout=60)
             assert await read_file(root / "a.bin") == body  # half the dataset cached on the node
             service.start()
 

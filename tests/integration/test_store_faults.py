@@ -42,7 +42,7 @@ async def test_store_errors_are_retried_slow_answers_wait_and_a_dead_store_fails
     try:
         async with node_stack(bus, settings, seaweedfs, tmp_path, prometheus_targets_dir=str(targets)) as node:
             await node.apply("faulty", bucket, endpoint=store.endpoint)
-            root = await node.wait_mounted("faulty", expect="dead.bin")
+            root = await node.wait_mounted("faulty", expect="dead.bin", timeout=60)
 
             # A burst of 500s and 503s: the client retries them, the reader sees the right bytes and no error.
             store.faults = [503, 500, 503]
@@ -93,7 +93,7 @@ async def test_a_full_cache_disk_reports_the_tier_down_and_reads_still_come_from
     try:
         async with node_stack(bus, settings, seaweedfs, tmp_path) as node:
             await node.apply("full", bucket)
-            root = await node.wait_mounted("full", expect="f3.bin")
+            root = await node.wait_mounted("full", expect="f3.bin", timeout=60)
             with stopwatch() as reported:
                 for key, body in objects.items():
                     assert await read_file(root / key) == body
