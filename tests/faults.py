@@ -9,6 +9,11 @@
   Range in ``calls``) and can strip ``If-Match``, i.e. behave like a store that ignores conditional GETs.
 - ``TamperingPeerProxy``: in front of a real peer server (services.agent.peer), answers with a flipped block byte,
   a bad response signature, a short body or a wrong length, like a corrupt or lying peer.
+- ``FaultyStoreProxy``: an ``HttpProxy`` that answers the next ranged GETs with the HTTP errors queued in
+  ``faults`` (500, 503: S3 XML error bodies), every one with ``always`` while it is set, and holds each ranged GET
+  ``delay`` seconds before forwarding it (a slow store), counting what it spoiled in ``injected``.
+- ``ServiceProcess``: ``python -m services.<name>`` as a real process, so ``kill -9`` is real: started, killed
+  with SIGKILL, started again, stopped with SIGTERM; its output kept in a log file for the failure message.
 - ``ListedStore`` and ``ExtraKeys``: stores that list keys a real S3 server will not store as given (a leading
   '/', '//', long names, NUL), below the real sync.
 """
@@ -18,8 +23,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import os
+import signal
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from aiohttp import ClientSession, web
 
@@ -218,6 +228,88 @@ class HttpProxy(HoldsGets, LoopbackProxy):
             skip = ("content-length", "transfer-encoding", "connection")
             return web.Response(status=upstream.status, body=payload,
                                 headers={k: v for k, v in upstream.headers.items() if k.lower() not in skip})
+
+
+class ServiceProcess:
+    """One service as a subprocess (``python -m services.<module>``) with ``env``; ``kill()`` is SIGKILL, no clean
+    stop; ``start()`` again after it is a restart. ``close()`` kills whatever still runs (tests call it in a
+    ``finally``); ``tail()`` is the end of its log, for assertion messages."""
+
+    def __init__(self, module: str, env: dict[str, str], log: Path) -> None:
+        self.module = module
+        self.env = env
+        self.log = log
+        self.process: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    def start(self) -> None:
+        assert self.process is None or self.process.poll() is not None, f"{self.module} already runs"
+        with open(self.log, "ab") as out:
+            self.process = subprocess.Popen([sys.executable, "-m", f"services.{self.module}"], env=self.env,
+                                            stdout=out, stderr=out)
+        self.starts += 1
+
+    def kill(self) -> None:
+        assert self.process is not None and self.process.poll() is None, f"{self.module} is not running"
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(10)
+
+    def stop(self) -> int:
+        """SIGTERM and the exit code (0: a clean stop)."""
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(30)
+
+    def close(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+    def tail(self, chars: int = 3000) -> str:
+        return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else ""
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+
+def service_env(nats_urls: list[str], **extra: str) -> dict[str, str]:
+    """The environment of a service process: this one's, plus NATS, JSON logs and ``extra`` (SHOAL_... = value)."""
+    return {**os.environ, "NATS_URL": ",".join(nats_urls), "SHOAL_LOG_FORMAT": "json", **extra}
+
+
+_S3_ERRORS = {500: ("InternalError", "We encountered an internal error. Please try again."),
+              503: ("SlowDown", "Please reduce your request rate.")}
+
+
+class FaultyStoreProxy(HttpProxy):
+    """An S3 endpoint that fails or lags on ranged GETs (block reads) as the test says; everything else (listing,
+    HEAD, presigning) passes. ``faults``: statuses for the next ranged GETs, one each, in order; ``always``: a
+    status for every ranged GET while set (0: none); ``delay``: seconds each ranged GET waits before it is
+    forwarded; ``injected``: the errors answered so far."""
+
+    def __init__(self, target: str) -> None:
+        super().__init__(target)
+        self.faults: list[int] = []
+        self.always = 0
+        self.delay = 0.0
+        self.injected = 0
+
+    async def _forward(self, request: web.Request) -> web.StreamResponse:
+        if request.method == "GET" and "Range" in request.headers:
+            status = self.faults.pop(0) if self.faults else self.always
+            if status:
+                self.injected += 1
+                self.calls.append(Call(request.method, request.path, request.headers.get("Range")))
+                code, message = _S3_ERRORS.get(status, ("InternalError", "injected"))
+                body = (f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code>'
+                        f"<Message>{message}</Message></Error>")
+                return web.Response(status=status, body=body.encode(), content_type="application/xml")
+            if self.delay:
+                await asyncio.sleep(self.delay)  # the fault itself: a store that answers late
+        return await super()._forward(request)
 
 
 class ListedStore:

@@ -200,6 +200,10 @@ class DatasetRecord(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     # redelivered after its write landed (its fact's publish failed, or the write's ack was lost in a NATS
     # failover) is not counted twice.
     resync_ids: list[str] = []
+    # The commands stream's sequence of the last apply that changed the spec (0: not known). An older apply
+    # delivered again later (the service was killed before acking it, and JetStream redelivers it after its ack
+    # wait, behind newer commands) is stale: applying it would put an old spec back under a new generation.
+    command_sequence: int = 0
 
 
 class ManifestEntry(msgspec.Struct, frozen=True, rename="camel", omit_defaults=True):

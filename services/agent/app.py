@@ -42,6 +42,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -143,6 +144,9 @@ class NodeAgent:
     metrics: NodeMetrics | None = None
     # Reference datasets shown on this node: (namespace, name) → the link's target (services.agent.links).
     links: dict[tuple[str, str], str] = field(default_factory=dict)
+    # The wall clock stamped on heartbeats (``sentAt``, informative: receivers judge freshness by their own clock
+    # of receipt). Tests skew it to show that a node whose clock is hours off is treated like any other.
+    clock: Callable[[], float] = time.time
 
     async def run(self, stop: asyncio.Event, readiness: Readiness | None = None) -> None:
         readiness = readiness or Readiness()
@@ -412,7 +416,7 @@ class NodeAgent:
         beat = AgentHeartbeat(
             node=self.settings.agent.node_name,
             runtimes=[ObjectRef(name=name, namespace=namespace) for namespace, name in served],
-            healthy=not problems, problems=problems, sent_at=time.time(),
+            healthy=not problems, problems=problems, sent_at=self.clock(),
             interval_seconds=self.settings.agent.heartbeat_seconds, capacity_bytes=self.capacity_bytes(),
             mounts=self._mount_reports(), labels=dict(self.settings.agent.labels),
         )
@@ -420,14 +424,15 @@ class NodeAgent:
 
 
 async def run(settings: Settings, stop: asyncio.Event, child_env: dict[str, str] | None = None,
-              readiness: Readiness | None = None) -> None:
+              readiness: Readiness | None = None, clock: Callable[[], float] = time.time) -> None:
     readiness = readiness or Readiness()
     bus = await connect(settings.nats, SERVICE_NAME)
     readiness.add("nats", nats_check(bus))
     try:
         await bus.provision()
         agent = NodeAgent(settings, bus, KvMirror(await bus.kv(subjects.KV_RUNTIMES), RuntimeRecord, bus.reconnects),
-                          KvMirror(await bus.kv(subjects.KV_DATASETS), DatasetRecord, bus.reconnects), child_env)
+                          KvMirror(await bus.kv(subjects.KV_DATASETS), DatasetRecord, bus.reconnects), child_env,
+                          clock=clock)
         await agent.run(stop, readiness)
     finally:
         await bus.close()

@@ -226,16 +226,19 @@ def _web_errors(parts: SplitResult, shown_point: str, where: str, options: dict[
 # --- Applying and status ---
 
 
-def apply_dataset(record: DatasetRecord | None, dataset: Dataset) -> tuple[DatasetRecord, bool]:
-    """The record after applying ``dataset``, and whether its spec changed (so it must be synced again).
+def apply_dataset(record: DatasetRecord | None, dataset: Dataset, sequence: int = 0) -> tuple[DatasetRecord, bool]:
+    """The record after applying ``dataset`` (an apply at stream ``sequence``, 0: unknown), and whether its spec
+    changed (so it must be synced again). An apply older than the one the record holds is stale (delivered again
+    after a crash, behind newer commands): not applied.
 
     A dataset that becomes a reference, or stops being one, starts from an empty status: what it showed (its own
     listing, or its source's) is not its own any more, and must not be mounted meanwhile."""
     if record is None:
-        return DatasetRecord(dataset=dataset, generation=1), True
-    if record.dataset == dataset:
+        return DatasetRecord(dataset=dataset, generation=1, command_sequence=sequence), True
+    if record.dataset == dataset or (sequence and sequence < record.command_sequence):
         return record, False
-    updated = msgspec.structs.replace(record, dataset=dataset, generation=record.generation + 1)
+    updated = msgspec.structs.replace(record, dataset=dataset, generation=record.generation + 1,
+                                      command_sequence=sequence)
     if is_reference(record.dataset) != is_reference(dataset):
         updated = msgspec.structs.replace(updated, status=DatasetStatus())
     return updated, True

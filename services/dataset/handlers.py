@@ -110,7 +110,7 @@ class DatasetHandlers:
             return
         key = subjects.resource_key(namespace, name)
         record, revision = await kv_load(kv, key, DatasetRecord)
-        updated, changed = domain.apply_dataset(record, dataset)
+        updated, changed = domain.apply_dataset(record, dataset, delivery.stream_sequence)
         saved_revision = revision
         if changed:
             if is_reference(dataset):

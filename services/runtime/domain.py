@@ -155,12 +155,15 @@ def autoscaling_errors(policy: AutoscalingPolicy | None, period_seconds: int) ->
     return errors
 
 
-def apply_runtime(record: RuntimeRecord | None, runtime: Runtime) -> tuple[RuntimeRecord, bool]:
+def apply_runtime(record: RuntimeRecord | None, runtime: Runtime, sequence: int = 0) -> tuple[RuntimeRecord, bool]:
+    """The record once ``runtime`` (an apply at stream ``sequence``, 0: unknown) is applied, and whether it
+    changed. An apply older than the one the record holds is stale (redelivered after a crash): not applied."""
     if record is None:
-        return RuntimeRecord(runtime=runtime, generation=1), True
-    if record.runtime == runtime:
+        return RuntimeRecord(runtime=runtime, generation=1, command_sequence=sequence), True
+    if record.runtime == runtime or (sequence and sequence < record.command_sequence):
         return record, False
-    return msgspec.structs.replace(record, runtime=runtime, generation=record.generation + 1), True
+    return msgspec.structs.replace(record, runtime=runtime, generation=record.generation + 1,
+                                   command_sequence=sequence), True
 
 
 def node_capacity(runtime: Runtime) -> int:

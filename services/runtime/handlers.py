@@ -120,7 +120,7 @@ class RuntimeHandlers:
         kv = await self.bus.kv(subjects.KV_RUNTIMES)
         key = subjects.resource_key(namespace, name)
         record, revision = await kv_load(kv, key, RuntimeRecord)
-        updated, changed = domain.apply_runtime(record, runtime)
+        updated, changed = domain.apply_runtime(record, runtime, delivery.stream_sequence)
         if changed:
             await kv_save(kv, key, updated, revision)
             log.info("applied", runtime=key, generation=updated.generation)

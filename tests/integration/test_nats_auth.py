@@ -389,8 +389,8 @@ def test_shoal_up_secure_plans_tls_users_and_a_password_per_service(tmp_path: Pa
         shutil.copy(made, options.layout.nats_secure / made.name)
     # An external Prometheus: nothing to start, and no binary looked for.
     plan = _plan(options, {"PROMETHEUS_URL": "http://127.0.0.1:9"})
-    assert plan.nats is not None and plan.secure is not None
-    assert "tls {" in plan.nats.extra_config and "authorization {" in plan.nats.extra_config
+    assert len(plan.nats) == 1 and plan.secure is not None
+    assert "tls {" in plan.nats[0].extra_config and "authorization {" in plan.nats[0].extra_config
     assert plan.settings.nats.user == natsauth.CLI and plan.settings.nats.tls_ca == str(plan.secure.tls.ca)
     # The shared environment holds no password; each service gets its own user's (``Stack.service_envs``).
     assert "NATS_PASSWORD" not in plan.env and plan.env["NATS_TLS_CA"] == str(plan.secure.tls.ca)

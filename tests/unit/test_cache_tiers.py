@@ -122,7 +122,7 @@ def test_a_failing_write_removes_its_temporary_file_and_publishes_nothing(
     monkeypatch.setattr(tiers_module.os, "pwrite", no_space)  # O_DIRECT writes
     assert not tier.write(block(3), payload(3))
     assert files_under(tier.directory) == []
-    assert tier.health is Health.UNSTABLE
+    assert tier.health is Health.DOWN  # a full disk: down at once, until the cool-down's probe fits
 
 
 def test_short_writes_are_completed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -282,6 +282,32 @@ def test_a_removed_directory_takes_the_tier_down_and_a_restored_one_brings_it_ba
     assert tier.write(block(4), payload(4))  # the probe
     assert (tier.health, tier.consecutive_errors) == (Health.NORMAL, 0)
     assert tier.read(block(4).name) == payload(4)
+
+
+def test_failing_writes_take_the_tier_down_though_reads_of_its_blocks_succeed_between_them(
+    tier: DiskTier, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The blocks already there read fine, but every write fails; the reads must not keep resetting the count
+    (the tier would stay unstable, failing every write, and never be reported down)."""
+    assert tier.write(block(0), payload(0))
+
+    def no_space(*_: object) -> int:
+        raise OSError(errno.EIO, "Input/output error")
+
+    real_writev, real_pwrite = tiers_module.os.writev, tiers_module.os.pwrite
+    monkeypatch.setattr(tiers_module.os, "writev", no_space)
+    monkeypatch.setattr(tiers_module.os, "pwrite", no_space)
+    for index in (1, 2, 3):
+        assert not tier.write(block(index), payload(index))
+        assert tier.read(block(0).name) == payload(0) or index == 3  # the third failure takes it down
+    assert tier.health is Health.DOWN
+    monkeypatch.setattr(tiers_module.os, "writev", real_writev)
+    monkeypatch.setattr(tiers_module.os, "pwrite", real_pwrite)
+    clock.now += COOLDOWN
+    assert tier.read(block(0).name) == payload(0)  # a read probe: not proof that writes work again
+    assert tier.health is Health.DOWN
+    assert tier.write(block(4), payload(4))  # room again: the write probe brings it back
+    assert (tier.health, tier.consecutive_errors) == (Health.NORMAL, 0)
 
 
 def test_a_directory_replaced_by_a_file_fails_the_probe_and_stays_down(tier: DiskTier, clock: Clock) -> None:

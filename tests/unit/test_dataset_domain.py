@@ -461,6 +461,17 @@ def test_apply_same_spec_is_unchanged() -> None:
     assert again is record
 
 
+def test_an_older_apply_delivered_again_after_a_newer_one_is_stale() -> None:
+    # The service was killed before acking apply #7; JetStream redelivers it after apply #9 was applied.
+    record, _ = apply_dataset(None, valid_s3_dataset(), sequence=7)
+    newer, changed = apply_dataset(record, make_dataset(s3_mount("s3://imagenet-val")), sequence=9)
+    assert (newer.generation, newer.command_sequence, changed) == (2, 9, True)
+    again, changed = apply_dataset(newer, valid_s3_dataset(), sequence=7)
+    assert (again, changed) == (newer, False)
+    later, changed = apply_dataset(newer, valid_s3_dataset(), sequence=11)
+    assert (later.generation, later.dataset, changed) == (3, valid_s3_dataset(), True)
+
+
 def test_apply_new_spec_bumps_generation_and_keeps_status() -> None:
     record, _ = apply_dataset(None, valid_s3_dataset())
     synced = msgspec.structs.replace(record, status=DatasetStatus(synced_generation=1, file_num=3))

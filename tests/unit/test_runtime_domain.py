@@ -212,6 +212,17 @@ def test_apply_runtime_generations() -> None:
     assert (bigger.generation, changed) == (2, True)
 
 
+def test_an_older_apply_delivered_again_after_a_newer_one_is_stale() -> None:
+    # The service was killed before acking apply #10; JetStream redelivers it after apply #12 was applied.
+    first, _ = apply_runtime(None, valid_runtime(), sequence=10)
+    newer, changed = apply_runtime(first, valid_runtime(replicas=5), sequence=12)
+    assert (newer.generation, newer.command_sequence, changed) == (2, 12, True)
+    again, changed = apply_runtime(newer, valid_runtime(), sequence=10)
+    assert (again, changed) == (newer, False)
+    later, changed = apply_runtime(newer, valid_runtime(), sequence=13)
+    assert (later.generation, later.runtime, changed) == (3, valid_runtime(), True)
+
+
 # --- runtime_status ---
 
 

@@ -32,7 +32,13 @@ Health, like JuiceFS's cache directory states: consecutive I/O errors (``OSError
 file: ENOSPC, EIO, the directory removed...) move a disk tier from normal to unstable (after 1) and down (after
 3 in a row). A down tier refuses reads and writes without touching the disk, so callers bypass it to the object
 store; after ``cooldown_seconds`` (clock injected) the next operation goes through as a probe and one success
-brings the tier back to normal. Reads and writes never raise for I/O errors.
+brings the tier back to normal. A read succeeding does not end a run of failed writes: a full disk (ENOSPC) still
+serves the blocks it holds, and if reads in between reset the count it would stay unstable for ever, failing
+every write unreported; three failed writes in a row take it down (reported) whatever the reads between them.
+ENOSPC takes the tier down at once: a full disk does not empty itself in the next second, and small writes that
+still fit would otherwise keep it flapping between normal and unstable, never reported (tests/integration/
+test_store_faults.py fills a tmpfs). Down, reads bypass it to the store until the cool-down's write probe fits.
+Reads and writes never raise for I/O errors.
 
 Threads: file I/O is synchronous. Reading a 4 MiB block from the page cache takes ~0.2 ms, ~0.6 ms with its
 checksum, so reads run inline on the event loop (an ``os.pread`` inline beat a thread pool in every FUSE
@@ -264,6 +270,7 @@ class DiskTier:
         # Why the directory is not Shoal's to use (non-empty without the marker); set once, never cleared.
         self._refused = ""
         self._errors = 0  # consecutive I/O errors
+        self._writes_failing = False  # the last error was a write's: only a successful write clears the run
         self._retry_at = 0.0
         self._corrupt = 0
         self._temp_ids = itertools.count()  # next() on a count is atomic under the GIL
@@ -294,17 +301,23 @@ class DiskTier:
         """Why this directory is not used at all (it holds files Shoal did not write), or empty."""
         return self._refused
 
-    def _succeeded(self) -> None:
+    def _succeeded(self, operation: str = "read") -> None:
         if self._errors == 0:
             return  # the hot path: no lock while healthy
+        if self._writes_failing and operation != "write":
+            return  # a disk that reads but cannot write (full) is not healthy again
         with self._lock:
             previous, self._errors, self._health = self._health, 0, Health.NORMAL
+            self._writes_failing = False
         if previous is not Health.NORMAL:
             log.info("cache tier recovered", directory=self._root, previous=str(previous))
 
     def _failed(self, operation: str, error: OSError) -> None:
         with self._lock:
             self._errors += 1
+            self._writes_failing = operation == "write"
+            if error.errno == errno.ENOSPC:
+                self._errors = max(self._errors, DOWN_AFTER_ERRORS)
             previous = self._health
             if self._errors >= DOWN_AFTER_ERRORS:
                 self._health = Health.DOWN
@@ -437,7 +450,7 @@ class DiskTier:
             _unlink_quietly(temp)
             self._failed("write", err)
             return False
-        self._succeeded()
+        self._succeeded("write")
         return True
 
     def remove(self, name: str) -> bool:
