@@ -225,6 +225,12 @@ def _differs(existing: js_api.StreamConfig, wanted: js_api.StreamConfig) -> bool
     return False
 
 
+# A JetStream publish is given up after PUBLISH_SECONDS (the handler's message is then delivered again later),
+# asked in attempts of PUBLISH_ATTEMPT_SECONDS: an answer takes milliseconds, so a missing one means no leader yet.
+PUBLISH_SECONDS = 5.0
+PUBLISH_ATTEMPT_SECONDS = 1.0
+
+
 class Bus:
     """One NATS connection with its JetStream context, and the helpers every service uses."""
 
@@ -349,8 +355,19 @@ class Bus:
             all_headers = inject_context(dict(headers or {}))
             all_headers["Nats-Msg-Id"] = str(getattr(event, "id", ""))
             all_headers["Content-Type"] = "application/json"
-            ack = await self.refusable(subject, self.js.publish(subject, msgspec.json.encode(event),
-                                                                headers=all_headers))
+            payload = msgspec.json.encode(event)
+            deadline = time.monotonic() + PUBLISH_SECONDS
+            while True:
+                try:
+                    ack = await self.refusable(subject, self.js.publish(subject, payload, headers=all_headers,
+                                                                        timeout=PUBLISH_ATTEMPT_SECONDS))
+                    break
+                except (nats.errors.TimeoutError, nats.js.errors.NoStreamResponseError):
+                    # A stream without a leader (a cluster electing one) does not answer: asked again with the
+                    # same Nats-Msg-Id (deduplicated), the message lands as soon as a leader is elected, rather
+                    # than after one long wait.
+                    if time.monotonic() >= deadline:
+                        raise
         return int(ack.seq)
 
     async def refusable(self, subject: str, call: Awaitable[R]) -> R:
