@@ -408,6 +408,10 @@ class Consumer(Generic[E]):
     # A span per message (trace context from the headers). Off for high-volume internal traffic (inventory), where
     # the span would cost more than the handler: ~30 us without an SDK, ~100 us with one, per message.
     traced: bool = True
+    # With ``lane_of``, the messages of one fetch are handled at once, one lane per key it returns for a message
+    # (in stream order within a lane): a handler waiting on NATS round trips no longer holds up messages of other
+    # keys, and their publishes share the connection's writes. None: one message after another.
+    lane_of: Callable[[Msg], str] | None = None
     _stopping: asyncio.Event = field(default_factory=asyncio.Event, init=False)
     # One tracer per consumer: looking it up per message costs as much as the span (it delegates to whatever
     # provider is installed, also one installed later).
@@ -448,10 +452,25 @@ class Consumer(Generic[E]):
                 # Messages still in the stream behind the last one fetched (JetStream's count for this consumer).
                 if messages:
                     self._lag.set(messages[-1].metadata.num_pending or 0)
-                for message in messages:
-                    await self.process(message)
+                if self.lane_of is None:
+                    for message in messages:
+                        await self.process(message)
+                else:
+                    await self._process_in_lanes(messages)
         finally:
             await subscription.unsubscribe()
+
+    async def _process_in_lanes(self, messages: list[Msg]) -> None:
+        assert self.lane_of is not None
+        lanes: dict[str, list[Msg]] = {}
+        for message in messages:
+            lanes.setdefault(self.lane_of(message), []).append(message)
+
+        async def lane(queued: list[Msg]) -> None:
+            for message in queued:
+                await self.process(message)
+
+        await asyncio.gather(*(lane(queued) for queued in lanes.values()))
 
     def stop(self) -> None:
         self._stopping.set()

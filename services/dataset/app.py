@@ -30,9 +30,14 @@ from libs.side_server import Readiness
 from libs.ufs import open_store
 from services.dataset.census import DatasetCensus
 from services.dataset.handlers import DatasetHandlers
+from services.dataset.lanes import dataset_lane
 from services.dataset.sync import StoreOpener
 
 SERVICE_NAME = "shoal-dataset"
+# Messages fetched, and handled at once in per-dataset lanes (services.dataset.lanes): a burst of thousands of
+# applies moves 256 datasets at a time; well within max_ack_pending (1000), and a fetch's work stays far below the
+# 30 s ack wait.
+LANE_BATCH = 256
 
 
 async def run(settings: Settings, stop: asyncio.Event, clock: Callable[[], float] = time.time,
@@ -47,17 +52,17 @@ async def run(settings: Settings, stop: asyncio.Event, clock: Callable[[], float
         commands = Consumer(
             bus, subjects.STREAM_COMMANDS, subjects.DURABLE_DATASET_COMMANDS, subjects.DATASET_COMMANDS,
             msgspec.json.Decoder(DatasetCommand), handlers.on_command, on_invalid=handlers.on_invalid_command,
-            max_event_bytes=max_bytes, max_deliver=max_deliver,
+            max_event_bytes=max_bytes, max_deliver=max_deliver, batch=LANE_BATCH, lane_of=dataset_lane,
         )
         runtime_facts = Consumer(
             bus, subjects.STREAM_FACTS, subjects.DURABLE_DATASET_RUNTIME_STATUS, subjects.RUNTIME_FACTS,
             msgspec.json.Decoder(RuntimeFact), handlers.on_runtime_fact, max_event_bytes=max_bytes,
-            max_deliver=max_deliver,
+            max_deliver=max_deliver, batch=LANE_BATCH, lane_of=dataset_lane,
         )
         inventory = Consumer(
             bus, subjects.STREAM_AGENT, subjects.DURABLE_DATASET_INVENTORY, subjects.AGENT_INVENTORY,
             msgspec.json.Decoder(AnyInventory), handlers.on_inventory, max_event_bytes=MESSAGE_LIMIT,
-            max_deliver=max_deliver,
+            max_deliver=max_deliver, batch=LANE_BATCH, lane_of=dataset_lane,
         )
         reconciler = Reconciler(await bus.kv(subjects.KV_DATASETS), handlers.sync, bus.reconnects,
                                 observe=DatasetCensus().observe)

@@ -59,8 +59,8 @@ from libs.embedded import NatsConfig, free_port, start_nats
 from libs.events.agent import AgentHeartbeat, CacheCounters, InventorySnapshot, MountReport
 from libs.events.common import ObjectMeta, ObjectRef
 from libs.events.dataset import Dataset, DatasetApply, DatasetRecord, DatasetSpec, Mount
-from libs.events.runtime import Level, Runtime, RuntimeApply, RuntimeSpec, TieredStore
-from tests.bench.processes import PROJECT_ROOT, Child, cleanup, exclusive_run, run_then_stop
+from libs.events.runtime import Level, Runtime, RuntimeApply, RuntimeRecord, RuntimeSpec, TieredStore
+from tests.bench.processes import PROJECT_ROOT, Child, cleanup, cpu_seconds, exclusive_run, run_then_stop
 from tests.bench.report import console, print_targets, say, summarize_profile, targets_table, write_docs_section
 
 NAMESPACE = "load"
@@ -412,11 +412,19 @@ class Load:
             if not any(c.type == SYNCED and c.status == "True" for c in status.conditions):
                 return f"{key}: not synced ({status.message})"
             if record.dataset.metadata.name in self.tracker.bound and status.phase != "Bound":
-                return f"{key}: {status.phase}, not Bound"
+                runtime, _ = await kv_load(await self.bus.kv(subjects.KV_RUNTIMES), key, RuntimeRecord)
+                binding = await (await self.bus.kv(subjects.KV_BINDINGS)).get(key)
+                return (f"{key}: {status.phase}, not Bound (runtime "
+                        f"{runtime.status.phase if runtime else None}: {runtime.status.message if runtime else ''}; "
+                        f"binding {binding.value!r})")
             return None
 
         found = [p for p in await asyncio.gather(*(check(k) for k in sorted(expected & keys))) if p]
         return problems + found[:10] + ([f"... {len(found) - 10} more"] if len(found) > 10 else [])
+
+
+def cpu_text(per: dict[str, float]) -> str:
+    return ", ".join(f"{name} {ms:.2f}" for name, ms in per.items())
 
 
 def percentile(samples: list[float], fraction: float) -> float:
@@ -487,6 +495,19 @@ class LoadBench:
     def _all(self) -> list[Service]:
         return [*self.services, *([self.runtime] if self.runtime else [])]
 
+    def _cpu(self) -> dict[str, float]:
+        """CPU seconds so far of each service, of nats-server and of this process (the client)."""
+        found = {service.child.name: cpu_seconds([service.child.pid]) for service in self._all()}
+        if self._nats is not None:
+            found["nats-server"] = cpu_seconds([self._nats.process.pid])
+        found["client"] = time.process_time()
+        return found
+
+    def _cpu_per(self, before: dict[str, float], datasets: int) -> dict[str, float]:
+        """CPU milliseconds per dataset since ``before``, by process: the number a busy machine does not move."""
+        return {name: (seconds - before.get(name, 0.0)) * 1e3 / max(1, datasets)
+                for name, seconds in self._cpu().items()}
+
     async def _sample(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             for service in self._all():
@@ -524,6 +545,7 @@ class LoadBench:
                 f"{config.agents} agents")
             results: dict[str, Any] = {}
             if burst:
+                cpu = self._cpu()
                 began = time.perf_counter()
                 await load.burst(burst)
                 published = time.perf_counter() - began
@@ -532,18 +554,23 @@ class LoadBench:
                 latencies = load.tracker.latencies(burst)
                 results["burst"] = {"datasets": len(burst), "seconds": elapsed, "rate": len(burst) / elapsed,
                                     "publish_seconds": published, "p50": percentile(latencies, 0.5),
-                                    "p99": percentile(latencies, 0.99), "max": max(latencies)}
+                                    "p99": percentile(latencies, 0.99), "max": max(latencies),
+                                    "cpu_ms_per_dataset": self._cpu_per(cpu, len(burst))}
                 say(f"  burst: {len(burst):,} synced in {elapsed:.1f} s ({len(burst) / elapsed:,.0f}/s; published in "
-                    f"{published:.1f} s), p50 {results['burst']['p50']:.2f} s, p99 {results['burst']['p99']:.2f} s")
+                    f"{published:.1f} s), p50 {results['burst']['p50']:.2f} s, p99 {results['burst']['p99']:.2f} s; "
+                    f"CPU ms per dataset {cpu_text(results['burst']['cpu_ms_per_dataset'])}")
             if steady:
+                cpu = self._cpu()
                 late = await load.steady(steady, config.rate, offset=len(burst))
                 await load.tracker.wait_all(steady, config.timeout, "steady")
                 latencies = load.tracker.latencies(steady)
                 results["steady"] = {"datasets": len(steady), "rate": config.rate, "seconds": config.seconds,
                                      "p50": percentile(latencies, 0.5), "p99": percentile(latencies, 0.99),
-                                     "max": max(latencies), "client_late_max": late}
+                                     "max": max(latencies), "client_late_max": late,
+                                     "cpu_ms_per_dataset": self._cpu_per(cpu, len(steady))}
                 say(f"  steady {config.rate}/s for {config.seconds:.0f} s: p50 {results['steady']['p50'] * 1e3:.0f} "
-                    f"ms, p99 {results['steady']['p99'] * 1e3:.0f} ms (client at most {late * 1e3:.0f} ms late)")
+                    f"ms, p99 {results['steady']['p99'] * 1e3:.0f} ms (client at most {late * 1e3:.0f} ms late); "
+                    f"CPU ms per dataset {cpu_text(results['steady']['cpu_ms_per_dataset'])}")
             problems = await load.verify(burst + steady)
             listings = sum(service.metric("shoal_dataset_sync_duration_seconds_count") for service in self.services)
             if listings != len(burst) + len(steady):
