@@ -5,7 +5,7 @@
 | SHOAL_COMMANDS | shoal.cmd.dataset.* (apply, delete) | DatasetHandlers.on_command |
 | SHOAL_FACTS | shoal.evt.runtime.> (status, deleted) | DatasetHandlers.on_runtime_fact |
 | SHOAL_AGENT | shoal.agent.inventory.* (snapshots, deltas) | DatasetHandlers.on_inventory |
-| KV shoal_datasets | every key (watch) | DatasetHandlers.sync via Reconciler; the gauges (DatasetCensus) |
+| KV shoal_datasets | every key (watch) | DatasetHandlers.sync via Reconciler; gauges (DatasetCensus); WatchedRecords |
 
 Ready (``/readyz``) when connected to NATS and the consumers and the reconciler's watch run.
 """
@@ -17,9 +17,10 @@ import time
 from collections.abc import Callable
 
 import msgspec
+from nats.js.kv import KeyValue
 
 from libs import subjects
-from libs.bus import MESSAGE_LIMIT, Consumer, connect
+from libs.bus import MESSAGE_LIMIT, Consumer, Replay, connect
 from libs.config import Settings
 from libs.events.agent import AnyInventory
 from libs.events.dataset import DatasetCommand
@@ -64,8 +65,13 @@ async def run(settings: Settings, stop: asyncio.Event, clock: Callable[[], float
             msgspec.json.Decoder(AnyInventory), handlers.on_inventory, max_event_bytes=MESSAGE_LIMIT,
             max_deliver=max_deliver, batch=LANE_BATCH, lane_of=dataset_lane,
         )
-        reconciler = Reconciler(await bus.kv(subjects.KV_DATASETS), handlers.sync, bus.reconnects,
-                                observe=DatasetCensus().observe)
+        census = DatasetCensus()
+
+        def observe(entry: KeyValue.Entry | Replay | None) -> None:
+            census.observe(entry)
+            handlers.watched.observe(entry)
+
+        reconciler = Reconciler(await bus.kv(subjects.KV_DATASETS), handlers.sync, bus.reconnects, observe=observe)
         await run_loops([commands, runtime_facts, inventory, reconciler], stop, readiness)
     finally:
         await bus.close()

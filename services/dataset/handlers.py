@@ -6,6 +6,7 @@ the reconciler whenever a record's generation is ahead of its synced generation.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,11 +38,16 @@ from libs.telemetry import context_of, current_traceparent, get_logger, tracer
 from libs.ufs import open_store
 from services.dataset import domain
 from services.dataset.sync import StoreOpener, sync_metadata
+from services.dataset.watched import WatchedRecords
 
 log = get_logger(__name__)
 
 # Compare-and-set retries inside one handler before handing the message back to the consumer loop.
 CAS_ATTEMPTS = 5
+# Metadata syncs listing at once: a burst of thousands of applies starts a reconcile per dataset, and each sync
+# holds a listing page and its manifest (up to libs.manifest.SPOOL_BYTES in memory) until it is written. Enough to
+# keep NATS and the stores busy; memory stays bounded whatever the burst.
+SYNC_CONCURRENCY = 64
 
 
 @dataclass
@@ -51,6 +57,9 @@ class DatasetHandlers:
     clock: Callable[[], float] = time.time
     opener: StoreOpener = open_store
     _tracer: trace.Tracer = field(default_factory=lambda: tracer(__name__), init=False)
+    _syncing: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(SYNC_CONCURRENCY), init=False)
+    # Fed by the reconciler's watch (app.py) and by this process's own status writes.
+    watched: WatchedRecords = field(default_factory=WatchedRecords, init=False)
 
     # --- commands ---
 
@@ -209,9 +218,14 @@ class DatasetHandlers:
         The retry's due time is in the record (``domain.sync_due_in``), not in the reconciler's wait: the status
         write of a failed sync, or any other write, wakes the reconciler, which then waits out what is left.
         """
-        kv = await self.bus.kv(subjects.KV_DATASETS)
-        record, _ = await kv_load(kv, key, DatasetRecord)
-        if record is None:
+        watched = self.watched.get(key)
+        record: DatasetRecord | None
+        revision: int | None
+        if watched is not None:
+            record, revision = watched  # None: synced as of the newest entry (services.dataset.watched)
+        else:
+            record, revision = await kv_load(await self.bus.kv(subjects.KV_DATASETS), key, DatasetRecord)
+        if record is None or revision is None:
             return
         due_in = domain.sync_due_in(record, self.clock(), self.settings.service.sync_retry_seconds)
         if due_in is None:
@@ -222,17 +236,17 @@ class DatasetHandlers:
         with self._tracer.start_as_current_span("sync dataset", context=context_of(record.traceparent),
                                                 attributes={"shoal.dataset": key,
                                                             "shoal.generation": record.generation}):
-            await self._sync(key, record)
+            async with self._syncing:
+                await self._sync(key, record, revision)
 
-    async def _sync(self, key: str, record: DatasetRecord) -> None:
+    async def _sync(self, key: str, record: DatasetRecord, revision: int) -> None:
         try:
             result = await self._list(record)
         except RetryLater as err:
-            await self._record_sync(key, record, domain.SyncResult(generation=record.generation,
-                                                                   requests=record.sync_requests, error=err.reason,
-                                                                   retryable=True))
+            await self._record_sync(key, record, revision, domain.SyncResult(
+                generation=record.generation, requests=record.sync_requests, error=err.reason, retryable=True))
             raise RetryLater(err.reason, self.settings.service.sync_retry_seconds) from err
-        await self._record_sync(key, record, result)
+        await self._record_sync(key, record, revision, result)
 
     async def _list(self, record: DatasetRecord) -> domain.SyncResult:
         """The sync itself (list, write the manifest), timed by outcome: ok, or failed (an error or a raise)."""
@@ -247,7 +261,7 @@ class DatasetHandlers:
         finally:
             metrics.DATASET_SYNC_SECONDS.labels(outcome).observe(time.perf_counter() - started)
 
-    async def _record_sync(self, key: str, record: DatasetRecord, result: domain.SyncResult) -> None:
+    async def _record_sync(self, key: str, record: DatasetRecord, revision: int, result: domain.SyncResult) -> None:
         namespace, name = record.dataset.metadata.namespace, record.dataset.metadata.name
         binding = await self._binding(namespace, name)
 
@@ -256,7 +270,7 @@ class DatasetHandlers:
                 return current.status  # a newer spec arrived meanwhile; its own sync follows
             return domain.status_after_sync(current, result, binding.phase, self.clock())
 
-        still_there = await self._update_status(key, after_sync)
+        still_there = await self._update_status(key, after_sync, known=(record, revision))
         if not still_there:
             await self._delete_manifest(namespace, name)
 
@@ -267,24 +281,36 @@ class DatasetHandlers:
         binding, _ = await kv_load(bindings, subjects.resource_key(namespace, name), domain.RuntimeBinding)
         return binding or domain.RuntimeBinding()
 
-    async def _update_status(self, key: str, compute: Callable[[DatasetRecord], DatasetStatus]) -> bool:
+    async def _update_status(self, key: str, compute: Callable[[DatasetRecord], DatasetStatus],
+                             known: tuple[DatasetRecord, int] | None = None) -> bool:
         """Apply ``compute`` to the stored record with compare-and-set; publish if the status changed.
 
+        ``known``: the record and revision the caller read, tried first (a sync read it before listing): usually
+        still current, which saves a read; compare-and-set catches it when it is not, and it is read again.
         Returns False when the dataset does not exist (any more).
         """
         kv = await self.bus.kv(subjects.KV_DATASETS)
-        for _ in range(CAS_ATTEMPTS):
-            record, revision = await kv_load(kv, key, DatasetRecord)
-            if record is None:
-                return False
+        for _ in range(CAS_ATTEMPTS + (known is not None)):
+            fresh = known is None
+            revision: int | None
+            if known is not None:
+                (record, revision), known = known, None
+            else:
+                loaded, revision = await kv_load(kv, key, DatasetRecord)
+                if loaded is None:
+                    return False
+                record = loaded
             status = compute(record)
             if status == record.status:
+                if not fresh:
+                    continue  # nothing to change in what the caller read; the stored record may differ
                 return True
             updated = msgspec.structs.replace(record, status=status)
             try:
                 new_revision = await kv_save(kv, key, updated, revision)
             except Conflict:
                 continue
+            self.watched.note(key, updated, new_revision)
             await self._publish_status(updated, new_revision)
             return True
         raise Conflict(f"{key}: status update lost {CAS_ATTEMPTS} times in a row")
