@@ -6,6 +6,7 @@
 | SHOAL_FACTS | shoal.evt.runtime.> (status, deleted) | DatasetHandlers.on_runtime_fact |
 | SHOAL_AGENT | shoal.agent.inventory.* (snapshots, deltas) | DatasetHandlers.on_inventory |
 | KV shoal_datasets | every key (watch) | DatasetHandlers.sync via Reconciler; gauges (DatasetCensus); WatchedRecords |
+| KV shoal_dataset_bindings | every key (watch) | WatchedBindings: the runtimes' phases an apply and a sync read |
 
 Ready (``/readyz``) when connected to NATS and the consumers and the reconciler's watch run.
 """
@@ -33,6 +34,7 @@ from services.dataset.census import DatasetCensus
 from services.dataset.handlers import DatasetHandlers
 from services.dataset.lanes import dataset_lane
 from services.dataset.sync import StoreOpener
+from services.dataset.watched import WatchedBindings
 
 SERVICE_NAME = "shoal-dataset"
 # Messages fetched, and handled at once in per-dataset lanes (services.dataset.lanes): a burst of thousands of
@@ -48,7 +50,8 @@ async def run(settings: Settings, stop: asyncio.Event, clock: Callable[[], float
     readiness.add("nats", nats_check(bus))
     try:
         await bus.provision()
-        handlers = DatasetHandlers(bus, settings, clock, opener)
+        bindings = WatchedBindings(await bus.kv(subjects.KV_BINDINGS), bus.reconnects)
+        handlers = DatasetHandlers(bus, settings, clock, opener, bindings=bindings)
         max_bytes, max_deliver = settings.service.max_event_bytes, settings.service.max_deliver
         commands = Consumer(
             bus, subjects.STREAM_COMMANDS, subjects.DURABLE_DATASET_COMMANDS, subjects.DATASET_COMMANDS,
@@ -72,6 +75,6 @@ async def run(settings: Settings, stop: asyncio.Event, clock: Callable[[], float
             handlers.watched.observe(entry)
 
         reconciler = Reconciler(await bus.kv(subjects.KV_DATASETS), handlers.sync, bus.reconnects, observe=observe)
-        await run_loops([commands, runtime_facts, inventory, reconciler], stop, readiness)
+        await run_loops([bindings, commands, runtime_facts, inventory, reconciler], stop, readiness)
     finally:
         await bus.close()

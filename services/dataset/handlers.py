@@ -38,7 +38,7 @@ from libs.telemetry import context_of, current_traceparent, get_logger, tracer
 from libs.ufs import open_store
 from services.dataset import domain
 from services.dataset.sync import StoreOpener, sync_metadata
-from services.dataset.watched import WatchedRecords
+from services.dataset.watched import WatchedBindings, WatchedRecords
 
 log = get_logger(__name__)
 
@@ -56,6 +56,8 @@ class DatasetHandlers:
     settings: Settings
     clock: Callable[[], float] = time.time
     opener: StoreOpener = open_store
+    # The runtimes' phases in memory (app.py runs its watch); None: read the bucket each time.
+    bindings: WatchedBindings | None = None
     _tracer: trace.Tracer = field(default_factory=lambda: tracer(__name__), init=False)
     _syncing: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(SYNC_CONCURRENCY), init=False)
     # Fed by the reconciler's watch (app.py) and by this process's own status writes.
@@ -181,7 +183,9 @@ class DatasetHandlers:
             return
         bindings = await self.bus.kv(subjects.KV_BINDINGS)
         key = subjects.resource_key(fact.namespace, fact.name)
-        await bindings.put(key, msgspec.json.encode(binding))
+        revision = await bindings.put(key, msgspec.json.encode(binding))
+        if self.bindings is not None:
+            self.bindings.note(key, binding, revision)
         await self._update_status(
             key, lambda record: domain.with_binding(
                 record.dataset, domain.with_mount_condition(record.status, mounted), binding.phase,
@@ -277,6 +281,8 @@ class DatasetHandlers:
     # --- helpers ---
 
     async def _binding(self, namespace: str, name: str) -> domain.RuntimeBinding:
+        if self.bindings is not None and self.bindings.ready.is_set():
+            return self.bindings.get(subjects.resource_key(namespace, name))
         bindings = await self.bus.kv(subjects.KV_BINDINGS)
         binding, _ = await kv_load(bindings, subjects.resource_key(namespace, name), domain.RuntimeBinding)
         return binding or domain.RuntimeBinding()

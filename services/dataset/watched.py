@@ -1,6 +1,10 @@
-"""The newest ``shoal_datasets`` record of each dataset as the reconciler's watch showed it (or as this process
-wrote it), so a sync starts without reading the record again: a burst of applies saves a KV round trip per dataset
-at the start of its sync, and another when its own status write comes back through the watch.
+"""What the dataset service keeps of two buckets, fed by watches and by its own writes, so a burst of applies
+does not read them again and again:
+
+- ``WatchedBindings``: the runtimes' bindings (phase, capacity) an apply and a sync read;
+- ``WatchedRecords``: the newest ``shoal_datasets`` record of each dataset as the reconciler's watch showed it (or
+  as this process wrote it), so a sync starts without reading the record again (a KV round trip per dataset at the
+  start of its sync, and another when its own status write comes back through the watch).
 
 Only records that may need a sync are kept whole; a synced one (``domain.sync_due_in`` is None, whatever the clock)
 is kept as its revision alone, so memory stays small with many datasets. An entry older than what is known (a
@@ -12,23 +16,34 @@ status write is a compare-and-set.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import Callable
+
 import msgspec
 from nats.js.kv import KeyValue
 
-from libs.bus import Replay
+from libs.bus import Replay, kv_watch
 from libs.events.dataset import DatasetRecord
 from services.dataset import domain
 
 _DECODER = msgspec.json.Decoder(DatasetRecord)
+_BINDING = msgspec.json.Decoder(domain.RuntimeBinding)
 
 
 class WatchedRecords:
     def __init__(self) -> None:
         # key → (the record while it may need a sync, else None; its revision)
         self._seen: dict[str, tuple[DatasetRecord | None, int]] = {}
+        # Trusted once a watch has delivered the initial values: the reconciler then schedules a sync for every
+        # newer entry. Without a watch (a caller driving ``sync`` itself), the sync reads the bucket.
+        self._fed = False
 
     def observe(self, entry: KeyValue.Entry | Replay | None) -> None:
-        if entry is None or isinstance(entry, Replay):
+        if entry is None:
+            self._fed = True
+            return
+        if isinstance(entry, Replay):
             return
         if entry.operation in ("DEL", "PURGE") or entry.value is None or entry.revision is None:
             self._seen.pop(entry.key, None)
@@ -51,4 +66,46 @@ class WatchedRecords:
     def get(self, key: str) -> tuple[DatasetRecord | None, int] | None:
         """(the record, its revision) when it may need a sync; (None, revision) when it is synced; None when
         unknown here (read it)."""
-        return self._seen.get(key)
+        return self._seen.get(key) if self._fed else None
+
+
+class WatchedBindings:
+    """The ``shoal_dataset_bindings`` bucket in memory (a watch), so an apply and a sync learn the runtime's phase
+    without a KV round trip. This service is the bucket's only writer and notes each of its writes here at once with
+    its revision; an older entry the watch delivers afterwards changes nothing, so a read here never goes back
+    behind a write of this process. Until the initial values are in (``ready``), callers read the bucket."""
+
+    def __init__(self, kv: KeyValue, reconnects: Callable[[], int] | None = None) -> None:
+        self.kv = kv
+        self.reconnects = reconnects
+        self.ready = asyncio.Event()
+        self._values: dict[str, tuple[domain.RuntimeBinding, int]] = {}
+        self._stopping = asyncio.Event()
+
+    async def run(self) -> None:
+        async with contextlib.aclosing(kv_watch(self.kv, self._stopping, self.reconnects)) as entries:
+            async for entry in entries:
+                if entry is None:
+                    self.ready.set()
+                elif isinstance(entry, Replay):
+                    continue  # every entry comes again; the newer revision wins, deletes are never made here
+                elif entry.operation in ("DEL", "PURGE") or entry.value is None or entry.revision is None:
+                    self._values.pop(entry.key, None)
+                else:
+                    try:
+                        binding = _BINDING.decode(entry.value)
+                    except (msgspec.ValidationError, msgspec.DecodeError):
+                        continue
+                    self.note(entry.key, binding, entry.revision)
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    def note(self, key: str, binding: domain.RuntimeBinding, revision: int) -> None:
+        known = self._values.get(key)
+        if known is None or revision > known[1]:
+            self._values[key] = (binding, revision)
+
+    def get(self, key: str) -> domain.RuntimeBinding:
+        known = self._values.get(key)
+        return known[0] if known is not None else domain.RuntimeBinding()

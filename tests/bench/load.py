@@ -4,7 +4,8 @@ and publish inventory. Every dataset must reach its synced status fact (and Boun
 lost or applied twice; the time from apply to that fact is reported as p50/p99, with the services' memory.
 
 On a real nats-server (embedded, its own process) with the dataset service (``SHOAL_BENCH_LOAD_REPLICAS``
-processes sharing its durable consumers, default 1) and the runtime service as subprocesses, the bench:
+processes sharing its durable consumers, default 1; each runs its own reconciler, so a second one lists every dataset
+again and the check below says so) and the runtime service as subprocesses, the bench:
 
 1. writes ``SHOAL_BENCH_LOAD_FOLDERS`` small local folders (default 1,000 of ``SHOAL_BENCH_LOAD_FILES`` = 4 files,
    kept under ``.shoal/bench/load-src`` for later runs); dataset *i* mounts ``local://<folder i mod folders>``;
@@ -619,6 +620,10 @@ def markdown(config: LoadConfig, results: dict[str, Any], lines: list[tuple[str,
         s = results["steady"]
         rows += [f"| steady {s['rate']}/s for {s['seconds']:.0f} s ({s['datasets']:,}): apply → synced, p50 / p99 / "
                  f"max | {s['p50'] * 1e3:.0f} / **{s['p99'] * 1e3:.0f}** / {s['max'] * 1e3:.0f} ms |"]
+    for phase in ("burst", "steady"):
+        if phase in results:
+            rows.append(f"| {phase}: CPU ms per dataset, by process | "
+                        f"{cpu_text(results[phase]['cpu_ms_per_dataset'])} |")
     for name, rss in results["rss"].items():
         rows.append(f"| RSS {name} service, peak / end | {rss['peak'] / mib:.0f} / {rss['end'] / mib:.0f} MiB |")
     rows.append(f"| simulated agents: heartbeats / inventory snapshots published | {results['beats']:,} / "
@@ -634,7 +639,9 @@ def markdown(config: LoadConfig, results: dict[str, Any], lines: list[tuple[str,
         f"{config.agents} simulated agents beating and publishing inventory every second, {config.runtimes} "
         f"runtimes per phase (those datasets must end Bound), local folders of {config.files} files. Latency is "
         "from just before an apply is published to the first status fact saying the dataset is synced (and "
-        f"Bound); the bench client runs on the same cores. Load average at the end: {load[0]:.1f} / {load[1]:.1f} "
+        "Bound); the bench client runs on the same cores. CPU per dataset (each process's CPU time over the phase, "
+        "simulated agents' traffic included) is the number a busy machine moves least. "
+        f"Load average at the end: {load[0]:.1f} / {load[1]:.1f} "
         f"/ {load[2]:.1f} (other sessions share this machine, so the numbers are noisy).",
         "",
         *rows,
