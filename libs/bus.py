@@ -137,6 +137,7 @@ class Bus:
         self.js: JetStreamContext = nc.jetstream()
         self.replicas = replicas
         self._kv: dict[str, KeyValue] = {}
+        self._manifests: NatsObjectStore | None = None
         self._tracer = tracer(__name__)
 
     def reconnects(self) -> int:
@@ -204,7 +205,10 @@ class Bus:
         return self._kv[bucket]
 
     async def manifests(self) -> NatsObjectStore:
-        return await self.js.object_store(subjects.OBJ_MANIFESTS)
+        # Kept like the KV handles: looking it up is a stream-info round trip, once per sync in a burst otherwise.
+        if self._manifests is None:
+            self._manifests = await self.js.object_store(subjects.OBJ_MANIFESTS)
+        return self._manifests
 
     async def publish(self, subject: str, event: msgspec.Struct, headers: dict[str, str] | None = None) -> int:
         """Publish an event to JetStream; returns its stream sequence. Deduplicated by the event's id."""
