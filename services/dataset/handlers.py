@@ -111,6 +111,17 @@ class DatasetHandlers:
         )
         if saved_revision is not None and changed and (record is None or record.status != updated.status):
             await self._publish_status(updated, saved_revision)
+        if changed:
+            await self._catch_binding(key, namespace, name, binding)
+
+    async def _catch_binding(self, key: str, namespace: str, name: str, used: domain.RuntimeBinding) -> None:
+        """The runtime's fact may have been handled while this apply ran (another consumer): its status update
+        found no record yet, and the binding this apply read was the old one. Read it again after the record is
+        written (a memory read with the bindings' watch): either this sees the new binding, or the fact's update,
+        which reads the record after writing the binding, sees the record."""
+        latest = await self._binding(namespace, name)
+        if latest != used:
+            await self._update_status(key, lambda record: domain.status_on_apply(record, latest))
 
     async def resync(self, command: DatasetResync, delivery: Delivery) -> None:
         if await self._reject_invalid_ref(command, delivery):

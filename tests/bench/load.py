@@ -12,12 +12,13 @@ again and the check below says so) and the runtime service as subprocesses, the 
 2. starts ``SHOAL_BENCH_LOAD_AGENTS`` simulated agents (default 100): each heartbeats every second naming the
    runtimes it serves (runtime *j* on agent *j mod agents*, its mount ``Serving``) and publishes an inventory
    snapshot of each such dataset every second, as real agents do;
-3. applies ``SHOAL_BENCH_LOAD_RUNTIMES`` runtimes (default 100 per phase: the first datasets of the burst and of
-   the steady phase) and waits until they are Ready, so those datasets must end Bound;
+3. applies ``SHOAL_BENCH_LOAD_RUNTIMES`` runtimes (default 50 per phase, one per agent: the first datasets of the
+   burst and of the steady phase) and waits until they are Ready, so those datasets must end Bound;
 4. **burst**: publishes ``SHOAL_BENCH_LOAD_BURST`` ``dataset.apply`` commands (default 10,000) at once, up to
    ``PUBLISH_WINDOW`` in flight; rate = datasets / (last synced fact - first apply);
 5. **steady**: publishes ``SHOAL_BENCH_LOAD_RATE`` applies per second (default 500) for
-   ``SHOAL_BENCH_LOAD_SECONDS`` (default 20), each at its scheduled time;
+   ``SHOAL_BENCH_LOAD_SECONDS`` (default 20), each at its scheduled time. Each phase waits at most
+   ``SHOAL_BENCH_LOAD_TIMEOUT`` seconds (600) for its last dataset; any left is a problem;
 6. checks that every command got exactly one ``accepted`` fact and no ``rejected`` one, that every record is at
    generation 1 and synced, and that the services listed each dataset exactly once (the sum over replicas of
    ``shoal_dataset_sync_duration_seconds_count``).
@@ -103,10 +104,11 @@ class LoadConfig:
 
         config = cls(burst=number("BURST", 1000 if quick else 10_000), rate=number("RATE", 100 if quick else 500),
                      seconds=number("SECONDS", 5 if quick else 20), agents=number("AGENTS", 100),
-                     runtimes=number("RUNTIMES", 20 if quick else 100), folders=number("FOLDERS", 1000),
+                     runtimes=number("RUNTIMES", 20 if quick else 50), folders=number("FOLDERS", 1000),
                      files=number("FILES", 4), replicas=number("REPLICAS", 1),
                      docs=environ.get("SHOAL_BENCH_LOAD_DOCS", "docs/benchmarks.md").strip(),
-                     profile=environ.get("SHOAL_BENCH_LOAD_PROFILE", "") not in ("", "0"))
+                     profile=environ.get("SHOAL_BENCH_LOAD_PROFILE", "") not in ("", "0"),
+                     timeout=float(number("TIMEOUT", 600)))
         if config.folders < 1 or config.replicas < 1 or config.agents < 1:
             raise SystemExit("SHOAL_BENCH_LOAD_FOLDERS, _REPLICAS and _AGENTS must be at least 1")
         return config
@@ -144,6 +146,10 @@ def synced(status: _Status, generation: int) -> bool:
         c.type == SYNCED and c.status == "True" for c in status.conditions)
 
 
+class _Binding(msgspec.Struct):
+    phase: str = ""
+
+
 class Tracker:
     """Every dataset fact, as a core NATS subscriber: accepted per command, rejections, and for each dataset the
     time of the first status fact that says it is done (synced, and Bound when it has a runtime)."""
@@ -179,16 +185,20 @@ class Tracker:
                 future.set_result(None)
 
     async def wait_all(self, names: list[str], timeout: float, what: str) -> None:
+        missing = await self.wait_for(names, timeout)
+        if missing:
+            raise AssertionError(f"{what}: {len(missing)} of {len(names)} datasets not synced within {timeout:.0f} s "
+                                 f"(e.g. {missing[:5]}); rejected: {self.rejected[:5]}")
+
+    async def wait_for(self, names: list[str], timeout: float) -> list[str]:
+        """Wait until every one of ``names`` is done; those that are not within ``timeout``."""
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         wanted = set(names)
         self._waiters.append((wanted, future))
         self._wake()
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(future, timeout)
-        except TimeoutError:
-            missing = sorted(wanted - self.done.keys())
-            raise AssertionError(f"{what}: {len(missing)} of {len(names)} datasets not synced within {timeout:.0f} s "
-                                 f"(e.g. {missing[:5]}); rejected: {self.rejected[:5]}") from None
+        return sorted(wanted - self.done.keys())
 
     def latencies(self, names: list[str]) -> list[float]:
         return [self.done[name] - self.applied[name] for name in names]
@@ -354,6 +364,17 @@ class Load:
                                      f"{timeout:.0f} s") from None
         finally:
             await subscription.unsubscribe()
+        # Ready as the dataset service knows it (its binding), so the applies that follow find it.
+        bindings = await self.bus.kv(subjects.KV_BINDINGS)
+        deadline = time.monotonic() + timeout
+        for name in names:
+            while True:
+                binding, _ = await kv_load(bindings, subjects.resource_key(NAMESPACE, name), _Binding)
+                if binding is not None and binding.phase == "Ready":
+                    break
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"the dataset service did not see runtime {name} Ready")
+                await asyncio.sleep(0.1)  # polling the bucket, as tests.helpers.eventually does
 
     async def _apply(self, name: str, index: int) -> None:
         command = dataset_apply(name, self.folder(index))
@@ -541,7 +562,7 @@ class LoadBench:
             await load.start()
             burst = [f"burst-{i:05d}" for i in range(config.burst)]
             steady = [f"steady-{i:05d}" for i in range(int(config.rate * config.seconds))]
-            await load.runtimes(burst[:config.runtimes] + steady[:config.runtimes], 120)
+            await load.runtimes(burst[:config.runtimes] + steady[:config.runtimes], 300)
             say(f"  {min(config.runtimes, len(burst)) + min(config.runtimes, len(steady))} runtimes Ready on "
                 f"{config.agents} agents")
             results: dict[str, Any] = {}
@@ -550,10 +571,12 @@ class LoadBench:
                 began = time.perf_counter()
                 await load.burst(burst)
                 published = time.perf_counter() - began
-                await load.tracker.wait_all(burst, config.timeout, "burst")
-                elapsed = max(load.tracker.done[n] for n in burst) - began
-                latencies = load.tracker.latencies(burst)
-                results["burst"] = {"datasets": len(burst), "seconds": elapsed, "rate": len(burst) / elapsed,
+                missing = await load.tracker.wait_for(burst, config.timeout)
+                done = [n for n in burst if n in load.tracker.done]
+                elapsed = max((load.tracker.done[n] for n in done), default=time.perf_counter()) - began
+                latencies = load.tracker.latencies(done) or [float("nan")]
+                results["burst"] = {"datasets": len(burst), "seconds": elapsed, "rate": len(done) / elapsed,
+                                    "missing": missing,
                                     "publish_seconds": published, "p50": percentile(latencies, 0.5),
                                     "p99": percentile(latencies, 0.99), "max": max(latencies),
                                     "cpu_ms_per_dataset": self._cpu_per(cpu, len(burst))}
@@ -563,16 +586,18 @@ class LoadBench:
             if steady:
                 cpu = self._cpu()
                 late = await load.steady(steady, config.rate, offset=len(burst))
-                await load.tracker.wait_all(steady, config.timeout, "steady")
-                latencies = load.tracker.latencies(steady)
+                missing = await load.tracker.wait_for(steady, config.timeout)
+                latencies = load.tracker.latencies([n for n in steady if n in load.tracker.done]) or [float("nan")]
                 results["steady"] = {"datasets": len(steady), "rate": config.rate, "seconds": config.seconds,
                                      "p50": percentile(latencies, 0.5), "p99": percentile(latencies, 0.99),
-                                     "max": max(latencies), "client_late_max": late,
+                                     "max": max(latencies), "client_late_max": late, "missing": missing,
                                      "cpu_ms_per_dataset": self._cpu_per(cpu, len(steady))}
                 say(f"  steady {config.rate}/s for {config.seconds:.0f} s: p50 {results['steady']['p50'] * 1e3:.0f} "
                     f"ms, p99 {results['steady']['p99'] * 1e3:.0f} ms (client at most {late * 1e3:.0f} ms late); "
                     f"CPU ms per dataset {cpu_text(results['steady']['cpu_ms_per_dataset'])}")
-            problems = await load.verify(burst + steady)
+            problems = [f"{phase}: {len(results[phase]['missing'])} not synced within {config.timeout:.0f} s"
+                        for phase in ("burst", "steady") if results.get(phase, {}).get("missing")]
+            problems += await load.verify(burst + steady)
             listings = sum(service.metric("shoal_dataset_sync_duration_seconds_count") for service in self.services)
             if listings != len(burst) + len(steady):
                 problems.append(f"{listings:.0f} listings for {len(burst) + len(steady)} datasets")
