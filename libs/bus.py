@@ -474,7 +474,11 @@ class Consumer(Generic[E]):
             for message in queued:
                 await self.process(message)
 
-        await asyncio.gather(*(lane(queued) for queued in lanes.values()))
+        # Every lane finishes before an error goes up (as one message after another would have stopped there).
+        results = await asyncio.gather(*(lane(queued) for queued in lanes.values()), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
 
     def stop(self) -> None:
         self._stopping.set()
