@@ -82,8 +82,9 @@ lint: venv
 # then the seed bench (N consumers of one model behind a bandwidth-limited store; SHOAL_BENCH_SEED_* settings),
 # then the warm-up bench (a DataLoad on three agents against direct GETs; SHOAL_BENCH_WARMUP_* settings),
 # then the scheduler bench (inventory fold rate against the JetStream ceiling, decision latency),
-# then the metrics-cost bench (reads with the agent's metrics on against SHOAL_METRICS=off; SHOAL_BENCH_METRICS_*).
-# SHOAL_BENCH=control|agent|seed|warmup|scheduler|metrics runs one of them.
+# then the metrics-cost bench (reads with the agent's metrics on against SHOAL_METRICS=off; SHOAL_BENCH_METRICS_*),
+# then the load bench (10,000 datasets applied at once and at 500/s with 100 simulated agents; SHOAL_BENCH_LOAD_*).
+# SHOAL_BENCH=control|agent|seed|warmup|scheduler|metrics|load runs one of them.
 bench: system-deps venv
 	@missing=""; for tool in fio rclone s3fs; do command -v $$tool >/dev/null 2>&1 || missing="$$missing $$tool"; done; \
 	if [ -z "$$missing" ] || { [ -n "$(SHOAL_BENCH)" ] && [ "$(SHOAL_BENCH)" != agent ]; }; then \

@@ -244,6 +244,7 @@ class Bus:
         self.js: JetStreamContext = nc.jetstream()
         self.replicas = replicas
         self._kv: dict[str, KeyValue] = {}
+        self._manifests: NatsObjectStore | None = None
         self._tracer = tracer(__name__)
 
     def reconnects(self) -> int:
@@ -347,7 +348,10 @@ class Bus:
         return self._kv[bucket]
 
     async def manifests(self) -> NatsObjectStore:
-        return await self.js.object_store(subjects.OBJ_MANIFESTS)
+        # Kept like the KV handles: looking it up is a stream-info round trip, once per sync in a burst otherwise.
+        if self._manifests is None:
+            self._manifests = await self.js.object_store(subjects.OBJ_MANIFESTS)
+        return self._manifests
 
     async def publish(self, subject: str, event: msgspec.Struct, headers: dict[str, str] | None = None) -> int:
         """Publish an event to JetStream; returns its stream sequence. Deduplicated by the event's id."""
@@ -642,6 +646,10 @@ class Consumer(Generic[E]):
     # A span per message (trace context from the headers). Off for high-volume internal traffic (inventory), where
     # the span would cost more than the handler: ~30 us without an SDK, ~100 us with one, per message.
     traced: bool = True
+    # With ``lane_of``, the messages of one fetch are handled at once, one lane per key it returns for a message
+    # (in stream order within a lane): a handler waiting on NATS round trips no longer holds up messages of other
+    # keys, and their publishes share the connection's writes. None: one message after another.
+    lane_of: Callable[[Msg], str] | None = None
     _stopping: asyncio.Event = field(default_factory=asyncio.Event, init=False)
     # One tracer per consumer: looking it up per message costs as much as the span (it delegates to whatever
     # provider is installed, also one installed later).
@@ -718,8 +726,27 @@ class Consumer(Generic[E]):
             # Messages still in the stream behind the last one fetched (JetStream's count for this consumer).
             if messages:
                 self._lag(messages[-1].metadata.num_pending or 0)
-            for message in messages:
+            if self.lane_of is None:
+                for message in messages:
+                    await self.process(message)
+            else:
+                await self._process_in_lanes(messages)
+
+    async def _process_in_lanes(self, messages: list[Msg]) -> None:
+        assert self.lane_of is not None
+        lanes: dict[str, list[Msg]] = {}
+        for message in messages:
+            lanes.setdefault(self.lane_of(message), []).append(message)
+
+        async def lane(queued: list[Msg]) -> None:
+            for message in queued:
                 await self.process(message)
+
+        # Every lane finishes before an error goes up (as one message after another would have stopped there).
+        results = await asyncio.gather(*(lane(queued) for queued in lanes.values()), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
 
     def stop(self) -> None:
         self._stopping.set()

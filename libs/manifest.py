@@ -3,8 +3,8 @@
 Which I/O it owns: the manifests in the JetStream Object Store ``shoal_manifests``, one object per dataset, as
 newline-delimited JSON. (``ManifestEntry`` itself is a schema in ``libs.events.dataset``, so pure modules use it
 without importing NATS.) ``ManifestStore`` is the one way in: the dataset service spools entries into a
-``ManifestWriter`` while the listing streams (bounded memory) and saves it; every agent loads it back instead of
-listing the bucket again.
+``ManifestWriter`` (in memory while small, then a temporary file) while the listing streams (bounded memory) and
+saves it; every agent loads it back instead of listing the bucket again.
 """
 
 from __future__ import annotations
@@ -46,16 +46,28 @@ def read_entries(lines: IO[bytes]) -> Iterator[ManifestEntry]:
             yield _decoder.decode(line)
 
 
+# A manifest stays in memory up to this size, then moves to a temporary file. Most datasets' manifests are small
+# (a few hundred bytes per file): a burst of thousands of syncs then opens no file and wakes no thread per sync (on a
+# busy machine each cost a millisecond or more), while a listing of millions of objects still uses bounded memory.
+SPOOL_BYTES = 256 * 1024
+
+
 class ManifestWriter:
-    """A manifest being written: entries go to a temporary file, so memory does not grow with the listing."""
+    """A manifest being written: entries go to memory, then to a temporary file past ``SPOOL_BYTES``, so memory
+    does not grow with the listing."""
 
     def __init__(self) -> None:
-        self._out = tempfile.TemporaryFile()  # noqa: SIM115 - owned by the writer, closed by close()
+        self._memory: io.BytesIO | None = io.BytesIO()
+        self._out: IO[bytes] = self._memory
         self.file_num = 0
         self.total_bytes = 0
 
     def add(self, entry: ManifestEntry) -> None:
         write_entry(self._out, entry)
+        if self._memory is not None and self._memory.tell() > SPOOL_BYTES:
+            spilled = tempfile.TemporaryFile()  # noqa: SIM115 - owned by the writer, closed by close()
+            spilled.write(self._memory.getvalue())
+            self._out, self._memory = spilled, None
         if not is_folder(entry.path):  # a folder marker is not a file (libs.paths)
             self.file_num += 1
             self.total_bytes += entry.size
@@ -63,14 +75,22 @@ class ManifestWriter:
     def digest(self) -> str:
         """The SHA-256 of everything written so far, spelled as the Object Store spells an object's digest.
 
-        One pass over the spool at the end (hashlib in large chunks), not a hash update per entry."""
-        sha256 = hashlib.sha256()
-        spool = self.rewound()
-        while chunk := spool.read(DIGEST_CHUNK):
-            sha256.update(chunk)
+        One pass over the manifest at the end (hashlib in large chunks), not a hash update per entry."""
+        small = self.in_memory()
+        if small is not None:
+            sha256 = hashlib.sha256(small)
+        else:
+            sha256 = hashlib.sha256()
+            spool = self.rewound()
+            while chunk := spool.read(DIGEST_CHUNK):
+                sha256.update(chunk)
         return OBJECT_DIGEST_PREFIX + base64.urlsafe_b64encode(sha256.digest()).decode()
 
-    def rewound(self) -> io.BufferedRandom:
+    def in_memory(self) -> bytes | None:
+        """The whole manifest while it is still in memory, else None (read it from ``rewound``)."""
+        return None if self._memory is None else self._memory.getvalue()
+
+    def rewound(self) -> IO[bytes]:
         self._out.flush()
         self._out.seek(0)
         return self._out
@@ -110,7 +130,9 @@ class ManifestStore:
             info = None
         if info is not None and info.digest == writer.digest():
             return False
-        await self.objects.put(name, writer.rewound())
+        # Bytes are read in place; a file is read in a worker thread (nats-py), chunk by chunk.
+        small = writer.in_memory()
+        await self.objects.put(name, small if small is not None else writer.rewound())  # type: ignore[arg-type]
         return True
 
     async def load(self, name: str) -> list[ManifestEntry]:

@@ -6,8 +6,9 @@
 | SHOAL_FACTS | shoal.evt.runtime.> (status, deleted; accepted: sync policy) | DatasetHandlers.on_runtime_fact |
 | SHOAL_AGENT | shoal.agent.inventory.* (snapshots, deltas) | DatasetHandlers.on_inventory |
 | KV shoal_datasets | every key (watch) | DatasetHandlers.sync via Reconciler (autoSync: again after its period); |
-| | | the gauges (DatasetCensus) |
+| | | the gauges (DatasetCensus); WatchedRecords |
 | KV shoal_datasets | a key that changed or went (same watch) | its references reconciled (ReferenceIndex) |
+| KV shoal_dataset_bindings | every key (watch) | WatchedBindings: the runtimes' phases an apply and a sync read |
 
 Ready (``/readyz``) when connected to NATS and the consumers and the reconciler's watch run.
 """
@@ -33,10 +34,16 @@ from libs.side_server import Readiness
 from libs.ufs import open_store
 from services.dataset.census import DatasetCensus
 from services.dataset.handlers import DatasetHandlers
+from services.dataset.lanes import dataset_lane
 from services.dataset.references import ReferenceIndex
 from services.dataset.sync import StoreOpener
+from services.dataset.watched import WatchedBindings
 
 SERVICE_NAME = "shoal-dataset"
+# Messages fetched, and handled at once in per-dataset lanes (services.dataset.lanes): a burst of thousands of
+# applies moves 256 datasets at a time; well within max_ack_pending (1000), and a fetch's work stays far below the
+# 30 s ack wait.
+LANE_BATCH = 256
 
 
 async def run(settings: Settings, stop: asyncio.Event, clock: Callable[[], float] = time.time,
@@ -47,32 +54,34 @@ async def run(settings: Settings, stop: asyncio.Event, clock: Callable[[], float
     try:
         await bus.provision()
         references = ReferenceIndex()
-        handlers = DatasetHandlers(bus, settings, clock, opener, references=references)
+        bindings = WatchedBindings(await bus.kv(subjects.KV_BINDINGS), bus.reconnects)
+        handlers = DatasetHandlers(bus, settings, clock, opener, references=references, bindings=bindings)
         max_bytes, max_deliver = settings.service.max_event_bytes, settings.service.max_deliver
         commands = Consumer(
             bus, subjects.STREAM_COMMANDS, subjects.DURABLE_DATASET_COMMANDS, subjects.DATASET_COMMANDS,
             msgspec.json.Decoder(DatasetCommand), handlers.on_command, on_invalid=handlers.on_invalid_command,
-            max_event_bytes=max_bytes, max_deliver=max_deliver,
+            max_event_bytes=max_bytes, max_deliver=max_deliver, batch=LANE_BATCH, lane_of=dataset_lane,
         )
         runtime_facts = Consumer(
             bus, subjects.STREAM_FACTS, subjects.DURABLE_DATASET_RUNTIME_STATUS, subjects.RUNTIME_FACTS,
             msgspec.json.Decoder(RuntimeFact), handlers.on_runtime_fact, max_event_bytes=max_bytes,
-            max_deliver=max_deliver,
+            max_deliver=max_deliver, batch=LANE_BATCH, lane_of=dataset_lane,
         )
         inventory = Consumer(
             bus, subjects.STREAM_AGENT, subjects.DURABLE_DATASET_INVENTORY, subjects.AGENT_INVENTORY,
             msgspec.json.Decoder(AnyInventory), handlers.on_inventory, max_event_bytes=MESSAGE_LIMIT,
-            max_deliver=max_deliver,
+            max_deliver=max_deliver, batch=LANE_BATCH, lane_of=dataset_lane,
         )
         census = DatasetCensus()
 
         def observe(entry: KeyValue.Entry | Replay | None) -> None:
             census.observe(entry)
             references.observe(entry)
+            handlers.watched.observe(entry)
 
         reconciler = Reconciler(await bus.kv(subjects.KV_DATASETS), handlers.sync, bus.reconnects, observe=observe)
         handlers.wake = reconciler.schedule
         references.schedule = reconciler.schedule  # a source's change reconciles the references to it
-        await run_loops([commands, runtime_facts, inventory, reconciler], stop, readiness)
+        await run_loops([bindings, commands, runtime_facts, inventory, reconciler], stop, readiness)
     finally:
         await bus.close()

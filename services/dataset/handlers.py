@@ -6,6 +6,7 @@ the reconciler whenever a record's generation is ahead of its synced generation.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -41,11 +42,16 @@ from libs.ufs import open_store
 from services.dataset import domain
 from services.dataset.references import ReferenceIndex
 from services.dataset.sync import StoreOpener, sync_metadata
+from services.dataset.watched import WatchedBindings, WatchedRecords
 
 log = get_logger(__name__)
 
 # Compare-and-set retries inside one handler before handing the message back to the consumer loop.
 CAS_ATTEMPTS = 5
+# Metadata syncs listing at once: a burst of thousands of applies starts a reconcile per dataset, and each sync
+# holds a listing page and its manifest (up to libs.manifest.SPOOL_BYTES in memory) until it is written. Enough to
+# keep NATS and the stores busy; memory stays bounded whatever the burst.
+SYNC_CONCURRENCY = 64
 
 
 @dataclass
@@ -59,10 +65,15 @@ class DatasetHandlers:
     wake: Callable[[str], None] | None = None
     # Which datasets reference which (fed by the reconciler's watch): a source's ``datasetRef``.
     references: ReferenceIndex | None = None
-    _tracer: trace.Tracer = field(default_factory=lambda: tracer(__name__), init=False)
+    # The runtimes' phases in memory (app.py runs its watch); None: read the bucket each time.
+    bindings: WatchedBindings | None = None
     # When each dataset was last listed, by this process's clock: an unchanged autoSync listing writes nothing, so
     # the record cannot say it (after a restart the period counts from lastSyncTime).
     _listed_at: dict[str, float] = field(default_factory=dict, init=False)
+    _tracer: trace.Tracer = field(default_factory=lambda: tracer(__name__), init=False)
+    _syncing: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(SYNC_CONCURRENCY), init=False)
+    # Fed by the reconciler's watch (app.py) and by this process's own status writes.
+    watched: WatchedRecords = field(default_factory=WatchedRecords, init=False)
 
     # --- commands ---
 
@@ -112,11 +123,13 @@ class DatasetHandlers:
         record, revision = await kv_load(kv, key, DatasetRecord)
         updated, changed = domain.apply_dataset(record, dataset, delivery.stream_sequence)
         saved_revision = revision
+        binding: domain.RuntimeBinding | None = None  # what the status was worked out from (not for a reference)
         if changed:
             if is_reference(dataset):
                 status = domain.reference_status(updated, source, self.clock())
             else:
-                status = domain.status_on_apply(updated, await self._binding(namespace, name))
+                binding = await self._binding(namespace, name)
+                status = domain.status_on_apply(updated, binding)
             updated = msgspec.structs.replace(updated, status=status, traceparent=current_traceparent())
             saved_revision = await kv_save(kv, key, updated, revision)  # Conflict → the loop redelivers at once
             log.info("applied", dataset=key, generation=updated.generation)
@@ -127,6 +140,17 @@ class DatasetHandlers:
         )
         if saved_revision is not None and changed and (record is None or record.status != updated.status):
             await self._publish_status(updated, saved_revision)
+        if binding is not None:
+            await self._catch_binding(key, namespace, name, binding)
+
+    async def _catch_binding(self, key: str, namespace: str, name: str, used: domain.RuntimeBinding) -> None:
+        """The runtime's fact may have been handled while this apply ran (another consumer): its status update
+        found no record yet, and the binding this apply read was the old one. Read it again after the record is
+        written (a memory read with the bindings' watch): either this sees the new binding, or the fact's update,
+        which reads the record after writing the binding, sees the record."""
+        latest = await self._binding(namespace, name)
+        if latest != used:
+            await self._update_status(key, lambda record: domain.status_on_apply(record, latest))
 
     async def resync(self, command: DatasetResync, delivery: Delivery) -> None:
         if await self._reject_invalid_ref(command, delivery):
@@ -223,7 +247,9 @@ class DatasetHandlers:
             return
         bindings = await self.bus.kv(subjects.KV_BINDINGS)
         key = subjects.resource_key(fact.namespace, fact.name)
-        await bindings.put(key, msgspec.json.encode(binding))
+        revision = await bindings.put(key, msgspec.json.encode(binding))
+        if self.bindings is not None:
+            self.bindings.note(key, binding, revision)
         await self._update_status(
             key, lambda record: domain.with_binding(
                 record.dataset, domain.with_mount_condition(record.status, mounted), binding.phase,
@@ -261,9 +287,14 @@ class DatasetHandlers:
         The due time comes from the record (``domain.next_sync``), not from the reconciler's wait: the status
         write of a failed sync, or any other write, wakes the reconciler, which then waits out what is left.
         """
-        kv = await self.bus.kv(subjects.KV_DATASETS)
-        record, _ = await kv_load(kv, key, DatasetRecord)
-        if record is None:
+        watched = self.watched.get(key)
+        record: DatasetRecord | None
+        revision: int | None
+        if watched is not None:
+            record, revision = watched  # as the watch last showed it, or as this process wrote it
+        else:
+            record, revision = await kv_load(await self.bus.kv(subjects.KV_DATASETS), key, DatasetRecord)
+        if record is None or revision is None:
             self._listed_at.pop(key, None)
             return None
         if is_reference(record.dataset):
@@ -289,7 +320,8 @@ class DatasetHandlers:
                                                 attributes={"shoal.dataset": key,
                                                             "shoal.generation": record.generation,
                                                             "shoal.sync": due.kind}):
-            await self._sync(key, record, due.kind)
+            async with self._syncing:
+                await self._sync(key, record, revision, due.kind)
         return policy.period_seconds if policy.auto and policy.period_seconds > 0 else None
 
     async def _sync_policy(self, namespace: str, name: str) -> domain.SyncPolicy:
@@ -299,15 +331,14 @@ class DatasetHandlers:
         return domain.sync_policy(runtime.runtime.spec if runtime is not None else None,
                                   self.settings.service.autosync_seconds)
 
-    async def _sync(self, key: str, record: DatasetRecord, kind: domain.SyncKind = "spec") -> None:
+    async def _sync(self, key: str, record: DatasetRecord, revision: int, kind: domain.SyncKind = "spec") -> None:
         try:
             result = await self._list(record)
         except RetryLater as err:
             if kind == "auto":
                 metrics.DATASET_AUTOSYNCS.labels(metrics.SYNC_FAILED).inc()
-            await self._record_sync(key, record, domain.SyncResult(generation=record.generation,
-                                                                   requests=record.sync_requests, error=err.reason,
-                                                                   retryable=True))
+            await self._record_sync(key, record, revision, domain.SyncResult(
+                generation=record.generation, requests=record.sync_requests, error=err.reason, retryable=True))
             raise RetryLater(err.reason, self.settings.service.sync_retry_seconds) from err
         self._listed_at[key] = self.clock()
         if kind == "auto":
@@ -319,7 +350,7 @@ class DatasetHandlers:
                 log.debug("autoSync: listing unchanged", dataset=key)
                 return  # nothing new: no status write, so the mounts keep their manifest
             log.info("autoSync: listing changed", dataset=key, files=result.file_num, error=result.error)
-        await self._record_sync(key, record, result)
+        await self._record_sync(key, record, revision, result)
 
     async def _list(self, record: DatasetRecord) -> domain.SyncResult:
         """The sync itself (list, write the manifest), timed by outcome: ok, or failed (an error or a raise)."""
@@ -335,7 +366,7 @@ class DatasetHandlers:
         finally:
             metrics.DATASET_SYNC_SECONDS.labels(outcome).observe(time.perf_counter() - started)
 
-    async def _record_sync(self, key: str, record: DatasetRecord, result: domain.SyncResult) -> None:
+    async def _record_sync(self, key: str, record: DatasetRecord, revision: int, result: domain.SyncResult) -> None:
         namespace, name = record.dataset.metadata.namespace, record.dataset.metadata.name
         binding = await self._binding(namespace, name)
 
@@ -344,7 +375,7 @@ class DatasetHandlers:
                 return current.status  # a newer spec arrived meanwhile; its own sync follows
             return domain.status_after_sync(current, result, binding.phase, self.clock())
 
-        still_there = await self._update_status(key, after_sync)
+        still_there = await self._update_status(key, after_sync, known=(record, revision))
         if not still_there:
             await self._delete_manifest(namespace, name)
 
@@ -368,32 +399,45 @@ class DatasetHandlers:
     # --- helpers ---
 
     async def _binding(self, namespace: str, name: str) -> domain.RuntimeBinding:
+        if self.bindings is not None and self.bindings.ready.is_set():
+            return self.bindings.get(subjects.resource_key(namespace, name))
         bindings = await self.bus.kv(subjects.KV_BINDINGS)
         binding, _ = await kv_load(bindings, subjects.resource_key(namespace, name), domain.RuntimeBinding)
         return binding or domain.RuntimeBinding()
 
     async def _update_status(self, key: str, compute: Callable[[DatasetRecord], DatasetStatus],
-                             references: bool = False) -> bool:
+                             known: tuple[DatasetRecord, int] | None = None, references: bool = False) -> bool:
         """Apply ``compute`` to the stored record with compare-and-set; publish if the status changed.
 
+        ``known``: the record and revision the caller read, tried first (a sync read it before listing): usually
+        still current, which saves a read; compare-and-set catches it when it is not, and it is read again.
         A reference's status is its source's (``_follow``, which passes ``references``): any other update leaves it
         alone (a runtime of the same name, say). Returns False when the dataset does not exist (any more).
         """
         kv = await self.bus.kv(subjects.KV_DATASETS)
-        for _ in range(CAS_ATTEMPTS):
-            record, revision = await kv_load(kv, key, DatasetRecord)
-            if record is None:
-                return False
+        for _ in range(CAS_ATTEMPTS + (known is not None)):
+            fresh = known is None
+            revision: int | None
+            if known is not None:
+                (record, revision), known = known, None
+            else:
+                loaded, revision = await kv_load(kv, key, DatasetRecord)
+                if loaded is None:
+                    return False
+                record = loaded
             if is_reference(record.dataset) and not references:
                 return True
             status = compute(record)
             if status == record.status:
+                if not fresh:
+                    continue  # nothing to change in what the caller read; the stored record may differ
                 return True
             updated = msgspec.structs.replace(record, status=status)
             try:
                 new_revision = await kv_save(kv, key, updated, revision)
             except Conflict:
                 continue
+            self.watched.note(key, updated, new_revision)
             await self._publish_status(updated, new_revision)
             return True
         raise Conflict(f"{key}: status update lost {CAS_ATTEMPTS} times in a row")

@@ -2,13 +2,15 @@
 bench (``tests/bench/seed.py``: N consumers of one model behind a bandwidth-limited store, and peer reads), then the
 warm-up bench (``tests/bench/warmup.py``: a DataLoad against direct GETs of the same objects), then the scheduler
 bench (``tests/bench/scheduler.py``: inventory fold rate against the JetStream ceiling, decision latency), then the
-metrics-cost bench (``tests/bench/metrics.py``: reads through a mount with metrics on against ``SHOAL_METRICS=off``).
+metrics-cost bench (``tests/bench/metrics.py``: reads through a mount with metrics on against ``SHOAL_METRICS=off``),
+then the load bench (``tests/bench/load.py``: 10,000 datasets applied at once and at a steady 500/s while 100
+simulated agents beat, apply → synced p50/p99, the services' RSS).
 
-``python -m tests.bench [--only control|agent|seed|warmup|scheduler|metrics] [--quick]`` runs them all by default;
+``python -m tests.bench [--only control|agent|seed|warmup|scheduler|metrics|load] [--quick]`` runs them all by default;
 ``SHOAL_BENCH=seed make bench`` (or ``control``, ``agent``, ``warmup``, ``scheduler``, ``metrics``) runs one.
 ``--quick`` makes the agent, seed, warm-up, scheduler and metrics benches small; other arguments the control bench
 does not know (e.g. ``--workloads``) go to the agent bench; the seed, warm-up and metrics benches take their settings
-from ``SHOAL_BENCH_SEED_*``, ``SHOAL_BENCH_WARMUP_*`` and ``SHOAL_BENCH_METRICS_*``.
+from ``SHOAL_BENCH_SEED_*``, ``SHOAL_BENCH_WARMUP_*``, ``SHOAL_BENCH_METRICS_*`` and ``SHOAL_BENCH_LOAD_*``.
 
 The control-plane bench runs on the embedded stack (real nats-server and SeaweedFS) and measures, for a bucket of
 10k objects:
@@ -46,7 +48,7 @@ from libs.events.dataset import Dataset, DatasetApply, DatasetSpec, Mount
 from libs.ufs import S3Location, open_store
 
 BUCKET = "bench-10k"
-BENCHES = ("control", "agent", "seed", "warmup", "scheduler", "metrics")
+BENCHES = ("control", "agent", "seed", "warmup", "scheduler", "metrics", "load")
 console = Console(width=120)
 
 
@@ -140,7 +142,7 @@ def main() -> None:
     args, agent_args = parser.parse_known_args()
     if args.only not in (None, *BENCHES):
         parser.error(f"SHOAL_BENCH={args.only!r}: expected one of {', '.join(BENCHES)}")
-    if agent_args and args.only in ("control", "seed", "warmup", "scheduler", "metrics"):
+    if agent_args and args.only in ("control", "seed", "warmup", "scheduler", "metrics", "load"):
         parser.error(f"unrecognized arguments: {' '.join(agent_args)}")
     failed = []
     if args.only in (None, "control"):
@@ -195,6 +197,16 @@ def main() -> None:
                 raise
             console.print_exception()
             failed.append("metrics")
+    if args.only in (None, "load"):
+        from tests.bench import load
+
+        try:
+            load.main(args.state_dir, quick=args.quick)
+        except Exception:
+            if args.only == "load":
+                raise
+            console.print_exception()
+            failed.append("load")
     if failed:
         sys.exit(f"the {', '.join(failed)} bench failed (see above)")
 

@@ -1,0 +1,109 @@
+"""What the dataset service keeps of two buckets, fed by watches and by its own writes, so a burst of applies
+does not read them again and again:
+
+- ``WatchedBindings``: the runtimes' bindings (phase, capacity) an apply and a sync read;
+- ``WatchedRecords``: the newest ``shoal_datasets`` record of each dataset as the reconciler's watch showed it (or
+  as this process wrote it), so a sync starts without reading the record again (a KV round trip per dataset at the
+  start of its sync, and another when its own status write comes back through the watch).
+
+Every record is kept whole (a synced one too: its autoSync listing, its references and its ``datasetRef`` are
+worked out from it); memory grows with the number of datasets, not with the commands. An entry older than what is
+known (a revision not above it: the watch catching up with a write of this process, or a replay after a reconnect)
+changes nothing, so a sync never starts from a record older than one this process has seen. A record newer than
+the one kept may exist in the bucket; its entry is on its way and schedules the sync again (level-triggered), and
+the sync's status write is a compare-and-set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+
+import msgspec
+from nats.js.kv import KeyValue
+
+from libs.bus import Replay, kv_watch
+from libs.events.dataset import DatasetRecord
+from services.dataset import domain
+
+_DECODER = msgspec.json.Decoder(DatasetRecord)
+_BINDING = msgspec.json.Decoder(domain.RuntimeBinding)
+
+
+class WatchedRecords:
+    def __init__(self) -> None:
+        # key → (the newest record seen, its revision)
+        self._seen: dict[str, tuple[DatasetRecord, int]] = {}
+        # Trusted once a watch has delivered the initial values: the reconciler then schedules a sync for every
+        # newer entry. Without a watch (a caller driving ``sync`` itself), the sync reads the bucket.
+        self._fed = False
+
+    def observe(self, entry: KeyValue.Entry | Replay | None) -> None:
+        if entry is None:
+            self._fed = True
+            return
+        if isinstance(entry, Replay):
+            return
+        if entry.operation in ("DEL", "PURGE") or entry.value is None or entry.revision is None:
+            self._seen.pop(entry.key, None)
+            return
+        try:
+            record = _DECODER.decode(entry.value)
+        except (msgspec.ValidationError, msgspec.DecodeError):
+            self._seen.pop(entry.key, None)  # the sync reads it and says what is wrong with it
+            return
+        self.note(entry.key, record, entry.revision)
+
+    def note(self, key: str, record: DatasetRecord, revision: int) -> None:
+        """``record`` is stored at ``revision`` (seen in the watch, or written by this process)."""
+        known = self._seen.get(key)
+        if known is not None and revision <= known[1]:
+            return
+        self._seen[key] = (record, revision)
+
+    def get(self, key: str) -> tuple[DatasetRecord, int] | None:
+        """(the record, its revision), or None when unknown here (read it)."""
+        return self._seen.get(key) if self._fed else None
+
+
+class WatchedBindings:
+    """The ``shoal_dataset_bindings`` bucket in memory (a watch), so an apply and a sync learn the runtime's phase
+    without a KV round trip. This service is the bucket's only writer and notes each of its writes here at once with
+    its revision; an older entry the watch delivers afterwards changes nothing, so a read here never goes back
+    behind a write of this process. Until the initial values are in (``ready``), callers read the bucket."""
+
+    def __init__(self, kv: KeyValue, reconnects: Callable[[], int] | None = None) -> None:
+        self.kv = kv
+        self.reconnects = reconnects
+        self.ready = asyncio.Event()
+        self._values: dict[str, tuple[domain.RuntimeBinding, int]] = {}
+        self._stopping = asyncio.Event()
+
+    async def run(self) -> None:
+        async with contextlib.aclosing(kv_watch(self.kv, self._stopping, self.reconnects)) as entries:
+            async for entry in entries:
+                if entry is None:
+                    self.ready.set()
+                elif isinstance(entry, Replay):
+                    continue  # every entry comes again; the newer revision wins, deletes are never made here
+                elif entry.operation in ("DEL", "PURGE") or entry.value is None or entry.revision is None:
+                    self._values.pop(entry.key, None)
+                else:
+                    try:
+                        binding = _BINDING.decode(entry.value)
+                    except (msgspec.ValidationError, msgspec.DecodeError):
+                        continue
+                    self.note(entry.key, binding, entry.revision)
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    def note(self, key: str, binding: domain.RuntimeBinding, revision: int) -> None:
+        known = self._values.get(key)
+        if known is None or revision > known[1]:
+            self._values[key] = (binding, revision)
+
+    def get(self, key: str) -> domain.RuntimeBinding:
+        known = self._values.get(key)
+        return known[0] if known is not None else domain.RuntimeBinding()
