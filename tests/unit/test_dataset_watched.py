@@ -32,14 +32,15 @@ def test_nothing_is_trusted_before_the_initial_values() -> None:
     assert watched.get(KEY) == (record(1, 0), 3)
 
 
-def test_a_synced_record_is_kept_as_its_revision_and_older_entries_change_nothing() -> None:
+def test_the_newest_record_is_kept_and_older_entries_change_nothing() -> None:
     watched = WatchedRecords()
     watched.observe(None)
     watched.observe(entry(record(1, 0), 3))
     watched.note(KEY, record(1, 1), 5)  # this process's own status write after the sync
-    assert watched.get(KEY) == (None, 5)
+    # Kept whole though synced: its autoSync listing and its references are worked out from it.
+    assert watched.get(KEY) == (record(1, 1), 5)
     watched.observe(entry(record(1, 0), 4))  # an older write the watch delivers late
-    assert watched.get(KEY) == (None, 5)
+    assert watched.get(KEY) == (record(1, 1), 5)
     watched.observe(entry(record(2, 1), 6))  # a new spec
     assert watched.get(KEY) == (record(2, 1), 6)
     watched.observe(entry(None, 7, "DEL"))
