@@ -411,16 +411,22 @@ class MountedDataset:
                     self._update_gates(record)  # before the tree: a new mount's files must find their store
                 except (Exception, SystemExit) as err:  # e.g. a missing secret: its reads fail, the rest serve
                     log.error("object stores not updated", dataset=self.key, error=str(err))
-                gone = fs.replace_namespace(self._tree(entries))
+                gone, changed = fs.replace_namespace(self._tree(entries))
                 for parent, name in gone:
                     with contextlib.suppress(Exception):
                         # ENOENT only means the kernel never looked the name up: nothing to drop.
                         pyfuse3.invalidate_entry_async(parent, os.fsencode(name), ignore_enoent=True)
+                for inode in changed:
+                    # Attributes only: the content of an inode never changes (writeback caching is off, so this
+                    # does not block). ENOENT: the kernel holds nothing for it.
+                    with contextlib.suppress(OSError):
+                        pyfuse3.invalidate_inode(inode, attr_only=True)
                 self.entries = {(entry.mount, entry.key): entry for entry in entries}
                 self._drop_stale(cache, entries)
                 if self.tasks is not None:
                     self.tasks.manifest_reloaded()
-                log.info("manifest reloaded", dataset=self.key, files=len(entries), removed=len(gone))
+                log.info("manifest reloaded", dataset=self.key, files=len(entries), removed=len(gone),
+                         attributes_changed=len(changed))
 
 
 def cache_suffix(subdir: str, namespace: str, name: str) -> str:

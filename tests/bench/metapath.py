@@ -105,11 +105,16 @@ async def _serve(source: Path, mountpoint: Path, counts_file: Path) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGUSR1, lambda: counts_file.write_text(json.dumps(counts)))
+    def write_counts() -> None:
+        partial = counts_file.with_suffix(".partial")
+        partial.write_text(json.dumps(counts))
+        partial.rename(counts_file)  # the parent never reads half a file
+
+    loop.add_signal_handler(signal.SIGUSR1, write_counts)
     fuse_loop = asyncio.create_task(pyfuse3.main())
     await asyncio.to_thread(os.statvfs, mountpoint)
     raise_read_ahead(str(mountpoint))
-    counts_file.write_text(json.dumps(counts))
+    write_counts()
     stopper = asyncio.create_task(stop.wait())
     await asyncio.wait([fuse_loop, stopper], return_when=asyncio.FIRST_COMPLETED)
     pyfuse3.terminate()
@@ -190,6 +195,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dir", default=os.path.join(tempfile.gettempdir(), "shoal-metapath"))
     parser.add_argument("--meta", type=int, default=20_000)
     parser.add_argument("--small", type=int, default=2_000)
+    parser.add_argument("--passes", type=int, default=PASSES, help="passes per workload (the first is cold)")
     parser.add_argument("--only", choices=("walk", "read"), help="one workload")
     parser.add_argument("--profile", metavar="PREFIX",
                         help="py-spy the serving process's warm passes into PREFIX-<workload>.txt (collapsed stacks)")
@@ -221,7 +227,7 @@ def main(argv: list[str] | None = None) -> None:
         child = Child(source, mountpoint, work / "counts.json")
         profiler = None
         try:
-            for number in range(1, PASSES + 1):
+            for number in range(1, args.passes + 1):
                 if args.profile and number == 2:  # the warm passes only
                     profiler = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "py-spy"), "record",
                                                  "--native", "-r", "200", "-f", "raw",
@@ -242,6 +248,13 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{label:8} {row['ops']:>6} {row['cpu_per_10k']:>9.3f} {row['kernel_share']:>4.0%} "
               f"{row['requests_per_op']:>7.3f} {rate:>9,.0f} "
               f"{local_rate:>11,.0f} {rate / local_rate:>6.2f}  {requests}")
+    for name in ("walk", "read"):
+        warm = [row for label, row, _ in rows if label.startswith(name) and not label.endswith(" 1")]
+        if warm:
+            ops = sum(row["ops"] for row in warm)
+            answered = sum(sum(row["requests"].values()) for row in warm)
+            print(f"{name} warm passes: {sum(row['cpu'] for row in warm) / ops * 1e4:.3f} CPU s per 10k, "
+                  f"{answered / ops:.3f} requests per op, {ops / sum(row['seconds'] for row in warm):,.0f} ops/s")
     (work / "last.json").write_text(json.dumps([{"pass": label, **row, "local": local} for label, row, local in rows]))
 
 
