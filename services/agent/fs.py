@@ -27,11 +27,14 @@ from services.agent.reader import BlockReader, OpenFile
 
 log = get_logger(__name__)
 
-# Names and attributes may be cached by the kernel this long, so a warm `find` or `stat` never reaches this
-# process. Safe because content never changes under an inode (a new ETag is a new inode) and a manifest reload
-# invalidates every name that went away or changed; unknown names are not cached (ENOENT, not a negative entry).
-ENTRY_TIMEOUT = 300.0
-ATTR_TIMEOUT = 300.0
+# Names and attributes may be cached by the kernel for a year, i.e. until told otherwise, so a warm `find` or
+# `stat` never reaches this process, however long a training run lasts (it used to be 300 s: every name looked up
+# again five minutes later). Safe because the tree only changes when a new manifest is loaded, and then
+# ``replace_namespace`` names every entry that went away or changed (a new ETag is a new inode) and every inode
+# whose attributes changed (a folder's mtime, a local file's mode or owner), which the mount invalidates in the
+# kernel; unknown names are not cached (ENOENT, not a negative entry).
+ENTRY_TIMEOUT = 365 * 86400.0
+ATTR_TIMEOUT = 365 * 86400.0
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
 # uid_t/gid_t are 32 bits and -1 means "none"; pyfuse3 raises on a larger value, and a request whose handler
 # raises is never answered (the caller hangs). Out-of-range owners are served as nobody (the kernel's overflow id).
@@ -117,20 +120,28 @@ class DatasetFS(pyfuse3.Operations):
         # Attributes never change for an inode, so each is built once (readdirplus of a large folder is the hot
         # path of `find` and `ls -l`); the cache is dropped with the namespace it describes.
         self._attribute_cache: dict[int, pyfuse3.EntryAttributes] = {}
+        # Folder inode → its entries as readdir replies them, in name order (dropped with the namespace too).
+        self._listings: dict[int, list[tuple[bytes, pyfuse3.EntryAttributes]]] = {}
 
-    def replace_namespace(self, namespace: Namespace) -> list[tuple[int, str]]:
-        """Swap in a new tree; returns (parent inode, name) of entries that went away, for invalidation."""
+    def replace_namespace(self, namespace: Namespace) -> tuple[list[tuple[int, str]], list[int]]:
+        """Swap in a new tree; returns, for invalidation in the kernel, (parent inode, name) of the entries that
+        went away, and the inodes kept whose attributes changed."""
         old = self.namespace
         self.namespace = namespace
         self._attribute_cache = {}
+        self._listings = {}
         gone = []
+        changed = []
         for node in old.nodes.values():
-            if node.inode == node.parent:
-                continue
-            current = namespace.lookup(node.parent, node.name)
-            if current is None or current.inode != node.inode:
-                gone.append((node.parent, node.name))
-        return gone
+            current = namespace.nodes.get(node.inode)
+            if node.inode != node.parent:
+                found = namespace.lookup(node.parent, node.name)
+                if found is None or found.inode != node.inode:
+                    gone.append((node.parent, node.name))
+                    continue
+            if current is not None and (current.entry != node.entry or current.mtime != node.mtime):
+                changed.append(node.inode)
+        return gone, changed
 
     # --- metadata ---
 
@@ -197,9 +208,16 @@ class DatasetFS(pyfuse3.Operations):
         return inode
 
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        children = self.namespace.children(fh)
-        for position, child in enumerate(children[start_id:], start=start_id + 1):
-            if not pyfuse3.readdir_reply(token, os.fsencode(child.name), self._attributes(child), position):
+        # pyfuse3 3.5 always asks for READDIRPLUS and gives opendir no way to let the kernel cache a listing, so
+        # every `ls`/`find` of a folder lists it here again: its (name, attributes) pairs are built once.
+        listing = self._listings.get(fh)
+        if listing is None:
+            listing = self._listings[fh] = [(os.fsencode(child.name), self._attributes(child))
+                                            for child in self.namespace.children(fh)]
+        reply = pyfuse3.readdir_reply
+        for position in range(start_id, len(listing)):
+            name, attrs = listing[position]
+            if not reply(token, name, attrs, position + 1):
                 return
 
     async def releasedir(self, fh: int) -> None:

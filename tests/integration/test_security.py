@@ -176,6 +176,16 @@ async def test_without_allow_other_only_root_reads_a_mount(bus: Bus, nats_server
         assert denied.returncode != 0 and "Permission denied" in denied.stderr, denied
         assert (await run_tool("cat", str(mnt / "public.txt"))).stdout == "for everyone on the host\n"
 
+        # A chmod keeps the file's ETag (size and mtime), so its inode and the kernel's cached attributes stay;
+        # the reload must invalidate them, or the old mode would be served for as long as the kernel keeps them.
+        (data / "public.txt").chmod(0o600)
+        await node.resync("private")
+
+        async def new_mode_served() -> bool:
+            return (await asyncio.to_thread(os.stat, mnt / "public.txt")).st_mode & 0o777 == 0o400
+
+        await eventually(new_mode_served, what="the new mode through the mount after a resync")
+
 
 async def test_local_paths_outside_the_configured_roots_are_refused(bus: Bus, nats_server: NatsServer,
                                                                     tmp_path: Path) -> None:

@@ -66,6 +66,30 @@ def test_inodes_are_stable_for_unchanged_files_and_new_for_changed_ones() -> Non
     assert old is not None and new is not None and old.inode != new.inode
 
 
+def test_a_new_tree_names_the_entries_gone_and_the_inodes_whose_attributes_changed() -> None:
+    # The kernel keeps names and attributes until told (fs.ENTRY_TIMEOUT), so this list is all it is told.
+    from services.agent.fs import DatasetFS
+
+    allocator = InodeAllocator()
+    local = ManifestEntry(path="/d/local", mount=0, key="d/local", size=1, etag="l1", mtime=1.0, mode=0o644)
+    first = Namespace.build([entry("/same"), entry("/changed", "v1"), entry("/d/gone"), local], allocator)
+    fs = DatasetFS(first, reader=None, uid=None, gid=None, block_size=4096)  # type: ignore[arg-type]
+    chmodded = msgspec.structs.replace(local, mode=0o600)  # same ETag (size and mtime): same inode
+    newer = ManifestEntry(path="/d/new", mount=0, key="d/new", size=1, etag="n", mtime=5.0)
+    second = Namespace.build([entry("/same"), entry("/changed", "v2"), chmodded, newer], allocator)
+    folder = first.lookup(ROOT_INODE, "d")
+    kept = first.lookup(folder.inode if folder else 0, "local")
+    assert folder is not None and kept is not None
+
+    gone, changed = fs.replace_namespace(second)
+
+    assert sorted(gone) == sorted([(ROOT_INODE, "changed"), (folder.inode, "gone")])
+    # the folder's mtime follows its newest file; the local file's mode changed under the same inode
+    assert sorted(changed) == sorted([folder.inode, kept.inode])
+    assert fs.namespace is second
+    assert fs.replace_namespace(second) == ([], [])
+
+
 # --- read-ahead ---
 
 
