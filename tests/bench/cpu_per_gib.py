@@ -9,11 +9,13 @@ user+sys time:
   SeaweedFS, ``--concurrency`` blocks at once (the agent's default load concurrency);
 - ``disk``: the same node reading those blocks back from its own disk tier (``BlockCache.get``: pread and a
   checksum per 64 KiB chunk), the reference of the peer rows;
+- ``read``: a cold sequential reader of that object through ``BlockReader.read`` (1 MiB reads, read-ahead,
+  blocks cached as fetched): the mount process's share of a cold FUSE read, without the kernel's;
 - ``peer``: a warm owner (a separate process: ``PeerServer`` over its disk tier, ``sendfile``) and a cold reader
   (this process: ``PeerClient.get_block``, every chunk checked), ``--concurrency`` requests at once; both
   processes' CPU is reported.
 
-Run: ``python -m tests.bench.cpu_per_gib [--paths load,disk,peer] [--mib 512] [--rounds 3] [--loop uvloop]``
+Run: ``python -m tests.bench.cpu_per_gib [--paths load,disk,read,peer] [--mib 512] [--rounds 3] [--loop uvloop]``
 (a SeaweedFS is started and stopped by PID; its own CPU is not counted). ``--loop`` picks the event loop of every
 measured process. Numbers and the command go to ``docs/benchmarks.md`` ("CPU per GiB of the byte paths") by hand.
 """
@@ -64,6 +66,11 @@ def self_cpu() -> tuple[float, float]:
     """(user, system) CPU seconds of this process, all threads."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime, usage.ru_stime
+
+
+def faults() -> int:
+    """Minor page faults of this process so far (fresh memory for each block shows here, and in system time)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def proc_cpu(pid: int) -> tuple[float, float]:
@@ -140,11 +147,28 @@ async def measure_load(store: S3ObjectStore, entry: ManifestEntry, cache_dir: Pa
                        concurrency: int) -> tuple[Cpu, float]:
     shutil.rmtree(cache_dir, ignore_errors=True)
     reader, cache = node(store, cache_dir, entry.size)
-    started, cpu = time.perf_counter(), self_cpu()
+    started, cpu, faulted = time.perf_counter(), self_cpu(), faults()
     await warm_all(reader, entry, concurrency)
     cpu, wall = since(cpu), time.perf_counter() - started
+    print(f"load: {(faults() - faulted) * GiB // entry.size} page faults per GiB", file=sys.stderr)
     blocks = -(-entry.size // BLOCK)
     assert all(cache.contains(reader.block_id(entry, index)) for index in range(blocks)), "a block was not cached"
+    return cpu, wall
+
+
+async def measure_read(store: S3ObjectStore, entry: ManifestEntry, cache_dir: Path) -> tuple[Cpu, float]:
+    """A cold sequential reader of the whole object, 1 MiB reads, as FUSE asks the mount (without FUSE)."""
+    shutil.rmtree(cache_dir, ignore_errors=True)
+    reader, _ = node(store, cache_dir, entry.size)
+    handle = reader.open(entry)
+    started, cpu, faulted = time.perf_counter(), self_cpu(), faults()
+    for offset in range(0, entry.size, MiB):
+        data = await reader.read(handle, offset, MiB)
+        assert len(data) == min(MiB, entry.size - offset)
+    reader.close(handle)
+    await reader.drain()
+    cpu, wall = since(cpu), time.perf_counter() - started
+    print(f"read: {(faults() - faulted) * GiB // entry.size} page faults per GiB", file=sys.stderr)
     return cpu, wall
 
 
@@ -172,9 +196,10 @@ async def measure_peer(entry: ManifestEntry, url: str, key: bytes, server_pid: i
         got[0] += len(data)
 
     server_cpu = proc_cpu(server_pid)
-    started, cpu = time.perf_counter(), self_cpu()
+    started, cpu, faulted = time.perf_counter(), self_cpu(), faults()
     await bounded(blocks, concurrency, one)
     cpu, wall = since(cpu), time.perf_counter() - started
+    print(f"peer: {(faults() - faulted) * GiB // entry.size} page faults per GiB", file=sys.stderr)
     server_cpu = since(server_cpu, proc_cpu(server_pid))
     await client.close()
     assert got[0] == entry.size
@@ -201,6 +226,10 @@ async def run(args: argparse.Namespace, endpoint: str, key_id: str, secret: str,
             for _ in range(args.rounds):
                 cpu, wall = await measure_disk(store, entry, work / "load-cache")
                 results.setdefault("disk", []).append((per_gib(cpu, entry.size), gib / wall, (0.0, 0.0)))
+    if "read" in paths:
+        for _ in range(args.rounds):
+            cpu, wall = await measure_read(store, entry, work / "read-cache")
+            results.setdefault("read", []).append((per_gib(cpu, entry.size), gib / wall, (0.0, 0.0)))
     if "peer" in paths:
         peer_key = secrets.token_bytes(32)
         port = free_port()
@@ -269,7 +298,7 @@ async def upload(endpoint: str, key_id: str, secret: str, bucket: str, size: int
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m tests.bench.cpu_per_gib", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--paths", default="load,disk,peer")
+    parser.add_argument("--paths", default="load,disk,read,peer")
     parser.add_argument("--mib", type=int, default=512, help="object size in MiB")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--concurrency", type=int, default=8)
