@@ -44,6 +44,7 @@ from libs.ufs.base import S3Location
 from libs.ufs.s3 import S3ObjectStore
 from services.agent.cache import BlockCache
 from services.agent.cache.tiers import DiskTier
+from services.agent.malloc import reuse_block_buffers
 from services.agent.readahead import MemoryBudget
 from services.agent.reader import BlockReader, StoreGate
 
@@ -236,6 +237,7 @@ async def run(args: argparse.Namespace, endpoint: str, key_id: str, secret: str,
         argv = [sys.executable, "-m", "tests.bench.cpu_per_gib", "--serve", "--endpoint", endpoint, "--bucket",
                 bucket, "--key-id", key_id, "--secret", secret, "--size", str(entry.size), "--etag", etag,
                 "--cache", str(work / "owner-cache"), "--port", str(port), "--peer-key", peer_key.hex(),
+                *(["--plain-malloc"] if args.plain_malloc else []),
                 "--loop", args.owner_loop or args.loop, "--concurrency", str(args.concurrency)]
         # Started (and waited for) before anything is timed; blocking the loop meanwhile costs nothing measured.
         owner = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # noqa: ASYNC220
@@ -260,7 +262,8 @@ async def run(args: argparse.Namespace, endpoint: str, key_id: str, secret: str,
                 owner.kill()
                 owner.wait()
     await store.close()
-    print(f"loop={args.loop} owner loop={args.owner_loop or args.loop} object={args.mib} MiB "
+    print(f"malloc={'plain' if args.plain_malloc else 'reuse'} loop={args.loop} "
+          f"owner loop={args.owner_loop or args.loop} object={args.mib} MiB "
           f"blocks={BLOCK // MiB} MiB concurrency={args.concurrency} "
           f"rounds={args.rounds} (median, then each round)")
     for path, rows in results.items():
@@ -304,6 +307,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
     parser.add_argument("--owner-loop", choices=("asyncio", "uvloop"), help="the owner's loop (default: --loop)")
+    parser.add_argument("--plain-malloc", action="store_true",
+                        help="without the mount process's malloc settings (services.agent.malloc)")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     for hidden in ("--endpoint", "--bucket", "--key-id", "--secret", "--etag", "--cache", "--peer-key"):
         parser.add_argument(hidden, help=argparse.SUPPRESS)
@@ -311,6 +316,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     use_loop(args.loop)
+    if not args.plain_malloc:
+        reuse_block_buffers()  # as the mount process does
     if args.serve:
         asyncio.run(serve(args))
         return
