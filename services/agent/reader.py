@@ -10,7 +10,8 @@ What it decides:
 - a block the peer server is asked for comes from the cache or the store (``serve_block``), never another peer,
   coalesced with this mount's own store fetch of it;
 - a block a DataLoad warms (``warm``) comes from the store into the cache whatever its route, never a peer,
-  coalesced the same way;
+  coalesced the same way; with a disk-only cache its body goes straight into the buffer its block file is written
+  from (``FillBuffer``), and becomes ``bytes`` only if a read or a peer joins that fetch;
 - sequential readers get blocks fetched ahead (window from ``readahead``), within one memory budget;
 - a small random read inside an uncached block is answered with a GET of just those bytes, while the whole
   block is fetched in the background for next time; when the block's source is a peer, the whole block is
