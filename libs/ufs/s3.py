@@ -251,18 +251,69 @@ class S3ObjectStore:
             data = data[start : start + length]
         return data
 
-    async def _fast_get(self, key: str, start: int, length: int, etag: str | None) -> bytes | None:
-        """The ranged GET on a pre-signed URL; None when the answer needs the full client to be explained."""
+    async def get_range_into(self, key: str, start: int, into: memoryview, etag: str | None = None) -> int:
+        """``get_range`` of ``len(into)`` bytes written into ``into`` as they arrive (each piece aiohttp hands over
+        copied once, where ``get_range`` keeps the pieces and joins them); the count of bytes written."""
+        if start < 0:
+            raise ValueError("start must not be negative")
+        length = len(into)
+        if length == 0:
+            return 0
+        got = await self._fast_get_into(key, start, into, etag)
+        if got is not None:
+            return got
+        data = await self.get_range(key, start, length, etag)
+        into[:len(data)] = data
+        return len(data)
+
+    async def _fast_get_into(self, key: str, start: int, into: memoryview, etag: str | None) -> int | None:
+        """``_fast_get`` into ``into``; None when the answer needs ``get_range`` (not a 206)."""
+        length = len(into)
         url = await self._presigned_url(key)
-        if self._http is None:
-            self._http = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=self._max_connections), timeout=self._timeouts
-            )
         headers = {"Range": f"bytes={start}-{start + length - 1}"}
         if etag is not None:
             headers["If-Match"] = f'"{etag}"'
         try:
-            async with self._http.get(url, headers=headers) as response:
+            async with self._session().get(url, headers=headers) as response:
+                if response.status == 412 and etag is not None:
+                    raise self._changed(key, etag)
+                if response.status != 206:
+                    return None
+                if etag is not None and _etag(response.headers.get("ETag", "")) != etag:
+                    raise self._changed(key, etag)
+                got = 0
+                content = response.content
+                while True:
+                    # readchunk: one piece of aiohttp's buffer as it is (readany/read join what is buffered).
+                    piece, end_of_http_chunk = await content.readchunk()
+                    if not piece:
+                        if end_of_http_chunk:
+                            continue
+                        break
+                    if got + len(piece) > length:
+                        raise UfsError(f"S3 get of '{self._prefix}{key}' in bucket '{self._bucket}' at "
+                                       f"{self._where} answered more than the {length} bytes asked for")
+                    into[got:got + len(piece)] = piece
+                    got += len(piece)
+        except (aiohttp.ClientError, TimeoutError, OSError) as err:
+            raise self._error(err, "get", key, etag) from err
+        return got
+
+    def _session(self) -> aiohttp.ClientSession:
+        if self._http is None:
+            self._http = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=self._max_connections), timeout=self._timeouts
+            )
+        return self._http
+
+    async def _fast_get(self, key: str, start: int, length: int, etag: str | None) -> bytes | None:
+        """The ranged GET on a pre-signed URL; None when the answer needs the full client to be explained."""
+        url = await self._presigned_url(key)
+        headers = {"Range": f"bytes={start}-{start + length - 1}"}
+        if etag is not None:
+            headers["If-Match"] = f'"{etag}"'
+        try:
+            async with self._session().get(url, headers=headers) as response:
                 if response.status == 412 and etag is not None:
                     raise self._changed(key, etag)
                 if response.status not in (200, 206):

@@ -51,6 +51,7 @@ from services.agent.domain import EXIT_PEER_PORT_TAKEN
 from services.agent.fs import DatasetFS, time_operations
 from services.agent.handover import Staging, replace_in_place, unmount_own
 from services.agent.inventory import InventoryLog, InventoryPublisher
+from services.agent.malloc import reuse_block_buffers
 from services.agent.metrics import MountMetrics, remove_target, write_target
 from services.agent.mountinfo import device_of
 from services.agent.mountstatus import StatusReporter
@@ -532,6 +533,7 @@ def main(argv: list[str] | None = None) -> None:
     if not 0 <= args.peer_port <= 65535:
         parser.error("--peer-port must be between 0 and 65535")
     grants = NodeGrants(args.budget_file, args.budget_slot, args.memory_quota)
+    reuse_block_buffers()  # block-sized buffers from the heap, not fresh pages (see services.agent.malloc)
     enable_asyncio_fuse()  # the FUSE session runs on the asyncio loop, beside NATS
     side: dict[str, int] = {}  # the side server's port, once it listens (before serve starts)
     service_main("shoal-mount",

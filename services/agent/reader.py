@@ -10,7 +10,8 @@ What it decides:
 - a block the peer server is asked for comes from the cache or the store (``serve_block``), never another peer,
   coalesced with this mount's own store fetch of it;
 - a block a DataLoad warms (``warm``) comes from the store into the cache whatever its route, never a peer,
-  coalesced the same way;
+  coalesced the same way; with a disk-only cache its body goes straight into the buffer its block file is written
+  from (``FillBuffer``), and becomes ``bytes`` only if a read or a peer joins that fetch;
 - sequential readers get blocks fetched ahead (window from ``readahead``), within one memory budget;
 - a small random read inside an uncached block is answered with a GET of just those bytes, while the whole
   block is fetched in the background for next time; when the block's source is a peer, the whole block is
@@ -33,7 +34,7 @@ import contextlib
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from opentelemetry import trace
 
@@ -44,6 +45,7 @@ from libs.metrics import GET, PEER, STORE
 from libs.ring import owners
 from libs.telemetry import child_span, get_logger, tracer
 from libs.ufs.base import EndpointUnreachable, ObjectStore, UfsError
+from services.agent.cache import FillBuffer
 from services.agent.metrics import ReadMetrics, StoreMetrics
 from services.agent.peer import PeerError
 from services.agent.readahead import MemoryBudget, ReadAhead
@@ -59,6 +61,8 @@ MAX_CONCURRENT_GETS = 32
 PEER_LOG_SECONDS = 5.0
 # A read smaller than this fraction of a block, off the sequential path, is a "small random read".
 SMALL_READ_FRACTION = 4
+
+T = TypeVar("T")
 
 
 class BlockCacheLike(Protocol):
@@ -90,14 +94,34 @@ class StoreGate:
             raise self._last_error
         with child_span(self._tracer, "store GET", trace.SpanKind.CLIENT,
                         {"shoal.object.key": key, "shoal.range.start": start, "shoal.range.length": length}):
-            return await self._get_range(key, start, length, etag)
+            return await self._guarded(lambda: self.store.get_range(key, start, length, etag=etag))
 
-    async def _get_range(self, key: str, start: int, length: int, etag: str) -> bytes:
+    async def get_range_into(self, key: str, start: int, into: memoryview, etag: str) -> int:
+        """``get_range`` of ``len(into)`` bytes written into ``into``; the count written. Stores without
+        ``get_range_into`` (local files, http, test fakes) are read with ``get_range`` and copied."""
+        if self._last_error is not None and self.clock() < self._down_until:
+            raise self._last_error
+        with child_span(self._tracer, "store GET", trace.SpanKind.CLIENT,
+                        {"shoal.object.key": key, "shoal.range.start": start, "shoal.range.length": len(into)}):
+            return await self._guarded(lambda: self._get_into(key, start, into, etag))
+
+    async def _get_into(self, key: str, start: int, into: memoryview, etag: str) -> int:
+        getter = getattr(self.store, "get_range_into", None)
+        if getter is not None:
+            got: int = await getter(key, start, into, etag=etag)
+            return got
+        data = await self.store.get_range(key, start, len(into), etag=etag)
+        if len(data) > len(into):
+            raise UfsError(f"{key}: expected at most {len(into)} bytes at offset {start}, got {len(data)}")
+        into[:len(data)] = data
+        return len(data)
+
+    async def _guarded(self, get: Callable[[], Awaitable[T]]) -> T:
         async with self._slots:
             observe = self.metrics.observe_get if self.metrics is not None else None
             started = time.perf_counter() if observe is not None else 0.0
             try:
-                data = await self.store.get_range(key, start, length, etag=etag)
+                data = await get()
             except EndpointUnreachable as err:
                 self._last_error = err
                 self._down_until = self.clock() + self.cooldown
@@ -210,6 +234,10 @@ class BlockReader:
         self._writing: dict[BlockId, bytes] = {}  # fetched, being written to the cache
         self._written: dict[BlockId, asyncio.Future[object]] = {}  # the writes of ``_writing``, for ``warm``
         self._cache_wanted: set[BlockId] = set()  # store fetches in flight that some caller wants cached
+        # A DataLoad's fetches straight into the block file's buffer (``_fill``), by block: True once another
+        # caller joined one (it then gets a copy of the bytes; alone, the load needs none).
+        self._filling: dict[BlockId, bool] = {}
+        self._fills = bool(getattr(cache, "writes_files", False))
         self._background: set[asyncio.Future[object]] = set()
         self._tracer = tracer(__name__)
 
@@ -340,13 +368,54 @@ class BlockReader:
         if written is not None:
             await asyncio.shield(written)
             return False
+        if self._fills and block not in self._store_inflight and block not in self._writing:
+            await asyncio.shield(self._fill(entry, index, block))
+            return True
         await self._store_block(entry, index, block, cache=True)
         written = self._written.get(block)
         if written is not None:
             await asyncio.shield(written)
         return True
 
+    def _fill(self, entry: ManifestEntry, index: int, block: BlockId) -> asyncio.Future[bytes]:
+        """A DataLoad's store fetch of a block into the buffer its block file is written from (``FillBuffer``):
+        no joined copy of the body, no copy into an aligned buffer, no ``bytes`` of the block at all unless a
+        reader or a peer joins the fetch meanwhile. It is the block's store fetch until its write is committed,
+        so whoever asks for the block meanwhile joins it instead of fetching it again."""
+        future = asyncio.ensure_future(self._fill_and_write(entry, index, block))
+        self._store_inflight[block] = future
+        self._filling[block] = False
+        future.add_done_callback(_retrieve)
+        return future
+
+    async def _fill_and_write(self, entry: ManifestEntry, index: int, block: BlockId) -> bytes:
+        start, length = block_span(entry.size, self.block_size, index)
+        fill = FillBuffer(block, length)
+        release = True
+        try:
+            got = await self.gates[entry.mount].get_range_into(entry.key, start, fill.data, entry.etag)
+            if got != length:
+                raise UfsError(f"{entry.key}: expected {length} bytes at offset {start}, got {got}")
+            self.stats.gets += 1
+            self.stats.miss_bytes += length
+            if self.metrics is not None:
+                self.metrics.read(STORE, length)
+            await self.cache.put_filled(fill)  # type: ignore[attr-defined]
+            return bytes(fill.data) if self._filling.get(block) else b""
+        except asyncio.CancelledError:
+            release = False  # the write may still be reading the buffer in its thread
+            raise
+        finally:
+            # Before the result is set: a caller from now on finds the block cached, or starts a fetch of its own.
+            self._store_inflight.pop(block, None)
+            self._filling.pop(block, None)
+            self._cache_wanted.discard(block)
+            if release:
+                fill.release()
+
     async def _store_block(self, entry: ManifestEntry, index: int, block: BlockId, cache: bool) -> bytes:
+        if block in self._filling:
+            self._filling[block] = True  # the load's fill must hand over the bytes
         if cache:
             self._cache_wanted.add(block)
         future = _coalesced(self._store_inflight, block, lambda: self._store_get(entry, index, block))

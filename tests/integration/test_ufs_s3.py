@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 import re
 import time
 from typing import Any
@@ -127,6 +128,26 @@ async def test_ranged_reads(seaweedfs: SeaweedServer, bucket: str) -> None:
             await store.get_range("missing", 0, 10)
         with pytest.raises(ValueError):
             await store.get_range("blob", -1, 10)
+
+
+async def test_ranged_reads_into_a_buffer(seaweedfs: SeaweedServer, bucket: str) -> None:
+    body = os.urandom(3 * 1024 * 1024 + 5)  # several pieces of aiohttp's buffer
+    await put_objects(seaweedfs, bucket, {"big": body, "x/obj": b"first version"})
+    async with S3ObjectStore(seaweedfs.location(bucket)) as store:
+        etag = (await store.head("big")).etag
+        into = bytearray(len(body) + 7)
+        assert await store.get_range_into("big", 0, memoryview(into)[:len(body)], etag=etag) == len(body)
+        assert bytes(into[:len(body)]) == body
+        view = memoryview(into)[3:3 + 1000]
+        assert await store.get_range_into("big", 12345, view, etag=etag) == 1000
+        assert bytes(view) == body[12345:13345]
+        # The tail: fewer bytes than asked for.
+        assert await store.get_range_into("big", len(body) - 10, memoryview(into)[:100], etag=etag) == 10
+        assert bytes(into[:10]) == body[-10:]
+        old = (await store.head("x/obj")).etag
+        await put_objects(seaweedfs, bucket, {"x/obj": b"second version"})
+        with pytest.raises(ObjectChanged):
+            await store.get_range_into("x/obj", 0, memoryview(into)[:5], etag=old)
 
 
 async def test_overwritten_object_is_object_changed(seaweedfs: SeaweedServer, bucket: str) -> None:

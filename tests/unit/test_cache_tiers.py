@@ -162,6 +162,33 @@ def test_fsync_when_asked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     assert len(synced) == 1
 
 
+@pytest.mark.parametrize("direct_io", [True, False])
+def test_a_filled_buffer_writes_the_same_file_as_write(tmp_path: Path, direct_io: bool) -> None:
+    plain = DiskTier(tmp_path / "plain", 1 << 22, direct_io=direct_io)
+    filled = DiskTier(tmp_path / "filled", 1 << 22, direct_io=direct_io)
+    for disk in (plain, filled):
+        assert disk.scan() == []
+    for index, size in enumerate((0, 1, 4096, 65536, 65537, 300_001)):
+        data = payload(index, size)
+        assert plain.write(block(index), data)
+        fill = filled.fill_buffer(block(index), size)
+        fill.data[:] = data
+        assert filled.write_filled(fill)
+        fill.release()
+        name = block(index).name
+        files = [tmp_path / tier_dir / name[:2] / name for tier_dir in ("filled", "plain")]
+        assert files[0].read_bytes() == files[1].read_bytes()
+        assert filled.read(name) == data
+    # Buffers are reused: a smaller block in a larger buffer leaves nothing of the larger one in its file.
+    fill = filled.fill_buffer(block(9), 10)
+    fill.data[:] = b"0123456789"
+    assert filled.write_filled(fill)
+    fill.release()
+    assert filled.read(block(9).name) == b"0123456789"
+    assert [scanned.size for scanned in sorted(filled.scan(), key=lambda s: s.block.index)] == [
+        0, 1, 4096, 65536, 65537, 300_001, 10]
+
+
 def test_concurrent_writes_from_worker_threads(tier: DiskTier) -> None:
     with ThreadPoolExecutor(max_workers=8) as pool:
         results = list(pool.map(lambda i: tier.write(block(i), payload(i)), range(64)))

@@ -17,7 +17,7 @@ from libs.blocks import BlockId
 from libs.events.dataset import ManifestEntry
 from libs.ufs import LocalLocation, LocalObjectStore
 from libs.ufs.base import EndpointUnreachable, ObjectChanged
-from services.agent.cache import BlockCache, DiskTier
+from services.agent.cache import BlockCache, DiskTier, FillBuffer, MemoryTier
 from services.agent.readahead import MemoryBudget
 from services.agent.reader import BlockReader, StoreGate
 from tests.faults import CountingStore, Get
@@ -71,6 +71,14 @@ class RecordingCache:
     def prefetch(self, block: BlockId) -> None:
         self.hinted.append(block.index)
         self.cache.prefetch(block)
+
+    # A disk-only cache: loads (``warm``) fetch straight into the block file's buffer, as in the mount process.
+    @property
+    def writes_files(self) -> bool:
+        return self.cache.writes_files
+
+    async def put_filled(self, fill: FillBuffer) -> bool:
+        return await self.cache.put_filled(fill)
 
 
 async def make(tmp_path: Path, budget_blocks: int = 64, size: int = BLOCKS * BLOCK,
@@ -439,6 +447,33 @@ async def test_warm_joins_a_read_in_flight_and_a_read_joins_a_warm(tmp_path: Pat
     await setup.reader.drain()
     assert sorted(setup.blocks_fetched()) == [5, 6]
     assert all(setup.cache.contains(setup.reader.block_id(setup.entry, i)) for i in (5, 6))
+
+
+async def test_warm_fills_the_block_file_that_a_plain_write_would_and_nothing_else(tmp_path: Path) -> None:
+    setup = await make(tmp_path)
+    assert setup.cache.writes_files
+    for index in (0, BLOCKS - 1):
+        assert await setup.reader.warm(setup.entry, index) is True
+    plain = BlockCache([DiskTier(tmp_path / "plain", 64 * BLOCKS * BLOCK)])
+    plain.load()
+    for index in (0, BLOCKS - 1):
+        block = setup.reader.block_id(setup.entry, index)
+        assert plain.put(block, setup.body[index * BLOCK:(index + 1) * BLOCK])
+        name = block.name
+        filled, written = (root / name[:2] / name for root in (tmp_path / "cache", tmp_path / "plain"))
+        assert filled.read_bytes() == written.read_bytes()
+        assert setup.cache.get(block) == setup.body[index * BLOCK:(index + 1) * BLOCK]
+    assert setup.reader.stats.gets == 2 and setup.reader.stats.miss_bytes == 2 * BLOCK
+    assert not setup.reader._store_inflight and not setup.reader._filling
+
+
+async def test_warm_into_a_cache_with_a_memory_tier_keeps_the_plain_path(tmp_path: Path) -> None:
+    setup = await make(tmp_path)
+    cache = BlockCache([MemoryTier(64 * BLOCK), DiskTier(tmp_path / "mixed", 64 * BLOCK)])
+    assert not cache.writes_files
+    reader = BlockReader(cache, setup.reader.gates, BLOCK, setup.budget, write_block=cache.put_async)
+    assert await reader.warm(setup.entry, 2) is True
+    assert cache.get(reader.block_id(setup.entry, 2)) == setup.body[2 * BLOCK:3 * BLOCK]
 
 
 async def test_warm_raises_the_store_error_and_caches_nothing(tmp_path: Path) -> None:

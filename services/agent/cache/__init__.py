@@ -28,7 +28,7 @@ checksum included.
 
 from services.agent.cache.eviction import EvictionPolicy, FrequencyAdmissionPolicy, LruPolicy, PolicyFactory
 from services.agent.cache.store import BlockCache, CacheStats, Reservation, TierStats
-from services.agent.cache.tiers import BlockFile, DiskTier, Health, MemoryTier, ScannedBlock, Tier
+from services.agent.cache.tiers import BlockFile, DiskTier, FillBuffer, Health, MemoryTier, ScannedBlock, Tier
 
 __all__ = [
     "BlockCache",
@@ -36,6 +36,7 @@ __all__ = [
     "CacheStats",
     "DiskTier",
     "EvictionPolicy",
+    "FillBuffer",
     "FrequencyAdmissionPolicy",
     "Health",
     "LruPolicy",

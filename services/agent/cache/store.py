@@ -44,7 +44,15 @@ from libs.events.common import parse_quantity
 from libs.events.runtime import Level
 from libs.hostpaths import cache_path_error
 from services.agent.cache.eviction import EvictionPolicy, FrequencyAdmissionPolicy, PolicyFactory
-from services.agent.cache.tiers import DEFAULT_COOLDOWN_SECONDS, BlockFile, DiskTier, Health, MemoryTier, Tier
+from services.agent.cache.tiers import (
+    DEFAULT_COOLDOWN_SECONDS,
+    BlockFile,
+    DiskTier,
+    FillBuffer,
+    Health,
+    MemoryTier,
+    Tier,
+)
 
 BlockCallback = Callable[[BlockId, int], None]
 # Told the medium of the tier a block was evicted from (to make room, or by ``evict``): the agent's metrics.
@@ -105,6 +113,13 @@ class Reservation:
         for victim in self.victims:
             self.tier.remove(victim)
         return self.tier.write(self.block, data)
+
+    def write_filled(self, fill: FillBuffer) -> bool:
+        """``write`` of a block fetched into a ``FillBuffer`` (only disk tiers take those)."""
+        for victim in self.victims:
+            self.tier.remove(victim)
+        assert isinstance(self.tier, DiskTier)
+        return self.tier.write_filled(fill)
 
 
 class BlockCache:
@@ -296,6 +311,29 @@ class BlockCache:
         if not reservation.offload:
             return self._write_inline(reservation, data)
         task = asyncio.ensure_future(asyncio.to_thread(reservation.write, data))
+        try:
+            written = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(lambda done: self.commit(reservation, _write_result(done)))
+            raise
+        except BaseException:
+            self.commit(reservation, False)
+            raise
+        return self.commit(reservation, written)
+
+    @property
+    def writes_files(self) -> bool:
+        """Whether every tier is a disk tier, so a block can be fetched straight into a ``FillBuffer`` and
+        stored with ``put_filled`` whichever tier admits it."""
+        return all(isinstance(tier, DiskTier) for tier in self._tiers)
+
+    async def put_filled(self, fill: FillBuffer) -> bool:
+        """``put_async`` of a block fetched into ``fill`` (only when ``writes_files``). The caller releases
+        ``fill`` afterwards, except after a cancellation: the write may still be using it then."""
+        reservation = self.reserve(fill.block, fill.length)
+        if reservation is None:
+            return self.contains(fill.block)
+        task = asyncio.ensure_future(asyncio.to_thread(reservation.write_filled, fill))
         try:
             written = await asyncio.shield(task)
         except asyncio.CancelledError:
