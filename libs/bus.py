@@ -37,6 +37,7 @@ from nats.js import JetStreamContext
 from nats.js import api as js_api
 from nats.js.errors import (
     BucketNotFoundError,
+    InvalidKeyError,
     KeyDeletedError,
     KeyNotFoundError,
     KeyWrongLastSequenceError,
@@ -282,10 +283,19 @@ async def connect(settings: NatsSettings, name: str) -> Bus:
 T = TypeVar("T")
 
 
+def invalid_key(key: str) -> Permanent:
+    """A key built from an event's fields (a name, a run id) that NATS cannot store: no retry can help, so the
+    message is dead-lettered with this reason (found by fuzzing: it used to be retried as a handler failure)."""
+    return Permanent(f"{key!r} is not a valid KV key: use letters, digits and -/_=. (not at either end)")
+
+
 async def kv_load(kv: KeyValue, key: str, type_: type[T]) -> tuple[T | None, int | None]:
-    """The decoded value and its revision; (None, None) when absent, (None, rev) when deleted."""
+    """The decoded value and its revision; (None, None) when absent, (None, rev) when deleted; ``Permanent`` for a
+    key NATS cannot hold."""
     try:
         entry = await kv.get(key)
+    except InvalidKeyError as err:
+        raise invalid_key(key) from err
     except KeyDeletedError as err:
         return None, err.entry.revision if err.entry else None
     except KeyNotFoundError:
@@ -302,6 +312,8 @@ async def kv_save(kv: KeyValue, key: str, value: msgspec.Struct, revision: int |
         if revision is None:
             return int(await kv.create(key, payload))
         return int(await kv.update(key, payload, last=revision))
+    except InvalidKeyError as err:
+        raise invalid_key(key) from err
     except KeyWrongLastSequenceError as err:
         _lost(kv)
         raise Conflict(f"{key} changed concurrently") from err
@@ -314,6 +326,8 @@ async def kv_save(kv: KeyValue, key: str, value: msgspec.Struct, revision: int |
 async def kv_delete(kv: KeyValue, key: str, revision: int | None) -> None:
     try:
         await kv.delete(key, last=revision)
+    except InvalidKeyError as err:
+        raise invalid_key(key) from err
     except KeyWrongLastSequenceError as err:
         _lost(kv)
         raise Conflict(f"{key} changed concurrently") from err
