@@ -58,6 +58,9 @@ log = get_logger(__name__)
 
 DAY = 24 * 3600.0
 MESSAGE_LIMIT = 1024 * 1024  # JetStream's default max_payload; larger publishes are refused by the server.
+# What decoding a payload raises when it is not the event: msgspec's two errors, and RecursionError for JSON nested
+# past Python's recursion limit (``[[[[...``, found by fuzzing: it escaped the consumer loop and ended it).
+DECODE_ERRORS = (msgspec.ValidationError, msgspec.DecodeError, RecursionError)
 
 
 # --- Outcomes a handler can signal ---
@@ -232,7 +235,7 @@ class Bus:
         async def on_message(message: Msg) -> None:
             try:
                 event = decoder.decode(message.data)
-            except (msgspec.ValidationError, msgspec.DecodeError):
+            except DECODE_ERRORS:
                 log.warning("undecodable message ignored", subject=message.subject)
                 return
             await handler(event)
@@ -506,7 +509,7 @@ class Consumer(Generic[E]):
             return metrics.REJECTED
         try:
             event = self.decoder.decode(message.data)
-        except (msgspec.ValidationError, msgspec.DecodeError) as err:
+        except DECODE_ERRORS as err:
             await self._reject(message, delivery, f"invalid event: {err}", self._bound(delivery))
             return metrics.REJECTED
         try:
@@ -640,7 +643,7 @@ class KvMirror(Generic[T]):
                 elif entry.value is not None:
                     try:
                         target[entry.key] = self.decoder.decode(entry.value)
-                    except (msgspec.ValidationError, msgspec.DecodeError):
+                    except DECODE_ERRORS:
                         log.warning("undecodable KV entry ignored", key=entry.key)
 
     def stop(self) -> None:

@@ -56,8 +56,8 @@ def manifests(draw: st.DrawFn) -> bytes:
     if how == "valid":
         return _dump(draw(st.lists(st.sampled_from(VALID), min_size=1, max_size=3))).encode()
     if how == "mutated":
-        raw = draw(mutated(st.sampled_from(VALID)))
-        return raw
+        # 20 kB strings: PyYAML is pure Python here, and a manifest is read once; 100 kB ones cost ~1 s each.
+        return draw(mutated(st.sampled_from(VALID), huge=20_000))
     if how == "snippet":
         base = _dump([draw(st.sampled_from(VALID))])
         return (draw(YAML_SNIPPETS) + "---\n" + base if draw(st.booleans()) else base + draw(YAML_SNIPPETS)).encode()
