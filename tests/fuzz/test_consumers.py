@@ -17,7 +17,7 @@ from typing import Any
 
 import msgspec
 import pytest
-from hypothesis import given
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from libs import subjects
@@ -61,7 +61,7 @@ from services.loader.handlers import LoaderHandlers
 from services.runtime.handlers import RuntimeHandlers
 from services.scheduler.handlers import DatasetInfo, SchedulerHandlers
 from tests.fuzz.harness import Drive, FakeMessage, consumer, spy
-from tests.fuzz.strategies import FUZZ, events, examples, payloads
+from tests.fuzz.strategies import EXAMPLES, FUZZ, events, payloads
 from tests.helpers import eventually, make_settings
 
 # Payloads are large on purpose; Hypothesis warns when it prints one.
@@ -130,7 +130,12 @@ async def dataset_handlers(bus: Bus, fuzz_settings: Settings) -> AsyncIterator[t
     yield bus, DatasetHandlers(bus, fuzz_settings), published
 
 
+# Regression: JSON nested past the recursion limit escaped the consumer loop (RecursionError) and ended it.
+DEEP = b"[" * 5000 + b"]" * 5000
+
+
 @FUZZ
+@example(data=DEEP, subject=subjects.DATASET_APPLY)
 @given(data=payloads(DATASET_COMMANDS), subject=st.sampled_from([subjects.DATASET_APPLY, subjects.DATASET_DELETE,
                                                                  subjects.DATASET_RESYNC]))
 async def test_dataset_commands(dataset_handlers: Any, data: bytes, subject: str) -> None:
@@ -245,6 +250,8 @@ async def test_loader_commands(loader_handlers: Any, data: bytes, subject: str) 
 
 
 @FUZZ
+# Regression: a run id that names no valid KV key was retried five times as a handler failure.
+@example(data=b'{"type": "agent.task.progress.v1", "run": "a b.1", "part": 0, "node": "n1"}')
 @given(data=payloads(events(TaskProgress)))
 async def test_loader_progress(loader_handlers: Any, data: bytes) -> None:
     bus, handlers, published = loader_handlers
@@ -278,6 +285,7 @@ async def test_scheduler_inventory(scheduler_handlers: Any, data: bytes) -> None
 
 
 @FUZZ
+@example(data=DEEP)
 @given(data=payloads(events("sched.score.v1")))
 async def test_scheduler_score_requests(scheduler_handlers: Any, data: bytes) -> None:
     """The NATS request API: every request, however malformed, gets a ScoreReply (an error with a reason)."""
@@ -329,6 +337,7 @@ async def task_runner(bus: Bus, tmp_path: Path) -> AsyncIterator[Any]:
 
 
 @FUZZ
+@example(data=DEEP)
 @given(data=payloads(TASKS))
 async def test_agent_task_parts(task_runner: Any, data: bytes) -> None:
     """A part of any shape is executed, skipped or dropped, and always acknowledged once; one executed ends with a
@@ -385,7 +394,7 @@ def _no_counters() -> CacheCounters:
 # --- through JetStream: no consumer stuck ---
 
 
-@examples(0.02)
+@settings(FUZZ, max_examples=max(3, EXAMPLES // 100))
 @given(batch=st.lists(payloads(DATASET_COMMANDS), min_size=5, max_size=25))
 async def test_a_service_keeps_consuming_after_fuzz(dataset_service: Any, batch: list[bytes]) -> None:
     """Fuzzed commands published through JetStream to the running dataset service, then a valid one: it is

@@ -16,7 +16,7 @@ from typing import Any
 import click
 import pytest
 import yaml
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from libs.cli.main import _read_manifests
@@ -71,6 +71,8 @@ def manifests(draw: st.DrawFn) -> bytes:
 
 
 @FUZZ
+# Regression: YAML nested past the recursion limit was a RecursionError, not a ManifestError.
+@example(data=b"[" * 2000, action="apply")
 @given(data=manifests(), action=st.sampled_from(["apply", "delete"]))
 def test_documents_give_commands_or_errors(data: bytes, action: str) -> None:
     """The pure reader: a ManifestError naming where, or commands and errors (each a sentence)."""
@@ -86,6 +88,9 @@ def test_documents_give_commands_or_errors(data: bytes, action: str) -> None:
 
 
 @FUZZ
+# Regression: a file that is not UTF-8 was a UnicodeDecodeError traceback from `shoal apply -f`.
+@example(data=b"kind: \xed\xa0\x80\n", action="apply")
+@example(data=b"[" * 2000, action="delete")
 @given(data=manifests(), action=st.sampled_from(["apply", "delete"]))
 def test_the_cli_reads_any_file_without_a_traceback(tmp_path_factory: Any, data: bytes, action: str) -> None:
     """As ``shoal apply -f FILE`` reads it: click opens the file, ``_read_manifests`` reads and translates it; an

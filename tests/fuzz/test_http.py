@@ -17,7 +17,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, Counter
 
@@ -205,6 +205,10 @@ SCHEDULER_BODIES = st.one_of(
 
 
 @FUZZ
+# Regression: a body nested past the recursion limit was an HTTP 500 (RecursionError) on each route.
+@example(route="/mutate", method="POST", body=b"[" * 5000, headers={})
+@example(route="/filter", method="POST", body=b"[" * 5000, headers={})
+@example(route="/prioritize", method="POST", body=b"[" * 5000, headers={})
 @given(route=st.sampled_from(["/mutate", "/filter", "/prioritize", "/mutate", "/filter", "/prioritize", "/healthz",
                               "/", "/mutate/x"]),
        method=st.sampled_from(["POST", "POST", "POST", "GET", "PUT"]), body=SCHEDULER_BODIES, headers=HEADERS)
