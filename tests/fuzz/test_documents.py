@@ -19,8 +19,10 @@ import yaml
 from hypothesis import example, given
 from hypothesis import strategies as st
 
+from libs import kube
 from libs.cli.main import _read_manifests
 from libs.documents import ManifestError, documents_to_commands, parse_documents
+from services.bridge import domain
 from tests.fuzz.strategies import FUZZ, JSON_VALUES, STRINGS, mutated
 
 # Payloads are large on purpose; Hypothesis warns when it prints one.
@@ -92,10 +94,10 @@ def test_documents_give_commands_or_errors(data: bytes, action: str) -> None:
 @example(data=b"kind: \xed\xa0\x80\n", action="apply")
 @example(data=b"[" * 2000, action="delete")
 @given(data=manifests(), action=st.sampled_from(["apply", "delete"]))
-def test_the_cli_reads_any_file_without_a_traceback(tmp_path_factory: Any, data: bytes, action: str) -> None:
+def test_the_cli_reads_any_file_without_a_traceback(tmp_path: Path, data: bytes, action: str) -> None:
     """As ``shoal apply -f FILE`` reads it: click opens the file, ``_read_manifests`` reads and translates it; an
     unreadable file is an error line (click's ``Exit``/``UsageError`` at worst), never another exception."""
-    path = tmp_path_factory.mktemp("manifest") / "manifest.yaml"
+    path = tmp_path / "manifest.yaml"  # one file, rewritten by every example
     path.write_bytes(data)
     file = click.File("r").convert(str(path), None, None)
     try:
@@ -104,3 +106,39 @@ def test_the_cli_reads_any_file_without_a_traceback(tmp_path_factory: Any, data:
         assert err.format_message()
     finally:
         file.close()
+
+
+# --- the Kubernetes bridge's translation of a watched object (the same reader, from the API server's JSON) ---
+
+RESOURCES = {(resource.api_version, resource.kind): resource for resource in kube.RESOURCES}
+
+
+@st.composite
+def watched_objects(draw: st.DrawFn) -> tuple[Any, Any]:
+    """A custom resource as a watch delivers it: an example document with server metadata, maybe mutated."""
+    document = draw(st.sampled_from(VALID))
+    resource = RESOURCES[(document["apiVersion"], document["kind"])]
+    obj = {**document, "metadata": {**document.get("metadata", {}), "uid": "u-1", "generation": 2,
+                                    "finalizers": ["shoal.io/cleanup"]}}
+    if draw(st.booleans()):
+        raw = draw(mutated(st.just(obj), huge=20_000))
+        try:
+            obj = json.loads(raw)
+        except (ValueError, RecursionError):
+            obj = {}
+    return resource, obj
+
+
+@FUZZ
+@given(watched=watched_objects())
+def test_the_bridge_translates_any_object(watched: tuple[Any, Any]) -> None:
+    """An object the bridge cannot turn into a command gets errors (shown on the object), never an exception."""
+    resource, obj = watched
+    if not isinstance(obj, dict):
+        return  # a watch event's object is always a JSON object
+    translation = domain.translate(resource, obj)
+    assert (translation.command is None) == bool(translation.errors)
+    domain.key_of(resource, obj)
+    domain.secret_refs(obj)
+    domain.finalizer_patch(obj, held=True)
+    domain.is_deleting(obj)
