@@ -26,13 +26,15 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import pytest
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 
 SCHEMAS = Path(__file__).resolve().parents[2] / "docs" / "schemas"
 
-# A few hundred keep every fuzz test together within ~20 s of `make test`; `make soak` sets 10000.
-EXAMPLES = int(os.environ.get("SHOAL_FUZZ_EXAMPLES", "") or "200")
+# Per test; the default keeps every fuzz test together within ~20 s of `make test` (the YAML reader's tests run half
+# as many: PyYAML is pure Python here). `make soak` sets 10000.
+EXAMPLES = int(os.environ.get("SHOAL_FUZZ_EXAMPLES", "") or "100")
 
 FUZZ = settings(
     max_examples=EXAMPLES,
@@ -48,6 +50,13 @@ FUZZ = settings(
     # tracer took minutes per failing example.
     phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink],
 )
+
+# pytest's per-test timeout for the fuzz tests: the suite's 120 s, or 0.2 s per example for big runs (an example
+# takes a few ms; a NATS round trip or a large payload costs more on a loaded machine).
+TIMEOUT = max(120, int(EXAMPLES * 0.2))
+# Marks for every fuzz module: payloads are large on purpose (Hypothesis warns when it prints one), and the
+# timeout above.
+MARKS = [pytest.mark.filterwarnings("ignore:Generating overly large repr"), pytest.mark.timeout(TIMEOUT)]
 
 
 def examples(share: float) -> settings:

@@ -61,11 +61,10 @@ from services.loader.handlers import LoaderHandlers
 from services.runtime.handlers import RuntimeHandlers
 from services.scheduler.handlers import DatasetInfo, SchedulerHandlers
 from tests.fuzz.harness import Drive, FakeMessage, consumer, spy
-from tests.fuzz.strategies import EXAMPLES, FUZZ, events, payloads
+from tests.fuzz.strategies import EXAMPLES, FUZZ, MARKS, events, payloads
 from tests.helpers import eventually, make_settings
 
-# Payloads are large on purpose; Hypothesis warns when it prints one.
-pytestmark = pytest.mark.filterwarnings("ignore:Generating overly large repr")
+pytestmark = MARKS
 
 # Datasets the generated inventory and tasks are steered to (besides random ones), so they reach the folds.
 KNOWN = [ObjectRef(name="ds"), ObjectRef(name="demo", namespace="team-a")]

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import click
-import pytest
 import yaml
 from hypothesis import example, given
 from hypothesis import strategies as st
@@ -23,10 +22,9 @@ from libs import kube
 from libs.cli.main import _read_manifests
 from libs.documents import ManifestError, documents_to_commands, parse_documents
 from services.bridge import domain
-from tests.fuzz.strategies import FUZZ, JSON_VALUES, STRINGS, mutated
+from tests.fuzz.strategies import JSON_VALUES, MARKS, STRINGS, examples, mutated
 
-# Payloads are large on purpose; Hypothesis warns when it prints one.
-pytestmark = pytest.mark.filterwarnings("ignore:Generating overly large repr")
+pytestmark = MARKS
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "deploy" / "examples"
 VALID = [document for path in sorted(EXAMPLES.glob("*.yaml")) for document in yaml.safe_load_all(path.read_text())
@@ -58,8 +56,8 @@ def manifests(draw: st.DrawFn) -> bytes:
     if how == "valid":
         return _dump(draw(st.lists(st.sampled_from(VALID), min_size=1, max_size=3))).encode()
     if how == "mutated":
-        # 20 kB strings: PyYAML is pure Python here, and a manifest is read once; 100 kB ones cost ~1 s each.
-        return draw(mutated(st.sampled_from(VALID), huge=20_000))
+        # 5 kB strings: PyYAML is pure Python here; 100 kB ones cost ~1 s each.
+        return draw(mutated(st.sampled_from(VALID), huge=5_000))
     if how == "snippet":
         base = _dump([draw(st.sampled_from(VALID))])
         return (draw(YAML_SNIPPETS) + "---\n" + base if draw(st.booleans()) else base + draw(YAML_SNIPPETS)).encode()
@@ -72,7 +70,7 @@ def manifests(draw: st.DrawFn) -> bytes:
                           STRINGS.map(str.encode)))
 
 
-@FUZZ
+@examples(0.5)
 # Regression: YAML nested past the recursion limit was a RecursionError, not a ManifestError.
 @example(data=b"[" * 2000, action="apply")
 @given(data=manifests(), action=st.sampled_from(["apply", "delete"]))
@@ -89,7 +87,7 @@ def test_documents_give_commands_or_errors(data: bytes, action: str) -> None:
     assert len(commands) + len(errors) == sum(1 for document in documents if document is not None)
 
 
-@FUZZ
+@examples(0.5)
 # Regression: a file that is not UTF-8 was a UnicodeDecodeError traceback from `shoal apply -f`.
 @example(data=b"kind: \xed\xa0\x80\n", action="apply")
 @example(data=b"[" * 2000, action="delete")
@@ -121,7 +119,7 @@ def watched_objects(draw: st.DrawFn) -> tuple[Any, Any]:
     obj = {**document, "metadata": {**document.get("metadata", {}), "uid": "u-1", "generation": 2,
                                     "finalizers": ["shoal.io/cleanup"]}}
     if draw(st.booleans()):
-        raw = draw(mutated(st.just(obj), huge=20_000))
+        raw = draw(mutated(st.just(obj), huge=5_000))
         try:
             obj = json.loads(raw)
         except (ValueError, RecursionError):
@@ -129,7 +127,7 @@ def watched_objects(draw: st.DrawFn) -> tuple[Any, Any]:
     return resource, obj
 
 
-@FUZZ
+@examples(0.5)
 @given(watched=watched_objects())
 def test_the_bridge_translates_any_object(watched: tuple[Any, Any]) -> None:
     """An object the bridge cannot turn into a command gets errors (shown on the object), never an exception."""

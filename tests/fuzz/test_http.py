@@ -27,10 +27,9 @@ from libs.events.schedule import NodeScore, ScoreReply, ScoreRequest
 from libs.side_server import Readiness, SideServer
 from services.agent.peer import HEADER_EXPIRES, HEADER_SIGNATURE, PeerServer, block_path, runtime_key, sign_request
 from services.scheduler.http import SchedulerHttp
-from tests.fuzz.strategies import FUZZ, JSON_VALUES, ODD_TEXT, STRINGS, examples, mutated
+from tests.fuzz.strategies import FUZZ, JSON_VALUES, MARKS, ODD_TEXT, STRINGS, examples, mutated
 
-# Payloads are large on purpose; Hypothesis warns when it prints one.
-pytestmark = pytest.mark.filterwarnings("ignore:Generating overly large repr")
+pytestmark = MARKS
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "scheduler"
 METHODS = st.sampled_from(["GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH", "FOO"])
