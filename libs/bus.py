@@ -58,9 +58,10 @@ log = get_logger(__name__)
 
 DAY = 24 * 3600.0
 MESSAGE_LIMIT = 1024 * 1024  # JetStream's default max_payload; larger publishes are refused by the server.
-# What decoding a payload raises when it is not the event: msgspec's two errors, and RecursionError for JSON nested
-# past Python's recursion limit (``[[[[...``, found by fuzzing: it escaped the consumer loop and ended it).
-DECODE_ERRORS = (msgspec.ValidationError, msgspec.DecodeError, RecursionError)
+# What decoding a payload raises when it is not the event: msgspec's two errors, RecursionError for JSON nested past
+# Python's recursion limit (``[[[[...``), and UnicodeDecodeError for a string that is not UTF-8 (both found by
+# fuzzing: they escaped the consumer loop and ended it).
+DECODE_ERRORS = (msgspec.ValidationError, msgspec.DecodeError, RecursionError, UnicodeDecodeError)
 
 
 # --- Outcomes a handler can signal ---

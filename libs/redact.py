@@ -75,7 +75,7 @@ def redact_payload(payload: bytes) -> bytes:
     try:
         decoded = msgspec.json.decode(payload)
         redacted = redact_value(decoded)
-    except (msgspec.DecodeError, RecursionError):  # nested past Python's recursion limit: masked as text too
+    except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):  # too deep, or not UTF-8: masked as text
         text = payload.decode("utf-8", errors="surrogateescape")
         masked = _SECRET_MEMBER.sub(
             lambda match: f'{match[1]}"{HIDDEN}"' if is_secret_name(match["name"]) else match[0], text

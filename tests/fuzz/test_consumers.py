@@ -135,6 +135,8 @@ DEEP = b"[" * 5000 + b"]" * 5000
 
 @FUZZ
 @example(data=DEEP, subject=subjects.DATASET_APPLY)
+@example(data=b'{"type": "dataset.apply.v1", "dataset": {"metadata": {"name": "\xed\xa0\x80"}}}',
+         subject=subjects.DATASET_APPLY)
 @given(data=payloads(DATASET_COMMANDS), subject=st.sampled_from([subjects.DATASET_APPLY, subjects.DATASET_DELETE,
                                                                  subjects.DATASET_RESYNC]))
 async def test_dataset_commands(dataset_handlers: Any, data: bytes, subject: str) -> None:
@@ -285,6 +287,10 @@ async def test_scheduler_inventory(scheduler_handlers: Any, data: bytes) -> None
 
 @FUZZ
 @example(data=DEEP)
+# Regressions: a string that is not UTF-8 escaped msgspec as UnicodeDecodeError; a limit past sys.maxsize was a
+# ValueError in the scoring.
+@example(data=b'{"type": "sched.score.v1", "datasets": [{"name": "da\xc3aset"}]}')
+@example(data=b'{"type": "sched.score.v1", "limit": 9223372036854775807}')
 @given(data=payloads(events("sched.score.v1")))
 async def test_scheduler_score_requests(scheduler_handlers: Any, data: bytes) -> None:
     """The NATS request API: every request, however malformed, gets a ScoreReply (an error with a reason)."""
