@@ -94,10 +94,10 @@ def _answered(outcome: Any, answers: tuple[type, ...], rejected: type) -> None:
     """A decoded command got one answer (a rejection with a reason); an undecodable one a rejection fact."""
     if outcome.ack != "ack":
         return  # retried (RetryLater) or dead-lettered with its reason (checked by the harness)
-    facts = outcome.of(tuple(answers))
+    facts: list[Any] = outcome.of(tuple(answers))
     assert len(facts) == 1, f"a command answered {facts}"
     if isinstance(facts[0], rejected):
-        assert facts[0].reason
+        assert getattr(facts[0], "reason", "")
 
 
 def _rejected_with_reason(outcome: Any, rejected: type) -> None:
