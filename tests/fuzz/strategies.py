@@ -34,7 +34,7 @@ SCHEMAS = Path(__file__).resolve().parents[2] / "docs" / "schemas"
 
 # Per test; the default keeps every fuzz test together within ~20 s of `make test` (the YAML reader's tests run half
 # as many: PyYAML is pure Python here). `make soak` sets 10000.
-EXAMPLES = int(os.environ.get("SHOAL_FUZZ_EXAMPLES", "") or "100")
+EXAMPLES = int(os.environ.get("SHOAL_FUZZ_EXAMPLES", "") or "50")
 
 FUZZ = settings(
     max_examples=EXAMPLES,
