@@ -32,8 +32,8 @@ from hypothesis import strategies as st
 
 SCHEMAS = Path(__file__).resolve().parents[2] / "docs" / "schemas"
 
-# Per test; the default keeps every fuzz test together within ~20 s of `make test` (the YAML reader's tests run half
-# as many: PyYAML is pure Python here). `make soak` sets 10000.
+# Per test; the default keeps every fuzz test together within ~20 s of `make test` (the YAML reader's tests run a
+# quarter as many: PyYAML is pure Python here). `make soak` sets 10000.
 EXAMPLES = int(os.environ.get("SHOAL_FUZZ_EXAMPLES", "") or "50")
 
 FUZZ = settings(

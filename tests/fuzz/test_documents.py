@@ -70,7 +70,7 @@ def manifests(draw: st.DrawFn) -> bytes:
                           STRINGS.map(str.encode)))
 
 
-@examples(0.5)
+@examples(0.25)
 # Regression: YAML nested past the recursion limit was a RecursionError, not a ManifestError.
 @example(data=b"[" * 2000, action="apply")
 @given(data=manifests(), action=st.sampled_from(["apply", "delete"]))
@@ -87,7 +87,7 @@ def test_documents_give_commands_or_errors(data: bytes, action: str) -> None:
     assert len(commands) + len(errors) == sum(1 for document in documents if document is not None)
 
 
-@examples(0.5)
+@examples(0.25)
 # Regression: a file that is not UTF-8 was a UnicodeDecodeError traceback from `shoal apply -f`.
 @example(data=b"kind: \xed\xa0\x80\n", action="apply")
 @example(data=b"[" * 2000, action="delete")
@@ -127,7 +127,7 @@ def watched_objects(draw: st.DrawFn) -> tuple[Any, Any]:
     return resource, obj
 
 
-@examples(0.5)
+@examples(0.25)
 @given(watched=watched_objects())
 def test_the_bridge_translates_any_object(watched: tuple[Any, Any]) -> None:
     """An object the bridge cannot turn into a command gets errors (shown on the object), never an exception."""
