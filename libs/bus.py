@@ -47,6 +47,7 @@ from nats.js import JetStreamContext
 from nats.js import api as js_api
 from nats.js.errors import (
     BucketNotFoundError,
+    InvalidKeyError,
     KeyDeletedError,
     KeyNotFoundError,
     KeyWrongLastSequenceError,
@@ -68,6 +69,10 @@ log = get_logger(__name__)
 DAY = 24 * 3600.0
 R = TypeVar("R")
 MESSAGE_LIMIT = 1024 * 1024  # JetStream's default max_payload; larger publishes are refused by the server.
+# What decoding a payload raises when it is not the event: msgspec's two errors, RecursionError for JSON nested past
+# Python's recursion limit (``[[[[...``), and UnicodeDecodeError for a string that is not UTF-8 (both found by
+# fuzzing: they escaped the consumer loop and ended it).
+DECODE_ERRORS = (msgspec.ValidationError, msgspec.DecodeError, RecursionError, UnicodeDecodeError)
 
 
 # --- Outcomes a handler can signal ---
@@ -414,7 +419,7 @@ class Bus:
         async def on_message(message: Msg) -> None:
             try:
                 event = decoder.decode(message.data)
-            except (msgspec.ValidationError, msgspec.DecodeError):
+            except DECODE_ERRORS:
                 log.warning("undecodable message ignored", subject=message.subject)
                 return
             await handler(event)
@@ -482,10 +487,19 @@ async def connect(settings: NatsSettings, name: str) -> Bus:
 T = TypeVar("T")
 
 
+def invalid_key(key: str) -> Permanent:
+    """A key built from an event's fields (a name, a run id) that NATS cannot store: no retry can help, so the
+    message is dead-lettered with this reason (found by fuzzing: it used to be retried as a handler failure)."""
+    return Permanent(f"{key!r} is not a valid KV key: use letters, digits and -/_=. (not at either end)")
+
+
 async def kv_load(kv: KeyValue, key: str, type_: type[T]) -> tuple[T | None, int | None]:
-    """The decoded value and its revision; (None, None) when absent, (None, rev) when deleted."""
+    """The decoded value and its revision; (None, None) when absent, (None, rev) when deleted; ``Permanent`` for a
+    key NATS cannot hold."""
     try:
         entry = await kv.get(key)
+    except InvalidKeyError as err:
+        raise invalid_key(key) from err
     except KeyDeletedError as err:
         return None, err.entry.revision if err.entry else None
     except KeyNotFoundError:
@@ -502,6 +516,8 @@ async def kv_save(kv: KeyValue, key: str, value: msgspec.Struct, revision: int |
         if revision is None:
             return int(await kv.create(key, payload))
         return int(await kv.update(key, payload, last=revision))
+    except InvalidKeyError as err:
+        raise invalid_key(key) from err
     except KeyWrongLastSequenceError as err:
         _lost(kv)
         raise Conflict(f"{key} changed concurrently") from err
@@ -514,6 +530,8 @@ async def kv_save(kv: KeyValue, key: str, value: msgspec.Struct, revision: int |
 async def kv_delete(kv: KeyValue, key: str, revision: int | None) -> None:
     try:
         await kv.delete(key, last=revision)
+    except InvalidKeyError as err:
+        raise invalid_key(key) from err
     except KeyWrongLastSequenceError as err:
         _lost(kv)
         raise Conflict(f"{key} changed concurrently") from err
@@ -780,7 +798,7 @@ class Consumer(Generic[E]):
             return metrics.REJECTED
         try:
             event = self.decoder.decode(message.data)
-        except (msgspec.ValidationError, msgspec.DecodeError) as err:
+        except DECODE_ERRORS as err:
             await self._reject(message, delivery, f"invalid event: {err}", self._bound(delivery))
             return metrics.REJECTED
         try:
@@ -936,7 +954,7 @@ class KvMirror(Generic[T]):
                 elif entry.value is not None:
                     try:
                         target[entry.key] = self.decoder.decode(entry.value)
-                    except (msgspec.ValidationError, msgspec.DecodeError):
+                    except DECODE_ERRORS:
                         log.warning("undecodable KV entry ignored", key=entry.key)
 
     def stop(self) -> None:

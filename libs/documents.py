@@ -112,6 +112,8 @@ def parse_documents(text: str) -> list[Any]:
     try:
         for document in yaml.safe_load_all(text):
             documents.append(document)
+    except RecursionError as err:  # PyYAML composes recursively: ``[[[[...`` (found by fuzzing)
+        raise ManifestError(f"invalid YAML in document {len(documents) + 1}: nested too deeply") from err
     except yaml.YAMLError as err:
         where = f"document {len(documents) + 1}"
         mark = getattr(err, "problem_mark", None)

@@ -74,12 +74,12 @@ def redact_payload(payload: bytes) -> bytes:
     """
     try:
         decoded = msgspec.json.decode(payload)
-    except msgspec.DecodeError:
+        redacted = redact_value(decoded)
+    except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):  # too deep, or not UTF-8: masked as text
         text = payload.decode("utf-8", errors="surrogateescape")
         masked = _SECRET_MEMBER.sub(
             lambda match: f'{match[1]}"{HIDDEN}"' if is_secret_name(match["name"]) else match[0], text
         )
         masked = strip_userinfo(masked)
         return payload if masked == text else masked.encode("utf-8", errors="surrogateescape")
-    redacted = redact_value(decoded)
     return payload if redacted == decoded else msgspec.json.encode(redacted)

@@ -331,6 +331,10 @@ def _read_manifests(files: Sequence[IO[str]], namespace: str, action: str) -> tu
     for file in files:
         try:
             documents = parse_documents(file.read())
+        except UnicodeDecodeError as err:  # a binary file (found by fuzzing: it was a traceback)
+            click.echo(f"error: {file.name}: not UTF-8 text: {err.reason} at byte {err.start}", err=True)
+            valid = False
+            continue
         except ManifestError as err:
             click.echo(f"error: {file.name}: {err}", err=True)
             valid = False

@@ -40,7 +40,7 @@ from nats.js import api as js_api
 
 from libs import subjects
 from libs.blocks import BlockId, block_count
-from libs.bus import DAY, Bus, kv_load
+from libs.bus import DAY, DECODE_ERRORS, Bus, kv_load
 from libs.events.common import ObjectRef
 from libs.events.dataset import DatasetRecord, ManifestEntry
 from libs.events.operation import NodeTask, OperationRecord, TaskCancel, TaskProgress
@@ -305,7 +305,7 @@ class TaskRunner:
         deliveries = message.metadata.num_delivered or 1
         try:
             task = _TASK.decode(message.data)
-        except (msgspec.ValidationError, msgspec.DecodeError) as err:
+        except DECODE_ERRORS as err:
             log.error("task not understood, dropped", dataset=self._key, error=str(err))
             await message.term()
             return

@@ -24,7 +24,7 @@ from nats.aio.msg import Msg
 from nats.js.api import DeliverPolicy
 
 from libs import kube, subjects
-from libs.bus import KvMirror, connect
+from libs.bus import DECODE_ERRORS, KvMirror, connect
 from libs.config import KubeSettings, Settings
 from libs.events.dataset import DatasetRecord
 from libs.events.operation import OperationRecord
@@ -81,7 +81,7 @@ async def run(settings: Settings, stop: asyncio.Event, readiness: Readiness | No
         decoder = msgspec.json.Decoder(RejectionFact)
 
         async def on_rejection(message: Msg) -> None:
-            with contextlib.suppress(msgspec.ValidationError, msgspec.DecodeError):  # not a rejection we can read
+            with contextlib.suppress(*DECODE_ERRORS):  # not a rejection we can read
                 await handlers.on_rejection(decoder.decode(message.data))
 
         # Every rejection kept in the stream, so one published before a restart still reaches its object.

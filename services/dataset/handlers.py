@@ -15,7 +15,7 @@ import msgspec
 from opentelemetry import trace
 
 from libs import metrics, subjects
-from libs.bus import Bus, Conflict, Delivery, RetryLater, kv_delete, kv_load, kv_save
+from libs.bus import Bus, Conflict, Delivery, Permanent, RetryLater, kv_delete, kv_load, kv_save
 from libs.config import Settings
 from libs.events.agent import AnyInventory, InventoryRequest, upgrade
 from libs.events.dataset import (
@@ -245,6 +245,9 @@ class DatasetHandlers:
             binding = domain.RuntimeBinding()
         else:
             return
+        errors = domain.validate_ref(fact.name, fact.namespace)
+        if errors:  # names no dataset (and no KV key): not from the runtime service, which validates (found by fuzzing)
+            raise Permanent(f"runtime fact for no dataset: {'; '.join(errors)}")
         bindings = await self.bus.kv(subjects.KV_BINDINGS)
         key = subjects.resource_key(fact.namespace, fact.name)
         revision = await bindings.put(key, msgspec.json.encode(binding))

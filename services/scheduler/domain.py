@@ -592,7 +592,8 @@ def _without_data(request: ScoreRequest, view: View, nodes: Sequence[str]) -> Sc
     """Nodes without cache first (score 100), then the others (0), each part by name (``nodes`` is by name); only
     the listed ones become ``NodeScore``s."""
     caching = view.caching_nodes()
-    limit = request.limit or len(nodes)
+    # At most every node: islice refuses a stop past sys.maxsize (limit 2**63-1 was a ValueError, found by fuzzing).
+    limit = min(request.limit or len(nodes), len(nodes))
     ranked = itertools.chain(itertools.filterfalse(caching.__contains__, nodes), filter(caching.__contains__, nodes))
     listed = list(itertools.islice(ranked, limit + 1))
     scores = [NodeScore(node=node, score=0, reason="holds cache; work without datasets goes elsewhere")

@@ -20,7 +20,7 @@ from typing import Any
 import msgspec
 
 from libs import metrics, subjects
-from libs.bus import Bus, Delivery, KvMirror, Replay, kv_watch
+from libs.bus import DECODE_ERRORS, Bus, Delivery, KvMirror, Replay, kv_watch
 from libs.events.agent import AgentRecord, AnyInventory, InventoryRequest, upgrade
 from libs.events.common import ObjectRef
 from libs.events.dataset import DatasetRecord
@@ -67,7 +67,7 @@ def _request_id(data: bytes) -> str:
     """The id of a request that is otherwise malformed, so the caller can match the error to its request."""
     try:
         return _ID_DECODER.decode(data).id
-    except (msgspec.ValidationError, msgspec.DecodeError):
+    except DECODE_ERRORS:
         return ""
 
 
@@ -157,7 +157,7 @@ class SchedulerHandlers:
         """``sched.score.v1`` over NATS: a malformed request gets a ``ScoreReply`` with the reason, never silence."""
         try:
             request = _REQUEST_DECODER.decode(data)
-        except (msgspec.ValidationError, msgspec.DecodeError) as err:
+        except DECODE_ERRORS as err:
             metrics.DECISIONS.labels(metrics.WAY_NATS, "malformed").inc()
             self._count("malformed")
             return _REPLY_ENCODER.encode(ScoreReply(causation_id=_request_id(data),

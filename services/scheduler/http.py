@@ -39,6 +39,7 @@ import msgspec
 from aiohttp import web
 
 from libs import metrics
+from libs.bus import DECODE_ERRORS
 from libs.events.schedule import Candidate, DatasetUse, ScoreReply, ScoreRequest
 from libs.telemetry import get_logger
 
@@ -202,7 +203,7 @@ class SchedulerHttp:
         try:
             review = parse_review(msgspec.json.decode(await request.read()))
             uses = datasets_of(review.pod, review.namespace) if not review.skip else None
-        except (msgspec.DecodeError, BadReview) as err:
+        except (*DECODE_ERRORS, BadReview) as err:
             self._count(MUTATE, MALFORMED)
             log.warning("malformed admission review", reason=str(err))
             return _json({"error": f"not an AdmissionReview v1 of a pod: {err}"}, status=400)
@@ -226,7 +227,7 @@ class SchedulerHttp:
     async def _filter(self, request: web.Request) -> web.Response:
         try:
             args = parse_args(msgspec.json.decode(await request.read()))
-        except (msgspec.DecodeError, BadArgs) as err:
+        except (*DECODE_ERRORS, BadArgs) as err:
             self._count(FILTER, MALFORMED)
             log.warning("malformed extender filter request", reason=str(err))
             return _json(error_body(f"not an ExtenderArgs: {err}"), status=400)
@@ -241,7 +242,7 @@ class SchedulerHttp:
     async def _prioritize(self, request: web.Request) -> web.Response:
         try:
             args = parse_args(msgspec.json.decode(await request.read()))
-        except (msgspec.DecodeError, BadArgs) as err:
+        except (*DECODE_ERRORS, BadArgs) as err:
             self._count(PRIORITIZE, MALFORMED)
             log.warning("malformed extender prioritize request", reason=str(err))
             return _json(error_body(f"not an ExtenderArgs: {err}"), status=400)
