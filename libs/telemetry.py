@@ -19,12 +19,24 @@ from collections.abc import Iterator, Mapping, MutableMapping
 from contextlib import contextmanager, nullcontext
 from typing import Any, TextIO
 
-import structlog
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.sdk.resources import OTELResourceDetector, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+# structlog imports rich (and pygments) whenever it is installed, only to pretty-print exceptions on a terminal:
+# ~0.1 s of CPU at the start of every process, which writes JSON lines anyway. rich is installed for the CLI's
+# tables, so it is hidden while structlog loads (unless something imported it already); structlog's console
+# output then shows plain tracebacks, and ``import rich`` works as usual afterwards.
+_hide_rich = "rich" not in sys.modules
+if _hide_rich:
+    sys.modules["rich"] = None  # type: ignore[assignment]  # None in sys.modules makes the import fail
+try:
+    import structlog
+finally:
+    if _hide_rich:
+        del sys.modules["rich"]
 
 _configured_logging = False
 
