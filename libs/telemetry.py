@@ -17,14 +17,29 @@ import os
 import sys
 from collections.abc import Iterator, Mapping, MutableMapping
 from contextlib import contextmanager, nullcontext
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-import structlog
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
-from opentelemetry.sdk.resources import OTELResourceDetector, Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+if TYPE_CHECKING:
+    # The SDK is imported by the functions that install or stop a provider (a service's shell calls them): the
+    # CLI and libraries only propagate context, which the API does alone.
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+
+# structlog imports rich (and pygments) whenever it is installed, only to pretty-print exceptions on a terminal:
+# ~0.1 s of CPU at the start of every process, which writes JSON lines anyway. rich is installed for the CLI's
+# tables, so it is hidden while structlog loads (unless something imported it already); structlog's console
+# output then shows plain tracebacks, and ``import rich`` works as usual afterwards.
+_hide_rich = "rich" not in sys.modules
+if _hide_rich:
+    sys.modules["rich"] = None  # type: ignore[assignment]  # None in sys.modules makes the import fail
+try:
+    import structlog
+finally:
+    if _hide_rich:
+        del sys.modules["rich"]
 
 _configured_logging = False
 
@@ -136,6 +151,8 @@ def tracing_exporter(environ: Mapping[str, str]) -> str:
 def tracing_resource(service_name: str) -> Resource:
     """``service.name`` is the process's own unless OTEL_SERVICE_NAME or OTEL_RESOURCE_ATTRIBUTES name one; the
     rest of OTEL_RESOURCE_ATTRIBUTES is added (the SDK reads both variables from the environment)."""
+    from opentelemetry.sdk.resources import OTELResourceDetector, Resource
+
     named = "service.name" in OTELResourceDetector().detect().attributes  # the detector reads both
     return Resource.create({} if named else {"service.name": service_name})
 
@@ -144,6 +161,9 @@ def setup_tracing(service_name: str, environ: Mapping[str, str] | None = None) -
     """Install this process's TracerProvider (once) and, when the ``OTEL_*`` variables of ``environ`` (the
     process's by default) ask for it, a batching OTLP/HTTP exporter. Raises ``TracingConfigError`` on a variable
     it cannot honour; the service shell turns that into an exit with the message."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
     current = trace.get_tracer_provider()
     if isinstance(current, TracerProvider):
         return current
@@ -162,6 +182,8 @@ def setup_tracing(service_name: str, environ: Mapping[str, str] | None = None) -
 
 def shutdown_tracing() -> None:
     """Export the spans still queued and stop the exporter: the last thing a process does (``libs.service``)."""
+    from opentelemetry.sdk.trace import TracerProvider
+
     provider = trace.get_tracer_provider()
     if isinstance(provider, TracerProvider):
         provider.force_flush(SHUTDOWN_FLUSH_MILLIS)

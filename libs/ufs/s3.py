@@ -18,8 +18,10 @@ from types import TracebackType
 from typing import Any
 
 import aiohttp
-from aiobotocore.config import AioConfig
-from aiobotocore.session import get_session
+
+# botocore.exceptions is cheap; aiobotocore's client and config pull in most of botocore (~0.2 s of CPU) and are
+# imported when the first S3 client is opened, so a process that never talks to S3 (a mount of another store,
+# most services) does not pay for them at start-up.
 from botocore.exceptions import (
     BotoCoreError,
     ClientError,
@@ -96,7 +98,10 @@ class S3ObjectStore:
         self._prefix = _folder(location.prefix)
         # Shown in errors and logs: never with credentials written into the URL.
         self._where = strip_userinfo(location.endpoint_url) or f"AWS S3 ({location.region})"
-        self._config = AioConfig(
+        self._connect_timeout = connect_timeout
+        self._read_timeout = read_timeout
+        # AioConfig's arguments; the config itself is made with the client (see the imports).
+        self._config_options: dict[str, Any] = dict(
             connect_timeout=connect_timeout,
             read_timeout=read_timeout,
             # Total attempts, the first included; standard mode retries throttling and connection errors.
@@ -143,6 +148,9 @@ class S3ObjectStore:
         if self._client is None:
             async with self._lock:
                 if self._client is None:
+                    from aiobotocore.config import AioConfig
+                    from aiobotocore.session import get_session
+
                     location = self._location
                     # Empty credentials fall through to botocore's chain (environment, IRSA, instance role).
                     self._client = await self._stack.enter_async_context(
@@ -152,7 +160,7 @@ class S3ObjectStore:
                             region_name=location.region,
                             aws_access_key_id=location.access_key_id.reveal() or None,
                             aws_secret_access_key=location.secret_access_key.reveal() or None,
-                            config=self._config,
+                            config=AioConfig(**self._config_options),
                         )
                     )
         return self._client
@@ -417,9 +425,9 @@ class S3ObjectStore:
 
     def _reason(self, err: Exception) -> str:
         if isinstance(err, ConnectTimeoutError):
-            return f"no connection within {self._config.connect_timeout} s"
+            return f"no connection within {self._connect_timeout} s"
         if isinstance(err, ReadTimeoutError | TimeoutError):
-            return f"no answer within {self._config.read_timeout} s"
+            return f"no answer within {self._read_timeout} s"
         for cause in _causes(err):
             if isinstance(cause, ConnectionRefusedError):
                 return "connection refused"
