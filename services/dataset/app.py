@@ -22,7 +22,7 @@ from collections.abc import Callable
 import msgspec
 from nats.js.kv import KeyValue
 
-from libs import subjects
+from libs import metrics, subjects
 from libs.bus import MESSAGE_LIMIT, Consumer, Replay, connect
 from libs.config import Settings
 from libs.events.agent import AnyInventory
@@ -73,6 +73,9 @@ async def run(settings: Settings, stop: asyncio.Event, clock: Callable[[], float
             max_deliver=max_deliver, batch=LANE_BATCH, lane_of=dataset_lane,
         )
         census = DatasetCensus()
+        # Every outcome from the start, at 0, so a rate over it is 0 rather than absent (the dashboards).
+        for outcome in (metrics.AUTOSYNC_CHANGED, metrics.AUTOSYNC_UNCHANGED, metrics.SYNC_FAILED):
+            metrics.DATASET_AUTOSYNCS.labels(outcome)
 
         def observe(entry: KeyValue.Entry | Replay | None) -> None:
             census.observe(entry)

@@ -25,7 +25,7 @@ from typing import Any
 
 import msgspec
 
-from libs import subjects
+from libs import metrics, subjects
 from libs.bus import Consumer, KvMirror, connect
 from libs.config import Settings
 from libs.events.agent import AgentHeartbeat, AgentRecord
@@ -58,6 +58,9 @@ async def run(settings: Settings, stop: asyncio.Event, clock: Callable[[], float
         readiness.add("watches", lambda: ", ".join(f"{name} watch catching up" for name, mirror in watches.items()
                                                    if not mirror.ready.is_set()) or None)
         handlers = RuntimeHandlers(bus, agents, datasets, runtimes, clock)
+        # Both directions from the start, at 0, so a rate over them is 0 rather than absent (the dashboards).
+        for direction in (metrics.SCALE_UP, metrics.SCALE_DOWN):
+            metrics.RUNTIME_AUTOSCALES.labels(direction)
         max_bytes, max_deliver = settings.service.max_event_bytes, settings.service.max_deliver
         commands = Consumer(
             bus, subjects.STREAM_COMMANDS, subjects.DURABLE_RUNTIME_COMMANDS, subjects.RUNTIME_COMMANDS,
