@@ -117,14 +117,14 @@ async def operation(bus: Bus, name: str = "warm", kind: str = "DataLoad") -> Ope
 
 
 async def phase_of(bus: Bus, phase: str, name: str = "warm", kind: str = "DataLoad",
-                   runs: int | None = None) -> OperationRecord:
+                   runs: int | None = None, timeout: float = 15.0) -> OperationRecord:
     async def probe() -> OperationRecord | None:
         found = await operation(bus, name, kind)
         if found and found.status.phase == phase and (runs is None or found.status.runs == runs):
             return found
         return None
 
-    return await eventually(probe, what=f"{kind} {name} {phase} (runs {runs})")
+    return await eventually(probe, timeout=timeout, what=f"{kind} {name} {phase} (runs {runs})")
 
 
 # --- the stand-in for the mount processes' task executor ---
@@ -332,7 +332,9 @@ async def test_a_load_fails_naming_a_node_that_left_with_its_part_not_done(bus: 
         await publish(bus, subjects.DATALOAD_APPLY, dataload())
         await phase_of(bus, "Executing")
         await put_runtime(bus, NODES[:2])
-        failed = await phase_of(bus, "Failed")
+        # Usually within 2 s (node_gone_timeout 1 s); seen to take ~13 s in some runs on a quiet machine, cause not
+        # found yet (the closing note of 2026-12-05 says so).
+        failed = await phase_of(bus, "Failed", timeout=45)
         scripted.hold.clear()
     assert failed.status.message.startswith("node node-c is no longer a ready node of runtime default/data"), \
         failed.status.message
