@@ -277,10 +277,7 @@ class S3ObjectStore:
     async def _fast_get_into(self, key: str, start: int, into: memoryview, etag: str | None) -> int | None:
         """``_fast_get`` into ``into``; None when the answer needs ``get_range`` (not a 206)."""
         length = len(into)
-        url = await self._presigned_url(key)
-        headers = {"Range": f"bytes={start}-{start + length - 1}"}
-        if etag is not None:
-            headers["If-Match"] = f'"{etag}"'
+        url, headers = await self._ranged(key, start, length, etag)
         try:
             async with self._session().get(url, headers=headers) as response:
                 if response.status == 412 and etag is not None:
@@ -307,6 +304,13 @@ class S3ObjectStore:
             raise self._error(err, "get", key, etag) from err
         return got
 
+    async def _ranged(self, key: str, start: int, length: int, etag: str | None) -> tuple[str, dict[str, str]]:
+        """The pre-signed URL and headers of a ranged GET, pinned to ``etag`` when given."""
+        headers = {"Range": f"bytes={start}-{start + length - 1}"}
+        if etag is not None:
+            headers["If-Match"] = f'"{etag}"'
+        return await self._presigned_url(key), headers
+
     def _session(self) -> aiohttp.ClientSession:
         if self._http is None:
             self._http = aiohttp.ClientSession(
@@ -316,10 +320,7 @@ class S3ObjectStore:
 
     async def _fast_get(self, key: str, start: int, length: int, etag: str | None) -> bytes | None:
         """The ranged GET on a pre-signed URL; None when the answer needs the full client to be explained."""
-        url = await self._presigned_url(key)
-        headers = {"Range": f"bytes={start}-{start + length - 1}"}
-        if etag is not None:
-            headers["If-Match"] = f'"{etag}"'
+        url, headers = await self._ranged(key, start, length, etag)
         try:
             async with self._session().get(url, headers=headers) as response:
                 if response.status == 412 and etag is not None:

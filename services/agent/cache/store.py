@@ -310,16 +310,7 @@ class BlockCache:
             return self.contains(block)
         if not reservation.offload:
             return self._write_inline(reservation, data)
-        task = asyncio.ensure_future(asyncio.to_thread(reservation.write, data))
-        try:
-            written = await asyncio.shield(task)
-        except asyncio.CancelledError:
-            task.add_done_callback(lambda done: self.commit(reservation, _write_result(done)))
-            raise
-        except BaseException:
-            self.commit(reservation, False)
-            raise
-        return self.commit(reservation, written)
+        return await self._write_in_thread(reservation, lambda: reservation.write(data))
 
     @property
     def writes_files(self) -> bool:
@@ -333,7 +324,11 @@ class BlockCache:
         reservation = self.reserve(fill.block, fill.length)
         if reservation is None:
             return self.contains(fill.block)
-        task = asyncio.ensure_future(asyncio.to_thread(reservation.write_filled, fill))
+        return await self._write_in_thread(reservation, lambda: reservation.write_filled(fill))
+
+    async def _write_in_thread(self, reservation: Reservation, write: Callable[[], bool]) -> bool:
+        """``write`` in a worker thread, then committed; a cancelled caller still gets the write committed."""
+        task = asyncio.ensure_future(asyncio.to_thread(write))
         try:
             written = await asyncio.shield(task)
         except asyncio.CancelledError:
