@@ -47,10 +47,7 @@ from libs.events.dataset import (
     DatasetRecord,
     DatasetResync,
     DatasetSpec,
-    EncryptOption,
-    EncryptOptionSource,
     Mount,
-    SecretKeySelector,
 )
 from libs.events.operation import DataLoad, DataLoadApply, DataLoadSpec, OperationRecord
 from libs.events.runtime import Level, Runtime, RuntimeApply, RuntimeSpec, TieredStore
@@ -65,6 +62,7 @@ from tests.conftest import SeaweedServer, put_objects
 from tests.helpers import eventually, make_settings, running
 from tests.integration.agent_stack import agent_env, md5, mounted_paths, read_file, target_port
 from tests.requirements import require
+from tests.secrets import credentials_from, secret_files
 
 NODE = "node-a"
 T = TypeVar("T")
@@ -204,20 +202,6 @@ def _plain_connect(host: str, port: int, password: str) -> bytes:
 
 
 # --- The whole flow, each process its own user, and the scan for secrets. ---
-
-
-def secret_files(root: Path, values: dict[str, dict[str, str]]) -> str:
-    """Secrets laid out like mounted Kubernetes Secrets (``<dir>/<name>/<key>``)."""
-    for name, keys in values.items():
-        (root / name).mkdir(parents=True)
-        for key, value in keys.items():
-            (root / name / key).write_text(value)
-    return str(root)
-
-
-def credentials_from(secret: str) -> list[EncryptOption]:
-    return [EncryptOption(name=option, value_from=EncryptOptionSource(secret_key_ref=SecretKeySelector(secret, key)))
-            for option, key in (("aws.accessKeyId", "id"), ("aws.secretKey", "secret"))]
 
 
 async def everything_stored(bus: Bus) -> list[bytes]:

@@ -35,15 +35,13 @@ from libs.events.dataset import (
     Dataset,
     DatasetApply,
     DatasetSpec,
-    EncryptOption,
-    EncryptOptionSource,
     Mount,
-    SecretKeySelector,
 )
 from libs.events.runtime import Level, Runtime, RuntimeApply, RuntimeSpec, TieredStore
 from tests.conftest import SeaweedServer, put_objects
 from tests.helpers import dataset_record, eventually, json_lines, json_logs, make_settings
 from tests.integration.agent_stack import drop_page_cache, md5, node_stack, read_file
+from tests.secrets import credentials_from, secret_files
 
 MiB = 1024 * 1024
 
@@ -96,20 +94,6 @@ async def otlp_receiver() -> AsyncIterator[OtlpReceiver]:
         yield receiver
     finally:
         await runner.cleanup()
-
-
-def secret_files(root: Path, secrets: dict[str, dict[str, str]]) -> str:
-    """Secrets laid out like mounted Kubernetes Secrets (``<dir>/<name>/<key>``); returns the folder."""
-    for name, keys in secrets.items():
-        (root / name).mkdir(parents=True)
-        for key, value in keys.items():
-            (root / name / key).write_text(value)
-    return str(root)
-
-
-def credentials_from(secret: str) -> list[EncryptOption]:
-    return [EncryptOption(name=option, value_from=EncryptOptionSource(secret_key_ref=SecretKeySelector(secret, key)))
-            for option, key in (("aws.accessKeyId", "id"), ("aws.secretKey", "secret"))]
 
 
 async def apply(bus: Bus, name: str, bucket: str, secret: str, cache_dir: Path | None) -> None:
