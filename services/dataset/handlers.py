@@ -144,13 +144,14 @@ class DatasetHandlers:
             await self._catch_binding(key, namespace, name, binding)
 
     async def _catch_binding(self, key: str, namespace: str, name: str, used: domain.RuntimeBinding) -> None:
-        """The runtime's fact may have been handled while this apply ran (another consumer): its status update
-        found no record yet, and the binding this apply read was the old one. Read it again after the record is
-        written (a memory read with the bindings' watch): either this sees the new binding, or the fact's update,
-        which reads the record after writing the binding, sees the record."""
-        latest = await self._binding(namespace, name)
-        if latest != used:
-            await self._update_status(key, lambda record: domain.status_on_apply(record, latest))
+        """The runtime's fact may have been handled while this apply ran (here, or in another replica whose write
+        this process's watch has not shown yet): its status update found no record yet, and the binding this apply
+        read was the old one. Read the binding from the bucket after the record is written: either this sees the
+        new binding, or the fact's update, which reads the record after writing the binding, sees this record."""
+        bindings = await self.bus.kv(subjects.KV_BINDINGS)
+        latest, _ = await kv_load(bindings, key, domain.RuntimeBinding)
+        if (latest or domain.RuntimeBinding()) != used:
+            await self._update_bound_status(key, domain.status_on_apply)
 
     async def resync(self, command: DatasetResync, delivery: Delivery) -> None:
         if await self._reject_invalid_ref(command, delivery):
@@ -370,17 +371,14 @@ class DatasetHandlers:
             metrics.DATASET_SYNC_SECONDS.labels(outcome).observe(time.perf_counter() - started)
 
     async def _record_sync(self, key: str, record: DatasetRecord, revision: int, result: domain.SyncResult) -> None:
-        namespace, name = record.dataset.metadata.namespace, record.dataset.metadata.name
-        binding = await self._binding(namespace, name)
-
-        def after_sync(current: DatasetRecord) -> DatasetStatus:
+        def after_sync(current: DatasetRecord, binding: domain.RuntimeBinding) -> DatasetStatus:
             if current.generation != result.generation:
                 return current.status  # a newer spec arrived meanwhile; its own sync follows
             return domain.status_after_sync(current, result, binding.phase, self.clock())
 
-        still_there = await self._update_status(key, after_sync, known=(record, revision))
-        if not still_there:
-            await self._delete_manifest(namespace, name)
+        if not await self._update_bound_status(key, after_sync, known=(record, revision)):
+            meta = record.dataset.metadata
+            await self._delete_manifest(meta.namespace, meta.name)
 
     # --- reference datasets (dataset://, libs.references) ---
 
@@ -417,7 +415,22 @@ class DatasetHandlers:
         A reference's status is its source's (``_follow``, which passes ``references``): any other update leaves it
         alone (a runtime of the same name, say). Returns False when the dataset does not exist (any more).
         """
+        return await self._update(key, lambda record, _: compute(record), known, references, read_binding=False)
+
+    async def _update_bound_status(self, key: str,
+                                   compute: Callable[[DatasetRecord, domain.RuntimeBinding], DatasetStatus],
+                                   known: tuple[DatasetRecord, int] | None = None) -> bool:
+        """``_update_status`` for a status that follows the runtime's binding: each attempt reads the binding from
+        the bucket after the record. A binding read before a conflict may be older than the status the conflicting
+        write put in (a runtime's fact handled meanwhile): written back, the dataset would stay NotBound beside a
+        Ready runtime. Read after the record, it is either current, or its fact's own update comes after this
+        write and sees it."""
+        return await self._update(key, compute, known, references=False, read_binding=True)
+
+    async def _update(self, key: str, compute: Callable[[DatasetRecord, domain.RuntimeBinding], DatasetStatus],
+                      known: tuple[DatasetRecord, int] | None, references: bool, read_binding: bool) -> bool:
         kv = await self.bus.kv(subjects.KV_DATASETS)
+        bindings = await self.bus.kv(subjects.KV_BINDINGS)
         for _ in range(CAS_ATTEMPTS + (known is not None)):
             fresh = known is None
             revision: int | None
@@ -430,7 +443,10 @@ class DatasetHandlers:
                 record = loaded
             if is_reference(record.dataset) and not references:
                 return True
-            status = compute(record)
+            binding = domain.RuntimeBinding()
+            if read_binding:
+                binding = (await kv_load(bindings, key, domain.RuntimeBinding))[0] or binding
+            status = compute(record, binding)
             if status == record.status:
                 if not fresh:
                     continue  # nothing to change in what the caller read; the stored record may differ

@@ -1,0 +1,97 @@
+"""The dataset's phase follows its runtime even when the runtime's fact is handled while a sync of the same
+dataset is in flight (real nats-server, real SeaweedFS). The sync reads the binding, then writes the record with
+compare-and-set; its retry after a conflict must not leave the binding it read before in the status.
+
+Two replicas of the dataset service's handlers share the buckets here: one handles the runtime's fact while the
+other syncs, its bindings' watch not yet showing the fact (a lagging watch: a project-owned subclass that never
+receives entries). In one process the same interleaving happens when the fact lands between the sync's read of the
+binding and its retried write (seen once in CI: a dataset left NotBound beside a Ready runtime).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from nats.js.kv import KeyValue
+
+from libs import subjects
+from libs.bus import Bus, Delivery, kv_load, kv_save
+from libs.config import Settings
+from libs.events.common import ObjectMeta
+from libs.events.dataset import Dataset, DatasetRecord, DatasetSpec, Mount
+from libs.events.runtime import RuntimeStatus, RuntimeStatusChanged
+from libs.ufs import open_store
+from libs.ufs.base import Location, ObjectInfo, ObjectStore
+from services.dataset.handlers import DatasetHandlers
+from services.dataset.watched import WatchedBindings
+from tests.conftest import SeaweedServer, put_objects
+
+
+class HeldListing:
+    """A store whose listing waits until released: a sync held between reading the binding and writing."""
+
+    def __init__(self, store: ObjectStore, started: asyncio.Event, release: asyncio.Event) -> None:
+        self.store, self.started, self.release = store, started, release
+
+    async def list(self, page_size: int = 1000) -> AsyncIterator[ObjectInfo]:
+        self.started.set()
+        await self.release.wait()
+        async for info in self.store.list(page_size):
+            yield info
+
+    async def head(self, key: str) -> ObjectInfo:
+        return await self.store.head(key)
+
+    async def get_range(self, key: str, start: int, length: int, etag: str | None = None) -> bytes:
+        return await self.store.get_range(key, start, length, etag)
+
+    async def close(self) -> None:
+        await self.store.close()
+
+
+class LaggingBindings(WatchedBindings):
+    """A bindings' watch that has delivered its initial (empty) values and nothing since."""
+
+    def __init__(self, kv: KeyValue) -> None:
+        super().__init__(kv)
+        self.ready.set()
+
+
+async def test_a_runtime_ready_during_a_sync_leaves_the_dataset_bound(
+        bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str) -> None:
+    await put_objects(seaweedfs, bucket, {"races/a.bin": b"a"})
+    started, release = asyncio.Event(), asyncio.Event()
+
+    def opener(location: Location) -> ObjectStore:
+        return HeldListing(open_store(location), started, release)
+
+    lagging = LaggingBindings(await bus.kv(subjects.KV_BINDINGS))
+    syncing = DatasetHandlers(bus, settings, opener=opener, bindings=lagging)
+    other = DatasetHandlers(bus, settings)
+    kv = await bus.kv(subjects.KV_DATASETS)
+    key = subjects.resource_key("default", "races")
+    dataset = Dataset(metadata=ObjectMeta(name="races"),
+                      spec=DatasetSpec(mounts=[Mount(mount_point=f"s3://{bucket}/races/")]))
+    await kv_save(kv, key, DatasetRecord(dataset=dataset, generation=1), None)
+    sync = asyncio.create_task(syncing.sync(key))
+    try:
+        await asyncio.wait_for(started.wait(), 10)  # the sync read the binding (NotReady) and lists
+        ready = RuntimeStatusChanged(id="races.ready", name="races", namespace="default", generation=1,
+                                     status=RuntimeStatus(phase="Ready", cache_capacity="1.00GiB"))
+        await other.on_runtime_fact(ready, Delivery(subject=subjects.RUNTIME_STATUS, headers={}, deliveries=1,
+                                                       stream_sequence=1))
+
+        async def phase() -> str:
+            record, _ = await kv_load(kv, key, DatasetRecord)
+            return record.status.phase if record is not None else ""
+
+        assert await phase() == "Bound"
+        release.set()
+        await asyncio.wait_for(sync, 10)
+    finally:
+        release.set()
+        sync.cancel()
+    record, _ = await kv_load(kv, key, DatasetRecord)
+    assert record is not None and record.status.file_num == 1, record
+    assert (record.status.phase, record.status.cache_states.cache_capacity) == ("Bound", "1.00GiB"), record.status
