@@ -9,6 +9,7 @@
 | | | the gauges (DatasetCensus); WatchedRecords |
 | KV shoal_datasets | a key that changed or went (same watch) | its references reconciled (ReferenceIndex) |
 | KV shoal_dataset_bindings | every key (watch) | WatchedBindings: the runtimes' phases an apply and a sync read |
+| KV shoal_runtimes | every key (watch) | WatchedPolicies: the runtimes' metadataSyncPolicy (a change wakes) |
 
 Ready (``/readyz``) when connected to NATS and the consumers and the reconciler's watch run.
 """
@@ -37,7 +38,7 @@ from services.dataset.handlers import DatasetHandlers
 from services.dataset.lanes import dataset_lane
 from services.dataset.references import ReferenceIndex
 from services.dataset.sync import StoreOpener
-from services.dataset.watched import WatchedBindings
+from services.dataset.watched import WatchedBindings, WatchedPolicies
 
 SERVICE_NAME = "shoal-dataset"
 # Messages fetched, and handled at once in per-dataset lanes (services.dataset.lanes): a burst of thousands of
@@ -55,7 +56,9 @@ async def run(settings: Settings, stop: asyncio.Event, clock: Callable[[], float
         await bus.provision()
         references = ReferenceIndex()
         bindings = WatchedBindings(await bus.kv(subjects.KV_BINDINGS), bus.reconnects)
-        handlers = DatasetHandlers(bus, settings, clock, opener, references=references, bindings=bindings)
+        policies = WatchedPolicies(await bus.kv(subjects.KV_RUNTIMES), bus.reconnects)
+        handlers = DatasetHandlers(bus, settings, clock, opener, references=references, bindings=bindings,
+                                   policies=policies)
         max_bytes, max_deliver = settings.service.max_event_bytes, settings.service.max_deliver
         commands = Consumer(
             bus, subjects.STREAM_COMMANDS, subjects.DURABLE_DATASET_COMMANDS, subjects.DATASET_COMMANDS,
@@ -83,8 +86,8 @@ async def run(settings: Settings, stop: asyncio.Event, clock: Callable[[], float
             handlers.watched.observe(entry)
 
         reconciler = Reconciler(await bus.kv(subjects.KV_DATASETS), handlers.sync, bus.reconnects, observe=observe)
-        handlers.wake = reconciler.schedule
+        handlers.wake = policies.wake = reconciler.schedule
         references.schedule = reconciler.schedule  # a source's change reconciles the references to it
-        await run_loops([bindings, commands, runtime_facts, inventory, reconciler], stop, readiness)
+        await run_loops([bindings, policies, commands, runtime_facts, inventory, reconciler], stop, readiness)
     finally:
         await bus.close()

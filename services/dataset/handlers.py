@@ -42,7 +42,7 @@ from libs.ufs import open_store
 from services.dataset import domain
 from services.dataset.references import ReferenceIndex
 from services.dataset.sync import StoreOpener, sync_metadata
-from services.dataset.watched import WatchedBindings, WatchedRecords
+from services.dataset.watched import WatchedBindings, WatchedPolicies, WatchedRecords
 
 log = get_logger(__name__)
 
@@ -67,6 +67,8 @@ class DatasetHandlers:
     references: ReferenceIndex | None = None
     # The runtimes' phases in memory (app.py runs its watch); None: read the bucket each time.
     bindings: WatchedBindings | None = None
+    # The runtimes' specs (metadataSyncPolicy) in memory, the same way.
+    policies: WatchedPolicies | None = None
     # When each dataset was last listed, by this process's clock: an unchanged autoSync listing writes nothing, so
     # the record cannot say it (after a restart the period counts from lastSyncTime).
     _listed_at: dict[str, float] = field(default_factory=dict, init=False)
@@ -330,10 +332,13 @@ class DatasetHandlers:
 
     async def _sync_policy(self, namespace: str, name: str) -> domain.SyncPolicy:
         """The metadataSyncPolicy of the runtime of the same name (the runtime service's record holds its spec)."""
-        runtimes = await self.bus.kv(subjects.KV_RUNTIMES)
-        runtime, _ = await kv_load(runtimes, subjects.resource_key(namespace, name), RuntimeRecord)
-        return domain.sync_policy(runtime.runtime.spec if runtime is not None else None,
-                                  self.settings.service.autosync_seconds)
+        key = subjects.resource_key(namespace, name)
+        if self.policies is not None and self.policies.ready.is_set():
+            spec = self.policies.get(key)
+        else:
+            runtime, _ = await kv_load(await self.bus.kv(subjects.KV_RUNTIMES), key, RuntimeRecord)
+            spec = runtime.runtime.spec if runtime is not None else None
+        return domain.sync_policy(spec, self.settings.service.autosync_seconds)
 
     async def _sync(self, key: str, record: DatasetRecord, revision: int, kind: domain.SyncKind = "spec") -> None:
         try:

@@ -2,6 +2,8 @@
 does not read them again and again:
 
 - ``WatchedBindings``: the runtimes' bindings (phase, capacity) an apply and a sync read;
+- ``WatchedPolicies``: each runtime's ``spec`` (its metadataSyncPolicy), which every look of the reconciler at a
+  dataset needs (one KV read per status write before, the largest share of a burst's reads);
 - ``WatchedRecords``: the newest ``shoal_datasets`` record of each dataset as the reconciler's watch showed it (or
   as this process wrote it), so a sync starts without reading the record again (a KV round trip per dataset at the
   start of its sync, and another when its own status write comes back through the watch).
@@ -25,6 +27,7 @@ from nats.js.kv import KeyValue
 
 from libs.bus import Replay, kv_watch
 from libs.events.dataset import DatasetRecord
+from libs.events.runtime import RuntimeSpec
 from services.dataset import domain
 
 _DECODER = msgspec.json.Decoder(DatasetRecord)
@@ -107,3 +110,60 @@ class WatchedBindings:
     def get(self, key: str) -> domain.RuntimeBinding:
         known = self._values.get(key)
         return known[0] if known is not None else domain.RuntimeBinding()
+
+
+class _Runtime(msgspec.Struct):
+    spec: RuntimeSpec = RuntimeSpec()
+
+
+class _RuntimeRecord(msgspec.Struct):
+    """The part of a ``shoal_runtimes`` record read here (its status, written on every change, is skipped)."""
+
+    runtime: _Runtime
+
+
+_RUNTIME = msgspec.json.Decoder(_RuntimeRecord)
+
+
+class WatchedPolicies:
+    """The ``shoal_runtimes`` bucket's specs in memory (a watch). A change of a runtime's ``spec.management`` wakes
+    its dataset (``wake``): its next autoSync listing moves, though the dataset's record did not change. Until the
+    initial values are in (``ready``), callers read the bucket."""
+
+    def __init__(self, kv: KeyValue, reconnects: Callable[[], int] | None = None) -> None:
+        self.kv = kv
+        self.reconnects = reconnects
+        self.ready = asyncio.Event()
+        self.wake: Callable[[str], None] | None = None
+        self._specs: dict[str, RuntimeSpec] = {}
+        self._stopping = asyncio.Event()
+
+    async def run(self) -> None:
+        async with contextlib.aclosing(kv_watch(self.kv, self._stopping, self.reconnects)) as entries:
+            async for entry in entries:
+                if entry is None:
+                    self.ready.set()
+                elif isinstance(entry, Replay):
+                    continue  # every entry comes again; a runtime deleted meanwhile comes as a delete
+                elif entry.operation in ("DEL", "PURGE") or entry.value is None:
+                    self._changed(entry.key, self._specs.pop(entry.key, None), None)
+                else:
+                    try:
+                        spec = _RUNTIME.decode(entry.value).runtime.spec
+                    except (msgspec.ValidationError, msgspec.DecodeError):
+                        continue
+                    self._changed(entry.key, self._specs.get(entry.key), spec)
+                    self._specs[entry.key] = spec
+
+    def _changed(self, key: str, old: RuntimeSpec | None, new: RuntimeSpec | None) -> None:
+        before = old.management if old is not None else None
+        after = new.management if new is not None else None
+        if before != after and self.wake is not None and self.ready.is_set():
+            self.wake(key)
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    def get(self, key: str) -> RuntimeSpec | None:
+        """The runtime's spec; None when there is no runtime of that key."""
+        return self._specs.get(key)

@@ -6,6 +6,7 @@ object reaching a real mount by autoSync is in ``test_autoscale.py``, on the sam
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 from collections import Counter
@@ -27,13 +28,16 @@ from libs.events.runtime import (
     RuntimeManagement,
     RuntimeRecord,
     RuntimeSpec,
+    RuntimeStatus,
     TieredStore,
 )
 from libs.manifest import ManifestStore
 from libs.ufs import open_store
 from libs.ufs.base import Location, ObjectStore
 from services.dataset.handlers import DatasetHandlers
+from services.dataset.watched import WatchedPolicies
 from tests.conftest import SeaweedServer
+from tests.helpers import eventually
 from tests.metric_values import Snapshot
 
 
@@ -128,3 +132,35 @@ async def unchanged_and_off(bus: Bus, settings: Settings, seaweedfs: SeaweedServ
     assert await handlers.sync(key) is None and opener.opened["data"] == 4
     resynced, _ = await kv_load(kv, key, DatasetRecord)
     assert resynced is not None and resynced.status.file_num == 3
+
+
+async def test_the_runtimes_watch_wakes_a_dataset_when_its_sync_policy_changes_and_only_then(
+        bus: Bus, tmp_path: Path) -> None:
+    """The dataset service reads each runtime's metadataSyncPolicy from a watch (no KV read per look of the
+    reconciler); a new policy wakes the dataset, a status write of the same runtime does not."""
+    runtimes = await bus.kv(subjects.KV_RUNTIMES)
+    key = subjects.resource_key("default", "watched")
+    policies = WatchedPolicies(runtimes)
+    woken: list[str] = []
+    policies.wake = woken.append
+    watching = asyncio.create_task(policies.run())
+    try:
+        await asyncio.wait_for(policies.ready.wait(), 10)
+        assert policies.get(key) is None
+        on = RuntimeRecord(runtime=runtime("watched", True, tmp_path).runtime, generation=1)
+        revision = await kv_save(runtimes, key, on, None)
+
+        async def seen(auto: bool) -> bool:
+            spec = policies.get(key)
+            return spec is not None and spec.management.metadata_sync_policy.auto_sync is auto
+
+        await eventually(lambda: seen(True), what="the runtime's policy in the watch")
+        status_only = msgspec.structs.replace(on, status=RuntimeStatus(phase="Ready"))
+        revision = await kv_save(runtimes, key, status_only, revision)
+        off = msgspec.structs.replace(status_only, runtime=runtime("watched", False, tmp_path).runtime, generation=2)
+        await kv_save(runtimes, key, off, revision)
+        await eventually(lambda: seen(False), what="autoSync off in the watch")
+        assert woken == [key, key], "woken by the new runtime and by its new policy, not by its status"
+    finally:
+        policies.stop()
+        await asyncio.wait_for(watching, 10)
