@@ -120,14 +120,15 @@ class ManifestStore:
     def name(namespace: str, name: str) -> str:
         return subjects.manifest_name(namespace, name)
 
-    async def save(self, name: str, writer: ManifestWriter) -> bool:
+    async def save(self, name: str, writer: ManifestWriter, first: bool = False) -> bool:
         """Upload everything written so far under ``name``, replacing the previous manifest; False (nothing
         uploaded) when the stored manifest already has exactly these bytes, so an unchanged listing makes no
-        new object."""
-        try:
-            info = await self.objects.get_info(name)
-        except (ObjectNotFoundError, NotFoundError):
-            info = None
+        new object. ``first``: the caller knows of no manifest under that name (a new dataset), so the stored
+        one is not compared (a round trip per dataset in a burst of applies); one left over is replaced."""
+        info = None
+        if not first:
+            with contextlib.suppress(ObjectNotFoundError, NotFoundError):
+                info = await self.objects.get_info(name)
         if info is not None and info.digest == writer.digest():
             return False
         # Bytes are read in place; a file is read in a worker thread (nats-py), chunk by chunk.

@@ -125,13 +125,13 @@ class DatasetHandlers:
         record, revision = await kv_load(kv, key, DatasetRecord)
         updated, changed = domain.apply_dataset(record, dataset, delivery.stream_sequence)
         saved_revision = revision
-        binding: domain.RuntimeBinding | None = None  # what the status was worked out from (not for a reference)
         if changed:
             if is_reference(dataset):
                 status = domain.reference_status(updated, source, self.clock())
             else:
-                binding = await self._binding(namespace, name)
-                status = domain.status_on_apply(updated, binding)
+                # A runtime's fact handled meanwhile may find no record yet, and this binding may be older than it:
+                # the sync that follows every changed spec reads the binding again after the record.
+                status = domain.status_on_apply(updated, await self._binding(namespace, name))
             updated = msgspec.structs.replace(updated, status=status, traceparent=current_traceparent())
             saved_revision = await kv_save(kv, key, updated, revision)  # Conflict → the loop redelivers at once
             log.info("applied", dataset=key, generation=updated.generation)
@@ -142,18 +142,6 @@ class DatasetHandlers:
         )
         if saved_revision is not None and changed and (record is None or record.status != updated.status):
             await self._publish_status(updated, saved_revision)
-        if binding is not None:
-            await self._catch_binding(key, namespace, name, binding)
-
-    async def _catch_binding(self, key: str, namespace: str, name: str, used: domain.RuntimeBinding) -> None:
-        """The runtime's fact may have been handled while this apply ran (here, or in another replica whose write
-        this process's watch has not shown yet): its status update found no record yet, and the binding this apply
-        read was the old one. Read the binding from the bucket after the record is written: either this sees the
-        new binding, or the fact's update, which reads the record after writing the binding, sees this record."""
-        bindings = await self.bus.kv(subjects.KV_BINDINGS)
-        latest, _ = await kv_load(bindings, key, domain.RuntimeBinding)
-        if (latest or domain.RuntimeBinding()) != used:
-            await self._update_bound_status(key, domain.status_on_apply)
 
     async def resync(self, command: DatasetResync, delivery: Delivery) -> None:
         if await self._reject_invalid_ref(command, delivery):

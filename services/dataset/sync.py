@@ -89,7 +89,7 @@ async def sync_metadata(record: DatasetRecord, manifests: ManifestStore, default
                 continue
             manifest.add(entry)
         name = manifests.name(dataset.metadata.namespace, dataset.metadata.name)
-        changed = await manifests.save(name, manifest)
+        changed = await manifests.save(name, manifest, first=not record.status.manifest)
     if skipped.count:
         log.warning("objects left out of the tree", dataset=name, generation=generation, listed=listed,
                     skipped=skipped.count, examples=skipped.examples)

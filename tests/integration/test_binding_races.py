@@ -1,6 +1,6 @@
 """The dataset's phase follows its runtime even when the runtime's fact is handled while a sync of the same
-dataset is in flight (real nats-server, real SeaweedFS). The sync reads the binding, then writes the record with
-compare-and-set; its retry after a conflict must not leave the binding it read before in the status.
+dataset is in flight (real nats-server, real SeaweedFS). An apply or a sync reads the binding, then writes the
+record; a binding read before a conflict must not stay in the status: the sync reads it again after the record.
 
 Two replicas of the dataset service's handlers share the buckets here: one handles the runtime's fact while the
 other syncs, its bindings' watch not yet showing the fact (a lagging watch: a project-owned subclass that never
@@ -19,7 +19,7 @@ from libs import subjects
 from libs.bus import Bus, Delivery, kv_load, kv_save
 from libs.config import Settings
 from libs.events.common import ObjectMeta
-from libs.events.dataset import Dataset, DatasetRecord, DatasetSpec, Mount
+from libs.events.dataset import Dataset, DatasetApply, DatasetRecord, DatasetSpec, Mount
 from libs.events.runtime import RuntimeStatus, RuntimeStatusChanged
 from libs.ufs import open_store
 from libs.ufs.base import Location, ObjectInfo, ObjectStore
@@ -95,3 +95,28 @@ async def test_a_runtime_ready_during_a_sync_leaves_the_dataset_bound(
     record, _ = await kv_load(kv, key, DatasetRecord)
     assert record is not None and record.status.file_num == 1, record
     assert (record.status.phase, record.status.cache_states.cache_capacity) == ("Bound", "1.00GiB"), record.status
+
+
+async def test_a_runtime_ready_before_the_datasets_record_exists_binds_it_at_its_first_sync(
+        bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str) -> None:
+    """The fact's update finds no record yet; the apply read an older binding (its watch lags): the first sync,
+    which follows every changed spec, reads the binding after the record and binds it."""
+    await put_objects(seaweedfs, bucket, {"early/a.bin": b"a"})
+    applying = DatasetHandlers(bus, settings, bindings=LaggingBindings(await bus.kv(subjects.KV_BINDINGS)))
+    other = DatasetHandlers(bus, settings)
+    ready = RuntimeStatusChanged(id="early.ready", name="early", namespace="default", generation=1,
+                                 status=RuntimeStatus(phase="Ready"))
+    await other.on_runtime_fact(ready, Delivery(subject=subjects.RUNTIME_STATUS, headers={}, deliveries=1,
+                                                stream_sequence=1))
+    dataset = Dataset(metadata=ObjectMeta(name="early"),
+                      spec=DatasetSpec(mounts=[Mount(mount_point=f"s3://{bucket}/early/")]))
+    await applying.apply(DatasetApply(id="early.apply", dataset=dataset),
+                         Delivery(subject=subjects.DATASET_APPLY, headers={}, deliveries=1, stream_sequence=1))
+    kv = await bus.kv(subjects.KV_DATASETS)
+    key = subjects.resource_key("default", "early")
+    applied, _ = await kv_load(kv, key, DatasetRecord)
+    assert applied is not None and applied.status.phase == "NotBound"  # what the lagging watch said
+    await applying.sync(key)
+    synced, _ = await kv_load(kv, key, DatasetRecord)
+    assert synced is not None
+    assert (synced.status.file_num, synced.status.phase) == (1, "Bound"), synced.status
