@@ -168,11 +168,17 @@ class LocalObjectStore:
     async def list(self, page_size: int = 1000) -> AsyncGenerator[ObjectInfo, None]:
         if page_size < 1:
             raise ValueError("page_size must be at least 1")
-        real_root = await asyncio.to_thread(self._real_root)
-        walk = _Walk(self._root, real_root)
+        walk: _Walk | None = None
+
+        def next_page() -> list[ObjectInfo]:
+            nonlocal walk
+            if walk is None:  # the root's checks in the first page's thread hop (small folders need one)
+                walk = _Walk(self._root, self._real_root())
+            return walk.page(page_size)
+
         while True:
             try:
-                page = await asyncio.to_thread(walk.page, page_size)
+                page = await asyncio.to_thread(next_page)
             except FileNotFoundError as err:
                 raise self._no_root() from err
             for info in page:
