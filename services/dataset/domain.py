@@ -525,6 +525,15 @@ def node_caches(cache: DatasetInventory) -> list[NodeCache]:
             for name, node in sorted(cache.nodes.items())]
 
 
+def takes_cache_states(before: DatasetStatus, after: DatasetStatus) -> bool:
+    """Whether a status write that is no inventory event's must take the cache figures from the folded inventory:
+    the dataset binds again (``with_binding`` cleared them while it was not Bound), or a sync changed the store's
+    size (the percentage's whole). Otherwise only the next inventory event would set them, and an agent whose cache
+    did not change sends none: a runtime NotReady for a moment (heartbeats missed while a NATS server died) left
+    the dataset Bound at 0 % beside a full cache."""
+    return after.phase == "Bound" and (before.phase != "Bound" or before.ufs_total_bytes != after.ufs_total_bytes)
+
+
 def with_cache_states(status: DatasetStatus, cache: DatasetInventory) -> DatasetStatus:
     if not cache.nodes:
         return status

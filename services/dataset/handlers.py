@@ -440,6 +440,12 @@ class DatasetHandlers:
             if read_binding:
                 binding = (await kv_load(bindings, key, domain.RuntimeBinding))[0] or binding
             status = compute(record, binding)
+            if not is_reference(record.dataset) and domain.takes_cache_states(record.status, status):
+                # Read after the record, like the binding: an inventory event's status write that this one does
+                # not see yet comes after its fold was saved, so this read sees that fold or the write conflicts.
+                cache, _ = await kv_load(await self.bus.kv(subjects.KV_NODE_CACHE), key, DatasetInventory)
+                if cache is not None:
+                    status = domain.with_cache_states(status, cache)
             if status == record.status:
                 if not fresh:
                     continue  # nothing to change in what the caller read; the stored record may differ

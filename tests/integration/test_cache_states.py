@@ -1,5 +1,7 @@
 """Status where the bytes are: the dataset service folds inventory counters from two nodes (real nats-server)
-into ``cacheStates`` hit ratios (local, remote, store) and ``status.nodes``; the CLI's describe lists them.
+into ``cacheStates`` hit ratios (local, remote, store) and ``status.nodes``; the CLI's describe lists them. The
+figures come back from the folded inventory when the dataset binds again, and follow a resync's new size, with no
+new inventory event (an agent whose cache did not change sends none).
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from libs.cli.main import cli
 from libs.config import Settings
 from libs.events.agent import CacheCounters, InventoryDelta, InventorySnapshot
 from libs.events.common import ObjectMeta, ObjectRef
-from libs.events.dataset import Dataset, DatasetApply, DatasetRecord, DatasetSpec, Mount, NodeCache
+from libs.events.dataset import Dataset, DatasetApply, DatasetRecord, DatasetResync, DatasetSpec, Mount, NodeCache
+from libs.events.runtime import RuntimePhase, RuntimeStatus, RuntimeStatusChanged
 from services.dataset import app as dataset_app
 from tests.conftest import SeaweedServer, put_objects
 from tests.helpers import dataset_record, eventually, running
@@ -77,3 +80,42 @@ async def test_cache_states_and_nodes_follow_two_nodes_counters(bus: Bus, settin
             ["node-a", "1000B", "600B", "0B", "400B"],
             ["node-b", "0B", "0B", "2.83KiB", "100B"],
         ]
+
+
+def runtime_phase(phase: RuntimePhase, revision: int) -> RuntimeStatusChanged:
+    """The runtime service's fact for the runtime of the same name as the dataset ("model")."""
+    return RuntimeStatusChanged(id=f"runtime.default.model.status.{revision}", name="model", namespace="default",
+                                generation=1, status=RuntimeStatus(phase=phase, cache_capacity="4.00KiB"))
+
+
+async def test_cache_states_come_back_from_the_fold_on_binding_again_and_follow_a_resync(
+        bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str) -> None:
+    # Seen after a NATS server's kill (the agents' heartbeats missed, the runtime NotReady for two seconds): the
+    # dataset came back Bound at 0 % beside a full cache, the agent having nothing new to report.
+    await put_objects(seaweedfs, bucket, {"model.bin": b"m" * 1000})
+    async with running(lambda stop: dataset_app.run(settings, stop)):
+        dataset = Dataset(metadata=ObjectMeta(name="model"),
+                          spec=DatasetSpec(mounts=[Mount(mount_point=f"s3://{bucket}/")]))
+        await bus.publish(subjects.DATASET_APPLY, DatasetApply(dataset=dataset))
+        await status_where(bus, lambda r: r.status.ufs_total_bytes == 1000)
+        await bus.publish(subjects.RUNTIME_STATUS, runtime_phase("Ready", 1))
+        await status_where(bus, lambda r: r.status.phase == "Bound")
+        await bus.publish(subjects.agent_inventory("node-a"), InventorySnapshot(
+            node="node-a", dataset=DATASET, incarnation="a1", seq=1,
+            counters=CacheCounters(cached_bytes=1000, capacity_bytes=4000, miss_bytes=1000)))
+        await status_where(bus, lambda r: r.status.cache_states.cached_percentage == "100.0%")
+
+        await bus.publish(subjects.RUNTIME_STATUS, runtime_phase("NotReady", 2))
+        record = await status_where(bus, lambda r: r.status.phase == "NotBound")
+        assert not record.status.cache_states.cached  # no figures while no runtime serves it (as before)
+        await bus.publish(subjects.RUNTIME_STATUS, runtime_phase("Ready", 3))
+        record = await status_where(bus, lambda r: r.status.phase == "Bound")
+        assert (record.status.cache_states.cached, record.status.cache_states.cached_percentage) == (
+            "1000B", "100.0%")
+        assert [node.cached_bytes for node in record.status.nodes] == [1000]
+
+        # The store grows to twice the size: the same cached bytes are half of it.
+        await put_objects(seaweedfs, bucket, {"more.bin": b"n" * 1000})
+        await bus.publish(subjects.DATASET_RESYNC, DatasetResync(name="model"))
+        record = await status_where(bus, lambda r: r.status.ufs_total_bytes == 2000)
+        assert record.status.cache_states.cached_percentage == "50.0%"

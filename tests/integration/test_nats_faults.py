@@ -13,7 +13,6 @@ import asyncio
 import dataclasses
 import functools
 import io
-import os
 import random
 import time
 from collections import Counter
@@ -132,11 +131,6 @@ def logs(monkeypatch: pytest.MonkeyPatch) -> Iterator[io.StringIO]:
         yield buffer
 
 
-# Soak only for now: beside another test worker (`make test`'s two), the dataset's cache status did not reach 100 %
-# within 60 s after the leader kill in two runs of 2026-12-05 (the load completes; alone, and as a file, it passes):
-# an inventory event that may be lost in the election, under investigation. `make soak` runs it.
-@pytest.mark.skipif(not os.environ.get("SHOAL_SOAK"),
-                    reason="known failure beside another worker (cache status after a leader kill): make soak")
 async def test_kill_9_of_the_command_streams_leader_loses_no_command_and_applies_none_twice(
         nats_cluster: NatsCluster, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path,
         logs: io.StringIO) -> None:
@@ -200,7 +194,10 @@ async def test_kill_9_of_the_command_streams_leader_loses_no_command_and_applies
                 return bool(record and record.status.cache_states.cached_percentage == "100.0%")
 
             # An inventory publish that failed in the election is sent again as a snapshot after the agent's
-            # backoff, so under load this can take longer than the load itself.
+            # backoff, so under load this can take longer than the load itself. When the agent's heartbeats were
+            # missed for longer than the runtime allows (a busy machine, the agent stream's leader killed), the
+            # runtime went NotReady for a moment and the dataset NotBound: binding again takes the figures from
+            # the fold (beside another test worker it came back Bound at 0 % and stayed there before that).
             await eventually(fully_cached, timeout=60, what="warm's status 100 % cached, from the agent's inventory")
             # Nothing applied twice: each resync counted exactly once, and one accepted fact per command.
             await eventually(lambda: synced(bus, "counted", requests=len(resyncs)), timeout=30,

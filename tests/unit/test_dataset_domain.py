@@ -51,6 +51,7 @@ from services.dataset.domain import (
     status_after_sync,
     status_on_apply,
     sync_due_in,
+    takes_cache_states,
     validate_dataset,
     with_binding,
     with_cache_states,
@@ -637,6 +638,19 @@ def test_binding_keeps_cached_figures_already_known() -> None:
 def test_binding_without_capacity_keeps_the_known_capacity() -> None:
     before = DatasetStatus(cache_states=CacheStates(cache_capacity="1.00GiB"))
     assert with_binding(valid_s3_dataset(), before, "Ready", None).cache_states.cache_capacity == "1.00GiB"
+
+
+@pytest.mark.parametrize(("before", "after", "takes"), [
+    (DatasetStatus(phase="NotBound"), DatasetStatus(phase="Bound"), True),  # binds (again): figures were cleared
+    (DatasetStatus(phase="Failed"), DatasetStatus(phase="Bound"), True),
+    (DatasetStatus(phase="Bound", ufs_total_bytes=10), DatasetStatus(phase="Bound", ufs_total_bytes=20), True),
+    (DatasetStatus(phase="Bound", ufs_total_bytes=10), DatasetStatus(phase="Bound", ufs_total_bytes=10), False),
+    (DatasetStatus(phase="Bound"), DatasetStatus(phase="NotBound"), False),  # no figures while not Bound
+    (DatasetStatus(phase="NotBound"), DatasetStatus(phase="NotBound", ufs_total_bytes=20), False),
+])
+def test_a_status_takes_cache_states_from_the_fold_when_it_binds_again_or_its_size_changes(
+        before: DatasetStatus, after: DatasetStatus, takes: bool) -> None:
+    assert takes_cache_states(before, after) is takes
 
 
 def test_unbinding_clears_cache_states_but_the_capacity() -> None:
