@@ -358,6 +358,10 @@ class NodeAgent:
             try:
                 await asyncio.wait_for(process.wait(), STOP_GRACE_SECONDS)
             except TimeoutError:
+                # Said, not silent: a killed process neither unmounted cleanly nor flushed its queued spans.
+                log.warning("mount process did not stop within the grace, killed",
+                            dataset=f"{worker.namespace}/{worker.name}", pid=process.pid,
+                            grace_seconds=STOP_GRACE_SECONDS)
                 process.kill()
                 await process.wait()
         self._release_readahead(worker)
