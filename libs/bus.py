@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import re
 import ssl
@@ -362,7 +363,7 @@ class Bus:
         """Publish an event to JetStream; returns its stream sequence. Deduplicated by the event's id."""
         with producer_span(self._tracer, subject):
             all_headers = inject_context(dict(headers or {}))
-            all_headers["Nats-Msg-Id"] = str(getattr(event, "id", ""))
+            all_headers["Nats-Msg-Id"] = message_id(str(getattr(event, "id", "")))
             all_headers["Content-Type"] = "application/json"
             payload = msgspec.json.encode(event)
             deadline = time.monotonic() + PUBLISH_SECONDS
@@ -574,6 +575,20 @@ async def kv_keys(kv: KeyValue) -> list[str]:
 
 
 # --- The consumer loop ---
+
+
+# Longest event id used as it is for ``Nats-Msg-Id``. A command's id is its publisher's choice, and the facts
+# answering it derive theirs from it: a header line of 64 KiB or more is refused by the server (found by fuzzing).
+MESSAGE_ID_LIMIT = 256
+_HEADER_UNSAFE = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def message_id(event_id: str) -> str:
+    """The ``Nats-Msg-Id`` of an event: its id, or a digest of it when it is too long for a header line or holds a
+    control character (CR or LF would end the header). The same id always gives the same value: deduplicated."""
+    if len(event_id) <= MESSAGE_ID_LIMIT and not _HEADER_UNSAFE.search(event_id):
+        return event_id
+    return "sha256-" + hashlib.sha256(event_id.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 @dataclass(frozen=True)

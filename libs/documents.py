@@ -157,6 +157,23 @@ class _DocumentError(Exception):
     pass
 
 
+def _not_unicode(document: Any) -> bool:
+    """Whether a string (key or value) in ``document`` cannot be encoded as UTF-8. A walk with a stack, each
+    container once: YAML nests as deep as it likes, and its aliases can make a list contain itself."""
+    pending, seen = [document], set()
+    while pending:
+        value = pending.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(value, dict | list | tuple) and id(value) not in seen:
+            seen.add(id(value))
+            pending.extend([*value.keys(), *value.values()] if isinstance(value, dict) else value)
+    return False
+
+
 def _document_to_command(
     position: int, document: Any, default_namespace: str, action: Action
 ) -> tuple[Command, list[str]]:
@@ -165,6 +182,10 @@ def _document_to_command(
             f"document {position}: expected a mapping with apiVersion, kind, metadata and spec, "
             f"got {type(document).__name__}"
         )
+    if _not_unicode(document):
+        # A YAML "\ud800" escape gives one; no event can carry it (JSON on the wire is UTF-8). Found by fuzzing.
+        # The text is not quoted: it may be a secret's value.
+        raise _DocumentError(f"document {position}: holds text that is not valid Unicode (a lone surrogate)")
     api_version, kind = document.get("apiVersion"), document.get("kind")
     label = f"document {position} ({kind}"
     metadata = document.get("metadata")

@@ -57,8 +57,13 @@ class ObjectKey:
         return f"{self.resource.kind}.{self.resource.group} {self.namespace}/{self.name}"
 
 
+def _metadata(obj: dict[str, Any]) -> dict[str, Any]:
+    meta = obj.get("metadata")
+    return meta if isinstance(meta, dict) else {}
+
+
 def key_of(resource: kube.Resource, obj: dict[str, Any]) -> ObjectKey:
-    meta = obj.get("metadata") or {}
+    meta = _metadata(obj)
     return ObjectKey(resource, str(meta.get("namespace") or "default"), str(meta.get("name") or ""))
 
 
@@ -82,18 +87,30 @@ def stored_secret_name(namespace: str, name: str) -> str:
     return f"{namespace}.{name}"
 
 
+def _list(value: Any) -> list[Any]:
+    # Fields of an object as the API server hands them out have their schema's types; one that does not (found by
+    # fuzzing) counts as absent here, and the document's translation says what is wrong with it.
+    return value if isinstance(value, list) else []
+
+
+def _secret_key_ref(option: Any) -> Any:
+    """An ``encryptOptions`` entry's ``valueFrom.secretKeyRef``, or None."""
+    value_from = option.get("valueFrom") if isinstance(option, dict) else None
+    return value_from.get("secretKeyRef") if isinstance(value_from, dict) else None
+
+
 def secret_refs(obj: dict[str, Any]) -> list[tuple[str, str]]:
     """(Secret name, key) of every ``encryptOptions`` entry of a Dataset object, in order, without repeats."""
     spec = obj.get("spec") or {}
     if not isinstance(spec, dict):
         return []
-    options: list[Any] = list(spec.get("sharedEncryptOptions") or [])
-    for mount in spec.get("mounts") or []:
+    options: list[Any] = list(_list(spec.get("sharedEncryptOptions")))
+    for mount in _list(spec.get("mounts")):
         if isinstance(mount, dict):
-            options += list(mount.get("encryptOptions") or [])
+            options += _list(mount.get("encryptOptions"))
     refs: list[tuple[str, str]] = []
     for option in options:
-        ref = ((option or {}).get("valueFrom") or {}).get("secretKeyRef") if isinstance(option, dict) else None
+        ref = _secret_key_ref(option)
         if (isinstance(ref, dict) and isinstance(ref.get("name"), str) and isinstance(ref.get("key"), str)
                 and (ref["name"], ref["key"]) not in refs):
             refs.append((ref["name"], ref["key"]))
@@ -105,7 +122,7 @@ def _rename_refs(options: Any, namespace: str) -> Any:
         return options
     renamed = []
     for option in options:
-        ref = ((option or {}).get("valueFrom") or {}).get("secretKeyRef") if isinstance(option, dict) else None
+        ref = _secret_key_ref(option)
         if isinstance(ref, dict) and isinstance(ref.get("name"), str):
             option = {**option, "valueFrom": {**option["valueFrom"],
                                               "secretKeyRef": {**ref, "name": stored_secret_name(namespace,
@@ -165,7 +182,7 @@ def unused_mirror_keys(gone: dict[str, Any], remaining: list[dict[str, Any]]) ->
 
 
 def _namespace_of(obj: dict[str, Any]) -> str:
-    return str((obj.get("metadata") or {}).get("namespace") or "default")
+    return str(_metadata(obj).get("namespace") or "default")
 
 
 # The kubelet refreshes a mounted Secret within about a minute (its sync period plus its cache's lifetime), so a
@@ -184,7 +201,7 @@ def waits_for_mounted_secret(status: Any) -> bool:
 
 def resync_id(obj: dict[str, Any], tries: int) -> str:
     """The id of the bridge's ``tries``-th resync of this version of a Dataset: the same after a restart."""
-    meta = obj.get("metadata") or {}
+    meta = _metadata(obj)
     return f"k8s.resync.{meta.get('uid', '')}.{meta.get('generation', 0)}.{tries}"
 
 
@@ -202,7 +219,7 @@ class Translation:
 
 def document_of(resource: kube.Resource, obj: dict[str, Any]) -> dict[str, Any]:
     """The object as ``shoal apply -f`` would read it: apiVersion, kind, user metadata, spec; Secrets renamed."""
-    meta = obj.get("metadata") or {}
+    meta = _metadata(obj)
     user_meta: dict[str, Any] = {"name": meta.get("name"), "namespace": meta.get("namespace") or "default"}
     if meta.get("labels"):
         user_meta["labels"] = meta["labels"]
@@ -232,7 +249,7 @@ def apply_id(resource: kube.Resource, obj: dict[str, Any], command: Command) -> 
     """``k8s.<kind>.<uid>.<generation>.<digest of the command>``: the same object at the same generation always
     gives the same id (JetStream drops the repeat within its duplicate window, and the services keep the generation
     of a same-spec apply after it), while a label change, which keeps the generation, still gives a new one."""
-    meta = obj.get("metadata") or {}
+    meta = _metadata(obj)
     # Sorted keys: the same labels or options in another order are the same command.
     body = msgspec.json.encode(msgspec.structs.replace(command.event, id=""), order="sorted")
     digest = hashlib.sha256(body).hexdigest()[:12]
@@ -247,11 +264,13 @@ def delete_id(resource: kube.Resource, obj: dict[str, Any]) -> str:
 
 
 def is_deleting(obj: dict[str, Any]) -> bool:
-    return bool((obj.get("metadata") or {}).get("deletionTimestamp"))
+    return bool(_metadata(obj).get("deletionTimestamp"))
 
 
 def finalizers(obj: dict[str, Any]) -> list[str]:
-    return list((obj.get("metadata") or {}).get("finalizers") or [])
+    # The API server only hands out a list of strings; anything else (found by fuzzing) counts as none.
+    listed = _metadata(obj).get("finalizers")
+    return [name for name in listed if isinstance(name, str)] if isinstance(listed, list) else []
 
 
 def finalizer_patch(obj: dict[str, Any], held: bool) -> dict[str, Any] | None:
@@ -441,8 +460,8 @@ def persistent_volume_claim(obj: dict[str, Any]) -> dict[str, Any]:
 
 def event_name(obj: dict[str, Any], *parts: object) -> str:
     """A deterministic Event name: the same occurrence gives the same name, so recording it twice is a 409."""
-    name = str((obj.get("metadata") or {}).get("name", ""))
-    uid = str((obj.get("metadata") or {}).get("uid", ""))
+    name = str(_metadata(obj).get("name", ""))
+    uid = str(_metadata(obj).get("uid", ""))
     digest = hashlib.sha256("\0".join([uid, *map(str, parts)]).encode()).hexdigest()[:16]
     return f"{name[:MAX_NAME - 17]}.{digest}"
 
@@ -450,7 +469,7 @@ def event_name(obj: dict[str, Any], *parts: object) -> str:
 def kube_event(resource: kube.Resource, obj: dict[str, Any], *, name: str, event_type: str, reason: str,
                message: str, now: float) -> dict[str, Any]:
     """A core v1 Event about the object (``kubectl describe`` shows it)."""
-    meta = obj.get("metadata") or {}
+    meta = _metadata(obj)
     stamp = iso_time(now)
     return {
         "apiVersion": "v1", "kind": "Event",

@@ -95,6 +95,10 @@ def _answered(outcome: Any, answers: tuple[type, ...], rejected: type) -> None:
     if outcome.ack != "ack":
         return  # retried (RetryLater) or dead-lettered with its reason (checked by the harness)
     facts: list[Any] = outcome.of(tuple(answers))
+    if len(facts) > 1:
+        # An operation re-applied after it finished, whose ttlSecondsAfterFinished has passed, is accepted and then
+        # removed by that rule in the same handling: that deletion (caused by no command) is no second answer.
+        facts = [fact for fact in facts if not (isinstance(fact, OperationDeleted) and not fact.causation_id)]
     assert len(facts) == 1, f"a command answered {facts}"
     if isinstance(facts[0], rejected):
         assert getattr(facts[0], "reason", "")

@@ -583,3 +583,18 @@ def test_fluid_has_no_dataclean() -> None:
     assert error.startswith("document 1 (DataClean c): unknown kind 'DataClean' of apiVersion "
                             "'data.fluid.io/v1alpha1'; supported: Dataset, Runtime, DataLoad and DataClean of "
                             "shoal.io/v1alpha1")
+
+
+def test_a_lone_surrogate_in_a_yaml_escape_is_an_error_that_does_not_quote_it() -> None:
+    """PyYAML turns "\\ud800" into a lone surrogate, which no UTF-8 event can carry (found by fuzzing: the bridge
+    and the CLI crashed encoding it)."""
+    documents = load(textwrap.dedent('''
+        apiVersion: data.fluid.io/v1alpha1
+        kind: Dataset
+        metadata: {name: odd}
+        spec:
+          mounts: [{mountPoint: "s3://bucket/\\ud800secret"}]
+    '''))
+    commands, _, errors = documents_to_commands(documents)
+    assert commands == []
+    assert errors == ["document 1: holds text that is not valid Unicode (a lone surrogate)"]
