@@ -89,7 +89,8 @@ def render(rows: list[dict[str, Any]], outcome: Outcome, when: str, machine: str
         "the fault tests record once their outcome is asserted (`tests/reliability.py`); do not edit by hand.",
         "",
         f"Run: {when} on {machine}; {outcome.tests} tests in {outcome.seconds:.0f} s, "
-        f"{len(outcome.failed)} failed, {len(outcome.skipped)} skipped; {len(rows)} faults recorded.",
+        f"{len(outcome.failed)} failed, {len(outcome.skipped)} skipped; {len(rows)} faults recorded; fuzz tests at "
+        f"{os.environ.get('SHOAL_FUZZ_EXAMPLES') or '10000'} examples each (`SHOAL_FUZZ_EXAMPLES`).",
         "",
         "*Recovery* is what the test measured from the fault to the recovery it asserted (the service back and "
         "caught up, the read answered, the error reported), on a shared 2-core machine: an upper bound, not a "
