@@ -343,19 +343,14 @@ class ListedStore:
         return None
 
 
-class ExtraKeys:
-    """A real store whose listing also names ``extra`` keys (as the store would list them), e.g. a key with a
-    leading '/' that AWS S3 lists but SeaweedFS normalises away; every other call goes to the real store."""
+class StoreWrapper:
+    """A real store, every call of which goes to it; a subclass changes one (``list``, say)."""
 
-    def __init__(self, store: ObjectStore, extra: list[ObjectInfo]) -> None:
+    def __init__(self, store: ObjectStore) -> None:
         self.store = store
-        self.extra = extra
 
-    async def list(self, page_size: int = 1000) -> AsyncIterator[ObjectInfo]:
-        async for info in self.store.list(page_size):
-            yield info
-        for info in self.extra:
-            yield info
+    def list(self, page_size: int = 1000) -> AsyncIterator[ObjectInfo]:
+        return self.store.list(page_size)
 
     async def head(self, key: str) -> ObjectInfo:
         return await self.store.head(key)
@@ -365,6 +360,21 @@ class ExtraKeys:
 
     async def close(self) -> None:
         await self.store.close()
+
+
+class ExtraKeys(StoreWrapper):
+    """A real store whose listing also names ``extra`` keys (as the store would list them), e.g. a key with a
+    leading '/' that AWS S3 lists but SeaweedFS normalises away; every other call goes to the real store."""
+
+    def __init__(self, store: ObjectStore, extra: list[ObjectInfo]) -> None:
+        super().__init__(store)
+        self.extra = extra
+
+    async def list(self, page_size: int = 1000) -> AsyncIterator[ObjectInfo]:
+        async for info in self.store.list(page_size):
+            yield info
+        for info in self.extra:
+            yield info
 
 
 class TamperingPeerProxy(LoopbackProxy):

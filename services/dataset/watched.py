@@ -70,17 +70,14 @@ class WatchedRecords:
         return self._seen.get(key) if self._fed else None
 
 
-class WatchedBindings:
-    """The ``shoal_dataset_bindings`` bucket in memory (a watch), so an apply and a sync learn the runtime's phase
-    without a KV round trip. This service is the bucket's only writer and notes each of its writes here at once with
-    its revision; an older entry the watch delivers afterwards changes nothing, so a read here never goes back
-    behind a write of this process. Until the initial values are in (``ready``), callers read the bucket."""
+class _KeyWatch:
+    """A watch of one bucket: ``_put`` for each value, ``_gone`` for each delete, ``ready`` once the initial values
+    are in. A replay after a reconnect brings every entry again; what the subclass keeps already holds them."""
 
     def __init__(self, kv: KeyValue, reconnects: Callable[[], int] | None = None) -> None:
         self.kv = kv
         self.reconnects = reconnects
         self.ready = asyncio.Event()
-        self._values: dict[str, tuple[domain.RuntimeBinding, int]] = {}
         self._stopping = asyncio.Event()
 
     async def run(self) -> None:
@@ -89,18 +86,41 @@ class WatchedBindings:
                 if entry is None:
                     self.ready.set()
                 elif isinstance(entry, Replay):
-                    continue  # every entry comes again; the newer revision wins, deletes are never made here
+                    continue
                 elif entry.operation in ("DEL", "PURGE") or entry.value is None or entry.revision is None:
-                    self._values.pop(entry.key, None)
+                    self._gone(entry.key)
                 else:
-                    try:
-                        binding = _BINDING.decode(entry.value)
-                    except (msgspec.ValidationError, msgspec.DecodeError):
-                        continue
-                    self.note(entry.key, binding, entry.revision)
+                    self._put(entry.key, entry.value, entry.revision)
 
     def stop(self) -> None:
         self._stopping.set()
+
+    def _put(self, key: str, value: bytes, revision: int) -> None:
+        raise NotImplementedError
+
+    def _gone(self, key: str) -> None:
+        raise NotImplementedError
+
+
+class WatchedBindings(_KeyWatch):
+    """The ``shoal_dataset_bindings`` bucket in memory (a watch), so an apply and a sync learn the runtime's phase
+    without a KV round trip. This service is the bucket's only writer and notes each of its writes here at once with
+    its revision; an older entry the watch delivers afterwards changes nothing, so a read here never goes back
+    behind a write of this process. Until the initial values are in (``ready``), callers read the bucket."""
+
+    def __init__(self, kv: KeyValue, reconnects: Callable[[], int] | None = None) -> None:
+        super().__init__(kv, reconnects)
+        self._values: dict[str, tuple[domain.RuntimeBinding, int]] = {}
+
+    def _put(self, key: str, value: bytes, revision: int) -> None:
+        try:
+            binding = _BINDING.decode(value)
+        except (msgspec.ValidationError, msgspec.DecodeError):
+            return
+        self.note(key, binding, revision)
+
+    def _gone(self, key: str) -> None:
+        self._values.pop(key, None)
 
     def note(self, key: str, binding: domain.RuntimeBinding, revision: int) -> None:
         known = self._values.get(key)
@@ -125,44 +145,32 @@ class _RuntimeRecord(msgspec.Struct):
 _RUNTIME = msgspec.json.Decoder(_RuntimeRecord)
 
 
-class WatchedPolicies:
+class WatchedPolicies(_KeyWatch):
     """The ``shoal_runtimes`` bucket's specs in memory (a watch). A change of a runtime's ``spec.management`` wakes
     its dataset (``wake``): its next autoSync listing moves, though the dataset's record did not change. Until the
     initial values are in (``ready``), callers read the bucket."""
 
     def __init__(self, kv: KeyValue, reconnects: Callable[[], int] | None = None) -> None:
-        self.kv = kv
-        self.reconnects = reconnects
-        self.ready = asyncio.Event()
+        super().__init__(kv, reconnects)
         self.wake: Callable[[str], None] | None = None
         self._specs: dict[str, RuntimeSpec] = {}
-        self._stopping = asyncio.Event()
 
-    async def run(self) -> None:
-        async with contextlib.aclosing(kv_watch(self.kv, self._stopping, self.reconnects)) as entries:
-            async for entry in entries:
-                if entry is None:
-                    self.ready.set()
-                elif isinstance(entry, Replay):
-                    continue  # every entry comes again; a runtime deleted meanwhile comes as a delete
-                elif entry.operation in ("DEL", "PURGE") or entry.value is None:
-                    self._changed(entry.key, self._specs.pop(entry.key, None), None)
-                else:
-                    try:
-                        spec = _RUNTIME.decode(entry.value).runtime.spec
-                    except (msgspec.ValidationError, msgspec.DecodeError):
-                        continue
-                    self._changed(entry.key, self._specs.get(entry.key), spec)
-                    self._specs[entry.key] = spec
+    def _put(self, key: str, value: bytes, revision: int) -> None:
+        try:
+            spec = _RUNTIME.decode(value).runtime.spec
+        except (msgspec.ValidationError, msgspec.DecodeError):
+            return
+        self._changed(key, self._specs.get(key), spec)
+        self._specs[key] = spec
+
+    def _gone(self, key: str) -> None:
+        self._changed(key, self._specs.pop(key, None), None)
 
     def _changed(self, key: str, old: RuntimeSpec | None, new: RuntimeSpec | None) -> None:
         before = old.management if old is not None else None
         after = new.management if new is not None else None
         if before != after and self.wake is not None and self.ready.is_set():
             self.wake(key)
-
-    def stop(self) -> None:
-        self._stopping.set()
 
     def get(self, key: str) -> RuntimeSpec | None:
         """The runtime's spec; None when there is no runtime of that key."""

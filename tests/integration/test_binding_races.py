@@ -26,28 +26,21 @@ from libs.ufs.base import Location, ObjectInfo, ObjectStore
 from services.dataset.handlers import DatasetHandlers
 from services.dataset.watched import WatchedBindings
 from tests.conftest import SeaweedServer, put_objects
+from tests.faults import StoreWrapper
 
 
-class HeldListing:
+class HeldListing(StoreWrapper):
     """A store whose listing waits until released: a sync held between reading the binding and writing."""
 
     def __init__(self, store: ObjectStore, started: asyncio.Event, release: asyncio.Event) -> None:
-        self.store, self.started, self.release = store, started, release
+        super().__init__(store)
+        self.started, self.release = started, release
 
     async def list(self, page_size: int = 1000) -> AsyncIterator[ObjectInfo]:
         self.started.set()
         await self.release.wait()
         async for info in self.store.list(page_size):
             yield info
-
-    async def head(self, key: str) -> ObjectInfo:
-        return await self.store.head(key)
-
-    async def get_range(self, key: str, start: int, length: int, etag: str | None = None) -> bytes:
-        return await self.store.get_range(key, start, length, etag)
-
-    async def close(self) -> None:
-        await self.store.close()
 
 
 class LaggingBindings(WatchedBindings):

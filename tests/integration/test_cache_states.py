@@ -34,14 +34,18 @@ async def status_where(bus: Bus, check: Any) -> DatasetRecord:
     return await eventually(probe, what="the dataset's status")
 
 
+async def apply_model(bus: Bus, bucket: str) -> None:
+    """The dataset ``model`` of the whole bucket, applied and synced (its one object of 1,000 bytes)."""
+    dataset = Dataset(metadata=ObjectMeta(name="model"), spec=DatasetSpec(mounts=[Mount(mount_point=f"s3://{bucket}/")]))
+    await bus.publish(subjects.DATASET_APPLY, DatasetApply(dataset=dataset))
+    await status_where(bus, lambda r: r.status.ufs_total_bytes == 1000)
+
+
 async def test_cache_states_and_nodes_follow_two_nodes_counters(bus: Bus, settings: Settings,
                                                                seaweedfs: SeaweedServer, bucket: str) -> None:
     await put_objects(seaweedfs, bucket, {"model.bin": b"m" * 1000})
     async with running(lambda stop: dataset_app.run(settings, stop)):
-        dataset = Dataset(metadata=ObjectMeta(name="model"),
-                          spec=DatasetSpec(mounts=[Mount(mount_point=f"s3://{bucket}/")]))
-        await bus.publish(subjects.DATASET_APPLY, DatasetApply(dataset=dataset))
-        await status_where(bus, lambda r: r.status.ufs_total_bytes == 1000)
+        await apply_model(bus, bucket)
 
         # node-a: an owner reading from its own cache and the store; node-b: a client reading through peers.
         await bus.publish(subjects.agent_inventory("node-b"), InventorySnapshot(
@@ -94,10 +98,7 @@ async def test_cache_states_come_back_from_the_fold_on_binding_again_and_follow_
     # dataset came back Bound at 0 % beside a full cache, the agent having nothing new to report.
     await put_objects(seaweedfs, bucket, {"model.bin": b"m" * 1000})
     async with running(lambda stop: dataset_app.run(settings, stop)):
-        dataset = Dataset(metadata=ObjectMeta(name="model"),
-                          spec=DatasetSpec(mounts=[Mount(mount_point=f"s3://{bucket}/")]))
-        await bus.publish(subjects.DATASET_APPLY, DatasetApply(dataset=dataset))
-        await status_where(bus, lambda r: r.status.ufs_total_bytes == 1000)
+        await apply_model(bus, bucket)
         await bus.publish(subjects.RUNTIME_STATUS, runtime_phase("Ready", 1))
         await status_where(bus, lambda r: r.status.phase == "Bound")
         await bus.publish(subjects.agent_inventory("node-a"), InventorySnapshot(
