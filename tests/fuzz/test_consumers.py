@@ -104,6 +104,17 @@ def _answered(outcome: Any, answers: tuple[type, ...], rejected: type) -> None:
         assert getattr(facts[0], "reason", "")
 
 
+async def _command_answered(drive: Any, subject: str, data: bytes, limit: int, decoder: Any,
+                            answers: tuple[type, ...], rejected: type) -> None:
+    """Send a fuzzed command: one that decodes within ``limit`` bytes gets one answer, any other a rejection."""
+    decoded = len(data) <= limit and _decodes(data, decoder)
+    outcome = await drive.send(subject, data, message_id="fuzz")
+    if decoded:
+        _answered(outcome, answers, rejected)
+    else:
+        _rejected_with_reason(outcome, rejected)
+
+
 def _rejected_with_reason(outcome: Any, rejected: type) -> None:
     facts = outcome.of(rejected)
     assert facts and all(fact.reason for fact in facts), "an undecodable command must get a rejection with a reason"
@@ -148,12 +159,8 @@ async def test_dataset_commands(dataset_handlers: Any, data: bytes, subject: str
     drive = Drive(bus, published, consumer(bus, subjects.STREAM_COMMANDS, subjects.DURABLE_DATASET_COMMANDS,
                                            subjects.DATASET_COMMANDS, _DATASET_DECODER, handlers.on_command,
                                            handlers.on_invalid_command, max_event_bytes=64 * 1024))
-    decoded = len(data) <= 64 * 1024 and _decodes(data, _DATASET_DECODER)
-    outcome = await drive.send(subject, data, message_id="fuzz")
-    if not decoded:
-        _rejected_with_reason(outcome, DatasetRejected)
-    else:
-        _answered(outcome, (DatasetAccepted, DatasetRejected, DatasetDeleted), DatasetRejected)
+    await _command_answered(drive, subject, data, 64 * 1024, _DATASET_DECODER,
+                            (DatasetAccepted, DatasetRejected, DatasetDeleted), DatasetRejected)
 
 
 @FUZZ
@@ -205,12 +212,8 @@ async def test_runtime_commands(runtime_handlers: Any, data: bytes, subject: str
     drive = Drive(bus, published, consumer(bus, subjects.STREAM_COMMANDS, subjects.DURABLE_RUNTIME_COMMANDS,
                                            subjects.RUNTIME_COMMANDS, _RUNTIME_DECODER, handlers.on_command,
                                            handlers.on_invalid_command))
-    decoded = len(data) <= 256 * 1024 and _decodes(data, _RUNTIME_DECODER)
-    outcome = await drive.send(subject, data, message_id="fuzz")
-    if not decoded:
-        _rejected_with_reason(outcome, RuntimeRejected)
-    else:
-        _answered(outcome, (RuntimeAccepted, RuntimeRejected, RuntimeDeleted), RuntimeRejected)
+    await _command_answered(drive, subject, data, 256 * 1024, _RUNTIME_DECODER,
+                            (RuntimeAccepted, RuntimeRejected, RuntimeDeleted), RuntimeRejected)
 
 
 @FUZZ
@@ -248,12 +251,8 @@ async def test_loader_commands(loader_handlers: Any, data: bytes, subject: str) 
     drive = Drive(bus, published, consumer(bus, subjects.STREAM_COMMANDS, subjects.DURABLE_LOADER_COMMANDS,
                                            list(subjects.OPERATION_COMMANDS), _OPERATION_DECODER, handlers.on_command,
                                            handlers.on_invalid_command))
-    decoded = len(data) <= 256 * 1024 and _decodes(data, _OPERATION_DECODER)
-    outcome = await drive.send(subject, data, message_id="fuzz")
-    if not decoded:
-        _rejected_with_reason(outcome, OperationRejected)
-    else:
-        _answered(outcome, (OperationAccepted, OperationRejected, OperationDeleted), OperationRejected)
+    await _command_answered(drive, subject, data, 256 * 1024, _OPERATION_DECODER,
+                            (OperationAccepted, OperationRejected, OperationDeleted), OperationRejected)
 
 
 @FUZZ
