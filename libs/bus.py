@@ -235,6 +235,10 @@ def _differs(existing: js_api.StreamConfig, wanted: js_api.StreamConfig) -> bool
 # asked in attempts of PUBLISH_ATTEMPT_SECONDS: an answer takes milliseconds, so a missing one means no leader yet.
 PUBLISH_SECONDS = 5.0
 PUBLISH_ATTEMPT_SECONDS = 1.0
+# Every other JetStream API request (KV reads and writes, stream and consumer look-ups) gives up after API_SECONDS:
+# for the same reason, a request to a group that lost its leader gets no answer, and its caller (a handler's
+# redelivery, the reconciler) tries again sooner than after nats-py's default 5 s, once the group has a new leader.
+API_SECONDS = 2.5
 
 
 class Bus:
@@ -247,7 +251,10 @@ class Bus:
         # Only a server that knows who we are can refuse us a subject: without a user or token, ``refusable`` costs
         # nothing on the hot path (a task and a wait per publish).
         self.authenticated = authenticated
-        self.js: JetStreamContext = nc.jetstream()
+        self.js: JetStreamContext = nc.jetstream(timeout=API_SECONDS)
+        # For requests that are only worth a short wait (attaching a consumer): a cluster electing a leader does not
+        # answer, and a retry a second later finds the new leader sooner than the default 5 s timeout runs out.
+        self.js_attach: JetStreamContext = nc.jetstream(timeout=ATTACH_API_SECONDS)
         self.replicas = replicas
         self._kv: dict[str, KeyValue] = {}
         self._manifests: NatsObjectStore | None = None
@@ -645,8 +652,11 @@ InvalidHandler = Callable[[Delivery, str, bytes], Awaitable[None]]
 # Attaching a consumer again after its server went away: a cluster elects new leaders within seconds (~6 s
 # measured for a killed stream leader), so retry quickly, then every second (a fetch or one API request each).
 ATTACH = Backoff(first=0.25, cap=1.0)
+# The API timeout of a look-up of a durable once it was attached (``Bus.js_attach``): a healthy cluster answers in
+# milliseconds, a leaderless consumer not at all.
+ATTACH_API_SECONDS = 1.5
 # Failed attaches between two look-ups of the durable (~2 s at first): a look-up during an election waits out its
-# 5 s API timeout, so not at every attempt.
+# API timeout (``ATTACH_API_SECONDS``), so not at every attempt.
 LOOKUP_EVERY = 4
 
 
@@ -714,15 +724,19 @@ class Consumer(Generic[E]):
         failures = 0
         # Whether the durable may be missing (at the start, the server said so, or every LOOKUP_EVERY failures): only
         # then is it looked up and created. Otherwise attaching again makes no API request, which during a cluster's
-        # election would wait out the 5 s API timeout; the fetches find the consumer's new leader once elected.
+        # election would wait out an API timeout; the fetches find the consumer's new leader once elected.
         lookup = True
+        # Until the first attach, look-ups get the default API timeout (a busy start-up is slow, not leaderless);
+        # after it, a look-up during an election gives up after ATTACH_API_SECONDS and is tried again.
+        attached = False
         while not self._stopping.is_set():
             try:
                 if lookup:
-                    subscription = await self.bus.js.pull_subscribe(
+                    subscription = await (self.bus.js_attach if attached else self.bus.js).pull_subscribe(
                         filters[0], durable=self.durable, stream=self.stream, config=config
                     )
                     lookup = False
+                    attached = True
                 else:
                     subscription = await self.bus.js.pull_subscribe_bind(durable=self.durable, stream=self.stream)
                 try:
@@ -739,7 +753,7 @@ class Consumer(Generic[E]):
                 failures += 1
                 # A deleted durable answers fetches like a leaderless one (503, no responders): every few failures
                 # it is looked up (and created if gone) after all.
-                lookup = isinstance(err, NotFoundError) or failures % LOOKUP_EVERY == 0
+                lookup = isinstance(err, NotFoundError) or not attached or failures % LOOKUP_EVERY == 0
                 delay = ATTACH.delay(failures)
                 log.warning("consumer detached, attaching again", consumer=self.durable, error=repr(err),
                             delay=delay)
@@ -886,6 +900,10 @@ class Replay:
 
 # How often a watch looks at ``stopping`` and at the connection's reconnect count.
 WATCH_TICK_SECONDS = 1.0
+# The idle heartbeat a watch's ordered consumer asks the server for. nats-py starts an ordered consumer again after
+# two missed heartbeats: a watch lost with the server that led its stream (a watch has one replica) resumes within
+# ~2-3 s rather than the ~10 s of nats-py's default 5 s heartbeat, for a heartbeat message a second while idle.
+WATCH_HEARTBEAT_SECONDS = 1.0
 
 
 async def kv_watch(kv: KeyValue, stopping: asyncio.Event, reconnects: Callable[[], int] | None = None,
@@ -895,7 +913,9 @@ async def kv_watch(kv: KeyValue, stopping: asyncio.Event, reconnects: Callable[[
 
     With ``reconnects`` (``Bus.reconnects``), a reconnect starts the watch again (``Replay``, every entry, None):
     nats-py's ordered consumer notices a restarted server only after missed heartbeats (~20 s measured), and
-    changes made meanwhile would wait that long.
+    changes made meanwhile would wait that long. A watch lost with its server while the connection stayed up (the
+    leader of its bucket's stream killed) is started again by nats-py after two missed heartbeats, which watches
+    ask for every WATCH_HEARTBEAT_SECONDS.
     """
     seen = reconnects() if reconnects else 0
     watcher = await _start_watch(kv, keys, stopping)
@@ -922,13 +942,30 @@ async def kv_watch(kv: KeyValue, stopping: asyncio.Event, reconnects: Callable[[
             await watcher.stop()
 
 
+class _WatchContext(JetStreamContext):
+    """The JetStream context of watches: API requests that give up after ATTACH_API_SECONDS (a watch started while
+    its stream has no leader would wait out nats-py's default 5 s), and ordered consumers with an idle heartbeat of
+    WATCH_HEARTBEAT_SECONDS. nats-py's ``KeyValue.watch`` takes neither a timeout nor a heartbeat."""
+
+    async def subscribe(self, subject: str, *args: Any, **kwargs: Any) -> JetStreamContext.PushSubscription:
+        kwargs.setdefault("idle_heartbeat", WATCH_HEARTBEAT_SECONDS)
+        return await super().subscribe(subject, *args, **kwargs)
+
+
+def _for_watching(kv: KeyValue) -> KeyValue:
+    """``kv``'s bucket through a ``_WatchContext`` (nats-py keeps a bucket's stream and prefix private)."""
+    js = _WatchContext(kv._js._nc, timeout=ATTACH_API_SECONDS)
+    return KeyValue(name=kv._name, stream=kv._stream, pre=kv._pre, js=js, direct=kv._direct)
+
+
 async def _start_watch(kv: KeyValue, keys: str, stopping: asyncio.Event) -> KeyValue.KeyWatcher | None:
     """A new watch, tried again (ATTACH's pace) while NATS cannot start one: right after a reconnect the server,
     or a cluster electing new leaders, may not answer yet. None once ``stopping``."""
     failures = 0
+    watchable = _for_watching(kv)
     while not stopping.is_set():
         try:
-            return await kv.watch(keys)
+            return await watchable.watch(keys)
         except nats.errors.Error as err:
             failures += 1
             delay = ATTACH.delay(failures)

@@ -9,8 +9,10 @@ retry delay of an unreachable endpoint).
 or, when it returns a number, until the next change or that many seconds, whichever comes first (a schedule,
 such as a dataset's periodic listing, not a failure: nothing is logged); ``RetryLater`` runs it again after its
 delay (or a growing one); ``Conflict`` runs it again at once (another writer won, re-read); ``Permanent`` is
-logged and the key waits for its next change. Any other error is logged and retried after
-``ERROR_RETRY_SECONDS``, so a bug does not spin the CPU.
+logged and the key waits for its next change. A NATS error (a request timed out or refused while a cluster elects
+a leader, the connection down) is retried on the redelivery schedule (``retry_delay``, from half a second, at most
+``ERROR_RETRY_SECONDS``): a failover is over within seconds, and a flat wait would add to every reconcile it
+interrupted. Any other error is logged and retried after ``ERROR_RETRY_SECONDS``, so a bug does not spin the CPU.
 
 ``observe``, when given, sees every item of the watch as it comes (entries, deletes, ``Replay``, the None after
 the initial values): what a service counts about the bucket (its gauges) needs no watch of its own.
@@ -22,6 +24,7 @@ import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
 
+import nats.errors
 from nats.js.kv import KeyValue
 
 from libs.bus import Conflict, Permanent, Replay, RetryLater, kv_watch, retry_delay
@@ -90,6 +93,10 @@ class Reconciler:
                     delay = 0.0
                 except Permanent as err:
                     log.warning("reconcile gave up", key=key, reason=err.reason)
+                except nats.errors.Error as err:
+                    retries += 1
+                    delay = min(retry_delay(retries), ERROR_RETRY_SECONDS)
+                    log.warning("reconcile interrupted by NATS, again", key=key, error=repr(err), delay=delay)
                 except Exception:
                     log.exception("reconcile failed", key=key)
                     delay = ERROR_RETRY_SECONDS

@@ -29,13 +29,17 @@ T = TypeVar("T")
 
 
 async def eventually(probe: Callable[[], Awaitable[T | None]], timeout: float = 15.0,
-                     what: str = "condition") -> T:
-    """Poll ``probe`` until it returns a truthy value; fail with the last value after ``timeout``."""
+                     what: str = "condition", tolerate: tuple[type[Exception], ...] = ()) -> T:
+    """Poll ``probe`` until it returns a truthy value; fail with the last value after ``timeout``. An exception of
+    a ``tolerate`` type counts as "not yet" (e.g. a NATS request of the probe itself while a cluster elects)."""
     deadline = time.monotonic() + timeout
     last: Any = None
     while time.monotonic() < deadline:
-        last = await probe()
-        if last:
+        try:
+            last = await probe()
+        except tolerate as err:
+            last = err
+        if last and not isinstance(last, Exception):
             return last
         await asyncio.sleep(0.05)
     raise AssertionError(f"{what} not reached within {timeout} s; last value: {last!r}")

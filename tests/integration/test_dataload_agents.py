@@ -228,16 +228,16 @@ async def three(bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: 
 
 
 async def finished(bus: Bus, name: str, runs: int = 1, kind: str = "DataLoad",
-                   timeout: float = 30.0) -> OperationRecord:
+                   timeout: float = 30.0, tolerate: tuple[type[Exception], ...] = ()) -> OperationRecord:
     """The operation once run ``runs`` is over, which must be Complete: a Failed run fails the test at once, with
-    the loader's message (rather than a timeout)."""
+    the loader's message (rather than a timeout). ``tolerate``: as ``eventually``'s."""
     async def over() -> OperationRecord | None:
         record = await operation(bus, name, kind)
         if record is None or record.status.runs < runs or record.status.phase not in ("Complete", "Failed"):
             return None
         return record
 
-    record = await eventually(over, timeout, f"{kind} {name} run {runs} finished")
+    record = await eventually(over, timeout, f"{kind} {name} run {runs} finished", tolerate)
     assert (record.status.phase, record.status.runs) == ("Complete", runs), record.status
     return record
 

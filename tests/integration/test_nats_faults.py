@@ -90,6 +90,16 @@ async def synced(bus: Bus, name: str, requests: int = 0) -> bool:
     return bool(record and record.status.synced_generation >= 1 and record.status.synced_requests >= requests)
 
 
+async def led_by_another(bus: Bus, cluster: NatsCluster, stream: str, killed: int) -> bool:
+    """Whether ``stream`` has a leader again, one other than the killed server; False while nobody answers."""
+    try:
+        info = await bus.js.stream_info(stream)
+    except nats.errors.Error:
+        return False
+    leader = info.cluster.leader if info.cluster else None
+    return leader is not None and leader != "" and cluster.index(leader) != killed
+
+
 async def accepted_facts(bus: Bus, expected: set[str]) -> Counter[str]:
     """How many ``accepted`` facts each command of ``expected`` got, read back from the facts stream."""
     counts: Counter[str] = Counter()
@@ -173,12 +183,19 @@ async def test_kill_9_of_the_command_streams_leader_loses_no_command_and_applies
             await publish_surely(bus, subjects.DATASET_APPLY, applies[FLOW])
             resumed = asyncio.create_task(seconds_until(functools.partial(synced, bus, first), killed_at,
                                                         f"{first}, applied right after the kill, synced"))
+            # NATS's own part of the recovery: a follower waits 4-9 s (nats-server's RAFT election timeout, not
+            # configurable) for a lost leader before it campaigns. Reported apart from the rest, which includes the
+            # elections of the other groups the server led (KV streams, each durable consumer), each on its own.
+            elected = asyncio.create_task(seconds_until(
+                functools.partial(led_by_another, bus, nats_cluster, subjects.STREAM_COMMANDS, killed), killed_at,
+                "a new leader of the commands stream"))
             # The rest of the commands go out while the cluster elects new leaders; the load goes on.
             store.release()
             for apply, resync in zip(applies[FLOW:], resyncs[FLOW:], strict=True):
                 await publish_surely(bus, subjects.DATASET_APPLY, apply)  # the first again: deduplicated
                 await publish_surely(bus, subjects.DATASET_RESYNC, resync)
             resumed_seconds = await resumed
+            elected_seconds = await elected
             assert resumed_seconds < RESUME_BOUND_SECONDS
 
             # Nothing lost: every dataset synced once, the load complete, the cache status folded from inventory.
@@ -187,7 +204,9 @@ async def test_kill_9_of_the_command_streams_leader_loses_no_command_and_applies
                 await eventually(functools.partial(synced, bus, name), timeout=30, what=f"{name} synced")
                 record = await dataset_record(bus, name)
                 assert record is not None and record.generation == 1, (name, record and record.generation)
-            await finished(bus, "warm-all", timeout=60)
+            # The test's own reads may meet a group of the cluster still electing (no answer within the bus's API
+            # timeout): not yet, rather than a failure.
+            await finished(bus, "warm-all", timeout=60, tolerate=(nats.errors.Error,))
 
             async def fully_cached() -> bool:
                 record = await dataset_record(bus, "warm")
@@ -198,7 +217,8 @@ async def test_kill_9_of_the_command_streams_leader_loses_no_command_and_applies
             # missed for longer than the runtime allows (a busy machine, the agent stream's leader killed), the
             # runtime went NotReady for a moment and the dataset NotBound: binding again takes the figures from
             # the fold (beside another test worker it came back Bound at 0 % and stayed there before that).
-            await eventually(fully_cached, timeout=60, what="warm's status 100 % cached, from the agent's inventory")
+            await eventually(fully_cached, timeout=60, what="warm's status 100 % cached, from the agent's inventory",
+                             tolerate=(nats.errors.Error,))
             # Nothing applied twice: each resync counted exactly once, and one accepted fact per command.
             await eventually(lambda: synced(bus, "counted", requests=len(resyncs)), timeout=30,
                              what="every resync of counted synced")
@@ -224,9 +244,11 @@ async def test_kill_9_of_the_command_streams_leader_loses_no_command_and_applies
             nats_cluster.restart(killed)  # the module's next test gets three servers again
     record_fault("kill -9 of the commands stream's leader, one of three NATS servers, while dataset commands, "
                  "inventory and a DataLoad (fetching its blocks) flow",
-                 f"publishes retried through the election; services resumed (a dataset applied after the kill "
-                 f"synced) {resumed_seconds:.1f} s after the kill; the server restarted and caught up in "
-                 f"{rejoined[0]:.1f} s", resumed_seconds, area="NATS")
+                 f"publishes retried through the election; the commands stream had a new leader "
+                 f"{elected_seconds:.1f} s after the kill (nats-server's RAFT waits 4-9 s for a lost leader); "
+                 f"services resumed (a dataset applied after the kill synced) {resumed_seconds:.1f} s after the kill, "
+                 f"{resumed_seconds - elected_seconds:.1f} s after that stream's election; the server restarted and "
+                 f"caught up in {rejoined[0]:.1f} s", resumed_seconds, area="NATS")
 
 
 async def test_with_nats_down_the_mount_serves_cached_and_uncached_reads_and_services_catch_up_after(
