@@ -6,18 +6,20 @@ NATS goes through ``Bus.publish_core`` and ``Bus.subscribe`` (handlers never tou
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 import msgspec
+import nats.errors
 import pytest
 from nats.js import api as js_api
 from nats.js.kv import KeyValue
 
 from libs import reconcile, subjects
-from libs.bus import Bus, Conflict, Permanent, RetryLater, kv_load, kv_save
+from libs.bus import WATCH_HEARTBEAT_SECONDS, Bus, Conflict, Permanent, RetryLater, kv_load, kv_save, kv_watch
 from libs.embedded import free_port
 from libs.events.agent import InventoryRequest
 from libs.events.common import ObjectMeta, ObjectRef
@@ -119,6 +121,30 @@ async def test_conflict_runs_the_key_again_at_once(bus: Bus) -> None:
         await kv.put("c", b"1")
         await eventually(script.reached("c", 3), timeout=2, what="three calls")
     assert max(script.gaps("c")) < 1.0
+
+
+async def test_a_nats_error_runs_the_key_again_from_half_a_second(bus: Bus) -> None:
+    # A request that got no answer (a cluster electing a leader): retried on the redelivery schedule (0.5 s, 1 s),
+    # not after the 5 s of an unexpected error, which would take 10 s for the third call.
+    script = Scripted({"n": [nats.errors.TimeoutError(), nats.errors.NoRespondersError()]})
+    async with reconciling(bus, script) as kv:
+        await kv.put("n", b"1")
+        await eventually(script.reached("n", 3), timeout=4, what="three calls")
+    assert all(gap >= 0.4 for gap in script.gaps("n")), script.gaps("n")
+
+
+async def test_a_watch_asks_for_a_heartbeat_every_second(bus: Bus) -> None:
+    # nats-py restarts a lost ordered consumer after two missed heartbeats: 1 s each here (its default is 5 s).
+    kv = await bus.js.create_key_value(js_api.KeyValueConfig(bucket="test_watch_heartbeat"))
+    await kv.put("k", b"1")
+    stopping = asyncio.Event()
+    async with contextlib.aclosing(kv_watch(kv, stopping)) as entries:
+        first = await anext(entries)
+        assert isinstance(first, KeyValue.Entry) and first.key == "k"
+        consumers = await bus.js.consumers_info("KV_test_watch_heartbeat")
+        assert WATCH_HEARTBEAT_SECONDS == 1.0
+        assert [c.config.idle_heartbeat for c in consumers] == [1.0]
+        stopping.set()
 
 
 async def test_permanent_stops_until_the_key_changes_again(bus: Bus, monkeypatch: pytest.MonkeyPatch) -> None:
