@@ -54,7 +54,7 @@ from nats.js.errors import (
     KeyWrongLastSequenceError,
     NotFoundError,
 )
-from nats.js.kv import KeyValue
+from nats.js.kv import VALID_KEY_RE, KeyValue
 from nats.js.object_store import ObjectStore as NatsObjectStore
 from opentelemetry import trace
 
@@ -517,6 +517,24 @@ async def kv_load(kv: KeyValue, key: str, type_: type[T]) -> tuple[T | None, int
     return msgspec.json.decode(entry.value, type=type_), entry.revision
 
 
+async def kv_load_deleted(kv: KeyValue, key: str, type_: type[T]) -> tuple[T | None, int | None, bytes]:
+    """``kv_load``, and for a deleted key the note its delete left (``kv_delete``'s ``note``; empty without)."""
+    try:
+        entry = await kv.get(key)
+    except InvalidKeyError as err:
+        raise invalid_key(key) from err
+    except (KeyDeletedError, KeyNotFoundError) as err:
+        # nats-py's ``get`` reports a deleted key as not found, with the delete marker as the error's entry and its
+        # operation as the error's ``op``.
+        marker = err.entry
+        if marker is None or err.op not in ("DEL", "PURGE"):
+            return None, None, b""
+        return None, marker.revision, marker.value or b""
+    if entry.value is None:
+        return None, entry.revision, b""
+    return msgspec.json.decode(entry.value, type=type_), entry.revision, b""
+
+
 async def kv_save(kv: KeyValue, key: str, value: msgspec.Struct, revision: int | None) -> int:
     """Write only if the key is still at ``revision`` (None: only if it does not exist); else ``Conflict``."""
     payload = msgspec.json.encode(value)
@@ -535,9 +553,20 @@ async def kv_save(kv: KeyValue, key: str, value: msgspec.Struct, revision: int |
         raise Conflict(f"{key} changed concurrently: {err}") from err
 
 
-async def kv_delete(kv: KeyValue, key: str, revision: int | None) -> None:
+async def kv_delete(kv: KeyValue, key: str, revision: int | None, note: bytes = b"") -> None:
+    """Delete ``key`` if it is still at ``revision``; else ``Conflict``. ``note`` stays in the delete marker, where
+    ``kv_load_deleted`` finds it (watchers see a plain delete). nats-py's ``delete`` writes no payload, so a marker
+    with a note is published as it would write it: a ``KV-Operation: DEL`` message on the key's subject."""
     try:
-        await kv.delete(key, last=revision)
+        if note:
+            if not VALID_KEY_RE.match(key) or key.startswith(".") or key.endswith("."):  # as nats-py checks
+                raise InvalidKeyError(key)
+            headers = {"KV-Operation": "DEL"}
+            if revision:
+                headers[js_api.Header.EXPECTED_LAST_SUBJECT_SEQUENCE] = str(revision)
+            await kv._js.publish(f"{kv._pre}{key}", note, headers=headers)
+        else:
+            await kv.delete(key, last=revision)
     except InvalidKeyError as err:
         raise invalid_key(key) from err
     except KeyWrongLastSequenceError as err:

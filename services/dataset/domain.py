@@ -244,6 +244,28 @@ def apply_dataset(record: DatasetRecord | None, dataset: Dataset, sequence: int 
     return updated, True
 
 
+class DeletionNote(msgspec.Struct, rename="camel"):
+    """What a delete leaves in the record's delete marker: the delete command's stream sequence. An apply older
+    than it (delivered again behind the delete) must not bring the dataset back."""
+
+    command_sequence: int
+
+
+def deletion_note(sequence: int) -> bytes:
+    return msgspec.json.encode(DeletionNote(command_sequence=sequence))
+
+
+def deleted_at(note: bytes) -> int:
+    """The stream sequence of the delete that left ``note``; 0 without one (never deleted, or deleted before
+    deletes left notes)."""
+    if not note:
+        return 0
+    try:
+        return msgspec.json.decode(note, type=DeletionNote).command_sequence
+    except msgspec.DecodeError:
+        return 0
+
+
 @dataclass(frozen=True)
 class SyncPolicy:
     """When a synced dataset is listed again by itself: its runtime's ``management.metadataSyncPolicy``."""

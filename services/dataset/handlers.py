@@ -15,7 +15,7 @@ import msgspec
 from opentelemetry import trace
 
 from libs import metrics, subjects
-from libs.bus import Bus, Conflict, Delivery, Permanent, RetryLater, kv_delete, kv_load, kv_save
+from libs.bus import Bus, Conflict, Delivery, Permanent, RetryLater, kv_delete, kv_load, kv_load_deleted, kv_save
 from libs.config import Settings
 from libs.events.agent import AnyInventory, InventoryRequest, upgrade
 from libs.events.dataset import (
@@ -122,7 +122,18 @@ class DatasetHandlers:
             )
             return
         key = subjects.resource_key(namespace, name)
-        record, revision = await kv_load(kv, key, DatasetRecord)
+        record, revision, deleted_note = await kv_load_deleted(kv, key, DatasetRecord)
+        if (deleted_at := domain.deleted_at(deleted_note)) > delivery.stream_sequence:
+            # Delivered again after a delete that came behind it: applying it would bring the dataset back.
+            reason = (f"dataset {namespace}/{name} was deleted by a later command (stream sequence {deleted_at}); "
+                      f"this apply (sequence {delivery.stream_sequence}) came before it: apply it again to recreate")
+            log.info("rejected", dataset=f"{namespace}/{name}", reasons=[reason])
+            await self.bus.publish(
+                subjects.DATASET_REJECTED,
+                DatasetRejected(id=f"{command.id}.rejected", causation_id=command.id, reason=reason, name=name,
+                                namespace=namespace, subject=delivery.subject),
+            )
+            return
         updated, changed = domain.apply_dataset(record, dataset, delivery.stream_sequence)
         saved_revision = revision
         if changed:
@@ -211,7 +222,7 @@ class DatasetHandlers:
         if record is None:
             await self._reject_missing(command, delivery)
             return
-        await kv_delete(kv, key, revision)
+        await kv_delete(kv, key, revision, note=domain.deletion_note(delivery.stream_sequence))
         await (await self.bus.kv(subjects.KV_NODE_CACHE)).purge(key)
         await self._delete_manifest(command.namespace, command.name)
         log.info("deleted", dataset=key)

@@ -13,13 +13,14 @@ import pytest
 from nats.js.errors import ObjectNotFoundError
 
 from libs import subjects
-from libs.bus import Bus
+from libs.bus import Bus, Delivery
 from libs.config import Secret, Settings
 from libs.events.agent import AgentHeartbeat
 from libs.events.common import ObjectMeta, ObjectRef
 from libs.events.dataset import Dataset, DatasetApply, DatasetDelete, DatasetSpec, Mount
 from libs.events.runtime import Level, Runtime, RuntimeApply, RuntimeSpec, TieredStore
 from services.dataset import app as dataset_app
+from services.dataset.handlers import DatasetHandlers
 from services.runtime import app as runtime_app
 from tests.conftest import SeaweedServer, put_objects
 from tests.helpers import FactCollector, dataset_record, eventually, running, runtime_record
@@ -231,6 +232,32 @@ async def test_unknown_delete_is_rejected(bus: Bus, settings: Settings) -> None:
         await bus.publish(subjects.DATASET_DELETE, command)
         rejected = await facts.wait_for("dataset.rejected.v1", causationId=command.id)
         assert "does not exist" in rejected["reason"]
+
+
+async def test_an_apply_delivered_again_after_a_later_delete_does_not_bring_the_dataset_back(
+        bus: Bus, settings: Settings, bucket: str) -> None:
+    # An apply whose first handling failed is delivered again, by then behind the delete that followed it (or one
+    # replica of the service handled the delete first). The delete's marker holds the delete's stream sequence.
+    facts = FactCollector()
+    await facts.start(bus)
+    handlers = DatasetHandlers(bus, settings)
+
+    def delivered(subject: str, sequence: int, deliveries: int = 1) -> Delivery:
+        return Delivery(subject=subject, headers={}, deliveries=deliveries, stream_sequence=sequence)
+
+    apply = DatasetApply(dataset=s3_dataset("phoenix", f"s3://{bucket}/"))
+    await handlers.apply(apply, delivered(subjects.DATASET_APPLY, 5))
+    assert (await dataset_record(bus, "phoenix")) is not None
+    await handlers.delete(DatasetDelete(name="phoenix"), delivered(subjects.DATASET_DELETE, 7))
+    await handlers.apply(apply, delivered(subjects.DATASET_APPLY, 5, deliveries=2))
+    rejected = await facts.wait_for("dataset.rejected.v1", causationId=apply.id)
+    assert "deleted by a later command (stream sequence 7)" in rejected["reason"], rejected
+    assert await dataset_record(bus, "phoenix") is None
+    # A newer apply recreates it.
+    again = DatasetApply(dataset=s3_dataset("phoenix", f"s3://{bucket}/"))
+    await handlers.apply(again, delivered(subjects.DATASET_APPLY, 9))
+    record = await dataset_record(bus, "phoenix")
+    assert record is not None and record.generation == 1 and record.command_sequence == 9
 
 
 async def test_runtime_becomes_not_ready_when_agent_goes_silent(bus: Bus, settings: Settings) -> None:
