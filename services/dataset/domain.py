@@ -262,7 +262,7 @@ def deleted_at(note: bytes) -> int:
         return 0
     try:
         return msgspec.json.decode(note, type=DeletionNote).command_sequence
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):
         return 0
 
 

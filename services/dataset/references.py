@@ -47,7 +47,7 @@ def source_key(value: bytes) -> str | None:
     """The ``shoal_datasets`` key of the source a stored record references, or None (not a reference)."""
     try:
         seen = _DECODER.decode(value)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):
         return None
     for mount in seen.dataset.spec.mounts:
         if mount.mount_point.startswith(PREFIX):
