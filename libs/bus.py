@@ -253,7 +253,7 @@ class Bus:
         self.authenticated = authenticated
         self.js: JetStreamContext = nc.jetstream(timeout=API_SECONDS)
         # For requests that are only worth a short wait (attaching a consumer): a cluster electing a leader does not
-        # answer, and a retry a second later finds the new leader sooner than the default 5 s timeout runs out.
+        # answer, and a retry a second later finds the new leader sooner than API_SECONDS runs out.
         self.js_attach: JetStreamContext = nc.jetstream(timeout=ATTACH_API_SECONDS)
         self.replicas = replicas
         self._kv: dict[str, KeyValue] = {}
