@@ -88,12 +88,7 @@ class DatasetHandlers:
             await self.delete(command, delivery)
 
     async def on_invalid_command(self, delivery: Delivery, reason: str, payload: bytes) -> None:
-        causation = delivery.message_id or f"seq-{delivery.stream_sequence}"
-        await self.bus.publish(
-            subjects.DATASET_REJECTED,
-            DatasetRejected(id=f"{causation}.rejected", causation_id=causation, reason=reason,
-                            subject=delivery.subject),
-        )
+        await self._reject(delivery.message_id or f"seq-{delivery.stream_sequence}", delivery, reason)
 
     async def apply(self, command: DatasetApply, delivery: Delivery) -> None:
         dataset = command.dataset
@@ -104,22 +99,14 @@ class DatasetHandlers:
             log.info("rejected", dataset=f"{namespace}/{name}", reasons=errors)
             if exposed_secret_errors(dataset):
                 await self._erase_command(delivery)
-            await self.bus.publish(
-                subjects.DATASET_REJECTED,
-                DatasetRejected(id=f"{command.id}.rejected", causation_id=command.id, reason="; ".join(errors),
-                                name=name, namespace=namespace, subject=delivery.subject),
-            )
+            await self._reject(command.id, delivery, "; ".join(errors), name, namespace)
             return
         kv = await self.bus.kv(subjects.KV_DATASETS)
         source = await self._source_of(dataset)
         errors = domain.reference_apply_errors(dataset, source)
         if errors:
             log.info("rejected", dataset=f"{namespace}/{name}", reasons=errors)
-            await self.bus.publish(
-                subjects.DATASET_REJECTED,
-                DatasetRejected(id=f"{command.id}.rejected", causation_id=command.id, reason="; ".join(errors),
-                                name=name, namespace=namespace, subject=delivery.subject),
-            )
+            await self._reject(command.id, delivery, "; ".join(errors), name, namespace)
             return
         key = subjects.resource_key(namespace, name)
         record, revision, deleted_note = await kv_load_deleted(kv, key, DatasetRecord)
@@ -128,11 +115,7 @@ class DatasetHandlers:
             reason = (f"dataset {namespace}/{name} was deleted by a later command (stream sequence {deleted_at}); "
                       f"this apply (sequence {delivery.stream_sequence}) came before it: apply it again to recreate")
             log.info("rejected", dataset=f"{namespace}/{name}", reasons=[reason])
-            await self.bus.publish(
-                subjects.DATASET_REJECTED,
-                DatasetRejected(id=f"{command.id}.rejected", causation_id=command.id, reason=reason, name=name,
-                                namespace=namespace, subject=delivery.subject),
-            )
+            await self._reject(command.id, delivery, reason, name, namespace)
             return
         updated, changed = domain.apply_dataset(record, dataset, delivery.stream_sequence)
         saved_revision = revision
@@ -164,14 +147,10 @@ class DatasetHandlers:
             await self._reject_missing(command, delivery)
             return
         if (source := reference_of(record.dataset)) is not None:
-            await self.bus.publish(
-                subjects.DATASET_REJECTED,
-                DatasetRejected(id=f"{command.id}.rejected", causation_id=command.id,
-                                reason=(f"dataset {command.namespace}/{command.name} is a reference to "
-                                        f"{source.namespace}/{source.name}, which lists nothing itself: resync "
-                                        f"{source.namespace}/{source.name}"),
-                                name=command.name, namespace=command.namespace, subject=delivery.subject),
-            )
+            await self._reject(command.id, delivery,
+                               f"dataset {command.namespace}/{command.name} is a reference to "
+                               f"{source.namespace}/{source.name}, which lists nothing itself: resync "
+                               f"{source.namespace}/{source.name}", command.name, command.namespace)
             return
         counted = domain.request_resync(record, command.id)
         if counted is not None:  # None: a redelivery of a resync already counted; only its fact is published again
@@ -192,13 +171,18 @@ class DatasetHandlers:
             log.warning("could not erase a command holding a secret", seq=delivery.stream_sequence,
                         error=type(err).__name__)
 
-    async def _reject_missing(self, command: DatasetDelete | DatasetResync, delivery: Delivery) -> None:
+    async def _reject(self, causation: str, delivery: Delivery, reason: str, name: str = "",
+                      namespace: str = "") -> None:
+        """The rejection fact of the command ``causation``: every command gets an answer, with a reason."""
         await self.bus.publish(
             subjects.DATASET_REJECTED,
-            DatasetRejected(id=f"{command.id}.rejected", causation_id=command.id,
-                            reason=f"dataset {command.namespace}/{command.name} does not exist",
-                            name=command.name, namespace=command.namespace, subject=delivery.subject),
+            DatasetRejected(id=f"{causation}.rejected", causation_id=causation, reason=reason, name=name,
+                            namespace=namespace, subject=delivery.subject),
         )
+
+    async def _reject_missing(self, command: DatasetDelete | DatasetResync, delivery: Delivery) -> None:
+        await self._reject(command.id, delivery, f"dataset {command.namespace}/{command.name} does not exist",
+                           command.name, command.namespace)
 
     async def _reject_invalid_ref(self, command: DatasetDelete | DatasetResync, delivery: Delivery) -> bool:
         """Reject a command whose name or namespace cannot name a dataset (it is no valid KV key either)."""
@@ -206,11 +190,7 @@ class DatasetHandlers:
         if not errors:
             return False
         log.info("rejected", command=command.id, reasons=errors)
-        await self.bus.publish(
-            subjects.DATASET_REJECTED,
-            DatasetRejected(id=f"{command.id}.rejected", causation_id=command.id, reason="; ".join(errors),
-                            name=command.name, namespace=command.namespace, subject=delivery.subject),
-        )
+        await self._reject(command.id, delivery, "; ".join(errors), command.name, command.namespace)
         return True
 
     async def delete(self, command: DatasetDelete, delivery: Delivery) -> None:

@@ -19,7 +19,7 @@ import msgspec
 from nats.js.kv import KeyValue
 
 from libs import subjects
-from libs.bus import Replay
+from libs.bus import DECODE_ERRORS, Replay
 from libs.references import PREFIX
 from libs.references import parse as parse_reference
 
@@ -47,7 +47,7 @@ def source_key(value: bytes) -> str | None:
     """The ``shoal_datasets`` key of the source a stored record references, or None (not a reference)."""
     try:
         seen = _DECODER.decode(value)
-    except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):
+    except DECODE_ERRORS:
         return None
     for mount in seen.dataset.spec.mounts:
         if mount.mount_point.startswith(PREFIX):
