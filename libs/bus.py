@@ -199,6 +199,9 @@ class BucketSpec:
     ttl: float | None = None
 
 
+# A replica of a service not heard from for this long is gone (libs.members); its key leaves the bucket then too.
+REPLICA_TTL_SECONDS = 6.0
+
 KV_BUCKETS: tuple[BucketSpec, ...] = (
     BucketSpec(subjects.KV_DATASETS, history=5),
     BucketSpec(subjects.KV_RUNTIMES, history=5),
@@ -208,6 +211,7 @@ KV_BUCKETS: tuple[BucketSpec, ...] = (
     BucketSpec(subjects.KV_AGENTS, ttl=60.0),
     BucketSpec(subjects.KV_OPERATIONS, history=5),
     BucketSpec(subjects.KV_OPERATION_RUNS),
+    BucketSpec(subjects.KV_MEMBERS, ttl=REPLICA_TTL_SECONDS),
 )
 
 

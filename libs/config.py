@@ -88,6 +88,13 @@ class S3Settings:
     )
 
 
+def _default_node_name() -> str:
+    import re
+    import socket
+
+    return re.sub(r"[^a-z0-9-]", "-", socket.gethostname().lower()).strip("-")[:63] or "node"
+
+
 @dataclass(frozen=True)
 class ServiceSettings:
     log_level: str = env("SHOAL_LOG_LEVEL", "debug, info, warning or error.", default="info")
@@ -130,17 +137,14 @@ class ServiceSettings:
     # Fluid's autoSync is on unless a runtime turns it off: objects that land in the store show up in the mounts
     # within this long. Listing costs one request per 1000 objects, so minutes, not seconds; an unchanged
     # listing writes nothing. A runtime's metadataSyncPolicy.periodSeconds overrides it.
+    # Replicas of a service split what they reconcile by name (libs.members). The host's name is a pod's name in
+    # Kubernetes, and stays the same when the pod's container restarts: it takes its keys back at once.
+    replica_name: str = env("SHOAL_REPLICA_NAME", "This process's name among the replicas of its service (unique "
+                            "per replica; the host's name by default).", default_factory=_default_node_name)
     autosync_seconds: float = env(
         "SHOAL_AUTOSYNC_SECONDS", "Seconds between listings of a dataset whose runtime leaves autoSync on "
         "(unless its metadataSyncPolicy gives periodSeconds); 0 turns periodic listing off.", default=300.0,
     )
-
-
-def _default_node_name() -> str:
-    import re
-    import socket
-
-    return re.sub(r"[^a-z0-9-]", "-", socket.gethostname().lower()).strip("-")[:63] or "node"
 
 
 @dataclass(frozen=True)
@@ -348,10 +352,13 @@ def _check(settings: Settings) -> list[str]:
         problems.append(f"SHOAL_CACHE_POLICY={settings.agent.cache_policy!r}: use lfu-admission or lru")
     if settings.agent.heartbeat_seconds <= 0:
         problems.append("SHOAL_HEARTBEAT_SECONDS: must be positive")
-    # The node name is one token of NATS subjects (heartbeats, inventory, tasks) and part of durable names.
-    if not settings.agent.node_name or any(c in settings.agent.node_name for c in ".*> \t\r\n"):
-        problems.append(f"SHOAL_NODE_NAME={settings.agent.node_name!r}: must be non-empty, without '.', '*', '>' "
-                        "or spaces (it names NATS subjects); e.g. the host name with dots replaced by '-'")
+    # The node name is one token of NATS subjects (heartbeats, inventory, tasks) and part of durable names; the
+    # replica name one token of a KV key.
+    for variable, name in (("SHOAL_NODE_NAME", settings.agent.node_name),
+                           ("SHOAL_REPLICA_NAME", settings.service.replica_name)):
+        if not name or any(c in name for c in ".*> \t\r\n"):
+            problems.append(f"{variable}={name!r}: must be non-empty, without '.', '*', '>' or spaces (it names "
+                            "NATS subjects); e.g. the host name with dots replaced by '-'")
     if settings.agent.load_concurrency < 1:
         problems.append(f"SHOAL_LOAD_CONCURRENCY={settings.agent.load_concurrency}: must be at least 1")
     for variable, quantity in (("SHOAL_READAHEAD_BUDGET", settings.agent.readahead_budget),

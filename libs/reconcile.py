@@ -16,6 +16,11 @@ interrupted. Any other error is logged and retried after ``ERROR_RETRY_SECONDS``
 
 ``observe``, when given, sees every item of the watch as it comes (entries, deletes, ``Replay``, the None after
 the initial values): what a service counts about the bucket (its gauges) needs no watch of its own.
+
+``owner``, when given (``libs.members.Members``), splits the keys between a service's replicas: this one
+reconciles only the keys it owns, starts once the live replicas are known, and when they change takes up the keys
+it gained (every key the watch showed is remembered) and lets go of those it lost (a reconcile waiting for its next
+run ends there; one running finishes, and the new owner's runs too: level-triggered, so at worst twice).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 import nats.errors
 from nats.js.kv import KeyValue
@@ -39,27 +45,47 @@ Observe = Callable[[KeyValue.Entry | Replay | None], None]
 ERROR_RETRY_SECONDS = 5.0
 
 
+class Owner(Protocol):
+    """Which keys this replica reconciles (``libs.members.Members``)."""
+
+    ready: asyncio.Event
+    on_change: Callable[[], None] | None
+
+    def owns(self, key: str) -> bool: ...
+
+
 class Reconciler:
     def __init__(self, kv: KeyValue, reconcile: Reconcile, reconnects: Callable[[], int] | None = None,
-                 observe: Observe | None = None) -> None:
+                 observe: Observe | None = None, owner: Owner | None = None) -> None:
         self.kv = kv
         self.reconcile = reconcile
         self.reconnects = reconnects
         self.observe = observe
+        self.owner = owner
+        self._known: set[str] = set()  # every key the watch showed (with an owner: to take up gained keys)
         self._running: dict[str, asyncio.Task[None]] = {}
         self._again: set[str] = set()
         self._wake: dict[str, asyncio.Event] = {}
         self._stopping = asyncio.Event()
 
     async def run(self) -> None:
+        if self.owner is not None:
+            self.owner.on_change = self._rebalance
+            await self._until(self.owner.ready)
         try:
             async with contextlib.aclosing(kv_watch(self.kv, self._stopping, self.reconnects)) as entries:
                 async for entry in entries:
                     if self.observe is not None:
                         self.observe(entry)
+                    if entry is None or isinstance(entry, Replay):
+                        continue
+                    if entry.operation in ("DEL", "PURGE"):
+                        self._known.discard(entry.key)
+                        continue
+                    if self.owner is not None:
+                        self._known.add(entry.key)
                     # A replay after a reconnect schedules every key again: level-triggered, so harmless.
-                    if entry is not None and not isinstance(entry, Replay) and entry.operation not in ("DEL", "PURGE"):
-                        self.schedule(entry.key)
+                    self.schedule(entry.key)
         finally:
             for task in list(self._running.values()):
                 task.cancel()
@@ -68,7 +94,29 @@ class Reconciler:
     def stop(self) -> None:
         self._stopping.set()
 
+    async def _until(self, event: asyncio.Event) -> None:
+        """Wait for ``event``, or for a stop."""
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        ready = asyncio.ensure_future(event.wait())
+        try:
+            await asyncio.wait([stopping, ready], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+            ready.cancel()
+
+    def _rebalance(self) -> None:
+        """The live replicas changed: run the keys this one gained; wake those it lost, so they end."""
+        assert self.owner is not None
+        for key in self._known:
+            if key not in self._running and self.owner.owns(key):
+                self.schedule(key)
+        for key, wake in list(self._wake.items()):
+            if not self.owner.owns(key):
+                wake.set()
+
     def schedule(self, key: str) -> None:
+        if self.owner is not None and not self.owner.owns(key):
+            return  # another replica's: its own watch schedules it there
         if key in self._running:
             self._again.add(key)
             if key in self._wake:
@@ -80,6 +128,8 @@ class Reconciler:
         retries = 0
         try:
             while True:
+                if self.owner is not None and not self.owner.owns(key):
+                    return  # handed to another replica meanwhile
                 self._again.discard(key)
                 delay: float | None = None
                 try:

@@ -135,6 +135,8 @@ OBJ_MANIFESTS = "shoal_manifests"
 # DataLoads and DataCleans (OperationRecord), keys ``operation_key``; the loader's run state, same keys.
 KV_OPERATIONS = "shoal_operations"
 KV_OPERATION_RUNS = "shoal_operation_runs"
+# Each service replica's beat (libs.members), keys "<service>.<replica>": which replicas split a reconciler's keys.
+KV_MEMBERS = "shoal_members"
 
 
 def resource_key(namespace: str, name: str) -> str:

@@ -244,12 +244,13 @@ OVERVIEW = Board(
     description="Datasets, how much of them is cached, how often reads hit the cache, and what fails.",
     rows=(
         Row("Datasets", (
+            # max, not sum: every dataset-service replica counts the whole bucket.
             Panel("Datasets by phase", "Datasets in each phase (dataset service).",
-                  (Query(f"sum by (phase) ({gauge(metrics.DATASETS)})", "{{phase}}", instant=True),),
+                  (Query(f"max by (phase) ({gauge(metrics.DATASETS)})", "{{phase}}", instant=True),),
                   kind="stat", width=8),
             Panel("Cached", "Share of each dataset's bytes held in some node's cache (a node counts its fullest "
                   "tier; copies on several nodes can reach 100 % early).",
-                  (Query(f"clamp_max({_cached_bytes()} / on (dataset) sum by (dataset) "
+                  (Query(f"clamp_max({_cached_bytes()} / on (dataset) max by (dataset) "
                          f"({gauge(metrics.DATASET_UFS_BYTES)}), 1)", "{{dataset}}", instant=True),),
                   unit="percentunit", kind="bargauge", width=8, max_value=1),
             Panel("Runtimes by phase and cache workers", "Runtimes in each phase, and the cache workers picked "
@@ -266,7 +267,7 @@ OVERVIEW = Board(
                   (Query(f"sum by (source) ({rate(total(metrics.READ_BYTES))})", "{{source}}"),),
                   unit="Bps", width=8),
             Panel("Store vs cache bytes", "Bytes in each dataset's sources against the bytes cached of it.",
-                  (Query(f"sum by (dataset) ({gauge(metrics.DATASET_UFS_BYTES)})", "{{dataset}} in the store"),
+                  (Query(f"max by (dataset) ({gauge(metrics.DATASET_UFS_BYTES)})", "{{dataset}} in the store"),
                    Query(_cached_bytes(), "{{dataset}} cached")),
                   unit="bytes", width=8),
         )),
@@ -398,7 +399,7 @@ CONTROL_PLANE = Board(
                   (Query(quantile(0.95, metrics.DATASET_SYNC_SECONDS, "outcome"), "p95 {{outcome}}"),),
                   unit="s", width=6),
             Panel("Objects per dataset", "Objects in each dataset's manifest at its last sync.",
-                  (Query(f"sum by (dataset) ({gauge(metrics.DATASET_OBJECTS)})", "{{dataset}}"),),
+                  (Query(f"max by (dataset) ({gauge(metrics.DATASET_OBJECTS)})", "{{dataset}}"),),
                   width=6),
         )),
         Row("Sync policy and elastic cache", (

@@ -10,6 +10,10 @@
 | KV shoal_datasets | a key that changed or went (same watch) | its references reconciled (ReferenceIndex) |
 | KV shoal_dataset_bindings | every key (watch) | WatchedBindings: the runtimes' phases an apply and a sync read |
 | KV shoal_runtimes | every key (watch) | WatchedPolicies: the runtimes' metadataSyncPolicy (a change wakes) |
+| KV shoal_members | dataset.* (watch; this replica's beat) | Members: which replicas split the syncs |
+
+Replicas (each with its own SHOAL_REPLICA_NAME) share the three consumers and split the reconciler's keys
+(``libs.members``): each dataset is listed by one replica, and a replica that goes away hands its datasets over.
 
 Ready (``/readyz``) when connected to NATS and the consumers and the reconciler's watch run.
 """
@@ -29,6 +33,7 @@ from libs.config import Settings
 from libs.events.agent import AnyInventory
 from libs.events.dataset import DatasetCommand
 from libs.events.runtime import RuntimeFact
+from libs.members import Members
 from libs.reconcile import Reconciler
 from libs.service import nats_check, run_loops
 from libs.side_server import Readiness
@@ -41,6 +46,7 @@ from services.dataset.sync import StoreOpener
 from services.dataset.watched import WatchedBindings, WatchedPolicies
 
 SERVICE_NAME = "shoal-dataset"
+REPLICAS_OF = "dataset"  # this service's replicas' keys in shoal_members
 # Messages fetched, and handled at once in per-dataset lanes (services.dataset.lanes): a burst of thousands of
 # applies moves 256 datasets at a time; well within max_ack_pending (1000), and a fetch's work stays far below the
 # 30 s ack wait.
@@ -85,9 +91,13 @@ async def run(settings: Settings, stop: asyncio.Event, clock: Callable[[], float
             references.observe(entry)
             handlers.watched.observe(entry)
 
-        reconciler = Reconciler(await bus.kv(subjects.KV_DATASETS), handlers.sync, bus.reconnects, observe=observe)
+        members = Members(await bus.kv(subjects.KV_MEMBERS), REPLICAS_OF, settings.service.replica_name,
+                          reconnects=bus.reconnects)
+        reconciler = Reconciler(await bus.kv(subjects.KV_DATASETS), handlers.sync, bus.reconnects, observe=observe,
+                                owner=members)
         handlers.wake = policies.wake = reconciler.schedule
         references.schedule = reconciler.schedule  # a source's change reconciles the references to it
-        await run_loops([bindings, policies, commands, runtime_facts, inventory, reconciler], stop, readiness)
+        await run_loops([members, bindings, policies, commands, runtime_facts, inventory, reconciler], stop,
+                        readiness)
     finally:
         await bus.close()

@@ -4,8 +4,8 @@ and publish inventory. Every dataset must reach its synced status fact (and Boun
 lost or applied twice; the time from apply to that fact is reported as p50/p99, with the services' memory.
 
 On a real nats-server (embedded, its own process) with the dataset service (``SHOAL_BENCH_LOAD_REPLICAS``
-processes sharing its durable consumers, default 1; each runs its own reconciler, so a second one lists every dataset
-again and the check below says so) and the runtime service as subprocesses, the bench:
+processes sharing its durable consumers and splitting the listings by replica name, ``libs.members``; default 1) and
+the runtime service as subprocesses, the bench:
 
 1. writes ``SHOAL_BENCH_LOAD_FOLDERS`` small local folders (default 1,000 of ``SHOAL_BENCH_LOAD_FILES`` = 4 files,
    kept under ``.shoal/bench/load-src`` for later runs); dataset *i* mounts ``local://<folder i mod folders>``;
@@ -26,11 +26,14 @@ again and the check below says so) and the runtime service as subprocesses, the 
 
 A dataset's latency is from just before its apply is published to the first status fact that says it is synced
 (``MetadataSynced`` True for its generation) and, for one with a runtime, Bound; facts are read by a core NATS
-subscription in this process. RSS of each service is sampled every 0.5 s (peak and at the end). The bench client
+subscription in this process. RSS of each service is sampled every 0.5 s (peak and at the end). CPU per dataset
+is each process's CPU time over a phase; NATS messages per dataset, what each connection sent the server over it
+(nats-server's ``/connz``, by connection name: the part of the server's work a service decides). The bench client
 shares the machine's cores with the services: on 2 cores its own publishing and decoding is part of the cost.
 
 ``SHOAL_BENCH_LOAD_PROFILE=1`` records each service with py-spy (``<state-dir>/load-logs/<service>.spy``, raw
-collapsed stacks; the summary is printed). ``SHOAL_BENCH_LOAD_DOCS`` (default ``docs/benchmarks.md``; empty: none)
+collapsed stacks of the thread holding the GIL, so a thread waiting for it does not count; the summary is printed).
+``SHOAL_BENCH_LOAD_DOCS`` (default ``docs/benchmarks.md``; empty: none)
 gets the "Load" section; results go to ``<state-dir>/load-results.json``.
 """
 
@@ -522,7 +525,7 @@ class LoadBench:
         for index in range(config.replicas):
             port = free_port()
             child = Child(f"dataset-{index}", [sys.executable, "-m", "services.dataset"], logs / f"dataset-{index}.log",
-                          env={**env, "SHOAL_HTTP_PORT": str(port)})
+                          env={**env, "SHOAL_HTTP_PORT": str(port), "SHOAL_REPLICA_NAME": f"dataset-{index}"})
             self.services.append(Service(child, port))
         port = free_port()
         self.runtime = Service(Child("runtime", [sys.executable, "-m", "services.runtime"], logs / "runtime.log",
@@ -531,7 +534,7 @@ class LoadBench:
             spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
             for service in self._all():
                 name = service.child.name
-                argv = [spy, "record", "--format", "raw", "--rate", "50", "--nonblocking", "--pid",
+                argv = [spy, "record", "--format", "raw", "--rate", "50", "--nonblocking", "--gil", "--pid",
                         str(service.child.pid), "-o", str(logs / f"{name}.spy")]
                 self._spies.append(Child(f"py-spy {name}", argv,
                       logs / f"py-spy-{name}.log", grace=30))
@@ -563,6 +566,24 @@ class LoadBench:
             found["nats-server"] = cpu_seconds([self._nats.process.pid])
         found["client"] = time.process_time()
         return found
+
+    def _messages(self) -> dict[str, int]:
+        """Messages each NATS client has sent the server so far, summed by connection name (``/connz``): what a
+        dataset costs on the wire, the part of nats-server's CPU a service decides."""
+        if self._nats_config is None:
+            return {}
+        url = f"http://127.0.0.1:{self._nats_config.monitor_port}/connz?limit=4096"
+        with urllib.request.urlopen(url, timeout=10) as answer:
+            connections = json.load(answer).get("connections") or []
+        sent: Counter[str] = Counter()
+        for connection in connections:
+            sent[connection.get("name") or "unnamed"] += int(connection.get("in_msgs", 0))
+        return dict(sent)
+
+    def _messages_per(self, before: dict[str, int], datasets: int) -> dict[str, float]:
+        """Messages sent per dataset since ``before``, by connection name (the services' names, the bench's)."""
+        return {name: (sent - before.get(name, 0)) / max(1, datasets)
+                for name, sent in sorted(self._messages().items()) if sent > before.get(name, 0)}
 
     def _cpu_per(self, before: dict[str, float], datasets: int) -> dict[str, float]:
         """CPU milliseconds per dataset since ``before``, by process: the number a busy machine does not move."""
@@ -606,7 +627,7 @@ class LoadBench:
                 f"{config.agents} agents")
             results: dict[str, Any] = {}
             if burst:
-                cpu = self._cpu()
+                cpu, sent = self._cpu(), await asyncio.to_thread(self._messages)
                 began = time.perf_counter()
                 await load.burst(burst)
                 published = time.perf_counter() - began
@@ -618,22 +639,28 @@ class LoadBench:
                                     "missing": missing,
                                     "publish_seconds": published, "p50": percentile(latencies, 0.5),
                                     "p99": percentile(latencies, 0.99), "max": max(latencies),
-                                    "cpu_ms_per_dataset": self._cpu_per(cpu, len(burst))}
+                                    "cpu_ms_per_dataset": self._cpu_per(cpu, len(burst)),
+                                    "messages_per_dataset": await asyncio.to_thread(self._messages_per, sent,
+                                                                                    len(burst))}
                 say(f"  burst: {len(burst):,} synced in {elapsed:.1f} s ({len(burst) / elapsed:,.0f}/s; published in "
                     f"{published:.1f} s), p50 {results['burst']['p50']:.2f} s, p99 {results['burst']['p99']:.2f} s; "
-                    f"CPU ms per dataset {cpu_text(results['burst']['cpu_ms_per_dataset'])}")
+                    f"CPU ms per dataset {cpu_text(results['burst']['cpu_ms_per_dataset'])}; NATS messages sent per "
+                    f"dataset {cpu_text(results['burst']['messages_per_dataset'])}")
             if steady:
-                cpu = self._cpu()
+                cpu, sent = self._cpu(), await asyncio.to_thread(self._messages)
                 late = await load.steady(steady, config.rate, offset=len(burst))
                 missing = await load.tracker.wait_for(steady, config.timeout)
                 latencies = load.tracker.latencies([n for n in steady if n in load.tracker.done]) or [float("nan")]
                 results["steady"] = {"datasets": len(steady), "rate": config.rate, "seconds": config.seconds,
                                      "p50": percentile(latencies, 0.5), "p99": percentile(latencies, 0.99),
                                      "max": max(latencies), "client_late_max": late, "missing": missing,
-                                     "cpu_ms_per_dataset": self._cpu_per(cpu, len(steady))}
+                                     "cpu_ms_per_dataset": self._cpu_per(cpu, len(steady)),
+                                     "messages_per_dataset": await asyncio.to_thread(self._messages_per, sent,
+                                                                                     len(steady))}
                 say(f"  steady {config.rate}/s for {config.seconds:.0f} s: p50 {results['steady']['p50'] * 1e3:.0f} "
                     f"ms, p99 {results['steady']['p99'] * 1e3:.0f} ms (client at most {late * 1e3:.0f} ms late); "
-                    f"CPU ms per dataset {cpu_text(results['steady']['cpu_ms_per_dataset'])}")
+                    f"CPU ms per dataset {cpu_text(results['steady']['cpu_ms_per_dataset'])}; NATS messages sent per "
+                    f"dataset {cpu_text(results['steady']['messages_per_dataset'])}")
             problems = [f"{phase}: {len(results[phase]['missing'])} not synced within {config.timeout:.0f} s"
                         for phase in ("burst", "steady") if results.get(phase, {}).get("missing")]
             problems += await load.verify(burst + steady)
@@ -690,6 +717,8 @@ def markdown(config: LoadConfig, results: dict[str, Any], lines: list[tuple[str,
         if phase in results:
             rows.append(f"| {phase}: CPU ms per dataset, by process | "
                         f"{cpu_text(results[phase]['cpu_ms_per_dataset'])} |")
+            rows.append(f"| {phase}: NATS messages sent per dataset, by connection | "
+                        f"{cpu_text(results[phase].get('messages_per_dataset', {}))} |")
     for name, rss in results["rss"].items():
         rows.append(f"| RSS {name} service, peak / end | {rss['peak'] / mib:.0f} / {rss['end'] / mib:.0f} MiB |")
     rows.append(f"| datasets whose runtime was no longer Ready at the end (their agents' beats late) | "

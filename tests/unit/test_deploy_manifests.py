@@ -362,7 +362,8 @@ def test_the_image_user_is_the_one_the_pods_run_as(rendered: list[dict[str, Any]
 
 def test_every_process_accepts_its_settings(rendered: list[dict[str, Any]]) -> None:
     # What the downward API fills in at run time, as it would look on a node.
-    downward = {"spec.nodeName": "kind-worker", "status.podIP": "10.244.1.7"}
+    downward = {"spec.nodeName": "kind-worker", "status.podIP": "10.244.1.7",
+                "metadata.name": "shoal-dataset-7d4b9c6f5-x2x7q"}
     for name, _, container in shoal_workloads(rendered):
         environ = config_map(rendered, container)
         for variable in container.get("env", []):

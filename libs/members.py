@@ -1,0 +1,131 @@
+"""Which replicas of a service are alive, and which keys each one reconciles (``Members``).
+
+Replicas of a service share their commands through one durable consumer, but a reconciler follows a bucket's
+watch, which every replica sees whole: without a split, each replica would list every dataset. So each key goes to
+one live replica, its first owner by rendezvous hashing over the replicas' names (``libs.ring``, the same as block
+owners): a replica that joins or leaves moves only the keys it gains or loses.
+
+A replica announces itself in the ``shoal_members`` bucket every ``BEAT_SECONDS`` (key ``<service>.<replica>``)
+and watches the keys of its service. One not heard from for ``REPLICA_TTL_SECONDS`` (three beats) is gone; one that
+stops cleanly deletes its key, and the others take its keys at once. The bucket drops a key that is not written
+again within the same time, so a replica that starts later never counts a dead one. Time is this process's
+monotonic clock (when a beat arrived), never another replica's, so a skewed clock cannot keep a replica alive.
+
+While replicas join or leave, two of them may reconcile a key for a moment: reconciles are level-triggered and their
+writes compare-and-set, so that costs a second listing, never a wrong record. A replica restarted under the same
+name (a pod's name, the host's by default) takes its own keys back at once rather than waiting for its old beat to
+age out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import time
+from collections.abc import Callable
+
+import msgspec
+from nats.js.kv import KeyValue
+
+from libs.bus import REPLICA_TTL_SECONDS, Replay, kv_watch
+from libs.ring import primary_owner
+from libs.telemetry import get_logger
+
+log = get_logger(__name__)
+
+BEAT_SECONDS = REPLICA_TTL_SECONDS / 3
+LEAVE_SECONDS = 1.0
+
+
+class Beat(msgspec.Struct, frozen=True):
+    """What a replica writes under its key: enough to find the process behind it."""
+
+    replica: str
+    host: str
+    pid: int
+
+
+class Members:
+    """This replica's membership of ``service``, and the live replicas' split of keys (``owns``).
+
+    ``ready`` is set once the bucket's current members are known (the watch's initial values): owning before
+    that would take every key for a moment. ``on_change`` is called whenever the live set changes."""
+
+    def __init__(self, kv: KeyValue, service: str, replica: str, *, beat_seconds: float = BEAT_SECONDS,
+                 ttl_seconds: float = REPLICA_TTL_SECONDS, monotonic: Callable[[], float] = time.monotonic,
+                 reconnects: Callable[[], int] | None = None) -> None:
+        self.kv = kv
+        self.service = service
+        self.replica = replica
+        self.beat_seconds = beat_seconds
+        self.ttl_seconds = ttl_seconds
+        self.monotonic = monotonic
+        self.reconnects = reconnects
+        self.on_change: Callable[[], None] | None = None
+        self.ready = asyncio.Event()
+        self._heard: dict[str, float] = {}  # replica → when its last beat arrived (monotonic)
+        self._live: tuple[str, ...] = (replica,)
+        self._stopping = asyncio.Event()
+
+    @property
+    def key(self) -> str:
+        return f"{self.service}.{self.replica}"
+
+    @property
+    def live(self) -> tuple[str, ...]:
+        """The replicas alive now, this one included, by name."""
+        return self._live
+
+    def owns(self, key: str) -> bool:
+        return len(self._live) == 1 or primary_owner(key, self._live) == self.replica
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def run(self) -> None:
+        beating = asyncio.create_task(self._beat())
+        try:
+            watch = kv_watch(self.kv, self._stopping, self.reconnects, keys=f"{self.service}.*")
+            async with contextlib.aclosing(watch) as entries:
+                async for entry in entries:
+                    if entry is None:
+                        self._refresh()
+                        self.ready.set()
+                    elif not isinstance(entry, Replay):
+                        replica = entry.key.partition(".")[2]
+                        if entry.operation in ("DEL", "PURGE"):
+                            self._heard.pop(replica, None)
+                        else:
+                            self._heard[replica] = self.monotonic()
+                        self._refresh()
+        finally:
+            beating.cancel()
+            await asyncio.gather(beating, return_exceptions=True)
+            # Leaving cleanly: the others take this replica's keys now, not after its beat ages out. Bounded: with
+            # NATS away, the beat ages out anyway, and a stop must not wait for a request timeout.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.kv.delete(self.key), LEAVE_SECONDS)
+
+    async def _beat(self) -> None:
+        beat = msgspec.json.encode(Beat(replica=self.replica, host=socket.gethostname(), pid=os.getpid()))
+        while not self._stopping.is_set():
+            try:
+                await self.kv.put(self.key, beat)
+            except Exception as err:  # NATS away for a moment: the next beat tries again; the others may drop us
+                log.warning("replica beat not written", replica=self.replica, error=repr(err))
+            self._refresh()  # replicas whose beats stopped age out here
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), self.beat_seconds)
+
+    def _refresh(self) -> None:
+        now = self.monotonic()
+        live = tuple(sorted({self.replica, *(name for name, heard in self._heard.items()
+                                             if now - heard < self.ttl_seconds)}))
+        if live == self._live:
+            return
+        log.info("replicas changed", service=self.service, replica=self.replica, live=list(live))
+        self._live = live
+        if self.on_change is not None:
+            self.on_change()

@@ -1,0 +1,158 @@
+"""Dataset-service replicas split the metadata syncs (``libs.members``), on a real nats-server:
+
+- two ``Members`` of one service see each other, split keys between them (each key owned by exactly one), a
+  replica that stops cleanly hands its keys over at once, and one whose beats stop is dropped after the TTL;
+- two replicas as real processes (``python -m services.dataset``): a burst of applies is listed once per dataset,
+  by both replicas together; after ``kill -9`` of one, the other lists what the dead one owned, within the TTL of
+  its beats (the time is recorded), and nothing is listed twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from libs import subjects
+from libs.bus import REPLICA_TTL_SECONDS, Bus, kv_load
+from libs.events.common import ObjectMeta
+from libs.events.dataset import Dataset, DatasetApply, DatasetRecord, DatasetSpec, Mount
+from libs.members import BEAT_SECONDS, Members
+from tests.conftest import NatsServer
+from tests.faults import ServiceProcess, service_env
+from tests.helpers import eventually
+from tests.reliability import record_fault, stopwatch
+
+SERVICE = "dataset"
+
+
+@contextlib.asynccontextmanager
+async def member(bus: Bus, replica: str, beat_seconds: float = BEAT_SECONDS,
+                 ttl_seconds: float = REPLICA_TTL_SECONDS) -> AsyncIterator[Members]:
+    members = Members(await bus.kv(subjects.KV_MEMBERS), SERVICE, replica, beat_seconds=beat_seconds,
+                      ttl_seconds=ttl_seconds)
+    task = asyncio.create_task(members.run())
+    try:
+        await asyncio.wait_for(members.ready.wait(), 10)
+        yield members
+    finally:
+        members.stop()
+        await asyncio.wait_for(task, 10)
+
+
+async def sees(members: Members, *replicas: str) -> None:
+    async def probe() -> bool | None:
+        return set(members.live) == set(replicas) or None
+
+    await eventually(probe, 10, f"{members.replica} sees {replicas} (it sees {members.live})")
+
+
+async def test_replicas_split_keys_and_one_that_leaves_hands_them_over(bus: Bus) -> None:
+    await bus.provision()
+    keys = [f"default.d{i}" for i in range(200)]
+    async with member(bus, "a") as a:
+        async with member(bus, "b") as b:
+            await sees(a, "a", "b")
+            await sees(b, "a", "b")
+            owned_a = {key for key in keys if a.owns(key)}
+            owned_b = {key for key in keys if b.owns(key)}
+            assert owned_a.isdisjoint(owned_b) and owned_a | owned_b == set(keys)
+            assert 60 < len(owned_a) < 140, len(owned_a)  # rendezvous hashing spreads them
+        # b stopped cleanly: its key was deleted, so a owns everything now, not after a TTL.
+        await sees(a, "a")
+        assert all(a.owns(key) for key in keys)
+        assert [key async for key in _keys(bus)] == [f"{SERVICE}.a"]
+
+
+async def test_a_replica_whose_beats_stop_is_dropped_after_the_ttl(bus: Bus) -> None:
+    await bus.provision()
+    kv = await bus.kv(subjects.KV_MEMBERS)
+    await kv.put(f"{SERVICE}.ghost", b"{}")  # one beat, then nothing: a replica killed right after it
+    async with member(bus, "a", beat_seconds=0.2, ttl_seconds=1.0) as a:
+        assert set(a.live) == {"a", "ghost"}  # its beat is in the bucket, younger than the TTL
+        await sees(a, "a")  # then it ages out on a's own clock
+
+
+async def _keys(bus: Bus) -> AsyncIterator[str]:
+    for key in sorted(await (await bus.kv(subjects.KV_MEMBERS)).keys()):
+        yield key
+
+
+def local_dataset(name: str, folder: Path) -> Dataset:
+    return Dataset(metadata=ObjectMeta(name=name), spec=DatasetSpec(mounts=[Mount(mount_point=f"local://{folder}")]))
+
+
+def listed(log: Path) -> list[str]:
+    """The datasets a replica listed, from its JSON log (one "synced" line per listing)."""
+    names = []
+    for line in log.read_text(errors="replace").splitlines():
+        with contextlib.suppress(ValueError):
+            entry = json.loads(line)
+            if entry.get("event") == "synced":
+                names.append(entry["dataset"])
+    return names
+
+
+def sees_in_log(log: Path, replicas: set[str]) -> bool:
+    for line in log.read_text(errors="replace").splitlines():
+        with contextlib.suppress(ValueError):
+            entry = json.loads(line)
+            if entry.get("event") == "replicas changed" and set(entry.get("live", ())) == replicas:
+                return True
+    return False
+
+
+async def synced(bus: Bus, names: list[str]) -> bool | None:
+    kv = await bus.kv(subjects.KV_DATASETS)
+    for name in names:
+        record, _ = await kv_load(kv, subjects.resource_key("default", name), DatasetRecord)
+        if record is None or record.status.synced_generation != record.generation:
+            return None
+    return True
+
+
+async def test_two_replica_processes_list_each_dataset_once_and_one_takes_over_after_a_kill(
+        nats_server: NatsServer, bus: Bus, tmp_path: Path) -> None:
+    await bus.provision()
+    folder = tmp_path / "files"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"f{i}").write_bytes(b"x" * (i + 1))
+    replicas = {name: ServiceProcess("dataset", service_env([nats_server.url], SHOAL_REPLICA_NAME=name,
+                                                            SHOAL_LOCAL_ROOTS=str(tmp_path)),
+                                     tmp_path / f"dataset-{name}.log")
+                for name in ("one", "two")}
+    try:
+        for replica in replicas.values():
+            replica.start()
+        for replica in replicas.values():
+            async def knows_both(log: Path = replica.log) -> bool:
+                return await asyncio.to_thread(sees_in_log, log, {"one", "two"})
+
+            await eventually(knows_both, 30, f"both replicas known to {replica.log.name}")
+        first = [f"first-{i}" for i in range(40)]
+        for name in first:
+            await bus.publish(subjects.DATASET_APPLY, DatasetApply(dataset=local_dataset(name, folder)))
+        await eventually(lambda: synced(bus, first), 30, "the first datasets synced")
+        by_replica = {name: listed(replica.log) for name, replica in replicas.items()}
+        everything = by_replica["one"] + by_replica["two"]
+        assert sorted(everything) == sorted(f"default.{name}" for name in first), "each listed once, by one replica"
+        assert by_replica["one"] and by_replica["two"], by_replica
+
+        replicas["two"].kill()
+        second = [f"second-{i}" for i in range(40)]
+        with stopwatch() as took:
+            for name in second:
+                await bus.publish(subjects.DATASET_APPLY, DatasetApply(dataset=local_dataset(name, folder)))
+            await eventually(lambda: synced(bus, second), 30, "the second datasets synced by the survivor")
+        after = listed(replicas["one"].log)[len(by_replica["one"]):]
+        assert sorted(after) == sorted(f"default.{name}" for name in second), "each listed once, by the survivor"
+        assert took[0] < REPLICA_TTL_SECONDS + 10, took
+        record_fault("kill -9 of one of two dataset-service replicas, then 40 applies",
+                     f"the survivor listed all 40 once (the killed replica's share after its beats aged out, "
+                     f"{REPLICA_TTL_SECONDS:.0f} s)", took[0], area="services")
+    finally:
+        for replica in replicas.values():
+            replica.close()
