@@ -49,7 +49,6 @@ from nats.js import api as js_api
 from nats.js.errors import (
     BucketNotFoundError,
     InvalidKeyError,
-    KeyDeletedError,
     KeyNotFoundError,
     KeyWrongLastSequenceError,
     NotFoundError,
@@ -61,6 +60,7 @@ from opentelemetry import trace
 from libs import metrics, natsauth, subjects
 from libs.backoff import REDELIVERY, Backoff
 from libs.config import NatsSettings
+from libs.events.common import DECODE_ERRORS
 from libs.events.deadletter import DeadLetter
 from libs.redact import redact_payload, strip_userinfo
 from libs.telemetry import extract_context, get_logger, inject_context, messaging_attributes, producer_span, tracer
@@ -70,10 +70,6 @@ log = get_logger(__name__)
 DAY = 24 * 3600.0
 R = TypeVar("R")
 MESSAGE_LIMIT = 1024 * 1024  # JetStream's default max_payload; larger publishes are refused by the server.
-# What decoding a payload raises when it is not the event: msgspec's two errors, RecursionError for JSON nested past
-# Python's recursion limit (``[[[[...``), and UnicodeDecodeError for a string that is not UTF-8 (both found by
-# fuzzing: they escaped the consumer loop and ended it).
-DECODE_ERRORS = (msgspec.ValidationError, msgspec.DecodeError, RecursionError, UnicodeDecodeError)
 
 
 # --- Outcomes a handler can signal ---
@@ -506,14 +502,12 @@ def invalid_key(key: str) -> Permanent:
 
 
 async def kv_load(kv: KeyValue, key: str, type_: type[T]) -> tuple[T | None, int | None]:
-    """The decoded value and its revision; (None, None) when absent, (None, rev) when deleted; ``Permanent`` for a
-    key NATS cannot hold."""
+    """The decoded value and its revision; (None, None) when absent or deleted (nats-py's ``get`` reports a delete
+    marker as not found: ``kv_load_deleted`` reads it); ``Permanent`` for a key NATS cannot hold."""
     try:
         entry = await kv.get(key)
     except InvalidKeyError as err:
         raise invalid_key(key) from err
-    except KeyDeletedError as err:
-        return None, err.entry.revision if err.entry else None
     except KeyNotFoundError:
         return None, None
     if entry.value is None:
@@ -527,7 +521,7 @@ async def kv_load_deleted(kv: KeyValue, key: str, type_: type[T]) -> tuple[T | N
         entry = await kv.get(key)
     except InvalidKeyError as err:
         raise invalid_key(key) from err
-    except (KeyDeletedError, KeyNotFoundError) as err:
+    except KeyNotFoundError as err:
         # nats-py's ``get`` reports a deleted key as not found, with the delete marker as the error's entry and its
         # operation as the error's ``op``.
         marker = err.entry

@@ -14,6 +14,10 @@ from typing import Any
 import msgspec
 
 TAG_FIELD = "type"
+# What decoding a payload raises when it is not the event: msgspec's two errors, RecursionError for JSON nested past
+# Python's recursion limit (``[[[[...``), and UnicodeDecodeError for a string that is not UTF-8 (both found by
+# fuzzing: they escaped the consumer loop and ended it).
+DECODE_ERRORS = (msgspec.ValidationError, msgspec.DecodeError, RecursionError, UnicodeDecodeError)
 
 DNS1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")

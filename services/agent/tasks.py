@@ -40,8 +40,8 @@ from nats.js import api as js_api
 
 from libs import subjects
 from libs.blocks import BlockId, block_count
-from libs.bus import DAY, DECODE_ERRORS, Bus, kv_load
-from libs.events.common import ObjectRef
+from libs.bus import DAY, Bus, kv_load
+from libs.events.common import DECODE_ERRORS, ObjectRef
 from libs.events.dataset import DatasetRecord, ManifestEntry
 from libs.events.operation import NodeTask, OperationRecord, TaskCancel, TaskProgress
 from libs.telemetry import get_logger

@@ -24,8 +24,9 @@ from nats.aio.msg import Msg
 from nats.js.api import DeliverPolicy
 
 from libs import kube, subjects
-from libs.bus import DECODE_ERRORS, KvMirror, connect
+from libs.bus import KvMirror, connect
 from libs.config import KubeSettings, Settings
+from libs.events.common import DECODE_ERRORS
 from libs.events.dataset import DatasetRecord
 from libs.events.operation import OperationRecord
 from libs.events.runtime import RuntimeRecord

@@ -15,7 +15,7 @@ from urllib.parse import SplitResult, urlsplit
 
 import msgspec
 
-from libs.events.common import DNS1123_LABEL, DNS1123_SUBDOMAIN, dns_label_errors, format_bytes
+from libs.events.common import DECODE_ERRORS, DNS1123_LABEL, DNS1123_SUBDOMAIN, dns_label_errors, format_bytes
 from libs.events.dataset import (
     CacheStates,
     Condition,
@@ -262,7 +262,7 @@ def deleted_at(note: bytes) -> int:
         return 0
     try:
         return msgspec.json.decode(note, type=DeletionNote).command_sequence
-    except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):
+    except DECODE_ERRORS:
         return 0
 
 

@@ -13,7 +13,7 @@ import msgspec
 from nats.aio.msg import Msg
 
 from libs import subjects
-from libs.bus import DECODE_ERRORS
+from libs.events.common import DECODE_ERRORS
 
 
 class _Ref(msgspec.Struct, frozen=True):

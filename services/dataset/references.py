@@ -19,7 +19,8 @@ import msgspec
 from nats.js.kv import KeyValue
 
 from libs import subjects
-from libs.bus import DECODE_ERRORS, Replay
+from libs.bus import Replay
+from libs.events.common import DECODE_ERRORS
 from libs.references import PREFIX
 from libs.references import parse as parse_reference
 

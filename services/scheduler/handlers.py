@@ -20,9 +20,9 @@ from typing import Any
 import msgspec
 
 from libs import metrics, subjects
-from libs.bus import DECODE_ERRORS, Bus, Delivery, KvMirror, Replay, kv_watch
+from libs.bus import Bus, Delivery, KvMirror, Replay, kv_watch
 from libs.events.agent import AgentRecord, AnyInventory, InventoryRequest, upgrade
-from libs.events.common import ObjectRef
+from libs.events.common import DECODE_ERRORS, ObjectRef
 from libs.events.dataset import DatasetRecord
 from libs.events.schedule import ScoreReply, ScoreRequest
 from libs.manifest import ManifestStore

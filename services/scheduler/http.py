@@ -39,7 +39,7 @@ import msgspec
 from aiohttp import web
 
 from libs import metrics
-from libs.bus import DECODE_ERRORS
+from libs.events.common import DECODE_ERRORS
 from libs.events.schedule import Candidate, DatasetUse, ScoreReply, ScoreRequest
 from libs.telemetry import get_logger
 

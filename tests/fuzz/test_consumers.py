@@ -21,10 +21,10 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from libs import subjects
-from libs.bus import DECODE_ERRORS, Bus, KvMirror
+from libs.bus import Bus, KvMirror
 from libs.config import Settings
 from libs.events.agent import AgentHeartbeat, AgentRecord, AnyInventory, CacheCounters, InventoryRequest
-from libs.events.common import ObjectMeta, ObjectRef
+from libs.events.common import DECODE_ERRORS, ObjectMeta, ObjectRef
 from libs.events.dataset import (
     Dataset,
     DatasetAccepted,
