@@ -501,15 +501,24 @@ def dataset_phase(status: DatasetStatus, runtime_phase: str) -> DatasetPhase:
 
 
 class RuntimeBinding(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
-    """The dataset service's copy of the runtime of the same name: its phase and cache capacity."""
+    """The dataset service's copy of the runtime of the same name: its phase, cache capacity and ``Mounted``
+    condition, from the runtime fact at stream sequence ``fact_sequence`` (0: none). Replicas of the service take
+    facts of one runtime in any order; the sequence keeps an older fact from overwriting a newer one."""
 
     phase: str = "NotReady"
     cache_capacity: str = ""
+    mounted: Condition | None = None
+    fact_sequence: int = 0
+
+
+def bound_status(record: DatasetRecord, binding: RuntimeBinding) -> DatasetStatus:
+    """The record's status following its runtime's binding: phase, runtimes, capacity and ``Mounted``."""
+    return with_binding(record.dataset, with_mount_condition(record.status, binding.mounted), binding.phase,
+                        binding.cache_capacity)
 
 
 def status_on_apply(record: DatasetRecord, binding: RuntimeBinding | None) -> DatasetStatus:
-    binding = binding or RuntimeBinding()
-    return with_binding(record.dataset, record.status, binding.phase, binding.cache_capacity)
+    return bound_status(record, binding or RuntimeBinding())
 
 
 # --- Cache states from agent inventory (folded by libs.inventory) ---

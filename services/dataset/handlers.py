@@ -215,16 +215,17 @@ class DatasetHandlers:
     # --- runtime facts ---
 
     async def on_runtime_fact(self, fact: RuntimeFact, delivery: Delivery) -> None:
-        mounted = None
+        sequence = delivery.stream_sequence
         if isinstance(fact, RuntimeAccepted):
             if self.wake is not None:  # its metadataSyncPolicy may have changed: when is the next listing?
                 self.wake(subjects.resource_key(fact.namespace, fact.name))
             return
         if isinstance(fact, RuntimeStatusChanged):
-            binding = domain.RuntimeBinding(phase=fact.status.phase, cache_capacity=fact.status.cache_capacity)
-            mounted = next((c for c in fact.status.conditions if c.type == domain.CONDITION_MOUNTED), None)
+            binding = domain.RuntimeBinding(
+                phase=fact.status.phase, cache_capacity=fact.status.cache_capacity, fact_sequence=sequence,
+                mounted=next((c for c in fact.status.conditions if c.type == domain.CONDITION_MOUNTED), None))
         elif isinstance(fact, RuntimeDeleted):
-            binding = domain.RuntimeBinding()
+            binding = domain.RuntimeBinding(fact_sequence=sequence)
         else:
             return
         errors = domain.validate_ref(fact.name, fact.namespace)
@@ -232,14 +233,14 @@ class DatasetHandlers:
             raise Permanent(f"runtime fact for no dataset: {'; '.join(errors)}")
         bindings = await self.bus.kv(subjects.KV_BINDINGS)
         key = subjects.resource_key(fact.namespace, fact.name)
-        revision = await bindings.put(key, msgspec.json.encode(binding))
+        stored, revision = await kv_load(bindings, key, domain.RuntimeBinding)
+        if stored is not None and stored.fact_sequence > sequence:
+            return  # a newer fact of this runtime was handled first (by another replica): this one is history
+        revision = await kv_save(bindings, key, binding, revision)  # Conflict → the loop redelivers at once
         if self.bindings is not None:
             self.bindings.note(key, binding, revision)
-        await self._update_status(
-            key, lambda record: domain.with_binding(
-                record.dataset, domain.with_mount_condition(record.status, mounted), binding.phase,
-                binding.cache_capacity)
-        )
+        # From the binding in the bucket, read after the record: another replica's newer fact may land meanwhile.
+        await self._update_bound_status(key, lambda record, current: domain.bound_status(record, current))
 
     # --- agent inventory ---
 

@@ -5,7 +5,8 @@ record; a binding read before a conflict must not stay in the status: the sync r
 Two replicas of the dataset service's handlers share the buckets here: one handles the runtime's fact while the
 other syncs, its bindings' watch not yet showing the fact (a lagging watch: a project-owned subclass that never
 receives entries). In one process the same interleaving happens when the fact lands between the sync's read of the
-binding and its retried write (seen once in CI: a dataset left NotBound beside a Ready runtime).
+binding and its retried write (seen once in CI: a dataset left NotBound beside a Ready runtime). Replicas may also
+take two facts of one runtime in either order: the older one changes nothing.
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ from libs import subjects
 from libs.bus import Bus, Delivery, kv_load, kv_save
 from libs.config import Settings
 from libs.events.common import ObjectMeta
-from libs.events.dataset import Dataset, DatasetApply, DatasetRecord, DatasetSpec, Mount
+from libs.events.dataset import Condition, Dataset, DatasetApply, DatasetRecord, DatasetSpec, Mount
 from libs.events.runtime import RuntimeStatus, RuntimeStatusChanged
 from libs.ufs import open_store
 from libs.ufs.base import Location, ObjectInfo, ObjectStore
+from services.dataset.domain import RuntimeBinding
 from services.dataset.handlers import DatasetHandlers
 from services.dataset.watched import WatchedBindings
 from tests.conftest import SeaweedServer, put_objects
@@ -113,3 +115,30 @@ async def test_a_runtime_ready_before_the_datasets_record_exists_binds_it_at_its
     synced, _ = await kv_load(kv, key, DatasetRecord)
     assert synced is not None
     assert (synced.status.file_num, synced.status.phase) == (1, "Bound"), synced.status
+
+
+async def test_a_runtimes_older_fact_handled_after_a_newer_one_changes_nothing(
+        bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str) -> None:
+    """Replicas share the runtime facts' consumer, so two facts of one runtime may be handled in either order: the
+    Ready fact (stream sequence 8) by one replica, then the Pending fact before it (sequence 7) by the other. The
+    binding keeps the newer fact, and so does the dataset's status (phase and the Mounted condition)."""
+    first, second = DatasetHandlers(bus, settings), DatasetHandlers(bus, settings)
+    kv = await bus.kv(subjects.KV_DATASETS)
+    key = subjects.resource_key("default", "order")
+    dataset = Dataset(metadata=ObjectMeta(name="order"),
+                      spec=DatasetSpec(mounts=[Mount(mount_point=f"s3://{bucket}/order/")]))
+    await kv_save(kv, key, DatasetRecord(dataset=dataset, generation=1), None)
+    mounted = Condition(type="Mounted", status="True", reason="Serving", message="1 of 1 agents serve it")
+    ready = RuntimeStatusChanged(id="order.ready", name="order", namespace="default", generation=1,
+                                 status=RuntimeStatus(phase="Ready", cache_capacity="1.00GiB", conditions=[mounted]))
+    pending = RuntimeStatusChanged(id="order.pending", name="order", namespace="default", generation=1,
+                                   status=RuntimeStatus(phase="NotReady"))
+    await first.on_runtime_fact(ready, Delivery(subject=subjects.RUNTIME_STATUS, headers={}, deliveries=1,
+                                                stream_sequence=8))
+    await second.on_runtime_fact(pending, Delivery(subject=subjects.RUNTIME_STATUS, headers={}, deliveries=1,
+                                                   stream_sequence=7))
+    binding, _ = await kv_load(await bus.kv(subjects.KV_BINDINGS), key, RuntimeBinding)
+    assert binding is not None and (binding.phase, binding.fact_sequence) == ("Ready", 8), binding
+    record, _ = await kv_load(kv, key, DatasetRecord)
+    assert record is not None and record.status.phase == "Bound", record.status
+    assert [c.type for c in record.status.conditions if c.status == "True"] == ["Mounted"], record.status
