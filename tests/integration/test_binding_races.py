@@ -140,5 +140,6 @@ async def test_a_runtimes_older_fact_handled_after_a_newer_one_changes_nothing(
     binding, _ = await kv_load(await bus.kv(subjects.KV_BINDINGS), key, RuntimeBinding)
     assert binding is not None and (binding.phase, binding.fact_sequence) == ("Ready", 8), binding
     record, _ = await kv_load(kv, key, DatasetRecord)
-    assert record is not None and record.status.phase == "Bound", record.status
+    assert record is not None
+    assert record.status.phase == "Bound", record.status
     assert [c.type for c in record.status.conditions if c.status == "True"] == ["Mounted"], record.status
