@@ -4,12 +4,14 @@ and publish inventory. Every dataset must reach its synced status fact (and Boun
 lost or applied twice; the time from apply to that fact is reported as p50/p99, with the services' memory.
 
 On a real nats-server (embedded, its own process) with the dataset service (``SHOAL_BENCH_LOAD_REPLICAS``
-processes sharing its durable consumers and splitting the listings by replica name, ``libs.members``; default 1) and
-the runtime service as subprocesses, the bench:
+processes sharing its durable consumers and splitting the listings by replica name, ``libs.members``; default 2, one
+per core of the machine the numbers in ``docs/benchmarks.md`` come from) and the runtime service as subprocesses,
+the bench:
 
 1. writes ``SHOAL_BENCH_LOAD_FOLDERS`` small local folders (default 1,000 of ``SHOAL_BENCH_LOAD_FILES`` = 4 files,
    kept under ``.shoal/bench/load-src`` for later runs); dataset *i* mounts ``local://<folder i mod folders>``;
-2. starts ``SHOAL_BENCH_LOAD_AGENTS`` simulated agents (default 100): each heartbeats every 5 s naming the
+2. starts ``SHOAL_BENCH_LOAD_AGENTS`` simulated agents (default 100): each heartbeats every 5 s (each at its own
+   phase of the period, as agents started at different times do) naming the
    runtimes it serves (runtime *j* on agent *j mod agents*, its mount ``Serving``) and publishes an inventory
    snapshot of each such dataset with every beat (real agents' interval; inventory changes come about as often);
 3. applies ``SHOAL_BENCH_LOAD_RUNTIMES`` runtimes (default 50 per phase, one per agent: the first datasets of the
@@ -110,7 +112,7 @@ class LoadConfig:
         config = cls(burst=number("BURST", 1000 if quick else 10_000), rate=number("RATE", 100 if quick else 500),
                      seconds=number("SECONDS", 5 if quick else 20), agents=number("AGENTS", 100),
                      runtimes=number("RUNTIMES", 20 if quick else 50), folders=number("FOLDERS", 1000),
-                     files=number("FILES", 4), replicas=number("REPLICAS", 1),
+                     files=number("FILES", 4), replicas=number("REPLICAS", 2),
                      docs=environ.get("SHOAL_BENCH_LOAD_DOCS", "docs/benchmarks.md").strip(),
                      profile=environ.get("SHOAL_BENCH_LOAD_PROFILE", "") not in ("", "0"),
                      timeout=float(number("TIMEOUT", 600)))
@@ -224,21 +226,28 @@ class Agents:
         self.bus, self.count = bus, count
         self.serves: dict[int, list[str]] = {i: [] for i in range(count)}
         self.beats = self.inventories = 0
-        self._seq = 0
 
     def serve(self, runtime_names: list[str]) -> None:
         for index, name in enumerate(runtime_names):
             self.serves[index % self.count].append(name)
 
     async def run(self, stop: asyncio.Event) -> None:
+        # Each agent at its own phase of the beat period, as agents started at different times are: a hundred beats
+        # and snapshots landing in the same instant every 5 s (all agents restarted at once) is another load.
+        await asyncio.gather(*(self._agent(i, stop) for i in range(self.count)))
+
+    async def _agent(self, index: int, stop: asyncio.Event) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), BEAT_SECONDS * index / self.count)
+        beat = 0
         while not stop.is_set():
             started = time.monotonic()
-            self._seq += 1
-            await asyncio.gather(*(self._beat(i) for i in range(self.count)))
+            beat += 1
+            await self._beat(index, beat)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), max(0.0, BEAT_SECONDS - (time.monotonic() - started)))
 
-    async def _beat(self, index: int) -> None:
+    async def _beat(self, index: int, seq: int) -> None:
         node = node_name(index)
         refs = [ObjectRef(name=name, namespace=NAMESPACE) for name in self.serves[index]]
         mounts = [MountReport(dataset=ref, state="Serving") for ref in refs]
@@ -248,9 +257,9 @@ class Agents:
         await self.bus.publish(subjects.agent_heartbeat(node), beat)
         self.beats += 1
         for ref in refs:
-            snapshot = InventorySnapshot(node=node, dataset=ref, incarnation="bench", seq=self._seq,
-                                         counters=CacheCounters(cached_bytes=self._seq << 20, capacity_bytes=1 << 30,
-                                                                hit_bytes=self._seq << 16))
+            snapshot = InventorySnapshot(node=node, dataset=ref, incarnation="bench", seq=seq,
+                                         counters=CacheCounters(cached_bytes=seq << 20, capacity_bytes=1 << 30,
+                                                                hit_bytes=seq << 16))
             await self.bus.publish(subjects.agent_inventory(node), snapshot)
             self.inventories += 1
 
