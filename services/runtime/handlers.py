@@ -182,22 +182,42 @@ class RuntimeHandlers:
             affected |= {subjects.resource_key(ref.namespace, ref.name) for ref in current.heartbeat.runtimes}
         agents = self._agents()
         for key in sorted(affected):
-            await self.refresh(key, agents)
+            await self.refresh(key, agents, mirror_first=True)
 
     async def refresh_all(self) -> None:
-        keys = await kv_keys(await self.bus.kv(subjects.KV_RUNTIMES))
+        if self.runtimes.ready.is_set():
+            keys = sorted(self.runtimes.values)
+        else:
+            keys = await kv_keys(await self.bus.kv(subjects.KV_RUNTIMES))
         now = self.clock()
         for node, record in list(self.agents.values.items()):
             if now - record.received_at > AGENT_FORGET_SECONDS:
                 self.agents.values.pop(node, None)
         agents = self._agents()
         for key in keys:
-            await self.refresh(key, agents)
+            await self.refresh(key, agents, mirror_first=True)
 
     async def refresh(self, key: str, agents: list[AgentRecord], force_publish: bool = False,
-                      autoscaling: AutoscalingStatus | None = None) -> None:
+                      autoscaling: AutoscalingStatus | None = None, mirror_first: bool = False) -> None:
+        """Write the runtime's status if it changed. ``mirror_first`` (the ticker, heartbeats, placement checks:
+        nothing in the record changed, only the world around it): the status is first worked out from the record
+        in the watch's mirror, and the bucket read and written only when that differs. A hundred runtimes cost no
+        KV read per tick then. The mirror may lag this service's own command write by a moment; that write's own
+        refresh read the bucket."""
         async with self.lock:
+            if mirror_first and not force_publish and autoscaling is None and self._settled(key, agents):
+                return
             await self._refresh(key, agents, force_publish, autoscaling)
+
+    def _settled(self, key: str, agents: list[AgentRecord]) -> bool:
+        mirrored = self.runtimes.values.get(key)
+        if mirrored is None or not (self.datasets.ready.is_set() and self.runtimes.ready.is_set()):
+            return False
+        placement = self.placement(key)
+        if domain.runtime_status(mirrored, agents, self.clock(), placement, self.others(key)) != mirrored.status:
+            return False
+        self.placements[key] = placement
+        return True
 
     async def autoscale_all(self) -> None:
         """One look of the autoscaler at every runtime with ``spec.autoscaling``."""
@@ -259,7 +279,7 @@ class RuntimeHandlers:
             self.workers_changed, changed = False, keys
         agents = self._agents()
         for key in changed:
-            await self.refresh(key, agents)
+            await self.refresh(key, agents, mirror_first=True)
 
     async def _refresh(self, key: str, agents: list[AgentRecord], force_publish: bool,
                        autoscaling: AutoscalingStatus | None = None) -> None:
