@@ -59,6 +59,7 @@ from libs.cli.stack.supervision import (
     agent_env,
     agent_plans,
     ensure_peer_secret,
+    replica_envs,
     service_env,
     service_users,
     stack_services,
@@ -119,6 +120,8 @@ class UpOptions:
     secure: bool = False
     # Embedded nats-servers: 1, or a JetStream cluster of 3 (or 5) whose streams and buckets get as many replicas.
     nats_servers: int = 1
+    # Dataset-service processes sharing the commands and splitting the syncs (libs.members).
+    dataset_replicas: int = 1
 
 
 @dataclass(frozen=True)
@@ -179,7 +182,7 @@ def _plan(options: UpOptions, environ: Mapping[str, str]) -> Plan:
     layout, ports = options.layout, options.ports
     external_nats = environ.get("NATS_URL", "").strip()
     external_s3 = environ.get("SHOAL_S3_ENDPOINT", "").strip()
-    services = stack_services(options.agents)
+    services = stack_services(options.agents, options.dataset_replicas)
     servers = ports_needed(ports, run_nats=not external_nats, run_s3=not external_s3,
                            nats_servers=options.nats_servers)
     http_ports = service_http_ports(ports.service_http, list(services), taken={use.port for use in servers})
@@ -293,10 +296,11 @@ def _launch(stack: Stack, plan: Plan) -> None:
     stack.env = plan.env
     stack.http_ports = plan.http_ports
     stack.services = plan.services
+    stack.service_envs = replica_envs(plan.services)
     if plan.agents:
         # Several agents read each other's caches; one alone has no peers, so it runs no peer server.
         ensure_peer_secret(layout.peer_secret)
-        stack.service_envs = {agent.service: agent_env(agent, layout.peer_secret) for agent in plan.agents}
+        stack.service_envs.update({agent.service: agent_env(agent, layout.peer_secret) for agent in plan.agents})
     if plan.secure is not None:
         # Each service sees its own password only; the CLI's is in a file a shell can source.
         for name, user in plan.users.items():
@@ -340,7 +344,8 @@ MAX_NATS_SERVERS = 5
 @click.option("--http-port", envvar="SHOAL_UP_HTTP_PORT", default=_defaults.service_http, show_default=True,
               type=click.IntRange(0, 65533),
               help=f"First of {len(SERVICES)} consecutive side-server ports on {LOOPBACK}, one per service "
-                   f"({', '.join(SERVICES)}; agent-1..N with --agents N): /healthz, /readyz, /metrics; 0 picks free "
+                   f"({', '.join(SERVICES)}; agent-1..N with --agents N, dataset-1..N with --dataset-replicas N): "
+                   "/healthz, /readyz, /metrics; 0 picks free "
                    "ones (env SHOAL_UP_HTTP_PORT).")
 @click.option("--prometheus-port", envvar="SHOAL_PROMETHEUS_PORT", default=PROMETHEUS_PORT, show_default=True,
               type=click.IntRange(0, 65535),
@@ -362,13 +367,18 @@ MAX_NATS_SERVERS = 5
               help="Agents (nodes) to run on this machine. With more than one, each is node <name>-<i> with labels "
                    f"{AGENT_INDEX_LABEL}=<i> and {ZONE_LABEL}=zone-a|zone-b (alternating), mounts under "
                    "<state-dir>/mnt/<node>, and they read each other's caches (env SHOAL_UP_AGENTS).")
+@click.option("--dataset-replicas", envvar="SHOAL_UP_DATASET_REPLICAS", type=click.IntRange(1, 8), default=1,
+              show_default=True,
+              help="Dataset-service processes: they share the commands and split the metadata syncs between them "
+                   "(dataset-1..N, each its own SHOAL_REPLICA_NAME; env SHOAL_UP_DATASET_REPLICAS).")
 @click.option("--secure", envvar="SHOAL_UP_SECURE", is_flag=True,
               help="NATS with TLS (a CA and certificate made in <state-dir>/nats-secure) and a user per process with "
                    "least-privilege permissions (docs/security.md); <state-dir>/nats-secure/cli.env holds the CLI's "
                    "credentials (env SHOAL_UP_SECURE).")
 def up(state_dir: Path, nats_port: int, nats_monitor_port: int, s3_port: int, seaweed_master_port: int,
        seaweed_volume_port: int, seaweed_filer_port: int, http_port: int, prometheus_port: int, manifest: Path,
-       agents: int, secure: bool, nats_cluster_port: int = _defaults.nats_cluster, nats_servers: int = 1) -> None:
+       agents: int, secure: bool, nats_cluster_port: int = _defaults.nats_cluster, nats_servers: int = 1,
+       dataset_replicas: int = 1) -> None:
     """Run NATS, SeaweedFS S3 and every Shoal service on this machine, with a demo dataset; Ctrl-C stops all.
 
     An existing NATS is used instead when NATS_URL is set, an existing S3 when SHOAL_S3_ENDPOINT is set
@@ -383,7 +393,7 @@ def up(state_dir: Path, nats_port: int, nats_monitor_port: int, s3_port: int, se
                   seaweed_volume=seaweed_volume_port, seaweed_filer=seaweed_filer_port, service_http=http_port,
                   nats_cluster=nats_cluster_port)
     options = UpOptions(StateLayout(state_dir.resolve()), ports, manifest.resolve(), agents, prometheus_port,
-                        secure=secure, nats_servers=nats_servers)
+                        secure=secure, nats_servers=nats_servers, dataset_replicas=dataset_replicas)
     try:
         run_up(options, os.environ)
     except UpError as err:

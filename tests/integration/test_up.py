@@ -23,7 +23,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from libs import subjects
+from libs import natsauth, subjects
 from libs.bus import connect, kv_load
 from libs.cli.stack import S3Access
 from libs.cli.stack.banner import applied_line, banner
@@ -33,7 +33,16 @@ from libs.cli.stack.pids import pid_alive
 from libs.cli.stack.ports import Ports as UpPorts
 from libs.cli.stack.ports import ports_needed, service_http_ports
 from libs.cli.stack.prometheus import HOW_TO_GET, MOUNTS_JOB, SERVICES_JOB, find_tool
-from libs.cli.stack.supervision import SERVICES, Stack, agent_env, agent_plans, ensure_peer_secret, stack_services
+from libs.cli.stack.supervision import (
+    SERVICES,
+    Stack,
+    agent_env,
+    agent_plans,
+    ensure_peer_secret,
+    replica_envs,
+    service_users,
+    stack_services,
+)
 from libs.config import NatsSettings
 from libs.embedded import LOOPBACK, SeaweedConfig, free_port
 from libs.events.agent import AgentRecord
@@ -425,6 +434,14 @@ async def test_a_busy_port_is_named_with_the_option_that_moves_it(tmp_path: Path
 
 
 # --- The pure decisions behind it ---
+
+
+def test_dataset_replicas_each_get_their_own_replica_name() -> None:
+    services = stack_services(1, 3)
+    assert list(services) == ["dataset-1", "dataset-2", "dataset-3", "runtime", "loader", "scheduler", "agent"]
+    assert replica_envs(services) == {f"dataset-{i}": {"SHOAL_REPLICA_NAME": f"dataset-{i}"} for i in (1, 2, 3)}
+    assert replica_envs(stack_services(2)) == {}  # one dataset service: the host's name, as in Kubernetes the pod's
+    assert set(service_users(services, [], "box").values()) >= {natsauth.user_name(natsauth.DATASET)}
 
 
 def test_several_agents_get_their_own_node_labels_paths_and_the_peer_secret(tmp_path: Path) -> None:

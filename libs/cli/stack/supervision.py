@@ -37,6 +37,7 @@ SERVICES: dict[str, str] = {
 }
 
 AGENT = "agent"
+DATASET = "dataset"
 # The labels every agent of ``shoal up --agents N`` carries (node affinity can select on them): its index, and a
 # zone alternating between two, so a Dataset can pin its cache to half of the agents.
 AGENT_INDEX_LABEL = "shoal.io/agent-index"
@@ -57,13 +58,23 @@ class AgentPlan:
     cache_subdir: str
 
 
-def stack_services(agents: int) -> dict[str, str]:
-    """The services to run: today's table for one agent; ``agent-1`` .. ``agent-N`` in place of ``agent``."""
-    if agents <= 1:
-        return dict(SERVICES)
-    services = {name: module for name, module in SERVICES.items() if name != AGENT}
-    services.update({f"{AGENT}-{index}": SERVICES[AGENT] for index in range(1, agents + 1)})
+def stack_services(agents: int, dataset_replicas: int = 1) -> dict[str, str]:
+    """The services to run: today's table for one agent and one dataset service; ``agent-1`` .. ``agent-N`` in
+    place of ``agent``, ``dataset-1`` .. ``dataset-N`` in place of ``dataset``."""
+    services: dict[str, str] = {}
+    for name, module in SERVICES.items():
+        copies = {AGENT: agents, DATASET: dataset_replicas}.get(name, 1)
+        if copies <= 1:
+            services[name] = module
+        else:
+            services.update({f"{name}-{index}": module for index in range(1, copies + 1)})
     return services
+
+
+def replica_envs(services: Mapping[str, str]) -> dict[str, dict[str, str]]:
+    """Each dataset-service replica's own name among the replicas (``libs.members``): its service name."""
+    return {name: {"SHOAL_REPLICA_NAME": name} for name, module in services.items()
+            if module == SERVICES[DATASET] and name != DATASET}
 
 
 def agent_plans(agents: int, base_node: str, base_labels: Mapping[str, str], mounts: Path) -> list[AgentPlan]:
