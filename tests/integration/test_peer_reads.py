@@ -292,8 +292,19 @@ async def test_every_block_is_fetched_from_the_store_once_for_the_cluster(
         assert value("node-c", "shoal_read_bytes_total", source="peer") == total
         assert value("node-c", "shoal_read_bytes_total", source="store") == 0
         assert sum(value(node, "shoal_read_bytes_total", source="store") for node in scraped) == total
-        served = sum(value(node, "shoal_peer_served_bytes_total") for node in scraped)
-        assert served == sum(c.get("servedBytes", 0) for c in counters.values())
+        async def served_alike() -> bool | None:
+            # A read-ahead's last peer request may be answered after the counters above were taken (seen once in
+            # CI: one block more on /metrics): both totals settle, to the same number.
+            served = 0.0
+            for node in nodes.nodes:
+                port = target_port(tmp_path / "targets", NAME, node=node)
+                assert port is not None, node
+                served += series(await scrape(port), "shoal_peer_served_bytes_total", node=node,
+                                 dataset=f"default/{NAME}") or 0.0
+            inventoried = sum(event["counters"].get("servedBytes", 0) for event in nodes.inventory.values())
+            return served == inventoried or None
+
+        await eventually(served_alike, what="peer bytes served alike on /metrics and in the inventory")
         answered = sum(value(node, "shoal_peer_requests_served_total", outcome=outcome) for node in scraped
                        for outcome in ("ok", "not_cached"))
         assert answered >= value("node-c", "shoal_block_reads_total", source="peer") > 0
