@@ -503,7 +503,9 @@ def dataset_phase(status: DatasetStatus, runtime_phase: str) -> DatasetPhase:
 class RuntimeBinding(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     """The dataset service's copy of the runtime of the same name: its phase, cache capacity and ``Mounted``
     condition, from the runtime fact at stream sequence ``fact_sequence`` (0: none). Replicas of the service take
-    facts of one runtime in any order; the sequence keeps an older fact from overwriting a newer one."""
+    facts of one runtime in any order; the sequence keeps an older fact from overwriting a newer one. The sequences
+    are the facts stream's: a stream deleted and created again counts from 1, so its bindings bucket goes with it
+    (purged), or every stored binding would look newer than the facts to come."""
 
     phase: str = "NotReady"
     cache_capacity: str = ""
