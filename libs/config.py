@@ -88,7 +88,8 @@ class S3Settings:
     )
 
 
-def _default_node_name() -> str:
+def _host_name_token() -> str:
+    """The host's name as one NATS subject token and DNS label: lower case, anything else a '-'."""
     import re
     import socket
 
@@ -134,13 +135,13 @@ class ServiceSettings:
         "SHOAL_PVC_ROOT", "Folder where volume claims are mounted, as <root>/<namespace>/<claim>, for pvc:// mounts; "
         "empty refuses pvc://.", default="",
     )
-    # Fluid's autoSync is on unless a runtime turns it off: objects that land in the store show up in the mounts
-    # within this long. Listing costs one request per 1000 objects, so minutes, not seconds; an unchanged
-    # listing writes nothing. A runtime's metadataSyncPolicy.periodSeconds overrides it.
     # Replicas of a service split what they reconcile by name (libs.members). The host's name is a pod's name in
     # Kubernetes, and stays the same when the pod's container restarts: it takes its keys back at once.
     replica_name: str = env("SHOAL_REPLICA_NAME", "This process's name among the replicas of its service (unique "
-                            "per replica; the host's name by default).", default_factory=_default_node_name)
+                            "per replica; the host's name by default).", default_factory=_host_name_token)
+    # Fluid's autoSync is on unless a runtime turns it off: objects that land in the store show up in the mounts
+    # within this long. Listing costs one request per 1000 objects, so minutes, not seconds; an unchanged
+    # listing writes nothing. A runtime's metadataSyncPolicy.periodSeconds overrides it.
     autosync_seconds: float = env(
         "SHOAL_AUTOSYNC_SECONDS", "Seconds between listings of a dataset whose runtime leaves autoSync on "
         "(unless its metadataSyncPolicy gives periodSeconds); 0 turns periodic listing off.", default=300.0,
@@ -150,7 +151,7 @@ class ServiceSettings:
 @dataclass(frozen=True)
 class AgentSettings:
     node_name: str = env("SHOAL_NODE_NAME", "This node's name in heartbeats and inventory.",
-                         default_factory=_default_node_name)
+                         default_factory=_host_name_token)
     mount_root: str = env("SHOAL_MOUNT_ROOT", "Datasets are mounted at <root>/<namespace>/<name>.",
                           default="/var/lib/shoal/mnt")
     runtimes: list[str] = env(

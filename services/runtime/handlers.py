@@ -47,6 +47,7 @@ from libs.events.runtime import (
     RuntimePhase,
     RuntimeRecord,
     RuntimeRejected,
+    RuntimeStatus,
     RuntimeStatusChanged,
 )
 from libs.gauges import GaugeFamily
@@ -213,11 +214,12 @@ class RuntimeHandlers:
         mirrored = self.runtimes.values.get(key)
         if mirrored is None or not (self.datasets.ready.is_set() and self.runtimes.ready.is_set()):
             return False
-        placement = self.placement(key)
-        if domain.runtime_status(mirrored, agents, self.clock(), placement, self.others(key)) != mirrored.status:
-            return False
-        self.placements[key] = placement
-        return True
+        return self._status(key, mirrored, agents) == mirrored.status
+
+    def _status(self, key: str, record: RuntimeRecord, agents: list[AgentRecord]) -> RuntimeStatus:
+        """The runtime's status as things stand; its placement is noted for ``check_placements``."""
+        placement = self.placements[key] = self.placement(key)
+        return domain.runtime_status(record, agents, self.clock(), placement, self.others(key))
 
     async def autoscale_all(self) -> None:
         """One look of the autoscaler at every runtime with ``spec.autoscaling``."""
@@ -290,9 +292,7 @@ class RuntimeHandlers:
             record, revision = await kv_load(kv, key, RuntimeRecord)
             if record is None:
                 return
-            placement = self.placement(key)
-            self.placements[key] = placement
-            status = domain.runtime_status(record, agents, self.clock(), placement, self.others(key))
+            status = self._status(key, record, agents)
             if autoscaling is not None and record.runtime.spec.autoscaling is not None:
                 status = msgspec.structs.replace(status, autoscaling=autoscaling)
             if status == record.status and not force_publish:

@@ -504,8 +504,9 @@ class Load:
         return problems + found[:10] + ([f"... {len(found) - 10} more"] if len(found) > 10 else [])
 
 
-def cpu_text(per: dict[str, float]) -> str:
-    return ", ".join(f"{name} {ms:.2f}" for name, ms in per.items())
+def by_name_text(per: dict[str, float]) -> str:
+    """``name value`` pairs (CPU ms or messages per dataset, by process or connection)."""
+    return ", ".join(f"{name} {value:.2f}" for name, value in per.items())
 
 
 def percentile(samples: list[float], fraction: float) -> float:
@@ -661,8 +662,8 @@ class LoadBench:
                                                                                     len(burst))}
                 say(f"  burst: {len(burst):,} synced in {elapsed:.1f} s ({len(burst) / elapsed:,.0f}/s; published in "
                     f"{published:.1f} s), p50 {results['burst']['p50']:.2f} s, p99 {results['burst']['p99']:.2f} s; "
-                    f"CPU ms per dataset {cpu_text(results['burst']['cpu_ms_per_dataset'])}; NATS messages sent per "
-                    f"dataset {cpu_text(results['burst']['messages_per_dataset'])}")
+                    f"CPU ms per dataset {by_name_text(results['burst']['cpu_ms_per_dataset'])}; "
+                    f"NATS messages sent per dataset {by_name_text(results['burst']['messages_per_dataset'])}")
             if steady:
                 cpu, sent = self._cpu(), await asyncio.to_thread(self._messages)
                 late = await load.steady(steady, config.rate, offset=len(burst))
@@ -676,8 +677,8 @@ class LoadBench:
                                                                                      len(steady))}
                 say(f"  steady {config.rate}/s for {config.seconds:.0f} s: p50 {results['steady']['p50'] * 1e3:.0f} "
                     f"ms, p99 {results['steady']['p99'] * 1e3:.0f} ms (client at most {late * 1e3:.0f} ms late); "
-                    f"CPU ms per dataset {cpu_text(results['steady']['cpu_ms_per_dataset'])}; NATS messages sent per "
-                    f"dataset {cpu_text(results['steady']['messages_per_dataset'])}")
+                    f"CPU ms per dataset {by_name_text(results['steady']['cpu_ms_per_dataset'])}; "
+                    f"NATS messages sent per dataset {by_name_text(results['steady']['messages_per_dataset'])}")
             problems = [f"{phase}: {len(results[phase]['missing'])} not synced within {config.timeout:.0f} s"
                         for phase in ("burst", "steady") if results.get(phase, {}).get("missing")]
             problems += await load.verify(burst + steady)
@@ -733,9 +734,9 @@ def markdown(config: LoadConfig, results: dict[str, Any], lines: list[tuple[str,
     for phase in ("burst", "steady"):
         if phase in results:
             rows.append(f"| {phase}: CPU ms per dataset, by process | "
-                        f"{cpu_text(results[phase]['cpu_ms_per_dataset'])} |")
+                        f"{by_name_text(results[phase]['cpu_ms_per_dataset'])} |")
             rows.append(f"| {phase}: NATS messages sent per dataset, by connection | "
-                        f"{cpu_text(results[phase].get('messages_per_dataset', {}))} |")
+                        f"{by_name_text(results[phase].get('messages_per_dataset', {}))} |")
     for name, rss in results["rss"].items():
         rows.append(f"| RSS {name} service, peak / end | {rss['peak'] / mib:.0f} / {rss['end'] / mib:.0f} MiB |")
     rows.append(f"| datasets whose runtime was no longer Ready at the end (their agents' beats late) | "
