@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any, TextIO
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 
+from libs.redact import strip_userinfo
+
 if TYPE_CHECKING:
     # The SDK is imported by the functions that install or stop a provider (a service's shell calls them): the
     # CLI and libraries only propagate context, which the API does alone.
@@ -58,7 +60,8 @@ def setup_logging(level: str = "info", fmt: str = "auto", file: TextIO | None = 
     global _configured_logging
     file = file or sys.stderr
     use_console = fmt == "console" or (fmt == "auto" and file.isatty())
-    renderer: Any = structlog.dev.ConsoleRenderer() if use_console else structlog.processors.JSONRenderer()
+    renderer: Any = _without_userinfo(structlog.dev.ConsoleRenderer() if use_console
+                                      else structlog.processors.JSONRenderer())
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
@@ -74,6 +77,18 @@ def setup_logging(level: str = "info", fmt: str = "auto", file: TextIO | None = 
     )
     _route_stdlib_logging(level, renderer, file)
     _configured_logging = True
+
+
+def _without_userinfo(renderer: Any) -> Any:
+    """``renderer`` whose lines never carry a URL's user name and password (``nats://user:pw@host`` as given in
+    ``NATS_URL``, an S3 endpoint with keys in it, a library's error quoting either): hidden on the finished line, so
+    no field, nesting or library message can slip past."""
+
+    def render(logger: Any, method: str, event: MutableMapping[str, Any]) -> Any:
+        line = renderer(logger, method, event)
+        return strip_userinfo(line) if isinstance(line, str) and "@" in line else line
+
+    return render
 
 
 class _StructlogHandler(logging.StreamHandler):

@@ -3,6 +3,7 @@ traceparent kept in records. Pure: no global provider is installed (spans come f
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Any
 
@@ -14,9 +15,11 @@ from libs.telemetry import (
     add_trace_ids,
     context_of,
     current_traceparent,
+    get_logger,
     tracing_exporter,
     tracing_resource,
 )
+from tests.helpers import json_lines, json_logs
 
 ENDPOINT = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"}
 
@@ -97,3 +100,15 @@ def test_a_process_refuses_to_start_on_an_exporter_it_does_not_ship(monkeypatch:
     assert exited.value.code == 2
     assert capsys.readouterr().err == (
         "shoal-test: OTEL_TRACES_EXPORTER: jaeger is not available here (use otlp or none)\n")
+
+
+def test_no_log_line_carries_a_urls_password_whoever_writes_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    # NATS_URL may be nats://user:password@host (nats-py takes it); a library may quote it in an error.
+    with json_logs(monkeypatch) as buffer:
+        get_logger("tests.telemetry").info("starting", nats=["nats://shoal:pl4nted-s3cret@127.0.0.1:4222"])
+        logging.getLogger("nats.aio.client").error("cannot connect to nats://shoal:pl4nted-s3cret@127.0.0.1:4222")
+    lines = json_lines(buffer.getvalue())
+    assert len(lines) == 2
+    assert "pl4nted-s3cret" not in buffer.getvalue()
+    assert lines[0]["nats"] == ["nats://***@127.0.0.1:4222"]
+    assert "nats://***@127.0.0.1:4222" in lines[1]["event"]
