@@ -130,6 +130,19 @@ def validate_runtime(runtime: Runtime) -> list[str]:
     return errors
 
 
+def change_errors(record: RuntimeRecord | None, runtime: Runtime, sequence: int = 0) -> list[str]:
+    """Why ``runtime`` (valid; an apply at stream ``sequence``, 0: unknown) cannot replace the runtime ``record``
+    holds: ``blockSize`` is fixed for a runtime's life, because every node's cache and every peer name blocks by
+    index at that size. A stale apply (see ``apply_runtime``) is not applied, so it is not refused either."""
+    if record is None or (sequence and sequence < record.command_sequence):
+        return []
+    before, after = record.runtime.spec.block_size, runtime.spec.block_size
+    if parse_quantity(before) == parse_quantity(after):
+        return []
+    return [f"spec.blockSize cannot change ({before} -> {after}): the nodes' caches hold blocks cut at {before}; "
+            "delete the runtime and apply it again to change it"]
+
+
 def autoscaling_errors(policy: AutoscalingPolicy | None, period_seconds: int) -> list[str]:
     """Why ``spec.autoscaling`` or ``spec.management.metadataSyncPolicy.periodSeconds`` cannot be used."""
     errors = []

@@ -110,6 +110,11 @@ class RuntimeHandlers:
         runtime = command.runtime
         name, namespace = runtime.metadata.name, runtime.metadata.namespace
         errors = domain.validate_runtime(runtime)
+        kv = await self.bus.kv(subjects.KV_RUNTIMES)
+        key = subjects.resource_key(namespace, name)
+        record, revision = (None, None) if errors else await kv_load(kv, key, RuntimeRecord)
+        if not errors:
+            errors = domain.change_errors(record, runtime, delivery.stream_sequence)
         if errors:
             log.info("rejected", runtime=f"{namespace}/{name}", reasons=errors)
             await self.bus.publish(
@@ -118,9 +123,6 @@ class RuntimeHandlers:
                                 name=name, namespace=namespace, subject=delivery.subject),
             )
             return
-        kv = await self.bus.kv(subjects.KV_RUNTIMES)
-        key = subjects.resource_key(namespace, name)
-        record, revision = await kv_load(kv, key, RuntimeRecord)
         updated, changed = domain.apply_runtime(record, runtime, delivery.stream_sequence)
         if changed:
             await kv_save(kv, key, updated, revision)

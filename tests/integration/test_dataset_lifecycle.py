@@ -224,6 +224,27 @@ async def test_invalid_dataset_is_rejected_with_reasons(bus: Bus, settings: Sett
         assert "NVME" in rejected["reason"] and "quota" in rejected["reason"] and "low < high" in rejected["reason"]
 
 
+async def test_a_runtimes_block_size_cannot_change_and_the_refusal_says_why(bus: Bus, settings: Settings) -> None:
+    # Nodes cache blocks by index at the runtime's blockSize: another size would give old bytes under the same names.
+    facts = FactCollector()
+    await facts.start(bus)
+    async with services(settings):
+        first = RuntimeApply(runtime=mem_runtime("rt"))
+        await bus.publish(subjects.RUNTIME_APPLY, first)
+        await facts.wait_for("runtime.accepted.v1", causationId=first.id)
+        same_bytes = RuntimeApply(runtime=msgspec.structs.replace(
+            first.runtime, spec=msgspec.structs.replace(first.runtime.spec, block_size="4194304", replicas=2)))
+        await bus.publish(subjects.RUNTIME_APPLY, same_bytes)  # 4Mi written out: the same size
+        await facts.wait_for("runtime.accepted.v1", causationId=same_bytes.id)
+        bigger = RuntimeApply(runtime=msgspec.structs.replace(
+            first.runtime, spec=msgspec.structs.replace(first.runtime.spec, block_size="8Mi")))
+        await bus.publish(subjects.RUNTIME_APPLY, bigger)
+        rejected = await facts.wait_for("runtime.rejected.v1", causationId=bigger.id)
+        assert "blockSize cannot change" in rejected["reason"] and "delete the runtime" in rejected["reason"]
+        record = await runtime_record(bus, "rt")
+        assert record is not None and record.generation == 2 and record.runtime.spec.block_size == "4194304"
+
+
 async def test_unknown_delete_is_rejected(bus: Bus, settings: Settings) -> None:
     facts = FactCollector()
     await facts.start(bus)

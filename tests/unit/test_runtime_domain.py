@@ -25,6 +25,7 @@ from services.runtime.domain import (
     MAX_REPLICAS,
     MISSED_BEATS,
     apply_runtime,
+    change_errors,
     node_capacity,
     ready_nodes,
     runtime_status,
@@ -221,6 +222,18 @@ def test_an_older_apply_delivered_again_after_a_newer_one_is_stale() -> None:
     assert (again, changed) == (newer, False)
     later, changed = apply_runtime(newer, valid_runtime(), sequence=13)
     assert (later.generation, later.runtime, changed) == (3, valid_runtime(), True)
+
+
+def test_the_block_size_is_fixed_for_the_runtimes_life_whatever_its_spelling() -> None:
+    record, _ = apply_runtime(None, valid_runtime(), sequence=10)
+    assert change_errors(None, make_runtime(Level(mediumtype="MEM", quota="1Gi"), block_size="1Mi")) == []
+    spelled = valid_runtime(replicas=5)
+    spelled = msgspec.structs.replace(spelled, spec=msgspec.structs.replace(spelled.spec, block_size="4194304"))
+    assert change_errors(record, spelled, sequence=11) == []
+    other = msgspec.structs.replace(spelled, spec=msgspec.structs.replace(spelled.spec, block_size="1Mi"))
+    [error] = change_errors(record, other, sequence=11)
+    assert "spec.blockSize cannot change (4Mi -> 1Mi)" in error
+    assert change_errors(record, other, sequence=9) == []  # stale: apply_runtime ignores it anyway
 
 
 # --- runtime_status ---
