@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import contextlib
 import errno
+import itertools
 import os
 import select
 from collections.abc import Awaitable, Callable
@@ -28,6 +29,8 @@ import msgspec
 import pyfuse3
 
 from libs import subjects
+from libs.backoff import Backoff
+from libs.blocks import block_span
 from libs.bus import Bus, Replay, connect, kv_load, kv_watch
 from libs.config import Settings
 from libs.events.agent import CacheCounters
@@ -70,6 +73,8 @@ READ_AHEAD_KB = 1024
 # An agent must fail a read fast when the store is gone rather than retry; the reader's gate remembers it.
 AGENT_CONNECT_TIMEOUT = 1.0
 AGENT_MAX_ATTEMPTS = 1
+# A manifest reload that failed is tried again after these delays, while the mount serves the tree it has.
+RELOAD_RETRY = Backoff(first=1.0, cap=30.0)
 
 
 def agent_store(location: object) -> ObjectStore:
@@ -130,6 +135,7 @@ class MountedDataset:
         self.key = subjects.resource_key(namespace, name)
         self.allocator = InodeAllocator()
         self.manifest_version: tuple[int, str] = (0, "")
+        self.block_size = 0  # the runtime's, read once at start: blocks cached are cut at it
         # The object store of each mount, rebuilt for mounts added or changed by a later sync.
         self.gates: list[StoreGate] = []
         self.locations: list[object] = []
@@ -147,7 +153,7 @@ class MountedDataset:
         entries = await (await ManifestStore.of(self.bus)).load(record.status.manifest)
         self.manifest_version = (record.status.synced_generation, record.status.last_sync_time)
         levels = self._granted_levels(runtime.runtime.spec.tieredstore.levels)
-        block_size = parse_quantity(runtime.runtime.spec.block_size)
+        block_size = self.block_size = parse_quantity(runtime.runtime.spec.block_size)
         inventory = InventoryLog(node=self.settings.agent.node_name, dataset=ObjectRef(name=self.name,
                                                                                        namespace=self.namespace))
         policy = LruPolicy if self.settings.agent.cache_policy == "lru" else FrequencyAdmissionPolicy
@@ -155,8 +161,8 @@ class MountedDataset:
                                                             self.name),
                                        policy_factory=policy, on_cached=inventory.cached, on_evicted=inventory.evicted)
         cache.on_tier_evicted = self.metrics.tier_evicted
-        await asyncio.to_thread(cache.load)
-        self._drop_stale(cache, entries)
+        await asyncio.to_thread(cache.load, block_size)
+        self._drop_stale(cache, entries, block_size)
         self._update_gates(record)
         slots = self._budget_file()
         if slots is not None:
@@ -382,52 +388,94 @@ class MountedDataset:
                         examples=tree.skipped.examples)
         return tree
 
-    @staticmethod
-    def _drop_stale(cache: BlockCache, entries: list[ManifestEntry]) -> None:
-        current = {(entry.mount, entry.key, entry.etag) for entry in entries}
-        cache.drop_stale(lambda block: (block.mount, block.key, block.etag) in current)
+    def _drop_stale(self, cache: BlockCache, entries: list[ManifestEntry], block_size: int) -> None:
+        """Deletes the blocks of objects no longer in the manifest (or at another ETag), and blocks whose length is
+        not their span's (cut at another block size by a Shoal that did not record it, or damaged)."""
+        sizes = {(entry.mount, entry.key, entry.etag): entry.size for entry in entries}
+        cache.drop_stale(lambda block: (block.mount, block.key, block.etag) in sizes)
+        misfits = [block for block, length in cache.blocks()
+                   if length != block_span(sizes[block.mount, block.key, block.etag], block_size, block.index)[1]]
+        if misfits:
+            log.warning("cache blocks of the wrong length deleted", dataset=self.key, blocks=len(misfits))
+            cache.evict(misfits)
 
     async def _watch(self, fs: DatasetFS, cache: BlockCache, stop: asyncio.Event) -> None:
         """Reload the tree when the dataset is re-synced; stop when it is deleted."""
         kv = await self.bus.kv(subjects.KV_DATASETS)
-        # Started again after a reconnect (libs.bus.kv_watch), so a resync right after a NATS restart is seen.
-        async with contextlib.aclosing(kv_watch(kv, stop, self.bus.reconnects, keys=self.key)) as watched:
-            async for entry in watched:
-                if entry is None or isinstance(entry, Replay):
-                    continue
-                if entry.operation in ("DEL", "PURGE"):
-                    log.info("dataset deleted, unmounting", dataset=self.key)
-                    self.deleted = True
-                    stop.set()
-                    return
-                if entry.value is None:
-                    continue
-                record = msgspec.json.decode(entry.value, type=DatasetRecord)
-                version = (record.status.synced_generation, record.status.last_sync_time)
-                if version == self.manifest_version or not record.status.manifest:
-                    continue
-                entries = await (await ManifestStore.of(self.bus)).load(record.status.manifest)
-                self.manifest_version = version
-                try:
-                    self._update_gates(record)  # before the tree: a new mount's files must find their store
-                except (Exception, SystemExit) as err:  # e.g. a missing secret: its reads fail, the rest serve
-                    log.error("object stores not updated", dataset=self.key, error=str(err))
-                gone, changed = fs.replace_namespace(self._tree(entries))
-                for parent, name in gone:
-                    with contextlib.suppress(Exception):
-                        # ENOENT only means the kernel never looked the name up: nothing to drop.
-                        pyfuse3.invalidate_entry_async(parent, os.fsencode(name), ignore_enoent=True)
-                for inode in changed:
-                    # Attributes only: the content of an inode never changes (writeback caching is off, so this
-                    # does not block). ENOENT: the kernel holds nothing for it.
-                    with contextlib.suppress(OSError):
-                        pyfuse3.invalidate_inode(inode, attr_only=True)
-                self.entries = {(entry.mount, entry.key): entry for entry in entries}
-                self._drop_stale(cache, entries)
-                if self.tasks is not None:
-                    self.tasks.manifest_reloaded()
-                log.info("manifest reloaded", dataset=self.key, files=len(entries), removed=len(gone),
-                         attributes_changed=len(changed))
+        reloading: asyncio.Task[None] | None = None  # the reload of the newest record, retried until it works
+        try:
+            # Started again after a reconnect (libs.bus.kv_watch), so a resync right after a NATS restart is seen.
+            async with contextlib.aclosing(kv_watch(kv, stop, self.bus.reconnects, keys=self.key)) as watched:
+                async for entry in watched:
+                    if entry is None or isinstance(entry, Replay):
+                        continue
+                    if entry.operation in ("DEL", "PURGE"):
+                        log.info("dataset deleted, unmounting", dataset=self.key)
+                        self.deleted = True
+                        stop.set()
+                        return
+                    if entry.value is None:
+                        continue
+                    try:
+                        record = msgspec.json.decode(entry.value, type=DatasetRecord)
+                    except msgspec.DecodeError as err:
+                        log.error("dataset record not understood; the mount keeps the tree it has", dataset=self.key,
+                                  error=str(err))
+                        continue
+                    version = (record.status.synced_generation, record.status.last_sync_time)
+                    if version == self.manifest_version or not record.status.manifest:
+                        continue
+                    if reloading is not None:
+                        reloading.cancel()  # a newer record: its manifest is the one to serve (cancelled in a load)
+                    reloading = asyncio.create_task(self._reload_until_done(fs, cache, record, stop))
+        finally:
+            if reloading is not None:
+                reloading.cancel()
+                await asyncio.gather(reloading, return_exceptions=True)
+
+    async def _reload_until_done(self, fs: DatasetFS, cache: BlockCache, record: DatasetRecord,
+                                 stop: asyncio.Event) -> None:
+        """``_reload`` until it works, the mount stops or a newer record cancels it. A failed reload (NATS away, the
+        manifest missing or replaced while read) leaves the mount serving the tree it has: readers keep their
+        files, and the next try comes soon."""
+        for attempt in itertools.count(1):
+            try:
+                await self._reload(fs, cache, record)
+                return
+            except Exception as err:  # whatever it was, the mount must outlive it: its readers still read
+                delay = RELOAD_RETRY.delay(attempt)
+                log.error("manifest reload failed; the mount serves the tree it has and tries again",
+                          dataset=self.key, manifest=record.status.manifest, error=f"{type(err).__name__}: {err}",
+                          retry_seconds=delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+            if stop.is_set():
+                return
+
+    async def _reload(self, fs: DatasetFS, cache: BlockCache, record: DatasetRecord) -> None:
+        """The tree, object stores and cache following the record's new manifest."""
+        entries = await (await ManifestStore.of(self.bus)).load(record.status.manifest)
+        try:
+            self._update_gates(record)  # before the tree: a new mount's files must find their store
+        except (Exception, SystemExit) as err:  # e.g. a missing secret: its reads fail, the rest serve
+            log.error("object stores not updated", dataset=self.key, error=str(err))
+        gone, changed = fs.replace_namespace(self._tree(entries))
+        self.manifest_version = (record.status.synced_generation, record.status.last_sync_time)
+        for parent, name in gone:
+            with contextlib.suppress(Exception):
+                # ENOENT only means the kernel never looked the name up: nothing to drop.
+                pyfuse3.invalidate_entry_async(parent, os.fsencode(name), ignore_enoent=True)
+        for inode in changed:
+            # Attributes only: the content of an inode never changes (writeback caching is off, so this
+            # does not block). ENOENT: the kernel holds nothing for it.
+            with contextlib.suppress(OSError):
+                pyfuse3.invalidate_inode(inode, attr_only=True)
+        self.entries = {(entry.mount, entry.key): entry for entry in entries}
+        self._drop_stale(cache, entries, self.block_size)
+        if self.tasks is not None:
+            self.tasks.manifest_reloaded()
+        log.info("manifest reloaded", dataset=self.key, files=len(entries), removed=len(gone),
+                 attributes_changed=len(changed))
 
 
 def cache_suffix(subdir: str, namespace: str, name: str) -> str:

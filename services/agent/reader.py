@@ -487,6 +487,9 @@ class BlockReader:
         block_start, _ = block_span(entry.size, self.block_size, index)
         with self._tracer.start_as_current_span("read miss", attributes=_block_attributes(block)):
             data = await self.gates[entry.mount].get_range(entry.key, block_start + lo, hi - lo, entry.etag)
+        expected = min(block_start + hi, entry.size) - block_start - lo  # a read may ask past the end of the file
+        if len(data) != expected:  # a short answer passed on would read as the end of the file
+            raise UfsError(f"{entry.key}: expected {expected} bytes at offset {block_start + lo}, got {len(data)}")
         self.stats.gets += 1
         self.stats.miss_bytes += len(data)
         if self.metrics is not None:

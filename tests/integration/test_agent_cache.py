@@ -19,12 +19,11 @@ import msgspec
 import pytest
 
 from libs import subjects
-from libs.bus import Bus
+from libs.bus import Bus, kv_load, kv_save
 from libs.config import Settings
 from libs.events.agent import InventoryRequest
 from libs.events.common import ObjectRef
-from libs.events.dataset import DatasetDelete, NodeCache
-from services.agent.cache.tiers import MARKER
+from libs.events.dataset import DatasetDelete, DatasetRecord, NodeCache
 from tests.conftest import SeaweedServer, put_objects
 from tests.faults import CuttableProxy
 from tests.helpers import eventually
@@ -116,6 +115,44 @@ async def test_overwritten_object_never_mixes_versions(bus: Bus, settings: Setti
         await eventually(new_version_served, what="the new version after a resync")
 
 
+async def test_a_manifest_that_cannot_be_loaded_leaves_the_mount_serving_its_tree(
+        bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path,
+        capfd: pytest.CaptureFixture[str]) -> None:
+    # A record naming a manifest the store does not hold (as when NATS fails mid-load): the reload fails, the mount
+    # process keeps serving what it has and takes the next good record without a restart.
+    await put_objects(seaweedfs, bucket, {"a.txt": b"alpha"})
+    async with node_stack(bus, settings, seaweedfs, tmp_path) as node:
+        await node.apply("rel", bucket)
+        root = await node.wait_mounted("rel", expect="a.txt")
+        device = os.stat(root).st_dev  # a mount process started again would be another FUSE connection
+        kv = await bus.kv(subjects.KV_DATASETS)
+        key = subjects.resource_key("default", "rel")
+        record, revision = await kv_load(kv, key, DatasetRecord)
+        assert record is not None
+        await kv_save(kv, key, msgspec.structs.replace(record, status=msgspec.structs.replace(
+            record.status, manifest="default.ghost", synced_generation=record.status.synced_generation + 1)),
+            revision)
+        errors: list[str] = []
+
+        async def reload_failed() -> bool:
+            errors.append(capfd.readouterr().err)
+            return "manifest reload failed" in "".join(errors)
+
+        await eventually(reload_failed, what="the mount process's failed reload")
+        assert await read_file(root / "a.txt") == b"alpha"
+        await put_objects(seaweedfs, bucket, {"b.txt": b"beta"})
+        await node.resync("rel")
+
+        async def new_file_served() -> bool:
+            try:
+                return await read_file(root / "b.txt") == b"beta"
+            except OSError:
+                return False
+
+        await eventually(new_file_served, what="the next good manifest")
+        assert os.stat(root).st_dev == device
+
+
 @pytest.mark.needs("fuse", "page-cache")
 async def test_full_cache_evicts_stays_within_quota_and_reads_stay_correct(bus: Bus, settings: Settings,
                                                                           seaweedfs: SeaweedServer, bucket: str,
@@ -186,7 +223,7 @@ async def test_corrupt_block_file_is_dropped_and_fetched_again(bus: Bus, setting
             return bool(event and event["counters"]["cachedBytes"] == len(body))
 
         await eventually(cached)
-        block_files = [f for f in node.cache_dir.rglob("*") if f.is_file() and f.name != MARKER]
+        block_files = [f for f in node.cache_dir.rglob("*") if f.is_file() and not f.name.startswith(".")]
         assert len(block_files) == 4
         for block_file in block_files:  # flip one byte in the data of every block
             raw = bytearray(block_file.read_bytes())

@@ -17,7 +17,7 @@ from libs.blocks import BlockId
 from libs.events.runtime import Level
 from services.agent.cache import BlockCache, DiskTier, FrequencyAdmissionPolicy, LruPolicy, MemoryTier, PolicyFactory
 from services.agent.cache import tiers as tiers_module
-from services.agent.cache.tiers import HEADER, MARKER
+from services.agent.cache.tiers import BLOCK_SIZE_FILE, HEADER, MARKER
 
 SIZE = 1000
 COOLDOWN = 30.0
@@ -62,7 +62,7 @@ def disk(path: Path, blocks: int, clock: Clock | None = None, high: float = 0.95
 
 
 def block_files(root: Path) -> list[Path]:
-    return [path for path in root.rglob("*") if path.is_file() and path.name != MARKER]
+    return [path for path in root.rglob("*") if path.is_file() and path.name not in (MARKER, BLOCK_SIZE_FILE)]
 
 
 @pytest.fixture
@@ -203,6 +203,30 @@ def test_a_new_cache_over_the_same_directories_serves_every_block_without_any_pu
     assert second.stats().misses == 0
     assert second.load() == 0  # idempotent
     assert restarted.evicted == []
+
+
+def test_blocks_cut_at_another_block_size_are_deleted_at_the_restart_not_served(tmp_path: Path) -> None:
+    # Block 1 cut at 1,000 bytes and block 1 cut at 500 are other bytes of the file under the same block name.
+    first = BlockCache([disk(tmp_path / "ssd", 20)], LruPolicy)
+    assert first.load(SIZE) == 0
+    for index in range(4):
+        assert first.put(block(index), payload(index))
+    same = BlockCache([disk(tmp_path / "ssd", 20)], LruPolicy)
+    assert same.load(SIZE) == 4  # the same size: every block kept
+    restarted = Inventory()
+    smaller = BlockCache([disk(tmp_path / "ssd", 20)], LruPolicy, restarted.on_cached, restarted.on_evicted)
+    assert smaller.load(SIZE // 2) == 0
+    assert block_files(tmp_path / "ssd") == [] and restarted.cached == []
+    assert smaller.get(block(1)) is None
+    assert smaller.put(block(1), payload(1, SIZE // 2))
+    assert BlockCache([disk(tmp_path / "ssd", 20)], LruPolicy).load(SIZE // 2) == 1  # the new size is recorded
+
+
+def test_a_tier_emptied_of_blocks_leaves_no_folder_behind_with_its_block_size_record(tmp_path: Path) -> None:
+    tier = disk(tmp_path / "ssd", 20)
+    assert tier.scan(SIZE) == [] and (tmp_path / "ssd" / BLOCK_SIZE_FILE).exists()
+    tier.remove_empty_directories()
+    assert not (tmp_path / "ssd").exists()
 
 
 def test_after_a_restart_with_a_smaller_quota_the_newest_blocks_are_kept(tmp_path: Path, inventory: Inventory) -> None:

@@ -236,6 +236,20 @@ def test_a_damaged_block_is_never_served_but_deleted_and_counted(tier: DiskTier,
     assert tier.health is Health.NORMAL  # rot in one file says nothing about the disk
 
 
+def test_a_block_file_cut_at_a_chunk_boundary_is_corrupt_not_a_shorter_block(tier: DiskTier) -> None:
+    # The chunk table still vouches for the chunks that are left, so only the file's length can tell.
+    chunk = tiers_module.CHUNK_BYTES
+    data = os.urandom(4 * chunk)
+    assert tier.write(block(7), data)
+    path = Path(tier.path_of(block(7).name))
+    table = 4 * tiers_module.CHUNK_SUM.size
+    os.truncate(path, HEADER.size + table + chunk)
+    assert tier.read_range(block(7).name, 0, chunk) == data[:chunk]  # the whole first chunk is still there
+    assert tier.read(block(7).name) is None
+    assert not path.exists()
+    assert tier.corrupt_blocks == 1
+
+
 def test_a_missing_block_file_is_a_plain_miss(tier: DiskTier) -> None:
     assert tier.read(block(6).name) is None
     assert (tier.corrupt_blocks, tier.health) == (0, Health.NORMAL)

@@ -94,6 +94,9 @@ SHARD_LENGTH = 2
 TEMP_SUFFIX = ".tmp"
 # Written by the first scan of an empty directory: the proof that the directory is Shoal's to delete in.
 MARKER = ".shoal-cache-tier"
+# The block size the tier's blocks were cut at, in bytes (decimal text). A block is named by its object, ETag and
+# index, not its size: after a runtime's blockSize changed, block 3 of a file is other bytes under the same name.
+BLOCK_SIZE_FILE = ".shoal-block-size"
 MARKER_TEXT = b"A Shoal cache tier: Shoal deletes files in this directory. Remove the whole directory to reset it.\n"
 # The runtime refuses block sizes above 64 MiB; a header claiming more is garbage, and reading it would try to
 # allocate whatever the garbage says.
@@ -169,8 +172,9 @@ class Tier(Protocol):
     def remove(self, name: str) -> bool:
         """Deletes the block if present; False only if the tier could not be asked (down or failing)."""
 
-    def scan(self) -> list[ScannedBlock]:
-        """Blocks that survived a restart, oldest first (by modification time)."""
+    def scan(self, block_size: int = 0) -> list[ScannedBlock]:
+        """Blocks that survived a restart, oldest first (by modification time). ``block_size`` (0: not known) is
+        the size the blocks are cut at now: blocks kept from a run at another size are deleted, not returned."""
 
     def remove_empty_directories(self) -> None:
         """Removes the tier's folders if no file is left in them (after its dataset was deleted)."""
@@ -229,7 +233,7 @@ class MemoryTier:
         self._blocks.pop(name, None)
         return True
 
-    def scan(self) -> list[ScannedBlock]:
+    def scan(self, block_size: int = 0) -> list[ScannedBlock]:
         return []
 
     def remove_empty_directories(self) -> None:
@@ -478,8 +482,9 @@ class DiskTier:
             return False
         return True
 
-    def scan(self) -> list[ScannedBlock]:
-        """Finds the block files of a previous run; deletes temporary files and anything garbled in the shards.
+    def scan(self, block_size: int = 0) -> list[ScannedBlock]:
+        """Finds the block files of a previous run; deletes temporary files and anything garbled in the shards,
+        and every block if they were cut at another ``block_size`` than now (0: not known, nothing checked).
 
         Creates the directory if needed (the only place that does: a directory removed while running makes
         writes fail and the tier go down, rather than quietly filling whatever filesystem is now underneath).
@@ -488,6 +493,8 @@ class DiskTier:
         try:
             os.makedirs(self._root, exist_ok=True)
             if not self._claim():
+                return []
+            if block_size and not self._keep_block_size(block_size):
                 return []
             with os.scandir(self._root) as entries:
                 shards = [entry.path for entry in entries if _is_shard(entry)]
@@ -527,8 +534,10 @@ class DiskTier:
             with contextlib.suppress(OSError):
                 os.rmdir(shard)
         with contextlib.suppress(OSError):
-            if os.listdir(self._root) == [MARKER]:  # Shoal's own marker goes last, with the folder
-                os.unlink(os.path.join(self._root, MARKER))
+            left = os.listdir(self._root)
+            if MARKER in left and set(left) <= {MARKER, BLOCK_SIZE_FILE}:  # Shoal's own files go last
+                for name in sorted(left, key=lambda name: name == MARKER):  # the marker last of all
+                    os.unlink(os.path.join(self._root, name))
             os.rmdir(self._root)
 
     # -- internals ----------------------------------------------------------------------------------------
@@ -553,6 +562,41 @@ class DiskTier:
         with contextlib.suppress(FileExistsError), open(marker, "xb") as out:  # another process won: fine
             out.write(MARKER_TEXT)
         return True
+
+    def _keep_block_size(self, block_size: int) -> bool:
+        """Records ``block_size`` as the size this tier's blocks are cut at. If they were cut at another size,
+        deletes them all first (and says so) and returns False. A tier without the record (new, or written before
+        it existed) is taken to be cut at ``block_size``: the mount process checks each block's length anyway."""
+        path = os.path.join(self._root, BLOCK_SIZE_FILE)
+        try:
+            with open(path, encoding="ascii") as recorded:
+                before = recorded.read(32).strip()
+        except FileNotFoundError:
+            before = ""
+        if before == str(block_size):
+            return True
+        kept = before == ""
+        if not kept:
+            deleted = self._delete_every_block()
+            log.warning("cache blocks deleted: the runtime's block size changed", directory=self._root,
+                        block_size_before=before, block_size=block_size, files=deleted)
+        temp = f"{path}.{os.getpid()}{TEMP_SUFFIX}"
+        with open(temp, "w", encoding="ascii") as out:
+            out.write(f"{block_size}\n")
+        os.replace(temp, path)
+        return kept
+
+    def _delete_every_block(self) -> int:
+        deleted = 0
+        with os.scandir(self._root) as entries:
+            shards = [entry.path for entry in entries if _is_shard(entry)]
+        for shard in shards:
+            with os.scandir(shard) as entries:
+                files = [entry.path for entry in entries if not entry.is_dir(follow_symlinks=False)]
+            for path in files:
+                _unlink_quietly(path)
+                deleted += 1
+        return deleted
 
     def _scan_file(self, path: str, name: str, shard: str) -> tuple[float, ScannedBlock] | None:
         """(mtime, block) if the file's header and id are sound and match its name, else None (garbage)."""
@@ -657,8 +701,10 @@ def _read_chunks(fd: int, layout: tuple[int, list[int]], start: int, end: int | 
         return b""
     first, last = start // CHUNK_BYTES, (stop - 1) // CHUNK_BYTES
     span_start = first * CHUNK_BYTES
-    data = os.pread(fd, min(length, (last + 1) * CHUNK_BYTES) - span_start, _data_offset(len(sums)) + span_start)
-    if not _chunks_verified(data, sums, first):
+    wanted = min(length, (last + 1) * CHUNK_BYTES) - span_start
+    data = os.pread(fd, wanted, _data_offset(len(sums)) + span_start)
+    # A file cut short (at a chunk boundary its table cannot tell) is as corrupt as a wrong chunk.
+    if len(data) != wanted or not _chunks_verified(data, sums, first):
         return None
     if start == span_start and len(data) == stop - start:
         return data
