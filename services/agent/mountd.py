@@ -341,7 +341,7 @@ class MountedDataset:
                 if entry.operation not in ("DEL", "PURGE") and entry.value is not None:
                     try:
                         workers = msgspec.json.decode(entry.value, type=RuntimeRecord).status.workers
-                    except msgspec.ValidationError as err:
+                    except msgspec.DecodeError as err:  # garbled or of another shape
                         log.error("runtime record not understood, ring unchanged", dataset=self.key, error=str(err))
                         continue
                 if router.update(workers):
