@@ -53,7 +53,7 @@ from libs.embedded import free_port
 from libs.events.agent import AgentHeartbeat, MountReport
 from libs.events.common import ObjectRef, parse_quantity
 from libs.events.dataset import DatasetRecord
-from libs.events.runtime import RuntimeRecord
+from libs.events.runtime import Level, RuntimeRecord
 from libs.references import is_reference
 from libs.service import Loop, Periodic, nats_check, run_loops
 from libs.side_server import Readiness
@@ -118,6 +118,8 @@ class MountWorker:
     # Where this mount's peer server listens (0: none). Picked once and kept across restarts of the process, so a
     # restarted owner is found again at the URL the other nodes know.
     peer_port: int = 0
+    # The runtime's tiers at the last start: where the mount's blocks are, even once the runtime is gone.
+    levels: list[Level] = field(default_factory=list)
 
     @property
     def key(self) -> str:
@@ -133,6 +135,9 @@ class NodeAgent:
     # Environment of mount processes; None inherits the agent's (tests run the agent in-process).
     child_env: dict[str, str] | None = None
     workers: dict[tuple[str, str], MountWorker] = field(default_factory=dict)
+    # The tiers of caches that stopped mounts left on disk for datasets that still exist (their runtime went
+    # first): freed when the dataset is deleted, dropped when it is mounted again. Lost with the agent.
+    left_caches: dict[tuple[str, str], list[Level]] = field(default_factory=dict)
     served: list[tuple[str, str]] = field(default_factory=list)
     supervisor: Supervisor[Process] = field(default_factory=lambda: Supervisor(lambda p: p.returncode))
     # Where mount processes write their status files; a folder of this agent's own, removed on stop.
@@ -192,8 +197,12 @@ class NodeAgent:
             if not exists or now - unwanted.unwanted_since >= UNBOUND_GRACE_SECONDS:
                 self.supervisor.remove(unwanted.key)
                 await self._stop_worker(self.workers.pop(ref))
+                if exists and unwanted.levels:
+                    self.left_caches[ref] = unwanted.levels
             if not exists:
-                await self._free_cache(*ref)
+                await self._free_cache(*ref, levels=unwanted.levels or None)
+        for ref in [r for r in self.left_caches if subjects.resource_key(*r) not in self.datasets.values]:
+            await self._free_cache(*ref, levels=self.left_caches.pop(ref))
         for namespace, name in sorted(wanted):
             worker = self.workers.get((namespace, name))
             if worker is None:
@@ -204,6 +213,7 @@ class NodeAgent:
                                                                        budget_slot=slot,
                                                                        peer_port=self._peer_port())
                 self.supervisor.add(worker.key, now)
+                self.left_caches.pop((namespace, name), None)  # its mount process finds its blocks again
             worker.unwanted_since = None
         await self._reconcile_links()
         exits, due = self.supervisor.step(now)
@@ -340,6 +350,9 @@ class NodeAgent:
 
     async def _start_worker(self, worker: MountWorker) -> None:
         remove_status(worker.status_file)  # a "down" reported by the process before must not outlive it
+        runtime = self.runtimes.values.get(subjects.resource_key(worker.namespace, worker.name))
+        if runtime is not None:
+            worker.levels = runtime.runtime.spec.tieredstore.levels
         argv = ["--namespace", worker.namespace, "--name", worker.name, "--mountpoint", worker.path,
                 "--status-file", worker.status_file]
         if worker.peer_port:
@@ -370,12 +383,14 @@ class NodeAgent:
         await asyncio.to_thread(remove_mountpoint, worker.path)
         log.info("mount stopped", dataset=f"{worker.namespace}/{worker.name}")
 
-    async def _free_cache(self, namespace: str, name: str) -> None:
-        """Delete the blocks of a deleted dataset that its mount process (down, or never told) left on disk."""
-        runtime = self.runtimes.values.get(subjects.resource_key(namespace, name))
-        if runtime is None:
-            return
-        levels = runtime.runtime.spec.tieredstore.levels
+    async def _free_cache(self, namespace: str, name: str, levels: list[Level] | None = None) -> None:
+        """Delete the blocks of a deleted dataset that its mount process (down, or never told) left on disk, in the
+        runtime's tiers (or ``levels``, those of a runtime deleted before the dataset)."""
+        if levels is None:
+            runtime = self.runtimes.values.get(subjects.resource_key(namespace, name))
+            if runtime is None:
+                return
+            levels = runtime.runtime.spec.tieredstore.levels
         suffix = domain.cache_suffix(self.settings.agent.cache_subdir, namespace, name)
         folders = [Path(d.strip()) / suffix for level in levels for d in level.path.split(",") if d.strip()]
         if not await asyncio.to_thread(lambda: any(folder.is_dir() for folder in folders)):

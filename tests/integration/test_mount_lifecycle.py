@@ -26,6 +26,7 @@ from libs.events.common import ObjectMeta, format_bytes
 from libs.events.dataset import Dataset, DatasetApply, DatasetResync, DatasetSpec, Mount
 from libs.inventory import DatasetInventory
 from libs.manifest import ManifestStore
+from services.agent import app as agent_app
 from tests.conftest import NatsServer, SeaweedServer, put_objects
 from tests.faults import CuttableProxy
 from tests.helpers import eventually, runtime_record
@@ -350,6 +351,31 @@ async def test_deleting_a_dataset_whose_mount_is_down_frees_its_cached_blocks_to
             return not cache.exists() and str(root) not in mounted_paths() and not root.exists()
 
         await eventually(freed, timeout=30, what="the agent freeing the deleted dataset's blocks")
+
+
+async def test_a_dataset_deleted_after_its_runtime_still_has_its_cached_blocks_freed(
+        bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # The runtime goes first: the mount stops after the unbound grace (shortened here; the agent runs in this
+    # process) and its blocks stay, the dataset still existing. Deleting the dataset then frees them, though no
+    # runtime says any more where its tiers were.
+    monkeypatch.setattr(agent_app, "UNBOUND_GRACE_SECONDS", 0.5)
+    objects = {f"d{i}.bin": os.urandom(1_500_000) for i in range(2)}
+    await put_objects(seaweedfs, bucket, objects)
+    async with node_stack(bus, settings, seaweedfs, tmp_path) as node:
+        await node.apply("orphan", bucket)
+        root = await node.wait_mounted("orphan", expect="d1.bin")
+        for key in objects:
+            await read_file(root / key)
+        cache = node.cache_dir / "default" / "orphan"
+        await eventually(lambda: _async(len(block_files(cache)) >= 4), what="blocks on disk")
+        await run_tool(SHOAL, "--nats", ",".join(settings.nats.urls), "delete", "runtime", "orphan")
+        await eventually(lambda: _async(not mount_pids(root) and str(root) not in mounted_paths()),
+                         what="the unbound mount stopped")
+        assert len(block_files(cache)) >= 4  # the dataset may be bound again: its blocks are kept meanwhile
+        await run_tool(SHOAL, "--nats", ",".join(settings.nats.urls), "delete", "dataset", "orphan")
+        await eventually(lambda: _async(not cache.exists()), timeout=30,
+                         what="the agent freeing the blocks of the runtime-less dataset")
 
 
 async def test_a_resync_right_after_a_nats_server_restart_reaches_the_running_mount(
