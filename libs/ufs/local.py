@@ -35,8 +35,10 @@ from libs.ufs.base import (
 
 
 def _etag(st: os.stat_result) -> str:
-    """Size and modification time: what changes when a file is rewritten, with no need to read it."""
-    return f"{st.st_size:x}-{st.st_mtime_ns:x}"
+    """Size, modification time and inode: what changes when a file is rewritten, with no need to read it. The inode
+    catches a file replaced by another (an editor's save, ``rsync``, ``tar -x``) whose size and mtime were kept
+    (``cp -p``, ``touch -d``, ``SOURCE_DATE_EPOCH``); a rewrite in place that keeps both is not seen."""
+    return f"{st.st_size:x}-{st.st_mtime_ns:x}-{st.st_ino:x}"
 
 
 # (mode, uid, gid) of a folder on the way from the root to a file.
@@ -243,7 +245,8 @@ class LocalObjectStore:
         # Opening the resolved path, not the key, so a link swapped in after the check cannot redirect us.
         real = self._resolve(key)
         try:
-            with open(real, "rb") as file:
+            # Non-blocking: a FIFO put where a file was listed would block this thread (and the read) for ever.
+            with open(os.open(real, os.O_RDONLY | os.O_NONBLOCK), "rb") as file:
                 st = os.fstat(file.fileno())
                 if not stat.S_ISREG(st.st_mode):
                     raise self._no_key(key)

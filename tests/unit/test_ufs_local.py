@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 from pathlib import Path
@@ -38,7 +39,7 @@ def write(root: Path, key: str, body: bytes) -> Path:
 
 def expected_etag(path: Path) -> str:
     st = path.stat()
-    return f"{st.st_size:x}-{st.st_mtime_ns:x}"
+    return f"{st.st_size:x}-{st.st_mtime_ns:x}-{st.st_ino:x}"
 
 
 async def test_list_pages_through_every_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -125,6 +126,28 @@ async def test_rewritten_file_is_object_changed(tmp_path: Path) -> None:
     with pytest.raises(ObjectChanged, match=re.escape(f"no longer {old}")):
         await store.get_range("obj", 0, 5, etag=old)
     assert await store.get_range("obj", 0, 6, etag=new) == b"second"
+
+
+async def test_a_file_replaced_by_another_of_the_same_size_and_mtime_is_object_changed(tmp_path: Path) -> None:
+    path = write(tmp_path, "obj", b"first")
+    store = store_at(tmp_path)
+    old = (await store.head("obj")).etag
+    replacement = write(tmp_path, "obj.new", b"other")
+    st = path.stat()
+    os.utime(replacement, ns=(st.st_atime_ns, st.st_mtime_ns))  # as cp -p, touch -d or a reproducible build
+    os.replace(replacement, path)
+    with pytest.raises(ObjectChanged):
+        await store.get_range("obj", 0, 5, etag=old)
+
+
+async def test_a_fifo_where_a_file_was_listed_is_no_object_and_does_not_block(tmp_path: Path) -> None:
+    path = write(tmp_path, "obj", b"first")
+    store = store_at(tmp_path)
+    etag = (await store.head("obj")).etag
+    path.unlink()
+    os.mkfifo(path)  # nobody writes to it: a blocking open would never return
+    with pytest.raises(NoSuchKey):
+        await asyncio.wait_for(store.get_range("obj", 0, 5, etag=etag), 10)
 
 
 @pytest.mark.parametrize(
