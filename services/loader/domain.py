@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import msgspec
-from croniter import croniter
+from croniter import CroniterBadDateError, croniter
 
 from libs import ring
 from libs.blocks import block_count, block_span
@@ -57,6 +57,10 @@ OPERATION_KINDS: tuple[OperationKind, ...] = ("DataLoad", "DataClean")
 MAX_REPLICAS = 64
 # What a run that finished reports as its duration while it runs (Fluid's word).
 UNFINISHED = "Unfinished"
+# Where validation looks for a schedule's first firing: a fixed time, not the clock, so validation stays pure. Any
+# schedule that matches a date matches one within croniter's search window (50 years) of any start (the rarest,
+# "5th Monday of February", recurs within 40), so the answer does not depend on the start. 2000-01-01T00:00:00Z.
+SCHEDULE_PROBE_TIME = 946_684_800.0
 
 
 # --- Times ---
@@ -99,6 +103,16 @@ def valid_schedule(schedule: str) -> bool:
     return len(schedule.split()) == 5 and bool(croniter.is_valid(schedule))
 
 
+def schedule_fires(schedule: str) -> bool:
+    """Whether a valid schedule has a next firing croniter can compute. "0 0 30 2 *" (30 February) is valid
+    syntax that no date matches: accepted, it would fail every due check of the operation."""
+    try:
+        next_cron(schedule, SCHEDULE_PROBE_TIME)
+    except CroniterBadDateError:
+        return False
+    return True
+
+
 def _target_errors(targets: Sequence[TargetPath], replicas_matter: bool) -> list[str]:
     errors = []
     for index, target in enumerate(targets):
@@ -138,6 +152,9 @@ def validate_load(load: DataLoad) -> list[str]:
         elif not valid_schedule(spec.schedule):
             errors.append(f"spec.schedule {spec.schedule!r} is not a valid cron expression: five fields "
                           "(minute hour day-of-month month day-of-week), e.g. '0 * * * *'")
+        elif not schedule_fires(spec.schedule):
+            errors.append(f"spec.schedule {spec.schedule!r} never fires: no date matches it (a day the month does "
+                          "not have, such as 30 February?); name days that exist, e.g. '0 0 28 2 *'")
     elif spec.schedule:
         errors.append(f"spec.schedule is only for policy Cron; remove it or set policy: Cron (policy is "
                       f"{spec.policy})")

@@ -269,10 +269,11 @@ class LoaderHandlers:
         async with self.lock:
             now = self.clock()
             for key, record in sorted(self.operations.values.items()):
-                if not self._may_advance(key, record, now):
-                    continue
+                # One operation's failure (its due check included) is logged and retried next tick; it must not
+                # stop the operations sorted after it from advancing.
                 try:
-                    await self._advance(key)
+                    if self._may_advance(key, record, now):
+                        await self._advance(key)
                 except Exception:
                     log.exception("advancing an operation failed", operation=key)
 

@@ -392,6 +392,33 @@ async def test_cron_runs_on_schedule_once_per_firing(bus: Bus, nats_server: Nats
             assert record is not None and record.status.runs == 3
 
 
+async def test_a_schedule_that_never_fires_is_refused_and_stalls_no_other_operation(bus: Bus,
+                                                                                     nats_server: NatsServer) -> None:
+    """30 February passes croniter's syntax check but has no next firing. Applied, it is refused with the reason.
+    One that got in anyway (stored by a loader before this check) fails its own due check on every tick, and the
+    operations sorted after it ("warm" after "aaa") still advance: the Cron load runs when the clock passes its
+    firing."""
+    await put_dataset(bus, files(("a", BLOCK)))
+    await put_runtime(bus, NODES[:1])
+    stored = OperationRecord(kind="DataLoad", metadata=ObjectMeta(name="aaa"), created_at="2026-01-01T00:00:00Z",
+                             load=DataLoadSpec(dataset=ObjectRef(name="data"), policy="Cron", schedule="0 0 30 2 *"))
+    await (await bus.kv(subjects.KV_OPERATIONS)).put(subjects.operation_key("DataLoad", "default", "aaa"),
+                                                     msgspec.json.encode(stored))
+    facts = FactCollector()
+    await facts.start(bus, subjects.DATALOAD_FACTS)
+    now = [1_767_225_600.0 + 10]  # 2026-01-01T00:00:10Z
+    async with agent(bus, NODES[:1]), loader(nats_server, clock=lambda: now[0]):
+        never = dataload(name="aaa", policy="Cron", schedule="0 0 30 2 *")
+        await publish(bus, subjects.DATALOAD_APPLY, never)
+        rejected = await facts.wait_for("operation.rejected.v1", causationId=never.id)
+        assert "spec.schedule '0 0 30 2 *' never fires" in rejected["reason"]
+        await publish(bus, subjects.DATALOAD_APPLY, dataload(policy="Cron", schedule="* * * * *"))
+        await phase_of(bus, "Pending")
+        now[0] += 60  # past 00:01:00: only the tick starts this run
+        await phase_of(bus, "Complete", runs=1)
+    assert await operation(bus, "aaa") == stored  # the refused apply changed nothing
+
+
 async def test_on_event_loads_only_new_or_changed_objects(bus: Bus, nats_server: NatsServer) -> None:
     await put_dataset(bus, files(("a", BLOCK), ("b", BLOCK)))
     await put_runtime(bus, NODES[:2])

@@ -75,6 +75,19 @@ def test_cron_needs_a_valid_five_field_schedule() -> None:
         assert "not a valid cron expression" in domain.validate_load(load(policy="Cron", schedule=bad))[0]
 
 
+def test_a_schedule_that_never_fires_is_refused() -> None:
+    """Valid syntax no date matches: accepted, every due check of the operation would raise."""
+    for never in ("0 0 30 2 *", "0 0 31 4,6 *"):
+        assert domain.valid_schedule(never)
+        errors = domain.validate_load(load(policy="Cron", schedule=never))
+        assert len(errors) == 1 and "never fires" in errors[0] and repr(never) in errors[0], errors
+    # Rare firings are still firings: 29 February (every 4 years), the 5th Monday of February (leap years whose
+    # February starts on a Monday, decades apart).
+    for rare in ("0 0 29 2 *", "0 0 * 2 1#5"):
+        assert domain.validate_load(load(policy="Cron", schedule=rare)) == []
+        assert domain.cron_due(rare, "", "2026-01-01T00:00:00Z", t("2100-01-01T00:00:00Z"))
+
+
 def test_run_after_itself_is_refused() -> None:
     errors = domain.validate_load(load(run_after=OperationRef(kind="DataLoad", name="warm")))
     assert any("itself" in e for e in errors)
