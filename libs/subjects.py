@@ -153,11 +153,17 @@ def manifest_name(namespace: str, name: str) -> str:
     return f"{namespace}.{name}"
 
 
-# The loader's objects in the same Object Store: the current run's plan (its parts, republished after a restart)
-# and the manifest the last OnEvent run saw. Five dot-separated parts, so never a dataset's ``<ns>.<name>``.
+# The loader's objects in the same Object Store: the current run's plan (its parts, republished after a restart),
+# the manifest the last Complete OnEvent run planned against (the baseline of the next run's diff), and the one the
+# current OnEvent run plans against (the baseline once that run completes). Five dot-separated parts, so never a
+# dataset's ``<ns>.<name>``.
 def loader_plan(operation: str) -> str:
     return f"loader.{operation}.plan"
 
 
 def loader_manifest(operation: str) -> str:
     return f"loader.{operation}.manifest"
+
+
+def loader_planned_manifest(operation: str) -> str:
+    return f"loader.{operation}.planned"

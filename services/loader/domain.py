@@ -458,7 +458,7 @@ class RunState(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omit_d
     resync_requests: int = 0
     deadline: float = 0.0
     ring: list[str] = []
-    # OnEvent runs fired by a sync load only the entries new or changed since the previous run's manifest.
+    # OnEvent runs fired by a sync load only the entries new or changed since the last Complete run's manifest.
     changes_only: bool = False
     files_total: int = 0
     parts: list[PartState] = []

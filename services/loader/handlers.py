@@ -2,7 +2,8 @@
 
 Which I/O it owns: KV ``shoal_operations`` (OperationRecord: spec and status; the loader is its only writer) and
 ``shoal_operation_runs`` (``domain.RunState``: the current run's stage and parts' progress), the run's plan and the
-last OnEvent manifest in the Object Store (``subjects.loader_plan`` / ``loader_manifest``), parts published on
+OnEvent manifests in the Object Store (``subjects.loader_plan``; ``loader_manifest``, the last Complete run's, and
+``loader_planned_manifest``, the current run's: see ``_plan``), parts published on
 ``subjects.node_task`` (JetStream, ``Nats-Msg-Id`` = the part's id, so a republished part is deduplicated),
 ``TaskCancel`` on core NATS, ``DatasetResync`` for loadMetadata, and the operation facts.
 
@@ -226,6 +227,7 @@ class LoaderHandlers:
         store = await ManifestStore.of(self.bus)
         await store.delete(subjects.loader_plan(key))
         await store.delete(subjects.loader_manifest(key))
+        await store.delete(subjects.loader_planned_manifest(key))
         self.operations.values.pop(key, None)
         self.plans.pop(key, None)
         self.dirty.discard(key)
@@ -434,7 +436,16 @@ class LoaderHandlers:
         await self._plan(key, record, state, now)
 
     async def _plan(self, key: str, record: OperationRecord, state: domain.RunState, now: float) -> None:
-        """Plan the run against the dataset's manifest and the runtime's ring, save it, publish its parts."""
+        """Plan the run against the dataset's manifest and the runtime's ring, save it, publish its parts.
+
+        OnEvent: a run fired by a sync loads the entries new or changed since the baseline, the manifest the last
+        *Complete* run planned against (``loader_manifest``). This run's manifest is saved aside
+        (``loader_planned_manifest``) before the run is saved as executing, and becomes the baseline only when the
+        run completes (``_finish``). So a loader killed (or NATS failing) while planning plans again against the same
+        baseline and loses no change; and after a Failed run the next one loads that run's changes again along with
+        the new ones (a user expects a failed file to be retried by the next sync, not skipped for ever; the blocks
+        that run did cache are skipped by the agents).
+        """
         ref = domain.dataset_ref(record)
         dataset = await self._dataset(record)
         runtime = await self._runtime(record)
@@ -458,14 +469,13 @@ class LoaderHandlers:
             await self._finish(key, "Failed", domain.missing_message(missing, ref))
             return
         ring: list[str] = []
+        on_event = record.load is not None and record.load.policy == "OnEvent"
         if record.load is not None:
-            if record.load.policy == "OnEvent":
-                if state.changes_only:
-                    previous = await self._load_entries(store, subjects.loader_manifest(key))
-                    changed = {(e.mount, e.key, e.etag) for e in domain.changed_entries(previous, entries)}
-                    chosen = {i: r for i, r in chosen.items()
-                              if (entries[i].mount, entries[i].key, entries[i].etag) in changed}
-                await self._save_entries(store, subjects.loader_manifest(key), entries)
+            if on_event and state.changes_only:
+                previous = await self._load_entries(store, subjects.loader_manifest(key))
+                changed = {(e.mount, e.key, e.etag) for e in domain.changed_entries(previous, entries)}
+                chosen = {i: r for i, r in chosen.items()
+                          if (entries[i].mount, entries[i].key, entries[i].etag) in changed}
             ring = domain.ring_of(runtime)
             # A thread: planning 100k files takes seconds; the event loop (NATS pings, /readyz) keeps running meanwhile.
             plan = await asyncio.to_thread(domain.plan_load, state.run, ref, entries, chosen, ring,
@@ -474,6 +484,9 @@ class LoaderHandlers:
             picked = [entries[i] for i in sorted(chosen)] if targets else None
             plan = domain.plan_clean(state.run, ref, picked, domain.clean_nodes(runtime))
         await store.objects.put(subjects.loader_plan(key), msgspec.json.encode(plan))
+        if on_event:
+            # Before the executing state: a run saved as executing always finds its own manifest here at the end.
+            await self._save_entries(store, subjects.loader_planned_manifest(key), entries)
         self.plans[key] = plan
         state = msgspec.structs.replace(state, stage="executing", ring=ring, parts=domain.parts_state(plan),
                                         files_total=len(plan.files) if record.load is not None else 0,
@@ -517,11 +530,27 @@ class LoaderHandlers:
             done = domain.files_done(plan, state.parts) if plan is not None else 0
             status = msgspec.structs.replace(status, progress=domain.fold_progress(state, done, now))
         status = domain.status_finished(status, phase, message, state.started_at or now, now)
+        if record.load is not None:
+            # Before the finished state: a loader killed in between finishes the run again, and this is idempotent.
+            await self._settle_baseline(key, phase)
         await self._save_state(key, msgspec.structs.replace(state, stage="finished"))
         await self._save_status(key, record, revision, status)
         self.dirty.discard(key)
         metrics.OPERATION_RUNS.labels(record.kind, phase).inc()
         log.info("run finished", run=state.run, phase=phase, message=message or None)
+
+    async def _settle_baseline(self, key: str, phase: OperationPhase) -> None:
+        """OnEvent: a Complete run's manifest becomes the baseline of the next run's diff; a Failed run's is dropped,
+        so the next run diffs against the older baseline and loads the failed run's changes again (see ``_plan``)."""
+        store = await ManifestStore.of(self.bus)
+        planned = subjects.loader_planned_manifest(key)
+        if phase == "Complete":
+            try:
+                entries = await store.load(planned)
+            except (ObjectNotFoundError, NotFoundError):
+                return  # not an OnEvent run, or finished already
+            await self._save_entries(store, subjects.loader_manifest(key), entries)
+        await store.delete(planned)
 
     async def _write_progress(self, key: str, force: bool) -> None:
         """Fold the parts' progress into the status: at most once a second, unless ``force``."""

@@ -439,6 +439,58 @@ async def test_on_event_loads_only_new_or_changed_objects(bus: Bus, nats_server:
         assert not scripted.keys("dataload.default.warm.3")
 
 
+async def test_on_event_planning_interrupted_loses_no_change(bus: Bus, nats_server: NatsServer,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Planning run 2 fails once (as a loader killed, or NATS failing, while planning would leave it): the next tick
+    plans it again against the same baseline, so run 2 still loads the changed "b" and the new "c"; it does not end
+    "nothing to load" against a manifest saved before the plan."""
+    real_plan_load = domain.plan_load
+    interrupted: list[str] = []
+
+    def plan_load_failing_once(run: str, *args: Any) -> domain.Plan:
+        if run.endswith(".2") and not interrupted:
+            interrupted.append(run)
+            raise ConnectionError("NATS connection lost while planning")
+        return real_plan_load(run, *args)
+
+    monkeypatch.setattr(domain, "plan_load", plan_load_failing_once)
+    await put_dataset(bus, files(("a", BLOCK), ("b", BLOCK)))
+    await put_runtime(bus, NODES[:2])
+    async with agent(bus, NODES[:2]) as scripted, loader(nats_server):
+        await publish(bus, subjects.DATALOAD_APPLY, dataload(policy="OnEvent"))
+        await phase_of(bus, "Complete", runs=1)
+        await put_dataset(bus, [*files(("a", BLOCK)), *files(("b", BLOCK), ("c", 2 * BLOCK), etag="e2")],
+                          requests=1)
+        second = await phase_of(bus, "Complete", runs=2)
+    assert interrupted == ["dataload.default.warm.2"]
+    assert scripted.keys("dataload.default.warm.2") == {"b", "c"}
+    assert "nothing to load" not in second.status.message
+
+
+async def test_on_event_after_a_failed_run_loads_its_changes_again(bus: Bus, nats_server: NatsServer) -> None:
+    """Run 2 (changed "b", new "c") fails on the node. The next sync (new "d") loads "b" and "c" again with "d": the
+    baseline is the last Complete run's manifest. Once that run completes, the baseline moves: a sync that changed
+    nothing loads nothing."""
+    await put_dataset(bus, files(("a", BLOCK), ("b", BLOCK)))
+    await put_runtime(bus, NODES[:1])
+    changed = [*files(("a", BLOCK)), *files(("b", BLOCK), ("c", BLOCK), etag="e2")]
+    async with agent(bus, NODES[:1]) as scripted, loader(nats_server):
+        await publish(bus, subjects.DATALOAD_APPLY, dataload(policy="OnEvent"))
+        await phase_of(bus, "Complete", runs=1)
+        scripted.fail = "the store refused the read"
+        await put_dataset(bus, changed, requests=1)
+        await phase_of(bus, "Failed", runs=2)
+        assert scripted.keys("dataload.default.warm.2") == {"b", "c"}
+        scripted.fail = ""
+        await put_dataset(bus, [*changed, *files(("d", BLOCK), etag="e3")], requests=2)
+        await phase_of(bus, "Complete", runs=3)
+        assert scripted.keys("dataload.default.warm.3") == {"b", "c", "d"}
+        await put_dataset(bus, [*changed, *files(("d", BLOCK), etag="e3")], requests=3)
+        fourth = await phase_of(bus, "Complete", runs=4)
+    assert "nothing to load" in fourth.status.message
+    assert not scripted.keys("dataload.default.warm.4")
+
+
 async def test_load_metadata_resyncs_first_and_fails_when_no_sync_comes(bus: Bus, nats_server: NatsServer) -> None:
     await put_dataset(bus, files(("a", BLOCK)))
     await put_runtime(bus, NODES[:1])
