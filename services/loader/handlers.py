@@ -100,10 +100,12 @@ class LoaderHandlers:
     metadata_timeout: float = METADATA_TIMEOUT_SECONDS
     node_gone_timeout: float = NODE_GONE_SECONDS
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    # The current run's plan per operation (also in the Object Store), for counting files done.
+    # The in-memory views of runs below hold at most an entry per operation (or operation and node), never one per
+    # run: ``_forget_run`` drops an operation's when its run finishes and when the operation is removed.
+    # The current run's plan (also in the Object Store), for counting files done.
     plans: dict[str, domain.Plan] = field(default_factory=dict)
-    # Runs whose parts this process published or republished (a restarted loader republishes the others once).
-    published: set[str] = field(default_factory=set)
+    # The run whose parts this process published or republished (a restarted loader republishes the others once).
+    published: dict[str, str] = field(default_factory=dict)
     # Operations with progress not yet in their status, and when their status was last written (monotonic).
     dirty: set[str] = field(default_factory=set)
     written_at: dict[str, float] = field(default_factory=dict)
@@ -229,8 +231,7 @@ class LoaderHandlers:
         await store.delete(subjects.loader_manifest(key))
         await store.delete(subjects.loader_planned_manifest(key))
         self.operations.values.pop(key, None)
-        self.plans.pop(key, None)
-        self.dirty.discard(key)
+        self._forget_run(key)
         meta = record.metadata
         await self.bus.publish(FACTS[record.kind][3], OperationDeleted(
             id=f"{key}.deleted.{revision}", kind=record.kind, name=meta.name,
@@ -338,7 +339,7 @@ class LoaderHandlers:
                                    f"{self.metadata_timeout:.0f} s (loadMetadata); check the dataset's status and "
                                    f"the dataset service, or set loadMetadata: false")
         elif state.stage == "executing":
-            if state.run not in self.published:
+            if self.published.get(key) != state.run:
                 await self._publish_parts(key, state, resume=True)
             result = domain.outcome(state)
             if result is None and record.load is not None:
@@ -513,7 +514,7 @@ class LoaderHandlers:
             task = planned.task
             await self.bus.publish(subjects.node_task(task.node, task.dataset.namespace, task.dataset.name), task)
             republished += 1
-        self.published.add(state.run)
+        self.published[key] = state.run
         if resume:
             log.info("run resumed", run=state.run, parts_republished=republished)
 
@@ -523,6 +524,7 @@ class LoaderHandlers:
         record, revision = await kv_load(kv, key, OperationRecord)
         state, _ = await self._state(key)
         if record is None:
+            self._forget_run(key)
             return
         status = record.status
         if state.parts:
@@ -535,9 +537,18 @@ class LoaderHandlers:
             await self._settle_baseline(key, phase)
         await self._save_state(key, msgspec.structs.replace(state, stage="finished"))
         await self._save_status(key, record, revision, status)
-        self.dirty.discard(key)
+        self._forget_run(key)
         metrics.OPERATION_RUNS.labels(record.kind, phase).inc()
         log.info("run finished", run=state.run, phase=phase, message=message or None)
+
+    def _forget_run(self, key: str) -> None:
+        """Drop what this process keeps in memory for the operation's run: it finished, or the operation is gone."""
+        self.plans.pop(key, None)
+        self.published.pop(key, None)
+        self.dirty.discard(key)
+        self.written_at.pop(key, None)
+        for stale in [k for k in self.gone_since if k[0] == key]:
+            del self.gone_since[stale]
 
     async def _settle_baseline(self, key: str, phase: OperationPhase) -> None:
         """OnEvent: a Complete run's manifest becomes the baseline of the next run's diff; a Failed run's is dropped,

@@ -66,6 +66,7 @@ from libs.manifest import ManifestStore, ManifestWriter
 from services.dataset import app as dataset_app
 from services.loader import app as loader_app
 from services.loader import domain
+from services.loader.handlers import LoaderHandlers
 from services.runtime import app as runtime_app
 from tests.conftest import NatsServer
 from tests.helpers import FactCollector, eventually, make_settings, running
@@ -551,6 +552,66 @@ async def test_delete_cancels_the_run(bus: Bus, nats_server: NatsServer) -> None
         await sub.unsubscribe()
     assert [c.run for c in cancels] == ["dataload.default.warm.1"]
     assert await operation(bus) is None
+
+
+def remembered(handlers: LoaderHandlers, key: str) -> list[str]:
+    """Which of the loader's in-memory views of runs hold something of the operation ``key``."""
+    views = {"plans": key in handlers.plans, "published": key in handlers.published,
+             "written_at": key in handlers.written_at, "dirty": key in handlers.dirty,
+             "gone_since": any(k[0] == key for k in handlers.gone_since)}
+    return [name for name, held in views.items() if held]
+
+
+async def test_the_loaders_memory_of_a_run_goes_when_it_finishes_or_is_deleted(
+        bus: Bus, nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The plan, the published run, the status throttle and a gone node's timer are kept per operation while its run
+    works, and dropped when the run finishes (here Failed: a node left) or the operation is deleted mid-run, so the
+    loader's memory does not grow with every run. Checked under the loader's lock: a run's end is written whole."""
+    created: list[LoaderHandlers] = []
+
+    class Recorded(LoaderHandlers):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            created.append(self)
+
+    monkeypatch.setattr(loader_app, "LoaderHandlers", Recorded)
+    await put_dataset(bus, files(*[(f"f{i}", 2 * BLOCK) for i in range(12)]))
+    await put_runtime(bus, NODES)
+    warm, busy = (subjects.operation_key("DataLoad", "default", name) for name in ("warm", "busy"))
+    async with agent(bus, NODES) as scripted, loader(nats_server, node_gone_timeout=3.0):
+        scripted.hold.set()
+        await publish(bus, subjects.DATALOAD_APPLY, dataload())
+
+        async def part_on_node_c() -> bool:
+            return any(task.node == "node-c" for task in scripted.tasks.values())
+
+        await eventually(part_on_node_c, what="node-c's part received")
+        [handlers] = created
+        async with handlers.lock:
+            assert {"plans", "published", "written_at"} <= set(remembered(handlers, warm))
+        await put_runtime(bus, NODES[:2])
+
+        async def timing_node_c() -> bool:
+            return (warm, "node-c") in handlers.gone_since
+
+        await eventually(timing_node_c, what="node-c timed as gone")
+        await phase_of(bus, "Failed")
+        async with handlers.lock:
+            assert remembered(handlers, warm) == []
+        # Deleted while it works: forgotten too.
+        await publish(bus, subjects.DATALOAD_APPLY, dataload(name="busy"))
+        await phase_of(bus, "Executing", name="busy")
+        async with handlers.lock:
+            assert {"plans", "published", "written_at"} <= set(remembered(handlers, busy))
+        await publish(bus, subjects.DATALOAD_DELETE, DataLoadDelete(name="busy"))
+
+        async def deleted() -> bool:
+            return await operation(bus, "busy") is None
+
+        await eventually(deleted, what="busy deleted")
+        async with handlers.lock:
+            assert remembered(handlers, busy) == []
+        scripted.hold.clear()
 
 
 async def test_run_after_waits_for_complete_and_fails_after_failed(bus: Bus, nats_server: NatsServer) -> None:
