@@ -11,7 +11,8 @@ whose object changed gets a new inode (and the kernel drops its cached pages for
 from __future__ import annotations
 
 import stat
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from libs import paths
@@ -43,11 +44,24 @@ class Node:
 
 
 class InodeAllocator:
-    """Hands out inode numbers, reusing the number of a (path, etag) seen before."""
+    """Hands out inode numbers, reusing the number a (path, etag) had in the previous tree; a number is never given
+    to another identity. Only the identities of the last tree are kept (``tree``): a dataset re-synced every few
+    minutes whose files keep changing would otherwise keep every version it ever served."""
 
     def __init__(self) -> None:
         self._by_identity: dict[tuple[str, str], int] = {("/", ""): ROOT_INODE}
         self._next = ROOT_INODE + 1
+        self._building: dict[tuple[str, str], int] | None = None
+
+    @contextmanager
+    def tree(self) -> Iterator[None]:
+        """While a tree is built: afterwards the identities it did not ask for are forgotten."""
+        self._building = {("/", ""): ROOT_INODE}
+        try:
+            yield
+            self._by_identity = self._building
+        finally:
+            self._building = None
 
     def inode_for(self, path: str, etag: str) -> int:
         identity = (path, etag)
@@ -56,6 +70,8 @@ class InodeAllocator:
             inode = self._next
             self._next += 1
             self._by_identity[identity] = inode
+        if self._building is not None:
+            self._building[identity] = inode
         return inode
 
 
@@ -86,6 +102,14 @@ class Namespace:
             usable.append(entry)
         root = Node(inode=ROOT_INODE, name="", parent=ROOT_INODE, mtime=mtime)
         nodes = {ROOT_INODE: root}
+        with allocator.tree():
+            cls._add(nodes, usable, folders, skipped, allocator)
+        return cls(nodes, skipped)
+
+    @staticmethod
+    def _add(nodes: dict[int, Node], usable: list[ManifestEntry], folders: paths.Folders, skipped: paths.Skipped,
+             allocator: InodeAllocator) -> None:
+        root = nodes[ROOT_INODE]
         for entry in usable:
             if folders.shadows(entry.path):
                 skipped.add(entry.path, paths.SHADOWED, entry.mount)
@@ -99,7 +123,7 @@ class Namespace:
                 child_inode = parent.children.get(part)
                 if child_inode is None:
                     child_inode = allocator.inode_for(path + "/", "")
-                    nodes[child_inode] = Node(inode=child_inode, name=part, parent=parent.inode, mtime=mtime)
+                    nodes[child_inode] = Node(inode=child_inode, name=part, parent=parent.inode, mtime=root.mtime)
                     parent.children[part] = child_inode
                 child = nodes[child_inode]  # a folder: files at folder paths were shadowed above
                 child.mtime = max(child.mtime, entry.mtime)
@@ -113,7 +137,6 @@ class Namespace:
             inode = allocator.inode_for(entry.path, entry.etag)
             nodes[inode] = Node(inode=inode, name=name, parent=parent.inode, entry=entry, mtime=entry.mtime)
             parent.children[name] = inode
-        return cls(nodes, skipped)
 
     def lookup(self, parent: int, name: str) -> Node | None:
         directory = self.nodes.get(parent)

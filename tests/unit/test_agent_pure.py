@@ -66,6 +66,21 @@ def test_inodes_are_stable_for_unchanged_files_and_new_for_changed_ones() -> Non
     assert old is not None and new is not None and old.inode != new.inode
 
 
+def test_the_allocator_keeps_only_the_last_trees_identities_and_never_reuses_a_number() -> None:
+    allocator = InodeAllocator()
+    seen: set[int] = set()
+    for version in range(50):  # a file that changes at every sync, next to one that never does
+        tree = Namespace.build([entry("/stable"), entry("/log", f"v{version}")], allocator)
+        log_node = tree.lookup(ROOT_INODE, "log")
+        assert log_node is not None and log_node.inode not in seen
+        seen.add(log_node.inode)
+    assert len(allocator._by_identity) == 3  # the root, /stable and the last /log
+    stable = Namespace.build([entry("/stable")], allocator).lookup(ROOT_INODE, "stable")
+    again = Namespace.build([entry("/stable"), entry("/log", "v0")], allocator).lookup(ROOT_INODE, "log")
+    assert stable is not None and stable.inode == tree.lookup(ROOT_INODE, "stable").inode  # type: ignore[union-attr]
+    assert again is not None and again.inode not in seen  # a version gone and back is a new inode, never an old one
+
+
 def test_a_new_tree_names_the_entries_gone_and_the_inodes_whose_attributes_changed() -> None:
     # The kernel keeps names and attributes until told (fs.ENTRY_TIMEOUT), so this list is all it is told.
     from services.agent.fs import DatasetFS
