@@ -288,16 +288,30 @@ class FaultyStoreProxy(HttpProxy):
     """An S3 endpoint that fails or lags on ranged GETs (block reads) as the test says; everything else (listing,
     HEAD, presigning) passes. ``faults``: statuses for the next ranged GETs, one each, in order; ``always``: a
     status for every ranged GET while set (0: none); ``delay``: seconds each ranged GET waits before it is
-    forwarded; ``injected``: the errors answered so far."""
+    forwarded; ``cuts``: how many of the next ranged GETs get their headers and half their body, then a closed
+    connection; ``injected``: the faults so far."""
 
     def __init__(self, target: str) -> None:
         super().__init__(target)
         self.faults: list[int] = []
         self.always = 0
         self.delay = 0.0
+        self.cuts = 0
         self.injected = 0
 
     async def _forward(self, request: web.Request) -> web.StreamResponse:
+        if request.method == "GET" and "Range" in request.headers and self.cuts:
+            self.cuts -= 1
+            self.injected += 1
+            answer = await super()._forward(request)
+            assert isinstance(answer, web.Response) and isinstance(answer.body, bytes)
+            cut = web.StreamResponse(status=answer.status, headers=answer.headers)
+            cut.content_length = len(answer.body)
+            await cut.prepare(request)
+            await cut.write(answer.body[:len(answer.body) // 2])
+            assert request.transport is not None
+            request.transport.close()
+            return cut
         if request.method == "GET" and "Range" in request.headers:
             status = self.faults.pop(0) if self.faults else self.always
             if status:

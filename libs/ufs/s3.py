@@ -79,6 +79,11 @@ def _folder(prefix: str) -> str:
 PRESIGN_SECONDS = 900
 PRESIGN_REUSE_SECONDS = 600
 PRESIGNED_KEYS = 10_000
+# A ranged GET whose connection was lost once the store had it (a keep-alive connection the server closed as the
+# request went out, a body cut short) is sent once more on a fresh connection; after that it is a retryable error
+# of that read alone, never "endpoint unreachable", which fails every uncached read of the mount for a while.
+CUT_ATTEMPTS = 2
+_CUT = (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError, ConnectionResetError)
 
 
 class S3ObjectStore:
@@ -276,6 +281,15 @@ class S3ObjectStore:
 
     async def _fast_get_into(self, key: str, start: int, into: memoryview, etag: str | None) -> int | None:
         """``_fast_get`` into ``into``; None when the answer needs ``get_range`` (not a 206)."""
+        for attempt in range(CUT_ATTEMPTS):
+            try:
+                return await self._fast_get_into_once(key, start, into, etag)
+            except _CUT as err:
+                if attempt + 1 == CUT_ATTEMPTS:
+                    raise self._error(err, "get", key, etag) from err
+        raise AssertionError("unreachable")
+
+    async def _fast_get_into_once(self, key: str, start: int, into: memoryview, etag: str | None) -> int | None:
         length = len(into)
         url, headers = await self._ranged(key, start, length, etag)
         try:
@@ -300,6 +314,8 @@ class S3ObjectStore:
                                        f"{self._where} answered more than the {length} bytes asked for")
                     into[got:got + len(piece)] = piece
                     got += len(piece)
+        except _CUT:
+            raise  # tried again on a fresh connection
         except (aiohttp.ClientError, TimeoutError, OSError) as err:
             raise self._error(err, "get", key, etag) from err
         return got
@@ -320,6 +336,15 @@ class S3ObjectStore:
 
     async def _fast_get(self, key: str, start: int, length: int, etag: str | None) -> bytes | None:
         """The ranged GET on a pre-signed URL; None when the answer needs the full client to be explained."""
+        for attempt in range(CUT_ATTEMPTS):
+            try:
+                return await self._fast_get_once(key, start, length, etag)
+            except _CUT as err:
+                if attempt + 1 == CUT_ATTEMPTS:
+                    raise self._error(err, "get", key, etag) from err
+        raise AssertionError("unreachable")
+
+    async def _fast_get_once(self, key: str, start: int, length: int, etag: str | None) -> bytes | None:
         url, headers = await self._ranged(key, start, length, etag)
         try:
             async with self._session().get(url, headers=headers) as response:
@@ -330,6 +355,8 @@ class S3ObjectStore:
                 if etag is not None and _etag(response.headers.get("ETag", "")) != etag:
                     raise self._changed(key, etag)
                 data = await response.read()
+        except _CUT:
+            raise  # tried again on a fresh connection
         except (aiohttp.ClientError, TimeoutError, OSError) as err:
             raise self._error(err, "get", key, etag) from err
         return data if response.status == 206 else data[start : start + length]
@@ -420,6 +447,11 @@ class S3ObjectStore:
             return AccessDenied(
                 f"no usable S3 credentials for {bucket}: set the access key id and secret access key"
             )
+        if isinstance(err, _CUT):  # the endpoint answered: one connection was lost, not the store
+            failure = UfsError(f"S3 {action} of '{self._prefix}{key}' in {bucket} failed: the connection was cut "
+                               f"mid-answer ({type(err).__name__})")
+            failure.retryable = True
+            return failure
         if isinstance(err, EndpointConnectionError | HTTPClientError | aiohttp.ClientError | TimeoutError):
             return EndpointUnreachable(f"cannot reach S3 endpoint {self._where}: {self._reason(err)}")
         return UfsError(f"S3 {action} of {bucket} failed: {type(err).__name__}: {err}")

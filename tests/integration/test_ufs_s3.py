@@ -26,7 +26,7 @@ from libs.ufs import (
     open_store,
 )
 from tests.conftest import SeaweedServer, put_objects
-from tests.faults import HttpProxy
+from tests.faults import FaultyStoreProxy, HttpProxy
 
 WRONG_SECRET = "wrong-secret-Zq9xK2vLp"
 
@@ -295,3 +295,31 @@ def test_errors_are_ufs_errors() -> None:
     for kind in (AccessDenied, EndpointUnreachable, NoSuchBucket, NoSuchKey, ObjectChanged):
         assert issubclass(kind, UfsError)
     assert S3Location(bucket="b").secret_access_key == Secret("")
+
+
+async def test_a_ranged_get_cut_mid_answer_is_sent_again_and_never_marks_the_store_unreachable(
+        seaweedfs: SeaweedServer, bucket: str) -> None:
+    body = os.urandom(3 * 1024 * 1024)
+    await put_objects(seaweedfs, bucket, {"blob": body})
+    proxy = FaultyStoreProxy(seaweedfs.endpoint)
+    await proxy.start()
+    try:
+        async with S3ObjectStore(seaweedfs.location(bucket)) as direct:  # the proxy is for block reads only
+            etag = (await direct.head("blob")).etag
+        location = dataclasses.replace(seaweedfs.location(bucket), endpoint_url=proxy.endpoint)
+        async with S3ObjectStore(location) as store:
+            proxy.cuts = 1
+            assert await store.get_range("blob", 1000, 2_000_000, etag=etag) == body[1000:2_001_000]
+            proxy.cuts = 1
+            into = bytearray(2_000_000)
+            assert await store.get_range_into("blob", 5, memoryview(into), etag=etag) == len(into)
+            assert bytes(into) == body[5:2_000_005]
+            assert proxy.injected == 2
+            proxy.cuts = 2  # cut twice in a row: that read fails, as a retryable error of that read
+            with pytest.raises(UfsError) as raised:
+                await store.get_range("blob", 0, 1_000_000, etag=etag)
+            assert not isinstance(raised.value, EndpointUnreachable) and raised.value.retryable
+            assert "cut mid-answer" in str(raised.value)
+            assert await store.get_range("blob", 0, 10, etag=etag) == body[:10]  # the next read just works
+    finally:
+        await proxy.stop()
