@@ -392,7 +392,10 @@ class MountedDataset:
         """Deletes the blocks of objects no longer in the manifest (or at another ETag), and blocks whose length is
         not their span's (cut at another block size by a Shoal that did not record it, or damaged)."""
         sizes = {(entry.mount, entry.key, entry.etag): entry.size for entry in entries}
-        cache.drop_stale(lambda block: (block.mount, block.key, block.etag) in sizes)
+        stale = cache.drop_stale(lambda block: (block.mount, block.key, block.etag) in sizes)
+        if stale:
+            log.info("cache blocks of objects gone from the manifest or changed deleted", dataset=self.key,
+                     blocks=stale)
         misfits = [block for block, length in cache.blocks()
                    if length != block_span(sizes[block.mount, block.key, block.etag], block_size, block.index)[1]]
         if misfits:

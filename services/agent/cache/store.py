@@ -43,6 +43,7 @@ from libs.blocks import BlockId
 from libs.events.common import parse_quantity
 from libs.events.runtime import Level
 from libs.hostpaths import cache_path_error
+from libs.telemetry import get_logger
 from services.agent.cache.eviction import EvictionPolicy, FrequencyAdmissionPolicy, PolicyFactory
 from services.agent.cache.tiers import (
     DEFAULT_COOLDOWN_SECONDS,
@@ -53,6 +54,8 @@ from services.agent.cache.tiers import (
     MemoryTier,
     Tier,
 )
+
+log = get_logger(__name__)
 
 BlockCallback = Callable[[BlockId, int], None]
 # Told the medium of the tier a block was evicted from (to make room, or by ``evict``): the agent's metrics.
@@ -401,6 +404,7 @@ class BlockCache:
         loaded = 0
         for index, (tier, policy) in enumerate(zip(self._tiers, self._policies, strict=True)):
             kept: list[tuple[BlockId, str, int]] = []
+            copies = over_quota = 0
             room = policy.high_bytes - policy.resident_bytes - self._in_flight[index]
             for block, name, size in reversed(tier.scan(block_size)):  # newest first
                 entry = self._index.get(name)
@@ -408,9 +412,13 @@ class BlockCache:
                     continue  # loaded before, or being written right now
                 if entry is not None or size > room:
                     tier.remove(name)  # a copy of a block a faster tier holds, or over the quota
+                    copies, over_quota = copies + (entry is not None), over_quota + (entry is None)
                     continue
                 room -= size
                 kept.append((block, name, size))
+            if copies or over_quota:
+                log.info("cache scan removed blocks", tier=tier.location, copies_of_faster_tiers=copies,
+                         over_quota=over_quota)
             for block, name, size in reversed(kept):  # oldest first: LRU order
                 policy.inserted(name, size)
                 self._index[name] = _Entry(block, index, size)
