@@ -462,8 +462,10 @@ class RunState(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omit_d
     changes_only: bool = False
     files_total: int = 0
     parts: list[PartState] = []
-    # Runs asked for with dataload.run.v1 and not started yet.
+    # Runs asked for with dataload.run.v1 and not started yet, and the commands stream's sequence of the last such
+    # command counted (one delivered again after it was counted, its fact unpublished, is not counted twice).
     requested: int = 0
+    run_command_sequence: int = 0
     # OnEvent: the dataset's (syncedGeneration, syncedRequests, lastSyncTime) the last run looked at.
     sync_stamp: str = ""
 

@@ -180,6 +180,11 @@ class LoaderHandlers:
             return
         key = subjects.operation_key("DataLoad", command.namespace, command.name)
         record, _ = await kv_load(await self.bus.kv(subjects.KV_OPERATIONS), key, OperationRecord)
+        state, state_revision = await self._state(key)
+        counted = bool(delivery.stream_sequence) and delivery.stream_sequence <= state.run_command_sequence
+        if record is not None and counted:  # delivered again after it was counted: only its fact may be missing
+            await self._accept_run(command, record)
+            return
         name = f"DataLoad {command.namespace}/{command.name}"
         reason = ""
         if record is None or record.load is None:
@@ -191,14 +196,19 @@ class LoaderHandlers:
         if reason or record is None:
             await self._reject(command.id, "DataLoad", command.name, command.namespace, reason, delivery)
             return
-        state, state_revision = await self._state(key)
-        state = msgspec.structs.replace(state, requested=state.requested + 1)
+        state = msgspec.structs.replace(state, requested=state.requested + 1,
+                                        run_command_sequence=max(state.run_command_sequence,
+                                                                 delivery.stream_sequence))
         await kv_save(await self.bus.kv(subjects.KV_OPERATION_RUNS), key, state, state_revision)
         self.runs.values[key] = state
+        await self._accept_run(command, record)
+        await self._advance_now(key)
+
+    async def _accept_run(self, command: DataLoadRun, record: OperationRecord) -> None:
+        # The same id when sent again: the facts stream keeps one (Nats-Msg-Id).
         await self.bus.publish(FACTS["DataLoad"][0], OperationAccepted(
             id=f"{command.id}.accepted", causation_id=command.id, kind="DataLoad", name=command.name,
             namespace=command.namespace, generation=record.generation))
-        await self._advance_now(key)
 
     async def _delete(self, command: DataLoadDelete | DataCleanDelete, kind: OperationKind,
                       delivery: Delivery) -> None:

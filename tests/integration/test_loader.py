@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
+import nats.errors
 import pytest
 from nats.js import api as js_api
 
@@ -391,6 +392,38 @@ async def test_cron_runs_on_schedule_once_per_firing(bus: Bus, nats_server: Nats
             await phase_of(bus, "Complete", runs=3)
             record = await operation(bus)
             assert record is not None and record.status.runs == 3
+
+
+async def test_a_run_command_delivered_again_after_it_was_counted_runs_once_and_is_not_refused(
+        bus: Bus, nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The run is counted, then publishing its accepted fact times out (a NATS failover): the command comes again.
+    # It must neither count a second run nor be refused as "Executing" (the first may have started meanwhile).
+    await put_dataset(bus, files(("a", BLOCK)))
+    await put_runtime(bus, NODES[:1])
+    run = DataLoadRun(name="warm")
+    real_publish = Bus.publish
+    failed: list[str] = []
+
+    async def publish_failing_once(self: Bus, subject: str, event: msgspec.Struct, **kwargs: Any) -> Any:
+        if subject == subjects.DATALOAD_ACCEPTED and getattr(event, "causation_id", "") == run.id and not failed:
+            failed.append(subject)
+            raise nats.errors.TimeoutError
+        return await real_publish(self, subject, event, **kwargs)
+
+    facts = FactCollector()
+    await facts.start(bus)
+    async with agent(bus, NODES[:1]), loader(nats_server):
+        await publish(bus, subjects.DATALOAD_APPLY, dataload(policy="Cron", schedule="0 0 1 1 *"))
+        await phase_of(bus, "Pending")
+        monkeypatch.setattr(Bus, "publish", publish_failing_once)
+        await publish(bus, subjects.DATALOAD_RUN, run)
+        await facts.wait_for("operation.accepted.v1", causationId=run.id)
+        complete = await phase_of(bus, "Complete", runs=1)
+        state, _ = await kv_load(await bus.kv(subjects.KV_OPERATION_RUNS),
+                                 subjects.operation_key("DataLoad", "default", "warm"), domain.RunState)
+    assert failed and complete.status.runs == 1
+    assert state is not None and state.requested == 0  # no second run waiting
+    assert facts.of_type("operation.rejected.v1", causationId=run.id) == []
 
 
 async def test_a_schedule_that_never_fires_is_refused_and_stalls_no_other_operation(bus: Bus,
