@@ -4,8 +4,8 @@ What it decides:
 - the shape of Shoal's streams, KV buckets and the manifest Object Store (``provision`` is idempotent);
 - how a handler's outcome becomes an acknowledgement: success → ack; ``RetryLater`` or an unexpected error →
   nak with a growing delay; ``Conflict`` → nak at once (another writer won, the handler re-reads);
-  ``Permanent``, an undecodable or oversized payload, or a last failed delivery → a ``DeadLetter`` record on the
-  dead-letter stream, then ``term`` so the message is never redelivered.
+  ``Permanent``, an undecodable or oversized payload, or a last failed delivery (a ``Conflict`` too) → a
+  ``DeadLetter`` record on the dead-letter stream, then ``term`` so the message is never redelivered.
 - that every published event carries ``Nats-Msg-Id`` (its id, for deduplication) and, inside a trace, a PRODUCER
   span whose ``traceparent`` the headers carry; every consumed message gets a CONSUMER span continuing it
   (``messaging.system=nats``, ``messaging.destination.name`` = the subject).
@@ -860,7 +860,15 @@ class Consumer(Generic[E]):
         try:
             await self._call(event, delivery)
         except Conflict as err:
-            self._bound(delivery).info("conflict, retrying", reason=str(err))
+            bound = self._bound(delivery)
+            if self._last(delivery):
+                # The server delivers this message no more: naked, it would be neither handled nor dead-lettered.
+                await self._dead_letter(message, delivery, f"gave up after {delivery.deliveries} deliveries: "
+                                        f"conflict: {err}", bound)
+                return metrics.DEAD_LETTERED
+            # At once, deliberately (as ``libs.reconcile``): the writer that won is done, and a re-read sees its
+            # write. A hot key cannot spin: each redelivery spends one of the durable's ``max_deliver``.
+            bound.info("conflict, retrying", reason=str(err))
             await message.nak(delay=0)
             return metrics.CONFLICT
         except Permanent as err:
@@ -883,8 +891,12 @@ class Consumer(Generic[E]):
         finally:
             self._handler_seconds(time.perf_counter() - started)
 
+    def _last(self, delivery: Delivery) -> bool:
+        """Whether the server will not deliver this message again: ``max_deliver`` is reached."""
+        return delivery.deliveries >= self.max_deliver
+
     async def _retry(self, message: Msg, delivery: Delivery, reason: str, delay: float | None, bound: Any) -> str:
-        if delivery.deliveries >= self.max_deliver:
+        if self._last(delivery):
             await self._dead_letter(message, delivery, f"gave up after {delivery.deliveries} deliveries: {reason}",
                                     bound)
             return metrics.DEAD_LETTERED

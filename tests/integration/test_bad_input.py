@@ -171,6 +171,31 @@ async def _async(result: bool) -> bool:
     return result
 
 
+async def test_a_conflict_on_the_last_delivery_is_dead_lettered(bus: Bus) -> None:
+    """A handler that always loses its compare-and-set: retried at once, and its last delivery dead-lettered with
+    the reason (naked, the server would deliver it no more and it would vanish unhandled)."""
+    attempts: list[int] = []
+
+    async def contended(event: DatasetApply, delivery: Delivery) -> None:
+        attempts.append(delivery.deliveries)
+        raise Conflict("tests.hot changed concurrently")
+
+    consumer = Consumer(bus, subjects.STREAM_COMMANDS, "contended", subjects.DATASET_APPLY,
+                        msgspec.json.Decoder(DatasetApply), contended, max_event_bytes=4096, max_deliver=3)
+    metrics = Snapshot()
+    async with running(lambda stop: _run_until(consumer, stop)):
+        await bus.publish(subjects.DATASET_APPLY, DatasetApply(dataset=Dataset(metadata=ObjectMeta(name="x"))))
+        letter = await dead_letter_for(bus, subjects.DATASET_APPLY)
+    assert attempts == [1, 2, 3]
+    assert [r["consumer"] for r in await dead_letters(bus)] == ["contended"]  # exactly one
+    assert letter["deliveries"] == 3
+    assert "gave up after 3 deliveries" in letter["reason"] and "tests.hot changed concurrently" in letter["reason"]
+    info = await bus.js.consumer_info(subjects.STREAM_COMMANDS, "contended")
+    assert info.num_ack_pending == 0
+    assert metrics.moved(HANDLED, consumer="contended", outcome="conflict") == 2
+    assert metrics.moved(HANDLED, consumer="contended", outcome="dead_lettered") == 1
+
+
 async def test_permanent_error_goes_straight_to_dead_letters(bus: Bus) -> None:
     attempts: list[int] = []
 
