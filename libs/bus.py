@@ -16,6 +16,10 @@ What it decides:
 - that a consumer or a KV watch outlives its server: when the server goes (a restart, a cluster electing new
   leaders) it attaches again (``ATTACH``'s pace) instead of ending its service; provisioning raises an existing
   stream's or bucket's replicas to ``SHOAL_STREAM_REPLICAS``, and never lowers them.
+- that a durable consumer has the settings its process asks for: one kept from before a change (SHOAL_MAX_DELIVER,
+  its ack wait, its filters) is updated when the consumer attaches; one the server refuses to update (a setting
+  JetStream cannot change) is logged as an error and used as it is, its own ``max_deliver`` deciding the last
+  delivery.
 - what every service's bus metrics count (``libs.metrics``): each message a consumer handles once, by outcome
   (ok, rejected, retried, dead_lettered, conflict), its handler's time, the consumer's lag at each fetch, and
   each compare-and-set that loses (``kv_save``, ``kv_delete``).
@@ -687,6 +691,29 @@ ATTACH_API_SECONDS = 1.5
 LOOKUP_EVERY = 4
 
 
+# What ``Consumer`` sets on its durable, compared with an existing durable's settings (``_consumer_changes``).
+_CONSUMER_FIELDS = ("ack_policy", "deliver_policy", "ack_wait", "max_deliver", "max_ack_pending")
+
+
+def _filters(config: js_api.ConsumerConfig) -> list[str]:
+    return sorted(config.filter_subjects or ([config.filter_subject] if config.filter_subject else []))
+
+
+def _consumer_changes(existing: js_api.ConsumerConfig, wanted: js_api.ConsumerConfig) -> dict[str, list[Any]]:
+    """Each setting of ``wanted`` an existing durable has otherwise, as [what it has, what is wanted]."""
+    changes: dict[str, list[Any]] = {}
+    for name in _CONSUMER_FIELDS:
+        have, want = getattr(existing, name), getattr(wanted, name)
+        if isinstance(want, float) and isinstance(have, int | float):
+            if abs(have - want) > 1e-3:  # durations travel as nanoseconds
+                changes[name] = [have, want]
+        elif have != want:
+            changes[name] = [have, want]
+    if _filters(existing) != _filters(wanted):
+        changes["filter_subjects"] = [_filters(existing), _filters(wanted)]
+    return changes
+
+
 def retry_delay(deliveries: int) -> float:
     """0.5 s doubling per delivery, capped at 30 s (``libs.backoff.REDELIVERY``)."""
     return REDELIVERY.delay(deliveries)
@@ -735,10 +762,14 @@ class Consumer(Generic[E]):
                                           metrics.CONFLICT)}
         self._handler_seconds = metrics.observer(metrics.HANDLER_SECONDS.labels(self.durable))
         self._lag = metrics.setter(metrics.CONSUMER_LAG.labels(self.durable))
+        # The deliveries after which the server gives a message up: the durable's own ``max_deliver`` (``_durable``),
+        # which is this consumer's unless the server refused to update an older durable.
+        self._max_deliver = self.max_deliver
 
     async def run(self) -> None:
         filters = [self.filter_subject] if isinstance(self.filter_subject, str) else list(self.filter_subject)
         config = js_api.ConsumerConfig(
+            name=self.durable,
             durable_name=self.durable,
             ack_policy=js_api.AckPolicy.EXPLICIT,
             ack_wait=self.ack_wait,
@@ -759,13 +790,10 @@ class Consumer(Generic[E]):
         while not self._stopping.is_set():
             try:
                 if lookup:
-                    subscription = await (self.bus.js_attach if attached else self.bus.js).pull_subscribe(
-                        filters[0], durable=self.durable, stream=self.stream, config=config
-                    )
+                    await self._durable(self.bus.js_attach if attached else self.bus.js, config)
                     lookup = False
                     attached = True
-                else:
-                    subscription = await self.bus.js.pull_subscribe_bind(durable=self.durable, stream=self.stream)
+                subscription = await self.bus.js.pull_subscribe_bind(durable=self.durable, stream=self.stream)
                 try:
                     async for _ in self._pull(subscription):
                         failures = 0
@@ -786,6 +814,29 @@ class Consumer(Generic[E]):
                             delay=delay)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), delay)
+
+    async def _durable(self, js: JetStreamContext, config: js_api.ConsumerConfig) -> None:
+        """Create the durable, or bring an existing one to ``config``: nats-py's ``pull_subscribe`` only creates a
+        missing one, and a durable kept from before a change of settings (SHOAL_MAX_DELIVER raised, say) would go on
+        giving messages up after its old count, unseen by ``_outcome``. JetStream updates ``max_deliver``,
+        ``ack_wait``, ``max_ack_pending`` and the filters of a durable added again under its name; it refuses other
+        changes (the deliver or ack policy), and then the durable is used as it is, its refusal logged."""
+        try:
+            info = await js.consumer_info(self.stream, self.durable)
+        except NotFoundError:
+            info = await js.add_consumer(self.stream, config=config)
+        else:
+            changed = _consumer_changes(info.config, config)
+            if changed:
+                try:
+                    info = await js.add_consumer(self.stream, config=config)
+                except (nats.js.errors.BadRequestError, nats.js.errors.ServerError) as err:
+                    log.error("consumer settings not updated: the server refused, the durable keeps its own",
+                              consumer=self.durable, stream=self.stream, changes=changed,
+                              error=getattr(err, "description", None) or repr(err))
+                else:
+                    log.info("consumer settings updated", consumer=self.durable, stream=self.stream, changes=changed)
+        self._max_deliver = info.config.max_deliver or 0
 
     async def _pull(self, subscription: JetStreamContext.PullSubscription) -> AsyncGenerator[None, None]:
         """Fetch and process until stopped; yields after each fetch that reached the consumer."""
@@ -892,8 +943,8 @@ class Consumer(Generic[E]):
             self._handler_seconds(time.perf_counter() - started)
 
     def _last(self, delivery: Delivery) -> bool:
-        """Whether the server will not deliver this message again: ``max_deliver`` is reached."""
-        return delivery.deliveries >= self.max_deliver
+        """Whether the server will not deliver this message again: its durable's ``max_deliver`` is reached."""
+        return 0 < self._max_deliver <= delivery.deliveries
 
     async def _retry(self, message: Msg, delivery: Delivery, reason: str, delay: float | None, bound: Any) -> str:
         if self._last(delivery):

@@ -6,9 +6,12 @@ crash a service or redeliver forever. Real nats-server (JetStream); services in-
 from __future__ import annotations
 
 import base64
+from typing import Any
 
 import msgspec
 import pytest
+import structlog
+from nats.js import api as js_api
 
 from libs import subjects
 from libs.bus import Bus, Conflict, Consumer, Delivery, Permanent, RetryLater
@@ -194,6 +197,81 @@ async def test_a_conflict_on_the_last_delivery_is_dead_lettered(bus: Bus) -> Non
     assert info.num_ack_pending == 0
     assert metrics.moved(HANDLED, consumer="contended", outcome="conflict") == 2
     assert metrics.moved(HANDLED, consumer="contended", outcome="dead_lettered") == 1
+
+
+async def test_an_existing_durable_takes_the_consumers_settings(bus: Bus) -> None:
+    """SHOAL_MAX_DELIVER raised from 2 to 4 (and ack_wait changed) across a restart: the durable kept by the server
+    is updated, so the message is delivered 4 times and then dead-lettered. Kept at 2, the server would stop after
+    the second delivery while the consumer still retried: no dead letter, the message silently gone."""
+    await bus.js.add_consumer(subjects.STREAM_COMMANDS, js_api.ConsumerConfig(
+        name="raised", durable_name="raised", ack_policy=js_api.AckPolicy.EXPLICIT, ack_wait=30.0, max_deliver=2,
+        filter_subject=subjects.DATASET_APPLY, deliver_policy=js_api.DeliverPolicy.ALL))
+    attempts: list[int] = []
+
+    async def not_yet(event: DatasetApply, delivery: Delivery) -> None:
+        attempts.append(delivery.deliveries)
+        raise RetryLater("not yet", delay=0.0)
+
+    consumer = Consumer(bus, subjects.STREAM_COMMANDS, "raised", subjects.DATASET_APPLY,
+                        msgspec.json.Decoder(DatasetApply), not_yet, max_event_bytes=4096, max_deliver=4,
+                        ack_wait=20.0)
+    async with running(lambda stop: _run_until(consumer, stop)):
+        await bus.publish(subjects.DATASET_APPLY, DatasetApply(dataset=Dataset(metadata=ObjectMeta(name="x"))))
+        letter = await dead_letter_for(bus, subjects.DATASET_APPLY)
+    assert attempts == [1, 2, 3, 4]
+    assert letter["deliveries"] == 4 and "gave up after 4 deliveries" in letter["reason"]
+    info = await bus.js.consumer_info(subjects.STREAM_COMMANDS, "raised")
+    assert (info.config.max_deliver, info.config.ack_wait) == (4, 20.0)
+    assert info.num_ack_pending == 0
+
+
+async def test_an_existing_durable_takes_the_consumers_filter(bus: Bus) -> None:
+    """A durable kept from when the consumer read another subject: its filter follows the consumer's."""
+    await bus.js.add_consumer(subjects.STREAM_COMMANDS, js_api.ConsumerConfig(
+        name="refiltered", durable_name="refiltered", ack_policy=js_api.AckPolicy.EXPLICIT,
+        filter_subject=subjects.DATASET_RESYNC, deliver_policy=js_api.DeliverPolicy.ALL))
+    handled: list[str] = []
+
+    async def handle(event: DatasetApply, delivery: Delivery) -> None:
+        handled.append(event.dataset.metadata.name)
+
+    consumer = Consumer(bus, subjects.STREAM_COMMANDS, "refiltered", subjects.DATASET_APPLY,
+                        msgspec.json.Decoder(DatasetApply), handle, max_event_bytes=4096)
+    async with running(lambda stop: _run_until(consumer, stop)):
+        await bus.publish(subjects.DATASET_APPLY, DatasetApply(dataset=Dataset(metadata=ObjectMeta(name="x"))))
+        await eventually(lambda: _async(handled == ["x"]), what="the command on the new filter handled")
+    info = await bus.js.consumer_info(subjects.STREAM_COMMANDS, "refiltered")
+    assert info.config.filter_subject == subjects.DATASET_APPLY
+
+
+async def test_a_durable_the_server_will_not_update_is_used_as_it_is(bus: Bus) -> None:
+    """A kept durable whose deliver policy differs (not editable): the update is refused and logged, the durable
+    runs as it is, and its own max_deliver (2, not the consumer's 4) decides which delivery is the last."""
+    await bus.js.add_consumer(subjects.STREAM_COMMANDS, js_api.ConsumerConfig(
+        name="kept", durable_name="kept", ack_policy=js_api.AckPolicy.EXPLICIT, max_deliver=2,
+        filter_subject=subjects.DATASET_APPLY, deliver_policy=js_api.DeliverPolicy.NEW))
+    attempts: list[int] = []
+
+    async def not_yet(event: DatasetApply, delivery: Delivery) -> None:
+        attempts.append(delivery.deliveries)
+        raise RetryLater("not yet", delay=0.0)
+
+    consumer = Consumer(bus, subjects.STREAM_COMMANDS, "kept", subjects.DATASET_APPLY,
+                        msgspec.json.Decoder(DatasetApply), not_yet, max_event_bytes=4096, max_deliver=4)
+
+    async def refusal() -> Any:
+        return next((line for line in logs if line["event"].startswith("consumer settings not updated")), None)
+
+    with structlog.testing.capture_logs() as logs:
+        async with running(lambda stop: _run_until(consumer, stop)):
+            refused = await eventually(refusal, what="the refused update logged")
+            await bus.publish(subjects.DATASET_APPLY, DatasetApply(dataset=Dataset(metadata=ObjectMeta(name="x"))))
+            letter = await dead_letter_for(bus, subjects.DATASET_APPLY)
+    assert refused["consumer"] == "kept" and refused["log_level"] == "error"
+    assert set(refused["changes"]) == {"deliver_policy", "max_deliver"}
+    assert "deliver policy" in refused["error"]
+    assert attempts == [1, 2]
+    assert "gave up after 2 deliveries" in letter["reason"]
 
 
 async def test_permanent_error_goes_straight_to_dead_letters(bus: Bus) -> None:
