@@ -125,6 +125,8 @@ class SchedulerHandlers:
 
     def answer(self, request: ScoreRequest) -> ScoreReply:
         """The decision for one request, from memory (the webhook, the extender and the NATS API all call this).
+        Not counted here: each way counts its own requests, once each (``answer_raw`` for NATS, ``http`` per route;
+        the HTTP front may ask several questions for one request).
 
         A decision is kept and given again while nothing it read has changed: the requested datasets' caches and
         catalogs, the set of nodes, the datasets' totals, and the nodes' labels and liveness (re-read every second
@@ -141,9 +143,6 @@ class SchedulerHandlers:
             if len(self._answers) >= ANSWERS_KEPT:
                 self._answers.clear()
             self._answers[key] = (stamp, reply)
-        outcome = "error" if reply.error else "answered"
-        metrics.DECISIONS.labels(metrics.WAY_NATS, outcome).inc()
-        self._count(outcome)
         return reply
 
     def _stamp(self, request: ScoreRequest) -> Any:
@@ -162,7 +161,11 @@ class SchedulerHandlers:
             self._count("malformed")
             return _REPLY_ENCODER.encode(ScoreReply(causation_id=_request_id(data),
                                                     error=f"invalid sched.score.v1 request: {err}"))
-        return _REPLY_ENCODER.encode(self.answer(request))
+        reply = self.answer(request)
+        outcome = "error" if reply.error else "answered"
+        metrics.DECISIONS.labels(metrics.WAY_NATS, outcome).inc()
+        self._count(outcome)
+        return _REPLY_ENCODER.encode(reply)
 
     # --- inventory ---
 

@@ -36,6 +36,7 @@ from tests.helpers import eventually, make_settings
 from tests.integration import agent_stack as stack
 from tests.integration import test_scheduler_agents as agents
 from tests.integration import test_scheduler_api as api
+from tests.metric_values import Snapshot
 
 pytestmark = pytest.mark.needs("openssl")
 
@@ -170,6 +171,53 @@ async def test_webhook_and_extender_answer_from_the_scheduler_service(bus: Bus, 
             assert preferred(pod)[0] == (100, ["node-c"])
             ranked = await post("/prioritize", extender_args())
             assert max(ranked, key=lambda p: p["Score"]) == {"Host": "node-c", "Score": 10}
+    finally:
+        await listener.unsubscribe()
+
+
+async def test_each_http_request_counts_once_under_its_own_way(bus: Bus, scheduler_settings: Settings,
+                                                            certificate: tuple[Path, Path]) -> None:
+    """``shoal_scheduler_decisions_total``: a webhook or extender request is one decision of its own way, none of
+    NATS's, also when the front asks the scheduler several questions for it (a pod with an ordinary PVC next to its
+    dataset's: the question with both, then each alone, then the dataset alone: four answers, one decision)."""
+    await api.seed(bus, NODES)
+    agent_a = api.FakeAgent(bus, "node-a")
+    listener = await bus.subscribe(subjects.INVENTORY_REQUEST, msgspec.json.Decoder(InventoryRequest),
+                                   agent_a.on_request)
+    cert, key = certificate
+    decisions = "shoal_scheduler_decisions_total"
+    try:
+        async with scheduler_with_http(scheduler_settings, cert, key) as url, aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(ssl=ssl.create_default_context(cafile=str(cert))),
+                timeout=aiohttp.ClientTimeout(total=30)) as session:
+
+            async def post(path: str, body: Any) -> Any:
+                async with session.post(f"{url}{path}", json=body) as response:
+                    assert response.status == 200, await response.text()
+                    return await response.json()
+
+            await agent_a.cache("/train/a.bin")
+
+            async def settled() -> bool:
+                return api.ranking(await api.ask(bus, api.WHOLE))[0] == ("node-a", 40)
+
+            await eventually(settled, what="node-a holding 40 % of ml/imagenet")
+            with_scratch = review()
+            with_scratch["request"]["object"]["spec"]["volumes"].append(
+                {"name": "scratch", "persistentVolumeClaim": {"claimName": "scratch"}})
+            metrics = Snapshot()
+            assert preferred(patched(with_scratch, await post("/mutate", with_scratch)))[0] == (40, ["node-a"])
+            assert (await post("/prioritize", extender_args()))[0] == {"Host": "node-a", "Score": 4}
+            assert [n["metadata"]["name"] for n in (await post("/filter", extender_args(required=True)))["Nodes"][
+                "items"]] == ["node-a"]
+            moved = {(way, outcome): metrics.moved(decisions, way=way, outcome=outcome)
+                     for way in ("nats", "webhook", "filter", "prioritize")
+                     for outcome in ("answered", "error", "patched", "unanswered")}
+            assert {k: v for k, v in moved.items() if v} == {("webhook", "patched"): 1, ("prioritize", "answered"): 1,
+                                                          ("filter", "answered"): 1}
+            # A question over NATS is still one NATS decision.
+            assert await settled()
+            assert metrics.moved(decisions, way="nats", outcome="answered") == 1
     finally:
         await listener.unsubscribe()
 
