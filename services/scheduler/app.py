@@ -4,6 +4,7 @@
 |---|---|---|
 | SHOAL_AGENT | shoal.agent.inventory.* (durable scheduler-inventory) | SchedulerHandlers.on_inventory |
 | KV shoal_datasets | every key (watch) | SchedulerHandlers.watch_datasets (totals, manifests, deletions) |
+| Object Store shoal_manifests | a manifest that failed to load, again (periodic) | SchedulerHandlers.retry_catalogs |
 | KV shoal_agents | every key (mirror) | node labels and liveness |
 | core NATS shoal.sched.score | ScoreRequest → ScoreReply (queue group) | SchedulerHandlers.answer_raw |
 | core NATS shoal.ctl.inventory.request | published: InventoryRequest on a gap, and to every agent at start | — |
@@ -42,6 +43,9 @@ QUEUE_GROUP = "shoal-scheduler"
 SWEEP_SECONDS = 5.0
 # How often labels and liveness are compared for the decision cache: a relabelled node counts within a second.
 LABELS_SECONDS = 1.0
+# How often manifests that failed to load are looked at (``SchedulerHandlers.retry_catalogs``): the first retry is
+# due half a second after the failure, so a catalog is back within about a second of NATS answering again.
+CATALOG_RETRY_SECONDS = 0.5
 # Inventory events are small and folding one takes microseconds: large fetches keep the consumer near the
 # stream's own rate (see the scheduler bench).
 INVENTORY_BATCH = 256
@@ -120,7 +124,8 @@ async def run(settings: Settings, stop: asyncio.Event, clock: Callable[[], float
         )
         loops: list[Loop] = [agents, DatasetWatch(handlers), inventory, ScoreServer(bus, handlers),
                              Periodic("sweep", handlers.sweep, SWEEP_SECONDS),
-                             Periodic("labels", handlers.refresh_labels, LABELS_SECONDS)]
+                             Periodic("labels", handlers.refresh_labels, LABELS_SECONDS),
+                             Periodic("catalogs", handlers.retry_catalogs, CATALOG_RETRY_SECONDS)]
         sched = settings.scheduler
         if sched.http_port is not None:
             loops.append(http_loop(handlers.answer, host=sched.http_host, port=sched.http_port,

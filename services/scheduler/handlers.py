@@ -2,10 +2,10 @@
 score requests answered from the same in-memory state.
 
 I/O it owns: the inventory consumer's handler, the ``shoal_datasets`` watch (and loading a dataset's manifest when
-it was synced again), snapshot requests (``InventoryRequest`` on a gap, and to everyone at start: the fold lives in
-memory, so a restarted scheduler rebuilds it from fresh snapshots), the ``sched.score.v1`` request/reply, and the
-sweep that forgets nodes whose agent went away. ``answer`` is synchronous and only reads memory: the NATS API, the
-webhook and the extender all call it.
+it was synced again, tried again by ``retry_catalogs`` when loading failed), snapshot requests (``InventoryRequest``
+on a gap, and to everyone at start: the fold lives in memory, so a restarted scheduler rebuilds it from fresh
+snapshots), the ``sched.score.v1`` request/reply, and the sweep that forgets nodes whose agent went away.
+``answer`` is synchronous and only reads memory: the NATS API, the webhook and the extender all call it.
 """
 
 from __future__ import annotations
@@ -13,14 +13,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
 
 from libs import metrics, subjects
-from libs.bus import Bus, Delivery, KvMirror, Replay, kv_watch
+from libs.bus import Bus, Delivery, KvMirror, Replay, kv_watch, retry_delay
 from libs.events.agent import AgentRecord, AnyInventory, InventoryRequest, upgrade
 from libs.events.common import DECODE_ERRORS, ObjectRef
 from libs.events.dataset import DatasetRecord
@@ -47,6 +47,11 @@ _REPLY_ENCODER = msgspec.json.Encoder()
 # Distinct questions whose answers are kept; past this the memory starts over (a few MB at most).
 ANSWERS_KEPT = 1024
 _RECORD_DECODER = msgspec.json.Decoder(DatasetRecord)
+# A manifest that could not be loaded (a NATS request timed out, a cluster electing a leader) is tried again on the
+# redelivery schedule (0.5 s doubling, at most 30 s: ``retry_delay``), this many times in all (~2.5 min: a failover
+# is over in seconds); after that, at the next change of the dataset's record, whatever it changes. Until then the
+# dataset has no catalog, and every cached block counts.
+CATALOG_ATTEMPTS = 10
 
 
 def _request_key(request: ScoreRequest) -> Any:
@@ -91,6 +96,16 @@ def info_of(record: DatasetRecord) -> DatasetInfo:
 
 
 @dataclass
+class _Unloaded:
+    """A dataset's manifest that failed to load: which one, how often, and when it is tried again."""
+
+    manifest: str
+    version: tuple[str, int, int, str]
+    attempts: int
+    due: float
+
+
+@dataclass
 class SchedulerHandlers:
     bus: Bus
     agents: KvMirror[AgentRecord]
@@ -107,6 +122,8 @@ class SchedulerHandlers:
     datasets_ready: asyncio.Event = field(default_factory=asyncio.Event)
     # Counts of this process's outcomes, for tests and the README's "errors are counted" (also in /metrics).
     counts: dict[str, int] = field(default_factory=dict)
+    # Where manifests are loaded from (tests hand in one that fails).
+    manifests: Callable[[Bus], Awaitable[ManifestStore]] = ManifestStore.of
 
     def __post_init__(self) -> None:
         self.totals = _Totals(self.datasets)
@@ -117,6 +134,8 @@ class SchedulerHandlers:
         # Decisions already made, by request, with the stamps of what they read (see ``answer``).
         self._answers: dict[Any, tuple[Any, ScoreReply]] = {}
         self._labels_seen: Any = ()
+        # Datasets whose current manifest failed to load (``retry_catalogs``).
+        self._unloaded: dict[DatasetKey, _Unloaded] = {}
 
     def _count(self, what: str) -> None:
         self.counts[what] = self.counts.get(what, 0) + 1
@@ -248,21 +267,54 @@ class SchedulerHandlers:
         if before != info:
             self.info_version += 1
         if before is not None and before.manifest_version == info.manifest_version:
+            unloaded = self._unloaded.get(key)
+            if unloaded is not None and unloaded.attempts >= CATALOG_ATTEMPTS:
+                # Given up on: this change has it tried again (by ``retry_catalogs``, not holding up the watch).
+                unloaded.attempts, unloaded.due = 0, self.clock()
             return
+        self._unloaded.pop(key, None)
         if not record.status.manifest:
             self.fold.set_catalog(key, None)
             return
+        await self._load_catalog(key, record.status.manifest, info.manifest_version, attempts=0)
+
+    async def _load_catalog(self, key: DatasetKey, manifest: str, version: tuple[str, int, int, str],
+                            attempts: int) -> None:
+        """Load the manifest behind ``version`` into the fold's catalog; on failure, note it for ``retry_catalogs``.
+        Nothing is kept when the dataset moved on meanwhile (deleted, or a newer manifest)."""
         try:
-            entries = await (await ManifestStore.of(self.bus)).load(record.status.manifest)
-        except Exception as err:  # no manifest (yet): every cached block counts until the next sync brings one
-            log.warning("manifest not loaded", dataset=f"{key[0]}/{key[1]}", error=str(err))
-            self.fold.set_catalog(key, None)
+            entries = await (await self.manifests(self.bus)).load(manifest)
+        except Exception as err:
+            current = self.datasets.get(key)
+            if current is None or current.manifest_version != version:
+                return
+            if key in self.fold.catalogs:  # the previous manifest's: no catalog until this one loads
+                self.fold.set_catalog(key, None)
+            attempts += 1
+            given_up = attempts >= CATALOG_ATTEMPTS
+            delay = retry_delay(attempts)
+            self._unloaded[key] = _Unloaded(manifest, version, attempts,
+                                            float("inf") if given_up else self.clock() + delay)
+            log.warning("manifest not loaded", dataset=f"{key[0]}/{key[1]}", manifest=manifest, error=str(err),
+                        attempts=attempts, retry="at the dataset's next change" if given_up else f"in {delay:g} s")
             return
-        if key in self.datasets:  # not deleted while the manifest loaded
-            self.fold.set_catalog(key, Catalog(entries))
+        current = self.datasets.get(key)
+        if current is None or current.manifest_version != version:
+            return
+        if self._unloaded.pop(key, None) is not None:
+            log.info("manifest loaded after all", dataset=f"{key[0]}/{key[1]}", manifest=manifest)
+        self.fold.set_catalog(key, Catalog(entries))
+
+    async def retry_catalogs(self) -> None:
+        """Load again the manifests whose load failed and whose retry is due."""
+        now = self.clock()
+        for key, unloaded in list(self._unloaded.items()):
+            if unloaded.due <= now and self._unloaded.get(key) is unloaded:
+                await self._load_catalog(key, unloaded.manifest, unloaded.version, unloaded.attempts)
 
     def forget_dataset(self, key: DatasetKey) -> None:
         self.references.pop(key, None)
+        self._unloaded.pop(key, None)
         self.datasets.pop(key, None)
         self.info_version += 1
         self.fold.forget_dataset(key)

@@ -18,10 +18,11 @@ from typing import TypeVar
 
 import aiohttp
 import msgspec
+import nats.errors
 import pytest
 
 from libs import subjects
-from libs.bus import Bus
+from libs.bus import Bus, KvMirror, kv_load
 from libs.config import SchedulerSettings, Settings
 from libs.embedded import free_port
 from libs.events.agent import (
@@ -39,7 +40,7 @@ from libs.events.dataset import Dataset, DatasetRecord, DatasetSpec, DatasetStat
 from libs.events.schedule import DatasetUse, ScoreReply, ScoreRequest
 from libs.manifest import ManifestStore, ManifestWriter
 from services.scheduler import app
-from services.scheduler.handlers import SchedulerHandlers
+from services.scheduler.handlers import CATALOG_ATTEMPTS, SchedulerHandlers
 from tests.conftest import NatsServer
 from tests.helpers import eventually, make_settings
 from tests.metric_values import Snapshot
@@ -248,3 +249,73 @@ async def test_the_http_front_runs_when_its_port_is_set_and_answers_from_the_sam
     finally:
         stop.set()
         await asyncio.wait_for(task, 20)
+
+
+
+def _flaky(failures: int) -> type[ManifestStore]:
+    """A manifest store whose first ``failures`` loads time out, as a NATS request does while its stream has no
+    leader; ``loads`` counts every load."""
+
+    class Flaky(ManifestStore):
+        loads = 0
+
+        async def load(self, name: str) -> list[ManifestEntry]:
+            Flaky.loads += 1
+            if Flaky.loads <= failures:
+                raise nats.errors.TimeoutError
+            return await super().load(name)
+
+    return Flaky
+
+
+async def _flaky_handlers(bus: Bus, manifests: type[ManifestStore]) -> tuple[SchedulerHandlers, list[float],
+                                                                              DatasetRecord]:
+    """Scheduler handlers on the seeded dataset, loading manifests from ``manifests``, with a clock of their own;
+    and the dataset's record, as the ``shoal_datasets`` watch hands it in."""
+    await seed(bus, {})
+    clock = [1000.0]
+    handlers = SchedulerHandlers(bus, KvMirror(await bus.kv(subjects.KV_AGENTS), AgentRecord),
+                                 clock=lambda: clock[0], manifests=manifests.of)
+    record, _ = await kv_load(await bus.kv(subjects.KV_DATASETS), "ml.imagenet", DatasetRecord)
+    assert record is not None
+    return handlers, clock, record
+
+
+async def test_a_manifest_that_failed_to_load_is_loaded_by_the_retry(bus: Bus) -> None:
+    """Before: the dataset's info was kept although its manifest failed to load, and every later record with the
+    same manifest returned early: no catalog, for good. Now the load is tried again when due."""
+    flaky = _flaky(failures=1)
+    handlers, clock, record = await _flaky_handlers(bus, flaky)
+    key = ("ml", "imagenet")
+    await handlers.dataset_changed(key, record)
+    assert key not in handlers.fold.catalogs and flaky.loads == 1  # type: ignore[attr-defined]
+    await handlers.dataset_changed(key, record)  # the record rewritten, same manifest: the watch is not held up
+    await handlers.retry_catalogs()  # not due yet
+    assert key not in handlers.fold.catalogs and flaky.loads == 1  # type: ignore[attr-defined]
+    clock[0] += 0.5  # the first retry's delay (libs.bus.retry_delay(1))
+    await handlers.retry_catalogs()
+    assert handlers.fold.catalogs[key].total == sum(FILES.values())
+    clock[0] += 3600
+    await handlers.retry_catalogs()
+    assert flaky.loads == 2  # type: ignore[attr-defined]  # loaded: nothing is left to retry
+
+
+async def test_a_manifest_given_up_on_is_loaded_at_the_records_next_change(bus: Bus) -> None:
+    """After CATALOG_ATTEMPTS failed loads the retries stop; the next change of the record, even one that keeps the
+    manifest, has it tried again."""
+    flaky = _flaky(failures=CATALOG_ATTEMPTS)
+    handlers, clock, record = await _flaky_handlers(bus, flaky)
+    key = ("ml", "imagenet")
+    await handlers.dataset_changed(key, record)
+    for _ in range(CATALOG_ATTEMPTS - 1):
+        clock[0] += 60  # past any retry's delay
+        await handlers.retry_catalogs()
+    assert flaky.loads == CATALOG_ATTEMPTS and key not in handlers.fold.catalogs  # type: ignore[attr-defined]
+    clock[0] += 3600
+    await handlers.retry_catalogs()
+    assert flaky.loads == CATALOG_ATTEMPTS  # type: ignore[attr-defined]  # given up on
+    status = msgspec.structs.replace(record.status, phase="Ready")  # same manifest, another status
+    await handlers.dataset_changed(key, msgspec.structs.replace(record, status=status))
+    await handlers.retry_catalogs()
+    assert flaky.loads == CATALOG_ATTEMPTS + 1  # type: ignore[attr-defined]
+    assert handlers.fold.catalogs[key].total == sum(FILES.values())
