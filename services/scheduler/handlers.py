@@ -52,6 +52,9 @@ _RECORD_DECODER = msgspec.json.Decoder(DatasetRecord)
 # is over in seconds); after that, at the next change of the dataset's record, whatever it changes. Until then the
 # dataset has no catalog, and every cached block counts.
 CATALOG_ATTEMPTS = 10
+# The agents bucket's TTL (libs.bus): its entries expire without a delete the mirror could see, so the sweep forgets
+# an agent silent for this long (or ``node_timeout``, if longer) itself, as the runtime service does.
+AGENT_FORGET_SECONDS = 60.0
 
 
 def _request_key(request: ScoreRequest) -> Any:
@@ -338,10 +341,15 @@ class SchedulerHandlers:
             self.labels_version += 1
 
     async def sweep(self) -> None:
-        """Forget the cache of nodes whose agent went away (record deleted, or no heartbeat for ``node_timeout``)."""
+        """Forget the cache of nodes whose agent went away (record deleted, or no heartbeat for ``node_timeout``),
+        and the records and names of agents gone for good: with nodes coming and going, neither grows."""
         if not self.agents.ready.is_set():
             return
         now = self.clock()
+        forget_after = max(AGENT_FORGET_SECONDS, self.node_timeout)
+        for node, last in list(self.agents.values.items()):
+            if now - last.received_at > forget_after:
+                self.agents.values.pop(node, None)
         self.beating |= set(self.agents.values)
         for node in sorted(self.fold.nodes() & self.beating):
             record = self.agents.values.get(node)
@@ -349,6 +357,8 @@ class SchedulerHandlers:
                 log.info("node gone, its cache forgotten", node=node)
                 self.fold.forget_node(node)
                 self.beating.discard(node)
+        # A node that beat once and now has neither a record nor a cache here has nothing left to forget.
+        self.beating &= set(self.agents.values) | self.fold.nodes()
 
 
 class _Totals(Mapping[DatasetKey, int]):

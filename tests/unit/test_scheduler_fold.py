@@ -195,6 +195,49 @@ def test_decisions_are_kept_only_while_what_they_read_is_unchanged() -> None:
     assert [s.score for s in handlers.answer(ScoreRequest(datasets=question)).scores] == [25, 12]
 
 
+def test_the_sweep_forgets_agents_whose_records_expired() -> None:
+    """The agents bucket's TTL removes a silent agent's record without a delete the mirror sees: the sweep drops it
+    itself after AGENT_FORGET_SECONDS, with the node's cache and its name, so node churn grows no memory. A beating
+    agent is kept, and so is its cache."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from libs.events.agent import AgentHeartbeat, AgentRecord
+    from services.scheduler.handlers import AGENT_FORGET_SECONDS, SchedulerHandlers
+
+    now = [1000.0]
+    agents = SimpleNamespace(values={}, ready=asyncio.Event())
+    agents.ready.set()
+    handlers = SchedulerHandlers(bus=None, agents=agents, node_timeout=10.0,  # type: ignore[arg-type]
+                                 clock=lambda: now[0])
+
+    def beat(node: str) -> None:
+        agents.values[node] = AgentRecord(heartbeat=AgentHeartbeat(node=node), received_at=now[0])
+
+    for index in range(100):  # agents that came, beat once and went (no cache)
+        beat(f"gone-{index}")
+    beat("n1")  # the one that keeps beating, with a cache
+    handlers.fold.apply(snapshot(1, blocks("k", "e", [(0, MiB)])))
+    asyncio.run(handlers.sweep())
+    assert len(handlers.beating) == 101
+    now[0] += AGENT_FORGET_SECONDS  # not yet past it: the records stay (the bucket's TTL has not run out either)
+    beat("n1")
+    asyncio.run(handlers.sweep())
+    assert len(agents.values) == 101
+    now[0] += 1
+    beat("n1")
+    asyncio.run(handlers.sweep())
+    assert set(agents.values) == {"n1"} and handlers.beating == {"n1"}
+    assert handlers.fold.nodes() == {"n1"}
+    # n1 goes silent too: its cache is forgotten after node_timeout, its record and name after the bucket's TTL.
+    now[0] += 11
+    asyncio.run(handlers.sweep())
+    assert handlers.fold.nodes() == set() and set(agents.values) == {"n1"}
+    now[0] += AGENT_FORGET_SECONDS
+    asyncio.run(handlers.sweep())
+    assert agents.values == {} and handlers.beating == set()
+
+
 def held_recounted(state: CacheFold) -> dict[tuple[str, str], dict[str, int]]:
     """What ``CacheFold.held`` must be: every node cache's ``current`` bytes, nodes holding none left out."""
     return {key: {node: cache.current for node, cache in nodes.items() if cache.current > 0}
