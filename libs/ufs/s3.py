@@ -11,11 +11,11 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict
-from collections.abc import AsyncGenerator, Iterator
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack
 from datetime import datetime
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 
@@ -84,6 +84,8 @@ PRESIGNED_KEYS = 10_000
 # of that read alone, never "endpoint unreachable", which fails every uncached read of the mount for a while.
 CUT_ATTEMPTS = 2
 _CUT = (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError, ConnectionResetError)
+
+T = TypeVar("T")
 
 
 class S3ObjectStore:
@@ -281,13 +283,7 @@ class S3ObjectStore:
 
     async def _fast_get_into(self, key: str, start: int, into: memoryview, etag: str | None) -> int | None:
         """``_fast_get`` into ``into``; None when the answer needs ``get_range`` (not a 206)."""
-        for attempt in range(CUT_ATTEMPTS):
-            try:
-                return await self._fast_get_into_once(key, start, into, etag)
-            except _CUT as err:
-                if attempt + 1 == CUT_ATTEMPTS:
-                    raise self._error(err, "get", key, etag) from err
-        raise AssertionError("unreachable")
+        return await self._cut_retried(lambda: self._fast_get_into_once(key, start, into, etag), key, etag)
 
     async def _fast_get_into_once(self, key: str, start: int, into: memoryview, etag: str | None) -> int | None:
         length = len(into)
@@ -336,13 +332,17 @@ class S3ObjectStore:
 
     async def _fast_get(self, key: str, start: int, length: int, etag: str | None) -> bytes | None:
         """The ranged GET on a pre-signed URL; None when the answer needs the full client to be explained."""
-        for attempt in range(CUT_ATTEMPTS):
+        return await self._cut_retried(lambda: self._fast_get_once(key, start, length, etag), key, etag)
+
+    async def _cut_retried(self, get: Callable[[], Awaitable[T]], key: str, etag: str | None) -> T:
+        """``get()``, sent again on a fresh connection if its connection was cut (``CUT_ATTEMPTS`` in all)."""
+        for attempt in range(1, CUT_ATTEMPTS + 1):
             try:
-                return await self._fast_get_once(key, start, length, etag)
+                return await get()
             except _CUT as err:
-                if attempt + 1 == CUT_ATTEMPTS:
+                if attempt == CUT_ATTEMPTS:
                     raise self._error(err, "get", key, etag) from err
-        raise AssertionError("unreachable")
+        raise AssertionError("CUT_ATTEMPTS must be at least 1")
 
     async def _fast_get_once(self, key: str, start: int, length: int, etag: str | None) -> bytes | None:
         url, headers = await self._ranged(key, start, length, etag)
