@@ -8,7 +8,8 @@ retry delay of an unreachable endpoint).
 ``reconcile`` speaks the handlers' retry vocabulary (``libs.bus``): returning means done until the next change,
 or, when it returns a number, until the next change or that many seconds, whichever comes first (a schedule,
 such as a dataset's periodic listing, not a failure: nothing is logged); ``RetryLater`` runs it again after its
-delay (or a growing one); ``Conflict`` runs it again at once (another writer won, re-read); ``Permanent`` is
+delay (or a growing one; a run that works starts the count again); ``Conflict`` runs it again at once (another
+writer won, re-read), after ``FREE_CONFLICTS`` in a row on the growing delay; ``Permanent`` is
 logged and the key waits for its next change. A NATS error (a request timed out or refused while a cluster elects
 a leader, the connection down) is retried on the redelivery schedule (``retry_delay``, from half a second, at most
 ``ERROR_RETRY_SECONDS``): a failover is over within seconds, and a flat wait would add to every reconcile it
@@ -43,6 +44,9 @@ Reconcile = Callable[[str], Awaitable[float | None]]
 Observe = Callable[[KeyValue.Entry | Replay | None], None]
 # Back-off after an unexpected error in reconcile, so a bug does not spin the CPU.
 ERROR_RETRY_SECONDS = 5.0
+# Conflicts in a row run again at once; past these, on the redelivery schedule (a key fought over, or a reconcile
+# that always loses its own write, must not spin the CPU).
+FREE_CONFLICTS = 3
 
 
 class Owner(Protocol):
@@ -125,7 +129,7 @@ class Reconciler:
         self._running[key] = asyncio.create_task(self._work(key), name=f"reconcile {key}")
 
     async def _work(self, key: str) -> None:
-        retries = 0
+        retries = conflicts = 0  # failures in a row: a run that works starts the count again
         try:
             while True:
                 if self.owner is not None and not self.owner.owns(key):
@@ -134,13 +138,16 @@ class Reconciler:
                 delay: float | None = None
                 try:
                     delay = await self.reconcile(key)
+                    retries = conflicts = 0
                 except RetryLater as err:
                     retries += 1
                     delay = retry_delay(retries) if err.delay is None else err.delay
                     log.info("reconcile later", key=key, reason=err.reason, delay=delay)
                 except Conflict as err:
-                    log.info("reconcile conflict, again", key=key, reason=str(err))
-                    delay = 0.0
+                    conflicts += 1
+                    # At once (the winner's write is there to re-read), unless it keeps losing: then it waits.
+                    delay = 0.0 if conflicts <= FREE_CONFLICTS else retry_delay(conflicts - FREE_CONFLICTS)
+                    log.info("reconcile conflict, again", key=key, reason=str(err), delay=delay)
                 except Permanent as err:
                     log.warning("reconcile gave up", key=key, reason=err.reason)
                 except nats.errors.Error as err:

@@ -123,6 +123,38 @@ async def test_conflict_runs_the_key_again_at_once(bus: Bus) -> None:
     assert max(script.gaps("c")) < 1.0
 
 
+async def test_a_key_that_keeps_conflicting_backs_off_and_a_run_that_works_resets_the_count(bus: Bus) -> None:
+    # Three conflicts in a row run again at once; the fourth waits the redelivery schedule's 0.5 s. Then it works
+    # (returning 0.05: run again soon) and the next conflicts start from "at once" again.
+    outcomes: list[Exception | float | None] = [Conflict("1"), Conflict("2"), Conflict("3"), Conflict("4"), 0.05,
+                                                Conflict("5"), None]
+    calls: list[float] = []
+
+    async def contended(key: str) -> float | None:
+        calls.append(time.monotonic())
+        outcome = outcomes[len(calls) - 1] if len(calls) <= len(outcomes) else None
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    kv = await bus.js.create_key_value(js_api.KeyValueConfig(bucket="test_reconcile"))
+    reconciler = Reconciler(kv, contended)
+    task = asyncio.create_task(reconciler.run())
+    try:
+        await kv.put("hot", b"1")
+
+        async def all_ran() -> bool:
+            return len(calls) == len(outcomes)
+
+        await eventually(all_ran, timeout=5, what="every scripted call")
+    finally:
+        reconciler.stop()
+        await asyncio.wait_for(task, 10)
+    gaps = [later - earlier for earlier, later in itertools.pairwise(calls)]
+    assert max(gaps[:3]) < 0.4 and gaps[3] >= 0.45, gaps  # the 4th conflict waited
+    assert gaps[5] < 0.9, gaps  # after a run that worked, at once (not counting on: that would be 1 s)
+
+
 async def test_a_nats_error_runs_the_key_again_from_half_a_second(bus: Bus) -> None:
     # A request that got no answer (a cluster electing a leader): retried on the redelivery schedule (0.5 s, 1 s),
     # not after the 5 s of an unexpected error, which would take 10 s for the third call.
