@@ -121,8 +121,9 @@ class Members:
 
     def _refresh(self) -> None:
         now = self.monotonic()
-        live = tuple(sorted({self.replica, *(name for name, heard in self._heard.items()
-                                             if now - heard < self.ttl_seconds)}))
+        # Aged-out replicas are forgotten, not only left out: pods get new names at every rollout.
+        self._heard = {name: heard for name, heard in self._heard.items() if now - heard < self.ttl_seconds}
+        live = tuple(sorted({self.replica, *self._heard}))
         if live == self._live:
             return
         log.info("replicas changed", service=self.service, replica=self.replica, live=list(live))

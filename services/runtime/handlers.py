@@ -278,6 +278,8 @@ class RuntimeHandlers:
         if not (self.datasets.ready.is_set() and self.runtimes.ready.is_set()):
             return
         keys = sorted(self.runtimes.values)
+        for gone in self.placements.keys() - set(keys):  # deleted runtimes
+            del self.placements[gone]
         changed = [key for key in keys if self.placements.get(key) != self.placement(key)]
         if self.workers_changed:
             self.workers_changed, changed = False, keys

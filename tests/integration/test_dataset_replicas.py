@@ -73,6 +73,7 @@ async def test_a_replica_whose_beats_stop_is_dropped_after_the_ttl(bus: Bus) -> 
     async with member(bus, "a", beat_seconds=0.2, ttl_seconds=1.0) as a:
         assert set(a.live) == {"a", "ghost"}  # its beat is in the bucket, younger than the TTL
         await sees(a, "a")  # then it ages out on a's own clock
+        assert "ghost" not in a._heard  # and is forgotten: pods get new names at every rollout
 
 
 async def _keys(bus: Bus) -> AsyncIterator[str]:
