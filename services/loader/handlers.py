@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 import typing
 from collections import Counter
@@ -74,6 +75,9 @@ DEFAULT_BLOCK_SIZE = 4 * 1024 * 1024
 # How often the gauges are recounted from the in-memory views: as often as the tick passes over the same views
 # (setting only what changed), so they follow a change within a fraction of a scrape interval.
 GAUGE_SECONDS = TICK_SECONDS
+# An operation the tick keeps failing to advance is logged (with its traceback) at most this often, not 4 times a
+# second.
+TICK_FAILURE_LOG_SECONDS = 60.0
 OPERATION_PHASES: tuple[OperationPhase, ...] = typing.get_args(OperationPhase)
 
 FACTS: dict[str, tuple[str, str, str, str]] = {
@@ -111,6 +115,8 @@ class LoaderHandlers:
     written_at: dict[str, float] = field(default_factory=dict)
     # (operation, node) → when (monotonic) this process first saw the node gone with parts of the run not done.
     gone_since: dict[tuple[str, str], float] = field(default_factory=dict)
+    # Operations the tick failed to advance, and when (the tick's clock) that was last logged.
+    tick_failures: dict[str, float] = field(default_factory=dict)
     # The gauges' series as last set (a removed operation's are removed).
     phase_gauge: GaugeFamily = field(default_factory=lambda: GaugeFamily(metrics.OPERATIONS))
     done_gauge: GaugeFamily = field(default_factory=lambda: GaugeFamily(metrics.OPERATION_BYTES_DONE))
@@ -288,7 +294,14 @@ class LoaderHandlers:
                     if self._may_advance(key, record, now):
                         await self._advance(key)
                 except Exception:
-                    log.exception("advancing an operation failed", operation=key)
+                    if now - self.tick_failures.get(key, -math.inf) >= TICK_FAILURE_LOG_SECONDS:
+                        self.tick_failures[key] = now
+                        log.exception("advancing an operation failed; tried again at every tick", operation=key,
+                                      logged_again_in_seconds=TICK_FAILURE_LOG_SECONDS)
+                else:
+                    self.tick_failures.pop(key, None)
+            for gone in self.tick_failures.keys() - self.operations.values.keys():
+                del self.tick_failures[gone]
 
     async def export_gauges(self) -> None:
         """Operations by kind and phase (every pair, 0 included) and each operation's current run bytes (done,

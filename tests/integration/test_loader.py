@@ -70,7 +70,7 @@ from services.loader import domain
 from services.loader.handlers import LoaderHandlers
 from services.runtime import app as runtime_app
 from tests.conftest import NatsServer
-from tests.helpers import FactCollector, eventually, make_settings, running
+from tests.helpers import FactCollector, eventually, json_lines, json_logs, make_settings, running
 from tests.metric_values import Snapshot, exists, value
 
 BLOCK = 4096
@@ -426,12 +426,12 @@ async def test_a_run_command_delivered_again_after_it_was_counted_runs_once_and_
     assert facts.of_type("operation.rejected.v1", causationId=run.id) == []
 
 
-async def test_a_schedule_that_never_fires_is_refused_and_stalls_no_other_operation(bus: Bus,
-                                                                                     nats_server: NatsServer) -> None:
+async def test_a_schedule_that_never_fires_is_refused_and_stalls_no_other_operation(
+        bus: Bus, nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch) -> None:
     """30 February passes croniter's syntax check but has no next firing. Applied, it is refused with the reason.
     One that got in anyway (stored by a loader before this check) fails its own due check on every tick, and the
     operations sorted after it ("warm" after "aaa") still advance: the Cron load runs when the clock passes its
-    firing."""
+    firing. Its failure is logged, naming it."""
     await put_dataset(bus, files(("a", BLOCK)))
     await put_runtime(bus, NODES[:1])
     stored = OperationRecord(kind="DataLoad", metadata=ObjectMeta(name="aaa"), created_at="2026-01-01T00:00:00Z",
@@ -441,15 +441,19 @@ async def test_a_schedule_that_never_fires_is_refused_and_stalls_no_other_operat
     facts = FactCollector()
     await facts.start(bus, subjects.DATALOAD_FACTS)
     now = [1_767_225_600.0 + 10]  # 2026-01-01T00:00:10Z
-    async with agent(bus, NODES[:1]), loader(nats_server, clock=lambda: now[0]):
-        never = dataload(name="aaa", policy="Cron", schedule="0 0 30 2 *")
-        await publish(bus, subjects.DATALOAD_APPLY, never)
-        rejected = await facts.wait_for("operation.rejected.v1", causationId=never.id)
-        assert "spec.schedule '0 0 30 2 *' never fires" in rejected["reason"]
-        await publish(bus, subjects.DATALOAD_APPLY, dataload(policy="Cron", schedule="* * * * *"))
-        await phase_of(bus, "Pending")
-        now[0] += 60  # past 00:01:00: only the tick starts this run
-        await phase_of(bus, "Complete", runs=1)
+    with json_logs(monkeypatch) as logs:
+        async with agent(bus, NODES[:1]), loader(nats_server, clock=lambda: now[0]):
+            never = dataload(name="aaa", policy="Cron", schedule="0 0 30 2 *")
+            await publish(bus, subjects.DATALOAD_APPLY, never)
+            rejected = await facts.wait_for("operation.rejected.v1", causationId=never.id)
+            assert "spec.schedule '0 0 30 2 *' never fires" in rejected["reason"]
+            await publish(bus, subjects.DATALOAD_APPLY, dataload(policy="Cron", schedule="* * * * *"))
+            await phase_of(bus, "Pending")
+            now[0] += 60  # past 00:01:00: only the tick starts this run
+            await phase_of(bus, "Complete", runs=1)
+    failures = [line for line in json_lines(logs.getvalue()) if line.get("operation", "").endswith(".aaa")
+                and line["event"].startswith("advancing an operation failed")]
+    assert len(failures) == 1, failures  # named, and not again within a minute of the loader's clock
     assert await operation(bus, "aaa") == stored  # the refused apply changed nothing
 
 
