@@ -44,7 +44,7 @@ from libs.events.runtime import CacheWorker
 from libs.metrics import GET, PEER, STORE
 from libs.ring import owners
 from libs.telemetry import child_span, get_logger, tracer
-from libs.ufs.base import EndpointUnreachable, ObjectStore, UfsError
+from libs.ufs.base import EndpointUnreachable, ObjectChanged, ObjectStore, UfsError
 from services.agent.cache import FillBuffer
 from services.agent.metrics import ReadMetrics, StoreMetrics
 from services.agent.peer import PeerError
@@ -305,6 +305,14 @@ class BlockReader:
     def _start(self, entry: ManifestEntry, index: int, block: BlockId) -> asyncio.Future[bytes]:
         return _coalesced(self._inflight, block, lambda: self._get_and_cache(entry, index, block))
 
+    def _gate(self, entry: ManifestEntry) -> StoreGate:
+        """The store of the entry's mount. A file opened in an older tree whose mount a resync removed (the list
+        shrank under its index) is stale; one whose index now names another mount is refused by that store's
+        If-Match (another object, another ETag)."""
+        if entry.mount >= len(self.gates):
+            raise ObjectChanged(f"{entry.key}: its mount is no longer in the dataset; open the file again")
+        return self.gates[entry.mount]
+
     def route(self, block: BlockId) -> Route:
         return self.router.route(block) if self.router is not None else LOCAL
 
@@ -393,7 +401,7 @@ class BlockReader:
         fill = FillBuffer(block, length)
         release = True
         try:
-            got = await self.gates[entry.mount].get_range_into(entry.key, start, fill.data, entry.etag)
+            got = await self._gate(entry).get_range_into(entry.key, start, fill.data, entry.etag)
             if got != length:
                 raise UfsError(f"{entry.key}: expected {length} bytes at offset {start}, got {got}")
             self.stats.gets += 1
@@ -448,7 +456,7 @@ class BlockReader:
     async def _store_get(self, entry: ManifestEntry, index: int, block: BlockId) -> bytes:
         start, length = block_span(entry.size, self.block_size, index)
         try:
-            data = await self.gates[entry.mount].get_range(entry.key, start, length, entry.etag)
+            data = await self._gate(entry).get_range(entry.key, start, length, entry.etag)
         except BaseException:
             self._cache_wanted.discard(block)
             raise
@@ -486,7 +494,7 @@ class BlockReader:
         self._spawn(self._warm(entry, index, block))
         block_start, _ = block_span(entry.size, self.block_size, index)
         with self._tracer.start_as_current_span("read miss", attributes=_block_attributes(block)):
-            data = await self.gates[entry.mount].get_range(entry.key, block_start + lo, hi - lo, entry.etag)
+            data = await self._gate(entry).get_range(entry.key, block_start + lo, hi - lo, entry.etag)
         expected = min(block_start + hi, entry.size) - block_start - lo  # a read may ask past the end of the file
         if len(data) != expected:  # a short answer passed on would read as the end of the file
             raise UfsError(f"{entry.key}: expected {expected} bytes at offset {block_start + lo}, got {len(data)}")

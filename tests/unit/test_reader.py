@@ -495,3 +495,20 @@ async def test_warm_raises_the_store_error_and_caches_nothing(tmp_path: Path) ->
     with pytest.raises(EndpointUnreachable):
         await setup.reader.warm(setup.entry, 0)
     assert not setup.cache.contains(setup.reader.block_id(setup.entry, 0))
+
+
+async def test_a_file_of_a_mount_a_resync_removed_is_stale_not_an_unexpected_error(tmp_path: Path) -> None:
+    gates = []
+    for mount in range(2):
+        folder = tmp_path / f"mount-{mount}"
+        folder.mkdir()
+        (folder / "f.bin").write_bytes(os.urandom(BLOCK))
+        gates.append(StoreGate(LocalObjectStore(LocalLocation(root=folder))))
+    info = await gates[1].store.head("f.bin")
+    cache = BlockCache([MemoryTier(8 * BLOCK)])
+    reader = BlockReader(cache, gates, BLOCK, MemoryBudget(8 * BLOCK), write_block=cache.put_async)
+    handle = reader.open(ManifestEntry(path="/m1/f.bin", mount=1, key="f.bin", size=BLOCK, etag=info.etag,
+                                       mtime=1.0))
+    del gates[1]  # the resync's new list of stores, edited in place as the mount process does
+    with pytest.raises(ObjectChanged, match="no longer in the dataset"):
+        await reader.read(handle, 0, BLOCK)
