@@ -414,7 +414,9 @@ def _juicefs_block_size(spec: dict[str, Any]) -> tuple[str | int | None, list[st
             if key == JUICEFS_BLOCK_SIZE:
                 found = (f"spec.configs[{index}]", value)
             else:
-                notes.append(_ignored(kind, f"spec.configs[{index}] ({entry})", "not used by Shoal"))
+                # The flag's name only: a value may be a credential (meta URLs, access keys), and notes become
+                # Kubernetes Events.
+                notes.append(_ignored(kind, f"spec.configs[{index}] (--{key})", "not used by Shoal"))
     elif configs is not None:
         problems.append("spec.configs must be a list")
     fuse = spec.get("fuse")

@@ -342,6 +342,9 @@ def _read_manifests(files: Sequence[IO[str]], namespace: str, action: str) -> tu
         file_commands, file_notes, errors = documents_to_commands(
             documents, default_namespace=namespace, action="delete" if action == "delete" else "apply"
         )
+        # As kubectl: a file with no object is a mistake (the wrong file, a failed render), not a quiet no-op.
+        if all(document is None for document in documents):
+            errors = [f"no objects to {action}: the file holds no document"]
         for command in file_commands:
             # Refused here, before publishing: a command stays in the command stream for a week.
             exposed = exposed_secret_errors(command.event.dataset) if isinstance(command.event, DatasetApply) else []

@@ -359,6 +359,11 @@ async def test_apply_reports_invalid_documents_and_yaml_errors_without_publishin
     assert yaml_error.exit_code == 1
     assert yaml_error.stderr.startswith("error: <stdin>: invalid YAML in document 2, line 4")
 
+    for nothing in ("", "---\n# a comment only\n---\n"):  # the wrong file, or a render that came out empty
+        empty = await shoal(nats_server, "apply", "-f", "-", stdin=nothing)
+        assert empty.exit_code == 1
+        assert empty.stderr == "error: <stdin>: no objects to apply: the file holds no document\n"
+
 
 async def test_unanswered_command_times_out(nats_server: NatsServer, bus: Bus) -> None:
     """Streams exist but no service runs: the command waits for its answer, then says so."""

@@ -235,7 +235,7 @@ def test_juicefs_runtime_reads_block_size_in_kib_from_fuse_options() -> None:
         metadata: {name: jfs}
         spec:
           replicas: 1
-          configs: [trash-days=0]
+          configs: [trash-days=0, "secret-key=pl4nted-s3cret"]
           fuse:
             image: juicedata/juicefs-fuse
             options: {block-size: "1024", writeback: ""}
@@ -253,11 +253,13 @@ def test_juicefs_runtime_reads_block_size_in_kib_from_fuse_options() -> None:
     assert spec.block_size == "1Mi"  # 1024 KiB
     assert spec.tieredstore.levels == [Level(mediumtype="SSD", path="/var/jfsCache", quota=40960, low="0.1")]
     assert sorted(notes) == [
-        "ignored: JuiceFSRuntime/spec.configs[0] (trash-days=0) (not used by Shoal)",
+        "ignored: JuiceFSRuntime/spec.configs[0] (--trash-days) (not used by Shoal)",
+        "ignored: JuiceFSRuntime/spec.configs[1] (--secret-key) (not used by Shoal)",
         "ignored: JuiceFSRuntime/spec.fuse.image (not used by Shoal)",
         'ignored: JuiceFSRuntime/spec.fuse.options["writeback"] (not used by Shoal)',
         "ignored: JuiceFSRuntime/spec.worker (not used by Shoal)",
     ]
+    assert "pl4nted-s3cret" not in repr(notes)  # notes become Kubernetes Events: a flag's value may be a secret
 
 
 def test_juicefs_block_size_from_format_configs() -> None:
