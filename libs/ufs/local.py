@@ -35,10 +35,11 @@ from libs.ufs.base import (
 
 
 def _etag(st: os.stat_result) -> str:
-    """Size, modification time and inode: what changes when a file is rewritten, with no need to read it. The inode
-    catches a file replaced by another (an editor's save, ``rsync``, ``tar -x``) whose size and mtime were kept
-    (``cp -p``, ``touch -d``, ``SOURCE_DATE_EPOCH``); a rewrite in place that keeps both is not seen."""
-    return f"{st.st_size:x}-{st.st_mtime_ns:x}-{st.st_ino:x}"
+    """Size and modification time: what changes when a file is rewritten, with no need to read it. Nothing
+    node-specific (an inode, a ctime): nodes holding copies of one folder (``rsync -a``) see the same ETags, so a
+    manifest listed on one node is read on every other. A file replaced by another of the same size and time
+    (``cp -p``, ``touch -d``) is not seen."""
+    return f"{st.st_size:x}-{st.st_mtime_ns:x}"
 
 
 # (mode, uid, gid) of a folder on the way from the root to a file.
