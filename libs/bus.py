@@ -202,13 +202,17 @@ class BucketSpec:
 # A replica of a service not heard from for this long is gone (libs.members); its key leaves the bucket then too.
 REPLICA_TTL_SECONDS = 6.0
 
+# The agents bucket's TTL. Its entries expire without a delete a watch could see, so a process that mirrors the
+# bucket forgets an agent silent for this long itself.
+AGENTS_TTL_SECONDS = 60.0
+
 KV_BUCKETS: tuple[BucketSpec, ...] = (
     BucketSpec(subjects.KV_DATASETS, history=5),
     BucketSpec(subjects.KV_RUNTIMES, history=5),
     BucketSpec(subjects.KV_BINDINGS),
     BucketSpec(subjects.KV_NODE_CACHE),
     # An agent that stops beating disappears after a minute even if nobody ticks.
-    BucketSpec(subjects.KV_AGENTS, ttl=60.0),
+    BucketSpec(subjects.KV_AGENTS, ttl=AGENTS_TTL_SECONDS),
     BucketSpec(subjects.KV_OPERATIONS, history=5),
     BucketSpec(subjects.KV_OPERATION_RUNS),
     BucketSpec(subjects.KV_MEMBERS, ttl=REPLICA_TTL_SECONDS),

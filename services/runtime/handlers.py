@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import msgspec
 
 from libs import metrics, subjects
-from libs.bus import Bus, Conflict, Delivery, KvMirror, kv_delete, kv_keys, kv_load, kv_save
+from libs.bus import AGENTS_TTL_SECONDS, Bus, Conflict, Delivery, KvMirror, kv_delete, kv_keys, kv_load, kv_save
 from libs.events.agent import AgentHeartbeat, AgentRecord
 from libs.events.common import dns_label_errors
 from libs.events.dataset import DatasetRecord
@@ -62,9 +62,6 @@ TICK_SECONDS = 2.0
 # How often a changed Dataset placement or moved workers are looked for: in-memory, so cheap; fast enough that a
 # re-applied nodeAffinity shows in status within a second.
 PLACEMENT_CHECK_SECONDS = 0.25
-# The agents bucket's TTL (libs.bus): its entries expire without a delete the watch could see, so the view
-# forgets an agent silent for this long itself.
-AGENT_FORGET_SECONDS = 60.0
 # How often the gauges are recounted from the in-memory view: as often as placements are checked (a pass over the
 # same view, setting only what changed), so they follow a change within a fraction of a scrape interval.
 GAUGE_SECONDS = PLACEMENT_CHECK_SECONDS
@@ -194,7 +191,7 @@ class RuntimeHandlers:
             keys = await kv_keys(await self.bus.kv(subjects.KV_RUNTIMES))
         now = self.clock()
         for node, record in list(self.agents.values.items()):
-            if now - record.received_at > AGENT_FORGET_SECONDS:
+            if now - record.received_at > AGENTS_TTL_SECONDS:
                 self.agents.values.pop(node, None)
         agents = self._agents()
         for key in keys:

@@ -20,7 +20,7 @@ from typing import Any
 import msgspec
 
 from libs import metrics, subjects
-from libs.bus import Bus, Delivery, KvMirror, Replay, kv_watch, retry_delay
+from libs.bus import AGENTS_TTL_SECONDS, Bus, Delivery, KvMirror, Replay, kv_watch, retry_delay
 from libs.events.agent import AgentRecord, AnyInventory, InventoryRequest, upgrade
 from libs.events.common import DECODE_ERRORS, ObjectRef
 from libs.events.dataset import DatasetRecord
@@ -52,9 +52,6 @@ _RECORD_DECODER = msgspec.json.Decoder(DatasetRecord)
 # is over in seconds); after that, at the next change of the dataset's record, whatever it changes. Until then the
 # dataset has no catalog, and every cached block counts.
 CATALOG_ATTEMPTS = 10
-# The agents bucket's TTL (libs.bus): its entries expire without a delete the mirror could see, so the sweep forgets
-# an agent silent for this long (or ``node_timeout``, if longer) itself, as the runtime service does.
-AGENT_FORGET_SECONDS = 60.0
 
 
 def _request_key(request: ScoreRequest) -> Any:
@@ -346,7 +343,7 @@ class SchedulerHandlers:
         if not self.agents.ready.is_set():
             return
         now = self.clock()
-        forget_after = max(AGENT_FORGET_SECONDS, self.node_timeout)
+        forget_after = max(AGENTS_TTL_SECONDS, self.node_timeout)
         for node, last in list(self.agents.values.items()):
             if now - last.received_at > forget_after:
                 self.agents.values.pop(node, None)

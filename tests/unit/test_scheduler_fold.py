@@ -197,13 +197,14 @@ def test_decisions_are_kept_only_while_what_they_read_is_unchanged() -> None:
 
 def test_the_sweep_forgets_agents_whose_records_expired() -> None:
     """The agents bucket's TTL removes a silent agent's record without a delete the mirror sees: the sweep drops it
-    itself after AGENT_FORGET_SECONDS, with the node's cache and its name, so node churn grows no memory. A beating
+    itself after AGENTS_TTL_SECONDS, with the node's cache and its name, so node churn grows no memory. A beating
     agent is kept, and so is its cache."""
     import asyncio
     from types import SimpleNamespace
 
+    from libs.bus import AGENTS_TTL_SECONDS
     from libs.events.agent import AgentHeartbeat, AgentRecord
-    from services.scheduler.handlers import AGENT_FORGET_SECONDS, SchedulerHandlers
+    from services.scheduler.handlers import SchedulerHandlers
 
     now = [1000.0]
     agents = SimpleNamespace(values={}, ready=asyncio.Event())
@@ -220,7 +221,7 @@ def test_the_sweep_forgets_agents_whose_records_expired() -> None:
     handlers.fold.apply(snapshot(1, blocks("k", "e", [(0, MiB)])))
     asyncio.run(handlers.sweep())
     assert len(handlers.beating) == 101
-    now[0] += AGENT_FORGET_SECONDS  # not yet past it: the records stay (the bucket's TTL has not run out either)
+    now[0] += AGENTS_TTL_SECONDS  # not yet past it: the records stay (the bucket's TTL has not run out either)
     beat("n1")
     asyncio.run(handlers.sweep())
     assert len(agents.values) == 101
@@ -233,7 +234,7 @@ def test_the_sweep_forgets_agents_whose_records_expired() -> None:
     now[0] += 11
     asyncio.run(handlers.sweep())
     assert handlers.fold.nodes() == set() and set(agents.values) == {"n1"}
-    now[0] += AGENT_FORGET_SECONDS
+    now[0] += AGENTS_TTL_SECONDS
     asyncio.run(handlers.sweep())
     assert agents.values == {} and handlers.beating == set()
 
