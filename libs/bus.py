@@ -693,6 +693,9 @@ ATTACH_API_SECONDS = 1.5
 # Failed attaches between two look-ups of the durable (~2 s at first): a look-up during an election waits out its
 # API timeout (``ATTACH_API_SECONDS``), so not at every attempt.
 LOOKUP_EVERY = 4
+# A durable the server refuses this user (``PermissionDenied``) is asked for again this often: only a reload of the
+# server's permissions changes the answer.
+REFUSED_RETRY_SECONDS = 10.0
 
 
 # What ``Consumer`` sets on its durable, compared with an existing durable's settings (``_consumer_changes``).
@@ -804,6 +807,15 @@ class Consumer(Generic[E]):
                 finally:
                     with contextlib.suppress(Exception):  # its server may be the one that went away
                         await subscription.unsubscribe()
+            except PermissionDenied as err:
+                # This user may not use the durable (its permissions, ``libs.natsauth``): said loudly, and tried
+                # again now and then, since the server's permissions may be reloaded. Nothing was created or changed.
+                failures += 1
+                lookup = True
+                log.error("consumer refused by NATS permissions", consumer=self.durable, stream=self.stream,
+                          subject=err.subject, error=str(err), retry_in=REFUSED_RETRY_SECONDS)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), REFUSED_RETRY_SECONDS)
             except nats.errors.Error as err:
                 # The consumer's server went away (a cluster electing a new leader answers 503, no responders, or
                 # times out) or the connection is down: attach again, as often as ATTACH allows, until stopped.
@@ -825,15 +837,18 @@ class Consumer(Generic[E]):
         giving messages up after its old count, unseen by ``_outcome``. JetStream updates ``max_deliver``,
         ``ack_wait``, ``max_ack_pending`` and the filters of a durable added again under its name; it refuses other
         changes (the deliver or ack policy), and then the durable is used as it is, its refusal logged."""
+        # Refused at once, naming the subject, when this user may not use the durable (``libs.natsauth``).
+        create = natsauth.consumer_create_subject(self.stream, self.durable, config.filter_subject)
         try:
-            info = await js.consumer_info(self.stream, self.durable)
+            info = await self.bus.refusable(natsauth.consumer_api("INFO", self.stream, self.durable),
+                                            js.consumer_info(self.stream, self.durable))
         except NotFoundError:
-            info = await js.add_consumer(self.stream, config=config)
+            info = await self.bus.refusable(create, js.add_consumer(self.stream, config=config))
         else:
             changed = _consumer_changes(info.config, config)
             if changed:
                 try:
-                    info = await js.add_consumer(self.stream, config=config)
+                    info = await self.bus.refusable(create, js.add_consumer(self.stream, config=config))
                 except (nats.js.errors.BadRequestError, nats.js.errors.ServerError) as err:
                     log.error("consumer settings not updated: the server refused, the durable keeps its own",
                               consumer=self.durable, stream=self.stream, changes=changed,

@@ -16,6 +16,10 @@ The rules it encodes:
   never by an agent: an agent that could update a stream could shorten its retention or change its subjects.
   Nobody deletes a stream; only the manifests' writers purge (theirs: an object put replaces its chunks), and only
   the dataset service deletes a message (a command that carried a secret in clear).
+- A service creates, looks up, pulls from, acks and deletes its own durable consumers only (``DURABLES``: every
+  JetStream API subject names the durable), never another kind's; an agent only consumers filtered to its node's
+  tasks, and no service's. Ephemeral, ordered consumers (KV watches, object gets, ``shoal events``, the bridge's
+  rejections) are created without a name on the streams a user reads.
 - Replies go to a per-user inbox, ``_INBOX.<user>.>`` (``inbox_prefix``: ``libs.bus.connect`` sets it from
   ``NATS_USER``), so a user cannot read the replies another user's requests get (KV reads, publish acks).
 - The observer subscribes to facts (``shoal.evt.>``) and nothing else; it cannot publish at all.
@@ -56,6 +60,12 @@ def stream_api(verb: str, stream: str) -> str:
     return f"{API}.STREAM.{verb}.{stream}"
 
 
+def consumer_api(verb: str, stream: str, consumer: str) -> str:
+    """The JetStream API subject of an operation on one consumer: ``$JS.API.CONSUMER.<verb>.<stream>.<consumer>``
+    (``INFO``, ``MSG.NEXT``, ``DELETE``; creating it: ``consumer_create_subject``)."""
+    return f"{API}.CONSUMER.{verb}.{stream}.{consumer}"
+
+
 def kv_stream(bucket: str) -> str:
     return f"KV_{bucket}"
 
@@ -71,11 +81,13 @@ ALL_STREAMS: tuple[str, ...] = (*_STREAMS, *(kv_stream(b) for b in KV_BUCKETS),
 @dataclass(frozen=True)
 class Permissions:
     """What one user may publish and subscribe (nats-server's ``permissions``); ``responses``: it may answer
-    requests it received (``allow_responses``), whatever their reply subject."""
+    requests it received (``allow_responses``), whatever their reply subject. ``deny``: subjects refused to it
+    although ``publish`` matches them (nats-server's publish ``deny``, which wins over ``allow``)."""
 
     publish: tuple[str, ...] = ()
     subscribe: tuple[str, ...] = ()
     responses: bool = False
+    deny: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -97,6 +109,21 @@ def inbox_prefix(user: str) -> str:
     return f"{INBOX_ROOT}.{user}"
 
 
+# --- Every durable consumer of the services, by kind: the names their processes attach to (``services/*/app.py``
+# through ``libs.bus.Consumer``). A kind may create, look up, pull from, ack and delete these and no other durable.
+# The agents' durables are named per mount (``subjects.task_durable``): ``_agent``.
+DURABLES: dict[str, tuple[tuple[str, str], ...]] = {
+    DATASET: ((subjects.STREAM_COMMANDS, subjects.DURABLE_DATASET_COMMANDS),
+              (subjects.STREAM_FACTS, subjects.DURABLE_DATASET_RUNTIME_STATUS),
+              (subjects.STREAM_AGENT, subjects.DURABLE_DATASET_INVENTORY)),
+    RUNTIME: ((subjects.STREAM_COMMANDS, subjects.DURABLE_RUNTIME_COMMANDS),
+              (subjects.STREAM_AGENT, subjects.DURABLE_RUNTIME_HEARTBEATS)),
+    LOADER: ((subjects.STREAM_COMMANDS, subjects.DURABLE_LOADER_COMMANDS),
+             (subjects.STREAM_TASKS, subjects.DURABLE_LOADER_PROGRESS)),
+    SCHEDULER: ((subjects.STREAM_AGENT, subjects.DURABLE_SCHEDULER_INVENTORY),),
+}
+
+
 # --- JetStream API subjects, by what the process does with a stream. ---
 
 
@@ -106,16 +133,40 @@ def _read_stream(stream: str) -> list[str]:
             f"{API}.DIRECT.GET.{stream}.>"]
 
 
-def _consume(stream: str) -> list[str]:
-    """Create, look up, pull from, ack and delete consumers of a stream (durable, ephemeral, ordered; a KV watch)."""
-    return [f"{API}.CONSUMER.CREATE.{stream}", f"{API}.CONSUMER.CREATE.{stream}.>",
-            f"{API}.CONSUMER.DURABLE.CREATE.{stream}.>", f"{API}.CONSUMER.INFO.{stream}.>",
-            f"{API}.CONSUMER.MSG.NEXT.{stream}.>", f"{API}.CONSUMER.DELETE.{stream}.>",
-            f"$JS.ACK.{stream}.>", f"$JS.FC.{stream}.>"]
+def _durable(stream: str, durable: str) -> list[str]:
+    """Create, update, look up, pull from, ack and delete one durable consumer of a stream, and no other consumer.
+
+    nats-py (2.x, against nats-server 2.9 or later) creates a consumer that has a name on
+    ``CONSUMER.CREATE.<stream>.<name>``, followed by its filter subject when it has exactly one
+    (``consumer_create_subject``); ``DURABLE.CREATE`` is the older form, for a durable without a name. The server
+    takes the name from the subject and refuses a request whose durable name or filter differs from it, so a
+    user allowed these subjects creates or changes only this durable. Acks carry stream and consumer:
+    ``$JS.ACK.<stream>.<consumer>.<...>`` (and ``$JS.ACK.<domain>.<account>.<stream>.<consumer>.<...>`` on a
+    server with the v2 ack format turned on).
+    """
+    create = consumer_create_subject(stream, durable)
+    return [create, f"{create}.>", consumer_api("DURABLE.CREATE", stream, durable),
+            *(consumer_api(verb, stream, durable) for verb in ("INFO", "MSG.NEXT", "DELETE")),
+            f"$JS.ACK.{stream}.{durable}.>", f"$JS.ACK.*.*.{stream}.{durable}.>"]
+
+
+def _ephemeral(stream: str) -> list[str]:
+    """Ordered (ephemeral, push) consumers of a stream: a KV watch, an object get, ``shoal events --all``, the
+    bridge's rejections. nats-py creates them without a name on ``CONSUMER.CREATE.<stream>`` (the server names
+    them, and refuses a durable there); they ack nothing and only answer flow control. No look-up, pull, ack or
+    delete of any named consumer comes with it."""
+    return [f"{API}.CONSUMER.CREATE.{stream}", f"$JS.FC.{stream}.>", f"$JS.FC.*.*.{stream}.>"]
+
+
+def consumer_create_subject(stream: str, name: str, filter_subject: str | None = None) -> str:
+    """The subject nats-py (2.x, nats-server 2.9 or later) creates or updates the named consumer ``name`` on:
+    with exactly one filter subject (not ``>``) it follows the name, with none or several it does not."""
+    subject = f"{API}.CONSUMER.CREATE.{stream}.{name}"
+    return f"{subject}.{filter_subject}" if filter_subject and filter_subject != ">" else subject
 
 
 def _read_kv(bucket: str) -> list[str]:
-    return _read_stream(kv_stream(bucket)) + _consume(kv_stream(bucket))
+    return _read_stream(kv_stream(bucket)) + _ephemeral(kv_stream(bucket))
 
 
 def _write_kv(bucket: str) -> list[str]:
@@ -124,7 +175,7 @@ def _write_kv(bucket: str) -> list[str]:
 
 def _read_objects(bucket: str) -> list[str]:
     # nats-py's object get subscribes by subject without naming the stream, so it looks the stream up first.
-    return [f"{API}.STREAM.NAMES", *_read_stream(object_stream(bucket)), *_consume(object_stream(bucket))]
+    return [f"{API}.STREAM.NAMES", *_read_stream(object_stream(bucket)), *_ephemeral(object_stream(bucket))]
 
 
 def _write_objects(bucket: str) -> list[str]:
@@ -156,8 +207,8 @@ def _service(consumers: Iterable[tuple[str, str]], publish: Iterable[str], kv_wr
     """A control-plane service: provisions, reads every bucket, runs its durable consumers, writes its buckets."""
     consumers = list(consumers)
     allowed = [*publish, *_provision(), *_read_all_kv(), *_dead_letters(*consumers)]
-    for stream in sorted({stream for stream, _ in consumers}):
-        allowed += _consume(stream)
+    for stream, durable in consumers:
+        allowed += _durable(stream, durable)
     for bucket in kv_writes:
         allowed += _write_kv(bucket)
     if objects:
@@ -172,9 +223,7 @@ def permissions(kind: str, node: str = "") -> Permissions:
     """
     if kind == DATASET:
         return _service(
-            consumers=[(subjects.STREAM_COMMANDS, subjects.DURABLE_DATASET_COMMANDS),
-                       (subjects.STREAM_FACTS, subjects.DURABLE_DATASET_RUNTIME_STATUS),
-                       (subjects.STREAM_AGENT, subjects.DURABLE_DATASET_INVENTORY)],
+            consumers=DURABLES[DATASET],
             # It erases an apply that carried a secret in clear from the command stream (docs/security.md).
             publish=[subjects.DATASET_FACTS, subjects.INVENTORY_REQUEST,
                      stream_api("MSG.DELETE", subjects.STREAM_COMMANDS)],
@@ -182,22 +231,20 @@ def permissions(kind: str, node: str = "") -> Permissions:
             objects=True)
     if kind == RUNTIME:
         return _service(
-            consumers=[(subjects.STREAM_COMMANDS, subjects.DURABLE_RUNTIME_COMMANDS),
-                       (subjects.STREAM_AGENT, subjects.DURABLE_RUNTIME_HEARTBEATS)],
+            consumers=DURABLES[RUNTIME],
             # Its autoscaler changes replicas the way `shoal scale` does: by applying the runtime again.
             publish=[subjects.RUNTIME_FACTS, subjects.RUNTIME_APPLY],
             kv_writes=[subjects.KV_RUNTIMES, subjects.KV_AGENTS])
     if kind == LOADER:
         return _service(
-            consumers=[(subjects.STREAM_COMMANDS, subjects.DURABLE_LOADER_COMMANDS),
-                       (subjects.STREAM_TASKS, subjects.DURABLE_LOADER_PROGRESS)],
+            consumers=DURABLES[LOADER],
             # A DataLoad with loadMetadata lists the dataset again (a resync command); tasks go to the agents.
             publish=[subjects.DATALOAD_FACTS, subjects.DATACLEAN_FACTS, subjects.DATASET_RESYNC,
                      f"{subjects.TASK_PREFIX}.>", subjects.TASK_CANCEL],
             kv_writes=[subjects.KV_OPERATIONS, subjects.KV_OPERATION_RUNS], objects=True)
     if kind == SCHEDULER:
         return _service(
-            consumers=[(subjects.STREAM_AGENT, subjects.DURABLE_SCHEDULER_INVENTORY)],
+            consumers=DURABLES[SCHEDULER],
             publish=[subjects.INVENTORY_REQUEST], objects=True,
             subscribe=[subjects.SCHED_SCORE], responses=True)
     if kind == BRIDGE:
@@ -205,13 +252,13 @@ def permissions(kind: str, node: str = "") -> Permissions:
         perms = _service(consumers=[], publish=[subjects.ALL_COMMANDS])
         # Its subscription names no stream: nats-py looks the stream up by subject (STREAM.NAMES).
         return Permissions(publish=_unique([*perms.publish, f"{API}.STREAM.NAMES",
-                                            *_read_stream(subjects.STREAM_FACTS), *_consume(subjects.STREAM_FACTS)]))
+                                            *_read_stream(subjects.STREAM_FACTS), *_ephemeral(subjects.STREAM_FACTS)]))
     if kind == AGENT:
         return _agent(node)
     if kind == CLI:
         return Permissions(publish=_unique([
             subjects.ALL_COMMANDS, subjects.SCHED_SCORE, *_provision(), f"{API}.INFO", f"{API}.STREAM.NAMES",
-            f"{API}.STREAM.LIST", *(s for stream in ALL_STREAMS for s in _read_stream(stream) + _consume(stream)),
+            f"{API}.STREAM.LIST", *(s for stream in ALL_STREAMS for s in _read_stream(stream) + _ephemeral(stream)),
         ]), subscribe=("shoal.>",))
     if kind == OBSERVER:
         return Permissions(subscribe=(subjects.ALL_FACTS,))
@@ -225,12 +272,31 @@ def _agent(node: str) -> Permissions:
         subjects.agent_heartbeat(node_token), subjects.agent_inventory(node_token),
         subjects.task_progress(node_token), *_info_all(),
         *_read_kv(subjects.KV_DATASETS), *_read_kv(subjects.KV_RUNTIMES), *_read_kv(subjects.KV_OPERATIONS),
-        *_read_objects(subjects.OBJ_MANIFESTS),
-        # Its mount processes' task consumers (durables named after node and dataset: ``subjects.task_durable``).
-        *_read_stream(subjects.STREAM_TASKS), *_consume(subjects.STREAM_TASKS),
+        *_read_objects(subjects.OBJ_MANIFESTS), *_task_consumers(node_token),
     ]
-    return Permissions(publish=_unique(publish),
-                       subscribe=(subjects.INVENTORY_REQUEST, subjects.TASK_CANCEL))
+    # The durables of the services on the tasks stream (the loader's progress) match the wildcards above: refused.
+    deny = [subject for durables in DURABLES.values() for stream, durable in durables
+            if stream == subjects.STREAM_TASKS for subject in _durable(stream, durable)]
+    return Permissions(publish=_unique(publish), subscribe=(subjects.INVENTORY_REQUEST, subjects.TASK_CANCEL),
+                       deny=_unique(deny))
+
+
+def _task_consumers(node_token: str) -> list[str]:
+    """The mount processes' task durables (``subjects.task_durable``: one per node and dataset, made by nats-py's
+    ``pull_subscribe`` with the mount's task subject as its one filter).
+
+    Creating or changing a consumer of the tasks stream is allowed only with a filter within this node's tasks
+    (``CONSUMER.CREATE.<stream>.<name>.shoal.task.node.<node>.>``; the server refuses a request whose filter is not
+    the one in its subject), so an agent cannot make a consumer that reads another node's tasks or the progress,
+    and gets no ephemeral or legacy (``DURABLE.CREATE``) form without that filter, nor single messages of the
+    stream. Looking up, pulling from, acking and deleting name the consumer only, and a consumer name is one token
+    that embeds the dataset: no permission can say "this node's durables" there, so these are allowed on any
+    consumer of the tasks stream but the services' (``deny`` in ``_agent``). docs/security.md says what is left.
+    """
+    stream = subjects.STREAM_TASKS
+    return [f"{API}.CONSUMER.CREATE.{stream}.*.{subjects.TASK_PREFIX}.{node_token}.>",
+            f"{API}.CONSUMER.INFO.{stream}.*", f"{API}.CONSUMER.MSG.NEXT.{stream}.*",
+            f"{API}.CONSUMER.DELETE.{stream}.*", f"$JS.ACK.{stream}.*.>", f"$JS.ACK.*.*.{stream}.*.>"]
 
 
 def _unique(items: Iterable[str]) -> tuple[str, ...]:
@@ -263,7 +329,12 @@ def authorization_block(users_: Iterable[User]) -> str:
         password = user.password if user.password.startswith("$") else json.dumps(user.password)
         lines.append(f"    {{user: {json.dumps(user.name)}, password: {password}, permissions: {{")
         # An empty allow list would allow everything: a user that publishes nothing is denied everything instead.
-        publish = f"{{allow: {_list(perms.publish)}}}" if perms.publish else '{deny: [">"]}'
+        if not perms.publish:
+            publish = '{deny: [">"]}'
+        elif perms.deny:
+            publish = f"{{allow: {_list(perms.publish)}, deny: {_list(perms.deny)}}}"
+        else:
+            publish = f"{{allow: {_list(perms.publish)}}}"
         lines.append(f"      publish: {publish}")
         lines.append(f"      subscribe: {{allow: {_list(subscribe)}}}")
         if perms.responses:
@@ -289,7 +360,10 @@ def matches(pattern: str, subject: str) -> bool:
 
 
 def may_publish(kind: str, subject: str, node: str = "") -> bool:
-    return any(matches(pattern, subject) for pattern in permissions(kind, node).publish)
+    """Whether nats-server lets ``kind`` (an agent: of ``node``) publish ``subject``: an allow matches, no deny does."""
+    perms = permissions(kind, node)
+    return (any(matches(pattern, subject) for pattern in perms.publish)
+            and not any(matches(pattern, subject) for pattern in perms.deny))
 
 
 def password_variable(kind: str) -> str:

@@ -3,6 +3,8 @@ stream, bucket and durable consumer Shoal has is covered, and that nats-server a
 
 from __future__ import annotations
 
+import asyncio
+import re
 import subprocess
 from pathlib import Path
 
@@ -125,3 +127,129 @@ def test_shoal_up_secure_gives_each_service_its_kinds_user_and_each_agent_its_no
     users = service_users(stack_services(2), agent_plans(2, "box", {}, tmp_path), "box")
     assert users["agent-1"] == "agent-box-1" and users["agent-2"] == "agent-box-2"
     assert natsauth.parse_user(users["agent-2"]) == (AGENT, "box-2")
+
+
+# --- Consumers: each kind its own durables, an agent its node's tasks, ephemeral consumers where it reads. ---
+
+CONSUMER_VERBS = ("INFO", "MSG.NEXT", "DELETE", "DURABLE.CREATE")
+
+
+def durable_subjects(stream: str, durable: str, filter_subject: str = "shoal.x") -> list[str]:
+    """Every subject that creates, changes, looks up, pulls from, acks or deletes ``durable``."""
+    return [natsauth.consumer_create_subject(stream, durable), natsauth.consumer_create_subject(
+        stream, durable, filter_subject), *(natsauth.consumer_api(verb, stream, durable) for verb in CONSUMER_VERBS),
+        f"$JS.ACK.{stream}.{durable}.1.7.7.1700000000000000000.0"]
+
+
+def test_each_services_durables_are_its_own_and_no_other_kinds() -> None:
+    for owner, durables in natsauth.DURABLES.items():
+        for stream, durable in durables:
+            for subject in durable_subjects(stream, durable):
+                users = {kind for kind in KINDS if may_publish(kind, subject)}
+                users |= {AGENT for node in ("", "n1") if may_publish(AGENT, subject, node=node)}
+                assert users == {owner}, (subject, users)
+
+
+def test_the_reviewers_cases_are_refused() -> None:
+    api = "$JS.API.CONSUMER"
+    assert not may_publish(RUNTIME, f"{api}.MSG.NEXT.{subjects.STREAM_COMMANDS}.{subjects.DURABLE_DATASET_COMMANDS}")
+    assert not may_publish(RUNTIME, f"{api}.DELETE.{subjects.STREAM_COMMANDS}.{subjects.DURABLE_DATASET_COMMANDS}")
+    assert not may_publish(LOADER, natsauth.consumer_create_subject(
+        subjects.STREAM_COMMANDS, subjects.DURABLE_RUNTIME_COMMANDS, subjects.RUNTIME_COMMANDS))
+    assert not may_publish(BRIDGE, f"{api}.DELETE.{subjects.STREAM_FACTS}.{subjects.DURABLE_DATASET_RUNTIME_STATUS}")
+    assert not may_publish(SCHEDULER, f"{api}.DELETE.{subjects.STREAM_AGENT}.{subjects.DURABLE_RUNTIME_HEARTBEATS}")
+    assert not may_publish(AGENT, f"{api}.DELETE.{subjects.STREAM_TASKS}.{subjects.DURABLE_LOADER_PROGRESS}", node="n1")
+    assert not may_publish(AGENT, f"{api}.MSG.NEXT.{subjects.STREAM_TASKS}.{subjects.DURABLE_LOADER_PROGRESS}",
+                           node="n1")
+
+
+def test_every_durable_a_service_attaches_to_is_its_kinds() -> None:
+    """The durables named in services/<kind>/app.py are the ones ``natsauth.DURABLES`` gives that kind."""
+    services = Path(__file__).resolve().parents[2] / "services"
+    for kind in (DATASET, RUNTIME, LOADER, SCHEDULER, BRIDGE):
+        named = set(re.findall(r"subjects\.(DURABLE_\w+)", (services / kind / "app.py").read_text()))
+        assert {getattr(subjects, name) for name in named} == {
+            durable for _, durable in natsauth.DURABLES.get(kind, ())}, kind
+    every = {value for name, value in vars(subjects).items() if name.startswith("DURABLE_")}
+    assert every == {durable for durables in natsauth.DURABLES.values() for _, durable in durables}
+
+
+def test_an_agent_makes_consumers_of_its_nodes_tasks_only() -> None:
+    stream = subjects.STREAM_TASKS
+    mine = subjects.task_durable("n1", "default", "d")
+    create_mine = natsauth.consumer_create_subject(stream, mine, subjects.node_task("n1", "default", "d"))
+    assert may_publish(AGENT, create_mine, node="n1")
+    assert may_publish(AGENT, create_mine)  # the DaemonSet's agent user: any node
+    for subject in (natsauth.consumer_api("INFO", stream, mine), natsauth.consumer_api("MSG.NEXT", stream, mine),
+                    natsauth.consumer_api("DELETE", stream, mine), f"$JS.ACK.{stream}.{mine}.1.7.7.1.0"):
+        assert may_publish(AGENT, subject, node="n1"), subject
+    refused = [
+        # a consumer over another node's tasks, or over the progress, under any name
+        natsauth.consumer_create_subject(stream, mine, subjects.node_task("n2", "default", "d")),
+        natsauth.consumer_create_subject(stream, "mine", subjects.TASK_PROGRESS),
+        natsauth.consumer_create_subject(stream, "mine"), natsauth.consumer_create_subject(stream, "mine", ">"),
+        # ephemeral (no filter in the subject), the legacy durable form, single messages of the stream
+        f"$JS.API.CONSUMER.CREATE.{stream}", natsauth.consumer_api("DURABLE.CREATE", stream, mine),
+        natsauth.stream_api("MSG.GET", stream), f"$JS.API.DIRECT.GET.{stream}",
+        # the loader's durable on the same stream, in any way
+        *durable_subjects(stream, subjects.DURABLE_LOADER_PROGRESS, subjects.node_task("n1", "default", "d")),
+        # any other stream's durables
+        *durable_subjects(subjects.STREAM_COMMANDS, subjects.DURABLE_DATASET_COMMANDS),
+    ]
+    for subject in refused:
+        assert not may_publish(AGENT, subject, node="n1"), subject
+
+
+def test_ephemeral_consumers_where_a_kind_reads_and_no_named_one() -> None:
+    """KV watches and object gets (ordered consumers, created unnamed on ``CONSUMER.CREATE.<stream>``)."""
+    for kind in (DATASET, RUNTIME, LOADER, SCHEDULER, BRIDGE, AGENT, CLI):
+        assert may_publish(kind, f"$JS.API.CONSUMER.CREATE.{natsauth.kv_stream(subjects.KV_DATASETS)}"), kind
+        reads_objects = kind not in (RUNTIME, BRIDGE)  # the two that read no manifest
+        assert may_publish(kind, f"$JS.API.CONSUMER.CREATE.{natsauth.object_stream(subjects.OBJ_MANIFESTS)}") == (
+            reads_objects), kind
+        assert not may_publish(kind, f"$JS.API.CONSUMER.CREATE.{natsauth.kv_stream(subjects.KV_DATASETS)}.w.x")
+        assert not may_publish(kind, f"$JS.API.CONSUMER.MSG.NEXT.{natsauth.kv_stream(subjects.KV_DATASETS)}.w")
+    # The bridge's rejections and `shoal events --all`: ordered consumers of the facts (the CLI: of any stream).
+    assert may_publish(BRIDGE, f"$JS.API.CONSUMER.CREATE.{subjects.STREAM_FACTS}")
+    for stream in natsauth.ALL_STREAMS:
+        assert may_publish(CLI, f"$JS.API.CONSUMER.CREATE.{stream}")
+    # The CLI reads what is stored; it pulls from, acks or deletes nobody's durable.
+    for durables in natsauth.DURABLES.values():
+        for stream, durable in durables:
+            assert not any(may_publish(CLI, subject) for subject in durable_subjects(stream, durable))
+
+
+def test_the_create_subject_is_the_one_nats_py_sends() -> None:
+    """``consumer_create_subject`` (the durables' permissions) against nats-py's own ``add_consumer``."""
+    from nats.js import api as js_api
+    from nats.js.manager import JetStreamManager
+
+    sent: list[str] = []
+
+    class Stub:
+        connected_server_version = type("V", (), {"major": 2, "minor": 15})()
+
+    class Recording(JetStreamManager):
+        async def _api_request(self, subject: str, *args: object, **kwargs: object) -> dict[str, object]:
+            sent.append(subject)
+            raise RuntimeError("recorded")
+
+    manager = Recording(Stub())  # type: ignore[arg-type]
+    stream, durable = subjects.STREAM_COMMANDS, subjects.DURABLE_LOADER_COMMANDS
+    for filter_subject, filter_subjects in ((subjects.DATASET_COMMANDS, None), (None, subjects.OPERATION_COMMANDS),
+                                            (None, None)):
+        config = js_api.ConsumerConfig(name=durable, durable_name=durable, filter_subject=filter_subject,
+                                       filter_subjects=filter_subjects)
+        with pytest.raises(RuntimeError, match="recorded"):
+            asyncio.run(manager.add_consumer(stream, config=config))
+        assert sent[-1] == natsauth.consumer_create_subject(stream, durable, filter_subject)
+        assert may_publish(LOADER, sent[-1])
+    with pytest.raises(RuntimeError, match="recorded"):  # an ordered consumer: no name
+        asyncio.run(manager.add_consumer(stream, config=js_api.ConsumerConfig(filter_subject=subjects.ALL_FACTS)))
+    assert sent[-1] == f"$JS.API.CONSUMER.CREATE.{stream}"
+
+
+def test_the_agents_deny_list_reaches_the_server_block() -> None:
+    block = natsauth.authorization_block(natsauth.users({"agent-n1": "pw", LOADER: "pw"}))
+    agent_line = next(line for line in block.splitlines() if "publish:" in line)
+    assert "deny: [" in agent_line and f"{subjects.STREAM_TASKS}.{subjects.DURABLE_LOADER_PROGRESS}" in agent_line
