@@ -7,6 +7,7 @@ import asyncio
 import re
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -230,8 +231,8 @@ def test_the_create_subject_is_the_one_nats_py_sends() -> None:
         connected_server_version = type("V", (), {"major": 2, "minor": 15})()
 
     class Recording(JetStreamManager):
-        async def _api_request(self, subject: str, *args: object, **kwargs: object) -> dict[str, object]:
-            sent.append(subject)
+        async def _api_request(self, req_subject: str, req: bytes = b"", timeout: float = 5) -> dict[str, Any]:
+            sent.append(req_subject)
             raise RuntimeError("recorded")
 
     manager = Recording(Stub())  # type: ignore[arg-type]
