@@ -166,7 +166,11 @@ def consumer_create_subject(stream: str, name: str, filter_subject: str | None =
 
 
 def _read_kv(bucket: str) -> list[str]:
-    return _read_stream(kv_stream(bucket)) + _ephemeral(kv_stream(bucket))
+    """Get a bucket's keys and watch it: a watch looks its own ordered consumer up (nats-py, for the number of
+    initial values), under the name the server gave it, so looking up any consumer of a bucket's stream is allowed;
+    those streams hold no durable."""
+    stream = kv_stream(bucket)
+    return [*_read_stream(stream), *_ephemeral(stream), consumer_api("INFO", stream, "*")]
 
 
 def _write_kv(bucket: str) -> list[str]:
@@ -259,6 +263,7 @@ def permissions(kind: str, node: str = "") -> Permissions:
         return Permissions(publish=_unique([
             subjects.ALL_COMMANDS, subjects.SCHED_SCORE, *_provision(), f"{API}.INFO", f"{API}.STREAM.NAMES",
             f"{API}.STREAM.LIST", *(s for stream in ALL_STREAMS for s in _read_stream(stream) + _ephemeral(stream)),
+            *_read_all_kv(),
         ]), subscribe=("shoal.>",))
     if kind == OBSERVER:
         return Permissions(subscribe=(subjects.ALL_FACTS,))

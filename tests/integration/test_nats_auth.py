@@ -24,7 +24,7 @@ import secrets
 import shutil
 import socket
 import ssl
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,10 +34,11 @@ import msgspec
 import nats
 import pytest
 from nats.aio.msg import Msg
+from nats.js import api as js_api
 from prometheus_client import REGISTRY, generate_latest
 
 from libs import natsauth, subjects
-from libs.bus import Bus, PermissionDenied, connect, kv_load
+from libs.bus import Bus, Consumer, Delivery, PermissionDenied, connect, kv_load
 from libs.config import AgentSettings, NatsSettings, Secret, Settings
 from libs.embedded import NatsConfig, ServerProcess, free_port, start_nats
 from libs.events.common import ObjectMeta, ObjectRef
@@ -383,3 +384,136 @@ def test_shoal_up_secure_plans_tls_users_and_a_password_per_service(tmp_path: Pa
     assert (tmp_path / "state" / "nats-secure" / "passwords.json").stat().st_mode & 0o777 == 0o600
     with pytest.raises(UpError, match="--secure secures the embedded NATS"):
         _plan(options, {"PROMETHEUS_URL": "http://127.0.0.1:9", "NATS_URL": "nats://127.0.0.1:4222"})
+
+
+# --- Durable consumers: each kind its own, an agent its node's tasks. ---
+
+
+def durable_config(durable: str, filter_subject: str) -> js_api.ConsumerConfig:
+    """A durable as ``libs.bus.Consumer`` and the mount processes make it: named, one filter, explicit acks."""
+    return js_api.ConsumerConfig(name=durable, durable_name=durable, ack_policy=js_api.AckPolicy.EXPLICIT,
+                                 filter_subject=filter_subject, deliver_policy=js_api.DeliverPolicy.ALL)
+
+
+async def refused(bus: Bus, subject: str, call: Awaitable[T]) -> PermissionDenied:
+    """``call`` as ``bus``'s user: the server refuses ``subject`` at once, with an error that names it."""
+    with pytest.raises(PermissionDenied) as error:
+        await bus.refusable(subject, call)
+    assert "permission denied" in str(error.value) and subject in str(error.value)
+    assert ("publish", subject) in bus.denials.seen
+    return error.value
+
+
+async def pull(bus: Bus, stream: str, durable: str) -> list[Msg]:
+    subscription = await bus.js.pull_subscribe_bind(durable=durable, stream=stream)
+    try:
+        return await subscription.fetch(1, timeout=3)
+    finally:
+        await subscription.unsubscribe()
+
+
+async def test_a_kind_is_refused_another_kinds_durable_and_nothing_happens(
+        secure_server: SecureServer, cli_bus: Bus, tmp_path: Path) -> None:
+    stream, durable = subjects.STREAM_COMMANDS, subjects.DURABLE_DATASET_COMMANDS
+    users = (natsauth.DATASET, natsauth.RUNTIME, natsauth.LOADER, natsauth.SCHEDULER, natsauth.BRIDGE, AGENT_USER)
+    buses = {user: await secure_server.connect(user) for user in users}
+    try:
+        dataset, runtime, loader, agent = (buses[natsauth.DATASET], buses[natsauth.RUNTIME], buses[natsauth.LOADER],
+                                           buses[AGENT_USER])
+        # The owners make their durables (what their services do when they start), and a command waits in one.
+        await dataset.js.add_consumer(stream, durable_config(durable, subjects.DATASET_COMMANDS))
+        await dataset.js.add_consumer(subjects.STREAM_FACTS, durable_config(
+            subjects.DURABLE_DATASET_RUNTIME_STATUS, subjects.RUNTIME_FACTS))
+        await runtime.js.add_consumer(subjects.STREAM_AGENT, durable_config(
+            subjects.DURABLE_RUNTIME_HEARTBEATS, subjects.AGENT_HEARTBEATS))
+        await loader.js.add_consumer(subjects.STREAM_TASKS, durable_config(
+            subjects.DURABLE_LOADER_PROGRESS, subjects.TASK_PROGRESS))
+        await cli_bus.publish(subjects.DATASET_APPLY, local_dataset("waiting", tmp_path))
+        await agent.publish(subjects.task_progress(NODE), local_dataset("progress", tmp_path))
+
+        # The runtime service may neither pull from, look up, change nor delete the dataset service's durable...
+        await refused(runtime, natsauth.consumer_api("MSG.NEXT", stream, durable), pull(runtime, stream, durable))
+        await refused(runtime, natsauth.consumer_api("INFO", stream, durable),
+                      runtime.js.consumer_info(stream, durable))
+        await refused(runtime, natsauth.consumer_api("DELETE", stream, durable),
+                      runtime.js.delete_consumer(stream, durable))
+        await refused(runtime, natsauth.consumer_create_subject(stream, durable, subjects.RUNTIME_COMMANDS),
+                      runtime.js.add_consumer(stream, durable_config(durable, subjects.RUNTIME_COMMANDS)))
+        # ... nor ack its messages (an ack subject names the durable: the runtime's own pull would show one).
+        ack = f"$JS.ACK.{stream}.{durable}.1.1.1.1700000000000000000.0"
+        await runtime.nc.publish(ack, b"+ACK")
+        await runtime.nc.flush()
+        await eventually(lambda: _async(("publish", ack.lower()) in runtime.denials.seen),  # as nats-py has it
+                         what="the forged ack refused")
+        # The loader may not make the runtime's durable; the bridge, the scheduler, an agent may not delete theirs.
+        await refused(loader, natsauth.consumer_create_subject(stream, subjects.DURABLE_RUNTIME_COMMANDS,
+                                                               subjects.RUNTIME_COMMANDS),
+                      loader.js.add_consumer(stream, durable_config(subjects.DURABLE_RUNTIME_COMMANDS,
+                                                                    subjects.RUNTIME_COMMANDS)))
+        for user, where, whose in ((natsauth.BRIDGE, subjects.STREAM_FACTS, subjects.DURABLE_DATASET_RUNTIME_STATUS),
+                                   (natsauth.SCHEDULER, subjects.STREAM_AGENT, subjects.DURABLE_RUNTIME_HEARTBEATS),
+                                   (AGENT_USER, subjects.STREAM_TASKS, subjects.DURABLE_LOADER_PROGRESS)):
+            await refused(buses[user], natsauth.consumer_api("DELETE", where, whose),
+                          buses[user].js.delete_consumer(where, whose))
+        await refused(agent, natsauth.consumer_api("MSG.NEXT", subjects.STREAM_TASKS, subjects.DURABLE_LOADER_PROGRESS),
+                      pull(agent, subjects.STREAM_TASKS, subjects.DURABLE_LOADER_PROGRESS))
+        # An agent makes consumers of its own node's tasks only: not of another node's, not of the progress.
+        other = subjects.node_task("node-b", "default", "d")
+        await refused(agent, natsauth.consumer_create_subject(subjects.STREAM_TASKS, "peek", other),
+                      agent.js.add_consumer(subjects.STREAM_TASKS, durable_config("peek", other)))
+        await refused(agent, f"$JS.API.CONSUMER.CREATE.{subjects.STREAM_TASKS}",
+                      agent.js.add_consumer(subjects.STREAM_TASKS, js_api.ConsumerConfig(
+                          filter_subject=subjects.TASK_PROGRESS)))
+        mine = subjects.task_durable(NODE, "default", "d")
+        await agent.js.add_consumer(subjects.STREAM_TASKS,
+                                    durable_config(mine, subjects.node_task(NODE, "default", "d")))
+        await agent.js.delete_consumer(subjects.STREAM_TASKS, mine)
+
+        # A service attached to a durable that is not its kind's says so at once (and creates nothing).
+        async def handle(event: DatasetApply, delivery: Delivery) -> None:
+            raise AssertionError("the runtime user got the dataset service's command")
+
+        intruder: Consumer[DatasetApply] = Consumer(runtime, stream, durable, subjects.DATASET_COMMANDS,
+                                                    msgspec.json.Decoder(DatasetApply), handle, max_event_bytes=1 << 20)
+        task = asyncio.create_task(intruder.run())
+        try:
+            info_subject = natsauth.consumer_api("INFO", stream, durable)
+            await eventually(lambda: _async(("publish", info_subject) in runtime.denials.seen),
+                             what="the intruding consumer refused")
+        finally:
+            intruder.stop()
+            await asyncio.wait_for(task, 15)
+
+        # Nothing happened: every durable is there as its owner made it, and the command still waits for its own.
+        info = await dataset.js.consumer_info(stream, durable)
+        assert info.config.filter_subject == subjects.DATASET_COMMANDS and info.num_pending == 1
+        assert info.num_ack_pending == 0 and info.delivered.consumer_seq == 0
+        for owner, where, whose in ((natsauth.DATASET, subjects.STREAM_FACTS, subjects.DURABLE_DATASET_RUNTIME_STATUS),
+                                    (natsauth.RUNTIME, subjects.STREAM_AGENT, subjects.DURABLE_RUNTIME_HEARTBEATS),
+                                    (natsauth.LOADER, subjects.STREAM_TASKS, subjects.DURABLE_LOADER_PROGRESS)):
+            assert (await buses[owner].js.consumer_info(where, whose)).name == whose
+        assert (await buses[natsauth.LOADER].js.consumer_info(
+            subjects.STREAM_TASKS, subjects.DURABLE_LOADER_PROGRESS)).num_pending == 1
+        with pytest.raises(nats.js.errors.NotFoundError):
+            await runtime.js.consumer_info(stream, subjects.DURABLE_RUNTIME_COMMANDS)
+        with pytest.raises(nats.js.errors.NotFoundError):
+            await agent.js.consumer_info(subjects.STREAM_TASKS, "peek")
+        # And the owner still gets its message.
+        [message] = await pull(dataset, stream, durable)
+        assert message.subject == subjects.DATASET_APPLY
+        await message.ack()
+        # Ordered consumers still work where a kind reads: `shoal events --all` as the CLI.
+        received: list[Msg] = []
+
+        async def on_message(message: Msg) -> None:
+            received.append(message)
+
+        events = await cli_bus.js.subscribe(subjects.ALL_COMMANDS, cb=on_message, ordered_consumer=True,
+                                            deliver_policy=js_api.DeliverPolicy.ALL)
+        await eventually(lambda: _async(bool(received)), what="shoal events --all replays the commands")
+        await events.unsubscribe()
+    finally:
+        for bus in buses.values():
+            await bus.close()
+    refused_users = {line.split('"$G/user:')[1].split('"')[0] for line in secure_server.violations()}
+    assert refused_users == {natsauth.RUNTIME, natsauth.LOADER, natsauth.BRIDGE, natsauth.SCHEDULER, AGENT_USER}
