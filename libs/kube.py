@@ -57,7 +57,9 @@ SYSTEM_NAMESPACE = "shoal-system"
 
 
 def volume_name(namespace: str, dataset: str) -> str:
-    """A dataset's PersistentVolume (cluster-scoped, so the namespace is part of the name, as in Fluid)."""
+    """A dataset's PersistentVolume (cluster-scoped, so the namespace is part of the name, as in Fluid). Not unique:
+    a-b/c and a/b-c give the same name, so the bridge checks whose a volume of that name is before using or deleting
+    it (``services.bridge.domain.is_own_volume``)."""
     return f"{namespace}-{dataset}"
 
 

@@ -16,7 +16,8 @@ There is no kube-apiserver on these machines (no Docker, kind or k3s). This stan
 - a patch is applied by its content type: ``application/merge-patch+json`` (RFC 7386) and
   ``application/json-patch+json`` (RFC 6902, with the ``jsonpatch`` package); strategic merge is treated as a
   merge patch;
-- delete with finalizers sets ``deletionTimestamp``; the object goes once its last finalizer is removed.
+- delete with finalizers sets ``deletionTimestamp``; the object goes once its last finalizer is removed; a delete
+  whose ``preconditions`` (``uid``, ``resourceVersion``) do not match the object answers 409 Conflict.
 
 What kmock keeps: discovery (``/api``, ``/apis``) and the log of every request (method, path, headers, body;
 ``recorded()`` filters it) for assertions. A Secret's ``stringData`` is stored base64-encoded in ``data``.
@@ -207,7 +208,7 @@ class FakeApiServer(KubernetesScaffold):
             content_type = request.headers.get("Content-Type", "").split(";")[0].strip()
             return aiohttp.web.json_response(await self._patch(kind, key, sub, content_type, request.data))
         if method == "DELETE":
-            return aiohttp.web.json_response(await self._delete(kind, key))
+            return aiohttp.web.json_response(await self._delete(kind, key, request.data))
         raise ApiError(405, "MethodNotAllowed", f"{method} is not served by this test server")
 
     def _list(self, kind: Kind, namespace: str | None) -> dict[str, Any]:
@@ -298,11 +299,17 @@ class FakeApiServer(KubernetesScaffold):
                 await self._record(kind, "MODIFIED", new)
             return copy.deepcopy(new)
 
-    async def _delete(self, kind: Kind, key: Key) -> dict[str, Any]:
+    async def _delete(self, kind: Kind, key: Key, options: Any = None) -> dict[str, Any]:
         async with self.changed:
             if key not in self.store:
                 raise ApiError(404, "NotFound", f'{kind.plural} "{key[3]}" not found')
             obj = self.store[key]
+            preconditions = options.get("preconditions") if isinstance(options, dict) else None
+            for field in ("uid", "resourceVersion"):
+                wanted = (preconditions or {}).get(field)
+                if wanted and wanted != obj["metadata"].get(field):
+                    raise ApiError(409, "Conflict", f"Precondition failed: {field} in precondition: {wanted}, "
+                                                    f"{field} in object meta: {obj['metadata'].get(field)}")
             if obj["metadata"].get("finalizers"):
                 if not obj["metadata"].get("deletionTimestamp"):
                     obj["metadata"]["deletionTimestamp"] = _now()

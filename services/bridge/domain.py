@@ -33,6 +33,10 @@ CONDITION_ACCEPTED = "Accepted"
 REASON_INVALID = "Invalid"  # the bridge could not translate it (schema, missing secret)
 REASON_REJECTED = "Rejected"  # a service refused it (validation); the message is its reason
 REASON_IGNORED = "FieldsIgnored"  # a Normal Event listing the fields Shoal does not use (libs.documents' notes)
+# Condition (False while it holds) and Warning Event of a Bound Dataset whose PersistentVolume or claim name is held
+# by an object that is not its own: Fluid's volume name ``<namespace>-<name>`` is the same for a-b/c and a/b-c.
+CONDITION_VOLUME = "VolumeCreated"
+REASON_VOLUME_TAKEN = "VolumeNameTaken"
 # As Fluid's PersistentVolumes: the size of a FUSE mount is not enforced, and a claim must fit its volume.
 VOLUME_CAPACITY = "100Pi"
 # Static binding only: no provisioner exists for it, the claim names its volume.
@@ -322,27 +326,40 @@ def shoal_status(resource: kube.Resource, status: msgspec.Struct | None) -> dict
 
 
 def desired_status(resource: kube.Resource, obj: dict[str, Any], status: msgspec.Struct | None,
-                   refusal: Refusal | None, now: float) -> dict[str, Any] | None:
+                   refusal: Refusal | None, now: float, volume_conflict: str | None = None) -> dict[str, Any] | None:
     """The status the CR should show, or None when there is nothing to show yet (Shoal has not answered).
 
     A refusal adds the ``Accepted=False`` condition (its time kept while it holds, so an unchanged status is not
-    written again) and makes a Dataset or an operation ``Failed``.
+    written again) and makes a Dataset or an operation ``Failed``. A ``volume_conflict`` (why the Dataset has no
+    PersistentVolume and claim) adds ``VolumeCreated=False``; the phase stays Shoal's, whose dataset works.
     """
     desired = without_nulls(shoal_status(resource, status))
+    if volume_conflict is not None:
+        desired["conditions"] = _with_condition(desired, _false_condition(
+            obj, CONDITION_VOLUME, REASON_VOLUME_TAKEN, volume_conflict, now))
     if refusal is None:
         return desired or None
-    current = (obj.get("status") or {}).get("conditions") or []
-    old = next((c for c in current if isinstance(c, dict) and c.get("type") == CONDITION_ACCEPTED), None)
-    since = old.get("lastTransitionTime") if old and old.get("status") == "False" else None
-    condition = to_builtins(Condition(type=CONDITION_ACCEPTED, status="False", reason=refusal.reason,
-                                      message=refusal.message, last_transition_time=since or iso_time(now)))
-    conditions = [c for c in desired.get("conditions", []) if c.get("type") != CONDITION_ACCEPTED]
-    desired["conditions"] = [*conditions, condition]
+    desired["conditions"] = _with_condition(desired, _false_condition(
+        obj, CONDITION_ACCEPTED, refusal.reason, refusal.message, now))
     if family(resource) != "runtime":
         desired["phase"] = "Failed"
     if not is_fluid(resource):
         desired["message"] = refusal.message
     return desired
+
+
+def _false_condition(obj: dict[str, Any], kind: str, reason: str, message: str, now: float) -> dict[str, Any]:
+    """A ``kind=False`` condition whose transition time is kept from the object's while it was False already."""
+    current = (obj.get("status") or {}).get("conditions") or []
+    old = next((c for c in current if isinstance(c, dict) and c.get("type") == kind), None)
+    since = old.get("lastTransitionTime") if old and old.get("status") == "False" else None
+    built: dict[str, Any] = to_builtins(Condition(type=kind, status="False", reason=reason, message=message,
+                                                  last_transition_time=since or iso_time(now)))
+    return built
+
+
+def _with_condition(desired: dict[str, Any], condition: dict[str, Any]) -> list[dict[str, Any]]:
+    return [*[c for c in desired.get("conditions", []) if c.get("type") != condition["type"]], condition]
 
 
 def without_nulls(value: Any) -> Any:
@@ -453,6 +470,41 @@ def persistent_volume_claim(obj: dict[str, Any]) -> dict[str, Any]:
             "volumeName": kube.volume_name(namespace, name),
         },
     }
+
+
+def is_own_volume(found: dict[str, Any], namespace: str, name: str) -> bool:
+    """Whether a PersistentVolume or claim found under dataset ``namespace/name``'s name is that dataset's: Shoal's
+    labels name the dataset, and a volume's ``claimRef`` names the dataset's claim. The name alone says nothing:
+    Fluid's ``<namespace>-<name>`` is the same for Datasets a-b/c and a/b-c, and a user may have taken it."""
+    labels = _metadata(found).get("labels")
+    labels = labels if isinstance(labels, dict) else {}
+    if labels.get(kube.MANAGED_BY_LABEL) != kube.MANAGED_BY or labels.get(kube.DATASET_LABEL) != dataset_label(
+            namespace, name):
+        return False
+    spec = found.get("spec")
+    ref = spec.get("claimRef") if isinstance(spec, dict) else None
+    return ref is None or (isinstance(ref, dict)
+                           and (ref.get("namespace"), ref.get("name")) == (namespace, kube.claim_name(name)))
+
+
+def volume_conflict(kind: str, found: dict[str, Any], namespace: str, name: str) -> str:
+    """What the user reads when ``kind`` (PersistentVolume or PersistentVolumeClaim) ``found`` under the dataset's
+    name is not its own: whose it is, and what to do."""
+    meta = _metadata(found)
+    where = f"{meta.get('namespace')}/{meta.get('name')}" if meta.get("namespace") else str(meta.get("name"))
+    spec = found.get("spec")
+    ref = spec.get("claimRef") if isinstance(spec, dict) else None
+    labels = meta.get("labels")
+    labels = labels if isinstance(labels, dict) else {}
+    if isinstance(ref, dict) and ref.get("name"):
+        holder = f"it is reserved for claim {ref.get('namespace')}/{ref.get('name')}"
+    elif labels.get(kube.MANAGED_BY_LABEL) == kube.MANAGED_BY:
+        holder = f"it belongs to dataset {labels.get(kube.DATASET_LABEL)}"
+    else:
+        holder = "Shoal did not create it"
+    return (f"{kind} {where} already exists and is not this Dataset's ({holder}), so the Dataset gets no "
+            f"PersistentVolume and claim: rename the Dataset (a volume is named <namespace>-<name>, as in Fluid) or "
+            f"remove that {kind}")
 
 
 # --- Kubernetes Events ---

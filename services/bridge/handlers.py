@@ -105,6 +105,9 @@ class BridgeHandlers:
     # Objects whose last handling failed (an API or NATS error): ``tick`` handles them again.
     pending: set[ObjectKey] = field(default_factory=set)
     volumes: set[ObjectKey] = field(default_factory=set)
+    # Bound Datasets whose volume or claim name is taken by an object not theirs, and why; looked at again at the
+    # next list, or as soon as the dataset holding the name deletes its volume.
+    volume_conflicts: dict[ObjectKey, str] = field(default_factory=dict)
     recorded_events: set[str] = field(default_factory=set)
     deletes_sent: set[ObjectKey] = field(default_factory=set)
     # Objects whose Secrets are read again on their next handling (set by a list).
@@ -137,7 +140,9 @@ class BridgeHandlers:
         for key in gone:
             await self.on_deleted(key, self.objects[key])
         for obj in items:
-            self.refresh.add(domain.key_of(resource, obj))
+            key = domain.key_of(resource, obj)
+            self.refresh.add(key)
+            self.volume_conflicts.pop(key, None)
             await self.on_object(resource, obj)
 
     async def on_event(self, resource: kube.Resource, event_type: str, obj: dict[str, Any]) -> None:
@@ -158,6 +163,7 @@ class BridgeHandlers:
         self.invalid.pop(key, None)
         self.written.pop(key, None)
         self.resyncs.pop(key, None)
+        self.volume_conflicts.pop(key, None)
         if self.published.pop(key, None) is not None and key not in self.deletes_sent:
             with contextlib.suppress(Exception):  # best effort: the object is gone from Kubernetes either way
                 await self._publish_delete(key, obj)
@@ -440,7 +446,8 @@ class BridgeHandlers:
         refusal = self.refusal(key)
         if self.published.get(key) is None and refusal is None:
             status = None  # not Shoal's object yet (a name taken before): nothing to show
-        desired = domain.desired_status(key.resource, obj, status, refusal, self.clock())
+        desired = domain.desired_status(key.resource, obj, status, refusal, self.clock(),
+                                        self.volume_conflicts.get(key))
         patch = domain.status_patch(obj, desired)
         # Written already: the server shows something else only if its schema pruned a field; writing again at
         # every tick would not change that.
@@ -457,6 +464,10 @@ class BridgeHandlers:
                                      "Warning", refusal.reason, refusal.message)
         if key.resource.kind == "Dataset" and refusal is None and getattr(status, "phase", "") == "Bound":
             await self._create_volume(key, obj)
+            conflict = self.volume_conflicts.get(key)
+            if conflict is not None:
+                await self._record_event(key, obj, domain.event_name(obj, domain.REASON_VOLUME_TAKEN, conflict),
+                                         "Warning", domain.REASON_VOLUME_TAKEN, conflict)
         if key.resource.kind == "Dataset" and refusal is None:
             await self._resync_for_mounted_secret(key, obj, status)
         finished = domain.finished_load(key.resource, status)
@@ -501,34 +512,69 @@ class BridgeHandlers:
         self.recorded_events.add(name)
 
     async def _create_volume(self, key: ObjectKey, obj: dict[str, Any]) -> None:
-        if key in self.volumes:
+        """The volume, then the claim that names it; a name already taken by an object that is not this dataset's
+        (``domain.is_own_volume``) stops there, with the reason in ``volume_conflicts`` (status and Event) rather
+        than a claim bound to someone else's volume, Pending for ever."""
+        if key in self.volumes or key in self.volume_conflicts:
             return
         volume = domain.persistent_volume(obj, self.settings.agent.mount_root)
         claim = domain.persistent_volume_claim(obj)
-        for create in (lambda: self.core.create_persistent_volume(volume,  # type: ignore[arg-type]
-                                                                   _request_timeout=REQUEST_TIMEOUT_SECONDS),
-                       lambda: self.core.create_namespaced_persistent_volume_claim(
-                           key.namespace, claim,  # type: ignore[arg-type]
-                           _request_timeout=REQUEST_TIMEOUT_SECONDS)):
+        volume_name = volume["metadata"]["name"]
+        core = self.core
+        steps = (("PersistentVolume",
+                  lambda: core.create_persistent_volume(volume,  # type: ignore[arg-type]  # a dict is sent as is
+                                                        _request_timeout=REQUEST_TIMEOUT_SECONDS),
+                  lambda: core.read_persistent_volume(volume_name, _request_timeout=REQUEST_TIMEOUT_SECONDS)),
+                 ("PersistentVolumeClaim",
+                  lambda: core.create_namespaced_persistent_volume_claim(
+                      key.namespace, claim,  # type: ignore[arg-type]  # a dict is sent as is
+                      _request_timeout=REQUEST_TIMEOUT_SECONDS),
+                  lambda: core.read_namespaced_persistent_volume_claim(
+                      claim["metadata"]["name"], key.namespace, _request_timeout=REQUEST_TIMEOUT_SECONDS)))
+        for kind, create, read in steps:
             try:
                 await create()
+                continue
             except ApiException as err:
                 if err.status != 409:
                     raise
+            found = self.api.sanitize_for_serialization(await read())  # 409: there already, ours or not
+            if not domain.is_own_volume(found, key.namespace, key.name):
+                self.volume_conflicts[key] = domain.volume_conflict(kind, found, key.namespace, key.name)
+                log.warning("volume name taken", object=str(key), kind=kind, volume=volume_name)
+                return
         self.volumes.add(key)
-        log.info("volume and claim created", object=str(key), volume=volume["metadata"]["name"])
+        log.info("volume and claim created", object=str(key), volume=volume_name)
 
     async def _delete_volume(self, key: ObjectKey) -> None:
-        for delete in (lambda: self.core.delete_namespaced_persistent_volume_claim(
-                           kube.claim_name(key.name), key.namespace, _request_timeout=REQUEST_TIMEOUT_SECONDS),
-                       lambda: self.core.delete_persistent_volume(
-                           kube.volume_name(key.namespace, key.name), _request_timeout=REQUEST_TIMEOUT_SECONDS)):
+        """The dataset's claim and volume, each only if it is this dataset's (read, then deleted with its uid as a
+        precondition, so an object put there meanwhile is left alone too): a volume of another namespace's
+        dataset or one the bridge never made may carry the same name."""
+        core = self.core
+        claim, volume = kube.claim_name(key.name), kube.volume_name(key.namespace, key.name)
+        steps = ((lambda: core.read_namespaced_persistent_volume_claim(
+                      claim, key.namespace, _request_timeout=REQUEST_TIMEOUT_SECONDS),
+                  lambda body: core.delete_namespaced_persistent_volume_claim(
+                      claim, key.namespace, body=body, _request_timeout=REQUEST_TIMEOUT_SECONDS)),
+                 (lambda: core.read_persistent_volume(volume, _request_timeout=REQUEST_TIMEOUT_SECONDS),
+                  lambda body: core.delete_persistent_volume(volume, body=body,
+                                                             _request_timeout=REQUEST_TIMEOUT_SECONDS)))
+        for read, delete in steps:
             try:
-                await delete()
+                found = self.api.sanitize_for_serialization(await read())
+                if not domain.is_own_volume(found, key.namespace, key.name):
+                    log.info("volume or claim left alone: not this dataset's", object=str(key),
+                             name=(found.get("metadata") or {}).get("name"))
+                    continue
+                uid = (found.get("metadata") or {}).get("uid")
+                await delete(client.V1DeleteOptions(preconditions=client.V1Preconditions(uid=uid)))
             except ApiException as err:
-                if err.status != 404:
+                if err.status not in (404, 409):  # 409: the precondition failed, the object there is another
                     raise
         self.volumes.discard(key)
+        # A dataset whose volume name this one held takes it at its next pass.
+        for other in [k for k in self.volume_conflicts if kube.volume_name(k.namespace, k.name) == volume]:
+            self.volume_conflicts.pop(other, None)
 
     async def _patch_object(self, key: ObjectKey, patch: dict[str, Any] | None) -> None:
         if patch is None:

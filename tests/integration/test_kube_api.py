@@ -110,6 +110,20 @@ async def test_finalizers_hold_a_delete(api: tuple[FakeApiServer, Any]) -> None:
     assert [e["type"] for e in await events(custom, version)] == ["DELETED"]
 
 
+async def test_a_delete_with_a_uid_precondition_spares_another_object(api: tuple[FakeApiServer, Any]) -> None:
+    """As the apiserver: a delete whose precondition names another uid is 409 Conflict and deletes nothing."""
+    server, custom = api
+    r = DATASETS
+    created = await create(custom, dataset("a"))
+    with pytest.raises(ApiException) as refused:
+        await custom.delete_namespaced_custom_object(r.group, r.version, "default", r.plural, "a",
+                                                     body={"preconditions": {"uid": "someone-else"}})
+    assert refused.value.status == 409 and server.stored(r.group, r.plural, "default", "a") is not None
+    await custom.delete_namespaced_custom_object(r.group, r.version, "default", r.plural, "a",
+                                                 body={"preconditions": {"uid": created["metadata"]["uid"]}})
+    assert server.stored(r.group, r.plural, "default", "a") is None
+
+
 async def test_faults_end_watches_and_fail_requests(api: tuple[FakeApiServer, Any]) -> None:
     server, custom = api
     created = await create(custom, dataset("a"))

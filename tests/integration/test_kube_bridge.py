@@ -325,6 +325,63 @@ async def test_secret_mirror_reaches_the_services_through_a_mounted_secret(
     assert not cluster.server.recorded("POST", "/secrets")[2:]  # the test's two; the bridge created none
 
 
+async def test_a_volume_name_held_by_another_is_neither_bound_nor_deleted(cluster: Cluster, bus: Bus,
+                                                                         tmp_path: Path) -> None:
+    """Fluid names a dataset's PersistentVolume ``<namespace>-<name>``: Datasets a-b/c and a/b-c share PV a-b-c. The
+    second gets no claim (it would wait for ever on a volume reserved for the other) but a VolumeCreated=False
+    condition and a Warning Event naming the holder; so does a Dataset whose volume name a user's PV holds.
+    Deleting them leaves the other's volume alone; once the holder is deleted, the second gets the volume."""
+    user_volume = kube.volume_name("default", "legacy")
+    await cluster.core.create_persistent_volume(client.V1PersistentVolume(
+        metadata=client.V1ObjectMeta(name=user_volume),
+        spec=client.V1PersistentVolumeSpec(capacity={"storage": "1Gi"}, access_modes=["ReadWriteOnce"],
+                                           host_path=client.V1HostPathVolumeSource(path="/srv/legacy"))))
+    shared = kube.volume_name("a-b", "c")
+    assert shared == kube.volume_name("a", "b-c")
+    async with everything(cluster.settings):
+        for namespace, name in (("a-b", "c"), ("a", "b-c"), ("default", "legacy")):
+            await cluster.create(SHOAL, name, {"mounts": [{"mountPoint": files(tmp_path / namespace)}]}, namespace)
+            await cluster.create(SHOAL_RUNTIME, name, {"replicas": 1, "tieredstore": MEM_TIER}, namespace)
+        served = [ObjectRef(name="c", namespace="a-b")]
+        await bus.publish(subjects.agent_heartbeat("node-a"), AgentHeartbeat(node="node-a", runtimes=served,
+                                                                            sent_at=time.time()))
+        await cluster.status(SHOAL, "c", "a-b", phase="Bound")
+        owner = await eventually(lambda: _get(cluster, "", "persistentvolumeclaims", "a-b", "c"))
+        assert owner["spec"]["volumeName"] == shared
+        served += [ObjectRef(name="b-c", namespace="a"), ObjectRef(name="legacy")]
+        await bus.publish(subjects.agent_heartbeat("node-a"), AgentHeartbeat(node="node-a", runtimes=served,
+                                                                            sent_at=time.time()))
+
+        taken = await eventually(lambda: _volume_condition(cluster, "a", "b-c"), what="the name conflict shown")
+        assert taken["reason"] == "VolumeNameTaken" and "claim a-b/c" in taken["message"]
+        assert (cluster.get(SHOAL, "b-c", "a") or {})["status"]["phase"] == "Bound"  # Shoal's dataset works
+        legacy = await eventually(lambda: _volume_condition(cluster, "default", "legacy"))
+        assert "Shoal did not create it" in legacy["message"]
+        events = await eventually(lambda: _async([e for e in cluster.server.objects("", "events")
+                                                  if e["reason"] == "VolumeNameTaken"] or None))
+        assert {e["involvedObject"]["name"] for e in events} <= {"b-c", "legacy"} and events[0]["type"] == "Warning"
+        assert cluster.server.stored("", "persistentvolumeclaims", "a", "b-c") is None
+        assert (cluster.server.stored("", "persistentvolumes", None, shared) or {})["spec"]["claimRef"][
+            "namespace"] == "a-b"
+
+        await _delete(cluster, "default", "legacy")
+        assert cluster.server.stored("", "persistentvolumes", None, user_volume) is not None  # not ours: kept
+        # The holder goes with its volume and claim; the other dataset then takes the name.
+        await _delete(cluster, "a-b", "c")
+        assert cluster.server.stored("", "persistentvolumeclaims", "a-b", "c") is None
+        claim = await eventually(lambda: _get(cluster, "", "persistentvolumeclaims", "a", "b-c"))
+        assert claim["spec"]["volumeName"] == shared
+        volume = cluster.server.stored("", "persistentvolumes", None, shared) or {}
+        assert volume["spec"]["claimRef"]["namespace"] == "a"
+        assert volume["spec"]["hostPath"]["path"] == "/var/lib/shoal/mnt/a/b-c"
+        await eventually(lambda: _async(_volume_condition_now(cluster, "a", "b-c") is None),
+                         what="the condition gone once the volume exists")
+        await _delete(cluster, "a", "b-c")
+        assert cluster.server.stored("", "persistentvolumes", None, shared) is None
+    deletes = cluster.server.recorded("DELETE", "/persistentvolumes/")
+    assert deletes and all(r.data["preconditions"]["uid"] for r in deletes)  # never by name alone
+
+
 async def test_api_server_errors_then_recovery(cluster: Cluster, bus: Bus, tmp_path: Path) -> None:
     """503 from the start: the bridge keeps retrying; once the API answers it lists, applies and writes status.
     503 again while Shoal's status changes: written once the API is back. The bridge watches one namespace here
@@ -357,6 +414,23 @@ async def test_api_server_errors_then_recovery(cluster: Cluster, bus: Bus, tmp_p
 
 
 # --- helpers ---
+
+
+async def _delete(cluster: Cluster, namespace: str, name: str) -> None:
+    """Delete a Shoal Dataset and wait until the bridge has let it go (Shoal's clean-up done)."""
+    await cluster.custom.delete_namespaced_custom_object(SHOAL.group, SHOAL.version, namespace, SHOAL.plural, name)
+    await eventually(lambda: _gone(cluster, SHOAL.group, SHOAL.plural, namespace, name),
+                     what=f"Dataset {namespace}/{name} gone")
+
+
+def _volume_condition_now(cluster: Cluster, namespace: str, name: str) -> dict[str, Any] | None:
+    obj = cluster.get(SHOAL, name, namespace) or {}
+    return next((c for c in (obj.get("status") or {}).get("conditions") or []
+                 if c["type"] == bridge_domain.CONDITION_VOLUME), None)
+
+
+async def _volume_condition(cluster: Cluster, namespace: str, name: str) -> dict[str, Any] | None:
+    return _volume_condition_now(cluster, namespace, name)
 
 
 def _runtime_apply(name: str):

@@ -153,6 +153,37 @@ def test_volume_and_claim_bind_to_each_other() -> None:
     assert len(domain.dataset_label("n" * 63, "d" * 63)) == 63
 
 
+def test_a_volume_is_a_datasets_own_only_by_its_labels_and_claim() -> None:
+    """a-b/c and a/b-c share the volume name a-b-c: only labels and claimRef tell whose a volume is."""
+    mine = domain.persistent_volume(cr(SHOAL_DATASET, {}, name="c", namespace="a-b"), "/mnt")
+    assert domain.is_own_volume(mine, "a-b", "c")
+    assert domain.is_own_volume(domain.persistent_volume_claim(cr(SHOAL_DATASET, {}, name="c", namespace="a-b")),
+                                "a-b", "c")
+    assert not domain.is_own_volume(mine, "a", "b-c")
+    reason = domain.volume_conflict("PersistentVolume", mine, "a", "b-c")
+    assert "PersistentVolume a-b-c" in reason and "claim a-b/c" in reason and "rename" in reason
+    users = {"metadata": {"name": "a-b-c"}, "spec": {"hostPath": {"path": "/srv"}}}
+    assert not domain.is_own_volume(users, "a-b", "c")
+    assert "Shoal did not create it" in domain.volume_conflict("PersistentVolume", users, "a-b", "c")
+    labelled_elsewhere = copy.deepcopy(mine)
+    labelled_elsewhere["spec"]["claimRef"] = {"namespace": "x", "name": "c"}  # our labels, another claim
+    assert not domain.is_own_volume(labelled_elsewhere, "a-b", "c")
+
+
+def test_a_volume_conflict_is_a_condition_that_keeps_its_time_and_the_phase() -> None:
+    obj = cr(SHOAL_DATASET, {})
+    status = DatasetStatus(phase="Bound")
+    first = domain.desired_status(SHOAL_DATASET, obj, status, None, now=1000, volume_conflict="taken")
+    assert first is not None and first["phase"] == "Bound"
+    (condition,) = [c for c in first["conditions"] if c["type"] == domain.CONDITION_VOLUME]
+    assert condition["status"] == "False" and condition["reason"] == domain.REASON_VOLUME_TAKEN
+    obj["status"] = first
+    assert domain.desired_status(SHOAL_DATASET, obj, status, None, now=2000, volume_conflict="taken") == first
+    cleared = domain.desired_status(SHOAL_DATASET, obj, status, None, now=3000)
+    assert cleared is not None and not [c for c in cleared.get("conditions", [])
+                                        if c["type"] == domain.CONDITION_VOLUME]
+
+
 def test_finished_loads_and_events() -> None:
     done = OperationStatus(phase="Complete", duration="3s", runs=1, progress=Progress(files_done=2, bytes_done=10))
     assert domain.finished_load(DATALOAD, done) == ("Normal", "DataLoadComplete",
