@@ -71,6 +71,11 @@ def key_of(resource: kube.Resource, obj: dict[str, Any]) -> ObjectKey:
     return ObjectKey(resource, str(meta.get("namespace") or "default"), str(meta.get("name") or ""))
 
 
+def uid_of(obj: dict[str, Any]) -> str:
+    """The object's uid: a name deleted and made again is another object, with another uid."""
+    return str(_metadata(obj).get("uid") or "")
+
+
 def is_fluid(resource: kube.Resource) -> bool:
     return resource.group == kube.FLUID_GROUP
 

@@ -153,22 +153,30 @@ class BridgeHandlers:
 
     async def on_object(self, resource: kube.Resource, obj: dict[str, Any]) -> None:
         key = domain.key_of(resource, obj)
+        known = self.objects.get(key)
+        if known is not None and domain.uid_of(known) != domain.uid_of(obj):
+            # Deleted and made again while the bridge did not watch (a re-list shows only the new one): what the
+            # bridge knows of the old object (a delete sent, a status written, a volume made) is not the new one's.
+            await self.on_deleted(key, known, successor=obj)
         self.objects[key] = obj
         await self._handle(key)
 
-    async def on_deleted(self, key: ObjectKey, obj: dict[str, Any]) -> None:
-        """Gone without Shoal's finalizer (never accepted, or the finalizer was removed by hand)."""
+    async def on_deleted(self, key: ObjectKey, obj: dict[str, Any], successor: dict[str, Any] | None = None) -> None:
+        """Gone: what the bridge kept about it goes. Gone without Shoal's finalizer (never accepted, or the
+        finalizer was removed by hand) after a command, Shoal is told. ``successor``: the object now under the same
+        name, whose Secret keys stay."""
         self.objects.pop(key, None)
         self.pending.discard(key)
         self.invalid.pop(key, None)
         self.written.pop(key, None)
         self.resyncs.pop(key, None)
+        self.volumes.discard(key)
         self.volume_conflicts.pop(key, None)
         if self.published.pop(key, None) is not None and key not in self.deletes_sent:
             with contextlib.suppress(Exception):  # best effort: the object is gone from Kubernetes either way
                 await self._publish_delete(key, obj)
             with contextlib.suppress(Exception):
-                await self._forget_secrets(key, obj)
+                await self._forget_secrets(key, obj, keep=[successor] if successor is not None else [])
         self.deletes_sent.discard(key)
 
     # --- one object ---
@@ -364,13 +372,15 @@ class BridgeHandlers:
         log.info("secret mirror created", secret=f"{namespace}/{name}", keys=sorted(wanted))
         return []
 
-    async def _forget_secrets(self, key: ObjectKey, obj: dict[str, Any]) -> None:
-        """Remove a deleted Dataset's keys from the mirror Secret, unless another Dataset still refers to them."""
+    async def _forget_secrets(self, key: ObjectKey, obj: dict[str, Any], keep: list[dict[str, Any]] | None = None,
+                              ) -> None:
+        """Remove a deleted Dataset's keys from the mirror Secret, unless another Dataset (or ``keep``) still refers
+        to them."""
         mirror = self.settings.kube.secret_mirror_ref
         if mirror is None or key.resource.kind != "Dataset":
             return
         remaining = [other for other_key, other in self.objects.items()
-                     if other_key.resource.kind == "Dataset" and other_key != key]
+                     if other_key.resource.kind == "Dataset" and other_key != key] + (keep or [])
         unused = domain.unused_mirror_keys(obj, remaining)
         if not unused:
             return

@@ -1,0 +1,135 @@
+"""The bridge's handlers driven event by event, for orders of events the whole bridge cannot be made to see on
+demand (an object deleted and made again between two lists, two kinds claiming one name in a chosen order).
+
+The API server is the project's kmock subclass (``tests/kube.py``: there is no kube-apiserver here), reached
+through kubernetes-asyncio; NATS is a real nats-server, with the real dataset service where Shoal's answer matters.
+The test plays the watches (``on_listing`` / ``on_event``) and the periodic pass (``tick``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kmock import Server
+from kubernetes_asyncio import client
+
+from libs import kube, subjects
+from libs.bus import Bus, KvMirror
+from libs.events.dataset import DatasetRecord
+from libs.events.operation import OperationRecord
+from libs.events.runtime import RuntimeRecord
+from services.bridge.handlers import BridgeHandlers, Mirrors
+from services.dataset import app as dataset_app
+from tests.conftest import NatsServer
+from tests.helpers import eventually, make_settings, running
+from tests.kube import FakeApiServer
+
+SHOAL = kube.SHOAL_RESOURCES[0]
+FLUID = next(r for r in kube.FLUID_RESOURCES if r.kind == "Dataset")
+
+
+@dataclasses.dataclass
+class Harness:
+    handlers: BridgeHandlers
+    server: FakeApiServer
+
+    async def create(self, resource: kube.Resource, name: str, spec: dict[str, Any],
+                     namespace: str = "default") -> dict[str, Any]:
+        body = {"apiVersion": resource.api_version, "kind": resource.kind,
+                "metadata": {"name": name, "namespace": namespace}, "spec": spec}
+        created: dict[str, Any] = await self.handlers.custom.create_namespaced_custom_object(
+            resource.group, resource.version, namespace, resource.plural, body)
+        return created
+
+    async def delete(self, resource: kube.Resource, name: str, namespace: str = "default") -> dict[str, Any]:
+        """Delete in the API server; the object, held by Shoal's finalizer, as the watch would show it next."""
+        await self.handlers.custom.delete_namespaced_custom_object(resource.group, resource.version, namespace,
+                                                                   resource.plural, name)
+        held = self.get(resource, name, namespace)
+        assert held is not None and held["metadata"].get("deletionTimestamp")
+        return held
+
+    def get(self, resource: kube.Resource, name: str, namespace: str = "default") -> dict[str, Any] | None:
+        return self.server.stored(resource.group, resource.plural, namespace, name)
+
+    async def until(self, check: Callable[[], Any], what: str) -> Any:
+        """Run the bridge's periodic pass until ``check`` holds (as its Periodic loop would)."""
+        async def probe() -> Any:
+            await self.handlers.tick()
+            return check()
+
+        return await eventually(probe, what=what)
+
+
+@pytest.fixture
+async def harness(nats_server: NatsServer, bus: Bus, tmp_path: Path) -> AsyncIterator[Harness]:
+    settings = make_settings(nats_server.url, secrets_dir=str(tmp_path / "secrets"))
+    async with FakeApiServer() as server, Server(server) as http, \
+            client.ApiClient(client.Configuration(host=str(http.url).rstrip("/"))) as api:
+        mirrors = Mirrors(datasets=KvMirror(await bus.kv(subjects.KV_DATASETS), DatasetRecord),
+                          runtimes=KvMirror(await bus.kv(subjects.KV_RUNTIMES), RuntimeRecord),
+                          operations=KvMirror(await bus.kv(subjects.KV_OPERATIONS), OperationRecord))
+        loops = (mirrors.datasets, mirrors.runtimes, mirrors.operations)
+        tasks = [asyncio.create_task(loop.run()) for loop in loops]
+        try:
+            await eventually(lambda: _async(mirrors.ready()), what="the KV mirrors")
+            yield Harness(BridgeHandlers(bus, api, settings, mirrors), server)
+        finally:
+            for loop in loops:
+                loop.stop()
+            await asyncio.gather(*tasks)
+
+
+def files(folder: Path, count: int = 3) -> str:
+    folder.mkdir(parents=True)
+    for i in range(count):
+        (folder / f"f{i}").write_bytes(b"x" * (100 + i))
+    return f"local://{folder}"
+
+
+async def collect(bus: Bus, subject: str) -> tuple[list[str], Callable[[], Awaitable[None]]]:
+    """The ``Nats-Msg-Id`` (the command id) of every message on ``subject`` from now on, and how to stop."""
+    ids: list[str] = []
+
+    async def add(msg: Any) -> None:
+        ids.append((msg.headers or {}).get("Nats-Msg-Id", ""))
+
+    subscription = await bus.nc.subscribe(subject, cb=add)
+    return ids, subscription.unsubscribe
+
+
+async def test_a_dataset_deleted_and_made_again_between_two_lists_is_a_new_object(
+        harness: Harness, bus: Bus, tmp_path: Path) -> None:
+    """The reviewer's sequence: the old object's delete (finalizer and deletionTimestamp) is handled and its
+    finalizer removed; its DELETED and the new object's ADDED are missed, and only a re-list shows the new uid; the
+    new object's delete is then published under its own uid, and its finalizer released once Shoal is done (before,
+    the old object's "delete sent" stuck to the name: no delete, the finalizer held for ever). The new object's
+    status is written too (the old one's last write does not count for it)."""
+    deletes, stop = await collect(bus, subjects.DATASET_DELETE)
+    async with running(lambda halt: dataset_app.run(harness.handlers.settings, halt)):
+        old = await harness.create(SHOAL, "demo", {"mounts": [{"mountPoint": files(tmp_path / "a")}]})
+        await harness.handlers.on_listing(SHOAL, None, [old])
+        await harness.until(lambda: ((harness.get(SHOAL, "demo") or {}).get("status") or {}).get("fileNum") == 3,
+                            what="the old object's status")
+        await harness.handlers.on_event(SHOAL, "MODIFIED", await harness.delete(SHOAL, "demo"))
+        await harness.until(lambda: harness.get(SHOAL, "demo") is None, what="the old object released")
+        assert deletes == [f"k8s.dataset.{old['metadata']['uid']}.delete"]
+
+        new = await harness.create(SHOAL, "demo", {"mounts": [{"mountPoint": files(tmp_path / "b", 2)}]})
+        assert new["metadata"]["uid"] != old["metadata"]["uid"]
+        await harness.handlers.on_listing(SHOAL, None, [new])  # a re-list: no DELETED, no ADDED seen
+        await harness.until(lambda: ((harness.get(SHOAL, "demo") or {}).get("status") or {}).get("fileNum") == 2,
+                            what="the new object's status")
+        await harness.handlers.on_event(SHOAL, "MODIFIED", await harness.delete(SHOAL, "demo"))
+        await harness.until(lambda: harness.get(SHOAL, "demo") is None, what="the new object released")
+    await stop()
+    assert deletes == [f"k8s.dataset.{old['metadata']['uid']}.delete", f"k8s.dataset.{new['metadata']['uid']}.delete"]
+
+
+async def _async(value: Any) -> Any:
+    return value
