@@ -24,8 +24,9 @@ What kmock keeps: discovery (``/api``, ``/apis``) and the log of every request (
 
 Faults for tests: ``end_watches()`` closes every open watch (the client sees a closed stream), ``expire()``
 makes every version seen so far too old (410 Gone), ``failing = 503`` answers that status to every resource
-request until set back to None, and ``bookmark()`` sends a BOOKMARK
-on every watch that asked for them. Not served: label and field selectors, PUT, server-side apply.
+request until set back to None, ``bookmark()`` sends a BOOKMARK on every watch that asked for them, and
+``hang_watches`` / ``hang_lists`` make new watches (after their headers) or lists send nothing until the client
+gives up, as over a connection that died half-open. Not served: label and field selectors, PUT, server-side apply.
 """
 
 from __future__ import annotations
@@ -123,6 +124,8 @@ class FakeApiServer(KubernetesScaffold):
         self.failing: int | None = None
         self.changed = asyncio.Condition()
         self.watch_generation = 0  # end_watches() bumps it; a watch started under an older one ends
+        self.hang_watches = False  # a watch answers 200 and then sends nothing, ever (a half-open stream)
+        self.hang_lists = False  # a list never answers
         self.bookmarks = 0
 
     # --- faults and helpers for tests ---
@@ -193,7 +196,11 @@ class FakeApiServer(KubernetesScaffold):
         params = {k: str(v) for k, v in request.params.items()} if request.params else {}
         if method == "GET" and name is None:
             if params.get("watch", "").lower() in ("true", "1"):
+                if self.hang_watches:
+                    return await self._hang(request, answer=True)
                 return await self._watch(request, kind, namespace, params)
+            if self.hang_lists:
+                return await self._hang(request, answer=False)
             return aiohttp.web.json_response(self._list(kind, namespace))
         if method == "POST" and name is None:
             return aiohttp.web.json_response(await self._create(kind, namespace, request.data), status=201)
@@ -210,6 +217,19 @@ class FakeApiServer(KubernetesScaffold):
         if method == "DELETE":
             return aiohttp.web.json_response(await self._delete(kind, key, request.data))
         raise ApiError(405, "MethodNotAllowed", f"{method} is not served by this test server")
+
+    async def _hang(self, request: Any, answer: bool) -> aiohttp.web.StreamResponse:
+        """A dead connection as the client sees it: nothing (after the headers, with ``answer``) until it leaves.
+        Ignores ``timeoutSeconds``: a stream that died half-open never ends from the server's side."""
+        raw = request._raw_request
+        response = aiohttp.web.StreamResponse(status=200, headers={"Content-Type": "application/json"})
+        if answer:
+            await response.prepare(raw)
+        while raw.transport is not None and not raw.transport.is_closing():
+            async with self.changed:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.changed.wait(), WATCH_CHECK_SECONDS)
+        return response
 
     def _list(self, kind: Kind, namespace: str | None) -> dict[str, Any]:
         items = [obj for (g, p, ns, _), obj in sorted(self.store.items(), key=lambda item: str(item[0]))

@@ -3,7 +3,8 @@
 A watch that ends (the server's timeout, a closed stream) or answers 410 Gone starts over with a list, which
 hands every object to the handlers again (they are idempotent) and tells them which ones went away meanwhile.
 BOOKMARKs are asked for (``allowWatchBookmarks``) and skipped: since every end of a watch lists again, the version
-they carry is never needed. An unreachable API server or a 5xx answer is retried with ``libs.backoff``.
+they carry is never needed. An unreachable API server or a 5xx answer is retried with ``libs.backoff``, and so is a
+list that takes too long or a watch silent for longer than its lifetime (a dead connection).
 """
 
 from __future__ import annotations
@@ -27,6 +28,14 @@ log = get_logger(__name__)
 # An API server that is down or restarting: retry soon, but never hammer it; 30 s caps how long a bridge takes to
 # notice that it is back.
 API_RETRY = Backoff(first=0.5, cap=30.0)
+# Client-side limits: without them kubernetes-asyncio waits without end, and a connection that died without a FIN
+# or RST (a half-open stream: a node or NAT gone) would stop the bridge for good while /readyz says ready.
+# A list is one answer: a minute is far above any apiserver's and ends a dead one.
+LIST_TIMEOUT_SECONDS = 60.0
+CONNECT_TIMEOUT_SECONDS = 10.0
+# A watch may be silent while nothing changes, but the server ends it after ``timeoutSeconds`` (the watch's
+# lifetime); silence this much longer than that means the connection is dead, and the bridge lists again.
+WATCH_READ_MARGIN_SECONDS = 30.0
 
 OnListing = Callable[[kube.Resource, str | None, list[dict[str, Any]]], Awaitable[None]]
 OnEvent = Callable[[kube.Resource, str, dict[str, Any]], Awaitable[None]]
@@ -47,6 +56,10 @@ class ResourceWatcher:
         self.lists = 0  # how many lists were made: the first, then one per re-list
         self.synced = asyncio.Event()  # set once the first list has been handled
         self._stopping = asyncio.Event()
+
+    def watch_timeouts(self) -> tuple[float, float]:
+        """(connect, read) for a watch: a read limit per chunk, never a total, which would cut a working stream."""
+        return CONNECT_TIMEOUT_SECONDS, self.watch_seconds + WATCH_READ_MARGIN_SECONDS
 
     def _list_call(self) -> Callable[..., Awaitable[Any]]:
         custom = client.CustomObjectsApi(self.api)
@@ -99,7 +112,7 @@ class ResourceWatcher:
             await asyncio.wait_for(self._stopping.wait(), delay)
 
     async def _list(self) -> str:
-        listing = await self._list_call()()
+        listing = await self._list_call()(_request_timeout=LIST_TIMEOUT_SECONDS)
         self.lists += 1
         items = [dict(item) for item in listing.get("items") or []]
         await self.on_listing(self.resource, self.namespace, items)
@@ -113,7 +126,8 @@ class ResourceWatcher:
         (and TLS context, ~0.1 s of CPU) for every watch it starts.
         """
         response = await self._list_call()(watch=True, _preload_content=False, resource_version=version,
-                                           allow_watch_bookmarks=True, timeout_seconds=self.watch_seconds)
+                                           allow_watch_bookmarks=True, timeout_seconds=self.watch_seconds,
+                                           _request_timeout=self.watch_timeouts())
         try:
             while True:
                 line = await response.content.readline()
