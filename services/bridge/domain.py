@@ -87,6 +87,33 @@ def family(resource: kube.Resource) -> str:
     return "runtime"
 
 
+def record_key(key: ObjectKey) -> tuple[str, str, str]:
+    """The Shoal record an object stands for: one per family (a dataset, a runtime, a DataLoad, a DataClean),
+    namespace and name, whatever the API group or kind. A shoal.io and a data.fluid.io Dataset of one name, or an
+    AlluxioRuntime and a JuiceFSRuntime, would share one."""
+    return family(key.resource), key.namespace, key.name
+
+
+def claimant(candidates: dict[ObjectKey, dict[str, Any]]) -> ObjectKey:
+    """Of the objects standing for one Shoal record, the one Shoal serves: the one holding Shoal's finalizer
+    (accepted before), else the oldest, else by API group and kind. The order does not depend on which the bridge
+    saw first, so a restart (whose lists come in any order) picks the same one."""
+    def rank(item: tuple[ObjectKey, dict[str, Any]]) -> tuple[bool, str, str, str]:
+        key, obj = item
+        return (kube.FINALIZER not in finalizers(obj), str(_metadata(obj).get("creationTimestamp") or ""),
+                key.resource.group, key.resource.kind)
+
+    return min(candidates.items(), key=rank)[0]
+
+
+def rival_message(key: ObjectKey, holder: ObjectKey) -> str:
+    """Why ``key`` is refused: ``holder`` stands for the same Shoal record and is the one Shoal serves."""
+    what = family(key.resource)
+    return (f"{holder.resource.kind}.{holder.resource.group} {holder.namespace}/{holder.name} is already Shoal's "
+            f"{what} {key.namespace}/{key.name} (Shoal keeps one {what} per namespace and name, whatever the API "
+            f"group or kind): rename this {key.resource.kind} or delete one of them")
+
+
 # --- Secrets ---
 
 

@@ -110,6 +110,12 @@ class BridgeHandlers:
     volume_conflicts: dict[ObjectKey, str] = field(default_factory=dict)
     recorded_events: set[str] = field(default_factory=set)
     deletes_sent: set[ObjectKey] = field(default_factory=set)
+    # Which objects stand for each Shoal record (``domain.record_key``): more than one, and all but one are refused.
+    claims: dict[tuple[str, str, str], set[ObjectKey]] = field(default_factory=dict)
+    # (resource, namespace or None) listed at least once, and objects that wait for their family's first lists
+    # (a rival holding their name may not be known yet).
+    listed: set[tuple[kube.Resource, str | None]] = field(default_factory=set)
+    waiting: set[ObjectKey] = field(default_factory=set)
     # Objects whose Secrets are read again on their next handling (set by a list).
     refresh: set[ObjectKey] = field(default_factory=set)
     # The status last written to each object.
@@ -134,6 +140,7 @@ class BridgeHandlers:
 
     async def on_listing(self, resource: kube.Resource, namespace: str | None, items: list[dict[str, Any]]) -> None:
         """A fresh list of one resource: objects gone from it were deleted while the bridge was not watching."""
+        self.listed.add((resource, namespace))
         listed = {domain.key_of(resource, obj) for obj in items}
         gone = [key for key in self.objects if key.resource == resource
                 and (namespace is None or key.namespace == namespace) and key not in listed]
@@ -144,6 +151,9 @@ class BridgeHandlers:
             self.refresh.add(key)
             self.volume_conflicts.pop(key, None)
             await self.on_object(resource, obj)
+        for key in sorted(self.waiting, key=str):
+            if self._family_listed(key):
+                await self._handle(key)
 
     async def on_event(self, resource: kube.Resource, event_type: str, obj: dict[str, Any]) -> None:
         if event_type == "DELETED":
@@ -159,6 +169,7 @@ class BridgeHandlers:
             # bridge knows of the old object (a delete sent, a status written, a volume made) is not the new one's.
             await self.on_deleted(key, known, successor=obj)
         self.objects[key] = obj
+        self.claims.setdefault(domain.record_key(key), set()).add(key)
         await self._handle(key)
 
     async def on_deleted(self, key: ObjectKey, obj: dict[str, Any], successor: dict[str, Any] | None = None) -> None:
@@ -167,6 +178,12 @@ class BridgeHandlers:
         name, whose Secret keys stay."""
         self.objects.pop(key, None)
         self.pending.discard(key)
+        self.waiting.discard(key)
+        rivals = self.claims.get(domain.record_key(key), set())
+        rivals.discard(key)
+        if not rivals:
+            self.claims.pop(domain.record_key(key), None)
+        self.pending.update(rivals)  # one of them may be Shoal's now (tick handles them)
         self.invalid.pop(key, None)
         self.written.pop(key, None)
         self.resyncs.pop(key, None)
@@ -200,7 +217,35 @@ class BridgeHandlers:
             log.warning("handling failed, trying again", object=str(key), error=_short(err))
             return False
 
+    def _holder(self, key: ObjectKey) -> ObjectKey | None:
+        """Another object standing for ``key``'s Shoal record that Shoal serves instead (``domain.claimant``)."""
+        claims = self.claims.get(domain.record_key(key), set())
+        if len(claims) < 2:
+            return None
+        winner = domain.claimant({k: self.objects[k] for k in claims if k in self.objects})
+        return None if winner == key else winner
+
+    def _family_listed(self, key: ObjectKey) -> bool:
+        """Every resource that could hold ``key``'s name in Shoal (both Dataset kinds, every runtime kind) listed."""
+        return all((r, None) in self.listed or (r, key.namespace) in self.listed
+                   for r in kube.RESOURCES if domain.family(r) == domain.family(key.resource))
+
     async def _apply(self, key: ObjectKey, obj: dict[str, Any]) -> None:
+        holder = self._holder(key)
+        if holder is not None:  # its command would change (and its delete delete) the other object's record
+            message = domain.rival_message(key, holder)
+            if self.invalid.get(key) != message:
+                log.info("custom resource refused: its name is another's in Shoal", object=str(key),
+                         holder=str(holder))
+            self.invalid[key] = message
+            self.published.pop(key, None)
+            return
+        if kube.FINALIZER not in domain.finalizers(obj) and not self._family_listed(key):
+            # After a start, an object of another kind holding this name in Shoal may come in a later list; one
+            # holding the finalizer was accepted before and wins anyway.
+            self.waiting.add(key)
+            return
+        self.waiting.discard(key)
         translation = domain.translate(key.resource, obj)
         command = translation.command
         errors = translation.errors
@@ -234,6 +279,9 @@ class BridgeHandlers:
     async def _finish_delete(self, key: ObjectKey, obj: dict[str, Any]) -> None:
         """Delete in Shoal, wait until Shoal's record is gone, then the volume and claim, then the finalizer."""
         if kube.FINALIZER not in domain.finalizers(obj):
+            return
+        if self._holder(key) is not None:  # Shoal's record is the other object's: let this one go, alone
+            await self._patch_object(key, domain.finalizer_patch(obj, held=False))
             return
         if key not in self.deletes_sent:
             await self._publish_delete(key, obj)
@@ -454,8 +502,8 @@ class BridgeHandlers:
             return  # a newer version arrived meanwhile; the next tick handles it
         status = self.mirrors.status_of(key)
         refusal = self.refusal(key)
-        if self.published.get(key) is None and refusal is None:
-            status = None  # not Shoal's object yet (a name taken before): nothing to show
+        if (self.published.get(key) is None and refusal is None) or self._holder(key) is not None:
+            status = None  # not Shoal's object (yet; a name taken before, or another object's): nothing to show
         desired = domain.desired_status(key.resource, obj, status, refusal, self.clock(),
                                         self.volume_conflicts.get(key))
         patch = domain.status_patch(obj, desired)

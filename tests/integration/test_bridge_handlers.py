@@ -23,10 +23,11 @@ from libs.bus import Bus, KvMirror
 from libs.events.dataset import DatasetRecord
 from libs.events.operation import OperationRecord
 from libs.events.runtime import RuntimeRecord
+from services.bridge.domain import ObjectKey
 from services.bridge.handlers import BridgeHandlers, Mirrors
 from services.dataset import app as dataset_app
 from tests.conftest import NatsServer
-from tests.helpers import eventually, make_settings, running
+from tests.helpers import dataset_record, eventually, make_settings, running
 from tests.kube import FakeApiServer
 
 SHOAL = kube.SHOAL_RESOURCES[0]
@@ -56,6 +57,12 @@ class Harness:
 
     def get(self, resource: kube.Resource, name: str, namespace: str = "default") -> dict[str, Any] | None:
         return self.server.stored(resource.group, resource.plural, namespace, name)
+
+    async def first_lists(self, *but: kube.Resource) -> None:
+        """The bridge's first list of every resource (but ``but``), empty: its objects' families are known."""
+        for resource in kube.RESOURCES:
+            if resource not in but:
+                await self.handlers.on_listing(resource, None, [])
 
     async def until(self, check: Callable[[], Any], what: str) -> Any:
         """Run the bridge's periodic pass until ``check`` holds (as its Periodic loop would)."""
@@ -111,6 +118,7 @@ async def test_a_dataset_deleted_and_made_again_between_two_lists_is_a_new_objec
     the old object's "delete sent" stuck to the name: no delete, the finalizer held for ever). The new object's
     status is written too (the old one's last write does not count for it)."""
     deletes, stop = await collect(bus, subjects.DATASET_DELETE)
+    await harness.first_lists()
     async with running(lambda halt: dataset_app.run(harness.handlers.settings, halt)):
         old = await harness.create(SHOAL, "demo", {"mounts": [{"mountPoint": files(tmp_path / "a")}]})
         await harness.handlers.on_listing(SHOAL, None, [old])
@@ -129,6 +137,71 @@ async def test_a_dataset_deleted_and_made_again_between_two_lists_is_a_new_objec
         await harness.until(lambda: harness.get(SHOAL, "demo") is None, what="the new object released")
     await stop()
     assert deletes == [f"k8s.dataset.{old['metadata']['uid']}.delete", f"k8s.dataset.{new['metadata']['uid']}.delete"]
+
+
+async def test_a_shoal_and_a_fluid_dataset_of_one_name_are_not_one_record(harness: Harness, bus: Bus,
+                                                                         tmp_path: Path) -> None:
+    """Shoal keeps one dataset per namespace and name: a shoal.io Dataset accepted before (it holds Shoal's
+    finalizer) keeps the name even when a restarted bridge lists the data.fluid.io one first; the Fluid one is
+    refused (Invalid, naming the other object, with a Warning Event), gets no finalizer, publishes nothing, and its
+    delete leaves Shoal's record alone. Once the Shoal one is deleted, the Fluid one becomes Shoal's dataset."""
+    applies, stop_applies = await collect(bus, subjects.DATASET_APPLY)
+    deletes, stop_deletes = await collect(bus, subjects.DATASET_DELETE)
+    source = files(tmp_path / "shoal")
+    shoal = await harness.handlers.custom.create_namespaced_custom_object(
+        SHOAL.group, SHOAL.version, "default", SHOAL.plural,
+        {"apiVersion": SHOAL.api_version, "kind": SHOAL.kind,  # accepted by a bridge before this one
+         "metadata": {"name": "demo", "finalizers": [kube.FINALIZER]}, "spec": {"mounts": [{"mountPoint": source}]}})
+    fluid = await harness.create(FLUID, "demo", {"mounts": [{"mountPoint": files(tmp_path / "fluid", 2),
+                                                             "name": "f"}]})
+    async with running(lambda halt: dataset_app.run(harness.handlers.settings, halt)):
+        await harness.handlers.on_listing(FLUID, None, [fluid])  # the Shoal kind not listed yet
+        assert applies == []  # it waits for the other Dataset kind's list
+        await harness.first_lists(FLUID, SHOAL)
+        await harness.handlers.on_listing(SHOAL, None, [shoal])
+        await harness.until(lambda: ((harness.get(SHOAL, "demo") or {}).get("status") or {}).get("fileNum") == 3,
+                            what="the Shoal Dataset served")
+        condition = await harness.until(lambda: _accepted(harness.get(FLUID, "demo")), what="the Fluid one refused")
+        assert condition["reason"] == "Invalid" and "Dataset.shoal.io default/demo" in condition["message"]
+        refused = harness.get(FLUID, "demo") or {}
+        assert kube.FINALIZER not in refused["metadata"].get("finalizers", [])
+        assert "fileNum" not in refused["status"]  # the Shoal one's status is not shown on it
+        assert [e for e in harness.server.objects("", "events")
+                if e["involvedObject"]["name"] == "demo" and e["involvedObject"]["kind"] == "Dataset"
+                and e["reason"] == "Invalid" and e["type"] == "Warning"]
+        assert applies == [harness.handlers.published[_key(SHOAL)]]  # only the Shoal one's command
+
+        await harness.handlers.custom.delete_namespaced_custom_object(FLUID.group, FLUID.version, "default",
+                                                                      FLUID.plural, "demo")
+        assert harness.get(FLUID, "demo") is None  # no finalizer held it
+        await harness.handlers.on_event(FLUID, "DELETED", refused)
+        assert deletes == []
+        record = await dataset_record(bus, "demo")
+        assert record is not None and record.dataset.spec.mounts[0].mount_point == source
+
+        # Made again while the Shoal one holds the name: refused again; once that one is gone, it is Shoal's.
+        again = await harness.create(FLUID, "demo", {"mounts": [{"mountPoint": files(tmp_path / "again", 2),
+                                                                 "name": "f"}]})
+        await harness.handlers.on_event(FLUID, "ADDED", again)
+        assert _key(FLUID) in harness.handlers.invalid and len(applies) == 1
+        await harness.handlers.on_event(SHOAL, "MODIFIED", await harness.delete(SHOAL, "demo"))
+        await harness.until(lambda: harness.get(SHOAL, "demo") is None, what="the Shoal Dataset released")
+        await harness.handlers.on_event(SHOAL, "DELETED", shoal)
+        await harness.until(lambda: ((harness.get(FLUID, "demo") or {}).get("status") or {}).get("fileNum") == "2",
+                            what="the Fluid Dataset served")
+    await stop_applies()
+    await stop_deletes()
+    assert deletes == [f"k8s.dataset.{shoal['metadata']['uid']}.delete"]
+    assert applies[-1].startswith(f"k8s.dataset.{again['metadata']['uid']}.")
+
+
+def _key(resource: kube.Resource) -> ObjectKey:
+    return ObjectKey(resource, "default", "demo")
+
+
+def _accepted(obj: dict[str, Any] | None) -> dict[str, Any] | None:
+    conditions = ((obj or {}).get("status") or {}).get("conditions") or []
+    return next((c for c in conditions if c.get("type") == "Accepted"), None)
 
 
 async def _async(value: Any) -> Any:
