@@ -236,9 +236,10 @@ class KubeSettings:
     namespaces: list[str] = env("SHOAL_KUBE_NAMESPACES", "Namespaces whose custom resources the bridge watches "
                                 "(comma-separated); empty: every namespace.", default_factory=list)
     # The apiserver ends a watch after its own timeout anyway; five minutes keeps re-lists rare and a stuck stream
-    # short-lived.
-    watch_seconds: int = env("SHOAL_KUBE_WATCH_SECONDS", "Seconds a watch runs before it is started again from "
-                             "its last version.", default=300)
+    # short-lived (the bridge also gives up on a watch silent for 30 s longer than this).
+    watch_seconds: int = env("SHOAL_KUBE_WATCH_SECONDS", "Seconds a watch runs before the bridge lists again "
+                             "(every object handed over again, Secrets read again) and watches from that list.",
+                             default=300)
     # In a cluster the services run in other pods and nodes than the bridge: they mount this one Secret instead of
     # reading the bridge's folder (deploy/ sets shoal-system/shoal-dataset-secrets).
     secret_mirror: str = env("SHOAL_KUBE_SECRET_MIRROR", "<namespace>/<name> of the Secret the bridge copies the "
