@@ -210,11 +210,21 @@ def mirror_changes(current: dict[str, str], wanted: dict[str, bytes]) -> dict[st
     return {key: value for key, value in encoded.items() if current.get(key) != value}
 
 
+def mirror_keys(obj: dict[str, Any]) -> frozenset[str]:
+    """The mirror keys a Dataset object refers to."""
+    namespace = _namespace_of(obj)
+    return frozenset(mirror_key(namespace, name, key) for name, key in secret_refs(obj))
+
+
+def unreferenced(keys: frozenset[str], remaining: list[dict[str, Any]]) -> list[str]:
+    """Of ``keys``, those no ``remaining`` Dataset object refers to."""
+    keep = set().union(*(mirror_keys(obj) for obj in remaining))
+    return sorted(keys - keep)
+
+
 def unused_mirror_keys(gone: dict[str, Any], remaining: list[dict[str, Any]]) -> list[str]:
     """Mirror keys of a deleted Dataset object that no remaining Dataset object refers to."""
-    namespace = _namespace_of(gone)
-    keep = {mirror_key(_namespace_of(obj), name, key) for obj in remaining for name, key in secret_refs(obj)}
-    return sorted({mirror_key(namespace, name, key) for name, key in secret_refs(gone)} - keep)
+    return unreferenced(mirror_keys(gone), remaining)
 
 
 def _namespace_of(obj: dict[str, Any]) -> str:

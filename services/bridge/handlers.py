@@ -121,6 +121,8 @@ class BridgeHandlers:
     # The status last written to each object.
     written: dict[ObjectKey, dict[str, Any] | None] = field(default_factory=dict)
     # Which (namespace, Secret, key) each data key of the mirror Secret holds (``_mirror_collisions``).
+    # The mirror keys each Dataset's published spec refers to: a spec change removes the ones it dropped.
+    mirrored: dict[ObjectKey, frozenset[str]] = field(default_factory=dict)
     mirror_owners: dict[str, tuple[str, str, str]] = field(default_factory=dict)
     # Resyncs asked for a Dataset waiting for the kubelet to mount its keys: (command id of the spec, tries, when).
     resyncs: dict[ObjectKey, tuple[str, int, float]] = field(default_factory=dict)
@@ -189,11 +191,12 @@ class BridgeHandlers:
         self.resyncs.pop(key, None)
         self.volumes.discard(key)
         self.volume_conflicts.pop(key, None)
+        held = self.mirrored.pop(key, frozenset())
         if self.published.pop(key, None) is not None and key not in self.deletes_sent:
             with contextlib.suppress(Exception):  # best effort: the object is gone from Kubernetes either way
                 await self._publish_delete(key, obj)
             with contextlib.suppress(Exception):
-                await self._forget_secrets(key, obj, keep=[successor] if successor is not None else [])
+                await self._forget_secrets(key, obj, keep=[successor] if successor is not None else [], held=held)
         self.deletes_sent.discard(key)
 
     # --- one object ---
@@ -264,6 +267,8 @@ class BridgeHandlers:
         self.invalid.pop(key, None)
         if self.published.get(key) == command.event.id:
             return
+        if key.resource.kind == "Dataset":
+            await self._drop_unreferenced_keys(key, obj)
         # Held before Shoal knows the object, so a delete always waits for Shoal's clean-up.
         await self._patch_object(key, domain.finalizer_patch(obj, held=True))
         await self.bus.publish(command.subject, command.event)
@@ -421,15 +426,35 @@ class BridgeHandlers:
         return []
 
     async def _forget_secrets(self, key: ObjectKey, obj: dict[str, Any], keep: list[dict[str, Any]] | None = None,
-                              ) -> None:
-        """Remove a deleted Dataset's keys from the mirror Secret, unless another Dataset (or ``keep``) still refers
-        to them."""
+                              held: frozenset[str] = frozenset()) -> None:
+        """Remove a deleted Dataset's keys (those of ``obj`` and ``held``, what its published spec referred to) from
+        the mirror Secret, unless another Dataset (or ``keep``) still refers to them."""
         mirror = self.settings.kube.secret_mirror_ref
         if mirror is None or key.resource.kind != "Dataset":
             return
-        remaining = [other for other_key, other in self.objects.items()
-                     if other_key.resource.kind == "Dataset" and other_key != key] + (keep or [])
-        unused = domain.unused_mirror_keys(obj, remaining)
+        keys = domain.mirror_keys(obj) | held | self.mirrored.pop(key, frozenset())
+        await self._remove_mirror_keys(mirror, domain.unreferenced(keys, self._other_datasets(key) + (keep or [])))
+
+    async def _drop_unreferenced_keys(self, key: ObjectKey, obj: dict[str, Any]) -> None:
+        """Before a Dataset's new spec goes out: remove the mirror keys its previous spec referred to and this one
+        does not, unless another Dataset refers to them. Known from this process's own applies only: a spec changed
+        while the bridge was down leaves its old keys until the Dataset is deleted."""
+        mirror = self.settings.kube.secret_mirror_ref
+        if mirror is None:
+            return
+        now = domain.mirror_keys(obj)
+        dropped = self.mirrored.get(key, frozenset()) - now
+        if dropped:
+            await self._remove_mirror_keys(mirror, domain.unreferenced(dropped, self._other_datasets(key)))
+        self.mirrored[key] = now
+
+    def _other_datasets(self, key: ObjectKey) -> list[dict[str, Any]]:
+        return [other for other_key, other in self.objects.items()
+                if other_key.resource.kind == "Dataset" and other_key != key]
+
+    async def _remove_mirror_keys(self, mirror: tuple[str, str], unused: list[str]) -> None:
+        """Remove ``unused`` keys from the mirror Secret (those it holds: one merge patch of nulls) and free their
+        names (``mirror_owners``)."""
         if not unused:
             return
         namespace, name = mirror

@@ -195,6 +195,41 @@ async def test_a_shoal_and_a_fluid_dataset_of_one_name_are_not_one_record(harnes
     assert applies[-1].startswith(f"k8s.dataset.{again['metadata']['uid']}.")
 
 
+async def test_a_secret_reference_dropped_by_a_spec_change_leaves_the_mirror(harness: Harness) -> None:
+    """With the secret mirror: a Dataset edited from Secret creds-old to creds-new loses creds-old's key from the
+    mirror Secret (before, it stayed until the Dataset was deleted), while a key it also dropped but another Dataset
+    still names stays."""
+    handlers = harness.handlers
+    handlers.settings = dataclasses.replace(handlers.settings, kube=dataclasses.replace(
+        handlers.settings.kube, secret_mirror=f"{kube.SYSTEM_NAMESPACE}/shoal-dataset-secrets"))
+    for namespace, name in (("default", "creds-old"), ("default", "creds-new"), ("default", "shared"),
+                            (kube.SYSTEM_NAMESPACE, "shoal-dataset-secrets")):
+        data = {} if namespace == kube.SYSTEM_NAMESPACE else {"secret": name}
+        await handlers.core.create_namespaced_secret(namespace, client.V1Secret(
+            metadata=client.V1ObjectMeta(name=name), string_data=data))
+
+    def spec(*secrets: str) -> dict[str, Any]:
+        return {"mounts": [{"mountPoint": "s3://bucket", "encryptOptions": [
+            {"name": f"aws.secretKey{i}", "valueFrom": {"secretKeyRef": {"name": secret, "key": "secret"}}}
+            for i, secret in enumerate(secrets)]}]}
+
+    def mirror() -> set[str]:
+        stored = harness.server.stored("", "secrets", kube.SYSTEM_NAMESPACE, "shoal-dataset-secrets") or {}
+        return set(stored.get("data") or {})
+
+    await harness.first_lists()
+    await handlers.on_object(SHOAL, await harness.create(SHOAL, "demo", spec("creds-old", "shared")))
+    await handlers.on_object(SHOAL, await harness.create(SHOAL, "other", spec("shared")))
+    assert mirror() == {"default.creds-old.secret", "default.shared.secret"}
+
+    await handlers.custom.patch_namespaced_custom_object(
+        SHOAL.group, SHOAL.version, "default", SHOAL.plural, "demo", {"spec": spec("creds-new")},
+        _content_type="application/merge-patch+json")  # type: ignore[call-arg]
+    await handlers.on_event(SHOAL, "MODIFIED", harness.get(SHOAL, "demo") or {})
+    assert mirror() == {"default.creds-new.secret", "default.shared.secret"}
+    assert "default.creds-old.secret" not in handlers.mirror_owners  # the name is free for another reference
+
+
 def _key(resource: kube.Resource) -> ObjectKey:
     return ObjectKey(resource, "default", "demo")
 
