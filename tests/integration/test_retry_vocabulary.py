@@ -60,7 +60,7 @@ class Scripted:
 
 
 @asynccontextmanager
-async def reconciling(bus: Bus, reconcile_key: Scripted) -> AsyncIterator[KeyValue]:
+async def reconciling(bus: Bus, reconcile_key: Callable[[str], Awaitable[float | None]]) -> AsyncIterator[KeyValue]:
     kv = await bus.js.create_key_value(js_api.KeyValueConfig(bucket="test_reconcile"))
     reconciler = Reconciler(kv, reconcile_key)
     task = asyncio.create_task(reconciler.run())
@@ -89,19 +89,13 @@ async def test_a_returned_number_runs_the_key_again_after_it_without_a_change(bu
         calls.append(time.monotonic())
         return next(returned, None)
 
-    kv = await bus.js.create_key_value(js_api.KeyValueConfig(bucket="test_reconcile"))
-    reconciler = Reconciler(kv, scheduled)
-    task = asyncio.create_task(reconciler.run())
-    try:
+    async with reconciling(bus, scheduled) as kv:
         await kv.put("s", b"1")
 
         async def thrice() -> bool:
             return len(calls) == 3
 
         await eventually(thrice, timeout=3, what="three calls from one change")
-    finally:
-        reconciler.stop()
-        await asyncio.wait_for(task, 10)
     assert all(later - earlier >= 0.2 for earlier, later in itertools.pairwise(calls)), calls
 
 
@@ -137,19 +131,13 @@ async def test_a_key_that_keeps_conflicting_backs_off_and_a_run_that_works_reset
             raise outcome
         return outcome
 
-    kv = await bus.js.create_key_value(js_api.KeyValueConfig(bucket="test_reconcile"))
-    reconciler = Reconciler(kv, contended)
-    task = asyncio.create_task(reconciler.run())
-    try:
+    async with reconciling(bus, contended) as kv:
         await kv.put("hot", b"1")
 
         async def all_ran() -> bool:
             return len(calls) == len(outcomes)
 
         await eventually(all_ran, timeout=5, what="every scripted call")
-    finally:
-        reconciler.stop()
-        await asyncio.wait_for(task, 10)
     gaps = [later - earlier for earlier, later in itertools.pairwise(calls)]
     assert max(gaps[:3]) < 0.4 and gaps[3] >= 0.45, gaps  # the 4th conflict waited
     assert gaps[5] < 0.9, gaps  # after a run that worked, at once (not counting on: that would be 1 s)
