@@ -315,13 +315,13 @@ def next_sync(record: DatasetRecord, now: float, retry_seconds: float, policy: S
     if synced is None:
         return None
     last = parse_iso_time(status.last_sync_time)
-    if synced.status == "False":
-        if synced.reason != REASON_UNREACHABLE:
-            return None
+    if synced.status == "False" and synced.reason == REASON_UNREACHABLE:
         if last is None:
             return SyncDue("retry", 0.0)  # no time to count from: retry rather than stay failed
         return SyncDue("retry", max(0.0, last + retry_seconds - now))
-    if not policy.auto or policy.period_seconds <= 0:
+    # Another failure: retrying cannot fix it, but with a tree in hand autoSync still looks again at its period
+    # (credentials rotated meanwhile, a bucket policy fixed).
+    if (synced.status == "False" and not status.manifest) or not policy.auto or policy.period_seconds <= 0:
         return None
     since = max((t for t in (last, listed_at) if t is not None), default=None)
     if since is None:
@@ -402,17 +402,24 @@ def _set_condition(conditions: list[Condition], new: Condition) -> list[Conditio
 
 
 def status_after_sync(record: DatasetRecord, result: SyncResult, runtime_phase: str, now: float) -> DatasetStatus:
-    """The status once a sync of ``result.generation`` finished (successfully or not)."""
+    """The status once a sync of ``result.generation`` finished (successfully or not).
+
+    A failed sync of a spec already listed (an autoSync or a resync while the store is down) keeps the manifest it
+    has: the mounts go on serving that tree (cached blocks read, uncached ones fail until the store is back),
+    the condition and message say what failed. A failed sync of a new spec (or the first) leaves no manifest: the
+    one in hand lists another spec's sources."""
     status = record.status
     if result.error:
         reason = REASON_UNREACHABLE if result.retryable else REASON_FAILED
         condition = Condition(type=CONDITION_SYNCED, status="False", reason=reason, message=result.error,
                               last_transition_time=iso_time(now))
+        kept = status.manifest if status.synced_generation == result.generation else ""
         status = msgspec.structs.replace(
             status,
             synced_generation=result.generation,
             synced_requests=result.requests,
             message=result.error,
+            manifest=kept,
             conditions=_set_condition(status.conditions, condition),
             last_sync_time=iso_time(now),
         )
@@ -489,9 +496,10 @@ def with_mount_condition(status: DatasetStatus, mounted: Condition | None) -> Da
 
 
 def dataset_phase(status: DatasetStatus, runtime_phase: str) -> DatasetPhase:
-    """Failed when the last sync failed; Bound once the runtime is Ready, kept while it is PartialReady."""
+    """Failed when the last sync failed and left no tree to serve (``status_after_sync``); Bound once the runtime
+    is Ready, kept while it is PartialReady."""
     synced = next((c for c in status.conditions if c.type == CONDITION_SYNCED), None)
-    if synced is not None and synced.status == "False":
+    if synced is not None and synced.status == "False" and not status.manifest:
         return "Failed"
     if runtime_phase == "Ready":
         return "Bound"

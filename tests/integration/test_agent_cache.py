@@ -252,6 +252,14 @@ async def test_store_unreachable_cached_reads_work_uncached_fail_then_recover(
             with pytest.raises(OSError) as raised:
                 await read_file(root / "uncached.bin")
             assert raised.value.errno == errno.EIO
+            # A listing in the outage (a resync here; autoSync alike) keeps the dataset Bound with its tree, saying
+            # what failed: Failed would take the mount away from every node after the unbound grace.
+            await node.resync("flaky")
+            record = await node.record("flaky")
+            synced = next(c for c in record.status.conditions if c.type == "MetadataSynced")
+            assert (record.status.phase, synced.status, synced.reason) == ("Bound", "False", "StoreUnreachable")
+            assert record.status.manifest and "cannot reach" in record.status.message
+            assert await read_file(root / "cached.bin") == cached_body
             await proxy.restore()
 
             async def recovered() -> bool:

@@ -41,12 +41,14 @@ from services.dataset.domain import (
     REASON_UNREACHABLE,
     RESYNC_IDS_KEPT,
     RuntimeBinding,
+    SyncPolicy,
     SyncResult,
     apply_dataset,
     cache_states,
     dataset_phase,
     iso_time,
     needs_sync,
+    next_sync,
     request_resync,
     status_after_sync,
     status_on_apply,
@@ -558,6 +560,36 @@ def test_status_after_failed_sync() -> None:
     assert condition.message == "bucket 'imagenet-train' does not exist"
     # What the last good sync found stays visible.
     assert (status.ufs_total, status.file_num) == ("1.00KiB", 1)
+
+
+def test_a_failed_sync_of_a_spec_already_listed_keeps_the_tree_and_the_phase() -> None:
+    # An autoSync (or resync) while the store is down: the mounts go on serving the tree in hand; the condition and
+    # the message say what failed, and the sync is retried. Failed would unmount the dataset on every node.
+    synced = status_after_sync(record_at(), SyncResult(generation=2, file_num=3, manifest="default.imagenet"),
+                               "Ready", NOW)
+    unreachable = SyncResult(generation=2, error="cannot reach S3 endpoint http://s3:9000", retryable=True)
+    status = status_after_sync(record_at(status=synced), unreachable, "Ready", NOW + 300)
+    assert (status.phase, status.manifest, status.file_num) == ("Bound", "default.imagenet", 3)
+    assert status.message == "cannot reach S3 endpoint http://s3:9000"
+    (condition,) = status.conditions
+    assert (condition.status, condition.reason) == ("False", "StoreUnreachable")
+    due = next_sync(record_at(status=status), NOW + 300, 15.0)
+    assert due is not None and due.kind == "retry"
+    # Not a retryable failure (keys rotated away): still Bound, and autoSync looks again at its period.
+    denied = status_after_sync(record_at(status=synced), SyncResult(generation=2, error="access denied"), "Ready",
+                               NOW + 300)
+    assert (denied.phase, denied.manifest) == ("Bound", "default.imagenet")
+    due = next_sync(record_at(status=denied), NOW + 300, 15.0, SyncPolicy(auto=True, period_seconds=600))
+    assert due is not None and (due.kind, due.in_seconds) == ("auto", 600.0)
+    assert next_sync(record_at(status=denied), NOW + 300, 15.0, SyncPolicy(auto=False)) is None
+
+
+def test_a_failed_sync_of_a_new_spec_leaves_no_tree_to_serve() -> None:
+    synced = status_after_sync(record_at(generation=1), SyncResult(generation=1, file_num=3,
+                                                                   manifest="default.imagenet"), "Ready", NOW)
+    status = status_after_sync(record_at(generation=2, status=synced),
+                               SyncResult(generation=2, error="bucket 'other' does not exist"), "Ready", NOW + 1)
+    assert (status.phase, status.manifest) == ("Failed", "")  # the manifest in hand lists the old spec's bucket
 
 
 def test_success_after_failure_clears_the_failure() -> None:
