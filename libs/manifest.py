@@ -9,6 +9,7 @@ saves it; every agent loads it back instead of listing the bucket again.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import hashlib
@@ -19,7 +20,7 @@ from types import TracebackType
 from typing import IO
 
 import msgspec
-from nats.js.errors import NotFoundError, ObjectNotFoundError
+from nats.js.errors import DigestMismatchError, NotFoundError, ObjectNotFoundError
 from nats.js.object_store import ObjectStore as NatsObjectStore
 
 from libs import subjects
@@ -50,6 +51,12 @@ def read_entries(lines: IO[bytes]) -> Iterator[ManifestEntry]:
 # (a few hundred bytes per file): a burst of thousands of syncs then opens no file and wakes no thread per sync (on a
 # busy machine each cost a millisecond or more), while a listing of millions of objects still uses bounded memory.
 SPOOL_BYTES = 256 * 1024
+# A manifest replaced while it is read (a sync finishing meanwhile) leaves the reader waiting for chunks that were
+# purged (nats-py's get has no timeout) or with bytes that match no digest: it is read again, from the new one.
+# Each read may take LOAD_SECONDS plus a second per LOAD_BYTES_PER_SECOND of manifest, LOAD_ATTEMPTS reads at most.
+LOAD_SECONDS = 10.0
+LOAD_BYTES_PER_SECOND = 10 * 1024 * 1024
+LOAD_ATTEMPTS = 3
 
 
 class ManifestWriter:
@@ -137,10 +144,19 @@ class ManifestStore:
         return True
 
     async def load(self, name: str) -> list[ManifestEntry]:
-        with tempfile.TemporaryFile() as out:
-            await self.objects.get(name, writeinto=out)
-            out.seek(0)
-            return list(read_entries(out))
+        """The entries of manifest ``name``; read again if it was replaced while being read (``LOAD_ATTEMPTS``)."""
+        for attempt in range(1, LOAD_ATTEMPTS + 1):
+            info = await self.objects.get_info(name)
+            try:
+                with tempfile.TemporaryFile() as out:
+                    await asyncio.wait_for(self.objects.get(name, writeinto=out),
+                                           LOAD_SECONDS + (info.size or 0) / LOAD_BYTES_PER_SECOND)
+                    out.seek(0)
+                    return list(read_entries(out))
+            except (TimeoutError, DigestMismatchError):
+                if attempt == LOAD_ATTEMPTS:
+                    raise
+        raise AssertionError("LOAD_ATTEMPTS must be at least 1")
 
     async def delete(self, name: str) -> None:
         """Remove a manifest; one that is already gone is fine."""
