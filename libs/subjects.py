@@ -149,14 +149,17 @@ def operation_key(kind: str, namespace: str, name: str) -> str:
     return f"{kind.lower()}.{namespace}.{name}"
 
 
-def manifest_name(namespace: str, name: str) -> str:
-    return f"{namespace}.{name}"
+def manifest_name(namespace: str, name: str, incarnation: str = "") -> str:
+    """A dataset's manifest in the Object Store: ``<ns>.<name>.<incarnation>`` (``DatasetRecord.incarnation``),
+    so a dataset deleted and created again never shares its manifest with a sync of the old one still running;
+    ``<ns>.<name>`` for a record made before incarnations. Readers follow ``status.manifest``."""
+    return f"{namespace}.{name}.{incarnation}" if incarnation else f"{namespace}.{name}"
 
 
 # The loader's objects in the same Object Store: the current run's plan (its parts, republished after a restart),
 # the manifest the last Complete OnEvent run planned against (the baseline of the next run's diff), and the one the
 # current OnEvent run plans against (the baseline once that run completes). Five dot-separated parts, so never a
-# dataset's ``<ns>.<name>``.
+# dataset's ``<ns>.<name>[.<incarnation>]``.
 def loader_plan(operation: str) -> str:
     return f"loader.{operation}.plan"
 

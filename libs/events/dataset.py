@@ -204,6 +204,11 @@ class DatasetRecord(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     # delivered again later (the service was killed before acking it, and JetStream redelivers it after its ack
     # wait, behind newer commands) is stale: applying it would put an old spec back under a new generation.
     command_sequence: int = 0
+    # Which life of this name the record is (a random id made when the record is created; "" for a record made
+    # before incarnations): a dataset deleted and applied again starts at generation 1 again, so a sync of the
+    # deleted one still running compares this, not the generation, before it writes, and names its manifest with
+    # it (``libs.subjects.manifest_name``), so its upload never replaces the new dataset's.
+    incarnation: str = ""
 
 
 class ManifestEntry(msgspec.Struct, frozen=True, rename="camel", omit_defaults=True):

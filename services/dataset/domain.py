@@ -15,6 +15,7 @@ from urllib.parse import SplitResult, urlsplit
 
 import msgspec
 
+from libs import subjects
 from libs.events.common import DECODE_ERRORS, DNS1123_LABEL, DNS1123_SUBDOMAIN, dns_label_errors, format_bytes
 from libs.events.dataset import (
     CacheStates,
@@ -226,15 +227,17 @@ def _web_errors(parts: SplitResult, shown_point: str, where: str, options: dict[
 # --- Applying and status ---
 
 
-def apply_dataset(record: DatasetRecord | None, dataset: Dataset, sequence: int = 0) -> tuple[DatasetRecord, bool]:
+def apply_dataset(record: DatasetRecord | None, dataset: Dataset, sequence: int = 0,
+                  incarnation: str = "") -> tuple[DatasetRecord, bool]:
     """The record after applying ``dataset`` (an apply at stream ``sequence``, 0: unknown), and whether its spec
     changed (so it must be synced again). An apply older than the one the record holds is stale (delivered again
-    after a crash, behind newer commands): not applied.
+    after a crash, behind newer commands): not applied. A new record is this ``incarnation`` of the name (a fresh
+    id from the handler) for as long as it lives; an existing one keeps its own.
 
     A dataset that becomes a reference, or stops being one, starts from an empty status: what it showed (its own
     listing, or its source's) is not its own any more, and must not be mounted meanwhile."""
     if record is None:
-        return DatasetRecord(dataset=dataset, generation=1, command_sequence=sequence), True
+        return DatasetRecord(dataset=dataset, generation=1, command_sequence=sequence, incarnation=incarnation), True
     if record.dataset == dataset or (sequence and sequence < record.command_sequence):
         return record, False
     updated = msgspec.structs.replace(record, dataset=dataset, generation=record.generation + 1,
@@ -249,6 +252,18 @@ class DeletionNote(msgspec.Struct, rename="camel"):
     than it (delivered again behind the delete) must not bring the dataset back."""
 
     command_sequence: int
+
+
+def manifest_name(record: DatasetRecord) -> str:
+    """Where a sync of ``record`` stores its manifest: named with its incarnation (``libs.subjects``)."""
+    meta = record.dataset.metadata
+    return subjects.manifest_name(meta.namespace, meta.name, record.incarnation)
+
+
+def sync_is_stale(current: DatasetRecord, result: SyncResult) -> bool:
+    """True when the record is no longer the one the sync listed for: a newer spec (its own sync follows) or
+    another dataset of the same name (the listed one was deleted and the name applied again)."""
+    return current.incarnation != result.incarnation or current.generation != result.generation
 
 
 def deletion_note(sequence: int) -> bytes:
@@ -364,6 +379,8 @@ class SyncResult:
     generation: int
     # The record's resync counter when the sync started.
     requests: int = 0
+    # The record's incarnation when the sync started: a dataset deleted and applied again meanwhile is not this one.
+    incarnation: str = ""
     file_num: int = 0
     total_bytes: int = 0
     manifest: str = ""

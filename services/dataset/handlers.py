@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -60,6 +61,8 @@ class DatasetHandlers:
     settings: Settings
     clock: Callable[[], float] = time.time
     opener: StoreOpener = open_store
+    # The incarnation of a dataset record being created (``DatasetRecord.incarnation``): unique per life of a name.
+    new_incarnation: Callable[[], str] = field(default=lambda: uuid.uuid4().hex[:16])
     # Asks the reconciler to look at a dataset again (app wires Reconciler.schedule): a runtime re-applied with
     # another metadataSyncPolicy changes when its dataset is listed next, though the dataset's record did not change.
     wake: Callable[[str], None] | None = None
@@ -117,7 +120,7 @@ class DatasetHandlers:
             log.info("rejected", dataset=f"{namespace}/{name}", reasons=[reason])
             await self._reject(command.id, delivery, reason, name, namespace)
             return
-        updated, changed = domain.apply_dataset(record, dataset, delivery.stream_sequence)
+        updated, changed = domain.apply_dataset(record, dataset, delivery.stream_sequence, self.new_incarnation())
         saved_revision = revision
         if changed:
             if is_reference(dataset):
@@ -204,7 +207,7 @@ class DatasetHandlers:
             return
         await kv_delete(kv, key, revision, note=domain.deletion_note(delivery.stream_sequence))
         await (await self.bus.kv(subjects.KV_NODE_CACHE)).purge(key)
-        await self._delete_manifest(command.namespace, command.name)
+        await self._delete_manifests(domain.manifest_name(record), record.status.manifest)
         log.info("deleted", dataset=key)
         await self.bus.publish(
             subjects.DATASET_DELETED,
@@ -327,7 +330,8 @@ class DatasetHandlers:
             if kind == "auto":
                 metrics.DATASET_AUTOSYNCS.labels(metrics.SYNC_FAILED).inc()
             await self._record_sync(key, record, revision, domain.SyncResult(
-                generation=record.generation, requests=record.sync_requests, error=err.reason, retryable=True))
+                generation=record.generation, requests=record.sync_requests, incarnation=record.incarnation,
+                error=err.reason, retryable=True))
             raise RetryLater(err.reason, self.settings.service.sync_retry_seconds) from err
         self._listed_at[key] = self.clock()
         if kind == "auto":
@@ -356,14 +360,21 @@ class DatasetHandlers:
             metrics.DATASET_SYNC_SECONDS.labels(outcome).observe(time.perf_counter() - started)
 
     async def _record_sync(self, key: str, record: DatasetRecord, revision: int, result: domain.SyncResult) -> None:
+        replaced = False
+
         def after_sync(current: DatasetRecord, binding: domain.RuntimeBinding) -> DatasetStatus:
-            if current.generation != result.generation:
-                return current.status  # a newer spec arrived meanwhile; its own sync follows
+            nonlocal replaced
+            replaced = current.incarnation != result.incarnation
+            if domain.sync_is_stale(current, result):
+                # A newer spec arrived meanwhile (its own sync follows), or the listed dataset was deleted and
+                # the name applied again: this listing describes neither.
+                return current.status
             return domain.status_after_sync(current, result, binding.phase, self.clock())
 
-        if not await self._update_bound_status(key, after_sync, known=(record, revision)):
-            meta = record.dataset.metadata
-            await self._delete_manifest(meta.namespace, meta.name)
+        if not await self._update_bound_status(key, after_sync, known=(record, revision)) or replaced:
+            # The dataset listed is gone: the manifest uploaded for it (named with its incarnation, so never the
+            # new dataset's) would stay behind.
+            await self._delete_manifests(domain.manifest_name(record))
 
     # --- reference datasets (dataset://, libs.references) ---
 
@@ -460,8 +471,11 @@ class DatasetHandlers:
                                  namespace=meta.namespace, generation=record.generation, status=record.status),
         )
 
-    async def _delete_manifest(self, namespace: str, name: str) -> None:
-        await (await ManifestStore.of(self.bus)).delete(ManifestStore.name(namespace, name))
+    async def _delete_manifests(self, *names: str) -> None:
+        """Remove these manifests (each once; one already gone is fine)."""
+        manifests = await ManifestStore.of(self.bus)
+        for name in dict.fromkeys(n for n in names if n):
+            await manifests.delete(name)
 
 
 async def dataset_record_missing(bus: Bus, key: str) -> bool:

@@ -24,7 +24,7 @@ from libs.telemetry import get_logger
 from libs.ufs import open_store
 from libs.ufs.base import LocalLocation, Location, ObjectStore, UfsError
 from libs.ufs.mounts import MissingSecret, local_location_error, read_secrets, resolve_location, secret_refs
-from services.dataset.domain import SyncResult
+from services.dataset.domain import SyncResult, manifest_name
 
 log = get_logger(__name__)
 
@@ -55,12 +55,12 @@ async def sync_metadata(record: DatasetRecord, manifests: ManifestStore, default
                                             read_secrets(defaults.secrets_dir, secret_refs(dataset, mount)), defaults,
                                             pvc_root=pvc_root)
             except MissingSecret as err:
-                return SyncResult(generation=generation, requests=requests,
+                return SyncResult(generation=generation, requests=requests, incarnation=record.incarnation,
                                   error=strip_userinfo(f"mount {mount.mount_point}: {err}"))
             if isinstance(location, LocalLocation) and (local_roots is not None or location.claim_root is not None):
                 refused = await asyncio.to_thread(local_location_error, location, local_roots or ())
                 if refused:
-                    return SyncResult(generation=generation, requests=requests,
+                    return SyncResult(generation=generation, requests=requests, incarnation=record.incarnation,
                                       error=f"mount {mount.mount_point}: {refused}")
             root = mount_path(mount, len(dataset.spec.mounts))
             store = opener(location)
@@ -80,7 +80,7 @@ async def sync_metadata(record: DatasetRecord, manifests: ManifestStore, default
                 error = strip_userinfo(f"cannot list {mount.mount_point}: {err.message}")
                 if err.retryable:
                     raise RetryLater(error) from err  # the handler knows the delay (settings)
-                return SyncResult(generation=generation, requests=requests, error=error)
+                return SyncResult(generation=generation, requests=requests, incarnation=record.incarnation, error=error)
             finally:
                 await store.close()
         for entry in read_entries(usable.rewound()):
@@ -88,13 +88,15 @@ async def sync_metadata(record: DatasetRecord, manifests: ManifestStore, default
                 skipped.add(entry.key, paths.SHADOWED, entry.mount)
                 continue
             manifest.add(entry)
-        name = manifests.name(dataset.metadata.namespace, dataset.metadata.name)
+        # Named with the record's incarnation: if the dataset is deleted and applied again while this listing
+        # runs, this upload lands beside the new dataset's manifest, never over it (the handler drops it).
+        name = manifest_name(record)
         changed = await manifests.save(name, manifest, first=not record.status.manifest)
     if skipped.count:
         log.warning("objects left out of the tree", dataset=name, generation=generation, listed=listed,
                     skipped=skipped.count, examples=skipped.examples)
     log.info("synced", dataset=name, generation=generation, files=manifest.file_num, bytes=manifest.total_bytes,
              manifest_changed=changed)
-    return SyncResult(generation=generation, requests=requests, file_num=manifest.file_num,
-                      total_bytes=manifest.total_bytes, manifest=name, listed=listed, skipped=skipped.count,
-                      skipped_examples=tuple(skipped.examples), manifest_changed=changed)
+    return SyncResult(generation=generation, requests=requests, incarnation=record.incarnation,
+                      file_num=manifest.file_num, total_bytes=manifest.total_bytes, manifest=name, listed=listed,
+                      skipped=skipped.count, skipped_examples=tuple(skipped.examples), manifest_changed=changed)

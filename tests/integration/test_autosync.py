@@ -65,7 +65,10 @@ def dataset(name: str, bucket: str) -> DatasetApply:
 
 
 async def manifest_nuid(bus: Bus, name: str) -> str:
-    info = await (await ManifestStore.of(bus)).objects.get_info(subjects.manifest_name("default", name))
+    record, _ = await kv_load(await bus.kv(subjects.KV_DATASETS), subjects.resource_key("default", name),
+                              DatasetRecord)
+    assert record is not None and record.status.manifest, record
+    info = await (await ManifestStore.of(bus)).objects.get_info(record.status.manifest)
     return str(info.nuid)
 
 
