@@ -20,6 +20,7 @@ from libs.events.dataset import DatasetRecord, ManifestEntry
 from libs.manifest import ManifestStore, ManifestWriter, read_entries
 from libs.mounts import mount_path
 from libs.redact import strip_userinfo
+from libs.subjects import resource_key
 from libs.telemetry import get_logger
 from libs.ufs import open_store
 from libs.ufs.base import LocalLocation, Location, ObjectStore, UfsError
@@ -43,6 +44,7 @@ async def sync_metadata(record: DatasetRecord, manifests: ManifestStore, default
     (SHOAL_PVC_ROOT), or the dataset fails with a message saying so. Errors never show credentials a URL may carry.
     """
     dataset = record.dataset
+    key = resource_key(dataset.metadata.namespace, dataset.metadata.name)
     generation = record.generation
     requests = record.sync_requests
     listed = 0
@@ -93,10 +95,10 @@ async def sync_metadata(record: DatasetRecord, manifests: ManifestStore, default
         name = manifest_name(record)
         changed = await manifests.save(name, manifest, first=not record.status.manifest)
     if skipped.count:
-        log.warning("objects left out of the tree", dataset=name, generation=generation, listed=listed,
+        log.warning("objects left out of the tree", dataset=key, generation=generation, listed=listed,
                     skipped=skipped.count, examples=skipped.examples)
-    log.info("synced", dataset=name, generation=generation, files=manifest.file_num, bytes=manifest.total_bytes,
-             manifest_changed=changed)
+    log.info("synced", dataset=key, generation=generation, files=manifest.file_num, bytes=manifest.total_bytes,
+             manifest=name, manifest_changed=changed)
     return SyncResult(generation=generation, requests=requests, incarnation=record.incarnation,
                       file_num=manifest.file_num, total_bytes=manifest.total_bytes, manifest=name, listed=listed,
                       skipped=skipped.count, skipped_examples=tuple(skipped.examples), manifest_changed=changed)
