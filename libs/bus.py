@@ -560,7 +560,8 @@ async def kv_save(kv: KeyValue, key: str, value: msgspec.Struct, revision: int |
 
 
 async def kv_delete(kv: KeyValue, key: str, revision: int | None, note: bytes = b"") -> None:
-    """Delete ``key`` if it is still at ``revision``; else ``Conflict``. ``note`` stays in the delete marker, where
+    """Delete ``key`` if it is still at ``revision``; else ``Conflict``. With a ``note``, ``revision`` 0 writes the
+    marker only where the key holds nothing yet, and None whatever it holds. ``note`` stays in the delete marker, where
     ``kv_load_deleted`` finds it (watchers see a plain delete). nats-py's ``delete`` writes no payload, so a marker
     with a note is published as it would write it: a ``KV-Operation: DEL`` message on the key's subject."""
     try:
@@ -568,7 +569,7 @@ async def kv_delete(kv: KeyValue, key: str, revision: int | None, note: bytes = 
             if not VALID_KEY_RE.match(key) or key.startswith(".") or key.endswith("."):  # as nats-py checks
                 raise InvalidKeyError(key)
             headers = {"KV-Operation": "DEL"}
-            if revision:
+            if revision is not None:  # 0: only where the key holds nothing (never written)
                 headers[js_api.Header.EXPECTED_LAST_SUBJECT_SEQUENCE] = str(revision)
             await kv._js.publish(f"{kv._pre}{key}", note, headers=headers)
         else:

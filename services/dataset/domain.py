@@ -249,9 +249,13 @@ def apply_dataset(record: DatasetRecord | None, dataset: Dataset, sequence: int 
 
 class DeletionNote(msgspec.Struct, rename="camel"):
     """What a delete leaves in the record's delete marker: the delete command's stream sequence. An apply older
-    than it (delivered again behind the delete) must not bring the dataset back."""
+    than it (delivered again behind the delete) must not bring the dataset back. A delete of a name that has no
+    record leaves one too: the apply it overtook (handled later, by a redelivery or another replica) is refused."""
 
     command_sequence: int
+    # What is left to remove once the record is gone (its manifests): a delete that stopped there (the node-cache
+    # purge or a manifest delete failed) finishes from this when it is delivered again, the record being gone.
+    manifests: list[str] = []
 
 
 def manifest_name(record: DatasetRecord) -> str:
@@ -266,19 +270,31 @@ def sync_is_stale(current: DatasetRecord, result: SyncResult) -> bool:
     return current.incarnation != result.incarnation or current.generation != result.generation
 
 
-def deletion_note(sequence: int) -> bytes:
-    return msgspec.json.encode(DeletionNote(command_sequence=sequence))
+def deletion_note(sequence: int, manifests: Sequence[str] = ()) -> bytes:
+    return msgspec.json.encode(DeletionNote(command_sequence=sequence, manifests=[m for m in manifests if m]))
+
+
+def read_deletion_note(note: bytes) -> DeletionNote | None:
+    """The note a delete left in a delete marker; None without one (never deleted, or deleted before notes)."""
+    if not note:
+        return None
+    try:
+        return msgspec.json.decode(note, type=DeletionNote)
+    except DECODE_ERRORS:
+        return None
 
 
 def deleted_at(note: bytes) -> int:
     """The stream sequence of the delete that left ``note``; 0 without one (never deleted, or deleted before
     deletes left notes)."""
-    if not note:
-        return 0
-    try:
-        return msgspec.json.decode(note, type=DeletionNote).command_sequence
-    except DECODE_ERRORS:
-        return 0
+    read = read_deletion_note(note)
+    return read.command_sequence if read is not None else 0
+
+
+def delete_is_stale(record: DatasetRecord, sequence: int) -> bool:
+    """True when the record was applied by a command later than the delete at stream ``sequence`` (0: unknown):
+    that delete came first (a redelivery, or another replica's apply won), and deleting now would undo the apply."""
+    return 0 < sequence < record.command_sequence
 
 
 @dataclass(frozen=True)

@@ -201,13 +201,50 @@ class DatasetHandlers:
             return
         kv = await self.bus.kv(subjects.KV_DATASETS)
         key = subjects.resource_key(command.namespace, command.name)
-        record, revision = await kv_load(kv, key, DatasetRecord)
+        sequence = delivery.stream_sequence
+        record, revision, note = await kv_load_deleted(kv, key, DatasetRecord)
         if record is None:
-            await self._reject_missing(command, delivery)
+            await self._delete_missing(command, delivery, key, revision, domain.read_deletion_note(note))
             return
-        await kv_delete(kv, key, revision, note=domain.deletion_note(delivery.stream_sequence))
+        if domain.delete_is_stale(record, sequence):
+            reason = (f"dataset {command.namespace}/{command.name} was applied by a later command (stream sequence "
+                      f"{record.command_sequence}); this delete (sequence {sequence}) came before it: delete it "
+                      "again to remove it")
+            log.info("rejected", dataset=key, reasons=[reason])
+            await self._reject(command.id, delivery, reason, command.name, command.namespace)
+            return
+        manifests = [domain.manifest_name(record), record.status.manifest]
+        await kv_delete(kv, key, revision, note=domain.deletion_note(sequence, manifests))
+        await self._finish_delete(command, key, manifests)
+
+    async def _delete_missing(self, command: DatasetDelete, delivery: Delivery, key: str, revision: int | None,
+                              earlier: domain.DeletionNote | None) -> None:
+        """A delete that finds no record: this same delete delivered again after it removed the record (it
+        finishes), or a name with no dataset (told so, and a delete marker is left, so an apply it overtook is
+        refused when it comes)."""
+        sequence = delivery.stream_sequence
+        if earlier is not None and sequence and earlier.command_sequence == sequence:
+            # It stopped after removing the record (a purge or a manifest delete failed): finish, idempotently.
+            await self._finish_delete(command, key, earlier.manifests)
+            return
+        if sequence and (earlier is None or earlier.command_sequence < sequence):
+            # Compare-and-set on the marker there is (0: nothing there): an apply landing meanwhile is never
+            # deleted by this marker (Conflict → redelivered; it then finds that apply newer than itself).
+            note = domain.deletion_note(sequence, earlier.manifests if earlier is not None else ())
+            await kv_delete(await self.bus.kv(subjects.KV_DATASETS), key, revision or 0, note=note)
+        if earlier is not None:
+            # What an earlier delete of this name left behind, if it stopped halfway and is not delivered again.
+            await self._clean_after_delete(key, earlier.manifests)
+        await self._reject_missing(command, delivery)
+
+    async def _clean_after_delete(self, key: str, manifests: list[str]) -> None:
+        """Remove what a deleted dataset leaves outside its record: its node-cache entry (a later dataset of the
+        same name would otherwise take its per-node figures) and its manifests. Idempotent."""
         await (await self.bus.kv(subjects.KV_NODE_CACHE)).purge(key)
-        await self._delete_manifests(domain.manifest_name(record), record.status.manifest)
+        await self._delete_manifests(*manifests)
+
+    async def _finish_delete(self, command: DatasetDelete, key: str, manifests: list[str]) -> None:
+        await self._clean_after_delete(key, manifests)
         log.info("deleted", dataset=key)
         await self.bus.publish(
             subjects.DATASET_DELETED,

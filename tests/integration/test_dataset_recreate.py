@@ -20,7 +20,7 @@ from nats.js.errors import NotFoundError
 from nats.js.object_store import ObjectNotFoundError
 
 from libs import subjects
-from libs.bus import Bus, Delivery, kv_load, kv_save
+from libs.bus import Bus, Delivery, kv_load
 from libs.events.common import ObjectMeta
 from libs.events.dataset import (
     Dataset,
@@ -36,7 +36,7 @@ from libs.ufs.base import LocalLocation, Location, ObjectInfo, ObjectStore
 from services.dataset.handlers import DatasetHandlers
 from tests.conftest import NatsServer
 from tests.faults import StoreWrapper
-from tests.helpers import make_settings
+from tests.helpers import FactCollector, eventually, make_settings
 
 KEY = subjects.resource_key("default", "ds")
 
@@ -118,7 +118,8 @@ async def test_a_sync_of_a_deleted_dataset_never_lands_on_the_dataset_applied_ag
         stale.cancel()
     if not new_synced_first:
         untouched, _ = await kv_load(kv, KEY, DatasetRecord)
-        assert untouched is not None and untouched.status.synced_generation == 0, untouched.status
+        assert untouched is not None
+        assert untouched.status.synced_generation == 0, untouched.status
         assert untouched.status.file_num == 0 and not untouched.status.manifest, untouched.status
         await handlers.sync(KEY)  # the new dataset's own sync, which its apply asked for
     record, _ = await kv_load(kv, KEY, DatasetRecord)
@@ -128,3 +129,68 @@ async def test_a_sync_of_a_deleted_dataset_never_lands_on_the_dataset_applied_ag
     old_manifest = subjects.manifest_name("default", "ds", first.incarnation)
     assert old_manifest != record.status.manifest
     assert not await manifest_exists(bus, old_manifest), "the stale sync's upload is removed"
+
+
+async def test_a_delete_that_overtakes_the_apply_it_follows_stands(
+        bus: Bus, nats_server: NatsServer, tmp_path: Path) -> None:
+    """The user applied (sequence 5) then deleted (7); the delete is handled first, the apply redelivered later."""
+    _, new = folders(tmp_path)
+    handlers = DatasetHandlers(bus, make_settings(nats_server.url))
+    kv = await bus.kv(subjects.KV_DATASETS)
+    facts = FactCollector()
+    await facts.start(bus, subjects.DATASET_REJECTED)
+    await handlers.delete(DatasetDelete(id="delete-7", name="ds", namespace="default"),
+                          delivery(subjects.DATASET_DELETE, 7))
+    missing = await facts.wait_for("dataset.rejected.v1", causationId="delete-7")
+    assert "default/ds does not exist" in missing["reason"], missing
+    await handlers.apply(DatasetApply(id="apply-5", dataset=local_dataset(new)),
+                         delivery(subjects.DATASET_APPLY, 5, deliveries=2))
+    stale = await facts.wait_for("dataset.rejected.v1", causationId="apply-5")
+    assert "deleted by a later command (stream sequence 7)" in stale["reason"], stale
+    assert (await kv_load(kv, KEY, DatasetRecord))[0] is None, "the apply the user deleted is not created"
+    # Applied again after the delete: created; the delete, delivered once more, does not remove it.
+    await handlers.apply(DatasetApply(id="apply-9", dataset=local_dataset(new)), delivery(subjects.DATASET_APPLY, 9))
+    created, _ = await kv_load(kv, KEY, DatasetRecord)
+    assert created is not None and created.command_sequence == 9
+    await handlers.delete(DatasetDelete(id="delete-7", name="ds", namespace="default"),
+                          delivery(subjects.DATASET_DELETE, 7, deliveries=2))
+    assert (await kv_load(kv, KEY, DatasetRecord))[0] == created
+    async def second_answer() -> list[dict[str, str]]:
+        return facts.of_type("dataset.rejected.v1", causationId="delete-7")[1:]
+
+    rejections = await eventually(second_answer, 10, "the redelivered delete's answer")
+    assert "applied by a later command (stream sequence 9)" in rejections[0]["reason"], rejections
+
+
+async def test_a_delete_that_stopped_halfway_finishes_when_delivered_again(
+        bus: Bus, nats_server: NatsServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _, new = folders(tmp_path)
+    handlers = DatasetHandlers(bus, make_settings(nats_server.url))
+    kv = await bus.kv(subjects.KV_DATASETS)
+    node_cache = await bus.kv(subjects.KV_NODE_CACHE)
+    facts = FactCollector()
+    await facts.start(bus, subjects.DATASET_DELETED)
+    await handlers.apply(DatasetApply(id="apply-1", dataset=local_dataset(new)), delivery(subjects.DATASET_APPLY, 1))
+    await handlers.sync(KEY)
+    record, _ = await kv_load(kv, KEY, DatasetRecord)
+    assert record is not None and record.status.manifest
+    assert await manifest_exists(bus, record.status.manifest)
+    await node_cache.put(KEY, b'{"nodes": {}}')  # what the agents' inventory left for this dataset
+
+    real_delete = ManifestStore.delete
+
+    async def unreachable(self: ManifestStore, name: str) -> None:
+        raise ConnectionError("object store unreachable")
+
+    monkeypatch.setattr(ManifestStore, "delete", unreachable)
+    command = DatasetDelete(id="delete-2", name="ds", namespace="default")
+    with pytest.raises(ConnectionError):
+        await handlers.delete(command, delivery(subjects.DATASET_DELETE, 2))
+    assert (await kv_load(kv, KEY, DatasetRecord))[0] is None, "the record went first"
+    assert await manifest_exists(bus, record.status.manifest)
+    monkeypatch.setattr(ManifestStore, "delete", real_delete)
+
+    await handlers.delete(command, delivery(subjects.DATASET_DELETE, 2, deliveries=2))
+    await facts.wait_for("dataset.deleted.v1", causationId="delete-2")
+    assert not await manifest_exists(bus, record.status.manifest)
+    assert (await kv_load(node_cache, KEY, dict))[0] is None, "the node-cache entry is purged"
