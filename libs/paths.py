@@ -39,7 +39,9 @@ def _name_problem(name: str) -> str | None:
     if name in (".", ".."):
         return f"has a name {name!r}"
     try:
-        size = len(name.encode("utf-8", "surrogateescape"))
+        # Strict: a name of non-UTF-8 bytes arrives from os.scandir with surrogate escapes, which no manifest
+        # (JSON) and no FUSE reply can carry; "surrogateescape" would have let it through to fail the sync.
+        size = len(name.encode("utf-8"))
     except UnicodeEncodeError:
         return "is not valid UTF-8"
     if size > MAX_NAME_BYTES:

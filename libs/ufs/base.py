@@ -28,6 +28,9 @@ class ObjectInfo(msgspec.Struct, frozen=True):
     mode: int | None = None
     uid: int | None = None
     gid: int | None = None
+    # Why this listed entry cannot be read and is left out of the tree (a link that loops, a file that fails to
+    # stat); "" for a usable object. The listing goes on, and the sync reports it with the other objects left out.
+    unusable: str = ""
 
 
 class UfsError(Exception):
@@ -102,7 +105,8 @@ Location = S3Location | LocalLocation | HttpLocation
 
 class ObjectStore(Protocol):
     def list(self, page_size: int = 1000) -> AsyncIterator[ObjectInfo]:
-        """Every object below the location, page by page: memory stays bounded by one page."""
+        """Every object below the location, page by page: memory stays bounded by one page. An entry that cannot
+        be read is listed with ``unusable`` saying why, never dropped in silence."""
         ...
 
     async def head(self, key: str) -> ObjectInfo: ...

@@ -157,14 +157,21 @@ def parse_listing(page: str, page_url: str) -> list[Entry]:
 
     A link counts when it resolves (relative or absolute) to ``page_url`` plus one path segment, with or without
     a trailing '/', and has no query or fragment. Names are decoded ('%20' → ' '); one that decodes to '.', '..'
-    or contains '/' is left out.
+    or contains '/' is left out. A page the HTML parser cannot read raises ``UfsError`` (the dataset fails with it).
     """
     if not urlsplit(page_url).path.endswith("/"):
         page_url += "/"  # the page of a folder: its links are relative to the folder, as after the server's redirect
     base = urlsplit(page_url)
     folder = base.path
     found: dict[str, Entry] = {}
-    for link in parse_links(page):
+    try:
+        links = parse_links(page)
+    except AssertionError as err:
+        # html.parser asserts on some malformed markup ('<![foo' declarations): a page it cannot read is the
+        # server's to fix, said as such, not a crash of the listing.
+        raise UfsError(f"listing page {strip_userinfo(page_url)} is HTML that cannot be parsed ({err}): serve "
+                       "a plain autoindex page") from err
+    for link in links:
         target = urlsplit(urljoin(page_url, link.href))
         if target.query or target.fragment or (target.scheme, target.netloc) != (base.scheme, base.netloc):
             continue

@@ -2,7 +2,8 @@
 
 This module owns the file-system I/O behind a local mount and decides what counts as an object: regular files
 below the root, reached without leaving it. Symbolic links to files inside the root are followed; links to
-folders are not (they could loop) and links out of the root are never followed. Keys are '/'-separated paths
+folders are not (they could loop) and links out of the root are never followed. A link that loops, or a file
+that cannot be stat'ed, is listed as ``unusable`` with the reason, so the sync reports it. Keys are '/'-separated paths
 relative to the root; one with an empty, '.' or '..' part, or an absolute one, names no object.
 
 What a mount of the folder exposes: each file is served with its own owner and permission bits, minus the
@@ -18,6 +19,7 @@ entries are visited in an order that makes the whole listing sorted by key, like
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import stat
 from collections.abc import AsyncGenerator
@@ -72,6 +74,12 @@ def _info(key: str, st: os.stat_result, folders: list[Folder] | None = None) -> 
                       mode=served_mode(st, folders), uid=st.st_uid, gid=st.st_gid)
 
 
+def _unusable(err: OSError) -> str:
+    if err.errno == errno.ELOOP:
+        return "is a symbolic link that loops"
+    return f"cannot be read: {os.strerror(err.errno) if err.errno else type(err).__name__}"
+
+
 def _inside(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
@@ -104,10 +112,12 @@ class _Walk:
                 for entry in entries:
                     is_dir = entry.is_dir(follow_symlinks=False)
                     children.append((entry.name + "/" if is_dir else entry.name, entry.name, is_dir))
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError) as err:
             if not prefix:
+                if isinstance(err, NotADirectoryError):
+                    raise UfsError(f"'{folder}' is a file, not a folder: mount the folder it is in") from err
                 raise
-            return  # removed while we listed: it has nothing left to report
+            return  # removed (or replaced by a file) while we listed: the next listing shows what is there now
         except PermissionError as err:
             # Skipping it would look like its files were deleted.
             raise AccessDenied(f"permission denied listing local directory '{folder}'") from err
@@ -142,6 +152,10 @@ class _Walk:
                 continue  # removed while we listed, or a dangling link
             except PermissionError as err:
                 raise AccessDenied(f"permission denied reading '{path}'") from err
+            except OSError as err:
+                # A link that loops (ELOOP), or one file the system cannot stat: the rest of the tree is fine.
+                found.append(ObjectInfo(key=key, size=0, etag="", mtime=0.0, unusable=_unusable(err)))
+                continue
             if stat.S_ISREG(st.st_mode):
                 found.append(_info(key, st, self._folders))
         return found

@@ -69,7 +69,7 @@ async def sync_metadata(record: DatasetRecord, manifests: ManifestStore, default
             try:
                 async for info in store.list(page_size=page_size):
                     listed += 1
-                    problem = paths.key_problem(info.key)
+                    problem = info.unusable or paths.key_problem(info.key)
                     if problem is not None:
                         skipped.add(info.key, problem, index)
                         continue
@@ -82,6 +82,13 @@ async def sync_metadata(record: DatasetRecord, manifests: ManifestStore, default
                 error = strip_userinfo(f"cannot list {mount.mount_point}: {err.message}")
                 if err.retryable:
                     raise RetryLater(error) from err  # the handler knows the delay (settings)
+                return SyncResult(generation=generation, requests=requests, incarnation=record.incarnation, error=error)
+            except Exception as err:
+                # Not a store error the stores know (a bug, or a case a store does not handle): the dataset fails
+                # with what happened, once, rather than the reconciler relisting it every few seconds in silence.
+                error = strip_userinfo(f"cannot list {mount.mount_point}: {type(err).__name__}: {err}", strict=True)
+                # No traceback: it would repeat the exception's text unredacted.
+                log.warning("listing failed unexpectedly", dataset=key, error=error)
                 return SyncResult(generation=generation, requests=requests, incarnation=record.incarnation, error=error)
             finally:
                 await store.close()

@@ -1,0 +1,142 @@
+"""What a listing that meets something odd leaves in the dataset's status (real nats-server, real local folders
+and a real web server): the sync finishes, entries that cannot be in the tree are reported as left out with a
+reason, and a listing that cannot go on fails the dataset with a message. Never a sync that raises and is relisted
+every few seconds with an empty message.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+
+from libs import subjects
+from libs.bus import Bus, Delivery, kv_load
+from libs.events.common import ObjectMeta
+from libs.events.dataset import Dataset, DatasetApply, DatasetRecord, DatasetSpec, Mount
+from libs.manifest import ManifestStore
+from libs.ufs import open_store
+from libs.ufs.base import Location, ObjectInfo, ObjectStore
+from services.dataset.domain import CONDITION_SKIPPED, CONDITION_SYNCED
+from services.dataset.handlers import DatasetHandlers
+from tests import web_source
+from tests.conftest import NatsServer
+from tests.faults import StoreWrapper
+from tests.helpers import make_settings
+from tests.web_source import WebSource
+
+KEY = subjects.resource_key("default", "odd")
+
+
+class ChangingTree(StoreWrapper):
+    """A listing that runs ``change`` once its first entry is out (one entry a page, so the rest is not read yet)."""
+
+    def __init__(self, store: ObjectStore, change: Callable[[], None]) -> None:
+        super().__init__(store)
+        self.change = change
+
+    async def list(self, page_size: int = 1000) -> AsyncIterator[ObjectInfo]:
+        first = True
+        async for info in self.store.list(1):
+            yield info
+            if first:
+                first = False
+                self.change()
+
+
+class Broken(StoreWrapper):
+    """A listing that fails with an error no store turns into a UfsError (a bug, say)."""
+
+    async def list(self, page_size: int = 1000) -> AsyncIterator[ObjectInfo]:
+        raise RuntimeError("something no store expected")
+        yield  # an async generator
+
+
+def tree(root: Path) -> None:
+    root.mkdir()
+    (root / "a.txt").write_bytes(b"a")
+    (root / "good.txt").write_bytes(b"good")
+
+
+def replace_folder_with_file(folder: Path) -> None:
+    shutil.rmtree(folder)
+    folder.write_bytes(b"now a file")
+
+
+async def sync_of(bus: Bus, nats_server: NatsServer, mount_point: str,
+                  wrap: Callable[[ObjectStore], ObjectStore] = lambda store: store) -> DatasetRecord:
+    def opener(location: Location) -> ObjectStore:
+        return wrap(open_store(location))
+
+    handlers = DatasetHandlers(bus, make_settings(nats_server.url), opener=opener)
+    dataset = Dataset(metadata=ObjectMeta(name="odd"), spec=DatasetSpec(mounts=[Mount(mount_point=mount_point)]))
+    await handlers.apply(DatasetApply(id="odd.apply", dataset=dataset),
+                         Delivery(subject=subjects.DATASET_APPLY, headers={}, deliveries=1, stream_sequence=1))
+    await handlers.sync(KEY)  # raises if the sync does not finish
+    record, _ = await kv_load(await bus.kv(subjects.KV_DATASETS), KEY, DatasetRecord)
+    assert record is not None and record.status.synced_generation == 1, record
+    return record
+
+
+def condition(record: DatasetRecord, kind: str) -> tuple[str, str]:
+    found = next((c for c in record.status.conditions if c.type == kind), None)
+    return (found.status, found.message) if found is not None else ("", "")
+
+
+@pytest.mark.parametrize("trigger", ["symlink-loop", "non-utf8-name", "folder-replaced-by-file"])
+async def test_odd_entries_of_a_local_folder_are_left_out_and_reported(
+        bus: Bus, nats_server: NatsServer, tmp_path: Path, trigger: str) -> None:
+    root = tmp_path / "data"
+    tree(root)
+    wrap: Callable[[ObjectStore], ObjectStore] = lambda store: store  # noqa: E731
+    reported = ""
+    if trigger == "symlink-loop":
+        (root / "loop").symlink_to("loop")
+        (root / "ring-a").symlink_to("ring-b")
+        (root / "ring-b").symlink_to("ring-a")
+        reported = "'loop' (mount 0): is a symbolic link that loops"
+    elif trigger == "non-utf8-name":
+        os.close(os.open(os.fsencode(root) + b"/bad\xff.txt", os.O_CREAT | os.O_WRONLY, 0o644))
+        reported = "'bad\\udcff.txt' (mount 0): is not valid UTF-8"
+    else:
+        (root / "z").mkdir()
+        (root / "z" / "inner.txt").write_bytes(b"inner")
+
+        def wrap(store: ObjectStore) -> ObjectStore:
+            return ChangingTree(store, lambda: replace_folder_with_file(root / "z"))
+
+    record = await sync_of(bus, nats_server, f"local://{root}", wrap)
+    assert record.status.message == "" and condition(record, CONDITION_SYNCED)[0] == "True", record.status
+    assert record.status.file_num == 2, record.status
+    entries = await (await ManifestStore.of(bus)).load(record.status.manifest)
+    assert sorted(e.key for e in entries) == ["a.txt", "good.txt"]
+    skipped = condition(record, CONDITION_SKIPPED)
+    if reported:
+        assert skipped[0] == "True" and reported in skipped[1], skipped
+    if trigger == "symlink-loop":
+        assert skipped[1].startswith("3 of 5 listed objects are not in the tree"), skipped
+
+
+async def test_a_web_page_the_html_parser_cannot_read_fails_the_dataset_with_a_message(
+        bus: Bus, nats_server: NatsServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = tmp_path / "site"
+    tree(root)
+    monkeypatch.setitem(web_source.PAGES, "marked", lambda path, folder: web_source.nginx_page(path, folder)
+                        + "<![foo]>")
+    async with WebSource(root, style="marked") as site:
+        record = await sync_of(bus, nats_server, site.url)
+    assert record.status.phase == "Failed", record.status
+    assert "is HTML that cannot be parsed" in record.status.message, record.status
+    assert condition(record, CONDITION_SYNCED) == ("False", record.status.message)
+
+
+async def test_an_unexpected_listing_error_fails_the_dataset_with_a_message(
+        bus: Bus, nats_server: NatsServer, tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    tree(root)
+    record = await sync_of(bus, nats_server, f"local://{root}", Broken)
+    assert record.status.phase == "Failed", record.status
+    assert record.status.message == (f"cannot list local://{root}: RuntimeError: something no store expected")
