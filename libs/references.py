@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 from libs.events.common import DNS1123_LABEL, dns_label_errors
 from libs.events.dataset import Dataset, Mount
 from libs.paths import relative_problem
+from libs.redact import strip_userinfo
 from libs.subjects import resource_key
 
 SCHEME = "dataset"
@@ -48,26 +49,31 @@ def is_reference_mount(mount: Mount) -> bool:
 
 
 def parse(mount_point: str) -> tuple[Reference | None, str]:
-    """The source ``mount_point`` names, or None and why not (a sentence saying what to write instead)."""
+    """The source ``mount_point`` names, or None and why not (a sentence saying what to write instead).
+
+    The sentence goes into rejection facts and logs: it shows the mount point without what a user name or password
+    in it would be (``libs.redact.strip_userinfo``, strict), never as given."""
+    shown = strip_userinfo(mount_point, strict=True)
     if not mount_point.startswith(PREFIX):
-        return None, f"{mount_point!r} is not a {PREFIX} mount"
+        return None, f"{shown!r} is not a {PREFIX} mount"
     parts = urlsplit(mount_point)
     namespace = parts.netloc
     name, _, folder = parts.path.lstrip("/").partition("/")
     folder = folder.strip("/")
     usage = f"write {PREFIX}<namespace>/<name> (or {PREFIX}<namespace>/<name>/<folder>)"
     if parts.query or parts.fragment or "@" in namespace:
-        return None, f"{mount_point!r} must be plain: {usage}"
+        return None, f"{shown!r} must be plain: {usage}"
     if not namespace or not name:
-        return None, f"{mount_point!r} names no dataset: {usage}"
+        return None, f"{shown!r} names no dataset: {usage}"
     errors = dns_label_errors(namespace, "namespace", DNS1123_LABEL) + dns_label_errors(name, "name")
     if errors:
-        return None, f"{mount_point!r}: " + "; ".join(errors)
+        return None, f"{shown!r}: " + "; ".join(errors)
     if folder:
         normal = posixpath.normpath(folder)
         problem = ("must not contain '..'" if ".." in folder.split("/") else relative_problem(normal))
         if problem is not None:
-            return None, f"{mount_point!r}: the folder {folder!r} {problem}"
+            named = "" if "@" in folder else f" {folder!r}"  # a password may have landed in it
+            return None, f"{shown!r}: the folder{named} {problem}"
         folder = normal
     return Reference(namespace=namespace, name=name, folder=folder), ""
 

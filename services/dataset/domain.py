@@ -652,7 +652,8 @@ def reference_errors(dataset: Dataset) -> list[str]:
         return [f"{where}.mountPoint {problem}"]
     errors = []
     if (source.namespace, source.name) == (meta.namespace, meta.name):
-        errors.append(f"{where}.mountPoint {mount.mount_point!r} names this dataset itself: a reference mounts "
+        shown = strip_userinfo(mount.mount_point, strict=True)
+        errors.append(f"{where}.mountPoint {shown!r} names this dataset itself: a reference mounts "
                       "another dataset; name that one")
     if mount.options or mount.encrypt_options or dataset.spec.shared_options or dataset.spec.shared_encrypt_options:
         errors.append(f"{where}: options and encryptOptions are not used by a {REFERENCE_PREFIX} mount (the source's "
