@@ -89,7 +89,7 @@ async def run(settings: Settings, stop: asyncio.Event, clock: Callable[[], float
         def observe(entry: KeyValue.Entry | Replay | None) -> None:
             census.observe(entry)
             references.observe(entry)
-            handlers.watched.observe(entry)
+            handlers.observe(entry)
 
         members = Members(await bus.kv(subjects.KV_MEMBERS), REPLICAS_OF, settings.service.replica_name,
                           reconnects=bus.reconnects)

@@ -13,10 +13,22 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import msgspec
+from nats.js.kv import KeyValue
 from opentelemetry import trace
 
 from libs import metrics, subjects
-from libs.bus import Bus, Conflict, Delivery, Permanent, RetryLater, kv_delete, kv_load, kv_load_deleted, kv_save
+from libs.bus import (
+    Bus,
+    Conflict,
+    Delivery,
+    Permanent,
+    Replay,
+    RetryLater,
+    kv_delete,
+    kv_load,
+    kv_load_deleted,
+    kv_save,
+)
 from libs.config import Settings
 from libs.events.agent import AnyInventory, InventoryRequest, upgrade
 from libs.events.dataset import (
@@ -305,6 +317,14 @@ class DatasetHandlers:
 
     # --- metadata sync (called by the reconciler) ---
 
+    def observe(self, entry: KeyValue.Entry | Replay | None) -> None:
+        """An entry of the reconciler's watch of ``shoal_datasets``: the records kept in memory follow it, and a
+        deleted dataset's listing time goes with it (the reconciler schedules no sync of a deleted key, so nothing
+        else would drop it, and it would grow with every dataset ever made)."""
+        self.watched.observe(entry)
+        if isinstance(entry, KeyValue.Entry) and entry.operation in ("DEL", "PURGE"):
+            self._listed_at.pop(entry.key, None)
+
     async def sync(self, key: str) -> float | None:
         """Sync one dataset if it needs it; ``RetryLater`` while the retry of an unreachable store is not due yet,
         or once a sync found it unreachable (after putting that in the status). Returns the seconds until its
@@ -410,7 +430,8 @@ class DatasetHandlers:
 
         if not await self._update_bound_status(key, after_sync, known=(record, revision)) or replaced:
             # The dataset listed is gone: the manifest uploaded for it (named with its incarnation, so never the
-            # new dataset's) would stay behind.
+            # new dataset's) would stay behind, and so would its listing time.
+            self._listed_at.pop(key, None)
             await self._delete_manifests(domain.manifest_name(record))
 
     # --- reference datasets (dataset://, libs.references) ---

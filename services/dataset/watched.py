@@ -34,10 +34,17 @@ _DECODER = msgspec.json.Decoder(DatasetRecord)
 _BINDING = msgspec.json.Decoder(domain.RuntimeBinding)
 
 
+# Deletes remembered so a write of this process noted late cannot bring a deleted key back (see ``note``): the
+# window is one KV round trip, so the latest few thousand deletes cover any burst while memory stays bounded.
+DELETES_KEPT = 4096
+
+
 class WatchedRecords:
     def __init__(self) -> None:
         # key → (the newest record seen, its revision)
         self._seen: dict[str, tuple[DatasetRecord, int]] = {}
+        # key → the revision of its delete, for the latest DELETES_KEPT deletes (oldest first)
+        self._deleted: dict[str, int] = {}
         # Trusted once a watch has delivered the initial values: the reconciler then schedules a sync for every
         # newer entry. Without a watch (a caller driving ``sync`` itself), the sync reads the bucket.
         self._fed = False
@@ -50,6 +57,11 @@ class WatchedRecords:
             return
         if entry.operation in ("DEL", "PURGE") or entry.value is None or entry.revision is None:
             self._seen.pop(entry.key, None)
+            if entry.revision is not None:
+                self._deleted.pop(entry.key, None)  # moved to the end: the newest delete
+                self._deleted[entry.key] = entry.revision
+                while len(self._deleted) > DELETES_KEPT:
+                    del self._deleted[next(iter(self._deleted))]
             return
         try:
             record = _DECODER.decode(entry.value)
@@ -59,10 +71,17 @@ class WatchedRecords:
         self.note(entry.key, record, entry.revision)
 
     def note(self, key: str, record: DatasetRecord, revision: int) -> None:
-        """``record`` is stored at ``revision`` (seen in the watch, or written by this process)."""
+        """``record`` is stored at ``revision`` (seen in the watch, or written by this process). A write of this
+        process noted after the watch showed the key's delete (which came behind it) changes nothing: the sync
+        would otherwise start from a record that no longer exists."""
         known = self._seen.get(key)
         if known is not None and revision <= known[1]:
             return
+        deleted = self._deleted.get(key)
+        if deleted is not None:
+            if revision < deleted:
+                return
+            del self._deleted[key]  # created again after it
         self._seen[key] = (record, revision)
 
     def get(self, key: str) -> tuple[DatasetRecord, int] | None:

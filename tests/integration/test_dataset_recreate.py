@@ -17,10 +17,11 @@ from pathlib import Path
 
 import pytest
 from nats.js.errors import NotFoundError
+from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectNotFoundError
 
 from libs import subjects
-from libs.bus import Bus, Delivery, kv_load
+from libs.bus import Bus, Delivery, kv_load, kv_load_deleted
 from libs.events.common import ObjectMeta
 from libs.events.dataset import (
     Dataset,
@@ -194,3 +195,21 @@ async def test_a_delete_that_stopped_halfway_finishes_when_delivered_again(
     await facts.wait_for("dataset.deleted.v1", causationId="delete-2")
     assert not await manifest_exists(bus, record.status.manifest)
     assert (await kv_load(node_cache, KEY, dict))[0] is None, "the node-cache entry is purged"
+
+
+async def test_a_deleted_datasets_listing_time_is_forgotten(bus: Bus, nats_server: NatsServer,
+                                                            tmp_path: Path) -> None:
+    """The reconciler schedules no sync of a deleted key: its watch's delete is what drops the listing time, or
+    it would stay for every dataset ever made."""
+    _, new = folders(tmp_path)
+    handlers = DatasetHandlers(bus, make_settings(nats_server.url))
+    kv = await bus.kv(subjects.KV_DATASETS)
+    await handlers.apply(DatasetApply(id="apply-1", dataset=local_dataset(new)), delivery(subjects.DATASET_APPLY, 1))
+    await handlers.sync(KEY)
+    assert KEY in handlers._listed_at
+    await handlers.delete(DatasetDelete(id="delete-2", name="ds", namespace="default"),
+                          delivery(subjects.DATASET_DELETE, 2))
+    _, revision, _ = await kv_load_deleted(kv, KEY, DatasetRecord)
+    assert revision is not None
+    handlers.observe(KeyValue.Entry(subjects.KV_DATASETS, KEY, None, revision, None, None, "DEL"))  # as the watch
+    assert KEY not in handlers._listed_at
