@@ -65,6 +65,9 @@ class Beating:
     def __init__(self, bus: Bus) -> None:
         self.bus = bus
         self.serves: dict[str, tuple[str, ...]] = {}
+        # One beat at a time: a beat of the loop read before ``set`` and sent after it would tell the runtime
+        # service the node's old runtimes (CI saw a kept worker dropped and picked again behind another).
+        self._sending = asyncio.Lock()
 
     async def __aenter__(self) -> Beating:
         self._task = asyncio.create_task(self._run())
@@ -76,15 +79,19 @@ class Beating:
 
     async def _run(self) -> None:
         while True:
-            for node, names in list(self.serves.items()):
-                await beat(self.bus, node, *names)
+            for node in list(self.serves):
+                async with self._sending:
+                    names = self.serves.get(node)
+                    if names is not None:
+                        await beat(self.bus, node, *names)
             await asyncio.sleep(0.3)  # a heartbeat period, not a wait for something
 
     async def set(self, nodes: Iterable[str], *names: str) -> None:
         """Serve ``names`` on ``nodes`` from now on, with a beat of each at once."""
         for node in nodes:
-            self.serves[node] = names
-            await beat(self.bus, node, *names)
+            async with self._sending:
+                self.serves[node] = names
+                await beat(self.bus, node, *names)
 
 
 async def workers_of(bus: Bus, name: str, expected: list[str], serving: int = 4) -> RuntimeRecord:
