@@ -63,7 +63,7 @@ from services.agent.nodebudget import BudgetFileError, NodeReadAhead, SlotFile
 from services.agent.peer import PeerClient, PeerConfigError, PeerServer, load_secret, runtime_key
 from services.agent.readahead import MemoryBudget
 from services.agent.reader import BlockReader, BlockRouter, StoreGate
-from services.agent.tasks import TaskRunner
+from services.agent.tasks import NO_MANIFEST, ManifestVersion, TaskRunner, manifest_version
 
 log = get_logger("shoal-mount")
 
@@ -134,7 +134,7 @@ class MountedDataset:
         self.mountpoint = mountpoint
         self.key = subjects.resource_key(namespace, name)
         self.allocator = InodeAllocator()
-        self.manifest_version: tuple[int, str] = (0, "")
+        self.manifest_version: ManifestVersion = NO_MANIFEST
         self.block_size = 0  # the runtime's, read once at start: blocks cached are cut at it
         # The object store of each mount, rebuilt for mounts added or changed by a later sync.
         self.gates: list[StoreGate] = []
@@ -151,7 +151,7 @@ class MountedDataset:
     async def run(self, stop: asyncio.Event) -> None:
         record, runtime = await self._load_records()
         entries = await (await ManifestStore.of(self.bus)).load(record.status.manifest)
-        self.manifest_version = (record.status.synced_generation, record.status.last_sync_time)
+        self.manifest_version = manifest_version(record)
         levels = self._granted_levels(runtime.runtime.spec.tieredstore.levels)
         block_size = self.block_size = parse_quantity(runtime.runtime.spec.block_size)
         inventory = InventoryLog(node=self.settings.agent.node_name, dataset=ObjectRef(name=self.name,
@@ -425,8 +425,7 @@ class MountedDataset:
                         log.error("dataset record not understood; the mount keeps the tree it has", dataset=self.key,
                                   error=str(err))
                         continue
-                    version = (record.status.synced_generation, record.status.last_sync_time)
-                    if version == self.manifest_version or not record.status.manifest:
+                    if manifest_version(record) == self.manifest_version or not record.status.manifest:
                         continue
                     if reloading is not None:
                         reloading.cancel()  # a newer record: its manifest is the one to serve (cancelled in a load)
@@ -463,7 +462,7 @@ class MountedDataset:
         except (Exception, SystemExit) as err:  # e.g. a missing secret: its reads fail, the rest serve
             log.error("object stores not updated", dataset=self.key, error=str(err))
         gone, changed = fs.replace_namespace(self._tree(entries))
-        self.manifest_version = (record.status.synced_generation, record.status.last_sync_time)
+        self.manifest_version = manifest_version(record)
         for parent, name in gone:
             with contextlib.suppress(Exception):
                 # ENOENT only means the kernel never looked the name up: nothing to drop.

@@ -114,12 +114,19 @@ def not_current(run: str, record: OperationRecord | None) -> str | None:
     return None
 
 
-def manifest_version(record: DatasetRecord) -> tuple[int, str]:
+# What tells one manifest of a dataset from the next: (syncedGeneration, syncedRequests, lastSyncTime, manifest).
+# lastSyncTime has whole seconds; a resync finishing within the second of the listing before still differs.
+ManifestVersion = tuple[int, int, str, str]
+NO_MANIFEST: ManifestVersion = (0, 0, "", "")
+
+
+def manifest_version(record: DatasetRecord) -> ManifestVersion:
     """The version of the manifest a dataset record names, as the mount process tracks it."""
-    return record.status.synced_generation, record.status.last_sync_time
+    status = record.status
+    return status.synced_generation, status.synced_requests, status.last_sync_time, status.manifest
 
 
-def manifest_behind(record: DatasetRecord | None, serving: tuple[int, str]) -> bool:
+def manifest_behind(record: DatasetRecord | None, serving: ManifestVersion) -> bool:
     """True when the dataset's record names a manifest newer than the one the mount serves (``serving``)."""
     return record is not None and bool(record.status.manifest) and manifest_version(record) != serving
 
@@ -204,7 +211,7 @@ class TaskRunner:
 
     def __init__(self, bus: Bus, node: str, dataset: ObjectRef, cache: BlockCache, reader: BlockReader,
                  entries: Callable[[], Mapping[tuple[int, str], ManifestEntry]], concurrency: int,
-                 serving: Callable[[], tuple[int, str]] | None = None,
+                 serving: Callable[[], ManifestVersion] | None = None,
                  warmed: Callable[[int], None] | None = None) -> None:
         self.bus = bus
         # Told the bytes of each block a load fetched into the cache (the WARMUP_BYTES counter of /metrics).

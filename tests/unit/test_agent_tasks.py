@@ -16,6 +16,7 @@ from services.agent.tasks import (
     block_problem,
     load_blocks,
     manifest_behind,
+    manifest_version,
     not_current,
     parse_run,
     progress_id,
@@ -64,15 +65,19 @@ def test_a_block_is_fetched_only_at_the_manifest_version_and_within_the_object()
 
 
 def test_a_mount_is_behind_when_the_dataset_record_names_another_manifest_version() -> None:
-    def synced(generation: int, at: str, manifest: str = "manifest.default.ds") -> DatasetRecord:
+    def synced(generation: int, at: str, manifest: str = "default.ds.1", requests: int = 0) -> DatasetRecord:
         return DatasetRecord(dataset=Dataset(metadata=ObjectMeta(name="ds"), spec=DatasetSpec()), generation=generation,
-                             status=DatasetStatus(synced_generation=generation, last_sync_time=at, manifest=manifest))
+                             status=DatasetStatus(synced_generation=generation, last_sync_time=at, manifest=manifest,
+                                                  synced_requests=requests))
 
-    assert not manifest_behind(synced(2, "t2"), (2, "t2"))
-    assert manifest_behind(synced(2, "t3"), (2, "t2")), "a resync of the same generation is a new manifest"
-    assert manifest_behind(synced(3, "t2"), (2, "t2"))
-    assert not manifest_behind(synced(3, "t3", manifest=""), (2, "t2")), "no manifest to wait for"
-    assert not manifest_behind(None, (2, "t2")), "a deleted dataset: nothing to wait for"
+    serving = manifest_version(synced(2, "t2"))
+    assert not manifest_behind(synced(2, "t2"), serving)
+    assert manifest_behind(synced(2, "t3"), serving), "a resync of the same generation is a new manifest"
+    assert manifest_behind(synced(2, "t2", requests=1), serving), "a resync within the second of the listing before"
+    assert manifest_behind(synced(2, "t2", manifest="default.ds.2"), serving), "the dataset made again"
+    assert manifest_behind(synced(3, "t2"), serving)
+    assert not manifest_behind(synced(3, "t3", manifest=""), serving), "no manifest to wait for"
+    assert not manifest_behind(None, serving), "a deleted dataset: nothing to wait for"
 
 
 def test_the_ledger_counts_cumulatively_and_names_files_done_without_failures() -> None:
