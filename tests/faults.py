@@ -376,6 +376,21 @@ class StoreWrapper:
         await self.store.close()
 
 
+class HeldListing(StoreWrapper):
+    """A real store whose listing waits until ``release`` is set (``started`` says it began): a sync held at a
+    chosen moment while the test changes the world under it."""
+
+    def __init__(self, store: ObjectStore, started: asyncio.Event, release: asyncio.Event) -> None:
+        super().__init__(store)
+        self.started, self.release = started, release
+
+    async def list(self, page_size: int = 1000) -> AsyncIterator[ObjectInfo]:
+        self.started.set()
+        await self.release.wait()
+        async for info in self.store.list(page_size):
+            yield info
+
+
 class ExtraKeys(StoreWrapper):
     """A real store whose listing also names ``extra`` keys (as the store would list them), e.g. a key with a
     leading '/' that AWS S3 lists but SeaweedFS normalises away; every other call goes to the real store."""

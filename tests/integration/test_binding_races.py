@@ -12,7 +12,6 @@ take two facts of one runtime in either order: the older one changes nothing.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 from nats.js.kv import KeyValue
 
@@ -23,26 +22,12 @@ from libs.events.common import ObjectMeta
 from libs.events.dataset import Condition, Dataset, DatasetApply, DatasetRecord, DatasetSpec, Mount
 from libs.events.runtime import RuntimeStatus, RuntimeStatusChanged
 from libs.ufs import open_store
-from libs.ufs.base import Location, ObjectInfo, ObjectStore
+from libs.ufs.base import Location, ObjectStore
 from services.dataset.domain import RuntimeBinding
 from services.dataset.handlers import DatasetHandlers
 from services.dataset.watched import WatchedBindings
 from tests.conftest import SeaweedServer, put_objects
-from tests.faults import StoreWrapper
-
-
-class HeldListing(StoreWrapper):
-    """A store whose listing waits until released: a sync held between reading the binding and writing."""
-
-    def __init__(self, store: ObjectStore, started: asyncio.Event, release: asyncio.Event) -> None:
-        super().__init__(store)
-        self.started, self.release = started, release
-
-    async def list(self, page_size: int = 1000) -> AsyncIterator[ObjectInfo]:
-        self.started.set()
-        await self.release.wait()
-        async for info in self.store.list(page_size):
-            yield info
+from tests.faults import HeldListing
 
 
 class LaggingBindings(WatchedBindings):

@@ -12,7 +12,6 @@ half done must not reach the new one, and a delete must not be lost to the order
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -33,27 +32,13 @@ from libs.events.dataset import (
 )
 from libs.manifest import ManifestStore
 from libs.ufs import open_store
-from libs.ufs.base import LocalLocation, Location, ObjectInfo, ObjectStore
+from libs.ufs.base import LocalLocation, Location, ObjectStore
 from services.dataset.handlers import DatasetHandlers
 from tests.conftest import NatsServer
-from tests.faults import StoreWrapper
+from tests.faults import HeldListing
 from tests.helpers import FactCollector, eventually, make_settings
 
 KEY = subjects.resource_key("default", "ds")
-
-
-class HeldListing(StoreWrapper):
-    """A store whose listing waits until released."""
-
-    def __init__(self, store: ObjectStore, started: asyncio.Event, release: asyncio.Event) -> None:
-        super().__init__(store)
-        self.started, self.release = started, release
-
-    async def list(self, page_size: int = 1000) -> AsyncIterator[ObjectInfo]:
-        self.started.set()
-        await self.release.wait()
-        async for info in self.store.list(page_size):
-            yield info
 
 
 def local_dataset(folder: Path) -> Dataset:
