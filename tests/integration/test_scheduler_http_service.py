@@ -15,7 +15,7 @@ import base64
 import json
 import ssl
 import subprocess
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -85,6 +85,25 @@ async def scheduler_with_http(settings: Settings, cert: Path, key: Path) -> Asyn
         await asyncio.wait_for(task, 20)
 
 
+Post = Callable[[str, Any], Awaitable[Any]]
+
+
+@asynccontextmanager
+async def scheduler_posts(settings: Settings, cert: Path, key: Path) -> AsyncIterator[Post]:
+    """``scheduler_with_http``, and a ``post(path, body)`` to its front over TLS that wants a 200 and returns the
+    JSON answer."""
+    async with scheduler_with_http(settings, cert, key) as url, aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(ssl=ssl.create_default_context(cafile=str(cert))),
+            timeout=aiohttp.ClientTimeout(total=30)) as session:
+
+        async def post(path: str, body: Any) -> Any:
+            async with session.post(f"{url}{path}", json=body) as response:
+                assert response.status == 200, await response.text()
+                return await response.json()
+
+        yield post
+
+
 async def _port(loops: list[HttpLoop]) -> int:
     return loops[0].http.port if loops else 0
 
@@ -128,15 +147,7 @@ async def test_webhook_and_extender_answer_from_the_scheduler_service(bus: Bus, 
     listener = await bus.subscribe(subjects.INVENTORY_REQUEST, msgspec.json.Decoder(InventoryRequest), on_request)
     cert, key = certificate
     try:
-        async with scheduler_with_http(scheduler_settings, cert, key) as url, aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(ssl=ssl.create_default_context(cafile=str(cert))),
-                timeout=aiohttp.ClientTimeout(total=30)) as session:
-
-            async def post(path: str, body: Any) -> Any:
-                async with session.post(f"{url}{path}", json=body) as response:
-                    assert response.status == 200, await response.text()
-                    return await response.json()
-
+        async with scheduler_posts(scheduler_settings, cert, key) as post:
             await agent_a.cache("/train/a.bin")
             await agent_a.cache("/train/b.bin")
             await agent_c.cache("/val/c.bin")
@@ -187,15 +198,7 @@ async def test_each_http_request_counts_once_under_its_own_way(bus: Bus, schedul
     cert, key = certificate
     decisions = "shoal_scheduler_decisions_total"
     try:
-        async with scheduler_with_http(scheduler_settings, cert, key) as url, aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(ssl=ssl.create_default_context(cafile=str(cert))),
-                timeout=aiohttp.ClientTimeout(total=30)) as session:
-
-            async def post(path: str, body: Any) -> Any:
-                async with session.post(f"{url}{path}", json=body) as response:
-                    assert response.status == 200, await response.text()
-                    return await response.json()
-
+        async with scheduler_posts(scheduler_settings, cert, key) as post:
             await agent_a.cache("/train/a.bin")
 
             async def settled() -> bool:
@@ -252,15 +255,7 @@ async def test_webhook_and_extender_follow_the_bytes_read_through_real_agents(
     async with stack.cluster_stack(bus, settings, seaweedfs, tmp_path, agents.NODES) as cluster:
         await agents.apply(bus, cluster, bucket, seaweedfs.endpoint)
         await cluster.wait_mounted(name, expect="f2.bin")
-        async with scheduler_with_http(settings, cert, key) as url, aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(ssl=ssl.create_default_context(cafile=str(cert))),
-                timeout=aiohttp.ClientTimeout(total=30)) as session:
-
-            async def post(path: str, body: Any) -> Any:
-                async with session.post(f"{url}{path}", json=body) as response:
-                    assert response.status == 200, await response.text()
-                    return await response.json()
-
+        async with scheduler_posts(settings, cert, key) as post:
             await agents.read_through(cluster, "node-c", "f0.bin", "f1.bin")
 
             async def required_hosts(expected: list[str]) -> dict[str, Any] | None:
