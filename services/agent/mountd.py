@@ -135,7 +135,6 @@ class MountedDataset:
         self.key = subjects.resource_key(namespace, name)
         self.allocator = InodeAllocator()
         self.manifest_version: ManifestVersion = NO_MANIFEST
-        self.block_size = 0  # the runtime's, read once at start: blocks cached are cut at it
         # The object store of each mount, rebuilt for mounts added or changed by a later sync.
         self.gates: list[StoreGate] = []
         self.locations: list[object] = []
@@ -153,7 +152,7 @@ class MountedDataset:
         entries = await (await ManifestStore.of(self.bus)).load(record.status.manifest)
         self.manifest_version = manifest_version(record)
         levels = self._granted_levels(runtime.runtime.spec.tieredstore.levels)
-        block_size = self.block_size = parse_quantity(runtime.runtime.spec.block_size)
+        block_size = parse_quantity(runtime.runtime.spec.block_size)
         inventory = InventoryLog(node=self.settings.agent.node_name, dataset=ObjectRef(name=self.name,
                                                                                        namespace=self.namespace))
         policy = LruPolicy if self.settings.agent.cache_policy == "lru" else FrequencyAdmissionPolicy
@@ -162,7 +161,8 @@ class MountedDataset:
                                        policy_factory=policy, on_cached=inventory.cached, on_evicted=inventory.evicted)
         cache.on_tier_evicted = self.metrics.tier_evicted
         await asyncio.to_thread(cache.load, block_size)
-        self._drop_stale(cache, entries, block_size)
+        self._drop_stale(cache, entries)
+        self._drop_misfits(cache, entries, block_size)
         self._update_gates(record)
         slots = self._budget_file()
         if slots is not None:
@@ -388,14 +388,19 @@ class MountedDataset:
                         examples=tree.skipped.examples)
         return tree
 
-    def _drop_stale(self, cache: BlockCache, entries: list[ManifestEntry], block_size: int) -> None:
-        """Deletes the blocks of objects no longer in the manifest (or at another ETag), and blocks whose length is
-        not their span's (cut at another block size by a Shoal that did not record it, or damaged)."""
-        sizes = {(entry.mount, entry.key, entry.etag): entry.size for entry in entries}
-        stale = cache.drop_stale(lambda block: (block.mount, block.key, block.etag) in sizes)
+    def _drop_stale(self, cache: BlockCache, entries: list[ManifestEntry]) -> None:
+        """Deletes the blocks of objects no longer in the manifest (or at another ETag)."""
+        current = {(entry.mount, entry.key, entry.etag) for entry in entries}
+        stale = cache.drop_stale(lambda block: (block.mount, block.key, block.etag) in current)
         if stale:
             log.info("cache blocks of objects gone from the manifest or changed deleted", dataset=self.key,
                      blocks=stale)
+
+    def _drop_misfits(self, cache: BlockCache, entries: list[ManifestEntry], block_size: int) -> None:
+        """At start, after ``_drop_stale``: deletes the blocks kept from a previous run whose length is not their
+        span's (cut at another block size by a Shoal that did not record it, or damaged). Blocks written by this
+        process are cut at its block size, so a reload has none to look for."""
+        sizes = {(entry.mount, entry.key, entry.etag): entry.size for entry in entries}
         misfits = [block for block, length in cache.blocks()
                    if length != block_span(sizes[block.mount, block.key, block.etag], block_size, block.index)[1]]
         if misfits:
@@ -473,7 +478,7 @@ class MountedDataset:
             with contextlib.suppress(OSError):
                 pyfuse3.invalidate_inode(inode, attr_only=True)
         self.entries = {(entry.mount, entry.key): entry for entry in entries}
-        self._drop_stale(cache, entries, self.block_size)
+        self._drop_stale(cache, entries)
         if self.tasks is not None:
             self.tasks.manifest_reloaded()
         log.info("manifest reloaded", dataset=self.key, files=len(entries), removed=len(gone),
