@@ -130,8 +130,9 @@ class ManifestStore:
     async def save(self, name: str, writer: ManifestWriter, first: bool = False) -> bool:
         """Upload everything written so far under ``name``, replacing the previous manifest; False (nothing
         uploaded) when the stored manifest already has exactly these bytes, so an unchanged listing makes no
-        new object. ``first``: the caller knows of no manifest under that name (a new dataset), so the stored
-        one is not compared (a round trip per dataset in a burst of applies); one left over is replaced."""
+        new object. ``first``: the caller knows of no manifest under that name (a new dataset, spec or resync),
+        so the stored one is not compared (a round trip per dataset in a burst of applies); one left over is
+        replaced."""
         info = None
         if not first:
             with contextlib.suppress(ObjectNotFoundError, NotFoundError):

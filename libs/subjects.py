@@ -149,11 +149,13 @@ def operation_key(kind: str, namespace: str, name: str) -> str:
     return f"{kind.lower()}.{namespace}.{name}"
 
 
-def manifest_name(namespace: str, name: str, incarnation: str = "") -> str:
-    """A dataset's manifest in the Object Store: ``<ns>.<name>.<incarnation>`` (``DatasetRecord.incarnation``),
-    so a dataset deleted and created again never shares its manifest with a sync of the old one still running;
-    ``<ns>.<name>`` for a record made before incarnations. Readers follow ``status.manifest``."""
-    return f"{namespace}.{name}.{incarnation}" if incarnation else f"{namespace}.{name}"
+def manifest_name(namespace: str, name: str, incarnation: str = "", generation: int = 0, requests: int = 0) -> str:
+    """A dataset's manifest in the Object Store: ``<ns>.<name>.<incarnation>-<generation>-<requests>``, the
+    listing of one spec (``DatasetRecord.generation``) at one resync (``sync_requests``) of one life of the name
+    (``DatasetRecord.incarnation``). A sync still running for an older spec, an older resync or a dataset deleted
+    and made again never writes over the manifest the record names; ``<ns>.<name>`` for a record made before
+    incarnations. Readers follow ``status.manifest``."""
+    return f"{namespace}.{name}.{incarnation}-{generation}-{requests}" if incarnation else f"{namespace}.{name}"
 
 
 # The loader's objects in the same Object Store: the current run's plan (its parts, republished after a restart),

@@ -27,14 +27,15 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from aiohttp import ClientSession, web
 
 from libs.embedded import LOOPBACK, free_port
-from libs.ufs.base import EndpointUnreachable, NoSuchKey, ObjectChanged, ObjectInfo, ObjectStore
+from libs.ufs import open_store
+from libs.ufs.base import EndpointUnreachable, Location, NoSuchKey, ObjectChanged, ObjectInfo, ObjectStore
 
 
 class CuttableProxy:
@@ -389,6 +390,31 @@ class HeldListing(StoreWrapper):
         await self.release.wait()
         async for info in self.store.list(page_size):
             yield info
+
+
+class ListingHold:
+    """Syncs whose listings are held (``HeldListing``) where ``held`` says, through ``opener``; ``around`` runs one
+    such sync until it is held, lets the test change the world, then releases it and waits for it to finish."""
+
+    def __init__(self, held: Callable[[Location], bool] = lambda _: True) -> None:
+        self.started, self.release = asyncio.Event(), asyncio.Event()
+        self.held = held
+
+    def opener(self, location: Location) -> ObjectStore:
+        store = open_store(location)
+        return HeldListing(store, self.started, self.release) if self.held(location) else store
+
+    @contextlib.asynccontextmanager
+    async def around(self, sync: Awaitable[object]) -> AsyncIterator[None]:
+        task = asyncio.ensure_future(sync)
+        try:
+            await asyncio.wait_for(self.started.wait(), 10)
+            yield
+            self.release.set()
+            await asyncio.wait_for(task, 10)
+        finally:
+            self.release.set()
+            task.cancel()
 
 
 class ExtraKeys(StoreWrapper):

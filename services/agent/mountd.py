@@ -27,6 +27,7 @@ from pathlib import Path
 
 import msgspec
 import pyfuse3
+from nats.js.errors import NotFoundError, ObjectNotFoundError
 
 from libs import subjects
 from libs.backoff import Backoff
@@ -75,6 +76,8 @@ AGENT_CONNECT_TIMEOUT = 1.0
 AGENT_MAX_ATTEMPTS = 1
 # A manifest reload that failed is tried again after these delays, while the mount serves the tree it has.
 RELOAD_RETRY = Backoff(first=1.0, cap=30.0)
+# Reads of the record and its manifest at start: a resync finishing in between deletes the manifest just named.
+START_ATTEMPTS = 3
 
 
 def agent_store(location: object) -> ObjectStore:
@@ -148,8 +151,7 @@ class MountedDataset:
         self.metrics = MountMetrics(settings.agent.node_name, dataset_label(namespace, name))
 
     async def run(self, stop: asyncio.Event) -> None:
-        record, runtime = await self._load_records()
-        entries = await (await ManifestStore.of(self.bus)).load(record.status.manifest)
+        record, runtime, entries = await self._load_start()
         self.manifest_version = manifest_version(record)
         levels = self._granted_levels(runtime.runtime.spec.tieredstore.levels)
         block_size = parse_quantity(runtime.runtime.spec.block_size)
@@ -308,6 +310,21 @@ class MountedDataset:
             log.warning("memory tier smaller than the runtime's quota: the node's SHOAL_MEMORY_TIER_BUDGET is "
                         "taken by other mounts", dataset=self.key, quota_bytes=wanted, granted_bytes=granted)
         return budget.capped_levels(levels, granted)
+
+    async def _load_start(self) -> tuple[DatasetRecord, RuntimeRecord, list[ManifestEntry]]:
+        """The records and the manifest the mount starts with. A sync finishing meanwhile deletes the manifest it
+        replaced: the record is read again for the new one (``START_ATTEMPTS`` in all)."""
+        manifests = await ManifestStore.of(self.bus)
+        for attempt in range(1, START_ATTEMPTS + 1):
+            record, runtime = await self._load_records()
+            try:
+                return record, runtime, await manifests.load(record.status.manifest)
+            except (ObjectNotFoundError, NotFoundError):
+                if attempt == START_ATTEMPTS:
+                    raise
+                log.info("manifest replaced while the mount started; reading the record again", dataset=self.key,
+                         manifest=record.status.manifest)
+        raise AssertionError("START_ATTEMPTS must be at least 1")
 
     async def _load_records(self) -> tuple[DatasetRecord, RuntimeRecord]:
         record, _ = await kv_load(await self.bus.kv(subjects.KV_DATASETS), self.key, DatasetRecord)

@@ -259,15 +259,21 @@ class DeletionNote(msgspec.Struct, rename="camel"):
 
 
 def manifest_name(record: DatasetRecord) -> str:
-    """Where a sync of ``record`` stores its manifest: named with its incarnation (``libs.subjects``)."""
+    """Where a sync of ``record`` stores its manifest: named with its incarnation, generation and resync count
+    (``libs.subjects``)."""
     meta = record.dataset.metadata
-    return subjects.manifest_name(meta.namespace, meta.name, record.incarnation)
+    return subjects.manifest_name(meta.namespace, meta.name, record.incarnation, record.generation,
+                                  record.sync_requests)
 
 
 def sync_is_stale(current: DatasetRecord, result: SyncResult) -> bool:
-    """True when the record is no longer the one the sync listed for: a newer spec (its own sync follows) or
-    another dataset of the same name (the listed one was deleted and the name applied again)."""
-    return current.incarnation != result.incarnation or current.generation != result.generation
+    """True when the record is no longer the one the sync listed for: a newer spec (its own sync follows),
+    another dataset of the same name (the listed one was deleted and the name applied again), or a status that
+    already holds a later resync of this spec (two replicas both listing while the keys change hands: the one
+    that started first must not finish last and put the older listing back)."""
+    status = current.status
+    return (current.incarnation != result.incarnation or current.generation != result.generation
+            or (status.synced_generation == result.generation and result.requests < status.synced_requests))
 
 
 def deletion_note(sequence: int, manifests: Sequence[str] = ()) -> bytes:

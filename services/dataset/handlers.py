@@ -418,21 +418,32 @@ class DatasetHandlers:
 
     async def _record_sync(self, key: str, record: DatasetRecord, revision: int, result: domain.SyncResult) -> None:
         replaced = False
+        # The manifest the record named before this status write, and the one it names after.
+        before = after = ""
 
         def after_sync(current: DatasetRecord, binding: domain.RuntimeBinding) -> DatasetStatus:
-            nonlocal replaced
+            nonlocal replaced, before, after
             replaced = current.incarnation != result.incarnation
             if domain.sync_is_stale(current, result):
-                # A newer spec arrived meanwhile (its own sync follows), or the listed dataset was deleted and
-                # the name applied again: this listing describes neither.
-                return current.status
-            return domain.status_after_sync(current, result, binding.phase, self.clock())
+                # A newer spec or resync arrived meanwhile (its own sync follows), or the listed dataset was
+                # deleted and the name applied again: this listing describes none of them.
+                status = current.status
+            else:
+                status = domain.status_after_sync(current, result, binding.phase, self.clock())
+            before, after = current.status.manifest, status.manifest
+            return status
 
         if not await self._update_bound_status(key, after_sync, known=(record, revision)) or replaced:
             # The dataset listed is gone: the manifest uploaded for it (named with its incarnation, so never the
             # new dataset's) would stay behind, and so would its listing time.
             self._listed_at.pop(key, None)
             await self._delete_manifests(domain.manifest_name(record))
+            return
+        # Every manifest is named by the spec and resync it lists, so the one the record no longer names is no
+        # one's: a stale listing's upload, or the manifest this one replaced (no sync can name it again: a
+        # status never goes back to an older spec or resync). Readers of the old one follow the record.
+        await self._delete_manifests(*{name for name in (before, domain.manifest_name(record))
+                                       if name and name != after})
 
     # --- reference datasets (dataset://, libs.references) ---
 

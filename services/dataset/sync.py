@@ -97,10 +97,12 @@ async def sync_metadata(record: DatasetRecord, manifests: ManifestStore, default
                 skipped.add(entry.key, paths.SHADOWED, entry.mount)
                 continue
             manifest.add(entry)
-        # Named with the record's incarnation: if the dataset is deleted and applied again while this listing
-        # runs, this upload lands beside the new dataset's manifest, never over it (the handler drops it).
+        # Named with the record's incarnation, generation and resync count: if the dataset changes, is resynced,
+        # or is deleted and applied again while this listing runs, this upload lands beside the manifest the
+        # record names, never over it (the handler drops it). Only an autoSync pass, which lists the spec and
+        # resync the status holds, finds its manifest already there to compare with.
         name = manifest_name(record)
-        changed = await manifests.save(name, manifest, first=not record.status.manifest)
+        changed = await manifests.save(name, manifest, first=name != record.status.manifest)
     if skipped.count:
         log.warning("objects left out of the tree", dataset=key, generation=generation, listed=listed,
                     skipped=skipped.count, examples=skipped.examples)

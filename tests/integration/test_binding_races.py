@@ -11,8 +11,6 @@ take two facts of one runtime in either order: the older one changes nothing.
 
 from __future__ import annotations
 
-import asyncio
-
 from nats.js.kv import KeyValue
 
 from libs import subjects
@@ -21,13 +19,11 @@ from libs.config import Settings
 from libs.events.common import ObjectMeta
 from libs.events.dataset import Condition, Dataset, DatasetApply, DatasetRecord, DatasetSpec, Mount
 from libs.events.runtime import RuntimeStatus, RuntimeStatusChanged
-from libs.ufs import open_store
-from libs.ufs.base import Location, ObjectStore
 from services.dataset.domain import RuntimeBinding
 from services.dataset.handlers import DatasetHandlers
 from services.dataset.watched import WatchedBindings
 from tests.conftest import SeaweedServer, put_objects
-from tests.faults import HeldListing
+from tests.faults import ListingHold
 
 
 class LaggingBindings(WatchedBindings):
@@ -41,22 +37,16 @@ class LaggingBindings(WatchedBindings):
 async def test_a_runtime_ready_during_a_sync_leaves_the_dataset_bound(
         bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str) -> None:
     await put_objects(seaweedfs, bucket, {"races/a.bin": b"a"})
-    started, release = asyncio.Event(), asyncio.Event()
-
-    def opener(location: Location) -> ObjectStore:
-        return HeldListing(open_store(location), started, release)
-
+    hold = ListingHold()
     lagging = LaggingBindings(await bus.kv(subjects.KV_BINDINGS))
-    syncing = DatasetHandlers(bus, settings, opener=opener, bindings=lagging)
+    syncing = DatasetHandlers(bus, settings, opener=hold.opener, bindings=lagging)
     other = DatasetHandlers(bus, settings)
     kv = await bus.kv(subjects.KV_DATASETS)
     key = subjects.resource_key("default", "races")
     dataset = Dataset(metadata=ObjectMeta(name="races"),
                       spec=DatasetSpec(mounts=[Mount(mount_point=f"s3://{bucket}/races/")]))
     await kv_save(kv, key, DatasetRecord(dataset=dataset, generation=1), None)
-    sync = asyncio.create_task(syncing.sync(key))
-    try:
-        await asyncio.wait_for(started.wait(), 10)  # the sync read the binding (NotReady) and lists
+    async with hold.around(syncing.sync(key)):  # the sync read the binding (NotReady) and lists
         ready = RuntimeStatusChanged(id="races.ready", name="races", namespace="default", generation=1,
                                      status=RuntimeStatus(phase="Ready", cache_capacity="1.00GiB"))
         await other.on_runtime_fact(ready, Delivery(subject=subjects.RUNTIME_STATUS, headers={}, deliveries=1,
@@ -67,11 +57,6 @@ async def test_a_runtime_ready_during_a_sync_leaves_the_dataset_bound(
             return record.status.phase if record is not None else ""
 
         assert await phase() == "Bound"
-        release.set()
-        await asyncio.wait_for(sync, 10)
-    finally:
-        release.set()
-        sync.cancel()
     record, _ = await kv_load(kv, key, DatasetRecord)
     assert record is not None and record.status.file_num == 1, record
     assert (record.status.phase, record.status.cache_states.cache_capacity) == ("Bound", "1.00GiB"), record.status

@@ -11,7 +11,6 @@ half done must not reach the new one, and a delete must not be lost to the order
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 import pytest
@@ -31,11 +30,10 @@ from libs.events.dataset import (
     Mount,
 )
 from libs.manifest import ManifestStore
-from libs.ufs import open_store
-from libs.ufs.base import LocalLocation, Location, ObjectStore
+from libs.ufs.base import LocalLocation
 from services.dataset.handlers import DatasetHandlers
 from tests.conftest import NatsServer
-from tests.faults import HeldListing
+from tests.faults import ListingHold
 from tests.helpers import FactCollector, eventually, make_settings
 
 KEY = subjects.resource_key("default", "ds")
@@ -75,33 +73,20 @@ async def manifest_exists(bus: Bus, name: str) -> bool:
 async def test_a_sync_of_a_deleted_dataset_never_lands_on_the_dataset_applied_again(
         bus: Bus, nats_server: NatsServer, tmp_path: Path, new_synced_first: bool) -> None:
     old, new = folders(tmp_path)
-    started, release = asyncio.Event(), asyncio.Event()
-
-    def opener(location: Location) -> ObjectStore:
-        store = open_store(location)
-        held = isinstance(location, LocalLocation) and location.root == old
-        return HeldListing(store, started, release) if held else store
-
-    handlers = DatasetHandlers(bus, make_settings(nats_server.url), opener=opener)
+    hold = ListingHold(held=lambda location: isinstance(location, LocalLocation) and location.root == old)
+    handlers = DatasetHandlers(bus, make_settings(nats_server.url), opener=hold.opener)
     kv = await bus.kv(subjects.KV_DATASETS)
     await handlers.apply(DatasetApply(id="apply-old", dataset=local_dataset(old)),
                          delivery(subjects.DATASET_APPLY, 1))
     first, _ = await kv_load(kv, KEY, DatasetRecord)
     assert first is not None and first.incarnation
-    stale = asyncio.create_task(handlers.sync(KEY))
-    try:
-        await asyncio.wait_for(started.wait(), 10)  # the old dataset's sync is listing
+    async with hold.around(handlers.sync(KEY)):  # the old dataset's sync is listing
         await handlers.delete(DatasetDelete(id="delete-old", name="ds", namespace="default"),
                               delivery(subjects.DATASET_DELETE, 2))
         await handlers.apply(DatasetApply(id="apply-new", dataset=local_dataset(new)),
                              delivery(subjects.DATASET_APPLY, 3))
         if new_synced_first:
             await handlers.sync(KEY)
-        release.set()
-        await asyncio.wait_for(stale, 10)
-    finally:
-        release.set()
-        stale.cancel()
     if not new_synced_first:
         untouched, _ = await kv_load(kv, KEY, DatasetRecord)
         assert untouched is not None
@@ -112,7 +97,7 @@ async def test_a_sync_of_a_deleted_dataset_never_lands_on_the_dataset_applied_ag
     assert record is not None and record.incarnation not in ("", first.incarnation)
     assert (record.status.synced_generation, record.status.file_num) == (1, 2), record.status
     assert await manifest_keys(bus, record.status.manifest) == {"new-1.txt", "new-2.txt"}
-    old_manifest = subjects.manifest_name("default", "ds", first.incarnation)
+    old_manifest = subjects.manifest_name("default", "ds", first.incarnation, first.generation, first.sync_requests)
     assert old_manifest != record.status.manifest
     assert not await manifest_exists(bus, old_manifest), "the stale sync's upload is removed"
 
