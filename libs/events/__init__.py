@@ -46,6 +46,7 @@ from libs.events.runtime import (
     RuntimeDelete,
     RuntimeDeleted,
     RuntimeRejected,
+    RuntimeScale,
     RuntimeStatusChanged,
 )
 from libs.events.schedule import ScoreReply, ScoreRequest
@@ -60,6 +61,7 @@ PUBLIC_EVENTS: tuple[type[Any], ...] = (
     DatasetDeleted,
     RuntimeApply,
     RuntimeDelete,
+    RuntimeScale,
     RuntimeAccepted,
     RuntimeRejected,
     RuntimeStatusChanged,

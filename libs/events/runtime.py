@@ -146,6 +146,18 @@ class RuntimeDelete(Event, frozen=True, kw_only=True, tag="runtime.delete.v1", r
     namespace: str = "default"
 
 
+class RuntimeScale(Event, frozen=True, kw_only=True, tag="runtime.scale.v1", rename="camel"):
+    """Set only ``spec.replicas`` of an existing runtime (``shoal scale``, the autoscaler).
+
+    Not an apply of a whole spec read earlier: the service changes the runtime as it stands when it handles the
+    command, so a spec applied after the sender looked (a new tier quota, say) is kept.
+    """
+
+    name: str
+    namespace: str = "default"
+    replicas: int
+
+
 RuntimeCommand = RuntimeApply | RuntimeDelete
 
 

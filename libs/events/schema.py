@@ -52,6 +52,7 @@ from libs.events.runtime import (
     RuntimeDelete,
     RuntimeDeleted,
     RuntimeRejected,
+    RuntimeScale,
     RuntimeStatusChanged,
 )
 from libs.events.schedule import ScoreReply, ScoreRequest
@@ -69,6 +70,7 @@ SUBJECTS: dict[type[Any], str] = {
     DatasetDeleted: subjects.DATASET_DELETED,
     RuntimeApply: subjects.RUNTIME_APPLY,
     RuntimeDelete: subjects.RUNTIME_DELETE,
+    RuntimeScale: subjects.RUNTIME_SCALE,
     RuntimeAccepted: subjects.RUNTIME_ACCEPTED,
     RuntimeRejected: subjects.RUNTIME_REJECTED,
     RuntimeStatusChanged: subjects.RUNTIME_STATUS,
