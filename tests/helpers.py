@@ -20,7 +20,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from libs import subjects, telemetry
-from libs.bus import Bus, kv_load
+from libs.bus import Bus, KvMirror, kv_load
 from libs.config import NatsSettings, S3Settings, Secret, ServiceSettings, Settings
 from libs.events.dataset import DatasetRecord
 from libs.events.runtime import RuntimeRecord
@@ -81,6 +81,14 @@ async def runtime_record(bus: Bus, name: str, namespace: str = "default") -> Run
     kv = await bus.kv(subjects.KV_RUNTIMES)
     record, _ = await kv_load(kv, subjects.resource_key(namespace, name), RuntimeRecord)
     return record
+
+
+def unwatched_mirror(kv: Any, type_: type[T]) -> KvMirror[T]:
+    """A view for handlers a test drives directly: ready at once and never watching (the handlers keep it current
+    as they write)."""
+    mirror = KvMirror(kv, type_)
+    mirror.ready.set()
+    return mirror
 
 
 class FactCollector:

@@ -158,7 +158,7 @@ class RuntimeScale(Event, frozen=True, kw_only=True, tag="runtime.scale.v1", ren
     replicas: int
 
 
-RuntimeCommand = RuntimeApply | RuntimeDelete
+RuntimeCommand = RuntimeApply | RuntimeDelete | RuntimeScale
 
 
 class RuntimeAccepted(Event, frozen=True, kw_only=True, tag="runtime.accepted.v1", rename="camel"):
@@ -209,7 +209,7 @@ class RuntimeRecord(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     runtime: Runtime
     generation: int
     status: RuntimeStatus = RuntimeStatus()
-    # The commands stream's sequence of the last apply that changed the spec (0: not known). An older apply
+    # The commands stream's sequence of the last apply or scale that changed the spec (0: not known). An older one
     # delivered again later (the service was killed before acking it, and JetStream redelivers it after its ack
     # wait, behind newer commands) is stale: applying it would put an old spec back under a new generation.
     command_sequence: int = 0

@@ -2,7 +2,7 @@
 
 | stream | subject | handler |
 |---|---|---|
-| SHOAL_COMMANDS | shoal.cmd.runtime.* (apply, delete) | RuntimeHandlers.on_command |
+| SHOAL_COMMANDS | shoal.cmd.runtime.* (apply, scale, delete) | RuntimeHandlers.on_command |
 | SHOAL_AGENT | shoal.agent.heartbeat.* | RuntimeHandlers.on_heartbeat |
 | KV shoal_agents | every key (watch) | the in-memory view of agents' last heartbeats (``KvMirror``) |
 | KV shoal_datasets | every key (watch) | the Datasets' nodeAffinity and placement, for picking cache workers |

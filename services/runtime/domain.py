@@ -67,8 +67,20 @@ MAX_TIER_QUOTA_TEXT = "1Pi"
 
 
 def validate_ref(name: str, namespace: str) -> list[str]:
-    """Why a command's name and namespace cannot name a runtime (delete), or nothing."""
+    """Why a command's name and namespace cannot name a runtime (delete, scale), or nothing."""
     return dns_label_errors(name, "name") + dns_label_errors(namespace, "namespace", DNS1123_LABEL)
+
+
+def missing_runtime(name: str, namespace: str) -> str:
+    """The refusal of a command (delete, scale) naming a runtime that does not exist."""
+    return f"runtime {namespace}/{name} does not exist"
+
+
+def replicas_errors(replicas: int) -> list[str]:
+    """Why ``replicas`` cannot be a runtime's ``spec.replicas`` (an apply's or a scale's), or nothing."""
+    if 0 <= replicas <= MAX_REPLICAS:
+        return []
+    return [f"spec.replicas must be between 0 and {MAX_REPLICAS}, got {replicas}"]
 
 
 def _fraction(value: str | float) -> float | None:
@@ -82,8 +94,7 @@ def validate_runtime(runtime: Runtime) -> list[str]:
     errors = dns_label_errors(runtime.metadata.name, "metadata.name")
     errors += dns_label_errors(runtime.metadata.namespace, "metadata.namespace", DNS1123_LABEL)
     spec = runtime.spec
-    if not 0 <= spec.replicas <= MAX_REPLICAS:
-        errors.append(f"spec.replicas must be between 0 and {MAX_REPLICAS}, got {spec.replicas}")
+    errors += replicas_errors(spec.replicas)
     if not spec.tieredstore.levels:
         errors.append("spec.tieredstore.levels must list at least one cache tier (MEM, SSD or HDD)")
     seen_media: set[str] = set()

@@ -1,7 +1,11 @@
 """Runtime service handlers: runtime commands, agent heartbeats, and the periodic status recomputation.
 
 Status is a pure function of the runtime record, the agents' last heartbeats and the time, so every path
-(apply, heartbeat, tick) ends in ``refresh``: compute, compare-and-set if changed, publish the fact.
+(apply, scale, heartbeat, tick) ends in ``refresh``: compute, compare-and-set if changed, publish the fact.
+
+A scale (``runtime.scale.v1``: ``shoal scale``, the autoscaler) is an apply of the runtime as the record holds it
+when the command is handled, with only ``spec.replicas`` replaced: a scaler that sent the whole spec it had read
+would put back a spec applied after it looked.
 
 The agents' last heartbeats are read from an in-memory view of the ``shoal_agents`` bucket fed by a KV watch
 (``KvMirror``), never listed: a heartbeat costs one KV write plus the refresh of the runtimes it names (or named
@@ -38,6 +42,7 @@ from libs.events.common import dns_label_errors
 from libs.events.dataset import DatasetRecord
 from libs.events.runtime import (
     AutoscalingStatus,
+    Runtime,
     RuntimeAccepted,
     RuntimeApply,
     RuntimeAutoscaled,
@@ -47,6 +52,7 @@ from libs.events.runtime import (
     RuntimePhase,
     RuntimeRecord,
     RuntimeRejected,
+    RuntimeScale,
     RuntimeStatus,
     RuntimeStatusChanged,
 )
@@ -92,6 +98,8 @@ class RuntimeHandlers:
     async def on_command(self, command: RuntimeCommand, delivery: Delivery) -> None:
         if isinstance(command, RuntimeApply):
             await self.apply(command, delivery)
+        elif isinstance(command, RuntimeScale):
+            await self.scale(command, delivery)
         else:
             await self.delete(command, delivery)
 
@@ -113,44 +121,62 @@ class RuntimeHandlers:
         if not errors:
             errors = domain.change_errors(record, runtime, delivery.stream_sequence)
         if errors:
-            log.info("rejected", runtime=f"{namespace}/{name}", reasons=errors)
-            await self.bus.publish(
-                subjects.RUNTIME_REJECTED,
-                RuntimeRejected(id=f"{command.id}.rejected", causation_id=command.id, reason="; ".join(errors),
-                                name=name, namespace=namespace, subject=delivery.subject),
-            )
+            await self._reject(command.id, errors, name, namespace, delivery)
             return
+        await self._accept(command.id, runtime, record, revision, delivery)
+
+    async def scale(self, command: RuntimeScale, delivery: Delivery) -> None:
+        name, namespace = command.name, command.namespace
+        errors = domain.validate_ref(name, namespace) + domain.replicas_errors(command.replicas)
+        if errors:
+            await self._reject(command.id, errors, name, namespace, delivery)
+            return
+        key = subjects.resource_key(namespace, name)
+        record, revision = await kv_load(await self.bus.kv(subjects.KV_RUNTIMES), key, RuntimeRecord)
+        if record is None:
+            await self._reject(command.id, [domain.missing_runtime(name, namespace)], name, namespace, delivery)
+            return
+        # The record just read, not the sender's copy: only replicas change, whatever was applied since it looked.
+        spec = msgspec.structs.replace(record.runtime.spec, replicas=command.replicas)
+        await self._accept(command.id, msgspec.structs.replace(record.runtime, spec=spec), record, revision, delivery)
+
+    async def _accept(self, command_id: str, runtime: Runtime, record: RuntimeRecord | None, revision: int | None,
+                      delivery: Delivery) -> None:
+        """Save ``runtime`` (valid) over ``record``, read at ``revision`` (compare-and-set: a write in between is a
+        ``Conflict``, and the command is handled again), say so, and refresh the status."""
+        name, namespace = runtime.metadata.name, runtime.metadata.namespace
+        key = subjects.resource_key(namespace, name)
         updated, changed = domain.apply_runtime(record, runtime, delivery.stream_sequence)
         if changed:
-            await kv_save(kv, key, updated, revision)
+            await kv_save(await self.bus.kv(subjects.KV_RUNTIMES), key, updated, revision)
             log.info("applied", runtime=key, generation=updated.generation)
         await self.bus.publish(
             subjects.RUNTIME_ACCEPTED,
-            RuntimeAccepted(id=f"{command.id}.accepted", causation_id=command.id, name=name, namespace=namespace,
+            RuntimeAccepted(id=f"{command_id}.accepted", causation_id=command_id, name=name, namespace=namespace,
                             generation=updated.generation),
         )
         await self.refresh(key, self._agents(), force_publish=record is None)
 
+    async def _reject(self, command_id: str, errors: list[str], name: str, namespace: str,
+                      delivery: Delivery) -> None:
+        log.info("rejected", command=command_id, runtime=f"{namespace}/{name}", reasons=errors)
+        await self.bus.publish(
+            subjects.RUNTIME_REJECTED,
+            RuntimeRejected(id=f"{command_id}.rejected", causation_id=command_id, reason="; ".join(errors),
+                            name=name, namespace=namespace, subject=delivery.subject),
+        )
+
     async def delete(self, command: RuntimeDelete, delivery: Delivery) -> None:
         errors = domain.validate_ref(command.name, command.namespace)
         if errors:  # not a valid KV key either
-            log.info("rejected", command=command.id, reasons=errors)
-            await self.bus.publish(
-                subjects.RUNTIME_REJECTED,
-                RuntimeRejected(id=f"{command.id}.rejected", causation_id=command.id, reason="; ".join(errors),
-                                name=command.name, namespace=command.namespace, subject=delivery.subject),
-            )
+            await self._reject(command.id, errors, command.name, command.namespace, delivery)
             return
         kv = await self.bus.kv(subjects.KV_RUNTIMES)
         key = subjects.resource_key(command.namespace, command.name)
         record, revision = await kv_load(kv, key, RuntimeRecord)
         if record is None:
-            await self.bus.publish(
-                subjects.RUNTIME_REJECTED,
-                RuntimeRejected(id=f"{command.id}.rejected", causation_id=command.id,
-                                reason=f"runtime {command.namespace}/{command.name} does not exist",
-                                name=command.name, namespace=command.namespace, subject=delivery.subject),
-            )
+            await self._reject(command.id, [domain.missing_runtime(command.name, command.namespace)], command.name,
+                               command.namespace, delivery)
             return
         await kv_delete(kv, key, revision)
         # Its workers are free now: the other runtimes may pick them at once, not at the next tick.

@@ -21,7 +21,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from libs import subjects
-from libs.bus import Bus, KvMirror
+from libs.bus import Bus
 from libs.config import Settings
 from libs.events.agent import AgentHeartbeat, AgentRecord, AnyInventory, CacheCounters, InventoryRequest
 from libs.events.common import DECODE_ERRORS, ObjectMeta, ObjectRef
@@ -62,7 +62,7 @@ from services.runtime.handlers import RuntimeHandlers
 from services.scheduler.handlers import DatasetInfo, SchedulerHandlers
 from tests.fuzz.harness import Drive, FakeMessage, consumer, spy
 from tests.fuzz.strategies import EXAMPLES, FUZZ, MARKS, events, payloads
-from tests.helpers import eventually, make_settings
+from tests.helpers import eventually, make_settings, unwatched_mirror
 
 pytestmark = MARKS
 
@@ -123,13 +123,6 @@ def _rejected_with_reason(outcome: Any, rejected: type) -> None:
 @pytest.fixture
 def fuzz_settings(nats_server: Any, tmp_path: Path) -> Settings:
     return make_settings(nats_server.url, max_event_bytes=64 * 1024, local_roots=[str(tmp_path)])
-
-
-def _mirror(kv: Any, type_: type) -> KvMirror[Any]:
-    """A view the handlers read and write; not watching (the handlers keep it current themselves here)."""
-    mirror: KvMirror[Any] = KvMirror(kv, type_)
-    mirror.ready.set()
-    return mirror
 
 
 # --- dataset service ---
@@ -198,15 +191,15 @@ _RUNTIME_DECODER = msgspec.json.Decoder(RuntimeCommand)
 @pytest.fixture
 async def runtime_handlers(bus: Bus) -> AsyncIterator[tuple[Bus, RuntimeHandlers, Any]]:
     published = spy(bus)
-    handlers = RuntimeHandlers(bus, _mirror(await bus.kv(subjects.KV_AGENTS), AgentRecord),
-                               _mirror(await bus.kv(subjects.KV_DATASETS), DatasetRecord),
-                               _mirror(await bus.kv(subjects.KV_RUNTIMES), RuntimeRecord))
+    handlers = RuntimeHandlers(bus, unwatched_mirror(await bus.kv(subjects.KV_AGENTS), AgentRecord),
+                               unwatched_mirror(await bus.kv(subjects.KV_DATASETS), DatasetRecord),
+                               unwatched_mirror(await bus.kv(subjects.KV_RUNTIMES), RuntimeRecord))
     yield bus, handlers, published
 
 
 @FUZZ
-@given(data=payloads(events("runtime.apply.v1", "runtime.delete.v1")),
-       subject=st.sampled_from([subjects.RUNTIME_APPLY, subjects.RUNTIME_DELETE]))
+@given(data=payloads(events("runtime.apply.v1", "runtime.delete.v1", "runtime.scale.v1")),
+       subject=st.sampled_from([subjects.RUNTIME_APPLY, subjects.RUNTIME_DELETE, subjects.RUNTIME_SCALE]))
 async def test_runtime_commands(runtime_handlers: Any, data: bytes, subject: str) -> None:
     bus, handlers, published = runtime_handlers
     drive = Drive(bus, published, consumer(bus, subjects.STREAM_COMMANDS, subjects.DURABLE_RUNTIME_COMMANDS,
@@ -236,9 +229,9 @@ OPERATION_SUBJECTS = [subjects.DATALOAD_APPLY, subjects.DATALOAD_DELETE, subject
 @pytest.fixture
 async def loader_handlers(bus: Bus) -> AsyncIterator[tuple[Bus, LoaderHandlers, Any]]:
     published = spy(bus)
-    handlers = LoaderHandlers(bus, _mirror(await bus.kv(subjects.KV_OPERATIONS), OperationRecord),
-                              _mirror(await bus.kv(subjects.KV_DATASETS), DatasetRecord),
-                              _mirror(await bus.kv(subjects.KV_OPERATION_RUNS), RunState))
+    handlers = LoaderHandlers(bus, unwatched_mirror(await bus.kv(subjects.KV_OPERATIONS), OperationRecord),
+                              unwatched_mirror(await bus.kv(subjects.KV_DATASETS), DatasetRecord),
+                              unwatched_mirror(await bus.kv(subjects.KV_OPERATION_RUNS), RunState))
     yield bus, handlers, published
 
 
@@ -273,7 +266,7 @@ async def test_loader_progress(loader_handlers: Any, data: bytes) -> None:
 @pytest.fixture
 async def scheduler_handlers(bus: Bus) -> AsyncIterator[tuple[Bus, SchedulerHandlers, Any]]:
     published = spy(bus)
-    handlers = SchedulerHandlers(bus, _mirror(await bus.kv(subjects.KV_AGENTS), AgentRecord))
+    handlers = SchedulerHandlers(bus, unwatched_mirror(await bus.kv(subjects.KV_AGENTS), AgentRecord))
     for ref in KNOWN:
         handlers.datasets[(ref.namespace, ref.name)] = DatasetInfo(total=1 << 30, manifest_version=("", 1, 0, ""))
     handlers.datasets_ready.set()

@@ -28,6 +28,7 @@ from services.runtime.domain import (
     change_errors,
     node_capacity,
     ready_nodes,
+    replicas_errors,
     runtime_status,
     validate_runtime,
 )
@@ -102,6 +103,7 @@ def test_valid_block_sizes(block_size: str | int) -> None:
 @pytest.mark.parametrize("replicas", [0, 1, MAX_REPLICAS])
 def test_valid_replicas(replicas: int) -> None:
     assert validate_runtime(make_runtime(replicas=replicas)) == []
+    assert replicas_errors(replicas) == []  # a scale's check
 
 
 def test_bad_name_and_namespace() -> None:
@@ -185,7 +187,9 @@ def test_block_size_not_a_quantity() -> None:
 
 @pytest.mark.parametrize("replicas", [-1, -100, MAX_REPLICAS + 1])
 def test_replicas_out_of_range(replicas: int) -> None:
-    assert one_error(make_runtime(replicas=replicas)).startswith("spec.replicas must be between 0 and")
+    error = one_error(make_runtime(replicas=replicas))
+    assert error.startswith("spec.replicas must be between 0 and")
+    assert replicas_errors(replicas) == [error]  # a scale is refused in an apply's words
 
 
 def test_every_problem_is_reported_at_once() -> None:

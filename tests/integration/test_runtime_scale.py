@@ -1,0 +1,111 @@
+"""``runtime.scale.v1`` on a real nats-server: the runtime service changes only ``spec.replicas``, of the runtime
+as it stands when it handles the command; a scale delivered again behind a newer apply is not applied; an unknown
+runtime and replicas out of range are refused in the words a delete and an apply use.
+
+The first drives ``RuntimeHandlers`` directly (stream sequences of the test's choosing); the refusals go through the
+running service, its consumer and its decoder.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from libs import subjects
+from libs.bus import Bus, Delivery
+from libs.events.agent import AgentRecord
+from libs.events.common import ObjectMeta
+from libs.events.dataset import DatasetRecord
+from libs.events.runtime import (
+    AutoscalingPolicy,
+    Level,
+    Runtime,
+    RuntimeApply,
+    RuntimeDelete,
+    RuntimeRecord,
+    RuntimeScale,
+    RuntimeSpec,
+    TieredStore,
+)
+from services.runtime import app as runtime_app
+from services.runtime.handlers import RuntimeHandlers
+from tests.conftest import NatsServer
+from tests.helpers import FactCollector, make_settings, running, runtime_record, unwatched_mirror
+
+NAME = "scaled"
+
+
+def mem_runtime(quota: str, replicas: int = 1, autoscaling: AutoscalingPolicy | None = None) -> Runtime:
+    return Runtime(metadata=ObjectMeta(name=NAME), spec=RuntimeSpec(
+        replicas=replicas, autoscaling=autoscaling, tieredstore=TieredStore(levels=[Level(mediumtype="MEM",
+                                                                                          quota=quota)])))
+
+
+def delivered(subject: str, sequence: int) -> Delivery:
+    return Delivery(subject=subject, headers={}, deliveries=1, stream_sequence=sequence)
+
+
+async def handlers_of(bus: Bus) -> RuntimeHandlers:
+    return RuntimeHandlers(bus, unwatched_mirror(await bus.kv(subjects.KV_AGENTS), AgentRecord),
+                           unwatched_mirror(await bus.kv(subjects.KV_DATASETS), DatasetRecord),
+                           unwatched_mirror(await bus.kv(subjects.KV_RUNTIMES), RuntimeRecord))
+
+
+async def stored(bus: Bus) -> RuntimeRecord:
+    record = await runtime_record(bus, NAME)
+    assert record is not None
+    return record
+
+
+async def test_a_scale_delivered_again_behind_a_newer_apply_is_not_applied(bus: Bus) -> None:
+    handlers = await handlers_of(bus)
+    facts = FactCollector()
+    await facts.start(bus, subjects.RUNTIME_FACTS)
+    await handlers.apply(RuntimeApply(runtime=mem_runtime("1Gi")), delivered(subjects.RUNTIME_APPLY, 1))
+    scale = RuntimeScale(name=NAME, replicas=3)
+    await handlers.scale(scale, delivered(subjects.RUNTIME_SCALE, 2))
+    assert (await stored(bus)).generation == 2
+    await handlers.apply(RuntimeApply(runtime=mem_runtime("2Gi")), delivered(subjects.RUNTIME_APPLY, 5))
+
+    # The scale again (the service was killed before its ack; redelivered behind the apply): nothing changes.
+    await handlers.scale(scale, delivered(subjects.RUNTIME_SCALE, 2))
+    record = await stored(bus)
+    assert record.runtime == mem_runtime("2Gi")
+    assert (record.generation, record.command_sequence) == (3, 5)
+    # The replicas it already has: accepted without a new generation.
+    same = RuntimeScale(name=NAME, replicas=1)
+    await handlers.scale(same, delivered(subjects.RUNTIME_SCALE, 6))
+    assert (await facts.wait_for("runtime.accepted.v1", causationId=same.id))["generation"] == 3
+    assert (await stored(bus)).generation == 3
+
+
+async def test_a_scale_of_an_unknown_runtime_or_out_of_range_is_refused_as_a_delete_and_an_apply_are(
+        bus: Bus, nats_server: NatsServer) -> None:
+    facts = FactCollector()
+    await facts.start(bus, subjects.RUNTIME_FACTS)
+
+    async def reason(subject: str, command: RuntimeApply | RuntimeDelete | RuntimeScale) -> str:
+        await bus.publish(subject, command)
+        rejected = await facts.wait_for("runtime.rejected.v1", causationId=command.id)
+        assert rejected["subject"] == subject
+        return str(rejected["reason"])
+
+    async with running(lambda stop: runtime_app.run(make_settings(nats_server.url), stop)):
+        ghost = await reason(subjects.RUNTIME_SCALE, RuntimeScale(name="ghost", replicas=2))
+        assert ghost == "runtime default/ghost does not exist"
+        assert await reason(subjects.RUNTIME_DELETE, RuntimeDelete(name="ghost")) == ghost
+
+        applied = RuntimeApply(runtime=mem_runtime("1Gi"))
+        await bus.publish(subjects.RUNTIME_APPLY, applied)
+        await facts.wait_for("runtime.accepted.v1", causationId=applied.id)
+        for replicas in (20_000, -1):
+            refused = await reason(subjects.RUNTIME_SCALE, RuntimeScale(name=NAME, replicas=replicas))
+            assert refused == f"spec.replicas must be between 0 and 10000, got {replicas}"
+            assert await reason(subjects.RUNTIME_APPLY, RuntimeApply(runtime=mem_runtime("1Gi", replicas))) == refused
+        assert "DNS-1035" in await reason(subjects.RUNTIME_SCALE, RuntimeScale(name="Bad_Name", replicas=2))
+
+        scaled = RuntimeScale(name=NAME, replicas=2)
+        await bus.publish(subjects.RUNTIME_SCALE, scaled)
+        assert (await facts.wait_for("runtime.accepted.v1", causationId=scaled.id))["generation"] == 2
+    record = await stored(bus)
+    assert record.runtime.spec.replicas == 2 and record.runtime == msgspec.structs.replace(
+        applied.runtime, spec=msgspec.structs.replace(applied.runtime.spec, replicas=2))
