@@ -236,8 +236,9 @@ def permissions(kind: str, node: str = "") -> Permissions:
     if kind == RUNTIME:
         return _service(
             consumers=DURABLES[RUNTIME],
-            # Its autoscaler changes replicas the way `shoal scale` does: by applying the runtime again.
-            publish=[subjects.RUNTIME_FACTS, subjects.RUNTIME_APPLY],
+            # Its autoscaler changes replicas the way `shoal scale` does: a scale command, which changes replicas
+            # only (never an apply: it has no spec of its own to send).
+            publish=[subjects.RUNTIME_FACTS, subjects.RUNTIME_SCALE],
             kv_writes=[subjects.KV_RUNTIMES, subjects.KV_AGENTS])
     if kind == LOADER:
         return _service(

@@ -190,7 +190,7 @@ class RuntimeDeleted(Event, frozen=True, kw_only=True, tag="runtime.deleted.v1",
 
 
 class RuntimeAutoscaled(Event, frozen=True, kw_only=True, tag="runtime.autoscaled.v1", rename="camel"):
-    """The autoscaler changed the runtime's replicas (through a ``runtime.apply.v1``, as ``shoal scale`` does)."""
+    """The autoscaler changed the runtime's replicas (through a ``runtime.scale.v1``, as ``shoal scale`` does)."""
 
     name: str
     namespace: str

@@ -20,7 +20,7 @@ runtime's workers changed (an agent freed or taken).
 
 ``autoscale_all`` is the elastic cache: for each runtime with ``spec.autoscaling`` it samples the Dataset's
 folded cache (``domain.cache_sample``), asks ``domain.autoscale``, keeps its state in ``status.autoscaling``, and
-on a change re-applies the runtime with the new replicas on ``shoal.cmd.runtime.apply`` (the path of ``shoal
+on a change sends a ``runtime.scale.v1`` with the new replicas on ``shoal.cmd.runtime.scale`` (the path of ``shoal
 scale``) and publishes ``runtime.autoscaled.v1`` with the reason.
 """
 
@@ -270,12 +270,12 @@ class RuntimeHandlers:
         if choice.decision is None:
             return
         meta = record.runtime.metadata
-        spec = msgspec.structs.replace(record.runtime.spec, replicas=choice.replicas)
         decided = len(choice.state.decisions)
         command_id = f"runtime.{key}.autoscale.{record.generation}.{choice.state.last_scale_time:.0f}"
         log.info("autoscaled", runtime=key, replicas=choice.replicas, reason=choice.reason, decisions=decided)
-        await self.bus.publish(subjects.RUNTIME_APPLY,
-                               RuntimeApply(id=command_id, runtime=msgspec.structs.replace(record.runtime, spec=spec)))
+        # A scale, not an apply of this view's spec: the view may predate a spec the user applied since.
+        await self.bus.publish(subjects.RUNTIME_SCALE, RuntimeScale(id=command_id, name=meta.name,
+                                                                    namespace=meta.namespace, replicas=choice.replicas))
         metrics.RUNTIME_AUTOSCALES.labels(
             metrics.SCALE_UP if choice.replicas > record.runtime.spec.replicas else metrics.SCALE_DOWN).inc()
         await self.bus.publish(

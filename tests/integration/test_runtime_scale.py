@@ -1,14 +1,18 @@
-"""``runtime.scale.v1`` on a real nats-server: the runtime service changes only ``spec.replicas``, of the runtime
-as it stands when it handles the command; a scale delivered again behind a newer apply is not applied; an unknown
-runtime and replicas out of range are refused in the words a delete and an apply use.
+"""``runtime.scale.v1`` (``shoal scale``, the autoscaler) on a real nats-server: the runtime service changes only
+``spec.replicas``, of the runtime as it stands when it handles the command, so a spec applied after the scaler
+looked is kept; a scale delivered again behind a newer apply is not applied; an unknown runtime and replicas out of
+range are refused in the words a delete and an apply use.
 
-The first drives ``RuntimeHandlers`` directly (stream sequences of the test's choosing); the refusals go through the
-running service, its consumer and its decoder.
+The first two drive ``RuntimeHandlers`` directly (stream sequences of the test's choosing, the autoscaler's view as
+stale as wanted); the refusals go through the running service, its consumer and its decoder.
 """
 
 from __future__ import annotations
 
+import asyncio
+
 import msgspec
+from nats.aio.msg import Msg
 
 from libs import subjects
 from libs.bus import Bus, Delivery
@@ -20,6 +24,7 @@ from libs.events.runtime import (
     Level,
     Runtime,
     RuntimeApply,
+    RuntimeCommand,
     RuntimeDelete,
     RuntimeRecord,
     RuntimeScale,
@@ -32,6 +37,8 @@ from tests.conftest import NatsServer
 from tests.helpers import FactCollector, make_settings, running, runtime_record, unwatched_mirror
 
 NAME = "scaled"
+# Below its minReplicas: the autoscaler's first look brings it up to 2 at once, without any reads to fake.
+POLICY = AutoscalingPolicy(min_replicas=2, max_replicas=3, target_cache_used_percent=80)
 
 
 def mem_runtime(quota: str, replicas: int = 1, autoscaling: AutoscalingPolicy | None = None) -> Runtime:
@@ -54,6 +61,30 @@ async def stored(bus: Bus) -> RuntimeRecord:
     record = await runtime_record(bus, NAME)
     assert record is not None
     return record
+
+
+async def test_the_autoscalers_change_keeps_a_spec_applied_after_it_looked(bus: Bus) -> None:
+    handlers = await handlers_of(bus)
+    await handlers.apply(RuntimeApply(runtime=mem_runtime("1Gi", autoscaling=POLICY)),
+                         delivered(subjects.RUNTIME_APPLY, 1))
+    looked = await stored(bus)  # the autoscaler's view: its mirror has not caught up with what follows
+    await handlers.apply(RuntimeApply(runtime=mem_runtime("2Gi", autoscaling=POLICY)),
+                         delivered(subjects.RUNTIME_APPLY, 2))
+
+    sent: asyncio.Queue[Msg] = asyncio.Queue()
+    subscription = await bus.nc.subscribe(subjects.RUNTIME_COMMANDS, cb=sent.put)
+    try:
+        await handlers.autoscale(subjects.resource_key("default", NAME), looked)
+        command = await asyncio.wait_for(sent.get(), 10)
+    finally:
+        await subscription.unsubscribe()
+    # Handled as the consumer would, behind the user's apply: decoded from the bytes sent.
+    await handlers.on_command(msgspec.json.Decoder(RuntimeCommand).decode(command.data),
+                              delivered(command.subject, 3))
+    record = await stored(bus)
+    assert record.runtime.spec.replicas == 2
+    assert record.runtime.spec.tieredstore.levels[0].quota == "2Gi"  # the user's apply, not the view's 1Gi
+    assert (record.generation, record.command_sequence) == (3, 3)
 
 
 async def test_a_scale_delivered_again_behind_a_newer_apply_is_not_applied(bus: Bus) -> None:

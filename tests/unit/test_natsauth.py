@@ -47,10 +47,12 @@ def test_the_observer_subscribes_to_facts_and_nothing_else() -> None:
     assert 'publish: {deny: [">"]}' in block  # an empty allow list would allow everything
 
 
-def test_commands_come_from_the_cli_the_bridge_and_the_loaders_resync_only() -> None:
-    senders = {kind for kind in KINDS if may_publish(kind, subjects.DATASET_APPLY)}
-    assert senders == {CLI, BRIDGE}
+def test_commands_come_from_the_cli_the_bridge_the_loaders_resync_and_the_autoscalers_scale_only() -> None:
+    for command in (subjects.DATASET_APPLY, subjects.RUNTIME_APPLY):
+        assert {kind for kind in KINDS if may_publish(kind, command)} == {CLI, BRIDGE}, command
     assert {kind for kind in KINDS if may_publish(kind, subjects.DATASET_RESYNC)} == {CLI, BRIDGE, LOADER}
+    # The autoscaler changes replicas only: it may not apply a runtime's spec.
+    assert {kind for kind in KINDS if may_publish(kind, subjects.RUNTIME_SCALE)} == {CLI, BRIDGE, RUNTIME}
 
 
 def test_each_bucket_is_written_by_its_owner_only() -> None:
