@@ -44,7 +44,7 @@ from libs.events.operation import (
     DataLoadSpec,
     Policy,
 )
-from libs.events.runtime import Runtime, RuntimeApply, RuntimeDelete, RuntimeManagement, RuntimeSpec
+from libs.events.runtime import Runtime, RuntimeApply, RuntimeDelete, RuntimeManagement, RuntimeScale, RuntimeSpec
 
 SHOAL_API = "shoal.io/v1alpha1"
 FLUID_API = "data.fluid.io/v1alpha1"
@@ -79,7 +79,7 @@ Kind = Literal["dataset", "runtime", "dataload", "dataclean"]
 OPERATION_KINDS: tuple[Kind, ...] = ("dataload", "dataclean")
 Action = Literal["apply", "delete"]
 CommandEvent = (
-    DatasetApply | DatasetDelete | RuntimeApply | RuntimeDelete | DatasetResync
+    DatasetApply | DatasetDelete | RuntimeApply | RuntimeDelete | RuntimeScale | DatasetResync
     | DataLoadApply | DataLoadDelete | DataLoadRun | DataCleanApply | DataCleanDelete
 )
 

@@ -68,12 +68,12 @@ from libs.events.operation import (
 )
 from libs.events.runtime import (
     RuntimeAccepted,
-    RuntimeApply,
     RuntimeDelete,
     RuntimeDeleted,
     RuntimeFact,
     RuntimeRecord,
     RuntimeRejected,
+    RuntimeScale,
 )
 from libs.events.schema import export_schemas
 from libs.mounts import exposed_secret_errors
@@ -465,8 +465,8 @@ def resync(options: Options, resource: str, name: str, namespace: str) -> None:
 def scale(options: Options, resource: str, name: str, replicas: int, namespace: str) -> None:
     """Set a runtime's number of cache workers: `shoal scale runtime NAME --replicas N`.
 
-    The runtime's spec is applied again with the new replicas; the runtime service keeps the workers it has
-    (growing) or drops the most recently picked ones (shrinking).
+    Only the replicas change, on the runtime as the service holds it (a spec applied meanwhile is kept); the
+    runtime service keeps the workers it has (growing) or drops the most recently picked ones (shrinking).
     """
     if replicas < 0:
         raise CliError(f"--replicas must be 0 or more, got {replicas}")
@@ -480,18 +480,18 @@ async def _scale(options: Options, name: str, namespace: str, replicas: int) -> 
             kv = await bus.kv(subjects.KV_RUNTIMES)
         except BucketNotFoundError:
             _not_found("runtime", name, namespace)
+        # Read for the not-found message and the autoscaling note only: the command names the runtime, and the
+        # service changes the replicas of the spec it holds then, not of this copy.
         record, _ = await kv_load(kv, subjects.resource_key(namespace, name), RuntimeRecord)
         if record is None:
             _not_found("runtime", name, namespace)
-        runtime = record.runtime
-        spec = msgspec.structs.replace(runtime.spec, replicas=replicas)
-        event = RuntimeApply(runtime=msgspec.structs.replace(runtime, spec=spec))
-        command = Command(0, "runtime", "runtime", name, namespace, subjects.RUNTIME_APPLY, event)
+        event = RuntimeScale(name=name, namespace=namespace, replicas=replicas)
+        command = Command(0, "runtime", "runtime", name, namespace, subjects.RUNTIME_SCALE, event)
         outcomes = await send_commands(bus, [command], options.timeout)
     [outcome] = outcomes
     if isinstance(outcome.fact, RuntimeAccepted):
         click.echo(f"{command.resource} scaled to {replicas} replicas")
-        if (policy := runtime.spec.autoscaling) is not None:
+        if (policy := record.runtime.spec.autoscaling) is not None:
             click.echo(f"note: {command.resource} has autoscaling ({policy.min_replicas}..{policy.max_replicas} "
                        "workers): its autoscaler goes on changing replicas from here", err=True)
         return True

@@ -11,6 +11,7 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
@@ -41,6 +42,7 @@ from libs.events.runtime import (
     Level,
     NotPicked,
     Runtime,
+    RuntimeApply,
     RuntimeRecord,
     RuntimeSpec,
     RuntimeStatus,
@@ -48,6 +50,7 @@ from libs.events.runtime import (
 )
 from libs.events.schema import INDEX_FILE, schema_files
 from tests.conftest import NatsServer
+from tests.helpers import running
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -281,8 +284,7 @@ spec:
     assert again.stderr == "error: demo rejected: dataset default/demo does not exist\n"
 
 
-async def test_scale_reapplies_the_runtime_with_new_replicas(nats_server: NatsServer, services: None,
-                                                              bus: Bus) -> None:
+async def test_scale_changes_the_runtimes_replicas(nats_server: NatsServer, services: None, bus: Bus) -> None:
     manifest = """
 apiVersion: shoal.io/v1alpha1
 kind: Runtime
@@ -319,6 +321,42 @@ spec:
     assert (noted.exit_code, noted.stdout) == (0, "runtime.shoal.io/elastic scaled to 2 replicas\n"), noted.output
     assert noted.stderr == ("note: runtime.shoal.io/elastic has autoscaling (1..3 workers): its autoscaler goes on "
                             "changing replicas from here\n")
+
+
+async def test_scale_keeps_a_spec_applied_after_it_read_the_runtime(nats_server: NatsServer, bus: Bus) -> None:
+    # The runtime service is held back, so a new tier quota is still waiting in the command stream when `shoal scale`
+    # reads the runtime (1Gi) and sends its command behind it: the scale must not put 1Gi back.
+    from services.runtime import app as runtime_app
+
+    settings = Settings(nats=NatsSettings(urls=[nats_server.url]))
+    manifest = """
+apiVersion: shoal.io/v1alpha1
+kind: Runtime
+metadata: {name: racy}
+spec:
+  blockSize: 1Mi
+  tieredstore: {levels: [{mediumtype: MEM, quota: 1Gi}]}
+"""
+    sent: asyncio.Queue[Any] = asyncio.Queue()
+    # The service's log lines would otherwise print into the CLI's captured stdout.
+    with structlog.testing.capture_logs():
+        async with running(lambda stop: runtime_app.run(settings, stop)):
+            assert (await shoal(nats_server, "apply", "-f", "-", stdin=manifest)).exit_code == 0
+        bigger = TieredStore(levels=[Level(mediumtype="MEM", quota="2Gi")])
+        await bus.publish(subjects.RUNTIME_APPLY, RuntimeApply(runtime=Runtime(
+            metadata=ObjectMeta(name="racy"), spec=RuntimeSpec(block_size="1Mi", tieredstore=bigger))))
+        subscription = await bus.nc.subscribe(subjects.RUNTIME_COMMANDS, cb=sent.put)
+        scaling = asyncio.create_task(shoal(nats_server, "scale", "runtime", "racy", "--replicas", "3"))
+        await asyncio.wait_for(sent.get(), 10)  # the scale's command, behind the apply
+        await subscription.unsubscribe()
+        async with running(lambda stop: runtime_app.run(settings, stop)):
+            scaled = await scaling
+    assert (scaled.exit_code, scaled.stdout) == (0, "runtime.shoal.io/racy scaled to 3 replicas\n"), scaled.output
+    record = msgspec.convert(json.loads((await shoal(nats_server, "get", "runtime", "racy", "-o", "json")).stdout),
+                             RuntimeRecord)
+    assert record.runtime.spec.replicas == 3
+    assert record.runtime.spec.tieredstore.levels[0].quota == "2Gi"
+    assert record.generation == 3
 
 
 async def test_apply_prints_the_services_rejection(nats_server: NatsServer, services: None) -> None:
