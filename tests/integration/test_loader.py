@@ -81,17 +81,18 @@ NODES = ["node-a", "node-b", "node-c"]
 
 
 async def put_dataset(bus: Bus, entries: list[ManifestEntry], name: str = "data", phase: str = "Bound",
-                      requests: int = 0) -> None:
+                      requests: int = 0, manifest: str = "") -> None:
     store = await ManifestStore.of(bus)
+    manifest = manifest or store.name("default", name)
     with ManifestWriter() as writer:
         for entry in entries:
             writer.add(entry)
-        await store.save(store.name("default", name), writer)
+        await store.save(manifest, writer)
     record = DatasetRecord(
         dataset=Dataset(metadata=ObjectMeta(name=name), spec=DatasetSpec(mounts=[Mount(mount_point="local:///x")])),
         generation=1, sync_requests=requests,
         status=DatasetStatus(phase=phase, synced_generation=1, synced_requests=requests,  # type: ignore[arg-type]
-                             manifest=store.name("default", name), last_sync_time=f"sync-{requests}"))
+                             manifest=manifest, last_sync_time=f"sync-{requests}"))
     await (await bus.kv(subjects.KV_DATASETS)).put(subjects.resource_key("default", name), msgspec.json.encode(record))
 
 
@@ -305,6 +306,30 @@ async def test_bad_input_fails_the_run_with_what_to_change(bus: Bus, nats_server
         failed = await phase_of(bus, "Failed")
     assert message in failed.status.message
     assert metrics.moved("shoal_operation_runs_total", kind="DataLoad", phase="Failed") == 1  # failed to start or not
+
+
+async def test_a_run_plans_against_the_new_manifest_when_a_resync_replaced_the_one_it_read(
+        bus: Bus, nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sync finishing between the loader's read of the dataset and its load of the manifest deletes the manifest
+    the loader read of (each spec and resync has its own): the loader reads the record again, not Failed."""
+    await put_dataset(bus, files(("a", BLOCK)))
+    await put_runtime(bus, NODES)
+    load = ManifestStore.load
+    resynced = asyncio.Event()
+
+    async def load_after_a_resync(self: ManifestStore, name: str) -> list[ManifestEntry]:
+        if name == ManifestStore.name("default", "data") and not resynced.is_set():
+            resynced.set()  # what the dataset service does at the end of a resync, just before this load
+            await put_dataset(bus, files(("a", BLOCK), ("b", BLOCK)), requests=1, manifest="default.data.x-1-1")
+            await self.delete(name)
+        return await load(self, name)
+
+    monkeypatch.setattr(ManifestStore, "load", load_after_a_resync)
+    async with loader(nats_server), agent(bus, NODES):
+        await publish(bus, subjects.DATALOAD_APPLY, dataload())
+        done = await phase_of(bus, "Complete")
+    assert resynced.is_set()
+    assert done.status.progress.files_done == 2, done.status
 
 
 async def test_invalid_commands_are_rejected(bus: Bus, nats_server: NatsServer) -> None:
