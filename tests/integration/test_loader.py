@@ -456,7 +456,7 @@ async def test_a_schedule_that_never_fires_is_refused_and_stalls_no_other_operat
     """30 February passes croniter's syntax check but has no next firing. Applied, it is refused with the reason.
     One that got in anyway (stored by a loader before this check) fails its own due check on every tick, and the
     operations sorted after it ("warm" after "aaa") still advance: the Cron load runs when the clock passes its
-    firing. Its failure is logged, naming it."""
+    firing. Its failure is logged, naming it, at most once a minute of the loader's clock."""
     await put_dataset(bus, files(("a", BLOCK)))
     await put_runtime(bus, NODES[:1])
     stored = OperationRecord(kind="DataLoad", metadata=ObjectMeta(name="aaa"), created_at="2026-01-01T00:00:00Z",
@@ -474,12 +474,23 @@ async def test_a_schedule_that_never_fires_is_refused_and_stalls_no_other_operat
             assert "spec.schedule '0 0 30 2 *' never fires" in rejected["reason"]
             await publish(bus, subjects.DATALOAD_APPLY, dataload(policy="Cron", schedule="* * * * *"))
             await phase_of(bus, "Pending")
-            now[0] += 60  # past 00:01:00: only the tick starts this run
+            # Each run is started by a tick (the Cron firing), which passes "aaa" first and fails on it.
+            now[0] += 60  # 00:01:10, past 00:01:00
             await phase_of(bus, "Complete", runs=1)
-    failures = [line for line in json_lines(logs.getvalue()) if line.get("operation", "").endswith(".aaa")
-                and line["event"].startswith("advancing an operation failed")]
-    assert len(failures) == 1, failures  # named, and not again within a minute of the loader's clock
+            assert len(failures(logs.getvalue())) == 1  # named
+            now[0] += 50  # 00:02:00: 50 s after it was logged
+            await phase_of(bus, "Complete", runs=2)
+            assert len(failures(logs.getvalue())) == 1  # not again within a minute of the loader's clock
+            now[0] += 60  # 00:03:00
+            await phase_of(bus, "Complete", runs=3)
+            assert len(failures(logs.getvalue())) == 2  # a minute on: logged again
     assert await operation(bus, "aaa") == stored  # the refused apply changed nothing
+
+
+def failures(logs: str) -> list[dict[str, Any]]:
+    """The loader's log lines about failing to advance the operation "aaa"."""
+    return [line for line in json_lines(logs) if line.get("operation", "").endswith(".aaa")
+            and line["event"].startswith("advancing an operation failed")]
 
 
 async def test_on_event_loads_only_new_or_changed_objects(bus: Bus, nats_server: NatsServer) -> None:
