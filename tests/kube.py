@@ -26,7 +26,9 @@ Faults for tests: ``end_watches()`` closes every open watch (the client sees a c
 makes every version seen so far too old (410 Gone), ``failing = 503`` answers that status to every resource
 request until set back to None, ``bookmark()`` sends a BOOKMARK on every watch that asked for them, and
 ``hang_watches`` / ``hang_lists`` make new watches (after their headers) or lists send nothing until the client
-gives up, as over a connection that died half-open. Not served: label and field selectors, PUT, server-side apply.
+gives up, as over a connection that died half-open. ``remove_crd(resource)`` makes a custom resource unserved as
+in a cluster without its CRD (its URLs answer 404 NotFound, discovery leaves it out) until ``install_crd``. Not
+served: label and field selectors, PUT, server-side apply.
 """
 
 from __future__ import annotations
@@ -111,11 +113,10 @@ class FakeApiServer(KubernetesScaffold):
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
-        self.kinds = {(k.group, k.plural): k for k in (*CORE_KINDS, *CUSTOM_KINDS)}
-        for k in self.kinds.values():
-            self.resources[resource(k.group, k.version, k.plural)] = ResourceInfo(
-                kind=k.kind, namespaced=k.namespaced, verbs={"list", "watch", "get", "create", "patch", "delete"},
-                subresources={"status"} if k.status_subresource else set())
+        self.kinds: dict[tuple[str, str], Kind] = {}
+        for k in (*CORE_KINDS, *CUSTOM_KINDS):
+            self._serve_kind(k)
+        self.removed: dict[tuple[str, str], Kind] = {}  # custom resources whose CRD is "not installed"
         self.store: dict[Key, dict[str, Any]] = {}
         self.version = 0
         # (resourceVersion, (group, plural), event) of every change; watches read it from a version on.
@@ -147,6 +148,24 @@ class FakeApiServer(KubernetesScaffold):
         async with self.changed:
             self.bookmarks += 1
             self.changed.notify_all()
+
+    def remove_crd(self, custom: kube.Resource) -> None:
+        """As a cluster without ``custom``'s CRD: not served (404) and not discovered. Only for a resource without
+        objects (the apiserver deletes a CRD's objects before the CRD goes)."""
+        assert not self.objects(custom.group, custom.plural), f"{custom.crd_name} has objects"
+        kind = self.kinds.pop((custom.group, custom.plural))
+        del self.resources[resource(kind.group, kind.version, kind.plural)]
+        self.removed[(custom.group, custom.plural)] = kind
+
+    def install_crd(self, custom: kube.Resource) -> None:
+        """``custom``'s CRD installed (again): served and discovered."""
+        self._serve_kind(self.removed.pop((custom.group, custom.plural)))
+
+    def _serve_kind(self, k: Kind) -> None:
+        self.kinds[(k.group, k.plural)] = k
+        self.resources[resource(k.group, k.version, k.plural)] = ResourceInfo(
+            kind=k.kind, namespaced=k.namespaced, verbs={"list", "watch", "get", "create", "patch", "delete"},
+            subresources={"status"} if k.status_subresource else set())
 
     def stored(self, group: str, plural: str, namespace: str | None, name: str) -> dict[str, Any] | None:
         found = self.store.get((group, plural, namespace, name))

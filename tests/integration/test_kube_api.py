@@ -147,3 +147,18 @@ async def test_faults_end_watches_and_fail_requests(api: tuple[FakeApiServer, An
             await create(custom, dataset("d"))  # after the end: a watch still open would deliver it
     await stream.close()
     assert seen == ["ADDED", "BOOKMARK"]
+
+
+async def test_a_resource_whose_crd_is_not_installed_is_not_served(api: tuple[FakeApiServer, Any]) -> None:
+    """``remove_crd``: the resource answers 404 NotFound, as an apiserver without the CRD does, until
+    ``install_crd``."""
+    server, custom = api
+    fluid = next(r for r in kube.FLUID_RESOURCES if r.kind == "Dataset")
+    server.remove_crd(fluid)
+    with pytest.raises(ApiException) as missing:
+        await custom.list_cluster_custom_object(fluid.group, fluid.version, fluid.plural)
+    assert missing.value.status == 404
+    assert (await create(custom, dataset("a")))["metadata"]["uid"]  # the other group's Dataset is served
+    server.install_crd(fluid)
+    listing = await custom.list_cluster_custom_object(fluid.group, fluid.version, fluid.plural)
+    assert listing["items"] == []
