@@ -8,7 +8,9 @@ the periodic reflection of that state onto the custom resources.
 | SHOAL_FACTS | shoal.evt.*.rejected (ordered consumer, from the start) | BridgeHandlers.on_rejection |
 | — | every REFLECT_SECONDS | BridgeHandlers.tick (status, volume and claim, Events, retries) |
 
-Ready (``/readyz``) when connected to NATS, every resource was listed once and the loops run.
+Ready (``/readyz``) when connected to NATS, every resource was listed once and the loops run. A resource whose CRD
+is not installed (Fluid's, in a cluster with Shoal's only) counts as listed, empty (``watch.py``): it must not keep
+the bridge from serving the others.
 """
 
 from __future__ import annotations

@@ -5,6 +5,11 @@ hands every object to the handlers again (they are idempotent) and tells them wh
 BOOKMARKs are asked for (``allowWatchBookmarks``) and skipped: since every end of a watch lists again, the version
 they carry is never needed. An unreachable API server or a 5xx answer is retried with ``libs.backoff``, and so is a
 list that takes too long or a watch silent for longer than its lifetime (a dead connection).
+
+A resource the API server does not serve (the list answers 404: its CRD is not installed, e.g. Fluid's in a cluster
+with Shoal's only) has no objects: the handlers get an empty list, so it holds back neither readiness nor the
+objects of its family, and it is said once. It is listed again after a watch's lifetime, as a watch would end, so a
+CRD installed later is picked up without asking the API server in a loop.
 """
 
 from __future__ import annotations
@@ -55,6 +60,7 @@ class ResourceWatcher:
         self.name = f"watch {resource.crd_name}" + (f" in {namespace}" if namespace else "")
         self.lists = 0  # how many lists were made: the first, then one per re-list
         self.synced = asyncio.Event()  # set once the first list has been handled
+        self.served: bool | None = None  # whether the last list found the resource served (None: not listed yet)
         self._stopping = asyncio.Event()
 
     def watch_timeouts(self) -> tuple[float, float]:
@@ -89,6 +95,9 @@ class ResourceWatcher:
             try:
                 version = await self._list()
                 failures = 0
+                if version is None:  # not served: nothing to watch; look again when a watch would have ended
+                    await self._wait(self.watch_seconds)
+                    continue
                 await self._watch(version)
             except ApiException as err:
                 if err.status == 410:
@@ -108,16 +117,41 @@ class ResourceWatcher:
         delay = API_RETRY.delay(failures)
         log.warning("API server not answering, retrying", resource=self.resource.crd_name, reason=reason,
                     delay=delay)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stopping.wait(), delay)
+        await self._wait(delay)
 
-    async def _list(self) -> str:
-        listing = await self._list_call()(_request_timeout=LIST_TIMEOUT_SECONDS)
+    async def _wait(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+
+    async def _list(self) -> str | None:
+        """Hand the handlers a fresh list; the version to watch from, or None when the resource is not served."""
+        try:
+            listing = await self._list_call()(_request_timeout=LIST_TIMEOUT_SECONDS)
+        except ApiException as err:
+            if err.status != 404:
+                raise
+            listing = None  # no CRD, no objects: an empty list, which drops any object seen before it went
+        self._note_served(listing is not None)
         self.lists += 1
-        items = [dict(item) for item in listing.get("items") or []]
+        items = [dict(item) for item in (listing or {}).get("items") or []]
         await self.on_listing(self.resource, self.namespace, items)
         self.synced.set()
+        if listing is None:
+            return None
         return str((listing.get("metadata") or {}).get("resourceVersion") or "")
+
+    def _note_served(self, served: bool) -> None:
+        """Say when the resource is found missing, and when it comes (again); not at every look."""
+        if served == self.served:
+            return
+        if not served:
+            log.warning("custom resource not installed: its objects are not bridged until its CRD is; looking "
+                        "again at every watch lifetime", crd=self.resource.crd_name, namespace=self.namespace,
+                        every_seconds=self.watch_seconds)
+        elif self.served is False:
+            log.info("custom resource installed: bridging its objects", crd=self.resource.crd_name,
+                     namespace=self.namespace)
+        self.served = served
 
     async def _watch(self, version: str) -> None:
         """Events from ``version`` on until the stream ends (then the caller lists again).

@@ -1,7 +1,8 @@
-"""The bridge's list-and-watch loop (``services/bridge/watch.py``) over connections that die without closing,
-against the project's kmock subclass (``tests/kube.py``: there is no kube-apiserver here): a list that never answers
-and a watch that goes silent are given up on the client's side and the loop lists again, instead of waiting for
-ever while /readyz says ready."""
+"""The bridge's list-and-watch loop (``services/bridge/watch.py``) against the project's kmock subclass
+(``tests/kube.py``: there is no kube-apiserver here): over connections that die without closing, a list that never
+answers and a watch that goes silent are given up on the client's side and the loop lists again, instead of waiting
+for ever while /readyz says ready; and a resource whose CRD is not installed counts as listed (empty), is said once,
+and is looked for again at each watch's lifetime until its CRD comes."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+import structlog
 from kmock import Server
 from kubernetes_asyncio import client
 
@@ -20,6 +22,7 @@ from tests.helpers import eventually
 from tests.kube import FakeApiServer
 
 SHOAL = kube.SHOAL_RESOURCES[0]
+FLUID = next(r for r in kube.FLUID_RESOURCES if r.kind == "Dataset")
 
 
 @pytest.fixture
@@ -60,3 +63,37 @@ async def test_a_silent_watch_and_a_list_without_answer_end_in_a_new_list(
     finally:
         watcher.stop()
         await task
+
+
+async def test_a_resource_whose_crd_is_not_installed_is_listed_empty_and_looked_for_again(
+        api: tuple[FakeApiServer, client.ApiClient]) -> None:
+    """A cluster with Shoal's CRDs and not Fluid's: the list answers 404. The watcher hands the handlers an empty
+    list (no object of that kind can exist) and counts as synced, so /readyz does not wait for it; it logs that once,
+    lists again once per watch lifetime (not in a loop), and bridges the resource's objects once its CRD comes."""
+    server, api_client = api
+    server.remove_crd(FLUID)
+    listings: list[list[dict[str, Any]]] = []
+
+    async def on_listing(_resource: kube.Resource, _namespace: str | None, items: list[dict[str, Any]]) -> None:
+        listings.append(items)
+
+    watcher = ResourceWatcher(api_client, FLUID, None, on_listing, _nothing, watch_seconds=1)
+    lists = f"/{FLUID.group}/{FLUID.version}/{FLUID.plural}"
+    with structlog.testing.capture_logs() as logs:
+        task = asyncio.create_task(watcher.run())
+        try:
+            await eventually(lambda: _async(watcher.synced.is_set()), what="the missing resource counted as listed")
+            assert listings == [[]]
+            await asyncio.sleep(2.5)  # two more looks at most, at one per watch lifetime
+            assert 2 <= len(server.recorded("GET", lists)) <= 4 and all(items == [] for items in listings)
+            server.install_crd(FLUID)
+            created = await client.CustomObjectsApi(api_client).create_namespaced_custom_object(
+                FLUID.group, FLUID.version, "default", FLUID.plural,
+                {"apiVersion": FLUID.api_version, "kind": FLUID.kind, "metadata": {"name": "late"}, "spec": {}})
+            await eventually(lambda: _async(listings[-1] == [created]), what="the object listed once its CRD came")
+        finally:
+            watcher.stop()
+            await task
+    missing = [e for e in logs if FLUID.crd_name in str(e.get("crd")) and e["log_level"] == "warning"]
+    assert len(missing) == 1 and "not installed" in missing[0]["event"]
+    assert not [e for e in logs if "not answering" in e["event"]]  # a missing CRD is not an outage

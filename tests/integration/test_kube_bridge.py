@@ -90,9 +90,10 @@ async def cluster(tmp_path: Path, nats_server: NatsServer) -> AsyncIterator[Clus
             yield Cluster(server, client.CustomObjectsApi(api), client.CoreV1Api(api), settings)
 
 
-def everything(settings: Settings):
+def everything(settings: Settings, readiness: Readiness | None = None):
     return running(lambda stop: dataset_app.run(settings, stop), lambda stop: runtime_app.run(settings, stop),
-                   lambda stop: loader_app.run(settings, stop), lambda stop: bridge_app.run(settings, stop))
+                   lambda stop: loader_app.run(settings, stop),
+                   lambda stop: bridge_app.run(settings, stop, readiness=readiness))
 
 
 async def heartbeat(bus: Bus, runtime: str) -> None:
@@ -189,6 +190,27 @@ async def test_dataset_cr_to_bound_volume_relist_invalid_and_delete(cluster: Clu
     patches = cluster.server.recorded("PATCH")
     assert patches and all(r.headers.get("Content-Type") == MERGE for r in patches)
     assert any(r.url.path.endswith("/datasets/demo/status") for r in patches)
+
+
+async def test_a_cluster_without_fluids_crds(cluster: Cluster, tmp_path: Path) -> None:
+    """Shoal's CRDs only (Fluid's are not installed: their lists answer 404): the bridge becomes ready and serves a
+    shoal.io Dataset, which does not wait for the Fluid Dataset kind's list; Fluid's Dataset CRD installed later is
+    found at the next look (one watch lifetime, SHOAL_KUBE_WATCH_SECONDS) and its objects are bridged."""
+    for resource in kube.FLUID_RESOURCES:
+        cluster.server.remove_crd(resource)
+    settings = dataclasses.replace(cluster.settings, kube=dataclasses.replace(cluster.settings.kube, watch_seconds=1))
+    readiness = Readiness()
+    async with everything(settings, readiness):
+        await eventually(lambda: _async("kubernetes" in readiness.checks and readiness.report()[0]),
+                         what="the bridge ready without Fluid's CRDs")
+        await cluster.create(SHOAL, "demo", {"mounts": [{"mountPoint": files(tmp_path / "a")}]})
+        obj = await cluster.status(SHOAL, "demo", phase="NotBound", fileNum=3)
+        assert kube.FINALIZER in obj["metadata"]["finalizers"]
+
+        cluster.server.install_crd(FLUID)
+        await cluster.create(FLUID, "other", {"mounts": [{"mountPoint": files(tmp_path / "b", 2), "name": "b"}]})
+        await cluster.status(FLUID, "other", phase="NotBound", fileNum="2")
+        assert readiness.report()[0]
 
 
 async def test_fluid_dataset_with_secret_and_alluxio_runtime(cluster: Cluster, bus: Bus, seaweedfs: SeaweedServer,
