@@ -17,7 +17,10 @@ There is no kube-apiserver on these machines (no Docker, kind or k3s). This stan
   ``application/json-patch+json`` (RFC 6902, with the ``jsonpatch`` package); strategic merge is treated as a
   merge patch;
 - delete with finalizers sets ``deletionTimestamp``; the object goes once its last finalizer is removed; a delete
-  whose ``preconditions`` (``uid``, ``resourceVersion``) do not match the object answers 409 Conflict.
+  whose ``preconditions`` (``uid``, ``resourceVersion``) do not match the object answers 409 Conflict;
+- a patch whose result names a ``metadata.resourceVersion`` other than the object's (a merge patch that carries
+  the version it was made from, when the object changed since) answers 409 Conflict and changes nothing, as the
+  apiserver's optimistic concurrency does; a patch without one applies to whatever is stored.
 
 What kmock keeps: discovery (``/api``, ``/apis``) and the log of every request (method, path, headers, body;
 ``recorded()`` filters it) for assertions. A Secret's ``stringData`` is stored base64-encoded in ``data``.
@@ -310,6 +313,13 @@ class FakeApiServer(KubernetesScaffold):
                 patched = merge_patch(old, body)
             else:
                 raise ApiError(415, "UnsupportedMediaType", f"the body of a patch cannot be {content_type!r}")
+            version = (patched.get("metadata") or {}).get("resourceVersion") if isinstance(patched, dict) else None
+            if version and version != old["metadata"].get("resourceVersion"):
+                # The apiserver's words: clients (and the bridge) read it as "read again and retry".
+                what = f"{kind.plural}.{kind.group}" if kind.group else kind.plural
+                raise ApiError(409, "Conflict", f'Operation cannot be fulfilled on {what} "{key[3]}": the object '
+                                                "has been modified; please apply your changes to the latest version "
+                                                "and try again")
             new = copy.deepcopy(old)
             if sub == "status":
                 new["status"] = patched.get("status")  # the status subresource changes status only

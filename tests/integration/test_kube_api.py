@@ -149,6 +149,25 @@ async def test_faults_end_watches_and_fail_requests(api: tuple[FakeApiServer, An
     assert seen == ["ADDED", "BOOKMARK"]
 
 
+async def test_a_patch_from_an_older_resource_version_is_a_conflict(api: tuple[FakeApiServer, Any]) -> None:
+    """As the apiserver: a patch carrying ``metadata.resourceVersion`` applies only to that version (409 Conflict
+    and no change otherwise); a patch without one applies to what is stored."""
+    server, custom = api
+    r = DATASETS
+    created = await create(custom, {**dataset("a"), "metadata": {"name": "a", "finalizers": ["x/y"]}})
+    read = created["metadata"]["resourceVersion"]
+    await patch(custom, "a", {"metadata": {"finalizers": ["x/y", "other/z"]}})  # another writer, unconditional
+    with pytest.raises(ApiException) as stale:
+        await patch(custom, "a", {"metadata": {"finalizers": ["x/y", "mine/w"], "resourceVersion": read}})
+    assert stale.value.status == 409 and "has been modified" in str(stale.value.body)
+    assert (server.stored(r.group, r.plural, "default", "a") or {})["metadata"]["finalizers"] == ["x/y", "other/z"]
+    current = (server.stored(r.group, r.plural, "default", "a") or {})["metadata"]["resourceVersion"]
+    after = await patch(custom, "a", {"metadata": {"finalizers": ["x/y", "other/z", "mine/w"],
+                                                   "resourceVersion": current}})
+    assert after["metadata"]["finalizers"] == ["x/y", "other/z", "mine/w"]
+    assert after["metadata"]["resourceVersion"] != current  # a new version, as any change
+
+
 async def test_a_resource_whose_crd_is_not_installed_is_not_served(api: tuple[FakeApiServer, Any]) -> None:
     """``remove_crd``: the resource answers 404 NotFound, as an apiserver without the CRD does, until
     ``install_crd``."""
