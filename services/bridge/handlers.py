@@ -39,6 +39,10 @@ log = get_logger(__name__)
 # API calls the bridge makes per write: well under a watch's lifetime, long enough for a slow apiserver.
 REQUEST_TIMEOUT_SECONDS = 10.0
 MERGE_PATCH = "application/merge-patch+json"
+# A finalizer patch refused because the object changed since it was read (409) is built again from a fresh read this
+# many times in a row; each retry follows a change someone else made, so more means a writer as busy as the
+# bridge, and the next pass (``tick``) tries again.
+FINALIZER_TRIES = 5
 # Status writes and retries after a failed pass: soon, but at most every 5 s, so status catches up within seconds
 # of the API server's return without a request per object at every tick while it is down.
 TICK_RETRY = Backoff(first=0.5, cap=5.0)
@@ -270,7 +274,7 @@ class BridgeHandlers:
         if key.resource.kind == "Dataset":
             await self._drop_unreferenced_keys(key, obj)
         # Held before Shoal knows the object, so a delete always waits for Shoal's clean-up.
-        await self._patch_object(key, domain.finalizer_patch(obj, held=True))
+        await self._set_finalizer(key, obj, held=True)
         await self.bus.publish(command.subject, command.event)
         self.published[key] = command.event.id
         log.info("applied", object=str(key), command=command.event.id, notes=len(translation.notes))
@@ -286,7 +290,7 @@ class BridgeHandlers:
         if kube.FINALIZER not in domain.finalizers(obj):
             return
         if self._holder(key) is not None:  # Shoal's record is the other object's: let this one go, alone
-            await self._patch_object(key, domain.finalizer_patch(obj, held=False))
+            await self._set_finalizer(key, obj, held=False)
             return
         if key not in self.deletes_sent:
             await self._publish_delete(key, obj)
@@ -296,7 +300,7 @@ class BridgeHandlers:
         if key.resource.kind == "Dataset":
             await self._delete_volume(key)
             await self._forget_secrets(key, obj)
-        await self._patch_object(key, domain.finalizer_patch(obj, held=False))
+        await self._set_finalizer(key, obj, held=False)
         self.published.pop(key, None)
         log.info("deleted", object=str(key))
 
@@ -659,15 +663,35 @@ class BridgeHandlers:
         for other in [k for k in self.volume_conflicts if kube.volume_name(k.namespace, k.name) == volume]:
             self.volume_conflicts.pop(other, None)
 
-    async def _patch_object(self, key: ObjectKey, patch: dict[str, Any] | None) -> None:
-        if patch is None:
+    async def _set_finalizer(self, key: ObjectKey, obj: dict[str, Any], held: bool) -> None:
+        """Add (``held``) or remove Shoal's finalizer without losing another controller's: the patch applies only to
+        the version it was built from (``domain.finalizer_patch``); on 409 the object is read again and the patch
+        built anew, up to ``FINALIZER_TRIES`` times. The object read must be the same one (uid): one made again
+        under the name is not this one, and its watch event brings it."""
+        r = key.resource
+        for attempt in range(1, FINALIZER_TRIES + 1):
+            patch = domain.finalizer_patch(obj, held)
+            if patch is None:
+                return
+            try:
+                updated = await self.custom.patch_namespaced_custom_object(
+                    r.group, r.version, key.namespace, r.plural, key.name, patch,
+                    _content_type=MERGE_PATCH,  # type: ignore[call-arg]  # in **kwargs, not in the stubs
+                    _request_timeout=REQUEST_TIMEOUT_SECONDS)
+            except ApiException as err:
+                if err.status != 409 or attempt == FINALIZER_TRIES:
+                    raise
+                fresh = await self.custom.get_namespaced_custom_object(
+                    r.group, r.version, key.namespace, r.plural, key.name, _request_timeout=REQUEST_TIMEOUT_SECONDS)
+                if not isinstance(fresh, dict) or domain.uid_of(fresh) != domain.uid_of(obj):
+                    raise
+                log.info("finalizer patch refused: the object changed, read again", object=str(key),
+                         attempt=attempt)
+                obj = fresh
+                continue
+            if isinstance(updated, dict) and key in self.objects:
+                self.objects[key] = updated
             return
-        updated = await self.custom.patch_namespaced_custom_object(
-            key.resource.group, key.resource.version, key.namespace, key.resource.plural, key.name, patch,
-            _content_type=MERGE_PATCH,  # type: ignore[call-arg]  # in **kwargs, not in the stubs
-            _request_timeout=REQUEST_TIMEOUT_SECONDS)
-        if isinstance(updated, dict) and key in self.objects:
-            self.objects[key] = updated
 
     # --- facts ---
 

@@ -1,5 +1,6 @@
 """The bridge's handlers driven event by event, for orders of events the whole bridge cannot be made to see on
-demand (an object deleted and made again between two lists, two kinds claiming one name in a chosen order).
+demand (an object deleted and made again between two lists, two kinds claiming one name in a chosen order, another
+controller's write between the bridge's read of an object and its patch).
 
 The API server is the project's kmock subclass (``tests/kube.py``: there is no kube-apiserver here), reached
 through kubernetes-asyncio; NATS is a real nats-server, with the real dataset service where Shoal's answer matters.
@@ -32,6 +33,7 @@ from tests.kube import FakeApiServer
 
 SHOAL = kube.SHOAL_RESOURCES[0]
 FLUID = next(r for r in kube.FLUID_RESOURCES if r.kind == "Dataset")
+MERGE = "application/merge-patch+json"
 
 
 @dataclasses.dataclass
@@ -224,10 +226,50 @@ async def test_a_secret_reference_dropped_by_a_spec_change_leaves_the_mirror(har
 
     await handlers.custom.patch_namespaced_custom_object(
         SHOAL.group, SHOAL.version, "default", SHOAL.plural, "demo", {"spec": spec("creds-new")},
-        _content_type="application/merge-patch+json")  # type: ignore[call-arg]
+        _content_type=MERGE)  # type: ignore[call-arg]
     await handlers.on_event(SHOAL, "MODIFIED", harness.get(SHOAL, "demo") or {})
     assert mirror() == {"default.creds-new.secret", "default.shared.secret"}
     assert "default.creds-old.secret" not in handlers.mirror_owners  # the name is free for another reference
+
+
+async def test_another_controllers_finalizer_survives_the_bridges_finalizer_patches(harness: Harness) -> None:
+    """The bridge's finalizer patch carries the whole list (a merge patch replaces a list), built from the object
+    as the bridge last saw it. Another controller adds its finalizer after that read and before the bridge's patch,
+    once before the bridge adds Shoal's finalizer and once before it removes it: both survive (before, the first was
+    overwritten, and the second removed, which let the delete through). The patch carries the resourceVersion it was
+    built from, the API server refuses it once the object changed (409; ``tests/kube.py`` does as the apiserver),
+    and the bridge reads the object again and retries."""
+    handlers = harness.handlers
+    await harness.first_lists()
+    seen = await harness.create(SHOAL, "demo", {"mounts": [{"mountPoint": "s3://bucket"}]})
+    await _other_controller_adds(harness, "example.com/first")
+    await handlers.on_event(SHOAL, "ADDED", seen)  # the bridge acts on the version it saw
+    assert _key(SHOAL) not in handlers.pending
+    assert (harness.get(SHOAL, "demo") or {})["metadata"]["finalizers"] == ["example.com/first", kube.FINALIZER]
+
+    held = await harness.delete(SHOAL, "demo")
+    await _other_controller_adds(harness, "example.com/second")
+    # No dataset service runs: Shoal holds no record, so the bridge lets go of the object at once.
+    await handlers.on_event(SHOAL, "MODIFIED", held)
+    assert _key(SHOAL) not in handlers.pending
+    left = harness.get(SHOAL, "demo")
+    assert left is not None, "the other controllers' finalizers were dropped, and the object with them"
+    assert left["metadata"]["finalizers"] == ["example.com/first", "example.com/second"]
+    bridge_patches = [r.data for r in harness.server.recorded("PATCH", "/datasets/demo")
+                      if r.headers.get("Content-Type") == MERGE and not r.url.path.endswith("/status")]
+    assert len(bridge_patches) == 4  # add and remove, each refused once and sent again
+    assert all(patch["metadata"].get("resourceVersion") for patch in bridge_patches)
+
+
+async def _other_controller_adds(harness: Harness, finalizer: str) -> None:
+    """Another controller adds its finalizer, as it should: a JSON patch appending to the list as it stands."""
+    current = harness.get(SHOAL, "demo") or {}
+    operation = ({"op": "add", "path": "/metadata/finalizers/-", "value": finalizer}
+                 if current["metadata"].get("finalizers") else
+                 {"op": "add", "path": "/metadata/finalizers", "value": [finalizer]})
+    await harness.handlers.custom.patch_namespaced_custom_object(
+        SHOAL.group, SHOAL.version, "default", SHOAL.plural, "demo", [operation],
+        _content_type="application/json-patch+json")  # type: ignore[call-arg]
 
 
 def _key(resource: kube.Resource) -> ObjectKey:

@@ -133,12 +133,15 @@ def test_merge_patch_removes_and_replaces() -> None:
     assert domain.without_nulls({"a": None, "b": [{"c": None, "d": 1}]}) == {"b": [{"d": 1}]}
 
 
-def test_finalizer_patch_keeps_other_finalizers() -> None:
+def test_finalizer_patch_keeps_other_finalizers_of_the_version_it_was_built_from() -> None:
+    """The whole list, as read, with the version read: a newer object (a finalizer added since) refuses it."""
     obj = cr(SHOAL_DATASET, {}, finalizers=["other/one"])
-    assert domain.finalizer_patch(obj, held=True) == {"metadata": {"finalizers": ["other/one", kube.FINALIZER]}}
+    assert domain.finalizer_patch(obj, held=True) == {
+        "metadata": {"finalizers": ["other/one", kube.FINALIZER], "resourceVersion": "7"}}
     obj["metadata"]["finalizers"] = ["other/one", kube.FINALIZER]
     assert domain.finalizer_patch(obj, held=True) is None
-    assert domain.finalizer_patch(obj, held=False) == {"metadata": {"finalizers": ["other/one"]}}
+    assert domain.finalizer_patch(obj, held=False) == {
+        "metadata": {"finalizers": ["other/one"], "resourceVersion": "7"}}
 
 
 def test_volume_and_claim_bind_to_each_other() -> None:
