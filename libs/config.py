@@ -150,7 +150,8 @@ class ServiceSettings:
 
 @dataclass(frozen=True)
 class AgentSettings:
-    node_name: str = env("SHOAL_NODE_NAME", "This node's name in heartbeats and inventory.",
+    node_name: str = env("SHOAL_NODE_NAME", "This node's name in heartbeats and inventory (the Kubernetes node "
+                         "name, dots included).",
                          default_factory=_host_name_token)
     mount_root: str = env("SHOAL_MOUNT_ROOT", "Datasets are mounted at <root>/<namespace>/<name>.",
                           default="/var/lib/shoal/mnt")
@@ -354,13 +355,14 @@ def _check(settings: Settings) -> list[str]:
         problems.append(f"SHOAL_CACHE_POLICY={settings.agent.cache_policy!r}: use lfu-admission or lru")
     if settings.agent.heartbeat_seconds <= 0:
         problems.append("SHOAL_HEARTBEAT_SECONDS: must be positive")
-    # The node name is one token of NATS subjects (heartbeats, inventory, tasks) and part of durable names; the
-    # replica name one token of a KV key.
-    for variable, name in (("SHOAL_NODE_NAME", settings.agent.node_name),
-                           ("SHOAL_REPLICA_NAME", settings.service.replica_name)):
-        if not name or any(c in name for c in ".*> \t\r\n"):
-            problems.append(f"{variable}={name!r}: must be non-empty, without '.', '*', '>' or spaces (it names "
-                            "NATS subjects); e.g. the host name with dots replaced by '-'")
+    # The replica name is one token of a KV key. The node name is Kubernetes' (``spec.nodeName``), dots included
+    # (EKS): subjects and durable names carry it as one token (``subjects.node_token``); never a wildcard.
+    for variable, name, refused, example in (
+            ("SHOAL_NODE_NAME", settings.agent.node_name, "*>", "the Kubernetes node name"),
+            ("SHOAL_REPLICA_NAME", settings.service.replica_name, ".*>", "the host name with dots replaced by '-'")):
+        if not name or any(c in name for c in f"{refused} \t\r\n"):
+            problems.append(f"{variable}={name!r}: must be non-empty, without {', '.join(map(repr, refused))} or "
+                            f"spaces (it names NATS subjects); e.g. {example}")
     if settings.agent.load_concurrency < 1:
         problems.append(f"SHOAL_LOAD_CONCURRENCY={settings.agent.load_concurrency}: must be at least 1")
     for variable, quantity in (("SHOAL_READAHEAD_BUDGET", settings.agent.readahead_budget),

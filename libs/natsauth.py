@@ -273,7 +273,7 @@ def permissions(kind: str, node: str = "") -> Permissions:
 
 def _agent(node: str) -> Permissions:
     """The agent and its mount processes: their node's events out; tasks, cancels, snapshot requests in; reads."""
-    node_token = node or "*"
+    node_token = subjects.node_token(node) if node else "*"
     publish = [
         subjects.agent_heartbeat(node_token), subjects.agent_inventory(node_token),
         subjects.task_progress(node_token), *_info_all(),

@@ -66,9 +66,16 @@ AGENT_HEARTBEATS = "shoal.agent.heartbeat.*"
 ALL_AGENT = "shoal.agent.>"
 
 
+def node_token(node: str) -> str:
+    """A node's name as one subject token (and part of a durable name): Kubernetes node names are DNS subdomains,
+    dotted on EKS and wherever nodes are named by their FQDN (``ip-10-0-1-23.ec2.internal``), and a dot splits a
+    subject. A node name never holds ``_``, so no two nodes share a token. Events carry the name as it is."""
+    return node.replace(".", "_")
+
+
 def agent_heartbeat(node: str) -> str:
     """Heartbeats are per node so a stream can keep only the last one of each (max_msgs_per_subject)."""
-    return f"{AGENT_HEARTBEAT_PREFIX}.{node}"
+    return f"{AGENT_HEARTBEAT_PREFIX}.{node_token(node)}"
 
 
 AGENT_INVENTORY_PREFIX = "shoal.agent.inventory"
@@ -78,7 +85,7 @@ INVENTORY_REQUEST = "shoal.ctl.inventory.request"
 
 
 def agent_inventory(node: str) -> str:
-    return f"{AGENT_INVENTORY_PREFIX}.{node}"
+    return f"{AGENT_INVENTORY_PREFIX}.{node_token(node)}"
 
 
 # --- Loader ↔ agents (stream SHOAL_TASKS). A task goes to the mount process of one dataset on one node. ---
@@ -91,16 +98,16 @@ TASK_CANCEL = "shoal.ctl.task.cancel"
 
 
 def node_task(node: str, namespace: str, name: str) -> str:
-    return f"{TASK_PREFIX}.{node}.{namespace}.{name}"
+    return f"{TASK_PREFIX}.{node_token(node)}.{namespace}.{name}"
 
 
 def task_progress(node: str) -> str:
-    return f"{TASK_PROGRESS_PREFIX}.{node}"
+    return f"{TASK_PROGRESS_PREFIX}.{node_token(node)}"
 
 
 def task_durable(node: str, namespace: str, name: str) -> str:
     """The durable consumer of one mount process's tasks (kept across its restarts, so a part resumes)."""
-    return f"tasks-{node}-{namespace}-{name}"
+    return f"tasks-{node_token(node)}-{namespace}-{name}"
 
 
 # --- Scheduler: core NATS request/reply (ScoreRequest → ScoreReply). ---

@@ -35,7 +35,7 @@ import msgspec
 
 from libs import affinity
 from libs.events.agent import AgentHeartbeat, AgentRecord
-from libs.events.common import DNS1123_LABEL, dns_label_errors, format_bytes, parse_quantity
+from libs.events.common import DNS1123_LABEL, DNS1123_SUBDOMAIN, dns_label_errors, format_bytes, parse_quantity
 from libs.events.dataset import Condition, DatasetSpec, NodeCache
 from libs.events.runtime import (
     AutoscalingPolicy,
@@ -64,11 +64,24 @@ MAX_REPLICAS = 10_000
 # and it keeps byte totals summed over tiers and nodes far from overflowing 64-bit counters.
 MAX_TIER_QUOTA = 2**50
 MAX_TIER_QUOTA_TEXT = "1Pi"
+# Kubernetes' longest node name (a DNS subdomain).
+MAX_NODE_NAME = 253
 
 
 def validate_ref(name: str, namespace: str) -> list[str]:
     """Why a command's name and namespace cannot name a runtime (delete, scale), or nothing."""
     return dns_label_errors(name, "name") + dns_label_errors(namespace, "namespace", DNS1123_LABEL)
+
+
+def node_errors(node: str) -> list[str]:
+    """Why a heartbeat's ``node`` cannot name an agent (a key of the agents bucket), or nothing. Kubernetes node
+    names are DNS subdomains, dotted on EKS (``ip-10-0-1-23.ec2.internal``)."""
+    if not node:
+        return ["node is empty"]
+    if len(node) > MAX_NODE_NAME or not DNS1123_SUBDOMAIN.fullmatch(node):
+        return [f"node {node!r} is not a Kubernetes node name (a DNS-1123 subdomain of at most {MAX_NODE_NAME} "
+                "characters: lower-case letters, digits, '-' and '.')"]
+    return []
 
 
 def missing_runtime(name: str, namespace: str) -> str:

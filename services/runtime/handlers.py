@@ -38,7 +38,6 @@ import msgspec
 from libs import metrics, subjects
 from libs.bus import AGENTS_TTL_SECONDS, Bus, Conflict, Delivery, KvMirror, kv_delete, kv_keys, kv_load, kv_save
 from libs.events.agent import AgentHeartbeat, AgentRecord
-from libs.events.common import dns_label_errors
 from libs.events.dataset import DatasetRecord
 from libs.events.runtime import (
     AutoscalingStatus,
@@ -190,7 +189,7 @@ class RuntimeHandlers:
         )
 
     async def on_heartbeat(self, beat: AgentHeartbeat, delivery: Delivery) -> None:
-        errors = dns_label_errors(beat.node, "node", domain.DNS1123_LABEL) if beat.node else ["node is empty"]
+        errors = domain.node_errors(beat.node)
         if errors or beat.interval_seconds <= 0:
             log.warning("ignored heartbeat", node=beat.node, reasons=errors or ["intervalSeconds must be > 0"])
             return

@@ -168,13 +168,20 @@ def test_error_shows_the_bad_value_of_plain_settings() -> None:
         ("SHOAL_READAHEAD_BUDGET", "lots"),
         ("SHOAL_MEMORY_TIER_BUDGET", "4 gigs"),
         ("SHOAL_LOAD_CONCURRENCY", "0"),
-        ("SHOAL_NODE_NAME", "node-1.example.com"),
         ("SHOAL_NODE_NAME", "node *"),
+        ("SHOAL_NODE_NAME", "node.>"),
+        ("SHOAL_REPLICA_NAME", "dataset.example.com"),
     ],
 )
 def test_out_of_range_values(name: str, raw: str) -> None:
     with pytest.raises(SettingsError, match=name):
         load_settings({name: raw})
+
+
+def test_a_kubernetes_node_name_with_dots_is_the_node_name() -> None:
+    # EKS names nodes ip-10-0-1-23.ec2.internal, and the DaemonSet passes spec.nodeName as it is.
+    node = "ip-10-0-1-23.ec2.internal"
+    assert load_settings({"SHOAL_NODE_NAME": node}).agent.node_name == node
 
 
 def test_settings_error_is_a_value_error() -> None:

@@ -39,6 +39,20 @@ def test_an_agent_publishes_its_own_events_and_no_command() -> None:
         assert not may_publish(AGENT, subject), subject
 
 
+def test_a_node_named_with_dots_is_one_token_of_its_subjects() -> None:
+    node = "ip-10-0-1-23.ec2.internal"  # EKS
+    for subject in (subjects.agent_heartbeat(node), subjects.agent_inventory(node), subjects.task_progress(node)):
+        assert subject.count(".") == 3, subject
+        assert may_publish(AGENT, subject, node=node)
+        assert not may_publish(AGENT, subject, node="ip-10-0-1-24.ec2.internal")
+    assert natsauth.matches(subjects.AGENT_HEARTBEATS, subjects.agent_heartbeat(node))
+    task = subjects.node_task(node, "default", "d")
+    assert natsauth.matches(f"{subjects.TASK_PREFIX}.*.default.d", task)
+    durable = subjects.task_durable(node, "default", "d")
+    assert "." not in durable
+    assert may_publish(AGENT, natsauth.consumer_create_subject(subjects.STREAM_TASKS, durable, task), node=node)
+
+
 def test_the_observer_subscribes_to_facts_and_nothing_else() -> None:
     observer = natsauth.permissions(OBSERVER)
     assert observer.publish == ()

@@ -27,6 +27,7 @@ from services.runtime.domain import (
     apply_runtime,
     change_errors,
     node_capacity,
+    node_errors,
     ready_nodes,
     replicas_errors,
     runtime_status,
@@ -439,3 +440,13 @@ def test_mounted_condition_names_the_nodes_whose_mount_is_not_serving() -> None:
     assert mounted.status == "True" and status.message == ""
     # No node reports the mount (the dataset is not bound): no condition at all.
     assert [c.type for c in status_of(runtime, [agent("node-a")], conditions=status.conditions).conditions] == []
+
+
+@pytest.mark.parametrize("node", ["node-a", "ip-10-0-1-23.ec2.internal", "a" * 63 + ".b"])
+def test_kubernetes_node_names_are_agents(node: str) -> None:
+    assert node_errors(node) == []
+
+
+@pytest.mark.parametrize("node", ["", "Node-A", "node_a", "node.", "a" * 254])
+def test_a_heartbeat_from_no_node_name_is_refused(node: str) -> None:
+    assert node_errors(node)
