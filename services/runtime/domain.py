@@ -431,11 +431,13 @@ class CacheSample:
 
 
 def cache_sample(runtime: Runtime, status: RuntimeStatus, nodes: Sequence[NodeCache]) -> CacheSample:
-    """The bytes cached on the current workers over their tiers' quota, and every node's read counters."""
-    workers = {worker.node for worker in status.workers}
+    """The bytes cached on the current workers over their tiers' quota, and every node's read counters. With no
+    worker (scaled to 0) every ready node caches for itself, so their caches are the ones measured: otherwise a
+    runtime at 0 would read as an empty cache and never grow back on ``targetCacheUsedPercent``."""
+    holders = {worker.node for worker in status.workers} or set(status.ready_nodes)
     return CacheSample(
-        cached_bytes=sum(node.cached_bytes for node in nodes if node.node in workers),
-        capacity_bytes=node_capacity(runtime) * len(workers),
+        cached_bytes=sum(node.cached_bytes for node in nodes if node.node in holders),
+        capacity_bytes=node_capacity(runtime) * len(holders),
         reads={node.node: (node.local_read_bytes + node.remote_read_bytes, node.store_read_bytes) for node in nodes},
     )
 

@@ -194,3 +194,18 @@ def test_describe_runtime_shows_the_measures_and_the_decisions() -> None:
     assert "Autoscaling" not in describe_runtime(RuntimeRecord(runtime=make_runtime(), generation=1))
     waiting = describe_runtime(RuntimeRecord(runtime=runtime, generation=1))
     assert "Autoscaling:\n  <not evaluated yet>" in waiting
+
+
+def test_grows_back_from_no_workers_when_the_nodes_caches_fill() -> None:
+    # minReplicas 0: with no worker every serving node caches for itself, and those caches are what fills up.
+    runtime = Runtime(metadata=ObjectMeta(name="d"),
+                      spec=RuntimeSpec(replicas=0,
+                                       tieredstore=TieredStore(levels=[Level(mediumtype="MEM", quota="4Mi")])))
+    status = RuntimeStatus(ready_nodes=["a", "b"])
+    nodes = [NodeCache(node="a", cached_bytes=4 * MI, local_read_bytes=5, store_read_bytes=50),
+             NodeCache(node="b", cached_bytes=3 * MI, local_read_bytes=5, store_read_bytes=50)]
+    taken = cache_sample(runtime, status, nodes)
+    assert (taken.cached_bytes, taken.capacity_bytes) == (7 * MI, 8 * MI)
+    policy = AutoscalingPolicy(min_replicas=0, max_replicas=3, target_cache_used_percent=60, cool_down_seconds=30)
+    choice = autoscale(policy, 0, taken, {"a": (0, 0), "b": (0, 0)}, state(), NOW)
+    assert choice.replicas == 1, choice.reason
