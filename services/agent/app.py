@@ -10,7 +10,8 @@ restarted with backoff (reset after a minute of stable running). Its stale mount
 process has loaded everything and moves its mount in beneath it (``services.agent.handover``), so readers get an
 error, never an empty folder. On stop every mount process gets SIGTERM, any mount left behind is removed with
 ``fusermount3 -u -z``, and the bare mount point is removed. A deleted dataset is unmounted at once (its mount process
-deletes its cached blocks; the agent deletes those a dead one left); one that merely stops being Bound (its runtime
+deletes its cached blocks; the agent deletes those a dead one left, and at its start those of datasets deleted
+while it was down, found in the tiers of the runtimes that exist); one that merely stops being Bound (its runtime
 briefly NotReady, e.g. while this agent restarts) keeps its mount for a grace period, so readers are not cut off
 by a blip.
 
@@ -61,6 +62,7 @@ from libs.supervisor import Supervisor
 from libs.telemetry import get_logger
 from services.agent import budget, domain
 from services.agent.cache import BlockCache
+from services.agent.cache.tiers import MARKER
 from services.agent.handover import remove_mountpoint
 from services.agent.links import existing_links, make_link, remove_link
 from services.agent.metrics import NodeMetrics, dir_health, remove_target
@@ -138,6 +140,9 @@ class NodeAgent:
     # The tiers of caches that stopped mounts left on disk for datasets that still exist (their runtime went
     # first): freed when the dataset is deleted, dropped when it is mounted again. Lost with the agent.
     left_caches: dict[tuple[str, str], list[Level]] = field(default_factory=dict)
+    # Whether the tiers were searched, at the first look after the watches caught up, for the caches of datasets
+    # deleted while this agent was down (no process of the node was there to free them then).
+    swept: bool = False
     served: list[tuple[str, str]] = field(default_factory=list)
     supervisor: Supervisor[Process] = field(default_factory=lambda: Supervisor(lambda p: p.returncode))
     # Where mount processes write their status files; a folder of this agent's own, removed on stop.
@@ -184,6 +189,10 @@ class NodeAgent:
     async def reconcile(self) -> None:
         if not (self.runtimes.ready.is_set() and self.datasets.ready.is_set()):
             return
+        if not self.swept:
+            self.swept = True
+            for ref, levels in sorted((await asyncio.to_thread(self._deleted_caches)).items()):
+                await self._free_cache(*ref, levels=levels)
         self.served = domain.served_runtimes(self.runtimes.values.values(), self.settings.agent.runtimes)
         wanted = domain.wanted_mounts(self.datasets.values.values(), self.served)
         now = time.monotonic()
@@ -407,6 +416,21 @@ class NodeAgent:
             log.warning("could not free the cache of a deleted dataset", dataset=suffix, error=str(err))
             return
         log.info("deleted dataset's cache freed", dataset=suffix, blocks=freed)
+
+    def _deleted_caches(self) -> dict[tuple[str, str], list[Level]]:
+        """The caches, in the disk tiers of the runtimes that exist, of datasets that do not (deleted while this
+        agent was down), each with the tiers it was found in. Only folders a cache made (holding its ``MARKER``)
+        count, so another agent's subdir or a folder that is not Shoal's is never taken for one."""
+        found: dict[tuple[str, str], list[Level]] = {}
+        for record in self.runtimes.values.values():
+            levels = record.runtime.spec.tieredstore.levels
+            paths = [d.strip() for level in levels if level.mediumtype != "MEM" for d in level.path.split(",")]
+            for path in filter(None, paths):
+                for marker in (Path(path) / self.settings.agent.cache_subdir).glob(f"*/*/{MARKER}"):
+                    ref = (marker.parent.parent.name, marker.parent.name)
+                    if subjects.resource_key(*ref) not in self.datasets.values:
+                        found.setdefault(ref, levels)
+        return found
 
     def _mount_reports(self) -> list[MountReport]:
         reports = []

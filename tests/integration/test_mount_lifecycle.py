@@ -23,14 +23,15 @@ from libs import subjects
 from libs.bus import MESSAGE_LIMIT, Bus, kv_load
 from libs.config import Settings
 from libs.events.common import ObjectMeta, format_bytes
-from libs.events.dataset import Dataset, DatasetApply, DatasetResync, DatasetSpec, Mount
+from libs.events.dataset import Dataset, DatasetApply, DatasetDelete, DatasetResync, DatasetSpec, Mount
+from libs.events.runtime import Level, Runtime, RuntimeApply, RuntimeSpec, TieredStore
 from libs.inventory import DatasetInventory
 from libs.manifest import ManifestStore
 from services.agent import app as agent_app
 from tests.conftest import NatsServer, SeaweedServer, put_objects
 from tests.faults import CuttableProxy
-from tests.helpers import eventually, runtime_record
-from tests.integration.agent_stack import md5, mounted_paths, node_stack, read_file, run_tool
+from tests.helpers import dataset_record, eventually, runtime_record
+from tests.integration.agent_stack import cluster_stack, md5, mounted_paths, node_stack, read_file, run_tool
 from tests.integration.test_agent_cache import InventoryWatch, mount_pids
 
 # The CLI of the interpreter running the tests (its venv), wherever the checkout is.
@@ -376,6 +377,46 @@ async def test_a_dataset_deleted_after_its_runtime_still_has_its_cached_blocks_f
         await run_tool(SHOAL, "--nats", ",".join(settings.nats.urls), "delete", "dataset", "orphan")
         await eventually(lambda: _async(not cache.exists()), timeout=30,
                          what="the agent freeing the blocks of the runtime-less dataset")
+
+
+async def test_a_dataset_deleted_while_the_agent_was_down_has_its_blocks_freed_when_it_comes_back(
+        bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path) -> None:
+    # Nothing of the node ran when the delete was handled: the agent, back, finds the blocks of a dataset that no
+    # longer exists in its runtime's tiers and frees them; those of a dataset that exists stay for its mount.
+    objects = {f"d{i}.bin": os.urandom(1_500_000) for i in range(2)}
+    await put_objects(seaweedfs, bucket, objects)
+    async with cluster_stack(bus, settings, seaweedfs, tmp_path, {"n1": {}}) as cluster:
+        level = Level(mediumtype="SSD", quota="256Mi", path=str(cluster.cache_dir), high="0.95", low="0.8")
+        for name in ("gone", "kept"):
+            await bus.publish(subjects.RUNTIME_APPLY, RuntimeApply(runtime=Runtime(
+                metadata=ObjectMeta(name=name),
+                spec=RuntimeSpec(tieredstore=TieredStore(levels=[level]), block_size="1Mi"))))
+            await bus.publish(subjects.DATASET_APPLY, DatasetApply(dataset=Dataset(
+                metadata=ObjectMeta(name=name), spec=DatasetSpec(mounts=[Mount(mount_point=f"s3://{bucket}/")]))))
+        for name in ("gone", "kept"):
+            await cluster.wait_mounted(name, "d1.bin")
+            for key in objects:
+                await read_file(cluster.agents["n1"].mountpoint(name) / key)
+        caches = {name: cluster.cache_dir / "n1" / "default" / name for name in ("gone", "kept")}
+        for cache in caches.values():
+
+            async def on_disk(cache: Path = cache) -> bool:
+                return len(block_files(cache)) >= 4
+
+            await eventually(on_disk, what="blocks on disk")
+        await cluster.stop_agent("n1")
+        await bus.publish(subjects.DATASET_DELETE, DatasetDelete(name="gone"))
+        await eventually(lambda: _async_not(dataset_record(bus, "gone")), what="the dataset deleted")
+        assert len(block_files(caches["gone"])) >= 4  # no process of the node was there to free them
+        cluster.start_agent("n1")
+        await eventually(lambda: _async(not caches["gone"].exists()), timeout=30,
+                         what="the agent back, freeing the blocks of the dataset deleted while it was down")
+        await cluster.wait_mounted("kept", "d1.bin")
+        assert len(block_files(caches["kept"])) >= 4
+
+
+async def _async_not(value: Any) -> bool:
+    return not await value
 
 
 async def test_a_resync_right_after_a_nats_server_restart_reaches_the_running_mount(
