@@ -313,6 +313,15 @@ def pick_workers(runtime: Runtime, current: Sequence[CacheWorker], agents: Mappi
     return picked, not_picked
 
 
+def can_add_worker(runtime: Runtime, current: Sequence[CacheWorker], agents: Mapping[str, AgentRecord], now: float,
+                   placement: Placement = Placement(), others: Iterable[OtherRuntime] = ()) -> bool:
+    """Whether one more replica would get a worker: a fresh, healthy, eligible agent not picked yet. Without one,
+    growing leaves the replicas unfilled (the runtime PartialReady) and the cache as it was."""
+    grown = msgspec.structs.replace(runtime.spec, replicas=max(runtime.spec.replicas, 0) + 1)
+    picked, _ = pick_workers(msgspec.structs.replace(runtime, spec=grown), current, agents, now, placement, others)
+    return len(picked) == grown.replicas
+
+
 def worker_status(runtime: Runtime, nodes: Iterable[str], agents: Mapping[str, AgentRecord],
                   now: float) -> list[CacheWorker]:
     """Each worker's readiness (a fresh, healthy heartbeat) and the peer URL of its mount of the dataset."""
@@ -428,9 +437,12 @@ class CacheSample:
     cached_bytes: int
     capacity_bytes: int
     reads: ReadCounters
+    # Whether an agent could become one more worker (``can_add_worker``): growing without one changes nothing.
+    spare: bool = True
 
 
-def cache_sample(runtime: Runtime, status: RuntimeStatus, nodes: Sequence[NodeCache]) -> CacheSample:
+def cache_sample(runtime: Runtime, status: RuntimeStatus, nodes: Sequence[NodeCache],
+                 spare: bool = True) -> CacheSample:
     """The bytes cached on the current workers over their tiers' quota, and every node's read counters. With no
     worker (scaled to 0) every ready node caches for itself, so their caches are the ones measured: otherwise a
     runtime at 0 would read as an empty cache and never grow back on ``targetCacheUsedPercent``."""
@@ -439,6 +451,7 @@ def cache_sample(runtime: Runtime, status: RuntimeStatus, nodes: Sequence[NodeCa
         cached_bytes=sum(node.cached_bytes for node in nodes if node.node in holders),
         capacity_bytes=node_capacity(runtime) * len(holders),
         reads={node.node: (node.local_read_bytes + node.remote_read_bytes, node.store_read_bytes) for node in nodes},
+        spare=spare,
     )
 
 
@@ -478,8 +491,8 @@ def autoscale(policy: AutoscalingPolicy, replicas: int, sample: CacheSample, pre
     - Outside ``[minReplicas, maxReplicas]`` (a re-applied spec): back to the nearest bound at once.
     - Pressure, while the dataset is read (bytes read since the previous look): the workers' cache is at least
       ``targetCacheUsedPercent`` full, or fewer than ``targetHitRatioPercent`` of the bytes read came from a
-      cache. Pressure grows the workers by one, unless at ``maxReplicas`` or within ``coolDownSeconds`` of the
-      last change (the new worker needs that long to join the ring and fill).
+      cache. Pressure grows the workers by one, unless at ``maxReplicas``, with no agent to become that worker,
+      or within ``coolDownSeconds`` of the last change (the new worker needs that long to join the ring and fill).
     - No pressure for ``coolDownSeconds`` (and as long since the last change): shrink by one, down to
       ``minReplicas``. A first look counts as pressure-free from then on, so a runtime is not shrunk at once.
     """
@@ -513,6 +526,8 @@ def autoscale(policy: AutoscalingPolicy, replicas: int, sample: CacheSample, pre
         why = "; ".join(pressure)
         if replicas >= high:
             return ScaleChoice(replicas, f"{why}, but already at maxReplicas {high}", seen)
+        if not sample.spare:
+            return ScaleChoice(replicas, f"{why}, but no agent can become another worker (see notPicked)", seen)
         if since_scale < cool:
             return ScaleChoice(replicas, f"{why}; cooling down {cool - since_scale:.0f} s more", seen)
         return change(replicas + 1, f"grow: {why} (max {high})")

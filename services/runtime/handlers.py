@@ -259,9 +259,13 @@ class RuntimeHandlers:
         policy = record.runtime.spec.autoscaling
         assert policy is not None
         dataset = self.datasets.values.get(key)
-        sample = domain.cache_sample(record.runtime, record.status, dataset.status.nodes if dataset else [])
+        now = self.clock()
+        agents = {agent.heartbeat.node: agent for agent in self._agents()}
+        spare = domain.can_add_worker(record.runtime, record.status.workers, agents, now, self.placement(key),
+                                      self.others(key))
+        sample = domain.cache_sample(record.runtime, record.status, dataset.status.nodes if dataset else [], spare)
         choice = domain.autoscale(policy, record.runtime.spec.replicas, sample, self.read_counters.get(key),
-                                  record.status.autoscaling, self.clock())
+                                  record.status.autoscaling, now)
         self.read_counters[key] = sample.reads
         if choice.state != record.status.autoscaling:
             # Saved before the apply: the cool-down holds from now even if the apply takes a while to land.

@@ -16,9 +16,9 @@ from nats.aio.msg import Msg
 
 from libs import subjects
 from libs.bus import Bus, Delivery
-from libs.events.agent import AgentRecord
-from libs.events.common import ObjectMeta
-from libs.events.dataset import DatasetRecord
+from libs.events.agent import AgentHeartbeat, AgentRecord
+from libs.events.common import ObjectMeta, ObjectRef
+from libs.events.dataset import Dataset, DatasetRecord, DatasetSpec, DatasetStatus, Mount, NodeCache
 from libs.events.runtime import (
     AutoscalingPolicy,
     Level,
@@ -37,6 +37,7 @@ from tests.conftest import NatsServer
 from tests.helpers import FactCollector, make_settings, running, runtime_record, unwatched_mirror
 
 NAME = "scaled"
+MiB = 1024 * 1024
 # Below its minReplicas: the autoscaler's first look brings it up to 2 at once, without any reads to fake.
 POLICY = AutoscalingPolicy(min_replicas=2, max_replicas=3, target_cache_used_percent=80)
 
@@ -85,6 +86,41 @@ async def test_the_autoscalers_change_keeps_a_spec_applied_after_it_looked(bus: 
     assert record.runtime.spec.replicas == 2
     assert record.runtime.spec.tieredstore.levels[0].quota == "2Gi"  # the user's apply, not the view's 1Gi
     assert (record.generation, record.command_sequence) == (3, 3)
+
+
+async def test_the_autoscaler_grows_no_further_than_the_agents_that_can_be_workers(bus: Bus) -> None:
+    # One agent, a worker already, its cache full while read: another replica would find no agent, leaving the
+    # runtime PartialReady ("1 of 2 agents ready") and replicas climbing to maxReplicas for nothing.
+    handlers = await handlers_of(bus)
+    now = [1_700_000_000.0]
+    handlers.clock = lambda: now[0]
+    key = subjects.resource_key("default", NAME)
+    policy = AutoscalingPolicy(min_replicas=1, max_replicas=3, target_cache_used_percent=50, cool_down_seconds=1)
+    await handlers.apply(RuntimeApply(runtime=mem_runtime("4Mi", autoscaling=policy)),
+                         delivered(subjects.RUNTIME_APPLY, 1))
+    beat = AgentHeartbeat(node="n1", runtimes=[ObjectRef(name=NAME)], interval_seconds=3600.0)
+    handlers.agents.values["n1"] = AgentRecord(heartbeat=beat, received_at=now[0])
+    await handlers.refresh(key, handlers._agents())
+    assert [worker.node for worker in (await stored(bus)).status.workers] == ["n1"]
+
+    sent: asyncio.Queue[Msg] = asyncio.Queue()
+    subscription = await bus.nc.subscribe(subjects.RUNTIME_COMMANDS, cb=sent.put)
+    try:
+        for look, read in enumerate((10 * MiB, 20 * MiB, 30 * MiB)):
+            now[0] += 10 * look  # past the cool-down at every look
+            handlers.datasets.values[key] = DatasetRecord(
+                dataset=Dataset(metadata=ObjectMeta(name=NAME), spec=DatasetSpec(mounts=[Mount(mount_point="s3://b/")])),
+                generation=1, status=DatasetStatus(nodes=[NodeCache(node="n1", cached_bytes=4 * MiB,
+                                                                     store_read_bytes=read)]))
+            await handlers.autoscale(key, await stored(bus))
+        await bus.nc.flush()
+        await asyncio.sleep(0.2)
+        assert sent.empty(), msgspec.json.decode(sent.get_nowait().data)
+    finally:
+        await subscription.unsubscribe()
+    record = await stored(bus)
+    assert record.runtime.spec.replicas == 1 and record.status.phase == "Ready"
+    assert record.status.autoscaling is not None and record.status.autoscaling.cache_used_percent == 100.0
 
 
 async def test_a_scale_delivered_again_behind_a_newer_apply_is_not_applied(bus: Bus) -> None:

@@ -9,7 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from libs.cli.render import describe_runtime
-from libs.events.common import ObjectMeta
+from libs.events.agent import AgentHeartbeat, AgentRecord
+from libs.events.common import ObjectMeta, ObjectRef
 from libs.events.dataset import NodeCache
 from libs.events.runtime import (
     AutoscalingPolicy,
@@ -29,6 +30,7 @@ from services.runtime.domain import (
     CacheSample,
     autoscale,
     cache_sample,
+    can_add_worker,
     read_window,
     validate_runtime,
 )
@@ -209,3 +211,24 @@ def test_grows_back_from_no_workers_when_the_nodes_caches_fill() -> None:
     policy = AutoscalingPolicy(min_replicas=0, max_replicas=3, target_cache_used_percent=60, cool_down_seconds=30)
     choice = autoscale(policy, 0, taken, {"a": (0, 0), "b": (0, 0)}, state(), NOW)
     assert choice.replicas == 1, choice.reason
+
+
+def test_pressure_grows_only_when_an_agent_can_become_the_new_worker() -> None:
+    choice = autoscale(POLICY, 1, CacheSample(cached_bytes=70, capacity_bytes=100, reads={"a": (10, 90)},
+                                              spare=False), {"a": (0, 0)}, state(), NOW)
+    assert choice.replicas == 1 and choice.decision is None
+    assert choice.reason.endswith("but no agent can become another worker (see notPicked)"), choice.reason
+
+
+def test_an_agent_can_become_a_worker_when_fresh_healthy_eligible_and_not_one_yet() -> None:
+    runtime = Runtime(metadata=ObjectMeta(name="d"), spec=RuntimeSpec(
+        replicas=1, tieredstore=TieredStore(levels=[Level(mediumtype="MEM", quota="4Mi")])))
+
+    def agent(node: str, healthy: bool = True) -> AgentRecord:
+        beat = AgentHeartbeat(node=node, runtimes=[ObjectRef(name="d")], healthy=healthy, interval_seconds=5.0)
+        return AgentRecord(heartbeat=beat, received_at=NOW)
+
+    workers = [CacheWorker(node="a")]
+    assert not can_add_worker(runtime, workers, {"a": agent("a")}, NOW)
+    assert not can_add_worker(runtime, workers, {"a": agent("a"), "b": agent("b", healthy=False)}, NOW)
+    assert can_add_worker(runtime, workers, {"a": agent("a"), "b": agent("b")}, NOW)
