@@ -11,6 +11,8 @@
 | KV shoal_dataset_bindings | every key (watch) | WatchedBindings: the runtimes' phases an apply and a sync read |
 | KV shoal_runtimes | every key (watch) | WatchedPolicies: the runtimes' metadataSyncPolicy (a change wakes) |
 | KV shoal_members | dataset.* (watch; this replica's beat) | Members: which replicas split the syncs |
+| KV shoal_agents | every key (watch) | the agents' last beats: DatasetHandlers.forget_departed_nodes |
+| (timer) | every 10 s | DatasetHandlers.forget_departed_nodes (cache figures of nodes gone, datasets it owns) |
 
 Replicas (each with its own SHOAL_REPLICA_NAME) share the three consumers and split the reconciler's keys
 (``libs.members``): each dataset is listed by one replica, and a replica that goes away hands its datasets over.
@@ -28,14 +30,14 @@ import msgspec
 from nats.js.kv import KeyValue
 
 from libs import metrics, subjects
-from libs.bus import MESSAGE_LIMIT, Consumer, Replay, connect
+from libs.bus import MESSAGE_LIMIT, Consumer, KvMirror, Replay, connect
 from libs.config import Settings
-from libs.events.agent import AnyInventory
+from libs.events.agent import AgentRecord, AnyInventory
 from libs.events.dataset import DatasetCommand
 from libs.events.runtime import RuntimeFact
 from libs.members import Members
 from libs.reconcile import Reconciler
-from libs.service import nats_check, run_loops
+from libs.service import Periodic, nats_check, run_loops
 from libs.side_server import Readiness
 from libs.ufs import open_store
 from services.dataset.census import DatasetCensus
@@ -51,6 +53,9 @@ REPLICAS_OF = "dataset"  # this service's replicas' keys in shoal_members
 # applies moves 256 datasets at a time; well within max_ack_pending (1000), and a fetch's work stays far below the
 # 30 s ack wait.
 LANE_BATCH = 256
+# How often the datasets' statuses are searched for nodes whose agent is gone (a node is gone a minute after its
+# last beat, ``AGENTS_TTL_SECONDS``; this only bounds how much later its figures leave).
+DEPARTED_NODES_SECONDS = 10.0
 
 
 async def run(settings: Settings, stop: asyncio.Event, clock: Callable[[], float] = time.time,
@@ -63,8 +68,9 @@ async def run(settings: Settings, stop: asyncio.Event, clock: Callable[[], float
         references = ReferenceIndex()
         bindings = WatchedBindings(await bus.kv(subjects.KV_BINDINGS), bus.reconnects)
         policies = WatchedPolicies(await bus.kv(subjects.KV_RUNTIMES), bus.reconnects)
+        agents = KvMirror(await bus.kv(subjects.KV_AGENTS), AgentRecord, bus.reconnects)
         handlers = DatasetHandlers(bus, settings, clock, opener, references=references, bindings=bindings,
-                                   policies=policies)
+                                   policies=policies, agents=agents)
         max_bytes, max_deliver = settings.service.max_event_bytes, settings.service.max_deliver
         commands = Consumer(
             bus, subjects.STREAM_COMMANDS, subjects.DURABLE_DATASET_COMMANDS, subjects.DATASET_COMMANDS,
@@ -97,7 +103,10 @@ async def run(settings: Settings, stop: asyncio.Event, clock: Callable[[], float
                                 owner=members)
         handlers.wake = policies.wake = reconciler.schedule
         references.schedule = reconciler.schedule  # a source's change reconciles the references to it
-        await run_loops([members, bindings, policies, commands, runtime_facts, inventory, reconciler], stop,
-                        readiness)
+        departed = Periodic("departed nodes", lambda: handlers.forget_departed_nodes(census.nodes_named(),
+                                                                                     members.owns),
+                            DEPARTED_NODES_SECONDS)
+        await run_loops([members, bindings, policies, agents, commands, runtime_facts, inventory, reconciler,
+                         departed], stop, readiness)
     finally:
         await bus.close()

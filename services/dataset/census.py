@@ -1,5 +1,6 @@
 """The dataset service's gauges, kept equal to the ``shoal_datasets`` bucket: datasets by phase (every phase, 0
-included), and for each dataset synced at least once the objects and bytes its last sync found.
+included), and for each dataset synced at least once the objects and bytes its last sync found. It also keeps the
+nodes each dataset's status names (``nodes_named``): where the sweep of departed nodes looks.
 
 Fed by the reconciler's watch of the bucket (``Reconciler.observe``): no listing and no second watch. Each change
 moves only its dataset's series (a burst of thousands of applies stays linear); the initial values, and a replay
@@ -32,11 +33,16 @@ class _Dataset(msgspec.Struct, frozen=True):
     metadata: _Meta = _Meta()
 
 
+class _Node(msgspec.Struct, frozen=True):
+    node: str = ""
+
+
 class _Status(msgspec.Struct, frozen=True, rename="camel"):
     phase: DatasetPhase = "NotBound"
     file_num: int = 0
     ufs_total_bytes: int = 0
     last_sync_time: str = ""
+    nodes: tuple[_Node, ...] = ()
 
 
 class _Seen(msgspec.Struct, frozen=True):
@@ -81,6 +87,11 @@ class DatasetCensus:
                 self._gathering[entry.key] = seen
             else:
                 self._put(entry.key, seen)
+
+    def nodes_named(self) -> dict[str, set[str]]:
+        """Each dataset whose status names nodes (cache figures) → those nodes."""
+        return {key: {node.node for node in record.status.nodes}
+                for key, record in self.seen.items() if record.status.nodes}
 
     def _reset(self, seen: dict[str, _Seen]) -> None:
         self.seen = seen

@@ -8,7 +8,7 @@ from __future__ import annotations
 import calendar
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import SplitResult, urlsplit
@@ -16,6 +16,7 @@ from urllib.parse import SplitResult, urlsplit
 import msgspec
 
 from libs import subjects
+from libs.events.agent import AgentRecord
 from libs.events.common import DECODE_ERRORS, DNS1123_LABEL, DNS1123_SUBDOMAIN, dns_label_errors, format_bytes
 from libs.events.dataset import (
     CacheStates,
@@ -615,10 +616,25 @@ def takes_cache_states(before: DatasetStatus, after: DatasetStatus) -> bool:
 
 
 def with_cache_states(status: DatasetStatus, cache: DatasetInventory) -> DatasetStatus:
-    if not cache.nodes:
+    """The status with the cache figures of ``cache``; unchanged while no node ever reported (the binding's
+    capacity stays), zero once the last node that had is gone."""
+    if not cache.nodes and not status.nodes:
         return status
     return msgspec.structs.replace(status, cache_states=cache_states(cache, status.ufs_total_bytes),
                                    nodes=node_caches(cache))
+
+
+def departed_nodes(named: Iterable[str], agents: Mapping[str, AgentRecord], now: float, ttl: float) -> set[str]:
+    """The nodes of ``named`` whose agent is gone: no heartbeat within ``ttl`` seconds (its record expired, or a
+    node removed from the cluster stopped beating). Their cache left with them."""
+    return {node for node in named if (agent := agents.get(node)) is None or now - agent.received_at > ttl}
+
+
+def without_nodes(cache: DatasetInventory, nodes: Collection[str]) -> DatasetInventory:
+    """``cache`` without the figures of ``nodes``; the same object when it has none of them."""
+    if not any(node in cache.nodes for node in nodes):
+        return cache
+    return DatasetInventory(nodes={name: node for name, node in cache.nodes.items() if name not in nodes})
 
 
 # --- Reference datasets (dataset://<namespace>/<name>, libs.references) ---

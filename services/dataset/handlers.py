@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import msgspec
@@ -18,9 +18,11 @@ from opentelemetry import trace
 
 from libs import metrics, subjects
 from libs.bus import (
+    AGENTS_TTL_SECONDS,
     Bus,
     Conflict,
     Delivery,
+    KvMirror,
     Permanent,
     Replay,
     RetryLater,
@@ -30,7 +32,7 @@ from libs.bus import (
     kv_save,
 )
 from libs.config import Settings
-from libs.events.agent import AnyInventory, InventoryRequest, upgrade
+from libs.events.agent import AgentRecord, AnyInventory, InventoryRequest, upgrade
 from libs.events.dataset import (
     Dataset,
     DatasetAccepted,
@@ -84,9 +86,13 @@ class DatasetHandlers:
     bindings: WatchedBindings | None = None
     # The runtimes' specs (metadataSyncPolicy) in memory, the same way.
     policies: WatchedPolicies | None = None
+    # The agents' last heartbeats (app.py runs its watch): which nodes are gone (``forget_departed_nodes``).
+    agents: KvMirror[AgentRecord] | None = None
     # When each dataset was last listed, by this process's clock: an unchanged autoSync listing writes nothing, so
     # the record cannot say it (after a restart the period counts from lastSyncTime).
     _listed_at: dict[str, float] = field(default_factory=dict, init=False)
+    # When this process first saw the agents' heartbeats (``forget_departed_nodes`` waits one TTL from then).
+    _agents_since: float | None = field(default=None, init=False)
     _tracer: trace.Tracer = field(default_factory=lambda: tracer(__name__), init=False)
     _syncing: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(SYNC_CONCURRENCY), init=False)
     # Fed by the reconciler's watch (app.py) and by this process's own status writes.
@@ -314,6 +320,40 @@ class DatasetHandlers:
             request = InventoryRequest(node=event.node, dataset=ref)
             await self.bus.publish_core(subjects.INVENTORY_REQUEST, request)
         await self._update_status(key, lambda record: domain.with_cache_states(record.status, folded))
+
+    async def forget_departed_nodes(self, named: Mapping[str, set[str]], owns: Callable[[str], bool]) -> None:
+        """Drop from each dataset (of those ``named`` → the nodes its status names, that this replica owns) the
+        cache figures of nodes whose agent is gone: a node removed from the cluster sends no last inventory, and
+        its bytes would count in ``cached`` and ``cachedPercentage`` for ever. A node that comes back is asked for
+        a snapshot at its first inventory event (a gap), which brings its figures back."""
+        if self.agents is None or not self.agents.ready.is_set():
+            return
+        now = self.clock()
+        if self._agents_since is None:
+            self._agents_since = now
+        if now - self._agents_since < AGENTS_TTL_SECONDS:
+            return  # after a full outage, live agents have beaten again within this
+        for key, nodes in sorted(named.items()):
+            gone = domain.departed_nodes(nodes, self.agents.values, now, AGENTS_TTL_SECONDS)
+            if gone and owns(key):
+                await self._forget_nodes(key, gone)
+
+    async def _forget_nodes(self, key: str, nodes: set[str]) -> None:
+        kv = await self.bus.kv(subjects.KV_NODE_CACHE)
+        for _ in range(CAS_ATTEMPTS):
+            current, revision = await kv_load(kv, key, DatasetInventory)
+            kept = domain.without_nodes(current or DatasetInventory(), nodes)
+            if current is None or kept is current:
+                break
+            try:
+                await kv_save(kv, key, kept, revision)
+            except Conflict:
+                continue
+            break
+        else:
+            raise Conflict(f"{key}: node cache update lost {CAS_ATTEMPTS} times in a row")
+        log.info("nodes gone, their cache figures dropped", dataset=key, nodes=sorted(nodes))
+        await self._update_status(key, lambda record: domain.with_cache_states(record.status, kept))
 
     # --- metadata sync (called by the reconciler) ---
 

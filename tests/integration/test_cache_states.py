@@ -1,24 +1,28 @@
 """Status where the bytes are: the dataset service folds inventory counters from two nodes (real nats-server)
 into ``cacheStates`` hit ratios (local, remote, store) and ``status.nodes``; the CLI's describe lists them. The
 figures come back from the folded inventory when the dataset binds again, and follow a resync's new size, with no
-new inventory event (an agent whose cache did not change sends none).
+new inventory event (an agent whose cache did not change sends none). A node whose agent is gone leaves them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
+import msgspec
+import pytest
 from click.testing import CliRunner
 
 from libs import subjects
-from libs.bus import Bus
+from libs.bus import Bus, kv_load
 from libs.cli.main import cli
 from libs.config import Settings
-from libs.events.agent import CacheCounters, InventoryDelta, InventorySnapshot
+from libs.events.agent import AgentHeartbeat, AgentRecord, CacheCounters, InventoryDelta, InventorySnapshot
 from libs.events.common import ObjectMeta, ObjectRef
 from libs.events.dataset import Dataset, DatasetApply, DatasetRecord, DatasetResync, DatasetSpec, Mount, NodeCache
 from libs.events.runtime import RuntimePhase, RuntimeStatus, RuntimeStatusChanged
+from libs.inventory import DatasetInventory
 from services.dataset import app as dataset_app
 from tests.conftest import SeaweedServer, put_objects
 from tests.helpers import dataset_record, eventually, running
@@ -120,3 +124,40 @@ async def test_cache_states_come_back_from_the_fold_on_binding_again_and_follow_
         await bus.publish(subjects.DATASET_RESYNC, DatasetResync(name="model"))
         record = await status_where(bus, lambda r: r.status.ufs_total_bytes == 2000)
         assert record.status.cache_states.cached_percentage == "50.0%"
+
+
+async def test_a_node_whose_agent_is_gone_leaves_the_cache_figures(
+        bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A node removed from the cluster sends no last inventory: a minute after its agent's last heartbeat (and a
+    minute after the service first saw the heartbeats), its bytes leave ``cached`` and ``status.nodes``."""
+    monkeypatch.setattr(dataset_app, "DEPARTED_NODES_SECONDS", 0.1)
+    now = [time.time()]
+    agents = await bus.kv(subjects.KV_AGENTS)
+
+    async def beat(node: str) -> None:
+        record = AgentRecord(heartbeat=AgentHeartbeat(node=node), received_at=now[0])
+        await agents.put(node, msgspec.json.encode(record))
+
+    await put_objects(seaweedfs, bucket, {"model.bin": b"m" * 1000})
+    await beat("node-a")
+    await beat("node-b")
+    async with running(lambda stop: dataset_app.run(settings, stop, clock=lambda: now[0])):
+        await apply_model(bus, bucket)
+        for node, cached in (("node-a", 600), ("node-b", 400)):
+            await bus.publish(subjects.agent_inventory(node), InventorySnapshot(
+                node=node, dataset=DATASET, incarnation=node, seq=1,
+                counters=CacheCounters(cached_bytes=cached, capacity_bytes=4000, miss_bytes=cached)))
+        await status_where(bus, lambda r: r.status.cache_states.cached_percentage == "100.0%")
+
+        now[0] += 90  # node-b's last beat is 90 s old; node-a beats again
+        await beat("node-a")
+        record = await status_where(bus, lambda r: len(r.status.nodes) == 1)
+        assert [node.node for node in record.status.nodes] == ["node-a"]
+        assert (record.status.cache_states.cached, record.status.cache_states.cached_percentage) == ("600B", "60.0%")
+        cache, _ = await kv_load(await bus.kv(subjects.KV_NODE_CACHE), subjects.resource_key("default", "model"),
+                                 DatasetInventory)
+        assert cache is not None and set(cache.nodes) == {"node-a"}
+
+        now[0] += 90  # node-a gone too
+        record = await status_where(bus, lambda r: not r.status.nodes)
+        assert (record.status.cache_states.cached, record.status.cache_states.cached_percentage) == ("0B", "0.0%")

@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from libs.config import S3Settings, Secret
-from libs.events.agent import CacheCounters, InventorySnapshot
+from libs.events.agent import AgentHeartbeat, AgentRecord, CacheCounters, InventorySnapshot
 from libs.events.common import ObjectMeta, ObjectRef
 from libs.events.dataset import (
     CacheStates,
@@ -46,6 +46,7 @@ from services.dataset.domain import (
     apply_dataset,
     cache_states,
     dataset_phase,
+    departed_nodes,
     iso_time,
     needs_sync,
     next_sync,
@@ -58,6 +59,7 @@ from services.dataset.domain import (
     with_binding,
     with_cache_states,
     with_mount_condition,
+    without_nodes,
 )
 
 ACCESS_KEY = "AKIAGOLDENEXAMPLE0001"
@@ -905,6 +907,22 @@ def test_hit_ratios_split_local_remote_and_store_reads_over_every_node() -> None
     states = cache_states(cache, ufs_total_bytes=100)
     assert (states.cache_hit_ratio, states.local_hit_ratio, states.remote_hit_ratio) == ("70.0%", "30.0%", "40.0%")
     assert states.cached == "60B" and states.cached_percentage == "60.0%"
+
+
+def test_nodes_whose_agent_is_gone_are_departed_and_leave_the_fold() -> None:
+    agents = {"node-a": AgentRecord(heartbeat=AgentHeartbeat(node="node-a"), received_at=NOW - 10),
+              "node-b": AgentRecord(heartbeat=AgentHeartbeat(node="node-b"), received_at=NOW - 61)}
+    assert departed_nodes({"node-a", "node-b", "node-c"}, agents, NOW, ttl=60) == {"node-b", "node-c"}
+    cache = two_nodes(CacheCounters(cached_bytes=50), CacheCounters(cached_bytes=10))
+    assert without_nodes(cache, {"node-c"}) is cache
+    kept = without_nodes(cache, {"node-b", "node-c"})
+    assert set(kept.nodes) == {"node-a"} and set(cache.nodes) == {"node-a", "node-b"}
+    status = with_cache_states(DatasetStatus(ufs_total_bytes=100), cache)
+    assert with_cache_states(status, kept).cache_states.cached == "50B"
+    gone = with_cache_states(status, without_nodes(cache, {"node-a", "node-b"}))
+    assert (gone.nodes, gone.cache_states.cached, gone.cache_states.cached_percentage) == ([], "0B", "0.0%")
+    fresh = DatasetStatus(ufs_total_bytes=100)
+    assert with_cache_states(fresh, without_nodes(cache, {"node-a", "node-b"})) is fresh  # no node ever reported
 
 
 def test_no_reads_yet_gives_zero_ratios() -> None:
