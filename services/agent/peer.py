@@ -197,10 +197,15 @@ def verify_request(key: bytes, method: str, path: str, query: Mapping[str, str],
         return 401, "signature expired"
     if deadline > now + MAX_EXPIRY_AHEAD_SECONDS:
         return 401, "expiry too far ahead (clock skew?)"
-    expected = sign_request(key, method, path, query, deadline)
-    if not hmac.compare_digest(expected, signature.strip().lower()):
+    if not _same_signature(sign_request(key, method, path, query, deadline), signature.strip().lower()):
         return 403, "bad signature"
     return None
+
+
+def _same_signature(expected: str, given: str) -> bool:
+    """Whether a signature we were sent is the one we computed, in constant time. As bytes: ``compare_digest``
+    raises TypeError on a str with non-ASCII characters, which anyone can put in a header or an answer."""
+    return hmac.compare_digest(expected.encode(), given.encode("utf-8", "replace"))
 
 
 def sign_response(key: bytes, request_signature: str, table_digest: int, length: int, chunk_bytes: int) -> str:
@@ -560,7 +565,7 @@ async def _block(key: bytes, url: str, content: aiohttp.StreamReader, signature:
     if len(words) != 5 or words[0] != "OK":
         raise PeerError(f"peer {url}: malformed answer")
     told_length, chunk_bytes, told_digest, proof = int(words[1]), int(words[2]), int(words[3], 16), words[4]
-    if not hmac.compare_digest(sign_response(key, signature, told_digest, told_length, chunk_bytes), proof):
+    if not _same_signature(sign_response(key, signature, told_digest, told_length, chunk_bytes), proof):
         raise PeerError(f"peer {url}: bad response signature")
     # Before reading: a lying length or chunk size must not make us read or hold more than the block.
     if told_length != length:

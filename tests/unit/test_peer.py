@@ -274,6 +274,21 @@ async def test_unsigned_bad_or_expired_requests_get_no_bytes(peer: tuple[PeerSer
     assert served.calls == []
 
 
+async def test_a_signature_that_is_not_ascii_is_refused_not_a_server_error(
+        peer: tuple[PeerServer, Served, str]) -> None:
+    # Anyone can send any bytes in a header; the comparison must refuse them like any wrong signature (403), not
+    # fail on them (a 500 and a traceback per request).
+    server, served, url = peer
+    expires = int(time.time()) + 30
+    async with aiohttp.ClientSession() as session:
+        for signature in ("é" * 64, "\u0660" * 64):
+            async with session.get(url + PATH, params=block_query(block(0), BLOCK),
+                                   headers={HEADER_EXPIRES: str(expires), HEADER_SIGNATURE: signature}) as response:
+                assert response.status == 403
+                assert (await response.json())["reason"] == "bad signature"
+    assert served.calls == [] and server.refused == 2
+
+
 @pytest.mark.parametrize("mode", ["flip", "resign", "short", "length"])
 async def test_a_lying_peer_is_not_believed(peer: tuple[PeerServer, Served, str], mode: str) -> None:
     _, _, url = peer

@@ -233,6 +233,8 @@ BAD: dict[str, tuple[Script, str]] = {
     "length longer than sent": (lambda s: with_length(preamble(s) + BODY)[:-1000], "ClientPayloadError|cut short"),
     "table cut short": (lambda s: with_length(preamble(s)[:-5]), "cut short"),
     "bad signature": (lambda s: chunked(preamble(s, proof="0" * 64), BODY), "bad response signature"),
+    "signature not ASCII": (lambda s: chunked(f"OK {LENGTH} {CHUNK} {0:016x} {'é' * 64}\n".encode()),
+                            "bad response signature"),
     "spoiled chunk table": (spoiled_table, "chunk table checksum"),
     "tiny chunks": (lambda s: chunked(preamble(s, chunk=16), BODY), "chunks of 16 bytes"),
     "signed for another request": (lambda s: chunked(preamble("0" * 64), BODY), "bad response signature"),
