@@ -128,6 +128,11 @@ class _LinkParser(html.parser.HTMLParser):
 
 def parse_links(page: str) -> list[Link]:
     """Every ``<a href>`` of an HTML page with the text after it on its row."""
+    if "<" in page[page.rfind(">") + 1:]:
+        # A tag (or comment) still open at the end of the page is closed there. Left open, html.parser (before
+        # CPython's fix for CVE-2025-6069) gives it up one '<' at a time, rescanning the rest of the page each
+        # time: quadratic, a hostile 60 KB page held the listing for minutes.
+        page += ">"
     parser = _LinkParser()
     parser.feed(page)
     parser.close()

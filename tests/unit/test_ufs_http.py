@@ -5,6 +5,8 @@ The pages are as the servers write them, long lines included."""
 
 from __future__ import annotations
 
+import time
+
 from libs.ufs.http import (
     Entry,
     answer_matches,
@@ -141,6 +143,16 @@ def test_links_that_lead_back_up_or_away_are_left_out() -> None:
     <a href="%2e%2e/">encoded parent</a><a href="a%2Fb">encoded slash</a><a href="mailto:me@h">mail</a>
     <a name="anchor">no href</a><a href="ok.txt">ok</a>"""
     assert [e.name for e in parse_listing(page, "http://h/data/")] == ["ok.txt"]
+
+
+def test_a_page_ending_inside_a_tag_is_read_in_linear_time() -> None:
+    # html.parser (before the fix for CVE-2025-6069) gives up on a tag still open at the end of the page one '<'
+    # at a time, rescanning the rest each time: a 60 KB page of "<a " took minutes, the listing (and the dataset
+    # service's event loop) with it. An unclosed tag at the end of the page is closed; the links before it count.
+    for tail in ("<a " * 20_000, "<a href=" * 20_000, "<!--<a " * 10_000, "<a b c" * 10_000):
+        started = time.perf_counter()
+        assert [e.name for e in parse_listing('<a href="ok.txt">ok</a> 1\n' + tail, "http://h/")] == ["ok.txt"]
+        assert time.perf_counter() - started < 2.0, tail[:10]
 
 
 def test_a_name_listed_twice_is_one_entry() -> None:
