@@ -70,7 +70,9 @@ HEAD_CONCURRENCY = 16
 # Pin prefixes (see pin_of).
 LAST_MODIFIED = "last-modified:"
 SIZE_ONLY = "size:"
-_EXACT_SIZE = re.compile(r"^\d+$")
+# A byte count as HTTP and listings write it: ASCII digits only (str.isdigit() and \d also take '²', which int()
+# refuses, and other scripts' digits).
+_BYTE_COUNT = re.compile(r"[0-9]+")
 # Files are asked for as stored: a compressed answer would have another size than the one listed, and ranges of
 # it would be ranges of the compressed bytes.
 IDENTITY = {"Accept-Encoding": "identity"}
@@ -154,7 +156,11 @@ def exact_size(detail: str) -> int | None:
     """The byte count a row shows (nginx's default ``autoindex_exact_size``), or None when it shows none or a
     rounded one ("1.2K", "-")."""
     tokens = detail.split()
-    return int(tokens[-1]) if tokens and _EXACT_SIZE.match(tokens[-1]) else None
+    return _byte_count(tokens[-1]) if tokens else None
+
+
+def _byte_count(text: str) -> int | None:
+    return int(text) if _BYTE_COUNT.fullmatch(text) else None
 
 
 def parse_listing(page: str, page_url: str) -> list[Entry]:
@@ -252,17 +258,15 @@ def _total_of_content_range(value: str | None) -> int | None:
     """The full size in ``Content-Range: bytes a-b/total`` (None when absent or '*')."""
     if not value or "/" not in value:
         return None
-    total = value.rpartition("/")[2].strip()
-    return int(total) if total.isdigit() else None
+    return _byte_count(value.rpartition("/")[2].strip())
 
 
 def _length(headers: CIMultiDictProxy[str]) -> int | None:
-    length = headers.get("Content-Length", "").strip()
-    return int(length) if length.isdigit() else None
+    return _byte_count(headers.get("Content-Length", "").strip())
 
 
 def _range_start(value: str | None) -> int | None:
-    match = re.match(r"^\s*bytes\s+(\d+)-\d+/", value or "")
+    match = re.match(r"^\s*bytes\s+([0-9]+)-[0-9]+/", value or "")
     return int(match.group(1)) if match else None
 
 
@@ -484,16 +488,16 @@ class HttpObjectStore:
                     total = _length(response.headers)
                 if etag is not None and not answer_matches(etag, response.headers, total):
                     raise self._changed(key, etag)
-                if status == 206:
-                    return (await response.read())[:length]
-                return await self._slice(response, start, length)
+                # A 206 body starts at ``start``; a 200 body at 0. Either may go on past the range (a server that
+                # ignores its end, or never stops): only the range is read.
+                return await self._slice(response, 0 if status == 206 else start, length)
         except (aiohttp.ClientError, TimeoutError, OSError) as err:
             raise self._unreachable(err, key) from err
 
     @staticmethod
     async def _slice(response: aiohttp.ClientResponse, start: int, length: int) -> bytes:
-        """Bytes ``start`` to ``start + length`` of a whole body (a server without Range), streamed from its
-        beginning and left at the end of the slice: what comes before is read and dropped."""
+        """Bytes ``start`` to ``start + length`` of the body, streamed from its beginning and left at the end of
+        the slice: what comes before is read and dropped, what comes after is never read."""
         skipped = 0
         parts: builtins.list[bytes] = []
         wanted = length
