@@ -626,7 +626,7 @@ async def _receive(url: str, content: aiohttp.StreamReader, length: int, chunk_b
 def _refused(url: str, status: int, body: bytes) -> PeerError:
     try:
         reason = str(json.loads(body).get("reason", ""))
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):  # not JSON, not an object, or nested past the stack
         reason = ""
     # Another manifest or a busy peer says nothing about the peer's health; auth failures do (every request fails).
     return PeerError(f"peer {url} refused ({status}): {reason or 'no reason given'}", cooldown=status in (401, 403))

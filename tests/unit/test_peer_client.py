@@ -245,6 +245,7 @@ BAD: dict[str, tuple[Script, str]] = {
     "store failed behind the peer": (lambda s: chunked(b"\n", b"ERR the store said 503\n"),
                                      "could not get the block: the store said 503"),
     "refused": (lambda s: with_length(b'{"reason": "bad signature"}', "403 Forbidden"), "403.*bad signature"),
+    "refused, the reason nested too deep": (lambda s: with_length(b"[" * 4000, "503 Busy"), "503.*no reason given"),
 }
 
 
