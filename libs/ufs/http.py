@@ -407,7 +407,9 @@ class HttpObjectStore:
             if not final.startswith(self._url):
                 raise UfsError(f"{strip_userinfo(url)} redirects to {strip_userinfo(final)}, outside the mounted "
                                f"folder {self._where}: mount that folder instead")
-        entries = parse_listing(body.decode("utf-8", errors="replace"), final)
+        # In a thread: html.parser takes seconds over a large page (~5 s per million tags), which on the event
+        # loop would stop every other task of the process meanwhile.
+        entries = await asyncio.to_thread(parse_listing, body.decode("utf-8", errors="replace"), final)
         signature = hashlib.sha256("\n".join(f"{e.name}\t{e.folder}\t{e.detail}" for e in entries).encode())
         return final, entries, signature.hexdigest()
 

@@ -8,9 +8,10 @@ import asyncio
 import os
 import ssl
 import sys
+import time
 from asyncio.subprocess import PIPE
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -104,7 +105,21 @@ async def test_a_server_without_range_is_read_whole_and_cut(tmp_path: Path) -> N
 
 
 @asynccontextmanager
-async def lying_server(content_range: str, endless: bool) -> AsyncIterator[str]:
+async def serving(handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> AsyncIterator[str]:
+    """An aiohttp server answering every GET with ``handler``; yields the URL of its folder /data/."""
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", handler)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, LOOPBACK, 0)
+    await site.start()
+    try:
+        yield f"http://{LOOPBACK}:{runner.addresses[0][1]}/data/"
+    finally:
+        await runner.cleanup()
+
+
+def lying_server(content_range: str, endless: bool) -> AbstractAsyncContextManager[str]:
     """A server answering every GET with 206 and ``content_range``: the body 100 bytes, or never ending."""
 
     async def answer(request: web.Request) -> web.StreamResponse:
@@ -116,16 +131,7 @@ async def lying_server(content_range: str, endless: bool) -> AsyncIterator[str]:
         await response.write_eof()
         return response
 
-    app = web.Application()
-    app.router.add_get("/{tail:.*}", answer)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, LOOPBACK, 0)
-    await site.start()
-    try:
-        yield f"http://{LOOPBACK}:{runner.addresses[0][1]}/data/"
-    finally:
-        await runner.cleanup()
+    return serving(answer)
 
 
 async def test_a_range_answer_longer_than_asked_is_cut_not_read_whole() -> None:
@@ -139,6 +145,33 @@ async def test_a_size_in_odd_digits_is_no_size_not_a_crash(content_range: str) -
     # str.isdigit() holds for '²', which int() refuses; Arabic-Indic digits int() reads but HTTP does not have.
     async with lying_server(content_range, endless=False) as url, HttpObjectStore(HttpLocation(url=url)) as store:
         assert await store.get_range("f", 0, 10, "size:100") == bytes(range(10))
+
+
+async def test_a_page_slow_to_parse_does_not_stall_the_event_loop() -> None:
+    # A listing page is parsed in pure Python: ~5 s per million tags. On the event loop, a large (or hostile) page
+    # stopped every other task of the process (the dataset service's other syncs and commands) meanwhile.
+    page = '<a href="f">f</a> 1\n' + "<b>" * 300_000
+
+    async def answer(request: web.Request) -> web.Response:
+        return web.Response(text=page, content_type="text/html")
+
+    gaps: list[float] = []
+
+    async def ticker() -> None:
+        while True:
+            started = time.monotonic()
+            await asyncio.sleep(0.01)
+            gaps.append(time.monotonic() - started)
+
+    async with serving(answer) as url, HttpObjectStore(HttpLocation(url=url)) as store:
+        ticking = asyncio.create_task(ticker())
+        try:
+            started = time.monotonic()
+            assert [info.key for info in await listing(store)] == ["f"]
+            assert time.monotonic() - started > 0.5, "the page parses for a while"
+        finally:
+            ticking.cancel()
+    assert max(gaps) < 0.5
 
 
 async def test_a_listed_file_gone_is_no_such_key_and_a_missing_folder_no_such_bucket(tmp_path: Path) -> None:
