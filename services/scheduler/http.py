@@ -28,6 +28,7 @@ are dropped and it is asked again, so an ordinary PVC next to a dataset's does n
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 import time
 from collections import Counter
@@ -67,12 +68,61 @@ _WAY = {MUTATE: metrics.WAY_WEBHOOK, FILTER: metrics.WAY_FILTER, PRIORITIZE: met
 MAX_BODY = 64 * 1024 * 1024
 
 
+# How often the certificate files are read again for a renewal: the kubelet updates a mounted Secret within
+# about a minute of cert-manager rewriting it, so a renewal is served a minute or two later.
+TLS_RELOAD_SECONDS = 60.0
+
+
 def server_tls(cert_file: str, key_file: str) -> ssl.SSLContext:
     """A server-side TLS context for ``start``: the API server calls webhooks over HTTPS only."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.load_cert_chain(cert_file, key_file)
     return context
+
+
+class RenewedTls:
+    """The server's TLS: the certificate and key files as they are now, read again by ``reload`` when they change.
+
+    A renewal (cert-manager rewrites the Secret; with a self-signed certificate the webhook configuration's
+    caBundle changes at once) must be served without a restart, or the API server stops trusting the webhook
+    and every pod goes unplaced. The listening ``context`` hands each handshake to the newest context that loaded
+    (its SNI callback, called for every handshake), so a pair is swapped whole; files that do not load (a renewal
+    half written) leave the last good pair in place."""
+
+    def __init__(self, cert_file: str, key_file: str) -> None:
+        self.cert_file = cert_file
+        self.key_file = key_file
+        self._files = self._read()
+        self._current = server_tls(cert_file, key_file)
+        self.context = server_tls(cert_file, key_file)
+        self.context.sni_callback = self._choose
+
+    def _read(self) -> tuple[bytes, bytes] | None:
+        try:
+            with open(self.cert_file, "rb") as cert, open(self.key_file, "rb") as key:
+                return cert.read(), key.read()
+        except OSError:
+            return None
+
+    def _choose(self, connection: ssl.SSLObject, server_name: str | None, context: ssl.SSLContext) -> None:
+        connection.context = self._current
+
+    def reload(self) -> bool:
+        """Load the files again if they changed; whether the served certificate changed."""
+        files = self._read()
+        if files is None or files == self._files:
+            return False
+        try:
+            renewed = server_tls(self.cert_file, self.key_file)
+        except (OSError, ssl.SSLError) as err:
+            log.warning("renewed TLS certificate not loaded, still serving the previous one", cert=self.cert_file,
+                        error=f"{type(err).__name__}: {err}")
+            self._files = files  # said once per change of the files
+            return False
+        self._files, self._current = files, renewed
+        log.info("TLS certificate reloaded", cert=self.cert_file)
+        return True
 
 
 # ``ScoreRequest.limit`` for a reply that lists every node.
@@ -258,21 +308,26 @@ class HttpLoop:
 
     name = "scheduler-http"
 
-    def __init__(self, http: SchedulerHttp, host: str, port: int, ssl_context: ssl.SSLContext | None) -> None:
+    def __init__(self, http: SchedulerHttp, host: str, port: int, tls: RenewedTls | None,
+                 tls_reload_seconds: float = TLS_RELOAD_SECONDS) -> None:
         self.http = http
         self.host = host
         self.port = port
-        self.ssl_context = ssl_context
+        self.tls = tls
+        self.tls_reload_seconds = tls_reload_seconds
         # The port it listens on once started (``port`` 0 picks a free one).
         self.bound_port = 0
         self._stopping = asyncio.Event()
 
     async def run(self) -> None:
-        self.bound_port = await self.http.start(self.host, self.port, self.ssl_context)
-        log.info("webhook and extender listening", host=self.host, port=self.bound_port,
-                 tls=self.ssl_context is not None)
+        self.bound_port = await self.http.start(self.host, self.port, self.tls.context if self.tls else None)
+        log.info("webhook and extender listening", host=self.host, port=self.bound_port, tls=self.tls is not None)
         try:
-            await self._stopping.wait()
+            while not self._stopping.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), self.tls_reload_seconds)
+                if self.tls is not None and not self._stopping.is_set():
+                    self.tls.reload()
         finally:
             await self.http.stop()
 
@@ -281,10 +336,11 @@ class HttpLoop:
 
 
 def http_loop(answer: Answer, *, host: str, port: int, timeout: float, tls_cert: str = "",
-              tls_key: str = "") -> HttpLoop:
-    """The loop serving ``answer`` on ``host:port``: HTTPS with ``tls_cert`` and ``tls_key``; plain HTTP without
-    (the API server calls webhooks over HTTPS only, so plain HTTP suits an extender on loopback, or tests)."""
-    context = server_tls(tls_cert, tls_key) if tls_cert and tls_key else None
-    if context is None:
+              tls_key: str = "", tls_reload_seconds: float = TLS_RELOAD_SECONDS) -> HttpLoop:
+    """The loop serving ``answer`` on ``host:port``: HTTPS with ``tls_cert`` and ``tls_key`` (read again every
+    ``tls_reload_seconds``, for renewals); plain HTTP without (the API server calls webhooks over HTTPS only, so
+    plain HTTP suits an extender on loopback, or tests)."""
+    tls = RenewedTls(tls_cert, tls_key) if tls_cert and tls_key else None
+    if tls is None:
         log.warning("scheduler http without TLS: the API server will not call a webhook over plain HTTP")
-    return HttpLoop(SchedulerHttp(answer, timeout=timeout), host, port, context)
+    return HttpLoop(SchedulerHttp(answer, timeout=timeout), host, port, tls, tls_reload_seconds)

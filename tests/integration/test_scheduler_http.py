@@ -87,7 +87,10 @@ class Tls:
 def tls(tmp_path_factory: pytest.TempPathFactory) -> Tls:
     """A throwaway self-signed certificate for the webhook's service name and 127.0.0.1 (what the API server
     would trust through the configuration's caBundle)."""
-    folder = tmp_path_factory.mktemp("tls")
+    return self_signed(tmp_path_factory.mktemp("tls"))
+
+
+def self_signed(folder: Path) -> Tls:
     cert, key = folder / "tls.crt", folder / "tls.key"
     subprocess.run(
         ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
@@ -366,6 +369,42 @@ async def test_the_service_loop_serves_until_stopped(tls: Tls) -> None:
     with pytest.raises(aiohttp.ClientConnectorError):
         async with aiohttp.ClientSession() as session:
             await session.get(f"https://127.0.0.1:{port}/healthz")
+
+
+async def test_a_renewed_certificate_is_served_without_a_restart(tmp_path: Path) -> None:
+    # cert-manager renews the Secret (a new self-signed certificate, its CA injected into the webhook configuration
+    # at once): a scheduler that kept serving the old one was no longer trusted, and every pod went unplaced.
+    for folder in ("old", "new", "served"):
+        (tmp_path / folder).mkdir()
+    old, new = self_signed(tmp_path / "old"), self_signed(tmp_path / "new")
+    served = Tls(tmp_path / "served" / "tls.crt", tmp_path / "served" / "tls.key")  # the mounted Secret
+    served.cert.write_bytes(old.cert.read_bytes())
+    served.key.write_bytes(old.key.read_bytes())
+    loop = http_loop(StubScheduler(), host="127.0.0.1", port=0, timeout=2.0, tls_cert=str(served.cert),
+                     tls_key=str(served.key), tls_reload_seconds=0.1)
+    task = asyncio.create_task(loop.run())
+
+    async def health(trusting: Tls) -> bool:
+        try:
+            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=trusting.client())) as session, \
+                    session.get(f"https://127.0.0.1:{port}/healthz") as response:
+                return response.status == 200
+        except aiohttp.ClientConnectorCertificateError:
+            return False
+
+    try:
+        port = await eventually(lambda: _bound(loop.http), what="the scheduler http port")
+        assert await health(old)
+        served.cert.write_text("not a certificate")  # a renewal half written: the old pair stays
+        await asyncio.sleep(0.3)
+        assert await health(old)
+        served.key.write_bytes(new.key.read_bytes())
+        served.cert.write_bytes(new.cert.read_bytes())
+        await eventually(lambda: health(new), timeout=10, what="the renewed certificate served")
+        assert not await health(old)
+    finally:
+        loop.stop()
+        await asyncio.wait_for(task, 10)
 
 
 async def _bound(http: SchedulerHttp) -> int:
