@@ -51,6 +51,7 @@ from libs.ufs.base import (
     ObjectInfo,
     UfsError,
 )
+from libs.ufs.bodies import read_part
 
 
 class ListingLoop(UfsError):
@@ -492,28 +493,10 @@ class HttpObjectStore:
                     raise self._changed(key, etag)
                 # A 206 body starts at ``start``; a 200 body at 0. Either may go on past the range (a server that
                 # ignores its end, or never stops): only the range is read.
-                return await self._slice(response, 0 if status == 206 else start, length)
+                data, _ = await read_part(response.content, 0 if status == 206 else start, length)
+                return data
         except (aiohttp.ClientError, TimeoutError, OSError) as err:
             raise self._unreachable(err, key) from err
-
-    @staticmethod
-    async def _slice(response: aiohttp.ClientResponse, start: int, length: int) -> bytes:
-        """Bytes ``start`` to ``start + length`` of the body, streamed from its beginning and left at the end of
-        the slice: what comes before is read and dropped, what comes after is never read."""
-        skipped = 0
-        parts: builtins.list[bytes] = []
-        wanted = length
-        async for chunk in response.content.iter_chunked(1024 * 1024):
-            if skipped + len(chunk) <= start:
-                skipped += len(chunk)
-                continue
-            piece = chunk[max(0, start - skipped):]
-            skipped = start
-            parts.append(piece[:wanted])
-            wanted -= len(parts[-1])
-            if wanted <= 0:
-                break
-        return b"".join(parts)
 
     # -- errors --
 

@@ -44,6 +44,7 @@ from libs.ufs.base import (
     S3Location,
     UfsError,
 )
+from libs.ufs.bodies import read_part
 
 # Codes S3 and S3-compatible stores use for bad or missing credentials. SeaweedFS answers a wrong secret with
 # SignatureDoesNotMatch and an unknown key id with InvalidAccessKeyId; HEAD has no body, so a bare 403 there.
@@ -306,8 +307,7 @@ class S3ObjectStore:
                             continue
                         break
                     if got + len(piece) > length:
-                        raise UfsError(f"S3 get of '{self._prefix}{key}' in bucket '{self._bucket}' at "
-                                       f"{self._where} answered more than the {length} bytes asked for")
+                        raise self._too_long(key, length)
                     into[got:got + len(piece)] = piece
                     got += len(piece)
         except _CUT:
@@ -354,12 +354,16 @@ class S3ObjectStore:
                     return None
                 if etag is not None and _etag(response.headers.get("ETag", "")) != etag:
                     raise self._changed(key, etag)
-                data = await response.read()
+                # A 206 is the range; a 200 the whole object (a store that ignores Range), of which only the range
+                # is read.
+                data, more = await read_part(response.content, 0 if response.status == 206 else start, length)
+                if more and response.status == 206:
+                    raise self._too_long(key, length)
         except _CUT:
             raise  # tried again on a fresh connection
         except (aiohttp.ClientError, TimeoutError, OSError) as err:
             raise self._error(err, "get", key, etag) from err
-        return data if response.status == 206 else data[start : start + length]
+        return data
 
     async def _presigned_url(self, key: str) -> str:
         now = time.monotonic()
@@ -395,6 +399,10 @@ class S3ObjectStore:
         return NoSuchKey(
             f"object '{self._prefix}{key}' does not exist in bucket '{self._bucket}' at {self._where}"
         )
+
+    def _too_long(self, key: str, length: int) -> UfsError:
+        return UfsError(f"S3 get of '{self._prefix}{key}' in bucket '{self._bucket}' at {self._where} answered more "
+                        f"than the {length} bytes asked for")
 
     def _changed(self, key: str, etag: str) -> ObjectChanged:
         return ObjectChanged(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hashlib
 import os
@@ -10,9 +11,10 @@ import time
 from typing import Any
 
 import pytest
+from aiohttp import web
 
 from libs.config import Secret
-from libs.embedded import free_port
+from libs.embedded import LOOPBACK, free_port
 from libs.ufs import (
     AccessDenied,
     EndpointUnreachable,
@@ -323,3 +325,34 @@ async def test_a_ranged_get_cut_mid_answer_is_sent_again_and_never_marks_the_sto
             assert await store.get_range("blob", 0, 10, etag=etag) == body[:10]  # the next read just works
     finally:
         await proxy.stop()
+
+
+async def test_a_ranged_get_answered_with_more_than_the_range_reads_only_the_range() -> None:
+    # An endpoint that ignores Range (200 with the whole object) or never ends its body: a 10-byte read used to
+    # read (and hold) the whole body first; it now reads up to its range. More than asked in a 206 is refused.
+    async def answer(request: web.Request) -> web.StreamResponse:
+        status = 206 if "partial" in request.path else 200
+        response = web.StreamResponse(status=status, headers={"ETag": '"e"'})
+        await response.prepare(request)
+        await response.write(bytes(range(100)))
+        while True:
+            await response.write(b"x" * 65536)
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", answer)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, LOOPBACK, 0)
+    await site.start()
+    location = S3Location(bucket="b", endpoint_url=f"http://{LOOPBACK}:{runner.addresses[0][1]}",
+                          access_key_id=Secret("AKIDEXAMPLE"), secret_access_key=Secret("not-a-real-secret"))
+    try:
+        async with S3ObjectStore(location) as store:
+            assert await asyncio.wait_for(store.get_range("whole", 5, 10, etag="e"), 10) == bytes(range(5, 15))
+            into = bytearray(10)
+            assert await asyncio.wait_for(store.get_range_into("whole", 5, memoryview(into), etag="e"), 10) == 10
+            assert bytes(into) == bytes(range(5, 15))
+            with pytest.raises(UfsError, match="more than the 10 bytes asked for"):
+                await asyncio.wait_for(store.get_range("partial", 5, 10, etag="e"), 10)
+    finally:
+        await runner.cleanup()
