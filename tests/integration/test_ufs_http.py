@@ -168,10 +168,12 @@ async def test_a_page_slow_to_parse_does_not_stall_the_event_loop() -> None:
         try:
             started = time.monotonic()
             assert [info.key for info in await listing(store)] == ["f"]
-            assert time.monotonic() - started > 0.5, "the page parses for a while"
+            took = time.monotonic() - started
+            assert took > 0.5, "the page parses for a while"
         finally:
             ticking.cancel()
-    assert max(gaps) < 0.5
+    # On the loop, the parse was one gap as long as the whole listing; a busy machine stretches both alike.
+    assert max(gaps) < took / 2, (max(gaps), took)
 
 
 async def test_a_listed_file_gone_is_no_such_key_and_a_missing_folder_no_such_bucket(tmp_path: Path) -> None:
