@@ -28,7 +28,7 @@ import pytest
 
 from libs.events.schedule import NodeScore, ScoreReply, ScoreRequest
 from services.scheduler.http import SchedulerHttp, http_loop, server_tls
-from tests.helpers import eventually
+from tests.helpers import eventually, json_lines, json_logs
 from tests.metric_values import Snapshot
 
 FIXTURES = Path(__file__).parent.parent / "fixtures" / "scheduler"
@@ -371,7 +371,8 @@ async def test_the_service_loop_serves_until_stopped(tls: Tls) -> None:
             await session.get(f"https://127.0.0.1:{port}/healthz")
 
 
-async def test_a_renewed_certificate_is_served_without_a_restart(tmp_path: Path) -> None:
+async def test_a_renewed_certificate_is_served_without_a_restart(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     # cert-manager renews the Secret (a new self-signed certificate, its CA injected into the webhook configuration
     # at once): a scheduler that kept serving the old one was no longer trusted, and every pod went unplaced.
     for folder in ("old", "new", "served"):
@@ -392,11 +393,16 @@ async def test_a_renewed_certificate_is_served_without_a_restart(tmp_path: Path)
         except aiohttp.ClientConnectorCertificateError:
             return False
 
+    async def refused(logs: Any) -> bool:
+        return any(line["event"].startswith("renewed TLS certificate not loaded")
+                   for line in json_lines(logs.getvalue()))
+
     try:
         port = await eventually(lambda: _bound(loop.http), what="the scheduler http port")
         assert await health(old)
-        served.cert.write_text("not a certificate")  # a renewal half written: the old pair stays
-        await asyncio.sleep(0.3)
+        with json_logs(monkeypatch) as logs:
+            served.cert.write_text("not a certificate")  # a renewal half written: the old pair stays
+            await eventually(lambda: refused(logs), what="the half-written renewal read and refused")
         assert await health(old)
         served.key.write_bytes(new.key.read_bytes())
         served.cert.write_bytes(new.cert.read_bytes())
