@@ -457,12 +457,16 @@ def cache_sample(runtime: Runtime, status: RuntimeStatus, nodes: Sequence[NodeCa
 
 def read_window(previous: ReadCounters | None, current: ReadCounters) -> tuple[int, int]:
     """Cache and store bytes read since the previous look; a node whose counters went back (its mount process
-    restarted) counts from zero. Nothing for the first look (no window yet)."""
+    restarted) counts from zero. Nothing for the first look (no window yet), nor for a node the previous look did
+    not see: its counters are its mount's since it started, perhaps long ago (a node whose figures came back after
+    it was gone a while), and counted whole they would look like a burst of reads in one window."""
     if previous is None:
         return 0, 0
     hits = misses = 0
     for node, (hit, miss) in current.items():
-        before_hit, before_miss = previous.get(node, (0, 0))
+        if node not in previous:
+            continue
+        before_hit, before_miss = previous[node]
         restarted = hit < before_hit or miss < before_miss
         hits += hit if restarted else hit - before_hit
         misses += miss if restarted else miss - before_miss

@@ -65,17 +65,17 @@ def test_a_full_cache_nobody_reads_is_no_pressure() -> None:
 
 def test_a_low_hit_ratio_grows() -> None:
     policy = AutoscalingPolicy(min_replicas=1, max_replicas=3, target_hit_ratio_percent=80, cool_down_seconds=30)
-    choice = autoscale(policy, 2, sample(10, reads={"a": (50, 50)}), {}, state(), NOW)
+    choice = autoscale(policy, 2, sample(10, reads={"a": (50, 50)}), {"a": (0, 0)}, state(), NOW)
     assert choice.replicas == 3 and "hit ratio 50.0% < target 80%" in choice.reason
     assert choice.state.hit_ratio_percent == 50.0
 
 
 def test_no_growth_within_the_cool_down_or_past_max() -> None:
     reading = sample(90, reads={"a": (0, 10)})
-    cooling = autoscale(POLICY, 1, reading, {}, state(last_scale=NOW - 10), NOW)
+    cooling = autoscale(POLICY, 1, reading, {"a": (0, 0)}, state(last_scale=NOW - 10), NOW)
     assert cooling.replicas == 1 and "cooling down 20 s more" in cooling.reason
     assert cooling.state.last_pressure_time == NOW  # still pressure: it delays a shrink
-    at_max = autoscale(POLICY, 3, reading, {}, state(), NOW)
+    at_max = autoscale(POLICY, 3, reading, {"a": (0, 0)}, state(), NOW)
     assert at_max.replicas == 3 and "already at maxReplicas 3" in at_max.reason
 
 
@@ -111,9 +111,10 @@ def test_history_is_bounded() -> None:
     assert current.decisions[-1].time == "2023-11-14T22:13:32Z"
 
 
-def test_read_window_counts_a_restarted_mount_from_zero() -> None:
+def test_read_window_counts_a_restarted_mount_from_zero_and_a_node_first_seen_from_the_next_look() -> None:
     assert read_window(None, {"a": (5, 5)}) == (0, 0)
-    assert read_window({"a": (10, 10)}, {"a": (15, 12), "b": (1, 2)}) == (6, 4)
+    assert read_window({"a": (10, 10)}, {"a": (15, 12), "b": (100, 200)}) == (5, 2)
+    assert read_window({"a": (15, 12), "b": (100, 200)}, {"a": (15, 12), "b": (101, 202)}) == (1, 2)
     assert read_window({"a": (10, 10)}, {"a": (3, 1)}) == (3, 1)
 
 
