@@ -437,9 +437,11 @@ class HttpObjectStore:
         does not show either, gets a one-byte ranged GET instead."""
         try:
             async with self._http().head(url, headers=IDENTITY, allow_redirects=True) as response:
+                self._refuse_downgrade(url, response)
                 status, headers = response.status, response.headers
             if status in (405, 501) or (status == 200 and _length(headers) is None and listed_size is None):
                 async with self._http().get(url, headers={"Range": "bytes=0-0", **IDENTITY}) as response:
+                    self._refuse_downgrade(url, response)
                     status, headers = response.status, response.headers
                     if status == 206:
                         total = _total_of_content_range(headers.get("Content-Range"))
@@ -471,6 +473,7 @@ class HttpObjectStore:
             headers.update(conditions(etag))
         try:
             async with self._http().get(url, headers=headers) as response:
+                self._refuse_downgrade(url, response)
                 status = response.status
                 if status == 412 and etag is not None:
                     raise self._changed(key, etag)
@@ -499,6 +502,15 @@ class HttpObjectStore:
             raise self._unreachable(err, key) from err
 
     # -- errors --
+
+    @staticmethod
+    def _refuse_downgrade(url: str, response: aiohttp.ClientResponse) -> None:
+        """A file asked for over https is not taken over plain http (a redirect to ``http://``, a CDN's or an
+        attacker's): its bytes and the headers that pin its version would travel where anyone on the way can
+        change them. Redirects to other https hosts are followed (CDNs)."""
+        if url.startswith("https://") and response.url.scheme != "https":
+            raise UfsError(f"{strip_userinfo(url)} redirects to plain http ({strip_userinfo(str(response.url))}): "
+                           "refused, the file would travel unprotected; fix the server's redirect")
 
     def _check_key(self, key: str) -> None:
         parts = key.split("/")

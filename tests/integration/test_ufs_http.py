@@ -18,7 +18,7 @@ import pytest
 from aiohttp import web
 
 from libs.embedded import LOOPBACK, free_port
-from libs.natssecure import make_certs
+from libs.natssecure import TlsFiles, make_certs
 from libs.ufs.base import (
     EndpointUnreachable,
     HttpLocation,
@@ -245,23 +245,46 @@ asyncio.run(main())
 """
 
 
-async def test_https_folders_are_read_when_their_ca_is_trusted_and_refused_with_a_reason_otherwise(
-        tmp_path: Path) -> None:
+def https_site(tmp_path: Path) -> tuple[Path, TlsFiles, ssl.SSLContext]:
+    """A web folder ``data`` (a.txt, sub/b.txt), a CA and its certificate for 127.0.0.1, and a server context."""
     root = tree(tmp_path / "site" / "data", {"a.txt": b"alpha\n", "sub/b.txt": b"b"})
     (tmp_path / "certs").mkdir()
     certs = make_certs(tmp_path / "certs")
     server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     server_tls.load_cert_chain(certs.cert, certs.key)
+    return root, certs, server_tls
+
+
+async def list_and_read(url: str, certs: TlsFiles) -> tuple[int, str, str]:
+    """``_LIST_AND_READ`` in a process trusting ``certs``' CA: exit code, output, errors."""
+    env = {**os.environ, "SSL_CERT_FILE": str(certs.ca), "PYTHONPATH": os.getcwd()}
+    # Not subprocess.run: the servers answer from this event loop.
+    process = await asyncio.create_subprocess_exec(sys.executable, "-c", _LIST_AND_READ, url, env=env,
+                                                   stdout=PIPE, stderr=PIPE)
+    out, errors = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode is not None
+    return process.returncode, out.decode(), errors.decode()
+
+
+async def test_https_folders_are_read_when_their_ca_is_trusted_and_refused_with_a_reason_otherwise(
+        tmp_path: Path) -> None:
+    root, certs, server_tls = https_site(tmp_path)
     async with WebSource(root.parent, tls=server_tls) as web:
         assert web.url.startswith("https://")
         async with HttpObjectStore(HttpLocation(url=web.url + "data")) as store:  # this process trusts no such CA
             with pytest.raises(UfsError, match=r"TLS with web server .* failed .*check its certificate") as err:
                 await listing(store)
             assert not err.value.retryable  # retrying cannot fix a certificate
-        env = {**os.environ, "SSL_CERT_FILE": str(certs.ca), "PYTHONPATH": os.getcwd()}
-        # Not subprocess.run: the server answers from this event loop.
-        process = await asyncio.create_subprocess_exec(sys.executable, "-c", _LIST_AND_READ, web.url + "data",
-                                                       env=env, stdout=PIPE, stderr=PIPE)
-        out, errors = await asyncio.wait_for(process.communicate(), 60)
-    assert process.returncode == 0, errors.decode()[-2000:]
-    assert out.decode().splitlines() == ["['a.txt', 'sub/b.txt']", "lph"]
+        code, out, errors = await list_and_read(web.url + "data", certs)
+    assert code == 0, errors[-2000:]
+    assert out.splitlines() == ["['a.txt', 'sub/b.txt']", "lph"]
+
+
+async def test_a_file_of_an_https_folder_redirected_to_plain_http_is_refused(tmp_path: Path) -> None:
+    root, certs, server_tls = https_site(tmp_path)
+    async with WebSource(root.parent) as plain, \
+            WebSource(root.parent, tls=server_tls, redirects={"/data/a.txt": plain.url + "data/a.txt"}) as web:
+        code, out, errors = await list_and_read(web.url + "data", certs)
+    assert code != 0 and out == ""
+    assert f"{web.url}data/a.txt redirects to plain http ({plain.url}data/a.txt): refused" in errors, errors[-2000:]
+    assert ("GET", "/data/a.txt") not in plain.calls  # the HEAD was refused: its body never asked for
