@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -592,6 +593,62 @@ def test_stop_also_ends_a_child_started_but_never_registered(tmp_path: Path) -> 
     finally:
         stray.kill()
         stray.wait()
+
+
+# A stand-in for an agent whose mount process hangs on SIGTERM: it waits out its grace for that process, kills it,
+# unmounts, and only then exits (writing "clean").
+SLOW_AGENT = """\
+import pathlib, signal, sys, time
+
+here = pathlib.Path(__file__).parent
+
+
+def stop(signum, frame):
+    time.sleep({seconds})
+    (here / "clean").write_text("yes")
+    sys.exit(0)
+
+
+signal.signal(signal.SIGTERM, stop)
+(here / "ready").write_text("yes")
+while True:
+    time.sleep(1)
+"""
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("how", ["stop", "leftovers"])
+def test_up_gives_the_agent_the_time_it_needs_to_stop_a_hung_mount_process(tmp_path: Path, how: str) -> None:
+    """The agent gives a mount process STOP_GRACE_SECONDS after SIGTERM before it kills it and unmounts. shoal up
+    (its stop, and a later run stopping what a killed one left) must wait longer than that for the agent, else its
+    SIGKILL lands first and the hung mount process outlives shoal up with its mount."""
+    from libs.cli.stack.pids import stop_leftovers
+    from services.agent.app import STOP_GRACE_SECONDS
+
+    package = tmp_path / "fakeagent"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "__main__.py").write_text(SLOW_AGENT.format(seconds=STOP_GRACE_SECONDS + 1))
+    layout = StateLayout(tmp_path / "state")
+    stack = Stack(layout, env={**os.environ, "PYTHONPATH": str(tmp_path)}, services={"agent": "fakeagent"})
+    try:
+        stack.start_services(0.0)
+        [pid] = stack.service_pids().values()
+        deadline = time.monotonic() + 30
+        while not (package / "ready").exists():
+            assert time.monotonic() < deadline, "the stand-in agent did not start"
+            time.sleep(0.05)
+        if how == "stop":
+            stack.stop()
+        else:  # shoal up was killed; the next one (or shoal down) stops what it recorded
+            record = json.loads(layout.pids.read_text())
+            record["up"] = 0
+            layout.pids.write_text(json.dumps(record))
+            assert stop_leftovers(layout) == ["agent"]
+        assert not pid_alive(pid)
+        assert (package / "clean").exists(), "the agent was killed before it could stop its mount processes"
+    finally:
+        stack.stop()
 
 
 async def _mounted(path: Path) -> bool:

@@ -20,6 +20,12 @@ import click
 from libs.cli.stack import UpError
 from libs.cli.stack.layout import StateLayout
 
+# Seconds a service gets between SIGTERM and SIGKILL, whoever stops it (``shoal up``, or a later run stopping what a
+# killed one left): time to drain its consumers, and for the agent more than its own grace for a mount process
+# (``STOP_GRACE_SECONDS`` in services/agent/app.py, 10 s) plus the unmount. Killed sooner, the agent leaves a mount
+# process that hangs on SIGTERM running, with its mount, after everything else has stopped.
+SERVICE_GRACE_SECONDS = 20.0
+
 
 def read_pid(path: Path) -> int | None:
     try:
@@ -115,7 +121,7 @@ def write_pids(layout: StateLayout, processes: Mapping[str, tuple[int, str]]) ->
     temporary.replace(layout.pids)
 
 
-def stop_leftovers(layout: StateLayout, grace: float = 5.0) -> list[str]:
+def stop_leftovers(layout: StateLayout, grace: float = SERVICE_GRACE_SECONDS) -> list[str]:
     """Stop children a killed ``shoal up`` left behind (by the PIDs it recorded, if they still run its programs)."""
     try:
         record = json.loads(layout.pids.read_text())

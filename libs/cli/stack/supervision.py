@@ -22,7 +22,7 @@ from pathlib import Path
 from libs import natsauth
 from libs.cli.stack import S3Access, UpError
 from libs.cli.stack.layout import StateLayout
-from libs.cli.stack.pids import child_pids, stop_children, write_pids
+from libs.cli.stack.pids import SERVICE_GRACE_SECONDS, child_pids, stop_children, write_pids
 from libs.embedded import ServerProcess, spawn
 from libs.supervisor import Supervisor
 
@@ -112,8 +112,6 @@ def service_users(services: Mapping[str, str], agents: list[AgentPlan], node_nam
 
 # Polling children is cheap; a fifth of a second makes a crash visible at once without busy-looping.
 SUPERVISE_INTERVAL_SECONDS = 0.2
-# Services get SIGTERM and this long to drain their consumers before SIGKILL.
-SERVICE_GRACE_SECONDS = 10.0
 # A cluster member that exits again this soon after its restart is broken, not unlucky: shoal up stops.
 SERVER_STABLE_SECONDS = 60.0
 
