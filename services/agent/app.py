@@ -9,7 +9,8 @@ Mount processes are supervised by ``libs.supervisor`` (the same supervisor ``sho
 restarted with backoff (reset after a minute of stable running). Its stale mount (ENOTCONN) stays until the new
 process has loaded everything and moves its mount in beneath it (``services.agent.handover``), so readers get an
 error, never an empty folder. On stop every mount process gets SIGTERM, any mount left behind is removed with
-``fusermount3 -u -z``, and the bare mount point is removed. A deleted dataset is unmounted at once (its mount process
+``fusermount3 -u -z``, and the bare mount point is removed; at start, the dead mounts an earlier run left for
+datasets no longer mounted are removed too. A deleted dataset is unmounted at once (its mount process
 deletes its cached blocks; the agent deletes those a dead one left, and at its start those of datasets deleted
 while it was down, found in the tiers of the runtimes that exist); one that merely stops being Bound (its runtime
 briefly NotReady, e.g. while this agent restarts) keeps its mount for a grace period, so readers are not cut off
@@ -38,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import shutil
 import sys
@@ -66,7 +68,7 @@ from services.agent.cache.tiers import MARKER
 from services.agent.handover import remove_mountpoint
 from services.agent.links import existing_links, make_link, remove_link
 from services.agent.metrics import NodeMetrics, dir_health, remove_target
-from services.agent.mountinfo import device_of, is_mounted
+from services.agent.mountinfo import canonical, device_of, is_mounted, mount_points
 from services.agent.mountstatus import problems_of, read_status, remove_status
 from services.agent.nodebudget import FILE_NAME as BUDGET_FILE_NAME
 from services.agent.nodebudget import SlotFile
@@ -80,6 +82,25 @@ POLL_SECONDS = 0.25
 UNBOUND_GRACE_SECONDS = 30.0
 # A mount process gets this long to unmount cleanly after SIGTERM before it is killed.
 STOP_GRACE_SECONDS = 10.0
+
+
+def is_dead(path: str) -> bool:
+    """Whether ``path`` is a FUSE mount whose process is gone (the kernel answers ENOTCONN, or ECONNABORTED once
+    the connection was aborted)."""
+    try:
+        os.stat(path)
+    except OSError as err:
+        return err.errno in (errno.ENOTCONN, errno.ECONNABORTED)
+    return False
+
+
+def dead_mounts(mount_root: str, wanted: set[tuple[str, str]]) -> list[str]:
+    """The dead dataset mounts at ``<mount root>/<namespace>/<name>`` of datasets not in ``wanted``."""
+    root = os.path.realpath(mount_root)
+    keep = {canonical(domain.mountpoint(root, *ref)) for ref in wanted}
+    # <root>/<namespace>/<name> only: another agent's root may lie below this one (shoal up --agents N).
+    return [path for path in mount_points(domain.MOUNT_FSTYPE)
+            if path not in keep and os.path.dirname(os.path.dirname(path)) == root and is_dead(path)]
 
 
 async def force_unmount(path: str) -> None:
@@ -189,12 +210,13 @@ class NodeAgent:
     async def reconcile(self) -> None:
         if not (self.runtimes.ready.is_set() and self.datasets.ready.is_set()):
             return
+        self.served = domain.served_runtimes(self.runtimes.values.values(), self.settings.agent.runtimes)
+        wanted = domain.wanted_mounts(self.datasets.values.values(), self.served)
         if not self.swept:
             self.swept = True
             for ref, levels in sorted((await asyncio.to_thread(self._deleted_caches)).items()):
                 await self._free_cache(*ref, levels=levels)
-        self.served = domain.served_runtimes(self.runtimes.values.values(), self.settings.agent.runtimes)
-        wanted = domain.wanted_mounts(self.datasets.values.values(), self.served)
+            await self._remove_dead_mounts(wanted)
         now = time.monotonic()
         for ref in [r for r in self.workers if r not in wanted]:
             unwanted = self.workers[ref]
@@ -247,6 +269,16 @@ class NodeAgent:
                 await self._start_worker(started)
                 if started.process is not None:
                     self.supervisor.started(child, started.process, time.monotonic())
+
+    async def _remove_dead_mounts(self, wanted: set[tuple[str, str]]) -> None:
+        """Unmount the dead mounts an earlier run of this agent left in its mount root (its mount processes killed
+        with it) for datasets it does not mount now: nothing else ever would, and each answers ENOTCONN to whoever
+        lists the root. A wanted one stays until its new mount process moves in beneath it (readers get an error,
+        never an empty folder); a live one (a mount process that outlived its agent) may be in use: left alone."""
+        for path in await asyncio.to_thread(dead_mounts, self.settings.agent.mount_root, wanted):
+            log.warning("dead mount of an earlier run removed", mountpoint=path)
+            await force_unmount(path)
+            await asyncio.to_thread(remove_mountpoint, path)
 
     async def _reconcile_links(self) -> None:
         """Make, repoint or remove the links of reference datasets (``domain.wanted_links``)."""

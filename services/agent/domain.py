@@ -23,6 +23,10 @@ from libs.references import Reference, is_reference, reference_of
 # A mount process exits with this code (EX_TEMPFAIL) when another process took its peer port meanwhile: the agent
 # then picks another port for it. Otherwise the port is kept across restarts, so peers find a restarted owner.
 EXIT_PEER_PORT_TAKEN = 75
+# The FUSE subtype of every dataset mount: /proc/self/mountinfo lists them as type fuse.shoal, so the agent tells
+# its mounts (and those an earlier run of it left) from anything else mounted on the node.
+FUSE_SUBTYPE = "shoal"
+MOUNT_FSTYPE = f"fuse.{FUSE_SUBTYPE}"
 
 
 def serves(runtime: RuntimeRecord, selection: list[str]) -> bool:

@@ -51,7 +51,7 @@ from libs.ufs.mounts import local_location_error, read_secrets, resolve_location
 from libs.ufs.s3 import S3ObjectStore
 from services.agent import budget
 from services.agent.cache import BlockCache, FrequencyAdmissionPolicy, LruPolicy
-from services.agent.domain import EXIT_PEER_PORT_TAKEN
+from services.agent.domain import EXIT_PEER_PORT_TAKEN, FUSE_SUBTYPE
 from services.agent.fs import DatasetFS, time_operations
 from services.agent.handover import Staging, replace_in_place, unmount_own
 from services.agent.inventory import InventoryLog, InventoryPublisher
@@ -103,7 +103,7 @@ def fuse_options(key: str, allow_other: bool) -> set[str]:
     """The FUSE mount options of a dataset's mount (``key``: namespace/name)."""
     options = set(pyfuse3.default_options)
     # default_permissions: the kernel checks every access against the mode and owner served (see fs.py).
-    options |= {f"fsname=shoal:{key}", "subtype=shoal", "ro", "default_permissions"}
+    options |= {f"fsname=shoal:{key}", f"subtype={FUSE_SUBTYPE}", "ro", "default_permissions"}
     if allow_other:
         options.add("allow_other")
     return options

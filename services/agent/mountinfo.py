@@ -21,16 +21,24 @@ def unescape(field: str) -> str:
     return re.sub(r"\\([0-7]{3})", lambda match: chr(int(match.group(1), 8)), field)
 
 
-def _mounts() -> list[tuple[str, str]]:
-    """(device "major:minor", mount point) of every mount, oldest first."""
+def _mounts() -> list[tuple[str, str, str]]:
+    """(device "major:minor", mount point, file system type) of every mount, oldest first."""
     with open("/proc/self/mountinfo") as mounts:
-        return [(fields[2], unescape(fields[4])) for fields in (line.split() for line in mounts) if len(fields) > 4]
+        rows = [line.split() for line in mounts]
+    # The type follows the "-" that ends the optional fields (shared:N, master:N, ...), whose number varies.
+    return [(fields[2], unescape(fields[4]), fields[fields.index("-", 6) + 1] if "-" in fields[6:-1] else "")
+            for fields in rows if len(fields) > 4]
 
 
 def device_of(path: str) -> str | None:
     target = canonical(path)
-    found = [device for device, point in _mounts() if point == target]
+    found = [device for device, point, _ in _mounts() if point == target]
     return found[-1] if found else None  # the newest mount on that path wins
+
+
+def mount_points(fstype: str) -> list[str]:
+    """The mount points of every mount of file system type ``fstype`` (e.g. ``fuse.shoal``), oldest first."""
+    return [point for _, point, kind in _mounts() if kind == fstype]
 
 
 def is_mounted(path: str) -> bool:
