@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -58,7 +59,8 @@ class SecureNats:
     def env_file(self, user: str) -> Path:
         """A file of ``export`` lines for ``user`` (0600): ``. <file>`` gives a shell the CLI's credentials."""
         path = self.folder / f"{user}.env"
-        lines = "".join(f"export {key}={value}\n" for key, value in self.client_env(user).items())
+        # Quoted: the CA's path is the state directory's, which may hold a space (a home folder "My Projects").
+        lines = "".join(f"export {key}={shlex.quote(value)}\n" for key, value in self.client_env(user).items())
         _write_private(path, lines)
         return path
 

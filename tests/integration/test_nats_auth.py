@@ -24,6 +24,7 @@ import secrets
 import shutil
 import socket
 import ssl
+import subprocess
 from collections.abc import AsyncIterator, Awaitable, Iterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
@@ -37,7 +38,7 @@ from nats.aio.msg import Msg
 from nats.js import api as js_api
 from prometheus_client import REGISTRY, generate_latest
 
-from libs import natsauth, subjects
+from libs import natsauth, natssecure, subjects
 from libs.bus import Bus, Consumer, Delivery, PermissionDenied, connect, kv_load
 from libs.config import AgentSettings, NatsSettings, Secret, Settings
 from libs.embedded import NatsConfig, ServerProcess, free_port, start_nats
@@ -384,6 +385,22 @@ def test_shoal_up_secure_plans_tls_users_and_a_password_per_service(tmp_path: Pa
     assert (tmp_path / "state" / "nats-secure" / "passwords.json").stat().st_mode & 0o777 == 0o600
     with pytest.raises(UpError, match="--secure secures the embedded NATS"):
         _plan(options, {"PROMETHEUS_URL": "http://127.0.0.1:9", "NATS_URL": "nats://127.0.0.1:4222"})
+
+
+def test_the_cli_env_file_sources_in_a_shell_wherever_the_state_dir_is(tmp_path: Path, tls_files: TlsFiles) -> None:
+    """``. <state-dir>/nats-secure/cli.env`` as the README says, from a checkout whose path has a space (a home folder
+    "My Projects"): every variable arrives whole, and the file is the owner's only."""
+    folder = tmp_path / "My Projects" / ".shoal" / "nats-secure"
+    folder.mkdir(parents=True)
+    for made in (tls_files.ca, tls_files.cert, tls_files.key):
+        shutil.copy(made, folder / made.name)
+    secure = natssecure.prepare(folder, [natsauth.CLI])
+    path = secure.env_file(natsauth.CLI)
+    assert path.stat().st_mode & 0o777 == 0o600
+    shown = subprocess.run(["sh", "-c", '. "$0" && printf "%s\\n" "$NATS_USER" "$NATS_PASSWORD" "$NATS_TLS_CA"',
+                            str(path)], capture_output=True, text=True, check=False)
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.splitlines() == [natsauth.CLI, secure.passwords[natsauth.CLI], str(secure.tls.ca)]
 
 
 # --- Durable consumers: each kind its own, an agent its node's tasks. ---
