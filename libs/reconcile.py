@@ -3,7 +3,8 @@
 The watch first replays every existing key, so work interrupted by a crash is picked up on restart without any
 separate recovery path. At most one reconcile runs per key; a change that arrives meanwhile runs it once more
 afterwards, also cutting short the wait of a key that asked to be retried later (a resync must not wait out the
-retry delay of an unreachable endpoint).
+retry delay of an unreachable endpoint). A key deleted while its reconcile runs or waits lets it end there, not at
+its next run (an autoSync period may be hours, and every key deleted meanwhile would keep a task until then).
 
 ``reconcile`` speaks the handlers' retry vocabulary (``libs.bus``): returning means done until the next change,
 or, when it returns a number, until the next change or that many seconds, whichever comes first (a schedule,
@@ -70,6 +71,9 @@ class Reconciler:
         self._running: dict[str, asyncio.Task[None]] = {}
         self._again: set[str] = set()
         self._wake: dict[str, asyncio.Event] = {}
+        # Keys deleted while their reconcile runs or waits: it ends there rather than at its next run, which may
+        # be hours away (an autoSync period), so memory does not grow with the keys deleted within that time.
+        self._gone: set[str] = set()
         self._stopping = asyncio.Event()
 
     async def run(self) -> None:
@@ -85,6 +89,7 @@ class Reconciler:
                         continue
                     if entry.operation in ("DEL", "PURGE"):
                         self._known.discard(entry.key)
+                        self._let_go(entry.key)
                         continue
                     if self.owner is not None:
                         self._known.add(entry.key)
@@ -118,7 +123,15 @@ class Reconciler:
             if not self.owner.owns(key):
                 wake.set()
 
+    def _let_go(self, key: str) -> None:
+        """The key was deleted: its reconcile, if one runs or waits, ends (a later change schedules it again)."""
+        if key in self._running:
+            self._gone.add(key)
+            if key in self._wake:
+                self._wake[key].set()
+
     def schedule(self, key: str) -> None:
+        self._gone.discard(key)  # changed again after a delete: there is work again
         if self.owner is not None and not self.owner.owns(key):
             return  # another replica's: its own watch schedules it there
         if key in self._running:
@@ -134,6 +147,8 @@ class Reconciler:
             while True:
                 if self.owner is not None and not self.owner.owns(key):
                     return  # handed to another replica meanwhile
+                if key in self._gone:
+                    return
                 self._again.discard(key)
                 delay: float | None = None
                 try:
@@ -159,7 +174,7 @@ class Reconciler:
                     delay = ERROR_RETRY_SECONDS
                 if key in self._again:
                     continue
-                if delay is None:
+                if delay is None or key in self._gone:
                     return
                 wake = self._wake[key] = asyncio.Event()
                 stopping = asyncio.ensure_future(self._stopping.wait())
@@ -173,4 +188,7 @@ class Reconciler:
                 if self._stopping.is_set():
                     return
         finally:
+            # A change noted meanwhile is another owner's, a stop's or a deleted key's now: nothing to run here.
             self._running.pop(key, None)
+            self._again.discard(key)
+            self._gone.discard(key)

@@ -270,3 +270,31 @@ async def test_core_nats_events_go_through_the_bus_decoded(bus: Bus) -> None:
         assert received == [request]
     finally:
         await subscription.unsubscribe()
+
+
+async def test_a_key_deleted_while_it_waits_for_its_next_run_is_let_go_at_once(bus: Bus) -> None:
+    """A dataset's autoSync period may be hours: a key deleted meanwhile must not keep its waiting reconcile (a
+    task, its events) for that long, or memory grows with every dataset created and deleted within a period."""
+    calls: list[str] = []
+
+    async def scheduled(key: str) -> float | None:
+        calls.append(key)
+        return 3600.0
+
+    def waiting() -> set[str]:
+        return {task.get_name() for task in asyncio.all_tasks() if task.get_name().startswith("reconcile ")}
+
+    async with reconciling(bus, scheduled) as kv:
+        for key in ("gone", "kept"):
+            await kv.put(key, b"1")
+
+        async def both_waiting() -> bool:
+            return waiting() == {"reconcile gone", "reconcile kept"}
+
+        await eventually(both_waiting, timeout=3, what="both keys waiting for their next run")
+        await kv.delete("gone")
+
+        async def let_go() -> bool:
+            return waiting() == {"reconcile kept"}
+
+        await eventually(let_go, timeout=3, what="the deleted key's reconcile ended")
