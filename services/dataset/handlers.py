@@ -91,8 +91,10 @@ class DatasetHandlers:
     # When each dataset was last listed, by this process's clock: an unchanged autoSync listing writes nothing, so
     # the record cannot say it (after a restart the period counts from lastSyncTime).
     _listed_at: dict[str, float] = field(default_factory=dict, init=False)
-    # When this process first saw the agents' heartbeats (``forget_departed_nodes`` waits one TTL from then).
+    # When this process first saw the agents' heartbeats, or last saw them again after a reconnect (its count then):
+    # ``forget_departed_nodes`` waits one TTL from then.
     _agents_since: float | None = field(default=None, init=False)
+    _agents_reconnects: int = field(default=0, init=False)
     _tracer: trace.Tracer = field(default_factory=lambda: tracer(__name__), init=False)
     _syncing: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(SYNC_CONCURRENCY), init=False)
     # Fed by the reconciler's watch (app.py) and by this process's own status writes.
@@ -329,14 +331,25 @@ class DatasetHandlers:
         if self.agents is None or not self.agents.ready.is_set():
             return
         now = self.clock()
-        if self._agents_since is None:
-            self._agents_since = now
-        if now - self._agents_since < AGENTS_TTL_SECONDS:
-            return  # after a full outage, live agents have beaten again within this
+        if not self._judges_agents(now):
+            return
         for key, nodes in sorted(named.items()):
             gone = domain.departed_nodes(nodes, self.agents.values, now, AGENTS_TTL_SECONDS)
             if gone and owns(key):
+                if not self._judges_agents(now):
+                    return  # the connection was lost during this sweep
                 await self._forget_nodes(key, gone)
+
+    def _judges_agents(self, now: float) -> bool:
+        """Whether the agents' last beats say which nodes are gone: connected, and one TTL after this process first
+        saw them and after the connection last came back. An outage longer than the TTL (of NATS, or of this
+        process's connection) leaves every last beat old, the agents beat again within seconds after it, and an
+        idle node's agent sends no inventory that would bring its figures back. Looked at again before each
+        dataset: a sweep outlives a connection lost meanwhile."""
+        reconnects = self.bus.reconnects()
+        if self._agents_since is None or reconnects != self._agents_reconnects:
+            self._agents_since, self._agents_reconnects = now, reconnects
+        return self.bus.nc.is_connected and now - self._agents_since >= AGENTS_TTL_SECONDS
 
     async def _forget_nodes(self, key: str, nodes: set[str]) -> None:
         kv = await self.bus.kv(subjects.KV_NODE_CACHE)

@@ -24,7 +24,7 @@ from libs.events.dataset import Dataset, DatasetApply, DatasetRecord, DatasetRes
 from libs.events.runtime import RuntimePhase, RuntimeStatus, RuntimeStatusChanged
 from libs.inventory import DatasetInventory
 from services.dataset import app as dataset_app
-from tests.conftest import SeaweedServer, put_objects
+from tests.conftest import NatsServer, SeaweedServer, put_objects
 from tests.helpers import dataset_record, eventually, running
 
 DATASET = ObjectRef(name="model")
@@ -161,3 +161,46 @@ async def test_a_node_whose_agent_is_gone_leaves_the_cache_figures(
         now[0] += 90  # node-a gone too
         record = await status_where(bus, lambda r: not r.status.nodes)
         assert (record.status.cache_states.cached, record.status.cache_states.cached_percentage) == ("0B", "0.0%")
+
+
+async def test_nodes_are_not_dropped_while_their_agents_beat_again_after_an_outage(
+        bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, nats_server: NatsServer,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """NATS away for longer than the agents' TTL: every agent's last beat is old when it comes back, and agents beat
+    again within seconds. As in the service's first minute, nodes are judged only a TTL after the connection came
+    back, or every node of every dataset lost its figures, which an idle node's agent never sends again."""
+    monkeypatch.setattr(dataset_app, "DEPARTED_NODES_SECONDS", 0.1)
+    now = [time.time()]
+    agents = await bus.kv(subjects.KV_AGENTS)
+
+    async def beat(*nodes: str) -> None:
+        for node in nodes:
+            record = AgentRecord(heartbeat=AgentHeartbeat(node=node), received_at=now[0])
+            await agents.put(node, msgspec.json.encode(record))
+
+    await put_objects(seaweedfs, bucket, {"model.bin": b"m" * 1000})
+    await beat("node-a", "node-b")
+    async with running(lambda stop: dataset_app.run(settings, stop, clock=lambda: now[0])):
+        await apply_model(bus, bucket)
+        for node, cached in (("node-a", 600), ("node-b", 400)):
+            await bus.publish(subjects.agent_inventory(node), InventorySnapshot(
+                node=node, dataset=DATASET, incarnation=node, seq=1,
+                counters=CacheCounters(cached_bytes=cached, capacity_bytes=4000, miss_bytes=cached)))
+        await status_where(bus, lambda r: r.status.cache_states.cached_percentage == "100.0%")
+        now[0] += 61  # past the service's first minute; both agents beat
+        await beat("node-a", "node-b")
+        await asyncio.sleep(0.5)  # sweeps that find both alive
+
+        nats_server.restart()
+        now[0] += 90  # the outage: the last beats are 90 s old when the service is back
+        await asyncio.sleep(1.0)  # sweeps run before the agents' first beats after it
+        await beat("node-a", "node-b")
+        await asyncio.sleep(0.5)
+        record = await status_where(bus, lambda r: True)
+        assert [node.node for node in record.status.nodes] == ["node-a", "node-b"]
+        assert record.status.cache_states.cached_percentage == "100.0%"
+
+        now[0] += 61  # a TTL after the connection came back, a node that did not beat again leaves
+        await beat("node-a")
+        record = await status_where(bus, lambda r: len(r.status.nodes) == 1)
+        assert record.status.cache_states.cached_percentage == "60.0%"
