@@ -67,6 +67,9 @@ CAS_ATTEMPTS = 5
 # holds a listing page and its manifest (up to libs.manifest.SPOOL_BYTES in memory) until it is written. Enough to
 # keep NATS and the stores busy; memory stays bounded whatever the burst.
 SYNC_CONCURRENCY = 64
+# Nodes remembered as dropped by ``forget_departed_nodes`` until their agent beats again: more than a cluster's
+# nodes, so memory stays bounded while nodes removed for good (new names at every scale-up) are never back.
+DEPARTED_KEPT = 4096
 
 
 @dataclass
@@ -95,6 +98,9 @@ class DatasetHandlers:
     # ``forget_departed_nodes`` waits one TTL from then.
     _agents_since: float | None = field(default=None, init=False)
     _agents_reconnects: int = field(default=0, init=False)
+    # Nodes whose figures this process dropped (oldest first, at most DEPARTED_KEPT): asked for a snapshot when
+    # their agent beats again.
+    _dropped_nodes: dict[str, None] = field(default_factory=dict, init=False)
     _tracer: trace.Tracer = field(default_factory=lambda: tracer(__name__), init=False)
     _syncing: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(SYNC_CONCURRENCY), init=False)
     # Fed by the reconciler's watch (app.py) and by this process's own status writes.
@@ -326,13 +332,19 @@ class DatasetHandlers:
     async def forget_departed_nodes(self, named: Mapping[str, set[str]], owns: Callable[[str], bool]) -> None:
         """Drop from each dataset (of those ``named`` → the nodes its status names, that this replica owns) the
         cache figures of nodes whose agent is gone: a node removed from the cluster sends no last inventory, and
-        its bytes would count in ``cached`` and ``cachedPercentage`` for ever. A node that comes back is asked for
-        a snapshot at its first inventory event (a gap), which brings its figures back."""
+        its bytes would count in ``cached`` and ``cachedPercentage`` for ever. A node that comes back (cut off
+        for a while, its cache still there) is asked for snapshots when its agent beats again: an idle mount sends
+        no inventory event, whose gap would ask."""
         if self.agents is None or not self.agents.ready.is_set():
             return
         now = self.clock()
         if not self._judges_agents(now):
             return
+        still_gone = domain.departed_nodes(self._dropped_nodes, self.agents.values, now, AGENTS_TTL_SECONDS)
+        for node in [node for node in self._dropped_nodes if node not in still_gone]:
+            log.info("node back, asking for its inventory", node=node)
+            await self.bus.publish_core(subjects.INVENTORY_REQUEST, InventoryRequest(node=node))
+            del self._dropped_nodes[node]
         for key, nodes in sorted(named.items()):
             gone = domain.departed_nodes(nodes, self.agents.values, now, AGENTS_TTL_SECONDS)
             if gone and owns(key):
@@ -366,6 +378,11 @@ class DatasetHandlers:
         else:
             raise Conflict(f"{key}: node cache update lost {CAS_ATTEMPTS} times in a row")
         log.info("nodes gone, their cache figures dropped", dataset=key, nodes=sorted(nodes))
+        for node in nodes:
+            self._dropped_nodes.pop(node, None)  # moved to the end: the newest
+            self._dropped_nodes[node] = None
+        while len(self._dropped_nodes) > DEPARTED_KEPT:
+            del self._dropped_nodes[next(iter(self._dropped_nodes))]
         await self._update_status(key, lambda record: domain.with_cache_states(record.status, kept))
 
     # --- metadata sync (called by the reconciler) ---

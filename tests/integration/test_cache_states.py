@@ -18,7 +18,14 @@ from libs import subjects
 from libs.bus import Bus, kv_load
 from libs.cli.main import cli
 from libs.config import Settings
-from libs.events.agent import AgentHeartbeat, AgentRecord, CacheCounters, InventoryDelta, InventorySnapshot
+from libs.events.agent import (
+    AgentHeartbeat,
+    AgentRecord,
+    CacheCounters,
+    InventoryDelta,
+    InventoryRequest,
+    InventorySnapshot,
+)
 from libs.events.common import ObjectMeta, ObjectRef
 from libs.events.dataset import Dataset, DatasetApply, DatasetRecord, DatasetResync, DatasetSpec, Mount, NodeCache
 from libs.events.runtime import RuntimePhase, RuntimeStatus, RuntimeStatusChanged
@@ -204,3 +211,46 @@ async def test_nodes_are_not_dropped_while_their_agents_beat_again_after_an_outa
         await beat("node-a")
         record = await status_where(bus, lambda r: len(r.status.nodes) == 1)
         assert record.status.cache_states.cached_percentage == "60.0%"
+
+
+async def test_a_node_that_comes_back_is_asked_for_its_figures(
+        bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A node cut off for more than the agents' TTL loses its figures; when its agent beats again its cache is still
+    there, but an idle mount sends no inventory event (no gap to ask from): the service asks it for a snapshot."""
+    monkeypatch.setattr(dataset_app, "DEPARTED_NODES_SECONDS", 0.1)
+    now = [time.time()]
+    agents = await bus.kv(subjects.KV_AGENTS)
+
+    async def beat(*nodes: str) -> None:
+        for node in nodes:
+            record = AgentRecord(heartbeat=AgentHeartbeat(node=node), received_at=now[0])
+            await agents.put(node, msgspec.json.encode(record))
+
+    async def answer(request: InventoryRequest) -> None:  # node-b's mount, whose cache did not change
+        if request.node in ("", "node-b") and request.dataset in (None, DATASET):
+            await bus.publish(subjects.agent_inventory("node-b"), InventorySnapshot(
+                node="node-b", dataset=DATASET, incarnation="node-b", seq=2,
+                counters=CacheCounters(cached_bytes=400, capacity_bytes=4000, miss_bytes=400)))
+
+    await put_objects(seaweedfs, bucket, {"model.bin": b"m" * 1000})
+    await beat("node-a", "node-b")
+    async with running(lambda stop: dataset_app.run(settings, stop, clock=lambda: now[0])):
+        await apply_model(bus, bucket)
+        for node, cached in (("node-a", 600), ("node-b", 400)):
+            await bus.publish(subjects.agent_inventory(node), InventorySnapshot(
+                node=node, dataset=DATASET, incarnation=node, seq=1,
+                counters=CacheCounters(cached_bytes=cached, capacity_bytes=4000, miss_bytes=cached)))
+        await status_where(bus, lambda r: r.status.cache_states.cached_percentage == "100.0%")
+
+        now[0] += 90  # node-b cut off for 90 s
+        await beat("node-a")
+        await status_where(bus, lambda r: [node.node for node in r.status.nodes] == ["node-a"])
+
+        subscription = await bus.subscribe(subjects.INVENTORY_REQUEST, msgspec.json.Decoder(InventoryRequest),
+                                           answer)
+        try:
+            await beat("node-b")  # back, with the same cache
+            record = await status_where(bus, lambda r: len(r.status.nodes) == 2)
+        finally:
+            await subscription.unsubscribe()
+        assert record.status.cache_states.cached_percentage == "100.0%"
