@@ -356,7 +356,7 @@ def next_sync(record: DatasetRecord, now: float, retry_seconds: float, policy: S
     if synced.status == "False" and synced.reason == REASON_UNREACHABLE:
         if last is None:
             return SyncDue("retry", 0.0)  # no time to count from: retry rather than stay failed
-        return SyncDue("retry", max(0.0, last + retry_seconds - now))
+        return SyncDue("retry", _wait(last, retry_seconds, now))
     # Another failure: retrying cannot fix it, but with a tree in hand autoSync still looks again at its period
     # (credentials rotated meanwhile, a bucket policy fixed).
     if (synced.status == "False" and not status.manifest) or not policy.auto or policy.period_seconds <= 0:
@@ -364,7 +364,14 @@ def next_sync(record: DatasetRecord, now: float, retry_seconds: float, policy: S
     since = max((t for t in (last, listed_at) if t is not None), default=None)
     if since is None:
         return SyncDue("auto", 0.0)
-    return SyncDue("auto", max(0.0, since + policy.period_seconds - now))
+    return SyncDue("auto", _wait(since, policy.period_seconds, now))
+
+
+def _wait(since: float, delay: float, now: float) -> float:
+    """What is left of ``delay`` counted from ``since``: never more than ``delay`` itself. ``since`` may be ahead of
+    ``now`` (a time written by another replica whose clock is ahead, or this host's clock stepped back), and the
+    skew must not be waited out on top."""
+    return min(delay, max(0.0, since + delay - now))
 
 
 def sync_due_in(record: DatasetRecord, now: float, retry_seconds: float, policy: SyncPolicy = SyncPolicy(),

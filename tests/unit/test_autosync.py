@@ -82,6 +82,15 @@ def test_spec_resync_and_retry_come_first_and_a_failure_retrying_cannot_fix_wait
     assert next_sync(failed, NOW + 1000, RETRY, ON) is None
 
 
+def test_a_last_sync_time_ahead_of_this_clock_delays_nothing_by_more_than_its_wait() -> None:
+    """lastSyncTime written by another replica whose clock is ten minutes ahead (or before this host's clock was
+    stepped back): the retry of an unreachable store waits at most its delay, an autoSync at most its period, not
+    the skew on top of it."""
+    unreachable = synced(at=NOW + 600, error="cannot reach", retryable=True)
+    assert next_sync(unreachable, NOW, RETRY, ON) == SyncDue("retry", RETRY)
+    assert next_sync(synced(at=NOW + 600), NOW, RETRY, ON) == SyncDue("auto", ON.period_seconds)
+
+
 @settings(max_examples=60, deadline=None)  # pure arithmetic: a few dozen cases cover the branches
 @given(elapsed=st.floats(0, 10_000), period=st.floats(1, 3600), listed=st.none() | st.floats(0, 10_000))
 def test_never_due_before_a_period_after_the_last_listing(elapsed: float, period: float,
@@ -91,7 +100,8 @@ def test_never_due_before_a_period_after_the_last_listing(elapsed: float, period
     due = next_sync(record, NOW + elapsed, RETRY, SyncPolicy(auto=True, period_seconds=period), listed_at)
     assert due is not None and due.kind == "auto"
     last = max(NOW, listed_at or NOW)
-    assert due.in_seconds == pytest.approx(max(0.0, last + period - (NOW + elapsed)))
+    # A listing ahead of this clock (another clock, or this one stepped back) waits one period from now.
+    assert due.in_seconds == pytest.approx(min(period, max(0.0, last + period - (NOW + elapsed))))
 
 
 def test_an_unchanged_listing_changes_nothing() -> None:
