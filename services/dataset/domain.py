@@ -631,10 +631,15 @@ def with_cache_states(status: DatasetStatus, cache: DatasetInventory) -> Dataset
                                    nodes=node_caches(cache))
 
 
-def departed_nodes(named: Iterable[str], agents: Mapping[str, AgentRecord], now: float, ttl: float) -> set[str]:
-    """The nodes of ``named`` whose agent is gone: no heartbeat within ``ttl`` seconds (its record expired, or a
-    node removed from the cluster stopped beating). Their cache left with them."""
-    return {node for node in named if (agent := agents.get(node)) is None or now - agent.received_at > ttl}
+def departed_nodes(named: Iterable[str], agents: Mapping[str, AgentRecord], ttl: float) -> set[str]:
+    """The nodes of ``named`` whose agent is gone: no record, or a last heartbeat more than ``ttl`` seconds older
+    than the newest of any agent (a node removed from the cluster stops beating, the others go on). Judged against
+    the newest beat, not this process's clock: the beats' times are the NATS server's, and while nothing records
+    beats (the runtime service down) no node looks gone. None without any beat. Their cache left with them."""
+    newest = max((agent.received_at for agent in agents.values()), default=None)
+    if newest is None:
+        return set()
+    return {node for node in named if (agent := agents.get(node)) is None or newest - agent.received_at > ttl}
 
 
 def without_nodes(cache: DatasetInventory, nodes: Collection[str]) -> DatasetInventory:

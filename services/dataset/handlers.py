@@ -340,13 +340,13 @@ class DatasetHandlers:
         now = self.clock()
         if not self._judges_agents(now):
             return
-        still_gone = domain.departed_nodes(self._dropped_nodes, self.agents.values, now, AGENTS_TTL_SECONDS)
+        still_gone = domain.departed_nodes(self._dropped_nodes, self.agents.values, AGENTS_TTL_SECONDS)
         for node in [node for node in self._dropped_nodes if node not in still_gone]:
             log.info("node back, asking for its inventory", node=node)
             await self.bus.publish_core(subjects.INVENTORY_REQUEST, InventoryRequest(node=node))
             del self._dropped_nodes[node]
         for key, nodes in sorted(named.items()):
-            gone = domain.departed_nodes(nodes, self.agents.values, now, AGENTS_TTL_SECONDS)
+            gone = domain.departed_nodes(nodes, self.agents.values, AGENTS_TTL_SECONDS)
             if gone and owns(key):
                 if not self._judges_agents(now):
                     return  # the connection was lost during this sweep
@@ -383,7 +383,10 @@ class DatasetHandlers:
             self._dropped_nodes[node] = None
         while len(self._dropped_nodes) > DEPARTED_KEPT:
             del self._dropped_nodes[next(iter(self._dropped_nodes))]
-        await self._update_status(key, lambda record: domain.with_cache_states(record.status, kept))
+        # The figures of the fold as it is when the status is written: an inventory event handled since the fold
+        # above was saved has its own status write, which this one must not put back to older figures.
+        await self._update(key, lambda record, _: record.status, None, references=False, read_binding=False,
+                           read_cache=True)
 
     # --- metadata sync (called by the reconciler) ---
 
@@ -563,7 +566,10 @@ class DatasetHandlers:
         return await self._update(key, compute, known, references=False, read_binding=True)
 
     async def _update(self, key: str, compute: Callable[[DatasetRecord, domain.RuntimeBinding], DatasetStatus],
-                      known: tuple[DatasetRecord, int] | None, references: bool, read_binding: bool) -> bool:
+                      known: tuple[DatasetRecord, int] | None, references: bool, read_binding: bool,
+                      read_cache: bool = False) -> bool:
+        """``read_cache``: the cache figures always come from the node-cache fold read after the record (see
+        ``takes_cache_states`` below for why after), not from a fold the caller read before."""
         kv = await self.bus.kv(subjects.KV_DATASETS)
         bindings = await self.bus.kv(subjects.KV_BINDINGS)
         for _ in range(CAS_ATTEMPTS + (known is not None)):
@@ -582,12 +588,12 @@ class DatasetHandlers:
             if read_binding:
                 binding = (await kv_load(bindings, key, domain.RuntimeBinding))[0] or binding
             status = compute(record, binding)
-            if not is_reference(record.dataset) and domain.takes_cache_states(record.status, status):
+            if not is_reference(record.dataset) and (read_cache or domain.takes_cache_states(record.status, status)):
                 # Read after the record, like the binding: an inventory event's status write that this one does
                 # not see yet comes after its fold was saved, so this read sees that fold or the write conflicts.
                 cache, _ = await kv_load(await self.bus.kv(subjects.KV_NODE_CACHE), key, DatasetInventory)
-                if cache is not None:
-                    status = domain.with_cache_states(status, cache)
+                if cache is not None or read_cache:
+                    status = domain.with_cache_states(status, cache or DatasetInventory())
             if status == record.status:
                 if not fresh:
                     continue  # nothing to change in what the caller read; the stored record may differ

@@ -135,8 +135,9 @@ async def test_cache_states_come_back_from_the_fold_on_binding_again_and_follow_
 
 async def test_a_node_whose_agent_is_gone_leaves_the_cache_figures(
         bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A node removed from the cluster sends no last inventory: a minute after its agent's last heartbeat (and a
-    minute after the service first saw the heartbeats), its bytes leave ``cached`` and ``status.nodes``."""
+    """A node removed from the cluster sends no last inventory: once its agent's last heartbeat is a minute older
+    than the newest (and a minute after the service first saw the heartbeats), its bytes leave ``cached`` and
+    ``status.nodes``."""
     monkeypatch.setattr(dataset_app, "DEPARTED_NODES_SECONDS", 0.1)
     now = [time.time()]
     agents = await bus.kv(subjects.KV_AGENTS)
@@ -165,7 +166,8 @@ async def test_a_node_whose_agent_is_gone_leaves_the_cache_figures(
                                  DatasetInventory)
         assert cache is not None and set(cache.nodes) == {"node-a"}
 
-        now[0] += 90  # node-a gone too
+        now[0] += 90  # node-a gone too, while node-c (holding nothing of this dataset) beats
+        await beat("node-c")
         record = await status_where(bus, lambda r: not r.status.nodes)
         assert (record.status.cache_states.cached, record.status.cache_states.cached_percentage) == ("0B", "0.0%")
 

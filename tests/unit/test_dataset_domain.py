@@ -911,8 +911,12 @@ def test_hit_ratios_split_local_remote_and_store_reads_over_every_node() -> None
 
 def test_nodes_whose_agent_is_gone_are_departed_and_leave_the_fold() -> None:
     agents = {"node-a": AgentRecord(heartbeat=AgentHeartbeat(node="node-a"), received_at=NOW - 10),
-              "node-b": AgentRecord(heartbeat=AgentHeartbeat(node="node-b"), received_at=NOW - 61)}
-    assert departed_nodes({"node-a", "node-b", "node-c"}, agents, NOW, ttl=60) == {"node-b", "node-c"}
+              "node-b": AgentRecord(heartbeat=AgentHeartbeat(node="node-b"), received_at=NOW - 71)}
+    assert departed_nodes({"node-a", "node-b", "node-c"}, agents, ttl=60) == {"node-b", "node-c"}
+    # Judged against the newest beat: with no beat recorded for a while (the runtime service down), or a clock
+    # ahead of the NATS server's, no node looks gone.
+    assert departed_nodes({"node-a"}, agents, ttl=60) == set()
+    assert departed_nodes({"node-a", "node-b"}, {}, ttl=60) == set()
     cache = two_nodes(CacheCounters(cached_bytes=50), CacheCounters(cached_bytes=10))
     assert without_nodes(cache, {"node-c"}) is cache
     kept = without_nodes(cache, {"node-b", "node-c"})
