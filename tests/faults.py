@@ -392,6 +392,21 @@ class HeldListing(StoreWrapper):
             yield info
 
 
+@contextlib.asynccontextmanager
+async def answering(handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> AsyncIterator[str]:
+    """An aiohttp server on loopback answering every GET with ``handler`` (a store or web server that misbehaves
+    as the test says); yields its base URL, ``http://127.0.0.1:<port>``."""
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", handler)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, LOOPBACK, 0).start()
+    try:
+        yield f"http://{LOOPBACK}:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
+
+
 class ListingHold:
     """Syncs whose listings are held (``HeldListing``) where ``held`` says, through ``opener``; ``around`` runs one
     such sync until it is held, lets the test change the world, then releases it and waits for it to finish."""

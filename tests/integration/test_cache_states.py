@@ -13,6 +13,7 @@ from typing import Any
 import msgspec
 import pytest
 from click.testing import CliRunner
+from nats.js.kv import KeyValue
 
 from libs import subjects
 from libs.bus import Bus, kv_load
@@ -133,32 +134,48 @@ async def test_cache_states_come_back_from_the_fold_on_binding_again_and_follow_
         assert record.status.cache_states.cached_percentage == "50.0%"
 
 
+class Beats:
+    """The agents' records as the runtime service writes them (``shoal_agents``), at a clock the test moves; the
+    dataset service runs on the same clock."""
+
+    def __init__(self, kv: KeyValue) -> None:
+        self.kv = kv
+        self.now = time.time()
+
+    def clock(self) -> float:
+        return self.now
+
+    async def beat(self, *nodes: str) -> None:
+        for node in nodes:
+            record = AgentRecord(heartbeat=AgentHeartbeat(node=node), received_at=self.now)
+            await self.kv.put(node, msgspec.json.encode(record))
+
+
+async def report_two_nodes(bus: Bus) -> None:
+    """node-a holding 600 and node-b 400 of the 1,000 bytes: the dataset 100 % cached."""
+    for node, cached in (("node-a", 600), ("node-b", 400)):
+        await bus.publish(subjects.agent_inventory(node), InventorySnapshot(
+            node=node, dataset=DATASET, incarnation=node, seq=1,
+            counters=CacheCounters(cached_bytes=cached, capacity_bytes=4000, miss_bytes=cached)))
+    await status_where(bus, lambda r: r.status.cache_states.cached_percentage == "100.0%")
+
+
 async def test_a_node_whose_agent_is_gone_leaves_the_cache_figures(
         bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A node removed from the cluster sends no last inventory: once its agent's last heartbeat is a minute older
     than the newest (and a minute after the service first saw the heartbeats), its bytes leave ``cached`` and
     ``status.nodes``."""
     monkeypatch.setattr(dataset_app, "DEPARTED_NODES_SECONDS", 0.1)
-    now = [time.time()]
-    agents = await bus.kv(subjects.KV_AGENTS)
-
-    async def beat(node: str) -> None:
-        record = AgentRecord(heartbeat=AgentHeartbeat(node=node), received_at=now[0])
-        await agents.put(node, msgspec.json.encode(record))
-
+    beats = Beats(await bus.kv(subjects.KV_AGENTS))
     await put_objects(seaweedfs, bucket, {"model.bin": b"m" * 1000})
-    await beat("node-a")
-    await beat("node-b")
-    async with running(lambda stop: dataset_app.run(settings, stop, clock=lambda: now[0])):
+    await beats.beat("node-a")
+    await beats.beat("node-b")
+    async with running(lambda stop: dataset_app.run(settings, stop, clock=beats.clock)):
         await apply_model(bus, bucket)
-        for node, cached in (("node-a", 600), ("node-b", 400)):
-            await bus.publish(subjects.agent_inventory(node), InventorySnapshot(
-                node=node, dataset=DATASET, incarnation=node, seq=1,
-                counters=CacheCounters(cached_bytes=cached, capacity_bytes=4000, miss_bytes=cached)))
-        await status_where(bus, lambda r: r.status.cache_states.cached_percentage == "100.0%")
+        await report_two_nodes(bus)
 
-        now[0] += 90  # node-b's last beat is 90 s old; node-a beats again
-        await beat("node-a")
+        beats.now += 90  # node-b's last beat is 90 s old; node-a beats again
+        await beats.beat("node-a")
         record = await status_where(bus, lambda r: len(r.status.nodes) == 1)
         assert [node.node for node in record.status.nodes] == ["node-a"]
         assert (record.status.cache_states.cached, record.status.cache_states.cached_percentage) == ("600B", "60.0%")
@@ -166,8 +183,8 @@ async def test_a_node_whose_agent_is_gone_leaves_the_cache_figures(
                                  DatasetInventory)
         assert cache is not None and set(cache.nodes) == {"node-a"}
 
-        now[0] += 90  # node-a gone too, while node-c (holding nothing of this dataset) beats
-        await beat("node-c")
+        beats.now += 90  # node-a gone too, while node-c (holding nothing of this dataset) beats
+        await beats.beat("node-c")
         record = await status_where(bus, lambda r: not r.status.nodes)
         assert (record.status.cache_states.cached, record.status.cache_states.cached_percentage) == ("0B", "0.0%")
 
@@ -179,38 +196,27 @@ async def test_nodes_are_not_dropped_while_their_agents_beat_again_after_an_outa
     again within seconds. As in the service's first minute, nodes are judged only a TTL after the connection came
     back, or every node of every dataset lost its figures, which an idle node's agent never sends again."""
     monkeypatch.setattr(dataset_app, "DEPARTED_NODES_SECONDS", 0.1)
-    now = [time.time()]
-    agents = await bus.kv(subjects.KV_AGENTS)
-
-    async def beat(*nodes: str) -> None:
-        for node in nodes:
-            record = AgentRecord(heartbeat=AgentHeartbeat(node=node), received_at=now[0])
-            await agents.put(node, msgspec.json.encode(record))
-
+    beats = Beats(await bus.kv(subjects.KV_AGENTS))
     await put_objects(seaweedfs, bucket, {"model.bin": b"m" * 1000})
-    await beat("node-a", "node-b")
-    async with running(lambda stop: dataset_app.run(settings, stop, clock=lambda: now[0])):
+    await beats.beat("node-a", "node-b")
+    async with running(lambda stop: dataset_app.run(settings, stop, clock=beats.clock)):
         await apply_model(bus, bucket)
-        for node, cached in (("node-a", 600), ("node-b", 400)):
-            await bus.publish(subjects.agent_inventory(node), InventorySnapshot(
-                node=node, dataset=DATASET, incarnation=node, seq=1,
-                counters=CacheCounters(cached_bytes=cached, capacity_bytes=4000, miss_bytes=cached)))
-        await status_where(bus, lambda r: r.status.cache_states.cached_percentage == "100.0%")
-        now[0] += 61  # past the service's first minute; both agents beat
-        await beat("node-a", "node-b")
+        await report_two_nodes(bus)
+        beats.now += 61  # past the service's first minute; both agents beat
+        await beats.beat("node-a", "node-b")
         await asyncio.sleep(0.5)  # sweeps that find both alive
 
         nats_server.restart()
-        now[0] += 90  # the outage: the last beats are 90 s old when the service is back
+        beats.now += 90  # the outage: the last beats are 90 s old when the service is back
         await asyncio.sleep(1.0)  # sweeps run before the agents' first beats after it
-        await beat("node-a", "node-b")
+        await beats.beat("node-a", "node-b")
         await asyncio.sleep(0.5)
         record = await status_where(bus, lambda r: True)
         assert [node.node for node in record.status.nodes] == ["node-a", "node-b"]
         assert record.status.cache_states.cached_percentage == "100.0%"
 
-        now[0] += 61  # a TTL after the connection came back, a node that did not beat again leaves
-        await beat("node-a")
+        beats.now += 61  # a TTL after the connection came back, a node that did not beat again leaves
+        await beats.beat("node-a")
         record = await status_where(bus, lambda r: len(r.status.nodes) == 1)
         assert record.status.cache_states.cached_percentage == "60.0%"
 
@@ -220,14 +226,7 @@ async def test_a_node_that_comes_back_is_asked_for_its_figures(
     """A node cut off for more than the agents' TTL loses its figures; when its agent beats again its cache is still
     there, but an idle mount sends no inventory event (no gap to ask from): the service asks it for a snapshot."""
     monkeypatch.setattr(dataset_app, "DEPARTED_NODES_SECONDS", 0.1)
-    now = [time.time()]
-    agents = await bus.kv(subjects.KV_AGENTS)
-
-    async def beat(*nodes: str) -> None:
-        for node in nodes:
-            record = AgentRecord(heartbeat=AgentHeartbeat(node=node), received_at=now[0])
-            await agents.put(node, msgspec.json.encode(record))
-
+    beats = Beats(await bus.kv(subjects.KV_AGENTS))
     async def answer(request: InventoryRequest) -> None:  # node-b's mount, whose cache did not change
         if request.node in ("", "node-b") and request.dataset in (None, DATASET):
             await bus.publish(subjects.agent_inventory("node-b"), InventorySnapshot(
@@ -235,23 +234,19 @@ async def test_a_node_that_comes_back_is_asked_for_its_figures(
                 counters=CacheCounters(cached_bytes=400, capacity_bytes=4000, miss_bytes=400)))
 
     await put_objects(seaweedfs, bucket, {"model.bin": b"m" * 1000})
-    await beat("node-a", "node-b")
-    async with running(lambda stop: dataset_app.run(settings, stop, clock=lambda: now[0])):
+    await beats.beat("node-a", "node-b")
+    async with running(lambda stop: dataset_app.run(settings, stop, clock=beats.clock)):
         await apply_model(bus, bucket)
-        for node, cached in (("node-a", 600), ("node-b", 400)):
-            await bus.publish(subjects.agent_inventory(node), InventorySnapshot(
-                node=node, dataset=DATASET, incarnation=node, seq=1,
-                counters=CacheCounters(cached_bytes=cached, capacity_bytes=4000, miss_bytes=cached)))
-        await status_where(bus, lambda r: r.status.cache_states.cached_percentage == "100.0%")
+        await report_two_nodes(bus)
 
-        now[0] += 90  # node-b cut off for 90 s
-        await beat("node-a")
+        beats.now += 90  # node-b cut off for 90 s
+        await beats.beat("node-a")
         await status_where(bus, lambda r: [node.node for node in r.status.nodes] == ["node-a"])
 
         subscription = await bus.subscribe(subjects.INVENTORY_REQUEST, msgspec.json.Decoder(InventoryRequest),
                                            answer)
         try:
-            await beat("node-b")  # back, with the same cache
+            await beats.beat("node-b")  # back, with the same cache
             record = await status_where(bus, lambda r: len(r.status.nodes) == 2)
         finally:
             await subscription.unsubscribe()

@@ -29,6 +29,7 @@ from libs.ufs.base import (
     UfsError,
 )
 from libs.ufs.http import HttpObjectStore, ListingLoop, ListingTooLarge
+from tests.faults import answering
 from tests.web_source import PythonSource, WebSource, rewrite
 
 FILES = {
@@ -107,16 +108,8 @@ async def test_a_server_without_range_is_read_whole_and_cut(tmp_path: Path) -> N
 @asynccontextmanager
 async def serving(handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> AsyncIterator[str]:
     """An aiohttp server answering every GET with ``handler``; yields the URL of its folder /data/."""
-    app = web.Application()
-    app.router.add_get("/{tail:.*}", handler)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, LOOPBACK, 0)
-    await site.start()
-    try:
-        yield f"http://{LOOPBACK}:{runner.addresses[0][1]}/data/"
-    finally:
-        await runner.cleanup()
+    async with answering(handler) as url:
+        yield f"{url}/data/"
 
 
 def lying_server(content_range: str, endless: bool) -> AbstractAsyncContextManager[str]:

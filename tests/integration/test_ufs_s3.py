@@ -14,7 +14,7 @@ import pytest
 from aiohttp import web
 
 from libs.config import Secret
-from libs.embedded import LOOPBACK, free_port
+from libs.embedded import free_port
 from libs.ufs import (
     AccessDenied,
     EndpointUnreachable,
@@ -28,7 +28,7 @@ from libs.ufs import (
     open_store,
 )
 from tests.conftest import SeaweedServer, put_objects
-from tests.faults import FaultyStoreProxy, HttpProxy
+from tests.faults import FaultyStoreProxy, HttpProxy, answering
 
 WRONG_SECRET = "wrong-secret-Zq9xK2vLp"
 
@@ -338,15 +338,9 @@ async def test_a_ranged_get_answered_with_more_than_the_range_reads_only_the_ran
         while True:
             await response.write(b"x" * 65536)
 
-    app = web.Application()
-    app.router.add_get("/{tail:.*}", answer)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, LOOPBACK, 0)
-    await site.start()
-    location = S3Location(bucket="b", endpoint_url=f"http://{LOOPBACK}:{runner.addresses[0][1]}",
-                          access_key_id=Secret("AKIDEXAMPLE"), secret_access_key=Secret("not-a-real-secret"))
-    try:
+    async with answering(answer) as url:
+        location = S3Location(bucket="b", endpoint_url=url, access_key_id=Secret("AKIDEXAMPLE"),
+                              secret_access_key=Secret("not-a-real-secret"))
         async with S3ObjectStore(location) as store:
             assert await asyncio.wait_for(store.get_range("whole", 5, 10, etag="e"), 10) == bytes(range(5, 15))
             into = bytearray(10)
@@ -354,5 +348,3 @@ async def test_a_ranged_get_answered_with_more_than_the_range_reads_only_the_ran
             assert bytes(into) == bytes(range(5, 15))
             with pytest.raises(UfsError, match="more than the 10 bytes asked for"):
                 await asyncio.wait_for(store.get_range("partial", 5, 10, etag="e"), 10)
-    finally:
-        await runner.cleanup()
