@@ -426,6 +426,9 @@ def with_condition(conditions: list[Condition], kind: str, new: Condition | None
 
 # Decisions kept in status.autoscaling.decisions (``shoal describe runtime`` shows them); each is also a fact.
 AUTOSCALE_HISTORY = 10
+# A correction back within [minReplicas, maxReplicas] is not sent again for this long while the replicas still
+# show the old value (its scale command is on its way); after it, it is sent again in case it was lost.
+CORRECTION_LANDS_SECONDS = 10.0
 # Per node: bytes read from a cache (own tiers or a peer) and from the store, since its mount process started.
 ReadCounters = Mapping[str, tuple[int, int]]
 
@@ -522,10 +525,20 @@ def autoscale(policy: AutoscalingPolicy, replicas: int, sample: CacheSample, pre
         kept = [*seen.decisions, decision][-AUTOSCALE_HISTORY:]
         return ScaleChoice(to, reason, msgspec.structs.replace(seen, last_scale_time=now, decisions=kept), decision)
 
+    def back_within(to: int, why: str) -> ScaleChoice:
+        # No cool-down for a correction, but the one just sent is not sent again while it lands: the next look,
+        # a second later, still sees the replicas out of bounds.
+        last = seen.decisions[-1] if seen.decisions else None
+        if last is not None and (last.from_replicas, last.to_replicas) == (replicas, to) \
+                and since_scale < CORRECTION_LANDS_SECONDS:
+            return ScaleChoice(replicas, f"{why}: the scale to {to} sent {since_scale:.0f} s ago has not landed yet",
+                               seen)
+        return change(to, why)
+
     if replicas < low:
-        return change(low, f"below minReplicas {low}")
+        return back_within(low, f"below minReplicas {low}")
     if replicas > high:
-        return change(high, f"above maxReplicas {high}")
+        return back_within(high, f"above maxReplicas {high}")
     if pressure:
         why = "; ".join(pressure)
         if replicas >= high:

@@ -27,6 +27,7 @@ from libs.events.runtime import (
 )
 from services.runtime.domain import (
     AUTOSCALE_HISTORY,
+    CORRECTION_LANDS_SECONDS,
     CacheSample,
     autoscale,
     cache_sample,
@@ -79,6 +80,19 @@ def test_no_growth_within_the_cool_down_or_past_max() -> None:
     assert at_max.replicas == 3 and "already at maxReplicas 3" in at_max.reason
 
 
+def test_a_correction_back_within_bounds_is_sent_once_while_it_lands() -> None:
+    # The autoscaler looks every second; a scale command taking longer to land left the replicas out of bounds at
+    # the next look, and the correction (and its autoscaled fact and metric) went out again.
+    first = autoscale(POLICY, 0, sample(0), {}, None, NOW)
+    assert first.replicas == 1 and first.decision is not None
+    landing = autoscale(POLICY, 0, sample(0), {}, first.state, NOW + 1)
+    assert (landing.replicas, landing.decision) == (0, None) and "has not landed yet" in landing.reason
+    lost = autoscale(POLICY, 0, sample(0), {}, first.state, NOW + 11)
+    assert lost.replicas == 1 and lost.decision is not None  # sent again: it may have been lost
+    above = autoscale(POLICY, 7, sample(0), {}, first.state, NOW + 1)
+    assert above.replicas == 3 and above.decision is not None  # another correction goes at once
+
+
 def test_shrinks_after_a_calm_cool_down_and_not_before() -> None:
     idle = sample(90)
     assert autoscale(POLICY, 2, idle, {}, state(last_pressure=NOW - 29), NOW).replicas == 2
@@ -105,10 +119,11 @@ def test_history_is_bounded() -> None:
     current = AutoscalingStatus()
     replicas = 5
     for step in range(AUTOSCALE_HISTORY + 3):
-        choice = autoscale(POLICY, replicas, sample(0), {}, current, NOW + step)
-        current, replicas = choice.state, 5  # out of bounds every time: a decision each look
+        # Out of bounds at every look, each after the last correction had time to land: a decision each look.
+        choice = autoscale(POLICY, replicas, sample(0), {}, current, NOW + step * CORRECTION_LANDS_SECONDS)
+        current, replicas = choice.state, 5
     assert len(current.decisions) == AUTOSCALE_HISTORY
-    assert current.decisions[-1].time == "2023-11-14T22:13:32Z"
+    assert current.decisions[-1].time == "2023-11-14T22:15:20Z"
 
 
 def test_read_window_counts_a_restarted_mount_from_zero_and_a_node_first_seen_from_the_next_look() -> None:
