@@ -82,6 +82,9 @@ POLL_SECONDS = 0.25
 UNBOUND_GRACE_SECONDS = 30.0
 # A mount process gets this long to unmount cleanly after SIGTERM before it is killed.
 STOP_GRACE_SECONDS = 10.0
+# How long the start-up sweep waits for a mount left by an earlier run to answer whether it is dead (ENOTCONN comes
+# at once; a hung live mount process never answers).
+DEAD_CHECK_SECONDS = 2.0
 
 
 def is_dead(path: str) -> bool:
@@ -94,13 +97,14 @@ def is_dead(path: str) -> bool:
     return False
 
 
-def dead_mounts(mount_root: str, wanted: set[tuple[str, str]]) -> list[str]:
-    """The dead dataset mounts at ``<mount root>/<namespace>/<name>`` of datasets not in ``wanted``."""
+def unwanted_mounts(mount_root: str, wanted: set[tuple[str, str]]) -> list[str]:
+    """The dataset mounts at ``<mount root>/<namespace>/<name>`` of datasets not in ``wanted``, dead or alive
+    (read from the mount table: none of them is touched)."""
     root = os.path.realpath(mount_root)
     keep = {canonical(domain.mountpoint(root, *ref)) for ref in wanted}
     # <root>/<namespace>/<name> only: another agent's root may lie below this one (shoal up --agents N).
     return [path for path in mount_points(domain.MOUNT_FSTYPE)
-            if path not in keep and os.path.dirname(os.path.dirname(path)) == root and is_dead(path)]
+            if path not in keep and os.path.dirname(os.path.dirname(path)) == root]
 
 
 async def force_unmount(path: str) -> None:
@@ -275,7 +279,14 @@ class NodeAgent:
         with it) for datasets it does not mount now: nothing else ever would, and each answers ENOTCONN to whoever
         lists the root. A wanted one stays until its new mount process moves in beneath it (readers get an error,
         never an empty folder); a live one (a mount process that outlived its agent) may be in use: left alone."""
-        for path in await asyncio.to_thread(dead_mounts, self.settings.agent.mount_root, wanted):
+        for path in await asyncio.to_thread(unwanted_mounts, self.settings.agent.mount_root, wanted):
+            try:
+                # A live mount process that does not answer would hold the stat for ever: not dead, passed over.
+                dead = await asyncio.wait_for(asyncio.to_thread(is_dead, path), DEAD_CHECK_SECONDS)
+            except TimeoutError:
+                continue
+            if not dead:
+                continue
             log.warning("dead mount of an earlier run removed", mountpoint=path)
             await force_unmount(path)
             await asyncio.to_thread(remove_mountpoint, path)
