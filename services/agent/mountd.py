@@ -142,6 +142,8 @@ class MountedDataset:
         self.gates: list[StoreGate] = []
         self.locations: list[object] = []
         self.retired: list[StoreGate] = []
+        # Each new store readies its client in the background (``StoreGate.prepare``) while the mount starts.
+        self.preparing: set[asyncio.Task[None]] = set()
         self.deleted = False
         # (mount, key) → entry of the current manifest: what the peer server may serve.
         self.entries: dict[tuple[int, str], ManifestEntry] = {}
@@ -282,6 +284,9 @@ class MountedDataset:
             publisher.stop()
             await asyncio.gather(inventory_task, reporter_task, *([watcher] if watcher else []),
                                  *([ring_watch] if ring_watch else []), return_exceptions=True)
+            for task in list(self.preparing):
+                task.cancel()
+            await asyncio.gather(*self.preparing, return_exceptions=True)
             for gate in [*self.gates, *self.retired]:
                 await gate.store.close()
             if slots is not None:
@@ -387,8 +392,21 @@ class MountedDataset:
             for index, location in enumerate(locations)
         ]
         self.retired += [gate for gate in self.gates if gate not in gates]
+        for gate in gates:
+            if gate not in self.gates:
+                task = asyncio.create_task(self._prepare(gate))
+                self.preparing.add(task)
+                task.add_done_callback(self.preparing.discard)
         self.gates[:] = gates
         self.locations = locations
+
+    async def _prepare(self, gate: StoreGate) -> None:
+        """The store's client made before the first read needs it (botocore's import and model parsing take about
+        half a second of CPU, which a load or a cold read would otherwise wait for)."""
+        try:
+            await gate.prepare()
+        except Exception as err:  # the first read opens it again and reports what is wrong
+            log.debug("object store not readied ahead", dataset=self.key, error=str(err))
 
     async def _dataset_gone(self) -> bool:
         """Whether the dataset was deleted (the agent may stop us before our watch sees it); False if unsure."""

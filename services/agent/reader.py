@@ -105,6 +105,12 @@ class StoreGate:
                         {"shoal.object.key": key, "shoal.range.start": start, "shoal.range.length": len(into)}):
             return await self._guarded(lambda: self._get_into(key, start, into, etag))
 
+    async def prepare(self) -> None:
+        """Ready the store's client ahead of the first GET (stores that have nothing to ready: nothing to do)."""
+        prepare = getattr(self.store, "prepare", None)
+        if prepare is not None:
+            await prepare()
+
     async def _get_into(self, key: str, start: int, into: memoryview, etag: str) -> int:
         getter = getattr(self.store, "get_range_into", None)
         if getter is not None:

@@ -26,6 +26,7 @@ from libs.ufs import (
     S3ObjectStore,
     UfsError,
     open_store,
+    s3,
 )
 from tests.conftest import SeaweedServer, put_objects
 from tests.faults import FaultyStoreProxy, HttpProxy, answering
@@ -348,3 +349,27 @@ async def test_a_ranged_get_answered_with_more_than_the_range_reads_only_the_ran
             assert bytes(into) == bytes(range(5, 15))
             with pytest.raises(UfsError, match="more than the 10 bytes asked for"):
                 await asyncio.wait_for(store.get_range("partial", 5, 10, etag="e"), 10)
+
+
+async def test_prepare_readies_the_client_so_the_first_read_opens_none(
+        seaweedfs: SeaweedServer, bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A mount calls prepare while it starts: botocore's import and model parsing (about half a second of CPU) must
+    # not wait for the first read or load. Every store of the process opens its client from the one session.
+    await put_objects(seaweedfs, bucket, {"model.bin": bytes(range(256)) * 64})
+    session = s3.shared_session()
+    opened: list[str] = []
+    create_client = session.create_client
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        opened.append(args[0] if args else kwargs["service_name"])
+        return create_client(*args, **kwargs)
+
+    monkeypatch.setattr(session, "create_client", counting)
+    async with S3ObjectStore(seaweedfs.location(bucket)) as first, S3ObjectStore(seaweedfs.location(bucket)) as second:
+        await first.prepare()
+        assert opened == ["s3"]
+        info = await first.head("model.bin")
+        assert await first.get_range("model.bin", 10, 20, etag=info.etag) == (bytes(range(256)) * 64)[10:30]
+        assert opened == ["s3"], "the first read opened another client"
+        assert await second.get_range("model.bin", 0, 4, etag=info.etag) == bytes(range(4))
+        assert opened == ["s3", "s3"], "a store's client comes from the process's one session"
