@@ -15,9 +15,9 @@ import contextlib
 import hashlib
 import io
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from types import TracebackType
-from typing import IO
+from typing import IO, TypeVar
 
 import msgspec
 from nats.js.errors import DigestMismatchError, NotFoundError, ObjectNotFoundError
@@ -27,6 +27,11 @@ from libs import subjects
 from libs.bus import Bus
 from libs.events.dataset import ManifestEntry
 from libs.paths import is_folder
+
+R = TypeVar("R")
+# How often a record is read again because the manifest it named was replaced meanwhile: a sync that finishes
+# deletes the manifest it replaced, so a reader between the two reads finds it gone.
+CURRENT_ATTEMPTS = 3
 
 _encoder = msgspec.json.Encoder()
 # How the NATS Object Store names an object's digest (ObjectInfo.digest): compared with ManifestWriter.digest.
@@ -158,6 +163,26 @@ class ManifestStore:
                 if attempt == LOAD_ATTEMPTS:
                     raise
         raise AssertionError("LOAD_ATTEMPTS must be at least 1")
+
+    async def load_current(self, read: Callable[[], Awaitable[R | None]], manifest_of: Callable[[R], str],
+                           record: R | None = None) -> tuple[R | None, list[ManifestEntry] | None]:
+        """A record (``record``, else ``read()``) and the entries of the manifest ``manifest_of`` it names. When
+        that manifest is gone, a sync replaced it meanwhile: the record is read again and its manifest loaded
+        (``CURRENT_ATTEMPTS`` in all). Entries are None when there is no record, it names no manifest, or it still
+        names the one that is gone."""
+        if record is None:
+            record = await read()
+        for _ in range(CURRENT_ATTEMPTS):
+            if record is None or not manifest_of(record):
+                break
+            named = manifest_of(record)
+            try:
+                return record, await self.load(named)
+            except (ObjectNotFoundError, NotFoundError):
+                record = await read()
+                if record is not None and manifest_of(record) == named:
+                    break
+        return record, None
 
     async def delete(self, name: str) -> None:
         """Remove a manifest; one that is already gone is fine."""

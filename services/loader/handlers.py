@@ -72,9 +72,6 @@ METADATA_TIMEOUT_SECONDS = 300.0
 # back within seconds; a node drained or lost is not.
 NODE_GONE_SECONDS = 120.0
 DEFAULT_BLOCK_SIZE = 4 * 1024 * 1024
-# A run plans against the manifest the dataset names; a sync finishing meanwhile deletes it, and the record is read
-# again for the new one this many times in all (a dataset resynced faster than a manifest loads fails the run).
-MANIFEST_ATTEMPTS = 3
 # How often the gauges are recounted from the in-memory views: as often as the tick passes over the same views
 # (setting only what changed), so they follow a change within a fraction of a scrape interval.
 GAUGE_SECONDS = TICK_SECONDS
@@ -637,20 +634,12 @@ class LoaderHandlers:
     async def _current_entries(self, store: ManifestStore, record: OperationRecord,
                                dataset: DatasetRecord | None
                                ) -> tuple[DatasetRecord | None, list[ManifestEntry] | None]:
-        """The dataset's record and the entries of the manifest it names (None: it has none). A sync that
-        finished meanwhile deletes the manifest it replaced: the record is read again and its new one loaded."""
+        """The dataset's record and the entries of the manifest it names (None: it has none), read again if a
+        sync replaced that manifest meanwhile."""
         ref = domain.dataset_ref(record)
-        for _ in range(MANIFEST_ATTEMPTS):
-            if dataset is None:
-                break
-            try:
-                return dataset, await store.load(dataset.status.manifest or store.name(ref.namespace, ref.name))
-            except (ObjectNotFoundError, NotFoundError):
-                named = dataset.status.manifest
-                dataset = await self._dataset(record)
-                if dataset is None or dataset.status.manifest == named:
-                    break
-        return dataset, None
+        return await store.load_current(lambda: self._dataset(record),
+                                        lambda found: found.status.manifest or store.name(ref.namespace, ref.name),
+                                        dataset)
 
     async def _dataset(self, record: OperationRecord) -> DatasetRecord | None:
         ref = domain.dataset_ref(record)
