@@ -23,13 +23,14 @@ from libs.ufs.base import (
 )
 from libs.ufs.http import HttpObjectStore
 from libs.ufs.local import LocalObjectStore
-from libs.ufs.s3 import S3ObjectStore
+from libs.ufs.s3 import S3Clients, S3ObjectStore
 
 
-def open_store(location: Location) -> ObjectStore:
-    """The store for ``location``; it opens connections on first use, and the caller closes it."""
+def open_store(location: Location, s3_clients: S3Clients | None = None) -> ObjectStore:
+    """The store for ``location``; it opens connections on first use, and the caller closes it. An S3 store takes
+    its client from ``s3_clients`` when given (shared with the other stores of that location)."""
     if isinstance(location, S3Location):
-        return S3ObjectStore(location)
+        return S3ObjectStore(location, clients=s3_clients)
     if isinstance(location, LocalLocation):
         return LocalObjectStore(location)
     if isinstance(location, HttpLocation):
@@ -50,6 +51,7 @@ __all__ = [
     "ObjectChanged",
     "ObjectInfo",
     "ObjectStore",
+    "S3Clients",
     "S3Location",
     "S3ObjectStore",
     "UfsError",

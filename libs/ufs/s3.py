@@ -11,6 +11,8 @@ hidden here.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import threading
 import time
 from collections import OrderedDict
@@ -122,6 +124,61 @@ def preload() -> None:
         loader.load_data_with_path(data)
 
 
+# A client no store uses is kept this long for the next store of the same location (a dataset's next sync).
+IDLE_CLIENT_SECONDS = 60.0
+
+
+class S3Clients:
+    """S3 clients shared by the stores of one process (one event loop) that have the same location and options.
+
+    Making a client costs ~50 ms of CPU even from the shared session (botocore builds its endpoint rules, and
+    aiobotocore a TLS context with the CA bundle, for ``http://`` endpoints too), where a small listing with it
+    costs ~3 ms (measured): a dataset service that opened a client per sync spent most of an S3 dataset's sync
+    making it. Stores lease a client on first use and give it back on ``close``; one nobody used for
+    ``IDLE_CLIENT_SECONDS`` is closed at the next lease or return, and ``close`` closes every one (the owner calls
+    it when it stops). Rotated credentials are another key, so they get a client of their own."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        # key → [client, its exit stack, stores using it, when the last one gave it back]
+        self._clients: dict[str, list[Any]] = {}
+        self._lock = asyncio.Lock()
+
+    async def lease(self, key: str, make: Callable[[AsyncExitStack], Awaitable[Any]]) -> Any:
+        async with self._lock:
+            await self._close_idle()
+            held = self._clients.get(key)
+            if held is None:
+                stack = AsyncExitStack()
+                held = self._clients[key] = [await make(stack), stack, 0, 0.0]
+            held[2] += 1
+            return held[0]
+
+    async def give_back(self, key: str) -> None:
+        async with self._lock:
+            held = self._clients.get(key)
+            if held is not None:
+                held[2] -= 1
+                held[3] = self._clock()
+            await self._close_idle()
+
+    async def close(self) -> None:
+        async with self._lock:
+            held, self._clients = list(self._clients.values()), {}
+            for _client, stack, _users, _since in held:
+                await stack.aclose()
+
+    def __len__(self) -> int:
+        return len(self._clients)
+
+    async def _close_idle(self) -> None:
+        now = self._clock()
+        for key, (_client, stack, users, since) in list(self._clients.items()):
+            if users <= 0 and now - since >= IDLE_CLIENT_SECONDS:
+                del self._clients[key]
+                await stack.aclose()
+
+
 class S3ObjectStore:
     """Read-only access to the objects below ``location.prefix`` in one bucket; keys are relative to it."""
 
@@ -133,8 +190,12 @@ class S3ObjectStore:
         read_timeout: float = 30.0,
         max_attempts: int = 3,
         max_connections: int = 64,
+        clients: S3Clients | None = None,
     ) -> None:
         self._location = location
+        # Clients shared with the process's other stores of this location (None: one of its own).
+        self._clients = clients
+        self._leased: str | None = None
         self._bucket = location.bucket
         self._prefix = _folder(location.prefix)
         # Shown in errors and logs: never with credentials written into the URL.
@@ -180,6 +241,9 @@ class S3ObjectStore:
             await self._stack.aclose()
             self._stack = AsyncExitStack()
             self._client = None
+            if self._leased is not None and self._clients is not None:
+                leased, self._leased = self._leased, None
+                await self._clients.give_back(leased)
             if self._http is not None:
                 await self._http.close()
                 self._http = None
@@ -197,21 +261,36 @@ class S3ObjectStore:
         if self._client is None:
             async with self._lock:
                 if self._client is None:
-                    from aiobotocore.config import AioConfig
-
-                    location = self._location
-                    # Empty credentials fall through to botocore's chain (environment, IRSA, instance role).
-                    self._client = await self._stack.enter_async_context(
-                        shared_session().create_client(
-                            "s3",
-                            endpoint_url=location.endpoint_url or None,
-                            region_name=location.region,
-                            aws_access_key_id=location.access_key_id.reveal() or None,
-                            aws_secret_access_key=location.secret_access_key.reveal() or None,
-                            config=AioConfig(**self._config_options),
-                        )
-                    )
+                    if self._clients is None:
+                        self._client = await self._make_client(self._stack)
+                    else:
+                        key = self._client_key()
+                        self._client = await self._clients.lease(key, self._make_client)
+                        self._leased = key
         return self._client
+
+    async def _make_client(self, stack: AsyncExitStack) -> Any:
+        from aiobotocore.config import AioConfig
+
+        location = self._location
+        # Empty credentials fall through to botocore's chain (environment, IRSA, instance role).
+        return await stack.enter_async_context(
+            shared_session().create_client(
+                "s3",
+                endpoint_url=location.endpoint_url or None,
+                region_name=location.region,
+                aws_access_key_id=location.access_key_id.reveal() or None,
+                aws_secret_access_key=location.secret_access_key.reveal() or None,
+                config=AioConfig(**self._config_options),
+            )
+        )
+
+    def _client_key(self) -> str:
+        """What a client is made of, hashed: the same for stores that may share one, never the secret itself."""
+        location = self._location
+        made_of = json.dumps([location.endpoint_url, location.region, location.access_key_id.reveal(),
+                              location.secret_access_key.reveal(), self._config_options], sort_keys=True)
+        return hashlib.sha256(made_of.encode()).hexdigest()
 
     async def list(self, page_size: int = 1000) -> AsyncGenerator[ObjectInfo, None]:
         """Every object below the prefix, one ListObjectsV2 page at a time. Folder markers ("train/sub/", made by

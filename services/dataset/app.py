@@ -23,6 +23,7 @@ Ready (``/readyz``) when connected to NATS and the consumers and the reconciler'
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Callable
 
@@ -39,7 +40,7 @@ from libs.members import Members
 from libs.reconcile import Reconciler
 from libs.service import Periodic, nats_check, run_loops
 from libs.side_server import Readiness
-from libs.ufs import open_store
+from libs.ufs import S3Clients, open_store
 from services.dataset.census import DatasetCensus
 from services.dataset.handlers import DatasetHandlers
 from services.dataset.lanes import dataset_lane
@@ -59,8 +60,12 @@ DEPARTED_NODES_SECONDS = 10.0
 
 
 async def run(settings: Settings, stop: asyncio.Event, clock: Callable[[], float] = time.time,
-              opener: StoreOpener = open_store, readiness: Readiness | None = None) -> None:
+              opener: StoreOpener | None = None, readiness: Readiness | None = None) -> None:
     readiness = readiness or Readiness()
+    # Every sync of an S3 dataset opens a store; they share their location's client rather than make one each.
+    s3_clients = S3Clients()
+    if opener is None:
+        opener = functools.partial(open_store, s3_clients=s3_clients)
     bus = await connect(settings.nats, SERVICE_NAME)
     readiness.add("nats", nats_check(bus))
     try:
@@ -110,3 +115,4 @@ async def run(settings: Settings, stop: asyncio.Event, clock: Callable[[], float
                          departed], stop, readiness)
     finally:
         await bus.close()
+        await s3_clients.close()

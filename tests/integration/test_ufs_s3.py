@@ -22,6 +22,7 @@ from libs.ufs import (
     NoSuchKey,
     ObjectChanged,
     ObjectInfo,
+    S3Clients,
     S3Location,
     S3ObjectStore,
     UfsError,
@@ -373,3 +374,47 @@ async def test_prepare_readies_the_client_so_the_first_read_opens_none(
         assert opened == ["s3"], "the first read opened another client"
         assert await second.get_range("model.bin", 0, 4, etag=info.etag) == bytes(range(4))
         assert opened == ["s3", "s3"], "a store's client comes from the process's one session"
+
+
+async def test_stores_of_one_location_share_a_pooled_client_until_it_is_idle(
+        seaweedfs: SeaweedServer, bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    await put_objects(seaweedfs, bucket, {"a/x": b"x", "b/y": b"yy"})
+    now = [0.0]
+    clients = S3Clients(clock=lambda: now[0])
+    made: list[object] = []
+    session = s3.shared_session()
+    create_client = session.create_client
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        made.append(kwargs.get("aws_access_key_id"))
+        return create_client(*args, **kwargs)
+
+    monkeypatch.setattr(session, "create_client", counting)
+    try:
+        # Two stores of the bucket (prefixes differ: the client is the endpoint's and the credentials'), at once.
+        first = S3ObjectStore(seaweedfs.location(bucket, "a"), clients=clients)
+        second = S3ObjectStore(seaweedfs.location(bucket, "b"), clients=clients)
+        assert [i.key for i in await collect(first)] == ["x"]
+        assert [i.key for i in await collect(second)] == ["y"]
+        assert len(made) == 1 and len(clients) == 1
+        await first.close()
+        await second.close()
+        # Given back, kept for the next store (the dataset's next sync) while not idle for long.
+        third = S3ObjectStore(seaweedfs.location(bucket, "a"), clients=clients)
+        assert [i.key for i in await collect(third)] == ["x"]
+        assert len(made) == 1
+        await third.close()
+        # Other credentials are another client, and a wrong secret is told as before, never shared.
+        wrong = dataclasses.replace(seaweedfs.location(bucket), secret_access_key=Secret(WRONG_SECRET))
+        async with S3ObjectStore(wrong, clients=clients) as store:
+            with pytest.raises(AccessDenied):
+                await collect(store)
+        assert len(made) == 2 and len(clients) == 2
+        # Idle past IDLE_CLIENT_SECONDS: closed at the next lease or return; a store in use keeps its own.
+        now[0] += s3.IDLE_CLIENT_SECONDS
+        async with S3ObjectStore(seaweedfs.location(bucket, "b"), clients=clients) as store:
+            assert [i.key for i in await collect(store)] == ["y"]
+            assert len(clients) == 1 and len(made) == 3
+    finally:
+        await clients.close()
+    assert len(clients) == 0
