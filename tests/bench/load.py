@@ -9,7 +9,9 @@ per core of the machine the numbers in ``docs/benchmarks.md`` come from) and the
 the bench:
 
 1. writes ``SHOAL_BENCH_LOAD_FOLDERS`` small local folders (default 1,000 of ``SHOAL_BENCH_LOAD_FILES`` = 4 files,
-   kept under ``.shoal/bench/load-src`` for later runs); dataset *i* mounts ``local://<folder i mod folders>``;
+   kept under ``.shoal/bench/load-src`` for later runs); dataset *i* mounts ``local://<folder i mod folders>``.
+   With ``SHOAL_BENCH_LOAD_SOURCE=s3`` the folders are prefixes of one bucket in an embedded SeaweedFS (uploaded at
+   each run) and dataset *i* mounts ``s3://load/<folder>``;
 2. starts ``SHOAL_BENCH_LOAD_AGENTS`` simulated agents (default 100): each heartbeats every 5 s (each at its own
    phase of the period, as agents started at different times do) naming the
    runtimes it serves (runtime *j* on agent *j mod agents*, its mount ``Serving``) and publishes an inventory
@@ -63,7 +65,7 @@ import msgspec
 from libs import subjects
 from libs.bus import Bus, connect, kv_keys, kv_load
 from libs.config import NatsSettings
-from libs.embedded import NatsConfig, free_port, start_nats
+from libs.embedded import NatsConfig, SeaweedConfig, free_port, start_nats, start_seaweedfs
 from libs.events.agent import AgentHeartbeat, CacheCounters, InventorySnapshot, MountReport
 from libs.events.common import ObjectMeta, ObjectRef
 from libs.events.dataset import Dataset, DatasetApply, DatasetRecord, DatasetSpec, Mount
@@ -72,6 +74,7 @@ from tests.bench.processes import PROJECT_ROOT, Child, cleanup, cpu_seconds, exc
 from tests.bench.report import console, print_targets, say, summarize_profile, targets_table, write_docs_section
 
 NAMESPACE = "load"
+S3_BUCKET = "load"  # with SHOAL_BENCH_LOAD_SOURCE=s3: the folders are its prefixes
 PUBLISH_WINDOW = 1000  # applies in flight during the burst: enough to keep the server busy, bounded memory
 # Real agents beat every 5 s (AgentHeartbeat.interval_seconds): 100 agents are 20 beats and, here, 20 inventory
 # snapshots a second. Beating every second was tried: 100 beats and 100 snapshots a second outran the runtime
@@ -96,6 +99,7 @@ class LoadConfig:
     docs: str
     profile: bool = False
     timeout: float = 600.0
+    source: str = "local"  # or "s3"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str], quick: bool = False) -> LoadConfig:
@@ -115,7 +119,10 @@ class LoadConfig:
                      files=number("FILES", 4), replicas=number("REPLICAS", 2),
                      docs=environ.get("SHOAL_BENCH_LOAD_DOCS", "docs/benchmarks.md").strip(),
                      profile=environ.get("SHOAL_BENCH_LOAD_PROFILE", "") not in ("", "0"),
-                     timeout=float(number("TIMEOUT", 600)))
+                     timeout=float(number("TIMEOUT", 600)),
+                     source=environ.get("SHOAL_BENCH_LOAD_SOURCE", "local").strip() or "local")
+        if config.source not in ("local", "s3"):
+            raise SystemExit(f"SHOAL_BENCH_LOAD_SOURCE={config.source!r}: expected local or s3")
         if config.folders < 1 or config.replicas < 1 or config.agents < 1:
             raise SystemExit("SHOAL_BENCH_LOAD_FOLDERS, _REPLICAS and _AGENTS must be at least 1")
         return config
@@ -325,10 +332,28 @@ def write_folders(root: Path, folders: int, files: int) -> None:
     marker.touch()
 
 
-def dataset_apply(name: str, folder: Path) -> DatasetApply:
+async def upload_folders(seaweed: SeaweedConfig, folders: int, files: int) -> None:
+    """The folders as prefixes ``f-<i>/`` of bucket ``S3_BUCKET``, objects as ``write_folders`` makes them."""
+    from aiobotocore.session import get_session
+
+    async with get_session().create_client(
+            "s3", endpoint_url=seaweed.endpoint, region_name="us-east-1", aws_access_key_id=seaweed.access_key_id,
+            aws_secret_access_key=seaweed.secret_access_key) as client:
+        await client.create_bucket(Bucket=S3_BUCKET)
+        keys = iter([(f"f-{index:05d}/part-{number}.bin", number)
+                     for index in range(folders) for number in range(files)])
+
+        async def put() -> None:
+            for key, number in keys:
+                await client.put_object(Bucket=S3_BUCKET, Key=key, Body=b"x" * (1024 + number))
+
+        await asyncio.gather(*(put() for _ in range(16)))
+
+
+def dataset_apply(name: str, mount_point: str) -> DatasetApply:
     return DatasetApply(id=f"load-apply-{name}", dataset=Dataset(
         metadata=ObjectMeta(name=name, namespace=NAMESPACE),
-        spec=DatasetSpec(mounts=[Mount(mount_point=f"local://{folder}")])))
+        spec=DatasetSpec(mounts=[Mount(mount_point=mount_point)])))
 
 
 def runtime_apply(name: str) -> RuntimeApply:
@@ -340,7 +365,7 @@ def runtime_apply(name: str) -> RuntimeApply:
 class Load:
     """Drives one run against a NATS server whose dataset and runtime services run already (a bench or a test)."""
 
-    def __init__(self, bus: Bus, facts: Bus, source: Path, folders: int, agents: int) -> None:
+    def __init__(self, bus: Bus, facts: Bus, source: str, folders: int, agents: int) -> None:
         self.bus, self.facts, self.source, self.folders = bus, facts, source, folders
         self.tracker = Tracker(set())
         self.agents = Agents(bus, agents)
@@ -349,8 +374,9 @@ class Load:
         self.not_ready = 0
         self.resent_accepted = 0
 
-    def folder(self, index: int) -> Path:
-        return self.source / f"f-{index % self.folders:05d}"
+    def folder(self, index: int) -> str:
+        """The mount point of dataset ``index``: ``source`` is ``local://<folder>`` or ``s3://<bucket>``."""
+        return f"{self.source}/f-{index % self.folders:05d}"
 
     async def start(self) -> None:
         await self.facts.nc.subscribe(subjects.DATASET_FACTS, cb=self.tracker.on_fact)
@@ -525,21 +551,34 @@ class LoadBench:
     _nats: Any = None
     _nats_config: NatsConfig | None = None
     _spies: list[Child] = field(default_factory=list)
+    _seaweed: Any = None
 
     def run(self) -> None:
         config = self.config
         source = self.state / "load-src"
-        started = time.perf_counter()
-        write_folders(source, config.folders, config.files)
-        say(f"  {config.folders:,} folders of {config.files} files in {time.perf_counter() - started:.1f} s")
         logs = self.state / "load-logs"
         logs.mkdir(parents=True, exist_ok=True)
+        started = time.perf_counter()
+        s3_env: dict[str, str] = {}
+        if config.source == "s3":
+            seaweed = SeaweedConfig.on_free_ports(self.state / f"load-seaweedfs-{os.getpid()}")
+            self._seaweed = start_seaweedfs(seaweed, logs / "seaweedfs.log")
+            asyncio.run(upload_folders(seaweed, config.folders, config.files))
+            mounts = f"s3://{S3_BUCKET}"
+            s3_env = {"SHOAL_S3_ENDPOINT": seaweed.endpoint, "SHOAL_S3_ACCESS_KEY_ID": seaweed.access_key_id,
+                      "SHOAL_S3_SECRET_ACCESS_KEY": seaweed.secret_access_key}
+        else:
+            write_folders(source, config.folders, config.files)
+            mounts = f"local://{source}"
+        say(f"  {config.folders:,} {config.source} folders of {config.files} files in "
+            f"{time.perf_counter() - started:.1f} s")
         nats_config = NatsConfig(port=free_port(), monitor_port=free_port(),
                                  store_dir=self.state / f"load-nats-{os.getpid()}")
         self._nats_config = nats_config
         self._nats = start_nats(nats_config, logs / "nats.log")
         env = {**os.environ, "NATS_URL": nats_config.url, "SHOAL_LOG_LEVEL": self.log_level,
-               "SHOAL_LOG_FORMAT": "json", "SHOAL_LOCAL_ROOTS": str(source), "PYTHONPATH": str(PROJECT_ROOT)}
+               "SHOAL_LOG_FORMAT": "json", "SHOAL_LOCAL_ROOTS": str(source), "PYTHONPATH": str(PROJECT_ROOT),
+               **s3_env}
         for index in range(config.replicas):
             port = free_port()
             child = Child(f"dataset-{index}", [sys.executable, "-m", "services.dataset"], logs / f"dataset-{index}.log",
@@ -556,7 +595,7 @@ class LoadBench:
                         str(service.child.pid), "-o", str(logs / f"{name}.spy")]
                 self._spies.append(Child(f"py-spy {name}", argv,
                       logs / f"py-spy-{name}.log", grace=30))
-        self.results = asyncio.run(self._drive(nats_config.url, source))
+        self.results = asyncio.run(self._drive(nats_config.url, mounts))
 
     def stop(self) -> None:
         for spy in self._spies:  # py-spy writes its profile on SIGINT, while the service still runs
@@ -569,6 +608,10 @@ class LoadBench:
         if self._nats is not None:
             self._nats.stop()
             self._nats = None
+        if self._seaweed is not None:  # S3 folders are per run too
+            self._seaweed.stop()
+            shutil.rmtree(self.state / f"load-seaweedfs-{os.getpid()}", ignore_errors=True)
+            self._seaweed = None
         if self._nats_config is not None:  # JetStream state is per run (the folders are kept)
             shutil.rmtree(self._nats_config.store_dir, ignore_errors=True)
             (self.state / f"nats-{self._nats_config.port}.conf").unlink(missing_ok=True)
@@ -627,7 +670,7 @@ class LoadBench:
                     raise TimeoutError(f"{service.child.name} not ready within 60 s:\n{service.child.log_tail()}")
                 await asyncio.sleep(0.1)
 
-    async def _drive(self, url: str, source: Path) -> dict[str, Any]:
+    async def _drive(self, url: str, source: str) -> dict[str, Any]:
         config = self.config
         bus = await connect(NatsSettings(urls=[url]), "load-bench")
         facts = await connect(NatsSettings(urls=[url]), "load-bench-facts")
@@ -754,10 +797,11 @@ def markdown(config: LoadConfig, results: dict[str, Any], lines: list[tuple[str,
         f"Measured {when} on {os.cpu_count()} cores (kernel {platform.release()}), with `SHOAL_BENCH=load make "
         f"bench`: {config.replicas} dataset-service process(es) and the runtime service against one nats-server, "
         f"{config.agents} simulated agents beating and publishing inventory every {BEAT_SECONDS:.0f} s, "
-        f"{config.runtimes} runtimes per phase (those datasets must end Bound), local folders of {config.files} "
-        "files. Latency is from just before an apply is published to the first status fact saying the dataset is "
-        "synced (and Bound); the bench client runs on the same cores. CPU per dataset (each process's CPU time "
-        "over the phase, simulated agents' traffic included) is the number a busy machine moves least. "
+        f"{config.runtimes} runtimes per phase (those datasets must end Bound), {config.source} folders of "
+        f"{config.files} files. Latency is from just before an apply is published to the first status fact saying "
+        "the dataset is synced (and Bound); the bench client runs on the same cores. CPU per dataset (each "
+        "process's CPU time over the phase, simulated agents' traffic included) is the number a busy machine moves "
+        "least. "
         f"Load average at the end: {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (other sessions share this "
         "machine, so the numbers are noisy).",
         "",

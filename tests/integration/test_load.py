@@ -44,7 +44,7 @@ async def test_a_burst_of_applies_syncs_every_dataset_once(nats_server: NatsServ
     settings: Settings = make_settings(nats_server.url, local_roots=[str(source)], log_level="warning")
     metrics = Snapshot()
     facts = await connect(NatsSettings(urls=[nats_server.url]), "load-facts")
-    load = Load(bus, facts, source, folders=20, agents=AGENTS)
+    load = Load(bus, facts, f"local://{source}", folders=20, agents=AGENTS)
     names = [f"burst-{i:05d}" for i in range(BURST)]
     try:
         async with running(lambda stop: dataset_app.run(settings, stop),
@@ -79,7 +79,7 @@ def _msg(event: msgspec.Struct) -> Msg:
 
 
 def test_every_consumed_message_names_its_dataset_lane(tmp_path: Path) -> None:
-    apply = dataset_apply("one", tmp_path)
+    apply = dataset_apply("one", f"local://{tmp_path}")
     assert dataset_lane(_msg(apply)) == "load.one"
     assert dataset_lane(_msg(DatasetDelete(name="two", namespace="ns"))) == "ns.two"
     assert dataset_lane(_msg(DatasetResync(name="three"))) == "default.three"
