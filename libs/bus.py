@@ -542,7 +542,9 @@ async def kv_load_deleted(kv: KeyValue, key: str, type_: type[T]) -> tuple[T | N
 
 
 async def kv_save(kv: KeyValue, key: str, value: msgspec.Struct, revision: int | None) -> int:
-    """Write only if the key is still at ``revision`` (None: only if it does not exist); else ``Conflict``."""
+    """Write only if the key is still at ``revision`` (None: only if it does not exist, a deleted key included);
+    else ``Conflict``. 0: only if the key never held anything, so a delete or purge marker written since the caller
+    read the key is not written over (nats-py's ``create`` writes over one)."""
     payload = msgspec.json.encode(value)
     try:
         if revision is None:

@@ -316,13 +316,19 @@ class DatasetHandlers:
         ref = event.dataset
         key = subjects.resource_key(ref.namespace, ref.name)
         kv = await self.bus.kv(subjects.KV_NODE_CACHE)
-        current, revision = await kv_load(kv, key, DatasetInventory)
+        # The entry first, then the record: a delete removes the record before it purges this entry, so when the
+        # record is there the purge (if one comes) is after this read, and the write below, at this read's
+        # revision, loses to it.
+        current, revision, _ = await kv_load_deleted(kv, key, DatasetInventory)
         if current is None and await dataset_record_missing(self.bus, key):
             return  # the last events of a deleted dataset's mount (its cache freed) must not bring its entry back
         # Totals only: the block sets of every node would outgrow a KV value; the scheduler keeps those.
         folded, gap = fold_inventory(current, event, track_blocks=False)
         if folded is not current:
-            await kv_save(kv, key, folded, revision)
+            # A first entry is written at the purge marker's revision, or 0 where the key never held anything: a
+            # plain create writes over a purge marker, and brought back the entry of a dataset deleted since the
+            # read above (Conflict: the redelivery then finds no record).
+            await kv_save(kv, key, folded, revision if revision is not None else 0)
         if gap:
             log.info("inventory gap, asking for a snapshot", dataset=key, node=event.node, seq=event.seq)
             request = InventoryRequest(node=event.node, dataset=ref)
