@@ -371,6 +371,7 @@ class DatasetHandlers:
 
     async def _forget_nodes(self, key: str, nodes: set[str]) -> None:
         kv = await self.bus.kv(subjects.KV_NODE_CACHE)
+        dropped = False
         for _ in range(CAS_ATTEMPTS):
             current, revision = await kv_load(kv, key, DatasetInventory)
             kept = domain.without_nodes(current or DatasetInventory(), nodes)
@@ -380,10 +381,18 @@ class DatasetHandlers:
                 await kv_save(kv, key, kept, revision)
             except Conflict:
                 continue
+            dropped = True
             break
         else:
             raise Conflict(f"{key}: node cache update lost {CAS_ATTEMPTS} times in a row")
-        log.info("nodes gone, their cache figures dropped", dataset=key, nodes=sorted(nodes))
+        if current is None:
+            record, _ = await kv_load(await self.bus.kv(subjects.KV_DATASETS), key, DatasetRecord)
+            if record is None or is_reference(record.dataset):
+                # A reference has no figures of its own: its status names its source's nodes, and follows the
+                # source's own sweep. Nothing to drop, say or write (each sweep logged it, every 10 s).
+                return
+        if dropped:
+            log.info("nodes gone, their cache figures dropped", dataset=key, nodes=sorted(nodes))
         for node in nodes:
             self._dropped_nodes.pop(node, None)  # moved to the end: the newest
             self._dropped_nodes[node] = None

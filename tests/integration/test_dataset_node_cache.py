@@ -3,26 +3,30 @@ handlers driven directly:
 
 - inventory of a dataset that has no record (deleted, or never made) leaves no entry, also when the delete lands
   between the handler's look at the record and its write (the first inventory event of a mount racing the delete:
-  its create used to write over the delete's purge marker and bring the entry back for good).
+  its create used to write over the delete's purge marker and bring the entry back for good);
+- the sweep of departed nodes (``forget_departed_nodes``) leaves a reference dataset alone: its status mirrors its
+  source's nodes and it has no entry of its own, so there is nothing to drop, log or write (each sweep, every
+  10 s, logged "nodes gone" for it).
 """
 
 from __future__ import annotations
 
 import contextlib
+import time
 from pathlib import Path
 
 import pytest
 
 from libs import subjects
-from libs.bus import Bus, Conflict, Delivery, kv_load
-from libs.events.agent import CacheCounters, InventorySnapshot
+from libs.bus import AGENTS_TTL_SECONDS, Bus, Conflict, Delivery, kv_load
+from libs.events.agent import AgentHeartbeat, AgentRecord, CacheCounters, InventorySnapshot
 from libs.events.common import ObjectMeta, ObjectRef
 from libs.events.dataset import Dataset, DatasetApply, DatasetDelete, DatasetRecord, DatasetSpec, Mount
 from libs.inventory import DatasetInventory
 from services.dataset import handlers as dataset_handlers
 from services.dataset.handlers import DatasetHandlers
 from tests.conftest import NatsServer
-from tests.helpers import make_settings
+from tests.helpers import FactCollector, json_lines, json_logs, make_settings, unwatched_mirror
 
 KEY = subjects.resource_key("default", "ds")
 
@@ -35,9 +39,9 @@ def local_dataset(name: str, folder: Path) -> Dataset:
     return Dataset(metadata=ObjectMeta(name=name), spec=DatasetSpec(mounts=[Mount(mount_point=f"local://{folder}")]))
 
 
-def first_inventory(node: str = "node-a") -> InventorySnapshot:
+def first_inventory(node: str = "node-a", dataset: str = "ds") -> InventorySnapshot:
     """A mount's first inventory event of the dataset ``ds``."""
-    return InventorySnapshot(node=node, dataset=ObjectRef(name="ds"), incarnation=f"{node}-1", seq=1,
+    return InventorySnapshot(node=node, dataset=ObjectRef(name=dataset), incarnation=f"{node}-1", seq=1,
                              counters=CacheCounters(cached_bytes=100, capacity_bytes=1000, miss_bytes=100))
 
 
@@ -87,3 +91,39 @@ async def test_a_delete_landing_during_the_first_inventory_event_leaves_no_entry
     await handlers.on_inventory(first_inventory(), delivery(subjects.agent_inventory("node-a"), 4))
     entry = await node_cache_entry(bus)
     assert entry is not None and set(entry.nodes) == {"node-a"}
+
+
+async def test_the_departed_nodes_sweep_leaves_a_reference_dataset_alone(
+        bus: Bus, nats_server: NatsServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [time.time()]
+    agents = unwatched_mirror(await bus.kv(subjects.KV_AGENTS), AgentRecord)
+    handlers = DatasetHandlers(bus, make_settings(nats_server.url), clock=lambda: now[0], agents=agents)
+    datasets = await bus.kv(subjects.KV_DATASETS)
+    source, reference = subjects.resource_key("default", "src"), subjects.resource_key("default", "ref")
+    await handlers.apply(DatasetApply(dataset=local_dataset("src", tmp_path)), delivery(subjects.DATASET_APPLY, 1))
+    for sequence, node in enumerate(("node-a", "node-b"), start=1):
+        await handlers.on_inventory(first_inventory(node, "src"), delivery(subjects.agent_inventory(node), sequence))
+    linked = Dataset(metadata=ObjectMeta(name="ref"), spec=DatasetSpec(mounts=[Mount(mount_point="dataset://default/src")]))
+    await handlers.apply(DatasetApply(dataset=linked), delivery(subjects.DATASET_APPLY, 2))
+    mirrored, revision = await kv_load(datasets, reference, DatasetRecord)
+    assert mirrored is not None and [node.node for node in mirrored.status.nodes] == ["node-a", "node-b"]
+    assert await node_cache_entry(bus, reference) is None
+
+    # node-b's agent is gone: its last beat is more than a TTL older than node-a's.
+    agents.values = {"node-a": AgentRecord(heartbeat=AgentHeartbeat(node="node-a"), received_at=now[0]),
+                     "node-b": AgentRecord(heartbeat=AgentHeartbeat(node="node-b"), received_at=now[0] - 90)}
+    named = {key: {"node-a", "node-b"} for key in (source, reference)}
+    facts = FactCollector()
+    await facts.start(bus, subjects.DATASET_STATUS)
+    with json_logs(monkeypatch) as logs:
+        await handlers.forget_departed_nodes(named, lambda key: True)  # the service's first minute: not judged
+        now[0] += AGENTS_TTL_SECONDS
+        await handlers.forget_departed_nodes(named, lambda key: True)
+    gone = [line for line in json_lines(logs.getvalue()) if line["event"].startswith("nodes gone")]
+    assert [line["dataset"] for line in gone] == [source], gone
+    cache = await node_cache_entry(bus, source)
+    assert cache is not None and set(cache.nodes) == {"node-a"}  # the source's figures left
+    await facts.wait_for("dataset.status.v1", name="src")
+    assert await kv_load(datasets, reference, DatasetRecord) == (mirrored, revision), "the reference was written"
+    assert await node_cache_entry(bus, reference) is None
+    assert not facts.of_type("dataset.status.v1", name="ref")
