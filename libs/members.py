@@ -15,6 +15,14 @@ While replicas join or leave, two of them may reconcile a key for a moment: reco
 writes compare-and-set, so that costs a second listing, never a wrong record. A replica restarted under the same
 name (a pod's name, the host's by default) takes its own keys back at once rather than waiting for its old beat to
 age out.
+
+A replica that was itself stalled (its event loop blocked, the process or its VM paused) heard nothing meanwhile:
+the others' beats wait unread in its socket, and when it wakes their last beats look older than the TTL. Silence it
+did not listen to says nothing about the others, so the time its loop did not run is not counted against them: it
+looks at its clock every ``TICK_BEATS`` of a beat, and a look more than ``STALL_BEATS`` beats after the previous
+one moves every replica's last beat forward by that gap. A replica that is really gone still ages out, a TTL of
+listening later; one that is alive is heard again within a beat, and this replica does not take every key for a
+moment (a second listing of each, and the store traffic, for nothing).
 """
 
 from __future__ import annotations
@@ -37,6 +45,10 @@ log = get_logger(__name__)
 
 BEAT_SECONDS = REPLICA_TTL_SECONDS / 3
 LEAVE_SECONDS = 1.0
+# How often a replica looks at its own clock, as a fraction of its beat: often enough that a gap of a whole beat
+# between two looks (STALL_BEATS) can only be its own event loop not running, never a tick that came a bit late.
+TICK_BEATS = 0.25
+STALL_BEATS = 1.0
 
 
 class Beat(msgspec.Struct, frozen=True):
@@ -68,6 +80,7 @@ class Members:
         self._heard: dict[str, float] = {}  # replica → when its last beat arrived (monotonic)
         self._live: tuple[str, ...] = (replica,)
         self._stopping = asyncio.Event()
+        self._looked = monotonic()  # when this replica last looked at its clock (``_now``)
 
     @property
     def key(self) -> str:
@@ -85,7 +98,9 @@ class Members:
         self._stopping.set()
 
     async def run(self) -> None:
+        self._looked = self.monotonic()
         beating = asyncio.create_task(self._beat())
+        ticking = asyncio.create_task(self._tick())
         try:
             watch = kv_watch(self.kv, self._stopping, self.reconnects, keys=f"{self.service}.*")
             async with contextlib.aclosing(watch) as entries:
@@ -95,14 +110,16 @@ class Members:
                         self.ready.set()
                     elif not isinstance(entry, Replay):
                         replica = entry.key.partition(".")[2]
+                        now = self._now()  # a stall is accounted for before this beat counts
                         if entry.operation in ("DEL", "PURGE"):
                             self._heard.pop(replica, None)
                         else:
-                            self._heard[replica] = self.monotonic()
+                            self._heard[replica] = now
                         self._refresh()
         finally:
             beating.cancel()
-            await asyncio.gather(beating, return_exceptions=True)
+            ticking.cancel()
+            await asyncio.gather(beating, ticking, return_exceptions=True)
             # Leaving cleanly: the others take this replica's keys now, not after its beat ages out. Bounded: with
             # NATS away, the beat ages out anyway, and a stop must not wait for a request timeout.
             with contextlib.suppress(Exception):
@@ -119,8 +136,27 @@ class Members:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), self.beat_seconds)
 
-    def _refresh(self) -> None:
+    async def _tick(self) -> None:
+        """Look at the clock every ``TICK_BEATS`` of a beat, so that a gap between two looks is a stall (``_now``)."""
+        while not self._stopping.is_set():
+            self._now()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), self.beat_seconds * TICK_BEATS)
+
+    def _now(self) -> float:
+        """The monotonic time, after moving the others' last beats forward by the time this replica's own loop did
+        not run, if it stalled since it last looked: it heard nothing meanwhile, so their silence is not theirs."""
         now = self.monotonic()
+        gap = now - self._looked
+        self._looked = now
+        if gap > self.beat_seconds * STALL_BEATS:
+            log.warning("replica stalled, others' beats not judged for that time", service=self.service,
+                        replica=self.replica, stalled_seconds=round(gap, 1))
+            self._heard = {name: heard + gap for name, heard in self._heard.items()}
+        return now
+
+    def _refresh(self) -> None:
+        now = self._now()
         # Aged-out replicas are forgotten, not only left out: pods get new names at every rollout.
         self._heard = {name: heard for name, heard in self._heard.items() if now - heard < self.ttl_seconds}
         live = tuple(sorted({self.replica, *self._heard}))

@@ -2,6 +2,8 @@
 
 - two ``Members`` of one service see each other, split keys between them (each key owned by exactly one), a
   replica that stops cleanly hands its keys over at once, and one whose beats stop is dropped after the TTL;
+- a replica whose own loop stalled for longer than the TTL (its clock jumps while it runs nothing) does not take
+  the keys of a replica it simply did not hear meanwhile, and still takes them once that one is really gone;
 - two replicas as real processes (``python -m services.dataset``): a burst of applies is listed once per dataset,
   by both replicas together; after ``kill -9`` of one, the other lists what the dead one owned, within the TTL of
   its beats (the time is recorded), and nothing is listed twice.
@@ -12,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -20,6 +23,7 @@ from libs.bus import REPLICA_TTL_SECONDS, Bus, kv_load
 from libs.events.common import ObjectMeta
 from libs.events.dataset import Dataset, DatasetApply, DatasetRecord, DatasetSpec, Mount
 from libs.members import BEAT_SECONDS, Members
+from libs.reconcile import Reconciler
 from tests.conftest import NatsServer
 from tests.faults import ServiceProcess, service_env
 from tests.helpers import eventually
@@ -74,6 +78,64 @@ async def test_a_replica_whose_beats_stop_is_dropped_after_the_ttl(bus: Bus) -> 
         assert set(a.live) == {"a", "ghost"}  # its beat is in the bucket, younger than the TTL
         await sees(a, "a")  # then it ages out on a's own clock
         assert "ghost" not in a._heard  # and is forgotten: pods get new names at every rollout
+
+
+async def test_a_replica_whose_loop_stalled_past_the_ttl_does_not_take_the_other_replicas_keys(bus: Bus) -> None:
+    """The stall is this replica's clock jumping past the TTL while its loop ran nothing of it (as a blocked loop or
+    a paused process finds its clock when it wakes), with the other replica's beat as old as the stall."""
+    await bus.provision()
+    members_kv, datasets = await bus.kv(subjects.KV_MEMBERS), await bus.kv(subjects.KV_DATASETS)
+    keys = [f"default.d{i}" for i in range(60)]
+    for key in keys:
+        await datasets.put(key, b"{}")
+    stalled = [0.0]
+    a = Members(members_kv, SERVICE, "a", beat_seconds=0.2, ttl_seconds=5.0,
+                monotonic=lambda: time.monotonic() + stalled[0])
+    reconciled: list[str] = []
+
+    async def reconcile(key: str) -> None:
+        reconciled.append(key)
+
+    reconciler = Reconciler(datasets, reconcile, owner=a)
+    await members_kv.put(f"{SERVICE}.b", b"{}")  # b's beat, there when a starts
+    tasks = [asyncio.create_task(a.run()), asyncio.create_task(reconciler.run())]
+    try:
+        await sees(a, "a", "b")
+        owned_by_b = {key for key in keys if not a.owns(key)}
+        assert owned_by_b and len(owned_by_b) < len(keys)
+
+        async def own_keys_listed() -> bool:
+            return set(reconciled) == set(keys) - owned_by_b
+
+        await eventually(own_keys_listed, 10, "a's own keys reconciled")
+        heard = a._heard["b"]
+        await members_kv.put(f"{SERVICE}.b", b"{}")  # b beats just before the stall
+
+        async def b_heard() -> bool:
+            return a._heard["b"] != heard
+
+        await eventually(b_heard, 10, "b's beat heard")
+        stalled[0] += 10.0  # twice the TTL
+        for _ in range(3):  # three of a's own beats, each followed by its look at the live replicas
+            revision = (await members_kv.get(f"{SERVICE}.a")).revision or 0
+
+            async def a_beat(revision: int = revision) -> bool:
+                return ((await members_kv.get(f"{SERVICE}.a")).revision or 0) > revision
+
+            await eventually(a_beat, 10, "a beats")
+        assert set(a.live) == {"a", "b"}, "the stalled replica dropped the one it did not listen to"
+        assert not owned_by_b & set(reconciled), "the stalled replica reconciled the other replica's keys"
+
+        # b is really gone: a TTL of a's listening later, a takes its keys.
+        async def all_listed() -> bool:
+            return set(reconciled) == set(keys)
+
+        await eventually(all_listed, 20, "b's keys taken over once it is gone")
+        assert sorted(key for key in reconciled if key in owned_by_b) == sorted(owned_by_b), "b's keys once each"
+    finally:
+        a.stop()
+        reconciler.stop()
+        await asyncio.wait_for(asyncio.gather(*tasks), 10)
 
 
 async def _keys(bus: Bus) -> AsyncIterator[str]:
