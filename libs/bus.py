@@ -211,6 +211,7 @@ KV_BUCKETS: tuple[BucketSpec, ...] = (
     BucketSpec(subjects.KV_RUNTIMES, history=5),
     BucketSpec(subjects.KV_BINDINGS),
     BucketSpec(subjects.KV_NODE_CACHE),
+    BucketSpec(subjects.KV_LISTINGS),
     # An agent that stops beating disappears after a minute even if nobody ticks.
     BucketSpec(subjects.KV_AGENTS, ttl=AGENTS_TTL_SECONDS),
     BucketSpec(subjects.KV_OPERATIONS, history=5),

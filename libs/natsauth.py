@@ -50,7 +50,8 @@ API = "$JS.API"
 
 # Every stream Shoal provisions: its own, and the ones behind the KV buckets and the Object Store.
 KV_BUCKETS = (subjects.KV_DATASETS, subjects.KV_RUNTIMES, subjects.KV_AGENTS, subjects.KV_BINDINGS,
-               subjects.KV_NODE_CACHE, subjects.KV_OPERATIONS, subjects.KV_OPERATION_RUNS, subjects.KV_MEMBERS)
+               subjects.KV_NODE_CACHE, subjects.KV_LISTINGS, subjects.KV_OPERATIONS, subjects.KV_OPERATION_RUNS,
+               subjects.KV_MEMBERS)
 _STREAMS = (subjects.STREAM_COMMANDS, subjects.STREAM_FACTS, subjects.STREAM_AGENT, subjects.STREAM_TASKS,
             subjects.STREAM_DEAD_LETTERS)
 
@@ -231,7 +232,8 @@ def permissions(kind: str, node: str = "") -> Permissions:
             # It erases an apply that carried a secret in clear from the command stream (docs/security.md).
             publish=[subjects.DATASET_FACTS, subjects.INVENTORY_REQUEST,
                      stream_api("MSG.DELETE", subjects.STREAM_COMMANDS)],
-            kv_writes=[subjects.KV_DATASETS, subjects.KV_BINDINGS, subjects.KV_NODE_CACHE, subjects.KV_MEMBERS],
+            kv_writes=[subjects.KV_DATASETS, subjects.KV_BINDINGS, subjects.KV_NODE_CACHE, subjects.KV_LISTINGS,
+                       subjects.KV_MEMBERS],
             objects=True)
     if kind == RUNTIME:
         return _service(

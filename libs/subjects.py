@@ -139,6 +139,9 @@ KV_AGENTS = "shoal_agents"
 KV_BINDINGS = "shoal_dataset_bindings"
 # Per dataset, every node's inventory position and cache totals (libs.inventory); keys "<namespace>.<name>".
 KV_NODE_CACHE = "shoal_dataset_node_cache"
+# Per dataset, when an autoSync listing last found nothing new (such a listing writes nothing to the record), keys
+# "<namespace>.<name>": the next listing counts from it after a restart or a hand-over, not from lastSyncTime.
+KV_LISTINGS = "shoal_dataset_listings"
 OBJ_MANIFESTS = "shoal_manifests"
 # DataLoads and DataCleans (OperationRecord), keys ``operation_key``; the loader's run state, same keys.
 KV_OPERATIONS = "shoal_operations"

@@ -568,6 +568,14 @@ class RuntimeBinding(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     fact_sequence: int = 0
 
 
+class Listing(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
+    """When an autoSync listing of a dataset last found nothing new (``shoal_dataset_listings``, this service's
+    clock): such a listing writes nothing to the record, so after a restart or a hand-over the next one is counted
+    from this (``next_sync``'s ``listed_at``), not from a ``lastSyncTime`` that may be many periods old."""
+
+    listed_at: float
+
+
 def bound_status(record: DatasetRecord, binding: RuntimeBinding) -> DatasetStatus:
     """The record's status following its runtime's binding: phase, runtimes, capacity and ``Mounted``."""
     return with_binding(record.dataset, with_mount_condition(record.status, binding.mounted), binding.phase,

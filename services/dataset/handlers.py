@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import msgspec
+import nats.errors
 from nats.js.kv import KeyValue
 from opentelemetry import trace
 
@@ -265,8 +266,9 @@ class DatasetHandlers:
 
     async def _clean_after_delete(self, key: str, manifests: list[str]) -> None:
         """Remove what a deleted dataset leaves outside its record: its node-cache entry (a later dataset of the
-        same name would otherwise take its per-node figures) and its manifests. Idempotent."""
+        same name would otherwise take its per-node figures), its last listing time, and its manifests. Idempotent."""
         await (await self.bus.kv(subjects.KV_NODE_CACHE)).purge(key)
+        await (await self.bus.kv(subjects.KV_LISTINGS)).purge(key)
         await self._delete_manifests(*manifests)
 
     async def _finish_delete(self, command: DatasetDelete, key: str, manifests: list[str]) -> None:
@@ -441,8 +443,15 @@ class DatasetHandlers:
                 await self._update_status(key, lambda current: domain.with_dataset_ref(current.status, mounted_by))
         meta = record.dataset.metadata
         policy = await self._sync_policy(meta.namespace, meta.name)
-        due = domain.next_sync(record, self.clock(), self.settings.service.sync_retry_seconds, policy,
-                               self._listed_at.get(key))
+        now, retry_seconds, listed_at = self.clock(), self.settings.service.sync_retry_seconds, self._listed_at.get(key)
+        due = domain.next_sync(record, now, retry_seconds, policy, listed_at)
+        if due is not None and due.kind == "auto" and due.in_seconds <= 0:
+            # Due by what this process knows; an unchanged listing by another process (before a restart) or replica
+            # (before a hand-over, or since this one last owned it) left its time only in shoal_dataset_listings.
+            kept, _ = await kv_load(await self.bus.kv(subjects.KV_LISTINGS), key, domain.Listing)
+            if kept is not None and (listed_at is None or kept.listed_at > listed_at):
+                self._listed_at[key] = kept.listed_at
+                due = domain.next_sync(record, now, retry_seconds, policy, kept.listed_at)
         if due is None:
             return None
         if due.in_seconds > 0:
@@ -486,9 +495,19 @@ class DatasetHandlers:
                 else metrics.AUTOSYNC_CHANGED).inc()
             if unchanged:
                 log.debug("autoSync: listing unchanged", dataset=key)
+                await self._keep_listing_time(key, self._listed_at[key])
                 return  # nothing new: no status write, so the mounts keep their manifest
             log.info("autoSync: listing changed", dataset=key, files=result.file_num, error=result.error)
         await self._record_sync(key, record, revision, result)
+
+    async def _keep_listing_time(self, key: str, listed_at: float) -> None:
+        """Keep when an unchanged listing ran where a restarted process or the next owner finds it (the record says
+        nothing of it). Not kept (NATS away): at worst one more listing after a restart, so no reason to fail."""
+        try:
+            await (await self.bus.kv(subjects.KV_LISTINGS)).put(
+                key, msgspec.json.encode(domain.Listing(listed_at=listed_at)))
+        except nats.errors.Error as err:
+            log.warning("listing time not kept", dataset=key, error=repr(err))
 
     async def _list(self, record: DatasetRecord) -> domain.SyncResult:
         """The sync itself (list, write the manifest), timed by outcome: ok, or failed (an error or a raise)."""

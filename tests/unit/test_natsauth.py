@@ -74,6 +74,7 @@ def test_each_bucket_is_written_by_its_owner_only() -> None:
               for bucket in natsauth.KV_BUCKETS}
     assert owners == {
         subjects.KV_DATASETS: {DATASET}, subjects.KV_BINDINGS: {DATASET}, subjects.KV_NODE_CACHE: {DATASET},
+        subjects.KV_LISTINGS: {DATASET},
         subjects.KV_RUNTIMES: {RUNTIME}, subjects.KV_AGENTS: {RUNTIME},
         subjects.KV_OPERATIONS: {LOADER}, subjects.KV_OPERATION_RUNS: {LOADER}, subjects.KV_MEMBERS: {DATASET},
     }
