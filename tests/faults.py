@@ -16,12 +16,15 @@
   with SIGKILL, started again, stopped with SIGTERM; its output kept in a log file for the failure message.
 - ``ListedStore`` and ``ExtraKeys``: stores that list keys a real S3 server will not store as given (a leading
   '/', '//', long names, NUL), below the real sync.
+- ``StalledCacheFile``: a FIFO named like a block file in a disk tier, so a real mount process scanning its cache
+  at start hangs in ``open`` (as on a disk or NFS server that stopped answering) until the test lets it through.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import os
 import signal
@@ -36,6 +39,7 @@ from aiohttp import ClientSession, web
 from libs.embedded import LOOPBACK, free_port
 from libs.ufs import open_store
 from libs.ufs.base import EndpointUnreachable, Location, NoSuchKey, ObjectChanged, ObjectInfo, ObjectStore
+from services.agent.cache.tiers import MARKER, MARKER_TEXT, SHARD_LENGTH
 
 
 class CuttableProxy:
@@ -507,3 +511,32 @@ class TamperingPeerProxy(LoopbackProxy):
         assert request.transport is not None
         request.transport.close()
         return response
+
+
+class StalledCacheFile:
+    """A FIFO named like a block file (``index`` picks the name) in the disk tier folder ``tier``, which gets the
+    tier's marker so the scan goes file by file. A mount process scanning the tier at start blocks in its
+    ``open`` of it until a writer comes. ``release()`` lets one open waiting there through (True if one was
+    waiting; the scan then fails to read it and goes on); ``remove()`` takes it away for the next start."""
+
+    def __init__(self, tier: Path, index: int = 0) -> None:
+        name = f"{index:032x}"
+        self.path = tier / name[:SHARD_LENGTH] / name
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not (tier / MARKER).exists():
+            (tier / MARKER).write_bytes(MARKER_TEXT)
+        os.mkfifo(self.path)
+
+    def release(self) -> bool:
+        try:
+            # Non-blocking: opens only if a reader waits (ENXIO otherwise), which the open then lets through.
+            fd = os.open(self.path, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError as err:
+            if err.errno in (errno.ENXIO, errno.ENOENT):
+                return False
+            raise
+        os.close(fd)
+        return True
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)

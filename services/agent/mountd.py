@@ -9,7 +9,9 @@ block owners (from the runtime record's ``status.workers``, watched) that routes
 here); the loader's DataLoad and DataClean parts for this dataset on this node (``tasks.py``); and its
 Prometheus series on its side server's /metrics, with a file_sd target for discovery (``metrics.py``). The mount is
 put in place only once everything is loaded, beneath a previous (dead) mount at the mount point (``handover``).
-SIGTERM unmounts and exits 0; when the dataset was deleted, its cached blocks are deleted too.
+SIGTERM unmounts and exits 0; when the dataset was deleted, its cached blocks are deleted too. A SIGTERM while it
+still starts (reading the records and manifest, scanning a large cache) ends the start at once and exits 0 with
+nothing mounted; each step of the start is written to the status file, so the agent can say where a start hangs.
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ import errno
 import itertools
 import os
 import select
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import msgspec
 import pyfuse3
@@ -50,7 +53,7 @@ from libs.ufs.http import HttpObjectStore
 from libs.ufs.mounts import local_location_error, read_secrets, resolve_location, secret_refs
 from libs.ufs.s3 import S3ObjectStore
 from services.agent import budget
-from services.agent.cache import BlockCache, FrequencyAdmissionPolicy, LruPolicy
+from services.agent.cache import BlockCache, FrequencyAdmissionPolicy, LruPolicy, ScanCancelled
 from services.agent.domain import EXIT_PEER_PORT_TAKEN, FUSE_SUBTYPE
 from services.agent.fs import DatasetFS, time_operations
 from services.agent.handover import Staging, replace_in_place, unmount_own
@@ -58,7 +61,14 @@ from services.agent.inventory import InventoryLog, InventoryPublisher
 from services.agent.malloc import reuse_block_buffers
 from services.agent.metrics import MountMetrics, remove_target, write_target
 from services.agent.mountinfo import device_of
-from services.agent.mountstatus import StatusReporter
+from services.agent.mountstatus import (
+    STARTING_CACHE,
+    STARTING_MOUNT,
+    STARTING_RECORDS,
+    MountStatus,
+    StatusReporter,
+    write_status,
+)
 from services.agent.namespace import InodeAllocator, Namespace
 from services.agent.nodebudget import BudgetFileError, NodeReadAhead, SlotFile
 from services.agent.peer import PeerClient, PeerConfigError, PeerServer, load_secret, runtime_key
@@ -67,6 +77,7 @@ from services.agent.reader import BlockReader, BlockRouter, StoreGate
 from services.agent.tasks import NO_MANIFEST, ManifestVersion, TaskRunner, manifest_version
 
 log = get_logger("shoal-mount")
+T = TypeVar("T")
 
 # The bdi read-ahead of the mount, in KiB: 1 MiB makes the kernel send 1 MiB FUSE read requests (its cap),
 # which measured ~1.6x the throughput of the default 128 KiB (see shared notes on FUSE).
@@ -153,7 +164,14 @@ class MountedDataset:
         self.metrics = MountMetrics(settings.agent.node_name, dataset_label(namespace, name))
 
     async def run(self, stop: asyncio.Event) -> None:
-        record, runtime, entries = await self._load_start()
+        # Until it is mounted, a stop ends the start where it is (the steps that can take long watch ``stop``):
+        # nothing is mounted yet, so there is nothing to undo but what each step made.
+        await self._starting(STARTING_RECORDS)
+        started = await until_stopped(self._load_start(), stop)
+        if started is None:
+            self._stopped_while_starting(STARTING_RECORDS)
+            return
+        record, runtime, entries = started
         self.manifest_version = manifest_version(record)
         levels = self._granted_levels(runtime.runtime.spec.tieredstore.levels)
         block_size = parse_quantity(runtime.runtime.spec.block_size)
@@ -164,7 +182,11 @@ class MountedDataset:
                                                             self.name),
                                        policy_factory=policy, on_cached=inventory.cached, on_evicted=inventory.evicted)
         cache.on_tier_evicted = self.metrics.tier_evicted
-        await asyncio.to_thread(cache.load, block_size)
+        await self._starting(STARTING_CACHE)
+        if not await self._load_cache(cache, block_size, stop):
+            self._stopped_while_starting(STARTING_CACHE)
+            return
+        await self._starting(STARTING_MOUNT)
         self._drop_stale(cache, entries)
         self._drop_misfits(cache, entries, block_size)
         self._update_gates(record)
@@ -296,6 +318,27 @@ class MountedDataset:
             log.info("unmounted", dataset=self.key)
         if fuse_loop.done() and not fuse_loop.cancelled() and fuse_loop.exception() is not None:
             raise fuse_loop.exception()  # type: ignore[misc]
+
+    async def _starting(self, step: str) -> None:
+        """Tell the agent what the start is doing now (it names the step if the start outlasts its deadline)."""
+        if self.status_file:
+            await asyncio.to_thread(write_status, self.status_file, MountStatus(pid=os.getpid(), starting=step))
+
+    async def _load_cache(self, cache: BlockCache, block_size: int, stop: asyncio.Event) -> bool:
+        """Index the blocks a previous run left (in a thread: one open and two reads per block); False when
+        ``stop`` was set meanwhile. A stop ends the scan at its next file: a large cache is not read to the end
+        first (and the agent's grace is not waited out), and the files not scanned yet wait for the next start.
+        A scan held up by its disk (a hung NFS server) ends only when the disk answers, or by SIGKILL."""
+        try:
+            # The thread only reads the event's flag, which the loop sets: no lock needed for one bool.
+            await asyncio.to_thread(cache.load, block_size, stop.is_set)
+        except ScanCancelled:
+            return False
+        return not stop.is_set()
+
+    def _stopped_while_starting(self, step: str) -> None:
+        self.metrics.close()
+        log.info("stopped while starting, nothing mounted", dataset=self.key, step=step)
 
     def _budget_file(self) -> SlotFile | None:
         if not self.grants.budget_file:
@@ -518,6 +561,20 @@ class MountedDataset:
             self.tasks.manifest_reloaded()
         log.info("manifest reloaded", dataset=self.key, files=len(entries), removed=len(gone),
                  attributes_changed=len(changed))
+
+
+async def until_stopped(work: Coroutine[Any, Any, T], stop: asyncio.Event) -> T | None:
+    """What ``work`` returns, or None if ``stop`` was set first (``work`` is then cancelled)."""
+    task = asyncio.create_task(work)
+    stopper = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait([task, stopper], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopper.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    return None if task.cancelled() else task.result()
 
 
 def cache_suffix(subdir: str, namespace: str, name: str) -> str:

@@ -1,8 +1,9 @@
 """What a mount process tells its agent about its health: a small JSON file it rewrites whenever that changes.
 
 The agent names the file (``--status-file``, in a folder of its own) and reads it on every heartbeat; the mount
-process writes it atomically (a temporary file, then ``os.replace``) at start and whenever its cache tiers'
-health changes. A file, not a NATS subject: the health never leaves the node, and a reader sees the mount's
+process writes it atomically (a temporary file, then ``os.replace``) at each step of its start (``starting``: what
+it is doing, which the agent names when a start outlasts its deadline), once mounted, and whenever its cache
+tiers' health changes. A file, not a NATS subject: the health never leaves the node, and a reader sees the mount's
 last word even while the mount restarts (the agent removes the file before each start, so a stale "down" from
 an earlier process is never reported). Crash loops are seen by the agent's own supervisor, not reported here.
 """
@@ -22,10 +23,19 @@ from services.agent.cache.store import CacheStats
 
 class MountStatus(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     pid: int
+    # What the process is doing while it starts (``STARTING_*``); empty once it is mounted.
+    starting: str = ""
     # Cache directories (disk tiers) that went down after repeated I/O errors; reads bypass them to the store.
     down: list[str] = []
     # Bytes of cache the mount can use: the quotas of its tiers that are not down.
     capacity_bytes: int = 0
+
+
+# The steps of a start that can take long, as the agent quotes them ("did not start within 120 s (it was loading the
+# cache)").
+STARTING_RECORDS = "reading the dataset, its runtime and its manifest"
+STARTING_CACHE = "loading the cache"
+STARTING_MOUNT = "mounting"
 
 
 def status_of(stats: CacheStats, pid: int) -> MountStatus:

@@ -9,6 +9,7 @@ import asyncio
 import errno
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -28,11 +29,15 @@ from libs.events.runtime import Level, Runtime, RuntimeApply, RuntimeSpec, Tiere
 from libs.inventory import DatasetInventory
 from libs.manifest import ManifestStore
 from services.agent import app as agent_app
+from services.agent.mountstatus import STARTING_CACHE, read_status
+from services.dataset import app as dataset_app
+from services.runtime import app as runtime_app
 from tests.conftest import NatsServer, SeaweedServer, put_objects
-from tests.faults import CuttableProxy
-from tests.helpers import dataset_record, eventually, runtime_record
+from tests.faults import CuttableProxy, StalledCacheFile
+from tests.helpers import dataset_record, eventually, running, runtime_record
 from tests.integration.agent_stack import cluster_stack, md5, mounted_paths, node_stack, read_file, run_tool
 from tests.integration.test_agent_cache import InventoryWatch, mount_pids
+from tests.integration.test_security import local_dataset, ssd_runtime
 
 # The CLI of the interpreter running the tests (its venv), wherever the checkout is.
 SHOAL = str(Path(sys.executable).parent / "shoal")
@@ -484,3 +489,78 @@ async def test_a_resync_right_after_a_nats_server_restart_reaches_the_running_mo
                          what="the new file in the running mount within 10 s of the resync")
         assert (await read_file(root / "b.bin")) == b"after the restart"
         assert mount_pids(root) == [pid]  # the same mount process, reconnected
+
+
+async def test_a_mount_process_stopped_while_it_loads_its_cache_ends_at_once_and_starts_clean_later(
+        bus: Bus, settings: Settings, tmp_path: Path) -> None:
+    # The cache holds two files whose open hangs (a disk that stopped answering): one is let through after the
+    # SIGTERM, the other never is, so a scan that went on after the stop would hang there until killed.
+    source = tmp_path / "source"
+    source.mkdir()
+    (source / "a.txt").write_bytes(b"a" * 5000)
+    stalls = [StalledCacheFile(tmp_path / "cache" / "default" / "big", index) for index in range(2)]
+    mountpoint, status = tmp_path / "mnt" / "default" / "big", tmp_path / "status.json"
+    env = {**os.environ, "NATS_URL": ",".join(settings.nats.urls), "SHOAL_NODE_NAME": "node-a",
+           "SHOAL_LOCAL_ROOTS": str(tmp_path), "SHOAL_HTTP_PORT": "off", "SHOAL_LOG_FORMAT": "json"}
+    log = tmp_path / "mount.log"
+
+    def start() -> subprocess.Popen[bytes]:
+        with open(log, "ab") as out:
+            return subprocess.Popen(
+                [sys.executable, "-m", "services.agent.mountd", "--namespace", "default", "--name", "big",
+                 "--mountpoint", str(mountpoint), "--status-file", str(status)],
+                env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+
+    processes: list[subprocess.Popen[bytes]] = []
+    try:
+        async with running(lambda stop: dataset_app.run(settings, stop), lambda stop: runtime_app.run(settings, stop)):
+            await bus.publish(subjects.RUNTIME_APPLY, ssd_runtime("big", tmp_path / "cache"))
+            await bus.publish(subjects.DATASET_APPLY, local_dataset("big", source))
+            await eventually(lambda: _manifest_of(bus, "big"), what="big synced")
+            processes.append(first := start())
+
+            async def loading_cache() -> bool:
+                current = read_status(str(status))
+                return current is not None and current.starting == STARTING_CACHE
+
+            await eventually(loading_cache, timeout=30, what=f"the cache being loaded; log: {log.read_text()[-2000:]}")
+            first.send_signal(signal.SIGTERM)
+            released: list[bool] = []
+
+            async def exited() -> bool:
+                if not any(released):  # one stalled open let through, if the scan waits at one
+                    released.append(any(stall.release() for stall in stalls))
+                return first.poll() is not None
+
+            await eventually(exited, timeout=30, what="the mount process gone after SIGTERM")
+            assert first.returncode == 0, log.read_text()[-2000:]
+            assert str(mountpoint) not in mounted_paths()
+            assert not list(mountpoint.parent.glob(".big.staging-*"))  # no staging mount or folder left behind
+            assert "stopped while starting, nothing mounted" in log.read_text()
+            # The next start, once the disk answers again, finds nothing in its way and serves.
+            for stall in stalls:
+                stall.remove()
+            processes.append(second := start())
+
+            async def serving() -> bool:
+                return str(mountpoint) in mounted_paths() and await asyncio.to_thread(os.path.exists,
+                                                                                      mountpoint / "a.txt")
+
+            await eventually(serving, timeout=30, what=f"the next start serving; log: {log.read_text()[-2000:]}")
+            assert await read_file(mountpoint / "a.txt") == b"a" * 5000
+            second.send_signal(signal.SIGTERM)
+            assert await asyncio.to_thread(second.wait, 30) == 0
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait(10)
+        for stall in stalls:
+            stall.release()
+        if str(mountpoint) in mounted_paths():
+            subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], check=False)
+
+
+async def _manifest_of(bus: Bus, name: str) -> str:
+    record = await dataset_record(bus, name)
+    return record.status.manifest if record else ""

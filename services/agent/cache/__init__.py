@@ -28,7 +28,16 @@ checksum included.
 
 from services.agent.cache.eviction import EvictionPolicy, FrequencyAdmissionPolicy, LruPolicy, PolicyFactory
 from services.agent.cache.store import BlockCache, CacheStats, Reservation, TierStats
-from services.agent.cache.tiers import BlockFile, DiskTier, FillBuffer, Health, MemoryTier, ScannedBlock, Tier
+from services.agent.cache.tiers import (
+    BlockFile,
+    DiskTier,
+    FillBuffer,
+    Health,
+    MemoryTier,
+    ScanCancelled,
+    ScannedBlock,
+    Tier,
+)
 
 __all__ = [
     "BlockCache",
@@ -43,6 +52,7 @@ __all__ = [
     "MemoryTier",
     "PolicyFactory",
     "Reservation",
+    "ScanCancelled",
     "ScannedBlock",
     "Tier",
     "TierStats",

@@ -389,7 +389,7 @@ class BlockCache:
 
     # -- maintenance --------------------------------------------------------------------------------------
 
-    def load(self, block_size: int = 0) -> int:
+    def load(self, block_size: int = 0, cancelled: Callable[[], bool] | None = None) -> int:
         """Indexes the blocks the disk tiers kept from a previous run; returns how many. Call it at startup.
 
         The scans delete temporary files, so this belongs before the first ``put``, not beside writes in flight.
@@ -399,14 +399,16 @@ class BlockCache:
         Within a tier the newest blocks are kept when they no longer fit under the high watermark (the quota
         shrank), the rest are deleted; LRU order follows modification time. A block found in two tiers is kept
         in the faster one. ``block_size`` (0: not checked) is the size blocks are cut at now: a tier whose blocks
-        were cut at another size is emptied (the same block name would be other bytes).
+        were cut at another size is emptied (the same block name would be other bytes). ``cancelled`` is asked
+        before each file: ``ScanCancelled`` then ends the load, the blocks indexed so far stay in the index and
+        the files not scanned stay on disk for the next start.
         """
         loaded = 0
         for index, (tier, policy) in enumerate(zip(self._tiers, self._policies, strict=True)):
             kept: list[tuple[BlockId, str, int]] = []
             copies = over_quota = 0
             room = policy.high_bytes - policy.resident_bytes - self._in_flight[index]
-            for block, name, size in reversed(tier.scan(block_size)):  # newest first
+            for block, name, size in reversed(tier.scan(block_size, cancelled)):  # newest first
                 entry = self._index.get(name)
                 if (entry is not None and entry.tier == index) or name in self._pending:
                     continue  # loaded before, or being written right now

@@ -113,6 +113,10 @@ class Health(enum.StrEnum):
     DOWN = "down"
 
 
+class ScanCancelled(Exception):
+    """A scan stopped because its caller was told to stop (``scan(cancelled=...)``); nothing is indexed."""
+
+
 class ScannedBlock(NamedTuple):
     """A block file found by a restart scan; its data checksum is verified on first read."""
 
@@ -172,9 +176,10 @@ class Tier(Protocol):
     def remove(self, name: str) -> bool:
         """Deletes the block if present; False only if the tier could not be asked (down or failing)."""
 
-    def scan(self, block_size: int = 0) -> list[ScannedBlock]:
+    def scan(self, block_size: int = 0, cancelled: Callable[[], bool] | None = None) -> list[ScannedBlock]:
         """Blocks that survived a restart, oldest first (by modification time). ``block_size`` (0: not known) is
-        the size the blocks are cut at now: blocks kept from a run at another size are deleted, not returned."""
+        the size the blocks are cut at now: blocks kept from a run at another size are deleted, not returned.
+        ``cancelled``, asked before each file, ends a long scan with ``ScanCancelled``."""
 
     def remove_empty_directories(self) -> None:
         """Removes the tier's folders if no file is left in them (after its dataset was deleted)."""
@@ -233,7 +238,7 @@ class MemoryTier:
         self._blocks.pop(name, None)
         return True
 
-    def scan(self, block_size: int = 0) -> list[ScannedBlock]:
+    def scan(self, block_size: int = 0, cancelled: Callable[[], bool] | None = None) -> list[ScannedBlock]:
         return []
 
     def remove_empty_directories(self) -> None:
@@ -482,9 +487,11 @@ class DiskTier:
             return False
         return True
 
-    def scan(self, block_size: int = 0) -> list[ScannedBlock]:
+    def scan(self, block_size: int = 0, cancelled: Callable[[], bool] | None = None) -> list[ScannedBlock]:
         """Finds the block files of a previous run; deletes temporary files and anything garbled in the shards,
         and every block if they were cut at another ``block_size`` than now (0: not known, nothing checked).
+        ``cancelled`` is asked before each file: a mount process told to stop while it scans a large cache stops
+        here (``ScanCancelled``), leaving every block file that was not looked at yet for the next scan.
 
         Creates the directory if needed (the only place that does: a directory removed while running makes
         writes fail and the tier go down, rather than quietly filling whatever filesystem is now underneath).
@@ -502,6 +509,8 @@ class DiskTier:
                 with os.scandir(shard) as entries:
                     files = [(entry.path, entry.name) for entry in entries if not entry.is_dir(follow_symlinks=False)]
                 for path, name in files:
+                    if cancelled is not None and cancelled():
+                        raise ScanCancelled(self._root)
                     if name.startswith(".") and name.endswith(TEMP_SUFFIX):
                         log.info("cache scan removed a file", path=path, reason="unfinished write")
                         _unlink_quietly(path)  # a write interrupted by a crash
