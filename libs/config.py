@@ -148,6 +148,12 @@ class ServiceSettings:
     )
 
 
+# How long a mount process may take from its start to its mount. A start reads two records and the manifest and
+# scans the cache (one open and two reads per block: a 1 TB disk tier of 4 MiB blocks is ~250,000 files, tens of
+# seconds on a cold disk), so two minutes is far beyond a healthy start and short of "Starting" for ever.
+MOUNT_START_SECONDS = 120.0
+
+
 @dataclass(frozen=True)
 class AgentSettings:
     node_name: str = env("SHOAL_NODE_NAME", "This node's name in heartbeats and inventory (the Kubernetes node "
@@ -161,6 +167,9 @@ class AgentSettings:
     )
     # Three missed beats make a node not ready; 2 s lets the runtime notice a dead agent within ~6 s.
     heartbeat_seconds: float = env("SHOAL_HEARTBEAT_SECONDS", "Seconds between heartbeats.", default=2.0)
+    mount_start_seconds: float = env("SHOAL_MOUNT_START_SECONDS", "Seconds a mount process may take to mount; "
+                                     "one that takes longer is reported Failing, stopped and started again with "
+                                     "backoff.", default=MOUNT_START_SECONDS)
     # Memory for blocks fetched ahead, shared by every open file of every mount of the node.
     readahead_budget: str = env("SHOAL_READAHEAD_BUDGET", "Read-ahead memory of the node, all mounts together "
                                 "(quantity).", default="512Mi")
@@ -355,6 +364,8 @@ def _check(settings: Settings) -> list[str]:
         problems.append(f"SHOAL_CACHE_POLICY={settings.agent.cache_policy!r}: use lfu-admission or lru")
     if settings.agent.heartbeat_seconds <= 0:
         problems.append("SHOAL_HEARTBEAT_SECONDS: must be positive")
+    if settings.agent.mount_start_seconds <= 0:
+        problems.append("SHOAL_MOUNT_START_SECONDS: must be positive")
     # The replica name is one token of a KV key. The node name is Kubernetes' (``spec.nodeName``), dots included
     # (EKS): subjects and durable names carry it as one token (``subjects.node_token``); never a wildcard.
     for variable, name, refused, example in (

@@ -6,15 +6,16 @@
 | timer | every SHOAL_HEARTBEAT_SECONDS | publish agent.heartbeat.v1 on shoal.agent.heartbeat.<node> |
 
 Mount processes are supervised by ``libs.supervisor`` (the same supervisor ``shoal up`` uses): one that dies is
-restarted with backoff (reset after a minute of stable running). Its stale mount (ENOTCONN) stays until the new
-process has loaded everything and moves its mount in beneath it (``services.agent.handover``), so readers get an
-error, never an empty folder. On stop every mount process gets SIGTERM, any mount left behind is removed with
-``fusermount3 -u -z``, and the bare mount point is removed; at start, the dead mounts an earlier run left for
-datasets no longer mounted are removed too. A deleted dataset is unmounted at once (its mount process
-deletes its cached blocks; the agent deletes those a dead one left, and at its start those of datasets deleted
-while it was down, found in the tiers of the runtimes that exist); one that merely stops being Bound (its runtime
-briefly NotReady, e.g. while this agent restarts) keeps its mount for a grace period, so readers are not cut off
-by a blip.
+restarted with backoff (reset after a minute of stable running); one not mounted ``mount_start_seconds`` after it
+started is reported Failing (naming the step it was at), stopped, unmounted and restarted the same way. Its stale
+mount (ENOTCONN) stays until the new process has loaded everything and moves its mount in beneath it
+(``services.agent.handover``), so readers get an error, never an empty folder. On stop every mount process gets
+SIGTERM, any mount left behind is removed with ``fusermount3 -u -z``, and the bare mount point is removed; at start,
+the dead mounts an earlier run left for datasets no longer mounted are removed too. A deleted dataset is unmounted
+at once (its mount process deletes its cached blocks; the agent deletes those a dead one left, and at its start
+those of datasets deleted while it was down, found in the tiers of the runtimes that exist); one that merely stops
+being Bound (its runtime briefly NotReady, e.g. while this agent restarts) keeps its mount for a grace period, so
+readers are not cut off by a blip.
 
 Reference datasets (``dataset://``): no mount process; the agent keeps a link at the reference's mount point into
 its source's mount point while the reference is Bound and this node mounts the source (``domain.wanted_links``,
@@ -147,6 +148,12 @@ class MountWorker:
     peer_port: int = 0
     # The runtime's tiers at the last start: where the mount's blocks are, even once the runtime is gone.
     levels: list[Level] = field(default_factory=list)
+    # Whether the current process was seen mounted: its start is over, no deadline any more.
+    serving: bool = False
+    # Why the last start was abandoned at the deadline (``domain.stalled_start``), until a process serves or
+    # exits by itself; and the stop of that process under way (no restart before it is done).
+    stalled: str = ""
+    stopping: asyncio.Task[None] | None = None
 
     @property
     def key(self) -> str:
@@ -257,7 +264,9 @@ class NodeAgent:
                         failures=exited.failures, restart_in=exited.delay)
             for worker in self.workers.values():
                 if worker.key == exited.child.name:
-                    worker.process = None
+                    worker.process, worker.serving = None, False
+                    if worker.stopping is None:  # it exited by itself: any stall before is history
+                        worker.stalled = ""
                     self._release_readahead(worker)  # a crashed process's read-ahead is free again at once
                     self._remove_target(worker)  # a killed process leaves its Prometheus target behind
                     # Its dead mount stays (ENOTCONN) until the replacement moves in beneath it.
@@ -266,13 +275,55 @@ class NodeAgent:
                         worker.peer_port = self._peer_port()
                         log.warning("peer port taken, the mount gets another", dataset=worker.key,
                                     peer_port=worker.peer_port)
+        for worker in self.workers.values():
+            if worker.stopping is not None and worker.stopping.done():
+                if not worker.stopping.cancelled() and (error := worker.stopping.exception()) is not None:
+                    log.warning("stopping a stalled mount process failed", dataset=worker.key, error=str(error))
+                worker.stopping = None
         by_key = {worker.key: worker for ref, worker in self.workers.items() if ref in wanted}
         for child in due:
-            if child.name in by_key:
+            if child.name in by_key and by_key[child.name].stopping is None:
                 started = by_key[child.name]
                 await self._start_worker(started)
                 if started.process is not None:
                     self.supervisor.started(child, started.process, time.monotonic())
+        self._abandon_stalled_starts(now)
+
+    def _abandon_stalled_starts(self, now: float) -> None:
+        """Stop the mount processes that are not mounted ``mount_start_seconds`` after they started (a hung disk
+        or store, a deadlock): reported Failing, saying what they were doing, stopped and unmounted in the
+        background; the supervisor then sees the exit and restarts them with its backoff, as after a crash."""
+        deadline = self.settings.agent.mount_start_seconds
+        for worker in self.workers.values():
+            process, child = worker.process, self.supervisor.children.get(worker.key)
+            if (process is None or process.returncode is not None or worker.serving or worker.stopping is not None
+                    or child is None or child.process is not process or now - child.started_at < deadline):
+                continue
+            device = device_of(worker.path)
+            if device is not None and device != worker.stale_device:
+                worker.serving = True
+                worker.stalled = ""
+                continue
+            status = read_status(worker.status_file)
+            worker.stalled = domain.stalled_start(deadline, status.starting if status else "")
+            log.warning("mount process did not start in time; stopping it to start it again", dataset=worker.key,
+                        pid=process.pid, deadline_seconds=deadline, step=status.starting if status else None)
+            process.terminate()  # now, not in the task: the Failing report that follows is true at once
+            worker.stopping = asyncio.create_task(self._end_stalled(worker, process))
+
+    async def _end_stalled(self, worker: MountWorker, process: Process) -> None:
+        """The rest of a stalled start's stop: the grace, the kill, and whatever is left at its mount point."""
+        try:
+            await asyncio.wait_for(process.wait(), STOP_GRACE_SECONDS)
+        except TimeoutError:
+            log.warning("stalled mount process did not stop within the grace, killed", dataset=worker.key,
+                        pid=process.pid, grace_seconds=STOP_GRACE_SECONDS)
+            process.kill()
+            await process.wait()
+        # A dead mount kept for the handover (ENOTCONN) would otherwise stay for as long as starts keep stalling.
+        await force_unmount(worker.path)
+        await asyncio.to_thread(remove_mountpoint, worker.path)
+        worker.stale_device = None
 
     async def _remove_dead_mounts(self, wanted: set[tuple[str, str]]) -> None:
         """Unmount the dead mounts an earlier run of this agent left in its mount root (its mount processes killed
@@ -315,8 +366,9 @@ class NodeAgent:
 
     def problems(self) -> list[str]:
         """Why this agent is unhealthy: mount processes that keep failing, cache directories that are down."""
-        problems = [f"mount {child.name} keeps failing (exit code {child.last_exit}, {child.failures} times in a row)"
-                    for child in self.supervisor.failing()]
+        stalled = {worker.key: worker.stalled for worker in self.workers.values() if worker.stalled}
+        problems = [f"mount {child.name} keeps failing ({stalled.get(child.name) or f'exit code {child.last_exit}'}, "
+                    f"{child.failures} times in a row)" for child in self.supervisor.failing()]
         for worker in self.workers.values():
             status = read_status(worker.status_file) if worker.process is not None else None
             if status is not None:
@@ -401,6 +453,7 @@ class NodeAgent:
         return domain.peer_url(self.settings.agent.peer_host, worker.peer_port)
 
     async def _start_worker(self, worker: MountWorker) -> None:
+        worker.serving = False
         remove_status(worker.status_file)  # a "down" reported by the process before must not outlive it
         runtime = self.runtimes.values.get(subjects.resource_key(worker.namespace, worker.name))
         if runtime is not None:
@@ -417,6 +470,8 @@ class NodeAgent:
                  mountpoint=worker.path, peer_port=worker.peer_port or None)
 
     async def _stop_worker(self, worker: MountWorker) -> None:
+        if worker.stopping is not None:
+            await asyncio.gather(worker.stopping, return_exceptions=True)
         process = worker.process
         if process is not None and process.returncode is None:
             process.terminate()
@@ -480,13 +535,14 @@ class NodeAgent:
         for (namespace, name), worker in sorted(self.workers.items()):
             if worker.unwanted_since is not None:
                 continue
-            alive = worker.process is not None and worker.process.returncode is None
+            # A process being stopped because its start stalled is as good as gone.
+            alive = worker.process is not None and worker.process.returncode is None and worker.stopping is None
             device = device_of(worker.path) if alive else None
             reports.append(domain.mount_report(
                 ObjectRef(name=name, namespace=namespace), alive=alive,
                 mounted=device is not None and device != worker.stale_device, exit_code=worker.exit_code,
                 failures=child.failures if (child := self.supervisor.children.get(worker.key)) else 0,
-                peer_url=self.peer_url(worker),
+                peer_url=self.peer_url(worker), stalled=worker.stalled,
             ))
         return reports
 

@@ -92,16 +92,27 @@ def peer_url(host: str, port: int) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
+def stalled_start(deadline_seconds: float, step: str) -> str:
+    """What the report and the log say of a start abandoned at its deadline; ``step``: what the mount process
+    said it was doing (its status file), empty if it said nothing."""
+    doing = f" (it was {step})" if step else ""
+    return f"did not start within {deadline_seconds:g} s{doing}"
+
+
 def mount_report(dataset: ObjectRef, *, alive: bool, mounted: bool, exit_code: int | None,
-                 failures: int, peer_url: str = "") -> MountReport:
+                 failures: int, peer_url: str = "", stalled: str = "") -> MountReport:
     """How a wanted mount is doing, for heartbeats: Serving once its process has put its own mount in place (with
-    its peer URL, the only state in which its peer server answers)."""
+    its peer URL, the only state in which its peer server answers). ``stalled`` (``stalled_start``): the last
+    start was abandoned at its deadline; ``alive`` is then False while that process is being stopped."""
     if alive and mounted:
         return MountReport(dataset=dataset, state="Serving", peer_url=peer_url)
     if alive:
-        message = "mount process starting" if exit_code is None else (
-            f"mount process restarted after it exited with code {exit_code}; loading")
+        message = "mount process starting" if exit_code is None and not stalled else (
+            f"mount process restarted after it {stalled or f'exited with code {exit_code}'}; loading")
         return MountReport(dataset=dataset, state="Starting", message=message)
+    if stalled:
+        return MountReport(dataset=dataset, state="Failing",
+                           message=f"mount process {stalled}; stopped, restarting with backoff")
     if exit_code is None:
         return MountReport(dataset=dataset, state="Starting", message="mount process not started yet")
     # No countdown in the text: heartbeats repeat it, and status should change only when the state does.

@@ -37,6 +37,7 @@ from tests.faults import CuttableProxy, StalledCacheFile
 from tests.helpers import dataset_record, eventually, running, runtime_record
 from tests.integration.agent_stack import cluster_stack, md5, mounted_paths, node_stack, read_file, run_tool
 from tests.integration.test_agent_cache import InventoryWatch, mount_pids
+from tests.integration.test_agent_health import last_beat
 from tests.integration.test_security import local_dataset, ssd_runtime
 
 # The CLI of the interpreter running the tests (its venv), wherever the checkout is.
@@ -193,6 +194,50 @@ async def test_a_mount_that_keeps_failing_shows_in_dataset_and_runtime_status(
         dataset, _, _ = await eventually(lambda: mounted_condition("True"), timeout=30, what="serving again")
         assert dataset.status.message == ""
         assert await read_file(root / "a.txt") == b"a"
+
+
+async def test_a_mount_process_whose_start_hangs_is_reported_failing_stopped_and_started_again(
+        bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path) -> None:
+    await put_objects(seaweedfs, bucket, {"a.txt": b"a"})
+    # The first start hangs scanning its cache (a file whose open never returns, as on a dead disk). The deadline
+    # is short for the test, yet well above how long a healthy start takes here.
+    stall = StalledCacheFile(tmp_path / "cache" / "default" / "hung")
+    try:
+        async with node_stack(bus, settings, seaweedfs, tmp_path, mount_start_seconds=10.0) as node:
+            await node.apply("hung", bucket)
+            root = node.mountpoint("hung")
+            [pid] = await eventually(lambda: _async(mount_pids(root)), timeout=30, what="the mount process started")
+
+            async def failing() -> Any:
+                beat = await last_beat(bus)
+                reports = [m for m in beat.mounts if m.dataset.name == "hung"] if beat else []
+                return reports[0] if reports and reports[0].state == "Failing" else None
+
+            report = await eventually(failing, timeout=60, what="the hung start reported Failing")
+            assert report.message == ("mount process did not start within 10 s (it was loading the cache); "
+                                      "stopped, restarting with backoff")
+
+            async def runtime_says_so() -> Any:
+                record = await runtime_record(bus, "hung")
+                found = [c for c in record.status.conditions if c.type == "Mounted"] if record else []
+                return found[0] if found and found[0].reason == "MountFailing" else None
+
+            condition = await eventually(runtime_says_so, what="Mounted=False on the runtime")
+            assert "did not start within 10 s (it was loading the cache)" in condition.message
+            stall.release()  # the disk answers again; the next start goes through
+            stall.remove()
+            await node.wait_mounted("hung", expect="a.txt", timeout=60)
+            assert pid not in mount_pids(root) and not os.path.exists(f"/proc/{pid}")  # stopped, not left behind
+            assert await read_file(root / "a.txt") == b"a"
+
+            async def serving() -> Any:
+                beat = await last_beat(bus)
+                return beat if beat and [(m.dataset.name, m.state) for m in beat.mounts] == [("hung", "Serving")] \
+                    else None
+
+            await eventually(serving, what="the mount reported Serving again")
+    finally:
+        stall.release()
 
 
 async def test_readers_never_see_an_empty_folder_while_a_killed_mount_restarts(

@@ -225,6 +225,23 @@ def test_mount_reports_say_serving_starting_or_failing() -> None:
     assert restarted.state == "Starting" and "-9" in restarted.message
 
 
+def test_a_start_abandoned_at_its_deadline_is_failing_until_a_new_start_is_under_way() -> None:
+    ref = ObjectRef(name="d")
+    stalled = agent_domain.stalled_start(120.0, "loading the cache")
+    assert stalled == "did not start within 120 s (it was loading the cache)"
+    assert agent_domain.stalled_start(2.5, "") == "did not start within 2.5 s"
+    # Being stopped (not alive any more to the report), then waiting for its restart: Failing, saying why.
+    for exit_code in (None, 0, -9):
+        failing = agent_domain.mount_report(ref, alive=False, mounted=False, exit_code=exit_code, failures=1,
+                                            stalled=stalled)
+        assert failing.state == "Failing"
+        assert failing.message == f"mount process {stalled}; stopped, restarting with backoff"
+    restarted = agent_domain.mount_report(ref, alive=True, mounted=False, exit_code=0, failures=1, stalled=stalled)
+    assert restarted.state == "Starting" and restarted.message == f"mount process restarted after it {stalled}; loading"
+    serving = agent_domain.mount_report(ref, alive=True, mounted=True, exit_code=0, failures=1, stalled=stalled)
+    assert serving.state == "Serving"
+
+
 # --- inventory wire versions ---
 
 

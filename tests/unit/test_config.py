@@ -168,6 +168,7 @@ def test_error_shows_the_bad_value_of_plain_settings() -> None:
         ("SHOAL_READAHEAD_BUDGET", "lots"),
         ("SHOAL_MEMORY_TIER_BUDGET", "4 gigs"),
         ("SHOAL_LOAD_CONCURRENCY", "0"),
+        ("SHOAL_MOUNT_START_SECONDS", "0"),
         ("SHOAL_NODE_NAME", "node *"),
         ("SHOAL_NODE_NAME", "node.>"),
         ("SHOAL_REPLICA_NAME", "dataset.example.com"),
