@@ -22,8 +22,11 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from libs import subjects, telemetry
 from libs.bus import Bus, KvMirror, kv_load
 from libs.config import NatsSettings, S3Settings, Secret, ServiceSettings, Settings
+from libs.events.agent import AgentHeartbeat, MountReport, group_mounts, peer_url
+from libs.events.common import ObjectRef
 from libs.events.dataset import DatasetRecord
 from libs.events.runtime import RuntimeRecord
+from services.agent import domain as agent_domain
 
 T = TypeVar("T")
 
@@ -160,3 +163,28 @@ def spans_in_memory() -> Iterator[InMemorySpanExporter]:
     finally:
         trace._TRACER_PROVIDER = original
         provider.shutdown()
+
+
+def agent_shaped_heartbeat(count: int, name_length: int = 20, *, peers: bool = True, failures: int = 3,
+                           node: str = "ip-10-1-2-3.ec2.internal",
+                           interval_seconds: float = 2.0) -> tuple[AgentHeartbeat, list[MountReport]]:
+    """A heartbeat as the agent builds it (``NodeAgent.heartbeat``, before ``fit_heartbeat``) for ``count`` datasets
+    ``d<i>xxx...`` (``name_length`` characters), each with its runtime, in the namespaces default, ml-team and vision
+    (``i % 3``): serving with peer port 40000 + i, starting when ``i % 10 == 3``, failing when ``i % 50 == 7``
+    (``failures`` times in a row: a problem of the node from 3 on); and the mounts' reports."""
+    reports: list[tuple[MountReport, int]] = []
+    for i in range(count):
+        ref = ObjectRef(name=f"d{i:05d}".ljust(name_length, "x"), namespace=("default", "ml-team", "vision")[i % 3])
+        alive, exit_code = (i % 50 != 7), (1 if i % 50 == 7 else None)
+        reports.append((agent_domain.mount_report(
+            ref, alive=alive, mounted=i % 10 != 3, exit_code=exit_code, failures=failures,
+            peer_url=peer_url("10.1.2.3", 40000 + i) if peers else ""), 40000 + i if peers else 0))
+    runtimes = [report.dataset for report, _ in reports]
+    problems = [f"mount {r.dataset.namespace}/{r.dataset.name} keeps failing (exit code 1, {failures} times in a row)"
+                for r, _ in reports if r.state == "Failing" and failures >= 3]
+    beat = AgentHeartbeat(node=node, runtimes=runtimes, all_runtimes=True, healthy=not problems,
+                          problems=agent_domain.capped_problems(problems), sent_at=time.time(),
+                          interval_seconds=interval_seconds, capacity_bytes=1 << 40,
+                          mount_groups=group_mounts(reports), labels={"zone": "a"},
+                          peer_host="10.1.2.3" if peers else "")
+    return beat, [report for report, _ in reports]

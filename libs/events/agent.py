@@ -175,9 +175,38 @@ class MountReport(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omi
     peer_url: str = ""
 
 
+def peer_url(host: str, port: int) -> str:
+    """Where other nodes reach a mount's peer server (``http://host:port``); empty without one (port 0)."""
+    if not port:
+        return ""
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+class MountGroup(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omit_defaults=True):
+    """The mounts of one namespace in the same state with the same message, each dataset named once: what a
+    heartbeat carries per dataset is its name and its peer port, so a node with thousands of mounts still beats
+    in a few bytes per mount (``MountReport`` repeated namespace, state and message for each)."""
+
+    namespace: str
+    state: MountState
+    message: str = ""
+    # Dataset name → the port of its mount's peer server on the beat's ``peerHost`` (0: none, and always 0 unless
+    # Serving: only a serving mount's peer server answers).
+    datasets: dict[str, int] = {}
+
+
 class AgentHeartbeat(Event, frozen=True, kw_only=True, tag="agent.heartbeat.v1", rename="camel"):
+    """A node's agent, every ``intervalSeconds``. Its size does not grow with the runtimes of the cluster (an agent
+    serving them all says ``allRuntimes``) and grows by a name and a port per mount (``mountGroups``); an agent
+    keeps it under the event limit (``services.agent.domain.fit_heartbeat``). Read the mounts and runtimes through
+    ``mount_of`` and ``serves``, which also read what agents before ``mountGroups`` sent."""
+
     node: str
+    # The runtimes the agent serves; with ``allRuntimes`` they are listed only while the beat is small (for
+    # runtime services that predate ``allRuntimes``), and may be empty.
     runtimes: list[ObjectRef] = []
+    # The agent serves every runtime (no SHOAL_AGENT_RUNTIMES), those created after this beat included.
+    all_runtimes: bool = False
     # False while a mount process keeps failing or a cache directory is down; ``problems`` says which.
     healthy: bool = True
     # Unix seconds at the agent; the runtime service judges freshness by its own clock of receipt.
@@ -188,9 +217,47 @@ class AgentHeartbeat(Event, frozen=True, kw_only=True, tag="agent.heartbeat.v1",
     capacity_bytes: int = 0
     problems: list[str] = []
     # The mounts this node should serve and how each is doing; a mount that is not serving shows in status.
+    # Agents send ``mountGroups``; ``mounts`` (a report per mount) is what agents before them sent.
     mounts: list[MountReport] = []
     # The node's labels (zone, region, any key=value), matched against a Dataset's nodeAffinity.
     labels: dict[str, str] = {}
+    mount_groups: list[MountGroup] = []
+    # Where this node's mount processes serve their peers (``mountGroups`` give each one's port).
+    peer_host: str = ""
+
+    def serves(self, namespace: str, name: str) -> bool:
+        """Whether the node serves the runtime ``namespace/name``."""
+        return self.all_runtimes or any(ref.name == name and ref.namespace == namespace for ref in self.runtimes)
+
+    def mount_of(self, namespace: str, name: str) -> MountReport | None:
+        """How the node's mount of dataset ``namespace/name`` is doing; None when it reports no such mount."""
+        for group in self.mount_groups:
+            if group.namespace == namespace and (port := group.datasets.get(name)) is not None:
+                return MountReport(dataset=ObjectRef(name=name, namespace=namespace), state=group.state,
+                                   message=group.message,
+                                   peer_url=peer_url(self.peer_host, port) if group.state == "Serving" else "")
+        return next((report for report in self.mounts
+                     if report.dataset.name == name and report.dataset.namespace == namespace), None)
+
+    def mount_reports(self) -> list[MountReport]:
+        """Every mount the beat reports, a report each (``mount_of`` finds one without building them all)."""
+        grouped = [self.mount_of(group.namespace, name) for group in self.mount_groups for name in group.datasets]
+        return [*self.mounts, *(report for report in grouped if report is not None)]
+
+    def mount_count(self) -> int:
+        return len(self.mounts) + sum(len(group.datasets) for group in self.mount_groups)
+
+
+def group_mounts(reports: Iterable[tuple[MountReport, int]]) -> list[MountGroup]:
+    """Mount reports, each with its peer port, as ``MountGroup``s (by namespace, state and message, in that
+    order; names sorted)."""
+    grouped: dict[tuple[str, MountState, str], dict[str, int]] = {}
+    for report, port in reports:
+        ref = report.dataset
+        grouped.setdefault((ref.namespace, report.state, report.message), {})[ref.name] = (
+            port if report.state == "Serving" else 0)
+    return [MountGroup(namespace=namespace, state=state, message=message, datasets=dict(sorted(names.items())))
+            for (namespace, state, message), names in sorted(grouped.items())]
 
 
 class AgentRecord(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):

@@ -54,7 +54,7 @@ from libs import subjects
 from libs.bus import Bus, KvMirror, connect
 from libs.config import AgentSettings, Settings
 from libs.embedded import free_port
-from libs.events.agent import AgentHeartbeat, MountReport
+from libs.events.agent import AgentHeartbeat, MountReport, group_mounts, peer_url
 from libs.events.common import ObjectRef, parse_quantity
 from libs.events.dataset import DatasetRecord
 from libs.events.runtime import Level, RuntimeRecord
@@ -69,7 +69,7 @@ from services.agent.cache.tiers import MARKER
 from services.agent.handover import remove_mountpoint
 from services.agent.links import existing_links, make_link, remove_link
 from services.agent.metrics import NodeMetrics, dir_health, remove_target
-from services.agent.mountinfo import canonical, device_of, is_mounted, mount_points
+from services.agent.mountinfo import canonical, device_of, devices, is_mounted, mount_points
 from services.agent.mountstatus import problems_of, read_status, remove_status
 from services.agent.nodebudget import FILE_NAME as BUDGET_FILE_NAME
 from services.agent.nodebudget import SlotFile
@@ -189,6 +189,8 @@ class NodeAgent:
     # The wall clock stamped on heartbeats (``sentAt``, informative: receivers judge freshness by their own clock
     # of receipt). Tests skew it to show that a node whose clock is hours off is treated like any other.
     clock: Callable[[], float] = time.time
+    # Mounts the last heartbeat had to leave out to stay under the event limit (``domain.fit_heartbeat``).
+    mounts_left_out: int = 0
 
     async def run(self, stop: asyncio.Event, readiness: Readiness | None = None) -> None:
         readiness = readiness or Readiness()
@@ -450,7 +452,7 @@ class NodeAgent:
         return free_port(self.settings.agent.peer_host)
 
     def peer_url(self, worker: MountWorker) -> str:
-        return domain.peer_url(self.settings.agent.peer_host, worker.peer_port)
+        return peer_url(self.settings.agent.peer_host, worker.peer_port)
 
     async def _start_worker(self, worker: MountWorker) -> None:
         worker.serving = False
@@ -530,20 +532,22 @@ class NodeAgent:
                         found.setdefault(ref, levels)
         return found
 
-    def _mount_reports(self) -> list[MountReport]:
+    def _mount_reports(self) -> list[tuple[MountReport, int]]:
+        """Each wanted mount's report, with its peer port."""
         reports = []
+        mounted_devices = devices()  # one read of the mount table, not one per mount
         for (namespace, name), worker in sorted(self.workers.items()):
             if worker.unwanted_since is not None:
                 continue
             # A process being stopped because its start stalled is as good as gone.
             alive = worker.process is not None and worker.process.returncode is None and worker.stopping is None
-            device = device_of(worker.path) if alive else None
-            reports.append(domain.mount_report(
+            device = mounted_devices.get(canonical(worker.path)) if alive else None
+            reports.append((domain.mount_report(
                 ObjectRef(name=name, namespace=namespace), alive=alive,
                 mounted=device is not None and device != worker.stale_device, exit_code=worker.exit_code,
                 failures=child.failures if (child := self.supervisor.children.get(worker.key)) else 0,
                 peer_url=self.peer_url(worker), stalled=worker.stalled,
-            ))
+            ), worker.peer_port))
         return reports
 
     async def heartbeat(self) -> None:
@@ -552,17 +556,28 @@ class NodeAgent:
             await asyncio.wait_for(self.runtimes.ready.wait(), timeout=self.settings.agent.heartbeat_seconds)
         if not self.runtimes.ready.is_set():
             return
-        served = domain.served_runtimes(self.runtimes.values.values(), self.settings.agent.runtimes)
+        agent = self.settings.agent
+        served = domain.served_runtimes(self.runtimes.values.values(), agent.runtimes)
         problems = self.problems()
         self.export_cache_dirs()
         beat = AgentHeartbeat(
-            node=self.settings.agent.node_name,
+            node=agent.node_name,
             runtimes=[ObjectRef(name=name, namespace=namespace) for namespace, name in served],
-            healthy=not problems, problems=problems, sent_at=self.clock(),
-            interval_seconds=self.settings.agent.heartbeat_seconds, capacity_bytes=self.capacity_bytes(),
-            mounts=self._mount_reports(), labels=dict(self.settings.agent.labels),
+            all_runtimes=not agent.runtimes,
+            healthy=not problems, problems=domain.capped_problems(problems), sent_at=self.clock(),
+            interval_seconds=agent.heartbeat_seconds, capacity_bytes=self.capacity_bytes(),
+            mount_groups=group_mounts(self._mount_reports()), labels=dict(agent.labels),
+            peer_host=agent.peer_host if agent.peer_secret_file else "",
         )
-        await self.bus.publish(subjects.agent_heartbeat(self.settings.agent.node_name), beat)
+        beat, left_out = domain.fit_heartbeat(beat, self.settings.service.max_event_bytes)
+        if left_out != self.mounts_left_out:  # said when it changes, not every beat
+            self.mounts_left_out = left_out
+            if left_out:
+                log.warning("heartbeat over the event limit: mounts left out of it", mounts_left_out=left_out,
+                            mounts=beat.mount_count(), limit_bytes=self.settings.service.max_event_bytes)
+            else:
+                log.info("heartbeat under the event limit again: every mount in it", mounts=beat.mount_count())
+        await self.bus.publish(subjects.agent_heartbeat(agent.node_name), beat)
 
 
 async def run(settings: Settings, stop: asyncio.Event, child_env: dict[str, str] | None = None,

@@ -14,7 +14,9 @@ from __future__ import annotations
 import posixpath
 from collections.abc import Iterable
 
-from libs.events.agent import MountReport
+import msgspec
+
+from libs.events.agent import AgentHeartbeat, MountReport
 from libs.events.common import ObjectRef
 from libs.events.dataset import DatasetRecord
 from libs.events.runtime import RuntimeRecord
@@ -27,6 +29,12 @@ EXIT_PEER_PORT_TAKEN = 75
 # its mounts (and those an earlier run of it left) from anything else mounted on the node.
 FUSE_SUBTYPE = "shoal"
 MOUNT_FSTYPE = f"fuse.{FUSE_SUBTYPE}"
+# Problems a heartbeat lists (the rest are counted): enough to say what is wrong, and a node with thousands of
+# failing mounts still beats under the event limit.
+MAX_PROBLEMS = 20
+# Which mounts a heartbeat too large for the event limit leaves out first: the serving ones (a runtime then shows
+# fewer nodes mounted), the failing ones last (they are what status must show).
+_LEFT_OUT_FIRST = {"Serving": 0, "Starting": 1, "Failing": 2}
 
 
 def serves(runtime: RuntimeRecord, selection: list[str]) -> bool:
@@ -85,13 +93,6 @@ def cache_suffix(subdir: str, namespace: str, name: str) -> str:
     return posixpath.join(subdir, namespace, name) if subdir else posixpath.join(namespace, name)
 
 
-def peer_url(host: str, port: int) -> str:
-    """Where other nodes reach a mount's peer server; empty without one."""
-    if not port:
-        return ""
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-
-
 def stalled_start(deadline_seconds: float, step: str) -> str:
     """What the report and the log say of a start abandoned at its deadline; ``step``: what the mount process
     said it was doing (its status file), empty if it said nothing."""
@@ -119,3 +120,45 @@ def mount_report(dataset: ObjectRef, *, alive: bool, mounted: bool, exit_code: i
     return MountReport(dataset=dataset, state="Failing", message=(
         f"mount process exited with code {exit_code} ({failures} time{'s' if failures != 1 else ''} in a row); "
         "restarting with backoff"))
+
+
+def capped_problems(problems: list[str], limit: int = MAX_PROBLEMS) -> list[str]:
+    """At most ``limit`` problems, the last one saying how many more there are."""
+    if len(problems) <= limit:
+        return problems
+    return [*problems[:limit - 1], f"and {len(problems) - limit + 1} more problems"]
+
+
+def fit_heartbeat(beat: AgentHeartbeat, limit: int) -> tuple[AgentHeartbeat, int]:
+    """``beat`` cut to at most ``limit`` bytes encoded (the consumers' SHOAL_MAX_EVENT_BYTES: they refuse a larger
+    event, and a node whose beats are refused is not ready for any runtime), and how many mounts were left out.
+
+    Only as far as needed, in this order: the list of runtimes of an agent that serves them all (``allRuntimes``
+    says so without it), then mounts, the serving ones first. A beat stays whole up to thousands of mounts (a name
+    and a port each); past that, the mounts left out show nothing for this node, which beats the node's absence.
+    """
+    encoder = msgspec.json.Encoder()
+    size = len(encoder.encode(beat))
+    if size <= limit:
+        return beat, 0
+    if beat.all_runtimes and beat.runtimes:
+        beat = msgspec.structs.replace(beat, runtimes=[])
+        size = len(encoder.encode(beat))
+    groups = beat.mount_groups
+    kept = [dict(group.datasets) for group in groups]
+    order = sorted(range(len(groups)), key=lambda index: (_LEFT_OUT_FIRST.get(groups[index].state, 0), -index))
+    left_out = 0
+    while size > limit and any(kept):
+        excess = size - limit
+        for index in order:
+            while kept[index] and excess > 0:
+                name, port = kept[index].popitem()
+                excess -= len(encoder.encode(name)) + len(str(port)) + 2  # "name":port,
+                left_out += 1
+            if excess <= 0:
+                break
+        beat = msgspec.structs.replace(beat, mount_groups=[
+            msgspec.structs.replace(group, datasets=datasets) for group, datasets in zip(groups, kept, strict=True)
+            if datasets])
+        size = len(encoder.encode(beat))
+    return beat, left_out

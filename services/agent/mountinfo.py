@@ -36,6 +36,12 @@ def device_of(path: str) -> str | None:
     return found[-1] if found else None  # the newest mount on that path wins
 
 
+def devices() -> dict[str, str]:
+    """Mount point → device of the newest mount on it: one read of the table for many lookups (``canonical``
+    paths)."""
+    return {point: device for device, point, _ in _mounts()}
+
+
 def mount_points(fstype: str) -> list[str]:
     """The mount points of every mount of file system type ``fstype`` (e.g. ``fuse.shoal``), oldest first."""
     return [point for _, point, kind in _mounts() if kind == fstype]

@@ -209,8 +209,7 @@ def node_capacity(runtime: Runtime) -> int:
 
 
 def serves(beat: AgentHeartbeat, runtime: Runtime) -> bool:
-    meta = runtime.metadata
-    return any(ref.name == meta.name and ref.namespace == meta.namespace for ref in beat.runtimes)
+    return beat.serves(runtime.metadata.namespace, runtime.metadata.name)
 
 
 def is_fresh(agent: AgentRecord, now: float) -> bool:
@@ -330,9 +329,8 @@ def worker_status(runtime: Runtime, nodes: Iterable[str], agents: Mapping[str, A
     for node in nodes:
         record = agents[node]
         beat = record.heartbeat
-        peer_url = next((report.peer_url for report in beat.mounts
-                         if report.dataset.name == meta.name and report.dataset.namespace == meta.namespace
-                         and report.state == "Serving"), "")
+        report = beat.mount_of(meta.namespace, meta.name)
+        peer_url = report.peer_url if report is not None and report.state == "Serving" else ""
         workers.append(CacheWorker(node=node, ready=is_fresh(record, now) and beat.healthy, peer_url=peer_url))
     return workers
 
@@ -393,10 +391,8 @@ def runtime_status(record: RuntimeRecord, agents: Iterable[AgentRecord], now: fl
 def mount_condition(runtime: Runtime, serving: Iterable[AgentHeartbeat], now: float) -> Condition | None:
     """``Mounted``: True when every node reporting the dataset's mount serves it; None when none reports it."""
     meta = runtime.metadata
-    reports = sorted(
-        (beat.node, report) for beat in serving for report in beat.mounts
-        if report.dataset.name == meta.name and report.dataset.namespace == meta.namespace
-    )
+    reports = sorted((beat.node, report) for beat in serving
+                     if (report := beat.mount_of(meta.namespace, meta.name)) is not None)
     if not reports:
         return None
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))

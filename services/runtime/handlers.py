@@ -202,18 +202,23 @@ class RuntimeHandlers:
         await (await self.bus.kv(subjects.KV_AGENTS)).put(beat.node, msgspec.json.encode(record))
         # The watch brings the same value back shortly; the view is updated now so this refresh already sees it.
         self.agents.values[beat.node] = record
-        affected = {subjects.resource_key(ref.namespace, ref.name) for ref in beat.runtimes}
-        if current is not None:
-            affected |= {subjects.resource_key(ref.namespace, ref.name) for ref in current.heartbeat.runtimes}
+        affected: set[str] = set()
+        for served in [beat] if current is None else [beat, current.heartbeat]:
+            if served.all_runtimes:  # every runtime there is (the list, if any, may be cut short)
+                affected |= set(await self._runtime_keys())
+            else:
+                affected |= {subjects.resource_key(ref.namespace, ref.name) for ref in served.runtimes}
         agents = self._agents()
         for key in sorted(affected):
             await self.refresh(key, agents, mirror_first=True)
 
-    async def refresh_all(self) -> None:
+    async def _runtime_keys(self) -> list[str]:
         if self.runtimes.ready.is_set():
-            keys = sorted(self.runtimes.values)
-        else:
-            keys = await kv_keys(await self.bus.kv(subjects.KV_RUNTIMES))
+            return sorted(self.runtimes.values)
+        return await kv_keys(await self.bus.kv(subjects.KV_RUNTIMES))
+
+    async def refresh_all(self) -> None:
+        keys = await self._runtime_keys()
         now = self.clock()
         for node, record in list(self.agents.values.items()):
             if now - record.received_at > AGENTS_TTL_SECONDS:

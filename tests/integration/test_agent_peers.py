@@ -40,7 +40,7 @@ def peer_port_of(pid: int) -> int | None:
 
 async def serving_beat(bus: Bus) -> AgentHeartbeat | None:
     beat = await last_beat(bus)
-    return beat if beat and beat.mounts and beat.mounts[0].state == "Serving" else None
+    return beat if beat and [m.state for m in beat.mount_reports()] == ["Serving"] else None
 
 
 async def test_a_mount_keeps_its_peer_port_across_restarts_and_heartbeats_carry_labels_and_peer_url(
@@ -55,7 +55,7 @@ async def test_a_mount_keeps_its_peer_port_across_restarts_and_heartbeats_carry_
         assert port is not None and port > 0
         beat = await eventually(lambda: serving_beat(bus), 15, "a heartbeat with the mount serving")
         assert beat.labels == LABELS
-        assert beat.mounts[0].peer_url == f"http://127.0.0.1:{port}"
+        assert beat.mount_reports()[0].peer_url == f"http://127.0.0.1:{port}"
 
         os.kill(pid, signal.SIGKILL)
 
@@ -74,7 +74,7 @@ async def test_a_mount_keeps_its_peer_port_across_restarts_and_heartbeats_carry_
 
         assert await eventually(readable, 30, "the restarted mount serving") == b"a" * 1000
         beat = await eventually(lambda: serving_beat(bus), 15, "a heartbeat with the mount serving again")
-        assert beat.mounts[0].peer_url == f"http://127.0.0.1:{port}"
+        assert beat.mount_reports()[0].peer_url == f"http://127.0.0.1:{port}"
 
 
 async def test_without_a_peer_secret_no_mount_gets_a_peer_port(
@@ -86,7 +86,7 @@ async def test_without_a_peer_secret_no_mount_gets_a_peer_port(
         [pid] = mount_pids(mountpoint)
         assert peer_port_of(pid) is None
         beat = await eventually(lambda: serving_beat(bus), 15, "a heartbeat with the mount serving")
-        assert beat.mounts[0].peer_url == "" and beat.labels == {}
+        assert beat.mount_reports()[0].peer_url == "" and beat.labels == {}
 
 
 async def test_a_peer_port_taken_while_the_mount_was_down_is_replaced_by_another(
@@ -110,11 +110,12 @@ async def test_a_peer_port_taken_while_the_mount_was_down_is_replaced_by_another
 
             async def moved() -> AgentHeartbeat | None:
                 beat = await serving_beat(bus)
-                return beat if beat and beat.mounts[0].peer_url not in ("", f"http://127.0.0.1:{port}") else None
+                moved_to = beat.mount_reports()[0].peer_url if beat else ""
+                return beat if moved_to not in ("", f"http://127.0.0.1:{port}") else None
 
             beat = await eventually(moved, 45, "the mount serving again on another peer port")
             [new_pid] = mount_pids(mountpoint)
-            assert beat.mounts[0].peer_url == f"http://127.0.0.1:{peer_port_of(new_pid)}"
+            assert beat.mount_reports()[0].peer_url == f"http://127.0.0.1:{peer_port_of(new_pid)}"
             assert await read_file(mountpoint / "a.bin") == b"a" * 1000
         finally:
             squatter.close()

@@ -210,8 +210,8 @@ async def test_a_mount_process_whose_start_hangs_is_reported_failing_stopped_and
 
             async def failing() -> Any:
                 beat = await last_beat(bus)
-                reports = [m for m in beat.mounts if m.dataset.name == "hung"] if beat else []
-                return reports[0] if reports and reports[0].state == "Failing" else None
+                report = beat.mount_of("default", "hung") if beat else None
+                return report if report is not None and report.state == "Failing" else None
 
             report = await eventually(failing, timeout=60, what="the hung start reported Failing")
             assert report.message == ("mount process did not start within 10 s (it was loading the cache); "
@@ -232,8 +232,8 @@ async def test_a_mount_process_whose_start_hangs_is_reported_failing_stopped_and
 
             async def serving() -> Any:
                 beat = await last_beat(bus)
-                return beat if beat and [(m.dataset.name, m.state) for m in beat.mounts] == [("hung", "Serving")] \
-                    else None
+                reports = beat.mount_reports() if beat else []
+                return beat if [(m.dataset.name, m.state) for m in reports] == [("hung", "Serving")] else None
 
             await eventually(serving, what="the mount reported Serving again")
     finally:

@@ -1,4 +1,5 @@
-"""The runtime service's cost per heartbeat does not grow with the number of agents.
+"""The runtime service's cost per heartbeat does not grow with the number of agents, and a node with thousands of
+mounts beats within the event limit.
 
 The service runs in-process on a real nats-server; its Bus hands out KV buckets wrapped so every read (get,
 keys, history) is counted. With 40 agents beating, a heartbeat must cost no read of the agents bucket at all
@@ -13,13 +14,14 @@ from typing import Any
 import pytest
 
 from libs import subjects
-from libs.bus import Bus
+from libs.bus import Bus, kv_load
 from libs.config import Settings
-from libs.events.agent import AgentHeartbeat
+from libs.events.agent import AgentHeartbeat, AgentRecord, MountReport
 from libs.events.common import ObjectMeta, ObjectRef
 from libs.events.runtime import Level, Runtime, RuntimeApply, RuntimeSpec, TieredStore
+from services.agent import domain as agent_domain
 from services.runtime import app as runtime_app
-from tests.helpers import eventually, running, runtime_record
+from tests.helpers import agent_shaped_heartbeat, eventually, running, runtime_record
 
 AGENTS = 40
 READS = ("get", "keys", "history")
@@ -100,3 +102,43 @@ async def test_a_heartbeat_reads_no_agent_records_whatever_the_number_of_agents(
 async def _consumed(bus: Bus, count: int) -> bool:
     info = await bus.js.consumer_info(subjects.STREAM_AGENT, subjects.DURABLE_RUNTIME_HEARTBEATS)
     return info.ack_floor.stream_seq >= count and info.num_ack_pending == 0 and info.num_pending == 0
+
+
+async def test_an_agent_heartbeat_for_5000_datasets_is_taken_and_read_whole(bus: Bus, settings: Settings) -> None:
+    # A node mounting 5,000 datasets (20-character names, peers on), as its agent sends it: the runtime service takes
+    # it (under SHOAL_MAX_EVENT_BYTES), serves every runtime from it, and reads each mount's state and peer URL.
+    beat, reports = agent_shaped_heartbeat(5000, failures=2, node="node-big", interval_seconds=3600.0)
+    sent, left_out = agent_domain.fit_heartbeat(beat, settings.service.max_event_bytes)
+    assert left_out == 0
+    serving, starting, failing = reports[0], reports[3], reports[7]
+    assert (serving.state, starting.state, failing.state) == ("Serving", "Starting", "Failing")
+    async with running(lambda stop: runtime_app.run(settings, stop)):
+        for report in (serving, starting, failing):
+            await bus.publish(subjects.RUNTIME_APPLY, RuntimeApply(runtime=Runtime(
+                metadata=ObjectMeta(name=report.dataset.name, namespace=report.dataset.namespace),
+                spec=RuntimeSpec(replicas=1, tieredstore=TieredStore(levels=[Level(mediumtype="MEM", quota="1Gi")])))))
+
+        async def applied() -> bool:
+            records = [await runtime_record(bus, r.dataset.name, r.dataset.namespace)
+                       for r in (serving, starting, failing)]
+            return all(records)
+
+        await eventually(applied, what="the runtimes applied")
+        await bus.publish(subjects.agent_heartbeat(sent.node), sent)
+
+        async def mounted(report: MountReport, status: str) -> Any:
+            record = await runtime_record(bus, report.dataset.name, report.dataset.namespace)
+            found = [c for c in record.status.conditions if c.type == "Mounted"] if record else []
+            return record if record and record.status.ready_nodes == ["node-big"] and found \
+                and found[0].status == status else None
+
+        record = await eventually(lambda: mounted(serving, "True"), what="the serving mount's runtime Mounted")
+        assert record.status.phase == "Ready" and record.status.workers[0].peer_url == serving.peer_url
+        record = await eventually(lambda: mounted(starting, "False"), what="the starting mount's runtime")
+        assert record.status.conditions[-1].reason == "MountStarting"
+        record = await eventually(lambda: mounted(failing, "False"), what="the failing mount's runtime")
+        assert "node-big: mount process exited with code 1" in record.status.conditions[-1].message
+        # The record the dataset service and the scheduler read back holds every mount.
+        stored, _ = await kv_load(await bus.kv(subjects.KV_AGENTS), "node-big", AgentRecord)
+        assert stored is not None and stored.heartbeat.mount_count() == 5000
+        assert stored.heartbeat.mount_of(failing.dataset.namespace, failing.dataset.name) == failing

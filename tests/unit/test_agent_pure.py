@@ -4,9 +4,11 @@ and which mounts a node wants. (The inventory fold is tested in test_inventory.p
 from __future__ import annotations
 
 import msgspec
+import pytest
 
 from libs.bus import MESSAGE_LIMIT
 from libs.events.agent import (
+    AgentHeartbeat,
     BlockId,
     CacheCounters,
     CachedBlock,
@@ -14,6 +16,7 @@ from libs.events.agent import (
     InventoryDeltaV1,
     InventorySnapshot,
     InventorySnapshotV1,
+    peer_url,
     upgrade,
 )
 from libs.events.common import ObjectMeta, ObjectRef
@@ -23,6 +26,7 @@ from services.agent import domain as agent_domain
 from services.agent.inventory import InventoryLog
 from services.agent.namespace import ROOT_INODE, InodeAllocator, Namespace
 from services.agent.readahead import MemoryBudget, ReadAhead
+from tests.helpers import agent_shaped_heartbeat
 
 
 def entry(path: str, etag: str = "e1", size: int = 10) -> ManifestEntry:
@@ -265,9 +269,9 @@ def test_v1_inventory_events_upgrade_to_v2_with_the_same_blocks() -> None:
 
 def test_a_serving_mount_reports_its_peer_url_and_blocks_live_below_the_cache_subdir() -> None:
     ref = ObjectRef(name="d")
-    assert agent_domain.peer_url("127.0.0.1", 4100) == "http://127.0.0.1:4100"
-    assert agent_domain.peer_url("::1", 4100) == "http://[::1]:4100"
-    assert agent_domain.peer_url("127.0.0.1", 0) == ""
+    assert peer_url("127.0.0.1", 4100) == "http://127.0.0.1:4100"
+    assert peer_url("::1", 4100) == "http://[::1]:4100"
+    assert peer_url("127.0.0.1", 0) == ""
     serving = agent_domain.mount_report(ref, alive=True, mounted=True, exit_code=None, failures=0,
                                         peer_url="http://127.0.0.1:4100")
     assert serving.peer_url == "http://127.0.0.1:4100"
@@ -276,3 +280,49 @@ def test_a_serving_mount_reports_its_peer_url_and_blocks_live_below_the_cache_su
     assert starting.peer_url == ""  # its peer server is not answering yet
     assert agent_domain.cache_suffix("", "default", "d") == "default/d"
     assert agent_domain.cache_suffix("node-2", "default", "d") == "node-2/default/d"
+
+
+# --- heartbeat size ---
+
+EVENT_LIMIT = 256 * 1024  # SHOAL_MAX_EVENT_BYTES' default: what the runtime service accepts
+
+
+def test_a_heartbeat_for_5000_datasets_fits_the_event_limit_and_says_everything() -> None:
+    beat, reports = agent_shaped_heartbeat(5000)
+    # One report per mount and every runtime listed (what agents sent before) would be refused.
+    old = msgspec.structs.replace(beat, mounts=reports, mount_groups=[])
+    assert len(msgspec.json.encode(old)) > EVENT_LIMIT
+    sent, left_out = agent_domain.fit_heartbeat(beat, EVENT_LIMIT)
+    encoded = msgspec.json.encode(sent)
+    assert left_out == 0 and len(encoded) <= EVENT_LIMIT
+    received = msgspec.json.decode(encoded, type=AgentHeartbeat)
+    assert received.all_runtimes and received.serves("vision", "anything") and received.mount_count() == 5000
+    for report in reports:
+        assert received.mount_of(report.dataset.namespace, report.dataset.name) == report
+    assert sorted(received.mount_reports(), key=lambda r: r.dataset.name) == sorted(reports,
+                                                                                    key=lambda r: r.dataset.name)
+    assert len(received.problems) == agent_domain.MAX_PROBLEMS and received.problems[-1] == "and 81 more problems"
+
+
+@pytest.mark.parametrize(("count", "name_length"), [(1, 20), (1000, 20), (5000, 20), (5000, 63), (20000, 20),
+                                                    (5000, 253)])
+def test_a_heartbeat_never_exceeds_the_event_limit_and_grows_by_a_name_and_a_port_per_mount(
+        count: int, name_length: int) -> None:
+    beat, reports = agent_shaped_heartbeat(count, name_length)
+    sent, left_out = agent_domain.fit_heartbeat(beat, EVENT_LIMIT)
+    assert len(msgspec.json.encode(sent)) <= EVENT_LIMIT
+    assert sent.mount_count() + left_out == count
+    # Per mount: its name, its port and a few bytes of JSON; the rest does not grow with the node's mounts.
+    fixed = len(msgspec.json.encode(msgspec.structs.replace(beat, runtimes=[], mount_groups=[])))
+    per_mount = name_length + len(str(40000 + count)) + 4
+    groups = len(sent.mount_groups) * 120
+    assert len(msgspec.json.encode(msgspec.structs.replace(sent, runtimes=[]))) <= fixed + groups + count * per_mount
+    if left_out:  # serving mounts go first: those not serving are what status must show
+        kept = {(r.dataset.namespace, r.dataset.name) for r in sent.mount_reports()}
+        assert all((r.dataset.namespace, r.dataset.name) in kept for r in reports if r.state == "Failing")
+        assert not sent.runtimes and sent.all_runtimes
+
+
+def test_problems_are_capped_with_a_count_of_the_rest() -> None:
+    assert agent_domain.capped_problems(["a", "b"]) == ["a", "b"]
+    assert agent_domain.capped_problems([str(i) for i in range(25)], 3) == ["0", "1", "and 23 more problems"]

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from libs.events.agent import AgentHeartbeat, AgentRecord, MountReport
+from libs.events.agent import AgentHeartbeat, AgentRecord, MountGroup, MountReport, MountState
 from libs.events.common import ObjectMeta, ObjectRef
 from libs.events.dataset import Condition
 from libs.events.runtime import (
@@ -440,6 +440,32 @@ def test_mounted_condition_names_the_nodes_whose_mount_is_not_serving() -> None:
     assert mounted.status == "True" and status.message == ""
     # No node reports the mount (the dataset is not bound): no condition at all.
     assert [c.type for c in status_of(runtime, [agent("node-a")], conditions=status.conditions).conditions] == []
+
+
+def test_grouped_mounts_of_an_agent_serving_every_runtime_read_as_reports_did() -> None:
+    # What an agent sends (services.agent: allRuntimes, mountGroups), read as the runtimes and reports it replaced.
+    runtime = valid_runtime(replicas=2)
+
+    def grouped(node: str, state: MountState, port: int, message: str = "") -> AgentRecord:
+        others = {f"other-{i}": 7000 + i for i in range(50)}
+        beat = AgentHeartbeat(node=node, all_runtimes=True, interval_seconds=INTERVAL, sent_at=NOW,
+                              peer_host="10.0.0.7", mount_groups=[
+                                  MountGroup(namespace="default", state=state, message=message,
+                                             datasets={"imagenet": port, **({} if state != "Serving" else others)}),
+                                  MountGroup(namespace="team", state="Serving", datasets={"imagenet": 9999})])
+        return AgentRecord(heartbeat=beat, received_at=NOW)
+
+    status = status_of(runtime, [grouped("node-a", "Serving", 4100), grouped("node-b", "Serving", 4200)])
+    assert status.phase == "Ready" and status.ready_nodes == ["node-a", "node-b"]
+    assert [(w.node, w.peer_url) for w in status.workers] == [("node-a", "http://10.0.0.7:4100"),
+                                                              ("node-b", "http://10.0.0.7:4200")]
+    [mounted] = [c for c in status.conditions if c.type == "Mounted"]
+    assert (mounted.status, mounted.message) == ("True", "mounted on 2 node(s)")
+    status = status_of(runtime, [grouped("node-a", "Serving", 4100),
+                                 grouped("node-b", "Failing", 0, "mount process did not start within 120 s")])
+    [mounted] = [c for c in status.conditions if c.type == "Mounted"]
+    assert mounted.reason == "MountFailing" and "node-b: mount process did not start within 120 s" in mounted.message
+    assert [w.peer_url for w in status.workers] == ["http://10.0.0.7:4100", ""]
 
 
 @pytest.mark.parametrize("node", ["node-a", "ip-10-0-1-23.ec2.internal", "a" * 63 + ".b"])
