@@ -14,7 +14,7 @@ import pytest
 
 from libs.blocks import BlockId
 from services.agent.cache import tiers as tiers_module
-from services.agent.cache.tiers import HEADER, MARKER, DiskTier, Health, MemoryTier, ScannedBlock
+from services.agent.cache.tiers import HEADER, MARKER, DiskTier, Health, MemoryTier, ScanCancelled, ScannedBlock
 
 COOLDOWN = 30.0
 
@@ -284,6 +284,21 @@ def test_scan_finds_blocks_oldest_first_and_deletes_garbage_in_the_shards(tier: 
     assert not Path(tier.path_of(short)).exists()
     assert (tier.directory / "README").exists() and (tier.directory / "lost+found").is_dir()
     assert tier.read(keep_name) == payload(0, 100)
+
+
+def test_a_cancelled_scan_stops_at_the_next_file_and_leaves_the_rest_for_the_next_one(tier: DiskTier) -> None:
+    for index in range(6):
+        assert tier.write(block(index), payload(index, 100))
+    asked: list[int] = []
+
+    def cancelled() -> bool:  # told to stop once two files were looked at
+        asked.append(1)
+        return len(asked) > 2
+
+    with pytest.raises(ScanCancelled):
+        tier.scan(cancelled=cancelled)
+    assert len(asked) == 3
+    assert len(tier.scan()) == 6  # nothing was deleted or damaged by the stop
 
 
 def test_scan_defers_the_data_checksum_to_the_first_read(tier: DiskTier) -> None:
