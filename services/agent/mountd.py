@@ -30,7 +30,6 @@ from typing import Any, TypeVar
 
 import msgspec
 import pyfuse3
-from nats.js.errors import NotFoundError, ObjectNotFoundError
 
 from libs import subjects
 from libs.backoff import Backoff
@@ -87,8 +86,6 @@ AGENT_CONNECT_TIMEOUT = 1.0
 AGENT_MAX_ATTEMPTS = 1
 # A manifest reload that failed is tried again after these delays, while the mount serves the tree it has.
 RELOAD_RETRY = Backoff(first=1.0, cap=30.0)
-# Reads of the record and its manifest at start: a resync finishing in between deletes the manifest just named.
-START_ATTEMPTS = 3
 
 
 def agent_store(location: object) -> ObjectStore:
@@ -360,19 +357,19 @@ class MountedDataset:
         return budget.capped_levels(levels, granted)
 
     async def _load_start(self) -> tuple[DatasetRecord, RuntimeRecord, list[ManifestEntry]]:
-        """The records and the manifest the mount starts with. A sync finishing meanwhile deletes the manifest it
-        replaced: the record is read again for the new one (``START_ATTEMPTS`` in all)."""
+        """The records and the manifest the mount starts with, read again if a sync replaced that manifest
+        meanwhile (``ManifestStore.load_current``)."""
         manifests = await ManifestStore.of(self.bus)
-        for attempt in range(1, START_ATTEMPTS + 1):
-            record, runtime = await self._load_records()
-            try:
-                return record, runtime, await manifests.load(record.status.manifest)
-            except (ObjectNotFoundError, NotFoundError):
-                if attempt == START_ATTEMPTS:
-                    raise
-                log.info("manifest replaced while the mount started; reading the record again", dataset=self.key,
-                         manifest=record.status.manifest)
-        raise AssertionError("START_ATTEMPTS must be at least 1")
+
+        def named(records: tuple[DatasetRecord, RuntimeRecord] | None) -> str:
+            return records[0].status.manifest if records is not None else ""
+
+        # _load_records raises when there is no record, or it names no manifest.
+        records, entries = await manifests.load_current(self._load_records, named)
+        if records is None or entries is None:
+            raise SystemExit(f"dataset {self.key}: its manifest {named(records)} is missing from the manifest store")
+        record, runtime = records
+        return record, runtime, entries
 
     async def _load_records(self) -> tuple[DatasetRecord, RuntimeRecord]:
         record, _ = await kv_load(await self.bus.kv(subjects.KV_DATASETS), self.key, DatasetRecord)
