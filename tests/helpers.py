@@ -20,11 +20,11 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from libs import subjects, telemetry
-from libs.bus import Bus, KvMirror, kv_load
+from libs.bus import Bus, KvMirror, kv_load, kv_save
 from libs.config import NatsSettings, S3Settings, Secret, ServiceSettings, Settings
 from libs.events.agent import AgentHeartbeat, MountReport, group_mounts, peer_url
-from libs.events.common import ObjectRef
-from libs.events.dataset import DatasetRecord
+from libs.events.common import ObjectMeta, ObjectRef
+from libs.events.dataset import Dataset, DatasetRecord, DatasetSpec, Mount
 from libs.events.runtime import RuntimeRecord
 from services.agent import domain as agent_domain
 
@@ -78,6 +78,19 @@ async def dataset_record(bus: Bus, name: str, namespace: str = "default") -> Dat
     kv = await bus.kv(subjects.KV_DATASETS)
     record, _ = await kv_load(kv, subjects.resource_key(namespace, name), DatasetRecord)
     return record
+
+
+def unsynced_dataset(name: str, namespace: str = "default") -> DatasetRecord:
+    """A Dataset's record as the dataset service first writes it: never listed, so not Bound and mounted nowhere.
+    Enough for its runtime, which picks cache workers only while a Dataset of its name exists."""
+    return DatasetRecord(dataset=Dataset(metadata=ObjectMeta(name=name, namespace=namespace),
+                                         spec=DatasetSpec(mounts=[Mount(mount_point=f"s3://{name}/")])), generation=1)
+
+
+async def put_unsynced_dataset(bus: Bus, name: str, namespace: str = "default") -> None:
+    """Write ``unsynced_dataset`` into the datasets bucket, as the dataset service would on an apply."""
+    await kv_save(await bus.kv(subjects.KV_DATASETS), subjects.resource_key(namespace, name),
+                  unsynced_dataset(name, namespace), None)
 
 
 async def runtime_record(bus: Bus, name: str, namespace: str = "default") -> RuntimeRecord | None:

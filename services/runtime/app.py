@@ -5,7 +5,7 @@
 | SHOAL_COMMANDS | shoal.cmd.runtime.* (apply, scale, delete) | RuntimeHandlers.on_command |
 | SHOAL_AGENT | shoal.agent.heartbeat.* | RuntimeHandlers.on_heartbeat |
 | KV shoal_agents | every key (watch) | the in-memory view of agents' last heartbeats (``KvMirror``) |
-| KV shoal_datasets | every key (watch) | the Datasets' nodeAffinity and placement, for picking cache workers |
+| KV shoal_datasets | every key (watch) | whether each runtime's Dataset exists, its nodeAffinity and placement |
 | KV shoal_runtimes | every key (watch) | the other runtimes' cache workers (Exclusive placement) |
 | (timer) | every 2 s | RuntimeHandlers.refresh_all |
 | (timer) | every 0.25 s | RuntimeHandlers.check_placements (a Dataset's placement changed, workers moved) |

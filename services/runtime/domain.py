@@ -12,10 +12,12 @@ it, and names those that are not.
 Cache workers (Fluid's workers; every other serving node is a client that mounts the dataset and reads through
 them): ``replicas`` agents picked among those serving the runtime, honouring the Dataset's required
 ``nodeAffinity`` (``libs.affinity``) and ``placement`` (an Exclusive dataset's workers hold no other dataset's
-cache, and an Exclusive dataset takes no worker of another). Picks are sticky: a worker that misses heartbeats
-stays picked with ``ready: false`` (it leaves the ring of block owners and comes back with its disk cache) and is
-replaced only when its agent's record is gone or it is no longer eligible; new picks go in node-name order;
-scaling down drops the most recently picked. ``notPicked`` says why every other serving agent is not a worker.
+cache, and an Exclusive dataset takes no worker of another). A runtime with no Dataset of its name picks none (it
+would hold agents, Exclusive by default, for a dataset nobody can read) and says so. Picks are sticky: a worker
+that misses heartbeats stays picked with ``ready: false`` (it leaves the ring of block owners and comes back with
+its disk cache) and is replaced only when its agent's record is gone or it is no longer eligible; new picks go in
+node-name order; scaling down drops the most recently picked. ``notPicked`` says why every other serving agent is
+not a worker.
 
 The elastic cache (``autoscale``): with ``spec.autoscaling``, replicas move between ``minReplicas`` and
 ``maxReplicas`` by themselves, judged from what the dataset service folded from the agents' inventory into the
@@ -58,6 +60,8 @@ MAX_BLOCK_SIZE = 64 * 1024 * 1024
 # Missing this many heartbeats in a row makes a node not ready.
 MISSED_BEATS = 3
 CONDITION_MOUNTED = "Mounted"
+# False while the runtime has no Dataset of its name (absent otherwise).
+CONDITION_DATASET = "DatasetFound"
 # A cluster of thousands of nodes is the most a single runtime is expected to span.
 MAX_REPLICAS = 10_000
 # One tier on one node: more than any node's memory or disks today, so a larger quota is a typo (Pi for Gi),
@@ -237,6 +241,9 @@ class Placement:
     # The Dataset is a reference (``dataset://``, libs.references): its source's runtime caches it, so a runtime of
     # its name (a ThinRuntime from Fluid's older samples) picks no worker and takes no agent from anyone.
     reference: bool = False
+    # False: there is no Dataset of the runtime's name (not applied yet, or deleted). The runtime picks no worker:
+    # it would hold agents (Exclusive by default) for a cache nobody reads.
+    found: bool = True
 
 
 @dataclass(frozen=True)
@@ -250,7 +257,7 @@ class OtherRuntime:
 
 def placement_of(dataset: DatasetSpec | None) -> Placement:
     if dataset is None:
-        return Placement()
+        return Placement(found=False)
     return Placement(affinity=dataset.node_affinity, exclusive=dataset.placement != "Shared",
                      reference=any(is_reference_mount(mount) for mount in dataset.mounts))
 
@@ -271,23 +278,30 @@ def ineligible_reason(node: str, labels: Mapping[str, str], placement: Placement
     return None
 
 
+def missing_dataset(runtime: Runtime) -> str:
+    meta = runtime.metadata
+    return f"no Dataset {meta.namespace}/{meta.name}"
+
+
 def pick_workers(runtime: Runtime, current: Sequence[CacheWorker], agents: Mapping[str, AgentRecord], now: float,
                  placement: Placement = Placement(),
                  others: Iterable[OtherRuntime] = ()) -> tuple[list[str], list[NotPicked]]:
     """The runtime's cache workers in pick order, and the serving agents not picked with the reason.
 
-    Sticky: a current worker stays while its agent's record exists (silent or not: it comes back with its disk
-    cache), still serves the runtime, and is still eligible; scaling down drops the most recently picked. The
-    rest are filled from fresh, healthy, eligible agents in name order, up to ``spec.replicas``.
+    None while the runtime has no Dataset of its name. Sticky: a current worker stays while its agent's record
+    exists (silent or not: it comes back with its disk cache), still serves the runtime, and is still eligible;
+    scaling down drops the most recently picked. The rest are filled from fresh, healthy, eligible agents in name
+    order, up to ``spec.replicas``.
     """
     others = list(others)
     replicas = max(runtime.spec.replicas, 0)
+    missing = None if placement.found else missing_dataset(runtime)
     reasons: dict[str, str | None] = {}
 
     def reason_for(node: str) -> str | None:
         if node not in reasons:
             beat = agents[node].heartbeat
-            reasons[node] = ineligible_reason(node, beat.labels, placement, others)
+            reasons[node] = missing or ineligible_reason(node, beat.labels, placement, others)
         return reasons[node]
 
     kept = [worker.node for worker in current
@@ -342,7 +356,8 @@ def runtime_status(record: RuntimeRecord, agents: Iterable[AgentRecord], now: fl
     The phase counts the nodes that can serve the dataset against ``replicas`` (an agent that is no cache
     worker still mounts the dataset and reads through the workers, or from the store when there are none), so a
     dataset on a node whose only agent holds another Exclusive dataset's cache still binds and mounts; a
-    shortfall of cache workers is named in the message.
+    shortfall of cache workers is named in the message. With no Dataset of the runtime's name there are no cache
+    workers, the message says so and the ``DatasetFound`` condition is False.
     """
     runtime = record.runtime
     by_node = {agent.heartbeat.node: agent for agent in agents}
@@ -357,17 +372,27 @@ def runtime_status(record: RuntimeRecord, agents: Iterable[AgentRecord], now: fl
     phase: RuntimePhase
     if nodes and len(nodes) >= desired:
         phase, message = "Ready", ""
-        if len(ready_workers) < desired:
+        if len(ready_workers) < desired and placement.found:
             message = f"{len(ready_workers)} of {desired} cache workers ready (see notPicked)"
     elif serving:
         phase, message = "PartialReady", "; ".join([f"{len(nodes)} of {desired} agents ready", *unhealthy])
     else:
         phase, message = "NotReady", f"0 of {desired} agents ready: waiting for agent heartbeats"
+    missing = None
+    if not placement.found:
+        # The phase stays the agents' (as with an Exclusive shortfall): the dataset service binds a Dataset to a
+        # Ready runtime, so one applied after its runtime binds at once. Only the workers wait for it.
+        note = f"{missing_dataset(runtime)}: no cache workers until it is applied"
+        message = f"{note}; {message}" if message else note
+        missing = Condition(type=CONDITION_DATASET, status="False", reason="DatasetNotFound",
+                            message=missing_dataset(runtime),
+                            last_transition_time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)))
     # Blocks are cached by the ring's members when there is a ring, else by every node reading for itself.
     ring = [worker for worker in ready_workers if worker.peer_url]
     capacity = node_capacity(runtime) * (len(ring) if ring else len(nodes))
     mounted = mount_condition(runtime, serving, now)
     conditions = with_condition(record.status.conditions, CONDITION_MOUNTED, mounted)
+    conditions = with_condition(conditions, CONDITION_DATASET, missing)
     if mounted is not None and mounted.status == "False":
         message = f"{message}; {mounted.message}" if message else mounted.message
     return RuntimeStatus(

@@ -11,12 +11,13 @@ The agents' last heartbeats are read from an in-memory view of the ``shoal_agent
 (``KvMirror``), never listed: a heartbeat costs one KV write plus the refresh of the runtimes it names (or named
 before), whatever the number of agents.
 
-Cache workers depend on more than the runtime and the agents: the Dataset of the same name (its ``nodeAffinity``
-and ``placement``, from a view of ``shoal_datasets``) and the other runtimes' workers (an Exclusive dataset's
-workers hold no other cache; from a view of ``shoal_runtimes`` that this service updates as it saves, so two
-refreshes never hand one agent to two Exclusive runtimes). Refreshes run one at a time for the same reason.
-``check_placements`` refreshes a runtime whose Dataset's placement changed, and every runtime after some
-runtime's workers changed (an agent freed or taken).
+Cache workers depend on more than the runtime and the agents: the Dataset of the same name (whether there is one,
+its ``nodeAffinity`` and ``placement``, from a view of ``shoal_datasets``) and the other runtimes' workers (an
+Exclusive dataset's workers hold no other cache; from a view of ``shoal_runtimes`` that this service updates as it
+saves, so two refreshes never hand one agent to two Exclusive runtimes). Refreshes run one at a time for the same
+reason.
+``check_placements`` refreshes a runtime whose Dataset's placement changed (or which appeared or went away), and
+every runtime after some runtime's workers changed (an agent freed or taken).
 
 ``autoscale_all`` is the elastic cache: for each runtime with ``spec.autoscaling`` it samples the Dataset's
 folded cache (``domain.cache_sample``), asks ``domain.autoscale``, keeps its state in ``status.autoscaling``, and

@@ -1,6 +1,7 @@
 """The runtime service picks cache workers on a real nats-server: agents (heartbeats published as an agent would,
 with labels and peer URLs) against Datasets' nodeAffinity and placement (applied through the dataset service),
-re-picked when a Dataset or the replicas change, sticky when a worker falls silent."""
+re-picked when a Dataset or the replicas change, sticky when a worker falls silent, none for a runtime without
+its Dataset."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from libs.events.runtime import (
 )
 from services.dataset import app as dataset_app
 from services.runtime import app as runtime_app
+from services.runtime import domain
 from tests.conftest import SeaweedServer, put_objects
 from tests.helpers import eventually, running, runtime_record
 
@@ -44,6 +46,10 @@ async def apply(bus: Bus, bucket: str, name: str, replicas: int, placement: str 
     spec = DatasetSpec(mounts=[Mount(mount_point=f"s3://{bucket}/")], placement=placement,  # type: ignore[arg-type]
                        node_affinity=affinity)
     await bus.publish(subjects.DATASET_APPLY, DatasetApply(dataset=Dataset(metadata=ObjectMeta(name=name), spec=spec)))
+    await apply_runtime(bus, name, replicas)
+
+
+async def apply_runtime(bus: Bus, name: str, replicas: int) -> None:
     await bus.publish(subjects.RUNTIME_APPLY, RuntimeApply(runtime=Runtime(
         metadata=ObjectMeta(name=name),
         spec=RuntimeSpec(replicas=replicas, tieredstore=TieredStore(levels=[Level(mediumtype="MEM", quota="1Gi")])))))
@@ -160,3 +166,29 @@ async def test_workers_follow_affinity_placement_and_replicas(bus: Bus, settings
         await beats.set(("n2", "n3", "n4"), "eval")
         await apply(bus, bucket, "eval", replicas=3)
         await workers_of(bus, "eval", ["n4", "n2", "n3"], serving=3)
+
+
+@pytest.mark.timeout(90)
+async def test_a_runtime_without_its_dataset_takes_no_worker_until_the_dataset_is_applied(
+        bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str) -> None:
+    await put_objects(seaweedfs, bucket, {"f": b"data"})
+    async with running(lambda stop: dataset_app.run(settings, stop), lambda stop: runtime_app.run(settings, stop)), \
+            Beating(bus) as beats:
+        await beats.set(("n1", "n2"), "orphan", "train")
+        # A runtime applied before (or without) its Dataset: Exclusive by default, it would hold both agents.
+        await apply_runtime(bus, "orphan", replicas=2)
+        record = await workers_of(bus, "orphan", [], serving=2)
+        assert record.status.message == "no Dataset default/orphan: no cache workers until it is applied"
+        assert {(p.node, p.reason) for p in record.status.not_picked} == {("n1", "no Dataset default/orphan"),
+                                                                          ("n2", "no Dataset default/orphan")}
+        # So another dataset gets them.
+        await apply(bus, bucket, "train", replicas=2)
+        await workers_of(bus, "train", ["n1", "n2"], serving=2)
+        # Its Dataset applied, the orphan picks as any runtime does: n2 once train lets it go.
+        await apply(bus, bucket, "train", replicas=1)
+        await apply(bus, bucket, "orphan", replicas=2)
+        await workers_of(bus, "train", ["n1"], serving=2)
+        record = await workers_of(bus, "orphan", ["n2"], serving=2)
+        assert not [c for c in record.status.conditions if c.type == domain.CONDITION_DATASET]
+        assert {p.node: p.reason for p in record.status.not_picked} == {"n1": "worker of default/train (Exclusive)"}
+

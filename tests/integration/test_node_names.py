@@ -17,7 +17,7 @@ from libs.events.common import ObjectMeta
 from libs.events.runtime import Level, Runtime, RuntimeApply, RuntimeSpec, TieredStore
 from services.agent import app as agent_app
 from services.runtime import app as runtime_app
-from tests.helpers import eventually, running, runtime_record
+from tests.helpers import eventually, put_unsynced_dataset, running, runtime_record
 
 NODE = "ip-10-0-1-23.ec2.internal"
 
@@ -31,6 +31,7 @@ async def test_an_agent_on_a_node_named_with_dots_makes_its_runtime_ready(bus: B
     async with running(lambda stop: runtime_app.run(settings, stop)):
         agent = asyncio.create_task(agent_app.run(node_settings, agent_stop))
         try:
+            await put_unsynced_dataset(bus, "eks")  # a runtime picks cache workers for its Dataset only
             await bus.publish(subjects.RUNTIME_APPLY, RuntimeApply(runtime=runtime))
 
             async def ready() -> bool:

@@ -21,7 +21,7 @@ from libs.events.common import ObjectMeta, ObjectRef
 from libs.events.runtime import Level, Runtime, RuntimeApply, RuntimeSpec, TieredStore
 from services.agent import domain as agent_domain
 from services.runtime import app as runtime_app
-from tests.helpers import agent_shaped_heartbeat, eventually, running, runtime_record
+from tests.helpers import agent_shaped_heartbeat, eventually, put_unsynced_dataset, running, runtime_record
 
 AGENTS = 40
 READS = ("get", "keys", "history")
@@ -72,6 +72,7 @@ async def test_a_heartbeat_reads_no_agent_records_whatever_the_number_of_agents(
         replicas=AGENTS, tieredstore=TieredStore(levels=[Level(mediumtype="MEM", quota="1Gi")])))
     serves = [ObjectRef(name="wide")]
     async with running(lambda stop: runtime_app.run(settings, stop)):
+        await put_unsynced_dataset(bus, "wide")  # a runtime picks cache workers for its Dataset only
         await bus.publish(subjects.RUNTIME_APPLY, RuntimeApply(runtime=runtime))
         await eventually(lambda: runtime_record(bus, "wide"), what="the runtime applied")
 
@@ -114,6 +115,8 @@ async def test_an_agent_heartbeat_for_5000_datasets_is_taken_and_read_whole(bus:
     assert (serving.state, starting.state, failing.state) == ("Serving", "Starting", "Failing")
     async with running(lambda stop: runtime_app.run(settings, stop)):
         for report in (serving, starting, failing):
+            # A runtime picks cache workers for its Dataset only.
+            await put_unsynced_dataset(bus, report.dataset.name, report.dataset.namespace)
             await bus.publish(subjects.RUNTIME_APPLY, RuntimeApply(runtime=Runtime(
                 metadata=ObjectMeta(name=report.dataset.name, namespace=report.dataset.namespace),
                 spec=RuntimeSpec(replicas=1, tieredstore=TieredStore(levels=[Level(mediumtype="MEM", quota="1Gi")])))))

@@ -34,7 +34,7 @@ from libs.events.runtime import (
 from services.runtime import app as runtime_app
 from services.runtime.handlers import RuntimeHandlers
 from tests.conftest import NatsServer
-from tests.helpers import FactCollector, make_settings, running, runtime_record, unwatched_mirror
+from tests.helpers import FactCollector, make_settings, running, runtime_record, unsynced_dataset, unwatched_mirror
 
 NAME = "scaled"
 MiB = 1024 * 1024
@@ -100,6 +100,7 @@ async def test_the_autoscaler_grows_no_further_than_the_agents_that_can_be_worke
                          delivered(subjects.RUNTIME_APPLY, 1))
     beat = AgentHeartbeat(node="n1", runtimes=[ObjectRef(name=NAME)], interval_seconds=3600.0)
     handlers.agents.values["n1"] = AgentRecord(heartbeat=beat, received_at=now[0])
+    handlers.datasets.values[key] = unsynced_dataset(NAME)  # a runtime picks cache workers for its Dataset only
     await handlers.refresh(key, handlers._agents())
     assert [worker.node for worker in (await stored(bus)).status.workers] == ["n1"]
 

@@ -1,4 +1,5 @@
-"""Picking a runtime's cache workers, pure: replicas, nodeAffinity, Exclusive/Shared placement, stickiness."""
+"""Picking a runtime's cache workers, pure: replicas, nodeAffinity, Exclusive/Shared placement, stickiness, no
+worker without a Dataset."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from libs.events.common import ObjectMeta, ObjectRef
 from libs.events.dataset import DatasetSpec
 from libs.events.runtime import CacheWorker, Level, NotPicked, Runtime, RuntimeRecord, RuntimeSpec, TieredStore
 from services.runtime.domain import (
+    CONDITION_DATASET,
     MISSED_BEATS,
     OtherRuntime,
     Placement,
@@ -77,7 +79,8 @@ def test_exclusive_and_shared_placement() -> None:
 
 
 def test_placement_follows_the_dataset() -> None:
-    assert placement_of(None) == Placement(affinity=None, exclusive=True)
+    assert placement_of(None) == Placement(affinity=None, exclusive=True, found=False)
+    assert placement_of(DatasetSpec()).found
     assert placement_of(DatasetSpec(placement="Shared", node_affinity=ZONE_A)) == Placement(ZONE_A, False)
     assert placement_of(DatasetSpec(placement="")).exclusive  # Fluid: empty means Exclusive
 
@@ -127,6 +130,29 @@ def test_an_exclusive_shortfall_keeps_the_runtime_ready_so_its_dataset_still_mou
     assert status.message == "0 of 1 cache workers ready (see notPicked)"
 
 
+def test_a_runtime_without_its_dataset_picks_no_worker_until_the_dataset_is_applied() -> None:
+    # Its workers from before the Dataset was deleted are let go: held (Exclusive) they would keep other
+    # datasets off those agents for a cache nobody reads.
+    agents = [agent("n1"), agent("n2")]
+    before = RuntimeRecord(runtime=runtime(1), generation=1,
+                           status=runtime_status(RuntimeRecord(runtime=runtime(1), generation=1), agents, NOW))
+    assert [w.node for w in before.status.workers] == ["n1"]
+    status = runtime_status(before, agents, NOW, placement_of(None))
+    assert status.workers == [] and status.current_worker_number_scheduled == 0
+    assert status.phase == "Ready"  # the agents' readiness: a Dataset applied now binds at once
+    assert status.message == "no Dataset default/demo: no cache workers until it is applied"
+    assert status.not_picked == [NotPicked(node="n1", reason="no Dataset default/demo"),
+                                 NotPicked(node="n2", reason="no Dataset default/demo")]
+    [condition] = [c for c in status.conditions if c.type == CONDITION_DATASET]
+    assert (condition.status, condition.reason, condition.message) == ("False", "DatasetNotFound",
+                                                                       "no Dataset default/demo")
+    # The Dataset applied: picked as usual, and the condition gone.
+    applied = runtime_status(RuntimeRecord(runtime=runtime(1), generation=1, status=status), agents, NOW,
+                             placement_of(DatasetSpec()))
+    assert [w.node for w in applied.workers] == ["n1"] and applied.phase == "Ready"
+    assert not [c for c in applied.conditions if c.type == CONDITION_DATASET]
+
+
 # --- Properties ---
 
 NODES = [f"node-{i}" for i in range(8)]
@@ -144,7 +170,8 @@ def build(spec: dict[str, Any]) -> dict[str, AgentRecord]:
                      for node, (zone, healthy, age, serving) in spec.items()))
 
 
-PLACEMENTS = st.sampled_from([Placement(), Placement(affinity=ZONE_A), Placement(exclusive=False)])
+PLACEMENTS = st.sampled_from([Placement(), Placement(affinity=ZONE_A), Placement(exclusive=False),
+                              Placement(found=False)])
 OTHERS = st.lists(st.builds(lambda ex, ws: OtherRuntime("default/other", ex, tuple(ws)), st.booleans(),
                             st.lists(st.sampled_from(NODES), max_size=3)), max_size=1)
 
@@ -157,6 +184,7 @@ def test_never_more_than_replicas_and_never_an_ineligible_agent(spec: Any, repli
     picked, not_picked = pick_workers(runtime(replicas), workers(*current), agents, NOW, placement, others)
     assert len(picked) == len(set(picked)) <= replicas
     assert not set(picked) & {n.node for n in not_picked}
+    assert placement.found or picked == []
     for node in picked:
         labels = agents[node].heartbeat.labels
         if placement.affinity is not None:
