@@ -257,10 +257,11 @@ def node_cache_table(nodes: Sequence[NodeCache]) -> str:
 
 
 def describe_runtime(record: RuntimeRecord) -> str:
-    """Spec, status, then the cache workers (ready, peer endpoint) and the agents not picked with the reason."""
+    """Spec, status, then the cache workers (ready, peer endpoint), the agents not picked with the reason, and the
+    workers replaced for staying unhealthy."""
     status = full_builtins(record.status)
     conditions = record.status.conditions
-    for shown_apart in ("conditions", "workers", "notPicked", "autoscaling"):
+    for shown_apart in ("conditions", "workers", "notPicked", "replaced", "autoscaling"):
         status.pop(shown_apart, None)
     workers = [[worker.node, "True" if worker.ready else "False", worker.peer_url or "<none>"]
                for worker in record.status.workers]
@@ -270,10 +271,17 @@ def describe_runtime(record: RuntimeRecord) -> str:
         _indented(table_text(["NODE", "READY", "PEER"], workers)) if workers else "  <none>",
         "Not picked:",
         _indented(table_text(["NODE", "REASON"], not_picked)) if not_picked else "  <none>",
+        *replaced_section(record),
         *autoscaling_section(record),
     ]
     return _describe("Runtime", record.runtime.metadata, record.generation, record.runtime.spec, status, conditions,
                      extra=workers_sections)
+
+
+def replaced_section(record: RuntimeRecord) -> list[str]:
+    """The workers replaced for staying unhealthy, newest last; nothing when none was."""
+    rows = [[r.time, r.node, r.by, r.reason] for r in record.status.replaced]
+    return ["Replaced:", _indented(table_text(["TIME", "NODE", "BY", "REASON"], rows))] if rows else []
 
 
 def autoscaling_section(record: RuntimeRecord) -> list[str]:

@@ -86,6 +86,18 @@ class CacheWorker(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omi
     ready: bool = True
     # The peer endpoint of the node's mount of the dataset (``MountReport.peer_url``).
     peer_url: str = ""
+    # Epoch seconds since which the node's heartbeats say unhealthy (0: healthy). Kept from status to status, so a
+    # worker unhealthy for longer than the grace period is replaced by a healthy spare, a blip is not.
+    unhealthy_since: float = 0.0
+
+
+class WorkerReplaced(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omit_defaults=True):
+    """A cache worker that was replaced by a spare agent, and why (it stayed unhealthy past the grace period)."""
+
+    node: str
+    by: str
+    reason: str
+    time: str = ""
 
 
 class NotPicked(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
@@ -130,9 +142,12 @@ class RuntimeStatus(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     conditions: list[Condition] = []
     current_worker_number_scheduled: int = 0
     # The cache workers in the order they were picked (kept while they exist: a worker is replaced only when
-    # its agent is gone or no longer eligible), and the agents not picked with the reason.
+    # its agent is gone, no longer eligible, or unhealthy past the grace period while a healthy spare exists), and
+    # the agents not picked with the reason.
     workers: list[CacheWorker] = []
     not_picked: list[NotPicked] = []
+    # The workers replaced for staying unhealthy, newest last (the most recent few).
+    replaced: list[WorkerReplaced] = []
     # Present when the spec has an autoscaling policy.
     autoscaling: AutoscalingStatus | None = None
 

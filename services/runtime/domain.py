@@ -13,11 +13,12 @@ Cache workers (Fluid's workers; every other serving node is a client that mounts
 them): ``replicas`` agents picked among those serving the runtime, honouring the Dataset's required
 ``nodeAffinity`` (``libs.affinity``) and ``placement`` (an Exclusive dataset's workers hold no other dataset's
 cache, and an Exclusive dataset takes no worker of another). A runtime with no Dataset of its name picks none (it
-would hold agents, Exclusive by default, for a dataset nobody can read) and says so. Picks are sticky: a worker
-that misses heartbeats stays picked with ``ready: false`` (it leaves the ring of block owners and comes back with
-its disk cache) and is replaced only when its agent's record is gone or it is no longer eligible; new picks go in
-node-name order; scaling down drops the most recently picked. ``notPicked`` says why every other serving agent is
-not a worker.
+would hold agents, Exclusive by default, for a dataset nobody can read) and says so. Picks are sticky: a
+worker that misses heartbeats stays picked with ``ready: false`` (it leaves the ring of block owners and comes
+back with its disk cache) and is replaced only when its agent's record is gone or it is no longer eligible; a
+worker that beats but says unhealthy for ``UNHEALTHY_WORKER_GRACE_SECONDS`` is replaced by a healthy spare if
+there is one (``status.replaced`` says so); new picks go in node-name order; scaling down drops the most recently
+picked. ``notPicked`` says why every other serving agent is not a worker.
 
 The elastic cache (``autoscale``): with ``spec.autoscaling``, replicas move between ``minReplicas`` and
 ``maxReplicas`` by themselves, judged from what the dataset service folded from the agents' inventory into the
@@ -49,6 +50,7 @@ from libs.events.runtime import (
     RuntimeRecord,
     RuntimeStatus,
     ScaleDecision,
+    WorkerReplaced,
 )
 from libs.hostpaths import cache_path_error
 from libs.references import is_reference_mount
@@ -62,6 +64,12 @@ MISSED_BEATS = 3
 CONDITION_MOUNTED = "Mounted"
 # False while the runtime has no Dataset of its name (absent otherwise).
 CONDITION_DATASET = "DatasetFound"
+# A cache worker whose heartbeats say unhealthy this long is replaced by a healthy spare, if there is one. Long
+# enough that a blip (a mount process restarted by its supervisor, a cache directory back after a moment) does not
+# move the worker's blocks to another node and back; short next to a runtime left PartialReady for good.
+UNHEALTHY_WORKER_GRACE_SECONDS = 30.0
+# Replacements kept in status.replaced (``shoal describe runtime`` shows them).
+REPLACED_HISTORY = 10
 # A cluster of thousands of nodes is the most a single runtime is expected to span.
 MAX_REPLICAS = 10_000
 # One tier on one node: more than any node's memory or disks today, so a larger quota is a typo (Pi for Gi),
@@ -283,15 +291,31 @@ def missing_dataset(runtime: Runtime) -> str:
     return f"no Dataset {meta.namespace}/{meta.name}"
 
 
-def pick_workers(runtime: Runtime, current: Sequence[CacheWorker], agents: Mapping[str, AgentRecord], now: float,
-                 placement: Placement = Placement(),
-                 others: Iterable[OtherRuntime] = ()) -> tuple[list[str], list[NotPicked]]:
-    """The runtime's cache workers in pick order, and the serving agents not picked with the reason.
+def problems_text(beat: AgentHeartbeat) -> str:
+    return "; ".join(beat.problems) or "no reason given"
+
+
+@dataclass(frozen=True)
+class Picks:
+    """The runtime's cache workers in pick order, the serving agents not picked with the reason, and the workers
+    replaced this time for staying unhealthy."""
+
+    workers: list[str]
+    not_picked: list[NotPicked]
+    replaced: list[WorkerReplaced]
+
+
+def choose_workers(runtime: Runtime, current: Sequence[CacheWorker], agents: Mapping[str, AgentRecord], now: float,
+                   placement: Placement = Placement(), others: Iterable[OtherRuntime] = ()) -> Picks:
+    """The runtime's cache workers, pure.
 
     None while the runtime has no Dataset of its name. Sticky: a current worker stays while its agent's record
     exists (silent or not: it comes back with its disk cache), still serves the runtime, and is still eligible;
-    scaling down drops the most recently picked. The rest are filled from fresh, healthy, eligible agents in name
-    order, up to ``spec.replicas``.
+    scaling down drops the most recently picked. One whose fresh heartbeats have said unhealthy for
+    ``UNHEALTHY_WORKER_GRACE_SECONDS`` (``CacheWorker.unhealthy_since``) gives its seat to a spare (fresh, healthy,
+    eligible) once the empty seats are filled, and stays when there is none: a degraded worker still holds blocks.
+    The rest are filled from fresh, healthy, eligible agents in name order, up to ``spec.replicas``; a worker
+    that is healthy again is an ordinary candidate then, and a full, healthy set is kept as it is.
     """
     others = list(others)
     replicas = max(runtime.spec.replicas, 0)
@@ -308,6 +332,22 @@ def pick_workers(runtime: Runtime, current: Sequence[CacheWorker], agents: Mappi
             if worker.node in agents and serves(agents[worker.node].heartbeat, runtime)
             and reason_for(worker.node) is None]
     picked = list(dict.fromkeys(kept))[:replicas]
+    since = {worker.node: worker.unhealthy_since for worker in current}
+    overdue = [node for node in picked
+               if is_fresh(agents[node], now) and not agents[node].heartbeat.healthy
+               and since.get(node) and now - since[node] >= UNHEALTHY_WORKER_GRACE_SECONDS]
+    spares = [node for node in sorted(agents)
+              if node not in picked and is_fresh(agents[node], now) and serves(agents[node].heartbeat, runtime)
+              and agents[node].heartbeat.healthy and reason_for(node) is None]
+    # Spares fill empty seats first (an unhealthy worker kept beats no worker); the rest replace overdue workers
+    # while they last, and are the ones the name-order fill below picks after the empty seats.
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))
+    replaced: list[WorkerReplaced] = []
+    for node, spare in zip(overdue, spares[max(replicas - len(picked), 0):], strict=False):
+        why = f"unhealthy for {now - since[node]:.0f} s ({problems_text(agents[node].heartbeat)})"
+        replaced.append(WorkerReplaced(node=node, by=spare, reason=why, time=stamp))
+    replaced_nodes = {replacement.node: replacement for replacement in replaced}
+    picked = [node for node in picked if node not in replaced_nodes]
     not_picked: list[NotPicked] = []
     for node in sorted(agents):
         record = agents[node]
@@ -315,15 +355,27 @@ def pick_workers(runtime: Runtime, current: Sequence[CacheWorker], agents: Mappi
         if node in picked or not is_fresh(record, now) or not serves(beat, runtime):
             continue
         reason = reason_for(node)
+        if reason is None and node in replaced_nodes:
+            replacement = replaced_nodes[node]
+            reason = f"{replacement.reason}: replaced by {replacement.by}"
         if reason is None and not beat.healthy:
-            reason = f"unhealthy ({'; '.join(beat.problems) or 'no reason given'})"
+            reason = f"unhealthy ({problems_text(beat)})"
         if reason is None and len(picked) >= replicas:
             reason = f"{len(picked)} of {replicas} replicas already picked"
         if reason is None:
             picked.append(node)
         else:
             not_picked.append(NotPicked(node=node, reason=reason))
-    return picked, not_picked
+    return Picks(picked, not_picked, replaced)
+
+
+def pick_workers(runtime: Runtime, current: Sequence[CacheWorker], agents: Mapping[str, AgentRecord], now: float,
+                 placement: Placement = Placement(),
+                 others: Iterable[OtherRuntime] = ()) -> tuple[list[str], list[NotPicked]]:
+    """The runtime's cache workers in pick order, and the serving agents not picked with the reason (see
+    ``choose_workers``)."""
+    picks = choose_workers(runtime, current, agents, now, placement, others)
+    return picks.workers, picks.not_picked
 
 
 def can_add_worker(runtime: Runtime, current: Sequence[CacheWorker], agents: Mapping[str, AgentRecord], now: float,
@@ -336,22 +388,25 @@ def can_add_worker(runtime: Runtime, current: Sequence[CacheWorker], agents: Map
 
 
 def worker_status(runtime: Runtime, nodes: Iterable[str], agents: Mapping[str, AgentRecord],
-                  now: float) -> list[CacheWorker]:
-    """Each worker's readiness (a fresh, healthy heartbeat) and the peer URL of its mount of the dataset."""
+                  now: float, current: Sequence[CacheWorker] = ()) -> list[CacheWorker]:
+    """Each worker's readiness (a fresh, healthy heartbeat), the peer URL of its mount of the dataset, and since
+    when its heartbeats say unhealthy (kept from ``current``, the workers as last saved; from now when new)."""
     meta = runtime.metadata
+    since = {worker.node: worker.unhealthy_since for worker in current}
     workers = []
     for node in nodes:
         record = agents[node]
         beat = record.heartbeat
         report = beat.mount_of(meta.namespace, meta.name)
         peer_url = report.peer_url if report is not None and report.state == "Serving" else ""
-        workers.append(CacheWorker(node=node, ready=is_fresh(record, now) and beat.healthy, peer_url=peer_url))
+        workers.append(CacheWorker(node=node, ready=is_fresh(record, now) and beat.healthy, peer_url=peer_url,
+                                   unhealthy_since=0.0 if beat.healthy else since.get(node) or now))
     return workers
 
 
 def runtime_status(record: RuntimeRecord, agents: Iterable[AgentRecord], now: float,
                    placement: Placement = Placement(), others: Iterable[OtherRuntime] = ()) -> RuntimeStatus:
-    """The runtime's status: cache workers (sticky, see ``pick_workers``) and the phase.
+    """The runtime's status: cache workers (sticky, see ``choose_workers``), those replaced, and the phase.
 
     The phase counts the nodes that can serve the dataset against ``replicas`` (an agent that is no cache
     worker still mounts the dataset and reads through the workers, or from the store when there are none), so a
@@ -363,11 +418,10 @@ def runtime_status(record: RuntimeRecord, agents: Iterable[AgentRecord], now: fl
     by_node = {agent.heartbeat.node: agent for agent in agents}
     serving = serving_agents(runtime, by_node.values(), now)
     nodes = [beat.node for beat in serving if beat.healthy]
-    picked, not_picked = pick_workers(runtime, record.status.workers, by_node, now, placement, others)
-    workers = worker_status(runtime, picked, by_node, now)
+    picks = choose_workers(runtime, record.status.workers, by_node, now, placement, others)
+    workers = worker_status(runtime, picks.workers, by_node, now, record.status.workers)
     ready_workers = [worker for worker in workers if worker.ready]
-    unhealthy = [f"{beat.node} unhealthy ({'; '.join(beat.problems) or 'no reason given'})"
-                 for beat in serving if not beat.healthy]
+    unhealthy = [f"{beat.node} unhealthy ({problems_text(beat)})" for beat in serving if not beat.healthy]
     desired = runtime.spec.replicas
     phase: RuntimePhase
     if nodes and len(nodes) >= desired:
@@ -407,7 +461,8 @@ def runtime_status(record: RuntimeRecord, agents: Iterable[AgentRecord], now: fl
         block_size_bytes=parse_quantity(runtime.spec.block_size),
         conditions=conditions,
         workers=workers,
-        not_picked=not_picked,
+        not_picked=picks.not_picked,
+        replaced=[*record.status.replaced, *picks.replaced][-REPLACED_HISTORY:],
         # The autoscaler's state is its own (``autoscale``), kept while the spec has a policy.
         autoscaling=record.status.autoscaling if runtime.spec.autoscaling is not None else None,
     )

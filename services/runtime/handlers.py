@@ -344,6 +344,10 @@ class RuntimeHandlers:
             if [w.node for w in status.workers] != [w.node for w in record.status.workers]:
                 self.workers_changed = True
                 log.info("cache workers", runtime=key, workers=[w.node for w in status.workers])
+            for replaced in status.replaced:
+                if replaced not in record.status.replaced:
+                    log.warning("cache worker replaced", runtime=key, node=replaced.node, by=replaced.by,
+                                reason=replaced.reason)
             meta = record.runtime.metadata
             await self.bus.publish(
                 subjects.RUNTIME_STATUS,

@@ -1,7 +1,7 @@
 """The runtime service picks cache workers on a real nats-server: agents (heartbeats published as an agent would,
 with labels and peer URLs) against Datasets' nodeAffinity and placement (applied through the dataset service),
 re-picked when a Dataset or the replicas change, sticky when a worker falls silent, none for a runtime without
-its Dataset."""
+its Dataset, and a worker that stays unhealthy replaced by a healthy spare."""
 
 from __future__ import annotations
 
@@ -55,22 +55,24 @@ async def apply_runtime(bus: Bus, name: str, replicas: int) -> None:
         spec=RuntimeSpec(replicas=replicas, tieredstore=TieredStore(levels=[Level(mediumtype="MEM", quota="1Gi")])))))
 
 
-async def beat(bus: Bus, node: str, *serves: str) -> None:
+async def beat(bus: Bus, node: str, *serves: str, problems: tuple[str, ...] = ()) -> None:
     mounts = [MountReport(dataset=ObjectRef(name=name), state="Serving", peer_url=f"http://127.0.0.1:70{node[1:]}{i}")
               for i, name in enumerate(serves)]
     await bus.publish(subjects.agent_heartbeat(node), AgentHeartbeat(
         node=node, runtimes=[ObjectRef(name=name) for name in serves], sent_at=time.time(), interval_seconds=1.0,
-        labels={"topology.kubernetes.io/zone": ZONES[node]}, mounts=mounts))
+        labels={"topology.kubernetes.io/zone": ZONES[node]}, mounts=mounts, healthy=not problems,
+        problems=list(problems)))
 
 
 class Beating:
     """Heartbeats of the nodes in ``serves`` (node → runtimes it serves) every 0.3 s while the block runs: one beat
     alone goes stale after three of its 1 s intervals, which a loaded machine may spend before the runtime service
-    looks. A node taken out of ``serves`` falls silent."""
+    looks. A node taken out of ``serves`` falls silent; a node in ``problems`` says unhealthy."""
 
     def __init__(self, bus: Bus) -> None:
         self.bus = bus
         self.serves: dict[str, tuple[str, ...]] = {}
+        self.problems: dict[str, tuple[str, ...]] = {}
         # One beat at a time: a beat of the loop read before ``set`` and sent after it would tell the runtime
         # service the node's old runtimes (CI saw a kept worker dropped and picked again behind another).
         self._sending = asyncio.Lock()
@@ -89,7 +91,7 @@ class Beating:
                 async with self._sending:
                     names = self.serves.get(node)
                     if names is not None:
-                        await beat(self.bus, node, *names)
+                        await beat(self.bus, node, *names, problems=self.problems.get(node, ()))
             await asyncio.sleep(0.3)  # a heartbeat period, not a wait for something
 
     async def set(self, nodes: Iterable[str], *names: str) -> None:
@@ -97,7 +99,13 @@ class Beating:
         for node in nodes:
             async with self._sending:
                 self.serves[node] = names
-                await beat(self.bus, node, *names)
+                await beat(self.bus, node, *names, problems=self.problems.get(node, ()))
+
+    async def sicken(self, node: str, *problems: str) -> None:
+        """``node`` says unhealthy with ``problems`` from now on (healthy again with none), with a beat at once."""
+        async with self._sending:
+            self.problems[node] = problems
+            await beat(self.bus, node, *self.serves[node], problems=problems)
 
 
 async def workers_of(bus: Bus, name: str, expected: list[str], serving: int = 4) -> RuntimeRecord:
@@ -192,3 +200,39 @@ async def test_a_runtime_without_its_dataset_takes_no_worker_until_the_dataset_i
         assert not [c for c in record.status.conditions if c.type == domain.CONDITION_DATASET]
         assert {p.node: p.reason for p in record.status.not_picked} == {"n1": "worker of default/train (Exclusive)"}
 
+
+@pytest.mark.timeout(90)
+async def test_a_worker_that_stays_unhealthy_is_replaced_by_a_healthy_spare(
+        bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # A grace period the test can wait out; how long it is does not change what happens after it.
+    monkeypatch.setattr(domain, "UNHEALTHY_WORKER_GRACE_SECONDS", 1.0)
+    await put_objects(seaweedfs, bucket, {"f": b"data"})
+    async with running(lambda stop: dataset_app.run(settings, stop), lambda stop: runtime_app.run(settings, stop)), \
+            Beating(bus) as beats:
+        await beats.set(("n1", "n2", "n3"), "train")
+        await apply(bus, bucket, "train", replicas=2)
+        await workers_of(bus, "train", ["n1", "n2"], serving=3)
+
+        # n1 keeps beating but its cache directory fails: past the grace period n3, the healthy spare, takes its
+        # seat; n2 keeps its own (the ring moves n1's blocks only).
+        problem = "cache dir /mnt/ssd: Input/output error"
+        await beats.sicken("n1", problem)
+        record = await workers_of(bus, "train", ["n2", "n3"], serving=3)
+        assert all(worker.ready for worker in record.status.workers) and record.status.phase == "Ready"
+        [replaced] = record.status.replaced
+        assert (replaced.node, replaced.by) == ("n1", "n3") and problem in replaced.reason
+        assert replaced.reason.startswith("unhealthy for ")
+        [n1] = record.status.not_picked
+        assert n1.node == "n1" and problem in n1.reason
+
+        # Healthy again, n1 is an ordinary candidate: the full, healthy set stays as it is.
+        await beats.sicken("n1")
+
+        async def n1_a_candidate() -> RuntimeRecord | None:
+            record = await runtime_record(bus, "train")
+            reasons = {p.node: p.reason for p in record.status.not_picked} if record else {}
+            return record if reasons.get("n1") == "2 of 2 replicas already picked" else None
+
+        record = await eventually(n1_a_candidate, 15, "n1 healthy again, not picked")
+        assert [w.node for w in record.status.workers] == ["n2", "n3"] and len(record.status.replaced) == 1

@@ -1,5 +1,5 @@
 """Picking a runtime's cache workers, pure: replicas, nodeAffinity, Exclusive/Shared placement, stickiness, no
-worker without a Dataset."""
+worker without a Dataset, an unhealthy worker replaced after the grace period."""
 
 from __future__ import annotations
 
@@ -8,13 +8,25 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 
+from libs.cli.render import describe_runtime
 from libs.events.agent import AgentHeartbeat, AgentRecord, MountReport
 from libs.events.common import ObjectMeta, ObjectRef
 from libs.events.dataset import DatasetSpec
-from libs.events.runtime import CacheWorker, Level, NotPicked, Runtime, RuntimeRecord, RuntimeSpec, TieredStore
+from libs.events.runtime import (
+    CacheWorker,
+    Level,
+    NotPicked,
+    Runtime,
+    RuntimeRecord,
+    RuntimeSpec,
+    RuntimeStatus,
+    TieredStore,
+    WorkerReplaced,
+)
 from services.runtime.domain import (
     CONDITION_DATASET,
     MISSED_BEATS,
+    UNHEALTHY_WORKER_GRACE_SECONDS,
     OtherRuntime,
     Placement,
     pick_workers,
@@ -34,10 +46,10 @@ def runtime(replicas: int, name: str = "demo") -> Runtime:
 
 
 def agent(node: str, labels: dict[str, str] | None = None, *, age: float = 0.0, healthy: bool = True,
-          serves: tuple[str, ...] = ("demo",), peer_url: str = "") -> AgentRecord:
+          serves: tuple[str, ...] = ("demo",), peer_url: str = "", problems: tuple[str, ...] = ()) -> AgentRecord:
     mounts = [MountReport(dataset=ObjectRef(name="demo"), state="Serving", peer_url=peer_url)] if peer_url else []
     beat = AgentHeartbeat(node=node, runtimes=[ObjectRef(name=n) for n in serves], healthy=healthy,
-                          interval_seconds=INTERVAL, labels=labels or {}, mounts=mounts)
+                          problems=list(problems), interval_seconds=INTERVAL, labels=labels or {}, mounts=mounts)
     return AgentRecord(heartbeat=beat, received_at=NOW - age)
 
 
@@ -151,6 +163,114 @@ def test_a_runtime_without_its_dataset_picks_no_worker_until_the_dataset_is_appl
                              placement_of(DatasetSpec()))
     assert [w.node for w in applied.workers] == ["n1"] and applied.phase == "Ready"
     assert not [c for c in applied.conditions if c.type == CONDITION_DATASET]
+
+
+SICK = ("cache dir /mnt/ssd: Input/output error",)
+
+
+def beats(at: float, *nodes: str, sick: tuple[str, ...] = (), silent: tuple[str, ...] = ()) -> list[AgentRecord]:
+    """The agents' last heartbeats as seen at ``at``: the ``sick`` ones say unhealthy, the ``silent`` ones stopped
+    beating long before."""
+    return [agent(node, healthy=node not in sick, problems=SICK if node in sick else (),
+                  age=NOW - at + (MISSED_BEATS * INTERVAL + 1 if node in silent else 0)) for node in nodes]
+
+
+def step(status: RuntimeStatus, agents: list[AgentRecord], at: float, replicas: int = 2,
+         placement: Placement | None = None) -> RuntimeStatus:
+    return runtime_status(RuntimeRecord(runtime=runtime(replicas), generation=1, status=status), agents, at,
+                          placement or Placement())
+
+
+def test_a_worker_unhealthy_past_the_grace_period_is_replaced_by_a_healthy_spare() -> None:
+    start = NOW - 100
+    status = step(RuntimeStatus(), beats(start, "n1", "n2", "n3"), start)
+    assert [w.node for w in status.workers] == ["n1", "n2"]
+    # n1 keeps beating but says unhealthy: it stays through the grace period (a blip must not move its blocks).
+    sick_at = start + 10
+    status = step(status, beats(sick_at, "n1", "n2", "n3", sick=("n1",)), sick_at)
+    assert [(w.node, w.ready, w.unhealthy_since) for w in status.workers] == [("n1", False, sick_at),
+                                                                              ("n2", True, 0.0)]
+    almost = sick_at + UNHEALTHY_WORKER_GRACE_SECONDS - 1
+    status = step(status, beats(almost, "n1", "n2", "n3", sick=("n1",)), almost)
+    assert [w.node for w in status.workers] == ["n1", "n2"] and status.replaced == []
+    assert status.workers[0].unhealthy_since == sick_at  # kept, not restarted at every look
+    # Past it: n3, the healthy spare, takes n1's seat; n2 stays (the ring moves n1's blocks only).
+    due = sick_at + UNHEALTHY_WORKER_GRACE_SECONDS
+    status = step(status, beats(due, "n1", "n2", "n3", sick=("n1",)), due)
+    assert [(w.node, w.ready) for w in status.workers] == [("n2", True), ("n3", True)]
+    why = f"unhealthy for 30 s ({SICK[0]})"
+    assert status.replaced == [WorkerReplaced(node="n1", by="n3", reason=why, time="2024-05-01T11:59:00Z")]
+    assert status.not_picked == [NotPicked(node="n1", reason=f"{why}: replaced by n3")]
+    assert status.phase == "Ready" and status.worker_number_ready == 2
+    # Next look: nothing moves again, the replacement is recorded once.
+    later = due + 5
+    status = step(status, beats(later, "n1", "n2", "n3", sick=("n1",)), later)
+    assert [w.node for w in status.workers] == ["n2", "n3"] and len(status.replaced) == 1
+    assert status.not_picked == [NotPicked(node="n1", reason=f"unhealthy ({SICK[0]})")]
+    # Healthy again, n1 is an ordinary candidate: the full, healthy set is kept (no flapping back).
+    healed = later + 5
+    status = step(status, beats(healed, "n1", "n2", "n3"), healed)
+    assert [w.node for w in status.workers] == ["n2", "n3"]
+    assert status.not_picked == [NotPicked(node="n1", reason="2 of 2 replicas already picked")]
+    # ``shoal describe runtime`` lists the replacement.
+    shown = describe_runtime(RuntimeRecord(runtime=runtime(2), generation=1, status=status)).splitlines()
+    assert shown[shown.index("Replaced:") + 2].split() == ["2024-05-01T11:59:00Z", "n1", "n3", *why.split()]
+
+
+def test_an_unhealthy_worker_stays_without_a_healthy_eligible_spare() -> None:
+    start, later = NOW - 100, NOW - 100 + 1 + UNHEALTHY_WORKER_GRACE_SECONDS * 3
+    status = step(RuntimeStatus(), beats(start, "n1", "n2"), start)
+    # The only other agent is unhealthy too, or silent, or outside the nodeAffinity: better a degraded worker
+    # than none.
+    for others in (dict(sick=("n1", "n3")), dict(sick=("n1",), silent=("n3",))):
+        first = step(status, beats(start + 1, "n1", "n2", "n3", **others), start + 1)
+        kept = step(first, beats(later, "n1", "n2", "n3", **others), later)
+        assert [(w.node, w.ready) for w in kept.workers] == [("n1", False), ("n2", True)] and kept.replaced == []
+    zoned = Placement(affinity=ZONE_A)
+
+    def zone_beats(at: float) -> list[AgentRecord]:
+        return [agent("n1", {"zone": "a"}, healthy=False, age=NOW - at), agent("n2", {"zone": "a"}, age=NOW - at),
+                agent("n3", {"zone": "b"}, age=NOW - at)]
+
+    first = step(status, zone_beats(start + 1), start + 1, placement=zoned)
+    kept = step(first, zone_beats(later), later, placement=zoned)
+    assert [w.node for w in kept.workers] == ["n1", "n2"] and kept.replaced == []
+
+
+def test_a_silent_unhealthy_worker_is_kept_for_its_disk_cache() -> None:
+    start = NOW - 100
+    status = step(RuntimeStatus(), beats(start, "n1", "n2", "n3"), start)
+    status = step(status, beats(start + 1, "n1", "n2", "n3", sick=("n1",)), start + 1)
+    later = start + 1 + UNHEALTHY_WORKER_GRACE_SECONDS * 2
+    status = step(status, beats(later, "n1", "n2", "n3", sick=("n1",), silent=("n1",)), later)
+    assert [(w.node, w.ready) for w in status.workers] == [("n1", False), ("n2", True)]
+
+
+def test_a_blip_restarts_the_grace_period() -> None:
+    start = NOW - 100
+    status = step(RuntimeStatus(), beats(start, "n1", "n2", "n3"), start)
+    half = UNHEALTHY_WORKER_GRACE_SECONDS / 2 + 1
+    status = step(status, beats(start + 1, "n1", "n2", "n3", sick=("n1",)), start + 1)
+    status = step(status, beats(start + half, "n1", "n2", "n3"), start + half)  # healthy again
+    assert status.workers[0] == CacheWorker(node="n1", ready=True)
+    status = step(status, beats(start + half + 1, "n1", "n2", "n3", sick=("n1",)), start + half + 1)
+    # Unhealthy for more than the grace period in all, but not in one stretch.
+    status = step(status, beats(start + 2 * half, "n1", "n2", "n3", sick=("n1",)), start + 2 * half)
+    assert [w.node for w in status.workers] == ["n1", "n2"]
+
+
+def test_spares_fill_empty_seats_before_replacing_an_unhealthy_worker() -> None:
+    start = NOW - 100
+    status = step(RuntimeStatus(), beats(start, "n1", "n2"), start, replicas=3)
+    status = step(status, beats(start + 1, "n1", "n2", sick=("n1",)), start + 1, replicas=3)
+    later = start + 1 + UNHEALTHY_WORKER_GRACE_SECONDS
+    # n3 joins once n1 is overdue: it fills the empty seat, and n1 (degraded, but holding blocks) stays.
+    status = step(status, beats(later, "n1", "n2", "n3", sick=("n1",)), later, replicas=3)
+    assert [w.node for w in status.workers] == ["n1", "n2", "n3"] and status.replaced == []
+    # A fourth agent is a spare for n1's seat.
+    status = step(status, beats(later + 1, "n1", "n2", "n3", "n4", sick=("n1",)), later + 1, replicas=3)
+    assert [w.node for w in status.workers] == ["n2", "n3", "n4"]
+    assert [(r.node, r.by) for r in status.replaced] == [("n1", "n4")]
 
 
 # --- Properties ---
