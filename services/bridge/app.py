@@ -35,7 +35,7 @@ from libs.events.runtime import RuntimeRecord
 from libs.service import Loop, Periodic, nats_check, run_loops
 from libs.side_server import Readiness
 from services.bridge.handlers import BridgeHandlers, Mirrors, RejectionFact
-from services.bridge.watch import ResourceWatcher
+from services.bridge.watch import CrdNotices, ResourceWatcher
 
 SERVICE_NAME = "shoal-bridge"
 # How often Shoal's state is compared with what the custom resources show: "within seconds" for kubectl get,
@@ -91,8 +91,9 @@ async def run(settings: Settings, stop: asyncio.Event, readiness: Readiness | No
         rejections = await bus.js.subscribe(subjects.ALL_REJECTIONS, cb=on_rejection, ordered_consumer=True,
                                             deliver_policy=DeliverPolicy.ALL)
         namespaces: list[str | None] = list(settings.kube.namespaces) or [None]
+        notices = CrdNotices()  # a CRD missing in every namespace watched is said once
         watchers = [ResourceWatcher(api, resource, namespace, handlers.on_listing, handlers.on_event,
-                                    settings.kube.watch_seconds)
+                                    settings.kube.watch_seconds, notices)
                     for resource in kube.RESOURCES for namespace in namespaces]
 
         def listed() -> str | None:

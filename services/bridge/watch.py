@@ -9,7 +9,9 @@ list that takes too long or a watch silent for longer than its lifetime (a dead 
 A resource the API server does not serve (the list answers 404: its CRD is not installed, e.g. Fluid's in a cluster
 with Shoal's only) has no objects: the handlers get an empty list, so it holds back neither readiness nor the
 objects of its family, and it is said once. It is listed again after a watch's lifetime, as a watch would end, so a
-CRD installed later is picked up without asking the API server in a loop.
+CRD installed later is picked up without asking the API server in a loop. "Said once" is per CRD, not per watcher:
+the watchers of one CRD in several namespaces (``SHOAL_KUBE_NAMESPACES``) share one ``CrdNotices``, so a missing CRD
+is one warning, and its coming one info line, whatever the number of namespaces.
 """
 
 from __future__ import annotations
@@ -46,11 +48,35 @@ OnListing = Callable[[kube.Resource, str | None, list[dict[str, Any]]], Awaitabl
 OnEvent = Callable[[kube.Resource, str, dict[str, Any]], Awaitable[None]]
 
 
+class CrdNotices:
+    """Whether each CRD was last found served, as said in the log: shared by the watchers of one bridge, so that a
+    CRD missing in every namespace watched is said once, not once per namespace (and its coming once too)."""
+
+    def __init__(self) -> None:
+        self._served: dict[str, bool] = {}
+
+    def note(self, resource: kube.Resource, served: bool, every_seconds: int) -> None:
+        """Say when ``resource`` is found missing, and when it comes (again); not at every look, nor per watcher
+        (a CRD is cluster-wide: no namespace is named)."""
+        crd = resource.crd_name
+        before = self._served.get(crd)
+        if served == before:
+            return
+        if not served:
+            log.warning("custom resource not installed: its objects are not bridged until its CRD is; looking "
+                        "again at every watch lifetime", crd=crd, every_seconds=every_seconds)
+        elif before is False:
+            log.info("custom resource installed: bridging its objects", crd=crd)
+        self._served[crd] = served
+
+
 class ResourceWatcher:
-    """The list-and-watch loop of one resource (in one namespace, or all); a Loop of ``libs.service``."""
+    """The list-and-watch loop of one resource (in one namespace, or all); a Loop of ``libs.service``. Watchers
+    of one bridge share ``notices`` (one per watcher when not given)."""
 
     def __init__(self, api: client.ApiClient, resource: kube.Resource, namespace: str | None,
-                 on_listing: OnListing, on_event: OnEvent, watch_seconds: int) -> None:
+                 on_listing: OnListing, on_event: OnEvent, watch_seconds: int,
+                 notices: CrdNotices | None = None) -> None:
         self.api = api
         self.resource = resource
         self.namespace = namespace
@@ -61,6 +87,7 @@ class ResourceWatcher:
         self.lists = 0  # how many lists were made: the first, then one per re-list
         self.synced = asyncio.Event()  # set once the first list has been handled
         self.served: bool | None = None  # whether the last list found the resource served (None: not listed yet)
+        self.notices = notices if notices is not None else CrdNotices()
         self._stopping = asyncio.Event()
 
     def watch_timeouts(self) -> tuple[float, float]:
@@ -141,16 +168,7 @@ class ResourceWatcher:
         return str((listing.get("metadata") or {}).get("resourceVersion") or "")
 
     def _note_served(self, served: bool) -> None:
-        """Say when the resource is found missing, and when it comes (again); not at every look."""
-        if served == self.served:
-            return
-        if not served:
-            log.warning("custom resource not installed: its objects are not bridged until its CRD is; looking "
-                        "again at every watch lifetime", crd=self.resource.crd_name, namespace=self.namespace,
-                        every_seconds=self.watch_seconds)
-        elif self.served is False:
-            log.info("custom resource installed: bridging its objects", crd=self.resource.crd_name,
-                     namespace=self.namespace)
+        self.notices.note(self.resource, served, self.watch_seconds)
         self.served = served
 
     async def _watch(self, version: str) -> None:

@@ -9,11 +9,13 @@ from __future__ import annotations
 import base64
 import dataclasses
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 import yaml
 from kmock import Server
 from kubernetes_asyncio import client
@@ -211,6 +213,38 @@ async def test_a_cluster_without_fluids_crds(cluster: Cluster, tmp_path: Path) -
         await cluster.create(FLUID, "other", {"mounts": [{"mountPoint": files(tmp_path / "b", 2), "name": "b"}]})
         await cluster.status(FLUID, "other", phase="NotBound", fileNum="2")
         assert readiness.report()[0]
+
+
+async def test_a_missing_crd_is_said_once_whatever_the_number_of_namespaces_watched(cluster: Cluster) -> None:
+    """Fluid's CRDs not installed and the bridge watching three namespaces: each missing CRD is one warning (it was
+    one per namespace), still one after every watcher has looked again, and its coming is one info line."""
+    for resource in kube.FLUID_RESOURCES:
+        cluster.server.remove_crd(resource)
+    namespaces = ["team-a", "team-b", "team-c"]
+    settings = dataclasses.replace(cluster.settings, kube=dataclasses.replace(
+        cluster.settings.kube, namespaces=namespaces, watch_seconds=1))
+
+    def lists(resource: kube.Resource, namespace: str) -> int:
+        return len(cluster.server.recorded(
+            "GET", f"/{resource.group}/{resource.version}/namespaces/{namespace}/{resource.plural}"))
+
+    def looked(times: int) -> bool:
+        return all(lists(r, n) >= times for r in kube.FLUID_RESOURCES for n in namespaces)
+
+    def said(level: str, words: str) -> dict[str, int]:
+        return dict(Counter(str(e["crd"]) for e in logs if e["log_level"] == level and words in e["event"]))
+
+    every = {resource.crd_name: 1 for resource in kube.FLUID_RESOURCES}
+    with structlog.testing.capture_logs() as logs:
+        async with running(lambda stop: bridge_app.run(settings, stop)):
+            await eventually(lambda: _async(looked(2)), what="every namespace's watcher looking twice")
+            assert said("warning", "not installed") == every
+            cluster.server.install_crd(FLUID)
+            seen = {n: lists(FLUID, n) for n in namespaces}
+            await eventually(lambda: _async(all(lists(FLUID, n) > seen[n] for n in namespaces) and looked(3)),
+                             what="every watcher looking again once Fluid's Dataset CRD is installed")
+    assert said("warning", "not installed") == every
+    assert said("info", "custom resource installed") == {FLUID.crd_name: 1}
 
 
 async def test_fluid_dataset_with_secret_and_alluxio_runtime(cluster: Cluster, bus: Bus, seaweedfs: SeaweedServer,
