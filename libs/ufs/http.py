@@ -496,7 +496,7 @@ class HttpObjectStore:
                     raise self._changed(key, etag)
                 # A 206 body starts at ``start``; a 200 body at 0. Either may go on past the range (a server that
                 # ignores its end, or never stops): only the range is read.
-                data, _ = await read_part(response.content, 0 if status == 206 else start, length)
+                data, _ = await read_part(response.content.read, 0 if status == 206 else start, length)
                 return data
         except (aiohttp.ClientError, TimeoutError, OSError) as err:
             raise self._unreachable(err, key) from err

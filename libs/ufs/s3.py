@@ -373,17 +373,19 @@ class S3ObjectStore:
             raise self._error(err, "get", key, etag) from err
         except BotoCoreError as err:
             raise self._error(err, "get", key, etag) from err
+        # A 206 is the range; anything else the whole object (a store that ignores Range). Only the range is read,
+        # as on the pre-signed path: leaving the block closes the connection on the rest of the body.
+        partial = "ContentRange" in response
         async with response["Body"] as body:
             # Some stores ignore If-Match; the ETag of what came back is the final word.
             if etag is not None and _etag(response.get("ETag", "")) != etag:
                 raise self._changed(key, etag)
             try:
-                data: bytes = await body.read()
+                data, more = await read_part(body.read, 0 if partial else start, length)
             except (BotoCoreError, aiohttp.ClientError, TimeoutError) as err:
                 raise self._error(err, "get", key, etag) from err
-        if "ContentRange" not in response:
-            # The server ignored Range and sent the whole object.
-            data = data[start : start + length]
+        if more and partial:
+            raise self._too_long(key, length)
         return data
 
     async def get_range_into(self, key: str, start: int, into: memoryview, etag: str | None = None) -> int:
@@ -475,7 +477,7 @@ class S3ObjectStore:
                     raise self._changed(key, etag)
                 # A 206 is the range; a 200 the whole object (a store that ignores Range), of which only the range
                 # is read.
-                data, more = await read_part(response.content, 0 if response.status == 206 else start, length)
+                data, more = await read_part(response.content.read, 0 if response.status == 206 else start, length)
                 if more and response.status == 206:
                     raise self._too_long(key, length)
         except _CUT:

@@ -418,3 +418,52 @@ async def test_stores_of_one_location_share_a_pooled_client_until_it_is_idle(
     finally:
         await clients.close()
     assert len(clients) == 0
+
+
+async def test_the_full_clients_ranged_get_reads_only_the_range_too() -> None:
+    # An answer the pre-signed GET does not take (a 503 here: any status but 200, 206 and 412) sends the read
+    # through the S3 client, which used to read the whole body: from a store that ignores Range, a 100 KB read
+    # of a 64 MiB object took all 64 MiB into memory. It now reads up to its range, as the pre-signed GET does.
+    size, start, length = 64 * 1024 * 1024, 1000, 100_000
+    piece = bytes(range(256)) * 256  # 64 KiB: the object's byte at offset i is i % 256
+    sent: dict[str, int] = {}
+    done = {name: asyncio.Event() for name in ("whole", "partial")}
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        if "Authorization" not in request.headers:  # the pre-signed GET (signed in its query)
+            return web.Response(status=503, text="the pre-signed GET is not answered")
+        name = request.path.rsplit("/", 1)[-1]
+        partial = name == "partial"
+        headers = {"ETag": '"e"'}
+        if partial:  # a 206 for the range, then more than the range (chunked: no length to stop the client)
+            headers["Content-Range"] = f"bytes {start}-{start + length - 1}/{size}"
+        else:
+            headers["Content-Length"] = str(size)
+        response = web.StreamResponse(status=206 if partial else 200, headers=headers)
+        await response.prepare(request)
+        sent[name] = 0
+        try:
+            offset = start if partial else 0
+            while sent[name] < size:
+                await response.write(piece[offset % 256:] + piece[:offset % 256])
+                sent[name] += len(piece)
+                offset += len(piece)
+        except (ConnectionError, OSError):
+            pass  # the client closed the connection: it read what it wanted
+        finally:
+            done[name].set()
+        return response
+
+    async with answering(answer) as url:
+        location = S3Location(bucket="b", endpoint_url=url, access_key_id=Secret("AKIDEXAMPLE"),
+                              secret_access_key=Secret("not-a-real-secret"))
+        async with S3ObjectStore(location, max_attempts=1) as store:
+            data = await asyncio.wait_for(store.get_range("whole", start, length, etag="e"), 30)
+            assert data == bytes((start + i) % 256 for i in range(length))
+            await asyncio.wait_for(done["whole"].wait(), 30)
+            # What the range needs, plus what loopback's socket buffers and aiohttp's took before the close.
+            assert sent["whole"] <= 24 * 1024 * 1024, f"{sent['whole']:,} bytes sent for a {length:,}-byte read"
+            with pytest.raises(UfsError, match=f"more than the {length} bytes asked for"):
+                await asyncio.wait_for(store.get_range("partial", start, length, etag="e"), 30)
+            await asyncio.wait_for(done["partial"].wait(), 30)
+            assert sent["partial"] <= 24 * 1024 * 1024
