@@ -222,6 +222,31 @@ class SchedulerSettings:
     # Well under the API server's webhook timeout (10 s by default): an answer that comes late blocks pod creation.
     http_timeout: float = env("SHOAL_SCHED_HTTP_TIMEOUT", "Seconds an HTTP answer may take before the request "
                               "gets no preference.", default=2.0)
+    # An AdmissionReview of a pod CREATE carries the pod once (oldObject is null). The API server refuses a create
+    # body over 3 MiB (its default --max-request-body-bytes) and etcd a stored object over ~1.5 MiB; as JSON, a pod
+    # sent as protobuf can take about twice its size, plus the defaults the API server fills in: 8 MiB is above any
+    # pod the API server admits.
+    webhook_max_bytes: int = env("SHOAL_SCHED_WEBHOOK_MAX_BYTES", "Largest AdmissionReview body /mutate reads "
+                                 "(bytes); a longer one gets 413.", default=8 * 1024 * 1024)
+    # With nodeCacheCapable: false (deploy/) kube-scheduler sends the pod and the full Node object of every node
+    # that passed its own filters, 5-25 KiB each (most of it status.images, at most 50 by default). By default it
+    # stops looking at percentageOfNodesToScore of the cluster: at most ~800 nodes at any size up to Kubernetes'
+    # 5,000 (the most at 3,125 nodes, 25 %), ~20 MiB at 25 KiB a node. With percentageOfNodesToScore: 100, 32 MiB
+    # is ~3,000 nodes of 10 KiB; larger clusters raise this, or set nodeCacheCapable: true (names only, ~30 bytes a
+    # node; zone and region locality then come from the agents' labels).
+    extender_max_bytes: int = env("SHOAL_SCHED_EXTENDER_MAX_BYTES", "Largest ExtenderArgs body /filter and "
+                                  "/prioritize read (bytes; with nodeCacheCapable: false it holds every candidate "
+                                  "Node); a longer one gets 413.", default=32 * 1024 * 1024)
+    # A hostile body of tiny JSON objects decodes to ~25 times its size: this times the limits above bounds the
+    # memory callers can make the scheduler hold. A real webhook call is read and answered in about a millisecond
+    # and kube-scheduler asks the extender about one pod at a time, so 8 at once is already a burst of pods; one
+    # more is told to try again (the webhook's failurePolicy: Ignore admits it unchanged).
+    http_max_reading: int = env("SHOAL_SCHED_HTTP_MAX_READING", "Webhook and extender requests read and answered "
+                                "at once; one more gets 503.", default=8)
+    # Each API server and kube-scheduler keeps a few connections alive; an idle one counts, and each costs a file
+    # descriptor. 256 is far above what they use and far below the descriptors a process has.
+    http_max_connections: int = env("SHOAL_SCHED_HTTP_MAX_CONNECTIONS", "Connections the webhook and extender "
+                                    "port keeps open at once; one more gets 503 and is closed.", default=256)
     # Fluid's affinity plugin defaults (node 100, zone 50, region 20): holding the bytes beats being near them.
     node_weight: int = env("SHOAL_SCHED_WEIGHT_NODE", "Weight of the bytes a node holds itself.", default=100)
     zone_weight: int = env("SHOAL_SCHED_WEIGHT_ZONE", "Weight of the bytes held in the node's zone.", default=50)
@@ -409,6 +434,12 @@ def _check_scheduler(sched: SchedulerSettings) -> list[str]:
         problems.append("SHOAL_SCHED_TLS_CERT and SHOAL_SCHED_TLS_KEY: give both or neither")
     if sched.http_timeout <= 0:
         problems.append("SHOAL_SCHED_HTTP_TIMEOUT: must be positive")
+    for variable, value in (("SHOAL_SCHED_WEBHOOK_MAX_BYTES", sched.webhook_max_bytes),
+                            ("SHOAL_SCHED_EXTENDER_MAX_BYTES", sched.extender_max_bytes),
+                            ("SHOAL_SCHED_HTTP_MAX_READING", sched.http_max_reading),
+                            ("SHOAL_SCHED_HTTP_MAX_CONNECTIONS", sched.http_max_connections)):
+        if value < 1:
+            problems.append(f"{variable}={value}: must be at least 1")
     for variable, weight in (("SHOAL_SCHED_WEIGHT_NODE", sched.node_weight),
                              ("SHOAL_SCHED_WEIGHT_ZONE", sched.zone_weight),
                              ("SHOAL_SCHED_WEIGHT_REGION", sched.region_weight)):

@@ -11,7 +11,7 @@ is documented in ``services/agent/README.md`` ("Peer protocol"). In short:
   learnt from one runtime (or protocol version) opens no other.
 - A request the server refuses gets a status and a JSON ``{"reason": ...}``: 400 bad parameters, 401 missing or
   expired signature, 403 bad signature, 404 another dataset or an object not in this mount's manifest, 409 another
-  ETag or block size, 503 too many requests waiting.
+  ETag or block size, 503 too many requests waiting (or, before any request, too many connections open).
 - An accepted request gets ``200`` at once (so a live peer answers within the client's read timeout even while it
   fetches the block from a slow store), then a body: keep-alive newlines while the block is being fetched, then
   ``OK <length> <chunk bytes> <xxh3-64 hex of the chunk table> <response signature hex>\n``, the chunk table (one
@@ -51,6 +51,7 @@ from opentelemetry import trace
 
 from libs.blocks import BlockId, checksum, checksum_stream
 from libs.events.dataset import ManifestEntry
+from libs.listener import CappedListener
 from libs.metrics import ERROR, NOT_CACHED, OK
 from libs.telemetry import extract_context, get_logger, inject_context, tracer
 from services.agent.cache import BlockFile
@@ -90,6 +91,11 @@ MAX_SERVING = 16
 # Requests waiting for a serving slot beyond this are answered 503 at once (the client tries its next source)
 # rather than piling up; cheap while they wait (no block in memory), so generous.
 MAX_WAITING = 256
+# Connections a peer server keeps open at once (an idle kept-alive one counts); beyond, a new one gets 503 and is
+# closed, and its reader goes on to its next source. Each costs a file descriptor, which the mount process's cache
+# files also need. A reader's mount process keeps at most MAX_CLIENT_REQUESTS (32) connections across all its
+# peers, and MAX_SERVING + MAX_WAITING (272) requests are all a server takes at once anyway.
+MAX_CONNECTIONS = 512
 # While a request waits for a slot or its block is fetched from the store, a newline every so often keeps the
 # client's read timeout a liveness check; six of them fit in READ_TIMEOUT, so a loop stalled for a while (a loaded
 # node) still gets one out in time.
@@ -232,7 +238,7 @@ class PeerServer:
                  source: BlockSource, clock: Callable[[], float] = time.time, max_serving: int = MAX_SERVING,
                  max_waiting: int = MAX_WAITING, keepalive: float = KEEPALIVE_SECONDS,
                  open_file: FileSource | None = None, metrics: PeerMetrics | None = None,
-                 cached: Cached | None = None) -> None:
+                 cached: Cached | None = None, max_connections: int = MAX_CONNECTIONS) -> None:
         self.key = key
         # Requests by outcome and bytes served, for /metrics; ``cached`` tells ok (from the cache) from
         # not_cached (fetched from the store to answer).
@@ -251,7 +257,9 @@ class PeerServer:
         self._slots = asyncio.Semaphore(max_serving)
         self._max_waiting = max_waiting
         self._waiting = 0
+        self.max_connections = max_connections
         self._runner: web.AppRunner | None = None
+        self.listener: CappedListener | None = None
         self.port = 0
 
     def app(self) -> web.Application:
@@ -262,13 +270,20 @@ class PeerServer:
     async def start(self, host: str, port: int) -> None:
         self._runner = web.AppRunner(self.app(), access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port, reuse_address=True)
-        await site.start()
-        addresses = self._runner.addresses
-        self.port = addresses[0][1] if addresses else port
-        log.info("peer server listening", dataset=f"{self.namespace}/{self.name}", host=host, port=self.port)
+        self.listener = CappedListener(self._runner, self.max_connections,
+                                       f"peer server of {self.namespace}/{self.name}")
+        self.port = await self.listener.start(host, port, reuse_address=True)
+        log.info("peer server listening", dataset=f"{self.namespace}/{self.name}", host=host, port=self.port,
+                 max_connections=self.max_connections)
+
+    @property
+    def connections(self) -> int:
+        """Connections open now."""
+        return self.listener.open if self.listener is not None else 0
 
     async def stop(self) -> None:
+        if self.listener is not None:
+            self.listener.close()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None

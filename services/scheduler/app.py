@@ -32,7 +32,7 @@ from libs.side_server import Readiness
 from libs.telemetry import get_logger
 from services.scheduler.domain import Weights
 from services.scheduler.handlers import SchedulerHandlers
-from services.scheduler.http import http_loop
+from services.scheduler.http import HttpLimits, http_loop
 
 log = get_logger(__name__)
 
@@ -129,7 +129,8 @@ async def run(settings: Settings, stop: asyncio.Event, clock: Callable[[], float
         sched = settings.scheduler
         if sched.http_port is not None:
             loops.append(http_loop(handlers.answer, host=sched.http_host, port=sched.http_port,
-                                   timeout=sched.http_timeout, tls_cert=sched.tls_cert, tls_key=sched.tls_key))
+                                   timeout=sched.http_timeout, tls_cert=sched.tls_cert, tls_key=sched.tls_key,
+                                   limits=HttpLimits.of(sched)))
         loops += [make(handlers, settings) for make in extra_loops]
         if started is not None:
             started(handlers)

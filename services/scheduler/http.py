@@ -20,6 +20,14 @@ instead and stops waiting at ``timeout`` sharp, for an ``answer`` that is safe t
 one thread, not one per request, so a hung ``answer`` holds one thread and the calls queued behind it are
 dropped when their time is up.
 
+Bounded memory and connections, whoever calls: a body longer than its route's limit (``HttpLimits``: the webhook's
+is sized by the API server's own limit on a pod, the extender's by what kube-scheduler sends for thousands of
+nodes) gets HTTP 413 with the reason, before more than the limit is read; beyond ``reading`` requests being read
+and answered at once, a request gets 503 with the reason (a decoded body takes many times its size in memory);
+beyond ``connections`` open at once, a new connection gets 503 and is closed (``libs.listener``). Each is counted.
+The webhook configuration's ``failurePolicy: Ignore`` admits the pod unchanged on those answers, and the extender's
+``ignorable: true`` schedules it without the extender.
+
 Datasets a pod names through a PVC may not be datasets at all (any PVC is listed): when the scheduler answers
 "unknown dataset" for a request with several datasets, the ones it does not know and the pod does not require
 are dropped and it is asked again, so an ordinary PVC next to a dataset's does not cancel the preference.
@@ -34,14 +42,17 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
 from aiohttp import web
 
 from libs import metrics
+from libs.config import SchedulerSettings
 from libs.events.common import DECODE_ERRORS
 from libs.events.schedule import Candidate, DatasetUse, ScoreReply, ScoreRequest
+from libs.listener import CappedListener
 from libs.telemetry import get_logger
 
 from .admission import BadReview, affinity_patch, datasets_of, parse_review, placement, review_response
@@ -61,11 +72,38 @@ TIMEOUT = "timeout"  # answer too slow: allowed unchanged / Error / zeros
 FAILED = "failed"  # answer raised: allowed unchanged / Error / zeros
 UNANSWERED = "unanswered"  # the reply carried an error (an unknown dataset: often an ordinary PVC, not a dataset)
 INTERNAL = "internal"  # a bug here: HTTP 500 (the webhook's failurePolicy Ignore still admits the pod)
+TOO_LARGE = "too_large"  # the body is over the route's limit: HTTP 413
+BUSY = "busy"  # too many requests being read and answered at once: HTTP 503
 # The Prometheus way label of each route (libs.metrics.DECISIONS).
 _WAY = {MUTATE: metrics.WAY_WEBHOOK, FILTER: metrics.WAY_FILTER, PRIORITIZE: metrics.WAY_PRIORITIZE}
-# A pod is at most ~1.5 MiB (etcd's object limit); with nodeCacheCapable: false kube-scheduler sends every
-# candidate's full Node object (5-15 KiB each), so 64 MiB covers a few thousand nodes.
-MAX_BODY = 64 * 1024 * 1024
+# Pieces a body is read in: its limit is checked as it grows, whatever the Content-Length said.
+BODY_PIECE_BYTES = 256 * 1024
+
+
+_DEFAULTS = SchedulerSettings()
+
+
+@dataclass(frozen=True)
+class HttpLimits:
+    """What callers can make the server hold: the ``SHOAL_SCHED_*_MAX_*`` settings (their defaults, and why those,
+    in ``libs.config.SchedulerSettings``)."""
+
+    webhook_bytes: int = _DEFAULTS.webhook_max_bytes
+    extender_bytes: int = _DEFAULTS.extender_max_bytes
+    reading: int = _DEFAULTS.http_max_reading
+    connections: int = _DEFAULTS.http_max_connections
+
+    @classmethod
+    def of(cls, settings: SchedulerSettings) -> HttpLimits:
+        return cls(settings.webhook_max_bytes, settings.extender_max_bytes, settings.http_max_reading,
+                   settings.http_max_connections)
+
+    def body_bytes(self, route: str) -> int:
+        return self.webhook_bytes if route == MUTATE else self.extender_bytes
+
+
+class BodyTooLarge(Exception):
+    """A request body over its route's limit (HTTP 413)."""
 
 
 # How often the certificate files are read again for a renewal: the kubelet updates a mounted Secret within
@@ -143,24 +181,37 @@ def ask_known(answer: Answer, datasets: list[DatasetUse], candidates: list[Candi
     return answer(ScoreRequest(datasets=known, candidates=candidates, limit=EVERY_NODE))
 
 
-def _json(body: Any, status: int = 200) -> web.Response:
-    return web.Response(body=msgspec.json.encode(body), status=status, content_type="application/json")
+def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(body=msgspec.json.encode(body), status=status, content_type="application/json",
+                        headers=headers)
+
+
+def _error(route: str, reason: str) -> dict[str, str]:
+    """An error body in the route's shape: the webhook's ``error``, the extender's ``Error``."""
+    return {"error": reason} if route == MUTATE else error_body(reason)
 
 
 class SchedulerHttp:
     """The webhook and extender routes, answered by ``answer`` within ``timeout`` seconds."""
 
-    def __init__(self, answer: Answer, *, timeout: float, threaded: bool = False) -> None:
+    def __init__(self, answer: Answer, *, timeout: float, threaded: bool = False,
+                 limits: HttpLimits = HttpLimits()) -> None:
         self._answer = answer
         self.timeout = timeout
         self.threaded = threaded
+        self.limits = limits
         self.counts: Counter[str] = Counter()
         self.port = 0
+        # Requests of the POST routes being read and answered now (at most ``limits.reading``).
+        self.reading = 0
+        self.listener: CappedListener | None = None
         self._runner: web.AppRunner | None = None
         self._executor: ThreadPoolExecutor | None = None
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=MAX_BODY, middlewares=[self._guard])
+        # Bodies are read by ``_body`` against their route's limit; aiohttp's own check is a backstop.
+        app = web.Application(client_max_size=max(self.limits.webhook_bytes, self.limits.extender_bytes) + 1,
+                              middlewares=[self._guard])
         app.router.add_post("/mutate", self._mutate)
         app.router.add_post("/filter", self._filter)
         app.router.add_post("/prioritize", self._prioritize)
@@ -172,15 +223,22 @@ class SchedulerHttp:
         # No access log: the API server calls the webhook for every pod created; outcomes are counted instead.
         self._runner = web.AppRunner(self.app(), access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port, ssl_context=ssl_context)
-        await site.start()
-        sockets = getattr(site._server, "sockets", None) or []
-        self.port = int(sockets[0].getsockname()[1]) if sockets else port
+        self.listener = CappedListener(self._runner, self.limits.connections, "scheduler webhook and extender")
+        self.port = await self.listener.start(host, port, ssl_context)
         log.info("scheduler http started", host=host, port=self.port, tls=ssl_context is not None,
-                 routes=["/mutate", "/filter", "/prioritize", "/healthz"])
+                 routes=["/mutate", "/filter", "/prioritize", "/healthz"], webhook_max_bytes=self.limits.webhook_bytes,
+                 extender_max_bytes=self.limits.extender_bytes, max_reading=self.limits.reading,
+                 max_connections=self.limits.connections)
         return self.port
 
+    @property
+    def connections(self) -> int:
+        """Connections open now."""
+        return self.listener.open if self.listener is not None else 0
+
     async def stop(self) -> None:
+        if self.listener is not None:
+            self.listener.close()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -233,9 +291,26 @@ class SchedulerHttp:
         (``libs.metrics.DECISION_SECONDS``: reading the body, deciding, building the reply), whatever it is."""
         route = request.path.strip("/") or "/"
         way = _WAY.get(route)
+        if way is None or request.method != "POST":
+            return await handler(request)
         started = time.perf_counter()
         try:
-            return await handler(request)
+            limit = self.limits.body_bytes(route)
+            if request.content_length is not None and request.content_length > limit:
+                return self._too_large(route, limit)  # said before a byte of it is read
+            if self.reading >= self.limits.reading:
+                self._count(route, BUSY)
+                log.warning("too many requests being read at once, one refused", route=route,
+                            reading=self.reading)
+                return _json(_error(route, f"too many requests being read at once ({self.limits.reading}); try "
+                                           "again"), status=503, headers={"Retry-After": "1"})
+            self.reading += 1
+            try:
+                return await handler(request)
+            finally:
+                self.reading -= 1
+        except BodyTooLarge:
+            return self._too_large(route, limit)
         except web.HTTPException:
             raise
         except Exception as err:
@@ -243,15 +318,32 @@ class SchedulerHttp:
             log.exception("scheduler http request failed", route=route)
             return _json({"error": f"internal error: {type(err).__name__}"}, status=500)
         finally:
-            if way is not None:
-                metrics.DECISION_SECONDS.labels(way).observe(time.perf_counter() - started)
+            metrics.DECISION_SECONDS.labels(way).observe(time.perf_counter() - started)
+
+    def _too_large(self, route: str, limit: int) -> web.Response:
+        self._count(route, TOO_LARGE)
+        log.warning("request body over the limit refused", route=route, limit=limit)
+        return _json(_error(route, f"request body over the limit of {limit} bytes for /{route}"), status=413)
+
+    async def _body(self, request: web.Request) -> bytes:
+        """The request's body; BodyTooLarge as soon as it grows past its route's limit (a chunked body has no
+        Content-Length to refuse it by)."""
+        limit = self.limits.body_bytes(request.path.strip("/"))
+        pieces: list[bytes] = []
+        size = 0
+        while piece := await request.content.read(BODY_PIECE_BYTES):
+            size += len(piece)
+            if size > limit:
+                raise BodyTooLarge
+            pieces.append(piece)
+        return b"".join(pieces)
 
     async def _healthz(self, request: web.Request) -> web.Response:
         return web.Response(text="ok\n")
 
     async def _mutate(self, request: web.Request) -> web.Response:
         try:
-            review = parse_review(msgspec.json.decode(await request.read()))
+            review = parse_review(msgspec.json.decode(await self._body(request)))
             uses = datasets_of(review.pod, review.namespace) if not review.skip else None
         except (*DECODE_ERRORS, BadReview) as err:
             self._count(MUTATE, MALFORMED)
@@ -276,7 +368,7 @@ class SchedulerHttp:
 
     async def _filter(self, request: web.Request) -> web.Response:
         try:
-            args = parse_args(msgspec.json.decode(await request.read()))
+            args = parse_args(msgspec.json.decode(await self._body(request)))
         except (*DECODE_ERRORS, BadArgs) as err:
             self._count(FILTER, MALFORMED)
             log.warning("malformed extender filter request", reason=str(err))
@@ -291,7 +383,7 @@ class SchedulerHttp:
 
     async def _prioritize(self, request: web.Request) -> web.Response:
         try:
-            args = parse_args(msgspec.json.decode(await request.read()))
+            args = parse_args(msgspec.json.decode(await self._body(request)))
         except (*DECODE_ERRORS, BadArgs) as err:
             self._count(PRIORITIZE, MALFORMED)
             log.warning("malformed extender prioritize request", reason=str(err))
@@ -336,11 +428,12 @@ class HttpLoop:
 
 
 def http_loop(answer: Answer, *, host: str, port: int, timeout: float, tls_cert: str = "",
-              tls_key: str = "", tls_reload_seconds: float = TLS_RELOAD_SECONDS) -> HttpLoop:
+              tls_key: str = "", tls_reload_seconds: float = TLS_RELOAD_SECONDS,
+              limits: HttpLimits = HttpLimits()) -> HttpLoop:
     """The loop serving ``answer`` on ``host:port``: HTTPS with ``tls_cert`` and ``tls_key`` (read again every
     ``tls_reload_seconds``, for renewals); plain HTTP without (the API server calls webhooks over HTTPS only, so
     plain HTTP suits an extender on loopback, or tests)."""
     tls = RenewedTls(tls_cert, tls_key) if tls_cert and tls_key else None
     if tls is None:
         log.warning("scheduler http without TLS: the API server will not call a webhook over plain HTTP")
-    return HttpLoop(SchedulerHttp(answer, timeout=timeout), host, port, tls, tls_reload_seconds)
+    return HttpLoop(SchedulerHttp(answer, timeout=timeout, limits=limits), host, port, tls, tls_reload_seconds)

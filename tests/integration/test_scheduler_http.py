@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import copy
+import io
 import json
 import ssl
 import subprocess
@@ -298,6 +299,102 @@ async def test_a_malformed_review_is_a_400_with_the_reason(served: Served, body:
     assert metrics.moved("shoal_scheduler_decision_duration_seconds_count", way="webhook") == 1  # timed as well
     async with served.session.get(f"{served.url}/healthz") as health:
         assert health.status == 200
+
+
+async def test_a_body_over_its_routes_limit_is_a_413_with_the_reason(served: Served) -> None:
+    # Bodies of up to 64 MiB were read and decoded whole, whatever the route: hostile JSON of tiny objects took
+    # ~1.6 GB while decoded. A webhook body is now at most 8 MiB (above any pod the API server admits), an extender
+    # body 32 MiB (kube-scheduler's Node objects), refused before more than that is read.
+    review = recorded_review()
+    review["request"]["object"]["metadata"]["annotations"] = {"padding": "x" * (8 * 1024 * 1024)}
+    metrics = Snapshot()
+    async with served.session.post(f"{served.url}/mutate", data=io.BytesIO(json.dumps(review).encode()),
+                                   headers={"Content-Type": "application/json"}) as response:
+        # With a Content-Length: refused before a byte of it is read.
+        status, answer = response.status, await response.json()
+    assert status == 413 and "over the limit of 8388608 bytes for /mutate" in answer["error"]
+    assert served.stub.requests == [] and dict(served.http.counts) == {"mutate.too_large": 1}
+    assert metrics.moved("shoal_scheduler_decisions_total", way="webhook", outcome="too_large") == 1
+    sent = 0
+
+    async def chunked() -> AsyncIterator[bytes]:  # no Content-Length: the limit is found while reading
+        nonlocal sent
+        yield b'{"Pod": {"metadata": {"namespace": "ml-team"}, "spec": {}}, "NodeNames": ["'
+        while sent < 40 * 1024 * 1024:
+            sent += 1024 * 1024
+            yield b"n" * (1024 * 1024)
+        yield b'"]}'
+
+    async with served.session.post(f"{served.url}/filter", data=chunked()) as response:
+        assert response.status == 413
+        assert "over the limit of 33554432 bytes for /filter" in (await response.json())["Error"]
+    assert served.http.counts["filter.too_large"] == 1 and served.stub.requests == []
+    status, _ = await served.post("/mutate", recorded_review())  # bodies within the limit are answered as before
+    assert status == 200
+
+
+async def test_requests_beyond_those_being_read_at_once_get_a_503_with_the_reason(served: Served) -> None:
+    # Nothing bounded how many bodies were read and decoded at once. Eight now (each request holds its place until
+    # it is answered); one more is told to try again, and the webhook's failurePolicy: Ignore admits its pod.
+    body = json.dumps(recorded_review()).encode()
+    release = asyncio.Event()
+
+    async def slowly() -> AsyncIterator[bytes]:
+        yield body[:100]
+        await release.wait()
+        yield body[100:]
+
+    async def held() -> tuple[int, Any]:
+        async with served.session.post(f"{served.url}/mutate", data=slowly()) as response:
+            return response.status, await response.json()
+
+    holding = [asyncio.create_task(held()) for _ in range(8)]
+    try:
+        await eventually(lambda: _async(served.http.reading == 8), what="eight requests being read")
+        status, answer = await served.post("/mutate", recorded_review())
+        assert status == 503 and "too many requests being read at once (8)" in answer["error"]
+        status, result = await served.post("/prioritize", json.loads((FIXTURES / "extender-args-nodes.json")
+                                                                     .read_text()))
+        assert status == 503 and "too many requests being read at once" in result["Error"]
+        assert served.http.counts["mutate.busy"] == served.http.counts["prioritize.busy"] == 1
+        release.set()
+        for status, answer in await asyncio.gather(*holding):
+            assert status == 200 and best_preferred(patched_pod(recorded_review(), answer)) == ["node-b"]
+    finally:
+        release.set()
+        await asyncio.gather(*holding, return_exceptions=True)
+    assert served.http.reading == 0
+    status, _ = await served.post("/mutate", recorded_review())
+    assert status == 200
+
+
+async def test_connections_beyond_the_cap_get_a_503_and_are_closed(served: Served, tls: Tls) -> None:
+    # Nothing bounded the connections the port kept open: idle ones could use up the process's descriptors. 256 at
+    # once now (SHOAL_SCHED_HTTP_MAX_CONNECTIONS); one more is answered 503 with the reason and closed.
+    port = int(served.url.rsplit(":", 1)[1])
+    idle: list[asyncio.StreamWriter] = []
+    try:
+        for _ in range(256):
+            _, writer = await asyncio.open_connection("127.0.0.1", port, ssl=tls.client())
+            idle.append(writer)
+        await eventually(lambda: _async(served.http.connections == 256), what="256 connections open")
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=tls.client())
+        idle.append(writer)
+        refused = await asyncio.wait_for(reader.read(), 10)  # all of it: the server closes the connection
+        assert refused.startswith(b"HTTP/1.1 503 ") and b"too many connections open (256)" in refused
+        assert served.http.listener is not None and served.http.listener.refused == 1
+        for writer in idle[:2]:
+            writer.close()
+        await eventually(lambda: _async(served.http.connections <= 254), what="two connections closed")
+        async with served.session.get(f"{served.url}/healthz") as health:
+            assert health.status == 200
+    finally:
+        for writer in idle:
+            writer.close()
+
+
+async def _async(value: Any) -> Any:
+    return value
 
 
 async def test_extender_filters_and_ranks_by_cached_bytes(served: Served) -> None:

@@ -306,6 +306,11 @@ def test_scheduler_settings() -> None:
                     "SHOAL_SCHED_WEIGHT_NODE=-1: must be 0 or more", "SHOAL_SCHED_HTTP_PORT=70000",
                     "SHOAL_SCHED_NODE_TIMEOUT: must be positive"):
         assert problem in message
+    limits = load_settings({"SHOAL_SCHED_EXTENDER_MAX_BYTES": str(64 * 1024 * 1024)}).scheduler
+    assert (limits.webhook_max_bytes, limits.extender_max_bytes) == (8 * 1024 * 1024, 64 * 1024 * 1024)
+    assert (limits.http_max_reading, limits.http_max_connections) == (8, 256)
+    with pytest.raises(SettingsError, match="SHOAL_SCHED_HTTP_MAX_READING=0: must be at least 1"):
+        load_settings({"SHOAL_SCHED_HTTP_MAX_READING": "0"})
 
 
 def test_pvc_root() -> None:

@@ -211,6 +211,38 @@ async def test_a_block_comes_back_whole_and_is_counted(peer: tuple[PeerServer, S
     assert server.served_bytes == 100
 
 
+async def test_connections_beyond_the_cap_get_a_503_and_the_reader_moves_on(
+        peer: tuple[PeerServer, Served, str]) -> None:
+    # Nothing bounded the connections a peer server kept open: anyone reaching the port could use up the mount
+    # process's descriptors (its cache files need them too) with idle ones. 512 at once now; one more is answered
+    # 503 with the reason and closed, and a reader takes that as any refusal: a PeerError, on to its next source.
+    server, served, url = peer
+    idle: list[asyncio.StreamWriter] = []
+    try:
+        for _ in range(512):
+            _, writer = await asyncio.open_connection(LOOPBACK, server.port)
+            idle.append(writer)
+        await eventually(lambda: _async(server.connections == 512), what="512 connections open")
+        reader, writer = await asyncio.open_connection(LOOPBACK, server.port)
+        idle.append(writer)
+        refused = await asyncio.wait_for(reader.read(), 10)  # all of it: the server closes the connection
+        assert refused.startswith(b"HTTP/1.1 503 ") and b"too many connections open (512)" in refused
+        with pytest.raises(PeerError, match="too many connections open"):
+            await client_call(lambda c: c.get_block(url, block(1), BLOCK, BLOCK))
+        assert served.calls == []
+        for writer in idle[:2]:
+            writer.close()
+        await eventually(lambda: _async(server.connections <= 510), what="two connections closed")
+        assert await client_call(lambda c: c.get_block(url, block(1), BLOCK, BLOCK)) == served.blocks[("a b/ü.bin", 1)]
+    finally:
+        for writer in idle:
+            writer.close()
+
+
+async def _async(value: object) -> object:
+    return value
+
+
 async def test_a_slow_store_behind_the_peer_is_waited_for(peer: tuple[PeerServer, Served, str]) -> None:
     _, served, url = peer
     served.delay = 1.0  # longer than the read timeout: keep-alives hold the connection

@@ -1,0 +1,136 @@
+"""An aiohttp runner served on one port with a cap on the connections open at once.
+
+aiohttp bounds neither the connections a server keeps nor how many it accepts: each costs a file descriptor (which
+a mount process's cache files also need) and a little memory, and an unauthenticated client that opens many idle
+ones could use them all up. ``CappedListener`` listens with asyncio's ``create_server``, handing each connection to
+the runner's own protocol (``runner.server``, aiohttp's public low-level server) through a thin gate: beyond
+``max_connections`` open at once, a new connection gets ``503`` with the reason and is closed, so the client sees
+why (a kube-apiserver or a peer reader moves on: ``failurePolicy: Ignore``, the next block source).
+
+A connection counts from the moment it can carry a request (after its TLS handshake) until it is lost. A TLS
+handshake in progress is bounded in time instead (``HANDSHAKE_SECONDS``), and a connection that never sends a
+request by aiohttp's keep-alive timeout (75 s), which it also starts when a connection opens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import ssl
+import time
+from collections.abc import Callable
+
+from aiohttp import web
+
+from libs.telemetry import get_logger
+
+log = get_logger(__name__)
+
+# asyncio's default is 60 s: a client that opens TLS connections and never finishes the handshake would hold each
+# that long. The API server, kube-scheduler and peers finish one in milliseconds; 10 s leaves room for a loaded node.
+HANDSHAKE_SECONDS = 10.0
+# A full listener says so at most this often (a client hammering it would otherwise fill the log).
+REFUSAL_LOG_SECONDS = 60.0
+
+
+def refusal(reason: str) -> bytes:
+    """The whole HTTP answer a connection over the cap gets: 503, JSON ``{"reason": ...}``, closed."""
+    body = json.dumps({"reason": reason}).encode()
+    head = (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+            "Retry-After: 1\r\nConnection: close\r\n\r\n")
+    return head.encode() + body
+
+
+class _Gate(asyncio.Protocol):
+    """Stands between a transport and aiohttp's protocol for one connection: passes everything through when the
+    listener has room, else answers the refusal and closes."""
+
+    def __init__(self, listener: CappedListener, inner: asyncio.Protocol) -> None:
+        self._listener = listener
+        self._inner: asyncio.Protocol | None = inner
+        self._counted = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        listener = self._listener
+        if listener.open >= listener.max_connections:
+            self._inner = None
+            listener.refuse()
+            assert isinstance(transport, asyncio.WriteTransport)
+            transport.write(listener.refusal)
+            transport.close()
+            return
+        listener.open += 1
+        self._counted = True
+        assert self._inner is not None
+        self._inner.connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._counted:
+            self._counted = False
+            self._listener.open -= 1
+        if self._inner is not None:
+            self._inner.connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._inner is not None:
+            self._inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self._inner.eof_received() if self._inner is not None else None
+
+    def pause_writing(self) -> None:
+        if self._inner is not None:
+            self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self._inner is not None:
+            self._inner.resume_writing()
+
+
+class CappedListener:
+    """Serves ``runner`` (set up) on one host and port with at most ``max_connections`` connections open at once;
+    ``open`` is how many are, ``refused`` how many were turned away. ``what`` names the server in the log."""
+
+    def __init__(self, runner: web.BaseRunner, max_connections: int, what: str,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
+        if max_connections < 1:
+            raise ValueError("max_connections must be at least 1")
+        self.runner = runner
+        self.max_connections = max_connections
+        self.what = what
+        self.refusal = refusal(f"{what}: too many connections open ({max_connections}); try again")
+        self.open = 0
+        self.refused = 0
+        self.port = 0
+        self._monotonic = monotonic
+        self._said_at: float | None = None
+        self._refused_since_said = 0
+        self._server: asyncio.AbstractServer | None = None
+
+    async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None,
+                    reuse_address: bool | None = None) -> int:
+        """Listen on ``host:port`` (0: a free port); the port."""
+        server = self.runner.server
+        if server is None:
+            raise RuntimeError("set the runner up before listening")
+        self._server = await asyncio.get_running_loop().create_server(
+            lambda: _Gate(self, server()), host, port, ssl=ssl_context, reuse_address=reuse_address,
+            ssl_handshake_timeout=HANDSHAKE_SECONDS if ssl_context is not None else None)
+        sockets = self._server.sockets
+        self.port = int(sockets[0].getsockname()[1]) if sockets else port
+        return self.port
+
+    def close(self) -> None:
+        """Stop listening; the connections open are the runner's to close (``runner.cleanup``)."""
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+
+    def refuse(self) -> None:
+        self.refused += 1
+        self._refused_since_said += 1
+        now = self._monotonic()
+        if self._said_at is None or now - self._said_at >= REFUSAL_LOG_SECONDS:
+            log.warning("too many connections open: new ones refused", server=self.what, open=self.open,
+                        max_connections=self.max_connections, refused=self._refused_since_said)
+            self._said_at, self._refused_since_said = now, 0
