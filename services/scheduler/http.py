@@ -287,8 +287,10 @@ class SchedulerHttp:
     @web.middleware
     async def _guard(self, request: web.Request,
                      handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
-        """A bug here answers 500 (counted, logged), never takes the server down. Each route's answer is timed
-        (``libs.metrics.DECISION_SECONDS``: reading the body, deciding, building the reply), whatever it is."""
+        """The limits of the POST routes: a body over its route's limit gets 413, a request beyond ``reading`` at
+        once 503 (both counted). A bug here answers 500 (counted, logged), never takes the server down. Each
+        route's answer is timed (``libs.metrics.DECISION_SECONDS``: reading the body, deciding, building the
+        reply), whatever it is."""
         route = request.path.strip("/") or "/"
         way = _WAY.get(route)
         if way is None or request.method != "POST":
