@@ -13,9 +13,10 @@ mount (ENOTCONN) stays until the new process has loaded everything and moves its
 SIGTERM, any mount left behind is removed with ``fusermount3 -u -z``, and the bare mount point is removed; at start,
 the dead mounts an earlier run left for datasets no longer mounted are removed too. A deleted dataset is unmounted
 at once (its mount process deletes its cached blocks; the agent deletes those a dead one left, and at its start
-those of datasets deleted while it was down, found in the tiers of the runtimes that exist); one that merely stops
-being Bound (its runtime briefly NotReady, e.g. while this agent restarts) keeps its mount for a grace period, so
-readers are not cut off by a blip.
+those of datasets deleted while it was down, found in the tiers of the runtimes that exist and in those its mounts
+were started with, which it writes down in its mount root: ``services.agent.ledger``, as a runtime deleted
+meanwhile says nothing any more); one that merely stops being Bound (its runtime briefly NotReady, e.g. while this
+agent restarts) keeps its mount for a grace period, so readers are not cut off by a blip.
 
 Reference datasets (``dataset://``): no mount process; the agent keeps a link at the reference's mount point into
 its source's mount point while the reference is Bound and this node mounts the source (``domain.wanted_links``,
@@ -67,6 +68,8 @@ from services.agent import budget, domain
 from services.agent.cache import BlockCache
 from services.agent.cache.tiers import MARKER
 from services.agent.handover import remove_mountpoint
+from services.agent.ledger import FILE_NAME as LEDGER_FILE_NAME
+from services.agent.ledger import TierLedger
 from services.agent.links import existing_links, make_link, remove_link
 from services.agent.metrics import NodeMetrics, dir_health, remove_target
 from services.agent.mountinfo import canonical, device_of, devices, is_mounted, mount_points
@@ -170,8 +173,11 @@ class NodeAgent:
     child_env: dict[str, str] | None = None
     workers: dict[tuple[str, str], MountWorker] = field(default_factory=dict)
     # The tiers of caches that stopped mounts left on disk for datasets that still exist (their runtime went
-    # first): freed when the dataset is deleted, dropped when it is mounted again. Lost with the agent.
+    # first): freed when the dataset is deleted, dropped when it is mounted again. Found again at a start in
+    # ``ledger``.
     left_caches: dict[tuple[str, str], list[Level]] = field(default_factory=dict)
+    # The tiers every mount was started with, kept in the mount root across restarts (read in ``run``).
+    ledger: TierLedger = field(default_factory=lambda: TierLedger(None))
     # Whether the tiers were searched, at the first look after the watches caught up, for the caches of datasets
     # deleted while this agent was down (no process of the node was there to free them then).
     swept: bool = False
@@ -198,6 +204,8 @@ class NodeAgent:
                       else "runtime and dataset watches catching up")
         readiness.add("mounts", lambda: "; ".join(self.problems()) or None)
         await asyncio.to_thread(Path(self.settings.agent.mount_root).mkdir, parents=True, exist_ok=True)
+        self.ledger = TierLedger(Path(self.settings.agent.mount_root) / LEDGER_FILE_NAME)
+        await asyncio.to_thread(self.ledger.load)
         self.links = await asyncio.to_thread(existing_links, self.settings.agent.mount_root)
         readahead_budget, self.memory_budget = node_budgets(self.settings)
         self.status_dir = await asyncio.to_thread(tempfile.mkdtemp, prefix="shoal-agent-")
@@ -227,8 +235,17 @@ class NodeAgent:
         wanted = domain.wanted_mounts(self.datasets.values.values(), self.served)
         if not self.swept:
             self.swept = True
-            for ref, levels in sorted((await asyncio.to_thread(self._deleted_caches)).items()):
+            deleted = await asyncio.to_thread(self._deleted_caches)
+            for ref, levels in sorted(deleted.items()):
                 await self._free_cache(*ref, levels=levels)
+            for ref in [r for r in self.ledger.caches if r not in deleted
+                        and subjects.resource_key(*r) not in self.datasets.values]:
+                await asyncio.to_thread(self.ledger.forget, ref)  # freed before (no marker left): nothing to look for
+            # Caches an earlier run's mounts left for datasets that exist but are not mounted here now (their runtime
+            # went meanwhile): freed if the dataset is deleted, as those of mounts stopped while the agent runs.
+            for ref, levels in self.ledger.caches.items():
+                if ref not in wanted and subjects.resource_key(*ref) in self.datasets.values:
+                    self.left_caches.setdefault(ref, levels)
             await self._remove_dead_mounts(wanted)
         now = time.monotonic()
         for ref in [r for r in self.workers if r not in wanted]:
@@ -460,6 +477,9 @@ class NodeAgent:
         runtime = self.runtimes.values.get(subjects.resource_key(worker.namespace, worker.name))
         if runtime is not None:
             worker.levels = runtime.runtime.spec.tieredstore.levels
+            # Written down before the process can write a block: if the runtime goes while this agent is down,
+            # its next start still knows where to look.
+            await asyncio.to_thread(self.ledger.record, (worker.namespace, worker.name), worker.levels)
         argv = ["--namespace", worker.namespace, "--name", worker.name, "--mountpoint", worker.path,
                 "--status-file", worker.status_file]
         if worker.peer_port:
@@ -497,12 +517,14 @@ class NodeAgent:
         runtime's tiers (or ``levels``, those of a runtime deleted before the dataset)."""
         if levels is None:
             runtime = self.runtimes.values.get(subjects.resource_key(namespace, name))
-            if runtime is None:
+            levels = runtime.runtime.spec.tieredstore.levels if runtime is not None else \
+                self.ledger.caches.get((namespace, name))
+            if levels is None:
                 return
-            levels = runtime.runtime.spec.tieredstore.levels
         suffix = domain.cache_suffix(self.settings.agent.cache_subdir, namespace, name)
         folders = [Path(d.strip()) / suffix for level in levels for d in level.path.split(",") if d.strip()]
         if not await asyncio.to_thread(lambda: any(folder.is_dir() for folder in folders)):
+            await asyncio.to_thread(self.ledger.forget, (namespace, name))
             return  # the mount process freed it (the usual case)
 
         def free() -> int:
@@ -516,20 +538,24 @@ class NodeAgent:
             log.warning("could not free the cache of a deleted dataset", dataset=suffix, error=str(err))
             return
         log.info("deleted dataset's cache freed", dataset=suffix, blocks=freed)
+        await asyncio.to_thread(self.ledger.forget, (namespace, name))
 
     def _deleted_caches(self) -> dict[tuple[str, str], list[Level]]:
-        """The caches, in the disk tiers of the runtimes that exist, of datasets that do not (deleted while this
-        agent was down), each with the tiers it was found in. Only folders a cache made (holding its ``MARKER``)
-        count, so another agent's subdir or a folder that is not Shoal's is never taken for one."""
+        """The caches, in the disk tiers of the runtimes that exist and in those this node's mounts were started
+        with (``ledger``: a runtime deleted while this agent was down), of datasets that do not exist (deleted while
+        it was down), each with its tiers: those its mounts were started with when known, else those it was found
+        in. Only folders a cache made (holding its ``MARKER``) count, so another agent's subdir or a folder that is
+        not Shoal's is never taken for one."""
         found: dict[tuple[str, str], list[Level]] = {}
-        for record in self.runtimes.values.values():
-            levels = record.runtime.spec.tieredstore.levels
+        sources = [*(record.runtime.spec.tieredstore.levels for record in self.runtimes.values.values()),
+                   *self.ledger.caches.values()]
+        for levels in sources:
             paths = [d.strip() for level in levels if level.mediumtype != "MEM" for d in level.path.split(",")]
             for path in filter(None, paths):
                 for marker in (Path(path) / self.settings.agent.cache_subdir).glob(f"*/*/{MARKER}"):
                     ref = (marker.parent.parent.name, marker.parent.name)
                     if subjects.resource_key(*ref) not in self.datasets.values:
-                        found.setdefault(ref, levels)
+                        found.setdefault(ref, self.ledger.caches.get(ref, levels))
         return found
 
     def _mount_reports(self) -> list[tuple[MountReport, int]]:

@@ -25,7 +25,7 @@ from libs.bus import MESSAGE_LIMIT, Bus, kv_load
 from libs.config import Settings
 from libs.events.common import ObjectMeta, format_bytes
 from libs.events.dataset import Dataset, DatasetApply, DatasetDelete, DatasetResync, DatasetSpec, Mount
-from libs.events.runtime import Level, Runtime, RuntimeApply, RuntimeSpec, TieredStore
+from libs.events.runtime import Level, Runtime, RuntimeApply, RuntimeDelete, RuntimeSpec, TieredStore
 from libs.inventory import DatasetInventory
 from libs.manifest import ManifestStore
 from services.agent import app as agent_app
@@ -463,6 +463,51 @@ async def test_a_dataset_deleted_while_the_agent_was_down_has_its_blocks_freed_w
                          what="the agent back, freeing the blocks of the dataset deleted while it was down")
         await cluster.wait_mounted("kept", "d1.bin")
         assert len(block_files(caches["kept"])) >= 4
+
+
+async def test_a_dataset_and_its_runtime_deleted_while_the_agent_was_down_have_their_blocks_freed(
+        bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path) -> None:
+    # As above, but the runtime goes too, and each runtime has tiers of its own: no runtime that still exists says
+    # where the deleted dataset's blocks are. The agent wrote down the tiers its mounts were started with (in its
+    # mount root), so, back, it still finds and frees them; a folder there without a tier's marker stays.
+    objects = {f"d{i}.bin": os.urandom(1_500_000) for i in range(2)}
+    await put_objects(seaweedfs, bucket, objects)
+    async with cluster_stack(bus, settings, seaweedfs, tmp_path, {"n1": {}}) as cluster:
+        for name in ("gone", "kept"):
+            level = Level(mediumtype="SSD", quota="256Mi", path=str(cluster.cache_dir / name), high="0.95",
+                          low="0.8")
+            await bus.publish(subjects.RUNTIME_APPLY, RuntimeApply(runtime=Runtime(
+                metadata=ObjectMeta(name=name),
+                spec=RuntimeSpec(tieredstore=TieredStore(levels=[level]), block_size="1Mi"))))
+            await bus.publish(subjects.DATASET_APPLY, DatasetApply(dataset=Dataset(
+                metadata=ObjectMeta(name=name), spec=DatasetSpec(mounts=[Mount(mount_point=f"s3://{bucket}/")]))))
+        for name in ("gone", "kept"):
+            await cluster.wait_mounted(name, "d1.bin")
+            for key in objects:
+                await read_file(cluster.agents["n1"].mountpoint(name) / key)
+        caches = {name: cluster.cache_dir / name / "n1" / "default" / name for name in ("gone", "kept")}
+        for cache in caches.values():
+
+            async def on_disk(cache: Path = cache) -> bool:
+                return len(block_files(cache)) >= 4
+
+            await eventually(on_disk, what="blocks on disk")
+        # Where a dataset's cache would be, in the deleted runtime's tier, but no tier's marker: not Shoal's.
+        stray = cluster.cache_dir / "gone" / "n1" / "default" / "stray"
+        stray.mkdir()
+        (stray / "data.bin").write_bytes(b"not a block")
+        await cluster.stop_agent("n1")
+        await bus.publish(subjects.DATASET_DELETE, DatasetDelete(name="gone"))
+        await bus.publish(subjects.RUNTIME_DELETE, RuntimeDelete(name="gone"))
+        await eventually(lambda: _async_not(dataset_record(bus, "gone")), what="the dataset deleted")
+        await eventually(lambda: _async_not(runtime_record(bus, "gone")), what="the runtime deleted")
+        assert len(block_files(caches["gone"])) >= 4  # no process of the node was there to free them
+        cluster.start_agent("n1")
+        await eventually(lambda: _async(not caches["gone"].exists()), timeout=30,
+                         what="the agent back, freeing the blocks of the dataset deleted with its runtime")
+        await cluster.wait_mounted("kept", "d1.bin")
+        assert len(block_files(caches["kept"])) >= 4
+        assert (stray / "data.bin").read_bytes() == b"not a block"
 
 
 # A mount process killed with its agent (the container OOM-killed, kill -9 of the whole node), reduced to what it

@@ -1,0 +1,97 @@
+"""Where each dataset's cache was kept on this node, remembered across the agent's restarts.
+
+A runtime's record says where its tiers are; once the runtime is deleted nothing says it any more. So the agent
+writes down the tiers of every mount it starts, before the mount process can write a block, in a file of its own
+(``FILE_NAME`` in its mount root: kept on the node, a hostPath in a cluster), and forgets a dataset's entry once
+its cache is freed. At its start it looks in these tiers as well as in those of the runtimes that exist, so the
+blocks of a dataset deleted together with its runtime while the agent was down are found and freed. Only folders
+holding a tier's ``MARKER`` are taken for a cache there, as in the runtimes' tiers: an entry (stale, or a file
+edited by hand) naming another folder deletes nothing.
+
+A file that cannot be read or decoded is said in the log and taken as empty: the agent still runs, and finds what
+the runtimes that exist say.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import msgspec
+
+from libs.events.runtime import Level
+from libs.telemetry import get_logger
+
+log = get_logger(__name__)
+
+# In the agent's mount root, whose entries are <namespace>/<name> folders: a name starting with a dot is no
+# namespace (DNS labels cannot start with one).
+FILE_NAME = ".shoal-cache-tiers.json"
+
+Ref = tuple[str, str]
+
+
+class _Entry(msgspec.Struct, frozen=True, kw_only=True):
+    namespace: str
+    name: str
+    levels: list[Level]
+
+
+class _File(msgspec.Struct, frozen=True, kw_only=True):
+    # The dataset caches this agent started mounts for and has not freed yet, with their runtime's tiers then.
+    caches: list[_Entry] = []
+
+
+class TierLedger:
+    """The tiers of each dataset cache this node's mounts were started with, in the file at ``path`` (None: kept
+    in memory only). Blocking file I/O: the agent calls it off its event loop."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.caches: dict[Ref, list[Level]] = {}
+
+    def load(self) -> None:
+        if self.path is None:
+            return
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return
+        except OSError as err:
+            log.warning("cache tiers file not readable: caches of runtimes deleted meanwhile are not found",
+                        path=str(self.path), error=str(err))
+            return
+        try:
+            entries = msgspec.json.decode(data, type=_File).caches
+        except (msgspec.DecodeError, msgspec.ValidationError) as err:
+            log.warning("cache tiers file not understood: caches of runtimes deleted meanwhile are not found",
+                        path=str(self.path), error=str(err))
+            return
+        self.caches = {(entry.namespace, entry.name): list(entry.levels) for entry in entries}
+
+    def record(self, ref: Ref, levels: list[Level]) -> None:
+        """Remember that ``ref``'s cache is kept in ``levels`` (written at once when that is news)."""
+        if self.caches.get(ref) == levels:
+            return
+        self.caches[ref] = list(levels)
+        self._save()
+
+    def forget(self, ref: Ref) -> None:
+        """``ref``'s cache is freed: nothing to look for any more."""
+        if self.caches.pop(ref, None) is not None:
+            self._save()
+
+    def _save(self) -> None:
+        if self.path is None:
+            return
+        entries = [_Entry(namespace=ns, name=name, levels=levels) for (ns, name), levels in sorted(self.caches.items())]
+        temporary = self.path.with_name(f".{self.path.name}.tmp")
+        try:
+            with open(temporary, "wb") as out:
+                out.write(msgspec.json.encode(_File(caches=entries)))
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(temporary, self.path)  # whole or not at all: a crash leaves the previous file
+        except OSError as err:
+            log.warning("cache tiers file not written: a cache whose runtime is deleted while the agent is down "
+                        "may stay on disk", path=str(self.path), error=str(err))
