@@ -133,7 +133,8 @@ class RenewedTls:
         self.key_file = key_file
         self._files = self._read()
         self._current = server_tls(cert_file, key_file)
-        self.context = server_tls(cert_file, key_file)
+        # The listening context is the first pair's; each handshake is then handed to the newest (``_choose``).
+        self.context = self._current
         self.context.sni_callback = self._choose
 
     def _read(self) -> tuple[bytes, bytes] | None:
@@ -147,7 +148,8 @@ class RenewedTls:
         connection.context = self._current
 
     def reload(self) -> bool:
-        """Load the files again if they changed; whether the served certificate changed."""
+        """Load the files again if they changed; whether the served certificate changed. Blocking (file reads):
+        call it in a thread; handshakes meanwhile get the previous pair."""
         files = self._read()
         if files is None or files == self._files:
             return False
@@ -421,7 +423,7 @@ class HttpLoop:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), self.tls_reload_seconds)
                 if self.tls is not None and not self._stopping.is_set():
-                    self.tls.reload()
+                    await asyncio.to_thread(self.tls.reload)
         finally:
             await self.http.stop()
 
