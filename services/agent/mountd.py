@@ -326,11 +326,18 @@ class MountedDataset:
         ``stop`` was set meanwhile. A stop ends the scan at its next file: a large cache is not read to the end
         first (and the agent's grace is not waited out), and the files not scanned yet wait for the next start.
         A scan held up by its disk (a hung NFS server) ends only when the disk answers, or by SIGKILL."""
+        # The thread only reads the event's flag, which the loop sets: no lock needed for one bool.
+        scan = asyncio.ensure_future(asyncio.to_thread(cache.load, block_size, stop.is_set))
+        stopping = asyncio.ensure_future(stop.wait())
         try:
-            # The thread only reads the event's flag, which the loop sets: no lock needed for one bool.
-            await asyncio.to_thread(cache.load, block_size, stop.is_set)
+            await asyncio.wait([scan, stopping], return_when=asyncio.FIRST_COMPLETED)
+            if not scan.done():
+                log.info("stop requested while loading the cache: the scan ends at its next file", dataset=self.key)
+            await scan
         except ScanCancelled:
             return False
+        finally:
+            stopping.cancel()
         return not stop.is_set()
 
     def _stopped_while_starting(self, step: str) -> None:

@@ -615,6 +615,10 @@ async def test_a_mount_process_stopped_while_it_loads_its_cache_ends_at_once_and
 
             await eventually(loading_cache, timeout=30, what=f"the cache being loaded; log: {log.read_text()[-2000:]}")
             first.send_signal(signal.SIGTERM)
+            # The stop must have reached the scan before an open is let through, or the scan, not told yet, would
+            # go on to the next stalled file.
+            await eventually(lambda: _said(log, "stop requested while loading the cache"), timeout=30,
+                             what="the stop noticed while the cache loads")
             released: list[bool] = []
 
             async def exited() -> bool:
@@ -654,3 +658,7 @@ async def test_a_mount_process_stopped_while_it_loads_its_cache_ends_at_once_and
 async def _manifest_of(bus: Bus, name: str) -> str:
     record = await dataset_record(bus, name)
     return record.status.manifest if record else ""
+
+
+async def _said(log: Path, text: str) -> bool:
+    return log.exists() and text in log.read_text()
