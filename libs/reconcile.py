@@ -21,7 +21,8 @@ the initial values): what a service counts about the bucket (its gauges) needs n
 
 ``owner``, when given (``libs.members.Members``), splits the keys between a service's replicas: this one
 reconciles only the keys it owns, starts once the live replicas are known, and when they change takes up the keys
-it gained (every key the watch showed is remembered) and lets go of those it lost (a reconcile waiting for its next
+it gained (every key the watch showed is remembered, and which of them it owned at the last change; a key it
+kept is not run again) and lets go of those it lost (a reconcile waiting for its next
 run ends there; one running finishes, and the new owner's runs too: level-triggered, so at worst twice).
 """
 
@@ -68,6 +69,7 @@ class Reconciler:
         self.observe = observe
         self.owner = owner
         self._known: set[str] = set()  # every key the watch showed (with an owner: to take up gained keys)
+        self._owned: set[str] = set()  # of those, the keys this replica owned at the last look
         self._running: dict[str, asyncio.Task[None]] = {}
         self._again: set[str] = set()
         self._wake: dict[str, asyncio.Event] = {}
@@ -89,6 +91,7 @@ class Reconciler:
                         continue
                     if entry.operation in ("DEL", "PURGE"):
                         self._known.discard(entry.key)
+                        self._owned.discard(entry.key)
                         self._let_go(entry.key)
                         continue
                     if self.owner is not None:
@@ -114,11 +117,15 @@ class Reconciler:
             ready.cancel()
 
     def _rebalance(self) -> None:
-        """The live replicas changed: run the keys this one gained; wake those it lost, so they end."""
+        """The live replicas changed: run the keys this one gained (not those it kept: each ran when it last
+        changed, and a run of every key at every change of replicas would call ``reconcile`` thousands of times for
+        nothing); wake those it lost, so they end."""
         assert self.owner is not None
-        for key in self._known:
-            if key not in self._running and self.owner.owns(key):
+        owned = {key for key in self._known if self.owner.owns(key)}
+        for key in owned - self._owned:
+            if key not in self._running:
                 self.schedule(key)
+        self._owned = owned
         for key, wake in list(self._wake.items()):
             if not self.owner.owns(key):
                 wake.set()
@@ -132,8 +139,10 @@ class Reconciler:
 
     def schedule(self, key: str) -> None:
         self._gone.discard(key)  # changed again after a delete: there is work again
-        if self.owner is not None and not self.owner.owns(key):
-            return  # another replica's: its own watch schedules it there
+        if self.owner is not None:
+            if not self.owner.owns(key):
+                return  # another replica's: its own watch schedules it there
+            self._owned.add(key)
         if key in self._running:
             self._again.add(key)
             if key in self._wake:

@@ -15,7 +15,8 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator
+from collections import Counter
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 
 from libs import subjects
@@ -137,6 +138,41 @@ async def test_a_replica_whose_loop_stalled_past_the_ttl_does_not_take_the_other
         reconciler.stop()
         await asyncio.wait_for(asyncio.gather(*tasks), 10)
 
+
+
+async def test_a_change_of_replicas_runs_only_the_keys_a_replica_gained(bus: Bus) -> None:
+    """A replica joining and leaving runs again only the keys that came to this one, not every key it kept (with
+    thousands of datasets, each change of replicas called the sync of every one of them)."""
+    await bus.provision()
+    members_kv, datasets = await bus.kv(subjects.KV_MEMBERS), await bus.kv(subjects.KV_DATASETS)
+    keys = [f"default.d{i}" for i in range(40)]
+    for key in keys:
+        await datasets.put(key, b"{}")
+    runs: Counter[str] = Counter()
+
+    async def reconcile(key: str) -> None:
+        runs[key] += 1
+
+    async with member(bus, "a") as a:
+        reconciler = Reconciler(datasets, reconcile, owner=a)
+        task = asyncio.create_task(reconciler.run())
+        try:
+            async def each_ran(times: Mapping[str, int]) -> bool:
+                return all(runs[key] == count for key, count in times.items())
+
+            await eventually(lambda: each_ran(dict.fromkeys(keys, 1)), 10, "every key run once")
+            await members_kv.put(f"{SERVICE}.b", b"{}")  # b joins: a keeps some keys, loses the rest
+            await sees(a, "a", "b")
+            kept = {key for key in keys if a.owns(key)}
+            assert kept and len(kept) < len(keys)
+            await members_kv.delete(f"{SERVICE}.b")  # b leaves cleanly: its keys come back to a
+            await sees(a, "a")
+            came_back = set(keys) - kept
+            await eventually(lambda: each_ran(dict.fromkeys(came_back, 2)), 10, "the keys that came back run again")
+            assert {key: runs[key] for key in kept} == dict.fromkeys(kept, 1), "a kept key ran again"
+        finally:
+            reconciler.stop()
+            await asyncio.wait_for(task, 10)
 
 async def _keys(bus: Bus) -> AsyncIterator[str]:
     for key in sorted(await (await bus.kv(subjects.KV_MEMBERS)).keys()):
