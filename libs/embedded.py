@@ -54,6 +54,11 @@ def free_port(host: str = LOOPBACK) -> int:
             return port
 
 
+class PortTaken(RuntimeError):
+    """A server exited at start because a port it was given was bound meanwhile by another process (between
+    ``free_port`` choosing it and the server binding it: other test workers, another run on the machine)."""
+
+
 def wait_until(check: Callable[[], bool], timeout: float, what: str, process: subprocess.Popen[bytes] | None = None,
                log: Path | None = None) -> None:
     """Poll ``check`` until it is true; fail early and show the log if the process died."""
@@ -63,7 +68,8 @@ def wait_until(check: Callable[[], bool], timeout: float, what: str, process: su
             return
         if process is not None and process.poll() is not None:
             tail = log.read_text(errors="replace")[-2000:] if log and log.exists() else ""
-            raise RuntimeError(f"{what} exited with {process.returncode} before it was ready\n{tail}")
+            failure = PortTaken if "address already in use" in tail else RuntimeError
+            raise failure(f"{what} exited with {process.returncode} before it was ready\n{tail}")
         time.sleep(0.05)
     raise TimeoutError(f"{what} not ready within {timeout} s")
 
@@ -284,6 +290,20 @@ class SeaweedConfig:
             if port < 55000 and port not in ports and not port_open(port + 10000):
                 ports.append(port)
         return cls(data_dir, s3_port=ports[0], master_port=ports[1], volume_port=ports[2], filer_port=ports[3])
+
+
+def start_seaweedfs_on_free_ports(data_dir: Path, log_path: Path, attempts: int = 3) -> tuple[SeaweedConfig,
+                                                                                          ServerProcess]:
+    """``start_seaweedfs`` on ports chosen now, chosen again (``attempts`` in all) when one was taken before
+    SeaweedFS bound it: it needs four ports and their gRPC twins, so a busy machine takes one in between."""
+    for attempt in range(1, attempts + 1):
+        config = SeaweedConfig.on_free_ports(data_dir)
+        try:
+            return config, start_seaweedfs(config, log_path)
+        except PortTaken:
+            if attempt == attempts:
+                raise
+    raise AssertionError("attempts must be at least 1")
 
 
 def start_seaweedfs(config: SeaweedConfig, log_path: Path) -> ServerProcess:

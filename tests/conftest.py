@@ -17,7 +17,15 @@ from aiobotocore.session import get_session
 
 from libs.bus import Bus, connect
 from libs.config import NatsSettings, Secret, Settings
-from libs.embedded import NatsConfig, SeaweedConfig, ServerProcess, free_port, start_nats, start_seaweedfs
+from libs.embedded import (
+    NatsConfig,
+    PortTaken,
+    SeaweedConfig,
+    ServerProcess,
+    free_port,
+    start_nats,
+    start_seaweedfs_on_free_ports,
+)
 from libs.ufs.base import S3Location
 from tests.helpers import make_settings
 from tests.nats_cluster import NatsCluster
@@ -70,8 +78,14 @@ class NatsServer:
 def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
     """A nats-server for one test. Tests that restart it use ``stop``/``start``/``restart``, never a process of
     their own: the clients (``bus``) are closed while it still runs, then the fixture stops it."""
-    config = NatsConfig(port=free_port(), monitor_port=free_port(), store_dir=tmp_path / "jetstream")
-    server = NatsServer(config, start_nats(config, tmp_path / "nats.log"), tmp_path)
+    for attempt in range(1, 4):  # ports chosen again when another process took one before the server bound it
+        config = NatsConfig(port=free_port(), monitor_port=free_port(), store_dir=tmp_path / "jetstream")
+        try:
+            server = NatsServer(config, start_nats(config, tmp_path / "nats.log"), tmp_path)
+            break
+        except PortTaken:
+            if attempt == 3:
+                raise
     try:
         yield server
     finally:
@@ -107,8 +121,7 @@ class SeaweedServer:
 @pytest.fixture(scope="session")
 def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedServer]:
     data_dir = tmp_path_factory.mktemp("seaweedfs")
-    config = SeaweedConfig.on_free_ports(data_dir / "data")
-    process = start_seaweedfs(config, data_dir / "seaweedfs.log")
+    config, process = start_seaweedfs_on_free_ports(data_dir / "data", data_dir / "seaweedfs.log")
     try:
         yield SeaweedServer(config, process)
     finally:
