@@ -468,6 +468,11 @@ class RunState(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omit_d
     run_command_sequence: int = 0
     # OnEvent: the dataset's (syncedGeneration, syncedRequests, lastSyncTime) the last run looked at.
     sync_stamp: str = ""
+    # A finished run's end, saved with the finished stage before the record is written: a record left Executing
+    # (that write failed, or the loader was killed between the two) is brought to this end later (``unclosed``).
+    outcome: OperationPhase | None = None
+    outcome_message: str = ""
+    finished_at: float = 0.0
 
 
 def parts_state(plan: Plan) -> list[PartState]:
@@ -527,6 +532,24 @@ def nodes_gone(state: RunState, runtime: RuntimeRecord | None) -> list[str]:
     else:
         here = set(runtime.status.ready_nodes) | {w.node for w in runtime.status.workers if w.ready}
     return sorted({part.node for part in state.parts if not part.done} - here)
+
+
+def unclosed(record: OperationRecord, state: RunState) -> bool:
+    """The run state says the record's run finished, the record still shows it Executing: the record's write at the
+    run's end failed, or the loader was killed between the two writes."""
+    if state.stage != "finished" or not state.run or record.status.phase != "Executing":
+        return False
+    number = state.run.rsplit(".", 1)[1]
+    return number.isdigit() and int(number) == record.status.runs
+
+
+def closing(state: RunState) -> tuple[OperationPhase, str]:
+    """The end to write of an ``unclosed`` run: the one saved with it, or (a state saved without one) what its parts
+    say."""
+    if state.outcome is not None:
+        return state.outcome, state.outcome_message
+    return outcome(state) or ("Failed", "the loader stopped while this run ended and its end was not kept; run it "
+                                        "again")
 
 
 def outcome(state: RunState) -> tuple[OperationPhase, str] | None:

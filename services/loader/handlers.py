@@ -335,7 +335,7 @@ class LoaderHandlers:
     def _may_advance(self, key: str, record: OperationRecord, now: float) -> bool:
         """From the mirrors, in memory: whether ``_advance`` could do anything for this operation now."""
         state = self.runs.values.get(key, domain.RunState())
-        if state.stage != "finished" or domain.expired(record, now):
+        if state.stage != "finished" or domain.unclosed(record, state) or domain.expired(record, now):
             return True
         ref = domain.dataset_ref(record)
         dataset = self.datasets.values.get(subjects.resource_key(ref.namespace, ref.name))
@@ -348,6 +348,9 @@ class LoaderHandlers:
         if record is None:
             return
         state, _ = await self._state(key)
+        if domain.unclosed(record, state):
+            await self._close(key, record, revision, state)
+            return
         if state.stage != "finished":
             record = await self._ensure_started(key, record, revision, state, now)
         if state.stage == "planning":
@@ -548,16 +551,26 @@ class LoaderHandlers:
         if record is None:
             self._forget_run(key)
             return
+        if record.load is not None:
+            # Before the finished state: a loader killed in between finishes the run again, and this is idempotent.
+            await self._settle_baseline(key, phase)
+        # The end goes into the run state first: if the record's write below fails (or the loader is killed before
+        # it), the tick finds the record Executing a finished run and writes this end (``_close``).
+        state = msgspec.structs.replace(state, stage="finished", outcome=phase, outcome_message=message,
+                                        finished_at=now)
+        await self._save_state(key, state)
+        await self._close(key, record, revision, state)
+
+    async def _close(self, key: str, record: OperationRecord, revision: int | None, state: domain.RunState) -> None:
+        """Write a finished run's end (phase, message, final progress) into its record."""
+        phase, message = domain.closing(state)
+        now = state.finished_at or self.clock()
         status = record.status
         if state.parts:
             plan = await self._plan_of(key, state.run)
             done = domain.files_done(plan, state.parts) if plan is not None else 0
             status = msgspec.structs.replace(status, progress=domain.fold_progress(state, done, now))
         status = domain.status_finished(status, phase, message, state.started_at or now, now)
-        if record.load is not None:
-            # Before the finished state: a loader killed in between finishes the run again, and this is idempotent.
-            await self._settle_baseline(key, phase)
-        await self._save_state(key, msgspec.structs.replace(state, stage="finished"))
         await self._save_status(key, record, revision, status)
         self._forget_run(key)
         metrics.OPERATION_RUNS.labels(record.kind, phase).inc()

@@ -859,3 +859,46 @@ async def test_a_recreated_operation_continues_the_run_numbers(bus: Bus, nats_se
         again = await phase_of(bus, "Complete", runs=2)
     assert {task.run for task in scripted.tasks.values()} == {"dataload.default.warm.1", "dataload.default.warm.2"}
     assert again.status.progress.bytes_done == BLOCK
+
+
+@pytest.mark.parametrize("restart", [False, True])
+async def test_a_run_whose_end_was_not_written_to_the_record_ends_there_later(
+        bus: Bus, nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch, restart: bool) -> None:
+    """The run ends: its run state is saved finished, then writing the record fails (a NATS error; or the loader is
+    killed between the two writes). The record must not stay Executing for ever (a Cron or OnEvent load would never
+    run again, and dataload.run would be refused as Executing): the next tick, of this loader or of a restarted one,
+    writes the run's end, with the phase and message it had."""
+    await put_dataset(bus, files(("a", BLOCK)))
+    await put_runtime(bus, NODES[:1])
+    key = subjects.operation_key("DataLoad", "default", "warm")
+    real_save_status = LoaderHandlers._save_status
+    refused: list[str] = []
+
+    async def save_status_failing_once(self: LoaderHandlers, key: str, record: OperationRecord, revision: int | None,
+                                       status: Any) -> OperationRecord:
+        if status.phase == "Failed" and not refused:
+            refused.append(status.message)
+            raise nats.errors.TimeoutError
+        return await real_save_status(self, key, record, revision, status)
+
+    monkeypatch.setattr(LoaderHandlers, "_save_status", save_status_failing_once)
+
+    async def finished_state() -> bool:
+        state, _ = await kv_load(await bus.kv(subjects.KV_OPERATION_RUNS), key, domain.RunState)
+        return state is not None and state.stage == "finished" and bool(state.run)
+
+    async with agent(bus, NODES[:1], fail="the store refused the read"):
+        async with loader(nats_server):
+            await publish(bus, subjects.DATALOAD_APPLY, dataload(policy="Cron", schedule="0 0 1 1 *"))
+            await phase_of(bus, "Pending")
+            await publish(bus, subjects.DATALOAD_RUN, DataLoadRun(name="warm"))
+            await eventually(finished_state, what="the run state saved finished")
+            if not restart:
+                failed = await phase_of(bus, "Failed", runs=1)
+        if restart:
+            async with loader(nats_server):
+                failed = await phase_of(bus, "Failed", runs=1)
+    assert refused == [failed.status.message]
+    assert failed.status.message.startswith("node node-a failed 1 block(s): the store refused the read")
+    assert failed.status.completion_time and failed.status.duration != domain.UNFINISHED
+    assert failed.status.progress.bytes_total == BLOCK

@@ -264,6 +264,24 @@ def test_a_finished_run_has_fluids_status() -> None:
     assert [(c.type, c.message) for c in failed.conditions] == [("Failed", "boom")]
 
 
+def test_a_record_left_executing_a_finished_run_is_closed_with_its_saved_end() -> None:
+    executing = record(phase="Executing", runs=2)
+    ended = domain.RunState(run="dataload.default.warm.2", stage="finished", outcome="Failed",
+                            outcome_message="node a failed 1 block(s): boom", finished_at=5.0)
+    assert domain.unclosed(executing, ended)
+    assert domain.closing(ended) == ("Failed", "node a failed 1 block(s): boom")
+    # Not while the run works, not for another run, not once the record shows the end.
+    assert not domain.unclosed(executing, msgspec.structs.replace(ended, stage="executing"))
+    assert not domain.unclosed(executing, msgspec.structs.replace(ended, run="dataload.default.warm.1"))
+    assert not domain.unclosed(record(phase="Failed", runs=2), ended)
+    # A state saved without its end (by a loader before it was kept): what the parts say, or Failed saying so.
+    done = domain.RunState(run="dataload.default.warm.2", stage="finished",
+                           parts=[domain.PartState(node="a", done=True)])
+    assert domain.closing(done) == ("Complete", "")
+    assert domain.closing(domain.RunState(run="dataload.default.warm.2", stage="finished",
+                                          parts=[domain.PartState(node="a")]))[0] == "Failed"
+
+
 # --- when runs are due ---
 
 
