@@ -8,7 +8,7 @@
 - Progress folding: the parts' cumulative ``TaskProgress`` → ``Progress`` (rate, ETA, per node, files done).
 - When a run is due: Once (never ran), Cron (``croniter``; decided from lastScheduleTime, so a missed run runs once
   and a restart does not run it again), OnEvent (the manifest changed: only new or changed entries), runAfter
-  (wait / go / fail naming the other operation), TTL expiry.
+  (wait / go / fail naming the other operation), TTL expiry (not while a Pending runAfter waits for it).
 """
 
 from __future__ import annotations
@@ -659,9 +659,23 @@ def run_after_key(ref: OperationRef, namespace: str) -> tuple[str, str, str]:
     return ref.kind, ref.namespace or namespace, ref.name
 
 
+def awaited(record: OperationRecord, others: Iterable[OperationRecord]) -> bool:
+    """Whether a Pending operation's runAfter names ``record``: removed, it would leave that one waiting for it to
+    exist for ever."""
+    meta = record.metadata
+    wanted = (record.kind, meta.namespace, meta.name)
+    for other in others:
+        spec = other.load or other.clean
+        if (other.status.phase == "Pending" and spec is not None and spec.run_after is not None
+                and run_after_key(spec.run_after, other.metadata.namespace) == wanted):
+            return True
+    return False
+
+
 def expired(record: OperationRecord, now: float) -> bool:
-    """ttlSecondsAfterFinished: a finished Once load or a clean is removed that long after it finished. Cron and
-    OnEvent loads are never finished for good, so they stay."""
+    """ttlSecondsAfterFinished: a finished Once load or a clean is removed that long after it finished (and once
+    no Pending operation waits for it: ``awaited``). Cron and OnEvent loads are never finished for good, so they
+    stay."""
     spec = record.load or record.clean
     ttl = spec.ttl_seconds_after_finished if spec is not None else None
     if ttl is None or record.status.phase not in ("Complete", "Failed"):

@@ -335,7 +335,7 @@ class LoaderHandlers:
     def _may_advance(self, key: str, record: OperationRecord, now: float) -> bool:
         """From the mirrors, in memory: whether ``_advance`` could do anything for this operation now."""
         state = self.runs.values.get(key, domain.RunState())
-        if state.stage != "finished" or domain.unclosed(record, state) or domain.expired(record, now):
+        if state.stage != "finished" or domain.unclosed(record, state) or self._expired(record, now):
             return True
         ref = domain.dataset_ref(record)
         dataset = self.datasets.values.get(subjects.resource_key(ref.namespace, ref.name))
@@ -374,10 +374,15 @@ class LoaderHandlers:
                 await self._finish(key, *result)
             else:
                 await self._write_progress(key, force=False)
-        elif domain.expired(record, now):
+        elif self._expired(record, now):
             await self._remove(key, record, revision, "")
         else:
             await self._maybe_start(key, record, revision, state, now)
+
+    def _expired(self, record: OperationRecord, now: float) -> bool:
+        """Past its ttlSecondsAfterFinished, and no Pending operation's runAfter waits for it (the tick passes the
+        operations in key order: one removed before the one after it looked would leave that one waiting for ever)."""
+        return domain.expired(record, now) and not domain.awaited(record, self.operations.values.values())
 
     async def _node_gone(self, key: str, record: OperationRecord,
                          state: domain.RunState) -> tuple[OperationPhase, str] | None:

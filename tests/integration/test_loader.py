@@ -902,3 +902,31 @@ async def test_a_run_whose_end_was_not_written_to_the_record_ends_there_later(
     assert failed.status.message.startswith("node node-a failed 1 block(s): the store refused the read")
     assert failed.status.completion_time and failed.status.duration != domain.UNFINISHED
     assert failed.status.progress.bytes_total == BLOCK
+
+
+async def test_an_operation_waited_for_is_kept_past_its_ttl_until_the_waiting_one_starts(
+        bus: Bus, nats_server: NatsServer) -> None:
+    """"first" has ttlSecondsAfterFinished: 0 and "second" runs after it. The tick that removes "first" (it passes
+    "first" before "second") must not leave "second" waiting for "first to exist" for ever: "first" stays until
+    "second" has started, then goes."""
+    await put_dataset(bus, files(("a", BLOCK)))
+    await put_runtime(bus, NODES[:1])
+    facts = FactCollector()
+    await facts.start(bus, subjects.DATALOAD_FACTS)
+    async with agent(bus, NODES[:1]) as scripted, loader(nats_server):
+        scripted.hold.set()
+        await publish(bus, subjects.DATALOAD_APPLY, dataload(name="first", ttl_seconds_after_finished=0))
+        await phase_of(bus, "Executing", name="first")
+        await publish(bus, subjects.DATALOAD_APPLY, dataload(name="second",
+                                                             run_after=OperationRef(kind="DataLoad", name="first")))
+
+        async def waiting() -> OperationRecord | None:
+            found = await operation(bus, "second")
+            return found if found and found.status.waiting_for else None
+
+        await eventually(waiting, what="second waiting for first")
+        scripted.hold.clear()
+        second = await phase_of(bus, "Complete", name="second")
+        await facts.wait_for("operation.deleted.v1", name="first")  # its TTL still applies, once nothing waits
+    assert second.status.runs == 1 and not second.status.waiting_for
+    assert await operation(bus, "first") is None

@@ -339,6 +339,19 @@ def test_ttl_removes_finished_once_operations() -> None:
     assert not domain.expired(cron, t("2027-01-01T00:00:00Z"))
 
 
+def test_an_operation_is_awaited_while_a_pending_one_runs_after_it() -> None:
+    first = record(phase="Complete")  # "warm"
+    after = OperationRecord(kind="DataLoad", metadata=ObjectMeta(name="second"), load=DataLoadSpec(
+        dataset=REF, run_after=OperationRef(kind="DataLoad", name="warm")))
+    assert domain.awaited(first, [first, after])
+    assert not domain.awaited(first, [msgspec.structs.replace(after, status=OperationStatus(phase="Executing"))])
+    elsewhere = msgspec.structs.replace(after, metadata=ObjectMeta(name="second", namespace="other"))
+    assert not domain.awaited(first, [elsewhere])  # its runAfter names other/warm
+    clean = OperationRecord(kind="DataClean", metadata=ObjectMeta(name="wipe"), clean=DataCleanSpec(
+        dataset=REF, run_after=OperationRef(kind="DataClean", name="warm")))
+    assert not domain.awaited(first, [clean])  # a DataClean named warm, not this DataLoad
+
+
 @settings(max_examples=40, deadline=None)
 @given(MANIFESTS, st.integers(1, 4), st.integers(3, 9), st.integers(150, 600))
 def test_parts_stay_within_small_limits_and_cover_every_block_once(files, workers, max_blocks, max_bytes) -> None:
