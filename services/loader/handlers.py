@@ -110,6 +110,9 @@ class LoaderHandlers:
     plans: dict[str, domain.Plan] = field(default_factory=dict)
     # The run whose parts this process published or republished (a restarted loader republishes the others once).
     published: dict[str, str] = field(default_factory=dict)
+    # The run whose loadMetadata DatasetResync this process published (a restarted loader, or one whose publish
+    # failed, publishes it again: nothing else asks the dataset service for that listing).
+    resynced: dict[str, str] = field(default_factory=dict)
     # Operations with progress not yet in their status, and when their status was last written (monotonic).
     dirty: set[str] = field(default_factory=set)
     written_at: dict[str, float] = field(default_factory=dict)
@@ -364,6 +367,8 @@ class LoaderHandlers:
                 await self._finish(key, "Failed", f"dataset {ref.namespace}/{ref.name} was not listed again within "
                                    f"{self.metadata_timeout:.0f} s (loadMetadata); check the dataset's status and "
                                    f"the dataset service, or set loadMetadata: false")
+            elif self.resynced.get(key) != state.run:
+                await self._request_metadata(key, record, state.run)
         elif state.stage == "executing":
             if self.published.get(key) != state.run:
                 await self._publish_parts(key, state, resume=True)
@@ -461,11 +466,17 @@ class LoaderHandlers:
             return
         record = await self._save_status(key, record, revision, domain.status_started(record.status, number, now))
         if state.stage == "metadata":
-            ref = domain.dataset_ref(record)
-            await self.bus.publish(subjects.DATASET_RESYNC,
-                                   DatasetResync(id=f"{run}.resync", name=ref.name, namespace=ref.namespace))
+            await self._request_metadata(key, record, run)
             return
         await self._plan(key, record, state, now)
+
+    async def _request_metadata(self, key: str, record: OperationRecord, run: str) -> None:
+        """loadMetadata: ask the dataset service to list the dataset again. The same id each time: sent again within
+        JetStream's duplicate window (2 min) it is dropped, later it is one more listing."""
+        ref = domain.dataset_ref(record)
+        await self.bus.publish(subjects.DATASET_RESYNC,
+                               DatasetResync(id=f"{run}.resync", name=ref.name, namespace=ref.namespace))
+        self.resynced[key] = run
 
     async def _plan(self, key: str, record: OperationRecord, state: domain.RunState, now: float) -> None:
         """Plan the run against the dataset's manifest and the runtime's ring, save it, publish its parts.
@@ -585,6 +596,7 @@ class LoaderHandlers:
         """Drop what this process keeps in memory for the operation's run: it finished, or the operation is gone."""
         self.plans.pop(key, None)
         self.published.pop(key, None)
+        self.resynced.pop(key, None)
         self.dirty.discard(key)
         self.written_at.pop(key, None)
         for stale in [k for k in self.gone_since if k[0] == key]:

@@ -630,6 +630,7 @@ async def test_delete_cancels_the_run(bus: Bus, nats_server: NatsServer) -> None
 def remembered(handlers: LoaderHandlers, key: str) -> list[str]:
     """Which of the loader's in-memory views of runs hold something of the operation ``key``."""
     views = {"plans": key in handlers.plans, "published": key in handlers.published,
+             "resynced": key in handlers.resynced,
              "written_at": key in handlers.written_at, "dirty": key in handlers.dirty,
              "gone_since": any(k[0] == key for k in handlers.gone_since)}
     return [name for name, held in views.items() if held]
@@ -930,3 +931,47 @@ async def test_an_operation_waited_for_is_kept_past_its_ttl_until_the_waiting_on
         await facts.wait_for("operation.deleted.v1", name="first")  # its TTL still applies, once nothing waits
     assert second.status.runs == 1 and not second.status.waiting_for
     assert await operation(bus, "first") is None
+
+
+@pytest.mark.parametrize("restart", [False, True])
+async def test_a_load_metadata_resync_not_published_is_published_again(
+        bus: Bus, nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch, restart: bool) -> None:
+    """The run is saved waiting for the dataset's listing (stage metadata, Executing), then publishing its
+    DatasetResync fails (a NATS error; or the loader is killed right then). Nothing else asks for that listing: the
+    loader publishes the resync again (same id) rather than wait for METADATA_TIMEOUT_SECONDS and fail saying the
+    dataset was not listed again."""
+    await put_dataset(bus, files(("a", BLOCK)))
+    await put_runtime(bus, NODES[:1])
+    real_publish = Bus.publish
+    refused: list[str] = []
+
+    async def publish_failing_once(self: Bus, subject: str, event: msgspec.Struct, **kwargs: Any) -> Any:
+        if subject == subjects.DATASET_RESYNC and not refused:
+            refused.append(str(getattr(event, "id", "")))
+            raise nats.errors.TimeoutError
+        return await real_publish(self, subject, event, **kwargs)
+
+    resyncs: list[DatasetResync] = []
+
+    async def on_resync(msg: Any) -> None:  # the dataset service's part: list again
+        resyncs.append(msgspec.json.decode(msg.data, type=DatasetResync))
+        await put_dataset(bus, files(("a", BLOCK), ("new", BLOCK)), requests=1)
+
+    sub = await bus.nc.subscribe(subjects.DATASET_RESYNC, cb=on_resync)
+    monkeypatch.setattr(Bus, "publish", publish_failing_once)
+    try:
+        async with agent(bus, NODES[:1]) as scripted:
+            async with loader(nats_server, metadata_timeout=600.0):
+                await publish(bus, subjects.DATALOAD_APPLY, dataload(load_metadata=True))
+                await phase_of(bus, "Executing")
+                if not restart:
+                    done = await phase_of(bus, "Complete")
+            if restart:
+                async with loader(nats_server, metadata_timeout=600.0):
+                    done = await phase_of(bus, "Complete")
+    finally:
+        await sub.unsubscribe()
+    assert refused == ["dataload.default.warm.1.resync"]
+    assert [r.id for r in resyncs] == refused
+    assert scripted.keys("dataload.default.warm.1") == {"a", "new"}
+    assert done.status.runs == 1
