@@ -13,7 +13,9 @@
 
 from __future__ import annotations
 
+import bisect
 import calendar
+import itertools
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -273,15 +275,27 @@ def select(entries: Sequence[ManifestEntry], targets: Sequence[TargetPath]) -> t
     """
     if not targets:
         return {i: 1 for i, e in enumerate(entries) if not is_folder(e.path)}, []
+    # Each target is two binary searches in the sorted paths, not a scan of the manifest: a load naming 1,000 files
+    # of a 100k-file dataset scanned 10^8 entries (~50 s, in the loader's event loop).
+    by_index = [entry.path for entry in entries]
+    order = sorted(range(len(by_index)), key=by_index.__getitem__)
+    paths = [by_index[i] for i in order]
     chosen: dict[int, int] = {}
     missing = []
     for target in targets:
+        base = target.path.rstrip("/")
+        if not base:
+            hits: Iterable[int] = range(len(paths))
+        else:
+            # ``matches``: the path itself, and what is below it: from base + "/" up to base + "0" ('/' + 1).
+            hits = itertools.chain(range(bisect.bisect_left(paths, base), bisect.bisect_right(paths, base)),
+                                   range(bisect.bisect_left(paths, base + "/"), bisect.bisect_left(paths, base + "0")))
         hit = False
-        for index, entry in enumerate(entries):
-            if matches(entry.path, target.path):
-                hit = True  # a folder marker proves the folder exists, even if empty
-                if not is_folder(entry.path):
-                    chosen[index] = max(chosen.get(index, 0), target.replicas)
+        for position in hits:
+            hit = True  # a folder marker proves the folder exists, even if empty
+            if not is_folder(paths[position]):
+                index = order[position]
+                chosen[index] = max(chosen.get(index, 0), target.replicas)
         if not hit:
             missing.append(target.path)
     return chosen, missing

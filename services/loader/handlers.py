@@ -506,7 +506,8 @@ class LoaderHandlers:
         spec = record.load or record.clean
         assert spec is not None
         targets = spec.target
-        chosen, missing = domain.select(entries, targets)
+        # Threads, like the plan below: a manifest of 100k entries takes a while to sort and cut into parts.
+        chosen, missing = await asyncio.to_thread(domain.select, entries, targets)
         if missing:
             await self._finish(key, "Failed", domain.missing_message(missing, ref))
             return
@@ -524,7 +525,7 @@ class LoaderHandlers:
                                            runtime.status.ready_nodes, block_size(runtime))
         else:
             picked = [entries[i] for i in sorted(chosen)] if targets else None
-            plan = domain.plan_clean(state.run, ref, picked, domain.clean_nodes(runtime))
+            plan = await asyncio.to_thread(domain.plan_clean, state.run, ref, picked, domain.clean_nodes(runtime))
         await store.objects.put(subjects.loader_plan(key), msgspec.json.encode(plan))
         if on_event:
             # Before the executing state: a run saved as executing always finds its own manifest here at the end.
