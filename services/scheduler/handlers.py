@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -44,8 +45,13 @@ _FOLD_LAG = metrics.setter(metrics.FOLD_LAG_SECONDS)
 
 _REQUEST_DECODER = msgspec.json.Decoder(ScoreRequest)
 _REPLY_ENCODER = msgspec.json.Encoder()
-# Distinct questions whose answers are kept; past this the memory starts over (a few MB at most).
+# Distinct questions whose answers are kept; past this, or past ``ANSWERS_KEPT_NODES``, the memory starts over.
 ANSWERS_KEPT = 1024
+# Nodes the kept answers list in all (a score is ~200 bytes: ~20 MB). A count of questions alone does not bound
+# them: the webhook and the extender ask for every node (``limit: 0``), and the extender names a different sample of
+# feasible nodes for most pods, so 1,024 kept questions over thousands of nodes were gigabytes.
+ANSWERS_KEPT_NODES = 100_000
+_CANDIDATES_ENCODER = msgspec.json.Encoder()
 _RECORD_DECODER = msgspec.json.Decoder(DatasetRecord)
 # A manifest that could not be loaded (a NATS request timed out, a cluster electing a leader) is tried again on the
 # redelivery schedule (0.5 s doubling, at most 30 s: ``retry_delay``), this many times in all (~2.5 min: a failover
@@ -55,10 +61,18 @@ CATALOG_ATTEMPTS = 10
 
 
 def _request_key(request: ScoreRequest) -> Any:
-    """The question without its id: equal for two requests that must get the same answer."""
+    """The question without its id: equal for two requests that must get the same answer. The candidates are kept
+    as a digest of their encoding (the extender sends every feasible node with all its labels: kept as they are,
+    they took more memory than the answer); the same nodes and labels in another order only miss."""
+    candidates = (hashlib.blake2b(_CANDIDATES_ENCODER.encode(request.candidates), digest_size=16).digest()
+                  if request.candidates else b"")
     return (tuple((use.namespace, use.name, tuple(use.paths), use.required) for use in request.datasets),
-            tuple((candidate.name, tuple(sorted(candidate.labels.items()))) for candidate in request.candidates),
-            request.limit)
+            candidates, request.limit)
+
+
+def _listed(reply: ScoreReply) -> int:
+    """What a kept reply counts against ``ANSWERS_KEPT_NODES``: its nodes, and one for the question."""
+    return len(reply.scores) + len(reply.filtered) + 1
 
 
 class _Identified(msgspec.Struct):
@@ -133,6 +147,8 @@ class SchedulerHandlers:
         self.view = LiveView(self.fold, self.totals, self._labels, self._alive, lambda: self.labels_version)
         # Decisions already made, by request, with the stamps of what they read (see ``answer``).
         self._answers: dict[Any, tuple[Any, ScoreReply]] = {}
+        # Nodes the kept answers list (``ANSWERS_KEPT_NODES``).
+        self._answers_nodes = 0
         self._labels_seen: Any = ()
         # Datasets whose current manifest failed to load (``retry_catalogs``).
         self._unloaded: dict[DatasetKey, _Unloaded] = {}
@@ -159,10 +175,20 @@ class SchedulerHandlers:
             reply = msgspec.structs.replace(known[1], id=f"{request.id}.reply", causation_id=request.id)
         else:
             reply = domain.score(request, self.view, self.weights)
-            if len(self._answers) >= ANSWERS_KEPT:
-                self._answers.clear()
-            self._answers[key] = (stamp, reply)
+            self._keep(key, stamp, reply)
         return reply
+
+    def _keep(self, key: Any, stamp: Any, reply: ScoreReply) -> None:
+        """Keep a decision, within ``ANSWERS_KEPT`` questions and ``ANSWERS_KEPT_NODES`` nodes listed."""
+        if known := self._answers.pop(key, None):
+            self._answers_nodes -= _listed(known[1])
+        nodes = _listed(reply)
+        if len(self._answers) >= ANSWERS_KEPT or self._answers_nodes + nodes > ANSWERS_KEPT_NODES:
+            self._answers.clear()
+            self._answers_nodes = 0
+        if nodes <= ANSWERS_KEPT_NODES:
+            self._answers[key] = (stamp, reply)
+            self._answers_nodes += nodes
 
     def _stamp(self, request: ScoreRequest) -> Any:
         fold = self.fold

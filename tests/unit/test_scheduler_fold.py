@@ -195,6 +195,62 @@ def test_decisions_are_kept_only_while_what_they_read_is_unchanged() -> None:
     assert [s.score for s in handlers.answer(ScoreRequest(datasets=question)).scores] == [25, 12]
 
 
+def test_kept_decisions_hold_little_when_every_question_names_other_candidates() -> None:
+    """The extender asks with the nodes kube-scheduler found feasible, as full Node objects (with all their labels),
+    and a different sample of them for most pods (it starts each search where the last one stopped). Keeping the
+    last 1,024 such decisions held every candidate's labels and a score per candidate: ~0.3 MB a question over
+    200 nodes, gigabytes on a large cluster, past the pod's memory limit. What they hold is bounded whatever the
+    questions."""
+    import asyncio
+    import gc
+    import tracemalloc
+    from types import SimpleNamespace
+
+    import msgspec
+
+    from libs.events.schedule import Candidate, DatasetUse, ScoreRequest
+    from services.scheduler.handlers import DatasetInfo, SchedulerHandlers
+
+    nodes = 2000
+    handlers = SchedulerHandlers(bus=None, agents=SimpleNamespace(values={}, ready=asyncio.Event()),  # type: ignore[arg-type]
+                                 clock=lambda: 100.0)
+    handlers.datasets[KEY] = DatasetInfo(total=100 * MiB, manifest_version=("", 0, 0, ""))
+    for index in range(0, nodes, 10):
+        handlers.fold.apply(snapshot(1, blocks("k", "e", [(i, MiB) for i in range(index % 100)]),
+                                     node=f"ip-10-0-{index // 250}-{index % 250}.ec2.internal"))
+
+    def node_object(index: int) -> bytes:
+        zone = f"us-east-1{'abc'[index % 3]}"
+        name = f"ip-10-0-{index // 250}-{index % 250}.ec2.internal"
+        labels = {"kubernetes.io/hostname": name, "topology.kubernetes.io/zone": zone,
+                  "topology.kubernetes.io/region": "us-east-1", "node.kubernetes.io/instance-type": "m5.2xlarge",
+                  "eks.amazonaws.com/nodegroup": "workers-2026-12", "eks.amazonaws.com/capacityType": "ON_DEMAND"}
+        return msgspec.json.encode(Candidate(name=name, labels=labels))
+
+    encoded = [node_object(index) for index in range(nodes)]
+    decoder = msgspec.json.Decoder(list[Candidate])
+    gc.collect()
+    tracemalloc.start()
+    try:
+        for question in range(550):  # 110,000 scores: past what may be kept once
+            # As decoded from a request: fresh strings every time.
+            candidates = decoder.decode(b"[" + b",".join(encoded[(question * 7 + k) % nodes] for k in range(200))
+                                        + b"]")
+            reply = handlers.answer(ScoreRequest(datasets=[DatasetUse(name="d", namespace="ml")],
+                                                 candidates=candidates, limit=0))
+            assert len(reply.scores) == 200
+            if tracemalloc.get_traced_memory()[0] > 128 << 20:
+                break  # enough to tell, without taking the machine's memory
+        held = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert held < 32 << 20, f"{held >> 20} MiB held after {question + 1} questions"
+    # Still kept: the same question again is the same decision.
+    again = handlers.answer(ScoreRequest(datasets=[DatasetUse(name="d", namespace="ml")], candidates=candidates,
+                                         limit=0))
+    assert again.scores is reply.scores
+
+
 def test_the_sweep_forgets_agents_whose_records_expired() -> None:
     """The agents bucket's TTL removes a silent agent's record without a delete the mirror sees: the sweep drops it
     itself after AGENTS_TTL_SECONDS, with the node's cache and its name, so node churn grows no memory. A beating
