@@ -8,7 +8,9 @@
 - **tiered locality** (Fluid's affinity plugin: node 100, zone 50, region 20): a node scores the best of its own
   share times the node weight, the best share of another node in its zone times the zone weight, and the best
   share of another node in its region times the region weight, scaled to 0..100. A node's own bytes only enter the
-  first term and the others' only the last two, so more cached bytes on a node never lower its score.
+  first term and the others' only the last two, so more cached bytes on a node never lower its score. Zones and
+  regions are the view's labels, except for a candidate the request gives labels for: those place it, also as a
+  holder its neighbours gain from (``_regrouped``).
 - **required** (a ``DatasetUse`` with ``required``, Fluid's ``fluid.io/dataset.<name>.sched: required``): a node
   holding none of that dataset's bytes (under its paths) is left out, with the reason in ``filtered``.
 - **no datasets**: nodes holding no cache at all score 100, nodes holding some score 0 (Fluid's "prefer nodes
@@ -316,6 +318,37 @@ def _tops(members: Mapping[str, tuple[int, ...]], owns: Sequence[int]) -> dict[s
     return found
 
 
+def _regrouped(candidates: Sequence[tuple[str, Mapping[str, str]]], known: Sequence[int], places: Places,
+               weights: Weights, requested: int) -> tuple[Best, Best] | None:
+    """The zones' and regions' best holders when the request's labels put some holders elsewhere than their agents
+    do (None when they do not): a candidate with labels is where its labels say, as for its own (zone, region).
+    kube-scheduler's extender sends Node objects with their zone labels, which agents report only when told
+    (``SHOAL_NODE_LABELS``); a holder that is not a candidate stays where its agent says."""
+    moved: dict[int, tuple[str, str]] = {}
+    for node, labels in candidates:
+        spot = places.index.get(node) if labels else None
+        if spot is not None and known[spot] > 0:
+            where = _group(labels, weights)
+            if where != places.kinds[places.kind[spot]]:
+                moved[spot] = where
+    if not moved:
+        return None
+    zones: dict[str, list[int]] = {}
+    regions: dict[str, list[int]] = {}
+    for spot in itertools.compress(range(len(known)), known):  # holders, in name order
+        zone, region = moved.get(spot) or places.kinds[places.kind[spot]]
+        if zone:
+            zones.setdefault(zone, []).append(spot)
+        if region:
+            regions.setdefault(region, []).append(spot)
+
+    def best(members: dict[str, list[int]]) -> Best:
+        tops = _tops({group: tuple(spots) for group, spots in members.items()}, known)
+        return {group: _shares(top, places.nodes, requested) for group, top in tops.items()}
+
+    return best(zones), best(regions)
+
+
 def _patch_top(top: list[tuple[int, int]], spots: Iterable[int], owns: Sequence[int]) -> list[tuple[int, int]] | None:
     """A group's ``_tops`` entry after its members at ``spots`` moved, or None when it cannot be told without
     reading the group again (a best holder fell: the third best is not known)."""
@@ -385,6 +418,8 @@ def score(request: ScoreRequest, view: View, weights: Weights) -> ScoreReply:
     kind: Sequence[int]
     owns: Sequence[int]
     if candidates:
+        if requested > 0:
+            zones, regions = _regrouped(candidates, known, places, weights, requested) or (zones, regions)
         owns = _owns(uses, totals, held, nodes)
         numbers = {where: number for number, where in enumerate(places.kinds)}
         kind = [numbers.setdefault(_group(labels, weights) if labels

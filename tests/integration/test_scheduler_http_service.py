@@ -225,6 +225,32 @@ async def test_each_http_request_counts_once_under_its_own_way(bus: Bus, schedul
         await listener.unsubscribe()
 
 
+async def test_the_extender_reads_zones_from_the_node_objects_when_agents_report_none(
+        bus: Bus, scheduler_settings: Settings, certificate: tuple[Path, Path]) -> None:
+    """As deployed: the agents have no ``SHOAL_NODE_LABELS`` (the downward API gives no Node labels), and
+    kube-scheduler sends the extender full Node objects (``nodeCacheCapable: false``) with their zone labels. node-b,
+    in node-a's zone, ranks next to it; it scored like a node in no zone, since node-a's own zone was looked up in
+    its agent's labels only."""
+    await api.seed(bus, {node: {} for node in NODES})
+    agent_a = api.FakeAgent(bus, "node-a")
+    listener = await bus.subscribe(subjects.INVENTORY_REQUEST, msgspec.json.Decoder(InventoryRequest),
+                                   agent_a.on_request)
+    cert, key = certificate
+    try:
+        async with scheduler_posts(scheduler_settings, cert, key) as post:
+            await agent_a.cache("/train/a.bin")
+            await agent_a.cache("/train/b.bin")
+
+            async def settled() -> bool:
+                return api.ranking(await api.ask(bus, api.WHOLE))[0] == ("node-a", 80)
+
+            await eventually(settled, what="node-a holding 80 % of ml/imagenet")
+            assert await post("/prioritize", extender_args()) == [
+                {"Host": "node-a", "Score": 8}, {"Host": "node-b", "Score": 4}, {"Host": "node-c", "Score": 0}]
+    finally:
+        await listener.unsubscribe()
+
+
 @pytest.mark.needs("fuse")
 async def test_webhook_and_extender_follow_the_bytes_read_through_real_agents(
         bus: Bus, settings: Settings, seaweedfs: Any, bucket: str, tmp_path: Path,

@@ -92,13 +92,15 @@ def reference_score(request: ScoreRequest, view: View, weights: Weights) -> Scor
                 kept.append((node, labels))
 
     # Zones and regions of the nodes holding bytes (every known node, not only candidates: a candidate close to a
-    # cache node gains even if that node itself may not take the work).
+    # cache node gains even if that node itself may not take the work); a candidate's labels, when the request gives
+    # them, say where it is.
     zone_label, region_label = weights.zone_label, weights.region_label
+    given = {node: labels for node, labels in candidates if labels}
     zones: Best = {}
     regions: Best = {}
     for node, share in shares.items():
         if share > 0:
-            labels = view.labels(node)
+            labels = given.get(node) or view.labels(node)
             _offer(zones, labels.get(zone_label, ""), node, share)
             _offer(regions, labels.get(region_label, ""), node, share)
     top = max(weights.node, weights.zone, weights.region) or 1

@@ -76,6 +76,27 @@ def test_candidates_limit_the_answer_and_unknown_nodes_get_no_preference() -> No
     assert [(s.node, s.score) for s in reply.scores] == [("node-x", 45), ("node-c", 18), ("node-y", 0)]
 
 
+def test_the_candidates_labels_say_where_the_holders_are_too() -> None:
+    """The extender sends Node objects, zone labels and all, while agents report no labels unless told
+    (``SHOAL_NODE_LABELS``): a holder among the candidates is in the zone its Node object says, so its zone-mates
+    gain from it (the labels of the candidates were read for themselves only, and no node got a zone bonus)."""
+    bare = StaticView(totals={IMAGENET: 1000}, cache={IMAGENET: {"node-a": 1000, "node-d": 400}},
+                      node_labels={"node-a": {}, "node-b": {}, "node-c": {}, "node-d": {REGION: "r9"}})
+    candidates = [Candidate(name="node-a", labels={ZONE: "z1", REGION: "r1"}),
+                  Candidate(name="node-b", labels={ZONE: "z1", REGION: "r1"}),
+                  Candidate(name="node-c", labels={ZONE: "z2", REGION: "r1"}), Candidate(name="node-e")]
+    question = request(DatasetUse(name="imagenet", namespace="ml"), candidates=candidates)
+    reply = score(question, bare, Weights())
+    assert [(s.node, s.score) for s in reply.scores] == [("node-a", 100), ("node-b", 50), ("node-c", 20),
+                                                         ("node-e", 0)]
+    assert "same zone (z1) as node-a" in reply.scores[1].reason
+    assert msgspec.json.encode(reply) == msgspec.json.encode(reference_score(question, bare, Weights()))
+    # A holder that is not a candidate (kube-scheduler found it infeasible) is where its agent says.
+    elsewhere = [Candidate(name="node-b", labels={REGION: "r9"}), Candidate(name="node-c", labels={ZONE: "z1"})]
+    reply = score(request(DatasetUse(name="imagenet", namespace="ml"), candidates=elsewhere), bare, Weights())
+    assert [(s.node, s.score) for s in reply.scores] == [("node-b", 8), ("node-c", 0)]
+
+
 def test_bad_input_is_an_error_answer() -> None:
     unknown = score(request(DatasetUse(name="nope")), view(), Weights())
     assert unknown.error == "unknown dataset default/nope" and unknown.scores == []
