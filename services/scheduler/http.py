@@ -29,14 +29,16 @@ The webhook configuration's ``failurePolicy: Ignore`` admits the pod unchanged o
 ``ignorable: true`` schedules it without the extender.
 
 Datasets a pod names through a PVC may not be datasets at all (any PVC is listed): when the scheduler answers
-"unknown dataset" for a request with several datasets, the ones it does not know and the pod does not require
-are dropped and it is asked again, so an ordinary PVC next to a dataset's does not cancel the preference.
+"unknown dataset", the ones it does not know and the pod does not require are dropped and it is asked again, so
+an ordinary PVC next to a dataset's does not cancel the preference, and a pod with ordinary PVCs only is ranked by
+``/prioritize`` as a pod without datasets. An unknown dataset the pod requires is an error that stands.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ssl
 import time
 from collections import Counter
@@ -169,16 +171,22 @@ class RenewedTls:
 EVERY_NODE = 0
 
 
-def ask_known(answer: Answer, datasets: list[DatasetUse], candidates: list[Candidate]) -> ScoreReply:
+def ask_known(answer: Answer, datasets: list[DatasetUse], candidates: list[Candidate], *,
+              none_known: bool = False) -> ScoreReply:
     """Ask ``answer`` for every node's score (``limit=0``: the extender scores each candidate, the webhook requires
-    every node kept); when it cannot answer a request with several datasets, ask again without those it does not
-    know, unless the pod requires them (then the error stands)."""
+    every node kept); when it cannot answer, ask again without the datasets it does not know, unless the pod
+    requires them (then the error stands). When it knows none of them (ordinary PVCs only), the error stands too,
+    unless ``none_known``: then the pod is asked about as one without datasets (the extender's ranking steers it
+    away from the cache nodes, as any pod that reads no dataset; the webhook writes nothing for such pods)."""
     reply = answer(ScoreRequest(datasets=datasets, candidates=candidates, limit=EVERY_NODE))
-    if not reply.error or len(datasets) < 2:
+    if not reply.error or not datasets:
         return reply
-    known = [use for use in datasets
-             if use.required or not answer(ScoreRequest(datasets=[use], candidates=candidates, limit=EVERY_NODE)).error]
-    if not known or len(known) == len(datasets):
+    known = [use for use in datasets if use.required] if len(datasets) == 1 else [
+        use for use in datasets
+        if use.required or not answer(ScoreRequest(datasets=[use], candidates=candidates, limit=EVERY_NODE)).error]
+    if not known:
+        return answer(ScoreRequest(candidates=candidates, limit=EVERY_NODE)) if none_known else reply
+    if len(known) == len(datasets):
         return reply
     return answer(ScoreRequest(datasets=known, candidates=candidates, limit=EVERY_NODE))
 
@@ -253,11 +261,11 @@ class SchedulerHttp:
         self.counts[f"{route}.{outcome}"] += 1
         metrics.DECISIONS.labels(_WAY[route], outcome).inc()
 
-    async def _ask(self, route: str, datasets: list[DatasetUse],
-                   candidates: list[Candidate]) -> tuple[ScoreReply | None, str]:
-        """The scheduler's reply, or None and why there is none (counted)."""
+    async def _ask(self, route: str, datasets: list[DatasetUse], candidates: list[Candidate], *,
+                   none_known: bool = False) -> tuple[ScoreReply | None, str]:
+        """The scheduler's reply (``ask_known``), or None and why there is none (counted)."""
         try:
-            reply = await self._call(datasets, candidates)
+            reply = await self._call(datasets, candidates, none_known)
         except TimeoutError:
             self._count(route, TIMEOUT)
             log.warning("scheduler did not answer in time", route=route, timeout=self.timeout)
@@ -272,19 +280,18 @@ class SchedulerHttp:
             log.debug("scheduler gave no answer", route=route, error=reply.error)
         return reply, ""
 
-    async def _call(self, datasets: list[DatasetUse], candidates: list[Candidate]) -> ScoreReply:
+    async def _call(self, datasets: list[DatasetUse], candidates: list[Candidate], none_known: bool) -> ScoreReply:
         """``ask_known`` on the loop's thread or the worker thread; TimeoutError when later than ``timeout``."""
+        ask = functools.partial(ask_known, self._answer, datasets, candidates, none_known=none_known)
         if not self.threaded:
             started = time.monotonic()
-            reply = ask_known(self._answer, datasets, candidates)
+            reply = ask()
             if time.monotonic() - started > self.timeout:
                 raise TimeoutError
             return reply
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sched-answer")
-        call = asyncio.get_running_loop().run_in_executor(self._executor, ask_known, self._answer, datasets,
-                                                          candidates)
-        return await asyncio.wait_for(call, self.timeout)
+        return await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(self._executor, ask), self.timeout)
 
     @web.middleware
     async def _guard(self, request: web.Request,
@@ -392,7 +399,7 @@ class SchedulerHttp:
             self._count(PRIORITIZE, MALFORMED)
             log.warning("malformed extender prioritize request", reason=str(err))
             return _json(error_body(f"not an ExtenderArgs: {err}"), status=400)
-        reply, _ = await self._ask(PRIORITIZE, args.uses.datasets, args.candidates)
+        reply, _ = await self._ask(PRIORITIZE, args.uses.datasets, args.candidates, none_known=True)
         if reply is not None and not reply.error:
             self._count(PRIORITIZE, ANSWERED)
         return _json(priorities(args, reply))

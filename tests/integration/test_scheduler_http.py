@@ -421,6 +421,26 @@ async def test_extender_filters_and_ranks_by_cached_bytes(served: Served) -> Non
     assert metrics.moved(seconds, way="webhook") == 0
 
 
+async def test_extender_ranks_pods_with_only_ordinary_pvcs_as_pods_without_datasets(served: Served) -> None:
+    """A PVC the scheduler does not know is dropped from the question, also when it is the pod's only one (a
+    database's): the pod is then one without datasets, steered away from the cache nodes like any other. Its
+    question errored and every node scored 0."""
+    pvc: dict[str, Any] = {"Pod": {"metadata": {"namespace": "ml-team"}, "spec": {"volumes": [
+        {"name": "db", "persistentVolumeClaim": {"claimName": "postgres-data"}},
+        {"name": "logs", "persistentVolumeClaim": {"claimName": "logs"}}]}}, "NodeNames": NODES}
+    for pod in (pvc, {**pvc, "Pod": {**pvc["Pod"], "spec": {"volumes": pvc["Pod"]["spec"]["volumes"][:1]}}}):
+        status, ranked = await served.post("/prioritize", pod)
+        assert status == 200 and {p["Host"]: p["Score"] for p in ranked} == {"node-a": 0, "node-b": 0, "node-c": 10}
+    assert served.http.counts["prioritize.answered"] == 2 and "prioritize.unanswered" not in served.http.counts
+    # Required, it is no mistake to drop: the pod is scored 0 everywhere (and the filter says why).
+    required = copy.deepcopy(pvc)
+    required["Pod"]["metadata"]["labels"] = {"fluid.io/dataset.postgres-data.sched": "required"}
+    status, ranked = await served.post("/prioritize", required)
+    assert status == 200 and {p["Score"] for p in ranked} == {0}
+    status, result = await served.post("/filter", required)
+    assert status == 200 and "unknown dataset ml-team/postgres-data" in result["Error"]
+
+
 async def test_extender_rejects_malformed_args_with_an_error(served: Served) -> None:
     for path in ("/filter", "/prioritize"):
         status, result = await served.post(path, {"Pod": {}, "NodeNames": "node-a"})
