@@ -31,7 +31,8 @@ The webhook configuration's ``failurePolicy: Ignore`` admits the pod unchanged o
 Datasets a pod names through a PVC may not be datasets at all (any PVC is listed): when the scheduler answers
 "unknown dataset", the ones it does not know and the pod does not require are dropped and it is asked again, so
 an ordinary PVC next to a dataset's does not cancel the preference, and a pod with ordinary PVCs only is ranked by
-``/prioritize`` as a pod without datasets. An unknown dataset the pod requires is an error that stands.
+``/prioritize`` as a pod without datasets. An unknown dataset the pod requires is an error that stands: the
+webhook's warning says so.
 """
 
 from __future__ import annotations
@@ -365,7 +366,10 @@ class SchedulerHttp:
             return _json(review_response(review.uid, warnings=uses.warnings if uses else ()))
         reply, _ = await self._ask(MUTATE, uses.datasets, [])
         if reply is None or reply.error:
-            return _json(review_response(review.uid, warnings=uses.warnings))
+            warnings = list(uses.warnings)
+            if reply is not None and uses.required:  # it stands because of a dataset the pod requires: say so
+                warnings.append(f"shoal: the pod is not placed near its data: {reply.error}")
+            return _json(review_response(review.uid, warnings=warnings))
         wanted = placement(reply, uses)
         patch = affinity_patch(review.pod, wanted)
         self._count(MUTATE, PATCHED if patch else UNCHANGED)

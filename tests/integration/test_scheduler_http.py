@@ -215,6 +215,24 @@ async def test_a_pod_with_only_an_ordinary_pvc_is_left_alone_and_counted_once(se
     assert dict(served.http.counts) == {"mutate.unanswered": 1}
 
 
+async def test_a_required_dataset_the_scheduler_does_not_know_is_said_in_a_warning(served: Served) -> None:
+    """A typo in the required label: the pod cannot be placed by its data (the error stands, so not even by the
+    dataset its PVC names), and the person who created it reads why in kubectl's warnings instead of nothing."""
+    review = recorded_review()
+    review["request"]["object"]["metadata"]["labels"]["fluid.io/dataset.imagenett.sched"] = "required"
+    status, answer = await served.post("/mutate", review)
+    assert status == 200 and patched_pod(review, answer) == review["request"]["object"]
+    (warning,) = answer["response"]["warnings"]
+    assert "unknown dataset ml-team/imagenett" in warning and "not placed near its data" in warning
+    assert dict(served.http.counts) == {"mutate.unanswered": 1}
+    # An ordinary PVC alone is no dataset and no mistake: no warning.
+    served.http.counts.clear()
+    review = recorded_review()
+    review["request"]["object"]["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"] = "postgres-data"
+    status, answer = await served.post("/mutate", review)
+    assert status == 200 and "warnings" not in answer["response"]
+
+
 @pytest.mark.parametrize("own", [
     {"nodeSelector": {HOST: "node-c"}},
     {"affinity": {"nodeAffinity": {PREFERRED: [
