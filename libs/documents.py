@@ -14,7 +14,9 @@ Decides:
   kinds take it), the block size from the engine's own setting (Alluxio/GooseFS property, JuiceFS
   ``block-size`` option), nothing else;
 - that every field Shoal does not use is reported back as an "ignored: ..." note, never dropped silently;
-- that schema errors name the document and the JSON path (``$.spec.mounts[0].mountPoint``).
+- that schema errors name the document and the JSON path (``$.spec.mounts[0].mountPoint``);
+- that a key given twice in one mapping is an error, not "the last one wins" (YAML's loaders keep the last without a
+  word; kubectl refuses it): a second ``metadata`` would apply the object under another name or namespace.
 
 Semantic validation (bucket names, supported options, DNS labels) is the services' job: they reject with a
 reason the CLI prints. Here only the shape is checked, so a manifest is judged by one authority.
@@ -106,11 +108,30 @@ class Command:
         return f"{self.kind}.shoal.io/{self.name}"
 
 
+class _ManifestLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key that one mapping gives twice."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        # Checked before the base class merges ``<<: *anchor`` in: a key of the mapping itself may override a merged
+        # one (that is what merge keys are for), two of its own may not.
+        if isinstance(node, yaml.MappingNode):
+            first_line: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                    continue
+                key = self.construct_object(key_node)
+                if key in first_line:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r} (first on line {first_line[key]})", key_node.start_mark)
+                first_line[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
 def parse_documents(text: str) -> list[Any]:
     """Every YAML document of ``text`` in order; empty documents stay as None so positions keep their numbers."""
     documents: list[Any] = []
     try:
-        for document in yaml.safe_load_all(text):
+        for document in yaml.load_all(text, Loader=_ManifestLoader):  # a SafeLoader: no Python objects
             documents.append(document)
     except RecursionError as err:  # PyYAML composes recursively: ``[[[[...`` (found by fuzzing)
         raise ManifestError(f"invalid YAML in document {len(documents) + 1}: nested too deeply") from err

@@ -421,6 +421,32 @@ def test_yaml_errors_name_the_document_and_the_line() -> None:
                                  "(while parsing a flow sequence)")
 
 
+def test_a_key_given_twice_is_an_error_not_the_last_one_silently() -> None:
+    # PyYAML keeps the last value: this dataset would have been applied as "b" in namespace prod, mounting two/.
+    text = textwrap.dedent("""
+        apiVersion: shoal.io/v1alpha1
+        kind: Dataset
+        metadata: {name: a}
+        spec:
+          mounts: [{mountPoint: s3://one/}]
+          mounts: [{mountPoint: s3://two/}]
+        metadata: {name: b, namespace: prod}
+        """)
+
+    with pytest.raises(ManifestError) as caught:
+        parse_documents(text)
+
+    assert str(caught.value) == ("invalid YAML in document 1, line 8, column 1: duplicate key 'metadata' (first on "
+                                 "line 4)")
+    with pytest.raises(ManifestError, match=r"line 7, column 3: duplicate key 'mounts' \(first on line 6\)"):
+        parse_documents(text.replace("metadata: {name: b, namespace: prod}", ""))
+    with pytest.raises(ManifestError, match=r"document 2, line 3, column 10: duplicate key 'a' \(first on line 3\)"):
+        parse_documents('{"a": 1}\n---\n{"a": 1, "a": 2}\n')  # JSON too
+    # A merge key's values may be overridden: that is what it is for.
+    assert parse_documents("base: &b {k: 1, j: 2}\nmine: {<<: *b, k: 3}\n") == [
+        {"base": {"k": 1, "j": 2}, "mine": {"k": 3, "j": 2}}]
+
+
 def test_empty_documents_keep_their_positions() -> None:
     assert parse_documents("a: 1\n---\n---\nb: 2\n") == [{"a": 1}, None, {"b": 2}]
 
