@@ -21,7 +21,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any, NoReturn
+from typing import IO, Any, NoReturn, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import click
@@ -31,9 +31,10 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import api as js_api
 from nats.js.errors import BucketNotFoundError, NoStreamResponseError, NotFoundError
+from nats.js.kv import KeyValue
 
 from libs import subjects
-from libs.bus import Bus, PermissionDenied, connect, kv_load, kv_values
+from libs.bus import Bus, Permanent, PermissionDenied, connect, kv_load, kv_values
 from libs.cli import operations, render
 from libs.cli.up import down, up
 from libs.config import NatsSettings, SettingsError, load_settings
@@ -108,6 +109,7 @@ _MAX_NAME = 63  # a DNS label
 AnyFact = DatasetFact | RuntimeFact | OperationFact
 # Decoded once: every fact that may answer a command (status facts decode too and are skipped).
 _FACT_DECODER: msgspec.json.Decoder[AnyFact] = msgspec.json.Decoder(AnyFact)
+T = TypeVar("T")
 
 
 class CliError(click.ClickException):
@@ -482,7 +484,7 @@ async def _scale(options: Options, name: str, namespace: str, replicas: int) -> 
             _not_found("runtime", name, namespace)
         # Read for the not-found message and the autoscaling note only: the command names the runtime, and the
         # service changes the replicas of the spec it holds then, not of this copy.
-        record, _ = await kv_load(kv, subjects.resource_key(namespace, name), RuntimeRecord)
+        record = await _load_named(kv, subjects.resource_key(namespace, name), RuntimeRecord)
         if record is None:
             _not_found("runtime", name, namespace)
         event = RuntimeScale(name=name, namespace=namespace, replicas=replicas)
@@ -596,13 +598,23 @@ async def load_records(options: Options, kind: Kind, namespace: str | None, name
         if name is not None and namespace is not None:
             key = subjects.operation_key(kind, namespace, name) if operation else subjects.resource_key(namespace,
                                                                                                       name)
-            record, _ = await kv_load(kv, key, record_type)
+            record = await _load_named(kv, key, record_type)
             return [record] if record is not None else []
         records: list[Any] = await kv_values(kv, record_type)
     if operation:  # one bucket holds both kinds
         records = [record for record in records if record.kind.lower() == kind]
     records = [record for record in records if namespace is None or _meta(record).namespace == namespace]
     return sorted(records, key=lambda record: (_meta(record).namespace, _meta(record).name))
+
+
+async def _load_named(kv: KeyValue, key: str, record_type: type[T]) -> T | None:
+    """The record under ``key``; None when there is none, or when the name or namespace cannot be a key at all
+    (``shoal get ds 'a b'``, ``'train*'``): no object has such a name, so it is "not found", not a traceback."""
+    try:
+        record, _ = await kv_load(kv, key, record_type)
+    except Permanent:
+        return None
+    return record
 
 
 def _meta(record: DatasetRecord | RuntimeRecord | OperationRecord) -> Any:

@@ -188,6 +188,22 @@ async def test_get_nothing_and_not_found(nats_server: NatsServer, bus: Bus) -> N
     assert missing.stderr == 'error: dataset.shoal.io "ghost" not found in namespace "default"\n'
 
 
+async def test_a_name_that_cannot_be_a_key_is_not_found_without_a_traceback(nats_server: NatsServer, bus: Bus) -> None:
+    # A space or a wildcard cannot be part of a KV key: no object has such a name.
+    await put_records(bus)
+
+    for args, shown in [(("get", "dataset", "image net"), '"image net" not found in namespace "default"'),
+                        (("get", "ds", "imagenet*"), '"imagenet*" not found in namespace "default"'),
+                        (("describe", "runtime", "x y"), '"x y" not found in namespace "default"'),
+                        (("get", "dataload", "x", "-n", "a>b"), '"x" not found in namespace "a>b"'),
+                        (("scale", "runtime", "image net", "--replicas", "2"),
+                         '"image net" not found in namespace "default"')]:
+        result = await shoal(nats_server, *args)
+        kind = "dataload" if "dataload" in args else "runtime" if "runtime" in args else "dataset"
+        assert (result.exit_code, result.stderr) == (1, f"error: {kind}.shoal.io {shown}\n"), args
+        assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+
+
 async def test_describe_shows_spec_status_and_conditions(nats_server: NatsServer, bus: Bus) -> None:
     await put_records(bus)
 
