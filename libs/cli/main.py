@@ -16,6 +16,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import ssl
+import sys
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
@@ -78,6 +80,7 @@ from libs.events.runtime import (
 )
 from libs.events.schema import export_schemas
 from libs.mounts import exposed_secret_errors
+from libs.telemetry import setup_logging
 
 CLIENT_NAME = "shoal-cli"
 # A service answers a command in milliseconds; 10 s leaves room for a service that is just starting.
@@ -146,6 +149,9 @@ class Options:
 
 def main() -> None:
     """Console-script entry point (``shoal``)."""
+    # Lines the libraries log (a refused subject, a connection that did not close cleanly) go to stderr: stdout
+    # carries only results, which scripts parse (-o json, events). structlog's default would print them there.
+    setup_logging("warning", file=sys.stderr)
     cli(prog_name="shoal")
 
 
@@ -218,18 +224,23 @@ async def session(options: Options) -> AsyncIterator[Bus]:
         if not connecting.done():
             connecting.cancel()
             await asyncio.gather(connecting, return_exceptions=True)
-            reason = _error_text(handler.errors[-1]) if handler.errors else f"no answer within {options.timeout:g}s"
-            raise SetupError(f"cannot reach NATS at {shown} ({reason}): is `make run` running?")
+            raise _connect_error(shown, settings, handler.errors, options.timeout)
         try:
             bus = connecting.result()
         except (OSError, nats.errors.Error) as err:
-            raise SetupError(f"cannot reach NATS at {shown} ({_error_text(err)}): is `make run` running?") from err
+            raise _connect_error(shown, settings, [*handler.errors, err], options.timeout) from err
         try:
             yield bus
         # A KV bucket is a stream too: a missing one (e.g. for --wait's watch) means the same.
         except (NoStreamResponseError, nats.errors.NoRespondersError, BucketNotFoundError) as err:
             raise SetupError(f"Shoal's streams do not exist on NATS at {shown}: is `make run` running?") from err
         except nats.errors.TimeoutError as err:
+            # A JetStream API request this user may not send (a KV read, a consumer) gets no answer at all, only
+            # the server's -ERR on the side: say the refusal, not a slow server.
+            if bus.denials.seen:
+                action, subject = bus.denials.seen[-1]
+                raise SetupError(f"{PermissionDenied(subject, action)} (NATS_USER={settings.user or '(none)'})") \
+                    from err
             raise SetupError(f"NATS at {shown} did not answer in time") from err
         except PermissionDenied as err:  # NATS_USER is not one that may do this (libs.natsauth: the cli user may)
             raise SetupError(f"{err} (NATS_USER={settings.user or '(none)'})") from err
@@ -238,6 +249,31 @@ async def session(options: Options) -> AsyncIterator[Bus]:
     finally:
         nats_log.removeHandler(handler)
         nats_log.propagate = saved_propagate
+
+
+def _connect_error(shown: str, settings: NatsSettings, errors: Sequence[BaseException], timeout: float) -> SetupError:
+    """Why no connection was made, with what to check.
+
+    A refused login is looked for among every error: the server closes the connection right after its
+    "Authorization Violation", so the last error nats-py reports is a broken pipe or a reset that says nothing.
+    """
+    if any(isinstance(err, nats.errors.AuthorizationError) or "authorization violation" in str(err).lower()
+           for err in errors):
+        if settings.user:
+            check = f"check NATS_USER ({settings.user}) and NATS_PASSWORD"
+        elif settings.token.reveal():
+            check = "check NATS_TOKEN"
+        elif any("@" in url for url in settings.urls):
+            check = "check the user and password in the URL"
+        else:
+            check = "it wants a user: set NATS_USER and NATS_PASSWORD (or NATS_TOKEN)"
+        return SetupError(f"NATS at {shown} refused the login (authorization violation): {check}")
+    tls = next((err for err in errors if isinstance(err, ssl.SSLError)), None)
+    if tls is not None:
+        return SetupError(f"no TLS connection to NATS at {shown} ({_error_text(tls)}): check NATS_TLS_CA, "
+                          "NATS_TLS_CERT and NATS_TLS_KEY")
+    reason = _error_text(errors[-1]) if errors else f"no answer within {timeout:g}s"
+    return SetupError(f"cannot reach NATS at {shown} ({reason}): is `make run` running?")
 
 
 def _error_text(err: BaseException) -> str:
@@ -715,7 +751,14 @@ async def _tail(options: Options, subject: str, replay: bool, limit: int | None)
             except NotFoundError as err:
                 raise CliError(f"no stream holds {subject!r}, so there is nothing to replay") from err
         else:
+            # A refused subscription is only an -ERR on the side: without this the command would wait forever.
+            denied = bus.denials.watch(subject)
             subscription = await bus.nc.subscribe(subject, cb=on_message)
+            await bus.nc.flush(timeout=max(1, int(options.timeout)))  # the -ERR comes before the flush's PONG
+            refused = denied.done() and not denied.cancelled()
+            bus.denials.forget(subject, denied)
+            if refused:
+                raise PermissionDenied(subject, "subscribe")
         try:
             printed = 0
             while limit is None or printed < limit:

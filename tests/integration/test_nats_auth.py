@@ -25,6 +25,7 @@ import shutil
 import socket
 import ssl
 import subprocess
+import sys
 from collections.abc import AsyncIterator, Awaitable, Iterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
@@ -69,6 +70,7 @@ from tests.secrets import credentials_from, secret_files
 NODE = "node-a"
 T = TypeVar("T")
 AGENT_USER = natsauth.user_name(natsauth.AGENT, NODE)
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -189,6 +191,39 @@ async def test_a_wrong_password_or_no_tls_is_refused(secure_server: SecureServer
     answer = await asyncio.to_thread(_plain_connect, host, int(port), right.password.reveal())
     assert b'"tls_required":true' in answer.split(b"\r\n")[0]
     assert b"PONG" not in answer
+
+
+def shoal_process(server: SecureServer, user: str, password: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """``shoal`` as a user runs it (its own process: ``main`` decides where log lines go), as ``user``."""
+    env = {name: value for name, value in os.environ.items() if not name.startswith("NATS_")}
+    env.update(NATS_USER=user, NATS_PASSWORD=password, NATS_TLS_CA=str(server.secure.tls.ca))
+    return subprocess.run([sys.executable, "-m", "libs.cli.main", "--nats", server.url, "--timeout", "5", *args],
+                          env=env, cwd=REPO, capture_output=True, text=True, timeout=60)
+
+
+async def test_the_cli_says_a_refused_login_or_subject_as_such(secure_server: SecureServer, cli_bus: Bus) -> None:
+    wrong = "not-the-cli-password"
+    login = await asyncio.to_thread(shoal_process, secure_server, natsauth.CLI, wrong, "get", "datasets")
+    # It said "cannot reach NATS (Broken pipe): is `make run` running?": the server closes after refusing.
+    assert (login.returncode, login.stdout) == (2, "")
+    assert login.stderr == (f"error: NATS at {secure_server.url} refused the login (authorization violation): "
+                            f"check NATS_USER ({natsauth.CLI}) and NATS_PASSWORD\n")
+    observer = secure_server.secure.passwords[natsauth.OBSERVER]
+    # The observer may not read KV: it said "did not answer in time", and the log line went to stdout (the JSON).
+    read = await asyncio.to_thread(shoal_process, secure_server, natsauth.OBSERVER, observer, "get", "datasets",
+                                   "-o", "json")
+    assert (read.returncode, read.stdout) == (2, "")
+    assert read.stderr.splitlines()[-1] == (
+        f"error: permission denied: NATS refused this user to publish to "
+        f"'$js.api.stream.info.kv_{subjects.KV_DATASETS}' (NATS_USER={natsauth.OBSERVER})")
+    # Nor listen to commands: it waited forever.
+    follow = await asyncio.to_thread(shoal_process, secure_server, natsauth.OBSERVER, observer, "events",
+                                     "--subject", subjects.ALL_COMMANDS)
+    assert (follow.returncode, follow.stdout) == (2, "")
+    assert follow.stderr == (f"error: permission denied: NATS refused this user to subscribe to "
+                             f"'{subjects.ALL_COMMANDS}' (NATS_USER={natsauth.OBSERVER})\n")
+    for result in (login, read, follow):
+        assert wrong not in result.stderr and observer not in result.stderr
 
 
 def _plain_connect(host: str, port: int, password: str) -> bytes:
