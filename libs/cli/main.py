@@ -151,7 +151,8 @@ def main() -> None:
     """Console-script entry point (``shoal``)."""
     # Lines the libraries log (a refused subject, a connection that did not close cleanly) go to stderr: stdout
     # carries only results, which scripts parse (-o json, events). structlog's default would print them there.
-    setup_logging("warning", file=sys.stderr)
+    # Errors only: a warning such as "did not close cleanly" after NATS went away would repeat the CLI's own error.
+    setup_logging("error", file=sys.stderr)
     cli(prog_name="shoal")
 
 
@@ -159,7 +160,8 @@ def main() -> None:
 @click.option("--nats", "nats_url", metavar="URLS", default=None,
               help="NATS server URL(s), comma-separated.  [default: $NATS_URL or nats://127.0.0.1:4222]")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_TIMEOUT, show_default=True,
-              help="Seconds to wait for NATS and for each answer from a service.")
+              help="Seconds to wait for NATS (also for it to come back during --wait) and for each answer from a "
+                   "service.")
 @click.pass_context
 def cli(ctx: click.Context, nats_url: str | None, timeout: float) -> None:
     """Shoal: datasets and their cache runtimes over NATS JetStream, with Fluid-compatible manifests."""
@@ -244,6 +246,9 @@ async def session(options: Options) -> AsyncIterator[Bus]:
             raise SetupError(f"NATS at {shown} did not answer in time") from err
         except PermissionDenied as err:  # NATS_USER is not one that may do this (libs.natsauth: the cli user may)
             raise SetupError(f"{err} (NATS_USER={settings.user or '(none)'})") from err
+        except operations.ConnectionLost as err:
+            raise SetupError(f"lost the connection to NATS at {shown}: {err}; the work goes on without this "
+                             "command (`shoal get dataloads` or `datacleans` shows how it ends)") from err
         finally:
             await bus.close()
     finally:
@@ -437,7 +442,7 @@ async def _send(options: Options, commands: Sequence[Command], *, wait: bool = F
             followed = [(watches[outcome.command.event.id], outcome.fact.generation) for outcome in outcomes
                         if isinstance(outcome.fact, OperationAccepted) and outcome.command.event.id in watches]
             if followed:
-                ok = operations.report(await operations.follow(followed)) and ok
+                ok = operations.report(await operations.follow_connected(bus, followed, options.timeout)) and ok
         finally:
             for watch in watches.values():
                 await watch.close()

@@ -7,6 +7,9 @@ Stdout gets one result line per operation, for scripts.
 
 A watch is opened *before* the command is published: a small load can finish within the loader's first second,
 and a ``ttlSecondsAfterFinished: 0`` operation can be gone right after, so opening it later could miss the end.
+
+The connection is watched too (``follow_connected``): nats-py reconnects forever and a KV watch only waits, so a NATS
+that went away would otherwise leave ``--wait`` silent for good.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from libs.events.common import format_bytes
 from libs.events.operation import OperationRecord
 
 TERMINAL_PHASES = ("Complete", "Failed")
+# How often the connection is looked at while following: a loss is noticed this long after it (plus the patience).
+CONNECTION_CHECK_SECONDS = 0.25
 
 _RECORD_DECODER = msgspec.json.Decoder(OperationRecord)
 
@@ -112,6 +117,38 @@ async def follow(watches: Sequence[tuple[OperationWatch, int]], console: Console
     with Progress(*columns, console=console, disable=not console.is_terminal) as bar:
         results = await asyncio.gather(*(_follow_one(watch, generation, bar) for watch, generation in watches))
     return list(results)
+
+
+class ConnectionLost(Exception):
+    """The connection to NATS stayed down for the whole patience while operations were followed."""
+
+    def __init__(self, resources: Sequence[str], patience: float) -> None:
+        super().__init__(f"no reconnect within {patience:g}s while waiting for {', '.join(resources)}")
+        self.resources = list(resources)
+        self.patience = patience
+
+
+async def follow_connected(bus: Bus, watches: Sequence[tuple[OperationWatch, int]], patience: float,
+                           console: Console | None = None) -> list[Finished]:
+    """``follow``, or ``ConnectionLost`` once the connection has been down ``patience`` seconds in a row (a short
+    NATS restart is ridden out: the watches start again after a reconnect)."""
+    following = asyncio.ensure_future(follow(watches, console))
+    loop = asyncio.get_running_loop()
+    down_since: float | None = None
+    try:
+        while not following.done():
+            await asyncio.wait({following}, timeout=CONNECTION_CHECK_SECONDS)
+            if following.done() or bus.nc.is_connected:
+                down_since = None
+            elif down_since is None:
+                down_since = loop.time()
+            elif loop.time() - down_since >= patience:
+                raise ConnectionLost([watch.resource for watch, _ in watches], patience)
+        return following.result()
+    finally:
+        if not following.done():
+            following.cancel()
+            await asyncio.gather(following, return_exceptions=True)
 
 
 async def _follow_one(watch: OperationWatch, generation: int, bar: Progress) -> Finished:

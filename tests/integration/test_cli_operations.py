@@ -13,8 +13,10 @@ import asyncio
 import io
 import json
 import re
+import sys
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import msgspec
 import pytest
@@ -47,8 +49,10 @@ from libs.events.operation import (
     TargetPath,
 )
 from tests.conftest import NatsServer
+from tests.helpers import eventually
 from tests.integration.test_cli import shoal
 
+REPO = Path(__file__).resolve().parents[2]
 GiB = 2**30
 MiB = 2**20
 _COMMANDS: msgspec.json.Decoder[OperationCommand] = msgspec.json.Decoder(OperationCommand)
@@ -242,6 +246,65 @@ async def test_wait_says_so_when_the_operation_is_deleted_before_it_finished(nat
 
     assert result.exit_code == 1
     assert result.stderr.splitlines()[-1] == "error: dataload.shoal.io/gone was deleted before it finished"
+
+
+async def start_waiting_load(server: NatsServer, name: str, timeout: float) -> asyncio.subprocess.Process:
+    """``shoal load dataset demo --name NAME --wait`` in its own process (one a test can kill if it hangs), returned
+    once it follows the load (it said Pending)."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "libs.cli.main", "--nats", server.url, "--timeout", str(timeout),
+        "load", "dataset", "demo", "--name", name, "--wait",
+        cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    assert process.stderr is not None
+    try:
+        line = await asyncio.wait_for(process.stderr.readline(), 60)
+        assert line.decode() == f"dataload.shoal.io/{name} Pending\n"
+    except BaseException:
+        process.kill()
+        await process.wait()
+        raise
+    return process
+
+
+async def test_wait_rides_out_a_nats_restart_and_says_when_nats_stays_away(nats_server: NatsServer, bus: Bus,
+                                                                          loader: StandInLoader) -> None:
+    # Back within the patience (--timeout): the watch starts again and sees the end.
+    process = await start_waiting_load(nats_server, "restarted", timeout=60)
+    try:
+        nats_server.restart()
+        [(_, command)] = loader.received
+        assert isinstance(command, DataLoadApply)
+
+        async def complete() -> bool:
+            kv = await bus.kv(subjects.KV_OPERATIONS)
+            await kv.put(subjects.operation_key("DataLoad", "default", "restarted"),
+                         msgspec.json.encode(record_of(command, 1, COMPLETE)))
+            return True
+
+        await eventually(complete, what="the record written after the restart", tolerate=(Exception,))
+        stdout, stderr = await asyncio.wait_for(process.communicate(), 60)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode == 0, stderr
+    assert stdout.decode().splitlines()[-1].startswith("dataload.shoal.io/restarted Complete")
+
+    # Away for longer: it waited in silence forever; now it ends with exit code 2 and says what goes on.
+    process = await start_waiting_load(nats_server, "stranded", timeout=1)
+    try:
+        nats_server.stop()
+        stdout, stderr = await asyncio.wait_for(process.communicate(), 60)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        nats_server.start()  # the test's own connection closes while it runs
+    assert (process.returncode, stdout.decode()) == (2, "dataload.shoal.io/stranded created\n")
+    assert stderr.decode() == (
+        f"error: lost the connection to NATS at {nats_server.url}: no reconnect within 1s while waiting for "
+        "dataload.shoal.io/stranded; the work goes on without this command (`shoal get dataloads` or `datacleans` "
+        "shows how it ends)\n")
 
 
 async def test_rejected_apply_and_invalid_documents(nats_server: NatsServer, loader: StandInLoader) -> None:
