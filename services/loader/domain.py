@@ -548,6 +548,19 @@ def nodes_gone(state: RunState, runtime: RuntimeRecord | None) -> list[str]:
     return sorted({part.node for part in state.parts if not part.done} - here)
 
 
+# The end of a run its operation's delete cut short, should the record outlive the delete for a moment.
+DELETED_MESSAGE = "the operation was deleted while this run was executing; its parts were cancelled"
+
+
+def deleted_state(state: RunState, now: float) -> RunState:
+    """What a delete keeps of an operation's run state: the last run's id (a re-created operation numbers its runs
+    after it), finished, with its end (a run cut short by the delete is Failed, saying so)."""
+    if state.stage == "finished":
+        return RunState(run=state.run, outcome=state.outcome, outcome_message=state.outcome_message,
+                        finished_at=state.finished_at)
+    return RunState(run=state.run, outcome="Failed", outcome_message=DELETED_MESSAGE, finished_at=now)
+
+
 def unclosed(record: OperationRecord, state: RunState) -> bool:
     """The run state says the record's run finished, the record still shows it Executing: the record's write at the
     run's end failed, or the loader was killed between the two writes."""

@@ -239,11 +239,15 @@ class LoaderHandlers:
         if state.stage != "finished" and state.run:
             await self.bus.publish_core(subjects.TASK_CANCEL, TaskCancel(id=f"{state.run}.cancel", run=state.run))
             log.info("cancelled", run=state.run)
-        await kv_delete(await self.bus.kv(subjects.KV_OPERATIONS), key, revision)
         if state.run:
             # Only the last run's id is kept: an operation re-created under this name numbers its runs after it.
-            await self._save_state(key, domain.RunState(run=state.run))
-        elif state_revision is not None:
+            # Saved before the record goes: a run state left executing a deleted run (this write failed, or the
+            # loader was killed before it) would be resumed by the same name applied again, and the agents skip
+            # that run's parts as cancelled, so it would stay Executing for ever. A record left behind (the delete
+            # below failed) is closed Failed by the tick until the command, delivered again, removes it.
+            await self._save_state(key, domain.deleted_state(state, self.clock()))
+        await kv_delete(await self.bus.kv(subjects.KV_OPERATIONS), key, revision)
+        if not state.run and state_revision is not None:
             await kv_delete(await self.bus.kv(subjects.KV_OPERATION_RUNS), key, None)
         store = await ManifestStore.of(self.bus)
         await store.delete(subjects.loader_plan(key))

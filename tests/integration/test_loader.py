@@ -138,7 +138,8 @@ class ScriptedAgent:
     """Consumes every node's parts of one dataset like a mount process (durable ``task_durable``, explicit ack),
     reports cumulative progress and a final ``done``, and records what it saw. While ``hold`` is set it reports
     half of a part and waits (a long part); ``fail`` makes it report failed blocks. Like a mount process, it skips
-    (acks without work) a part whose run the operation's record does not show as current and Executing."""
+    (acks without work) a part whose run the operation's record does not show as current and Executing, or whose
+    run a ``TaskCancel`` named; a held part of a cancelled run ends at once with a final "cancelled"."""
 
     bus: Bus
     nodes: list[str]
@@ -148,9 +149,15 @@ class ScriptedAgent:
     seen: list[tuple[str, int]] = field(default_factory=list)  # (task id, stream sequence)
     tasks: dict[str, NodeTask] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)  # parts of a run that is not current
+    cancelled: set[str] = field(default_factory=set)  # runs a TaskCancel named
     _workers: list[asyncio.Task[None]] = field(default_factory=list)
+    _cancels: Any = None
 
     async def start(self) -> None:
+        async def on_cancel(msg: Any) -> None:
+            self.cancelled.add(msgspec.json.decode(msg.data, type=TaskCancel).run)
+
+        self._cancels = await self.bus.nc.subscribe(subjects.TASK_CANCEL, cb=on_cancel)
         for node in self.nodes:
             subject = subjects.node_task(node, "default", self.dataset)
             config = js_api.ConsumerConfig(durable_name=subjects.task_durable(node, "default", self.dataset),
@@ -164,6 +171,8 @@ class ScriptedAgent:
         for worker in self._workers:
             worker.cancel()
         await asyncio.gather(*self._workers, return_exceptions=True)
+        if self._cancels is not None:
+            await self._cancels.unsubscribe()
 
     async def _work(self, sub: Any) -> None:
         while True:
@@ -174,7 +183,7 @@ class ScriptedAgent:
             for message in messages:
                 task = msgspec.json.decode(message.data, type=NodeTask)
                 self.seen.append((task.id, message.metadata.sequence.stream))
-                if await self._current(task.run):
+                if task.run not in self.cancelled and await self._current(task.run):
                     self.tasks[task.id] = task
                     await self._do(task)
                 else:
@@ -196,15 +205,19 @@ class ScriptedAgent:
                                 blocks_done=count // 2, bytes_done=total // 2)
         await self.bus.publish(subjects.task_progress(task.node), progress)
         if self.hold.is_set():
-            await eventually(self._released, timeout=60, what="agent released")
+            await eventually(lambda: self._released(task.run), timeout=60, what="agent released")
+        if task.run in self.cancelled:
+            final = msgspec.structs.replace(progress, id=f"{task.id}.1", done=True, message="cancelled")
+            await self.bus.publish(subjects.task_progress(task.node), final)
+            return
         failed = 1 if self.fail else 0
         final = msgspec.structs.replace(progress, id=f"{task.id}.1", blocks_done=count - failed,
                                         bytes_done=total, files_done=list(range(len(task.blocks))), done=True,
                                         failed=failed, message=self.fail)
         await self.bus.publish(subjects.task_progress(task.node), final)
 
-    async def _released(self) -> bool:
-        return not self.hold.is_set()
+    async def _released(self, run: str) -> bool:
+        return not self.hold.is_set() or run in self.cancelled
 
     def keys(self, run: str) -> set[str]:
         return {file.key for task in self.tasks.values() if task.run == run for file in task.blocks}
@@ -625,6 +638,48 @@ async def test_delete_cancels_the_run(bus: Bus, nats_server: NatsServer) -> None
         await sub.unsubscribe()
     assert [c.run for c in cancels] == ["dataload.default.warm.1"]
     assert await operation(bus) is None
+
+
+async def test_a_delete_whose_run_state_write_failed_does_not_leave_the_reapplied_operation_stuck(
+        bus: Bus, nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A delete of an Executing load (two parts on one node: the agent holds the first) whose write of the finished
+    run state fails once (a NATS error; or the loader killed right then). The record must not be gone while the run
+    state still shows the deleted run executing: the same name applied again would resume that run, whose parts the
+    agent skips as cancelled, and stay Executing for ever. Applied again, it runs a new run that completes."""
+    await put_dataset(bus, files(("big", (domain.MAX_PART_BLOCKS + 1) * BLOCK)))
+    await put_runtime(bus, NODES[:1])
+    real_save_state = LoaderHandlers._save_state
+    armed: list[bool] = []
+    refused: list[domain.RunState] = []
+
+    async def save_state_failing_once(self: LoaderHandlers, key: str, state: domain.RunState) -> None:
+        if armed and not refused:
+            refused.append(state)
+            raise nats.errors.TimeoutError
+        await real_save_state(self, key, state)
+
+    monkeypatch.setattr(LoaderHandlers, "_save_state", save_state_failing_once)
+    facts = FactCollector()
+    await facts.start(bus, subjects.DATALOAD_FACTS)
+    async with agent(bus, NODES[:1]) as scripted, loader(nats_server):
+        scripted.hold.set()
+        await publish(bus, subjects.DATALOAD_APPLY, dataload())
+        await phase_of(bus, "Executing", runs=1)
+        await eventually(lambda: _true("dataload.default.warm.1.0" in scripted.tasks), what="part 0 held")
+        armed.append(True)  # the next run state the loader writes is the delete's
+        await publish(bus, subjects.DATALOAD_DELETE, DataLoadDelete(name="warm"))
+
+        async def gone() -> bool:
+            return await operation(bus) is None
+
+        await eventually(gone, what="the record deleted")
+        await eventually(lambda: _true("dataload.default.warm.1.1" in scripted.skipped), what="part 1 skipped")
+        scripted.hold.clear()
+        await publish(bus, subjects.DATALOAD_APPLY, dataload())
+        again = await phase_of(bus, "Complete", runs=2)
+        await facts.wait_for("operation.deleted.v1", name="warm")
+    assert refused and refused[0].stage == "finished"
+    assert again.status.progress.bytes_done == again.status.progress.bytes_total == (domain.MAX_PART_BLOCKS + 1) * BLOCK
 
 
 def remembered(handlers: LoaderHandlers, key: str) -> list[str]:

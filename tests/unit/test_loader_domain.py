@@ -339,6 +339,21 @@ def test_a_record_left_executing_a_finished_run_is_closed_with_its_saved_end() -
                                           parts=[domain.PartState(node="a")]))[0] == "Failed"
 
 
+def test_a_delete_keeps_the_last_run_finished_and_a_run_it_cut_short_failed() -> None:
+    executing = domain.RunState(run="dataload.default.warm.2", stage="executing", started_at=1.0,
+                                parts=[domain.PartState(node="a")])
+    kept = domain.deleted_state(executing, 9.0)
+    assert kept == domain.RunState(run="dataload.default.warm.2", outcome="Failed",
+                                   outcome_message=domain.DELETED_MESSAGE, finished_at=9.0)
+    # A record the delete left behind is closed Failed, saying why, rather than resumed.
+    assert domain.unclosed(record(phase="Executing", runs=2), kept)
+    assert domain.closing(kept) == ("Failed", domain.DELETED_MESSAGE)
+    ended = domain.RunState(run="dataload.default.warm.2", stage="finished", outcome="Complete", finished_at=5.0,
+                            parts=[domain.PartState(node="a", done=True)])
+    assert domain.deleted_state(ended, 9.0) == domain.RunState(run="dataload.default.warm.2", outcome="Complete",
+                                                               finished_at=5.0)
+
+
 # --- when runs are due ---
 
 
