@@ -8,7 +8,8 @@
 - Progress folding: the parts' cumulative ``TaskProgress`` → ``Progress`` (rate, ETA, per node, files done).
 - When a run is due: Once (never ran), Cron (``croniter``; decided from lastScheduleTime, so a missed run runs once
   and a restart does not run it again), OnEvent (the manifest changed: only new or changed entries), runAfter
-  (wait / go / fail naming the other operation), TTL expiry (not while a Pending runAfter waits for it).
+  (wait / go / fail naming the other operation, or the cycle the operation is in), TTL expiry (not while a
+  Pending runAfter waits for it).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import bisect
 import calendar
 import itertools
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -684,6 +685,31 @@ def run_after(ref: OperationRef | None, namespace: str, other: OperationRecord |
 
 def run_after_key(ref: OperationRef, namespace: str) -> tuple[str, str, str]:
     return ref.kind, ref.namespace or namespace, ref.name
+
+
+def run_after_cycle(record: OperationRecord,
+                    lookup: Callable[[tuple[str, str, str]], OperationRecord | None]) -> str | None:
+    """The runAfter cycle ``record`` is in (A → B → A), as the message its run fails with; None when it is in none.
+
+    ``lookup`` finds an operation by ``run_after_key``. Every operation of a cycle waits for the next to be Complete,
+    so none would ever start: each fails naming the cycle from itself. One that only leads into a cycle is not in
+    it: it waits, and fails once the one it names has Failed (``run_after``)."""
+    start: tuple[str, str, str] = (record.kind, record.metadata.namespace, record.metadata.name)
+    path = [start]
+    current: OperationRecord | None = record
+    while current is not None:
+        spec = current.load or current.clean
+        if spec is None or spec.run_after is None:
+            return None
+        following = run_after_key(spec.run_after, current.metadata.namespace)
+        if following == start:
+            names = " → ".join(f"{kind} {namespace}/{name}" for kind, namespace, name in [*path, start])
+            return f"runAfter cycle: {names}; none of them can start: change spec.runAfter of one of them"
+        if following in path:
+            return None
+        path.append(following)
+        current = lookup(following)
+    return None
 
 
 def awaited(record: OperationRecord, others: Iterable[OperationRecord]) -> bool:

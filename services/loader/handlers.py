@@ -433,6 +433,11 @@ class LoaderHandlers:
             kind, namespace, name = domain.run_after_key(spec.run_after, record.metadata.namespace)
             other = self.operations.values.get(subjects.operation_key(kind, namespace, name))
         decision, why = domain.run_after(spec.run_after, record.metadata.namespace, other)
+        if decision != "go":  # waiting for ever in a cycle, or failing on its neighbour: fail naming the cycle
+            cycle = domain.run_after_cycle(
+                record, lambda ref: self.operations.values.get(subjects.operation_key(*ref)))
+            if cycle:
+                decision, why = "fail", cycle
         if decision == "wait":
             if record.status.waiting_for != why:
                 status = msgspec.structs.replace(record.status, phase="Pending", waiting_for=why)

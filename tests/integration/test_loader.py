@@ -774,6 +774,28 @@ async def test_run_after_waits_for_complete_and_fails_after_failed(bus: Bus, nat
     assert "DataLoad default/broken (spec.runAfter) Failed" in after.status.message
 
 
+async def test_a_run_after_cycle_fails_its_operations_naming_it(bus: Bus, nats_server: NatsServer) -> None:
+    """"a" runs after "b" and "b" after "a": neither could ever start. Both fail, naming the cycle, rather than stay
+    Pending for ever each waiting for the other; "c", which runs after "a" without being in the cycle, fails on it."""
+    await put_dataset(bus, files(("f", BLOCK)))
+    await put_runtime(bus, NODES[:1])
+    async with agent(bus, NODES[:1]) as scripted, loader(nats_server):
+        await publish(bus, subjects.DATALOAD_APPLY, dataload(name="c", run_after=OperationRef(kind="DataLoad",
+                                                                                               name="a")))
+        await publish(bus, subjects.DATALOAD_APPLY, dataload(name="a", run_after=OperationRef(kind="DataLoad",
+                                                                                               name="b")))
+        await publish(bus, subjects.DATALOAD_APPLY, dataload(name="b", run_after=OperationRef(kind="DataLoad",
+                                                                                               name="a")))
+        a = await phase_of(bus, "Failed", name="a")
+        b = await phase_of(bus, "Failed", name="b")
+        c = await phase_of(bus, "Failed", name="c")
+    assert a.status.message.startswith("runAfter cycle: DataLoad default/a → DataLoad default/b → DataLoad default/a")
+    assert b.status.message.startswith("runAfter cycle: DataLoad default/b → DataLoad default/a → DataLoad default/b")
+    assert c.status.message.startswith("DataLoad default/a (spec.runAfter) Failed: runAfter cycle: ")
+    assert (a.status.runs, b.status.runs, a.status.waiting_for, b.status.waiting_for) == (1, 1, "", "")
+    assert scripted.seen == []
+
+
 async def test_ttl_removes_a_finished_operation(bus: Bus, nats_server: NatsServer) -> None:
     await put_dataset(bus, files(("a", BLOCK)))
     await put_runtime(bus, NODES[:1])

@@ -400,6 +400,29 @@ def test_run_after_waits_goes_or_fails_naming_the_other() -> None:
     assert decision == "fail" and "DataLoad default/first" in message and "boom" in message
 
 
+def test_a_run_after_cycle_is_named_from_each_operation_in_it() -> None:
+    def op(name: str, after: OperationRef | None, kind: str = "DataLoad", namespace: str = "ns") -> OperationRecord:
+        meta = ObjectMeta(name=name, namespace=namespace)
+        if kind == "DataClean":
+            return OperationRecord(kind="DataClean", metadata=meta, clean=DataCleanSpec(dataset=REF, run_after=after))
+        return OperationRecord(kind="DataLoad", metadata=meta, load=DataLoadSpec(dataset=REF, run_after=after))
+
+    ops = [op("a", OperationRef(kind="DataLoad", name="b")), op("b", OperationRef(kind="DataLoad", name="a")),
+           op("c", OperationRef(kind="DataLoad", name="a")),  # leads into the cycle, is not in it
+           op("self", OperationRef(kind="DataLoad", name="self")),
+           op("x", OperationRef(kind="DataClean", name="y", namespace="other")),
+           op("y", OperationRef(kind="DataLoad", name="x", namespace="ns"), kind="DataClean", namespace="other"),
+           op("d", OperationRef(kind="DataLoad", name="missing")), op("e", None)]
+    by_key: dict[tuple[str, str, str], OperationRecord] = {(o.kind, o.metadata.namespace, o.metadata.name): o
+                                                            for o in ops}
+    cycle = {o.metadata.name: domain.run_after_cycle(o, by_key.get) for o in ops}
+    assert (cycle["a"] or "").startswith("runAfter cycle: DataLoad ns/a → DataLoad ns/b → DataLoad ns/a; ")
+    assert (cycle["b"] or "").startswith("runAfter cycle: DataLoad ns/b → DataLoad ns/a → DataLoad ns/b; ")
+    assert (cycle["self"] or "").startswith("runAfter cycle: DataLoad ns/self → DataLoad ns/self; ")
+    assert (cycle["x"] or "").startswith("runAfter cycle: DataLoad ns/x → DataClean other/y → DataLoad ns/x; ")
+    assert cycle["c"] is None and cycle["d"] is None and cycle["e"] is None
+
+
 def test_ttl_removes_finished_once_operations() -> None:
     spec = DataLoadSpec(dataset=REF, ttl_seconds_after_finished=30)
     done = record(spec, phase="Complete", completion_time="2026-01-01T00:00:00Z")
