@@ -20,7 +20,8 @@ What it decides:
   fetches finish in the reader and are cached), a final progress says "cancelled", the part is acknowledged;
 - a mount process that stops leaves its part unacknowledged (a clean stop gives it back at once): its successor
   gets it again, skips what is cached, so no block is fetched twice. A killed one's part comes back after
-  ``ACK_WAIT_SECONDS``; ``in_progress`` every second keeps a live one's part from being redelivered.
+  ``ACK_WAIT_SECONDS``; ``in_progress`` every second keeps a live one's part from being redelivered. On its last
+  delivery (``MAX_DELIVER``) a part is not executed: a final progress fails its blocks saying so (``given_up``).
 """
 
 from __future__ import annotations
@@ -58,7 +59,8 @@ ACK_WAIT_SECONDS = 5.0
 # The protocol's "at most once a second" for progress, and the in_progress cadence with it.
 HEARTBEAT_SECONDS = 1.0
 # A part delivered this often without being finished (a process that crashes on it every time) is given up;
-# a restart or a clean stop each count one.
+# a restart or a clean stop each count one. The last delivery is not executed but reported (``given_up``): the
+# server delivers the part no more, and a part the loader never hears of again leaves its run Executing for ever.
 MAX_DELIVER = 20
 # A durable nobody pulled from for a day (its dataset unmounted from this node) is dropped by the server; the
 # stream keeps tasks for a day too, so nothing it could still deliver is lost.
@@ -186,6 +188,17 @@ class PartLedger:
                             done=done)
 
 
+def given_up(task: NodeTask, deliveries: int, event_id: str) -> TaskProgress:
+    """The final progress of a part on its last delivery (the durable's ``max_deliver``): not executed, since
+    whatever stopped the earlier ones would likely stop this one before it could report. Every block it names fails
+    (at least one, for a clean of everything), so the loader ends the run Failed naming this node and why."""
+    ledger = PartLedger.of(task)
+    ledger.fail(None, f"part {task.part} of run {task.run} was delivered {deliveries} times without finishing (the "
+                      f"mount process stopped or crashed during each); given up: run the operation again")
+    ledger.failed = max(1, sum(len(file.blocks) for file in task.blocks) + len(task.files))
+    return ledger.progress(task, event_id, done=True)
+
+
 def load_blocks(task: NodeTask) -> Iterator[tuple[int, int, int]]:
     """(file index in the part, block index, size) of every block of a part, in order."""
     for file_index, file in enumerate(task.blocks):
@@ -230,6 +243,8 @@ class TaskRunner:
         self._stopping = asyncio.Event()
         self._running: _Running | None = None
         self._cancelled: deque[str] = deque(maxlen=CANCELLED_RUNS)
+        # The durable's own ``max_deliver``: one kept from before a change of MAX_DELIVER goes on with its old count.
+        self._max_deliver = MAX_DELIVER
 
     def manifest_reloaded(self) -> None:
         """The mount serves a new manifest: a load part waiting for it looks again at once."""
@@ -254,6 +269,7 @@ class TaskRunner:
                         subscription = await self.bus.js.pull_subscribe(
                             self.subject, durable=self.durable, stream=subjects.STREAM_TASKS,
                             config=self._consumer_config())
+                        self._max_deliver = (await subscription.consumer_info()).config.max_deliver or 0
                     try:
                         messages = await subscription.fetch(1, timeout=FETCH_SECONDS)
                     except (TimeoutError, nats.errors.TimeoutError):
@@ -326,6 +342,16 @@ class TaskRunner:
         if skip:
             bound.info("part skipped: its run is not current", reason=skip)
             await message.ack()
+            return
+        if 0 < self._max_deliver <= deliveries:
+            final = given_up(task, deliveries, progress_id(task, deliveries, "final"))
+            try:
+                await self.bus.publish(subjects.task_progress(self.node), final)
+            except Exception as err:  # the server delivers it no more: only the loader's node checks remain
+                bound.error("part given up, its final progress not published", error=repr(err))
+                return
+            await message.ack()
+            bound.error("part given up", message=final.message)
             return
         started = time.monotonic()
         ledger = PartLedger.of(task)

@@ -26,6 +26,7 @@ from typing import Any
 
 import msgspec
 import pytest
+from nats.js import api as js_api
 
 from libs import subjects
 from libs.blocks import block_count, block_span
@@ -44,6 +45,7 @@ from libs.events.operation import (
     TaskProgress,
 )
 from libs.manifest import ManifestStore
+from services.agent import tasks
 from tests.conftest import SeaweedServer, put_objects
 from tests.faults import HttpProxy
 from tests.helpers import eventually
@@ -157,8 +159,16 @@ def size(file: CachedFile) -> int:
 
 @asynccontextmanager
 async def loader_stack(bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path,
-                       **agent_options: Any) -> AsyncIterator[Loader]:
+                       max_deliver: int | None = None, **agent_options: Any) -> AsyncIterator[Loader]:
+    """``max_deliver``: the mount's durable is made before the mount process starts, with this ``max_deliver``
+    (the process uses a durable it finds as it is, as after a change of ``tasks.MAX_DELIVER``)."""
     await put_objects(seaweedfs, bucket, OBJECTS)
+    if max_deliver is not None:
+        subject = subjects.node_task(NODE, "default", NAME)
+        await bus.js.add_consumer(subjects.STREAM_TASKS, js_api.ConsumerConfig(
+            durable_name=subjects.task_durable(NODE, "default", NAME), ack_policy=js_api.AckPolicy.EXPLICIT,
+            ack_wait=tasks.ACK_WAIT_SECONDS, max_deliver=max_deliver, max_ack_pending=1, filter_subject=subject,
+            deliver_policy=js_api.DeliverPolicy.ALL, inactive_threshold=tasks.INACTIVE_SECONDS))
     store = PassingProxy(seaweedfs.endpoint)
     await store.start()
     try:
@@ -348,3 +358,36 @@ async def test_a_stopped_mount_process_resumes_its_part_and_fetches_each_block_o
         assert len(before) == 4 and set(every[:3]) < before
         assert mount_pids(root) != [pid]
         assert cached(await loader.snapshot()) == {(f.key, i) for f in files for i, _ in f.blocks}
+
+
+async def test_a_part_on_its_last_delivery_is_given_up_and_reported_failed(
+        bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path) -> None:
+    """The server delivers a part ``max_deliver`` times (2 here, 20 by default), then no more: a part whose mount
+    process is killed on it every time would leave its run Executing for ever, the node still ready. On its last
+    delivery the restarted process does not execute it (the store still holds every GET: executing, it would hang
+    there too) but reports it done with every block failed, saying it was delivered 2 times without finishing."""
+    async with loader_stack(bus, settings, seaweedfs, bucket, tmp_path, max_deliver=2, load_concurrency=1) as loader:
+        run = await loader.operation("doomed")
+        files = [loader.blocks("data/a.bin"), loader.blocks("data/b.bin")]
+        loader.store.passes = 1
+        loader.store.hold()
+        await loader.publish(run, "load", files)
+
+        async def one_done() -> TaskProgress | None:
+            return next((p for p in loader.progress if p.run == run and p.blocks_done == 1), None)
+
+        await eventually(one_done, what="progress of one block")
+        await eventually(lambda: _true(loader.store.waiting == 1), what="the second block's GET held")
+        root = loader.node.mountpoint(NAME)
+        (pid,) = mount_pids(root)
+        os.kill(pid, signal.SIGKILL)
+        held = len(loader.gets())
+        final = await loader.final(run, timeout=40)
+        assert (final.done, final.failed, final.blocks_done, final.files_done) == (True, 7, 0, [])
+        assert final.message == (f"part 0 of run {run} was delivered 2 times without finishing (the mount process "
+                                 f"stopped or crashed during each); given up: run the operation again")
+        assert len(loader.gets()) == held, "the given-up delivery fetched nothing"
+
+
+async def _true(result: bool) -> bool:
+    return result

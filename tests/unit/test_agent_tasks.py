@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import msgspec
+
 from libs.events.agent import CachedFile
 from libs.events.common import ObjectMeta, ObjectRef
 from libs.events.dataset import Dataset, DatasetRecord, DatasetSpec, DatasetStatus, ManifestEntry
@@ -14,6 +16,7 @@ from services.agent.tasks import (
     CHANGED,
     PartLedger,
     block_problem,
+    given_up,
     load_blocks,
     manifest_behind,
     manifest_version,
@@ -124,3 +127,13 @@ async def test_a_load_on_a_non_owner_fetches_from_the_store_never_a_peer(tmp_pat
     assert n.peers.asks == []
     assert sorted(get.start // RBLOCK for get in n.store.gets) == [0, 1, 2]
     assert all(n.cache.contains(n.reader.block_id(n.entry, index)) for index in range(3))
+
+
+def test_a_part_given_up_fails_every_block_it_names_and_at_least_one() -> None:
+    load = NodeTask(id="r.1.0", run="r.1", part=0, parts=1, node="n", dataset=ObjectRef(name="d"), action="load",
+                    blocks=[CachedFile(0, "a", "e", [(0, 10), (1, 5)]), CachedFile(0, "b", "e", [(0, 1)])])
+    final = given_up(load, 20, "r.1.0.20-final")
+    assert (final.done, final.failed, final.blocks_done, final.files_done) == (True, 3, 0, [])
+    assert final.message.startswith("part 0 of run r.1 was delivered 20 times without finishing")
+    everything = msgspec.structs.replace(load, action="clean", blocks=[], everything=True)
+    assert given_up(everything, 20, "x").failed == 1
