@@ -126,18 +126,27 @@ class FakeApiServer(KubernetesScaffold):
         self.log: list[tuple[int, tuple[str, str], dict[str, Any]]] = []
         self.oldest = 0  # versions below this are "too old" (410)
         self.failing: int | None = None
-        self.changed = asyncio.Condition()
+        # Held while the store and the log change; ``_wake`` is set (and replaced) at every change. Watches wait on
+        # the event outside the lock: a Condition's wait cancelled at teardown may not take its lock back on Python
+        # 3.11 (its release then raised "Lock is not acquired" in a CI run).
+        self.changed = asyncio.Lock()
+        self._wake = asyncio.Event()
         self.watch_generation = 0  # end_watches() bumps it; a watch started under an older one ends
         self.hang_watches = False  # a watch answers 200 and then sends nothing, ever (a half-open stream)
         self.hang_lists = False  # a list never answers
         self.bookmarks = 0
+
+    def _notify(self) -> None:
+        """Under ``self.changed``: wake every watch waiting for a change."""
+        self._wake.set()
+        self._wake = asyncio.Event()
 
     # --- faults and helpers for tests ---
 
     async def end_watches(self) -> None:
         async with self.changed:
             self.watch_generation += 1
-            self.changed.notify_all()
+            self._notify()
 
     async def expire(self) -> None:
         """Forget the event log: a watch from any version seen so far gets 410 Gone."""
@@ -145,12 +154,12 @@ class FakeApiServer(KubernetesScaffold):
             self.oldest = self.version + 1
             self.log.clear()
             self.watch_generation += 1
-            self.changed.notify_all()
+            self._notify()
 
     async def bookmark(self) -> None:
         async with self.changed:
             self.bookmarks += 1
-            self.changed.notify_all()
+            self._notify()
 
     def remove_crd(self, custom: kube.Resource) -> None:
         """As a cluster without ``custom``'s CRD: not served (404) and not discovered. Only for a resource without
@@ -248,9 +257,8 @@ class FakeApiServer(KubernetesScaffold):
         if answer:
             await response.prepare(raw)
         while raw.transport is not None and not raw.transport.is_closing():
-            async with self.changed:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.changed.wait(), WATCH_CHECK_SECONDS)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), WATCH_CHECK_SECONDS)
         return response
 
     def _list(self, kind: Kind, namespace: str | None) -> dict[str, Any]:
@@ -266,7 +274,7 @@ class FakeApiServer(KubernetesScaffold):
             obj["metadata"]["resourceVersion"] = str(self.version)
         self.log.append((self.version, (kind.group, kind.plural),
                          {"type": event_type, "object": copy.deepcopy(obj)}))
-        self.changed.notify_all()
+        self._notify()
 
     async def _create(self, kind: Kind, namespace: str | None, body: Any) -> dict[str, Any]:
         if not isinstance(body, dict) or not isinstance(body.get("metadata"), dict) or not body["metadata"].get("name"):
@@ -395,6 +403,7 @@ class FakeApiServer(KubernetesScaffold):
                 position = self.version
         try:
             while True:
+                wake: asyncio.Event | None = None
                 async with self.changed:
                     pending = [event for version, which, event in self.log
                                if version > position and which == (kind.group, kind.plural)
@@ -409,12 +418,15 @@ class FakeApiServer(KubernetesScaffold):
                         if transport is None or transport.is_closing():
                             break
                         step = WATCH_CHECK_SECONDS if remaining is None else min(remaining, WATCH_CHECK_SECONDS)
-                        with contextlib.suppress(TimeoutError):
-                            await asyncio.wait_for(self.changed.wait(), step)
-                        continue
-                    ended = self.watch_generation != generation
-                    bookmark_due = self.bookmarks != seen_bookmarks
-                    seen_bookmarks = self.bookmarks
+                        wake = self._wake  # taken under the lock: a change after it sets this one
+                    else:
+                        ended = self.watch_generation != generation
+                        bookmark_due = self.bookmarks != seen_bookmarks
+                        seen_bookmarks = self.bookmarks
+                if wake is not None:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(wake.wait(), step)
+                    continue
                 for event in pending:
                     await send(event)
                 if bookmark_due and bookmarks:
