@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,7 @@ from services.runtime import app as runtime_app
 from tests.conftest import NatsServer, SeaweedServer, put_objects
 from tests.faults import CuttableProxy, StalledCacheFile
 from tests.helpers import dataset_record, eventually, running, runtime_record
-from tests.integration.agent_stack import cluster_stack, md5, mounted_paths, node_stack, read_file, run_tool
+from tests.integration.agent_stack import Cluster, cluster_stack, md5, mounted_paths, node_stack, read_file, run_tool
 from tests.integration.test_agent_cache import InventoryWatch, mount_pids
 from tests.integration.test_agent_health import last_beat
 from tests.integration.test_security import local_dataset, ssd_runtime
@@ -436,17 +437,7 @@ async def test_a_dataset_deleted_while_the_agent_was_down_has_its_blocks_freed_w
     objects = {f"d{i}.bin": os.urandom(1_500_000) for i in range(2)}
     await put_objects(seaweedfs, bucket, objects)
     async with cluster_stack(bus, settings, seaweedfs, tmp_path, {"n1": {}}) as cluster:
-        level = Level(mediumtype="SSD", quota="256Mi", path=str(cluster.cache_dir), high="0.95", low="0.8")
-        for name in ("gone", "kept"):
-            await bus.publish(subjects.RUNTIME_APPLY, RuntimeApply(runtime=Runtime(
-                metadata=ObjectMeta(name=name),
-                spec=RuntimeSpec(tieredstore=TieredStore(levels=[level]), block_size="1Mi"))))
-            await bus.publish(subjects.DATASET_APPLY, DatasetApply(dataset=Dataset(
-                metadata=ObjectMeta(name=name), spec=DatasetSpec(mounts=[Mount(mount_point=f"s3://{bucket}/")]))))
-        for name in ("gone", "kept"):
-            await cluster.wait_mounted(name, "d1.bin")
-            for key in objects:
-                await read_file(cluster.agents["n1"].mountpoint(name) / key)
+        await _mount_and_read_gone_and_kept(bus, bucket, cluster, objects, lambda name: cluster.cache_dir)
         caches = {name: cluster.cache_dir / "n1" / "default" / name for name in ("gone", "kept")}
         for cache in caches.values():
 
@@ -473,18 +464,7 @@ async def test_a_dataset_and_its_runtime_deleted_while_the_agent_was_down_have_t
     objects = {f"d{i}.bin": os.urandom(1_500_000) for i in range(2)}
     await put_objects(seaweedfs, bucket, objects)
     async with cluster_stack(bus, settings, seaweedfs, tmp_path, {"n1": {}}) as cluster:
-        for name in ("gone", "kept"):
-            level = Level(mediumtype="SSD", quota="256Mi", path=str(cluster.cache_dir / name), high="0.95",
-                          low="0.8")
-            await bus.publish(subjects.RUNTIME_APPLY, RuntimeApply(runtime=Runtime(
-                metadata=ObjectMeta(name=name),
-                spec=RuntimeSpec(tieredstore=TieredStore(levels=[level]), block_size="1Mi"))))
-            await bus.publish(subjects.DATASET_APPLY, DatasetApply(dataset=Dataset(
-                metadata=ObjectMeta(name=name), spec=DatasetSpec(mounts=[Mount(mount_point=f"s3://{bucket}/")]))))
-        for name in ("gone", "kept"):
-            await cluster.wait_mounted(name, "d1.bin")
-            for key in objects:
-                await read_file(cluster.agents["n1"].mountpoint(name) / key)
+        await _mount_and_read_gone_and_kept(bus, bucket, cluster, objects, lambda name: cluster.cache_dir / name)
         caches = {name: cluster.cache_dir / name / "n1" / "default" / name for name in ("gone", "kept")}
         for cache in caches.values():
 
@@ -662,3 +642,20 @@ async def _manifest_of(bus: Bus, name: str) -> str:
 
 async def _said(log: Path, text: str) -> bool:
     return log.exists() and text in log.read_text()
+
+
+async def _mount_and_read_gone_and_kept(bus: Bus, bucket: str, cluster: Cluster, objects: dict[str, bytes],
+                                        tier_path: Callable[[str], Path]) -> None:
+    """Runtimes and S3 datasets "gone" and "kept" (an SSD tier at ``tier_path(name)``, 1 MiB blocks), mounted on
+    node n1, every object read through both mounts so both caches hold blocks."""
+    for name in ("gone", "kept"):
+        level = Level(mediumtype="SSD", quota="256Mi", path=str(tier_path(name)), high="0.95", low="0.8")
+        await bus.publish(subjects.RUNTIME_APPLY, RuntimeApply(runtime=Runtime(
+            metadata=ObjectMeta(name=name),
+            spec=RuntimeSpec(tieredstore=TieredStore(levels=[level]), block_size="1Mi"))))
+        await bus.publish(subjects.DATASET_APPLY, DatasetApply(dataset=Dataset(
+            metadata=ObjectMeta(name=name), spec=DatasetSpec(mounts=[Mount(mount_point=f"s3://{bucket}/")]))))
+    for name in ("gone", "kept"):
+        await cluster.wait_mounted(name, "d1.bin")
+        for key in objects:
+            await read_file(cluster.agents["n1"].mountpoint(name) / key)
