@@ -748,6 +748,7 @@ async def _tail(options: Options, subject: str, replay: bool, limit: int | None)
         await queue.put(message)
 
     subscription: Subscription
+    denied: asyncio.Future[str] | None = None
     async with session(options) as bus:
         if replay:
             try:
@@ -756,22 +757,37 @@ async def _tail(options: Options, subject: str, replay: bool, limit: int | None)
             except NotFoundError as err:
                 raise CliError(f"no stream holds {subject!r}, so there is nothing to replay") from err
         else:
-            # A refused subscription is only an -ERR on the side: without this the command would wait forever.
+            # A refused subscription is only an -ERR on the side: without this the command would wait forever. It
+            # comes before the flush's PONG, and is watched for as long as the command follows anyway.
             denied = bus.denials.watch(subject)
             subscription = await bus.nc.subscribe(subject, cb=on_message)
-            await bus.nc.flush(timeout=max(1, int(options.timeout)))  # the -ERR comes before the flush's PONG
-            refused = denied.done() and not denied.cancelled()
-            bus.denials.forget(subject, denied)
-            if refused:
-                raise PermissionDenied(subject, "subscribe")
+            await bus.nc.flush(timeout=max(1, int(options.timeout)))
         try:
             printed = 0
             while limit is None or printed < limit:
-                message = await queue.get()
+                message = await _next_or_refused(queue, denied, subject)
                 click.echo(message.data.decode(errors="replace"))
                 printed += 1
         finally:
+            if denied is not None:
+                bus.denials.forget(subject, denied)
             await subscription.unsubscribe()
+
+
+async def _next_or_refused(queue: asyncio.Queue[Msg], denied: asyncio.Future[str] | None, subject: str) -> Msg:
+    """The next message, or PermissionDenied as soon as the server refuses the subscription."""
+    if denied is None:
+        return await queue.get()
+    if not denied.done():
+        getter = asyncio.ensure_future(queue.get())
+        waits: list[asyncio.Future[Any]] = [getter, denied]
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        if getter.done():
+            return getter.result()
+        getter.cancel()
+    if denied.cancelled():
+        return await queue.get()
+    raise PermissionDenied(subject, "subscribe")
 
 
 # --- schemas ---
