@@ -3,7 +3,6 @@ processes): the start says so (``PortTaken``), and SeaweedFS on free ports choos
 
 from __future__ import annotations
 
-import dataclasses
 import socket
 from pathlib import Path
 
@@ -30,20 +29,27 @@ def test_a_nats_server_whose_port_is_taken_fails_with_port_taken(tmp_path: Path)
 def test_seaweedfs_on_free_ports_chooses_again_when_a_port_was_taken(tmp_path: Path,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     chosen: list[SeaweedConfig] = []
+    holders: list[socket.socket] = []
     on_free_ports = SeaweedConfig.on_free_ports
 
-    with taken_port() as holder:
-        def choose(data_dir: Path) -> SeaweedConfig:
-            config = on_free_ports(data_dir)
-            if not chosen:  # the first choice loses its volume port to another process
-                config = dataclasses.replace(config, volume_port=holder.getsockname()[1])
-            chosen.append(config)
-            return config
+    def choose(data_dir: Path) -> SeaweedConfig:
+        config = on_free_ports(data_dir)  # ports SeaweedFS can take (their gRPC twins too)
+        if not chosen:  # the first choice loses its volume port to another process before SeaweedFS binds it
+            holder = socket.socket()
+            holder.bind((LOOPBACK, config.volume_port))
+            holder.listen()
+            holders.append(holder)
+        chosen.append(config)
+        return config
 
-        monkeypatch.setattr(SeaweedConfig, "on_free_ports", staticmethod(choose))
+    monkeypatch.setattr(SeaweedConfig, "on_free_ports", staticmethod(choose))
+    try:
         config, server = embedded.start_seaweedfs_on_free_ports(tmp_path / "data", tmp_path / "seaweedfs.log")
         try:
             assert len(chosen) == 2 and config == chosen[1]
             assert embedded.port_open(config.s3_port)
         finally:
             server.stop()
+    finally:
+        for holder in holders:
+            holder.close()
