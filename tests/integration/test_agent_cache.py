@@ -19,7 +19,7 @@ import msgspec
 import pytest
 
 from libs import subjects
-from libs.bus import Bus, kv_load, kv_save
+from libs.bus import Bus, Conflict, kv_load, kv_save
 from libs.config import Settings
 from libs.events.agent import InventoryRequest
 from libs.events.common import ObjectRef
@@ -127,11 +127,20 @@ async def test_a_manifest_that_cannot_be_loaded_leaves_the_mount_serving_its_tre
         device = os.stat(root).st_dev  # a mount process started again would be another FUSE connection
         kv = await bus.kv(subjects.KV_DATASETS)
         key = subjects.resource_key("default", "rel")
-        record, revision = await kv_load(kv, key, DatasetRecord)
-        assert record is not None
-        await kv_save(kv, key, msgspec.structs.replace(record, status=msgspec.structs.replace(
-            record.status, manifest="default.ghost", synced_generation=record.status.synced_generation + 1)),
-            revision)
+
+        async def name_a_missing_manifest() -> bool:
+            # Compare-and-set: the dataset service writes the status too (cache figures from the inventory).
+            record, revision = await kv_load(kv, key, DatasetRecord)
+            assert record is not None
+            try:
+                await kv_save(kv, key, msgspec.structs.replace(record, status=msgspec.structs.replace(
+                    record.status, manifest="default.ghost", synced_generation=record.status.synced_generation + 1)),
+                    revision)
+            except Conflict:
+                return False
+            return True
+
+        await eventually(name_a_missing_manifest, what="the record naming a manifest the store does not hold")
         errors: list[str] = []
 
         async def reload_failed() -> bool:
