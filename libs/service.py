@@ -26,6 +26,10 @@ from libs.telemetry import TracingConfigError, get_logger, setup_logging, setup_
 if TYPE_CHECKING:
     from libs.bus import Bus
 
+log = get_logger(__name__)
+
+# A loop still running this long after ``stop`` is named in the log (and again every as many seconds).
+STOP_WARN_SECONDS = 10.0
 
 
 class ServiceRun(Protocol):
@@ -61,10 +65,28 @@ async def run_loops(loops: Sequence[Loop], stop: asyncio.Event, readiness: Readi
         for loop in loops:
             loop.stop()
         stopper.cancel()
-        results = await asyncio.gather(*tasks, return_exceptions=True)
+        results = await _stopped(loops, tasks)
     for result in results:
         if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
             raise result
+
+
+async def _stopped(loops: Sequence[Loop], tasks: list[asyncio.Task[None]]) -> list[BaseException | None]:
+    """Wait for every loop's task to end; while some take longer than STOP_WARN_SECONDS, say which (a process that
+    does not stop is otherwise silent about why)."""
+    waited = 0.0
+    while True:
+        try:
+            _, pending = await asyncio.wait(tasks, timeout=STOP_WARN_SECONDS)
+        except asyncio.CancelledError:
+            for task in tasks:  # as ``gather`` would: the loops end with whoever cancelled the wait
+                task.cancel()
+            raise
+        if not pending:
+            return [None if task.cancelled() else task.exception() for task in tasks]
+        waited += STOP_WARN_SECONDS
+        log.warning("loops still stopping", seconds=waited,
+                    loops=[loop_name(loop) for loop, task in zip(loops, tasks, strict=True) if task in pending])
 
 
 class Periodic:
@@ -81,7 +103,7 @@ class Periodic:
             try:
                 await self.tick()
             except Exception:
-                get_logger(__name__).exception("periodic work failed", loop=self.name)
+                log.exception("periodic work failed", loop=self.name)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), timeout=self.interval)
 

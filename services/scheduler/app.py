@@ -31,7 +31,7 @@ from libs.service import Loop, Periodic, nats_check, run_loops
 from libs.side_server import Readiness
 from libs.telemetry import get_logger
 from services.scheduler.domain import Weights
-from services.scheduler.handlers import SchedulerHandlers
+from services.scheduler.handlers import NOT_READY, SchedulerHandlers
 from services.scheduler.http import HttpLimits, http_loop
 
 log = get_logger(__name__)
@@ -117,6 +117,7 @@ async def run(settings: Settings, stop: asyncio.Event, clock: Callable[[], float
         agents = KvMirror(await bus.kv(subjects.KV_AGENTS), AgentRecord, bus.reconnects)
         handlers = SchedulerHandlers(bus, agents, weights_of(settings.scheduler), settings.scheduler.node_timeout,
                                      clock)
+        readiness.add("datasets", lambda: None if handlers.datasets_ready.is_set() else NOT_READY)
         inventory = Consumer(
             bus, subjects.STREAM_AGENT, subjects.DURABLE_SCHEDULER_INVENTORY, subjects.AGENT_INVENTORY,
             msgspec.json.Decoder(AnyInventory), handlers.on_inventory, max_event_bytes=MESSAGE_LIMIT,

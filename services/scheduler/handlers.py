@@ -58,6 +58,8 @@ _RECORD_DECODER = msgspec.json.Decoder(DatasetRecord)
 # is over in seconds); after that, at the next change of the dataset's record, whatever it changes. Until then the
 # dataset has no catalog, and every cached block counts.
 CATALOG_ATTEMPTS = 10
+# The answer to every question asked before the datasets' records are read (just after a start).
+NOT_READY = "the scheduler is starting (datasets not read yet); ask again shortly"
 
 
 def _request_key(request: ScoreRequest) -> Any:
@@ -167,6 +169,10 @@ class SchedulerHandlers:
         catalogs, the set of nodes, the datasets' totals, and the nodes' labels and liveness (re-read every second
         by ``refresh_labels``). Many pods of one job ask the same question in a burst; only the first pays for it.
         """
+        if not self.datasets_ready.is_set():
+            # Every dataset would look unknown and every node cache-free: an error lets the caller fall back (the
+            # webhook writes nothing, kube-scheduler ignores the extender) instead of placing pods on a wrong answer.
+            return ScoreReply(id=f"{request.id}.reply", causation_id=request.id, error=NOT_READY)
         request = domain.through_references(request, self.references)
         key = _request_key(request)
         stamp = self._stamp(request)

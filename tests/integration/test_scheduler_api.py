@@ -39,8 +39,9 @@ from libs.events.common import ObjectMeta, ObjectRef
 from libs.events.dataset import Dataset, DatasetRecord, DatasetSpec, DatasetStatus, ManifestEntry, Mount
 from libs.events.schedule import DatasetUse, ScoreReply, ScoreRequest
 from libs.manifest import ManifestStore, ManifestWriter
+from libs.side_server import Readiness
 from services.scheduler import app
-from services.scheduler.handlers import CATALOG_ATTEMPTS, SchedulerHandlers
+from services.scheduler.handlers import CATALOG_ATTEMPTS, NOT_READY, SchedulerHandlers
 from tests.conftest import NatsServer
 from tests.helpers import eventually, make_settings
 from tests.metric_values import Snapshot
@@ -236,13 +237,15 @@ async def test_the_http_front_runs_when_its_port_is_set_and_answers_from_the_sam
                 scores: list[dict[str, object]] = await answer.json()
         except aiohttp.ClientConnectionError:
             return None
-        return scores if scores and scores[0].get("Score") else None
+        # Until the scheduler has the dataset, the pod counts as one without data (node-a "holds no cache": 10);
+        # until it has folded the delta, node-a holds none of it (0).
+        return scores if scores == [{"Host": "node-a", "Score": 2}] else None
 
     try:
         await agent.cache("/val/c.bin")
         async with aiohttp.ClientSession() as session:
-            scores = await eventually(lambda: prioritized(session), what="the extender ranks node-a", timeout=20)
-            assert scores == [{"Host": "node-a", "Score": 2}]
+            await eventually(lambda: prioritized(session), what="the extender ranks node-a by its 1 of 5 MiB",
+                             timeout=20)
             async with session.get(f"{base}/healthz") as health:
                 assert health.status == 200
         assert ranking(await ask(bus, WHOLE)) == [("node-a", 20)]
@@ -250,6 +253,30 @@ async def test_the_http_front_runs_when_its_port_is_set_and_answers_from_the_sam
         stop.set()
         await asyncio.wait_for(task, 20)
 
+
+
+async def test_before_the_datasets_are_read_it_is_not_ready_and_answers_an_error(
+        bus: Bus, scheduler_settings: Settings) -> None:
+    """Just after a start every dataset would look unknown and every node cache-free: until the records are read,
+    /readyz says so and every question gets an error (the webhook and extender fall back) rather than a ranking."""
+    await seed(bus, {"node-a": {}})
+    readiness = Readiness()
+    at_start: list[tuple[ScoreReply, tuple[bool, dict[str, str]]]] = []
+    stop = asyncio.Event()
+
+    def started(handlers: SchedulerHandlers) -> None:  # wired, its loops not started yet
+        at_start.append((handlers.answer(WHOLE), readiness.report()))
+
+    task = asyncio.create_task(app.run(scheduler_settings, stop, readiness=readiness, started=started))
+    try:
+        await eventually(lambda: _true(readiness.report()[0]), what="the scheduler ready", timeout=20)
+        (reply, (ready, checks)), = at_start
+        assert reply.error == NOT_READY and not reply.scores
+        assert not ready and checks["datasets"] == NOT_READY
+        assert ranking(await ask(bus, WHOLE)) == [("node-a", 0)]
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 20)
 
 
 def _flaky(failures: int) -> type[ManifestStore]:

@@ -165,15 +165,17 @@ def test_decisions_are_kept_only_while_what_they_read_is_unchanged() -> None:
 
     from libs.events.agent import AgentHeartbeat, AgentRecord
     from libs.events.schedule import DatasetUse, ScoreRequest
-    from services.scheduler.handlers import DatasetInfo, SchedulerHandlers
+    from services.scheduler.handlers import NOT_READY, DatasetInfo, SchedulerHandlers
 
     beat = AgentHeartbeat(node="n2", labels={"topology.kubernetes.io/zone": "z1"})
     agents = SimpleNamespace(values={"n2": AgentRecord(heartbeat=beat, received_at=100.0)}, ready=asyncio.Event())
     handlers = SchedulerHandlers(bus=None, agents=agents, clock=lambda: 100.0)  # type: ignore[arg-type]
+    question = [DatasetUse(name="d", namespace="ml")]
+    assert handlers.answer(ScoreRequest(id="q0", datasets=question)).error == NOT_READY  # no records read yet
     handlers.datasets[KEY] = DatasetInfo(total=4 * MiB, manifest_version=("", 0, 0, ""))
+    handlers.datasets_ready.set()  # as the watch does once the records are in
     handlers.fold.apply(snapshot(1, blocks("k", "e", [(0, MiB)])))
     asyncio.run(handlers.refresh_labels())  # as the periodic refresh does at start
-    question = [DatasetUse(name="d", namespace="ml")]
     first = handlers.answer(ScoreRequest(id="q1", datasets=question))
     again = handlers.answer(ScoreRequest(id="q2", datasets=question))
     assert again.scores is first.scores and (again.id, again.causation_id) == ("q2.reply", "q2")
@@ -215,6 +217,7 @@ def test_kept_decisions_hold_little_when_every_question_names_other_candidates()
     handlers = SchedulerHandlers(bus=None, agents=SimpleNamespace(values={}, ready=asyncio.Event()),  # type: ignore[arg-type]
                                  clock=lambda: 100.0)
     handlers.datasets[KEY] = DatasetInfo(total=100 * MiB, manifest_version=("", 0, 0, ""))
+    handlers.datasets_ready.set()
     for index in range(0, nodes, 10):
         handlers.fold.apply(snapshot(1, blocks("k", "e", [(i, MiB) for i in range(index % 100)]),
                                      node=f"ip-10-0-{index // 250}-{index % 250}.ec2.internal"))

@@ -1,0 +1,91 @@
+"""``libs.service.run_loops``: every loop is stopped and waited for; one that is slow to stop is named in the log
+while it is awaited, and a loop's failure ends the others and is raised."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import pytest
+import structlog.testing
+
+from libs import service
+from libs.service import run_loops
+from tests.helpers import eventually
+
+
+async def found(logs: Sequence[Mapping[str, Any]], event: str) -> bool:
+    return any(entry["event"] == event for entry in logs)
+
+
+class Stubborn:
+    """A loop that, once told to stop, ends only when ``release`` is set."""
+
+    name = "stubborn"
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.cancelled = False
+        self._stopping = asyncio.Event()
+
+    async def run(self) -> None:
+        await self._stopping.wait()
+        try:
+            await self.release.wait()
+        except asyncio.CancelledError:
+            self.cancelled = True
+            raise
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+
+class Prompt(Stubborn):
+    name = "prompt"
+
+    async def run(self) -> None:
+        await self._stopping.wait()
+
+
+class Failing(Stubborn):
+    name = "failing"
+
+    async def run(self) -> None:
+        raise RuntimeError("broken")
+
+
+async def test_a_loop_slow_to_stop_is_named_until_it_ends(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(service, "STOP_WARN_SECONDS", 0.05)
+    stubborn, prompt = Stubborn(), Prompt()
+    stop = asyncio.Event()
+    stop.set()
+    with structlog.testing.capture_logs() as logs:
+        running = asyncio.create_task(run_loops([stubborn, prompt], stop))
+        await eventually(lambda: found(logs, "loops still stopping"), what="the warning", timeout=5)
+        assert not running.done()
+        stubborn.release.set()
+        await asyncio.wait_for(running, 5)
+    warnings = [entry for entry in logs if entry["event"] == "loops still stopping"]
+    assert warnings and all(entry["loops"] == ["stubborn"] for entry in warnings)
+
+
+async def test_a_failing_loop_stops_the_others_and_is_raised() -> None:
+    prompt = Prompt()
+    with pytest.raises(RuntimeError, match="broken"):
+        await asyncio.wait_for(run_loops([Failing(), prompt], asyncio.Event()), 5)
+
+
+async def test_cancelling_the_wait_cancels_the_loops(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(service, "STOP_WARN_SECONDS", 0.05)
+    stubborn = Stubborn()
+    stop = asyncio.Event()
+    stop.set()
+    running = asyncio.create_task(run_loops([stubborn], stop))
+    with structlog.testing.capture_logs() as logs:
+        # the loops were told to stop and are being waited for
+        await eventually(lambda: found(logs, "loops still stopping"), what="the warning", timeout=5)
+    running.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await running
+    assert stubborn.cancelled
