@@ -7,7 +7,8 @@ them when the process ends, also after an error), starts the side server (``libs
 ``/readyz``, ``/metrics``) unless ``SHOAL_HTTP_PORT=off``, and turns SIGTERM/SIGINT into the ``stop`` event.
 ``run`` registers its readiness checks (``nats_check``, and ``run_loops`` adds one for its loops) and runs its
 loops with ``run_loops``: every long-running part of a process is a ``Loop`` (``run`` until ``stop``), started
-and stopped the same way.
+and stopped the same way; one that needs another's view first (a KV mirror's initial values) is wrapped in
+``StartsWhen``, so nothing waits where a stop cannot reach it.
 """
 
 from __future__ import annotations
@@ -87,6 +88,34 @@ async def _stopped(loops: Sequence[Loop], tasks: list[asyncio.Task[None]]) -> li
         waited += STOP_WARN_SECONDS
         log.warning("loops still stopping", seconds=waited,
                     loops=[loop_name(loop) for loop, task in zip(loops, tasks, strict=True) if task in pending])
+
+
+class StartsWhen:
+    """Runs ``loop`` once every one of ``ready`` is set, or never if stopped first. For loops whose work needs a
+    view that another loop builds (a KV mirror's initial values): waiting inside a handler instead could not be
+    stopped, and a stop soon after a start would hang."""
+
+    def __init__(self, loop: Loop, *ready: asyncio.Event) -> None:
+        self.loop = loop
+        self.name = loop_name(loop)
+        self.ready = ready
+        self._stopping = asyncio.Event()
+
+    async def run(self) -> None:
+        stopping = asyncio.create_task(self._stopping.wait())
+        try:
+            for event in self.ready:
+                waiting = asyncio.create_task(event.wait())
+                await asyncio.wait([waiting, stopping], return_when=asyncio.FIRST_COMPLETED)
+                waiting.cancel()
+        finally:
+            stopping.cancel()
+        if not self._stopping.is_set():
+            await self.loop.run()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self.loop.stop()
 
 
 class Periodic:

@@ -31,7 +31,7 @@ from libs.config import Settings
 from libs.events.agent import AgentHeartbeat, AgentRecord
 from libs.events.dataset import DatasetRecord
 from libs.events.runtime import RuntimeCommand, RuntimeRecord
-from libs.service import Periodic, nats_check, run_loops
+from libs.service import Periodic, StartsWhen, nats_check, run_loops
 from libs.side_server import Readiness
 from services.runtime.handlers import (
     AUTOSCALE_SECONDS,
@@ -76,7 +76,11 @@ async def run(settings: Settings, stop: asyncio.Event, clock: Callable[[], float
         placements = Periodic("placement check", handlers.check_placements, PLACEMENT_CHECK_SECONDS)
         gauges = Periodic("gauges", handlers.export_gauges, GAUGE_SECONDS)
         autoscaler = Periodic("autoscaler", handlers.autoscale_all, AUTOSCALE_SECONDS)
-        await run_loops([agents, datasets, runtimes, commands, heartbeats, ticker, placements, gauges, autoscaler],
+        # What reads the mirrors starts once they hold their initial values (it would otherwise wait for them
+        # inside a handler or tick, where a stop cannot reach it).
+        mirrored = (agents.ready, datasets.ready, runtimes.ready)
+        await run_loops([agents, datasets, runtimes, *(StartsWhen(loop, *mirrored) for loop in
+                                                      (commands, heartbeats, ticker, placements, autoscaler)), gauges],
                         stop, readiness)
     finally:
         await bus.close()

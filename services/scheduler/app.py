@@ -27,7 +27,7 @@ from libs import metrics, subjects
 from libs.bus import MESSAGE_LIMIT, Bus, Consumer, KvMirror, connect
 from libs.config import SchedulerSettings, Settings
 from libs.events.agent import AgentRecord, AnyInventory
-from libs.service import Loop, Periodic, nats_check, run_loops
+from libs.service import Loop, Periodic, StartsWhen, nats_check, run_loops
 from libs.side_server import Readiness
 from libs.telemetry import get_logger
 from services.scheduler.domain import Weights
@@ -123,7 +123,8 @@ async def run(settings: Settings, stop: asyncio.Event, clock: Callable[[], float
             msgspec.json.Decoder(AnyInventory), handlers.on_inventory, max_event_bytes=MESSAGE_LIMIT,
             max_deliver=settings.service.max_deliver, batch=INVENTORY_BATCH, traced=False,
         )
-        loops: list[Loop] = [agents, DatasetWatch(handlers), inventory, ScoreServer(bus, handlers),
+        loops: list[Loop] = [agents, DatasetWatch(handlers), StartsWhen(inventory, handlers.datasets_ready),
+                             ScoreServer(bus, handlers),
                              Periodic("sweep", handlers.sweep, SWEEP_SECONDS),
                              Periodic("labels", handlers.refresh_labels, LABELS_SECONDS),
                              Periodic("catalogs", handlers.retry_catalogs, CATALOG_RETRY_SECONDS)]

@@ -8,17 +8,19 @@ keys, history) is counted. With 40 agents beating, a heartbeat must cost no read
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 from typing import Any
 
 import pytest
 
 from libs import subjects
-from libs.bus import Bus, kv_load
+from libs.bus import Bus, KvMirror, kv_load
 from libs.config import Settings
 from libs.events.agent import AgentHeartbeat, AgentRecord, MountReport
 from libs.events.common import ObjectMeta, ObjectRef
 from libs.events.runtime import Level, Runtime, RuntimeApply, RuntimeSpec, TieredStore
+from libs.side_server import Readiness
 from services.agent import domain as agent_domain
 from services.runtime import app as runtime_app
 from tests.helpers import agent_shaped_heartbeat, eventually, put_unsynced_dataset, running, runtime_record
@@ -145,3 +147,38 @@ async def test_an_agent_heartbeat_for_5000_datasets_is_taken_and_read_whole(bus:
         stored, _ = await kv_load(await bus.kv(subjects.KV_AGENTS), "node-big", AgentRecord)
         assert stored is not None and stored.heartbeat.mount_count() == 5000
         assert stored.heartbeat.mount_of(failing.dataset.namespace, failing.dataset.name) == failing
+
+
+async def test_a_stop_before_the_mirrors_are_filled_ends_promptly_and_keeps_the_heartbeat(
+        bus: Bus, settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A heartbeat waiting in the stream while the service's KV mirrors have not delivered their initial values
+    (held here): a stop ends the service at once (a handler waited for the mirrors, where a stop could not reach
+    it), and the heartbeat is left for the next start, not taken and dropped."""
+    await bus.publish(subjects.agent_heartbeat("node-held"), AgentHeartbeat(node="node-held", interval_seconds=3600.0))
+
+    async def held(self: KvMirror[Any]) -> None:
+        await self._stopping.wait()
+
+    monkeypatch.setattr(KvMirror, "run", held)
+    readiness = Readiness()
+    stop = asyncio.Event()
+    task = asyncio.create_task(runtime_app.run(settings, stop, readiness=readiness))
+    try:
+        await eventually(lambda: _checks(readiness, "loops"), what="the service's loops running", timeout=20)
+        assert "catching up" in readiness.report()[1]["watches"]
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+    monkeypatch.undo()
+    async with running(lambda stop: runtime_app.run(settings, stop)):
+        agents = await bus.kv(subjects.KV_AGENTS)
+
+        async def taken() -> AgentRecord | None:
+            return (await kv_load(agents, "node-held", AgentRecord))[0]
+
+        record = await eventually(taken, what="the held heartbeat taken")
+        assert record.heartbeat.node == "node-held"
+
+
+async def _checks(readiness: Readiness, name: str) -> bool:
+    return name in readiness.checks

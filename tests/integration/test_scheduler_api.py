@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import TypeVar
 
@@ -277,6 +277,38 @@ async def test_before_the_datasets_are_read_it_is_not_ready_and_answers_an_error
     finally:
         stop.set()
         await asyncio.wait_for(task, 20)
+
+
+async def test_a_stop_before_the_datasets_are_read_ends_promptly_and_keeps_the_inventory(
+        bus: Bus, scheduler_settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inventory waiting in the stream while the dataset watch has not delivered its records yet (held here): a
+    stop ends the scheduler at once (it hung: a handler waited for the records, which never came), and the event is
+    left for the next scheduler, not taken and dropped."""
+    await seed(bus, {"node-a": {}})
+    await FakeAgent(bus, "node-a").cache("/val/c.bin")
+
+    async def held(self: SchedulerHandlers, stopping: asyncio.Event) -> None:
+        await stopping.wait()
+
+    monkeypatch.setattr(SchedulerHandlers, "watch_datasets", held)
+    stop = asyncio.Event()
+    task = asyncio.create_task(app.run(scheduler_settings, stop))
+    try:
+        reply = await eventually(lambda: ask(bus, WHOLE), what="the scheduler answering", timeout=20,
+                                 tolerate=(nats.errors.NoRespondersError, nats.errors.TimeoutError))
+        assert reply.error == NOT_READY
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+    monkeypatch.undo()
+    async with scheduler(scheduler_settings):
+        reply = await eventually(lambda: _scored(ask(bus, WHOLE)), what="the held delta folded", timeout=20)
+        assert ranking(reply) == [("node-a", 20)]
+
+
+async def _scored(asked: Awaitable[ScoreReply]) -> ScoreReply | None:
+    reply = await asked
+    return reply if reply.scores and reply.scores[0].score else None
 
 
 def _flaky(failures: int) -> type[ManifestStore]:

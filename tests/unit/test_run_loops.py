@@ -11,7 +11,7 @@ import pytest
 import structlog.testing
 
 from libs import service
-from libs.service import run_loops
+from libs.service import StartsWhen, run_loops
 from tests.helpers import eventually
 
 
@@ -89,3 +89,44 @@ async def test_cancelling_the_wait_cancels_the_loops(monkeypatch: pytest.MonkeyP
     with pytest.raises(asyncio.CancelledError):
         await running
     assert stubborn.cancelled
+
+
+class Counting(Prompt):
+    name = "counting"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.runs = 0
+
+    async def run(self) -> None:
+        self.runs += 1
+        await super().run()
+
+
+async def test_a_loop_that_starts_when_ready_never_runs_if_stopped_first() -> None:
+    inner, never = Counting(), asyncio.Event()
+    stop = asyncio.Event()
+    running = asyncio.create_task(run_loops([StartsWhen(inner, never)], stop))
+    await asyncio.sleep(0)  # let it start waiting
+    stop.set()
+    await asyncio.wait_for(running, 5)
+    assert inner.runs == 0
+
+
+async def test_a_loop_that_starts_when_ready_runs_once_every_event_is_set() -> None:
+    inner, first, second = Counting(), asyncio.Event(), asyncio.Event()
+    stop = asyncio.Event()
+    gated = StartsWhen(inner, first, second)
+    running = asyncio.create_task(run_loops([gated], stop))
+    first.set()
+    await asyncio.sleep(0)
+    assert inner.runs == 0 and gated.name == "counting"
+    second.set()
+    await eventually(lambda: found_run(inner), what="the loop started", timeout=5)
+    stop.set()
+    await asyncio.wait_for(running, 5)
+    assert inner.runs == 1
+
+
+async def found_run(loop: Counting) -> bool:
+    return loop.runs > 0
