@@ -65,11 +65,22 @@ def agent_env(settings: Settings, seaweedfs: SeaweedServer, agent: AgentSettings
     }
 
 
+def _live(path: Path) -> bool:
+    """Whether a live process serves the mount at ``path``. A killed one's mount still answers ``stat`` from the
+    kernel's cached entries and attributes (a file looks present until its open fails with ENOTCONN); ``statfs``
+    always asks the process."""
+    try:
+        os.statvfs(path)
+    except OSError:
+        return False
+    return True
+
+
 async def wait_visible(bus: Bus, name: str, path: Path, expect: str | None, timeout: float) -> None:
     """Wait until ``path`` is a mount (with ``expect``, a relative path, visible in it); on timeout the error
     carries the dataset's and runtime's status, which say why."""
     async def visible() -> bool:
-        if str(path) not in mounted_paths():
+        if str(path) not in mounted_paths() or not await asyncio.to_thread(_live, path):
             return False
         return expect is None or await asyncio.to_thread(os.path.exists, path / expect)
 
