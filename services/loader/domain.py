@@ -595,9 +595,11 @@ def outcome(state: RunState) -> tuple[OperationPhase, str] | None:
 
 
 def status_started(status: OperationStatus, runs: int, now: float) -> OperationStatus:
-    return msgspec.structs.replace(status, phase="Executing", message="", duration=UNFINISHED, runs=runs,
-                                   start_time=iso_time(now), completion_time="", last_schedule_time=iso_time(now),
-                                   progress=Progress(), waiting_for="")
+    """A new run: nothing of the previous run's end (message, condition, duration, completion, progress) stays;
+    the history (``lastScheduleTime``, now; ``lastSuccessfulTime``) and the run count carry on."""
+    return msgspec.structs.replace(status, phase="Executing", message="", duration=UNFINISHED, conditions=[],
+                                   runs=runs, start_time=iso_time(now), completion_time="",
+                                   last_schedule_time=iso_time(now), progress=Progress(), waiting_for="")
 
 
 def status_finished(status: OperationStatus, phase: OperationPhase, message: str, started_at: float,

@@ -452,9 +452,11 @@ class LoaderHandlers:
         dataset = await self._dataset(record)
         runtime = await self._runtime(record)
         problem = failure or domain.run_problem(record, domain.Cluster(dataset, runtime))
-        state = msgspec.structs.replace(
-            state, run=run, started_at=now, parts=[], files_total=0, ring=[],
+        # Only what decides the next runs (requested, sync_stamp) carries over; the last run's progress and end go.
+        state = domain.RunState(
+            run=run, started_at=now,
             requested=state.requested - 1 if trigger == "requested" else state.requested,
+            run_command_sequence=state.run_command_sequence,
             sync_stamp=domain.dataset_stamp(dataset) if dataset is not None else state.sync_stamp)
         load_metadata = record.load is not None and record.load.load_metadata
         if problem:

@@ -437,6 +437,40 @@ async def test_cron_runs_on_schedule_once_per_firing(bus: Bus, nats_server: Nats
             assert record is not None and record.status.runs == 3
 
 
+async def test_a_new_run_starts_from_clean_progress_not_the_last_runs_end(bus: Bus, nats_server: NatsServer) -> None:
+    """Run 1 of a Cron load Fails; while run 2 executes, its status and run state show nothing of run 1's end
+    (message, Failed condition, completion, duration, progress), and the history fields keep their meaning."""
+    await put_dataset(bus, files(("a", 2 * BLOCK)))
+    await put_runtime(bus, NODES[:1])
+    key = subjects.operation_key("DataLoad", "default", "warm")
+    async with agent(bus, NODES[:1], fail="the store refused the read") as scripted, loader(nats_server):
+        await publish(bus, subjects.DATALOAD_APPLY, dataload(policy="Cron", schedule="0 0 1 1 *"))
+        await phase_of(bus, "Pending")
+        await publish(bus, subjects.DATALOAD_RUN, DataLoadRun(name="warm"))
+        failed = await phase_of(bus, "Failed", runs=1)
+        scripted.fail = ""
+        scripted.hold.set()
+        await publish(bus, subjects.DATALOAD_RUN, DataLoadRun(name="warm"))
+
+        async def second_run_moving() -> OperationRecord | None:
+            found = await operation(bus)
+            return found if found and found.status.runs == 2 and found.status.progress.bytes_done else None
+
+        executing = await eventually(second_run_moving, what="run 2 executing with its first progress")
+        state, _ = await kv_load(await bus.kv(subjects.KV_OPERATION_RUNS), key, domain.RunState)
+        scripted.hold.clear()
+        done = await phase_of(bus, "Complete", runs=2)
+    assert failed.status.conditions and failed.status.progress.bytes_done == 2 * BLOCK
+    status = executing.status
+    assert status.phase == "Executing" and not status.message and not status.conditions, status
+    assert (status.duration, status.completion_time) == (domain.UNFINISHED, "")
+    assert status.progress.bytes_done == BLOCK and status.progress.bytes_total == 2 * BLOCK  # run 2's half only
+    assert status.last_schedule_time == status.start_time and not status.last_successful_time
+    assert state is not None and state.run == f"{key}.2" and state.outcome is None and not state.outcome_message
+    assert not state.finished_at
+    assert [c.type for c in done.status.conditions] == ["Complete"] and done.status.last_successful_time
+
+
 async def test_a_run_command_delivered_again_after_it_was_counted_runs_once_and_is_not_refused(
         bus: Bus, nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch) -> None:
     # The run is counted, then publishing its accepted fact times out (a NATS failover): the command comes again.

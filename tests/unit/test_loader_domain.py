@@ -22,9 +22,11 @@ from libs.events.operation import (
     DataCleanSpec,
     DataLoad,
     DataLoadSpec,
+    NodeProgress,
     OperationRecord,
     OperationRef,
     OperationStatus,
+    Progress,
     TargetPath,
     TaskProgress,
 )
@@ -319,6 +321,21 @@ def test_a_finished_run_has_fluids_status() -> None:
     failed = domain.status_finished(done, "Failed", "boom", 0.0, t("2026-01-02T00:00:00Z"))
     assert failed.last_successful_time == "2026-01-01T00:01:32Z"
     assert [(c.type, c.message) for c in failed.conditions] == [("Failed", "boom")]
+
+
+def test_a_new_run_starts_from_a_clean_status_and_keeps_the_history() -> None:
+    """A Cron or OnEvent load's next run (or a run again) must not show the last run's end while it executes."""
+    started = domain.status_started(OperationStatus(), 1, t("2026-01-01T00:00:00Z"))
+    done = domain.status_finished(started, "Complete", "", t("2026-01-01T00:00:00Z"), t("2026-01-01T00:01:00Z"))
+    failed = domain.status_finished(
+        msgspec.structs.replace(domain.status_started(done, 2, t("2026-01-01T01:00:00Z")),
+                                progress=Progress(bytes_done=5, bytes_total=9, rate_bytes_per_second=3.0,
+                                                  eta_seconds=2.0, nodes=[NodeProgress(node="a", bytes_done=5)])),
+        "Failed", "node a failed 1 block(s): boom", t("2026-01-01T01:00:00Z"), t("2026-01-01T01:00:07Z"))
+    again = domain.status_started(failed, 3, t("2026-01-01T02:00:00Z"))
+    assert again == OperationStatus(phase="Executing", duration=domain.UNFINISHED, runs=3,
+                                    start_time="2026-01-01T02:00:00Z", last_schedule_time="2026-01-01T02:00:00Z",
+                                    last_successful_time="2026-01-01T00:01:00Z")
 
 
 def test_a_record_left_executing_a_finished_run_is_closed_with_its_saved_end() -> None:
