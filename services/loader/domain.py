@@ -60,6 +60,10 @@ OPERATION_KINDS: tuple[OperationKind, ...] = ("DataLoad", "DataClean")
 MAX_REPLICAS = 64
 # What a run that finished reports as its duration while it runs (Fluid's word).
 UNFINISHED = "Unfinished"
+# A run none of whose parts reported progress for this long is stalled: its rate is 0 and its ETA unknown, not the
+# numbers of the last report. A working part reports at least once a second (a block fetched, skipped or failed); a
+# block of 4 MiB from a slow store, or a part waiting for the mount's new manifest, can keep one quiet for seconds.
+STALLED_SECONDS = 10.0
 # Where validation looks for a schedule's first firing: a fixed time, not the clock, so validation stays pure. Any
 # schedule that matches a date matches one within croniter's search window (50 years) of any start (the rarest,
 # "5th Monday of February", recurs within 40), so the answer does not depend on the start. 2000-01-01T00:00:00Z.
@@ -488,6 +492,8 @@ class RunState(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omit_d
     outcome: OperationPhase | None = None
     outcome_message: str = ""
     finished_at: float = 0.0
+    # When (the loader's clock) a part's progress last changed: a run quiet since is stalled (``fold_progress``).
+    moved_at: float = 0.0
 
 
 def parts_state(plan: Plan) -> list[PartState]:
@@ -519,16 +525,25 @@ def files_done(plan: Plan, parts: Sequence[PartState]) -> int:
     return sum(1 for file_id, count in wanted.items() if got.get(file_id, 0) == count)
 
 
-def fold_progress(state: RunState, files_finished: int, now: float) -> Progress:
-    """The run's Progress: bytes done (including skipped ones) over the run, rate over the run, ETA, per node."""
+def stalled(state: RunState, now: float) -> bool:
+    """No part of the run has reported progress for ``STALLED_SECONDS`` (since it started, or the last report)."""
+    return now - max(state.moved_at, state.started_at) >= STALLED_SECONDS
+
+
+def fold_progress(state: RunState, files_finished: int, now: float, ended: bool = False) -> Progress:
+    """The run's Progress: bytes done (including skipped ones) over the run, per node, the rate and the ETA.
+
+    The rate is the average over the run (bytes fetched / seconds since it started; at its end, over its duration).
+    A run that ``ended`` (Complete or Failed, every part done or not) has no ETA. A stalled run (``stalled``) shows
+    rate 0 and no ETA: the last report's numbers would promise an end that is not coming."""
     done = sum(p.bytes_done for p in state.parts)
     skipped = sum(p.bytes_skipped for p in state.parts)
     total = sum(p.bytes_total for p in state.parts)
     elapsed = max(now - state.started_at, 1e-3)
-    rate = done / elapsed
-    finished = all(p.done for p in state.parts)
+    ended = ended or all(p.done for p in state.parts)
+    rate = 0.0 if not ended and stalled(state, now) else done / elapsed
     remaining = max(0, total - done - skipped)
-    eta = remaining / rate if rate > 0 and remaining > 0 and not finished else None
+    eta = remaining / rate if rate > 0 and remaining > 0 and not ended else None
     nodes: dict[str, tuple[int, int]] = {}
     for part in state.parts:
         node_done, node_total = nodes.get(part.node, (0, 0))

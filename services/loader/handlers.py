@@ -278,7 +278,7 @@ class LoaderHandlers:
                 return
             parts = list(state.parts)
             parts[progress.part] = part
-            state = msgspec.structs.replace(state, parts=parts)
+            state = msgspec.structs.replace(state, parts=parts, moved_at=self.clock())
             await kv_save(await self.bus.kv(subjects.KV_OPERATION_RUNS), key, state, revision)
             self.runs.values[key] = state
             self.dirty.add(key)
@@ -454,7 +454,7 @@ class LoaderHandlers:
         problem = failure or domain.run_problem(record, domain.Cluster(dataset, runtime))
         # Only what decides the next runs (requested, sync_stamp) carries over; the last run's progress and end go.
         state = domain.RunState(
-            run=run, started_at=now,
+            run=run, started_at=now, moved_at=now,
             requested=state.requested - 1 if trigger == "requested" else state.requested,
             run_command_sequence=state.run_command_sequence,
             sync_stamp=domain.dataset_stamp(dataset) if dataset is not None else state.sync_stamp)
@@ -597,7 +597,7 @@ class LoaderHandlers:
         if state.parts:
             plan = await self._plan_of(key, state.run)
             done = domain.files_done(plan, state.parts) if plan is not None else 0
-            status = msgspec.structs.replace(status, progress=domain.fold_progress(state, done, now))
+            status = msgspec.structs.replace(status, progress=domain.fold_progress(state, done, now, ended=True))
         status = domain.status_finished(status, phase, message, state.started_at or now, now)
         await self._save_status(key, record, revision, status)
         self._forget_run(key)
@@ -628,9 +628,10 @@ class LoaderHandlers:
         await store.delete(planned)
 
     async def _write_progress(self, key: str, force: bool) -> None:
-        """Fold the parts' progress into the status: at most once a second, unless ``force``."""
-        if not force and (key not in self.dirty
-                          or time.monotonic() - self.written_at.get(key, 0.0) < STATUS_INTERVAL_SECONDS):
+        """Fold the parts' progress into the status: at most once a second, unless ``force``; and once when the run
+        stalls, so its status does not keep the last report's rate and ETA."""
+        if not force and not self._stalled_live(key) and (
+                key not in self.dirty or time.monotonic() - self.written_at.get(key, 0.0) < STATUS_INTERVAL_SECONDS):
             return
         kv = await self.bus.kv(subjects.KV_OPERATIONS)
         record, revision = await kv_load(kv, key, OperationRecord)
@@ -643,6 +644,15 @@ class LoaderHandlers:
         self.dirty.discard(key)
         if progress != record.status.progress:
             await self._save_status(key, record, revision, msgspec.structs.replace(record.status, progress=progress))
+
+    def _stalled_live(self, key: str) -> bool:
+        """From the mirrors: the run is stalled and its status still shows a rate or an ETA."""
+        state, record = self.runs.values.get(key), self.operations.values.get(key)
+        if state is None or record is None or state.stage != "executing":
+            return False
+        progress = record.status.progress
+        live = progress.rate_bytes_per_second > 0 or progress.eta_seconds is not None
+        return live and domain.stalled(state, self.clock())
 
     # --- state ---
 

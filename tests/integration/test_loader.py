@@ -391,6 +391,46 @@ async def test_a_load_fails_naming_a_node_that_left_with_its_part_not_done(bus: 
     assert "run the load again" in failed.status.message
 
 
+async def test_a_stalled_or_ended_run_shows_no_stale_rate_or_eta(bus: Bus, nats_server: NatsServer) -> None:
+    """Parts report half and hold: a rate and an ETA. Nothing moves for STALLED_SECONDS (the loader's clock moved):
+    the status says rate 0 and no ETA. The run then ends Failed (a node left): no ETA, the rate over the run."""
+    await put_dataset(bus, files(*[(f"f{i}", 2 * BLOCK) for i in range(12)]))
+    await put_runtime(bus, NODES)
+    now = [time.time()]
+    async with agent(bus, NODES) as scripted, loader(nats_server, clock=lambda: now[0], node_gone_timeout=1.0):
+        scripted.hold.set()
+        await publish(bus, subjects.DATALOAD_APPLY, dataload())
+
+        async def with_eta() -> OperationRecord | None:  # every node's held part has reported its half
+            found = await operation(bus)
+            progress = found.status.progress if found else None
+            return found if progress and progress.eta_seconds is not None and len(progress.nodes) == 3 \
+                and all(node.bytes_done for node in progress.nodes) else None
+
+        moving = await eventually(with_eta, what="a rate and an ETA once every node reported")
+        now[0] += domain.STALLED_SECONDS + 1
+
+        async def stalled() -> OperationRecord | None:
+            found = await operation(bus)
+            progress = found.status.progress if found else None
+            return found if progress and progress.rate_bytes_per_second == 0 and progress.eta_seconds is None \
+                else None
+
+        quiet = await eventually(stalled, what="rate 0 and no ETA once nothing moves")
+        await put_runtime(bus, NODES[:2])
+        failed = await phase_of(bus, "Failed")
+        scripted.hold.clear()
+    assert moving.status.progress.rate_bytes_per_second > 0
+    assert quiet.status.phase == "Executing" and quiet.status.progress.bytes_done == moving.status.progress.bytes_done
+    progress = failed.status.progress
+    assert progress.eta_seconds is None and 0 < progress.bytes_done < progress.bytes_total, progress
+    state, _ = await kv_load(await bus.kv(subjects.KV_OPERATION_RUNS),
+                             subjects.operation_key("DataLoad", "default", "warm"), domain.RunState)
+    assert state is not None
+    average = progress.bytes_done / (state.finished_at - state.started_at)
+    assert progress.rate_bytes_per_second == round(average, 1)
+
+
 async def test_a_restarted_loader_resumes_and_publishes_no_part_twice(bus: Bus, nats_server: NatsServer) -> None:
     await put_dataset(bus, files(*[(f"f{i}", 2 * BLOCK) for i in range(12)]))
     await put_runtime(bus, NODES)

@@ -307,6 +307,26 @@ def test_progress_folds_parts_files_rate_and_eta() -> None:
     assert phase == "Failed" and plan.parts[1].task.node in message and "object changed" in message
 
 
+def test_no_eta_once_the_run_ended_or_while_nothing_moves() -> None:
+    """Half of a run done in 4 s: a rate (the run's average) and an ETA while parts report. Ended with parts not
+    done (a node gone, a metadata timeout): the average over the run and no ETA. Quiet for STALLED_SECONDS: rate
+    0 and no ETA, not the last report's numbers."""
+    entries = [entry("/a", 8192)]
+    plan = domain.plan_load("r.1", REF, entries, {0: 1}, ["n1"], ["n1"], 4096)
+    half = domain.fold_part(domain.parts_state(plan)[0], TaskProgress(run="r.1", part=0, node="n1", bytes_done=4096))
+    state = domain.RunState(run="r.1", stage="executing", started_at=100.0, moved_at=104.0, files_total=1,
+                            parts=[half])
+    moving = domain.fold_progress(state, 0, now=104.0)
+    assert (moving.rate_bytes_per_second, moving.eta_seconds) == (1024.0, 4.0)
+    ended = domain.fold_progress(state, 0, now=108.0, ended=True)
+    assert (ended.rate_bytes_per_second, ended.eta_seconds, ended.bytes_done) == (512.0, None, 4096)
+    assert not domain.stalled(state, 104.0 + domain.STALLED_SECONDS - 1)
+    stalled = domain.fold_progress(state, 0, now=104.0 + domain.STALLED_SECONDS)
+    assert (stalled.rate_bytes_per_second, stalled.eta_seconds, stalled.bytes_done) == (0.0, None, 4096)
+    # A run that never reported is stalled from its start.
+    assert domain.stalled(msgspec.structs.replace(state, moved_at=0.0), 100.0 + domain.STALLED_SECONDS)
+
+
 def test_duration_is_fluid_style() -> None:
     assert [domain.format_duration(s) for s in (0, 32, 92, 7205)] == ["0s", "32s", "1m32s", "2h0m5s"]
 
