@@ -35,6 +35,7 @@ from services.loader.handlers import (
     GAUGE_SECONDS,
     METADATA_TIMEOUT_SECONDS,
     NODE_GONE_SECONDS,
+    NODE_SILENT_SECONDS,
     TICK_SECONDS,
     LoaderHandlers,
 )
@@ -44,7 +45,7 @@ SERVICE_NAME = "shoal-loader"
 
 async def run(settings: Settings, stop: asyncio.Event, clock: Callable[[], float] = time.time,
               readiness: Readiness | None = None, metadata_timeout: float = METADATA_TIMEOUT_SECONDS,
-              node_gone_timeout: float = NODE_GONE_SECONDS) -> None:
+              node_gone_timeout: float = NODE_GONE_SECONDS, node_silent_timeout: float = NODE_SILENT_SECONDS) -> None:
     readiness = readiness or Readiness()
     bus = await connect(settings.nats, SERVICE_NAME)
     readiness.add("nats", nats_check(bus))
@@ -57,7 +58,7 @@ async def run(settings: Settings, stop: asyncio.Event, clock: Callable[[], float
         readiness.add("watches", lambda: ", ".join(f"{name} watch catching up" for name, mirror in watches.items()
                                                    if not mirror.ready.is_set()) or None)
         handlers = LoaderHandlers(bus, operations, datasets, runs, clock, metadata_timeout=metadata_timeout,
-                                  node_gone_timeout=node_gone_timeout)
+                                  node_gone_timeout=node_gone_timeout, node_silent_timeout=node_silent_timeout)
         max_bytes, max_deliver = settings.service.max_event_bytes, settings.service.max_deliver
         commands = Consumer(
             bus, subjects.STREAM_COMMANDS, subjects.DURABLE_LOADER_COMMANDS, list(subjects.OPERATION_COMMANDS),

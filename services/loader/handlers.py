@@ -71,6 +71,11 @@ METADATA_TIMEOUT_SECONDS = 300.0
 # wait for it for ever, and a Cron or OnEvent load would never run again). An agent or mount process restarting is
 # back within seconds; a node drained or lost is not.
 NODE_GONE_SECONDS = 120.0
+# A run whose parts on a node got no progress from that node (for any run of the dataset: its parts are executed one
+# at a time, another operation's may come first) for this long fails naming the node. A working part reports every
+# second or so; a part its mount process gave up on whose final report was lost (the server delivers it no more)
+# would otherwise leave the run Executing for ever on a node that stays ready.
+NODE_SILENT_SECONDS = 120.0
 DEFAULT_BLOCK_SIZE = 4 * 1024 * 1024
 # How often the gauges are recounted from the in-memory views: as often as the tick passes over the same views
 # (setting only what changed), so they follow a change within a fraction of a scrape interval.
@@ -103,6 +108,7 @@ class LoaderHandlers:
     clock: Callable[[], float] = time.time
     metadata_timeout: float = METADATA_TIMEOUT_SECONDS
     node_gone_timeout: float = NODE_GONE_SECONDS
+    node_silent_timeout: float = NODE_SILENT_SECONDS
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     # The in-memory views of runs below hold at most an entry per operation (or operation and node), never one per
     # run: ``_forget_run`` drops an operation's when its run finishes and when the operation is removed.
@@ -118,6 +124,11 @@ class LoaderHandlers:
     written_at: dict[str, float] = field(default_factory=dict)
     # (operation, node) → when (monotonic) this process first saw the node gone with parts of the run not done.
     gone_since: dict[tuple[str, str], float] = field(default_factory=dict)
+    # (operation, node) → when (monotonic) this process first waited on the node's parts of the run; and (dataset
+    # ``ns/name``, node) → when progress of any run last came from that node's mount of the dataset (one entry per
+    # mount that reported: bounded like the agents' durables).
+    silent_since: dict[tuple[str, str], float] = field(default_factory=dict)
+    heard: dict[tuple[str, str], float] = field(default_factory=dict)
     # Operations the tick failed to advance, and when (the tick's clock) that was last logged.
     tick_failures: dict[str, float] = field(default_factory=dict)
     # The gauges' series as last set (a removed operation's are removed).
@@ -266,6 +277,10 @@ class LoaderHandlers:
     async def on_progress(self, progress: TaskProgress, delivery: Delivery) -> None:
         key = progress.run.rsplit(".", 1)[0]
         async with self.lock:
+            record = self.operations.values.get(key)
+            if record is not None:  # the node's mount of that dataset works, whichever run this is
+                ref = domain.dataset_ref(record)
+                self.heard[(f"{ref.namespace}/{ref.name}", progress.node)] = time.monotonic()
             state, revision = await self._state(key)
             if state.run != progress.run or state.stage != "executing":
                 return  # a run that was superseded, deleted or already finished
@@ -379,6 +394,8 @@ class LoaderHandlers:
             result = domain.outcome(state)
             if result is None and record.load is not None:
                 result = await self._node_gone(key, record, state)
+            if result is None:
+                result = self._node_silent(key, record, state)
             if result is not None:
                 await self._finish(key, *result)
             else:
@@ -407,6 +424,25 @@ class LoaderHandlers:
                 return "Failed", (f"node {node} is no longer a ready node of runtime {ref.namespace}/{ref.name} "
                                   f"(for {self.node_gone_timeout:.0f} s) and its part of the load is not done; run "
                                   f"the load again: its blocks go to the nodes ready then")
+        return None
+
+    def _node_silent(self, key: str, record: OperationRecord,
+                     state: domain.RunState) -> tuple[OperationPhase, str] | None:
+        """Failed, naming the node, once a node with parts not done has sent no progress for ``node_silent_timeout``
+        (counted from this process's first look, so a restarted loader waits that long again)."""
+        waiting = {part.node for part in state.parts if not part.done}
+        now = time.monotonic()
+        for stale in [k for k in self.silent_since if k[0] == key and k[1] not in waiting]:
+            del self.silent_since[stale]
+        ref = domain.dataset_ref(record)
+        for node in sorted(waiting):
+            since = max(self.silent_since.setdefault((key, node), now),
+                        self.heard.get((f"{ref.namespace}/{ref.name}", node), -math.inf))
+            if now - since >= self.node_silent_timeout:
+                return "Failed", (f"node {node} sent no progress for {self.node_silent_timeout:.0f} s and its part of "
+                                  f"the run is not done: its mount process of dataset {ref.namespace}/{ref.name} "
+                                  f"gave up on the part and its last report was lost, or it is stuck; run the "
+                                  f"{record.kind} again")
         return None
 
     async def _ensure_started(self, key: str, record: OperationRecord, revision: int | None, state: domain.RunState,
@@ -613,6 +649,8 @@ class LoaderHandlers:
         self.written_at.pop(key, None)
         for stale in [k for k in self.gone_since if k[0] == key]:
             del self.gone_since[stale]
+        for stale in [k for k in self.silent_since if k[0] == key]:
+            del self.silent_since[stale]
 
     async def _settle_baseline(self, key: str, phase: OperationPhase) -> None:
         """OnEvent: a Complete run's manifest becomes the baseline of the next run's diff; a Failed run's is dropped,

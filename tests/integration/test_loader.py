@@ -137,15 +137,20 @@ async def phase_of(bus: Bus, phase: str, name: str = "warm", kind: str = "DataLo
 class ScriptedAgent:
     """Consumes every node's parts of one dataset like a mount process (durable ``task_durable``, explicit ack),
     reports cumulative progress and a final ``done``, and records what it saw. While ``hold`` is set it reports
-    half of a part and waits (a long part); ``fail`` makes it report failed blocks. Like a mount process, it skips
-    (acks without work) a part whose run the operation's record does not show as current and Executing, or whose
-    run a ``TaskCancel`` named; a held part of a cancelled run ends at once with a final "cancelled"."""
+    half of a part and waits (a long part); ``fail`` makes it report failed blocks; on the nodes in ``lose`` the
+    final report of a part is lost (kept in ``lost``) and the part acknowledged, as a mount process that gave up on
+    a part and failed to publish its final report leaves it (the server delivers it no more). Like a mount
+    process, it skips (acks without work) a part whose run the operation's record does not show as current and
+    Executing, or whose run a ``TaskCancel`` named; a held part of a cancelled run ends at once with a final
+    "cancelled"."""
 
     bus: Bus
     nodes: list[str]
     dataset: str = "data"
     hold: asyncio.Event = field(default_factory=asyncio.Event)
     fail: str = ""
+    lose: set[str] = field(default_factory=set)
+    lost: list[TaskProgress] = field(default_factory=list)
     seen: list[tuple[str, int]] = field(default_factory=list)  # (task id, stream sequence)
     tasks: dict[str, NodeTask] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)  # parts of a run that is not current
@@ -219,6 +224,9 @@ class ScriptedAgent:
         final = msgspec.structs.replace(progress, id=f"{task.id}.1", blocks_done=count - failed,
                                         bytes_done=total, files_done=list(range(len(task.blocks))), done=True,
                                         failed=failed, message=self.fail)
+        if task.node in self.lose:
+            self.lost.append(final)
+            return
         await self.bus.publish(subjects.task_progress(task.node), final)
 
     async def _released(self, run: str) -> bool:
@@ -429,6 +437,39 @@ async def test_a_stalled_or_ended_run_shows_no_stale_rate_or_eta(bus: Bus, nats_
     assert state is not None
     average = progress.bytes_done / (state.finished_at - state.started_at)
     assert progress.rate_bytes_per_second == round(average, 1)
+
+
+async def test_a_part_whose_final_report_is_lost_fails_the_run_naming_its_node(bus: Bus,
+                                                                             nats_server: NatsServer) -> None:
+    """node-b's mount process gives up on its part (its fetches failed beyond retries) and the report saying so is
+    lost; the node stays ready. The run must not stay Executing for ever: it fails naming node-b once node-b sent
+    nothing for the silence timeout. The report arriving late changes nothing: nothing is counted twice."""
+    await put_dataset(bus, files(*[(f"f{i}", 2 * BLOCK) for i in range(12)]))
+    await put_runtime(bus, NODES)
+    async with agent(bus, NODES, lose={"node-b"}, fail="the store is unreachable") as scripted, \
+            loader(nats_server, node_silent_timeout=3.0):
+        await publish(bus, subjects.DATALOAD_APPLY, dataload())
+        failed = await phase_of(bus, "Failed")
+        assert [progress.node for progress in scripted.lost] == ["node-b"]
+        await bus.publish(subjects.task_progress("node-b"), scripted.lost[0])  # the agent's late report
+
+        async def consumed() -> bool:
+            info = await bus.js.consumer_info(subjects.STREAM_TASKS, subjects.DURABLE_LOADER_PROGRESS)
+            return info.num_pending == 0 and info.num_ack_pending == 0
+
+        await eventually(consumed, what="the late report consumed by the loader")
+        after = await operation(bus)
+    assert failed.status.message.startswith("node node-b sent no progress for 3 s and its part of the run is not "
+                                            "done"), failed.status.message
+    assert "run the DataLoad again" in failed.status.message
+    assert after == failed  # the late report of the finished run is ignored
+    progress = failed.status.progress
+    nodes = {node.node: node for node in progress.nodes}
+    # node-a and node-c reported their parts whole, node-b the half it reported before the loss: once each.
+    assert nodes["node-b"].bytes_done == nodes["node-b"].bytes_total // 2
+    assert nodes["node-a"].bytes_done == nodes["node-a"].bytes_total
+    assert progress.bytes_done == sum(node.bytes_done for node in progress.nodes) < progress.bytes_total
+    assert progress.eta_seconds is None
 
 
 async def test_a_restarted_loader_resumes_and_publishes_no_part_twice(bus: Bus, nats_server: NatsServer) -> None:
@@ -766,7 +807,8 @@ def remembered(handlers: LoaderHandlers, key: str) -> list[str]:
     views = {"plans": key in handlers.plans, "published": key in handlers.published,
              "resynced": key in handlers.resynced,
              "written_at": key in handlers.written_at, "dirty": key in handlers.dirty,
-             "gone_since": any(k[0] == key for k in handlers.gone_since)}
+             "gone_since": any(k[0] == key for k in handlers.gone_since),
+             "silent_since": any(k[0] == key for k in handlers.silent_since)}
     return [name for name, held in views.items() if held]
 
 
