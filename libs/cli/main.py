@@ -439,8 +439,17 @@ async def _send(options: Options, commands: Sequence[Command], *, wait: bool = F
                             bus, command.kind, command.namespace, command.name)
             outcomes = await send_commands(bus, commands, options.timeout)
             ok = report_outcomes(outcomes, options.timeout, applied)
-            followed = [(watches[outcome.command.event.id], outcome.fact.generation) for outcome in outcomes
-                        if isinstance(outcome.fact, OperationAccepted) and outcome.command.event.id in watches]
+            followed = []
+            for outcome in outcomes:
+                event, watch = outcome.command.event, watches.get(outcome.command.event.id)
+                if not isinstance(outcome.fact, OperationAccepted) or watch is None:
+                    continue
+                assert isinstance(event, DataLoadApply | DataCleanApply)
+                note = operations.unfollowed(event, watch.before)
+                if note:  # the previous run's end is not this apply's, and the next run may be hours away
+                    click.echo(f"{watch.resource} {note}")
+                else:
+                    followed.append((watch, outcome.fact.generation))
             if followed:
                 ok = operations.report(await operations.follow_connected(bus, followed, options.timeout)) and ok
         finally:

@@ -8,6 +8,10 @@ Stdout gets one result line per operation, for scripts.
 A watch is opened *before* the command is published: a small load can finish within the loader's first second,
 and a ``ttlSecondsAfterFinished: 0`` operation can be gone right after, so opening it later could miss the end.
 
+Only runs an apply leads to are followed: a Cron DataLoad runs on its schedule, and an OnEvent one that already ran
+runs again when a sync changes its dataset, so ``--wait`` says so and returns (``unfollowed``) rather than report
+the previous run's end as this apply's, or wait until a firing that may be hours away.
+
 The connection is watched too (``follow_connected``): nats-py reconnects forever and a KV watch only waits, so a NATS
 that went away would otherwise leave ``--wait`` silent for good.
 """
@@ -29,7 +33,7 @@ from libs import subjects
 from libs.bus import Bus, Replay, kv_watch
 from libs.cli import render
 from libs.events.common import format_bytes
-from libs.events.operation import OperationRecord
+from libs.events.operation import DataCleanApply, DataLoadApply, OperationRecord
 
 TERMINAL_PHASES = ("Complete", "Failed")
 # How often the connection is looked at while following: a loss is noticed this long after it (plus the patience).
@@ -62,6 +66,8 @@ class OperationWatch:
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     latest: OperationRecord | None = None
     deleted: bool = False
+    # The record before the command was published (None: there was none).
+    before: OperationRecord | None = None
 
     @property
     def resource(self) -> str:
@@ -96,7 +102,24 @@ async def open_watch(bus: Bus, kind: str, namespace: str, name: str) -> Operatio
     while await watch.next_change():  # the initial value, if any, then the end-of-initial-values marker
         pass
     watch.deleted = False  # a delete marker left by an earlier operation of that name is not this one's end
+    watch.before = watch.latest
     return watch
+
+
+def unfollowed(command: DataLoadApply | DataCleanApply, before: OperationRecord | None) -> str:
+    """Why ``--wait`` does not follow the operation this command applies (its runs do not come from the apply);
+    "" when it does: a Once load or a clean (its one run), or an OnEvent load's first run (it starts at once)."""
+    if isinstance(command, DataCleanApply):
+        return ""
+    spec, name = command.data_load.spec, command.data_load.metadata.name
+    if spec.policy == "Cron":
+        why = f"runs on its schedule ({spec.schedule!r}, policy Cron)"
+    elif spec.policy == "OnEvent" and before is not None and before.status.start_time:
+        why = "runs when a sync of its dataset finds new or changed objects (policy OnEvent)"
+    else:
+        return ""
+    return (f"{why}: --wait does not wait for those runs; see them with `shoal get dataloads`, or run it now with "
+            f"`shoal run dataload {name}`")
 
 
 def finished(record: OperationRecord | None, generation: int) -> bool:

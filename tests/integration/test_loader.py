@@ -71,6 +71,7 @@ from services.loader.handlers import LoaderHandlers
 from services.runtime import app as runtime_app
 from tests.conftest import NatsServer
 from tests.helpers import FactCollector, eventually, json_lines, json_logs, make_settings, running
+from tests.integration.test_cli import shoal
 from tests.metric_values import Snapshot, exists, value
 
 BLOCK = 4096
@@ -550,6 +551,44 @@ async def test_a_new_run_starts_from_clean_progress_not_the_last_runs_end(bus: B
     assert state is not None and state.run == f"{key}.2" and state.outcome is None and not state.outcome_message
     assert not state.finished_at
     assert [c.type for c in done.status.conditions] == ["Complete"] and done.status.last_successful_time
+
+
+@pytest.mark.parametrize("policy", ["Cron", "OnEvent"])
+async def test_apply_wait_of_a_changed_load_that_runs_later_says_so_and_returns(bus: Bus, nats_server: NatsServer,
+                                                                                 policy: str) -> None:
+    """A Cron (or OnEvent) DataLoad ran once; ``shoal apply --wait`` of a changed spec starts no run: it must not
+    report the previous run's end as this apply's (nor wait for a firing hours away), but say the runs come on
+    schedule (on a sync) and return at once."""
+    await put_dataset(bus, files(("a", BLOCK), ("b", BLOCK)))
+    await put_runtime(bus, NODES[:1])
+    schedule = '"0 0 1 1 *"' if policy == "Cron" else '""'
+    document = f"""apiVersion: data.fluid.io/v1alpha1
+kind: DataLoad
+metadata: {{name: warm}}
+spec:
+  dataset: {{name: data}}
+  target: [{{path: /x/b}}]
+  policy: {policy}
+  schedule: {schedule}
+"""
+    async with agent(bus, NODES[:1]), loader(nats_server):
+        spec: dict[str, Any] = {"schedule": "0 0 1 1 *"} if policy == "Cron" else {}
+        await publish(bus, subjects.DATALOAD_APPLY, dataload(policy=policy, target=[TargetPath(path="/x/a")], **spec))
+        if policy == "Cron":
+            await phase_of(bus, "Pending")
+            await publish(bus, subjects.DATALOAD_RUN, DataLoadRun(name="warm"))
+        before = await phase_of(bus, "Complete", runs=1)
+        result = await shoal(nats_server, "apply", "-f", "-", "--wait", stdin=document)
+        after = await operation(bus)
+    why = ("runs on its schedule ('0 0 1 1 *', policy Cron)" if policy == "Cron" else
+           "runs when a sync of its dataset finds new or changed objects (policy OnEvent)")
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.stdout.splitlines() if line.startswith("dataload.")]  # not the loader's logs
+    assert lines == [
+        "dataload.shoal.io/warm configured",
+        f"dataload.shoal.io/warm {why}: --wait does not wait for those runs; see them with `shoal get dataloads`, "
+        "or run it now with `shoal run dataload warm`"]
+    assert after is not None and after.generation == before.generation + 1 and after.status == before.status
 
 
 async def test_a_run_command_delivered_again_after_it_was_counted_runs_once_and_is_not_refused(
