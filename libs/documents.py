@@ -16,7 +16,9 @@ Decides:
 - that every field Shoal does not use is reported back as an "ignored: ..." note, never dropped silently;
 - that schema errors name the document and the JSON path (``$.spec.mounts[0].mountPoint``);
 - that a key given twice in one mapping is an error, not "the last one wins" (YAML's loaders keep the last without a
-  word; kubectl refuses it): a second ``metadata`` would apply the object under another name or namespace.
+  word; kubectl refuses it): a second ``metadata`` would apply the object under another name or namespace;
+- that a Kubernetes ``List`` (``apiVersion: v1``, what ``kubectl get -o yaml`` prints for several objects) stands
+  for its ``items``, each read as a document of its own; a List inside a List is refused.
 
 Semantic validation (bucket names, supported options, DNS labels) is the services' job: they reject with a
 reason the CLI prints. Here only the shape is checked, so a manifest is judged by one authority.
@@ -73,6 +75,12 @@ BLOCK_SIZE_PROPERTIES = {
     "GooseFSRuntime": "goosefs.user.block.size.bytes.default",
 }
 JUICEFS_BLOCK_SIZE = "block-size"
+
+# kubectl's List: any objects under ``items``. Its own metadata (a resourceVersion) only means something to the
+# API server it came from.
+LIST_API_VERSION = "v1"
+LIST_KIND = "List"
+LIST_FIELDS = ("apiVersion", "kind", "metadata", "items")
 
 METADATA_FIELDS = ("name", "namespace", "labels", "annotations")
 LEVEL_FIELDS = ("mediumtype", "path", "quota", "high", "low")
@@ -153,7 +161,8 @@ def documents_to_commands(
     """Commands for every valid document, notes on ignored fields, and errors of the invalid documents.
 
     Invalid documents do not stop the others, like ``kubectl apply``: the caller publishes what is valid and
-    reports the rest.
+    reports the rest. A List's items are documents like the others (an invalid item does not stop its siblings);
+    their commands keep the List's position and their messages say "document N, item M".
     """
     commands: list[Command] = []
     notes: list[str] = []
@@ -161,14 +170,41 @@ def documents_to_commands(
     for position, document in enumerate(documents, start=1):
         if document is None:
             continue
-        try:
-            command, document_notes = _document_to_command(position, document, default_namespace, action)
-        except _DocumentError as err:
-            errors.append(str(err))
-            continue
-        commands.append(command)
-        notes.extend(document_notes)
+        if is_list(document):
+            items = document.get("items")
+            if not isinstance(items, list):
+                errors.append(f"document {position} ({LIST_KIND}): items must be a list of objects, got "
+                              f"{type(items).__name__}")
+                continue
+            notes += [_ignored(LIST_KIND, key, "not used by Shoal") for key in document if key not in LIST_FIELDS]
+            located = [(f"document {position}, item {index}", item) for index, item in enumerate(items, start=1)]
+        else:
+            located = [(f"document {position}", document)]
+        for where, item in located:
+            try:
+                if is_list(item):
+                    raise _DocumentError(f"{where} ({LIST_KIND}): a List inside a List is not supported; put its "
+                                         "items in the outer List")
+                command, document_notes = _document_to_command(position, where, item, default_namespace, action)
+            except _DocumentError as err:
+                errors.append(str(err))
+                continue
+            commands.append(command)
+            notes.extend(document_notes)
     return commands, notes, errors
+
+
+def is_list(document: Any) -> bool:
+    """Whether ``document`` is a Kubernetes List (``apiVersion: v1``, ``kind: List``)."""
+    return (isinstance(document, dict) and document.get("apiVersion") == LIST_API_VERSION
+            and document.get("kind") == LIST_KIND)
+
+
+def holds_objects(documents: list[Any]) -> bool:
+    """Whether the documents hold anything to apply: a document that is not empty, and not a List without items
+    (kubectl: "no objects passed to apply")."""
+    return any(document is not None and not (is_list(document) and document.get("items") in (None, []))
+               for document in documents)
 
 
 # --- one document ---
@@ -196,19 +232,20 @@ def _not_unicode(document: Any) -> bool:
 
 
 def _document_to_command(
-    position: int, document: Any, default_namespace: str, action: Action
+    position: int, where: str, document: Any, default_namespace: str, action: Action
 ) -> tuple[Command, list[str]]:
+    """``where`` names the document in messages: "document 2", or "document 2, item 3" in a List."""
     if not isinstance(document, dict):
         raise _DocumentError(
-            f"document {position}: expected a mapping with apiVersion, kind, metadata and spec, "
+            f"{where}: expected a mapping with apiVersion, kind, metadata and spec, "
             f"got {type(document).__name__}"
         )
     if _not_unicode(document):
         # A YAML "\ud800" escape gives one; no event can carry it (JSON on the wire is UTF-8). Found by fuzzing.
         # The text is not quoted: it may be a secret's value.
-        raise _DocumentError(f"document {position}: holds text that is not valid Unicode (a lone surrogate)")
+        raise _DocumentError(f"{where}: holds text that is not valid Unicode (a lone surrogate)")
     api_version, kind = document.get("apiVersion"), document.get("kind")
-    label = f"document {position} ({kind}"
+    label = f"{where} ({kind}"
     metadata = document.get("metadata")
     if isinstance(metadata, dict) and isinstance(metadata.get("name"), str):
         label += f" {metadata['name']}"

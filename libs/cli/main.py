@@ -40,7 +40,15 @@ from libs.bus import Bus, Permanent, PermissionDenied, connect, kv_load, kv_valu
 from libs.cli import operations, render
 from libs.cli.up import down, up
 from libs.config import NatsSettings, SettingsError, load_settings
-from libs.documents import OPERATION_KINDS, Command, Kind, ManifestError, documents_to_commands, parse_documents
+from libs.documents import (
+    OPERATION_KINDS,
+    Command,
+    Kind,
+    ManifestError,
+    documents_to_commands,
+    holds_objects,
+    parse_documents,
+)
 from libs.events.common import ObjectMeta, ObjectRef
 from libs.events.dataset import (
     DatasetAccepted,
@@ -388,6 +396,8 @@ def _read_manifests(files: Sequence[IO[str]], namespace: str, action: str) -> tu
         # As kubectl: a file with no object is a mistake (the wrong file, a failed render), not a quiet no-op.
         if all(document is None for document in documents):
             errors = [f"no objects to {action}: the file holds no document"]
+        elif not holds_objects(documents):
+            errors = [f"no objects to {action}: the file holds only an empty List"]
         for command in file_commands:
             # Refused here, before publishing: a command stays in the command stream for a week.
             exposed = exposed_secret_errors(command.event.dataset) if isinstance(command.event, DatasetApply) else []
@@ -403,7 +413,7 @@ def _read_manifests(files: Sequence[IO[str]], namespace: str, action: str) -> tu
 
 @cli.command()
 @click.option("-f", "--filename", "files", type=click.File("r"), multiple=True, required=True,
-              help="Manifest file (multi-document YAML), or - for stdin. Repeatable.")
+              help="Manifest file (multi-document YAML, JSON, or a kind: List), or - for stdin. Repeatable.")
 @click.option("-n", "--namespace", default="default", show_default=True,
               help="Namespace of documents that do not name one.")
 @click.option("--wait", is_flag=True,

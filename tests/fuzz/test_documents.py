@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from libs import kube
 from libs.cli.main import _read_manifests
-from libs.documents import ManifestError, documents_to_commands, parse_documents
+from libs.documents import ManifestError, documents_to_commands, is_list, parse_documents
 from services.bridge import domain
 from tests.fuzz.strategies import JSON_VALUES, MARKS, STRINGS, examples, mutated
 
@@ -49,12 +49,30 @@ def _documents_text(raw: bytes) -> str:
     return raw.decode("utf-8", "surrogateescape")
 
 
+def _list(items: list[Any]) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "List", "metadata": {"resourceVersion": ""}, "items": items}
+
+
+def _objects(document: Any) -> int:
+    """How many objects a document stands for: a List's items (each a command or an error), or itself."""
+    if document is None:
+        return 0
+    if is_list(document) and isinstance(document.get("items"), list):
+        return len(document["items"])
+    return 1
+
+
 @st.composite
 def manifests(draw: st.DrawFn) -> bytes:
     """The bytes of a manifest file: valid examples, mutated ones, YAML oddities, or garbage."""
-    how = draw(st.sampled_from(["valid", "mutated", "mutated", "snippet", "flip", "garbage"]))
+    how = draw(st.sampled_from(["valid", "mutated", "mutated", "list", "snippet", "flip", "garbage"]))
     if how == "valid":
         return _dump(draw(st.lists(st.sampled_from(VALID), min_size=1, max_size=3))).encode()
+    if how == "list":  # kubectl get -o yaml: a List of objects, a List in it, or a mutated one
+        items = draw(st.lists(st.one_of(st.sampled_from(VALID), st.just(_list(VALID[:1])), JSON_VALUES), max_size=3))
+        if draw(st.booleans()):
+            return draw(mutated(st.just(_list(items)), huge=5_000))
+        return _dump([_list(items)]).encode()
     if how == "mutated":
         # 5 kB strings: PyYAML is pure Python here; 100 kB ones cost ~1 s each.
         return draw(mutated(st.sampled_from(VALID), huge=5_000))
@@ -84,7 +102,7 @@ def test_documents_give_commands_or_errors(data: bytes, action: str) -> None:
     commands, notes, errors = documents_to_commands(documents, action=action)  # type: ignore[arg-type]
     assert all(isinstance(error, str) and error for error in errors)
     assert all(isinstance(note, str) and note for note in notes)
-    assert len(commands) + len(errors) == sum(1 for document in documents if document is not None)
+    assert len(commands) + len(errors) == sum(_objects(document) for document in documents)
 
 
 @examples(0.25)

@@ -419,6 +419,95 @@ async def test_apply_reports_invalid_documents_and_yaml_errors_without_publishin
         assert empty.stderr == "error: <stdin>: no objects to apply: the file holds no document\n"
 
 
+# A List as `kubectl get datasets,alluxioruntimes -o yaml` prints it: server fields and statuses included.
+KUBECTL_LIST = """
+apiVersion: v1
+kind: List
+metadata: {{resourceVersion: ""}}
+items:
+  - apiVersion: data.fluid.io/v1alpha1
+    kind: Dataset
+    metadata: {{name: listed, namespace: default, uid: 6c1e, resourceVersion: "42"}}
+    spec:
+      mounts: [{{mountPoint: "local://{data}"}}]
+    status: {{phase: Bound}}
+  - apiVersion: data.fluid.io/v1alpha1
+    kind: AlluxioRuntime
+    metadata: {{name: listed, namespace: default}}
+    spec:
+      replicas: 1
+      tieredstore: {{levels: [{{mediumtype: MEM, quota: 1Gi}}]}}
+"""
+
+
+async def test_a_kubectl_list_applies_and_deletes_each_item(nats_server: NatsServer, services: None,
+                                                            tmp_path: Path) -> None:
+    manifest = tmp_path / "list.yaml"
+    manifest.write_text(KUBECTL_LIST.format(data=tmp_path))
+
+    applied = await shoal(nats_server, "apply", "-f", str(manifest))
+    assert applied.exit_code == 0, applied.output
+    assert applied.stdout == "dataset.shoal.io/listed configured\nruntime.shoal.io/listed configured\n"
+    # Each item's fields are judged as a document's would be; the List's own metadata is no object's.
+    assert applied.stderr.splitlines() == ["ignored: Dataset/status (status is computed by Shoal)",
+                                           "ignored: Dataset/metadata.uid (not used by Shoal)",
+                                           "ignored: Dataset/metadata.resourceVersion (not used by Shoal)"]
+    for kind in ("dataset", "runtime"):
+        assert (await shoal(nats_server, "get", kind, "listed")).exit_code == 0, kind
+
+    # As JSON too (kubectl get -o json), and from stdin.
+    as_json = json.dumps(yaml.safe_load(KUBECTL_LIST.format(data=tmp_path)))
+    deleted = await shoal(nats_server, "delete", "-f", "-", stdin=as_json)
+    assert deleted.exit_code == 0, deleted.output
+    assert deleted.stdout == "dataset.shoal.io/listed deleted\nruntime.shoal.io/listed deleted\n"
+
+
+async def test_a_lists_invalid_items_are_named_and_its_valid_ones_still_apply(nats_server: NatsServer,
+                                                                              services: None, tmp_path: Path) -> None:
+    """As documents of one file: each bad item is an error naming it, the good ones are applied, exit 1."""
+    manifest = f"""
+apiVersion: v1
+kind: List
+items:
+  - apiVersion: v1
+    kind: ConfigMap
+    metadata: {{name: settings}}
+  - apiVersion: shoal.io/v1alpha1
+    kind: Dataset
+    metadata: {{name: good}}
+    spec: {{mounts: [{{mountPoint: "local://{tmp_path}"}}]}}
+  - apiVersion: v1
+    kind: List
+    items: []
+  - apiVersion: shoal.io/v1alpha1
+    kind: Runtime
+    metadata: {{name: bad}}
+    spec: {{replicas: many}}
+---
+apiVersion: v1
+kind: List
+items: {{name: not-a-list}}
+"""
+    result = await shoal(nats_server, "apply", "-f", "-", stdin=manifest)
+
+    assert result.exit_code == 1
+    assert result.stdout == "dataset.shoal.io/good configured\n"
+    assert result.stderr.splitlines() == [
+        "error: <stdin>: document 1, item 1 (ConfigMap settings): unknown kind 'ConfigMap' of apiVersion 'v1'; "
+        "supported: Dataset, Runtime, DataLoad and DataClean of shoal.io/v1alpha1, Dataset, DataLoad and "
+        "AlluxioRuntime, JuiceFSRuntime, JindoRuntime, GooseFSRuntime, EFCRuntime, ThinRuntime, VineyardRuntime of "
+        "data.fluid.io/v1alpha1",
+        "error: <stdin>: document 1, item 3 (List): a List inside a List is not supported; put its items in the "
+        "outer List",
+        "error: <stdin>: document 1, item 4 (Runtime bad): Expected `int`, got `str` - at `$.spec.replicas`",
+        "error: <stdin>: document 2 (List): items must be a list of objects, got dict",
+    ]
+
+    empty = await shoal(nats_server, "apply", "-f", "-", stdin="apiVersion: v1\nkind: List\nitems: []\n")
+    assert (empty.exit_code, empty.stdout) == (1, "")
+    assert empty.stderr == "error: <stdin>: no objects to apply: the file holds only an empty List\n"
+
+
 async def test_unanswered_command_times_out(nats_server: NatsServer, bus: Bus) -> None:
     """Streams exist but no service runs: the command waits for its answer, then says so."""
     result = await shoal(nats_server, "delete", "runtime", "demo", wait_seconds=0.3)

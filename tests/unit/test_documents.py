@@ -626,3 +626,33 @@ def test_a_lone_surrogate_in_a_yaml_escape_is_an_error_that_does_not_quote_it() 
     commands, _, errors = documents_to_commands(documents)
     assert commands == []
     assert errors == ["document 1: holds text that is not valid Unicode (a lone surrogate)"]
+
+
+def test_a_list_stands_for_its_items_which_keep_the_lists_position() -> None:
+    docs = load("""
+        apiVersion: shoal.io/v1alpha1
+        kind: Runtime
+        metadata: {name: first}
+        spec: {tieredstore: {levels: [{mediumtype: MEM, quota: 1Gi}]}}
+        ---
+        apiVersion: v1
+        kind: List
+        metadata: {resourceVersion: ""}
+        selfLink: /api/v1
+        items:
+          - apiVersion: data.fluid.io/v1alpha1
+            kind: DataLoad
+            metadata: {name: warm, namespace: ml}
+            spec: {dataset: {name: imagenet}}
+          - apiVersion: shoal.io/v1alpha1
+            kind: DataClean
+            metadata: {name: cool}
+        """)
+
+    commands, notes, errors = documents_to_commands(docs, action="delete")
+
+    assert [(c.document, c.kind, c.namespace, c.name, c.subject) for c in commands] == [
+        (1, "runtime", "default", "first", subjects.RUNTIME_DELETE),
+        (2, "dataload", "ml", "warm", subjects.DATALOAD_DELETE)]
+    assert errors == ["document 2, item 2 (DataClean cool): Object missing required field `dataset` - at `$.spec`"]
+    assert notes == ["ignored: List/selfLink (not used by Shoal)"]
