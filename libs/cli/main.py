@@ -4,8 +4,9 @@ from libs.cli.up).
 Which I/O it owns: the NATS connection of one command (connect with a deadline, turning "unreachable" into one
 sentence and exit code 2), publishing command events and waiting for the fact that answers each of them
 (matched by ``causationId``), and reading the dataset, runtime and operation KV buckets. What documents mean is
-decided in ``libs.documents`` and what is printed in ``libs.cli.render``; both are pure. Following a DataLoad or
-DataClean to its end (``--wait``) is ``libs.cli.operations``.
+decided in ``libs.documents`` and what is printed in ``libs.cli.render``; both are pure. Which files ``-f`` names
+(a file, a folder, stdin) is ``libs.cli.manifests``. Following a DataLoad or DataClean to its end (``--wait``) is
+``libs.cli.operations``.
 
 Exit codes: 0 success; 1 something was rejected, not found, invalid or unanswered; 2 NATS or the settings are
 unusable (and click's own usage errors).
@@ -37,7 +38,7 @@ from nats.js.kv import KeyValue
 
 from libs import subjects
 from libs.bus import Bus, Permanent, PermissionDenied, connect, kv_load, kv_values
-from libs.cli import operations, render
+from libs.cli import manifests, operations, render
 from libs.cli.up import down, up
 from libs.config import NatsSettings, SettingsError, load_settings
 from libs.documents import (
@@ -374,20 +375,32 @@ def report_outcomes(outcomes: Sequence[Outcome], timeout: float, applied: str = 
     return ok
 
 
-def _read_manifests(files: Sequence[IO[str]], namespace: str, action: str) -> tuple[list[Command], list[str], bool]:
+def _sources(paths: Sequence[str], recursive: bool) -> list[manifests.ManifestSource]:
+    try:
+        return manifests.manifest_sources(paths, recursive)
+    except manifests.ManifestPathError as err:
+        raise CliError(str(err)) from err
+
+
+def _read_manifests(sources: Sequence[manifests.ManifestSource], namespace: str,
+                    action: str) -> tuple[list[Command], list[str], bool]:
     """Commands from every file; prints the errors of invalid documents. Returns (commands, notes, all valid)."""
     commands: list[Command] = []
     notes: list[str] = []
     valid = True
-    for file in files:
+    for source in sources:
         try:
-            documents = parse_documents(file.read())
+            documents = parse_documents(source.read())
         except UnicodeDecodeError as err:  # a binary file (found by fuzzing: it was a traceback)
-            click.echo(f"error: {file.name}: not UTF-8 text: {err.reason} at byte {err.start}", err=True)
+            click.echo(f"error: {source.name}: not UTF-8 text: {err.reason} at byte {err.start}", err=True)
+            valid = False
+            continue
+        except OSError as err:
+            click.echo(f"error: {source.name}: cannot read it: {err.strerror or err}", err=True)
             valid = False
             continue
         except ManifestError as err:
-            click.echo(f"error: {file.name}: {err}", err=True)
+            click.echo(f"error: {source.name}: {err}", err=True)
             valid = False
             continue
         file_commands, file_notes, errors = documents_to_commands(
@@ -406,27 +419,32 @@ def _read_manifests(files: Sequence[IO[str]], namespace: str, action: str) -> tu
                 commands.append(command)
         notes += file_notes
         for error in errors:
-            click.echo(f"error: {file.name}: {error}", err=True)
+            click.echo(f"error: {source.name}: {error}", err=True)
             valid = False
     return commands, notes, valid
 
 
+_FILENAME_HELP = ("Manifest file (multi-document YAML, JSON, or a kind: List), a folder (its *.yaml, *.yml and "
+                  "*.json files, in name order), or - for stdin. Repeatable.")
+_RECURSIVE_HELP = "Read the folders given with -f and their subfolders, all the way down."
+
+
 @cli.command()
-@click.option("-f", "--filename", "files", type=click.File("r"), multiple=True, required=True,
-              help="Manifest file (multi-document YAML, JSON, or a kind: List), or - for stdin. Repeatable.")
+@click.option("-f", "--filename", "files", multiple=True, required=True, metavar="PATH", help=_FILENAME_HELP)
+@click.option("-R", "--recursive", is_flag=True, help=_RECURSIVE_HELP)
 @click.option("-n", "--namespace", default="default", show_default=True,
               help="Namespace of documents that do not name one.")
 @click.option("--wait", is_flag=True,
               help="Follow each DataLoad and DataClean until it is Complete or Failed, with a progress bar; "
                    "exit 1 if one Failed.")
 @click.pass_obj
-def apply(options: Options, files: tuple[IO[str], ...], namespace: str, wait: bool) -> None:
+def apply(options: Options, files: tuple[str, ...], recursive: bool, namespace: str, wait: bool) -> None:
     """Create or update datasets, runtimes, DataLoads and DataCleans from Shoal or Fluid manifests.
 
     Fluid runtimes (AlluxioRuntime, JuiceFSRuntime, ...) become Shoal runtimes and a Fluid DataLoad applies as
     it is; every field Shoal does not use is listed on stderr as "ignored: ...".
     """
-    commands, notes, valid = _read_manifests(files, namespace, "apply")
+    commands, notes, valid = _read_manifests(_sources(files, recursive), namespace, "apply")
     for note in notes:
         click.echo(note, err=True)
     if commands:
@@ -472,11 +490,12 @@ async def _send(options: Options, commands: Sequence[Command], *, wait: bool = F
 @click.argument("resource", required=False, type=click.Choice(sorted(RESOURCE_ALIASES), case_sensitive=False))
 @click.argument("name", required=False)
 @click.option("-n", "--namespace", default="default", show_default=True)
-@click.option("-f", "--filename", "files", type=click.File("r"), multiple=True,
-              help="Delete what these manifests describe (or - for stdin).")
+@click.option("-f", "--filename", "files", multiple=True, metavar="PATH",
+              help="Delete what these manifests describe: " + _FILENAME_HELP[0].lower() + _FILENAME_HELP[1:])
+@click.option("-R", "--recursive", is_flag=True, help=_RECURSIVE_HELP)
 @click.pass_obj
 def delete(options: Options, resource: str | None, name: str | None, namespace: str,
-           files: tuple[IO[str], ...]) -> None:
+           files: tuple[str, ...], recursive: bool) -> None:
     """Delete a dataset, runtime, DataLoad or DataClean: `shoal delete dataset NAME` or `shoal delete -f FILE`.
 
     Deleting a DataLoad or DataClean cancels its work; blocks already cached stay.
@@ -484,7 +503,7 @@ def delete(options: Options, resource: str | None, name: str | None, namespace: 
     if files and (resource or name):
         raise click.UsageError("give either -f FILE or RESOURCE NAME, not both")
     if files:
-        commands, _, valid = _read_manifests(files, namespace, "delete")
+        commands, _, valid = _read_manifests(_sources(files, recursive), namespace, "delete")
     elif resource and name:
         kind = RESOURCE_ALIASES[resource.lower()]
         event: DatasetDelete | RuntimeDelete | DataLoadDelete | DataCleanDelete

@@ -4,7 +4,7 @@ traceback.
 
 Documents are mutated as trees (wrong types, huge values, odd unicode, deep nesting, dropped or unknown keys) and as
 text (byte flips, truncation, YAML's own constructs: aliases, tags, anchors, merge keys, flow nesting), then read
-the way the CLI reads a file (``click.File``, then ``_read_manifests``).
+the way the CLI reads a file (``manifest_sources``, then ``_read_manifests``).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from libs import kube
 from libs.cli.main import _read_manifests
+from libs.cli.manifests import manifest_sources
 from libs.documents import ManifestError, documents_to_commands, is_list, parse_documents
 from services.bridge import domain
 from tests.fuzz.strategies import JSON_VALUES, MARKS, STRINGS, examples, mutated
@@ -111,17 +112,15 @@ def test_documents_give_commands_or_errors(data: bytes, action: str) -> None:
 @example(data=b"[" * 2000, action="delete")
 @given(data=manifests(), action=st.sampled_from(["apply", "delete"]))
 def test_the_cli_reads_any_file_without_a_traceback(tmp_path: Path, data: bytes, action: str) -> None:
-    """As ``shoal apply -f FILE`` reads it: click opens the file, ``_read_manifests`` reads and translates it; an
-    unreadable file is an error line (click's ``Exit``/``UsageError`` at worst), never another exception."""
+    """As ``shoal apply -f FILE`` reads it: ``manifest_sources`` finds the file, ``_read_manifests`` reads and
+    translates it; an unreadable file is an error line (click's ``Exit``/``UsageError`` at worst), never another
+    exception."""
     path = tmp_path / "manifest.yaml"  # one file, rewritten by every example
     path.write_bytes(data)
-    file = click.File("r").convert(str(path), None, None)
     try:
-        _read_manifests([file], "default", action)
+        _read_manifests(manifest_sources([str(path)], recursive=False), "default", action)
     except click.ClickException as err:
         assert err.format_message()
-    finally:
-        file.close()
 
 
 # --- the Kubernetes bridge's translation of a watched object (the same reader, from the API server's JSON) ---

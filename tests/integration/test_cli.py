@@ -508,6 +508,81 @@ items: {{name: not-a-list}}
     assert empty.stderr == "error: <stdin>: no objects to apply: the file holds only an empty List\n"
 
 
+async def test_a_folder_applies_its_manifests_in_name_order(nats_server: NatsServer, services: None,
+                                                             tmp_path: Path) -> None:
+    folder = tmp_path / "manifests"
+    (folder / "sub").mkdir(parents=True)
+    dataset = "apiVersion: shoal.io/v1alpha1\nkind: Dataset\nmetadata: {{name: {name}}}\n" \
+              f"spec: {{{{mounts: [{{{{mountPoint: 'local://{tmp_path}'}}}}]}}}}\n"
+    (folder / "b-runtime.yaml").write_text("apiVersion: shoal.io/v1alpha1\nkind: Runtime\nmetadata: {name: one}\n"
+                                           "spec: {tieredstore: {levels: [{mediumtype: MEM, quota: 1Gi}]}}\n")
+    (folder / "a-dataset.yml").write_text(dataset.format(name="one"))
+    (folder / "c-dataset.json").write_text(json.dumps(yaml.safe_load(dataset.format(name="two"))))
+    (folder / "README.md").write_text("not a manifest: [\n")  # only *.yaml, *.yml and *.json are read
+    (folder / "sub" / "deeper.yaml").write_text(dataset.format(name="deeper"))
+
+    applied = await shoal(nats_server, "apply", "-f", str(folder))
+    assert applied.exit_code == 0, applied.output
+    assert applied.stdout == ("dataset.shoal.io/one configured\nruntime.shoal.io/one configured\n"
+                              "dataset.shoal.io/two configured\n")
+    for name, exit_code in (("one", 0), ("two", 0), ("deeper", 1)):  # deeper: in a subfolder, read with -R only
+        assert (await shoal(nats_server, "get", "dataset", name)).exit_code == exit_code, name
+
+    # -R: the subfolders too, each where its name sorts among the files; and stdin beside a folder still works.
+    recursive = await shoal(nats_server, "apply", "-R", "-f", str(folder), "-f", "-", stdin=dataset.format(
+        name="piped"))
+    assert recursive.exit_code == 0, recursive.output
+    assert recursive.stdout.splitlines() == ["dataset.shoal.io/one configured", "runtime.shoal.io/one configured",
+                                             "dataset.shoal.io/two configured", "dataset.shoal.io/deeper configured",
+                                             "dataset.shoal.io/piped configured"]
+    # An error names the file in the folder.
+    (folder / "d-bad.yaml").write_text("apiVersion: shoal.io/v1alpha1\nkind: Dataset\nmetadata: {name: x}\n"
+                                       "spec: {mounts: [{mountPoint: 1}]}\n")
+    bad = await shoal(nats_server, "apply", "-f", str(folder))
+    assert bad.exit_code == 1
+    assert bad.stderr == (f"error: {folder / 'd-bad.yaml'}: document 1 (Dataset x): Expected `str`, got `int` - at "
+                          "`$.spec.mounts[0].mountPoint`\n")
+    (folder / "d-bad.yaml").unlink()
+
+    deleted = await shoal(nats_server, "delete", "--recursive", "-f", str(folder))
+    assert deleted.exit_code == 0, deleted.output
+    assert deleted.stdout.splitlines() == ["dataset.shoal.io/one deleted", "runtime.shoal.io/one deleted",
+                                           "dataset.shoal.io/two deleted", "dataset.shoal.io/deeper deleted"]
+
+
+async def test_a_missing_path_or_an_empty_folder_applies_nothing(nats_server: NatsServer, services: None,
+                                                                 tmp_path: Path) -> None:
+    good = tmp_path / "good.yaml"
+    good.write_text(f"apiVersion: shoal.io/v1alpha1\nkind: Dataset\nmetadata: {{name: good}}\n"
+                    f"spec: {{mounts: [{{mountPoint: 'local://{tmp_path}'}}]}}\n")
+    missing = tmp_path / "typo.yaml"
+    empty = tmp_path / "empty"
+    (empty / "nested").mkdir(parents=True)
+    (empty / "nested" / "x.yaml").write_text(good.read_text())
+    (empty / "notes.txt").write_text("hello\n")
+
+    for args, error in [
+        (("apply", "-f", str(good), "-f", str(missing)), f'the path "{missing}" does not exist'),
+        (("delete", "-f", str(missing)), f'the path "{missing}" does not exist'),
+        (("apply", "-f", str(good), "-f", str(empty / "nested" / "none")),
+         f'the path "{empty / "nested" / "none"}" does not exist'),
+        (("apply", "-f", str(empty), "-f", str(good)),
+         f'no manifests (*.yaml, *.yml, *.json) directly in the folder "{empty}" (-R reads its subfolders too)'),
+    ]:
+        result = await shoal(nats_server, *args)
+        assert (result.exit_code, result.stdout, result.stderr) == (1, "", f"error: {error}\n"), args
+    # Nothing was applied, not even the good file named beside the bad path.
+    assert (await shoal(nats_server, "get", "dataset", "good")).exit_code == 1
+
+    # The control: with -R the folder has a manifest (a copy of the good one).
+    control = await shoal(nats_server, "apply", "-R", "-f", str(empty))
+    assert (control.exit_code, control.stdout) == (0, "dataset.shoal.io/good configured\n"), control.output
+    (empty / "nested" / "x.yaml").unlink()
+    recursive = await shoal(nats_server, "apply", "-R", "-f", str(empty))
+    assert (recursive.exit_code, recursive.stderr) == (
+        1, f'error: no manifests (*.yaml, *.yml, *.json) in the folder or its subfolders "{empty}"\n')
+
+
 async def test_unanswered_command_times_out(nats_server: NatsServer, bus: Bus) -> None:
     """Streams exist but no service runs: the command waits for its answer, then says so."""
     result = await shoal(nats_server, "delete", "runtime", "demo", wait_seconds=0.3)
