@@ -455,9 +455,14 @@ def apply(options: Options, files: tuple[str, ...], recursive: bool, namespace: 
 
 
 async def _send(options: Options, commands: Sequence[Command], *, wait: bool = False,
-                applied: str = "configured") -> bool:
-    """Publish the commands and report their answers; with ``wait``, then follow the accepted operations."""
+                applied: str = "configured", dataset: ObjectRef | None = None) -> bool:
+    """Publish the commands and report their answers; with ``wait``, then follow the accepted operations.
+
+    ``dataset``: the dataset the commands work on must exist first, or nothing is published (``shoal load``).
+    """
     async with session(options) as bus:
+        if dataset is not None:
+            await _require_dataset(bus, dataset)
         watches: dict[str, operations.OperationWatch] = {}
         try:
             if wait:  # opened before publishing: the end of a fast operation must not be missed
@@ -484,6 +489,19 @@ async def _send(options: Options, commands: Sequence[Command], *, wait: bool = F
             for watch in watches.values():
                 await watch.close()
     return ok
+
+
+async def _require_dataset(bus: Bus, dataset: ObjectRef) -> None:
+    """A CliError unless the dataset service holds a record of ``dataset``.
+
+    The loader accepts a DataLoad of any dataset (a manifest may create the dataset after it, or another system
+    publish it) and only its run fails; a person typing ``shoal load dataset NAME`` means a dataset that exists
+    now, so a typo is said before a DataLoad that can only fail is created. A missing bucket is Shoal's streams
+    missing (the session says so), as for every other KV read.
+    """
+    kv = await bus.kv(subjects.KV_DATASETS)
+    if await _load_named(kv, subjects.resource_key(dataset.namespace, dataset.name), DatasetRecord) is None:
+        raise CliError(f"dataset {dataset.namespace}/{dataset.name} not found; no DataLoad was created")
 
 
 @cli.command()
@@ -625,7 +643,7 @@ def load(options: Options, resource: str, dataset: str, paths: tuple[str, ...], 
                         target=_targets(paths, replicas))
     event = DataLoadApply(data_load=DataLoad(metadata=ObjectMeta(name=name, namespace=namespace), spec=spec))
     command = Command(0, "DataLoad", "dataload", name, namespace, subjects.DATALOAD_APPLY, event)
-    if not _run(_send(options, [command], wait=wait, applied="created")):
+    if not _run(_send(options, [command], wait=wait, applied="created", dataset=spec.dataset)):
         raise click.exceptions.Exit(1)
 
 

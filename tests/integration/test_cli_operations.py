@@ -28,7 +28,7 @@ from libs import subjects
 from libs.bus import Bus
 from libs.cli import operations
 from libs.events.common import ObjectMeta, ObjectRef
-from libs.events.dataset import Condition
+from libs.events.dataset import Condition, Dataset, DatasetRecord, DatasetSpec, Mount
 from libs.events.operation import (
     DataCleanApply,
     DataCleanSpec,
@@ -111,6 +111,14 @@ class StandInLoader:
             await self.bus.publish(subjects.DATALOAD_DELETED if family == "dataload" else subjects.DATACLEAN_DELETED,
                                    OperationDeleted(causation_id=command.id, kind=kind, name=command.name,
                                                     namespace=command.namespace))
+
+
+async def put_dataset(bus: Bus, name: str = "demo", namespace: str = "default") -> None:
+    """The dataset service's record of a dataset, as ``shoal load`` looks for it."""
+    kv = await bus.kv(subjects.KV_DATASETS)
+    record = DatasetRecord(dataset=Dataset(metadata=ObjectMeta(name=name, namespace=namespace),
+                                           spec=DatasetSpec(mounts=[Mount(mount_point=f"s3://{name}/")])), generation=1)
+    await kv.put(subjects.resource_key(namespace, name), msgspec.json.encode(record))
 
 
 @pytest.fixture
@@ -241,6 +249,7 @@ async def test_wait_says_so_when_the_operation_is_deleted_before_it_finished(nat
                                                                              loader: StandInLoader) -> None:
     loader.statuses = [OperationStatus(), executing(1, MiB)]
     loader.delete_record = True
+    await put_dataset(loader.bus)
 
     result = await shoal(nats_server, "load", "dataset", "demo", "--name", "gone", "--wait")
 
@@ -268,6 +277,7 @@ async def start_waiting_load(server: NatsServer, name: str, timeout: float) -> a
 
 async def test_wait_rides_out_a_nats_restart_and_says_when_nats_stays_away(nats_server: NatsServer, bus: Bus,
                                                                           loader: StandInLoader) -> None:
+    await put_dataset(bus)
     # Back within the patience (--timeout): the watch starts again and sees the end.
     process = await start_waiting_load(nats_server, "restarted", timeout=60)
     try:
@@ -346,6 +356,8 @@ async def test_wait_without_shoals_streams_exits_2(nats_server: NatsServer) -> N
 async def test_load_dataset_creates_a_once_dataload_and_waits(nats_server: NatsServer,
                                                                loader: StandInLoader) -> None:
     loader.statuses = [executing(5, 20 * MiB), COMPLETE]
+    await put_dataset(loader.bus, namespace="ml")
+    await put_dataset(loader.bus)
 
     result = await shoal(nats_server, "load", "dataset", "demo", "--path", "/train/images", "--path",
                          "/train/labels.csv", "--replicas", "2", "-n", "ml", "--wait")
@@ -370,6 +382,25 @@ async def test_load_dataset_creates_a_once_dataload_and_waits(nats_server: NatsS
 
     bad = await shoal(nats_server, "load", "dataset", "demo", "--replicas", "0")
     assert bad.exit_code == 2 and "--replicas" in bad.stderr
+
+
+async def test_load_of_a_dataset_that_does_not_exist_creates_nothing(nats_server: NatsServer,
+                                                                       loader: StandInLoader) -> None:
+    """Said before a DataLoad is created (the loader would accept it and only its run would fail), with or without
+    --wait; the same name in another namespace is another dataset."""
+    await put_dataset(loader.bus, "foo", namespace="other")
+
+    for args in (("load", "dataset", "foo", "-n", "ml"), ("load", "ds", "foo", "-n", "ml", "--wait", "--name", "x"),
+                 ("load", "dataset", "Foo Bar", "-n", "ml")):
+        result = await shoal(nats_server, *args)
+        name = "Foo Bar" if "Foo Bar" in args else "foo"
+        assert (result.exit_code, result.stdout) == (1, ""), args
+        assert result.stderr == f"error: dataset ml/{name} not found; no DataLoad was created\n", args
+    assert loader.received == []
+
+    found = await shoal(nats_server, "load", "dataset", "foo", "-n", "other", "--name", "warm")
+    assert (found.exit_code, found.stdout) == (0, "dataload.shoal.io/warm created\n"), found.output
+    assert [subject for subject, _ in loader.received] == [subjects.DATALOAD_APPLY]
 
 
 async def test_clean_run_and_delete(nats_server: NatsServer, loader: StandInLoader) -> None:
