@@ -616,7 +616,8 @@ async def kv_keys(kv: KeyValue) -> list[str]:
         except nats.js.errors.NoKeysError:
             keys = []
         if keys or (await kv.status()).values == 0:
-            return list(keys)
+            # nats-py reads a watch to its end: a key written meanwhile comes again with its new value.
+            return list(dict.fromkeys(keys))
     return []
 
 

@@ -458,11 +458,12 @@ async def _send(options: Options, commands: Sequence[Command], *, wait: bool = F
                 applied: str = "configured", dataset: ObjectRef | None = None) -> bool:
     """Publish the commands and report their answers; with ``wait``, then follow the accepted operations.
 
-    ``dataset``: the dataset the commands work on must exist first, or nothing is published (``shoal load``).
+    ``dataset``: the dataset the commands work on must exist first, or nothing is published (``shoal load``,
+    ``shoal clean``).
     """
     async with session(options) as bus:
         if dataset is not None:
-            await _require_dataset(bus, dataset)
+            await _require_dataset(bus, dataset, commands[0].source_kind)
         watches: dict[str, operations.OperationWatch] = {}
         try:
             if wait:  # opened before publishing: the end of a fast operation must not be missed
@@ -491,17 +492,17 @@ async def _send(options: Options, commands: Sequence[Command], *, wait: bool = F
     return ok
 
 
-async def _require_dataset(bus: Bus, dataset: ObjectRef) -> None:
+async def _require_dataset(bus: Bus, dataset: ObjectRef, kind: str) -> None:
     """A CliError unless the dataset service holds a record of ``dataset``.
 
-    The loader accepts a DataLoad of any dataset (a manifest may create the dataset after it, or another system
-    publish it) and only its run fails; a person typing ``shoal load dataset NAME`` means a dataset that exists
-    now, so a typo is said before a DataLoad that can only fail is created. A missing bucket is Shoal's streams
-    missing (the session says so), as for every other KV read.
+    The loader accepts a DataLoad or DataClean of any dataset (a manifest may create the dataset after it, or
+    another system publish it) and only its run fails; a person typing ``shoal load dataset NAME`` means a dataset
+    that exists now, so a typo is said before an operation (``kind``) that can only fail is created. A missing
+    bucket is Shoal's streams missing (the session says so), as for every other KV read.
     """
     kv = await bus.kv(subjects.KV_DATASETS)
     if await _load_named(kv, subjects.resource_key(dataset.namespace, dataset.name), DatasetRecord) is None:
-        raise CliError(f"dataset {dataset.namespace}/{dataset.name} not found; no DataLoad was created")
+        raise CliError(f"dataset {dataset.namespace}/{dataset.name} not found; no {kind} was created")
 
 
 @cli.command()
@@ -663,7 +664,7 @@ def clean(options: Options, resource: str, dataset: str, paths: tuple[str, ...],
     spec = DataCleanSpec(dataset=ObjectRef(name=dataset, namespace=namespace), target=_targets(paths, 1))
     event = DataCleanApply(data_clean=DataClean(metadata=ObjectMeta(name=name, namespace=namespace), spec=spec))
     command = Command(0, "DataClean", "dataclean", name, namespace, subjects.DATACLEAN_APPLY, event)
-    if not _run(_send(options, [command], wait=wait, applied="created")):
+    if not _run(_send(options, [command], wait=wait, applied="created", dataset=spec.dataset)):
         raise click.exceptions.Exit(1)
 
 

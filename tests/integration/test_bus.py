@@ -10,7 +10,7 @@ import msgspec
 import pytest
 
 from libs import subjects
-from libs.bus import Bus, Conflict, connect, kv_delete, kv_load, kv_save
+from libs.bus import Bus, Conflict, connect, kv_delete, kv_keys, kv_load, kv_save
 from libs.config import NatsSettings
 from libs.events.common import ObjectMeta
 from libs.events.dataset import Dataset, DatasetApply, DatasetSpec, Mount
@@ -121,3 +121,27 @@ def apply_local(name: str, folder: Path) -> DatasetApply:
 async def _synced(bus: Bus, name: str):
     record = await dataset_record(bus, name)
     return record if record and record.status.synced_generation >= 1 else None
+
+
+async def test_kv_keys_lists_each_key_once_while_keys_are_being_written(bus: Bus) -> None:
+    """nats-py's ``keys()`` reads a watch to its end: a key written while it reads comes again (its new value), and
+    ``shoal get datasets`` showed a dataset twice right after an apply. ``kv_keys`` lists each once."""
+    kv = await bus.kv(subjects.KV_DATASETS)
+    names = [f"default.d{i:03}" for i in range(300)]
+    for name in names:
+        await kv.put(name, b"{}")
+    writing = True
+
+    async def rewrite() -> None:
+        while writing:
+            for name in names[::7]:
+                await kv.put(name, b"{}")
+
+    writer = asyncio.create_task(rewrite())
+    try:
+        for _ in range(20):
+            listed = await kv_keys(kv)
+            assert sorted(listed) == names, f"{len(listed)} keys listed, {len(set(listed))} of them distinct"
+    finally:
+        writing = False
+        await writer

@@ -398,12 +398,17 @@ async def test_load_of_a_dataset_that_does_not_exist_creates_nothing(nats_server
         assert result.stderr == f"error: dataset ml/{name} not found; no DataLoad was created\n", args
     assert loader.received == []
 
+    cleaned = await shoal(nats_server, "clean", "dataset", "foo", "-n", "ml")
+    assert (cleaned.exit_code, cleaned.stderr) == (1, "error: dataset ml/foo not found; no DataClean was created\n")
+    assert loader.received == []
+
     found = await shoal(nats_server, "load", "dataset", "foo", "-n", "other", "--name", "warm")
     assert (found.exit_code, found.stdout) == (0, "dataload.shoal.io/warm created\n"), found.output
     assert [subject for subject, _ in loader.received] == [subjects.DATALOAD_APPLY]
 
 
 async def test_clean_run_and_delete(nats_server: NatsServer, loader: StandInLoader) -> None:
+    await put_dataset(loader.bus, "demo")
     cleaned = await shoal(nats_server, "clean", "dataset", "demo", "--path", "/train", "--name", "cool")
     assert (cleaned.exit_code, cleaned.stdout) == (0, "dataclean.shoal.io/cool created\n")
     subject, command = loader.received[-1]
