@@ -176,6 +176,7 @@ class StreamSpec:
     storage: js_api.StorageType = js_api.StorageType.FILE
     max_msgs_per_subject: int = -1
     max_bytes: int = -1
+    max_msgs: int = -1
 
 
 STREAMS: tuple[StreamSpec, ...] = (
@@ -184,12 +185,26 @@ STREAMS: tuple[StreamSpec, ...] = (
     StreamSpec(subjects.STREAM_FACTS, [subjects.ALL_FACTS], max_age=7 * DAY, max_bytes=1 << 30),
     # Heartbeats and inventory only matter while fresh: an hour, and bounded per node.
     StreamSpec(subjects.STREAM_AGENT, [subjects.ALL_AGENT], max_age=3600.0, max_msgs_per_subject=10_000),
-    # Tasks wait for their mount process (which may be restarting) as long as a load may reasonably take. Parts are
-    # at most ~256 KiB, so 256 MiB holds a thousand in flight; 1 GiB here took the reservations of the four bounded
+    # The mount processes' progress, kept as long as their parts (``node_task_stream``); each node's parts are in a
+    # stream of their own, which this one must not overlap. 1 GiB here took the reservations of the four bounded
     # streams past the embedded server's max_file_store (4 GB) and every provision failed.
-    StreamSpec(subjects.STREAM_TASKS, [subjects.ALL_TASKS], max_age=DAY, max_bytes=256 << 20),
+    StreamSpec(subjects.STREAM_TASKS, [subjects.TASK_PROGRESS], max_age=DAY, max_bytes=256 << 20),
     StreamSpec(subjects.STREAM_DEAD_LETTERS, [subjects.ALL_DEAD_LETTERS], max_age=30 * DAY, max_bytes=1 << 30),
 )
+
+
+# Parts a node's task stream keeps at most. Bounded by count, not bytes: JetStream reserves a stream's max_bytes
+# up front, so 256 MiB per node (the shared stream's bound) would use up the embedded server's file store at a few
+# dozen nodes. Parts are at most ~256 KiB (``services.loader.domain.MAX_PART_BYTES``), so this is at most 1 GiB
+# written, and a thousand times more parts than one node gets from a run.
+NODE_TASK_MESSAGES = 4096
+
+
+def node_task_stream(node: str) -> StreamSpec:
+    """The stream of one node's task parts (``subjects.task_stream``): kept, like the progress, as long as a load
+    may reasonably take, for a mount process that may be restarting."""
+    return StreamSpec(subjects.task_stream(node), [subjects.node_tasks(node)], max_age=DAY,
+                      max_msgs=NODE_TASK_MESSAGES)
 
 
 @dataclass(frozen=True)
@@ -222,8 +237,8 @@ KV_BUCKETS: tuple[BucketSpec, ...] = (
 
 # What ``provision`` sets on a stream; one that already has these is left alone (no update: a user without the
 # right to update, an agent, then provisions nothing and is refused nothing).
-_PROVISIONED_FIELDS = ("subjects", "retention", "max_age", "max_bytes", "max_msgs_per_subject", "max_msg_size",
-                       "storage", "num_replicas", "duplicate_window")
+_PROVISIONED_FIELDS = ("subjects", "retention", "max_age", "max_bytes", "max_msgs", "max_msgs_per_subject",
+                       "max_msg_size", "storage", "num_replicas", "duplicate_window")
 
 
 def _differs(existing: js_api.StreamConfig, wanted: js_api.StreamConfig) -> bool:
@@ -300,30 +315,8 @@ class Bus:
         """
         refused: list[str] = []
         for spec in STREAMS:
-            config = js_api.StreamConfig(
-                name=spec.name,
-                subjects=spec.subjects,
-                retention=js_api.RetentionPolicy.LIMITS,
-                max_age=spec.max_age,
-                max_bytes=spec.max_bytes,
-                max_msgs_per_subject=spec.max_msgs_per_subject,
-                max_msg_size=MESSAGE_LIMIT,
-                storage=spec.storage,
-                num_replicas=self.replicas,
-                duplicate_window=120.0,
-            )
             try:
-                try:
-                    info = await self.refusable(natsauth.stream_api("INFO", spec.name),
-                                                self.js.stream_info(spec.name))
-                except NotFoundError:
-                    await self.refusable(natsauth.stream_api("CREATE", spec.name), self.js.add_stream(config))
-                else:
-                    # Never fewer replicas than it has: one process with the default of 1 must not strip a cluster.
-                    config = replace(config, num_replicas=max(self.replicas, info.config.num_replicas or 1))
-                    if _differs(info.config, config):
-                        await self.refusable(natsauth.stream_api("UPDATE", spec.name),
-                                             self.js.update_stream(config))
+                await self._stream(spec)
             except PermissionDenied:
                 refused.append(spec.name)
         for bucket in KV_BUCKETS:
@@ -354,6 +347,35 @@ class Bus:
             refused.append(stream)
         if refused:
             log.info("provisioning left to users allowed to", streams=refused)
+
+    async def provision_node_tasks(self, node: str) -> None:
+        """Create or update the stream of ``node``'s task parts (``node_task_stream``): the loader, before it
+        publishes the node's first part (no stream, and the part would be refused: "no responders")."""
+        await self._stream(node_task_stream(node))
+
+    async def _stream(self, spec: StreamSpec) -> None:
+        config = js_api.StreamConfig(
+            name=spec.name,
+            subjects=spec.subjects,
+            retention=js_api.RetentionPolicy.LIMITS,
+            max_age=spec.max_age,
+            max_bytes=spec.max_bytes,
+            max_msgs=spec.max_msgs,
+            max_msgs_per_subject=spec.max_msgs_per_subject,
+            max_msg_size=MESSAGE_LIMIT,
+            storage=spec.storage,
+            num_replicas=self.replicas,
+            duplicate_window=120.0,
+        )
+        try:
+            info = await self.refusable(natsauth.stream_api("INFO", spec.name), self.js.stream_info(spec.name))
+        except NotFoundError:
+            await self.refusable(natsauth.stream_api("CREATE", spec.name), self.js.add_stream(config))
+        else:
+            # Never fewer replicas than it has: one process with the default of 1 must not strip a cluster.
+            config = replace(config, num_replicas=max(self.replicas, info.config.num_replicas or 1))
+            if _differs(info.config, config):
+                await self.refusable(natsauth.stream_api("UPDATE", spec.name), self.js.update_stream(config))
 
     async def _replicate(self, stream: str) -> None:
         """Bring an existing bucket's stream up to ``replicas`` (SHOAL_STREAM_REPLICAS raised after it was created,

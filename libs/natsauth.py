@@ -17,9 +17,11 @@ The rules it encodes:
   Nobody deletes a stream; only the manifests' writers purge (theirs: an object put replaces its chunks), and only
   the dataset service deletes a message (a command that carried a secret in clear).
 - A service creates, looks up, pulls from, acks and deletes its own durable consumers only (``DURABLES``: every
-  JetStream API subject names the durable), never another kind's; an agent only consumers filtered to its node's
-  tasks, and no service's. Ephemeral, ordered consumers (KV watches, object gets, ``shoal events``, the bridge's
-  rejections) are created without a name on the streams a user reads.
+  JetStream API subject names the durable), never another kind's; an agent (``agent-<node>``) only consumers of its
+  node's task stream (``subjects.task_stream``), and no service's. The loader creates and updates the nodes' task
+  streams (their names are not known when the users are written: any stream's name is allowed to it). Ephemeral,
+  ordered consumers (KV watches, object gets, ``shoal events``, the bridge's rejections) are created without a name
+  on the streams a user reads.
 - Replies go to a per-user inbox, ``_INBOX.<user>.>`` (``inbox_prefix``: ``libs.bus.connect`` sets it from
   ``NATS_USER``), so a user cannot read the replies another user's requests get (KV reads, publish acks).
 - The observer subscribes to facts (``shoal.evt.>``) and nothing else; it cannot publish at all.
@@ -245,9 +247,12 @@ def permissions(kind: str, node: str = "") -> Permissions:
     if kind == LOADER:
         return _service(
             consumers=DURABLES[LOADER],
-            # A DataLoad with loadMetadata lists the dataset again (a resync command); tasks go to the agents.
+            # A DataLoad with loadMetadata lists the dataset again (a resync command); tasks go to the agents, each
+            # node's into a stream the loader makes before the node's first part (``Bus.provision_node_tasks``). A
+            # stream's name is one token, so "SHOAL_TASKS_<any node>" can only be said as any stream.
             publish=[subjects.DATALOAD_FACTS, subjects.DATACLEAN_FACTS, subjects.DATASET_RESYNC,
-                     f"{subjects.TASK_PREFIX}.>", subjects.TASK_CANCEL],
+                     f"{subjects.TASK_PREFIX}.>", subjects.TASK_CANCEL,
+                     *(stream_api(verb, "*") for verb in ("CREATE", "UPDATE", "INFO"))],
             kv_writes=[subjects.KV_OPERATIONS, subjects.KV_OPERATION_RUNS], objects=True)
     if kind == SCHEDULER:
         return _service(
@@ -263,9 +268,11 @@ def permissions(kind: str, node: str = "") -> Permissions:
     if kind == AGENT:
         return _agent(node)
     if kind == CLI:
+        # The nodes' task streams too (``subjects.task_stream``), whose names it cannot spell: any stream.
         return Permissions(publish=_unique([
             subjects.ALL_COMMANDS, subjects.SCHED_SCORE, *_provision(), f"{API}.INFO", f"{API}.STREAM.NAMES",
-            f"{API}.STREAM.LIST", *(s for stream in ALL_STREAMS for s in _read_stream(stream) + _ephemeral(stream)),
+            f"{API}.STREAM.LIST",
+            *(s for stream in (*ALL_STREAMS, "*") for s in _read_stream(stream) + _ephemeral(stream)),
             *_read_all_kv(),
         ]), subscribe=("shoal.>",))
     if kind == OBSERVER:
@@ -280,31 +287,46 @@ def _agent(node: str) -> Permissions:
         subjects.agent_heartbeat(node_token), subjects.agent_inventory(node_token),
         subjects.task_progress(node_token), *_info_all(),
         *_read_kv(subjects.KV_DATASETS), *_read_kv(subjects.KV_RUNTIMES), *_read_kv(subjects.KV_OPERATIONS),
-        *_read_objects(subjects.OBJ_MANIFESTS), *_task_consumers(node_token),
+        *_read_objects(subjects.OBJ_MANIFESTS), *_task_consumers(node),
     ]
-    # The durables of the services on the tasks stream (the loader's progress) match the wildcards above: refused.
-    deny = [subject for durables in DURABLES.values() for stream, durable in durables
-            if stream == subjects.STREAM_TASKS for subject in _durable(stream, durable)]
+    # The DaemonSet's one agent user (no node) may use the consumers of any node's task stream, whose names it
+    # cannot spell: its wildcards match Shoal's own streams too, where it gets nothing but what reading the buckets
+    # and manifests above needs (no service's durable, nor any other consumer of theirs).
+    deny = [] if node else _not_task_streams()
     return Permissions(publish=_unique(publish), subscribe=(subjects.INVENTORY_REQUEST, subjects.TASK_CANCEL),
                        deny=_unique(deny))
 
 
-def _task_consumers(node_token: str) -> list[str]:
+def _task_consumers(node: str) -> list[str]:
     """The mount processes' task durables (``subjects.task_durable``: one per node and dataset, made by nats-py's
-    ``pull_subscribe`` with the mount's task subject as its one filter).
+    ``pull_subscribe`` with the mount's task subject as its one filter) on the node's task stream
+    (``subjects.task_stream``), and on no other stream.
 
-    Creating or changing a consumer of the tasks stream is allowed only with a filter within this node's tasks
-    (``CONSUMER.CREATE.<stream>.<name>.shoal.task.node.<node>.>``; the server refuses a request whose filter is not
-    the one in its subject), so an agent cannot make a consumer that reads another node's tasks or the progress,
-    and gets no ephemeral or legacy (``DURABLE.CREATE``) form without that filter, nor single messages of the
-    stream. Looking up, pulling from, acking and deleting name the consumer only, and a consumer name is one token
-    that embeds the dataset: no permission can say "this node's durables" there, so these are allowed on any
-    consumer of the tasks stream but the services' (``deny`` in ``_agent``). docs/security.md says what is left.
+    Looking up, pulling from, acking and deleting a consumer name the stream and the consumer only; the stream is the
+    node's, so ``agent-<node>`` can do these to its own node's consumers and to no other node's. Creating or changing
+    one is allowed only with a filter within the node's tasks (``CONSUMER.CREATE.<stream>.<name>.shoal.task.node.
+    <node>.>``), none unnamed or in the legacy (``DURABLE.CREATE``) form, nor single messages of the stream. Without
+    a node (the DaemonSet's shared user) the stream is any stream (``_agent`` denies Shoal's own).
     """
-    stream = subjects.STREAM_TASKS
+    stream = subjects.task_stream(node) if node else "*"
+    node_token = subjects.node_token(node) if node else "*"
     return [f"{API}.CONSUMER.CREATE.{stream}.*.{subjects.TASK_PREFIX}.{node_token}.>",
             f"{API}.CONSUMER.INFO.{stream}.*", f"{API}.CONSUMER.MSG.NEXT.{stream}.*",
             f"{API}.CONSUMER.DELETE.{stream}.*", f"$JS.ACK.{stream}.*.>", f"$JS.ACK.*.*.{stream}.*.>"]
+
+
+def _not_task_streams() -> list[str]:
+    """What the shared agent user's task-consumer wildcards must not reach: any named consumer of Shoal's streams
+    (creating one there is refused by the server anyway: a filter within the tasks is not within those streams), but
+    looking up the ordered consumers of the buckets' streams, which a KV watch does (``_read_kv``)."""
+    denied: list[str] = []
+    for stream in ALL_STREAMS:
+        denied += [consumer_api("MSG.NEXT", stream, "*"), consumer_api("DELETE", stream, "*"),
+                   consumer_api("DURABLE.CREATE", stream, "*"), f"{consumer_create_subject(stream, '*')}.>",
+                   f"$JS.ACK.{stream}.>", f"$JS.ACK.*.*.{stream}.>"]
+        if stream not in {kv_stream(bucket) for bucket in KV_BUCKETS}:
+            denied.append(consumer_api("INFO", stream, "*"))
+    return denied
 
 
 def _unique(items: Iterable[str]) -> tuple[str, ...]:

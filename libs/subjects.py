@@ -12,7 +12,8 @@ STREAM_COMMANDS = "SHOAL_COMMANDS"
 STREAM_FACTS = "SHOAL_FACTS"
 STREAM_AGENT = "SHOAL_AGENT"
 STREAM_DEAD_LETTERS = "SHOAL_DEAD_LETTERS"
-# Loader → agents work (NodeTask) and agents → loader progress (TaskProgress): kept until done, not an hour.
+# Agents → loader progress (TaskProgress): kept until done, not an hour. The loader → agents work (NodeTask) is in a
+# stream per node, ``task_stream``.
 STREAM_TASKS = "SHOAL_TASKS"
 
 # --- Commands: other systems publish these (JSON). ---
@@ -88,9 +89,10 @@ def agent_inventory(node: str) -> str:
     return f"{AGENT_INVENTORY_PREFIX}.{node_token(node)}"
 
 
-# --- Loader ↔ agents (stream SHOAL_TASKS). A task goes to the mount process of one dataset on one node. ---
+# --- Loader ↔ agents. A task goes to the mount process of one dataset on one node (its node's stream,
+# ``task_stream``); progress comes back on stream SHOAL_TASKS. ---
 TASK_PREFIX = "shoal.task.node"
-ALL_TASKS = "shoal.task.>"
+TASK_STREAM_PREFIX = "SHOAL_TASKS_"
 TASK_PROGRESS_PREFIX = "shoal.task.progress"
 TASK_PROGRESS = "shoal.task.progress.*"
 # Core NATS (not stored): every mount process hears it and stops the parts of that run.
@@ -99,6 +101,19 @@ TASK_CANCEL = "shoal.ctl.task.cancel"
 
 def node_task(node: str, namespace: str, name: str) -> str:
     return f"{TASK_PREFIX}.{node_token(node)}.{namespace}.{name}"
+
+
+def node_tasks(node: str) -> str:
+    """Every task subject of one node: what its stream (``task_stream``) captures."""
+    return f"{TASK_PREFIX}.{node_token(node)}.>"
+
+
+def task_stream(node: str) -> str:
+    """The stream of one node's tasks, ``SHOAL_TASKS_<node token>``. A stream per node because every JetStream request
+    about a consumer (pull, ack, look-up, delete) names only the stream and the consumer: a NATS permission can
+    name this stream for the node's agent, never "the consumers whose name starts with the node" (docs/security.md).
+    The loader makes it before it publishes the node's first part (``libs.bus.Bus.provision_node_tasks``)."""
+    return f"{TASK_STREAM_PREFIX}{node_token(node)}"
 
 
 def task_progress(node: str) -> str:

@@ -2,7 +2,9 @@
 DataLoads and DataCleans addressed to it (the protocol: ``libs.events.operation`` and the agent README).
 
 What it decides:
-- which parts run: one at a time, from this mount's durable consumer (``subjects.task_durable``), and only while
+- which parts run: one at a time, from this mount's durable consumer (``subjects.task_durable``) on its node's
+  task stream (``subjects.task_stream``: the loader makes it before the node's first part; until then the mount
+  looks for it every ``STREAM_WAIT_SECONDS``), and only while
   their run is current — the operation's record in KV ``shoal_operations`` is Executing at that run's number;
   a part of an older, deleted or finished run is acknowledged and skipped (``not_current``);
 - per block of a load: failed when its object version is not in the current manifest ("object changed since the
@@ -38,6 +40,7 @@ import msgspec
 import nats
 from nats.aio.msg import Msg
 from nats.js import api as js_api
+from nats.js.errors import NotFoundError
 
 from libs import subjects
 from libs.blocks import BlockId, block_count
@@ -76,6 +79,11 @@ STORE_RETRY_SECONDS = 1.5
 CANCELLED_RUNS = 64
 # After NATS errors in the consumer loop, wait this long before pulling again.
 RETRY_SECONDS = 1.0
+# While the node has no task stream yet (no load or clean was ever planned for it), a mount looks for it this often:
+# one JetStream request per mount each time, and a first part waits at most this long more.
+STREAM_WAIT_SECONDS = 3.0
+# The server's error code for "stream not found".
+_NO_STREAM = 10059
 # How long a load part waits for this mount to load the manifest its dataset's record names before checking its
 # blocks (the loader planned the part against that manifest). Loading one takes well under a second; a mount still
 # behind after this long checks against what it has, and blocks it does not know fail as changed.
@@ -240,6 +248,7 @@ class TaskRunner:
         self._reloaded = asyncio.Event()
         self.subject = subjects.node_task(node, dataset.namespace, dataset.name)
         self.durable = subjects.task_durable(node, dataset.namespace, dataset.name)
+        self.stream = subjects.task_stream(node)
         self._stopping = asyncio.Event()
         self._running: _Running | None = None
         self._cancelled: deque[str] = deque(maxlen=CANCELLED_RUNS)
@@ -260,15 +269,27 @@ class TaskRunner:
         """Pull and execute parts until ``stop``; NATS errors are logged and retried, never raised."""
         cancels = None
         subscription = None
+        waiting_for_stream = False
         try:
             while not self._stopping.is_set():
                 try:
                     if cancels is None:
                         cancels = await self.bus.subscribe(subjects.TASK_CANCEL, _CANCEL, self._on_cancel)
                     if subscription is None:
-                        subscription = await self.bus.js.pull_subscribe(
-                            self.subject, durable=self.durable, stream=subjects.STREAM_TASKS,
-                            config=self._consumer_config())
+                        try:
+                            subscription = await self.bus.js.pull_subscribe(
+                                self.subject, durable=self.durable, stream=self.stream,
+                                config=self._consumer_config())
+                        except NotFoundError as err:
+                            if err.err_code != _NO_STREAM:
+                                raise
+                            if not waiting_for_stream:  # the usual state of a node no load was planned for yet
+                                log.info("no task stream for this node yet, waiting for the loader to make it",
+                                         dataset=self._key, stream=self.stream)
+                                waiting_for_stream = True
+                            await self._wait(STREAM_WAIT_SECONDS)
+                            continue
+                        waiting_for_stream = False
                         self._max_deliver = (await subscription.consumer_info()).config.max_deliver or 0
                     try:
                         messages = await subscription.fetch(1, timeout=FETCH_SECONDS)
@@ -292,7 +313,7 @@ class TaskRunner:
     async def forget(self) -> None:
         """Delete this mount's durable (the dataset was deleted: nothing will be addressed to it again)."""
         with contextlib.suppress(Exception):
-            await self.bus.js.delete_consumer(subjects.STREAM_TASKS, self.durable)
+            await self.bus.js.delete_consumer(self.stream, self.durable)
 
     @property
     def _key(self) -> str:

@@ -26,10 +26,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import msgspec
-from nats.js.errors import NotFoundError, ObjectNotFoundError
+from nats.errors import NoRespondersError
+from nats.js.errors import APIError, NotFoundError, ObjectNotFoundError, ServiceUnavailableError
 
 from libs import metrics, subjects
-from libs.bus import Bus, Delivery, KvMirror, kv_delete, kv_load, kv_save
+from libs.bus import Bus, Delivery, KvMirror, PermissionDenied, kv_delete, kv_load, kv_save
 from libs.events.common import ObjectMeta, parse_quantity
 from libs.events.dataset import DatasetRecord, DatasetResync, ManifestEntry
 from libs.events.operation import (
@@ -116,6 +117,8 @@ class LoaderHandlers:
     plans: dict[str, domain.Plan] = field(default_factory=dict)
     # The run whose parts this process published or republished (a restarted loader republishes the others once).
     published: dict[str, str] = field(default_factory=dict)
+    # The nodes whose task stream (``subjects.task_stream``) this process made or found: one entry per node.
+    task_streams: set[str] = field(default_factory=set)
     # The run whose loadMetadata DatasetResync this process published (a restarted loader, or one whose publish
     # failed, publishes it again: nothing else asks the dataset service for that listing).
     resynced: dict[str, str] = field(default_factory=dict)
@@ -584,28 +587,59 @@ class LoaderHandlers:
         await self._save_state(key, state)
         log.info("planned", run=state.run, parts=len(plan.parts), files=len(plan.files),
                  bytes=sum(p.bytes_total for p in plan.parts))
-        await self._publish_parts(key, state, resume=False)
+        if not await self._publish_parts(key, state, resume=False):
+            return
         if not plan.parts:
             await self._finish(key, "Complete", "nothing to load: every targeted file is empty or unchanged"
                                if record.load is not None else "")
             return
         await self._write_progress(key, force=True)
 
-    async def _publish_parts(self, key: str, state: domain.RunState, resume: bool) -> None:
+    async def _publish_parts(self, key: str, state: domain.RunState, resume: bool) -> bool:
+        """Publish the run's parts not done, each into its node's task stream (made first if need be); False when
+        the run ended instead (Failed: its plan is gone, or a node's stream cannot be made)."""
         plan = await self._plan_of(key, state.run)
         if plan is None:
             await self._finish(key, "Failed", "the run's plan is gone (loader storage lost); run it again")
-            return
+            return False
         republished = 0
         for planned, part in zip(plan.parts, state.parts, strict=True):
             if part.done:
                 continue
             task = planned.task
-            await self.bus.publish(subjects.node_task(task.node, task.dataset.namespace, task.dataset.name), task)
+            problem = await self._task_stream(task.node)
+            if problem:
+                await self._finish(key, "Failed", problem)
+                return False
+            try:
+                await self.bus.publish(subjects.node_task(task.node, task.dataset.namespace, task.dataset.name), task)
+            except NoRespondersError:
+                # No stream took the part: the node's was deleted since this process made it. The next tick makes
+                # it again and publishes the run's parts again (the ones already in are deduplicated by their ids).
+                self.task_streams.discard(task.node)
+                raise
             republished += 1
         self.published[key] = state.run
         if resume:
             log.info("run resumed", run=state.run, parts_republished=republished)
+        return True
+
+    async def _task_stream(self, node: str) -> str:
+        """Make ``node``'s task stream unless this process already did; why it cannot be made, or "" when it is
+        there. A refusal (permissions, storage, subjects another stream holds) fails the run saying so; a stream
+        without a leader (a cluster electing one) raises, and the tick tries again."""
+        if node in self.task_streams:
+            return ""
+        try:
+            await self.bus.provision_node_tasks(node)
+        except ServiceUnavailableError:
+            raise
+        except (PermissionDenied, APIError) as err:
+            log.error("task stream not made", node=node, stream=subjects.task_stream(node), error=str(err))
+            return (f"the task stream of node {node} ({subjects.task_stream(node)}) could not be made, so its parts "
+                    f"cannot be sent: {err}")
+        self.task_streams.add(node)
+        return ""
 
     async def _finish(self, key: str, phase: OperationPhase, message: str) -> None:
         now = self.clock()

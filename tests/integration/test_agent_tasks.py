@@ -27,6 +27,7 @@ from typing import Any
 import msgspec
 import pytest
 from nats.js import api as js_api
+from nats.js.errors import NotFoundError
 
 from libs import subjects
 from libs.blocks import block_count, block_span
@@ -159,13 +160,17 @@ def size(file: CachedFile) -> int:
 
 @asynccontextmanager
 async def loader_stack(bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path,
-                       max_deliver: int | None = None, **agent_options: Any) -> AsyncIterator[Loader]:
+                       max_deliver: int | None = None, task_stream: bool = True,
+                       **agent_options: Any) -> AsyncIterator[Loader]:
     """``max_deliver``: the mount's durable is made before the mount process starts, with this ``max_deliver``
-    (the process uses a durable it finds as it is, as after a change of ``tasks.MAX_DELIVER``)."""
+    (the process uses a durable it finds as it is, as after a change of ``tasks.MAX_DELIVER``). ``task_stream``:
+    the node's task stream is made before the mount process starts (otherwise the test makes it)."""
     await put_objects(seaweedfs, bucket, OBJECTS)
+    if task_stream or max_deliver is not None:
+        await bus.provision_node_tasks(NODE)  # what the loader does before the node's first part
     if max_deliver is not None:
         subject = subjects.node_task(NODE, "default", NAME)
-        await bus.js.add_consumer(subjects.STREAM_TASKS, js_api.ConsumerConfig(
+        await bus.js.add_consumer(subjects.task_stream(NODE), js_api.ConsumerConfig(
             durable_name=subjects.task_durable(NODE, "default", NAME), ack_policy=js_api.AckPolicy.EXPLICIT,
             ack_wait=tasks.ACK_WAIT_SECONDS, max_deliver=max_deliver, max_ack_pending=1, filter_subject=subject,
             deliver_policy=js_api.DeliverPolicy.ALL, inactive_threshold=tasks.INACTIVE_SECONDS))
@@ -237,6 +242,20 @@ async def test_a_load_caches_exactly_its_blocks_and_the_next_read_makes_no_store
         assert port is not None
         warmed = series(await scrape(port), "shoal_warmup_bytes_total", node=NODE, dataset=f"default/{NAME}")
         assert warmed == final.bytes_done + second.bytes_done
+
+
+async def test_a_mount_started_before_its_nodes_task_stream_gets_the_first_part(
+        bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path) -> None:
+    """The loader makes a node's task stream before the node's first part: a mount serving already waits for it."""
+    async with loader_stack(bus, settings, seaweedfs, bucket, tmp_path, task_stream=False) as loader:
+        with pytest.raises(NotFoundError):
+            await bus.js.stream_info(subjects.task_stream(NODE))
+        await bus.provision_node_tasks(NODE)
+        run = await loader.operation("first")
+        a = loader.blocks("data/a.bin")
+        await loader.publish(run, "load", [a])
+        final = await loader.final(run, timeout=30)
+        assert (final.done, final.failed, final.blocks_done) == (True, 0, len(a.blocks))
 
 
 async def test_a_clean_frees_the_bytes_of_blocks_files_and_everything(

@@ -22,9 +22,10 @@ import msgspec
 import nats.errors
 import pytest
 from nats.js import api as js_api
+from nats.js.errors import NotFoundError
 
 from libs import subjects
-from libs.bus import Bus, kv_load
+from libs.bus import DAY, NODE_TASK_MESSAGES, Bus, kv_load
 from libs.events.agent import AgentHeartbeat
 from libs.events.common import ObjectMeta, ObjectRef
 from libs.events.dataset import (
@@ -165,13 +166,7 @@ class ScriptedAgent:
 
         self._cancels = await self.bus.nc.subscribe(subjects.TASK_CANCEL, cb=on_cancel)
         for node in self.nodes:
-            subject = subjects.node_task(node, "default", self.dataset)
-            config = js_api.ConsumerConfig(durable_name=subjects.task_durable(node, "default", self.dataset),
-                                           ack_policy=js_api.AckPolicy.EXPLICIT, ack_wait=120.0,
-                                           filter_subject=subject, max_ack_pending=1)
-            sub = await self.bus.js.pull_subscribe(subject, durable=config.durable_name,
-                                                   stream=subjects.STREAM_TASKS, config=config)
-            self._workers.append(asyncio.create_task(self._work(sub)))
+            self._workers.append(asyncio.create_task(self._work(node)))
 
     async def stop(self) -> None:
         for worker in self._workers:
@@ -180,7 +175,21 @@ class ScriptedAgent:
         if self._cancels is not None:
             await self._cancels.unsubscribe()
 
-    async def _work(self, sub: Any) -> None:
+    async def _subscribe(self, node: str) -> Any:
+        """The node's durable, on the node's task stream once the loader has made it (as a mount process waits)."""
+        subject = subjects.node_task(node, "default", self.dataset)
+        config = js_api.ConsumerConfig(durable_name=subjects.task_durable(node, "default", self.dataset),
+                                       ack_policy=js_api.AckPolicy.EXPLICIT, ack_wait=120.0,
+                                       filter_subject=subject, max_ack_pending=1)
+        while True:
+            try:
+                return await self.bus.js.pull_subscribe(subject, durable=config.durable_name,
+                                                        stream=subjects.task_stream(node), config=config)
+            except NotFoundError:
+                await asyncio.sleep(0.1)  # no stream yet: the loader makes it before the node's first part
+
+    async def _work(self, node: str) -> None:
+        sub = await self._subscribe(node)
         while True:
             try:
                 messages = await sub.fetch(1, timeout=0.5)
@@ -311,6 +320,12 @@ async def test_a_load_completes_with_progress(bus: Bus, nats_server: NatsServer)
     assert len(holders) == 5 and all(len(nodes) == 2 for nodes in holders.values())
     phases = [e["status"].get("phase", "Pending") for e in facts.of_type("operation.status.v1")]
     assert phases[0] == "Pending" and "Executing" in phases and phases[-1] == "Complete"
+    # Each node's parts went into a stream of that node's, which the loader made; the progress stream holds no part.
+    for node in NODES:
+        config = (await bus.js.stream_info(subjects.task_stream(node))).config
+        assert config.subjects == [subjects.node_tasks(node)]
+        assert config.max_age == DAY and config.max_msgs == NODE_TASK_MESSAGES and config.num_replicas == 1
+    assert (await bus.js.stream_info(subjects.STREAM_TASKS)).config.subjects == [subjects.TASK_PROGRESS]
 
 
 @pytest.mark.parametrize(("setup", "spec", "message"), [
@@ -1212,3 +1227,36 @@ async def test_a_load_metadata_resync_not_published_is_published_again(
     assert [r.id for r in resyncs] == refused
     assert scripted.keys("dataload.default.warm.1") == {"a", "new"}
     assert done.status.runs == 1
+
+
+async def test_a_run_fails_naming_the_node_whose_task_stream_cannot_be_made(bus: Bus, nats_server: NatsServer) -> None:
+    """A part is never published into nothing: a node whose stream cannot be made (here another stream already
+    holds its task subjects) fails the run saying which node, which stream and why."""
+    await bus.js.add_stream(js_api.StreamConfig(name="SQUATTER", subjects=[subjects.node_tasks("node-c")]))
+    await put_dataset(bus, files(("a", BLOCK)))
+    await put_runtime(bus, ["node-c"])
+    async with loader(nats_server):
+        await publish(bus, subjects.DATALOAD_APPLY, dataload())
+        failed = await phase_of(bus, "Failed")
+    assert f"the task stream of node node-c ({subjects.task_stream('node-c')}) could not be made" in (
+        failed.status.message)
+    assert "overlap" in failed.status.message
+    with pytest.raises(NotFoundError):
+        await bus.js.stream_info(subjects.task_stream("node-c"))
+
+
+async def test_an_upgrade_from_the_shared_task_stream_moves_the_parts_to_the_nodes_streams(
+        bus: Bus, nats_server: NatsServer) -> None:
+    """The shared stream of an older Shoal held every node's parts (``shoal.task.>``): provisioning narrows it to the
+    progress, so each node's stream can be made, and loads work; a part left there is no mount's any more (it ages
+    out with the stream's max_age; the loader publishes an unfinished run's parts again when it starts)."""
+    await bus.js.delete_stream(subjects.STREAM_TASKS)
+    await bus.js.add_stream(js_api.StreamConfig(name=subjects.STREAM_TASKS, subjects=["shoal.task.>"], max_age=DAY))
+    await bus.js.publish(subjects.node_task("node-a", "default", "data"), b"{}")
+    await put_dataset(bus, files(("a", BLOCK), ("b", BLOCK)))
+    await put_runtime(bus, NODES)
+    async with loader(nats_server), agent(bus, NODES):
+        await publish(bus, subjects.DATALOAD_APPLY, dataload(target=[TargetPath(path="/x", replicas=3)]))
+        await phase_of(bus, "Complete")
+    shared = await bus.js.stream_info(subjects.STREAM_TASKS)
+    assert shared.config.subjects == [subjects.TASK_PROGRESS] and shared.state.messages >= 1

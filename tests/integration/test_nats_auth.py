@@ -68,8 +68,10 @@ from tests.requirements import require
 from tests.secrets import credentials_from, secret_files
 
 NODE = "node-a"
+OTHER_NODE = "node-b"
 T = TypeVar("T")
 AGENT_USER = natsauth.user_name(natsauth.AGENT, NODE)
+OTHER_AGENT_USER = natsauth.user_name(natsauth.AGENT, OTHER_NODE)
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -101,7 +103,7 @@ class SecureServer:
 @pytest.fixture
 def secure_server(tmp_path: Path, tls_files: TlsFiles) -> Iterator[SecureServer]:
     """A nats-server with JetStream that requires TLS and knows a user per process kind (and the test's agent)."""
-    passwords = ensure_passwords(tmp_path / "passwords.json", [*natsauth.KINDS, AGENT_USER])
+    passwords = ensure_passwords(tmp_path / "passwords.json", [*natsauth.KINDS, AGENT_USER, OTHER_AGENT_USER])
     secure = SecureNats(tmp_path, tls_files, passwords)
     config = NatsConfig(port=free_port(), monitor_port=free_port(), store_dir=tmp_path / "jetstream",
                         extra_config=secure.server_config())
@@ -244,7 +246,7 @@ def _plain_connect(host: str, port: int, password: str) -> bytes:
 async def everything_stored(bus: Bus) -> list[bytes]:
     """Every message every stream holds (events, dead letters, KV records with history, manifests), headers too."""
     found = []
-    for stream in natsauth.ALL_STREAMS:
+    for stream in (*natsauth.ALL_STREAMS, subjects.task_stream(NODE)):
         state = (await bus.js.stream_info(stream)).state
         for sequence in range(max(state.first_seq, 1), state.last_seq + 1 if state.messages else 1):
             try:
@@ -510,16 +512,17 @@ async def test_a_kind_is_refused_another_kinds_durable_and_nothing_happens(
         await refused(agent, natsauth.consumer_api("MSG.NEXT", subjects.STREAM_TASKS, subjects.DURABLE_LOADER_PROGRESS),
                       pull(agent, subjects.STREAM_TASKS, subjects.DURABLE_LOADER_PROGRESS))
         # An agent makes consumers of its own node's tasks only: not of another node's, not of the progress.
-        other = subjects.node_task("node-b", "default", "d")
-        await refused(agent, natsauth.consumer_create_subject(subjects.STREAM_TASKS, "peek", other),
-                      agent.js.add_consumer(subjects.STREAM_TASKS, durable_config("peek", other)))
+        await loader.provision_node_tasks(NODE)
+        own = subjects.task_stream(NODE)
+        other = subjects.node_task(OTHER_NODE, "default", "d")
+        await refused(agent, natsauth.consumer_create_subject(own, "peek", other),
+                      agent.js.add_consumer(own, durable_config("peek", other)))
         await refused(agent, f"$JS.API.CONSUMER.CREATE.{subjects.STREAM_TASKS}",
                       agent.js.add_consumer(subjects.STREAM_TASKS, js_api.ConsumerConfig(
                           filter_subject=subjects.TASK_PROGRESS)))
         mine = subjects.task_durable(NODE, "default", "d")
-        await agent.js.add_consumer(subjects.STREAM_TASKS,
-                                    durable_config(mine, subjects.node_task(NODE, "default", "d")))
-        await agent.js.delete_consumer(subjects.STREAM_TASKS, mine)
+        await agent.js.add_consumer(own, durable_config(mine, subjects.node_task(NODE, "default", "d")))
+        await agent.js.delete_consumer(own, mine)
 
         # A service attached to a durable that is not its kind's says so at once (and creates nothing).
         async def handle(event: DatasetApply, delivery: Delivery) -> None:
@@ -549,7 +552,7 @@ async def test_a_kind_is_refused_another_kinds_durable_and_nothing_happens(
         with pytest.raises(nats.js.errors.NotFoundError):
             await runtime.js.consumer_info(stream, subjects.DURABLE_RUNTIME_COMMANDS)
         with pytest.raises(nats.js.errors.NotFoundError):
-            await agent.js.consumer_info(subjects.STREAM_TASKS, "peek")
+            await agent.js.consumer_info(subjects.task_stream(NODE), "peek")
         # And the owner still gets its message.
         [message] = await pull(dataset, stream, durable)
         assert message.subject == subjects.DATASET_APPLY
@@ -569,3 +572,44 @@ async def test_a_kind_is_refused_another_kinds_durable_and_nothing_happens(
             await bus.close()
     refused_users = {line.split('"$G/user:')[1].split('"')[0] for line in secure_server.violations()}
     assert refused_users == {natsauth.RUNTIME, natsauth.LOADER, natsauth.BRIDGE, natsauth.SCHEDULER, AGENT_USER}
+
+
+async def test_an_agent_is_refused_another_nodes_task_durable_and_nothing_happens(
+        secure_server: SecureServer, cli_bus: Bus, tmp_path: Path) -> None:
+    """An agent that knows the name of another node's task durable can neither pull from it, look it up, delete
+    it, ack its messages nor make a consumer next to it: each node's parts are in a stream of their own, and every
+    request about a consumer names the stream."""
+    users = (natsauth.LOADER, AGENT_USER, OTHER_AGENT_USER)
+    buses = {user: await secure_server.connect(user) for user in users}
+    try:
+        loader, agent, owner = buses[natsauth.LOADER], buses[AGENT_USER], buses[OTHER_AGENT_USER]
+        stream = subjects.task_stream(OTHER_NODE)
+        subject = subjects.node_task(OTHER_NODE, "default", "d")
+        durable = subjects.task_durable(OTHER_NODE, "default", "d")
+        # The loader makes node-b's stream and sends it a part; node-b's mount process makes its durable.
+        await loader.provision_node_tasks(OTHER_NODE)
+        await loader.publish(subject, local_dataset("a-part", tmp_path))
+        await owner.js.add_consumer(stream, durable_config(durable, subject))
+
+        await refused(agent, natsauth.consumer_api("MSG.NEXT", stream, durable), pull(agent, stream, durable))
+        await refused(agent, natsauth.consumer_api("INFO", stream, durable), agent.js.consumer_info(stream, durable))
+        await refused(agent, natsauth.consumer_api("DELETE", stream, durable),
+                      agent.js.delete_consumer(stream, durable))
+        await refused(agent, natsauth.consumer_create_subject(stream, "peek", subject),
+                      agent.js.add_consumer(stream, durable_config("peek", subject)))
+        ack = f"$JS.ACK.{stream}.{durable}.1.1.1.1700000000000000000.0"
+        await agent.nc.publish(ack, b"+ACK")
+        await agent.nc.flush()
+        await eventually(lambda: _async(("publish", ack.lower()) in agent.denials.seen), what="the forged ack refused")
+
+        # Nothing happened: the part waits for node-b's durable, untouched, and node-b gets it.
+        info = await owner.js.consumer_info(stream, durable)
+        assert info.num_pending == 1 and info.num_ack_pending == 0 and info.delivered.consumer_seq == 0
+        [message] = await pull(owner, stream, durable)
+        assert message.subject == subject
+        await message.ack()
+    finally:
+        for bus in buses.values():
+            await bus.close()
+    refused_users = {line.split('"$G/user:')[1].split('"')[0] for line in secure_server.violations()}
+    assert refused_users == {AGENT_USER}

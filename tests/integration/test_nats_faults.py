@@ -323,14 +323,16 @@ async def test_a_consumer_whose_durable_was_deleted_creates_it_again_and_handles
 async def test_provisioning_raises_replicas_to_the_setting_and_never_lowers_them(nats_cluster: NatsCluster) -> None:
     async def replicas(bus: Bus) -> dict[str, int]:
         names = [spec.name for spec in STREAMS] + [natsauth.kv_stream(b.name) for b in KV_BUCKETS] + [
-            natsauth.object_stream(subjects.OBJ_MANIFESTS)]
+            natsauth.object_stream(subjects.OBJ_MANIFESTS), subjects.task_stream("n1")]
         return {name: (await bus.js.stream_info(name)).config.num_replicas or 1 for name in names}
 
     one = await connect(dataclasses.replace(nats_cluster.settings(), replicas=1), "tests-one-replica")
     three = await connect(nats_cluster.settings(), "tests-three-replicas")
     try:
         await three.provision()
+        await three.provision_node_tasks("n1")  # a node's task stream: the loader's, with the same settings
         await one.provision()  # a process left at the default of 1
+        await one.provision_node_tasks("n1")
         assert set((await replicas(one)).values()) == {3}
         bucket = natsauth.kv_stream(subjects.KV_AGENTS)
         info = await one.js.stream_info(bucket)

@@ -50,7 +50,11 @@ def test_a_node_named_with_dots_is_one_token_of_its_subjects() -> None:
     assert natsauth.matches(f"{subjects.TASK_PREFIX}.*.default.d", task)
     durable = subjects.task_durable(node, "default", "d")
     assert "." not in durable
-    assert may_publish(AGENT, natsauth.consumer_create_subject(subjects.STREAM_TASKS, durable, task), node=node)
+    stream = subjects.task_stream(node)
+    assert "." not in stream
+    assert may_publish(AGENT, natsauth.consumer_create_subject(stream, durable, task), node=node)
+    assert may_publish(AGENT, natsauth.consumer_api("MSG.NEXT", stream, durable), node=node)
+    assert not may_publish(AGENT, natsauth.consumer_api("MSG.NEXT", stream, durable), node="ip-10-0-1-24.ec2.internal")
 
 
 def test_the_observer_subscribes_to_facts_and_nothing_else() -> None:
@@ -176,9 +180,15 @@ def test_the_reviewers_cases_are_refused() -> None:
         subjects.STREAM_COMMANDS, subjects.DURABLE_RUNTIME_COMMANDS, subjects.RUNTIME_COMMANDS))
     assert not may_publish(BRIDGE, f"{api}.DELETE.{subjects.STREAM_FACTS}.{subjects.DURABLE_DATASET_RUNTIME_STATUS}")
     assert not may_publish(SCHEDULER, f"{api}.DELETE.{subjects.STREAM_AGENT}.{subjects.DURABLE_RUNTIME_HEARTBEATS}")
-    assert not may_publish(AGENT, f"{api}.DELETE.{subjects.STREAM_TASKS}.{subjects.DURABLE_LOADER_PROGRESS}", node="n1")
-    assert not may_publish(AGENT, f"{api}.MSG.NEXT.{subjects.STREAM_TASKS}.{subjects.DURABLE_LOADER_PROGRESS}",
-                           node="n1")
+    for node in ("n1", ""):
+        assert not may_publish(AGENT, f"{api}.DELETE.{subjects.STREAM_TASKS}.{subjects.DURABLE_LOADER_PROGRESS}",
+                               node=node)
+        assert not may_publish(AGENT, f"{api}.MSG.NEXT.{subjects.STREAM_TASKS}.{subjects.DURABLE_LOADER_PROGRESS}",
+                               node=node)
+    # An agent pulls from, acks, looks up and deletes another node's task durable no more (docs/security.md).
+    theirs = f"{subjects.task_stream('n2')}.{subjects.task_durable('n2', 'default', 'd')}"
+    for verb in ("MSG.NEXT", "INFO", "DELETE"):
+        assert not may_publish(AGENT, f"{api}.{verb}.{theirs}", node="n1")
 
 
 def test_every_durable_a_service_attaches_to_is_its_kinds() -> None:
@@ -193,7 +203,7 @@ def test_every_durable_a_service_attaches_to_is_its_kinds() -> None:
 
 
 def test_an_agent_makes_consumers_of_its_nodes_tasks_only() -> None:
-    stream = subjects.STREAM_TASKS
+    stream = subjects.task_stream("n1")
     mine = subjects.task_durable("n1", "default", "d")
     create_mine = natsauth.consumer_create_subject(stream, mine, subjects.node_task("n1", "default", "d"))
     assert may_publish(AGENT, create_mine, node="n1")
@@ -201,6 +211,7 @@ def test_an_agent_makes_consumers_of_its_nodes_tasks_only() -> None:
     for subject in (natsauth.consumer_api("INFO", stream, mine), natsauth.consumer_api("MSG.NEXT", stream, mine),
                     natsauth.consumer_api("DELETE", stream, mine), f"$JS.ACK.{stream}.{mine}.1.7.7.1.0"):
         assert may_publish(AGENT, subject, node="n1"), subject
+        assert may_publish(AGENT, subject), subject
     refused = [
         # a consumer over another node's tasks, or over the progress, under any name
         natsauth.consumer_create_subject(stream, mine, subjects.node_task("n2", "default", "d")),
@@ -209,13 +220,55 @@ def test_an_agent_makes_consumers_of_its_nodes_tasks_only() -> None:
         # ephemeral (no filter in the subject), the legacy durable form, single messages of the stream
         f"$JS.API.CONSUMER.CREATE.{stream}", natsauth.consumer_api("DURABLE.CREATE", stream, mine),
         natsauth.stream_api("MSG.GET", stream), f"$JS.API.DIRECT.GET.{stream}",
-        # the loader's durable on the same stream, in any way
-        *durable_subjects(stream, subjects.DURABLE_LOADER_PROGRESS, subjects.node_task("n1", "default", "d")),
+        # its own task stream's settings: the loader makes it, with the node's subjects
+        *(natsauth.stream_api(verb, stream) for verb in ("CREATE", "UPDATE", "DELETE", "PURGE")),
+        # the loader's durable on the progress stream, in any way
+        *durable_subjects(subjects.STREAM_TASKS, subjects.DURABLE_LOADER_PROGRESS,
+                          subjects.node_task("n1", "default", "d")),
         # any other stream's durables
         *durable_subjects(subjects.STREAM_COMMANDS, subjects.DURABLE_DATASET_COMMANDS),
     ]
     for subject in refused:
         assert not may_publish(AGENT, subject, node="n1"), subject
+
+
+def test_an_agent_gets_nothing_of_another_nodes_task_consumers() -> None:
+    """Every request about a consumer names its stream; a node's consumers are on the node's stream only."""
+    theirs_stream = subjects.task_stream("n2")
+    theirs = subjects.task_durable("n2", "default", "d")
+    for subject in (natsauth.consumer_api("INFO", theirs_stream, theirs),
+                    natsauth.consumer_api("MSG.NEXT", theirs_stream, theirs),
+                    natsauth.consumer_api("DELETE", theirs_stream, theirs),
+                    natsauth.consumer_create_subject(theirs_stream, theirs, subjects.node_task("n2", "default", "d")),
+                    natsauth.consumer_create_subject(theirs_stream, theirs, subjects.node_task("n1", "default", "d")),
+                    f"$JS.ACK.{theirs_stream}.{theirs}.1.7.7.1.0",
+                    f"$JS.ACK.dom.acc.{theirs_stream}.{theirs}.1.7.7.1.0",
+                    natsauth.stream_api("INFO", theirs_stream)):
+        assert not may_publish(AGENT, subject, node="n1"), subject
+        assert may_publish(LOADER, subjects.node_task("n2", "default", "d"))
+    # Node tokens never make one node's stream another's: a dotted name becomes underscores, never a prefix.
+    assert subjects.task_stream("a.b") != subjects.task_stream("a")
+
+
+def test_the_shared_agent_user_reaches_no_consumer_of_shoals_own_streams() -> None:
+    """The DaemonSet's agent user may use any node's task consumers (their streams' names are not known), and no
+    named consumer of any stream Shoal provisions, but what a KV watch looks up."""
+    for stream in natsauth.ALL_STREAMS:
+        for subject in (natsauth.consumer_api("MSG.NEXT", stream, "x"), natsauth.consumer_api("DELETE", stream, "x"),
+                        f"$JS.ACK.{stream}.x.1.7.7.1.0", f"$JS.ACK.d.a.{stream}.x.1.7.7.1.0",
+                        natsauth.consumer_create_subject(stream, "x", subjects.node_task("n1", "default", "d"))):
+            assert not may_publish(AGENT, subject), subject
+    assert may_publish(AGENT, natsauth.consumer_api("INFO", natsauth.kv_stream(subjects.KV_DATASETS), "watch"))
+    assert not may_publish(AGENT, natsauth.consumer_api("INFO", subjects.STREAM_COMMANDS, "x"))
+
+
+def test_the_loader_makes_the_nodes_task_streams() -> None:
+    for verb in ("CREATE", "UPDATE", "INFO"):
+        assert may_publish(LOADER, natsauth.stream_api(verb, subjects.task_stream("n1")))
+        for kind in (DATASET, RUNTIME, SCHEDULER, BRIDGE, OBSERVER):
+            assert not may_publish(kind, natsauth.stream_api(verb, subjects.task_stream("n1"))), kind
+    for verb in ("DELETE", "PURGE"):
+        assert not may_publish(LOADER, natsauth.stream_api(verb, subjects.task_stream("n1")))
 
 
 def test_ephemeral_consumers_where_a_kind_reads_and_no_named_one() -> None:
@@ -268,6 +321,7 @@ def test_the_create_subject_is_the_one_nats_py_sends() -> None:
 
 
 def test_the_agents_deny_list_reaches_the_server_block() -> None:
-    block = natsauth.authorization_block(natsauth.users({"agent-n1": "pw", LOADER: "pw"}))
-    agent_line = next(line for line in block.splitlines() if "publish:" in line)
-    assert "deny: [" in agent_line and f"{subjects.STREAM_TASKS}.{subjects.DURABLE_LOADER_PROGRESS}" in agent_line
+    block = natsauth.authorization_block(natsauth.users({"agent": "pw", "agent-n1": "pw", LOADER: "pw"}))
+    shared, own, _ = (line for line in block.splitlines() if "publish:" in line)
+    assert "deny: [" in shared and f"{subjects.STREAM_TASKS}.*" in shared
+    assert "deny: [" not in own and f"{subjects.task_stream('n1')}.*" in own
