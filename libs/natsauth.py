@@ -293,7 +293,9 @@ def _agent(node: str) -> Permissions:
     # cannot spell: its wildcards match Shoal's own streams too, where it gets nothing but what reading the buckets
     # and manifests above needs (no service's durable, nor any other consumer of theirs).
     deny = [] if node else _not_task_streams()
-    return Permissions(publish=_unique(publish), subscribe=(subjects.INVENTORY_REQUEST, subjects.TASK_CANCEL),
+    # The server's advisory that the node's task stream was made (the shared user: any stream's, names only).
+    made = subjects.task_stream_made(node) if node else f"{subjects.STREAM_MADE_PREFIX}.*"
+    return Permissions(publish=_unique(publish), subscribe=(subjects.INVENTORY_REQUEST, subjects.TASK_CANCEL, made),
                        deny=_unique(deny))
 
 

@@ -116,6 +116,16 @@ def task_stream(node: str) -> str:
     return f"{TASK_STREAM_PREFIX}{node_token(node)}"
 
 
+# The server's advisories (core NATS) that a stream was made, one subject per stream name.
+STREAM_MADE_PREFIX = "$JS.EVENT.ADVISORY.STREAM.CREATED"
+
+
+def task_stream_made(node: str) -> str:
+    """The advisory that ``node``'s task stream was made: a mount waiting for it looks again at once rather than at
+    its next poll."""
+    return f"{STREAM_MADE_PREFIX}.{task_stream(node)}"
+
+
 def task_progress(node: str) -> str:
     return f"{TASK_PROGRESS_PREFIX}.{node_token(node)}"
 

@@ -4,7 +4,8 @@ DataLoads and DataCleans addressed to it (the protocol: ``libs.events.operation`
 What it decides:
 - which parts run: one at a time, from this mount's durable consumer (``subjects.task_durable``) on its node's
   task stream (``subjects.task_stream``: the loader makes it before the node's first part; until then the mount
-  looks for it every ``STREAM_WAIT_SECONDS``), and only while
+  looks for it again when the server announces it, ``subjects.task_stream_made``, and every
+  ``STREAM_WAIT_SECONDS``), and only while
   their run is current — the operation's record in KV ``shoal_operations`` is Executing at that run's number;
   a part of an older, deleted or finished run is acknowledged and skipped (``not_current``);
 - per block of a load: failed when its object version is not in the current manifest ("object changed since the
@@ -39,6 +40,7 @@ from typing import Literal
 import msgspec
 import nats
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js import api as js_api
 from nats.js.errors import NotFoundError
 
@@ -79,9 +81,10 @@ STORE_RETRY_SECONDS = 1.5
 CANCELLED_RUNS = 64
 # After NATS errors in the consumer loop, wait this long before pulling again.
 RETRY_SECONDS = 1.0
-# While the node has no task stream yet (no load or clean was ever planned for it), a mount looks for it this often:
-# one JetStream request per mount each time, and a first part waits at most this long more.
-STREAM_WAIT_SECONDS = 3.0
+# While the node has no task stream yet (no load or clean was ever planned for it), a mount looks for it at once when
+# the server announces it, and this often in case the announcement was missed (a reconnect): one JetStream request
+# per mount each time.
+STREAM_WAIT_SECONDS = 30.0
 # The server's error code for "stream not found".
 _NO_STREAM = 10059
 # How long a load part waits for this mount to load the manifest its dataset's record names before checking its
@@ -269,13 +272,16 @@ class TaskRunner:
         """Pull and execute parts until ``stop``; NATS errors are logged and retried, never raised."""
         cancels = None
         subscription = None
-        waiting_for_stream = False
+        made: tuple[asyncio.Event, Subscription] | None = None  # while looking for the node's task stream
+        said_waiting = False
         try:
             while not self._stopping.is_set():
                 try:
                     if cancels is None:
                         cancels = await self.bus.subscribe(subjects.TASK_CANCEL, _CANCEL, self._on_cancel)
                     if subscription is None:
+                        if made is None:  # before looking: an advisory between the look and the wait is not lost
+                            made = await self._stream_made()
                         try:
                             subscription = await self.bus.js.pull_subscribe(
                                 self.subject, durable=self.durable, stream=self.stream,
@@ -283,13 +289,16 @@ class TaskRunner:
                         except NotFoundError as err:
                             if err.err_code != _NO_STREAM:
                                 raise
-                            if not waiting_for_stream:  # the usual state of a node no load was planned for yet
+                            if not said_waiting:  # the usual state of a node no load was planned for yet
                                 log.info("no task stream for this node yet, waiting for the loader to make it",
                                          dataset=self._key, stream=self.stream)
-                                waiting_for_stream = True
-                            await self._wait(STREAM_WAIT_SECONDS)
+                                said_waiting = True
+                            await self._wait(STREAM_WAIT_SECONDS, made[0])
+                            made[0].clear()
                             continue
-                        waiting_for_stream = False
+                        with contextlib.suppress(Exception):
+                            await made[1].unsubscribe()
+                        made, said_waiting = None, False
                         self._max_deliver = (await subscription.consumer_info()).config.max_deliver or 0
                     try:
                         messages = await subscription.fetch(1, timeout=FETCH_SECONDS)
@@ -305,7 +314,7 @@ class TaskRunner:
                         subscription = None
                     await self._wait(RETRY_SECONDS)
         finally:
-            for sub in (subscription, cancels):
+            for sub in (subscription, cancels, made[1] if made else None):
                 if sub is not None:
                     with contextlib.suppress(Exception):
                         await sub.unsubscribe()
@@ -332,9 +341,24 @@ class TaskRunner:
             inactive_threshold=INACTIVE_SECONDS,
         )
 
-    async def _wait(self, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stopping.wait(), seconds)
+    async def _wait(self, seconds: float, wake: asyncio.Event | None = None) -> None:
+        """``seconds``, or less if stopped or ``wake`` is set."""
+        waits = [asyncio.ensure_future(event.wait()) for event in (self._stopping, wake) if event is not None]
+        try:
+            await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiting in waits:
+                waiting.cancel()
+
+    async def _stream_made(self) -> tuple[asyncio.Event, Subscription]:
+        """An event set when the server says the node's task stream was made (its advisory), and the subscription
+        behind it: a part published into a new stream is pulled at once, not at the next poll."""
+        made = asyncio.Event()
+
+        async def on_advisory(_: Msg) -> None:
+            made.set()
+
+        return made, await self.bus.nc.subscribe(subjects.task_stream_made(self.node), cb=on_advisory)
 
     async def _on_cancel(self, cancel: TaskCancel) -> None:
         self._cancelled.append(cancel.run)

@@ -246,7 +246,9 @@ async def test_a_load_caches_exactly_its_blocks_and_the_next_read_makes_no_store
 
 async def test_a_mount_started_before_its_nodes_task_stream_gets_the_first_part(
         bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path) -> None:
-    """The loader makes a node's task stream before the node's first part: a mount serving already waits for it."""
+    """The loader makes a node's task stream before the node's first part: a mount serving already waits for it,
+    and looks again as soon as the server announces the stream (its poll, ``tasks.STREAM_WAIT_SECONDS``, is for a
+    missed announcement: the part arrives well before it)."""
     async with loader_stack(bus, settings, seaweedfs, bucket, tmp_path, task_stream=False) as loader:
         with pytest.raises(NotFoundError):
             await bus.js.stream_info(subjects.task_stream(NODE))
@@ -254,7 +256,7 @@ async def test_a_mount_started_before_its_nodes_task_stream_gets_the_first_part(
         run = await loader.operation("first")
         a = loader.blocks("data/a.bin")
         await loader.publish(run, "load", [a])
-        final = await loader.final(run, timeout=30)
+        final = await loader.final(run, timeout=tasks.STREAM_WAIT_SECONDS / 3)
         assert (final.done, final.failed, final.blocks_done) == (True, 0, len(a.blocks))
 
 
