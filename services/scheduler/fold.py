@@ -136,6 +136,8 @@ class CacheFold:
         self.node_entries: dict[str, int] = {}
         # Change stamps from one counter that only grows (a forgotten dataset applied again never reuses a stamp):
         # per dataset, for the node set, and for anything at all. Decisions are cached until one they read moves.
+        # A dataset's stamp leaves with the dataset: 0 (no entry) means the fold holds nothing of it, the same state
+        # whether it was never seen or forgotten, so readers need no tombstone and deleted datasets cost nothing.
         self.generation = 0
         self.versions: dict[DatasetKey, int] = {}
         self.nodes_version = 0
@@ -260,6 +262,7 @@ class CacheFold:
         self.held.pop(key, None)
         self.moves.pop(key, None)
         self.moves_base.pop(key, None)
+        self.versions.pop(key, None)  # after ``_changed``: ``generation`` and ``nodes_version`` still moved
 
     def forget_node(self, node: str) -> None:
         for key, nodes in self.datasets.items():

@@ -5,7 +5,7 @@ of events (parts out of order, gaps, redeliveries, new incarnations) it holds ex
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -93,6 +93,55 @@ def test_forgetting_datasets_and_nodes() -> None:
     assert state.nodes() == {"n2"} and state.caching_nodes() == {"n2"}
     state.forget_dataset(KEY)
     assert state.nodes() == set() and state.blocks() == 0
+
+
+def test_churn_leaves_no_bookkeeping_behind() -> None:
+    """Datasets created and deleted, nodes coming and going, agents restarting with new incarnations: everything the
+    fold keeps per dataset or per node (change stamps included) is bounded by the datasets and nodes that exist now,
+    so a long-running scheduler's memory does not grow with churn. A forgotten dataset's stamp still moves for a
+    reader that kept one, and one applied again never reuses a stamp."""
+    state = CacheFold()
+    catalog = Catalog([entry("/a", "a", 8, etag="e")])
+    live_datasets: set[tuple[str, str]] = set()
+    live_nodes: set[str] = set()
+    stamps_seen: set[int] = set()
+    for round_ in range(300):
+        key = ("ml", f"d{round_}")
+        ref = ObjectRef(name=key[1], namespace=key[0])
+        state.set_catalog(key, catalog)
+        live_datasets.add(key)
+        for node in (f"n{round_}", f"n{round_ + 1}"):
+            live_nodes.add(node)
+            state.apply(replace(snapshot(1, blocks("a", "e", [(0, 4)]), node=node, incarnation=f"i{round_}"),
+                                dataset=ref))
+            # The agent restarts: a new incarnation's delta (asks for a snapshot), then its snapshot.
+            assert state.apply(replace(delta(1, blocks("a", "e", [(1, 4)]), node=node, incarnation=f"j{round_}"),
+                                       dataset=ref))
+            state.apply(replace(snapshot(2, blocks("a", "e", [(0, 4), (1, 4)]), node=node,
+                                         incarnation=f"j{round_}"), dataset=ref))
+        stamps_seen.add(state.versions[key])
+        if round_ >= 2:  # the dataset of two rounds ago is deleted, the node of two rounds ago goes away
+            gone = ("ml", f"d{round_ - 2}")
+            stamp = state.versions[gone]
+            state.forget_dataset(gone)
+            live_datasets.discard(gone)
+            assert state.versions.get(gone, 0) != stamp  # a reader that kept the old stamp sees the change
+            state.forget_node(f"n{round_ - 2}")
+            live_nodes.discard(f"n{round_ - 2}")
+        state.forget_dataset(("ml", f"reference-{round_}"))  # a key the fold never held (a reference's)
+        kept_maps: list[tuple[str, Mapping[tuple[str, str], object]]] = [
+            ("versions", state.versions), ("datasets", state.datasets), ("held", state.held),
+            ("catalogs", state.catalogs), ("moves", state.moves), ("moves_base", state.moves_base)]
+        for name, kept in kept_maps:
+            assert set(kept) <= live_datasets, f"{name} keeps {len(kept)} datasets, {len(live_datasets)} exist"
+        assert set(state.node_entries) <= live_nodes
+        assert all(set(nodes) <= live_nodes for nodes in state.datasets.values())
+        assert all(set(nodes) <= live_nodes for nodes in state.held.values())
+    assert len(state.versions) == len(live_datasets) == 2
+    assert state.nodes() == live_nodes
+    # Applied again after being forgotten: a stamp no reader can hold.
+    state.apply(replace(snapshot(1, blocks("a", "e", [(0, 4)])), dataset=ObjectRef(name="d0", namespace="ml")))
+    assert state.versions[("ml", "d0")] > max(stamps_seen)
 
 
 def test_path_hints_select_files_and_folders() -> None:
