@@ -33,9 +33,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
+
 from libs.affinity import HOSTNAME_LABEL, NODE_NAME_FIELD
 from libs.events.common import DNS1035_LABEL, DNS1123_LABEL
 from libs.events.schedule import DatasetUse, ScoreReply
+
+from . import kube
 
 ADMISSION_API = "admission.k8s.io/v1"
 ADMISSION_KIND = "AdmissionReview"
@@ -113,8 +117,12 @@ def _labels(metadata: Mapping[str, Any], where: str) -> dict[str, str]:
 
 
 def parse_review(body: Any) -> Review:
-    """Read one decoded AdmissionReview; raise ``BadReview`` when it is not one."""
-    review = _object(body, "the body", optional=False)
+    """Read one AdmissionReview, as sent (JSON bytes) or already decoded; raise ``BadReview`` when it is not one
+    (and a ``libs.events.common.DECODE_ERRORS`` when the bytes are not JSON). Only what is read of it is decoded
+    (``kube``): ``Review.pod`` holds the pod's metadata, volumes, node selector and node affinity, nothing else."""
+    if not isinstance(body, (bytes, bytearray, memoryview)):
+        body = msgspec.json.encode(body)  # one way in: the checks below see what a request's bytes decode to
+    review = _object(kube.REVIEW.decode(body), "the body", optional=False)
     if review.get("apiVersion") != ADMISSION_API or review.get("kind") != ADMISSION_KIND:
         raise BadReview(f"expected apiVersion {ADMISSION_API} and kind {ADMISSION_KIND}, got "
                         f"{str(review.get('apiVersion'))[:64]!r} and {str(review.get('kind'))[:64]!r}")

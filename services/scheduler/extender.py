@@ -26,8 +26,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
+
 from libs.events.schedule import Candidate, ScoreReply
 
+from . import kube
 from .admission import BadReview, Uses, datasets_of
 
 # k8s.io/kube-scheduler/extender/v1 MaxExtenderPriority; kube-scheduler multiplies by the extender's weight and by
@@ -49,22 +52,25 @@ class Args:
     namespace: str
     uses: Uses
     candidates: list[Candidate]
-    node_objects: list[Mapping[str, Any]] | None
-
-
-def _field(body: Mapping[str, Any], name: str) -> Any:
-    """A key of a Go struct without JSON tags, matched case-insensitively as Go's decoder does."""
-    for key, value in body.items():
-        if isinstance(key, str) and key.lower() == name.lower():
-            return value
-    return None
+    # The node objects as sent, when they were (the filter answers the kept ones back unchanged).
+    node_objects: list[msgspec.Raw] | None
 
 
 def parse_args(body: Any) -> Args:
-    """Read one decoded ExtenderArgs; raise ``BadArgs`` when it is not one."""
-    if not isinstance(body, Mapping):
-        raise BadArgs(f"the body must be an ExtenderArgs object, not {type(body).__name__}")
-    pod = _field(body, "Pod")
+    """Read one ExtenderArgs, as sent (JSON bytes) or already decoded; raise ``BadArgs`` when it is not one (and a
+    ``libs.events.common.DECODE_ERRORS`` when the bytes are not JSON). Only what is read of it is decoded
+    (``kube``): the pod's metadata and volumes, each node's name and labels; the node objects are kept as sent
+    (``msgspec.Raw`` views of the body) for the filter's answer."""
+    if not isinstance(body, (bytes, bytearray, memoryview)):
+        body = msgspec.json.encode(body)  # one way in: the checks below see what a request's bytes decode to
+    top = kube.EXTENDER_ARGS.decode(body)
+    if not isinstance(top, dict):
+        raise BadArgs(f"the body must be an ExtenderArgs object, not {type(top).__name__}")
+    fields: dict[str, msgspec.Raw] = {}
+    for key, value in top.items():
+        fields.setdefault(key.lower(), value)  # a Go struct without JSON tags: any case, the first match
+    raw_pod = fields.get("pod")
+    pod = kube.POD.decode(raw_pod) if raw_pod is not None else None
     if not isinstance(pod, Mapping):
         raise BadArgs("Pod must be an object (the pod being scheduled)")
     metadata = pod.get("metadata") or {}
@@ -75,13 +81,16 @@ def parse_args(body: Any) -> Args:
         uses = datasets_of(pod, namespace)
     except BadReview as err:
         raise BadArgs(f"Pod: {err}") from err
-    nodes, names = _field(body, "Nodes"), _field(body, "NodeNames")
+    raw_nodes, raw_names = fields.get("nodes"), fields.get("nodenames")
+    nodes = kube.NODE_LIST.decode(raw_nodes) if raw_nodes is not None else None
     if nodes is not None:
-        items = nodes.get("items") if isinstance(nodes, Mapping) else None
+        items = nodes.get("items") if isinstance(nodes, dict) else None
         if not isinstance(items, list):
             raise BadArgs("Nodes must be a NodeList with an items list")
-        candidates = [_candidate(node, f"Nodes.items[{i}]") for i, node in enumerate(items)]
-        return Args(namespace, uses, candidates, list(items))
+        candidates = [_candidate(kube.NODE.decode(node), f"Nodes.items[{i}]")
+                      for i, node in enumerate(items)]
+        return Args(namespace, uses, candidates, items)
+    names = kube.NODE_NAMES.decode(raw_names) if raw_names is not None else None
     if isinstance(names, list) and all(isinstance(name, str) and name for name in names):
         return Args(namespace, uses, [Candidate(name=name) for name in names], None)
     if names is not None:

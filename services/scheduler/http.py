@@ -23,8 +23,9 @@ dropped when their time is up.
 Bounded memory and connections, whoever calls: a body longer than its route's limit (``HttpLimits``: the webhook's
 is sized by the API server's own limit on a pod, the extender's by what kube-scheduler sends for thousands of
 nodes) gets HTTP 413 with the reason, before more than the limit is read; beyond ``reading`` requests being read
-and answered at once, a request gets 503 with the reason (a decoded body takes many times its size in memory);
-beyond ``connections`` open at once, a new connection gets 503 and is closed (``libs.listener``). Each is counted.
+and answered at once, a request gets 503 with the reason (each holds its body, and what is read of it: decoding
+skips the rest, ``kube``); beyond ``connections`` open at once, a new connection gets 503 and is closed
+(``libs.listener``). Each is counted.
 The webhook configuration's ``failurePolicy: Ignore`` admits the pod unchanged on those answers, and the extender's
 ``ignorable: true`` schedules it without the extender.
 
@@ -355,7 +356,7 @@ class SchedulerHttp:
 
     async def _mutate(self, request: web.Request) -> web.Response:
         try:
-            review = parse_review(msgspec.json.decode(await self._body(request)))
+            review = parse_review(await self._body(request))
             uses = datasets_of(review.pod, review.namespace) if not review.skip else None
         except (*DECODE_ERRORS, BadReview) as err:
             self._count(MUTATE, MALFORMED)
@@ -383,7 +384,7 @@ class SchedulerHttp:
 
     async def _filter(self, request: web.Request) -> web.Response:
         try:
-            args = parse_args(msgspec.json.decode(await self._body(request)))
+            args = parse_args(await self._body(request))
         except (*DECODE_ERRORS, BadArgs) as err:
             self._count(FILTER, MALFORMED)
             log.warning("malformed extender filter request", reason=str(err))
@@ -398,7 +399,7 @@ class SchedulerHttp:
 
     async def _prioritize(self, request: web.Request) -> web.Response:
         try:
-            args = parse_args(msgspec.json.decode(await self._body(request)))
+            args = parse_args(await self._body(request))
         except (*DECODE_ERRORS, BadArgs) as err:
             self._count(PRIORITIZE, MALFORMED)
             log.warning("malformed extender prioritize request", reason=str(err))

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import base64
 import copy
+import gc
 import json
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
 import jsonpatch
+import msgspec
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -303,3 +306,37 @@ def test_the_patch_applies_to_any_affinity_and_keeps_it(spec: dict[str, Any], re
             assert now.get("matchFields") == was.get("matchFields")
     if isinstance(spec.get("affinity"), dict):
         assert after["spec"]["affinity"]["podAffinity"] == {"x": 1}
+
+
+# --- memory: what a large review costs to read ---
+
+def test_a_large_review_costs_what_is_read_not_its_size() -> None:
+    """A review carries the whole pod (containers, env, managed fields...; the body cap is 8 MiB) and the webhook
+    reads its metadata, volumes and placement only: read into those, a large review costs a fraction of what it
+    decoded to generically, and the answer is the same."""
+    big = pod(volumes=[pvc("imagenet")], affinity={"nodeAffinity": {PREFERRED_KEY: [OTHER_PREFERRED]}})
+    big["metadata"]["managedFields"] = [{"manager": f"m{i}", "fieldsV1": {f"f:k{j}": {} for j in range(50)}}
+                                        for i in range(200)]
+    big["spec"]["containers"] = [{"name": f"c{i}", "image": "registry.example/team/image:v1",
+                                  "env": [{"name": f"VAR_{j}", "value": f"value-{i}-{j}"} for j in range(200)]}
+                                 for i in range(100)]
+    body = msgspec.json.encode(review(big))
+    gc.collect()
+    tracemalloc.start()
+    try:
+        generic = msgspec.json.decode(body)
+        generic_peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    del generic
+    gc.collect()
+    tracemalloc.start()
+    try:
+        read = parse_review(body)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak * 8 < generic_peak, f"{peak >> 10} KiB read typed, {generic_peak >> 10} KiB generically"
+    assert peak < len(body) // 8, f"{peak >> 10} KiB to read a body of {len(body) >> 10} KiB"
+    assert datasets_of(read.pod, read.namespace).datasets == [DatasetUse(name="imagenet", namespace="ns")]
+    assert affinity_patch(read.pod, PREFER) == affinity_patch(big, PREFER)

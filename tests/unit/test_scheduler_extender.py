@@ -3,10 +3,13 @@ candidates came in, priorities on the 0..10 scale, and clear errors for what is 
 
 from __future__ import annotations
 
+import gc
 import json
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -88,7 +91,7 @@ def test_filter_in_required_mode_keeps_the_nodes_that_hold_the_cache() -> None:
 def test_filter_answers_node_objects_when_it_was_sent_node_objects() -> None:
     args = parse_args(recorded())
     reply = ScoreReply(scores=[NodeScore(node="node-c", score=30), NodeScore(node="node-a", score=90)])
-    result = filter_result(args, reply)
+    result = msgspec.json.decode(msgspec.json.encode(filter_result(args, reply)))  # as answered: the JSON
     assert [node["metadata"]["name"] for node in result["Nodes"]["items"]] == ["node-a", "node-c"]
     assert result["Nodes"]["items"][0] == recorded()["Nodes"]["items"][0]  # the object as sent, not a summary
     assert set(result["FailedNodes"]) == {"node-b"}
@@ -120,3 +123,71 @@ def test_extender_score_keeps_order_and_range(a: int, b: int) -> None:
     if a <= b:
         assert extender_score(a) <= extender_score(b)
     assert (extender_score(a) == 0) == (a == 0)
+
+
+# --- memory: what a large body costs to read ---
+
+def node_object(index: int) -> dict[str, Any]:
+    """A Node object as kube-scheduler sends it with ``nodeCacheCapable: false`` (~7 KiB of JSON): most of it is
+    status, images and managed fields, which the extender never reads."""
+    name = f"ip-10-0-{index // 250}-{index % 250}.ec2.internal"
+    return {
+        "metadata": {
+            "name": name, "uid": f"6f1c{index:08x}-2d4b-4e8f-b6a1-7f0c5d3e2b19", "resourceVersion": str(index),
+            "labels": {"kubernetes.io/hostname": name, "topology.kubernetes.io/zone": f"us-east-1{'abc'[index % 3]}",
+                       "topology.kubernetes.io/region": "us-east-1", "node.kubernetes.io/instance-type": "m5.2xlarge",
+                       "kubernetes.io/arch": "amd64", "kubernetes.io/os": "linux"},
+            "annotations": {"node.alpha.kubernetes.io/ttl": "0",
+                            "volumes.kubernetes.io/controller-managed-attach-detach": "true"},
+            "managedFields": [{"manager": f"kubelet-{k}", "operation": "Update", "apiVersion": "v1",
+                               "fieldsType": "FieldsV1",
+                               "fieldsV1": {"f:status": {f"f:condition-{c}": {"f:lastHeartbeatTime": {}, "f:reason": {},
+                                                                              "f:status": {}} for c in range(6)}}}
+                              for k in range(3)],
+        },
+        "spec": {"podCIDR": f"10.244.{index % 250}.0/24", "providerID": f"aws:///us-east-1a/i-{index:017x}"},
+        "status": {
+            "capacity": {"cpu": "8", "memory": "32Gi", "pods": "58"},
+            "allocatable": {"cpu": "7910m", "memory": "31Gi", "pods": "58"},
+            "conditions": [{"type": t, "status": "False", "reason": f"Kubelet{t}", "message": f"kubelet has no {t}",
+                            "lastHeartbeatTime": "2026-01-01T00:00:00Z"} for t in ("Memory", "Disk", "PID", "Ready")],
+            "addresses": [{"type": "InternalIP", "address": f"10.0.{index // 250}.{index % 250}"},
+                          {"type": "Hostname", "address": name}],
+            "images": [{"names": [f"registry.example/team/image-{i}@sha256:{i:064x}",
+                                  f"registry.example/team/image-{i}:v{i}"], "sizeBytes": 100_000_000 + i}
+                       for i in range(20)],
+        },
+    }
+
+
+def peak_bytes(read: Any, body: bytes) -> tuple[Any, int]:
+    """What ``read(body)`` returns, and the most memory it held at once (the body itself not counted)."""
+    gc.collect()
+    tracemalloc.start()
+    try:
+        result = read(body)
+        return result, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_a_large_node_list_costs_what_is_kept_not_its_size() -> None:
+    """With the body cap at 32 MiB, a body of full Node objects decoded generically became a dict tree of many times
+    its size (each of up to 8 requests at once); read into the kept fields, it costs a fraction of the body: a view
+    of each node object (answered back by the filter) and each node's name and labels."""
+    nodes = 1500
+    body = msgspec.json.encode({"Pod": {"metadata": {"namespace": "ml", "labels": REQUIRED},
+                                        "spec": {"volumes": [{"persistentVolumeClaim": {"claimName": "data"}}]}},
+                                "Nodes": {"apiVersion": "v1", "kind": "NodeList",
+                                          "items": [node_object(i) for i in range(nodes)]}})
+    generic, generic_peak = peak_bytes(msgspec.json.decode, body)
+    del generic
+    args, peak = peak_bytes(parse_args, body)
+    assert len(args.candidates) == nodes and args.candidates[1].labels["topology.kubernetes.io/zone"] == "us-east-1b"
+    assert args.uses.required == [DatasetUse(name="data", namespace="ml", required=True)]
+    assert peak * 8 < generic_peak, f"{peak >> 10} KiB read typed, {generic_peak >> 10} KiB generically"
+    assert peak < len(body) // 2, f"{peak >> 10} KiB to read a body of {len(body) >> 10} KiB"
+    # Answered back as sent.
+    answered = msgspec.json.decode(msgspec.json.encode(filter_result(args, ScoreReply(
+        scores=[NodeScore(node=c.name, score=1) for c in args.candidates]))))
+    assert answered["Nodes"]["items"] == msgspec.json.decode(body)["Nodes"]["items"]
