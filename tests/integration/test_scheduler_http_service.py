@@ -202,7 +202,7 @@ async def test_each_http_request_counts_once_under_its_own_way(bus: Bus, schedul
             await agent_a.cache("/train/a.bin")
 
             async def settled() -> bool:
-                return api.ranking(await api.ask(bus, api.WHOLE))[0] == ("node-a", 40)
+                return api.ranking(await api.ask(bus, api.WHOLE))[:1] == [("node-a", 40)]
 
             await eventually(settled, what="node-a holding 40 % of ml/imagenet")
             with_scratch = review()
@@ -242,7 +242,7 @@ async def test_the_extender_reads_zones_from_the_node_objects_when_agents_report
             await agent_a.cache("/train/b.bin")
 
             async def settled() -> bool:
-                return api.ranking(await api.ask(bus, api.WHOLE))[0] == ("node-a", 80)
+                return api.ranking(await api.ask(bus, api.WHOLE))[:1] == [("node-a", 80)]
 
             await eventually(settled, what="node-a holding 80 % of ml/imagenet")
             assert await post("/prioritize", extender_args()) == [
