@@ -27,7 +27,9 @@ What kmock keeps: discovery (``/api``, ``/apis``) and the log of every request (
 
 Faults for tests: ``end_watches()`` closes every open watch (the client sees a closed stream), ``expire()``
 makes every version seen so far too old (410 Gone), ``failing = 503`` answers that status to every resource
-request until set back to None, ``bookmark()`` sends a BOOKMARK on every watch that asked for them, and
+request until set back to None, ``fail(method, path_suffix, code)`` answers ``code`` (with the apiserver's reason
+for it) to the requests of one method whose path ends with ``path_suffix`` only (e.g. one object's ``/status``)
+until ``heal()``, ``bookmark()`` sends a BOOKMARK on every watch that asked for them, and
 ``hang_watches`` / ``hang_lists`` make new watches (after their headers) or lists send nothing until the client
 gives up, as over a connection that died half-open. ``remove_crd(resource)`` makes a custom resource unserved as
 in a cluster without its CRD (its URLs answer 404 NotFound, discovery leaves it out) until ``install_crd``. Not
@@ -56,6 +58,9 @@ from libs import kube
 Key = tuple[str, str, str | None, str]  # (group, plural, namespace or None, name)
 # How often an idle watch checks that its client is still there, so a test's server stops without waiting.
 WATCH_CHECK_SECONDS = 0.2
+# The apiserver's ``reason`` for the statuses ``fail`` injects.
+FAULT_REASONS = {404: "NotFound", 409: "Conflict", 422: "Invalid", 500: "InternalError", 503: "ServiceUnavailable",
+                 504: "Timeout"}
 
 
 @dataclass(frozen=True)
@@ -126,6 +131,7 @@ class FakeApiServer(KubernetesScaffold):
         self.log: list[tuple[int, tuple[str, str], dict[str, Any]]] = []
         self.oldest = 0  # versions below this are "too old" (410)
         self.failing: int | None = None
+        self.faults: dict[tuple[str, str], int] = {}  # (method, path suffix) -> status answered (``fail``)
         # Held while the store and the log change; ``_wake`` is set (and replaced) at every change. Watches wait on
         # the event outside the lock: a Condition's wait cancelled at teardown may not take its lock back on Python
         # 3.11 (its release then raised "Lock is not acquired" in a CI run).
@@ -155,6 +161,19 @@ class FakeApiServer(KubernetesScaffold):
             self.log.clear()
             self.watch_generation += 1
             self._notify()
+
+    def fail(self, method: str, path_suffix: str, code: int) -> None:
+        """Answer ``code`` to every ``method`` request whose path ends with ``path_suffix``, until ``heal``."""
+        self.faults[(method.upper(), path_suffix)] = code
+
+    def heal(self) -> None:
+        self.faults.clear()
+
+    def _fault(self, method: str, path: str) -> ApiError | None:
+        for (wanted, suffix), code in self.faults.items():
+            if method == wanted and path.endswith(suffix):
+                return ApiError(code, FAULT_REASONS.get(code, "InternalError"), "injected failure")
+        return None
 
     async def bookmark(self) -> None:
         async with self.changed:
@@ -199,6 +218,9 @@ class FakeApiServer(KubernetesScaffold):
         if (parts[:1] == ["api"] and len(parts) >= 3) or (parts[:1] == ["apis"] and len(parts) >= 4):
             if self.failing is not None:
                 return ApiError(self.failing, "ServiceUnavailable", "injected failure").response()
+            fault = self._fault(request.method.value, path.rstrip("/"))
+            if fault is not None:
+                return fault.response()
             try:
                 return await self._serve(request, parts)
             except ApiError as err:

@@ -149,6 +149,21 @@ async def test_faults_end_watches_and_fail_requests(api: tuple[FakeApiServer, An
     assert seen == ["ADDED", "BOOKMARK"]
 
 
+async def test_fail_answers_one_path_only_until_healed(api: tuple[FakeApiServer, Any]) -> None:
+    """``fail``: the chosen status for one method and path suffix (one object's status), the rest served."""
+    server, custom = api
+    await create(custom, dataset("a"))
+    await create(custom, dataset("b"))
+    server.fail("PATCH", "/datasets/a/status", 422)
+    with pytest.raises(ApiException) as refused:
+        await patch(custom, "a", {"status": {"phase": "X"}}, status=True)
+    assert refused.value.status == 422 and "Invalid" in str(refused.value.body)
+    await patch(custom, "a", {"metadata": {"labels": {"x": "y"}}})  # the object itself: served
+    await patch(custom, "b", {"status": {"phase": "X"}}, status=True)
+    server.heal()
+    assert (await patch(custom, "a", {"status": {"phase": "X"}}, status=True))["status"] == {"phase": "X"}
+
+
 async def test_a_patch_from_an_older_resource_version_is_a_conflict(api: tuple[FakeApiServer, Any]) -> None:
     """As the apiserver: a patch carrying ``metadata.resourceVersion`` applies only to that version (409 Conflict
     and no change otherwise); a patch without one applies to what is stored."""
