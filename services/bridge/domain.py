@@ -47,6 +47,9 @@ MAX_NAME = 253
 # A Secret's data keys (Kubernetes' IsConfigMapKey): these characters, at most 253 of them.
 SECRET_DATA_KEY = re.compile(r"[-._a-zA-Z0-9]+")
 MAX_SECRET_DATA_KEY = 253
+# Room left in a NATS message for the headers of a command (its Nats-Msg-Id, content type and trace context, a few
+# hundred bytes): a command body larger than the limit less this would be refused by the server.
+COMMAND_HEADROOM = 4096
 # libs.documents names the document in a YAML stream ("document 1 (Dataset demo): "); here there is only one.
 _DOCUMENT_LABEL = re.compile(r"^document 1 \([^)]*\): ")
 
@@ -278,8 +281,10 @@ def document_of(resource: kube.Resource, obj: dict[str, Any]) -> dict[str, Any]:
     return {"apiVersion": resource.api_version, "kind": resource.kind, "metadata": user_meta, "spec": spec}
 
 
-def translate(resource: kube.Resource, obj: dict[str, Any]) -> Translation:
-    """The apply command of the object (``libs.documents``, as ``shoal apply -f``), with a deterministic id."""
+def translate(resource: kube.Resource, obj: dict[str, Any], max_bytes: int | None = None) -> Translation:
+    """The apply command of the object (``libs.documents``, as ``shoal apply -f``), with a deterministic id; none,
+    with the reason, when its message would be longer than ``max_bytes`` (NATS refuses it: a Kubernetes object may
+    reach about 1.5 MB, a NATS message 1 MiB by default), which no retry would change."""
     document = document_of(resource, obj)
     namespace = document["metadata"]["namespace"]
     commands, notes, errors = documents_to_commands([document], default_namespace=namespace)
@@ -287,6 +292,11 @@ def translate(resource: kube.Resource, obj: dict[str, Any]) -> Translation:
         return Translation(None, [_DOCUMENT_LABEL.sub("", e) for e in errors] or ["not understood"], notes)
     command = commands[0]
     event = msgspec.structs.replace(command.event, id=apply_id(resource, obj, command))
+    size = len(msgspec.json.encode(event))
+    if max_bytes is not None and size > max_bytes - COMMAND_HEADROOM:
+        return Translation(None, [f"too large for Shoal: its command would be {size} bytes, more than the "
+                                  f"{max_bytes - COMMAND_HEADROOM} a NATS message can carry here; split it into "
+                                  f"several {resource.kind}s (fewer mounts or targets each)"], notes)
     return Translation(Command(command.document, command.source_kind, command.kind, command.name,
                                command.namespace, command.subject, event), [], notes)
 

@@ -25,7 +25,7 @@ from kubernetes_asyncio.client.exceptions import ApiException
 
 from libs import kube, subjects
 from libs.backoff import Backoff
-from libs.bus import Bus, KvMirror
+from libs.bus import MESSAGE_LIMIT, Bus, KvMirror
 from libs.config import Settings
 from libs.events.dataset import DatasetDelete, DatasetRecord, DatasetResync
 from libs.events.operation import DataCleanDelete, DataLoadDelete, OperationRecord
@@ -253,7 +253,7 @@ class BridgeHandlers:
             self.waiting.add(key)
             return
         self.waiting.discard(key)
-        translation = domain.translate(key.resource, obj)
+        translation = domain.translate(key.resource, obj, min(MESSAGE_LIMIT, self.bus.nc.max_payload))
         command = translation.command
         errors = translation.errors
         if command is not None and self.published.get(key) == command.event.id and key not in self.refresh:

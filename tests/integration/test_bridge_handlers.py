@@ -283,3 +283,25 @@ def _accepted(obj: dict[str, Any] | None) -> dict[str, Any] | None:
 
 async def _async(value: Any) -> Any:
     return value
+
+
+async def test_an_object_too_large_for_a_nats_message_is_invalid_with_the_reason(harness: Harness, bus: Bus) -> None:
+    """A Dataset of 6000 mounts (1.2 MB: the API server takes up to about 1.5 MB, a NATS message 1 MiB): its
+    command cannot be published. It is Invalid with that reason, gets no finalizer and publishes nothing (before,
+    the publish failed at every pass, for ever, with nothing on the object, and kept every pass in back-off)."""
+    applies, stop = await collect(bus, subjects.DATASET_APPLY)
+    await harness.first_lists()
+    mounts = [{"mountPoint": f"s3://bucket/{'p' * 150}{i}", "name": f"m{i}"} for i in range(6000)]
+    # Straight into the store: kubernetes-asyncio's aiohttp warns about a body this large (warnings are errors).
+    huge = await harness.server._create(harness.server.kinds[(SHOAL.group, SHOAL.plural)], "default", {
+        "apiVersion": SHOAL.api_version, "kind": SHOAL.kind, "metadata": {"name": "demo"}, "spec": {"mounts": mounts}})
+    await harness.handlers.on_event(SHOAL, "ADDED", huge)
+    condition = await harness.until(lambda: _accepted(harness.get(SHOAL, "demo")), what="the object refused")
+    assert condition["reason"] == "Invalid" and "too large for Shoal" in condition["message"]
+    stored = harness.get(SHOAL, "demo") or {}
+    assert stored["status"]["phase"] == "Failed"
+    assert kube.FINALIZER not in stored["metadata"].get("finalizers", [])
+    assert not harness.handlers.pending and harness.handlers._tick_failures == 0
+    await stop()
+    assert applies == []
+

@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import msgspec
+
 from libs import kube
 from libs.events.dataset import CacheStates, DatasetStatus
 from libs.events.operation import OperationStatus, Progress
@@ -40,6 +42,16 @@ def test_the_same_object_gives_the_same_id_and_a_change_a_new_one() -> None:
     # kubectl's copy of the whole object is not the user's metadata: it never reaches the command.
     annotated = cr(SHOAL_DATASET, S3, annotations={domain.DROPPED_ANNOTATIONS[0]: "{...}"})
     assert domain.translate(SHOAL_DATASET, annotated).command.event.id == first.command.event.id  # type: ignore
+
+
+def test_a_command_larger_than_a_message_is_refused_with_its_size() -> None:
+    obj = cr(SHOAL_DATASET, S3)
+    command = domain.translate(SHOAL_DATASET, obj).command
+    assert command is not None
+    size = len(msgspec.json.encode(command.event))
+    assert domain.translate(SHOAL_DATASET, obj, size + domain.COMMAND_HEADROOM).command is not None
+    refused = domain.translate(SHOAL_DATASET, obj, size + domain.COMMAND_HEADROOM - 1)
+    assert refused.command is None and refused.errors and f"would be {size} bytes" in refused.errors[0]
 
 
 def test_secret_references_are_namespaced_and_carry_no_value() -> None:
