@@ -50,6 +50,25 @@ TICK_RETRY = Backoff(first=0.5, cap=5.0)
 MIRROR_RESYNC_SECONDS = domain.MIRROR_RESYNC_SECONDS
 
 
+# Status write answers that say the write is wrong, not that the API server is unavailable: the object is gone (404;
+# its DELETED event follows) or the server's validation refuses this status (400, 422). The same status would get the
+# same answer at every pass, and keep every other object's status waiting behind the failed pass (``TICK_RETRY``):
+# it is dropped, with the reason, until Shoal's status or the object's changes.
+STATUS_REFUSALS = (400, 404, 422)
+REASON_STATUS_REFUSED = "StatusRefused"
+
+
+@dataclass(frozen=True)
+class Written:
+    """A status the bridge wrote (``desired``) and the object's status the server showed after it (``stored``:
+    None when unknown). Written again only when Shoal's status changes or the object's is not what the server showed
+    then (someone else wrote it), never because the server stores less than was sent (a schema that prunes a
+    field), which another write would not change."""
+
+    desired: dict[str, Any] | None
+    stored: dict[str, Any] | None
+
+
 class _Unavailable(Exception):
     """An object could not be handled: the rest of this tick waits for the next."""
 
@@ -122,8 +141,8 @@ class BridgeHandlers:
     waiting: set[ObjectKey] = field(default_factory=set)
     # Objects whose Secrets are read again on their next handling (set by a list).
     refresh: set[ObjectKey] = field(default_factory=set)
-    # The status last written to each object.
-    written: dict[ObjectKey, dict[str, Any] | None] = field(default_factory=dict)
+    # The status last written to each object, and what the server stored of it (or showed, when it refused it).
+    written: dict[ObjectKey, Written] = field(default_factory=dict)
     # Which (namespace, Secret, key) each data key of the mirror Secret holds (``_mirror_collisions``).
     # The mirror keys each Dataset's published spec refers to: a spec change removes the ones it dropped.
     mirrored: dict[ObjectKey, frozenset[str]] = field(default_factory=dict)
@@ -536,16 +555,28 @@ class BridgeHandlers:
         desired = domain.desired_status(key.resource, obj, status, refusal, self.clock(),
                                         self.volume_conflicts.get(key))
         patch = domain.status_patch(obj, desired)
-        # Written already: the server shows something else only if its schema pruned a field; writing again at
-        # every tick would not change that.
-        if patch is not None and self.written.get(key) != desired:
-            updated = await self.custom.patch_namespaced_custom_object_status(
-                key.resource.group, key.resource.version, key.namespace, key.resource.plural, key.name, patch,
-                _content_type=MERGE_PATCH,  # type: ignore[call-arg]  # in **kwargs, not in the stubs
-                _request_timeout=REQUEST_TIMEOUT_SECONDS)
-            self.written[key] = desired
-            if isinstance(updated, dict) and self.objects.get(key) is obj:
-                self.objects[key] = updated
+        last = self.written.get(key)
+        current = obj.get("status") or {}
+        if patch is not None and (last is None or last.desired != desired
+                                  or (last.stored is not None and last.stored != current)):
+            try:
+                updated = await self.custom.patch_namespaced_custom_object_status(
+                    key.resource.group, key.resource.version, key.namespace, key.resource.plural, key.name, patch,
+                    _content_type=MERGE_PATCH,  # type: ignore[call-arg]  # in **kwargs, not in the stubs
+                    _request_timeout=REQUEST_TIMEOUT_SECONDS)
+            except ApiException as err:
+                if err.status not in STATUS_REFUSALS:
+                    raise
+                self.written[key] = Written(desired, current)
+                if err.status == 404:  # deleted meanwhile: its DELETED event (or the next list) forgets it
+                    log.info("status not written: the object is gone", object=str(key))
+                    return
+                await self._status_refused(key, obj, err)
+            else:
+                stored = (updated.get("status") or {}) if isinstance(updated, dict) else None
+                self.written[key] = Written(desired, stored)
+                if isinstance(updated, dict) and self.objects.get(key) is obj:
+                    self.objects[key] = updated
         if refusal is not None:
             await self._record_event(key, obj, domain.event_name(obj, refusal.reason, refusal.message),
                                      "Warning", refusal.reason, refusal.message)
@@ -564,6 +595,18 @@ class BridgeHandlers:
             completed = getattr(status, "completion_time", "")
             await self._record_event(key, obj, domain.event_name(obj, reason, runs, completed), event_type, reason,
                                      message)
+
+    async def _status_refused(self, key: ObjectKey, obj: dict[str, Any], err: ApiException) -> None:
+        """Say why the API server refused a status (its validation's message names the field), in the log and in a
+        Warning Event, once per status refused (the Event's name is deterministic)."""
+        message = f"the API server refused the status Shoal reports ({_short(err)}): {_api_message(err)}"[:1024]
+        log.warning("status refused by the API server, dropped until it changes", object=str(key),
+                    error=_short(err), message=_api_message(err))
+        try:
+            await self._record_event(key, obj, domain.event_name(obj, REASON_STATUS_REFUSED, message), "Warning",
+                                     REASON_STATUS_REFUSED, message)
+        except Exception as event_err:  # the status is dropped either way; the log line says why
+            log.warning("event not recorded", object=str(key), error=_short(event_err))
 
     async def _resync_for_mounted_secret(self, key: ObjectKey, obj: dict[str, Any], status: Any) -> None:
         """With the mirror, a Dataset's first sync usually runs before the kubelet has put the keys in the services'
@@ -715,6 +758,16 @@ def _write_private(path: Path, value: bytes) -> None:
         with contextlib.suppress(OSError):
             os.unlink(temporary)
         raise
+
+
+def _api_message(err: ApiException) -> str:
+    """The ``message`` of the API server's Status answer (for a refused status: which field, which value of the
+    status the bridge sent; never an object's spec), or nothing."""
+    try:
+        status = msgspec.json.decode(err.body or b"{}")
+    except (msgspec.DecodeError, TypeError):
+        return ""
+    return str(status.get("message") or "")[:512] if isinstance(status, dict) else ""
 
 
 def _short(err: Exception) -> str:

@@ -305,3 +305,60 @@ async def test_an_object_too_large_for_a_nats_message_is_invalid_with_the_reason
     await stop()
     assert applies == []
 
+
+@pytest.mark.parametrize("code", [404, 422])
+async def test_a_status_write_the_api_server_refuses_is_dropped_and_holds_back_no_other(
+        harness: Harness, tmp_path: Path, code: int) -> None:
+    """The status patch of one object answers 422 (the CRD's validation refuses it) or 404 (deleted meanwhile):
+    the same status would get the same answer, so it is sent once and dropped (422: with a Warning Event saying
+    why); the pass does not count as failed, so the other objects' statuses are not held back by the back-off meant
+    for an unavailable API server (before, every pass failed and waited up to 5 s, for ever)."""
+    handlers = harness.handlers
+    await harness.first_lists()
+    harness.server.fail("PATCH", "/datasets/bad/status", code)
+    ticks = 0
+
+    def counted(check: Callable[[], Any]) -> Callable[[], Any]:
+        def probe() -> Any:
+            nonlocal ticks
+            ticks += 1
+            return check()
+        return probe
+
+    async with running(lambda halt: dataset_app.run(handlers.settings, halt)):
+        for name in ("bad", "good"):
+            obj = await harness.create(SHOAL, name, {"mounts": [{"mountPoint": files(tmp_path / name)}]})
+            await handlers.on_event(SHOAL, "ADDED", obj)
+        await harness.until(lambda: ((harness.get(SHOAL, "good") or {}).get("status") or {}).get("fileNum") == 3,
+                            what="the other object's status")
+        await harness.until(lambda: harness.server.recorded("PATCH", "/datasets/bad/status"),
+                            what="the refused status write")
+        ticks = 0
+        await harness.until(counted(lambda: ticks >= 10), what="ten more passes")
+    assert len(harness.server.recorded("PATCH", "/datasets/bad/status")) == 1
+    assert handlers._tick_failures == 0
+    refused = [e for e in harness.server.objects("", "events") if e["reason"] == "StatusRefused"]
+    if code == 422:
+        assert [e["involvedObject"]["name"] for e in refused] == ["bad"] and refused[0]["type"] == "Warning"
+        assert "injected failure" in refused[0]["message"]
+    else:
+        assert refused == []
+
+
+async def test_a_status_someone_else_overwrote_is_written_back(harness: Harness, tmp_path: Path) -> None:
+    """Another writer changes the status the bridge wrote (kubectl patch --subresource=status, an old controller):
+    the bridge writes Shoal's status back (before, it remembered having written it and never looked again)."""
+    handlers = harness.handlers
+    await harness.first_lists()
+    async with running(lambda halt: dataset_app.run(handlers.settings, halt)):
+        await handlers.on_event(SHOAL, "ADDED", await harness.create(
+            SHOAL, "demo", {"mounts": [{"mountPoint": files(tmp_path / "a")}]}))
+        await harness.until(lambda: ((harness.get(SHOAL, "demo") or {}).get("status") or {}).get("fileNum") == 3,
+                            what="the status written")
+        await handlers.custom.patch_namespaced_custom_object_status(
+            SHOAL.group, SHOAL.version, "default", SHOAL.plural, "demo", {"status": {"phase": "Bound", "fileNum": 0}},
+            _content_type=MERGE)  # type: ignore[call-arg]
+        await handlers.on_event(SHOAL, "MODIFIED", harness.get(SHOAL, "demo") or {})
+        await harness.until(lambda: ((harness.get(SHOAL, "demo") or {}).get("status") or {}).get("fileNum") == 3,
+                            what="Shoal's status written back")
+    assert (harness.get(SHOAL, "demo") or {})["status"]["phase"] == "NotBound"
