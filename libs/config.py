@@ -418,6 +418,12 @@ def _check(settings: Settings) -> list[str]:
         problems.append("NATS_PASSWORD: required when NATS_USER is set")
     if settings.kube.watch_seconds < 1:
         problems.append(f"SHOAL_KUBE_WATCH_SECONDS={settings.kube.watch_seconds}: must be at least 1")
+    bad = [ns for ns in settings.kube.namespaces if not (DNS1123_LABEL.fullmatch(ns) and len(ns) <= 63)]
+    if bad:
+        problems.append(f"SHOAL_KUBE_NAMESPACES: not namespace names: {', '.join(map(repr, bad))}")
+    repeated = sorted({ns for ns in settings.kube.namespaces if settings.kube.namespaces.count(ns) > 1})
+    if repeated:  # each would be listed and watched twice
+        problems.append(f"SHOAL_KUBE_NAMESPACES: given more than once: {', '.join(repeated)}")
     mirror = settings.kube.secret_mirror_ref
     if mirror is not None and not (DNS1123_LABEL.fullmatch(mirror[0]) and len(mirror[0]) <= 63
                                    and DNS1123_SUBDOMAIN.fullmatch(mirror[1]) and len(mirror[1]) <= 253):

@@ -258,6 +258,14 @@ def test_the_secret_mirror_is_a_namespace_and_a_name() -> None:
             load_settings({"SHOAL_KUBE_SECRET_MIRROR": bad})
 
 
+def test_the_bridges_namespaces_are_namespace_names_each_given_once() -> None:
+    assert load_settings({"SHOAL_KUBE_NAMESPACES": "ml, team-a"}).kube.namespaces == ["ml", "team-a"]
+    with pytest.raises(SettingsError, match="given more than once: ml"):
+        load_settings({"SHOAL_KUBE_NAMESPACES": "ml,team-a,ml"})
+    with pytest.raises(SettingsError, match="not namespace names: 'ML', 'a/b'"):
+        load_settings({"SHOAL_KUBE_NAMESPACES": "ML,ok,a/b"})
+
+
 def test_every_setting_is_described() -> None:
     rows = describe_settings()
     names = [name for name, _, _ in rows]
