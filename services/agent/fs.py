@@ -9,6 +9,7 @@ without reaching this process. ``time_operations`` times every handler for /metr
 
 from __future__ import annotations
 
+import bisect
 import errno
 import inspect
 import math
@@ -16,6 +17,7 @@ import os
 import stat
 import time
 from collections.abc import Awaitable, Callable
+from operator import itemgetter
 from typing import Any
 
 import pyfuse3
@@ -122,6 +124,8 @@ class DatasetFS(pyfuse3.Operations):
         self._attribute_cache: dict[int, pyfuse3.EntryAttributes] = {}
         # Folder inode → its entries as readdir replies them, in name order (dropped with the namespace too).
         self._listings: dict[int, list[tuple[bytes, pyfuse3.EntryAttributes]]] = {}
+        # Open folder handle → (its inode, the listing its readdir offsets index), see ``readdir``.
+        self._folders: dict[int, tuple[int, list[tuple[bytes, pyfuse3.EntryAttributes]]]] = {}
 
     def replace_namespace(self, namespace: Namespace) -> tuple[list[tuple[int, str]], list[int]]:
         """Swap in a new tree; returns, for invalidation in the kernel, (parent inode, name) of the entries that
@@ -205,15 +209,35 @@ class DatasetFS(pyfuse3.Operations):
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         if not self._node(inode).is_dir:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
-        return inode
+        fh = self._next_fh
+        self._next_fh += 1
+        self._folders[fh] = (inode, self._listing(inode))
+        return fh
 
-    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+    def _listing(self, inode: int) -> list[tuple[bytes, pyfuse3.EntryAttributes]]:
         # pyfuse3 3.5 always asks for READDIRPLUS and gives opendir no way to let the kernel cache a listing, so
         # every `ls`/`find` of a folder lists it here again: its (name, attributes) pairs are built once.
-        listing = self._listings.get(fh)
+        listing = self._listings.get(inode)
         if listing is None:
-            listing = self._listings[fh] = [(os.fsencode(child.name), self._attributes(child))
-                                            for child in self.namespace.children(fh)]
+            listing = self._listings[inode] = [(os.fsencode(child.name), self._attributes(child))
+                                               for child in self.namespace.children(inode)]
+        return listing
+
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        # An offset is a position in the listing the handle last read. When a reload changed the tree meanwhile,
+        # a large folder read a page at a time goes on in the new listing after the last name it was given
+        # (names are sorted), so no entry comes twice or is skipped; an entry added before it is not shown.
+        # Positions in the new listing would shift by every name added or removed before them.
+        opened = self._folders.get(fh)
+        if opened is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        inode, listing = opened
+        current = self._listing(inode)
+        if current is not listing:
+            if 0 < start_id <= len(listing):
+                start_id = bisect.bisect_right(current, listing[start_id - 1][0], key=itemgetter(0))
+            self._folders[fh] = (inode, current)
+            listing = current
         reply = pyfuse3.readdir_reply
         for position in range(start_id, len(listing)):
             name, attrs = listing[position]
@@ -221,7 +245,7 @@ class DatasetFS(pyfuse3.Operations):
                 return
 
     async def releasedir(self, fh: int) -> None:
-        return None
+        self._folders.pop(fh, None)
 
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         stats = pyfuse3.StatvfsData()
