@@ -110,10 +110,14 @@ class Namespace:
     def _add(nodes: dict[int, Node], usable: list[ManifestEntry], folders: paths.Folders, skipped: paths.Skipped,
              allocator: InodeAllocator) -> None:
         root = nodes[ROOT_INODE]
+        base = root.mtime  # a new folder's time before what is below it raises it
         for entry in usable:
             if folders.shadows(entry.path):
                 skipped.add(entry.path, paths.SHADOWED, entry.mount)
                 continue
+            # The root is a folder too: its time is the latest below it (left at the base, `tar` and `ls -l` of
+            # its parent showed the mount folder at the epoch).
+            root.mtime = max(root.mtime, entry.mtime)
             parts = entry.path.strip("/").split("/")
             marker = paths.is_folder(entry.path)
             parent = root
@@ -123,7 +127,7 @@ class Namespace:
                 child_inode = parent.children.get(part)
                 if child_inode is None:
                     child_inode = allocator.inode_for(path + "/", "")
-                    nodes[child_inode] = Node(inode=child_inode, name=part, parent=parent.inode, mtime=root.mtime)
+                    nodes[child_inode] = Node(inode=child_inode, name=part, parent=parent.inode, mtime=base)
                     parent.children[part] = child_inode
                 child = nodes[child_inode]  # a folder: files at folder paths were shadowed above
                 child.mtime = max(child.mtime, entry.mtime)

@@ -18,7 +18,7 @@ from libs.bus import Bus
 from libs.config import Settings
 from tests.conftest import SeaweedServer, put_objects
 from tests.helpers import eventually
-from tests.integration.agent_stack import node_stack
+from tests.integration.agent_stack import node_stack, run_tool
 
 pytestmark = pytest.mark.needs("fuse")
 
@@ -66,3 +66,25 @@ async def test_a_listing_read_across_a_resync_repeats_and_skips_nothing(bus: Bus
             os.close(fd)
         # The listing goes on after the last name it gave: none twice, none skipped, the deleted one not shown.
         assert seen == names[:-1]
+
+
+async def test_the_mount_folder_has_the_time_of_its_newest_object(bus: Bus, settings: Settings,
+                                                                 seaweedfs: SeaweedServer, bucket: str,
+                                                                 tmp_path: Path) -> None:
+    await put_objects(seaweedfs, bucket, {"top.txt": b"top", "sub/below.txt": b"below"})
+    async with node_stack(bus, settings, seaweedfs, tmp_path) as node:
+        await node.apply("times", bucket)
+        root = await node.wait_mounted("times", expect="sub/below.txt")
+        times = {path: (await asyncio.to_thread(os.stat, root / path)).st_mtime
+                 for path in (".", "top.txt", "sub", "sub/below.txt")}
+        newest = max(times["top.txt"], times["sub/below.txt"])
+        # A folder's time is the latest of what is below it, the mount's own folder too (it was the epoch: `ls -l`
+        # of its parent and a copy made with `tar` showed 1970).
+        assert times["."] == newest
+        assert times["sub"] == times["sub/below.txt"]
+        listed = await run_tool("tar", "-C", str(root), "-cf", str(tmp_path / "copy.tar"), ".")
+        assert listed.returncode == 0
+        extracted = tmp_path / "extracted"
+        extracted.mkdir()
+        await run_tool("tar", "-C", str(extracted), "-xf", str(tmp_path / "copy.tar"))
+        assert (await asyncio.to_thread(os.stat, extracted)).st_mtime == newest
