@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import errno
 import os
 import struct
+import subprocess
+import unicodedata
 from pathlib import Path
 
 import pytest
@@ -18,7 +21,9 @@ from libs.bus import Bus
 from libs.config import Settings
 from tests.conftest import SeaweedServer, put_objects
 from tests.helpers import eventually
-from tests.integration.agent_stack import node_stack, run_tool
+from tests.integration.agent_stack import md5, node_stack, run_tool
+
+MiB = 1024 * 1024
 
 pytestmark = pytest.mark.needs("fuse")
 
@@ -88,3 +93,102 @@ async def test_the_mount_folder_has_the_time_of_its_newest_object(bus: Bus, sett
         extracted.mkdir()
         await run_tool("tar", "-C", str(extracted), "-xf", str(tmp_path / "copy.tar"))
         assert (await asyncio.to_thread(os.stat, extracted)).st_mtime == newest
+
+
+ODD_NAMES = {
+    unicodedata.normalize("NFC", "café.txt"): b"nfc",
+    unicodedata.normalize("NFD", "café.txt"): b"nfd",
+    "with space.txt": b"space",
+    "pct%20.txt": b"percent",
+    "hash#.txt": b"hash",
+    "query?.txt": b"query",
+    "plus+.txt": b"plus",
+    "new\nline.txt": b"newline",
+    "tab\tand\x01control.txt": b"control",
+    "x" * 255: b"the longest name",
+    "a": b"a file where a folder is",
+    "a/b": b"below a",
+    "marker/": b"",
+    "deep/marker/": b"",
+    "empty.bin": b"",
+}
+
+
+async def test_odd_names_and_block_edges_with_ordinary_tools(bus: Bus, settings: Settings, seaweedfs: SeaweedServer,
+                                                             bucket: str, tmp_path: Path) -> None:
+    block = MiB  # the runtime's block size (node.apply's default)
+    sized = {"one-block.bin": os.urandom(block), "block-and-a-byte.bin": os.urandom(block + 1)}
+    await put_objects(seaweedfs, bucket, {**ODD_NAMES, **sized})
+    files = {key: body for key, body in {**ODD_NAMES, **sized}.items() if not key.endswith("/") and key != "a"}
+    async with node_stack(bus, settings, seaweedfs, tmp_path) as node:
+        await node.apply("odd", bucket)
+        root = await node.wait_mounted("odd", expect="block-and-a-byte.bin")
+        # Every name byte for byte (NFC and NFD are two files); "a" is the folder, its file left out; markers are
+        # empty folders.
+        found = await run_tool("find", str(root), "-mindepth", "1", "-printf", r"%y %P\0")
+        assert sorted(found.stdout.split("\0")[:-1]) == sorted(
+            [f"f {key}" for key in files] + ["d a", "d marker", "d deep", "d deep/marker"])
+        sums = await asyncio.to_thread(subprocess.run, ["bash", "-c", "find . -type f -print0 | xargs -0 md5sum -z"],
+                                       cwd=root, capture_output=True, check=True, timeout=60)
+        got = {}
+        for line in sums.stdout.split(b"\0")[:-1]:
+            digest, path = line.decode().split("  ./", 1)
+            got[path] = digest
+        assert got == {key: md5(body) for key, body in files.items()}
+        du = await run_tool("du", "-sb", "--apparent-size", str(root))
+        assert int(du.stdout.split()[0]) == sum(len(body) for body in files.values())
+        tarred = await asyncio.to_thread(subprocess.run, ["bash", "-c", "tar cf - . | tar tf - | wc -l"], cwd=root,
+                                         capture_output=True, check=True, timeout=60)
+        assert int(tarred.stdout) == len(files) + 5  # ./, a/, marker/, deep/, deep/marker/
+        copy = tmp_path / "copy"
+        await run_tool("cp", "-r", str(root), str(copy))
+        await run_tool("diff", "-r", str(root), str(copy))
+
+        def around_block_edges() -> None:
+            import mmap
+            for name, body in sized.items():
+                with open(root / name, "rb") as file, mmap.mmap(file.fileno(), 0, prot=mmap.PROT_READ) as mapped:
+                    assert mapped[block - 1:] == body[block - 1:]
+                fd = os.open(root / name, os.O_RDONLY)
+                try:
+                    assert os.pread(fd, 4096, block - 1) == body[block - 1:block + 4095]
+                    assert os.pread(fd, 4096, len(body)) == b""
+                    assert os.pread(fd, 4096, 2**62) == b""
+                finally:
+                    os.close(fd)
+
+        await asyncio.to_thread(around_block_edges)
+        dd = await run_tool("dd", f"if={root / 'block-and-a-byte.bin'}", "of=/dev/null", "bs=333333")
+        assert f"{block + 1} bytes" in dd.stderr
+
+
+async def test_writes_are_erofs_locks_work_and_xattrs_are_enodata(bus: Bus, settings: Settings,
+                                                                  seaweedfs: SeaweedServer, bucket: str,
+                                                                  tmp_path: Path) -> None:
+    await put_objects(seaweedfs, bucket, {"sub/f.txt": b"f", "g.txt": b"g"})
+    async with node_stack(bus, settings, seaweedfs, tmp_path) as node:
+        await node.apply("ro", bucket)
+        root = await node.wait_mounted("ro", expect="sub/f.txt")
+        for argv in (["touch", "new.txt"], ["touch", "g.txt"], ["mkdir", "d"], ["rm", "g.txt"], ["rm", "-rf", "sub"],
+                     ["mv", "g.txt", "h.txt"], ["ln", "-s", "g.txt", "l"], ["fallocate", "-l", "10", "g.txt"],
+                     ["truncate", "-s", "0", "g.txt"], ["chmod", "777", "g.txt"]):
+            done = await asyncio.to_thread(subprocess.run, argv, cwd=root, capture_output=True, text=True, timeout=60)
+            assert done.returncode != 0 and "Read-only file system" in done.stderr, (argv, done.stderr)
+        assert (await run_tool("flock", str(root / "g.txt"), "true")).returncode == 0
+
+        def syscalls() -> None:
+            for flags in (os.O_WRONLY | os.O_CREAT, os.O_WRONLY, os.O_RDWR, os.O_RDONLY | os.O_TRUNC):
+                with pytest.raises(OSError) as raised:
+                    os.open(root / "g.txt", flags, 0o644)
+                assert raised.value.errno == errno.EROFS, flags
+            for path in (root / "g.txt", root / "sub", root):
+                assert os.listxattr(path) == []
+                for name in ("user.x", "security.selinux", "system.posix_acl_access"):
+                    with pytest.raises(OSError) as raised:
+                        os.getxattr(path, name)
+                    assert raised.value.errno == errno.ENODATA, name
+                with pytest.raises(OSError) as raised:
+                    os.setxattr(path, "user.x", b"1")
+                assert raised.value.errno == errno.EROFS
+
+        await asyncio.to_thread(syscalls)
