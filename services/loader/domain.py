@@ -617,6 +617,13 @@ def status_started(status: OperationStatus, runs: int, now: float) -> OperationS
                                    last_schedule_time=iso_time(now), progress=Progress(), waiting_for="")
 
 
+def status_waiting(status: OperationStatus, why: str) -> OperationStatus:
+    """A run that is due waits (``runAfter``): Pending, saying for what; the previous run's end (message, condition,
+    duration, completion, progress) goes as when it starts, the history stays."""
+    return msgspec.structs.replace(status, phase="Pending", message="", duration="", conditions=[],
+                                   completion_time="", progress=Progress(), waiting_for=why)
+
+
 def status_finished(status: OperationStatus, phase: OperationPhase, message: str, started_at: float,
                     now: float) -> OperationStatus:
     # Fluid's operations carry one condition of the final phase's type ("Complete" or "Failed"), status True.

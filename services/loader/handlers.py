@@ -479,8 +479,7 @@ class LoaderHandlers:
                 decision, why = "fail", cycle
         if decision == "wait":
             if record.status.waiting_for != why:
-                status = msgspec.structs.replace(record.status, phase="Pending", waiting_for=why)
-                await self._save_status(key, record, revision, status)
+                await self._save_status(key, record, revision, domain.status_waiting(record.status, why))
             return
         await self._start(key, record, revision, state, trigger, now, failure=why if decision == "fail" else "")
 

@@ -358,6 +358,16 @@ def test_a_new_run_starts_from_a_clean_status_and_keeps_the_history() -> None:
                                     last_successful_time="2026-01-01T00:01:00Z")
 
 
+def test_a_run_waiting_for_its_run_after_shows_none_of_the_last_runs_end() -> None:
+    started = domain.status_started(OperationStatus(), 1, t("2026-01-01T00:00:00Z"))
+    failed = domain.status_finished(
+        msgspec.structs.replace(started, progress=Progress(bytes_done=5, bytes_total=9, rate_bytes_per_second=3.0)),
+        "Failed", "node a failed 1 block(s): boom", t("2026-01-01T00:00:00Z"), t("2026-01-01T00:00:07Z"))
+    waiting = domain.status_waiting(failed, "DataLoad default/first is Executing")
+    assert waiting == OperationStatus(phase="Pending", waiting_for="DataLoad default/first is Executing", runs=1,
+                                      start_time="2026-01-01T00:00:00Z", last_schedule_time="2026-01-01T00:00:00Z")
+
+
 def test_a_record_left_executing_a_finished_run_is_closed_with_its_saved_end() -> None:
     executing = record(phase="Executing", runs=2)
     ended = domain.RunState(run="dataload.default.warm.2", stage="finished", outcome="Failed",
