@@ -33,15 +33,20 @@ def _below(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip("/") + "/")
 
 
+def local_root_of(path: str, roots: Sequence[str]) -> str | None:
+    """The root of ``roots`` (SHOAL_LOCAL_ROOTS) the folder ``path`` lies below, as written; None if none."""
+    normal = _normal(path)
+    return next((root for root in roots if _below(normal, _normal(root))), None)
+
+
 def local_root_error(path: str, roots: Sequence[str]) -> str | None:
     """Why the folder ``path`` may not be mounted through ``local://``, or None if it lies below a root."""
     if not roots:
         return ("local:// mounts are disabled on this installation: the operator lists the folders that may be "
                 "mounted in SHOAL_LOCAL_ROOTS")
-    normal = _normal(path)
-    if any(_below(normal, _normal(root)) for root in roots):
+    if local_root_of(path, roots) is not None:
         return None
-    return f"{normal!r} is not below an allowed local root (SHOAL_LOCAL_ROOTS: {', '.join(roots)})"
+    return f"{_normal(path)!r} is not below an allowed local root (SHOAL_LOCAL_ROOTS: {', '.join(roots)})"
 
 
 def real_local_root_error(path: str, roots: Sequence[str]) -> str | None:

@@ -79,6 +79,10 @@ class LocalLocation:
     # location must stay below it (checked on real paths, instead of SHOAL_LOCAL_ROOTS); if it is missing, the
     # claim does not exist (or is not mounted here). None for local:// mounts.
     claim_root: Path | None = None
+    # local:// mounts: the SHOAL_LOCAL_ROOTS folder the mount lies below. The store checks at every listing and
+    # read that the root's real path is still below it: a folder of the path replaced by a link after the mount
+    # was checked (its owner may do that at any time) must not turn reads to files outside. None: not checked.
+    local_root: Path | None = None
 
 
 # Listing limits of a web folder; why these numbers: libs.ufs.http.

@@ -3,8 +3,12 @@
 This module owns the file-system I/O behind a local mount and decides what counts as an object: regular files
 below the root, reached without leaving it. Symbolic links to files inside the root are followed; links to
 folders are not (they could loop) and links out of the root are never followed. A link that loops, or a file
-that cannot be stat'ed, is listed as ``unusable`` with the reason, so the sync reports it. Keys are '/'-separated paths
-relative to the root; one with an empty, '.' or '..' part, or an absolute one, names no object.
+that cannot be stat'ed, is listed as ``unusable`` with the reason, so the sync reports it. Containment is checked
+on what was opened (its real path from ``/proc/self/fd``), not on a path looked up again, so a folder replaced by
+a link while a listing runs or after a mount started cannot lead a listing or a read out of the root; and the
+root's own real path must stay below the location's boundary (its SHOAL_LOCAL_ROOTS root, or its claim). Keys
+are '/'-separated paths relative to the root; one with an empty, '.' or '..' part, or an absolute one, names no
+object.
 
 What a mount of the folder exposes: each file is served with its own owner and permission bits, minus the
 read and execute bits of every class (owner, group, others) that could not pass through the folders above it
@@ -84,6 +88,26 @@ def _inside(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
 
+def _real_of(fd: int) -> str:
+    """Where the file open as ``fd`` really is, as the kernel knows it. A path looked up again after a check can
+    lead elsewhere (a folder on it replaced by a link meanwhile); the open file cannot."""
+    return os.readlink(f"/proc/self/fd/{fd}")
+
+
+def _open_inside(path: str, real_root: str, flags: int) -> int | None:
+    """``path`` opened with ``flags``, or None when the file opened lies outside ``real_root`` (through a link, or
+    a folder of the path swapped for one). OSError as ``os.open`` raises it."""
+    fd = os.open(path, flags)
+    try:
+        if _inside(_real_of(fd), real_root):
+            return fd
+    except BaseException:
+        os.close(fd)
+        raise
+    os.close(fd)
+    return None
+
+
 class _Walk:
     """A depth-first scan of the tree that hands out up to ``n`` objects per call to ``page``.
 
@@ -103,15 +127,27 @@ class _Walk:
 
     def _scan(self, prefix: str) -> None:
         folder = os.path.join(self._root, prefix[:-1]) if prefix else self._root
+        # A folder below the root is opened without following a link (it was a folder when its parent was read,
+        # and may have been replaced by a link to anywhere since) and read through its descriptor, after checking
+        # where the opened folder really is: the listing never leaves the root, whatever changes under it.
+        flags = os.O_RDONLY | os.O_DIRECTORY | (os.O_NOFOLLOW if prefix else 0)
         try:
-            st = os.stat(folder)
-            with os.scandir(folder) as entries:
-                # A folder sorts as "name/": then every key below it falls where S3 would put it among its
-                # siblings ("a-b" < "a/c" because '-' < '/').
-                children = []
-                for entry in entries:
-                    is_dir = entry.is_dir(follow_symlinks=False)
-                    children.append((entry.name + "/" if is_dir else entry.name, entry.name, is_dir))
+            fd = _open_inside(folder, self._real_root, flags)
+            if fd is None:
+                if not prefix:
+                    raise UfsError(f"local directory '{folder}' was replaced while listed: list it again")
+                return  # replaced by a link out of the root while we listed: left out like any such link
+            try:
+                st = os.fstat(fd)
+                with os.scandir(fd) as entries:
+                    # A folder sorts as "name/": then every key below it falls where S3 would put it among its
+                    # siblings ("a-b" < "a/c" because '-' < '/').
+                    children = []
+                    for entry in entries:
+                        is_dir = entry.is_dir(follow_symlinks=False)
+                        children.append((entry.name + "/" if is_dir else entry.name, entry.name, is_dir))
+            finally:
+                os.close(fd)
         except (FileNotFoundError, NotADirectoryError) as err:
             if not prefix:
                 if isinstance(err, NotADirectoryError):
@@ -121,6 +157,10 @@ class _Walk:
         except PermissionError as err:
             # Skipping it would look like its files were deleted.
             raise AccessDenied(f"permission denied listing local directory '{folder}'") from err
+        except OSError as err:
+            if prefix and err.errno == errno.ELOOP:
+                return  # replaced by a link while we listed (O_NOFOLLOW): links to folders are not followed
+            raise
         children.sort(reverse=True)
         self._frames.append((prefix, children))
         self._folders.append((st.st_mode, st.st_uid, st.st_gid))
@@ -143,11 +183,15 @@ class _Walk:
                 continue
             path = os.path.join(self._root, key)
             try:
-                st = os.lstat(path)
-                if stat.S_ISLNK(st.st_mode):
-                    if not _inside(os.path.realpath(path), self._real_root):
-                        continue
-                    st = os.stat(path)
+                # O_PATH opens nothing (a FIFO or a device does not block) and follows a link, and the check is
+                # on the file opened: a link out of the root, or a folder above swapped for one, is left out.
+                fd = _open_inside(path, self._real_root, os.O_PATH)
+                if fd is None:
+                    continue
+                try:
+                    st = os.fstat(fd)
+                finally:
+                    os.close(fd)
             except (FileNotFoundError, NotADirectoryError):
                 continue  # removed while we listed, or a dangling link
             except PermissionError as err:
@@ -167,6 +211,10 @@ class LocalObjectStore:
     def __init__(self, location: LocalLocation) -> None:
         # abspath does no I/O; links in the root itself are resolved when checking containment.
         self._root = os.path.abspath(location.root)
+        # The folder the root's real path must stay below (the claim, or the SHOAL_LOCAL_ROOTS root), checked at
+        # each listing and read: a folder on the root's path may be replaced by a link after the mount started.
+        boundary = location.claim_root or location.local_root
+        self._boundary = os.path.abspath(boundary) if boundary is not None else None
 
     def __repr__(self) -> str:
         return f"LocalObjectStore(root={self._root!r})"
@@ -220,7 +268,11 @@ class LocalObjectStore:
             raise self._no_root()
         if not os.path.isdir(self._root):
             raise NoSuchBucket(f"local path '{self._root}' is not a directory")
-        return os.path.realpath(self._root)
+        real = os.path.realpath(self._root)
+        if self._boundary is not None and not _inside(real, os.path.realpath(self._boundary)):
+            raise AccessDenied(f"local directory '{self._root}' now leads to '{real}', outside '{self._boundary}': "
+                               "refused")
+        return real
 
     def _no_root(self) -> NoSuchBucket:
         return NoSuchBucket(f"local directory '{self._root}' does not exist")
@@ -230,13 +282,16 @@ class LocalObjectStore:
         if os.path.isabs(key) or "\0" in key or any(part in ("", ".", "..") for part in parts):
             raise NoSuchKey(f"key {key!r} is not a relative path below local directory '{self._root}'")
 
-    def _resolve(self, key: str) -> str:
-        """The real path of ``key``; NoSuchKey if it is missing or lies outside the root through a link."""
+    def _resolve(self, key: str) -> tuple[str, str]:
+        """The real path of ``key`` and of the root; NoSuchKey if it lies outside the root through a link."""
         real_root = self._real_root()
         real = os.path.realpath(os.path.join(self._root, key))
         if not _inside(real, real_root):
-            raise NoSuchKey(f"key '{key}' leads outside local directory '{self._root}'")
-        return real
+            raise self._outside(key)
+        return real, real_root
+
+    def _outside(self, key: str) -> NoSuchKey:
+        return NoSuchKey(f"key '{key}' leads outside local directory '{self._root}'")
 
     def _no_key(self, key: str) -> NoSuchKey:
         return NoSuchKey(f"file '{key}' does not exist in local directory '{self._root}'")
@@ -245,9 +300,15 @@ class LocalObjectStore:
         return AccessDenied(f"permission denied reading '{key}' in local directory '{self._root}'")
 
     def _head(self, key: str) -> ObjectInfo:
-        real = self._resolve(key)
+        real, real_root = self._resolve(key)
         try:
-            st = os.stat(real)
+            fd = _open_inside(real, real_root, os.O_PATH)
+            if fd is None:
+                raise self._outside(key)
+            try:
+                st = os.fstat(fd)
+            finally:
+                os.close(fd)
         except (FileNotFoundError, NotADirectoryError) as err:
             raise self._no_key(key) from err
         except PermissionError as err:
@@ -257,11 +318,15 @@ class LocalObjectStore:
         return _info(key, st)
 
     def _read(self, key: str, start: int, length: int, etag: str | None) -> bytes:
-        # Opening the resolved path, not the key, so a link swapped in after the check cannot redirect us.
-        real = self._resolve(key)
+        # The file opened is checked, not only the path: a folder of the path replaced by a link after the check
+        # would otherwise redirect the read.
+        real, real_root = self._resolve(key)
         try:
             # Non-blocking: a FIFO put where a file was listed would block this thread (and the read) for ever.
-            with open(os.open(real, os.O_RDONLY | os.O_NONBLOCK), "rb") as file:
+            fd = _open_inside(real, real_root, os.O_RDONLY | os.O_NONBLOCK)
+            if fd is None:
+                raise self._outside(key)
+            with open(fd, "rb") as file:
                 st = os.fstat(file.fileno())
                 if not stat.S_ISREG(st.st_mode):
                     raise self._no_key(key)

@@ -16,7 +16,7 @@ from urllib.parse import unquote, urlsplit
 
 from libs.config import S3Settings, Secret
 from libs.events.dataset import Dataset, Mount
-from libs.hostpaths import real_local_root_error
+from libs.hostpaths import local_root_of, real_local_root_error
 from libs.mounts import MISSING_SECRET_KEY, canonical_options, flat_secret_key
 from libs.ufs.base import (
     HttpLocation,
@@ -45,12 +45,14 @@ def claim_folder(pvc_root: str, namespace: str, claim: str) -> Path:
 
 
 def resolve_location(dataset: Dataset, mount: Mount, secrets: Mapping[tuple[str, str], Secret],
-                     defaults: S3Settings, pvc_root: str = "") -> Location:
+                     defaults: S3Settings, pvc_root: str = "", local_roots: Sequence[str] = ()) -> Location:
     """The location of ``mount``; ``pvc_root`` is SHOAL_PVC_ROOT (a pvc:// mount without one resolves below a
-    folder that does not exist, which ``local_location_error`` reports)."""
+    folder that does not exist, which ``local_location_error`` reports); ``local_roots`` is SHOAL_LOCAL_ROOTS
+    (a local:// location keeps the one it lies below, which its store checks at each use)."""
     parts = urlsplit(mount.mount_point)
     if parts.scheme == "local":
-        return LocalLocation(root=Path(parts.path))
+        local_root = local_root_of(parts.path, local_roots)
+        return LocalLocation(root=Path(parts.path), local_root=Path(local_root) if local_root is not None else None)
     options = canonical_options(mount, dataset.spec.shared_options)
     if parts.scheme == "pvc":
         claim = claim_folder(pvc_root or "/nonexistent-pvc-root", dataset.metadata.namespace, parts.netloc)

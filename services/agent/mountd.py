@@ -425,7 +425,8 @@ class MountedDataset:
         for mount in dataset.spec.mounts:
             secrets = read_secrets(self.settings.s3.secrets_dir, secret_refs(dataset, mount))
             location = resolve_location(dataset, mount, secrets, self.settings.s3,
-                                        pvc_root=self.settings.service.pvc_root)
+                                        pvc_root=self.settings.service.pvc_root,
+                                        local_roots=self.settings.service.local_roots)
             if isinstance(location, LocalLocation):
                 # The agent serves as root: it checks the roots (or the claim) itself rather than trust whoever
                 # published.

@@ -55,7 +55,7 @@ async def sync_metadata(record: DatasetRecord, manifests: ManifestStore, default
             try:
                 location = resolve_location(dataset, mount,
                                             read_secrets(defaults.secrets_dir, secret_refs(dataset, mount)), defaults,
-                                            pvc_root=pvc_root)
+                                            pvc_root=pvc_root, local_roots=local_roots or ())
             except MissingSecret as err:
                 return SyncResult(generation=generation, requests=requests, incarnation=record.incarnation,
                                   error=strip_userinfo(f"mount {mount.mount_point}: {err}"))

@@ -86,7 +86,13 @@ def condition(record: DatasetRecord, kind: str) -> tuple[str, str]:
     return (found.status, found.message) if found is not None else ("", "")
 
 
-@pytest.mark.parametrize("trigger", ["symlink-loop", "non-utf8-name", "folder-replaced-by-file"])
+def replace_folder_with_link(folder: Path, target: Path) -> None:
+    shutil.rmtree(folder)
+    folder.symlink_to(target, target_is_directory=True)
+
+
+@pytest.mark.parametrize("trigger", ["symlink-loop", "non-utf8-name", "folder-replaced-by-file",
+                                     "folder-replaced-by-link-out"])
 async def test_odd_entries_of_a_local_folder_are_left_out_and_reported(
         bus: Bus, nats_server: NatsServer, tmp_path: Path, trigger: str) -> None:
     root = tmp_path / "data"
@@ -101,12 +107,23 @@ async def test_odd_entries_of_a_local_folder_are_left_out_and_reported(
     elif trigger == "non-utf8-name":
         os.close(os.open(os.fsencode(root) + b"/bad\xff.txt", os.O_CREAT | os.O_WRONLY, 0o644))
         reported = "'bad\\udcff.txt' (mount 0): is not valid UTF-8"
-    else:
+    elif trigger == "folder-replaced-by-file":
         (root / "z").mkdir()
         (root / "z" / "inner.txt").write_bytes(b"inner")
 
         def wrap(store: ObjectStore) -> ObjectStore:
             return ChangingTree(store, lambda: replace_folder_with_file(root / "z"))
+    else:
+        # Read as a folder, then swapped for a link out of the root before the listing enters it: nothing of
+        # what the link leads to (names, sizes) may reach the manifest.
+        (root / "z").mkdir()
+        (root / "z" / "inner.txt").write_bytes(b"inner")
+        outside = tmp_path / "outside"
+        outside.mkdir()
+        (outside / "private.key").write_bytes(b"not for the dataset")
+
+        def wrap(store: ObjectStore) -> ObjectStore:
+            return ChangingTree(store, lambda: replace_folder_with_link(root / "z", outside))
 
     record = await sync_of(bus, nats_server, f"local://{root}", wrap)
     assert record.status.message == "" and condition(record, CONDITION_SYNCED)[0] == "True", record.status

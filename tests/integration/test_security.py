@@ -258,6 +258,35 @@ async def test_the_agent_refuses_a_local_mount_outside_its_own_roots(bus: Bus, n
         assert str(mountpoint) not in mounted_paths()
 
 
+async def test_a_local_folder_swapped_for_a_link_after_mounting_serves_nothing_from_outside_the_roots(
+        bus: Bus, nats_server: NatsServer, seaweedfs: SeaweedServer, open_dir: Path) -> None:
+    """The owner of a folder below a root replaces it by a link to a folder outside the roots once it is mounted,
+    having given its file the size and time of the outside file it wants: the agent (root) must not serve it."""
+    allowed, outside = open_dir / "allowed", open_dir / "outside"
+    team = allowed / "team" / "x"
+    team.mkdir(parents=True)
+    outside.mkdir()
+    secret = outside / "shadow"
+    secret.write_bytes(b"root:secret-hash:19000:0:99999:7:::\n")
+    secret.chmod(0o600)
+    bait = team / "shadow"
+    bait.write_bytes(b"x" * secret.stat().st_size)
+    bait.chmod(0o644)
+    os.utime(bait, ns=(secret.stat().st_atime_ns, secret.stat().st_mtime_ns))  # the same ETag as the secret's
+    settings = make_settings(nats_server.url, seaweedfs.endpoint, seaweedfs.config.access_key_id,
+                             seaweedfs.config.secret_access_key, local_roots=[str(allowed)])
+    async with node_stack(bus, settings, seaweedfs, open_dir) as node:
+        await bus.publish(subjects.RUNTIME_APPLY, ssd_runtime("swapped", open_dir / "cache"))
+        await bus.publish(subjects.DATASET_APPLY, local_dataset("swapped", team))
+        mnt = await node.wait_mounted("swapped", "shadow")
+
+        shutil.rmtree(team)
+        team.symlink_to(outside, target_is_directory=True)
+        read = await run_tool("cat", str(mnt / "shadow"), check=False)
+        assert b"secret-hash" not in read.stdout.encode(), read.stdout
+        assert read.returncode != 0, read
+
+
 # --- 3. cache tier paths ---
 
 

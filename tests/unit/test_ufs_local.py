@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -187,6 +188,29 @@ async def test_links_out_of_the_root_are_not_followed(tmp_path: Path) -> None:
             await store.get_range(key, 0, 100)
 
 
+@pytest.mark.parametrize("boundary", ["local_root", "claim_root"])
+async def test_a_root_replaced_by_a_link_out_of_its_boundary_is_refused(tmp_path: Path, boundary: str) -> None:
+    """The SHOAL_LOCAL_ROOTS root (or the claim) a location lies below is checked at every use, not only when the
+    mount started: its folder replaced by a link to elsewhere later serves nothing from there."""
+    allowed = tmp_path / "allowed"
+    folder = allowed / "team" / "x"
+    write(folder, "f", b"inside")
+    outside = write(tmp_path, "outside/f", b"OUTSIDE")
+    store = LocalObjectStore(LocalLocation(root=folder, **{boundary: allowed}))
+    listed = await collect(store)
+    assert [info.key for info in listed] == ["f"]
+
+    shutil.rmtree(folder)
+    folder.symlink_to(outside.parent, target_is_directory=True)
+    os.utime(outside, ns=(0, 0))
+    with pytest.raises(AccessDenied, match="outside"):
+        await collect(store)
+    with pytest.raises(AccessDenied, match="outside"):
+        await store.head("f")
+    with pytest.raises(AccessDenied, match="outside"):
+        await store.get_range("f", 0, 100)
+
+
 async def test_root_reached_through_a_link_works(tmp_path: Path) -> None:
     write(tmp_path, "real/x", b"x")
     (tmp_path / "alias").symlink_to(tmp_path / "real", target_is_directory=True)
@@ -213,15 +237,16 @@ async def test_missing_root_is_no_such_bucket(tmp_path: Path) -> None:
 async def test_unreadable_folder_is_access_denied(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     write(tmp_path, "ok/a", b"a")
     write(tmp_path, "locked/b", b"b")
-    real_scandir = os.scandir
+    real_open = os.open
 
-    def scandir(path: str) -> object:
-        # Simulated, so the test also holds when run as root, where permissions do not apply.
+    def open_(path: str, flags: int, *args: int) -> int:
+        # Simulated, so the test also holds when run as root, where permissions do not apply. (A folder is opened,
+        # then read through its descriptor.)
         if os.path.basename(str(path).rstrip("/")) == "locked":
             raise PermissionError(13, "Permission denied", str(path))
-        return real_scandir(path)
+        return real_open(path, flags, *args)
 
-    monkeypatch.setattr(local_module.os, "scandir", scandir)
+    monkeypatch.setattr(local_module.os, "open", open_)
     with pytest.raises(AccessDenied, match=r"permission denied listing local directory '.*locked'"):
         await collect(store_at(tmp_path))
 
