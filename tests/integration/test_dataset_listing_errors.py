@@ -6,15 +6,17 @@ every few seconds with an empty message.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 
 from libs import subjects
-from libs.bus import Bus, Delivery, kv_load
+from libs.bus import Bus, Delivery, RetryLater, kv_load
 from libs.events.common import ObjectMeta
 from libs.events.dataset import Dataset, DatasetApply, DatasetRecord, DatasetSpec, Mount
 from libs.manifest import ManifestStore
@@ -67,15 +69,20 @@ def replace_folder_with_file(folder: Path) -> None:
 
 
 async def sync_of(bus: Bus, nats_server: NatsServer, mount_point: str,
-                  wrap: Callable[[ObjectStore], ObjectStore] = lambda store: store) -> DatasetRecord:
+                  wrap: Callable[[ObjectStore], ObjectStore] = lambda store: store,
+                  options: dict[str, str] | None = None) -> DatasetRecord:
     def opener(location: Location) -> ObjectStore:
         return wrap(open_store(location))
 
-    handlers = DatasetHandlers(bus, make_settings(nats_server.url), opener=opener)
-    dataset = Dataset(metadata=ObjectMeta(name="odd"), spec=DatasetSpec(mounts=[Mount(mount_point=mount_point)]))
+    # Credentials for s3:// mounts (the endpoints these tests give them take any).
+    settings = make_settings(nats_server.url, "", "listing-test-key", "listing-test-secret")
+    handlers = DatasetHandlers(bus, settings, opener=opener)
+    mount = Mount(mount_point=mount_point, options=options or {})
+    dataset = Dataset(metadata=ObjectMeta(name="odd"), spec=DatasetSpec(mounts=[mount]))
     await handlers.apply(DatasetApply(id="odd.apply", dataset=dataset),
                          Delivery(subject=subjects.DATASET_APPLY, headers={}, deliveries=1, stream_sequence=1))
-    await handlers.sync(KEY)  # raises if the sync does not finish
+    with contextlib.suppress(RetryLater):  # an unreachable store: its status is written, then retried later
+        await handlers.sync(KEY)  # raises anything else if the sync does not finish
     record, _ = await kv_load(await bus.kv(subjects.KV_DATASETS), KEY, DatasetRecord)
     assert record is not None and record.status.synced_generation == 1, record
     return record
@@ -157,3 +164,39 @@ async def test_an_unexpected_listing_error_fails_the_dataset_with_a_message(
     record = await sync_of(bus, nats_server, f"local://{root}", Broken)
     assert record.status.phase == "Failed", record.status
     assert record.status.message == (f"cannot list local://{root}: RuntimeError: something no store expected")
+
+
+@contextlib.asynccontextmanager
+async def answering(status: int, body: bytes) -> AsyncIterator[str]:
+    """A web server at a loopback port that answers every request with ``status`` and ``body``: its URL."""
+    async def answer(request: web.Request) -> web.Response:
+        return web.Response(status=status, body=body, content_type="application/xml")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", answer)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+
+
+@pytest.mark.parametrize("status", [400, 503])
+async def test_an_endpoint_answering_a_huge_error_fails_the_dataset_with_a_short_message(
+        bus: Bus, nats_server: NatsServer, status: int) -> None:
+    """A hostile or broken endpoint's error text (2 MB here) is cut: the status stays a record NATS accepts."""
+    huge = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>Weird</Code><Message>' + b"A" * 2_000_000
+            + b"</Message></Error>")
+    async with answering(status, huge) as endpoint:
+        record = await sync_of(bus, nats_server, "s3://bucket/data/", options={"endpoint": endpoint})
+    assert record.status.phase == "Failed", record.status
+    message = record.status.message
+    assert message.startswith(f"cannot list s3://bucket/data/: S3 list of bucket 'bucket' at {endpoint} failed: "
+                              "Weird AAAA"), message[:300]
+    assert len(message) <= 2000 and message.endswith("…"), (len(message), message[-100:])
+    assert condition(record, CONDITION_SYNCED) == ("False", message)
+
