@@ -305,6 +305,11 @@ class S3ObjectStore:
                 page = await client.list_objects_v2(**request)
             except (ClientError, BotoCoreError) as err:
                 raise self._error(err, "list") from err
+            if "IsTruncated" not in page:
+                # Every S3 listing says whether it is complete. botocore reads any well-formed page without it (a
+                # web server or console at that address answering 200 with HTML) as an empty listing, which would
+                # sync the dataset, or replace its tree at an autoSync, with no files at all.
+                raise self._not_a_listing(page)
             for item in page.get("Contents", ()):
                 full_key: str = item["Key"]
                 if full_key == self._prefix or not full_key.startswith(self._prefix):
@@ -512,6 +517,12 @@ class S3ObjectStore:
         except BotoCoreError:
             pass
         return self._no_key(key)
+
+    def _not_a_listing(self, page: dict[str, Any]) -> UfsError:
+        content_type = str(page.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("content-type", ""))[:80]
+        sent = f" (it sent {content_type!r})" if content_type else ""
+        return UfsError(f"S3 endpoint {self._where} did not answer the listing of bucket '{self._bucket}' with an S3 "
+                        f"listing{sent}: check that the endpoint is the store's S3 API, not a web page or console")
 
     def _no_bucket(self) -> NoSuchBucket:
         return NoSuchBucket(f"bucket '{self._bucket}' does not exist at {self._where}")

@@ -167,10 +167,10 @@ async def test_an_unexpected_listing_error_fails_the_dataset_with_a_message(
 
 
 @contextlib.asynccontextmanager
-async def answering(status: int, body: bytes) -> AsyncIterator[str]:
+async def answering(status: int, body: bytes, content_type: str = "application/xml") -> AsyncIterator[str]:
     """A web server at a loopback port that answers every request with ``status`` and ``body``: its URL."""
     async def answer(request: web.Request) -> web.Response:
-        return web.Response(status=status, body=body, content_type="application/xml")
+        return web.Response(status=status, body=body, content_type=content_type)
 
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", answer)
@@ -200,3 +200,16 @@ async def test_an_endpoint_answering_a_huge_error_fails_the_dataset_with_a_short
     assert len(message) <= 2000 and message.endswith("…"), (len(message), message[-100:])
     assert condition(record, CONDITION_SYNCED) == ("False", message)
 
+
+async def test_an_endpoint_answering_a_web_page_fails_the_dataset_rather_than_listing_nothing(
+        bus: Bus, nats_server: NatsServer) -> None:
+    """A web page at the endpoint (a console, a proxy's page) is no empty bucket: the dataset fails, with a hint."""
+    page = b"<html><head><title>Console</title></head><body><p>Sign in</p></body></html>"
+    async with answering(200, page, "text/html") as endpoint:
+        record = await sync_of(bus, nats_server, "s3://bucket/data/", options={"endpoint": endpoint})
+    assert record.status.phase == "Failed", record.status
+    assert record.status.message == (
+        f"cannot list s3://bucket/data/: S3 endpoint {endpoint} did not answer the listing of bucket 'bucket' with "
+        "an S3 listing (it sent 'text/html'): check that the endpoint is the store's S3 API, not a web page or "
+        "console"), record.status.message
+    assert not record.status.manifest and record.status.file_num == 0
