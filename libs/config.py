@@ -127,6 +127,13 @@ class ServiceSettings:
         "SHOAL_SYNC_RETRY_SECONDS", "Seconds before the dataset service lists again a store that was unreachable.",
         default=15.0,
     )
+    # A listing page that takes longer is given up and the store retried like an unreachable one: an endpoint that
+    # answers a byte at a time (or a hung network file system) never trips a read timeout and would hold the sync,
+    # and one of its concurrent slots, for ever. Above the S3 client's own attempts (3 of 30 s) for a dead one.
+    sync_page_seconds: float = env(
+        "SHOAL_SYNC_PAGE_SECONDS", "Seconds a sync waits for one listing page before it takes the store for "
+        "unreachable.", default=120.0,
+    )
     # pvc://<claim>/<sub/path> reads the files of a PersistentVolumeClaim of the dataset's namespace where it is
     # mounted: <root>/<namespace>/<claim> (claims are namespaced, so two namespaces' "data" claims never meet). In
     # Kubernetes each claim is mounted into the dataset service and agent pods there; on one machine it is a
@@ -379,6 +386,8 @@ def _check(settings: Settings) -> list[str]:
         problems.append("SHOAL_LIST_PAGE_SIZE: must be between 1 and 1000")
     if settings.service.sync_retry_seconds <= 0:
         problems.append("SHOAL_SYNC_RETRY_SECONDS: must be positive")
+    if settings.service.sync_page_seconds <= 0:
+        problems.append("SHOAL_SYNC_PAGE_SECONDS: must be positive")
     if settings.service.autosync_seconds < 0:
         problems.append("SHOAL_AUTOSYNC_SECONDS: must be 0 (off) or positive")
     if settings.service.http_port is not None and not 0 <= settings.service.http_port <= 65535:

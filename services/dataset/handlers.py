@@ -517,7 +517,8 @@ class DatasetHandlers:
             result = await sync_metadata(record, await ManifestStore.of(self.bus), self.settings.s3,
                                          self.settings.service.list_page_size, self.opener,
                                          local_roots=self.settings.service.local_roots,
-                                         pvc_root=self.settings.service.pvc_root)
+                                         pvc_root=self.settings.service.pvc_root,
+                                         page_seconds=self.settings.service.sync_page_seconds)
             outcome = metrics.SYNC_FAILED if result.error else metrics.OK
             return result
         finally:

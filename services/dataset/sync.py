@@ -11,7 +11,7 @@ is not uploaded again (``SyncResult.manifest_changed``), so a periodic listing t
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 
 from libs import paths
 from libs.bus import RetryLater
@@ -23,7 +23,7 @@ from libs.redact import strip_userinfo
 from libs.subjects import resource_key
 from libs.telemetry import get_logger
 from libs.ufs import open_store
-from libs.ufs.base import LocalLocation, Location, ObjectStore, UfsError
+from libs.ufs.base import EndpointUnreachable, LocalLocation, Location, ObjectInfo, ObjectStore, UfsError
 from libs.ufs.mounts import MissingSecret, local_location_error, read_secrets, resolve_location, secret_refs
 from services.dataset.domain import SyncResult, manifest_name
 
@@ -41,16 +41,42 @@ def _short(error: str) -> str:
     return error if len(error) <= MAX_ERROR_CHARS else error[: MAX_ERROR_CHARS - 1] + "…"
 
 
+async def _paced(listing: AsyncIterator[ObjectInfo], seconds: float) -> AsyncIterator[ObjectInfo]:
+    """``listing``, each entry within ``seconds``: the entries of a page in hand come at once, so this bounds the
+    wait for each page. A store slower than that (one that answers a byte at a time never trips a read timeout)
+    raises ``EndpointUnreachable``, retried later like a store that does not answer."""
+    try:
+        while True:
+            try:
+                async with asyncio.timeout(seconds) as deadline:
+                    info = await anext(listing)
+            except StopAsyncIteration:
+                return
+            except TimeoutError as err:
+                if not deadline.expired():
+                    raise
+                raise EndpointUnreachable(f"no listing page within {seconds:g} s (SHOAL_SYNC_PAGE_SECONDS): the "
+                                          "store answers too slowly, or not at all") from err
+            yield info
+    finally:
+        close = getattr(listing, "aclose", None)
+        if close is not None:
+            await close()
+
+
 async def sync_metadata(record: DatasetRecord, manifests: ManifestStore, defaults: S3Settings,
                         page_size: int, opener: StoreOpener = open_store,
-                        local_roots: Sequence[str] | None = None, pvc_root: str = "") -> SyncResult:
+                        local_roots: Sequence[str] | None = None, pvc_root: str = "",
+                        page_seconds: float = 120.0) -> SyncResult:
     """List every mount of the dataset and store its manifest.
 
     A problem retrying cannot fix (a missing secret, a bucket that does not exist, access denied) becomes
     ``SyncResult.error``; an unreachable endpoint raises ``RetryLater`` with the same kind of message.
     ``local_roots`` (SHOAL_LOCAL_ROOTS) is checked again on the real path of a ``local://`` mount, so a link
     below a root cannot lead the listing out of it; a ``pvc://`` mount's claim must be mounted below ``pvc_root``
-    (SHOAL_PVC_ROOT), or the dataset fails with a message saying so. Errors never show credentials a URL may carry.
+    (SHOAL_PVC_ROOT), or the dataset fails with a message saying so. A page of a listing that takes longer than
+    ``page_seconds`` (SHOAL_SYNC_PAGE_SECONDS) counts as an unreachable store. Errors never show credentials a URL
+    may carry.
     """
     dataset = record.dataset
     key = resource_key(dataset.metadata.namespace, dataset.metadata.name)
@@ -76,7 +102,7 @@ async def sync_metadata(record: DatasetRecord, manifests: ManifestStore, default
             root = mount_path(mount, len(dataset.spec.mounts))
             store = opener(location)
             try:
-                async for info in store.list(page_size=page_size):
+                async for info in _paced(store.list(page_size=page_size), page_seconds):
                     listed += 1
                     problem = info.unusable or paths.key_problem(info.key)
                     if problem is not None:

@@ -6,6 +6,7 @@ every few seconds with an empty message.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
@@ -22,7 +23,7 @@ from libs.events.dataset import Dataset, DatasetApply, DatasetRecord, DatasetSpe
 from libs.manifest import ManifestStore
 from libs.ufs import open_store
 from libs.ufs.base import Location, ObjectInfo, ObjectStore
-from services.dataset.domain import CONDITION_SKIPPED, CONDITION_SYNCED
+from services.dataset.domain import CONDITION_SKIPPED, CONDITION_SYNCED, REASON_UNREACHABLE
 from services.dataset.handlers import DatasetHandlers
 from tests import web_source
 from tests.conftest import NatsServer
@@ -70,12 +71,12 @@ def replace_folder_with_file(folder: Path) -> None:
 
 async def sync_of(bus: Bus, nats_server: NatsServer, mount_point: str,
                   wrap: Callable[[ObjectStore], ObjectStore] = lambda store: store,
-                  options: dict[str, str] | None = None) -> DatasetRecord:
+                  options: dict[str, str] | None = None, **service: object) -> DatasetRecord:
     def opener(location: Location) -> ObjectStore:
         return wrap(open_store(location))
 
     # Credentials for s3:// mounts (the endpoints these tests give them take any).
-    settings = make_settings(nats_server.url, "", "listing-test-key", "listing-test-secret")
+    settings = make_settings(nats_server.url, "", "listing-test-key", "listing-test-secret", **service)
     handlers = DatasetHandlers(bus, settings, opener=opener)
     mount = Mount(mount_point=mount_point, options=options or {})
     dataset = Dataset(metadata=ObjectMeta(name="odd"), spec=DatasetSpec(mounts=[mount]))
@@ -213,3 +214,46 @@ async def test_an_endpoint_answering_a_web_page_fails_the_dataset_rather_than_li
         "an S3 listing (it sent 'text/html'): check that the endpoint is the store's S3 API, not a web page or "
         "console"), record.status.message
     assert not record.status.manifest and record.status.file_num == 0
+
+
+@contextlib.asynccontextmanager
+async def dripping() -> AsyncIterator[str]:
+    """An endpoint that starts a 200 answer and then sends one byte every 0.2 s, for ever: no read ever waits long
+    enough to time out, and the answer never ends. Its URL."""
+    serving: set[asyncio.Task[None]] = set()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        serving.add(asyncio.current_task())  # type: ignore[arg-type]
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/xml\r\nContent-Length: 1000000\r\n\r\n")
+        try:
+            while True:
+                writer.write(b" ")
+                await writer.drain()
+                await asyncio.sleep(0.2)  # the pace of the drip, not a wait for anything
+        except (ConnectionError, asyncio.CancelledError):
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    finally:
+        server.close()
+        for task in serving:
+            task.cancel()
+        await asyncio.gather(*serving, return_exceptions=True)
+        await server.wait_closed()
+
+
+async def test_an_endpoint_that_answers_a_byte_at_a_time_fails_the_sync_within_its_page_time(
+        bus: Bus, nats_server: NatsServer) -> None:
+    """Each read gets a byte in time, so no read timeout fires: the page time (SHOAL_SYNC_PAGE_SECONDS) ends the
+    listing, the store counts as unreachable (tried again later) and the dataset says so."""
+    async with dripping() as endpoint:
+        record = await sync_of(bus, nats_server, "s3://bucket/data/", options={"endpoint": endpoint},
+                               sync_page_seconds=1.0)
+    assert record.status.phase == "Failed", record.status
+    assert record.status.message == ("cannot list s3://bucket/data/: no listing page within 1 s "
+                                     "(SHOAL_SYNC_PAGE_SECONDS): the store answers too slowly, or not at all")
+    assert condition(record, CONDITION_SYNCED) == ("False", record.status.message)
+    assert next(c for c in record.status.conditions if c.type == CONDITION_SYNCED).reason == REASON_UNREACHABLE

@@ -64,6 +64,7 @@ def test_values_from_the_environment() -> None:
         "SHOAL_MAX_DELIVER": "7",
         "SHOAL_LIST_PAGE_SIZE": "500",
         "SHOAL_SYNC_RETRY_SECONDS": "2.5",
+        "SHOAL_SYNC_PAGE_SECONDS": "30",
     })
     assert settings.nats.user == "shoal"
     assert settings.nats.password.reveal() == NATS_PASSWORD
@@ -78,6 +79,7 @@ def test_values_from_the_environment() -> None:
     assert settings.service.max_deliver == 7
     assert settings.service.list_page_size == 500
     assert settings.service.sync_retry_seconds == 2.5
+    assert settings.service.sync_page_seconds == 30
 
 
 # --- NATS_URL ---
@@ -163,6 +165,7 @@ def test_error_shows_the_bad_value_of_plain_settings() -> None:
         ("SHOAL_LIST_PAGE_SIZE", "0"),
         ("SHOAL_LIST_PAGE_SIZE", "1001"),
         ("SHOAL_SYNC_RETRY_SECONDS", "0"),
+        ("SHOAL_SYNC_PAGE_SECONDS", "0"),
         ("SHOAL_STREAM_REPLICAS", "1.5"),
         ("SHOAL_LOG_LEVEL", "INFO "),
         ("SHOAL_READAHEAD_BUDGET", "lots"),
