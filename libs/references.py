@@ -56,7 +56,10 @@ def parse(mount_point: str) -> tuple[Reference | None, str]:
     shown = strip_userinfo(mount_point, strict=True)
     if not mount_point.startswith(PREFIX):
         return None, f"{shown!r} is not a {PREFIX} mount"
-    parts = urlsplit(mount_point)
+    try:
+        parts = urlsplit(mount_point)
+    except ValueError as err:  # an unbalanced '[' (an IPv6 host never closed)
+        return None, f"{shown!r} is not a valid URL ({err}): write {PREFIX}<namespace>/<name>"
     namespace = parts.netloc
     name, _, folder = parts.path.lstrip("/").partition("/")
     folder = folder.strip("/")

@@ -87,6 +87,10 @@ def validate_dataset(dataset: Dataset, local_roots: Sequence[str] | None = None,
     seen_paths: dict[str, int] = {}
     for index, mount in enumerate(spec.mounts):
         where = f"spec.mounts[{index}]"
+        unparsable = _url_error(mount.mount_point)
+        if unparsable:
+            errors.append(f"{where}.mountPoint {strip_userinfo(mount.mount_point, strict=True)!r} {unparsable}")
+            continue
         errors += _mount_errors(mount, where, spec.shared_options, spec.shared_encrypt_options)
         if local_roots is not None and urlsplit(mount.mount_point).scheme == "local":
             refused = local_root_error(urlsplit(mount.mount_point).path, local_roots)
@@ -124,6 +128,15 @@ def validate_dataset(dataset: Dataset, local_roots: Sequence[str] | None = None,
     return errors
 
 
+def _url_error(url: str) -> str:
+    """Why ``url`` cannot be taken apart (urlsplit raises on an unbalanced '[', an IPv6 host never closed), or ""."""
+    try:
+        urlsplit(url)
+    except ValueError as err:
+        return f"is not a valid URL: {err}"
+    return ""
+
+
 def _mount_errors(mount: Mount, where: str, shared: dict[str, str], shared_encrypt: list[EncryptOption]) -> list[str]:
     errors: list[str] = []
     # Shown back in rejections and logs: never with the credentials a URL may carry (reported on their own,
@@ -154,8 +167,10 @@ def _mount_errors(mount: Mount, where: str, shared: dict[str, str], shared_encry
         if options.get("pathStyle", "true").lower() not in ("true", "false"):
             errors.append(f"{where}.options.pathStyle must be true or false")
         endpoint = options.get("endpoint", "")
-        if endpoint and urlsplit(endpoint).scheme not in ("http", "https"):
-            shown_endpoint = strip_userinfo(endpoint, strict=True)
+        shown_endpoint = strip_userinfo(endpoint, strict=True)
+        if endpoint and _url_error(endpoint):
+            errors.append(f"{where}.options.endpoint {shown_endpoint!r} {_url_error(endpoint)}")
+        elif endpoint and urlsplit(endpoint).scheme not in ("http", "https"):
             errors.append(f"{where}.options.endpoint {shown_endpoint!r} must be an http:// or https:// URL")
         for option in encrypt:
             if option.name not in S3_ENCRYPT_OPTIONS:

@@ -416,3 +416,23 @@ async def test_unreachable_store_is_retried_without_a_resync(bus: Bus, nats_serv
             assert (record.generation, record.sync_requests) == (before.generation, before.sync_requests)
     finally:
         await proxy.cut()
+
+
+@pytest.mark.parametrize(("mount", "reason_part"), [
+    (Mount(mount_point="s3://[bucket/data/"), "spec.mounts[0].mountPoint 's3://[bucket/data/' is not a valid URL"),
+    (Mount(mount_point="local://[x/data"), "spec.mounts[0].mountPoint 'local://[x/data' is not a valid URL"),
+    (Mount(mount_point="dataset://[ns/name"), "'dataset://[ns/name' is not a valid URL"),
+    (Mount(mount_point="s3://bucket/data/", options={"endpoint": "http://[::1"}),
+     "spec.mounts[0].options.endpoint 'http://[::1' is not a valid URL"),
+])
+async def test_a_mount_url_that_cannot_be_parsed_is_rejected_with_a_reason(
+        bus: Bus, bus_settings: Settings, mount: Mount, reason_part: str) -> None:
+    """An unbalanced '[' (an IPv6 host never closed) makes urlsplit raise: a rejection, not a handler failure."""
+    facts = FactCollector()
+    await facts.start(bus)
+    async with running(lambda stop: dataset_app.run(bus_settings, stop)):
+        apply = DatasetApply(dataset=Dataset(metadata=ObjectMeta(name="brackets"), spec=DatasetSpec(mounts=[mount])))
+        await bus.publish(subjects.DATASET_APPLY, apply)
+        rejected = await facts.wait_for("dataset.rejected.v1", causationId=apply.id)
+        assert reason_part in rejected["reason"], rejected
+    assert await dataset_record(bus, "brackets") is None
