@@ -322,10 +322,18 @@ class LocalObjectStore:
         # would otherwise redirect the read.
         real, real_root = self._resolve(key)
         try:
-            # Non-blocking: a FIFO put where a file was listed would block this thread (and the read) for ever.
-            fd = _open_inside(real, real_root, os.O_RDONLY | os.O_NONBLOCK)
-            if fd is None:
+            # Looked at before it is opened for reading (O_PATH opens nothing): opening a FIFO put where a file was
+            # listed would block, and opening some devices acts on them (a tape rewinds). Then the same file is
+            # opened again through its descriptor, non-blocking, so nothing swapped in meanwhile is read.
+            found = _open_inside(real, real_root, os.O_PATH)
+            if found is None:
                 raise self._outside(key)
+            try:
+                if not stat.S_ISREG(os.fstat(found).st_mode):
+                    raise self._no_key(key)
+                fd = os.open(f"/proc/self/fd/{found}", os.O_RDONLY | os.O_NONBLOCK)
+            finally:
+                os.close(found)
             with open(fd, "rb") as file:
                 st = os.fstat(file.fileno())
                 if not stat.S_ISREG(st.st_mode):

@@ -6,6 +6,7 @@ import asyncio
 import os
 import re
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -148,6 +149,27 @@ async def test_a_fifo_where_a_file_was_listed_is_no_object_and_does_not_block(tm
     os.mkfifo(path)  # nobody writes to it: a blocking open would never return
     with pytest.raises(NoSuchKey):
         await asyncio.wait_for(store.get_range("obj", 0, 5, etag=etag), 10)
+
+
+async def test_a_special_file_where_a_file_was_listed_is_not_opened_for_reading(tmp_path: Path) -> None:
+    """Opening is an act on some special files (a device may rewind or reset; a FIFO's open lets its writer go on):
+    the file is looked at first, and only a regular file is opened. Seen here through a FIFO whose writer waits in
+    open() until a reader opens it."""
+    path = write(tmp_path, "obj", b"first")
+    store = store_at(tmp_path)
+    etag = (await store.head("obj")).etag
+    path.unlink()
+    os.mkfifo(path)
+    writer = threading.Thread(target=lambda: os.close(os.open(path, os.O_WRONLY)), daemon=True)
+    writer.start()
+    try:
+        with pytest.raises(NoSuchKey):
+            await asyncio.wait_for(store.get_range("obj", 0, 5, etag=etag), 10)
+        writer.join(0.5)  # a reader's open would have let it return at once
+        assert writer.is_alive(), "the FIFO was opened for reading"
+    finally:
+        os.close(os.open(path, os.O_RDONLY | os.O_NONBLOCK))  # let the writer go
+        writer.join(10)
 
 
 @pytest.mark.parametrize(
