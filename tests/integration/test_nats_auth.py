@@ -343,6 +343,12 @@ async def test_every_kind_does_its_job_unrefused_and_no_secret_shows_anywhere(
                 await eventually(lambda: _async(str(root) in mounted_paths()), timeout=30, what="good mounted")
                 assert md5(await read_file(root / "data.bin")) == md5(body)
 
+                async def bound() -> DatasetRecord | None:
+                    record = await record_of(cli_bus, "good")
+                    return record if record and record.status.phase == "Bound" else None
+
+                # The loader fails a load of a dataset not Bound yet (the mount can be up a moment before).
+                await eventually(bound, timeout=30, what="good Bound")
                 load = DataLoad(metadata=ObjectMeta(name="warm"), spec=DataLoadSpec(dataset=ObjectRef(name="good")))
                 await cli_bus.publish(subjects.DATALOAD_APPLY, DataLoadApply(data_load=load))
 
