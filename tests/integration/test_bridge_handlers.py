@@ -316,13 +316,15 @@ async def test_a_status_write_the_api_server_refuses_is_dropped_and_holds_back_n
     handlers = harness.handlers
     await harness.first_lists()
     harness.server.fail("PATCH", "/datasets/bad/status", code)
-    ticks = 0
 
-    def counted(check: Callable[[], Any]) -> Callable[[], Any]:
-        def probe() -> Any:
-            nonlocal ticks
-            ticks += 1
-            return check()
+    def passes(count: int) -> Callable[[], bool]:
+        """A probe true on its ``count``-th look (``harness.until`` looks once a pass)."""
+        looks = 0
+
+        def probe() -> bool:
+            nonlocal looks
+            looks += 1
+            return looks >= count
         return probe
 
     async with running(lambda halt: dataset_app.run(handlers.settings, halt)):
@@ -336,8 +338,8 @@ async def test_a_status_write_the_api_server_refuses_is_dropped_and_holds_back_n
         # Each change of Shoal's status of "bad" (its sync moving on) is written once more; then nothing is, for
         # however many passes. Ten passes in a row without a write, within a few writes in all.
         for _ in range(4):
-            writes, ticks = len(harness.server.recorded("PATCH", "/datasets/bad/status")), 0
-            await harness.until(counted(lambda: ticks >= 10), what="ten more passes")
+            writes = len(harness.server.recorded("PATCH", "/datasets/bad/status"))
+            await harness.until(passes(10), what="ten more passes")
             if len(harness.server.recorded("PATCH", "/datasets/bad/status")) == writes:
                 break
         else:
