@@ -137,6 +137,21 @@ def _url_error(url: str) -> str:
     return ""
 
 
+def _endpoint_error(url: str) -> str:
+    """Why ``url`` is no store endpoint (http or https, a host, a port that exists), or "". Caught here rather
+    than at the first sync, where it would only say "Invalid endpoint"."""
+    if problem := _url_error(url):
+        return problem
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        return "must be an http:// or https:// URL"
+    try:
+        parts.port  # noqa: B018 - urlsplit checks the port only when asked for it
+    except ValueError:
+        return "has a port that is not a number from 0 to 65535"
+    return "" if parts.hostname else "names no host"
+
+
 def _mount_errors(mount: Mount, where: str, shared: dict[str, str], shared_encrypt: list[EncryptOption]) -> list[str]:
     errors: list[str] = []
     # Shown back in rejections and logs: never with the credentials a URL may carry (reported on their own,
@@ -168,10 +183,8 @@ def _mount_errors(mount: Mount, where: str, shared: dict[str, str], shared_encry
             errors.append(f"{where}.options.pathStyle must be true or false")
         endpoint = options.get("endpoint", "")
         shown_endpoint = strip_userinfo(endpoint, strict=True)
-        if endpoint and _url_error(endpoint):
-            errors.append(f"{where}.options.endpoint {shown_endpoint!r} {_url_error(endpoint)}")
-        elif endpoint and urlsplit(endpoint).scheme not in ("http", "https"):
-            errors.append(f"{where}.options.endpoint {shown_endpoint!r} must be an http:// or https:// URL")
+        if endpoint and (problem := _endpoint_error(strip_userinfo(endpoint))):
+            errors.append(f"{where}.options.endpoint {shown_endpoint!r} {problem}")
         for option in encrypt:
             if option.name not in S3_ENCRYPT_OPTIONS:
                 errors.append(

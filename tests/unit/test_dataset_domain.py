@@ -351,6 +351,20 @@ def test_alias_options_are_checked_like_their_canonical_names() -> None:
     assert "must be an http:// or https:// URL" in error
 
 
+@pytest.mark.parametrize(("endpoint", "problem"), [
+    ("http://", "names no host"),
+    ("https://:9000", "names no host"),
+    ("http://minio:99999", "has a port that is not a number from 0 to 65535"),
+    ("http://minio:nine", "has a port that is not a number from 0 to 65535"),
+    ("ftp://minio", "must be an http:// or https:// URL"),
+    ("http://[::1", "is not a valid URL"),
+])
+def test_an_endpoint_that_names_no_store_is_refused_at_apply(endpoint: str, problem: str) -> None:
+    error = one_error(s3_mount(options={"endpoint": endpoint}))
+    assert error.startswith(f"spec.mounts[0].options.endpoint {endpoint!r} {problem}")
+    assert errors_of(s3_mount(options={"endpoint": "http://[::1]:8333"})) == []
+
+
 def test_canonical_options_resolve_aliases_and_let_the_mount_override_shared() -> None:
     mount = s3_mount(options={"alluxio.underfs.s3.endpoint": "http://mount:9000"})
     shared = {"endpoint": "http://shared:9000", "region": "eu-west-1"}
