@@ -206,10 +206,16 @@ def autoscaling_errors(policy: AutoscalingPolicy | None, period_seconds: int) ->
 
 def apply_runtime(record: RuntimeRecord | None, runtime: Runtime, sequence: int = 0) -> tuple[RuntimeRecord, bool]:
     """The record once ``runtime`` (an apply at stream ``sequence``, 0: unknown) is applied, and whether it
-    changed. An apply older than the one the record holds is stale (redelivered after a crash): not applied."""
+    changed (to be saved). An apply older than the one the record holds is stale (redelivered after a crash): not
+    applied. A newer one that changes nothing still moves ``command_sequence`` on (same generation): it is the
+    user's last word, and an older command redelivered behind it is as stale as behind any other."""
     if record is None:
         return RuntimeRecord(runtime=runtime, generation=1, command_sequence=sequence), True
-    if record.runtime == runtime or (sequence and sequence < record.command_sequence):
+    if sequence and sequence < record.command_sequence:
+        return record, False
+    if record.runtime == runtime:
+        if sequence > record.command_sequence:
+            return msgspec.structs.replace(record, command_sequence=sequence), True
         return record, False
     return msgspec.structs.replace(record, runtime=runtime, generation=record.generation + 1,
                                    command_sequence=sequence), True

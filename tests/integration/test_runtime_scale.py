@@ -146,6 +146,23 @@ async def test_a_scale_delivered_again_behind_a_newer_apply_is_not_applied(bus: 
     assert (await stored(bus)).generation == 3
 
 
+async def test_an_older_scale_delivered_again_after_a_newer_one_that_changed_nothing_is_not_applied(
+        bus: Bus) -> None:
+    # `shoal scale --replicas 3` (#2), then `--replicas 1` (#3) to take it back. The service was killed while
+    # handling #2, so #3 is handled first, and finds the replicas it asks for: nothing to change. JetStream then
+    # redelivers #2 after its ack wait. The user's last word is 1 replica: #2 is stale, as behind any newer command.
+    handlers = await handlers_of(bus)
+    await handlers.apply(RuntimeApply(runtime=mem_runtime("1Gi")), delivered(subjects.RUNTIME_APPLY, 1))
+    await handlers.scale(RuntimeScale(name=NAME, replicas=1), delivered(subjects.RUNTIME_SCALE, 3))
+    await handlers.scale(RuntimeScale(name=NAME, replicas=3), delivered(subjects.RUNTIME_SCALE, 2))
+    record = await stored(bus)
+    assert (record.runtime.spec.replicas, record.generation, record.command_sequence) == (1, 1, 3)
+    # The same spec re-applied later (the bridge after its restart) is as much a newer command.
+    await handlers.apply(RuntimeApply(runtime=mem_runtime("1Gi")), delivered(subjects.RUNTIME_APPLY, 5))
+    await handlers.scale(RuntimeScale(name=NAME, replicas=4), delivered(subjects.RUNTIME_SCALE, 4))
+    assert (await stored(bus)).runtime.spec.replicas == 1
+
+
 async def test_a_scale_of_an_unknown_runtime_or_out_of_range_is_refused_as_a_delete_and_an_apply_are(
         bus: Bus, nats_server: NatsServer) -> None:
     facts = FactCollector()

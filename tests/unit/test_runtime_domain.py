@@ -229,6 +229,14 @@ def test_an_older_apply_delivered_again_after_a_newer_one_is_stale() -> None:
     assert (later.generation, later.runtime, changed) == (3, valid_runtime(), True)
 
 
+def test_a_newer_apply_that_changes_nothing_still_makes_older_ones_stale() -> None:
+    first, _ = apply_runtime(None, valid_runtime(), sequence=10)
+    same, changed = apply_runtime(first, valid_runtime(), sequence=12)
+    assert (same.generation, same.command_sequence, changed) == (1, 12, True)
+    stale, changed = apply_runtime(same, valid_runtime(replicas=5), sequence=11)  # redelivered behind #12
+    assert (stale, changed) == (same, False)
+
+
 def test_the_block_size_is_fixed_for_the_runtimes_life_whatever_its_spelling() -> None:
     record, _ = apply_runtime(None, valid_runtime(), sequence=10)
     assert change_errors(None, make_runtime(Level(mediumtype="MEM", quota="1Gi"), block_size="1Mi")) == []
