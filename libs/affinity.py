@@ -4,7 +4,8 @@ why not.
 The required terms are read from ``required`` (Fluid's Dataset field) or
 ``requiredDuringSchedulingIgnoredDuringExecution`` (Kubernetes' NodeAffinity); preferred terms are not
 constraints and are ignored. Terms are ORed, the expressions of one term ANDed, as in Kubernetes. Operators:
-In, NotIn, Exists, DoesNotExist, Gt, Lt (integers). ``matchFields`` supports ``metadata.name`` (the node name).
+In, NotIn, Exists, DoesNotExist, Gt, Lt (64-bit integers, read as Kubernetes reads them). ``matchFields``
+supports ``metadata.name`` (the node name).
 A node always carries the implicit label ``kubernetes.io/hostname`` = its name. An affinity that cannot be read
 (not the documented shape, an unknown operator) allows no node, and the reason says what is wrong, so a typo
 never silently allows everything.
@@ -12,6 +13,7 @@ never silently allows everything.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -19,6 +21,9 @@ HOSTNAME_LABEL = "kubernetes.io/hostname"
 NODE_NAME_FIELD = "metadata.name"
 REQUIRED_KEYS = ("required", "requiredDuringSchedulingIgnoredDuringExecution")
 OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist", "Gt", "Lt")
+# An integer for Gt and Lt, as Go's strconv.ParseInt reads it in base 10: a sign, ASCII digits, 64 bits.
+INTEGER = re.compile(r"[+-]?[0-9]+")
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
 def node_labels(node: str, labels: Mapping[str, str]) -> dict[str, str]:
@@ -68,10 +73,14 @@ def _expression_error(expression: Any) -> str | None:
 
 
 def _integer(value: Any) -> int | None:
-    try:
-        return int(str(value))
-    except ValueError:
+    """The value as Kubernetes reads Gt and Lt (Go's ``strconv.ParseInt(s, 10, 64)``), or None. Python's ``int``
+    is laxer: it takes ``1_0`` (a valid label value), blanks, non-ASCII digits and any size, so a node Kubernetes
+    would not schedule on could become a worker."""
+    text = str(value)
+    if not INTEGER.fullmatch(text):
         return None
+    number = int(text)
+    return number if INT64_MIN <= number <= INT64_MAX else None
 
 
 def _matches(expression: Mapping[str, Any], labels: Mapping[str, str]) -> bool:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from libs.affinity import mismatch
 
@@ -75,3 +77,38 @@ def test_no_affinity_or_only_preferred_terms_allow_every_node() -> None:
 def test_an_unreadable_affinity_allows_no_node_and_says_why(affinity: dict[str, Any], reason: str) -> None:
     found = mismatch(affinity, "n", ZONE_A)
     assert found is not None and found.startswith(reason), found
+
+
+# --- Gt and Lt read integers as Kubernetes does ---
+
+INT64 = (-(2**63), 2**63 - 1)
+
+
+def kube_integer(text: str) -> int | None:
+    """Go's ``strconv.ParseInt(text, 10, 64)``, which Kubernetes uses for both sides of Gt and Lt: an optional
+    sign and ASCII digits, within 64 bits; no blanks, no ``_`` separators, no other digits."""
+    body = text[1:] if text[:1] in ("+", "-") else text
+    if not body or not all("0" <= c <= "9" for c in body):
+        return None
+    value = int(text)
+    return value if INT64[0] <= value <= INT64[1] else None
+
+
+# Label values and requirement values as a cluster may hold them: label values may contain ``_`` ("1_0" is a valid
+# label value), and a typed value may carry blanks or non-ASCII digits.
+NUMBERS = st.one_of(
+    st.integers(-(2**65), 2**65).map(str),
+    st.sampled_from(["+3", "-2", "007", "1_0", " 5", "5 ", "\u0663", "1e3", "0x10", "", "-", "+", "9" * 25]),
+    st.text(alphabet="0123456789+-_ ", max_size=6),
+)
+
+
+@given(label=NUMBERS, wanted=NUMBERS, operator=st.sampled_from(["Gt", "Lt"]))
+def test_gt_and_lt_read_integers_as_kubernetes_does(label: str, wanted: str, operator: str) -> None:
+    found = mismatch(required({"matchExpressions": [expr("gpus", operator, wanted)]}), "n", {"gpus": label})
+    have, want = kube_integer(label), kube_integer(wanted)
+    if want is None:  # Kubernetes refuses such a requirement: it allows no node, and says why
+        assert found == f"gpus {operator} needs one integer value"
+        return
+    matches = have is not None and (have > want if operator == "Gt" else have < want)
+    assert (found is None) == matches, (label, wanted, found)
