@@ -17,8 +17,9 @@ would hold agents, Exclusive by default, for a dataset nobody can read) and says
 worker that misses heartbeats stays picked with ``ready: false`` (it leaves the ring of block owners and comes
 back with its disk cache) and is replaced only when its agent's record is gone or it is no longer eligible; a
 worker that beats but says unhealthy for ``UNHEALTHY_WORKER_GRACE_SECONDS`` is replaced by a healthy spare if
-there is one (``status.replaced`` says so); new picks go in node-name order; scaling down drops the most recently
-picked. ``notPicked`` says why every other serving agent is not a worker.
+there is one (``status.replaced`` says so); new picks go in node-name order; scaling down drops the workers out
+of the ring of block owners first, then the most recently picked. ``notPicked`` says why every other serving agent
+is not a worker.
 
 The elastic cache (``autoscale``): with ``spec.autoscaling``, replicas move between ``minReplicas`` and
 ``maxReplicas`` by themselves, judged from what the dataset service folded from the agents' inventory into the
@@ -316,8 +317,9 @@ def choose_workers(runtime: Runtime, current: Sequence[CacheWorker], agents: Map
     """The runtime's cache workers, pure.
 
     None while the runtime has no Dataset of its name. Sticky: a current worker stays while its agent's record
-    exists (silent or not: it comes back with its disk cache), still serves the runtime, and is still eligible;
-    scaling down drops the most recently picked. One whose fresh heartbeats have said unhealthy for
+    exists (silent or not: it comes back with its disk cache), still serves the runtime, and is still eligible.
+    Scaling down drops the workers out of the ring first (silent, unhealthy, or no serving mount: they hold no
+    block the ring reads), then the most recently picked. One whose fresh heartbeats have said unhealthy for
     ``UNHEALTHY_WORKER_GRACE_SECONDS`` (``CacheWorker.unhealthy_since``) gives its seat to a spare (fresh, healthy,
     eligible) once the empty seats are filled, and stays when there is none: a degraded worker still holds blocks.
     The rest are filled from fresh, healthy, eligible agents in name order, up to ``spec.replicas``; a worker
@@ -337,7 +339,13 @@ def choose_workers(runtime: Runtime, current: Sequence[CacheWorker], agents: Map
     kept = [worker.node for worker in current
             if worker.node in agents and serves(agents[worker.node].heartbeat, runtime)
             and reason_for(worker.node) is None]
-    picked = list(dict.fromkeys(kept))[:replicas]
+    kept = list(dict.fromkeys(kept))
+    if len(kept) > replicas:
+        # Out of the ring first (stable sort: pick order within each kind), then the most recently picked.
+        ring = [node for node in kept if in_ring(runtime, agents[node], now)]
+        out = [node for node in kept if node not in ring]
+        kept = [node for node in kept if node in (ring + out)[:replicas]]
+    picked = kept
     since = {worker.node: worker.unhealthy_since for worker in current}
     overdue = [node for node in picked
                if is_fresh(agents[node], now) and not agents[node].heartbeat.healthy
@@ -373,6 +381,15 @@ def choose_workers(runtime: Runtime, current: Sequence[CacheWorker], agents: Map
         else:
             not_picked.append(NotPicked(node=node, reason=reason))
     return Picks(picked, not_picked, replaced)
+
+
+def in_ring(runtime: Runtime, record: AgentRecord, now: float) -> bool:
+    """Whether a worker with this last heartbeat is one of the ring's block owners: ready (fresh, healthy) and
+    serving the dataset's mount with a peer URL."""
+    meta = runtime.metadata
+    report = record.heartbeat.mount_of(meta.namespace, meta.name)
+    return (is_fresh(record, now) and record.heartbeat.healthy and report is not None
+            and report.state == "Serving" and bool(report.peer_url))
 
 
 def pick_workers(runtime: Runtime, current: Sequence[CacheWorker], agents: Mapping[str, AgentRecord], now: float,

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
 from hypothesis import given
 from hypothesis import strategies as st
 
+from libs import affinity
 from libs.cli.render import describe_runtime
 from libs.events.agent import AgentHeartbeat, AgentRecord, MountReport
 from libs.events.common import ObjectMeta, ObjectRef
@@ -29,6 +31,8 @@ from services.runtime.domain import (
     UNHEALTHY_WORKER_GRACE_SECONDS,
     OtherRuntime,
     Placement,
+    in_ring,
+    ineligible_reason,
     pick_workers,
     placement_of,
     runtime_status,
@@ -118,6 +122,19 @@ def test_scaling_up_keeps_the_workers_and_down_drops_the_latest() -> None:
     current = workers("n3", "n0", "n4")  # picked earlier, in this order
     assert pick_workers(runtime(4), current, agents, NOW)[0] == ["n3", "n0", "n4", "n1"]
     assert pick_workers(runtime(2), current, agents, NOW)[0] == ["n3", "n0"]
+
+
+def test_scaling_down_drops_the_workers_out_of_the_ring_first() -> None:
+    # n1 is silent, n2 unhealthy, n5's mount is not serving yet: none of them owns a block the ring reads, so
+    # dropping them moves nothing; dropping n3 or n4 (the most recently picked) would move their blocks.
+    silent = MISSED_BEATS * INTERVAL + 1
+    agents = by_node(agent("n1", age=silent, peer_url="http://n1:1"),
+                     agent("n2", healthy=False, peer_url="http://n2:1"),
+                     agent("n3", peer_url="http://n3:1"), agent("n4", peer_url="http://n4:1"), agent("n5"))
+    current = workers("n1", "n2", "n3", "n4", "n5")
+    assert pick_workers(runtime(2), current, agents, NOW)[0] == ["n3", "n4"]
+    assert pick_workers(runtime(3), current, agents, NOW)[0] == ["n1", "n3", "n4"]  # then in pick order
+    assert pick_workers(runtime(0), current, agents, NOW)[0] == []
 
 
 def test_a_worker_no_longer_eligible_is_replaced() -> None:
@@ -339,3 +356,89 @@ def test_scaling_three_to_four_keeps_the_three() -> None:
     three, _ = pick_workers(runtime(3), [], agents, NOW)
     four, _ = pick_workers(runtime(4), workers(*three), agents, NOW)
     assert four[:3] == three and len(four) == 4
+
+
+# Affinities of one or two terms (ORed) of one or two expressions (ANDed), over every operator.
+EXPRESSIONS = st.one_of(
+    st.builds(lambda op, vs: {"key": "zone", "operator": op, "values": vs}, st.sampled_from(["In", "NotIn"]),
+              st.lists(st.sampled_from(["a", "b", "c"]), min_size=1, max_size=2)),
+    st.builds(lambda key, op: {"key": key, "operator": op}, st.sampled_from(["zone", "gpus"]),
+              st.sampled_from(["Exists", "DoesNotExist"])),
+    st.builds(lambda op, v: {"key": "gpus", "operator": op, "values": [v]}, st.sampled_from(["Gt", "Lt"]),
+              st.sampled_from(["0", "2", "4", "8"])),
+)
+AFFINITIES = st.lists(st.lists(EXPRESSIONS, min_size=1, max_size=2), min_size=1, max_size=2).map(
+    lambda terms: {"required": {"nodeSelectorTerms": [{"matchExpressions": term} for term in terms]}})
+LABELLED = st.dictionaries(
+    keys=st.sampled_from(NODES),
+    values=st.tuples(st.sampled_from(["a", "b", ""]), st.sampled_from(["1", "4", "8", ""]), st.booleans()),
+    max_size=8,
+)
+
+
+def labelled(spec: dict[str, Any]) -> dict[str, AgentRecord]:
+    """Fresh agents serving the runtime, with a zone and a number of GPUs (each may be missing), healthy or not."""
+    return by_node(*(agent(node, {k: v for k, v in (("zone", zone), ("gpus", gpus)) if v}, healthy=healthy)
+                     for node, (zone, gpus, healthy) in spec.items()))
+
+
+def eligible(agents: dict[str, AgentRecord], placement: Placement, others: list[OtherRuntime]) -> set[str]:
+    return {node for node, record in agents.items() if record.heartbeat.healthy
+            and ineligible_reason(node, record.heartbeat.labels, placement, others) is None}
+
+
+@given(LABELLED, st.integers(0, 8), AFFINITIES, st.booleans(), OTHERS)
+def test_the_workers_satisfy_affinity_and_placement_and_are_as_many_as_can_be(
+        spec: Any, replicas: int, node_affinity: dict[str, Any], exclusive: bool, others: list[OtherRuntime]) -> None:
+    agents = labelled(spec)
+    placement = Placement(affinity=node_affinity, exclusive=exclusive)
+    picked, not_picked = pick_workers(runtime(replicas), [], agents, NOW, placement, others)
+    allowed = eligible(agents, placement, others)
+    assert set(picked) <= allowed and len(picked) == min(replicas, len(allowed))
+    for node in picked:
+        assert affinity.mismatch(node_affinity, node, agents[node].heartbeat.labels) is None
+        assert all(not (other.exclusive or exclusive) for other in others if node in other.workers)
+    assert {n.node for n in not_picked} == set(agents) - set(picked)  # every other agent is told why
+
+
+@given(LABELLED, st.integers(0, 8), AFFINITIES, st.sampled_from(NODES),
+       st.sampled_from(["gone", "relabelled", "sick", "silent", "new"]), st.data())
+def test_a_change_of_one_agent_moves_at_most_one_worker(spec: Any, replicas: int, node_affinity: dict[str, Any],
+                                                        changed: str, how: str, data: st.DataObject) -> None:
+    agents = labelled(spec)
+    placement = Placement(affinity=node_affinity)
+    before, _ = pick_workers(runtime(replicas), [], agents, NOW, placement)
+    after_agents = dict(agents)
+    if how == "gone":
+        after_agents.pop(changed, None)
+    elif how == "relabelled":
+        zone = data.draw(st.sampled_from(["a", "b", "c"]))
+        after_agents[changed] = agent(changed, {"zone": zone, "gpus": data.draw(st.sampled_from(["1", "4", "8"]))})
+    elif how == "sick":
+        after_agents[changed] = agent(changed, healthy=False)
+    elif how == "silent":
+        after_agents[changed] = agent(changed, age=MISSED_BEATS * INTERVAL + 1)
+    else:
+        after_agents[changed] = agent(changed, {"zone": data.draw(st.sampled_from(["a", "b"]))})
+    after, _ = pick_workers(runtime(replicas), workers(*before), after_agents, NOW, placement)
+    assert set(before) - set(after) <= {changed}  # only the changed agent may lose its seat
+    assert len(set(after) - set(before)) <= 1  # and one agent at most takes a seat
+    assert after[:len(set(before) & set(after))] == [node for node in before if node in after]  # order kept
+
+
+@given(AGENTS, st.integers(0, 6), st.lists(st.sampled_from(NODES), min_size=1, max_size=6, unique=True),
+       st.sets(st.sampled_from(NODES)))
+def test_scaling_down_keeps_the_ring_before_anyone_else(spec: Any, replicas: int, current: list[str],
+                                                        serving: set[str]) -> None:
+    agents = build(spec)
+    for node in serving & set(agents):  # these have a serving mount with a peer URL
+        record = agents[node]
+        beat = msgspec.structs.replace(record.heartbeat, mounts=[
+            MountReport(dataset=ObjectRef(name="demo"), state="Serving", peer_url=f"http://{node}:1")])
+        agents[node] = msgspec.structs.replace(record, heartbeat=beat)
+    full, _ = pick_workers(runtime(len(NODES)), workers(*current), agents, NOW)
+    shrunk, _ = pick_workers(runtime(replicas), workers(*full), agents, NOW)
+    assert shrunk == [node for node in full if node in shrunk] and len(shrunk) == min(replicas, len(full))
+    ring = {node for node in full if in_ring(runtime(replicas), agents[node], NOW)}
+    # A ring member (a block owner the ring reads) loses its seat only when no worker out of the ring is left.
+    assert not (ring - set(shrunk) and set(shrunk) - ring)
