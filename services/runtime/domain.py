@@ -69,6 +69,11 @@ CONDITION_DATASET = "DatasetFound"
 # enough that a blip (a mount process restarted by its supervisor, a cache directory back after a moment) does not
 # move the worker's blocks to another node and back; short next to a runtime left PartialReady for good.
 UNHEALTHY_WORKER_GRACE_SECONDS = 30.0
+# After a start, for this long a worker whose agent has no record keeps its seat (not ready): the records are
+# written by this service only, so after an outage longer than their TTL (``libs.bus.AGENTS_TTL_SECONDS``) none is
+# left, and the first beats read back would otherwise hand every seat to whichever agents beat first, moving the
+# whole ring. One TTL is as long as a worker silent while the service runs keeps its seat.
+AGENT_VIEW_SETTLING_SECONDS = 60.0
 # Replacements kept in status.replaced (``shoal describe runtime`` shows them).
 REPLACED_HISTORY = 10
 # A cluster of thousands of nodes is the most a single runtime is expected to span.
@@ -313,13 +318,16 @@ class Picks:
 
 
 def choose_workers(runtime: Runtime, current: Sequence[CacheWorker], agents: Mapping[str, AgentRecord], now: float,
-                   placement: Placement = Placement(), others: Iterable[OtherRuntime] = ()) -> Picks:
+                   placement: Placement = Placement(), others: Iterable[OtherRuntime] = (),
+                   keep_absent: bool = False) -> Picks:
     """The runtime's cache workers, pure.
 
     None while the runtime has no Dataset of its name. Sticky: a current worker stays while its agent's record
-    exists (silent or not: it comes back with its disk cache), still serves the runtime, and is still eligible.
-    Scaling down drops the workers out of the ring first (silent, unhealthy, or no serving mount: they hold no
-    block the ring reads), then the most recently picked. One whose fresh heartbeats have said unhealthy for
+    exists (silent or not: it comes back with its disk cache), still serves the runtime, and is still eligible;
+    with ``keep_absent`` (the agents' view is still settling after a restart, see ``AGENT_VIEW_SETTLING_SECONDS``)
+    one without a record stays too. Scaling down drops the workers out of the ring first (silent, unhealthy, no
+    record, or no serving mount: they hold no block the ring reads), then the most recently picked. One whose
+    fresh heartbeats have said unhealthy for
     ``UNHEALTHY_WORKER_GRACE_SECONDS`` (``CacheWorker.unhealthy_since``) gives its seat to a spare (fresh, healthy,
     eligible) once the empty seats are filled, and stays when there is none: a degraded worker still holds blocks.
     The rest are filled from fresh, healthy, eligible agents in name order, up to ``spec.replicas``; a worker
@@ -336,19 +344,22 @@ def choose_workers(runtime: Runtime, current: Sequence[CacheWorker], agents: Map
             reasons[node] = missing or ineligible_reason(node, beat.labels, placement, others)
         return reasons[node]
 
+    # Whether a worker has no record to judge it by, and is kept all the same (see ``keep_absent``).
+    absent_kept = keep_absent and missing is None and not placement.reference
     kept = [worker.node for worker in current
-            if worker.node in agents and serves(agents[worker.node].heartbeat, runtime)
-            and reason_for(worker.node) is None]
+            if (worker.node not in agents and absent_kept)
+            or (worker.node in agents and serves(agents[worker.node].heartbeat, runtime)
+                and reason_for(worker.node) is None)]
     kept = list(dict.fromkeys(kept))
     if len(kept) > replicas:
         # Out of the ring first (stable sort: pick order within each kind), then the most recently picked.
-        ring = [node for node in kept if in_ring(runtime, agents[node], now)]
+        ring = [node for node in kept if node in agents and in_ring(runtime, agents[node], now)]
         out = [node for node in kept if node not in ring]
         kept = [node for node in kept if node in (ring + out)[:replicas]]
     picked = kept
     since = {worker.node: worker.unhealthy_since for worker in current}
     overdue = [node for node in picked
-               if is_fresh(agents[node], now) and not agents[node].heartbeat.healthy
+               if node in agents and is_fresh(agents[node], now) and not agents[node].heartbeat.healthy
                and since.get(node) and now - since[node] >= UNHEALTHY_WORKER_GRACE_SECONDS]
     spares = [node for node in sorted(agents)
               if node not in picked and is_fresh(agents[node], now) and serves(agents[node].heartbeat, runtime)
@@ -393,20 +404,22 @@ def in_ring(runtime: Runtime, record: AgentRecord, now: float) -> bool:
 
 
 def pick_workers(runtime: Runtime, current: Sequence[CacheWorker], agents: Mapping[str, AgentRecord], now: float,
-                 placement: Placement = Placement(),
-                 others: Iterable[OtherRuntime] = ()) -> tuple[list[str], list[NotPicked]]:
+                 placement: Placement = Placement(), others: Iterable[OtherRuntime] = (),
+                 keep_absent: bool = False) -> tuple[list[str], list[NotPicked]]:
     """The runtime's cache workers in pick order, and the serving agents not picked with the reason (see
     ``choose_workers``)."""
-    picks = choose_workers(runtime, current, agents, now, placement, others)
+    picks = choose_workers(runtime, current, agents, now, placement, others, keep_absent)
     return picks.workers, picks.not_picked
 
 
 def can_add_worker(runtime: Runtime, current: Sequence[CacheWorker], agents: Mapping[str, AgentRecord], now: float,
-                   placement: Placement = Placement(), others: Iterable[OtherRuntime] = ()) -> bool:
+                   placement: Placement = Placement(), others: Iterable[OtherRuntime] = (),
+                   keep_absent: bool = False) -> bool:
     """Whether one more replica would get a worker: a fresh, healthy, eligible agent not picked yet. Without one,
     growing leaves the replicas unfilled (the runtime PartialReady) and the cache as it was."""
     grown = msgspec.structs.replace(runtime.spec, replicas=max(runtime.spec.replicas, 0) + 1)
-    picked, _ = pick_workers(msgspec.structs.replace(runtime, spec=grown), current, agents, now, placement, others)
+    picked, _ = pick_workers(msgspec.structs.replace(runtime, spec=grown), current, agents, now, placement, others,
+                             keep_absent)
     return len(picked) == grown.replicas
 
 
@@ -418,7 +431,10 @@ def worker_status(runtime: Runtime, nodes: Iterable[str], agents: Mapping[str, A
     since = {worker.node: worker.unhealthy_since for worker in current}
     workers = []
     for node in nodes:
-        record = agents[node]
+        record = agents.get(node)
+        if record is None:  # kept while the agents' view settles (``keep_absent``): not ready, as when silent
+            workers.append(CacheWorker(node=node, ready=False, unhealthy_since=since.get(node) or 0.0))
+            continue
         beat = record.heartbeat
         report = beat.mount_of(meta.namespace, meta.name)
         peer_url = report.peer_url if report is not None and report.state == "Serving" else ""
@@ -428,20 +444,22 @@ def worker_status(runtime: Runtime, nodes: Iterable[str], agents: Mapping[str, A
 
 
 def runtime_status(record: RuntimeRecord, agents: Iterable[AgentRecord], now: float,
-                   placement: Placement = Placement(), others: Iterable[OtherRuntime] = ()) -> RuntimeStatus:
+                   placement: Placement = Placement(), others: Iterable[OtherRuntime] = (),
+                   keep_absent: bool = False) -> RuntimeStatus:
     """The runtime's status: cache workers (sticky, see ``choose_workers``), those replaced, and the phase.
 
     The phase counts the nodes that can serve the dataset against ``replicas`` (an agent that is no cache
     worker still mounts the dataset and reads through the workers, or from the store when there are none), so a
     dataset on a node whose only agent holds another Exclusive dataset's cache still binds and mounts; a
     shortfall of cache workers is named in the message. With no Dataset of the runtime's name there are no cache
-    workers, the message says so and the ``DatasetFound`` condition is False.
+    workers, the message says so and the ``DatasetFound`` condition is False. ``keep_absent``: see
+    ``choose_workers``.
     """
     runtime = record.runtime
     by_node = {agent.heartbeat.node: agent for agent in agents}
     serving = serving_agents(runtime, by_node.values(), now)
     nodes = [beat.node for beat in serving if beat.healthy]
-    picks = choose_workers(runtime, record.status.workers, by_node, now, placement, others)
+    picks = choose_workers(runtime, record.status.workers, by_node, now, placement, others, keep_absent)
     workers = worker_status(runtime, picks.workers, by_node, now, record.status.workers)
     ready_workers = [worker for worker in workers if worker.ready]
     unhealthy = [f"{beat.node} unhealthy ({problems_text(beat)})" for beat in serving if not beat.healthy]

@@ -94,6 +94,18 @@ class RuntimeHandlers:
     workers_gauge: GaugeFamily = field(default_factory=lambda: GaugeFamily(metrics.RUNTIME_WORKERS))
     # The autoscaler's previous look at each runtime's read counters (its window starts there).
     read_counters: dict[str, domain.ReadCounters] = field(default_factory=dict)
+    # When this service started (``clock``): its agents' view settles for a while (``keep_absent``).
+    started_at: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.started_at is None:
+            self.started_at = self.clock()
+
+    def _settling(self, now: float) -> bool:
+        """Whether the agents' view may still lack agents that beat while this service was down (their records
+        expired): a worker without a record keeps its seat meanwhile (``domain.choose_workers``)."""
+        assert self.started_at is not None
+        return now - self.started_at < domain.AGENT_VIEW_SETTLING_SECONDS
 
     async def on_command(self, command: RuntimeCommand, delivery: Delivery) -> None:
         if isinstance(command, RuntimeApply):
@@ -249,7 +261,8 @@ class RuntimeHandlers:
     def _status(self, key: str, record: RuntimeRecord, agents: list[AgentRecord]) -> RuntimeStatus:
         """The runtime's status as things stand; its placement is noted for ``check_placements``."""
         placement = self.placements[key] = self.placement(key)
-        return domain.runtime_status(record, agents, self.clock(), placement, self.others(key))
+        now = self.clock()
+        return domain.runtime_status(record, agents, now, placement, self.others(key), self._settling(now))
 
     async def autoscale_all(self) -> None:
         """One look of the autoscaler at every runtime with ``spec.autoscaling``."""
@@ -268,7 +281,7 @@ class RuntimeHandlers:
         now = self.clock()
         agents = {agent.heartbeat.node: agent for agent in self._agents()}
         spare = domain.can_add_worker(record.runtime, record.status.workers, agents, now, self.placement(key),
-                                      self.others(key))
+                                      self.others(key), self._settling(now))
         sample = domain.cache_sample(record.runtime, record.status, dataset.status.nodes if dataset else [], spare)
         choice = domain.autoscale(policy, record.runtime.spec.replicas, sample, self.read_counters.get(key),
                                   record.status.autoscaling, now)

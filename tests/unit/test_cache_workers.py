@@ -137,6 +137,21 @@ def test_scaling_down_drops_the_workers_out_of_the_ring_first() -> None:
     assert pick_workers(runtime(0), current, agents, NOW)[0] == []
 
 
+def test_a_worker_without_a_record_keeps_its_seat_while_the_agents_view_settles() -> None:
+    # Just restarted after the records expired: n1 beat first; n2 and n4, the workers, have not yet.
+    agents = by_node(agent("n1"))
+    current = [CacheWorker(node="n2", ready=True, peer_url="http://n2:1"), CacheWorker(node="n4", ready=True)]
+    assert pick_workers(runtime(2), current, agents, NOW, keep_absent=True) == (
+        ["n2", "n4"], [NotPicked(node="n1", reason="2 of 2 replicas already picked")])
+    status = runtime_status(RuntimeRecord(runtime=runtime(2), generation=1, status=RuntimeStatus(workers=current)),
+                            list(agents.values()), NOW, keep_absent=True)
+    assert status.workers == [CacheWorker(node="n2", ready=False), CacheWorker(node="n4", ready=False)]
+    assert status.worker_number_ready == 0 and status.phase == "PartialReady"
+    # Settled (or no Dataset): the seat of an agent without a record goes to another, as ever.
+    assert pick_workers(runtime(2), current, agents, NOW)[0] == ["n1"]
+    assert pick_workers(runtime(2), current, agents, NOW, placement_of(None), keep_absent=True)[0] == []
+
+
 def test_a_worker_no_longer_eligible_is_replaced() -> None:
     agents = by_node(agent("n1", {"zone": "b"}), agent("n2", {"zone": "a"}))
     assert pick_workers(runtime(1), workers("n1"), agents, NOW, Placement(affinity=ZONE_A))[0] == ["n2"]
