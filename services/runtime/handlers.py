@@ -319,14 +319,18 @@ class RuntimeHandlers:
                 for other, record in self.runtimes.values.items() if other != key and record.status.workers]
 
     async def check_placements(self) -> None:
-        """Refresh the runtimes whose Dataset's nodeAffinity or placement changed, or all after workers moved."""
+        """Refresh the runtimes whose Dataset's nodeAffinity or placement changed, or all after workers moved or
+        a runtime turned Exclusive or Shared."""
         if not (self.datasets.ready.is_set() and self.runtimes.ready.is_set()):
             return
         keys = sorted(self.runtimes.values)
         for gone in self.placements.keys() - set(keys):  # deleted runtimes
             del self.placements[gone]
         changed = [key for key in keys if self.placements.get(key) != self.placement(key)]
-        if self.workers_changed:
+        # Whether a runtime is Exclusive decides which agents the others may take (or must let go): all look again.
+        shared_or_not = any(key in self.placements and self.placements[key].exclusive != self.placement(key).exclusive
+                            for key in changed)
+        if self.workers_changed or shared_or_not:
             self.workers_changed, changed = False, keys
         agents = self._agents()
         for key in changed:
