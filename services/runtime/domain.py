@@ -283,8 +283,12 @@ def placement_of(dataset: DatasetSpec | None) -> Placement:
 
 
 def ineligible_reason(node: str, labels: Mapping[str, str], placement: Placement,
-                      others: Iterable[OtherRuntime]) -> str | None:
-    """Why an agent may not be one of the runtime's cache workers, or None when it may."""
+                      others: Iterable[OtherRuntime], worker: bool = False) -> str | None:
+    """Why an agent may not be one of the runtime's cache workers, or None when it may. ``worker``: it is one
+    already. An Exclusive runtime then keeps it though a Shared one uses it too (the runtime was Shared, its
+    Dataset re-applied Exclusive): the Shared one lets it go (it is an Exclusive runtime's worker), whichever
+    of the two looks first; letting the Exclusive one go instead would leave the dataset that asked for
+    workers of its own with none."""
     if placement.reference:
         return "the dataset is a reference (dataset://): its source's runtime caches it"
     if (reason := affinity.mismatch(placement.affinity, node, labels)) is not None:
@@ -293,7 +297,7 @@ def ineligible_reason(node: str, labels: Mapping[str, str], placement: Placement
         if node in other.workers:
             if other.exclusive:
                 return f"worker of {other.key} (Exclusive)"
-            if placement.exclusive:
+            if placement.exclusive and not worker:
                 return f"worker of {other.key}, and this dataset is Exclusive"
     return None
 
@@ -337,11 +341,12 @@ def choose_workers(runtime: Runtime, current: Sequence[CacheWorker], agents: Map
     replicas = max(runtime.spec.replicas, 0)
     missing = None if placement.found else missing_dataset(runtime)
     reasons: dict[str, str | None] = {}
+    current_nodes = {worker.node for worker in current}
 
     def reason_for(node: str) -> str | None:
         if node not in reasons:
             beat = agents[node].heartbeat
-            reasons[node] = missing or ineligible_reason(node, beat.labels, placement, others)
+            reasons[node] = missing or ineligible_reason(node, beat.labels, placement, others, node in current_nodes)
         return reasons[node]
 
     # Whether a worker has no record to judge it by, and is kept all the same (see ``keep_absent``).

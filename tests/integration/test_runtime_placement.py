@@ -1,5 +1,6 @@
 """Placement changed on a live runtime, on a real nats-server: the other runtimes' picks follow at once (the
-placement check), not at the next tick. Drives ``RuntimeHandlers`` directly, so every refresh is the test's."""
+placement check), not at the next tick, and a runtime turned Exclusive keeps its workers while the Shared ones
+let them go. Drives ``RuntimeHandlers`` directly, so every refresh is the test's."""
 
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ async def workers(bus: Bus, name: str) -> list[str]:
     return [worker.node for worker in record.status.workers]
 
 
-async def test_a_runtime_turned_shared_lets_a_shared_one_take_its_workers_at_once(bus: Bus) -> None:
+async def test_a_placement_changed_live_moves_the_others_at_once_and_keeps_its_own_workers(bus: Bus) -> None:
     handlers = RuntimeHandlers(bus, unwatched_mirror(await bus.kv(subjects.KV_AGENTS), AgentRecord),
                                unwatched_mirror(await bus.kv(subjects.KV_DATASETS), DatasetRecord),
                                unwatched_mirror(await bus.kv(subjects.KV_RUNTIMES), RuntimeRecord),
@@ -55,3 +56,7 @@ async def test_a_runtime_turned_shared_lets_a_shared_one_take_its_workers_at_onc
     handlers.datasets.values["default.a"] = dataset("a", "Shared")
     await handlers.check_placements()
     assert (await workers(bus, "a"), await workers(bus, "b")) == (["n1"], ["n2", "n1"])
+    # And back to Exclusive: b lets n1 go (an Exclusive dataset's worker is nobody else's), a keeps it.
+    handlers.datasets.values["default.a"] = dataset("a", "Exclusive")
+    await handlers.check_placements()
+    assert (await workers(bus, "a"), await workers(bus, "b")) == (["n1"], ["n2"])

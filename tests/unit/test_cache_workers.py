@@ -94,6 +94,20 @@ def test_exclusive_and_shared_placement() -> None:
     assert pick_workers(runtime(2), [], agents, NOW, Placement(exclusive=False), [other_shared])[0] == ["n1", "n2"]
 
 
+def test_a_runtime_turned_exclusive_keeps_its_workers_and_a_shared_one_lets_them_go() -> None:
+    # demo was Shared with n1 a worker of both; its Dataset is re-applied Exclusive. Whichever looks first, n1 ends
+    # up demo's alone: demo keeps it, the Shared one lets it go (a worker of an Exclusive runtime).
+    agents = by_node(agent("n1"), agent("n2"))
+    shared_other = OtherRuntime("default/other", exclusive=False, workers=("n1", "n2"))
+    assert pick_workers(runtime(1), workers("n1"), agents, NOW, Placement(exclusive=True), [shared_other]) == (
+        ["n1"], [NotPicked(node="n2", reason="worker of default/other, and this dataset is Exclusive")])
+    mine = OtherRuntime("default/demo", exclusive=True, workers=("n1",))
+    other = runtime(2, name="other")
+    assert pick_workers(other, workers("n1", "n2"), by_node(agent("n1", serves=("other",)),
+                                                            agent("n2", serves=("other",))),
+                        NOW, Placement(exclusive=False), [mine])[0] == ["n2"]
+
+
 def test_placement_follows_the_dataset() -> None:
     assert placement_of(None) == Placement(affinity=None, exclusive=True, found=False)
     assert placement_of(DatasetSpec()).found
@@ -342,8 +356,8 @@ def test_never_more_than_replicas_and_never_an_ineligible_agent(spec: Any, repli
         if placement.affinity is not None:
             assert labels.get("zone") == "a"
         for other in others:
-            if node in other.workers:
-                assert not other.exclusive and not placement.exclusive
+            if node in other.workers:  # shared with a Shared one: this one is Shared, or Exclusive and had it
+                assert not other.exclusive and (not placement.exclusive or node in current)
         assert "demo" in [ref.name for ref in agents[node].heartbeat.runtimes]
 
 
