@@ -260,14 +260,22 @@ def apply_dataset(record: DatasetRecord | None, dataset: Dataset, sequence: int 
                   incarnation: str = "") -> tuple[DatasetRecord, bool]:
     """The record after applying ``dataset`` (an apply at stream ``sequence``, 0: unknown), and whether its spec
     changed (so it must be synced again). An apply older than the one the record holds is stale (delivered again
-    after a crash, behind newer commands): not applied. A new record is this ``incarnation`` of the name (a fresh
-    id from the handler) for as long as it lives; an existing one keeps its own.
+    after a crash, behind newer commands): not applied. One that changes nothing still moves the record's sequence
+    on (the record is then new but its spec unchanged), so that the applies before it are stale. A new record is
+    this ``incarnation`` of the name (a fresh id from the handler) for as long as it lives; an existing one keeps
+    its own.
 
     A dataset that becomes a reference, or stops being one, starts from an empty status: what it showed (its own
     listing, or its source's) is not its own any more, and must not be mounted meanwhile."""
     if record is None:
         return DatasetRecord(dataset=dataset, generation=1, command_sequence=sequence, incarnation=incarnation), True
-    if record.dataset == dataset or (sequence and sequence < record.command_sequence):
+    if sequence and sequence < record.command_sequence:
+        return record, False
+    if record.dataset == dataset:
+        # Nothing to apply, but the user's latest word is this one: an older apply delivered again behind it (a
+        # crash before its ack) must find itself stale, not undo it.
+        if sequence > record.command_sequence:
+            return msgspec.structs.replace(record, command_sequence=sequence), False
         return record, False
     updated = msgspec.structs.replace(record, dataset=dataset, generation=record.generation + 1,
                                       command_sequence=sequence)

@@ -159,6 +159,8 @@ class DatasetHandlers:
             updated = msgspec.structs.replace(updated, status=status, traceparent=current_traceparent())
             saved_revision = await kv_save(kv, key, updated, revision)  # Conflict → the loop redelivers at once
             log.info("applied", dataset=key, generation=updated.generation)
+        elif updated is not record:  # the same spec, a newer command: only its sequence is kept
+            saved_revision = await kv_save(kv, key, updated, revision)
         await self.bus.publish(
             subjects.DATASET_ACCEPTED,
             DatasetAccepted(id=f"{command.id}.accepted", causation_id=command.id, name=name, namespace=namespace,

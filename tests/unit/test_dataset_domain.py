@@ -491,6 +491,17 @@ def test_an_older_apply_delivered_again_after_a_newer_one_is_stale() -> None:
     assert (later.generation, later.dataset, changed) == (3, valid_s3_dataset(), True)
 
 
+def test_a_newer_apply_that_changes_nothing_still_makes_older_ones_stale() -> None:
+    # Apply #8 (a new spec) is in flight when the service is killed; #9 says again what the record holds. When #8
+    # is delivered again, the user's last word is #9's: #8 is stale.
+    record, _ = apply_dataset(None, valid_s3_dataset(), sequence=7)
+    same, changed = apply_dataset(record, valid_s3_dataset(), sequence=9)
+    assert (same.generation, same.command_sequence, changed) == (1, 9, False)
+    again, changed = apply_dataset(same, make_dataset(s3_mount("s3://imagenet-val")), sequence=8)
+    assert (again, changed) == (same, False)
+    assert apply_dataset(same, valid_s3_dataset(), sequence=9) == (same, False)  # the same one again
+
+
 def test_apply_new_spec_bumps_generation_and_keeps_status() -> None:
     record, _ = apply_dataset(None, valid_s3_dataset())
     synced = msgspec.structs.replace(record, status=DatasetStatus(synced_generation=1, file_num=3))
