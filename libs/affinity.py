@@ -4,8 +4,9 @@ why not.
 The required terms are read from ``required`` (Fluid's Dataset field) or
 ``requiredDuringSchedulingIgnoredDuringExecution`` (Kubernetes' NodeAffinity); preferred terms are not
 constraints and are ignored. Terms are ORed, the expressions of one term ANDed, as in Kubernetes. Operators:
-In, NotIn, Exists, DoesNotExist, Gt, Lt (64-bit integers, read as Kubernetes reads them). ``matchFields``
-supports ``metadata.name`` (the node name).
+In, NotIn, Exists, DoesNotExist, Gt, Lt (64-bit integers, read as Kubernetes reads them), with the values
+Kubernetes requires of each (none for Exists and DoesNotExist). ``matchFields`` supports ``metadata.name`` (the
+node name) with In or NotIn and one value, as Kubernetes does.
 A node always carries the implicit label ``kubernetes.io/hostname`` = its name. An affinity that cannot be read
 (not the documented shape, an unknown operator) allows no node, and the reason says what is wrong, so a typo
 never silently allows everything.
@@ -69,6 +70,19 @@ def _expression_error(expression: Any) -> str | None:
             return f"{expression['key']} {operator} needs one integer value"
     elif operator in ("In", "NotIn") and not values:
         return f"{expression['key']} {operator} needs at least one value"
+    elif operator in ("Exists", "DoesNotExist") and values:
+        # Kubernetes refuses this shape: values here mean someone meant In or NotIn.
+        return f"{expression['key']} {operator} takes no values (for given values use In or NotIn)"
+    return None
+
+
+def _field_error(expression: Mapping[str, Any]) -> str | None:
+    """What Kubernetes allows of a ``matchFields`` expression beyond ``_expression_error``: the node name, In or
+    NotIn, one value."""
+    if expression["key"] != NODE_NAME_FIELD:
+        return f"matchFields supports only {NODE_NAME_FIELD}, got {expression['key']!r}"
+    if expression["operator"] not in ("In", "NotIn") or len(expression.get("values") or []) != 1:
+        return f"matchFields {NODE_NAME_FIELD} takes In or NotIn with one value (a node name)"
     return None
 
 
@@ -117,10 +131,8 @@ def _term_mismatch(term: Any, node: str, labels: Mapping[str, str]) -> str | Non
         if not _matches(expression, labels):
             return _expression_text(expression)
     for expression in fields:
-        if error := _expression_error(expression):
+        if error := _expression_error(expression) or _field_error(expression):
             return error
-        if expression["key"] != NODE_NAME_FIELD:
-            return f"matchFields supports only {NODE_NAME_FIELD}, got {expression['key']!r}"
         if not _matches(expression, {NODE_NAME_FIELD: node}):
             return _expression_text(expression)
     return None

@@ -70,6 +70,12 @@ def test_no_affinity_or_only_preferred_terms_allow_every_node() -> None:
     (required({"matchExpressions": [expr("zone", "Near", "a")]}), "unknown operator 'Near'"),
     (required({"matchExpressions": [expr("gpus", "Gt", "x")]}), "gpus Gt needs one integer value"),
     (required({"matchExpressions": [expr("zone", "In")]}), "zone In needs at least one value"),
+    # Shapes Kubernetes refuses: read as allowing, they would make a node a worker Kubernetes never schedules on.
+    (required({"matchExpressions": [expr("zone", "Exists", "a")]}), "zone Exists takes no values"),
+    (required({"matchExpressions": [expr("zone", "DoesNotExist", "b")]}), "zone DoesNotExist takes no values"),
+    (required({"matchFields": [expr("metadata.name", "Exists")]}), "matchFields metadata.name takes In or NotIn"),
+    (required({"matchFields": [expr("metadata.name", "In", "n", "m")]}),
+     "matchFields metadata.name takes In or NotIn with one value"),
     (required({}), "an empty node selector term matches no node"),
     (required(), "nodeSelectorTerms is empty: no node matches"),
     ({"required": "zone=a"}, "a node selector term must be a mapping"),
