@@ -1117,6 +1117,11 @@ class KvMirror(Generic[T]):
 
     Keys leave the mirror on an explicit delete or purge, or when a replay after a reconnect no longer holds them;
     ``ready`` is set once the initial values are in. During a replay readers keep the previous view.
+
+    A handler that has just written a key puts the value here at once (``saved``) so its next decisions see it; the
+    watch may still bring an older entry of that key afterwards (written before, delivered late). So the mirror keeps
+    the revision of what it holds for each key, a deleted key's included, and takes nothing older: no older value, no
+    older delete. A replay starts the revisions afresh from what it shows (a bucket made again numbers from 1).
     """
 
     def __init__(self, kv: KeyValue, type_: type[T], reconnects: Callable[[], int] | None = None) -> None:
@@ -1126,24 +1131,58 @@ class KvMirror(Generic[T]):
         self.values: dict[str, T] = {}
         self.ready = asyncio.Event()
         self._stopping = asyncio.Event()
+        # The revision behind each key of ``values``, and of each key deleted since the watch (re)started: the
+        # bucket keeps a deleted key's marker too, so this grows no more than the bucket does.
+        self._revisions: dict[str, int] = {}
+        # While a replay runs: the view and revisions it builds, put in place of the current ones at its end.
+        self._replay: tuple[dict[str, T], dict[str, int]] | None = None
 
     async def run(self) -> None:
-        target = self.values
         async with contextlib.aclosing(kv_watch(self.kv, self._stopping, self.reconnects)) as entries:
             async for entry in entries:
-                if isinstance(entry, Replay):
-                    target = {}
-                elif entry is None:
-                    if target is not self.values:
-                        self.values = target
-                    self.ready.set()
-                elif entry.operation in ("DEL", "PURGE"):
-                    target.pop(entry.key, None)
-                elif entry.value is not None:
-                    try:
-                        target[entry.key] = self.decoder.decode(entry.value)
-                    except DECODE_ERRORS:
-                        log.warning("undecodable KV entry ignored", key=entry.key)
+                self.watched(entry)
+
+    def watched(self, entry: KeyValue.Entry | Replay | None) -> None:
+        """Take one item of the watch (``kv_watch``'s: an entry, ``Replay``, or None once caught up)."""
+        if isinstance(entry, Replay):
+            self._replay = {}, {}
+        elif entry is None:
+            if self._replay is not None:
+                self.values, self._revisions = self._replay
+                self._replay = None
+            self.ready.set()
+        else:
+            values, revisions = self._replay if self._replay is not None else (self.values, self._revisions)
+            # nats-py types an entry's revision optional; a watched entry always carries its stream sequence.
+            revision = entry.revision or 0
+            if entry.operation in ("DEL", "PURGE"):
+                _take(values, revisions, entry.key, None, revision)
+            elif entry.value is not None:
+                try:
+                    value = self.decoder.decode(entry.value)
+                except DECODE_ERRORS:
+                    log.warning("undecodable KV entry ignored", key=entry.key)
+                    return
+                _take(values, revisions, entry.key, value, revision)
+
+    def saved(self, key: str, value: T, revision: int) -> None:
+        """``value`` was just written to ``key`` at ``revision`` (what ``kv_save`` or ``kv.put`` returned): readers
+        see it now, and the watch's older entries of ``key`` no longer replace it. A replay under way takes it too,
+        as its entries may predate the write."""
+        _take(self.values, self._revisions, key, value, revision)
+        if self._replay is not None:
+            _take(*self._replay, key, value, revision)
 
     def stop(self) -> None:
         self._stopping.set()
+
+
+def _take(values: dict[str, T], revisions: dict[str, int], key: str, value: T | None, revision: int) -> None:
+    """Put ``value`` (None: the key deleted) at ``revision`` into a mirror's view, unless it holds a newer one."""
+    if revision < revisions.get(key, 0):
+        return
+    revisions[key] = revision
+    if value is None:
+        values.pop(key, None)
+    else:
+        values[key] = value

@@ -1,16 +1,21 @@
-"""The bus on a real nats-server: KV compare-and-set between two writers, and services that outlive a restart
-of the nats-server (same port, same JetStream store directory)."""
+"""The bus on a real nats-server: KV compare-and-set between two writers, services that outlive a restart of the
+nats-server (same port, same JetStream store directory), and a bucket's mirror that never goes back to an older
+revision than it holds."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import shutil
+from collections.abc import AsyncGenerator
 from pathlib import Path
 
 import msgspec
 import pytest
+from nats.js.kv import KeyValue
 
 from libs import subjects
-from libs.bus import Bus, Conflict, connect, kv_delete, kv_keys, kv_load, kv_save
+from libs.bus import Bus, Conflict, KvMirror, Replay, connect, kv_delete, kv_keys, kv_load, kv_save, kv_watch
 from libs.config import NatsSettings
 from libs.events.common import ObjectMeta
 from libs.events.dataset import Dataset, DatasetApply, DatasetSpec, Mount
@@ -145,3 +150,123 @@ async def test_kv_keys_lists_each_key_once_while_keys_are_being_written(bus: Bus
     finally:
         writing = False
         await writer
+
+
+# --- KvMirror: a handler's own write against the watch's late entries ---
+# A handler puts what it saved into its mirror at once (``saved``); the mirror's watch may bring an older entry of
+# that key afterwards. The tests below are that watch: they read each entry from a real watch of the bucket as it is
+# written, and hand it to a mirror that does not watch (``KvMirror.watched``) only after the later save, which is
+# exactly the late delivery, every run.
+
+
+async def _next(entries: AsyncGenerator[KeyValue.Entry | Replay | None, None]) -> KeyValue.Entry | Replay | None:
+    """The watch's next item, or a failure rather than a hang."""
+    return await asyncio.wait_for(anext(entries), 10)
+
+
+async def test_a_mirror_keeps_its_own_save_over_the_watchs_older_entry(bus: Bus) -> None:
+    kv = await bus.kv(subjects.KV_BINDINGS)
+    mirror = KvMirror(kv, Count)
+    stopping = asyncio.Event()
+    async with contextlib.aclosing(kv_watch(kv, stopping)) as entries:
+        mirror.watched(await _next(entries))  # None: the empty bucket's initial values are in
+        old = await kv_save(kv, KEY, Count(1, "old"), None)
+        old_entry = await _next(entries)
+        new = await kv_save(kv, KEY, Count(2, "new"), old)
+        mirror.saved(KEY, Count(2, "new"), new)
+        mirror.watched(old_entry)  # delivered late: older than the save
+        assert mirror.values == {KEY: Count(2, "new")}
+        mirror.watched(await _next(entries))  # the save itself, come round
+        assert mirror.values == {KEY: Count(2, "new")}
+
+        # A save made before what the watch has already brought is older too: the watch's value stays.
+        await kv_save(kv, KEY, Count(3, "another writer"), new)
+        mirror.watched(await _next(entries))
+        mirror.saved(KEY, Count(2, "new"), new)
+        assert mirror.values == {KEY: Count(3, "another writer")}
+        stopping.set()
+
+
+async def test_a_mirror_keeps_its_own_save_over_the_watchs_older_delete(bus: Bus) -> None:
+    kv = await bus.kv(subjects.KV_BINDINGS)
+    mirror = KvMirror(kv, Count)
+    stopping = asyncio.Event()
+    async with contextlib.aclosing(kv_watch(kv, stopping)) as entries:
+        mirror.watched(await _next(entries))
+        old = await kv_save(kv, KEY, Count(1, "old"), None)
+        mirror.watched(await _next(entries))
+        # The key deleted, then written again by the handler: the delete reaches the mirror after that save.
+        await kv_delete(kv, KEY, old)
+        delete_entry = await _next(entries)
+        again = await kv_save(kv, KEY, Count(3, "again"), None)
+        mirror.saved(KEY, Count(3, "again"), again)
+        mirror.watched(delete_entry)
+        assert mirror.values == {KEY: Count(3, "again")}
+        mirror.watched(await _next(entries))
+        assert mirror.values == {KEY: Count(3, "again")}
+        # A newer delete removes the key.
+        await kv_delete(kv, KEY, None)
+        mirror.watched(await _next(entries))
+        assert mirror.values == {}
+        stopping.set()
+
+
+async def test_a_save_made_during_a_replay_outlives_the_replays_older_entry(bus: Bus) -> None:
+    kv = await bus.kv(subjects.KV_BINDINGS)
+    mirror = KvMirror(kv, Count)
+    stopping = asyncio.Event()
+    async with contextlib.aclosing(kv_watch(kv, stopping)) as entries:
+        mirror.watched(await _next(entries))
+        old = await kv_save(kv, KEY, Count(1, "old"), None)
+        old_entry = await _next(entries)
+        mirror.watched(old_entry)
+        mirror.watched(Replay())  # a reconnect: the replay's entries may predate a save made meanwhile
+        new = await kv_save(kv, KEY, Count(2, "new"), old)
+        mirror.saved(KEY, Count(2, "new"), new)
+        assert mirror.values == {KEY: Count(2, "new")}  # readers see it at once, replay or not
+        mirror.watched(old_entry)
+        mirror.watched(None)
+        assert mirror.values == {KEY: Count(2, "new")}
+        stopping.set()
+
+
+async def test_a_mirror_rebuilt_after_a_reconnect_takes_a_remade_buckets_revisions_afresh(
+        nats_server: NatsServer) -> None:
+    """The server comes back with an empty store: the bucket is made again and numbers its revisions from 1. The
+    replay after the reconnect is the mirror's whole view: a key it does not hold leaves, and a key written again
+    at a revision lower than the mirror knew from before is taken."""
+    bus = await connect(NatsSettings(urls=[nats_server.url]), "tests-mirror")
+    await bus.provision()
+    kv = await bus.kv(subjects.KV_BINDINGS)
+    mirror = KvMirror(kv, Count, bus.reconnects)
+    task = asyncio.create_task(mirror.run())
+    try:
+        await asyncio.wait_for(mirror.ready.wait(), 10)
+        revision = None
+        for n in range(5):
+            revision = await kv_save(kv, KEY, Count(n, "before"), revision)
+        await kv_save(kv, "tests.gone", Count(0), None)
+        await eventually(lambda: _holds(mirror, {KEY: Count(4, "before"), "tests.gone": Count(0)}),
+                         what="the mirror holding the values written before the restart")
+
+        nats_server.stop()
+        shutil.rmtree(nats_server.config.store_dir)
+        nats_server.start()
+        await eventually(lambda: _provisioned(bus), what="the buckets made again after the restart",
+                         tolerate=(Exception,))
+        assert await kv_save(kv, KEY, Count(9, "remade"), None) == 1
+        await eventually(lambda: _holds(mirror, {KEY: Count(9, "remade")}),
+                         what="the mirror rebuilt from the remade bucket")
+    finally:
+        mirror.stop()
+        await asyncio.wait_for(task, 10)
+        await bus.close()
+
+
+async def _holds(mirror: KvMirror[Count], values: dict[str, Count]) -> bool:
+    return mirror.values == values
+
+
+async def _provisioned(bus: Bus) -> bool:
+    await bus.provision()
+    return True
