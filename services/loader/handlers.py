@@ -187,7 +187,7 @@ class LoaderHandlers:
                 updated = msgspec.structs.replace(updated, status=msgspec.structs.replace(updated.status, runs=runs))
         if changed:
             revision = await kv_save(kv, key, updated, revision)
-            self.operations.values[key] = updated
+            self.operations.saved(key, updated, revision)
             log.info("applied", operation=key, generation=updated.generation)
         await self.bus.publish(FACTS[kind][0], OperationAccepted(
             id=f"{command_id}.accepted", causation_id=command_id, kind=kind, name=meta.name,
@@ -222,8 +222,8 @@ class LoaderHandlers:
         state = msgspec.structs.replace(state, requested=state.requested + 1,
                                         run_command_sequence=max(state.run_command_sequence,
                                                                  delivery.stream_sequence))
-        await kv_save(await self.bus.kv(subjects.KV_OPERATION_RUNS), key, state, state_revision)
-        self.runs.values[key] = state
+        state_revision = await kv_save(await self.bus.kv(subjects.KV_OPERATION_RUNS), key, state, state_revision)
+        self.runs.saved(key, state, state_revision)
         await self._accept_run(command, record)
         await self._advance_now(key)
 
@@ -297,8 +297,8 @@ class LoaderHandlers:
             parts = list(state.parts)
             parts[progress.part] = part
             state = msgspec.structs.replace(state, parts=parts, moved_at=self.clock())
-            await kv_save(await self.bus.kv(subjects.KV_OPERATION_RUNS), key, state, revision)
-            self.runs.values[key] = state
+            revision = await kv_save(await self.bus.kv(subjects.KV_OPERATION_RUNS), key, state, revision)
+            self.runs.saved(key, state, revision)
             self.dirty.add(key)
             if domain.outcome(state) is not None:
                 await self._advance(key)
@@ -735,14 +735,14 @@ class LoaderHandlers:
         # Only this process writes run state, under the lock, so the last revision is the one just read.
         kv = await self.bus.kv(subjects.KV_OPERATION_RUNS)
         _, revision = await kv_load(kv, key, domain.RunState)
-        await kv_save(kv, key, state, revision)
-        self.runs.values[key] = state
+        revision = await kv_save(kv, key, state, revision)
+        self.runs.saved(key, state, revision)
 
     async def _save_status(self, key: str, record: OperationRecord, revision: int | None,
                            status: OperationStatus) -> OperationRecord:
         updated = msgspec.structs.replace(record, status=status)
         revision = await kv_save(await self.bus.kv(subjects.KV_OPERATIONS), key, updated, revision)
-        self.operations.values[key] = updated
+        self.operations.saved(key, updated, revision)
         self.written_at[key] = time.monotonic()
         await self._publish_status(updated, revision)
         return updated

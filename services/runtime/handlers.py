@@ -212,9 +212,9 @@ class RuntimeHandlers:
         if current is not None and current.received_at > received_at:
             return  # an older beat replayed after a newer one
         record = AgentRecord(heartbeat=beat, received_at=received_at)
-        await (await self.bus.kv(subjects.KV_AGENTS)).put(beat.node, msgspec.json.encode(record))
+        revision = await (await self.bus.kv(subjects.KV_AGENTS)).put(beat.node, msgspec.json.encode(record))
         # The watch brings the same value back shortly; the view is updated now so this refresh already sees it.
-        self.agents.values[beat.node] = record
+        self.agents.saved(beat.node, record, revision)
         affected: set[str] = set()
         for served in [beat] if current is None else [beat, current.heartbeat]:
             if served.all_runtimes:  # every runtime there is (the list, if any, may be cut short)
@@ -345,6 +345,7 @@ class RuntimeHandlers:
             record, revision = await kv_load(kv, key, RuntimeRecord)
             if record is None:
                 return
+            assert revision is not None  # a value read has the revision it was read at
             status = self._status(key, record, agents)
             if autoscaling is not None and record.runtime.spec.autoscaling is not None:
                 status = msgspec.structs.replace(status, autoscaling=autoscaling)
@@ -357,7 +358,7 @@ class RuntimeHandlers:
             except Conflict:
                 continue
             # The watch brings it back shortly; the next refresh must already see these workers.
-            self.runtimes.values[key] = updated
+            self.runtimes.saved(key, updated, revision)
             if [w.node for w in status.workers] != [w.node for w in record.status.workers]:
                 self.workers_changed = True
                 log.info("cache workers", runtime=key, workers=[w.node for w in status.workers])
