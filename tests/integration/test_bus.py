@@ -7,7 +7,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import msgspec
@@ -164,12 +165,26 @@ async def _next(entries: AsyncGenerator[KeyValue.Entry | Replay | None, None]) -
     return await asyncio.wait_for(anext(entries), 10)
 
 
-async def test_a_mirror_keeps_its_own_save_over_the_watchs_older_entry(bus: Bus) -> None:
+Entries = AsyncGenerator[KeyValue.Entry | Replay | None, None]
+
+
+@asynccontextmanager
+async def _unwatched_mirror(bus: Bus) -> AsyncIterator[tuple[KeyValue, KvMirror[Count], Entries]]:
+    """A mirror of an empty bucket that does not watch, its initial values in, and a real watch of the bucket whose
+    entries the test hands to the mirror when it chooses."""
     kv = await bus.kv(subjects.KV_BINDINGS)
     mirror = KvMirror(kv, Count)
     stopping = asyncio.Event()
     async with contextlib.aclosing(kv_watch(kv, stopping)) as entries:
         mirror.watched(await _next(entries))  # None: the empty bucket's initial values are in
+        try:
+            yield kv, mirror, entries
+        finally:
+            stopping.set()
+
+
+async def test_a_mirror_keeps_its_own_save_over_the_watchs_older_entry(bus: Bus) -> None:
+    async with _unwatched_mirror(bus) as (kv, mirror, entries):
         old = await kv_save(kv, KEY, Count(1, "old"), None)
         old_entry = await _next(entries)
         new = await kv_save(kv, KEY, Count(2, "new"), old)
@@ -184,15 +199,10 @@ async def test_a_mirror_keeps_its_own_save_over_the_watchs_older_entry(bus: Bus)
         mirror.watched(await _next(entries))
         mirror.saved(KEY, Count(2, "new"), new)
         assert mirror.values == {KEY: Count(3, "another writer")}
-        stopping.set()
 
 
 async def test_a_mirror_keeps_its_own_save_over_the_watchs_older_delete(bus: Bus) -> None:
-    kv = await bus.kv(subjects.KV_BINDINGS)
-    mirror = KvMirror(kv, Count)
-    stopping = asyncio.Event()
-    async with contextlib.aclosing(kv_watch(kv, stopping)) as entries:
-        mirror.watched(await _next(entries))
+    async with _unwatched_mirror(bus) as (kv, mirror, entries):
         old = await kv_save(kv, KEY, Count(1, "old"), None)
         mirror.watched(await _next(entries))
         # The key deleted, then written again by the handler: the delete reaches the mirror after that save.
@@ -208,15 +218,10 @@ async def test_a_mirror_keeps_its_own_save_over_the_watchs_older_delete(bus: Bus
         await kv_delete(kv, KEY, None)
         mirror.watched(await _next(entries))
         assert mirror.values == {}
-        stopping.set()
 
 
 async def test_a_save_made_during_a_replay_outlives_the_replays_older_entry(bus: Bus) -> None:
-    kv = await bus.kv(subjects.KV_BINDINGS)
-    mirror = KvMirror(kv, Count)
-    stopping = asyncio.Event()
-    async with contextlib.aclosing(kv_watch(kv, stopping)) as entries:
-        mirror.watched(await _next(entries))
+    async with _unwatched_mirror(bus) as (kv, mirror, entries):
         old = await kv_save(kv, KEY, Count(1, "old"), None)
         old_entry = await _next(entries)
         mirror.watched(old_entry)
@@ -227,7 +232,6 @@ async def test_a_save_made_during_a_replay_outlives_the_replays_older_entry(bus:
         mirror.watched(old_entry)
         mirror.watched(None)
         assert mirror.values == {KEY: Count(2, "new")}
-        stopping.set()
 
 
 async def test_a_mirror_rebuilt_after_a_reconnect_takes_a_remade_buckets_revisions_afresh(
