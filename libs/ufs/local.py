@@ -215,6 +215,10 @@ class LocalObjectStore:
         # each listing and read: a folder on the root's path may be replaced by a link after the mount started.
         boundary = location.claim_root or location.local_root
         self._boundary = os.path.abspath(boundary) if boundary is not None else None
+        # Resolved once, at the first listing or read (off the event loop, as they are): the boundary is the
+        # operator's setting (or the claim's folder), not the user's to move, and resolving it at every read would
+        # add its path's lookups to each block read.
+        self._real_boundary: str | None = None
 
     def __repr__(self) -> str:
         return f"LocalObjectStore(root={self._root!r})"
@@ -269,7 +273,9 @@ class LocalObjectStore:
         if not os.path.isdir(self._root):
             raise NoSuchBucket(f"local path '{self._root}' is not a directory")
         real = os.path.realpath(self._root)
-        if self._boundary is not None and not _inside(real, os.path.realpath(self._boundary)):
+        if self._boundary is not None and self._real_boundary is None:
+            self._real_boundary = os.path.realpath(self._boundary)
+        if self._real_boundary is not None and not _inside(real, self._real_boundary):
             raise AccessDenied(f"local directory '{self._root}' now leads to '{real}', outside '{self._boundary}': "
                                "refused")
         return real
