@@ -9,8 +9,10 @@ A watch is opened *before* the command is published: a small load can finish wit
 and a ``ttlSecondsAfterFinished: 0`` operation can be gone right after, so opening it later could miss the end.
 
 Only runs an apply leads to are followed: a Cron DataLoad runs on its schedule, and an OnEvent one that already ran
-runs again when a sync changes its dataset, so ``--wait`` says so and returns (``unfollowed``) rather than report
-the previous run's end as this apply's, or wait until a firing that may be hours away.
+runs again when a sync changes its dataset, so ``--wait`` says so and returns (``unfollowed``)
+rather than report the previous run's end as this apply's, or wait until a firing that may be hours away. A run is
+the apply's when it started from the applied generation or a later one (``observedGeneration``): the Failed end of
+the previous spec is not the end of the apply that fixed it.
 
 The connection is watched too (``follow_connected``): nats-py reconnects forever and a KV watch only waits, so a NATS
 that went away would otherwise leave ``--wait`` silent for good.
@@ -108,7 +110,8 @@ async def open_watch(bus: Bus, kind: str, namespace: str, name: str) -> Operatio
 
 def unfollowed(command: DataLoadApply | DataCleanApply, before: OperationRecord | None) -> str:
     """Why ``--wait`` does not follow the operation this command applies (its runs do not come from the apply);
-    "" when it does: a Once load or a clean (its one run), or an OnEvent load's first run (it starts at once)."""
+    "" when it does: a Once load or a clean (its one run, or the run of its changed spec), or an OnEvent load's first
+    run (it starts at once)."""
     if isinstance(command, DataCleanApply):
         return ""
     spec, name = command.data_load.spec, command.data_load.metadata.name
@@ -124,7 +127,8 @@ def unfollowed(command: DataLoadApply | DataCleanApply, before: OperationRecord 
 
 def finished(record: OperationRecord | None, generation: int) -> bool:
     """The run of the applied generation (or a later one) ended."""
-    return record is not None and record.generation >= generation and record.status.phase in TERMINAL_PHASES
+    return (record is not None and record.status.observed_generation >= generation
+            and record.status.phase in TERMINAL_PHASES)
 
 
 async def follow(watches: Sequence[tuple[OperationWatch, int]], console: Console | None = None) -> list[Finished]:

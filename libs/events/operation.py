@@ -112,6 +112,9 @@ class OperationStatus(msgspec.Struct, frozen=True, kw_only=True, rename="camel",
     progress: Progress = Progress()
     # What the operation waits for while Pending (e.g. "DataLoad default/warm to be Complete").
     waiting_for: str = ""
+    # The generation of the spec the current (or last) run started from, as Kubernetes' observedGeneration: a run's
+    # end is the end of the apply of that generation, and a newer spec (a Failed load's target fixed) runs again.
+    observed_generation: int = 0
 
 
 # --- Commands (other systems publish these). ---

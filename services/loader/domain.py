@@ -6,10 +6,10 @@
   size → parts per node (``NodeTask``), each at most ``MAX_PART_BLOCKS`` blocks and about ``MAX_PART_BYTES``
   encoded. Deterministic: the same inputs give the same parts, so a restarted loader republishes the same ids.
 - Progress folding: the parts' cumulative ``TaskProgress`` → ``Progress`` (rate, ETA, per node, files done).
-- When a run is due: Once (never ran), Cron (``croniter``; decided from lastScheduleTime, so a missed run runs once
-  and a restart does not run it again), OnEvent (the manifest changed: only new or changed entries), runAfter
-  (wait / go / fail naming the other operation, or the cycle the operation is in), TTL expiry (not while a
-  Pending runAfter waits for it).
+- When a run is due: Once (never ran, or its spec changed since its run), Cron (``croniter``; decided from
+  lastScheduleTime, so a missed run runs once and a restart does not run it again), OnEvent (the manifest
+  changed: only new or changed entries), runAfter (wait / go / fail naming the other operation, or the cycle the
+  operation is in), TTL expiry (not while a Pending runAfter waits for it).
 """
 
 from __future__ import annotations
@@ -609,12 +609,14 @@ def outcome(state: RunState) -> tuple[OperationPhase, str] | None:
 # --- Status transitions ---
 
 
-def status_started(status: OperationStatus, runs: int, now: float) -> OperationStatus:
-    """A new run: nothing of the previous run's end (message, condition, duration, completion, progress) stays;
-    the history (``lastScheduleTime``, now; ``lastSuccessfulTime``) and the run count carry on."""
+def status_started(status: OperationStatus, runs: int, generation: int, now: float) -> OperationStatus:
+    """A new run of the spec's ``generation``: nothing of the previous run's end (message, condition, duration,
+    completion, progress) stays; the history (``lastScheduleTime``, now; ``lastSuccessfulTime``) and the run count
+    carry on."""
     return msgspec.structs.replace(status, phase="Executing", message="", duration=UNFINISHED, conditions=[],
                                    runs=runs, start_time=iso_time(now), completion_time="",
-                                   last_schedule_time=iso_time(now), progress=Progress(), waiting_for="")
+                                   last_schedule_time=iso_time(now), progress=Progress(), waiting_for="",
+                                   observed_generation=generation)
 
 
 def status_waiting(status: OperationStatus, why: str) -> OperationStatus:
@@ -635,9 +637,10 @@ def status_finished(status: OperationStatus, phase: OperationPhase, message: str
         last_successful_time=iso_time(now) if phase == "Complete" else status.last_successful_time)
 
 
-def status_failed_to_start(status: OperationStatus, runs: int, message: str, now: float) -> OperationStatus:
+def status_failed_to_start(status: OperationStatus, runs: int, generation: int, message: str,
+                           now: float) -> OperationStatus:
     """A run that could not start (bad input against the current state) is a Failed run."""
-    started = status_started(status, runs, now)
+    started = status_started(status, runs, generation, now)
     return status_finished(started, "Failed", message, now, now)
 
 
@@ -663,7 +666,7 @@ def dataset_stamp(dataset: DatasetRecord) -> str:
     return f"{status.synced_generation}.{status.synced_requests}.{status.last_sync_time}"
 
 
-Trigger = Literal["once", "cron", "requested", "event"]
+Trigger = Literal["once", "cron", "requested", "event", "spec"]
 
 
 def due(record: OperationRecord, state: RunState, dataset: DatasetRecord | None, now: float) -> Trigger | None:
@@ -673,6 +676,10 @@ def due(record: OperationRecord, state: RunState, dataset: DatasetRecord | None,
     if state.requested:
         return "requested"
     policy = record.load.policy if record.load is not None else "Once"
+    # Once (and every clean): a spec newer than the last run's (its Failed target fixed, a path added) is the run the
+    # apply asked for. observedGeneration 0 with a start: a run of a loader that did not record it, left as it is.
+    if policy == "Once" and 0 < record.status.observed_generation < record.generation:
+        return "spec"
     # "Never started" is an empty startTime, not runs == 0: a re-created operation continues the run numbers of
     # the deleted one of the same name (run ids are message ids, and JetStream drops a repeated one).
     if policy == "Once":

@@ -456,7 +456,8 @@ class LoaderHandlers:
         if record.status.phase == "Executing" and record.status.runs == number:
             return record
         log.info("run state ahead of the record, catching up", run=state.run)
-        return await self._save_status(key, record, revision, domain.status_started(record.status, number, now))
+        started = domain.status_started(record.status, number, record.generation, now)
+        return await self._save_status(key, record, revision, started)
 
     async def _maybe_start(self, key: str, record: OperationRecord, revision: int | None, state: domain.RunState,
                            now: float) -> None:
@@ -509,11 +510,12 @@ class LoaderHandlers:
         await self._save_state(key, state)
         log.info("run started", run=run, trigger=trigger, problem=problem or None)
         if problem:
-            await self._save_status(key, record, revision,
-                                    domain.status_failed_to_start(record.status, number, problem, now))
+            failed = domain.status_failed_to_start(record.status, number, record.generation, problem, now)
+            await self._save_status(key, record, revision, failed)
             metrics.OPERATION_RUNS.labels(record.kind, "Failed").inc()  # a run that could not start ends here
             return
-        record = await self._save_status(key, record, revision, domain.status_started(record.status, number, now))
+        started = domain.status_started(record.status, number, record.generation, now)
+        record = await self._save_status(key, record, revision, started)
         if state.stage == "metadata":
             await self._request_metadata(key, record, run)
             return

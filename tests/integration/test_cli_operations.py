@@ -59,6 +59,10 @@ _COMMANDS: msgspec.json.Decoder[OperationCommand] = msgspec.json.Decoder(Operati
 
 
 def record_of(command: DataLoadApply | DataCleanApply, generation: int, status: OperationStatus) -> OperationRecord:
+    """The loader's record of ``command`` at ``generation``; a run in ``status`` (one that started) is of that
+    generation, as the loader's runs are (``observedGeneration``)."""
+    if status.phase != "Pending":
+        status = msgspec.structs.replace(status, observed_generation=generation)
     if isinstance(command, DataLoadApply):
         return OperationRecord(kind="DataLoad", metadata=command.data_load.metadata, load=command.data_load.spec,
                                generation=generation, created_at="2026-01-01T00:00:00Z", status=status)
@@ -219,7 +223,8 @@ async def test_a_terminal_gets_a_live_progress_bar(bus: Bus) -> None:
     finally:
         await watch.close()
 
-    assert result.ok and result.record is not None and result.record.status == COMPLETE
+    assert result.ok and result.record is not None
+    assert result.record.status == msgspec.structs.replace(COMPLETE, observed_generation=1)
     assert "100% Complete, 10/10 files, 40.00MiB/40.00MiB" in screen.getvalue()
 
 

@@ -606,6 +606,39 @@ spec:
     assert after is not None and after.generation == before.generation + 1 and after.status == before.status
 
 
+async def test_a_failed_once_load_applied_again_with_its_target_fixed_runs_again_and_wait_reports_that_run(
+        bus: Bus, nats_server: NatsServer) -> None:
+    """The Failed message says "fix spec.target": the fixed spec (generation 2) must run, and ``apply --wait`` must
+    report that run's end, not the Failed end of generation 1 it finds in KV. The same spec applied again runs
+    nothing (an unchanged apply is not a new run) and ``--wait`` reports the end already there."""
+    await put_dataset(bus, files(("a", BLOCK), ("b", BLOCK)))
+    await put_runtime(bus, NODES[:1])
+    document = """apiVersion: data.fluid.io/v1alpha1
+kind: DataLoad
+metadata: {name: warm}
+spec:
+  dataset: {name: data}
+  target: [{path: /x/a}]
+"""
+    async with agent(bus, NODES[:1]) as scripted, loader(nats_server):
+        await publish(bus, subjects.DATALOAD_APPLY, dataload(target=[TargetPath(path="/x/nope")]))
+        failed = await phase_of(bus, "Failed", runs=1)
+        fixed = await shoal(nats_server, "apply", "-f", "-", "--wait", stdin=document)
+        done = await operation(bus)
+        again = await shoal(nats_server, "apply", "-f", "-", "--wait", stdin=document)
+        after = await operation(bus)
+    assert "'/x/nope' is not in the manifest" in failed.status.message and failed.status.observed_generation == 1
+    assert fixed.exit_code == 0, fixed.output
+    lines = [line for line in fixed.stdout.splitlines() if line.startswith("dataload.")]  # not the loader's logs
+    assert lines[0] == "dataload.shoal.io/warm configured" and len(lines) == 2, lines
+    assert lines[1].startswith("dataload.shoal.io/warm Complete: 1/1 files"), lines
+    assert done is not None and done.generation == 2 and done.status.observed_generation == 2
+    assert done.status.phase == "Complete" and done.status.runs == 2 and not done.status.message
+    assert scripted.keys("dataload.default.warm.2") == {"a"}
+    assert again.exit_code == 0, again.output
+    assert after == done  # nothing ran, nothing was written
+
+
 async def test_a_run_command_delivered_again_after_it_was_counted_runs_once_and_is_not_refused(
         bus: Bus, nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch) -> None:
     # The run is counted, then publishing its accepted fact times out (a NATS failover): the command comes again.
@@ -1039,7 +1072,7 @@ async def test_a_restarted_loader_publishes_the_parts_it_had_not_published(bus: 
     record = OperationRecord(kind="DataLoad", metadata=ObjectMeta(name="warm"),
                              load=DataLoadSpec(dataset=ObjectRef(name="data")), created_at="2026-01-01T00:00:00Z",
                              status=domain.status_started(OperationRecord(kind="DataLoad", metadata=ObjectMeta(
-                                 name="warm")).status, 1, 1.0))
+                                 name="warm")).status, 1, 1, 1.0))
     await (await ManifestStore.of(bus)).objects.put(subjects.loader_plan(key), msgspec.json.encode(plan))
     await (await bus.kv(subjects.KV_OPERATION_RUNS)).put(key, msgspec.json.encode(state))
     await (await bus.kv(subjects.KV_OPERATIONS)).put(key, msgspec.json.encode(record))

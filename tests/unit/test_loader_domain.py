@@ -332,7 +332,7 @@ def test_duration_is_fluid_style() -> None:
 
 
 def test_a_finished_run_has_fluids_status() -> None:
-    started = domain.status_started(OperationStatus(), 3, t("2026-01-01T00:00:00Z"))
+    started = domain.status_started(OperationStatus(), 3, 1, t("2026-01-01T00:00:00Z"))
     assert (started.phase, started.duration, started.runs) == ("Executing", "Unfinished", 3)
     done = domain.status_finished(started, "Complete", "", t("2026-01-01T00:00:00Z"), t("2026-01-01T00:01:32Z"))
     assert (done.duration, done.last_successful_time, done.completion_time) == (
@@ -345,27 +345,28 @@ def test_a_finished_run_has_fluids_status() -> None:
 
 def test_a_new_run_starts_from_a_clean_status_and_keeps_the_history() -> None:
     """A Cron or OnEvent load's next run (or a run again) must not show the last run's end while it executes."""
-    started = domain.status_started(OperationStatus(), 1, t("2026-01-01T00:00:00Z"))
+    started = domain.status_started(OperationStatus(), 1, 1, t("2026-01-01T00:00:00Z"))
     done = domain.status_finished(started, "Complete", "", t("2026-01-01T00:00:00Z"), t("2026-01-01T00:01:00Z"))
     failed = domain.status_finished(
-        msgspec.structs.replace(domain.status_started(done, 2, t("2026-01-01T01:00:00Z")),
+        msgspec.structs.replace(domain.status_started(done, 2, 1, t("2026-01-01T01:00:00Z")),
                                 progress=Progress(bytes_done=5, bytes_total=9, rate_bytes_per_second=3.0,
                                                   eta_seconds=2.0, nodes=[NodeProgress(node="a", bytes_done=5)])),
         "Failed", "node a failed 1 block(s): boom", t("2026-01-01T01:00:00Z"), t("2026-01-01T01:00:07Z"))
-    again = domain.status_started(failed, 3, t("2026-01-01T02:00:00Z"))
+    again = domain.status_started(failed, 3, 1, t("2026-01-01T02:00:00Z"))
     assert again == OperationStatus(phase="Executing", duration=domain.UNFINISHED, runs=3,
                                     start_time="2026-01-01T02:00:00Z", last_schedule_time="2026-01-01T02:00:00Z",
-                                    last_successful_time="2026-01-01T00:01:00Z")
+                                    last_successful_time="2026-01-01T00:01:00Z", observed_generation=1)
 
 
 def test_a_run_waiting_for_its_run_after_shows_none_of_the_last_runs_end() -> None:
-    started = domain.status_started(OperationStatus(), 1, t("2026-01-01T00:00:00Z"))
+    started = domain.status_started(OperationStatus(), 1, 1, t("2026-01-01T00:00:00Z"))
     failed = domain.status_finished(
         msgspec.structs.replace(started, progress=Progress(bytes_done=5, bytes_total=9, rate_bytes_per_second=3.0)),
         "Failed", "node a failed 1 block(s): boom", t("2026-01-01T00:00:00Z"), t("2026-01-01T00:00:07Z"))
     waiting = domain.status_waiting(failed, "DataLoad default/first is Executing")
     assert waiting == OperationStatus(phase="Pending", waiting_for="DataLoad default/first is Executing", runs=1,
-                                      start_time="2026-01-01T00:00:00Z", last_schedule_time="2026-01-01T00:00:00Z")
+                                      start_time="2026-01-01T00:00:00Z", last_schedule_time="2026-01-01T00:00:00Z",
+                                      observed_generation=1)
 
 
 def test_a_record_left_executing_a_finished_run_is_closed_with_its_saved_end() -> None:
@@ -410,6 +411,22 @@ def test_once_runs_once() -> None:
     # A re-created operation starts at the deleted one's run number, and still runs once.
     assert domain.due(record(runs=4), domain.RunState(), None, 0.0) == "once"
     assert domain.due(record(phase="Executing"), domain.RunState(), None, 0.0) is None
+
+
+def test_a_once_load_runs_again_when_its_spec_changed_since_its_run() -> None:
+    """A new generation (a Failed target fixed) is a run the apply asked for; a metadata-only apply keeps the
+    generation, and a run recorded without observedGeneration (an older loader's) is left as it is."""
+    failed = msgspec.structs.replace(record(runs=1, phase="Failed", start_time="x", observed_generation=1),
+                                     generation=2)
+    assert domain.due(failed, domain.RunState(), None, 0.0) == "spec"
+    assert domain.due(msgspec.structs.replace(failed, generation=1), domain.RunState(), None, 0.0) is None
+    assert domain.due(msgspec.structs.replace(failed, status=msgspec.structs.replace(
+        failed.status, observed_generation=0)), domain.RunState(), None, 0.0) is None
+    assert domain.due(msgspec.structs.replace(failed, status=msgspec.structs.replace(
+        failed.status, phase="Executing")), domain.RunState(), None, 0.0) is None  # after the run it is in
+    # Cron keeps its schedule: a new spec runs at the next firing.
+    cron = msgspec.structs.replace(failed, load=DataLoadSpec(dataset=REF, policy="Cron", schedule="0 0 1 1 *"))
+    assert domain.due(cron, domain.RunState(), None, t("2026-01-01T00:00:00Z")) is None
 
 
 def test_cron_missed_runs_run_once() -> None:
