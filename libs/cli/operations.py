@@ -126,9 +126,11 @@ def unfollowed(command: DataLoadApply | DataCleanApply, before: OperationRecord 
 
 
 def finished(record: OperationRecord | None, generation: int) -> bool:
-    """The run of the applied generation (or a later one) ended."""
-    return (record is not None and record.status.observed_generation >= generation
-            and record.status.phase in TERMINAL_PHASES)
+    """The run of the applied generation (or a later one) ended. A loader older than ``observedGeneration`` leaves it
+    0: then the record's generation is all there is to go by (and such a loader does not run a changed spec)."""
+    if record is None or record.status.phase not in TERMINAL_PHASES:
+        return False
+    return (record.status.observed_generation or record.generation) >= generation
 
 
 async def follow(watches: Sequence[tuple[OperationWatch, int]], console: Console | None = None) -> list[Finished]:

@@ -228,6 +228,22 @@ async def test_a_terminal_gets_a_live_progress_bar(bus: Bus) -> None:
     assert "100% Complete, 10/10 files, 40.00MiB/40.00MiB" in screen.getvalue()
 
 
+def test_the_wait_ends_on_the_applied_generations_run_and_on_an_older_loaders_record() -> None:
+    """A run started from an older spec (observedGeneration 1) is not the end of applying generation 2; a loader that
+    does not record observedGeneration (0) is judged by the record's generation, or a newer CLI would wait for ever
+    on an older loader's Complete record (seen: ``shoal clean --wait`` printed Complete and never returned)."""
+    spec = DataLoadSpec(dataset=ObjectRef(name="demo"))
+    older = OperationRecord(kind="DataLoad", metadata=ObjectMeta(name="warm"), load=spec, generation=2,
+                            status=OperationStatus(phase="Complete", runs=1))
+    assert operations.finished(older, 2) and not operations.finished(older, 3)
+    stale = msgspec.structs.replace(older, status=msgspec.structs.replace(older.status, observed_generation=1))
+    assert not operations.finished(stale, 2)
+    ran = msgspec.structs.replace(older, status=msgspec.structs.replace(older.status, observed_generation=2))
+    assert operations.finished(ran, 2)
+    running = msgspec.structs.replace(ran, status=msgspec.structs.replace(ran.status, phase="Executing"))
+    assert not operations.finished(running, 2)
+
+
 async def test_apply_wait_exits_1_with_the_message_when_the_load_fails(nats_server: NatsServer, bus: Bus,
                                                                        loader: StandInLoader) -> None:
     """An earlier generation's Complete record is not this apply's end: the CLI waits for generation 2."""
