@@ -584,28 +584,27 @@ async def kv_save(kv: KeyValue, key: str, value: msgspec.Struct, revision: int |
         raise Conflict(f"{key} changed concurrently: {err}") from err
 
 
-async def kv_delete(kv: KeyValue, key: str, revision: int | None, note: bytes = b"") -> None:
-    """Delete ``key`` if it is still at ``revision``; else ``Conflict``. With a ``note``, ``revision`` 0 writes the
-    marker only where the key holds nothing yet, and None whatever it holds. ``note`` stays in the delete marker, where
-    ``kv_load_deleted`` finds it (watchers see a plain delete). nats-py's ``delete`` writes no payload, so a marker
-    with a note is published as it would write it: a ``KV-Operation: DEL`` message on the key's subject."""
+async def kv_delete(kv: KeyValue, key: str, revision: int | None, note: bytes = b"") -> int:
+    """Delete ``key`` if it is still at ``revision`` (0: only where the key holds nothing yet; None: whatever it
+    holds); else ``Conflict``. Returns the delete marker's revision, for a mirror to record (``KvMirror.deleted``).
+    ``note`` stays in the delete marker, where ``kv_load_deleted`` finds it (watchers see a plain delete). The marker
+    is published as nats-py's ``delete`` writes it (a ``KV-Operation: DEL`` message on the key's subject), which
+    returns neither the revision nor a payload."""
     try:
-        if note:
-            if not VALID_KEY_RE.match(key) or key.startswith(".") or key.endswith("."):  # as nats-py checks
-                raise InvalidKeyError(key)
-            headers = {"KV-Operation": "DEL"}
-            if revision is not None:  # 0: only where the key holds nothing (never written)
-                headers[js_api.Header.EXPECTED_LAST_SUBJECT_SEQUENCE] = str(revision)
-            await kv._js.publish(f"{kv._pre}{key}", note, headers=headers)
-        else:
-            await kv.delete(key, last=revision)
+        if not VALID_KEY_RE.match(key) or key.startswith(".") or key.endswith("."):  # as nats-py checks
+            raise InvalidKeyError(key)
+        headers = {"KV-Operation": "DEL"}
+        if revision is not None:
+            headers[js_api.Header.EXPECTED_LAST_SUBJECT_SEQUENCE] = str(revision)
+        ack = await kv._js.publish(f"{kv._pre}{key}", note, headers=headers)
+        return int(ack.seq)
     except InvalidKeyError as err:
         raise invalid_key(key) from err
     except KeyWrongLastSequenceError as err:
         _lost(kv)
         raise Conflict(f"{key} changed concurrently") from err
     except nats.js.errors.BadRequestError as err:
-        # nats-py reports a stale revision on delete as a bad request ("wrong last sequence"), not as the error above.
+        # A stale revision is answered as a bad request ("wrong last sequence"), not as the error above.
         _lost(kv)
         raise Conflict(f"{key} changed concurrently: {err}") from err
 
@@ -1169,6 +1168,14 @@ class KvMirror(Generic[T]):
         """``value`` was just written to ``key`` at ``revision`` (what ``kv_save`` or ``kv.put`` returned): readers
         see it now, and the watch's older entries of ``key`` no longer replace it. A replay under way takes it too,
         as its entries may predate the write."""
+        self._record(key, value, revision)
+
+    def deleted(self, key: str, revision: int) -> None:
+        """``key`` was just deleted by a marker at ``revision`` (what ``kv_delete`` returned): readers no longer see
+        it, and the watch's older entries of ``key`` (a put delivered late) do not bring it back; a newer put does."""
+        self._record(key, None, revision)
+
+    def _record(self, key: str, value: T | None, revision: int) -> None:
         _take(self.values, self._revisions, key, value, revision)
         if self._replay is not None:
             _take(*self._replay, key, value, revision)

@@ -260,14 +260,15 @@ class LoaderHandlers:
             # that run's parts as cancelled, so it would stay Executing for ever. A record left behind (the delete
             # below failed) is closed Failed by the tick until the command, delivered again, removes it.
             await self._save_state(key, domain.deleted_state(state, self.clock()))
-        await kv_delete(await self.bus.kv(subjects.KV_OPERATIONS), key, revision)
+        deleted = await kv_delete(await self.bus.kv(subjects.KV_OPERATIONS), key, revision)
         if not state.run and state_revision is not None:
-            await kv_delete(await self.bus.kv(subjects.KV_OPERATION_RUNS), key, None)
+            self.runs.deleted(key, await kv_delete(await self.bus.kv(subjects.KV_OPERATION_RUNS), key, None))
         store = await ManifestStore.of(self.bus)
         await store.delete(subjects.loader_plan(key))
         await store.delete(subjects.loader_manifest(key))
         await store.delete(subjects.loader_planned_manifest(key))
-        self.operations.values.pop(key, None)
+        # An older entry of the operation the watch delivers late does not bring it back.
+        self.operations.deleted(key, deleted)
         self._forget_run(key)
         meta = record.metadata
         await self.bus.publish(FACTS[record.kind][3], OperationDeleted(

@@ -190,9 +190,9 @@ class RuntimeHandlers:
             await self._reject(command.id, [domain.missing_runtime(command.name, command.namespace)], command.name,
                                command.namespace, delivery)
             return
-        await kv_delete(kv, key, revision)
-        # Its workers are free now: the other runtimes may pick them at once, not at the next tick.
-        self.runtimes.values.pop(key, None)
+        # Its workers are free now: the other runtimes may pick them at once, not at the next tick; and an older
+        # entry of the runtime the watch delivers late does not bring it back (its revision is below the marker's).
+        self.runtimes.deleted(key, await kv_delete(kv, key, revision))
         self.workers_changed = True
         log.info("deleted", runtime=key)
         await self.bus.publish(

@@ -16,7 +16,19 @@ import pytest
 from nats.js.kv import KeyValue
 
 from libs import subjects
-from libs.bus import Bus, Conflict, KvMirror, Replay, connect, kv_delete, kv_keys, kv_load, kv_save, kv_watch
+from libs.bus import (
+    Bus,
+    Conflict,
+    KvMirror,
+    Replay,
+    connect,
+    kv_delete,
+    kv_keys,
+    kv_load,
+    kv_load_deleted,
+    kv_save,
+    kv_watch,
+)
 from libs.config import NatsSettings
 from libs.events.common import ObjectMeta
 from libs.events.dataset import Dataset, DatasetApply, DatasetSpec, Mount
@@ -218,6 +230,32 @@ async def test_a_mirror_keeps_its_own_save_over_the_watchs_older_delete(bus: Bus
         await kv_delete(kv, KEY, None)
         mirror.watched(await _next(entries))
         assert mirror.values == {}
+
+
+async def test_a_mirror_keeps_its_own_delete_over_the_watchs_older_put(bus: Bus) -> None:
+    async with _unwatched_mirror(bus) as (kv, mirror, entries):
+        old = await kv_save(kv, KEY, Count(1, "old"), None)
+        old_entry = await _next(entries)
+        mirror.saved(KEY, Count(1, "old"), old)
+        # The handler deletes the key and records the delete marker's revision (what the server numbered it).
+        deleted = await kv_delete(kv, KEY, old)
+        assert deleted > old
+        assert (await kv_load_deleted(kv, KEY, Count))[1] == deleted
+        mirror.deleted(KEY, deleted)
+        assert mirror.values == {}
+        mirror.watched(old_entry)  # the put, delivered late: older than the delete
+        assert mirror.values == {}
+        mirror.watched(await _next(entries))  # the delete itself, come round
+        assert mirror.values == {}
+        # A put made after the delete is newer: it brings the key back.
+        again = await kv_save(kv, KEY, Count(3, "again"), None)
+        mirror.watched(await _next(entries))
+        assert mirror.values == {KEY: Count(3, "again")}
+        # A delete with a note returns its marker's revision too; a stale one is refused and records nothing.
+        noted = await kv_delete(kv, KEY, again, note=b"why")
+        assert (await kv_load_deleted(kv, KEY, Count))[1:] == (noted, b"why")
+        with pytest.raises(Conflict):
+            await kv_delete(kv, KEY, again)
 
 
 async def test_a_save_made_during_a_replay_outlives_the_replays_older_entry(bus: Bus) -> None:

@@ -195,3 +195,21 @@ async def test_a_scale_of_an_unknown_runtime_or_out_of_range_is_refused_as_a_del
     record = await stored(bus)
     assert record.runtime.spec.replicas == 2 and record.runtime == msgspec.structs.replace(
         applied.runtime, spec=msgspec.structs.replace(applied.runtime.spec, replicas=2))
+
+
+async def test_a_deleted_runtime_stays_deleted_when_the_watch_brings_its_put_late(bus: Bus) -> None:
+    """The service deletes a runtime and takes it out of its mirror at once; the watch then delivers the runtime's
+    last put (written before the delete, delivered after it). The runtime must not come back: its workers would be
+    kept from the other runtimes until the next replay."""
+    handlers = await handlers_of(bus)
+    await handlers.apply(RuntimeApply(runtime=mem_runtime("1Gi")), delivered(subjects.RUNTIME_APPLY, 1))
+    key = subjects.resource_key("default", NAME)
+    last_put = await (await bus.kv(subjects.KV_RUNTIMES)).get(key)
+    await handlers.delete(RuntimeDelete(name=NAME), delivered(subjects.RUNTIME_DELETE, 2))
+    assert key not in handlers.runtimes.values
+    handlers.runtimes.watched(last_put)
+    assert key not in handlers.runtimes.values
+    # Applied again: the new put is newer than the delete, and the mirror takes it.
+    await handlers.apply(RuntimeApply(runtime=mem_runtime("2Gi")), delivered(subjects.RUNTIME_APPLY, 3))
+    handlers.runtimes.watched(await (await bus.kv(subjects.KV_RUNTIMES)).get(key))
+    assert handlers.runtimes.values[key].runtime == mem_runtime("2Gi")
