@@ -19,7 +19,9 @@ The rules it encodes:
 - A service creates, looks up, pulls from, acks and deletes its own durable consumers only (``DURABLES``: every
   JetStream API subject names the durable), never another kind's; an agent (``agent-<node>``) only consumers of its
   node's task stream (``subjects.task_stream``), and no service's. The loader creates and updates the nodes' task
-  streams (their names are not known when the users are written: any stream's name is allowed to it). Ephemeral,
+  streams (their names are not known when the users are written: any stream's name is allowed to it, as a NATS
+  wildcard is a whole token and ``SHOAL_TASKS_*`` would be one literal name; what a stream captures is in the request
+  body, which no permission sees: docs/security.md says what that leaves possible). Ephemeral,
   ordered consumers (KV watches, object gets, ``shoal events``, the bridge's rejections) are created without a name
   on the streams a user reads.
 - Replies go to a per-user inbox, ``_INBOX.<user>.>`` (``inbox_prefix``: ``libs.bus.connect`` sets it from
@@ -32,6 +34,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Literal
 
 from libs import subjects
 
@@ -210,8 +213,10 @@ def _dead_letters(*consumers: tuple[str, str]) -> list[str]:
 
 
 def _service(consumers: Iterable[tuple[str, str]], publish: Iterable[str], kv_writes: Iterable[str] = (),
-             objects: bool = False, subscribe: Iterable[str] = (), responses: bool = False) -> Permissions:
-    """A control-plane service: provisions, reads every bucket, runs its durable consumers, writes its buckets."""
+             objects: Literal["", "read", "write"] = "", subscribe: Iterable[str] = (),
+             responses: bool = False) -> Permissions:
+    """A control-plane service: provisions, reads every bucket, runs its durable consumers, writes its buckets;
+    ``objects``: "read" or "write" the Object Store (manifests, the loader's plans), "" neither."""
     consumers = list(consumers)
     allowed = [*publish, *_provision(), *_read_all_kv(), *_dead_letters(*consumers)]
     for stream, durable in consumers:
@@ -219,7 +224,9 @@ def _service(consumers: Iterable[tuple[str, str]], publish: Iterable[str], kv_wr
     for bucket in kv_writes:
         allowed += _write_kv(bucket)
     if objects:
-        allowed += _read_objects(subjects.OBJ_MANIFESTS) + _write_objects(subjects.OBJ_MANIFESTS)
+        allowed += _read_objects(subjects.OBJ_MANIFESTS)
+    if objects == "write":
+        allowed += _write_objects(subjects.OBJ_MANIFESTS)
     return Permissions(publish=_unique(allowed), subscribe=tuple(subscribe), responses=responses)
 
 
@@ -236,7 +243,7 @@ def permissions(kind: str, node: str = "") -> Permissions:
                      stream_api("MSG.DELETE", subjects.STREAM_COMMANDS)],
             kv_writes=[subjects.KV_DATASETS, subjects.KV_BINDINGS, subjects.KV_NODE_CACHE, subjects.KV_LISTINGS,
                        subjects.KV_MEMBERS],
-            objects=True)
+            objects="write")
     if kind == RUNTIME:
         return _service(
             consumers=DURABLES[RUNTIME],
@@ -248,16 +255,19 @@ def permissions(kind: str, node: str = "") -> Permissions:
         return _service(
             consumers=DURABLES[LOADER],
             # A DataLoad with loadMetadata lists the dataset again (a resync command); tasks go to the agents, each
-            # node's into a stream the loader makes before the node's first part (``Bus.provision_node_tasks``). A
-            # stream's name is one token, so "SHOAL_TASKS_<any node>" can only be said as any stream.
+            # node's into a stream the loader makes before the node's first part (``Bus.provision_node_tasks``: it
+            # looks the stream up, creates it, and updates it when its settings differ). A stream's name is one
+            # token and a wildcard a whole one ("SHOAL_TASKS_*" is a literal name to the server), so
+            # "SHOAL_TASKS_<any node>" can only be said as any stream.
             publish=[subjects.DATALOAD_FACTS, subjects.DATACLEAN_FACTS, subjects.DATASET_RESYNC,
                      f"{subjects.TASK_PREFIX}.>", subjects.TASK_CANCEL,
                      *(stream_api(verb, "*") for verb in ("CREATE", "UPDATE", "INFO"))],
-            kv_writes=[subjects.KV_OPERATIONS, subjects.KV_OPERATION_RUNS], objects=True)
+            kv_writes=[subjects.KV_OPERATIONS, subjects.KV_OPERATION_RUNS], objects="write")
     if kind == SCHEDULER:
         return _service(
             consumers=DURABLES[SCHEDULER],
-            publish=[subjects.INVENTORY_REQUEST], objects=True,
+            # It loads manifests and writes none: no object put, no purge of the manifests' stream.
+            publish=[subjects.INVENTORY_REQUEST], objects="read",
             subscribe=[subjects.SCHED_SCORE], responses=True)
     if kind == BRIDGE:
         # Kubernetes is where the bridge's commands come from; it shows rejections on the custom resources.

@@ -619,3 +619,70 @@ async def test_an_agent_is_refused_another_nodes_task_durable_and_nothing_happen
             await bus.close()
     refused_users = {line.split('"$G/user:')[1].split('"')[0] for line in secure_server.violations()}
     assert refused_users == {AGENT_USER}
+
+
+async def test_the_scheduler_loads_manifests_and_may_neither_write_nor_purge_them(
+        secure_server: SecureServer, cli_bus: Bus) -> None:
+    """The scheduler reads the dataset service's manifests; a scheduler user that could purge their stream or put
+    an object would wipe or forge what the scores count."""
+    scheduler = await secure_server.connect(natsauth.SCHEDULER)
+    try:
+        store = await scheduler.manifests()  # looking the bucket up: what loading a manifest starts with
+        stream = natsauth.object_stream(subjects.OBJ_MANIFESTS)
+        await refused(scheduler, natsauth.stream_api("PURGE", stream), scheduler.js.purge_stream(stream))
+        forged = f"$O.{subjects.OBJ_MANIFESTS}.M.forged"
+        await refused(scheduler, forged, scheduler.js.publish(forged, b"{}"))
+        with pytest.raises(nats.js.errors.ObjectNotFoundError):
+            await store.get_info("forged")
+    finally:
+        await scheduler.close()
+    refused_users = {line.split('"$G/user:')[1].split('"')[0] for line in secure_server.violations()}
+    assert refused_users == {natsauth.SCHEDULER}
+
+
+async def test_the_loader_makes_task_streams_but_none_over_subjects_another_stream_holds(
+        secure_server: SecureServer, cli_bus: Bus, tmp_path: Path) -> None:
+    """The loader may create, update and look up any stream (a NATS permission cannot say "SHOAL_TASKS_<any
+    node>": a wildcard is a whole token) and deletes or purges none. The server refuses a stream over subjects
+    another stream already captures, whatever its name. What stays possible (docs/security.md), shown so the doc
+    stays true: a stream over subjects no stream holds captures them although the loader may not publish there,
+    and a stream sourcing another with a republish into the loader's own inbox hands it every message."""
+    loader = await secure_server.connect(natsauth.LOADER)
+    scheduler = await secure_server.connect(natsauth.SCHEDULER)
+    try:
+        own = subjects.task_stream(NODE)
+        await loader.provision_node_tasks(NODE)
+        assert (await cli_bus.js.stream_info(own)).config.subjects == [subjects.node_tasks(NODE)]
+        await refused(loader, natsauth.stream_api("DELETE", own), loader.js.delete_stream(own))
+        await refused(loader, natsauth.stream_api("PURGE", own), loader.js.purge_stream(own))
+        capture = subjects.task_stream("capture")
+        with pytest.raises(nats.js.errors.BadRequestError, match="subjects overlap with an existing stream"):
+            await loader.js.add_stream(js_api.StreamConfig(name=capture, subjects=[subjects.DATASET_COMMANDS]))
+        with pytest.raises(nats.js.errors.NotFoundError):
+            await cli_bus.js.stream_info(capture)
+
+        # Known limit 1: snapshot requests (core NATS, in no stream) captured, though the loader may not send one.
+        assert not natsauth.may_publish(natsauth.LOADER, subjects.INVENTORY_REQUEST)
+        await loader.js.add_stream(js_api.StreamConfig(name=capture, subjects=[subjects.INVENTORY_REQUEST]))
+        await scheduler.nc.publish(subjects.INVENTORY_REQUEST, b"{}")
+        await eventually(lambda: _captured(cli_bus, capture), what="the snapshot request captured")
+        # Known limit 2: the commands stream sourced, every command republished into the loader's inbox.
+        inbox = f"{natsauth.inbox_prefix(natsauth.LOADER)}.capture"
+        received: asyncio.Queue[Msg] = asyncio.Queue()
+        subscription = await loader.nc.subscribe(f"{inbox}.>", cb=received.put)
+        await loader.js.add_stream(js_api.StreamConfig(
+            name=subjects.task_stream("sourced"), sources=[js_api.StreamSource(name=subjects.STREAM_COMMANDS)],
+            republish=js_api.RePublish(src=">", dest=f"{inbox}.>")))
+        await cli_bus.publish(subjects.DATASET_APPLY, local_dataset("seen", tmp_path))
+        message = await asyncio.wait_for(received.get(), 10)
+        assert message.subject == f"{inbox}.{subjects.DATASET_APPLY}" and b'"seen"' in message.data
+        await subscription.unsubscribe()
+    finally:
+        await loader.close()
+        await scheduler.close()
+    refused_users = {line.split('"$G/user:')[1].split('"')[0] for line in secure_server.violations()}
+    assert refused_users == {natsauth.LOADER}
+
+
+async def _captured(bus: Bus, stream: str) -> bool:
+    return (await bus.js.stream_info(stream)).state.messages == 1

@@ -84,6 +84,15 @@ def test_each_bucket_is_written_by_its_owner_only() -> None:
     }
 
 
+def test_the_object_store_is_written_and_purged_by_its_writers_only() -> None:
+    """The dataset service's manifests and the loader's plans: the scheduler and the agents only load them."""
+    bucket, stream = subjects.OBJ_MANIFESTS, natsauth.object_stream(subjects.OBJ_MANIFESTS)
+    for subject in (f"$O.{bucket}.M.x", f"$O.{bucket}.C.x", natsauth.stream_api("PURGE", stream)):
+        assert {kind for kind in KINDS if may_publish(kind, subject)} == {DATASET, LOADER}, subject
+    for kind in (DATASET, LOADER, SCHEDULER, AGENT, CLI):
+        assert may_publish(kind, f"{natsauth.API}.DIRECT.GET.{stream}.$O.{bucket}.M.x"), kind
+
+
 def test_nobody_but_the_provisioners_changes_a_stream_and_nobody_deletes_one() -> None:
     for stream in natsauth.ALL_STREAMS:
         updaters = {kind for kind in KINDS if may_publish(kind, natsauth.stream_api("UPDATE", stream))}
