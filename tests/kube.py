@@ -29,7 +29,9 @@ Faults for tests: ``end_watches()`` closes every open watch (the client sees a c
 makes every version seen so far too old (410 Gone), ``failing = 503`` answers that status to every resource
 request until set back to None, ``fail(method, path_suffix, code)`` answers ``code`` (with the apiserver's reason
 for it) to the requests of one method whose path ends with ``path_suffix`` only (e.g. one object's ``/status``)
-until ``heal()``, ``bookmark()`` sends a BOOKMARK on every watch that asked for them, and
+until ``heal()``, ``hang(method, path_suffix)`` makes such requests get no answer at all until the client gives up
+(an API server that takes connections and never answers; also until ``heal()``), ``bookmark()`` sends a BOOKMARK
+on every watch that asked for them, and
 ``hang_watches`` / ``hang_lists`` make new watches (after their headers) or lists send nothing until the client
 gives up, as over a connection that died half-open. ``remove_crd(resource)`` makes a custom resource unserved as
 in a cluster without its CRD (its URLs answer 404 NotFound, discovery leaves it out) until ``install_crd``. Not
@@ -132,6 +134,7 @@ class FakeApiServer(KubernetesScaffold):
         self.oldest = 0  # versions below this are "too old" (410)
         self.failing: int | None = None
         self.faults: dict[tuple[str, str], int] = {}  # (method, path suffix) -> status answered (``fail``)
+        self.hangs: set[tuple[str, str]] = set()  # (method, path suffix) never answered (``hang``)
         # Held while the store and the log change; ``_wake`` is set (and replaced) at every change. Watches wait on
         # the event outside the lock: a Condition's wait cancelled at teardown may not take its lock back on Python
         # 3.11 (its release then raised "Lock is not acquired" in a CI run).
@@ -166,8 +169,14 @@ class FakeApiServer(KubernetesScaffold):
         """Answer ``code`` to every ``method`` request whose path ends with ``path_suffix``, until ``heal``."""
         self.faults[(method.upper(), path_suffix)] = code
 
+    def hang(self, method: str, path_suffix: str) -> None:
+        """Answer nothing to every ``method`` request whose path ends with ``path_suffix`` (``""``: every one) until
+        ``heal``: the client waits until its own timeout, or until it leaves."""
+        self.hangs.add((method.upper(), path_suffix))
+
     def heal(self) -> None:
         self.faults.clear()
+        self.hangs.clear()
 
     def _fault(self, method: str, path: str) -> ApiError | None:
         for (wanted, suffix), code in self.faults.items():
@@ -221,6 +230,8 @@ class FakeApiServer(KubernetesScaffold):
             fault = self._fault(request.method.value, path.rstrip("/"))
             if fault is not None:
                 return fault.response()
+            if any(request.method.value == m and path.rstrip("/").endswith(suffix) for m, suffix in self.hangs):
+                return await self._hang(request, answer=False)
             try:
                 return await self._serve(request, parts)
             except ApiError as err:

@@ -164,6 +164,22 @@ async def test_fail_answers_one_path_only_until_healed(api: tuple[FakeApiServer,
     assert (await patch(custom, "a", {"status": {"phase": "X"}}, status=True))["status"] == {"phase": "X"}
 
 
+async def test_hang_answers_nothing_to_one_path_until_healed(api: tuple[FakeApiServer, Any]) -> None:
+    """``hang``: requests of one method and path suffix get no answer (the client gives up on its own timeout), the
+    rest are served; ``heal`` serves them again."""
+    server, custom = api
+    await create(custom, dataset("a"))
+    server.hang("PATCH", "/status")
+    with pytest.raises(TimeoutError):
+        await custom.patch_namespaced_custom_object_status(
+            DATASETS.group, DATASETS.version, "default", DATASETS.plural, "a", {"status": {"phase": "X"}},
+            _content_type=MERGE, _request_timeout=0.5)
+    assert len(server.recorded("PATCH", "/datasets/a/status")) == 1  # it came, and was never answered
+    await patch(custom, "a", {"metadata": {"labels": {"x": "y"}}})  # the object itself: served
+    server.heal()
+    assert (await patch(custom, "a", {"status": {"phase": "X"}}, status=True))["status"] == {"phase": "X"}
+
+
 async def test_a_patch_from_an_older_resource_version_is_a_conflict(api: tuple[FakeApiServer, Any]) -> None:
     """As the apiserver: a patch carrying ``metadata.resourceVersion`` applies only to that version (409 Conflict
     and no change otherwise); a patch without one applies to what is stored."""
