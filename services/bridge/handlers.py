@@ -19,7 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import msgspec
+import nats.errors
 from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 
@@ -36,7 +38,9 @@ from services.bridge.domain import ObjectKey, Refusal
 
 log = get_logger(__name__)
 
-# API calls the bridge makes per write: well under a watch's lifetime, long enough for a slow apiserver.
+# API calls the bridge makes per write: well under a watch's lifetime, long enough for a slow apiserver. A pass
+# (``tick``) waits it out once at most: the first call that does ends the pass (``_NotAnswering``), since every
+# other call would wait as long, one after another, while nothing else is bridged.
 REQUEST_TIMEOUT_SECONDS = 10.0
 MERGE_PATCH = "application/merge-patch+json"
 # A finalizer patch refused because the object changed since it was read (409) is built again from a fresh read this
@@ -71,6 +75,10 @@ class Written:
 
 class _Unavailable(Exception):
     """An object could not be handled: the rest of this tick waits for the next."""
+
+
+class _NotAnswering(_Unavailable):
+    """A call of this pass waited out its timeout (or found no connection): the pass ends there."""
 
 
 class RejectionFact(msgspec.Struct, frozen=True, rename="camel"):
@@ -151,6 +159,9 @@ class BridgeHandlers:
     resyncs: dict[ObjectKey, tuple[str, int, float]] = field(default_factory=dict)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock, init=False)
     _tick_failures: int = field(default=0, init=False)
+    # Who did not answer a call and why, since the start of the current pass (``_unanswered``): until the next pass,
+    # objects are left to it (``pending``) rather than each waiting out its own timeout.
+    _not_answering: str | None = field(default=None, init=False)
     _quiet_until: float = field(default=0.0, init=False)
 
     @property
@@ -225,7 +236,11 @@ class BridgeHandlers:
     # --- one object ---
 
     async def _handle(self, key: ObjectKey) -> bool:
-        """Act on the object's latest version; False (and ``pending``) when the API or NATS failed."""
+        """Act on the object's latest version; False (and ``pending``) when the API or NATS failed, or when a call
+        did not answer since the current pass began (this one would wait as long: the next pass tries)."""
+        if self._not_answering is not None:
+            self.pending.add(key)
+            return False
         try:
             async with self._lock:
                 obj = self.objects.get(key)
@@ -240,8 +255,14 @@ class BridgeHandlers:
             return True
         except Exception as err:  # an API server or NATS outage: tick() tries again
             self.pending.add(key)
+            self._note_failure(err)
             log.warning("handling failed, trying again", object=str(key), error=_short(err))
             return False
+
+    def _note_failure(self, err: Exception) -> None:
+        who = _unanswered(err)
+        if who is not None and self._not_answering is None:
+            self._not_answering = f"{who} is not answering ({_short(err)})"
 
     def _holder(self, key: ObjectKey) -> ObjectKey | None:
         """Another object standing for ``key``'s Shoal record that Shoal serves instead (``domain.claimant``)."""
@@ -504,14 +525,18 @@ class BridgeHandlers:
         the next try, so an API server that is down is not asked about every object at every tick."""
         if time.monotonic() < self._quiet_until:
             return
+        self._not_answering = None  # asked again: this pass's calls tell
         try:
             await self._tick()
         except Exception as err:
             self._tick_failures += 1
             delay = TICK_RETRY.delay(self._tick_failures)
             self._quiet_until = time.monotonic() + delay
-            log.warning("next pass waits", reason=str(err) if isinstance(err, _Unavailable) else _short(err),
-                        delay=delay)
+            if isinstance(err, _NotAnswering):
+                log.warning("not answering: pass ended, the next one waits", reason=str(err), delay=delay)
+            else:
+                log.warning("next pass waits", reason=str(err) if isinstance(err, _Unavailable) else _short(err),
+                            delay=delay)
         else:
             self._tick_failures = 0
 
@@ -520,9 +545,11 @@ class BridgeHandlers:
         others), and any failure makes the next pass wait."""
         failed: list[str] = []
         for key in list(self.pending):
+            self._end_if_not_answering()
             if not await self._handle(key):
                 failed.append(str(key))
         for key, obj in list(self.objects.items()):
+            self._end_if_not_answering()
             if domain.is_deleting(obj):
                 if key not in self.pending and not await self._handle(key):
                     failed.append(str(key))
@@ -533,8 +560,14 @@ class BridgeHandlers:
             except Exception as err:
                 log.warning("status not written, trying again", object=str(key), error=_short(err))
                 failed.append(str(key))
+                self._note_failure(err)
+        self._end_if_not_answering()
         if failed:
             raise _Unavailable(f"{len(failed)} objects not handled, e.g. {failed[0]}")
+
+    def _end_if_not_answering(self) -> None:
+        if self._not_answering is not None:
+            raise _NotAnswering(f"{self._not_answering}: the rest of this pass waits for the next")
 
     def refusal(self, key: ObjectKey) -> Refusal | None:
         if key in self.invalid:
@@ -768,6 +801,16 @@ def _api_message(err: ApiException) -> str:
     except (msgspec.DecodeError, TypeError):
         return ""
     return str(status.get("message") or "")[:512] if isinstance(status, dict) else ""
+
+
+def _unanswered(err: Exception) -> str | None:
+    """Who did not answer when ``err`` says a call waited out its timeout or found no connection (every call after
+    it would do the same); None for an answer, even a refusal."""
+    if isinstance(err, nats.errors.Error):
+        return "NATS" if isinstance(err, TimeoutError) else None
+    if isinstance(err, (TimeoutError, aiohttp.ClientConnectionError)):
+        return "the API server"
+    return None
 
 
 def _short(err: Exception) -> str:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 from kmock import Server
 from kubernetes_asyncio import client
 
@@ -24,6 +25,7 @@ from libs.bus import Bus, KvMirror
 from libs.events.dataset import DatasetRecord
 from libs.events.operation import OperationRecord
 from libs.events.runtime import RuntimeRecord
+from services.bridge import handlers as bridge_handlers
 from services.bridge.domain import ObjectKey
 from services.bridge.handlers import BridgeHandlers, Mirrors
 from services.dataset import app as dataset_app
@@ -33,6 +35,7 @@ from tests.kube import FakeApiServer
 
 SHOAL = kube.SHOAL_RESOURCES[0]
 FLUID = next(r for r in kube.FLUID_RESOURCES if r.kind == "Dataset")
+DATALOAD = next(r for r in kube.SHOAL_RESOURCES if r.kind == "DataLoad")
 MERGE = "application/merge-patch+json"
 
 
@@ -371,3 +374,31 @@ async def test_a_status_someone_else_overwrote_is_written_back(harness: Harness,
         await harness.until(lambda: ((harness.get(SHOAL, "demo") or {}).get("status") or {}).get("fileNum") == 3,
                             what="Shoal's status written back")
     assert (harness.get(SHOAL, "demo") or {})["status"]["phase"] == "NotBound"
+
+
+async def test_a_pass_over_an_api_server_that_does_not_answer_ends_at_its_first_call(
+        harness: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The API server takes connections and answers no patch: the pass waits out the first status write's timeout
+    and ends there, saying the API server is not answering, instead of waiting out one timeout per object (before:
+    four objects, four timeouts in a row, the handlers' lock held throughout). Until the next pass, an object a
+    watch brings waits for it (pending) rather than for a timeout of its own. Once the server answers, everything
+    is written."""
+    handlers = harness.handlers
+    monkeypatch.setattr(bridge_handlers, "REQUEST_TIMEOUT_SECONDS", 0.5)  # the client's limit, not what is tested
+    await harness.first_lists()
+    names = [f"load{i}" for i in range(4)]
+    for name in names:  # invalid in the bridge (no such policy): a status to write, and nothing before it
+        await handlers.on_event(DATALOAD, "ADDED", await harness.create(
+            DATALOAD, name, {"dataset": {"name": "demo"}, "policy": "Sometimes"}))
+    harness.server.hang("PATCH", "")
+    with structlog.testing.capture_logs() as logs:
+        await asyncio.wait_for(handlers.tick(), 30)
+    assert len(harness.server.recorded("PATCH", "/status")) == 1
+    assert [e for e in logs if e["event"].startswith("not answering") and "API server" in e["reason"]]
+    await handlers.on_event(SHOAL, "ADDED", await harness.create(SHOAL, "demo", {"mounts": [{"mountPoint": "s3://b"}]}))
+    assert not harness.server.recorded("PATCH", "/datasets/demo") and _key(SHOAL) in handlers.pending
+
+    harness.server.heal()
+    await harness.until(lambda: all(((harness.get(DATALOAD, name) or {}).get("status") or {}).get("phase") == "Failed"
+                                    for name in names), what="every status written")
+    assert kube.FINALIZER in (harness.get(SHOAL, "demo") or {})["metadata"]["finalizers"]
