@@ -119,18 +119,24 @@ class StartsWhen:
 
 
 class Periodic:
-    """A loop that awaits ``tick()`` every ``interval`` seconds until stopped; a failing tick is logged, not fatal."""
+    """A loop that awaits ``tick()`` every ``interval`` seconds until stopped; a failing tick is logged, not fatal.
 
-    def __init__(self, name: str, tick: Callable[[], Awaitable[None]], interval: float) -> None:
+    ``cancel_on_stop``: a stop cancels the tick under way instead of waiting for it to end; for a tick that may wait
+    on a peer that does not answer (the bridge's calls to an API server), and whose work is redone by the next run
+    anyway (level-triggered), so that a stop is prompt."""
+
+    def __init__(self, name: str, tick: Callable[[], Awaitable[None]], interval: float,
+                 cancel_on_stop: bool = False) -> None:
         self.name = name
         self.tick = tick
         self.interval = interval
+        self.cancel_on_stop = cancel_on_stop
         self._stopping = asyncio.Event()
 
     async def run(self) -> None:
         while not self._stopping.is_set():
             try:
-                await self.tick()
+                await (self._tick_until_stopped() if self.cancel_on_stop else self.tick())
             except Exception:
                 log.exception("periodic work failed", loop=self.name)
             with contextlib.suppress(TimeoutError):
@@ -138,6 +144,20 @@ class Periodic:
 
     def stop(self) -> None:
         self._stopping.set()
+
+    async def _tick_until_stopped(self) -> None:
+        work = asyncio.ensure_future(self.tick())
+        stopping = asyncio.create_task(self._stopping.wait())
+        try:
+            await asyncio.wait([work, stopping], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+            if not work.done():
+                work.cancel()
+        if work.cancelled() or not work.done():
+            await asyncio.wait([work])  # let it unwind (its finally blocks); raises nothing
+            return
+        work.result()  # its exception, if it ended with one
 
 
 def nats_check(bus: Bus) -> Callable[[], str | None]:

@@ -102,7 +102,8 @@ async def run(settings: Settings, stop: asyncio.Event, readiness: Readiness | No
 
         readiness.add("kubernetes", listed)
         loops: list[Loop] = [mirrors.datasets, mirrors.runtimes, mirrors.operations, *watchers,
-                             Periodic("reflect", handlers.tick, REFLECT_SECONDS)]
+                             # Cancelled by a stop: a pass may be waiting on an API server that does not answer.
+                             Periodic("reflect", handlers.tick, REFLECT_SECONDS, cancel_on_stop=True)]
         await run_loops(loops, stop, readiness)
     finally:
         if rejections is not None:

@@ -469,6 +469,21 @@ async def test_api_server_errors_then_recovery(cluster: Cluster, bus: Bus, tmp_p
     assert "status" not in (cluster.get(SHOAL, "other", "elsewhere") or {})
 
 
+async def test_a_stop_is_prompt_while_the_api_server_does_not_answer(
+        cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The API server takes the bridge's status write and never answers it (the client would give up in an hour):
+    a stop ends the bridge anyway, with the write still unanswered (before, the stop waited for the pass, so for the
+    write's timeout). ``running`` gives the bridge 20 s to stop."""
+    monkeypatch.setattr(bridge_handlers, "REQUEST_TIMEOUT_SECONDS", 3600.0)
+    cluster.server.hang("PATCH", "/status")
+    async with running(lambda stop: bridge_app.run(cluster.settings, stop)):
+        # Invalid in the bridge (no such policy): a status to write, and no call before it.
+        await cluster.create(DATALOAD, "warm", {"dataset": {"name": "demo"}, "policy": "Sometimes"})
+        await eventually(lambda: _async(cluster.server.recorded("PATCH", "/dataloads/warm/status")),
+                         what="the status write under way")
+    assert "status" not in (cluster.get(DATALOAD, "warm") or {})
+
+
 # --- helpers ---
 
 

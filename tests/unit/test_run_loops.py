@@ -11,7 +11,7 @@ import pytest
 import structlog.testing
 
 from libs import service
-from libs.service import StartsWhen, run_loops
+from libs.service import Periodic, StartsWhen, run_loops
 from tests.helpers import eventually
 
 
@@ -130,3 +130,33 @@ async def test_a_loop_that_starts_when_ready_runs_once_every_event_is_set() -> N
 
 async def found_run(loop: Counting) -> bool:
     return loop.runs > 0
+
+
+async def test_a_periodic_loop_that_cancels_on_stop_ends_a_tick_that_never_would() -> None:
+    """``cancel_on_stop``: a tick waiting on what never comes (an API server that does not answer) is cancelled by a
+    stop; a tick that fails is logged and the loop goes on, as without it."""
+    ticks: list[str] = []
+    never = asyncio.Event()
+
+    async def tick() -> None:
+        ticks.append("start")
+        if len(ticks) == 1:
+            raise RuntimeError("broken")
+        try:
+            await never.wait()
+        except asyncio.CancelledError:
+            ticks.append("cancelled")
+            raise
+
+    loop = Periodic("hanging", tick, 0.01, cancel_on_stop=True)
+    with structlog.testing.capture_logs() as logs:
+        task = asyncio.create_task(loop.run())
+        await eventually(lambda: _async(len(ticks) >= 2), what="a second tick, waiting", timeout=5)
+        loop.stop()
+        await asyncio.wait_for(task, 5)
+    assert ticks == ["start", "start", "cancelled"]
+    assert await found(logs, "periodic work failed")
+
+
+async def _async(value: Any) -> Any:
+    return value
