@@ -10,7 +10,7 @@ import base64
 import dataclasses
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -156,13 +156,21 @@ async def test_dataset_cr_to_bound_volume_relist_invalid_and_delete(cluster: Clu
         assert {("empty", "Rejected", "Warning"), ("warm", "Invalid", "Warning"),
                 ("orphan", "DataLoadFailed", "Warning")} <= reasons
 
-        # Re-lists: after a closed watch, then after 410 Gone; the generation stays.
+        # Re-lists: after a closed watch, then after 410 Gone; the generation stays, and no command is published
+        # again (each would be one more KV write per object in the services once JetStream's duplicate window is
+        # over). A watch starts once its list has been handled.
+        published, unsubscribe = await _commands(bus)
+        watches = {r: _watch_count(cluster, r) for r in (SHOAL, SHOAL_RUNTIME, DATALOAD)}
         lists = _list_count(cluster)
         await cluster.server.end_watches()
         await eventually(lambda: _async(_list_count(cluster) > lists), what="a re-list after a closed watch")
         lists = _list_count(cluster)
         await cluster.server.expire()
         await eventually(lambda: _async(_list_count(cluster) > lists), what="a re-list after 410 Gone")
+        await eventually(lambda: _async(all(_watch_count(cluster, r) >= n + 2 for r, n in watches.items())),
+                         what="both re-lists handled")
+        await unsubscribe()
+        assert published == []
         await cluster.server.bookmark()
         # A bridge that starts again (here a second one) lists and publishes every command again, with the same
         # ids: JetStream keeps none of them.
@@ -540,6 +548,27 @@ async def _async(value: Any) -> Any:
 def _list_count(cluster: Cluster) -> int:
     return len([r for r in cluster.server.recorded("GET", f"/{SHOAL.plural}")
                 if SHOAL.group in r.url.path and "watch" not in (r.params or {})])
+
+
+def _watch_count(cluster: Cluster, resource: kube.Resource) -> int:
+    return len([r for r in cluster.server.recorded("GET", f"/{resource.group}/{resource.version}/{resource.plural}")
+                if "watch" in (r.params or {})])
+
+
+async def _commands(bus: Bus) -> tuple[list[str], Callable[[], Awaitable[None]]]:
+    """The id of every command published from now on (before JetStream's deduplication), and how to stop."""
+    ids: list[str] = []
+
+    async def add(msg: Any) -> None:
+        ids.append((msg.headers or {}).get("Nats-Msg-Id", ""))
+
+    subscription = await bus.nc.subscribe(subjects.ALL_COMMANDS, cb=add)
+
+    async def stop() -> None:
+        await bus.nc.flush()
+        await subscription.unsubscribe()
+
+    return ids, stop
 
 
 async def _get(cluster: Cluster, group: str, plural: str, namespace: str | None, name: str) -> dict[str, Any] | None:
