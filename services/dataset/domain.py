@@ -85,6 +85,9 @@ def validate_dataset(dataset: Dataset, local_roots: Sequence[str] | None = None,
     if is_reference(dataset):
         return errors + reference_errors(dataset)
     seen_paths: dict[str, int] = {}
+    # A name tells a mount from the others (and is its folder when it has no path): one name for two mounts is
+    # most likely a copy left unedited, so it is refused even when paths keep the two folders apart.
+    seen_names: dict[str, int] = {}
     for index, mount in enumerate(spec.mounts):
         where = f"spec.mounts[{index}]"
         unparsable = _url_error(mount.mount_point)
@@ -101,6 +104,12 @@ def validate_dataset(dataset: Dataset, local_roots: Sequence[str] | None = None,
                           "SHOAL_PVC_ROOT to the folder where volume claims are mounted (<root>/<namespace>/<claim>)")
         if mount.name and not MOUNT_NAME.fullmatch(mount.name):
             errors.append(f"{where}.name {mount.name!r} may use only letters, digits, '.', '_' and '-'")
+        named_twice = bool(mount.name) and mount.name in seen_names
+        if named_twice:
+            errors.append(f"{where}.name {mount.name!r} is also the name of spec.mounts[{seen_names[mount.name]}]: "
+                          "give each mount a name of its own")
+        elif mount.name:
+            seen_names[mount.name] = index
         path = mount_path(mount, len(spec.mounts))
         if not path:
             errors.append(f"{where} needs a name or a path when a dataset has several mounts")
@@ -109,7 +118,8 @@ def validate_dataset(dataset: Dataset, local_roots: Sequence[str] | None = None,
         elif path != "/" and (problem := relative_problem(path[1:])) is not None:
             errors.append(f"{where} would appear at {path!r}, which {problem}")
         elif path in seen_paths:
-            errors.append(f"{where} and spec.mounts[{seen_paths[path]}] both appear at {path!r}")
+            if not (named_twice and spec.mounts[seen_paths[path]].name == mount.name):  # said once, by name
+                errors.append(f"{where} and spec.mounts[{seen_paths[path]}] both appear at {path!r}")
         else:
             # One mount inside another's folder would hide it, or be hidden by it: refused, never guessed.
             outer = next((other for other in seen_paths

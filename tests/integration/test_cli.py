@@ -20,7 +20,7 @@ import yaml
 from click.testing import CliRunner, Result
 
 from libs import subjects
-from libs.bus import Bus, connect
+from libs.bus import Bus, connect, kv_load
 from libs.cli.main import cli
 from libs.config import NatsSettings, ServiceSettings, Settings
 from libs.embedded import free_port
@@ -398,6 +398,27 @@ spec:
         "supported: s3://, local://, http://, https://, pvc://, and dataset://<namespace>/<name> alone (a reference)",
         "error: bad rejected: spec.tieredstore.levels[0].mediumtype 'TAPE' is unknown (use MEM, SSD or HDD)",
     ]
+
+
+async def test_apply_of_two_mounts_of_one_name_is_rejected_naming_it(nats_server: NatsServer, services: None,
+                                                                      bus: Bus) -> None:
+    """Even at two paths: a name is a mount's identity, and a second one of the same name is a copy left unedited."""
+    manifest = """
+apiVersion: data.fluid.io/v1alpha1
+kind: Dataset
+metadata: {name: twins}
+spec:
+  mounts:
+  - {mountPoint: "s3://bucket-one/train/", name: train, path: /a}
+  - {mountPoint: "s3://bucket-two/train/", name: train, path: /b}
+"""
+    result = await shoal(nats_server, "apply", "-f", "-", stdin=manifest)
+
+    assert result.exit_code == 1, result.output
+    assert result.stderr == ("error: twins rejected: spec.mounts[1].name 'train' is also the name of spec.mounts[0]: "
+                             "give each mount a name of its own\n")
+    assert await kv_load(await bus.kv(subjects.KV_DATASETS), subjects.resource_key("default", "twins"),
+                         DatasetRecord) == (None, None)
 
 
 async def test_apply_reports_invalid_documents_and_yaml_errors_without_publishing(nats_server: NatsServer,

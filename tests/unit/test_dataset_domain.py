@@ -233,11 +233,30 @@ def test_dotdot_in_path(path: str) -> None:
 @pytest.mark.parametrize(
     ("first", "second"),
     [({"path": "/data"}, {"path": "data/"}), ({"name": "data"}, {"path": "/data"}),
-     ({"name": "data"}, {"name": "data"}), ({"path": "/a/./b"}, {"path": "a/b"})],
+     ({"name": "one", "path": "/data"}, {"name": "data"}), ({"path": "/a/./b"}, {"path": "a/b"})],
 )
 def test_duplicate_mount_paths(first: dict[str, str], second: dict[str, str]) -> None:
     error = one_error(s3_mount("s3://bucket-one", **first), s3_mount("s3://bucket-two", **second))
     assert error.startswith("spec.mounts[1] and spec.mounts[0] both appear at")
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [({"name": "data"}, {"name": "data"}), ({"name": "data", "path": "/a"}, {"name": "data", "path": "/b"}),
+     ({"name": "data", "path": "/a"}, {"name": "data", "path": "/a"})],
+    ids=["same-folder", "other-folders", "same-path"],
+)
+def test_two_mounts_of_one_name_are_refused_by_name(first: dict[str, str], second: dict[str, str]) -> None:
+    """Said once, by the name, whether or not paths keep the two folders apart."""
+    error = one_error(s3_mount("s3://bucket-one", **first), s3_mount("s3://bucket-two", **second))
+    assert error == ("spec.mounts[1].name 'data' is also the name of spec.mounts[0]: give each mount a name of "
+                     "its own")
+
+
+def test_a_name_used_three_times_is_named_at_each_repeat() -> None:
+    errors = errors_of(*(s3_mount(f"s3://bucket-{n}", name="data", path=f"/{n}") for n in ("one", "two", "six")))
+    assert errors == [f"spec.mounts[{i}].name 'data' is also the name of spec.mounts[0]: give each mount a name "
+                      "of its own" for i in (1, 2)]
 
 
 def test_several_mounts_without_names() -> None:
