@@ -167,7 +167,8 @@ def _mount_errors(mount: Mount, where: str, shared: dict[str, str], shared_encry
     # Shown back in rejections and logs: never with the credentials a URL may carry (reported on their own,
     # by exposed_secret_errors), and judged without them.
     shown_point = strip_userinfo(mount.mount_point, strict=True)
-    parts = urlsplit(strip_userinfo(mount.mount_point))
+    point = strip_userinfo(mount.mount_point)
+    parts = urlsplit(point)
     scheme = parts.scheme
     if scheme not in SUPPORTED_SCHEMES:
         shown = f"scheme {scheme!r}" if scheme else "no scheme"
@@ -178,9 +179,16 @@ def _mount_errors(mount: Mount, where: str, shared: dict[str, str], shared_encry
         ]
     options = canonical_options(mount, shared)
     encrypt = [*shared_encrypt, *mount.encrypt_options]
+    # s3:// and local:// mount points are read as URLs: a '?' or '#' would start a query or fragment, which
+    # neither uses, and the rest would be dropped: another prefix or folder listed, without a word. Their paths
+    # are not percent-decoded, so a name holding one cannot be mounted at all: refused rather than guessed.
+    dropped = "?" in point or "#" in point
     if scheme == "s3":
         if not S3_BUCKET.fullmatch(parts.netloc.rpartition("@")[2]):
             errors.append(f"{where}.mountPoint {shown_point!r} does not name a valid S3 bucket")
+        if dropped:
+            errors.append(f"{where}.mountPoint {shown_point!r} must be a bucket and prefix without '?' or '#': what "
+                          "follows either would be dropped and another prefix listed")
         if ".." in parts.path.split("/"):
             errors.append(f"{where}.mountPoint {shown_point!r} must not contain '..'")
         for key in options:
@@ -218,6 +226,9 @@ def _mount_errors(mount: Mount, where: str, shared: dict[str, str], shared_encry
     else:
         if parts.netloc or not parts.path.startswith("/"):
             errors.append(f"{where}.mountPoint {shown_point!r} must be an absolute path like local:///data")
+        if dropped:
+            errors.append(f"{where}.mountPoint {shown_point!r} must be a plain path without '?' or '#': what "
+                          "follows either would be dropped and another folder mounted")
         if ".." in parts.path.split("/"):
             errors.append(f"{where}.mountPoint {shown_point!r} must not contain '..'")
         if options:

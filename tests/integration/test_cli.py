@@ -421,6 +421,28 @@ spec:
                          DatasetRecord) == (None, None)
 
 
+async def test_apply_of_a_local_path_with_a_query_or_fragment_is_rejected(nats_server: NatsServer, services: None,
+                                                                          bus: Bus, tmp_path: Path) -> None:
+    """Read as a URL, local:///<tmp>/run#3 would mount <tmp>/run: refused, not a silent other folder."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run#3").mkdir()
+    manifest = f"""
+apiVersion: data.fluid.io/v1alpha1
+kind: Dataset
+metadata: {{name: hashed}}
+spec:
+  mounts: [{{mountPoint: "local://{tmp_path}/run#3"}}]
+"""
+    result = await shoal(nats_server, "apply", "-f", "-", stdin=manifest)
+
+    assert result.exit_code == 1, result.output
+    assert result.stderr == (f"error: hashed rejected: spec.mounts[0].mountPoint 'local://{tmp_path}/run#3' must be "
+                             "a plain path without '?' or '#': what follows either would be dropped and another "
+                             "folder mounted\n")
+    assert await kv_load(await bus.kv(subjects.KV_DATASETS), subjects.resource_key("default", "hashed"),
+                         DatasetRecord) == (None, None)
+
+
 async def test_apply_reports_invalid_documents_and_yaml_errors_without_publishing(nats_server: NatsServer,
                                                                                  bus: Bus) -> None:
     schema_error = await shoal(nats_server, "apply", "-f", "-",

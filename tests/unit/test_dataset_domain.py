@@ -1100,6 +1100,23 @@ def test_valid_web_and_claim_mounts() -> None:
 
 
 @pytest.mark.parametrize(
+    ("mount_point", "reason"),
+    [("local:///data/run#3", "must be a plain path without '?' or '#'"),
+     ("local:///data?recursive=1", "must be a plain path without '?' or '#'"),
+     ("local:///data?", "must be a plain path without '?' or '#'"),
+     ("local:///data#", "must be a plain path without '?' or '#'"),
+     ("s3://bucket/train#v2", "must be a bucket and prefix without '?' or '#'"),
+     ("s3://bucket/train?versionId=1", "must be a bucket and prefix without '?' or '#'"),
+     ("s3://bucket?prefix=train", "must be a bucket and prefix without '?' or '#'")],
+)
+def test_a_query_or_fragment_a_local_or_s3_mount_would_drop_is_refused(mount_point: str, reason: str) -> None:
+    """Read as a URL, the path would stop at the '?' or '#' and another folder or prefix be listed."""
+    (error,) = validate_dataset(make_dataset(Mount(mount_point=mount_point)), local_roots=["/data"])
+    assert error == f"spec.mounts[0].mountPoint {mount_point!r} {reason}: what follows either would be dropped " + (
+        "and another folder mounted" if mount_point.startswith("local") else "and another prefix listed"), error
+
+
+@pytest.mark.parametrize(
     ("mount", "reason"),
     [(Mount(mount_point="http:///data/"), "must name a web server"),
      (Mount(mount_point="https://host:99999/"), "has an invalid port"),
