@@ -21,6 +21,8 @@ from contextlib import AsyncExitStack
 from datetime import datetime
 from types import TracebackType
 from typing import Any, TypeVar
+from xml.etree import ElementTree
+from xml.parsers import expat
 
 import aiohttp
 
@@ -30,6 +32,7 @@ import aiohttp
 from botocore.exceptions import (
     BotoCoreError,
     ClientError,
+    ConnectionClosedError,
     ConnectTimeoutError,
     EndpointConnectionError,
     HTTPClientError,
@@ -92,6 +95,37 @@ CUT_ATTEMPTS = 2
 _CUT = (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError, ConnectionResetError)
 
 T = TypeVar("T")
+
+# A listing answer that is not well-formed XML (cut short on the way, or no S3 API at all) reaches us as a bare
+# "500 Internal Server Error": botocore turns such a 200 into a 500 to retry it, and keeps no word of the body.
+# ``_note_unparsable`` reads the body first and leaves why under this key of the error response; the parser's
+# reason is cut to this many characters (expat's are short: "no element found: line 1, column 312").
+_UNPARSABLE = "ShoalUnparsableAnswer"
+_UNPARSABLE_REASON_CHARS = 120
+# An answer that starts a listing within this many bytes and whose parser ran out of input inside it (one of
+# these errors) was cut short; any other parse error is a body that is not XML, or not S3's.
+_LISTING_START_BYTES = 1024
+_ENDED_EARLY = {expat.errors.codes[message] for message in (
+    expat.errors.XML_ERROR_NO_ELEMENTS, expat.errors.XML_ERROR_UNCLOSED_TOKEN, expat.errors.XML_ERROR_PARTIAL_CHAR,
+    expat.errors.XML_ERROR_UNCLOSED_CDATA_SECTION)}
+
+
+def _note_unparsable(response_dict: dict[str, Any], customized_response_dict: dict[str, Any], **_: Any) -> None:
+    """botocore's ``before-parse`` hook for ListObjectsV2: for a failed answer (a good listing is not parsed twice)
+    whose body is not well-formed XML, note why in the error response botocore will build."""
+    body = response_dict.get("body")
+    if int(response_dict.get("status_code") or 0) < 300 or not isinstance(body, bytes) or not body:
+        return
+    try:
+        parser = ElementTree.XMLParser(target=ElementTree.TreeBuilder())
+        parser.feed(body)
+        parser.close()
+    except (ElementTree.ParseError, LookupError, ValueError) as err:  # an unknown encoding: LookupError
+        customized_response_dict[_UNPARSABLE] = {
+            "reason": str(err)[:_UNPARSABLE_REASON_CHARS],
+            "bytes": len(body),
+            "cut": getattr(err, "code", None) in _ENDED_EARLY and b"<ListBucketResult" in body[:_LISTING_START_BYTES],
+        }
 
 
 _shared: Any = None
@@ -274,7 +308,7 @@ class S3ObjectStore:
 
         location = self._location
         # Empty credentials fall through to botocore's chain (environment, IRSA, instance role).
-        return await stack.enter_async_context(
+        client = await stack.enter_async_context(
             shared_session().create_client(
                 "s3",
                 endpoint_url=location.endpoint_url or None,
@@ -284,6 +318,8 @@ class S3ObjectStore:
                 config=AioConfig(**self._config_options),
             )
         )
+        client.meta.events.register("before-parse.s3.ListObjectsV2", _note_unparsable)
+        return client
 
     def _client_key(self) -> str:
         """What a client is made of, hashed: the same for stores that may share one, never the secret itself."""
@@ -579,7 +615,11 @@ class S3ObjectStore:
                     f"{bucket} is not in region '{self._location.region}'{found}: set the mount's region"
                 )
             what = f"S3 {action} of " + (f"'{self._prefix}{key}' in {bucket}" if key is not None else bucket)
-            failure = UfsError(f"{what} failed: {code or status} {error.get('Message', '')}".rstrip())
+            unparsable = err.response.get(_UNPARSABLE)
+            if isinstance(unparsable, dict):
+                failure = UfsError(f"{what} failed: {self._unparsable(err, unparsable)}")
+            else:
+                failure = UfsError(f"{what} failed: {code or status} {error.get('Message', '')}".rstrip())
             if code in _TRANSIENT_CODES or status >= 500:
                 failure.retryable = True
             return failure
@@ -596,11 +636,28 @@ class S3ObjectStore:
             return EndpointUnreachable(f"cannot reach S3 endpoint {self._where}: {self._reason(err)}")
         return UfsError(f"S3 {action} of {bucket} failed: {type(err).__name__}: {err}")
 
+    def _unparsable(self, err: ClientError, noted: dict[str, Any]) -> str:
+        """What a listing answer that is not well-formed XML was (``_note_unparsable``): cut short, or no listing."""
+        size, reason = noted["bytes"], noted["reason"]
+        if noted["cut"]:
+            return (f"the store's listing answer could not be parsed: it stops mid-XML after {size} bytes "
+                    f"({reason}), cut short on the way")
+        # A 500 may be a 200 botocore changed (it keeps no other status); any other status is the store's own.
+        status = _status(err)
+        headers = err.response.get("ResponseMetadata", {}).get("HTTPHeaders", {})
+        content_type = str(headers.get("content-type", ""))[:80]
+        sent = (f"HTTP {status} with " if status != 500 else "") + f"{size} bytes"
+        sent += f" of {content_type!r}" if content_type else ""
+        return (f"the store's listing answer could not be parsed: {sent} that are not well-formed XML ({reason}): "
+                "check that the endpoint is the store's S3 API")
+
     def _reason(self, err: Exception) -> str:
         if isinstance(err, ConnectTimeoutError):
             return f"no connection within {self._connect_timeout} s"
         if isinstance(err, ReadTimeoutError | TimeoutError):
             return f"no answer within {self._read_timeout} s"
+        if isinstance(err, ConnectionClosedError):  # a listing's body cut short lands here too, not in _CUT
+            return "the connection was closed before a whole answer came"
         for cause in _causes(err):
             if isinstance(cause, ConnectionRefusedError):
                 return "connection refused"

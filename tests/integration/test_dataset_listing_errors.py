@@ -216,6 +216,57 @@ async def test_an_endpoint_answering_a_web_page_fails_the_dataset_rather_than_li
     assert not record.status.manifest and record.status.file_num == 0
 
 
+# A ListObjectsV2 answer cut short on the way: its first 263 bytes, ending inside a tag.
+CUT_LISTING = (b'<?xml version="1.0" encoding="UTF-8"?>\n<ListBucketResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/">'
+               b"<Name>bucket</Name><Prefix>data/</Prefix><KeyCount>2</KeyCount><MaxKeys>1000</MaxKeys>"
+               b"<IsTruncated>false</IsTruncated><Contents><Key>data/a.txt</Key><LastModi")
+
+
+@pytest.mark.parametrize(("body", "content_type", "said"), [
+    (CUT_LISTING, "application/xml",
+     "it stops mid-XML after 263 bytes (unclosed token: line 2, column 215), cut short on the way"),
+    (b"upstream connect error " * 100_000, "text/plain",
+     "2300000 bytes of 'text/plain' that are not well-formed XML (syntax error: line 1, column 0): check that the "
+     "endpoint is the store's S3 API"),
+    (b'<?xml version="1.0" encoding="klingon"?><ListBucketResult>', "application/xml",
+     "58 bytes of 'application/xml' that are not well-formed XML (unknown encoding: klingon): check that the "
+     "endpoint is the store's S3 API"),
+], ids=["cut-listing", "not-xml", "unknown-encoding"])
+async def test_a_listing_answer_that_does_not_parse_says_so_rather_than_a_bare_500(
+        bus: Bus, nats_server: NatsServer, body: bytes, content_type: str, said: str) -> None:
+    """botocore turns such a 200 into a 500 to retry it and keeps no word of the body: the status said only
+    "500 Internal Server Error". It says what the answer was, briefly, and is retried like any 500."""
+    async with answering(200, body, content_type) as endpoint:
+        record = await sync_of(bus, nats_server, "s3://bucket/data/", options={"endpoint": endpoint})
+    assert record.status.phase == "Failed", record.status
+    assert record.status.message == (f"cannot list s3://bucket/data/: S3 list of bucket 'bucket' at {endpoint} "
+                                     f"failed: the store's listing answer could not be parsed: {said}")
+    assert next(c for c in record.status.conditions if c.type == CONDITION_SYNCED).reason == REASON_UNREACHABLE
+    assert "listing-test-secret" not in record.status.message
+
+
+async def test_a_listing_answer_whose_connection_closes_mid_body_says_so(bus: Bus, nats_server: NatsServer) -> None:
+    """The same cut listing with a Content-Length it never reaches, then a closed connection: not "connection
+    failed (ConnectionClosedError)"."""
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/xml\r\nContent-Length: 5000\r\n\r\n"
+                     + CUT_LISTING)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    endpoint = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    try:
+        record = await sync_of(bus, nats_server, "s3://bucket/data/", options={"endpoint": endpoint})
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert record.status.message == (f"cannot list s3://bucket/data/: cannot reach S3 endpoint {endpoint}: the "
+                                     "connection was closed before a whole answer came"), record.status.message
+    assert next(c for c in record.status.conditions if c.type == CONDITION_SYNCED).reason == REASON_UNREACHABLE
+
+
 @contextlib.asynccontextmanager
 async def dripping() -> AsyncIterator[str]:
     """An endpoint that starts a 200 answer and then sends one byte every 0.2 s, for ever: no read ever waits long
