@@ -18,7 +18,7 @@ import bisect
 import calendar
 import itertools
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -562,6 +562,18 @@ def nodes_gone(state: RunState, runtime: RuntimeRecord | None) -> list[str]:
     else:
         here = set(runtime.status.ready_nodes) | {w.node for w in runtime.status.workers if w.ready}
     return sorted({part.node for part in state.parts if not part.done} - here)
+
+
+def waited_mounts(operations: Mapping[str, OperationRecord], runs: Mapping[str, RunState]) -> set[tuple[str, str]]:
+    """(dataset ``ns/name``, node) of every executing run's parts not done: the mounts whose silence matters."""
+    waited: set[tuple[str, str]] = set()
+    for key, state in runs.items():
+        record = operations.get(key)
+        if record is None or state.stage != "executing":
+            continue
+        ref = dataset_ref(record)
+        waited.update((f"{ref.namespace}/{ref.name}", part.node) for part in state.parts if not part.done)
+    return waited
 
 
 # The end of a run its operation's delete cut short, should the record outlive the delete for a moment.

@@ -128,8 +128,8 @@ class LoaderHandlers:
     # (operation, node) → when (monotonic) this process first saw the node gone with parts of the run not done.
     gone_since: dict[tuple[str, str], float] = field(default_factory=dict)
     # (operation, node) → when (monotonic) this process first waited on the node's parts of the run; and (dataset
-    # ``ns/name``, node) → when progress of any run last came from that node's mount of the dataset (one entry per
-    # mount that reported: bounded like the agents' durables).
+    # ``ns/name``, node) → when progress of any run last came from that node's mount of the dataset, kept only while
+    # an executing run waits on that mount (``_prune_heard``).
     silent_since: dict[tuple[str, str], float] = field(default_factory=dict)
     heard: dict[tuple[str, str], float] = field(default_factory=dict)
     # Operations the tick failed to advance, and when (the tick's clock) that was last logged.
@@ -287,6 +287,7 @@ class LoaderHandlers:
                 self.heard[(f"{ref.namespace}/{ref.name}", progress.node)] = time.monotonic()
             state, revision = await self._state(key)
             if state.run != progress.run or state.stage != "executing":
+                self._prune_heard()  # a late report must not bring back a mount no run waits on
                 return  # a run that was superseded, deleted or already finished
             if not 0 <= progress.part < len(state.parts) or state.parts[progress.part].node != progress.node:
                 log.warning("progress for an unknown part ignored", run=progress.run, part=progress.part,
@@ -687,6 +688,16 @@ class LoaderHandlers:
             del self.gone_since[stale]
         for stale in [k for k in self.silent_since if k[0] == key]:
             del self.silent_since[stale]
+        self._prune_heard()
+
+    def _prune_heard(self) -> None:
+        """Forget when mounts last reported unless an executing run waits on them (another operation's run of the
+        same dataset may): without this, an entry per dataset and node ever seen would stay for ever."""
+        if not (self.operations.ready.is_set() and self.runs.ready.is_set()):
+            return  # the mirrors do not know every run yet: what they lack could be waiting
+        waited = domain.waited_mounts(self.operations.values, self.runs.values)
+        for stale in self.heard.keys() - waited:
+            del self.heard[stale]
 
     async def _settle_baseline(self, key: str, phase: OperationPhase) -> None:
         """OnEvent: a Complete run's manifest becomes the baseline of the next run's diff; a Failed run's is dropped,

@@ -951,6 +951,59 @@ async def test_the_loaders_memory_of_a_run_goes_when_it_finishes_or_is_deleted(
         scripted.hold.clear()
 
 
+async def test_the_loader_forgets_when_mounts_reported_once_no_run_waits_on_them(
+        bus: Bus, nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``heard`` (when each node's mount of a dataset last reported, for the silence timeout) holds a mount only while
+    an executing run waits on it: nothing of a run that completed, nor of one whose dataset and load were deleted
+    mid-run, nor after a late report of a finished run, so it does not grow with every dataset and node ever seen."""
+    created: list[LoaderHandlers] = []
+
+    class Recorded(LoaderHandlers):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            created.append(self)
+
+    def heard_of(dataset: str) -> set[str]:
+        return {node for handlers in created for (name, node) in handlers.heard if name == dataset}
+
+    monkeypatch.setattr(loader_app, "LoaderHandlers", Recorded)
+    await put_dataset(bus, files(*[(f"f{i}", 2 * BLOCK) for i in range(12)]))
+    await put_runtime(bus, NODES)
+    await put_dataset(bus, files(("a", BLOCK)), name="other")
+    await put_runtime(bus, NODES[:1], name="other")
+    async with agent(bus, NODES), agent(bus, NODES[:1], dataset="other") as held, \
+            loader(nats_server):
+        held.hold.set()
+        await publish(bus, subjects.DATALOAD_APPLY, dataload(name="busy", dataset="other"))
+        await eventually(lambda: _true(heard_of("default/other") == {"node-a"}), what="node-a's mount heard")
+        await publish(bus, subjects.DATALOAD_APPLY, dataload())
+        done = await phase_of(bus, "Complete")
+        assert done.status.progress.bytes_done == done.status.progress.bytes_total
+        [handlers] = created
+        async with handlers.lock:
+            assert heard_of("default/data") == set()
+            assert heard_of("default/other") == {"node-a"}  # its run still waits on it
+        # A late report of the finished run: consumed, and nothing kept of it.
+        late = TaskProgress(id="late", run="dataload.default.warm.1", part=0, node="node-a", done=True)
+        await bus.publish(subjects.task_progress("node-a"), late)
+
+        async def consumed() -> bool:
+            info = await bus.js.consumer_info(subjects.STREAM_TASKS, subjects.DURABLE_LOADER_PROGRESS)
+            return info.num_pending == 0 and info.num_ack_pending == 0
+
+        await eventually(consumed, what="the late report consumed by the loader")
+        async with handlers.lock:
+            assert heard_of("default/data") == set()
+        # The other dataset deleted, then its load mid-run.
+        await (await bus.kv(subjects.KV_DATASETS)).delete(subjects.resource_key("default", "other"))
+        await publish(bus, subjects.DATALOAD_DELETE, DataLoadDelete(name="busy"))
+        await eventually(lambda: _true(not created[0].operations.values.get(
+            subjects.operation_key("DataLoad", "default", "busy"))), what="busy deleted")
+        async with handlers.lock:
+            assert handlers.heard == {}
+        held.hold.clear()
+
+
 async def test_run_after_waits_for_complete_and_fails_after_failed(bus: Bus, nats_server: NatsServer) -> None:
     await put_dataset(bus, files(("a", BLOCK)))
     await put_runtime(bus, NODES[:1])
