@@ -1,4 +1,5 @@
-"""What must never be shown: credentials in URLs and secret-looking fields, and how to hide them.
+"""What must never be shown: credentials in URLs and secret-looking fields, and how to hide them; and how much of
+an error text is shown.
 
 Shared by every place that shows user input back (rejection reasons, status messages, logs, dead letters) and
 by the CLI, which refuses clear-text secrets before they are published. Pure.
@@ -13,6 +14,10 @@ import msgspec
 
 # What stands in for a hidden value.
 HIDDEN = "***"
+# Error texts shown in logs, records, status messages and facts quote what a server answered, whose size a broken or
+# hostile endpoint decides (megabytes of error text): cut to this, a message stays well within a NATS message and a
+# log line readable, and still says what failed and where.
+MAX_ERROR_CHARS = 1000
 
 # Option and field names that hold a secret: the spellings Shoal, Fluid/Alluxio and Hadoop use, and anything
 # named like a password, token or private key. ``aws.accessKeyId`` is an identifier, not a secret.
@@ -27,6 +32,24 @@ _USERINFO = re.compile(
 )
 # A JSON string member whose name looks secret: "name": "value" (escaped quotes inside the value kept whole).
 _SECRET_MEMBER = re.compile(r'("(?P<name>[^"\\]{1,200})"\s*:\s*)"(?:[^"\\]|\\.)*"')
+
+
+def cut_error(text: str) -> str:
+    """``text`` cut to ``MAX_ERROR_CHARS`` characters, the cut marked with an ellipsis."""
+    return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 1] + "…"
+
+
+# A request's signing values, as a server or proxy may quote them back in an error: a pre-signed URL's query
+# (``X-Amz-Signature=``, ``X-Amz-Credential=``, ``X-Amz-Security-Token=``; SigV2's ``Signature=``,
+# ``AWSAccessKeyId=``) and an ``Authorization`` header's ``Credential=`` and ``Signature=``. A pre-signed URL is a
+# bearer ticket to its object until it expires, and a session token is a credential.
+_SIGNING = re.compile(r"(?P<name>\b(?:X-Amz-Signature|X-Amz-Credential|X-Amz-Security-Token|Signature|Credential|"
+                      r"AWSAccessKeyId)\b['\"]?\s*[=:]\s*['\"]?)[^\s&,;'\"<>]+", re.IGNORECASE)
+
+
+def hide_signing(text: str) -> str:
+    """``text`` with the values of every request-signing parameter it quotes replaced by ``***``."""
+    return _SIGNING.sub(lambda match: f"{match['name']}{HIDDEN}", text)
 
 
 def is_secret_name(name: str) -> bool:

@@ -11,7 +11,9 @@
   a bad response signature, a short body or a wrong length, like a corrupt or lying peer.
 - ``FaultyStoreProxy``: an ``HttpProxy`` that answers the next ranged GETs with the HTTP errors queued in
   ``faults`` (500, 503: S3 XML error bodies), every one with ``always`` while it is set, and holds each ranged GET
-  ``delay`` seconds before forwarding it (a slow store), counting what it spoiled in ``injected``.
+  ``delay`` seconds before forwarding it (a slow store), counting what it spoiled in ``injected``; with ``quote``
+  the errors' text quotes the request (its URL, a pre-signed one's signature included, and its headers) and then
+  ``quote`` (e.g. a megabyte of it), like a chatty proxy.
 - ``ServiceProcess``: ``python -m services.<name>`` as a real process, so ``kill -9`` is real: started, killed
   with SIGKILL, started again, stopped with SIGTERM; its output kept in a log file for the failure message.
 - ``ListedStore`` and ``ExtraKeys``: stores that list keys a real S3 server will not store as given (a leading
@@ -33,6 +35,7 @@ import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from xml.sax.saxutils import escape as xml_escape
 
 from aiohttp import ClientSession, web
 
@@ -294,7 +297,8 @@ class FaultyStoreProxy(HttpProxy):
     HEAD, presigning) passes. ``faults``: statuses for the next ranged GETs, one each, in order; ``always``: a
     status for every ranged GET while set (0: none); ``delay``: seconds each ranged GET waits before it is
     forwarded; ``cuts``: how many of the next ranged GETs get their headers and half their body, then a closed
-    connection; ``injected``: the faults so far."""
+    connection; ``quote``: the errors' <Message> is the request (URL and headers) and this text; ``injected``: the
+    faults so far."""
 
     def __init__(self, target: str) -> None:
         super().__init__(target)
@@ -302,6 +306,7 @@ class FaultyStoreProxy(HttpProxy):
         self.always = 0
         self.delay = 0.0
         self.cuts = 0
+        self.quote = ""
         self.injected = 0
 
     async def _forward(self, request: web.Request) -> web.StreamResponse:
@@ -323,8 +328,10 @@ class FaultyStoreProxy(HttpProxy):
                 self.injected += 1
                 self.calls.append(Call(request.method, request.path, request.headers.get("Range")))
                 code, message = _S3_ERRORS.get(status, ("InternalError", "injected"))
+                if self.quote:
+                    message = f"{request.method} {request.rel_url} {dict(request.headers)} {self.quote}"
                 body = (f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code>'
-                        f"<Message>{message}</Message></Error>")
+                        f"<Message>{xml_escape(message)}</Message></Error>")
                 return web.Response(status=status, body=body.encode(), content_type="application/xml")
             if self.delay:
                 await asyncio.sleep(self.delay)  # the fault itself: a store that answers late

@@ -41,7 +41,7 @@ from botocore.exceptions import (
     ReadTimeoutError,
 )
 
-from libs.redact import strip_userinfo
+from libs.redact import hide_signing, strip_userinfo
 from libs.ufs.base import (
     AccessDenied,
     EndpointUnreachable,
@@ -583,13 +583,17 @@ class S3ObjectStore:
     ) -> UfsError:
         """The UfsError for a botocore or aiohttp failure of ``action`` on ``key`` (None: the bucket)."""
         mapped = self._map(err, action, key, etag)
-        # Belt and braces: no botocore text we pass on may carry a credential.
+        # Belt and braces: no botocore text we pass on may carry a credential, nor the signing values of a request
+        # a store or proxy quotes back in its error message (a pre-signed URL, an Authorization header).
         # (A value of a few characters would match ordinary words, and no real credential is that short.)
+        message = hide_signing(mapped.message)
         for secret in (self._location.secret_access_key.reveal(), self._location.access_key_id.reveal()):
-            if len(secret) >= 8 and secret in mapped.message:
-                retryable = mapped.retryable
-                mapped = type(mapped)(mapped.message.replace(secret, "***"))
-                mapped.retryable = retryable
+            if len(secret) >= 8:
+                message = message.replace(secret, "***")
+        if message != mapped.message:
+            retryable = mapped.retryable
+            mapped = type(mapped)(message)
+            mapped.retryable = retryable
         return mapped
 
     def _map(self, err: Exception, action: str, key: str | None, etag: str | None) -> UfsError:

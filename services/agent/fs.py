@@ -22,6 +22,7 @@ from typing import Any
 
 import pyfuse3
 
+from libs.redact import cut_error
 from libs.telemetry import get_logger
 from libs.ufs.base import NoSuchKey, ObjectChanged, UfsError
 from services.agent.namespace import MAX_NAME, Namespace, Node
@@ -299,7 +300,7 @@ class DatasetFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EIO) from err
 
     def _report(self, handle: OpenFile, err: Exception) -> None:
-        log.warning("read failed", path=handle.entry.path, error=str(err))
+        log.warning("read failed", path=handle.entry.path, error=cut_error(str(err)))
         if self.on_error is not None:
             self.on_error(handle.entry.path, err)
 

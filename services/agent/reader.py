@@ -42,6 +42,7 @@ from libs.blocks import BlockId, block_span, blocks_touched
 from libs.events.dataset import ManifestEntry
 from libs.events.runtime import CacheWorker
 from libs.metrics import GET, PEER, STORE
+from libs.redact import cut_error
 from libs.ring import owners
 from libs.telemetry import child_span, get_logger, tracer
 from libs.ufs.base import EndpointUnreachable, ObjectChanged, ObjectStore, UfsError
@@ -358,8 +359,8 @@ class BlockReader:
         now = time.monotonic()
         if now - self._peer_logged.get(url, -PEER_LOG_SECONDS) >= PEER_LOG_SECONDS:
             self._peer_logged[url] = now
-            log.info("peer read failed, trying the next source", peer=url, block=block.describe(), reason=str(err),
-                     failures=self.stats.peer_failures)
+            log.info("peer read failed, trying the next source", peer=url, block=block.describe(),
+                     reason=cut_error(str(err)), failures=self.stats.peer_failures)
 
     async def serve_block(self, entry: ManifestEntry, index: int) -> bytes:
         """The whole block for the peer server: from the cache, else from the store (never a peer), cached."""

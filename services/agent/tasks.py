@@ -50,6 +50,7 @@ from libs.bus import DAY, Bus, kv_load
 from libs.events.common import DECODE_ERRORS, ObjectRef
 from libs.events.dataset import DatasetRecord, ManifestEntry
 from libs.events.operation import NodeTask, OperationRecord, TaskCancel, TaskProgress
+from libs.redact import cut_error
 from libs.telemetry import get_logger
 from libs.ufs.base import EndpointUnreachable, UfsError
 from services.agent.cache import BlockCache
@@ -184,7 +185,7 @@ class PartLedger:
 
     def fail(self, file: int | None, reason: str) -> None:
         self.failed += 1
-        self.message = self.message or reason
+        self.message = self.message or cut_error(reason)  # a store's error text can be megabytes
         if file is not None:
             self.failed_files.add(file)
         self.version += 1

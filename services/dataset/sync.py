@@ -19,7 +19,7 @@ from libs.config import S3Settings
 from libs.events.dataset import DatasetRecord, ManifestEntry
 from libs.manifest import ManifestStore, ManifestWriter, read_entries
 from libs.mounts import mount_path
-from libs.redact import strip_userinfo
+from libs.redact import cut_error, strip_userinfo
 from libs.subjects import resource_key
 from libs.telemetry import get_logger
 from libs.ufs import open_store
@@ -30,16 +30,6 @@ from services.dataset.domain import SyncResult, manifest_name
 log = get_logger(__name__)
 
 StoreOpener = Callable[[Location], ObjectStore]
-
-# A failed sync's message goes into the record, the status fact and the log. Stores quote what a server answered,
-# whose size a broken or hostile endpoint decides (megabytes of error text): cut to this, the record stays well
-# within a NATS message and the message still says what failed and where.
-MAX_ERROR_CHARS = 1000
-
-
-def _short(error: str) -> str:
-    return error if len(error) <= MAX_ERROR_CHARS else error[: MAX_ERROR_CHARS - 1] + "…"
-
 
 async def _paced(listing: AsyncIterator[ObjectInfo], seconds: float) -> AsyncIterator[ObjectInfo]:
     """``listing``, each entry within ``seconds``: the entries of a page in hand come at once, so this bounds the
@@ -93,12 +83,12 @@ async def sync_metadata(record: DatasetRecord, manifests: ManifestStore, default
                                             pvc_root=pvc_root, local_roots=local_roots or ())
             except MissingSecret as err:
                 return SyncResult(generation=generation, requests=requests, incarnation=record.incarnation,
-                                  error=_short(strip_userinfo(f"mount {mount.mount_point}: {err}")))
+                                  error=cut_error(strip_userinfo(f"mount {mount.mount_point}: {err}")))
             if isinstance(location, LocalLocation) and (local_roots is not None or location.claim_root is not None):
                 refused = await asyncio.to_thread(local_location_error, location, local_roots or ())
                 if refused:
                     return SyncResult(generation=generation, requests=requests, incarnation=record.incarnation,
-                                      error=_short(f"mount {mount.mount_point}: {refused}"))
+                                      error=cut_error(f"mount {mount.mount_point}: {refused}"))
             root = mount_path(mount, len(dataset.spec.mounts))
             store = opener(location)
             try:
@@ -114,14 +104,14 @@ async def sync_metadata(record: DatasetRecord, manifests: ManifestStore, default
                     folders.note(entry.path)
                     usable.add(entry)
             except UfsError as err:
-                error = _short(strip_userinfo(f"cannot list {mount.mount_point}: {err.message}"))
+                error = cut_error(strip_userinfo(f"cannot list {mount.mount_point}: {err.message}"))
                 if err.retryable:
                     raise RetryLater(error) from err  # the handler knows the delay (settings)
                 return SyncResult(generation=generation, requests=requests, incarnation=record.incarnation, error=error)
             except Exception as err:
                 # Not a store error the stores know (a bug, or a case a store does not handle): the dataset fails
                 # with what happened, once, rather than the reconciler relisting it every few seconds in silence.
-                error = _short(strip_userinfo(f"cannot list {mount.mount_point}: {type(err).__name__}: {err}",
+                error = cut_error(strip_userinfo(f"cannot list {mount.mount_point}: {type(err).__name__}: {err}",
                                               strict=True))
                 # No traceback: it would repeat the exception's text unredacted.
                 log.warning("listing failed unexpectedly", dataset=key, error=error)

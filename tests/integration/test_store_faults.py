@@ -14,17 +14,23 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import re
 import subprocess
 from pathlib import Path
 
 import pytest
 
+from libs import subjects
 from libs.bus import Bus
 from libs.config import Settings
+from libs.events.operation import OperationRecord
+from libs.redact import MAX_ERROR_CHARS
+from services.loader import app as loader_app
 from tests.conftest import SeaweedServer, put_objects
 from tests.faults import FaultyStoreProxy
-from tests.helpers import eventually, runtime_record
-from tests.integration.agent_stack import drop_page_cache, node_stack, read_file, scrape, series, target_port
+from tests.helpers import eventually, json_lines, running, runtime_record
+from tests.integration.agent_stack import NODE, drop_page_cache, node_stack, read_file, scrape, series, target_port
+from tests.integration.test_loader import dataload, operation
 from tests.reliability import record_fault, stopwatch
 
 pytestmark = pytest.mark.needs("fuse", "page-cache")
@@ -80,6 +86,59 @@ async def test_store_errors_are_retried_slow_answers_wait_and_a_dead_store_fails
                          "the first read after the store recovers succeeds", back[0], area="store")
     finally:
         await store.stop()
+
+
+async def test_a_store_quoting_megabytes_in_its_errors_is_quoted_short_and_without_secrets(
+        bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path,
+        capfd: pytest.CaptureFixture[str]) -> None:
+    """Every block GET answered with an S3 error whose text quotes the request (a pre-signed URL's signature and
+    credential, the headers) and then a megabyte: the mount process's log line of the failed read, and the agent's
+    report of a DataLoad part (which becomes the operation's message), carry at most ``MAX_ERROR_CHARS`` of it, and
+    no key, signature or pre-signed query anywhere in the logs or the status."""
+    await put_objects(seaweedfs, bucket, {"noisy.bin": os.urandom(MiB + 7)})
+    store = FaultyStoreProxy(seaweedfs.endpoint)
+    await store.start()
+    output: list[str] = []
+    try:
+        async with node_stack(bus, settings, seaweedfs, tmp_path) as node, \
+                running(lambda stop: loader_app.run(settings, stop)):
+            await node.apply("noisy", bucket, endpoint=store.endpoint)
+            root = await node.wait_mounted("noisy", expect="noisy.bin", timeout=60)
+            store.quote = "x" * MiB
+            store.always = 400
+            with pytest.raises(OSError) as raised:
+                await asyncio.wait_for(read_file(root / "noisy.bin"), 30)
+            assert raised.value.errno == errno.EIO
+
+            async def logged() -> bool:
+                output.append(capfd.readouterr().err)
+                return any(line.get("event") == "read failed" for line in json_lines("".join(output)))
+
+            await eventually(logged, what="the mount process's log line of the failed read")
+            await bus.publish(subjects.DATALOAD_APPLY, dataload("noisy", dataset="noisy"))
+
+            async def load_failed() -> OperationRecord | None:
+                found = await operation(bus, "noisy")
+                return found if found is not None and found.status.phase == "Failed" else None
+
+            failed = await eventually(load_failed, timeout=60, what="the DataLoad Failed")
+            output.append(capfd.readouterr().err)
+            store.always = 0
+    finally:
+        await store.stop()
+    assert store.injected >= 2
+    read_failed = [line for line in json_lines("".join(output)) if line.get("event") == "read failed"]
+    assert read_failed and all(len(line["error"]) <= MAX_ERROR_CHARS for line in read_failed), \
+        [len(line["error"]) for line in read_failed]
+    assert read_failed[0]["error"].endswith("…") and "noisy.bin" in read_failed[0]["error"]
+    message = failed.status.message
+    assert message.startswith(f"node {NODE} failed 2 block(s): noisy.bin: S3 get of 'noisy.bin'"), message[:300]
+    assert len(message) <= MAX_ERROR_CHARS + 100, len(message)
+    shown = "".join(output) + message
+    assert "Authorization" in read_failed[0]["error"], "the quoted request is in the message"
+    assert seaweedfs.config.secret_access_key not in shown
+    # The signing values the store quoted back (its request's Authorization header) are hidden.
+    assert re.findall(r"(?:Signature|Credential)=[^*]", shown) == []
 
 
 # A second node with a mount of its own: `make soak` only (SHOAL_SOAK=1), to keep `make test` within its budget; the

@@ -15,7 +15,7 @@ from libs.events.common import ObjectMeta
 from libs.events.runtime import Level, Runtime, RuntimeSpec, TieredStore
 from libs.hostpaths import cache_path_error, local_root_error, real_local_root_error
 from libs.manifest import ManifestEntry
-from libs.redact import redact_payload, strip_userinfo
+from libs.redact import MAX_ERROR_CHARS, cut_error, hide_signing, redact_payload, strip_userinfo
 from libs.ufs.base import LocalLocation
 from libs.ufs.local import LocalObjectStore
 from services.agent.cache.tiers import MARKER, DiskTier, Health
@@ -38,6 +38,30 @@ SECRET = "s3cr3t-VALUE/with+chars"
 ])
 def test_strip_userinfo(text: str, shown: str) -> None:
     assert strip_userinfo(text) == shown
+
+
+@pytest.mark.parametrize(("text", "shown"), [
+    ("GET /b/k?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=AKIAEXAMPLE%2F20261206%2Fus-east-1%2Fs3%2Faws4_request"
+     "&X-Amz-Date=20261206T000000Z&X-Amz-Expires=3600&X-Amz-SignedHeaders=host&X-Amz-Signature=0badc0ffee not found",
+     "GET /b/k?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=***&X-Amz-Date=20261206T000000Z&X-Amz-Expires=3600"
+     "&X-Amz-SignedHeaders=host&X-Amz-Signature=*** not found"),
+    ("{'Authorization': 'AWS4-HMAC-SHA256 Credential=AKIA/20261206/us-east-1/s3/aws4_request, "
+     "SignedHeaders=host;range, Signature=0badc0ffee', 'X-Amz-Security-Token': 'FwoGZXIvYXdzE'}",
+     "{'Authorization': 'AWS4-HMAC-SHA256 Credential=***, SignedHeaders=host;range, Signature=***', "
+     "'X-Amz-Security-Token': '***'}"),
+    ("/b/k?AWSAccessKeyId=AKIA&Expires=1&Signature=abc%2B", "/b/k?AWSAccessKeyId=***&Expires=1&Signature=***"),
+    ("SignatureDoesNotMatch: the request signature we calculated does not match",
+     "SignatureDoesNotMatch: the request signature we calculated does not match"),
+])
+def test_hide_signing(text: str, shown: str) -> None:
+    assert hide_signing(text) == shown
+
+
+def test_cut_error_bounds_an_error_text_and_marks_the_cut() -> None:
+    assert cut_error("short") == "short"
+    assert cut_error("x" * MAX_ERROR_CHARS) == "x" * MAX_ERROR_CHARS
+    cut = cut_error("y" * 10 * MAX_ERROR_CHARS)
+    assert len(cut) == MAX_ERROR_CHARS and cut.endswith("…")
 
 
 def test_redact_payload_masks_secret_fields_at_any_depth_and_keeps_the_rest() -> None:
