@@ -18,7 +18,9 @@ What it decides:
 - a clean: the blocks named (skipped when not cached), every cached block of ``files`` (any version), or
   everything, evicted through the cache's own eviction path, so inventory deltas report it; freed bytes are done;
 - progress (``PartLedger``, pure): cumulative ``TaskProgress`` at most once a second while there is news, then a
-  final one with ``done`` (``failed`` and the first reason if blocks failed), then the acknowledgement;
+  final one with ``done`` (``failed`` and the first reason if blocks failed), published again with backoff
+  (``REPORT_RETRY``, the same event: deduplicated) until JetStream takes it or the process stops, then the
+  acknowledgement;
 - ``TaskCancel`` (core NATS) stops the run's part between blocks: the blocks in flight are not waited for (their
   fetches finish in the reader and are cached), a final progress says "cancelled", the part is acknowledged;
 - a mount process that stops leaves its part unacknowledged (a clean stop gives it back at once): its successor
@@ -35,7 +37,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 import nats
@@ -45,6 +47,7 @@ from nats.js import api as js_api
 from nats.js.errors import NotFoundError
 
 from libs import subjects
+from libs.backoff import Backoff
 from libs.blocks import BlockId, block_count
 from libs.bus import DAY, Bus, kv_load
 from libs.events.common import DECODE_ERRORS, ObjectRef
@@ -82,6 +85,11 @@ STORE_RETRY_SECONDS = 1.5
 CANCELLED_RUNS = 64
 # After NATS errors in the consumer loop, wait this long before pulling again.
 RETRY_SECONDS = 1.0
+# A part's final progress not taken by JetStream (NATS away, no acknowledgement, the stream full) is published again
+# after these delays until it is, or the mount process stops: the work is done and only the loader must hear of it.
+# Giving the part back instead ran it again at every failure and, past MAX_DELIVER deliveries, gave it up as failed,
+# its report lost too if NATS was still away: the run then failed on the loader's silent-node timeout.
+REPORT_RETRY = Backoff(first=0.5, cap=10.0)
 # While the node has no task stream yet (no load or clean was ever planned for it), a mount looks for it at once when
 # the server announces it, and this often in case the announcement was missed (a reconnect): one JetStream request
 # per mount each time.
@@ -391,10 +399,9 @@ class TaskRunner:
             return
         if 0 < self._max_deliver <= deliveries:
             final = given_up(task, deliveries, progress_id(task, deliveries, "final"))
-            try:
-                await self.bus.publish(subjects.task_progress(self.node), final)
-            except Exception as err:  # the server delivers it no more: only the loader's node checks remain
-                bound.error("part given up, its final progress not published", error=repr(err))
+            if not await self._report(message, final, bound):
+                # Stopped: the server delivers it no more, only the loader's node checks remain.
+                bound.error("part given up, its final progress not published: the mount process stops")
                 return
             await message.ack()
             bound.error("part given up", message=final.message)
@@ -409,17 +416,37 @@ class TaskRunner:
             return
         final = ledger.progress(task, progress_id(task, deliveries, "final"), done=True,
                                 message=CANCELLED if outcome == "cancelled" else "")
-        try:
-            await self.bus.publish(subjects.task_progress(self.node), final)
-        except Exception as err:  # run the part again later: cached blocks are skipped, the final one sent then
-            bound.warning("final progress not published, part given back", error=repr(err))
+        if not await self._report(message, final, bound):
+            bound.info("part done but stopped before its final progress was published, given back")
             with contextlib.suppress(Exception):
-                await message.nak(delay=RETRY_SECONDS)
+                await message.nak(delay=0)  # the next mount process runs it again: cached blocks are skipped
             return
         await message.ack()
         bound.info("part done", outcome=outcome, blocks_done=final.blocks_done, bytes_done=final.bytes_done,
                    bytes_skipped=final.bytes_skipped, failed=final.failed, message=final.message,
                    seconds=round(time.monotonic() - started, 3))
+
+    async def _report(self, message: Msg, final: TaskProgress, bound: Any) -> bool:
+        """Publish a part's final progress until JetStream takes it (True) or the mount process stops (False),
+        keeping the part ours meanwhile (``in_progress``). Every attempt is the same event, so one that was stored
+        but whose acknowledgement was lost is deduplicated (``Nats-Msg-Id``), and the loader counts the part once."""
+        failures = 0
+        while True:
+            try:
+                await self.bus.publish(subjects.task_progress(self.node), final)
+                return True
+            except Exception as err:
+                failures += 1
+                delay = REPORT_RETRY.delay(failures)
+                bound.warning("final progress not published, trying again", error=repr(err), failures=failures,
+                              retry_in_seconds=delay)
+            deadline = time.monotonic() + delay
+            while not self._stopping.is_set() and (left := deadline - time.monotonic()) > 0:
+                with contextlib.suppress(Exception):
+                    await message.in_progress()
+                await self._wait(min(left, HEARTBEAT_SECONDS))
+            if self._stopping.is_set():
+                return False
 
     async def _not_current(self, run: str) -> str | None:
         parsed = parse_run(run)

@@ -16,6 +16,7 @@ others once.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 from collections.abc import AsyncIterator
@@ -49,7 +50,7 @@ from libs.manifest import ManifestStore
 from services.agent import tasks
 from tests.conftest import SeaweedServer, put_objects
 from tests.faults import HttpProxy
-from tests.helpers import eventually
+from tests.helpers import eventually, json_lines
 from tests.integration.agent_stack import (
     NODE,
     InventoryWatch,
@@ -412,3 +413,71 @@ async def test_a_part_on_its_last_delivery_is_given_up_and_reported_failed(
 
 async def _true(result: bool) -> bool:
     return result
+
+
+REPORT_NOT_PUBLISHED = ("final progress not published, trying again", "final progress not published, part given back",
+                        "part given up, its final progress not published")
+
+
+async def stored_progress(bus: Bus, run: str) -> list[TaskProgress]:
+    """The ``TaskProgress`` of ``run`` the progress stream holds (what the loader would read), in order."""
+    sub = await bus.js.pull_subscribe(subjects.task_progress(NODE), stream=subjects.STREAM_TASKS,
+                                      config=js_api.ConsumerConfig(deliver_policy=js_api.DeliverPolicy.ALL,
+                                                                   ack_policy=js_api.AckPolicy.NONE))
+    found: list[TaskProgress] = []
+    try:
+        while (await sub.consumer_info()).num_pending:
+            for message in await sub.fetch(100, timeout=5):
+                found.append(msgspec.json.decode(message.data, type=TaskProgress))
+    finally:
+        await sub.unsubscribe()
+    return [progress for progress in found if progress.run == run]
+
+
+async def test_a_final_report_the_stream_refuses_is_published_again_until_it_is_taken(
+        bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path,
+        capfd: pytest.CaptureFixture[str]) -> None:
+    """The progress stream refuses every report for a while as a part ends (full, discarding new messages, as when
+    its storage is short; a NATS outage or a publish without acknowledgement fail the same publish). The mount
+    process keeps its finished part and publishes the same final report again, with backoff, until the stream takes
+    it: the stream holds one final report, with the blocks counted once, as fetched; the part is acknowledged,
+    neither run again nor given up as failed after ``max_deliver`` (3 here) deliveries."""
+    async with loader_stack(bus, settings, seaweedfs, bucket, tmp_path, max_deliver=3) as loader:
+        run = await loader.operation("refused")
+        file = loader.blocks("data/a.bin")
+        await bus.publish(subjects.task_progress(NODE), TaskProgress(id="before", run="other.1", part=0, node=NODE))
+        info = await bus.js.stream_info(subjects.STREAM_TASKS)
+        config = info.config
+        await bus.js.update_stream(dataclasses.replace(config, max_msgs=info.state.messages,
+                                                       discard=js_api.DiscardPolicy.NEW))
+        output: list[str] = []
+        try:
+            await loader.publish(run, "load", [file])
+
+            async def refused() -> bool:
+                output.append(capfd.readouterr().err)
+                events = [line.get("event") for line in json_lines("".join(output))]
+                return sum(event in REPORT_NOT_PUBLISHED for event in events) >= 3
+
+            await eventually(refused, timeout=60, what="the final report refused three times")
+        finally:
+            await bus.js.update_stream(config)
+
+        async def reported() -> list[TaskProgress] | None:
+            finals = [progress for progress in await stored_progress(bus, run) if progress.done]
+            return finals or None
+
+        finals = await eventually(reported, timeout=30, what="the final report in the stream")
+
+        async def acknowledged() -> bool:
+            info = await bus.js.consumer_info(subjects.task_stream(NODE),
+                                              subjects.task_durable(NODE, "default", NAME))
+            return info.num_ack_pending == 0 and info.num_pending == 0
+
+        await eventually(acknowledged, what="the part acknowledged")
+        consumer = await bus.js.consumer_info(subjects.task_stream(NODE), subjects.task_durable(NODE, "default", NAME))
+    [final] = finals
+    assert (final.failed, final.blocks_done, final.bytes_done, final.bytes_skipped) == \
+        (0, len(file.blocks), size(file), 0), final
+    assert consumer.num_redelivered == 0, "the part ran once"
+    assert loader.gets() == ranges(file, loader.entries["data/a.bin"]), "each block fetched once"

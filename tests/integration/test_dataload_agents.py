@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import random
 import signal
@@ -36,6 +37,7 @@ from typing import Any
 
 import msgspec
 import pytest
+from nats.js import api as js_api
 
 from libs import subjects
 from libs.blocks import BlockId, block_count, block_span
@@ -51,13 +53,14 @@ from libs.events.operation import (
     DataLoadDelete,
     OperationRecord,
     TargetPath,
+    TaskProgress,
 )
 from libs.manifest import ManifestStore
 from libs.ring import owners
 from services.loader import app as loader_app
 from tests.conftest import NatsServer, SeaweedServer, put_objects
 from tests.faults import HttpProxy
-from tests.helpers import dataset_record, eventually, running
+from tests.helpers import dataset_record, eventually, json_lines, running
 from tests.integration.agent_stack import (
     NODE,
     Cluster,
@@ -570,3 +573,41 @@ async def test_a_mount_process_killed_mid_load_is_restarted_and_the_load_complet
         assert cached(await snapshot(bus, NODE, NAME)) == pairs(everything)
         total = sum(entry.size for entry in stack.entries.values())
         assert (done.status.progress.bytes_done, done.status.progress.files_done) == (total, len(stack.entries))
+
+
+async def test_a_load_whose_final_report_the_stream_refuses_for_a_while_completes_counting_its_part_once(
+        bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path,
+        capfd: pytest.CaptureFixture[str]) -> None:
+    """The progress stream refuses every report (full, discarding new messages) until the mount process has failed
+    to publish its part's final report three times: it publishes the same report again until the stream takes it,
+    and the load completes with the folder's blocks counted once, as fetched (not run again and counted skipped)."""
+    async with single(bus, settings, seaweedfs, bucket, tmp_path) as stack, loader(settings):
+        async def loader_consumes() -> bool:  # the loader made its streams and consumer: none is changed after
+            return (await bus.js.stream_info(subjects.STREAM_TASKS)).state.consumer_count > 0
+
+        await eventually(loader_consumes, what="the loader's progress consumer")
+        # Full at what it holds: one report of another run at least (a limit of 0 would mean none).
+        await bus.publish(subjects.task_progress(NODE), TaskProgress(id="before", run="other.1", part=0, node=NODE))
+        info = await bus.js.stream_info(subjects.STREAM_TASKS)
+        await bus.js.update_stream(dataclasses.replace(info.config, max_msgs=info.state.messages,
+                                                       discard=js_api.DiscardPolicy.NEW))
+        output: list[str] = []
+        try:
+            await bus.publish(subjects.DATALOAD_APPLY, dataload("refused", dataset=NAME,
+                                                                target=[TargetPath(path="/train")]))
+
+            async def refused() -> bool:
+                output.append(capfd.readouterr().err)
+                events = [line.get("event") for line in json_lines("".join(output))]
+                return events.count("final progress not published, part given back") + \
+                    events.count("final progress not published, trying again") >= 3
+
+            await eventually(refused, timeout=60, what="the final report refused three times")
+        finally:
+            await bus.js.update_stream(info.config)
+        done = await finished(bus, "refused", timeout=60)
+        train = blocks_under(stack.entries, "train/")
+        folder_bytes = stack.entries["train/a.bin"].size + stack.entries["train/sub/b.bin"].size
+        progress = done.status.progress
+        assert (progress.bytes_done, progress.bytes_skipped, progress.files_done) == (folder_bytes, 0, 2)
+        assert sorted(store_gets(stack.store)) == sorted(train), "each block fetched once"
