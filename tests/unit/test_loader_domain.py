@@ -530,6 +530,19 @@ def test_parts_stay_within_small_limits_and_cover_every_block_once(files, worker
     assert len(seen) == len(set(seen)) == sum((e.size + 1023) // 1024 for e in entries)
 
 
+def test_waited_mounts_are_the_dataset_and_node_of_executing_runs_parts_not_done() -> None:
+    other = record(DataLoadSpec(dataset=ObjectRef(name="other", namespace="ns")))
+    operations = {"a": record(), "b": other, "c": record(), "gone": record()}
+    runs = {
+        "a": domain.RunState(run="a.1", stage="executing", parts=[
+            domain.PartState(node="n1"), domain.PartState(node="n2", done=True)]),
+        "b": domain.RunState(run="b.1", stage="executing", parts=[domain.PartState(node="n2")]),
+        "c": domain.RunState(run="c.1", stage="finished", parts=[domain.PartState(node="n3")]),
+        "orphan": domain.RunState(run="orphan.1", stage="executing", parts=[domain.PartState(node="n4")]),
+    }
+    assert domain.waited_mounts(operations, runs) == {("default/data", "n1"), ("ns/other", "n2")}
+
+
 def test_nodes_gone_are_those_with_parts_not_done_that_are_not_ready() -> None:
     state = domain.RunState(run="r.1", stage="executing", parts=[
         domain.PartState(node="a"), domain.PartState(node="b"), domain.PartState(node="c", done=True),
