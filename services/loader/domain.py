@@ -494,6 +494,9 @@ class RunState(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omit_d
     finished_at: float = 0.0
     # When (the loader's clock) a part's progress last changed: a run quiet since is stalled (``fold_progress``).
     moved_at: float = 0.0
+    # The incarnation of the dataset the run started on (``DatasetRecord.incarnation``; "" for a state saved before
+    # it was kept): a dataset deleted, or deleted and applied again, while the run works ends it (``dataset_lost``).
+    dataset_incarnation: str = ""
 
 
 def parts_state(plan: Plan) -> list[PartState]:
@@ -574,6 +577,20 @@ def waited_mounts(operations: Mapping[str, OperationRecord], runs: Mapping[str, 
         ref = dataset_ref(record)
         waited.update((f"{ref.namespace}/{ref.name}", part.node) for part in state.parts if not part.done)
     return waited
+
+
+def dataset_lost(record: OperationRecord, state: RunState, dataset: DatasetRecord | None) -> str | None:
+    """Why a run that started (loadMetadata, planning, executing) cannot go on: its dataset was deleted, or deleted and
+    applied again (a new incarnation, with its own manifest and mounts). Its parts would wait for mounts that are
+    gone, or describe a dataset that is no more. None while the dataset the run started on is there."""
+    if state.stage == "finished":
+        return None
+    if dataset is not None and (not state.dataset_incarnation or dataset.incarnation == state.dataset_incarnation):
+        return None
+    ref = dataset_ref(record)
+    again = " (and applied again)" if dataset is not None else ""
+    return (f"dataset {ref.namespace}/{ref.name} was deleted{again} while this run was working; its parts were "
+            f"cancelled; run the {record.kind} again on the dataset as it is now")
 
 
 # The end of a run its operation's delete cut short, should the record outlive the delete for a moment.

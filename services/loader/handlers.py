@@ -380,6 +380,11 @@ class LoaderHandlers:
             return
         if state.stage != "finished":
             record = await self._ensure_started(key, record, revision, state, now)
+            lost = await self._dataset_lost(record, state)
+            if lost:
+                await self.bus.publish_core(subjects.TASK_CANCEL, TaskCancel(id=f"{state.run}.cancel", run=state.run))
+                await self._finish(key, "Failed", lost)
+                return
         if state.stage == "planning":
             await self._plan(key, record, state, now)
         elif state.stage == "metadata":
@@ -409,6 +414,15 @@ class LoaderHandlers:
             await self._remove(key, record, revision, "")
         else:
             await self._maybe_start(key, record, revision, state, now)
+
+    async def _dataset_lost(self, record: OperationRecord, state: domain.RunState) -> str | None:
+        """``domain.dataset_lost``, from the mirror while it shows the run's dataset (every tick passes here), and
+        confirmed in KV before a run fails on it (the mirror may not show yet a dataset created a moment ago)."""
+        ref = domain.dataset_ref(record)
+        mirrored = self.datasets.values.get(subjects.resource_key(ref.namespace, ref.name))
+        if domain.dataset_lost(record, state, mirrored) is None:
+            return None
+        return domain.dataset_lost(record, state, await self._dataset(record))
 
     def _expired(self, record: OperationRecord, now: float) -> bool:
         """Past its ttlSecondsAfterFinished, and no Pending operation's runAfter waits for it (the tick passes the
@@ -498,7 +512,8 @@ class LoaderHandlers:
             run=run, started_at=now, moved_at=now,
             requested=state.requested - 1 if trigger == "requested" else state.requested,
             run_command_sequence=state.run_command_sequence,
-            sync_stamp=domain.dataset_stamp(dataset) if dataset is not None else state.sync_stamp)
+            sync_stamp=domain.dataset_stamp(dataset) if dataset is not None else state.sync_stamp,
+            dataset_incarnation=dataset.incarnation if dataset is not None else "")
         load_metadata = record.load is not None and record.load.load_metadata
         if problem:
             state = msgspec.structs.replace(state, stage="finished")

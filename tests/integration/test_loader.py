@@ -83,7 +83,7 @@ NODES = ["node-a", "node-b", "node-c"]
 
 
 async def put_dataset(bus: Bus, entries: list[ManifestEntry], name: str = "data", phase: str = "Bound",
-                      requests: int = 0, manifest: str = "") -> None:
+                      requests: int = 0, manifest: str = "", incarnation: str = "") -> None:
     store = await ManifestStore.of(bus)
     manifest = manifest or store.name("default", name)
     with ManifestWriter() as writer:
@@ -92,7 +92,7 @@ async def put_dataset(bus: Bus, entries: list[ManifestEntry], name: str = "data"
         await store.save(manifest, writer)
     record = DatasetRecord(
         dataset=Dataset(metadata=ObjectMeta(name=name), spec=DatasetSpec(mounts=[Mount(mount_point="local:///x")])),
-        generation=1, sync_requests=requests,
+        generation=1, sync_requests=requests, incarnation=incarnation,
         status=DatasetStatus(phase=phase, synced_generation=1, synced_requests=requests,  # type: ignore[arg-type]
                              manifest=manifest, last_sync_time=f"sync-{requests}"))
     await (await bus.kv(subjects.KV_DATASETS)).put(subjects.resource_key("default", name), msgspec.json.encode(record))
@@ -845,6 +845,47 @@ async def test_delete_cancels_the_run(bus: Bus, nats_server: NatsServer) -> None
         await sub.unsubscribe()
     assert [c.run for c in cancels] == ["dataload.default.warm.1"]
     assert await operation(bus) is None
+
+
+@pytest.mark.parametrize("recreated", [False, True], ids=["deleted", "deleted-and-applied-again"])
+async def test_a_load_whose_dataset_is_deleted_while_it_executes_fails_saying_so_and_is_cancelled(
+        bus: Bus, nats_server: NatsServer, recreated: bool) -> None:
+    """The dataset of an Executing load is deleted (its mounts go, and with them the agents' parts, which report no
+    more): the run fails at once, saying the dataset was deleted, and its parts are cancelled, rather than wait
+    for the node-silent timeout (2 min) and blame the node. The same when the name is applied again meanwhile (a
+    new incarnation with its own manifest: the old plan describes none of it)."""
+    await put_dataset(bus, files(("a", BLOCK)), incarnation="first")
+    await put_runtime(bus, NODES[:1])
+    cancels: list[TaskCancel] = []
+
+    async def on_cancel(msg: Any) -> None:
+        cancels.append(msgspec.json.decode(msg.data, type=TaskCancel))
+
+    sub = await bus.nc.subscribe(subjects.TASK_CANCEL, cb=on_cancel)
+    try:
+        async with agent(bus, NODES[:1]) as scripted, loader(nats_server):
+            scripted.hold.set()
+            await publish(bus, subjects.DATALOAD_APPLY, dataload())
+            await phase_of(bus, "Executing", runs=1)
+            await eventually(lambda: _true("dataload.default.warm.1.0" in scripted.tasks), what="part 0 held")
+            datasets = await bus.kv(subjects.KV_DATASETS)
+            key = subjects.resource_key("default", "data")
+            if recreated:
+                record, _ = await kv_load(datasets, key, DatasetRecord)
+                assert record is not None
+                await datasets.put(key, msgspec.json.encode(msgspec.structs.replace(record, incarnation="again")))
+            else:
+                await datasets.delete(key)
+            failed = await phase_of(bus, "Failed", runs=1)
+
+            async def cancelled() -> list[TaskCancel]:
+                return cancels
+
+            await eventually(cancelled, what="TaskCancel")
+    finally:
+        await sub.unsubscribe()
+    assert "dataset default/data was deleted" in failed.status.message, failed.status.message
+    assert [c.run for c in cancels] == ["dataload.default.warm.1"]
 
 
 async def test_a_delete_whose_run_state_write_failed_does_not_leave_the_reapplied_operation_stuck(
