@@ -39,7 +39,14 @@ import msgspec
 
 from libs import affinity
 from libs.events.agent import AgentHeartbeat, AgentRecord
-from libs.events.common import DNS1123_LABEL, DNS1123_SUBDOMAIN, dns_label_errors, format_bytes, parse_quantity
+from libs.events.common import (
+    DECODE_ERRORS,
+    DNS1123_LABEL,
+    DNS1123_SUBDOMAIN,
+    dns_label_errors,
+    format_bytes,
+    parse_quantity,
+)
 from libs.events.dataset import Condition, DatasetSpec, NodeCache
 from libs.events.runtime import (
     AutoscalingPolicy,
@@ -105,6 +112,49 @@ def node_errors(node: str) -> list[str]:
 def missing_runtime(name: str, namespace: str) -> str:
     """The refusal of a command (delete, scale) naming a runtime that does not exist."""
     return f"runtime {namespace}/{name} does not exist"
+
+
+class DeletionNote(msgspec.Struct, rename="camel"):
+    """What a delete leaves in the runtime's delete marker: the delete command's stream sequence. An apply older
+    than it (its handling lost a compare-and-set or was cut short, and it came again behind the delete) must not
+    bring the runtime back."""
+
+    command_sequence: int
+
+
+def deletion_note(sequence: int) -> bytes:
+    return msgspec.json.encode(DeletionNote(command_sequence=sequence))
+
+
+def deleted_at(note: bytes) -> int:
+    """The stream sequence of the delete that left ``note``; 0 without one (never deleted, or deleted before deletes
+    left notes)."""
+    if not note:
+        return 0
+    try:
+        return msgspec.json.decode(note, type=DeletionNote).command_sequence
+    except DECODE_ERRORS:
+        return 0
+
+
+def stale_apply(name: str, namespace: str, sequence: int, deleted: int) -> str | None:
+    """Why an apply at stream ``sequence`` (0: unknown) of a runtime deleted by the command at ``deleted`` is not
+    applied: the delete came after it, and is the last word."""
+    if not 0 < sequence < deleted:
+        return None
+    return (f"runtime {namespace}/{name} was deleted by a later command (stream sequence {deleted}); this apply "
+            f"(sequence {sequence}) came before it: apply it again to recreate")
+
+
+def stale_delete(record: RuntimeRecord, sequence: int) -> str | None:
+    """Why a delete at stream ``sequence`` (0: unknown) does not remove ``record``: the runtime was applied (or
+    scaled) by a later command, which deleting now would undo."""
+    if not 0 < sequence < record.command_sequence:
+        return None
+    meta = record.runtime.metadata
+    return (f"runtime {meta.namespace}/{meta.name} was applied by a later command (stream sequence "
+            f"{record.command_sequence}); this delete (sequence {sequence}) came before it: delete it again to "
+            "remove it")
 
 
 def replicas_errors(replicas: int) -> list[str]:

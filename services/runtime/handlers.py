@@ -37,7 +37,18 @@ from dataclasses import dataclass, field
 import msgspec
 
 from libs import metrics, subjects
-from libs.bus import AGENTS_TTL_SECONDS, Bus, Conflict, Delivery, KvMirror, kv_delete, kv_keys, kv_load, kv_save
+from libs.bus import (
+    AGENTS_TTL_SECONDS,
+    Bus,
+    Conflict,
+    Delivery,
+    KvMirror,
+    kv_delete,
+    kv_keys,
+    kv_load,
+    kv_load_deleted,
+    kv_save,
+)
 from libs.events.agent import AgentHeartbeat, AgentRecord
 from libs.events.dataset import DatasetRecord
 from libs.events.runtime import (
@@ -129,7 +140,11 @@ class RuntimeHandlers:
         errors = domain.validate_runtime(runtime)
         kv = await self.bus.kv(subjects.KV_RUNTIMES)
         key = subjects.resource_key(namespace, name)
-        record, revision = (None, None) if errors else await kv_load(kv, key, RuntimeRecord)
+        record, revision, note = (None, None, b"") if errors else await kv_load_deleted(kv, key, RuntimeRecord)
+        if not errors and record is None:
+            # Delivered again behind a delete that came after it: applying it would bring the runtime back.
+            stale = domain.stale_apply(name, namespace, delivery.stream_sequence, domain.deleted_at(note))
+            errors = [stale] if stale else []
         if not errors:
             errors = domain.change_errors(record, runtime, delivery.stream_sequence)
         if errors:
@@ -190,9 +205,15 @@ class RuntimeHandlers:
             await self._reject(command.id, [domain.missing_runtime(command.name, command.namespace)], command.name,
                                command.namespace, delivery)
             return
+        stale = domain.stale_delete(record, delivery.stream_sequence)
+        if stale:  # delivered again behind an apply or scale that came after it: the runtime stays
+            await self._reject(command.id, [stale], command.name, command.namespace, delivery)
+            return
         # Its workers are free now: the other runtimes may pick them at once, not at the next tick; and an older
         # entry of the runtime the watch delivers late does not bring it back (its revision is below the marker's).
-        self.runtimes.deleted(key, await kv_delete(kv, key, revision))
+        # The marker keeps the delete's sequence: an older apply delivered again later is refused.
+        self.runtimes.deleted(key, await kv_delete(kv, key, revision,
+                                                   note=domain.deletion_note(delivery.stream_sequence)))
         self.workers_changed = True
         log.info("deleted", runtime=key)
         await self.bus.publish(

@@ -213,3 +213,32 @@ async def test_a_deleted_runtime_stays_deleted_when_the_watch_brings_its_put_lat
     await handlers.apply(RuntimeApply(runtime=mem_runtime("2Gi")), delivered(subjects.RUNTIME_APPLY, 3))
     handlers.runtimes.watched(await (await bus.kv(subjects.KV_RUNTIMES)).get(key))
     assert handlers.runtimes.values[key].runtime == mem_runtime("2Gi")
+
+
+async def test_a_delete_and_an_apply_delivered_again_behind_each_other_leave_the_last_word(bus: Bus) -> None:
+    """Delete then apply, and apply then delete, each first command handled again behind the second (its handling
+    lost a compare-and-set to a status write and was redelivered, or the service was killed before its ack): the
+    command stream's last word stands. An older delete must not remove the runtime applied after it, nor an older
+    apply bring back the runtime deleted after it; each is refused saying why."""
+    handlers = await handlers_of(bus)
+    facts = FactCollector()
+    await facts.start(bus, subjects.RUNTIME_FACTS)
+    await handlers.apply(RuntimeApply(runtime=mem_runtime("1Gi")), delivered(subjects.RUNTIME_APPLY, 1))
+    delete = RuntimeDelete(name=NAME)
+    await handlers.delete(delete, delivered(subjects.RUNTIME_DELETE, 2))
+    await handlers.apply(RuntimeApply(runtime=mem_runtime("2Gi")), delivered(subjects.RUNTIME_APPLY, 3))
+    await handlers.delete(delete, delivered(subjects.RUNTIME_DELETE, 2))  # the delete again, behind the apply
+    rejected = await facts.wait_for("runtime.rejected.v1", causationId=delete.id)
+    assert "applied by a later command (stream sequence 3)" in rejected["reason"], rejected
+    assert (await stored(bus)).runtime == mem_runtime("2Gi")
+
+    apply = RuntimeApply(runtime=mem_runtime("2Gi"))
+    await handlers.apply(apply, delivered(subjects.RUNTIME_APPLY, 4))
+    await handlers.delete(RuntimeDelete(name=NAME), delivered(subjects.RUNTIME_DELETE, 5))
+    await handlers.apply(apply, delivered(subjects.RUNTIME_APPLY, 4))  # the apply again, behind the delete
+    rejected = await facts.wait_for("runtime.rejected.v1", causationId=apply.id)
+    assert "deleted by a later command (stream sequence 5)" in rejected["reason"], rejected
+    assert await runtime_record(bus, NAME) is None
+    # A newer apply creates it again.
+    await handlers.apply(RuntimeApply(runtime=mem_runtime("2Gi")), delivered(subjects.RUNTIME_APPLY, 6))
+    assert (await stored(bus)).command_sequence == 6
