@@ -248,3 +248,7 @@ class OperationRecord(msgspec.Struct, frozen=True, kw_only=True, rename="camel")
     generation: int = 1
     created_at: str = ""
     status: OperationStatus = OperationStatus()
+    # The commands stream's sequence of the last apply of this record (0: not known). An older apply or delete
+    # delivered again behind it (its first handling failed, and JetStream redelivers it behind newer commands) is
+    # stale: it must not put an old spec back, nor remove the operation applied after it.
+    command_sequence: int = 0

@@ -28,7 +28,7 @@ from croniter import CroniterBadDateError, croniter
 from libs import ring
 from libs.blocks import block_count, block_span
 from libs.events.agent import BlockId, CachedFile
-from libs.events.common import DNS1123_LABEL, ObjectMeta, ObjectRef, dns_label_errors
+from libs.events.common import DECODE_ERRORS, DNS1123_LABEL, ObjectMeta, ObjectRef, dns_label_errors
 from libs.events.dataset import Condition, DatasetRecord, ManifestEntry
 from libs.events.operation import (
     DataClean,
@@ -195,16 +195,61 @@ def dataset_ref(record: OperationRecord) -> ObjectRef:
 
 def apply_operation(record: OperationRecord | None, kind: OperationKind, meta: ObjectMeta,
                     load: DataLoadSpec | None, clean: DataCleanSpec | None,
-                    now: float) -> tuple[OperationRecord, bool]:
-    """The record after an apply, and whether it changed (a new operation, or a new spec: generation + 1)."""
+                    now: float, sequence: int = 0) -> tuple[OperationRecord, bool]:
+    """The record after an apply (at commands stream ``sequence``, 0: unknown), and whether it changed (a new
+    operation, a new spec: generation + 1, or only a newer sequence). An apply older than the one the record holds
+    is stale (delivered again behind newer commands): not applied. One that changes nothing still moves the
+    sequence on: it is the user's last word, and an older command delivered again behind it is stale."""
     if record is None:
         return OperationRecord(kind=kind, metadata=meta, load=load, clean=clean, generation=1,
-                               created_at=iso_time(now)), True
+                               created_at=iso_time(now), command_sequence=sequence), True
+    if sequence and sequence < record.command_sequence:
+        return record, False
+    newer = max(record.command_sequence, sequence)
     if record.metadata == meta and record.load == load and record.clean == clean:
+        if newer != record.command_sequence:
+            return msgspec.structs.replace(record, command_sequence=newer), True
         return record, False
     spec_changed = record.load != load or record.clean != clean
-    return msgspec.structs.replace(record, metadata=meta, load=load, clean=clean,
+    return msgspec.structs.replace(record, metadata=meta, load=load, clean=clean, command_sequence=newer,
                                    generation=record.generation + (1 if spec_changed else 0)), True
+
+
+class DeletionNote(msgspec.Struct, rename="camel"):
+    """What a delete leaves in the operation's delete marker: the delete command's stream sequence. An apply older
+    than it, delivered again behind the delete, must not bring the operation back."""
+
+    command_sequence: int
+
+
+def deletion_note(sequence: int) -> bytes:
+    return msgspec.json.encode(DeletionNote(command_sequence=sequence)) if sequence else b""
+
+
+def deleted_at(note: bytes) -> int:
+    """The stream sequence of the delete that left ``note``; 0 without one (a TTL removal, or a delete before
+    deletes left notes)."""
+    if not note:
+        return 0
+    try:
+        return msgspec.json.decode(note, type=DeletionNote).command_sequence
+    except DECODE_ERRORS:
+        return 0
+
+
+def stale_command(record: OperationRecord | None, sequence: int, deleted: int, action: str) -> str | None:
+    """Why a command (``action``: apply or delete) at commands stream ``sequence`` (0: unknown) is not applied,
+    as it came before the last word on its operation: an apply of an operation a later delete (at ``deleted``)
+    removed, or a delete of an operation a later command applied. None: it is not stale."""
+    if not sequence:
+        return None
+    if record is None and sequence < deleted:
+        return (f"it was deleted by a later command (stream sequence {deleted}); this {action} (sequence "
+                f"{sequence}) came before it: apply it again to recreate")
+    if record is not None and action == "delete" and sequence < record.command_sequence:
+        return (f"it was applied by a later command (stream sequence {record.command_sequence}); this delete "
+                f"(sequence {sequence}) came before it: delete it again to remove it")
+    return None
 
 
 # --- Checks of a run against the current state ---

@@ -30,7 +30,7 @@ from nats.errors import NoRespondersError
 from nats.js.errors import APIError, NotFoundError, ObjectNotFoundError, ServiceUnavailableError
 
 from libs import metrics, subjects
-from libs.bus import Bus, Delivery, KvMirror, PermissionDenied, kv_delete, kv_load, kv_save
+from libs.bus import Bus, Delivery, KvMirror, PermissionDenied, kv_delete, kv_load, kv_load_deleted, kv_save
 from libs.events.common import ObjectMeta, parse_quantity
 from libs.events.dataset import DatasetRecord, DatasetResync, ManifestEntry
 from libs.events.operation import (
@@ -177,8 +177,14 @@ class LoaderHandlers:
             return
         key = subjects.operation_key(kind, meta.namespace, meta.name)
         kv = await self.bus.kv(subjects.KV_OPERATIONS)
-        record, revision = await kv_load(kv, key, OperationRecord)
-        updated, changed = domain.apply_operation(record, kind, meta, load, clean, self.clock())
+        record, revision, note = await kv_load_deleted(kv, key, OperationRecord)
+        sequence = delivery.stream_sequence
+        stale = domain.stale_command(record, sequence, domain.deleted_at(note), "apply")
+        if stale:  # delivered again behind a delete that came after it: applying it would bring the operation back
+            await self._reject(command_id, kind, meta.name, meta.namespace, f"{kind} {meta.namespace}/{meta.name}: "
+                               f"{stale}", delivery)
+            return
+        updated, changed = domain.apply_operation(record, kind, meta, load, clean, self.clock(), sequence)
         if record is None:
             # Run numbers continue those of a deleted operation of the same name: run and part ids are message ids.
             previous, _ = await self._state(key)
@@ -245,10 +251,17 @@ class LoaderHandlers:
             await self._reject(command.id, kind, command.name, command.namespace,
                                f"{kind} {command.namespace}/{command.name} does not exist", delivery)
             return
-        await self._remove(key, record, revision, command.id)
+        stale = domain.stale_command(record, delivery.stream_sequence, 0, "delete")
+        if stale:  # delivered again behind an apply that came after it: the operation stays
+            await self._reject(command.id, kind, command.name, command.namespace,
+                               f"{kind} {command.namespace}/{command.name}: {stale}", delivery)
+            return
+        await self._remove(key, record, revision, command.id, delivery.stream_sequence)
 
-    async def _remove(self, key: str, record: OperationRecord, revision: int | None, causation: str) -> None:
-        """Cancel the running run (blocks already cached stay), forget the operation, publish the fact."""
+    async def _remove(self, key: str, record: OperationRecord, revision: int | None, causation: str,
+                      sequence: int = 0) -> None:
+        """Cancel the running run (blocks already cached stay), forget the operation, publish the fact. A delete
+        command's ``sequence`` stays in the delete marker: an older apply delivered again later is refused."""
         state, state_revision = await self._state(key)
         if state.stage != "finished" and state.run:
             await self.bus.publish_core(subjects.TASK_CANCEL, TaskCancel(id=f"{state.run}.cancel", run=state.run))
@@ -260,7 +273,8 @@ class LoaderHandlers:
             # that run's parts as cancelled, so it would stay Executing for ever. A record left behind (the delete
             # below failed) is closed Failed by the tick until the command, delivered again, removes it.
             await self._save_state(key, domain.deleted_state(state, self.clock()))
-        deleted = await kv_delete(await self.bus.kv(subjects.KV_OPERATIONS), key, revision)
+        deleted = await kv_delete(await self.bus.kv(subjects.KV_OPERATIONS), key, revision,
+                                  note=domain.deletion_note(sequence))
         if not state.run and state_revision is not None:
             self.runs.deleted(key, await kv_delete(await self.bus.kv(subjects.KV_OPERATION_RUNS), key, None))
         store = await ManifestStore.of(self.bus)

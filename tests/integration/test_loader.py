@@ -25,7 +25,7 @@ from nats.js import api as js_api
 from nats.js.errors import NotFoundError
 
 from libs import subjects
-from libs.bus import DAY, NODE_TASK_MESSAGES, Bus, kv_load
+from libs.bus import DAY, NODE_TASK_MESSAGES, Bus, Delivery, kv_load
 from libs.events.agent import AgentHeartbeat
 from libs.events.common import ObjectMeta, ObjectRef
 from libs.events.dataset import (
@@ -71,7 +71,15 @@ from services.loader import domain
 from services.loader.handlers import LoaderHandlers
 from services.runtime import app as runtime_app
 from tests.conftest import NatsServer
-from tests.helpers import FactCollector, eventually, json_lines, json_logs, make_settings, running
+from tests.helpers import (
+    FactCollector,
+    eventually,
+    json_lines,
+    json_logs,
+    make_settings,
+    running,
+    unwatched_mirror,
+)
 from tests.integration.test_cli import shoal
 from tests.metric_values import Snapshot, exists, value
 
@@ -636,7 +644,9 @@ spec:
     assert done.status.phase == "Complete" and done.status.runs == 2 and not done.status.message
     assert scripted.keys("dataload.default.warm.2") == {"a"}
     assert again.exit_code == 0, again.output
-    assert after == done  # nothing ran, nothing was written
+    # Nothing ran and nothing changed but the sequence of the last word (an older command delivered again is stale).
+    assert after is not None and after.command_sequence > done.command_sequence
+    assert msgspec.structs.replace(after, command_sequence=done.command_sequence) == done
 
 
 async def test_a_run_command_delivered_again_after_it_was_counted_runs_once_and_is_not_refused(
@@ -886,6 +896,46 @@ async def test_a_load_whose_dataset_is_deleted_while_it_executes_fails_saying_so
         await sub.unsubscribe()
     assert "dataset default/data was deleted" in failed.status.message, failed.status.message
     assert [c.run for c in cancels] == ["dataload.default.warm.1"]
+
+
+async def test_applies_and_deletes_delivered_again_behind_newer_commands_leave_the_last_word(bus: Bus) -> None:
+    """An apply or a delete whose first handling failed (a NATS error after its write, say) is delivered again
+    behind the commands that came after it. The commands stream's order must win: an older delete does not remove
+    the operation applied after it, an older apply neither puts its spec back nor brings back the operation deleted
+    after it; each stale command is refused saying why, or (an apply behind a newer apply) changes nothing."""
+    handlers = LoaderHandlers(bus, unwatched_mirror(await bus.kv(subjects.KV_OPERATIONS), OperationRecord),
+                              unwatched_mirror(await bus.kv(subjects.KV_DATASETS), DatasetRecord),
+                              unwatched_mirror(await bus.kv(subjects.KV_OPERATION_RUNS), domain.RunState))
+    facts = FactCollector()
+    await facts.start(bus, subjects.DATALOAD_FACTS)
+
+    def at(subject: str, sequence: int) -> Delivery:
+        return Delivery(subject=subject, headers={}, deliveries=2, stream_sequence=sequence)
+
+    def targets(record: OperationRecord | None) -> list[str]:
+        assert record is not None and record.load is not None
+        return [target.path for target in record.load.target]
+
+    first = dataload(target=[TargetPath(path="/a")])
+    await handlers.on_command(first, at(subjects.DATALOAD_APPLY, 1))
+    delete = DataLoadDelete(name="warm")
+    await handlers.on_command(delete, at(subjects.DATALOAD_DELETE, 2))
+    await handlers.on_command(dataload(target=[TargetPath(path="/b")]), at(subjects.DATALOAD_APPLY, 3))
+    await handlers.on_command(delete, at(subjects.DATALOAD_DELETE, 2))  # again, behind the apply
+    rejected = await facts.wait_for("operation.rejected.v1", causationId=delete.id)
+    assert "applied by a later command (stream sequence 3)" in rejected["reason"], rejected
+    await handlers.on_command(first, at(subjects.DATALOAD_APPLY, 1))  # again, behind the newer apply
+    assert targets(await operation(bus)) == ["/b"]
+
+    second = dataload(target=[TargetPath(path="/c")])
+    await handlers.on_command(second, at(subjects.DATALOAD_APPLY, 4))
+    await handlers.on_command(DataLoadDelete(name="warm"), at(subjects.DATALOAD_DELETE, 5))
+    await handlers.on_command(second, at(subjects.DATALOAD_APPLY, 4))  # again, behind the delete
+    rejected = await facts.wait_for("operation.rejected.v1", causationId=second.id)
+    assert "deleted by a later command (stream sequence 5)" in rejected["reason"], rejected
+    assert await operation(bus) is None
+    await handlers.on_command(dataload(target=[TargetPath(path="/d")]), at(subjects.DATALOAD_APPLY, 6))
+    assert targets(await operation(bus)) == ["/d"]
 
 
 async def test_a_delete_whose_run_state_write_failed_does_not_leave_the_reapplied_operation_stuck(
