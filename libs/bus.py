@@ -66,7 +66,7 @@ from libs.backoff import REDELIVERY, Backoff
 from libs.config import NatsSettings
 from libs.events.common import DECODE_ERRORS
 from libs.events.deadletter import DeadLetter
-from libs.redact import redact_payload, strip_userinfo
+from libs.redact import cut_error, redact_payload, strip_userinfo
 from libs.telemetry import extract_context, get_logger, inject_context, messaging_attributes, producer_span, tracer
 
 log = get_logger(__name__)
@@ -756,8 +756,9 @@ def retry_delay(deliveries: int) -> float:
 class Consumer(Generic[E]):
     """A durable pull consumer that decodes at the edge and maps handler outcomes to acks.
 
-    ``on_invalid`` is told about payloads that cannot be decoded (so a command publisher gets a rejection
-    event); they are dead-lettered either way.
+    ``on_invalid`` is told about payloads that cannot be decoded, and about messages given up on (a ``Permanent``
+    error, or the last delivery failing), so a command's publisher gets a rejection with the reason rather than
+    silence; they are dead-lettered either way.
     """
 
     bus: Bus
@@ -959,8 +960,8 @@ class Consumer(Generic[E]):
             bound = self._bound(delivery)
             if self._last(delivery):
                 # The server delivers this message no more: naked, it would be neither handled nor dead-lettered.
-                await self._dead_letter(message, delivery, f"gave up after {delivery.deliveries} deliveries: "
-                                        f"conflict: {err}", bound)
+                await self._give_up(message, delivery, f"gave up after {delivery.deliveries} deliveries: "
+                                    f"conflict: {err}", bound)
                 return metrics.DEAD_LETTERED
             # At once, deliberately (as ``libs.reconcile``): the writer that won is done, and a re-read sees its
             # write. A hot key cannot spin: each redelivery spends one of the durable's ``max_deliver``.
@@ -968,7 +969,7 @@ class Consumer(Generic[E]):
             await message.nak(delay=0)
             return metrics.CONFLICT
         except Permanent as err:
-            await self._dead_letter(message, delivery, err.reason, self._bound(delivery))
+            await self._give_up(message, delivery, err.reason, self._bound(delivery))
             return metrics.DEAD_LETTERED
         except RetryLater as err:
             return await self._retry(message, delivery, err.reason, err.delay, self._bound(delivery))
@@ -993,8 +994,7 @@ class Consumer(Generic[E]):
 
     async def _retry(self, message: Msg, delivery: Delivery, reason: str, delay: float | None, bound: Any) -> str:
         if self._last(delivery):
-            await self._dead_letter(message, delivery, f"gave up after {delivery.deliveries} deliveries: {reason}",
-                                    bound)
+            await self._give_up(message, delivery, f"gave up after {delivery.deliveries} deliveries: {reason}", bound)
             return metrics.DEAD_LETTERED
         delay = retry_delay(delivery.deliveries) if delay is None else delay
         bound.warning("retrying later", reason=reason, delay=delay)
@@ -1008,6 +1008,12 @@ class Consumer(Generic[E]):
             except Exception:
                 bound.exception("could not publish the rejection")
         await self._dead_letter(message, delivery, reason, bound)
+
+    async def _give_up(self, message: Msg, delivery: Delivery, reason: str, bound: Any) -> None:
+        """A message that decoded but will not be handled: rejected to its publisher (a command's ``--wait`` would
+        otherwise wait for an answer that never comes), with the reason cut and stripped of URL credentials (an
+        error's text), then dead-lettered. What its handler changed before failing, if anything, stays."""
+        await self._reject(message, delivery, cut_error(strip_userinfo(reason)), bound)
 
     async def _dead_letter(self, message: Msg, delivery: Delivery, reason: str, bound: Any) -> None:
         reason = strip_userinfo(reason)

@@ -290,6 +290,55 @@ async def test_permanent_error_goes_straight_to_dead_letters(bus: Bus) -> None:
     assert letter["reason"] == "cannot ever work"
 
 
+@pytest.mark.parametrize(("failure", "max_deliver", "expected"), [
+    (ValueError("store exploded"), 2, "gave up after 2 deliveries: ValueError: store exploded"),
+    (Conflict("tests.hot changed concurrently"), 2, "gave up after 2 deliveries: conflict: tests.hot changed"),
+    (Permanent("cannot ever work"), 5, "cannot ever work"),
+], ids=["exception", "conflict", "permanent"])
+async def test_a_command_given_up_on_is_rejected_to_its_publisher_with_the_reason(
+        bus: Bus, failure: Exception, max_deliver: int, expected: str) -> None:
+    """A command that decoded but is given up on (its last delivery failed, or a Permanent error) was dead-lettered
+    with no word to its publisher: ``shoal apply --wait`` waited for an accepted or rejected fact until its
+    deadline. Now ``on_invalid`` (the services publish the rejection there) hears of it, with the reason."""
+    told: list[tuple[int, str]] = []
+
+    async def failing(event: DatasetApply, delivery: Delivery) -> None:
+        raise failure
+
+    async def on_invalid(delivery: Delivery, reason: str, payload: bytes) -> None:
+        told.append((delivery.deliveries, reason))
+
+    consumer = Consumer(bus, subjects.STREAM_COMMANDS, "given-up", subjects.DATASET_APPLY,
+                        msgspec.json.Decoder(DatasetApply), failing, max_event_bytes=4096, max_deliver=max_deliver,
+                        on_invalid=on_invalid)
+    async with running(lambda stop: _run_until(consumer, stop)):
+        await bus.publish(subjects.DATASET_APPLY, DatasetApply(dataset=Dataset(metadata=ObjectMeta(name="x"))))
+        letter = await dead_letter_for(bus, subjects.DATASET_APPLY)
+    deliveries = 1 if isinstance(failure, Permanent) else max_deliver
+    assert len(told) == 1 and told[0][0] == deliveries and told[0][1].startswith(expected), told
+    assert letter["reason"] == told[0][1]
+
+
+async def test_an_apply_the_dataset_service_gives_up_on_is_rejected_to_the_cli(
+        bus: Bus, bus_settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """End to end: the real dataset service whose handling of one apply keeps failing publishes a rejection of that
+    command naming why, so its publisher hears of it."""
+    from services.dataset import handlers as dataset_handlers
+
+    async def broken(self: Any, command: Any, delivery: Delivery) -> None:
+        raise RuntimeError("the record cannot be written")
+
+    monkeypatch.setattr(dataset_handlers.DatasetHandlers, "apply", broken)
+    facts = FactCollector()
+    await facts.start(bus, subjects.DATASET_FACTS)
+    command = DatasetApply(dataset=Dataset(metadata=ObjectMeta(name="stuck"),
+                                           spec=DatasetSpec(mounts=[Mount(mount_point="s3://b/")])))
+    async with running(lambda stop: dataset_app.run(bus_settings, stop)):
+        await bus.publish(subjects.DATASET_APPLY, command)
+        rejected = await facts.wait_for("dataset.rejected.v1", causationId=command.id, timeout=60)
+    assert "gave up after" in rejected["reason"] and "the record cannot be written" in rejected["reason"]
+
+
 async def _run_until(consumer: Consumer, stop) -> None:
     import asyncio
 
