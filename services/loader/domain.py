@@ -638,6 +638,14 @@ def dataset_lost(record: OperationRecord, state: RunState, dataset: DatasetRecor
             f"cancelled; run the {record.kind} again on the dataset as it is now")
 
 
+def runtime_lost(record: OperationRecord) -> str:
+    """Why an executing run fails at once when its runtime is deleted: the runtime's mounts go with it, so its parts
+    would never report again (each node would otherwise be waited for until it counts as gone)."""
+    ref = dataset_ref(record)
+    return (f"runtime {ref.namespace}/{ref.name} was deleted while this run was executing; its parts cannot finish: "
+            f"apply the runtime again and run the {record.kind} again")
+
+
 # The end of a run its operation's delete cut short, should the record outlive the delete for a moment.
 DELETED_MESSAGE = "the operation was deleted while this run was executing; its parts were cancelled"
 

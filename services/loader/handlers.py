@@ -416,8 +416,12 @@ class LoaderHandlers:
             if self.published.get(key) != state.run:
                 await self._publish_parts(key, state, resume=True)
             result = domain.outcome(state)
-            if result is None and record.load is not None:
-                result = await self._node_gone(key, record, state)
+            if result is None:
+                runtime = await self._runtime(record)
+                if runtime is None:  # its mounts are gone with it: no part would report again
+                    result = "Failed", domain.runtime_lost(record)
+                elif record.load is not None:
+                    result = self._node_gone(key, record, state, runtime)
             if result is None:
                 result = self._node_silent(key, record, state)
             if result is not None:
@@ -443,10 +447,10 @@ class LoaderHandlers:
         operations in key order: one removed before the one after it looked would leave that one waiting for ever)."""
         return domain.expired(record, now) and not domain.awaited(record, self.operations.values.values())
 
-    async def _node_gone(self, key: str, record: OperationRecord,
-                         state: domain.RunState) -> tuple[OperationPhase, str] | None:
+    def _node_gone(self, key: str, record: OperationRecord, state: domain.RunState,
+                   runtime: RuntimeRecord) -> tuple[OperationPhase, str] | None:
         """Failed, naming the node, once a node with parts not done has not been ready for ``node_gone_timeout``."""
-        gone = domain.nodes_gone(state, await self._runtime(record))
+        gone = domain.nodes_gone(state, runtime)
         now = time.monotonic()
         for stale in [k for k in self.gone_since if k[0] == key and k[1] not in gone]:
             del self.gone_since[stale]

@@ -938,6 +938,26 @@ async def test_applies_and_deletes_delivered_again_behind_newer_commands_leave_t
     assert targets(await operation(bus)) == ["/d"]
 
 
+@pytest.mark.parametrize("kind", ["DataLoad", "DataClean"])
+async def test_a_run_whose_runtime_is_deleted_fails_at_once_naming_the_runtime(bus: Bus, nats_server: NatsServer,
+                                                                                kind: str) -> None:
+    """The runtime's mounts go with it, so no part reports again: the run failed only after the node-gone (load)
+    or node-silent (clean) timeout, 120 s each, blaming a node. It fails at once, naming the runtime."""
+    await put_dataset(bus, files(("a", BLOCK)))
+    await put_runtime(bus, NODES[:1])
+    async with agent(bus, NODES[:1]) as scripted, loader(nats_server):
+        scripted.hold.set()
+        command = dataload() if kind == "DataLoad" else DataCleanApply(data_clean=DataClean(
+            metadata=ObjectMeta(name="warm"), spec=DataCleanSpec(dataset=ObjectRef(name="data"))))
+        await publish(bus, subjects.DATALOAD_APPLY if kind == "DataLoad" else subjects.DATACLEAN_APPLY, command)
+        await phase_of(bus, "Executing", kind=kind)
+        await (await bus.kv(subjects.KV_RUNTIMES)).delete(subjects.resource_key("default", "data"))
+        failed = await phase_of(bus, "Failed", kind=kind)
+        scripted.hold.clear()
+    assert failed.status.message == domain.runtime_lost(failed)
+    assert "runtime default/data was deleted while this run was executing" in failed.status.message
+
+
 async def test_a_delete_whose_run_state_write_failed_does_not_leave_the_reapplied_operation_stuck(
         bus: Bus, nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch) -> None:
     """A delete of an Executing load (two parts on one node: the agent holds the first) whose write of the finished
