@@ -40,6 +40,7 @@ from botocore.exceptions import (
     PartialCredentialsError,
     ReadTimeoutError,
 )
+from yarl import URL
 
 from libs.redact import hide_signing, strip_userinfo
 from libs.ufs.base import (
@@ -256,7 +257,7 @@ class S3ObjectStore:
         self._http: aiohttp.ClientSession | None = None
         self._max_connections = max_connections
         self._timeouts = aiohttp.ClientTimeout(sock_connect=connect_timeout, sock_read=read_timeout)
-        self._presigned: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        self._presigned: OrderedDict[str, tuple[URL, float]] = OrderedDict()
 
     def __repr__(self) -> str:
         return f"S3ObjectStore(bucket={self._bucket!r}, prefix={self._prefix!r}, endpoint={self._where!r})"
@@ -478,7 +479,7 @@ class S3ObjectStore:
             raise self._error(err, "get", key, etag) from err
         return got
 
-    async def _ranged(self, key: str, start: int, length: int, etag: str | None) -> tuple[str, dict[str, str]]:
+    async def _ranged(self, key: str, start: int, length: int, etag: str | None) -> tuple[URL, dict[str, str]]:
         """The pre-signed URL and headers of a ranged GET, pinned to ``etag`` when given."""
         headers = {"Range": f"bytes={start}-{start + length - 1}"}
         if etag is not None:
@@ -527,16 +528,20 @@ class S3ObjectStore:
             raise self._error(err, "get", key, etag) from err
         return data
 
-    async def _presigned_url(self, key: str) -> str:
+    async def _presigned_url(self, key: str) -> URL:
+        """The pre-signed GET URL of ``key``, sent exactly as signed: aiohttp re-quotes a URL given as text, and
+        decodes the sub-delimiters botocore encoded in the key (``=``, ``@``, ``:``, ``(``, ``!``...), so the path
+        the server checks the signature against was not the one signed; every read of such a key (Hive partitions,
+        ``year=2024/``) was refused and read again through the full client."""
         now = time.monotonic()
         cached = self._presigned.get(key)
         if cached is not None and cached[1] > now:
             self._presigned.move_to_end(key)
             return cached[0]
         client = await self._s3()
-        url: str = await client.generate_presigned_url(
+        url = URL(await client.generate_presigned_url(
             "get_object", Params={"Bucket": self._bucket, "Key": self._prefix + key}, ExpiresIn=PRESIGN_SECONDS
-        )
+        ), encoded=True)
         self._presigned[key] = (url, now + PRESIGN_REUSE_SECONDS)
         if len(self._presigned) > PRESIGNED_KEYS:
             self._presigned.popitem(last=False)
