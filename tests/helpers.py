@@ -6,6 +6,7 @@ import asyncio
 import io
 import json
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -201,3 +202,23 @@ def agent_shaped_heartbeat(count: int, name_length: int = 20, *, peers: bool = T
                           mount_groups=group_mounts(reports), labels={"zone": "a"},
                           peer_host="10.1.2.3" if peers else "")
     return beat, [report for report, _ in reports]
+
+
+def nest_beyond_path_max(folder: str, leaf: bytes) -> None:
+    """Folders of 250-byte names below ``folder``, one in another until the path passes Linux's PATH_MAX (4096
+    bytes), with a file ``leaf.txt`` holding ``leaf`` at the bottom. Made through descriptors (``mkdirat``), since
+    no call taking the whole path accepts it."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(4096 // 251 + 1):
+            os.mkdir("d" * 250, dir_fd=fd)
+            inner = os.open("d" * 250, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+        file = os.open("leaf.txt", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
+        try:
+            os.write(file, leaf)
+        finally:
+            os.close(file)
+    finally:
+        os.close(fd)

@@ -2,13 +2,13 @@
 
 This module owns the file-system I/O behind a local mount and decides what counts as an object: regular files
 below the root, reached without leaving it. Symbolic links to files inside the root are followed; links to
-folders are not (they could loop) and links out of the root are never followed. A link that loops, or a file
-that cannot be stat'ed, is listed as ``unusable`` with the reason, so the sync reports it. Containment is checked
-on what was opened (its real path from ``/proc/self/fd``), not on a path looked up again, so a folder replaced by
-a link while a listing runs or after a mount started cannot lead a listing or a read out of the root; and the
-root's own real path must stay below the location's boundary (its SHOAL_LOCAL_ROOTS root, or its claim). Keys
-are '/'-separated paths relative to the root; one with an empty, '.' or '..' part, or an absolute one, names no
-object.
+folders are not (they could loop) and links out of the root are never followed. A link that loops, a file
+that cannot be stat'ed, or a folder nested beyond PATH_MAX, is listed as ``unusable`` with the reason, so the
+sync reports it. Containment is checked on what was opened (its real path from ``/proc/self/fd``), not on a path
+looked up again, so a folder replaced by a link while a listing runs or after a mount started cannot lead a
+listing or a read out of the root; and the root's own real path must stay below the location's boundary (its
+SHOAL_LOCAL_ROOTS root, or its claim). Keys are '/'-separated paths relative to the root; one with an empty, '.'
+or '..' part, or an absolute one, names no object.
 
 What a mount of the folder exposes: each file is served with its own owner and permission bits, minus the
 read and execute bits of every class (owner, group, others) that could not pass through the folders above it
@@ -48,6 +48,9 @@ def _etag(st: os.stat_result) -> str:
     return f"{st.st_size:x}-{st.st_mtime_ns:x}"
 
 
+# Linux's PATH_MAX: a longer path is refused (ENAMETOOLONG) by every call that takes one, as it is by the reads.
+PATH_MAX = 4096
+
 # (mode, uid, gid) of a folder on the way from the root to a file.
 Folder = tuple[int, int, int]
 
@@ -81,6 +84,8 @@ def _info(key: str, st: os.stat_result, folders: list[Folder] | None = None) -> 
 def _unusable(err: OSError) -> str:
     if err.errno == errno.ELOOP:
         return "is a symbolic link that loops"
+    if err.errno == errno.ENAMETOOLONG:
+        return f"has a path longer than the system's limit ({PATH_MAX} bytes): it cannot be opened"
     return f"cannot be read: {os.strerror(err.errno) if err.errno else type(err).__name__}"
 
 
@@ -125,7 +130,9 @@ class _Walk:
         self._folders: list[Folder] = []
         self._started = False
 
-    def _scan(self, prefix: str) -> None:
+    def _scan(self, prefix: str) -> str | None:
+        """Push the folder ``prefix`` (its entries, its mode and owner); the reason when it cannot be listed and
+        is left out (the sync reports it) rather than failing the whole listing."""
         folder = os.path.join(self._root, prefix[:-1]) if prefix else self._root
         # A folder below the root is opened without following a link (it was a folder when its parent was read,
         # and may have been replaced by a link to anywhere since) and read through its descriptor, after checking
@@ -136,7 +143,7 @@ class _Walk:
             if fd is None:
                 if not prefix:
                     raise UfsError(f"local directory '{folder}' was replaced while listed: list it again")
-                return  # replaced by a link out of the root while we listed: left out like any such link
+                return None  # replaced by a link out of the root while we listed: left out like any such link
             try:
                 st = os.fstat(fd)
                 with os.scandir(fd) as entries:
@@ -153,17 +160,22 @@ class _Walk:
                 if isinstance(err, NotADirectoryError):
                     raise UfsError(f"'{folder}' is a file, not a folder: mount the folder it is in") from err
                 raise
-            return  # removed (or replaced by a file) while we listed: the next listing shows what is there now
+            return None  # removed (or replaced by a file) while we listed: the next listing shows what is there now
         except PermissionError as err:
             # Skipping it would look like its files were deleted.
             raise AccessDenied(f"permission denied listing local directory '{folder}'") from err
         except OSError as err:
             if prefix and err.errno == errno.ELOOP:
-                return  # replaced by a link while we listed (O_NOFOLLOW): links to folders are not followed
+                return None  # replaced by a link while we listed (O_NOFOLLOW): links to folders are not followed
+            if prefix and err.errno == errno.ENAMETOOLONG:
+                # A folder nested deeper than PATH_MAX: nothing below it can be opened by its path, here or by a
+                # read, so it is left out with the reason; one such folder used to fail the whole dataset.
+                return _unusable(err)
             raise
         children.sort(reverse=True)
         self._frames.append((prefix, children))
         self._folders.append((st.st_mode, st.st_uid, st.st_gid))
+        return None
 
     def page(self, n: int) -> list[ObjectInfo]:
         if not self._started:
@@ -179,7 +191,9 @@ class _Walk:
             _, name, is_dir = children.pop()
             key = prefix + name
             if is_dir:
-                self._scan(key + "/")
+                unusable = self._scan(key + "/")
+                if unusable is not None:
+                    found.append(ObjectInfo(key=key + "/", size=0, etag="", mtime=0.0, unusable=unusable))
                 continue
             path = os.path.join(self._root, key)
             try:

@@ -7,6 +7,7 @@ not store as given (a leading '/', '//', long names, NUL) come from a small fake
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import hashlib
 import os
@@ -33,7 +34,7 @@ from services.dataset.domain import CONDITION_SKIPPED
 from services.dataset.sync import StoreOpener
 from tests.conftest import SeaweedServer, put_objects
 from tests.faults import ExtraKeys, ListedStore
-from tests.helpers import dataset_record, eventually, running
+from tests.helpers import dataset_record, eventually, nest_beyond_path_max, running
 from tests.integration.agent_stack import node_stack, read_file, run_tool
 
 
@@ -190,6 +191,30 @@ async def test_folder_shadows_file_markers_are_folders_and_cache_reaches_100_per
             return record if record.status.cache_states.cached_percentage == "100.0%" else None
 
         await eventually(all_cached, what="cachedPercentage 100.0%")
+
+
+async def test_a_local_folder_nested_beyond_path_max_is_left_out_and_the_rest_mounted(
+        bus: Bus, settings: Settings, seaweedfs: SeaweedServer, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    (data / "deep").mkdir(parents=True)
+    (data / "top.txt").write_bytes(b"top")
+    (data / "deep" / "shallow.txt").write_bytes(b"shallow")
+    nest_beyond_path_max(str(data / "deep"), b"no call opens this path")
+    settings = dataclasses.replace(settings, service=dataclasses.replace(settings.service, local_roots=[str(data)]))
+    async with node_stack(bus, settings, seaweedfs, tmp_path) as node:
+        await apply_node_dataset(bus, tmp_path / "cache", "deep", [Mount(mount_point=f"local://{data}")])
+        # One folder no path-taking call accepts used to fail the whole dataset ("cannot list ...: File name too
+        # long"), so nothing was mounted.
+        root = await node.wait_mounted("deep", expect="deep/shallow.txt")
+        found = await run_tool("find", str(root), "-type", "f", "-printf", "%P\n")
+        assert sorted(found.stdout.splitlines()) == ["deep/shallow.txt", "top.txt"]
+        assert await read_file(root / "deep/shallow.txt") == b"shallow"
+        record = await node.record("deep")
+        assert record.status.phase == "Bound" and record.status.file_num == 2
+        (condition,) = [c for c in record.status.conditions if c.type == CONDITION_SKIPPED]
+        assert condition.message.startswith("1 of 3 listed objects are not in the tree: 'deep/ddd"), condition.message
+        assert condition.message.endswith(
+            "(mount 0): has a path longer than the system's limit (4096 bytes): it cannot be opened")
 
 
 async def test_deleted_object_is_estale_and_long_names_are_enametoolong(

@@ -22,6 +22,7 @@ from libs.ufs import (
     open_store,
 )
 from libs.ufs import local as local_module
+from tests.helpers import nest_beyond_path_max
 
 
 def store_at(root: Path) -> LocalObjectStore:
@@ -289,3 +290,21 @@ async def test_abandoned_listing_leaves_nothing_open(tmp_path: Path) -> None:
     first = [await anext(listing) for _ in range(12)]
     await listing.aclose()  # no directory handle is held between pages, so no ResourceWarning follows
     assert [info.key for info in first] == [f"d/f{i:02d}" for i in range(12)]
+
+
+async def test_a_folder_nested_beyond_path_max_is_left_out_with_its_reason(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    write(root, "a.txt", b"a")
+    write(root, "z/after.txt", b"after")
+    (root / "deep").mkdir()
+    nest_beyond_path_max(str(root / "deep"), b"too deep to open")
+    store = store_at(root)
+
+    listed = await collect(store)
+    # The rest of the tree is listed, in order; the folder whose path no call accepts is one unusable entry
+    # (the listing used to fail as a whole, and the dataset with it).
+    assert [info.key for info in listed if not info.unusable] == ["a.txt", "z/after.txt"]
+    (deep,) = [info for info in listed if info.unusable]
+    assert deep.key.startswith("deep/d") and deep.key.endswith("/")
+    assert len(os.fsencode(str(root / deep.key))) >= local_module.PATH_MAX
+    assert deep.unusable == "has a path longer than the system's limit (4096 bytes): it cannot be opened"
