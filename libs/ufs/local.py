@@ -316,6 +316,9 @@ class LocalObjectStore:
     def _no_key(self, key: str) -> NoSuchKey:
         return NoSuchKey(f"file '{key}' does not exist in local directory '{self._root}'")
 
+    def _changed(self, key: str, etag: str) -> ObjectChanged:
+        return ObjectChanged(f"file '{key}' in local directory '{self._root}' changed: its ETag is no longer {etag}")
+
     def _denied(self, key: str) -> AccessDenied:
         return AccessDenied(f"permission denied reading '{key}' in local directory '{self._root}'")
 
@@ -360,12 +363,14 @@ class LocalObjectStore:
                     raise self._no_key(key)
                 # fstat of the open file: the ETag checked is the one of the bytes we are about to read.
                 if etag is not None and _etag(st) != etag:
-                    raise ObjectChanged(
-                        f"file '{key}' in local directory '{self._root}' changed: "
-                        f"its ETag is no longer {etag}"
-                    )
+                    raise self._changed(key, etag)
                 file.seek(start)
-                return file.read(length)
+                data = file.read(length)
+                # And again after: a file rewritten in place while it was read gave bytes of the new version (or
+                # of both) that the reader would keep as the old one's, on every node, until the next sync.
+                if etag is not None and _etag(os.fstat(file.fileno())) != etag:
+                    raise self._changed(key, etag)
+                return data
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as err:
             raise self._no_key(key) from err
         except PermissionError as err:

@@ -308,3 +308,28 @@ async def test_a_folder_nested_beyond_path_max_is_left_out_with_its_reason(tmp_p
     assert deep.key.startswith("deep/d") and deep.key.endswith("/")
     assert len(os.fsencode(str(root / deep.key))) >= local_module.PATH_MAX
     assert deep.unusable == "has a path longer than the system's limit (4096 bytes): it cannot be opened"
+
+
+async def test_a_file_rewritten_while_it_is_read_is_object_changed(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write(tmp_path, "obj", b"old bytes, old bytes")
+    store = store_at(tmp_path)
+    old = (await store.head("obj")).etag
+    etag_of = local_module._etag
+    rewrites: list[Path] = []
+
+    def rewritten_right_after_the_check(st: os.stat_result) -> str:
+        # The ETag is taken from the open file, then the file is rewritten in place (same size, as a program
+        # updating it would) before its bytes are read: the read must not hand them over as the old version.
+        etag = etag_of(st)
+        if not rewrites:
+            with open(path, "r+b") as file:
+                file.write(b"NEW BYTES")
+            os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+            rewrites.append(path)
+        return etag
+
+    monkeypatch.setattr(local_module, "_etag", rewritten_right_after_the_check)
+    with pytest.raises(ObjectChanged, match=re.escape(f"no longer {old}")):
+        await store.get_range("obj", 0, 20, etag=old)
+    assert rewrites == [path]
