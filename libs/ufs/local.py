@@ -2,13 +2,13 @@
 
 This module owns the file-system I/O behind a local mount and decides what counts as an object: regular files
 below the root, reached without leaving it. Symbolic links to files inside the root are followed; links to
-folders are not (they could loop) and links out of the root are never followed. A link that loops, a file
-that cannot be stat'ed, or a folder nested beyond PATH_MAX, is listed as ``unusable`` with the reason, so the
-sync reports it. Containment is checked on what was opened (its real path from ``/proc/self/fd``), not on a path
-looked up again, so a folder replaced by a link while a listing runs or after a mount started cannot lead a
-listing or a read out of the root; and the root's own real path must stay below the location's boundary (its
-SHOAL_LOCAL_ROOTS root, or its claim). Keys are '/'-separated paths relative to the root; one with an empty, '.'
-or '..' part, or an absolute one, names no object.
+folders are not (they could loop) and links out of the root are never followed. A link that loops or is not
+followed, a file that cannot be stat'ed, or a folder nested beyond PATH_MAX, is listed as ``unusable`` with the
+reason, so the sync reports it. Containment is checked on what was opened (its real path from ``/proc/self/fd``),
+not on a path looked up again, so a folder replaced by a link while a listing runs or after a mount started cannot
+lead a listing or a read out of the root; and the root's own real path must stay below the location's boundary (its
+SHOAL_LOCAL_ROOTS root, or its claim). Keys are '/'-separated paths relative to the root; one with an empty, '.' or
+'..' part, or an absolute one, names no object.
 
 What a mount of the folder exposes: each file is served with its own owner and permission bits, minus the
 read and execute bits of every class (owner, group, others) that could not pass through the folders above it
@@ -87,6 +87,17 @@ def _unusable(err: OSError) -> str:
     if err.errno == errno.ENAMETOOLONG:
         return f"has a path longer than the system's limit ({PATH_MAX} bytes): it cannot be opened"
     return f"cannot be read: {os.strerror(err.errno) if err.errno else type(err).__name__}"
+
+
+# Links the listing does not follow, each reported by name (never by where it leads) so that a file missing from
+# the mount has a reason in the dataset's status.
+LINK_OUT = "leads out of the mounted folder (a symbolic link, not followed)"
+LINK_TO_FOLDER = "is a symbolic link to a folder (not followed: it could loop)"
+LINK_DANGLING = "is a symbolic link to nothing"
+
+
+def _left_out(key: str, reason: str) -> ObjectInfo:
+    return ObjectInfo(key=key, size=0, etag="", mtime=0.0, unusable=reason)
 
 
 def _inside(path: str, root: str) -> bool:
@@ -193,7 +204,7 @@ class _Walk:
             if is_dir:
                 unusable = self._scan(key + "/")
                 if unusable is not None:
-                    found.append(ObjectInfo(key=key + "/", size=0, etag="", mtime=0.0, unusable=unusable))
+                    found.append(_left_out(key + "/", unusable))
                 continue
             path = os.path.join(self._root, key)
             try:
@@ -201,21 +212,26 @@ class _Walk:
                 # on the file opened: a link out of the root, or a folder above swapped for one, is left out.
                 fd = _open_inside(path, self._real_root, os.O_PATH)
                 if fd is None:
+                    found.append(_left_out(key, LINK_OUT))
                     continue
                 try:
                     st = os.fstat(fd)
                 finally:
                     os.close(fd)
             except (FileNotFoundError, NotADirectoryError):
-                continue  # removed while we listed, or a dangling link
+                if os.path.islink(path):
+                    found.append(_left_out(key, LINK_DANGLING))
+                continue  # else removed while we listed
             except PermissionError as err:
                 raise AccessDenied(f"permission denied reading '{path}'") from err
             except OSError as err:
                 # A link that loops (ELOOP), or one file the system cannot stat: the rest of the tree is fine.
-                found.append(ObjectInfo(key=key, size=0, etag="", mtime=0.0, unusable=_unusable(err)))
+                found.append(_left_out(key, _unusable(err)))
                 continue
             if stat.S_ISREG(st.st_mode):
                 found.append(_info(key, st, self._folders))
+            elif stat.S_ISDIR(st.st_mode):  # only through a link: the folders themselves were entered above
+                found.append(_left_out(key, LINK_TO_FOLDER))
         return found
 
 

@@ -100,7 +100,7 @@ def replace_folder_with_link(folder: Path, target: Path) -> None:
 
 
 @pytest.mark.parametrize("trigger", ["symlink-loop", "non-utf8-name", "folder-replaced-by-file",
-                                     "folder-replaced-by-link-out"])
+                                     "folder-replaced-by-link-out", "links-not-followed"])
 async def test_odd_entries_of_a_local_folder_are_left_out_and_reported(
         bus: Bus, nats_server: NatsServer, tmp_path: Path, trigger: str) -> None:
     root = tmp_path / "data"
@@ -115,6 +115,17 @@ async def test_odd_entries_of_a_local_folder_are_left_out_and_reported(
     elif trigger == "non-utf8-name":
         os.close(os.open(os.fsencode(root) + b"/bad\xff.txt", os.O_CREAT | os.O_WRONLY, 0o644))
         reported = "'bad\\udcff.txt' (mount 0): is not valid UTF-8"
+    elif trigger == "links-not-followed":
+        # Each used to be left out in silence: files missing from the mount with no reason anywhere.
+        outside = tmp_path / "outside"
+        outside.mkdir()
+        (outside / "private.key").write_bytes(b"not for the dataset")
+        (root / "out").symlink_to(outside / "private.key")
+        (root / "again").symlink_to(root, target_is_directory=True)
+        (root / "dangling").symlink_to(tmp_path / "nowhere")
+        reported = ("'again' (mount 0): is a symbolic link to a folder (not followed: it could loop); "
+                    "'dangling' (mount 0): is a symbolic link to nothing; "
+                    "'out' (mount 0): leads out of the mounted folder (a symbolic link, not followed)")
     elif trigger == "folder-replaced-by-file":
         (root / "z").mkdir()
         (root / "z" / "inner.txt").write_bytes(b"inner")
@@ -141,8 +152,9 @@ async def test_odd_entries_of_a_local_folder_are_left_out_and_reported(
     skipped = condition(record, CONDITION_SKIPPED)
     if reported:
         assert skipped[0] == "True" and reported in skipped[1], skipped
-    if trigger == "symlink-loop":
+    if trigger in ("symlink-loop", "links-not-followed"):
         assert skipped[1].startswith("3 of 5 listed objects are not in the tree"), skipped
+    assert "outside" not in skipped[1] and "private.key" not in skipped[1], skipped
 
 
 async def test_a_web_page_the_html_parser_cannot_read_fails_the_dataset_with_a_message(

@@ -199,9 +199,14 @@ async def test_links_out_of_the_root_are_not_followed(tmp_path: Path) -> None:
     (root / "dangling").symlink_to(tmp_path / "nowhere")
     store = store_at(root)
 
-    listed = {info.key: info for info in await collect(store)}
+    listed = {info.key: info for info in await collect(store) if not info.unusable}
     assert sorted(listed) == ["in-file", "real/data.txt"]
     assert listed["in-file"].etag == listed["real/data.txt"].etag
+    # The links not followed are listed as unusable, each with its reason (never where it leads), so the sync
+    # reports them instead of the files going missing in silence.
+    assert {info.key: info.unusable for info in await collect(store) if info.unusable} == {
+        "out-file": local_module.LINK_OUT, "out-dir": local_module.LINK_OUT, "loop": local_module.LINK_TO_FOLDER,
+        "dangling": local_module.LINK_DANGLING}
 
     assert await store.get_range("in-file", 0, 100) == b"inside"
     for key in ("out-file", "out-dir/secret.txt", "dangling"):
