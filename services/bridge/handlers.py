@@ -324,6 +324,7 @@ class BridgeHandlers:
                                          "Normal", domain.REASON_IGNORED, "; ".join(translation.notes))
             except Exception as err:  # the command is out; the note is not worth a retry
                 log.warning("event not recorded", object=str(key), error=_short(err))
+                self._note_failure(err)  # an API server that did not answer: the next call would not either
 
     async def _finish_delete(self, key: ObjectKey, obj: dict[str, Any]) -> None:
         """Delete in Shoal, wait until Shoal's record is gone, then the volume and claim, then the finalizer."""

@@ -376,6 +376,23 @@ async def test_a_status_someone_else_overwrote_is_written_back(harness: Harness,
     assert (harness.get(SHOAL, "demo") or {})["status"]["phase"] == "NotBound"
 
 
+async def test_an_unanswered_fields_ignored_event_leaves_the_next_objects_to_the_next_pass(
+        harness: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Event listing what Shoal ignores of an object is best effort, but its call waiting out the timeout tells
+    the same as any other: the API server is not answering. The next object a watch brings waits for the next pass
+    (before: it made calls of its own, each waiting as long)."""
+    handlers = harness.handlers
+    monkeypatch.setattr(bridge_handlers, "REQUEST_TIMEOUT_SECONDS", 0.5)
+    await harness.first_lists()
+    harness.server.hang("POST", "/events")
+    await handlers.on_event(FLUID, "ADDED", await harness.create(
+        FLUID, "noted", {"mounts": [{"mountPoint": "s3://b"}], "nodeAffinityIgnored": {"x": 1}}))
+    assert harness.server.recorded("POST", "/events")  # the note's Event was tried, and not answered
+    patches = len(harness.server.recorded("PATCH"))
+    await handlers.on_event(SHOAL, "ADDED", await harness.create(SHOAL, "next", {"mounts": [{"mountPoint": "s3://c"}]}))
+    assert len(harness.server.recorded("PATCH")) == patches and ObjectKey(SHOAL, "default", "next") in handlers.pending
+
+
 async def test_a_pass_over_an_api_server_that_does_not_answer_ends_at_its_first_call(
         harness: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
     """The API server takes connections and answers no patch: the pass waits out the first status write's timeout
