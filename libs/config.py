@@ -201,6 +201,11 @@ class AgentSettings:
     # store latency while leaving most of the reader's 32 store slots to FUSE reads running beside the load.
     load_concurrency: int = env("SHOAL_LOAD_CONCURRENCY", "Blocks a DataLoad fetches from the store at once, per "
                                 "mounted dataset.", default=8)
+    # A job looping over a changed file fails every FUSE read: one line per file and errno this often (with the count
+    # of those not logged) says it all without flooding the node's log.
+    read_failure_log_seconds: float = env("SHOAL_READ_FAILURE_LOG_SECONDS", "Seconds between two \"read failed\" "
+                                          "log lines of one file and errno in a mount process; those in between "
+                                          "are counted, and told in the next line or a summary.", default=30.0)
     cache_policy: str = env("SHOAL_CACHE_POLICY", "lfu-admission (keeps a stable subset) or lru.",
                             default="lfu-admission")
     # Training jobs read datasets as users other than the agent's (root); the kernel still checks every access
@@ -400,6 +405,8 @@ def _check(settings: Settings) -> list[str]:
         problems.append("SHOAL_HEARTBEAT_SECONDS: must be positive")
     if settings.agent.mount_start_seconds <= 0:
         problems.append("SHOAL_MOUNT_START_SECONDS: must be positive")
+    if not settings.agent.read_failure_log_seconds >= 0:
+        problems.append("SHOAL_READ_FAILURE_LOG_SECONDS: must be 0 (every failure) or positive")
     # The replica name is one token of a KV key. The node name is Kubernetes' (``spec.nodeName``), dots included
     # (EKS): subjects and durable names carry it as one token (``subjects.node_token``); never a wildcard.
     for variable, name, refused, example in (

@@ -182,6 +182,27 @@ def peer_url(host: str, port: int) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
+class ReadFailure(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
+    """Reads of one file of a mount that failed lately: ``count`` of them since ``since`` (unix seconds at the
+    node), the last at ``at``, answered ``errno`` (``ESTALE``: the object changed or was deleted since the sync;
+    ``EIO``: the store failed) for ``reason`` (cut, no credentials). ``path``: the file in the mount, its start cut
+    when very long."""
+
+    path: str
+    errno: str
+    reason: str = ""
+    count: int = 1
+    since: float = 0.0
+    at: float = 0.0
+
+
+class MountReadFailures(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
+    """The latest failed reads of one dataset's mount on the node (``services.agent.readfailures``)."""
+
+    dataset: ObjectRef
+    files: list[ReadFailure] = []
+
+
 class MountGroup(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omit_defaults=True):
     """The mounts of one namespace in the same state with the same message, each dataset named once: what a
     heartbeat carries per dataset is its name and its peer port, so a node with thousands of mounts still beats
@@ -224,6 +245,9 @@ class AgentHeartbeat(Event, frozen=True, kw_only=True, tag="agent.heartbeat.v1",
     mount_groups: list[MountGroup] = []
     # Where this node's mount processes serve their peers (``mountGroups`` give each one's port).
     peer_host: str = ""
+    # Mounts whose reads failed lately (a file read ESTALE or EIO within the last minute), a few files each;
+    # absent when none did. Left out first when a beat is too large.
+    read_failures: list[MountReadFailures] = []
 
     def serves(self, namespace: str, name: str) -> bool:
         """Whether the node serves the runtime ``namespace/name``."""
@@ -238,6 +262,11 @@ class AgentHeartbeat(Event, frozen=True, kw_only=True, tag="agent.heartbeat.v1",
                                    peer_url=peer_url(self.peer_host, port) if group.state == "Serving" else "")
         return next((report for report in self.mounts
                      if report.dataset.name == name and report.dataset.namespace == namespace), None)
+
+    def read_failures_of(self, namespace: str, name: str) -> list[ReadFailure]:
+        """The latest failed reads of the node's mount of dataset ``namespace/name`` (none: empty)."""
+        return next((mount.files for mount in self.read_failures
+                     if mount.dataset.name == name and mount.dataset.namespace == namespace), [])
 
     def mount_reports(self) -> list[MountReport]:
         """Every mount the beat reports, a report each (``mount_of`` finds one without building them all)."""

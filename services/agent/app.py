@@ -55,7 +55,7 @@ from libs import subjects
 from libs.bus import Bus, KvMirror, connect
 from libs.config import AgentSettings, Settings
 from libs.embedded import free_port
-from libs.events.agent import AgentHeartbeat, MountReport, group_mounts, peer_url
+from libs.events.agent import AgentHeartbeat, MountReadFailures, MountReport, group_mounts, peer_url
 from libs.events.common import ObjectRef, parse_quantity
 from libs.events.dataset import DatasetRecord
 from libs.events.runtime import Level, RuntimeRecord
@@ -416,6 +416,16 @@ class NodeAgent:
             remove_target(self.settings.agent.prometheus_targets_dir, self.settings.agent.node_name,
                           worker.namespace, worker.name)
 
+    def read_failures(self) -> list[MountReadFailures]:
+        """The running mounts' latest failed reads, from their status files (``domain.latest_read_failures``)."""
+        found = []
+        for worker in self.workers.values():
+            status = read_status(worker.status_file) if worker.process is not None else None
+            if status is not None and status.read_failures:
+                found.append(MountReadFailures(dataset=ObjectRef(name=worker.name, namespace=worker.namespace),
+                                               files=status.read_failures))
+        return domain.latest_read_failures(found)
+
     def capacity_bytes(self) -> int:
         statuses = [read_status(w.status_file) for w in self.workers.values() if w.process is not None]
         return sum(status.capacity_bytes for status in statuses if status is not None)
@@ -593,7 +603,7 @@ class NodeAgent:
             healthy=not problems, problems=domain.capped_problems(problems), sent_at=self.clock(),
             interval_seconds=agent.heartbeat_seconds, capacity_bytes=self.capacity_bytes(),
             mount_groups=group_mounts(self._mount_reports()), labels=dict(agent.labels),
-            peer_host=agent.peer_host if agent.peer_secret_file else "",
+            peer_host=agent.peer_host if agent.peer_secret_file else "", read_failures=self.read_failures(),
         )
         beat, left_out = domain.fit_heartbeat(beat, self.settings.service.max_event_bytes)
         if left_out != self.mounts_left_out:  # said when it changes, not every beat

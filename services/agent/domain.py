@@ -16,7 +16,7 @@ from collections.abc import Iterable
 
 import msgspec
 
-from libs.events.agent import AgentHeartbeat, MountReport
+from libs.events.agent import AgentHeartbeat, MountReadFailures, MountReport
 from libs.events.common import ObjectRef
 from libs.events.dataset import DatasetRecord
 from libs.events.runtime import RuntimeRecord
@@ -32,6 +32,8 @@ MOUNT_FSTYPE = f"fuse.{FUSE_SUBTYPE}"
 # Problems a heartbeat lists (the rest are counted): enough to say what is wrong, and a node with thousands of
 # failing mounts still beats under the event limit.
 MAX_PROBLEMS = 20
+# Mounts whose failed reads a heartbeat lists (the latest): each mount's status file names a few files already.
+MAX_READ_FAILURE_MOUNTS = 10
 # Which mounts a heartbeat too large for the event limit leaves out first: the serving ones (a runtime then shows
 # fewer nodes mounted), the failing ones last (they are what status must show).
 _LEFT_OUT_FIRST = {"Serving": 0, "Starting": 1, "Failing": 2}
@@ -129,12 +131,22 @@ def capped_problems(problems: list[str], limit: int = MAX_PROBLEMS) -> list[str]
     return [*problems[:limit - 1], f"and {len(problems) - limit + 1} more problems"]
 
 
+def latest_read_failures(mounts: list[MountReadFailures],
+                         limit: int = MAX_READ_FAILURE_MOUNTS) -> list[MountReadFailures]:
+    """The ``limit`` mounts whose last failed read is the latest, in that order."""
+    def last(mount: MountReadFailures) -> float:
+        return max((failure.at for failure in mount.files), default=0.0)
+
+    return sorted(mounts, key=lambda mount: (-last(mount), mount.dataset.namespace, mount.dataset.name))[:limit]
+
+
 def fit_heartbeat(beat: AgentHeartbeat, limit: int) -> tuple[AgentHeartbeat, int]:
     """``beat`` cut to at most ``limit`` bytes encoded (the consumers' SHOAL_MAX_EVENT_BYTES: they refuse a larger
     event, and a node whose beats are refused is not ready for any runtime), and how many mounts were left out.
 
     Only as far as needed, in this order: the list of runtimes of an agent that serves them all (``allRuntimes``
-    says so without it), then mounts, the serving ones first. A beat stays whole up to thousands of mounts (a name
+    says so without it), the failed reads (status then shows none for this node), then mounts, the serving ones
+    first. A beat stays whole up to thousands of mounts (a name
     and a port each); past that, the mounts left out show nothing for this node, which beats the node's absence.
     """
     encoder = msgspec.json.Encoder()
@@ -143,6 +155,9 @@ def fit_heartbeat(beat: AgentHeartbeat, limit: int) -> tuple[AgentHeartbeat, int
         return beat, 0
     if beat.all_runtimes and beat.runtimes:
         beat = msgspec.structs.replace(beat, runtimes=[])
+        size = len(encoder.encode(beat))
+    if size > limit and beat.read_failures:
+        beat = msgspec.structs.replace(beat, read_failures=[])
         size = len(encoder.encode(beat))
     groups = beat.mount_groups
     kept = [dict(group.datasets) for group in groups]

@@ -5,6 +5,8 @@ bytes → ENAMETOOLONG, any write → EROFS, an object that changed or was delet
 older than the store: ``shoal resync``), the object store failing → EIO (may pass). Files are immutable
 (ETag-pinned), so they are opened with ``keep_cache`` and warm re-reads are served by the kernel page cache
 without reaching this process. ``time_operations`` times every handler for /metrics, in one wrapper per handler.
+A failed read is remembered (``read_failures``: the mount's status, hence the runtime's and dataset's conditions)
+and logged at most once per file and errno every 30 s, with the count of those not logged (``log_limiter``).
 """
 
 from __future__ import annotations
@@ -22,11 +24,12 @@ from typing import Any
 
 import pyfuse3
 
-from libs.redact import cut_error
+from libs.redact import cut_error, hide_signing, strip_userinfo
 from libs.telemetry import get_logger
 from libs.ufs.base import NoSuchKey, ObjectChanged, UfsError
 from services.agent.namespace import MAX_NAME, Namespace, Node
 from services.agent.reader import BlockReader, OpenFile
+from services.agent.readfailures import LOG_INTERVAL_SECONDS, LogLimiter, ReadFailures
 
 log = get_logger(__name__)
 
@@ -109,7 +112,8 @@ class DatasetFS(pyfuse3.Operations):
     enable_acl = False
 
     def __init__(self, namespace: Namespace, reader: BlockReader, uid: int | None, gid: int | None,
-                 block_size: int, on_error: Callable[[str, Exception], None] | None = None) -> None:
+                 block_size: int, clock: Callable[[], float] = time.time,
+                 log_interval: float = LOG_INTERVAL_SECONDS) -> None:
         super().__init__()
         self.namespace = namespace
         self.reader = reader
@@ -117,7 +121,10 @@ class DatasetFS(pyfuse3.Operations):
         self.uid = uid
         self.gid = gid
         self.block_size = block_size
-        self.on_error = on_error
+        # Failed reads: remembered for the status file, logged through the limiter (``services.agent.readfailures``).
+        self.clock = clock
+        self.read_failures = ReadFailures()
+        self.log_limiter: LogLimiter[tuple[str, str]] = LogLimiter(log_interval)  # (path, errno)
         self._handles: dict[int, OpenFile] = {}
         self._next_fh = 1
         # Attributes never change for an inode, so each is built once (readdirplus of a large folder is the hot
@@ -284,25 +291,45 @@ class DatasetFS(pyfuse3.Operations):
         if handle is None:
             raise pyfuse3.FUSEError(errno.EBADF)
         try:
-            return await self.reader.read(handle, off, size)
+            data = await self.reader.read(handle, off, size)
         except (ObjectChanged, NoSuchKey) as err:
             # The object was overwritten or deleted since the sync: the tree is stale, not the store down.
-            self._report(handle, err)
+            self._report(handle, err, errno.ESTALE)
             raise pyfuse3.FUSEError(errno.ESTALE) from err
         except UfsError as err:
-            self._report(handle, err)
+            self._report(handle, err, errno.EIO)
             raise pyfuse3.FUSEError(errno.EIO) from err
         except Exception as err:
             # pyfuse3 ends the whole session on any other exception, taking every reader down with ENOTCONN;
             # one failed read must stay one EIO.
             log.exception("unexpected read failure", path=handle.entry.path)
-            self._report(handle, err)
+            self._report(handle, err, errno.EIO)
             raise pyfuse3.FUSEError(errno.EIO) from err
+        if self.read_failures.files:  # a file that failed reads again: it is fine now
+            self.read_failures.succeeded(handle.entry.path)
+        return data
 
-    def _report(self, handle: OpenFile, err: Exception) -> None:
-        log.warning("read failed", path=handle.entry.path, error=cut_error(str(err)))
-        if self.on_error is not None:
-            self.on_error(handle.entry.path, err)
+    def _report(self, handle: OpenFile, err: Exception, code: int) -> None:
+        path, name, now = handle.entry.path, errno.errorcode[code], self.clock()
+        error = cut_error(str(err))
+        if code == errno.ESTALE:
+            reason = f"the object changed or was deleted since the dataset was synced (resync it): {error}"
+        else:
+            reason = f"the object store failed: {error}"
+        # Status messages leave the node: no request signature or credentials in URLs, whatever the store quoted.
+        self.read_failures.failed(path, name, hide_signing(strip_userinfo(reason)), now)
+        suppressed = self.log_limiter.admit((path, name), now, error)
+        if suppressed is None:
+            return
+        log.warning("read failed", path=path, errno=name, error=error, **({"not_logged": suppressed}
+                                                                          if suppressed else {}))
+
+    def flush_read_failures(self, now: float) -> None:
+        """The summary line of each file whose failures were not all logged, once its log interval is over (the
+        mount's status reporter calls this every second)."""
+        for (path, name), suppressed, error in self.log_limiter.due(now):
+            log.warning("read failures not logged", path=path, errno=name, count=suppressed, last_error=error,
+                        interval_seconds=self.log_limiter.interval)
 
     async def release(self, fh: int) -> None:
         handle = self._handles.pop(fh, None)

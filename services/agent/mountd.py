@@ -217,7 +217,8 @@ class MountedDataset:
                 raise SystemExit(f"dataset {self.key}: cannot serve peers on {where}: {err.strerror or err}") from None
         owner = record.dataset.spec.owner
         fs = DatasetFS(self._tree(entries), reader, uid=owner.uid if owner else None,
-                       gid=owner.gid if owner else None, block_size=block_size)
+                       gid=owner.gid if owner else None, block_size=block_size,
+                       log_interval=self.settings.agent.read_failure_log_seconds)
         observer = self.metrics.fuse_observer()
         if observer is not None:  # None with SHOAL_METRICS=off: the handlers stay as they are
             time_operations(fs, observer)
@@ -250,7 +251,8 @@ class MountedDataset:
                             serving=lambda: self.manifest_version, warmed=self.metrics.warmup_bytes.inc)
         self.tasks = runner
         tasks_task = asyncio.create_task(runner.run())
-        reporter = StatusReporter(self.status_file, cache.stats)
+        # Failed reads go to the status file (the agent's heartbeat, the runtime's ReadsFailing condition).
+        reporter = StatusReporter(self.status_file, cache.stats, fs.read_failures.report, fs.flush_read_failures)
         reporter_task = asyncio.create_task(reporter.run())
         self.readiness.add("cache", lambda: "; ".join(
             f"cache directory {t.location} is down" for t in cache.stats().tiers if t.health == "down") or None)

@@ -3,7 +3,8 @@
 The agent names the file (``--status-file``, in a folder of its own) and reads it on every heartbeat; the mount
 process writes it atomically (a temporary file, then ``os.replace``) at each step of its start (``starting``: what
 it is doing, which the agent names when a start outlasts its deadline), once mounted, and whenever its cache
-tiers' health changes. A file, not a NATS subject: the health never leaves the node, and a reader sees the mount's
+tiers' health or its latest failed reads (``services.agent.readfailures``, which the agent forwards in its
+heartbeat) change. A file, not a NATS subject: the health never leaves the node, and a reader sees the mount's
 last word even while the mount restarts (the agent removes the file before each start, so a stale "down" from
 an earlier process is never reported). Crash loops are seen by the agent's own supervisor, not reported here.
 """
@@ -13,11 +14,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
 
+from libs.events.agent import ReadFailure
 from services.agent.cache.store import CacheStats
 
 
@@ -29,6 +32,8 @@ class MountStatus(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     down: list[str] = []
     # Bytes of cache the mount can use: the quotas of its tiers that are not down.
     capacity_bytes: int = 0
+    # Files whose reads failed lately, the latest first (a few).
+    read_failures: list[ReadFailure] = []
 
 
 # The steps of a start that can take long, as the agent quotes them ("did not start within 120 s (it was loading the
@@ -38,10 +43,10 @@ STARTING_CACHE = "loading the cache"
 STARTING_MOUNT = "mounting"
 
 
-def status_of(stats: CacheStats, pid: int) -> MountStatus:
+def status_of(stats: CacheStats, pid: int, read_failures: list[ReadFailure] | None = None) -> MountStatus:
     down = [tier.location for tier in stats.tiers if tier.health == "down"]
     capacity = sum(tier.quota_bytes for tier in stats.tiers if tier.health != "down")
-    return MountStatus(pid=pid, down=down, capacity_bytes=capacity)
+    return MountStatus(pid=pid, down=down, capacity_bytes=capacity, read_failures=read_failures or [])
 
 
 def problems_of(dataset: str, status: MountStatus) -> list[str]:
@@ -63,21 +68,29 @@ def read_status(path: str) -> MountStatus | None:
 
 
 class StatusReporter:
-    """A mount process's loop: writes its status at start and whenever it changes (looked at every second)."""
+    """A mount process's loop: writes its status at start and whenever it changes (looked at every second).
+    ``read_failures``: the mount's latest failed reads, given the time; ``tick``: also called every second."""
 
     # A tier goes down after three failed operations, which readers cause within moments; a second is soon
     # enough for a heartbeat every two.
     INTERVAL_SECONDS = 1.0
 
-    def __init__(self, path: str, stats: Callable[[], CacheStats]) -> None:
+    def __init__(self, path: str, stats: Callable[[], CacheStats],
+                 read_failures: Callable[[float], list[ReadFailure]] = lambda now: [],
+                 tick: Callable[[float], None] = lambda now: None, clock: Callable[[], float] = time.time) -> None:
         self.path = path
         self.stats = stats
+        self.read_failures = read_failures
+        self.tick = tick
+        self.clock = clock
         self._stopping = asyncio.Event()
 
     async def run(self) -> None:
         last: MountStatus | None = None
         while not self._stopping.is_set():
-            status = status_of(self.stats(), os.getpid())
+            now = self.clock()
+            self.tick(now)
+            status = status_of(self.stats(), os.getpid(), self.read_failures(now))
             if status != last and self.path:
                 await asyncio.to_thread(write_status, self.path, status)
                 last = status

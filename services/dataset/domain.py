@@ -50,6 +50,8 @@ REASON_FAILED = "SyncFailed"
 CONDITION_SKIPPED = "ObjectsSkipped"
 # Copied from the runtime of the same name: whether the dataset's mounts are serving on the nodes.
 CONDITION_MOUNTED = "Mounted"
+# Copied from the runtime too, present while reads through a node's mount fail (ESTALE or EIO).
+CONDITION_READS = "ReadsFailing"
 
 # Options each scheme understands; Fluid/Alluxio spellings are aliases (libs.mounts).
 S3_OPTIONS = {"endpoint", "region", "pathStyle", "aws.accessKeyId"}
@@ -579,23 +581,29 @@ def with_binding(dataset: Dataset, status: DatasetStatus, runtime_phase: str,
 
 
 def status_message(conditions: list[Condition]) -> str:
-    """The one-line message: a failed sync first, else a mount that is not serving, else nothing."""
-    for kind in (CONDITION_SYNCED, CONDITION_MOUNTED):
+    """The one-line message: a failed sync first, else a mount that is not serving, else failing reads, else
+    nothing."""
+    for kind, bad in ((CONDITION_SYNCED, "False"), (CONDITION_MOUNTED, "False"), (CONDITION_READS, "True")):
         condition = next((c for c in conditions if c.type == kind), None)
-        if condition is not None and condition.status == "False":
+        if condition is not None and condition.status == bad:
             return condition.message
     return ""
 
 
-def with_mount_condition(status: DatasetStatus, mounted: Condition | None) -> DatasetStatus:
-    """Status with the runtime's ``Mounted`` condition copied in (removed when the runtime has none)."""
-    old = next((c for c in status.conditions if c.type == CONDITION_MOUNTED), None)
-    if mounted is None:
-        conditions = [c for c in status.conditions if c.type != CONDITION_MOUNTED]
-    elif old is not None and old.status == mounted.status and old.message == mounted.message:
-        conditions = status.conditions
-    else:
-        conditions = _set_condition(status.conditions, mounted)
+def _copied(conditions: list[Condition], kind: str, copy: Condition | None) -> list[Condition]:
+    old = next((c for c in conditions if c.type == kind), None)
+    if copy is None:
+        return [c for c in conditions if c.type != kind]
+    if old is not None and old.status == copy.status and old.message == copy.message:
+        return conditions
+    return _set_condition(conditions, copy)
+
+
+def with_mount_condition(status: DatasetStatus, mounted: Condition | None,
+                         reads: Condition | None = None) -> DatasetStatus:
+    """Status with the runtime's ``Mounted`` and ``ReadsFailing`` conditions copied in (each removed when the
+    runtime has none)."""
+    conditions = _copied(_copied(status.conditions, CONDITION_MOUNTED, mounted), CONDITION_READS, reads)
     return msgspec.structs.replace(status, conditions=conditions, message=status_message(conditions))
 
 
@@ -613,16 +621,17 @@ def dataset_phase(status: DatasetStatus, runtime_phase: str) -> DatasetPhase:
 
 
 class RuntimeBinding(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
-    """The dataset service's copy of the runtime of the same name: its phase, cache capacity and ``Mounted``
-    condition, from the runtime fact at stream sequence ``fact_sequence`` (0: none). Replicas of the service take
-    facts of one runtime in any order; the sequence keeps an older fact from overwriting a newer one. The sequences
-    are the facts stream's: a stream deleted and created again counts from 1, so its bindings bucket goes with it
-    (purged), or every stored binding would look newer than the facts to come."""
+    """The dataset service's copy of the runtime of the same name: its phase, cache capacity, ``Mounted`` and
+    ``ReadsFailing`` conditions, from the runtime fact at stream sequence ``fact_sequence`` (0: none). Replicas of
+    the service take facts of one runtime in any order; the sequence keeps an older fact from overwriting a newer
+    one. The sequences are the facts stream's: a stream deleted and created again counts from 1, so its bindings
+    bucket goes with it (purged), or every stored binding would look newer than the facts to come."""
 
     phase: str = "NotReady"
     cache_capacity: str = ""
     mounted: Condition | None = None
     fact_sequence: int = 0
+    reads_failing: Condition | None = None
 
 
 class Listing(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
@@ -635,7 +644,8 @@ class Listing(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
 
 def bound_status(record: DatasetRecord, binding: RuntimeBinding) -> DatasetStatus:
     """The record's status following its runtime's binding: phase, runtimes, capacity and ``Mounted``."""
-    return with_binding(record.dataset, with_mount_condition(record.status, binding.mounted), binding.phase,
+    return with_binding(record.dataset, with_mount_condition(record.status, binding.mounted, binding.reads_failing),
+                        binding.phase,
                         binding.cache_capacity)
 
 

@@ -293,7 +293,8 @@ class DatasetHandlers:
         if isinstance(fact, RuntimeStatusChanged):
             binding = domain.RuntimeBinding(
                 phase=fact.status.phase, cache_capacity=fact.status.cache_capacity, fact_sequence=sequence,
-                mounted=next((c for c in fact.status.conditions if c.type == domain.CONDITION_MOUNTED), None))
+                mounted=next((c for c in fact.status.conditions if c.type == domain.CONDITION_MOUNTED), None),
+                reads_failing=next((c for c in fact.status.conditions if c.type == domain.CONDITION_READS), None))
         elif isinstance(fact, RuntimeDeleted):
             binding = domain.RuntimeBinding(fact_sequence=sequence)
         else:

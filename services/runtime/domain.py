@@ -7,7 +7,9 @@ number of replicas are ready; PartialReady with fewer, as long as some node serv
 mount keeps failing or whose cache directory is down, is named in the message with its problems, and keeps a
 Bound dataset Bound: its mounts may still serve reads); NotReady when no node serves it. The ``Mounted``
 condition says whether every serving node that reports a mount of the runtime's dataset (same name) is serving
-it, and names those that are not.
+it, and names those that are not. The ``ReadsFailing`` condition is there while a serving node's mount reports
+failed reads (ESTALE: the object changed since the sync; EIO: the store failed) within the last minute, naming
+per node how many, the latest file, its reason and when; it goes once they stop or succeed again.
 
 Cache workers (Fluid's workers; every other serving node is a client that mounts the dataset and reads through
 them): ``replicas`` agents picked among those serving the runtime, honouring the Dataset's required
@@ -70,6 +72,10 @@ MAX_BLOCK_SIZE = 64 * 1024 * 1024
 # Missing this many heartbeats in a row makes a node not ready.
 MISSED_BEATS = 3
 CONDITION_MOUNTED = "Mounted"
+# True while a node's mount of the dataset reports failed reads (absent otherwise).
+CONDITION_READS = "ReadsFailing"
+# Nodes a ReadsFailing message names (the rest are counted): a status line, however many nodes fail.
+READS_NODES_SHOWN = 3
 # False while the runtime has no Dataset of its name (absent otherwise).
 CONDITION_DATASET = "DatasetFound"
 # A cache worker whose heartbeats say unhealthy this long is replaced by a healthy spare, if there is one. Long
@@ -543,6 +549,7 @@ def runtime_status(record: RuntimeRecord, agents: Iterable[AgentRecord], now: fl
     mounted = mount_condition(runtime, serving, now)
     conditions = with_condition(record.status.conditions, CONDITION_MOUNTED, mounted)
     conditions = with_condition(conditions, CONDITION_DATASET, missing)
+    conditions = with_condition(conditions, CONDITION_READS, reads_condition(runtime, serving, now))
     if mounted is not None and mounted.status == "False":
         message = f"{message}; {mounted.message}" if message else mounted.message
     return RuntimeStatus(
@@ -580,6 +587,34 @@ def mount_condition(runtime: Runtime, serving: Iterable[AgentHeartbeat], now: fl
     message = "not serving on " + "; ".join(f"{node}: {report.message or report.state}" for node, report in failing)
     return Condition(type=CONDITION_MOUNTED, status="False", reason=reason, message=message,
                      last_transition_time=stamp)
+
+
+def _stamp(seconds: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+
+
+def reads_condition(runtime: Runtime, serving: Iterable[AgentHeartbeat], now: float) -> Condition | None:
+    """``ReadsFailing``: True while a serving node reports failed reads of the dataset's mount, with per node the
+    failed reads of its listed files since the first, and the latest one's file, errno, reason and time (reason
+    ``ObjectChanged`` when a file read ESTALE: resyncing the dataset is the cure; else ``StoreError``); None when
+    no node reports any."""
+    meta = runtime.metadata
+    failing = sorted((beat.node, files) for beat in serving
+                     if (files := beat.read_failures_of(meta.namespace, meta.name)))
+    if not failing:
+        return None
+    parts = []
+    for node, files in failing[:READS_NODES_SHOWN]:
+        last = max(files, key=lambda failure: failure.at)
+        count = sum(failure.count for failure in files)
+        others = f" (and {len(files) - 1} other file(s))" if len(files) > 1 else ""
+        parts.append(f"{node}: {count} failed read(s) since {_stamp(min(f.since for f in files))}, the last at "
+                     f"{_stamp(last.at)} of {last.path!r}{others}: {last.errno}: {last.reason}")
+    if len(failing) > READS_NODES_SHOWN:
+        parts.append(f"and {len(failing) - READS_NODES_SHOWN} more node(s)")
+    changed = any(failure.errno == "ESTALE" for _, files in failing for failure in files)
+    return Condition(type=CONDITION_READS, status="True", reason="ObjectChanged" if changed else "StoreError",
+                     message="; ".join(parts), last_transition_time=_stamp(now))
 
 
 def with_condition(conditions: list[Condition], kind: str, new: Condition | None) -> list[Condition]:

@@ -17,19 +17,30 @@ import os
 import re
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from libs import subjects
 from libs.bus import Bus
 from libs.config import Settings
+from libs.events.dataset import Condition
 from libs.events.operation import OperationRecord
 from libs.redact import MAX_ERROR_CHARS
 from services.loader import app as loader_app
 from tests.conftest import SeaweedServer, put_objects
 from tests.faults import FaultyStoreProxy
-from tests.helpers import eventually, json_lines, running, runtime_record
-from tests.integration.agent_stack import NODE, drop_page_cache, node_stack, read_file, scrape, series, target_port
+from tests.helpers import dataset_record, eventually, json_lines, running, runtime_record
+from tests.integration.agent_stack import (
+    NODE,
+    drop_page_cache,
+    node_stack,
+    read_file,
+    run_tool,
+    scrape,
+    series,
+    target_port,
+)
 from tests.integration.test_loader import dataload, operation
 from tests.reliability import record_fault, stopwatch
 
@@ -139,6 +150,98 @@ async def test_a_store_quoting_megabytes_in_its_errors_is_quoted_short_and_witho
     assert seaweedfs.config.secret_access_key not in shown
     # The signing values the store quoted back (its request's Authorization header) are hidden.
     assert re.findall(r"(?:Signature|Credential)=[^*]", shown) == []
+
+
+def failing_reads(path: Path, reads: int) -> int:
+    """Reads of the first page of ``path``, each a FUSE read (a failed page is never cached); how many failed
+    with ESTALE."""
+    failed = 0
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for _ in range(reads):
+            try:
+                os.pread(fd, 4096, 0)
+            except OSError as err:
+                assert err.errno == errno.ESTALE, err
+                failed += 1
+    finally:
+        os.close(fd)
+    return failed
+
+
+async def test_failed_reads_show_in_the_dataset_status_and_are_logged_once_per_interval(
+        bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path,
+        capfd: pytest.CaptureFixture[str]) -> None:
+    """An object overwritten with another size after the listing: ``cat`` gets ESTALE, and so do 200 more reads.
+    The dataset's (and runtime's) ``ReadsFailing`` condition names the node, the file, the count and what to do;
+    the mount process logs one "read failed" line per 5 s (SHOAL_READ_FAILURE_LOG_SECONDS) and a summary of the
+    rest, not one line per read; after a resync the file reads again and the condition goes."""
+    await put_objects(seaweedfs, bucket, {"model.bin": os.urandom(MiB + 7), "ok.txt": b"fine"})
+    interval = 5.0
+    output: list[str] = []
+
+    async def reads_failing() -> Condition | None:
+        record = await dataset_record(bus, "drift")
+        return next((c for c in record.status.conditions if c.type == "ReadsFailing"), None) if record else None
+
+    async with node_stack(bus, settings, seaweedfs, tmp_path,
+                          mount_env={"SHOAL_READ_FAILURE_LOG_SECONDS": str(interval)}) as node:
+        await node.apply("drift", bucket)
+        root = await node.wait_mounted("drift", expect="model.bin", timeout=60)
+        new = os.urandom(2 * MiB)
+        await put_objects(seaweedfs, bucket, {"model.bin": new})
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        cat = await run_tool("cat", str(root / "model.bin"), check=False)
+        assert cat.returncode != 0 and "Stale file handle" in cat.stderr, cat.stderr
+        assert await asyncio.to_thread(failing_reads, root / "model.bin", 200) == 200
+        elapsed = loop.time() - started
+        assert await read_file(root / "ok.txt") == b"fine"
+
+        async def logged() -> tuple[list[dict[str, Any]], list[dict[str, Any]], int] | None:
+            output.append(capfd.readouterr().err)
+            lines = json_lines("".join(output))
+            failed = [line for line in lines if line.get("event") == "read failed"]
+            summaries = [line for line in lines if line.get("event") == "read failures not logged"]
+            counted = len(failed) + sum(line.get("not_logged", 0) for line in failed) + sum(
+                line["count"] for line in summaries)
+            condition = await reads_failing()
+            # Every failed FUSE read is in the log (a line or a count) and in the status, which converge.
+            return (failed, summaries, counted) if condition and f": {counted} failed read(s)" in condition.message \
+                else None
+
+        failed, summaries, counted = await eventually(logged, timeout=60,
+                                                      what="the failed reads logged, summarised and in the status")
+        assert counted >= 201  # cat's and the loop's (the kernel may ask for a page more than once)
+        assert 1 <= len(failed) <= 1 + elapsed // interval, (len(failed), elapsed)
+        assert summaries and all(line["path"] == "/model.bin" and line["errno"] == "ESTALE" for line in
+                                 failed + summaries)
+        condition = await reads_failing()
+        assert condition is not None and (condition.status, condition.reason) == ("True", "ObjectChanged")
+        assert condition.message.startswith(f"{NODE}: ") and "of '/model.bin': ESTALE: the object changed" in \
+            condition.message and "(resync it)" in condition.message, condition.message
+        assert seaweedfs.config.secret_access_key not in condition.message
+        record = await dataset_record(bus, "drift")
+        assert record is not None and record.status.message == condition.message and record.status.phase == "Bound"
+        runtime = await runtime_record(bus, "drift")
+        assert runtime is not None and [c.message for c in runtime.status.conditions
+                                        if c.type == "ReadsFailing"] == [condition.message]
+
+        # Resynced, the file reads again: the condition goes.
+        await node.resync("drift")
+
+        async def new_version_read() -> bool:
+            try:
+                return await read_file(root / "model.bin") == new
+            except OSError:
+                return False
+
+        await eventually(new_version_read, what="the new version after a resync")
+
+        async def cleared() -> bool:
+            return await reads_failing() is None
+
+        await eventually(cleared, timeout=30, what="ReadsFailing gone once the file reads again")
 
 
 # A second node with a mount of its own: `make soak` only (SHOAL_SOAK=1), to keep `make test` within its budget; the

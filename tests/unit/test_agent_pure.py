@@ -16,6 +16,8 @@ from libs.events.agent import (
     InventoryDeltaV1,
     InventorySnapshot,
     InventorySnapshotV1,
+    MountReadFailures,
+    ReadFailure,
     peer_url,
     upgrade,
 )
@@ -322,6 +324,28 @@ def test_a_heartbeat_never_exceeds_the_event_limit_and_grows_by_a_name_and_a_por
         kept = {(r.dataset.namespace, r.dataset.name) for r in sent.mount_reports()}
         assert all((r.dataset.namespace, r.dataset.name) in kept for r in reports if r.state == "Failing")
         assert not sent.runtimes and sent.all_runtimes
+
+
+def test_failed_reads_of_10_mounts_fit_and_go_first_when_a_beat_is_too_large() -> None:
+    # The mounts' status files cap what each lists (services.agent.readfailures); the beat lists the latest mounts.
+    files = [ReadFailure(path="p/" * 149 + f"{i}.bin", errno="EIO", reason="r" * 300, count=10**9, since=1.0,
+                         at=2.0 + i) for i in range(3)]
+    mounts = [MountReadFailures(dataset=ObjectRef(name=f"d{i:03}", namespace="n" * 63), files=files[:i % 3 + 1])
+              for i in range(100)]
+    latest = agent_domain.latest_read_failures(mounts)
+    assert len(latest) == agent_domain.MAX_READ_FAILURE_MOUNTS
+    assert all(len(mount.files) == 3 for mount in latest)  # the mounts whose last failure is the latest
+    beat, _ = agent_shaped_heartbeat(10)
+    added = len(msgspec.json.encode(msgspec.structs.replace(beat, read_failures=latest))) - len(
+        msgspec.json.encode(beat))
+    assert added < 24 * 1024
+    big, _ = agent_shaped_heartbeat(20000)
+    sent, _ = agent_domain.fit_heartbeat(msgspec.structs.replace(big, read_failures=latest), EVENT_LIMIT)
+    assert not sent.read_failures and len(msgspec.json.encode(sent)) <= EVENT_LIMIT
+    decoded = msgspec.json.decode(msgspec.json.encode(msgspec.structs.replace(beat, read_failures=latest)),
+                                  type=AgentHeartbeat)
+    assert decoded.read_failures_of("n" * 63, latest[0].dataset.name) == latest[0].files
+    assert decoded.read_failures_of("n" * 63, "absent") == []
 
 
 def test_problems_are_capped_with_a_count_of_the_rest() -> None:

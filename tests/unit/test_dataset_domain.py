@@ -44,6 +44,7 @@ from services.dataset.domain import (
     SyncPolicy,
     SyncResult,
     apply_dataset,
+    bound_status,
     cache_states,
     dataset_phase,
     departed_nodes,
@@ -1011,6 +1012,22 @@ def test_a_mount_that_is_not_serving_shows_in_conditions_and_message_until_it_se
     status = with_mount_condition(status, up)
     assert status.message == "" and [c.status for c in status.conditions if c.type == "Mounted"] == ["True"]
     assert [c.type for c in with_mount_condition(status, None).conditions] == [CONDITION_SYNCED]
+
+
+def test_the_runtimes_failing_reads_are_copied_and_named_in_the_message_until_they_stop() -> None:
+    record = record_at()
+    status = status_after_sync(record, SyncResult(generation=2, file_num=2), "Ready", NOW)
+    up = Condition(type="Mounted", status="True", reason="Serving", message="mounted on 1 node(s)")
+    reads = Condition(type="ReadsFailing", status="True", reason="ObjectChanged",
+                      message="node-a: 3 failed read(s) since ..., the last at ... of 'a.bin': ESTALE: ...")
+    binding = RuntimeBinding(phase="Ready", mounted=up, reads_failing=reads)
+    status = bound_status(msgspec.structs.replace(record, status=status), binding)
+    assert [c.type for c in status.conditions] == [CONDITION_SYNCED, "Mounted", "ReadsFailing"]
+    assert status.message == reads.message and status.phase == "Bound"
+    status = bound_status(msgspec.structs.replace(record, status=status), RuntimeBinding(phase="Ready", mounted=up))
+    assert [c.type for c in status.conditions] == [CONDITION_SYNCED, "Mounted"] and status.message == ""
+    # The binding kept by the service before this field existed still decodes.
+    assert msgspec.json.decode(b'{"phase": "Ready", "factSequence": 3}', type=RuntimeBinding).reads_failing is None
 
 
 # --- retrying a store that was unreachable (sync_due_in) ---

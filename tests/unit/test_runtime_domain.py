@@ -9,7 +9,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from libs.events.agent import AgentHeartbeat, AgentRecord, MountGroup, MountReport, MountState
+from libs.events.agent import (
+    AgentHeartbeat,
+    AgentRecord,
+    MountGroup,
+    MountReadFailures,
+    MountReport,
+    MountState,
+    ReadFailure,
+)
 from libs.events.common import ObjectMeta, ObjectRef
 from libs.events.dataset import Condition
 from libs.events.runtime import (
@@ -448,6 +456,39 @@ def test_mounted_condition_names_the_nodes_whose_mount_is_not_serving() -> None:
     assert mounted.status == "True" and status.message == ""
     # No node reports the mount (the dataset is not bound): no condition at all.
     assert [c.type for c in status_of(runtime, [agent("node-a")], conditions=status.conditions).conditions] == []
+
+
+def with_read_failures(record: AgentRecord, name: str, *files: ReadFailure) -> AgentRecord:
+    failures = [MountReadFailures(dataset=ObjectRef(name=name), files=list(files))]
+    return msgspec.structs.replace(record, heartbeat=msgspec.structs.replace(record.heartbeat,
+                                                                             read_failures=failures))
+
+
+def test_failed_reads_on_a_node_show_as_a_condition_naming_the_file_until_they_stop() -> None:
+    runtime = valid_runtime(replicas=2)
+    changed = ReadFailure(path="train/shard-7.tar", errno="ESTALE", count=41, since=NOW - 20, at=NOW - 3,
+                          reason="the object changed or was deleted since the dataset was synced (resync it): ...")
+    other = ReadFailure(path="train/shard-8.tar", errno="ESTALE", count=1, since=NOW - 9, at=NOW - 9, reason="...")
+    elsewhere = ReadFailure(path="x", errno="EIO", reason="not this runtime's", at=NOW)
+    agents = [agent("node-a"), with_read_failures(with_read_failures(agent("node-b"), "coco", elsewhere),
+                                                  "imagenet", changed, other)]
+    status = status_of(runtime, agents)
+    [reads] = [c for c in status.conditions if c.type == "ReadsFailing"]
+    assert (reads.status, reads.reason) == ("True", "ObjectChanged")
+    assert reads.message == ("node-b: 42 failed read(s) since 2024-05-01T11:59:40Z, the last at 2024-05-01T11:59:57Z "
+                             "of 'train/shard-7.tar' (and 1 other file(s)): ESTALE: the object changed or was "
+                             "deleted since the dataset was synced (resync it): ..."), reads.message
+    assert status.phase == "Ready"  # reads failing do not unbind anything: the mount serves the other files
+    store = ReadFailure(path="a", errno="EIO", reason="the object store failed: 503", at=NOW)
+    again = status_of(runtime, [with_read_failures(agent("node-a"), "imagenet", store), agents[1]], status.conditions)
+    [reads_again] = [c for c in again.conditions if c.type == "ReadsFailing"]
+    assert reads_again.message.startswith("node-a: 1 failed read(s)") and "; node-b: 42" in reads_again.message
+    assert reads_again.last_transition_time == reads.last_transition_time
+    only_store = status_of(runtime, [with_read_failures(agent("node-a"), "imagenet", store)])
+    assert [c.reason for c in only_store.conditions if c.type == "ReadsFailing"] == ["StoreError"]
+    # The nodes stop reporting them (read again fine, or a minute without failures): the condition goes.
+    assert [c.type for c in status_of(runtime, [agent("node-a"), agent("node-b")], again.conditions).conditions
+            if c.type == "ReadsFailing"] == []
 
 
 def test_grouped_mounts_of_an_agent_serving_every_runtime_read_as_reports_did() -> None:
