@@ -15,7 +15,7 @@ from urllib.parse import SplitResult, urlsplit
 
 import msgspec
 
-from libs import subjects
+from libs import deletion, subjects
 from libs.events.agent import AgentRecord
 from libs.events.common import DECODE_ERRORS, DNS1123_LABEL, DNS1123_SUBDOMAIN, dns_label_errors, format_bytes
 from libs.events.dataset import (
@@ -307,12 +307,11 @@ def apply_dataset(record: DatasetRecord | None, dataset: Dataset, sequence: int 
     return updated, True
 
 
-class DeletionNote(msgspec.Struct, rename="camel"):
-    """What a delete leaves in the record's delete marker: the delete command's stream sequence. An apply older
-    than it (delivered again behind the delete) must not bring the dataset back. A delete of a name that has no
-    record leaves one too: the apply it overtook (handled later, by a redelivery or another replica) is refused."""
+class DeletionNote(deletion.DeletionNote, rename="camel"):
+    """``libs.deletion``'s note (the delete command's stream sequence: an apply older than it must not bring the
+    dataset back). A delete of a name that has no record leaves one too: the apply it overtook (handled later, by a
+    redelivery or another replica) is refused."""
 
-    command_sequence: int
     # What is left to remove once the record is gone (its manifests): a delete that stopped there (the node-cache
     # purge or a manifest delete failed) finishes from this when it is delivered again, the record being gone.
     manifests: list[str] = []
@@ -348,13 +347,6 @@ def read_deletion_note(note: bytes) -> DeletionNote | None:
         return msgspec.json.decode(note, type=DeletionNote)
     except DECODE_ERRORS:
         return None
-
-
-def deleted_at(note: bytes) -> int:
-    """The stream sequence of the delete that left ``note``; 0 without one (never deleted, or deleted before
-    deletes left notes)."""
-    read = read_deletion_note(note)
-    return read.command_sequence if read is not None else 0
 
 
 def delete_is_stale(record: DatasetRecord, sequence: int) -> bool:

@@ -33,6 +33,7 @@ from libs.bus import (
     kv_save,
 )
 from libs.config import Settings
+from libs.deletion import deleted_at
 from libs.events.agent import AgentRecord, AnyInventory, InventoryRequest, upgrade
 from libs.events.dataset import (
     Dataset,
@@ -140,9 +141,9 @@ class DatasetHandlers:
             return
         key = subjects.resource_key(namespace, name)
         record, revision, deleted_note = await kv_load_deleted(kv, key, DatasetRecord)
-        if (deleted_at := domain.deleted_at(deleted_note)) > delivery.stream_sequence:
+        if (deleted_by := deleted_at(deleted_note)) > delivery.stream_sequence:
             # Delivered again after a delete that came behind it: applying it would bring the dataset back.
-            reason = (f"dataset {namespace}/{name} was deleted by a later command (stream sequence {deleted_at}); "
+            reason = (f"dataset {namespace}/{name} was deleted by a later command (stream sequence {deleted_by}); "
                       f"this apply (sequence {delivery.stream_sequence}) came before it: apply it again to recreate")
             log.info("rejected", dataset=f"{namespace}/{name}", reasons=[reason])
             await self._reject(command.id, delivery, reason, name, namespace)

@@ -28,7 +28,7 @@ from croniter import CroniterBadDateError, croniter
 from libs import ring
 from libs.blocks import block_count, block_span
 from libs.events.agent import BlockId, CachedFile
-from libs.events.common import DECODE_ERRORS, DNS1123_LABEL, ObjectMeta, ObjectRef, dns_label_errors
+from libs.events.common import DNS1123_LABEL, ObjectMeta, ObjectRef, dns_label_errors
 from libs.events.dataset import Condition, DatasetRecord, ManifestEntry
 from libs.events.operation import (
     DataClean,
@@ -213,28 +213,6 @@ def apply_operation(record: OperationRecord | None, kind: OperationKind, meta: O
     spec_changed = record.load != load or record.clean != clean
     return msgspec.structs.replace(record, metadata=meta, load=load, clean=clean, command_sequence=newer,
                                    generation=record.generation + (1 if spec_changed else 0)), True
-
-
-class DeletionNote(msgspec.Struct, rename="camel"):
-    """What a delete leaves in the operation's delete marker: the delete command's stream sequence. An apply older
-    than it, delivered again behind the delete, must not bring the operation back."""
-
-    command_sequence: int
-
-
-def deletion_note(sequence: int) -> bytes:
-    return msgspec.json.encode(DeletionNote(command_sequence=sequence)) if sequence else b""
-
-
-def deleted_at(note: bytes) -> int:
-    """The stream sequence of the delete that left ``note``; 0 without one (a TTL removal, or a delete before
-    deletes left notes)."""
-    if not note:
-        return 0
-    try:
-        return msgspec.json.decode(note, type=DeletionNote).command_sequence
-    except DECODE_ERRORS:
-        return 0
 
 
 def stale_command(record: OperationRecord | None, sequence: int, deleted: int, action: str) -> str | None:

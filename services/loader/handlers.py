@@ -31,6 +31,7 @@ from nats.js.errors import APIError, NotFoundError, ObjectNotFoundError, Service
 
 from libs import metrics, subjects
 from libs.bus import Bus, Delivery, KvMirror, PermissionDenied, kv_delete, kv_load, kv_load_deleted, kv_save
+from libs.deletion import deleted_at, deletion_note
 from libs.events.common import ObjectMeta, parse_quantity
 from libs.events.dataset import DatasetRecord, DatasetResync, ManifestEntry
 from libs.events.operation import (
@@ -179,7 +180,7 @@ class LoaderHandlers:
         kv = await self.bus.kv(subjects.KV_OPERATIONS)
         record, revision, note = await kv_load_deleted(kv, key, OperationRecord)
         sequence = delivery.stream_sequence
-        stale = domain.stale_command(record, sequence, domain.deleted_at(note), "apply")
+        stale = domain.stale_command(record, sequence, deleted_at(note), "apply")
         if stale:  # delivered again behind a delete that came after it: applying it would bring the operation back
             await self._reject(command_id, kind, meta.name, meta.namespace, f"{kind} {meta.namespace}/{meta.name}: "
                                f"{stale}", delivery)
@@ -274,7 +275,7 @@ class LoaderHandlers:
             # below failed) is closed Failed by the tick until the command, delivered again, removes it.
             await self._save_state(key, domain.deleted_state(state, self.clock()))
         deleted = await kv_delete(await self.bus.kv(subjects.KV_OPERATIONS), key, revision,
-                                  note=domain.deletion_note(sequence))
+                                  note=deletion_note(sequence))
         if not state.run and state_revision is not None:
             self.runs.deleted(key, await kv_delete(await self.bus.kv(subjects.KV_OPERATION_RUNS), key, None))
         store = await ManifestStore.of(self.bus)

@@ -42,7 +42,6 @@ import msgspec
 from libs import affinity
 from libs.events.agent import AgentHeartbeat, AgentRecord
 from libs.events.common import (
-    DECODE_ERRORS,
     DNS1123_LABEL,
     DNS1123_SUBDOMAIN,
     dns_label_errors,
@@ -118,29 +117,6 @@ def node_errors(node: str) -> list[str]:
 def missing_runtime(name: str, namespace: str) -> str:
     """The refusal of a command (delete, scale) naming a runtime that does not exist."""
     return f"runtime {namespace}/{name} does not exist"
-
-
-class DeletionNote(msgspec.Struct, rename="camel"):
-    """What a delete leaves in the runtime's delete marker: the delete command's stream sequence. An apply older
-    than it (its handling lost a compare-and-set or was cut short, and it came again behind the delete) must not
-    bring the runtime back."""
-
-    command_sequence: int
-
-
-def deletion_note(sequence: int) -> bytes:
-    return msgspec.json.encode(DeletionNote(command_sequence=sequence))
-
-
-def deleted_at(note: bytes) -> int:
-    """The stream sequence of the delete that left ``note``; 0 without one (never deleted, or deleted before deletes
-    left notes)."""
-    if not note:
-        return 0
-    try:
-        return msgspec.json.decode(note, type=DeletionNote).command_sequence
-    except DECODE_ERRORS:
-        return 0
 
 
 def stale_apply(name: str, namespace: str, sequence: int, deleted: int) -> str | None:

@@ -49,6 +49,7 @@ from libs.bus import (
     kv_load_deleted,
     kv_save,
 )
+from libs.deletion import deleted_at, deletion_note
 from libs.events.agent import AgentHeartbeat, AgentRecord
 from libs.events.dataset import DatasetRecord
 from libs.events.runtime import (
@@ -143,7 +144,7 @@ class RuntimeHandlers:
         record, revision, note = (None, None, b"") if errors else await kv_load_deleted(kv, key, RuntimeRecord)
         if not errors and record is None:
             # Delivered again behind a delete that came after it: applying it would bring the runtime back.
-            stale = domain.stale_apply(name, namespace, delivery.stream_sequence, domain.deleted_at(note))
+            stale = domain.stale_apply(name, namespace, delivery.stream_sequence, deleted_at(note))
             errors = [stale] if stale else []
         if not errors:
             errors = domain.change_errors(record, runtime, delivery.stream_sequence)
@@ -213,7 +214,7 @@ class RuntimeHandlers:
         # entry of the runtime the watch delivers late does not bring it back (its revision is below the marker's).
         # The marker keeps the delete's sequence: an older apply delivered again later is refused.
         self.runtimes.deleted(key, await kv_delete(kv, key, revision,
-                                                   note=domain.deletion_note(delivery.stream_sequence)))
+                                                   note=deletion_note(delivery.stream_sequence)))
         self.workers_changed = True
         log.info("deleted", runtime=key)
         await self.bus.publish(
