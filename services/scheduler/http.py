@@ -78,10 +78,17 @@ UNANSWERED = "unanswered"  # the reply carried an error (an unknown dataset: oft
 INTERNAL = "internal"  # a bug here: HTTP 500 (the webhook's failurePolicy Ignore still admits the pod)
 TOO_LARGE = "too_large"  # the body is over the route's limit: HTTP 413
 BUSY = "busy"  # too many requests being read and answered at once: HTTP 503
+SLOW_BODY = "slow_body"  # the body did not arrive within HttpLimits.body_seconds: HTTP 408, connection closed
 # The Prometheus way label of each route (libs.metrics.DECISIONS).
 _WAY = {MUTATE: metrics.WAY_WEBHOOK, FILTER: metrics.WAY_FILTER, PRIORITIZE: metrics.WAY_PRIORITIZE}
 # Pieces a body is read in: its limit is checked as it grows, whatever the Content-Length said.
 BODY_PIECE_BYTES = 256 * 1024
+# The API server and kube-scheduler send a body with its headers and stop waiting for the answer after 3 s
+# (deploy/scheduler/): a body not all in after 10 s (the API server's default webhook timeout, for a configuration
+# with a longer one) comes from a caller that no longer waits for the answer, or never meant to send it. Without a
+# bound, a request holds its place among the ``reading`` ones for as long as its body trickles or stalls: eight
+# stalled requests refused every webhook and extender call for as long as their connections stayed open.
+BODY_SECONDS = 10.0
 
 
 _DEFAULTS = SchedulerSettings()
@@ -96,6 +103,7 @@ class HttpLimits:
     extender_bytes: int = _DEFAULTS.extender_max_bytes
     reading: int = _DEFAULTS.http_max_reading
     connections: int = _DEFAULTS.http_max_connections
+    body_seconds: float = BODY_SECONDS
 
     @classmethod
     def of(cls, settings: SchedulerSettings) -> HttpLimits:
@@ -108,6 +116,10 @@ class HttpLimits:
 
 class BodyTooLarge(Exception):
     """A request body over its route's limit (HTTP 413)."""
+
+
+class BodyTooSlow(Exception):
+    """A request body not all in within ``HttpLimits.body_seconds`` (HTTP 408)."""
 
 
 # How often the certificate files are read again for a renewal: the kubelet updates a mounted Secret within
@@ -324,6 +336,14 @@ class SchedulerHttp:
                 self.reading -= 1
         except BodyTooLarge:
             return self._too_large(route, limit)
+        except BodyTooSlow:
+            self._count(route, SLOW_BODY)
+            log.warning("request body not in within its time, request refused", route=route,
+                        seconds=self.limits.body_seconds)
+            late = _json(_error(route, f"request body not received within {self.limits.body_seconds:g} s"),
+                         status=408)
+            late.force_close()  # the rest of the body is not waited for either
+            return late
         except web.HTTPException:
             raise
         except Exception as err:
@@ -340,15 +360,19 @@ class SchedulerHttp:
 
     async def _body(self, request: web.Request) -> bytes:
         """The request's body; BodyTooLarge as soon as it grows past its route's limit (a chunked body has no
-        Content-Length to refuse it by)."""
+        Content-Length to refuse it by), BodyTooSlow when it is not all in within ``body_seconds``."""
         limit = self.limits.body_bytes(request.path.strip("/"))
         pieces: list[bytes] = []
         size = 0
-        while piece := await request.content.read(BODY_PIECE_BYTES):
-            size += len(piece)
-            if size > limit:
-                raise BodyTooLarge
-            pieces.append(piece)
+        try:
+            async with asyncio.timeout(self.limits.body_seconds):
+                while piece := await request.content.read(BODY_PIECE_BYTES):
+                    size += len(piece)
+                    if size > limit:
+                        raise BodyTooLarge
+                    pieces.append(piece)
+        except TimeoutError:
+            raise BodyTooSlow from None
         return b"".join(pieces)
 
     async def _healthz(self, request: web.Request) -> web.Response:

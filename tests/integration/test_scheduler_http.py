@@ -28,7 +28,7 @@ import jsonpatch
 import pytest
 
 from libs.events.schedule import NodeScore, ScoreReply, ScoreRequest
-from services.scheduler.http import SchedulerHttp, http_loop, server_tls
+from services.scheduler.http import HttpLimits, SchedulerHttp, http_loop, server_tls
 from tests.helpers import eventually, json_lines, json_logs
 from tests.metric_values import Snapshot
 
@@ -384,6 +384,35 @@ async def test_requests_beyond_those_being_read_at_once_get_a_503_with_the_reaso
     assert served.http.reading == 0
     status, _ = await served.post("/mutate", recorded_review())
     assert status == 200
+
+
+async def test_a_body_that_stalls_is_a_408_and_gives_its_place_back(tls: Tls) -> None:
+    # A request held its place among the eight being read for as long as its body stalled (aiohttp bounds no body
+    # read, and its keep-alive timeout does not run during a request): eight connections that sent headers and a
+    # byte of body refused every webhook and extender call, for as long as they stayed open. A body now has
+    # body_seconds to arrive; a late one gets 408 with the reason and its connection is closed.
+    http = SchedulerHttp(StubScheduler(), timeout=2.0, limits=HttpLimits(body_seconds=1.0))
+    port = await http.start("127.0.0.1", 0, server_tls(str(tls.cert), str(tls.key)))
+    stalled: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    try:
+        for path in ["/mutate"] * 7 + ["/filter"]:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=tls.client())
+            writer.write(f"POST {path} HTTP/1.1\r\nHost: shoal\r\nContent-Type: application/json\r\n"
+                         "Content-Length: 1000\r\n\r\n{".encode())
+            stalled.append((reader, writer))
+        answers = [await asyncio.wait_for(reader.read(), 30) for reader, _ in stalled]  # closed after the answer
+        reason = b'rror":"request body not received within 1 s"'  # the webhook's "error", the extender's "Error"
+        assert all(answer.startswith(b"HTTP/1.1 408 ") and reason in answer for answer in answers)
+        assert http.reading == 0
+        assert http.counts["mutate.slow_body"] == 7 and http.counts["filter.slow_body"] == 1
+        async with (aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=tls.client())) as session,
+                    session.post(f"https://127.0.0.1:{port}/mutate", json=recorded_review()) as response):
+            assert response.status == 200
+            assert best_preferred(patched_pod(recorded_review(), await response.json())) == ["node-b"]
+    finally:
+        for _, writer in stalled:
+            writer.close()
+        await http.stop()
 
 
 async def test_connections_beyond_the_cap_get_a_503_and_are_closed(served: Served, tls: Tls) -> None:
