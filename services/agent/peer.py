@@ -554,7 +554,9 @@ class PeerClient:
         signature = sign_request(self.key, "GET", path, query, expires)
         # traceparent (inside a trace) lets the owner's span join the reader's trace; not signed, it only labels.
         headers = inject_context({HEADER_EXPIRES: str(expires), HEADER_SIGNATURE: signature})
-        async with self._client().get(url.rstrip("/") + path, params=query, headers=headers) as response:
+        # Never redirected: a peer is asked for a block, not where to go (a 3xx is a refusal like any other status).
+        async with self._client().get(url.rstrip("/") + path, params=query, headers=headers,
+                                      allow_redirects=False) as response:
             try:
                 if response.status != 200:
                     raise _refused(url, response.status, await response.content.read(MAX_REASON_BYTES))

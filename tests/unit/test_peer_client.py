@@ -257,6 +257,18 @@ async def test_a_malformed_or_lying_answer_is_a_peer_error_never_bytes(scripted:
         await fetch(url)
 
 
+async def test_a_redirect_is_a_refusal_never_followed(scripted: Make, aiohttp_peer: MakeAiohttp) -> None:
+    # aiohttp follows redirects by default: a peer (or whatever took its port) answering 302 sent the reader, with
+    # its signed request, to any host and path it named, up to ten hops. A peer is asked for a block, not for where
+    # to go: a redirect is a refusal like any other status, and the place it names is never asked.
+    elsewhere, target = await aiohttp_peer(GOOD["one chunk each"])
+    _, url = await scripted(lambda s: f"HTTP/1.1 302 Found\r\nLocation: {target}/\r\nContent-Length: 0\r\n\r\n"
+                            .encode(), close_after=True)
+    with pytest.raises(PeerError, match="refused \\(302\\)"):
+        await fetch(url)
+    assert elsewhere.requests == 0
+
+
 async def test_a_connection_is_kept_alive_between_requests(aiohttp_peer: MakeAiohttp) -> None:
     peer, url = await aiohttp_peer(GOOD["one chunk each"])
     assert await fetch(url, times=3) == [BODY] * 3
