@@ -34,12 +34,13 @@ that is merely busy on a loaded node is not abandoned for the store), and either
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import json
 import struct
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -111,6 +112,11 @@ CONNECT_TIMEOUT = 1.5
 READ_TIMEOUT = 3.0
 # Whole-request bound: a peer that keeps sending keep-alives forever is given up on.
 TOTAL_TIMEOUT = 60.0
+# Server: an answer (preamble, table and block) not taken by the reader within this long goes to one that stopped
+# reading (its process frozen, its host gone: TCP alone retries for ~15 min, a frozen process's kernel takes nothing
+# for ever): the connection is dropped and the serving slot and the block given back. Before, 16 such readers held
+# every slot and the server answered nobody else. The reader's own bound, so a reader that still waits is never cut.
+SEND_SECONDS = TOTAL_TIMEOUT
 # Peer requests in flight per mount process (each holds at most one block in memory).
 MAX_CLIENT_REQUESTS = 32
 # After a peer failed to answer (or lied), requests to it fail at once for this long (like StoreGate).
@@ -238,7 +244,8 @@ class PeerServer:
                  source: BlockSource, clock: Callable[[], float] = time.time, max_serving: int = MAX_SERVING,
                  max_waiting: int = MAX_WAITING, keepalive: float = KEEPALIVE_SECONDS,
                  open_file: FileSource | None = None, metrics: PeerMetrics | None = None,
-                 cached: Cached | None = None, max_connections: int = MAX_CONNECTIONS) -> None:
+                 cached: Cached | None = None, max_connections: int = MAX_CONNECTIONS,
+                 send_timeout: float = SEND_SECONDS) -> None:
         self.key = key
         # Requests by outcome and bytes served, for /metrics; ``cached`` tells ok (from the cache) from
         # not_cached (fetched from the store to answer).
@@ -252,6 +259,7 @@ class PeerServer:
         self.source = source
         self.clock = clock
         self.keepalive = keepalive
+        self.send_timeout = send_timeout
         self.served_bytes = 0
         self.refused = 0
         self._slots = asyncio.Semaphore(max_serving)
@@ -370,7 +378,8 @@ class PeerServer:
             opened = self.open_file(entry, index) if self.open_file is not None else None
             if opened is not None:
                 with opened.file:
-                    await self._send_file(request, response, opened, signature)
+                    async with self._sending(request):
+                        await self._send_file(request, response, opened, signature)
                 return OK
             outcome = OK if self.cached is None or self.cached(entry, index) else NOT_CACHED
             load = asyncio.ensure_future(self.source(entry, index))
@@ -385,9 +394,10 @@ class PeerServer:
                 await response.write_eof()
                 return ERROR
             table = chunk_table(data, CHUNK_BYTES)
-            await response.write(self._preamble(signature, len(data), CHUNK_BYTES, checksum(table)))
-            _write_chunk(request, table, data)
-            await response.write_eof()  # the last chunk, and waits until the block is (nearly) all sent
+            async with self._sending(request):
+                await response.write(self._preamble(signature, len(data), CHUNK_BYTES, checksum(table)))
+                _write_chunk(request, table, data)
+                await response.write_eof()  # the last chunk, and waits until the block is (nearly) all sent
             self.served_bytes += len(data)
             if self.metrics is not None and self.metrics.served is not None:
                 self.metrics.served(len(data))
@@ -395,6 +405,20 @@ class PeerServer:
         finally:
             self._slots.release()
 
+
+    @contextlib.asynccontextmanager
+    async def _sending(self, request: web.Request) -> AsyncIterator[None]:
+        """Bounds sending an answer by ``send_timeout``: past it, the connection is dropped (ConnectionResetError,
+        as for a reader that hung up) with what is still buffered for it."""
+        try:
+            async with asyncio.timeout(self.send_timeout):
+                yield
+        except TimeoutError:
+            if request.transport is not None:
+                request.transport.abort()
+            log.warning("a peer reader took no answer in time, connection dropped", seconds=self.send_timeout,
+                        dataset=f"{self.namespace}/{self.name}")
+            raise ConnectionResetError(f"the answer was not taken within {self.send_timeout:g} s") from None
 
     def _preamble(self, signature: str, length: int, chunk_bytes: int, table_digest: int) -> bytes:
         proof = sign_response(self.key, signature, table_digest, length, chunk_bytes)

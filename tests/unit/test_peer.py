@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -665,3 +666,45 @@ async def test_a_client_hanging_up_while_the_peer_fetches_frees_its_slot(peer: t
     await eventually(idle, what="the slot given back")
     assert server.served_bytes == 0
     assert await client_call(lambda c: c.get_block(url, block(1), BLOCK, BLOCK)) == served.blocks[("a b/ü.bin", 1)]
+
+
+@pytest.mark.parametrize("from_file", [False, True], ids=["from memory", "from its file"])
+async def test_a_reader_that_stops_reading_loses_its_connection_and_gives_its_slot_back(
+        tmp_path: Path, from_file: bool) -> None:
+    # Sending an answer had no bound: a reader that stopped taking it (its process frozen, its host gone) held its
+    # serving slot and the block for as long as its connection lived, and with every slot so held the server
+    # answered nobody else. Past send_timeout the connection is dropped and the slot given back.
+    size = 16 * 1024 * 1024  # far more than the socket buffers take from a reader that reads nothing
+    body = os.urandom(2 * size)
+    entry = ManifestEntry(path="/k", mount=0, key="k", size=len(body), etag="e", mtime=0.0)
+    cache = BlockCache([DiskTier(tmp_path / "cache", 4 * size)])
+    cache.load()
+    if from_file:
+        for index in range(2):
+            assert await cache.put_async(BlockId(0, "k", "e", index), body[index * size:(index + 1) * size])
+
+    async def source(_: ManifestEntry, index: int) -> bytes:
+        return body[index * size:(index + 1) * size]
+
+    server = PeerServer(KEY, "default", "demo", size, lambda mount, key: entry if key == "k" else None, source,
+                        max_serving=1, send_timeout=1.0,
+                        open_file=(lambda _, index: cache.open_block(BlockId(0, "k", "e", index))) if from_file
+                        else None)
+    await server.start(LOOPBACK, 0)
+    stalled = socket.socket()
+    try:
+        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stalled.connect((LOOPBACK, server.port))
+        expires = int(time.time()) + 30
+        query = block_query(BlockId(0, "k", "e", 0), size)
+        stalled.sendall(f"GET {PATH}?{urlencode(query)} HTTP/1.1\r\nHost: peer\r\n{HEADER_EXPIRES}: {expires}\r\n"
+                        f"{HEADER_SIGNATURE}: {sign_request(KEY, 'GET', PATH, query, expires)}\r\n\r\n".encode())
+        await eventually(lambda: _async(server._slots._value == 0), what="the stalled reader's answer under way")
+        # The reader's whole-request bound is well past send_timeout: before, it waited for the slot until then.
+        data = await client_call(lambda c: c.get_block(f"http://{LOOPBACK}:{server.port}", BlockId(0, "k", "e", 1),
+                                                       size, size), total_timeout=30.0)
+        assert data == body[size:]
+        await eventually(lambda: _async(server.connections == 0), what="the stalled reader's connection dropped")
+    finally:
+        stalled.close()
+        await server.stop()
