@@ -1,4 +1,4 @@
-"""An aiohttp runner served on one port with a cap on the connections open at once.
+"""An aiohttp runner served on one port with a cap on the connections open at once, and the runner itself.
 
 aiohttp bounds neither the connections a server keeps nor how many it accepts: each costs a file descriptor (which
 a mount process's cache files also need) and a little memory, and an unauthenticated client that opens many idle
@@ -8,8 +8,10 @@ the runner's own protocol (``runner.server``, aiohttp's public low-level server)
 why (a kube-apiserver or a peer reader moves on: ``failurePolicy: Ignore``, the next block source).
 
 A connection counts from the moment it can carry a request (after its TLS handshake) until it is lost. A TLS
-handshake in progress is bounded in time instead (``HANDSHAKE_SECONDS``), and a connection that never sends a
-request by aiohttp's keep-alive timeout (75 s), which it also starts when a connection opens.
+handshake in progress is bounded in time instead (``HANDSHAKE_SECONDS``), and a connection that carries no whole
+request for ``IDLE_SECONDS`` (none sent, or headers trickled in, after it opened or after its last answer) is
+closed: aiohttp's keep-alive timeout, which a runner made by ``app_runner`` sets (``AppRunner``'s own default is
+3630 s, not the 75 s of ``web.run_app``).
 """
 
 from __future__ import annotations
@@ -29,8 +31,20 @@ log = get_logger(__name__)
 # asyncio's default is 60 s: a client that opens TLS connections and never finishes the handshake would hold each
 # that long. The API server, kube-scheduler and peers finish one in milliseconds; 10 s leaves room for a loaded node.
 HANDSHAKE_SECONDS = 10.0
+# A connection that carries no whole request this long after it opened or after its last answer is closed: a
+# peer, the API server or Prometheus sends a request's headers at once and reuses an idle connection within
+# seconds (the peer client drops one idle for 15 s). aiohttp's ``web.run_app`` default; ``AppRunner`` alone keeps
+# such a connection 3630 s, so idle or trickling connections held their places for an hour.
+IDLE_SECONDS = 75.0
 # A full listener says so at most this often (a client hammering it would otherwise fill the log).
 REFUSAL_LOG_SECONDS = 60.0
+
+
+def app_runner(app: web.Application) -> web.AppRunner:
+    """The runner every Shoal HTTP server serves ``app`` with: no access log (probes, scrapes and peer requests
+    would drown the process's own lines; outcomes are counted instead), connections without a whole request closed
+    after ``IDLE_SECONDS``."""
+    return web.AppRunner(app, access_log=None, keepalive_timeout=IDLE_SECONDS)
 
 
 def refusal(reason: str) -> bytes:

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 
+from libs.listener import app_runner
+
 # A check answers None when all is well, else the reason a person reads in /readyz.
 Check = Callable[[], str | None]
 
@@ -63,7 +65,7 @@ class SideServer:
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/metrics", self._metrics)
         # No access log: probes every few seconds would drown the process's own log lines.
-        self._runner = web.AppRunner(app, access_log=None)
+        self._runner = app_runner(app)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.requested_port)
         await site.start()

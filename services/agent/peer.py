@@ -52,7 +52,7 @@ from opentelemetry import trace
 
 from libs.blocks import BlockId, checksum, checksum_stream
 from libs.events.dataset import ManifestEntry
-from libs.listener import CappedListener
+from libs.listener import CappedListener, app_runner
 from libs.metrics import ERROR, NOT_CACHED, OK
 from libs.telemetry import extract_context, get_logger, inject_context, tracer
 from services.agent.cache import BlockFile
@@ -134,8 +134,8 @@ MIN_CHUNK_BYTES = 4096
 MAX_CHUNK_BYTES = 64 * 1024 * 1024
 CHUNK_SUM = struct.Struct("<Q")
 # Client: a kept-alive connection idle longer than this is closed rather than reused (the connector's keep-alive).
-# Well under aiohttp's server keep-alive (75 s), so the peer rarely closes one we are about to use (aiohttp asks
-# again once on a new connection when a kept-alive one turns out closed before the answer).
+# Well under the server's keep-alive (``libs.listener.IDLE_SECONDS``, 75 s), so the peer rarely closes one we are
+# about to use (aiohttp asks again once on a new connection when a kept-alive one turns out closed before the answer).
 IDLE_SECONDS = 15.0
 # Client: aiohttp's read buffer per response (its StreamReader stops reading the socket above twice this). Its
 # default, 64 KiB, pauses and resumes the socket several times per 4 MiB block; 1 MiB lets a block stream in
@@ -276,7 +276,7 @@ class PeerServer:
         return app
 
     async def start(self, host: str, port: int) -> None:
-        self._runner = web.AppRunner(self.app(), access_log=None)
+        self._runner = app_runner(self.app())
         await self._runner.setup()
         self.listener = CappedListener(self._runner, self.max_connections,
                                        f"peer server of {self.namespace}/{self.name}")

@@ -56,7 +56,7 @@ from libs import metrics
 from libs.config import SchedulerSettings
 from libs.events.common import DECODE_ERRORS
 from libs.events.schedule import Candidate, DatasetUse, ScoreReply, ScoreRequest
-from libs.listener import CappedListener
+from libs.listener import CappedListener, app_runner
 from libs.telemetry import get_logger
 
 from .admission import BadReview, affinity_patch, datasets_of, parse_review, placement, review_response
@@ -245,7 +245,7 @@ class SchedulerHttp:
     async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> int:
         """Serve on ``host:port`` (0: a free port), over TLS when ``ssl_context`` is given; return the port."""
         # No access log: the API server calls the webhook for every pod created; outcomes are counted instead.
-        self._runner = web.AppRunner(self.app(), access_log=None)
+        self._runner = app_runner(self.app())
         await self._runner.setup()
         self.listener = CappedListener(self._runner, self.limits.connections, "scheduler webhook and extender")
         self.port = await self.listener.start(host, port, ssl_context)
