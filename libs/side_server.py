@@ -9,7 +9,8 @@
   memory, open files) and the GC and platform collectors from the start; other metrics register there too.
 
 The port comes from ``SHOAL_HTTP_PORT`` (0: any free port, logged; ``off``: no side server) on
-``SHOAL_HTTP_HOST``.
+``SHOAL_HTTP_HOST``. At most ``MAX_CONNECTIONS`` connections are open at once (``libs.listener``): one more gets
+503 with the reason and is closed, so whoever reaches the port cannot use up the process's file descriptors.
 """
 
 from __future__ import annotations
@@ -21,7 +22,12 @@ from dataclasses import dataclass, field
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 
-from libs.listener import app_runner
+from libs.listener import CappedListener, app_runner
+
+# Kubelet probes (a connection each, closed after), Prometheus (one kept alive per scraper) and a person's curl use a
+# handful; every connection costs a file descriptor, which a mount process's cache files need too. Before, any
+# number were kept (in a pod the port listens on every address).
+MAX_CONNECTIONS = 64
 
 # A check answers None when all is well, else the reason a person reads in /readyz.
 Check = Callable[[], str | None]
@@ -51,12 +57,14 @@ class SideServer:
     """One aiohttp server on ``host:port`` (port 0: a free one, see ``port`` once started)."""
 
     def __init__(self, readiness: Readiness, host: str, port: int,
-                 registry: CollectorRegistry = REGISTRY) -> None:
+                 registry: CollectorRegistry = REGISTRY, max_connections: int = MAX_CONNECTIONS) -> None:
         self.readiness = readiness
         self.host = host
         self.requested_port = port
         self.port = 0
         self.registry = registry
+        self.max_connections = max_connections
+        self.listener: CappedListener | None = None
         self._runner: web.AppRunner | None = None
 
     async def start(self) -> int:
@@ -67,14 +75,13 @@ class SideServer:
         # No access log: probes every few seconds would drown the process's own log lines.
         self._runner = app_runner(app)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.requested_port)
-        await site.start()
-        server = site._server
-        sockets = getattr(server, "sockets", None) or []
-        self.port = int(sockets[0].getsockname()[1]) if sockets else self.requested_port
+        self.listener = CappedListener(self._runner, self.max_connections, "side server")
+        self.port = await self.listener.start(self.host, self.requested_port)
         return self.port
 
     async def stop(self) -> None:
+        if self.listener is not None:
+            self.listener.close()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None

@@ -1,6 +1,7 @@
 """Connections that carry no whole request, against each HTTP server of Shoal on loopback: the peer server, the
 scheduler's webhook and extender, and the side server. One that stays idle, and one that trickles its headers a
-byte at a time, are both closed ``libs.listener.IDLE_SECONDS`` after they opened (1 s here)."""
+byte at a time, are both closed ``libs.listener.IDLE_SECONDS`` after they opened (1 s here). The side server keeps
+at most ``MAX_CONNECTIONS`` open at once (the peer server's and the scheduler's caps have their own tests)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,10 @@ import pytest
 from libs import listener
 from libs.embedded import LOOPBACK
 from libs.events.schedule import ScoreReply
-from libs.side_server import Readiness, SideServer
+from libs.side_server import MAX_CONNECTIONS, Readiness, SideServer
 from services.agent.peer import PeerServer, runtime_key
 from services.scheduler.http import SchedulerHttp
+from tests.helpers import eventually
 
 Start = Callable[[], Awaitable[tuple[int, Callable[[], Awaitable[None]]]]]
 
@@ -86,3 +88,36 @@ async def test_idle_and_trickling_connections_are_closed(port: int) -> None:
         trickling.cancel()
         idle.close()
         slow.close()
+
+
+async def test_the_side_server_keeps_at_most_its_cap_of_connections() -> None:
+    # The side server (every process has one; on every address in a pod) kept any number of connections open:
+    # anyone reaching it could use up the process's file descriptors, which a mount process's cache files need.
+    side = SideServer(Readiness(), LOOPBACK, 0)
+    port = await side.start()
+    idle: list[asyncio.StreamWriter] = []
+    try:
+        for _ in range(MAX_CONNECTIONS):
+            _, writer = await asyncio.open_connection(LOOPBACK, port)
+            idle.append(writer)
+        reader, writer = await asyncio.open_connection(LOOPBACK, port)
+        idle.append(writer)
+        refused = await asyncio.wait_for(reader.read(), 30)  # all of it: the server closes the connection
+        assert refused.startswith(b"HTTP/1.1 503 ")
+        assert f"side server: too many connections open ({MAX_CONNECTIONS})".encode() in refused
+        for writer in idle[:2]:
+            writer.close()
+        await eventually(lambda: _async(side.listener is not None and side.listener.open <= MAX_CONNECTIONS - 2),
+                         what="two connections closed")
+        reader, writer = await asyncio.open_connection(LOOPBACK, port)
+        idle.append(writer)
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: shoal\r\nConnection: close\r\n\r\n")
+        assert (await asyncio.wait_for(reader.read(), 30)).startswith(b"HTTP/1.1 200 ")
+    finally:
+        for writer in idle:
+            writer.close()
+        await side.stop()
+
+
+async def _async(value: object) -> object:
+    return value
