@@ -79,6 +79,7 @@ INTERNAL = "internal"  # a bug here: HTTP 500 (the webhook's failurePolicy Ignor
 TOO_LARGE = "too_large"  # the body is over the route's limit: HTTP 413
 BUSY = "busy"  # too many requests being read and answered at once: HTTP 503
 SLOW_BODY = "slow_body"  # the body did not arrive within HttpLimits.body_seconds: HTTP 408, connection closed
+GONE = "gone"  # the caller closed the connection before its body was all in: nobody to answer
 # The Prometheus way label of each route (libs.metrics.DECISIONS).
 _WAY = {MUTATE: metrics.WAY_WEBHOOK, FILTER: metrics.WAY_FILTER, PRIORITIZE: metrics.WAY_PRIORITIZE}
 # Pieces a body is read in: its limit is checked as it grows, whatever the Content-Length said.
@@ -120,6 +121,10 @@ class BodyTooLarge(Exception):
 
 class BodyTooSlow(Exception):
     """A request body not all in within ``HttpLimits.body_seconds`` (HTTP 408)."""
+
+
+class BodyLost(Exception):
+    """The caller closed the connection before its body was all in."""
 
 
 # How often the certificate files are read again for a renewal: the kubelet updates a mounted Secret within
@@ -344,6 +349,11 @@ class SchedulerHttp:
                          status=408)
             late.force_close()  # the rest of the body is not waited for either
             return late
+        except BodyLost:
+            # The caller's business (it gave up, or its connection broke), not a failure here: no traceback.
+            self._count(route, GONE)
+            log.info("caller went away before its request body was in", route=route)
+            return _json(_error(route, "connection lost before the body was in"), status=400)
         except web.HTTPException:
             raise
         except Exception as err:
@@ -360,7 +370,8 @@ class SchedulerHttp:
 
     async def _body(self, request: web.Request) -> bytes:
         """The request's body; BodyTooLarge as soon as it grows past its route's limit (a chunked body has no
-        Content-Length to refuse it by), BodyTooSlow when it is not all in within ``body_seconds``."""
+        Content-Length to refuse it by), BodyTooSlow when it is not all in within ``body_seconds``, BodyLost when the
+        caller closes the connection before."""
         limit = self.limits.body_bytes(request.path.strip("/"))
         pieces: list[bytes] = []
         size = 0
@@ -373,6 +384,8 @@ class SchedulerHttp:
                     pieces.append(piece)
         except TimeoutError:
             raise BodyTooSlow from None
+        except ConnectionError:
+            raise BodyLost from None
         return b"".join(pieces)
 
     async def _healthz(self, request: web.Request) -> web.Response:

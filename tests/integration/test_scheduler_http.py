@@ -415,6 +415,24 @@ async def test_a_body_that_stalls_is_a_408_and_gives_its_place_back(tls: Tls) ->
         await http.stop()
 
 
+async def test_a_caller_that_goes_away_mid_body_is_counted_gone_not_as_an_internal_error(
+        served: Served, tls: Tls, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A caller closing its connection before its body was in (it gave up, its connection broke) made the body read
+    # raise ConnectionResetError: counted "internal" (a bug here) and logged as an error with a traceback.
+    port = int(served.url.rsplit(":", 1)[1])
+    with json_logs(monkeypatch) as logs:
+        _, writer = await asyncio.open_connection("127.0.0.1", port, ssl=tls.client())
+        writer.write(b"POST /mutate HTTP/1.1\r\nHost: shoal\r\nContent-Length: 1000\r\n\r\n{")
+        await eventually(lambda: _async(served.http.reading == 1), what="the request being read")
+        writer.close()
+        await eventually(lambda: _async(served.http.reading == 0), what="the request given up")
+    assert dict(served.http.counts) == {"mutate.gone": 1}
+    levels = [line["level"] for line in json_lines(logs.getvalue())]
+    assert "error" not in levels and "info" in levels
+    status, _ = await served.post("/mutate", recorded_review())
+    assert status == 200
+
+
 async def test_connections_beyond_the_cap_get_a_503_and_are_closed(served: Served, tls: Tls) -> None:
     # Nothing bounded the connections the port kept open: idle ones could use up the process's descriptors. 256 at
     # once now (SHOAL_SCHED_HTTP_MAX_CONNECTIONS); one more is answered 503 with the reason and closed.
