@@ -11,7 +11,8 @@ is documented in ``services/agent/README.md`` ("Peer protocol"). In short:
   learnt from one runtime (or protocol version) opens no other.
 - A request the server refuses gets a status and a JSON ``{"reason": ...}``: 400 bad parameters, 401 missing or
   expired signature, 403 bad signature, 404 another dataset or an object not in this mount's manifest, 409 another
-  ETag or block size, 503 too many requests waiting (or, before any request, too many connections open).
+  ETag or block size, 503 too many requests waiting (or, before any request, too many connections open). A 401
+  carries the server's clock (``Shoal-Peer-Time``): a client whose clock is off signs for it and asks once more.
 - An accepted request gets ``200`` at once (so a live peer answers within the client's read timeout even while it
   fetches the block from a slow store), then a body: keep-alive newlines while the block is being fetched, then
   ``OK <length> <chunk bytes> <xxh3-64 hex of the chunk table> <response signature hex>\n``, the chunk table (one
@@ -79,6 +80,9 @@ VERSION = "v2"
 PATH_PREFIX = f"/shoal-peer/{VERSION}"
 HEADER_EXPIRES = "Shoal-Peer-Expires"
 HEADER_SIGNATURE = "Shoal-Peer-Signature"
+# On a 401: the server's clock (unix seconds), so a client whose clock is off signs its next request for the
+# server's time (agents' clocks may be hours off: tests/integration/test_clock_skew.py).
+HEADER_TIME = "Shoal-Peer-Time"
 CONTENT_TYPE = f"application/vnd.shoal.peer-block.{VERSION}"
 QUERY_FIELDS = ("mount", "key", "etag", "index", "blockSize")
 
@@ -296,11 +300,12 @@ class PeerServer:
             await self._runner.cleanup()
             self._runner = None
 
-    def _refuse(self, status: int, reason: str) -> web.Response:
+    def _refuse(self, status: int, reason: str, now: float | None = None) -> web.Response:
         self.refused += 1
         if self.metrics is not None:
             self.metrics.refused(status)
-        return web.json_response({"reason": reason}, status=status)
+        headers = {HEADER_TIME: str(int(now))} if now is not None else None
+        return web.json_response({"reason": reason}, status=status, headers=headers)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         query: dict[str, str] = {}
@@ -308,11 +313,11 @@ class PeerServer:
             if field in query:
                 return self._refuse(400, f"parameter {field} given twice")
             query[field] = value
+        now = self.clock()
         refused = verify_request(self.key, request.method, request.path, query,
-                                 request.headers.get(HEADER_EXPIRES), request.headers.get(HEADER_SIGNATURE),
-                                 self.clock())
+                                 request.headers.get(HEADER_EXPIRES), request.headers.get(HEADER_SIGNATURE), now)
         if refused is not None:
-            return self._refuse(*refused)
+            return self._refuse(*refused, now=now if refused[0] == 401 else None)
         if (request.match_info["namespace"], request.match_info["name"]) != (self.namespace, self.name):
             return self._refuse(404, f"this peer serves {self.namespace}/{self.name}")
         unknown = sorted(set(query) - set(QUERY_FIELDS))
@@ -521,6 +526,8 @@ class PeerClient:
         self._slots = asyncio.Semaphore(max_requests)
         self._down: dict[str, tuple[float, str]] = {}
         self._strikes: dict[str, int] = {}  # failed skips in a row per peer
+        # Per peer: its clock minus ours (seconds), learnt from a 401's HEADER_TIME; requests are signed for its time.
+        self._offsets: dict[str, float] = {}
         self._session: aiohttp.ClientSession | None = None
 
     def _client(self) -> aiohttp.ClientSession:
@@ -572,22 +579,43 @@ class PeerClient:
         self._down[url] = (now + min(self.cooldown * 2 ** (strikes - 1), self.max_cooldown), reason)
 
     async def _get(self, url: str, block: BlockId, length: int, block_size: int) -> bytes:
+        """Asks once, and once more when the peer's clock, told with a 401, is not the one the request was signed
+        for (a clock off by more than the expiry window on either side)."""
         path = block_path(self.namespace, self.name)
         query = block_query(block, block_size)
-        expires = int(self.clock()) + REQUEST_TTL_SECONDS
-        signature = sign_request(self.key, "GET", path, query, expires)
-        # traceparent (inside a trace) lets the owner's span join the reader's trace; not signed, it only labels.
-        headers = inject_context({HEADER_EXPIRES: str(expires), HEADER_SIGNATURE: signature})
-        # Never redirected: a peer is asked for a block, not where to go (a 3xx is a refusal like any other status).
-        async with self._client().get(url.rstrip("/") + path, params=query, headers=headers,
-                                      allow_redirects=False) as response:
-            try:
-                if response.status != 200:
-                    raise _refused(url, response.status, await response.content.read(MAX_REASON_BYTES))
-                return await _block(self.key, url, response.content, signature, length)
-            except BaseException:
-                response.close()  # part of an answer unread: the connection never goes back to the pool
-                raise
+        for attempt in range(2):
+            offset = self._offsets.get(url, 0.0)
+            expires = int(self.clock() + offset) + REQUEST_TTL_SECONDS
+            signature = sign_request(self.key, "GET", path, query, expires)
+            # traceparent (inside a trace) lets the owner's span join the reader's trace; not signed, it only labels.
+            headers = inject_context({HEADER_EXPIRES: str(expires), HEADER_SIGNATURE: signature})
+            # Never redirected: a peer is asked for a block, not where to go (a 3xx is a refusal like any other).
+            async with self._client().get(url.rstrip("/") + path, params=query, headers=headers,
+                                          allow_redirects=False) as response:
+                try:
+                    if response.status != 200:
+                        body = await response.content.read(MAX_REASON_BYTES)
+                        if response.status == 401 and attempt == 0 and self._learn_clock(url, response.headers):
+                            continue
+                        raise _refused(url, response.status, body)
+                    return await _block(self.key, url, response.content, signature, length)
+                except BaseException:
+                    response.close()  # part of an answer unread: the connection never goes back to the pool
+                    raise
+        raise AssertionError("unreachable: the second attempt returns or raises")
+
+    def _learn_clock(self, url: str, headers: Mapping[str, str]) -> bool:
+        """Keep the offset of ``url``'s clock from a 401's HEADER_TIME; whether it moved by a second or more (only
+        then can a request signed again fare better)."""
+        try:
+            offset = int(headers.get(HEADER_TIME, "")) - self.clock()
+        except ValueError:
+            return False
+        if abs(offset - self._offsets.get(url, 0.0)) < 1.0:
+            return False
+        self._offsets[url] = offset
+        log.info("signing peer requests for the peer's clock", peer=url, offset_seconds=round(offset))
+        return True
 
 
 async def _block(key: bytes, url: str, content: aiohttp.StreamReader, signature: str, length: int) -> bytes:

@@ -708,3 +708,36 @@ async def test_a_reader_that_stops_reading_loses_its_connection_and_gives_its_sl
     finally:
         stalled.close()
         await server.stop()
+
+
+@pytest.mark.parametrize("skew", [3 * 3600.0, 121.0, -121.0, -24 * 3600.0],
+                         ids=["peer 3 h ahead", "peer 2 min ahead", "peer 2 min behind", "peer a day behind"])
+async def test_a_peer_whose_clock_is_off_is_read_from_after_one_refusal(skew: float) -> None:
+    # Requests were signed for the reader's clock only: with the two nodes' clocks more than the expiry window
+    # apart (30 s behind, 90 s ahead), every request was refused 401 and every block came from the store. A 401
+    # now tells the server's time; the reader signs for it, asks again once and keeps the offset for that peer.
+    body = os.urandom(BLOCK)
+    entry = ManifestEntry(path="/k", mount=0, key="k", size=BLOCK, etag="e", mtime=0.0)
+
+    async def source(_: ManifestEntry, index: int) -> bytes:
+        return body
+
+    server = PeerServer(KEY, "default", "demo", BLOCK, lambda mount, key: entry if key == "k" else None, source,
+                        clock=lambda: time.time() + skew)
+    await server.start(LOOPBACK, 0)
+    url = f"http://{LOOPBACK}:{server.port}"
+    client = PeerClient(KEY, "default", "demo")
+    try:
+        for _ in range(3):
+            assert await client.get_block(url, BlockId(0, "k", "e", 0), BLOCK, BLOCK) == body
+        assert server.refused == 1 and client.down(url) is None
+        # Another runtime's key is still refused, after learning the clock too.
+        stranger = PeerClient(runtime_key(b"cluster secret", "default", "other"), "default", "demo")
+        try:
+            with pytest.raises(PeerError, match="refused \\(403\\): bad signature"):
+                await stranger.get_block(url, BlockId(0, "k", "e", 0), BLOCK, BLOCK)
+        finally:
+            await stranger.close()
+    finally:
+        await client.close()
+        await server.stop()
