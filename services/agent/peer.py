@@ -276,7 +276,9 @@ class PeerServer:
 
     def app(self) -> web.Application:
         app = web.Application()
-        app.router.add_get(f"{PATH_PREFIX}/{{namespace}}/{{name}}/block", self.handle)
+        # GET only: aiohttp also routes HEAD to a GET handler, and the block goes out past aiohttp's writer (framed
+        # here, or ``sendfile``), so a HEAD answer carried a body and broke the connection's framing.
+        app.router.add_get(f"{PATH_PREFIX}/{{namespace}}/{{name}}/block", self.handle, allow_head=False)
         return app
 
     async def start(self, host: str, port: int) -> None:
