@@ -32,10 +32,11 @@ log = get_logger(__name__)
 # that long. The API server, kube-scheduler and peers finish one in milliseconds; 10 s leaves room for a loaded node.
 HANDSHAKE_SECONDS = 10.0
 # A connection that carries no whole request this long after it opened or after its last answer is closed: a
-# peer, the API server or Prometheus sends a request's headers at once and reuses an idle connection within
-# seconds (the peer client drops one idle for 15 s). aiohttp's ``web.run_app`` default; ``AppRunner`` alone keeps
-# such a connection 3630 s, so idle or trickling connections held their places for an hour.
-IDLE_SECONDS = 75.0
+# peer, the API server or Prometheus sends a request's headers at once. Longer than Go's HTTP clients (the API
+# server, kube-scheduler, Prometheus) keep an idle connection (90 s), so they close theirs first and never send a
+# request on one we are closing (a webhook POST is not retried); the peer client drops one idle for 15 s.
+# ``AppRunner`` alone keeps such a connection 3630 s, so idle or trickling connections held places for an hour.
+IDLE_SECONDS = 120.0
 # A full listener says so at most this often (a client hammering it would otherwise fill the log).
 REFUSAL_LOG_SECONDS = 60.0
 

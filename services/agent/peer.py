@@ -138,7 +138,7 @@ MIN_CHUNK_BYTES = 4096
 MAX_CHUNK_BYTES = 64 * 1024 * 1024
 CHUNK_SUM = struct.Struct("<Q")
 # Client: a kept-alive connection idle longer than this is closed rather than reused (the connector's keep-alive).
-# Well under the server's keep-alive (``libs.listener.IDLE_SECONDS``, 75 s), so the peer rarely closes one we are
+# Well under the server's keep-alive (``libs.listener.IDLE_SECONDS``, 120 s), so the peer rarely closes one we are
 # about to use (aiohttp asks again once on a new connection when a kept-alive one turns out closed before the answer).
 IDLE_SECONDS = 15.0
 # Client: aiohttp's read buffer per response (its StreamReader stops reading the socket above twice this). Its
