@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from collections.abc import Iterator, Mapping, MutableMapping
 from contextlib import contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any, TextIO
@@ -95,11 +96,49 @@ class _StructlogHandler(logging.StreamHandler):
     """Marks the handler ``setup_logging`` installs, so a second call replaces it instead of adding one."""
 
 
+# At most one line per this many seconds about requests aiohttp's servers could not parse (``ClientHttpErrors``).
+CLIENT_ERROR_LOG_SECONDS = 60.0
+
+
+class ClientHttpErrors(logging.Filter):
+    """aiohttp logs every request its servers cannot parse (a header line over 8 KiB, a malformed request line) at
+    error level, with a traceback and a quote of the client's bytes: anyone reaching a port (peer server, webhook,
+    side server) could flood the log, and the quote may hold a client's header. Such records become one warning
+    per ``interval`` naming the kind of error and how many were left out since the last; no traceback, no quote.
+    The client gets its 400 either way."""
+
+    def __init__(self, interval: float = CLIENT_ERROR_LOG_SECONDS,
+                 clock: Any = time.monotonic) -> None:
+        super().__init__()
+        self.interval = interval
+        self.clock = clock
+        self.left_out = 0
+        self._next_at = float("-inf")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if record.name != "aiohttp.server" or type(error).__module__ != "aiohttp.http_exceptions":
+            return True
+        now = self.clock()
+        if now < self._next_at:
+            self.left_out += 1
+            return False
+        code = getattr(error, "code", 400)
+        record.msg = "requests that are not valid HTTP refused (%s %s; %d more since the last such line)"
+        record.args = (code, type(error).__name__, self.left_out)
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        record.exc_info, record.exc_text = None, None
+        self.left_out = 0
+        self._next_at = now + self.interval
+        return True
+
+
 def _route_stdlib_logging(level: str, renderer: Any, file: TextIO) -> None:
     """Send what libraries log through ``logging`` (pyfuse3's notify thread, asyncio, nats-py) out in the same
     format as our own lines: without this, Python's last-resort handler prints them as plain text with bare
     tracebacks, and a JSON log gets lines no collector can parse."""
     handler = _StructlogHandler(file)
+    handler.addFilter(ClientHttpErrors())
     handler.setFormatter(structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=[
             add_trace_ids,

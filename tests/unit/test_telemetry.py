@@ -112,3 +112,62 @@ def test_no_log_line_carries_a_urls_password_whoever_writes_it(monkeypatch: pyte
     assert "pl4nted-s3cret" not in buffer.getvalue()
     assert lines[0]["nats"] == ["nats://***@127.0.0.1:4222"]
     assert "nats://***@127.0.0.1:4222" in lines[1]["event"]
+
+
+async def test_requests_that_are_not_http_are_one_warning_per_interval_without_traceback_or_quote(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A real aiohttp server sent header lines over 8 KiB: aiohttp logged each at error level with a traceback and
+    a quote of the client's bytes (anyone reaching a port could flood the log, and the quote may hold a header).
+    Now: one warning per interval, counting the rest, neither traceback nor quote; each client still gets its 400."""
+    import asyncio
+
+    from aiohttp import web
+
+    async def ok(request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_get("/x", ok)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    answers = []
+    try:
+        with json_logs(monkeypatch) as buffer:
+            for _ in range(3):
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.write(b"GET /x HTTP/1.1\r\nHost: a\r\nX-Planted: " + b"q" * 10_000 + b"\r\n\r\n")
+                await writer.drain()
+                answers.append(await reader.read(64))
+                writer.close()
+    finally:
+        await runner.cleanup()
+    assert all(answer.startswith(b"HTTP/1.0 400") or answer.startswith(b"HTTP/1.1 400") for answer in answers)
+    lines = [line for line in json_lines(buffer.getvalue()) if line.get("logger") == "aiohttp.server"]
+    assert len(lines) == 1, lines
+    assert lines[0]["level"] == "warning" and "LineTooLong" in lines[0]["event"] and "exception" not in lines[0]
+    assert "qqqq" not in buffer.getvalue() and "Traceback" not in buffer.getvalue()
+
+
+def test_the_client_error_filter_counts_what_it_leaves_out() -> None:
+    from libs.telemetry import ClientHttpErrors
+
+    class LineTooLong(Exception):
+        code = 400
+
+    LineTooLong.__module__ = "aiohttp.http_exceptions"
+    now = [0.0]
+    kept = ClientHttpErrors(interval=10.0, clock=lambda: now[0])
+
+    def record() -> logging.LogRecord:
+        return logging.LogRecord("aiohttp.server", logging.ERROR, "", 0, "Error handling request", (),
+                                 (LineTooLong, LineTooLong(), None))
+
+    assert kept.filter(record()) and not kept.filter(record()) and not kept.filter(record())
+    now[0] = 10.0
+    line = record()
+    assert kept.filter(line) and line.getMessage().endswith("2 more since the last such line)")
+    other = logging.LogRecord("aiohttp.server", logging.ERROR, "", 0, "a handler's bug", (), None)
+    assert kept.filter(other) and other.levelno == logging.ERROR  # not a client's bad request: left alone
