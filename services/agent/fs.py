@@ -330,6 +330,11 @@ class DatasetFS(pyfuse3.Operations):
         for (path, name), suppressed, error in self.log_limiter.due(now):
             log.warning("read failures not logged", path=path, errno=name, count=suppressed, last_error=error,
                         interval_seconds=self.log_limiter.interval)
+        others = self.log_limiter.others_due(now)
+        if others is not None:
+            path, name = others.key
+            log.warning("read failures of more files not logged", count=others.count, last_path=path, errno=name,
+                        last_error=others.detail, files_followed=self.log_limiter.most)
 
     async def release(self, fh: int) -> None:
         handle = self._handles.pop(fh, None)

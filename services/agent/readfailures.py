@@ -6,7 +6,9 @@ failed" log lines to write, so a job looping over a changed file does not write 
 A file is forgotten when one of its reads succeeds (after a resync, say) or ``WINDOW_SECONDS`` after its last
 failure, so the condition clears by itself. ``LogLimiter``: per (file, errno) the first failure is logged at
 once, then at most one line per ``LOG_INTERVAL_SECONDS``, which counts the failures not logged since; failures not
-logged when a file stops failing are told in a summary line once the interval is over (``due``).
+logged when a file stops failing are told in a summary line once the interval is over (``due``). At most
+``LOGGED_FILES`` files are followed at once: beyond them (a store that is down fails every file a job reads) the
+failures of other files are only counted, and told in one line once the interval is over (``others_due``).
 """
 
 from __future__ import annotations
@@ -84,6 +86,11 @@ class ReadFailures:
                 for path, failing in latest]
 
 
+# Files the log limiter follows at once, each with a first line of its own: a job reading 100,000 files from a
+# store that is down would otherwise log 100,000 first lines per interval.
+LOGGED_FILES = 100
+
+
 @dataclass
 class _Logged:
     at: float
@@ -91,17 +98,34 @@ class _Logged:
     detail: str = ""
 
 
+@dataclass
+class Others(Generic[K]):
+    """Failures of files beyond those followed, since ``since``: how many, and the last one's key and detail."""
+
+    since: float
+    count: int
+    key: K
+    detail: str
+
+
 class LogLimiter(Generic[K]):
     """Which failures to log, per key: the first at once, then one per ``interval`` with the count left out."""
 
-    def __init__(self, interval: float = LOG_INTERVAL_SECONDS) -> None:
+    def __init__(self, interval: float = LOG_INTERVAL_SECONDS, most: int = LOGGED_FILES) -> None:
         self.interval = interval
+        self.most = most
         self._keys: dict[K, _Logged] = {}
+        self._others: Others[K] | None = None
 
     def admit(self, key: K, now: float, detail: str = "") -> int | None:
         """None: do not log this one (its ``detail`` is kept for the summary); else log it, saying how many were
         not logged since the last line."""
         logged = self._keys.get(key)
+        if logged is None and len(self._keys) >= self.most:
+            others = self._others or Others(since=now, count=0, key=key, detail=detail)
+            others.count, others.key, others.detail = others.count + 1, key, detail
+            self._others = others
+            return None
         if logged is None or now - logged.at >= self.interval:
             suppressed = logged.suppressed if logged is not None else 0
             self._keys[key] = _Logged(at=now)
@@ -118,3 +142,12 @@ class LogLimiter(Generic[K]):
         for key, _ in over:
             del self._keys[key]
         return [(key, logged.suppressed, logged.detail) for key, logged in over if logged.suppressed]
+
+    def others_due(self, now: float) -> Others[K] | None:
+        """The failures of files beyond those followed, once an interval has passed since the first of them (then
+        counted afresh); None before, or when there were none."""
+        others = self._others
+        if others is None or now - others.since < self.interval:
+            return None
+        self._others = None
+        return others

@@ -67,3 +67,17 @@ def test_reports_and_memory_are_bounded_whatever_fails() -> None:
     assert len(report) == 3 and report[1].path == "999.bin"  # the latest
     assert report[0].path.endswith("d/file.bin") and len(report[0].path) == 300 and report[0].path[0] == "…"
     assert all(len(f.reason) <= 300 for f in report)
+
+
+def test_failures_of_files_beyond_those_followed_are_counted_in_one_line() -> None:
+    """A store that is down fails every file a job reads: each new file got a first line of its own (100,000 files,
+    100,000 lines per interval). Beyond the files followed, failures are counted and told in one line."""
+    limiter: LogLimiter[tuple[str, str]] = LogLimiter(interval=30.0, most=100)
+    logged = [limiter.admit((f"/f{i}", "EIO"), 1.0, f"boom {i}") for i in range(1000)]
+    assert logged.count(0) == 100 and logged[100:] == [None] * 900
+    assert limiter.others_due(30.0) is None
+    others = limiter.others_due(31.0)
+    assert others is not None and (others.count, others.key, others.detail) == (900, ("/f999", "EIO"), "boom 999")
+    assert limiter.others_due(62.0) is None  # counted afresh
+    assert [key for key, _, _ in limiter.due(31.0)] == []  # the followed files had nothing left out
+    assert limiter.admit(("/f500", "EIO"), 31.0) == 0  # their interval over, the followed are forgotten: room again
