@@ -28,12 +28,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextvars
+import functools
 import json
 import statistics
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,8 +49,8 @@ from libs.embedded import NatsConfig, free_port, start_nats
 from libs.telemetry import setup_logging
 from services.loader import app as loader_app
 from services.loader.handlers import LoaderHandlers
-from tests.integration.test_loader import BLOCK, NODES, agent, dataload, files, put_dataset, put_runtime
 from tests.helpers import make_settings, running
+from tests.integration.test_loader import BLOCK, NODES, agent, dataload, files, put_dataset, put_runtime
 
 PROBE_DATASET = "other"
 # Commands in flight while the bench publishes a burst: JetStream acks each publish, one at a time would make the
@@ -183,13 +184,11 @@ class Prober:
             command = dataload(f"probe-{number}", dataset=PROBE_DATASET)
             sent = time.monotonic()
             await self.bus.publish(subjects.DATALOAD_APPLY, command)
-            await until(lambda: command.id in self.facts.accepted, 600, "probe accepted")
+            await until(functools.partial(self.facts.accepted.__contains__, command.id), 600, "probe accepted")
             self.latencies.append((sent, self.facts.accepted[command.id] - sent))
             with_timeout = asyncio.wait_for(self._stop.wait(), self.every)
-            try:
+            with suppress(TimeoutError):
                 await with_timeout
-            except TimeoutError:
-                pass
 
     def stop(self) -> None:
         self._stop.set()
@@ -233,10 +232,8 @@ class Rss:
     async def run(self) -> None:
         while not self._stop.is_set():
             self.peak = max(self.peak, rss_bytes())
-            try:
+            with suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), 0.25)
-            except TimeoutError:
-                pass
 
     def stop(self) -> None:
         self._stop.set()
@@ -267,7 +264,7 @@ async def burst(workdir: Path, loads: int, file_count: int, probe_every: float, 
         names = [f"load-{i}" for i in range(loads)]
         async with running(lambda stop: loader_app.run(make_settings(url), stop)), agent(bus, NODES), \
                 agent(bus, NODES, dataset=PROBE_DATASET):
-            await until(lambda: METER.ticks and METER.ticks[-1][0] > 0, 30, "the loader ticking")
+            await until(lambda: bool(METER.ticks), 30, "the loader ticking")
             prober = Prober(bus, facts, probe_every)
             requests_before = METER.requests
             start = time.monotonic()
@@ -304,7 +301,7 @@ async def held(workdir: Path, loads: int, file_count: int, hold_seconds: float, 
         names = [f"load-{i}" for i in range(loads)]
         async with running(lambda stop: loader_app.run(make_settings(url), stop)), \
                 agent(bus, NODES, dataset=PROBE_DATASET):
-            await until(lambda: METER.ticks and METER.ticks[-1][0] > 0, 30, "the loader ticking")
+            await until(lambda: bool(METER.ticks), 30, "the loader ticking")
             start = time.monotonic()
             async with background(rss):
                 await publish_all(bus, names, "data")
@@ -360,12 +357,12 @@ def arguments() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def run_main(main_: Callable[[argparse.Namespace], Awaitable[dict[str, Any]]]) -> None:
+def run_main() -> None:
     args = arguments()
-    results = asyncio.run(main_(args))
+    results = asyncio.run(main(args))
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main()
