@@ -7,6 +7,7 @@
 | KV shoal_operations | every key (watch) | the operations to tick, and runAfter's view of the others |
 | KV shoal_datasets | every key (watch) | OnEvent: a dataset synced again |
 | KV shoal_operation_runs | every key (watch) | the run states, so a tick reads KV only where there is work |
+| KV shoal_runtimes | every key (watch) | whether an executing run's runtime or nodes went, decided in memory |
 | (timer) | every 0.25 s | LoaderHandlers.tick (start due runs, resume, fold progress, finish, TTL) |
 | (timer) | every 0.25 s | LoaderHandlers.export_gauges (operations by kind and phase, current runs' bytes) |
 
@@ -28,6 +29,7 @@ from libs.bus import Consumer, KvMirror, connect
 from libs.config import Settings
 from libs.events.dataset import DatasetRecord
 from libs.events.operation import OperationCommand, OperationRecord, TaskProgress
+from libs.events.runtime import RuntimeRecord
 from libs.service import Periodic, nats_check, run_loops
 from libs.side_server import Readiness
 from services.loader.domain import RunState
@@ -54,11 +56,14 @@ async def run(settings: Settings, stop: asyncio.Event, clock: Callable[[], float
         operations = KvMirror(await bus.kv(subjects.KV_OPERATIONS), OperationRecord, bus.reconnects)
         datasets = KvMirror(await bus.kv(subjects.KV_DATASETS), DatasetRecord, bus.reconnects)
         runs = KvMirror(await bus.kv(subjects.KV_OPERATION_RUNS), RunState, bus.reconnects)
-        watches: dict[str, KvMirror[Any]] = {"operations": operations, "datasets": datasets, "runs": runs}
+        runtimes = KvMirror(await bus.kv(subjects.KV_RUNTIMES), RuntimeRecord, bus.reconnects)
+        watches: dict[str, KvMirror[Any]] = {"operations": operations, "datasets": datasets, "runs": runs,
+                                             "runtimes": runtimes}
         readiness.add("watches", lambda: ", ".join(f"{name} watch catching up" for name, mirror in watches.items()
                                                    if not mirror.ready.is_set()) or None)
-        handlers = LoaderHandlers(bus, operations, datasets, runs, clock, metadata_timeout=metadata_timeout,
-                                  node_gone_timeout=node_gone_timeout, node_silent_timeout=node_silent_timeout)
+        handlers = LoaderHandlers(bus, operations, datasets, runs, runtimes, clock,
+                                  metadata_timeout=metadata_timeout, node_gone_timeout=node_gone_timeout,
+                                  node_silent_timeout=node_silent_timeout)
         max_bytes, max_deliver = settings.service.max_event_bytes, settings.service.max_deliver
         commands = Consumer(
             bus, subjects.STREAM_COMMANDS, subjects.DURABLE_LOADER_COMMANDS, list(subjects.OPERATION_COMMANDS),
@@ -72,6 +77,6 @@ async def run(settings: Settings, stop: asyncio.Event, clock: Callable[[], float
         )
         ticker = Periodic("operation ticker", handlers.tick, TICK_SECONDS)
         gauges = Periodic("gauges", handlers.export_gauges, GAUGE_SECONDS)
-        await run_loops([operations, datasets, runs, commands, progress, ticker, gauges], stop, readiness)
+        await run_loops([operations, datasets, runs, runtimes, commands, progress, ticker, gauges], stop, readiness)
     finally:
         await bus.close()

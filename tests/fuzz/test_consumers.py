@@ -231,7 +231,8 @@ async def loader_handlers(bus: Bus) -> AsyncIterator[tuple[Bus, LoaderHandlers, 
     published = spy(bus)
     handlers = LoaderHandlers(bus, unwatched_mirror(await bus.kv(subjects.KV_OPERATIONS), OperationRecord),
                               unwatched_mirror(await bus.kv(subjects.KV_DATASETS), DatasetRecord),
-                              unwatched_mirror(await bus.kv(subjects.KV_OPERATION_RUNS), RunState))
+                              unwatched_mirror(await bus.kv(subjects.KV_OPERATION_RUNS), RunState),
+                              unwatched_mirror(await bus.kv(subjects.KV_RUNTIMES), RuntimeRecord))
     yield bus, handlers, published
 
 

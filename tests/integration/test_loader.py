@@ -905,7 +905,8 @@ async def test_applies_and_deletes_delivered_again_behind_newer_commands_leave_t
     after it; each stale command is refused saying why, or (an apply behind a newer apply) changes nothing."""
     handlers = LoaderHandlers(bus, unwatched_mirror(await bus.kv(subjects.KV_OPERATIONS), OperationRecord),
                               unwatched_mirror(await bus.kv(subjects.KV_DATASETS), DatasetRecord),
-                              unwatched_mirror(await bus.kv(subjects.KV_OPERATION_RUNS), domain.RunState))
+                              unwatched_mirror(await bus.kv(subjects.KV_OPERATION_RUNS), domain.RunState),
+                              unwatched_mirror(await bus.kv(subjects.KV_RUNTIMES), RuntimeRecord))
     facts = FactCollector()
     await facts.start(bus, subjects.DATALOAD_FACTS)
 
