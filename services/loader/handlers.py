@@ -483,8 +483,10 @@ class LoaderHandlers:
         """Failed, naming the node, once a node with parts not done has not been ready for ``node_gone_timeout``."""
         gone = domain.nodes_gone(state, runtime)
         now = time.monotonic()
-        for stale in [k for k in self.gone_since if k[0] == key and k[1] not in gone]:
-            del self.gone_since[stale]
+        # Only this run's nodes can be timed for it (``_forget_run`` drops them at its end): not a scan of every
+        # operation's entries, which made each tick's pass over hundreds of runs quadratic.
+        for node in {part.node for part in state.parts} - set(gone):
+            self.gone_since.pop((key, node), None)
         for node in gone:
             since = self.gone_since.setdefault((key, node), now)
             if now - since >= self.node_gone_timeout:
@@ -500,8 +502,8 @@ class LoaderHandlers:
         (counted from this process's first look, so a restarted loader waits that long again)."""
         waiting = {part.node for part in state.parts if not part.done}
         now = time.monotonic()
-        for stale in [k for k in self.silent_since if k[0] == key and k[1] not in waiting]:
-            del self.silent_since[stale]
+        for node in {part.node for part in state.parts} - waiting:  # only this run's nodes, as in ``_node_gone``
+            self.silent_since.pop((key, node), None)
         ref = domain.dataset_ref(record)
         for node in sorted(waiting):
             since = max(self.silent_since.setdefault((key, node), now),
@@ -759,8 +761,7 @@ class LoaderHandlers:
         same dataset may): without this, an entry per dataset and node ever seen would stay for ever."""
         if not (self.operations.ready.is_set() and self.runs.ready.is_set()):
             return  # the mirrors do not know every run yet: what they lack could be waiting
-        waited = domain.waited_mounts(self.operations.values, self.runs.values)
-        for stale in self.heard.keys() - waited:
+        for stale in domain.unwaited_mounts(self.heard, self.operations.values, self.runs.values):
             del self.heard[stale]
 
     async def _settle_baseline(self, key: str, phase: OperationPhase) -> None:

@@ -41,6 +41,7 @@ from typing import Any
 
 import msgspec
 from nats.aio.client import Client
+from nats.js.api import DeliverPolicy
 
 from libs import subjects
 from libs.bus import Bus, connect
@@ -119,8 +120,8 @@ def rss_bytes() -> int:
 
 @dataclass
 class Facts:
-    """The DataLoads' facts through a core subscription: when each was accepted, each one's last phase and when
-    it became Complete."""
+    """The DataLoads' facts as the facts stream holds them: when each was accepted, each one's last phase and
+    when it became Complete."""
 
     accepted: dict[str, float] = field(default_factory=dict)  # causation id → when
     phases: dict[str, str] = field(default_factory=dict)
@@ -138,7 +139,10 @@ class Facts:
                 if phase == "Complete":
                     self.complete.setdefault(fact["name"], now)
 
-        await bus.nc.subscribe(subjects.DATALOAD_FACTS, cb=on_fact)
+        # An ordered JetStream consumer of the facts stream, not a core subscription: a core subscriber that falls
+        # behind under the burst has facts dropped, and the bench would wait for ever for a Complete it missed.
+        await bus.js.subscribe(subjects.DATALOAD_FACTS, stream=subjects.STREAM_FACTS, cb=on_fact,
+                               ordered_consumer=True, deliver_policy=DeliverPolicy.NEW)
 
     def count(self, names: list[str], phase: str) -> int:
         return sum(1 for name in names if self.phases.get(name) == phase)

@@ -530,7 +530,7 @@ def test_parts_stay_within_small_limits_and_cover_every_block_once(files, worker
     assert len(seen) == len(set(seen)) == sum((e.size + 1023) // 1024 for e in entries)
 
 
-def test_waited_mounts_are_the_dataset_and_node_of_executing_runs_parts_not_done() -> None:
+def test_unwaited_mounts_are_those_no_executing_runs_part_not_done_is_on() -> None:
     other = record(DataLoadSpec(dataset=ObjectRef(name="other", namespace="ns")))
     operations = {"a": record(), "b": other, "c": record(), "gone": record()}
     runs = {
@@ -540,7 +540,10 @@ def test_waited_mounts_are_the_dataset_and_node_of_executing_runs_parts_not_done
         "c": domain.RunState(run="c.1", stage="finished", parts=[domain.PartState(node="n3")]),
         "orphan": domain.RunState(run="orphan.1", stage="executing", parts=[domain.PartState(node="n4")]),
     }
-    assert domain.waited_mounts(operations, runs) == {("default/data", "n1"), ("ns/other", "n2")}
+    mounts = {(dataset, node) for dataset in ("default/data", "ns/other", "ns/none") for node in ("n1", "n2", "n3",
+                                                                                                "n4")}
+    assert mounts - domain.unwaited_mounts(mounts, operations, runs) == {("default/data", "n1"), ("ns/other", "n2")}
+    assert domain.unwaited_mounts(set(), operations, runs) == set()
 
 
 def test_nodes_gone_are_those_with_parts_not_done_that_are_not_ready() -> None:
