@@ -114,7 +114,7 @@ dashboards: venv
 
 # Refuses while `shoal up` runs on this state directory: its servers would lose their files under them.
 clean:
-	@pid=$$(cat "$(STATE_DIR)/up.pid" 2>/dev/null || true); \
+	@pid=$$(head -n 1 "$(STATE_DIR)/up.pid" 2>/dev/null || true); \
 	if [ -n "$$pid" ] && kill -0 "$$pid" 2>/dev/null; then \
 		echo "shoal up is running as PID $$pid; stop it with '$(BIN)/shoal down' (or Ctrl-C) first"; exit 1; \
 	fi

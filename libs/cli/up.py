@@ -30,7 +30,7 @@ from libs.cli.stack import S3Access, UpError
 from libs.cli.stack.banner import banner
 from libs.cli.stack.demo import DEMO_MANIFEST, Applied, applied_by, demo_commands, demo_objects, prepare
 from libs.cli.stack.layout import DEFAULT_STATE_DIR, StateLayout
-from libs.cli.stack.pids import claim_pidfile, is_shoal_up, pid_alive, read_pid, release_pidfile, stop_leftovers
+from libs.cli.stack.pids import claim_pidfile, is_shoal_up, pid_alive, read_pidfile, release_pidfile, stop_leftovers
 from libs.cli.stack.ports import (
     Ports,
     PortUse,
@@ -407,8 +407,8 @@ def up(state_dir: Path, nats_port: int, nats_monitor_port: int, s3_port: int, se
 def down(state_dir: Path, timeout: float) -> None:
     """Stop a running `shoal up` (SIGTERM to the PID in <state-dir>/up.pid) and wait until it has exited."""
     layout = StateLayout(state_dir.resolve())
-    pid = read_pid(layout.pidfile)
-    if pid is None or not is_shoal_up(pid):
+    pid, started = read_pidfile(layout.pidfile)
+    if pid is None or not is_shoal_up(pid, started):
         if pid is not None:
             layout.pidfile.unlink(missing_ok=True)
         stop_leftovers(layout)

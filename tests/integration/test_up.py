@@ -222,7 +222,7 @@ async def test_up_syncs_the_demo_restarts_a_dead_service_and_stops_everything_on
     pids = run.pids()
     assert set(pids) == {"nats-server", "seaweedfs", *SERVICES, *PROMETHEUS}
     assert all(alive(pid) for pid in pids.values())
-    assert (run.state_dir / "up.pid").read_text().strip() == str(run.process.pid)
+    assert (run.state_dir / "up.pid").read_text().split()[0] == str(run.process.pid)
     for log in ("nats-server", "seaweedfs", *SERVICES):
         assert (run.state_dir / "logs" / f"{log}.log").exists()
 
@@ -361,7 +361,7 @@ async def test_a_second_up_on_the_same_state_dir_refuses_and_leaves_the_first_ru
     assert code != 0
     assert f"shoal up is already running as PID {first.process.pid}; stop it with `shoal down`" in output
 
-    assert (first.state_dir / "up.pid").read_text().strip() == str(first.process.pid)
+    assert (first.state_dir / "up.pid").read_text().split()[0] == str(first.process.pid)
     assert all(alive(pid) for pid in pids.values())
     # `shoal down` is the other way to stop it: SIGTERM, then it waits for the exit.
     code, output = await run_to_end(["down", "--state-dir", str(first.state_dir)], tmp_path)
@@ -593,6 +593,54 @@ def test_stop_also_ends_a_child_started_but_never_registered(tmp_path: Path) -> 
     finally:
         stray.kill()
         stray.wait()
+
+
+def _other_shoal_process() -> subprocess.Popen[bytes]:
+    """A process that is not this state directory's shoal up but has "shoal" in its command line, as another
+    `shoal events`, or another state directory's `shoal up`, that got the PID of a shoal up killed earlier has."""
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "shoal", "events"],
+                            start_new_session=True)
+
+
+@pytest.mark.timeout(60)
+async def test_down_leaves_a_shoal_process_alone_that_got_the_pid_of_a_dead_shoal_up(tmp_path: Path) -> None:
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    other = _other_shoal_process()
+    try:
+        # What the killed shoal up wrote: its PID (now the other process's) and its own, earlier, start time.
+        (state_dir / "up.pid").write_text(f"{other.pid}\n1\n")
+        code, output = await run_to_end(["down", "--state-dir", str(state_dir)], tmp_path)
+        assert code == 0, output
+        assert "shoal up is not running" in output
+        assert other.poll() is None, "shoal down signalled a process that is not its shoal up"
+        assert not (state_dir / "up.pid").exists()
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_leftovers_are_stopped_only_if_they_are_the_processes_recorded(tmp_path: Path) -> None:
+    """A later shoal up (or shoal down) stops what a killed one recorded, not whatever now has such a PID."""
+    from libs.cli.stack.pids import stop_leftovers
+
+    def process_start(pid: int) -> str:  # field 22 of /proc/<pid>/stat, read here as proc(5) says
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+
+    layout = StateLayout(tmp_path)
+    left, reused = _other_shoal_process(), _other_shoal_process()
+    try:
+        layout.pids.write_text(json.dumps({"up": 0, "processes": {
+            "dataset": {"pid": left.pid, "marker": "shoal", "started": process_start(left.pid)},
+            "nats-server": {"pid": reused.pid, "marker": "shoal", "started": "1"},
+        }}))
+        assert stop_leftovers(layout, grace=5.0) == ["dataset"]
+        assert left.wait(5) is not None
+        assert reused.poll() is None, "a process that only got a recorded PID was stopped"
+    finally:
+        for process in (left, reused):
+            process.kill()
+            process.wait()
 
 
 # A stand-in for an agent whose mount process hangs on SIGTERM: it waits out its grace for that process, kills it,

@@ -3,6 +3,10 @@
 ``up.pid`` names the running ``shoal up`` (claimed with O_EXCL, so two at once cannot both own a state directory);
 ``pids.json`` names every child with a marker from its command line, so ``shoal down``, tests and a later
 ``shoal up`` can stop what a killed one left behind without ever signalling a reused PID.
+
+A PID alone does not name a process for long (pid_max may be 32768, and a reboot starts again from 1), and a marker
+such as "shoal" is also in the command line of another ``shoal`` command or of another state directory's stack. So
+both files record each process's start time too (``process_start``), and a process whose start differs is not ours.
 """
 
 from __future__ import annotations
@@ -31,6 +35,25 @@ def read_pid(path: Path) -> int | None:
     try:
         return int(path.read_text().split()[0])
     except (FileNotFoundError, IndexError, ValueError):
+        return None
+
+
+def read_pidfile(path: Path) -> tuple[int | None, str | None]:
+    """up.pid's PID and the start time recorded under it (None: none recorded, e.g. by an older ``shoal up``)."""
+    try:
+        words = path.read_text().split()
+    except FileNotFoundError:
+        return None, None
+    return read_pid(path), (words[1] if len(words) > 1 else None)
+
+
+def process_start(pid: int) -> str | None:
+    """When the process started, in clock ticks after boot (field 22 of /proc/<pid>/stat): with the PID it names one
+    process, as a reused PID starts later. None where /proc cannot tell."""
+    try:
+        # The command name (field 2) may hold spaces and parentheses: count the fields after its last ')'.
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
         return None
 
 
@@ -74,22 +97,25 @@ def pid_alive(pid: int) -> bool:
     return False
 
 
-def runs(pid: int, marker: str) -> bool:
-    """PID is alive and its command line contains ``marker``: guards against a PID reused after a reboot."""
+def runs(pid: int, marker: str, started: str | None = None) -> bool:
+    """PID is alive, its command line contains ``marker`` and it started at ``started`` (when recorded and /proc can
+    tell): guards against a reused PID, also one reused by a process of the same program."""
     if not pid_alive(pid):
+        return False
+    if started is not None and process_start(pid) not in (None, started):
         return False
     cmdline = _cmdline(pid)
     return cmdline is None or marker.encode() in cmdline
 
 
-def is_shoal_up(pid: int) -> bool:
-    return runs(pid, "shoal") or runs(pid, "libs.cli")
+def is_shoal_up(pid: int, started: str | None = None) -> bool:
+    return runs(pid, "shoal", started) or runs(pid, "libs.cli", started)
 
 
 def claim_pidfile(layout: StateLayout) -> None:
     """Write our PID to up.pid, refusing if another ``shoal up`` owns this state directory."""
-    existing = read_pid(layout.pidfile)
-    if existing is not None and existing != os.getpid() and is_shoal_up(existing):
+    existing, started = read_pidfile(layout.pidfile)
+    if existing is not None and existing != os.getpid() and is_shoal_up(existing, started):
         raise UpError(f"shoal up is already running as PID {existing}; stop it with `shoal down`")
     if layout.pidfile.exists():
         click.echo(f"Removing a stale {layout.pidfile}: it names no running shoal up.", err=True)
@@ -103,7 +129,8 @@ def claim_pidfile(layout: StateLayout) -> None:
         other = read_pid(layout.pidfile)
         raise UpError(f"shoal up is already running as PID {other}; stop it with `shoal down`") from err
     with os.fdopen(fd, "w") as file:
-        file.write(f"{os.getpid()}\n")
+        # The PID alone on the first line, as pid files have it (`make clean` reads it); the start time below.
+        file.write(f"{os.getpid()}\n{process_start(os.getpid()) or ''}\n")
 
 
 def release_pidfile(layout: StateLayout) -> None:
@@ -114,8 +141,9 @@ def release_pidfile(layout: StateLayout) -> None:
 
 def write_pids(layout: StateLayout, processes: Mapping[str, tuple[int, str]]) -> None:
     """pids.json: {name: {pid, marker}}, replaced atomically so a reader never sees half a file."""
-    record = {"up": os.getpid(),
-              "processes": {name: {"pid": pid, "marker": marker} for name, (pid, marker) in processes.items()}}
+    record = {"up": os.getpid(), "upStarted": process_start(os.getpid()),
+              "processes": {name: {"pid": pid, "marker": marker, "started": process_start(pid)}
+                            for name, (pid, marker) in processes.items()}}
     temporary = layout.pids.with_suffix(".tmp")
     temporary.write_text(json.dumps(record, indent=2) + "\n")
     temporary.replace(layout.pids)
@@ -125,18 +153,23 @@ def stop_leftovers(layout: StateLayout, grace: float = SERVICE_GRACE_SECONDS) ->
     """Stop children a killed ``shoal up`` left behind (by the PIDs it recorded, if they still run its programs)."""
     try:
         record = json.loads(layout.pids.read_text())
-        owner = int(record.get("up", 0))
-        recorded = {name: (int(entry["pid"]), str(entry["marker"])) for name, entry in record["processes"].items()}
+        owner, owner_started = int(record.get("up", 0)), _started(record.get("upStarted"))
+        recorded = {name: (int(entry["pid"]), str(entry["marker"]), _started(entry.get("started")))
+                    for name, entry in record["processes"].items()}
     except (FileNotFoundError, ValueError, KeyError, TypeError, AttributeError):
         return []  # nothing recorded, or not by us: nothing to stop
-    if is_shoal_up(owner):
+    if is_shoal_up(owner, owner_started):
         return []  # its owner still runs: nothing is left over
-    left = {name: pid for name, (pid, marker) in recorded.items() if runs(pid, marker)}
+    left = {name: pid for name, (pid, marker, started) in recorded.items() if runs(pid, marker, started)}
     for name, pid in left.items():
         click.echo(f"Stopping {name} (PID {pid}), left running by an earlier shoal up.", err=True)
     terminate(list(left.values()), grace)
     layout.pids.unlink(missing_ok=True)
     return list(left)
+
+
+def _started(value: object) -> str | None:
+    return None if value is None else str(value)
 
 
 def terminate(pids: Sequence[int], grace: float) -> None:
