@@ -795,7 +795,27 @@ def describe(options: Options, resource: str, name: str | None, namespace: str) 
 @click.pass_obj
 def events(options: Options, subject: str, replay: bool, limit: int | None) -> None:
     """Print events as JSON lines as they happen, until Ctrl-C."""
+    problem = subject_problem(subject)
+    if problem:
+        raise CliError(f"--subject {subject!r} is not a NATS subject: {problem}")
     _run(_tail(options, subject, replay, limit))
+
+
+def subject_problem(subject: str) -> str:
+    """Why ``subject`` cannot be subscribed to ("" when it can), as NATS's rules say: nats-py would raise a bare
+    BadSubjectError for most (a traceback), and a stream lookup for ``--all`` would take "" as any stream."""
+    if not subject:
+        return "it is empty"
+    if any(char.isspace() for char in subject):
+        return "it holds whitespace"
+    tokens = subject.split(".")
+    if "" in tokens:
+        return "it has an empty token (a '.' at either end, or two in a row)"
+    if ">" in tokens[:-1]:
+        return "'>' can only be its last token"
+    if any(token not in ("*", ">") and ("*" in token or ">" in token) for token in tokens):
+        return "'*' and '>' are wildcards only as a whole token"
+    return ""
 
 
 async def _tail(options: Options, subject: str, replay: bool, limit: int | None) -> None:

@@ -665,6 +665,27 @@ async def test_events_replays_facts_as_json_lines(nats_server: NatsServer, bus: 
     assert [json.loads(line)["id"] for line in lines] == [accepted.id, rejected.id]
 
 
+@pytest.mark.parametrize("replay", [False, True], ids=["follow", "replay"])
+@pytest.mark.parametrize(("subject", "problem"), [
+    ("", "it is empty"),
+    ("shoal.evt. dataset.>", "it holds whitespace"),
+    ("shoal..evt", "it has an empty token (a '.' at either end, or two in a row)"),
+    ("shoal.evt.", "it has an empty token (a '.' at either end, or two in a row)"),
+    ("shoal.>.accepted", "'>' can only be its last token"),
+    ("shoal.evt*", "'*' and '>' are wildcards only as a whole token"),
+])
+async def test_events_refuses_a_subject_nats_cannot_subscribe_to_in_one_line(
+        nats_server: NatsServer, bus: Bus, subject: str, problem: str, replay: bool) -> None:
+    """nats-py raised a bare BadSubjectError (a traceback) for these, and ``--all`` replayed any stream for ""."""
+    await bus.publish(subjects.DATASET_ACCEPTED, DatasetAccepted(causation_id="c1", name="demo", namespace="default",
+                                                                 generation=1))
+    result = await shoal(nats_server, "events", *(["--all"] if replay else []), "--limit", "1", "--subject", subject)
+
+    assert result.exit_code == 1
+    assert result.stdout == ""
+    assert result.stderr == f"error: --subject {subject!r} is not a NATS subject: {problem}\n"
+
+
 # --- schemas ---
 
 
