@@ -874,7 +874,10 @@ async def _next_or_refused(queue: asyncio.Queue[Msg], denied: asyncio.Future[str
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_SCHEMAS_DIR)
 def schemas(directory: Path) -> None:
     """Write the JSON Schema of every public event type into DIRECTORY (one file per type tag + index.json)."""
-    written = export_schemas(directory)
+    try:
+        written = export_schemas(directory)
+    except OSError as err:  # a folder that cannot be made or written (read-only, under a file, /proc)
+        raise CliError(f"cannot write the schemas to {err.filename or directory}: {err.strerror or err}") from err
     click.echo(f"wrote {len(written)} files to {directory}")
 
 

@@ -708,6 +708,15 @@ def test_schemas_export_every_public_type(tmp_path: Path) -> None:
         assert (tmp_path / "again" / name).read_bytes() == (tmp_path / "schemas" / name).read_bytes()
 
 
+def test_schemas_into_a_folder_that_cannot_be_made_is_one_error_line(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("not a folder")
+
+    result = CliRunner().invoke(cli, ["schemas", str(tmp_path / "file" / "schemas")])
+
+    assert result.exit_code == 1
+    assert result.stderr == f"error: cannot write the schemas to {tmp_path / 'file' / 'schemas'}: Not a directory\n"
+
+
 def test_committed_schemas_match_the_code() -> None:
     """docs/schemas/ is what other systems read; regenerate it with `shoal schemas` when an event changes."""
     committed = {path.name: path.read_text() for path in (REPO / "docs" / "schemas").glob("*.json")}
