@@ -193,9 +193,13 @@ def _plan(options: UpOptions, environ: Mapping[str, str]) -> Plan:
     check_ports(servers + http_ports_needed(http_ports) + prometheus_ports)
     # Parse the manifest before starting anything: a broken one should cost no server start.
     try:
-        docs = parse_documents(options.manifest.read_text())
+        docs = parse_documents(options.manifest.read_text(encoding="utf-8"))
     except ManifestError as err:
         raise UpError(f"{options.manifest}: {err}") from err
+    except UnicodeDecodeError as err:  # a binary file given by mistake: as `shoal apply -f` says it
+        raise UpError(f"{options.manifest}: not UTF-8 text: {err.reason} at byte {err.start}") from err
+    except OSError as err:
+        raise UpError(f"{options.manifest}: cannot read it: {err.strerror or err}") from err
     commands, notes = demo_commands(docs, layout.root)
     for note in notes:
         _timestamped(f"{options.manifest.name}: {note}")

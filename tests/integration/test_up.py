@@ -434,6 +434,17 @@ async def test_a_busy_port_is_named_with_the_option_that_moves_it(tmp_path: Path
     assert not (tmp_path / "state" / "up.pid").exists()
 
 
+@pytest.mark.timeout(60)
+async def test_a_manifest_that_is_not_utf8_text_is_one_error_and_starts_nothing(tmp_path: Path) -> None:
+    manifest = tmp_path / "demo.yaml"
+    manifest.write_bytes(b"apiVersion: v1\nkind: \xd0\x00\n")
+    code, output = await run_to_end([*up_arguments(tmp_path / "state"), "--manifest", str(manifest)], tmp_path)
+    assert code == 1
+    assert output.endswith(f"{manifest}: not UTF-8 text: invalid continuation byte at byte 21\n"), output
+    assert "Traceback" not in output
+    assert not (tmp_path / "state" / "up.pid").exists()
+
+
 # --- The pure decisions behind it ---
 
 
