@@ -165,7 +165,8 @@ def run_up(options: UpOptions, environ: Mapping[str, str]) -> None:
                               http_ports=plan.http_ports, logs=layout.logs, manifest=options.manifest,
                               applied=plan.applied, mounts=Path(plan.env["SHOAL_MOUNT_ROOT"]),
                               agents=[(agent.node, agent.mount_root) for agent in plan.agents],
-                              metrics=plan.metrics_line, nats_servers=len(plan.nats)))
+                              metrics=plan.metrics_line, nats_servers=len(plan.nats),
+                              cli_env=plan.secure.env_file(natsauth.CLI) if plan.secure is not None else None))
             while True:
                 stack.supervise_once(time.monotonic(), _timestamped)
                 time.sleep(SUPERVISE_INTERVAL_SECONDS)

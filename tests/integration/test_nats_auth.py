@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import os
 import secrets
 import shutil
@@ -444,6 +445,31 @@ def test_the_cli_env_file_sources_in_a_shell_wherever_the_state_dir_is(tmp_path:
                             str(path)], capture_output=True, text=True, check=False)
     assert shown.returncode == 0, shown.stderr
     assert shown.stdout.splitlines() == [natsauth.CLI, secure.passwords[natsauth.CLI], str(secure.tls.ca)]
+
+
+async def test_the_look_around_commands_shoal_up_secure_prints_work_as_pasted(
+        tmp_path: Path, secure_server: SecureServer, cli_bus: Bus) -> None:
+    """The banner's commands are pasted into a shell that has no NATS variables: with --secure they were refused (no
+    CA, no user), and the publishing snippet connected without TLS, a user or the CLI's inbox."""
+    from libs.cli.stack import S3Access
+    from libs.cli.stack.banner import banner
+
+    s3 = S3Access(endpoint="http://127.0.0.1:9", access_key_id="k", secret_access_key="s", embedded=True)
+    text = banner(pid=1, nats_url=secure_server.url, nats_embedded=True, nats_monitor_port=0, s3=s3, seeded_objects=0,
+                  services={}, http_ports={}, logs=tmp_path, manifest=tmp_path / "m.yaml", applied=[], mounts=tmp_path,
+                  cli_env=secure_server.secure.env_file(natsauth.CLI))
+    lines = text.split("Look around", 1)[1].splitlines()[1:]
+    snippet = lines[lines.index(next(line for line in lines if line.startswith(".venv/bin/python"))):]
+    script = "set -e\n" + "\n".join([line.strip() for line in lines[:2]] + snippet[:snippet.index("EOF") + 1])
+    env = {name: value for name, value in os.environ.items() if not name.startswith("NATS_")}
+    shell = await asyncio.to_thread(subprocess.run, ["sh", "-c", script], env=env, cwd=REPO, capture_output=True,
+                                    text=True, timeout=60)
+
+    assert shell.returncode == 0, f"{script}\n{shell.stderr}"
+    # (then asyncio's own warning about the snippet's TLS connection closing, which is not the CLI's to print)
+    assert shell.stderr.splitlines()[0] == "No resources found in default namespace."
+    published = await cli_bus.js.get_last_msg(subjects.STREAM_COMMANDS, subjects.DATASET_APPLY)
+    assert json.loads(published.data or b"{}")["id"] == "hello-1"
 
 
 # --- Durable consumers: each kind its own, an agent its node's tasks. ---

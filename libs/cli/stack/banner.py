@@ -8,7 +8,7 @@ from pathlib import Path
 
 import msgspec
 
-from libs import subjects
+from libs import natsauth, subjects
 from libs.cli.stack import S3Access
 from libs.cli.stack.demo import DEMO_BUCKET, Applied
 from libs.cli.stack.ports import DEFAULT_NATS_URL
@@ -16,8 +16,10 @@ from libs.embedded import LOOPBACK
 from libs.redact import strip_userinfo
 
 
-def publish_example(nats_url: str) -> str:
-    """A copy-paste Python snippet that applies a Dataset with nothing but nats-py and JSON."""
+def publish_example(nats_url: str, secure: bool = False) -> str:
+    """A copy-paste Python snippet that applies a Dataset with nothing but nats-py and JSON; ``secure``: as the CLI
+    user, whose credentials and CA come from the environment its env file sets, and whose replies (JetStream's
+    acknowledgement) arrive below its own inbox, the only one it may read."""
     from libs.events.common import ObjectMeta
     from libs.events.dataset import Dataset, DatasetApply, DatasetSpec, Mount
 
@@ -26,11 +28,16 @@ def publish_example(nats_url: str) -> str:
         dataset=Dataset(metadata=ObjectMeta(name="hello"),
                         spec=DatasetSpec(mounts=[Mount(mount_point=f"s3://{DEMO_BUCKET}/train/")])),
     )
+    connect = f"{nats_url.split(',')[0]!r}"
+    if secure:
+        connect += (", user=os.environ['NATS_USER'], password=os.environ['NATS_PASSWORD'],\n"
+                    "                            tls=ssl.create_default_context(cafile=os.environ['NATS_TLS_CA']),\n"
+                    f"                            inbox_prefix={natsauth.inbox_prefix(natsauth.CLI)!r}")
     return (
         ".venv/bin/python - <<'EOF'\n"
-        "import asyncio, json, nats\n"
-        "async def main():\n"
-        f"    nc = await nats.connect({nats_url.split(',')[0]!r})\n"
+        + ("import asyncio, json, os, ssl, nats\n" if secure else "import asyncio, json, nats\n")
+        + "async def main():\n"
+        f"    nc = await nats.connect({connect})\n"
         f"    command = {msgspec.to_builtins(command)!r}\n"
         f"    await nc.jetstream().publish({subjects.DATASET_APPLY!r}, json.dumps(command).encode())\n"
         "    await nc.close()\n"
@@ -51,9 +58,11 @@ def applied_line(applied: Sequence[Applied], manifest: Path) -> str:
 def banner(*, pid: int, nats_url: str, nats_embedded: bool, nats_monitor_port: int, s3: S3Access,
            seeded_objects: int, services: Mapping[str, int], http_ports: Mapping[str, int], logs: Path,
            manifest: Path, applied: Sequence[Applied], mounts: Path,
-           agents: Sequence[tuple[str, Path]] = (), metrics: str = "", nats_servers: int = 1) -> str:
+           agents: Sequence[tuple[str, Path]] = (), metrics: str = "", nats_servers: int = 1,
+           cli_env: Path | None = None) -> str:
     """What ``shoal up`` prints once everything runs; ``agents`` (node, mount root) when it runs several;
-    ``metrics``: where Prometheus is, or how to get one; ``nats_servers``: the embedded cluster's size."""
+    ``metrics``: where Prometheus is, or how to get one; ``nats_servers``: the embedded cluster's size;
+    ``cli_env``: with ``--secure``, the file of the CLI's credentials, which every command to look around needs."""
     # A NATS_URL may carry a user and password; the banner lands in terminals and logs, so it never shows them.
     nats_url = strip_userinfo(nats_url)
     nats_line = (f"{nats_url} (embedded; monitoring http://{LOOPBACK}:{nats_monitor_port})" if nats_embedded
@@ -91,7 +100,12 @@ def banner(*, pid: int, nats_url: str, nats_embedded: bool, nats_monitor_port: i
         for root in roots:
             lines.append(f"  mount     {root}/{item.namespace}/{item.name} "
                          "(the agent mounts it once the dataset is Bound)")
-    lines += ["", "Look around:", f"  {shoal} get datasets"]
+    if cli_env is None:
+        lines += ["", "Look around:"]
+    else:  # without a user and the CA, every command below is refused
+        lines += ["", "Look around (NATS wants TLS and a user: first give this shell the shoal CLI's):",
+                  f"  . {cli_env}"]
+    lines += [f"  {shoal} get datasets"]
     if datasets:
         first = datasets[0]
         where = f"{roots[0]}/{first.namespace}/{first.name}"
@@ -100,7 +114,7 @@ def banner(*, pid: int, nats_url: str, nats_embedded: bool, nats_monitor_port: i
                   f"  find {where} && md5sum $(find {where} -type f)"]
     lines += [
         "  Publish a command as JSON with plain Python (nats-py); paste this into a shell:",
-        publish_example(nats_url),
+        publish_example(nats_url, secure=cli_env is not None),
         "",
         "Ctrl-C to stop (or `shoal down` from another terminal).",
     ]
