@@ -245,6 +245,10 @@ def _document_to_command(
         # The text is not quoted: it may be a secret's value.
         raise _DocumentError(f"{where}: holds text that is not valid Unicode (a lone surrogate)")
     api_version, kind = document.get("apiVersion"), document.get("kind")
+    missing = [field for field, value in (("apiVersion", api_version), ("kind", kind)) if value in (None, "")]
+    if missing:  # else the messages below would name a kind "None" (a file that is not a manifest at all)
+        raise _DocumentError(f"{where}: {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} required "
+                             "(not a Kubernetes or Fluid manifest?)")
     label = f"{where} ({kind}"
     metadata = document.get("metadata")
     if isinstance(metadata, dict) and isinstance(metadata.get("name"), str):

@@ -321,6 +321,29 @@ def test_unknown_kind_or_api_version_is_an_error_and_other_documents_still_conve
     assert "AlluxioRuntime" in errors[0] and "data.fluid.io/v1alpha1" in errors[0]
 
 
+def test_a_document_without_api_version_or_kind_says_so_and_never_names_a_kind_none() -> None:
+    docs = load("""
+        metadata: {name: a}
+        ---
+        kind: Dataset
+        metadata: {name: b}
+        ---
+        apiVersion: shoal.io/v1alpha1
+        kind: ""
+        ---
+        root:x:0:0:root:/root:/bin/bash
+        """)
+
+    _, _, errors = documents_to_commands(docs)
+
+    assert errors == [
+        "document 1: apiVersion and kind are required (not a Kubernetes or Fluid manifest?)",
+        "document 2: apiVersion is required (not a Kubernetes or Fluid manifest?)",
+        "document 3: kind is required (not a Kubernetes or Fluid manifest?)",
+        "document 4: expected a mapping with apiVersion, kind, metadata and spec, got str",
+    ]
+
+
 def test_schema_violation_names_the_document_and_the_path() -> None:
     docs = load("""
         apiVersion: shoal.io/v1alpha1
