@@ -9,6 +9,7 @@ without a manifest, is an error before anything is read, so a mistyped path appl
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,9 @@ from pathlib import Path
 import click
 
 STDIN = "-"
+# The most a manifest file may hold: far above any set of documents NATS would carry (1 MiB each), and a bound on
+# what `-f /dev/zero` or a wrong huge file reads into memory before it is refused.
+MAX_MANIFEST_BYTES = 16 * 1024 * 1024
 # kubectl's FileExtensions: the files a folder is read for.
 EXTENSIONS = (".yaml", ".yml", ".json")
 
@@ -32,12 +36,18 @@ class ManifestSource:
     path: Path | None  # None: stdin
 
     def read(self) -> str:
-        """The text (UTF-8); UnicodeDecodeError and OSError are the caller's to report."""
+        """The text (UTF-8, at most ``MAX_MANIFEST_BYTES``); UnicodeDecodeError and OSError (one for a manifest
+        larger than that) are the caller's to report."""
         if self.path is None:
-            with click.open_file(STDIN) as stdin:  # click's stdin: not closed, the right encoding
-                text: str = stdin.read()
-            return text
-        return self.path.read_text(encoding="utf-8")
+            with click.open_file(STDIN, "rb") as stdin:  # click's stdin: not closed
+                data = stdin.read(MAX_MANIFEST_BYTES + 1)
+        else:
+            with self.path.open("rb") as file:
+                data = file.read(MAX_MANIFEST_BYTES + 1)
+        if len(data) > MAX_MANIFEST_BYTES:
+            raise OSError(errno.EFBIG, f"larger than the {MAX_MANIFEST_BYTES // (1024 * 1024)} MiB a manifest may "
+                                       f"have (a device such as /dev/zero, or not a manifest?)")
+        return data.decode("utf-8")
 
 
 def manifest_sources(paths: Sequence[str], recursive: bool) -> list[ManifestSource]:

@@ -626,6 +626,14 @@ async def test_a_missing_path_or_an_empty_folder_applies_nothing(nats_server: Na
         1, f'error: no manifests (*.yaml, *.yml, *.json) in the folder or its subfolders "{empty}"\n')
 
 
+async def test_a_manifest_without_end_is_refused_after_its_limit_not_read_for_ever(nats_server: NatsServer) -> None:
+    """``apply -f /dev/zero`` read for ever (and into memory); a manifest is read up to its limit, then refused."""
+    result = await asyncio.wait_for(shoal(nats_server, "apply", "-f", "/dev/zero"), timeout=60)
+    assert result.exit_code == 1 and result.stdout == "", result.output
+    assert result.stderr == ("error: /dev/zero: cannot read it: larger than the 16 MiB a manifest may have (a device "
+                             "such as /dev/zero, or not a manifest?)\n")
+
+
 async def test_unanswered_command_times_out(nats_server: NatsServer, bus: Bus) -> None:
     """Streams exist but no service runs: the command waits for its answer, then says so."""
     result = await shoal(nats_server, "delete", "runtime", "demo", wait_seconds=0.3)
