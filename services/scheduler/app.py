@@ -118,6 +118,7 @@ async def run(settings: Settings, stop: asyncio.Event, clock: Callable[[], float
         handlers = SchedulerHandlers(bus, agents, weights_of(settings.scheduler), settings.scheduler.node_timeout,
                                      clock)
         readiness.add("datasets", lambda: None if handlers.datasets_ready.is_set() else NOT_READY)
+        readiness.add("inventory", lambda: handlers.warming() or None)
         inventory = Consumer(
             bus, subjects.STREAM_AGENT, subjects.DURABLE_SCHEDULER_INVENTORY, subjects.AGENT_INVENTORY,
             msgspec.json.Decoder(AnyInventory), handlers.on_inventory, max_event_bytes=MESSAGE_LIMIT,

@@ -60,6 +60,13 @@ _RECORD_DECODER = msgspec.json.Decoder(DatasetRecord)
 CATALOG_ATTEMPTS = 10
 # The answer to every question asked before the datasets' records are read (just after a start).
 NOT_READY = "the scheduler is starting (datasets not read yet); ask again shortly"
+# The answer to every question asked after a start while mounts that the agents' heartbeats report serving have not
+# sent the snapshot asked for at start: the fold starts empty, and a ranking made from part of the snapshots names a
+# few of the holders (a webhook's required host list would freeze a pod to them for good).
+NOT_WARM = "the scheduler is starting (inventory snapshots not all read yet); ask again shortly"
+# How long after the start's snapshot request it waits for those snapshots at most: a mount whose publisher is
+# failing must not keep the scheduler from answering.
+WARMUP_SECONDS = 15.0
 
 
 def _request_key(request: ScoreRequest) -> Any:
@@ -140,6 +147,7 @@ class SchedulerHandlers:
     counts: dict[str, int] = field(default_factory=dict)
     # Where manifests are loaded from (tests hand in one that fails).
     manifests: Callable[[Bus], Awaitable[ManifestStore]] = ManifestStore.of
+    warmup_seconds: float = WARMUP_SECONDS
 
     def __post_init__(self) -> None:
         self.totals = _Totals(self.datasets)
@@ -154,6 +162,10 @@ class SchedulerHandlers:
         self._labels_seen: Any = ()
         # Datasets whose current manifest failed to load (``retry_catalogs``).
         self._unloaded: dict[DatasetKey, _Unloaded] = {}
+        # When the start's snapshot request went out (``watch_datasets``; None: not yet, or handlers fed by hand),
+        # and whether the snapshots of the serving mounts are in since (``warming``).
+        self._asked_at: float | None = None
+        self._warm = False
 
     def _count(self, what: str) -> None:
         self.counts[what] = self.counts.get(what, 0) + 1
@@ -173,6 +185,8 @@ class SchedulerHandlers:
             # Every dataset would look unknown and every node cache-free: an error lets the caller fall back (the
             # webhook writes nothing, kube-scheduler ignores the extender) instead of placing pods on a wrong answer.
             return ScoreReply(id=f"{request.id}.reply", causation_id=request.id, error=NOT_READY)
+        if waiting := self.warming():
+            return ScoreReply(id=f"{request.id}.reply", causation_id=request.id, error=waiting)
         request = domain.through_references(request, self.references)
         key = _request_key(request)
         stamp = self._stamp(request)
@@ -183,6 +197,38 @@ class SchedulerHandlers:
             reply = domain.score(request, self.view, self.weights)
             self._keep(key, stamp, reply)
         return reply
+
+    def warming(self) -> str:
+        """Why the fold is not yet what the agents hold after a start (empty once it is, for good): the snapshots
+        asked for at start of the mounts that fresh heartbeats report serving, of datasets that exist, are not all
+        in, and ``warmup_seconds`` have not passed since they were asked for. Also ``/readyz``'s inventory check."""
+        if self._warm or self._asked_at is None:  # before the records are read, ``answer`` says NOT_READY
+            return ""
+        missing = self._unsnapshotted() if self.agents.ready.is_set() else -1
+        if missing == 0 or self.clock() - self._asked_at >= self.warmup_seconds:
+            if missing != 0:
+                log.warning("answering without every mount's snapshot", missing=missing,
+                            waited=self.warmup_seconds)
+            self._warm = True
+            return ""
+        return NOT_WARM
+
+    def _unsnapshotted(self) -> int:
+        """Serving mounts (fresh heartbeats, datasets that exist) whose complete snapshot the fold has not folded."""
+        now, missing = self.clock(), 0
+        for node, record in self.agents.values.items():
+            if now - record.received_at > self.node_timeout:
+                continue
+            beat = record.heartbeat
+            serving = {(group.namespace, name) for group in beat.mount_groups if group.state == "Serving"
+                       for name in group.datasets}
+            serving |= {(report.dataset.namespace, report.dataset.name) for report in beat.mounts
+                        if report.state == "Serving"}
+            for key in serving:
+                cache = self.fold.datasets.get(key, {}).get(node)
+                if key in self.datasets and (cache is None or not cache.position.exact):
+                    missing += 1
+        return missing
 
     def _keep(self, key: Any, stamp: Any, reply: ScoreReply) -> None:
         """Keep a decision, within ``ANSWERS_KEPT`` questions and ``ANSWERS_KEPT_NODES`` nodes listed."""
@@ -265,6 +311,8 @@ class SchedulerHandlers:
                         for gone in (set(self.datasets) | set(self.references)) - replaying:
                             self.forget_dataset(gone)
                     replaying = None
+                    if not asked:
+                        self._asked_at = self.clock()  # answers wait for the snapshots from the moment they can
                     self.datasets_ready.set()
                     if not asked:
                         asked = True

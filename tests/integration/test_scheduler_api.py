@@ -33,6 +33,7 @@ from libs.events.agent import (
     InventoryDelta,
     InventoryRequest,
     InventorySnapshot,
+    MountGroup,
     group_blocks,
 )
 from libs.events.common import ObjectMeta, ObjectRef
@@ -41,7 +42,7 @@ from libs.events.schedule import DatasetUse, ScoreReply, ScoreRequest
 from libs.manifest import ManifestStore, ManifestWriter
 from libs.side_server import Readiness
 from services.scheduler import app
-from services.scheduler.handlers import CATALOG_ATTEMPTS, NOT_READY, SchedulerHandlers
+from services.scheduler.handlers import CATALOG_ATTEMPTS, NOT_READY, NOT_WARM, SchedulerHandlers
 from tests.conftest import NatsServer
 from tests.helpers import eventually, make_settings
 from tests.metric_values import Snapshot
@@ -280,6 +281,70 @@ async def test_before_the_datasets_are_read_it_is_not_ready_and_answers_an_error
     finally:
         stop.set()
         await asyncio.wait_for(task, 20)
+
+
+def _serving(node: str, dataset: ObjectRef = DATASET, state: str = "Serving") -> AgentRecord:
+    """A fresh record of an agent whose heartbeat reports its mount of ``dataset`` in ``state``."""
+    beat = AgentHeartbeat(node=node, sent_at=time.time(), mount_groups=[
+        MountGroup(namespace=dataset.namespace, state=state, datasets={dataset.name: 0})])  # type: ignore[arg-type]
+    return AgentRecord(heartbeat=beat, received_at=time.time())
+
+
+async def test_after_a_start_it_answers_once_the_serving_mounts_snapshots_are_in(
+        bus: Bus, scheduler_settings: Settings) -> None:
+    """The fold starts empty and is rebuilt from the snapshots asked for at start. Until the mounts the heartbeats
+    report serving have sent theirs, a ranking would say "nobody holds it" (or name the few holders heard from, which
+    the webhook would freeze into a pod's required hosts): it answered at once, from an empty fold. Now every question
+    gets an error, and /readyz says so, until they are in."""
+    await seed(bus, {"node-b": {}})
+    await (await bus.kv(subjects.KV_AGENTS)).put("node-a", msgspec.json.encode(_serving("node-a")))
+    agent = FakeAgent(bus, "node-a")  # its cache, from before the scheduler's restart
+    agent.blocks = {BlockId(0, name, "e1", i): MiB for name in ("train/a.bin", "train/b.bin") for i in range(2)}
+    readiness = Readiness()
+    found: list[SchedulerHandlers] = []
+
+    def started(handlers: SchedulerHandlers) -> None:
+        handlers.warmup_seconds = 3600.0  # the deadline is not what this test waits for
+        found.append(handlers)
+
+    stop = asyncio.Event()
+    task = asyncio.create_task(app.run(scheduler_settings, stop, readiness=readiness, started=started))
+    try:
+        await eventually(lambda: _true(bool(found) and found[0].counts.get("snapshot_requests", 0) >= 1),
+                         what="every agent asked for a snapshot at start", timeout=20)
+        reply = await ask(bus, WHOLE)
+        assert reply.error == NOT_WARM and not reply.scores
+        ready, checks = readiness.report()
+        assert not ready and checks["inventory"] == NOT_WARM
+        await agent.snapshot()  # node-a's mount answers the request
+        reply = await eventually(lambda: _scored(ask(bus, WHOLE)), what="node-a's snapshot folded", timeout=20)
+        assert ranking(reply) == [("node-a", 80), ("node-b", 0)]
+        assert readiness.report()[1]["inventory"] == "ok"
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 20)
+
+
+async def test_warming_up_ends_at_its_deadline_and_waits_only_for_serving_mounts(bus: Bus) -> None:
+    """A serving mount whose snapshot never comes holds the answers up for ``warmup_seconds`` at most; a mount that
+    is not serving, or of a dataset that does not exist, is not waited for."""
+    async def warming_after_start(records: dict[str, AgentRecord]) -> tuple[SchedulerHandlers, list[float]]:
+        handlers, clock, record = await _flaky_handlers(bus, ManifestStore)
+        await handlers.dataset_changed(("ml", "imagenet"), record)
+        handlers.datasets_ready.set()
+        handlers._asked_at = clock[0]  # as ``watch_datasets`` does once the records are read
+        handlers.agents.values.update({node: msgspec.structs.replace(r, received_at=clock[0])
+                                       for node, r in records.items()})
+        handlers.agents.ready.set()
+        return handlers, clock
+
+    handlers, _ = await warming_after_start({"node-a": _serving("node-a", state="Failing"),
+                                             "node-b": _serving("node-b", ObjectRef(name="gone", namespace="ml"))})
+    assert handlers.warming() == "" and ranking(handlers.answer(WHOLE)) == [("node-a", 0), ("node-b", 0)]
+    handlers, clock = await warming_after_start({"node-c": _serving("node-c")})
+    assert handlers.answer(WHOLE).error == NOT_WARM
+    clock[0] += handlers.warmup_seconds
+    assert ranking(handlers.answer(WHOLE)) == [("node-c", 0)] and handlers.warming() == ""
 
 
 async def test_a_stop_before_the_datasets_are_read_ends_promptly_and_keeps_the_inventory(
