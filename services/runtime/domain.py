@@ -183,7 +183,8 @@ def validate_runtime(runtime: Runtime) -> list[str]:
         elif not 0 < low < high <= 1:
             errors.append(f"{where}: watermarks must satisfy 0 < low < high <= 1, got low={low} high={high}")
         if level.mediumtype in ("SSD", "HDD"):
-            paths = [p for p in level.path.split(",") if p]
+            # Stripped as the agent's cache strips them: the paths judged are the ones it will use.
+            paths = [p.strip() for p in level.path.split(",") if p.strip()]
             if not paths:
                 errors.append(f"{where}.path is required for {level.mediumtype} tiers")
             for path in paths:

@@ -179,6 +179,18 @@ def test_disk_tier_path_must_be_absolute_without_dotdot(path: str) -> None:
     assert "must be an absolute path without '..'" in error
 
 
+@pytest.mark.parametrize(("path", "used"), [("/etc ", "/etc"), ("/ ", "/"), ("/mnt/x/.. ", "/mnt/x/.."),
+                                             ("/data/cache,/usr\t", "/usr")])
+def test_disk_tier_paths_are_judged_as_the_agent_uses_them(path: str, used: str) -> None:
+    # The agent's cache strips each path: "/etc " is /etc there, so it is refused here, at apply, not on every node.
+    error = one_error(make_runtime(Level(mediumtype="SSD", quota="1Gi", path=path)))
+    assert error.startswith(f"spec.tieredstore.levels[0].path {used!r} ")
+
+
+def test_disk_tier_paths_with_blanks_around_them_are_the_paths_the_agent_uses() -> None:
+    assert validate_runtime(make_runtime(Level(mediumtype="SSD", quota="1Gi", path=" /mnt/a , /mnt/b,"))) == []
+
+
 @pytest.mark.parametrize("block_size", ["32Ki", "60Ki", "128Mi", "0", "1Gi", 1024])
 def test_block_size_out_of_range(block_size: str | int) -> None:
     error = one_error(make_runtime(block_size=block_size))
