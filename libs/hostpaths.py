@@ -24,7 +24,9 @@ SYSTEM_TREES = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/l
                 "/sys", "/usr")
 
 
-def _normal(path: str) -> str:
+def normal_path(path: str) -> str:
+    """``path`` written one way (no '.', '..', doubled or trailing '/'), lexically: two spellings of one folder
+    compare equal."""
     # normpath keeps a leading '//' (POSIX leaves its meaning open); Linux reads it as '/'.
     return "/" + posixpath.normpath(path).lstrip("/")
 
@@ -35,8 +37,8 @@ def _below(path: str, root: str) -> bool:
 
 def local_root_of(path: str, roots: Sequence[str]) -> str | None:
     """The root of ``roots`` (SHOAL_LOCAL_ROOTS) the folder ``path`` lies below, as written; None if none."""
-    normal = _normal(path)
-    return next((root for root in roots if _below(normal, _normal(root))), None)
+    normal = normal_path(path)
+    return next((root for root in roots if _below(normal, normal_path(root))), None)
 
 
 def local_root_error(path: str, roots: Sequence[str]) -> str | None:
@@ -46,7 +48,7 @@ def local_root_error(path: str, roots: Sequence[str]) -> str | None:
                 "mounted in SHOAL_LOCAL_ROOTS")
     if local_root_of(path, roots) is not None:
         return None
-    return f"{_normal(path)!r} is not below an allowed local root (SHOAL_LOCAL_ROOTS: {', '.join(roots)})"
+    return f"{normal_path(path)!r} is not below an allowed local root (SHOAL_LOCAL_ROOTS: {', '.join(roots)})"
 
 
 def real_local_root_error(path: str, roots: Sequence[str]) -> str | None:
@@ -62,7 +64,7 @@ def real_local_root_error(path: str, roots: Sequence[str]) -> str | None:
 
 def cache_path_error(path: str) -> str | None:
     """Why ``path`` may not hold a cache tier (a system folder, or below one), or None if it may."""
-    normal = _normal(path)
+    normal = normal_path(path)
     if normal in SYSTEM_FOLDERS:
         return f"{path!r} is a system folder; give a folder of its own, e.g. /var/cache/shoal"
     tree = next((tree for tree in SYSTEM_TREES if _below(normal, tree)), None)

@@ -61,7 +61,7 @@ from libs.events.runtime import (
     ScaleDecision,
     WorkerReplaced,
 )
-from libs.hostpaths import cache_path_error
+from libs.hostpaths import cache_path_error, normal_path
 from libs.references import is_reference_mount
 
 MEDIUM_TYPES = ("MEM", "SSD", "HDD")
@@ -161,6 +161,9 @@ def validate_runtime(runtime: Runtime) -> list[str]:
     if not spec.tieredstore.levels:
         errors.append("spec.tieredstore.levels must list at least one cache tier (MEM, SSD or HDD)")
     seen_media: set[str] = set()
+    # Each disk directory and where it was first given: two tiers in one directory scan and evict each other's
+    # blocks (every restart deletes the cache: one tier's scan drops the other's as over its quota or as copies).
+    directories: dict[str, str] = {}
     for index, level in enumerate(spec.tieredstore.levels):
         where = f"spec.tieredstore.levels[{index}]"
         if level.mediumtype not in MEDIUM_TYPES:
@@ -192,6 +195,11 @@ def validate_runtime(runtime: Runtime) -> list[str]:
                     errors.append(f"{where}.path {path!r} must be an absolute path without '..'")
                 elif refused := cache_path_error(path):
                     errors.append(f"{where}.path {refused}")
+                elif (first := directories.get(normal_path(path))) is not None:
+                    errors.append(f"{where}.path {path!r} is already a directory of {first}: two tiers in one "
+                                  "directory delete each other's blocks; give each its own")
+                else:
+                    directories[normal_path(path)] = f"{where}.path"
     errors += autoscaling_errors(spec.autoscaling, spec.management.metadata_sync_policy.period_seconds)
     try:
         block_size = parse_quantity(spec.block_size)

@@ -191,6 +191,21 @@ def test_disk_tier_paths_with_blanks_around_them_are_the_paths_the_agent_uses() 
     assert validate_runtime(make_runtime(Level(mediumtype="SSD", quota="1Gi", path=" /mnt/a , /mnt/b,"))) == []
 
 
+@pytest.mark.parametrize(("ssd", "hdd", "where"), [
+    ("/mnt/a,/mnt/a", "/mnt/h", "levels[0]"),
+    ("/mnt/a", "/mnt/a", "levels[1]"),
+    ("/mnt/a/", "/mnt//a/.", "levels[1]"),
+    ("/mnt/b,/mnt/a", "/mnt/c, /mnt/a", "levels[1]"),
+])
+def test_two_tiers_in_one_directory_are_refused(ssd: str, hdd: str, where: str) -> None:
+    # Two tiers in one directory scan it both: every restart deletes the cache (one's blocks are the other's
+    # over-quota or copies of a faster tier).
+    error = one_error(make_runtime(Level(mediumtype="SSD", quota="1Gi", path=ssd),
+                                   Level(mediumtype="HDD", quota="2Gi", path=hdd)))
+    assert error.startswith(f"spec.tieredstore.{where}.path ")
+    assert "two tiers in one directory" in error
+
+
 @pytest.mark.parametrize("block_size", ["32Ki", "60Ki", "128Mi", "0", "1Gi", 1024])
 def test_block_size_out_of_range(block_size: str | int) -> None:
     error = one_error(make_runtime(block_size=block_size))
