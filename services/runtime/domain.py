@@ -574,7 +574,15 @@ def mount_condition(runtime: Runtime, serving: Iterable[AgentHeartbeat], now: fl
                      last_transition_time=stamp)
 
 
+# The last second an RFC 3339 time can write (9999-12-31T23:59:59Z).
+LAST_STAMP = 253_402_300_799.0
+
+
 def _stamp(seconds: float) -> str:
+    """A time a node reported, as RFC 3339; one out of the calendar's range (a broken clock, nanoseconds sent as
+    seconds) as its number: formatting it would raise, and fail the status of every runtime the node serves."""
+    if not 0 <= seconds <= LAST_STAMP:
+        return f"{seconds:.0f}"
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
 
 

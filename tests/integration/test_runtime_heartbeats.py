@@ -1,5 +1,5 @@
-"""The runtime service's cost per heartbeat does not grow with the number of agents, and a node with thousands of
-mounts beats within the event limit.
+"""The runtime service's cost per heartbeat does not grow with the number of agents, a node with thousands of
+mounts beats within the event limit, and a beat's absurd times do not stop its runtimes' status.
 
 The service runs in-process on a real nats-server; its Bus hands out KV buckets wrapped so every read (get,
 keys, history) is counted. With 40 agents beating, a heartbeat must cost no read of the agents bucket at all
@@ -17,7 +17,7 @@ import pytest
 from libs import subjects
 from libs.bus import Bus, KvMirror, kv_load
 from libs.config import Settings
-from libs.events.agent import AgentHeartbeat, AgentRecord, MountReport
+from libs.events.agent import AgentHeartbeat, AgentRecord, MountReadFailures, MountReport, ReadFailure
 from libs.events.common import ObjectMeta, ObjectRef
 from libs.events.runtime import Level, Runtime, RuntimeApply, RuntimeSpec, TieredStore
 from libs.side_server import Readiness
@@ -147,6 +147,31 @@ async def test_an_agent_heartbeat_for_5000_datasets_is_taken_and_read_whole(bus:
         stored, _ = await kv_load(await bus.kv(subjects.KV_AGENTS), "node-big", AgentRecord)
         assert stored is not None and stored.heartbeat.mount_count() == 5000
         assert stored.heartbeat.mount_of(failing.dataset.namespace, failing.dataset.name) == failing
+
+
+async def test_read_failures_at_times_no_calendar_shows_still_make_a_status(bus: Bus, settings: Settings) -> None:
+    # A node whose read failures carry times out of any calendar's range (nanoseconds sent as seconds, a broken
+    # clock): the status is still worked out and written, the times shown as numbers. Formatting them raised, and
+    # every refresh of the runtime failed for as long as the node's record lived (its status stuck as it was).
+    failures = [MountReadFailures(dataset=ObjectRef(name="odd"), files=[
+        ReadFailure(path="/a.bin", errno="EIO", reason="the object store failed: 503", since=-1e20, at=1.7e18)])]
+    async with running(lambda stop: runtime_app.run(settings, stop)):
+        await put_unsynced_dataset(bus, "odd")
+        await bus.publish(subjects.RUNTIME_APPLY, RuntimeApply(runtime=Runtime(metadata=ObjectMeta(name="odd"), spec=(
+            RuntimeSpec(replicas=1, tieredstore=TieredStore(levels=[Level(mediumtype="MEM", quota="1Gi")]))))))
+        await eventually(lambda: runtime_record(bus, "odd"), what="the runtime applied")
+        await bus.publish(subjects.agent_heartbeat("node-odd"), AgentHeartbeat(
+            node="node-odd", runtimes=[ObjectRef(name="odd")], interval_seconds=3600.0, read_failures=failures))
+
+        async def failing() -> Any:
+            record = await runtime_record(bus, "odd")
+            found = [c for c in record.status.conditions if c.type == "ReadsFailing"] if record else []
+            return found[0] if found and record and record.status.phase == "Ready" else None
+
+        condition = await eventually(failing, what="the runtime Ready with its ReadsFailing condition")
+        assert condition.reason == "StoreError"
+        assert condition.message.startswith("node-odd: 1 failed read(s) since -100000000000000000000, ")
+        assert "the last at 1700000000000000000 " in condition.message
 
 
 async def test_a_stop_before_the_mirrors_are_filled_ends_promptly_and_keeps_the_heartbeat(
