@@ -4,7 +4,7 @@ heartbeats.
 A node serves a runtime when its last heartbeat lists the runtime and is younger than three heartbeat
 intervals, and counts as ready when that heartbeat also says healthy. The runtime is Ready when the desired
 number of replicas are ready; PartialReady with fewer, as long as some node serves it (an unhealthy node, whose
-mount keeps failing or whose cache directory is down, is named in the message with its problems, and keeps a
+mount keeps failing or whose cache directory is down, is named in the message with its first problems, and keeps a
 Bound dataset Bound: its mounts may still serve reads); NotReady when no node serves it. The ``Mounted``
 condition says whether every serving node that reports a mount of the runtime's dataset (same name) is serving
 it, and names those that are not. The ``ReadsFailing`` condition is there while a serving node's mount reports
@@ -75,6 +75,11 @@ CONDITION_MOUNTED = "Mounted"
 CONDITION_READS = "ReadsFailing"
 # Nodes a ReadsFailing message names (the rest are counted): a status line, however many nodes fail.
 READS_NODES_SHOWN = 3
+# Unhealthy nodes the runtime's message names, and problems shown per node (the rest are counted): an agent sends up
+# to 20 problems of a line each, so a store outage felt by a hundred nodes, each named with all of them in the
+# message and in notPicked, made a status larger than the dataset service takes (SHOAL_MAX_EVENT_BYTES, 256 KiB).
+UNHEALTHY_NODES_SHOWN = 3
+PROBLEMS_SHOWN = 3
 # False while the runtime has no Dataset of its name (absent otherwise).
 CONDITION_DATASET = "DatasetFound"
 # A cache worker whose heartbeats say unhealthy this long is replaced by a healthy spare, if there is one. Long
@@ -349,7 +354,9 @@ def missing_dataset(runtime: Runtime) -> str:
 
 
 def problems_text(beat: AgentHeartbeat) -> str:
-    return "; ".join(beat.problems) or "no reason given"
+    """The node's first ``PROBLEMS_SHOWN`` problems, the rest counted."""
+    shown, more = beat.problems[:PROBLEMS_SHOWN], len(beat.problems) - PROBLEMS_SHOWN
+    return "; ".join([*shown, f"and {more} more problem(s)"] if more > 0 else shown) or "no reason given"
 
 
 @dataclass(frozen=True)
@@ -508,7 +515,10 @@ def runtime_status(record: RuntimeRecord, agents: Iterable[AgentRecord], now: fl
     picks = choose_workers(runtime, record.status.workers, by_node, now, placement, others, keep_absent)
     workers = worker_status(runtime, picks.workers, by_node, now, record.status.workers)
     ready_workers = [worker for worker in workers if worker.ready]
-    unhealthy = [f"{beat.node} unhealthy ({problems_text(beat)})" for beat in serving if not beat.healthy]
+    sick = [beat for beat in serving if not beat.healthy]
+    unhealthy = [f"{beat.node} unhealthy ({problems_text(beat)})" for beat in sick[:UNHEALTHY_NODES_SHOWN]]
+    if len(sick) > UNHEALTHY_NODES_SHOWN:
+        unhealthy.append(f"and {len(sick) - UNHEALTHY_NODES_SHOWN} more unhealthy node(s)")
     desired = runtime.spec.replicas
     phase: RuntimePhase
     if nodes and len(nodes) >= desired:
