@@ -73,7 +73,7 @@ MISSED_BEATS = 3
 CONDITION_MOUNTED = "Mounted"
 # True while a node's mount of the dataset reports failed reads (absent otherwise).
 CONDITION_READS = "ReadsFailing"
-# Nodes a ReadsFailing message names (the rest are counted): a status line, however many nodes fail.
+# Nodes a ReadsFailing or Mounted message names (the rest are counted): a status line, however many nodes fail.
 READS_NODES_SHOWN = 3
 # Unhealthy nodes the runtime's message names, and problems shown per node (the rest are counted): an agent sends up
 # to 20 problems of a line each, so a store outage felt by a hundred nodes, each named with all of them in the
@@ -579,7 +579,12 @@ def mount_condition(runtime: Runtime, serving: Iterable[AgentHeartbeat], now: fl
         return Condition(type=CONDITION_MOUNTED, status="True", reason="Serving",
                          message=f"mounted on {len(reports)} node(s)", last_transition_time=stamp)
     reason = "MountFailing" if any(report.state == "Failing" for _, report in failing) else "MountStarting"
-    message = "not serving on " + "; ".join(f"{node}: {report.message or report.state}" for node, report in failing)
+    # Failing nodes first, so those named show why the reason is MountFailing.
+    failing.sort(key=lambda pair: (pair[1].state != "Failing", pair[0]))
+    parts = [f"{node}: {report.message or report.state}" for node, report in failing[:READS_NODES_SHOWN]]
+    if len(failing) > READS_NODES_SHOWN:
+        parts.append(f"and {len(failing) - READS_NODES_SHOWN} more node(s)")
+    message = "not serving on " + "; ".join(parts)
     return Condition(type=CONDITION_MOUNTED, status="False", reason=reason, message=message,
                      last_transition_time=stamp)
 

@@ -353,17 +353,17 @@ def test_an_unhealthy_only_node_is_named_with_its_problems_and_keeps_the_runtime
                               "/c/default/imagenet is down)")
 
 
-def sick_agents(count: int, problems: int) -> list[AgentRecord]:
+def outage_agents(count: int, problems: int, healthy: bool = False) -> list[AgentRecord]:
     """Agents of EKS-like names whose mounts all fail (a store outage), each with ``problems`` lines."""
     lines = [f"mount default/dataset-{i:04d}: mount process exited with code 1 3 times in a row: the object store "
              "answered 503 Service Unavailable" for i in range(problems)]
     return [AgentRecord(heartbeat=AgentHeartbeat(
-        node=f"ip-10-0-{i // 250}-{i % 250}.ec2.internal", runtimes=[ObjectRef(name="imagenet")], healthy=False,
+        node=f"ip-10-0-{i // 250}-{i % 250}.ec2.internal", runtimes=[ObjectRef(name="imagenet")], healthy=healthy,
         problems=lines, interval_seconds=INTERVAL, sent_at=NOW), received_at=NOW) for i in range(count)]
 
 
 def test_the_message_names_three_unhealthy_nodes_with_three_problems_each_and_counts_the_rest() -> None:
-    status = status_of(valid_runtime(replicas=3), sick_agents(10, 20))
+    status = status_of(valid_runtime(replicas=3), outage_agents(10, 20))
     first, *rest = status.message.split("; ")
     assert first == "0 of 3 agents ready"
     assert [part.split(" unhealthy (")[0] for part in rest if " unhealthy (" in part] == [
@@ -372,16 +372,34 @@ def test_the_message_names_three_unhealthy_nodes_with_three_problems_each_and_co
     assert status.message.count("and 17 more problem(s)") == 3
     assert all(reason.count("mount default/") == 3 and reason.endswith("and 17 more problem(s))")
                for reason in (agent.reason for agent in status.not_picked))
-    few = status_of(valid_runtime(replicas=1), sick_agents(1, 3))
+    few = status_of(valid_runtime(replicas=1), outage_agents(1, 3))
     assert few.message.endswith("answered 503 Service Unavailable)") and "more" not in few.message
 
 
 def test_a_store_outage_on_a_hundred_nodes_keeps_the_status_under_the_event_limit() -> None:
     # Every node's mounts fail, each node sending the most problems an agent sends (20): the status event must
     # still be one the dataset service takes (SHOAL_MAX_EVENT_BYTES, 256 KiB by default).
-    status = status_of(valid_runtime(replicas=3), sick_agents(200, 20))
+    status = status_of(valid_runtime(replicas=3), outage_agents(200, 20))
     event = RuntimeStatusChanged(name="imagenet", namespace="default", generation=1, status=status)
     assert status.phase == "PartialReady" and len(status.not_picked) == 200
+    assert len(msgspec.json.encode(event)) < Settings().service.max_event_bytes
+
+
+def test_a_mount_failing_on_a_thousand_nodes_keeps_the_status_under_the_event_limit() -> None:
+    # Every node's mount of the dataset fails (credentials refused): the Mounted message, also added to the
+    # runtime's message, names three nodes (those Failing first) and counts the rest.
+    ref = ObjectRef(name="imagenet")
+    failing = MountReport(dataset=ref, state="Failing", message="mount process exited with code 1 (2 times in a "
+                          "row): the object store refused the credentials (403 Forbidden)")
+    starting = MountReport(dataset=ref, state="Starting", message="mounting")
+    agents = [with_mounts(record, starting if i == 0 else failing)
+              for i, record in enumerate(outage_agents(1000, 0, healthy=True))]
+    status = status_of(valid_runtime(replicas=3), agents)
+    [mounted] = [c for c in status.conditions if c.type == "Mounted"]
+    assert mounted.reason == "MountFailing"
+    assert mounted.message.startswith("not serving on ip-10-0-0-1.ec2.internal: mount process exited with code 1")
+    assert mounted.message.endswith("; and 997 more node(s)") and mounted.message.count("ip-10-0-") == 3
+    event = RuntimeStatusChanged(name="imagenet", namespace="default", generation=1, status=status)
     assert len(msgspec.json.encode(event)) < Settings().service.max_event_bytes
 
 
