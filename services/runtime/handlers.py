@@ -8,8 +8,8 @@ when the command is handled, with only ``spec.replicas`` replaced: a scaler that
 would put back a spec applied after it looked.
 
 The agents' last heartbeats are read from an in-memory view of the ``shoal_agents`` bucket fed by a KV watch
-(``KvMirror``), never listed: a heartbeat costs one KV write plus the refresh of the runtimes it names (or named
-before), whatever the number of agents.
+(``KvMirror``), never listed: a heartbeat costs one KV write plus the refresh of the existing runtimes it names
+(or named before), whatever the number of agents.
 
 Cache workers depend on more than the runtime and the agents: the Dataset of the same name (whether there is one,
 its ``nodeAffinity`` and ``placement``, from a view of ``shoal_datasets``) and the other runtimes' workers (an
@@ -243,6 +243,10 @@ class RuntimeHandlers:
                 affected |= set(await self._runtime_keys())
             else:
                 affected |= {subjects.resource_key(ref.namespace, ref.name) for ref in served.runtimes}
+        if self.runtimes.ready.is_set():
+            # A runtime the view lacks does not exist (or was applied a moment ago, and its apply refreshes it):
+            # an agent naming runtimes not applied yet would otherwise cost a bucket read each, at every beat.
+            affected &= set(self.runtimes.values)
         agents = self._agents()
         for key in sorted(affected):
             await self.refresh(key, agents, mirror_first=True)

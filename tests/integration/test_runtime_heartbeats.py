@@ -1,5 +1,6 @@
-"""The runtime service's cost per heartbeat does not grow with the number of agents, a node with thousands of
-mounts beats within the event limit, and a beat's absurd times do not stop its runtimes' status.
+"""The runtime service's cost per heartbeat does not grow with the number of agents (nor with the runtimes it names
+that do not exist), a node with thousands of mounts beats within the event limit, and a beat's absurd times do not
+stop its runtimes' status.
 
 The service runs in-process on a real nats-server; its Bus hands out KV buckets wrapped so every read (get,
 keys, history) is counted. With 40 agents beating, a heartbeat must cost no read of the agents bucket at all
@@ -100,6 +101,38 @@ async def test_a_heartbeat_reads_no_agent_records_whatever_the_number_of_agents(
     assert per_beat.get(subjects.KV_AGENTS, 0) == 0, per_beat
     # One runtime named per beat: a read of its record, plus the 2 s status ticker's listing meanwhile.
     assert per_beat.get(subjects.KV_RUNTIMES, 0) <= 2, per_beat
+
+
+@pytest.mark.timeout(120)
+async def test_a_heartbeat_naming_runtimes_that_do_not_exist_reads_no_record_of_theirs(
+        bus: Bus, settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    # An agent whose SHOAL_AGENT_RUNTIMES names 200 runtimes not applied (yet): each beat read the bucket for each
+    # of them, under the lock every refresh takes. Only the runtimes that exist are refreshed.
+    reads: Counter[str] = Counter()
+    monkeypatch.setattr(runtime_app, "connect", counting_connect(reads))
+    runtime = Runtime(metadata=ObjectMeta(name="real"), spec=RuntimeSpec(
+        replicas=1, tieredstore=TieredStore(levels=[Level(mediumtype="MEM", quota="1Gi")])))
+    serves = [ObjectRef(name="real"), *(ObjectRef(name=f"later-{i:03d}") for i in range(200))]
+    async with running(lambda stop: runtime_app.run(settings, stop)):
+        await put_unsynced_dataset(bus, "real")
+        await bus.publish(subjects.RUNTIME_APPLY, RuntimeApply(runtime=runtime))
+        await eventually(lambda: runtime_record(bus, "real"), what="the runtime applied")
+        await eventually(lambda: _consumed_commands(bus), what="the apply handled")
+        before = reads.copy()
+        for round_ in range(5):
+            await bus.publish(subjects.agent_heartbeat("node-wide"), AgentHeartbeat(
+                id=f"wide-{round_}", node="node-wide", runtimes=serves, interval_seconds=30.0))
+        await eventually(lambda: _consumed(bus, 5), 60, "the heartbeats handled")
+        record = await runtime_record(bus, "real")
+        assert record is not None and record.status.ready_nodes == ["node-wide"]
+    runtime_reads = (reads[subjects.KV_RUNTIMES] - before[subjects.KV_RUNTIMES]) / 5
+    # The existing runtime's record when its status changes, plus the 2 s ticker's listing meanwhile.
+    assert runtime_reads <= 2, runtime_reads
+
+
+async def _consumed_commands(bus: Bus) -> bool:
+    info = await bus.js.consumer_info(subjects.STREAM_COMMANDS, subjects.DURABLE_RUNTIME_COMMANDS)
+    return info.num_ack_pending == 0 and info.num_pending == 0
 
 
 async def _consumed(bus: Bus, count: int) -> bool:
