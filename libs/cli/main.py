@@ -19,7 +19,7 @@ import logging
 import secrets
 import ssl
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -50,7 +50,7 @@ from libs.documents import (
     holds_objects,
     parse_documents,
 )
-from libs.events.common import ObjectMeta, ObjectRef
+from libs.events.common import DNS1123_LABEL, ObjectMeta, ObjectRef, dns_label_errors
 from libs.events.dataset import (
     DatasetAccepted,
     DatasetApply,
@@ -131,6 +131,21 @@ class CliError(click.ClickException):
 
     def show(self, file: IO[Any] | None = None) -> None:
         click.echo(f"error: {self.format_message()}", err=True)
+
+
+def _checked_namespace(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """``-n``: a DNS-1123 label, as Kubernetes names namespaces; anything else (an empty one) names nothing there is
+    to find or apply, and said as such it is a clearer error than "No resources found in  namespace"."""
+    errors = dns_label_errors(value, "--namespace", DNS1123_LABEL)
+    if errors:
+        raise CliError("; ".join(errors))
+    return value
+
+
+def namespace_option(help: str | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The ``-n/--namespace`` option of every command that works in one namespace."""
+    return click.option("-n", "--namespace", default="default", show_default=True, callback=_checked_namespace,
+                        help=help)
 
 
 class SetupError(CliError):
@@ -432,8 +447,7 @@ _RECURSIVE_HELP = "Read the folders given with -f and their subfolders, all the 
 @cli.command()
 @click.option("-f", "--filename", "files", multiple=True, required=True, metavar="PATH", help=_FILENAME_HELP)
 @click.option("-R", "--recursive", is_flag=True, help=_RECURSIVE_HELP)
-@click.option("-n", "--namespace", default="default", show_default=True,
-              help="Namespace of documents that do not name one.")
+@namespace_option(help="Namespace of documents that do not name one.")
 @click.option("--wait", is_flag=True,
               help="Follow each DataLoad and DataClean until it is Complete or Failed, with a progress bar; "
                    "exit 1 if one Failed.")
@@ -508,7 +522,7 @@ async def _require_dataset(bus: Bus, dataset: ObjectRef, kind: str) -> None:
 @cli.command()
 @click.argument("resource", required=False, type=click.Choice(sorted(RESOURCE_ALIASES), case_sensitive=False))
 @click.argument("name", required=False)
-@click.option("-n", "--namespace", default="default", show_default=True)
+@namespace_option()
 @click.option("-f", "--filename", "files", multiple=True, metavar="PATH",
               help="Delete what these manifests describe: " + _FILENAME_HELP[0].lower() + _FILENAME_HELP[1:])
 @click.option("-R", "--recursive", is_flag=True, help=_RECURSIVE_HELP)
@@ -546,7 +560,7 @@ def delete(options: Options, resource: str | None, name: str | None, namespace: 
 @cli.command()
 @click.argument("resource", type=click.Choice(["dataset", "ds"], case_sensitive=False))
 @click.argument("name")
-@click.option("-n", "--namespace", default="default", show_default=True)
+@namespace_option()
 @click.pass_obj
 def resync(options: Options, resource: str, name: str, namespace: str) -> None:
     """List a dataset's mounts again (new or overwritten objects); mounts pick up the new manifest."""
@@ -560,7 +574,7 @@ def resync(options: Options, resource: str, name: str, namespace: str) -> None:
 @click.argument("resource", type=click.Choice(["runtime", "runtimes"], case_sensitive=False))
 @click.argument("name")
 @click.option("--replicas", type=int, required=True, help="How many cache workers the runtime should have.")
-@click.option("-n", "--namespace", default="default", show_default=True)
+@namespace_option()
 @click.pass_obj
 def scale(options: Options, resource: str, name: str, replicas: int, namespace: str) -> None:
     """Set a runtime's number of cache workers: `shoal scale runtime NAME --replicas N`.
@@ -629,7 +643,7 @@ _WAIT_HELP = "Follow it until it is Complete or Failed, with a progress bar; exi
               help="How many cache workers hold each block.")
 @click.option("--load-metadata", is_flag=True, help="List the dataset's store again before loading.")
 @click.option("--name", default=None, help="The DataLoad's name.  [default: <dataset>-load-<random>]")
-@click.option("-n", "--namespace", default="default", show_default=True)
+@namespace_option()
 @click.option("--wait", is_flag=True, help=_WAIT_HELP)
 @click.pass_obj
 def load(options: Options, resource: str, dataset: str, paths: tuple[str, ...], replicas: int,
@@ -654,7 +668,7 @@ def load(options: Options, resource: str, dataset: str, paths: tuple[str, ...], 
 @click.option("--path", "paths", multiple=True, metavar="P",
               help="A file or folder to evict, as seen through the mount. Repeatable; none: the whole dataset.")
 @click.option("--name", default=None, help="The DataClean's name.  [default: <dataset>-clean-<random>]")
-@click.option("-n", "--namespace", default="default", show_default=True)
+@namespace_option()
 @click.option("--wait", is_flag=True, help=_WAIT_HELP)
 @click.pass_obj
 def clean(options: Options, resource: str, dataset: str, paths: tuple[str, ...], name: str | None,
@@ -671,7 +685,7 @@ def clean(options: Options, resource: str, dataset: str, paths: tuple[str, ...],
 @cli.command(name="run")
 @click.argument("resource", type=click.Choice(["dataload", "load"], case_sensitive=False))
 @click.argument("name")
-@click.option("-n", "--namespace", default="default", show_default=True)
+@namespace_option()
 @click.pass_obj
 def run_operation(options: Options, resource: str, name: str, namespace: str) -> None:
     """Run a Cron or OnEvent DataLoad now (publishes dataload.run.v1, as other systems may)."""
@@ -730,7 +744,7 @@ def _not_found(kind: Kind, name: str, namespace: str) -> NoReturn:
 @cli.command()
 @click.argument("resource", type=click.Choice(sorted(RESOURCE_ALIASES), case_sensitive=False))
 @click.argument("name", required=False)
-@click.option("-n", "--namespace", default="default", show_default=True)
+@namespace_option()
 @click.option("-A", "--all-namespaces", is_flag=True, help="List across every namespace.")
 @click.option("-o", "--output", type=click.Choice(["wide", "json", "yaml"]), default=None,
               help="wide: more columns; json/yaml: the full records.")
@@ -767,7 +781,7 @@ def get(options: Options, resource: str, name: str | None, namespace: str, all_n
 @cli.command()
 @click.argument("resource", type=click.Choice(sorted(RESOURCE_ALIASES), case_sensitive=False))
 @click.argument("name", required=False)
-@click.option("-n", "--namespace", default="default", show_default=True)
+@namespace_option()
 @click.pass_obj
 def describe(options: Options, resource: str, name: str | None, namespace: str) -> None:
     """Show every spec and status field of a dataset, runtime, DataLoad or DataClean (all of the namespace

@@ -195,7 +195,6 @@ async def test_a_name_that_cannot_be_a_key_is_not_found_without_a_traceback(nats
     for args, shown in [(("get", "dataset", "image net"), '"image net" not found in namespace "default"'),
                         (("get", "ds", "imagenet*"), '"imagenet*" not found in namespace "default"'),
                         (("describe", "runtime", "x y"), '"x y" not found in namespace "default"'),
-                        (("get", "dataload", "x", "-n", "a>b"), '"x" not found in namespace "a>b"'),
                         (("scale", "runtime", "image net", "--replicas", "2"),
                          '"image net" not found in namespace "default"')]:
         result = await shoal(nats_server, *args)
@@ -632,6 +631,18 @@ async def test_a_manifest_without_end_is_refused_after_its_limit_not_read_for_ev
     assert result.exit_code == 1 and result.stdout == "", result.output
     assert result.stderr == ("error: /dev/zero: cannot read it: larger than the 16 MiB a manifest may have (a device "
                              "such as /dev/zero, or not a manifest?)\n")
+
+
+@pytest.mark.parametrize("command", [("get", "datasets"), ("describe", "dataset", "demo"),
+                                     ("delete", "dataset", "demo"), ("load", "dataset", "demo")])
+async def test_a_namespace_that_is_no_namespace_is_one_error_line(nats_server: NatsServer,
+                                                                  command: tuple[str, ...]) -> None:
+    """``-n ''`` was taken as a namespace: "No resources found in  namespace." A namespace is a DNS-1123 label."""
+    for namespace, why in (("", "--namespace must not be empty"), ("Prod", "--namespace 'Prod' is not a DNS-1123"),
+                           ("a>b", "--namespace 'a>b' is not a DNS-1123")):  # a>b: not a KV key either
+        result = await shoal(nats_server, *command, "-n", namespace)
+        assert result.exit_code == 1 and result.stdout == "", result.output
+        assert result.stderr.startswith(f"error: {why}") and result.stderr.count("\n") == 1, result.stderr
 
 
 async def test_unanswered_command_times_out(nats_server: NatsServer, bus: Bus) -> None:
