@@ -419,7 +419,7 @@ def choose_workers(runtime: Runtime, current: Sequence[CacheWorker], agents: Map
               and agents[node].heartbeat.healthy and reason_for(node) is None]
     # Spares fill empty seats first (an unhealthy worker kept beats no worker); the rest replace overdue workers
     # while they last, and are the ones the name-order fill below picks after the empty seats.
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))
+    stamp = _stamp(now)
     replaced: list[WorkerReplaced] = []
     for node, spare in zip(overdue, spares[max(replicas - len(picked), 0):], strict=False):
         why = f"unhealthy for {now - since[node]:.0f} s ({problems_text(agents[node].heartbeat)})"
@@ -537,7 +537,7 @@ def runtime_status(record: RuntimeRecord, agents: Iterable[AgentRecord], now: fl
         message = f"{note}; {message}" if message else note
         missing = Condition(type=CONDITION_DATASET, status="False", reason="DatasetNotFound",
                             message=missing_dataset(runtime),
-                            last_transition_time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)))
+                            last_transition_time=_stamp(now))
     # Blocks are cached by the ring's members when there is a ring, else by every node reading for itself.
     ring = [worker for worker in ready_workers if worker.peer_url]
     capacity = node_capacity(runtime) * (len(ring) if ring else len(nodes))
@@ -573,7 +573,7 @@ def mount_condition(runtime: Runtime, serving: Iterable[AgentHeartbeat], now: fl
                      if (report := beat.mount_of(meta.namespace, meta.name)) is not None)
     if not reports:
         return None
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))
+    stamp = _stamp(now)
     failing = [(node, report) for node, report in reports if report.state != "Serving"]
     if not failing:
         return Condition(type=CONDITION_MOUNTED, status="True", reason="Serving",
@@ -594,8 +594,9 @@ LAST_STAMP = 253_402_300_799.0
 
 
 def _stamp(seconds: float) -> str:
-    """A time a node reported, as RFC 3339; one out of the calendar's range (a broken clock, nanoseconds sent as
-    seconds) as its number: formatting it would raise, and fail the status of every runtime the node serves."""
+    """A time as RFC 3339 (every time this module writes); one out of the calendar's range (a node's broken clock,
+    nanoseconds sent as seconds) as its number: formatting it would raise, and fail the status of every runtime the
+    node serves."""
     if not 0 <= seconds <= LAST_STAMP:
         return f"{seconds:.0f}"
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
@@ -736,7 +737,7 @@ def autoscale(policy: AutoscalingPolicy, replicas: int, sample: CacheSample, pre
     def change(to: int, why: str) -> ScaleChoice:
         reason = f"{why}: {replicas} -> {to} workers"
         decision = ScaleDecision(from_replicas=replicas, to_replicas=to, reason=reason,
-                                 time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)))
+                                 time=_stamp(now))
         kept = [*seen.decisions, decision][-AUTOSCALE_HISTORY:]
         return ScaleChoice(to, reason, msgspec.structs.replace(seen, last_scale_time=now, decisions=kept), decision)
 
