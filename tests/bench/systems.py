@@ -1,5 +1,6 @@
 """The systems under test of the agent bench: the store (SeaweedFS), Shoal (its services and agent as processes,
-as in production), rclone and s3fs mounts. Each mount can be made cold (fresh cache and mount) and names the
+as in production), rclone and s3fs mounts, and a minimal pyfuse3 passthrough of the local copy (the FUSE
+reference). Each mount can be made cold (fresh cache and mount) and names the
 processes that serve it, for CPU accounting.
 """
 
@@ -308,6 +309,37 @@ class S3fsMount(MountedSystem):
                 "-o", "ro", "-o", "dbglevel=warn"]
         self.proc = Child("s3fs", argv, self.logs / "s3fs.log")
         wait_mounted(self.mnt, 30, self.proc, "s3fs mount")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.stop()
+            self.proc = None
+        unmount(self.mnt)
+
+    def daemon_pids(self) -> list[int]:
+        return [] if self.proc is None else [self.proc.pid]
+
+
+class PassthroughMount(MountedSystem):
+    """``tests.bench.passthrough`` over the bench's local copy: what FUSE in Python costs with nothing else."""
+
+    name = "passthrough"
+
+    def __init__(self, run_dir: Path, source: Path, logs: Path) -> None:
+        self.mnt = run_dir / "passthrough-mnt"
+        self.root = self.mnt
+        self.cache_dirs = []  # the source's pages are dropped with the local copy's
+        self.source = source
+        self.logs = logs
+        self.proc: Child | None = None
+        _mount_roots.append(run_dir)
+
+    def fresh(self) -> None:
+        self.stop()
+        self.mnt.mkdir(parents=True, exist_ok=True)
+        argv = [sys.executable, "-m", "tests.bench.passthrough", str(self.source), str(self.mnt)]
+        self.proc = Child("passthrough", argv, self.logs / "passthrough.log")
+        wait_mounted(self.mnt, 30, self.proc, "passthrough mount")
 
     def stop(self) -> None:
         if self.proc is not None:

@@ -95,6 +95,8 @@ WORKLOADS = {
     "large1": Workload("large1", "large files sequential, 1 reader", "MB/s", "large seq, 1 reader"),
     "large8": Workload("large8", "large files sequential, 8 readers", "MB/s", "large seq, 8 readers"),
     "small": Workload("small", "100 KiB files, 16 readers", "files/s", "100 KiB files, 16 rd"),
+    # A data loader with one worker per core: the per-file latency, not the concurrency, sets the rate.
+    "small2": Workload("small2", "100 KiB files, 2 readers", "files/s", "100 KiB files, 2 rd"),
     "walk": Workload("walk", "metadata walk", "stats/s", "metadata walk"),
     "rand": Workload("rand", "fio random 4 KiB reads", "IOPS", "fio rand 4 KiB"),
     "epoch": Workload("epoch", "epoch hit ratio, cache = ½ dataset", "hit ratio", "epoch hit, ½ cache"),
