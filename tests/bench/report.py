@@ -147,6 +147,23 @@ class Target:
         return "PASS" if self.measured >= self.bound else "MISS"
 
 
+LARGE = (("large1", "1 reader"), ("large8", "8 readers"))
+# Issue 14's targets, then those met before it that stay met: (text, Shoal's state, the reference's system and
+# state, the factor, the workloads with their labels).
+RATIO_TARGETS: tuple[tuple[str, str, tuple[str, str], float, tuple[tuple[str, str], ...]], ...] = (
+    ("cold large reads ≥ 0.9x direct parallel GETs ({})", "cold", ("direct GETs", "-"), 0.9, LARGE),
+    ("cold 100 KiB files ≥ direct GETs at the same concurrency ({})", "cold", ("direct GETs", "-"), 1.0,
+     (("small", "16 readers"), ("small2", "2 readers"))),
+    ("agent-disk-warm large reads ≥ s3fs warm ({})", "dropped", ("s3fs", "warm"), 1.0, LARGE),
+    ("warm large reads ≥ 0.9x the pyfuse3 passthrough warm ({})", "warm", ("passthrough", "warm"), 0.9, LARGE),
+    ("small files warm ≥ 0.8x local warm ({})", "warm", ("local disk", "warm"), 0.8, (("small", "16 readers"),)),
+    ("metadata walk ≥ 0.5x local warm{}", "warm", ("local disk", "warm"), 0.5, (("walk", ""),)),
+    ("fio random 4 KiB cold ≥ 2x s3fs cold{}", "cold", ("s3fs", "cold"), 2.0, (("rand", ""),)),
+    ("warm reads ≥ 0.8x local disk warm ({})", "warm", ("local disk", "warm"), 0.8,
+     (*LARGE, ("rand", "fio 4 KiB random"))),
+)
+
+
 def targets(rows: list[Row]) -> list[Target]:
     def value(workload: str, system: str, state: str) -> float | None:
         row = find_row(rows, workload, system, state)
@@ -162,29 +179,8 @@ def targets(rows: list[Row]) -> list[Target]:
                   f"{shown_b}: {'n/a' if ratio is None else f'{ratio:.2f}x'}")
         return Target(text, ratio, factor, detail)
 
-    out: list[Target] = []
-    for workload, label in (("large1", "1 reader"), ("large8", "8 readers")):
-        out.append(ratio_target(f"cold large reads ≥ 0.9x direct parallel GETs ({label})",
-                                (workload, "Shoal", "cold"), (workload, "direct GETs", "-"), 0.9))
-    for workload, label in (("small", "16 readers"), ("small2", "2 readers")):
-        out.append(ratio_target(f"cold 100 KiB files ≥ direct GETs at the same concurrency ({label})",
-                                (workload, "Shoal", "cold"), (workload, "direct GETs", "-"), 1.0))
-    for workload, label in (("large1", "1 reader"), ("large8", "8 readers")):
-        out.append(ratio_target(f"agent-disk-warm large reads ≥ s3fs warm ({label})",
-                                (workload, "Shoal", "dropped"), (workload, "s3fs", "warm"), 1.0))
-    for workload, label in (("large1", "1 reader"), ("large8", "8 readers")):
-        out.append(ratio_target(f"warm large reads ≥ 0.9x the pyfuse3 passthrough warm ({label})",
-                                (workload, "Shoal", "warm"), (workload, "passthrough", "warm"), 0.9))
-    out.append(ratio_target("small files warm ≥ 0.8x local warm (16 readers)", ("small", "Shoal", "warm"),
-                            ("small", "local disk", "warm"), 0.8))
-    out.append(ratio_target("metadata walk ≥ 0.5x local warm", ("walk", "Shoal", "warm"),
-                            ("walk", "local disk", "warm"), 0.5))
-    out.append(ratio_target("fio random 4 KiB cold ≥ 2x s3fs cold", ("rand", "Shoal", "cold"),
-                            ("rand", "s3fs", "cold"), 2.0))
-    # Met before issue 14 and to stay met.
-    for workload, label in (("large1", "1 reader"), ("large8", "8 readers"), ("rand", "fio 4 KiB random")):
-        out.append(ratio_target(f"warm reads ≥ 0.8x local disk warm ({label})", (workload, "Shoal", "warm"),
-                                (workload, "local disk", "warm"), 0.8))
+    out = [ratio_target(text.format(label), (workload, "Shoal", state), (workload, *theirs), factor)
+           for text, state, theirs, factor, workloads in RATIO_TARGETS for workload, label in workloads]
     hit = next((r for r in rows if r.workload == WORKLOADS["epoch"].title and r.system == "Shoal (lfu-admission)"),
                None)
     out.append(Target("hit ratio ≥ 0.45 with the half-size cache (default policy, epochs 2-3)",

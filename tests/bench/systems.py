@@ -72,6 +72,27 @@ class MountedSystem:
         return self.daemon_pids()
 
 
+class ChildMount(MountedSystem):
+    """A mount served by one child process of ours (rclone, s3fs, the passthrough) at ``mnt``."""
+
+    mnt: Path
+    logs: Path
+    proc: Child | None = None
+
+    def start(self, argv: list[str], env: dict[str, str] | None = None) -> None:
+        self.proc = Child(self.name, argv, self.logs / f"{self.name}.log", env=env)
+        wait_mounted(self.mnt, 30, self.proc, f"{self.name} mount")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.stop()
+            self.proc = None
+        unmount(self.mnt)
+
+    def daemon_pids(self) -> list[int]:
+        return [] if self.proc is None else [self.proc.pid]
+
+
 class ShoalNode(MountedSystem):
     name = "Shoal"
 
@@ -236,7 +257,7 @@ class ShoalNode(MountedSystem):
             await bus.close()
 
 
-class RcloneMount(MountedSystem):
+class RcloneMount(ChildMount):
     name = "rclone"
 
     def __init__(self, run_dir: Path, store: Store, bucket: str, logs: Path) -> None:
@@ -246,7 +267,6 @@ class RcloneMount(MountedSystem):
         self.cache_dirs = [self.cache]
         self.logs = logs
         self.bucket = bucket
-        self.proc: Child | None = None
         _mount_roots.append(run_dir)
         endpoint, key, secret = store.creds
         self.config_file = run_dir / "rclone.conf"
@@ -267,20 +287,10 @@ class RcloneMount(MountedSystem):
         argv = ["rclone", "mount", f"shoalbench:{self.bucket}", str(self.mnt), "--vfs-cache-mode", "full",
                 "--cache-dir", str(self.cache), "--read-only", "--config", str(self.config_file),
                 "--log-level", "NOTICE"]
-        self.proc = Child("rclone", argv, self.logs / "rclone.log", env=self.env)
-        wait_mounted(self.mnt, 30, self.proc, "rclone mount")
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.stop()
-            self.proc = None
-        unmount(self.mnt)
-
-    def daemon_pids(self) -> list[int]:
-        return [] if self.proc is None else [self.proc.pid]
+        self.start(argv, env=self.env)
 
 
-class S3fsMount(MountedSystem):
+class S3fsMount(ChildMount):
     name = "s3fs"
 
     def __init__(self, run_dir: Path, store: Store, bucket: str, logs: Path) -> None:
@@ -291,7 +301,6 @@ class S3fsMount(MountedSystem):
         self.logs = logs
         self.bucket = bucket
         self.endpoint = store.config.endpoint
-        self.proc: Child | None = None
         _mount_roots.append(run_dir)
         self.passwd = run_dir / "s3fs.passwd"
         fd = os.open(self.passwd, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -307,20 +316,10 @@ class S3fsMount(MountedSystem):
         argv = ["s3fs", self.bucket, str(self.mnt), "-f", "-o", f"url={self.endpoint}", "-o",
                 "use_path_request_style", "-o", f"passwd_file={self.passwd}", "-o", f"use_cache={self.cache}",
                 "-o", "ro", "-o", "dbglevel=warn"]
-        self.proc = Child("s3fs", argv, self.logs / "s3fs.log")
-        wait_mounted(self.mnt, 30, self.proc, "s3fs mount")
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.stop()
-            self.proc = None
-        unmount(self.mnt)
-
-    def daemon_pids(self) -> list[int]:
-        return [] if self.proc is None else [self.proc.pid]
+        self.start(argv)
 
 
-class PassthroughMount(MountedSystem):
+class PassthroughMount(ChildMount):
     """``tests.bench.passthrough`` over the bench's local copy: what FUSE in Python costs with nothing else."""
 
     name = "passthrough"
@@ -331,21 +330,10 @@ class PassthroughMount(MountedSystem):
         self.cache_dirs = []  # the source's pages are dropped with the local copy's
         self.source = source
         self.logs = logs
-        self.proc: Child | None = None
         _mount_roots.append(run_dir)
 
     def fresh(self) -> None:
         self.stop()
         self.mnt.mkdir(parents=True, exist_ok=True)
         argv = [sys.executable, "-m", "tests.bench.passthrough", str(self.source), str(self.mnt)]
-        self.proc = Child("passthrough", argv, self.logs / "passthrough.log")
-        wait_mounted(self.mnt, 30, self.proc, "passthrough mount")
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.stop()
-            self.proc = None
-        unmount(self.mnt)
-
-    def daemon_pids(self) -> list[int]:
-        return [] if self.proc is None else [self.proc.pid]
+        self.start(argv)
