@@ -13,7 +13,6 @@ pass the inode to ``read`` (a few lines in its handlers.pxi). Prints, for each m
 from __future__ import annotations
 
 import argparse
-import asyncio
 import collections
 import errno
 import json
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.bench.metapath import READERS, cpu_seconds
+from tests.bench.passthrough import serve_until_sigterm
 from tests.bench.worker import run_worker
 
 KiB = 1024
@@ -37,7 +37,6 @@ SIZE = 100 * KiB
 def serve(mountpoint: str, files: int, no_open: bool, counts_file: str) -> None:
     import pyfuse3
 
-    from services.agent.mountd import enable_asyncio_fuse
 
     data = bytes(range(256)) * (SIZE // 256)
     counts: collections.Counter[str] = collections.Counter()
@@ -82,24 +81,8 @@ def serve(mountpoint: str, files: int, no_open: bool, counts_file: str) -> None:
         Path(counts_file + ".partial").write_text(json.dumps(counts))
         os.rename(counts_file + ".partial", counts_file)
 
-    async def main() -> None:
-        options = set(pyfuse3.default_options) | {"ro", "fsname=noopen"}
-        pyfuse3.init(Minimal(), mountpoint, options)
-        loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
-        loop.add_signal_handler(signal.SIGTERM, stop.set)
-        loop.add_signal_handler(signal.SIGUSR1, write_counts)
-        fuse = asyncio.create_task(pyfuse3.main())
-        await asyncio.to_thread(os.statvfs, mountpoint)
-        write_counts()
-        await stop.wait()
-        pyfuse3.terminate()
-        await fuse
-        pyfuse3.close(unmount=True)
-
-    enable_asyncio_fuse()
-    asyncio.run(main())
-
+    signal.signal(signal.SIGUSR1, lambda *_: write_counts())
+    serve_until_sigterm(Minimal(), mountpoint, "noopen", lambda _: write_counts())
 
 def measure(mountpoint: Path, files: int, no_open: bool, passes: int) -> list[dict[str, Any]]:
     counts_file = mountpoint.parent / "noopen-counts.json"

@@ -17,16 +17,42 @@ import os
 import signal
 import stat
 import sys
+from collections.abc import Callable
 from typing import Any
 
 # Never expire: the bench's folder does not change while it is mounted.
 FOREVER = 365 * 24 * 3600.0
 
 
+def serve_until_sigterm(operations: Any, mountpoint: str, fsname: str,
+                        mounted: Callable[[str], None] | None = None) -> None:
+    """Mount ``operations`` read-only at ``mountpoint`` on asyncio (as Shoal's mount runs pyfuse3), call ``mounted``
+    once the kernel answers for it, serve until SIGTERM, then unmount."""
+    import pyfuse3
+
+    from services.agent.mountd import enable_asyncio_fuse
+
+    async def main() -> None:
+        pyfuse3.init(operations, mountpoint, set(pyfuse3.default_options) | {"ro", f"fsname={fsname}"})
+        stop = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+        fuse = asyncio.create_task(pyfuse3.main())
+        if mounted is not None:
+            await asyncio.to_thread(os.statvfs, mountpoint)  # answered by the loop above: the mount is live
+            mounted(mountpoint)
+        await stop.wait()
+        pyfuse3.terminate()
+        await fuse
+        pyfuse3.close(unmount=True)
+
+    enable_asyncio_fuse()
+    asyncio.run(main())
+
+
 def serve(source: str, mountpoint: str) -> None:
     import pyfuse3
 
-    from services.agent.mountd import enable_asyncio_fuse, raise_read_ahead
+    from services.agent.mountd import raise_read_ahead
 
     paths: dict[int, str] = {pyfuse3.ROOT_INODE: source}
     inodes: dict[str, int] = {source: pyfuse3.ROOT_INODE}
@@ -81,21 +107,7 @@ def serve(source: str, mountpoint: str) -> None:
         async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
             return pyfuse3.StatvfsData()
 
-    async def main() -> None:
-        options = set(pyfuse3.default_options) | {"ro", "fsname=passthrough"}
-        pyfuse3.init(Passthrough(), mountpoint, options)
-        raise_read_ahead(mountpoint)
-        stop = asyncio.Event()
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-        fuse = asyncio.create_task(pyfuse3.main())
-        await stop.wait()
-        pyfuse3.terminate()
-        await fuse
-        pyfuse3.close(unmount=True)
-
-    enable_asyncio_fuse()
-    asyncio.run(main())
-
+    serve_until_sigterm(Passthrough(), mountpoint, "passthrough", raise_read_ahead)
 
 if __name__ == "__main__":
     if len(sys.argv) != 3:

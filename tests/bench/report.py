@@ -190,6 +190,23 @@ def targets(rows: list[Row]) -> list[Target]:
     return out
 
 
+def workload_key(row: Row) -> str:
+    return next(k for k, w in WORKLOADS.items() if w.title == row.workload)
+
+
+def shown_value(row: Row, missing: str) -> str:
+    if row.value is None:
+        return missing
+    return f"{row.value:.3f}" if row.unit == "hit ratio" else f"{row.value:,.0f} {row.unit}"
+
+
+def vs_local_warm(rows: list[Row], row: Row) -> float | None:
+    local = find_row(rows, workload_key(row), "local disk", "warm")
+    if row.value is None or local is None or not local.value or row.unit == "hit ratio":
+        return None
+    return row.value / local.value
+
+
 def cpu_per_unit(row: Row) -> str:
     """CPU of the daemon / the store / the reader per GiB moved (large files) or per file (100 KiB files)."""
     if not row.cpu or row.value is None:
@@ -219,16 +236,9 @@ def markdown(bench: Bench, rows: list[Row], found: list[Target], notes: list[str
              "| workload | system | state | value | vs local warm | CPU daemon / store / reader | note |",
              "|---|---|---|---|---|---|---|"]
     for row in rows:
-        key = next(k for k, w in WORKLOADS.items() if w.title == row.workload)
-        local = find_row(rows, key, "local disk", "warm")
-        if row.value is None:
-            shown = "failed"
-        elif row.unit == "hit ratio":
-            shown = f"{row.value:.3f}"
-        else:
-            shown = f"{row.value:,.0f} {row.unit}"
-        vs_local = (f"{row.value / local.value:.2f}x" if row.value is not None and local is not None and local.value
-                    and row.unit != "hit ratio" else "")
+        key = workload_key(row)
+        local = vs_local_warm(rows, row)
+        shown, vs_local = shown_value(row, "failed"), ("" if local is None else f"{local:.2f}x")
         note = short(row.note, 120).replace("|", "/")
         lines.append(f"| {WORKLOADS[key].label} | {row.system} | {STATE_SHORT[row.state]} | {shown} | {vs_local} | "
                      f"{cpu_per_unit(row)} | {note} |")
@@ -263,18 +273,11 @@ def report(bench: Bench, out_path: Path, docs_path: Path | None = None) -> None:
     json_rows = []
     previous = ""
     for row in rows:
-        key = next(k for k, w in WORKLOADS.items() if w.title == row.workload)
-        local = find_row(rows, key, "local disk", "warm")
+        key = workload_key(row)
         peer = best_peer(rows, row.workload, row.state)
-        vs_local = (row.value / local.value if row.value is not None and local is not None and local.value
-                    else None)
+        vs_local = vs_local_warm(rows, row)
         vs_peer = (row.value / peer.value if row.value is not None and peer is not None and peer.value else None)
-        if row.value is None:
-            shown = "—"
-        elif row.unit == "hit ratio":
-            shown = f"{row.value:.3f}"
-        else:
-            shown = f"{row.value:,.0f} {row.unit}"
+        shown = shown_value(row, "—")
         cpu = (f"{row.cpu.get('daemon', 0):.1f}/{row.cpu.get('store', 0):.1f}/{row.cpu.get('reader', 0):.1f}"
                if row.cpu else "")
         if previous and previous != row.workload:
