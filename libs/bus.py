@@ -232,6 +232,7 @@ KV_BUCKETS: tuple[BucketSpec, ...] = (
     BucketSpec(subjects.KV_OPERATIONS, history=5),
     BucketSpec(subjects.KV_OPERATION_RUNS),
     BucketSpec(subjects.KV_MEMBERS, ttl=REPLICA_TTL_SECONDS),
+    BucketSpec(subjects.KV_BRIDGE_APPLIED),
 )
 
 

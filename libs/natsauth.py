@@ -56,7 +56,7 @@ API = "$JS.API"
 # Every stream Shoal provisions: its own, and the ones behind the KV buckets and the Object Store.
 KV_BUCKETS = (subjects.KV_DATASETS, subjects.KV_RUNTIMES, subjects.KV_AGENTS, subjects.KV_BINDINGS,
                subjects.KV_NODE_CACHE, subjects.KV_LISTINGS, subjects.KV_OPERATIONS, subjects.KV_OPERATION_RUNS,
-               subjects.KV_MEMBERS)
+               subjects.KV_MEMBERS, subjects.KV_BRIDGE_APPLIED)
 _STREAMS = (subjects.STREAM_COMMANDS, subjects.STREAM_FACTS, subjects.STREAM_AGENT, subjects.STREAM_TASKS,
             subjects.STREAM_DEAD_LETTERS)
 
@@ -271,7 +271,8 @@ def permissions(kind: str, node: str = "") -> Permissions:
             subscribe=[subjects.SCHED_SCORE], responses=True)
     if kind == BRIDGE:
         # Kubernetes is where the bridge's commands come from; it shows rejections on the custom resources.
-        perms = _service(consumers=[], publish=[subjects.ALL_COMMANDS])
+        # Its one bucket: the apply it last published per object, so a restart republishes nothing unchanged.
+        perms = _service(consumers=[], publish=[subjects.ALL_COMMANDS], kv_writes=[subjects.KV_BRIDGE_APPLIED])
         # Its subscription names no stream: nats-py looks the stream up by subject (STREAM.NAMES).
         return Permissions(publish=_unique([*perms.publish, f"{API}.STREAM.NAMES",
                                             *_read_stream(subjects.STREAM_FACTS), *_ephemeral(subjects.STREAM_FACTS)]))

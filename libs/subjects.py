@@ -173,6 +173,9 @@ KV_OPERATIONS = "shoal_operations"
 KV_OPERATION_RUNS = "shoal_operation_runs"
 # Each service replica's beat (libs.members), keys "<service>.<replica>": which replicas split a reconciler's keys.
 KV_MEMBERS = "shoal_members"
+# The bridge's own: the apply command it last published for each custom resource, keyed by the object's uid (so a
+# restart sends only what changed, and finds what was deleted while it was down: services/bridge/README.md).
+KV_BRIDGE_APPLIED = "shoal_bridge_applied"
 
 
 def resource_key(namespace: str, name: str) -> str:

@@ -81,6 +81,7 @@ def test_each_bucket_is_written_by_its_owner_only() -> None:
         subjects.KV_LISTINGS: {DATASET},
         subjects.KV_RUNTIMES: {RUNTIME}, subjects.KV_AGENTS: {RUNTIME},
         subjects.KV_OPERATIONS: {LOADER}, subjects.KV_OPERATION_RUNS: {LOADER}, subjects.KV_MEMBERS: {DATASET},
+        subjects.KV_BRIDGE_APPLIED: {BRIDGE},
     }
 
 
