@@ -5,6 +5,7 @@ the periodic reflection of that state onto the custom resources.
 |---|---|---|
 | Kubernetes API | every resource of ``libs.kube.RESOURCES`` (list, then watch) | BridgeHandlers.on_listing / on_event |
 | KV shoal_datasets, shoal_runtimes, shoal_operations | every key (watch) | Mirrors (read by tick) |
+| KV shoal_bridge_applied (its own) | every key (watch; read before the first list) | BridgeHandlers.applied |
 | SHOAL_FACTS | shoal.evt.*.rejected (ordered consumer, from the start) | BridgeHandlers.on_rejection |
 | — | every REFLECT_SECONDS | BridgeHandlers.tick (status, volume and claim, Events, retries) |
 
@@ -34,6 +35,7 @@ from libs.events.operation import OperationRecord
 from libs.events.runtime import RuntimeRecord
 from libs.service import Loop, Periodic, nats_check, run_loops
 from libs.side_server import Readiness
+from services.bridge import domain
 from services.bridge.handlers import BridgeHandlers, Mirrors, RejectionFact
 from services.bridge.watch import CrdNotices, ResourceWatcher
 
@@ -80,7 +82,9 @@ async def run(settings: Settings, stop: asyncio.Event, readiness: Readiness | No
             runtimes=KvMirror(await bus.kv(subjects.KV_RUNTIMES), RuntimeRecord, bus.reconnects),
             operations=KvMirror(await bus.kv(subjects.KV_OPERATIONS), OperationRecord, bus.reconnects),
         )
-        handlers = BridgeHandlers(bus, api, settings, mirrors, clock)
+        # What an earlier run published: a restart sends only what changed, and the deletes of what went meanwhile.
+        applied = KvMirror(await bus.kv(subjects.KV_BRIDGE_APPLIED), domain.Applied, bus.reconnects)
+        handlers = BridgeHandlers(bus, api, settings, mirrors, clock, applied=applied)
         decoder = msgspec.json.Decoder(RejectionFact)
 
         async def on_rejection(message: Msg) -> None:
@@ -101,7 +105,7 @@ async def run(settings: Settings, stop: asyncio.Event, readiness: Readiness | No
             return f"not listed yet: {', '.join(waiting)}" if waiting else None
 
         readiness.add("kubernetes", listed)
-        loops: list[Loop] = [mirrors.datasets, mirrors.runtimes, mirrors.operations, *watchers,
+        loops: list[Loop] = [mirrors.datasets, mirrors.runtimes, mirrors.operations, applied, *watchers,
                              # Cancelled by a stop: a pass may be waiting on an API server that does not answer.
                              Periodic("reflect", handlers.tick, REFLECT_SECONDS, cancel_on_stop=True)]
         await run_loops(loops, stop, readiness)

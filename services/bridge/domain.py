@@ -316,6 +316,50 @@ def delete_id(resource: kube.Resource, obj: dict[str, Any]) -> str:
     return f"k8s.{resource.kind.lower()}.{(obj.get('metadata') or {}).get('uid', '')}.delete"
 
 
+# --- What was published (the bridge's KV bucket, ``subjects.KV_BRIDGE_APPLIED``) ---
+
+
+class Applied(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
+    """The apply command the bridge last published for one custom resource, kept under the object's uid: a restarted
+    bridge publishes an object only if its command id differs (its spec, labels or generation changed meanwhile),
+    and publishes the delete of an object it finds here and in no list (deleted while it was down)."""
+
+    command_id: str
+    group: str
+    kind: str
+    namespace: str
+    name: str
+
+
+def applied(key: ObjectKey, command_id: str) -> Applied:
+    return Applied(command_id=command_id, group=key.resource.group, kind=key.resource.kind,
+                   namespace=key.namespace, name=key.name)
+
+
+def applied_key(entry: Applied) -> ObjectKey | None:
+    """The object an entry stands for; None for a kind this bridge does not serve (any more)."""
+    resource = next((r for r in kube.RESOURCES if r.group == entry.group and r.kind == entry.kind), None)
+    return ObjectKey(resource, entry.namespace, entry.name) if resource is not None else None
+
+
+def gone_while_away(entries: dict[str, Applied], resource: kube.Resource, namespace: str | None,
+                    listed_uids: set[str]) -> dict[str, ObjectKey]:
+    """Of the entries (by uid), those of ``resource`` in ``namespace`` (None: any) that a full list of it does not
+    show: their objects were deleted while the bridge was not watching (or deleted and made again: a new uid)."""
+    gone = {}
+    for uid, entry in entries.items():
+        key = applied_key(entry)
+        if (key is not None and key.resource == resource and (namespace is None or key.namespace == namespace)
+                and uid not in listed_uids):
+            gone[uid] = key
+    return gone
+
+
+def stand_in(key: ObjectKey, uid: str) -> dict[str, Any]:
+    """An object known only by its entry (deleted while the bridge was down): what a delete command needs."""
+    return {"metadata": {"uid": uid, "namespace": key.namespace, "name": key.name}}
+
+
 # --- Finalizer ---
 
 

@@ -27,7 +27,7 @@ from kubernetes_asyncio.client.exceptions import ApiException
 
 from libs import kube, subjects
 from libs.backoff import Backoff
-from libs.bus import MESSAGE_LIMIT, Bus, KvMirror
+from libs.bus import MESSAGE_LIMIT, Bus, KvMirror, kv_delete
 from libs.config import Settings
 from libs.events.dataset import DatasetDelete, DatasetRecord, DatasetResync
 from libs.events.operation import DataCleanDelete, DataLoadDelete, OperationRecord
@@ -50,6 +50,10 @@ FINALIZER_TRIES = 5
 # Status writes and retries after a failed pass: soon, but at most every 5 s, so status catches up within seconds
 # of the API server's return without a request per object at every tick while it is down.
 TICK_RETRY = Backoff(first=0.5, cap=5.0)
+# An object whose handling failed (its finalizer patch, its delete, its Secret keys' removal) is tried again after
+# this, per object: longer than a pass's back-off, so an object whose calls hang (each waits out
+# REQUEST_TIMEOUT_SECONDS, and is tried at the end of a pass) leaves most passes to the other objects.
+OBJECT_RETRY = Backoff(first=0.5, cap=10.0)
 # Module-level so tests can shorten it (the kubelet's refresh is what it waits for).
 MIRROR_RESYNC_SECONDS = domain.MIRROR_RESYNC_SECONDS
 
@@ -79,6 +83,27 @@ class _Unavailable(Exception):
 
 class _NotAnswering(_Unavailable):
     """A call of this pass waited out its timeout (or found no connection): the pass ends there."""
+
+
+@dataclass
+class Gone:
+    """An object deleted from Kubernetes whose end in Shoal is not done yet: its delete command (unless
+    ``delete_sent``), its Secret keys in the mirror (those its published spec referred to: ``held``), its entry in
+    the bridge's bucket. Kept until all of it is done: retried, never dropped."""
+
+    key: ObjectKey
+    obj: dict[str, Any]
+    held: frozenset[str] = frozenset()
+    delete_sent: bool = False
+
+
+@dataclass(frozen=True)
+class Failure:
+    """How often an object's handling failed in a row, why (the last time it was logged), and when to try again."""
+
+    count: int
+    reason: str
+    retry_at: float
 
 
 class RejectionFact(msgspec.Struct, frozen=True, rename="camel"):
@@ -135,6 +160,13 @@ class BridgeHandlers:
     rejections: dict[str, str] = field(default_factory=dict)
     # Objects whose last handling failed (an API or NATS error): ``tick`` handles them again.
     pending: set[ObjectKey] = field(default_factory=set)
+    # The bridge's bucket (``subjects.KV_BRIDGE_APPLIED``) as a KV mirror: the apply last published per object uid,
+    # across restarts. None: this process's memory only (``published``).
+    applied: KvMirror[domain.Applied] | None = None
+    # Objects gone from Kubernetes whose end in Shoal is not done (by uid), and the per-object retry state of what
+    # failed (an ObjectKey for ``_handle``, a uid for a ``Gone``).
+    gone: dict[str, Gone] = field(default_factory=dict)
+    failures: dict[ObjectKey | str, Failure] = field(default_factory=dict)
     volumes: set[ObjectKey] = field(default_factory=set)
     # Bound Datasets whose volume or claim name is taken by an object not theirs, and why; looked at again at the
     # next list, or as soon as the dataset holding the name deletes its volume.
@@ -175,13 +207,25 @@ class BridgeHandlers:
     # --- from the watches ---
 
     async def on_listing(self, resource: kube.Resource, namespace: str | None, items: list[dict[str, Any]]) -> None:
-        """A fresh list of one resource: objects gone from it were deleted while the bridge was not watching."""
+        """A fresh list of one resource: objects gone from it were deleted while the bridge was not watching, and so
+        were those the bridge's bucket holds and the list does not (deleted while the bridge was down)."""
+        if self.applied is not None:
+            await self.applied.ready.wait()  # what was published before this process: read before anything is
         self.listed.add((resource, namespace))
         listed = {domain.key_of(resource, obj) for obj in items}
         gone = [key for key in self.objects if key.resource == resource
                 and (namespace is None or key.namespace == namespace) and key not in listed]
         for key in gone:
             await self.on_deleted(key, self.objects[key])
+        if self.applied is not None:
+            known = {domain.uid_of(obj) for obj in self.objects.values()}
+            away = domain.gone_while_away(self.applied.values, resource, namespace,
+                                          {domain.uid_of(obj) for obj in items})
+            for uid, key in sorted(away.items(), key=lambda item: str(item[1])):
+                if uid not in self.gone and uid not in known:
+                    log.info("deleted while the bridge was down: deleting in Shoal", object=str(key))
+                    self.gone[uid] = Gone(key, domain.stand_in(key, uid))
+                    await self._end_now(uid)
         for obj in items:
             key = domain.key_of(resource, obj)
             self.refresh.add(key)
@@ -214,6 +258,7 @@ class BridgeHandlers:
         name, whose Secret keys stay."""
         self.objects.pop(key, None)
         self.pending.discard(key)
+        self.failures.pop(key, None)
         self.waiting.discard(key)
         rivals = self.claims.get(domain.record_key(key), set())
         rivals.discard(key)
@@ -226,12 +271,84 @@ class BridgeHandlers:
         self.volumes.discard(key)
         self.volume_conflicts.pop(key, None)
         held = self.mirrored.pop(key, frozenset())
-        if self.published.pop(key, None) is not None and key not in self.deletes_sent:
-            with contextlib.suppress(Exception):  # best effort: the object is gone from Kubernetes either way
-                await self._publish_delete(key, obj)
-            with contextlib.suppress(Exception):
-                await self._forget_secrets(key, obj, keep=[successor] if successor is not None else [], held=held)
+        if self.published.pop(key, None) is not None:
+            # Not through Shoal's finalizer, or not to its end: what is left is done now, or retried (``tick``)
+            # until it is; an object made again under the name waits for it (``_handle``).
+            uid = domain.uid_of(obj)
+            self.gone[uid] = Gone(key, obj, held, delete_sent=key in self.deletes_sent)
+            await self._end_now(uid)
         self.deletes_sent.discard(key)
+
+    async def _end_now(self, uid: str) -> None:
+        """Try a gone object's end at once, unless a call of this pass went unanswered (then ``tick`` does)."""
+        if self._not_answering is not None:
+            return
+        async with self._lock:
+            await self._end_gone(uid)
+
+    async def _end_gone(self, uid: str) -> bool:
+        """The rest of a gone object's end: its delete command, its keys in the mirror Secret (unless another
+        Dataset, or one made again under its name, refers to them), its entry in the bridge's bucket. A failure is
+        logged once with its reason and retried with back-off (``OBJECT_RETRY``); True when done."""
+        gone = self.gone.get(uid)
+        if gone is None:
+            return True
+        try:
+            if not gone.delete_sent:
+                await self._publish_delete(gone.key, gone.obj)
+                gone.delete_sent = True
+            mirror = self.settings.kube.secret_mirror_ref
+            if mirror is not None and gone.key.resource.kind == "Dataset":
+                keys = domain.mirror_keys(gone.obj) | gone.held
+                successor = [self.objects[gone.key]] if gone.key in self.objects else []
+                await self._remove_mirror_keys(
+                    mirror, domain.unreferenced(keys, self._other_datasets(gone.key) + successor))
+            await self._forget_applied(uid)
+        except Exception as err:
+            self._failed(uid, gone.key, "delete in Shoal", err)
+            return False
+        self.gone.pop(uid, None)
+        self._succeeded(uid, gone.key, "delete in Shoal")
+        return True
+
+    def _failed(self, which: ObjectKey | str, key: ObjectKey, what: str, err: Exception) -> None:
+        """Count a failure and set the next try; say it once per reason, not at every retry."""
+        self._note_failure(err)
+        before = self.failures.get(which)
+        count = before.count + 1 if before is not None else 1
+        reason = _short(err)
+        delay = OBJECT_RETRY.delay(count)
+        if before is None or before.reason != reason:
+            log.warning(f"{what} failed, retrying with back-off until it succeeds", object=str(key), error=reason,
+                        delay=delay)
+        self.failures[which] = Failure(count, reason, time.monotonic() + delay)
+
+    def _succeeded(self, which: ObjectKey | str, key: ObjectKey, what: str) -> None:
+        before = self.failures.pop(which, None)
+        if before is not None:
+            log.info(f"{what} done after retries", object=str(key), tries=before.count + 1)
+
+    def _due(self, which: ObjectKey | str) -> bool:
+        failure = self.failures.get(which)
+        return failure is None or time.monotonic() >= failure.retry_at
+
+    async def _remember_applied(self, key: ObjectKey, obj: dict[str, Any], command_id: str) -> None:
+        uid = domain.uid_of(obj)
+        if self.applied is None or not uid:
+            return
+        entry = domain.applied(key, command_id)
+        revision = await self.applied.kv.put(uid, msgspec.json.encode(entry))
+        self.applied.saved(uid, entry, revision)
+
+    async def _forget_applied(self, uid: str) -> None:
+        if self.applied is None or uid not in self.applied.values:
+            return
+        self.applied.deleted(uid, await kv_delete(self.applied.kv, uid, None))
+
+    def _applied_before(self, obj: dict[str, Any], command_id: str) -> bool:
+        """This spec was published by this bridge before (an earlier process): the services have it."""
+        entry = self.applied.values.get(domain.uid_of(obj)) if self.applied is not None else None
+        return entry is not None and entry.command_id == command_id
 
     # --- one object ---
 
@@ -243,6 +360,11 @@ class BridgeHandlers:
             return False
         try:
             async with self._lock:
+                # An object gone under this Shoal record (this name deleted, or a rival kind's) ends in Shoal first:
+                # its delete after this one's apply would delete this one.
+                for uid, gone in list(self.gone.items()):
+                    if domain.record_key(gone.key) == domain.record_key(key) and not await self._end_gone(uid):
+                        raise _Unavailable(f"{gone.key} is not deleted in Shoal yet")
                 obj = self.objects.get(key)
                 if obj is None:
                     self.pending.discard(key)
@@ -252,11 +374,11 @@ class BridgeHandlers:
                 else:
                     await self._apply(key, obj)
             self.pending.discard(key)
+            self._succeeded(key, key, "handling")
             return True
         except Exception as err:  # an API server or NATS outage: tick() tries again
             self.pending.add(key)
-            self._note_failure(err)
-            log.warning("handling failed, trying again", object=str(key), error=_short(err))
+            self._failed(key, key, "handling", err)
             return False
 
     def _note_failure(self, err: Exception) -> None:
@@ -286,6 +408,7 @@ class BridgeHandlers:
                          holder=str(holder))
             self.invalid[key] = message
             self.published.pop(key, None)
+            await self._forget_applied(domain.uid_of(obj))  # its delete must never reach the other's record
             return
         if kube.FINALIZER not in domain.finalizers(obj) and not self._family_listed(key):
             # After a start, an object of another kind holding this name in Shoal may come in a later list; one
@@ -315,7 +438,11 @@ class BridgeHandlers:
             await self._drop_unreferenced_keys(key, obj)
         # Held before Shoal knows the object, so a delete always waits for Shoal's clean-up.
         await self._set_finalizer(key, obj, held=True)
+        if self._applied_before(obj, command.event.id):
+            self.published[key] = command.event.id  # a restart: Shoal has this spec, publishing it again costs writes
+            return
         await self.bus.publish(command.subject, command.event)
+        await self._remember_applied(key, obj, command.event.id)
         self.published[key] = command.event.id
         log.info("applied", object=str(key), command=command.event.id, notes=len(translation.notes))
         if translation.notes:  # what Shoal leaves out of a (Fluid) object is said, never dropped silently
@@ -341,6 +468,7 @@ class BridgeHandlers:
         if key.resource.kind == "Dataset":
             await self._delete_volume(key)
             await self._forget_secrets(key, obj)
+        await self._forget_applied(domain.uid_of(obj))  # before the finalizer: a restart then finds the object
         await self._set_finalizer(key, obj, held=False)
         self.published.pop(key, None)
         log.info("deleted", object=str(key))
@@ -545,7 +673,9 @@ class BridgeHandlers:
         """One pass over every object; each failure is the object's own (one broken object does not hold back the
         others), and any failure makes the next pass wait."""
         failed: list[str] = []
-        for key in list(self.pending):
+        # Objects that failed before are tried last, when due (``OBJECT_RETRY``): one whose calls hang then costs
+        # the end of a pass, not every other object's turn.
+        for key in [k for k in self.pending if k not in self.failures]:
             self._end_if_not_answering()
             if not await self._handle(key):
                 failed.append(str(key))
@@ -562,6 +692,17 @@ class BridgeHandlers:
                 log.warning("status not written, trying again", object=str(key), error=_short(err))
                 failed.append(str(key))
                 self._note_failure(err)
+        retries = [k for k in self.failures if isinstance(k, ObjectKey) and k in self.pending]
+        for key in sorted(retries, key=lambda k: self.failures[k].retry_at):
+            self._end_if_not_answering()
+            if self._due(key) and not await self._handle(key):
+                failed.append(str(key))
+        for uid in sorted(self.gone, key=lambda u: self.failures[u].retry_at if u in self.failures else 0.0):
+            self._end_if_not_answering()
+            if self._due(uid):
+                async with self._lock:
+                    if not await self._end_gone(uid):
+                        failed.append(str(self.gone[uid].key))
         self._end_if_not_answering()
         if failed:
             raise _Unavailable(f"{len(failed)} objects not handled, e.g. {failed[0]}")

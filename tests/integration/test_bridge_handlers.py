@@ -419,3 +419,63 @@ async def test_a_pass_over_an_api_server_that_does_not_answer_ends_at_its_first_
     await harness.until(lambda: all(((harness.get(DATALOAD, name) or {}).get("status") or {}).get("phase") == "Failed"
                                     for name in names), what="every status written")
     assert kube.FINALIZER in (harness.get(SHOAL, "demo") or {})["metadata"]["finalizers"]
+
+
+@pytest.mark.parametrize("fault", ["500", "hang"])
+async def test_a_dataset_gone_without_the_finalizer_has_its_keys_removed_once_the_api_server_answers(
+        harness: Harness, bus: Bus, monkeypatch: pytest.MonkeyPatch, fault: str) -> None:
+    """A Dataset's finalizer is removed by hand and the Dataset deleted: the bridge sees it gone (DELETED) and must
+    still delete it in Shoal and remove its key from the secret mirror, while the API server answers that Secret's
+    read with 500, or not at all. The delete command goes out at once; the key's removal is retried with back-off,
+    the reason logged once, and done once the API server answers; other objects are handled meanwhile (before:
+    the error was swallowed and the Secret's value stayed in the mirror for ever)."""
+    handlers = harness.handlers
+    monkeypatch.setattr(bridge_handlers, "REQUEST_TIMEOUT_SECONDS", 0.5)  # the client's limit, not what is tested
+    handlers.settings = dataclasses.replace(handlers.settings, kube=dataclasses.replace(
+        handlers.settings.kube, secret_mirror=f"{kube.SYSTEM_NAMESPACE}/shoal-dataset-secrets"))
+    await handlers.core.create_namespaced_secret("default", client.V1Secret(
+        metadata=client.V1ObjectMeta(name="creds"), string_data={"secret": "value"}))
+    await handlers.core.create_namespaced_secret(kube.SYSTEM_NAMESPACE, client.V1Secret(
+        metadata=client.V1ObjectMeta(name="shoal-dataset-secrets")))
+    mirror_path = f"/namespaces/{kube.SYSTEM_NAMESPACE}/secrets/shoal-dataset-secrets"
+
+    def mirror() -> set[str]:
+        stored = harness.server.stored("", "secrets", kube.SYSTEM_NAMESPACE, "shoal-dataset-secrets") or {}
+        return set(stored.get("data") or {})
+
+    deletes, stop = await collect(bus, subjects.DATASET_DELETE)
+    await harness.first_lists()
+    created = await harness.create(SHOAL, "gone", {"mounts": [{"mountPoint": "s3://bucket", "encryptOptions": [
+        {"name": "aws.secretKey", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "secret"}}}]}]})
+    await handlers.on_event(SHOAL, "ADDED", created)
+    assert mirror() == {"default.creds.secret"}
+    await handlers.custom.patch_namespaced_custom_object(
+        SHOAL.group, SHOAL.version, "default", SHOAL.plural, "gone", {"metadata": {"finalizers": []}},
+        _content_type=MERGE)  # type: ignore[call-arg]
+    last = harness.get(SHOAL, "gone") or {}
+    await handlers.custom.delete_namespaced_custom_object(SHOAL.group, SHOAL.version, "default", SHOAL.plural, "gone")
+    assert harness.get(SHOAL, "gone") is None
+
+    if fault == "500":
+        harness.server.fail("GET", mirror_path, 500)
+    else:
+        harness.server.hang("GET", mirror_path)
+    with structlog.testing.capture_logs() as logs:
+        await handlers.on_event(SHOAL, "DELETED", last)
+        await bus.nc.flush()
+        assert deletes == [f"k8s.dataset.{created['metadata']['uid']}.delete"]
+        await handlers.on_event(SHOAL, "ADDED", await harness.create(SHOAL, "other", {"mounts": [
+            {"mountPoint": "s3://other"}]}))
+        await harness.until(lambda: kube.FINALIZER in ((harness.get(SHOAL, "other") or {}).get("metadata") or {})
+                            .get("finalizers", []), what="another object handled meanwhile")
+        await harness.until(lambda: len(harness.server.recorded("GET", mirror_path)) >= 4, what="retries")
+        assert mirror() == {"default.creds.secret"}
+        harness.server.heal()
+        await harness.until(lambda: not mirror(), what="the key removed once the API server answers")
+    await stop()
+    assert deletes == [f"k8s.dataset.{created['metadata']['uid']}.delete"]  # sent once, not at every retry
+    assert handlers.gone == {}
+    warned = [e for e in logs if e.get("object") == "Dataset.shoal.io default/gone" and e["log_level"] == "warning"]
+    assert len(warned) == 1, warned
+    assert ("HTTP 500" if fault == "500" else "TimeoutError") in warned[0]["error"]
+    assert [e for e in logs if e.get("object") == "Dataset.shoal.io default/gone" and "after retries" in e["event"]]

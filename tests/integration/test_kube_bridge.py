@@ -492,7 +492,57 @@ async def test_a_stop_is_prompt_while_the_api_server_does_not_answer(
     assert "status" not in (cluster.get(DATALOAD, "warm") or {})
 
 
+async def test_a_restart_publishes_only_what_changed_while_the_bridge_was_down(cluster: Cluster, bus: Bus,
+                                                                             tmp_path: Path) -> None:
+    """Five Datasets applied; the bridge stops; meanwhile one Dataset's spec changes and another is deleted (its
+    finalizer removed by hand first, so it goes without the bridge). The restarted bridge publishes the changed
+    one's apply and the deleted one's delete, and nothing for the three unchanged ones (before: an apply for every
+    object at every restart, each a KV read and write in the services once JetStream's 2-minute duplicate window
+    has passed; and nothing for the deleted one, whose record stayed in Shoal for ever)."""
+    names = [f"d{i}" for i in range(5)]
+    async with running(lambda stop: dataset_app.run(cluster.settings, stop)):
+        async with running(lambda stop: bridge_app.run(cluster.settings, stop)):
+            for name in names:
+                await cluster.create(SHOAL, name, {"mounts": [{"mountPoint": files(tmp_path / name)}]})
+            objs = {name: await cluster.status(SHOAL, name, phase="NotBound", fileNum=3) for name in names}
+        await cluster.custom.patch_namespaced_custom_object(
+            SHOAL.group, SHOAL.version, "default", SHOAL.plural, "d0",
+            {"spec": {"mounts": [{"mountPoint": files(tmp_path / "changed", 2)}]}},
+            _content_type=MERGE)  # type: ignore[call-arg]
+        await cluster.custom.patch_namespaced_custom_object(
+            SHOAL.group, SHOAL.version, "default", SHOAL.plural, "d1", {"metadata": {"finalizers": []}},
+            _content_type=MERGE)  # type: ignore[call-arg]
+        await cluster.custom.delete_namespaced_custom_object(SHOAL.group, SHOAL.version, "default", SHOAL.plural,
+                                                             "d1")
+        assert cluster.get(SHOAL, "d1") is None and await dataset_record(bus, "d1") is not None
+
+        commands, stop_commands = await _commands(bus)
+        readiness = Readiness()
+        async with running(lambda stop: bridge_app.run(cluster.settings, stop, readiness=readiness)):
+            await eventually(lambda: _async("kubernetes" in readiness.checks and readiness.report()[0]),
+                             what="the restarted bridge ready: every object listed and handled")
+            await cluster.status(SHOAL, "d0", fileNum=2)
+            uids = {name: obj["metadata"]["uid"] for name, obj in objs.items()}
+            generation = (cluster.get(SHOAL, "d0") or {})["metadata"]["generation"]
+
+            def applies() -> list[str]:
+                return [c for c in commands if not c.endswith(".delete")]
+
+            assert [c.split(".")[2] for c in applies()] == [uids["d0"]], f"unchanged objects published: {commands}"
+            assert applies()[0].startswith(f"k8s.dataset.{uids['d0']}.{generation}.")
+            await eventually(lambda: _gone_in_shoal(bus, "d1"), what="d1, deleted while the bridge was down, "
+                                                                     "deleted in Shoal")
+            await stop_commands()
+            assert sorted(commands) == sorted([applies()[0], f"k8s.dataset.{uids['d1']}.delete"]), commands
+            for name in names[2:]:
+                assert kube.FINALIZER in (cluster.get(SHOAL, name) or {})["metadata"]["finalizers"]
+
+
 # --- helpers ---
+
+
+async def _gone_in_shoal(bus: Bus, name: str) -> bool:
+    return await dataset_record(bus, name) is None
 
 
 async def _delete(cluster: Cluster, namespace: str, name: str) -> None:
