@@ -24,7 +24,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any, NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import click
@@ -39,6 +39,7 @@ from nats.js.kv import KeyValue
 from libs import subjects
 from libs.bus import Bus, Permanent, PermissionDenied, connect, kv_load, kv_values
 from libs.cli import manifests, operations, render
+from libs.cli.errors import CliError
 from libs.cli.up import down, up
 from libs.config import NatsSettings, SettingsError, load_settings
 from libs.documents import (
@@ -122,15 +123,6 @@ AnyFact = DatasetFact | RuntimeFact | OperationFact
 # Decoded once: every fact that may answer a command (status facts decode too and are skipped).
 _FACT_DECODER: msgspec.json.Decoder[AnyFact] = msgspec.json.Decoder(AnyFact)
 T = TypeVar("T")
-
-
-class CliError(click.ClickException):
-    """An error a person can act on: printed as one ``error: ...`` line, no traceback; exit code 1."""
-
-    exit_code = 1
-
-    def show(self, file: IO[Any] | None = None) -> None:
-        click.echo(f"error: {self.format_message()}", err=True)
 
 
 def _checked_namespace(ctx: click.Context, param: click.Parameter, value: str) -> str:

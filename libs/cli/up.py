@@ -26,6 +26,7 @@ import click
 import msgspec
 
 from libs import natsauth, natssecure
+from libs.cli.errors import CliError
 from libs.cli.stack import S3Access, UpError
 from libs.cli.stack.banner import banner
 from libs.cli.stack.demo import DEMO_MANIFEST, Applied, applied_by, demo_commands, demo_objects, prepare
@@ -70,6 +71,7 @@ from libs.embedded import (
     LOOPBACK,
     NatsConfig,
     SeaweedConfig,
+    find_binary,
     free_port,
     nats_cluster,
     nats_urls,
@@ -192,6 +194,7 @@ def _plan(options: UpOptions, environ: Mapping[str, str]) -> Plan:
     prometheus_ports = ([PortUse(prometheus[1].port, "Prometheus", "--prometheus-port / SHOAL_PROMETHEUS_PORT")]
                         if prometheus else [])
     check_ports(servers + http_ports_needed(http_ports) + prometheus_ports)
+    _check_binaries(run_nats=not external_nats, run_s3=not external_s3)
     # Parse the manifest before starting anything: a broken one should cost no server start.
     try:
         docs = parse_documents(options.manifest.read_text(encoding="utf-8"))
@@ -245,6 +248,16 @@ def _plan(options: UpOptions, environ: Mapping[str, str]) -> Plan:
                                                   password=Secret(cli["NATS_PASSWORD"]), tls_ca=cli["NATS_TLS_CA"]))
     return Plan(nats, seaweed, nats_url, s3, env, settings, commands, applied_by(commands), http_ports, services,
                 agents, prometheus, metrics_line, secure, users)
+
+
+def _check_binaries(run_nats: bool, run_s3: bool) -> None:
+    """A server binary that is missing is said before anything starts, not once NATS already runs."""
+    for name, needed in (("nats-server", run_nats), ("weed", run_s3)):
+        if needed:
+            try:
+                find_binary(name)
+            except FileNotFoundError as err:
+                raise UpError(str(err)) from err
 
 
 def _plan_nats(layout: StateLayout, ports: Ports, servers: int) -> list[NatsConfig]:
@@ -392,8 +405,8 @@ def up(state_dir: Path, nats_port: int, nats_monitor_port: int, s3_port: int, se
     one instead.
     """
     if nats_servers % 2 == 0:
-        raise click.BadParameter(f"{nats_servers} servers tolerate no more failures than {nats_servers - 1}: "
-                                 "use 3 or 5", param_hint="--nats-cluster")
+        raise CliError(f"--nats-cluster {nats_servers}: a cluster of {nats_servers} tolerates no more failures "
+                       f"than one of {nats_servers - 1}: use 3 or 5")
     ports = Ports(nats=nats_port, nats_monitor=nats_monitor_port, s3=s3_port, seaweed_master=seaweed_master_port,
                   seaweed_volume=seaweed_volume_port, seaweed_filer=seaweed_filer_port, service_http=http_port,
                   nats_cluster=nats_cluster_port)
@@ -402,18 +415,31 @@ def up(state_dir: Path, nats_port: int, nats_monitor_port: int, s3_port: int, se
     try:
         run_up(options, os.environ)
     except UpError as err:
-        raise click.ClickException(str(err)) from err
+        raise CliError(str(err)) from err
+    except OSError as err:  # the state directory cannot be written (under a file, read-only, full)
+        raise CliError(_os_error_text(err)) from err
 
 
 @click.command()
 @_state_dir_option
-@click.option("--timeout", default=60.0, show_default=True, type=float,
+@click.option("--timeout", default=60.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="Seconds to wait for shoal up to stop everything.")
 def down(state_dir: Path, timeout: float) -> None:
     """Stop a running `shoal up` (SIGTERM to the PID in <state-dir>/up.pid) and wait until it has exited."""
-    layout = StateLayout(state_dir.resolve())
+    try:
+        _down(StateLayout(state_dir.resolve()), timeout)
+    except OSError as err:  # the state directory cannot be read (under a file) or the PID not signalled
+        raise CliError(_os_error_text(err)) from err
+
+
+def _os_error_text(err: OSError) -> str:
+    return f"{err.filename}: {err.strerror}" if err.filename and err.strerror else str(err)
+
+
+def _down(layout: StateLayout, timeout: float) -> None:
     pid, started = read_pidfile(layout.pidfile)
     if pid is None or not is_shoal_up(pid, started):
+        # Not an error: stopping is idempotent, as a script's cleanup step wants it (and leftovers are stopped).
         if pid is not None:
             layout.pidfile.unlink(missing_ok=True)
         stop_leftovers(layout)
@@ -423,8 +449,8 @@ def down(state_dir: Path, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while pid_alive(pid):
         if time.monotonic() > deadline:
-            raise click.ClickException(f"shoal up (PID {pid}) did not stop within {timeout:g} s; "
-                                       f"see {layout.logs} and try again")
+            raise CliError(f"shoal up (PID {pid}) did not stop within {timeout:g} s; see {layout.logs} and try "
+                           "again")
         time.sleep(0.1)
     click.echo(f"Stopped shoal up (PID {pid}).")
 

