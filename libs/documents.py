@@ -207,6 +207,16 @@ def holds_objects(documents: list[Any]) -> bool:
                for document in documents)
 
 
+def no_objects(documents: list[Any], action: str) -> str:
+    """Why ``documents`` give nothing to ``action`` ("" when they hold an object). As kubectl, a file without an
+    object is a mistake (the wrong file, a failed render), not a quiet no-op."""
+    if all(document is None for document in documents):
+        return f"no objects to {action}: the file holds no document"
+    if not holds_objects(documents):
+        return f"no objects to {action}: the file holds only an empty List"
+    return ""
+
+
 # --- one document ---
 
 

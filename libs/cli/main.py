@@ -48,7 +48,7 @@ from libs.documents import (
     Kind,
     ManifestError,
     documents_to_commands,
-    holds_objects,
+    no_objects,
     parse_documents,
 )
 from libs.events.common import DNS1123_LABEL, ObjectMeta, ObjectRef, dns_label_errors
@@ -413,11 +413,8 @@ def _read_manifests(sources: Sequence[manifests.ManifestSource], namespace: str,
         file_commands, file_notes, errors = documents_to_commands(
             documents, default_namespace=namespace, action="delete" if action == "delete" else "apply"
         )
-        # As kubectl: a file with no object is a mistake (the wrong file, a failed render), not a quiet no-op.
-        if all(document is None for document in documents):
-            errors = [f"no objects to {action}: the file holds no document"]
-        elif not holds_objects(documents):
-            errors = [f"no objects to {action}: the file holds only an empty List"]
+        if empty := no_objects(documents, action):
+            errors = [empty]
         for command in file_commands:
             # Refused here, before publishing: a command stays in the command stream for a week.
             exposed = exposed_secret_errors(command.event.dataset) if isinstance(command.event, DatasetApply) else []

@@ -66,7 +66,7 @@ from libs.cli.stack.supervision import (
     stack_services,
 )
 from libs.config import Secret, Settings, SettingsError, load_settings
-from libs.documents import ManifestError, parse_documents
+from libs.documents import ManifestError, no_objects, parse_documents
 from libs.embedded import (
     LOOPBACK,
     NatsConfig,
@@ -204,6 +204,9 @@ def _plan(options: UpOptions, environ: Mapping[str, str]) -> Plan:
         raise UpError(f"{options.manifest}: not UTF-8 text: {err.reason} at byte {err.start}") from err
     except OSError as err:
         raise UpError(f"{options.manifest}: cannot read it: {err.strerror or err}") from err
+    # An empty manifest (the wrong file, a failed render) would bring up a stack with nothing on it, silently.
+    if empty := no_objects(docs, "apply"):
+        raise UpError(f"{options.manifest}: {empty}")
     commands, notes = demo_commands(docs, layout.root)
     for note in notes:
         _timestamped(f"{options.manifest.name}: {note}")

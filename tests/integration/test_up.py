@@ -446,6 +446,27 @@ async def test_a_manifest_that_is_not_utf8_text_is_one_error_and_starts_nothing(
     assert not (tmp_path / "state" / "up.pid").exists()
 
 
+@pytest.mark.parametrize("text", ["", "# the datasets go here\n", "---\n", "---\n# nothing yet\n---\n"],
+                         ids=["empty", "comments", "separator", "separators-and-comments"])
+@pytest.mark.timeout(150)
+async def test_a_manifest_without_objects_is_one_error_and_starts_nothing(start_up: StartUp, tmp_path: Path,
+                                                                           text: str) -> None:
+    """A stack brought up with nothing applied would look as if the manifest's objects were lost."""
+    manifest = tmp_path / "demo.yaml"
+    manifest.write_text(text)
+    state_dir = tmp_path / "state"
+    # Through start_up, whose teardown stops a shoal up that did start.
+    run = await start_up(state_dir, [*up_arguments(state_dir), "--manifest", str(manifest)])
+    try:
+        await asyncio.wait_for(run.process.wait(), 30)
+    except TimeoutError:
+        raise AssertionError(f"shoal up runs with an empty manifest:\n{run.output}") from None
+    code = await run.stop()
+    assert (code, run.output) == (1, f"error: {manifest}: no objects to apply: the file holds no document\n")
+    assert not (tmp_path / "state" / "up.pid").exists()
+    assert not (tmp_path / "state" / "logs").exists(), "a server was started"
+
+
 @pytest.mark.timeout(60)
 async def test_refusals_of_up_and_down_are_one_error_line_like_every_shoal_command(tmp_path: Path) -> None:
     state_dir = tmp_path / "state"
