@@ -1,4 +1,4 @@
-"""Shared pieces of every event: object metadata, the tag convention, ids and byte quantities.
+"""Shared pieces of every event: object metadata, the tag convention, ids, byte quantities and times.
 
 Schema evolution follows msgspec's rules: new fields get defaults, field types never change, and a breaking
 change is a new type tag (``.v2``) decoded side by side with the old one.
@@ -6,7 +6,9 @@ change is a new type tag (``.v2``) decoded side by side with the old one.
 
 from __future__ import annotations
 
+import calendar
 import re
+import time
 import uuid
 from decimal import Decimal, localcontext
 from typing import Any
@@ -93,6 +95,29 @@ def parse_quantity(value: str | int) -> int:
     if parsed != parsed.to_integral_value():
         raise ValueError(f"{value!r} is not a whole number of bytes")
     return int(parsed)
+
+
+# Every time a status writes (Kubernetes' metav1.Time: RFC 3339, UTC, whole seconds).
+_RFC3339 = "%Y-%m-%dT%H:%M:%SZ"
+# The last second RFC 3339 can write (9999-12-31T23:59:59Z).
+LAST_RFC3339 = 253_402_300_799.0
+
+
+def rfc3339(seconds: float) -> str:
+    """``seconds`` since the epoch as RFC 3339, the fraction dropped. A time outside the calendar's range (a node's
+    broken clock, nanoseconds sent as seconds, NaN) is written as its number instead: formatting it would raise, and
+    fail the status of every object the time is written into."""
+    if not 0 <= seconds <= LAST_RFC3339:
+        return f"{seconds:.0f}"
+    return time.strftime(_RFC3339, time.gmtime(seconds))
+
+
+def parse_rfc3339(text: str) -> float | None:
+    """The seconds since the epoch of an ``rfc3339`` time; None when empty or not in that form."""
+    try:
+        return float(calendar.timegm(time.strptime(text, _RFC3339)))
+    except ValueError:
+        return None
 
 
 def to_builtins(event: Any) -> Any:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import re
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +19,7 @@ import msgspec
 from libs import kube, references
 from libs.crds import fluid_dataset_status, fluid_operation_status, fluid_runtime_status
 from libs.documents import Command, documents_to_commands
-from libs.events.common import DNS1123_SUBDOMAIN, to_builtins
+from libs.events.common import DNS1123_SUBDOMAIN, rfc3339, to_builtins
 from libs.events.dataset import Condition, DatasetStatus
 from libs.events.operation import OperationStatus
 from libs.events.runtime import RuntimeStatus
@@ -402,10 +401,6 @@ class Refusal:
     message: str
 
 
-def iso_time(now: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))
-
-
 def shoal_status(resource: kube.Resource, status: msgspec.Struct | None) -> dict[str, Any]:
     """Shoal's status of the object's family as the CR shows it: Shoal's own shape for Shoal's kinds, Fluid's for
     Fluid's (the events' status structs already use Fluid's field names).
@@ -458,7 +453,7 @@ def _false_condition(obj: dict[str, Any], kind: str, reason: str, message: str, 
     old = next((c for c in current if isinstance(c, dict) and c.get("type") == kind), None)
     since = old.get("lastTransitionTime") if old and old.get("status") == "False" else None
     built: dict[str, Any] = to_builtins(Condition(type=kind, status="False", reason=reason, message=message,
-                                                  last_transition_time=since or iso_time(now)))
+                                                  last_transition_time=since or rfc3339(now)))
     return built
 
 
@@ -626,7 +621,7 @@ def kube_event(resource: kube.Resource, obj: dict[str, Any], *, name: str, event
                message: str, now: float) -> dict[str, Any]:
     """A core v1 Event about the object (``kubectl describe`` shows it)."""
     meta = _metadata(obj)
-    stamp = iso_time(now)
+    stamp = rfc3339(now)
     return {
         "apiVersion": "v1", "kind": "Event",
         "metadata": {"name": name, "namespace": meta.get("namespace") or "default"},

@@ -5,9 +5,7 @@ No I/O and no clock here: ``now`` is a parameter. Handlers load state, call thes
 
 from __future__ import annotations
 
-import calendar
 import re
-import time
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -17,7 +15,15 @@ import msgspec
 
 from libs import deletion, subjects
 from libs.events.agent import AgentRecord
-from libs.events.common import DECODE_ERRORS, DNS1123_LABEL, DNS1123_SUBDOMAIN, dns_label_errors, format_bytes
+from libs.events.common import (
+    DECODE_ERRORS,
+    DNS1123_LABEL,
+    DNS1123_SUBDOMAIN,
+    dns_label_errors,
+    format_bytes,
+    parse_rfc3339,
+    rfc3339,
+)
 from libs.events.dataset import (
     CacheStates,
     Condition,
@@ -403,7 +409,7 @@ def next_sync(record: DatasetRecord, now: float, retry_seconds: float, policy: S
     synced = next((c for c in status.conditions if c.type == CONDITION_SYNCED), None)
     if synced is None:
         return None
-    last = parse_iso_time(status.last_sync_time)
+    last = parse_rfc3339(status.last_sync_time)
     if synced.status == "False" and synced.reason == REASON_UNREACHABLE:
         if last is None:
             return SyncDue("retry", 0.0)  # no time to count from: retry rather than stay failed
@@ -476,21 +482,6 @@ class SyncResult:
     manifest_changed: bool = True
 
 
-ISO_TIME = "%Y-%m-%dT%H:%M:%SZ"
-
-
-def iso_time(now: float) -> str:
-    return time.strftime(ISO_TIME, time.gmtime(now))
-
-
-def parse_iso_time(text: str) -> float | None:
-    """The seconds since the epoch of an ``iso_time`` string; None when empty or not in that form."""
-    try:
-        return float(calendar.timegm(time.strptime(text, ISO_TIME)))
-    except ValueError:
-        return None
-
-
 def _set_condition(conditions: list[Condition], new: Condition) -> list[Condition]:
     kept = [c for c in conditions if c.type != new.type]
     old = next((c for c in conditions if c.type == new.type), None)
@@ -510,7 +501,7 @@ def status_after_sync(record: DatasetRecord, result: SyncResult, runtime_phase: 
     if result.error:
         reason = REASON_UNREACHABLE if result.retryable else REASON_FAILED
         condition = Condition(type=CONDITION_SYNCED, status="False", reason=reason, message=result.error,
-                              last_transition_time=iso_time(now))
+                              last_transition_time=rfc3339(now))
         kept = status.manifest if status.synced_generation == result.generation else ""
         status = msgspec.structs.replace(
             status,
@@ -519,11 +510,11 @@ def status_after_sync(record: DatasetRecord, result: SyncResult, runtime_phase: 
             message=result.error,
             manifest=kept,
             conditions=_set_condition(status.conditions, condition),
-            last_sync_time=iso_time(now),
+            last_sync_time=rfc3339(now),
         )
     else:
         condition = Condition(type=CONDITION_SYNCED, status="True", reason="Synced",
-                              message=f"listed {result.file_num} files", last_transition_time=iso_time(now))
+                              message=f"listed {result.file_num} files", last_transition_time=rfc3339(now))
         conditions = _set_condition(status.conditions, condition)
         skipped = skipped_condition(result, now)
         conditions = (_set_condition(conditions, skipped) if skipped is not None
@@ -538,7 +529,7 @@ def status_after_sync(record: DatasetRecord, result: SyncResult, runtime_phase: 
             file_num=result.file_num,
             manifest=result.manifest,
             conditions=conditions,
-            last_sync_time=iso_time(now),
+            last_sync_time=rfc3339(now),
         )
     return with_binding(record.dataset, status, runtime_phase, None)
 
@@ -551,7 +542,7 @@ def skipped_condition(result: SyncResult, now: float) -> Condition | None:
                + "; ".join(result.skipped_examples)
                + ("; …" if result.skipped > len(result.skipped_examples) else ""))
     return Condition(type=CONDITION_SKIPPED, status="True", reason="UnusableKeys", message=message,
-                     last_transition_time=iso_time(now))
+                     last_transition_time=rfc3339(now))
 
 
 def with_binding(dataset: Dataset, status: DatasetStatus, runtime_phase: str,
@@ -781,7 +772,7 @@ def reference_apply_errors(dataset: Dataset, source: DatasetRecord | None) -> li
 def _source_condition(previous: DatasetStatus, status: Literal["True", "False"], reason: str, message: str,
                       now: float) -> Condition:
     old = next((c for c in previous.conditions if c.type == CONDITION_SOURCE), None)
-    since = old.last_transition_time if old is not None and old.status == status else iso_time(now)
+    since = old.last_transition_time if old is not None and old.status == status else rfc3339(now)
     return Condition(type=CONDITION_SOURCE, status=status, reason=reason, message=message,
                      last_transition_time=since)
 

@@ -15,9 +15,7 @@
 from __future__ import annotations
 
 import bisect
-import calendar
 import itertools
-import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -28,7 +26,7 @@ from croniter import CroniterBadDateError, croniter
 from libs import ring
 from libs.blocks import block_count, block_span
 from libs.events.agent import BlockId, CachedFile
-from libs.events.common import DNS1123_LABEL, ObjectMeta, ObjectRef, dns_label_errors
+from libs.events.common import DNS1123_LABEL, ObjectMeta, ObjectRef, dns_label_errors, parse_rfc3339, rfc3339
 from libs.events.dataset import Condition, DatasetRecord, ManifestEntry
 from libs.events.operation import (
     DataClean,
@@ -71,19 +69,6 @@ SCHEDULE_PROBE_TIME = 946_684_800.0
 
 
 # --- Times ---
-
-
-def iso_time(now: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))
-
-
-def parse_time(value: str) -> float | None:
-    if not value:
-        return None
-    try:
-        return float(calendar.timegm(time.strptime(value, "%Y-%m-%dT%H:%M:%SZ")))
-    except ValueError:
-        return None
 
 
 def format_duration(seconds: float) -> str:
@@ -202,7 +187,7 @@ def apply_operation(record: OperationRecord | None, kind: OperationKind, meta: O
     sequence on: it is the user's last word, and an older command delivered again behind it is stale."""
     if record is None:
         return OperationRecord(kind=kind, metadata=meta, load=load, clean=clean, generation=1,
-                               created_at=iso_time(now), command_sequence=sequence), True
+                               created_at=rfc3339(now), command_sequence=sequence), True
     if sequence and sequence < record.command_sequence:
         return record, False
     newer = max(record.command_sequence, sequence)
@@ -682,8 +667,8 @@ def status_started(status: OperationStatus, runs: int, generation: int, now: flo
     completion, progress) stays; the history (``lastScheduleTime``, now; ``lastSuccessfulTime``) and the run count
     carry on."""
     return msgspec.structs.replace(status, phase="Executing", message="", duration=UNFINISHED, conditions=[],
-                                   runs=runs, start_time=iso_time(now), completion_time="",
-                                   last_schedule_time=iso_time(now), progress=Progress(), waiting_for="",
+                                   runs=runs, start_time=rfc3339(now), completion_time="",
+                                   last_schedule_time=rfc3339(now), progress=Progress(), waiting_for="",
                                    observed_generation=generation)
 
 
@@ -698,11 +683,11 @@ def status_finished(status: OperationStatus, phase: OperationPhase, message: str
                     now: float) -> OperationStatus:
     # Fluid's operations carry one condition of the final phase's type ("Complete" or "Failed"), status True.
     condition = Condition(type=phase, status="True", reason="RunComplete" if phase == "Complete" else "RunFailed",
-                          message=message, last_transition_time=iso_time(now))
+                          message=message, last_transition_time=rfc3339(now))
     return msgspec.structs.replace(
         status, phase=phase, message=message, duration=format_duration(now - started_at),
-        completion_time=iso_time(now), waiting_for="", conditions=[condition],
-        last_successful_time=iso_time(now) if phase == "Complete" else status.last_successful_time)
+        completion_time=rfc3339(now), waiting_for="", conditions=[condition],
+        last_successful_time=rfc3339(now) if phase == "Complete" else status.last_successful_time)
 
 
 def status_failed_to_start(status: OperationStatus, runs: int, generation: int, message: str,
@@ -723,7 +708,7 @@ def cron_due(schedule: str, last_schedule: str, created_at: str, now: float) -> 
     """Due when the first firing after the last run's start (or the creation) has passed: however many firings were
     missed (the loader was down), this is one run, and lastScheduleTime (saved as the run starts) makes it so after
     a restart too."""
-    since = parse_time(last_schedule) or parse_time(created_at)
+    since = parse_rfc3339(last_schedule) or parse_rfc3339(created_at)
     if since is None:
         return False
     return next_cron(schedule, since) <= now
@@ -834,5 +819,5 @@ def expired(record: OperationRecord, now: float) -> bool:
         return False
     if record.load is not None and record.load.policy != "Once":
         return False
-    finished = parse_time(record.status.completion_time)
+    finished = parse_rfc3339(record.status.completion_time)
     return finished is not None and finished + ttl <= now

@@ -32,7 +32,6 @@ a whole cool-down without such pressure.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -47,6 +46,7 @@ from libs.events.common import (
     dns_label_errors,
     format_bytes,
     parse_quantity,
+    rfc3339,
 )
 from libs.events.dataset import Condition, DatasetSpec, NodeCache
 from libs.events.runtime import (
@@ -419,7 +419,7 @@ def choose_workers(runtime: Runtime, current: Sequence[CacheWorker], agents: Map
               and agents[node].heartbeat.healthy and reason_for(node) is None]
     # Spares fill empty seats first (an unhealthy worker kept beats no worker); the rest replace overdue workers
     # while they last, and are the ones the name-order fill below picks after the empty seats.
-    stamp = _stamp(now)
+    stamp = rfc3339(now)
     replaced: list[WorkerReplaced] = []
     for node, spare in zip(overdue, spares[max(replicas - len(picked), 0):], strict=False):
         why = f"unhealthy for {now - since[node]:.0f} s ({problems_text(agents[node].heartbeat)})"
@@ -537,7 +537,7 @@ def runtime_status(record: RuntimeRecord, agents: Iterable[AgentRecord], now: fl
         message = f"{note}; {message}" if message else note
         missing = Condition(type=CONDITION_DATASET, status="False", reason="DatasetNotFound",
                             message=missing_dataset(runtime),
-                            last_transition_time=_stamp(now))
+                            last_transition_time=rfc3339(now))
     # Blocks are cached by the ring's members when there is a ring, else by every node reading for itself.
     ring = [worker for worker in ready_workers if worker.peer_url]
     capacity = node_capacity(runtime) * (len(ring) if ring else len(nodes))
@@ -573,7 +573,7 @@ def mount_condition(runtime: Runtime, serving: Iterable[AgentHeartbeat], now: fl
                      if (report := beat.mount_of(meta.namespace, meta.name)) is not None)
     if not reports:
         return None
-    stamp = _stamp(now)
+    stamp = rfc3339(now)
     failing = [(node, report) for node, report in reports if report.state != "Serving"]
     if not failing:
         return Condition(type=CONDITION_MOUNTED, status="True", reason="Serving",
@@ -587,19 +587,6 @@ def mount_condition(runtime: Runtime, serving: Iterable[AgentHeartbeat], now: fl
     message = "not serving on " + "; ".join(parts)
     return Condition(type=CONDITION_MOUNTED, status="False", reason=reason, message=message,
                      last_transition_time=stamp)
-
-
-# The last second an RFC 3339 time can write (9999-12-31T23:59:59Z).
-LAST_STAMP = 253_402_300_799.0
-
-
-def _stamp(seconds: float) -> str:
-    """A time as RFC 3339 (every time this module writes); one out of the calendar's range (a node's broken clock,
-    nanoseconds sent as seconds) as its number: formatting it would raise, and fail the status of every runtime the
-    node serves."""
-    if not 0 <= seconds <= LAST_STAMP:
-        return f"{seconds:.0f}"
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
 
 
 def reads_condition(runtime: Runtime, serving: Iterable[AgentHeartbeat], now: float) -> Condition | None:
@@ -617,13 +604,13 @@ def reads_condition(runtime: Runtime, serving: Iterable[AgentHeartbeat], now: fl
         last = max(files, key=lambda failure: failure.at)
         count = sum(failure.count for failure in files)
         others = f" (and {len(files) - 1} other file(s))" if len(files) > 1 else ""
-        parts.append(f"{node}: {count} failed read(s) since {_stamp(min(f.since for f in files))}, the last at "
-                     f"{_stamp(last.at)} of {last.path!r}{others}: {last.errno}: {last.reason}")
+        parts.append(f"{node}: {count} failed read(s) since {rfc3339(min(f.since for f in files))}, the last at "
+                     f"{rfc3339(last.at)} of {last.path!r}{others}: {last.errno}: {last.reason}")
     if len(failing) > READS_NODES_SHOWN:
         parts.append(f"and {len(failing) - READS_NODES_SHOWN} more node(s)")
     changed = any(failure.errno == "ESTALE" for _, files in failing for failure in files)
     return Condition(type=CONDITION_READS, status="True", reason="ObjectChanged" if changed else "StoreError",
-                     message="; ".join(parts), last_transition_time=_stamp(now))
+                     message="; ".join(parts), last_transition_time=rfc3339(now))
 
 
 def with_condition(conditions: list[Condition], kind: str, new: Condition | None) -> list[Condition]:
@@ -737,7 +724,7 @@ def autoscale(policy: AutoscalingPolicy, replicas: int, sample: CacheSample, pre
     def change(to: int, why: str) -> ScaleChoice:
         reason = f"{why}: {replicas} -> {to} workers"
         decision = ScaleDecision(from_replicas=replicas, to_replicas=to, reason=reason,
-                                 time=_stamp(now))
+                                 time=rfc3339(now))
         kept = [*seen.decisions, decision][-AUTOSCALE_HISTORY:]
         return ScaleChoice(to, reason, msgspec.structs.replace(seen, last_scale_time=now, decisions=kept), decision)
 

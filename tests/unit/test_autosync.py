@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from libs.documents import documents_to_commands, parse_documents
-from libs.events.common import ObjectMeta
+from libs.events.common import ObjectMeta, rfc3339
 from libs.events.dataset import Dataset, DatasetRecord, DatasetSpec, Mount
 from libs.events.runtime import MetadataSyncPolicy, RuntimeApply, RuntimeManagement, RuntimeSpec
 from services.dataset.domain import (
@@ -20,7 +20,6 @@ from services.dataset.domain import (
     SyncDue,
     SyncPolicy,
     SyncResult,
-    iso_time,
     next_sync,
     status_after_sync,
     sync_changes_nothing,
@@ -120,7 +119,13 @@ def test_the_sync_time_moves_only_with_a_written_status() -> None:
     record = synced()
     later = status_after_sync(record, SyncResult(generation=1, file_num=3, total_bytes=30, manifest="default.d"),
                               "Ready", NOW + 60)
-    assert later.last_sync_time == iso_time(NOW + 60) != record.status.last_sync_time
+    assert later.last_sync_time == rfc3339(NOW + 60) != record.status.last_sync_time
+
+
+def test_a_clock_beyond_the_calendar_is_written_as_its_number_not_raised() -> None:
+    """Nanoseconds taken for seconds: formatting them as a date would raise and fail every sync of the dataset."""
+    result = SyncResult(generation=1, file_num=3, total_bytes=30, manifest="default.d")
+    assert status_after_sync(synced(), result, "Ready", 1.7e18).last_sync_time == "1700000000000000000"
 
 
 def test_a_fluid_runtime_keeps_its_metadata_sync_policy_and_notes_the_rest() -> None:

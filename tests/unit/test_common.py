@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import math
 import re
+import time
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from libs.bus import retry_delay
-from libs.events.common import DNS1035_LABEL, DNS1123_LABEL, dns_label_errors, format_bytes, parse_quantity
+from libs.events.common import (
+    DNS1035_LABEL,
+    DNS1123_LABEL,
+    LAST_RFC3339,
+    dns_label_errors,
+    format_bytes,
+    parse_quantity,
+    parse_rfc3339,
+    rfc3339,
+)
 
 # --- parse_quantity ---
 
@@ -121,6 +132,42 @@ def test_format_bytes_never_reports_a_larger_size_as_smaller(a: int, b: int) -> 
     number_s, unit_s = re.match(r"^([0-9.]+)(\D+)$", format_bytes(small)).groups()  # type: ignore[union-attr]
     number_l, unit_l = re.match(r"^([0-9.]+)(\D+)$", format_bytes(large)).groups()  # type: ignore[union-attr]
     assert float(number_s) * _UNIT_FACTORS[unit_s] <= float(number_l) * _UNIT_FACTORS[unit_l]
+
+
+# --- times ---
+
+
+@pytest.mark.parametrize(
+    ("seconds", "expected"),
+    [
+        (0.0, "1970-01-01T00:00:00Z"),
+        # The fraction is dropped, not rounded: a time is never written as a second that has not come yet.
+        (1.999, "1970-01-01T00:00:01Z"),
+        (1_714_564_800.0, "2024-05-01T12:00:00Z"),
+        (1_714_564_800.75, "2024-05-01T12:00:00Z"),
+        (LAST_RFC3339, "9999-12-31T23:59:59Z"),
+        # Outside the calendar (a broken clock, nanoseconds sent as seconds): the number, not an exception.
+        (LAST_RFC3339 + 1, "253402300800"),
+        (1.7e18, "1700000000000000000"),
+        (-1.0, "-1"),
+        (math.inf, "inf"),
+        (-math.inf, "-inf"),
+        (math.nan, "nan"),
+    ],
+)
+def test_rfc3339_examples(seconds: float, expected: str) -> None:
+    assert rfc3339(seconds) == expected
+
+
+@given(st.floats(min_value=0, max_value=LAST_RFC3339))
+def test_rfc3339_within_the_calendar_is_the_utc_second_and_reads_back(seconds: float) -> None:
+    assert rfc3339(seconds) == time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+    assert parse_rfc3339(rfc3339(seconds)) == math.floor(seconds)
+
+
+@pytest.mark.parametrize("text", ["", "253402300800", "nan", "2024-05-01 12:00:00", "2024-05-01T12:00:00+02:00"])
+def test_parse_rfc3339_of_anything_else_is_none(text: str) -> None:
+    assert parse_rfc3339(text) is None
 
 
 # --- DNS labels ---

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from libs.config import S3Settings, Secret
 from libs.events.agent import AgentHeartbeat, AgentRecord, CacheCounters, InventorySnapshot
-from libs.events.common import ObjectMeta, ObjectRef
+from libs.events.common import ObjectMeta, ObjectRef, rfc3339
 from libs.events.dataset import (
     CacheStates,
     Condition,
@@ -48,7 +48,6 @@ from services.dataset.domain import (
     cache_states,
     dataset_phase,
     departed_nodes,
-    iso_time,
     needs_sync,
     next_sync,
     request_resync,
@@ -645,15 +644,15 @@ def test_success_after_failure_clears_the_failure() -> None:
     assert recovered.phase == "Bound"
     assert recovered.message == ""
     assert [(c.type, c.status) for c in recovered.conditions] == [(CONDITION_SYNCED, "True")]
-    assert recovered.conditions[0].last_transition_time == iso_time(NOW + 60)
+    assert recovered.conditions[0].last_transition_time == rfc3339(NOW + 60)
 
 
 def test_condition_keeps_its_transition_time_while_its_status_holds() -> None:
     first = status_after_sync(record_at(), SyncResult(generation=2, file_num=1), "Ready", NOW)
     second = status_after_sync(record_at(status=first), SyncResult(generation=2, file_num=2), "Ready", NOW + 3600)
-    assert second.conditions[0].last_transition_time == iso_time(NOW)
+    assert second.conditions[0].last_transition_time == rfc3339(NOW)
     assert second.conditions[0].message == "listed 2 files"
-    assert second.last_sync_time == iso_time(NOW + 3600)
+    assert second.last_sync_time == rfc3339(NOW + 3600)
 
 
 def test_other_conditions_are_kept() -> None:
@@ -1000,7 +999,7 @@ def test_a_mount_that_is_not_serving_shows_in_conditions_and_message_until_it_se
     status = status_after_sync(record, SyncResult(generation=2, file_num=1), "Ready", NOW)
     down = Condition(type="Mounted", status="False", reason="MountFailing",
                      message="not serving on node-a: mount process exited with code 1 (3 times in a row)",
-                     last_transition_time=iso_time(NOW))
+                     last_transition_time=rfc3339(NOW))
     status = with_binding(record.dataset, with_mount_condition(status, down), "Ready", None)
     assert status.phase == "Bound" and status.message == down.message
     assert [c.type for c in status.conditions] == [CONDITION_SYNCED, "Mounted"]
@@ -1061,7 +1060,7 @@ def test_an_unreachable_store_is_retried_once_the_delay_passed() -> None:
 
 def test_an_unrelated_status_write_does_not_bring_the_retry_forward() -> None:
     record = unreachable_at(NOW)
-    mounted = Condition(type=CONDITION_MOUNTED, status="True", reason="Mounted", last_transition_time=iso_time(NOW))
+    mounted = Condition(type=CONDITION_MOUNTED, status="True", reason="Mounted", last_transition_time=rfc3339(NOW))
     status = with_binding(record.dataset, with_mount_condition(record.status, mounted), "NotReady", "2.00GiB")
     rewritten = msgspec.structs.replace(record, status=status)
     assert rewritten.status != record.status
