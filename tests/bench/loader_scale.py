@@ -243,6 +243,29 @@ class Rss:
         self._stop.set()
 
 
+@dataclass
+class Scenario:
+    """What a scenario starts from: the bench's client and the NATS URL, the facts it follows, the names of its
+    ``loads`` DataLoads, and this process's RSS before the loader starts (``rss`` samples it from there)."""
+
+    bus: Bus
+    url: str
+    facts: Facts
+    names: list[str]
+    baseline: int
+    rss: Rss = field(default_factory=Rss)
+
+
+@asynccontextmanager
+async def scenario(workdir: Path, loads: int, file_count: int) -> AsyncIterator[Scenario]:
+    """A fresh ``stack`` with the datasets seeded (``file_count`` files) and the DataLoads' facts followed."""
+    async with stack(workdir) as (bus, url):
+        await seed(bus, file_count)
+        facts = Facts()
+        await facts.start(bus)
+        yield Scenario(bus, url, facts, names=[f"load-{i}" for i in range(loads)], baseline=rss_bytes())
+
+
 @asynccontextmanager
 async def background(*loops: Any) -> AsyncIterator[None]:
     tasks = [asyncio.create_task(loop.run()) for loop in loops]
@@ -259,14 +282,9 @@ def mib(value: int) -> float:
 
 
 async def burst(workdir: Path, loads: int, file_count: int, probe_every: float, timeout: float) -> dict[str, Any]:
-    async with stack(workdir) as (bus, url):
-        await seed(bus, file_count)
-        facts = Facts()
-        await facts.start(bus)
-        baseline = rss_bytes()
-        rss = Rss()
-        names = [f"load-{i}" for i in range(loads)]
-        async with running(lambda stop: loader_app.run(make_settings(url), stop)), agent(bus, NODES), \
+    async with scenario(workdir, loads, file_count) as scene:
+        bus, facts, names, rss = scene.bus, scene.facts, scene.names, scene.rss
+        async with running(lambda stop: loader_app.run(make_settings(scene.url), stop)), agent(bus, NODES), \
                 agent(bus, NODES, dataset=PROBE_DATASET):
             await until(lambda: bool(METER.ticks), 30, "the loader ticking")
             prober = Prober(bus, facts, probe_every)
@@ -290,20 +308,15 @@ async def burst(workdir: Path, loads: int, file_count: int, probe_every: float, 
             "ticks_accepted_to_complete": METER.window(accepted, complete),
             "probe_until_accepted": prober.summary(start, accepted),
             "probe_accepted_to_complete": prober.summary(accepted, complete),
-            "rss_baseline_mib": mib(baseline), "rss_peak_mib": mib(rss.peak),
+            "rss_baseline_mib": mib(scene.baseline), "rss_peak_mib": mib(rss.peak),
         }
 
 
 async def held(workdir: Path, loads: int, file_count: int, hold_seconds: float, probe_every: float,
                timeout: float) -> dict[str, Any]:
-    async with stack(workdir) as (bus, url):
-        await seed(bus, file_count)
-        facts = Facts()
-        await facts.start(bus)
-        baseline = rss_bytes()
-        rss = Rss()
-        names = [f"load-{i}" for i in range(loads)]
-        async with running(lambda stop: loader_app.run(make_settings(url), stop)), \
+    async with scenario(workdir, loads, file_count) as scene:
+        bus, facts, names, rss = scene.bus, scene.facts, scene.names, scene.rss
+        async with running(lambda stop: loader_app.run(make_settings(scene.url), stop)), \
                 agent(bus, NODES, dataset=PROBE_DATASET):
             await until(lambda: bool(METER.ticks), 30, "the loader ticking")
             start = time.monotonic()
@@ -327,7 +340,7 @@ async def held(workdir: Path, loads: int, file_count: int, hold_seconds: float, 
             "probe_while_held": prober.summary(executing, held_until),
             "complete_after_release_seconds": round(complete - held_until, 2),
             "ticks_after_release": METER.window(held_until, complete),
-            "rss_baseline_mib": mib(baseline), "rss_peak_mib": mib(rss.peak),
+            "rss_baseline_mib": mib(scene.baseline), "rss_peak_mib": mib(rss.peak),
         }
 
 
