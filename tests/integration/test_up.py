@@ -474,6 +474,10 @@ async def test_refusals_of_up_and_down_are_one_error_line_like_every_shoal_comma
     assert (code, output) == (1, "error: --nats-cluster 2: a cluster of 2 tolerates no more failures than one of "
                                  "1: use 3 or 5\n")
 
+    # A value click's own type refuses is a usage error, as for every command (`shoal events --limit 0`): exit 2.
+    code, output = await run_to_end(["down", "--state-dir", str(state_dir), "--timeout", "0"], tmp_path)
+    assert code == 2 and "Invalid value for '--timeout': 0.0 is not in the range x>0." in output, output
+
     # A --state-dir below a file cannot hold the pid file, for either command.
     (tmp_path / "file").write_text("")
     under_a_file = tmp_path / "file" / "state"
