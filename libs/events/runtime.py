@@ -107,6 +107,25 @@ class NotPicked(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     reason: str
 
 
+class FailingNode(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
+    """A node the ``ReadsFailing`` message names: its latest failed read's errno and reason."""
+
+    node: str
+    errno: str
+    reason: str = ""
+
+
+class ReadsFailingShown(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omit_defaults=True):
+    """What the ``ReadsFailing`` message was last written from: the nodes it names (three at most), how many nodes
+    failed in all, and when (epoch seconds, the runtime service's clock). The message is written again at once when
+    these or the condition's reason change, else at most once a minute: its counts and times move at every
+    heartbeat, and each write is a status write, a fact and a dataset record write."""
+
+    nodes: list[FailingNode] = []
+    failing: int = 0
+    written_at: float = 0.0
+
+
 class ScaleDecision(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omit_defaults=True):
     """One change of replicas the autoscaler made, and why."""
 
@@ -150,6 +169,8 @@ class RuntimeStatus(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     replaced: list[WorkerReplaced] = []
     # Present when the spec has an autoscaling policy.
     autoscaling: AutoscalingStatus | None = None
+    # Present while the ReadsFailing condition is: what its message was last written from.
+    reads_failing: ReadsFailingShown | None = None
 
 
 class RuntimeApply(Event, frozen=True, kw_only=True, tag="runtime.apply.v1", rename="camel"):

@@ -9,7 +9,8 @@ Bound dataset Bound: its mounts may still serve reads); NotReady when no node se
 condition says whether every serving node that reports a mount of the runtime's dataset (same name) is serving
 it, and names those that are not. The ``ReadsFailing`` condition is there while a serving node's mount reports
 failed reads (ESTALE: the object changed since the sync; EIO: the store failed) within the last minute, naming
-per node how many, the latest file, its reason and when; it goes once they stop or succeed again.
+per node how many, the latest file, its reason and when; it goes once they stop or succeed again. Its counts and
+times are written at most once a minute, its nodes and reasons at once (``reads_condition``).
 
 Cache workers (Fluid's workers; every other serving node is a client that mounts the dataset and reads through
 them): ``replicas`` agents picked among those serving the runtime, honouring the Dataset's required
@@ -53,7 +54,9 @@ from libs.events.runtime import (
     AutoscalingPolicy,
     AutoscalingStatus,
     CacheWorker,
+    FailingNode,
     NotPicked,
+    ReadsFailingShown,
     Runtime,
     RuntimePhase,
     RuntimeRecord,
@@ -75,6 +78,11 @@ CONDITION_MOUNTED = "Mounted"
 CONDITION_READS = "ReadsFailing"
 # Nodes a ReadsFailing or Mounted message names (the rest are counted): a status line, however many nodes fail.
 READS_NODES_SHOWN = 3
+# The ReadsFailing message's counts and times are brought up to date at most this often (its nodes and reasons at
+# once): they move at every heartbeat of a failing node, and each change is a runtime status write, a fact and a
+# dataset record write, every few seconds per failing runtime for as long as reads fail. A minute is also how long
+# a file stays reported after its last failure (the agent's window).
+READS_REFRESH_SECONDS = 60.0
 # Unhealthy nodes the runtime's message names, and problems shown per node (the rest are counted): an agent sends up
 # to 20 problems of a line each, so a store outage felt by a hundred nodes, each named with all of them in the
 # message and in notPicked, made a status larger than the dataset service takes (SHOAL_MAX_EVENT_BYTES, 256 KiB).
@@ -544,7 +552,9 @@ def runtime_status(record: RuntimeRecord, agents: Iterable[AgentRecord], now: fl
     mounted = mount_condition(runtime, serving, now)
     conditions = with_condition(record.status.conditions, CONDITION_MOUNTED, mounted)
     conditions = with_condition(conditions, CONDITION_DATASET, missing)
-    conditions = with_condition(conditions, CONDITION_READS, reads_condition(runtime, serving, now))
+    reads, reads_shown = reads_condition(runtime, serving, now, _condition(record.status.conditions, CONDITION_READS),
+                                         record.status.reads_failing)
+    conditions = with_condition(conditions, CONDITION_READS, reads)
     if mounted is not None and mounted.status == "False":
         message = f"{message}; {mounted.message}" if message else mounted.message
     return RuntimeStatus(
@@ -563,6 +573,7 @@ def runtime_status(record: RuntimeRecord, agents: Iterable[AgentRecord], now: fl
         replaced=[*record.status.replaced, *picks.replaced][-REPLACED_HISTORY:],
         # The autoscaler's state is its own (``autoscale``), kept while the spec has a policy.
         autoscaling=record.status.autoscaling if runtime.spec.autoscaling is not None else None,
+        reads_failing=reads_shown,
     )
 
 
@@ -589,28 +600,45 @@ def mount_condition(runtime: Runtime, serving: Iterable[AgentHeartbeat], now: fl
                      last_transition_time=stamp)
 
 
-def reads_condition(runtime: Runtime, serving: Iterable[AgentHeartbeat], now: float) -> Condition | None:
+def reads_condition(runtime: Runtime, serving: Iterable[AgentHeartbeat], now: float, old: Condition | None = None,
+                    shown: ReadsFailingShown | None = None) -> tuple[Condition | None, ReadsFailingShown | None]:
     """``ReadsFailing``: True while a serving node reports failed reads of the dataset's mount, with per node the
     failed reads of its listed files since the first, and the latest one's file, errno, reason and time (reason
     ``ObjectChanged`` when a file read ESTALE: resyncing the dataset is the cure; else ``StoreError``); None when
-    no node reports any."""
+    no node reports any. With it, what its message was written from (``status.readsFailing``).
+
+    The ``old`` condition, written from ``shown``, is kept as it is while the nodes named, how many nodes fail,
+    each named node's latest errno and reason, and the condition's reason are the same, for
+    ``READS_REFRESH_SECONDS`` after it was written: only its counts and times would change, at every heartbeat."""
     meta = runtime.metadata
     failing = sorted((beat.node, files) for beat in serving
                      if (files := beat.read_failures_of(meta.namespace, meta.name)))
     if not failing:
-        return None
+        return None, None
+    named = [(node, files, max(files, key=lambda failure: failure.at)) for node, files in failing[:READS_NODES_SHOWN]]
+    changed = any(failure.errno == "ESTALE" for _, files in failing for failure in files)
+    reason = "ObjectChanged" if changed else "StoreError"
+    now_shown = ReadsFailingShown(nodes=[FailingNode(node=node, errno=last.errno, reason=last.reason)
+                                         for node, _, last in named],
+                                  failing=len(failing), written_at=now)
+    if old is not None and shown is not None and old.status == "True" and old.reason == reason \
+            and (shown.nodes, shown.failing) == (now_shown.nodes, now_shown.failing) \
+            and 0 <= now - shown.written_at < READS_REFRESH_SECONDS:  # a clock set back refreshes it too
+        return old, shown
     parts = []
-    for node, files in failing[:READS_NODES_SHOWN]:
-        last = max(files, key=lambda failure: failure.at)
+    for node, files, last in named:
         count = sum(failure.count for failure in files)
         others = f" (and {len(files) - 1} other file(s))" if len(files) > 1 else ""
         parts.append(f"{node}: {count} failed read(s) since {rfc3339(min(f.since for f in files))}, the last at "
                      f"{rfc3339(last.at)} of {last.path!r}{others}: {last.errno}: {last.reason}")
     if len(failing) > READS_NODES_SHOWN:
         parts.append(f"and {len(failing) - READS_NODES_SHOWN} more node(s)")
-    changed = any(failure.errno == "ESTALE" for _, files in failing for failure in files)
-    return Condition(type=CONDITION_READS, status="True", reason="ObjectChanged" if changed else "StoreError",
-                     message="; ".join(parts), last_transition_time=rfc3339(now))
+    return Condition(type=CONDITION_READS, status="True", reason=reason, message="; ".join(parts),
+                     last_transition_time=rfc3339(now)), now_shown
+
+
+def _condition(conditions: list[Condition], kind: str) -> Condition | None:
+    return next((c for c in conditions if c.type == kind), None)
 
 
 def with_condition(conditions: list[Condition], kind: str, new: Condition | None) -> list[Condition]:

@@ -10,6 +10,7 @@ keys, history) is counted. With 40 agents beating, a heartbeat must cost no read
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
 from typing import Any
 
@@ -24,7 +25,14 @@ from libs.events.runtime import Level, Runtime, RuntimeApply, RuntimeSpec, Tiere
 from libs.side_server import Readiness
 from services.agent import domain as agent_domain
 from services.runtime import app as runtime_app
-from tests.helpers import agent_shaped_heartbeat, eventually, put_unsynced_dataset, running, runtime_record
+from tests.helpers import (
+    FactCollector,
+    agent_shaped_heartbeat,
+    eventually,
+    put_unsynced_dataset,
+    running,
+    runtime_record,
+)
 
 AGENTS = 40
 READS = ("get", "keys", "history")
@@ -205,6 +213,77 @@ async def test_read_failures_at_times_no_calendar_shows_still_make_a_status(bus:
         assert condition.reason == "StoreError"
         assert condition.message.startswith("node-odd: 1 failed read(s) since -100000000000000000000, ")
         assert "the last at 1700000000000000000 " in condition.message
+
+
+STALE = "the object changed or was deleted since the dataset was synced (resync it): ..."
+CLIMBING_BEATS = 30
+
+
+@pytest.mark.timeout(120)
+async def test_reads_failing_on_and_on_write_the_runtime_status_only_when_what_matters_changes(
+        bus: Bus, settings: Settings) -> None:
+    """A node whose mount keeps failing reads: each heartbeat carries a higher count and a later time. The
+    ``ReadsFailing`` message changed at every beat, and each cost a runtime status write and fact (and a dataset
+    record write): 30 beats made 30 facts. Now the count and times are written at most once a minute, while a
+    second failing node and a new reason show at once, the transition time stays, and the condition goes when the
+    failures stop."""
+    ref = ObjectRef(name="churn")
+    start = time.time()
+    facts = FactCollector()
+    await facts.start(bus, subjects.RUNTIME_STATUS)
+    published = 0
+
+    async def beat(node: str, count: int, errno: str = "ESTALE", reason: str = STALE) -> None:
+        nonlocal published
+        files = [ReadFailure(path="/model.bin", errno=errno, reason=reason, count=count, since=start,
+                             at=start + count)] if count else []
+        await bus.publish(subjects.agent_heartbeat(node), AgentHeartbeat(
+            id=f"{node}-{published}", node=node, runtimes=[ref], interval_seconds=3600.0,
+            read_failures=[MountReadFailures(dataset=ref, files=files)] if files else []))
+        published += 1
+
+    async def reads_failing(*needles: str) -> Any:
+        record = await runtime_record(bus, "churn")
+        found = [c for c in record.status.conditions if c.type == "ReadsFailing"] if record else []
+        return found[0] if found and all(needle in found[0].message for needle in needles) else None
+
+    def status_facts() -> int:
+        return len(facts.of_type("runtime.status.v1", name="churn"))
+
+    async with running(lambda stop: runtime_app.run(settings, stop)):
+        await put_unsynced_dataset(bus, "churn")
+        await bus.publish(subjects.RUNTIME_APPLY, RuntimeApply(runtime=Runtime(metadata=ObjectMeta(name="churn"), spec=(
+            RuntimeSpec(replicas=1, tieredstore=TieredStore(levels=[Level(mediumtype="MEM", quota="1Gi")]))))))
+        await eventually(lambda: runtime_record(bus, "churn"), what="the runtime applied")
+        await beat("node-a", 1)
+        first = await eventually(lambda: reads_failing("node-a: 1 failed read(s)"), what="ReadsFailing shown")
+        await eventually(lambda: _consumed(bus, published), what="the first heartbeat handled")
+        await bus.nc.flush()
+        before = status_facts()
+        for count in range(2, 2 + CLIMBING_BEATS):
+            await beat("node-a", count)
+        await eventually(lambda: _consumed(bus, published), 60, "the climbing heartbeats handled")
+        await bus.nc.flush()
+        # None, or one if a minute went by meanwhile (a slow machine) and the counts were brought up to date.
+        assert status_facts() - before <= 1, [f["status"]["conditions"] for f in facts.of_type("runtime.status.v1")]
+
+        # A second node failing, and a new reason, show at once: not at the next minute's refresh.
+        await beat("node-b", 1)
+        both = await eventually(lambda: reads_failing("node-a: ", "; node-b: 1 failed read(s)"), timeout=30,
+                                what="the second failing node shown")
+        assert both.last_transition_time == first.last_transition_time
+        await beat("node-a", 100, errno="EIO", reason="the object store failed: 503")
+        await eventually(lambda: reads_failing("node-a: 100 failed read(s)", "EIO: the object store failed: 503"),
+                         timeout=30, what="node-a's new reason shown")
+
+        await beat("node-a", 0)
+        await beat("node-b", 0)
+
+        async def cleared() -> bool:
+            record = await runtime_record(bus, "churn")
+            return record is not None and not any(c.type == "ReadsFailing" for c in record.status.conditions)
+
+        await eventually(cleared, timeout=30, what="ReadsFailing gone once no node reports failures")
 
 
 async def test_a_stop_before_the_mirrors_are_filled_ends_promptly_and_keeps_the_heartbeat(

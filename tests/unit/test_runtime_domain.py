@@ -34,6 +34,7 @@ from libs.events.runtime import (
 from services.runtime.domain import (
     MAX_REPLICAS,
     MISSED_BEATS,
+    READS_REFRESH_SECONDS,
     apply_runtime,
     change_errors,
     node_capacity,
@@ -568,6 +569,48 @@ def test_failed_reads_on_a_node_show_as_a_condition_naming_the_file_until_they_s
     # The nodes stop reporting them (read again fine, or a minute without failures): the condition goes.
     assert [c.type for c in status_of(runtime, [agent("node-a"), agent("node-b")], again.conditions).conditions
             if c.type == "ReadsFailing"] == []
+
+
+def test_failed_reads_climbing_keep_the_condition_as_written_until_what_matters_changes_or_a_minute_passes() -> None:
+    # Its count and times moved at every heartbeat: a status write, a fact and a dataset write each, every few
+    # seconds for as long as reads failed.
+    runtime = valid_runtime(replicas=2)
+
+    def failing(node: str, count: int, errno: str = "ESTALE", reason: str = "changed") -> AgentRecord:
+        # A heartbeat at NOW + count (a read failing every second), the last failure a second before it.
+        return with_read_failures(agent(node, age=-count), "imagenet", ReadFailure(
+            path="/model.bin", errno=errno, reason=reason, count=count, since=NOW, at=NOW + count - 1))
+
+    def at(now: float, previous: RuntimeStatus, *agents: AgentRecord) -> RuntimeStatus:
+        record = RuntimeRecord(runtime=runtime, generation=1, status=previous)
+        return runtime_status(record, list(agents), now)
+
+    def reads(status: RuntimeStatus) -> Condition:
+        [condition] = [c for c in status.conditions if c.type == "ReadsFailing"]
+        return condition
+
+    first = at(NOW, RuntimeStatus(), failing("node-a", 1))
+    assert first.reads_failing is not None and first.reads_failing.written_at == NOW
+    status = first
+    for count in range(2, 40):  # a beat every second, for most of a minute: nothing changes
+        status = at(NOW + count, status, failing("node-a", count))
+        assert status == first
+    refreshed = at(NOW + READS_REFRESH_SECONDS, status, failing("node-a", 60))
+    assert reads(refreshed).message.startswith("node-a: 60 failed read(s)")
+    assert reads(refreshed).last_transition_time == reads(first).last_transition_time
+    # A second node, a new reason, a node's errno, the condition's reason: at once.
+    later = NOW + READS_REFRESH_SECONDS + 1
+    two = reads(at(later, refreshed, failing("node-a", 61), failing("node-b", 61)))
+    assert "; node-b: 61 failed read(s)" in two.message
+    assert reads(at(later, refreshed, failing("node-a", 61, reason="changed again"))).message.endswith(
+        "ESTALE: changed again")
+    store = reads(at(later, refreshed, failing("node-a", 61, errno="EIO")))
+    assert store.reason == "StoreError" and "61 failed read(s)" in store.message
+    # A clock set back does not hold the message until it catches up.
+    assert "65 failed" in reads(at(NOW - 10, refreshed, failing("node-a", 65))).message
+    # Failures gone: the condition and what it was written from go.
+    gone = at(later, refreshed, agent("node-a", age=NOW - later))
+    assert not [c for c in gone.conditions if c.type == "ReadsFailing"] and gone.reads_failing is None
 
 
 def test_grouped_mounts_of_an_agent_serving_every_runtime_read_as_reports_did() -> None:
