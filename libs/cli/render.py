@@ -266,11 +266,14 @@ def describe_runtime(record: RuntimeRecord) -> str:
     workers = [[worker.node, "True" if worker.ready else "False", worker.peer_url or "<none>"]
                for worker in record.status.workers]
     not_picked = [[agent.node, agent.reason] for agent in record.status.not_picked]
+    # The status lists a few of each reason (notPickedCount counts them all).
+    more = record.status.not_picked_count - len(not_picked)
     workers_sections = [
         "Workers:",
         _indented(table_text(["NODE", "READY", "PEER"], workers)) if workers else "  <none>",
         "Not picked:",
         _indented(table_text(["NODE", "REASON"], not_picked)) if not_picked else "  <none>",
+        *([f"  and {more} more (notPickedCount: {record.status.not_picked_count})"] if more > 0 else []),
         *replaced_section(record),
         *autoscaling_section(record),
     ]

@@ -171,6 +171,12 @@ class RuntimeStatus(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     autoscaling: AutoscalingStatus | None = None
     # Present while the ReadsFailing condition is: what its message was last written from.
     reads_failing: ReadsFailingShown | None = None
+    # How many nodes are ready and how many serving agents are not workers. ``notPicked`` lists a few of the latter
+    # (some of each reason), and a ``runtime.status.v1`` fact the first ``readyNodes``: one entry per agent made a
+    # status larger than the event limit at a few thousand agents. The record in ``shoal_runtimes`` lists every
+    # ready node (the loader plans and cleans on them).
+    ready_node_count: int = 0
+    not_picked_count: int = 0
 
 
 class RuntimeApply(Event, frozen=True, kw_only=True, tag="runtime.apply.v1", rename="camel"):

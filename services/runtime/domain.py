@@ -78,6 +78,16 @@ CONDITION_MOUNTED = "Mounted"
 CONDITION_READS = "ReadsFailing"
 # Nodes a ReadsFailing or Mounted message names (the rest are counted): a status line, however many nodes fail.
 READS_NODES_SHOWN = 3
+# Agents not picked that ``status.notPicked`` lists, at most so many of one reason (node-name order), and how many
+# in all (``notPickedCount`` counts them all): with thousands of agents, one entry each made the status larger than
+# the event limit (SHOAL_MAX_EVENT_BYTES, 256 KiB), and thousands of "replicas already picked" hid the one reason
+# that matters. Enough to say why, small in every fact.
+NOT_PICKED_PER_REASON = 3
+NOT_PICKED_SHOWN = 30
+# Ready nodes a ``runtime.status.v1`` fact lists (``readyNodeCount`` counts them all): its consumers want the
+# phase, capacity and conditions, and a name each for thousands of agents would pass the event limit. The record
+# keeps them all: the loader plans a load without a ring, and a clean, on every ready node.
+READY_NODES_IN_FACT = 100
 # The ReadsFailing message's counts and times are brought up to date at most this often (its nodes and reasons at
 # once): they move at every heartbeat of a failing node, and each change is a runtime status write, a fact and a
 # dataset record write, every few seconds per failing runtime for as long as reads fail. A minute is also how long
@@ -564,17 +574,41 @@ def runtime_status(record: RuntimeRecord, agents: Iterable[AgentRecord], now: fl
         current_worker_number_scheduled=len(workers),
         worker_number_ready=len(ready_workers),
         ready_nodes=nodes,
+        ready_node_count=len(nodes),
         cache_capacity=format_bytes(capacity),
         cache_capacity_bytes=capacity,
         block_size_bytes=parse_quantity(runtime.spec.block_size),
         conditions=conditions,
         workers=workers,
-        not_picked=picks.not_picked,
+        not_picked=shown_not_picked(picks.not_picked),
+        not_picked_count=len(picks.not_picked),
         replaced=[*record.status.replaced, *picks.replaced][-REPLACED_HISTORY:],
         # The autoscaler's state is its own (``autoscale``), kept while the spec has a policy.
         autoscaling=record.status.autoscaling if runtime.spec.autoscaling is not None else None,
         reads_failing=reads_shown,
     )
+
+
+def shown_not_picked(not_picked: Sequence[NotPicked]) -> list[NotPicked]:
+    """The agents not picked that the status lists: up to ``NOT_PICKED_PER_REASON`` of each reason, in the order
+    given (node names), ``NOT_PICKED_SHOWN`` at most."""
+    per_reason: dict[str, int] = {}
+    shown: list[NotPicked] = []
+    for entry in not_picked:
+        if len(shown) == NOT_PICKED_SHOWN:
+            break
+        if per_reason.get(entry.reason, 0) < NOT_PICKED_PER_REASON:
+            per_reason[entry.reason] = per_reason.get(entry.reason, 0) + 1
+            shown.append(entry)
+    return shown
+
+
+def fact_status(status: RuntimeStatus) -> RuntimeStatus:
+    """The status as a ``runtime.status.v1`` fact carries it: the first ``READY_NODES_IN_FACT`` ready nodes
+    (``readyNodeCount`` says how many), so the fact stays under the event limit whatever the number of agents."""
+    if len(status.ready_nodes) <= READY_NODES_IN_FACT:
+        return status
+    return msgspec.structs.replace(status, ready_nodes=status.ready_nodes[:READY_NODES_IN_FACT])
 
 
 def mount_condition(runtime: Runtime, serving: Iterable[AgentHeartbeat], now: float) -> Condition | None:

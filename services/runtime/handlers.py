@@ -396,7 +396,7 @@ class RuntimeHandlers:
             await self.bus.publish(
                 subjects.RUNTIME_STATUS,
                 RuntimeStatusChanged(id=f"runtime.{key}.status.{revision}", name=meta.name, namespace=meta.namespace,
-                                     generation=record.generation, status=status),
+                                     generation=record.generation, status=domain.fact_status(status)),
             )
             return
         raise Conflict(f"{key}: status update lost {CAS_ATTEMPTS} times in a row")

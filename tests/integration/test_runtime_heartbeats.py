@@ -14,6 +14,7 @@ import time
 from collections import Counter
 from typing import Any
 
+import msgspec
 import pytest
 
 from libs import subjects
@@ -213,6 +214,41 @@ async def test_read_failures_at_times_no_calendar_shows_still_make_a_status(bus:
         assert condition.reason == "StoreError"
         assert condition.message.startswith("node-odd: 1 failed read(s) since -100000000000000000000, ")
         assert "the last at 1700000000000000000 " in condition.message
+
+
+@pytest.mark.timeout(180)
+async def test_the_status_fact_of_a_runtime_served_by_3000_agents_stays_under_the_event_limit(
+        bus: Bus, settings: Settings) -> None:
+    # 3,000 agents of 60-character names, one readyNodes and one notPicked entry each: the fact was about 400 KB,
+    # which the dataset service refuses (SHOAL_MAX_EVENT_BYTES), so the dataset never followed its runtime.
+    nodes = [f"ip-10-{i // 250}-{i % 250}.node-pool-with-a-long-name.eu-west-1.compute.internal" for i in range(3000)]
+    agents = await bus.kv(subjects.KV_AGENTS)
+    now = time.time()
+    for node in nodes:
+        await agents.put(node, msgspec.json.encode(AgentRecord(received_at=now, heartbeat=AgentHeartbeat(
+            node=node, runtimes=[ObjectRef(name="many")], interval_seconds=3600.0, sent_at=now))))
+    sizes: list[int] = []
+
+    async def collect(msg: Any) -> None:
+        sizes.append(len(msg.data))
+
+    subscription = await bus.nc.subscribe(subjects.RUNTIME_STATUS, cb=collect)
+    async with running(lambda stop: runtime_app.run(settings, stop)):
+        await put_unsynced_dataset(bus, "many")
+        await bus.publish(subjects.RUNTIME_APPLY, RuntimeApply(runtime=Runtime(metadata=ObjectMeta(name="many"), spec=(
+            RuntimeSpec(replicas=3, tieredstore=TieredStore(levels=[Level(mediumtype="MEM", quota="1Gi")]))))))
+
+        async def ready() -> Any:
+            record = await runtime_record(bus, "many")
+            return record if record and len(record.status.ready_nodes) == len(nodes) else None
+
+        record = await eventually(ready, timeout=120, what="the runtime Ready on 3000 agents")
+        await bus.nc.flush()
+    await subscription.unsubscribe()
+    assert sizes and max(sizes) <= settings.service.max_event_bytes, sizes
+    # The record keeps every ready node (the loader plans and cleans on them) and counts those it does not list.
+    assert record.status.phase == "Ready" and record.status.ready_nodes == sorted(nodes)
+    assert record.status.ready_node_count == len(nodes) and record.status.not_picked_count == len(nodes) - 3
 
 
 STALE = "the object changed or was deleted since the dataset was synced (resync it): ..."

@@ -34,9 +34,14 @@ from libs.events.runtime import (
 from services.runtime.domain import (
     MAX_REPLICAS,
     MISSED_BEATS,
+    NOT_PICKED_SHOWN,
     READS_REFRESH_SECONDS,
+    READY_NODES_IN_FACT,
+    OtherRuntime,
+    Placement,
     apply_runtime,
     change_errors,
+    fact_status,
     node_capacity,
     node_errors,
     ready_nodes,
@@ -382,7 +387,7 @@ def test_a_store_outage_on_a_hundred_nodes_keeps_the_status_under_the_event_limi
     # still be one the dataset service takes (SHOAL_MAX_EVENT_BYTES, 256 KiB by default).
     status = status_of(valid_runtime(replicas=3), outage_agents(200, 20))
     event = RuntimeStatusChanged(name="imagenet", namespace="default", generation=1, status=status)
-    assert status.phase == "PartialReady" and len(status.not_picked) == 200
+    assert status.phase == "PartialReady" and status.not_picked_count == 200
     assert len(msgspec.json.encode(event)) < Settings().service.max_event_bytes
 
 
@@ -611,6 +616,35 @@ def test_failed_reads_climbing_keep_the_condition_as_written_until_what_matters_
     # Failures gone: the condition and what it was written from go.
     gone = at(later, refreshed, agent("node-a", age=NOW - later))
     assert not [c for c in gone.conditions if c.type == "ReadsFailing"] and gone.reads_failing is None
+
+
+def test_a_status_and_its_fact_stay_under_the_event_limit_with_3000_agents_of_long_names() -> None:
+    # One readyNodes and one notPicked entry per agent: 3,000 agents of 60-character names made a status of about
+    # 400 KB, which the dataset service refused (SHOAL_MAX_EVENT_BYTES, 256 KiB) and kept it from the runtime's phase.
+    runtime = valid_runtime(replicas=3)
+    nodes = [f"ip-10-{i // 250}-{i % 250}.node-pool-with-a-long-name.eu-west-1.compute.internal" for i in range(3000)]
+    status = status_of(runtime, [agent(node) for node in nodes])
+    assert status.phase == "Ready" and len(status.workers) == 3
+    # The record keeps every ready node (the loader plans and cleans on them), and counts.
+    assert status.ready_nodes == sorted(nodes) and status.ready_node_count == 3000
+    assert status.not_picked_count == 2997 and 0 < len(status.not_picked) <= NOT_PICKED_SHOWN
+    assert status.not_picked[0] == NotPicked(node=sorted(nodes)[3], reason="3 of 3 replicas already picked")
+    fact = RuntimeStatusChanged(name="imagenet", namespace="default", generation=1, status=fact_status(status))
+    assert len(msgspec.json.encode(fact)) <= Settings().service.max_event_bytes
+    assert fact.status.ready_nodes == sorted(nodes)[:READY_NODES_IN_FACT] and fact.status.ready_node_count == 3000
+
+
+def test_not_picked_lists_a_few_of_each_reason() -> None:
+    # Thousands of "replicas already picked" would hide the agent held by an Exclusive dataset.
+    runtime = valid_runtime(replicas=1)
+    agents = [agent(f"node-{i:04d}") for i in range(500)]
+    placement = Placement(found=True)
+    others = [OtherRuntime("default/other", True, ("node-0400",))]
+    status = runtime_status(RuntimeRecord(runtime=runtime, generation=1), agents, NOW, placement, others)
+    assert [(entry.node, entry.reason) for entry in status.not_picked] == [
+        ("node-0001", "1 of 1 replicas already picked"), ("node-0002", "1 of 1 replicas already picked"),
+        ("node-0003", "1 of 1 replicas already picked"), ("node-0400", "worker of default/other (Exclusive)")]
+    assert status.not_picked_count == 499
 
 
 def test_grouped_mounts_of_an_agent_serving_every_runtime_read_as_reports_did() -> None:
