@@ -147,11 +147,19 @@ IDLE_SECONDS = 15.0
 READ_BUFSIZE = 1024 * 1024
 
 
+# Refusals that say something of this request only: another dataset or an object outside the peer's manifest (404),
+# another ETag or block size (409), a busy peer (503, and 429 from whatever stands in front of one). Any other
+# status says the peer refuses every request (bad signature or key, a redirect, parameters it does not take, a
+# failing server, not a Shoal peer at all), so asking it first for each block would cost every read a round trip:
+# it is skipped for a moment, as one that does not answer.
+ONE_REQUEST_REFUSALS = frozenset({404, 409, 429, 503})
+
+
 class PeerError(Exception):
     """A peer did not give a block we can believe; the message says why. The reader tries its next source.
 
-    ``cooldown``: whether the peer should be skipped for a moment (it is unreachable, or lies), or only this
-    request failed (another manifest, busy, the store failed behind it).
+    ``cooldown``: whether the peer should be skipped for a moment (it is unreachable, lies, or refuses every
+    request), or only this request failed (another manifest, busy, the store failed behind it).
     """
 
     def __init__(self, reason: str, cooldown: bool = True) -> None:
@@ -699,5 +707,5 @@ def _refused(url: str, status: int, body: bytes) -> PeerError:
         reason = str(json.loads(body).get("reason", ""))
     except (ValueError, AttributeError, RecursionError):  # not JSON, not an object, or nested past the stack
         reason = ""
-    # Another manifest or a busy peer says nothing about the peer's health; auth failures do (every request fails).
-    return PeerError(f"peer {url} refused ({status}): {reason or 'no reason given'}", cooldown=status in (401, 403))
+    return PeerError(f"peer {url} refused ({status}): {reason or 'no reason given'}",
+                     cooldown=status not in ONE_REQUEST_REFUSALS)

@@ -269,6 +269,57 @@ async def test_a_redirect_is_a_refusal_never_followed(scripted: Make, aiohttp_pe
     assert elsewhere.requests == 0
 
 
+class StatusPeer:
+    """An aiohttp server answering every request with ``status`` (a 302 names another place to go), counting them."""
+
+    def __init__(self, status: int) -> None:
+        self.status = status
+        self.requests = 0
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> str:
+        app = web.Application()
+        app.router.add_get("/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, LOOPBACK, 0).start()
+        return f"http://{LOOPBACK}:{self._runner.addresses[0][1]}"
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        self.requests += 1
+        headers = {"Location": "http://example.invalid/"} if 300 <= self.status < 400 else None
+        return web.json_response({"reason": "scripted"}, status=self.status, headers=headers)
+
+
+# Every status a peer may answer instead of a block, and whether the peer is then skipped for a moment.
+REFUSALS = {301: True, 302: True, 307: True, 308: True, 400: True, 401: True, 403: True, 405: True, 500: True,
+            404: False, 409: False, 429: False, 503: False}
+
+
+@pytest.mark.parametrize("status", REFUSALS)
+async def test_a_peer_refusing_every_request_is_skipped_a_moment_one_refusing_this_one_is_not(status: int) -> None:
+    # A 3xx was a refusal but not a reason to skip the peer (only 401 and 403 were): a peer that redirected every
+    # request cost every block read a round trip to it before the next source. Now whatever says the peer refuses
+    # every request skips it for a moment; another manifest (404, 409) or a busy peer (503, 429) fail one request.
+    peer = StatusPeer(status)
+    url = await peer.start()
+    client = PeerClient(KEY, "default", "demo", read_timeout=2.0, cooldown=60.0)
+    try:
+        with pytest.raises(PeerError, match=f"refused \\({status}\\)"):
+            await client.get_block(url, BLOCK, LENGTH, LENGTH)
+        assert (client.down(url) is not None) is REFUSALS[status]
+        with pytest.raises(PeerError, match="skipped for a moment" if REFUSALS[status] else f"refused \\({status}\\)"):
+            await client.get_block(url, BLOCK, LENGTH, LENGTH)
+        assert peer.requests == (1 if REFUSALS[status] else 2)
+    finally:
+        await client.close()
+        await peer.stop()
+
+
 async def test_a_connection_is_kept_alive_between_requests(aiohttp_peer: MakeAiohttp) -> None:
     peer, url = await aiohttp_peer(GOOD["one chunk each"])
     assert await fetch(url, times=3) == [BODY] * 3
