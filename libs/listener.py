@@ -8,10 +8,16 @@ the runner's own protocol (``runner.server``, aiohttp's public low-level server)
 why (a kube-apiserver or a peer reader moves on: ``failurePolicy: Ignore``, the next block source).
 
 A connection counts from the moment it can carry a request (after its TLS handshake) until it is lost. A TLS
-handshake in progress is bounded in time instead (``HANDSHAKE_SECONDS``), and a connection that carries no whole
-request for ``IDLE_SECONDS`` (none sent, or headers trickled in, after it opened or after its last answer) is
-closed: aiohttp's keep-alive timeout, which a runner made by ``app_runner`` sets (``AppRunner``'s own default is
-3630 s, not the 75 s of ``web.run_app``).
+connection is accepted as plain TCP and its handshake run here (``loop.start_tls``), so that handshakes under way
+are bounded too, in time (``HANDSHAKE_SECONDS``) and in number: at most ``max_connections`` at once, and one more
+drops the oldest one still under way (a real client finishes its handshake in milliseconds: the oldest is the
+one most likely stalled, and a client that opens connections and never finishes them cannot keep a real one
+out). Before, handshakes were not counted at all: a client opening connections faster than they timed out held
+as many descriptors as it liked. So a listener holds at most twice ``max_connections`` descriptors.
+
+A connection that carries no whole request for ``IDLE_SECONDS`` (none sent, or headers trickled in, after it
+opened or after its last answer) is closed: aiohttp's keep-alive timeout, which a runner made by ``app_runner``
+sets (``AppRunner``'s own default is 3630 s, not the 75 s of ``web.run_app``).
 """
 
 from __future__ import annotations
@@ -58,15 +64,53 @@ def refusal(reason: str) -> bytes:
 
 class _Gate(asyncio.Protocol):
     """Stands between a transport and aiohttp's protocol for one connection: passes everything through when the
-    listener has room, else answers the refusal and closes."""
+    listener has room, else answers the refusal and closes. On a TLS listener it is first the plain TCP
+    connection's protocol while the handshake runs (counted among the listener's handshakes), then the TLS
+    transport's."""
 
     def __init__(self, listener: CappedListener, inner: asyncio.Protocol) -> None:
         self._listener = listener
         self._inner: asyncio.Protocol | None = inner
         self._counted = False
+        self._admitted = False
+        self._lost = False
+        # TLS: the plain transport while the handshake runs, and what the TLS transport delivered between the
+        # handshake's end and ``_admit`` (the handshake's coroutine resumes a loop turn after its last bytes).
+        self.raw: asyncio.Transport | None = None
+        self._early: list[bytes] = []
+        self._early_eof = False
+        self._handshake: asyncio.Task[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        tls = self._listener.tls
+        if tls is None:
+            self._admit(transport)
+            return
+        assert isinstance(transport, asyncio.Transport)
+        transport.pause_reading()  # nothing is read before the handshake takes the connection over
+        self.raw = transport
+        self._listener.handshake_started(self)
+        self._handshake = asyncio.get_running_loop().create_task(self._shake(transport, tls))
+
+    async def _shake(self, transport: asyncio.Transport, tls: ssl.SSLContext) -> None:
+        secure: asyncio.BaseTransport | None = None
+        try:
+            if not transport.is_closing():  # dropped before its turn came
+                secure = await asyncio.get_running_loop().start_tls(
+                    transport, self, tls, server_side=True, ssl_handshake_timeout=HANDSHAKE_SECONDS)
+        except Exception:
+            secure = None  # a failed handshake (timed out, not TLS, reset) ends this connection only
+        finally:
+            self.raw = None
+            self._listener.handshake_ended(self)
+        if secure is None or self._lost:
+            transport.close()
+            return
+        self._admit(secure)
+
+    def _admit(self, transport: asyncio.BaseTransport) -> None:
         listener = self._listener
+        self._admitted = True
         if listener.open >= listener.max_connections:
             self._inner = None
             listener.refuse()
@@ -78,33 +122,51 @@ class _Gate(asyncio.Protocol):
         self._counted = True
         assert self._inner is not None
         self._inner.connection_made(transport)
+        early, self._early = self._early, []
+        for data in early:
+            self._inner.data_received(data)
+        if self._early_eof and not self._inner.eof_received():
+            transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
+        if self.raw is not None:  # lost before the handshake started
+            self.raw = None
+            self._listener.handshake_ended(self)
         if self._counted:
             self._counted = False
             self._listener.open -= 1
-        if self._inner is not None:
+        if self._inner is not None and self._admitted:
             self._inner.connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        if self._inner is not None:
-            self._inner.data_received(data)
+        if self._inner is None:
+            return
+        if not self._admitted:
+            self._early.append(data)
+            return
+        self._inner.data_received(data)
 
     def eof_received(self) -> bool | None:
+        if self._inner is not None and not self._admitted:
+            self._early_eof = True
+            return True  # kept open until ``_admit`` hands the end to aiohttp
         return self._inner.eof_received() if self._inner is not None else None
 
     def pause_writing(self) -> None:
-        if self._inner is not None:
+        if self._inner is not None and self._admitted:
             self._inner.pause_writing()
 
     def resume_writing(self) -> None:
-        if self._inner is not None:
+        if self._inner is not None and self._admitted:
             self._inner.resume_writing()
 
 
 class CappedListener:
     """Serves ``runner`` (set up) on one host and port with at most ``max_connections`` connections open at once;
-    ``open`` is how many are, ``refused`` how many were turned away. ``what`` names the server in the log."""
+    ``open`` is how many are, ``refused`` how many were turned away; on TLS, ``handshaking`` how many handshakes are
+    under way (at most ``max_connections``) and ``dropped`` how many were dropped unfinished to make room for a
+    newer one. ``what`` names the server in the log."""
 
     def __init__(self, runner: web.BaseRunner, max_connections: int, what: str,
                  monotonic: Callable[[], float] = time.monotonic) -> None:
@@ -116,11 +178,22 @@ class CappedListener:
         self.refusal = refusal(f"{what}: too many connections open ({max_connections}); try again")
         self.open = 0
         self.refused = 0
+        self.dropped = 0
         self.port = 0
+        self.tls: ssl.SSLContext | None = None
         self._monotonic = monotonic
         self._said_at: float | None = None
         self._refused_since_said = 0
+        self._dropped_said_at: float | None = None
+        self._dropped_since_said = 0
+        # Handshakes under way, oldest first (a dict: ordered, and removal by key).
+        self._handshakes: dict[_Gate, None] = {}
         self._server: asyncio.AbstractServer | None = None
+
+    @property
+    def handshaking(self) -> int:
+        """TLS handshakes under way now."""
+        return len(self._handshakes)
 
     async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None,
                     reuse_address: bool | None = None) -> int:
@@ -128,18 +201,42 @@ class CappedListener:
         server = self.runner.server
         if server is None:
             raise RuntimeError("set the runner up before listening")
+        self.tls = ssl_context  # the handshake is the gate's (``_Gate._shake``), so that it is counted
         self._server = await asyncio.get_running_loop().create_server(
-            lambda: _Gate(self, server()), host, port, ssl=ssl_context, reuse_address=reuse_address,
-            ssl_handshake_timeout=HANDSHAKE_SECONDS if ssl_context is not None else None)
+            lambda: _Gate(self, server()), host, port, reuse_address=reuse_address)
         sockets = self._server.sockets
         self.port = int(sockets[0].getsockname()[1]) if sockets else port
         return self.port
 
     def close(self) -> None:
-        """Stop listening; the connections open are the runner's to close (``runner.cleanup``)."""
+        """Stop listening and drop the handshakes under way; the connections open are the runner's to close
+        (``runner.cleanup``)."""
         if self._server is not None:
             self._server.close()
             self._server = None
+        for gate in list(self._handshakes):
+            self._drop(gate)
+
+    def handshake_started(self, gate: _Gate) -> None:
+        """Count ``gate``'s handshake; with ``max_connections`` under way already, drop the oldest."""
+        if len(self._handshakes) >= self.max_connections:
+            self._drop(next(iter(self._handshakes)))
+            self.dropped += 1
+            self._dropped_since_said += 1
+            now = self._monotonic()
+            if self._dropped_said_at is None or now - self._dropped_said_at >= REFUSAL_LOG_SECONDS:
+                log.warning("too many TLS handshakes under way: the oldest dropped", server=self.what,
+                            max_handshakes=self.max_connections, dropped=self._dropped_since_said)
+                self._dropped_said_at, self._dropped_since_said = now, 0
+        self._handshakes[gate] = None
+
+    def handshake_ended(self, gate: _Gate) -> None:
+        self._handshakes.pop(gate, None)
+
+    def _drop(self, gate: _Gate) -> None:
+        self._handshakes.pop(gate, None)
+        if gate.raw is not None:
+            gate.raw.abort()  # its handshake ends at once (``start_tls`` sees the connection lost)
 
     def refuse(self) -> None:
         self.refused += 1

@@ -27,6 +27,7 @@ import aiohttp
 import jsonpatch
 import pytest
 
+from libs import listener
 from libs.events.schedule import NodeScore, ScoreReply, ScoreRequest
 from services.scheduler.http import HttpLimits, SchedulerHttp, http_loop, server_tls
 from tests.helpers import eventually, json_lines, json_logs
@@ -460,6 +461,104 @@ async def test_connections_beyond_the_cap_get_a_503_and_are_closed(served: Serve
 
 async def _async(value: Any) -> Any:
     return value
+
+
+@pytest.fixture
+async def small_cap(tls: Tls, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Served]:
+    """The webhook over TLS keeping at most 4 connections (and 4 handshakes under way), a handshake given the
+    seconds the test's parameter says (set before the server starts: it may read them then)."""
+    monkeypatch.setattr(listener, "HANDSHAKE_SECONDS", request.param)
+    http = SchedulerHttp(StubScheduler(), timeout=2.0, limits=HttpLimits(connections=4))
+    port = await http.start("127.0.0.1", 0, server_tls(str(tls.cert), str(tls.key)))
+    try:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=tls.client(), force_close=True),
+                                         timeout=aiohttp.ClientTimeout(total=30)) as session:
+            yield Served(http, StubScheduler(), f"https://127.0.0.1:{port}", session)
+    finally:
+        await http.stop()
+
+
+@dataclass
+class Silent:
+    """TCP connections to a TLS port that never finish a handshake, in the order they were opened."""
+
+    readers: list[asyncio.StreamReader] = field(default_factory=list)
+    writers: list[asyncio.StreamWriter] = field(default_factory=list)
+
+    async def open(self, port: int, count: int, partial: bool = False) -> None:
+        """``count`` more that never send a ClientHello (``partial``: its first bytes, never the rest)."""
+        for _ in range(count):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            if partial:
+                writer.write(b"\x16\x03\x01\x02\x00\x01")  # a TLS record header and the start of a ClientHello
+                await writer.drain()
+            self.readers.append(reader)
+            self.writers.append(writer)
+
+    def close(self) -> None:
+        for writer in self.writers:
+            writer.close()
+
+
+async def dropped(reader: asyncio.StreamReader) -> bool:
+    """Whether the server closed this connection without a byte (a close, or a reset: unread bytes were there)."""
+    try:
+        return await asyncio.wait_for(reader.read(), 30) == b""
+    except ConnectionResetError:
+        return True
+
+
+# A handshake timeout far beyond the test's waits: the extra connections must be dropped for the count, not by it.
+@pytest.mark.parametrize("small_cap", [600.0], indirect=True)
+async def test_connections_that_never_finish_their_tls_handshake_are_bounded(small_cap: Served) -> None:
+    # Connections were counted only once their TLS handshake was done, and a handshake could take 10 s: a client
+    # opening connections and never sending a ClientHello held as many descriptors (and TLS objects) as it could
+    # open in 10 s. Now at most the cap are under way at once and one more drops the oldest, so a real client,
+    # whose handshake takes milliseconds, still gets in.
+    port = int(small_cap.url.rsplit(":", 1)[1])
+    capped = small_cap.http.listener
+    assert capped is not None
+    silent = Silent()
+    try:
+        await silent.open(port, 8)
+        await silent.open(port, 4, partial=True)
+        # The 8 oldest are dropped without a byte; the 4 newest stay in their handshake.
+        for reader in silent.readers[:8]:
+            assert await dropped(reader)
+        await eventually(lambda: _async(capped.handshaking == 4), what="4 handshakes under way")
+        assert capped.dropped == 8 and small_cap.http.connections == 0
+        async with small_cap.session.get(f"{small_cap.url}/healthz") as health:
+            assert health.status == 200
+        # The oldest one still under way made room for the real client.
+        assert capped.dropped == 9 and await dropped(silent.readers[8])
+    finally:
+        silent.close()
+
+
+@pytest.mark.parametrize("small_cap", [0.5], indirect=True)
+async def test_a_tls_handshake_not_finished_in_time_is_dropped(small_cap: Served) -> None:
+    # Bounded in time too: silent or stalled handshakes end after HANDSHAKE_SECONDS (0.5 s here), and a real
+    # client is answered meanwhile and after.
+    port = int(small_cap.url.rsplit(":", 1)[1])
+    capped = small_cap.http.listener
+    assert capped is not None
+    silent = Silent()
+    try:
+        await silent.open(port, 2)
+        await silent.open(port, 1, partial=True)
+        async with small_cap.session.get(f"{small_cap.url}/healthz") as health:
+            assert health.status == 200
+        for reader in silent.readers:
+            assert await dropped(reader)
+        await eventually(lambda: _async(capped.handshaking == 0), what="no handshake under way")
+        assert capped.dropped == 0, "ended by the timeout, not dropped for room"
+        async with small_cap.session.get(f"{small_cap.url}/healthz") as health:
+            assert health.status == 200
+    finally:
+        silent.close()
+
+
+
 
 
 async def test_extender_filters_and_ranks_by_cached_bytes(served: Served) -> None:
