@@ -153,3 +153,33 @@ def mismatch(affinity: Mapping[str, Any] | None, node: str, labels: Mapping[str,
             return None
         reasons.append(reason)
     return " or ".join(dict.fromkeys(reasons))
+
+
+def surely_excludes(node_selector: Mapping[str, Any], affinity: Mapping[str, Any] | None, node: str,
+                    labels: Mapping[str, str]) -> bool:
+    """Whether a pod's ``nodeSelector`` and required node affinity (``affinity``: its ``nodeAffinity``) exclude
+    ``node`` for certain, judged by the labels known of it (``labels``, and the implicit host name label). A key
+    ``labels`` lacks may still be on the node (an agent reports only the labels it is given), so an expression on
+    one excludes nothing; neither does a selector that cannot be read (the API server refuses such a pod)."""
+    known = node_labels(node, labels)
+    if any(key in known and known[key] != value for key, value in node_selector.items()):
+        return True
+    terms = required_terms(affinity)
+    if not terms:
+        return False
+    return all(_term_excludes(term, node, known) for term in terms)
+
+
+def _term_excludes(term: Any, node: str, known: Mapping[str, str]) -> bool:
+    """Whether the node fails this term for certain (terms are ORed: the pod excludes it when it fails them all)."""
+    if not isinstance(term, Mapping):
+        return False
+    expressions, fields = term.get("matchExpressions") or [], term.get("matchFields") or []
+    if not isinstance(expressions, list) or not isinstance(fields, list):
+        return False
+    if not expressions and not fields:
+        return True  # an empty term matches no node
+    if any(_expression_error(e) for e in expressions) or any(_expression_error(e) or _field_error(e) for e in fields):
+        return False
+    return (any(e["key"] in known and not _matches(e, known) for e in expressions)
+            or any(not _matches(e, {NODE_NAME_FIELD: node}) for e in fields))

@@ -20,6 +20,12 @@ that already place themselves by host name (a node affinity expression or node s
 non-data pods away from cache nodes is the extender's job at scheduling time, where it sees the cache as it
 is, rather than a term frozen into every pod of the cluster at creation.
 
+What the warnings say (``response.warnings``, shown by kubectl; the pod is always admitted): a label that names
+no dataset; a required dataset the scheduler does not know (``http.py``); a required dataset no node caches yet;
+and a required dataset whose every holder the pod's own ``nodeSelector`` or required node affinity excludes
+(judged by the labels the holders' agents report, so it is never said wrongly, but may go unsaid when the agents
+report too few labels), also for a pod that places itself by host name (nothing is added to it).
+
 A review that is not a v1 AdmissionReview of the documented shape raises ``BadReview`` with a reason naming
 the field (never its value: a pod spec may carry secrets in env values).
 """
@@ -35,7 +41,7 @@ from typing import Any
 
 import msgspec
 
-from libs.affinity import HOSTNAME_LABEL, NODE_NAME_FIELD
+from libs.affinity import HOSTNAME_LABEL, NODE_NAME_FIELD, surely_excludes
 from libs.events.common import DNS1035_LABEL, DNS1123_LABEL
 from libs.events.schedule import DatasetUse, ScoreReply
 
@@ -54,6 +60,8 @@ REQUIRED_KEY = "requiredDuringSchedulingIgnoredDuringExecution"
 # The best nodes are named in preferred terms; more names make every pod object heavier and add little, since
 # nodes far down the list hold little of the data (the extender, if configured, still ranks all of them).
 MAX_PREFERRED_NODES = 16
+# Holders a warning names (the API server may cut a warning over 256 characters): the rest are counted.
+SHOWN_HOLDERS = 3
 # Kubernetes' range for a preferred scheduling term's weight.
 MIN_WEIGHT, MAX_WEIGHT = 1, 100
 
@@ -71,6 +79,8 @@ class Review:
     pod: Mapping[str, Any]
     # Set when the pod is to be left alone, saying why (for the log line).
     skip: str = ""
+    # The pod places itself by host name: nothing is added, but a required dataset it keeps away from is said.
+    placed: bool = False
 
 
 @dataclass(frozen=True)
@@ -152,7 +162,7 @@ def parse_review(body: Any) -> Review:
     if labels.get(INJECTION_LABEL) == "false":
         return Review(uid, namespace, pod, skip=f"{INJECTION_LABEL}=false")
     if places_itself(spec):
-        return Review(uid, namespace, pod, skip=f"places itself by {HOSTNAME_LABEL}")
+        return Review(uid, namespace, pod, skip=f"places itself by {HOSTNAME_LABEL}", placed=True)
     return Review(uid, namespace, pod)
 
 
@@ -252,10 +262,14 @@ class Placement:
         return not self.preferred and not self.required_hosts
 
 
-def placement(reply: ScoreReply, uses: Uses) -> Placement:
+def placement(reply: ScoreReply, uses: Uses, pod: Mapping[str, Any] | None = None,
+              labels: Mapping[str, Mapping[str, str]] | None = None) -> Placement:
     """The terms a reply asks for. Nodes with score 0 are not preferred; in required mode every node the reply
     kept is allowed. When no node holds a required dataset, nothing is required (a host list frozen into the pod
-    would keep it pending even after the cache appears elsewhere) and a warning says so."""
+    would keep it pending even after the cache appears elsewhere) and a warning says so, and why the extender
+    keeps it pending. When ``pod``'s own node selector or required node affinity excludes every node holding its
+    required datasets (judged by ``labels``, what is known of each holder's labels: ``affinity.surely_excludes``),
+    a warning says so: the pod will stay pending, and what to change."""
     if reply.error:
         return Placement()
     best: dict[int, list[str]] = {}
@@ -266,10 +280,25 @@ def placement(reply: ScoreReply, uses: Uses) -> Placement:
     warnings: list[str] = []
     if uses.required:
         required_hosts = sorted({score.node for score in reply.scores})
+        names = ", ".join(f"{use.namespace}/{use.name}" for use in uses.required)
         if not required_hosts:
-            names = ", ".join(f"{use.namespace}/{use.name}" for use in uses.required)
-            warnings.append(f"shoal: no node caches {names} yet, so the pod is not restricted to cache nodes")
+            warnings.append(f"shoal: no node caches {names} yet, so the pod is not restricted to cache nodes; with "
+                            "the scheduler extender it stays Pending until one does: load the data (a DataLoad) "
+                            "or make the dataset preferred, not required")
+        elif pod is not None and _excludes_all(pod, required_hosts, labels or {}):
+            shown = ", ".join(required_hosts[:SHOWN_HOLDERS])
+            more = len(required_hosts) - SHOWN_HOLDERS
+            warnings.append(f"shoal: the pod requires the cache of {names} but its own nodeSelector or node "
+                            f"affinity excludes every node holding it ({shown}{f' and {more} more' if more > 0 else ''}"
+                            "), so it stays Pending: allow one of them, or make the dataset preferred, not required")
     return Placement(preferred, required_hosts, warnings)
+
+
+def _excludes_all(pod: Mapping[str, Any], hosts: list[str], labels: Mapping[str, Mapping[str, str]]) -> bool:
+    spec = _object(pod.get("spec"), "spec")
+    node_selector = _object(spec.get("nodeSelector"), "nodeSelector")
+    node_affinity, _, _ = _terms(spec)
+    return all(surely_excludes(node_selector, node_affinity, host, labels.get(host, {})) for host in hosts)
 
 
 def _hostname_expression(operator: str, hosts: list[str]) -> dict[str, Any]:

@@ -133,7 +133,7 @@ async def run(settings: Settings, stop: asyncio.Event, clock: Callable[[], float
         if sched.http_port is not None:
             loops.append(http_loop(handlers.answer, host=sched.http_host, port=sched.http_port,
                                    timeout=sched.http_timeout, tls_cert=sched.tls_cert, tls_key=sched.tls_key,
-                                   limits=HttpLimits.of(sched)))
+                                   limits=HttpLimits.of(sched), labels=handlers.view.labels))
         loops += [make(handlers, settings) for make in extra_loops]
         if started is not None:
             started(handlers)

@@ -44,7 +44,7 @@ import functools
 import ssl
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -65,6 +65,7 @@ from .extender import BadArgs, error_body, filter_result, parse_args, priorities
 log = get_logger(__name__)
 
 Answer = Callable[[ScoreRequest], ScoreReply]
+Labels = Callable[[str], Mapping[str, str]]
 
 MUTATE, FILTER, PRIORITIZE = "mutate", "filter", "prioritize"
 # Outcomes counted per route.
@@ -224,8 +225,11 @@ class SchedulerHttp:
     """The webhook and extender routes, answered by ``answer`` within ``timeout`` seconds."""
 
     def __init__(self, answer: Answer, *, timeout: float, threaded: bool = False,
-                 limits: HttpLimits = HttpLimits()) -> None:
+                 limits: HttpLimits = HttpLimits(), labels: Labels = lambda node: {}) -> None:
         self._answer = answer
+        # The labels a node's agent reports (the webhook sees no Node objects): a pod's own node selector is
+        # judged against them for its warnings.
+        self._labels = labels
         self.timeout = timeout
         self.threaded = threaded
         self.limits = limits
@@ -394,12 +398,13 @@ class SchedulerHttp:
     async def _mutate(self, request: web.Request) -> web.Response:
         try:
             review = parse_review(await self._body(request))
-            uses = datasets_of(review.pod, review.namespace) if not review.skip else None
+            uses = datasets_of(review.pod, review.namespace) if not review.skip or review.placed else None
         except (*DECODE_ERRORS, BadReview) as err:
             self._count(MUTATE, MALFORMED)
             log.warning("malformed admission review", reason=str(err))
             return _json({"error": f"not an AdmissionReview v1 of a pod: {err}"}, status=400)
-        if uses is None or not uses.datasets:
+        # A pod that places itself is asked about only to warn when it keeps away from a dataset it requires.
+        if uses is None or not uses.datasets or (review.placed and not uses.required):
             self._count(MUTATE, UNCHANGED)
             return _json(review_response(review.uid, warnings=uses.warnings if uses else ()))
         reply, _ = await self._ask(MUTATE, uses.datasets, [])
@@ -408,8 +413,9 @@ class SchedulerHttp:
             if reply is not None and uses.required:  # it stands because of a dataset the pod requires: say so
                 warnings.append(f"shoal: the pod is not placed near its data: {reply.error}")
             return _json(review_response(review.uid, warnings=warnings))
-        wanted = placement(reply, uses)
-        patch = affinity_patch(review.pod, wanted)
+        holders = {score.node: self._labels(score.node) for score in reply.scores} if uses.required else {}
+        wanted = placement(reply, uses, review.pod, holders)
+        patch = [] if review.placed else affinity_patch(review.pod, wanted)
         self._count(MUTATE, PATCHED if patch else UNCHANGED)
         if patch:
             metadata = review.pod.get("metadata") or {}
@@ -482,11 +488,12 @@ class HttpLoop:
 
 def http_loop(answer: Answer, *, host: str, port: int, timeout: float, tls_cert: str = "",
               tls_key: str = "", tls_reload_seconds: float = TLS_RELOAD_SECONDS,
-              limits: HttpLimits = HttpLimits()) -> HttpLoop:
+              limits: HttpLimits = HttpLimits(), labels: Labels = lambda node: {}) -> HttpLoop:
     """The loop serving ``answer`` on ``host:port``: HTTPS with ``tls_cert`` and ``tls_key`` (read again every
     ``tls_reload_seconds``, for renewals); plain HTTP without (the API server calls webhooks over HTTPS only, so
     plain HTTP suits an extender on loopback, or tests)."""
     tls = RenewedTls(tls_cert, tls_key) if tls_cert and tls_key else None
     if tls is None:
         log.warning("scheduler http without TLS: the API server will not call a webhook over plain HTTP")
-    return HttpLoop(SchedulerHttp(answer, timeout=timeout, limits=limits), host, port, tls, tls_reload_seconds)
+    return HttpLoop(SchedulerHttp(answer, timeout=timeout, limits=limits, labels=labels), host, port, tls,
+                    tls_reload_seconds)

@@ -27,10 +27,17 @@ NotObject = list[Raw] | str | int | float | bool | None
 NotList = dict[str, Raw] | str | int | float | bool | None
 
 
+# A JSON value that is neither an array nor an object.
+Scalar = str | int | float | bool | None
+
+
 class Requirement(TypedDict, total=False):
-    """A node selector requirement (an item of ``matchExpressions`` / ``matchFields``): only its key is read."""
+    """A node selector requirement (an item of ``matchExpressions`` / ``matchFields``): its key (whether the pod
+    places itself by host name), operator and values (whether it excludes the nodes holding a dataset)."""
 
     key: Value
+    operator: Value
+    values: list[Scalar | list[Raw] | dict[str, Raw]] | dict[str, Raw] | Scalar
 
 
 class Term(TypedDict, total=False):

@@ -40,6 +40,10 @@ REQUIRED = "requiredDuringSchedulingIgnoredDuringExecution"
 NODES = ["node-a", "node-b", "node-c"]
 # ml-team/imagenet: node-b holds 90 % of it, node-a 10 %, node-c nothing.
 CACHE = {("ml-team", "imagenet"): {"node-b": 900, "node-a": 100}}
+ZONE, POOL = "topology.kubernetes.io/zone", "shoal.io/pool"
+# The labels the nodes' agents report (SHOAL_NODE_LABELS): the cache is on the CPU nodes of zone-1.
+NODE_LABELS = {"node-a": {ZONE: "zone-1", POOL: "cpu"}, "node-b": {ZONE: "zone-1", POOL: "cpu"},
+               "node-c": {ZONE: "zone-2", POOL: "gpu"}}
 
 pytestmark = pytest.mark.needs("openssl")
 
@@ -120,7 +124,7 @@ class Served:
 async def served(tls: Tls) -> AsyncIterator[Served]:
     stub = StubScheduler()
     # 2 s: far above the stub's microseconds even on a loaded machine; the slow-answer test sets its own.
-    http = SchedulerHttp(stub, timeout=2.0)
+    http = SchedulerHttp(stub, timeout=2.0, labels=lambda node: NODE_LABELS.get(node, {}))
     port = await http.start("127.0.0.1", 0, server_tls(str(tls.cert), str(tls.key)))
     try:
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=tls.client()),
@@ -197,7 +201,66 @@ async def test_required_with_no_cache_anywhere_is_not_enforced_and_says_so(serve
     review["request"]["object"]["metadata"]["labels"]["fluid.io/dataset.imagenet.sched"] = "required"
     status, answer = await served.post("/mutate", review)
     assert status == 200 and patched_pod(review, answer) == review["request"]["object"]
-    assert "no node caches ml-team/imagenet" in answer["response"]["warnings"][0]
+    (warning,) = answer["response"]["warnings"]
+    assert warning.startswith("shoal: no node caches ml-team/imagenet yet, so the pod is not restricted")
+    assert "with the scheduler extender it stays Pending until one does" in warning
+
+
+def required_expression(key: str, operator: str, *values: str) -> dict[str, Any]:
+    expression: dict[str, Any] = {"key": key, "operator": operator}
+    if values:
+        expression["values"] = list(values)
+    return {"affinity": {"nodeAffinity": {REQUIRED: {"nodeSelectorTerms": [{"matchExpressions": [expression]}]}}}}
+
+
+EXCLUDING = {
+    "nodeSelector": {"nodeSelector": {POOL: "gpu"}},
+    "required affinity": required_expression(ZONE, "In", "zone-2"),
+    "NotIn": required_expression(POOL, "NotIn", "cpu"),
+    "own host name": {"nodeSelector": {HOST: "node-c"}},
+}
+
+
+@pytest.mark.parametrize("own", EXCLUDING)
+async def test_a_pod_whose_own_placement_excludes_every_holder_of_a_required_dataset_is_warned(
+        served: Served, own: str) -> None:
+    # The pod requires ml-team/imagenet (cached on node-a and node-b, the CPU nodes of zone-1) and its own
+    # nodeSelector or node affinity keeps it off both: it stayed Pending and nobody said why. Now the answer warns,
+    # naming the dataset and its nodes and what to change; the pod is still admitted.
+    review = recorded_review()
+    review["request"]["object"]["metadata"]["labels"]["fluid.io/dataset.imagenet.sched"] = "required"
+    review["request"]["object"]["spec"].update(copy.deepcopy(EXCLUDING[own]))
+    status, answer = await served.post("/mutate", review)
+    assert status == 200
+    pod = patched_pod(review, answer)  # allowed, uid echoed
+    (warning,) = answer["response"]["warnings"]
+    assert warning == ("shoal: the pod requires the cache of ml-team/imagenet but its own nodeSelector or node "
+                       "affinity excludes every node holding it (node-a, node-b), so it stays Pending: allow one of "
+                       "them, or make the dataset preferred, not required")
+    assert len(warning) <= 256  # the API server may cut longer warnings
+    if own == "own host name":
+        assert pod == review["request"]["object"], "a pod that places itself gets nothing added"
+
+
+ALLOWING = {
+    "a holder's pool": {"nodeSelector": {POOL: "cpu"}},
+    "a label no agent reports": {"nodeSelector": {"nvidia.com/gpu.product": "A100"}},
+    "one term of two allows zone-1": {"affinity": {"nodeAffinity": {REQUIRED: {"nodeSelectorTerms": [
+        {"matchExpressions": [{"key": ZONE, "operator": "In", "values": ["zone-2"]}]},
+        {"matchExpressions": [{"key": ZONE, "operator": "In", "values": ["zone-1"]}]}]}}}},
+    "own host name, a holder": {"nodeSelector": {HOST: "node-b"}},
+}
+
+
+@pytest.mark.parametrize("own", ALLOWING)
+async def test_a_pod_whose_own_placement_allows_a_holder_is_not_warned(served: Served, own: str) -> None:
+    # Only a certain exclusion is said: a label the agents do not report may well be on a holder.
+    review = recorded_review()
+    review["request"]["object"]["metadata"]["labels"]["fluid.io/dataset.imagenet.sched"] = "required"
+    review["request"]["object"]["spec"].update(copy.deepcopy(ALLOWING[own]))
+    status, answer = await served.post("/mutate", review)
+    assert status == 200 and "warnings" not in answer["response"]
+    patched_pod(review, answer)
 
 
 async def test_an_ordinary_pvc_next_to_the_dataset_does_not_cancel_the_preference(served: Served) -> None:

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from libs.affinity import mismatch
+from libs.affinity import mismatch, surely_excludes
 
 
 def required(*terms: dict[str, Any], key: str = "requiredDuringSchedulingIgnoredDuringExecution") -> dict[str, Any]:
@@ -118,3 +118,38 @@ def test_gt_and_lt_read_integers_as_kubernetes_does(label: str, wanted: str, ope
         return
     matches = have is not None and (have > want if operator == "Gt" else have < want)
     assert (found is None) == matches, (label, wanted, found)
+
+
+def _required(*terms: dict[str, Any]) -> dict[str, Any]:
+    return {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": list(terms)}}
+
+
+# (nodeSelector, nodeAffinity, whether node "n1" with labels {zone: a} is excluded for certain)
+EXCLUSIONS: dict[str, tuple[dict[str, Any], dict[str, Any] | None, bool]] = {
+    "nothing asked": ({}, None, False),
+    "selector on a known label, other value": ({"zone": "b"}, None, True),
+    "selector on a known label, same value": ({"zone": "a"}, None, False),
+    "selector on a label not reported": ({"gpu": "a100"}, None, False),
+    "selector on the host name": ({"kubernetes.io/hostname": "n2"}, None, True),
+    "In, other value": ({}, _required({"matchExpressions": [{"key": "zone", "operator": "In", "values": ["b"]}]}),
+                        True),
+    "NotIn on a label not reported": ({}, _required({"matchExpressions": [
+        {"key": "gpu", "operator": "NotIn", "values": ["x"]}]}), False),
+    "DoesNotExist on a known label": ({}, _required({"matchExpressions": [
+        {"key": "zone", "operator": "DoesNotExist"}]}), True),
+    "one term of two may match": ({}, _required(
+        {"matchExpressions": [{"key": "zone", "operator": "In", "values": ["b"]}]},
+        {"matchExpressions": [{"key": "gpu", "operator": "Exists"}]}), False),
+    "metadata.name of another node": ({}, _required({"matchFields": [
+        {"key": "metadata.name", "operator": "In", "values": ["n2"]}]}), True),
+    "an empty term matches no node": ({}, _required({}), True),
+    "an unreadable operator excludes nothing": ({}, _required({"matchExpressions": [
+        {"key": "zone", "operator": "Near", "values": ["b"]}]}), False),
+}
+
+
+@pytest.mark.parametrize("case", EXCLUSIONS)
+def test_only_a_certain_exclusion_counts(case: str) -> None:
+    selector, affinity, excluded = EXCLUSIONS[case]
+    assert surely_excludes(selector, affinity, "n1", {"zone": "a"}) is excluded
+
