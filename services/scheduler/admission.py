@@ -269,7 +269,7 @@ def placement(reply: ScoreReply, uses: Uses, pod: Mapping[str, Any] | None = Non
     would keep it pending even after the cache appears elsewhere) and a warning says so, and why the extender
     keeps it pending. When ``pod``'s own node selector or required node affinity excludes every node holding its
     required datasets (judged by ``labels``, what is known of each holder's labels: ``affinity.surely_excludes``),
-    a warning says so: the pod will stay pending, and what to change."""
+    nothing is required either, for the same reason, and a warning says so and what to change."""
     if reply.error:
         return Placement()
     best: dict[int, list[str]] = {}
@@ -288,9 +288,12 @@ def placement(reply: ScoreReply, uses: Uses, pod: Mapping[str, Any] | None = Non
         elif pod is not None and _excludes_all(pod, required_hosts, labels or {}):
             shown = ", ".join(required_hosts[:SHOWN_HOLDERS])
             more = len(required_hosts) - SHOWN_HOLDERS
-            warnings.append(f"shoal: the pod requires the cache of {names} but its own nodeSelector or node "
-                            f"affinity excludes every node holding it ({shown}{f' and {more} more' if more > 0 else ''}"
-                            "), so it stays Pending: allow one of them, or make the dataset preferred, not required")
+            # As with no cache anywhere: a host list the pod can never meet, frozen into it, would keep it Pending
+            # even after a node it allows caches the data; the extender can still wait for that.
+            required_hosts = []
+            warnings.append(f"shoal: the pod requires {names} but its own node selector or affinity excludes every "
+                            f"node caching it ({shown}{f' and {more} more' if more > 0 else ''}); the extender keeps "
+                            "it Pending until a node it allows does: allow one, or load the data there")
     return Placement(preferred, required_hosts, warnings)
 
 

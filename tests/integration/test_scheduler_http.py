@@ -226,7 +226,7 @@ async def test_a_pod_whose_own_placement_excludes_every_holder_of_a_required_dat
         served: Served, own: str) -> None:
     # The pod requires ml-team/imagenet (cached on node-a and node-b, the CPU nodes of zone-1) and its own
     # nodeSelector or node affinity keeps it off both: it stayed Pending and nobody said why. Now the answer warns,
-    # naming the dataset and its nodes and what to change; the pod is still admitted.
+    # naming the dataset and its nodes and what to change; the pod is still admitted, and not held to those nodes.
     review = recorded_review()
     review["request"]["object"]["metadata"]["labels"]["fluid.io/dataset.imagenet.sched"] = "required"
     review["request"]["object"]["spec"].update(copy.deepcopy(EXCLUDING[own]))
@@ -234,10 +234,15 @@ async def test_a_pod_whose_own_placement_excludes_every_holder_of_a_required_dat
     assert status == 200
     pod = patched_pod(review, answer)  # allowed, uid echoed
     (warning,) = answer["response"]["warnings"]
-    assert warning == ("shoal: the pod requires the cache of ml-team/imagenet but its own nodeSelector or node "
-                       "affinity excludes every node holding it (node-a, node-b), so it stays Pending: allow one of "
-                       "them, or make the dataset preferred, not required")
+    assert warning == ("shoal: the pod requires ml-team/imagenet but its own node selector or affinity excludes "
+                       "every node caching it (node-a, node-b); the extender keeps it Pending until a node it allows "
+                       "does: allow one, or load the data there")
     assert len(warning) <= 256  # the API server may cut longer warnings
+    # No host list it can never meet is frozen into the pod (as with no cache anywhere): a node it allows that
+    # caches the data later can still take it.
+    terms = pod["spec"].get("affinity", {}).get("nodeAffinity", {}).get(REQUIRED, {}).get("nodeSelectorTerms", [])
+    added = [e for term in terms for e in term.get("matchExpressions", []) if e["key"] == HOST and e["values"] != []]
+    assert not added
     if own == "own host name":
         assert pod == review["request"]["object"], "a pod that places itself gets nothing added"
 
