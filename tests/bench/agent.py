@@ -2,8 +2,9 @@
 
 Systems, side by side:
 - Shoal: the dataset, runtime and node agent services as their own processes (as in production); each dataset is
-  mounted by the agent's mount process. States: cold (fresh cache dir and fresh mount), warm (read again), and
-  warm with the kernel page cache dropped (only the agent's disk cache left);
+  mounted by the agent's mount process. States: cold (fresh cache dir and fresh mount), warm (read again), warm
+  with the mount's own pages evicted (large files: the agent's block files still in memory, as a warm s3fs's cache
+  files are), and warm with the kernel page cache dropped (only the agent's disk cache left);
 - rclone mount ``--vfs-cache-mode full`` and s3fs ``-o use_cache`` (Debian packages), same three states (cold =
   fresh cache dir and fresh mount);
 - direct parallel GETs with aiobotocore (no cache, one state);
@@ -70,7 +71,7 @@ from tests.bench.systems import (
     ShoalNode,
     Store,
 )
-from tests.bench.worker import PageCache, run_worker, worker_main
+from tests.bench.worker import PageCache, evict, run_worker, worker_main
 from tests.bench.workloads import FIO_JOBS, QUICK, WORKLOADS, KiB, MiB, Sizes, content, fio_randread, read_note
 
 # Readers of the read workloads, and which read 100 KiB files.
@@ -79,6 +80,8 @@ SMALL = ("small", "small2")
 # The passthrough is the reference of warm large reads; its small-file and walk rows cost seconds and tell how far
 # Shoal's daemon is from a bare one there too. fio's random reads are left out (the same pages as large reads).
 PASSTHROUGH_WORKLOADS = ("large1", "large8", "small", "walk")
+# Workloads also read with the mount's own pages evicted and the daemon's cache files left in memory.
+FUSEDROP_WORKLOADS = ("large1", "large8")
 DOCS_PATH = PROJECT_ROOT / "docs" / "benchmarks.md"
 
 
@@ -334,20 +337,32 @@ class Bench:
             return
         serving = system.serving_pids()
         self.store.warm()
-        for state in ("cold", "warm", "dropped"):
+        states = ("cold", "warm", "fusedrop", "dropped") if workload in FUSEDROP_WORKLOADS else ("cold", "warm",
+                                                                                                 "dropped")
+        for state in states:
             if state == "warm":
                 self.prime(workload, system.root)
             if state == "dropped":
                 self.drop([*system.cache_dirs, system.root / "large", system.root / "small"])
             run = functools.partial(self.measure, workload, system.root, state)
+            if state == "fusedrop":
+                run = functools.partial(self.after_evicting, system.root / "large", run)
             row = self.record(workload, system.name, state, run, system.daemon_pids,
-                              repeat=3 if state == "warm" else 1)
+                              repeat=1 if state in ("cold", "dropped") else 3)
             now = system.serving_pids()
             if now != serving:
                 row.value = None
                 row.note = "; ".join(filter(None, [f"invalid: the mount process changed during the run "
                                                    f"({serving} → {now})", row.note]))
                 say(f"  {row.note}")
+
+    @staticmethod
+    def after_evicting(folder: Path, run: Callable[[], tuple[float | None, str, dict[str, Any]]]
+                       ) -> tuple[float | None, str, dict[str, Any]]:
+        """``run`` after the mount's own pages of ``folder`` are evicted, and only those: every read reaches the
+        daemon, whose cache files stay in the page cache (as a warm s3fs reads its cache files)."""
+        evict(folder)
+        return run()
 
     def run_direct(self, workloads: Sequence[str]) -> None:
         assert self.store is not None
