@@ -22,10 +22,13 @@ from rich.text import Text
 from libs.events.common import format_bytes
 from libs.events.dataset import Condition, DatasetRecord, NodeCache
 from libs.events.operation import NodeProgress, OperationRecord, Progress
-from libs.events.runtime import CacheWorker, RuntimeRecord
+from libs.events.runtime import CacheWorker, RuntimeRecord, RuntimeStatus
 
 # Wide enough that rich never wraps or truncates a cell: scripts read these lines, like kubectl's.
 _UNLIMITED_WIDTH = 100_000
+# Ready nodes a table or describe names before "and N more" (kubectl names three endpoints): a runtime served by
+# thousands of agents made a line of tens of kilobytes. ``-o json``/``-o yaml`` keep the record's full list.
+READY_NODES_SHOWN = 3
 
 
 def full_builtins(value: Any) -> Any:
@@ -86,9 +89,20 @@ def runtime_table(records: Sequence[RuntimeRecord], *, wide: bool, show_namespac
                f"{status.worker_number_ready}/{status.desired_worker_number_scheduled}",
                status.cache_capacity, runtime_block_size(record), status.phase]
         if wide:
-            row += [",".join(status.ready_nodes), workers_text(status.workers), status.message]
+            row += [ready_nodes_text(status), workers_text(status.workers), status.message]
         rows.append(row)
     return _with_namespace(headers, rows, [r.runtime.metadata.namespace for r in records], show_namespace or wide)
+
+
+def ready_nodes_text(status: RuntimeStatus) -> str:
+    """The first few ready nodes, then how many more: ``node-a,node-b,node-c and 997 more``."""
+    # A record written before readyNodeCount existed has the list alone.
+    total = max(status.ready_node_count, len(status.ready_nodes))
+    shown = status.ready_nodes[:READY_NODES_SHOWN]
+    more = total - len(shown)
+    if not shown:
+        return f"{more} nodes" if more else ""
+    return ",".join(shown) + (f" and {more} more" if more > 0 else "")
 
 
 def workers_text(workers: Sequence[CacheWorker]) -> str:
@@ -263,6 +277,8 @@ def describe_runtime(record: RuntimeRecord) -> str:
     conditions = record.status.conditions
     for shown_apart in ("conditions", "workers", "notPicked", "replaced", "autoscaling"):
         status.pop(shown_apart, None)
+    # A few names, not one line per ready node; readyNodeCount is shown beside it.
+    status["readyNodes"] = ready_nodes_text(record.status) or "<none>"
     workers = [[worker.node, "True" if worker.ready else "False", worker.peer_url or "<none>"]
                for worker in record.status.workers]
     not_picked = [[agent.node, agent.reason] for agent in record.status.not_picked]

@@ -21,6 +21,7 @@ from click.testing import CliRunner, Result
 
 from libs import subjects
 from libs.bus import Bus, connect, kv_load
+from libs.cli import render
 from libs.cli.main import cli
 from libs.config import NatsSettings, ServiceSettings, Settings
 from libs.embedded import free_port
@@ -174,6 +175,49 @@ async def test_get_runtimes_table(nats_server: NatsServer, bus: Bus) -> None:
                                                    "ready"]
 
 
+async def test_a_runtime_on_thousands_of_nodes_names_a_few_in_tables_and_describe(nats_server: NatsServer,
+                                                                                  bus: Bus) -> None:
+    # The record keeps every ready node (the loader plans on them); a human output names three and counts the rest.
+    nodes = [f"node-{index:05d}" for index in range(5000)]
+    big = msgspec.structs.replace(IMAGENET_RUNTIME, status=msgspec.structs.replace(
+        IMAGENET_RUNTIME.status, ready_nodes=nodes, ready_node_count=len(nodes), worker_number_ready=3,
+        desired_worker_number_scheduled=3, workers=[CacheWorker(node=node) for node in nodes[:3]],
+        not_picked=[NotPicked(node="node-00003", reason="3 of 3 replicas already picked")],
+        not_picked_count=4997))
+    runtimes = await bus.kv(subjects.KV_RUNTIMES)
+    await runtimes.put(subjects.resource_key("default", "imagenet"), msgspec.json.encode(big))
+
+    wide = await shoal(nats_server, "get", "runtimes", "-o", "wide")
+    assert wide.exit_code == 0, wide.output
+    row = wide.stdout.splitlines()[1]
+    assert row.split()[6:10] == ["node-00000,node-00001,node-00002", "and", "4997", "more"]
+    assert len(row) < 300
+
+    described = await shoal(nats_server, "describe", "runtime", "imagenet")
+    assert described.exit_code == 0, described.output
+    lines = described.stdout.splitlines()
+    assert "  readyNodes: node-00000,node-00001,node-00002 and 4997 more" in lines
+    assert "  readyNodeCount: 5000" in lines
+    assert not any("node-00004" in line for line in lines)
+    assert len(described.stdout) < 3000
+
+    # Machine-readable output stays complete.
+    listed = await shoal(nats_server, "get", "runtime", "imagenet", "-o", "json")
+    assert json.loads(listed.stdout)["status"]["readyNodes"] == nodes
+    as_yaml = await shoal(nats_server, "get", "runtime", "imagenet", "-o", "yaml")
+    assert msgspec.convert(yaml.safe_load(as_yaml.stdout), RuntimeRecord) == big
+
+
+def test_ready_nodes_text_counts_what_it_does_not_name() -> None:
+    assert render.ready_nodes_text(RuntimeStatus()) == ""
+    assert render.ready_nodes_text(RuntimeStatus(ready_nodes=["a", "b"], ready_node_count=2)) == "a,b"
+    # A record written before readyNodeCount existed has the list alone.
+    assert render.ready_nodes_text(RuntimeStatus(ready_nodes=["a", "b", "c", "d", "e"])) == "a,b,c and 2 more"
+    # A fact keeps the first hundred names of many more.
+    assert render.ready_nodes_text(RuntimeStatus(ready_nodes=["a", "b", "c", "d"], ready_node_count=4000)) == (
+        "a,b,c and 3997 more")
+
+
 async def test_get_nothing_and_not_found(nats_server: NatsServer, bus: Bus) -> None:
     await put_records(bus)
 
@@ -221,7 +265,7 @@ async def test_describe_shows_spec_status_and_conditions(nats_server: NatsServer
     assert runtime.exit_code == 0, runtime.output
     assert "    - mediumtype: MEM" in runtime.stdout.splitlines()
     lines = runtime.stdout.splitlines()
-    assert "  readyNodes:" in lines
+    assert "  readyNodes: node-a,node-b" in lines
     # Workers in pick order with readiness and peer endpoint, then the agents not picked and why.
     workers = lines.index("Workers:")
     assert [line.split() for line in lines[workers + 1:workers + 5]] == [
