@@ -54,24 +54,46 @@ def free_port(host: str = LOOPBACK) -> int:
             return port
 
 
-class PortTaken(RuntimeError):
+class ServerExited(RuntimeError):
+    """A server exited before it was ready: its name, exit code, log file and the log's tail (the why)."""
+
+    def __init__(self, what: str, code: int, log: Path | None, tail: str) -> None:
+        super().__init__(f"{what} exited with {code} before it was ready\n{tail}")
+        self.what, self.code, self.log, self.tail = what, code, log, tail
+
+
+class PortTaken(ServerExited):
     """A server exited at start because a port it was given was bound meanwhile by another process (between
     ``free_port`` choosing it and the server binding it: other test workers, another run on the machine)."""
 
 
+# The end of a log a failure shows: a server's last words, not its whole start.
+LOG_TAIL_CHARS = 2000
+
+
 def wait_until(check: Callable[[], bool], timeout: float, what: str, process: subprocess.Popen[bytes] | None = None,
-               log: Path | None = None) -> None:
-    """Poll ``check`` until it is true; fail early and show the log if the process died."""
+               log: Path | None = None, log_from: int = 0) -> None:
+    """Poll ``check`` until it is true; fail early and show the log if the process died (what it wrote from byte
+    ``log_from`` on: the log is appended to run after run, and an earlier run's lines would mislead)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if check():
             return
         if process is not None and process.poll() is not None:
-            tail = log.read_text(errors="replace")[-2000:] if log and log.exists() else ""
-            failure = PortTaken if "address already in use" in tail else RuntimeError
-            raise failure(f"{what} exited with {process.returncode} before it was ready\n{tail}")
+            tail = _log_tail(log, log_from) if log else ""
+            failure = PortTaken if "address already in use" in tail else ServerExited
+            raise failure(what, process.returncode, log, tail)
         time.sleep(0.05)
     raise TimeoutError(f"{what} not ready within {timeout} s")
+
+
+def _log_tail(log: Path, start: int) -> str:
+    try:
+        with log.open("rb") as file:
+            file.seek(start)
+            return file.read().decode(errors="replace")[-LOG_TAIL_CHARS:]
+    except FileNotFoundError:
+        return ""
 
 
 def port_open(port: int) -> bool:
@@ -88,6 +110,8 @@ class ServerProcess:
     # Seconds between SIGTERM and SIGKILL. SeaweedFS ignores SIGTERM for a long while, so it gets a short one.
     grace: float = 10.0
     _log: IO[bytes] | None = field(default=None, repr=False)
+    # Where this process's output starts in the log (earlier runs' output comes before it).
+    log_start: int = 0
 
     @property
     def pid(self) -> int:
@@ -120,9 +144,10 @@ def spawn(name: str, argv: list[str], log_path: Path, env: dict[str, str] | None
     """Start ``argv`` in its own session (in ``cwd``, default ours), output appended to ``log_path``."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log = open(log_path, "ab")  # noqa: SIM115 - kept open for the child's lifetime, closed in stop()
+    log_start = log.tell()
     process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                env=env, start_new_session=True, cwd=cwd)
-    return ServerProcess(name=name, process=process, log_path=log_path, grace=grace, _log=log)
+    return ServerProcess(name=name, process=process, log_path=log_path, grace=grace, _log=log, log_start=log_start)
 
 
 @dataclass(frozen=True)
@@ -215,7 +240,8 @@ def start_nats_cluster(configs: list[NatsConfig], log_dir: Path) -> list[ServerP
             servers.append(start_nats(config, log_dir / f"{name}.log"))
         for server, config in zip(servers, configs, strict=True):
             wait_until(_sees_a_leader(config.monitor_port), CLUSTER_READY_SECONDS,
-                       f"{server.name} joining the JetStream cluster", server.process, server.log_path)
+                       f"{server.name} joining the JetStream cluster", server.process, server.log_path,
+                       server.log_start)
     except BaseException:
         for server in servers:
             server.stop()
@@ -248,7 +274,7 @@ def meta_leader(monitor_port: int) -> str | None:
 def _wait_ready(server: ServerProcess, check: Callable[[], bool], timeout: float) -> None:
     """Wait for readiness; a server that never gets ready is stopped, not leaked."""
     try:
-        wait_until(check, timeout, server.name, server.process, server.log_path)
+        wait_until(check, timeout, server.name, server.process, server.log_path, server.log_start)
     except BaseException:
         server.stop()
         raise

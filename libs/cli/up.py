@@ -71,6 +71,7 @@ from libs.embedded import (
     LOOPBACK,
     NatsConfig,
     SeaweedConfig,
+    ServerExited,
     find_binary,
     free_port,
     nats_cluster,
@@ -419,6 +420,8 @@ def up(state_dir: Path, nats_port: int, nats_monitor_port: int, s3_port: int, se
         run_up(options, os.environ)
     except UpError as err:
         raise CliError(str(err)) from err
+    except ServerExited as err:  # run_up stopped what had started; the log's tail says why
+        raise CliError(_server_exited_text(err)) from err
     except OSError as err:  # the state directory cannot be written (under a file, read-only, full)
         raise CliError(_os_error_text(err)) from err
 
@@ -433,6 +436,12 @@ def down(state_dir: Path, timeout: float) -> None:
         _down(StateLayout(state_dir.resolve()), timeout)
     except OSError as err:  # the state directory cannot be read (under a file) or the PID not signalled
         raise CliError(_os_error_text(err)) from err
+
+
+def _server_exited_text(err: ServerExited) -> str:
+    where = f"; see {err.log}" if err.log is not None else ""
+    tail = err.tail.rstrip("\n")
+    return f"{err.what} exited with code {err.code} before it was ready{where}" + (f"\n{tail}" if tail else "")
 
 
 def _os_error_text(err: OSError) -> str:

