@@ -236,6 +236,11 @@ KV_BUCKETS: tuple[BucketSpec, ...] = (
 )
 
 
+# How long JetStream remembers a message id to drop a repeat of it (``Nats-Msg-Id``): longer than any publish's
+# retries (PUBLISH_SECONDS) and a redelivered handler's republish. Module-level so a test can shorten it.
+DUPLICATE_WINDOW_SECONDS = 120.0
+
+
 # What ``provision`` sets on a stream; one that already has these is left alone (no update: a user without the
 # right to update, an agent, then provisions nothing and is refused nothing).
 _PROVISIONED_FIELDS = ("subjects", "retention", "max_age", "max_bytes", "max_msgs", "max_msgs_per_subject",
@@ -366,7 +371,7 @@ class Bus:
             max_msg_size=MESSAGE_LIMIT,
             storage=spec.storage,
             num_replicas=self.replicas,
-            duplicate_window=120.0,
+            duplicate_window=DUPLICATE_WINDOW_SECONDS,
         )
         try:
             info = await self.refusable(natsauth.stream_api("INFO", spec.name), self.js.stream_info(spec.name))

@@ -89,7 +89,7 @@ async def run(settings: Settings, stop: asyncio.Event, readiness: Readiness | No
 
         async def on_rejection(message: Msg) -> None:
             with contextlib.suppress(*DECODE_ERRORS):  # not a rejection we can read
-                await handlers.on_rejection(decoder.decode(message.data))
+                await handlers.on_rejection(decoder.decode(message.data), message.metadata.sequence.stream)
 
         # Every rejection kept in the stream, so one published before a restart still reaches its object.
         rejections = await bus.js.subscribe(subjects.ALL_REJECTIONS, cb=on_rejection, ordered_consumer=True,

@@ -218,9 +218,11 @@ def mirror_keys(obj: dict[str, Any]) -> frozenset[str]:
     return frozenset(mirror_key(namespace, name, key) for name, key in secret_refs(obj))
 
 
-def unreferenced(keys: frozenset[str], remaining: list[dict[str, Any]]) -> list[str]:
-    """Of ``keys``, those no ``remaining`` Dataset object refers to."""
-    keep = set().union(*(mirror_keys(obj) for obj in remaining))
+def unreferenced(keys: frozenset[str], remaining: list[dict[str, Any]],
+                 kept: frozenset[str] = frozenset()) -> list[str]:
+    """Of ``keys``, those no ``remaining`` Dataset object refers to and not in ``kept`` (the keys other Datasets'
+    published specs hold, some not listed yet after a start)."""
+    keep = set(kept).union(*(mirror_keys(obj) for obj in remaining))
     return sorted(keys - keep)
 
 
@@ -328,11 +330,51 @@ class Applied(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     kind: str
     namespace: str
     name: str
+    # A Dataset's mirror keys (``mirror_key``) its published spec referred to: removed when it is found deleted, or
+    # its spec changed, while the bridge was down. None: unknown (an entry written before they were kept).
+    held: tuple[str, ...] | None = None
+    # The commands stream's sequence of the publish: a resend answered with the same one was dropped as a repeat.
+    sequence: int = 0
+    # The facts stream's sequence of the latest rejection of ``command_id`` the bridge took in, and whether it is in
+    # force (the services rejected or gave up on the command) or was answered by a resend (``sent_before``).
+    rejection: int = 0
+    rejected: bool = False
 
 
-def applied(key: ObjectKey, command_id: str) -> Applied:
+def applied(key: ObjectKey, command_id: str, held: frozenset[str] | None = None, sequence: int = 0,
+            rejection: int = 0) -> Applied:
     return Applied(command_id=command_id, group=key.resource.group, kind=key.resource.kind,
-                   namespace=key.namespace, name=key.name)
+                   namespace=key.namespace, name=key.name, held=None if held is None else tuple(sorted(held)),
+                   sequence=sequence, rejection=rejection)
+
+
+def held_keys(entry: Applied | None) -> frozenset[str]:
+    """The mirror keys an entry says its published spec referred to (none when unknown)."""
+    return frozenset(entry.held or ()) if entry is not None else frozenset()
+
+
+def command_uid(command_id: str) -> str:
+    """The object uid in one of the bridge's command ids (``k8s.<kind>.<uid>....``), or "" for another's."""
+    parts = command_id.split(".")
+    return parts[2] if len(parts) >= 4 and parts[0] == "k8s" else ""
+
+
+def rejection_holds(entry: Applied | None, command_id: str, sequence: int) -> bool:
+    """Whether the rejection of ``command_id`` at facts-stream ``sequence`` still stands: not when a restart sent
+    the command again after it (the facts are read from the start, so an old one comes back at every start)."""
+    return (entry is None or entry.command_id != command_id or entry.rejected or sequence > entry.rejection)
+
+
+def sent_before(entry: Applied | None, command_id: str, rejection: int) -> bool:
+    """Whether the services have this apply from an earlier process, so a restart need not publish it: the entry
+    holds its id, and no rejection of it stands (``rejection``: the facts-stream sequence of the latest one this
+    process read, 0 for none). A rejected or given-up apply is sent again: the cause may be fixed meanwhile."""
+    return (entry is not None and entry.command_id == command_id and not entry.rejected
+            and rejection <= entry.rejection)
+
+
+def rejected(entry: Applied, sequence: int) -> Applied:
+    return msgspec.structs.replace(entry, rejected=True, rejection=sequence)
 
 
 def applied_key(entry: Applied) -> ObjectKey | None:

@@ -156,8 +156,11 @@ class BridgeHandlers:
     published: dict[ObjectKey, str] = field(default_factory=dict)
     # Why the bridge itself could not turn an object into a command.
     invalid: dict[ObjectKey, str] = field(default_factory=dict)
-    # Rejection facts by the id of the command they refused.
+    # Rejection facts by the id of the command they refused, the facts-stream sequence of the latest, and the ids
+    # whose rejection is not in the bridge's bucket yet (``_record_rejections``: a restart then sends them again).
     rejections: dict[str, str] = field(default_factory=dict)
+    rejection_sequences: dict[str, int] = field(default_factory=dict)
+    unrecorded: set[str] = field(default_factory=set)
     # Objects whose last handling failed (an API or NATS error): ``tick`` handles them again.
     pending: set[ObjectKey] = field(default_factory=set)
     # The bridge's bucket (``subjects.KV_BRIDGE_APPLIED``) as a KV mirror: the apply last published per object uid,
@@ -224,7 +227,8 @@ class BridgeHandlers:
             for uid, key in sorted(away.items(), key=lambda item: str(item[1])):
                 if uid not in self.gone and uid not in known:
                     log.info("deleted while the bridge was down: deleting in Shoal", object=str(key))
-                    self.gone[uid] = Gone(key, domain.stand_in(key, uid))
+                    # Its mirror keys are known from its entry only (none when it predates them).
+                    self.gone[uid] = Gone(key, domain.stand_in(key, uid), domain.held_keys(self._entry(uid)))
                     await self._end_now(uid)
         for obj in items:
             key = domain.key_of(resource, obj)
@@ -270,7 +274,7 @@ class BridgeHandlers:
         self.resyncs.pop(key, None)
         self.volumes.discard(key)
         self.volume_conflicts.pop(key, None)
-        held = self.mirrored.pop(key, frozenset())
+        held = self.mirrored.pop(key, frozenset()) | domain.held_keys(self._entry(domain.uid_of(obj)))
         if self.published.pop(key, None) is not None:
             # Not through Shoal's finalizer, or not to its end: what is left is done now, or retried (``tick``)
             # until it is; an object made again under the name waits for it (``_handle``).
@@ -302,7 +306,8 @@ class BridgeHandlers:
                 keys = domain.mirror_keys(gone.obj) | gone.held
                 successor = [self.objects[gone.key]] if gone.key in self.objects else []
                 await self._remove_mirror_keys(
-                    mirror, domain.unreferenced(keys, self._other_datasets(gone.key) + successor))
+                    mirror, domain.unreferenced(keys, self._other_datasets(gone.key) + successor,
+                                                self._held_elsewhere(uid)))
             await self._forget_applied(uid)
         except Exception as err:
             self._failed(uid, gone.key, "delete in Shoal", err)
@@ -332,13 +337,32 @@ class BridgeHandlers:
         failure = self.failures.get(which)
         return failure is None or time.monotonic() >= failure.retry_at
 
-    async def _remember_applied(self, key: ObjectKey, obj: dict[str, Any], command_id: str) -> None:
+    async def _remember_applied(self, key: ObjectKey, obj: dict[str, Any], command_id: str, sequence: int) -> None:
         uid = domain.uid_of(obj)
         if self.applied is None or not uid:
             return
-        entry = domain.applied(key, command_id)
+        before = self._entry(uid)
+        # The rejections read so far are answered by this publish: their facts, read again at a start, are old.
+        answered = max(self.rejection_sequences.get(command_id, 0),
+                       before.rejection if before is not None and before.command_id == command_id else 0)
+        held = domain.mirror_keys(obj) if key.resource.kind == "Dataset" else None
+        await self._save_applied(uid, domain.applied(key, command_id, held, sequence, answered))
+
+    async def _save_applied(self, uid: str, entry: domain.Applied) -> None:
+        assert self.applied is not None
         revision = await self.applied.kv.put(uid, msgspec.json.encode(entry))
         self.applied.saved(uid, entry, revision)
+
+    def _entry(self, uid: str) -> domain.Applied | None:
+        return self.applied.values.get(uid) if self.applied is not None and uid else None
+
+    def _held_elsewhere(self, uid: str) -> frozenset[str]:
+        """The mirror keys the published specs of every other object hold (by their entries): after a start, a
+        Dataset not listed yet still refers to them."""
+        if self.applied is None:
+            return frozenset()
+        return frozenset().union(*(domain.held_keys(entry) for other, entry in self.applied.values.items()
+                                   if other != uid))
 
     async def _forget_applied(self, uid: str) -> None:
         if self.applied is None or uid not in self.applied.values:
@@ -346,9 +370,10 @@ class BridgeHandlers:
         self.applied.deleted(uid, await kv_delete(self.applied.kv, uid, None))
 
     def _applied_before(self, obj: dict[str, Any], command_id: str) -> bool:
-        """This spec was published by this bridge before (an earlier process): the services have it."""
-        entry = self.applied.values.get(domain.uid_of(obj)) if self.applied is not None else None
-        return entry is not None and entry.command_id == command_id
+        """This spec was published by this bridge before (an earlier process) and the services have it: no
+        rejection of it stands."""
+        return domain.sent_before(self._entry(domain.uid_of(obj)), command_id,
+                                  self.rejection_sequences.get(command_id, 0))
 
     # --- one object ---
 
@@ -441,8 +466,15 @@ class BridgeHandlers:
         if self._applied_before(obj, command.event.id):
             self.published[key] = command.event.id  # a restart: Shoal has this spec, publishing it again costs writes
             return
-        await self.bus.publish(command.subject, command.event)
-        await self._remember_applied(key, obj, command.event.id)
+        entry = self._entry(domain.uid_of(obj))
+        sequence = await self.bus.publish(command.subject, command.event)
+        if entry is not None and entry.command_id == command.event.id and sequence == entry.sequence:
+            # A rejected apply sent again within JetStream's duplicate window of its first send: dropped as a
+            # repeat, so the services did not see it again and its rejection stands (the next start tries again).
+            self.published[key] = command.event.id
+            log.info("rejected apply not sent again: within the duplicate window", object=str(key))
+            return
+        await self._remember_applied(key, obj, command.event.id, sequence)
         self.published[key] = command.event.id
         log.info("applied", object=str(key), command=command.event.id, notes=len(translation.notes))
         if translation.notes:  # what Shoal leaves out of a (Fluid) object is said, never dropped silently
@@ -605,20 +637,25 @@ class BridgeHandlers:
         mirror = self.settings.kube.secret_mirror_ref
         if mirror is None or key.resource.kind != "Dataset":
             return
-        keys = domain.mirror_keys(obj) | held | self.mirrored.pop(key, frozenset())
-        await self._remove_mirror_keys(mirror, domain.unreferenced(keys, self._other_datasets(key) + (keep or [])))
+        uid = domain.uid_of(obj)
+        keys = domain.mirror_keys(obj) | held | self.mirrored.pop(key, frozenset()) | domain.held_keys(self._entry(uid))
+        await self._remove_mirror_keys(mirror, domain.unreferenced(keys, self._other_datasets(key) + (keep or []),
+                                                                   self._held_elsewhere(uid)))
 
     async def _drop_unreferenced_keys(self, key: ObjectKey, obj: dict[str, Any]) -> None:
         """Before a Dataset's new spec goes out: remove the mirror keys its previous spec referred to and this one
-        does not, unless another Dataset refers to them. Known from this process's own applies only: a spec changed
-        while the bridge was down leaves its old keys until the Dataset is deleted."""
+        does not, unless another Dataset refers to them. The previous spec is this process's last apply, or after a
+        start the one the bridge's bucket holds (a spec changed while the bridge was down)."""
         mirror = self.settings.kube.secret_mirror_ref
         if mirror is None:
             return
         now = domain.mirror_keys(obj)
-        dropped = self.mirrored.get(key, frozenset()) - now
+        uid = domain.uid_of(obj)
+        before = self.mirrored.get(key)
+        dropped = (domain.held_keys(self._entry(uid)) if before is None else before) - now
         if dropped:
-            await self._remove_mirror_keys(mirror, domain.unreferenced(dropped, self._other_datasets(key)))
+            await self._remove_mirror_keys(mirror, domain.unreferenced(dropped, self._other_datasets(key),
+                                                                       self._held_elsewhere(uid)))
         self.mirrored[key] = now
 
     def _other_datasets(self, key: ObjectKey) -> list[dict[str, Any]]:
@@ -673,6 +710,8 @@ class BridgeHandlers:
         """One pass over every object; each failure is the object's own (one broken object does not hold back the
         others), and any failure makes the next pass wait."""
         failed: list[str] = []
+        async with self._lock:
+            await self._record_rejections()
         # Objects that failed before are tried last, when due (``OBJECT_RETRY``): one whose calls hang then costs
         # the end of a pass, not every other object's turn.
         for key in [k for k in self.pending if k not in self.failures]:
@@ -715,7 +754,8 @@ class BridgeHandlers:
         if key in self.invalid:
             return Refusal(domain.REASON_INVALID, self.invalid[key])
         command_id = self.published.get(key)
-        if command_id is not None and command_id in self.rejections:
+        if command_id is not None and command_id in self.rejections and domain.rejection_holds(
+                self._entry(domain.command_uid(command_id)), command_id, self.rejection_sequences.get(command_id, 0)):
             return Refusal(domain.REASON_REJECTED, self.rejections[command_id])
         return None
 
@@ -913,9 +953,29 @@ class BridgeHandlers:
 
     # --- facts ---
 
-    async def on_rejection(self, fact: RejectionFact) -> None:
+    async def on_rejection(self, fact: RejectionFact, sequence: int = 0) -> None:
+        """A command refused or given up on (``sequence``: the fact's in its stream). Kept in the bridge's bucket at
+        the next pass (``_record_rejections``), under the lock that orders the bucket's writes."""
         if fact.causation_id.startswith("k8s."):
             self.rejections[fact.causation_id] = fact.reason
+            latest = max(sequence, self.rejection_sequences.get(fact.causation_id, 0))
+            self.rejection_sequences[fact.causation_id] = latest
+            self.unrecorded.add(fact.causation_id)
+
+    async def _record_rejections(self) -> None:
+        """Mark the bucket's entries whose apply a rejection refused since it was published: a restart sends them
+        again (a user who fixed the cause, a missing runtime say, restarts the bridge). A rejection already
+        answered by a resend (its fact read again from the start of the stream) changes nothing."""
+        if self.applied is None or not self.applied.ready.is_set():
+            return
+        for command_id in sorted(self.unrecorded):
+            uid = domain.command_uid(command_id)
+            entry = self._entry(uid)
+            sequence = self.rejection_sequences.get(command_id, 0)
+            if (entry is not None and entry.command_id == command_id and not entry.rejected
+                    and domain.rejection_holds(entry, command_id, sequence)):
+                await self._save_applied(uid, domain.rejected(entry, sequence))
+            self.unrecorded.discard(command_id)
 
 
 def _write_private(path: Path, value: bytes) -> None:

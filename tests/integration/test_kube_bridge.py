@@ -538,6 +538,61 @@ async def test_a_restart_publishes_only_what_changed_while_the_bridge_was_down(c
                 assert kube.FINALIZER in (cluster.get(SHOAL, name) or {})["metadata"]["finalizers"]
 
 
+async def test_a_restart_removes_the_mirror_keys_of_what_went_or_changed_while_the_bridge_was_down(
+        cluster: Cluster) -> None:
+    """With the secret mirror: while the bridge is down, one Dataset is deleted (its finalizer removed by hand) and
+    another's spec moves from Secret creds-old to creds-new. The restarted bridge removes the deleted one's key and
+    creds-old's from the mirror Secret (before, both stayed for ever: the bucket did not say which keys the
+    published specs held), and never the key a third Dataset, listed after the deleted one's end, still names."""
+    mirror_name = "shoal-dataset-secrets"
+    settings = dataclasses.replace(cluster.settings, kube=dataclasses.replace(
+        cluster.settings.kube, secret_mirror=f"{kube.SYSTEM_NAMESPACE}/{mirror_name}"))
+    for name in ("creds-a", "shared", "creds-old", "creds-new"):
+        await cluster.core.create_namespaced_secret("default", client.V1Secret(
+            metadata=client.V1ObjectMeta(name=name), string_data={"secret": f"value of {name}"}))
+    await cluster.core.create_namespaced_secret(kube.SYSTEM_NAMESPACE, client.V1Secret(
+        metadata=client.V1ObjectMeta(name=mirror_name), type="Opaque"))
+
+    def spec(*secrets: str) -> dict[str, Any]:
+        return {"mounts": [{"mountPoint": "s3://bucket", "encryptOptions": [
+            {"name": f"aws.secretKey{i}", "valueFrom": {"secretKeyRef": {"name": secret, "key": "secret"}}}
+            for i, secret in enumerate(secrets)]}]}
+
+    def mirror() -> set[str]:
+        return set((cluster.server.stored("", "secrets", kube.SYSTEM_NAMESPACE, mirror_name) or {}).get("data") or {})
+
+    async with running(lambda stop: bridge_app.run(settings, stop)):
+        # "a-gone" is listed before "keeper", which names the shared key too.
+        await cluster.create(SHOAL, "a-gone", spec("creds-a", "shared"))
+        await cluster.create(SHOAL, "edited", spec("creds-old"))
+        await cluster.create(SHOAL, "keeper", spec("shared"))
+        await eventually(lambda: _async(mirror() == {"default.creds-a.secret", "default.shared.secret",
+                                                     "default.creds-old.secret"} or None),
+                         what="the three Datasets' keys in the mirror")
+        for name in ("a-gone", "edited", "keeper"):
+            await eventually(lambda name=name: _async(kube.FINALIZER in (
+                cluster.get(SHOAL, name) or {}).get("metadata", {}).get("finalizers", [])),
+                             what=f"{name} applied")
+    await cluster.custom.patch_namespaced_custom_object(
+        SHOAL.group, SHOAL.version, "default", SHOAL.plural, "a-gone", {"metadata": {"finalizers": []}},
+        _content_type=MERGE)  # type: ignore[call-arg]
+    await cluster.custom.delete_namespaced_custom_object(SHOAL.group, SHOAL.version, "default", SHOAL.plural,
+                                                         "a-gone")
+    await cluster.custom.patch_namespaced_custom_object(
+        SHOAL.group, SHOAL.version, "default", SHOAL.plural, "edited", {"spec": spec("creds-new")},
+        _content_type=MERGE)  # type: ignore[call-arg]
+    patches_before = len(cluster.server.recorded("PATCH", f"/secrets/{mirror_name}"))
+
+    readiness = Readiness()
+    async with running(lambda stop: bridge_app.run(settings, stop, readiness=readiness)):
+        await eventually(lambda: _async("kubernetes" in readiness.checks and readiness.report()[0]),
+                         what="the restarted bridge ready")
+        await eventually(lambda: _async(mirror() == {"default.shared.secret", "default.creds-new.secret"} or None),
+                         what="the keys of the deleted Dataset and of the dropped reference removed")
+    removals = [r.data for r in cluster.server.recorded("PATCH", f"/secrets/{mirror_name}")[patches_before:]]
+    assert not [body for body in removals if "default.shared.secret" in (body or {}).get("data", {})], removals
+
+
 # --- helpers ---
 
 
