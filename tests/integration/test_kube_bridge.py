@@ -14,12 +14,15 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import msgspec
+import nats.js.errors
 import pytest
 import structlog
 import yaml
 from kmock import Server
 from kubernetes_asyncio import client
 
+from libs import bus as bus_module
 from libs import kube, subjects
 from libs.bus import Bus
 from libs.config import KubeSettings, Settings
@@ -591,6 +594,63 @@ async def test_a_restart_removes_the_mirror_keys_of_what_went_or_changed_while_t
                          what="the keys of the deleted Dataset and of the dropped reference removed")
     removals = [r.data for r in cluster.server.recorded("PATCH", f"/secrets/{mirror_name}")[patches_before:]]
     assert not [body for body in removals if "default.shared.secret" in (body or {}).get("data", {})], removals
+
+
+async def test_a_restart_sends_a_rejected_apply_again(cluster: Cluster, bus: Bus, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The dataset service refuses a Dataset (its local:// folder is outside SHOAL_LOCAL_ROOTS); the user fixes the
+    service's setting and restarts the bridge, which sends the apply again: the dataset is made (before, the bucket
+    said it was published and a restart sent nothing). A restart while it is still refused sends it once more and
+    shows the rejection; the old rejection fact, read again from the start of the stream, does not hide the new
+    state."""
+    # The resend must land rather than be dropped as a repeat of the first send (2 minutes in production).
+    monkeypatch.setattr(bus_module, "DUPLICATE_WINDOW_SECONDS", 0.5)
+    source = files(tmp_path)
+    strict = dataclasses.replace(cluster.settings, service=dataclasses.replace(
+        cluster.settings.service, local_roots=[str(tmp_path / "elsewhere")]))
+    applied = await bus.kv(subjects.KV_BRIDGE_APPLIED)
+
+    async def entry(uid: str) -> bridge_domain.Applied | None:
+        try:
+            return msgspec.json.decode((await applied.get(uid)).value or b"", type=bridge_domain.Applied)
+        except nats.js.errors.KeyNotFoundError:
+            return None
+
+    async def rejected_once_the_window_passed(uid: str) -> bool:
+        found = await entry(uid)
+        # A probe sent after the command: once JetStream takes it again, the command's id is forgotten too.
+        ack = await bus.js.publish(f"{subjects.ALL_COMMANDS[:-1]}probe", b"", headers={"Nats-Msg-Id": "probe"})
+        return found is not None and found.rejected and not ack.duplicate
+
+    async with running(lambda stop: dataset_app.run(strict, stop)):
+        async with running(lambda stop: bridge_app.run(cluster.settings, stop)):
+            await bus.js.publish(f"{subjects.ALL_COMMANDS[:-1]}probe", b"", headers={"Nats-Msg-Id": "probe"})
+            obj = await cluster.create(SHOAL, "refused", {"mounts": [{"mountPoint": source}]})
+            uid = obj["metadata"]["uid"]
+            condition = await eventually(lambda: _condition(cluster, SHOAL, "default", "refused"),
+                                         what="the rejection on the Dataset")
+            assert condition["reason"] == bridge_domain.REASON_REJECTED
+            await eventually(lambda: rejected_once_the_window_passed(uid), what="the rejection in the bucket")
+        commands, stop_commands = await _commands(bus)
+
+        def bridge_commands() -> list[str]:
+            return [c for c in commands if c.startswith("k8s.")]
+
+        async with running(lambda stop: bridge_app.run(cluster.settings, stop)):
+            await eventually(lambda: _async(bridge_commands() or None), what="the apply sent again, refused again")
+            await eventually(lambda: rejected_once_the_window_passed(uid), what="the new rejection in the bucket")
+            condition = await eventually(lambda: _condition(cluster, SHOAL, "default", "refused"),
+                                         what="the rejection still shown")
+            assert condition["reason"] == bridge_domain.REASON_REJECTED
+        await stop_commands()
+        assert [c.split(".")[2] for c in bridge_commands()] == [uid]
+    async with running(lambda stop: dataset_app.run(cluster.settings, stop),
+                       lambda stop: bridge_app.run(cluster.settings, stop)):
+        await cluster.status(SHOAL, "refused", phase="NotBound", fileNum=3)
+        assert await _condition(cluster, SHOAL, "default", "refused") is None
+        assert await dataset_record(bus, "refused") is not None
+        found = await entry(uid)
+        assert found is not None and not found.rejected
 
 
 # --- helpers ---
