@@ -572,10 +572,12 @@ async def test_a_restart_removes_the_mirror_keys_of_what_went_or_changed_while_t
         await eventually(lambda: _async(mirror() == {"default.creds-a.secret", "default.shared.secret",
                                                      "default.creds-old.secret"} or None),
                          what="the three Datasets' keys in the mirror")
-        for name in ("a-gone", "edited", "keeper"):
-            await eventually(lambda name=name: _async(kube.FINALIZER in (
-                cluster.get(SHOAL, name) or {}).get("metadata", {}).get("finalizers", [])),
-                             what=f"{name} applied")
+
+        def all_applied() -> bool:
+            return all(kube.FINALIZER in (cluster.get(SHOAL, name) or {}).get("metadata", {}).get("finalizers", [])
+                       for name in ("a-gone", "edited", "keeper"))
+
+        await eventually(lambda: _async(all_applied()), what="the three Datasets applied")
     await cluster.custom.patch_namespaced_custom_object(
         SHOAL.group, SHOAL.version, "default", SHOAL.plural, "a-gone", {"metadata": {"finalizers": []}},
         _content_type=MERGE)  # type: ignore[call-arg]
