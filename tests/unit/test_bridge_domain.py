@@ -212,3 +212,49 @@ def test_finished_loads_and_events() -> None:
     assert event["involvedObject"]["uid"] == "u-1" and event["metadata"]["namespace"] == "team"
     assert event["firstTimestamp"] == "1970-01-01T00:00:00Z"
 
+
+
+# --- what a restarted bridge sends again (``shoal_bridge_applied``) ---
+
+KEY = domain.ObjectKey(SHOAL_DATASET, "team", "demo")
+SENT = "k8s.dataset.u-1.1.abc"  # as domain.apply_id writes it
+
+
+def test_an_apply_sent_before_and_not_rejected_is_not_sent_again() -> None:
+    entry = domain.applied(KEY, SENT, frozenset({"team.creds.secret"}), sequence=12)
+    assert domain.sent_before(entry, SENT, rejection=0)
+    assert not domain.sent_before(entry, "k8s.dataset.u-1.2.def", rejection=0), "the spec changed meanwhile"
+    assert not domain.sent_before(None, SENT, rejection=0), "never sent"
+
+
+def test_a_rejected_apply_is_sent_again_and_its_old_rejection_stops_counting() -> None:
+    entry = domain.applied(KEY, SENT, sequence=12)
+    assert not domain.sent_before(entry, SENT, rejection=40), "a rejection newer than the entry stands"
+    marked = domain.rejected(entry, 40)
+    assert not domain.sent_before(marked, SENT, rejection=40), "marked rejected: sent again"
+    resent = domain.applied(KEY, SENT, sequence=13, rejection=40)  # what the resend writes
+    assert domain.sent_before(resent, SENT, rejection=40)
+    # The facts are read from the start at every start: the old rejection comes back and no longer counts, a new one
+    # does, and so does any rejection of another command or with no entry.
+    assert not domain.rejection_holds(resent, SENT, 40)
+    assert domain.rejection_holds(resent, SENT, 41)
+    assert domain.rejection_holds(marked, SENT, 40)
+    assert domain.rejection_holds(resent, "k8s.dataset.u-1.2.def", 40)
+    assert domain.rejection_holds(None, SENT, 1)
+
+
+def test_held_keys_and_command_uids() -> None:
+    assert domain.held_keys(domain.applied(KEY, SENT, frozenset({"b", "a"}))) == {"a", "b"}
+    assert domain.held_keys(domain.applied(KEY, SENT)) == frozenset(), "unknown (an older entry): nothing removed"
+    assert domain.held_keys(None) == frozenset()
+    assert domain.command_uid(SENT) == "u-1"
+    for other in ("cli.apply.demo", "k8s.dataset", "", "k8s.dataset.u-1"):
+        assert domain.command_uid(other) == ""
+
+
+def test_an_entry_written_before_held_keys_were_kept_decodes_as_unknown() -> None:
+    old = msgspec.json.encode({"commandId": SENT, "group": SHOAL_DATASET.group, "kind": "Dataset",
+                               "namespace": "team", "name": "demo"})
+    entry = msgspec.json.decode(old, type=domain.Applied)
+    assert entry.held is None and not entry.rejected and entry.sequence == 0
+    assert domain.applied_key(entry) == KEY
