@@ -75,10 +75,11 @@ class _Gate(asyncio.Protocol):
         self._admitted = False
         self._lost = False
         # TLS: the plain transport while the handshake runs, and what the TLS transport delivered between the
-        # handshake's end and ``_admit`` (the handshake's coroutine resumes a loop turn after its last bytes).
+        # handshake's end and ``_admit`` (the handshake's coroutine resumes a loop turn after its last bytes):
+        # data, or the client's end of the connection.
         self.raw: asyncio.Transport | None = None
         self._early: list[bytes] = []
-        self._early_eof = False
+        self._ended = False
         self._handshake: asyncio.Task[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -103,7 +104,7 @@ class _Gate(asyncio.Protocol):
         finally:
             self.raw = None
             self._listener.handshake_ended(self)
-        if secure is None or self._lost:
+        if secure is None or self._lost or self._ended:
             transport.close()
             return
         self._admit(secure)
@@ -125,8 +126,6 @@ class _Gate(asyncio.Protocol):
         early, self._early = self._early, []
         for data in early:
             self._inner.data_received(data)
-        if self._early_eof and not self._inner.eof_received():
-            transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
@@ -149,8 +148,11 @@ class _Gate(asyncio.Protocol):
 
     def eof_received(self) -> bool | None:
         if self._inner is not None and not self._admitted:
-            self._early_eof = True
-            return True  # kept open until ``_admit`` hands the end to aiohttp
+            # The client's close_notify came with its handshake's last bytes: asyncio's TLS shuts the connection
+            # down whatever this returns, so what it sent can never be answered, and aiohttp handed the closed
+            # transport fails on it. It is not admitted (``_shake``).
+            self._ended = True
+            return None
         return self._inner.eof_received() if self._inner is not None else None
 
     def pause_writing(self) -> None:

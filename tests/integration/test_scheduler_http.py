@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import copy
+import gc
 import io
 import json
+import logging
 import ssl
 import subprocess
 import threading
@@ -624,6 +627,67 @@ async def test_a_tls_handshake_not_finished_in_time_is_dropped(small_cap: Served
             assert health.status == 200
     finally:
         silent.close()
+
+
+async def handshake_request_and_close(port: int, client: ssl.SSLContext, request: bytes) -> bytes:
+    """A TLS client whose last handshake message, request and close_notify reach the server in one segment (a
+    client that sends its request and closes its side at once), then a FIN; what it reads back, decrypted."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = client.wrap_bio(incoming, outgoing, server_hostname="127.0.0.1")
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        while True:
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                writer.write(outgoing.read())
+                incoming.write(await asyncio.wait_for(reader.read(65536), 30))
+        tls.write(request)
+        with contextlib.suppress(ssl.SSLWantReadError):  # the server's close_notify is read below, with the rest
+            tls.unwrap()
+        writer.write(outgoing.read())
+        writer.write_eof()
+        incoming.write(await asyncio.wait_for(reader.read(), 30))
+        answer = b""
+        while True:
+            try:
+                chunk = tls.read(65536)
+            except (ssl.SSLError, ssl.SSLZeroReturnError):
+                return answer
+            if not chunk:
+                return answer
+            answer += chunk
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize("small_cap", [600.0], indirect=True)
+async def test_a_request_and_close_sent_with_the_handshake_leave_no_error(small_cap: Served, tls: Tls,
+                                                                           caplog: pytest.LogCaptureFixture) -> None:
+    # The handshake's last bytes, a request and close_notify in one segment: asyncio's TLS delivers all three
+    # before the gate's handshake coroutine resumes, and shuts the connection down on close_notify. The gate then
+    # handed aiohttp an already closed transport: its request handler failed on it ("Task exception was never
+    # retrieved", an AttributeError, logged by asyncio for each such connection, and a warning that returning
+    # true from eof_received has no effect). Such a connection is not admitted now; nothing is logged.
+    port = int(small_cap.url.rsplit(":", 1)[1])
+    capped = small_cap.http.listener
+    assert capped is not None
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _, context: errors.append(context))
+    caplog.set_level(logging.WARNING, logger="asyncio")
+    try:
+        for _ in range(3):
+            await handshake_request_and_close(port, tls.client(),
+                                              b"GET /healthz HTTP/1.1\r\nHost: shoal\r\nConnection: close\r\n\r\n")
+        await eventually(lambda: _async(capped.open == 0 and capped.handshaking == 0), what="nothing open")
+        gc.collect()  # a task that failed says so when it is collected
+        assert errors == [] and [r.getMessage() for r in caplog.records if r.name == "asyncio"] == []
+        async with small_cap.session.get(f"{small_cap.url}/healthz") as health:
+            assert health.status == 200
+    finally:
+        loop.set_exception_handler(None)
 
 
 
