@@ -193,6 +193,11 @@ class FakeApiServer(KubernetesScaffold):
         """As a cluster without ``custom``'s CRD: not served (404) and not discovered. Only for a resource without
         objects (the apiserver deletes a CRD's objects before the CRD goes)."""
         assert not self.objects(custom.group, custom.plural), f"{custom.crd_name} has objects"
+        self.stop_serving(custom)
+
+    def stop_serving(self, custom: kube.Resource) -> None:
+        """As an API server answering 404 for ``custom`` while its objects still exist (one still starting, whose
+        CRD handlers are not ready yet): not served and not discovered, its objects kept for ``install_crd``."""
         kind = self.kinds.pop((custom.group, custom.plural))
         del self.resources[resource(kind.group, kind.version, kind.plural)]
         self.removed[(custom.group, custom.plural)] = kind

@@ -209,12 +209,19 @@ class BridgeHandlers:
 
     # --- from the watches ---
 
-    async def on_listing(self, resource: kube.Resource, namespace: str | None, items: list[dict[str, Any]]) -> None:
+    async def on_listing(self, resource: kube.Resource, namespace: str | None, items: list[dict[str, Any]],
+                         served: bool = True) -> None:
         """A fresh list of one resource: objects gone from it were deleted while the bridge was not watching, and so
-        were those the bridge's bucket holds and the list does not (deleted while the bridge was down)."""
+        were those the bridge's bucket holds and the list does not (deleted while the bridge was down).
+
+        A resource not ``served`` (the list answered 404) counts as listed and deletes nothing: an API server still
+        starting answers 404 while the objects exist, and a CRD really removed has had its objects deleted first,
+        each through Shoal's finalizer."""
         if self.applied is not None:
             await self.applied.ready.wait()  # what was published before this process: read before anything is
         self.listed.add((resource, namespace))
+        if not served:
+            return
         listed = {domain.key_of(resource, obj) for obj in items}
         gone = [key for key in self.objects if key.resource == resource
                 and (namespace is None or key.namespace == namespace) and key not in listed]

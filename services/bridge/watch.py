@@ -7,8 +7,10 @@ they carry is never needed. An unreachable API server or a 5xx answer is retried
 list that takes too long or a watch silent for longer than its lifetime (a dead connection).
 
 A resource the API server does not serve (the list answers 404: its CRD is not installed, e.g. Fluid's in a cluster
-with Shoal's only) has no objects: the handlers get an empty list, so it holds back neither readiness nor the
-objects of its family, and it is said once. It is listed again after a watch's lifetime, as a watch would end, so a
+with Shoal's only) has no objects: the handlers get an empty list marked not served, so it holds back neither
+readiness nor the objects of its family, it deletes nothing (a 404 may also come from an API server still starting,
+while the objects exist; a CRD really removed has its objects deleted first, each through Shoal's finalizer), and it
+is said once. It is listed again after a watch's lifetime, as a watch would end, so a
 CRD installed later is picked up without asking the API server in a loop. "Said once" is per CRD, not per watcher:
 the watchers of one CRD in several namespaces (``SHOAL_KUBE_NAMESPACES``) share one ``CrdNotices``, so a missing CRD
 is one warning, and its coming one info line, whatever the number of namespaces.
@@ -44,7 +46,8 @@ CONNECT_TIMEOUT_SECONDS = 10.0
 # lifetime); silence this much longer than that means the connection is dead, and the bridge lists again.
 WATCH_READ_MARGIN_SECONDS = 30.0
 
-OnListing = Callable[[kube.Resource, str | None, list[dict[str, Any]]], Awaitable[None]]
+# (resource, namespace, items, served): ``served`` is False for a resource the API server answered 404 for.
+OnListing = Callable[[kube.Resource, str | None, list[dict[str, Any]], bool], Awaitable[None]]
 OnEvent = Callable[[kube.Resource, str, dict[str, Any]], Awaitable[None]]
 
 
@@ -157,11 +160,11 @@ class ResourceWatcher:
         except ApiException as err:
             if err.status != 404:
                 raise
-            listing = None  # no CRD, no objects: an empty list, which drops any object seen before it went
+            listing = None  # not served: no objects to hand over, and none to count as gone (the handlers are told)
         self._note_served(listing is not None)
         self.lists += 1
         items = [dict(item) for item in (listing or {}).get("items") or []]
-        await self.on_listing(self.resource, self.namespace, items)
+        await self.on_listing(self.resource, self.namespace, items, listing is not None)
         self.synced.set()
         if listing is None:
             return None

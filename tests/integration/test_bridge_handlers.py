@@ -479,3 +479,23 @@ async def test_a_dataset_gone_without_the_finalizer_has_its_keys_removed_once_th
     assert len(warned) == 1, warned
     assert ("HTTP 500" if fault == "500" else "TimeoutError") in warned[0]["error"]
     assert [e for e in logs if e.get("object") == "Dataset.shoal.io default/gone" and "after retries" in e["event"]]
+
+
+async def test_a_relist_answered_404_deletes_nothing_the_bridge_knows(harness: Harness, bus: Bus,
+                                                                      tmp_path: Path) -> None:
+    """A running bridge re-lists Datasets and the API server answers 404 (the watcher hands over an empty list
+    marked not served): before, every Dataset it knew counted as deleted, a delete each. Now nothing is."""
+    deletes, stop = await collect(bus, subjects.DATASET_DELETE)
+    await harness.first_lists()
+    obj = await harness.create(SHOAL, "demo", {"mounts": [{"mountPoint": files(tmp_path / "a")}]})
+    await harness.handlers.on_listing(SHOAL, None, [obj])
+    await harness.until(lambda: kube.FINALIZER in (harness.get(SHOAL, "demo") or {})["metadata"].get("finalizers",
+                                                                                                    []),
+                        what="the Dataset taken in")
+    await harness.handlers.on_listing(SHOAL, None, [], served=False)
+    await harness.handlers.tick()
+    await harness.handlers.on_listing(SHOAL, None, [obj])  # served again: the same object, nothing to do
+    await harness.handlers.tick()
+    await stop()
+    assert deletes == []
+    assert any(key.name == "demo" for key in harness.handlers.objects)

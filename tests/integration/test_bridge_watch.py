@@ -73,9 +73,12 @@ async def test_a_resource_whose_crd_is_not_installed_is_listed_empty_and_looked_
     server, api_client = api
     server.remove_crd(FLUID)
     listings: list[list[dict[str, Any]]] = []
+    served_flags: list[bool] = []
 
-    async def on_listing(_resource: kube.Resource, _namespace: str | None, items: list[dict[str, Any]]) -> None:
+    async def on_listing(_resource: kube.Resource, _namespace: str | None, items: list[dict[str, Any]],
+                         served: bool) -> None:
         listings.append(items)
+        served_flags.append(served)
 
     watcher = ResourceWatcher(api_client, FLUID, None, on_listing, _nothing, watch_seconds=1)
     lists = f"/{FLUID.group}/{FLUID.version}/{FLUID.plural}"
@@ -91,6 +94,7 @@ async def test_a_resource_whose_crd_is_not_installed_is_listed_empty_and_looked_
                 FLUID.group, FLUID.version, "default", FLUID.plural,
                 {"apiVersion": FLUID.api_version, "kind": FLUID.kind, "metadata": {"name": "late"}, "spec": {}})
             await eventually(lambda: _async(listings[-1] == [created]), what="the object listed once its CRD came")
+            assert not served_flags[0] and served_flags[-1]  # the handlers know a 404 from an empty list
         finally:
             watcher.stop()
             await task

@@ -762,3 +762,40 @@ async def _condition(cluster: Cluster, resource: kube.Resource, namespace: str, 
     return next((c for c in (obj.get("status") or {}).get("conditions") or [] if c["type"] == CONDITION_ACCEPTED),
                 None)
 
+
+
+async def test_a_restart_while_the_api_server_answers_404_for_datasets_deletes_nothing(cluster: Cluster,
+                                                                                       bus: Bus,
+                                                                                       tmp_path: Path) -> None:
+    """Two Datasets applied; the bridge restarts while the API server (kmock) answers 404 for Shoal's Datasets
+    though they still exist (one still starting, its CRD handlers not ready). Before, the empty list made every
+    Dataset in the bridge's bucket "deleted while the bridge was down": a delete for each, and their data gone from
+    Shoal. Now nothing is deleted, and once the kind is served again the bridge goes on with them."""
+    names = ["keep-a", "keep-b"]
+    async with running(lambda stop: dataset_app.run(cluster.settings, stop)):
+        async with running(lambda stop: bridge_app.run(cluster.settings, stop)):
+            for name in names:
+                await cluster.create(SHOAL, name, {"mounts": [{"mountPoint": files(tmp_path / name)}]})
+            for name in names:
+                await cluster.status(SHOAL, name, phase="NotBound", fileNum=3)
+        cluster.server.stop_serving(SHOAL)
+        commands, stop_commands = await _commands(bus)
+        readiness = Readiness()
+        # A short watch lifetime: a resource not served is looked for again at each.
+        relisting = dataclasses.replace(cluster.settings, kube=dataclasses.replace(cluster.settings.kube,
+                                                                                   watch_seconds=1))
+        async with running(lambda stop: bridge_app.run(relisting, stop, readiness=readiness)):
+            await eventually(lambda: _async("kubernetes" in readiness.checks and readiness.report()[0]),
+                             what="the restarted bridge ready, Shoal's Datasets answering 404")
+            cluster.server.install_crd(SHOAL)
+            # The next list (after a watch's lifetime) shows them again; published before: nothing to send.
+            await cluster.custom.patch_namespaced_custom_object(
+                SHOAL.group, SHOAL.version, "default", SHOAL.plural, "keep-a",
+                {"spec": {"mounts": [{"mountPoint": files(tmp_path / "keep-a-2", 2)}]}},
+                _content_type=MERGE)  # type: ignore[call-arg]
+            await cluster.status(SHOAL, "keep-a", fileNum=2)
+        await stop_commands()
+        assert not [c for c in commands if c.endswith(".delete")], commands
+        for name in names:
+            assert await dataset_record(bus, name) is not None, f"{name} deleted in Shoal"
+            assert kube.FINALIZER in (cluster.get(SHOAL, name) or {})["metadata"]["finalizers"]
