@@ -133,7 +133,28 @@ async def fetch(url: str, times: int = 1) -> list[bytes]:
         await client.close()
 
 
-class AiohttpPeer:
+class LoopbackServer:
+    """An aiohttp server on loopback answering every GET with ``_handle``."""
+
+    _runner: web.AppRunner | None = None
+
+    async def start(self) -> str:
+        app = web.Application()
+        app.router.add_get("/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, LOOPBACK, 0).start()
+        return f"http://{LOOPBACK}:{self._runner.addresses[0][1]}"
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        raise NotImplementedError
+
+
+class AiohttpPeer(LoopbackServer):
     """An aiohttp server answering each request with ``script(signature)``: each piece one HTTP chunk (written as it
     is by ``StreamResponse.write``), or all of them as one body with a Content-Length if ``content_length``."""
 
@@ -142,20 +163,6 @@ class AiohttpPeer:
         self.content_length = content_length
         self.requests = 0
         self.clients: set[object] = set()  # the client's address of every request: one per connection
-        self._runner: web.AppRunner | None = None
-
-    async def start(self) -> str:
-        app = web.Application()
-        app.router.add_get("/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, LOOPBACK, 0)
-        await site.start()
-        return f"http://{LOOPBACK}:{self._runner.addresses[0][1]}"
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         self.requests += 1
@@ -269,25 +276,12 @@ async def test_a_redirect_is_a_refusal_never_followed(scripted: Make, aiohttp_pe
     assert elsewhere.requests == 0
 
 
-class StatusPeer:
+class StatusPeer(LoopbackServer):
     """An aiohttp server answering every request with ``status`` (a 302 names another place to go), counting them."""
 
     def __init__(self, status: int) -> None:
         self.status = status
         self.requests = 0
-        self._runner: web.AppRunner | None = None
-
-    async def start(self) -> str:
-        app = web.Application()
-        app.router.add_get("/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, LOOPBACK, 0).start()
-        return f"http://{LOOPBACK}:{self._runner.addresses[0][1]}"
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
 
     async def _handle(self, request: web.Request) -> web.Response:
         self.requests += 1
