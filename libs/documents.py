@@ -1,6 +1,6 @@
 """Kubernetes/Fluid documents → commands: what ``shoal apply -f`` and ``shoal delete -f`` publish per YAML document.
 
-Pure functions, no I/O, in libs so the CLI and a future Kubernetes bridge translate documents the same way.
+Pure functions, no I/O, in libs so the CLI and the Kubernetes bridge translate documents the same way.
 Decides:
 - which kinds are understood: Shoal's own ``shoal.io/v1alpha1`` Dataset, Runtime, DataLoad and DataClean,
   Fluid's ``data.fluid.io/v1alpha1`` Dataset and DataLoad, and Fluid's cache runtimes (AlluxioRuntime,
