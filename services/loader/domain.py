@@ -245,8 +245,18 @@ def run_problem(record: OperationRecord, cluster: Cluster) -> str | None:
     if (source := reference_of(cluster.dataset.dataset)) is not None:
         return (f"dataset {name} is a reference to {source.namespace}/{source.name}, whose cache it reads; run the "
                 f"{record.kind} on {source.namespace}/{source.name} (spec.dataset) instead")
-    if cluster.dataset.status.phase != "Bound":
-        return (f"dataset {name} is {cluster.dataset.status.phase}, not Bound; apply a runtime named {ref.name} "
+    status = cluster.dataset.status
+    if status.phase == "Failed":
+        # Its own message says what to fix (a missing secret, a bucket that does not exist): a runtime is no cure.
+        return (f"dataset {name} is Failed, not Bound: {status.message or 'its last sync failed'}; fix that, then "
+                f"resync or apply the dataset again")
+    if status.phase != "Bound":
+        if cluster.runtime is not None:
+            runtime = cluster.runtime.status
+            why = f": {runtime.message}" if runtime.message else ""
+            return (f"dataset {name} is {status.phase}, not Bound: runtime {name} is {runtime.phase}{why}; wait "
+                    f"for the dataset to be Bound")
+        return (f"dataset {name} is {status.phase}, not Bound; apply a runtime named {ref.name} "
                 f"in namespace {ref.namespace} and wait for the dataset to be Bound")
     if cluster.runtime is None:
         return f"runtime {name} does not exist; apply a runtime named {ref.name} in namespace {ref.namespace}"

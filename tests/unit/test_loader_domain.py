@@ -138,6 +138,25 @@ def test_run_problems_say_what_to_change() -> None:
     assert domain.run_problem(record(spec), cluster(workers=3, ring_workers=False)) is None
 
 
+def test_a_failed_dataset_says_why_not_to_apply_a_runtime() -> None:
+    """A dataset Failed by its sync (a missing secret) has its runtime: the run says the dataset's own reason."""
+    failed = cluster(phase="Failed")
+    assert failed.dataset is not None
+    failed = domain.Cluster(msgspec.structs.replace(failed.dataset, status=DatasetStatus(
+        phase="Failed", message="secret 's3-creds' has no key 'id'")), failed.runtime)
+    message = domain.run_problem(record(), failed) or ""
+    assert "is Failed, not Bound: secret 's3-creds' has no key 'id'" in message, message
+    assert "apply a runtime" not in message, message
+    # NotBound with its runtime there: the runtime's state, not "apply a runtime".
+    waiting = cluster(phase="NotBound")
+    assert waiting.runtime is not None
+    waiting = domain.Cluster(waiting.dataset, msgspec.structs.replace(waiting.runtime, status=RuntimeStatus(
+        phase="NotReady", message="0 of 1 agents ready: waiting for agent heartbeats")))
+    message = domain.run_problem(record(), waiting) or ""
+    assert "runtime default/data is NotReady: 0 of 1 agents ready" in message, message
+    assert "apply a runtime" not in message, message
+
+
 # --- targets, OnEvent diff ---
 
 
