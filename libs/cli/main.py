@@ -593,7 +593,7 @@ async def _scale(options: Options, name: str, namespace: str, replicas: int) -> 
         outcomes = await send_commands(bus, [command], options.timeout)
     [outcome] = outcomes
     if isinstance(outcome.fact, RuntimeAccepted):
-        click.echo(f"{command.resource} scaled to {replicas} replicas")
+        click.echo(f"{command.resource} scaled to {replicas} replica{'' if replicas == 1 else 's'}")
         if (policy := record.runtime.spec.autoscaling) is not None:
             click.echo(f"note: {command.resource} has autoscaling ({policy.min_replicas}..{policy.max_replicas} "
                        "workers): its autoscaler goes on changing replicas from here", err=True)

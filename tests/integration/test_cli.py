@@ -363,6 +363,8 @@ spec:
                              RuntimeRecord)
     assert (record.runtime.spec.replicas, record.generation) == (3, 2)
     assert record.runtime.spec.block_size == "1Mi"  # the rest of the spec is kept
+    one = await shoal(nats_server, "scale", "runtime", "scaled", "--replicas", "1")
+    assert (one.exit_code, one.stdout) == (0, "runtime.shoal.io/scaled scaled to 1 replica\n"), one.output
 
     missing = await shoal(nats_server, "scale", "runtime", "ghost", "--replicas", "2")
     assert (missing.exit_code, missing.stderr) == (1, 'error: runtime.shoal.io "ghost" not found in namespace '
