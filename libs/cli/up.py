@@ -169,7 +169,8 @@ def run_up(options: UpOptions, environ: Mapping[str, str]) -> None:
                               applied=plan.applied, mounts=Path(plan.env["SHOAL_MOUNT_ROOT"]),
                               agents=[(agent.node, agent.mount_root) for agent in plan.agents],
                               metrics=plan.metrics_line, nats_servers=len(plan.nats),
-                              cli_env=plan.secure.env_file(natsauth.CLI) if plan.secure is not None else None))
+                              cli_env=plan.secure.env_file(natsauth.CLI) if plan.secure is not None else None,
+                              down=layout.down_command))
             while True:
                 stack.supervise_once(time.monotonic(), _timestamped)
                 time.sleep(SUPERVISE_INTERVAL_SECONDS)

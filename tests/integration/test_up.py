@@ -360,7 +360,8 @@ async def test_a_second_up_on_the_same_state_dir_refuses_and_leaves_the_first_ru
 
     code, output = await run_to_end(first.argv, tmp_path)
     assert code != 0
-    assert f"shoal up is already running as PID {first.process.pid}; stop it with `shoal down`" in output
+    assert (f"shoal up is already running as PID {first.process.pid}; stop it with "
+            f"`shoal down --state-dir {first.state_dir.resolve()}`") in output
 
     assert (first.state_dir / "up.pid").read_text().split()[0] == str(first.process.pid)
     assert all(alive(pid) for pid in pids.values())
@@ -492,8 +493,9 @@ async def test_refusals_of_up_and_down_are_one_error_line_like_every_shoal_comma
     try:
         (state_dir / "up.pid").write_text(f"{running.pid}\n{process_start(running.pid)}\n")
         code, output = await run_to_end(up_arguments(state_dir), tmp_path)
+        # The state directory is not the default one: a bare `shoal down` would say "not running" and stop nothing.
         assert (code, output) == (1, f"error: shoal up is already running as PID {running.pid}; stop it with "
-                                     "`shoal down`\n")
+                                     f"`shoal down --state-dir {state_dir.resolve()}`\n")
         code, output = await run_to_end(["down", "--state-dir", str(state_dir), "--timeout", "0.2"], tmp_path)
         assert (code, output) == (1, f"error: shoal up (PID {running.pid}) did not stop within 0.2 s; see "
                                      f"{state_dir / 'logs'} and try again\n")
@@ -893,3 +895,17 @@ def test_the_banner_says_where_prometheus_is(tmp_path: Path) -> None:
                   seeded_objects=0, services={}, http_ports={}, logs=tmp_path, manifest=tmp_path / "m.yaml",
                   applied=[], mounts=tmp_path, metrics="http://127.0.0.1:9090 (Prometheus ...)")
     assert "  metrics   http://127.0.0.1:9090 (Prometheus ...)" in text
+
+
+def test_shoal_down_is_named_with_the_state_dir_it_needs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bare `shoal down` looks in ./.shoal: for any other state directory it says "not running" and stops
+    nothing, so the banner and the "already running" refusal name the --state-dir."""
+    monkeypatch.chdir(tmp_path)
+    assert StateLayout((tmp_path / ".shoal").resolve()).down_command == "shoal down"
+    other = StateLayout((tmp_path / "my state").resolve())
+    assert other.down_command == f"shoal down --state-dir '{tmp_path.resolve() / 'my state'}'"
+    s3 = S3Access("http://127.0.0.1:8333", "shoal", "secret", embedded=True)
+    text = banner(pid=1, nats_url="nats://127.0.0.1:4222", nats_embedded=True, nats_monitor_port=8222, s3=s3,
+                  seeded_objects=0, services={}, http_ports={}, logs=tmp_path, manifest=tmp_path / "m.yaml",
+                  applied=[], mounts=tmp_path, down=other.down_command)
+    assert f"Ctrl-C to stop (or `{other.down_command}` from another terminal)." in text

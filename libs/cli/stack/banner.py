@@ -59,10 +59,11 @@ def banner(*, pid: int, nats_url: str, nats_embedded: bool, nats_monitor_port: i
            seeded_objects: int, services: Mapping[str, int], http_ports: Mapping[str, int], logs: Path,
            manifest: Path, applied: Sequence[Applied], mounts: Path,
            agents: Sequence[tuple[str, Path]] = (), metrics: str = "", nats_servers: int = 1,
-           cli_env: Path | None = None) -> str:
+           cli_env: Path | None = None, down: str = "shoal down") -> str:
     """What ``shoal up`` prints once everything runs; ``agents`` (node, mount root) when it runs several;
     ``metrics``: where Prometheus is, or how to get one; ``nats_servers``: the embedded cluster's size;
-    ``cli_env``: with ``--secure``, the file of the CLI's credentials, which every command to look around needs."""
+    ``cli_env``: with ``--secure``, the file of the CLI's credentials, which every command to look around needs;
+    ``down``: the ``shoal down`` that stops this one (``StateLayout.down_command``)."""
     # A NATS_URL may carry a user and password; the banner lands in terminals and logs, so it never shows them.
     nats_url = strip_userinfo(nats_url)
     nats_line = (f"{nats_url} (embedded; monitoring http://{LOOPBACK}:{nats_monitor_port})" if nats_embedded
@@ -116,6 +117,6 @@ def banner(*, pid: int, nats_url: str, nats_embedded: bool, nats_monitor_port: i
         "  Publish a command as JSON with plain Python (nats-py); paste this into a shell:",
         publish_example(nats_url, secure=cli_env is not None),
         "",
-        "Ctrl-C to stop (or `shoal down` from another terminal).",
+        f"Ctrl-C to stop (or `{down}` from another terminal).",
     ]
     return "\n".join(lines)

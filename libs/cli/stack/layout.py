@@ -3,6 +3,7 @@ pid files, mounts), named once."""
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,14 @@ class StateLayout:
     """Every path below the state directory, named once."""
 
     root: Path
+
+    @property
+    def down_command(self) -> str:
+        """``shoal down`` as it has to be typed (from the current folder) to stop the ``shoal up`` of this state
+        directory: a bare ``shoal down`` looks in ``.shoal`` and says "not running" of any other."""
+        if self.root.resolve() == Path(DEFAULT_STATE_DIR).resolve():
+            return "shoal down"
+        return f"shoal down --state-dir {shlex.quote(str(self.root))}"
 
     @property
     def logs(self) -> Path:

@@ -116,7 +116,7 @@ def claim_pidfile(layout: StateLayout) -> None:
     """Write our PID to up.pid, refusing if another ``shoal up`` owns this state directory."""
     existing, started = read_pidfile(layout.pidfile)
     if existing is not None and existing != os.getpid() and is_shoal_up(existing, started):
-        raise UpError(f"shoal up is already running as PID {existing}; stop it with `shoal down`")
+        raise UpError(f"shoal up is already running as PID {existing}; stop it with `{layout.down_command}`")
     if layout.pidfile.exists():
         click.echo(f"Removing a stale {layout.pidfile}: it names no running shoal up.", err=True)
         layout.pidfile.unlink()
@@ -127,7 +127,7 @@ def claim_pidfile(layout: StateLayout) -> None:
         fd = os.open(layout.pidfile, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     except FileExistsError as err:
         other = read_pid(layout.pidfile)
-        raise UpError(f"shoal up is already running as PID {other}; stop it with `shoal down`") from err
+        raise UpError(f"shoal up is already running as PID {other}; stop it with `{layout.down_command}`") from err
     with os.fdopen(fd, "w") as file:
         # The PID alone on the first line, as pid files have it (`make clean` reads it); the start time below.
         file.write(f"{os.getpid()}\n{process_start(os.getpid()) or ''}\n")
