@@ -276,6 +276,7 @@ class NodeAgent:
                 self.supervisor.add(worker.key, now)
                 self.left_caches.pop((namespace, name), None)  # its mount process finds its blocks again
             worker.unwanted_since = None
+            await self._restart_for_tiers(worker, now)
         await self._reconcile_links()
         exits, due = self.supervisor.step(now)
         for exited in exits:
@@ -307,6 +308,22 @@ class NodeAgent:
                 if started.process is not None:
                     self.supervisor.started(child, started.process, time.monotonic())
         self._abandon_stalled_starts(now)
+
+    async def _restart_for_tiers(self, worker: MountWorker, now: float) -> None:
+        """A runtime re-applied with other tiers (quota, medium, folders, watermarks): the mount process built its
+        cache from the tiers at its start, so it is stopped and started again at once (as Fluid rolls its cache
+        workers); it keeps its peer port and budget slot. Readers of the mount get ENOTCONN for the moment between."""
+        runtime = self.runtimes.values.get(subjects.resource_key(worker.namespace, worker.name))
+        process = worker.process
+        if (runtime is None or process is None or process.returncode is not None or worker.stopping is not None
+                or not domain.tiers_changed(worker.levels, runtime.runtime.spec.tieredstore.levels)):
+            return
+        log.info("the runtime's tiers changed: restarting the mount process to use them", dataset=worker.key,
+                 pid=process.pid)
+        self.supervisor.remove(worker.key)
+        await self._stop_worker(worker)
+        worker.process, worker.serving, worker.exit_code, worker.stale_device = None, False, None, None
+        self.supervisor.add(worker.key, now)
 
     def _abandon_stalled_starts(self, now: float) -> None:
         """Stop the mount processes that are not mounted ``mount_start_seconds`` after they started (a hung disk

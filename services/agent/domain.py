@@ -12,14 +12,14 @@ Bound and this node mounts the source, so its readers go through the source's FU
 from __future__ import annotations
 
 import posixpath
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import msgspec
 
 from libs.events.agent import AgentHeartbeat, MountReadFailures, MountReport
 from libs.events.common import ObjectRef
 from libs.events.dataset import DatasetRecord
-from libs.events.runtime import RuntimeRecord
+from libs.events.runtime import Level, RuntimeRecord
 from libs.references import Reference, is_reference, reference_of
 
 # A mount process exits with this code (EX_TEMPFAIL) when another process took its peer port meanwhile: the agent
@@ -93,6 +93,13 @@ def mountpoint(root: str, namespace: str, name: str) -> str:
 def cache_suffix(subdir: str, namespace: str, name: str) -> str:
     """The folder of a dataset's blocks below each tier path: ``[<subdir>/]<namespace>/<name>``."""
     return posixpath.join(subdir, namespace, name) if subdir else posixpath.join(namespace, name)
+
+
+def tiers_changed(started: Sequence[Level], current: Sequence[Level]) -> bool:
+    """Whether a mount process started with the tiers ``started`` must start again to use the runtime's ``current``
+    ones (its cache is built from them once, at start). A process started before its runtime was known has nothing
+    to compare with."""
+    return bool(started) and list(started) != list(current)
 
 
 def stalled_start(deadline_seconds: float, step: str) -> str:

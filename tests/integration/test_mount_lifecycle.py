@@ -659,3 +659,26 @@ async def _mount_and_read_gone_and_kept(bus: Bus, bucket: str, cluster: Cluster,
         await cluster.wait_mounted(name, "d1.bin")
         for key in objects:
             await read_file(cluster.agents["n1"].mountpoint(name) / key)
+
+
+async def test_a_runtime_applied_again_with_other_tiers_restarts_its_mount_with_them(
+        bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path) -> None:
+    """A user re-applies the runtime with a larger SSD tier. Before, the running mount process kept the tiers it
+    started with: the runtime said 512 MiB while the node's capacity (and the dataset's, from its reports) stayed
+    at 256 MiB until the process happened to restart. Now the agent restarts it at once with the new tiers."""
+    await put_objects(seaweedfs, bucket, {"a.txt": b"a"})
+    async with node_stack(bus, settings, seaweedfs, tmp_path) as node:
+        await node.apply("tiers", bucket, ssd="256Mi")
+        root = await node.wait_mounted("tiers", expect="a.txt")
+        [pid] = mount_pids(root)
+
+        async def capacity(expected: int) -> bool:
+            beat = await last_beat(bus)
+            return beat is not None and beat.capacity_bytes == expected
+
+        await eventually(lambda: capacity(256 * 2**20), what="the node's capacity from the first tiers")
+        await node.apply("tiers", bucket, ssd="512Mi")
+        await eventually(lambda: capacity(512 * 2**20), timeout=30, what="the node's capacity from the new tiers")
+        [restarted] = mount_pids(root)
+        assert restarted != pid and not os.path.exists(f"/proc/{pid}")
+        assert await read_file(root / "a.txt") == b"a"

@@ -23,7 +23,7 @@ from libs.events.agent import (
 )
 from libs.events.common import ObjectMeta, ObjectRef
 from libs.events.dataset import Dataset, DatasetRecord, DatasetStatus, ManifestEntry
-from libs.events.runtime import Runtime, RuntimeRecord
+from libs.events.runtime import Level, Runtime, RuntimeRecord
 from services.agent import domain as agent_domain
 from services.agent.inventory import InventoryLog
 from services.agent.namespace import ROOT_INODE, InodeAllocator, Namespace
@@ -351,3 +351,13 @@ def test_failed_reads_of_10_mounts_fit_and_go_first_when_a_beat_is_too_large() -
 def test_problems_are_capped_with_a_count_of_the_rest() -> None:
     assert agent_domain.capped_problems(["a", "b"]) == ["a", "b"]
     assert agent_domain.capped_problems([str(i) for i in range(25)], 3) == ["0", "1", "and 23 more problems"]
+
+
+def test_a_mount_starts_again_only_when_its_runtimes_tiers_changed() -> None:
+    ssd = Level(mediumtype="SSD", quota="256Mi", path="/cache", high="0.95", low="0.8")
+    assert not agent_domain.tiers_changed([ssd], [Level(mediumtype="SSD", quota="256Mi", path="/cache", high="0.95",
+                                                  low="0.8")])
+    assert agent_domain.tiers_changed([ssd], [msgspec.structs.replace(ssd, quota="512Mi")])
+    assert agent_domain.tiers_changed([ssd], [msgspec.structs.replace(ssd, path="/other")])
+    assert agent_domain.tiers_changed([ssd], [Level(mediumtype="MEM", quota="1Gi"), ssd])
+    assert not agent_domain.tiers_changed([], [ssd]), "started before its runtime was known: nothing to compare with"
