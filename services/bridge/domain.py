@@ -21,7 +21,7 @@ from libs.crds import fluid_dataset_status, fluid_operation_status, fluid_runtim
 from libs.documents import Command, documents_to_commands
 from libs.events.common import DNS1123_SUBDOMAIN, rfc3339, to_builtins
 from libs.events.dataset import Condition, DatasetStatus
-from libs.events.operation import OperationStatus
+from libs.events.operation import OperationRecord, OperationStatus
 from libs.events.runtime import RuntimeStatus
 from libs.mounts import MISSING_SECRET_KEY, flat_secret_key
 
@@ -464,6 +464,27 @@ def shoal_status(resource: kube.Resource, status: msgspec.Struct | None) -> dict
     if isinstance(status, OperationStatus):
         return to_builtins(fluid_operation_status(status))
     return full
+
+
+def kube_observed_generation(obj: dict[str, Any], command_id: str | None, sequence: int,
+                             record: OperationRecord | None) -> int:
+    """``status.observedGeneration`` in Kubernetes' terms: the ``metadata.generation`` of the apply (``command_id``,
+    published at commands-stream ``sequence``) once the operation's record took it in and its current (or last) run
+    started from that spec; until then, what the object shows already.
+
+    Shoal counts generations of its own (a spec Shoal reads as unchanged keeps it: a default spelled out, a field
+    Shoal ignores), while tools (kstatus, ``kubectl wait``, Argo CD, Flux) compare the status's with the object's:
+    Shoal's count would show an edited object in progress for ever.
+    """
+    shown = (obj.get("status") or {}).get("observedGeneration")
+    kept = shown if isinstance(shown, int) and not isinstance(shown, bool) else 0
+    parts = (command_id or "").split(".")
+    if (record is None or not sequence or record.command_sequence < sequence or len(parts) != 5
+            or parts[0] != "k8s" or not parts[3].isdigit()):
+        return kept  # the apply is not in the record yet (or not the bridge's): the status is of an older spec
+    if record.status.observed_generation != record.generation:
+        return kept  # the record's spec has not run yet (a Once load's run of the previous spec is under way)
+    return int(parts[3])
 
 
 def desired_status(resource: kube.Resource, obj: dict[str, Any], status: msgspec.Struct | None,

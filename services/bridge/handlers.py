@@ -30,7 +30,7 @@ from libs.backoff import Backoff
 from libs.bus import MESSAGE_LIMIT, Bus, KvMirror, kv_delete
 from libs.config import Settings
 from libs.events.dataset import DatasetDelete, DatasetRecord, DatasetResync
-from libs.events.operation import DataCleanDelete, DataLoadDelete, OperationRecord
+from libs.events.operation import DataCleanDelete, DataLoadDelete, OperationRecord, OperationStatus
 from libs.events.runtime import RuntimeDelete, RuntimeRecord
 from libs.telemetry import get_logger
 from services.bridge import domain
@@ -132,8 +132,11 @@ class Mirrors:
         if family == "runtime":
             runtime = self.runtimes.values.get(subjects.resource_key(key.namespace, key.name))
             return runtime.status if runtime is not None else None
-        operation = self.operations.values.get(subjects.operation_key(key.resource.kind, key.namespace, key.name))
+        operation = self.operation(key)
         return operation.status if operation is not None else None
+
+    def operation(self, key: ObjectKey) -> OperationRecord | None:
+        return self.operations.values.get(subjects.operation_key(key.resource.kind, key.namespace, key.name))
 
     def exists(self, key: ObjectKey) -> bool:
         family = domain.family(key.resource)
@@ -774,6 +777,11 @@ class BridgeHandlers:
         refusal = self.refusal(key)
         if (self.published.get(key) is None and refusal is None) or self._holder(key) is not None:
             status = None  # not Shoal's object (yet; a name taken before, or another object's): nothing to show
+        if isinstance(status, OperationStatus) and not domain.is_fluid(key.resource):  # Fluid's has no such field
+            entry = self._entry(domain.uid_of(obj))
+            status = msgspec.structs.replace(status, observed_generation=domain.kube_observed_generation(
+                obj, self.published.get(key), entry.sequence if entry is not None and entry.command_id ==
+                self.published.get(key) else 0, self.mirrors.operation(key)))
         desired = domain.desired_status(key.resource, obj, status, refusal, self.clock(),
                                         self.volume_conflicts.get(key))
         patch = domain.status_patch(obj, desired)

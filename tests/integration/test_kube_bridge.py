@@ -799,3 +799,25 @@ async def test_a_restart_while_the_api_server_answers_404_for_datasets_deletes_n
         for name in names:
             assert await dataset_record(bus, name) is not None, f"{name} deleted in Shoal"
             assert kube.FINALIZER in (cluster.get(SHOAL, name) or {})["metadata"]["finalizers"]
+
+
+async def test_observed_generation_is_the_objects_generation(cluster: Cluster) -> None:
+    """A DataLoad's ``status.observedGeneration`` is in Kubernetes' terms (``metadata.generation``), which tools
+    (kstatus, `kubectl wait`, Argo CD, Flux) compare with the object's: an edit Shoal reads as the same spec (a
+    default spelled out) still answers the new generation, and a real change answers only once its run started.
+    Before, the CR showed Shoal's own generation count, 1 for ever after the first edit: in progress for ever."""
+    async with everything(cluster.settings):
+        await cluster.create(DATALOAD, "orphan", {"dataset": {"name": "nothere"}})  # every run fails
+        await cluster.status(DATALOAD, "orphan", phase="Failed", observedGeneration=1, runs=1)
+
+        async def edit(spec: dict[str, Any]) -> None:
+            await cluster.custom.patch_namespaced_custom_object(
+                DATALOAD.group, DATALOAD.version, "default", DATALOAD.plural, "orphan", {"spec": spec},
+                _content_type=MERGE)  # type: ignore[call-arg]
+
+        await edit({"policy": "Once"})  # the default spelled out: the same spec in Shoal, nothing runs
+        obj = await cluster.status(DATALOAD, "orphan", observedGeneration=2)
+        assert obj["metadata"]["generation"] == 2 and obj["status"]["runs"] == 1
+        await edit({"target": [{"path": "/train"}]})  # a new spec: runs again (and fails again)
+        obj = await cluster.status(DATALOAD, "orphan", observedGeneration=3, runs=2)
+        assert obj["status"]["phase"] == "Failed"

@@ -8,8 +8,9 @@ from typing import Any
 import msgspec
 
 from libs import kube
+from libs.events.common import ObjectMeta
 from libs.events.dataset import CacheStates, DatasetStatus
-from libs.events.operation import OperationStatus, Progress
+from libs.events.operation import OperationRecord, OperationStatus, Progress
 from libs.events.runtime import RuntimeStatus
 from services.bridge import domain
 
@@ -258,3 +259,23 @@ def test_an_entry_written_before_held_keys_were_kept_decodes_as_unknown() -> Non
     entry = msgspec.json.decode(old, type=domain.Applied)
     assert entry.held is None and not entry.rejected and entry.sequence == 0
     assert domain.applied_key(entry) == KEY
+
+
+def test_observed_generation_is_the_objects_once_its_apply_ran() -> None:
+    """The CR's observedGeneration is the generation of the apply the record took in and ran; until both, the one
+    the object shows (Shoal's own count is never shown: it stays put across an edit Shoal reads as no change)."""
+    obj = {"metadata": {"generation": 4}, "status": {"observedGeneration": 3}}
+    command = "k8s.dataload.uid-1.4.abcdef012345"
+
+    def record(command_sequence: int, generation: int, observed: int) -> OperationRecord:
+        return OperationRecord(kind="DataLoad", metadata=ObjectMeta(name="warm"), generation=generation,
+                               command_sequence=command_sequence,
+                               status=OperationStatus(observed_generation=observed))
+
+    assert domain.kube_observed_generation(obj, command, 10, record(10, 2, 2)) == 4
+    assert domain.kube_observed_generation(obj, command, 10, record(12, 1, 1)) == 4  # a later apply, same spec
+    assert domain.kube_observed_generation(obj, command, 10, record(9, 2, 2)) == 3  # not taken in yet
+    assert domain.kube_observed_generation(obj, command, 10, record(10, 2, 1)) == 3  # the old spec's run goes on
+    assert domain.kube_observed_generation(obj, command, 0, record(10, 2, 2)) == 3  # sequence unknown
+    assert domain.kube_observed_generation(obj, command, 10, None) == 3
+    assert domain.kube_observed_generation({"metadata": {}}, command, 10, record(9, 1, 1)) == 0
