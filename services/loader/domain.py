@@ -111,6 +111,11 @@ def _target_errors(targets: Sequence[TargetPath], replicas_matter: bool) -> list
         where = f"spec.target[{index}]"
         if not target.path.startswith("/"):
             errors.append(f"{where}.path {target.path!r} must start with '/' (a path in the dataset, e.g. /train)")
+        elif any(segment in (".", "..") for segment in target.path.split("/")):
+            # Manifest paths are plain: '/train/../val' would name nothing, and the run fail only once planned
+            # (every firing of a Cron load).
+            errors.append(f"{where}.path {target.path!r} must not hold '.' or '..' segments; write the path "
+                          f"itself (e.g. /train/a, not /train/./a or /val/../train/a)")
         if replicas_matter and not 1 <= target.replicas <= MAX_REPLICAS:
             errors.append(f"{where}.replicas must be between 1 and {MAX_REPLICAS}, got {target.replicas}")
     return errors

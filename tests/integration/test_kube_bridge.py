@@ -821,3 +821,15 @@ async def test_observed_generation_is_the_objects_generation(cluster: Cluster) -
         await edit({"target": [{"path": "/train"}]})  # a new spec: runs again (and fails again)
         obj = await cluster.status(DATALOAD, "orphan", observedGeneration=3, runs=2)
         assert obj["status"]["phase"] == "Failed"
+
+
+async def test_a_target_path_with_dot_segments_is_refused_on_the_cr(cluster: Cluster) -> None:
+    """``..`` in a DataLoad's target is refused at apply, and the CR says so (condition and Warning Event), rather
+    than a run that fails once planned ("not in the manifest"), at every firing of a Cron load."""
+    async with everything(cluster.settings):
+        await cluster.create(DATALOAD, "climb", {"dataset": {"name": "demo"}, "target": [{"path": "/a/../b"}]})
+        condition = await eventually(lambda: _condition(cluster, DATALOAD, "default", "climb"))
+        assert condition["reason"] == "Rejected" and "'/a/../b'" in condition["message"], condition
+        events = await eventually(lambda: _events(cluster, 1))
+        assert any(e["reason"] == "Rejected" and e["type"] == "Warning" for e in events), events
+        assert "runs" not in ((cluster.get(DATALOAD, "climb") or {}).get("status") or {})  # nothing ran

@@ -97,6 +97,16 @@ def test_run_after_itself_is_refused() -> None:
     assert any("itself" in e for e in errors)
 
 
+def test_dot_segments_in_a_target_path_are_refused_at_apply() -> None:
+    """Manifest paths have none: the run would fail only once planned, saying the path is not in the dataset."""
+    for bad in ("/train/../val", "/..", "/./train", "/train/."):
+        errors = domain.validate_load(load(target=[TargetPath(path=bad)]))
+        assert len(errors) == 1 and "'..' segments" in errors[0] and repr(bad) in errors[0], errors
+        clean = DataClean(metadata=ObjectMeta(name="c"), spec=DataCleanSpec(dataset=REF, target=[TargetPath(path=bad)]))
+        assert any("'..' segments" in e for e in domain.validate_clean(clean))
+    assert domain.validate_load(load(target=[TargetPath(path="/train/..hidden/a.b")])) == []
+
+
 def test_clean_validation() -> None:
     clean = DataClean(metadata=ObjectMeta(name="c"), spec=DataCleanSpec(dataset=REF, target=[TargetPath(path="x")]))
     assert any("must start with '/'" in e for e in domain.validate_clean(clean))
