@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -14,7 +15,7 @@ from libs.documents import (
     juicefs_size,
     parse_documents,
 )
-from libs.events.common import ObjectMeta, ObjectRef
+from libs.events.common import ObjectMeta, ObjectRef, parse_quantity
 from libs.events.dataset import DatasetApply, DatasetDelete
 from libs.events.operation import (
     DataCleanApply,
@@ -260,6 +261,31 @@ def test_juicefs_runtime_reads_block_size_in_kib_from_fuse_options() -> None:
         "ignored: JuiceFSRuntime/spec.worker (not used by Shoal)",
     ]
     assert "pl4nted-s3cret" not in repr(notes)  # notes become Kubernetes Events: a flag's value may be a secret
+
+
+def test_the_juicefs_example_gives_a_40_gib_tier_and_4_mib_blocks() -> None:
+    # Fluid's quota is a resource.Quantity (api/v1alpha1/common.go) and its JuiceFS engine turns it into cache-size
+    # with Value() >> 20 (MiB): a bare number is bytes there too, so the example spells its unit.
+    example = Path(__file__).resolve().parents[2] / "deploy" / "examples" / "fluid-juicefsruntime.yaml"
+
+    commands, notes, errors = documents_to_commands(parse_documents(example.read_text()))
+
+    assert errors == []
+    (command,) = commands
+    assert isinstance(command.event, RuntimeApply)
+    spec = command.event.runtime.spec
+    assert spec.replicas == 1
+    assert parse_quantity(spec.block_size) == 4 * 2**20
+    assert spec.tieredstore.levels == [Level(mediumtype="SSD", path="/var/jfsCache", quota="40Gi", low="0.1")]
+    assert parse_quantity(spec.tieredstore.levels[0].quota) == 40 * 2**30
+    assert sorted(notes) == [
+        "ignored: JuiceFSRuntime/spec.configs[0] (--trash-days) (not used by Shoal)",
+        "ignored: JuiceFSRuntime/spec.fuse.image (not used by Shoal)",
+    ]
+
+
+def test_a_bare_number_quota_is_bytes_as_in_fluid() -> None:
+    assert parse_quantity(40960) == 40960  # Fluid: cache-size = 40960 >> 20 = 0 MiB, not 40 GiB
 
 
 def test_juicefs_block_size_from_format_configs() -> None:
