@@ -152,6 +152,8 @@ class AutoscalingStatus(msgspec.Struct, frozen=True, kw_only=True, rename="camel
 class RuntimeStatus(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     phase: RuntimePhase = "NotReady"
     message: str = ""
+    # The cache workers the runtime means to have: ``spec.replicas``, or 0 while it picks none by design (no
+    # Dataset of its name, or its Dataset is a reference). ``shoal get runtimes`` shows READY as ready/desired.
     desired_worker_number_scheduled: int = 0
     worker_number_ready: int = 0
     ready_nodes: list[str] = []

@@ -16,13 +16,14 @@ Cache workers (Fluid's workers; every other serving node is a client that mounts
 them): ``replicas`` agents picked among those serving the runtime, honouring the Dataset's required
 ``nodeAffinity`` (``libs.affinity``) and ``placement`` (an Exclusive dataset's workers hold no other dataset's
 cache, and an Exclusive dataset takes no worker of another). A runtime with no Dataset of its name picks none (it
-would hold agents, Exclusive by default, for a dataset nobody can read) and says so. Picks are sticky: a
-worker that misses heartbeats stays picked with ``ready: false`` (it leaves the ring of block owners and comes
-back with its disk cache) and is replaced only when its agent's record is gone or it is no longer eligible; a
-worker that beats but says unhealthy for ``UNHEALTHY_WORKER_GRACE_SECONDS`` is replaced by a healthy spare if
-there is one (``status.replaced`` says so); new picks go in node-name order; scaling down drops the workers out
-of the ring of block owners first, then the most recently picked. ``notPicked`` says why every other serving agent
-is not a worker.
+would hold agents, Exclusive by default, for a dataset nobody can read), desires none, and says so. A shortfall
+of workers the ready agents do not explain is named in the message with the first ready agent not picked and why.
+Picks are sticky: a worker that misses heartbeats stays picked with ``ready: false`` (it leaves the ring of block
+owners and comes back with its disk cache) and is replaced only when its agent's record is gone or it is no
+longer eligible; a worker that beats but says unhealthy for ``UNHEALTHY_WORKER_GRACE_SECONDS`` is replaced by a
+healthy spare if there is one (``status.replaced`` says so); new picks go in node-name order; scaling down drops
+the workers out of the ring of block owners first, then the most recently picked. ``notPicked`` says why every
+other serving agent is not a worker.
 
 The elastic cache (``autoscale``): with ``spec.autoscaling``, replicas move between ``minReplicas`` and
 ``maxReplicas`` by themselves, judged from what the dataset service folded from the agents' inventory into the
@@ -538,15 +539,20 @@ def runtime_status(record: RuntimeRecord, agents: Iterable[AgentRecord], now: fl
     if len(sick) > UNHEALTHY_NODES_SHOWN:
         unhealthy.append(f"and {len(sick) - UNHEALTHY_NODES_SHOWN} more unhealthy node(s)")
     desired = runtime.spec.replicas
+    # The workers it means to have: none when it picks none by design (no Dataset of its name, or a reference),
+    # so READY reads 0/0 beside a phase that counts the agents, not 0/1.
+    desired_workers = desired if placement.found and not placement.reference else 0
     phase: RuntimePhase
     if nodes and len(nodes) >= desired:
         phase, message = "Ready", ""
-        if len(ready_workers) < desired and placement.found:
-            message = f"{len(ready_workers)} of {desired} cache workers ready (see notPicked)"
     elif serving:
         phase, message = "PartialReady", "; ".join([f"{len(nodes)} of {desired} agents ready", *unhealthy])
     else:
         phase, message = "NotReady", f"0 of {desired} agents ready: waiting for agent heartbeats"
+    # Fewer ready workers than the ready agents could give: not for want of agents, so the message says why.
+    if len(ready_workers) < min(len(nodes), desired_workers):
+        shortfall = worker_shortfall(len(ready_workers), desired_workers, picks.not_picked, nodes)
+        message = f"{message}; {shortfall}" if message else shortfall
     missing = None
     if not placement.found:
         # The phase stays the agents' (as with an Exclusive shortfall): the dataset service binds a Dataset to a
@@ -570,7 +576,7 @@ def runtime_status(record: RuntimeRecord, agents: Iterable[AgentRecord], now: fl
     return RuntimeStatus(
         phase=phase,
         message=message,
-        desired_worker_number_scheduled=desired,
+        desired_worker_number_scheduled=desired_workers,
         current_worker_number_scheduled=len(workers),
         worker_number_ready=len(ready_workers),
         ready_nodes=nodes,
@@ -587,6 +593,15 @@ def runtime_status(record: RuntimeRecord, agents: Iterable[AgentRecord], now: fl
         autoscaling=record.status.autoscaling if runtime.spec.autoscaling is not None else None,
         reads_failing=reads_shown,
     )
+
+
+def worker_shortfall(ready: int, desired: int, not_picked: Sequence[NotPicked], nodes: Sequence[str]) -> str:
+    """``0 of 2 cache workers ready (node-a: worker of default/demo (Exclusive); see notPicked)``: the first ready
+    agent not picked, and why."""
+    ready_nodes = set(nodes)
+    first = next((entry for entry in not_picked if entry.node in ready_nodes), None)
+    why = f"{first.node}: {first.reason}; see notPicked" if first is not None else "see notPicked"
+    return f"{ready} of {desired} cache workers ready ({why})"
 
 
 def shown_not_picked(not_picked: Sequence[NotPicked]) -> list[NotPicked]:

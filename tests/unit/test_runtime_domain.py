@@ -329,6 +329,41 @@ def test_not_ready_without_agents() -> None:
     assert (status.cache_capacity, status.cache_capacity_bytes) == ("0B", 0)
 
 
+def test_a_runtime_without_its_dataset_desires_no_worker_so_ready_reads_0_of_0() -> None:
+    # Its phase follows the agents (a Dataset applied now binds at once), and it picks no worker: READY
+    # (workerNumberReady/desiredWorkerNumberScheduled) read 0/1 beside Ready.
+    record = RuntimeRecord(runtime=valid_runtime(replicas=1), generation=1)
+    status = runtime_status(record, [agent("node-a")], NOW, Placement(found=False))
+    assert status.phase == "Ready"
+    assert (status.worker_number_ready, status.desired_worker_number_scheduled) == (0, 0)
+    assert status.message == "no Dataset default/imagenet: no cache workers until it is applied"
+
+
+def test_a_reference_dataset_s_runtime_desires_no_worker() -> None:
+    record = RuntimeRecord(runtime=valid_runtime(replicas=1), generation=1)
+    status = runtime_status(record, [agent("node-a")], NOW, Placement(reference=True))
+    assert status.phase == "Ready" and status.desired_worker_number_scheduled == 0 and status.message == ""
+
+
+def test_a_partial_ready_message_names_why_the_ready_agents_are_no_workers() -> None:
+    # One agent for two replicas, and it is another dataset's Exclusive worker: no worker at all, and the message
+    # said only "1 of 2 agents ready".
+    record = RuntimeRecord(runtime=valid_runtime(replicas=2), generation=1)
+    status = runtime_status(record, [agent("node-a")], NOW, Placement(),
+                            [OtherRuntime("default/demo", True, ("node-a",))])
+    assert status.phase == "PartialReady" and status.workers == []
+    assert status.desired_worker_number_scheduled == 2
+    assert status.message == ("1 of 2 agents ready; 0 of 2 cache workers ready "
+                              "(node-a: worker of default/demo (Exclusive); see notPicked)")
+
+
+def test_a_partial_ready_message_adds_no_worker_shortfall_the_agents_explain() -> None:
+    # Every ready agent is a worker: the agents' count says it all.
+    status = status_of(valid_runtime(replicas=3), [agent("node-a"), agent("node-b"), agent("node-c", healthy=False)])
+    assert status.phase == "PartialReady" and status.worker_number_ready == 2
+    assert status.message == "2 of 3 agents ready; node-c unhealthy (no reason given)"
+
+
 def test_stale_heartbeats_are_ignored() -> None:
     agents = [
         agent("fresh"),
