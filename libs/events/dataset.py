@@ -5,6 +5,7 @@ JSON field names are camelCase like Fluid's API; Python attributes are snake_cas
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 import msgspec
@@ -84,6 +85,11 @@ class Condition(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omit_
     reason: str = ""
     message: str = ""
     last_transition_time: str = ""
+
+
+def find_condition(conditions: Sequence[Condition], kind: str) -> Condition | None:
+    """The condition of type ``kind`` (Kubernetes keeps one per type), or None."""
+    return next((c for c in conditions if c.type == kind), None)
 
 
 class RuntimeRef(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):

@@ -35,6 +35,7 @@ from libs.events.dataset import (
     Mount,
     NodeCache,
     RuntimeRef,
+    find_condition,
 )
 from libs.events.runtime import RuntimeSpec
 from libs.hostpaths import local_root_error
@@ -406,7 +407,7 @@ def next_sync(record: DatasetRecord, now: float, retry_seconds: float, policy: S
         return SyncDue("spec", 0.0)
     if status.synced_requests < record.sync_requests:
         return SyncDue("resync", 0.0)
-    synced = next((c for c in status.conditions if c.type == CONDITION_SYNCED), None)
+    synced = find_condition(status.conditions, CONDITION_SYNCED)
     if synced is None:
         return None
     last = parse_rfc3339(status.last_sync_time)
@@ -449,8 +450,8 @@ def sync_changes_nothing(record: DatasetRecord, result: SyncResult) -> bool:
     status = record.status
     if result.error or result.manifest_changed:
         return False
-    synced = next((c for c in status.conditions if c.type == CONDITION_SYNCED), None)
-    skipped = next((c for c in status.conditions if c.type == CONDITION_SKIPPED), None)
+    synced = find_condition(status.conditions, CONDITION_SYNCED)
+    skipped = find_condition(status.conditions, CONDITION_SKIPPED)
     expected = skipped_condition(result, 0.0)
     same_skipped = (skipped.message if skipped else None) == (expected.message if expected else None)
     return (synced is not None and synced.status == "True" and same_skipped
@@ -484,7 +485,7 @@ class SyncResult:
 
 def _set_condition(conditions: list[Condition], new: Condition) -> list[Condition]:
     kept = [c for c in conditions if c.type != new.type]
-    old = next((c for c in conditions if c.type == new.type), None)
+    old = find_condition(conditions, new.type)
     if old is not None and old.status == new.status:
         new = msgspec.structs.replace(new, last_transition_time=old.last_transition_time)
     return [*kept, new]
@@ -567,14 +568,14 @@ def status_message(conditions: list[Condition]) -> str:
     """The one-line message: a failed sync first, else a mount that is not serving, else failing reads, else
     nothing."""
     for kind, bad in ((CONDITION_SYNCED, "False"), (CONDITION_MOUNTED, "False"), (CONDITION_READS, "True")):
-        condition = next((c for c in conditions if c.type == kind), None)
+        condition = find_condition(conditions, kind)
         if condition is not None and condition.status == bad:
             return condition.message
     return ""
 
 
 def _copied(conditions: list[Condition], kind: str, copy: Condition | None) -> list[Condition]:
-    old = next((c for c in conditions if c.type == kind), None)
+    old = find_condition(conditions, kind)
     if copy is None:
         return [c for c in conditions if c.type != kind]
     if old is not None and old.status == copy.status and old.message == copy.message:
@@ -593,7 +594,7 @@ def with_mount_condition(status: DatasetStatus, mounted: Condition | None,
 def dataset_phase(status: DatasetStatus, runtime_phase: str) -> DatasetPhase:
     """Failed when the last sync failed and left no tree to serve (``status_after_sync``); Bound once the runtime
     is Ready, kept while it is PartialReady."""
-    synced = next((c for c in status.conditions if c.type == CONDITION_SYNCED), None)
+    synced = find_condition(status.conditions, CONDITION_SYNCED)
     if synced is not None and synced.status == "False" and not status.manifest:
         return "Failed"
     if runtime_phase == "Ready":

@@ -47,6 +47,7 @@ from libs.events.dataset import (
     DatasetResync,
     DatasetStatus,
     DatasetStatusChanged,
+    find_condition,
 )
 from libs.events.runtime import RuntimeAccepted, RuntimeDeleted, RuntimeFact, RuntimeRecord, RuntimeStatusChanged
 from libs.inventory import DatasetInventory
@@ -294,8 +295,8 @@ class DatasetHandlers:
         if isinstance(fact, RuntimeStatusChanged):
             binding = domain.RuntimeBinding(
                 phase=fact.status.phase, cache_capacity=fact.status.cache_capacity, fact_sequence=sequence,
-                mounted=next((c for c in fact.status.conditions if c.type == domain.CONDITION_MOUNTED), None),
-                reads_failing=next((c for c in fact.status.conditions if c.type == domain.CONDITION_READS), None))
+                mounted=find_condition(fact.status.conditions, domain.CONDITION_MOUNTED),
+                reads_failing=find_condition(fact.status.conditions, domain.CONDITION_READS))
         elif isinstance(fact, RuntimeDeleted):
             binding = domain.RuntimeBinding(fact_sequence=sequence)
         else:

@@ -50,7 +50,7 @@ from libs.events.common import (
     parse_quantity,
     rfc3339,
 )
-from libs.events.dataset import Condition, DatasetSpec, NodeCache
+from libs.events.dataset import Condition, DatasetSpec, NodeCache, find_condition
 from libs.events.runtime import (
     AutoscalingPolicy,
     AutoscalingStatus,
@@ -568,7 +568,8 @@ def runtime_status(record: RuntimeRecord, agents: Iterable[AgentRecord], now: fl
     mounted = mount_condition(runtime, serving, now)
     conditions = with_condition(record.status.conditions, CONDITION_MOUNTED, mounted)
     conditions = with_condition(conditions, CONDITION_DATASET, missing)
-    reads, reads_shown = reads_condition(runtime, serving, now, _condition(record.status.conditions, CONDITION_READS),
+    reads, reads_shown = reads_condition(runtime, serving, now,
+                                         find_condition(record.status.conditions, CONDITION_READS),
                                          record.status.reads_failing)
     conditions = with_condition(conditions, CONDITION_READS, reads)
     if mounted is not None and mounted.status == "False":
@@ -686,14 +687,10 @@ def reads_condition(runtime: Runtime, serving: Iterable[AgentHeartbeat], now: fl
                      last_transition_time=rfc3339(now)), now_shown
 
 
-def _condition(conditions: list[Condition], kind: str) -> Condition | None:
-    return next((c for c in conditions if c.type == kind), None)
-
-
 def with_condition(conditions: list[Condition], kind: str, new: Condition | None) -> list[Condition]:
     """``conditions`` with the one of type ``kind`` replaced by ``new`` (removed if None); the transition time is
     kept while the status stays the same, so a repeated report does not count as a change."""
-    old = next((c for c in conditions if c.type == kind), None)
+    old = find_condition(conditions, kind)
     kept = [c for c in conditions if c.type != kind]
     if new is None:
         return kept
