@@ -42,6 +42,7 @@ from libs.events.schedule import DatasetUse, ScoreRequest
 from libs.side_server import Readiness, SideServer
 from services.loader import app as loader_app
 from services.scheduler import app as scheduler_app
+from services.scheduler.handlers import NOT_WARM, WARMUP_SECONDS
 from tests.conftest import SeaweedServer, put_objects
 from tests.helpers import eventually, running
 from tests.integration.agent_stack import cluster_stack, read_file
@@ -165,9 +166,17 @@ async def test_every_dashboard_query_returns_data_from_a_running_stack(
                 await read_file(cluster.agents["node-a"].mountpoint(NAME) / "gone.bin")
             await bus.nc.jetstream().publish(subjects.DATASET_APPLY, b"{not a command")
             await lose_a_compare_and_set(bus)
-            reply = await bus.nc.request(subjects.SCHED_SCORE, msgspec.json.encode(
-                ScoreRequest(datasets=[DatasetUse(name=NAME)])), timeout=5)
-            assert json.loads(reply.data).get("error") in (None, ""), reply.data
+
+            # A decision, for the scheduler's panels. Until the agents' inventory snapshots are folded (at most
+            # WARMUP_SECONDS after its start) the scheduler answers "ask again shortly", as callers are told to.
+            async def decided() -> bool:
+                reply = await bus.nc.request(subjects.SCHED_SCORE, msgspec.json.encode(
+                    ScoreRequest(datasets=[DatasetUse(name=NAME)])), timeout=5)
+                error = json.loads(reply.data).get("error")
+                assert error in (None, "", NOT_WARM), reply.data
+                return not error
+
+            await eventually(decided, WARMUP_SECONDS + 15, "a scheduler decision without error")
 
             up = await eventually(lambda: targets_up(session, url), TARGETS_TIMEOUT, "every scrape target up")
             assert any(target["labels"].get("service") == "services" for target in up)
