@@ -49,6 +49,19 @@ async def eventually(probe: Callable[[], Awaitable[T | None]], timeout: float = 
     raise AssertionError(f"{what} not reached within {timeout} s; last value: {last!r}")
 
 
+async def cancel_and_wait(*tasks: asyncio.Task[Any], timeout: float = 20.0) -> None:
+    """Cancel ``tasks`` and wait until each has ended. nats-py swallows a cancellation that lands in its publish
+    flush (``Client._flush_pending`` catches ``CancelledError``), so a task that loops over NATS calls may go on
+    after one cancel, for ever: cancel again until it ends."""
+    deadline = time.monotonic() + timeout
+    while pending := [task for task in tasks if not task.done()]:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{len(pending)} task(s) still running {timeout} s after their cancellation")
+        for task in pending:
+            task.cancel()
+        await asyncio.wait(pending, timeout=0.2)
+
+
 def make_settings(nats_url: str, s3_endpoint: str = "", access_key: str = "", secret_key: str = "",
                   **service: Any) -> Settings:
     return Settings(

@@ -31,7 +31,7 @@ from services.dataset import app as dataset_app
 from services.runtime import app as runtime_app
 from services.runtime import domain
 from tests.conftest import SeaweedServer, put_objects
-from tests.helpers import eventually, running, runtime_record
+from tests.helpers import cancel_and_wait, eventually, running, runtime_record
 
 ZONES = {"n1": "a", "n2": "b", "n3": "a", "n4": "b"}
 
@@ -82,8 +82,7 @@ class Beating:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        self._task.cancel()
-        await asyncio.gather(self._task, return_exceptions=True)
+        await cancel_and_wait(self._task)
 
     async def _run(self) -> None:
         while True:

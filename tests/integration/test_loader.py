@@ -73,6 +73,7 @@ from services.runtime import app as runtime_app
 from tests.conftest import NatsServer
 from tests.helpers import (
     FactCollector,
+    cancel_and_wait,
     eventually,
     json_lines,
     json_logs,
@@ -177,9 +178,7 @@ class ScriptedAgent:
             self._workers.append(asyncio.create_task(self._work(node)))
 
     async def stop(self) -> None:
-        for worker in self._workers:
-            worker.cancel()
-        await asyncio.gather(*self._workers, return_exceptions=True)
+        await cancel_and_wait(*self._workers)
         if self._cancels is not None:
             await self._cancels.unsubscribe()
 
