@@ -465,10 +465,12 @@ class TaskRunner:
         work = asyncio.ensure_future(self._load(task, ledger, running.abort) if task.action == "load"
                                      else self._clean(task, ledger, running.abort))
         aborted = asyncio.ensure_future(running.abort.wait())
-        heartbeat = asyncio.ensure_future(self._heartbeat(message, task, ledger, deliveries))
+        ended = asyncio.Event()
+        heartbeat = asyncio.ensure_future(self._heartbeat(message, task, ledger, deliveries, ended))
         try:
             await asyncio.wait([work, aborted], return_when=asyncio.FIRST_COMPLETED)
         finally:
+            ended.set()
             for future in (work, aborted, heartbeat):
                 future.cancel()
             await asyncio.gather(work, aborted, heartbeat, return_exceptions=True)
@@ -485,12 +487,18 @@ class TaskRunner:
             ledger.fail(None, f"the agent failed: {exception!r}")
         return "finished"
 
-    async def _heartbeat(self, message: Msg, task: NodeTask, ledger: PartLedger, deliveries: int) -> None:
-        """Every second: keep the part ours (``in_progress``) and publish progress if there is news."""
+    async def _heartbeat(self, message: Msg, task: NodeTask, ledger: PartLedger, deliveries: int,
+                         ended: asyncio.Event) -> None:
+        """Every second until ``ended``: keep the part ours (``in_progress``) and publish progress if there is news.
+        It ends on ``ended``, not only on its cancellation: nats-py may swallow a cancellation that lands inside
+        one of its calls, and a heartbeat that went on would keep the part's end waiting for ever."""
         published = 0
         sent = 0
-        while True:
-            await asyncio.sleep(HEARTBEAT_SECONDS)
+        while not ended.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(ended.wait(), HEARTBEAT_SECONDS)
+            if ended.is_set():
+                return
             with contextlib.suppress(Exception):
                 await message.in_progress()
             if ledger.version == published:

@@ -4,7 +4,10 @@ reads the store, never a peer."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from pathlib import Path
+from typing import Any, cast
 
 import msgspec
 
@@ -15,6 +18,7 @@ from libs.events.operation import DataLoadSpec, NodeTask, OperationRecord, Opera
 from services.agent.tasks import (
     CHANGED,
     PartLedger,
+    TaskRunner,
     block_problem,
     given_up,
     load_blocks,
@@ -137,3 +141,34 @@ def test_a_part_given_up_fails_every_block_it_names_and_at_least_one() -> None:
     assert final.message.startswith("part 0 of run r.1 was delivered 20 times without finishing")
     everything = msgspec.structs.replace(load, action="clean", blocks=[], everything=True)
     assert given_up(everything, 20, "x").failed == 1
+
+
+class SwallowingMessage:
+    """A part's JetStream message whose ``in_progress`` swallows a cancellation landing in it, as nats-py's own
+    flush does (``Client._flush_pending`` catches ``CancelledError``)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.entered = asyncio.Event()
+
+    async def in_progress(self) -> None:
+        self.calls += 1
+        self.entered.set()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.Event().wait()  # a flush that never completes until cancelled
+
+
+async def test_a_part_heartbeat_ends_even_when_its_cancellation_is_swallowed() -> None:
+    """The part's end sets ``ended`` and cancels the heartbeat; the cancellation lands in ``in_progress``, which
+    swallows it: the heartbeat still ends (it looks at ``ended``), so the part's end does not wait for ever."""
+    runner = TaskRunner(cast(Any, None), "n", ObjectRef(name="ds"), cast(Any, None), cast(Any, None), dict,
+                        concurrency=1)
+    message = SwallowingMessage()
+    one = task(CachedFile(0, "a", "e", [(0, BLOCK)]))
+    ended = asyncio.Event()
+    beating = asyncio.ensure_future(runner._heartbeat(cast(Any, message), one, PartLedger.of(one), 1, ended))
+    await asyncio.wait_for(message.entered.wait(), 10)
+    ended.set()
+    beating.cancel()
+    await asyncio.wait_for(asyncio.shield(beating), 10)
+    assert message.calls == 1
