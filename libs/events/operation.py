@@ -114,6 +114,7 @@ class OperationStatus(msgspec.Struct, frozen=True, kw_only=True, rename="camel",
     waiting_for: str = ""
     # The generation of the spec the current (or last) run started from, as Kubernetes' observedGeneration: a run's
     # end is the end of the apply of that generation, and a newer spec (a Failed load's target fixed) runs again.
+    # A Cron or OnEvent load's moves at the apply: the new spec is in effect from then on (its next run reads it).
     observed_generation: int = 0
 
 

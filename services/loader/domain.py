@@ -191,8 +191,8 @@ def apply_operation(record: OperationRecord | None, kind: OperationKind, meta: O
     is stale (delivered again behind newer commands): not applied. One that changes nothing still moves the
     sequence on: it is the user's last word, and an older command delivered again behind it is stale."""
     if record is None:
-        return OperationRecord(kind=kind, metadata=meta, load=load, clean=clean, generation=1,
-                               created_at=rfc3339(now), command_sequence=sequence), True
+        return taken_in(OperationRecord(kind=kind, metadata=meta, load=load, clean=clean, generation=1,
+                                        created_at=rfc3339(now), command_sequence=sequence)), True
     if sequence and sequence < record.command_sequence:
         return record, False
     newer = max(record.command_sequence, sequence)
@@ -201,8 +201,21 @@ def apply_operation(record: OperationRecord | None, kind: OperationKind, meta: O
             return msgspec.structs.replace(record, command_sequence=newer), True
         return record, False
     spec_changed = record.load != load or record.clean != clean
-    return msgspec.structs.replace(record, metadata=meta, load=load, clean=clean, command_sequence=newer,
-                                   generation=record.generation + (1 if spec_changed else 0)), True
+    return taken_in(msgspec.structs.replace(record, metadata=meta, load=load, clean=clean, command_sequence=newer,
+                                            generation=record.generation + (1 if spec_changed else 0))), True
+
+
+def taken_in(record: OperationRecord) -> OperationRecord:
+    """The record with its spec marked seen (``status.observedGeneration``) when the apply alone puts it in effect: a
+    Cron or OnEvent load's next firing or sync runs the new spec (its schedule counts from ``lastScheduleTime`` at
+    once), and no run starts for the apply, so waiting for its next run to show the new generation left clients that
+    compare the two (``kubectl wait``, kstatus) thinking the edit unseen until then, hours maybe. A Once load's (and
+    a clean's) moves only when a run of the spec starts: an older value is how ``due`` knows the new spec must run.
+    """
+    if record.load is None or record.load.policy == "Once" or record.status.observed_generation == record.generation:
+        return record
+    return msgspec.structs.replace(record, status=msgspec.structs.replace(record.status,
+                                                                          observed_generation=record.generation))
 
 
 def stale_command(record: OperationRecord | None, sequence: int, deleted: int, action: str) -> str | None:

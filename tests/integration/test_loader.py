@@ -541,6 +541,36 @@ async def test_cron_runs_on_schedule_once_per_firing(bus: Bus, nats_server: Nats
             assert record is not None and record.status.runs == 3
 
 
+async def test_a_cron_loads_new_schedule_is_observed_at_its_apply_and_runs_at_its_first_firing(
+        bus: Bus, nats_server: NatsServer) -> None:
+    """Editing a Cron load's schedule moves ``observedGeneration`` to the new generation at once (``kubectl wait``
+    and kstatus compare the two), starts no run, and the next run is the new schedule's first firing after
+    ``lastScheduleTime``."""
+    await put_dataset(bus, files(("a", BLOCK)))
+    await put_runtime(bus, NODES[:1])
+    now = [1_767_225_600.0 + 10]  # 2026-01-01T00:00:10Z
+    async with agent(bus, NODES[:1]), loader(nats_server, clock=lambda: now[0]):
+        await publish(bus, subjects.DATALOAD_APPLY, dataload(policy="Cron", schedule="0 0 * * *"))
+        pending = await phase_of(bus, "Pending")
+        assert pending.generation == 1 and pending.status.observed_generation == 1 and pending.status.runs == 0
+        now[0] += 86_400  # 2026-01-02T00:00:10Z: the daily firing
+        first = await phase_of(bus, "Complete", runs=1)
+        assert first.status.last_schedule_time == "2026-01-02T00:00:10Z"
+        now[0] += 30 * 60 - 10  # 00:30: the old schedule's next firing is a day away, the new one's at 01:00
+        await publish(bus, subjects.DATALOAD_APPLY, dataload(policy="Cron", schedule="0 * * * *"))
+
+        async def edited() -> OperationRecord | None:
+            found = await operation(bus)
+            return found if found is not None and found.generation == 2 else None
+
+        seen = await eventually(edited, what="the edited schedule taken in (generation 2)")
+        assert seen.status == msgspec.structs.replace(first.status, observed_generation=2)  # and no run started
+        now[0] += 30 * 60 + 10  # 01:00:10
+        second = await phase_of(bus, "Complete", runs=2)
+    assert second.status.start_time == second.status.last_schedule_time == "2026-01-02T01:00:10Z"
+    assert second.status.observed_generation == 2
+
+
 async def test_a_new_run_starts_from_clean_progress_not_the_last_runs_end(bus: Bus, nats_server: NatsServer) -> None:
     """Run 1 of a Cron load Fails; while run 2 executes, its status and run state show nothing of run 1's end
     (message, Failed condition, completion, duration, progress), and the history fields keep their meaning."""
@@ -610,7 +640,9 @@ spec:
         "dataload.shoal.io/warm configured",
         f"dataload.shoal.io/warm {why}: --wait does not wait for those runs; see them with `shoal get dataloads`, "
         "or run it now with `shoal run dataload warm`"]
-    assert after is not None and after.generation == before.generation + 1 and after.status == before.status
+    # The new spec is in effect at once (observedGeneration says so), and nothing else moved: no run started.
+    assert after is not None and after.generation == before.generation + 1
+    assert after.status == msgspec.structs.replace(before.status, observed_generation=after.generation)
 
 
 async def test_a_failed_once_load_applied_again_with_its_target_fixed_runs_again_and_wait_reports_that_run(

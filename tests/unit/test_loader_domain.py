@@ -124,6 +124,36 @@ def test_apply_bumps_generation_only_on_spec_change() -> None:
     assert changed and other.generation == 2
 
 
+def test_a_cron_or_on_event_load_observes_its_new_spec_at_the_apply_and_a_once_load_at_its_run() -> None:
+    """A Cron or OnEvent load's new spec is in effect from its apply (no run starts for it): observedGeneration moves
+    then, or clients comparing it with the generation would wait for the next firing. A Once load's stays the last
+    run's generation, so the changed spec runs once (``due`` says "spec")."""
+    meta, now = ObjectMeta(name="warm"), t("2026-01-01T00:30:00Z")
+    daily = DataLoadSpec(dataset=REF, policy="Cron", schedule="0 0 * * *")
+    created, _ = domain.apply_operation(None, "DataLoad", meta, daily, None, now)
+    assert created.status.observed_generation == 1
+    ran = msgspec.structs.replace(created, status=OperationStatus(phase="Complete", runs=1, start_time="x",
+                                                                  last_schedule_time="2026-01-01T00:00:00Z",
+                                                                  observed_generation=1))
+    hourly = DataLoadSpec(dataset=REF, policy="Cron", schedule="0 * * * *")
+    edited, changed = domain.apply_operation(ran, "DataLoad", meta, hourly, None, now)
+    assert changed and edited.generation == 2 and edited.status.observed_generation == 2
+    assert edited.status == msgspec.structs.replace(ran.status, observed_generation=2)  # nothing else moves
+    # No run for the apply; the new schedule counts from lastScheduleTime (the old one's next firing was midnight).
+    assert domain.due(edited, domain.RunState(), None, now) is None
+    assert domain.due(edited, domain.RunState(), None, t("2026-01-01T01:00:00Z")) == "cron"
+    on_event, _ = domain.apply_operation(ran, "DataLoad", meta, DataLoadSpec(dataset=REF, policy="OnEvent"), None,
+                                         now)
+    assert on_event.status.observed_generation == 2 and domain.due(on_event, domain.RunState(), None, now) is None
+    once, _ = domain.apply_operation(ran, "DataLoad", meta, DataLoadSpec(dataset=REF), None, now)
+    assert once.generation == 2 and once.status.observed_generation == 1
+    assert domain.due(once, domain.RunState(), None, now) == "spec"
+    fresh_once, _ = domain.apply_operation(None, "DataLoad", meta, DataLoadSpec(dataset=REF), None, now)
+    assert fresh_once.status.observed_generation == 0  # set by its run
+    clean, _ = domain.apply_operation(None, "DataClean", meta, None, DataCleanSpec(dataset=REF), now)
+    assert clean.status.observed_generation == 0
+
+
 # --- run checks ---
 
 
