@@ -804,8 +804,8 @@ async def test_a_restart_while_the_api_server_answers_404_for_datasets_deletes_n
 async def test_observed_generation_is_the_objects_generation(cluster: Cluster) -> None:
     """A DataLoad's ``status.observedGeneration`` is in Kubernetes' terms (``metadata.generation``), which tools
     (kstatus, `kubectl wait`, Argo CD, Flux) compare with the object's: an edit Shoal reads as the same spec (a
-    default spelled out) still answers the new generation, and a real change answers only once its run started.
-    Before, the CR showed Shoal's own generation count, 1 for ever after the first edit: in progress for ever."""
+    default spelled out) still answers the new generation, and a real change answers only once its run started (a
+    Cron load's at once: no run comes of its apply). Before, the CR showed Shoal's own generation count, 1 for ever after the first edit: in progress for ever."""
     async with everything(cluster.settings):
         await cluster.create(DATALOAD, "orphan", {"dataset": {"name": "nothere"}})  # every run fails
         await cluster.status(DATALOAD, "orphan", phase="Failed", observedGeneration=1, runs=1)
@@ -821,6 +821,11 @@ async def test_observed_generation_is_the_objects_generation(cluster: Cluster) -
         await edit({"target": [{"path": "/train"}]})  # a new spec: runs again (and fails again)
         obj = await cluster.status(DATALOAD, "orphan", observedGeneration=3, runs=2)
         assert obj["status"]["phase"] == "Failed"
+        # Made a Cron load: its new spec is in effect at once, and seen at once, though its first firing is months
+        # away (before, the CR kept observedGeneration 3 until then, and `kubectl wait` with it).
+        await edit({"policy": "Cron", "schedule": "0 0 1 1 *"})
+        obj = await cluster.status(DATALOAD, "orphan", observedGeneration=4)
+        assert obj["metadata"]["generation"] == 4 and obj["status"]["runs"] == 2  # and no run started
 
 
 async def test_a_target_path_with_dot_segments_is_refused_on_the_cr(cluster: Cluster) -> None:
