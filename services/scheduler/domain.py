@@ -12,7 +12,9 @@
   regions are the view's labels, except for a candidate the request gives labels for: those place it, also as a
   holder its neighbours gain from (``_regrouped``).
 - **required** (a ``DatasetUse`` with ``required``, Fluid's ``fluid.io/dataset.<name>.sched: required``): a node
-  holding none of that dataset's bytes (under its paths) is left out, with the reason in ``filtered``.
+  holding none of that dataset's bytes (under its paths) is left out, with the reason in ``filtered``: why it holds
+  none, as far as the view knows (``filtered_reason``: outside the dataset's nodeAffinity, no agent, an agent that
+  missed its heartbeats, no mount of the dataset, a mount not serving yet, or none of the bytes yet).
 - **no datasets**: nodes holding no cache at all score 100, nodes holding some score 0 (Fluid's "prefer nodes
   without cache"), so work that reads no dataset leaves the cache nodes' disks and network to the work that does.
 - **bad input**: a dataset that does not exist is an ``error`` answer (no scores): a typo in a dataset name must
@@ -43,6 +45,8 @@ from typing import Any, Protocol, TypeVar, cast
 
 import msgspec
 
+from libs.affinity import mismatch as affinity_mismatch
+from libs.events.agent import AgentHeartbeat
 from libs.events.schedule import DatasetUse, NodeScore, ScoreReply, ScoreRequest
 from libs.references import Reference
 
@@ -84,6 +88,13 @@ class View(Protocol):
         """Files of the dataset the node holds every block of."""
 
     def labels(self, node: str) -> Mapping[str, str]: ...
+
+    def agent(self, node: str) -> NodeAgent | None:
+        """The node's agent as last heard of, for the reason a node is filtered out; None when the view does not
+        follow agents (the reason then says only that the node holds none of the dataset)."""
+
+    def affinity(self, dataset: DatasetKey) -> Mapping[str, Any] | None:
+        """The dataset's nodeAffinity as given (None: it has none, or the dataset is unknown)."""
 
     def nodes(self) -> set[str]:
         """Every node known: reported inventory or a fresh heartbeat (so every node that caches)."""
@@ -153,6 +164,51 @@ def _percent(share: float) -> str:
 
 def _names(uses: list[Use]) -> str:
     return ", ".join(f"{namespace}/{name}" for namespace, name in (use.key for use in uses))
+
+
+@dataclass(frozen=True)
+class NodeAgent:
+    """What a node's agent last said, as far as the reason a node is filtered out reads it."""
+
+    # None: no heartbeat of the node on record (no agent runs there, or it has been gone for a while).
+    heartbeat: AgentHeartbeat | None
+    # The last heartbeat is within the node timeout (a node whose agent stopped beating has its cache forgotten).
+    fresh: bool = True
+
+
+# kube-scheduler adds equal reasons of its nodes up into the pod's FailedScheduling event ("0/900 nodes are
+# available: 600 <reason>, 300 <reason>.", cut at 1,024 bytes), so a reason never names the node and says why in
+# a few words; it names one missing dataset (existing datasets' names are two DNS labels) and counts the others, and
+# is cut at this length whatever it holds.
+MAX_REASON_CHARS = 256
+
+
+def filtered_reason(missing: Sequence[Use], node: str, labels: Mapping[str, str], agent: NodeAgent | None,
+                    affinity_of: Callable[[DatasetKey], Mapping[str, Any] | None]) -> str:
+    """Why ``node`` is left out of a decision that requires the ``missing`` datasets, which it holds none of: from
+    the first of them, the cause furthest upstream that the view knows. ``labels``: the node's (the request's for a
+    candidate it labels, else its agent's; empty: unknown); ``agent``: None when the view does not follow agents.
+    Unresolvable all (preempting pods brings no cache). Never a mount's message or an agent's problems: they may
+    quote a store's error."""
+    use = missing[0]
+    dataset = f"{use.key[0]}/{use.key[1]}"
+    beat = agent.heartbeat if agent is not None and agent.fresh else None
+    mount = beat.mount_of(*use.key) if beat is not None else None
+    if mount is None and agent is not None and labels and affinity_mismatch(affinity_of(use.key), node, labels):
+        why = f"outside the nodeAffinity of dataset {dataset}"
+    elif agent is not None and agent.heartbeat is None:
+        why = f"no Shoal agent on the node to cache dataset {dataset}"
+    elif agent is not None and not agent.fresh:
+        why = f"the node's Shoal agent missed its heartbeats: its cache of dataset {dataset} is not counted"
+    elif agent is not None and mount is None:
+        why = f"not a cache worker of dataset {dataset}: the node has no mount of it"
+    elif mount is not None and mount.state != "Serving":
+        why = f"the node's mount of dataset {dataset} is {mount.state}, not serving yet"
+    else:
+        why = f"holds none of {dataset}" + (" under the requested paths" if use.paths else "")
+    more = f", nor {len(missing) - 1} more required dataset(s)" if len(missing) > 1 else ""
+    reason = f"{why} (required{more})"
+    return reason if len(reason) <= MAX_REASON_CHARS else reason[:MAX_REASON_CHARS - 1] + "…"
 
 
 @dataclass(frozen=True)
@@ -433,10 +489,13 @@ def score(request: ScoreRequest, view: View, weights: Weights) -> ScoreReply:
     required = [use for use in uses if use.required]
     if required:
         kept = []
+        given = dict(candidates)
         for at, node in enumerate(nodes):
             missing = [use for use in required if held[use.key].get(node, 0) <= 0]
             if missing:
-                filtered[node] = f"holds none of {_names(missing)} (required)"
+                agent = view.agent(node)
+                labels = given.get(node) or (agent.heartbeat.labels if agent is not None and agent.heartbeat else {})
+                filtered[node] = filtered_reason(missing, node, labels, agent, view.affinity)
             else:
                 kept.append(at)
         nodes, owns, kind = [nodes[k] for k in kept], [owns[k] for k in kept], [kind[k] for k in kept]
@@ -652,6 +711,9 @@ class StaticView:
     cache: dict[DatasetKey, dict[str, int]] = field(default_factory=dict)
     node_labels: dict[str, dict[str, str]] = field(default_factory=dict)
     whole: dict[tuple[DatasetKey, str], int] = field(default_factory=dict)
+    # The nodes' agents (a node missing: no agent); None: agents not followed.
+    agents: dict[str, NodeAgent] | None = None
+    affinities: dict[DatasetKey, dict[str, Any]] = field(default_factory=dict)
 
     def dataset_total(self, dataset: DatasetKey, paths: tuple[str, ...]) -> int | None:
         return self.totals.get(dataset)
@@ -664,6 +726,12 @@ class StaticView:
 
     def labels(self, node: str) -> Mapping[str, str]:
         return self.node_labels.get(node, {})
+
+    def agent(self, node: str) -> NodeAgent | None:
+        return None if self.agents is None else self.agents.get(node, NodeAgent(None))
+
+    def affinity(self, dataset: DatasetKey) -> Mapping[str, Any] | None:
+        return self.affinities.get(dataset)
 
     def nodes(self) -> set[str]:
         return set(self.node_labels) | {node for nodes in self.cache.values() for node in nodes}

@@ -9,11 +9,12 @@ answered in Go's spelling.
 
 - Filter: only a pod with a required dataset (Fluid's ``fluid.io/dataset.<name>.sched: required``) is
   filtered; it keeps the nodes the scheduler kept (those that hold the cache) and lists the others with the
-  reason in ``FailedNodes`` and ``FailedAndUnresolvableNodes`` (preempting pods does not bring a cache, and
-  schedulers older than that field read ``FailedNodes``). The answer repeats the candidates in the form they
-  came in: ``Nodes`` with the full node objects when they were sent (kube-scheduler reads only ``Nodes`` then),
-  ``NodeNames`` always. When the scheduler cannot answer, ``Error`` says why (the configuration's
-  ``ignorable: true`` then lets the pod be scheduled without the extender).
+  scheduler's reason (``domain.filtered_reason``: why the node holds none, in words that do not name it, so
+  kube-scheduler's event adds equal ones up) in ``FailedNodes`` and ``FailedAndUnresolvableNodes`` (preempting
+  pods does not bring a cache, and schedulers older than that field read ``FailedNodes``). The answer repeats the
+  candidates in the form they came in: ``Nodes`` with the full node objects when they were sent (kube-scheduler
+  reads only ``Nodes`` then), ``NodeNames`` always. When the scheduler cannot answer, ``Error`` says why (the
+  configuration's ``ignorable: true`` then lets the pod be scheduled without the extender).
 - Prioritize: every candidate gets ``Score`` 0..``MAX_EXTENDER_PRIORITY``, the scheduler's 0..100 score
   divided by ten and rounded up (a node that holds any of the data never ties with one that holds none).
   A pod that uses no dataset is scored too: the scheduler ranks nodes without cache first.
@@ -126,7 +127,8 @@ def filter_result(args: Args, reply: ScoreReply | None, failure: str = "") -> di
             return {"Nodes": None, "NodeNames": None, "FailedNodes": {}, "FailedAndUnresolvableNodes": {},
                     "Error": f"shoal scheduler: {problem}"}
         kept = {score.node for score in reply.scores}
-        default = f"holds no cache of {_names(required)}, which the pod requires (fluid.io/dataset.*.sched label)"
+        more = f" and {len(required) - 1} more" if len(required) > 1 else ""
+        default = f"holds no cache of {_names(required[:1])}{more}, which the pod requires (fluid.io/dataset.*.sched)"
         failed = {name: reply.filtered.get(name) or default for name in names if name not in kept}
     passed = [name for name in names if name not in failed]
     result: dict[str, Any] = {"NodeNames": passed, "FailedNodes": failed, "FailedAndUnresolvableNodes": failed,

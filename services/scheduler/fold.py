@@ -29,13 +29,13 @@ import bisect
 import itertools
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Any, cast
 
 from libs.events.agent import CachedFile, Inventory, InventorySnapshot
 from libs.events.dataset import ManifestEntry
 from libs.inventory import NodeInventory, fold_node
 from libs.paths import is_folder
-from services.scheduler.domain import Part, Places, Sums, add_columns
+from services.scheduler.domain import NodeAgent, Part, Places, Sums, add_columns
 
 # Moves of one dataset's ``held`` remembered for readers (``CacheFold.moves``): a decision after a few changes
 # patches a few entries; a reader more than this many behind reads every node again, which costs about as much.
@@ -353,6 +353,10 @@ class LiveView:
     node_labels: Callable[[str], Mapping[str, str]]
     alive: Callable[[], Iterable[str]]
     labels_version: Callable[[], object] | None = None
+    # A node's agent as last heard of (None: agents not followed), and a dataset's nodeAffinity: the reasons of
+    # filtered nodes read them.
+    agents: Callable[[str], NodeAgent] | None = None
+    affinities: Callable[[DatasetKey], Mapping[str, Any] | None] = lambda dataset: None
     _places: tuple[object, Places] | None = field(default=None, init=False, repr=False)
     # Dataset → its column as of a change stamp, for the places: kept while the places stay, patched from the fold's
     # moves when the dataset's cache changes.
@@ -387,6 +391,12 @@ class LiveView:
 
     def labels(self, node: str) -> Mapping[str, str]:
         return self.node_labels(node)
+
+    def agent(self, node: str) -> NodeAgent | None:
+        return self.agents(node) if self.agents is not None else None
+
+    def affinity(self, dataset: DatasetKey) -> Mapping[str, Any] | None:
+        return self.affinities(dataset)
 
     def nodes(self) -> set[str]:
         return self.fold.nodes() | set(self.alive())

@@ -110,12 +110,15 @@ class DatasetInfo:
     total: int
     # Changes whenever the dataset service writes a new manifest (a sync or a resync).
     manifest_version: tuple[str, int, int, str]
+    # The Dataset's nodeAffinity as given: a filtered node outside it is told so.
+    node_affinity: Mapping[str, Any] | None = None
 
 
 def info_of(record: DatasetRecord) -> DatasetInfo:
     status = record.status
     return DatasetInfo(total=status.ufs_total_bytes, manifest_version=(
-        status.manifest, status.synced_generation, status.synced_requests, status.last_sync_time))
+        status.manifest, status.synced_generation, status.synced_requests, status.last_sync_time),
+        node_affinity=record.dataset.spec.node_affinity)
 
 
 @dataclass
@@ -154,7 +157,8 @@ class SchedulerHandlers:
         self.info_version = 0
         self.labels_version = 0
         # The view keeps the nodes' places (sorted names, zones, regions) until the node set or the labels move.
-        self.view = LiveView(self.fold, self.totals, self._labels, self._alive, lambda: self.labels_version)
+        self.view = LiveView(self.fold, self.totals, self._labels, self._alive, lambda: self.labels_version,
+                             agents=self._agent, affinities=self._affinity)
         # Decisions already made, by request, with the stamps of what they read (see ``answer``).
         self._answers: dict[Any, tuple[Any, ScoreReply]] = {}
         # Nodes the kept answers list (``ANSWERS_KEPT_NODES``).
@@ -405,14 +409,26 @@ class SchedulerHandlers:
         record = self.agents.values.get(node)
         return record.heartbeat.labels if record is not None else {}
 
+    def _agent(self, node: str) -> domain.NodeAgent:
+        record = self.agents.values.get(node)
+        if record is None:
+            return domain.NodeAgent(None)
+        return domain.NodeAgent(record.heartbeat, fresh=self.clock() - record.received_at <= self.node_timeout)
+
+    def _affinity(self, dataset: DatasetKey) -> Mapping[str, Any] | None:
+        info = self.datasets.get(dataset)
+        return info.node_affinity if info is not None else None
+
     def _alive(self) -> Iterator[str]:
         now = self.clock()
         return (node for node, record in self.agents.values.items() if now - record.received_at <= self.node_timeout)
 
     async def refresh_labels(self) -> None:
-        """Notice changed labels and nodes coming or going (heartbeats rewrite every record every beat, so only
-        what decisions read is compared)."""
-        seen = tuple(sorted((node, tuple(sorted(self._labels(node).items()))) for node in self._alive()))
+        """Notice changed labels, nodes coming or going, and mounts changing state (heartbeats rewrite every record
+        every beat, so only what decisions read is compared: the reasons of filtered nodes read the mounts' states
+        and which nodes have a record at all)."""
+        seen = (tuple(sorted((node, tuple(sorted(self._labels(node).items())), _mount_states(node, self.agents))
+                             for node in self._alive())), frozenset(self.agents.values))
         if seen != self._labels_seen:
             self._labels_seen = seen
             self.labels_version += 1
@@ -436,6 +452,16 @@ class SchedulerHandlers:
                 self.beating.discard(node)
         # A node that beat once and now has neither a record nor a cache here has nothing left to forget.
         self.beating &= set(self.agents.values) | self.fold.nodes()
+
+
+def _mount_states(node: str, agents: KvMirror[AgentRecord]) -> tuple[object, ...]:
+    """The states of the node's mounts as its last heartbeat reports them."""
+    record = agents.values.get(node)
+    if record is None:
+        return ()
+    beat = record.heartbeat
+    return (*((group.namespace, group.state, tuple(group.datasets)) for group in beat.mount_groups),
+            *((report.dataset.namespace, report.dataset.name, report.state) for report in beat.mounts))
 
 
 class _Totals(Mapping[DatasetKey, int]):

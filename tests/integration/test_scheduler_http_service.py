@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import json
 import ssl
 import subprocess
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -26,9 +28,10 @@ import msgspec
 import pytest
 
 from libs import subjects
-from libs.bus import Bus
-from libs.config import Settings
-from libs.events.agent import InventoryRequest
+from libs.bus import Bus, kv_load
+from libs.config import SchedulerSettings, Settings
+from libs.events.agent import AgentHeartbeat, AgentRecord, InventoryRequest, MountGroup
+from libs.events.dataset import DatasetRecord
 from services.scheduler import app as scheduler_app
 from services.scheduler.http import HttpLoop, http_loop
 from tests.conftest import NatsServer
@@ -184,6 +187,73 @@ async def test_webhook_and_extender_answer_from_the_scheduler_service(bus: Bus, 
             assert max(ranked, key=lambda p: p["Score"]) == {"Host": "node-c", "Score": 10}
     finally:
         await listener.unsubscribe()
+
+
+async def test_the_extenders_filter_says_why_each_node_is_left_out(bus: Bus, scheduler_settings: Settings,
+                                                                    certificate: tuple[Path, Path]) -> None:
+    """A pod requiring ml/imagenet, whose Dataset allows only ``disk: ssd`` nodes and only node-a holds: every other
+    node is left out (unresolvable: preemption brings no cache) with why, as the real scheduler service knows it
+    from the agents' heartbeats, the Dataset's record and the Node objects: not a cache worker, a mount still
+    starting, an agent that missed its heartbeats, no agent, outside the nodeAffinity. Reasons do not name the node
+    (kube-scheduler adds equal ones up in the pod's event) and never carry a mount's message."""
+    await api.seed(bus, {})
+    datasets = await bus.kv(subjects.KV_DATASETS)
+    record, _ = await kv_load(datasets, "ml.imagenet", DatasetRecord)
+    assert record is not None
+    ssd_only = {"required": {"nodeSelectorTerms": [
+        {"matchExpressions": [{"key": "disk", "operator": "In", "values": ["ssd"]}]}]}}
+    spec = msgspec.structs.replace(record.dataset.spec, node_affinity=ssd_only)
+    await datasets.put("ml.imagenet", msgspec.json.encode(msgspec.structs.replace(
+        record, dataset=msgspec.structs.replace(record.dataset, spec=spec))))
+    agents, now = await bus.kv(subjects.KV_AGENTS), time.time()
+    starting = MountGroup(namespace="ml", state="Starting", message="mount s3://key:hunter2@bucket failed",
+                          datasets={"imagenet": 0})
+    beats = {"node-a": (AgentHeartbeat(node="node-a"), now), "node-b": (AgentHeartbeat(node="node-b"), now),
+             "node-c": (AgentHeartbeat(node="node-c", mount_groups=[starting]), now),
+             "node-d": (AgentHeartbeat(node="node-d"), now - 30),  # past the node timeout (5 s), still on record
+             "node-f": (AgentHeartbeat(node="node-f"), now)}  # node-e has no agent
+    for node, (beat, received) in beats.items():
+        await agents.put(node, msgspec.json.encode(AgentRecord(heartbeat=beat, received_at=received)))
+    agent_a = api.FakeAgent(bus, "node-a")
+    listener = await bus.subscribe(subjects.INVENTORY_REQUEST, msgspec.json.Decoder(InventoryRequest),
+                                   agent_a.on_request)
+    nodes = {name: {"disk": "hdd" if name == "node-f" else "ssd"} for name in
+             ("node-a", "node-b", "node-c", "node-d", "node-e", "node-f")}
+    args = {**extender_args(required=True),
+            "Nodes": {"items": [{"metadata": {"name": name, "labels": labels}} for name, labels in nodes.items()]}}
+    settings = dataclasses.replace(scheduler_settings, scheduler=SchedulerSettings(node_timeout=5.0))
+    cert, key = certificate
+    try:
+        async with scheduler_posts(settings, cert, key) as post:
+            await agent_a.cache("/train/a.bin")
+
+            async def answered() -> Any:
+                result = await post("/filter", args)
+                return result if not result["Error"] and result["NodeNames"] == ["node-a"] else None
+
+            result = await eventually(answered, what="node-a alone kept")
+            # A kept decision is not kept past a mount changing state: the reason follows the heartbeat.
+            failing = AgentHeartbeat(node="node-c", mount_groups=[msgspec.structs.replace(starting, state="Failing")])
+            await agents.put("node-c", msgspec.json.encode(AgentRecord(heartbeat=failing, received_at=time.time())))
+
+            async def followed() -> bool:
+                reason = (await post("/filter", args))["FailedNodes"].get("node-c", "")
+                return "is Failing" in reason
+
+            await eventually(followed, what="node-c's reason: its mount Failing")
+    finally:
+        await listener.unsubscribe()
+    assert result["FailedNodes"] == {
+        "node-b": "not a cache worker of dataset ml/imagenet: the node has no mount of it (required)",
+        "node-c": "the node's mount of dataset ml/imagenet is Starting, not serving yet (required)",
+        "node-d": "the node's Shoal agent missed its heartbeats: its cache of dataset ml/imagenet is not counted "
+                  "(required)",
+        "node-e": "no Shoal agent on the node to cache dataset ml/imagenet (required)",
+        "node-f": "outside the nodeAffinity of dataset ml/imagenet (required)",
+    }
+    assert result["FailedAndUnresolvableNodes"] == result["FailedNodes"]
+    assert [n["metadata"]["name"] for n in result["Nodes"]["items"]] == ["node-a"]
+    assert "hunter2" not in json.dumps(result)
 
 
 async def test_each_http_request_counts_once_under_its_own_way(bus: Bus, scheduler_settings: Settings,

@@ -19,6 +19,7 @@ from services.scheduler.domain import (
     _rank,
     _reason,
     _without_data,
+    filtered_reason,
     normalise,
 )
 
@@ -86,8 +87,10 @@ def reference_score(request: ScoreRequest, view: View, weights: Weights) -> Scor
         kept = []
         for node, labels in labelled:
             missing = [use for use in required if held[use.key].get(node, 0) <= 0]
-            if missing:
-                filtered[node] = f"holds none of {_names(missing)} (required)"
+            if missing:  # the reason is the domain's own (the oracle checks which nodes are left out)
+                agent = view.agent(node)
+                own_labels = dict(candidates).get(node) or (agent.heartbeat.labels if agent and agent.heartbeat else {})
+                filtered[node] = filtered_reason(missing, node, own_labels, agent, view.affinity)
             else:
                 kept.append((node, labels))
 

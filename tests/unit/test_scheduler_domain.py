@@ -9,8 +9,21 @@ import msgspec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from libs.events.agent import AgentHeartbeat, MountGroup, MountState
 from libs.events.schedule import Candidate, DatasetUse, ScoreReply, ScoreRequest
-from services.scheduler.domain import MAX_DATASETS, Places, StaticView, Sums, Weights, _derive, score
+from services.scheduler.domain import (
+    MAX_DATASETS,
+    MAX_REASON_CHARS,
+    NodeAgent,
+    Places,
+    StaticView,
+    Sums,
+    Use,
+    Weights,
+    _derive,
+    filtered_reason,
+    score,
+)
 from tests.unit.scheduler_reference import reference_score
 
 ZONE = "topology.kubernetes.io/zone"
@@ -61,6 +74,63 @@ def test_required_keeps_only_nodes_holding_the_dataset() -> None:
     assert [s.node for s in reply.scores] == ["node-a", "node-c"]
     assert reply.filtered == {"node-b": "holds none of ml/imagenet (required)",
                               "node-d": "holds none of ml/imagenet (required)"}
+
+
+def beat(node: str, *mounts: tuple[str, MountState], labels: dict[str, str] | None = None) -> AgentHeartbeat:
+    """A heartbeat reporting a mount of each (dataset name in namespace ml, state), with a message that must never
+    show in a reason."""
+    return AgentHeartbeat(node=node, labels=labels or {}, all_runtimes=True, peer_host="10.0.0.1",
+                          mount_groups=[MountGroup(namespace="ml", state=state, message="s3://key:secret@b failed",
+                                                   datasets={name: 7000 if state == "Serving" else 0})
+                                        for name, state in mounts])
+
+
+def test_a_filtered_node_says_why_it_holds_none_of_the_required_dataset() -> None:
+    """Each node left out says the cause the view knows, upstream first, in words that do not name the node (so
+    kube-scheduler's event adds equal ones up): the dataset's nodeAffinity, no agent, an agent that missed its
+    heartbeats, no mount of the dataset, a mount not serving, or none of its bytes yet; never a mount's message."""
+    spread = StaticView(
+        totals={IMAGENET: 1000, LABELS: 100},
+        cache={IMAGENET: {"node-a": 900}, LABELS: {"node-a": 100}},
+        agents={"node-a": NodeAgent(beat("node-a", ("imagenet", "Serving"), ("labels", "Serving"))),
+                "node-b": NodeAgent(beat("node-b", ("imagenet", "Serving"))),
+                "node-c": NodeAgent(beat("node-c", ("imagenet", "Serving")), fresh=False),
+                "node-d": NodeAgent(beat("node-d", labels={"disk": "hdd"})),
+                "node-e": NodeAgent(beat("node-e", ("imagenet", "Starting"))),
+                "node-f": NodeAgent(beat("node-f", ("imagenet", "Failing"))),
+                "node-g": NodeAgent(beat("node-g"))},
+        affinities={IMAGENET: {"required": {"nodeSelectorTerms": [
+            {"matchExpressions": [{"key": "disk", "operator": "In", "values": ["ssd"]}]}]}}})
+    names = ["node-a", "node-b", "node-c", "node-d", "node-e", "node-f", "node-g", "node-h", "node-i"]
+    candidates = [Candidate(name=name, labels={"disk": "hdd"} if name == "node-i" else {}) for name in names]
+    reply = score(request(DatasetUse(name="imagenet", namespace="ml", required=True), candidates=candidates),
+                  spread, Weights())
+    assert [s.node for s in reply.scores] == ["node-a"]
+    assert reply.filtered == {
+        "node-b": "holds none of ml/imagenet (required)",
+        "node-c": "the node's Shoal agent missed its heartbeats: its cache of dataset ml/imagenet is not counted "
+                  "(required)",
+        "node-d": "outside the nodeAffinity of dataset ml/imagenet (required)",  # by its agent's labels
+        "node-e": "the node's mount of dataset ml/imagenet is Starting, not serving yet (required)",
+        "node-f": "the node's mount of dataset ml/imagenet is Failing, not serving yet (required)",
+        "node-g": "not a cache worker of dataset ml/imagenet: the node has no mount of it (required)",
+        "node-h": "no Shoal agent on the node to cache dataset ml/imagenet (required)",
+        "node-i": "outside the nodeAffinity of dataset ml/imagenet (required)",  # by the request's labels
+    }
+    # Several required datasets: the first missing one is named, the others counted; under paths, said so.
+    both = score(request(DatasetUse(name="imagenet", namespace="ml", required=True, paths=["/train"]),
+                         DatasetUse(name="labels", namespace="ml", required=True), candidates=candidates[:2]),
+                 spread, Weights())
+    assert both.filtered == {"node-b": "holds none of ml/imagenet under the requested paths (required, nor 1 more "
+                                       "required dataset(s))"}
+
+
+def test_a_filtered_nodes_reason_is_bounded_whatever_the_pod_requires() -> None:
+    uses = [Use((f"ns-{i:02d}" + "n" * 57, "d" * 63), (), True) for i in range(MAX_DATASETS)]
+    reason = filtered_reason(uses, "node-x", {}, NodeAgent(None), lambda dataset: None)
+    assert len(reason) <= MAX_REASON_CHARS and "63 more" in reason and "node-x" not in reason
+    long = [Use(("n" * 200, "d" * 200), (), True)]
+    assert len(filtered_reason(long, "node-x", {}, None, lambda dataset: None)) == MAX_REASON_CHARS
 
 
 def test_work_without_datasets_prefers_nodes_without_cache() -> None:
