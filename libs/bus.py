@@ -1176,6 +1176,11 @@ class KvMirror(Generic[T]):
                     return
                 _take(values, revisions, entry.key, value, revision)
 
+    def revision(self, key: str) -> int:
+        """The revision of what the mirror shows for ``key``, a delete marker's for a key deleted (since the watch
+        started, or before it: its marker is an entry like any other); 0 for a key it never saw."""
+        return self._revisions.get(key, 0)
+
     def saved(self, key: str, value: T, revision: int) -> None:
         """``value`` was just written to ``key`` at ``revision`` (what ``kv_save`` or ``kv.put`` returned): readers
         see it now, and the watch's older entries of ``key`` no longer replace it. A replay under way takes it too,

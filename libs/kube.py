@@ -45,6 +45,9 @@ FLUID_RESOURCES = (
     *(Resource(FLUID_GROUP, FLUID_VERSION, kind, kind.lower() + "s") for kind in FLUID_RUNTIME_KINDS),
 )
 RESOURCES = SHOAL_RESOURCES + FLUID_RESOURCES
+# Operations the loader removes once finished and past their ``ttlSecondsAfterFinished``: the bridge then deletes
+# their custom resource, as Fluid does (the only kinds it may delete: deploy/processes/bridge.yaml).
+EXPIRING_KINDS = ("DataLoad", "DataClean")
 
 # Held on every custom resource the bridge has turned into a command, so a delete waits for Shoal's clean-up.
 FINALIZER = "shoal.io/cleanup"

@@ -7,7 +7,7 @@ the periodic reflection of that state onto the custom resources.
 | KV shoal_datasets, shoal_runtimes, shoal_operations | every key (watch) | Mirrors (read by tick) |
 | KV shoal_bridge_applied (its own) | every key (watch; read before the first list) | BridgeHandlers.applied |
 | SHOAL_FACTS | shoal.evt.*.rejected (ordered consumer, from the start) | BridgeHandlers.on_rejection |
-| — | every REFLECT_SECONDS | BridgeHandlers.tick (status, volume and claim, Events, retries) |
+| — | every REFLECT_SECONDS | BridgeHandlers.tick (status, volume and claim, Events, TTL deletes, retries) |
 
 Ready (``/readyz``) when connected to NATS, every resource was listed once and the loops run. A resource whose CRD
 is not installed (Fluid's, in a cluster with Shoal's only) counts as listed, empty (``watch.py``): it must not keep

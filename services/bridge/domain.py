@@ -18,8 +18,9 @@ import msgspec
 
 from libs import kube, references
 from libs.crds import fluid_dataset_status, fluid_operation_status, fluid_runtime_status
+from libs.deletion import deleted_at
 from libs.documents import Command, documents_to_commands
-from libs.events.common import DNS1123_SUBDOMAIN, rfc3339, to_builtins
+from libs.events.common import DECODE_ERRORS, DNS1123_SUBDOMAIN, rfc3339, to_builtins
 from libs.events.dataset import Condition, DatasetStatus
 from libs.events.operation import OperationRecord, OperationStatus
 from libs.events.runtime import RuntimeStatus
@@ -375,6 +376,43 @@ def sent_before(entry: Applied | None, command_id: str, rejection: int) -> bool:
 
 def rejected(entry: Applied, sequence: int) -> Applied:
     return msgspec.structs.replace(entry, rejected=True, rejection=sequence)
+
+
+# The operations of a kind in ``kube.EXPIRING_KINDS``.
+_EXPIRING_FAMILIES = frozenset(kind.lower() for kind in kube.EXPIRING_KINDS)
+
+
+def expires(resource: kube.Resource) -> bool:
+    """Whether Shoal removes this kind's operations after their ``ttlSecondsAfterFinished`` (DataLoad, DataClean,
+    either group): the bridge then deletes the custom resource."""
+    return family(resource) in _EXPIRING_FAMILIES
+
+
+def expired_record(history: list[tuple[str | None, bytes]], entry: Applied | None) -> OperationRecord | None:
+    """The last record of an operation Shoal removed by its ``ttlSecondsAfterFinished`` after taking in this
+    object's apply, from the KV history of its key (oldest first: (operation, value), operation ``DEL``/``PURGE``
+    for a marker, else None); None when the removal is not that.
+
+    The loader removes an expired operation with a delete marker that carries no note, where a delete command's
+    carries its stream sequence (``libs.deletion``); the record before the marker is the final one (finished, with a
+    TTL), and its ``command_sequence`` (the last apply it took in) is at least the one of this object's apply
+    (``entry.sequence``) only if that apply reached the removed record: an object made again under the name, whose
+    apply the loader did not take in yet, is not the one that expired.
+    """
+    if entry is None or len(history) < 2:
+        return None
+    (marker, note), (operation, value) = history[-1], history[-2]
+    if marker != "DEL" or deleted_at(note) or operation is not None:
+        return None
+    try:
+        record = msgspec.json.decode(value, type=OperationRecord)
+    except DECODE_ERRORS:
+        return None
+    spec = record.load or record.clean
+    if (spec is None or spec.ttl_seconds_after_finished is None or record.status.phase not in ("Complete", "Failed")
+            or (record.load is not None and record.load.policy != "Once")):
+        return None
+    return record if record.command_sequence >= entry.sequence else None
 
 
 def applied_key(entry: Applied) -> ObjectKey | None:

@@ -195,6 +195,9 @@ class BridgeHandlers:
     mirror_owners: dict[str, tuple[str, str, str]] = field(default_factory=dict)
     # Resyncs asked for a Dataset waiting for the kubelet to mount its keys: (command id of the spec, tries, when).
     resyncs: dict[ObjectKey, tuple[str, int, float]] = field(default_factory=dict)
+    # DataLoads and DataCleans whose operation's removal from Shoal was looked at (``_expire``): the revision of the
+    # delete marker, so that each removal costs one read of the key's KV history, not one per pass.
+    expiry_checked: dict[ObjectKey, int] = field(default_factory=dict)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock, init=False)
     _tick_failures: int = field(default=0, init=False)
     # Who did not answer a call and why, since the start of the current pass (``_unanswered``): until the next pass,
@@ -282,6 +285,7 @@ class BridgeHandlers:
         self.invalid.pop(key, None)
         self.written.pop(key, None)
         self.resyncs.pop(key, None)
+        self.expiry_checked.pop(key, None)
         self.volumes.discard(key)
         self.volume_conflicts.pop(key, None)
         held = self.mirrored.pop(key, frozenset()) | domain.held_keys(self._entry(domain.uid_of(obj)))
@@ -736,7 +740,8 @@ class BridgeHandlers:
                 continue
             try:
                 async with self._lock:
-                    await self._reflect(key, obj)
+                    if not await self._expire(key, obj):
+                        await self._reflect(key, obj)
             except Exception as err:
                 log.warning("status not written, trying again", object=str(key), error=_short(err))
                 failed.append(str(key))
@@ -769,11 +774,70 @@ class BridgeHandlers:
             return Refusal(domain.REASON_REJECTED, self.rejections[command_id])
         return None
 
-    async def _reflect(self, key: ObjectKey, obj: dict[str, Any]) -> None:
-        """Shoal's state onto the object: status (if changed), volume and claim when Bound, Events."""
+    async def _expire(self, key: ObjectKey, obj: dict[str, Any]) -> bool:
+        """A DataLoad or DataClean whose operation Shoal removed by its ``ttlSecondsAfterFinished`` (while this
+        process watched, or while the bridge was down): its final status is written (the run may have ended and
+        gone within one pass, with TTL 0, or while the bridge was down), then the object is deleted, as Fluid does.
+        Only an object this bridge applied (its bucket entry holds its current apply) whose apply reached the
+        removed record (``domain.expired_record``), deleted with its uid as a precondition; Shoal's finalizer then
+        goes the usual way (``_finish_delete``), without a delete command: Shoal has nothing left of it. True when
+        the object was deleted."""
+        operations = self.mirrors.operations
+        if not domain.expires(key.resource) or not operations.ready.is_set() or domain.is_deleting(obj):
+            return False
+        kv_key = subjects.operation_key(key.resource.kind, key.namespace, key.name)
+        marker = operations.revision(kv_key)
+        if kv_key in operations.values or not marker or self.expiry_checked.get(key) == marker:
+            return False  # there, never there (not accepted yet), or this removal looked at already
+        entry = self._entry(domain.uid_of(obj))
+        command_id = self.published.get(key)
+        if command_id is None or entry is None or entry.command_id != command_id or self._holder(key) is not None:
+            return False  # not applied by this bridge (yet), or not Shoal's object
+        record = domain.expired_record(await self._history(kv_key), entry)
+        if record is None:
+            self.expiry_checked[key] = marker
+            log.info("operation gone from Shoal, not by this object's ttlSecondsAfterFinished: the resource stays",
+                     object=str(key))
+            return False
+        await self._reflect(key, obj, record)
+        r = key.resource
+        try:
+            await self.custom.delete_namespaced_custom_object(
+                r.group, r.version, key.namespace, r.plural, key.name,
+                body=client.V1DeleteOptions(preconditions=client.V1Preconditions(uid=domain.uid_of(obj))),
+                _request_timeout=REQUEST_TIMEOUT_SECONDS)
+        except ApiException as err:
+            if err.status not in (404, 409):  # gone already, or another object under the name (not ours to delete)
+                raise
+            log.info("expired resource not deleted: gone, or made again under its name", object=str(key),
+                     error=_short(err))
+        else:
+            self.deletes_sent.add(key)  # Shoal removed it: its finalizer goes without a delete command
+            log.info("deleted: its operation was removed by ttlSecondsAfterFinished", object=str(key),
+                     phase=record.status.phase)
+        self.expiry_checked[key] = marker
+        return True
+
+    async def _history(self, kv_key: str) -> list[tuple[str | None, bytes]]:
+        """The entries the operations bucket keeps of ``kv_key`` (oldest first), as ``domain.expired_record`` reads
+        them; none when it keeps none."""
+        watcher = await self.mirrors.operations.kv.watch(kv_key, include_history=True)
+        try:
+            entries: list[tuple[str | None, bytes]] = []
+            # None once the history is read (at once for a key with none); a NATS TimeoutError past the limit.
+            while (entry := await watcher.updates(timeout=REQUEST_TIMEOUT_SECONDS)) is not None:
+                entries.append((entry.operation, entry.value or b""))
+            return entries
+        finally:
+            with contextlib.suppress(Exception):  # a watcher whose server went: nothing to stop
+                await watcher.stop()
+
+    async def _reflect(self, key: ObjectKey, obj: dict[str, Any], record: OperationRecord | None = None) -> None:
+        """Shoal's state onto the object: status (if changed), volume and claim when Bound, Events. ``record``: an
+        operation's final record, in place of the mirror's (which no longer holds it)."""
         if self.objects.get(key) is not obj:
             return  # a newer version arrived meanwhile; the next tick handles it
-        status = self.mirrors.status_of(key)
+        status = self.mirrors.status_of(key) if record is None else record.status
         refusal = self.refusal(key)
         if (self.published.get(key) is None and refusal is None) or self._holder(key) is not None:
             status = None  # not Shoal's object (yet; a name taken before, or another object's): nothing to show
@@ -781,7 +845,7 @@ class BridgeHandlers:
             entry = self._entry(domain.uid_of(obj))
             status = msgspec.structs.replace(status, observed_generation=domain.kube_observed_generation(
                 obj, self.published.get(key), entry.sequence if entry is not None and entry.command_id ==
-                self.published.get(key) else 0, self.mirrors.operation(key)))
+                self.published.get(key) else 0, self.mirrors.operation(key) if record is None else record))
         desired = domain.desired_status(key.resource, obj, status, refusal, self.clock(),
                                         self.volume_conflicts.get(key))
         patch = domain.status_patch(obj, desired)

@@ -279,3 +279,41 @@ def test_observed_generation_is_the_objects_once_its_apply_ran() -> None:
     assert domain.kube_observed_generation(obj, command, 0, record(10, 2, 2)) == 3  # sequence unknown
     assert domain.kube_observed_generation(obj, command, 10, None) == 3
     assert domain.kube_observed_generation({"metadata": {}}, command, 10, record(9, 1, 1)) == 0
+
+
+def test_an_operation_expired_only_when_ttl_removed_the_record_this_objects_apply_reached() -> None:
+    """The KV history of an operation's key says whether Shoal removed it by its ttlSecondsAfterFinished (a marker
+    without a note, after a finished record with a TTL) and whether that record had taken in this object's apply
+    (its command sequence at least the apply's): only then does the bridge delete the custom resource."""
+    entry = domain.Applied(command_id="k8s.dataload.uid-1.1.abcdef012345", group="shoal.io", kind="DataLoad",
+                           namespace="default", name="warm", sequence=10)
+
+    def put(phase: str = "Complete", ttl: int | None = 0, sequence: int = 10, policy: str = "Once",
+            clean: bool = False) -> tuple[str | None, bytes]:
+        spec: dict[str, Any] = {"dataset": {"name": "demo"}}
+        if ttl is not None:
+            spec["ttlSecondsAfterFinished"] = ttl
+        if not clean:
+            spec["policy"] = policy
+        record = {"kind": "DataClean" if clean else "DataLoad", "metadata": {"name": "warm"},
+                  "clean" if clean else "load": spec, "commandSequence": sequence,
+                  "status": {"phase": phase, "duration": "1s"}}
+        return None, msgspec.json.encode(record)
+
+    ttl_marker: tuple[str | None, bytes] = ("DEL", b"")
+    expired = domain.expired_record([put("Executing"), put(), ttl_marker], entry)
+    assert expired is not None and expired.status.phase == "Complete" and expired.status.duration == "1s"
+    assert domain.expired_record([put("Failed", clean=True), ttl_marker], entry) is not None
+    assert domain.expired_record([put(sequence=12), ttl_marker], entry) is not None  # a later apply of it
+    assert domain.expired_record([put(sequence=9), ttl_marker], entry) is None  # an older object's (same name)
+    assert domain.expired_record([put(), ("DEL", b'{"commandSequence":11}')], entry) is None  # a delete command
+    assert domain.expired_record([put(), ("PURGE", b"")], entry) is None
+    assert domain.expired_record([put(), ttl_marker, put()], entry) is None  # there again
+    assert domain.expired_record([ttl_marker], entry) is None  # the record is not in the history
+    assert domain.expired_record([put("Executing"), ttl_marker], entry) is None  # not finished
+    assert domain.expired_record([put(ttl=None), ttl_marker], entry) is None  # no TTL
+    assert domain.expired_record([put(policy="Cron"), ttl_marker], entry) is None  # never finished for good
+    assert domain.expired_record([(None, b"not json"), ttl_marker], entry) is None
+    assert domain.expired_record([put(), ttl_marker], None) is None  # not applied by the bridge
+    assert domain.expired_record([], entry) is None  # never accepted
+    assert domain.expires(DATALOAD) and not domain.expires(SHOAL_DATASET) and not domain.expires(ALLUXIO)
