@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from libs.config import AgentSettings, describe_settings, load_settings
-from libs.kube import FLUID_GROUP, RESOURCES, SHOAL_GROUP, SYSTEM_NAMESPACE
+from libs.kube import EXPIRING_KINDS, FLUID_GROUP, RESOURCES, SHOAL_GROUP, SYSTEM_NAMESPACE
 
 ROOT = Path(__file__).parent.parent.parent
 DEPLOY = ROOT / "deploy"
@@ -225,8 +225,13 @@ def test_the_bridge_may_touch_exactly_the_resources_it_serves(rendered: list[dic
         expected |= {(resource.group, resource.plural), (resource.group, f"{resource.plural}/status"),
                      (resource.group, f"{resource.plural}/finalizers")}
     assert set(custom) == expected
+    # Users create and delete them; the bridge deletes only an operation's, once Shoal removed it after its
+    # ttlSecondsAfterFinished (as Fluid does).
+    expiring = {(r.group, r.plural) for r in RESOURCES if r.kind in EXPIRING_KINDS}
+    for key, verbs in custom.items():
+        assert "create" not in verbs, key
+        assert ("delete" in verbs) == (key in expiring), key
     for (_, resource), verbs in custom.items():
-        assert "create" not in verbs and "delete" not in verbs, resource  # users create and delete them
         if resource.endswith("/finalizers"):
             assert verbs == {"update"}
         elif resource.endswith("/status"):
