@@ -5,26 +5,35 @@ a restart, it deletes the resources whose operations were removed while it was d
 The API server is the project's kmock subclass (``tests/kube.py``: there is no kube-apiserver here), reached through
 kubernetes-asyncio; NATS is a real nats-server, with the real dataset, runtime and loader services in-process (no
 agents: heartbeats are published as an agent would). What a watcher sees is read from the kmock subclass's event log,
-which is what every watch streams.
+which is what every watch streams. One test drives the handlers by hand, for an order of events the whole bridge
+cannot be made to see on demand (an object replaced before the watch shows it).
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 from typing import Any
 
 import nats.js.errors
 import structlog
+from kmock import Server
+from kubernetes_asyncio import client
 
 from libs import kube, subjects
-from libs.bus import Bus, kv_load
+from libs.bus import Bus, KvMirror, kv_load
+from libs.events.dataset import DatasetRecord
 from libs.events.operation import OperationRecord
+from libs.events.runtime import RuntimeRecord
 from services.bridge import app as bridge_app
+from services.bridge.domain import Applied
+from services.bridge.handlers import BridgeHandlers, Mirrors
 from services.dataset import app as dataset_app
 from services.loader import app as loader_app
 from services.runtime import app as runtime_app
-from tests.helpers import eventually, running
+from tests.conftest import NatsServer
+from tests.helpers import eventually, make_settings, running
 from tests.integration.test_kube_bridge import (  # noqa: F401 (``cluster`` is a fixture)
     DATALOAD,
     MEM_TIER,
@@ -36,6 +45,7 @@ from tests.integration.test_kube_bridge import (  # noqa: F401 (``cluster`` is a
     everything,
     heartbeat,
 )
+from tests.kube import FakeApiServer
 
 DATACLEAN = next(r for r in kube.SHOAL_RESOURCES if r.kind == "DataClean")
 FLUID_DATALOAD = next(r for r in kube.FLUID_RESOURCES if r.kind == "DataLoad")
@@ -140,6 +150,60 @@ async def test_a_restart_deletes_what_ttl_removed_while_the_bridge_was_down_and_
     deleting = next(i for i, e in enumerate(seen) if e["object"]["metadata"].get("deletionTimestamp"))
     final = (seen[deleting - 1]["object"].get("status") or {})
     assert final.get("phase") == "Failed" and "nothere" in final.get("message", ""), final
+
+
+async def test_an_expired_resource_made_again_before_the_bridge_deletes_it_is_left_alone(
+        nats_server: NatsServer, bus: Bus) -> None:
+    """The handlers driven by hand (the watch's events are the test's to give): a DataLoad with TTL 0 expires, and
+    before the watch shows it the object is deleted by hand and made again under its name. The bridge's delete names
+    the old uid as a precondition: the kmock subclass answers 409 as the apiserver does, and the new object stays."""
+    settings = make_settings(nats_server.url)
+    async with FakeApiServer() as server, Server(server) as http, \
+            client.ApiClient(client.Configuration(host=str(http.url).rstrip("/"))) as api:
+        mirrors = Mirrors(datasets=KvMirror(await bus.kv(subjects.KV_DATASETS), DatasetRecord),
+                          runtimes=KvMirror(await bus.kv(subjects.KV_RUNTIMES), RuntimeRecord),
+                          operations=KvMirror(await bus.kv(subjects.KV_OPERATIONS), OperationRecord))
+        applied = KvMirror(await bus.kv(subjects.KV_BRIDGE_APPLIED), Applied)
+        loops = (mirrors.datasets, mirrors.runtimes, mirrors.operations, applied)
+        tasks = [asyncio.create_task(loop.run()) for loop in loops]
+        try:
+            await eventually(lambda: _async(mirrors.ready() and applied.ready.is_set()), what="the KV mirrors")
+            handlers = BridgeHandlers(bus, api, settings, mirrors, applied=applied)
+            custom = client.CustomObjectsApi(api)
+            for resource in kube.RESOURCES:
+                await handlers.on_listing(resource, None, [])
+            body = {"apiVersion": DATALOAD.api_version, "kind": DATALOAD.kind, "metadata": {"name": "race"},
+                    "spec": {"dataset": {"name": "nothere"}, "ttlSecondsAfterFinished": 0}}
+            old = await custom.create_namespaced_custom_object(DATALOAD.group, DATALOAD.version, "default",
+                                                               DATALOAD.plural, body)
+            await handlers.on_event(DATALOAD, "ADDED", old)
+            kv_key = subjects.operation_key("DataLoad", "default", "race")
+            async with running(lambda stop: loader_app.run(settings, stop)):
+                await eventually(lambda: _async(mirrors.operations.revision(kv_key) > 0
+                                                and kv_key not in mirrors.operations.values),
+                                 what="the operation run, failed and removed by its TTL")
+            await custom.patch_namespaced_custom_object(
+                DATALOAD.group, DATALOAD.version, "default", DATALOAD.plural, "race", {"metadata": {"finalizers": []}},
+                _content_type=MERGE)  # type: ignore[call-arg]
+            await custom.delete_namespaced_custom_object(DATALOAD.group, DATALOAD.version, "default",
+                                                         DATALOAD.plural, "race")
+            new = await custom.create_namespaced_custom_object(DATALOAD.group, DATALOAD.version, "default",
+                                                               DATALOAD.plural, body)
+
+            async def deleted_once() -> bool:
+                await handlers.tick()
+                return bool(server.recorded("DELETE", f"/{DATALOAD.plural}/race")[1:])
+
+            await eventually(deleted_once, what="the bridge's delete of the expired object")
+            kept = server.stored(DATALOAD.group, DATALOAD.plural, "default", "race")
+            assert kept is not None and kept["metadata"]["uid"] == new["metadata"]["uid"]
+            assert not kept["metadata"].get("deletionTimestamp"), "the new object deleted"
+            (_, ours) = server.recorded("DELETE", f"/{DATALOAD.plural}/race")
+            assert ours.data["preconditions"]["uid"] == old["metadata"]["uid"]
+        finally:
+            for loop in loops:
+                loop.stop()
+            await asyncio.gather(*tasks)
 
 
 # --- helpers ---
