@@ -805,7 +805,8 @@ async def test_observed_generation_is_the_objects_generation(cluster: Cluster) -
     """A DataLoad's ``status.observedGeneration`` is in Kubernetes' terms (``metadata.generation``), which tools
     (kstatus, `kubectl wait`, Argo CD, Flux) compare with the object's: an edit Shoal reads as the same spec (a
     default spelled out) still answers the new generation, and a real change answers only once its run started (a
-    Cron load's at once: no run comes of its apply). Before, the CR showed Shoal's own generation count, 1 for ever after the first edit: in progress for ever."""
+    Cron load's at once: no run comes of its apply). Before, the CR showed Shoal's own generation count, 1 for ever
+    after the first edit: in progress for ever."""
     async with everything(cluster.settings):
         await cluster.create(DATALOAD, "orphan", {"dataset": {"name": "nothere"}})  # every run fails
         await cluster.status(DATALOAD, "orphan", phase="Failed", observedGeneration=1, runs=1)
