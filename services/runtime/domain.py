@@ -34,6 +34,7 @@ a whole cool-down without such pressure.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -56,6 +57,7 @@ from libs.events.runtime import (
     AutoscalingStatus,
     CacheWorker,
     FailingNode,
+    Level,
     NotPicked,
     ReadsFailingShown,
     Runtime,
@@ -184,6 +186,18 @@ def validate_runtime(runtime: Runtime) -> list[str]:
     errors += replicas_errors(spec.replicas)
     if not spec.tieredstore.levels:
         errors.append("spec.tieredstore.levels must list at least one cache tier (MEM, SSD or HDD)")
+    block_size_errors: list[str] = []
+    block_size: int | None = None
+    try:
+        block_size = parse_quantity(spec.block_size)
+    except ValueError as err:
+        block_size_errors.append(f"spec.blockSize: {err}")
+    else:
+        if not MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE or block_size % 4096:
+            block_size_errors.append(
+                f"spec.blockSize must be a multiple of 4Ki between 64Ki and 64Mi, got {spec.block_size!r}"
+            )
+            block_size = None
     seen_media: set[str] = set()
     # Each disk directory and where it was first given: two tiers in one directory scan and evict each other's
     # blocks (every restart deletes the cache: one tier's scan drops the other's as over its quota or as copies).
@@ -195,23 +209,32 @@ def validate_runtime(runtime: Runtime) -> list[str]:
         elif level.mediumtype in seen_media:
             errors.append(f"{where}.mediumtype {level.mediumtype} appears twice")
         seen_media.add(level.mediumtype)
+        quota: int | None = None
         try:
             quota = parse_quantity(level.quota)
             if quota <= 0:
                 errors.append(f"{where}.quota must be greater than 0")
+                quota = None
             elif quota > MAX_TIER_QUOTA:
                 errors.append(f"{where}.quota {level.quota!r} is more than {MAX_TIER_QUOTA_TEXT}, the most one tier "
                               "of one node may hold (a unit typo?)")
+                quota = None
         except ValueError as err:
             errors.append(f"{where}.quota: {err}")
         high, low = _fraction(level.high), _fraction(level.low)
         if high is None or low is None:
             errors.append(f"{where}: high and low must be numbers, got high={level.high!r} low={level.low!r}")
+            high = None
         elif not 0 < low < high <= 1:
             errors.append(f"{where}: watermarks must satisfy 0 < low < high <= 1, got low={low} high={high}")
+            high = None
+        # Stripped as the agent's cache strips them: the paths judged are the ones it will use.
+        paths = [p.strip() for p in level.path.split(",") if p.strip()]
+        folders = 1 if level.mediumtype == "MEM" else len(paths)
+        if (quota is not None and high is not None and block_size is not None and folders
+                and (small := tier_quota_error(where, level, quota, high, spec.block_size, block_size, folders))):
+            errors.append(small)
         if level.mediumtype in ("SSD", "HDD"):
-            # Stripped as the agent's cache strips them: the paths judged are the ones it will use.
-            paths = [p.strip() for p in level.path.split(",") if p.strip()]
             if not paths:
                 errors.append(f"{where}.path is required for {level.mediumtype} tiers")
             for path in paths:
@@ -225,16 +248,41 @@ def validate_runtime(runtime: Runtime) -> list[str]:
                 else:
                     directories[normal_path(path)] = f"{where}.path"
     errors += autoscaling_errors(spec.autoscaling, spec.management.metadata_sync_policy.period_seconds)
-    try:
-        block_size = parse_quantity(spec.block_size)
-    except ValueError as err:
-        errors.append(f"spec.blockSize: {err}")
-    else:
-        if not MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE or block_size % 4096:
-            errors.append(
-                f"spec.blockSize must be a multiple of 4Ki between 64Ki and 64Mi, got {spec.block_size!r}"
-            )
-    return errors
+    return errors + block_size_errors
+
+
+def smallest_tier_quota(block_size: int, high: float, directories: int = 1) -> int:
+    """The smallest quota with which a tier of ``directories`` folders (each an equal share of the quota, as the
+    agent's cache splits it) keeps one block of ``block_size`` bytes in each: a tier admits a block only below its
+    high watermark, ``int(high * share)`` bytes (``services.agent.cache``)."""
+    share = math.ceil(block_size / high)
+    while int(high * share) < block_size:  # float rounding: never suggest a quota one byte short
+        share += 1
+    while share > 1 and int(high * (share - 1)) >= block_size:
+        share -= 1
+    return share * directories
+
+
+def tier_quota_error(where: str, level: Level, quota: int, high: float, block_size_text: str | int,
+                     block_size: int, directories: int) -> str | None:
+    """Why a tier of ``quota`` bytes over ``directories`` folders can hold no whole block, or None. Such a tier
+    caches nothing but a file's last, short block: every read of the rest goes to the store, and nothing else
+    says so."""
+    smallest = smallest_tier_quota(block_size, high, directories)
+    if quota >= smallest:
+        return None
+    split = f", split equally between its {directories} directories" if directories > 1 else ""
+    return (f"{where}.quota {level.quota!r} is too small to hold one block of spec.blockSize {block_size_text!r}: "
+            f"a tier keeps blocks below its high watermark ({high:g} of the quota{split}); give a quota of at least "
+            f"{_quantity_up(smallest)} ({smallest} bytes), or a smaller blockSize")
+
+
+def _quantity_up(size: int) -> str:
+    """``size`` rounded up to a whole Ki, Mi or Gi, whichever is the largest unit not above it: a quota to write."""
+    for unit, factor in (("Gi", 2**30), ("Mi", 2**20), ("Ki", 2**10)):
+        if size >= factor:
+            return f"{-(-size // factor)}{unit}"
+    return str(size)
 
 
 def change_errors(record: RuntimeRecord | None, runtime: Runtime, sequence: int = 0) -> list[str]:

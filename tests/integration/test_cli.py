@@ -445,6 +445,28 @@ spec:
     ]
 
 
+async def test_apply_of_a_tier_smaller_than_one_block_is_rejected_with_the_quota_to_give(
+        nats_server: NatsServer, services: None, bus: Bus) -> None:
+    """Fluid's English JuiceFS sample says ``quota: 40960`` meaning MiB; it is bytes, a tier that holds no 4 MiB
+    block. Before, it was accepted and the node cached nothing, silently."""
+    manifest = """
+apiVersion: shoal.io/v1alpha1
+kind: Runtime
+metadata: {name: tiny}
+spec:
+  tieredstore: {levels: [{mediumtype: SSD, path: /var/lib/shoal/cache, quota: 40960}]}
+"""
+    result = await shoal(nats_server, "apply", "-f", "-", stdin=manifest)
+
+    assert result.exit_code == 1, result.output
+    assert result.stderr == (
+        "error: tiny rejected: spec.tieredstore.levels[0].quota 40960 is too small to hold one block of "
+        "spec.blockSize '4Mi': a tier keeps blocks below its high watermark (0.95 of the quota); give a quota of at "
+        "least 5Mi (4415057 bytes), or a smaller blockSize\n")
+    assert await kv_load(await bus.kv(subjects.KV_RUNTIMES), subjects.resource_key("default", "tiny"),
+                         RuntimeRecord) == (None, None)
+
+
 async def test_apply_of_two_mounts_of_one_name_is_rejected_naming_it(nats_server: NatsServer, services: None,
                                                                       bus: Bus) -> None:
     """Even at two paths: a name is a mount's identity, and a second one of the same name is a copy left unedited."""

@@ -31,6 +31,7 @@ from libs.events.runtime import (
     RuntimeStatusChanged,
     TieredStore,
 )
+from services.agent.cache.eviction import LruPolicy
 from services.runtime.domain import (
     MAX_REPLICAS,
     MISSED_BEATS,
@@ -47,6 +48,7 @@ from services.runtime.domain import (
     ready_nodes,
     replicas_errors,
     runtime_status,
+    smallest_tier_quota,
     validate_runtime,
 )
 
@@ -227,6 +229,67 @@ def test_block_size_not_a_multiple_of_4ki(block_size: str) -> None:
 
 def test_block_size_not_a_quantity() -> None:
     assert one_error(make_runtime(block_size="big")).startswith("spec.blockSize: ")
+
+
+@pytest.mark.parametrize(("level", "block_size", "smallest"), [
+    (Level(mediumtype="MEM", quota="1Mi"), "4Mi", "5Mi (4415057 bytes)"),
+    # Fluid's English JuiceFS sample: 40960 is bytes, not MiB.
+    (Level(mediumtype="SSD", quota=40960, path="/var/jfsCache"), "4Mi", "5Mi (4415057 bytes)"),
+    # As large as a block, but a tier keeps blocks below its high watermark.
+    (Level(mediumtype="MEM", quota="4Mi"), "4Mi", "5Mi (4415057 bytes)"),
+    (Level(mediumtype="HDD", quota="1Mi", path="/mnt/h", high="0.5", low="0.2"), "1Mi", "2Mi (2097152 bytes)"),
+])
+def test_a_tier_too_small_for_one_block_is_refused_with_the_quota_to_give(level: Level, block_size: str,
+                                                                           smallest: str) -> None:
+    # Before, it was accepted: the tier cached no whole block, every read went to the store, nobody was told.
+    error = one_error(make_runtime(level, block_size=block_size))
+    assert error.startswith(f"spec.tieredstore.levels[0].quota {level.quota!r} is too small to hold one block of "
+                            f"spec.blockSize {block_size!r}: a tier keeps blocks below its high watermark "), error
+    assert error.endswith(f"give a quota of at least {smallest}, or a smaller blockSize"), error
+
+
+def test_each_directory_of_a_disk_tier_must_hold_one_block() -> None:
+    # The agent gives each directory an equal share: 6Mi over two is 3Mi each, less than a 4Mi block.
+    error = one_error(make_runtime(Level(mediumtype="SSD", quota="6Mi", path="/mnt/a,/mnt/b"), block_size="4Mi"))
+    assert "(0.95 of the quota, split equally between its 2 directories)" in error
+    assert error.endswith("at least 9Mi (8830114 bytes), or a smaller blockSize")
+    assert validate_runtime(make_runtime(Level(mediumtype="SSD", quota=8830114, path="/mnt/a,/mnt/b"),
+                                         block_size="4Mi")) == []
+    assert "too small" in one_error(make_runtime(Level(mediumtype="SSD", quota=8830113, path="/mnt/a,/mnt/b"),
+                                                 block_size="4Mi"))
+
+
+@pytest.mark.parametrize(("level", "block_size"), [
+    (Level(mediumtype="MEM", quota="5Mi"), "4Mi"),
+    (Level(mediumtype="MEM", quota=4415057), "4Mi"),
+    (Level(mediumtype="MEM", quota="64Ki", high="1", low="0.5"), "64Ki"),
+    (Level(mediumtype="SSD", quota="2Mi", path="/mnt/a,/mnt/b", high="1", low="0.5"), "1Mi"),
+])
+def test_a_tier_that_holds_one_block_is_accepted(level: Level, block_size: str) -> None:
+    assert validate_runtime(make_runtime(level, block_size=block_size)) == []
+
+
+@given(block_size=st.integers(16, 16384).map(lambda pages: pages * 4096),
+       high=st.floats(0.01, 1.0), directories=st.integers(1, 8))
+def test_the_smallest_quota_is_the_smallest_the_agents_cache_admits_a_block_into(block_size: int, high: float,
+                                                                                 directories: int) -> None:
+    # Judged by the agent's own admission rule: each directory gets quota // directories, a block enters below
+    # int(high * share).
+    smallest = smallest_tier_quota(block_size, high, directories)
+
+    def admits(quota: int) -> bool:
+        share = quota // directories
+        return LruPolicy(int(high * share), 0).plan("block", block_size) is not None
+
+    assert admits(smallest)
+    assert not admits(smallest - 1)
+
+
+def test_a_bad_block_size_or_quota_is_said_once_not_as_a_tier_too_small() -> None:
+    assert one_error(make_runtime(Level(mediumtype="MEM", quota="1Ki"), block_size="1Gi")).startswith(
+        "spec.blockSize must be")
+    assert one_error(make_runtime(Level(mediumtype="MEM", quota="1Ki", high="x"))).endswith(
+        "high and low must be numbers, got high='x' low='0.7'")
 
 
 @pytest.mark.parametrize("replicas", [-1, -100, MAX_REPLICAS + 1])
