@@ -18,6 +18,10 @@ were started with, which it writes down in its mount root: ``services.agent.ledg
 meanwhile says nothing any more); one that merely stops being Bound (its runtime briefly NotReady, e.g. while this
 agent restarts) keeps its mount for a grace period, so readers are not cut off by a blip.
 
+A runtime applied again with other tiers restarts its mounts on them; once a restarted mount is up, its blocks in
+the tier directories the new tiers no longer name are deleted (``services.agent.retire``), never through a symbolic
+link nor in a folder some mount uses.
+
 Reference datasets (``dataset://``): no mount process; the agent keeps a link at the reference's mount point into
 its source's mount point while the reference is Bound and this node mounts the source (``domain.wanted_links``,
 ``services.agent.links``), and removes it when the reference goes, or the source's mount does.
@@ -64,7 +68,7 @@ from libs.service import Loop, Periodic, nats_check, run_loops
 from libs.side_server import Readiness
 from libs.supervisor import Supervisor
 from libs.telemetry import get_logger
-from services.agent import budget, domain
+from services.agent import budget, domain, retire
 from services.agent.cache import BlockCache
 from services.agent.cache.tiers import MARKER
 from services.agent.handover import remove_mountpoint
@@ -151,6 +155,9 @@ class MountWorker:
     peer_port: int = 0
     # The runtime's tiers at the last start: where the mount's blocks are, even once the runtime is gone.
     levels: list[Level] = field(default_factory=list)
+    # The tiers of the processes stopped for a change of tiers since the current one's start: the directories among
+    # them that ``levels`` no longer names hold blocks nobody reads, freed once the current process is mounted.
+    retired: list[Level] = field(default_factory=list)
     # Whether the current process was seen mounted: its start is over, no deadline any more.
     serving: bool = False
     # Why the last start was abandoned at the deadline (``domain.stalled_start``), until a process serves or
@@ -258,6 +265,7 @@ class NodeAgent:
             if not exists or now - unwanted.unwanted_since >= UNBOUND_GRACE_SECONDS:
                 self.supervisor.remove(unwanted.key)
                 await self._stop_worker(self.workers.pop(ref))
+                await self._free_retired(unwanted)  # stopped before it mounted on its new tiers
                 if exists and unwanted.levels:
                     self.left_caches[ref] = unwanted.levels
             if not exists:
@@ -273,6 +281,12 @@ class NodeAgent:
                 worker = self.workers[(namespace, name)] = MountWorker(namespace, name, path, status_file,
                                                                        budget_slot=slot,
                                                                        peer_port=self._peer_port())
+                # The tiers its last mount on this node started with (this agent's earlier run, or before it
+                # stopped): the directories among them its runtime no longer names are freed once it is mounted.
+                before = self.ledger.caches.get((namespace, name), [])
+                runtime = self.runtimes.values.get(subjects.resource_key(namespace, name))
+                if runtime is not None and domain.retired_directories(before, runtime.runtime.spec.tieredstore.levels):
+                    worker.retired = list(before)
                 self.supervisor.add(worker.key, now)
                 self.left_caches.pop((namespace, name), None)  # its mount process finds its blocks again
             worker.unwanted_since = None
@@ -308,6 +322,12 @@ class NodeAgent:
                 if started.process is not None:
                     self.supervisor.started(child, started.process, time.monotonic())
         self._abandon_stalled_starts(now)
+        retiring = [w for w in self.workers.values() if w.retired and w.process is not None and w.stopping is None]
+        mounted = await asyncio.to_thread(devices) if retiring else {}  # one read of the mount table
+        for worker in retiring:
+            device = mounted.get(canonical(worker.path))
+            if device is not None and device != worker.stale_device:  # mounted on the current tiers
+                await self._free_retired(worker)
 
     async def _restart_for_tiers(self, worker: MountWorker, now: float) -> None:
         """A runtime re-applied with other tiers (quota, medium, folders, watermarks): the mount process built its
@@ -323,7 +343,46 @@ class NodeAgent:
         self.supervisor.remove(worker.key)
         await self._stop_worker(worker)
         worker.process, worker.serving, worker.exit_code, worker.stale_device = None, False, None, None
+        worker.retired += worker.levels
         self.supervisor.add(worker.key, now)
+
+    async def _free_retired(self, worker: MountWorker) -> None:
+        """Delete the worker's blocks in the tier directories its runtime's tiers dropped (``worker.retired``, less
+        what ``worker.levels`` names again; ``services.agent.retire``), and say how many bytes that freed. Awaited
+        here, so no mount process starts on a folder while it is being freed; a folder refused (a symbolic link, in
+        use) is said and left."""
+        retired, worker.retired = worker.retired, []
+        directories = domain.retired_directories(retired, worker.levels)
+        if not directories:
+            return
+        suffix = domain.cache_suffix(self.settings.agent.cache_subdir, worker.namespace, worker.name)
+        in_use = self._cache_folders_in_use()
+        for directory in directories:
+            try:
+                freed = await asyncio.to_thread(retire.free_folder, directory, suffix, in_use)
+            except OSError as err:
+                log.warning("could not free the blocks of a tier the runtime no longer names", dataset=worker.key,
+                            folder=os.path.join(directory, suffix), error=str(err))
+                continue
+            if freed.refused:
+                log.warning("blocks of a tier the runtime no longer names left on disk", dataset=worker.key,
+                            folder=freed.folder, reason=freed.refused)
+            elif freed.blocks:
+                log.info("blocks of a tier the runtime no longer names freed", dataset=worker.key,
+                         folder=freed.folder, blocks=freed.blocks, freed_bytes=freed.bytes)
+
+    def _cache_folders_in_use(self) -> list[str]:
+        """The cache folders of every mount this agent runs, in the tiers it started with and in its runtime's
+        current ones, and of the caches left on disk for datasets that still exist (``left_caches``): none of them is
+        ever freed as a retired tier's."""
+        subdir = self.settings.agent.cache_subdir
+        sources: list[tuple[tuple[str, str], list[Level]]] = [
+            *(((w.namespace, w.name), w.levels) for w in self.workers.values()),
+            *(((r.runtime.metadata.namespace, r.runtime.metadata.name), r.runtime.spec.tieredstore.levels)
+              for r in self.runtimes.values.values()),
+            *self.left_caches.items(), *self.ledger.caches.items()]
+        return sorted({os.path.join(directory, domain.cache_suffix(subdir, *ref))
+                       for ref, levels in sources for directory in domain.disk_directories(levels)})
 
     def _abandon_stalled_starts(self, now: float) -> None:
         """Stop the mount processes that are not mounted ``mount_start_seconds`` after they started (a hung disk

@@ -20,6 +20,7 @@ from libs.events.agent import AgentHeartbeat, MountReadFailures, MountReport
 from libs.events.common import ObjectRef
 from libs.events.dataset import DatasetRecord
 from libs.events.runtime import Level, RuntimeRecord
+from libs.hostpaths import normal_path
 from libs.references import Reference, is_reference, reference_of
 
 # A mount process exits with this code (EX_TEMPFAIL) when another process took its peer port meanwhile: the agent
@@ -100,6 +101,25 @@ def tiers_changed(started: Sequence[Level], current: Sequence[Level]) -> bool:
     ones (its cache is built from them once, at start). A process started before its runtime was known has nothing
     to compare with."""
     return bool(started) and list(started) != list(current)
+
+
+def disk_directories(levels: Iterable[Level]) -> list[str]:
+    """The directories of the disk tiers of ``levels``, as the cache uses them (each comma-separated path stripped)
+    and written one way (``libs.hostpaths.normal_path``), each once, in order."""
+    found: dict[str, None] = {}
+    for level in levels:
+        if level.mediumtype != "MEM":
+            found.update((normal_path(d.strip()), None) for d in level.path.split(",") if d.strip())
+    return list(found)
+
+
+def retired_directories(retired: Iterable[Level], current: Sequence[Level]) -> list[str]:
+    """The tier directories a mount's earlier tiers (``retired``: those of the processes stopped for a change of
+    tiers since) named and its ``current`` ones do not: where it left blocks nobody will read or count. A directory
+    named again, under any medium (a path that came back, an SSD tier moved to HDD), is not retired: the process
+    started on ``current`` finds its blocks there and uses them."""
+    kept = set(disk_directories(current))
+    return [directory for directory in disk_directories(retired) if directory not in kept]
 
 
 def stalled_start(deadline_seconds: float, step: str) -> str:

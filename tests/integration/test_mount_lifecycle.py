@@ -13,12 +13,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from pathlib import Path
 from typing import Any
 
 import msgspec
 import pytest
+import structlog
 from nats.js.api import StreamConfig
 
 from libs import subjects
@@ -682,3 +683,93 @@ async def test_a_runtime_applied_again_with_other_tiers_restarts_its_mount_with_
         [restarted] = mount_pids(root)
         assert restarted != pid and not os.path.exists(f"/proc/{pid}")
         assert await read_file(root / "a.txt") == b"a"
+
+
+async def test_blocks_in_a_tier_directory_the_runtime_dropped_are_freed_once_the_mount_runs_on_the_new_tiers(
+        bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path) -> None:
+    """A user moves a runtime's SSD tier to another directory. Before, the agent restarted the mount on the new
+    tiers and its blocks in the old directory stayed on disk for ever, in nobody's quota. Now they are freed once
+    the mount is up on the new tiers, and the bytes are logged; another dataset's blocks in the same directory
+    stay, and a directory that comes back is a fresh tier (its old blocks were freed) whose blocks are used."""
+    data = os.urandom(3 * 2**20)  # three 1 MiB blocks
+    await put_objects(seaweedfs, bucket, {"a.bin": data})
+    old, new = tmp_path / "old-tier", tmp_path / "new-tier"
+
+    async def apply(name: str, directory: Path) -> None:
+        level = Level(mediumtype="SSD", quota="64Mi", path=str(directory), high="0.95", low="0.8")
+        await bus.publish(subjects.RUNTIME_APPLY, RuntimeApply(runtime=Runtime(
+            metadata=ObjectMeta(name=name), spec=RuntimeSpec(tieredstore=TieredStore(levels=[level]),
+                                                             block_size="1Mi"))))
+
+    async def cached(directory: Path) -> bool:
+        return len(block_files(directory)) == 3
+
+    async def freed(logs: list[MutableMapping[str, Any]], count: int) -> list[MutableMapping[str, Any]] | None:
+        lines = [line for line in logs if line["event"] == "blocks of a tier the runtime no longer names freed"]
+        return lines if len(lines) == count else None
+
+    with structlog.testing.capture_logs() as logs:
+        async with node_stack(bus, settings, seaweedfs, tmp_path) as node:
+            for name in ("moved", "neighbour"):
+                await apply(name, old)
+                await bus.publish(subjects.DATASET_APPLY, DatasetApply(dataset=Dataset(
+                    metadata=ObjectMeta(name=name), spec=DatasetSpec(mounts=[Mount(mount_point=f"s3://{bucket}/")]))))
+            for name in ("moved", "neighbour"):
+                root = await node.wait_mounted(name, expect="a.bin")
+                assert await read_file(root / "a.bin") == data
+                await eventually(lambda: cached(old / "default" / name), what=f"{name}'s blocks on disk")  # noqa: B023
+            root = node.mountpoint("moved")
+            [pid] = mount_pids(root)
+
+            await apply("moved", new)
+            lines = await eventually(lambda: freed(logs, 1), timeout=30, what="the old tier's blocks freed")
+            assert [(line["folder"], line["blocks"], line["freed_bytes"]) for line in lines] == [
+                (str(old / "default" / "moved"), 3, len(data))]
+            assert not (old / "default" / "moved").exists()
+            [restarted] = mount_pids(root)
+            assert restarted != pid
+            assert len(block_files(old / "default" / "neighbour")) == 3, "another dataset's blocks there stay"
+            assert await read_file(root / "a.bin") == data
+            await eventually(lambda: cached(new / "default" / "moved"), what="the blocks cached in the new tier")
+
+            await apply("moved", old)  # the directory comes back: a fresh tier there, the new one freed in turn
+            lines = await eventually(lambda: freed(logs, 2), timeout=30, what="the second change's dropped tier freed")
+            assert lines[1]["folder"] == str(new / "default" / "moved")
+            assert await read_file(root / "a.bin") == data
+            await eventually(lambda: cached(old / "default" / "moved"), what="the blocks cached again where they were")
+            assert len(block_files(old / "default" / "neighbour")) == 3
+
+
+async def test_blocks_in_a_tier_directory_dropped_while_the_agent_was_down_are_freed_when_it_mounts_again(
+        bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path) -> None:
+    # The runtime's tier moves while no agent runs to see the change: the agent wrote down the tiers its mount
+    # started with (in its mount root), so, back, it frees the blocks in the directory the runtime dropped once the
+    # mount is up on the new one. Another dataset's cache, in a directory of its own, stays.
+    objects = {f"d{i}.bin": os.urandom(1_500_000) for i in range(2)}
+    await put_objects(seaweedfs, bucket, objects)
+    async with cluster_stack(bus, settings, seaweedfs, tmp_path, {"n1": {}}) as cluster:
+        await _mount_and_read_gone_and_kept(bus, bucket, cluster, objects, lambda name: cluster.cache_dir / name)
+        caches = {name: cluster.cache_dir / name / "n1" / "default" / name for name in ("gone", "kept")}
+        for cache in caches.values():
+
+            async def on_disk(cache: Path = cache) -> bool:
+                return len(block_files(cache)) >= 4
+
+            await eventually(on_disk, what="blocks on disk")
+        await cluster.stop_agent("n1")
+        level = Level(mediumtype="SSD", quota="256Mi", path=str(cluster.cache_dir / "moved"), high="0.95", low="0.8")
+        await bus.publish(subjects.RUNTIME_APPLY, RuntimeApply(runtime=Runtime(
+            metadata=ObjectMeta(name="kept"), spec=RuntimeSpec(tieredstore=TieredStore(levels=[level]),
+                                                               block_size="1Mi"))))
+
+        async def moved() -> bool:
+            record = await runtime_record(bus, "kept")
+            return record is not None and record.runtime.spec.tieredstore.levels == [level]
+
+        await eventually(moved, what="the runtime's tier moved")
+        cluster.start_agent("n1")
+        await eventually(lambda: _async(not caches["kept"].exists()), timeout=30,
+                         what="the agent back, freeing the blocks of the directory the runtime dropped")
+        await cluster.wait_mounted("kept", "d1.bin")
+        assert await read_file(cluster.agents["n1"].mountpoint("kept") / "d1.bin") == objects["d1.bin"]
+        assert len(block_files(caches["gone"])) >= 4

@@ -361,3 +361,20 @@ def test_a_mount_starts_again_only_when_its_runtimes_tiers_changed() -> None:
     assert agent_domain.tiers_changed([ssd], [msgspec.structs.replace(ssd, path="/other")])
     assert agent_domain.tiers_changed([ssd], [Level(mediumtype="MEM", quota="1Gi"), ssd])
     assert not agent_domain.tiers_changed([], [ssd]), "started before its runtime was known: nothing to compare with"
+
+
+def test_the_directories_a_change_of_tiers_retired_are_those_the_new_tiers_do_not_name() -> None:
+    ssd = Level(mediumtype="SSD", quota="256Mi", path="/cache/a, /cache/b", high="0.95", low="0.8")
+    mem = Level(mediumtype="MEM", quota="1Gi", path="/dev/shm")
+    assert agent_domain.disk_directories([ssd, mem]) == ["/cache/a", "/cache/b"], "a MEM tier's path is not used"
+    assert agent_domain.retired_directories([ssd], [msgspec.structs.replace(ssd, path="/cache/b,/cache/c")]) == [
+        "/cache/a"]
+    # A quota or watermark changed: every directory is still named, nothing is retired.
+    assert agent_domain.retired_directories([ssd], [msgspec.structs.replace(ssd, quota="1Gi")]) == []
+    # Named again under another spelling or medium (an SSD tier moved to HDD): its blocks are the new process's.
+    moved = Level(mediumtype="HDD", quota="1Gi", path="/cache/a/,/cache//b")
+    assert agent_domain.retired_directories([ssd], [mem, moved]) == []
+    # A path that came back: retired by the first change, named again by the second before the mount was freed.
+    back = agent_domain.retired_directories([ssd, msgspec.structs.replace(ssd, path="/other")], [ssd])
+    assert back == ["/other"]
+    assert agent_domain.retired_directories([ssd], [mem]) == ["/cache/a", "/cache/b"]
