@@ -457,6 +457,21 @@ async def test_a_dataset_deleted_while_the_agent_was_down_has_its_blocks_freed_w
         assert len(block_files(caches["kept"])) >= 4
 
 
+async def _gone_and_kept_cached_in_own_tiers(bus: Bus, bucket: str, cluster: Cluster,
+                                             objects: dict[str, bytes]) -> dict[str, Path]:
+    """``gone`` and ``kept`` mounted and read, each runtime with a tier of its own, and each one's blocks on disk
+    there: their cache folders."""
+    await _mount_and_read_gone_and_kept(bus, bucket, cluster, objects, lambda name: cluster.cache_dir / name)
+    caches = {name: cluster.cache_dir / name / "n1" / "default" / name for name in ("gone", "kept")}
+    for cache in caches.values():
+
+        async def on_disk(cache: Path = cache) -> bool:
+            return len(block_files(cache)) >= 4
+
+        await eventually(on_disk, what="blocks on disk")
+    return caches
+
+
 async def test_a_dataset_and_its_runtime_deleted_while_the_agent_was_down_have_their_blocks_freed(
         bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path) -> None:
     # As above, but the runtime goes too, and each runtime has tiers of its own: no runtime that still exists says
@@ -465,14 +480,7 @@ async def test_a_dataset_and_its_runtime_deleted_while_the_agent_was_down_have_t
     objects = {f"d{i}.bin": os.urandom(1_500_000) for i in range(2)}
     await put_objects(seaweedfs, bucket, objects)
     async with cluster_stack(bus, settings, seaweedfs, tmp_path, {"n1": {}}) as cluster:
-        await _mount_and_read_gone_and_kept(bus, bucket, cluster, objects, lambda name: cluster.cache_dir / name)
-        caches = {name: cluster.cache_dir / name / "n1" / "default" / name for name in ("gone", "kept")}
-        for cache in caches.values():
-
-            async def on_disk(cache: Path = cache) -> bool:
-                return len(block_files(cache)) >= 4
-
-            await eventually(on_disk, what="blocks on disk")
+        caches = await _gone_and_kept_cached_in_own_tiers(bus, bucket, cluster, objects)
         # Where a dataset's cache would be, in the deleted runtime's tier, but no tier's marker: not Shoal's.
         stray = cluster.cache_dir / "gone" / "n1" / "default" / "stray"
         stray.mkdir()
@@ -748,14 +756,7 @@ async def test_blocks_in_a_tier_directory_dropped_while_the_agent_was_down_are_f
     objects = {f"d{i}.bin": os.urandom(1_500_000) for i in range(2)}
     await put_objects(seaweedfs, bucket, objects)
     async with cluster_stack(bus, settings, seaweedfs, tmp_path, {"n1": {}}) as cluster:
-        await _mount_and_read_gone_and_kept(bus, bucket, cluster, objects, lambda name: cluster.cache_dir / name)
-        caches = {name: cluster.cache_dir / name / "n1" / "default" / name for name in ("gone", "kept")}
-        for cache in caches.values():
-
-            async def on_disk(cache: Path = cache) -> bool:
-                return len(block_files(cache)) >= 4
-
-            await eventually(on_disk, what="blocks on disk")
+        caches = await _gone_and_kept_cached_in_own_tiers(bus, bucket, cluster, objects)
         await cluster.stop_agent("n1")
         level = Level(mediumtype="SSD", quota="256Mi", path=str(cluster.cache_dir / "moved"), high="0.95", low="0.8")
         await bus.publish(subjects.RUNTIME_APPLY, RuntimeApply(runtime=Runtime(
