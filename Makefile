@@ -130,7 +130,7 @@ crds: venv
 	$(BIN)/python -m libs.crds deploy/crds
 
 # The reliability soak: every test that records a fault (tests/reliability.py: kill -9 of each service and agent,
-# NATS servers lost, the store failing, a full cache disk, skewed clocks), also those `make test` skips
+# NATS servers lost, the store failing, a full cache disk, skewed clocks), also those `make test` leaves out
 # (SHOAL_SOAK=1), and tests/fuzz at 10,000 examples each; then docs/reliability.md from the recorded rows
 # (tests/soak/report.py), failed and skipped tests named there. Long (tens of minutes on 2 cores); not in `make test`.
 # SOAK_WORKERS=1 on a busy machine: a mount process that takes more than the tests' 30 s to start fails them.

@@ -8,6 +8,7 @@ Tests that need more from the machine (FUSE, fio, sysfs) say so with ``@pytest.m
 from __future__ import annotations
 
 import compileall
+import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -42,6 +43,17 @@ def pytest_configure(config: pytest.Config) -> None:
     root = Path(__file__).resolve().parent.parent
     for package in ("libs", "services"):
         compileall.compile_dir(root / package, quiet=1)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``@pytest.mark.soak(why)``: a long fault test, run by ``make soak`` (``SHOAL_SOAK=1``) only. ``make test``
+    deselects it (counted as deselected, not skipped: nothing it shows is missing, it runs elsewhere)."""
+    if os.environ.get("SHOAL_SOAK"):
+        return
+    soak = [item for item in items if item.get_closest_marker("soak") is not None]
+    if soak:
+        config.hook.pytest_deselected(items=soak)
+        items[:] = [item for item in items if item.get_closest_marker("soak") is None]
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:

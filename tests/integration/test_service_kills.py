@@ -76,8 +76,7 @@ from tests.reliability import record_fault, stopwatch
 
 # The kills whose recovery waits out JetStream's ack wait (30 s: what the killed process had fetched comes back only
 # then) or starts mount processes run in `make soak` only; the loader's and the scheduler's run in `make test` too.
-soak_only = pytest.mark.skipif(not os.environ.get("SHOAL_SOAK"),
-                               reason="a kill whose recovery takes ~30 s: make soak (SHOAL_SOAK=1)")
+soak_only = pytest.mark.soak("a kill whose recovery takes ~30 s")
 
 MEM = TieredStore(levels=[Level(mediumtype="MEM", quota="64Mi")])
 

@@ -248,7 +248,7 @@ async def test_failed_reads_show_in_the_dataset_status_and_are_logged_once_per_i
 
 # A second node with a mount of its own: `make soak` only (SHOAL_SOAK=1), to keep `make test` within its budget; the
 # rule it shows (ENOSPC takes a tier down) is in make test as tests/unit/test_cache_tiers.py.
-@pytest.mark.skipif(not os.environ.get("SHOAL_SOAK"), reason="a full cache disk on tmpfs: make soak (SHOAL_SOAK=1)")
+@pytest.mark.soak("a full cache disk on tmpfs")
 async def test_a_full_cache_disk_reports_the_tier_down_and_reads_still_come_from_the_store(
         bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path) -> None:
     objects = {f"f{i}.bin": os.urandom(2 * MiB + i) for i in range(4)}
