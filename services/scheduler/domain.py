@@ -17,9 +17,11 @@
   missed its heartbeats, no mount of the dataset, a mount not serving yet, or none of the bytes yet).
 - **no datasets**: nodes holding no cache at all score 100, nodes holding some score 0 (Fluid's "prefer nodes
   without cache"), so work that reads no dataset leaves the cache nodes' disks and network to the work that does.
-- **bad input**: a dataset that does not exist is an ``error`` answer (no scores): a typo in a dataset name must
-  not look like "no node holds it". Too many datasets or candidates is an error too. A candidate node the fold has
-  never heard of is scored like a node without cache (no preference), its labels from the request if given.
+- **bad input**: a dataset that does not exist is an ``error`` answer (no scores, ``unknown_dataset``): a typo in a
+  dataset name must not look like "no node holds it" (the extender's filter reads the error back, ``unknown_in``, and
+  rejects every node with ``missing_reason`` when the pod requires that dataset). Too many datasets or candidates
+  is an error too. A candidate node the fold has never heard of is scored like a node without cache (no
+  preference), its labels from the request if given.
 - **determinism**: the request is normalised (datasets merged by name, paths and candidates deduplicated and
   sorted), so input order never changes the answer; nodes come best first, ties by name.
 - **reference datasets** (``dataset://``, ``libs.references``): a use of a reference is a use of its source (and
@@ -207,8 +209,40 @@ def filtered_reason(missing: Sequence[Use], node: str, labels: Mapping[str, str]
     else:
         why = f"holds none of {dataset}" + (" under the requested paths" if use.paths else "")
     more = f", nor {len(missing) - 1} more required dataset(s)" if len(missing) > 1 else ""
-    reason = f"{why} (required{more})"
+    return _bounded(f"{why} (required{more})")
+
+
+def _bounded(reason: str) -> str:
     return reason if len(reason) <= MAX_REASON_CHARS else reason[:MAX_REASON_CHARS - 1] + "…"
+
+
+# The start of the error answer for a dataset that does not exist (``unknown_dataset``; ``unknown_in`` reads it).
+UNKNOWN_DATASET = "unknown dataset "
+
+
+def unknown_dataset(key: DatasetKey) -> str:
+    """The error answer for a request using ``key``, which does not exist (never applied, a typo, deleted)."""
+    return f"{UNKNOWN_DATASET}{key[0]}/{key[1]}"
+
+
+def unknown_in(error: str) -> DatasetKey | None:
+    """The dataset an error answer says does not exist (``unknown_dataset``); None for any other error (the
+    scheduler starting, bad input...)."""
+    if not error.startswith(UNKNOWN_DATASET):
+        return None
+    namespace, _, name = error[len(UNKNOWN_DATASET):].partition("/")
+    return (namespace, name) if namespace and name else None
+
+
+def missing_reason(key: DatasetKey, *, source: bool = False) -> str:
+    """Why every node is left out of a decision that requires ``key``, which does not exist: the same on every
+    node (kube-scheduler adds them up into one phrase of the pod's event), bounded as ``filtered_reason``'s.
+    ``source``: ``key`` is not the pod's own dataset but the source of a ``dataset://`` reference it requires."""
+    dataset = f"{key[0]}/{key[1]}"
+    if source:
+        return _bounded(f"dataset {dataset}, the source of a dataset:// reference the pod requires, does not exist "
+                        "(required)")
+    return _bounded(f"dataset {dataset} does not exist (required)")
 
 
 @dataclass(frozen=True)
@@ -458,8 +492,7 @@ def score(request: ScoreRequest, view: View, weights: Weights) -> ScoreReply:
     for use in uses:
         total = view.dataset_total(use.key, use.paths)
         if total is None:
-            return ScoreReply(id=f"{request.id}.reply", causation_id=request.id,
-                              error=f"unknown dataset {use.key[0]}/{use.key[1]}")
+            return ScoreReply(id=f"{request.id}.reply", causation_id=request.id, error=unknown_dataset(use.key))
         totals[use.key] = total
         held[use.key] = view.cached(use.key, use.paths)
     requested = sum(totals.values())

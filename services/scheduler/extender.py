@@ -13,8 +13,13 @@ answered in Go's spelling.
   kube-scheduler's event adds equal ones up) in ``FailedNodes`` and ``FailedAndUnresolvableNodes`` (preempting
   pods does not bring a cache, and schedulers older than that field read ``FailedNodes``). The answer repeats the
   candidates in the form they came in: ``Nodes`` with the full node objects when they were sent (kube-scheduler
-  reads only ``Nodes`` then), ``NodeNames`` always. When the scheduler cannot answer, ``Error`` says why (the
-  configuration's ``ignorable: true`` then lets the pod be scheduled without the extender).
+  reads only ``Nodes`` then), ``NodeNames`` always. A required dataset that does not exist (never applied, a
+  typo, deleted; or the source of a required ``dataset://`` reference) leaves every node out with one reason
+  naming it (``domain.missing_reason``), not an ``Error``: kube-scheduler ignores the ``Error`` of an
+  ``ignorable`` extender and would start the pod anywhere, away from data it requires, and without a word; this
+  way the pod stays Pending, its FailedScheduling event says why, and it is scheduled as any required pod once the
+  dataset exists and is cached. When the scheduler cannot answer otherwise (starting, too slow, bad input),
+  ``Error`` says why (the configuration's ``ignorable: true`` then lets the pod be scheduled without the extender).
 - Prioritize: every candidate gets ``Score`` 0..``MAX_EXTENDER_PRIORITY``, the scheduler's 0..100 score
   divided by ten and rounded up (a node that holds any of the data never ties with one that holds none).
   A pod that uses no dataset is scored too: the scheduler ranks nodes without cache first.
@@ -31,7 +36,7 @@ import msgspec
 
 from libs.events.schedule import Candidate, ScoreReply
 
-from . import kube
+from . import domain, kube
 from .admission import BadReview, Uses, datasets_of
 
 # k8s.io/kube-scheduler/extender/v1 MaxExtenderPriority; kube-scheduler multiplies by the extender's weight and by
@@ -114,22 +119,46 @@ def _names(uses: Sequence[Any]) -> str:
     return ", ".join(f"{use.namespace}/{use.name}" for use in uses)
 
 
+def missing_required(uses: Uses, error: str) -> str:
+    """Why every node is left out when the scheduler's ``error`` says a dataset the pod requires does not exist
+    (``domain.missing_reason``); empty for any other error, and for a dataset the pod only prefers (that stays an
+    error: a typo must not look like "no node holds it").
+
+    ``error`` answers the question ``http.ask_known`` asks: the pod's required datasets and only those of its
+    preferred ones the scheduler knows, so an unknown dataset it names that is none of the pod's is the source of a
+    ``dataset://`` reference the pod requires (the scheduler asks about a reference's source)."""
+    key = domain.unknown_in(error)
+    if key is None:
+        return ""
+    if key in {(use.namespace, use.name) for use in uses.required}:
+        return domain.missing_reason(key)
+    if key in {(use.namespace, use.name) for use in uses.datasets}:
+        return ""
+    return domain.missing_reason(key, source=True)
+
+
 def filter_result(args: Args, reply: ScoreReply | None, failure: str = "") -> dict[str, Any]:
     """The ExtenderFilterResult for ``args``. A pod that requires no dataset keeps every node (the scheduler
     need not be asked: ``reply`` is then ignored); otherwise ``reply`` is the scheduler's answer, or None with
-    ``failure`` saying why there is none."""
+    ``failure`` saying why there is none. A required dataset that does not exist (``missing_required``) leaves
+    every node out, with the same reason; any other error is the result's ``Error``."""
     required = args.uses.required
     names = [c.name for c in args.candidates]
     failed: dict[str, str] = {}
     if required:
         problem = failure or (reply.error if reply is not None else "no answer")
-        if problem or reply is None:
+        missing = missing_required(args.uses, reply.error) if reply is not None and not failure else ""
+        if missing:
+            failed = dict.fromkeys(names, missing)
+        elif problem or reply is None:
             return {"Nodes": None, "NodeNames": None, "FailedNodes": {}, "FailedAndUnresolvableNodes": {},
                     "Error": f"shoal scheduler: {problem}"}
-        kept = {score.node for score in reply.scores}
-        more = f" and {len(required) - 1} more" if len(required) > 1 else ""
-        default = f"holds no cache of {_names(required[:1])}{more}, which the pod requires (fluid.io/dataset.*.sched)"
-        failed = {name: reply.filtered.get(name) or default for name in names if name not in kept}
+        else:
+            kept = {score.node for score in reply.scores}
+            more = f" and {len(required) - 1} more" if len(required) > 1 else ""
+            default = (f"holds no cache of {_names(required[:1])}{more}, which the pod requires "
+                       "(fluid.io/dataset.*.sched)")
+            failed = {name: reply.filtered.get(name) or default for name in names if name not in kept}
     passed = [name for name in names if name not in failed]
     result: dict[str, Any] = {"NodeNames": passed, "FailedNodes": failed, "FailedAndUnresolvableNodes": failed,
                               "Error": ""}

@@ -728,13 +728,16 @@ async def test_extender_ranks_pods_with_only_ordinary_pvcs_as_pods_without_datas
         status, ranked = await served.post("/prioritize", pod)
         assert status == 200 and {p["Host"]: p["Score"] for p in ranked} == {"node-a": 0, "node-b": 0, "node-c": 10}
     assert served.http.counts["prioritize.answered"] == 2 and "prioritize.unanswered" not in served.http.counts
-    # Required, it is no mistake to drop: the pod is scored 0 everywhere (and the filter says why).
+    # Required, it is no mistake to drop: the pod is scored 0 everywhere, and the filter leaves every node out
+    # saying why (an ``Error`` would let kube-scheduler, the extender being ignorable, start it anywhere).
     required = copy.deepcopy(pvc)
     required["Pod"]["metadata"]["labels"] = {"fluid.io/dataset.postgres-data.sched": "required"}
     status, ranked = await served.post("/prioritize", required)
     assert status == 200 and {p["Score"] for p in ranked} == {0}
     status, result = await served.post("/filter", required)
-    assert status == 200 and "unknown dataset ml-team/postgres-data" in result["Error"]
+    assert status == 200 and result["Error"] == "" and result["NodeNames"] == []
+    assert set(result["FailedAndUnresolvableNodes"].values()) == {
+        "dataset ml-team/postgres-data does not exist (required)"}
 
 
 async def test_extender_rejects_malformed_args_with_an_error(served: Served) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
+import functools
 import json
 import ssl
 import subprocess
@@ -31,7 +32,9 @@ from libs import subjects
 from libs.bus import Bus, kv_load
 from libs.config import SchedulerSettings, Settings
 from libs.events.agent import AgentHeartbeat, AgentRecord, InventoryRequest, MountGroup
-from libs.events.dataset import DatasetRecord
+from libs.events.common import ObjectMeta
+from libs.events.dataset import Dataset, DatasetRecord, DatasetSpec, DatasetStatus, Mount
+from libs.events.schedule import DatasetUse, ScoreRequest
 from services.scheduler import app as scheduler_app
 from services.scheduler.http import HttpLoop, http_loop
 from tests.conftest import NatsServer
@@ -119,10 +122,10 @@ def review(required: bool = False) -> dict[str, Any]:
     return body
 
 
-def extender_args(required: bool = False) -> dict[str, Any]:
-    labels = {"fluid.io/dataset.imagenet.sched": "required"} if required else {}
+def extender_args(required: bool = False, dataset: str = "imagenet") -> dict[str, Any]:
+    labels = {f"fluid.io/dataset.{dataset}.sched": "required"} if required else {}
     return {"Pod": {"metadata": {"name": "train-0", "namespace": "ml", "labels": labels},
-                    "spec": {"volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": "imagenet"}}]}},
+                    "spec": {"volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": dataset}}]}},
             "Nodes": {"items": [{"metadata": {"name": node, "labels": {HOST: node, **node_labels}}}
                                 for node, node_labels in NODES.items()]}}
 
@@ -254,6 +257,73 @@ async def test_the_extenders_filter_says_why_each_node_is_left_out(bus: Bus, sch
     assert result["FailedAndUnresolvableNodes"] == result["FailedNodes"]
     assert [n["metadata"]["name"] for n in result["Nodes"]["items"]] == ["node-a"]
     assert "hunter2" not in json.dumps(result)
+
+
+async def test_a_pod_requiring_a_dataset_that_does_not_exist_stays_pending_saying_why(
+        bus: Bus, scheduler_settings: Settings, certificate: tuple[Path, Path]) -> None:
+    """ml/imagenet is not applied yet (a typo, or deleted, reads the same), and the reference ml/ref shows it: a pod
+    requiring either gets every node left out by the extender's filter, unresolvable, with a reason naming the
+    dataset, and no ``Error`` (the extender is ``ignorable``: kube-scheduler dropped the error and started the pod
+    on any node, with no event saying why). Nothing else changes: the webhook writes nothing and warns, the
+    prioritize verb ranks the pod as one without datasets, and the NATS API answers an error, also for a dataset
+    only preferred. Once the dataset is applied and node-a caches some of it, both pods are filtered as usual."""
+    agents, now = await bus.kv(subjects.KV_AGENTS), time.time()
+    for node, labels in NODES.items():
+        beat = AgentHeartbeat(node=node, labels=labels, sent_at=now)
+        await agents.put(node, msgspec.json.encode(AgentRecord(heartbeat=beat, received_at=now)))
+    reference = DatasetRecord(
+        dataset=Dataset(metadata=ObjectMeta(name="ref", namespace="ml"),
+                        spec=DatasetSpec(mounts=[Mount(mount_point="dataset://ml/imagenet")])),
+        generation=1, status=DatasetStatus(phase="Failed", message="source dataset ml/imagenet does not exist"))
+    await (await bus.kv(subjects.KV_DATASETS)).put("ml.ref", msgspec.json.encode(reference))
+    agent_a = api.FakeAgent(bus, "node-a")
+    listener = await bus.subscribe(subjects.INVENTORY_REQUEST, msgspec.json.Decoder(InventoryRequest),
+                                   agent_a.on_request)
+    cert, key = certificate
+    missing = "dataset ml/imagenet does not exist (required)"
+    through = "dataset ml/imagenet, the source of a dataset:// reference the pod requires, does not exist (required)"
+    try:
+        async with scheduler_posts(scheduler_settings, cert, key) as post:
+
+            async def filtered(args: dict[str, Any]) -> Any:
+                result = await post("/filter", args)
+                return result if not result["Error"] else None  # until the scheduler has read the records
+
+            for args, reason in ((extender_args(required=True), missing),
+                                 (extender_args(required=True, dataset="ref"), through)):
+                result = await eventually(functools.partial(filtered, args), what="a filter answer without an error")
+                assert result["NodeNames"] == [] and result["Nodes"]["items"] == []
+                assert result["FailedNodes"] == result["FailedAndUnresolvableNodes"] == dict.fromkeys(NODES, reason)
+
+            # The webhook writes nothing and says why; prioritize and the NATS API answer as before.
+            answer = await post("/mutate", review(required=True))
+            assert "patch" not in answer["response"]
+            assert any("unknown dataset ml/imagenet" in w for w in answer["response"]["warnings"])
+            assert await post("/prioritize", extender_args()) == [{"Host": node, "Score": 10} for node in NODES]
+            for required in (True, False):
+                reply = await api.ask(bus, ScoreRequest(datasets=[DatasetUse(name="imagenet", namespace="ml",
+                                                                             required=required)]))
+                assert reply.error == "unknown dataset ml/imagenet" and reply.scores == [] and reply.filtered == {}
+
+            # Applied, and node-a caches a file: the same pods are kept to node-a.
+            await api.seed(bus, NODES)
+            await eventually(lambda: _dataset_known(bus), what="ml/imagenet known to the scheduler")
+            await agent_a.cache("/train/a.bin")
+
+            async def kept(args: dict[str, Any]) -> Any:
+                result = await post("/filter", args)
+                return result if result["NodeNames"] == ["node-a"] else None
+
+            for args in (extender_args(required=True), extender_args(required=True, dataset="ref")):
+                result = await eventually(functools.partial(kept, args), what="node-a kept once it caches the dataset")
+                assert result["Error"] == "" and set(result["FailedNodes"]) == {"node-b", "node-c"}
+                assert missing not in result["FailedNodes"].values()
+    finally:
+        await listener.unsubscribe()
+
+
+async def _dataset_known(bus: Bus) -> bool:
+    return not (await api.ask(bus, api.WHOLE)).error
 
 
 async def test_each_http_request_counts_once_under_its_own_way(bus: Bus, scheduler_settings: Settings,

@@ -22,7 +22,9 @@ from services.scheduler.domain import (
     Weights,
     _derive,
     filtered_reason,
+    missing_reason,
     score,
+    unknown_in,
 )
 from tests.unit.scheduler_reference import reference_score
 
@@ -131,6 +133,27 @@ def test_a_filtered_nodes_reason_is_bounded_whatever_the_pod_requires() -> None:
     assert len(reason) <= MAX_REASON_CHARS and "63 more" in reason and "node-x" not in reason
     long = [Use(("n" * 200, "d" * 200), (), True)]
     assert len(filtered_reason(long, "node-x", {}, None, lambda dataset: None)) == MAX_REASON_CHARS
+
+
+def test_the_unknown_dataset_error_is_read_back_and_no_other_error_is() -> None:
+    """The extender's filter tells a required dataset that does not exist from any other error by the answer's
+    error alone: ``unknown_in`` reads back the dataset ``score`` named, and nothing else."""
+    unknown = score(request(DatasetUse(name="nope", namespace="ml", required=True)), view(), Weights())
+    assert unknown_in(unknown.error) == ("ml", "nope")
+    for other in ("too many datasets: 65 (at most 64)", "a candidate without a name", "paths of ml/x must start "
+                  "with '/'", "the scheduler is starting (inventory snapshots not all read yet); ask again shortly",
+                  "unknown dataset ", "unknown dataset ml", ""):
+        assert unknown_in(other) is None, other
+
+
+@given(st.text(min_size=1), st.text(min_size=1))
+def test_a_missing_datasets_reason_names_it_within_the_bound(namespace: str, name: str) -> None:
+    for source in (False, True):
+        reason = missing_reason((namespace, name), source=source)
+        assert len(reason) <= MAX_REASON_CHARS
+        if len(namespace) + len(name) < 64:
+            assert f"dataset {namespace}/{name}" in reason and reason.endswith("does not exist (required)")
+    assert missing_reason(("ml", "imagenett")) == "dataset ml/imagenett does not exist (required)"
 
 
 def test_work_without_datasets_prefers_nodes_without_cache() -> None:

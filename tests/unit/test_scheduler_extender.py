@@ -97,14 +97,57 @@ def test_filter_answers_node_objects_when_it_was_sent_node_objects() -> None:
     assert set(result["FailedNodes"]) == {"node-b"}
 
 
+STARTING = "the scheduler is starting (inventory snapshots not all read yet); ask again shortly"
+
+
 @pytest.mark.parametrize(("reply", "failure", "says"), [
     (None, "no answer within 0.5 s", "no answer within 0.5 s"),
-    (ScoreReply(error="unknown dataset ns/data"), "", "unknown dataset ns/data"),
+    (ScoreReply(error=STARTING), "", STARTING),
+    (ScoreReply(error="too many candidates: 5001 (at most 5000)"), "", "too many candidates"),
 ])
 def test_filter_errors_when_the_scheduler_cannot_answer_a_required_pod(reply: ScoreReply | None, failure: str,
                                                                        says: str) -> None:
     result = filter_result(parse_args(by_names("node-a", labels=REQUIRED)), reply, failure)
     assert says in result["Error"] and result["NodeNames"] is None
+
+
+def test_a_required_dataset_that_does_not_exist_leaves_every_node_out_saying_so() -> None:
+    """A typo in the required label, a dataset never applied or deleted: every node is left out with one reason
+    naming the dataset (kube-scheduler adds them up in the pod's FailedScheduling event), unresolvable, and no
+    ``Error``: the extender is ``ignorable``, so an error let the pod start on any node, away from its data."""
+    unknown = ScoreReply(error="unknown dataset ns/data")
+    reason = "dataset ns/data does not exist (required)"
+    result = filter_result(parse_args(by_names("node-a", "node-b", labels=REQUIRED)), unknown)
+    assert result == {"NodeNames": [], "FailedNodes": {"node-a": reason, "node-b": reason},
+                      "FailedAndUnresolvableNodes": {"node-a": reason, "node-b": reason}, "Error": ""}
+    # Sent node objects: none is answered back.
+    body = recorded()
+    result = msgspec.json.decode(msgspec.json.encode(filter_result(parse_args(body), ScoreReply(
+        error="unknown dataset ml-team/imagenet"))))
+    assert result["Nodes"]["items"] == [] and result["NodeNames"] == [] and result["Error"] == ""
+    assert set(result["FailedAndUnresolvableNodes"]) == {"node-a", "node-b", "node-c"}
+    assert result["FailedNodes"]["node-b"] == "dataset ml-team/imagenet does not exist (required)"
+
+
+def test_an_unknown_dataset_the_pod_only_prefers_stays_an_error() -> None:
+    """Only what the pod requires is enforced: an unknown dataset it only prefers is an error, never read as "no
+    node holds it" (the HTTP front drops such datasets from the question before it gets here), and a pod that
+    requires nothing is not filtered at all."""
+    both = {**REQUIRED, "fluid.io/dataset.other.sched": "true"}
+    result = filter_result(parse_args(by_names("node-a", labels=both)), ScoreReply(error="unknown dataset ns/other"))
+    assert "unknown dataset ns/other" in result["Error"] and result["FailedNodes"] == {}
+    result = filter_result(parse_args(by_names("node-a")), ScoreReply(error="unknown dataset ns/data"))
+    assert result["NodeNames"] == ["node-a"] and result["FailedNodes"] == {} and result["Error"] == ""
+
+
+def test_a_required_reference_whose_source_does_not_exist_leaves_every_node_out() -> None:
+    """The scheduler asks about a ``dataset://`` reference's source; when that does not exist, its error names the
+    source, which is none of the pod's own datasets: the reason says whose source it is."""
+    result = filter_result(parse_args(by_names("node-a", labels=REQUIRED)), ScoreReply(error="unknown dataset "
+                                                                                            "team-a/src"))
+    reason = "dataset team-a/src, the source of a dataset:// reference the pod requires, does not exist (required)"
+    assert result["FailedNodes"] == result["FailedAndUnresolvableNodes"] == {"node-a": reason}
+    assert result["NodeNames"] == [] and result["Error"] == ""
 
 
 def test_priorities_scale_scores_to_the_extender_range() -> None:
