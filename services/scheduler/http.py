@@ -33,7 +33,8 @@ Datasets a pod names through a PVC may not be datasets at all (any PVC is listed
 "unknown dataset", the ones it does not know and the pod does not require are dropped and it is asked again, so
 an ordinary PVC next to a dataset's does not cancel the preference, and a pod with ordinary PVCs only is ranked by
 ``/prioritize`` as a pod without datasets. An unknown dataset the pod requires is an error that stands: the
-webhook's warning says so.
+webhook writes nothing and its warning says so, and the extender's ``/filter`` leaves every node out naming the
+dataset (``extender.missing_required``), so the pod stays Pending until the dataset exists.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ from libs.listener import CappedListener, app_runner
 from libs.telemetry import get_logger
 
 from .admission import BadReview, affinity_patch, datasets_of, parse_review, placement, review_response
-from .extender import BadArgs, error_body, filter_result, parse_args, priorities
+from .extender import BadArgs, error_body, filter_result, missing_required, parse_args, priorities
 
 log = get_logger(__name__)
 
@@ -411,7 +412,10 @@ class SchedulerHttp:
         if reply is None or reply.error:
             warnings = list(uses.warnings)
             if reply is not None and uses.required:  # it stands because of a dataset the pod requires: say so
-                warnings.append(f"shoal: the pod is not placed near its data: {reply.error}")
+                # ... and, when that dataset does not exist, that the extender's filter keeps the pod Pending.
+                pending = "; with the extender it stays Pending until the dataset exists" if missing_required(
+                    uses, reply.error) else ""
+                warnings.append(f"shoal: the pod is not placed near its data: {reply.error}{pending}")
             return _json(review_response(review.uid, warnings=warnings))
         holders = {score.node: self._labels(score.node) for score in reply.scores} if uses.required else {}
         wanted = placement(reply, uses, review.pod, holders)

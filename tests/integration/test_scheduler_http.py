@@ -289,15 +289,21 @@ async def test_a_pod_with_only_an_ordinary_pvc_is_left_alone_and_counted_once(se
 
 async def test_a_required_dataset_the_scheduler_does_not_know_is_said_in_a_warning(served: Served) -> None:
     """A typo in the required label: the pod cannot be placed by its data (the error stands, so not even by the
-    dataset its PVC names), and the person who created it reads why in kubectl's warnings instead of nothing."""
+    dataset its PVC names), and the person who created it reads why in kubectl's warnings instead of nothing,
+    and that the extender keeps it Pending until the dataset exists."""
     review = recorded_review()
     review["request"]["object"]["metadata"]["labels"]["fluid.io/dataset.imagenett.sched"] = "required"
     status, answer = await served.post("/mutate", review)
     assert status == 200 and patched_pod(review, answer) == review["request"]["object"]
     (warning,) = answer["response"]["warnings"]
-    assert "unknown dataset ml-team/imagenett" in warning and "not placed near its data" in warning
+    assert warning == ("shoal: the pod is not placed near its data: unknown dataset ml-team/imagenett; with the "
+                       "extender it stays Pending until the dataset exists")
     assert dict(served.http.counts) == {"mutate.unanswered": 1}
-    # An ordinary PVC alone is no dataset and no mistake: no warning.
+    # Any other error (the scheduler starting): the extender does not keep the pod Pending, so nothing says it does.
+    served.stub.override = lambda request: ScoreReply(error="the scheduler is starting")
+    status, answer = await served.post("/mutate", review)
+    assert answer["response"]["warnings"] == ["shoal: the pod is not placed near its data: the scheduler is starting"]
+    served.stub.override = None
     served.http.counts.clear()
     review = recorded_review()
     review["request"]["object"]["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"] = "postgres-data"

@@ -298,7 +298,9 @@ async def test_a_pod_requiring_a_dataset_that_does_not_exist_stays_pending_sayin
             # The webhook writes nothing and says why; prioritize and the NATS API answer as before.
             answer = await post("/mutate", review(required=True))
             assert "patch" not in answer["response"]
-            assert any("unknown dataset ml/imagenet" in w for w in answer["response"]["warnings"])
+            assert answer["response"]["warnings"] == ["shoal: the pod is not placed near its data: unknown dataset "
+                                                      "ml/imagenet; with the extender it stays Pending until the "
+                                                      "dataset exists"]
             assert await post("/prioritize", extender_args()) == [{"Host": node, "Score": 10} for node in NODES]
             for required in (True, False):
                 reply = await api.ask(bus, ScoreRequest(datasets=[DatasetUse(name="imagenet", namespace="ml",
