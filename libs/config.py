@@ -12,10 +12,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar, get_type_hints
+from urllib.parse import urlsplit
 
 import msgspec
 
 from libs.events.common import DNS1123_LABEL, DNS1123_SUBDOMAIN, parse_quantity
+from libs.redact import strip_userinfo
 
 
 class SettingsError(ValueError):
@@ -375,10 +377,28 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     return settings
 
 
+def nats_url_errors(urls: list[str], source: str) -> list[str]:
+    """Why each URL of ``urls`` (named ``source``: NATS_URL, --nats) cannot name a NATS server, its user and
+    password hidden. nats-py raises on such a URL (an unclosed '[', a port beyond 65535) from deep inside its
+    connect: said here, before any connection, it is one line naming the URL instead of a traceback."""
+    problems = []
+    for url in urls:
+        try:
+            split = urlsplit(url if "://" in url else f"nats://{url}")
+            split.port  # noqa: B018 (raises ValueError for a port out of range or not a number)
+        except ValueError as err:
+            problems.append(f"{source}: {strip_userinfo(url, strict=True)!r} is not a server URL ({err})")
+            continue
+        if not split.hostname:
+            problems.append(f"{source}: {strip_userinfo(url, strict=True)!r} names no host")
+    return problems
+
+
 def _check(settings: Settings) -> list[str]:
     problems = []
     if not settings.nats.urls:
         problems.append("NATS_URL: at least one server URL is needed")
+    problems += nats_url_errors(settings.nats.urls, "NATS_URL")
     if settings.service.log_level not in ("debug", "info", "warning", "error"):
         problems.append(f"SHOAL_LOG_LEVEL={settings.service.log_level!r}: use debug, info, warning or error")
     if settings.service.log_format not in ("json", "console", "auto"):

@@ -41,7 +41,7 @@ from libs.bus import Bus, Permanent, PermissionDenied, connect, kv_load, kv_valu
 from libs.cli import manifests, operations, render
 from libs.cli.errors import CliError
 from libs.cli.up import down, up
-from libs.config import NatsSettings, SettingsError, load_settings
+from libs.config import NatsSettings, SettingsError, load_settings, nats_url_errors
 from libs.documents import (
     OPERATION_KINDS,
     Command,
@@ -160,6 +160,8 @@ class Options:
             raise SetupError(str(err)) from err
         if self.nats_urls:
             settings = replace(settings, urls=list(self.nats_urls))
+            if errors := nats_url_errors(settings.urls, "--nats"):
+                raise SetupError("; ".join(errors))
         return settings
 
 

@@ -736,6 +736,18 @@ async def test_missing_streams_and_unreachable_nats_exit_2_without_traceback(nat
     assert isinstance(unreachable.exception, SystemExit)
 
 
+@pytest.mark.parametrize(("url", "why"), [
+    ("nats://[::1", "'nats://[::1' is not a server URL (Invalid IPv6 URL)"),
+    ("nats://cli:s3cret@127.0.0.1:99999", "'nats://***@127.0.0.1:99999' is not a server URL (Port out of range"),
+])
+async def test_a_nats_url_that_names_no_server_exits_2_naming_it(url: str, why: str) -> None:
+    urls = f"nats://127.0.0.1:{free_port()},{url}"
+    result = await asyncio.to_thread(CliRunner().invoke, cli, ["--nats", urls, "get", "ds"])
+    assert result.exit_code == 2 and result.stdout == "", result.output  # it was a ValueError's traceback
+    assert result.stderr.startswith(f"error: --nats: {why}") and result.stderr.count("\n") == 1, result.stderr
+    assert "s3cret" not in result.stderr and isinstance(result.exception, SystemExit)
+
+
 # --- events ---
 
 

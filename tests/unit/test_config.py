@@ -104,6 +104,25 @@ def test_nats_url_needs_at_least_one_server(raw: str) -> None:
         load_settings({"NATS_URL": raw})
 
 
+@pytest.mark.parametrize(("raw", "why"), [
+    ("nats://[::1", "'nats://[::1' is not a server URL (Invalid IPv6 URL)"),
+    ("nats://a:4222,nats://b:99999", "'nats://b:99999' is not a server URL (Port out of range 0-65535)"),
+    ("nats://a:port", "'nats://a:port' is not a server URL"),
+    ("nats://:4222", "'nats://:4222' names no host"),
+    ("nats://cli:s3cret@[::1", "'nats://***@[::1' is not a server URL"),  # the password never shown
+])
+def test_a_nats_url_that_names_no_server_is_a_settings_error(raw: str, why: str) -> None:
+    # nats-py raised it from inside connect: a service or the CLI ended in a traceback.
+    with pytest.raises(SettingsError) as caught:
+        load_settings({"NATS_URL": raw})
+    assert f"NATS_URL: {why}" in str(caught.value) and "s3cret" not in str(caught.value)
+
+
+@pytest.mark.parametrize("raw", ["nats://[::1]:4222", "127.0.0.1:4222", "localhost", "tls://a:4443"])
+def test_nats_urls_nats_py_takes_are_valid(raw: str) -> None:
+    assert load_settings({"NATS_URL": raw}).nats.urls == [raw]
+
+
 # --- Booleans ---
 
 
