@@ -682,12 +682,17 @@ def takes_cache_states(before: DatasetStatus, after: DatasetStatus) -> bool:
 
 
 def with_cache_states(status: DatasetStatus, cache: DatasetInventory) -> DatasetStatus:
-    """The status with the cache figures of ``cache``; unchanged while no node ever reported (the binding's
-    capacity stays), zero once the last node that had is gone."""
+    """The status with the cache figures of ``cache``; unchanged while no node ever reported, zero once the last
+    node that had is gone. The capacity stays the binding's (the runtime's: its cache workers' tiers, as in Fluid)
+    once there is one: every node that mounts the dataset reports its tiers, also those that only read through the
+    workers and keep no block, so their sum flipped ``cacheCapacity`` to twice the runtime's at each inventory event
+    and back at each runtime fact."""
     if not cache.nodes and not status.nodes:
         return status
-    return msgspec.structs.replace(status, cache_states=cache_states(cache, status.ufs_total_bytes),
-                                   nodes=node_caches(cache))
+    states = cache_states(cache, status.ufs_total_bytes)
+    if status.cache_states.cache_capacity:
+        states = msgspec.structs.replace(states, cache_capacity=status.cache_states.cache_capacity)
+    return msgspec.structs.replace(status, cache_states=states, nodes=node_caches(cache))
 
 
 def departed_nodes(named: Iterable[str], agents: Mapping[str, AgentRecord], ttl: float) -> set[str]:

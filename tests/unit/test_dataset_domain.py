@@ -973,6 +973,19 @@ def test_nodes_whose_agent_is_gone_are_departed_and_leave_the_fold() -> None:
     assert with_cache_states(fresh, without_nodes(cache, {"node-a", "node-b"})) is fresh  # no node ever reported
 
 
+def test_the_capacity_stays_the_runtimes_when_nodes_that_keep_no_block_report_their_tiers() -> None:
+    # One cache worker (the runtime's 1 GiB); the other node only reads through it, yet reports its 1 GiB of tiers.
+    cache = two_nodes(CacheCounters(cached_bytes=50, capacity_bytes=2**30),
+                      CacheCounters(cached_bytes=0, capacity_bytes=2**30, remote_bytes=50))
+    bound = with_binding(valid_s3_dataset(), DatasetStatus(ufs_total_bytes=100), "Ready", "1.00GiB")
+    status = with_cache_states(bound, cache)
+    assert status.cache_states.cache_capacity == "1.00GiB"  # it was 2.00GiB until the next runtime fact
+    assert status.cache_states.cached == "50B" and status.cache_states.remote_hit_ratio == "100.0%"
+    assert with_binding(valid_s3_dataset(), status, "Ready", "2.00GiB").cache_states.cache_capacity == "2.00GiB"
+    # Before any binding gave one, the nodes' tiers are all there is to say.
+    assert with_cache_states(DatasetStatus(ufs_total_bytes=100), cache).cache_states.cache_capacity == "2.00GiB"
+
+
 def test_no_reads_yet_gives_zero_ratios() -> None:
     states = cache_states(two_nodes(CacheCounters(cached_bytes=5), CacheCounters()), ufs_total_bytes=10)
     assert (states.cache_hit_ratio, states.local_hit_ratio, states.remote_hit_ratio) == ("0.0%", "0.0%", "0.0%")
