@@ -681,6 +681,32 @@ class Delivery:
         return self.headers.get("Nats-Msg-Id", "")
 
 
+class _CommandId(msgspec.Struct):
+    """The one field of a command read when the rest of it does not decode."""
+
+    id: str = ""
+
+
+_COMMAND_ID_DECODER = msgspec.json.Decoder(_CommandId)
+
+
+def invalid_command_id(delivery: Delivery, payload: bytes) -> str:
+    """The id a rejection of an undecodable command answers (its ``causationId``): the ``Nats-Msg-Id``, else the
+    ``id`` the payload names when that much of it decodes (a schema violation from a publisher that sent no
+    header), else ``seq-<stream sequence>``. Before, without the header the publisher got a ``seq-`` id it could
+    not match to its command, though its id was right there. An id that could not be a header value (too long, a
+    control character) is not taken."""
+    if delivery.message_id:
+        return delivery.message_id
+    try:
+        named = _COMMAND_ID_DECODER.decode(payload).id
+    except DECODE_ERRORS:
+        named = ""
+    if named and len(named) <= MESSAGE_ID_LIMIT and not _HEADER_UNSAFE.search(named):
+        return named
+    return f"seq-{delivery.stream_sequence}"
+
+
 # Where the delivery count, stream sequence and store time sit in a JetStream reply subject, by its token count:
 # ``$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<tm>.<pending>`` (9 tokens) or, since servers with
 # domains, ``$JS.ACK.<domain>.<account>.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<tm>.<pending>.<token>``.

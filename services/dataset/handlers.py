@@ -27,6 +27,7 @@ from libs.bus import (
     Permanent,
     Replay,
     RetryLater,
+    invalid_command_id,
     kv_delete,
     kv_load,
     kv_load_deleted,
@@ -120,7 +121,7 @@ class DatasetHandlers:
             await self.delete(command, delivery)
 
     async def on_invalid_command(self, delivery: Delivery, reason: str, payload: bytes) -> None:
-        await self._reject(delivery.message_id or f"seq-{delivery.stream_sequence}", delivery, reason)
+        await self._reject(invalid_command_id(delivery, payload), delivery, reason)
 
     async def apply(self, command: DatasetApply, delivery: Delivery) -> None:
         dataset = command.dataset

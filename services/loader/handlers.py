@@ -30,7 +30,17 @@ from nats.errors import NoRespondersError
 from nats.js.errors import APIError, NotFoundError, ObjectNotFoundError, ServiceUnavailableError
 
 from libs import metrics, subjects
-from libs.bus import Bus, Delivery, KvMirror, PermissionDenied, kv_delete, kv_load, kv_load_deleted, kv_save
+from libs.bus import (
+    Bus,
+    Delivery,
+    KvMirror,
+    PermissionDenied,
+    invalid_command_id,
+    kv_delete,
+    kv_load,
+    kv_load_deleted,
+    kv_save,
+)
 from libs.deletion import deleted_at, deletion_note
 from libs.events.common import ObjectMeta, parse_quantity
 from libs.events.dataset import DatasetRecord, DatasetResync, ManifestEntry
@@ -161,7 +171,7 @@ class LoaderHandlers:
                 await self._delete(command, kind, delivery)
 
     async def on_invalid_command(self, delivery: Delivery, reason: str, payload: bytes) -> None:
-        causation = delivery.message_id or f"seq-{delivery.stream_sequence}"
+        causation = invalid_command_id(delivery, payload)
         kind = kind_of_subject(delivery.subject)
         await self.bus.publish(FACTS[kind][1], OperationRejected(id=f"{causation}.rejected", causation_id=causation,
                                                                  reason=reason, kind=kind, subject=delivery.subject))

@@ -43,6 +43,7 @@ from libs.bus import (
     Conflict,
     Delivery,
     KvMirror,
+    invalid_command_id,
     kv_delete,
     kv_keys,
     kv_load,
@@ -128,7 +129,7 @@ class RuntimeHandlers:
             await self.delete(command, delivery)
 
     async def on_invalid_command(self, delivery: Delivery, reason: str, payload: bytes) -> None:
-        causation = delivery.message_id or f"seq-{delivery.stream_sequence}"
+        causation = invalid_command_id(delivery, payload)
         await self.bus.publish(
             subjects.RUNTIME_REJECTED,
             RuntimeRejected(id=f"{causation}.rejected", causation_id=causation, reason=reason,

@@ -19,6 +19,7 @@ from libs.config import Settings
 from libs.events.common import ObjectMeta
 from libs.events.dataset import Dataset, DatasetApply, DatasetSpec, Mount
 from services.dataset import app as dataset_app
+from services.loader import app as loader_app
 from services.runtime import app as runtime_app
 from tests.helpers import FactCollector, dataset_record, eventually, make_settings, running
 from tests.metric_values import Snapshot, value
@@ -89,6 +90,29 @@ async def test_undecodable_command_is_rejected_and_dead_lettered(bus: Bus, bus_s
     assert metrics.moved(HANDLED, consumer=durable, outcome="dead_lettered") == 0
     assert metrics.moved(HANDLED, consumer=durable, outcome="ok") == 1
     assert metrics.moved("shoal_handler_duration_seconds_count", consumer=durable) == 1  # only the decoded one
+
+
+@pytest.mark.parametrize(("service", "subject", "payload", "rejected_type"), [
+    (dataset_app, subjects.DATASET_APPLY,
+     b'{"type": "dataset.apply.v1", "id": "mine-1", "dataset": {"metadata": {"name": 7}}}', "dataset.rejected.v1"),
+    (runtime_app, subjects.RUNTIME_SCALE,
+     b'{"type": "runtime.scale.v1", "id": "mine-1", "name": "demo", "replicas": "lots"}', "runtime.rejected.v1"),
+    (loader_app, subjects.DATALOAD_APPLY, b'{"type": "dataload.apply.v1", "id": "mine-1"}', "operation.rejected.v1"),
+], ids=["dataset", "runtime", "loader"])
+async def test_a_command_without_a_message_id_is_rejected_under_its_own_id(
+        bus: Bus, bus_settings: Settings, service: Any, subject: str, payload: bytes, rejected_type: str) -> None:
+    # As README's and `shoal up`'s examples publish: no Nats-Msg-Id header. Its rejection said seq-<n>, which the
+    # publisher, waiting for "mine-1", never matched.
+    facts = FactCollector()
+    await facts.start(bus)
+    async with running(lambda stop: service.run(bus_settings, stop)):
+        await bus.js.publish(subject, payload)
+        rejected = await facts.wait_for(rejected_type, causationId="mine-1")
+        assert rejected["id"] == "mine-1.rejected" and rejected["reason"].startswith("invalid event")
+        # Where no id can be read (not JSON, or one that could not be a header value), the stream sequence.
+        for unread in (b"{not json", b'{"type": "x", "id": "a\\nb"}', b'{"id": 5}'):
+            ack = await bus.js.publish(subject, unread)
+            await facts.wait_for(rejected_type, causationId=f"seq-{ack.seq}")
 
 
 async def test_oversized_payload_is_rejected(bus: Bus, bus_settings: Settings) -> None:
