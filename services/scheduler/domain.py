@@ -617,7 +617,8 @@ def score(request: ScoreRequest, view: View, weights: Weights) -> ScoreReply:
     for rank, item in enumerate(scores[:WHOLE_FILES_NOTED]):
         whole = sum(view.whole_files(use.key, item.node) for use in uses) if item.cached_bytes else 0
         if whole:
-            scores[rank] = msgspec.structs.replace(item, reason=f"{item.reason} ({whole} whole files)")
+            files = "1 whole file" if whole == 1 else f"{whole} whole files"
+            scores[rank] = msgspec.structs.replace(item, reason=f"{item.reason} ({files})")
     return ScoreReply(id=f"{request.id}.reply", causation_id=request.id, scores=scores, filtered=filtered,
                       unlisted=max(count - limit, 0), unlisted_score=ranks[limit] // stride if count > limit else 0)
 

@@ -147,5 +147,6 @@ def reference_score(request: ScoreRequest, view: View, weights: Weights) -> Scor
     for index, item in enumerate(scores[:WHOLE_FILES_NOTED]):
         whole = sum(view.whole_files(use.key, item.node) for use in uses) if item.cached_bytes else 0
         if whole:
-            scores[index] = msgspec.structs.replace(item, reason=f"{item.reason} ({whole} whole files)")
+            files = "1 whole file" if whole == 1 else f"{whole} whole files"
+            scores[index] = msgspec.structs.replace(item, reason=f"{item.reason} ({files})")
     return ScoreReply(id=f"{request.id}.reply", causation_id=request.id, scores=scores, filtered=filtered)

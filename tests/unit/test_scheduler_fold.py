@@ -165,7 +165,7 @@ def test_the_live_view_scores_from_the_fold() -> None:
     assert [s.node for s in whole.scores] == ["n2", "n1", "n3"]
     train = score(ScoreRequest(datasets=[DatasetUse(name="d", namespace="ml", paths=["/train"])]), view, Weights())
     assert [(s.node, s.score) for s in train.scores] == [("n1", 67), ("n2", 0), ("n3", 0)]
-    assert "(1 whole files)" in train.scores[0].reason
+    assert train.scores[0].reason.endswith(" (1 whole file)")  # not "1 whole files"
     unknown = score(ScoreRequest(datasets=[DatasetUse(name="x", namespace="ml")]), view, Weights())
     assert unknown.error == "unknown dataset ml/x"
 
