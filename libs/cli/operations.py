@@ -185,7 +185,7 @@ async def _follow_one(watch: OperationWatch, generation: int, bar: Progress) -> 
     phase = ""
     while True:
         record = watch.latest
-        if record is not None and record.generation >= generation:
+        if record is not None and record.generation >= generation and not _previous_end(record, generation):
             _show(bar, task, record)
             if record.status.phase != phase:
                 phase = record.status.phase
@@ -196,6 +196,13 @@ async def _follow_one(watch: OperationWatch, generation: int, bar: Progress) -> 
         elif watch.deleted:
             return Finished(watch.resource, None, f"{watch.resource} was deleted before it finished")
         await watch.next_change()
+
+
+def _previous_end(record: OperationRecord, generation: int) -> bool:
+    """The record is of the applied generation but its status still the end of the run before (the loader saves the
+    new spec at once and starts its run after): "Failed" or "Complete" drawn from it was the previous run's, said
+    as this apply's before its run even started."""
+    return record.status.phase in TERMINAL_PHASES and not finished(record, generation)
 
 
 def _phase_line(resource: str, record: OperationRecord) -> str:

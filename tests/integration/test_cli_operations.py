@@ -60,8 +60,8 @@ _COMMANDS: msgspec.json.Decoder[OperationCommand] = msgspec.json.Decoder(Operati
 
 def record_of(command: DataLoadApply | DataCleanApply, generation: int, status: OperationStatus) -> OperationRecord:
     """The loader's record of ``command`` at ``generation``; a run in ``status`` (one that started) is of that
-    generation, as the loader's runs are (``observedGeneration``)."""
-    if status.phase != "Pending":
+    generation, as the loader's runs are (``observedGeneration``), unless ``status`` names an older one."""
+    if status.phase != "Pending" and not status.observed_generation:
         status = msgspec.structs.replace(status, observed_generation=generation)
     if isinstance(command, DataLoadApply):
         return OperationRecord(kind="DataLoad", metadata=command.data_load.metadata, load=command.data_load.spec,
@@ -242,6 +242,27 @@ def test_the_wait_ends_on_the_applied_generations_run_and_on_an_older_loaders_re
     assert operations.finished(ran, 2)
     running = msgspec.structs.replace(ran, status=msgspec.structs.replace(ran.status, phase="Executing"))
     assert not operations.finished(running, 2)
+
+
+async def test_apply_wait_does_not_say_the_previous_runs_end_as_this_applys(nats_server: NatsServer, bus: Bus,
+                                                                          loader: StandInLoader) -> None:
+    """The loader saves a changed spec (generation 2) with the previous run's Failed status, then runs it: --wait
+    printed "Failed" first, as if the fixed spec had failed, then "Executing" and "Complete"."""
+    earlier = DataLoadApply(data_load=DataLoad(metadata=ObjectMeta(name="spark-dataload"),
+                                               spec=DataLoadSpec(dataset=ObjectRef(name="spark"))))
+    failed = OperationStatus(phase="Failed", duration="0s", runs=1, message="target path '/a' is not in the manifest")
+    kv = await bus.kv(subjects.KV_OPERATIONS)
+    await kv.put(subjects.operation_key("DataLoad", "default", "spark-dataload"),
+                 msgspec.json.encode(record_of(earlier, 1, failed)))
+    loader.generation = 2
+    loader.statuses = [msgspec.structs.replace(failed, observed_generation=1), executing(3, 12 * MiB), COMPLETE]
+
+    result = await shoal(nats_server, "apply", "-f", "-", "--wait", stdin=FLUID_DATALOAD)
+
+    assert result.exit_code == 0, result.output
+    _ignored_note, *phases = result.stderr.splitlines()
+    assert phases == ["dataload.shoal.io/spark-dataload Executing 3/10 files, 12.00MiB/40.00MiB",
+                      "dataload.shoal.io/spark-dataload Complete 10/10 files, 40.00MiB/40.00MiB"]
 
 
 async def test_apply_wait_exits_1_with_the_message_when_the_load_fails(nats_server: NatsServer, bus: Bus,
