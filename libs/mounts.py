@@ -11,7 +11,7 @@ from __future__ import annotations
 import posixpath
 
 from libs.events.dataset import Dataset, Mount
-from libs.redact import has_userinfo, is_secret_name, strip_userinfo
+from libs.redact import has_userinfo, hide_secret_query, is_secret_name, secret_query_names, strip_userinfo
 
 # Options each scheme understands. Fluid/Alluxio spellings are accepted as aliases of ours.
 OPTION_ALIASES = {
@@ -30,8 +30,9 @@ def canonical_options(mount: Mount, shared: dict[str, str]) -> dict[str, str]:
 
 
 def exposed_secret_errors(dataset: Dataset) -> list[str]:
-    """Secrets given in clear text, which would travel (and stay) in events: secret options and URLs with a user
-    or password. Each reason names the field where the secret was given and never shows its value.
+    """Secrets given in clear text, which would travel (and stay) in events: secret options, URLs with a user or
+    password, and mount points whose query signs them or holds a token. Each reason names the field where the secret
+    was given and never shows its value.
 
     The dataset service rejects such a spec; the CLI refuses it before publishing anything.
     """
@@ -47,9 +48,13 @@ def exposed_secret_errors(dataset: Dataset) -> list[str]:
                 errors.append(f"{where}.{key} {strip_userinfo(value, strict=True)!r} has credentials in its URL: "
                               f"{advice}")
     for index, mount in enumerate(dataset.spec.mounts):
+        shown = hide_secret_query(strip_userinfo(mount.mount_point, strict=True))
         if has_userinfo(mount.mount_point):
-            errors.append(f"spec.mounts[{index}].mountPoint {strip_userinfo(mount.mount_point, strict=True)!r} "
-                          f"has credentials in its URL: {advice}")
+            errors.append(f"spec.mounts[{index}].mountPoint {shown!r} has credentials in its URL: {advice}")
+        if names := secret_query_names(mount.mount_point):
+            errors.append(f"spec.mounts[{index}].mountPoint {shown!r} has a credential in its query "
+                          f"({', '.join(names)}): a signed or token URL would travel in events; mount the folder "
+                          "or bucket itself")
     return errors
 
 

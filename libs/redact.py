@@ -77,6 +77,42 @@ def strip_userinfo(text: str, strict: bool = False) -> str:
     return pattern.sub(lambda match: f"{match['scheme']}{HIDDEN}@", text)
 
 
+# A parameter of a URL's query or fragment (``#access_token=`` is OAuth's): its separator, name and value.
+_PARAM = re.compile(r"(?P<sep>[?&#;])(?P<name>[^=&#;?]+)=(?P<value>[^&#;]*)")
+# Query parameters that carry a credential besides the secret-looking names and the signing ones: Azure's SAS
+# signature (``sig``) and a plain API key.
+_SECRET_QUERY_NAMES = frozenset({"sig", "key", "apikey", "api_key", "api-key"})
+
+
+def _secret_param(name: str) -> bool:
+    return (is_secret_name(name) or name.lower() in _SECRET_QUERY_NAMES
+            or _SIGNING.fullmatch(f"{name}=x") is not None)
+
+
+def _query_of(url: str) -> tuple[str, str]:
+    """``url`` cut where its query or fragment starts: (before, from the '?' or '#' on)."""
+    cut = min((at for at in (url.find("?"), url.find("#")) if at >= 0), default=len(url))
+    return url[:cut], url[cut:]
+
+
+def hide_secret_query(url: str) -> str:
+    """``url`` with the value of each query (or fragment) parameter that carries a credential replaced by ``***``:
+    ``https://h/f/?X-Amz-Signature=***&x=1``. The rest is kept, so a refusal still shows what was refused."""
+    head, tail = _query_of(url)
+    return head + _PARAM.sub(lambda match: f"{match['sep']}{match['name']}={HIDDEN}"
+                             if _secret_param(match["name"]) else match.group(0), tail)
+
+
+def secret_query_names(url: str) -> list[str]:
+    """The names of ``url``'s query (or fragment) parameters that carry a credential (``X-Amz-Signature``,
+    ``token``, ``sig``, ...), in order, each once."""
+    names: list[str] = []
+    for match in _PARAM.finditer(_query_of(url)[1]):
+        if match["value"] and _secret_param(match["name"]) and match["name"] not in names:
+            names.append(match["name"])
+    return names
+
+
 def redact_value(value: Any) -> Any:
     """A decoded JSON value with secret-looking members hidden and URL userinfo stripped, at any depth."""
     if isinstance(value, dict):

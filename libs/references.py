@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 from libs.events.common import DNS1123_LABEL, dns_label_errors
 from libs.events.dataset import Dataset, Mount
 from libs.paths import relative_problem
-from libs.redact import strip_userinfo
+from libs.redact import hide_secret_query, strip_userinfo
 from libs.subjects import resource_key
 
 SCHEME = "dataset"
@@ -52,8 +52,8 @@ def parse(mount_point: str) -> tuple[Reference | None, str]:
     """The source ``mount_point`` names, or None and why not (a sentence saying what to write instead).
 
     The sentence goes into rejection facts and logs: it shows the mount point without what a user name or password
-    in it would be (``libs.redact.strip_userinfo``, strict), never as given."""
-    shown = strip_userinfo(mount_point, strict=True)
+    in it would be (``libs.redact.strip_userinfo``, strict) or a token in its query, never as given."""
+    shown = hide_secret_query(strip_userinfo(mount_point, strict=True))
     if not mount_point.startswith(PREFIX):
         return None, f"{shown!r} is not a {PREFIX} mount"
     try:

@@ -42,7 +42,7 @@ from libs.hostpaths import local_root_error
 from libs.inventory import DatasetInventory
 from libs.mounts import canonical_options, exposed_secret_errors, mount_path
 from libs.paths import relative_problem
-from libs.redact import is_secret_name, strip_userinfo
+from libs.redact import hide_secret_query, is_secret_name, strip_userinfo
 from libs.references import PREFIX as REFERENCE_PREFIX
 from libs.references import is_reference, is_reference_mount, reference_of
 from libs.references import parse as parse_reference
@@ -175,7 +175,8 @@ def _mount_errors(mount: Mount, where: str, shared: dict[str, str], shared_encry
     errors: list[str] = []
     # Shown back in rejections and logs: never with the credentials a URL may carry (reported on their own,
     # by exposed_secret_errors), and judged without them.
-    shown_point = strip_userinfo(mount.mount_point, strict=True)
+    # Nor with the credential a pre-signed or token URL holds in its query (reported by exposed_secret_errors).
+    shown_point = hide_secret_query(strip_userinfo(mount.mount_point, strict=True))
     point = strip_userinfo(mount.mount_point)
     parts = urlsplit(point)
     scheme = parts.scheme

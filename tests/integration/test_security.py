@@ -449,6 +449,41 @@ spec:
     assert SECRET.encode() not in await stream_bytes(bus, subjects.STREAM_COMMANDS)
 
 
+async def test_a_signed_or_token_mount_url_is_refused_without_showing_its_credential(
+        bus: Bus, nats_server: NatsServer, tmp_path: Path) -> None:
+    """A pre-signed web folder's signature (or a token) in the mount point's query: the rejection, the service's
+    log line and the command stream quoted it whole ("must be a folder URL without '?' or '#'")."""
+    point = f"http://127.0.0.1:9/files/?X-Amz-Signature={SECRET}&token={SECRET}"
+    manifest = tmp_path / "signed.yaml"
+    manifest.write_text(f"""
+apiVersion: data.fluid.io/v1alpha1
+kind: Dataset
+metadata: {{name: signed}}
+spec:
+  mounts: [{{mountPoint: "{point}"}}]
+""")
+    refused = await shoal(nats_server, "apply", "-f", str(manifest), wait_seconds=3)
+    assert refused.exit_code == 1 and SECRET not in refused.output
+    assert ("spec.mounts[0].mountPoint 'http://127.0.0.1:9/files/?X-Amz-Signature=***&token=***' has a credential "
+            "in its query (X-Amz-Signature, token)") in refused.stderr
+    assert (await bus.js.stream_info(subjects.STREAM_COMMANDS)).state.messages == 0  # nothing was published
+
+    # Published by another system: rejected, the command erased from the stream.
+    facts = FactCollector()
+    await facts.start(bus)
+    with structlog.testing.capture_logs() as logs:
+        async with running(lambda stop: dataset_app.run(make_settings(nats_server.url), stop)):
+            command = DatasetApply(dataset=Dataset(metadata=ObjectMeta(name="signed"),
+                                                   spec=DatasetSpec(mounts=[Mount(mount_point=point)])))
+            await bus.publish(subjects.DATASET_APPLY, command)
+            rejected = await facts.wait_for("dataset.rejected.v1", causationId=command.id)
+    assert "has a credential in its query (X-Amz-Signature, token)" in rejected["reason"]
+    assert "'http://127.0.0.1:9/files/?X-Amz-Signature=***&token=***' must be a folder URL" in rejected["reason"]
+    for blob in (await stream_bytes(bus, subjects.STREAM_FACTS), await stream_bytes(bus, subjects.STREAM_COMMANDS),
+                 repr(logs).encode()):
+        assert SECRET.encode() not in blob
+
+
 async def test_dead_letters_mask_secret_fields(bus: Bus, nats_server: NatsServer) -> None:
     settings = make_settings(nats_server.url)
     facts = FactCollector()

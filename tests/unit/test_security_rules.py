@@ -15,7 +15,15 @@ from libs.events.common import ObjectMeta
 from libs.events.runtime import Level, Runtime, RuntimeSpec, TieredStore
 from libs.hostpaths import cache_path_error, local_root_error, real_local_root_error
 from libs.manifest import ManifestEntry
-from libs.redact import MAX_ERROR_CHARS, cut_error, hide_signing, redact_payload, strip_userinfo
+from libs.redact import (
+    MAX_ERROR_CHARS,
+    cut_error,
+    hide_secret_query,
+    hide_signing,
+    redact_payload,
+    secret_query_names,
+    strip_userinfo,
+)
 from libs.ufs.base import LocalLocation
 from libs.ufs.local import LocalObjectStore
 from services.agent.cache.tiers import MARKER, DiskTier, Health
@@ -55,6 +63,19 @@ def test_strip_userinfo(text: str, shown: str) -> None:
 ])
 def test_hide_signing(text: str, shown: str) -> None:
     assert hide_signing(text) == shown
+
+
+@pytest.mark.parametrize(("url", "shown", "names"), [
+    (f"https://h/f/?X-Amz-Signature={SECRET}&x=1&token={SECRET}", "https://h/f/?X-Amz-Signature=***&x=1&token=***",
+     ["X-Amz-Signature", "token"]),
+    (f"https://h/f/?sv=2024&sig={SECRET}", "https://h/f/?sv=2024&sig=***", ["sig"]),  # Azure SAS
+    (f"https://h/f/#access_token={SECRET}", "https://h/f/#access_token=***", ["access_token"]),
+    ("local:///data/run#3", "local:///data/run#3", []),  # a name with '#', no parameter: shown as given
+    ("https://h/f/?sort=name&token=", "https://h/f/?sort=name&token=***", []),  # nothing in it
+])
+def test_a_urls_query_credentials_are_named_and_hidden(url: str, shown: str, names: list[str]) -> None:
+    assert hide_secret_query(url) == shown
+    assert secret_query_names(url) == names
 
 
 def test_cut_error_bounds_an_error_text_and_marks_the_cut() -> None:
