@@ -394,7 +394,10 @@ class Bus:
 
     async def kv(self, bucket: str) -> KeyValue:
         if bucket not in self._kv:
-            self._kv[bucket] = await self.js.key_value(bucket)
+            # Refusable: a user who may not read the bucket (the observer) got no answer until the JetStream
+            # timeout, and the refusal was said twice, in a log line and in the caller's error, lower-cased.
+            info = natsauth.stream_api("INFO", natsauth.kv_stream(bucket))
+            self._kv[bucket] = await self.refusable(info, self.js.key_value(bucket))
         return self._kv[bucket]
 
     async def manifests(self) -> NatsObjectStore:
