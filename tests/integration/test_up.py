@@ -33,7 +33,7 @@ from libs.cli.stack.demo import Applied, demo_objects, rebase_tier_paths
 from libs.cli.stack.layout import StateLayout
 from libs.cli.stack.pids import pid_alive, process_start
 from libs.cli.stack.ports import Ports as UpPorts
-from libs.cli.stack.ports import ports_needed, service_http_ports
+from libs.cli.stack.ports import port_option_problems, ports_needed, service_http_ports
 from libs.cli.stack.prometheus import HOW_TO_GET, MOUNTS_JOB, SERVICES_JOB, find_tool
 from libs.cli.stack.supervision import (
     SERVICES,
@@ -654,6 +654,26 @@ def test_the_banner_never_shows_a_nats_password(tmp_path: Path) -> None:
                   s3=s3, seeded_objects=0, services={}, http_ports={}, logs=tmp_path, manifest=tmp_path / "m.yaml",
                   applied=[], mounts=tmp_path)
     assert "hunter2" not in text and "nats://***@127.0.0.1:4222" in text
+
+
+@pytest.mark.timeout(60)
+async def test_ports_past_65535_name_the_value_their_option_must_go_down_to(tmp_path: Path) -> None:
+    """It said "lower --http-port below 55536" (the gRPC ports' bound) for side servers that need 65529 or less."""
+    argv = up_arguments(tmp_path / "state")
+    argv[argv.index("--http-port") + 1] = "65533"
+    code, output = await run_to_end([*argv, "--agents", "3"], tmp_path)
+    assert code == 1
+    assert output == "error: conflicting port options:\n" + "".join(
+        f"  port {port} ({name} side server) does not exist: lower --http-port / SHOAL_UP_HTTP_PORT to 65529 or "
+        "less\n" for port, name in ((65536, "scheduler"), (65537, "agent-1"), (65538, "agent-2"), (65539, "agent-3")))
+    assert not (tmp_path / "state" / "up.pid").exists()
+    cluster = ports_needed(UpPorts(nats=65534), run_nats=True, run_s3=False, nats_servers=3)
+    assert port_option_problems(cluster) == [
+        "port 65536 (NATS server 3 of 3) does not exist: lower --nats-port / SHOAL_NATS_PORT to 65533 or less"]
+    grpc = ports_needed(UpPorts(s3=60000), run_nats=False, run_s3=True)
+    assert port_option_problems(grpc) == [
+        "port 70000 (SeaweedFS S3 gRPC, its port + 10000) does not exist: lower --s3-port / SHOAL_S3_PORT to 55535 "
+        "or less"]
 
 
 def test_seaweed_grpc_ports_are_checked_too() -> None:

@@ -40,8 +40,12 @@ class PortUse:
     port: int
     what: str
     option: str
+    # How far ``port`` lies above the value of ``option`` (a gRPC port's 10000, the i-th side server's or cluster
+    # server's i): how low the option must go for ``port`` to exist.
+    offset: int = 0
 
 
+MAX_PORT = 65535
 # SeaweedFS derives each gRPC port as its HTTP port + 10000 (see libs.embedded.start_seaweedfs).
 SEAWEED_GRPC_OFFSET = 10000
 
@@ -55,9 +59,11 @@ def ports_needed(ports: Ports, run_nats: bool, run_s3: bool, nats_servers: int =
         for index in range(nats_servers):
             name = f"NATS server {index + 1} of {nats_servers}"
             needed += [
-                PortUse(clients[index], name, "--nats-port / SHOAL_NATS_PORT"),
-                PortUse(monitors[index], f"{name} monitoring", "--nats-monitor-port / SHOAL_NATS_MONITOR_PORT"),
-                PortUse(routes[index], f"{name} cluster routes", "--nats-cluster-port / SHOAL_NATS_CLUSTER_PORT"),
+                PortUse(clients[index], name, "--nats-port / SHOAL_NATS_PORT", index),
+                PortUse(monitors[index], f"{name} monitoring", "--nats-monitor-port / SHOAL_NATS_MONITOR_PORT",
+                        index),
+                PortUse(routes[index], f"{name} cluster routes", "--nats-cluster-port / SHOAL_NATS_CLUSTER_PORT",
+                        index),
             ]
     elif run_nats:
         needed += [
@@ -72,7 +78,8 @@ def ports_needed(ports: Ports, run_nats: bool, run_s3: bool, nats_servers: int =
             (ports.seaweed_filer, "SeaweedFS filer", "--seaweed-filer-port / SHOAL_SEAWEED_FILER_PORT"),
         ):
             needed.append(PortUse(port, what, option))
-            needed.append(PortUse(port + SEAWEED_GRPC_OFFSET, f"{what} gRPC, its port + 10000", option))
+            needed.append(PortUse(port + SEAWEED_GRPC_OFFSET, f"{what} gRPC, its port + 10000", option,
+                                  SEAWEED_GRPC_OFFSET))
     return needed
 
 
@@ -88,12 +95,19 @@ def port_conflicts_message(busy: Sequence[PortUse]) -> str:
 
 
 def port_option_problems(needed: Sequence[PortUse]) -> list[str]:
-    """Ports given twice, and derived gRPC ports past 65535, before any socket is tried."""
+    """Ports given twice, and derived ports past 65535 (a gRPC port, the last of consecutive ones), before any
+    socket is tried."""
     seen: dict[int, PortUse] = {}
     problems = []
+    # The bound of each option is set by its farthest port: not "below 55536" for every port, as it said (that is
+    # the gRPC ports' bound only), nor a bound that fits one port and not the next.
+    farthest: dict[str, int] = {}
     for use in needed:
-        if use.port > 65535:
-            problems.append(f"port {use.port} ({use.what}) does not exist: lower {use.option} below 55536")
+        farthest[use.option] = max(farthest.get(use.option, 0), use.offset)
+    for use in needed:
+        if use.port > MAX_PORT:
+            problems.append(f"port {use.port} ({use.what}) does not exist: lower {use.option} to "
+                            f"{MAX_PORT - farthest[use.option]} or less")
         elif use.port in seen:
             problems.append(f"port {use.port} is given to both {seen[use.port].what} and {use.what}")
         seen.setdefault(use.port, use)
@@ -116,7 +130,10 @@ def service_http_ports(first: int, services: Sequence[str], taken: Collection[in
 
 
 def http_ports_needed(ports: Mapping[str, int]) -> list[PortUse]:
-    return [PortUse(port, f"{name} side server", "--http-port / SHOAL_UP_HTTP_PORT") for name, port in ports.items()]
+    """The side servers' ports; consecutive ones (``service_http_ports``) each ``offset`` above the first."""
+    first = min(ports.values(), default=0)
+    return [PortUse(port, f"{name} side server", "--http-port / SHOAL_UP_HTTP_PORT", max(port - first, 0))
+            for name, port in ports.items()]
 
 
 # --- I/O ---
