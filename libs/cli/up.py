@@ -209,7 +209,7 @@ def _plan(options: UpOptions, environ: Mapping[str, str]) -> Plan:
     # An empty manifest (the wrong file, a failed render) would bring up a stack with nothing on it, silently.
     if empty := no_objects(docs, "apply"):
         raise UpError(f"{options.manifest}: {empty}")
-    commands, notes = demo_commands(docs, layout.root)
+    commands, notes = demo_commands(docs, layout.root, options.manifest)
     for note in notes:
         _timestamped(f"{options.manifest.name}: {note}")
 

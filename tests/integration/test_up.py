@@ -469,6 +469,35 @@ async def test_a_manifest_without_objects_is_one_error_and_starts_nothing(start_
     assert not (tmp_path / "state" / "logs").exists(), "a server was started"
 
 
+@pytest.mark.timeout(150)
+async def test_a_manifest_with_a_clear_text_secret_is_refused_as_shoal_apply_refuses_it(start_up: StartUp,
+                                                                                      tmp_path: Path) -> None:
+    """shoal up published it (the secret then stayed in the command stream until the service erased it), started
+    the stack and printed the dataset as applied; an invalid document was "the demo manifest is invalid", whatever
+    the file."""
+    secret = "wJalrXUtnFEMI-K7MDENG-bPxRfiCYUPSECRET"
+    manifest = tmp_path / "mine.yaml"
+    manifest.write_text(f"""
+apiVersion: shoal.io/v1alpha1
+kind: Dataset
+metadata: {{name: leaky}}
+spec:
+  mounts: [{{mountPoint: "s3://demo/", options: {{aws.accessKeyId: shoal, aws.secretKey: "{secret}"}}}}]
+""")
+    state_dir = tmp_path / "state"
+    run = await start_up(state_dir, [*up_arguments(state_dir), "--manifest", str(manifest)])
+    try:
+        await asyncio.wait_for(run.process.wait(), 30)
+    except TimeoutError:
+        raise AssertionError(f"shoal up runs with a secret in its manifest:\n{run.output}") from None
+    code = await run.stop()
+    assert (code, run.output) == (1, f"error: {manifest} is invalid:\n  dataset.shoal.io/leaky: "
+                                     "spec.mounts[0].options.aws.secretKey holds a secret in clear text: put it in "
+                                     "encryptOptions as a secretKeyRef so it never travels in events\n")
+    assert not (state_dir / "up.pid").exists()
+    assert not (state_dir / "logs").exists(), "a server was started"
+
+
 @pytest.mark.timeout(60)
 async def test_refusals_of_up_and_down_are_one_error_line_like_every_shoal_command(tmp_path: Path) -> None:
     state_dir = tmp_path / "state"

@@ -25,6 +25,7 @@ from libs.config import NatsSettings
 from libs.documents import documents_to_commands
 from libs.events.dataset import DatasetApply
 from libs.events.runtime import RuntimeApply
+from libs.mounts import exposed_secret_errors
 
 DEMO_BUCKET = "demo"
 DEMO_MANIFEST = Path(__file__).resolve().parents[3] / "deploy" / "demo" / "demo.yaml"
@@ -120,16 +121,21 @@ def applied_by(commands: Sequence[tuple[str, msgspec.Struct]]) -> list[Applied]:
     return applied
 
 
-def demo_commands(docs: list[Any], state_dir: Path) -> tuple[list[tuple[str, msgspec.Struct]], list[str]]:
-    """(subject, command) for each document of the demo manifest, and notes on ignored fields.
+def demo_commands(docs: list[Any], state_dir: Path,
+                  manifest: Path = DEMO_MANIFEST) -> tuple[list[tuple[str, msgspec.Struct]], list[str]]:
+    """(subject, command) for each document of ``manifest``, and notes on ignored fields.
 
-    Raises UpError when a document is invalid: ``shoal up`` starts nothing for a broken manifest.
+    Raises UpError when a document is invalid, or gives a secret in clear text (as ``shoal apply`` refuses it: the
+    command would stay in the command stream): ``shoal up`` starts nothing for a broken manifest.
     """
     dicts = [doc for doc in docs if isinstance(doc, dict)]
     commands, notes, errors = documents_to_commands(rebase_tier_paths(dicts, state_dir))
-    if errors or len(dicts) != len([doc for doc in docs if doc is not None]):
+    if len(dicts) != len([doc for doc in docs if doc is not None]):
         errors = errors or ["every document must be a mapping"]
-        raise UpError("the demo manifest is invalid:\n  " + "\n  ".join(errors))
+    errors += [f"{command.resource}: {reason}" for command in commands if isinstance(command.event, DatasetApply)
+               for reason in exposed_secret_errors(command.event.dataset)]
+    if errors:
+        raise UpError(f"{manifest} is invalid:\n  " + "\n  ".join(errors))
     return [(command.subject, command.event) for command in commands], notes
 
 
