@@ -374,7 +374,9 @@ class DatasetHandlers:
         dataset: a sweep outlives a connection lost meanwhile."""
         reconnects = self.bus.reconnects()
         if self._agents_since is None or reconnects != self._agents_reconnects:
-            self._agents_since, self._agents_reconnects = now, reconnects
+            # The clock as it is now, not the sweep's ``now``: a sweep that started before the connection was lost
+            # would otherwise date the reconnect to its own start, a TTL too early after a long outage.
+            self._agents_since, self._agents_reconnects = max(now, self.clock()), reconnects
         return self.bus.nc.is_connected and now - self._agents_since >= AGENTS_TTL_SECONDS
 
     async def _forget_nodes(self, key: str, nodes: set[str]) -> None:
