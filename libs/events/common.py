@@ -10,7 +10,6 @@ import calendar
 import re
 import time
 import uuid
-from decimal import Decimal, localcontext
 from typing import Any
 
 import msgspec
@@ -75,26 +74,70 @@ def format_bytes(size: int) -> str:
     raise AssertionError("unreachable")
 
 
-_QUANTITY = re.compile(r"^([0-9]+(?:\.[0-9]+)?)\s*(Ki|Mi|Gi|Ti|Pi|Ei|k|K|M|G|T|P|E)?(B)?$")
-_QUANTITY_FACTORS = {
-    None: 1,
-    "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
-    "k": 10**3, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18,
-}
+# Kubernetes' resource.Quantity grammar (k8s.io/apimachinery pkg/api/resource, quantity.go):
+#   <quantity> ::= <sign>? <number> <suffix>;  <number> ::= <digits> | <digits>.<digits> | <digits>. | .<digits>
+#   <suffix>   ::= Ki | Mi | Gi | Ti | Pi | Ei  |  n | u | m | "" | k | M | G | T | P | E  |  (e|E) <sign>? <digits>
+# "1E" is an exa and "1E3" a thousand; "K" (upper case), "B" and a space are not in it. The exponent is whole, as
+# Kubernetes' parser reads it.
+_QUANTITY = re.compile(r"(?P<sign>[+-]?)(?P<whole>[0-9]*)(?:\.(?P<fraction>[0-9]*))?"
+                       r"(?:(?P<binary>[KMGTPE])i|(?P<decimal>[numkMGTPE])|[eE](?P<exponent>[+-]?[0-9]+))?")
+_BINARY_EXPONENTS = {"K": 10, "M": 20, "G": 30, "T": 40, "P": 50, "E": 60}
+_DECIMAL_EXPONENTS = {"n": -9, "u": -6, "m": -3, "k": 3, "M": 6, "G": 9, "T": 12, "P": 15, "E": 18}
+# The most bytes a quantity may say: Kubernetes reads a byte count as an int64 (Quantity.Value), and caps a binary
+# quantity there; Shoal refuses more rather than cap it.
+MAX_QUANTITY = 2**63 - 1
+# Python will not read a longer number (int's digit limit, 4300); no size needs more than 20.
+_MAX_DIGITS = 1000
+_QUANTITY_FORMS = ("a number and an optional suffix: Ki Mi Gi Ti Pi Ei (powers of 1024), k M G T P E (powers of 1000) "
+                   "or an exponent like e9; e.g. 4Mi, 2Gi, 500M, 0.5Gi (no space, no 'B'; 'K' is not a suffix: "
+                   "k is 1000, Ki is 1024)")
 
 
 def parse_quantity(value: str | int) -> int:
-    """A Kubernetes byte quantity ("4Mi", "2Gi", "500M", 1024) in bytes; "4MiB"-style suffixes also pass."""
-    match = _QUANTITY.match(str(value).strip())
-    if not match:
-        raise ValueError(f"{value!r} is not a quantity (examples: 4Mi, 2Gi, 500M)")
-    number, unit, _ = match.groups()
-    with localcontext() as exact:
-        exact.prec = 80  # enough digits that no quantity is rounded before the whole-number check
-        parsed = Decimal(number) * _QUANTITY_FACTORS[unit]
-    if parsed != parsed.to_integral_value():
-        raise ValueError(f"{value!r} is not a whole number of bytes")
-    return int(parsed)
+    """Bytes of a Kubernetes quantity ("4Mi", "2Gi", "500M", "1e9", 1024), by Kubernetes' grammar.
+
+    A fraction of a byte is rounded up to the next whole byte ("0.5" is 1, "1.0001k" is 1001), as Kubernetes'
+    ``Quantity.Value()`` does, which is what Fluid reads a quota with. Blanks around the text are ignored, as
+    Kubernetes' JSON decoding of a quantity does. Refused, with a ValueError that says why: text outside the
+    grammar, a negative size, and more than ``MAX_QUANTITY`` bytes.
+    """
+    match = _QUANTITY.fullmatch(str(value).strip())
+    if not match or not (match["whole"] or match["fraction"]):
+        raise ValueError(f"{value!r} is not a quantity: write {_QUANTITY_FORMS}")
+    fraction = (match["fraction"] or "").rstrip("0")
+    significant = (match["whole"] + fraction).lstrip("0")
+    if not significant:
+        return 0
+    if match["sign"] == "-":
+        raise ValueError(f"{value!r} is negative: a size is 0 or more bytes")
+    # value = int(significant) * 10**scale * 2**shift, kept in integers so that no digit is rounded away.
+    scale, shift = -len(fraction), 0
+    if match["binary"]:
+        shift = _BINARY_EXPONENTS[match["binary"]]
+    elif match["decimal"]:
+        scale += _DECIMAL_EXPONENTS[match["decimal"]]
+    elif match["exponent"]:
+        # An exponent past 10**12 says the same as 10**12 below: far more than MAX_QUANTITY, or far less than a byte.
+        exponent = match["exponent"].lstrip("+-").lstrip("0")
+        magnitude = int(exponent or "0") if len(exponent) <= 12 else 10**12
+        scale += -magnitude if match["exponent"].startswith("-") else magnitude
+    too_large = ValueError(f"{value!r} is more than {MAX_QUANTITY} bytes, the most a Kubernetes quantity holds")
+    digits = len(significant)
+    # Judge the order of magnitude before computing a power of ten, which an exponent like 1e999999999 makes huge.
+    if digits - 1 + scale > 19:  # at least 10**20 > MAX_QUANTITY
+        raise too_large
+    if digits > _MAX_DIGITS:
+        raise ValueError(f"{value!r} has more than {_MAX_DIGITS} significant digits")
+    mantissa = int(significant)
+    if scale >= 0:
+        size = mantissa * 10**scale << shift
+    elif -scale > digits + 19:  # mantissa * 2**shift < 10**(digits + 19) <= 10**-scale: less than one byte
+        size = 1
+    else:
+        size = -(-(mantissa << shift) // 10**-scale)  # rounded up
+    if size > MAX_QUANTITY:
+        raise too_large
+    return size
 
 
 # Every time a status writes (Kubernetes' metav1.Time: RFC 3339, UTC, whole seconds).

@@ -153,10 +153,17 @@ def test_zero_quota(quota: str | int) -> None:
     )
 
 
-@pytest.mark.parametrize("quota", ["lots", "", "-1Gi", -5, "2 GB please", "1.5"])
+@pytest.mark.parametrize("quota", ["lots", "", "-1Gi", -5, "2 GB please", "1K", "1 Gi", "40GB", "Gi"])
 def test_quota_not_a_quantity(quota: str | int) -> None:
     error = one_error(make_runtime(Level(mediumtype="MEM", quota=quota)))
     assert error.startswith("spec.tieredstore.levels[0].quota: ")
+
+
+@pytest.mark.parametrize(("quota", "block_size"), [("1e9", "4Mi"), ("1E9", "4.194304e6"), (".5Gi", "64Ki"),
+                                                   ("+2Gi", "1Mi"), ("1G", "4194304")])
+def test_quota_and_block_size_in_any_kubernetes_form(quota: str, block_size: str) -> None:
+    # Kubernetes' quantity grammar, as Fluid takes it: an exponent, a leading '.', a '+' sign.
+    assert validate_runtime(make_runtime(Level(mediumtype="MEM", quota=quota), block_size=block_size)) == []
 
 
 @pytest.mark.parametrize(
