@@ -28,7 +28,7 @@ import msgspec
 from libs import natsauth, natssecure
 from libs.cli.errors import CliError
 from libs.cli.stack import S3Access, UpError
-from libs.cli.stack.banner import banner
+from libs.cli.stack.banner import banner, provisioning_line
 from libs.cli.stack.demo import DEMO_MANIFEST, Applied, applied_by, demo_commands, demo_objects, prepare
 from libs.cli.stack.layout import DEFAULT_STATE_DIR, StateLayout
 from libs.cli.stack.pids import claim_pidfile, is_shoal_up, pid_alive, read_pidfile, release_pidfile, stop_leftovers
@@ -306,8 +306,7 @@ def _launch(stack: Stack, plan: Plan) -> None:
     if plan.seaweed is not None:
         _timestamped(f"starting SeaweedFS S3 on {plan.s3.endpoint} (takes a few seconds)")
         stack.add_server(start_seaweedfs(plan.seaweed, layout.log("seaweedfs")), "weed")
-    _timestamped("provisioning JetStream" + (", seeding the demo bucket" if plan.s3.embedded else "")
-                 + f" and applying {len(plan.commands)} documents of the manifest")
+    _timestamped(provisioning_line(plan.s3.embedded, len(plan.commands)))
     asyncio.run(prepare(plan.settings.nats, plan.s3, plan.commands))
     if plan.prometheus is not None:
         binary, config = plan.prometheus

@@ -28,7 +28,7 @@ import pytest
 from libs import natsauth, subjects
 from libs.bus import connect, kv_load
 from libs.cli.stack import S3Access
-from libs.cli.stack.banner import applied_line, banner
+from libs.cli.stack.banner import applied_line, banner, provisioning_line
 from libs.cli.stack.demo import Applied, demo_objects, rebase_tier_paths
 from libs.cli.stack.layout import StateLayout
 from libs.cli.stack.pids import pid_alive, process_start
@@ -675,6 +675,12 @@ def test_the_banner_names_what_the_manifest_applied(tmp_path: Path) -> None:
     assert applied_line([Applied("Dataset", "default", "a"), Applied("Runtime", "ml", "a")], manifest) == (
         f"Dataset 'a' and Runtime 'a' (namespace ml) applied from {manifest}")
     assert "nothing applied" in applied_line([], manifest)
+
+
+def test_the_provisioning_line_counts_documents_in_the_singular_and_plural() -> None:
+    assert provisioning_line(True, 1) == (
+        "provisioning JetStream, seeding the demo bucket and applying 1 document of the manifest")
+    assert provisioning_line(False, 2) == "provisioning JetStream and applying 2 documents of the manifest"
 
 
 def test_the_banner_never_shows_a_nats_password(tmp_path: Path) -> None:

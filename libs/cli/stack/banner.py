@@ -1,5 +1,6 @@
 """What ``shoal up`` prints once everything runs: where NATS, S3, the services and their side servers are, what
-the manifest applied and where it mounts, and commands to look around. Pure: text from what was started."""
+the manifest applied and where it mounts, and commands to look around; and the line it prints while it prepares.
+Pure: text from what was started."""
 
 from __future__ import annotations
 
@@ -44,6 +45,12 @@ def publish_example(nats_url: str, secure: bool = False) -> str:
         "asyncio.run(main())\n"
         "EOF"
     )
+
+
+def provisioning_line(seeding: bool, documents: int) -> str:
+    """The progress line before JetStream is provisioned and the manifest's ``documents`` applied."""
+    return ("provisioning JetStream" + (", seeding the demo bucket" if seeding else "")
+            + f" and applying {documents} document{'' if documents == 1 else 's'} of the manifest")
 
 
 def applied_line(applied: Sequence[Applied], manifest: Path) -> str:
