@@ -134,6 +134,15 @@ def _checked_namespace(ctx: click.Context, param: click.Parameter, value: str) -
     return value
 
 
+def _checked_name(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """A NAME, DATASET or ``--name``: an empty one names nothing; said here, before anything is published or read,
+    rather than as the service's rejection of a blank name ("error:  rejected: ...") or a listing of every name."""
+    if value is not None and not value:
+        what = {"name": "a name", "dataset": "a dataset name"}.get(param.name or "", "a name")
+        raise CliError(f"{param.opts[0] if isinstance(param, click.Option) else what} must not be empty")
+    return value
+
+
 def namespace_option(help: str | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """The ``-n/--namespace`` option of every command that works in one namespace."""
     return click.option("-n", "--namespace", default="default", show_default=True, callback=_checked_namespace,
@@ -512,7 +521,7 @@ async def _require_dataset(bus: Bus, dataset: ObjectRef, kind: str) -> None:
 
 @cli.command()
 @click.argument("resource", required=False, type=click.Choice(sorted(RESOURCE_ALIASES), case_sensitive=False))
-@click.argument("name", required=False)
+@click.argument("name", required=False, callback=_checked_name)
 @namespace_option()
 @click.option("-f", "--filename", "files", multiple=True, metavar="PATH",
               help="Delete what these manifests describe: " + _FILENAME_HELP[0].lower() + _FILENAME_HELP[1:])
@@ -550,7 +559,7 @@ def delete(options: Options, resource: str | None, name: str | None, namespace: 
 
 @cli.command()
 @click.argument("resource", type=click.Choice(["dataset", "ds"], case_sensitive=False))
-@click.argument("name")
+@click.argument("name", callback=_checked_name)
 @namespace_option()
 @click.pass_obj
 def resync(options: Options, resource: str, name: str, namespace: str) -> None:
@@ -563,7 +572,7 @@ def resync(options: Options, resource: str, name: str, namespace: str) -> None:
 
 @cli.command()
 @click.argument("resource", type=click.Choice(["runtime", "runtimes"], case_sensitive=False))
-@click.argument("name")
+@click.argument("name", callback=_checked_name)
 @click.option("--replicas", type=int, required=True, help="How many cache workers the runtime should have.")
 @namespace_option()
 @click.pass_obj
@@ -626,14 +635,15 @@ _WAIT_HELP = "Follow it until it is Complete or Failed, with a progress bar; exi
 
 @cli.command()
 @click.argument("resource", type=_DATASET_CHOICE)
-@click.argument("dataset")
+@click.argument("dataset", callback=_checked_name)
 @click.option("--path", "paths", multiple=True, metavar="P",
               help="A file or folder to load, as seen through the mount (/<mount name>/...). Repeatable; "
                    "none: the whole dataset.")
 @click.option("--replicas", type=click.IntRange(min=1), default=1, show_default=True,
               help="How many cache workers hold each block.")
 @click.option("--load-metadata", is_flag=True, help="List the dataset's store again before loading.")
-@click.option("--name", default=None, help="The DataLoad's name.  [default: <dataset>-load-<random>]")
+@click.option("--name", default=None, callback=_checked_name,
+              help="The DataLoad's name.  [default: <dataset>-load-<random>]")
 @namespace_option()
 @click.option("--wait", is_flag=True, help=_WAIT_HELP)
 @click.pass_obj
@@ -655,10 +665,11 @@ def load(options: Options, resource: str, dataset: str, paths: tuple[str, ...], 
 
 @cli.command()
 @click.argument("resource", type=_DATASET_CHOICE)
-@click.argument("dataset")
+@click.argument("dataset", callback=_checked_name)
 @click.option("--path", "paths", multiple=True, metavar="P",
               help="A file or folder to evict, as seen through the mount. Repeatable; none: the whole dataset.")
-@click.option("--name", default=None, help="The DataClean's name.  [default: <dataset>-clean-<random>]")
+@click.option("--name", default=None, callback=_checked_name,
+              help="The DataClean's name.  [default: <dataset>-clean-<random>]")
 @namespace_option()
 @click.option("--wait", is_flag=True, help=_WAIT_HELP)
 @click.pass_obj
@@ -675,7 +686,7 @@ def clean(options: Options, resource: str, dataset: str, paths: tuple[str, ...],
 
 @cli.command(name="run")
 @click.argument("resource", type=click.Choice(["dataload", "load"], case_sensitive=False))
-@click.argument("name")
+@click.argument("name", callback=_checked_name)
 @namespace_option()
 @click.pass_obj
 def run_operation(options: Options, resource: str, name: str, namespace: str) -> None:
@@ -734,7 +745,7 @@ def _not_found(kind: Kind, name: str, namespace: str) -> NoReturn:
 
 @cli.command()
 @click.argument("resource", type=click.Choice(sorted(RESOURCE_ALIASES), case_sensitive=False))
-@click.argument("name", required=False)
+@click.argument("name", required=False, callback=_checked_name)
 @namespace_option()
 @click.option("-A", "--all-namespaces", is_flag=True, help="List across every namespace.")
 @click.option("-o", "--output", type=click.Choice(["wide", "json", "yaml"]), default=None,
@@ -771,7 +782,7 @@ def get(options: Options, resource: str, name: str | None, namespace: str, all_n
 
 @cli.command()
 @click.argument("resource", type=click.Choice(sorted(RESOURCE_ALIASES), case_sensitive=False))
-@click.argument("name", required=False)
+@click.argument("name", required=False, callback=_checked_name)
 @namespace_option()
 @click.pass_obj
 def describe(options: Options, resource: str, name: str | None, namespace: str) -> None:

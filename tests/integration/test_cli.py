@@ -713,6 +713,29 @@ async def test_a_namespace_that_is_no_namespace_is_one_error_line(nats_server: N
         assert result.stderr.startswith(f"error: {why}") and result.stderr.count("\n") == 1, result.stderr
 
 
+@pytest.mark.parametrize(("command", "why"), [
+    (("resync", "dataset", ""), "a name must not be empty"),
+    (("delete", "dataset", ""), "a name must not be empty"),
+    (("delete", "dataload", ""), "a name must not be empty"),
+    (("scale", "runtime", "", "--replicas", "1"), "a name must not be empty"),
+    (("run", "dataload", ""), "a name must not be empty"),
+    (("get", "dataset", ""), "a name must not be empty"),
+    (("describe", "dataclean", ""), "a name must not be empty"),
+    (("load", "dataset", ""), "a dataset name must not be empty"),
+    (("clean", "dataset", ""), "a dataset name must not be empty"),
+    (("load", "dataset", "demo", "--name", ""), "--name must not be empty"),
+    (("clean", "dataset", "demo", "--name", ""), "--name must not be empty"),
+])
+async def test_an_empty_name_is_one_error_line_before_anything_is_sent(nats_server: NatsServer, bus: Bus,
+                                                                      command: tuple[str, ...], why: str) -> None:
+    """``shoal resync dataset ''`` sent the command and printed the service's answer with a blank name
+    ("error:  rejected: name must not be empty"); ``get dataset ''`` listed every dataset. An empty name names
+    nothing: the CLI says so before it sends or reads anything."""
+    await bus.provision()
+    result = await shoal(nats_server, *command, wait_seconds=0.3)
+    assert (result.exit_code, result.stdout, result.stderr) == (1, "", f"error: {why}\n"), result.output
+
+
 async def test_unanswered_command_times_out(nats_server: NatsServer, bus: Bus) -> None:
     """Streams exist but no service runs: the command waits for its answer, then says so."""
     result = await shoal(nats_server, "delete", "runtime", "demo", wait_seconds=0.3)
