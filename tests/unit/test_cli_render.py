@@ -6,6 +6,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import pytest
+from msgspec.structs import replace
 
 from libs.cli import render
 from libs.events.common import ObjectMeta, ObjectRef
@@ -17,6 +18,7 @@ from libs.events.operation import (
     OperationRecord,
     OperationStatus,
     Progress,
+    TargetPath,
 )
 
 MiB = 1024 * 1024
@@ -108,6 +110,18 @@ def test_operation_table_has_fluids_columns_and_progress() -> None:
                                "RUNS", "RATE", "ETA", "MESSAGE"]
     assert "Cron (0 * * * *)   3      100.00MiB/s   20s" in wide[1]
     assert wide[2].endswith("DataLoad default/warm to be Complete")
+
+
+def test_describe_dataclean_shows_no_replicas_under_its_targets() -> None:
+    # A DataClean target has no replicas (DataCleanSpec ignores them): describe showed "replicas: 1" under it.
+    clean = replace(operation("cool", clean=True), clean=DataCleanSpec(
+        dataset=ObjectRef(name="imagenet"), target=[TargetPath(path="/train/a"), TargetPath(path="/train/b")]))
+    load = replace(operation("warm"), load=DataLoadSpec(
+        dataset=ObjectRef(name="imagenet"), target=[TargetPath(path="/train/a", replicas=2)]))
+
+    cleaned = render.describe_operation(clean)
+    assert "  target:\n  - path: /train/a\n  - path: /train/b\n" in cleaned and "replicas" not in cleaned
+    assert "  target:\n  - path: /train/a\n    replicas: 2\n" in render.describe_operation(load)
 
 
 def test_describe_operation_shows_progress_per_node() -> None:
