@@ -71,6 +71,25 @@ def key_problem(key: str) -> str | None:
     return relative_problem(key)
 
 
+def target_path_problem(path: str) -> str | None:
+    """Why ``path`` cannot be a DataLoad's or DataClean's target (a path in the dataset, as the mount shows it:
+    '/', '/train', '/train/a.jpg', '/train/'), or None when it can. The manifest's paths are plain (the rules
+    above), so a '.', '..' or empty name ('//') names nothing: said at apply, and by the CLI before it sends, rather
+    than "not in the manifest" once a run is planned (at every firing of a Cron load)."""
+    if not path.startswith("/"):
+        return "must start with '/' (a path in the dataset, e.g. /train)"
+    if path == "/":
+        return None
+    body = path[1:]
+    names = (body[:-1] if body.endswith("/") else body).split("/")
+    if any(name in (".", "..") for name in names):
+        return ("must not hold '.' or '..' segments; write the path itself (e.g. /train/a, not /train/./a or "
+                "/val/../train/a)")
+    if "" in names:
+        return "must not hold an empty segment ('//'); write the path itself (e.g. /train/a, not /train//a)"
+    return None
+
+
 def is_folder(path: str) -> bool:
     """Whether a manifest path (or key) is a folder marker rather than a file."""
     return path.endswith("/")

@@ -90,6 +90,7 @@ from libs.events.runtime import (
 )
 from libs.events.schema import export_schemas
 from libs.mounts import exposed_secret_errors
+from libs.paths import target_path_problem
 from libs.telemetry import setup_logging
 
 CLIENT_NAME = "shoal-cli"
@@ -623,7 +624,11 @@ def generated_name(dataset: str, what: str) -> str:
 
 
 def _targets(paths: Sequence[str], replicas: int) -> list[TargetPath]:
-    """One target per path; no path means the whole dataset ('/' when a replica count has to be said)."""
+    """One target per path; no path means the whole dataset ('/' when a replica count has to be said). A path the
+    loader would refuse is refused here, before anything is sent, with the loader's words."""
+    for path in paths:
+        if (problem := target_path_problem(path)) is not None:
+            raise CliError(f"--path {path!r} {problem}")
     if not paths:
         return [TargetPath(path="/", replicas=replicas)] if replicas != 1 else []
     return [TargetPath(path=path, replicas=replicas) for path in paths]

@@ -46,7 +46,7 @@ from libs.events.operation import (
     TaskProgress,
 )
 from libs.events.runtime import RuntimeRecord
-from libs.paths import is_folder
+from libs.paths import is_folder, target_path_problem
 from libs.references import reference_of
 
 # The brief's part size: a NodeTask stays far below NATS's 1 MiB payload limit and a part is minutes of work at
@@ -109,13 +109,8 @@ def _target_errors(targets: Sequence[TargetPath], replicas_matter: bool) -> list
     errors = []
     for index, target in enumerate(targets):
         where = f"spec.target[{index}]"
-        if not target.path.startswith("/"):
-            errors.append(f"{where}.path {target.path!r} must start with '/' (a path in the dataset, e.g. /train)")
-        elif any(segment in (".", "..") for segment in target.path.split("/")):
-            # Manifest paths are plain: '/train/../val' would name nothing, and the run fail only once planned
-            # (every firing of a Cron load).
-            errors.append(f"{where}.path {target.path!r} must not hold '.' or '..' segments; write the path "
-                          f"itself (e.g. /train/a, not /train/./a or /val/../train/a)")
+        if (problem := target_path_problem(target.path)) is not None:
+            errors.append(f"{where}.path {target.path!r} {problem}")
         if replicas_matter and not 1 <= target.replicas <= MAX_REPLICAS:
             errors.append(f"{where}.replicas must be between 1 and {MAX_REPLICAS}, got {target.replicas}")
     return errors

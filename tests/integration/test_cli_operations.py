@@ -449,6 +449,25 @@ async def test_load_of_a_dataset_that_does_not_exist_creates_nothing(nats_server
     assert [subject for subject, _ in loader.received] == [subjects.DATALOAD_APPLY]
 
 
+@pytest.mark.parametrize(("command", "path", "why"), [
+    ("load", "//t", "must not hold an empty segment ('//')"),
+    ("load", "/train//a.jpg", "must not hold an empty segment ('//')"),
+    ("clean", "/train//", "must not hold an empty segment ('//')"),
+    ("load", "/train/../val", "must not hold '.' or '..' segments"),
+    ("clean", "/./train", "must not hold '.' or '..' segments"),
+    ("load", "train", "must start with '/'"),
+])
+async def test_a_path_the_loader_would_refuse_is_refused_before_anything_is_sent(
+        nats_server: NatsServer, loader: StandInLoader, command: str, path: str, why: str) -> None:
+    """``--path //t`` was sent, and the load failed once run: "target path '//t' is not in the manifest". The CLI
+    says what the loader would, before it creates anything."""
+    await put_dataset(loader.bus, "demo")
+    result = await shoal(nats_server, command, "dataset", "demo", "--path", "/train", "--path", path)
+    assert (result.exit_code, result.stdout) == (1, ""), result.output
+    assert result.stderr.startswith(f"error: --path {path!r} {why}") and result.stderr.count("\n") == 1, result.stderr
+    assert loader.received == []
+
+
 async def test_clean_run_and_delete(nats_server: NatsServer, loader: StandInLoader) -> None:
     await put_dataset(loader.bus, "demo")
     cleaned = await shoal(nats_server, "clean", "dataset", "demo", "--path", "/train", "--name", "cool")

@@ -107,6 +107,18 @@ def test_dot_segments_in_a_target_path_are_refused_at_apply() -> None:
     assert domain.validate_load(load(target=[TargetPath(path="/train/..hidden/a.b")])) == []
 
 
+def test_empty_segments_in_a_target_path_are_refused_at_apply_as_dot_segments_are() -> None:
+    """``//t`` named nothing: the run failed once planned, "target path '//t' is not in the manifest"."""
+    for bad in ("//t", "/train//a", "//", "/train//"):
+        errors = domain.validate_load(load(target=[TargetPath(path=bad)]))
+        assert errors == [f"spec.target[0].path {bad!r} must not hold an empty segment ('//'); write the path "
+                          "itself (e.g. /train/a, not /train//a)"], errors
+        clean = DataClean(metadata=ObjectMeta(name="c"), spec=DataCleanSpec(dataset=REF, target=[TargetPath(path=bad)]))
+        assert any("empty segment" in e for e in domain.validate_clean(clean))
+    for good in ("/", "/train", "/train/", "/train/a.jpg"):  # a trailing '/' names the folder, as before
+        assert domain.validate_load(load(target=[TargetPath(path=good)])) == [], good
+
+
 def test_clean_validation() -> None:
     clean = DataClean(metadata=ObjectMeta(name="c"), spec=DataCleanSpec(dataset=REF, target=[TargetPath(path="x")]))
     assert any("must start with '/'" in e for e in domain.validate_clean(clean))
