@@ -83,6 +83,8 @@ _QUANTITY = re.compile(r"(?P<sign>[+-]?)(?P<whole>[0-9]*)(?:\.(?P<fraction>[0-9]
                        r"(?:(?P<binary>[KMGTPE])i|(?P<decimal>[numkMGTPE])|[eE](?P<exponent>[+-]?[0-9]+))?")
 _BINARY_EXPONENTS = {"K": 10, "M": 20, "G": 30, "T": 40, "P": 50, "E": 60}
 _DECIMAL_EXPONENTS = {"n": -9, "u": -6, "m": -3, "k": 3, "M": 6, "G": 9, "T": 12, "P": 15, "E": 18}
+# Suffixes of less than a byte: in Kubernetes' grammar, refused for a size (``parse_quantity``).
+_BELOW_ONE = {"n": "nano", "u": "micro", "m": "milli"}
 # The most bytes a quantity may say: Kubernetes reads a byte count as an int64 (Quantity.Value), and caps a binary
 # quantity there; Shoal refuses more rather than cap it.
 MAX_QUANTITY = 2**63 - 1
@@ -99,7 +101,8 @@ def parse_quantity(value: str | int) -> int:
     A fraction of a byte is rounded up to the next whole byte ("0.5" is 1, "1.0001k" is 1001), as Kubernetes'
     ``Quantity.Value()`` does, which is what Fluid reads a quota with. Blanks around the text are ignored, as
     Kubernetes' JSON decoding of a quantity does. Refused, with a ValueError that says why: text outside the
-    grammar, a negative size, and more than ``MAX_QUANTITY`` bytes.
+    grammar, a negative size, more than ``MAX_QUANTITY`` bytes, and the suffixes of less than a byte (``m``, ``u``,
+    ``n``: "512m" is 0.512 bytes to Kubernetes, a slip for 512M or 512Mi).
     """
     match = _QUANTITY.fullmatch(str(value).strip())
     if not match or not (match["whole"] or match["fraction"]):
@@ -110,6 +113,11 @@ def parse_quantity(value: str | int) -> int:
         return 0
     if match["sign"] == "-":
         raise ValueError(f"{value!r} is negative: a size is 0 or more bytes")
+    if match["decimal"] in _BELOW_ONE:
+        # Kubernetes reads "512m" as 0.512 bytes and rounds it up to one byte: never what a size means.
+        number = str(value).strip()[:-1].lstrip("+")
+        raise ValueError(f"{value!r} is in {_BELOW_ONE[match['decimal']]}bytes ('{match['decimal']}'), less than a "
+                         f"byte: for a size write e.g. {number}M (millions of bytes) or {number}Mi (MiB)")
     # value = int(significant) * 10**scale * 2**shift, kept in integers so that no digit is rounded away.
     scale, shift = -len(fraction), 0
     if match["binary"]:
