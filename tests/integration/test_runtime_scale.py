@@ -96,7 +96,7 @@ async def test_the_autoscaler_grows_no_further_than_the_agents_that_can_be_worke
     handlers.clock = lambda: now[0]
     key = subjects.resource_key("default", NAME)
     policy = AutoscalingPolicy(min_replicas=1, max_replicas=3, target_cache_used_percent=50, cool_down_seconds=1)
-    await handlers.apply(RuntimeApply(runtime=mem_runtime("4Mi", autoscaling=policy)),
+    await handlers.apply(RuntimeApply(runtime=mem_runtime("8Mi", autoscaling=policy)),
                          delivered(subjects.RUNTIME_APPLY, 1))
     beat = AgentHeartbeat(node="n1", runtimes=[ObjectRef(name=NAME)], interval_seconds=3600.0)
     handlers.agents.values["n1"] = AgentRecord(heartbeat=beat, received_at=now[0])
@@ -111,7 +111,7 @@ async def test_the_autoscaler_grows_no_further_than_the_agents_that_can_be_worke
             now[0] += 10 * look  # past the cool-down at every look
             handlers.datasets.values[key] = DatasetRecord(
                 dataset=Dataset(metadata=ObjectMeta(name=NAME), spec=DatasetSpec(mounts=[Mount(mount_point="s3://b/")])),
-                generation=1, status=DatasetStatus(nodes=[NodeCache(node="n1", cached_bytes=4 * MiB,
+                generation=1, status=DatasetStatus(nodes=[NodeCache(node="n1", cached_bytes=8 * MiB,
                                                                      store_read_bytes=read)]))
             await handlers.autoscale(key, await stored(bus))
         # The autoscaler publishes on this connection: once the server has answered a PING sent after its
