@@ -375,6 +375,10 @@ def crd(resource: Resource) -> dict[str, Any]:
     kind = _kind(resource)
     fluid = resource.group == FLUID_GROUP
     spec = structural_schema(kind.spec, preserve_unknown=fluid)
+    if fluid and kind.spec is RuntimeSpec:
+        # Fluid's tier may give ``quotaList`` (a quota per path) instead of ``quota``: libs.documents reads it.
+        level = spec["properties"]["tieredstore"]["properties"]["levels"]["items"]
+        level["required"] = [name for name in level["required"] if name != "quota"]
     status = structural_schema(kind.status)
     if fluid:
         # Fluid's own controllers may have written status fields Shoal does not know (objects created before the

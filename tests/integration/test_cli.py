@@ -467,6 +467,42 @@ spec:
                          RuntimeRecord) == (None, None)
 
 
+async def test_apply_of_fluids_quota_list_sample_gives_the_tier_its_quota(nats_server: NatsServer, services: None,
+                                                                         bus: Bus) -> None:
+    """Fluid's tiered store sample (docs/en/samples/tieredstore_config.md) sizes each path of a tier with
+    ``quotaList`` and gives no ``quota``; before, it was refused with "Object missing required field `quota`"."""
+    sample = """
+apiVersion: data.fluid.io/v1alpha1
+kind: AlluxioRuntime
+metadata: {name: dataset}
+spec:
+  replicas: 1
+  tieredstore:
+    levels:
+      - mediumtype: MEM
+        path: /dev/shm
+        quota: 2Gi
+      - path: /mnt/ssd0/cache,/mnt/ssd1/cache
+        mediumtype: SSD
+        quotaList: %s
+"""
+    applied = await shoal(nats_server, "apply", "-f", "-", stdin=sample % "2Gi,2Gi")
+
+    assert (applied.exit_code, applied.stdout, applied.stderr) == (0, "runtime.shoal.io/dataset configured\n", "")
+    record, _ = await kv_load(await bus.kv(subjects.KV_RUNTIMES), subjects.resource_key("default", "dataset"),
+                              RuntimeRecord)
+    assert record is not None
+    assert [(level.mediumtype, level.quota) for level in record.runtime.spec.tieredstore.levels] == [
+        ("MEM", "2Gi"), ("SSD", "4Gi")]
+
+    uneven = await shoal(nats_server, "apply", "-f", "-", stdin=sample % "3Gi,2Gi")
+    assert uneven.exit_code == 1, uneven.output
+    assert uneven.stderr == (
+        "error: <stdin>: document 1 (AlluxioRuntime dataset): spec.tieredstore.levels[1].quotaList '3Gi,2Gi': Shoal "
+        "splits a tier's quota equally across its paths, so it cannot give them different sizes; write quota: 4Gi "
+        "(2Gi on each of the 2 paths) instead\n")
+
+
 async def test_apply_of_two_mounts_of_one_name_is_rejected_naming_it(nats_server: NatsServer, services: None,
                                                                       bus: Bus) -> None:
     """Even at two paths: a name is a mount's identity, and a second one of the same name is a copy left unedited."""

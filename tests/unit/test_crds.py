@@ -286,6 +286,19 @@ def test_fluid_fields_shoal_ignores_are_preserved_not_rejected() -> None:
     assert schema_errors(shoal) != []  # the same fields on Shoal's own kind are unknown
 
 
+def test_a_fluid_tier_with_a_quota_list_and_no_quota_passes_the_crd() -> None:
+    """Fluid's ``quota`` is optional when ``quotaList`` gives each path its quota: the apiserver must not refuse
+    such a runtime before Shoal reads it (``libs.documents`` makes the quota, or says why it cannot)."""
+    document = load_yaml(ROOT / "deploy" / "examples" / "fluid-alluxioruntime.yaml")
+    level = document["spec"]["tieredstore"]["levels"][0]
+    del level["quota"]
+    level["quotaList"] = "1Gi"
+    assert schema_errors(document) == []
+    shoal = {**document, "apiVersion": "shoal.io/v1alpha1", "kind": "Runtime", "spec": {
+        "tieredstore": {"levels": [{"mediumtype": "MEM"}]}}}
+    assert schema_errors(shoal) == ["$.spec.tieredstore.levels[0]: 'quota' is a required property"]
+
+
 BROKEN_REASONS = {
     "no-mount-point": ["$.spec.mounts[0]: 'mountPoint' is a required property"],
     "misspelt-field": ["$.spec.mounts[0]: 'mountPoint' is a required property",

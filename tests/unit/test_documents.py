@@ -304,6 +304,74 @@ def test_juicefs_block_size_from_format_configs() -> None:
     assert commands[0].event.runtime.spec.block_size == "4Mi"
 
 
+QUOTA_LIST = """
+    apiVersion: data.fluid.io/v1alpha1
+    kind: AlluxioRuntime
+    metadata: {name: dataset}
+    spec:
+      replicas: 2
+      tieredstore:
+        levels:
+          - mediumtype: MEM
+            path: /dev/shm
+            quota: 2Gi
+          - path: /mnt/ssd0/cache,/mnt/ssd1/cache
+            mediumtype: SSD
+            quotaList: %s
+    """
+
+
+def test_fluid_quota_list_of_equal_quotas_is_the_tiers_quota() -> None:
+    """Fluid's ``quotaList`` gives each path of a tier its own quota (``pkg/ddc/base/runtime.go``,
+    ``convertToTieredstoreInfo``), with no ``quota`` needed. Before, such a tier was refused with "Object missing
+    required field `quota`"."""
+    commands, notes, errors = documents_to_commands(load(QUOTA_LIST % "2Gi,2Gi"))
+
+    assert (notes, errors) == ([], [])
+    assert isinstance(commands[0].event, RuntimeApply)
+    assert commands[0].event.runtime.spec.tieredstore.levels == [
+        Level(mediumtype="MEM", path="/dev/shm", quota="2Gi"),
+        Level(mediumtype="SSD", path="/mnt/ssd0/cache,/mnt/ssd1/cache", quota="4Gi"),
+    ]
+
+
+def test_fluid_quota_list_wins_over_quota_as_in_fluid_and_says_so() -> None:
+    text = (QUOTA_LIST % "1.5Gi,1536Mi").replace("mediumtype: SSD", "mediumtype: SSD\n            quota: 1Gi")
+
+    commands, notes, errors = documents_to_commands(load(text))
+
+    assert errors == []
+    assert isinstance(commands[0].event, RuntimeApply)
+    assert commands[0].event.runtime.spec.tieredstore.levels[1].quota == "3Gi"
+    assert notes == ["ignored: AlluxioRuntime/spec.tieredstore.levels[1].quota (quotaList is used, as in Fluid)"]
+
+
+@pytest.mark.parametrize(("quota_list", "error"), [
+    ("3Gi,2Gi", "spec.tieredstore.levels[1].quotaList '3Gi,2Gi': Shoal splits a tier's quota equally across its "
+                "paths, so it cannot give them different sizes; write quota: 4Gi (2Gi on each of the 2 paths) "
+                "instead"),
+    ("2Gi", "spec.tieredstore.levels[1].quotaList '2Gi' has 1 quota for the 2 paths in path: give one quota per "
+            "path, in the same order"),
+    ("2Gi,lots", "spec.tieredstore.levels[1].quotaList '2Gi,lots': 'lots' is not a quantity (examples: 4Mi, 2Gi, "
+                 "500M)"),
+    ("[2Gi, 2Gi]", "spec.tieredstore.levels[1].quotaList must be a text of comma-separated quotas, like "
+                   "'100Gi,50Gi'"),
+])
+def test_a_quota_list_shoal_cannot_honour_is_refused_saying_what_to_write(quota_list: str, error: str) -> None:
+    commands, _, errors = documents_to_commands(load(QUOTA_LIST % quota_list))
+
+    assert commands == []
+    assert errors == [f"document 1 (AlluxioRuntime dataset): {error}"]
+
+
+def test_a_fluid_tier_without_quota_or_quota_list_says_to_give_one() -> None:
+    commands, _, errors = documents_to_commands(load((QUOTA_LIST % "x").replace("quotaList: x", "high: '0.9'")))
+
+    assert commands == []
+    assert errors == ["document 1 (AlluxioRuntime dataset): spec.tieredstore.levels[1] needs quota (the tier's size, "
+                      "e.g. 100Gi) or quotaList (one quota per path)"]
+
+
 def test_other_fluid_runtimes_map_replicas_and_report_everything_else() -> None:
     docs = load("""
         apiVersion: data.fluid.io/v1alpha1
@@ -384,7 +452,7 @@ def test_schema_violation_names_the_document_and_the_path() -> None:
         metadata: {name: bad-tiers}
         spec:
           tieredstore:
-            levels: [{mediumtype: MEM}]
+            levels: [{quota: 1Gi}]
         """)
 
     commands, _, errors = documents_to_commands(docs)
@@ -392,7 +460,7 @@ def test_schema_violation_names_the_document_and_the_path() -> None:
     assert commands == []
     assert errors == [
         "document 1 (Dataset bad): Expected `str`, got `int` - at `$.spec.mounts[0].mountPoint`",
-        "document 2 (AlluxioRuntime bad-tiers): Object missing required field `quota` - at "
+        "document 2 (AlluxioRuntime bad-tiers): Object missing required field `mediumtype` - at "
         "`$.spec.tieredstore.levels[0]`",
     ]
 
