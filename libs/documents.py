@@ -50,7 +50,16 @@ from libs.events.operation import (
     DataLoadSpec,
     Policy,
 )
-from libs.events.runtime import Runtime, RuntimeApply, RuntimeDelete, RuntimeManagement, RuntimeScale, RuntimeSpec
+from libs.events.runtime import (
+    DEFAULT_HIGH_WATERMARK,
+    DEFAULT_LOW_WATERMARK,
+    Runtime,
+    RuntimeApply,
+    RuntimeDelete,
+    RuntimeManagement,
+    RuntimeScale,
+    RuntimeSpec,
+)
 
 SHOAL_API = "shoal.io/v1alpha1"
 FLUID_API = "data.fluid.io/v1alpha1"
@@ -459,6 +468,8 @@ def _tieredstore(kind: str, tieredstore: Any) -> tuple[Any, list[str], list[str]
             continue
         where = f"spec.tieredstore.levels[{index}]"
         mapped_level = {key: value for key, value in level.items() if key in LEVEL_FIELDS}
+        if kind == "JuiceFSRuntime":
+            notes += _juicefs_watermarks(kind, where, mapped_level)
         notes += [_ignored(kind, f"{where}.{key}", "not used by Shoal")
                   for key in level if key not in (*LEVEL_FIELDS, QUOTA_LIST)]
         if level.get(QUOTA_LIST) not in (None, ""):
@@ -473,6 +484,21 @@ def _tieredstore(kind: str, tieredstore: Any) -> tuple[Any, list[str], list[str]
             problems.append(f"{where} needs quota (the tier's size, e.g. 100Gi) or quotaList (one quota per path)")
         mapped_levels.append(mapped_level)
     return {"levels": mapped_levels}, notes, problems
+
+
+def _juicefs_watermarks(kind: str, where: str, level: dict[str, Any]) -> list[str]:
+    """Take ``high`` and ``low`` out of a JuiceFSRuntime's tier: they are no watermarks there. Fluid's JuiceFS engine
+    passes ``low`` to JuiceFS as ``free-space-ratio`` (the disk space kept free) and never reads ``high``
+    (``pkg/ddc/juicefs/transform_fuse.go``, ``genMountOptions``); read as Shoal's low watermark, its samples'
+    ``low: "0.1"`` would make every eviction drop the tier to a tenth of its quota."""
+    defaults = f"Shoal evicts from {DEFAULT_HIGH_WATERMARK} down to {DEFAULT_LOW_WATERMARK} of the quota"
+    notes = []
+    if level.pop("high", None) is not None:
+        notes.append(_ignored(kind, f"{where}.high", f"not used by Fluid's JuiceFS engine: {defaults}"))
+    if level.pop("low", None) is not None:
+        notes.append(_ignored(kind, f"{where}.low", "JuiceFS's free-space-ratio, the share of the disk kept free, "
+                              f"not a watermark: {defaults}"))
+    return notes
 
 
 def _quota_from_list(where: str, level: dict[str, Any]) -> tuple[str | int | None, str]:

@@ -15,13 +15,18 @@ from libs.events.dataset import Condition
 MediumType = Literal["MEM", "SSD", "HDD"]
 
 
+# A tier's watermarks when its spec gives none: Fluid's defaults.
+DEFAULT_HIGH_WATERMARK = "0.95"
+DEFAULT_LOW_WATERMARK = "0.7"
+
+
 class Level(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omit_defaults=True):
     mediumtype: str
     quota: str | int
     path: str = ""
     # Watermarks as fractions of the quota, strings in Fluid ("0.95"); numbers are accepted too.
-    high: str | float = "0.95"
-    low: str | float = "0.7"
+    high: str | float = DEFAULT_HIGH_WATERMARK
+    low: str | float = DEFAULT_LOW_WATERMARK
 
 
 class TieredStore(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omit_defaults=True):

@@ -503,6 +503,26 @@ spec:
         "(2Gi on each of the 2 paths) instead\n")
 
 
+async def test_apply_of_fluids_juicefs_sample_keeps_shoals_watermarks(nats_server: NatsServer, services: None,
+                                                                     bus: Bus) -> None:
+    """Fluid's JuiceFS samples write ``low: "0.1"``: JuiceFS's free-space-ratio, not a low watermark. Before, Shoal
+    stored it as the tier's low watermark (evict down to a tenth of the quota) without a word."""
+    sample = (REPO / "deploy" / "examples" / "fluid-juicefsruntime.yaml").read_text()
+    assert 'low: "0.1"' in sample
+
+    applied = await shoal(nats_server, "apply", "-f", "-", stdin=sample)
+
+    assert (applied.exit_code, applied.stdout) == (0, "runtime.shoal.io/jfs configured\n"), applied.output
+    assert ("ignored: JuiceFSRuntime/spec.tieredstore.levels[0].low (JuiceFS's free-space-ratio, the share of the "
+            "disk kept free, not a watermark: Shoal evicts from 0.95 down to 0.7 of the quota)"
+            in applied.stderr.splitlines())
+    record, _ = await kv_load(await bus.kv(subjects.KV_RUNTIMES), subjects.resource_key("default", "jfs"),
+                              RuntimeRecord)
+    assert record is not None
+    (level,) = record.runtime.spec.tieredstore.levels
+    assert (level.high, level.low) == ("0.95", "0.7")
+
+
 async def test_apply_of_two_mounts_of_one_name_is_rejected_naming_it(nats_server: NatsServer, services: None,
                                                                       bus: Bus) -> None:
     """Even at two paths: a name is a mount's identity, and a second one of the same name is a copy left unedited."""

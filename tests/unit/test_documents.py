@@ -229,6 +229,36 @@ def test_alluxio_runtime_keeps_replicas_tiers_and_block_size_and_reports_the_res
     ]
 
 
+JUICEFS_LOW = ("(JuiceFS's free-space-ratio, the share of the disk kept free, not a watermark: Shoal evicts from 0.95 "
+               "down to 0.7 of the quota)")
+
+
+def test_juicefs_low_is_the_free_space_ratio_not_a_watermark() -> None:
+    """Fluid's JuiceFS engine passes a tier's ``low`` to JuiceFS as ``free-space-ratio`` and never reads ``high``
+    (``pkg/ddc/juicefs/transform_fuse.go``, ``genMountOptions``). Before, every Fluid JuiceFS sample's ``low: "0.1"``
+    became Shoal's low watermark: each eviction threw away 85% of the cache."""
+    commands, notes, errors = documents_to_commands(load("""
+        apiVersion: data.fluid.io/v1alpha1
+        kind: JuiceFSRuntime
+        metadata: {name: jfsdemo}
+        spec:
+          replicas: 1
+          tieredstore:
+            levels:
+              - {mediumtype: SSD, path: /var/jfsCache, quota: 40Gi, high: "0.9", low: "0.1"}
+        """))
+
+    assert errors == []
+    assert isinstance(commands[0].event, RuntimeApply)
+    assert commands[0].event.runtime.spec.tieredstore.levels == [
+        Level(mediumtype="SSD", path="/var/jfsCache", quota="40Gi")]
+    assert notes == [
+        "ignored: JuiceFSRuntime/spec.tieredstore.levels[0].high (not used by Fluid's JuiceFS engine: Shoal evicts "
+        "from 0.95 down to 0.7 of the quota)",
+        f"ignored: JuiceFSRuntime/spec.tieredstore.levels[0].low {JUICEFS_LOW}",
+    ]
+
+
 def test_juicefs_runtime_reads_block_size_in_kib_from_fuse_options() -> None:
     docs = load("""
         apiVersion: data.fluid.io/v1alpha1
@@ -252,12 +282,13 @@ def test_juicefs_runtime_reads_block_size_in_kib_from_fuse_options() -> None:
     assert isinstance(command.event, RuntimeApply)
     spec = command.event.runtime.spec
     assert spec.block_size == "1Mi"  # 1024 KiB
-    assert spec.tieredstore.levels == [Level(mediumtype="SSD", path="/var/jfsCache", quota=40960, low="0.1")]
+    assert spec.tieredstore.levels == [Level(mediumtype="SSD", path="/var/jfsCache", quota=40960)]
     assert sorted(notes) == [
         "ignored: JuiceFSRuntime/spec.configs[0] (--trash-days) (not used by Shoal)",
         "ignored: JuiceFSRuntime/spec.configs[1] (--secret-key) (not used by Shoal)",
         "ignored: JuiceFSRuntime/spec.fuse.image (not used by Shoal)",
         'ignored: JuiceFSRuntime/spec.fuse.options["writeback"] (not used by Shoal)',
+        f"ignored: JuiceFSRuntime/spec.tieredstore.levels[0].low {JUICEFS_LOW}",
         "ignored: JuiceFSRuntime/spec.worker (not used by Shoal)",
     ]
     assert "pl4nted-s3cret" not in repr(notes)  # notes become Kubernetes Events: a flag's value may be a secret
@@ -276,11 +307,12 @@ def test_the_juicefs_example_gives_a_40_gib_tier_and_4_mib_blocks() -> None:
     spec = command.event.runtime.spec
     assert spec.replicas == 1
     assert parse_quantity(spec.block_size) == 4 * 2**20
-    assert spec.tieredstore.levels == [Level(mediumtype="SSD", path="/var/jfsCache", quota="40Gi", low="0.1")]
+    assert spec.tieredstore.levels == [Level(mediumtype="SSD", path="/var/jfsCache", quota="40Gi")]
     assert parse_quantity(spec.tieredstore.levels[0].quota) == 40 * 2**30
     assert sorted(notes) == [
         "ignored: JuiceFSRuntime/spec.configs[0] (--trash-days) (not used by Shoal)",
         "ignored: JuiceFSRuntime/spec.fuse.image (not used by Shoal)",
+        f"ignored: JuiceFSRuntime/spec.tieredstore.levels[0].low {JUICEFS_LOW}",
     ]
 
 
