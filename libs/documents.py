@@ -470,10 +470,14 @@ def _tieredstore(kind: str, tieredstore: Any) -> tuple[Any, list[str], list[str]
         mapped_level = {key: value for key, value in level.items() if key in LEVEL_FIELDS}
         if kind == "JuiceFSRuntime":
             notes += _juicefs_watermarks(kind, where, mapped_level)
+            if isinstance(mapped_level.get("path"), str):
+                # Fluid hands the path to JuiceFS as ``cache-dir``, whose directories are separated by ':'
+                # (docs/zh/samples/juicefs/juicefs_cache_dir.md); Shoal's by ','.
+                mapped_level["path"] = mapped_level["path"].replace(":", ",")
         notes += [_ignored(kind, f"{where}.{key}", "not used by Shoal")
                   for key in level if key not in (*LEVEL_FIELDS, QUOTA_LIST)]
         if level.get(QUOTA_LIST) not in (None, ""):
-            quota, problem = _quota_from_list(where, level)
+            quota, problem = _quota_from_list(where, {**level, **mapped_level})
             if problem:
                 problems.append(problem)
             elif quota is not None:

@@ -523,6 +523,33 @@ async def test_apply_of_fluids_juicefs_sample_keeps_shoals_watermarks(nats_serve
     assert (level.high, level.low) == ("0.95", "0.7")
 
 
+async def test_apply_of_fluids_juicefs_cache_dirs_sample_gives_two_cache_paths(nats_server: NatsServer,
+                                                                             services: None, bus: Bus) -> None:
+    """docs/zh/samples/juicefs/juicefs_cache_dir.md separates JuiceFS's cache directories with ':'; before, Shoal
+    kept ``/mnt/cache1:/mnt/cache2`` as one directory."""
+    sample = """
+apiVersion: data.fluid.io/v1alpha1
+kind: JuiceFSRuntime
+metadata:
+  name: jfsdemo
+spec:
+  replicas: 1
+  tieredstore:
+    levels:
+      - mediumtype: SSD
+        path: /mnt/cache1:/mnt/cache2
+        quota: 40Gi
+        low: "0.1"
+"""
+    applied = await shoal(nats_server, "apply", "-f", "-", stdin=sample)
+
+    assert (applied.exit_code, applied.stdout) == (0, "runtime.shoal.io/jfsdemo configured\n"), applied.output
+    record, _ = await kv_load(await bus.kv(subjects.KV_RUNTIMES), subjects.resource_key("default", "jfsdemo"),
+                              RuntimeRecord)
+    assert record is not None
+    assert record.runtime.spec.tieredstore.levels[0].path == "/mnt/cache1,/mnt/cache2"
+
+
 async def test_apply_of_two_mounts_of_one_name_is_rejected_naming_it(nats_server: NatsServer, services: None,
                                                                       bus: Bus) -> None:
     """Even at two paths: a name is a mount's identity, and a second one of the same name is a copy left unedited."""

@@ -259,6 +259,25 @@ def test_juicefs_low_is_the_free_space_ratio_not_a_watermark() -> None:
     ]
 
 
+def test_juicefs_cache_paths_separated_by_colons_are_several_paths() -> None:
+    """JuiceFS separates its cache directories with ':' and Fluid passes a JuiceFSRuntime tier's path to it as
+    ``cache-dir`` (docs/zh/samples/juicefs/juicefs_cache_dir.md: ``path: /mnt/cache1:/mnt/cache2``). Before, Shoal
+    took the whole text for one directory, ``/mnt/cache1:`` with ``cache2`` below it."""
+    commands, _, errors = documents_to_commands(load("""
+        apiVersion: data.fluid.io/v1alpha1
+        kind: JuiceFSRuntime
+        metadata: {name: jfsdemo}
+        spec:
+          tieredstore:
+            levels: [{mediumtype: SSD, path: "/mnt/cache1:/mnt/cache2", quota: 40Gi}]
+        """))
+
+    assert errors == []
+    assert isinstance(commands[0].event, RuntimeApply)
+    assert commands[0].event.runtime.spec.tieredstore.levels == [
+        Level(mediumtype="SSD", path="/mnt/cache1,/mnt/cache2", quota="40Gi")]
+
+
 def test_juicefs_runtime_reads_block_size_in_kib_from_fuse_options() -> None:
     docs = load("""
         apiVersion: data.fluid.io/v1alpha1
