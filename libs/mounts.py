@@ -17,6 +17,8 @@ from libs.redact import has_userinfo, hide_secret_query, is_secret_name, secret_
 OPTION_ALIASES = {
     "alluxio.underfs.s3.endpoint": "endpoint",
     "alluxio.underfs.s3.endpoint.region": "region",
+    # AWS's region in Fluid's S3 samples (docs/en/samples/s3_configuration.md); the one above is other vendors'.
+    "alluxio.underfs.s3.region": "region",
     "alluxio.underfs.s3.disable.dns.buckets": "pathStyle",
     "aws.region": "region",
     "fs.s3a.endpoint": "endpoint",

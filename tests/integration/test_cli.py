@@ -550,6 +550,43 @@ spec:
     assert record.runtime.spec.tieredstore.levels[0].path == "/mnt/cache1,/mnt/cache2"
 
 
+async def test_apply_of_fluids_s3_sample_takes_its_region_option(nats_server: NatsServer, services: None,
+                                                                  bus: Bus) -> None:
+    """Fluid's S3 sample (docs/en/samples/s3_configuration.md, its placeholders filled) names the bucket's region
+    ``alluxio.underfs.s3.region``; before, the apply was refused ("not supported for s3")."""
+    sample = """
+apiVersion: data.fluid.io/v1alpha1
+kind: Dataset
+metadata:
+  name: my-s3
+spec:
+  mounts:
+    - mountPoint: s3://my-bucket/path-to-data/
+      name: s3
+      options:
+        alluxio.underfs.s3.region: us-west-2
+        alluxio.underfs.s3.endpoint: http://127.0.0.1:9
+      encryptOptions:
+        - name: aws.accessKeyId
+          valueFrom:
+            secretKeyRef:
+              name: mysecret
+              key: aws.accessKeyId
+        - name: aws.secretKey
+          valueFrom:
+            secretKeyRef:
+              name: mysecret
+              key: aws.secretKey
+"""
+    applied = await shoal(nats_server, "apply", "-f", "-", stdin=sample)
+
+    assert (applied.exit_code, applied.stdout, applied.stderr) == (0, "dataset.shoal.io/my-s3 configured\n", "")
+    record, _ = await kv_load(await bus.kv(subjects.KV_DATASETS), subjects.resource_key("default", "my-s3"),
+                              DatasetRecord)
+    assert record is not None
+    assert record.dataset.spec.mounts[0].options["alluxio.underfs.s3.region"] == "us-west-2"
+
+
 async def test_apply_of_two_mounts_of_one_name_is_rejected_naming_it(nats_server: NatsServer, services: None,
                                                                       bus: Bus) -> None:
     """Even at two paths: a name is a mount's identity, and a second one of the same name is a copy left unedited."""

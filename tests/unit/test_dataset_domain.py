@@ -363,6 +363,18 @@ def test_fluid_alias_options_accepted() -> None:
     assert errors_of(s3_mount(), shared_options=options) == []
 
 
+def test_fluids_s3_sample_region_option_is_the_region() -> None:
+    """Fluid's S3 samples (docs/en/samples/s3_configuration.md, accelerate_different_storage.md) give AWS's region
+    as ``alluxio.underfs.s3.region``; before, it was refused as not supported for s3."""
+    mount = s3_mount(options={"alluxio.underfs.s3.region": "us-west-2",
+                              "alluxio.underfs.s3.endpoint": "https://s3.us-west-2.amazonaws.com"})
+    assert errors_of(mount) == []
+    dataset = make_dataset(mount)
+    location = resolve_location(dataset, dataset.spec.mounts[0], {}, DEFAULTS)
+    assert isinstance(location, S3Location)
+    assert (location.endpoint_url, location.region) == ("https://s3.us-west-2.amazonaws.com", "us-west-2")
+
+
 def test_alias_options_are_checked_like_their_canonical_names() -> None:
     error = one_error(s3_mount(options={"alluxio.underfs.s3.disable.dns.buckets": "maybe"}))
     assert error == "spec.mounts[0].options.pathStyle must be true or false"
