@@ -60,6 +60,8 @@ from libs.events.runtime import (
     RuntimeScale,
     RuntimeSpec,
 )
+from libs.mounts import OPTION_ALIASES
+from libs.redact import is_secret_name
 
 SHOAL_API = "shoal.io/v1alpha1"
 FLUID_API = "data.fluid.io/v1alpha1"
@@ -79,6 +81,9 @@ ALLUXIO_OPTION_NAMES = {
     "alluxio.underfs.s3.endpoint.region": "region",
     "alluxio.underfs.s3.disable.dns.buckets": "pathStyle",
 }
+
+# Alluxio's own settings, given as mount options in Fluid's samples; those Shoal reads are the names above.
+ALLUXIO_PREFIX = "alluxio."
 
 # Engines that keep their block size in ``spec.properties``; Alluxio and its fork GooseFS spell sizes alike.
 BLOCK_SIZE_PROPERTIES = {
@@ -298,7 +303,8 @@ def _document_to_command(
     elif api_version == FLUID_API and kind == "Dataset":
         target = Dataset
         notes += [_ignored(kind, path, "not used by Shoal") for path in unknown_fields(DatasetSpec, spec, "spec")]
-        mapped_spec = fluid_dataset_spec(spec)
+        mapped_spec, option_notes = fluid_dataset_spec(spec)
+        notes += option_notes
     elif api_version == FLUID_API and kind in FLUID_RUNTIME_KINDS:
         target = Runtime
         mapped_spec, runtime_notes, problems = fluid_runtime_spec(kind, spec)
@@ -378,25 +384,40 @@ def _ignored(kind: str, path: str, why: str) -> str:
 # --- Fluid Dataset ---
 
 
-def fluid_dataset_spec(spec: dict[str, Any]) -> dict[str, Any]:
-    """Fluid's Dataset spec in Shoal's shape: the same fields, Alluxio's S3 option names made Shoal's.
+def fluid_dataset_spec(spec: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """Fluid's Dataset spec in Shoal's shape: the same fields, Alluxio's S3 option names made Shoal's, and notes on
+    the options left out: Alluxio's own settings (``alluxio.underfs.s3.inherit.acl`` in Fluid's MinIO sample), which
+    tune how Alluxio's engine talks to the store and mean nothing to Shoal's, as its runtime ``properties`` do not.
 
-    Unknown options pass through: the dataset service knows which ones each scheme supports and says why.
+    Other unknown options pass through: the dataset service knows which ones each scheme supports and says why. So
+    does an Alluxio-named secret: the clear-text check refuses it rather than a note dropping it.
     """
     mapped = dict(spec)
+    notes: list[str] = []
     if isinstance(spec.get("mounts"), list):
-        mapped["mounts"] = [
-            {**mount, "options": _rename_options(mount["options"])}
-            if isinstance(mount, dict) and isinstance(mount.get("options"), dict) else mount
-            for mount in spec["mounts"]
-        ]
+        mapped["mounts"] = []
+        for index, mount in enumerate(spec["mounts"]):
+            if isinstance(mount, dict) and isinstance(mount.get("options"), dict):
+                options, option_notes = _fluid_options(mount["options"], f"spec.mounts[{index}].options")
+                mount = {**mount, "options": options}
+                notes += option_notes
+            mapped["mounts"].append(mount)
     if isinstance(spec.get("sharedOptions"), dict):
-        mapped["sharedOptions"] = _rename_options(spec["sharedOptions"])
-    return mapped
+        mapped["sharedOptions"], option_notes = _fluid_options(spec["sharedOptions"], "spec.sharedOptions")
+        notes += option_notes
+    return mapped, notes
 
 
-def _rename_options(options: dict[Any, Any]) -> dict[Any, Any]:
-    return {ALLUXIO_OPTION_NAMES.get(key, key): value for key, value in options.items()}
+def _fluid_options(options: dict[Any, Any], where: str) -> tuple[dict[Any, Any], list[str]]:
+    kept: dict[Any, Any] = {}
+    notes: list[str] = []
+    for key, value in options.items():
+        if (isinstance(key, str) and key.startswith(ALLUXIO_PREFIX) and key not in ALLUXIO_OPTION_NAMES
+                and key not in OPTION_ALIASES and not is_secret_name(key)):
+            notes.append(_ignored("Dataset", f'{where}["{key}"]', "an Alluxio setting, not used by Shoal"))
+        else:
+            kept[ALLUXIO_OPTION_NAMES.get(key, key)] = value
+    return kept, notes
 
 
 # --- Fluid runtimes ---

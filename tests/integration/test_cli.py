@@ -587,6 +587,46 @@ spec:
     assert record.dataset.spec.mounts[0].options["alluxio.underfs.s3.region"] == "us-west-2"
 
 
+async def test_apply_of_fluids_minio_sample_notes_its_alluxio_setting(nats_server: NatsServer, services: None,
+                                                                      bus: Bus) -> None:
+    """Fluid's MinIO sample (docs/en/samples/accelerate_s3_minio.md) sets Alluxio's
+    ``alluxio.underfs.s3.inherit.acl``; before, the whole dataset was refused ("not supported for s3")."""
+    sample = """
+apiVersion: data.fluid.io/v1alpha1
+kind: Dataset
+metadata:
+  name: demo
+spec:
+  mounts:
+    - mountPoint: s3://spark/fluid-data
+      name: spark
+      options:
+        alluxio.underfs.s3.endpoint: http://127.0.0.1:9
+        alluxio.underfs.s3.disable.dns.buckets: "true"
+        alluxio.underfs.s3.inherit.acl: "false"
+      encryptOptions:
+      - name: aws.accessKeyId
+        valueFrom:
+          secretKeyRef:
+            name: mysecret
+            key: aws.accessKeyId
+      - name: aws.secretKey
+        valueFrom:
+          secretKeyRef:
+            name: mysecret
+            key: aws.secretKey
+"""
+    applied = await shoal(nats_server, "apply", "-f", "-", stdin=sample)
+
+    assert (applied.exit_code, applied.stdout) == (0, "dataset.shoal.io/demo configured\n"), applied.output
+    assert applied.stderr == ('ignored: Dataset/spec.mounts[0].options["alluxio.underfs.s3.inherit.acl"] (an Alluxio '
+                              "setting, not used by Shoal)\n")
+    record, _ = await kv_load(await bus.kv(subjects.KV_DATASETS), subjects.resource_key("default", "demo"),
+                              DatasetRecord)
+    assert record is not None
+    assert record.dataset.spec.mounts[0].options == {"endpoint": "http://127.0.0.1:9", "pathStyle": "true"}
+
+
 async def test_apply_of_two_mounts_of_one_name_is_rejected_naming_it(nats_server: NatsServer, services: None,
                                                                       bus: Bus) -> None:
     """Even at two paths: a name is a mount's identity, and a second one of the same name is a copy left unedited."""

@@ -160,8 +160,6 @@ def test_fluid_dataset_maps_one_to_one_and_renames_alluxio_s3_options() -> None:
         "endpoint": "http://minio:9000",
         "region": "eu-west-1",
         "pathStyle": "true",
-        # Unknown options pass through: the dataset service rejects them with a reason.
-        "alluxio.underfs.s3.inherit.acl": "false",
     }
     assert [option.name for option in spec.mounts[0].encrypt_options] == ["aws.accessKeyId", "aws.secretKey"]
     assert spec.mounts[0].encrypt_options[1].value_from.secret_key_ref.key == "secret"
@@ -175,8 +173,33 @@ def test_fluid_dataset_maps_one_to_one_and_renames_alluxio_s3_options() -> None:
     assert sorted(notes) == [
         "ignored: Dataset/metadata.creationTimestamp (not used by Shoal)",
         "ignored: Dataset/spec.dataRestoreLocation (not used by Shoal)",
+        'ignored: Dataset/spec.mounts[0].options["alluxio.underfs.s3.inherit.acl"] (an Alluxio setting, not used '
+        "by Shoal)",
         "ignored: Dataset/spec.runtimes (not used by Shoal)",
     ]
+
+
+def test_other_options_of_a_fluid_dataset_still_reach_the_dataset_service() -> None:
+    """Only Alluxio's own settings are noted and left out; any other option (and an Alluxio-named secret, which the
+    clear-text check refuses) goes on to the dataset service, which says why it is not supported."""
+    commands, notes, errors = documents_to_commands(load("""
+        apiVersion: data.fluid.io/v1alpha1
+        kind: Dataset
+        metadata: {name: demo}
+        spec:
+          sharedOptions: {alluxio.underfs.s3.threads.max: "64", fs.oss.endpoint: oss.example.com}
+          mounts:
+            - mountPoint: s3://spark/fluid-data
+              options: {alluxio.underfs.s3.secret.key: planted, cache.mode: aggressive}
+        """))
+
+    assert errors == []
+    assert isinstance(commands[0].event, DatasetApply)
+    spec = commands[0].event.dataset.spec
+    assert spec.shared_options == {"fs.oss.endpoint": "oss.example.com"}
+    assert spec.mounts[0].options == {"alluxio.underfs.s3.secret.key": "planted", "cache.mode": "aggressive"}
+    assert notes == ['ignored: Dataset/spec.sharedOptions["alluxio.underfs.s3.threads.max"] (an Alluxio setting, '
+                     "not used by Shoal)"]
 
 
 ALLUXIO = """
