@@ -49,7 +49,8 @@ class DataLoadSpec(msgspec.Struct, frozen=True, kw_only=True, rename="camel", om
     # Empty: the whole dataset, one replica.
     target: list[TargetPath] = []
     policy: Policy = "Once"
-    # A cron expression (five fields, as Kubernetes CronJobs); required for policy Cron, refused otherwise.
+    # A cron expression (five fields or a macro such as @hourly, as Kubernetes CronJobs); required for policy Cron,
+    # refused otherwise.
     schedule: str = ""
     run_after: OperationRef | None = None
     ttl_seconds_after_finished: int | None = None

@@ -91,7 +91,14 @@ def validate_ref(name: str, namespace: str) -> list[str]:
     return dns_label_errors(name, "name", DNS1123_LABEL) + dns_label_errors(namespace, "namespace", DNS1123_LABEL)
 
 
+# The macros a Kubernetes CronJob's schedule takes (Fluid runs a Cron DataLoad as one); croniter reads each as its
+# five fields. Lower case only, as Kubernetes (robfig/cron). Its ``@every <duration>`` has no cron equivalent.
+CRON_MACROS = ("@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly")
+
+
 def valid_schedule(schedule: str) -> bool:
+    if schedule in CRON_MACROS:
+        return True
     return len(schedule.split()) == 5 and bool(croniter.is_valid(schedule))
 
 
@@ -143,7 +150,8 @@ def validate_load(load: DataLoad) -> list[str]:
             errors.append("spec.schedule is required for policy Cron (a cron expression such as '*/5 * * * *')")
         elif not valid_schedule(spec.schedule):
             errors.append(f"spec.schedule {spec.schedule!r} is not a valid cron expression: five fields "
-                          "(minute hour day-of-month month day-of-week), e.g. '0 * * * *'")
+                          "(minute hour day-of-month month day-of-week), e.g. '0 * * * *', or one of "
+                          f"{', '.join(CRON_MACROS)}")
         elif not schedule_fires(spec.schedule):
             errors.append(f"spec.schedule {spec.schedule!r} never fires: no date matches it (a day the month does "
                           "not have, such as 30 February?); name days that exist, e.g. '0 0 28 2 *'")

@@ -26,6 +26,7 @@ from nats.js.errors import NotFoundError
 
 from libs import subjects
 from libs.bus import DAY, NODE_TASK_MESSAGES, Bus, Delivery, kv_load
+from libs.documents import documents_to_commands, parse_documents
 from libs.events.agent import AgentHeartbeat
 from libs.events.common import ObjectMeta, ObjectRef
 from libs.events.dataset import (
@@ -539,6 +540,31 @@ async def test_cron_runs_on_schedule_once_per_firing(bus: Bus, nats_server: Nats
             await phase_of(bus, "Complete", runs=3)
             record = await operation(bus)
             assert record is not None and record.status.runs == 3
+
+
+async def test_a_fluid_cron_dataload_with_a_kubernetes_macro_runs_at_its_firing(bus: Bus,
+                                                                                nats_server: NatsServer) -> None:
+    """Fluid runs a Cron DataLoad as a Kubernetes CronJob, whose schedule may be ``@hourly``; before, Shoal's loader
+    rejected it ("not a valid cron expression")."""
+    (command,), _, errors = documents_to_commands(parse_documents("""
+apiVersion: data.fluid.io/v1alpha1
+kind: DataLoad
+metadata: {name: warm}
+spec:
+  dataset: {name: data}
+  policy: Cron
+  schedule: "@hourly"
+"""))
+    assert errors == [] and isinstance(command.event, DataLoadApply)
+    await put_dataset(bus, files(("a", BLOCK)))
+    await put_runtime(bus, NODES[:1])
+    now = [1_767_225_600.0 + 10]  # 2026-01-01T00:00:10Z
+    async with agent(bus, NODES[:1]), loader(nats_server, clock=lambda: now[0]):
+        await publish(bus, command.subject, command.event)
+        assert (await phase_of(bus, "Pending")).status.runs == 0
+        now[0] += 3600  # past 01:00:00
+        done = await phase_of(bus, "Complete", runs=1)
+        assert done.status.last_schedule_time == "2026-01-01T01:00:10Z"
 
 
 async def test_a_cron_loads_new_schedule_is_observed_at_its_apply_and_runs_at_its_first_firing(

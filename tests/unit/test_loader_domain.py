@@ -10,6 +10,7 @@ from typing import Any
 from unittest.mock import patch
 
 import msgspec
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -76,6 +77,23 @@ def test_every_bad_field_is_named() -> None:
 def test_cron_needs_a_valid_five_field_schedule() -> None:
     assert "required for policy Cron" in domain.validate_load(load(policy="Cron"))[0]
     for bad in ("61 * * * *", "every minute", "* * * * * *"):
+        assert "not a valid cron expression" in domain.validate_load(load(policy="Cron", schedule=bad))[0]
+
+
+@pytest.mark.parametrize(("macro", "same"), [
+    ("@yearly", "0 0 1 1 *"), ("@annually", "0 0 1 1 *"), ("@monthly", "0 0 1 * *"), ("@weekly", "0 0 * * 0"),
+    ("@daily", "0 0 * * *"), ("@midnight", "0 0 * * *"), ("@hourly", "0 * * * *"),
+])
+def test_kubernetes_cron_macros_are_schedules(macro: str, same: str) -> None:
+    """Fluid runs a Cron DataLoad as a Kubernetes CronJob with its schedule, which takes these macros; before,
+    Shoal refused them ("five fields")."""
+    assert domain.validate_load(load(policy="Cron", schedule=macro)) == []
+    start = t("2026-03-04T05:06:07Z")
+    assert domain.next_cron(macro, start) == domain.next_cron(same, start)
+
+
+def test_a_macro_kubernetes_refuses_is_refused_too() -> None:
+    for bad in ("@every 5m", "@Hourly", "@often"):
         assert "not a valid cron expression" in domain.validate_load(load(policy="Cron", schedule=bad))[0]
 
 
