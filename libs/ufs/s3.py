@@ -481,15 +481,20 @@ class S3ObjectStore:
 
     async def _ranged(self, key: str, start: int, length: int, etag: str | None) -> tuple[URL, dict[str, str]]:
         """The pre-signed URL and headers of a ranged GET, pinned to ``etag`` when given."""
-        headers = {"Range": f"bytes={start}-{start + length - 1}"}
+        # The object's own bytes, whatever its Content-Encoding: "identity" so a store never encodes them on the
+        # way, and the session never decodes (``_session``).
+        headers = {"Range": f"bytes={start}-{start + length - 1}", "Accept-Encoding": "identity"}
         if etag is not None:
             headers["If-Match"] = f'"{etag}"'
         return await self._presigned_url(key), headers
 
     def _session(self) -> aiohttp.ClientSession:
         if self._http is None:
+            # auto_decompress off: an object stored with ``Content-Encoding: gzip`` (``aws s3 cp
+            # --content-encoding``) is its gzip bytes, listed with their size; decoded, no read of it added up.
             self._http = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=self._max_connections), timeout=self._timeouts
+                connector=aiohttp.TCPConnector(limit=self._max_connections), timeout=self._timeouts,
+                auto_decompress=False,
             )
         return self._http
 

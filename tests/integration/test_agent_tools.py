@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import errno
+import gzip
 import os
 import struct
 import subprocess
@@ -192,3 +193,28 @@ async def test_writes_are_erofs_locks_work_and_xattrs_are_enodata(bus: Bus, sett
                 assert raised.value.errno == errno.EROFS
 
         await asyncio.to_thread(syscalls)
+
+
+async def test_objects_stored_with_a_content_encoding_read_as_stored(bus: Bus, settings: Settings,
+                                                                      seaweedfs: SeaweedServer, bucket: str,
+                                                                      tmp_path: Path) -> None:
+    # `aws s3 cp --content-encoding gzip` (web assets, compressed logs): the object's bytes are the gzip stream and
+    # its size in the listing is theirs; S3 never decodes them, so neither may the mount (it read as EIO).
+    bodies = {"page.html.gz": gzip.compress(b"<p>hello</p>\n" * 50_000),
+              "noise.gz": gzip.compress(os.urandom(2 * MiB + 3)), "tiny.gz": gzip.compress(b"hi\n")}
+    async with seaweedfs.client() as client:
+        for key, body in bodies.items():
+            await client.put_object(Bucket=bucket, Key=key, Body=body, ContentEncoding="gzip")
+    async with node_stack(bus, settings, seaweedfs, tmp_path) as node:
+        await node.apply("encoded", bucket)
+        root = await node.wait_mounted("encoded", expect="tiny.gz")
+        # Before anything is cached: a small read inside a block (a GET of just those bytes), one across a block
+        # edge (whole blocks), then every file whole.
+        fd = await asyncio.to_thread(os.open, root / "noise.gz", os.O_RDONLY)
+        try:
+            assert await asyncio.to_thread(os.pread, fd, 100, MiB + 12345) == bodies["noise.gz"][MiB + 12345:][:100]
+            assert await asyncio.to_thread(os.pread, fd, 4096, MiB - 7) == bodies["noise.gz"][MiB - 7:][:4096]
+        finally:
+            os.close(fd)
+        sums = await run_tool("md5sum", *(str(root / key) for key in bodies))
+        assert sorted(line.split()[0] for line in sums.stdout.splitlines()) == sorted(map(md5, bodies.values()))
