@@ -41,7 +41,10 @@ log = get_logger(__name__)
 # kernel; unknown names are not cached (ENOENT, not a negative entry).
 ENTRY_TIMEOUT = 365 * 86400.0
 ATTR_TIMEOUT = 365 * 86400.0
-WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
+# An open that would write: for writing, or truncating. Not O_APPEND, which only changes where writes go: a
+# read-only filesystem opens O_RDONLY | O_APPEND for reading. (O_CREAT never arrives: the kernel strips it from an
+# open, and a new name comes as ``create``.)
+WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC
 # uid_t/gid_t are 32 bits and -1 means "none"; pyfuse3 raises on a larger value, and a request whose handler
 # raises is never answered (the caller hangs). Out-of-range owners are served as nobody (the kernel's overflow id).
 MAX_ID = 2**32 - 2

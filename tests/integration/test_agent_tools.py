@@ -163,9 +163,9 @@ async def test_odd_names_and_block_edges_with_ordinary_tools(bus: Bus, settings:
         assert f"{block + 1} bytes" in dd.stderr
 
 
-async def test_writes_are_erofs_locks_work_and_xattrs_are_enodata(bus: Bus, settings: Settings,
-                                                                  seaweedfs: SeaweedServer, bucket: str,
-                                                                  tmp_path: Path) -> None:
+async def test_writes_are_erofs_reads_are_not_locks_work_and_xattrs_are_enodata(bus: Bus, settings: Settings,
+                                                                                seaweedfs: SeaweedServer, bucket: str,
+                                                                                tmp_path: Path) -> None:
     await put_objects(seaweedfs, bucket, {"sub/f.txt": b"f", "g.txt": b"g"})
     async with node_stack(bus, settings, seaweedfs, tmp_path) as node:
         await node.apply("ro", bucket)
@@ -182,6 +182,14 @@ async def test_writes_are_erofs_locks_work_and_xattrs_are_enodata(bus: Bus, sett
                 with pytest.raises(OSError) as raised:
                     os.open(root / "g.txt", flags, 0o644)
                 assert raised.value.errno == errno.EROFS, flags
+            # Not writes, as on any read-only filesystem: O_APPEND only matters to writes, O_CREAT of a file
+            # that exists creates nothing (O_APPEND was EROFS).
+            for flags in (os.O_RDONLY | os.O_APPEND, os.O_RDONLY | os.O_CREAT, os.O_RDONLY | os.O_APPEND | os.O_CREAT):
+                fd = os.open(root / "g.txt", flags, 0o644)
+                try:
+                    assert os.read(fd, 10) == b"g", flags
+                finally:
+                    os.close(fd)
             for path in (root / "g.txt", root / "sub", root):
                 assert os.listxattr(path) == []
                 for name in ("user.x", "security.selinux", "system.posix_acl_access"):
