@@ -31,6 +31,19 @@ log = get_logger(__name__)
 
 StoreOpener = Callable[[Location], ObjectStore]
 
+def mount_folders(roots: list[tuple[int, str, float | None]]) -> list[ManifestEntry]:
+    """The folder marker of each mount's folder but the dataset's own ('/'), so that a mount shows as a folder
+    even with nothing below it (a prefix holding only its own marker, which the listing leaves out, or nothing
+    yet). ``roots``: (mount index, folder, time of its newest object or None). A marker's time is its newest
+    object's, which a folder has anyway; an empty mount's folder has the dataset's (the latest of all), as the
+    dataset's own folder does, rather than 1970."""
+    times = [newest for _, _, newest in roots if newest is not None]
+    latest = max(times, default=0.0)
+    return [ManifestEntry(path=root + "/", mount=index, key="", size=0, etag="",
+                          mtime=latest if newest is None else newest)
+            for index, root, newest in roots if root.strip("/")]
+
+
 async def _paced(listing: AsyncIterator[ObjectInfo], seconds: float) -> AsyncIterator[ObjectInfo]:
     """``listing``, each entry within ``seconds``: the entries of a page in hand come at once, so this bounds the
     wait for each page. A store slower than that (one that answers a byte at a time never trips a read timeout)
@@ -75,6 +88,8 @@ async def sync_metadata(record: DatasetRecord, manifests: ManifestStore, default
     listed = 0
     skipped = paths.Skipped()
     folders = paths.Folders()
+    # Each mount's folder, and the time of its newest object (None: nothing below it), see ``mount_folders``.
+    roots: list[tuple[int, str, float | None]] = []
     with ManifestWriter() as usable, ManifestWriter() as manifest:
         for index, mount in enumerate(dataset.spec.mounts):
             try:
@@ -90,6 +105,7 @@ async def sync_metadata(record: DatasetRecord, manifests: ManifestStore, default
                     return SyncResult(generation=generation, requests=requests, incarnation=record.incarnation,
                                       error=cut_error(f"mount {mount.mount_point}: {refused}"))
             root = mount_path(mount, len(dataset.spec.mounts))
+            newest: float | None = None
             store = opener(location)
             try:
                 async for info in _paced(store.list(page_size=page_size), page_seconds):
@@ -103,6 +119,7 @@ async def sync_metadata(record: DatasetRecord, manifests: ManifestStore, default
                                           uid=info.uid, gid=info.gid)
                     folders.note(entry.path)
                     usable.add(entry)
+                    newest = info.mtime if newest is None else max(newest, info.mtime)
             except UfsError as err:
                 error = cut_error(strip_userinfo(f"cannot list {mount.mount_point}: {err.message}"))
                 if err.retryable:
@@ -118,10 +135,13 @@ async def sync_metadata(record: DatasetRecord, manifests: ManifestStore, default
                 return SyncResult(generation=generation, requests=requests, incarnation=record.incarnation, error=error)
             finally:
                 await store.close()
+            roots.append((index, root, newest))
         for entry in read_entries(usable.rewound()):
             if folders.shadows(entry.path):
                 skipped.add(entry.key, paths.SHADOWED, entry.mount)
                 continue
+            manifest.add(entry)
+        for entry in mount_folders(roots):
             manifest.add(entry)
         # Named with the record's incarnation, generation and resync count: if the dataset changes, is resynced,
         # or is deleted and applied again while this listing runs, this upload lands beside the manifest the

@@ -122,7 +122,9 @@ async def test_keys_never_leave_their_mount(bus: Bus, settings: Settings) -> Non
 
     roots = {0: "/a/", 1: "/b/"}
     assert all(entry.path.startswith(roots[entry.mount]) for entry in manifest), manifest
-    assert sorted((e.path, e.mount, e.key) for e in manifest) == [("/a/ok", 0, "ok"), ("/b/f", 1, "f")]
+    # Each mount's folder marker, then its files.
+    assert sorted((e.path, e.mount, e.key) for e in manifest) == [("/a/", 0, ""), ("/a/ok", 0, "ok"), ("/b/", 1, ""),
+                                                                  ("/b/f", 1, "f")]
     tree = Namespace.build(manifest, InodeAllocator())
     f = walk(tree, "/b/f")
     assert f is not None and f.entry is not None and (f.entry.mount, f.entry.key) == (1, "f")
@@ -191,6 +193,27 @@ async def test_folder_shadows_file_markers_are_folders_and_cache_reaches_100_per
             return record if record.status.cache_states.cached_percentage == "100.0%" else None
 
         await eventually(all_cached, what="cachedPercentage 100.0%")
+
+
+async def test_every_mount_has_its_folder_even_with_nothing_below_it(
+        bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path) -> None:
+    # "b/" is what a console's "Create folder" leaves: the prefix of mount b holds its own marker and nothing else;
+    # nothing at all is below "c/" (yet). Both folders were missing (ENOENT), not empty.
+    await put_objects(seaweedfs, bucket, {"a/x": b"x", "b/": b""})
+    async with node_stack(bus, settings, seaweedfs, tmp_path) as node:
+        await apply_node_dataset(bus, node.cache_dir, "mounts", [
+            Mount(mount_point=f"s3://{bucket}/a/", name="a"), Mount(mount_point=f"s3://{bucket}/b/", name="b"),
+            Mount(mount_point=f"s3://{bucket}/c", path="/deep/c")])
+        root = await node.wait_mounted("mounts", expect="a/x")
+        found = await run_tool("find", str(root), "-mindepth", "1", "-printf", "%y %P\n")
+        assert sorted(found.stdout.splitlines()) == ["d a", "d b", "d deep", "d deep/c", "f a/x"]
+        assert await asyncio.to_thread(os.listdir, root / "b") == []
+        # An empty mount's folder has the dataset's time, not 1970; one with files the time of its newest.
+        times = {path: (await asyncio.to_thread(os.stat, root / path)).st_mtime for path in (".", "a", "a/x", "b")}
+        assert times["a"] == times["a/x"] and times["b"] == times["."] > 0
+        record = await node.record("mounts")
+        assert (record.status.file_num, record.status.ufs_total_bytes) == (1, 1)
+        assert not [c for c in record.status.conditions if c.type == CONDITION_SKIPPED]
 
 
 async def test_a_local_folder_nested_beyond_path_max_is_left_out_and_the_rest_mounted(
