@@ -4,7 +4,9 @@
   ``mod_autoindex`` table; files go through aiohttp's own ``FileResponse`` (Range, ETag, If-Match,
   If-Unmodified-Since, as a real static server answers). ``etags=False`` leaves ETag out (Last-Modified only);
   ``redirects`` maps a folder path to where it redirects; ``head=False`` refuses HEAD (405); every request's
-  (method, path) is kept in ``calls``.
+  (method, path) is kept in ``calls``; files named in ``encoded`` are sent with ``Content-Encoding: gzip``
+  whatever the client accepts, as an S3 website or CDN serves objects stored with that header (their bytes are
+  already gzip).
 - ``PythonSource``: Python's own ``http.server`` in a thread, which knows no Range (a 200 with the whole body),
   no ETag and no preconditions: only Last-Modified.
 """
@@ -70,8 +72,9 @@ PAGES = {"nginx": nginx_page, "apache": apache_page}
 class WebSource:
     def __init__(self, root: Path, style: str = "nginx", etags: bool = True,
                  redirects: dict[str, str] | None = None, head: bool = True,
-                 tls: ssl.SSLContext | None = None) -> None:
+                 tls: ssl.SSLContext | None = None, encoded: tuple[str, ...] = ()) -> None:
         self.root = root
+        self.encoded = encoded
         self.tls = tls
         self.head = head
         self.style = style
@@ -120,7 +123,10 @@ class WebSource:
             return web.Response(text=page, content_type="text/html")
         if not path.is_file():
             raise web.HTTPNotFound()
-        return web.FileResponse(path)
+        response = web.FileResponse(path)
+        if relative in self.encoded:
+            response.headers["Content-Encoding"] = "gzip"
+        return response
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):

@@ -472,7 +472,10 @@ class HttpObjectStore:
         if etag is not None:
             headers.update(conditions(etag))
         try:
-            async with self._http().get(url, headers=headers) as response:
+            # Never decoded: a server may label a pre-compressed file "Content-Encoding: gzip" even to a client
+            # asking for identity (an S3 website, a CDN); its bytes are the file, of the size HEAD gave. (Folder
+            # pages are still decoded: a server may compress those.)
+            async with self._http().get(url, headers=headers, auto_decompress=False) as response:
                 self._refuse_downgrade(url, response)
                 status = response.status
                 if status == 412 and etag is not None:
