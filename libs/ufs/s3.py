@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -96,6 +97,12 @@ CUT_ATTEMPTS = 2
 _CUT = (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError, ConnectionResetError)
 
 T = TypeVar("T")
+
+# Characters XML 1.0 cannot carry (control characters but tab, newline and CR; U+FFFE, U+FFFF). A store whose
+# continuation token is the page's last key (SeaweedFS) writes them into its XML answer as U+FFFD, and a listing that
+# followed that token went on after "<folder>/\ufffd", leaving out the rest of the folder without a word. After
+# such a key the next page is asked for with StartAfter, a query parameter, which carries any key.
+_NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
 
 # A listing answer that is not well-formed XML (cut short on the way, or no S3 API at all) reaches us as a bare
 # "500 Internal Server Error": botocore turns such a 200 into a 500 to retry it, and keeps no word of the body.
@@ -347,8 +354,10 @@ class S3ObjectStore:
                 # web server or console at that address answering 200 with HTML) as an empty listing, which would
                 # sync the dataset, or replace its tree at an autoSync, with no files at all.
                 raise self._not_a_listing(page)
+            last_key = ""
             for item in page.get("Contents", ()):
                 full_key: str = item["Key"]
+                last_key = full_key
                 if full_key == self._prefix or not full_key.startswith(self._prefix):
                     continue
                 yield ObjectInfo(
@@ -366,7 +375,17 @@ class S3ObjectStore:
                     f"S3 endpoint {self._where} returned a truncated listing of bucket '{self._bucket}' "
                     "without a continuation token"
                 )
-            request["ContinuationToken"] = token
+            if _NOT_XML.search(last_key):
+                if request.get("StartAfter") == last_key:
+                    # A store that ignores StartAfter would answer this page forever.
+                    raise UfsError(f"S3 endpoint {self._where} listed bucket '{self._bucket}' from its start again "
+                                   "when asked to start after a key")
+                # Same place in a listing in key order (S3's), and the place SeaweedFS's own token names.
+                request.pop("ContinuationToken", None)
+                request["StartAfter"] = last_key
+            else:
+                request.pop("StartAfter", None)
+                request["ContinuationToken"] = token
 
     async def head(self, key: str) -> ObjectInfo:
         client = await self._s3()
