@@ -164,6 +164,43 @@ async def test_odd_names_and_block_edges_with_ordinary_tools(bus: Bus, settings:
         assert f"{block + 1} bytes" in dd.stderr
 
 
+async def test_what_ls_stat_df_and_o_direct_show_as_documented(bus: Bus, settings: Settings,
+                                                                 seaweedfs: SeaweedServer, bucket: str,
+                                                                 tmp_path: Path) -> None:
+    # The deliberate choices of the agent README's "What ordinary tools see", each seen through the tool.
+    body = os.urandom(MiB + 4321)
+    await put_objects(seaweedfs, bucket, {"d/sub/deeper/f": b"f", "d/g": b"g", "blob": body, "empty/": b""})
+    async with node_stack(bus, settings, seaweedfs, tmp_path) as node:
+        await node.apply("seen", bucket)
+        root = await node.wait_mounted("seen", expect="blob")
+        # No "." and ".." rows, yet both resolve; a folder's link count is 2 whatever it holds.
+        listed = await run_tool("ls", "-a1", str(root / "d"))
+        assert listed.stdout.splitlines() == ["g", "sub"]
+        assert (await asyncio.to_thread(os.stat, root / "d/sub/..")).st_ino == (await asyncio.to_thread(
+            os.stat, root / "d")).st_ino
+        links = await run_tool("stat", "-c", "%h %n", str(root), str(root / "d"), str(root / "d/sub"),
+                               str(root / "empty"), str(root / "blob"))
+        assert [line.split()[0] for line in links.stdout.splitlines()] == ["2", "2", "2", "2", "1"]
+
+        def direct() -> None:  # O_DIRECT at offsets and lengths no block device would take
+            fd = os.open(root / "blob", os.O_RDONLY | os.O_DIRECT)
+            try:
+                for offset, length in ((0, 1), (777, 333_333), (MiB - 3, 10), (len(body) - 5, 4096)):
+                    assert os.pread(fd, length, offset) == body[offset:offset + length], (offset, length)
+            finally:
+                os.close(fd)
+
+        await asyncio.to_thread(direct)
+        # df: the dataset's bytes all used, nothing free, the files and folders its inodes; read-only, NAME_MAX.
+        fs = await asyncio.to_thread(os.statvfs, root)
+        assert fs.f_flag & os.ST_RDONLY and fs.f_namemax == 255
+        assert (fs.f_bfree, fs.f_bavail, fs.f_ffree) == (0, 0, 0)
+        assert fs.f_blocks * fs.f_frsize >= len(body) + 2 > (fs.f_blocks - 1) * fs.f_frsize
+        assert fs.f_files == 8  # folders: the root, d, d/sub, d/sub/deeper, empty; files: f, g, blob
+        df = await run_tool("df", "-B1", "--output=size,used,avail", str(root))
+        assert df.stdout.split()[-3:] == [str(fs.f_blocks * fs.f_frsize)] * 2 + ["0"]
+
+
 async def test_names_with_control_characters_end_listing_pages_without_losing_the_rest(
         bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path) -> None:
     # SeaweedFS's continuation token is the page's last key written into XML, where a control character (other than
