@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import textwrap
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,7 @@ from libs.events.runtime import (
 from libs.events.schema import INDEX_FILE, schema_files
 from tests.conftest import NatsServer
 from tests.helpers import running
+from tests.unit.test_documents import QUOTA_LIST
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -471,21 +473,7 @@ async def test_apply_of_fluids_quota_list_sample_gives_the_tier_its_quota(nats_s
                                                                          bus: Bus) -> None:
     """Fluid's tiered store sample (docs/en/samples/tieredstore_config.md) sizes each path of a tier with
     ``quotaList`` and gives no ``quota``; before, it was refused with "Object missing required field `quota`"."""
-    sample = """
-apiVersion: data.fluid.io/v1alpha1
-kind: AlluxioRuntime
-metadata: {name: dataset}
-spec:
-  replicas: 1
-  tieredstore:
-    levels:
-      - mediumtype: MEM
-        path: /dev/shm
-        quota: 2Gi
-      - path: /mnt/ssd0/cache,/mnt/ssd1/cache
-        mediumtype: SSD
-        quotaList: %s
-"""
+    sample = textwrap.dedent(QUOTA_LIST)
     applied = await shoal(nats_server, "apply", "-f", "-", stdin=sample % "2Gi,2Gi")
 
     assert (applied.exit_code, applied.stdout, applied.stderr) == (0, "runtime.shoal.io/dataset configured\n", "")
@@ -550,6 +538,21 @@ spec:
     assert record.runtime.spec.tieredstore.levels[0].path == "/mnt/cache1,/mnt/cache2"
 
 
+
+# The credentials of Fluid's S3 samples, as they write them: Secret references, never values.
+FLUID_S3_SECRETS = """      encryptOptions:
+        - name: aws.accessKeyId
+          valueFrom:
+            secretKeyRef:
+              name: mysecret
+              key: aws.accessKeyId
+        - name: aws.secretKey
+          valueFrom:
+            secretKeyRef:
+              name: mysecret
+              key: aws.secretKey
+"""
+
 async def test_apply_of_fluids_s3_sample_takes_its_region_option(nats_server: NatsServer, services: None,
                                                                   bus: Bus) -> None:
     """Fluid's S3 sample (docs/en/samples/s3_configuration.md, its placeholders filled) names the bucket's region
@@ -566,18 +569,7 @@ spec:
       options:
         alluxio.underfs.s3.region: us-west-2
         alluxio.underfs.s3.endpoint: http://127.0.0.1:9
-      encryptOptions:
-        - name: aws.accessKeyId
-          valueFrom:
-            secretKeyRef:
-              name: mysecret
-              key: aws.accessKeyId
-        - name: aws.secretKey
-          valueFrom:
-            secretKeyRef:
-              name: mysecret
-              key: aws.secretKey
-"""
+""" + FLUID_S3_SECRETS
     applied = await shoal(nats_server, "apply", "-f", "-", stdin=sample)
 
     assert (applied.exit_code, applied.stdout, applied.stderr) == (0, "dataset.shoal.io/my-s3 configured\n", "")
@@ -604,18 +596,7 @@ spec:
         alluxio.underfs.s3.endpoint: http://127.0.0.1:9
         alluxio.underfs.s3.disable.dns.buckets: "true"
         alluxio.underfs.s3.inherit.acl: "false"
-      encryptOptions:
-      - name: aws.accessKeyId
-        valueFrom:
-          secretKeyRef:
-            name: mysecret
-            key: aws.accessKeyId
-      - name: aws.secretKey
-        valueFrom:
-          secretKeyRef:
-            name: mysecret
-            key: aws.secretKey
-"""
+""" + FLUID_S3_SECRETS
     applied = await shoal(nats_server, "apply", "-f", "-", stdin=sample)
 
     assert (applied.exit_code, applied.stdout) == (0, "dataset.shoal.io/demo configured\n"), applied.output
