@@ -1,8 +1,9 @@
 """The Grafana dashboards (``deploy/grafana``) without Grafana: the committed JSON is what the builder makes, its
 structure is sound (unique panel ids, the 24-column grid, every target with a refId and an expression on the
-provisioned datasource), every metric it names is one of ``libs.metrics`` as Prometheus scrapes it, and every
-expression parses (``promtool check rules``, each written as a recording rule). That the queries return data from
-the running services is ``tests/integration/test_dashboards_live.py``'s part.
+provisioned datasource), every metric it names is one of ``libs.metrics`` as Prometheus scrapes it, every label it
+names is one its metrics have, and every expression parses (``promtool check rules``, each written as a recording
+rule). That the queries return data from the running services is ``tests/integration/test_dashboards_live.py``'s
+part.
 """
 
 from __future__ import annotations
@@ -101,6 +102,58 @@ def test_every_query_names_only_metrics_of_libs_metrics_and_every_metric_is_show
     shown = {name.removesuffix("_total") for name in named} | {re.sub(r"_(bucket|count|sum)$", "", n) for n in named}
     instruments = {value._name for value in vars(metrics).values() if isinstance(value, Counter | Gauge | Histogram)}
     assert instruments - shown == set(), "a metric of libs.metrics is on no dashboard: add a panel in build.py"
+
+
+def instruments_by_series() -> dict[str, Counter | Gauge | Histogram]:
+    """Every series name a query may use → its instrument of ``libs.metrics``."""
+    found: dict[str, Counter | Gauge | Histogram] = {}
+    for value in vars(metrics).values():
+        if isinstance(value, Counter):
+            found[f"{value._name}_total"] = value
+        elif isinstance(value, Histogram):
+            found |= {f"{value._name}_{suffix}": value for suffix in ("bucket", "count", "sum")}
+        elif isinstance(value, Gauge):
+            found[value._name] = value
+    return found
+
+
+def every_query() -> list[str]:
+    """Every panel query and every variable's ``label_values(...)`` query."""
+    variables = [variable["query"] for model in build.dashboards().values()
+                 for variable in model.get("templating", {}).get("list", [])]
+    return every_expr() + variables
+
+
+def label_problems(expr: str) -> list[str]:
+    """What in ``expr`` names a label its metrics do not have: in a selector, a ``by``/``on`` clause or a
+    ``label_values`` variable (``le`` is every histogram bucket's)."""
+    known = instruments_by_series()
+    used = {name: known[name] for name in re.findall(r"\bshoal_\w+", expr) if name in known}
+    labels = {label for instrument in used.values() for label in instrument._labelnames}
+    if any(name.endswith("_bucket") for name in used):
+        labels.add("le")
+    problems = []
+    for name, selector in re.findall(r"\b(shoal_\w+)\{([^}]*)\}", expr):
+        keys = {match.group(1) for match in re.finditer(r"(\w+)\s*(?:=~|!~|!=|=)", selector)}
+        problems += [f"{expr}: {name} has no label {key}" for key in sorted(keys - set(used[name]._labelnames))]
+    for clause in re.findall(r"\b(?:by|on|without|ignoring)\s*\(([^)]*)\)", expr):
+        keys = {key.strip() for key in clause.split(",") if key.strip()}
+        problems += [f"{expr}: none of its metrics has label {key}" for key in sorted(keys - labels)]
+    problems += [f"{expr}: none of its metrics has label {label}"
+                 for label in re.findall(r"label_values\([^,]+,\s*(\w+)\)", expr) if label not in labels]
+    return problems
+
+
+def test_every_query_uses_only_labels_its_metrics_have() -> None:
+    """Statically, what the live test finds as an empty panel: a label the code never sets."""
+    assert [problem for expr in every_query() for problem in label_problems(expr)] == []
+
+
+def test_a_label_the_metric_does_not_have_is_caught() -> None:
+    assert label_problems('sum by (node) (rate(shoal_block_reads_total{source="disk"}[1m]))') == []
+    assert label_problems('sum by (le, way) (rate(shoal_scheduler_decision_duration_seconds_bucket[1m]))') == []
+    assert len(label_problems('sum by (tier) (rate(shoal_block_reads_total{sources="disk"}[1m]))')) == 2
+    assert label_problems("label_values(shoal_readahead_bytes, dataset)") != []
 
 
 def test_variables_and_the_rate_interval_are_all_substituted() -> None:
