@@ -1,4 +1,5 @@
-"""What the docs name exists in the code, spelled the same: metric names and labels (``libs.metrics``).
+"""What the docs name exists in the code, spelled the same: metric names and labels (``libs.metrics``), environment
+variables and their defaults (``libs.config``, the CLI's options, direct reads).
 
 Static and fast: the docs are read as text, the names come from the modules that spell them once. A name a reader
 copies from a README into a query, a shell or a config must work; these tests fail on the first typo or rename
@@ -10,11 +11,18 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from dataclasses import MISSING, Field, fields
 from pathlib import Path
+from typing import Any
 
+import click
+import pytest
 from prometheus_client import Counter, Gauge, Histogram
 
-from libs import metrics, subjects
+from libs import config, metrics, subjects
+from libs.cli.main import cli
+from libs.events.common import parse_quantity
+from libs.telemetry import ENDPOINT_VARIABLES, PROTOCOL_VARIABLES
 
 ROOT = Path(__file__).resolve().parents[2]
 # Reports of past runs: they quote what was true then.
@@ -115,3 +123,166 @@ def test_a_misspelt_metric_or_label_is_caught() -> None:
     assert "shoal_fuse_request_duration_seconds" in known
     assert label_keys('outcome="unknown_dataset"') == {"outcome"}
     assert label_keys("way, outcome") == set(known["shoal_scheduler_decisions_total"]._labelnames)
+
+
+# --- environment variables ---------------------------------------------------------------------------------------
+
+SETTING_GROUPS = (config.NatsSettings, config.S3Settings, config.ServiceSettings, config.AgentSettings,
+                  config.SchedulerSettings, config.KubeSettings)
+# Where the code reads a variable outside libs.config: ``os.environ.get("X"...``, ``environ["X"]``, ``getenv("X"``.
+ENVIRON_READ = re.compile(r"""(?:environ(?:\.get)?\s*[\[(]|getenv\()\s*["']([A-Z][A-Z0-9_]+)["']""")
+VARIABLE_WORD = re.compile(r"\b((?:SHOAL|NATS|OTEL|PROMETHEUS)_[A-Z0-9_]*[A-Z0-9])(\*|_\*)?")
+# Empty defaults as the Settings table words them.
+EMPTY_WORDS = {"", "none", "all", "aws", "in-cluster", "off", "host name"}
+
+
+def setting_fields() -> dict[str, Field[Any]]:
+    """Environment variable → its field of ``libs.config``."""
+    return {item.metadata["env"]: item for group in SETTING_GROUPS for item in fields(group)}
+
+
+def cli_variables() -> set[str]:
+    """Every ``envvar`` of an option of the ``shoal`` commands."""
+    found: set[str] = set()
+
+    def walk(command: click.Command) -> None:
+        for param in command.params:
+            if isinstance(param.envvar, str):
+                found.add(param.envvar)
+            elif param.envvar:
+                found.update(param.envvar)
+        for sub in getattr(command, "commands", {}).values():
+            walk(sub)
+
+    walk(cli)
+    return found
+
+
+def read_variables() -> set[str]:
+    """Every variable Shoal's processes and CLI read: settings, CLI options, and direct reads in libs/ and services/."""
+    direct = {name for folder in ("libs", "services") for path in (ROOT / folder).rglob("*.py")
+              for name in ENVIRON_READ.findall(path.read_text())}
+    return set(setting_fields()) | cli_variables() | direct | set(ENDPOINT_VARIABLES) | set(PROTOCOL_VARIABLES)
+
+
+def split_cell(cell: str) -> list[str]:
+    """A table cell's parts separated by ``/`` or ``,`` outside backticks, each without backticks or a trailing
+    ``(...)`` remark."""
+    parts, current, quoted = [], "", False
+    for char in cell:
+        if char == "`":
+            quoted = not quoted
+        elif char in "/," and not quoted:
+            parts.append(current)
+            current = ""
+        else:
+            current += char
+    parts.append(current)
+    return [re.sub(r"\(.*\)", "", part).strip() for part in parts]
+
+
+def settings_table() -> dict[str, str]:
+    """Variable → documented default, from the README's Settings table (``X`` / ``_Y`` stands for X and X with its
+    last word replaced by Y)."""
+    text = (ROOT / "README.md").read_text()
+    section = re.split(r"\n##+ ", text.split("\n## Settings\n", 1)[1], maxsplit=1)[0]
+    table: dict[str, str] = {}
+    for line in section.splitlines():
+        if not re.match(r"\| `[A-Z_]", line):
+            continue
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        names = re.findall(r"`([A-Z_][A-Z0-9_]*)`", cells[0])
+        names = [name if not name.startswith("_") else names[0].rsplit("_", 1)[0] + name for name in names]
+        defaults = split_cell(cells[1]) if cells[1] else [""] * len(names)
+        assert len(defaults) == len(names), f"README Settings: {line}: one default per variable"
+        table |= dict(zip(names, defaults, strict=True))
+    return table
+
+
+def default_problem(name: str, item: Field[Any], documented: str) -> str | None:
+    """Why ``documented`` is not the field's default as the table writes it, or None when it is."""
+    value = item.default_factory() if item.default is MISSING else item.default  # type: ignore[operator]
+    if isinstance(value, config.Secret):
+        value = value.reveal()
+    if value in ("", None, [], {}) or name in ("SHOAL_NODE_NAME", "SHOAL_REPLICA_NAME"):  # the host name
+        ok = documented.lower() in EMPTY_WORDS
+    elif isinstance(value, bool):
+        ok = documented == str(value).lower()
+    elif isinstance(value, int | float):
+        number = documented.split()[0] if documented else ""
+        ok = (bool(re.fullmatch(r"[0-9.]+", number)) and float(number) == value) or (
+            bool(re.fullmatch(r"[0-9]+[KMGT]i", number)) and parse_quantity(number) == value)
+    elif isinstance(value, list):
+        ok = documented == ",".join(value)
+    else:
+        ok = documented == value
+    return None if ok else f"{name}: the README says {documented!r}, the code's default is {value!r}"
+
+
+def test_every_setting_is_in_the_readme_table_with_the_code_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SHOAL_METRICS", raising=False)
+    table = settings_table()
+    known = setting_fields()
+    assert sorted(set(known) - set(table)) == [], "settings of libs/config.py missing from the README's table"
+    # SHOAL_METRICS is read where the instruments are made (libs.metrics.data_path_enabled), before any settings.
+    assert sorted(set(table) - set(known)) == ["SHOAL_METRICS"], "a variable of the README's table no code reads"
+    assert table["SHOAL_METRICS"] == "on" and metrics.data_path_enabled()
+    problems = [default_problem(name, known[name], documented) for name, documented in table.items() if name in known]
+    assert [problem for problem in problems if problem] == []
+
+
+def test_every_variable_the_docs_name_is_read_by_the_code() -> None:
+    """A ``SHOAL_*``, ``NATS_*``, ``OTEL_*`` word is a variable something reads, a stream, or a prefix of those.
+    Bench, soak and fuzz variables are read by tests/, so tests/ counts as code here."""
+    streams = {value for value in vars(subjects).values() if isinstance(value, str) and value.startswith("SHOAL_")}
+    code = "\n".join(path.read_text() for folder in ("libs", "services", "tests", "deploy")
+                     for path in (ROOT / folder).rglob("*") if path.suffix in (".py", ".yaml", ".conf"))
+    spelled = set(re.findall(r"\b(?:SHOAL|NATS|OTEL|PROMETHEUS)_[A-Z0-9_]*", code)) | read_variables() | streams
+    # The OpenTelemetry SDK reads these itself (README, Traces: "as the OpenTelemetry SDK documents them").
+    sdk = ("OTEL_SERVICE_NAME", "OTEL_RESOURCE_ATTRIBUTES", "OTEL_EXPORTER_OTLP_HEADERS", "OTEL_BSP")
+    problems = []
+    for where, line in doc_lines():
+        for match in VARIABLE_WORD.finditer(line):
+            name, wildcard = match.groups()
+            if name.startswith(sdk) or name in spelled:
+                continue
+            prefix = wildcard or line[match.end():].startswith("<")
+            if prefix and any(other.startswith(name) for other in spelled):
+                continue
+            problems.append(f"{where}: {name}{wildcard or ''}")
+    assert problems == []
+
+
+def test_every_variable_the_code_reads_is_documented() -> None:
+    documented = {match.group(1) for _, line in doc_lines() for match in VARIABLE_WORD.finditer(line)}
+    assert sorted(read_variables() - documented) == []
+
+
+def test_the_readme_gives_each_shoal_up_variable_its_option_default() -> None:
+    up = cli.commands["up"]
+    # A flag is off unless given (click's default for it is a sentinel, not False).
+    defaults = {param.envvar: "off" if getattr(param, "is_flag", False) else str(param.default)
+                for param in up.params if isinstance(param.envvar, str)}
+    text = (ROOT / "README.md").read_text()
+    rows = [line for line in text.splitlines() if re.match(r"\| `--[a-z0-9-]+`.* \| `SHOAL_", line)]
+    table: dict[str, str] = {}
+    for row in rows:
+        _, names, documented = (cell.strip() for cell in row.strip().strip("|").split("|"))
+        variables = re.findall(r"`(SHOAL_\w+)`", names)
+        table |= dict(zip(variables, split_cell(documented) * (len(variables) // len(split_cell(documented))),
+                          strict=True))
+    assert sorted(table) == sorted(defaults), "a variable of `shoal up` missing from the README's table, or extra"
+    for variable, documented in table.items():
+        assert documented == defaults[variable], f"{variable}: the README says {documented}, not {defaults[variable]}"
+
+
+def test_a_wrong_default_or_an_unread_variable_is_caught() -> None:
+    known = setting_fields()
+    assert default_problem("SHOAL_MAX_DELIVER", known["SHOAL_MAX_DELIVER"], "5") is None
+    assert default_problem("SHOAL_MAX_DELIVER", known["SHOAL_MAX_DELIVER"], "3") is not None
+    assert default_problem("SHOAL_SCHED_WEBHOOK_MAX_BYTES", known["SHOAL_SCHED_WEBHOOK_MAX_BYTES"], "8Mi") is None
+    assert default_problem("SHOAL_S3_PATH_STYLE", known["SHOAL_S3_PATH_STYLE"], "false") is not None
+    assert default_problem("SHOAL_S3_REGION", known["SHOAL_S3_REGION"], "none") is not None
+    assert split_cell("`topology.kubernetes.io/zone` / `x`, `8Mi` (in bytes)") == [
+        "topology.kubernetes.io/zone", "x", "8Mi"]
+    assert "SHOAL_UP_AGENTS" in read_variables() and "SHOAL_METRICS" in read_variables()
