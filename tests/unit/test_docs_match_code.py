@@ -1,5 +1,5 @@
 """What the docs name exists in the code, spelled the same: metric names and labels (``libs.metrics``), environment
-variables and their defaults (``libs.config``, the CLI's options, direct reads).
+variables and their defaults (``libs.config``, the CLI's options, direct reads), ``shoal`` command lines.
 
 Static and fast: the docs are read as text, the names come from the modules that spell them once. A name a reader
 copies from a README into a query, a shell or a config must work; these tests fail on the first typo or rename
@@ -21,6 +21,8 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from libs import config, metrics, subjects
 from libs.cli.main import cli
+from libs.cli.stack.ports import service_http_ports
+from libs.cli.stack.supervision import SERVICES
 from libs.events.common import parse_quantity
 from libs.telemetry import ENDPOINT_VARIABLES, PROTOCOL_VARIABLES
 
@@ -286,3 +288,74 @@ def test_a_wrong_default_or_an_unread_variable_is_caught() -> None:
     assert split_cell("`topology.kubernetes.io/zone` / `x`, `8Mi` (in bytes)") == [
         "topology.kubernetes.io/zone", "x", "8Mi"]
     assert "SHOAL_UP_AGENTS" in read_variables() and "SHOAL_METRICS" in read_variables()
+
+
+# --- CLI commands and flags --------------------------------------------------------------------------------------
+
+# ``shoal`` then its words (commands, kinds, names) up to the end of the command as a doc writes it.
+INVOCATION = re.compile(r"(?<![\w/.-])shoal((?: +[a-z][\w-]*)+)")
+FLAG = re.compile(r"(?<![\w-])(--?[a-zA-Z][\w-]*)")
+
+
+def options_of(command: click.Command) -> set[str]:
+    return {name for param in command.params if isinstance(param, click.Option)
+            for name in (*param.opts, *param.secondary_opts)}
+
+
+def invocation_problem(line: str, match: re.Match[str]) -> str | None:
+    """Why ``shoal ...`` at ``match`` is not a command line the CLI takes, or None. Prose that starts with "shoal"
+    (no command word after it) is not an invocation."""
+    words = match.group(1).split()
+    command: click.Command = cli
+    path: list[str] = []
+    for word in words:
+        subcommands: dict[str, click.Command] = getattr(command, "commands", {})
+        if word not in subcommands:
+            break
+        command = subcommands[word]
+        path.append(word)
+    if not path:
+        return None
+    rest = words[len(path):]
+    choice = next((param.type for param in command.params if isinstance(param, click.Argument)), None)
+    if isinstance(choice, click.Choice) and rest and rest[0] not in choice.choices:
+        return f"shoal {' '.join(path)} {rest[0]}: not one of {list(choice.choices)}"
+    # The command line ends at a backtick, a comment, a table cell or a shell separator.
+    tail = re.split(r"[`#|;]|  ", line[match.end(1):])[0]
+    known = options_of(command) | options_of(cli) | {"-h", "--help"}
+    unknown = [flag for flag in FLAG.findall(tail) if flag not in known]
+    return f"shoal {' '.join(path)}: no option {unknown}" if unknown else None
+
+
+def test_every_shoal_command_line_in_the_docs_is_one_the_cli_takes() -> None:
+    problems, seen = [], 0
+    for where, line in doc_lines():
+        for match in INVOCATION.finditer(line):
+            problem = invocation_problem(line, match)
+            seen += 1
+            if problem:
+                problems.append(f"{where}: {problem}")
+    assert seen > 50
+    assert problems == []
+
+
+def test_the_readme_gives_each_service_its_side_server_port() -> None:
+    """``shoal up --http-port`` hands the services consecutive ports in ``supervision.SERVICES`` order."""
+    text = " ".join((ROOT / "README.md").read_text().split())
+    documented = re.search(r"from `--http-port` \(default (\d+): ([^;]*);", text)
+    assert documented is not None
+    listed = dict((name, int(port)) for name, port in re.findall(r"(\w+) (\d+)", documented.group(2)))
+    assert listed == service_http_ports(int(documented.group(1)), list(SERVICES))
+
+
+def test_a_wrong_command_kind_or_flag_is_caught() -> None:
+    def check(line: str) -> str | None:
+        match = INVOCATION.search(line)
+        assert match is not None
+        return invocation_problem(line, match)
+
+    assert check("shoal get datasets -A -o wide") is None
+    assert check("shoal load dataset demo --path /a --replicas 2 --wait") is None
+    assert check("shoal get datasets --namespaces") is not None
+    assert check("shoal scale runtime demo --workers 3") is not None
+    assert check("shoal get dataset demo") is None and check("shoal get pods") is not None
