@@ -1,5 +1,6 @@
 """What the docs name exists in the code, spelled the same: metric names and labels (``libs.metrics``), environment
-variables and their defaults (``libs.config``, the CLI's options, direct reads), ``shoal`` command lines.
+variables and their defaults (``libs.config``, the CLI's options, direct reads), ``shoal`` command lines, NATS
+subjects, streams and KV buckets (``libs.subjects``).
 
 Static and fast: the docs are read as text, the names come from the modules that spell them once. A name a reader
 copies from a README into a query, a shell or a config must work; these tests fail on the first typo or rename
@@ -359,3 +360,88 @@ def test_a_wrong_command_kind_or_flag_is_caught() -> None:
     assert check("shoal get datasets --namespaces") is not None
     assert check("shoal scale runtime demo --workers 3") is not None
     assert check("shoal get dataset demo") is None and check("shoal get pods") is not None
+
+
+# --- NATS subjects, streams and buckets --------------------------------------------------------------------------
+
+# A subject as a doc writes it: ``shoal.cmd.dataset.{apply,delete}``, ``shoal.task.node.<node>.>``. Not a word
+# after a dot (``application/vnd.shoal.peer-block.v2``) or a hostname part (``shoal.io``).
+SUBJECT_WORD = re.compile(r"(?<![\w./-])shoal\.[a-z][\w.*>{},<…-]*")
+# The peer protocol's content type, the Kubernetes API group and a file name: ``shoal.`` words that are not subjects.
+NOT_SUBJECTS = re.compile(r"shoal\.(io|yaml|peer-block\.v\d+)\b")
+# Told as history: "Before, SHOAL_TASKS held every node's parts (shoal.task.>)" (docs/security.md, upgrading).
+FORMER_SUBJECTS = {"shoal.task.>"}
+PLACEHOLDER = "<x>"
+
+
+def subject_templates() -> set[str]:
+    """Every subject of ``libs.subjects``: its constants, and its functions with ``<x>`` for each part."""
+    constants = {value for value in vars(subjects).values() if isinstance(value, str) and value.startswith("shoal.")}
+    constants |= {value for value in subjects.OPERATION_COMMANDS}
+    made = {subjects.agent_heartbeat(PLACEHOLDER), subjects.agent_inventory(PLACEHOLDER),
+            subjects.node_task(PLACEHOLDER, PLACEHOLDER, PLACEHOLDER), subjects.node_tasks(PLACEHOLDER),
+            subjects.task_progress(PLACEHOLDER), subjects.dead_letter(PLACEHOLDER, PLACEHOLDER)}
+    return constants | made
+
+
+def expand(subject: str) -> list[str]:
+    """``a.{b,c}.d`` → ``a.b.d``, ``a.c.d`` (every brace group); ``{…}`` stands for the group before it."""
+    match = re.search(r"\{([^{}]*)\}", subject)
+    if match is None:
+        return [subject]
+    return [expanded for choice in match.group(1).split(",")
+            for expanded in expand(subject[:match.start()] + choice.strip() + subject[match.end():])]
+
+
+def subject_known(subject: str, templates: set[str]) -> bool:
+    """True when ``subject`` is one of ``templates``, with any ``<...>`` or plain token where a template has
+    ``<x>``."""
+    written = re.sub(r"<[^>]*>", PLACEHOLDER, subject)
+    for template in templates:
+        pattern = re.escape(template).replace(re.escape(PLACEHOLDER), r"(?:<x>|[\w-]+)")
+        if re.fullmatch(pattern, written):
+            return True
+    return False
+
+
+def test_every_subject_the_docs_name_is_one_of_libs_subjects() -> None:
+    templates = subject_templates()
+    problems, seen = [], 0
+    for where, line in doc_lines():
+        for match in SUBJECT_WORD.finditer(line):
+            word = match.group(0).rstrip(".,")
+            if NOT_SUBJECTS.match(word) or word in FORMER_SUBJECTS or "…" in word:
+                continue
+            seen += 1
+            problems += [f"{where}: {subject}" for subject in expand(word) if not subject_known(subject, templates)]
+    assert seen > 20
+    assert problems == []
+
+
+def test_every_stream_and_bucket_the_docs_name_exists() -> None:
+    """A word like a stream (``SHOAL_[A-Z_]+`` next to "stream") or a bucket (``shoal_*`` next to "bucket" or
+    "KV") is one of libs/subjects.py."""
+    streams = {value for value in vars(subjects).values() if isinstance(value, str) and value.startswith("SHOAL_")}
+    problems = []
+    for where, line in doc_lines():
+        for name in re.findall(r"`(SHOAL_[A-Z_]+)` (?:stream|holds|captures)|stream `(SHOAL_[A-Z_]+)`", line):
+            word = "".join(name)
+            if word not in streams and not (word.endswith("_") and word in streams | {subjects.TASK_STREAM_PREFIX}):
+                problems.append(f"{where}: stream {word}")
+        for name in re.findall(r"`(shoal_\w+)` (?:bucket|KV|object store)|(?:bucket|KV) `(shoal_\w+)`", line):
+            word = "".join(name)
+            if word not in BUCKETS:
+                problems.append(f"{where}: bucket {word}")
+    assert problems == []
+
+
+def test_a_subject_the_code_does_not_use_is_caught() -> None:
+    templates = subject_templates()
+    assert expand("shoal.evt.{dataload,dataclean}.{accepted,deleted}") == [
+        "shoal.evt.dataload.accepted", "shoal.evt.dataload.deleted", "shoal.evt.dataclean.accepted",
+        "shoal.evt.dataclean.deleted"]
+    assert subject_known("shoal.task.node.n1.>", templates)
+    assert subject_known("shoal.dlq.SHOAL_COMMANDS.dataset-commands", templates)
+    assert subject_known("shoal.agent.heartbeat.<node>", templates)
+    assert not subject_known("shoal.cmd.dataset.sync", templates)
+    assert not subject_known("shoal.agent.heartbeats.<node>", templates)
