@@ -53,6 +53,8 @@ from libs.events.common import (
 )
 from libs.events.dataset import Condition, DatasetSpec, NodeCache, find_condition
 from libs.events.runtime import (
+    DEFAULT_HIGH_WATERMARK,
+    DEFAULT_LOW_WATERMARK,
     AutoscalingPolicy,
     AutoscalingStatus,
     CacheWorker,
@@ -226,7 +228,8 @@ def validate_runtime(runtime: Runtime) -> list[str]:
             errors.append(f"{where}: high and low must be numbers, got high={level.high!r} low={level.low!r}")
             high = None
         elif not 0 < low < high <= 1:
-            errors.append(f"{where}: watermarks must satisfy 0 < low < high <= 1, got low={low} high={high}")
+            errors.append(f"{where}: watermarks must satisfy 0 < low < high <= 1, got low={low} high={high} "
+                          f"(when not given, low is {DEFAULT_LOW_WATERMARK} and high {DEFAULT_HIGH_WATERMARK})")
             high = None
         # Stripped as the agent's cache strips them: the paths judged are the ones it will use.
         paths = [p.strip() for p in level.path.split(",") if p.strip()]

@@ -166,6 +166,12 @@ def test_quota_and_block_size_in_any_kubernetes_form(quota: str, block_size: str
     assert validate_runtime(make_runtime(Level(mediumtype="MEM", quota=quota), block_size=block_size)) == []
 
 
+def test_a_high_watermark_below_the_default_low_says_what_low_is_when_not_given() -> None:
+    # Fluid users often give only high: a refusal quoting a low they never wrote must say where it came from.
+    error = one_error(make_runtime(Level(mediumtype="MEM", quota="1Gi", high="0.6")))
+    assert error.endswith("got low=0.7 high=0.6 (when not given, low is 0.7 and high 0.95)"), error
+
+
 @pytest.mark.parametrize(
     ("high", "low"),
     [("0.7", "0.7"), ("0.5", "0.7"), ("1.1", "0.7"), ("0.9", "0"), ("0.9", "-0.1"), (2, 1), ("nan", "0.5"),
