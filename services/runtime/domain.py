@@ -418,6 +418,10 @@ def ineligible_reason(node: str, labels: Mapping[str, str], placement: Placement
     return None
 
 
+# Why no agent is picked while ``spec.replicas`` is 0 (scaled to zero): every node reads from the store.
+NO_REPLICAS = "replicas is 0: no cache workers"
+
+
 def missing_dataset(runtime: Runtime) -> str:
     meta = runtime.metadata
     return f"no Dataset {meta.namespace}/{meta.name}"
@@ -509,7 +513,8 @@ def choose_workers(runtime: Runtime, current: Sequence[CacheWorker], agents: Map
         if reason is None and not beat.healthy:
             reason = f"unhealthy ({problems_text(beat)})"
         if reason is None and len(picked) >= replicas:
-            reason = f"{len(picked)} of {replicas} replicas already picked"
+            # "0 of 0 replicas already picked" read as a fault; at 0 there is simply no seat to give.
+            reason = f"{len(picked)} of {replicas} replicas already picked" if replicas else NO_REPLICAS
         if reason is None:
             picked.append(node)
         else:

@@ -235,3 +235,20 @@ async def test_a_worker_that_stays_unhealthy_is_replaced_by_a_healthy_spare(
 
         record = await eventually(n1_a_candidate, 15, "n1 healthy again, not picked")
         assert [w.node for w in record.status.workers] == ["n2", "n3"] and len(record.status.replaced) == 1
+
+
+@pytest.mark.timeout(90)
+async def test_a_runtime_scaled_to_zero_says_so_for_each_agent_not_picked(
+        bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str) -> None:
+    await put_objects(seaweedfs, bucket, {"f": b"data"})
+    async with running(lambda stop: dataset_app.run(settings, stop), lambda stop: runtime_app.run(settings, stop)), \
+            Beating(bus) as beats:
+        await beats.set(("n1", "n2"), "train")
+        await apply(bus, bucket, "train", replicas=1)
+        await workers_of(bus, "train", ["n1"], serving=2)
+        # Scaled to zero: no seat to give, which "0 of 0 replicas already picked" did not say.
+        await apply(bus, bucket, "train", replicas=0)
+        record = await workers_of(bus, "train", [], serving=2)
+        assert {(p.node, p.reason) for p in record.status.not_picked} == {
+            ("n1", "replicas is 0: no cache workers"), ("n2", "replicas is 0: no cache workers")}
+        assert (record.status.phase, record.status.message) == ("Ready", "")
