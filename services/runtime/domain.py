@@ -607,7 +607,8 @@ def runtime_status(record: RuntimeRecord, agents: Iterable[AgentRecord], now: fl
         phase, message = "NotReady", f"0 of {desired} agents ready: waiting for agent heartbeats"
     # Fewer ready workers than the ready agents could give: not for want of agents, so the message says why.
     if len(ready_workers) < min(len(nodes), desired_workers):
-        shortfall = worker_shortfall(len(ready_workers), desired_workers, picks.not_picked, nodes)
+        shortfall = worker_shortfall(len(ready_workers), desired_workers, picks.not_picked, nodes,
+                                     [w.node for w in workers if not w.ready], by_node, now)
         message = f"{message}; {shortfall}" if message else shortfall
     missing = None
     if not placement.found:
@@ -652,12 +653,30 @@ def runtime_status(record: RuntimeRecord, agents: Iterable[AgentRecord], now: fl
     )
 
 
-def worker_shortfall(ready: int, desired: int, not_picked: Sequence[NotPicked], nodes: Sequence[str]) -> str:
-    """``0 of 2 cache workers ready (node-a: worker of default/demo (Exclusive); see notPicked)``: the first ready
-    agent not picked, and why."""
+def worker_shortfall(ready: int, desired: int, not_picked: Sequence[NotPicked], nodes: Sequence[str],
+                     not_ready: Sequence[str] = (), agents: Mapping[str, AgentRecord] | None = None,
+                     now: float = 0.0) -> str:
+    """``1 of 2 cache workers ready (node-b: a worker with no heartbeat since 2026-12-06T17:00:06Z; node-c: worker
+    of default/demo (Exclusive); see notPicked)``: the first worker picked but not ready, and the first ready agent
+    not picked, with why. Naming only the agent not picked, as before, blamed it for a seat a silent worker holds.
+    The worker's part changes only when what it says does (no counting seconds): each change is a status write."""
+    parts = []
+    if not_ready:
+        node = not_ready[0]
+        record = (agents or {}).get(node)
+        if record is None:
+            state = "a worker without an agent record (it keeps its seat while the agents' view settles)"
+        elif not is_fresh(record, now):
+            state = f"a worker with no heartbeat since {rfc3339(record.received_at)}"
+        else:
+            state = f"a worker, unhealthy ({problems_text(record.heartbeat)})"
+        more = f" (and {len(not_ready) - 1} more worker(s) not ready)" if len(not_ready) > 1 else ""
+        parts.append(f"{node}: {state}{more}")
     ready_nodes = set(nodes)
     first = next((entry for entry in not_picked if entry.node in ready_nodes), None)
-    why = f"{first.node}: {first.reason}; see notPicked" if first is not None else "see notPicked"
+    if first is not None:
+        parts.append(f"{first.node}: {first.reason}; see notPicked")
+    why = "; ".join(parts) if parts else "see notPicked"
     return f"{ready} of {desired} cache workers ready ({why})"
 
 

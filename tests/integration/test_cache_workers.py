@@ -252,3 +252,26 @@ async def test_a_runtime_scaled_to_zero_says_so_for_each_agent_not_picked(
         assert {(p.node, p.reason) for p in record.status.not_picked} == {
             ("n1", "replicas is 0: no cache workers"), ("n2", "replicas is 0: no cache workers")}
         assert (record.status.phase, record.status.message) == ("Ready", "")
+
+
+@pytest.mark.timeout(90)
+async def test_a_worker_shortfall_names_the_silent_worker_holding_the_seat(
+        bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str) -> None:
+    await put_objects(seaweedfs, bucket, {"f": b"data"})
+    async with running(lambda stop: dataset_app.run(settings, stop), lambda stop: runtime_app.run(settings, stop)), \
+            Beating(bus) as beats:
+        await beats.set(("n1", "n2", "n3"), "train")
+        await apply(bus, bucket, "train", replicas=2, affinity=zone_in("a"))
+        await workers_of(bus, "train", ["n1", "n3"], serving=3)
+        # n1 falls silent: it keeps its seat (not ready) until its record expires. The message blamed n2, which
+        # could never have been a worker, and did not name n1.
+        del beats.serves["n1"]
+
+        async def n1_silent() -> RuntimeRecord | None:
+            record = await runtime_record(bus, "train")
+            return record if record and "cache workers ready" in record.status.message else None
+
+        record = await eventually(n1_silent, 20, "a shortfall once n1 is silent")
+        assert record.status.message.startswith("1 of 2 cache workers ready (n1: a worker with no heartbeat since ")
+        assert record.status.message.endswith(
+            "; n2: does not match nodeAffinity: topology.kubernetes.io/zone In [a]; see notPicked)")
