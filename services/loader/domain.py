@@ -287,14 +287,22 @@ def run_problem(record: OperationRecord, cluster: Cluster) -> str | None:
         return None
     load = record.load
     assert load is not None
-    nodes = ring_of(cluster.runtime) or list(cluster.runtime.status.ready_nodes)
+    ring = ring_of(cluster.runtime)
+    nodes = ring or list(cluster.runtime.status.ready_nodes)
     if not nodes:
         return f"runtime {name} has no ready cache workers; start an agent for it or wait until one is ready"
     most = max((t.replicas for t in load.target), default=1)
     if most > len(nodes):
-        return (f"replicas {most} is more than the {len(nodes)} cache worker(s) of runtime {name} "
-                f"({', '.join(sorted(nodes))}); lower spec.target[].replicas to at most {len(nodes)} or add "
-                f"cache workers")
+        # Said as the plan counts them: the ring's members, or every ready node without a ring. A worker picked but
+        # out of the ring (silent, restarting) is named, or "add cache workers" sends the user to scale a runtime
+        # whose workers are all there.
+        kind = ("ready cache worker(s)" if ring
+                else "ready node(s) (no cache worker is ready: each node loads for itself)")
+        waiting = sorted(w.node for w in cluster.runtime.status.workers if w.node not in ring)
+        also = f"; picked but not ready: {', '.join(waiting)}" if waiting else ""
+        return (f"replicas {most} is more than the {len(nodes)} {kind} of runtime {name} "
+                f"({', '.join(sorted(nodes))}){also}; lower spec.target[].replicas to at most {len(nodes)}, "
+                f"{'wait for those not ready, ' if waiting else ''}or add cache workers")
     return None
 
 

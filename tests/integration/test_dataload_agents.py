@@ -338,7 +338,7 @@ async def test_three_agents_replicas_2_put_each_block_on_its_two_owners_and_a_cl
         await bus.publish(subjects.DATALOAD_APPLY, dataload("too-many", dataset=CLUSTER_NAME,
                                                             target=[TargetPath(path="/val", replicas=4)]))
         failed = await phase_of(bus, "Failed", "too-many")
-        assert "replicas 4 is more than the 3 cache worker(s)" in failed.status.message, failed.status
+        assert "replicas 4 is more than the 3 ready cache worker(s)" in failed.status.message, failed.status
         assert Counter(store_gets(store)) == dict.fromkeys(train, 2)
 
 

@@ -108,10 +108,12 @@ async def put_dataset(bus: Bus, entries: list[ManifestEntry], name: str = "data"
     await (await bus.kv(subjects.KV_DATASETS)).put(subjects.resource_key("default", name), msgspec.json.encode(record))
 
 
-async def put_runtime(bus: Bus, nodes: list[str], name: str = "data") -> None:
+async def put_runtime(bus: Bus, nodes: list[str], name: str = "data", not_ready: tuple[str, ...] = ()) -> None:
+    """A Ready runtime whose workers are ``nodes`` (in the ring), and ``not_ready`` picked but out of it."""
     record = RuntimeRecord(runtime=Runtime(metadata=ObjectMeta(name=name)), generation=1, status=RuntimeStatus(
         phase="Ready", ready_nodes=nodes, block_size_bytes=BLOCK,
-        workers=[CacheWorker(node=n, peer_url=f"http://{n}:1") for n in nodes]))
+        workers=[*(CacheWorker(node=n, peer_url=f"http://{n}:1") for n in nodes),
+                 *(CacheWorker(node=n, ready=False, peer_url=f"http://{n}:1") for n in not_ready)]))
     await (await bus.kv(subjects.KV_RUNTIMES)).put(subjects.resource_key("default", name), msgspec.json.encode(record))
 
 
@@ -340,7 +342,7 @@ async def test_a_load_completes_with_progress(bus: Bus, nats_server: NatsServer)
     ("none", {}, "dataset default/data does not exist"),
     ("unbound", {}, "is NotBound, not Bound"),
     ("ok", {"target": [TargetPath(path="/x/nope")]}, "target path '/x/nope' is not in the manifest"),
-    ("ok", {"target": [TargetPath(path="/x/a", replicas=4)]}, "replicas 4 is more than the 3 cache worker(s)"),
+    ("ok", {"target": [TargetPath(path="/x/a", replicas=4)]}, "replicas 4 is more than the 3 ready cache worker(s)"),
     ("no manifest", {}, "has no manifest yet"),
 ])
 async def test_bad_input_fails_the_run_with_what_to_change(bus: Bus, nats_server: NatsServer, setup: str,
@@ -356,6 +358,19 @@ async def test_bad_input_fails_the_run_with_what_to_change(bus: Bus, nats_server
         failed = await phase_of(bus, "Failed")
     assert message in failed.status.message
     assert metrics.moved("shoal_operation_runs_total", kind="DataLoad", phase="Failed") == 1  # failed to start or not
+
+
+async def test_replicas_above_the_ring_names_the_worker_picked_but_not_ready(bus: Bus, nats_server: NatsServer) -> None:
+    """Two workers, one silent (out of the ring): "more than the 1 cache worker(s) ... add cache workers" sent the
+    user to scale a runtime that has its two; the message names the one not ready."""
+    await put_dataset(bus, files(("a", BLOCK)))
+    await put_runtime(bus, ["node-a"], not_ready=("node-b",))
+    async with loader(nats_server):
+        await publish(bus, subjects.DATALOAD_APPLY, dataload(target=[TargetPath(path="/x/a", replicas=2)]))
+        failed = await phase_of(bus, "Failed")
+    assert failed.status.message == (
+        "replicas 2 is more than the 1 ready cache worker(s) of runtime default/data (node-a); picked but not ready: "
+        "node-b; lower spec.target[].replicas to at most 1, wait for those not ready, or add cache workers")
 
 
 async def test_a_run_plans_against_the_new_manifest_when_a_resync_replaced_the_one_it_read(

@@ -202,7 +202,7 @@ def test_run_problems_say_what_to_change() -> None:
     assert "does not exist" in (domain.run_problem(record(), domain.Cluster(None, None)) or "")
     assert "not Bound" in (domain.run_problem(record(), cluster(phase="NotBound")) or "")
     message = domain.run_problem(record(spec), cluster(workers=2)) or ""
-    assert "replicas 3 is more than the 2 cache worker(s)" in message and "lower" in message
+    assert "replicas 3 is more than the 2 ready cache worker(s)" in message and "lower" in message
     assert domain.run_problem(record(spec), cluster(workers=3)) is None
     # Without a ring, the ready nodes count.
     assert domain.run_problem(record(spec), cluster(workers=3, ring_workers=False)) is None
