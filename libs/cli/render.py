@@ -226,10 +226,12 @@ def describe_operation(record: OperationRecord) -> str:
 def node_progress_table(nodes: Sequence[NodeProgress]) -> str:
     if not nodes:
         return "  <none>"
+    # STATE: a clean's freed bytes have no total, so PERCENT cannot say which node a run still waits for.
     rows = [[n.node, format_bytes(n.bytes_done), format_bytes(n.bytes_total), percent_text(n.bytes_done,
-                                                                                          n.bytes_total)]
+                                                                                          n.bytes_total),
+             "Done" if n.done else "Working"]
             for n in nodes]
-    return _indented(table_text(["NODE", "DONE", "TOTAL", "PERCENT"], rows))
+    return _indented(table_text(["NODE", "DONE", "TOTAL", "PERCENT", "STATE"], rows))
 
 
 def percent_text(done: int, total: int) -> str:

@@ -78,6 +78,9 @@ class NodeProgress(msgspec.Struct, frozen=True, kw_only=True, rename="camel", om
     node: str
     bytes_done: int = 0
     bytes_total: int = 0
+    # Every part of the run on this node is finished. A clean has no total to compare its freed bytes with, so
+    # without it nothing told which node an Executing clean still waits for.
+    done: bool = False
 
 
 class Progress(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omit_defaults=True):

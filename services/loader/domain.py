@@ -594,14 +594,16 @@ def fold_progress(state: RunState, files_finished: int, now: float, ended: bool 
     rate = 0.0 if not ended and stalled(state, now) else done / elapsed
     remaining = max(0, total - done - skipped)
     eta = remaining / rate if rate > 0 and remaining > 0 and not ended else None
-    nodes: dict[str, tuple[int, int]] = {}
+    nodes: dict[str, tuple[int, int, bool]] = {}
     for part in state.parts:
-        node_done, node_total = nodes.get(part.node, (0, 0))
-        nodes[part.node] = (node_done + part.bytes_done + part.bytes_skipped, node_total + part.bytes_total)
+        node_done, node_total, finished = nodes.get(part.node, (0, 0, True))
+        nodes[part.node] = (node_done + part.bytes_done + part.bytes_skipped, node_total + part.bytes_total,
+                            finished and part.done)
     return Progress(files_done=files_finished, files_total=state.files_total, bytes_done=done + skipped,
                     bytes_total=total, bytes_skipped=skipped, rate_bytes_per_second=round(rate, 1),
                     eta_seconds=None if eta is None else round(eta, 1),
-                    nodes=[NodeProgress(node=n, bytes_done=d, bytes_total=t) for n, (d, t) in sorted(nodes.items())])
+                    nodes=[NodeProgress(node=n, bytes_done=d, bytes_total=t, done=f)
+                           for n, (d, t, f) in sorted(nodes.items())])
 
 
 def nodes_gone(state: RunState, runtime: RuntimeRecord | None) -> list[str]:

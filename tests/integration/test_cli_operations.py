@@ -505,7 +505,7 @@ WARM = OperationRecord(
         phase="Executing", duration="Unfinished", runs=1, start_time="2026-01-01T00:00:01Z",
         progress=Progress(files_done=812, files_total=1000, bytes_done=8 * GiB, bytes_total=10 * GiB,
                           rate_bytes_per_second=200 * MiB, eta_seconds=10.0,
-                          nodes=[NodeProgress(node="node-a", bytes_done=5 * GiB, bytes_total=5 * GiB),
+                          nodes=[NodeProgress(node="node-a", bytes_done=5 * GiB, bytes_total=5 * GiB, done=True),
                                  NodeProgress(node="node-b", bytes_done=3 * GiB, bytes_total=5 * GiB)]),
         conditions=[Condition(type="Executing", status="True", reason="Started", message="2 nodes",
                               last_transition_time="2026-01-01T00:00:01Z")]),
@@ -571,6 +571,6 @@ async def test_describe_dataload_shows_spec_status_nodes_and_conditions(nats_ser
         assert expected in lines, expected
     nodes = lines.index("Progress by node:")
     assert [line.split() for line in lines[nodes + 1:nodes + 4]] == [
-        ["NODE", "DONE", "TOTAL", "PERCENT"], ["node-a", "5.00GiB", "5.00GiB", "100.0%"],
-        ["node-b", "3.00GiB", "5.00GiB", "60.0%"]]
+        ["NODE", "DONE", "TOTAL", "PERCENT", "STATE"], ["node-a", "5.00GiB", "5.00GiB", "100.0%", "Done"],
+        ["node-b", "3.00GiB", "5.00GiB", "60.0%", "Working"]]
     assert lines[-1].split() == ["Executing", "True", "Started", "2", "nodes", "2026-01-01T00:00:01Z"]

@@ -1274,6 +1274,26 @@ async def test_a_clean_reaches_every_node(bus: Bus, nats_server: NatsServer) -> 
     assert all(t.files == [(0, "dir/b")] and not t.everything for t in some) and len(some) == 3
 
 
+async def test_a_clean_shows_which_nodes_are_done_and_which_it_waits_for(bus: Bus, nats_server: NatsServer) -> None:
+    """A clean's freed bytes have no total: with node-c's part not done (its agent away), each node's progress says
+    whether it is done, or nothing told which node the Executing clean waits for."""
+    await put_dataset(bus, files(("a", BLOCK)))
+    await put_runtime(bus, NODES)
+    async with agent(bus, NODES[:2]), loader(nats_server):
+        await publish(bus, subjects.DATACLEAN_APPLY, DataCleanApply(data_clean=DataClean(
+            metadata=ObjectMeta(name="wipe"), spec=DataCleanSpec(dataset=ObjectRef(name="data")))))
+
+        async def two_done() -> OperationRecord | None:
+            found = await operation(bus, "wipe", "DataClean")
+            nodes = found.status.progress.nodes if found else []
+            return found if len(nodes) == 3 and sum(n.bytes_done for n in nodes) == 2 * 1000 else None
+
+        record = await eventually(two_done, what="node-a and node-b cleaned")
+    assert record.status.phase == "Executing"
+    assert [(n.node, n.done) for n in record.status.progress.nodes] == [
+        ("node-a", True), ("node-b", True), ("node-c", False)]
+
+
 async def test_a_loader_killed_between_run_state_and_record_catches_up(bus: Bus, nats_server: NatsServer) -> None:
     """The run state says run 1 is being planned, the record still says Pending with no run (the loader died
     between the two writes): the restarted loader plans run 1, shows it Executing, and runs no second one."""

@@ -140,6 +140,6 @@ def test_describe_operation_shows_progress_per_node() -> None:
     assert "    nodes:" not in lines  # shown as a table instead
     table = lines.index("Progress by node:")
     assert [line.split() for line in lines[table + 1:table + 4]] == [
-        ["NODE", "DONE", "TOTAL", "PERCENT"], ["node-a", "1.00GiB", "2.00GiB", "50.0%"],
-        ["node-b", "0B", "0B", "-"]]
+        ["NODE", "DONE", "TOTAL", "PERCENT", "STATE"], ["node-a", "1.00GiB", "2.00GiB", "50.0%", "Working"],
+        ["node-b", "0B", "0B", "-", "Working"]]
     assert lines[-2:] == ["Conditions:", "  <none>"]
