@@ -6,8 +6,9 @@ its Dataset, and a worker that stays unhealthy replaced by a healthy spare."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 import pytest
@@ -122,12 +123,19 @@ async def workers_of(bus: Bus, name: str, expected: list[str], serving: int = 4)
         raise AssertionError(f"{name}: {record and record.status}") from None
 
 
+
+@contextlib.asynccontextmanager
+async def services_and_agents(bus: Bus, settings: Settings) -> AsyncIterator[Beating]:
+    """The dataset and runtime services, and the agents' heartbeats as ``Beating`` sends them."""
+    async with running(lambda stop: dataset_app.run(settings, stop), lambda stop: runtime_app.run(settings, stop)), \
+            Beating(bus) as beats:
+        yield beats
+
 @pytest.mark.timeout(90)
 async def test_workers_follow_affinity_placement_and_replicas(bus: Bus, settings: Settings,
                                                               seaweedfs: SeaweedServer, bucket: str) -> None:
     await put_objects(seaweedfs, bucket, {"f": b"data"})
-    async with running(lambda stop: dataset_app.run(settings, stop), lambda stop: runtime_app.run(settings, stop)), \
-            Beating(bus) as beats:
+    async with services_and_agents(bus, settings) as beats:
         await apply(bus, bucket, "train", replicas=1, affinity=zone_in("a"))
         await beats.set(ZONES, "train")
         record = await workers_of(bus, "train", ["n1"])
@@ -179,8 +187,7 @@ async def test_workers_follow_affinity_placement_and_replicas(bus: Bus, settings
 async def test_a_runtime_without_its_dataset_takes_no_worker_until_the_dataset_is_applied(
         bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str) -> None:
     await put_objects(seaweedfs, bucket, {"f": b"data"})
-    async with running(lambda stop: dataset_app.run(settings, stop), lambda stop: runtime_app.run(settings, stop)), \
-            Beating(bus) as beats:
+    async with services_and_agents(bus, settings) as beats:
         await beats.set(("n1", "n2"), "orphan", "train")
         # A runtime applied before (or without) its Dataset: Exclusive by default, it would hold both agents.
         await apply_runtime(bus, "orphan", replicas=2)
@@ -207,8 +214,7 @@ async def test_a_worker_that_stays_unhealthy_is_replaced_by_a_healthy_spare(
     # A grace period the test can wait out; how long it is does not change what happens after it.
     monkeypatch.setattr(domain, "UNHEALTHY_WORKER_GRACE_SECONDS", 1.0)
     await put_objects(seaweedfs, bucket, {"f": b"data"})
-    async with running(lambda stop: dataset_app.run(settings, stop), lambda stop: runtime_app.run(settings, stop)), \
-            Beating(bus) as beats:
+    async with services_and_agents(bus, settings) as beats:
         await beats.set(("n1", "n2", "n3"), "train")
         await apply(bus, bucket, "train", replicas=2)
         await workers_of(bus, "train", ["n1", "n2"], serving=3)
@@ -241,8 +247,7 @@ async def test_a_worker_that_stays_unhealthy_is_replaced_by_a_healthy_spare(
 async def test_a_runtime_scaled_to_zero_says_so_for_each_agent_not_picked(
         bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str) -> None:
     await put_objects(seaweedfs, bucket, {"f": b"data"})
-    async with running(lambda stop: dataset_app.run(settings, stop), lambda stop: runtime_app.run(settings, stop)), \
-            Beating(bus) as beats:
+    async with services_and_agents(bus, settings) as beats:
         await beats.set(("n1", "n2"), "train")
         await apply(bus, bucket, "train", replicas=1)
         await workers_of(bus, "train", ["n1"], serving=2)
@@ -258,8 +263,7 @@ async def test_a_runtime_scaled_to_zero_says_so_for_each_agent_not_picked(
 async def test_a_worker_shortfall_names_the_silent_worker_holding_the_seat(
         bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str) -> None:
     await put_objects(seaweedfs, bucket, {"f": b"data"})
-    async with running(lambda stop: dataset_app.run(settings, stop), lambda stop: runtime_app.run(settings, stop)), \
-            Beating(bus) as beats:
+    async with services_and_agents(bus, settings) as beats:
         await beats.set(("n1", "n2", "n3"), "train")
         await apply(bus, bucket, "train", replicas=2, affinity=zone_in("a"))
         await workers_of(bus, "train", ["n1", "n3"], serving=3)
