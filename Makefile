@@ -15,8 +15,10 @@ venv: $(STAMP)
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): pyproject.toml | $(BIN)/python
+# pyfuse3 is then rebuilt with the project's patch (deploy/pyfuse3: the kernel's no-open mode), once per venv.
+$(STAMP): pyproject.toml deploy/pyfuse3/no-open.patch deploy/pyfuse3/install.sh | $(BIN)/python
 	$(BIN)/python -m pip install --disable-pip-version-check -q -e '.[dev]'
+	sh deploy/pyfuse3/install.sh $(BIN)/python
 	touch $(STAMP)
 
 # FUSE 3 (fusermount3, libfuse3 and its pkg-config file) is needed by the agent's mounts. As root with apt-get it

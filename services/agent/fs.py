@@ -4,9 +4,13 @@ This is the only place that speaks errno (docs/semantics.md lists them): unknown
 bytes → ENAMETOOLONG, any write → EROFS, an object that changed or was deleted under us → ESTALE (the tree is
 older than the store: ``shoal resync``), the object store failing → EIO (may pass). Files are immutable
 (ETag-pinned), so they are opened with ``keep_cache`` and warm re-reads are served by the kernel page cache
-without reaching this process. ``time_operations`` times every handler for /metrics, in one wrapper per handler.
-A failed read is remembered (``read_failures``: the mount's status, hence the runtime's and dataset's conditions)
-and logged at most once per file and errno every 30 s, with the count of those not logged (``log_limiter``).
+without reaching this process. With the project's patched pyfuse3 (``deploy/pyfuse3``) the mount goes further and
+answers ``open`` and ``opendir`` with ENOSYS: the kernel then sends no OPEN, RELEASE, OPENDIR or RELEASEDIR again
+for the life of the mount, keeps files' pages and caches folder listings itself, and reads name their file by
+inode (``no_open``). A warm small file then costs this process nothing at all. ``time_operations`` times every
+handler for /metrics, in one wrapper per handler. A failed read is remembered (``read_failures``: the mount's
+status, hence the runtime's and dataset's conditions) and logged at most once per file and errno every 30 s, with
+the count of those not logged (``log_limiter``).
 """
 
 from __future__ import annotations
@@ -53,6 +57,12 @@ NOBODY = 65534
 MAX_INT64 = 2**63 - 1
 # Seconds that still fit time_t (pyfuse3 splits nanoseconds into seconds and a remainder): 3 billion years.
 MAX_SECONDS = 1e17
+# The patched pyfuse3 passes the inode as the handle of a read or readdir the kernel sends without one (fh 0), so
+# the mount can answer open and opendir with ENOSYS; stock pyfuse3 cannot, and the mount opens files as before.
+NO_OPEN = bool(getattr(pyfuse3, "NO_OPEN_HANDLE_IS_INODE", False))
+# Without opens there are no releases: a file's read state (its read-ahead, the blocks fetched ahead and the node
+# budget they hold) is dropped once nothing has read the file for this long (``close_idle``, every second).
+IDLE_HANDLE_SECONDS = 5.0
 
 
 def _clamp(value: int, low: int, high: int) -> int:
@@ -116,8 +126,9 @@ class DatasetFS(pyfuse3.Operations):
 
     def __init__(self, namespace: Namespace, reader: BlockReader, uid: int | None, gid: int | None,
                  block_size: int, clock: Callable[[], float] = time.time,
-                 log_interval: float = LOG_INTERVAL_SECONDS) -> None:
+                 log_interval: float = LOG_INTERVAL_SECONDS, no_open: bool = NO_OPEN) -> None:
         super().__init__()
+        self.no_open = no_open
         self.namespace = namespace
         self.reader = reader
         # The Dataset's owner, which overrides a local file's own; None: the file's own owner (root for objects).
@@ -128,35 +139,50 @@ class DatasetFS(pyfuse3.Operations):
         self.clock = clock
         self.read_failures = ReadFailures()
         self.log_limiter: LogLimiter[tuple[str, str]] = LogLimiter(log_interval)  # (path, errno)
+        # Open file handle → its read state; with ``no_open``, inode → the read state of a file read lately.
         self._handles: dict[int, OpenFile] = {}
+        self._last_read: dict[int, float] = {}  # with ``no_open``: inode → when it was last read
         self._next_fh = 1
         # Attributes never change for an inode, so each is built once (readdirplus of a large folder is the hot
         # path of `find` and `ls -l`); the cache is dropped with the namespace it describes.
         self._attribute_cache: dict[int, pyfuse3.EntryAttributes] = {}
         # Folder inode → its entries as readdir replies them, in name order (dropped with the namespace too).
         self._listings: dict[int, list[tuple[bytes, pyfuse3.EntryAttributes]]] = {}
-        # Open folder handle → (its inode, the listing its readdir offsets index), see ``readdir``.
+        # Open folder handle (with ``no_open``, folder inode) → (its inode, the listing its readdir offsets index),
+        # see ``readdir``.
         self._folders: dict[int, tuple[int, list[tuple[bytes, pyfuse3.EntryAttributes]]]] = {}
 
-    def replace_namespace(self, namespace: Namespace) -> tuple[list[tuple[int, str]], list[int]]:
+    def replace_namespace(self, namespace: Namespace) -> tuple[list[tuple[int, str]], list[int], list[int]]:
         """Swap in a new tree; returns, for invalidation in the kernel, (parent inode, name) of the entries that
-        went away, and the inodes kept whose attributes changed."""
+        went away, the inodes kept whose attributes changed, and the folders kept whose listing changed (the
+        kernel may hold their listing: ``no_open``)."""
         old = self.namespace
         self.namespace = namespace
         self._attribute_cache = {}
         self._listings = {}
         gone = []
         changed = []
+        relisted: set[int] = set()
         for node in old.nodes.values():
             current = namespace.nodes.get(node.inode)
             if node.inode != node.parent:
                 found = namespace.lookup(node.parent, node.name)
                 if found is None or found.inode != node.inode:
                     gone.append((node.parent, node.name))
+                    relisted.add(node.parent)
                     continue
             if current is not None and (current.entry != node.entry or current.mtime != node.mtime):
                 changed.append(node.inode)
-        return gone, changed
+        for node in namespace.nodes.values():
+            if node.inode != node.parent and node.parent not in relisted:
+                found = old.lookup(node.parent, node.name)
+                if found is None or found.inode != node.inode:
+                    relisted.add(node.parent)
+        # Folders that went away take their listings with them; a file's read state stays until it is idle (an
+        # open descriptor may still read a file the tree no longer has, as with an open handle).
+        for inode in [inode for inode in self._folders if inode not in namespace.nodes] if self.no_open else ():
+            del self._folders[inode]
+        return gone, changed, sorted(inode for inode in relisted if inode in namespace.nodes)
 
     # --- metadata ---
 
@@ -218,6 +244,8 @@ class DatasetFS(pyfuse3.Operations):
         return self._attributes(node)
 
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        if self.no_open:
+            raise pyfuse3.FUSEError(errno.ENOSYS)  # the kernel opens folders itself from now on, caching listings
         if not self._node(inode).is_dir:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         fh = self._next_fh
@@ -241,7 +269,11 @@ class DatasetFS(pyfuse3.Operations):
         # Positions in the new listing would shift by every name added or removed before them.
         opened = self._folders.get(fh)
         if opened is None:
-            raise pyfuse3.FUSEError(errno.EBADF)
+            if not self.no_open:
+                raise pyfuse3.FUSEError(errno.EBADF)
+            if not self._node(fh).is_dir:  # ``fh`` is the folder's inode
+                raise pyfuse3.FUSEError(errno.ENOTDIR)
+            opened = self._folders[fh] = (fh, self._listing(fh))
         inode, listing = opened
         current = self._listing(inode)
         if current is not listing:
@@ -278,6 +310,10 @@ class DatasetFS(pyfuse3.Operations):
     # --- data ---
 
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        if self.no_open:
+            # The kernel takes ENOSYS as success and opens every file itself from now on, with keep_cache; a
+            # write never gets here (the mount is read-only: the kernel refuses it first).
+            raise pyfuse3.FUSEError(errno.ENOSYS)
         node = self._node(inode)
         if flags & WRITE_FLAGS:
             raise _erofs()
@@ -291,7 +327,17 @@ class DatasetFS(pyfuse3.Operations):
     async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:  # type: ignore[override]
         # pyfuse3 replies from any buffer (PyObject_GetBuffer), so a view into a cached block is not copied.
         handle = self._handles.get(fh)
-        if handle is None:
+        if self.no_open:
+            if handle is None or off == 0:
+                # ``fh`` is the file's inode. A read from the start is a new reader, as an open was: it starts
+                # with fresh read-ahead and nothing held from an earlier pass (which the hit counters never saw).
+                if handle is not None:
+                    self.reader.close(handle)
+                    handle = self._handles[fh] = self.reader.open(handle.entry)
+                else:
+                    handle = self._handles[fh] = self._read_state(fh)
+            self._last_read[fh] = self.clock()
+        elif handle is None:
             raise pyfuse3.FUSEError(errno.EBADF)
         try:
             data = await self.reader.read(handle, off, size)
@@ -308,9 +354,36 @@ class DatasetFS(pyfuse3.Operations):
             log.exception("unexpected read failure", path=handle.entry.path)
             self._report(handle, err, errno.EIO)
             raise pyfuse3.FUSEError(errno.EIO) from err
+        finally:
+            if self.no_open:
+                self._last_read[fh] = self.clock()  # idle from when its last read ended, not began
         if self.read_failures.files:  # a file that failed reads again: it is fine now
             self.read_failures.succeeded(handle.entry.path)
         return data
+
+    def _read_state(self, inode: int) -> OpenFile:
+        node = self.namespace.get(inode)
+        if node is None:
+            # A descriptor opened before a reload that dropped the file, idle since: the tree is stale for it.
+            raise pyfuse3.FUSEError(errno.ESTALE)
+        if node.entry is None:
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        return self.reader.open(node.entry)
+
+    def every_second(self, now: float) -> None:
+        """The mount's once-a-second upkeep (its status reporter's tick)."""
+        self.flush_read_failures(now)
+        self.close_idle(now)
+
+    def close_idle(self, now: float) -> None:
+        """With ``no_open``: drop the read state of files nothing read for ``IDLE_HANDLE_SECONDS`` (there is no
+        release to do it), giving back the read-ahead budget their blocks fetched ahead held."""
+        idle = [inode for inode, last in self._last_read.items() if now - last >= IDLE_HANDLE_SECONDS]
+        for inode in idle:
+            del self._last_read[inode]
+            handle = self._handles.pop(inode, None)
+            if handle is not None:
+                self.reader.close(handle)
 
     def _report(self, handle: OpenFile, err: Exception, code: int) -> None:
         path, name, now = handle.entry.path, errno.errorcode[code], self.clock()

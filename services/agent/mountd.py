@@ -252,7 +252,7 @@ class MountedDataset:
         self.tasks = runner
         tasks_task = asyncio.create_task(runner.run())
         # Failed reads go to the status file (the agent's heartbeat, the runtime's ReadsFailing condition).
-        reporter = StatusReporter(self.status_file, cache.stats, fs.read_failures.report, fs.flush_read_failures)
+        reporter = StatusReporter(self.status_file, cache.stats, fs.read_failures.report, fs.every_second)
         reporter_task = asyncio.create_task(reporter.run())
         self.readiness.add("cache", lambda: "; ".join(
             f"cache directory {t.location} is down" for t in cache.stats().tiers if t.health == "down") or None)
@@ -551,7 +551,7 @@ class MountedDataset:
             self._update_gates(record)  # before the tree: a new mount's files must find their store
         except (Exception, SystemExit) as err:  # e.g. a missing secret: its reads fail, the rest serve
             log.error("object stores not updated", dataset=self.key, error=str(err))
-        gone, changed = fs.replace_namespace(self._tree(entries))
+        gone, changed, relisted = fs.replace_namespace(self._tree(entries))
         self.manifest_version = manifest_version(record)
         for parent, name in gone:
             with contextlib.suppress(Exception):
@@ -562,12 +562,16 @@ class MountedDataset:
             # does not block). ENOENT: the kernel holds nothing for it.
             with contextlib.suppress(OSError):
                 pyfuse3.invalidate_inode(inode, attr_only=True)
+        for inode in relisted:
+            # A folder's listing the kernel may cache (no-open mounts): its pages go, so the next `ls` asks.
+            with contextlib.suppress(OSError):
+                pyfuse3.invalidate_inode(inode, attr_only=False)
         self.entries = {(entry.mount, entry.key): entry for entry in entries}
         self._drop_stale(cache, entries)
         if self.tasks is not None:
             self.tasks.manifest_reloaded()
         log.info("manifest reloaded", dataset=self.key, files=len(entries), removed=len(gone),
-                 attributes_changed=len(changed))
+                 attributes_changed=len(changed), folders_relisted=len(relisted))
 
 
 async def until_stopped(work: Coroutine[Any, Any, T], stop: asyncio.Event) -> T | None:

@@ -35,6 +35,8 @@ READERS = 16
 # Enough passes that the third (all pages and entries in the kernel's caches) is the warm number.
 PASSES = 3
 DEADLINE = 300.0
+# Set for the serving child by --with-opens.
+WITH_OPENS = "SHOAL_BENCH_METAPATH_WITH_OPENS"
 
 
 def build_tree(root: Path, meta: int, small: int) -> None:
@@ -70,7 +72,7 @@ async def _serve(source: Path, mountpoint: Path, counts_file: Path) -> None:
     from libs.ufs import open_store
     from libs.ufs.base import LocalLocation
     from services.agent.cache import BlockCache
-    from services.agent.fs import DatasetFS, time_operations
+    from services.agent.fs import NO_OPEN, DatasetFS, time_operations
     from services.agent.metrics import MountMetrics
     from services.agent.mountd import fuse_options, raise_read_ahead
     from services.agent.namespace import InodeAllocator, Namespace
@@ -85,7 +87,8 @@ async def _serve(source: Path, mountpoint: Path, counts_file: Path) -> None:
     cache = BlockCache.from_levels([Level(mediumtype="MEM", quota="1Gi", path=str(cache_root))], "bench")
     reader = BlockReader(cache, [StoreGate(store)], block_size, MemoryBudget(256 * 1024 * KiB),
                          write_block=cache.put_async)
-    fs = DatasetFS(Namespace.build(entries, InodeAllocator()), reader, uid=None, gid=None, block_size=block_size)
+    fs = DatasetFS(Namespace.build(entries, InodeAllocator()), reader, uid=None, gid=None, block_size=block_size,
+                   no_open=NO_OPEN and not os.environ.get(WITH_OPENS))
     counts: collections.Counter[str] = collections.Counter()
     metrics = MountMetrics("bench-node", "default/metapath")
     production = metrics.fuse_observer()
@@ -199,8 +202,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", choices=("walk", "read"), help="one workload")
     parser.add_argument("--profile", metavar="PREFIX",
                         help="py-spy the serving process's warm passes into PREFIX-<workload>.txt (collapsed stacks)")
+    parser.add_argument("--with-opens", action="store_true",
+                        help="answer open and opendir as stock pyfuse3 must (the mount's no-open mode off)")
     parser.add_argument("--serve", nargs=3, metavar=("SOURCE", "MOUNTPOINT", "COUNTS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.with_opens:
+        os.environ[WITH_OPENS] = "1"  # read by the serving child
     if args.serve:
         serve(Path(args.serve[0]), Path(args.serve[1]), Path(args.serve[2]))
         return

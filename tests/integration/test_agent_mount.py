@@ -17,6 +17,7 @@ import pytest
 from libs.bus import Bus
 from libs.config import Settings
 from libs.events.dataset import User
+from services.agent.fs import NO_OPEN
 from services.agent.mountinfo import device_of
 from tests.conftest import SeaweedServer, put_objects
 from tests.helpers import eventually
@@ -196,3 +197,55 @@ async def test_sixteen_concurrent_readers(bus: Bus, settings: Settings, seaweedf
         results = await asyncio.gather(*(reader(i) for i in range(16)))
         expected = {key: md5(body) for key, body in objects.items()}
         assert all(result == expected for result in results)
+
+
+async def test_warm_files_and_walks_never_reach_the_mount_process_and_a_resync_relists(
+        bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path) -> None:
+    # The pyfuse3 `make venv` builds (deploy/pyfuse3) lets the mount answer open and opendir with ENOSYS.
+    assert NO_OPEN, "pyfuse3 is not the patched build: run `make venv`"
+    objects = dataset_objects()
+    await put_objects(seaweedfs, bucket, objects)
+    targets = tmp_path / "targets"
+    async with node_stack(bus, settings, seaweedfs, tmp_path, prometheus_targets_dir=str(targets)) as node:
+        await node.apply("warm", bucket)
+        root = await node.wait_mounted("warm", expect="labels.csv")
+        port = target_port(targets, "warm")
+        assert port is not None
+        mine = {"node": NODE, "dataset": "default/warm"}
+
+        async def read_and_walk() -> dict:
+            for key, body in objects.items():
+                assert md5(await read_file(root / key)) == md5(body)
+            found = await run_tool("find", str(root), "-type", "f", "-printf", "%s %P\n")
+            assert sorted(found.stdout.splitlines()) == sorted(f"{len(b)} {k}" for k, b in objects.items())
+            return await scrape(port)
+
+        def requests(samples: dict, operation: str) -> float:
+            return series(samples, "shoal_fuse_request_duration_seconds_count", **mine, operation=operation) or 0
+
+        cold = await read_and_walk()
+        assert requests(cold, "read") > 0 and requests(cold, "readdir") > 0
+        # One OPEN and one OPENDIR, answered ENOSYS: the kernel sends neither again, nor any RELEASE.
+        assert requests(cold, "open") == 1 and requests(cold, "opendir") == 1
+        assert requests(cold, "release") == 0 and requests(cold, "releasedir") == 0
+        warm = await read_and_walk()
+        # Every page, name, attribute and listing was in the kernel: not one request of any kind but the statfs
+        # find(1) makes once per run.
+        operations = {dict(labels)["operation"] for (name, labels) in warm
+                      if name == "shoal_fuse_request_duration_seconds_count"} - {"statfs"}
+        assert {op: requests(warm, op) - requests(cold, op) for op in operations} == dict.fromkeys(operations, 0)
+
+        # A resync that adds a file, then one that removes one: the kernel's copy of each changed listing goes.
+        await put_objects(seaweedfs, bucket, {"small/zz-new.jpg": b"new"})
+        await node.resync("warm")
+        await eventually(lambda: asyncio.to_thread(os.path.exists, root / "small/zz-new.jpg"), what="the reload")
+        assert "zz-new.jpg" in await asyncio.to_thread(os.listdir, root / "small")
+        assert await read_file(root / "small/zz-new.jpg") == b"new"
+        async with seaweedfs.client() as client:
+            await client.delete_object(Bucket=bucket, Key="small/f000.jpg")
+        await node.resync("warm")
+        await eventually(lambda: asyncio.to_thread(lambda: not os.path.exists(root / "small/f000.jpg")),
+                         what="the second reload")
+        assert "f000.jpg" not in await asyncio.to_thread(os.listdir, root / "small")
+        found = await run_tool("find", str(root / "small"), "-type", "f")
+        assert len(found.stdout.split()) == 30  # 30 + 1 - 1

@@ -102,14 +102,16 @@ def test_a_new_tree_names_the_entries_gone_and_the_inodes_whose_attributes_chang
     kept = first.lookup(folder.inode if folder else 0, "local")
     assert folder is not None and kept is not None
 
-    gone, changed = fs.replace_namespace(second)
+    gone, changed, relisted = fs.replace_namespace(second)
 
     assert sorted(gone) == sorted([(ROOT_INODE, "changed"), (folder.inode, "gone")])
     # the folders' mtimes (the root's too) follow their newest file; the local file's mode changed under the same
     # inode
     assert sorted(changed) == sorted([ROOT_INODE, folder.inode, kept.inode])
+    # "changed" got a new inode in the root; "gone" left and "new" came in the folder
+    assert relisted == sorted([ROOT_INODE, folder.inode])
     assert fs.namespace is second
-    assert fs.replace_namespace(second) == ([], [])
+    assert fs.replace_namespace(second) == ([], [], [])
 
 
 # --- read-ahead ---

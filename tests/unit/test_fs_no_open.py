@@ -1,0 +1,126 @@
+"""``DatasetFS`` without opens (the patched pyfuse3 of deploy/pyfuse3): reads and listings name their file or folder
+by inode, and a file's read state lives until it is idle. Driven directly (no kernel): the kernel side is in
+tests/integration/test_agent_mount.py."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import pyfuse3
+import pytest
+
+from libs.events.dataset import ManifestEntry
+from libs.ufs import LocalLocation, LocalObjectStore
+from services.agent.cache import BlockCache, MemoryTier
+from services.agent.fs import IDLE_HANDLE_SECONDS, DatasetFS
+from services.agent.namespace import ROOT_INODE, InodeAllocator, Namespace
+from services.agent.readahead import MemoryBudget
+from services.agent.reader import BlockReader, StoreGate
+
+BLOCK = 64 * 1024
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def no_open_fs(tmp_path: Path) -> tuple[DatasetFS, dict[str, bytes], MemoryBudget, Clock, InodeAllocator]:
+    source = tmp_path / "source"
+    (source / "d").mkdir(parents=True)
+    bodies = {"big.bin": os.urandom(8 * BLOCK), "d/small.txt": b"small"}
+    for key, body in bodies.items():
+        (source / key).write_bytes(body)
+    store = LocalObjectStore(LocalLocation(root=source))
+    entries = []
+    for key in bodies:
+        info = await store.head(key)
+        entries.append(ManifestEntry(path="/" + key, mount=0, key=key, size=info.size, etag=info.etag,
+                                     mtime=info.mtime))
+    cache = BlockCache([MemoryTier(64 * BLOCK)])
+    budget = MemoryBudget(64 * BLOCK)
+    reader = BlockReader(cache, [StoreGate(store)], BLOCK, budget, write_block=cache.put_async)
+    clock = Clock()
+    allocator = InodeAllocator()
+    fs = DatasetFS(Namespace.build(entries, allocator), reader, uid=None, gid=None, block_size=BLOCK, clock=clock,
+                   no_open=True)
+    return fs, bodies, budget, clock, allocator
+
+
+async def test_open_and_opendir_answer_enosys_and_reads_and_listings_go_by_inode(tmp_path: Path) -> None:
+    fs, bodies, _, _, _ = await no_open_fs(tmp_path)
+    big = await fs.lookup(ROOT_INODE, b"big.bin")
+    folder = await fs.lookup(ROOT_INODE, b"d")
+    for call in (fs.open(big.st_ino, os.O_RDONLY, None), fs.opendir(ROOT_INODE, None)):  # type: ignore[arg-type]
+        with pytest.raises(pyfuse3.FUSEError) as raised:
+            await call
+        assert raised.value.errno == errno.ENOSYS
+    # The patched pyfuse3 passes the inode where the kernel sent handle 0.
+    assert bytes(await fs.read(big.st_ino, BLOCK - 10, 20)) == bodies["big.bin"][BLOCK - 10:BLOCK + 10]
+    names: list[bytes] = []
+
+    def reply(token: object, name: bytes, attrs: pyfuse3.EntryAttributes, offset: int) -> bool:
+        names.append(name)
+        return True
+
+    original = pyfuse3.readdir_reply
+    pyfuse3.readdir_reply = reply  # type: ignore[assignment]
+    try:
+        await fs.readdir(folder.st_ino, 0, None)  # type: ignore[arg-type]
+    finally:
+        pyfuse3.readdir_reply = original
+    assert names == [b"small.txt"]
+    with pytest.raises(pyfuse3.FUSEError) as raised:
+        await fs.readdir(big.st_ino, 0, None)  # type: ignore[arg-type]
+    assert raised.value.errno == errno.ENOTDIR
+    with pytest.raises(pyfuse3.FUSEError) as raised:
+        await fs.read(folder.st_ino, 0, 10)
+    assert raised.value.errno == errno.EISDIR
+
+
+async def test_a_files_read_state_is_dropped_when_idle_giving_back_what_it_fetched_ahead(tmp_path: Path) -> None:
+    fs, bodies, budget, clock, _ = await no_open_fs(tmp_path)
+    big = (await fs.lookup(ROOT_INODE, b"big.bin")).st_ino
+    # Sequential reads: the read-ahead window opens and blocks ahead hold budget.
+    for offset in range(0, 3 * BLOCK, BLOCK // 2):
+        assert bytes(await fs.read(big, offset, BLOCK // 2)) == bodies["big.bin"][offset:offset + BLOCK // 2]
+    assert budget.used > 0
+    clock.now += IDLE_HANDLE_SECONDS - 1
+    fs.every_second(clock.now)
+    assert budget.used > 0  # still being read, as far as anyone knows
+    clock.now += 1
+    fs.every_second(clock.now)
+    assert budget.used == 0
+    # Read again afterwards: a new state, the same bytes.
+    assert bytes(await fs.read(big, 4 * BLOCK, 10)) == bodies["big.bin"][4 * BLOCK:4 * BLOCK + 10]
+
+
+async def test_a_read_from_the_start_is_a_new_reader(tmp_path: Path) -> None:
+    fs, bodies, budget, _, _ = await no_open_fs(tmp_path)
+    big = (await fs.lookup(ROOT_INODE, b"big.bin")).st_ino
+    for offset in range(0, 2 * BLOCK, BLOCK // 2):
+        await fs.read(big, offset, BLOCK // 2)
+    ahead = budget.used
+    assert ahead > 0
+    # Another pass from offset 0: the first pass's blocks ahead are given back, the window starts again.
+    assert bytes(await fs.read(big, 0, 100)) == bodies["big.bin"][:100]
+    assert budget.used < ahead
+
+
+async def test_a_file_the_tree_dropped_reads_on_while_read_and_is_estale_once_idle(tmp_path: Path) -> None:
+    fs, _, _, clock, allocator = await no_open_fs(tmp_path)
+    small = (await fs.lookup((await fs.lookup(ROOT_INODE, b"d")).st_ino, b"small.txt")).st_ino
+    assert await fs.read(small, 0, 100) == b"small"
+    fs.replace_namespace(Namespace.build([], allocator))  # a sync found the folder empty
+    assert await fs.read(small, 1, 100) == b"mall"  # a descriptor still reading it
+    assert await fs.read(small, 0, 100) == b"small"  # from the start again
+    clock.now += IDLE_HANDLE_SECONDS
+    fs.every_second(clock.now)
+    with pytest.raises(pyfuse3.FUSEError) as raised:
+        await fs.read(small, 1, 100)
+    assert raised.value.errno == errno.ESTALE
