@@ -590,12 +590,21 @@ def merge_patch(current: Any, desired: Any) -> Any:
     return patch
 
 
-def status_patch(obj: dict[str, Any], desired: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The body of the status merge patch, or None when the CR already shows ``desired``."""
-    if desired is None:
+def status_patch(obj: dict[str, Any], desired: dict[str, Any] | None) -> list[dict[str, Any]] | None:
+    """The JSON patch (RFC 6902) that makes the CR show ``desired``, or None when it already does.
+
+    A status belongs to one object, and the API server finds the object by name: one deleted and made again under
+    the name (a new uid) before the bridge saw it would get the old one's status. The patch therefore tests
+    ``metadata.uid`` first, and the server applies none of it to another object (it answers 422). A merge patch
+    cannot say so: the status subresource copies the stored object's metadata over the patch's, so a
+    ``metadata.uid`` in it is ignored. The status is then written whole (``add`` replaces it), which is what a merge
+    patch of the changes made of it too (the keys ``desired`` lacks removed), without depending on the bridge's copy
+    being the server's."""
+    if desired is None or merge_patch(obj.get("status") or {}, desired) is None:
         return None
-    change = merge_patch(obj.get("status") or {}, desired)
-    return None if change is None else {"status": change}
+    uid = uid_of(obj)
+    test = [{"op": "test", "path": "/metadata/uid", "value": uid}] if uid else []
+    return [*test, {"op": "add", "path": "/status", "value": desired}]
 
 
 # --- PersistentVolume and claim of a Bound Dataset ---

@@ -43,6 +43,7 @@ log = get_logger(__name__)
 # other call would wait as long, one after another, while nothing else is bridged.
 REQUEST_TIMEOUT_SECONDS = 10.0
 MERGE_PATCH = "application/merge-patch+json"
+JSON_PATCH = "application/json-patch+json"
 # A finalizer patch refused because the object changed since it was read (409) is built again from a fresh read this
 # many times in a row; each retry follows a change someone else made, so more means a writer as busy as the
 # bridge, and the next pass (``tick``) tries again.
@@ -59,7 +60,8 @@ MIRROR_RESYNC_SECONDS = domain.MIRROR_RESYNC_SECONDS
 
 
 # Status write answers that say the write is wrong, not that the API server is unavailable: the object is gone (404;
-# its DELETED event follows) or the server's validation refuses this status (400, 422). The same status would get the
+# its DELETED event follows), made again under its name (422: the patch's uid test failed) or the server's validation
+# refuses this status (400, 422). The same status would get the
 # same answer at every pass, and keep every other object's status waiting behind the failed pass (``TICK_RETRY``):
 # it is dropped, with the reason, until Shoal's status or the object's changes.
 STATUS_REFUSALS = (400, 404, 422)
@@ -856,14 +858,19 @@ class BridgeHandlers:
             try:
                 updated = await self.custom.patch_namespaced_custom_object_status(
                     key.resource.group, key.resource.version, key.namespace, key.resource.plural, key.name, patch,
-                    _content_type=MERGE_PATCH,  # type: ignore[call-arg]  # in **kwargs, not in the stubs
+                    _content_type=JSON_PATCH,  # type: ignore[call-arg]  # in **kwargs, not in the stubs
                     _request_timeout=REQUEST_TIMEOUT_SECONDS)
             except ApiException as err:
                 if err.status not in STATUS_REFUSALS:
                     raise
+                replaced = err.status != 404 and await self._replaced(key, obj)
+                # Dropped until Shoal's status or the object's changes; an object made again under the name is
+                # another object (``on_object``), which forgets this.
                 self.written[key] = Written(desired, current)
                 if err.status == 404:  # deleted meanwhile: its DELETED event (or the next list) forgets it
                     log.info("status not written: the object is gone", object=str(key))
+                    return
+                if replaced:
                     return
                 await self._status_refused(key, obj, err)
             else:
@@ -889,6 +896,25 @@ class BridgeHandlers:
             completed = getattr(status, "completion_time", "")
             await self._record_event(key, obj, domain.event_name(obj, reason, runs, completed), event_type, reason,
                                      message)
+
+    async def _replaced(self, key: ObjectKey, obj: dict[str, Any]) -> bool:
+        """Whether the object under ``key``'s name is no longer ``obj`` (gone, or made again: another uid), read
+        after a status write refused with 422, which says the same for a failed uid test (``domain.status_patch``)
+        as for a status the CRD's validation refuses. The watch brings the new object, which gets its own status;
+        the old one's is dropped quietly: nothing is wrong with it."""
+        r = key.resource
+        try:
+            fresh = await self.custom.get_namespaced_custom_object(
+                r.group, r.version, key.namespace, r.plural, key.name, _request_timeout=REQUEST_TIMEOUT_SECONDS)
+        except ApiException as err:
+            if err.status != 404:
+                raise
+            fresh = None
+        if isinstance(fresh, dict) and domain.uid_of(fresh) == domain.uid_of(obj):
+            return False
+        log.debug("status not written: the object was deleted or made again under its name", object=str(key),
+                  uid=domain.uid_of(obj))
+        return True
 
     async def _status_refused(self, key: ObjectKey, obj: dict[str, Any], err: ApiException) -> None:
         """Say why the API server refused a status (its validation's message names the field), in the log and in a

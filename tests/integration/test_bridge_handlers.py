@@ -376,6 +376,40 @@ async def test_a_status_someone_else_overwrote_is_written_back(harness: Harness,
     assert (harness.get(SHOAL, "demo") or {})["status"]["phase"] == "NotBound"
 
 
+async def test_a_status_due_for_an_object_made_again_under_its_name_is_not_written_to_the_new_one(
+        harness: Harness) -> None:
+    """A DataLoad's status is due (refused: Failed, saying why) when the object is deleted and made again under its
+    name, before the watch shows either: the write names the old uid and is not applied to the new object (before,
+    the API server found the object by name and the new one showed the old one's status). It is dropped quietly,
+    not written again pass after pass and not taken for a refusal of the CRD's; once the watch brings the new
+    object, it gets its own status."""
+    handlers = harness.handlers
+    await harness.first_lists()
+    old = await harness.create(DATALOAD, "load", {"dataset": {"name": "demo"}, "policy": "Sometimes"})
+    await handlers.on_event(DATALOAD, "ADDED", old)  # invalid: no finalizer, its status due at the next pass
+    await handlers.custom.delete_namespaced_custom_object(DATALOAD.group, DATALOAD.version, "default",
+                                                          DATALOAD.plural, "load")
+    new = await harness.create(DATALOAD, "load", {"dataset": {"name": "demo"}, "policy": "Rarely"})
+    assert new["metadata"]["uid"] != old["metadata"]["uid"]
+
+    with structlog.testing.capture_logs() as logs:
+        await handlers.tick()
+    assert len(harness.server.recorded("PATCH", "/dataloads/load/status")) == 1  # the old object's write, tried
+    assert "status" not in (harness.get(DATALOAD, "load") or {})
+    assert [e for e in logs if e["log_level"] == "debug" and "made again" in e["event"]]
+    assert not [e for e in logs if e["log_level"] in ("warning", "error")]
+    for _ in range(3):  # dropped: not sent again while the watch has not shown the new object
+        await handlers.tick()
+    assert len(harness.server.recorded("PATCH", "/dataloads/load/status")) == 1
+    assert handlers._tick_failures == 0
+    assert not [e for e in harness.server.objects("", "events") if e["reason"] == "StatusRefused"]
+
+    await handlers.on_event(DATALOAD, "DELETED", old)
+    await handlers.on_event(DATALOAD, "ADDED", new)
+    condition = await harness.until(lambda: _accepted(harness.get(DATALOAD, "load")), what="the new one's status")
+    assert "'Rarely'" in condition["message"] and "Sometimes" not in condition["message"]
+
+
 async def test_an_unanswered_fields_ignored_event_leaves_the_next_objects_to_the_next_pass(
         harness: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
     """The Event listing what Shoal ignores of an object is best effort, but its call waiting out the timeout tells

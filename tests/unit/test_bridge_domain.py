@@ -146,6 +146,18 @@ def test_merge_patch_removes_and_replaces() -> None:
     assert domain.without_nulls({"a": None, "b": [{"c": None, "d": 1}]}) == {"b": [{"d": 1}]}
 
 
+def test_a_status_patch_tests_the_uid_and_writes_the_whole_status() -> None:
+    """The status belongs to this object: the patch applies to no other one made again under its name."""
+    obj = cr(SHOAL_DATASET, {})
+    obj["metadata"]["uid"] = "u1"
+    obj["status"] = {"phase": "NotBound", "old": 1}
+    desired = {"phase": "Bound"}
+    assert domain.status_patch(obj, desired) == [{"op": "test", "path": "/metadata/uid", "value": "u1"},
+                                                 {"op": "add", "path": "/status", "value": desired}]
+    assert domain.status_patch(obj, {"phase": "NotBound", "old": 1}) is None
+    assert domain.status_patch(obj, None) is None
+
+
 def test_finalizer_patch_keeps_other_finalizers_of_the_version_it_was_built_from() -> None:
     """The whole list, as read, with the version read: a newer object (a finalizer added since) refuses it."""
     obj = cr(SHOAL_DATASET, {}, finalizers=["other/one"])
