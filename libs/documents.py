@@ -9,8 +9,8 @@ Decides:
   Kubernetes Job would use (options, affinity, nodeSelector, tolerations, schedulerName, podMetadata,
   imagePullSecrets, resources, runAfter.affinityStrategy) is noted as ignored; ``spec.dataset.namespace`` left
   out means the operation's own namespace, as in Fluid;
-- how a Fluid runtime maps: ``spec.replicas``, ``spec.tieredstore.levels[]`` (a tier's ``quotaList`` of equal
-  per-path quotas read as their sum, the tier's ``quota``) and
+- how a Fluid runtime maps: ``spec.replicas``, ``spec.tieredstore.levels[]`` (a tier's ``quotaList`` read as
+  its sum, the tier's ``quota``, and kept when its per-path quotas differ) and
   ``spec.management.metadataSyncPolicy`` as they are, Shoal's ``spec.autoscaling`` too (the CRDs of Fluid's
   kinds take it), the block size from the engine's own setting (Alluxio/GooseFS property, JuiceFS
   ``block-size`` option), nothing else;
@@ -100,7 +100,7 @@ LIST_FIELDS = ("apiVersion", "kind", "metadata", "items")
 
 METADATA_FIELDS = ("name", "namespace", "labels", "annotations")
 LEVEL_FIELDS = ("mediumtype", "path", "quota", "high", "low")
-# Fluid's per-path quotas of a tier; read into the tier's quota (``_quota_from_list``).
+# Fluid's per-path quotas of a tier; read into the tier's quota, and kept when they differ (``_quota_from_list``).
 QUOTA_LIST = "quotaList"
 
 Kind = Literal["dataset", "runtime", "dataload", "dataclean"]
@@ -498,13 +498,15 @@ def _tieredstore(kind: str, tieredstore: Any) -> tuple[Any, list[str], list[str]
         notes += [_ignored(kind, f"{where}.{key}", "not used by Shoal")
                   for key in level if key not in (*LEVEL_FIELDS, QUOTA_LIST)]
         if level.get(QUOTA_LIST) not in (None, ""):
-            quota, problem = _quota_from_list(where, {**level, **mapped_level})
+            quota, quota_list, problem = _quota_from_list(where, {**level, **mapped_level})
             if problem:
                 problems.append(problem)
             elif quota is not None:
                 if "quota" in level:
                     notes.append(_ignored(kind, f"{where}.quota", "quotaList is used, as in Fluid"))
                 mapped_level["quota"] = quota
+                if quota_list:
+                    mapped_level[QUOTA_LIST] = quota_list
         elif "quota" not in level:
             problems.append(f"{where} needs quota (the tier's size, e.g. 100Gi) or quotaList (one quota per path)")
         mapped_levels.append(mapped_level)
@@ -526,35 +528,32 @@ def _juicefs_watermarks(kind: str, where: str, level: dict[str, Any]) -> list[st
     return notes
 
 
-def _quota_from_list(where: str, level: dict[str, Any]) -> tuple[str | int | None, str]:
-    """The tier quota Fluid's ``quotaList`` ("100Gi,50Gi": one quota per path of ``path``) stands for, or why none.
-
-    Shoal splits a tier's quota equally across its paths, so equal quotas are their sum, exactly; different ones
-    would put more on a path than Fluid allows it, and are refused with the quota to write. A memory tier is one
-    quota however many paths it names: the sum. Fluid's rules otherwise: the list wins over ``quota``, and it has
-    as many entries as ``path`` (``pkg/ddc/base/runtime.go``, ``convertToTieredstoreInfo``).
+def _quota_from_list(where: str, level: dict[str, Any]) -> tuple[str | int | None, str, str]:
+    """The tier quota Fluid's ``quotaList`` ("100Gi,50Gi": one quota per path of ``path``) stands for, the list a
+    disk tier keeps (each directory holds at most its own quota: ``libs.events.runtime.directory_quotas``), or why
+    neither. A memory tier is one quota however many paths it names: the sum, and no list. Fluid's rules
+    otherwise: the list wins over ``quota``, and it has as many entries as ``path``
+    (``pkg/ddc/base/runtime.go``, ``convertToTieredstoreInfo``).
     """
     text = level[QUOTA_LIST]
     if not isinstance(text, str | int) or isinstance(text, bool):
-        return None, f"{where}.quotaList must be a text of comma-separated quotas, like '100Gi,50Gi'"
+        return None, "", f"{where}.quotaList must be a text of comma-separated quotas, like '100Gi,50Gi'"
     entries = [entry.strip() for entry in str(text).split(",")]
     quotas = []
     for entry in entries:
         try:
             quotas.append(parse_quantity(entry))
         except ValueError as err:
-            return None, f"{where}.quotaList {text!r}: {err}"
+            return None, "", f"{where}.quotaList {text!r}: {err}"
     path = level.get("path", "")
     paths = len(path.split(",")) if isinstance(path, str) else 1
     if len(quotas) != paths:
-        return None, (f"{where}.quotaList {text!r} has {len(quotas)} quota{'' if len(quotas) == 1 else 's'} for the "
-                      f"{paths} path{'' if paths == 1 else 's'} in path: give one quota per path, in the same order")
+        return None, "", (f"{where}.quotaList {text!r} has {len(quotas)} quota{'' if len(quotas) == 1 else 's'} for "
+                          f"the {paths} path{'' if paths == 1 else 's'} in path: give one quota per path, in the "
+                          "same order")
     if level.get("mediumtype") in ("SSD", "HDD") and len(set(quotas)) > 1:
-        each = min(quotas)
-        return None, (f"{where}.quotaList {text!r}: Shoal splits a tier's quota equally across its paths, so it "
-                      f"cannot give them different sizes; write quota: {_bytes_quantity(each * paths)} "
-                      f"({_bytes_quantity(each)} on each of the {paths} paths) instead")
-    return _bytes_quantity(sum(quotas)), ""
+        return _bytes_quantity(sum(quotas)), ",".join(entries), ""
+    return _bytes_quantity(sum(quotas)), "", ""
 
 
 def _management(kind: str, management: Any) -> tuple[Any, list[str]]:

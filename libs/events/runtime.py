@@ -9,7 +9,7 @@ from typing import Literal
 
 import msgspec
 
-from libs.events.common import Event, ObjectMeta
+from libs.events.common import Event, ObjectMeta, parse_quantity
 from libs.events.dataset import Condition
 
 MediumType = Literal["MEM", "SSD", "HDD"]
@@ -27,6 +27,25 @@ class Level(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omit_defa
     # Watermarks as fractions of the quota, strings in Fluid ("0.95"); numbers are accepted too.
     high: str | float = DEFAULT_HIGH_WATERMARK
     low: str | float = DEFAULT_LOW_WATERMARK
+    # Fluid's ``quotaList``: one quota per directory of a disk tier's ``path``, comma-separated, in its order
+    # ("100Gi,50Gi"); ``quota`` is then their sum. Empty: ``quota`` split equally (``directory_quotas``).
+    quota_list: str = ""
+
+
+def directory_quotas(level: Level) -> list[tuple[str, int]]:
+    """Each directory of a disk tier's ``path`` (stripped, in order) with the bytes it may hold: its entry of
+    ``quotaList``, or an equal share of ``quota``. ValueError for a quota that is no quantity, or a ``quotaList``
+    whose length is not the number of directories."""
+    directories = [path.strip() for path in level.path.split(",") if path.strip()]
+    if not level.quota_list:
+        share = parse_quantity(level.quota) // max(1, len(directories))
+        return [(directory, share) for directory in directories]
+    quotas = [parse_quantity(entry.strip()) for entry in level.quota_list.split(",")]
+    if len(quotas) != len(directories):
+        raise ValueError(f"quotaList {level.quota_list!r} has {len(quotas)} quota{'' if len(quotas) == 1 else 's'} "
+                         f"for the {len(directories)} path{'' if len(directories) == 1 else 's'} in path: give one "
+                         "quota per path, in the same order")
+    return list(zip(directories, quotas, strict=True))
 
 
 class TieredStore(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omit_defaults=True):

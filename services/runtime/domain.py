@@ -68,6 +68,7 @@ from libs.events.runtime import (
     RuntimeStatus,
     ScaleDecision,
     WorkerReplaced,
+    directory_quotas,
 )
 from libs.hostpaths import cache_path_error, normal_path
 from libs.references import is_reference_mount
@@ -234,7 +235,13 @@ def validate_runtime(runtime: Runtime) -> list[str]:
         # Stripped as the agent's cache strips them: the paths judged are the ones it will use.
         paths = [p.strip() for p in level.path.split(",") if p.strip()]
         folders = 1 if level.mediumtype == "MEM" else len(paths)
-        if (quota is not None and high is not None and block_size is not None and folders
+        shares = _quota_list_shares(where, level, quota, errors) if quota is not None and level.quota_list else None
+        if shares is not None and high is not None and block_size is not None:
+            for index_, share in enumerate(shares):
+                if small := tier_quota_error(f"{where}.quotaList[{index_}]", level, share, high, spec.block_size,
+                                             block_size, 1, quantity=level.quota_list.split(",")[index_].strip()):
+                    errors.append(small)
+        elif (quota is not None and high is not None and block_size is not None and folders and not level.quota_list
                 and (small := tier_quota_error(where, level, quota, high, spec.block_size, block_size, folders))):
             errors.append(small)
         if level.mediumtype in ("SSD", "HDD"):
@@ -254,6 +261,28 @@ def validate_runtime(runtime: Runtime) -> list[str]:
     return errors + block_size_errors
 
 
+def _quota_list_shares(where: str, level: Level, quota: int, errors: list[str]) -> list[int] | None:
+    """The per-directory quotas of a disk tier's ``quotaList`` (``directory_quotas``), or None with the reasons
+    added to ``errors``: one positive quota per path, adding up to ``quota`` (which the agent reports as the tier's
+    capacity; ``libs.documents`` writes both from a Fluid runtime's list)."""
+    if level.mediumtype not in ("SSD", "HDD"):
+        errors.append(f"{where}.quotaList is for disk tiers (SSD, HDD), one quota per path; a MEM tier has one quota")
+        return None
+    try:
+        shares = [share for _, share in directory_quotas(level)]
+    except ValueError as err:
+        errors.append(f"{where}.{err}" if str(err).startswith("quotaList") else f"{where}.quotaList: {err}")
+        return None
+    if any(share <= 0 for share in shares):
+        errors.append(f"{where}.quotaList {level.quota_list!r}: every quota must be greater than 0")
+        return None
+    if sum(shares) != quota:
+        errors.append(f"{where}.quota {level.quota!r} must be the sum of quotaList {level.quota_list!r} "
+                      f"({sum(shares)} bytes)")
+        return None
+    return shares
+
+
 def smallest_tier_quota(block_size: int, high: float, directories: int = 1) -> int:
     """The smallest quota with which a tier of ``directories`` folders (each an equal share of the quota, as the
     agent's cache splits it) keeps one block of ``block_size`` bytes in each: a tier admits a block only below its
@@ -267,15 +296,17 @@ def smallest_tier_quota(block_size: int, high: float, directories: int = 1) -> i
 
 
 def tier_quota_error(where: str, level: Level, quota: int, high: float, block_size_text: str | int,
-                     block_size: int, directories: int) -> str | None:
+                     block_size: int, directories: int, quantity: str | int | None = None) -> str | None:
     """Why a tier of ``quota`` bytes over ``directories`` folders can hold no whole block, or None. Such a tier
     caches nothing but a file's last, short block: every read of the rest goes to the store, and nothing else
-    says so."""
+    says so. ``quantity``: the text of one directory's own quota (an entry of ``quotaList``, which ``where``
+    names), in place of the tier's ``quota``."""
     smallest = smallest_tier_quota(block_size, high, directories)
     if quota >= smallest:
         return None
     split = f", split equally between its {directories} directories" if directories > 1 else ""
-    return (f"{where}.quota {level.quota!r} is too small to hold one block of spec.blockSize {block_size_text!r}: "
+    where, given = (f"{where}.quota", level.quota) if quantity is None else (where, quantity)
+    return (f"{where} {given!r} is too small to hold one block of spec.blockSize {block_size_text!r}: "
             f"a tier keeps blocks below its high watermark ({high:g} of the quota{split}); give a quota of at least "
             f"{_quantity_up(smallest)} ({smallest} bytes), or a smaller blockSize")
 

@@ -21,6 +21,7 @@ import pytest
 from libs import subjects
 from libs.bus import Bus, Conflict, kv_load, kv_save
 from libs.config import Settings
+from libs.documents import documents_to_commands, parse_documents
 from libs.events.agent import InventoryRequest
 from libs.events.common import ObjectRef
 from libs.events.dataset import DatasetDelete, DatasetRecord, NodeCache
@@ -195,6 +196,55 @@ async def test_full_cache_evicts_stays_within_quota_and_reads_stay_correct(bus: 
         assert event["counters"]["cachedBytes"] == sum(cached.values())
         used = sum(f.stat().st_size for f in node.cache_dir.rglob("*") if f.is_file())
         assert used <= 8 * MiB + 64 * 1024  # block files plus their small headers
+
+
+FLUID_QUOTA_LIST = """
+apiVersion: data.fluid.io/v1alpha1
+kind: AlluxioRuntime
+metadata: {name: split}
+spec:
+  properties: {alluxio.user.block.size.bytes.default: 1MB}
+  tieredstore:
+    levels:
+      - mediumtype: SSD
+        path: %s,%s
+        quotaList: 6Mi,3Mi
+        high: "0.95"
+        low: "0.8"
+"""
+
+
+@pytest.mark.needs("fuse", "page-cache")
+async def test_a_fluid_quota_list_keeps_each_tier_directory_under_its_own_quota(
+        bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path) -> None:
+    """A Fluid runtime whose tier gives its two directories different quotas (``quotaList: 6Mi,3Mi``) applies
+    (before, it was refused: Shoal split a tier's quota equally), and reading more than the tier holds keeps each
+    directory under its own quota, both of them used."""
+    objects = {f"f{i:02d}.bin": os.urandom(2 * MiB) for i in range(10)}
+    await put_objects(seaweedfs, bucket, objects)
+    async with node_stack(bus, settings, seaweedfs, tmp_path, cache_policy="lru") as node:
+        big, small = node.cache_dir / "big", node.cache_dir / "small"
+        text = FLUID_QUOTA_LIST % (big, small) + f"""---
+apiVersion: shoal.io/v1alpha1
+kind: Dataset
+metadata: {{name: split}}
+spec: {{mounts: [{{mountPoint: "s3://{bucket}/"}}]}}
+"""
+        commands, _, errors = documents_to_commands(parse_documents(text))
+        assert errors == [] and len(commands) == 2
+        for command in commands:
+            await bus.publish(command.subject, command.event)
+        root = await node.wait_mounted("split", expect="f09.bin")
+
+        def used(directory: Path) -> int:
+            return sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
+
+        for _ in range(2):
+            for key, body in objects.items():
+                assert md5(await read_file(root / key)) == md5(body)
+                assert used(big) <= 6 * MiB + 64 * 1024 and used(small) <= 3 * MiB + 64 * 1024  # blocks + headers
+            await asyncio.to_thread(drop_page_cache)
+        assert used(big) > 3 * MiB and used(small) > MiB
 
 
 def cached_blocks(inventory: InventoryWatch) -> dict[tuple[str, int], int]:

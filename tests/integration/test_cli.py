@@ -469,7 +469,7 @@ spec:
                          RuntimeRecord) == (None, None)
 
 
-async def test_apply_of_fluids_quota_list_sample_gives_the_tier_its_quota(nats_server: NatsServer, services: None,
+async def test_apply_of_fluids_quota_list_sample_gives_each_path_its_quota(nats_server: NatsServer, services: None,
                                                                          bus: Bus) -> None:
     """Fluid's tiered store sample (docs/en/samples/tieredstore_config.md) sizes each path of a tier with
     ``quotaList`` and gives no ``quota``; before, it was refused with "Object missing required field `quota`"."""
@@ -484,11 +484,18 @@ async def test_apply_of_fluids_quota_list_sample_gives_the_tier_its_quota(nats_s
         ("MEM", "2Gi"), ("SSD", "4Gi")]
 
     uneven = await shoal(nats_server, "apply", "-f", "-", stdin=sample % "3Gi,2Gi")
-    assert uneven.exit_code == 1, uneven.output
-    assert uneven.stderr == (
-        "error: <stdin>: document 1 (AlluxioRuntime dataset): spec.tieredstore.levels[1].quotaList '3Gi,2Gi': Shoal "
-        "splits a tier's quota equally across its paths, so it cannot give them different sizes; write quota: 4Gi "
-        "(2Gi on each of the 2 paths) instead\n")
+    assert uneven.exit_code == 0, uneven.output
+    record, _ = await kv_load(await bus.kv(subjects.KV_RUNTIMES), subjects.resource_key("default", "dataset"),
+                              RuntimeRecord)
+    assert record is not None
+    assert [(level.quota, level.quota_list) for level in record.runtime.spec.tieredstore.levels] == [
+        ("2Gi", ""), ("5Gi", "3Gi,2Gi")]
+
+    short = await shoal(nats_server, "apply", "-f", "-", stdin=sample % "3Gi")
+    assert short.exit_code == 1, short.output
+    assert short.stderr == (
+        "error: <stdin>: document 1 (AlluxioRuntime dataset): spec.tieredstore.levels[1].quotaList '3Gi' has 1 "
+        "quota for the 2 paths in path: give one quota per path, in the same order\n")
 
 
 async def test_apply_of_fluids_juicefs_sample_keeps_shoals_watermarks(nats_server: NatsServer, services: None,

@@ -483,6 +483,34 @@ def test_from_levels_builds_the_tiers_of_a_runtime_under_a_per_dataset_folder(tm
     assert (tmp_path / "nvme1" / "default" / "demo").is_dir()
 
 
+@pytest.mark.parametrize("policy", [LruPolicy, FrequencyAdmissionPolicy])
+def test_a_quota_list_keeps_each_directory_under_its_own_quota_and_fills_them_by_free_room(
+        tmp_path: Path, policy: PolicyFactory) -> None:
+    """Fluid's ``quotaList``: each directory of the tier holds at most its own quota, whatever is read. New blocks
+    go to a directory with room, by free room, so both fill together (before: in the order listed, and with LRU
+    the second directory got nothing while the first evicted); once both are full, eviction keeps each under its
+    quota."""
+    level = Level(mediumtype="SSD", quota=30 * SIZE, quota_list=f"{20 * SIZE},{10 * SIZE}",
+                  path=f"{tmp_path}/big,{tmp_path}/small", high="1", low="0.5")
+    cache = BlockCache.from_levels([level], "default/demo", policy_factory=policy)
+    assert [t.quota_bytes for t in cache.tiers] == [20 * SIZE, 10 * SIZE]
+    assert cache.load() == 0
+    big, small = (tmp_path / "big" / "default" / "demo"), (tmp_path / "small" / "default" / "demo")
+    for index in range(24):
+        assert cache.put(block(index), payload(index))
+    # 24 blocks fit in 30 without evicting: both directories took some, in proportion to their room.
+    assert len(block_files(big)) + len(block_files(small)) == 24
+    assert len(block_files(small)) >= 4 and len(block_files(big)) >= 8
+    for epoch in range(3):
+        for index in range(100):
+            for _ in range(epoch + 1):
+                if cache.get(block(index)) is None:
+                    cache.put(block(index), payload(index))
+            assert len(block_files(big)) <= 20 and len(block_files(small)) <= 10, (epoch, index)
+    assert [t.used_bytes <= t.quota_bytes for t in cache.stats().tiers] == [True, True]
+    assert len(block_files(small)) > 0 and len(block_files(big)) > 0
+
+
 @pytest.mark.parametrize("suffix", ["", "/abs", "default/../other"])
 def test_from_levels_refuses_a_suffix_that_escapes_the_level_directory(tmp_path: Path, suffix: str) -> None:
     with pytest.raises(ValueError, match="cache_root_suffix"):

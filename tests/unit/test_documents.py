@@ -28,7 +28,7 @@ from libs.events.operation import (
     OperationRef,
     TargetPath,
 )
-from libs.events.runtime import Level, RuntimeApply, RuntimeDelete
+from libs.events.runtime import Level, RuntimeApply, RuntimeDelete, directory_quotas
 
 
 def load(text: str) -> list[object]:
@@ -427,17 +427,27 @@ def quantity_error(text: str) -> str:
     return str(refused.value)
 
 
+def test_fluid_quota_list_of_different_quotas_gives_each_path_its_own() -> None:
+    """Each directory holds at most its own quota (``directory_quotas``, the agent's cache); the tier's quota is
+    their sum. Before, different quotas were refused ("Shoal splits a tier's quota equally across its paths")."""
+    commands, notes, errors = documents_to_commands(load(QUOTA_LIST % "3Gi, 2Gi"))
+
+    assert (notes, errors) == ([], [])
+    assert isinstance(commands[0].event, RuntimeApply)
+    level = commands[0].event.runtime.spec.tieredstore.levels[1]
+    assert level == Level(mediumtype="SSD", path="/mnt/ssd0/cache,/mnt/ssd1/cache", quota="5Gi",
+                          quota_list="3Gi,2Gi")
+    assert directory_quotas(level) == [("/mnt/ssd0/cache", 3 * 2**30), ("/mnt/ssd1/cache", 2 * 2**30)]
+
+
 @pytest.mark.parametrize(("quota_list", "error"), [
-    ("3Gi,2Gi", "spec.tieredstore.levels[1].quotaList '3Gi,2Gi': Shoal splits a tier's quota equally across its "
-                "paths, so it cannot give them different sizes; write quota: 4Gi (2Gi on each of the 2 paths) "
-                "instead"),
     ("2Gi", "spec.tieredstore.levels[1].quotaList '2Gi' has 1 quota for the 2 paths in path: give one quota per "
             "path, in the same order"),
     ("2Gi,lots", f"spec.tieredstore.levels[1].quotaList '2Gi,lots': {quantity_error('lots')}"),
     ("[2Gi, 2Gi]", "spec.tieredstore.levels[1].quotaList must be a text of comma-separated quotas, like "
                    "'100Gi,50Gi'"),
 ])
-def test_a_quota_list_shoal_cannot_honour_is_refused_saying_what_to_write(quota_list: str, error: str) -> None:
+def test_a_quota_list_that_is_wrong_is_refused_saying_why(quota_list: str, error: str) -> None:
     commands, _, errors = documents_to_commands(load(QUOTA_LIST % quota_list))
 
     assert commands == []

@@ -153,6 +153,33 @@ def test_zero_quota(quota: str | int) -> None:
     )
 
 
+def test_a_quota_list_gives_each_directory_its_own_quota() -> None:
+    assert validate_runtime(make_runtime(Level(mediumtype="SSD", quota="150Gi", quota_list="100Gi,50Gi",
+                                               path="/mnt/a,/mnt/b"))) == []
+
+
+@pytest.mark.parametrize(("level", "error"), [
+    (Level(mediumtype="SSD", quota="100Gi", quota_list="100Gi", path="/mnt/a,/mnt/b"),
+     "spec.tieredstore.levels[0].quotaList '100Gi' has 1 quota for the 2 paths in path: give one quota per path, "
+     "in the same order"),
+    (Level(mediumtype="SSD", quota="150Gi", quota_list="100Gi,lots", path="/mnt/a,/mnt/b"),
+     "spec.tieredstore.levels[0].quotaList: 'lots' is not a quantity"),
+    (Level(mediumtype="SSD", quota="100Gi", quota_list="100Gi,0", path="/mnt/a,/mnt/b"),
+     "spec.tieredstore.levels[0].quotaList '100Gi,0': every quota must be greater than 0"),
+    (Level(mediumtype="SSD", quota="100Gi", quota_list="100Gi,50Gi", path="/mnt/a,/mnt/b"),
+     "spec.tieredstore.levels[0].quota '100Gi' must be the sum of quotaList '100Gi,50Gi' (161061273600 bytes)"),
+    (Level(mediumtype="MEM", quota="1Gi", quota_list="1Gi"),
+     "spec.tieredstore.levels[0].quotaList is for disk tiers (SSD, HDD), one quota per path; a MEM tier has one "
+     "quota"),
+    (Level(mediumtype="SSD", quota="10Mi", quota_list="10Mi,1", path="/mnt/a,/mnt/b"),
+     "spec.tieredstore.levels[0].quota '10Mi' must be the sum of quotaList '10Mi,1' (10485761 bytes)"),
+    (Level(mediumtype="SSD", quota=10485761, quota_list="10Mi,1", path="/mnt/a,/mnt/b"),
+     "spec.tieredstore.levels[0].quotaList[1] '1' is too small to hold one block of spec.blockSize '4Mi'"),
+])
+def test_a_wrong_quota_list_is_refused_saying_why(level: Level, error: str) -> None:
+    assert one_error(make_runtime(level)).startswith(error)
+
+
 @pytest.mark.parametrize("quota", ["lots", "", "-1Gi", -5, "2 GB please", "1K", "1 Gi", "40GB", "Gi"])
 def test_quota_not_a_quantity(quota: str | int) -> None:
     error = one_error(make_runtime(Level(mediumtype="MEM", quota=quota)))

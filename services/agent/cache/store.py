@@ -2,7 +2,8 @@
 
 ``BlockCache`` keeps one index (block name → block id, tier, size) and one eviction policy per tier, and applies
 the policies' plans to the tiers' storage. Tiers are tried in the order MEM, SSD, HDD: a new block goes to the
-first tier that is available and whose policy admits it; a block lives in exactly one tier (no promotion or
+first medium with a tier that is available and whose policy admits it (among a level's directories, one with free
+room, by free room: ``reserve``); a block lives in exactly one tier (no promotion or
 demotion: a block evicted from memory is dropped, not written to disk). Every policy sees every lookup, so each
 tier's admission knows how popular a block is even while another tier holds it. With ``LruPolicy`` the first
 tier admits everything that fits, so lower tiers only get blocks too large for it; the default frequency policy
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import zlib
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import PurePosixPath
 
@@ -41,7 +43,7 @@ import msgspec
 
 from libs.blocks import BlockId
 from libs.events.common import parse_quantity
-from libs.events.runtime import Level
+from libs.events.runtime import Level, directory_quotas
 from libs.hostpaths import cache_path_error
 from libs.telemetry import get_logger
 from services.agent.cache.eviction import EvictionPolicy, FrequencyAdmissionPolicy, PolicyFactory
@@ -63,6 +65,19 @@ EvictionCallback = Callable[[str], None]
 
 # Faster media first; unknown media (custom tiers in tests) after the known ones, in the order given.
 MEDIUM_ORDER = {"MEM": 0, "SSD": 1, "HDD": 2}
+
+
+def place(name: str, rooms: Sequence[tuple[int, int]]) -> int:
+    """One of the tiers ``rooms`` lists (index, free bytes), with a chance proportional to its free bytes, drawn
+    from the block's name: the same block and rooms give the same tier (tests, and no random state), and a level's
+    directories fill in proportion to their quotas rather than one after another, so each keeps to its own."""
+    total = sum(room for _, room in rooms)
+    point = zlib.crc32(name.encode()) % total if total > 0 else 0
+    for index, room in rooms:
+        if point < room:
+            return index
+        point -= room
+    return rooms[-1][0]
 
 
 class TierStats(msgspec.Struct, frozen=True, kw_only=True):
@@ -169,8 +184,9 @@ class BlockCache:
         """The cache of a Runtime's tiered store on this node.
 
         Each disk level's directory gets ``/<cache_root_suffix>`` (e.g. ``default/demo``) appended, so datasets
-        on one node never share a folder. A comma-separated ``path`` becomes one disk tier per directory with an
-        equal share of the quota, filled in the order listed (no striping; simple, and every directory is used).
+        on one node never share a folder. A comma-separated ``path`` becomes one disk tier per directory, with its
+        own quota (``quotaList``) or an equal share of the level's (``directory_quotas``); ``reserve`` spreads new
+        blocks over them by free room.
         """
         suffix = PurePosixPath(cache_root_suffix)
         if not cache_root_suffix or suffix.is_absolute() or ".." in suffix.parts:
@@ -182,17 +198,17 @@ class BlockCache:
             if level.mediumtype == "MEM":
                 tiers.append(MemoryTier(quota, high=high, low=low))
             elif level.mediumtype in ("SSD", "HDD"):
-                directories = [path.strip() for path in level.path.split(",") if path.strip()]
+                directories = directory_quotas(level)
                 if not directories:
                     raise ValueError(f"{level.mediumtype} level needs a path")
-                for directory in directories:
+                for directory, share in directories:
                     refused = cache_path_error(directory)
                     if refused:  # validated at apply too; the agent does not trust whoever published
                         raise ValueError(f"{level.mediumtype} level path {refused}")
                     tiers.append(
                         DiskTier(
                             PurePosixPath(directory) / suffix,
-                            quota // len(directories),
+                            share,
                             medium=level.mediumtype,
                             high=high,
                             low=low,
@@ -343,19 +359,28 @@ class BlockCache:
         return self.commit(reservation, written)
 
     def reserve(self, block: BlockId, size: int) -> Reservation | None:
-        """Room for the block in the first tier that admits it, victims already out of the index; or None.
+        """Room for the block in the first medium with a tier that admits it, victims already out of the index; or
+        None.
 
-        None also when the block is cached, being written, or its old file is still being deleted.
+        Within a medium (a level's directories, each a tier with its own quota), a tier with room for the block
+        without evicting is preferred, picked with a chance proportional to its free room (``place``); only when
+        none has room does one evict, the one with the most free room first. None also when the block is cached,
+        being written, or its old file is still being deleted.
         """
         name = block.name
         if name in self._index or name in self._pending or name in self._unlinking:
             return None
-        for index, (tier, policy) in enumerate(zip(self._tiers, self._policies, strict=True)):
-            if not tier.available():
+        start = 0
+        while start < len(self._tiers):
+            end = start
+            while end < len(self._tiers) and self._tiers[end].medium == self._tiers[start].medium:
+                end += 1
+            chosen = self._choose(name, size, range(start, end))
+            start = end
+            if chosen is None:
                 continue
-            plan = policy.plan(name, size, self._in_flight[index])
-            if plan is None:
-                continue
+            index, plan = chosen
+            tier = self._tiers[index]
             for victim in plan:
                 self._forget(victim, self._index[victim])
                 if self.on_tier_evicted is not None:
@@ -365,6 +390,23 @@ class BlockCache:
             reservation = Reservation(block, name, size, index, tier, plan)
             self._pending[name] = reservation
             return reservation
+        return None
+
+    def _choose(self, name: str, size: int, indexes: range) -> tuple[int, list[str]] | None:
+        """The tier of ``indexes`` (one medium) that takes the block, and the residents to evict first; or None."""
+        free: list[tuple[int, int]] = []  # (index, free bytes below the high watermark) of available tiers
+        for index in indexes:
+            if self._tiers[index].available():
+                policy = self._policies[index]
+                free.append((index, policy.high_bytes - policy.resident_bytes - self._in_flight[index]))
+        roomy = [(index, room) for index, room in free if room >= size and self._policies[index].plan(
+            name, size, self._in_flight[index]) == []]
+        if roomy:
+            return place(name, roomy), []
+        for index, _ in sorted(free, key=lambda item: -item[1]):
+            plan = self._policies[index].plan(name, size, self._in_flight[index])
+            if plan is not None:
+                return index, plan
         return None
 
     def commit(self, reservation: Reservation, written: bool) -> bool:
