@@ -18,6 +18,7 @@ import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
+import aiohttp
 import pytest
 from aiohttp import web
 
@@ -25,7 +26,16 @@ from libs.blocks import BlockId, checksum
 from libs.embedded import LOOPBACK
 from libs.events.dataset import ManifestEntry
 from services.agent.cache import BlockCache, DiskTier
-from services.agent.peer import PeerClient, PeerError, PeerServer, chunk_table, runtime_key, sign_response
+from services.agent.peer import (
+    RECV_BYTES,
+    PeerClient,
+    PeerError,
+    PeerServer,
+    _large_reads,
+    chunk_table,
+    runtime_key,
+    sign_response,
+)
 
 KEY = runtime_key(b"cluster secret", "default", "demo")
 LENGTH = 300_000  # several 64 KiB chunks, the last one short; several socket reads
@@ -346,6 +356,28 @@ async def test_a_kept_alive_connection_the_peer_closed_is_replaced(scripted: Mak
     finally:
         await client.close()
     assert peer.connections == 3 and peer.requests == 3
+
+
+async def test_an_answer_is_read_in_large_socket_reads_then_the_connection_reads_as_before(
+        aiohttp_peer: MakeAiohttp) -> None:
+    # asyncio reads a socket 256 KiB at a time: ~16 reads, parser calls and pieces per 4 MiB block. While an answer
+    # is read its connection takes up to RECV_BYTES at a time; the pooled connection is then left as it was. (If
+    # aiohttp or asyncio stop exposing the transport's read size, this fails rather than the reads silently
+    # getting small again.)
+    _, url = await aiohttp_peer(GOOD["one chunk each"])
+    async with aiohttp.ClientSession() as session:
+        for _ in range(2):  # the second time on the kept-alive connection
+            # A body larger than asyncio's read: the first read, with the headers, cannot end the answer (which
+            # would give the connection back before it is looked at here).
+            async with session.get(url, headers={"Shoal-Peer-Signature": "0" * 64}) as response:
+                assert response.connection is not None
+                transport = response.connection.transport
+                default = transport.max_size  # type: ignore[union-attr]
+                assert default < RECV_BYTES
+                with _large_reads(response):
+                    assert transport.max_size == RECV_BYTES  # type: ignore[union-attr]
+                    await response.read()
+                assert transport.max_size == default  # type: ignore[union-attr]
 
 
 # --- the server's side: cached blocks go out from their files ---
