@@ -6,7 +6,7 @@
 
 FROM python:3.11-slim AS build
 RUN apt-get update \
- && apt-get install -y --no-install-recommends gcc libc6-dev pkg-config libfuse3-dev \
+ && apt-get install -y --no-install-recommends gcc libc6-dev pkg-config libfuse3-dev patch \
  && rm -rf /var/lib/apt/lists/*
 # A virtual environment is a folder that can be copied whole into the final stage.
 RUN python -m venv /opt/shoal
@@ -16,7 +16,9 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY libs ./libs
 COPY services ./services
-RUN pip install --no-cache-dir .
+COPY deploy/pyfuse3 ./deploy/pyfuse3
+# pyfuse3 rebuilt with the project's patch, as `make venv` does (deploy/pyfuse3/README.md: the mounts' no-open mode).
+RUN pip install --no-cache-dir . && sh deploy/pyfuse3/install.sh python
 
 FROM python:3.11-slim
 # fuse3 brings fusermount3 and the libfuse3 shared library pyfuse3 was built against.

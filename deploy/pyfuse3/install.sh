@@ -18,8 +18,12 @@ trap 'rm -rf "$work"' EXIT
 "$python" -m pip download --disable-pip-version-check -q --no-deps --no-binary :all: "pyfuse3==$version" -d "$work"
 tar -xzf "$work/pyfuse3-$version.tar.gz" -C "$work"
 source="$work/pyfuse3-$version"
-# git apply works outside a repository, and git is there wherever this clone is.
-(cd "$source" && git apply -p1 "$here/no-open.patch")
+# git apply works outside a repository, and git is there wherever this clone is; an image build has patch(1).
+if command -v git >/dev/null 2>&1; then
+	(cd "$source" && git apply -p1 "$here/no-open.patch")
+else
+	patch -d "$source" -p1 -s < "$here/no-open.patch"
+fi
 # The build's version says it is patched (the sdist's PKG-INFO is where its version comes from).
 sed -i "s/^Version: $version\$/Version: $build/" "$source/PKG-INFO"
 "$python" -m pip install --disable-pip-version-check -q --no-deps --force-reinstall "$source"
