@@ -63,6 +63,7 @@ from libs.events.dataset import (
     DatasetResync,
 )
 from libs.events.operation import (
+    CleanTarget,
     DataClean,
     DataCleanApply,
     DataCleanDelete,
@@ -623,12 +624,16 @@ def generated_name(dataset: str, what: str) -> str:
     return dataset[:_MAX_NAME - len(tail)].rstrip("-") + tail
 
 
-def _targets(paths: Sequence[str], replicas: int) -> list[TargetPath]:
-    """One target per path; no path means the whole dataset ('/' when a replica count has to be said). A path the
-    loader would refuse is refused here, before anything is sent, with the loader's words."""
+def _checked_paths(paths: Sequence[str]) -> None:
+    """A path the loader would refuse is refused here, before anything is sent, with the loader's words."""
     for path in paths:
         if (problem := target_path_problem(path)) is not None:
             raise CliError(f"--path {path!r} {problem}")
+
+
+def _targets(paths: Sequence[str], replicas: int) -> list[TargetPath]:
+    """One target per path; no path means the whole dataset ('/' when a replica count has to be said)."""
+    _checked_paths(paths)
     if not paths:
         return [TargetPath(path="/", replicas=replicas)] if replicas != 1 else []
     return [TargetPath(path=path, replicas=replicas) for path in paths]
@@ -682,7 +687,9 @@ def clean(options: Options, resource: str, dataset: str, paths: tuple[str, ...],
           namespace: str, wait: bool) -> None:
     """Evict a dataset's cached blocks (or those under --path) from every node: creates a DataClean."""
     name = name or generated_name(dataset, "clean")
-    spec = DataCleanSpec(dataset=ObjectRef(name=dataset, namespace=namespace), target=_targets(paths, 1))
+    _checked_paths(paths)
+    spec = DataCleanSpec(dataset=ObjectRef(name=dataset, namespace=namespace),
+                         target=[CleanTarget(path=path) for path in paths])
     event = DataCleanApply(data_clean=DataClean(metadata=ObjectMeta(name=name, namespace=namespace), spec=spec))
     command = Command(0, "DataClean", "dataclean", name, namespace, subjects.DATACLEAN_APPLY, event)
     if not _run(_send(options, [command], wait=wait, applied="created", dataset=spec.dataset)):

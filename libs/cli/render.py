@@ -213,11 +213,6 @@ def describe_operation(record: OperationRecord) -> str:
     status.pop("conditions", None)
     status["progress"].pop("nodes", None)  # a table of its own below
     spec = full_builtins(record.load if record.load is not None else record.clean)
-    if record.load is None:
-        # A DataClean evicts every copy of a target's blocks: the replicas its targets share with DataLoad's type
-        # mean nothing there (DataCleanSpec), and showing "replicas: 1" says otherwise.
-        for target in spec.get("target", []):
-            target.pop("replicas", None)
     return _describe(record.kind, record.metadata, record.generation, spec, status, conditions,
                      extra=["Progress by node:", node_progress_table(record.status.progress.nodes)],
                      created=record.created_at or "<unknown>")

@@ -34,6 +34,14 @@ class TargetPath(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omit
     replicas: int = 1
 
 
+class CleanTarget(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omit_defaults=True):
+    """A file or folder a DataClean evicts: every copy of its blocks on every node, so it has no ``replicas``."""
+
+    # A ``replicas`` still sent (the field DataClean's targets once shared with DataLoad's) is an unknown field,
+    # ignored as every command's are: ``shoal apply`` says so, and a Kubernetes apiserver prunes it.
+    path: str
+
+
 class OperationRef(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omit_defaults=True):
     """Fluid's ``runAfter``: the operation that must be Complete before this one starts."""
 
@@ -58,8 +66,8 @@ class DataLoadSpec(msgspec.Struct, frozen=True, kw_only=True, rename="camel", om
 
 class DataCleanSpec(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omit_defaults=True):
     dataset: ObjectRef
-    # Empty: every block of the dataset on every node; ``replicas`` is ignored.
-    target: list[TargetPath] = []
+    # Empty: every block of the dataset on every node.
+    target: list[CleanTarget] = []
     run_after: OperationRef | None = None
     ttl_seconds_after_finished: int | None = None
 

@@ -29,6 +29,7 @@ from libs.events.agent import BlockId, CachedFile
 from libs.events.common import DNS1123_LABEL, ObjectMeta, ObjectRef, dns_label_errors, parse_rfc3339, rfc3339
 from libs.events.dataset import Condition, DatasetRecord, ManifestEntry
 from libs.events.operation import (
+    CleanTarget,
     DataClean,
     DataCleanSpec,
     DataLoad,
@@ -112,13 +113,13 @@ def schedule_fires(schedule: str) -> bool:
     return True
 
 
-def _target_errors(targets: Sequence[TargetPath], replicas_matter: bool) -> list[str]:
+def _target_errors(targets: Sequence[TargetPath | CleanTarget]) -> list[str]:
     errors = []
     for index, target in enumerate(targets):
         where = f"spec.target[{index}]"
         if (problem := target_path_problem(target.path)) is not None:
             errors.append(f"{where}.path {target.path!r} {problem}")
-        if replicas_matter and not 1 <= target.replicas <= MAX_REPLICAS:
+        if isinstance(target, TargetPath) and not 1 <= target.replicas <= MAX_REPLICAS:
             errors.append(f"{where}.replicas must be between 1 and {MAX_REPLICAS}, got {target.replicas}")
     return errors
 
@@ -144,7 +145,7 @@ def _common_errors(meta: ObjectMeta, dataset: ObjectRef, run_after: OperationRef
 def validate_load(load: DataLoad) -> list[str]:
     spec = load.spec
     errors = _common_errors(load.metadata, spec.dataset, spec.run_after, spec.ttl_seconds_after_finished)
-    errors += _target_errors(spec.target, replicas_matter=True)
+    errors += _target_errors(spec.target)
     if spec.policy == "Cron":
         if not spec.schedule:
             errors.append("spec.schedule is required for policy Cron (a cron expression such as '*/5 * * * *')")
@@ -166,7 +167,7 @@ def validate_load(load: DataLoad) -> list[str]:
 def validate_clean(clean: DataClean) -> list[str]:
     spec = clean.spec
     errors = _common_errors(clean.metadata, spec.dataset, spec.run_after, spec.ttl_seconds_after_finished)
-    errors += _target_errors(spec.target, replicas_matter=False)
+    errors += _target_errors(spec.target)
     if spec.run_after is not None and _same(spec.run_after, "DataClean", clean.metadata):
         errors.append("spec.runAfter names this DataClean itself; name another operation")
     return errors
@@ -320,10 +321,12 @@ def files_of(entries: Iterable[ManifestEntry]) -> list[ManifestEntry]:
     return [e for e in entries if not is_folder(e.path)]
 
 
-def select(entries: Sequence[ManifestEntry], targets: Sequence[TargetPath]) -> tuple[dict[int, int], list[str]]:
+def select(entries: Sequence[ManifestEntry],
+           targets: Sequence[TargetPath | CleanTarget]) -> tuple[dict[int, int], list[str]]:
     """Which entries (index → replicas) the targets name, and the target paths that name nothing.
 
-    No targets: every file, one replica. An entry named by several targets gets the largest replicas.
+    No targets: every file, one replica. An entry named by several targets gets the largest replicas (a clean's
+    targets have none: one).
     """
     if not targets:
         return {i: 1 for i, e in enumerate(entries) if not is_folder(e.path)}, []
@@ -347,7 +350,8 @@ def select(entries: Sequence[ManifestEntry], targets: Sequence[TargetPath]) -> t
             hit = True  # a folder marker proves the folder exists, even if empty
             if not is_folder(paths[position]):
                 index = order[position]
-                chosen[index] = max(chosen.get(index, 0), target.replicas)
+                replicas = target.replicas if isinstance(target, TargetPath) else 1
+                chosen[index] = max(chosen.get(index, 0), replicas)
         if not hit:
             missing.append(target.path)
     return chosen, missing

@@ -30,6 +30,7 @@ from libs.cli import operations
 from libs.events.common import ObjectMeta, ObjectRef
 from libs.events.dataset import Condition, Dataset, DatasetRecord, DatasetSpec, Mount
 from libs.events.operation import (
+    CleanTarget,
     DataCleanApply,
     DataCleanSpec,
     DataLoad,
@@ -475,7 +476,7 @@ async def test_clean_run_and_delete(nats_server: NatsServer, loader: StandInLoad
     subject, command = loader.received[-1]
     assert subject == subjects.DATACLEAN_APPLY and isinstance(command, DataCleanApply)
     assert command.data_clean.spec == DataCleanSpec(dataset=ObjectRef(name="demo"),
-                                                    target=[TargetPath(path="/train")])
+                                                    target=[CleanTarget(path="/train")])
 
     ran = await shoal(nats_server, "run", "dataload", "warm")
     assert (ran.exit_code, ran.stdout) == (0, "dataload.shoal.io/warm run requested\n")

@@ -40,6 +40,7 @@ from libs.events.dataset import (
     Mount,
 )
 from libs.events.operation import (
+    CleanTarget,
     DataClean,
     DataCleanApply,
     DataCleanSpec,
@@ -1265,7 +1266,7 @@ async def test_a_clean_reaches_every_node(bus: Bus, nats_server: NatsServer) -> 
         wiped = await phase_of(bus, "Complete", name="wipe", kind="DataClean")
         await publish(bus, subjects.DATACLEAN_APPLY, DataCleanApply(data_clean=DataClean(
             metadata=ObjectMeta(name="some"), spec=DataCleanSpec(dataset=ObjectRef(name="data"),
-                                                                 target=[TargetPath(path="/x/dir")]))))
+                                                                 target=[CleanTarget(path="/x/dir")]))))
         await phase_of(bus, "Complete", name="some", kind="DataClean")
     everything = [t for t in scripted.tasks.values() if t.run == "dataclean.default.wipe.1"]
     assert sorted(t.node for t in everything) == NODES and all(t.everything for t in everything)

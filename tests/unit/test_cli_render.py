@@ -12,6 +12,7 @@ from libs.cli import render
 from libs.events.common import ObjectMeta, ObjectRef
 from libs.events.dataset import Dataset, DatasetRecord, DatasetSpec, DatasetStatus, Mount, NodeCache
 from libs.events.operation import (
+    CleanTarget,
     DataCleanSpec,
     DataLoadSpec,
     NodeProgress,
@@ -115,7 +116,7 @@ def test_operation_table_has_fluids_columns_and_progress() -> None:
 def test_describe_dataclean_shows_no_replicas_under_its_targets() -> None:
     # A DataClean target has no replicas (DataCleanSpec ignores them): describe showed "replicas: 1" under it.
     clean = replace(operation("cool", clean=True), clean=DataCleanSpec(
-        dataset=ObjectRef(name="imagenet"), target=[TargetPath(path="/train/a"), TargetPath(path="/train/b")]))
+        dataset=ObjectRef(name="imagenet"), target=[CleanTarget(path="/train/a"), CleanTarget(path="/train/b")]))
     load = replace(operation("warm"), load=DataLoadSpec(
         dataset=ObjectRef(name="imagenet"), target=[TargetPath(path="/train/a", replicas=2)]))
 

@@ -286,6 +286,22 @@ def test_fluid_fields_shoal_ignores_are_preserved_not_rejected() -> None:
     assert schema_errors(shoal) != []  # the same fields on Shoal's own kind are unknown
 
 
+def test_a_datacleans_targets_have_no_replicas_in_its_crd() -> None:
+    # A clean evicts every copy: the ``replicas`` its targets shared with DataLoad's type meant nothing there. One
+    # still written is unknown to the CRD (an apiserver prunes it; Shoal's own kinds preserve no unknown field).
+    def target_schema(kind: str) -> dict[str, Any]:
+        crd = crd_for({"apiVersion": "shoal.io/v1alpha1", "kind": kind})
+        spec = openapi_schema(crd)["properties"]["spec"]
+        items: dict[str, Any] = spec["properties"]["target"]["items"]
+        return items
+
+    assert set(target_schema("DataClean")["properties"]) == {"path"}
+    assert set(target_schema("DataLoad")["properties"]) == {"path", "replicas"}
+    clean = {"apiVersion": "shoal.io/v1alpha1", "kind": "DataClean", "metadata": {"name": "c"},
+             "spec": {"dataset": {"name": "d"}, "target": [{"path": "/x/a", "replicas": 2}]}}
+    assert schema_errors(clean) != []
+
+
 def test_a_fluid_tier_with_a_quota_list_and_no_quota_passes_the_crd() -> None:
     """Fluid's ``quota`` is optional when ``quotaList`` gives each path its quota: the apiserver must not refuse
     such a runtime before Shoal reads it (``libs.documents`` makes the quota, or says why it cannot)."""

@@ -18,6 +18,7 @@ from libs.documents import (
 from libs.events.common import ObjectMeta, ObjectRef, parse_quantity
 from libs.events.dataset import DatasetApply, DatasetDelete
 from libs.events.operation import (
+    CleanTarget,
     DataCleanApply,
     DataCleanDelete,
     DataCleanSpec,
@@ -777,7 +778,7 @@ def test_shoal_dataload_and_dataclean_and_their_deletes() -> None:
     assert (cool.kind, cool.subject, cool.resource) == ("dataclean", subjects.DATACLEAN_APPLY,
                                                         "dataclean.shoal.io/cool")
     assert cool.event.data_clean.spec == DataCleanSpec(
-        dataset=ObjectRef(name="demo", namespace="data"), target=[TargetPath(path="/train/images")],
+        dataset=ObjectRef(name="demo", namespace="data"), target=[CleanTarget(path="/train/images")],
         run_after=OperationRef(kind="DataLoad", name="warm"))
 
     deletes, _, errors = documents_to_commands(load(text), action="delete")
@@ -786,6 +787,25 @@ def test_shoal_dataload_and_dataclean_and_their_deletes() -> None:
         (subjects.DATALOAD_DELETE, DataLoadDelete(name="warm", namespace="default", id=deletes[0].event.id)),
         (subjects.DATACLEAN_DELETE, DataCleanDelete(name="cool", namespace="data", id=deletes[1].event.id)),
     ]
+
+
+def test_replicas_on_a_datacleans_target_is_an_ignored_unknown_field() -> None:
+    # A clean evicts every copy of its targets' blocks: ``replicas`` is no field of its targets, and a manifest that
+    # still writes one is told it is ignored, as for any unknown field, not rejected.
+    text = """
+        apiVersion: shoal.io/v1alpha1
+        kind: DataClean
+        metadata: {name: cool}
+        spec:
+          dataset: {name: demo}
+          target: [{path: /train/images, replicas: 2}]
+        """
+    [command], notes, errors = documents_to_commands(load(text))
+
+    assert errors == []
+    assert notes == ["ignored: DataClean/spec.target[0].replicas (unknown field)"]
+    assert isinstance(command.event, DataCleanApply)
+    assert command.event.data_clean.spec.target == [CleanTarget(path="/train/images")]
 
 
 @pytest.mark.parametrize(("spec", "error"), [

@@ -19,6 +19,7 @@ from libs.events.agent import AgentHeartbeat, InventoryDelta, InventorySnapshot,
 from libs.events.common import ObjectRef
 from libs.events.dataset import DatasetApply, DatasetStatusChanged
 from libs.events.deadletter import DeadLetter
+from libs.events.operation import DataCleanApply, DataLoadApply
 from libs.events.runtime import RuntimeApply, RuntimeStatusChanged
 from services.dataset.domain import validate_dataset
 from services.runtime.domain import validate_runtime
@@ -232,6 +233,19 @@ def test_unknown_nested_fields_are_ignored() -> None:
     payload["dataset"]["spec"]["mounts"][0]["encryptOptions"][0]["valueFrom"]["secretKeyRef"]["optional"] = False
     event = msgspec.json.decode(json.dumps(payload).encode(), type=DatasetApply)
     assert event == decode("dataset.apply.v1", golden_bytes("dataset.apply.v1"))
+
+
+def test_a_dataclean_target_has_no_replicas_and_one_still_sent_is_ignored() -> None:
+    # DataClean's targets shared DataLoad's type, so its schema offered ``replicas``, which a clean never uses. A
+    # payload that still sends one decodes, the field dropped as any unknown field is.
+    target = msgspec.json.schema(DataCleanApply)["$defs"]["CleanTarget"]
+    assert set(target["properties"]) == {"path"}
+    assert "replicas" in msgspec.json.schema(DataLoadApply)["$defs"]["TargetPath"]["properties"]
+    payload = golden_dict("dataclean.apply.v1")
+    payload["dataClean"]["spec"]["target"][0]["replicas"] = 2
+    event = msgspec.json.decode(json.dumps(payload).encode(), type=DataCleanApply)
+    assert event == decode("dataclean.apply.v1", golden_bytes("dataclean.apply.v1"))
+    assert b"replicas" not in msgspec.json.encode(event)
 
 
 def test_missing_optional_fields_take_their_defaults() -> None:

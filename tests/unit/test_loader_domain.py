@@ -19,6 +19,7 @@ from libs.events.agent import BlockId
 from libs.events.common import ObjectMeta, ObjectRef
 from libs.events.dataset import Dataset, DatasetRecord, DatasetStatus, ManifestEntry
 from libs.events.operation import (
+    CleanTarget,
     DataClean,
     DataCleanSpec,
     DataLoad,
@@ -120,7 +121,8 @@ def test_dot_segments_in_a_target_path_are_refused_at_apply() -> None:
     for bad in ("/train/../val", "/..", "/./train", "/train/."):
         errors = domain.validate_load(load(target=[TargetPath(path=bad)]))
         assert len(errors) == 1 and "'..' segments" in errors[0] and repr(bad) in errors[0], errors
-        clean = DataClean(metadata=ObjectMeta(name="c"), spec=DataCleanSpec(dataset=REF, target=[TargetPath(path=bad)]))
+        clean = DataClean(metadata=ObjectMeta(name="c"),
+                          spec=DataCleanSpec(dataset=REF, target=[CleanTarget(path=bad)]))
         assert any("'..' segments" in e for e in domain.validate_clean(clean))
     assert domain.validate_load(load(target=[TargetPath(path="/train/..hidden/a.b")])) == []
 
@@ -131,14 +133,15 @@ def test_empty_segments_in_a_target_path_are_refused_at_apply_as_dot_segments_ar
         errors = domain.validate_load(load(target=[TargetPath(path=bad)]))
         assert errors == [f"spec.target[0].path {bad!r} must not hold an empty segment ('//'); write the path "
                           "itself (e.g. /train/a, not /train//a)"], errors
-        clean = DataClean(metadata=ObjectMeta(name="c"), spec=DataCleanSpec(dataset=REF, target=[TargetPath(path=bad)]))
+        clean = DataClean(metadata=ObjectMeta(name="c"),
+                          spec=DataCleanSpec(dataset=REF, target=[CleanTarget(path=bad)]))
         assert any("empty segment" in e for e in domain.validate_clean(clean))
     for good in ("/", "/train", "/train/", "/train/a.jpg"):  # a trailing '/' names the folder, as before
         assert domain.validate_load(load(target=[TargetPath(path=good)])) == [], good
 
 
 def test_clean_validation() -> None:
-    clean = DataClean(metadata=ObjectMeta(name="c"), spec=DataCleanSpec(dataset=REF, target=[TargetPath(path="x")]))
+    clean = DataClean(metadata=ObjectMeta(name="c"), spec=DataCleanSpec(dataset=REF, target=[CleanTarget(path="x")]))
     assert any("must start with '/'" in e for e in domain.validate_clean(clean))
 
 
@@ -643,3 +646,4 @@ def test_nodes_gone_are_those_with_parts_not_done_that_are_not_ready() -> None:
         ready_nodes=["a"], workers=[CacheWorker(node="b", ready=True), CacheWorker(node="d", ready=False)]))
     assert domain.nodes_gone(state, runtime) == ["d"], "c is done; a is a ready node, b a ready worker"
     assert domain.nodes_gone(state, None) == ["a", "b", "d"]
+
