@@ -620,6 +620,22 @@ def nodes_gone(state: RunState, runtime: RuntimeRecord | None) -> list[str]:
     return sorted({part.node for part in state.parts if not part.done} - here)
 
 
+def absent_message(record: OperationRecord, absent: Mapping[str, float]) -> str:
+    """What an Executing run says while nodes with parts not done are absent (``nodes_gone``), each with the time it
+    was first seen so (``absent``: node → seconds since the epoch); empty while none is. A clean's parts on a node
+    whose agent is gone wait without a word until the node-silent timeout fails the run, and a load's until the
+    node-gone one: the status says which nodes it waits for, and since when, as soon as that is known."""
+    if not absent:
+        return ""
+    ref = dataset_ref(record)
+    nodes = ", ".join(f"{node} (since {rfc3339(since)})" for node, since in sorted(absent.items()))
+    if len(absent) == 1:
+        return (f"waiting for node {nodes}: not a ready node of runtime {ref.namespace}/{ref.name} (its agent gone "
+                f"or not ready), with its part of the run not done")
+    return (f"waiting for nodes {nodes}: not ready nodes of runtime {ref.namespace}/{ref.name} (their agents gone "
+            f"or not ready), with their parts of the run not done")
+
+
 def unwaited_mounts(mounts: Iterable[tuple[str, str]], operations: Mapping[str, OperationRecord],
                     runs: Mapping[str, RunState]) -> set[tuple[str, str]]:
     """Which of ``mounts`` (dataset ``ns/name``, node) no executing run's parts not done wait on: the mounts whose

@@ -138,8 +138,9 @@ class LoaderHandlers:
     # Operations with progress not yet in their status, and when their status was last written (monotonic).
     dirty: set[str] = field(default_factory=set)
     written_at: dict[str, float] = field(default_factory=dict)
-    # (operation, node) → when (monotonic) this process first saw the node gone with parts of the run not done.
-    gone_since: dict[tuple[str, str], float] = field(default_factory=dict)
+    # (operation, node) → when this process first saw the node gone with parts of the run not done: monotonic (for
+    # the timeout) and the clock's time (what the status says).
+    gone_since: dict[tuple[str, str], tuple[float, float]] = field(default_factory=dict)
     # (operation, node) → when (monotonic) this process first waited on the node's parts of the run; and (dataset
     # ``ns/name``, node) → when progress of any run last came from that node's mount of the dataset, kept only while
     # an executing run waits on that mount (``_prune_heard``).
@@ -421,6 +422,8 @@ class LoaderHandlers:
             return True
         if record.load is not None and self._node_gone(key, record, state, runtime) is not None:
             return True
+        if self._absent_message(key, record, state, runtime) != record.status.message:
+            return True
         return self._node_silent(key, record, state) is not None or self._progress_due(key)
 
     async def _advance(self, key: str) -> None:
@@ -457,18 +460,21 @@ class LoaderHandlers:
             if self.published.get(key) != state.run:
                 await self._publish_parts(key, state, resume=True)
             result = domain.outcome(state)
+            message = record.status.message
             if result is None:
                 runtime = await self._runtime(record)
                 if runtime is None:  # its mounts are gone with it: no part would report again
                     result = "Failed", domain.runtime_lost(record)
-                elif record.load is not None:
-                    result = self._node_gone(key, record, state, runtime)
+                else:
+                    if record.load is not None:
+                        result = self._node_gone(key, record, state, runtime)
+                    message = self._absent_message(key, record, state, runtime)
             if result is None:
                 result = self._node_silent(key, record, state)
             if result is not None:
                 await self._finish(key, *result)
-            else:
-                await self._write_progress(key, force=False)
+            else:  # a node absent or back is said at once, not after the progress throttle
+                await self._write_progress(key, force=message != record.status.message, message=message)
         elif self._expired(record, now):
             await self._remove(key, record, revision, "")
         else:
@@ -491,20 +497,30 @@ class LoaderHandlers:
     def _node_gone(self, key: str, record: OperationRecord, state: domain.RunState,
                    runtime: RuntimeRecord) -> tuple[OperationPhase, str] | None:
         """Failed, naming the node, once a node with parts not done has not been ready for ``node_gone_timeout``."""
-        gone = domain.nodes_gone(state, runtime)
         now = time.monotonic()
-        # Only this run's nodes can be timed for it (``_forget_run`` drops them at its end): not a scan of every
-        # operation's entries, which made each tick's pass over hundreds of runs quadratic.
-        for node in {part.node for part in state.parts} - set(gone):
-            self.gone_since.pop((key, node), None)
-        for node in gone:
-            since = self.gone_since.setdefault((key, node), now)
+        for node, (since, _) in sorted(self._absent(key, state, runtime).items()):
             if now - since >= self.node_gone_timeout:
                 ref = domain.dataset_ref(record)
                 return "Failed", (f"node {node} is no longer a ready node of runtime {ref.namespace}/{ref.name} "
                                   f"(for {self.node_gone_timeout:.0f} s) and its part of the load is not done; run "
                                   f"the load again: its blocks go to the nodes ready then")
         return None
+
+    def _absent(self, key: str, state: domain.RunState,
+                runtime: RuntimeRecord) -> dict[str, tuple[float, float]]:
+        """The nodes with parts not done that are not ready (``domain.nodes_gone``), each with when this process
+        first saw it so (``gone_since``)."""
+        gone = domain.nodes_gone(state, runtime)
+        # Only this run's nodes can be timed for it (``_forget_run`` drops them at its end): not a scan of every
+        # operation's entries, which made each tick's pass over hundreds of runs quadratic.
+        for node in {part.node for part in state.parts} - set(gone):
+            self.gone_since.pop((key, node), None)
+        return {node: self.gone_since.setdefault((key, node), (time.monotonic(), self.clock())) for node in gone}
+
+    def _absent_message(self, key: str, record: OperationRecord, state: domain.RunState,
+                        runtime: RuntimeRecord) -> str:
+        absent = self._absent(key, state, runtime)
+        return domain.absent_message(record, {node: at for node, (_, at) in absent.items()})
 
     def _node_silent(self, key: str, record: OperationRecord,
                      state: domain.RunState) -> tuple[OperationPhase, str] | None:
@@ -787,9 +803,10 @@ class LoaderHandlers:
             await self._save_entries(store, subjects.loader_manifest(key), entries)
         await store.delete(planned)
 
-    async def _write_progress(self, key: str, force: bool) -> None:
+    async def _write_progress(self, key: str, force: bool, message: str | None = None) -> None:
         """Fold the parts' progress into the status: at most once a second, unless ``force``; and once when the run
-        stalls, so its status does not keep the last report's rate and ETA."""
+        stalls, so its status does not keep the last report's rate and ETA. ``message``: the run's message now
+        (``domain.absent_message``); None keeps the one written."""
         if not force and not self._progress_due(key):
             return
         kv = await self.bus.kv(subjects.KV_OPERATIONS)
@@ -801,8 +818,10 @@ class LoaderHandlers:
         done = domain.files_done(plan, state.parts) if plan is not None else 0
         progress = domain.fold_progress(state, done, self.clock())
         self.dirty.discard(key)
-        if progress != record.status.progress:
-            await self._save_status(key, record, revision, msgspec.structs.replace(record.status, progress=progress))
+        status = msgspec.structs.replace(record.status, progress=progress,
+                                         message=record.status.message if message is None else message)
+        if status != record.status:
+            await self._save_status(key, record, revision, status)
 
     def _progress_due(self, key: str) -> bool:
         """Progress not yet in the status, and its last write a second ago or more; or the run stalled."""

@@ -1295,6 +1295,40 @@ async def test_a_clean_shows_which_nodes_are_done_and_which_it_waits_for(bus: Bu
         ("node-a", True), ("node-b", True), ("node-c", False)]
 
 
+async def test_an_executing_clean_says_which_absent_node_it_waits_for_and_since_when(
+        bus: Bus, nats_server: NatsServer) -> None:
+    """node-c is a picked worker whose agent is gone (not ready): the clean sends it a part all the same (it may
+    hold blocks), and that part waits. The status says so as soon as the loader sees it, naming the node and since
+    when, not only at the node-silent failure ~120 s later; once the node is ready again the message goes."""
+    await put_dataset(bus, files(("a", BLOCK)))
+    await put_runtime(bus, NODES[:2], not_ready=("node-c",))
+    now = [1_767_225_600.0 + 10]  # 2026-01-01T00:00:10Z
+    async with agent(bus, NODES[:2]), loader(nats_server, clock=lambda: now[0]):
+        await publish(bus, subjects.DATACLEAN_APPLY, DataCleanApply(data_clean=DataClean(
+            metadata=ObjectMeta(name="wipe"), spec=DataCleanSpec(dataset=ObjectRef(name="data")))))
+
+        async def says_so() -> OperationRecord | None:
+            found = await operation(bus, "wipe", "DataClean")
+            return found if found is not None and found.status.message else None
+
+        record = await eventually(says_so, what="the clean's status naming the node it waits for")
+        assert record.status.phase == "Executing"
+        assert record.status.message == (
+            "waiting for node node-c (since 2026-01-01T00:00:10Z): not a ready node of runtime default/data (its "
+            "agent gone or not ready), with its part of the run not done")
+        now[0] += 5
+        await put_runtime(bus, NODES)  # node-c ready again (its part still waits: no agent here serves it)
+
+        async def cleared() -> OperationRecord | None:
+            found = await operation(bus, "wipe", "DataClean")
+            return found if found is not None and not found.status.message else None
+
+        record = await eventually(cleared, what="the message gone with node-c back")
+    assert record.status.phase == "Executing"
+    assert [(n.node, n.done) for n in record.status.progress.nodes] == [
+        ("node-a", True), ("node-b", True), ("node-c", False)]
+
+
 async def test_a_loader_killed_between_run_state_and_record_catches_up(bus: Bus, nats_server: NatsServer) -> None:
     """The run state says run 1 is being planned, the record still says Pending with no run (the loader died
     between the two writes): the restarted loader plans run 1, shows it Executing, and runs no second one."""

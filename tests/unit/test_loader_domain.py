@@ -647,3 +647,10 @@ def test_nodes_gone_are_those_with_parts_not_done_that_are_not_ready() -> None:
     assert domain.nodes_gone(state, runtime) == ["d"], "c is done; a is a ready node, b a ready worker"
     assert domain.nodes_gone(state, None) == ["a", "b", "d"]
 
+
+def test_the_absent_message_names_every_absent_node_with_its_time_in_node_order() -> None:
+    record = OperationRecord(kind="DataClean", metadata=ObjectMeta(name="c"), clean=DataCleanSpec(dataset=REF))
+    assert domain.absent_message(record, {}) == ""
+    message = domain.absent_message(record, {"node-c": 1_767_225_610.0, "node-b": 1_767_225_600.0})
+    assert message.startswith("waiting for nodes node-b (since 2026-01-01T00:00:00Z), node-c (since "
+                              "2026-01-01T00:00:10Z): not ready nodes of runtime ")
