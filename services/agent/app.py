@@ -20,7 +20,8 @@ agent restarts) keeps its mount for a grace period, so readers are not cut off b
 
 A runtime applied again with other tiers restarts its mounts on them; once a restarted mount is up, its blocks in
 the tier directories the new tiers no longer name are deleted (``services.agent.retire``), never through a symbolic
-link nor in a folder some mount uses.
+link nor in a folder some mount uses; the ledger keeps those tiers until then, so an agent restarted before the
+mount is up still frees them.
 
 Reference datasets (``dataset://``): no mount process; the agent keeps a link at the reference's mount point into
 its source's mount point while the reference is Bound and this node mounts the source (``domain.wanted_links``,
@@ -282,8 +283,11 @@ class NodeAgent:
                                                                        budget_slot=slot,
                                                                        peer_port=self._peer_port())
                 # The tiers its last mount on this node started with (this agent's earlier run, or before it
-                # stopped): the directories among them its runtime no longer names are freed once it is mounted.
-                before = self.ledger.caches.get((namespace, name), [])
+                # stopped), and those of mounts stopped for a change of tiers whose blocks that run did not free
+                # (restarted before the new mount was up): the directories among them its runtime no longer names
+                # are freed once it is mounted.
+                before = [*self.ledger.caches.get((namespace, name), []),
+                          *self.ledger.retired.get((namespace, name), [])]
                 runtime = self.runtimes.values.get(subjects.resource_key(namespace, name))
                 if runtime is not None and domain.retired_directories(before, runtime.runtime.spec.tieredstore.levels):
                     worker.retired = list(before)
@@ -354,6 +358,7 @@ class NodeAgent:
         retired, worker.retired = worker.retired, []
         directories = domain.retired_directories(retired, worker.levels)
         if not directories:
+            await asyncio.to_thread(self.ledger.retired_freed, (worker.namespace, worker.name))
             return
         suffix = domain.cache_suffix(self.settings.agent.cache_subdir, worker.namespace, worker.name)
         in_use = self._cache_folders_in_use()
@@ -370,6 +375,7 @@ class NodeAgent:
             elif freed.blocks:
                 log.info("blocks of a tier the runtime no longer names freed", dataset=worker.key,
                          folder=freed.folder, blocks=freed.blocks, freed_bytes=freed.bytes)
+        await asyncio.to_thread(self.ledger.retired_freed, (worker.namespace, worker.name))
 
     def _cache_folders_in_use(self) -> list[str]:
         """The cache folders of every mount this agent runs, in the tiers it started with and in its runtime's
@@ -562,10 +568,15 @@ class NodeAgent:
         remove_status(worker.status_file)  # a "down" reported by the process before must not outlive it
         runtime = self.runtimes.values.get(subjects.resource_key(worker.namespace, worker.name))
         if runtime is not None:
-            worker.levels = runtime.runtime.spec.tieredstore.levels
+            levels = runtime.runtime.spec.tieredstore.levels
+            if worker.levels != levels:  # also when the change came while no process ran (``_restart_for_tiers``)
+                worker.retired += [level for level in worker.levels if level not in worker.retired]
+            worker.levels = levels
             # Written down before the process can write a block: if the runtime goes while this agent is down,
-            # its next start still knows where to look.
-            await asyncio.to_thread(self.ledger.record, (worker.namespace, worker.name), worker.levels)
+            # its next start still knows where to look; and so are the tiers whose blocks wait to be freed, for
+            # an agent restarted before this process is mounted.
+            await asyncio.to_thread(self.ledger.record, (worker.namespace, worker.name), worker.levels,
+                                    worker.retired)
         argv = ["--namespace", worker.namespace, "--name", worker.name, "--mountpoint", worker.path,
                 "--status-file", worker.status_file]
         if worker.peer_port:

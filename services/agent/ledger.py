@@ -8,6 +8,11 @@ blocks of a dataset deleted together with its runtime while the agent was down a
 holding a tier's ``MARKER`` are taken for a cache there, as in the runtimes' tiers: an entry (stale, or a file
 edited by hand) naming another folder deletes nothing.
 
+With each cache's tiers it keeps those of the mounts stopped for a change of tiers (``retired``) until the agent has
+freed their blocks in the directories the new tiers dropped (``services.agent.retire``), which it does once the
+mount runs on the new tiers: an agent restarted in between (the new tiers written down, the new mount not up yet)
+finds them here and frees them then, instead of leaving them on disk for ever.
+
 A file that cannot be read or decoded is said in the log and taken as empty: the agent still runs, and finds what
 the runtimes that exist say.
 """
@@ -35,6 +40,9 @@ class _Entry(msgspec.Struct, frozen=True, kw_only=True):
     namespace: str
     name: str
     levels: list[Level]
+    # The tiers of mounts stopped for a change of tiers, whose dropped directories are not freed yet (absent in a
+    # file of an agent from before they were written down: none).
+    retired: list[Level] = []
 
 
 class _File(msgspec.Struct, frozen=True, kw_only=True):
@@ -49,6 +57,7 @@ class TierLedger:
     def __init__(self, path: Path | None) -> None:
         self.path = path
         self.caches: dict[Ref, list[Level]] = {}
+        self.retired: dict[Ref, list[Level]] = {}
 
     def load(self) -> None:
         if self.path is None:
@@ -68,23 +77,37 @@ class TierLedger:
                         path=str(self.path), error=str(err))
             return
         self.caches = {(entry.namespace, entry.name): list(entry.levels) for entry in entries}
+        self.retired = {(entry.namespace, entry.name): list(entry.retired) for entry in entries if entry.retired}
 
-    def record(self, ref: Ref, levels: list[Level]) -> None:
-        """Remember that ``ref``'s cache is kept in ``levels`` (written at once when that is news)."""
-        if self.caches.get(ref) == levels:
+    def record(self, ref: Ref, levels: list[Level], retired: list[Level] | None = None) -> None:
+        """Remember that ``ref``'s cache is kept in ``levels``, and had blocks in ``retired`` not freed yet (None:
+        as written before); written at once when that is news."""
+        retired = self.retired.get(ref, []) if retired is None else retired
+        if self.caches.get(ref) == levels and self.retired.get(ref, []) == retired:
             return
         self.caches[ref] = list(levels)
+        if retired:
+            self.retired[ref] = list(retired)
+        else:
+            self.retired.pop(ref, None)
         self._save()
+
+    def retired_freed(self, ref: Ref) -> None:
+        """The blocks of ``ref``'s retired tiers are freed (or said to be left): nothing to free at a restart."""
+        if self.retired.pop(ref, None) is not None:
+            self._save()
 
     def forget(self, ref: Ref) -> None:
         """``ref``'s cache is freed: nothing to look for any more."""
-        if self.caches.pop(ref, None) is not None:
+        had = self.caches.pop(ref, None) is not None
+        if self.retired.pop(ref, None) is not None or had:
             self._save()
 
     def _save(self) -> None:
         if self.path is None:
             return
-        entries = [_Entry(namespace=ns, name=name, levels=levels) for (ns, name), levels in sorted(self.caches.items())]
+        entries = [_Entry(namespace=ns, name=name, levels=levels, retired=self.retired.get((ns, name), []))
+                   for (ns, name), levels in sorted(self.caches.items())]
         temporary = self.path.with_name(f".{self.path.name}.tmp")
         try:
             with open(temporary, "wb") as out:

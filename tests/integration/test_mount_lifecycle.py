@@ -32,6 +32,7 @@ from libs.inventory import DatasetInventory
 from libs.manifest import ManifestStore
 from services.agent import app as agent_app
 from services.agent.fs import NO_OPEN
+from services.agent.ledger import FILE_NAME as LEDGER_FILE_NAME
 from services.agent.mountinfo import device_of
 from services.agent.mountstatus import STARTING_CACHE, read_status
 from services.dataset import app as dataset_app
@@ -782,3 +783,42 @@ async def test_blocks_in_a_tier_directory_dropped_while_the_agent_was_down_are_f
         await cluster.wait_mounted("kept", "d1.bin")
         assert await read_file(cluster.agents["n1"].mountpoint("kept") / "d1.bin") == objects["d1.bin"]
         assert len(block_files(caches["gone"])) >= 4
+
+
+
+async def test_blocks_of_a_dropped_tier_are_freed_when_the_agent_restarts_before_the_new_mount_is_up(
+        bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path) -> None:
+    # The agent sees the runtime's tier move and starts the mount on the new tier, but is restarted before that
+    # mount is up (its start hangs scanning the new tier, as on a slow disk). It had written down only the new tier
+    # then, so, back, it did not know the old directory held the dataset's blocks: they stayed for ever. The tiers
+    # waiting to be freed are written down too, and freed once the mount runs on the new tier.
+    objects = {f"d{i}.bin": os.urandom(1_500_000) for i in range(2)}
+    await put_objects(seaweedfs, bucket, objects)
+    async with cluster_stack(bus, settings, seaweedfs, tmp_path, {"n1": {}}) as cluster:
+        caches = await _gone_and_kept_cached_in_own_tiers(bus, bucket, cluster, objects)
+        moved = cluster.cache_dir / "moved"
+        stall = StalledCacheFile(moved / "n1" / "default" / "kept")
+        try:
+            level = Level(mediumtype="SSD", quota="256Mi", path=str(moved), high="0.95", low="0.8")
+            await bus.publish(subjects.RUNTIME_APPLY, RuntimeApply(runtime=Runtime(
+                metadata=ObjectMeta(name="kept"), spec=RuntimeSpec(tieredstore=TieredStore(levels=[level]),
+                                                                   block_size="1Mi"))))
+            ledger = cluster.agents["n1"].mount_root / LEDGER_FILE_NAME
+
+            async def started_on_the_new_tier() -> bool:
+                # The agent writes a mount's tiers down just before it starts the mount process on them.
+                return ledger.exists() and str(moved) in ledger.read_text()
+
+            await eventually(started_on_the_new_tier, what="the mount process started on the new tier")
+            await cluster.stop_agent("n1")
+            assert len(block_files(caches["kept"])) >= 4  # never mounted on the new tier: nothing freed yet
+            stall.remove()
+            cluster.start_agent("n1")
+            await cluster.wait_mounted("kept", "d1.bin")
+            await eventually(lambda: _async(not caches["kept"].exists()), timeout=30,
+                             what="the agent back, freeing the blocks of the directory the runtime dropped")
+            assert await read_file(cluster.agents["n1"].mountpoint("kept") / "d1.bin") == objects["d1.bin"]
+            assert len(block_files(caches["gone"])) >= 4
+        finally:
+            stall.release()
+            stall.remove()

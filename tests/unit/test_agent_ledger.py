@@ -43,3 +43,25 @@ def test_a_file_it_cannot_read_is_said_and_taken_as_empty(tmp_path: Path) -> Non
     again = TierLedger(tmp_path / FILE_NAME)
     again.load()
     assert again.caches == {("default", "a"): SSD}
+
+
+def test_tiers_waiting_to_be_freed_outlive_the_agent_until_freed(tmp_path: Path) -> None:
+    # A mount restarted on new tiers: the old ones' blocks are freed once it is up. An agent restarted before then
+    # finds them here; a file written before they were kept reads as none waiting.
+    (tmp_path / FILE_NAME).write_text('{"caches": [{"namespace": "default", "name": "a", "levels": []}]}')
+    old = TierLedger(tmp_path / FILE_NAME)
+    old.load()
+    assert (old.caches, old.retired) == ({("default", "a"): []}, {})
+    ledger = TierLedger(tmp_path / FILE_NAME)
+    ledger.record(("default", "a"), MEM, SSD)
+    ledger.record(("default", "a"), MEM)  # no retired given: those written stay
+    again = TierLedger(tmp_path / FILE_NAME)
+    again.load()
+    assert (again.caches, again.retired) == ({("default", "a"): MEM}, {("default", "a"): SSD})
+    again.retired_freed(("default", "a"))
+    last = TierLedger(tmp_path / FILE_NAME)
+    last.load()
+    assert (last.caches, last.retired) == ({("default", "a"): MEM}, {})
+    last.record(("default", "a"), MEM, SSD)
+    last.forget(("default", "a"))
+    assert (last.caches, last.retired) == ({}, {})
