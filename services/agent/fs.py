@@ -173,13 +173,18 @@ class DatasetFS(pyfuse3.Operations):
                     continue
             if current is not None and (current.entry != node.entry or current.mtime != node.mtime):
                 changed.append(node.inode)
+                if current.entry != node.entry and self.no_open:
+                    self._forget_read_state(node.inode)
         for node in namespace.nodes.values():
             if node.inode != node.parent and node.parent not in relisted:
                 found = old.lookup(node.parent, node.name)
                 if found is None or found.inode != node.inode:
                     relisted.add(node.parent)
         # Folders that went away take their listings with them; a file's read state stays until it is idle (an
-        # open descriptor may still read a file the tree no longer has, as with an open handle).
+        # open descriptor may still read a file the tree no longer has, as with an open handle). A file kept whose
+        # entry changed (the same path and object, e.g. under another mount index once a mount before it was
+        # removed) lost its state above: a state outlives opens, so the next read, from an old descriptor or a
+        # new one, must build it from the new entry (the old one may name a store that is gone: ESTALE for good).
         for inode in [inode for inode in self._folders if inode not in namespace.nodes] if self.no_open else ():
             del self._folders[inode]
         return gone, changed, sorted(inode for inode in relisted if inode in namespace.nodes)
@@ -375,15 +380,18 @@ class DatasetFS(pyfuse3.Operations):
         self.flush_read_failures(now)
         self.close_idle(now)
 
+    def _forget_read_state(self, inode: int) -> None:
+        self._last_read.pop(inode, None)
+        handle = self._handles.pop(inode, None)
+        if handle is not None:
+            self.reader.close(handle)
+
     def close_idle(self, now: float) -> None:
         """With ``no_open``: drop the read state of files nothing read for ``IDLE_HANDLE_SECONDS`` (there is no
         release to do it), giving back the read-ahead budget their blocks fetched ahead held."""
         idle = [inode for inode, last in self._last_read.items() if now - last >= IDLE_HANDLE_SECONDS]
         for inode in idle:
-            del self._last_read[inode]
-            handle = self._handles.pop(inode, None)
-            if handle is not None:
-                self.reader.close(handle)
+            self._forget_read_state(inode)
 
     def _report(self, handle: OpenFile, err: Exception, code: int) -> None:
         path, name, now = handle.entry.path, errno.errorcode[code], self.clock()

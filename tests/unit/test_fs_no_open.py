@@ -8,6 +8,7 @@ import errno
 import os
 from pathlib import Path
 
+import msgspec
 import pyfuse3
 import pytest
 
@@ -124,3 +125,21 @@ async def test_a_file_the_tree_dropped_reads_on_while_read_and_is_estale_once_id
     with pytest.raises(pyfuse3.FUSEError) as raised:
         await fs.read(small, 1, 100)
     assert raised.value.errno == errno.ESTALE
+
+
+async def test_a_file_whose_entry_a_reload_changed_is_read_by_its_new_entry(tmp_path: Path) -> None:
+    fs, bodies, _, _, allocator = await no_open_fs(tmp_path)
+    entries = [node.entry for node in fs.namespace.nodes.values() if node.entry is not None]
+    # The dataset had a mount before this one (a folder of its own); the mount's files are mount 1.
+    (tmp_path / "other").mkdir()
+    fs.reader.gates.insert(0, StoreGate(LocalObjectStore(LocalLocation(root=tmp_path / "other"))))  # type: ignore[attr-defined]
+    fs.replace_namespace(Namespace.build([msgspec.structs.replace(e, mount=1) for e in entries], allocator))
+    big = (await fs.lookup(ROOT_INODE, b"big.bin")).st_ino
+    assert bytes(await fs.read(big, 0, 100)) == bodies["big.bin"][:100]
+    # The first mount is removed: the same file and object (the same inode), now mount 0. A reader still reading
+    # it, or one that opened it after the reload, reads it from its store, not ESTALE ("no longer in the dataset").
+    del fs.reader.gates[0]  # type: ignore[attr-defined]
+    _, changed, _ = fs.replace_namespace(Namespace.build(entries, allocator))
+    assert big in changed
+    assert bytes(await fs.read(big, 4 * BLOCK, 100)) == bodies["big.bin"][4 * BLOCK:4 * BLOCK + 100]
+    assert bytes(await fs.read(big, 0, 100)) == bodies["big.bin"][:100]
