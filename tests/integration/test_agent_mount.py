@@ -249,3 +249,30 @@ async def test_warm_files_and_walks_never_reach_the_mount_process_and_a_resync_r
         assert "f000.jpg" not in await asyncio.to_thread(os.listdir, root / "small")
         found = await run_tool("find", str(root / "small"), "-type", "f")
         assert len(found.stdout.split()) == 30  # 30 + 1 - 1
+
+
+async def test_a_resync_shows_a_file_older_than_its_folder_in_the_listing_the_kernel_cached(
+        bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path) -> None:
+    # A folder's mtime is its newest file's, so a file added with an older mtime leaves the folder's attributes as
+    # they were: only the mount's invalidation of the folder's listing (which a no-open mount lets the kernel
+    # cache) can make `ls` show it.
+    assert NO_OPEN, "pyfuse3 is not the patched build: run `make venv`"
+    source = tmp_path / "source"
+    (source / "d").mkdir(parents=True)
+    (source / "d/new.txt").write_bytes(b"new")
+    async with node_stack(bus, settings, seaweedfs, tmp_path) as node:
+        await node.apply("older", bucket, mount_point=f"local://{source}")
+        root = await node.wait_mounted("older", expect="d/new.txt")
+        folder = root / "d"
+        assert await asyncio.to_thread(os.listdir, folder) == ["new.txt"]  # the kernel keeps this listing
+        mtime = (await asyncio.to_thread(os.stat, folder)).st_mtime_ns
+        (source / "d/old.txt").write_bytes(b"old")
+        os.utime(source / "d/old.txt", (1_000_000_000, 1_000_000_000))
+        await node.resync("older")
+        # A lookup always asks the mount (unknown names are not cached), so this sees the new tree; the mount
+        # invalidated the kernel's listing before serving it.
+        await eventually(lambda: asyncio.to_thread(os.path.exists, folder / "old.txt"), what="the reload")
+        assert (await asyncio.to_thread(os.stat, folder)).st_mtime_ns == mtime
+        assert sorted(await asyncio.to_thread(os.listdir, folder)) == ["new.txt", "old.txt"]
+        found = await run_tool("find", str(root), "-type", "f", "-printf", "%P\n")
+        assert sorted(found.stdout.split()) == ["d/new.txt", "d/old.txt"]
