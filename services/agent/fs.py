@@ -142,6 +142,7 @@ class DatasetFS(pyfuse3.Operations):
         # Open file handle → its read state; with ``no_open``, inode → the read state of a file read lately.
         self._handles: dict[int, OpenFile] = {}
         self._last_read: dict[int, float] = {}  # with ``no_open``: inode → when it was last read
+        self._reading: dict[int, int] = {}  # with ``no_open``: inode → its reads in flight (never idle meanwhile)
         self._next_fh = 1
         # Attributes never change for an inode, so each is built once (readdirplus of a large folder is the hot
         # path of `find` and `ls -l`); the cache is dropped with the namespace it describes.
@@ -342,6 +343,7 @@ class DatasetFS(pyfuse3.Operations):
                 else:
                     handle = self._handles[fh] = self._read_state(fh)
             self._last_read[fh] = self.clock()
+            self._reading[fh] = self._reading.get(fh, 0) + 1
         elif handle is None:
             raise pyfuse3.FUSEError(errno.EBADF)
         try:
@@ -362,6 +364,11 @@ class DatasetFS(pyfuse3.Operations):
         finally:
             if self.no_open:
                 self._last_read[fh] = self.clock()  # idle from when its last read ended, not began
+                left = self._reading[fh] - 1
+                if left:
+                    self._reading[fh] = left
+                else:
+                    del self._reading[fh]
         if self.read_failures.files:  # a file that failed reads again: it is fine now
             self.read_failures.succeeded(handle.entry.path)
         return data
@@ -388,8 +395,11 @@ class DatasetFS(pyfuse3.Operations):
 
     def close_idle(self, now: float) -> None:
         """With ``no_open``: drop the read state of files nothing read for ``IDLE_HANDLE_SECONDS`` (there is no
-        release to do it), giving back the read-ahead budget their blocks fetched ahead held."""
-        idle = [inode for inode, last in self._last_read.items() if now - last >= IDLE_HANDLE_SECONDS]
+        release to do it), giving back the read-ahead budget their blocks fetched ahead held. A file with a read in
+        flight is not idle, however long that read takes (a slow store): dropping its state would reset its
+        read-ahead, and make a descriptor of a file a reload removed ESTALE while it was reading."""
+        idle = [inode for inode, last in self._last_read.items()
+                if now - last >= IDLE_HANDLE_SECONDS and inode not in self._reading]
         for inode in idle:
             self._forget_read_state(inode)
 

@@ -4,8 +4,10 @@ tests/integration/test_agent_mount.py."""
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
@@ -14,11 +16,14 @@ import pytest
 
 from libs.events.dataset import ManifestEntry
 from libs.ufs import LocalLocation, LocalObjectStore
+from libs.ufs.base import ObjectStore
 from services.agent.cache import BlockCache, MemoryTier
 from services.agent.fs import IDLE_HANDLE_SECONDS, DatasetFS
 from services.agent.namespace import ROOT_INODE, InodeAllocator, Namespace
 from services.agent.readahead import MemoryBudget
 from services.agent.reader import BlockReader, StoreGate
+from tests.faults import CountingStore
+from tests.helpers import eventually
 
 BLOCK = 64 * 1024
 
@@ -31,7 +36,8 @@ class Clock:
         return self.now
 
 
-async def no_open_fs(tmp_path: Path) -> tuple[DatasetFS, dict[str, bytes], MemoryBudget, Clock, InodeAllocator]:
+async def no_open_fs(tmp_path: Path, wrap: Callable[[ObjectStore], ObjectStore] = lambda store: store,
+                     ) -> tuple[DatasetFS, dict[str, bytes], MemoryBudget, Clock, InodeAllocator]:
     source = tmp_path / "source"
     (source / "d").mkdir(parents=True)
     bodies = {"big.bin": os.urandom(8 * BLOCK), "d/small.txt": b"small"}
@@ -45,7 +51,7 @@ async def no_open_fs(tmp_path: Path) -> tuple[DatasetFS, dict[str, bytes], Memor
                                      mtime=info.mtime))
     cache = BlockCache([MemoryTier(64 * BLOCK)])
     budget = MemoryBudget(64 * BLOCK)
-    reader = BlockReader(cache, [StoreGate(store)], BLOCK, budget, write_block=cache.put_async)
+    reader = BlockReader(cache, [StoreGate(wrap(store))], BLOCK, budget, write_block=cache.put_async)
     clock = Clock()
     allocator = InodeAllocator()
     fs = DatasetFS(Namespace.build(entries, allocator), reader, uid=None, gid=None, block_size=BLOCK, clock=clock,
@@ -143,3 +149,29 @@ async def test_a_file_whose_entry_a_reload_changed_is_read_by_its_new_entry(tmp_
     assert big in changed
     assert bytes(await fs.read(big, 4 * BLOCK, 100)) == bodies["big.bin"][4 * BLOCK:4 * BLOCK + 100]
     assert bytes(await fs.read(big, 0, 100)) == bodies["big.bin"][:100]
+
+
+async def test_a_file_being_read_is_not_idle_however_long_its_read_takes(tmp_path: Path) -> None:
+    stores: list[CountingStore] = []
+
+    def counted(inner: ObjectStore) -> ObjectStore:
+        stores.append(CountingStore(inner))
+        return stores[-1]
+
+    async def get_waiting() -> bool:
+        return store.waiting > 0
+
+    fs, bodies, _, clock, allocator = await no_open_fs(tmp_path, wrap=counted)
+    (store,) = stores
+    big = (await fs.lookup(ROOT_INODE, b"big.bin")).st_ino
+    assert bytes(await fs.read(big, 0, 100)) == bodies["big.bin"][:100]
+    fs.replace_namespace(Namespace.build([], allocator))  # a descriptor still reads it, as it may
+    store.hold()  # a slow store: this read takes longer than the idle time
+    reading = asyncio.ensure_future(fs.read(big, 5 * BLOCK, 100))
+    await eventually(get_waiting, what="the read's GET")
+    clock.now += IDLE_HANDLE_SECONDS + 1
+    fs.every_second(clock.now)
+    store.release()
+    assert bytes(await reading) == bodies["big.bin"][5 * BLOCK:5 * BLOCK + 100]
+    # The descriptor was never idle: it reads on (it would be ESTALE had its state been dropped mid-read).
+    assert bytes(await fs.read(big, 6 * BLOCK, 100)) == bodies["big.bin"][6 * BLOCK:6 * BLOCK + 100]
