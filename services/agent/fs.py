@@ -398,8 +398,14 @@ class DatasetFS(pyfuse3.Operations):
         release to do it), giving back the read-ahead budget their blocks fetched ahead held. A file with a read in
         flight is not idle, however long that read takes (a slow store): dropping its state would reset its
         read-ahead, and make a descriptor of a file a reload removed ESTALE while it was reading."""
-        idle = [inode for inode, last in self._last_read.items()
-                if now - last >= IDLE_HANDLE_SECONDS and inode not in self._reading]
+        idle = []
+        for inode, last in self._last_read.items():
+            if now < last:
+                # The wall clock was set back: idle from now on, not until the clock is back where it was
+                # (an hour's step would hold the file's blocks ahead, and their budget, for an hour).
+                self._last_read[inode] = now
+            elif now - last >= IDLE_HANDLE_SECONDS and inode not in self._reading:
+                idle.append(inode)
         for inode in idle:
             self._forget_read_state(inode)
 

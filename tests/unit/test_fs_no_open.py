@@ -175,3 +175,17 @@ async def test_a_file_being_read_is_not_idle_however_long_its_read_takes(tmp_pat
     assert bytes(await reading) == bodies["big.bin"][5 * BLOCK:5 * BLOCK + 100]
     # The descriptor was never idle: it reads on (it would be ESTALE had its state been dropped mid-read).
     assert bytes(await fs.read(big, 6 * BLOCK, 100)) == bodies["big.bin"][6 * BLOCK:6 * BLOCK + 100]
+
+
+async def test_a_wall_clock_set_back_does_not_keep_a_files_read_state(tmp_path: Path) -> None:
+    fs, _, budget, clock, _ = await no_open_fs(tmp_path)
+    big = (await fs.lookup(ROOT_INODE, b"big.bin")).st_ino
+    for offset in range(0, 3 * BLOCK, BLOCK // 2):
+        await fs.read(big, offset, BLOCK // 2)
+    assert budget.used > 0
+    clock.now -= 3600  # the node's clock is stepped back an hour (NTP, a VM resumed)
+    fs.every_second(clock.now)
+    clock.now += IDLE_HANDLE_SECONDS
+    fs.every_second(clock.now)
+    # Idle for the idle time, as the clock goes: its blocks ahead are given back now, not an hour later.
+    assert budget.used == 0
