@@ -181,13 +181,17 @@ class DatasetFS(pyfuse3.Operations):
                 found = old.lookup(node.parent, node.name)
                 if found is None or found.inode != node.inode:
                     relisted.add(node.parent)
-        # Folders that went away take their listings with them; a file's read state stays until it is idle (an
-        # open descriptor may still read a file the tree no longer has, as with an open handle). A file kept whose
-        # entry changed (the same path and object, e.g. under another mount index once a mount before it was
-        # removed) lost its state above: a state outlives opens, so the next read, from an old descriptor or a
-        # new one, must build it from the new entry (the old one may name a store that is gone: ESTALE for good).
-        for inode in [inode for inode in self._folders if inode not in namespace.nodes] if self.no_open else ():
-            del self._folders[inode]
+        # A file's read state stays until it is idle (an open descriptor may still read a file the tree no longer
+        # has, as with an open handle). A file kept whose entry changed (the same path and object, e.g. under
+        # another mount index once a mount before it was removed) lost its state above: a state outlives opens, so
+        # the next read, from an old descriptor or a new one, must build it from the new entry (the old one may
+        # name a store that is gone: ESTALE for good).
+        # Without opendir there is no releasedir to drop a folder's listing: only a folder whose listing changed
+        # keeps the one its readers' offsets index (``readdir`` finds their place in the new one); the others
+        # would list the same names at the same offsets, and a folder that went away has no readers left.
+        if self.no_open:
+            self._folders = {inode: opened for inode, opened in self._folders.items()
+                             if inode in relisted and inode in namespace.nodes}
         return gone, changed, sorted(inode for inode in relisted if inode in namespace.nodes)
 
     # --- metadata ---

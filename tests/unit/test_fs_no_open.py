@@ -189,3 +189,19 @@ async def test_a_wall_clock_set_back_does_not_keep_a_files_read_state(tmp_path: 
     fs.every_second(clock.now)
     # Idle for the idle time, as the clock goes: its blocks ahead are given back now, not an hour later.
     assert budget.used == 0
+
+
+async def test_a_reload_keeps_only_the_listings_of_folders_whose_listing_changed(tmp_path: Path) -> None:
+    fs, _, _, _, allocator = await no_open_fs(tmp_path)
+    folder = (await fs.lookup(ROOT_INODE, b"d")).st_ino
+    original = pyfuse3.readdir_reply
+    pyfuse3.readdir_reply = lambda token, name, attrs, offset: True  # type: ignore[assignment]
+    try:
+        for inode in (ROOT_INODE, folder):
+            await fs.readdir(inode, 0, None)  # type: ignore[arg-type]
+    finally:
+        pyfuse3.readdir_reply = original
+    assert set(fs._folders) == {ROOT_INODE, folder}
+    # The same tree again: no listing changed, none is kept (there is no releasedir to drop them later).
+    fs.replace_namespace(Namespace.build(list(fs.namespace.files()), allocator))
+    assert fs._folders == {}
