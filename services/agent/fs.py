@@ -28,6 +28,7 @@ from typing import Any
 
 import pyfuse3
 
+from libs.events.dataset import ManifestEntry
 from libs.redact import cut_error, hide_signing, strip_userinfo
 from libs.telemetry import get_logger
 from libs.ufs.base import NoSuchKey, ObjectChanged, UfsError
@@ -63,6 +64,9 @@ NO_OPEN = bool(getattr(pyfuse3, "NO_OPEN_HANDLE_IS_INODE", False))
 # Without opens there are no releases: a file's read state (its read-ahead, the blocks fetched ahead and the node
 # budget they hold) is dropped once nothing has read the file for this long (``close_idle``, every second).
 IDLE_HANDLE_SECONDS = 5.0
+# ...and a file a reload removed stays readable by the descriptors opened before (as an open handle kept it): the
+# entries of the files removed last, this many, are kept for their inodes (a few hundred bytes each).
+REMOVED_FILES_KEPT = 65_536
 
 
 def _clamp(value: int, low: int, high: int) -> int:
@@ -143,6 +147,8 @@ class DatasetFS(pyfuse3.Operations):
         self._handles: dict[int, OpenFile] = {}
         self._last_read: dict[int, float] = {}  # with ``no_open``: inode → when it was last read
         self._reading: dict[int, int] = {}  # with ``no_open``: inode → its reads in flight (never idle meanwhile)
+        # With ``no_open``: inode → the entry of a file a reload removed, newest last (``REMOVED_FILES_KEPT``).
+        self._removed: dict[int, ManifestEntry] = {}
         self._next_fh = 1
         # Attributes never change for an inode, so each is built once (readdirplus of a large folder is the hot
         # path of `find` and `ls -l`); the cache is dropped with the namespace it describes.
@@ -171,6 +177,8 @@ class DatasetFS(pyfuse3.Operations):
                 if found is None or found.inode != node.inode:
                     gone.append((node.parent, node.name))
                     relisted.add(node.parent)
+                    if self.no_open and current is None and node.entry is not None:
+                        self._removed[node.inode] = node.entry
                     continue
             if current is not None and (current.entry != node.entry or current.mtime != node.mtime):
                 changed.append(node.inode)
@@ -192,6 +200,8 @@ class DatasetFS(pyfuse3.Operations):
         if self.no_open:
             self._folders = {inode: opened for inode, opened in self._folders.items()
                              if inode in relisted and inode in namespace.nodes}
+            for inode in list(self._removed)[:max(0, len(self._removed) - REMOVED_FILES_KEPT)]:
+                del self._removed[inode]
         return gone, changed, sorted(inode for inode in relisted if inode in namespace.nodes)
 
     # --- metadata ---
@@ -380,8 +390,12 @@ class DatasetFS(pyfuse3.Operations):
     def _read_state(self, inode: int) -> OpenFile:
         node = self.namespace.get(inode)
         if node is None:
-            # A descriptor opened before a reload that dropped the file, idle since: the tree is stale for it.
-            raise pyfuse3.FUSEError(errno.ESTALE)
+            # A descriptor opened before a reload that removed the file: its blocks still read (ETag-pinned: a
+            # block no longer in the cache and changed in the store is ESTALE), as through an open handle.
+            removed = self._removed.get(inode)
+            if removed is None:  # removed too long ago to be remembered
+                raise pyfuse3.FUSEError(errno.ESTALE)
+            return self.reader.open(removed)
         if node.entry is None:
             raise pyfuse3.FUSEError(errno.EISDIR)
         return self.reader.open(node.entry)

@@ -17,6 +17,7 @@ import pytest
 from libs.events.dataset import ManifestEntry
 from libs.ufs import LocalLocation, LocalObjectStore
 from libs.ufs.base import ObjectStore
+from services.agent import fs as fs_module
 from services.agent.cache import BlockCache, MemoryTier
 from services.agent.fs import IDLE_HANDLE_SECONDS, DatasetFS
 from services.agent.namespace import ROOT_INODE, InodeAllocator, Namespace
@@ -119,13 +120,21 @@ async def test_a_read_from_the_start_is_a_new_reader(tmp_path: Path) -> None:
     assert budget.used < ahead
 
 
-async def test_a_file_the_tree_dropped_reads_on_while_read_and_is_estale_once_idle(tmp_path: Path) -> None:
+async def test_a_file_the_tree_dropped_reads_on_through_old_descriptors_until_forgotten(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     fs, _, _, clock, allocator = await no_open_fs(tmp_path)
     small = (await fs.lookup((await fs.lookup(ROOT_INODE, b"d")).st_ino, b"small.txt")).st_ino
     assert await fs.read(small, 0, 100) == b"small"
     fs.replace_namespace(Namespace.build([], allocator))  # a sync found the folder empty
     assert await fs.read(small, 1, 100) == b"mall"  # a descriptor still reading it
     assert await fs.read(small, 0, 100) == b"small"  # from the start again
+    clock.now += IDLE_HANDLE_SECONDS
+    fs.every_second(clock.now)
+    # Idle, its read state gone: the removed file's entry is remembered, so an old descriptor still reads it.
+    assert await fs.read(small, 1, 100) == b"mall"
+    # Once more files were removed than are remembered, it is stale.
+    monkeypatch.setattr(fs_module, "REMOVED_FILES_KEPT", 0)
+    fs.replace_namespace(Namespace.build([], allocator))
     clock.now += IDLE_HANDLE_SECONDS
     fs.every_second(clock.now)
     with pytest.raises(pyfuse3.FUSEError) as raised:
