@@ -247,6 +247,45 @@ spec: {{mounts: [{{mountPoint: "s3://{bucket}/"}}]}}
         assert used(big) > 3 * MiB and used(small) > MiB
 
 
+@pytest.mark.needs("fuse", "page-cache")
+async def test_a_fluid_quota_list_level_keeps_the_recently_read_blocks_in_every_directory(
+        bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path) -> None:
+    """With LRU, the tier (``quotaList: 6Mi,3Mi``) keeps what was read last in both of its directories: reading
+    20 MiB after a first 20 MiB leaves none of the first files' blocks (before, the directory with the most free
+    room took every new block while the other kept the first ones it got for ever, never read again)."""
+    first = {f"a{i:02d}.bin": os.urandom(2 * MiB) for i in range(10)}
+    then = {f"b{i:02d}.bin": os.urandom(2 * MiB) for i in range(10)}
+    await put_objects(seaweedfs, bucket, {**first, **then})
+    async with node_stack(bus, settings, seaweedfs, tmp_path, cache_policy="lru") as node:
+        big, small = node.cache_dir / "big", node.cache_dir / "small"
+        text = FLUID_QUOTA_LIST % (big, small) + f"""---
+apiVersion: shoal.io/v1alpha1
+kind: Dataset
+metadata: {{name: split}}
+spec: {{mounts: [{{mountPoint: "s3://{bucket}/"}}]}}
+"""
+        commands, _, errors = documents_to_commands(parse_documents(text))
+        assert errors == [] and len(commands) == 2
+        for command in commands:
+            await bus.publish(command.subject, command.event)
+        root = await node.wait_mounted("split", expect="b09.bin")
+
+        def block_files() -> dict[str, set[str]]:
+            return {folder.name: {f.name for f in folder.rglob("*") if f.is_file() and not f.name.startswith(".")}
+                    for folder in (big, small)}
+
+        for key, body in first.items():
+            assert md5(await read_file(root / key)) == md5(body)
+        old = block_files()
+        assert old["big"] and old["small"]
+        await asyncio.to_thread(drop_page_cache)
+        for key, body in then.items():
+            assert md5(await read_file(root / key)) == md5(body)
+        now = block_files()
+        assert now["big"] and now["small"]
+        assert not old["big"] & now["big"] and not old["small"] & now["small"], "first blocks kept"
+
+
 def cached_blocks(inventory: InventoryWatch) -> dict[tuple[str, int], int]:
     """(key, block index) → size of every cached block, folded from the inventory events of the last incarnation."""
     latest = inventory.latest()

@@ -511,6 +511,28 @@ def test_a_quota_list_keeps_each_directory_under_its_own_quota_and_fills_them_by
     assert len(block_files(small)) > 0 and len(block_files(big)) > 0
 
 
+def test_a_quota_list_level_evicts_its_least_recently_used_blocks_whichever_directory_holds_them(
+        tmp_path: Path) -> None:
+    """Once every directory of a level is full, the one holding the level's least recently used block evicts, so
+    new blocks replace old ones in every directory, and a block read again stays. Before, the one with the most
+    free room evicted: it took every new block (its eviction left room there only), while the other directory kept
+    the first blocks it got for ever, never read again (two thirds of the level, with quotaList 20,10 here)."""
+    level = Level(mediumtype="SSD", quota=30 * SIZE, quota_list=f"{20 * SIZE},{10 * SIZE}",
+                  path=f"{tmp_path}/big,{tmp_path}/small", high="0.95", low="0.8")
+    cache = BlockCache.from_levels([level], "default/demo", policy_factory=LruPolicy)
+    assert cache.load() == 0
+    names = {block(index).name: index for index in range(300)}
+    for index in range(300):
+        assert cache.put(block(index), payload(index))
+        assert cache.get(block(0)) == payload(0)  # read all along: the level's most recently used block
+    for folder in ("big", "small"):
+        held = sorted(names[path.name] for path in block_files(tmp_path / folder / "default" / "demo"))
+        # Each directory holds only recent blocks (a single LRU over the level would keep the last 27 or so).
+        assert held and all(index == 0 or index >= 300 - 60 for index in held), (folder, held)
+    assert 0 in {b.index for b, _ in cache.blocks()}
+    assert [t.used_bytes <= t.quota_bytes for t in cache.stats().tiers] == [True, True]
+
+
 @pytest.mark.parametrize("suffix", ["", "/abs", "default/../other"])
 def test_from_levels_refuses_a_suffix_that_escapes_the_level_directory(tmp_path: Path, suffix: str) -> None:
     with pytest.raises(ValueError, match="cache_root_suffix"):

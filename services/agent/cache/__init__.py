@@ -19,7 +19,7 @@ evicts down to ``low``, Fluid's defaults 0.95/0.7); per policy ``admission_margi
 ``aging_factor`` (10); per disk tier ``cooldown_seconds`` (30, before a down tier is probed again) and ``fsync``
 (off: a torn block fails its checksum and is fetched again). Each disk level's directory gets the dataset's
 ``<namespace>/<name>`` appended, so datasets never share a folder; a comma-separated path gives one tier per
-directory with an equal share of the quota.
+directory with its own quota (Fluid's ``quotaList``) or an equal share of the level's.
 
 Threads: one event loop owns ``BlockCache``; only ``Reservation.write`` (file writes and victim deletes) runs in a
 worker thread, via ``BlockCache.put_async``. Reads run inline: ~0.6 ms per 4 MiB block from the page cache,

@@ -3,7 +3,8 @@
 ``BlockCache`` keeps one index (block name → block id, tier, size) and one eviction policy per tier, and applies
 the policies' plans to the tiers' storage. Tiers are tried in the order MEM, SSD, HDD: a new block goes to the
 first medium with a tier that is available and whose policy admits it (among a level's directories, one with free
-room, by free room: ``reserve``); a block lives in exactly one tier (no promotion or
+room, by free room; when all are full, the one holding the level's least recently used block evicts: ``reserve``);
+a block lives in exactly one tier (no promotion or
 demotion: a block evicted from memory is dropped, not written to disk). Every policy sees every lookup, so each
 tier's admission knows how popular a block is even while another tier holds it. With ``LruPolicy`` the first
 tier admits everything that fits, so lower tiers only get blocks too large for it; the default frequency policy
@@ -99,12 +100,15 @@ class CacheStats(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class _Entry:
-    __slots__ = ("block", "size", "tier")
+    __slots__ = ("block", "size", "tier", "used")
 
-    def __init__(self, block: BlockId, tier: int, size: int) -> None:
+    def __init__(self, block: BlockId, tier: int, size: int, used: int) -> None:
         self.block = block
         self.tier = tier
         self.size = size
+        # When the block was last written or read (``BlockCache._uses``; 0: found at start, older than any use
+        # since): which of a level's directories evicts next (``_choose``).
+        self.used = used
 
 
 class Reservation:
@@ -167,6 +171,7 @@ class BlockCache:
         self._unlinking: set[str] = set()  # victims whose files a pending reservation has yet to delete
         self._hits = 0
         self._misses = 0
+        self._uses = 0  # counts writes and hits: ``_Entry.used``
 
     @classmethod
     def from_levels(
@@ -250,6 +255,8 @@ class BlockCache:
                 self._forget(name, entry)  # missing or corrupt (already deleted): gone for good
             return None
         self._hits += 1
+        self._uses += 1
+        entry.used = self._uses
         self.last_medium = tier.medium
         return data
 
@@ -266,6 +273,8 @@ class BlockCache:
         opened = tier.open_block(name)
         if opened is not None:
             self._hits += 1
+            self._uses += 1
+            entry.used = self._uses
         elif isinstance(tier, DiskTier) and tier.health is Health.NORMAL:
             self._forget(name, entry)  # missing or corrupt (already deleted): gone for good
         return opened
@@ -364,8 +373,9 @@ class BlockCache:
 
         Within a medium (a level's directories, each a tier with its own quota), a tier with room for the block
         without evicting is preferred, picked with a chance proportional to its free room (``place``); only when
-        none has room does one evict, the one with the most free room first. None also when the block is cached,
-        being written, or its old file is still being deleted.
+        none has room does one evict: the one whose least recently used block is the level's, so the level keeps
+        its most recently used blocks as one LRU would, whatever directory holds them. None also when the block is
+        cached, being written, or its old file is still being deleted.
         """
         name = block.name
         if name in self._index or name in self._pending or name in self._unlinking:
@@ -403,11 +413,19 @@ class BlockCache:
             name, size, self._in_flight[index]) == []]
         if roomy:
             return place(name, roomy), []
-        for index, _ in sorted(free, key=lambda item: -item[1]):
+        # The directory whose first victim was used least recently evicts (ties: the one with the most free room,
+        # then the first listed). Not the most free room alone: the directories fill up at once, each eviction
+        # leaves room in that one only, and so one directory would evict and take every new block while the others
+        # kept their first blocks for ever, read or not.
+        candidates: list[tuple[int, int, int, list[str]]] = []
+        for index, room in free:
             plan = self._policies[index].plan(name, size, self._in_flight[index])
             if plan is not None:
-                return index, plan
-        return None
+                candidates.append((self._index[plan[0]].used if plan else -1, -room, index, plan))
+        if not candidates:
+            return None
+        _, _, index, plan = min(candidates)
+        return index, plan
 
     def commit(self, reservation: Reservation, written: bool) -> bool:
         """Indexes the block if ``written`` (the result of ``Reservation.write``); True if it is now cached."""
@@ -424,7 +442,8 @@ class BlockCache:
         if not written:
             return False
         self._policies[reservation.tier_index].inserted(name, reservation.size)
-        self._index[name] = _Entry(reservation.block, reservation.tier_index, reservation.size)
+        self._uses += 1
+        self._index[name] = _Entry(reservation.block, reservation.tier_index, reservation.size, self._uses)
         if self._on_cached is not None:
             self._on_cached(reservation.block, reservation.size)
         return True
@@ -465,7 +484,7 @@ class BlockCache:
                          over_quota=over_quota)
             for block, name, size in reversed(kept):  # oldest first: LRU order
                 policy.inserted(name, size)
-                self._index[name] = _Entry(block, index, size)
+                self._index[name] = _Entry(block, index, size, 0)
                 if self._on_cached is not None:
                     self._on_cached(block, size)
             loaded += len(kept)
