@@ -546,7 +546,8 @@ def _quota_from_list(where: str, level: dict[str, Any]) -> tuple[str | int | Non
         except ValueError as err:
             return None, "", f"{where}.quotaList {text!r}: {err}"
     path = level.get("path", "")
-    paths = len(path.split(",")) if isinstance(path, str) else 1
+    # Counted as the agent's cache reads ``path`` (``directory_quotas``): an empty entry (a trailing comma) is none.
+    paths = len([entry for entry in path.split(",") if entry.strip()]) if isinstance(path, str) else 1
     if len(quotas) != paths:
         return None, "", (f"{where}.quotaList {text!r} has {len(quotas)} quota{'' if len(quotas) == 1 else 's'} for "
                           f"the {paths} path{'' if paths == 1 else 's'} in path: give one quota per path, in the "

@@ -441,6 +441,19 @@ def test_fluid_quota_list_of_different_quotas_gives_each_path_its_own() -> None:
     assert directory_quotas(level) == [("/mnt/ssd0/cache", 3 * 2**30), ("/mnt/ssd1/cache", 2 * 2**30)]
 
 
+def test_a_quota_list_counts_the_directories_of_a_path_with_a_trailing_comma_as_the_agent_does() -> None:
+    """``path: a,b,`` names two directories, for the agent's cache and for a tier with ``quota``: a quotaList of
+    two is theirs (before, it was refused: "2 quotas for the 3 paths")."""
+    text = (QUOTA_LIST % "3Gi, 2Gi").replace("/mnt/ssd1/cache", "/mnt/ssd1/cache, ")
+
+    commands, notes, errors = documents_to_commands(load(text))
+
+    assert (notes, errors) == ([], [])
+    assert isinstance(commands[0].event, RuntimeApply)
+    level = commands[0].event.runtime.spec.tieredstore.levels[1]
+    assert directory_quotas(level) == [("/mnt/ssd0/cache", 3 * 2**30), ("/mnt/ssd1/cache", 2 * 2**30)]
+
+
 @pytest.mark.parametrize(("quota_list", "error"), [
     ("2Gi", "spec.tieredstore.levels[1].quotaList '2Gi' has 1 quota for the 2 paths in path: give one quota per "
             "path, in the same order"),
