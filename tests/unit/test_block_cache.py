@@ -533,6 +533,29 @@ def test_a_quota_list_level_evicts_its_least_recently_used_blocks_whichever_dire
     assert [t.used_bytes <= t.quota_bytes for t in cache.stats().tiers] == [True, True]
 
 
+def test_a_quota_list_level_finds_its_blocks_again_in_their_directories_and_evicts_them_first(
+        tmp_path: Path) -> None:
+    """A restart finds each directory's blocks and counts them against that directory's quota; they are older than
+    any block used since, so new blocks replace them in every directory before any new one goes (before, the
+    directory with less free room kept its blocks from before the restart for ever)."""
+    level = Level(mediumtype="SSD", quota=30 * SIZE, quota_list=f"{20 * SIZE},{10 * SIZE}",
+                  path=f"{tmp_path}/big,{tmp_path}/small", high="0.95", low="0.8")
+    before = BlockCache.from_levels([level], "default/demo", policy_factory=LruPolicy)
+    before.load()
+    for index in range(40):
+        assert before.put(block(index), payload(index))
+    held = [(t.location, t.used_bytes, t.blocks) for t in before.stats().tiers]
+    assert all(blocks for _, _, blocks in held)
+
+    cache = BlockCache.from_levels([level], "default/demo", policy_factory=LruPolicy)
+    assert cache.load() == sum(blocks for _, _, blocks in held)
+    assert [(t.location, t.used_bytes, t.blocks) for t in cache.stats().tiers] == held
+    for index in range(100, 130):  # 30 new blocks: more than the level holds (19 + 9 under the watermarks)
+        assert cache.put(block(index), payload(index))
+    assert all(b.index >= 100 for b, _ in cache.blocks())
+    assert [t.used_bytes <= t.quota_bytes and t.blocks > 0 for t in cache.stats().tiers] == [True, True]
+
+
 @pytest.mark.parametrize("suffix", ["", "/abs", "default/../other"])
 def test_from_levels_refuses_a_suffix_that_escapes_the_level_directory(tmp_path: Path, suffix: str) -> None:
     with pytest.raises(ValueError, match="cache_root_suffix"):
