@@ -410,6 +410,28 @@ async def test_a_status_due_for_an_object_made_again_under_its_name_is_not_writt
     assert "'Rarely'" in condition["message"] and "Sometimes" not in condition["message"]
 
 
+async def test_a_refused_status_whose_object_cannot_be_read_back_is_tried_again(harness: Harness) -> None:
+    """A status write answered 422 is followed by a read of the object (replaced under its name, or refused by the
+    CRD's validation?); a read answered 500 is the write's failure: the pass counts it, nothing is dropped, and once
+    the server answers the refusal is told as any (a StatusRefused Event)."""
+    handlers = harness.handlers
+    await harness.first_lists()
+    obj = await harness.create(DATALOAD, "load", {"dataset": {"name": "demo"}, "policy": "Sometimes"})
+    harness.server.fail("PATCH", "/dataloads/load/status", 422)
+    harness.server.fail("GET", "/dataloads/load", 500)
+    await handlers.on_event(DATALOAD, "ADDED", obj)  # invalid: its status due at the next pass
+    await handlers.tick()
+    assert handlers._tick_failures == 1  # a failed pass: the next one waits, then writes again
+    assert not [e for e in harness.server.objects("", "events") if e["reason"] == "StatusRefused"]
+
+    harness.server.heal()
+    harness.server.fail("PATCH", "/dataloads/load/status", 422)
+    refused = await harness.until(lambda: [e for e in harness.server.objects("", "events")
+                                           if e["reason"] == "StatusRefused"], what="the refusal told")
+    assert [e["involvedObject"]["name"] for e in refused] == ["load"]
+    assert len(harness.server.recorded("GET", "/dataloads/load")) >= 2
+
+
 async def test_an_unanswered_fields_ignored_event_leaves_the_next_objects_to_the_next_pass(
         harness: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
     """The Event listing what Shoal ignores of an object is best effort, but its call waiting out the timeout tells
