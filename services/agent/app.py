@@ -356,26 +356,31 @@ class NodeAgent:
         here, so no mount process starts on a folder while it is being freed; a folder refused (a symbolic link, in
         use) is said and left."""
         retired, worker.retired = worker.retired, []
-        directories = domain.retired_directories(retired, worker.levels)
+        await self._free_directories(worker.namespace, worker.name, domain.retired_directories(retired, worker.levels))
+        await asyncio.to_thread(self.ledger.retired_freed, (worker.namespace, worker.name))
+
+    async def _free_directories(self, namespace: str, name: str, directories: list[str]) -> None:
+        """Delete the dataset's blocks in the tier ``directories`` its runtime's tiers dropped
+        (``services.agent.retire``), and say how many bytes that freed; a folder refused (a symbolic link, in use)
+        is said and left."""
         if not directories:
-            await asyncio.to_thread(self.ledger.retired_freed, (worker.namespace, worker.name))
             return
-        suffix = domain.cache_suffix(self.settings.agent.cache_subdir, worker.namespace, worker.name)
+        key = f"{namespace}/{name}"
+        suffix = domain.cache_suffix(self.settings.agent.cache_subdir, namespace, name)
         in_use = self._cache_folders_in_use()
         for directory in directories:
             try:
                 freed = await asyncio.to_thread(retire.free_folder, directory, suffix, in_use)
             except OSError as err:
-                log.warning("could not free the blocks of a tier the runtime no longer names", dataset=worker.key,
+                log.warning("could not free the blocks of a tier the runtime no longer names", dataset=key,
                             folder=os.path.join(directory, suffix), error=str(err))
                 continue
             if freed.refused:
-                log.warning("blocks of a tier the runtime no longer names left on disk", dataset=worker.key,
+                log.warning("blocks of a tier the runtime no longer names left on disk", dataset=key,
                             folder=freed.folder, reason=freed.refused)
             elif freed.blocks:
-                log.info("blocks of a tier the runtime no longer names freed", dataset=worker.key,
+                log.info("blocks of a tier the runtime no longer names freed", dataset=key,
                          folder=freed.folder, blocks=freed.blocks, freed_bytes=freed.bytes)
-        await asyncio.to_thread(self.ledger.retired_freed, (worker.namespace, worker.name))
 
     def _cache_folders_in_use(self) -> list[str]:
         """The cache folders of every mount this agent runs, in the tiers it started with and in its runtime's
@@ -611,13 +616,17 @@ class NodeAgent:
 
     async def _free_cache(self, namespace: str, name: str, levels: list[Level] | None = None) -> None:
         """Delete the blocks of a deleted dataset that its mount process (down, or never told) left on disk, in the
-        runtime's tiers (or ``levels``, those of a runtime deleted before the dataset)."""
+        runtime's tiers (or ``levels``, those of a runtime deleted before the dataset), and in the tiers the ledger
+        keeps as waiting to be freed (``retired``: the agent stopped before its mount was up on new tiers)."""
         if levels is None:
             runtime = self.runtimes.values.get(subjects.resource_key(namespace, name))
             levels = runtime.runtime.spec.tieredstore.levels if runtime is not None else \
                 self.ledger.caches.get((namespace, name))
             if levels is None:
                 return
+        # Before the ledger's entry goes with the cache: nothing else says where these blocks are.
+        await self._free_directories(namespace, name,
+                                     domain.retired_directories(self.ledger.retired.get((namespace, name), []), levels))
         suffix = domain.cache_suffix(self.settings.agent.cache_subdir, namespace, name)
         folders = [Path(d.strip()) / suffix for level in levels for d in level.path.split(",") if d.strip()]
         if not await asyncio.to_thread(lambda: any(folder.is_dir() for folder in folders)):
@@ -639,13 +648,14 @@ class NodeAgent:
 
     def _deleted_caches(self) -> dict[tuple[str, str], list[Level]]:
         """The caches, in the disk tiers of the runtimes that exist and in those this node's mounts were started
-        with (``ledger``: a runtime deleted while this agent was down), of datasets that do not exist (deleted while
-        it was down), each with its tiers: those its mounts were started with when known, else those it was found
-        in. Only folders a cache made (holding its ``MARKER``) count, so another agent's subdir or a folder that is
-        not Shoal's is never taken for one."""
+        with (``ledger``: a runtime deleted while this agent was down), or were stopped on for a change of tiers and
+        not freed yet (its ``retired``), of datasets that do not exist (deleted while it was down), each with its
+        tiers: those its mounts were started with when known, else those it was found in. Only folders a cache made
+        (holding its ``MARKER``) count, so another agent's subdir or a folder that is not Shoal's is never taken for
+        one."""
         found: dict[tuple[str, str], list[Level]] = {}
         sources = [*(record.runtime.spec.tieredstore.levels for record in self.runtimes.values.values()),
-                   *self.ledger.caches.values()]
+                   *self.ledger.caches.values(), *self.ledger.retired.values()]
         for levels in sources:
             paths = [d.strip() for level in levels if level.mediumtype != "MEM" for d in level.path.split(",")]
             for path in filter(None, paths):

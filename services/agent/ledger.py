@@ -11,7 +11,8 @@ edited by hand) naming another folder deletes nothing.
 With each cache's tiers it keeps those of the mounts stopped for a change of tiers (``retired``) until the agent has
 freed their blocks in the directories the new tiers dropped (``services.agent.retire``), which it does once the
 mount runs on the new tiers: an agent restarted in between (the new tiers written down, the new mount not up yet)
-finds them here and frees them then, instead of leaving them on disk for ever.
+finds them here and frees them then, instead of leaving them on disk for ever; or with the rest of the cache, and
+looks for it there too, if the dataset was deleted meanwhile.
 
 A file that cannot be read or decoded is said in the log and taken as empty: the agent still runs, and finds what
 the runtimes that exist say.

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -818,6 +819,61 @@ async def test_blocks_of_a_dropped_tier_are_freed_when_the_agent_restarts_before
             await eventually(lambda: _async(not caches["kept"].exists()), timeout=30,
                              what="the agent back, freeing the blocks of the directory the runtime dropped")
             assert await read_file(cluster.agents["n1"].mountpoint("kept") / "d1.bin") == objects["d1.bin"]
+            assert len(block_files(caches["gone"])) >= 4
+        finally:
+            stall.release()
+            stall.remove()
+
+
+@pytest.mark.parametrize("case", ["new-folder-made", "new-folder-never-made", "runtime-deleted-first"])
+async def test_blocks_of_a_dropped_tier_are_freed_when_the_dataset_is_deleted_before_the_new_mount_is_up(
+        bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path, case: str) -> None:
+    # As above, but the dataset is deleted while the agent is down. Back, the agent freed the deleted dataset's
+    # cache in the tiers its mount was last started with, and forgot it with the tiers waiting to be freed: the
+    # blocks in the directory the runtime dropped stayed for ever; and when the new tier held no cache folder yet
+    # (the process died before making it) the dataset was not even found. The same when only the runtime went while
+    # the agent was down (the dataset's cache is kept for it) and the dataset is deleted once the agent is back.
+    objects = {f"d{i}.bin": os.urandom(1_500_000) for i in range(2)}
+    await put_objects(seaweedfs, bucket, objects)
+    async with cluster_stack(bus, settings, seaweedfs, tmp_path, {"n1": {}}) as cluster:
+        caches = await _gone_and_kept_cached_in_own_tiers(bus, bucket, cluster, objects)
+        moved = cluster.cache_dir / "moved"
+        new_cache = moved / "n1" / "default" / "kept"
+        stall = StalledCacheFile(new_cache)
+        try:
+            level = Level(mediumtype="SSD", quota="256Mi", path=str(moved), high="0.95", low="0.8")
+            await bus.publish(subjects.RUNTIME_APPLY, RuntimeApply(runtime=Runtime(
+                metadata=ObjectMeta(name="kept"), spec=RuntimeSpec(tieredstore=TieredStore(levels=[level]),
+                                                                   block_size="1Mi"))))
+            ledger = cluster.agents["n1"].mount_root / LEDGER_FILE_NAME
+
+            async def started_on_the_new_tier() -> bool:
+                return ledger.exists() and str(moved) in ledger.read_text()
+
+            await eventually(started_on_the_new_tier, what="the mount process started on the new tier")
+            await cluster.stop_agent("n1")
+            stall.remove()
+            if case == "new-folder-never-made":
+                shutil.rmtree(new_cache)
+            if case == "runtime-deleted-first":
+                await bus.publish(subjects.RUNTIME_DELETE, RuntimeDelete(name="kept"))
+                await eventually(lambda: _async_not(runtime_record(bus, "kept")), what="the runtime deleted")
+                cluster.start_agent("n1")
+                await cluster.wait_mounted("gone", "d1.bin")
+                assert len(block_files(caches["kept"])) >= 4  # the dataset may be bound again: kept meanwhile
+            await bus.publish(subjects.DATASET_DELETE, DatasetDelete(name="kept"))
+            await eventually(lambda: _async_not(dataset_record(bus, "kept")), what="the dataset deleted")
+            if case != "runtime-deleted-first":
+                assert len(block_files(caches["kept"])) >= 4  # no process of the node was there to free them
+                cluster.start_agent("n1")
+
+            async def freed() -> bool:
+                names = {entry["name"] for entry in msgspec.json.decode(ledger.read_bytes())["caches"]}
+                return not caches["kept"].exists() and not new_cache.exists() and "kept" not in names
+
+            await eventually(freed, timeout=30,
+                             what="the agent back, freeing the blocks of the deleted dataset's dropped tier")
+            await cluster.wait_mounted("gone", "d1.bin")
             assert len(block_files(caches["gone"])) >= 4
         finally:
             stall.release()
