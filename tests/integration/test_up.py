@@ -66,9 +66,18 @@ STOP_TIMEOUT = 60.0
 def up_arguments(state_dir: Path) -> list[str]:
     """Every port free and non-default, so a developer's own `make run` never collides with the test."""
     seaweed = SeaweedConfig.on_free_ports(state_dir)
+    # SeaweedFS also takes each of its ports + 10000 (gRPC): NATS's two must be none of those, nor each other.
+    taken = {port + offset for port in (seaweed.s3_port, seaweed.master_port, seaweed.volume_port, seaweed.filer_port)
+             for offset in (0, 10000)}
+    nats_ports: list[int] = []
+    while len(nats_ports) < 2:
+        port = free_port()
+        if port not in taken:
+            taken.add(port)
+            nats_ports.append(port)
     return [
         "up", "--state-dir", str(state_dir),
-        "--nats-port", str(free_port()), "--nats-monitor-port", str(free_port()),
+        "--nats-port", str(nats_ports[0]), "--nats-monitor-port", str(nats_ports[1]),
         "--s3-port", str(seaweed.s3_port), "--seaweed-master-port", str(seaweed.master_port),
         "--seaweed-volume-port", str(seaweed.volume_port), "--seaweed-filer-port", str(seaweed.filer_port),
         "--http-port", "0", "--prometheus-port", "0",
