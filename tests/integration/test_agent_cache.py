@@ -214,6 +214,23 @@ spec:
 """
 
 
+async def _apply_fluid_quota_list(bus: Bus, cache_dir: Path, bucket: str) -> tuple[Path, Path]:
+    """A Fluid runtime whose tier's two directories (returned: big, small) have quotas 6Mi and 3Mi, and dataset
+    "split" of ``bucket``, applied as `shoal apply -f` would."""
+    big, small = cache_dir / "big", cache_dir / "small"
+    text = FLUID_QUOTA_LIST % (big, small) + f"""---
+apiVersion: shoal.io/v1alpha1
+kind: Dataset
+metadata: {{name: split}}
+spec: {{mounts: [{{mountPoint: "s3://{bucket}/"}}]}}
+"""
+    commands, _, errors = documents_to_commands(parse_documents(text))
+    assert errors == [] and len(commands) == 2
+    for command in commands:
+        await bus.publish(command.subject, command.event)
+    return big, small
+
+
 @pytest.mark.needs("fuse", "page-cache")
 async def test_a_fluid_quota_list_keeps_each_tier_directory_under_its_own_quota(
         bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path) -> None:
@@ -223,17 +240,7 @@ async def test_a_fluid_quota_list_keeps_each_tier_directory_under_its_own_quota(
     objects = {f"f{i:02d}.bin": os.urandom(2 * MiB) for i in range(10)}
     await put_objects(seaweedfs, bucket, objects)
     async with node_stack(bus, settings, seaweedfs, tmp_path, cache_policy="lru") as node:
-        big, small = node.cache_dir / "big", node.cache_dir / "small"
-        text = FLUID_QUOTA_LIST % (big, small) + f"""---
-apiVersion: shoal.io/v1alpha1
-kind: Dataset
-metadata: {{name: split}}
-spec: {{mounts: [{{mountPoint: "s3://{bucket}/"}}]}}
-"""
-        commands, _, errors = documents_to_commands(parse_documents(text))
-        assert errors == [] and len(commands) == 2
-        for command in commands:
-            await bus.publish(command.subject, command.event)
+        big, small = await _apply_fluid_quota_list(bus, node.cache_dir, bucket)
         root = await node.wait_mounted("split", expect="f09.bin")
 
         def used(directory: Path) -> int:
@@ -257,17 +264,7 @@ async def test_a_fluid_quota_list_level_keeps_the_recently_read_blocks_in_every_
     then = {f"b{i:02d}.bin": os.urandom(2 * MiB) for i in range(10)}
     await put_objects(seaweedfs, bucket, {**first, **then})
     async with node_stack(bus, settings, seaweedfs, tmp_path, cache_policy="lru") as node:
-        big, small = node.cache_dir / "big", node.cache_dir / "small"
-        text = FLUID_QUOTA_LIST % (big, small) + f"""---
-apiVersion: shoal.io/v1alpha1
-kind: Dataset
-metadata: {{name: split}}
-spec: {{mounts: [{{mountPoint: "s3://{bucket}/"}}]}}
-"""
-        commands, _, errors = documents_to_commands(parse_documents(text))
-        assert errors == [] and len(commands) == 2
-        for command in commands:
-            await bus.publish(command.subject, command.event)
+        big, small = await _apply_fluid_quota_list(bus, node.cache_dir, bucket)
         root = await node.wait_mounted("split", expect="b09.bin")
 
         def block_files() -> dict[str, set[str]]:

@@ -786,6 +786,23 @@ async def test_blocks_in_a_tier_directory_dropped_while_the_agent_was_down_are_f
         assert len(block_files(caches["gone"])) >= 4
 
 
+async def _kept_moved_to_a_tier_and_agent_stopped(bus: Bus, cluster: Cluster, moved: Path) -> Path:
+    """Runtime "kept" applied again with its tier in ``moved`` (a stalled cache file there holds its new mount
+    process at start); returns the agent's ledger once the agent wrote the new tier down (it does just before it
+    starts the mount process on it) and was stopped."""
+    level = Level(mediumtype="SSD", quota="256Mi", path=str(moved), high="0.95", low="0.8")
+    await bus.publish(subjects.RUNTIME_APPLY, RuntimeApply(runtime=Runtime(
+        metadata=ObjectMeta(name="kept"), spec=RuntimeSpec(tieredstore=TieredStore(levels=[level]),
+                                                           block_size="1Mi"))))
+    ledger = cluster.agents["n1"].mount_root / LEDGER_FILE_NAME
+
+    async def started_on_the_new_tier() -> bool:
+        return ledger.exists() and str(moved) in ledger.read_text()
+
+    await eventually(started_on_the_new_tier, what="the mount process started on the new tier")
+    await cluster.stop_agent("n1")
+    return ledger
+
 
 async def test_blocks_of_a_dropped_tier_are_freed_when_the_agent_restarts_before_the_new_mount_is_up(
         bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path) -> None:
@@ -800,18 +817,7 @@ async def test_blocks_of_a_dropped_tier_are_freed_when_the_agent_restarts_before
         moved = cluster.cache_dir / "moved"
         stall = StalledCacheFile(moved / "n1" / "default" / "kept")
         try:
-            level = Level(mediumtype="SSD", quota="256Mi", path=str(moved), high="0.95", low="0.8")
-            await bus.publish(subjects.RUNTIME_APPLY, RuntimeApply(runtime=Runtime(
-                metadata=ObjectMeta(name="kept"), spec=RuntimeSpec(tieredstore=TieredStore(levels=[level]),
-                                                                   block_size="1Mi"))))
-            ledger = cluster.agents["n1"].mount_root / LEDGER_FILE_NAME
-
-            async def started_on_the_new_tier() -> bool:
-                # The agent writes a mount's tiers down just before it starts the mount process on them.
-                return ledger.exists() and str(moved) in ledger.read_text()
-
-            await eventually(started_on_the_new_tier, what="the mount process started on the new tier")
-            await cluster.stop_agent("n1")
+            await _kept_moved_to_a_tier_and_agent_stopped(bus, cluster, moved)
             assert len(block_files(caches["kept"])) >= 4  # never mounted on the new tier: nothing freed yet
             stall.remove()
             cluster.start_agent("n1")
@@ -841,17 +847,7 @@ async def test_blocks_of_a_dropped_tier_are_freed_when_the_dataset_is_deleted_be
         new_cache = moved / "n1" / "default" / "kept"
         stall = StalledCacheFile(new_cache)
         try:
-            level = Level(mediumtype="SSD", quota="256Mi", path=str(moved), high="0.95", low="0.8")
-            await bus.publish(subjects.RUNTIME_APPLY, RuntimeApply(runtime=Runtime(
-                metadata=ObjectMeta(name="kept"), spec=RuntimeSpec(tieredstore=TieredStore(levels=[level]),
-                                                                   block_size="1Mi"))))
-            ledger = cluster.agents["n1"].mount_root / LEDGER_FILE_NAME
-
-            async def started_on_the_new_tier() -> bool:
-                return ledger.exists() and str(moved) in ledger.read_text()
-
-            await eventually(started_on_the_new_tier, what="the mount process started on the new tier")
-            await cluster.stop_agent("n1")
+            ledger = await _kept_moved_to_a_tier_and_agent_stopped(bus, cluster, moved)
             stall.remove()
             if case == "new-folder-never-made":
                 shutil.rmtree(new_cache)
