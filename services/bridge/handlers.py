@@ -901,7 +901,8 @@ class BridgeHandlers:
         """Whether the object under ``key``'s name is no longer ``obj`` (gone, or made again: another uid), read
         after a status write refused with 422, which says the same for a failed uid test (``domain.status_patch``)
         as for a status the CRD's validation refuses. The watch brings the new object, which gets its own status;
-        the old one's is dropped quietly: nothing is wrong with it."""
+        the old one's is dropped quietly: nothing is wrong with it. Only another uid says so: an object read back
+        without one (an odd answer), or a write that tested none (``obj`` had none), leaves the 422 the CRD's."""
         r = key.resource
         try:
             fresh = await self.custom.get_namespaced_custom_object(
@@ -909,9 +910,10 @@ class BridgeHandlers:
         except ApiException as err:
             if err.status != 404:
                 raise
-            fresh = None
-        if isinstance(fresh, dict) and domain.uid_of(fresh) == domain.uid_of(obj):
-            return False
+        else:
+            uid, fresh_uid = domain.uid_of(obj), domain.uid_of(fresh) if isinstance(fresh, dict) else ""
+            if not (uid and fresh_uid and fresh_uid != uid):
+                return False
         log.debug("status not written: the object was deleted or made again under its name", object=str(key),
                   uid=domain.uid_of(obj))
         return True

@@ -432,6 +432,26 @@ async def test_a_refused_status_whose_object_cannot_be_read_back_is_tried_again(
     assert len(harness.server.recorded("GET", "/dataloads/load")) >= 2
 
 
+async def test_a_refused_status_whose_object_reads_back_without_a_uid_is_told_not_dropped(
+        harness: Harness) -> None:
+    """A status write answered 422, and the object read back has no uid (an odd answer): that is no other object
+    under the name, only another uid would be, so the refusal is the CRD's and is told (a StatusRefused Event).
+    Before, an empty uid differed from the watch's and the refusal was dropped quietly as a replaced object's."""
+    handlers = harness.handlers
+    await harness.first_lists()
+    obj = await harness.create(DATALOAD, "load", {"dataset": {"name": "demo"}, "policy": "Sometimes"})
+    assert obj["metadata"]["uid"]
+    del harness.server.store[(DATALOAD.group, DATALOAD.plural, "default", "load")]["metadata"]["uid"]
+    harness.server.fail("PATCH", "/dataloads/load/status", 422)
+    await handlers.on_event(DATALOAD, "ADDED", obj)  # invalid: its status due at the next pass
+
+    refused = await harness.until(lambda: [e for e in harness.server.objects("", "events")
+                                           if e["reason"] == "StatusRefused"], what="the refusal told")
+    assert [e["involvedObject"]["name"] for e in refused] == ["load"]
+    assert harness.server.recorded("GET", "/dataloads/load")  # read back: a uid test could have failed
+    assert handlers._tick_failures == 0
+
+
 async def test_an_unanswered_fields_ignored_event_leaves_the_next_objects_to_the_next_pass(
         harness: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
     """The Event listing what Shoal ignores of an object is best effort, but its call waiting out the timeout tells
