@@ -10,7 +10,7 @@ Decides:
   imagePullSecrets, resources, runAfter.affinityStrategy) is noted as ignored; ``spec.dataset.namespace`` left
   out means the operation's own namespace, as in Fluid;
 - how a Fluid runtime maps: ``spec.replicas``, ``spec.tieredstore.levels[]`` (a tier's ``quotaList`` read as
-  its sum, the tier's ``quota``, and kept when its per-path quotas differ) and
+  its sum, the tier's ``quota``, and kept for a disk tier) and
   ``spec.management.metadataSyncPolicy`` as they are, Shoal's ``spec.autoscaling`` too (the CRDs of Fluid's
   kinds take it), the block size from the engine's own setting (Alluxio/GooseFS property, JuiceFS
   ``block-size`` option), nothing else;
@@ -100,7 +100,7 @@ LIST_FIELDS = ("apiVersion", "kind", "metadata", "items")
 
 METADATA_FIELDS = ("name", "namespace", "labels", "annotations")
 LEVEL_FIELDS = ("mediumtype", "path", "quota", "high", "low")
-# Fluid's per-path quotas of a tier; read into the tier's quota, and kept when they differ (``_quota_from_list``).
+# Fluid's per-path quotas of a tier; read into the tier's quota, and kept for a disk tier (``_quota_from_list``).
 QUOTA_LIST = "quotaList"
 
 Kind = Literal["dataset", "runtime", "dataload", "dataclean"]
@@ -552,7 +552,9 @@ def _quota_from_list(where: str, level: dict[str, Any]) -> tuple[str | int | Non
         return None, "", (f"{where}.quotaList {text!r} has {len(quotas)} quota{'' if len(quotas) == 1 else 's'} for "
                           f"the {paths} path{'' if paths == 1 else 's'} in path: give one quota per path, in the "
                           "same order")
-    if level.get("mediumtype") in ("SSD", "HDD") and len(set(quotas)) > 1:
+    if level.get("mediumtype") in ("SSD", "HDD"):
+        # Kept even when its quotas are equal (the agent's split is the same): the runtime service's refusals then
+        # name the entry the user wrote, not a ``quota`` made here.
         return _bytes_quantity(sum(quotas)), ",".join(entries), ""
     return _bytes_quantity(sum(quotas)), "", ""
 

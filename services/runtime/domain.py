@@ -215,7 +215,9 @@ def validate_runtime(runtime: Runtime) -> list[str]:
         quota: int | None = None
         try:
             quota = parse_quantity(level.quota)
-            if quota <= 0:
+            if quota <= 0 and level.quota_list and level.mediumtype in ("SSD", "HDD"):
+                pass  # the sum of a quotaList of zeros (a Fluid tier's): ``_quota_list_shares`` names the list
+            elif quota <= 0:
                 errors.append(f"{where}.quota must be greater than 0")
                 quota = None
             elif quota > MAX_TIER_QUOTA:

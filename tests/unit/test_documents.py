@@ -30,6 +30,7 @@ from libs.events.operation import (
     TargetPath,
 )
 from libs.events.runtime import Level, RuntimeApply, RuntimeDelete, directory_quotas
+from services.runtime.domain import validate_runtime
 
 
 def load(text: str) -> list[object]:
@@ -406,8 +407,28 @@ def test_fluid_quota_list_of_equal_quotas_is_the_tiers_quota() -> None:
     assert isinstance(commands[0].event, RuntimeApply)
     assert commands[0].event.runtime.spec.tieredstore.levels == [
         Level(mediumtype="MEM", path="/dev/shm", quota="2Gi"),
-        Level(mediumtype="SSD", path="/mnt/ssd0/cache,/mnt/ssd1/cache", quota="4Gi"),
+        Level(mediumtype="SSD", path="/mnt/ssd0/cache,/mnt/ssd1/cache", quota="4Gi", quota_list="2Gi,2Gi"),
     ]
+
+
+@pytest.mark.parametrize(("quota_list", "errors"), [
+    ("3Mi,3Mi", [f"spec.tieredstore.levels[1].quotaList[{i}] '3Mi' is too small to hold one block of spec.blockSize "
+                 "'4Mi'" for i in (0, 1)]),
+    ("0, 0", ["spec.tieredstore.levels[1].quotaList '0,0': every quota must be greater than 0"]),
+])
+def test_a_fluid_quota_list_of_equal_quotas_is_refused_naming_the_list_as_written(
+        quota_list: str, errors: list[str]) -> None:
+    """The runtime service's refusal of a Fluid tier's equal quotas names ``quotaList`` and the entry, as the user
+    wrote them. Before, the list was dropped for the sum and the refusal named a ``.quota '6Mi'`` (or ``.quota must
+    be greater than 0``) the user never wrote."""
+    commands, _, problems = documents_to_commands(load(QUOTA_LIST % quota_list))
+    assert problems == []
+    assert isinstance(commands[0].event, RuntimeApply)
+
+    refused = validate_runtime(commands[0].event.runtime)
+
+    assert [error[:len(wanted)] for error, wanted in zip(refused, errors, strict=False)] == errors, refused
+    assert len(refused) == len(errors) and not [error for error in refused if ".quota " in error], refused
 
 
 def test_fluid_quota_list_wins_over_quota_as_in_fluid_and_says_so() -> None:

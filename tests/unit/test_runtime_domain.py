@@ -166,6 +166,8 @@ def test_a_quota_list_gives_each_directory_its_own_quota() -> None:
      "spec.tieredstore.levels[0].quotaList: 'lots' is not a quantity"),
     (Level(mediumtype="SSD", quota="100Gi", quota_list="100Gi,0", path="/mnt/a,/mnt/b"),
      "spec.tieredstore.levels[0].quotaList '100Gi,0': every quota must be greater than 0"),
+    (Level(mediumtype="SSD", quota="0", quota_list="0,0", path="/mnt/a,/mnt/b"),  # a Fluid tier's: quota its sum
+     "spec.tieredstore.levels[0].quotaList '0,0': every quota must be greater than 0"),
     (Level(mediumtype="SSD", quota="100Gi", quota_list="100Gi,50Gi", path="/mnt/a,/mnt/b"),
      "spec.tieredstore.levels[0].quota '100Gi' must be the sum of quotaList '100Gi,50Gi' (161061273600 bytes)"),
     (Level(mediumtype="MEM", quota="1Gi", quota_list="1Gi"),
