@@ -14,6 +14,8 @@ Decides:
   ``spec.management.metadataSyncPolicy`` as they are, Shoal's ``spec.autoscaling`` too (the CRDs of Fluid's
   kinds take it), the block size from the engine's own setting (Alluxio/GooseFS property, JuiceFS
   ``block-size`` option), nothing else;
+- that a Shoal Runtime's tier with ``quotaList`` gives ``quota`` too, their sum, as its CRD requires (a Fluid
+  runtime's is derived): the refusal says so and names the sum;
 - that every field Shoal does not use is reported back as an "ignored: ..." note, never dropped silently;
 - that schema errors name the document and the JSON path (``$.spec.mounts[0].mountPoint``);
 - that a key given twice in one mapping is an error, not "the last one wins" (YAML's loaders keep the last without a
@@ -300,6 +302,8 @@ def _document_to_command(
     elif api_version == SHOAL_API and kind == "Runtime":
         target, mapped_spec = Runtime, spec
         notes += [_ignored(kind, path, "unknown field") for path in unknown_fields(RuntimeSpec, spec, "spec")]
+        if problems := _quota_list_without_quota(spec):
+            raise _DocumentError(f"{label}: " + "; ".join(problems))
     elif api_version == FLUID_API and kind == "Dataset":
         target = Dataset
         notes += [_ignored(kind, path, "not used by Shoal") for path in unknown_fields(DatasetSpec, spec, "spec")]
@@ -557,6 +561,29 @@ def _quota_from_list(where: str, level: dict[str, Any]) -> tuple[str | int | Non
         # name the entry the user wrote, not a ``quota`` made here.
         return _bytes_quantity(sum(quotas)), ",".join(entries), ""
     return _bytes_quantity(sum(quotas)), "", ""
+
+
+def _quota_list_without_quota(spec: dict[str, Any]) -> list[str]:
+    """Why a Shoal Runtime's tiers that give ``quotaList`` and no ``quota`` are refused (msgspec would say only
+    "missing required field `quota`"). Shoal's own kind states the tier's quota, as its CRD requires, and the
+    runtime service refuses one that is not the list's sum rather than correct it: derived here, ``shoal apply``
+    would accept what ``kubectl apply`` of the same document is refused. Fluid's kinds derive it (``_tieredstore``).
+    """
+    tieredstore = spec.get("tieredstore")
+    levels = tieredstore.get("levels") if isinstance(tieredstore, dict) else None
+    problems = []
+    for index, level in enumerate(levels if isinstance(levels, list) else []):
+        if not isinstance(level, dict) or "quota" in level or level.get(QUOTA_LIST) in (None, ""):
+            continue
+        text = level[QUOTA_LIST]
+        try:
+            size = sum(parse_quantity(entry.strip()) for entry in str(text).split(","))
+        except ValueError:
+            size = 0  # the runtime service says what is wrong with the list once a quota is given
+        total = f" (quota: {_bytes_quantity(size)})" if size > 0 else ""
+        problems.append(f"spec.tieredstore.levels[{index}].quota is required with quotaList {text!r}: give the "
+                        f"tier's quota, the sum of quotaList{total}")
+    return problems
 
 
 def _management(kind: str, management: Any) -> tuple[Any, list[str]]:

@@ -489,6 +489,30 @@ def test_a_quota_list_that_is_wrong_is_refused_saying_why(quota_list: str, error
     assert errors == [f"document 1 (AlluxioRuntime dataset): {error}"]
 
 
+@pytest.mark.parametrize(("quota_list", "total"), [("100Gi, 50Gi", " (quota: 150Gi)"), ("100Gi,lots", "")])
+def test_a_shoal_tier_with_a_quota_list_and_no_quota_is_refused_saying_quota_is_their_sum(
+        quota_list: str, total: str) -> None:
+    """Shoal's own kind states the tier's quota (its CRD requires it, and the runtime service refuses one that is
+    not the list's sum rather than correct it), so it is not derived as for Fluid's kinds; the refusal says what to
+    write. Before, it said only "Object missing required field `quota`"."""
+    text = f"""
+    apiVersion: shoal.io/v1alpha1
+    kind: Runtime
+    metadata: {{name: demo}}
+    spec:
+      tieredstore:
+        levels:
+          - mediumtype: SSD
+            path: /mnt/a,/mnt/b
+            quotaList: {quota_list}
+    """
+    commands, _, errors = documents_to_commands(load(text))
+
+    assert commands == []
+    assert errors == [f"document 1 (Runtime demo): spec.tieredstore.levels[0].quota is required with quotaList "
+                      f"{quota_list!r}: give the tier's quota, the sum of quotaList{total}"]
+
+
 def test_a_fluid_tier_without_quota_or_quota_list_says_to_give_one() -> None:
     commands, _, errors = documents_to_commands(load((QUOTA_LIST % "x").replace("quotaList: x", "high: '0.9'")))
 
