@@ -356,8 +356,7 @@ class DatasetFS(pyfuse3.Operations):
                     handle = self._handles[fh] = self.reader.open(handle.entry)
                 else:
                     handle = self._handles[fh] = self._read_state(fh)
-            self._last_read[fh] = self.clock()
-            self._reading[fh] = self._reading.get(fh, 0) + 1
+            self._reading[fh] = self._reading.get(fh, 0) + 1  # not idle meanwhile; ``finally`` dates its end
         elif handle is None:
             raise pyfuse3.FUSEError(errno.EBADF)
         try:

@@ -404,27 +404,25 @@ class BlockCache:
 
     def _choose(self, name: str, size: int, indexes: range) -> tuple[int, list[str]] | None:
         """The tier of ``indexes`` (one medium) that takes the block, and the residents to evict first; or None."""
-        free: list[tuple[int, int]] = []  # (index, free bytes below the high watermark) of available tiers
+        # (index, free bytes below the high watermark, plan) of the available tiers whose policy admits the block
+        admitting: list[tuple[int, int, list[str]]] = []
         for index in indexes:
             if self._tiers[index].available():
                 policy = self._policies[index]
-                free.append((index, policy.high_bytes - policy.resident_bytes - self._in_flight[index]))
-        roomy = [(index, room) for index, room in free if room >= size and self._policies[index].plan(
-            name, size, self._in_flight[index]) == []]
+                plan = policy.plan(name, size, self._in_flight[index])
+                if plan is not None:
+                    admitting.append((index, policy.high_bytes - policy.resident_bytes - self._in_flight[index], plan))
+        roomy = [(index, room) for index, room, plan in admitting if room >= size and not plan]
         if roomy:
             return place(name, roomy), []
+        if not admitting:
+            return None
         # The directory whose first victim was used least recently evicts (ties: the one with the most free room,
         # then the first listed). Not the most free room alone: the directories fill up at once, each eviction
         # leaves room in that one only, and so one directory would evict and take every new block while the others
         # kept their first blocks for ever, read or not.
-        candidates: list[tuple[int, int, int, list[str]]] = []
-        for index, room in free:
-            plan = self._policies[index].plan(name, size, self._in_flight[index])
-            if plan is not None:
-                candidates.append((self._index[plan[0]].used if plan else -1, -room, index, plan))
-        if not candidates:
-            return None
-        _, _, index, plan = min(candidates)
+        _, _, index, plan = min((self._index[plan[0]].used if plan else -1, -room, index, plan)
+                                for index, room, plan in admitting)
         return index, plan
 
     def commit(self, reservation: Reservation, written: bool) -> bool:
