@@ -35,6 +35,7 @@ from libs.ufs.base import NoSuchKey, ObjectChanged, UfsError
 from services.agent.namespace import MAX_NAME, Namespace, Node
 from services.agent.reader import BlockReader, OpenFile
 from services.agent.readfailures import LOG_INTERVAL_SECONDS, LogLimiter, ReadFailures
+from services.agent.streams import FileStreams, Stream
 
 log = get_logger(__name__)
 
@@ -61,8 +62,8 @@ MAX_SECONDS = 1e17
 # The patched pyfuse3 passes the inode as the handle of a read or readdir the kernel sends without one (fh 0), so
 # the mount can answer open and opendir with ENOSYS; stock pyfuse3 cannot, and the mount opens files as before.
 NO_OPEN = bool(getattr(pyfuse3, "NO_OPEN_HANDLE_IS_INODE", False))
-# Without opens there are no releases: a file's read state (its read-ahead, the blocks fetched ahead and the node
-# budget they hold) is dropped once nothing has read the file for this long (``close_idle``, every second).
+# Without opens there are no releases: a read stream's state (its read-ahead, the blocks fetched ahead and the node
+# budget they hold) is dropped once nothing has read on it for this long (``close_idle``, every second).
 IDLE_HANDLE_SECONDS = 5.0
 # ...and a file a reload removed stays readable by the descriptors opened before (as an open handle kept it): the
 # entries of the files removed last, this many, are kept for their inodes (a few hundred bytes each).
@@ -143,10 +144,9 @@ class DatasetFS(pyfuse3.Operations):
         self.clock = clock
         self.read_failures = ReadFailures()
         self.log_limiter: LogLimiter[tuple[str, str]] = LogLimiter(log_interval)  # (path, errno)
-        # Open file handle → its read state; with ``no_open``, inode → the read state of a file read lately.
-        self._handles: dict[int, OpenFile] = {}
-        self._last_read: dict[int, float] = {}  # with ``no_open``: inode → when it was last read
-        self._reading: dict[int, int] = {}  # with ``no_open``: inode → its reads in flight (never idle meanwhile)
+        self._handles: dict[int, OpenFile] = {}  # open file handle → its read state
+        # With ``no_open``: inode → the read streams of a file read lately (``services.agent.streams``).
+        self._streams: dict[int, FileStreams] = {}
         # With ``no_open``: inode → the entry of a file a reload removed, newest last (``REMOVED_FILES_KEPT``).
         self._removed: dict[int, ManifestEntry] = {}
         self._next_fh = 1
@@ -346,18 +346,14 @@ class DatasetFS(pyfuse3.Operations):
 
     async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:  # type: ignore[override]
         # pyfuse3 replies from any buffer (PyObject_GetBuffer), so a view into a cached block is not copied.
-        handle = self._handles.get(fh)
+        stream: Stream | None = None
         if self.no_open:
-            if handle is None or off == 0:
-                # ``fh`` is the file's inode. A read from the start is a new reader, as an open was: it starts
-                # with fresh read-ahead and nothing held from an earlier pass (which the hit counters never saw).
-                if handle is not None:
-                    self.reader.close(handle)
-                    handle = self._handles[fh] = self.reader.open(handle.entry)
-                else:
-                    handle = self._handles[fh] = self._read_state(fh)
-            self._reading[fh] = self._reading.get(fh, 0) + 1  # not idle meanwhile; ``finally`` dates its end
-        elif handle is None:
+            stream = self._stream(fh, off)  # ``fh`` is the file's inode
+            handle = stream.state
+            stream.reading += 1  # not idle meanwhile; ``finally`` dates its end
+        elif (found := self._handles.get(fh)) is not None:
+            handle = found
+        else:
             raise pyfuse3.FUSEError(errno.EBADF)
         try:
             data = await self.reader.read(handle, off, size)
@@ -375,16 +371,27 @@ class DatasetFS(pyfuse3.Operations):
             self._report(handle, err, errno.EIO)
             raise pyfuse3.FUSEError(errno.EIO) from err
         finally:
-            if self.no_open:
-                self._last_read[fh] = self.clock()  # idle from when its last read ended, not began
-                left = self._reading[fh] - 1
-                if left:
-                    self._reading[fh] = left
-                else:
-                    del self._reading[fh]
+            if stream is not None:
+                stream.reading -= 1
+                stream.last_read = self.clock()  # idle from when its last read ended, not began
         if self.read_failures.files:  # a file that failed reads again: it is fine now
             self.read_failures.succeeded(handle.entry.path)
         return data
+
+    def _stream(self, inode: int, offset: int) -> Stream:
+        """The read stream of ``inode`` a read at ``offset`` continues, or a new one (a read from the start is a new
+        reader, as an open was)."""
+        streams = self._streams.get(inode)
+        if streams is None:
+            first = self._read_state(inode)
+            streams = self._streams[inode] = FileStreams()
+            stream, _ = streams.pick(offset, self.clock(), lambda: first)
+            return stream
+        entry = streams.streams[0].state.entry  # every stream of a file reads one entry
+        stream, displaced = streams.pick(offset, self.clock(), lambda: self.reader.open(entry))
+        for state in displaced:
+            self.reader.close(state)
+        return stream
 
     def _read_state(self, inode: int) -> OpenFile:
         node = self.namespace.get(inode)
@@ -405,26 +412,23 @@ class DatasetFS(pyfuse3.Operations):
         self.close_idle(now)
 
     def _forget_read_state(self, inode: int) -> None:
-        self._last_read.pop(inode, None)
-        handle = self._handles.pop(inode, None)
-        if handle is not None:
-            self.reader.close(handle)
+        streams = self._streams.pop(inode, None)
+        for state in streams.states() if streams is not None else ():
+            self.reader.close(state)
 
     def close_idle(self, now: float) -> None:
-        """With ``no_open``: drop the read state of files nothing read for ``IDLE_HANDLE_SECONDS`` (there is no
-        release to do it), giving back the read-ahead budget their blocks fetched ahead held. A file with a read in
-        flight is not idle, however long that read takes (a slow store): dropping its state would reset its
-        read-ahead, and make a descriptor of a file a reload removed ESTALE while it was reading."""
-        idle = []
-        for inode, last in self._last_read.items():
-            if now < last:
-                # The wall clock was set back: idle from now on, not until the clock is back where it was
-                # (an hour's step would hold the file's blocks ahead, and their budget, for an hour).
-                self._last_read[inode] = now
-            elif now - last >= IDLE_HANDLE_SECONDS and inode not in self._reading:
-                idle.append(inode)
-        for inode in idle:
-            self._forget_read_state(inode)
+        """With ``no_open``: drop the read streams nothing read for ``IDLE_HANDLE_SECONDS`` (there is no release to
+        do it), giving back the read-ahead budget their blocks fetched ahead held. A stream with a read in flight is
+        not idle, however long that read takes (a slow store): dropping its state would reset its read-ahead, and
+        make a descriptor of a file a reload removed ESTALE while it was reading."""
+        emptied = []
+        for inode, streams in self._streams.items():
+            for state in streams.idle(now, IDLE_HANDLE_SECONDS):
+                self.reader.close(state)
+            if not streams.streams:
+                emptied.append(inode)
+        for inode in emptied:
+            del self._streams[inode]
 
     def _report(self, handle: OpenFile, err: Exception, code: int) -> None:
         path, name, now = handle.entry.path, errno.errorcode[code], self.clock()

@@ -199,6 +199,43 @@ async def test_sixteen_concurrent_readers(bus: Bus, settings: Settings, seaweedf
         assert all(result == expected for result in results)
 
 
+async def test_two_readers_of_one_file_in_different_places_each_keep_their_read_ahead(
+        bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path) -> None:
+    # Without opens (the patched pyfuse3) the kernel's reads name the file, not the reader: the mount tells two
+    # readers apart by where each read continues (services/agent/streams.py).
+    assert NO_OPEN, "pyfuse3 is not the patched build: run `make venv`"
+    body = random.Random(11).randbytes(32 * MiB)
+    await put_objects(seaweedfs, bucket, {"model.bin": body})
+    targets = tmp_path / "targets"
+    async with node_stack(bus, settings, seaweedfs, tmp_path, prometheus_targets_dir=str(targets)) as node:
+        await node.apply("halves", bucket, block_size="4Mi")
+        root = await node.wait_mounted("halves", expect="model.bin")
+        port = target_port(targets, "halves")
+        assert port is not None
+
+        def read_both_halves_in_turn() -> bytes:
+            # Two descriptors, as two processes or a loader's two threads would have, each reading its half from
+            # its start, one MiB from each in turn: the mount sees their reads interleaved.
+            half = len(body) // 2
+            first, second = bytearray(), bytearray()
+            with open(root / "model.bin", "rb", buffering=0) as a, open(root / "model.bin", "rb", buffering=0) as b:
+                for at in range(0, half, MiB):
+                    first += os.pread(a.fileno(), MiB, at)
+                    second += os.pread(b.fileno(), MiB, half + at)
+            return bytes(first + second)
+
+        assert md5(await asyncio.to_thread(read_both_halves_in_turn)) == md5(body)
+        samples = await scrape(port)
+        gets = series(samples, "shoal_store_request_duration_seconds_count", node=NODE, dataset="default/halves",
+                      operation="get")
+        # Each of the 8 blocks fetched whole, once, and at most one ranged GET more: the second reader's first
+        # read, which continues nothing (a read taken for a random one is answered with a GET of just its bytes).
+        # With one read state for the file, every read after the first few was taken for a random one.
+        assert gets is not None and 8 <= gets <= 9, gets
+        assert series(samples, "shoal_read_bytes_total", node=NODE, dataset="default/halves",
+                      source="store") <= len(body) + MiB
+
+
 async def test_warm_files_and_walks_never_reach_the_mount_process_and_a_resync_relists(
         bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path) -> None:
     # The pyfuse3 `make venv` builds (deploy/pyfuse3) lets the mount answer open and opendir with ENOSYS.
