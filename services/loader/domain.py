@@ -548,6 +548,9 @@ class RunState(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omit_d
     # The incarnation of the dataset the run started on (``DatasetRecord.incarnation``; "" for a state saved before
     # it was kept): a dataset deleted, or deleted and applied again, while the run works ends it (``dataset_lost``).
     dataset_incarnation: str = ""
+    # OnEvent: the incarnation of the dataset whose manifest is the baseline (``subjects.loader_manifest``, saved by
+    # the last Complete run). A sync of another incarnation loads the whole target (``changes_only``).
+    baseline_incarnation: str = ""
 
 
 def parts_state(plan: Plan) -> list[PartState]:
@@ -809,6 +812,15 @@ def due(record: OperationRecord, state: RunState, dataset: DatasetRecord | None,
     if dataset is not None and dataset.status.phase == "Bound" and state.sync_stamp != dataset_stamp(dataset):
         return "event"
     return None
+
+
+def changes_only(trigger: Trigger, record: OperationRecord, state: RunState, dataset: DatasetRecord | None) -> bool:
+    """Whether a run loads only what changed since the OnEvent baseline: a run fired by a sync, after a first run,
+    of the dataset incarnation the baseline was listed from. A dataset deleted and applied again is another
+    incarnation whose cache went with the old one (its mounts delete their blocks), so a diff against the old
+    manifest, which may list the very same objects, would load nothing into a cold cache."""
+    return (trigger == "event" and bool(record.status.start_time) and dataset is not None
+            and dataset.incarnation == state.baseline_incarnation)
 
 
 RunAfter = Literal["go", "wait", "fail"]

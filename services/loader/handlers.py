@@ -590,7 +590,8 @@ class LoaderHandlers:
             requested=state.requested - 1 if trigger == "requested" else state.requested,
             run_command_sequence=state.run_command_sequence,
             sync_stamp=domain.dataset_stamp(dataset) if dataset is not None else state.sync_stamp,
-            dataset_incarnation=dataset.incarnation if dataset is not None else "")
+            dataset_incarnation=dataset.incarnation if dataset is not None else "",
+            baseline_incarnation=state.baseline_incarnation)
         load_metadata = record.load is not None and record.load.load_metadata
         if problem:
             state = msgspec.structs.replace(state, stage="finished")
@@ -600,7 +601,7 @@ class LoaderHandlers:
         else:
             state = msgspec.structs.replace(state, stage="planning")
         # An OnEvent run fired by a sync loads what changed since the last run; the others load the whole target.
-        state = msgspec.structs.replace(state, changes_only=trigger == "event" and bool(record.status.start_time))
+        state = msgspec.structs.replace(state, changes_only=domain.changes_only(trigger, record, state, dataset))
         await self._save_state(key, state)
         log.info("run started", run=run, trigger=trigger, problem=problem or None)
         if problem:
@@ -751,6 +752,8 @@ class LoaderHandlers:
         # it), the tick finds the record Executing a finished run and writes this end (``_close``).
         state = msgspec.structs.replace(state, stage="finished", outcome=phase, outcome_message=message,
                                         finished_at=now)
+        if phase == "Complete" and record.load is not None and record.load.policy == "OnEvent":
+            state = msgspec.structs.replace(state, baseline_incarnation=state.dataset_incarnation)
         await self._save_state(key, state)
         await self._close(key, record, revision, state)
 

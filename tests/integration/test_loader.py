@@ -868,6 +868,28 @@ async def test_on_event_after_a_failed_run_loads_its_changes_again(bus: Bus, nat
     assert not scripted.keys("dataload.default.warm.4")
 
 
+async def test_on_event_after_the_dataset_is_deleted_and_applied_again_loads_everything(
+        bus: Bus, nats_server: NatsServer) -> None:
+    """The dataset is deleted (its mounts delete its cached blocks) and applied again with the same objects: a new
+    incarnation, cold. The sync of the new one fires an OnEvent run that must load the whole target, not diff the
+    manifest against the old incarnation's baseline and load nothing. Later syncs of that incarnation load only
+    what changed again."""
+    await put_dataset(bus, files(("a", BLOCK), ("b", BLOCK)), incarnation="first")
+    await put_runtime(bus, NODES[:1])
+    async with agent(bus, NODES[:1]) as scripted, loader(nats_server):
+        await publish(bus, subjects.DATALOAD_APPLY, dataload(policy="OnEvent"))
+        await phase_of(bus, "Complete", runs=1)
+        assert scripted.keys("dataload.default.warm.1") == {"a", "b"}
+        await (await bus.kv(subjects.KV_DATASETS)).delete(subjects.resource_key("default", "data"))
+        await put_dataset(bus, files(("a", BLOCK), ("b", BLOCK)), incarnation="again", requests=1)
+        second = await phase_of(bus, "Complete", runs=2)
+        assert "nothing to load" not in second.status.message
+        assert scripted.keys("dataload.default.warm.2") == {"a", "b"}
+        await put_dataset(bus, files(("a", BLOCK), ("b", BLOCK), ("c", BLOCK)), incarnation="again", requests=2)
+        await phase_of(bus, "Complete", runs=3)
+        assert scripted.keys("dataload.default.warm.3") == {"c"}
+
+
 async def test_load_metadata_resyncs_first_and_fails_when_no_sync_comes(bus: Bus, nats_server: NatsServer) -> None:
     await put_dataset(bus, files(("a", BLOCK)))
     await put_runtime(bus, NODES[:1])

@@ -545,6 +545,18 @@ def test_on_event_runs_when_the_dataset_synced_again() -> None:
     assert domain.due(ran, domain.RunState(sync_stamp=stamp, requested=1), dataset, 0.0) == "requested"
 
 
+def test_on_event_loads_only_changes_of_the_incarnation_its_baseline_was_listed_from() -> None:
+    """A dataset deleted and applied again is a cold cache: its first sync's run loads the whole target."""
+    spec = DataLoadSpec(dataset=REF, policy="OnEvent")
+    dataset = DatasetRecord(dataset=Dataset(metadata=ObjectMeta(name="data")), generation=1, incarnation="again",
+                            status=DatasetStatus(phase="Bound", synced_generation=1, last_sync_time="x"))
+    ran = record(spec, runs=1, phase="Complete", start_time="x")
+    assert domain.changes_only("event", ran, domain.RunState(baseline_incarnation="again"), dataset)
+    assert not domain.changes_only("event", ran, domain.RunState(baseline_incarnation="first"), dataset)
+    assert not domain.changes_only("event", record(spec), domain.RunState(baseline_incarnation="again"), dataset)
+    assert not domain.changes_only("requested", ran, domain.RunState(baseline_incarnation="again"), dataset)
+
+
 def test_run_after_waits_goes_or_fails_naming_the_other() -> None:
     ref = OperationRef(kind="DataLoad", name="first")
     assert domain.run_after(None, "default", None) == ("go", "")
