@@ -548,6 +548,9 @@ class RunState(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omit_d
     # The incarnation of the dataset the run started on (``DatasetRecord.incarnation``; "" for a state saved before
     # it was kept): a dataset deleted, or deleted and applied again, while the run works ends it (``dataset_lost``).
     dataset_incarnation: str = ""
+    # The dataset (``ns/name``) the run started on ("" for a state saved before it was kept): the operation applied
+    # again naming another one ends the run (``dataset_lost``).
+    dataset: str = ""
     # OnEvent: the incarnation of the dataset whose manifest is the baseline (``subjects.loader_manifest``, saved by
     # the last Complete run). A sync of another incarnation loads the whole target (``changes_only``).
     baseline_incarnation: str = ""
@@ -662,12 +665,19 @@ def unwaited_mounts(mounts: Iterable[tuple[str, str]], operations: Mapping[str, 
 def dataset_lost(record: OperationRecord, state: RunState, dataset: DatasetRecord | None) -> str | None:
     """Why a run that started (loadMetadata, planning, executing) cannot go on: its dataset was deleted, or deleted and
     applied again (a new incarnation, with its own manifest and mounts). Its parts would wait for mounts that are
-    gone, or describe a dataset that is no more. None while the dataset the run started on is there."""
+    gone, or describe a dataset that is no more. None while the dataset the run started on is there.
+
+    Also when the operation was applied again naming another dataset (``spec.dataset``): the run's parts are the
+    old dataset's, and every check of the run (this one, its runtime's nodes, its mounts' silence) would look at the
+    new one, failing it for a deletion nobody made."""
     if state.stage == "finished":
         return None
+    ref = dataset_ref(record)
+    if state.dataset and state.dataset != f"{ref.namespace}/{ref.name}":
+        return (f"spec.dataset changed from {state.dataset} to {ref.namespace}/{ref.name} while this run was working "
+                f"on {state.dataset}; its parts were cancelled; the next run works on {ref.namespace}/{ref.name}")
     if dataset is not None and (not state.dataset_incarnation or dataset.incarnation == state.dataset_incarnation):
         return None
-    ref = dataset_ref(record)
     again = " (and applied again)" if dataset is not None else ""
     return (f"dataset {ref.namespace}/{ref.name} was deleted{again} while this run was working; its parts were "
             f"cancelled; run the {record.kind} again on the dataset as it is now")

@@ -581,6 +581,7 @@ class LoaderHandlers:
                      trigger: domain.Trigger, now: float, failure: str) -> None:
         number = record.status.runs + 1
         run = f"{key}.{number}"
+        ref = domain.dataset_ref(record)
         dataset = await self._dataset(record)
         runtime = await self._runtime(record)
         problem = failure or domain.run_problem(record, domain.Cluster(dataset, runtime))
@@ -590,6 +591,7 @@ class LoaderHandlers:
             requested=state.requested - 1 if trigger == "requested" else state.requested,
             run_command_sequence=state.run_command_sequence,
             sync_stamp=domain.dataset_stamp(dataset) if dataset is not None else state.sync_stamp,
+            dataset=f"{ref.namespace}/{ref.name}",
             dataset_incarnation=dataset.incarnation if dataset is not None else "",
             baseline_incarnation=state.baseline_incarnation)
         load_metadata = record.load is not None and record.load.load_metadata

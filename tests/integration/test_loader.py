@@ -993,6 +993,42 @@ async def test_a_load_whose_dataset_is_deleted_while_it_executes_fails_saying_so
     assert [c.run for c in cancels] == ["dataload.default.warm.1"]
 
 
+async def test_a_load_whose_spec_names_another_dataset_while_it_executes_is_cancelled_saying_so(
+        bus: Bus, nats_server: NatsServer) -> None:
+    """A DataLoad applied again with another spec.dataset while its run executes: the run's parts are the old
+    dataset's, so it is cancelled and fails saying the dataset changed (not that the new dataset, or its runtime,
+    was deleted, which nobody did), and the new spec's run loads the new dataset."""
+    await put_dataset(bus, files(("a", BLOCK)), incarnation="first")
+    await put_dataset(bus, files(("b", BLOCK)), name="other", incarnation="second")
+    await put_runtime(bus, NODES[:1])
+    await put_runtime(bus, NODES[:1], name="other")
+    facts = FactCollector()
+    await facts.start(bus, subjects.DATALOAD_FACTS)
+    cancels: list[TaskCancel] = []
+
+    async def on_cancel(msg: Any) -> None:
+        cancels.append(msgspec.json.decode(msg.data, type=TaskCancel))
+
+    sub = await bus.nc.subscribe(subjects.TASK_CANCEL, cb=on_cancel)
+    try:
+        async with agent(bus, NODES[:1]) as scripted, agent(bus, NODES[:1], dataset="other") as other, \
+                loader(nats_server):
+            scripted.hold.set()
+            await publish(bus, subjects.DATALOAD_APPLY, dataload())
+            await phase_of(bus, "Executing", runs=1)
+            await eventually(lambda: _true("dataload.default.warm.1.0" in scripted.tasks), what="part 0 held")
+            await publish(bus, subjects.DATALOAD_APPLY, dataload(dataset="other"))
+            await phase_of(bus, "Complete", runs=2)
+    finally:
+        await sub.unsubscribe()
+    assert "dataload.default.warm.1" in {c.run for c in cancels}
+    assert other.keys("dataload.default.warm.2") == {"b"}
+    ends = [e["status"] for e in facts.of_type("operation.status.v1")
+            if e["status"].get("runs") == 1 and e["status"].get("phase") == "Failed"]
+    assert ends, "run 1 never failed"
+    assert "spec.dataset" in ends[0]["message"] and "deleted" not in ends[0]["message"], ends[0]["message"]
+
+
 async def test_applies_and_deletes_delivered_again_behind_newer_commands_leave_the_last_word(bus: Bus) -> None:
     """An apply or a delete whose first handling failed (a NATS error after its write, say) is delivered again
     behind the commands that came after it. The commands stream's order must win: an older delete does not remove

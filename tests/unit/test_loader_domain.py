@@ -479,6 +479,22 @@ def test_a_record_left_executing_a_finished_run_is_closed_with_its_saved_end() -
                                           parts=[domain.PartState(node="a")]))[0] == "Failed"
 
 
+def test_a_run_ends_when_its_dataset_goes_or_its_spec_names_another() -> None:
+    here = DatasetRecord(dataset=Dataset(metadata=ObjectMeta(name="data")), generation=1, incarnation="one")
+    started = domain.RunState(run="dataload.default.warm.1", stage="executing", dataset="default/data",
+                              dataset_incarnation="one")
+    assert domain.dataset_lost(record(), started, here) is None
+    assert "was deleted while" in (domain.dataset_lost(record(), started, None) or "")
+    again = msgspec.structs.replace(here, incarnation="two")
+    assert "was deleted (and applied again)" in (domain.dataset_lost(record(), started, again) or "")
+    moved = record(DataLoadSpec(dataset=ObjectRef(name="other")))
+    message = domain.dataset_lost(moved, started, here) or ""
+    assert "spec.dataset changed from default/data to default/other" in message and "deleted" not in message
+    # A state saved before the run's dataset was kept: only the incarnation is checked.
+    assert domain.dataset_lost(moved, msgspec.structs.replace(started, dataset=""), here) is None
+    assert domain.dataset_lost(moved, msgspec.structs.replace(started, stage="finished"), None) is None
+
+
 def test_a_delete_keeps_the_last_run_finished_and_a_run_it_cut_short_failed() -> None:
     executing = domain.RunState(run="dataload.default.warm.2", stage="executing", started_at=1.0,
                                 parts=[domain.PartState(node="a")])
