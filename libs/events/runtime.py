@@ -31,12 +31,18 @@ class Level(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omit_defa
     # ("100Gi,50Gi"); ``quota`` is then their sum. Empty: ``quota`` split equally (``directory_quotas``).
     quota_list: str = ""
 
+    @property
+    def directories(self) -> list[str]:
+        """The directories of ``path``, comma-separated, each stripped, in order (empty entries left out), as the
+        agent's cache uses them."""
+        return [path.strip() for path in self.path.split(",") if path.strip()]
+
 
 def directory_quotas(level: Level) -> list[tuple[str, int]]:
     """Each directory of a disk tier's ``path`` (stripped, in order) with the bytes it may hold: its entry of
     ``quotaList``, or an equal share of ``quota``. ValueError for a quota that is no quantity, or a ``quotaList``
     whose length is not the number of directories."""
-    directories = [path.strip() for path in level.path.split(",") if path.strip()]
+    directories = level.directories
     if not level.quota_list:
         share = parse_quantity(level.quota) // max(1, len(directories))
         return [(directory, share) for directory in directories]

@@ -494,8 +494,8 @@ class NodeAgent:
             if status is None or runtime is None:
                 continue
             down += status.down
-            directories.update(d.strip() for level in runtime.runtime.spec.tieredstore.levels
-                               if level.mediumtype != "MEM" for d in level.path.split(",") if d.strip())
+            directories.update(directory for level in runtime.runtime.spec.tieredstore.levels
+                               if level.mediumtype != "MEM" for directory in level.directories)
         self.metrics.cache_dirs(dir_health(sorted(directories), down))
 
     def _remove_target(self, worker: MountWorker) -> None:
@@ -628,7 +628,7 @@ class NodeAgent:
         await self._free_directories(namespace, name,
                                      domain.retired_directories(self.ledger.retired.get((namespace, name), []), levels))
         suffix = domain.cache_suffix(self.settings.agent.cache_subdir, namespace, name)
-        folders = [Path(d.strip()) / suffix for level in levels for d in level.path.split(",") if d.strip()]
+        folders = [Path(directory) / suffix for level in levels for directory in level.directories]
         if not await asyncio.to_thread(lambda: any(folder.is_dir() for folder in folders)):
             await asyncio.to_thread(self.ledger.forget, (namespace, name))
             return  # the mount process freed it (the usual case)
@@ -657,8 +657,7 @@ class NodeAgent:
         sources = [*(record.runtime.spec.tieredstore.levels for record in self.runtimes.values.values()),
                    *self.ledger.caches.values(), *self.ledger.retired.values()]
         for levels in sources:
-            paths = [d.strip() for level in levels if level.mediumtype != "MEM" for d in level.path.split(",")]
-            for path in filter(None, paths):
+            for path in domain.disk_directories(levels):
                 for marker in (Path(path) / self.settings.agent.cache_subdir).glob(f"*/*/{MARKER}"):
                     ref = (marker.parent.parent.name, marker.parent.name)
                     if subjects.resource_key(*ref) not in self.datasets.values:

@@ -109,7 +109,7 @@ def disk_directories(levels: Iterable[Level]) -> list[str]:
     found: dict[str, None] = {}
     for level in levels:
         if level.mediumtype != "MEM":
-            found.update((normal_path(d.strip()), None) for d in level.path.split(",") if d.strip())
+            found.update((normal_path(directory), None) for directory in level.directories)
     return list(found)
 
 

@@ -235,7 +235,7 @@ def validate_runtime(runtime: Runtime) -> list[str]:
                           f"(when not given, low is {DEFAULT_LOW_WATERMARK} and high {DEFAULT_HIGH_WATERMARK})")
             high = None
         # Stripped as the agent's cache strips them: the paths judged are the ones it will use.
-        paths = [p.strip() for p in level.path.split(",") if p.strip()]
+        paths = level.directories
         folders = 1 if level.mediumtype == "MEM" else len(paths)
         shares = _quota_list_shares(where, level, quota, errors) if quota is not None and level.quota_list else None
         if shares is not None and high is not None and block_size is not None:
