@@ -6,9 +6,10 @@ stream is idle. Two processes reading one file at once, or threads of one proces
 so keep a read-ahead each, as they did with an open handle each; one state for the file would see their reads
 interleave as random reads and drop its read-ahead at every one.
 
-At most ``STREAMS_PER_FILE`` are kept: a new stream then takes the place of the one read least lately that has no
-read in flight, one that is not reading sequentially first (a random reader makes a stream at most every read, and
-must not push out the sequential readers' streams).
+At most ``STREAMS_PER_FILE`` are kept (a loader's workers reading one large file each at its own place): a new
+stream then takes the place of the one read least lately that has no read in flight, one that is not reading
+sequentially first (a random reader makes a stream at most every read, and must not push out the sequential
+readers' streams). Each holds at most the block it last read and its blocks ahead (the node's read-ahead budget).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 
 from services.agent.reader import OpenFile
 
-STREAMS_PER_FILE = 8
+STREAMS_PER_FILE = 16
 
 
 @dataclass(eq=False)
