@@ -258,6 +258,28 @@ def clean_nodes(runtime: RuntimeRecord) -> list[str]:
     return sorted(set(runtime.status.ready_nodes) | {w.node for w in runtime.status.workers})
 
 
+def dataset_wait(record: OperationRecord, cluster: Cluster) -> str | None:
+    """What a due run of ``record`` waits for (Pending, ``waitingFor``) before it starts, or None to start it.
+
+    Its dataset to exist, then to be Bound (its runtime applied, its first listing done), as Fluid's controllers
+    requeue an operation whose dataset is missing or not bound: a DataLoad applied with its Dataset and runtime (one
+    file, or a folder where dataload.yaml sorts before dataset.yaml) is decided before the first listing ends, and
+    failing it then left a Once load Failed for good. What waiting does not cure is ``run_problem``'s to fail: a
+    Failed dataset, a reference, replicas above the workers."""
+    ref = dataset_ref(record)
+    name = f"{ref.namespace}/{ref.name}"
+    dataset = cluster.dataset
+    if dataset is None:
+        return f"dataset {name} to exist and be Bound"
+    if dataset.status.phase != "NotBound" or reference_of(dataset.dataset) is not None:
+        return None
+    if cluster.runtime is None:
+        return f"dataset {name} to be Bound: apply a runtime named {ref.name} in namespace {ref.namespace}"
+    runtime = cluster.runtime.status
+    why = f": {runtime.message}" if runtime.message else ""
+    return f"dataset {name} to be Bound (runtime {name} is {runtime.phase}{why})"
+
+
 def run_problem(record: OperationRecord, cluster: Cluster) -> str | None:
     """Why a run of ``record`` cannot start now (the run fails with this message), or None."""
     ref = dataset_ref(record)

@@ -396,7 +396,16 @@ class LoaderHandlers:
         dataset = self.datasets.values.get(subjects.resource_key(ref.namespace, ref.name))
         if state.stage != "finished":
             return self._run_due(key, record, state, dataset, now)
-        return domain.due(record, state, dataset, now) is not None
+        if domain.due(record, state, dataset, now) is None:
+            return False
+        # A due run that shows it waits for its dataset has nothing to do until the dataset or runtime changes.
+        why = domain.dataset_wait(record, self._mirrored_cluster(record))
+        return why is None or record.status.waiting_for != why
+
+    def _mirrored_cluster(self, record: OperationRecord) -> domain.Cluster:
+        ref = domain.dataset_ref(record)
+        key = subjects.resource_key(ref.namespace, ref.name)
+        return domain.Cluster(self.datasets.values.get(key), self.runtimes.values.get(key))
 
     def _run_due(self, key: str, record: OperationRecord, state: domain.RunState, dataset: DatasetRecord | None,
                  now: float) -> bool:
@@ -571,6 +580,10 @@ class LoaderHandlers:
                 record, lambda ref: self.operations.values.get(subjects.operation_key(*ref)))
             if cycle:
                 decision, why = "fail", cycle
+        if decision == "go":
+            # From the mirrors: one a moment behind only waits a tick longer; ``_start`` decides from KV.
+            why = domain.dataset_wait(record, self._mirrored_cluster(record)) or ""
+            decision = "wait" if why else "go"
         if decision == "wait":
             if record.status.waiting_for != why:
                 await self._save_status(key, record, revision, domain.status_waiting(record.status, why))

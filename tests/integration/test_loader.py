@@ -340,17 +340,14 @@ async def test_a_load_completes_with_progress(bus: Bus, nats_server: NatsServer)
 
 
 @pytest.mark.parametrize(("setup", "spec", "message"), [
-    ("none", {}, "dataset default/data does not exist"),
-    ("unbound", {}, "is NotBound, not Bound"),
     ("ok", {"target": [TargetPath(path="/x/nope")]}, "target path '/x/nope' is not in the manifest"),
     ("ok", {"target": [TargetPath(path="/x/a", replicas=4)]}, "replicas 4 is more than the 3 ready cache worker(s)"),
     ("no manifest", {}, "has no manifest yet"),
 ])
 async def test_bad_input_fails_the_run_with_what_to_change(bus: Bus, nats_server: NatsServer, setup: str,
                                                            spec: dict[str, Any], message: str) -> None:
-    if setup != "none":
-        await put_dataset(bus, files(("a", BLOCK)), phase="NotBound" if setup == "unbound" else "Bound")
-        await put_runtime(bus, NODES)
+    await put_dataset(bus, files(("a", BLOCK)))
+    await put_runtime(bus, NODES)
     if setup == "no manifest":
         await (await ManifestStore.of(bus)).delete(ManifestStore.name("default", "data"))
     metrics = Snapshot()
@@ -359,6 +356,41 @@ async def test_bad_input_fails_the_run_with_what_to_change(bus: Bus, nats_server
         failed = await phase_of(bus, "Failed")
     assert message in failed.status.message
     assert metrics.moved("shoal_operation_runs_total", kind="DataLoad", phase="Failed") == 1  # failed to start or not
+
+
+async def test_a_load_waits_for_its_dataset_to_exist_and_be_bound_then_runs(bus: Bus,
+                                                                              nats_server: NatsServer) -> None:
+    """As Fluid requeues it: a DataLoad applied before its Dataset (a folder where dataload.yaml sorts first), or
+    with it and its runtime in one file, is Pending saying what it waits for, and runs once the dataset is Bound.
+    Failing it there left a Once load Failed for good, though nothing was wrong with it."""
+    async with loader(nats_server), agent(bus, NODES):
+        await publish(bus, subjects.DATALOAD_APPLY, dataload())
+
+        async def waiting_for(what: str) -> OperationRecord | None:
+            found = await operation(bus)
+            return found if found and found.status.waiting_for == what else None
+
+        missing = await eventually(lambda: waiting_for("dataset default/data to exist and be Bound"))
+        assert (missing.status.phase, missing.status.runs, missing.status.message) == ("Pending", 0, "")
+        await put_dataset(bus, files(("a", BLOCK)), phase="NotBound")
+        await eventually(lambda: waiting_for("dataset default/data to be Bound: apply a runtime named data in "
+                                             "namespace default"))
+        await put_runtime(bus, NODES)
+        await eventually(lambda: waiting_for("dataset default/data to be Bound (runtime default/data is Ready)"))
+        await put_dataset(bus, files(("a", BLOCK)))
+        done = await phase_of(bus, "Complete")
+    assert done.status.runs == 1 and not done.status.waiting_for
+    assert done.status.progress.files_done == 1, done.status
+
+
+async def test_a_load_of_a_failed_dataset_fails_at_once_with_its_reason(bus: Bus, nats_server: NatsServer) -> None:
+    """Waiting does not cure a dataset its sync failed: the run fails, saying why."""
+    await put_dataset(bus, files(("a", BLOCK)), phase="Failed")
+    await put_runtime(bus, NODES)
+    async with loader(nats_server):
+        await publish(bus, subjects.DATALOAD_APPLY, dataload())
+        failed = await phase_of(bus, "Failed")
+    assert "dataset default/data is Failed, not Bound" in failed.status.message, failed.status
 
 
 async def test_replicas_above_the_ring_names_the_worker_picked_but_not_ready(bus: Bus, nats_server: NatsServer) -> None:

@@ -349,7 +349,7 @@ async def test_every_kind_does_its_job_unrefused_and_no_secret_shows_anywhere(
                     record = await record_of(cli_bus, "good")
                     return record if record and record.status.phase == "Bound" else None
 
-                # The loader fails a load of a dataset not Bound yet (the mount can be up a moment before).
+                # Bound first, so the load runs at once (the mount can be up a moment before; a load waits till then).
                 await eventually(bound, timeout=30, what="good Bound")
                 load = DataLoad(metadata=ObjectMeta(name="warm"), spec=DataLoadSpec(dataset=ObjectRef(name="good")))
                 await cli_bus.publish(subjects.DATALOAD_APPLY, DataLoadApply(data_load=load))

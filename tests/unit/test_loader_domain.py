@@ -230,6 +230,23 @@ def test_a_failed_dataset_says_why_not_to_apply_a_runtime() -> None:
     assert "apply a runtime" not in message, message
 
 
+def test_a_run_waits_for_its_dataset_to_exist_and_be_bound() -> None:
+    """Fluid requeues an operation whose dataset is missing or not bound; only what waiting does not cure fails."""
+    assert domain.dataset_wait(record(), domain.Cluster(None, None)) == "dataset default/data to exist and be Bound"
+    unbound = cluster(phase="NotBound")
+    assert domain.dataset_wait(record(), domain.Cluster(unbound.dataset, None)) == (
+        "dataset default/data to be Bound: apply a runtime named data in namespace default")
+    assert unbound.runtime is not None
+    syncing = domain.Cluster(unbound.dataset, msgspec.structs.replace(unbound.runtime, status=RuntimeStatus(
+        phase="NotReady", message="0 of 1 agents ready")))
+    assert domain.dataset_wait(record(), syncing) == (
+        "dataset default/data to be Bound (runtime default/data is NotReady: 0 of 1 agents ready)")
+    # Bound, or Failed (its own reason, which ``run_problem`` gives): no wait.
+    assert domain.dataset_wait(record(), cluster()) is None
+    assert domain.dataset_wait(record(), cluster(phase="Failed")) is None
+    assert domain.run_problem(record(), cluster(phase="Failed"))
+
+
 # --- targets, OnEvent diff ---
 
 
