@@ -182,14 +182,17 @@ async def follow_connected(bus: Bus, watches: Sequence[tuple[OperationWatch, int
 
 async def _follow_one(watch: OperationWatch, generation: int, bar: Progress) -> Finished:
     task = bar.add_task(watch.resource, total=None, detail="waiting for the loader")
-    phase = ""
+    said = ("", "")
     while True:
         record = watch.latest
         if record is not None and record.generation >= generation and not _previous_end(record, generation):
             _show(bar, task, record)
-            if record.status.phase != phase:
-                phase = record.status.phase
-                if not bar.console.is_terminal:  # no live bar there: say each phase once
+            # What it waits for comes after the Pending it was saved with: said once it comes, or a log shows a bare
+            # "Pending" for as long as it waits.
+            now = (record.status.phase, record.status.waiting_for if record.status.phase == "Pending" else "")
+            if now != said:
+                said = now
+                if not bar.console.is_terminal:  # no live bar there: say each phase (and what it waits for) once
                     bar.console.print(_phase_line(watch.resource, record), highlight=False, soft_wrap=True)
             if finished(record, generation):
                 return Finished(watch.resource, record)

@@ -10,6 +10,7 @@ commands with the facts of the contract (libs/events/operation.py) and writes ``
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 import json
 import re
@@ -227,6 +228,36 @@ async def test_a_terminal_gets_a_live_progress_bar(bus: Bus) -> None:
     assert result.ok and result.record is not None
     assert result.record.status == msgspec.structs.replace(COMPLETE, observed_generation=1)
     assert "100% Complete, 10/10 files, 40.00MiB/40.00MiB" in screen.getvalue()
+
+
+async def test_off_a_terminal_the_wait_says_what_a_pending_load_waits_for_once_it_does(bus: Bus) -> None:
+    """The loader saves an applied load Pending, then what it waits for (its dataset, its runAfter): a log showed
+    only the bare "Pending" for as long as the load waited."""
+    command = DataLoadApply(data_load=DataLoad(metadata=ObjectMeta(name="warm"),
+                                               spec=DataLoadSpec(dataset=ObjectRef(name="demo"))))
+    watch = await operations.open_watch(bus, "dataload", "default", "warm")
+    screen = io.StringIO()
+    console = Console(file=screen, force_terminal=False, width=200, color_system=None)
+    kv = await bus.kv(subjects.KV_OPERATIONS)
+
+    async def said(line: str) -> bool:
+        return line in screen.getvalue().splitlines()
+
+    try:
+        following = asyncio.create_task(operations.follow([(watch, 1)], console))
+        waiting = "dataset default/demo to exist and be Bound"
+        for status, line in ((OperationStatus(), "dataload.shoal.io/warm Pending"),
+                             (OperationStatus(waiting_for=waiting), f"dataload.shoal.io/warm Pending (waiting for "
+                                                                    f"{waiting})"),
+                             (COMPLETE, "dataload.shoal.io/warm Complete 10/10 files, 40.00MiB/40.00MiB")):
+            await kv.put(subjects.operation_key("DataLoad", "default", "warm"),
+                         msgspec.json.encode(record_of(command, 1, status)))
+            await eventually(functools.partial(said, line), timeout=10, what=line)
+        [result] = await asyncio.wait_for(following, timeout=10)
+    finally:
+        await watch.close()
+    assert result.ok
+    assert len(screen.getvalue().splitlines()) == 3, screen.getvalue()
 
 
 def test_the_wait_ends_on_the_applied_generations_run_and_on_an_older_loaders_record() -> None:
