@@ -261,7 +261,7 @@ def clean_nodes(runtime: RuntimeRecord) -> list[str]:
 def dataset_wait(record: OperationRecord, cluster: Cluster) -> str | None:
     """What a due run of ``record`` waits for (Pending, ``waitingFor``) before it starts, or None to start it.
 
-    Its dataset to exist, then to be Bound (its runtime applied, its first listing done), as Fluid's controllers
+    Its dataset to exist, to be Bound (its runtime applied and ready) and listed once, as Fluid's controllers
     requeue an operation whose dataset is missing or not bound: a DataLoad applied with its Dataset and runtime (one
     file, or a folder where dataload.yaml sorts before dataset.yaml) is decided before the first listing ends, and
     failing it then left a Once load Failed for good. What waiting does not cure is ``run_problem``'s to fail: a
@@ -271,8 +271,11 @@ def dataset_wait(record: OperationRecord, cluster: Cluster) -> str | None:
     dataset = cluster.dataset
     if dataset is None:
         return f"dataset {name} to exist and be Bound"
-    if dataset.status.phase != "NotBound" or reference_of(dataset.dataset) is not None:
+    if dataset.status.phase == "Failed" or reference_of(dataset.dataset) is not None:
         return None
+    if dataset.status.phase == "Bound":
+        # Bound follows the runtime's readiness, not the listing: a plan needs the manifest of a first listing.
+        return None if dataset.status.last_sync_time else f"dataset {name} to be listed (its first metadata sync)"
     if cluster.runtime is None:
         return f"dataset {name} to be Bound: apply a runtime named {ref.name} in namespace {ref.namespace}"
     runtime = cluster.runtime.status

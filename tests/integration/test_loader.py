@@ -94,7 +94,7 @@ NODES = ["node-a", "node-b", "node-c"]
 
 
 async def put_dataset(bus: Bus, entries: list[ManifestEntry], name: str = "data", phase: str = "Bound",
-                      requests: int = 0, manifest: str = "", incarnation: str = "") -> None:
+                      requests: int = 0, manifest: str = "", incarnation: str = "", listed: bool = True) -> None:
     store = await ManifestStore.of(bus)
     manifest = manifest or store.name("default", name)
     with ManifestWriter() as writer:
@@ -105,7 +105,8 @@ async def put_dataset(bus: Bus, entries: list[ManifestEntry], name: str = "data"
         dataset=Dataset(metadata=ObjectMeta(name=name), spec=DatasetSpec(mounts=[Mount(mount_point="local:///x")])),
         generation=1, sync_requests=requests, incarnation=incarnation,
         status=DatasetStatus(phase=phase, synced_generation=1, synced_requests=requests,  # type: ignore[arg-type]
-                             manifest=manifest, last_sync_time=f"sync-{requests}"))
+                             manifest=manifest if listed else "",
+                             last_sync_time=f"sync-{requests}" if listed else ""))
     await (await bus.kv(subjects.KV_DATASETS)).put(subjects.resource_key("default", name), msgspec.json.encode(record))
 
 
@@ -361,7 +362,8 @@ async def test_bad_input_fails_the_run_with_what_to_change(bus: Bus, nats_server
 async def test_a_load_waits_for_its_dataset_to_exist_and_be_bound_then_runs(bus: Bus,
                                                                               nats_server: NatsServer) -> None:
     """As Fluid requeues it: a DataLoad applied before its Dataset (a folder where dataload.yaml sorts first), or
-    with it and its runtime in one file, is Pending saying what it waits for, and runs once the dataset is Bound.
+    with it and its runtime in one file, is Pending saying what it waits for, and runs once the dataset is Bound
+    and listed.
     Failing it there left a Once load Failed for good, though nothing was wrong with it."""
     async with loader(nats_server), agent(bus, NODES):
         await publish(bus, subjects.DATALOAD_APPLY, dataload())
@@ -377,6 +379,9 @@ async def test_a_load_waits_for_its_dataset_to_exist_and_be_bound_then_runs(bus:
                                              "namespace default"))
         await put_runtime(bus, NODES)
         await eventually(lambda: waiting_for("dataset default/data to be Bound (runtime default/data is Ready)"))
+        # Bound as its runtime is Ready, before its first listing ended: no manifest to plan against yet.
+        await put_dataset(bus, files(("a", BLOCK)), listed=False)
+        await eventually(lambda: waiting_for("dataset default/data to be listed (its first metadata sync)"))
         await put_dataset(bus, files(("a", BLOCK)))
         done = await phase_of(bus, "Complete")
     assert done.status.runs == 1 and not done.status.waiting_for

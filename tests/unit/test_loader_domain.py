@@ -241,8 +241,14 @@ def test_a_run_waits_for_its_dataset_to_exist_and_be_bound() -> None:
         phase="NotReady", message="0 of 1 agents ready")))
     assert domain.dataset_wait(record(), syncing) == (
         "dataset default/data to be Bound (runtime default/data is NotReady: 0 of 1 agents ready)")
-    # Bound, or Failed (its own reason, which ``run_problem`` gives): no wait.
-    assert domain.dataset_wait(record(), cluster()) is None
+    # Bound (the runtime ready) before its first listing ended: the plan needs that listing's manifest.
+    bound = cluster()
+    assert bound.dataset is not None
+    assert domain.dataset_wait(record(), bound) == "dataset default/data to be listed (its first metadata sync)"
+    listed = domain.Cluster(msgspec.structs.replace(bound.dataset, status=DatasetStatus(
+        phase="Bound", last_sync_time="2026-01-01T00:00:00Z")), bound.runtime)
+    # Bound and listed, or Failed (its own reason, which ``run_problem`` gives): no wait.
+    assert domain.dataset_wait(record(), listed) is None
     assert domain.dataset_wait(record(), cluster(phase="Failed")) is None
     assert domain.run_problem(record(), cluster(phase="Failed"))
 
