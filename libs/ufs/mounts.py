@@ -104,6 +104,15 @@ def read_secrets(secrets_dir: str, refs: list[tuple[str, str]]) -> dict[tuple[st
     return found
 
 
+def missing_secret_hint(secrets_dir: str) -> str:
+    """What to add to a ``MissingSecret`` message when no folder of secrets is set: then no key can be found, and
+    "secret 's3-creds' has no key 'id'" sent the user looking for a typo in a Secret that was never read."""
+    if secrets_dir:
+        return ""
+    return ("; SHOAL_SECRETS_DIR is not set, so no secret is read: set it, for the dataset service and the agents, to "
+            "the folder holding the secrets as <secret>/<key> files")
+
+
 def local_location_error(location: LocalLocation, local_roots: Sequence[str]) -> str | None:
     """Why the folder of a ``local://`` or ``pvc://`` location may not be listed or mounted here, or None.
 

@@ -24,7 +24,14 @@ from libs.subjects import resource_key
 from libs.telemetry import get_logger
 from libs.ufs import open_store
 from libs.ufs.base import EndpointUnreachable, LocalLocation, Location, ObjectInfo, ObjectStore, UfsError
-from libs.ufs.mounts import MissingSecret, local_location_error, read_secrets, resolve_location, secret_refs
+from libs.ufs.mounts import (
+    MissingSecret,
+    local_location_error,
+    missing_secret_hint,
+    read_secrets,
+    resolve_location,
+    secret_refs,
+)
 from services.dataset.domain import SyncResult, manifest_name
 
 log = get_logger(__name__)
@@ -98,7 +105,8 @@ async def sync_metadata(record: DatasetRecord, manifests: ManifestStore, default
                                             pvc_root=pvc_root, local_roots=local_roots or ())
             except MissingSecret as err:
                 return SyncResult(generation=generation, requests=requests, incarnation=record.incarnation,
-                                  error=cut_error(strip_userinfo(f"mount {mount.mount_point}: {err}")))
+                                  error=cut_error(strip_userinfo(f"mount {mount.mount_point}: {err}"
+                                                                 f"{missing_secret_hint(defaults.secrets_dir)}")))
             if isinstance(location, LocalLocation) and (local_roots is not None or location.claim_root is not None):
                 refused = await asyncio.to_thread(local_location_error, location, local_roots or ())
                 if refused:

@@ -19,7 +19,7 @@ from aiohttp import web
 from libs import subjects
 from libs.bus import Bus, Delivery, RetryLater, kv_load
 from libs.events.common import ObjectMeta
-from libs.events.dataset import Dataset, DatasetApply, DatasetRecord, DatasetSpec, Mount
+from libs.events.dataset import Dataset, DatasetApply, DatasetRecord, DatasetSpec, EncryptOption, Mount
 from libs.manifest import ManifestStore
 from libs.ufs import open_store
 from libs.ufs.base import Location, ObjectInfo, ObjectStore
@@ -29,6 +29,7 @@ from tests import web_source
 from tests.conftest import NatsServer
 from tests.faults import StoreWrapper
 from tests.helpers import make_settings
+from tests.secrets import credentials_from
 from tests.web_source import WebSource
 
 KEY = subjects.resource_key("default", "odd")
@@ -71,14 +72,15 @@ def replace_folder_with_file(folder: Path) -> None:
 
 async def sync_of(bus: Bus, nats_server: NatsServer, mount_point: str,
                   wrap: Callable[[ObjectStore], ObjectStore] = lambda store: store,
-                  options: dict[str, str] | None = None, **service: object) -> DatasetRecord:
+                  options: dict[str, str] | None = None, encrypt_options: list[EncryptOption] | None = None,
+                  **service: object) -> DatasetRecord:
     def opener(location: Location) -> ObjectStore:
         return wrap(open_store(location))
 
     # Credentials for s3:// mounts (the endpoints these tests give them take any).
     settings = make_settings(nats_server.url, "", "listing-test-key", "listing-test-secret", **service)
     handlers = DatasetHandlers(bus, settings, opener=opener)
-    mount = Mount(mount_point=mount_point, options=options or {})
+    mount = Mount(mount_point=mount_point, options=options or {}, encrypt_options=encrypt_options or [])
     dataset = Dataset(metadata=ObjectMeta(name="odd"), spec=DatasetSpec(mounts=[mount]))
     await handlers.apply(DatasetApply(id="odd.apply", dataset=dataset),
                          Delivery(subject=subjects.DATASET_APPLY, headers={}, deliveries=1, stream_sequence=1))
@@ -177,6 +179,26 @@ async def test_an_unexpected_listing_error_fails_the_dataset_with_a_message(
     record = await sync_of(bus, nats_server, f"local://{root}", Broken)
     assert record.status.phase == "Failed", record.status
     assert record.status.message == (f"cannot list local://{root}: RuntimeError: something no store expected")
+
+
+async def test_a_missing_secret_says_when_no_folder_of_secrets_is_set(bus: Bus, nats_server: NatsServer) -> None:
+    """Without SHOAL_SECRETS_DIR no key can be found (`shoal up` sets none): "secret 's3-creds' has no key 'id'"
+    alone sent a Fluid user looking for a typo in a Secret that was never read."""
+    unset = await sync_of(bus, nats_server, "s3://bucket/", encrypt_options=credentials_from("s3-creds"))
+    assert unset.status.phase == "Failed", unset.status
+    assert unset.status.message == (
+        "mount s3://bucket/: secret 's3-creds' has no key 'id' (needed for aws.accessKeyId); SHOAL_SECRETS_DIR is not "
+        "set, so no secret is read: set it, for the dataset service and the agents, to the folder holding the "
+        "secrets as <secret>/<key> files")
+
+
+async def test_a_missing_secret_in_the_folder_of_secrets_is_said_as_it_is(bus: Bus, nats_server: NatsServer,
+                                                                        tmp_path: Path) -> None:
+    """With SHOAL_SECRETS_DIR set, the key is what is missing: nothing more to say."""
+    (tmp_path / "secrets").mkdir()
+    absent = await sync_of(bus, nats_server, "s3://bucket/", encrypt_options=credentials_from("s3-creds"),
+                           secrets_dir=str(tmp_path / "secrets"))
+    assert absent.status.message == "mount s3://bucket/: secret 's3-creds' has no key 'id' (needed for aws.accessKeyId)"
 
 
 @contextlib.asynccontextmanager
