@@ -138,6 +138,65 @@ def _term_mismatch(term: Any, node: str, labels: Mapping[str, str]) -> str | Non
     return None
 
 
+# The fields of each level of a node affinity (Fluid's ``required``, Kubernetes' NodeAffinity and NodeSelector):
+# ``affinity_errors`` refuses any other name, since a misspelt one would be skipped (``requried`` requires nothing).
+AFFINITY_FIELDS = (*REQUIRED_KEYS, "preferredDuringSchedulingIgnoredDuringExecution")
+SELECTOR_FIELDS = ("nodeSelectorTerms",)
+TERM_FIELDS = ("matchExpressions", "matchFields")
+EXPRESSION_FIELDS = ("key", "operator", "values")
+
+
+def _unknown(value: Mapping[str, Any], fields: tuple[str, ...], where: str) -> list[str]:
+    return [f"{where}.{name} is not a field here (use {', '.join(fields)})" for name in value if name not in fields]
+
+
+def affinity_errors(affinity: Mapping[str, Any] | None, where: str = "spec.nodeAffinity") -> list[str]:
+    """Why a Dataset's ``nodeAffinity`` cannot be read, each naming the field (empty: it can). Checked at apply: a
+    misspelt field or operator would otherwise require nothing, or allow no node with the reason only in the
+    runtime's status. Preferred terms are not constraints (ignored) and not checked below their name. An empty
+    term or term list is valid, as in Kubernetes (it matches no node, which ``mismatch`` says)."""
+    if not affinity:
+        return []
+    errors = _unknown(affinity, AFFINITY_FIELDS, where)
+    for key in REQUIRED_KEYS:
+        selector = affinity.get(key)
+        if selector is None:
+            continue
+        at = f"{where}.{key}"
+        if not isinstance(selector, Mapping):
+            errors.append(f"{at} must be a node selector (nodeSelectorTerms: [...]), got {selector!r}")
+            continue
+        errors += _unknown(selector, SELECTOR_FIELDS, at)
+        terms = selector.get("nodeSelectorTerms") or []
+        if not isinstance(terms, list):
+            errors.append(f"{at}.nodeSelectorTerms must be a list of terms")
+            continue
+        for index, term in enumerate(terms):
+            errors += _term_errors(term, f"{at}.nodeSelectorTerms[{index}]")
+    return errors
+
+
+def _term_errors(term: Any, where: str) -> list[str]:
+    if not isinstance(term, Mapping):
+        return [f"{where} must be a mapping of matchExpressions and matchFields, got {term!r}"]
+    errors = _unknown(term, TERM_FIELDS, where)
+    for field in TERM_FIELDS:
+        expressions = term.get(field) or []
+        if not isinstance(expressions, list):
+            errors.append(f"{where}.{field} must be a list")
+            continue
+        for index, expression in enumerate(expressions):
+            at = f"{where}.{field}[{index}]"
+            if isinstance(expression, Mapping):  # a misspelt name first: it explains the error that follows
+                errors += _unknown(expression, EXPRESSION_FIELDS, at)
+            error = _expression_error(expression)
+            if error is None and field == "matchFields":
+                error = _field_error(expression)
+            if error is not None:
+                errors.append(f"{at}: {error}")
+    return errors
+
+
 def mismatch(affinity: Mapping[str, Any] | None, node: str, labels: Mapping[str, str]) -> str | None:
     """Why ``node`` with ``labels`` does not satisfy the required node affinity, or None when it does."""
     terms = required_terms(affinity)

@@ -14,6 +14,7 @@ from urllib.parse import SplitResult, urlsplit
 import msgspec
 
 from libs import deletion, subjects
+from libs.affinity import affinity_errors
 from libs.events.agent import AgentRecord
 from libs.events.common import (
     DECODE_ERRORS,
@@ -139,6 +140,7 @@ def validate_dataset(dataset: Dataset, local_roots: Sequence[str] | None = None,
             seen_paths[path] = index
     if len(seen_paths) > 1 and "/" in seen_paths:
         errors.append("a mount at '/' cannot be combined with other mounts; give each a name or a path")
+    errors += affinity_errors(spec.node_affinity)
     if spec.owner is not None:
         for field in ("uid", "gid"):
             value = getattr(spec.owner, field)

@@ -636,6 +636,34 @@ spec:
                          DatasetRecord) == (None, None)
 
 
+async def test_apply_of_a_misspelt_node_affinity_is_rejected_naming_the_field(nats_server: NatsServer,
+                                                                              services: None, bus: Bus) -> None:
+    """A misspelt field of nodeAffinity was kept and skipped: ``requried`` required nothing, so every node could be
+    a cache worker, and a misspelt operator allowed none, said only in the runtime's status."""
+    manifest = """
+apiVersion: data.fluid.io/v1alpha1
+kind: Dataset
+metadata: {name: picky}
+spec:
+  mounts: [{mountPoint: "s3://bucket/"}]
+  nodeAffinity:
+    requried:
+      nodeSelectorTerms: [{matchExpressions: [{key: topology.kubernetes.io/zone, operator: In, values: [zone-a]}]}]
+    required:
+      nodeSelectorTerms: [{matchExpressions: [{key: topology.kubernetes.io/zone, operator: Equals, values: [zone-a]}]}]
+"""
+    result = await shoal(nats_server, "apply", "-f", "-", stdin=manifest)
+
+    assert result.exit_code == 1, result.output
+    assert result.stderr == (
+        "error: picky rejected: spec.nodeAffinity.requried is not a field here (use required, "
+        "requiredDuringSchedulingIgnoredDuringExecution, preferredDuringSchedulingIgnoredDuringExecution); "
+        "spec.nodeAffinity.required.nodeSelectorTerms[0].matchExpressions[0]: unknown operator 'Equals' (use In, "
+        "NotIn, Exists, DoesNotExist, Gt, Lt)\n")
+    assert await kv_load(await bus.kv(subjects.KV_DATASETS), subjects.resource_key("default", "picky"),
+                         DatasetRecord) == (None, None)
+
+
 async def test_apply_of_a_local_path_with_a_query_or_fragment_is_rejected(nats_server: NatsServer, services: None,
                                                                           bus: Bus, tmp_path: Path) -> None:
     """Read as a URL, local:///<tmp>/run#3 would mount <tmp>/run: refused, not a silent other folder."""

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from libs.affinity import mismatch, surely_excludes
+from libs.affinity import affinity_errors, mismatch, surely_excludes
 
 
 def required(*terms: dict[str, Any], key: str = "requiredDuringSchedulingIgnoredDuringExecution") -> dict[str, Any]:
@@ -153,3 +153,26 @@ def test_only_a_certain_exclusion_counts(case: str) -> None:
     selector, affinity, excluded = EXCLUSIONS[case]
     assert surely_excludes(selector, affinity, "n1", {"zone": "a"}) is excluded
 
+
+
+def test_a_misspelt_field_or_operator_is_refused_naming_it() -> None:
+    """Kept and skipped, ``requried`` required nothing (every node allowed) and ``matchExpresions`` made an empty
+    term (no node): both are refused at apply, each naming the field."""
+    assert affinity_errors(None) == [] and affinity_errors({}) == []
+    assert affinity_errors(required({"matchExpressions": [expr("zone", "In", "a")]}, key="required")) == []
+    assert affinity_errors({"preferredDuringSchedulingIgnoredDuringExecution": [{"weight": 1}]}) == []
+    assert affinity_errors(required()) == [] and affinity_errors(required({})) == []  # valid, match no node
+    assert affinity_errors({"requried": {"nodeSelectorTerms": []}}) == [
+        "spec.nodeAffinity.requried is not a field here (use required, requiredDuringSchedulingIgnoredDuringExecution, "
+        "preferredDuringSchedulingIgnoredDuringExecution)"]
+    where = "spec.nodeAffinity.required.nodeSelectorTerms[0]"
+    assert affinity_errors(required({"matchExpresions": [expr("zone", "In", "a")]}, key="required")) == [
+        f"{where}.matchExpresions is not a field here (use matchExpressions, matchFields)"]
+    assert affinity_errors(required({"matchExpressions": [{"key": "zone", "operator": "In", "value": ["a"]}]},
+                                    key="required")) == [
+        f"{where}.matchExpressions[0].value is not a field here (use key, operator, values)",
+        f"{where}.matchExpressions[0]: zone In needs at least one value"]
+    assert affinity_errors(required({"matchFields": [expr("zone", "In", "a")]}, key="required")) == [
+        f"{where}.matchFields[0]: matchFields supports only metadata.name, got 'zone'"]
+    assert affinity_errors({"required": "zone-a"}) == [
+        "spec.nodeAffinity.required must be a node selector (nodeSelectorTerms: [...]), got 'zone-a'"]
