@@ -129,7 +129,9 @@ async def test_dataset_cr_to_bound_volume_relist_invalid_and_delete(cluster: Clu
         await cluster.create(SHOAL_RUNTIME, "demo", {"replicas": 1, "tieredstore": MEM_TIER})
         await cluster.create(SHOAL, "empty", {"mounts": []})  # refused by the dataset service
         await cluster.create(DATALOAD, "warm", {"dataset": {"name": "demo"}, "policy": "Sometimes"})  # by the bridge
-        await cluster.create(DATALOAD, "orphan", {"dataset": {"name": "nothere"}})  # a run that fails
+        # A load of a reference (to a dataset that is not there) fails at once; one of a missing dataset would wait.
+        await cluster.create(SHOAL, "pointer", {"mounts": [{"mountPoint": "dataset://default/nothere"}]})
+        await cluster.create(DATALOAD, "orphan", {"dataset": {"name": "pointer"}})  # a run that fails
         obj = await cluster.status(SHOAL, "demo", phase="NotBound", fileNum=3)
         assert kube.FINALIZER in obj["metadata"]["finalizers"]
         await heartbeat(bus, "demo")
@@ -154,7 +156,7 @@ async def test_dataset_cr_to_bound_volume_relist_invalid_and_delete(cluster: Clu
         assert load["reason"] == "Invalid" and "Sometimes" in load["message"]
         assert kube.FINALIZER not in (cluster.get(DATALOAD, "warm") or {})["metadata"].get("finalizers", [])
         orphan = await cluster.status(DATALOAD, "orphan", phase="Failed")
-        assert "nothere" in orphan["status"]["message"]
+        assert "reference to default/nothere" in orphan["status"]["message"]
         events = await eventually(lambda: _events(cluster, 3))
         reasons = {(e["involvedObject"]["name"], e["reason"], e["type"]) for e in events}
         assert {("empty", "Rejected", "Warning"), ("warm", "Invalid", "Warning"),
@@ -813,7 +815,9 @@ async def test_observed_generation_is_the_objects_generation(cluster: Cluster) -
     Cron load's at once: no run comes of its apply). Before, the CR showed Shoal's own generation count, 1 for ever
     after the first edit: in progress for ever."""
     async with everything(cluster.settings):
-        await cluster.create(DATALOAD, "orphan", {"dataset": {"name": "nothere"}})  # every run fails
+        # Every run of a load of a reference fails (one of a missing dataset would wait for it).
+        await cluster.create(SHOAL, "pointer", {"mounts": [{"mountPoint": "dataset://default/nothere"}]})
+        await cluster.create(DATALOAD, "orphan", {"dataset": {"name": "pointer"}})
         await cluster.status(DATALOAD, "orphan", phase="Failed", observedGeneration=1, runs=1)
 
         async def edit(spec: dict[str, Any]) -> None:
