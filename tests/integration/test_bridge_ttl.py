@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import nats.js.errors
 import structlog
 from kmock import Server
@@ -23,7 +24,8 @@ from kubernetes_asyncio import client
 
 from libs import kube, subjects
 from libs.bus import Bus, KvMirror, kv_load
-from libs.events.dataset import DatasetRecord
+from libs.events.common import ObjectMeta
+from libs.events.dataset import Dataset, DatasetRecord, DatasetSpec, Mount
 from libs.events.operation import OperationRecord
 from libs.events.runtime import RuntimeRecord
 from services.bridge import app as bridge_app
@@ -33,7 +35,7 @@ from services.dataset import app as dataset_app
 from services.loader import app as loader_app
 from services.runtime import app as runtime_app
 from tests.conftest import NatsServer
-from tests.helpers import eventually, make_settings, running
+from tests.helpers import dataset_record, eventually, make_settings, running
 from tests.integration.test_kube_bridge import (  # noqa: F401 (``cluster`` is a fixture)
     DATALOAD,
     MEM_TIER,
@@ -72,10 +74,12 @@ async def test_ttl_0_deletes_the_resources_after_writing_their_final_status(
         expiring = [(DATALOAD, "warm", "Complete"), (FLUID_DATALOAD, "fluid-orphan", "Failed"),
                     (DATACLEAN, "tidy", "Failed")]
         await cluster.create(DATALOAD, "warm", {"dataset": {"name": "demo"}, "ttlSecondsAfterFinished": 0})
+        # Runs that fail at once: of a reference (one of a missing dataset would wait for it).
+        await cluster.create(SHOAL, "pointer", {"mounts": [{"mountPoint": "dataset://default/nothere"}]})
         await cluster.create(FLUID_DATALOAD, "fluid-orphan",
-                             {"dataset": {"name": "nothere", "namespace": "default"}, "ttlSecondsAfterFinished": 0})
-        await cluster.create(DATACLEAN, "tidy", {"dataset": {"name": "nothere"}, "ttlSecondsAfterFinished": 0})
-        await cluster.create(DATALOAD, "kept", {"dataset": {"name": "nothere"}})  # no TTL: stays
+                             {"dataset": {"name": "pointer", "namespace": "default"}, "ttlSecondsAfterFinished": 0})
+        await cluster.create(DATACLEAN, "tidy", {"dataset": {"name": "pointer"}, "ttlSecondsAfterFinished": 0})
+        await cluster.create(DATALOAD, "kept", {"dataset": {"name": "pointer"}})  # no TTL: stays
         for resource, name, _ in expiring:
             await eventually(lambda r=resource, n=name: _gone(cluster, r, n),  # type: ignore[misc]
                              what=f"{resource.kind} {name} deleted after its TTL")
@@ -105,11 +109,13 @@ async def test_a_restart_deletes_what_ttl_removed_while_the_bridge_was_down_and_
     (whose operation was never accepted: the removal Shoal holds under its name is the old one's) stays. Before, the
     restarted bridge deleted nothing."""
     now = [time.time()]
-    load = {"dataset": {"name": "nothere"}, "ttlSecondsAfterFinished": 600}
+    load = {"dataset": {"name": "pointer"}, "ttlSecondsAfterFinished": 600}  # a reference: its runs fail at once
     services = (lambda stop: dataset_app.run(cluster.settings, stop),
                 lambda stop: runtime_app.run(cluster.settings, stop))
     async with running(*services):
         async with running(lambda stop: bridge_app.run(cluster.settings, stop)):
+            await cluster.create(SHOAL, "pointer", {"mounts": [{"mountPoint": "dataset://default/nothere"}]})
+            await eventually(lambda: dataset_record(bus, "pointer"), what="the reference applied")
             async with running(lambda stop: loader_app.run(cluster.settings, stop, clock=lambda: now[0])):
                 first = await cluster.create(DATALOAD, "reborn", load)
                 await cluster.status(DATALOAD, "reborn", phase="Failed")
@@ -173,7 +179,13 @@ async def test_an_expired_resource_made_again_before_the_bridge_deletes_it_is_le
             for resource in kube.RESOURCES:
                 await handlers.on_listing(resource, None, [])
             body = {"apiVersion": DATALOAD.api_version, "kind": DATALOAD.kind, "metadata": {"name": "race"},
-                    "spec": {"dataset": {"name": "nothere"}, "ttlSecondsAfterFinished": 0}}
+                    "spec": {"dataset": {"name": "pointer"}, "ttlSecondsAfterFinished": 0}}
+            # A reference, written as the dataset service would: its load fails at once (a missing dataset waits).
+            reference = Dataset(metadata=ObjectMeta(name="pointer"),
+                                spec=DatasetSpec(mounts=[Mount(mount_point="dataset://default/nothere")]))
+            await (await bus.kv(subjects.KV_DATASETS)).put(
+                subjects.resource_key("default", "pointer"),
+                msgspec.json.encode(DatasetRecord(dataset=reference, generation=1)))
             old = await custom.create_namespaced_custom_object(DATALOAD.group, DATALOAD.version, "default",
                                                                DATALOAD.plural, body)
             await handlers.on_event(DATALOAD, "ADDED", old)
