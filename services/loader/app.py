@@ -34,6 +34,7 @@ from libs.service import Periodic, nats_check, run_loops
 from libs.side_server import Readiness
 from services.loader.domain import RunState
 from services.loader.handlers import (
+    DATASET_WAIT_SECONDS,
     GAUGE_SECONDS,
     METADATA_TIMEOUT_SECONDS,
     NODE_GONE_SECONDS,
@@ -47,7 +48,8 @@ SERVICE_NAME = "shoal-loader"
 
 async def run(settings: Settings, stop: asyncio.Event, clock: Callable[[], float] = time.time,
               readiness: Readiness | None = None, metadata_timeout: float = METADATA_TIMEOUT_SECONDS,
-              node_gone_timeout: float = NODE_GONE_SECONDS, node_silent_timeout: float = NODE_SILENT_SECONDS) -> None:
+              node_gone_timeout: float = NODE_GONE_SECONDS, node_silent_timeout: float = NODE_SILENT_SECONDS,
+              dataset_wait_timeout: float = DATASET_WAIT_SECONDS) -> None:
     readiness = readiness or Readiness()
     bus = await connect(settings.nats, SERVICE_NAME)
     readiness.add("nats", nats_check(bus))
@@ -63,7 +65,8 @@ async def run(settings: Settings, stop: asyncio.Event, clock: Callable[[], float
                                                    if not mirror.ready.is_set()) or None)
         handlers = LoaderHandlers(bus, operations, datasets, runs, runtimes, clock,
                                   metadata_timeout=metadata_timeout, node_gone_timeout=node_gone_timeout,
-                                  node_silent_timeout=node_silent_timeout)
+                                  node_silent_timeout=node_silent_timeout,
+                                  dataset_wait_timeout=dataset_wait_timeout)
         max_bytes, max_deliver = settings.service.max_event_bytes, settings.service.max_deliver
         commands = Consumer(
             bus, subjects.STREAM_COMMANDS, subjects.DURABLE_LOADER_COMMANDS, list(subjects.OPERATION_COMMANDS),

@@ -283,6 +283,19 @@ def dataset_wait(record: OperationRecord, cluster: Cluster) -> str | None:
     return f"dataset {name} to be Bound (runtime {name} is {runtime.phase}{why})"
 
 
+def waited_too_long(since: float, now: float, timeout: float) -> bool:
+    """Whether a run waiting for its dataset since ``since`` has waited ``timeout`` seconds (it then fails)."""
+    return now - since >= timeout
+
+
+def dataset_wait_failure(record: OperationRecord, cluster: Cluster, why: str, timeout: float) -> str:
+    """The message of a run that waited ``timeout`` seconds for its dataset (``why``, from ``dataset_wait``): what
+    it waited for, and what to change (``run_problem``'s words where it has them)."""
+    problem = run_problem(record, cluster)
+    waited = f"waited {timeout:g} s for {why}"
+    return f"{problem} ({waited})" if problem else f"{waited}; check the dataset's status and its runtime"
+
+
 def run_problem(record: OperationRecord, cluster: Cluster) -> str | None:
     """Why a run of ``record`` cannot start now (the run fails with this message), or None."""
     ref = dataset_ref(record)

@@ -83,6 +83,11 @@ METADATA_TIMEOUT_SECONDS = 300.0
 # wait for it for ever, and a Cron or OnEvent load would never run again). An agent or mount process restarting is
 # back within seconds; a node drained or lost is not.
 NODE_GONE_SECONDS = 120.0
+# A due run waits for its dataset to exist, be Bound and be listed (``domain.dataset_wait``: a DataLoad applied with
+# its Dataset and runtime), as Fluid requeues it, but not for ever: after this long it fails saying what to change
+# (a misspelt spec.dataset, a runtime never applied), as any bad spec does. Long enough for a runtime's agents to
+# start; a loader restart starts the wait again.
+DATASET_WAIT_SECONDS = 600.0
 # A run whose parts on a node got no progress from that node (for any run of the dataset: its parts are executed one
 # at a time, another operation's may come first) for this long fails naming the node. A working part reports every
 # second or so; a part its mount process gave up on whose final report was lost (the server delivers it no more)
@@ -123,6 +128,7 @@ class LoaderHandlers:
     metadata_timeout: float = METADATA_TIMEOUT_SECONDS
     node_gone_timeout: float = NODE_GONE_SECONDS
     node_silent_timeout: float = NODE_SILENT_SECONDS
+    dataset_wait_timeout: float = DATASET_WAIT_SECONDS
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     # The in-memory views of runs below hold at most an entry per operation (or operation and node), never one per
     # run: ``_forget_run`` drops an operation's when its run finishes and when the operation is removed.
@@ -146,6 +152,9 @@ class LoaderHandlers:
     # an executing run waits on that mount (``_prune_heard``).
     silent_since: dict[tuple[str, str], float] = field(default_factory=dict)
     heard: dict[tuple[str, str], float] = field(default_factory=dict)
+    # Operation → (generation, when (monotonic) this process first saw its due run wait for its dataset); a new
+    # generation (the spec fixed) waits afresh.
+    dataset_waits: dict[str, tuple[int, float]] = field(default_factory=dict)
     # Operations the tick failed to advance, and when (the tick's clock) that was last logged.
     tick_failures: dict[str, float] = field(default_factory=dict)
     # The gauges' series as last set (a removed operation's are removed).
@@ -398,9 +407,17 @@ class LoaderHandlers:
             return self._run_due(key, record, state, dataset, now)
         if domain.due(record, state, dataset, now) is None:
             return False
-        # A due run that shows it waits for its dataset has nothing to do until the dataset or runtime changes.
+        # A due run that shows it waits for its dataset has nothing to do until the dataset or runtime changes, or
+        # it has waited too long.
         why = domain.dataset_wait(record, self._mirrored_cluster(record))
-        return why is None or record.status.waiting_for != why
+        return why is None or record.status.waiting_for != why or self._waited_too_long(key, record)
+
+    def _waited_too_long(self, key: str, record: OperationRecord) -> bool:
+        generation, since = self.dataset_waits.setdefault(key, (record.generation, time.monotonic()))
+        if generation != record.generation:
+            self.dataset_waits[key] = (record.generation, time.monotonic())
+            return False
+        return domain.waited_too_long(since, time.monotonic(), self.dataset_wait_timeout)
 
     def _mirrored_cluster(self, record: OperationRecord) -> domain.Cluster:
         ref = domain.dataset_ref(record)
@@ -582,8 +599,12 @@ class LoaderHandlers:
                 decision, why = "fail", cycle
         if decision == "go":
             # From the mirrors: one a moment behind only waits a tick longer; ``_start`` decides from KV.
-            why = domain.dataset_wait(record, self._mirrored_cluster(record)) or ""
-            decision = "wait" if why else "go"
+            cluster = self._mirrored_cluster(record)
+            why = domain.dataset_wait(record, cluster) or ""
+            if why and self._waited_too_long(key, record):
+                decision, why = "fail", domain.dataset_wait_failure(record, cluster, why, self.dataset_wait_timeout)
+            else:
+                decision = "wait" if why else "go"
         if decision == "wait":
             if record.status.waiting_for != why:
                 await self._save_status(key, record, revision, domain.status_waiting(record.status, why))
@@ -592,6 +613,7 @@ class LoaderHandlers:
 
     async def _start(self, key: str, record: OperationRecord, revision: int | None, state: domain.RunState,
                      trigger: domain.Trigger, now: float, failure: str) -> None:
+        self.dataset_waits.pop(key, None)
         number = record.status.runs + 1
         run = f"{key}.{number}"
         ref = domain.dataset_ref(record)
@@ -791,6 +813,7 @@ class LoaderHandlers:
         """Drop what this process keeps in memory for the operation's run: it finished, or the operation is gone."""
         self.plans.pop(key, None)
         self.published.pop(key, None)
+        self.dataset_waits.pop(key, None)
         self.resynced.pop(key, None)
         self.dirty.discard(key)
         self.written_at.pop(key, None)

@@ -341,18 +341,26 @@ async def test_a_load_completes_with_progress(bus: Bus, nats_server: NatsServer)
 
 
 @pytest.mark.parametrize(("setup", "spec", "message"), [
+    # A dataset missing or not Bound is waited for (the next test), for the wait's time (0.5 s here, 600 s unless
+    # told): then the run fails, saying what to change and what it waited for.
+    ("none", {}, "dataset default/data does not exist; create it or fix spec.dataset (waited 0.5 s for dataset "
+                 "default/data to exist and be Bound)"),
+    ("unbound", {}, "is NotBound, not Bound"),
+    ("no runtime", {}, "apply a runtime named data in namespace default"),
     ("ok", {"target": [TargetPath(path="/x/nope")]}, "target path '/x/nope' is not in the manifest"),
     ("ok", {"target": [TargetPath(path="/x/a", replicas=4)]}, "replicas 4 is more than the 3 ready cache worker(s)"),
     ("no manifest", {}, "has no manifest yet"),
 ])
 async def test_bad_input_fails_the_run_with_what_to_change(bus: Bus, nats_server: NatsServer, setup: str,
                                                            spec: dict[str, Any], message: str) -> None:
-    await put_dataset(bus, files(("a", BLOCK)))
-    await put_runtime(bus, NODES)
+    if setup != "none":
+        await put_dataset(bus, files(("a", BLOCK)), phase="NotBound" if setup in ("unbound", "no runtime") else "Bound")
+    if setup != "no runtime":
+        await put_runtime(bus, NODES)
     if setup == "no manifest":
         await (await ManifestStore.of(bus)).delete(ManifestStore.name("default", "data"))
     metrics = Snapshot()
-    async with loader(nats_server):
+    async with loader(nats_server, dataset_wait_timeout=0.5):
         await publish(bus, subjects.DATALOAD_APPLY, dataload(**spec))
         failed = await phase_of(bus, "Failed")
     assert message in failed.status.message

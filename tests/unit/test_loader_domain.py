@@ -253,6 +253,22 @@ def test_a_run_waits_for_its_dataset_to_exist_and_be_bound() -> None:
     assert domain.run_problem(record(), cluster(phase="Failed"))
 
 
+def test_a_run_that_waited_too_long_for_its_dataset_fails_saying_what_to_change() -> None:
+    assert not domain.waited_too_long(100.0, 699.9, 600.0) and domain.waited_too_long(100.0, 700.0, 600.0)
+    missing = domain.dataset_wait(record(), domain.Cluster(None, None))
+    assert missing is not None
+    assert domain.dataset_wait_failure(record(), domain.Cluster(None, None), missing, 600.0) == (
+        "dataset default/data does not exist; create it or fix spec.dataset (waited 600 s for dataset default/data "
+        "to exist and be Bound)")
+    # Bound but never listed: ``run_problem`` has nothing to say, the wait does.
+    bound = cluster()
+    unlisted = domain.dataset_wait(record(), bound)
+    assert unlisted is not None and domain.run_problem(record(), bound) is None
+    assert domain.dataset_wait_failure(record(), bound, unlisted, 0.5) == (
+        "waited 0.5 s for dataset default/data to be listed (its first metadata sync); check the dataset's status "
+        "and its runtime")
+
+
 # --- targets, OnEvent diff ---
 
 
