@@ -20,6 +20,8 @@ and a few examples, and the sync logs them. docs/semantics.md describes the rule
 
 from __future__ import annotations
 
+import bisect
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 # Linux's NAME_MAX: the longest name a path component may have, in bytes.
@@ -88,6 +90,25 @@ def target_path_problem(path: str) -> str | None:
     if "" in names:
         return "must not hold an empty segment ('//'); write the path itself (e.g. /train/a, not /train//a)"
     return None
+
+
+def selects(target: str, path: str) -> bool:
+    """Whether a target path (a DataLoad's or DataClean's ``target[].path``, a scheduler's path hint) selects the
+    manifest path ``path``: the path itself and everything below it, a trailing '/' or not; '/' selects everything.
+    """
+    base = target.rstrip("/")
+    return not base or path == base or path.startswith(base + "/")
+
+
+def selected_spans(sorted_paths: Sequence[str], target: str) -> tuple[range, range]:
+    """Where in ``sorted_paths`` the paths ``target`` selects (``selects``) are: the path itself, and what is below
+    it. Two binary searches, not a scan: every path below ``base/`` sorts in [base/, base0), '0' being the character
+    after '/'."""
+    base = target.rstrip("/")
+    if not base:
+        return range(len(sorted_paths)), range(0)
+    return (range(bisect.bisect_left(sorted_paths, base), bisect.bisect_right(sorted_paths, base)),
+            range(bisect.bisect_left(sorted_paths, base + "/"), bisect.bisect_left(sorted_paths, base + "0")))
 
 
 def is_folder(path: str) -> bool:

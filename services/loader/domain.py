@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import bisect
 import itertools
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -47,7 +46,7 @@ from libs.events.operation import (
     TaskProgress,
 )
 from libs.events.runtime import RuntimeRecord
-from libs.paths import is_folder, target_path_problem
+from libs.paths import is_folder, selected_spans, target_path_problem
 from libs.references import reference_of
 
 # The brief's part size: a NodeTask stays far below NATS's 1 MiB payload limit and a part is minutes of work at
@@ -348,13 +347,6 @@ def run_problem(record: OperationRecord, cluster: Cluster) -> str | None:
 # --- Targets and the OnEvent diff ---
 
 
-def matches(path: str, target: str) -> bool:
-    if target == "/" or target.rstrip("/") == "":
-        return True
-    base = target.rstrip("/")
-    return path == base or path.startswith(base + "/")
-
-
 def files_of(entries: Iterable[ManifestEntry]) -> list[ManifestEntry]:
     return [e for e in entries if not is_folder(e.path)]
 
@@ -376,15 +368,8 @@ def select(entries: Sequence[ManifestEntry],
     chosen: dict[int, int] = {}
     missing = []
     for target in targets:
-        base = target.path.rstrip("/")
-        if not base:
-            hits: Iterable[int] = range(len(paths))
-        else:
-            # ``matches``: the path itself, and what is below it: from base + "/" up to base + "0" ('/' + 1).
-            hits = itertools.chain(range(bisect.bisect_left(paths, base), bisect.bisect_right(paths, base)),
-                                   range(bisect.bisect_left(paths, base + "/"), bisect.bisect_left(paths, base + "0")))
         hit = False
-        for position in hits:
+        for position in itertools.chain(*selected_spans(paths, target.path)):
             hit = True  # a folder marker proves the folder exists, even if empty
             if not is_folder(paths[position]):
                 index = order[position]

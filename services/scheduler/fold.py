@@ -25,7 +25,6 @@ threaded and ``score`` synchronous, so during one decision the fold *is* a consi
 
 from __future__ import annotations
 
-import bisect
 import itertools
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -34,7 +33,7 @@ from typing import Any, cast
 from libs.events.agent import CachedFile, Inventory, InventorySnapshot
 from libs.events.dataset import ManifestEntry
 from libs.inventory import NodeInventory, fold_node
-from libs.paths import is_folder
+from libs.paths import is_folder, selected_spans, selects
 from services.scheduler.domain import NodeAgent, Part, Places, Sums, add_columns
 
 # Moves of one dataset's ``held`` remembered for readers (``CacheFold.moves``): a decision after a few changes
@@ -49,12 +48,8 @@ FileKey = tuple[int, str, str]
 
 
 def path_matches(path: str, hints: Iterable[str]) -> bool:
-    """The loader's rule: a hint selects the path equal to it and everything below it; '/' selects everything."""
-    for hint in hints:
-        folder = hint.rstrip("/")
-        if not folder or path == hint or path.startswith(folder + "/"):
-            return True
-    return False
+    """Whether any hint selects ``path``, by the loader's rule (``libs.paths.selects``)."""
+    return any(selects(hint, path) for hint in hints)
 
 
 class Catalog:
@@ -73,16 +68,7 @@ class Catalog:
 
     def total_under(self, hints: Iterable[str]) -> int:
         """Bytes of the files the hints select (overlapping hints count a file once)."""
-        spans = []
-        for hint in hints:
-            folder = hint.rstrip("/")
-            if not folder:
-                return self.total
-            exact = bisect.bisect_left(self.paths, hint)
-            if exact < len(self.paths) and self.paths[exact] == hint:
-                spans.append((exact, exact + 1))
-            # Every path below ``folder/`` sorts in [folder/, folder0): '0' is the character after '/'.
-            spans.append((bisect.bisect_left(self.paths, folder + "/"), bisect.bisect_left(self.paths, folder + "0")))
+        spans = [(span.start, span.stop) for hint in hints for span in selected_spans(self.paths, hint)]
         total, reached = 0, 0
         for start, end in sorted(spans):
             start = max(start, reached)

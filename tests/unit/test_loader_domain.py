@@ -33,6 +33,7 @@ from libs.events.operation import (
     TaskProgress,
 )
 from libs.events.runtime import CacheWorker, Runtime, RuntimeRecord, RuntimeStatus
+from libs.paths import selects
 from services.loader import domain
 
 REF = ObjectRef(name="data")
@@ -292,7 +293,7 @@ def _select_by_scanning(entries: list[ManifestEntry], targets: list[TargetPath])
     chosen: dict[int, int] = {}
     missing = []
     for target in targets:
-        hits = [i for i, e in enumerate(entries) if domain.matches(e.path, target.path)]
+        hits = [i for i, e in enumerate(entries) if selects(target.path, e.path)]
         for i in hits:
             if not entries[i].path.endswith("/"):
                 chosen[i] = max(chosen.get(i, 0), target.replicas)
