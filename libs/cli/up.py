@@ -60,6 +60,7 @@ from libs.cli.stack.supervision import (
     agent_env,
     agent_plans,
     ensure_peer_secret,
+    ensure_secrets_dir,
     replica_envs,
     service_env,
     service_users,
@@ -167,6 +168,7 @@ def run_up(options: UpOptions, environ: Mapping[str, str]) -> None:
                               seeded_objects=len(demo_objects()), services=stack.service_pids(),
                               http_ports=plan.http_ports, logs=layout.logs, manifest=options.manifest,
                               applied=plan.applied, mounts=Path(plan.env["SHOAL_MOUNT_ROOT"]),
+                              secrets=Path(plan.env["SHOAL_SECRETS_DIR"]),
                               agents=[(agent.node, agent.mount_root) for agent in plan.agents],
                               metrics=plan.metrics_line, nats_servers=len(plan.nats),
                               cli_env=plan.secure.env_file(natsauth.CLI) if plan.secure is not None else None,
@@ -223,7 +225,7 @@ def _plan(options: UpOptions, environ: Mapping[str, str]) -> Plan:
                                 volume_port=ports.seaweed_volume, filer_port=ports.seaweed_filer)
         s3 = S3Access(seaweed.endpoint, seaweed.access_key_id, seaweed.secret_access_key, embedded=True)
     nats_url = nats_urls(nats) if nats else external_nats
-    env = service_env(environ, nats_url, s3, layout.mounts)
+    env = service_env(environ, nats_url, s3, layout.mounts, layout.secrets)
     if len(nats) > 1:
         # Every message on every server: losing one loses nothing and blocks nothing.
         env["SHOAL_STREAM_REPLICAS"] = str(len(nats))
@@ -315,6 +317,7 @@ def _launch(stack: Stack, plan: Plan) -> None:
         for stale in config.targets_dir.glob("*.json"):
             stale.unlink()
         stack.add_server(start_prometheus(binary, config, plan.http_ports, layout.log("prometheus")), "prometheus")
+    ensure_secrets_dir(Path(plan.env["SHOAL_SECRETS_DIR"]))
     stack.env = plan.env
     stack.http_ports = plan.http_ports
     stack.services = plan.services

@@ -387,7 +387,11 @@ apiVersion: data.fluid.io/v1alpha1
 kind: Dataset
 metadata: {name: other}
 spec:
-  mounts: [{mountPoint: "s3://demo/train/"}]
+  mounts:
+  - mountPoint: "s3://demo/train/"
+    encryptOptions:
+    - {name: aws.accessKeyId, valueFrom: {secretKeyRef: {name: demo-creds, key: id}}}
+    - {name: aws.secretKey, valueFrom: {secretKeyRef: {name: demo-creds, key: secret}}}
 ---
 apiVersion: data.fluid.io/v1alpha1
 kind: AlluxioRuntime
@@ -404,11 +408,22 @@ async def test_up_with_a_manifest_names_what_it_applied_and_serves_health_on_the
     manifest = tmp_path / "other.yaml"
     manifest.write_text(OTHER_MANIFEST)
     state_dir = tmp_path / "state"
+    # The Dataset's encryptOptions name a Secret: shoal up hands the services <state>/secrets as SHOAL_SECRETS_DIR
+    # (before, none: the dataset failed for a secret that was never read).
+    secrets = StateLayout(state_dir).secrets
+    for key, value in {"id": SeaweedConfig.access_key_id, "secret": SeaweedConfig.secret_access_key}.items():
+        (secrets / "demo-creds").mkdir(parents=True, exist_ok=True)
+        (secrets / "demo-creds" / key).write_text(value + "\n")
     run = await start_up(state_dir, [*up_arguments(state_dir), "--manifest", str(manifest)])
     await run.wait_for_output("Ctrl-C to stop")
     mounts = state_dir.resolve() / "mnt"
     assert f"Dataset 'other' and Runtime 'other' applied from {manifest}" in run.output
     assert f"{mounts}/default/other (the agent mounts it once the dataset is Bound)" in run.output
+    assert f"secrets   {secrets}/ (a Dataset's encryptOptions read" in run.output
+    assert secrets.stat().st_mode & 0o777 == 0o700
+    await eventually(lambda: asyncio.to_thread(lambda: "sample-000.bin" in os.listdir(mounts / "default/other")
+                                                if (mounts / "default/other").is_dir() else False),
+                     60, "the dataset Bound with the secret's credentials, and mounted")
     assert "'demo' applied" not in run.output and f"{mounts}/default/demo" not in run.output
     assert "describe dataset other" in run.output
 

@@ -66,11 +66,12 @@ def banner(*, pid: int, nats_url: str, nats_embedded: bool, nats_monitor_port: i
            seeded_objects: int, services: Mapping[str, int], http_ports: Mapping[str, int], logs: Path,
            manifest: Path, applied: Sequence[Applied], mounts: Path,
            agents: Sequence[tuple[str, Path]] = (), metrics: str = "", nats_servers: int = 1,
-           cli_env: Path | None = None, down: str = "shoal down") -> str:
+           cli_env: Path | None = None, down: str = "shoal down", secrets: Path | None = None) -> str:
     """What ``shoal up`` prints once everything runs; ``agents`` (node, mount root) when it runs several;
     ``metrics``: where Prometheus is, or how to get one; ``nats_servers``: the embedded cluster's size;
     ``cli_env``: with ``--secure``, the file of the CLI's credentials, which every command to look around needs;
-    ``down``: the ``shoal down`` that stops this one (``StateLayout.down_command``)."""
+    ``down``: the ``shoal down`` that stops this one (``StateLayout.down_command``); ``secrets``: the folder of the
+    secrets ``encryptOptions`` name."""
     # A NATS_URL may carry a user and password; the banner lands in terminals and logs, so it never shows them.
     nats_url = strip_userinfo(nats_url)
     nats_line = (f"{nats_url} (embedded; monitoring http://{LOOPBACK}:{nats_monitor_port})" if nats_embedded
@@ -98,6 +99,8 @@ def banner(*, pid: int, nats_url: str, nats_embedded: bool, nats_monitor_port: i
         f"  health    {sides} (/healthz, /readyz, /metrics; mount processes log their own)",
         *([f"  metrics   {metrics}"] if metrics else []),
         f"  logs      {logs}/",
+        *([f"  secrets   {secrets}/ (a Dataset's encryptOptions read <secret name>/<key> files there)"]
+          if secrets is not None else []),
         f"  applied   {applied_line(applied, manifest)}",
     ]
     if agents:

@@ -59,6 +59,12 @@ class StateLayout:
         return self.root.resolve() / "peer.secret"
 
     @property
+    def secrets(self) -> Path:
+        """The folder of secrets the services read for ``encryptOptions`` (SHOAL_SECRETS_DIR unless the caller set
+        one): ``<secret name>/<key>`` files, as a mounted Secret gives; 0700, made once and kept."""
+        return self.root.resolve() / "secrets"
+
+    @property
     def nats_secure(self) -> Path:
         """``shoal up --secure``: the NATS server's CA and certificate, every user's password, ``cli.env``."""
         return self.root.resolve() / "nats-secure"

@@ -116,10 +116,13 @@ SUPERVISE_INTERVAL_SECONDS = 0.2
 SERVER_STABLE_SECONDS = 60.0
 
 
-def service_env(base: Mapping[str, str], nats_url: str, s3: S3Access, mount_root: Path) -> dict[str, str]:
-    """The environment of every service: the caller's, plus where NATS and S3 are and where to mount."""
+def service_env(base: Mapping[str, str], nats_url: str, s3: S3Access, mount_root: Path,
+                secrets_dir: Path) -> dict[str, str]:
+    """The environment of every service: the caller's, plus where NATS and S3 are, where to mount and where the
+    secrets of ``encryptOptions`` are (unless the caller said)."""
     env = dict(base)
     env.setdefault("SHOAL_MOUNT_ROOT", str(mount_root))
+    env.setdefault("SHOAL_SECRETS_DIR", str(secrets_dir))
     env.update({
         "NATS_URL": nats_url,
         "SHOAL_S3_ENDPOINT": s3.endpoint,
@@ -135,6 +138,12 @@ def service_env(base: Mapping[str, str], nats_url: str, s3: S3Access, mount_root
 
 # 256 bits: HMAC-SHA256 keys are derived from it, so anything shorter would be the weak link.
 PEER_SECRET_BYTES = 32
+
+
+def ensure_secrets_dir(path: Path) -> None:
+    """The folder of secrets, private to this user (0700), made if missing; what is in it is the user's."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
 
 
 def ensure_peer_secret(path: Path) -> None:
