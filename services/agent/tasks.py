@@ -67,6 +67,10 @@ log = get_logger(__name__)
 ACK_WAIT_SECONDS = 5.0
 # The protocol's "at most once a second" for progress, and the in_progress cadence with it.
 HEARTBEAT_SECONDS = 1.0
+# How often a part being executed checks that its run is still current (its operation's record, one KV read). The
+# loader's cancel is a plain NATS message: one this process missed (its connection down at that moment) would let a
+# part of a deleted or failed run go on fetching, up to its last block.
+CURRENT_CHECK_SECONDS = 5.0
 # A part delivered this often without being finished (a process that crashes on it every time) is given up;
 # a restart or a clean stop each count one. The last delivery is not executed but reported (``given_up``): the
 # server delivers the part no more, and a part the loader never hears of again leaves its run Executing for ever.
@@ -466,7 +470,7 @@ class TaskRunner:
                                      else self._clean(task, ledger, running.abort))
         aborted = asyncio.ensure_future(running.abort.wait())
         ended = asyncio.Event()
-        heartbeat = asyncio.ensure_future(self._heartbeat(message, task, ledger, deliveries, ended))
+        heartbeat = asyncio.ensure_future(self._heartbeat(message, task, ledger, deliveries, ended, running))
         try:
             await asyncio.wait([work, aborted], return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -488,12 +492,14 @@ class TaskRunner:
         return "finished"
 
     async def _heartbeat(self, message: Msg, task: NodeTask, ledger: PartLedger, deliveries: int,
-                         ended: asyncio.Event) -> None:
-        """Every second until ``ended``: keep the part ours (``in_progress``) and publish progress if there is news.
+                         ended: asyncio.Event, running: _Running) -> None:
+        """Every second until ``ended``: keep the part ours (``in_progress``) and publish progress if there is news;
+        every ``CURRENT_CHECK_SECONDS``, end the part as cancelled if its run is no longer current (a cancel missed).
         It ends on ``ended``, not only on its cancellation: nats-py may swallow a cancellation that lands inside
         one of its calls, and a heartbeat that went on would keep the part's end waiting for ever."""
         published = 0
         sent = 0
+        checked = time.monotonic()
         while not ended.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(ended.wait(), HEARTBEAT_SECONDS)
@@ -501,6 +507,18 @@ class TaskRunner:
                 return
             with contextlib.suppress(Exception):
                 await message.in_progress()
+            if time.monotonic() - checked >= CURRENT_CHECK_SECONDS:
+                checked = time.monotonic()
+                reason = None
+                with contextlib.suppress(Exception):  # NATS away: the next check, or the cancel, decides
+                    reason = await self._not_current(task.run)
+                if reason:
+                    log.info("part stopped: its run is not current (its cancel was missed)", dataset=self._key,
+                             run=task.run, part=task.part, reason=reason)
+                    self._cancelled.append(task.run)
+                    running.cancelled = True
+                    running.abort.set()
+                    return
             if ledger.version == published:
                 continue
             published = ledger.version

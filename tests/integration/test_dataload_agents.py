@@ -524,6 +524,39 @@ async def test_deleting_a_dataload_cancels_the_agents_work(
         assert sorted(store_gets(stack.store)) == sorted(expected)
 
 
+async def test_a_part_whose_cancel_was_missed_stops_once_it_sees_its_run_is_gone(
+        bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path) -> None:
+    """The loader's cancel is a plain NATS message, which a mount process disconnected at that moment never gets:
+    the part sees its run is no longer current at its next check (services.agent.tasks.CURRENT_CHECK_SECONDS)
+    and ends as cancelled, instead of fetching up to its last block for a run that is gone."""
+    async with single(bus, settings, seaweedfs, bucket, tmp_path, load_concurrency=2) as stack:
+        progress: list[dict[str, Any]] = []
+
+        async def collect(msg: Any) -> None:
+            progress.append(msgspec.json.decode(msg.data))
+
+        subscription = await bus.nc.subscribe(subjects.task_progress(NODE), cb=collect)
+        stack.store.hold()
+        async with loader(settings):
+            await bus.publish(subjects.DATALOAD_APPLY, dataload("orphan", dataset=NAME))
+
+            async def two_held() -> bool:
+                return stack.store.waiting == 2
+
+            await eventually(two_held, what="two block GETs held (SHOAL_LOAD_CONCURRENCY=2)")
+        # The loader is gone; its record of the operation goes without any cancel reaching the agent.
+        kv = await bus.kv(subjects.KV_OPERATIONS)
+        await kv.delete(subjects.operation_key("DataLoad", "default", "orphan"))
+
+        async def cancelled() -> dict[str, Any] | None:
+            return next((p for p in progress if p["done"]), None)
+
+        final = await eventually(cancelled, 30, "the part's final progress, with no cancel sent")
+        assert final["message"] == "cancelled", final
+        stack.store.release()
+        await subscription.unsubscribe()
+
+
 async def test_a_cron_load_runs_on_schedule_and_its_next_run_skips_what_is_cached(
         bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path) -> None:
     """The loader's clock is moved past each firing (cron's finest schedule is a minute); the agents' is not."""
