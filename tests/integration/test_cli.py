@@ -327,7 +327,7 @@ spec:
 
     applied = await shoal(nats_server, "apply", "-f", str(manifest))
     assert applied.exit_code == 0, applied.output
-    assert applied.stdout == "dataset.shoal.io/demo configured\nruntime.shoal.io/demo configured\n"
+    assert applied.stdout == "dataset.shoal.io/demo created\nruntime.shoal.io/demo created\n"
     assert "ignored: AlluxioRuntime/spec.master (not used by Shoal)" in applied.stderr.splitlines()
 
     listed = await shoal(nats_server, "get", "runtime", "demo", "-o", "json")
@@ -343,6 +343,42 @@ spec:
     again = await shoal(nats_server, "delete", "dataset", "demo")
     assert again.exit_code == 1
     assert again.stderr == "error: demo rejected: dataset default/demo does not exist\n"
+
+
+async def test_apply_says_created_configured_or_unchanged_as_kubectl_does(nats_server: NatsServer, services: None,
+                                                                         tmp_path: Path) -> None:
+    """A user found every apply said "configured", a new object and the same manifest applied again too."""
+    data = tmp_path / "data"
+    data.mkdir()
+    manifest = f"""
+apiVersion: shoal.io/v1alpha1
+kind: Dataset
+metadata: {{name: said}}
+spec:
+  mounts: [{{mountPoint: "local://{data}"}}]
+---
+apiVersion: shoal.io/v1alpha1
+kind: Runtime
+metadata: {{name: said}}
+spec:
+  replicas: 1
+  tieredstore: {{levels: [{{mediumtype: MEM, quota: 1Gi}}]}}
+"""
+    created = await shoal(nats_server, "apply", "-f", "-", stdin=manifest)
+    assert (created.exit_code, created.stdout) == (0, "dataset.shoal.io/said created\nruntime.shoal.io/said "
+                                                      "created\n"), created.output
+    again = await shoal(nats_server, "apply", "-f", "-", stdin=manifest)
+    assert (again.exit_code, again.stdout) == (0, "dataset.shoal.io/said unchanged\nruntime.shoal.io/said "
+                                                  "unchanged\n"), again.output
+    changed = await shoal(nats_server, "apply", "-f", "-", stdin=manifest.replace("quota: 1Gi", "quota: 2Gi"))
+    assert (changed.exit_code, changed.stdout) == (0, "dataset.shoal.io/said unchanged\nruntime.shoal.io/said "
+                                                      "configured\n"), changed.output
+    # The same object twice in one manifest: the second is compared with the first.
+    twice = await shoal(nats_server, "apply", "-f", "-",
+                        stdin=manifest.replace("{name: said}", "{name: twice}") + "---\n"
+                        + manifest.replace("{name: said}", "{name: twice}").replace("quota: 1Gi", "quota: 2Gi"))
+    assert twice.stdout.splitlines() == ["dataset.shoal.io/twice created", "runtime.shoal.io/twice created",
+                                         "dataset.shoal.io/twice unchanged", "runtime.shoal.io/twice configured"]
 
 
 async def test_scale_changes_the_runtimes_replicas(nats_server: NatsServer, services: None, bus: Bus) -> None:
@@ -476,7 +512,7 @@ async def test_apply_of_fluids_quota_list_sample_gives_each_path_its_quota(nats_
     sample = textwrap.dedent(QUOTA_LIST)
     applied = await shoal(nats_server, "apply", "-f", "-", stdin=sample % "2Gi,2Gi")
 
-    assert (applied.exit_code, applied.stdout, applied.stderr) == (0, "runtime.shoal.io/dataset configured\n", "")
+    assert (applied.exit_code, applied.stdout, applied.stderr) == (0, "runtime.shoal.io/dataset created\n", "")
     record, _ = await kv_load(await bus.kv(subjects.KV_RUNTIMES), subjects.resource_key("default", "dataset"),
                               RuntimeRecord)
     assert record is not None
@@ -507,7 +543,7 @@ async def test_apply_of_fluids_juicefs_sample_keeps_shoals_watermarks(nats_serve
 
     applied = await shoal(nats_server, "apply", "-f", "-", stdin=sample)
 
-    assert (applied.exit_code, applied.stdout) == (0, "runtime.shoal.io/jfs configured\n"), applied.output
+    assert (applied.exit_code, applied.stdout) == (0, "runtime.shoal.io/jfs created\n"), applied.output
     assert ("ignored: JuiceFSRuntime/spec.tieredstore.levels[0].low (JuiceFS's free-space-ratio, the share of the "
             "disk kept free, not a watermark: Shoal evicts from 0.95 down to 0.7 of the quota)"
             in applied.stderr.splitlines())
@@ -538,7 +574,7 @@ spec:
 """
     applied = await shoal(nats_server, "apply", "-f", "-", stdin=sample)
 
-    assert (applied.exit_code, applied.stdout) == (0, "runtime.shoal.io/jfsdemo configured\n"), applied.output
+    assert (applied.exit_code, applied.stdout) == (0, "runtime.shoal.io/jfsdemo created\n"), applied.output
     record, _ = await kv_load(await bus.kv(subjects.KV_RUNTIMES), subjects.resource_key("default", "jfsdemo"),
                               RuntimeRecord)
     assert record is not None
@@ -579,7 +615,7 @@ spec:
 """ + FLUID_S3_SECRETS
     applied = await shoal(nats_server, "apply", "-f", "-", stdin=sample)
 
-    assert (applied.exit_code, applied.stdout, applied.stderr) == (0, "dataset.shoal.io/my-s3 configured\n", "")
+    assert (applied.exit_code, applied.stdout, applied.stderr) == (0, "dataset.shoal.io/my-s3 created\n", "")
     record, _ = await kv_load(await bus.kv(subjects.KV_DATASETS), subjects.resource_key("default", "my-s3"),
                               DatasetRecord)
     assert record is not None
@@ -606,7 +642,7 @@ spec:
 """ + FLUID_S3_SECRETS
     applied = await shoal(nats_server, "apply", "-f", "-", stdin=sample)
 
-    assert (applied.exit_code, applied.stdout) == (0, "dataset.shoal.io/demo configured\n"), applied.output
+    assert (applied.exit_code, applied.stdout) == (0, "dataset.shoal.io/demo created\n"), applied.output
     assert applied.stderr == ('ignored: Dataset/spec.mounts[0].options["alluxio.underfs.s3.inherit.acl"] (an Alluxio '
                               "setting, not used by Shoal)\n")
     record, _ = await kv_load(await bus.kv(subjects.KV_DATASETS), subjects.resource_key("default", "demo"),
@@ -733,7 +769,7 @@ async def test_a_kubectl_list_applies_and_deletes_each_item(nats_server: NatsSer
 
     applied = await shoal(nats_server, "apply", "-f", str(manifest))
     assert applied.exit_code == 0, applied.output
-    assert applied.stdout == "dataset.shoal.io/listed configured\nruntime.shoal.io/listed configured\n"
+    assert applied.stdout == "dataset.shoal.io/listed created\nruntime.shoal.io/listed created\n"
     # Each item's fields are judged as a document's would be; the List's own metadata is no object's.
     assert applied.stderr.splitlines() == ["ignored: Dataset/status (status is computed by Shoal)",
                                            "ignored: Dataset/metadata.uid (not used by Shoal)",
@@ -777,7 +813,7 @@ items: {{name: not-a-list}}
     result = await shoal(nats_server, "apply", "-f", "-", stdin=manifest)
 
     assert result.exit_code == 1
-    assert result.stdout == "dataset.shoal.io/good configured\n"
+    assert result.stdout == "dataset.shoal.io/good created\n"
     assert result.stderr.splitlines() == [
         "error: <stdin>: document 1, item 1 (ConfigMap settings): unknown kind 'ConfigMap' of apiVersion 'v1'; "
         "supported: Dataset, Runtime, DataLoad and DataClean of shoal.io/v1alpha1, Dataset, DataLoad and "
@@ -809,8 +845,8 @@ async def test_a_folder_applies_its_manifests_in_name_order(nats_server: NatsSer
 
     applied = await shoal(nats_server, "apply", "-f", str(folder))
     assert applied.exit_code == 0, applied.output
-    assert applied.stdout == ("dataset.shoal.io/one configured\nruntime.shoal.io/one configured\n"
-                              "dataset.shoal.io/two configured\n")
+    assert applied.stdout == ("dataset.shoal.io/one created\nruntime.shoal.io/one created\n"
+                              "dataset.shoal.io/two created\n")
     for name, exit_code in (("one", 0), ("two", 0), ("deeper", 1)):  # deeper: in a subfolder, read with -R only
         assert (await shoal(nats_server, "get", "dataset", name)).exit_code == exit_code, name
 
@@ -818,9 +854,9 @@ async def test_a_folder_applies_its_manifests_in_name_order(nats_server: NatsSer
     recursive = await shoal(nats_server, "apply", "-R", "-f", str(folder), "-f", "-", stdin=dataset.format(
         name="piped"))
     assert recursive.exit_code == 0, recursive.output
-    assert recursive.stdout.splitlines() == ["dataset.shoal.io/one configured", "runtime.shoal.io/one configured",
-                                             "dataset.shoal.io/two configured", "dataset.shoal.io/deeper configured",
-                                             "dataset.shoal.io/piped configured"]
+    assert recursive.stdout.splitlines() == ["dataset.shoal.io/one unchanged", "runtime.shoal.io/one unchanged",
+                                             "dataset.shoal.io/two unchanged", "dataset.shoal.io/deeper created",
+                                             "dataset.shoal.io/piped created"]
     # An error names the file in the folder.
     (folder / "d-bad.yaml").write_text("apiVersion: shoal.io/v1alpha1\nkind: Dataset\nmetadata: {name: x}\n"
                                        "spec: {mounts: [{mountPoint: 1}]}\n")
@@ -862,7 +898,7 @@ async def test_a_missing_path_or_an_empty_folder_applies_nothing(nats_server: Na
 
     # The control: with -R the folder has a manifest (a copy of the good one).
     control = await shoal(nats_server, "apply", "-R", "-f", str(empty))
-    assert (control.exit_code, control.stdout) == (0, "dataset.shoal.io/good configured\n"), control.output
+    assert (control.exit_code, control.stdout) == (0, "dataset.shoal.io/good created\n"), control.output
     (empty / "nested" / "x.yaml").unlink()
     recursive = await shoal(nats_server, "apply", "-R", "-f", str(empty))
     assert (recursive.exit_code, recursive.stderr) == (

@@ -176,7 +176,7 @@ async def test_apply_of_a_fluid_dataload_publishes_the_dataload_command(nats_ser
     result = await shoal(nats_server, "apply", "-f", "-", stdin=FLUID_DATALOAD)
 
     assert result.exit_code == 0, result.output
-    assert result.stdout == "dataload.shoal.io/spark-dataload configured\n"
+    assert result.stdout == "dataload.shoal.io/spark-dataload created\n"
     assert result.stderr == "ignored: DataLoad/spec.nodeSelector (not used by Shoal)\n"
     [(subject, command)] = loader.received
     assert subject == subjects.DATALOAD_APPLY
@@ -197,7 +197,7 @@ async def test_apply_wait_follows_the_load_to_complete(nats_server: NatsServer, 
 
     assert result.exit_code == 0, result.output
     assert result.stdout.splitlines() == [
-        "dataload.shoal.io/spark-dataload configured",
+        "dataload.shoal.io/spark-dataload created",
         "dataload.shoal.io/spark-dataload Complete: 10/10 files, 40.00MiB/40.00MiB in 2s (8.00MiB already cached)",
     ]
     # Off a terminal there is no live bar: each phase is said once.

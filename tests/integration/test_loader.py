@@ -762,6 +762,7 @@ spec:
     assert done.status.phase == "Complete" and done.status.runs == 2 and not done.status.message
     assert scripted.keys("dataload.default.warm.2") == {"a"}
     assert again.exit_code == 0, again.output
+    assert "dataload.shoal.io/warm unchanged" in again.stdout.splitlines()
     # Nothing ran and nothing changed but the sequence of the last word (an older command delivered again is stale).
     assert after is not None and after.command_sequence > done.command_sequence
     assert msgspec.structs.replace(after, command_sequence=done.command_sequence) == done
