@@ -233,18 +233,21 @@ def describe_operation(record: OperationRecord) -> str:
     status.pop("conditions", None)
     status["progress"].pop("nodes", None)  # a table of its own below
     spec = full_builtins(record.load if record.load is not None else record.clean)
+    nodes = node_progress_table(record.status.progress.nodes, record.status.phase)
     return _describe(record.kind, record.metadata, record.generation, spec, status, conditions,
-                     extra=["Progress by node:", node_progress_table(record.status.progress.nodes)],
+                     extra=["Progress by node:", nodes],
                      created=record.created_at or "<unknown>")
 
 
-def node_progress_table(nodes: Sequence[NodeProgress]) -> str:
+def node_progress_table(nodes: Sequence[NodeProgress], phase: str = "Executing") -> str:
+    """Each node's part of the run in ``phase`` (the operation's): a node of a run that ended (Complete, Failed,
+    or a Pending one waiting for its next run) is no longer working, whether or not it finished."""
     if not nodes:
         return "  <none>"
     # STATE: a clean's freed bytes have no total, so PERCENT cannot say which node a run still waits for.
     rows = [[n.node, format_bytes(n.bytes_done), format_bytes(n.bytes_total), percent_text(n.bytes_done,
                                                                                           n.bytes_total),
-             "Done" if n.done else "Working"]
+             "Done" if n.done else "Working" if phase == "Executing" else "Stopped"]
             for n in nodes]
     return _indented(table_text(["NODE", "DONE", "TOTAL", "PERCENT", "STATE"], rows))
 

@@ -1033,10 +1033,15 @@ async def test_a_load_whose_dataset_is_deleted_while_it_executes_fails_saying_so
                 return cancels
 
             await eventually(cancelled, what="TaskCancel")
+            described = await shoal(nats_server, "describe", "dataload", "warm")
     finally:
         await sub.unsubscribe()
     assert "dataset default/data was deleted" in failed.status.message, failed.status.message
     assert [c.run for c in cancels] == ["dataload.default.warm.1"]
+    # A user saw each node "Working" under the Failed phase: the cancelled run's nodes work no more.
+    lines = described.stdout.splitlines()
+    nodes = lines.index("Progress by node:")
+    assert [line.split()[0::4] for line in lines[nodes + 1:nodes + 3]] == [["NODE", "STATE"], [NODES[0], "Stopped"]]
 
 
 async def test_a_load_whose_spec_names_another_dataset_while_it_executes_is_cancelled_saying_so(

@@ -141,8 +141,8 @@ def test_describe_operation_shows_progress_per_node() -> None:
     assert "    nodes:" not in lines  # shown as a table instead
     table = lines.index("Progress by node:")
     assert [line.split() for line in lines[table + 1:table + 4]] == [
-        ["NODE", "DONE", "TOTAL", "PERCENT", "STATE"], ["node-a", "1.00GiB", "2.00GiB", "50.0%", "Working"],
-        ["node-b", "0B", "0B", "-", "Working"]]
+        ["NODE", "DONE", "TOTAL", "PERCENT", "STATE"], ["node-a", "1.00GiB", "2.00GiB", "50.0%", "Stopped"],
+        ["node-b", "0B", "0B", "-", "Stopped"]]  # the run ended: no node of it still works
     assert lines[-2:] == ["Conditions:", "  <none>"]
 
 
