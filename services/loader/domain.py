@@ -56,6 +56,9 @@ MAX_PART_BYTES = 256 * 1024
 OPERATION_KINDS: tuple[OperationKind, ...] = ("DataLoad", "DataClean")
 # Far above any runtime's cache workers; only bounds nonsense before the run checks the real number.
 MAX_REPLICAS = 64
+# Fluid's ttlSecondsAfterFinished is an *int32 (about 68 years): a manifest with more is not a Fluid manifest, and a
+# Go client of the same object could not hold it.
+MAX_TTL_SECONDS = 2**31 - 1
 # What a run that finished reports as its duration while it runs (Fluid's word).
 UNFINISHED = "Unfinished"
 # A run none of whose parts reported progress for this long is stalled: its rate is 0 and its ETA unknown, not the
@@ -136,8 +139,9 @@ def _common_errors(meta: ObjectMeta, dataset: ObjectRef, run_after: OperationRef
         errors += dns_label_errors(run_after.name, "spec.runAfter.name", DNS1123_LABEL)
         if run_after.namespace:
             errors += dns_label_errors(run_after.namespace, "spec.runAfter.namespace", DNS1123_LABEL)
-    if ttl is not None and ttl < 0:
-        errors.append(f"spec.ttlSecondsAfterFinished must be 0 or more, got {ttl}")
+    if ttl is not None and not 0 <= ttl <= MAX_TTL_SECONDS:
+        errors.append(f"spec.ttlSecondsAfterFinished must be between 0 and {MAX_TTL_SECONDS} (an int32, as Fluid's "
+                      f"field), got {ttl}")
     return errors
 
 

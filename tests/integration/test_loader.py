@@ -1591,6 +1591,31 @@ async def test_a_run_whose_end_was_not_written_to_the_record_ends_there_later(
     assert failed.status.progress.bytes_total == BLOCK
 
 
+@pytest.mark.parametrize("ttl", ["2147483648", "99999999999999999999"])
+async def test_apply_refuses_a_ttl_beyond_fluids_int32_naming_the_field(bus: Bus, nats_server: NatsServer,
+                                                                        ttl: str) -> None:
+    """A user applied ``ttlSecondsAfterFinished: 99999999999999999999`` and it was accepted: Fluid's field is an
+    int32, so anything above 2147483647 is refused, for a DataLoad and a DataClean alike."""
+    document = f"""apiVersion: data.fluid.io/v1alpha1
+kind: DataLoad
+metadata: {{name: warm}}
+spec: {{dataset: {{name: data}}, ttlSecondsAfterFinished: {ttl}}}
+---
+apiVersion: shoal.io/v1alpha1
+kind: DataClean
+metadata: {{name: cool}}
+spec: {{dataset: {{name: data}}, ttlSecondsAfterFinished: {ttl}}}
+"""
+    async with loader(nats_server):
+        result = await shoal(nats_server, "apply", "-f", "-", stdin=document)
+        kept = await shoal(nats_server, "apply", "-f", "-", stdin=document.replace(ttl, "2147483647"))
+    assert result.exit_code == 1, result.output
+    why = f"spec.ttlSecondsAfterFinished must be between 0 and 2147483647 (an int32, as Fluid's field), got {ttl}"
+    assert [line for line in result.stderr.splitlines() if line.startswith("error:")] == [
+        f"error: warm rejected: {why}", f"error: cool rejected: {why}"]
+    assert kept.exit_code == 0, kept.output
+
+
 async def test_an_operation_waited_for_is_kept_past_its_ttl_until_the_waiting_one_starts(
         bus: Bus, nats_server: NatsServer) -> None:
     """"first" has ttlSecondsAfterFinished: 0 and "second" runs after it. The tick that removes "first" (it passes
