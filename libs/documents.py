@@ -16,7 +16,8 @@ Decides:
   ``block-size`` option), nothing else;
 - that a Shoal Runtime's tier with ``quotaList`` gives ``quota`` too, their sum, as its CRD requires (a Fluid
   runtime's is derived): the refusal says so and names the sum;
-- that every field Shoal does not use is reported back as an "ignored: ..." note, never dropped silently;
+- that every field Shoal does not use is reported back as an "ignored: ..." note, never dropped silently, and a
+  Dataset's ``accessModes`` that promise writes as a "warning: ..." note (the mounts are read-only);
 - that schema errors name the document and the JSON path (``$.spec.mounts[0].mountPoint``);
 - that a key given twice in one mapping is an error, not "the last one wins" (YAML's loaders keep the last without a
   word; kubectl refuses it): a second ``metadata`` would apply the object under another name or namespace;
@@ -39,7 +40,14 @@ import yaml
 
 from libs import subjects
 from libs.events.common import parse_quantity
-from libs.events.dataset import Dataset, DatasetApply, DatasetDelete, DatasetResync, DatasetSpec
+from libs.events.dataset import (
+    Dataset,
+    DatasetApply,
+    DatasetDelete,
+    DatasetResync,
+    DatasetSpec,
+    write_access_modes,
+)
 from libs.events.operation import (
     DataClean,
     DataCleanApply,
@@ -338,7 +346,16 @@ def _document_to_command(
         obj = msgspec.convert({"metadata": meta, "spec": mapped_spec}, target)
     except msgspec.ValidationError as err:
         raise _DocumentError(f"{label}: {err}") from err
+    if isinstance(obj, Dataset) and action == "apply" and (writes := write_access_modes(obj.spec.access_modes)):
+        notes.append(read_only_note(str(kind), writes))
     return _command(position, str(kind), obj, action), notes
+
+
+def read_only_note(kind: str, writes: list[str]) -> str:
+    """The warning for a Dataset whose ``accessModes`` promise writes: accepted (its PersistentVolume and claims
+    keep the modes a Fluid manifest asks for), but the mounts stay read-only."""
+    return (f"warning: {kind}/spec.accessModes: {', '.join(writes)} is accepted, but Shoal mounts datasets "
+            "read-only: a write gets EROFS (read-only file system)")
 
 
 def _command(position: int, source_kind: str, obj: Dataset | Runtime | DataLoad | DataClean,

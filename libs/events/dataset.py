@@ -49,6 +49,14 @@ class User(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omit_defau
 
 
 AccessMode = Literal["ReadOnlyMany", "ReadWriteMany", "ReadWriteOnce", "ReadOnlyOnce", "ReadWriteOncePod"]
+# Access modes that promise writes: Shoal's mounts are read-only whatever the spec says (a write gets EROFS), so
+# these are accepted, for the PersistentVolume and claims a Fluid manifest expects, and warned about.
+WRITE_ACCESS_MODES: tuple[AccessMode, ...] = ("ReadWriteMany", "ReadWriteOnce", "ReadWriteOncePod")
+
+
+def write_access_modes(modes: Sequence[str]) -> list[str]:
+    """The modes of ``modes`` that promise writes Shoal's read-only mounts do not serve, in the spec's order."""
+    return [mode for mode in modes if mode in WRITE_ACCESS_MODES]
 Placement = Literal["Exclusive", "Shared", ""]
 
 

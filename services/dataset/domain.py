@@ -37,6 +37,7 @@ from libs.events.dataset import (
     NodeCache,
     RuntimeRef,
     find_condition,
+    write_access_modes,
 )
 from libs.events.runtime import RuntimeSpec
 from libs.hostpaths import local_root_error
@@ -60,6 +61,9 @@ CONDITION_SKIPPED = "ObjectsSkipped"
 CONDITION_MOUNTED = "Mounted"
 # Copied from the runtime too, present while reads through a node's mount fail (ESTALE or EIO).
 CONDITION_READS = "ReadsFailing"
+# Present while spec.accessModes promise writes (ReadWriteMany...): the mounts are read-only all the same, and a
+# Fluid user who expects writes learns it here as well as from the apply's warning, not from an EROFS in a job.
+CONDITION_READ_ONLY = "ReadOnly"
 
 # Options each scheme understands; Fluid/Alluxio spellings are aliases (libs.mounts).
 S3_OPTIONS = {"endpoint", "region", "pathStyle", "aws.accessKeyId"}
@@ -636,8 +640,21 @@ def bound_status(record: DatasetRecord, binding: RuntimeBinding) -> DatasetStatu
                         binding.cache_capacity)
 
 
-def status_on_apply(record: DatasetRecord, binding: RuntimeBinding | None) -> DatasetStatus:
-    return bound_status(record, binding or RuntimeBinding())
+def status_on_apply(record: DatasetRecord, binding: RuntimeBinding | None, now: float) -> DatasetStatus:
+    status = bound_status(record, binding or RuntimeBinding())
+    return msgspec.structs.replace(status, conditions=with_read_only(record.dataset, status.conditions, now))
+
+
+def with_read_only(dataset: Dataset, conditions: list[Condition], now: float) -> list[Condition]:
+    """``conditions`` with ``ReadOnly`` while the spec's accessModes promise writes (its time kept while it stays),
+    without it otherwise. Only an apply changes the spec, so the other status writes keep what this decided."""
+    writes = write_access_modes(dataset.spec.access_modes)
+    if not writes:
+        return [c for c in conditions if c.type != CONDITION_READ_ONLY]
+    message = (f"spec.accessModes lists {', '.join(writes)}, but Shoal mounts datasets read-only: a write gets "
+               "EROFS (read-only file system)")
+    return _set_condition(conditions, Condition(type=CONDITION_READ_ONLY, status="True", reason="WritesNotServed",
+                                                message=message, last_transition_time=rfc3339(now)))
 
 
 # --- Cache states from agent inventory (folded by libs.inventory) ---
@@ -786,6 +803,12 @@ def _source_condition(previous: DatasetStatus, status: Literal["True", "False"],
                      last_transition_time=since)
 
 
+def _kept_read_only(previous: DatasetStatus, conditions: list[Condition]) -> list[Condition]:
+    """A reference's own ``ReadOnly`` condition carried over (it is its spec's, not the source's), for its time."""
+    own = find_condition(previous.conditions, CONDITION_READ_ONLY)
+    return [*conditions, own] if own is not None else conditions
+
+
 def reference_status(record: DatasetRecord, source: DatasetRecord | None, now: float) -> DatasetStatus:
     """The status of a reference dataset, given its source's record (None when it does not exist).
 
@@ -810,13 +833,16 @@ def reference_status(record: DatasetRecord, source: DatasetRecord | None, now: f
             message = (f"source dataset {ref.namespace}/{ref.name} is itself a reference (to {further}): references "
                        f"do not chain; mount {REFERENCE_PREFIX}{further} instead")
         condition = _source_condition(previous, "False", reason, message, now)
-        return DatasetStatus(phase="Failed", message=message, conditions=[condition],
+        conditions = with_read_only(record.dataset, _kept_read_only(previous, [condition]), now)
+        return DatasetStatus(phase="Failed", message=message, conditions=conditions,
                              last_sync_time=previous.last_sync_time, synced_generation=generation,
                              synced_requests=requests)
     mirrored = source.status
     condition = _source_condition(previous, "True", REASON_FOLLOWING,
                                   f"mirrors {ref.namespace}/{ref.name}, whose cache serves this dataset", now)
-    conditions = [*[c for c in mirrored.conditions if c.type != CONDITION_SOURCE], condition]
+    conditions = [*[c for c in mirrored.conditions if c.type not in (CONDITION_SOURCE, CONDITION_READ_ONLY)],
+                  condition]
+    conditions = with_read_only(record.dataset, _kept_read_only(previous, conditions), now)
     if mirrored.message:
         message = f"source dataset {ref.namespace}/{ref.name}: {mirrored.message}"
     elif mirrored.phase != "Bound":

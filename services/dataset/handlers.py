@@ -158,7 +158,7 @@ class DatasetHandlers:
             else:
                 # A runtime's fact handled meanwhile may find no record yet, and this binding may be older than it:
                 # the sync that follows every changed spec reads the binding again after the record.
-                status = domain.status_on_apply(updated, await self._binding(namespace, name))
+                status = domain.status_on_apply(updated, await self._binding(namespace, name), self.clock())
             updated = msgspec.structs.replace(updated, status=status, traceparent=current_traceparent())
             saved_revision = await kv_save(kv, key, updated, revision)  # Conflict → the loop redelivers at once
             log.info("applied", dataset=key, generation=updated.generation)

@@ -381,6 +381,35 @@ spec:
                                          "dataset.shoal.io/twice unchanged", "runtime.shoal.io/twice configured"]
 
 
+async def test_a_dataset_whose_access_modes_promise_writes_is_applied_with_a_warning_and_a_condition(
+        nats_server: NatsServer, services: None, tmp_path: Path) -> None:
+    """A user applied a Fluid Dataset with ``accessModes: [ReadWriteMany]``: accepted without a word, although the
+    mounts are read-only. The apply warns, the status says so in a ``ReadOnly`` condition, and a read-only spec
+    drops it."""
+    manifest = f"""
+apiVersion: data.fluid.io/v1alpha1
+kind: Dataset
+metadata: {{name: writable}}
+spec:
+  mounts: [{{mountPoint: "local://{tmp_path}"}}]
+  accessModes: [ReadWriteMany]
+"""
+    applied = await shoal(nats_server, "apply", "-f", "-", stdin=manifest)
+    assert (applied.exit_code, applied.stdout) == (0, "dataset.shoal.io/writable created\n"), applied.output
+    assert applied.stderr.splitlines() == [
+        "warning: Dataset/spec.accessModes: ReadWriteMany is accepted, but Shoal mounts datasets read-only: a write "
+        "gets EROFS (read-only file system)"]
+    shown = json.loads((await shoal(nats_server, "get", "dataset", "writable", "-o", "json")).stdout)
+    [read_only] = [c for c in shown["status"]["conditions"] if c["type"] == "ReadOnly"]
+    assert (read_only["status"], read_only["reason"]) == ("True", "WritesNotServed"), read_only
+    assert "ReadWriteMany" in read_only["message"] and "EROFS" in read_only["message"], read_only
+
+    fixed = await shoal(nats_server, "apply", "-f", "-", stdin=manifest.replace("ReadWriteMany", "ReadOnlyMany"))
+    assert (fixed.exit_code, fixed.stderr) == (0, ""), fixed.output
+    shown = json.loads((await shoal(nats_server, "get", "dataset", "writable", "-o", "json")).stdout)
+    assert [c for c in shown["status"]["conditions"] if c["type"] == "ReadOnly"] == []
+
+
 async def test_scale_changes_the_runtimes_replicas(nats_server: NatsServer, services: None, bus: Bus) -> None:
     manifest = """
 apiVersion: shoal.io/v1alpha1

@@ -28,6 +28,7 @@ from libs.events.dataset import (
     RuntimeRef,
     SecretKeySelector,
     User,
+    find_condition,
 )
 from libs.inventory import fold
 from libs.mounts import canonical_options, mount_path
@@ -755,8 +756,8 @@ def test_unbinding_clears_cache_states_but_the_capacity() -> None:
 
 def test_status_on_apply_without_binding_is_not_bound() -> None:
     record = record_at()
-    assert status_on_apply(record, None).phase == "NotBound"
-    bound = status_on_apply(record, RuntimeBinding(phase="Ready", cache_capacity="4.00GiB"))
+    assert status_on_apply(record, None, NOW).phase == "NotBound"
+    bound = status_on_apply(record, RuntimeBinding(phase="Ready", cache_capacity="4.00GiB"), NOW)
     assert bound.phase == "Bound"
     assert bound.cache_states.cache_capacity == "4.00GiB"
 
@@ -1203,3 +1204,22 @@ def test_a_resync_is_counted_once_however_often_it_is_delivered() -> None:
         second = request_resync(second, f"r{index}")
         assert second is not None
     assert len(second.resync_ids) == RESYNC_IDS_KEPT and "r1" not in second.resync_ids
+
+
+def test_access_modes_that_promise_writes_give_a_read_only_condition_until_they_stop() -> None:
+    """A user applied accessModes [ReadWriteMany] and nothing said the mounts are read-only (writes get EROFS)."""
+    plain = record_at()
+    writes = msgspec.structs.replace(plain, dataset=msgspec.structs.replace(
+        plain.dataset, spec=msgspec.structs.replace(plain.dataset.spec,
+                                                    access_modes=["ReadOnlyMany", "ReadWriteMany"])))
+    assert find_condition(status_on_apply(plain, None, NOW).conditions, "ReadOnly") is None
+    status = status_on_apply(writes, None, NOW)
+    condition = find_condition(status.conditions, "ReadOnly")
+    assert condition is not None and condition.status == "True", status.conditions
+    assert "ReadWriteMany" in condition.message and "EROFS" in condition.message
+    assert "ReadOnlyMany" not in condition.message
+    # Applied again later: the condition keeps the time it became true; a read-only spec drops it.
+    later = status_on_apply(msgspec.structs.replace(writes, status=status), None, NOW + 60)
+    assert find_condition(later.conditions, "ReadOnly") == condition
+    dropped = status_on_apply(msgspec.structs.replace(plain, status=later), None, NOW + 120)
+    assert find_condition(dropped.conditions, "ReadOnly") is None

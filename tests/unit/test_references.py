@@ -291,3 +291,20 @@ def test_the_scheduler_scores_a_reference_as_its_source_under_its_folder() -> No
         DatasetUse(name="other")]
     plain = ScoreRequest(datasets=[DatasetUse(name="other")])
     assert through_references(plain, sources) is plain
+
+
+def test_a_reference_whose_access_modes_promise_writes_says_it_is_read_only_not_its_sources_word() -> None:
+    """The ReadOnly condition is the reference's own spec's: kept while it mirrors (and fails), never copied from
+    the source."""
+    writable = dataset("dataset://team-a/src")
+    writable = msgspec.structs.replace(writable, spec=msgspec.structs.replace(writable.spec,
+                                                                              access_modes=["ReadWriteOnce"]))
+    status = domain.reference_status(record(writable), BOUND_SOURCE, NOW)
+    [read_only] = [c for c in status.conditions if c.type == domain.CONDITION_READ_ONLY]
+    assert "ReadWriteOnce" in read_only.message and read_only.last_transition_time
+    gone = domain.reference_status(record(writable, status), None, NOW + 60)
+    assert [c for c in gone.conditions if c.type == domain.CONDITION_READ_ONLY] == [read_only]
+    source = msgspec.structs.replace(BOUND_SOURCE, status=msgspec.structs.replace(
+        BOUND_SOURCE.status, conditions=[read_only]))
+    plain = domain.reference_status(record(dataset("dataset://team-a/src")), source, NOW)
+    assert [c for c in plain.conditions if c.type == domain.CONDITION_READ_ONLY] == []
