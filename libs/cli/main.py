@@ -398,13 +398,21 @@ def report_outcomes(outcomes: Sequence[Outcome], timeout: float, applied: str = 
         elif isinstance(fact, DatasetDeleted | RuntimeDeleted | OperationDeleted):
             click.echo(f"{command.resource} deleted")
         elif isinstance(fact, DatasetRejected | RuntimeRejected | OperationRejected):
-            click.echo(f"error: {command.name} rejected: {fact.reason}", err=True)
+            click.echo(f"error: {_named(command)} rejected: {fact.reason}", err=True)
             ok = False
         else:
-            click.echo(f"error: {command.name}: no answer from the {SERVICE[command.kind]} service within "
+            click.echo(f"error: {_named(command)}: no answer from the {SERVICE[command.kind]} service within "
                        f"{timeout:g}s (is it running?)", err=True)
             ok = False
     return ok
+
+
+def _named(command: Command) -> str:
+    """How a message names the command's object: its name, or, when it has none (a manifest's ``name: ""``, which
+    the service refuses), its kind and document, rather than a blank ("error:  rejected: ...")."""
+    if command.name:
+        return command.name
+    return f"{command.source_kind} (document {command.document})" if command.document else command.source_kind
 
 
 def _key(command: Command) -> tuple[Kind, str]:

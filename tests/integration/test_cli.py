@@ -410,6 +410,26 @@ spec:
     assert [c for c in shown["status"]["conditions"] if c["type"] == "ReadOnly"] == []
 
 
+async def test_a_rejection_of_an_object_without_a_name_names_its_kind_and_document(nats_server: NatsServer,
+                                                                                    services: None) -> None:
+    """A user saw "error:  rejected: metadata.name must not be empty" (a blank where the name goes)."""
+    manifest = """
+apiVersion: shoal.io/v1alpha1
+kind: Runtime
+metadata: {name: named}
+spec: {tieredstore: {levels: [{mediumtype: MEM, quota: 1Gi}]}}
+---
+apiVersion: data.fluid.io/v1alpha1
+kind: Dataset
+metadata: {name: ""}
+spec: {mounts: [{mountPoint: "local:///data"}]}
+"""
+    applied = await shoal(nats_server, "apply", "-f", "-", stdin=manifest)
+    assert applied.exit_code == 1, applied.output
+    assert applied.stderr.splitlines() == [
+        "error: Dataset (document 2) rejected: metadata.name must not be empty"], applied.stderr
+
+
 async def test_scale_changes_the_runtimes_replicas(nats_server: NatsServer, services: None, bus: Bus) -> None:
     manifest = """
 apiVersion: shoal.io/v1alpha1
