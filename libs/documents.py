@@ -84,6 +84,7 @@ FLUID_RUNTIME_KINDS = (
     "ThinRuntime",
     "VineyardRuntime",
 )
+THIN_RUNTIME = "ThinRuntime"
 
 # Fluid/Alluxio spellings of S3 mount options and Shoal's names for them.
 ALLUXIO_OPTION_NAMES = {
@@ -452,6 +453,10 @@ def fluid_runtime_spec(kind: str, spec: dict[str, Any]) -> tuple[dict[str, Any],
     handled = {"replicas", "tieredstore"}
     if "replicas" in spec:
         mapped["replicas"] = spec["replicas"]
+    elif kind == THIN_RUNTIME and not _has_levels(spec.get("tieredstore")):
+        # Fluid's ThinRuntime caches nothing (a FUSE over a storage profile, or a reference dataset's, whose source's
+        # runtime caches it): no tier, so no cache worker, where Shoal's Runtime defaults to one.
+        mapped["replicas"] = 0
     if "tieredstore" in spec:
         mapped["tieredstore"], tier_notes, tier_problems = _tieredstore(kind, spec["tieredstore"])
         notes += tier_notes
@@ -492,6 +497,10 @@ def fluid_runtime_spec(kind: str, spec: dict[str, Any]) -> tuple[dict[str, Any],
 
     notes += [_ignored(kind, f"spec.{key}", "not used by Shoal") for key in spec if key not in handled]
     return mapped, notes, problems
+
+
+def _has_levels(tieredstore: Any) -> bool:
+    return isinstance(tieredstore, dict) and bool(tieredstore.get("levels"))
 
 
 def _tieredstore(kind: str, tieredstore: Any) -> tuple[Any, list[str], list[str]]:

@@ -175,6 +175,16 @@ def replicas_errors(replicas: int) -> list[str]:
     return [f"spec.replicas must be between 0 and {MAX_REPLICAS}, got {replicas}"]
 
 
+def scale_errors(runtime: Runtime, replicas: int) -> list[str]:
+    """Why ``runtime`` cannot be scaled to ``replicas``: a worker of a runtime without a cache tier would hold
+    nothing."""
+    if replicas > 0 and not runtime.spec.tieredstore.levels:
+        name = f"{runtime.metadata.namespace}/{runtime.metadata.name}"
+        return [f"runtime {name} has no cache tier (spec.tieredstore.levels), so no cache worker: apply it with a "
+                "tier to scale it above 0"]
+    return []
+
+
 def _fraction(value: str | float) -> float | None:
     try:
         return float(value)
@@ -187,8 +197,10 @@ def validate_runtime(runtime: Runtime) -> list[str]:
     errors += dns_label_errors(runtime.metadata.namespace, "metadata.namespace", DNS1123_LABEL)
     spec = runtime.spec
     errors += replicas_errors(spec.replicas)
-    if not spec.tieredstore.levels:
-        errors.append("spec.tieredstore.levels must list at least one cache tier (MEM, SSD or HDD)")
+    if not spec.tieredstore.levels and (spec.replicas > 0 or spec.autoscaling is not None):
+        errors.append("spec.tieredstore.levels must list at least one cache tier (MEM, SSD or HDD), unless "
+                      "spec.replicas is 0 without autoscaling (a runtime that caches nothing, such as a reference "
+                      "dataset's ThinRuntime)")
     block_size_errors: list[str] = []
     block_size: int | None = None
     try:

@@ -165,6 +165,9 @@ class RuntimeHandlers:
         if record is None:
             await self._reject(command.id, [domain.missing_runtime(name, namespace)], name, namespace, delivery)
             return
+        if errors := domain.scale_errors(record.runtime, command.replicas):
+            await self._reject(command.id, errors, name, namespace, delivery)
+            return
         # The record just read, not the sender's copy: only replicas change, whatever was applied since it looked.
         spec = msgspec.structs.replace(record.runtime.spec, replicas=command.replicas)
         await self._accept(command.id, msgspec.structs.replace(record.runtime, spec=spec), record, revision, delivery)

@@ -430,6 +430,42 @@ spec: {mounts: [{mountPoint: "local:///data"}]}
         "error: Dataset (document 2) rejected: metadata.name must not be empty"], applied.stderr
 
 
+@pytest.mark.parametrize("spec", ["spec: {}\n", ""], ids=["empty-spec", "no-spec"])
+async def test_a_thin_runtime_of_a_reference_dataset_is_accepted_and_picks_no_cache_worker(
+        nats_server: NatsServer, services: None, tmp_path: Path, spec: str) -> None:
+    """A user applied Fluid's reference sample (a ThinRuntime with ``spec: {}`` beside a ``dataset://`` Dataset)
+    and it was refused ("spec.tieredstore.levels must list at least one cache tier"), though the migration guide
+    says it is accepted and picks no cache worker. A ThinRuntime caches nothing: no tier, zero workers."""
+    manifest = f"""
+apiVersion: data.fluid.io/v1alpha1
+kind: Dataset
+metadata: {{name: phy}}
+spec: {{mounts: [{{mountPoint: "local://{tmp_path}"}}]}}
+---
+apiVersion: data.fluid.io/v1alpha1
+kind: Dataset
+metadata: {{name: refdemo, namespace: ref}}
+spec: {{mounts: [{{mountPoint: "dataset://default/phy", name: fusedemo, path: /}}]}}
+---
+apiVersion: data.fluid.io/v1alpha1
+kind: ThinRuntime
+metadata: {{name: refdemo, namespace: ref}}
+{spec}"""
+    applied = await shoal(nats_server, "apply", "-f", "-", stdin=manifest)
+    assert (applied.exit_code, applied.stderr) == (0, ""), applied.output
+    assert applied.stdout.splitlines()[-1] == "runtime.shoal.io/refdemo created"
+    shown = json.loads((await shoal(nats_server, "get", "runtime", "refdemo", "-n", "ref", "-o", "json")).stdout)
+    assert (shown["runtime"]["spec"]["replicas"], shown["runtime"]["spec"]["tieredstore"]["levels"]) == (0, [])
+    assert shown["status"]["workers"] == []
+
+    # A worker of it would hold nothing: scaling it up, or a tierless runtime with workers, is still refused.
+    scaled = await shoal(nats_server, "scale", "runtime", "refdemo", "-n", "ref", "--replicas", "2")
+    assert scaled.exit_code == 1 and "has no cache tier (spec.tieredstore.levels)" in scaled.stderr, scaled.output
+    tierless = await shoal(nats_server, "apply", "-f", "-", stdin=manifest.replace("ThinRuntime", "AlluxioRuntime"))
+    assert tierless.exit_code == 1
+    assert "spec.tieredstore.levels must list at least one cache tier" in tierless.stderr, tierless.output
+
+
 async def test_scale_changes_the_runtimes_replicas(nats_server: NatsServer, services: None, bus: Bus) -> None:
     manifest = """
 apiVersion: shoal.io/v1alpha1

@@ -941,3 +941,19 @@ def test_a_list_stands_for_its_items_which_keep_the_lists_position() -> None:
         (2, "dataload", "ml", "warm", subjects.DATALOAD_DELETE)]
     assert errors == ["document 2, item 2 (DataClean cool): Object missing required field `dataset` - at `$.spec`"]
     assert notes == ["ignored: List/selfLink (not used by Shoal)"]
+
+
+@pytest.mark.parametrize("spec", ["spec: {}", "", "spec: {tieredstore: {levels: []}}"])
+def test_a_thin_runtime_without_a_tier_has_no_cache_worker(spec: str) -> None:
+    """Fluid's ThinRuntime caches nothing (a reference dataset's is served by its source's runtime): zero replicas,
+    which the runtime service accepts without a tier. Given replicas or tiers, it maps as any runtime."""
+    commands, notes, errors = documents_to_commands(load(
+        f"apiVersion: data.fluid.io/v1alpha1\nkind: ThinRuntime\nmetadata: {{name: refdemo}}\n{spec}\n"))
+    assert (errors, notes) == ([], [])
+    [command] = commands
+    assert isinstance(command.event, RuntimeApply)
+    assert command.event.runtime.spec.replicas == 0 and validate_runtime(command.event.runtime) == []
+    commands, _, _ = documents_to_commands(load(
+        "apiVersion: data.fluid.io/v1alpha1\nkind: ThinRuntime\nmetadata: {name: thin}\n"
+        "spec: {tieredstore: {levels: [{mediumtype: MEM, quota: 1Gi}]}}\n"))
+    assert isinstance(commands[0].event, RuntimeApply) and commands[0].event.runtime.spec.replicas == 1

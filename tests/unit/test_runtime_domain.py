@@ -22,6 +22,7 @@ from libs.events.agent import (
 from libs.events.common import ObjectMeta, ObjectRef
 from libs.events.dataset import Condition
 from libs.events.runtime import (
+    AutoscalingPolicy,
     Level,
     NotPicked,
     Runtime,
@@ -48,6 +49,7 @@ from services.runtime.domain import (
     ready_nodes,
     replicas_errors,
     runtime_status,
+    scale_errors,
     smallest_tier_quota,
     validate_runtime,
 )
@@ -132,6 +134,20 @@ def test_bad_name_and_namespace() -> None:
 
 def test_no_levels() -> None:
     assert "at least one cache tier" in one_error(make_runtime(tieredstore=TieredStore()))
+
+
+def test_no_levels_is_a_runtime_without_workers_only() -> None:
+    """A reference dataset's ThinRuntime caches nothing: zero replicas need no tier; a worker, an autoscaler that
+    could add one, or a scale above 0 would hold nothing, and are refused."""
+    tierless = make_runtime(tieredstore=TieredStore(), replicas=0)
+    assert validate_runtime(tierless) == []
+    policy = AutoscalingPolicy(min_replicas=0, max_replicas=2, target_cache_used_percent=60, cool_down_seconds=30)
+    assert "at least one cache tier" in one_error(make_runtime(tieredstore=TieredStore(), replicas=0,
+                                                               autoscaling=policy))
+    assert scale_errors(tierless, 0) == []
+    assert scale_errors(tierless, 1) == ["runtime default/imagenet has no cache tier (spec.tieredstore.levels), so no "
+                                         "cache worker: apply it with a tier to scale it above 0"]
+    assert scale_errors(valid_runtime(), 5) == []
 
 
 @pytest.mark.parametrize("medium", ["NVME", "mem", "", "GPU"])
