@@ -348,7 +348,7 @@ class DatasetFS(pyfuse3.Operations):
         # pyfuse3 replies from any buffer (PyObject_GetBuffer), so a view into a cached block is not copied.
         stream: Stream | None = None
         if self.no_open:
-            stream = self._stream(fh, off)  # ``fh`` is the file's inode
+            stream = self._stream(fh, off, size)  # ``fh`` is the file's inode
             handle = stream.state
             stream.reading += 1  # not idle meanwhile; ``finally`` dates its end
         elif (found := self._handles.get(fh)) is not None:
@@ -378,17 +378,16 @@ class DatasetFS(pyfuse3.Operations):
             self.read_failures.succeeded(handle.entry.path)
         return data
 
-    def _stream(self, inode: int, offset: int) -> Stream:
-        """The read stream of ``inode`` a read at ``offset`` continues, or a new one (a read from the start is a new
-        reader, as an open was)."""
+    def _stream(self, inode: int, offset: int, length: int) -> Stream:
+        """The read stream of ``inode`` a read of ``length`` bytes at ``offset`` belongs to (``FileStreams.pick``)."""
         streams = self._streams.get(inode)
         if streams is None:
             first = self._read_state(inode)
             streams = self._streams[inode] = FileStreams()
-            stream, _ = streams.pick(offset, self.clock(), lambda: first)
+            stream, _ = streams.pick(offset, length, self.clock(), lambda: first)
             return stream
-        entry = streams.streams[0].state.entry  # every stream of a file reads one entry
-        stream, displaced = streams.pick(offset, self.clock(), lambda: self.reader.open(entry))
+        entry = streams.entry_state().entry
+        stream, displaced = streams.pick(offset, length, self.clock(), lambda: self.reader.open(entry))
         for state in displaced:
             self.reader.close(state)
         return stream
@@ -425,7 +424,7 @@ class DatasetFS(pyfuse3.Operations):
         for inode, streams in self._streams.items():
             for state in streams.idle(now, IDLE_HANDLE_SECONDS):
                 self.reader.close(state)
-            if not streams.streams:
+            if streams.empty():
                 emptied.append(inode)
         for inode in emptied:
             del self._streams[inode]
