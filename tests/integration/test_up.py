@@ -184,6 +184,23 @@ async def start_up(tmp_path: Path) -> AsyncIterator[StartUp]:
             await run.kill_everything()
 
 
+async def started(start_up: StartUp, state_dir: Path, extra: tuple[str, ...] = (), env: dict[str, str] | None = None,
+                  until: str = "Shoal is up") -> UpRun:
+    """``shoal up`` on free ports, up to ``until`` in its output; started again on other ports when one was taken
+    between the pick and the bind (another test's server, or any process's outgoing connection: the free ports
+    are in the ephemeral range), which ``shoal up`` refuses before it starts anything."""
+    for attempt in range(3):
+        run = await start_up(state_dir, [*up_arguments(state_dir), *extra], env=env)
+        try:
+            await run.wait_for_output(until)
+        except AssertionError:
+            if attempt == 2 or run.process.returncode is None or " is in use: change it with" not in run.output:
+                raise
+            continue
+        return run
+    raise AssertionError("unreachable: the last attempt returns or raises")
+
+
 async def run_to_end(argv: list[str], cwd: Path) -> tuple[int, str]:
     process = await asyncio.create_subprocess_exec(
         SHOAL, *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
@@ -226,9 +243,8 @@ def nats_url_of(run: UpRun) -> str:
 @pytest.mark.timeout(240)
 @pytest.mark.needs("fuse")
 async def test_up_syncs_the_demo_restarts_a_dead_service_and_stops_everything_on_ctrl_c(
-        start_up: StartUp) -> None:
-    run = await start_up()
-    await run.wait_for_output("Shoal is up")
+        start_up: StartUp, tmp_path: Path) -> None:
+    run = await started(start_up, tmp_path / "state")
     pids = run.pids()
     assert set(pids) == {"nats-server", "seaweedfs", *SERVICES, *PROMETHEUS}
     assert all(alive(pid) for pid in pids.values())
@@ -286,8 +302,7 @@ async def test_up_syncs_the_demo_restarts_a_dead_service_and_stops_everything_on
 async def test_up_with_three_agents_runs_three_nodes_that_each_mount_the_demo_and_one_holds_its_cache(
         start_up: StartUp, tmp_path: Path) -> None:
     state_dir = tmp_path / "state"
-    run = await start_up(state_dir, [*up_arguments(state_dir), "--agents", "3"], env={"SHOAL_NODE_NAME": "box"})
-    await run.wait_for_output("Shoal is up")
+    run = await started(start_up, state_dir, ("--agents", "3"), env={"SHOAL_NODE_NAME": "box"})
     nodes = ["box-1", "box-2", "box-3"]
     pids = run.pids()
     assert set(pids) == {"nats-server", "seaweedfs", "dataset", "runtime", "loader", "scheduler", "agent-1", "agent-2",
@@ -363,8 +378,7 @@ async def test_up_with_three_agents_runs_three_nodes_that_each_mount_the_demo_an
 @pytest.mark.timeout(180)
 async def test_a_second_up_on_the_same_state_dir_refuses_and_leaves_the_first_running(
         start_up: StartUp, tmp_path: Path) -> None:
-    first = await start_up()
-    await first.wait_for_output("Shoal is up")
+    first = await started(start_up, tmp_path / "state")
     pids = first.pids()
 
     code, output = await run_to_end(first.argv, tmp_path)
@@ -414,8 +428,7 @@ async def test_up_with_a_manifest_names_what_it_applied_and_serves_health_on_the
     for key, value in {"id": SeaweedConfig.access_key_id, "secret": SeaweedConfig.secret_access_key}.items():
         (secrets / "demo-creds").mkdir(parents=True, exist_ok=True)
         (secrets / "demo-creds" / key).write_text(value + "\n")
-    run = await start_up(state_dir, [*up_arguments(state_dir), "--manifest", str(manifest)])
-    await run.wait_for_output("Ctrl-C to stop")
+    run = await started(start_up, state_dir, ("--manifest", str(manifest)), until="Ctrl-C to stop")
     mounts = state_dir.resolve() / "mnt"
     assert f"Dataset 'other' and Runtime 'other' applied from {manifest}" in run.output
     assert f"{mounts}/default/other (the agent mounts it once the dataset is Bound)" in run.output
