@@ -104,4 +104,6 @@ class FileStreams:
 
     def entry_state(self) -> OpenFile:
         """A state of any stream (they all read one entry)."""
-        return self.streams[0].state if self.streams else self.random.state  # type: ignore[union-attr]
+        stream = self.streams[0] if self.streams else self.random
+        assert stream is not None, "a file whose streams are all gone is dropped (DatasetFS.close_idle)"
+        return stream.state

@@ -374,9 +374,13 @@ class TaskRunner:
         return made, await self.bus.nc.subscribe(subjects.task_stream_made(self.node), cb=on_advisory)
 
     async def _on_cancel(self, cancel: TaskCancel) -> None:
-        self._cancelled.append(cancel.run)
+        self._cancel(cancel.run)
+
+    def _cancel(self, run: str) -> None:
+        """Remember ``run`` as cancelled (its parts delivered later are skipped) and stop its part if one runs."""
+        self._cancelled.append(run)
         running = self._running
-        if running is not None and running.run == cancel.run:
+        if running is not None and running.run == run:
             running.cancelled = True
             running.abort.set()
 
@@ -470,7 +474,7 @@ class TaskRunner:
                                      else self._clean(task, ledger, running.abort))
         aborted = asyncio.ensure_future(running.abort.wait())
         ended = asyncio.Event()
-        heartbeat = asyncio.ensure_future(self._heartbeat(message, task, ledger, deliveries, ended, running))
+        heartbeat = asyncio.ensure_future(self._heartbeat(message, task, ledger, deliveries, ended))
         try:
             await asyncio.wait([work, aborted], return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -492,7 +496,7 @@ class TaskRunner:
         return "finished"
 
     async def _heartbeat(self, message: Msg, task: NodeTask, ledger: PartLedger, deliveries: int,
-                         ended: asyncio.Event, running: _Running) -> None:
+                         ended: asyncio.Event) -> None:
         """Every second until ``ended``: keep the part ours (``in_progress``) and publish progress if there is news;
         every ``CURRENT_CHECK_SECONDS``, end the part as cancelled if its run is no longer current (a cancel missed).
         It ends on ``ended``, not only on its cancellation: nats-py may swallow a cancellation that lands inside
@@ -515,9 +519,7 @@ class TaskRunner:
                 if reason:
                     log.info("part stopped: its run is not current (its cancel was missed)", dataset=self._key,
                              run=task.run, part=task.part, reason=reason)
-                    self._cancelled.append(task.run)
-                    running.cancelled = True
-                    running.abort.set()
+                    self._cancel(task.run)
                     return
             if ledger.version == published:
                 continue

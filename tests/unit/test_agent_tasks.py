@@ -19,7 +19,6 @@ from services.agent.tasks import (
     CHANGED,
     PartLedger,
     TaskRunner,
-    _Running,
     block_problem,
     given_up,
     load_blocks,
@@ -167,8 +166,7 @@ async def test_a_part_heartbeat_ends_even_when_its_cancellation_is_swallowed() -
     message = SwallowingMessage()
     one = task(CachedFile(0, "a", "e", [(0, BLOCK)]))
     ended = asyncio.Event()
-    beating = asyncio.ensure_future(runner._heartbeat(cast(Any, message), one, PartLedger.of(one), 1, ended,
-                                                      _Running(one.run)))
+    beating = asyncio.ensure_future(runner._heartbeat(cast(Any, message), one, PartLedger.of(one), 1, ended))
     await asyncio.wait_for(message.entered.wait(), 10)
     ended.set()
     beating.cancel()
