@@ -15,8 +15,9 @@ venv: $(STAMP)
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-# pyfuse3 is then rebuilt with the project's patch (deploy/pyfuse3: the kernel's no-open mode), once per venv.
-$(STAMP): pyproject.toml deploy/pyfuse3/no-open.patch deploy/pyfuse3/install.sh | $(BIN)/python
+# pyfuse3 is then rebuilt with the project's patch (deploy/pyfuse3: the kernel's no-open mode), once per venv; its
+# build needs libfuse3's headers, so every target that makes the venv (lint, schemas...) installs them first.
+$(STAMP): pyproject.toml deploy/pyfuse3/no-open.patch deploy/pyfuse3/install.sh | $(BIN)/python system-deps
 	$(BIN)/python -m pip install --disable-pip-version-check -q -e '.[dev]'
 	sh deploy/pyfuse3/install.sh $(BIN)/python
 	touch $(STAMP)
