@@ -19,11 +19,13 @@ The rules it encodes:
 - A service creates, looks up, pulls from, acks and deletes its own durable consumers only (``DURABLES``: every
   JetStream API subject names the durable), never another kind's; an agent (``agent-<node>``) only consumers of its
   node's task stream (``subjects.task_stream``), and no service's. The loader creates and updates the nodes' task
-  streams (their names are not known when the users are written: any stream's name is allowed to it, as a NATS
-  wildcard is a whole token and ``SHOAL_TASKS_*`` would be one literal name; what a stream captures is in the request
-  body, which no permission sees: docs/security.md says what that leaves possible). Ephemeral,
-  ordered consumers (KV watches, object gets, ``shoal events``, the bridge's rejections) are created without a name
-  on the streams a user reads.
+  streams, and publishes into them: where every agent has a user of its own (``shoal up --secure``), the nodes are
+  known when the users are written (``agent_nodes``) and the loader may make exactly their streams, by name; where
+  agents share the ``agent`` user (``deploy/``: one Secret for the DaemonSet), any node may connect, and any stream's
+  name is allowed to it, as a NATS wildcard is a whole token and ``SHOAL_TASKS_*`` would be one literal name (what a
+  stream captures is in the request body, which no permission sees: docs/security.md says what that leaves
+  possible). Ephemeral, ordered consumers (KV watches, object gets, ``shoal events``, the bridge's rejections) are
+  created without a name on the streams a user reads.
 - Replies go to a per-user inbox, ``_INBOX.<user>.>`` (``inbox_prefix``: ``libs.bus.connect`` sets it from
   ``NATS_USER``), so a user cannot read the replies another user's requests get (KV reads, publish acks).
 - The observer subscribes to facts (``shoal.evt.>``) and nothing else; it cannot publish at all.
@@ -108,6 +110,29 @@ def user_name(kind: str, node: str = "") -> str:
     if kind not in KINDS:
         raise ValueError(f"unknown process kind {kind!r}: one of {', '.join(KINDS)}")
     return f"{kind}-{node}" if node else kind
+
+
+def agent_nodes(user_names: Iterable[str]) -> tuple[str, ...] | None:
+    """The nodes whose agents may connect as one of ``user_names``: each ``agent-<node>`` user's node, or None (any
+    node) when the shared ``agent`` user is among them, as any node's agent may connect as that one."""
+    nodes: list[str] = []
+    for name in user_names:
+        kind, node = parse_user(name)
+        if kind == AGENT and not node:
+            return None
+        if node:
+            nodes.append(node)
+    return tuple(dict.fromkeys(nodes))
+
+
+def _task_streams(nodes: Iterable[str] | None) -> list[str]:
+    """The nodes' task streams by name; ``*`` (any stream: a stream name is one token) when the nodes are not known."""
+    return ["*"] if nodes is None else [subjects.task_stream(node) for node in nodes]
+
+
+def _node_tasks(nodes: Iterable[str] | None) -> list[str]:
+    """The nodes' task subjects (what their streams capture); every node's when the nodes are not known."""
+    return [f"{subjects.TASK_PREFIX}.>"] if nodes is None else [subjects.node_tasks(node) for node in nodes]
 
 
 def inbox_prefix(user: str) -> str:
@@ -230,11 +255,14 @@ def _service(consumers: Iterable[tuple[str, str]], publish: Iterable[str], kv_wr
     return Permissions(publish=_unique(allowed), subscribe=tuple(subscribe), responses=responses)
 
 
-def permissions(kind: str, node: str = "") -> Permissions:
+def permissions(kind: str, node: str = "", nodes: Iterable[str] | None = None) -> Permissions:
     """Everything ``kind`` may publish and subscribe, besides its own inbox (``authorization_block`` adds that).
 
-    ``node`` (agents only) limits an agent to that node's heartbeat, inventory and progress subjects.
+    ``node`` (agents only) limits an agent to that node's heartbeat, inventory and progress subjects. ``nodes``: the
+    nodes whose agents may connect (``agent_nodes``), whose task streams are the only ones the loader makes and
+    sends parts into and the CLI reads; None when they are not known (any node's, any stream's name).
     """
+    nodes = None if nodes is None else tuple(nodes)
     if kind == DATASET:
         return _service(
             consumers=DURABLES[DATASET],
@@ -257,11 +285,12 @@ def permissions(kind: str, node: str = "") -> Permissions:
             # A DataLoad with loadMetadata lists the dataset again (a resync command); tasks go to the agents, each
             # node's into a stream the loader makes before the node's first part (``Bus.provision_node_tasks``: it
             # looks the stream up, creates it, and updates it when its settings differ). A stream's name is one
-            # token and a wildcard a whole one ("SHOAL_TASKS_*" is a literal name to the server), so
-            # "SHOAL_TASKS_<any node>" can only be said as any stream.
+            # token and a wildcard a whole one ("SHOAL_TASKS_*" is a literal name to the server), so with the
+            # nodes not known "SHOAL_TASKS_<any node>" can only be said as any stream.
             publish=[subjects.DATALOAD_FACTS, subjects.DATACLEAN_FACTS, subjects.DATASET_RESYNC,
-                     f"{subjects.TASK_PREFIX}.>", subjects.TASK_CANCEL,
-                     *(stream_api(verb, "*") for verb in ("CREATE", "UPDATE", "INFO"))],
+                     *_node_tasks(nodes), subjects.TASK_CANCEL,
+                     *(stream_api(verb, stream) for stream in _task_streams(nodes)
+                       for verb in ("CREATE", "UPDATE", "INFO"))],
             kv_writes=[subjects.KV_OPERATIONS, subjects.KV_OPERATION_RUNS], objects="write")
     if kind == SCHEDULER:
         return _service(
@@ -279,11 +308,11 @@ def permissions(kind: str, node: str = "") -> Permissions:
     if kind == AGENT:
         return _agent(node)
     if kind == CLI:
-        # The nodes' task streams too (``subjects.task_stream``), whose names it cannot spell: any stream.
+        # The nodes' task streams too (``subjects.task_stream``): any stream when the nodes are not known.
         return Permissions(publish=_unique([
             subjects.ALL_COMMANDS, subjects.SCHED_SCORE, *_provision(), f"{API}.INFO", f"{API}.STREAM.NAMES",
             f"{API}.STREAM.LIST",
-            *(s for stream in (*ALL_STREAMS, "*") for s in _read_stream(stream) + _ephemeral(stream)),
+            *(s for stream in (*ALL_STREAMS, *_task_streams(nodes)) for s in _read_stream(stream) + _ephemeral(stream)),
             *_read_all_kv(),
         ]), subscribe=("shoal.>",))
     if kind == OBSERVER:
@@ -357,8 +386,10 @@ def parse_user(name: str) -> tuple[str, str]:
 
 
 def users(passwords: Mapping[str, str]) -> list[User]:
-    """One user per entry of ``passwords`` (user name → password), with its kind's permissions."""
-    return [User(name, password, permissions(*parse_user(name))) for name, password in passwords.items()]
+    """One user per entry of ``passwords`` (user name → password), with its kind's permissions; the nodes whose task
+    streams the loader makes are those of the agent users among them (``agent_nodes``)."""
+    nodes = agent_nodes(passwords)
+    return [User(name, password, permissions(*parse_user(name), nodes=nodes)) for name, password in passwords.items()]
 
 
 def authorization_block(users_: Iterable[User]) -> str:
@@ -402,9 +433,10 @@ def matches(pattern: str, subject: str) -> bool:
     return len(tokens) == len(wanted)
 
 
-def may_publish(kind: str, subject: str, node: str = "") -> bool:
-    """Whether nats-server lets ``kind`` (an agent: of ``node``) publish ``subject``: an allow matches, no deny does."""
-    perms = permissions(kind, node)
+def may_publish(kind: str, subject: str, node: str = "", nodes: Iterable[str] | None = None) -> bool:
+    """Whether nats-server lets ``kind`` (an agent: of ``node``; ``nodes``: as ``permissions``) publish ``subject``:
+    an allow matches, no deny does."""
+    perms = permissions(kind, node, nodes)
     return (any(matches(pattern, subject) for pattern in perms.publish)
             and not any(matches(pattern, subject) for pattern in perms.deny))
 

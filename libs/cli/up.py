@@ -244,7 +244,10 @@ def _plan(options: UpOptions, environ: Mapping[str, str]) -> Plan:
                           "NATS_TLS_CA for your server instead (docs/security.md)")
         users = service_users(services, agents, settings.agent.node_name)
         try:
-            secure = natssecure.prepare(layout.nats_secure, [*natsauth.KINDS, *users.values()])
+            # Every agent has its own user (``agent-<node>``), and the shared ``agent`` user is not made: with it
+            # one node's agent could use another's tasks, and the loader could make any stream (natsauth).
+            shared = [kind for kind in natsauth.KINDS if kind != natsauth.AGENT]
+            secure = natssecure.prepare(layout.nats_secure, [*shared, *users.values()])
         except natssecure.SecureSetupError as err:
             raise UpError(str(err)) from err
         nats = [replace(server, extra_config=secure.server_config()) for server in nats]

@@ -42,8 +42,10 @@ from prometheus_client import REGISTRY, generate_latest
 
 from libs import natsauth, natssecure, subjects
 from libs.bus import Bus, Consumer, Delivery, PermissionDenied, connect, kv_load
+from libs.cli.up import Plan, UpOptions, _plan
 from libs.config import AgentSettings, NatsSettings, Secret, Settings
 from libs.embedded import NatsConfig, ServerProcess, free_port, start_nats
+from libs.events.agent import AgentHeartbeat
 from libs.events.common import ObjectMeta, ObjectRef
 from libs.events.dataset import (
     Dataset,
@@ -103,8 +105,22 @@ class SecureServer:
 
 @pytest.fixture
 def secure_server(tmp_path: Path, tls_files: TlsFiles) -> Iterator[SecureServer]:
-    """A nats-server with JetStream that requires TLS and knows a user per process kind (and the test's agent)."""
-    passwords = ensure_passwords(tmp_path / "passwords.json", [*natsauth.KINDS, AGENT_USER, OTHER_AGENT_USER])
+    """A nats-server with JetStream that requires TLS and knows the users ``shoal up --secure`` makes: one per
+    process kind and one per node's agent (the test's two nodes), and no shared agent user, so the loader's task
+    streams are those two nodes'."""
+    users = [kind for kind in natsauth.KINDS if kind != natsauth.AGENT]
+    yield from _secure_server(tmp_path, tls_files, [*users, AGENT_USER, OTHER_AGENT_USER])
+
+
+@pytest.fixture
+def deploy_server(tmp_path: Path, tls_files: TlsFiles) -> Iterator[SecureServer]:
+    """As ``secure_server``, with the users of ``deploy/nats-secure``: the DaemonSet's agents share the ``agent``
+    user, so any node's agent may connect and the loader's task streams cannot be named."""
+    yield from _secure_server(tmp_path, tls_files, list(natsauth.KINDS))
+
+
+def _secure_server(tmp_path: Path, tls_files: TlsFiles, users: list[str]) -> Iterator[SecureServer]:
+    passwords = ensure_passwords(tmp_path / "passwords.json", users)
     secure = SecureNats(tmp_path, tls_files, passwords)
     config = NatsConfig(port=free_port(), monitor_port=free_port(), store_dir=tmp_path / "jetstream",
                         extra_config=secure.server_config())
@@ -402,24 +418,34 @@ async def test_every_kind_does_its_job_unrefused_and_no_secret_shows_anywhere(
     assert leaks == []
 
 
-def test_shoal_up_secure_plans_tls_users_and_a_password_per_service(tmp_path: Path, tls_files: TlsFiles) -> None:
-    from libs.cli.stack import UpError
+def secure_up_options(tmp_path: Path, tls_files: TlsFiles) -> UpOptions:
+    """``shoal up --secure --agents 2``'s options, on free ports, with the module's certificates (which shoal up
+    keeps when it finds them: openssl is the slow part)."""
     from libs.cli.stack.demo import DEMO_MANIFEST
     from libs.cli.stack.layout import StateLayout
     from libs.cli.stack.ports import Ports
-    from libs.cli.up import UpOptions, _plan
     from libs.embedded import SeaweedConfig
 
     seaweed = SeaweedConfig.on_free_ports(tmp_path)
     ports = Ports(nats=free_port(), nats_monitor=free_port(), s3=seaweed.s3_port, seaweed_master=seaweed.master_port,
                   seaweed_volume=seaweed.volume_port, seaweed_filer=seaweed.filer_port, service_http=0)
     options = UpOptions(StateLayout(tmp_path / "state"), ports, DEMO_MANIFEST, agents=2, secure=True)
-    # The module's certificates, which shoal up keeps when it finds them (openssl is the slow part).
     options.layout.nats_secure.mkdir(parents=True)
     for made in (tls_files.ca, tls_files.cert, tls_files.key):
         shutil.copy(made, options.layout.nats_secure / made.name)
+    return options
+
+
+def secure_up_plan(options: UpOptions) -> Plan:
     # An external Prometheus: nothing to start, and no binary looked for.
-    plan = _plan(options, {"PROMETHEUS_URL": "http://127.0.0.1:9"})
+    return _plan(options, {"PROMETHEUS_URL": "http://127.0.0.1:9"})
+
+
+def test_shoal_up_secure_plans_tls_users_and_a_password_per_service(tmp_path: Path, tls_files: TlsFiles) -> None:
+    from libs.cli.stack import UpError
+
+    options = secure_up_options(tmp_path, tls_files)
+    plan = secure_up_plan(options)
     assert len(plan.nats) == 1 and plan.secure is not None
     assert "tls {" in plan.nats[0].extra_config and "authorization {" in plan.nats[0].extra_config
     assert plan.settings.nats.user == natsauth.CLI and plan.settings.nats.tls_ca == str(plan.secure.tls.ca)
@@ -427,6 +453,9 @@ def test_shoal_up_secure_plans_tls_users_and_a_password_per_service(tmp_path: Pa
     assert "NATS_PASSWORD" not in plan.env and plan.env["NATS_TLS_CA"] == str(plan.secure.tls.ca)
     assert set(plan.users) == set(plan.services)
     assert {plan.users["agent-1"], plan.users["agent-2"]} <= set(plan.secure.passwords)
+    # No shared agent user: every agent has its node's, and no process would use that one.
+    assert natsauth.AGENT not in plan.secure.passwords and natsauth.agent_nodes(plan.secure.passwords) == tuple(
+        agent.node for agent in plan.agents)
     assert (tmp_path / "state" / "nats-secure" / "passwords.json").stat().st_mode & 0o777 == 0o600
     with pytest.raises(UpError, match="--secure secures the embedded NATS"):
         _plan(options, {"PROMETHEUS_URL": "http://127.0.0.1:9", "NATS_URL": "nats://127.0.0.1:4222"})
@@ -668,14 +697,18 @@ async def test_the_scheduler_loads_manifests_and_may_neither_write_nor_purge_the
 
 
 async def test_the_loader_makes_task_streams_but_none_over_subjects_another_stream_holds(
-        secure_server: SecureServer, cli_bus: Bus, tmp_path: Path) -> None:
-    """The loader may create, update and look up any stream (a NATS permission cannot say "SHOAL_TASKS_<any
-    node>": a wildcard is a whole token) and deletes or purges none. The server refuses a stream over subjects
-    another stream already captures, whatever its name. What stays possible (docs/security.md), shown so the doc
-    stays true: a stream over subjects no stream holds captures them although the loader may not publish there,
-    and a stream sourcing another with a republish into the loader's own inbox hands it every message."""
-    loader = await secure_server.connect(natsauth.LOADER)
-    scheduler = await secure_server.connect(natsauth.SCHEDULER)
+        deploy_server: SecureServer, tmp_path: Path) -> None:
+    """With the agents sharing one user (deploy/), the loader may create, update and look up any stream (a NATS
+    permission cannot say "SHOAL_TASKS_<any node>": a wildcard is a whole token) and deletes or purges none. The
+    server refuses a stream over subjects another stream already captures, whatever its name. What stays possible
+    there (docs/security.md), shown so the doc stays true: a stream over subjects no stream holds captures them
+    although the loader may not publish there, and a stream sourcing another with a republish into the loader's own
+    inbox hands it every message. (With a user per agent, ``shoal up``, the loader makes the nodes' streams only:
+    ``test_shoal_up_secure_keeps_each_agent_to_its_node_and_the_loader_to_the_nodes_streams``.)"""
+    cli_bus = await deploy_server.connect(natsauth.CLI)
+    await cli_bus.provision()
+    loader = await deploy_server.connect(natsauth.LOADER)
+    scheduler = await deploy_server.connect(natsauth.SCHEDULER)
     try:
         own = subjects.task_stream(NODE)
         await loader.provision_node_tasks(NODE)
@@ -707,9 +740,83 @@ async def test_the_loader_makes_task_streams_but_none_over_subjects_another_stre
     finally:
         await loader.close()
         await scheduler.close()
-    refused_users = {line.split('"$G/user:')[1].split('"')[0] for line in secure_server.violations()}
+        await cli_bus.close()
+    refused_users = {line.split('"$G/user:')[1].split('"')[0] for line in deploy_server.violations()}
     assert refused_users == {natsauth.LOADER}
 
 
 async def _captured(bus: Bus, stream: str) -> bool:
     return (await bus.js.stream_info(stream)).state.messages == 1
+
+
+async def test_shoal_up_secure_keeps_each_agent_to_its_node_and_the_loader_to_the_nodes_streams(
+        tmp_path: Path, tls_files: TlsFiles) -> None:
+    """The nats-server config ``shoal up --secure --agents 2`` writes: agent 1 cannot take node 2's task durable
+    (create it over, bind and pull from it) nor publish node 2's heartbeat or inventory, and the loader makes both
+    nodes' task streams and no other stream. Each refusal is a clear error naming the subject, and nothing happens."""
+    plan = secure_up_plan(secure_up_options(tmp_path, tls_files))
+    secure = plan.secure
+    assert secure is not None
+    [config] = plan.nats
+    log = tmp_path / "nats.log"
+    server = start_nats(config, log)
+
+    async def as_user(user: str) -> Bus:
+        return await connect(NatsSettings(urls=[config.url], user=user, password=Secret(secure.passwords[user]),
+                                          tls_ca=str(secure.tls.ca)), f"test-{user}")
+
+    mine, theirs = (agent.node for agent in plan.agents)
+    users = (natsauth.CLI, natsauth.LOADER, plan.users["agent-1"], plan.users["agent-2"])
+    buses: dict[str, Bus] = {}
+    try:
+        for user in users:
+            buses[user] = await as_user(user)
+        cli, loader, agent, owner = (buses[user] for user in users)
+        await cli.provision()
+
+        # The loader makes both nodes' task streams, and is refused any other stream, a task stream's name too.
+        for node in (mine, theirs):
+            await loader.provision_node_tasks(node)
+        for name, captured in ((subjects.task_stream("capture"), subjects.INVENTORY_REQUEST),
+                               ("ANY", f"{natsauth.inbox_prefix(natsauth.CLI)}.>")):
+            await refused(loader, natsauth.stream_api("CREATE", name),
+                          loader.js.add_stream(js_api.StreamConfig(name=name, subjects=[captured])))
+        made = {info.config.name for info in await cli.js.streams_info()} - set(natsauth.ALL_STREAMS)
+        assert made == {subjects.task_stream(node) for node in (mine, theirs)}
+
+        # Node 2's part, and its mount process's durable.
+        stream = subjects.task_stream(theirs)
+        subject = subjects.node_task(theirs, "default", "d")
+        durable = subjects.task_durable(theirs, "default", "d")
+        await loader.publish(subject, local_dataset("a-part", tmp_path))
+        await owner.js.add_consumer(stream, durable_config(durable, subject))
+
+        # Agent 1 cannot take it over (create it again with its own settings), bind it and pull, or make another.
+        takeover = dataclasses.replace(durable_config(durable, subject), max_ack_pending=1)
+        await refused(agent, natsauth.consumer_create_subject(stream, durable, subject),
+                      agent.js.add_consumer(stream, takeover))
+        await refused(agent, natsauth.consumer_api("INFO", stream, durable), agent.js.consumer_info(stream, durable))
+        await refused(agent, natsauth.consumer_api("MSG.NEXT", stream, durable), pull(agent, stream, durable))
+        await refused(agent, natsauth.consumer_create_subject(stream, "peek", subject),
+                      agent.js.add_consumer(stream, durable_config("peek", subject)))
+        # Nor speak for node 2; its own node's heartbeat goes through.
+        for forged in (subjects.agent_heartbeat(theirs), subjects.agent_inventory(theirs)):
+            await refused(agent, forged, agent.publish(forged, AgentHeartbeat(node=theirs)))
+        await agent.publish(subjects.agent_heartbeat(mine), AgentHeartbeat(node=mine))
+
+        # Nothing happened: node 2's durable is as it was, with its part waiting, and node 2 said nothing.
+        info = await owner.js.consumer_info(stream, durable)
+        assert info.config.max_ack_pending != 1
+        assert info.num_pending == 1 and info.num_ack_pending == 0 and info.delivered.consumer_seq == 0
+        assert (await cli.js.stream_info(stream)).state.consumer_count == 1  # no "peek"
+        for forged in (subjects.agent_heartbeat(theirs), subjects.agent_inventory(theirs)):
+            with pytest.raises(nats.js.errors.NotFoundError):
+                await cli.js.get_last_msg(subjects.STREAM_AGENT, forged)
+        assert (await cli.js.get_last_msg(subjects.STREAM_AGENT, subjects.agent_heartbeat(mine))).data
+    finally:
+        for bus in buses.values():
+            await bus.close()
+        server.stop()
+    refused_users = {line.split('"$G/user:')[1].split('"')[0] for line in log.read_text().splitlines()
+                     if "Violation" in line}
+    assert refused_users == {natsauth.LOADER, plan.users["agent-1"]}

@@ -273,12 +273,43 @@ def test_the_shared_agent_user_reaches_no_consumer_of_shoals_own_streams() -> No
 
 
 def test_the_loader_makes_the_nodes_task_streams() -> None:
-    for verb in ("CREATE", "UPDATE", "INFO"):
-        assert may_publish(LOADER, natsauth.stream_api(verb, subjects.task_stream("n1")))
-        for kind in (DATASET, RUNTIME, SCHEDULER, BRIDGE, OBSERVER):
-            assert not may_publish(kind, natsauth.stream_api(verb, subjects.task_stream("n1"))), kind
-    for verb in ("DELETE", "PURGE"):
-        assert not may_publish(LOADER, natsauth.stream_api(verb, subjects.task_stream("n1")))
+    for nodes in (None, ("n1", "a.b")):  # nodes not known (deploy/), or known (shoal up)
+        for verb in ("CREATE", "UPDATE", "INFO"):
+            assert may_publish(LOADER, natsauth.stream_api(verb, subjects.task_stream("n1")), nodes=nodes)
+            assert may_publish(LOADER, natsauth.stream_api(verb, subjects.task_stream("a.b")), nodes=nodes)
+            for kind in (DATASET, RUNTIME, SCHEDULER, BRIDGE, OBSERVER):
+                assert not may_publish(kind, natsauth.stream_api(verb, subjects.task_stream("n1")), nodes=nodes), kind
+        for verb in ("DELETE", "PURGE"):
+            assert not may_publish(LOADER, natsauth.stream_api(verb, subjects.task_stream("n1")), nodes=nodes)
+        assert may_publish(LOADER, subjects.node_task("a.b", "default", "d"), nodes=nodes)
+
+
+def test_with_the_nodes_known_the_loader_makes_their_task_streams_and_no_other_stream() -> None:
+    """``shoal up --secure``: every agent has its user, so the loader's streams are named, one per node."""
+    nodes = ("n1", "n2")
+    for verb in ("CREATE", "UPDATE"):
+        for stream in (subjects.task_stream("n3"), "ANY", subjects.TASK_STREAM_PREFIX, f"{subjects.STREAM_TASKS}_x"):
+            assert not may_publish(LOADER, natsauth.stream_api(verb, stream), nodes=nodes), stream
+        # Shoal's own streams it provisions, as every control-plane service does.
+        assert may_publish(LOADER, natsauth.stream_api(verb, subjects.STREAM_COMMANDS), nodes=nodes)
+    assert not may_publish(LOADER, subjects.node_task("n3", "default", "d"), nodes=nodes)
+    # The CLI reads the nodes' task streams, and no other stream outside Shoal's.
+    assert may_publish(CLI, f"$JS.API.CONSUMER.CREATE.{subjects.task_stream('n2')}", nodes=nodes)
+    assert not may_publish(CLI, f"$JS.API.CONSUMER.CREATE.{subjects.task_stream('n3')}", nodes=nodes)
+    assert not may_publish(CLI, natsauth.stream_api("INFO", "ANY"), nodes=nodes)
+
+
+def test_the_nodes_are_known_when_every_agent_has_its_own_user() -> None:
+    assert natsauth.agent_nodes([LOADER, "agent-n1", CLI, "agent-a.b"]) == ("n1", "a.b")
+    assert natsauth.agent_nodes([LOADER, CLI]) == ()
+    assert natsauth.agent_nodes([LOADER, "agent-n1", AGENT]) is None  # the shared user: any node connects
+    shoal_up = natsauth.authorization_block(natsauth.users({LOADER: "pw", "agent-n1": "pw", "agent-n2": "pw"}))
+    deploy = natsauth.authorization_block(natsauth.users({LOADER: "pw", AGENT: "pw"}))
+    assert '"$JS.API.STREAM.CREATE.*"' in deploy and '"shoal.task.node.>"' in deploy
+    assert '"$JS.API.STREAM.CREATE.*"' not in shoal_up and '"shoal.task.node.>"' not in shoal_up
+    for node in ("n1", "n2"):
+        assert f'"$JS.API.STREAM.CREATE.{subjects.task_stream(node)}"' in shoal_up
+        assert f'"{subjects.node_tasks(node)}"' in shoal_up
 
 
 def test_ephemeral_consumers_where_a_kind_reads_and_no_named_one() -> None:
