@@ -355,8 +355,13 @@ def _document_to_command(
 def read_only_note(kind: str, writes: list[str]) -> str:
     """The warning for a Dataset whose ``accessModes`` promise writes: accepted (its PersistentVolume and claims
     keep the modes a Fluid manifest asks for), but the mounts stay read-only."""
-    return (f"warning: {kind}/spec.accessModes: {', '.join(writes)} is accepted, but Shoal mounts datasets "
-            "read-only: a write gets EROFS (read-only file system)")
+    return f"warning: {read_only_message(kind, writes)}"
+
+
+def read_only_message(kind: str, writes: list[str]) -> str:
+    """``read_only_note`` without its "warning: ": the message of the Kubernetes bridge's Warning Event."""
+    return (f"{kind}/spec.accessModes: {', '.join(writes)} is accepted, but Shoal mounts datasets read-only: a write "
+            "gets EROFS (read-only file system)")
 
 
 def _command(position: int, source_kind: str, obj: Dataset | Runtime | DataLoad | DataClean,

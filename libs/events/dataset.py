@@ -57,6 +57,12 @@ WRITE_ACCESS_MODES: tuple[AccessMode, ...] = ("ReadWriteMany", "ReadWriteOnce", 
 def write_access_modes(modes: Sequence[str]) -> list[str]:
     """The modes of ``modes`` that promise writes Shoal's read-only mounts do not serve, in the spec's order."""
     return [mode for mode in modes if mode in WRITE_ACCESS_MODES]
+
+
+# The reason of the dataset's ``ReadOnly`` condition while its accessModes promise writes, and of the Kubernetes
+# bridge's Warning Event saying so at apply: one word for one fact, whichever a user filters on.
+REASON_WRITES_NOT_SERVED = "WritesNotServed"
+
 Placement = Literal["Exclusive", "Shared", ""]
 
 

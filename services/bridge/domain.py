@@ -19,9 +19,9 @@ import msgspec
 from libs import kube, references
 from libs.crds import fluid_dataset_status, fluid_operation_status, fluid_runtime_status
 from libs.deletion import deleted_at
-from libs.documents import Command, documents_to_commands
+from libs.documents import Command, documents_to_commands, read_only_message, read_only_note
 from libs.events.common import DECODE_ERRORS, DNS1123_SUBDOMAIN, rfc3339, to_builtins
-from libs.events.dataset import Condition, DatasetStatus
+from libs.events.dataset import REASON_WRITES_NOT_SERVED, Condition, DatasetApply, DatasetStatus, write_access_modes
 from libs.events.operation import OperationRecord, OperationStatus
 from libs.events.runtime import RuntimeStatus
 from libs.mounts import MISSING_SECRET_KEY, flat_secret_key
@@ -33,6 +33,9 @@ CONDITION_ACCEPTED = "Accepted"
 REASON_INVALID = "Invalid"  # the bridge could not translate it (schema, missing secret)
 REASON_REJECTED = "Rejected"  # a service refused it (validation); the message is its reason
 REASON_IGNORED = "FieldsIgnored"  # a Normal Event listing the fields Shoal does not use (libs.documents' notes)
+# A Warning Event for a Dataset whose accessModes promise writes (accepted, mounted read-only): the reason of the
+# dataset's ReadOnly condition, not FieldsIgnored, since the field is used (the volume and claim carry it).
+REASON_READ_ONLY = REASON_WRITES_NOT_SERVED
 # Condition (False while it holds) and Warning Event of a Bound Dataset whose PersistentVolume or claim name is held
 # by an object that is not its own: Fluid's volume name ``<namespace>-<name>`` is the same for a-b/c and a/b-c.
 CONDITION_VOLUME = "VolumeCreated"
@@ -261,11 +264,14 @@ def resync_id(obj: dict[str, Any], tries: int) -> str:
 
 @dataclass(frozen=True)
 class Translation:
-    """The command for an object's current spec, or why there is none."""
+    """The command for an object's current spec, or why there is none; what Shoal ignores of it (``notes``, the
+    "ignored: ..." notes of libs.documents) and, for a Dataset whose accessModes promise writes, the warning that its
+    mounts are read-only all the same (``read_only``, "" when they do not)."""
 
     command: Command | None
     errors: list[str]
     notes: list[str]
+    read_only: str = ""
 
 
 def document_of(resource: kube.Resource, obj: dict[str, Any]) -> dict[str, Any]:
@@ -299,8 +305,13 @@ def translate(resource: kube.Resource, obj: dict[str, Any], max_bytes: int | Non
         return Translation(None, [f"too large for Shoal: its command would be {size} bytes, more than the "
                                   f"{max_bytes - COMMAND_HEADROOM} a NATS message can carry here; split it into "
                                   f"several {resource.kind}s (fewer mounts or targets each)"], notes)
+    read_only = ""
+    if isinstance(event, DatasetApply) and (writes := write_access_modes(event.dataset.spec.access_modes)):
+        # Told apart from the ignored fields: its own Event, with the reason the dataset's condition carries.
+        notes = [note for note in notes if note != read_only_note(command.source_kind, writes)]
+        read_only = read_only_message(command.source_kind, writes)
     return Translation(Command(command.document, command.source_kind, command.kind, command.name,
-                               command.namespace, command.subject, event), [], notes)
+                               command.namespace, command.subject, event), [], notes, read_only)
 
 
 def apply_id(resource: kube.Resource, obj: dict[str, Any], command: Command) -> str:

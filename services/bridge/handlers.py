@@ -493,13 +493,19 @@ class BridgeHandlers:
         await self._remember_applied(key, obj, command.event.id, sequence)
         self.published[key] = command.event.id
         log.info("applied", object=str(key), command=command.event.id, notes=len(translation.notes))
-        if translation.notes:  # what Shoal leaves out of a (Fluid) object is said, never dropped silently
+        told = []  # what Shoal leaves out of a (Fluid) object is said, never dropped silently, and so are writes
+        if translation.notes:
+            told.append(("Normal", domain.REASON_IGNORED, "; ".join(translation.notes)))
+        if translation.read_only:
+            told.append(("Warning", domain.REASON_READ_ONLY, translation.read_only))
+        for event_type, reason, message in told:
             try:
-                await self._record_event(key, obj, domain.event_name(obj, domain.REASON_IGNORED, command.event.id),
-                                         "Normal", domain.REASON_IGNORED, "; ".join(translation.notes))
+                await self._record_event(key, obj, domain.event_name(obj, reason, command.event.id), event_type,
+                                         reason, message)
             except Exception as err:  # the command is out; the note is not worth a retry
                 log.warning("event not recorded", object=str(key), error=_short(err))
                 self._note_failure(err)  # an API server that did not answer: the next call would not either
+                break
 
     async def _finish_delete(self, key: ObjectKey, obj: dict[str, Any]) -> None:
         """Delete in Shoal, wait until Shoal's record is gone, then the volume and claim, then the finalizer."""

@@ -26,6 +26,7 @@ from libs.events.common import (
     rfc3339,
 )
 from libs.events.dataset import (
+    REASON_WRITES_NOT_SERVED,
     CacheStates,
     Condition,
     Dataset,
@@ -653,8 +654,9 @@ def with_read_only(dataset: Dataset, conditions: list[Condition], now: float) ->
         return [c for c in conditions if c.type != CONDITION_READ_ONLY]
     message = (f"spec.accessModes lists {', '.join(writes)}, but Shoal mounts datasets read-only: a write gets "
                "EROFS (read-only file system)")
-    return _set_condition(conditions, Condition(type=CONDITION_READ_ONLY, status="True", reason="WritesNotServed",
-                                                message=message, last_transition_time=rfc3339(now)))
+    return _set_condition(conditions, Condition(type=CONDITION_READ_ONLY, status="True",
+                                                reason=REASON_WRITES_NOT_SERVED, message=message,
+                                                last_transition_time=rfc3339(now)))
 
 
 # --- Cache states from agent inventory (folded by libs.inventory) ---

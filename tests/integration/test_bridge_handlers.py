@@ -452,6 +452,35 @@ async def test_a_refused_status_whose_object_reads_back_without_a_uid_is_told_no
     assert handlers._tick_failures == 0
 
 
+async def test_access_modes_that_promise_writes_are_a_warning_of_their_own_not_ignored_fields(
+        harness: Harness, tmp_path: Path) -> None:
+    """A Fluid Dataset with ``accessModes: [ReadWriteMany]`` is accepted and mounted read-only: the bridge said so
+    in its ``FieldsIgnored`` Event, though the field is used (the volume and claim carry it), so a user filtering
+    Events by reason got the wrong story. It is a Warning Event of its own, under the reason of the ReadOnly
+    condition the dataset service sets; the fields Shoal does ignore keep their Normal ``FieldsIgnored`` Event."""
+    await harness.first_lists()
+    async with running(lambda halt: dataset_app.run(harness.handlers.settings, halt)):
+        await harness.handlers.on_event(FLUID, "ADDED", await harness.create(FLUID, "demo", {
+            "mounts": [{"mountPoint": files(tmp_path / "data"), "name": "d"}], "accessModes": ["ReadWriteMany"],
+            "nodeAffinityIgnored": {"x": 1}}))
+        events = {e["reason"]: e for e in harness.server.objects("", "events")
+                  if e["involvedObject"]["name"] == "demo" and e["involvedObject"]["kind"] == "Dataset"}
+        assert set(events) == {"FieldsIgnored", "WritesNotServed"}, events
+        ignored, read_only = events["FieldsIgnored"], events["WritesNotServed"]
+        assert ignored["type"] == "Normal" and "nodeAffinityIgnored" in ignored["message"], ignored
+        assert "accessModes" not in ignored["message"], ignored
+        assert read_only["type"] == "Warning", read_only
+        assert read_only["message"] == ("Dataset/spec.accessModes: ReadWriteMany is accepted, but Shoal mounts "
+                                        "datasets read-only: a write gets EROFS (read-only file system)")
+
+        def condition() -> dict[str, Any] | None:
+            conditions = ((harness.get(FLUID, "demo") or {}).get("status") or {}).get("conditions") or []
+            return next((c for c in conditions if c.get("type") == "ReadOnly"), None)
+
+        said = await harness.until(condition, what="the dataset's ReadOnly condition")
+        assert (said["status"], said["reason"]) == ("True", read_only["reason"]), said
+
+
 async def test_an_unanswered_fields_ignored_event_leaves_the_next_objects_to_the_next_pass(
         harness: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
     """The Event listing what Shoal ignores of an object is best effort, but its call waiting out the timeout tells
