@@ -494,8 +494,7 @@ class NodeAgent:
             if status is None or runtime is None:
                 continue
             down += status.down
-            directories.update(directory for level in runtime.runtime.spec.tieredstore.levels
-                               if level.mediumtype != "MEM" for directory in level.directories)
+            directories.update(domain.disk_directories(runtime.runtime.spec.tieredstore.levels))
         self.metrics.cache_dirs(dir_health(sorted(directories), down))
 
     def _remove_target(self, worker: MountWorker) -> None:

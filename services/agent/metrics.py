@@ -33,6 +33,7 @@ from pathlib import Path
 from prometheus_client import Gauge
 
 from libs import metrics as m
+from libs.hostpaths import normal_path
 from libs.metrics import adder, observer
 from libs.ufs.base import AccessDenied, EndpointUnreachable, NoSuchBucket, NoSuchKey, ObjectChanged
 from services.agent.cache.store import CacheStats
@@ -194,11 +195,15 @@ class NodeMetrics:
 
 
 def dir_health(directories: Iterable[str], down: Iterable[str]) -> dict[str, bool]:
-    """Health per configured cache directory: down when a mount's tier below it (``<dir>/...``) is down."""
-    down = list(down)
+    """Health per configured cache directory: down when a mount's tier below it (``<dir>/...``) is down.
+
+    Directories and tier locations are compared, and labelled, written one way (``libs.hostpaths.normal_path``, as
+    the agent's cache directories are everywhere else): ``/var/cache/shoal/``, ``/var/cache/shoal`` and
+    ``/var/cache/x/../shoal`` are one directory and one series, not three."""
+    down = [normal_path(location) for location in down]
     return {directory: not any(location == directory or location.startswith(directory.rstrip("/") + "/")
                                for location in down)
-            for directory in directories}
+            for directory in map(normal_path, directories)}
 
 
 # --- Prometheus file_sd targets ---

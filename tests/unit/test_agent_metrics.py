@@ -176,15 +176,33 @@ def test_node_series_read_ahead_when_scraped_and_cache_directory_health() -> Non
     held[0] = 128
     assert sample("shoal_readahead_bytes", node=name) == 128
     assert sample("shoal_readahead_budget_bytes", node=name) == 512
-    health = dir_health(["/cache/ssd", "/cache/hdd/"], ["/cache/ssd/default/demo", "/cache/ssd2/default/x"])
-    assert health == {"/cache/ssd": False, "/cache/hdd/": True}
+    health = dir_health(["/cache/ssd", "/cache/hdd"], ["/cache/ssd/default/demo", "/cache/ssd2/default/x"])
+    assert health == {"/cache/ssd": False, "/cache/hdd": True}
     metrics.cache_dirs(health)
-    assert sample("shoal_cache_dir_healthy", node=name, dir="/cache/hdd/") == 1
+    assert sample("shoal_cache_dir_healthy", node=name, dir="/cache/hdd") == 1
     assert REGISTRY.get_sample_value("shoal_cache_dir_healthy", {"node": name, "dir": "/cache/ssd"}) == 0
-    metrics.cache_dirs({"/cache/hdd/": True})
+    metrics.cache_dirs({"/cache/hdd": True})
     assert REGISTRY.get_sample_value("shoal_cache_dir_healthy", {"node": name, "dir": "/cache/ssd"}) is None
     metrics.close()
     assert REGISTRY.get_sample_value("shoal_readahead_bytes", {"node": name}) is None
+
+
+def test_a_cache_directory_is_labelled_as_the_cache_uses_it_whatever_its_spelling(tmp_path: Path) -> None:
+    """A user's runtimes named one cache directory ``/var/cache/shoal/`` and ``/var/cache/shoal`` (and another
+    through ``..``): /metrics showed a series per spelling, none of them the path the cache and its "is down" reports
+    use, and a tier down under a ``..`` spelling left the normalized one healthy."""
+    name = node()
+    metrics = NodeMetrics(name)
+    ssd, hdd = tmp_path / "ssd", tmp_path / "hdd"
+    # A tier's location is its directory joined with the dataset's folder, '..' kept (``BlockCache.from_levels``).
+    down = DiskTier(f"{tmp_path}/x/../hdd/default/demo", 1024).location
+    health = dir_health([f"{ssd}/", str(ssd), f"{tmp_path}//ssd/.", f"{tmp_path}/x/../hdd"], [down])
+    assert health == {str(ssd): True, str(hdd): False}
+    metrics.cache_dirs(health)
+    exposed = [(s.labels["dir"], s.value) for family in REGISTRY.collect() if family.name == "shoal_cache_dir_healthy"
+               for s in family.samples if s.labels["node"] == name]
+    assert sorted(exposed) == [(str(hdd), 0), (str(ssd), 1)]
+    metrics.close()
 
 
 def test_the_prometheus_target_is_a_file_sd_list_written_whole_and_removed(tmp_path: Path) -> None:
