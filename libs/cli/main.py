@@ -371,16 +371,14 @@ async def send_commands(bus: Bus, commands: Sequence[Command], wait_seconds: flo
     return outcomes
 
 
-def report_outcomes(outcomes: Sequence[Outcome], timeout: float, applied: str = "configured",
-                    held: dict[tuple[Kind, str], render.Held | None] | None = None) -> bool:
+def report_outcomes(outcomes: Sequence[Outcome], timeout: float, applied: str = "configured") -> bool:
     """Print one line per command in document order; True when every command was carried out.
 
-    ``held``: what the services held of each applied object before (by ``_key``), so an accepted apply says
-    created, configured or unchanged; an object not in it says ``applied``. It follows the answers in order: the
-    same object applied twice in one go is compared with its first apply the second time.
+    An accepted apply says what the service found when it handled it (the fact's ``result``: created, configured
+    or unchanged, as kubectl says), so another applier's command handled in between, or the same object applied
+    twice in one go, is told as it was; a fact without one (a service older than the field) says ``applied``.
     """
     ok = True
-    held = dict(held or {})
     for outcome in outcomes:
         command, fact = outcome.command, outcome.fact
         if isinstance(fact, DatasetAccepted | RuntimeAccepted | OperationAccepted):
@@ -388,10 +386,8 @@ def report_outcomes(outcomes: Sequence[Outcome], timeout: float, applied: str = 
                 done = "resync requested"
             elif isinstance(command.event, DataLoadRun):
                 done = "run requested"
-            elif (key := _key(command)) in held:
-                metadata = _operation_meta(command)
-                done = render.apply_result(held[key], fact.generation, metadata)
-                held[key] = render.Held(generation=fact.generation, metadata=metadata)
+            elif isinstance(command.event, DatasetApply | RuntimeApply | DataLoadApply | DataCleanApply):
+                done = fact.result or applied
             else:
                 done = applied
             click.echo(f"{command.resource} {done}")
@@ -413,47 +409,6 @@ def _named(command: Command) -> str:
     if command.name:
         return command.name
     return f"{command.source_kind} (document {command.document})" if command.document else command.source_kind
-
-
-def _key(command: Command) -> tuple[Kind, str]:
-    """The kind and KV key of the object a command names (a dataset and its runtime share a key, in two buckets)."""
-    if command.kind in OPERATION_KINDS:
-        return command.kind, subjects.operation_key(command.kind, command.namespace, command.name)
-    return command.kind, subjects.resource_key(command.namespace, command.name)
-
-
-def _operation_meta(command: Command) -> ObjectMeta | None:
-    """The metadata a DataLoad or DataClean apply sets (the loader keeps its generation when only this changes)."""
-    if isinstance(command.event, DataLoadApply):
-        return command.event.data_load.metadata
-    if isinstance(command.event, DataCleanApply):
-        return command.event.data_clean.metadata
-    return None
-
-
-async def held_before(bus: Bus, commands: Sequence[Command]) -> dict[tuple[Kind, str], render.Held | None]:
-    """What the services hold now of every object the apply commands name (None: nothing), by ``_key``.
-
-    Read before publishing, as kubectl's client-side apply reads the object first: the accepted fact says only the
-    generation, and an unchanged apply keeps it.
-    """
-    held: dict[tuple[Kind, str], render.Held | None] = {}
-    for command in commands:
-        if not isinstance(command.event, DatasetApply | RuntimeApply | DataLoadApply | DataCleanApply):
-            continue
-        try:
-            kv = await bus.kv(KV_BUCKET[command.kind])
-        except BucketNotFoundError:
-            held[_key(command)] = None  # nothing was ever applied of this kind
-            continue
-        record = await _load_named(kv, _key(command)[1], RECORD_TYPE[command.kind])
-        if record is None:
-            held[_key(command)] = None
-        elif isinstance(record, OperationRecord):
-            held[_key(command)] = render.Held(generation=record.generation, metadata=record.metadata)
-        else:
-            held[_key(command)] = render.Held(generation=record.generation)
-    return held
 
 
 def _sources(paths: Sequence[str], recursive: bool) -> list[manifests.ManifestSource]:
@@ -548,9 +503,8 @@ async def _send(options: Options, commands: Sequence[Command], *, wait: bool = F
                     if isinstance(command.event, DataLoadApply | DataCleanApply):
                         watches[command.event.id] = await operations.open_watch(
                             bus, command.kind, command.namespace, command.name)
-            held = await held_before(bus, commands)
             outcomes = await send_commands(bus, commands, options.timeout)
-            ok = report_outcomes(outcomes, options.timeout, applied, held)
+            ok = report_outcomes(outcomes, options.timeout, applied)
             followed = []
             for outcome in outcomes:
                 event, watch = outcome.command.event, watches.get(outcome.command.event.id)

@@ -3,8 +3,7 @@
 Pure: records in, text out, no NATS, no terminal and no clock (``now`` is a parameter). Decides the columns
 (Fluid's ``kubectl get dataset`` and ``kubectl get alluxioruntime`` columns, without AGE: those records carry no
 creation time; Fluid's DataLoad columns DATASET, PHASE, AGE, DURATION plus Shoal's PROGRESS for DataLoad and
-DataClean) and that machine-readable output shows every field, defaults included, under their JSON names. Also
-what ``shoal apply`` says of each accepted object (created, configured or unchanged, as kubectl does).
+DataClean) and that machine-readable output shows every field, defaults included, under their JSON names.
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from libs.events.common import ObjectMeta, format_bytes
+from libs.events.common import format_bytes
 from libs.events.dataset import Condition, DatasetRecord, NodeCache
 from libs.events.operation import NodeProgress, OperationRecord, Progress
 from libs.events.runtime import CacheWorker, RuntimeRecord, RuntimeStatus
@@ -30,25 +29,6 @@ _UNLIMITED_WIDTH = 100_000
 # Ready nodes a table or describe names before "and N more" (kubectl names three endpoints): a runtime served by
 # thousands of agents made a line of tens of kilobytes. ``-o json``/``-o yaml`` keep the record's full list.
 READY_NODES_SHOWN = 3
-
-
-class Held(msgspec.Struct, frozen=True, kw_only=True):
-    """What the service held of an object just before an apply: its generation and, for a DataLoad or DataClean
-    (whose labels and annotations do not move the generation, only its spec does), its metadata."""
-
-    generation: int
-    metadata: ObjectMeta | None = None
-
-
-def apply_result(before: Held | None, generation: int, metadata: ObjectMeta | None = None) -> str:
-    """kubectl's word for an accepted apply: ``created`` when there was no object, ``unchanged`` when the accepted
-    generation is the one held (a service keeps it when the same object is applied again) and so is the metadata,
-    else ``configured``."""
-    if before is None:
-        return "created"
-    if before.generation == generation and (before.metadata is None or before.metadata == metadata):
-        return "unchanged"
-    return "configured"
 
 
 def full_builtins(value: Any) -> Any:

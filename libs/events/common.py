@@ -10,7 +10,7 @@ import calendar
 import re
 import time
 import uuid
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
@@ -30,6 +30,21 @@ class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field=TAG_FIELD, forb
     """Base of every message on the bus. ``id`` is also sent as ``Nats-Msg-Id`` for deduplication."""
 
     id: str = msgspec.field(default_factory=lambda: uuid.uuid4().hex)
+
+
+# What an accepted apply (or scale) did to its object, in kubectl's words, as the service that holds the object
+# found it when it handled the command: ``created`` (it held none), ``configured`` (what the command sets differs
+# from what it held), ``unchanged``. "" on the fact of a command that sets nothing (a resync, a run) and from a
+# service older than the field. The CLI prints it: a read of its own before publishing could be overtaken.
+ApplyResult = Literal["", "created", "configured", "unchanged"]
+
+
+def apply_result(before: object | None, after: object) -> ApplyResult:
+    """The word for an apply that took what the service held of the object's applied fields from ``before`` (None:
+    no object) to ``after``."""
+    if before is None:
+        return "created"
+    return "unchanged" if before == after else "configured"
 
 
 class ObjectMeta(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):

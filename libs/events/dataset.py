@@ -10,7 +10,7 @@ from typing import Literal
 
 import msgspec
 
-from libs.events.common import Event, ObjectMeta
+from libs.events.common import ApplyResult, Event, ObjectMeta
 
 
 class SecretKeySelector(msgspec.Struct, frozen=True, rename="camel"):
@@ -177,6 +177,7 @@ class DatasetAccepted(Event, frozen=True, kw_only=True, tag="dataset.accepted.v1
     name: str
     namespace: str
     generation: int
+    result: ApplyResult = ""  # what the command did to the object (libs.events.common.ApplyResult)
 
 
 class DatasetRejected(Event, frozen=True, kw_only=True, tag="dataset.rejected.v1", rename="camel"):

@@ -18,7 +18,7 @@ from typing import Literal
 import msgspec
 
 from libs.events.agent import CachedFile
-from libs.events.common import Event, ObjectMeta, ObjectRef
+from libs.events.common import ApplyResult, Event, ObjectMeta, ObjectRef
 from libs.events.dataset import Condition
 
 OperationKind = Literal["DataLoad", "DataClean"]
@@ -172,6 +172,7 @@ class OperationAccepted(Event, frozen=True, kw_only=True, tag="operation.accepte
     name: str
     namespace: str
     generation: int
+    result: ApplyResult = ""  # what the command did to the object (libs.events.common.ApplyResult)
 
 
 class OperationRejected(Event, frozen=True, kw_only=True, tag="operation.rejected.v1", rename="camel"):

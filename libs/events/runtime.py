@@ -9,7 +9,7 @@ from typing import Literal
 
 import msgspec
 
-from libs.events.common import Event, ObjectMeta, parse_quantity
+from libs.events.common import ApplyResult, Event, ObjectMeta, parse_quantity
 from libs.events.dataset import Condition
 
 MediumType = Literal["MEM", "SSD", "HDD"]
@@ -240,6 +240,7 @@ class RuntimeAccepted(Event, frozen=True, kw_only=True, tag="runtime.accepted.v1
     name: str
     namespace: str
     generation: int
+    result: ApplyResult = ""  # what the command did to the object (libs.events.common.ApplyResult)
 
 
 class RuntimeRejected(Event, frozen=True, kw_only=True, tag="runtime.rejected.v1", rename="camel"):

@@ -36,6 +36,7 @@ from libs.bus import (
 from libs.config import Settings
 from libs.deletion import deleted_at
 from libs.events.agent import AgentRecord, AnyInventory, InventoryRequest, upgrade
+from libs.events.common import apply_result
 from libs.events.dataset import (
     Dataset,
     DatasetAccepted,
@@ -167,7 +168,8 @@ class DatasetHandlers:
         await self.bus.publish(
             subjects.DATASET_ACCEPTED,
             DatasetAccepted(id=f"{command.id}.accepted", causation_id=command.id, name=name, namespace=namespace,
-                            generation=updated.generation),
+                            generation=updated.generation,
+                            result=apply_result(None if record is None else record.dataset, updated.dataset)),
         )
         if saved_revision is not None and changed and (record is None or record.status != updated.status):
             await self._publish_status(updated, saved_revision)

@@ -52,6 +52,7 @@ from libs.bus import (
 )
 from libs.deletion import deleted_at, deletion_note
 from libs.events.agent import AgentHeartbeat, AgentRecord
+from libs.events.common import apply_result
 from libs.events.dataset import DatasetRecord
 from libs.events.runtime import (
     AutoscalingStatus,
@@ -185,7 +186,8 @@ class RuntimeHandlers:
         await self.bus.publish(
             subjects.RUNTIME_ACCEPTED,
             RuntimeAccepted(id=f"{command_id}.accepted", causation_id=command_id, name=name, namespace=namespace,
-                            generation=updated.generation),
+                            generation=updated.generation,
+                            result=apply_result(None if record is None else record.runtime, updated.runtime)),
         )
         await self.refresh(key, self._agents(), force_publish=record is None)
 

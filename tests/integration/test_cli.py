@@ -33,6 +33,7 @@ from libs.events.dataset import (
     Condition,
     Dataset,
     DatasetAccepted,
+    DatasetApply,
     DatasetRecord,
     DatasetRejected,
     DatasetSpec,
@@ -51,8 +52,9 @@ from libs.events.runtime import (
     TieredStore,
 )
 from libs.events.schema import INDEX_FILE, schema_files
+from services.dataset import app as dataset_app
 from tests.conftest import NatsServer
-from tests.helpers import running
+from tests.helpers import eventually, running
 from tests.unit.test_documents import QUOTA_LIST
 
 REPO = Path(__file__).resolve().parents[2]
@@ -379,6 +381,49 @@ spec:
                         + manifest.replace("{name: said}", "{name: twice}").replace("quota: 1Gi", "quota: 2Gi"))
     assert twice.stdout.splitlines() == ["dataset.shoal.io/twice created", "runtime.shoal.io/twice created",
                                          "dataset.shoal.io/twice unchanged", "runtime.shoal.io/twice configured"]
+
+
+async def test_apply_says_what_the_service_did_when_another_applier_came_first(nats_server: NatsServer, bus: Bus,
+                                                                             tmp_path: Path) -> None:
+    """Two people apply the same new datasets at once, and the other's commands reach the dataset service first.
+    This apply said "created" for both, from its own read of the records before publishing (none yet), though the
+    service configured the one the other had created with another spec and left the other one, the same spec,
+    unchanged. The word is the service's, from its answer."""
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "mine").mkdir()
+
+    def dataset(name: str, folder: str) -> Dataset:
+        return Dataset(metadata=ObjectMeta(name=name),
+                       spec=DatasetSpec(mounts=[Mount(mount_point=f"local://{tmp_path / folder}")]))
+
+    sent: list[bytes] = []
+
+    async def add(message: Any) -> None:
+        sent.append(message.data)
+
+    async def published(count: int) -> bool:
+        return len(sent) >= count
+
+    subscription = await bus.nc.subscribe(subjects.DATASET_APPLY, cb=add)
+    # The other applier's commands, in the stream before this apply's (no service runs yet).
+    for name, folder in (("raced", "theirs"), ("same", "mine")):
+        await bus.publish(subjects.DATASET_APPLY, DatasetApply(dataset=dataset(name, folder)))
+    manifest = "---\n".join(f"""
+apiVersion: shoal.io/v1alpha1
+kind: Dataset
+metadata: {{name: {name}}}
+spec:
+  mounts: [{{mountPoint: "local://{tmp_path / 'mine'}"}}]
+""" for name in ("raced", "same"))
+    applying = asyncio.create_task(shoal(nats_server, "apply", "-f", "-", stdin=manifest, wait_seconds=60))
+    await eventually(lambda: published(4), 30, "this apply's commands behind the other's")
+    await subscription.unsubscribe()
+    settings = Settings(nats=NatsSettings(urls=[nats_server.url]), service=ServiceSettings(local_roots=["/"]))
+    with structlog.testing.capture_logs():  # the service's log lines would print into the CLI's stdout
+        async with running(lambda halt: dataset_app.run(settings, halt)):
+            applied = await applying
+    assert (applied.exit_code, applied.stdout) == (0, "dataset.shoal.io/raced configured\n"
+                                                      "dataset.shoal.io/same unchanged\n"), applied.output
 
 
 async def test_a_dataset_whose_access_modes_promise_writes_is_applied_with_a_warning_and_a_condition(

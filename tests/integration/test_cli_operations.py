@@ -26,9 +26,9 @@ from nats.aio.msg import Msg
 from rich.console import Console
 
 from libs import subjects
-from libs.bus import Bus
+from libs.bus import Bus, kv_load
 from libs.cli import operations
-from libs.events.common import ObjectMeta, ObjectRef
+from libs.events.common import ObjectMeta, ObjectRef, apply_result
 from libs.events.dataset import Condition, Dataset, DatasetRecord, DatasetSpec, Mount
 from libs.events.operation import (
     CleanTarget,
@@ -99,12 +99,16 @@ class StandInLoader:
             return
         if isinstance(command, DataLoadApply | DataCleanApply):
             meta = command.data_load.metadata if isinstance(command, DataLoadApply) else command.data_clean.metadata
+            kv = await self.bus.kv(subjects.KV_OPERATIONS)
+            key = subjects.operation_key(kind, meta.namespace, meta.name)
+            held, _ = await kv_load(kv, key, OperationRecord)  # what the loader's answer says it found
+            applied = record_of(command, self.generation, OperationStatus())
+            result = apply_result(None if held is None else (held.metadata, held.load, held.clean),
+                                  (applied.metadata, applied.load, applied.clean))
             await self.bus.publish(
                 subjects.DATALOAD_ACCEPTED if family == "dataload" else subjects.DATACLEAN_ACCEPTED,
                 OperationAccepted(causation_id=command.id, kind=kind, name=meta.name, namespace=meta.namespace,
-                                  generation=self.generation))
-            kv = await self.bus.kv(subjects.KV_OPERATIONS)
-            key = subjects.operation_key(kind, meta.namespace, meta.name)
+                                  generation=self.generation, result=result))
             for status in self.statuses:
                 await kv.put(key, msgspec.json.encode(record_of(command, self.generation, status)))
             if self.delete_record:

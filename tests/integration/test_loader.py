@@ -340,6 +340,26 @@ async def test_a_load_completes_with_progress(bus: Bus, nats_server: NatsServer)
     assert (await bus.js.stream_info(subjects.STREAM_TASKS)).config.subjects == [subjects.TASK_PROGRESS]
 
 
+async def test_the_accepted_fact_says_created_unchanged_or_configured_labels_too(bus: Bus,
+                                                                                 nats_server: NatsServer) -> None:
+    """``shoal apply`` prints what the loader's answer says the apply did: a new DataLoad is created, the same one
+    again unchanged, and one whose labels alone changed configured, though its generation stays (only the spec
+    moves it)."""
+    facts = FactCollector()
+    await facts.start(bus, subjects.DATALOAD_FACTS)
+    first = dataload(policy="Cron", schedule="0 0 1 1 *")
+    again = msgspec.structs.replace(first, id="again")
+    labelled = DataLoadApply(id="labelled", data_load=msgspec.structs.replace(
+        first.data_load, metadata=ObjectMeta(name="warm", labels={"team": "ml"})))
+    async with loader(nats_server):
+        said = []
+        for command in (first, again, labelled):
+            await publish(bus, subjects.DATALOAD_APPLY, command)
+            fact = await facts.wait_for("operation.accepted.v1", causationId=command.id)
+            said.append((fact["result"], fact["generation"]))
+    assert said == [("created", 1), ("unchanged", 1), ("configured", 1)]
+
+
 @pytest.mark.parametrize(("setup", "spec", "message"), [
     # A dataset missing or not Bound is waited for (the next test), for the wait's time (0.5 s here, 600 s unless
     # told): then the run fails, saying what to change and what it waited for.

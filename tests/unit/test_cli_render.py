@@ -144,15 +144,3 @@ def test_describe_operation_shows_progress_per_node() -> None:
         ["NODE", "DONE", "TOTAL", "PERCENT", "STATE"], ["node-a", "1.00GiB", "2.00GiB", "50.0%", "Stopped"],
         ["node-b", "0B", "0B", "-", "Stopped"]]  # the run ended: no node of it still works
     assert lines[-2:] == ["Conditions:", "  <none>"]
-
-
-def test_apply_result_says_what_kubectl_says() -> None:
-    """created with nothing held; unchanged when the generation (and a DataLoad's labels) stayed; else configured.
-    The loader keeps a DataLoad's generation when only its labels change: that apply changed it all the same."""
-    meta = ObjectMeta(name="load")
-    assert render.apply_result(None, 1) == "created"
-    assert render.apply_result(render.Held(generation=3), 3) == "unchanged"
-    assert render.apply_result(render.Held(generation=3), 4) == "configured"
-    assert render.apply_result(render.Held(generation=2, metadata=meta), 2, meta) == "unchanged"
-    assert render.apply_result(render.Held(generation=2, metadata=meta), 2,
-                               ObjectMeta(name="load", labels={"team": "ml"})) == "configured"
