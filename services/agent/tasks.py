@@ -26,7 +26,8 @@ What it decides:
 - a mount process that stops leaves its part unacknowledged (a clean stop gives it back at once): its successor
   gets it again, skips what is cached, so no block is fetched twice. A killed one's part comes back after
   ``ACK_WAIT_SECONDS``; ``in_progress`` every second keeps a live one's part from being redelivered. On its last
-  delivery (``MAX_DELIVER``) a part is not executed: a final progress fails its blocks saying so (``given_up``).
+  delivery (``MAX_DELIVER``) a part is not executed: a final progress counts the blocks the earlier deliveries did
+  (found in the cache) and fails the others saying so (``given_up``).
 """
 
 from __future__ import annotations
@@ -212,14 +213,29 @@ class PartLedger:
                             done=done)
 
 
-def given_up(task: NodeTask, deliveries: int, event_id: str) -> TaskProgress:
+def given_up(task: NodeTask, deliveries: int, event_id: str, cached: Callable[[BlockId], bool],
+             victims_left: int = 0) -> TaskProgress:
     """The final progress of a part on its last delivery (the durable's ``max_deliver``): not executed, since
-    whatever stopped the earlier ones would likely stop this one before it could report. Every block it names fails
-    (at least one, for a clean of everything), so the loader ends the run Failed naming this node and why."""
+    whatever stopped the earlier ones would likely stop this one before it could report. What the earlier deliveries
+    did is read from the cache (their ledgers died with their processes): a block a load names that is ``cached``
+    (at the part's version), or one a clean names that is not, is done (skipped: this delivery did nothing); every
+    other block fails, as do the ``victims_left`` blocks still cached that a clean of ``files``/everything was to
+    free. At least one fails, so the loader ends the run Failed naming this node and why: a part that never
+    finished on its own is no success even when its work is found done."""
     ledger = PartLedger.of(task)
-    ledger.fail(None, f"part {task.part} of run {task.run} was delivered {deliveries} times without finishing (the "
-                      f"mount process stopped or crashed during each); given up: run the operation again")
-    ledger.failed = max(1, sum(len(file.blocks) for file in task.blocks) + len(task.files))
+    reason = (f"part {task.part} of run {task.run} was delivered {deliveries} times without finishing (the mount "
+              f"process stopped or crashed during each); given up: run the operation again")
+    for file_index, file in enumerate(task.blocks):
+        for index, size in file.blocks:
+            # A load is done once its block is cached, a clean once it is not.
+            if cached(BlockId(file.mount, file.key, file.etag, index)) == (task.action == "load"):
+                ledger.done(file_index, size, skipped=True)
+            else:
+                ledger.fail(file_index, reason)
+    for _ in range(victims_left):
+        ledger.fail(None, reason)
+    if not ledger.failed:
+        ledger.fail(None, reason)
     return ledger.progress(task, event_id, done=True)
 
 
@@ -406,7 +422,8 @@ class TaskRunner:
             await message.ack()
             return
         if 0 < self._max_deliver <= deliveries:
-            final = given_up(task, deliveries, progress_id(task, deliveries, "final"))
+            victims = len(self._victims(task)) if task.action == "clean" else 0
+            final = given_up(task, deliveries, progress_id(task, deliveries, "final"), self.cache.contains, victims)
             if not await self._report(message, final, bound):
                 # Stopped: the server delivers it no more, only the loader's node checks remain.
                 bound.error("part given up, its final progress not published: the mount process stops")
@@ -598,11 +615,16 @@ class TaskRunner:
         if fetched and self.warmed is not None:
             self.warmed(size)
 
+    def _victims(self, task: NodeTask) -> list[BlockId]:
+        """The cached blocks a clean's ``files`` or ``everything`` names (none when it names neither)."""
+        if task.everything:
+            return self.cache.cached_blocks(lambda _: True)
+        files = {(mount, key) for mount, key in task.files}
+        return self.cache.cached_blocks(lambda block: (block.mount, block.key) in files) if files else []
+
     async def _clean(self, task: NodeTask, ledger: PartLedger, abort: asyncio.Event) -> None:
         if task.everything or task.files:
-            files = {(mount, key) for mount, key in task.files}
-            victims = self.cache.cached_blocks(
-                (lambda _: True) if task.everything else (lambda block: (block.mount, block.key) in files))
+            victims = self._victims(task)
             for start in range(0, len(victims), CLEAN_SLICE):
                 if abort.is_set():
                     return

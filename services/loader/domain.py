@@ -588,11 +588,18 @@ def parts_state(plan: Plan) -> list[PartState]:
 
 
 def fold_part(part: PartState, progress: TaskProgress) -> PartState:
-    """Cumulative progress: never goes back (a late, older report changes nothing), and done sticks."""
+    """Cumulative progress: never goes back (a late, older report changes nothing), and done sticks. A final report
+    counting less than an earlier one (a later delivery of the part cancelled before it got as far, or given up by
+    an agent that could not tell what the earlier ones did) ends the part with the counts kept: those blocks were
+    done, and the run's progress must not drop."""
     if part.done:
         return part
-    if progress.bytes_done + progress.bytes_skipped < part.bytes_done + part.bytes_skipped and not progress.done:
-        return part
+    if progress.bytes_done + progress.bytes_skipped < part.bytes_done + part.bytes_skipped:
+        if not progress.done:
+            return part
+        return msgspec.structs.replace(
+            part, files_done=sorted(set(part.files_done) | set(progress.files_done)), failed=progress.failed,
+            message=progress.message, done=True)
     return msgspec.structs.replace(
         part, blocks_done=progress.blocks_done, bytes_done=progress.bytes_done, bytes_skipped=progress.bytes_skipped,
         files_done=sorted(set(progress.files_done)), failed=progress.failed, message=progress.message,

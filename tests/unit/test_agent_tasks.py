@@ -11,6 +11,7 @@ from typing import Any, cast
 
 import msgspec
 
+from libs.blocks import BlockId
 from libs.events.agent import CachedFile
 from libs.events.common import ObjectMeta, ObjectRef
 from libs.events.dataset import Dataset, DatasetRecord, DatasetSpec, DatasetStatus, ManifestEntry
@@ -136,11 +137,32 @@ async def test_a_load_on_a_non_owner_fetches_from_the_store_never_a_peer(tmp_pat
 def test_a_part_given_up_fails_every_block_it_names_and_at_least_one() -> None:
     load = NodeTask(id="r.1.0", run="r.1", part=0, parts=1, node="n", dataset=ObjectRef(name="d"), action="load",
                     blocks=[CachedFile(0, "a", "e", [(0, 10), (1, 5)]), CachedFile(0, "b", "e", [(0, 1)])])
-    final = given_up(load, 20, "r.1.0.20-final")
+    final = given_up(load, 20, "r.1.0.20-final", lambda _: False)
     assert (final.done, final.failed, final.blocks_done, final.files_done) == (True, 3, 0, [])
     assert final.message.startswith("part 0 of run r.1 was delivered 20 times without finishing")
     everything = msgspec.structs.replace(load, action="clean", blocks=[], everything=True)
-    assert given_up(everything, 20, "x").failed == 1
+    assert given_up(everything, 20, "x", lambda _: True).failed == 1
+    assert given_up(everything, 20, "x", lambda _: True, victims_left=4).failed == 4
+
+
+def test_a_part_given_up_counts_what_the_earlier_deliveries_left_in_the_cache() -> None:
+    """The earlier deliveries' ledgers died with their processes; the cache says what they did. A load's block
+    cached at the part's version is done, a clean's block no longer cached is done; the rest fail. The run still
+    fails (at least one block), even when everything is found done."""
+    load = NodeTask(id="r.1.0", run="r.1", part=0, parts=1, node="n", dataset=ObjectRef(name="d"), action="load",
+                    blocks=[CachedFile(0, "a", "e", [(0, 10), (1, 5)]), CachedFile(0, "b", "e", [(0, 1)])])
+    cached = {BlockId(0, "a", "e", 0), BlockId(0, "b", "e", 0), BlockId(0, "a", "other-version", 1)}
+    final = given_up(load, 20, "x", cached.__contains__)
+    assert (final.blocks_done, final.bytes_done, final.bytes_skipped) == (2, 0, 11)
+    assert (final.failed, final.files_done, final.done) == (1, [1], True)
+    assert final.message.startswith("part 0 of run r.1 was delivered 20 times")
+
+    clean = msgspec.structs.replace(load, action="clean")
+    freed = given_up(clean, 20, "x", cached.__contains__)
+    assert (freed.blocks_done, freed.bytes_skipped, freed.failed, freed.files_done) == (1, 5, 2, [])
+
+    every = given_up(load, 20, "x", lambda _: True)
+    assert (every.blocks_done, every.bytes_skipped, every.files_done, every.failed) == (3, 16, [0, 1], 1)
 
 
 class SwallowingMessage:

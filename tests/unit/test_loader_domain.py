@@ -439,6 +439,22 @@ def test_progress_folds_parts_files_rate_and_eta() -> None:
     assert phase == "Failed" and plan.parts[1].task.node in message and "object changed" in message
 
 
+def test_a_final_report_counting_less_ends_the_part_with_the_counts_kept() -> None:
+    """A part whose first delivery cached half of it, its last one given up (or cancelled early) reporting less: the
+    part ends, Failed with the final report's reason, and the run's progress keeps the half done."""
+    entries = [entry("/a", 8192), entry("/b", 4096)]
+    plan = domain.plan_load("r.1", REF, entries, {0: 1, 1: 1}, ["n1"], ["n1"], 4096)
+    half = domain.fold_part(domain.parts_state(plan)[0], TaskProgress(
+        run="r.1", part=0, node="n1", blocks_done=2, bytes_done=8192, files_done=[0]))
+    given_up = TaskProgress(run="r.1", part=0, node="n1", failed=3, message="given up", done=True)
+    ended = domain.fold_part(half, given_up)
+    assert (ended.done, ended.failed, ended.message) == (True, 3, "given up")
+    assert (ended.blocks_done, ended.bytes_done, ended.bytes_skipped, ended.files_done) == (2, 8192, 0, [0])
+    state = domain.RunState(run="r.1", stage="executing", started_at=100.0, files_total=2, parts=[ended])
+    assert domain.fold_progress(state, 1, now=104.0, ended=True).bytes_done == 8192
+    assert (domain.outcome(state) or ("",))[0] == "Failed"
+
+
 def test_no_eta_once_the_run_ended_or_while_nothing_moves() -> None:
     """Half of a run done in 4 s: a rate (the run's average) and an ETA while parts report. Ended with parts not
     done (a node gone, a metadata timeout): the average over the run and no ETA. Quiet for STALLED_SECONDS: rate
