@@ -26,6 +26,15 @@ DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z
 MAX_LABEL_LENGTH = 63
 
 
+def int_range(minimum: int, maximum: int | None = None) -> msgspec.Meta:
+    """The values a spec's integer field accepts, stated in its JSON Schema and so in the CRDs (``libs.crds``):
+    ``kubectl apply`` refuses the others before Shoal sees them. Not checked at decode (``Meta(ge=, le=)`` would):
+    the service owning the field checks the same bounds and names the field in its error, and records and events
+    stored before a bound was set still decode."""
+    bounds = {"minimum": minimum} if maximum is None else {"minimum": minimum, "maximum": maximum}
+    return msgspec.Meta(extra_json_schema=bounds)
+
+
 class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field=TAG_FIELD, forbid_unknown_fields=False):
     """Base of every message on the bus. ``id`` is also sent as ``Nats-Msg-Id`` for deduplication."""
 

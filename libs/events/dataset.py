@@ -6,11 +6,11 @@ JSON field names are camelCase like Fluid's API; Python attributes are snake_cas
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
 
-from libs.events.common import ApplyResult, Event, ObjectMeta
+from libs.events.common import ApplyResult, Event, ObjectMeta, int_range
 
 
 class SecretKeySelector(msgspec.Struct, frozen=True, rename="camel"):
@@ -39,11 +39,16 @@ class Mount(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omit_defa
     shared: bool = False
 
 
+# uid_t and gid_t are 32 bits and (uid_t)-1 means "no owner" to the kernel; a larger value wedged every stat.
+MAX_OWNER_ID = 2**32 - 2
+OwnerId = Annotated[int, int_range(0, MAX_OWNER_ID)]
+
+
 class User(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omit_defaults=True):
     """Owner of the files in the mount (Fluid's ``spec.owner``)."""
 
-    uid: int | None = None
-    gid: int | None = None
+    uid: OwnerId | None = None
+    gid: OwnerId | None = None
     user: str = ""
     group: str = ""
 

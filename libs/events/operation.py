@@ -13,17 +13,24 @@ the node's mount process of that dataset, which owns the block cache. The mount 
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
 
 from libs.events.agent import CachedFile
-from libs.events.common import ApplyResult, Event, ObjectMeta, ObjectRef
+from libs.events.common import ApplyResult, Event, ObjectMeta, ObjectRef, int_range
 from libs.events.dataset import Condition
 
 OperationKind = Literal["DataLoad", "DataClean"]
 Policy = Literal["Once", "Cron", "OnEvent"]
 OperationPhase = Literal["Pending", "Executing", "Complete", "Failed"]
+
+# Far above any runtime's cache workers; only bounds nonsense before a run checks the real number.
+MAX_TARGET_REPLICAS = 64
+# Fluid's ttlSecondsAfterFinished is an *int32 (about 68 years): a manifest with more is not a Fluid manifest, and a
+# Go client of the same object could not hold it.
+MAX_TTL_SECONDS = 2**31 - 1
+TtlSeconds = Annotated[int, int_range(0, MAX_TTL_SECONDS)]
 
 
 class TargetPath(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omit_defaults=True):
@@ -31,7 +38,7 @@ class TargetPath(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omit
 
     path: str
     # How many owners of each block hold it (Fluid: "replicas"); at most the runtime's cache workers.
-    replicas: int = 1
+    replicas: Annotated[int, int_range(1, MAX_TARGET_REPLICAS)] = 1
 
 
 class CleanTarget(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omit_defaults=True):
@@ -61,7 +68,7 @@ class DataLoadSpec(msgspec.Struct, frozen=True, kw_only=True, rename="camel", om
     # refused otherwise.
     schedule: str = ""
     run_after: OperationRef | None = None
-    ttl_seconds_after_finished: int | None = None
+    ttl_seconds_after_finished: TtlSeconds | None = None
 
 
 class DataCleanSpec(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omit_defaults=True):
@@ -69,7 +76,7 @@ class DataCleanSpec(msgspec.Struct, frozen=True, kw_only=True, rename="camel", o
     # Empty: every block of the dataset on every node.
     target: list[CleanTarget] = []
     run_after: OperationRef | None = None
-    ttl_seconds_after_finished: int | None = None
+    ttl_seconds_after_finished: TtlSeconds | None = None
 
 
 class DataLoad(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):

@@ -5,14 +5,19 @@ Tier fields keep Fluid's names (``tieredstore.levels[].mediumtype/path/quota/hig
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
 
-from libs.events.common import ApplyResult, Event, ObjectMeta, parse_quantity
+from libs.events.common import ApplyResult, Event, ObjectMeta, int_range, parse_quantity
 from libs.events.dataset import Condition
 
 MediumType = Literal["MEM", "SSD", "HDD"]
+
+# A cluster of thousands of nodes is the most a single runtime is expected to span.
+MAX_REPLICAS = 10_000
+# The autoscaler's targets, in percent.
+Percent = Annotated[int, int_range(1, 100)]
 
 
 # A tier's watermarks when its spec gives none: Fluid's defaults.
@@ -67,7 +72,7 @@ class MetadataSyncPolicy(msgspec.Struct, frozen=True, kw_only=True, rename="came
     """
 
     auto_sync: bool | None = None
-    period_seconds: int = 0
+    period_seconds: Annotated[int, int_range(0)] = 0
 
 
 class RuntimeManagement(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omit_defaults=True):
@@ -84,15 +89,16 @@ class AutoscalingPolicy(msgspec.Struct, frozen=True, kw_only=True, rename="camel
     pressure was seen for ``coolDownSeconds`` (and never sooner than that after its last change).
     """
 
-    min_replicas: int = 1
-    max_replicas: int = 1
-    target_cache_used_percent: int | None = None
-    target_hit_ratio_percent: int | None = None
-    cool_down_seconds: int = 300
+    min_replicas: Annotated[int, int_range(0, MAX_REPLICAS)] = 1
+    max_replicas: Annotated[int, int_range(1, MAX_REPLICAS)] = 1
+    target_cache_used_percent: Percent | None = None
+    target_hit_ratio_percent: Percent | None = None
+    # At least 1: it keeps the autoscaler from flapping.
+    cool_down_seconds: Annotated[int, int_range(1)] = 300
 
 
 class RuntimeSpec(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omit_defaults=True):
-    replicas: int = 1
+    replicas: Annotated[int, int_range(0, MAX_REPLICAS)] = 1
     tieredstore: TieredStore = TieredStore()
     # 4 MiB like JuiceFS: large enough for sequential throughput, small enough for random reads.
     block_size: str | int = "4Mi"

@@ -26,6 +26,7 @@ from libs.events.common import (
     rfc3339,
 )
 from libs.events.dataset import (
+    MAX_OWNER_ID,
     REASON_WRITES_NOT_SERVED,
     CacheStates,
     Condition,
@@ -74,8 +75,6 @@ SECRET_KEY = re.compile(r"^[-._a-zA-Z0-9]+$")
 # http(s):// mounts (Fluid's WebUFS): listing limits, positive whole numbers (libs.ufs.mounts.HTTP_LIMIT_OPTIONS).
 HTTP_OPTIONS = {"maxDepth", "maxPages", "maxFiles"}
 MOUNT_NAME = re.compile(r"^[A-Za-z0-9]([-._A-Za-z0-9]*[A-Za-z0-9])?$")
-# uid_t and gid_t are 32 bits and (uid_t)-1 means "no owner" to the kernel; a larger value wedged every stat.
-MAX_OWNER_ID = 2**32 - 2
 
 
 def validate_ref(name: str, namespace: str) -> list[str]:

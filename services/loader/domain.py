@@ -28,6 +28,8 @@ from libs.events.agent import BlockId, CachedFile
 from libs.events.common import DNS1123_LABEL, ObjectMeta, ObjectRef, dns_label_errors, parse_rfc3339, rfc3339
 from libs.events.dataset import Condition, DatasetRecord, ManifestEntry
 from libs.events.operation import (
+    MAX_TARGET_REPLICAS,
+    MAX_TTL_SECONDS,
     CleanTarget,
     DataClean,
     DataCleanSpec,
@@ -54,11 +56,6 @@ from libs.references import reference_of
 MAX_PART_BLOCKS = 2000
 MAX_PART_BYTES = 256 * 1024
 OPERATION_KINDS: tuple[OperationKind, ...] = ("DataLoad", "DataClean")
-# Far above any runtime's cache workers; only bounds nonsense before the run checks the real number.
-MAX_REPLICAS = 64
-# Fluid's ttlSecondsAfterFinished is an *int32 (about 68 years): a manifest with more is not a Fluid manifest, and a
-# Go client of the same object could not hold it.
-MAX_TTL_SECONDS = 2**31 - 1
 # What a run that finished reports as its duration while it runs (Fluid's word).
 UNFINISHED = "Unfinished"
 # A run none of whose parts reported progress for this long is stalled: its rate is 0 and its ETA unknown, not the
@@ -121,8 +118,8 @@ def _target_errors(targets: Sequence[TargetPath | CleanTarget]) -> list[str]:
         where = f"spec.target[{index}]"
         if (problem := target_path_problem(target.path)) is not None:
             errors.append(f"{where}.path {target.path!r} {problem}")
-        if isinstance(target, TargetPath) and not 1 <= target.replicas <= MAX_REPLICAS:
-            errors.append(f"{where}.replicas must be between 1 and {MAX_REPLICAS}, got {target.replicas}")
+        if isinstance(target, TargetPath) and not 1 <= target.replicas <= MAX_TARGET_REPLICAS:
+            errors.append(f"{where}.replicas must be between 1 and {MAX_TARGET_REPLICAS}, got {target.replicas}")
     return errors
 
 

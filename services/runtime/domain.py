@@ -55,6 +55,7 @@ from libs.events.dataset import Condition, DatasetSpec, NodeCache, find_conditio
 from libs.events.runtime import (
     DEFAULT_HIGH_WATERMARK,
     DEFAULT_LOW_WATERMARK,
+    MAX_REPLICAS,
     AutoscalingPolicy,
     AutoscalingStatus,
     CacheWorker,
@@ -117,8 +118,6 @@ UNHEALTHY_WORKER_GRACE_SECONDS = 30.0
 AGENT_VIEW_SETTLING_SECONDS = 60.0
 # Replacements kept in status.replaced (``shoal describe runtime`` shows them).
 REPLACED_HISTORY = 10
-# A cluster of thousands of nodes is the most a single runtime is expected to span.
-MAX_REPLICAS = 10_000
 # One tier on one node: more than any node's memory or disks today, so a larger quota is a typo (Pi for Gi),
 # and it keeps byte totals summed over tiers and nodes far from overflowing 64-bit counters.
 MAX_TIER_QUOTA = 2**50

@@ -5,6 +5,7 @@ JSONPath, offline)."""
 
 from __future__ import annotations
 
+import copy
 import functools
 import os
 import subprocess
@@ -32,6 +33,7 @@ from libs.crds import (
 )
 from libs.documents import documents_to_commands, parse_documents
 from libs.events.dataset import (
+    MAX_OWNER_ID,
     CacheStates,
     Condition,
     DatasetApply,
@@ -39,8 +41,16 @@ from libs.events.dataset import (
     NodeCache,
     RuntimeRef,
 )
-from libs.events.operation import DataCleanApply, DataLoadApply, NodeProgress, OperationStatus, Progress
-from libs.events.runtime import CacheWorker, RuntimeApply, RuntimeStatus
+from libs.events.operation import (
+    MAX_TARGET_REPLICAS,
+    MAX_TTL_SECONDS,
+    DataCleanApply,
+    DataLoadApply,
+    NodeProgress,
+    OperationStatus,
+    Progress,
+)
+from libs.events.runtime import MAX_REPLICAS, CacheWorker, RuntimeApply, RuntimeStatus
 from libs.kube import FLUID_RESOURCES, RESOURCES, SHOAL_RESOURCES
 from services.dataset.domain import validate_dataset
 from services.loader.domain import validate_clean, validate_load
@@ -106,7 +116,7 @@ def json_schema(node: dict[str, Any]) -> dict[str, Any]:
         out["items"] = json_schema(node["items"])
     if "required" in node:
         out["required"] = node["required"]
-    for key in ("pattern", "maxLength"):
+    for key in ("pattern", "maxLength", "minimum", "maximum"):
         if key in node:
             out[key] = node[key]
     return out
@@ -229,7 +239,8 @@ def test_unions_nullables_quantities_and_free_form_maps_become_kubernetes_marker
     assert level["required"] == ["mediumtype", "quota"]
     dataset = structural_schema(DatasetSpec)["properties"]
     assert dataset["nodeAffinity"] == {"type": "object", PRESERVE: True, "nullable": True}
-    assert dataset["owner"]["properties"]["uid"] == {"type": "integer", "nullable": True}
+    assert dataset["owner"]["properties"]["uid"] == {"type": "integer", "minimum": 0, "maximum": 2**32 - 2,
+                                                     "nullable": True}
     assert dataset["placement"] == {"type": "string", "enum": ["", "Exclusive", "Shared"]}
     assert PRESERVE not in dataset["mounts"]["items"]  # Shoal's own kinds: a misspelt field is an error
     fluid = structural_schema(DatasetSpec, preserve_unknown=True)
@@ -313,6 +324,101 @@ def test_a_fluid_tier_with_a_quota_list_and_no_quota_passes_the_crd() -> None:
     shoal = {**document, "apiVersion": "shoal.io/v1alpha1", "kind": "Runtime", "spec": {
         "tieredstore": {"levels": [{"mediumtype": "MEM"}]}}}
     assert schema_errors(shoal) == ["$.spec.tieredstore.levels[0]: 'quota' is a required property"]
+
+
+# Every integer of every spec, with the bounds its service checks (None: no upper bound), and a spec to set it in
+# (the fields the service checks with it, such as minReplicas <= maxReplicas).
+BOUNDED: list[tuple[str, str, int, int | None, dict[str, Any]]] = [
+    ("DataLoad", "ttlSecondsAfterFinished", 0, MAX_TTL_SECONDS, {}),
+    ("DataLoad", "target[].replicas", 1, MAX_TARGET_REPLICAS, {"target": [{"path": "/train"}]}),
+    ("DataClean", "ttlSecondsAfterFinished", 0, MAX_TTL_SECONDS, {}),
+    ("Runtime", "replicas", 0, MAX_REPLICAS, {}),
+    ("Runtime", "autoscaling.minReplicas", 0, MAX_REPLICAS,
+     {"autoscaling": {"maxReplicas": MAX_REPLICAS, "targetHitRatioPercent": 50}}),
+    ("Runtime", "autoscaling.maxReplicas", 1, MAX_REPLICAS, {"autoscaling": {"minReplicas": 0,
+                                                                            "targetHitRatioPercent": 50}}),
+    ("Runtime", "autoscaling.targetCacheUsedPercent", 1, 100, {"autoscaling": {"maxReplicas": 2}}),
+    ("Runtime", "autoscaling.targetHitRatioPercent", 1, 100, {"autoscaling": {"maxReplicas": 2}}),
+    ("Runtime", "autoscaling.coolDownSeconds", 1, None, {"autoscaling": {"maxReplicas": 2,
+                                                                         "targetHitRatioPercent": 50}}),
+    ("Runtime", "management.metadataSyncPolicy.periodSeconds", 0, None, {}),
+    ("Dataset", "owner.uid", 0, MAX_OWNER_ID, {}),
+    ("Dataset", "owner.gid", 0, MAX_OWNER_ID, {}),
+]
+
+
+def integer_bounds(node: dict[str, Any], path: str = "") -> dict[str, tuple[int | None, int | None]]:
+    """path → (minimum, maximum) of every integer (not int-or-string) below ``node``."""
+    found = {}
+    if node.get("type") == "integer":
+        found[path] = (node.get("minimum"), node.get("maximum"))
+    for name, child in node.get("properties", {}).items():
+        found |= integer_bounds(child, f"{path}.{name}" if path else name)
+    if isinstance(node.get("items"), dict):
+        found |= integer_bounds(node["items"], f"{path}[]")
+    return found
+
+
+def with_value(spec: dict[str, Any], path: str, value: int) -> dict[str, Any]:
+    """A copy of ``spec`` with ``value`` at ``path`` (dotted, ``[]`` for every item of a list)."""
+    spec = copy.deepcopy(spec)
+    node: Any = spec
+    names = path.split(".")
+    for name in names[:-1]:
+        node = node[name[:-2]][0] if name.endswith("[]") else node.setdefault(name, {})
+    node[names[-1]] = value
+    return spec
+
+
+def example(kind: str) -> dict[str, Any]:
+    return load_yaml(ROOT / "deploy" / "examples" / f"shoal-{kind.lower()}.yaml")
+
+
+def shoal_errors(document: dict[str, Any]) -> list[str]:
+    """What Shoal says of ``document`` at apply (``shoal apply``, the bridge): its reading, then its service's
+    validation."""
+    commands, _, errors = documents_to_commands(parse_documents(yaml.safe_dump(document)))
+    if errors:
+        return errors
+    (command,) = commands
+    event = command.event
+    if isinstance(event, DatasetApply):
+        return validate_dataset(event.dataset)
+    if isinstance(event, RuntimeApply):
+        return validate_runtime(event.runtime)
+    if isinstance(event, DataLoadApply):
+        return validate_load(event.data_load)
+    assert isinstance(event, DataCleanApply)
+    return validate_clean(event.data_clean)
+
+
+def test_every_integer_of_every_spec_has_in_its_crd_the_bounds_its_service_checks() -> None:
+    """``kubectl apply`` must refuse what the bridge would then be refused (ttlSecondsAfterFinished: 2147483648
+    was accepted by the apiserver, then rejected by the loader): each integer's bounds are in the CRD, for Shoal's
+    kinds and Fluid's (the same spec types), and an integer added without bounds fails here."""
+    wanted = {(kind, path): (low, high) for kind, path, low, high, _ in BOUNDED}
+    for crd in all_crds():
+        kind = crd["spec"]["names"]["kind"]
+        kind = "Runtime" if kind.endswith("Runtime") else kind
+        found = integer_bounds(openapi_schema(crd)["properties"]["spec"])
+        assert found == {path: bounds for (k, path), bounds in wanted.items() if k == kind}, crd["metadata"]["name"]
+
+
+@pytest.mark.parametrize(("kind", "path", "low", "high", "spec"), BOUNDED, ids=lambda v: v if isinstance(v, str)
+                         else None)
+def test_the_crd_and_the_service_accept_and_refuse_the_same_integers(
+        kind: str, path: str, low: int, high: int | None, spec: dict[str, Any]) -> None:
+    document = example(kind)
+    base = {**document["spec"], **spec}
+    field = f"spec.{path.replace('[]', '[0]')}"
+    for value in [low] + ([] if high is None else [high]):
+        accepted = {**document, "spec": with_value(base, path, value)}
+        assert schema_errors(accepted) == [], (field, value)
+        assert shoal_errors(accepted) == [], (field, value)
+    for value in [low - 1] + ([] if high is None else [high + 1]):
+        refused = {**document, "spec": with_value(base, path, value)}
+        assert len(schema_errors(refused)) == 1, (field, value)
+        assert any(field.split(".")[-1] in error for error in shoal_errors(refused)), (field, value)
 
 
 BROKEN_REASONS = {
