@@ -55,6 +55,7 @@ from libs.ufs.base import (
     UfsError,
 )
 from libs.ufs.bodies import read_part
+from libs.ufs.presign import Presigner, learn_presigner
 
 # Codes S3 and S3-compatible stores use for bad or missing credentials. SeaweedFS answers a wrong secret with
 # SignatureDoesNotMatch and an unknown key id with InvalidAccessKeyId; HEAD has no body, so a bare 403 there.
@@ -265,6 +266,9 @@ class S3ObjectStore:
         self._max_connections = max_connections
         self._timeouts = aiohttp.ClientTimeout(sock_connect=connect_timeout, sock_read=read_timeout)
         self._presigned: OrderedDict[str, tuple[URL, float]] = OrderedDict()
+        # Signs hot GETs' URLs without the client (``libs.ufs.presign``); learned once per client, None: the client.
+        self._presigner: Presigner | None = None
+        self._presigner_learned = False
 
     def __repr__(self) -> str:
         return f"S3ObjectStore(bucket={self._bucket!r}, prefix={self._prefix!r}, endpoint={self._where!r})"
@@ -290,6 +294,7 @@ class S3ObjectStore:
                 await self._http.close()
                 self._http = None
             self._presigned.clear()
+            self._presigner, self._presigner_learned = None, False
 
     async def prepare(self) -> None:
         """Have the client and its connection pool ready before the first request, botocore's import and model
@@ -297,6 +302,7 @@ class S3ObjectStore:
         half a second for them. Failing here changes nothing: the first request opens the client again."""
         await asyncio.to_thread(preload)
         await self._s3()
+        await self._learn_presigner()
         self._session()
 
     async def _s3(self) -> Any:
@@ -562,13 +568,30 @@ class S3ObjectStore:
         if cached is not None and cached[1] > now:
             self._presigned.move_to_end(key)
             return cached[0]
-        client = await self._s3()
-        url = URL(await client.generate_presigned_url(
-            "get_object", Params={"Bucket": self._bucket, "Key": self._prefix + key}, ExpiresIn=PRESIGN_SECONDS
-        ), encoded=True)
+        await self._learn_presigner()
+        if self._presigner is not None:
+            url = URL(self._presigner.url(self._prefix + key), encoded=True)
+        else:
+            url = URL(await self._client_presign(self._prefix + key), encoded=True)
         self._presigned[key] = (url, now + PRESIGN_REUSE_SECONDS)
         if len(self._presigned) > PRESIGNED_KEYS:
             self._presigned.popitem(last=False)
+        return url
+
+    async def _learn_presigner(self) -> None:
+        if not self._presigner_learned:
+            self._presigner_learned = True
+            location = self._location
+            self._presigner = await learn_presigner(self._client_presign, self._bucket,
+                                                    location.access_key_id.reveal(),
+                                                    location.secret_access_key.reveal(), PRESIGN_SECONDS)
+
+    async def _client_presign(self, full_key: str) -> str:
+        """The client's pre-signed GET URL of ``full_key`` (the prefix included)."""
+        client = await self._s3()
+        url: str = await client.generate_presigned_url(
+            "get_object", Params={"Bucket": self._bucket, "Key": full_key}, ExpiresIn=PRESIGN_SECONDS
+        )
         return url
 
     async def _missing(self, key: str) -> UfsError:
