@@ -21,6 +21,8 @@ Decides:
 - that schema errors name the document and the JSON path (``$.spec.mounts[0].mountPoint``);
 - that a key given twice in one mapping is an error, not "the last one wins" (YAML's loaders keep the last without a
   word; kubectl refuses it): a second ``metadata`` would apply the object under another name or namespace;
+- that a null field is a field not given (``without_nulls``), and so is an empty ``metadata.namespace`` or
+  ``spec.dataset.namespace``, as kubectl and the API server take them;
 - that a Kubernetes ``List`` (``apiVersion: v1``, what ``kubectl get -o yaml`` prints for several objects) stands
   for its ``items``, each read as a document of its own; a List inside a List is refused.
 
@@ -270,6 +272,33 @@ def _not_unicode(document: Any) -> bool:
     return False
 
 
+def without_nulls(document: Any) -> Any:
+    """``document`` with every mapping entry whose value is null left out, at every depth (a copy; items of a list
+    are kept, null or not). The API server prunes a custom resource's null fields before defaulting, and kubectl
+    takes a null as a field not given: a Helm value left unset (``namespace: {{ .Values.ns }}``) or a key left empty
+    (``labels:``) means the default, not "Expected `object`, got `null`". A walk with a stack, each container copied
+    once: YAML nests as deep as it likes, and its aliases can make a list contain itself."""
+    copies: dict[int, Any] = {}
+    pending: list[tuple[Any, Any]] = []
+
+    def copied(value: Any) -> Any:
+        if not isinstance(value, dict | list):
+            return value
+        if id(value) not in copies:
+            copies[id(value)] = {} if isinstance(value, dict) else []
+            pending.append((value, copies[id(value)]))
+        return copies[id(value)]
+
+    top = copied(document)
+    while pending:
+        original, copy = pending.pop()
+        if isinstance(original, dict):
+            copy.update((key, copied(value)) for key, value in original.items() if value is not None)
+        else:
+            copy.extend(copied(value) for value in original)
+    return top
+
+
 def _document_to_command(
     position: int, where: str, document: Any, default_namespace: str, action: Action
 ) -> tuple[Command, list[str]]:
@@ -279,6 +308,7 @@ def _document_to_command(
             f"{where}: expected a mapping with apiVersion, kind, metadata and spec, "
             f"got {type(document).__name__}"
         )
+    document = without_nulls(document)
     if _not_unicode(document):
         # A YAML "\ud800" escape gives one; no event can carry it (JSON on the wire is UTF-8). Found by fuzzing.
         # The text is not quoted: it may be a secret's value.
@@ -389,7 +419,7 @@ def _dataset_in_namespace(spec: dict[str, Any], namespace: str) -> dict[str, Any
     """An operation's ``spec.dataset`` without a namespace names a dataset of the operation's namespace (Fluid's
     rule), not of "default"."""
     dataset = spec.get("dataset")
-    if isinstance(dataset, dict) and "namespace" not in dataset:
+    if isinstance(dataset, dict) and dataset.get("namespace") in (None, ""):  # "" too, as in Fluid
         return {**spec, "dataset": {**dataset, "namespace": namespace}}
     return spec
 
@@ -399,7 +429,8 @@ def _metadata(kind: str, metadata: Any, default_namespace: str, label: str) -> t
     if not isinstance(metadata, dict):
         raise _DocumentError(f"{label}: metadata with a name is required")
     meta = {key: value for key, value in metadata.items() if key in METADATA_FIELDS}
-    meta.setdefault("namespace", default_namespace)
+    if meta.get("namespace") in (None, ""):  # "" too: kubectl puts an object without a namespace in the default one
+        meta["namespace"] = default_namespace
     notes = [_ignored(kind, f"metadata.{key}", "not used by Shoal") for key in metadata if key not in meta]
     return meta, notes
 

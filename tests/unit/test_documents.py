@@ -957,3 +957,67 @@ def test_a_thin_runtime_without_a_tier_has_no_cache_worker(spec: str) -> None:
         "apiVersion: data.fluid.io/v1alpha1\nkind: ThinRuntime\nmetadata: {name: thin}\n"
         "spec: {tieredstore: {levels: [{mediumtype: MEM, quota: 1Gi}]}}\n"))
     assert isinstance(commands[0].event, RuntimeApply) and commands[0].event.runtime.spec.replicas == 1
+
+
+def test_null_fields_are_left_out_as_the_api_server_prunes_them() -> None:
+    # What a Helm template renders for a value it was not given (``namespace: {{ .Values.ns }}``), or a key left
+    # empty by hand: kubectl and the API server take a null field of a custom resource as absent (pruned before
+    # defaulting), so the default applies; it was "Expected `object`, got `null`".
+    docs = load("""
+        apiVersion: data.fluid.io/v1alpha1
+        kind: Dataset
+        metadata:
+          name: demo
+          namespace:
+          labels:
+          annotations:
+        spec:
+          mounts:
+            - mountPoint: s3://demo/train/
+              options:
+          nodeAffinity:
+        ---
+        apiVersion: data.fluid.io/v1alpha1
+        kind: AlluxioRuntime
+        metadata: {name: demo, namespace: ""}
+        spec:
+          replicas:
+          tieredstore:
+            levels:
+              - {mediumtype: MEM, quota: 1Gi, high: null, low: ~}
+        ---
+        apiVersion: data.fluid.io/v1alpha1
+        kind: DataLoad
+        metadata: {name: warm, namespace: ml}
+        spec:
+          dataset: {name: demo, namespace: null}
+          target:
+          policy:
+        """)
+
+    commands, notes, errors = documents_to_commands(docs, default_namespace="team-a")
+
+    assert (notes, errors) == ([], [])
+    dataset, runtime, dataload = commands
+    assert isinstance(dataset.event, DatasetApply) and isinstance(runtime.event, RuntimeApply)
+    assert isinstance(dataload.event, DataLoadApply)
+    assert (dataset.namespace, runtime.namespace, dataload.namespace) == ("team-a", "team-a", "ml")
+    assert dataset.event.dataset.metadata.labels == {} and dataset.event.dataset.spec.mounts[0].options == {}
+    assert runtime.event.runtime.spec.replicas == 1
+    assert runtime.event.runtime.spec.tieredstore.levels == [Level(mediumtype="MEM", quota="1Gi")]
+    # A DataLoad's dataset without a namespace is in the DataLoad's, null or empty as absent.
+    assert dataload.event.data_load.spec.dataset == ObjectRef(name="demo", namespace="ml")
+    assert dataload.event.data_load.spec.policy == "Once"
+
+
+def test_a_null_in_a_list_is_still_an_error_naming_its_place() -> None:
+    docs = load("""
+        apiVersion: shoal.io/v1alpha1
+        kind: Dataset
+        metadata: {name: demo}
+        spec:
+          mounts: [null]
+        """)
+
+    assert documents_to_commands(docs)[2] == [
+        "document 1 (Dataset demo): Expected `object`, got `null` - at `$.spec.mounts[0]`"]
