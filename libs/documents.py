@@ -21,6 +21,8 @@ Decides:
 - that schema errors name the document and the JSON path (``$.spec.mounts[0].mountPoint``);
 - that a key given twice in one mapping is an error, not "the last one wins" (YAML's loaders keep the last without a
   word; kubectl refuses it): a second ``metadata`` would apply the object under another name or namespace;
+- that a document naming another namespace than the one ``-n`` gives is an error (``enforce_namespace``), as in
+  kubectl;
 - that a null field is a field not given (``without_nulls``), and so is an empty ``metadata.namespace`` or
   ``spec.dataset.namespace``, as kubectl and the API server take them;
 - that a Kubernetes ``List`` (``apiVersion: v1``, what ``kubectl get -o yaml`` prints for several objects) stands
@@ -187,9 +189,14 @@ def parse_documents(text: str) -> list[Any]:
 
 
 def documents_to_commands(
-    documents: list[Any], *, default_namespace: str = "default", action: Action = "apply"
+    documents: list[Any], *, default_namespace: str = "default", action: Action = "apply",
+    enforce_namespace: bool = False,
 ) -> tuple[list[Command], list[str], list[str]]:
     """Commands for every valid document, notes on ignored fields, and errors of the invalid documents.
+
+    ``enforce_namespace`` (``-n`` given on the command line): a document naming another namespace is an error, as
+    kubectl says "the namespace from the provided object does not match": ``shoal delete -f FILE -n staging`` must
+    not delete the objects of the namespace the file names.
 
     Invalid documents do not stop the others, like ``kubectl apply``: the caller publishes what is valid and
     reports the rest. A List's items are documents like the others (an invalid item does not stop its siblings);
@@ -216,7 +223,8 @@ def documents_to_commands(
                 if is_list(item):
                     raise _DocumentError(f"{where} ({LIST_KIND}): a List inside a List is not supported; put its "
                                          "items in the outer List")
-                command, document_notes = _document_to_command(position, where, item, default_namespace, action)
+                command, document_notes = _document_to_command(position, where, item, default_namespace, action,
+                                                               enforce_namespace)
             except _DocumentError as err:
                 errors.append(str(err))
                 continue
@@ -300,7 +308,7 @@ def without_nulls(document: Any) -> Any:
 
 
 def _document_to_command(
-    position: int, where: str, document: Any, default_namespace: str, action: Action
+    position: int, where: str, document: Any, default_namespace: str, action: Action, enforce_namespace: bool = False
 ) -> tuple[Command, list[str]]:
     """``where`` names the document in messages: "document 2", or "document 2, item 3" in a List."""
     if not isinstance(document, dict):
@@ -330,6 +338,9 @@ def _document_to_command(
         notes.append(_ignored(str(kind), "status", "status is computed by Shoal"))
     meta, meta_notes = _metadata(str(kind), metadata, default_namespace, label)
     notes += meta_notes
+    if enforce_namespace and meta["namespace"] != default_namespace:
+        raise _DocumentError(f"{label}: its namespace {meta['namespace']!r} does not match -n {default_namespace}: "
+                             f"give -n {meta['namespace']}, or leave -n out")
     spec = document.get("spec") or {}
     if not isinstance(spec, dict):
         raise _DocumentError(f"{label}: spec must be a mapping, got {type(spec).__name__}")

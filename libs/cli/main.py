@@ -420,7 +420,11 @@ def _sources(paths: Sequence[str], recursive: bool) -> list[manifests.ManifestSo
 
 def _read_manifests(sources: Sequence[manifests.ManifestSource], namespace: str,
                     action: str) -> tuple[list[Command], list[str], bool]:
-    """Commands from every file; prints the errors of invalid documents. Returns (commands, notes, all valid)."""
+    """Commands from every file; prints the errors of invalid documents. Returns (commands, notes, all valid).
+
+    ``-n`` given on the command line is enforced (a document naming another namespace is invalid, as in kubectl);
+    left out, it is only the namespace of documents that name none."""
+    enforce = click.get_current_context().get_parameter_source("namespace") == click.core.ParameterSource.COMMANDLINE
     commands: list[Command] = []
     notes: list[str] = []
     valid = True
@@ -440,7 +444,8 @@ def _read_manifests(sources: Sequence[manifests.ManifestSource], namespace: str,
             valid = False
             continue
         file_commands, file_notes, errors = documents_to_commands(
-            documents, default_namespace=namespace, action="delete" if action == "delete" else "apply"
+            documents, default_namespace=namespace, action="delete" if action == "delete" else "apply",
+            enforce_namespace=enforce,
         )
         if empty := no_objects(documents, action):
             errors = [empty]
@@ -465,7 +470,8 @@ _RECURSIVE_HELP = "Read the folders given with -f and their subfolders, all the 
 @cli.command()
 @click.option("-f", "--filename", "files", multiple=True, required=True, metavar="PATH", help=_FILENAME_HELP)
 @click.option("-R", "--recursive", is_flag=True, help=_RECURSIVE_HELP)
-@namespace_option(help="Namespace of documents that do not name one.")
+@namespace_option(help="Namespace of documents that do not name one; given, a document naming another "
+                                 "is an error.")
 @click.option("--wait", is_flag=True,
               help="Follow each DataLoad and DataClean until it is Complete or Failed, with a progress bar; "
                    "exit 1 if one Failed.")

@@ -19,6 +19,7 @@ import pytest
 import structlog.testing
 import yaml
 from click.testing import CliRunner, Result
+from nats.aio.msg import Msg
 
 from libs import subjects
 from libs.bus import Bus, connect, kv_load
@@ -1053,6 +1054,39 @@ async def test_a_namespace_that_is_no_namespace_is_one_error_line(nats_server: N
         result = await shoal(nats_server, *command, "-n", namespace)
         assert result.exit_code == 1 and result.stdout == "", result.output
         assert result.stderr.startswith(f"error: {why}") and result.stderr.count("\n") == 1, result.stderr
+
+
+@pytest.mark.parametrize("action", ["apply", "delete"])
+async def test_a_namespace_given_with_n_must_match_the_documents(nats_server: NatsServer, bus: Bus, tmp_path: Path,
+                                                                action: str) -> None:
+    """``shoal delete -f staging.yaml -n prod`` deleted staging's objects (apply applied them there) without a word;
+    kubectl refuses a document whose namespace is not the one -n gives. Nothing of it is sent; without -n the
+    document's namespace is used, as before."""
+    manifest = tmp_path / "staging.yaml"
+    manifest.write_text(textwrap.dedent("""
+        apiVersion: shoal.io/v1alpha1
+        kind: Dataset
+        metadata: {name: demo, namespace: staging}
+        spec: {mounts: [{mountPoint: "s3://demo/"}]}
+        """))
+    sent: list[bytes] = []
+
+    async def on_command(message: Msg) -> None:
+        sent.append(message.data)
+
+    watcher = await bus.nc.subscribe("shoal.cmd.>", cb=on_command)
+    try:
+        result = await shoal(nats_server, action, "-f", str(manifest), "-n", "prod", wait_seconds=0.3)
+        assert (result.exit_code, result.stdout) == (1, ""), result.output
+        assert result.stderr == (f"error: {manifest}: document 1 (Dataset demo): its namespace 'staging' does not "
+                                 "match -n prod: give -n staging, or leave -n out\n")
+        # Without -n nothing is refused: the command is sent (no service answers here).
+        result = await shoal(nats_server, action, "-f", str(manifest), wait_seconds=0.3)
+        assert "no answer from the dataset service" in result.stderr, result.output
+        await bus.nc.flush()
+    finally:
+        await watcher.unsubscribe()
+    assert len(sent) == 1 and b'"staging"' in sent[0]
 
 
 @pytest.mark.parametrize(("command", "why"), [

@@ -1021,3 +1021,34 @@ def test_a_null_in_a_list_is_still_an_error_naming_its_place() -> None:
 
     assert documents_to_commands(docs)[2] == [
         "document 1 (Dataset demo): Expected `object`, got `null` - at `$.spec.mounts[0]`"]
+
+
+def test_a_namespace_given_with_n_is_enforced_as_kubectl_does() -> None:
+    # ``shoal delete -f staging.yaml -n prod`` deleted staging's objects without a word (and apply applied them
+    # there): kubectl refuses a document whose namespace does not match the -n it was given.
+    docs = load("""
+        apiVersion: shoal.io/v1alpha1
+        kind: Dataset
+        metadata: {name: demo, namespace: staging}
+        spec: {mounts: [{mountPoint: "s3://demo/"}]}
+        ---
+        apiVersion: shoal.io/v1alpha1
+        kind: Runtime
+        metadata: {name: demo}
+        spec: {tieredstore: {levels: [{mediumtype: MEM, quota: 1Gi}]}}
+        ---
+        apiVersion: shoal.io/v1alpha1
+        kind: Runtime
+        metadata: {name: other, namespace: prod}
+        spec: {tieredstore: {levels: [{mediumtype: MEM, quota: 1Gi}]}}
+        """)
+
+    for action in ("apply", "delete"):
+        commands, _, errors = documents_to_commands(docs, default_namespace="prod", action=action,
+                                                    enforce_namespace=True)
+        assert [(c.name, c.namespace) for c in commands] == [("demo", "prod"), ("other", "prod")]
+        assert errors == ["document 1 (Dataset demo): its namespace 'staging' does not match -n prod: give -n "
+                          "staging, or leave -n out"]
+    # Without -n, the document's namespace wins (the default is only for documents naming none).
+    commands, _, errors = documents_to_commands(docs, default_namespace="prod")
+    assert errors == [] and [c.namespace for c in commands] == ["staging", "prod", "prod"]
