@@ -205,11 +205,12 @@ def agent_shaped_heartbeat(count: int, name_length: int = 20, *, peers: bool = T
         alive, exit_code = (i % 50 != 7), (1 if i % 50 == 7 else None)
         reports.append((agent_domain.mount_report(
             ref, alive=alive, mounted=i % 10 != 3, exit_code=exit_code, failures=failures,
-            peer_url=peer_url("10.1.2.3", 40000 + i) if peers else ""), 40000 + i if peers else 0))
+            peer_url=peer_url("10.1.2.3", 40000 + i) if peers else "", unhealthy=not alive and failures >= 3),
+            40000 + i if peers else 0))
     runtimes = [report.dataset for report, _ in reports]
     problems = [f"mount {r.dataset.namespace}/{r.dataset.name} keeps failing (exit code 1, {failures} times in a row)"
                 for r, _ in reports if r.state == "Failing" and failures >= 3]
-    beat = AgentHeartbeat(node=node, runtimes=runtimes, all_runtimes=True, healthy=not problems,
+    beat = AgentHeartbeat(node=node, runtimes=runtimes, all_runtimes=True, healthy=not problems, mount_health=True,
                           problems=agent_domain.capped_problems(problems), sent_at=time.time(),
                           interval_seconds=interval_seconds, capacity_bytes=1 << 40,
                           mount_groups=group_mounts(reports), labels={"zone": "a"},

@@ -173,6 +173,8 @@ class MountReport(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omi
     # Where other nodes read this mount's cached blocks (``http://host:port``; the protocol is in the agent's
     # README); empty when the mount serves no peers.
     peer_url: str = ""
+    # Its process keeps failing or a cache directory of it is down (the beat's ``problems`` say which).
+    unhealthy: bool = False
 
 
 def peer_url(host: str, port: int) -> str:
@@ -214,6 +216,8 @@ class MountGroup(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omit
     # Dataset name → the port of its mount's peer server on the beat's ``peerHost`` (0: none, and always 0 unless
     # Serving: only a serving mount's peer server answers).
     datasets: dict[str, int] = {}
+    # These mounts make the node unhealthy (``MountReport.unhealthy``).
+    unhealthy: bool = False
 
 
 class AgentHeartbeat(Event, frozen=True, kw_only=True, tag="agent.heartbeat.v1", rename="camel"):
@@ -230,6 +234,10 @@ class AgentHeartbeat(Event, frozen=True, kw_only=True, tag="agent.heartbeat.v1",
     all_runtimes: bool = False
     # False while a mount process keeps failing or a cache directory is down; ``problems`` says which.
     healthy: bool = True
+    # True: the mounts that make the node unhealthy are marked (``MountGroup.unhealthy``), and the node is unhealthy
+    # only for the runtimes of those datasets (``healthy_for``): one dataset's full or removed cache directory does
+    # not take the node from every other runtime. Agents before it: unhealthy for every runtime.
+    mount_health: bool = False
     # Unix seconds at the agent; the runtime service judges freshness by its own clock of receipt.
     sent_at: float = 0.0
     # How often the agent beats; a node missing three beats in a row is not ready.
@@ -253,13 +261,33 @@ class AgentHeartbeat(Event, frozen=True, kw_only=True, tag="agent.heartbeat.v1",
         """Whether the node serves the runtime ``namespace/name``."""
         return self.all_runtimes or any(ref.name == name and ref.namespace == namespace for ref in self.runtimes)
 
+    def healthy_for(self, namespace: str, name: str) -> bool:
+        """Whether the node is healthy for the runtime ``namespace/name``: healthy, or unhealthy only because of
+        other datasets' mounts (``mountHealth``)."""
+        if self.healthy:
+            return True
+        if not self.mount_health:
+            return False
+        report = self.mount_of(namespace, name)
+        return report is None or not report.unhealthy
+
+    def problems_for(self, namespace: str, name: str) -> list[str]:
+        """The problems that make the node unhealthy for the runtime ``namespace/name``: those of its dataset's
+        mount (``mount_problem``), or all of them from an agent that does not mark mounts (or when none match)."""
+        if not self.mount_health:
+            return self.problems
+        prefix = mount_problem(namespace, name, "")
+        return [problem for problem in self.problems
+                if problem.startswith(prefix) and problem[len(prefix):len(prefix) + 1] in (":", " ")] or self.problems
+
     def mount_of(self, namespace: str, name: str) -> MountReport | None:
         """How the node's mount of dataset ``namespace/name`` is doing; None when it reports no such mount."""
         for group in self.mount_groups:
             if group.namespace == namespace and (port := group.datasets.get(name)) is not None:
                 return MountReport(dataset=ObjectRef(name=name, namespace=namespace), state=group.state,
                                    message=group.message,
-                                   peer_url=peer_url(self.peer_host, port) if group.state == "Serving" else "")
+                                   peer_url=peer_url(self.peer_host, port) if group.state == "Serving" else "",
+                                   unhealthy=group.unhealthy)
         return next((report for report in self.mounts
                      if report.dataset.name == name and report.dataset.namespace == namespace), None)
 
@@ -277,16 +305,22 @@ class AgentHeartbeat(Event, frozen=True, kw_only=True, tag="agent.heartbeat.v1",
         return len(self.mounts) + sum(len(group.datasets) for group in self.mount_groups)
 
 
+def mount_problem(namespace: str, name: str, what: str) -> str:
+    """A heartbeat's problem with the mount of dataset ``namespace/name``: ``what`` starts with ":" or " "."""
+    return f"mount {namespace}/{name}{what}"
+
+
 def group_mounts(reports: Iterable[tuple[MountReport, int]]) -> list[MountGroup]:
-    """Mount reports, each with its peer port, as ``MountGroup``s (by namespace, state and message, in that
-    order; names sorted)."""
-    grouped: dict[tuple[str, MountState, str], dict[str, int]] = {}
+    """Mount reports, each with its peer port, as ``MountGroup``s (by namespace, state, message and health, in
+    that order; names sorted)."""
+    grouped: dict[tuple[str, MountState, str, bool], dict[str, int]] = {}
     for report, port in reports:
         ref = report.dataset
-        grouped.setdefault((ref.namespace, report.state, report.message), {})[ref.name] = (
+        grouped.setdefault((ref.namespace, report.state, report.message, report.unhealthy), {})[ref.name] = (
             port if report.state == "Serving" else 0)
-    return [MountGroup(namespace=namespace, state=state, message=message, datasets=dict(sorted(names.items())))
-            for (namespace, state, message), names in sorted(grouped.items())]
+    return [MountGroup(namespace=namespace, state=state, message=message, datasets=dict(sorted(names.items())),
+                       unhealthy=unhealthy)
+            for (namespace, state, message, unhealthy), names in sorted(grouped.items())]
 
 
 class AgentRecord(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):

@@ -52,7 +52,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,7 +60,14 @@ from libs import subjects
 from libs.bus import Bus, KvMirror, connect
 from libs.config import AgentSettings, Settings
 from libs.embedded import free_port
-from libs.events.agent import AgentHeartbeat, MountReadFailures, MountReport, group_mounts, peer_url
+from libs.events.agent import (
+    AgentHeartbeat,
+    MountReadFailures,
+    MountReport,
+    group_mounts,
+    mount_problem,
+    peer_url,
+)
 from libs.events.common import ObjectRef, parse_quantity
 from libs.events.dataset import DatasetRecord
 from libs.events.runtime import Level, RuntimeRecord
@@ -472,14 +479,24 @@ class NodeAgent:
 
     def problems(self) -> list[str]:
         """Why this agent is unhealthy: mount processes that keep failing, cache directories that are down."""
-        stalled = {worker.key: worker.stalled for worker in self.workers.values() if worker.stalled}
-        problems = [f"mount {child.name} keeps failing ({stalled.get(child.name) or f'exit code {child.last_exit}'}, "
-                    f"{child.failures} times in a row)" for child in self.supervisor.failing()]
-        for worker in self.workers.values():
+        return [problem for problems in self.mount_problems().values() for problem in problems]
+
+    def mount_problems(self) -> dict[tuple[str, str], list[str]]:
+        """``problems`` by the (namespace, name) of the mount they are about; only mounts that have some."""
+        by_key = {worker.key: ref for ref, worker in self.workers.items()}
+        found: dict[tuple[str, str], list[str]] = {}
+        for child in self.supervisor.failing():
+            namespace, _, name = child.name.partition("/")  # a worker's key
+            ref = by_key.get(child.name, (namespace, name))
+            worker = self.workers.get(ref)
+            why = (worker.stalled if worker is not None else "") or f"exit code {child.last_exit}"
+            found.setdefault(ref, []).append(
+                mount_problem(*ref, f" keeps failing ({why}, {child.failures} times in a row)"))
+        for ref, worker in self.workers.items():
             status = read_status(worker.status_file) if worker.process is not None else None
-            if status is not None:
-                problems += problems_of(worker.key, status)
-        return problems
+            if status is not None and (down := problems_of(*ref, status)):
+                found.setdefault(ref, []).extend(down)
+        return found
 
     def export_cache_dirs(self) -> None:
         """The health of each configured cache directory of the running mounts, for /metrics: down while a
@@ -663,8 +680,8 @@ class NodeAgent:
                         found.setdefault(ref, self.ledger.caches.get(ref, levels))
         return found
 
-    def _mount_reports(self) -> list[tuple[MountReport, int]]:
-        """Each wanted mount's report, with its peer port."""
+    def _mount_reports(self, unhealthy: Container[tuple[str, str]] = ()) -> list[tuple[MountReport, int]]:
+        """Each wanted mount's report, with its peer port; those in ``unhealthy`` marked so."""
         reports = []
         mounted_devices = devices()  # one read of the mount table, not one per mount
         for (namespace, name), worker in sorted(self.workers.items()):
@@ -677,7 +694,7 @@ class NodeAgent:
                 ObjectRef(name=name, namespace=namespace), alive=alive,
                 mounted=device is not None and device != worker.stale_device, exit_code=worker.exit_code,
                 failures=child.failures if (child := self.supervisor.children.get(worker.key)) else 0,
-                peer_url=self.peer_url(worker), stalled=worker.stalled,
+                peer_url=self.peer_url(worker), stalled=worker.stalled, unhealthy=(namespace, name) in unhealthy,
             ), worker.peer_port))
         return reports
 
@@ -689,15 +706,16 @@ class NodeAgent:
             return
         agent = self.settings.agent
         served = domain.served_runtimes(self.runtimes.values.values(), agent.runtimes)
-        problems = self.problems()
+        by_mount = self.mount_problems()
+        problems = [problem for found in by_mount.values() for problem in found]
         self.export_cache_dirs()
         beat = AgentHeartbeat(
             node=agent.node_name,
             runtimes=[ObjectRef(name=name, namespace=namespace) for namespace, name in served],
             all_runtimes=not agent.runtimes,
-            healthy=not problems, problems=domain.capped_problems(problems), sent_at=self.clock(),
+            healthy=not problems, mount_health=True, problems=domain.capped_problems(problems), sent_at=self.clock(),
             interval_seconds=agent.heartbeat_seconds, capacity_bytes=self.capacity_bytes(),
-            mount_groups=group_mounts(self._mount_reports()), labels=dict(agent.labels),
+            mount_groups=group_mounts(self._mount_reports(by_mount)), labels=dict(agent.labels),
             peer_host=agent.peer_host if agent.peer_secret_file else "", read_failures=self.read_failures(),
         )
         beat, left_out = domain.fit_heartbeat(beat, self.settings.service.max_event_bytes)

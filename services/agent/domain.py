@@ -130,10 +130,18 @@ def stalled_start(deadline_seconds: float, step: str) -> str:
 
 
 def mount_report(dataset: ObjectRef, *, alive: bool, mounted: bool, exit_code: int | None,
-                 failures: int, peer_url: str = "", stalled: str = "") -> MountReport:
+                 failures: int, peer_url: str = "", stalled: str = "", unhealthy: bool = False) -> MountReport:
     """How a wanted mount is doing, for heartbeats: Serving once its process has put its own mount in place (with
     its peer URL, the only state in which its peer server answers). ``stalled`` (``stalled_start``): the last
-    start was abandoned at its deadline; ``alive`` is then False while that process is being stopped."""
+    start was abandoned at its deadline; ``alive`` is then False while that process is being stopped.
+    ``unhealthy``: it keeps failing or a cache directory of it is down (the node is unhealthy for its runtime)."""
+    report = _mount_state(dataset, alive=alive, mounted=mounted, exit_code=exit_code, failures=failures,
+                          peer_url=peer_url, stalled=stalled)
+    return msgspec.structs.replace(report, unhealthy=True) if unhealthy else report
+
+
+def _mount_state(dataset: ObjectRef, *, alive: bool, mounted: bool, exit_code: int | None,
+                 failures: int, peer_url: str, stalled: str) -> MountReport:
     if alive and mounted:
         return MountReport(dataset=dataset, state="Serving", peer_url=peer_url)
     if alive:
@@ -188,7 +196,9 @@ def fit_heartbeat(beat: AgentHeartbeat, limit: int) -> tuple[AgentHeartbeat, int
         size = len(encoder.encode(beat))
     groups = beat.mount_groups
     kept = [dict(group.datasets) for group in groups]
-    order = sorted(range(len(groups)), key=lambda index: (_LEFT_OUT_FIRST.get(groups[index].state, 0), -index))
+    # Unhealthy mounts last of all: a runtime whose mount is not in the beat takes the node as healthy for it.
+    order = sorted(range(len(groups)), key=lambda index: (groups[index].unhealthy,
+                                                          _LEFT_OUT_FIRST.get(groups[index].state, 0), -index))
     left_out = 0
     while size > limit and any(kept):
         excess = size - limit

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import msgspec
 
-from libs.events.agent import ReadFailure
+from libs.events.agent import ReadFailure, mount_problem
 from services.agent.cache.store import CacheStats
 
 
@@ -49,8 +49,8 @@ def status_of(stats: CacheStats, pid: int, read_failures: list[ReadFailure] | No
     return MountStatus(pid=pid, down=down, capacity_bytes=capacity, read_failures=read_failures or [])
 
 
-def problems_of(dataset: str, status: MountStatus) -> list[str]:
-    return [f"mount {dataset}: cache directory {location} is down" for location in status.down]
+def problems_of(namespace: str, name: str, status: MountStatus) -> list[str]:
+    return [mount_problem(namespace, name, f": cache directory {location} is down") for location in status.down]
 
 
 def write_status(path: str, status: MountStatus) -> None:

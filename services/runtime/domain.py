@@ -2,12 +2,13 @@
 heartbeats.
 
 A node serves a runtime when its last heartbeat lists the runtime and is younger than three heartbeat
-intervals, and counts as ready when that heartbeat also says healthy. The runtime is Ready when the desired
-number of replicas are ready; PartialReady with fewer, as long as some node serves it (an unhealthy node, whose
-mount keeps failing or whose cache directory is down, is named in the message with its first problems, and keeps a
-Bound dataset Bound: its mounts may still serve reads); NotReady when no node serves it. The ``Mounted``
-condition says whether every serving node that reports a mount of the runtime's dataset (same name) is serving
-it, and names those that are not. The ``ReadsFailing`` condition is there while a serving node's mount reports
+intervals, and counts as ready when that heartbeat also says healthy for it (a node unhealthy only because of other
+datasets' mounts, say one whose cache directory is full, is healthy for this one: ``healthy``). The runtime is
+Ready when the desired number of replicas are ready; PartialReady with fewer, as long as some node serves it (an
+unhealthy node, whose mount keeps failing or whose cache directory is down, is named in the message with its first
+problems, and keeps a Bound dataset Bound: its mounts may still serve reads); NotReady when no node serves it. The
+``Mounted`` condition says whether every serving node that reports a mount of the runtime's dataset (same name) is
+serving it, and names those that are not. The ``ReadsFailing`` condition is there while a serving node's mount reports
 failed reads (ESTALE: the object changed since the sync; EIO: the store failed) within the last minute, naming
 per node how many, the latest file, its reason and when; it goes once they stop or succeed again. Its counts and
 times are written at most once a minute, its nodes and reasons at once (``reads_condition``).
@@ -406,8 +407,14 @@ def serving_agents(runtime: Runtime, agents: Iterable[AgentRecord], now: float) 
     return sorted(serving, key=lambda beat: beat.node)
 
 
+def healthy(beat: AgentHeartbeat, runtime: Runtime) -> bool:
+    """Whether the node is healthy for this runtime: an unhealthy node whose problems are all other datasets'
+    mounts (a full or removed cache directory of theirs) still serves this one (``AgentHeartbeat.healthy_for``)."""
+    return beat.healthy_for(runtime.metadata.namespace, runtime.metadata.name)
+
+
 def ready_nodes(runtime: Runtime, agents: Iterable[AgentRecord], now: float) -> list[str]:
-    return [beat.node for beat in serving_agents(runtime, agents, now) if beat.healthy]
+    return [beat.node for beat in serving_agents(runtime, agents, now) if healthy(beat, runtime)]
 
 
 @dataclass(frozen=True)
@@ -471,9 +478,10 @@ def missing_dataset(runtime: Runtime) -> str:
     return f"no Dataset {meta.namespace}/{meta.name}"
 
 
-def problems_text(beat: AgentHeartbeat) -> str:
-    """The node's first ``PROBLEMS_SHOWN`` problems, the rest counted."""
-    shown, more = beat.problems[:PROBLEMS_SHOWN], len(beat.problems) - PROBLEMS_SHOWN
+def problems_text(beat: AgentHeartbeat, runtime: Runtime) -> str:
+    """The first ``PROBLEMS_SHOWN`` problems of the node that concern the runtime, the rest counted."""
+    problems = beat.problems_for(runtime.metadata.namespace, runtime.metadata.name)
+    shown, more = problems[:PROBLEMS_SHOWN], len(problems) - PROBLEMS_SHOWN
     return "; ".join([*shown, f"and {more} more problem(s)"] if more > 0 else shown) or "no reason given"
 
 
@@ -530,17 +538,17 @@ def choose_workers(runtime: Runtime, current: Sequence[CacheWorker], agents: Map
     picked = kept
     since = {worker.node: worker.unhealthy_since for worker in current}
     overdue = [node for node in picked
-               if node in agents and is_fresh(agents[node], now) and not agents[node].heartbeat.healthy
+               if node in agents and is_fresh(agents[node], now) and not healthy(agents[node].heartbeat, runtime)
                and since.get(node) and now - since[node] >= UNHEALTHY_WORKER_GRACE_SECONDS]
     spares = [node for node in sorted(agents)
               if node not in picked and is_fresh(agents[node], now) and serves(agents[node].heartbeat, runtime)
-              and agents[node].heartbeat.healthy and reason_for(node) is None]
+              and healthy(agents[node].heartbeat, runtime) and reason_for(node) is None]
     # Spares fill empty seats first (an unhealthy worker kept beats no worker); the rest replace overdue workers
     # while they last, and are the ones the name-order fill below picks after the empty seats.
     stamp = rfc3339(now)
     replaced: list[WorkerReplaced] = []
     for node, spare in zip(overdue, spares[max(replicas - len(picked), 0):], strict=False):
-        why = f"unhealthy for {now - since[node]:.0f} s ({problems_text(agents[node].heartbeat)})"
+        why = f"unhealthy for {now - since[node]:.0f} s ({problems_text(agents[node].heartbeat, runtime)})"
         replaced.append(WorkerReplaced(node=node, by=spare, reason=why, time=stamp))
     replaced_nodes = {replacement.node: replacement for replacement in replaced}
     picked = [node for node in picked if node not in replaced_nodes]
@@ -554,8 +562,8 @@ def choose_workers(runtime: Runtime, current: Sequence[CacheWorker], agents: Map
         if reason is None and node in replaced_nodes:
             replacement = replaced_nodes[node]
             reason = f"{replacement.reason}: replaced by {replacement.by}"
-        if reason is None and not beat.healthy:
-            reason = f"unhealthy ({problems_text(beat)})"
+        if reason is None and not healthy(beat, runtime):
+            reason = f"unhealthy ({problems_text(beat, runtime)})"
         if reason is None and len(picked) >= replicas:
             # "0 of 0 replicas already picked" read as a fault; at 0 there is simply no seat to give.
             reason = f"{len(picked)} of {replicas} replicas already picked" if replicas else NO_REPLICAS
@@ -571,7 +579,7 @@ def in_ring(runtime: Runtime, record: AgentRecord, now: float) -> bool:
     serving the dataset's mount with a peer URL."""
     meta = runtime.metadata
     report = record.heartbeat.mount_of(meta.namespace, meta.name)
-    return (is_fresh(record, now) and record.heartbeat.healthy and report is not None
+    return (is_fresh(record, now) and healthy(record.heartbeat, runtime) and report is not None
             and report.state == "Serving" and bool(report.peer_url))
 
 
@@ -610,8 +618,9 @@ def worker_status(runtime: Runtime, nodes: Iterable[str], agents: Mapping[str, A
         beat = record.heartbeat
         report = beat.mount_of(meta.namespace, meta.name)
         peer_url = report.peer_url if report is not None and report.state == "Serving" else ""
-        workers.append(CacheWorker(node=node, ready=is_fresh(record, now) and beat.healthy, peer_url=peer_url,
-                                   unhealthy_since=0.0 if beat.healthy else since.get(node) or now))
+        fine = healthy(beat, runtime)
+        workers.append(CacheWorker(node=node, ready=is_fresh(record, now) and fine, peer_url=peer_url,
+                                   unhealthy_since=0.0 if fine else since.get(node) or now))
     return workers
 
 
@@ -630,12 +639,12 @@ def runtime_status(record: RuntimeRecord, agents: Iterable[AgentRecord], now: fl
     runtime = record.runtime
     by_node = {agent.heartbeat.node: agent for agent in agents}
     serving = serving_agents(runtime, by_node.values(), now)
-    nodes = [beat.node for beat in serving if beat.healthy]
+    nodes = [beat.node for beat in serving if healthy(beat, runtime)]
     picks = choose_workers(runtime, record.status.workers, by_node, now, placement, others, keep_absent)
     workers = worker_status(runtime, picks.workers, by_node, now, record.status.workers)
     ready_workers = [worker for worker in workers if worker.ready]
-    sick = [beat for beat in serving if not beat.healthy]
-    unhealthy = [f"{beat.node} unhealthy ({problems_text(beat)})" for beat in sick[:UNHEALTHY_NODES_SHOWN]]
+    sick = [beat for beat in serving if not healthy(beat, runtime)]
+    unhealthy = [f"{beat.node} unhealthy ({problems_text(beat, runtime)})" for beat in sick[:UNHEALTHY_NODES_SHOWN]]
     if len(sick) > UNHEALTHY_NODES_SHOWN:
         unhealthy.append(f"and {len(sick) - UNHEALTHY_NODES_SHOWN} more unhealthy node(s)")
     desired = runtime.spec.replicas
@@ -651,7 +660,7 @@ def runtime_status(record: RuntimeRecord, agents: Iterable[AgentRecord], now: fl
         phase, message = "NotReady", f"0 of {desired} agents ready: waiting for agent heartbeats"
     # Fewer ready workers than the ready agents could give: not for want of agents, so the message says why.
     if len(ready_workers) < min(len(nodes), desired_workers):
-        shortfall = worker_shortfall(len(ready_workers), desired_workers, picks.not_picked, nodes,
+        shortfall = worker_shortfall(runtime, len(ready_workers), desired_workers, picks.not_picked, nodes,
                                      [w.node for w in workers if not w.ready], by_node, now)
         message = f"{message}; {shortfall}" if message else shortfall
     missing = None
@@ -697,9 +706,9 @@ def runtime_status(record: RuntimeRecord, agents: Iterable[AgentRecord], now: fl
     )
 
 
-def worker_shortfall(ready: int, desired: int, not_picked: Sequence[NotPicked], nodes: Sequence[str],
-                     not_ready: Sequence[str] = (), agents: Mapping[str, AgentRecord] | None = None,
-                     now: float = 0.0) -> str:
+def worker_shortfall(runtime: Runtime, ready: int, desired: int, not_picked: Sequence[NotPicked],
+                     nodes: Sequence[str], not_ready: Sequence[str] = (),
+                     agents: Mapping[str, AgentRecord] | None = None, now: float = 0.0) -> str:
     """``1 of 2 cache workers ready (node-b: a worker with no heartbeat since 2026-12-06T17:00:06Z; node-c: worker
     of default/demo (Exclusive); see notPicked)``: the first worker picked but not ready, and the first ready agent
     not picked, with why. Naming only the agent not picked, as before, blamed it for a seat a silent worker holds.
@@ -713,7 +722,7 @@ def worker_shortfall(ready: int, desired: int, not_picked: Sequence[NotPicked], 
         elif not is_fresh(record, now):
             state = f"a worker with no heartbeat since {rfc3339(record.received_at)}"
         else:
-            state = f"a worker, unhealthy ({problems_text(record.heartbeat)})"
+            state = f"a worker, unhealthy ({problems_text(record.heartbeat, runtime)})"
         more = f" (and {len(not_ready) - 1} more worker(s) not ready)" if len(not_ready) > 1 else ""
         parts.append(f"{node}: {state}{more}")
     ready_nodes = set(nodes)

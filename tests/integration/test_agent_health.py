@@ -127,3 +127,34 @@ async def test_a_cache_directory_that_goes_down_makes_the_agent_unhealthy_and_re
         # The dataset stays Bound and mounted: reads still work through the object store.
         assert (await node.record("sick")).status.phase == "Bound"
         assert await read_file(root / "b1.bin") == objects["b1.bin"]
+
+
+async def test_a_cache_directory_down_makes_the_node_unhealthy_only_for_its_own_runtime(
+        bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path) -> None:
+    # One dataset's cache folder removed (an operator freeing space, a disk full under one tier path) took the node
+    # from every runtime it served: the other runtime went PartialReady with 0 B of capacity, and a worker of it
+    # there would be not ready (out of the ring, replaced by a spare after the grace period), for a problem not
+    # its own. (Here the one agent is "sick"'s Exclusive worker; "well" counts it as a ready node.)
+    await put_objects(seaweedfs, bucket, {f"b{i}.bin": os.urandom(2 * MiB) for i in range(2)})
+    async with node_stack(bus, settings, seaweedfs, tmp_path) as node:
+        await node.apply("sick", bucket)
+        await node.apply("well", bucket)
+        root = await node.wait_mounted("sick", expect="b1.bin")
+        await node.wait_mounted("well", expect="b1.bin")
+
+        dataset_cache = node.cache_dir / "default" / "sick"
+        await asyncio.to_thread(shutil.rmtree, dataset_cache)
+        dataset_cache.write_bytes(b"not a directory")
+        await asyncio.to_thread(drop_page_cache)
+        for name in ("b0.bin", "b1.bin"):  # misses try to write the broken directory
+            await read_file(root / name)
+        await eventually(lambda: runtime_naming_the_node(node, "sick", str(dataset_cache)), 20,
+                         "the sick runtime naming the unhealthy node")
+        beat = await last_beat(bus)
+        assert beat is not None and not beat.healthy
+
+        well = await runtime_record(bus, "well")
+        assert well is not None
+        assert well.status.phase == "Ready" and well.status.ready_nodes == [NODE], well.status
+        assert well.status.cache_capacity_bytes > 0
+        assert str(dataset_cache) not in well.status.message

@@ -18,6 +18,7 @@ from libs.events.agent import (
     InventorySnapshotV1,
     MountReadFailures,
     ReadFailure,
+    group_mounts,
     peer_url,
     upgrade,
 )
@@ -326,6 +327,27 @@ def test_a_heartbeat_never_exceeds_the_event_limit_and_grows_by_a_name_and_a_por
         kept = {(r.dataset.namespace, r.dataset.name) for r in sent.mount_reports()}
         assert all((r.dataset.namespace, r.dataset.name) in kept for r in reports if r.state == "Failing")
         assert not sent.runtimes and sent.all_runtimes
+    # An unhealthy mount is never left out while a healthy one is in: its runtime would take the node as healthy.
+    for report in reports:
+        if report.unhealthy:
+            found = sent.mount_of(report.dataset.namespace, report.dataset.name)
+            assert found is not None and found.unhealthy
+            assert not sent.healthy_for(report.dataset.namespace, report.dataset.name)
+
+
+def test_a_starting_mount_left_out_before_an_unhealthy_serving_one() -> None:
+    ref = ObjectRef(name="sick", namespace="default")
+    sick = agent_domain.mount_report(ref, alive=True, mounted=True, exit_code=None, failures=0, unhealthy=True,
+                                     peer_url="http://10.0.0.1:1")
+    starting = agent_domain.mount_report(ObjectRef(name="s" * 200, namespace="default"), alive=True, mounted=False,
+                                         exit_code=None, failures=0)
+    beat = AgentHeartbeat(node="n", healthy=False, mount_health=True, problems=["mount default/sick: x"],
+                          peer_host="10.0.0.1",
+                          mount_groups=group_mounts([(sick, 1), (starting, 0)]))
+    limit = len(msgspec.json.encode(beat)) - 10
+    sent, left_out = agent_domain.fit_heartbeat(beat, limit)
+    assert left_out == 1 and sent.mount_of("default", "sick") == sick
+    assert not sent.healthy_for("default", "sick") and sent.healthy_for("default", "other")
 
 
 def test_failed_reads_of_10_mounts_fit_and_go_first_when_a_beat_is_too_large() -> None:

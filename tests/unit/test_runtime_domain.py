@@ -515,6 +515,31 @@ def test_an_unhealthy_only_node_is_named_with_its_problems_and_keeps_the_runtime
                               "/c/default/imagenet is down)")
 
 
+def one_sick_mount(mount_health: bool = True) -> AgentRecord:
+    """A node serving every runtime, mounting default/imagenet (healthy) and default/other (cache directory down)."""
+    return AgentRecord(heartbeat=AgentHeartbeat(
+        node="node-a", all_runtimes=True, healthy=False, mount_health=mount_health,
+        problems=["mount default/other: cache directory /c/default/other is down"], interval_seconds=INTERVAL,
+        mount_groups=[MountGroup(namespace="default", state="Serving", datasets={"imagenet": 0}),
+                      MountGroup(namespace="default", state="Serving", datasets={"other": 0}, unhealthy=True)],
+        sent_at=NOW), received_at=NOW)
+
+
+def test_another_datasets_cache_directory_down_leaves_the_node_ready_for_this_runtime() -> None:
+    status = status_of(valid_runtime(replicas=1), [one_sick_mount()])
+    assert status.phase == "Ready" and status.ready_nodes == ["node-a"] and status.message == ""
+    assert status.cache_capacity_bytes > 0
+    other = status_of(make_runtime(Level(mediumtype="SSD", path="/c", quota="1Gi"), name="other"), [one_sick_mount()])
+    assert other.phase == "PartialReady" and other.ready_nodes == []
+    assert other.message == "0 of 1 agents ready; node-a unhealthy (mount default/other: cache directory " \
+                            "/c/default/other is down)"
+
+
+def test_an_agent_that_does_not_mark_its_mounts_is_unhealthy_for_every_runtime() -> None:
+    status = status_of(valid_runtime(replicas=1), [one_sick_mount(mount_health=False)])
+    assert status.phase == "PartialReady" and status.ready_nodes == []
+
+
 def outage_agents(count: int, problems: int, healthy: bool = False) -> list[AgentRecord]:
     """Agents of EKS-like names whose mounts all fail (a store outage), each with ``problems`` lines."""
     lines = [f"mount default/dataset-{i:04d}: mount process exited with code 1 3 times in a row: the object store "
