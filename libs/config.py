@@ -208,6 +208,12 @@ class AgentSettings:
     read_failure_log_seconds: float = env("SHOAL_READ_FAILURE_LOG_SECONDS", "Seconds between two \"read failed\" "
                                           "log lines of one file and errno in a mount process; those in between "
                                           "are counted, and told in the next line or a summary.", default=30.0)
+    # Kubernetes rewrites a mounted Secret's files in place when it is rotated (within about a minute): a mount
+    # process reads its secret files again this often, so new credentials take over without a resync. A few small
+    # files per dataset with secret references; datasets without any read nothing.
+    secret_refresh_seconds: float = env("SHOAL_SECRET_REFRESH_SECONDS", "Seconds between two reads of the secret "
+                                        "files (encryptOptions) of a mounted dataset: a rewritten file's credentials "
+                                        "are used from the next read of the store, without a resync.", default=10.0)
     cache_policy: str = env("SHOAL_CACHE_POLICY", "lfu-admission (keeps a stable subset) or lru.",
                             default="lfu-admission")
     # Training jobs read datasets as users other than the agent's (root); the kernel still checks every access
@@ -425,6 +431,8 @@ def _check(settings: Settings) -> list[str]:
         problems.append("SHOAL_HEARTBEAT_SECONDS: must be positive")
     if settings.agent.mount_start_seconds <= 0:
         problems.append("SHOAL_MOUNT_START_SECONDS: must be positive")
+    if not settings.agent.secret_refresh_seconds > 0:
+        problems.append("SHOAL_SECRET_REFRESH_SECONDS: must be positive")
     if not settings.agent.read_failure_log_seconds >= 0:
         problems.append("SHOAL_READ_FAILURE_LOG_SECONDS: must be 0 (every failure) or positive")
     # The replica name is one token of a KV key. The node name is Kubernetes' (``spec.nodeName``), dots included

@@ -146,6 +146,9 @@ class MountedDataset:
         self.key = subjects.resource_key(namespace, name)
         self.allocator = InodeAllocator()
         self.manifest_version: ManifestVersion = NO_MANIFEST
+        # The record whose mounts the stores follow: its secret files are read again every
+        # SHOAL_SECRET_REFRESH_SECONDS (``_refresh_secrets``).
+        self.record: DatasetRecord | None = None
         # The object store of each mount, rebuilt for mounts added or changed by a later sync.
         self.gates: list[StoreGate] = []
         self.locations: list[object] = []
@@ -187,6 +190,7 @@ class MountedDataset:
         self._drop_stale(cache, entries)
         self._drop_misfits(cache, entries, block_size)
         self._update_gates(record)
+        self.record = record
         slots = self._budget_file()
         if slots is not None:
             slots.zero(self.grants.budget_slot)  # holds nothing yet (the agent zeroed it too; a crash leaks none)
@@ -259,6 +263,7 @@ class MountedDataset:
         self.readiness.add("fuse", lambda: "FUSE session ended" if fuse_loop.done() else None)
         watcher: asyncio.Task[None] | None = None
         ring_watch: asyncio.Task[None] | None = None
+        secrets_watch: asyncio.Task[None] | None = None
         loops = {"inventory": inventory_task, "status": reporter_task, "tasks": tasks_task}
         self.readiness.add("loops", lambda: ", ".join(f"{n} not running" for n, t in loops.items() if t.done()) or None)
         stopper = asyncio.create_task(stop.wait())
@@ -277,6 +282,7 @@ class MountedDataset:
             log.info("mounted", dataset=self.key, mountpoint=self.mountpoint, files=len(entries))
             watcher = loops["manifest watch"] = asyncio.create_task(self._watch(fs, cache, stop))
             ring_watch = loops["runtime watch"] = asyncio.create_task(self._watch_runtime(router, stop))
+            secrets_watch = loops["secret refresh"] = asyncio.create_task(self._refresh_secrets(stop))
             # Inventory is not awaited here: publishing may fail for a while, the mount keeps serving.
             await asyncio.wait([fuse_loop, watcher, stopper], return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -284,6 +290,8 @@ class MountedDataset:
                 watcher.cancel()
             if ring_watch is not None:
                 ring_watch.cancel()
+            if secrets_watch is not None:
+                secrets_watch.cancel()
             reporter.stop()
             runner.stop()  # a part in progress stops between blocks and is given back for the next process
             stopper.cancel()
@@ -304,7 +312,8 @@ class MountedDataset:
                 await runner.forget()
             publisher.stop()
             await asyncio.gather(inventory_task, reporter_task, *([watcher] if watcher else []),
-                                 *([ring_watch] if ring_watch else []), return_exceptions=True)
+                                 *([ring_watch] if ring_watch else []),
+                                 *([secrets_watch] if secrets_watch else []), return_exceptions=True)
             for task in list(self.preparing):
                 task.cancel()
             await asyncio.gather(*self.preparing, return_exceptions=True)
@@ -417,6 +426,37 @@ class MountedDataset:
                         continue
                 if router.update(workers):
                     log.info("ring of block owners changed", dataset=self.key, owners=sorted(router.ring))
+
+    async def _refresh_secrets(self, stop: asyncio.Event) -> None:
+        """Read the secret files of the served record again every SHOAL_SECRET_REFRESH_SECONDS: Kubernetes rewrites a
+        mounted Secret in place when it is rotated, and the next read of the store must use the new credentials,
+        not wait for a resync. ``_update_gates`` keeps every store whose location is unchanged (``Secret`` compares
+        by value), so an unchanged file costs a few small reads; a dataset without secret references costs none.
+        A failure (a secret file missing meanwhile) is logged once until it changes: the stores stay as they are."""
+        failed = ""
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.settings.agent.secret_refresh_seconds)
+            record = self.record
+            if stop.is_set() or record is None or not self._has_secret_refs(record):
+                continue
+            before = list(self.gates)
+            try:
+                self._update_gates(record)
+            except (Exception, SystemExit) as err:
+                if str(err) != failed:
+                    log.error("secrets not read again; the object stores keep the credentials they have",
+                              dataset=self.key, error=str(err))
+                failed = str(err)
+                continue
+            failed = ""
+            renewed = [index for index, gate in enumerate(self.gates) if gate not in before]
+            if renewed:
+                log.info("secret files changed; new object stores for the mounts", dataset=self.key, mounts=renewed)
+
+    @staticmethod
+    def _has_secret_refs(record: DatasetRecord) -> bool:
+        return any(secret_refs(record.dataset, mount) for mount in record.dataset.spec.mounts)
 
     def _update_gates(self, record: DatasetRecord) -> None:
         """One object store per mount of the spec: kept where a mount's location is unchanged, new where it was
@@ -547,6 +587,7 @@ class MountedDataset:
     async def _reload(self, fs: DatasetFS, cache: BlockCache, record: DatasetRecord) -> None:
         """The tree, object stores and cache following the record's new manifest."""
         entries = await (await ManifestStore.of(self.bus)).load(record.status.manifest)
+        self.record = record  # the refresh of secrets follows it (and retries a secret missing here)
         try:
             self._update_gates(record)  # before the tree: a new mount's files must find their store
         except (Exception, SystemExit) as err:  # e.g. a missing secret: its reads fail, the rest serve
