@@ -34,6 +34,7 @@ reason the CLI prints. Here only the shape is checked, so a manifest is judged b
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from decimal import Decimal
@@ -384,6 +385,10 @@ def _document_to_command(
             f"of {FLUID_API}"
         )
 
+    if target is Runtime:
+        mapped_spec, problems = _decimal_quantities(mapped_spec)
+        if problems:
+            raise _DocumentError(f"{label}: " + "; ".join(problems))
     try:
         obj = msgspec.convert({"metadata": meta, "spec": mapped_spec}, target)
     except msgspec.ValidationError as err:
@@ -546,6 +551,34 @@ def fluid_runtime_spec(kind: str, spec: dict[str, Any]) -> tuple[dict[str, Any],
     return mapped, notes, problems
 
 
+def _decimal_quantities(spec: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """The Runtime spec with its quantities written as YAML numbers with decimals (``quota: 1.5``,
+    ``blockSize: 4194304.0``) turned into quantity text ("1.5"): Kubernetes' ``resource.Quantity`` takes a JSON
+    number as the quantity it spells, and its byte count rounds a fraction of a byte up, as ``parse_quantity`` does
+    with the text (1.5 is 2 bytes). The event's fields stay text or whole numbers. Problems: infinity and NaN, which
+    Kubernetes refuses too."""
+    problems: list[str] = []
+
+    def text(value: Any, where: str) -> Any:
+        if not isinstance(value, float):
+            return value
+        if not math.isfinite(value):
+            problems.append(f"{where} {value} is not a size: write a quantity such as 100Gi")
+            return value
+        return repr(value)  # the shortest text that reads back as the same number: 1.5, 1e+16
+
+    mapped = dict(spec)
+    if "blockSize" in mapped:
+        mapped["blockSize"] = text(mapped["blockSize"], "spec.blockSize")
+    tieredstore = mapped.get("tieredstore")
+    if isinstance(tieredstore, dict) and isinstance(tieredstore.get("levels"), list):
+        mapped["tieredstore"] = {**tieredstore, "levels": [
+            {**level, "quota": text(level["quota"], f"spec.tieredstore.levels[{index}].quota")}
+            if isinstance(level, dict) and "quota" in level else level
+            for index, level in enumerate(tieredstore["levels"])]}
+    return mapped, problems
+
+
 def _has_levels(tieredstore: Any) -> bool:
     return isinstance(tieredstore, dict) and bool(tieredstore.get("levels"))
 
@@ -613,9 +646,11 @@ def _quota_from_list(where: str, level: dict[str, Any]) -> tuple[str | int | Non
     (``pkg/ddc/base/runtime.go``, ``convertToTieredstoreInfo``).
     """
     text = level[QUOTA_LIST]
-    if not isinstance(text, str | int) or isinstance(text, bool):
+    if not isinstance(text, str | int | float) or isinstance(text, bool) or (isinstance(text, float)
+                                                                             and not math.isfinite(text)):
         return None, "", f"{where}.quotaList must be a text of comma-separated quotas, like '100Gi,50Gi'"
-    entries = [entry.strip() for entry in str(text).split(",")]
+    # A number with decimals (one path) is the quantity it spells, as ``_decimal_quantities`` reads a quota.
+    entries = [entry.strip() for entry in (repr(text) if isinstance(text, float) else str(text)).split(",")]
     quotas = []
     for entry in entries:
         try:

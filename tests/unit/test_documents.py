@@ -1052,3 +1052,50 @@ def test_a_namespace_given_with_n_is_enforced_as_kubectl_does() -> None:
     # Without -n, the document's namespace wins (the default is only for documents naming none).
     commands, _, errors = documents_to_commands(docs, default_namespace="prod")
     assert errors == [] and [c.namespace for c in commands] == ["staging", "prod", "prod"]
+
+
+DECIMAL_QUOTAS = """
+    apiVersion: %s
+    kind: %s
+    metadata: {name: decimals}
+    spec:
+      blockSize: 4194304.0
+      tieredstore:
+        levels:
+          - {mediumtype: MEM, quota: 1.5}
+          - {mediumtype: SSD, path: /mnt/ssd, quota: 1073741824.5}
+          - {mediumtype: HDD, path: /mnt/hdd, quotaList: 2.5e+9}
+    """
+
+
+@pytest.mark.parametrize(("api_version", "kind"), [("shoal.io/v1alpha1", "Runtime"),
+                                                   ("data.fluid.io/v1alpha1", "AlluxioRuntime")])
+def test_a_quantity_written_as_a_number_with_decimals_is_the_quantity_it_spells(api_version: str, kind: str) -> None:
+    """Kubernetes' Quantity takes a JSON number (``quota: 1.5``) as the quantity it spells, and a byte count rounds
+    a fraction of a byte up, as the text "1.5" is read. Before, msgspec refused it with "Expected `int | str`, got
+    `float` - at `$.spec.tieredstore.levels[0].quota`"."""
+    text = DECIMAL_QUOTAS % (api_version, kind)
+    if kind == "Runtime":  # Shoal's own Runtime has no quotaList without a quota: give both
+        text = text.replace("quotaList: 2.5e+9", "quota: 2.5e+9")
+    commands, _, errors = documents_to_commands(load(text))
+
+    assert errors == []
+    assert isinstance(commands[0].event, RuntimeApply)
+    spec = commands[0].event.runtime.spec
+    assert [parse_quantity(level.quota) for level in spec.tieredstore.levels] == [2, 2**30 + 1, 2_500_000_000]
+    assert [level.quota for level in spec.tieredstore.levels[:2]] == ["1.5", "1073741824.5"]  # as "1.5" would be
+    assert parse_quantity(spec.block_size) == 4 * 2**20
+
+
+def test_an_infinite_quota_is_refused_naming_its_field() -> None:
+    _, _, errors = documents_to_commands(load("""
+        apiVersion: shoal.io/v1alpha1
+        kind: Runtime
+        metadata: {name: endless}
+        spec:
+          tieredstore:
+            levels: [{mediumtype: MEM, quota: .inf}]
+        """))
+
+    assert errors == ["document 1 (Runtime endless): spec.tieredstore.levels[0].quota inf is not a size: write a "
+                      "quantity such as 100Gi"]
