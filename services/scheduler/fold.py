@@ -18,6 +18,10 @@ Decides what the scheduler knows and forgets; no I/O (the handlers feed it event
 - ``CacheFold.held`` is kept as events arrive: per dataset, node → bytes of the current version that node caches
   (nodes holding none left out), i.e. ``NodeCache.current`` gathered, so a decision reads one map per dataset
   instead of a pass over the dataset's node caches.
+- ``CacheFold.unique`` is kept the same way: per dataset, the bytes of the current version held by *any* node, each
+  block once however many nodes hold it (``holders`` counts them per block). Summing the nodes' bytes counts a block
+  that a DataLoad with ``replicas: 2`` put on two nodes twice, and so overstates the share of the dataset that is
+  cached; this is the figure the dataset service's ``cachedPercentage`` takes (``handlers.publish_cache``).
 
 ``LiveView`` answers ``services.scheduler.domain.View`` from these, without copying: the event loop is single
 threaded and ``score`` synchronous, so during one decision the fold *is* a consistent snapshot.
@@ -102,6 +106,16 @@ class NodeCache:
         return sum(self.files.get(key, {}).values())
 
 
+def _release(shared: dict[int, tuple[int, int]], index: int) -> int:
+    """One node fewer holds block ``index`` of a file (``CacheFold.holders``); its bytes when it was the last."""
+    holding, size = shared.get(index, (0, 0))
+    if holding > 1:
+        shared[index] = (holding - 1, size)
+        return 0
+    shared.pop(index, None)
+    return size
+
+
 def _add(files: dict[FileKey, dict[int, int]], cached: Iterable[CachedFile]) -> None:
     for item in cached:
         blocks = files.setdefault((item.mount, item.key, item.etag), {})
@@ -114,6 +128,14 @@ class CacheFold:
 
     def __init__(self) -> None:
         self.datasets: dict[DatasetKey, dict[str, NodeCache]] = {}
+        # Dataset → file version → block index → (nodes holding it, its size as last reported): each block once,
+        # whatever the number of nodes holding it. Its size is one per (file version, index), as blocks partition a
+        # file; were two nodes to report two sizes (block sizes changed in between), the last one reported counts,
+        # and a block's bytes leave ``unique`` as they came in, so the figure never drifts.
+        self.holders: dict[DatasetKey, dict[FileKey, dict[int, tuple[int, int]]]] = {}
+        # Dataset → bytes of the blocks of current file versions (every version while there is no catalog) that at
+        # least one node holds; kept with every change of ``holders``, datasets at 0 left out.
+        self.unique: dict[DatasetKey, int] = {}
         # Dataset → node → ``current`` of its cache, only nodes where it is > 0: what a decision reads, kept up to
         # date with every change of ``current`` (``_held``), never rebuilt per decision.
         self.held: dict[DatasetKey, dict[str, int]] = {}
@@ -157,10 +179,10 @@ class CacheFold:
         cache.position = after
         catalog = self.catalogs.get(key)
         if isinstance(event, InventorySnapshot):
-            self._snapshot_part(cache, event, after, catalog)
+            self._snapshot_part(key, cache, event, after, catalog)
         else:
             cache.pending, cache.pending_files = None, {}  # the shared fold drops an incomplete snapshot too
-            self._change(cache, event.cached, event.evicted, catalog)
+            self._change(key, cache, event.cached, event.evicted, catalog)
         self._held(key, event.node, cache)
         return ask
 
@@ -183,42 +205,106 @@ class CacheFold:
             if held is not None:
                 held.pop(node, None)
 
-    def _snapshot_part(self, cache: NodeCache, part: InventorySnapshot, after: NodeInventory,
+    def _snapshot_part(self, key: DatasetKey, cache: NodeCache, part: InventorySnapshot, after: NodeInventory,
                        catalog: Catalog | None) -> None:
         gathering = (part.incarnation, part.seq - part.part + 1, part.parts)
         if cache.pending != gathering:
             cache.pending, cache.pending_files = gathering, {}
         _add(cache.pending_files, part.files)
         if after.assembly is None:  # complete: the snapshot replaces what the node had
+            self._release_all(key, cache.files, catalog)
             cache.files, cache.pending, cache.pending_files = cache.pending_files, None, {}
+            self._hold_all(key, cache.files, catalog)
             self._recount(cache, catalog)
 
-    @staticmethod
-    def _change(cache: NodeCache, cached: list[CachedFile], evicted: list[CachedFile],
+    def _change(self, key: DatasetKey, cache: NodeCache, cached: list[CachedFile], evicted: list[CachedFile],
                 catalog: Catalog | None) -> None:
+        holders = self.holders.setdefault(key, {})
+        unique = 0  # what this event adds to (or takes from) ``unique``
         for item in cached:
             file = (item.mount, item.key, item.etag)
             counts = catalog is None or file in catalog.files
             blocks = cache.files.setdefault(file, {})
+            shared = holders.setdefault(file, {})
             for index, size in item.blocks:
-                grown = size - blocks.get(index, 0)
+                before = blocks.get(index)
+                grown = size - (before or 0)
                 blocks[index] = size
                 cache.total += grown
+                holding, last = shared.get(index, (0, 0))
+                shared[index] = (holding + (before is None), size)
                 if counts:
                     cache.current += grown
+                    unique += size - last
         for item in evicted:
             file = (item.mount, item.key, item.etag)
             held = cache.files.get(file)
             if held is None:
                 continue
             counts = catalog is None or file in catalog.files
+            shared = holders.get(file, {})
             for index, _ in item.blocks:
-                size = held.pop(index, 0)
+                if index not in held:
+                    continue
+                size = held.pop(index)
                 cache.total -= size
                 if counts:
                     cache.current -= size
+                gone = _release(shared, index)
+                if counts:
+                    unique -= gone
             if not held:
                 del cache.files[file]
+            if not shared:
+                holders.pop(file, None)
+        if not holders:
+            del self.holders[key]
+        self._add_unique(key, unique)
+
+    def _add_unique(self, key: DatasetKey, change: int) -> None:
+        if change:
+            left = self.unique.get(key, 0) + change
+            if left:
+                self.unique[key] = left
+            else:
+                del self.unique[key]
+
+    def _hold_all(self, key: DatasetKey, files: dict[FileKey, dict[int, int]], catalog: Catalog | None) -> None:
+        """Count ``files`` (a node's blocks, just taken on) in ``holders`` and ``unique``."""
+        if not files:
+            return
+        holders = self.holders.setdefault(key, {})
+        unique = 0
+        for file, blocks in files.items():
+            counts = catalog is None or file in catalog.files
+            shared = holders.setdefault(file, {})
+            for index, size in blocks.items():
+                holding, last = shared.get(index, (0, 0))
+                shared[index] = (holding + 1, size)
+                if counts:
+                    unique += size - last
+        self._add_unique(key, unique)
+
+    def _release_all(self, key: DatasetKey, files: dict[FileKey, dict[int, int]], catalog: Catalog | None) -> None:
+        """Take ``files`` (a node's blocks, being dropped) out of ``holders`` and ``unique``."""
+        holders = self.holders.get(key)
+        if holders is None or not files:
+            return
+        unique = 0
+        for file, blocks in files.items():
+            shared = holders.get(file)
+            if shared is None:
+                continue
+            counts = catalog is None or file in catalog.files
+            for index in blocks:
+                gone = _release(shared, index)
+                if counts:
+                    unique -= gone
+            if not shared:
+                del holders[file]
+        if not holders:
+            del self.holders[key]
+        self._add_unique(key, unique)
 
     @staticmethod
     def _recount(cache: NodeCache, catalog: Catalog | None) -> None:
@@ -239,6 +325,9 @@ class CacheFold:
         for node, cache in self.datasets.get(key, {}).items():
             self._recount(cache, catalog)
             self._held(key, node, cache)
+        unique = sum(size for file, blocks in self.holders.get(key, {}).items()
+                     if catalog is None or file in catalog.files for _, size in blocks.values())
+        self._add_unique(key, unique - self.unique.get(key, 0))
 
     def forget_dataset(self, key: DatasetKey) -> None:
         self._changed(key, nodes=True)
@@ -246,13 +335,16 @@ class CacheFold:
             self._entry_gone(node)
         self.catalogs.pop(key, None)
         self.held.pop(key, None)
+        self.holders.pop(key, None)
+        self.unique.pop(key, None)
         self.moves.pop(key, None)
         self.moves_base.pop(key, None)
         self.versions.pop(key, None)  # after ``_changed``: ``generation`` and ``nodes_version`` still moved
 
     def forget_node(self, node: str) -> None:
         for key, nodes in self.datasets.items():
-            if nodes.pop(node, None) is not None:
+            if (cache := nodes.pop(node, None)) is not None:
+                self._release_all(key, cache.files, self.catalogs.get(key))
                 self._changed(key, nodes=True)
                 self.held.get(key, {}).pop(node, None)
                 self.moves.pop(key, None)

@@ -11,14 +11,22 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from msgspec.structs import replace
 
-from libs.events.agent import BlockId, CacheCounters, Inventory, InventoryDelta, InventorySnapshot, group_blocks
+from libs.events.agent import (
+    BlockId,
+    CacheCounters,
+    CachedFile,
+    Inventory,
+    InventoryDelta,
+    InventorySnapshot,
+    group_blocks,
+)
 from libs.events.common import ObjectRef
 from libs.events.dataset import ManifestEntry
 from libs.events.schedule import DatasetUse, ScoreRequest
 from libs.inventory import DatasetInventory, fold
 from services.scheduler import fold as fold_module
 from services.scheduler.domain import Weights, _derive, score
-from services.scheduler.fold import CacheFold, Catalog, LiveView, path_matches
+from services.scheduler.fold import CacheFold, Catalog, FileKey, LiveView, path_matches
 
 DATASET = ObjectRef(name="d", namespace="ml")
 KEY = ("ml", "d")
@@ -131,7 +139,8 @@ def test_churn_leaves_no_bookkeeping_behind() -> None:
         state.forget_dataset(("ml", f"reference-{round_}"))  # a key the fold never held (a reference's)
         kept_maps: list[tuple[str, Mapping[tuple[str, str], object]]] = [
             ("versions", state.versions), ("datasets", state.datasets), ("held", state.held),
-            ("catalogs", state.catalogs), ("moves", state.moves), ("moves_base", state.moves_base)]
+            ("catalogs", state.catalogs), ("moves", state.moves), ("moves_base", state.moves_base),
+            ("holders", state.holders), ("unique", state.unique)]
         for name, kept in kept_maps:
             assert set(kept) <= live_datasets, f"{name} keeps {len(kept)} datasets, {len(live_datasets)} exist"
         assert set(state.node_entries) <= live_nodes
@@ -448,3 +457,90 @@ def live_view_steps(sequence: list[tuple[Inventory, bool] | str]) -> None:
                 1 for file, held in cache.files.items()
                 if (size := state.catalogs[KEY].size(file)) is not None and sum(held.values()) == size)
             assert state.whole_files(KEY, node) == recount
+
+
+# --- each block once: the bytes of the dataset in the cache, however many nodes hold a block ---
+
+
+def test_a_block_on_two_nodes_counts_once_in_the_unique_bytes() -> None:
+    """A DataLoad with ``replicas: 2`` puts the same blocks on two nodes: the nodes' bytes add up to twice what is
+    cached of the dataset, the unique bytes do not."""
+    state = CacheFold()
+    state.set_catalog(KEY, CATALOG)  # 6 MiB + 10 bytes in all
+    a = blocks("train/a.bin", "e1", [(0, MiB), (1, MiB)])
+    state.apply(snapshot(1, a, node="n1"))
+    state.apply(snapshot(1, a, node="n2"))
+    assert state.held[KEY] == {"n1": 2 * MiB, "n2": 2 * MiB}
+    assert state.unique[KEY] == 2 * MiB
+    assert state.holders[KEY][(0, "train/a.bin", "e1")] == {0: (2, MiB), 1: (2, MiB)}
+    # One copy evicted: still cached. A block of an old version, on one node: held, but not of the dataset.
+    state.apply(delta(2, [*blocks("train/b.bin", "e1", [(0, MiB)]), *blocks("val/c.bin", "old", [(0, MiB)])],
+                      blocks("train/a.bin", "e1", [(1, MiB)]), node="n1"))
+    assert state.unique[KEY] == 3 * MiB
+    # A resync whose manifest has c.bin at version "old": now it counts.
+    state.set_catalog(KEY, Catalog([entry("/train/a.bin", "train/a.bin", 2 * MiB + 10),
+                                    entry("/val/c.bin", "val/c.bin", 3 * MiB, etag="old")]))
+    assert state.unique[KEY] == 3 * MiB  # a.bin's two blocks and c.bin's (b.bin left the manifest)
+    state.forget_node("n2")  # its agent went away: a.bin's block 1 with it
+    assert state.unique[KEY] == 2 * MiB
+    state.apply(snapshot(3, [], node="n1"))  # a snapshot of an empty cache replaces what n1 held
+    assert KEY not in state.unique and KEY not in state.holders
+    state.apply(snapshot(4, a, node="n1"))
+    state.forget_dataset(KEY)
+    assert KEY not in state.unique and KEY not in state.holders
+
+
+def consistent(event: Inventory) -> Inventory:
+    """``event`` with each block's size a function of its file and index, as blocks that partition a file are."""
+    def sized(files: list[CachedFile]) -> list[CachedFile]:
+        return [replace(file, blocks=[(index, 1 + (index + len(file.key)) % 4) for index, _ in file.blocks])
+                for file in files]
+
+    if isinstance(event, InventorySnapshot):
+        return replace(event, files=sized(event.files))
+    return replace(event, cached=sized(event.cached), evicted=sized(event.evicted))
+
+
+def union_bytes(state: CacheFold, key: tuple[str, str]) -> int:
+    """The bytes of the union of every node's blocks of current file versions: each block once."""
+    catalog = state.catalogs.get(key)
+    union = {(file, index): size for cache in state.datasets.get(key, {}).values()
+             for file, held in cache.files.items() if catalog is None or file in catalog.files
+             for index, size in held.items()}
+    return sum(union.values())
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.one_of(st.tuples(events(), st.booleans()),
+                          st.sampled_from(["catalog", "no catalog", "forget n1", "forget dataset"])), max_size=30))
+def test_the_unique_bytes_kept_as_events_arrive_equal_the_bytes_of_the_union(
+        sequence: list[tuple[Inventory, bool] | str]) -> None:
+    """For any events of two nodes over two datasets (gaps, parts out of order, new incarnations, redeliveries),
+    catalog changes and forgetting: ``unique`` is the bytes of the union of every node's blocks, ``holders`` counts
+    the nodes holding each block, and nothing is kept for a dataset none holds."""
+    state = CacheFold()
+    catalog = Catalog([entry("/a", "a", 8, etag="e"), entry("/b", "b", 8, etag="other")])
+    for step in sequence:
+        if step == "catalog":
+            state.set_catalog(KEY, catalog)
+        elif step == "no catalog":
+            state.set_catalog(KEY, None)
+        elif step == "forget n1":
+            state.forget_node("n1")
+        elif step == "forget dataset":
+            state.forget_dataset(KEY)
+        else:
+            assert not isinstance(step, str)
+            event, other = step
+            state.apply(consistent(replace(event, dataset=OTHER) if other else event))
+        for key in (KEY, OTHER_KEY):
+            assert state.unique.get(key, 0) == union_bytes(state, key)
+            counted: dict[tuple[FileKey, int], int] = {}
+            for cache in state.datasets.get(key, {}).values():
+                for file, held in cache.files.items():
+                    for index in held:
+                        counted[(file, index)] = counted.get((file, index), 0) + 1
+            kept = {(file, index): holding for file, shared in state.holders.get(key, {}).items()
+                    for index, (holding, _) in shared.items()}
+            assert kept == counted
+        assert all(state.unique.values()) and all(state.holders.values())
