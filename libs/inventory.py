@@ -14,6 +14,10 @@ without touching the fold. Holders that persist the fold as JSON (the dataset se
 ``track_blocks=False``: positions and totals only. Holders that keep it in memory (the scheduler) track blocks.
 Old and redelivered events are ignored; the fold returns the very same object when nothing changed. A gap asks
 once: deltas that follow it are consecutive again, so a replay of many queued deltas costs one snapshot.
+
+Without the block sets, the nodes' totals cannot tell a block two nodes hold from two blocks: a holder that folds
+with ``track_blocks=False`` keeps beside them the scheduler's count of the dataset's bytes cached, each block once
+(``DatasetInventory.unique``, from ``scheduler.dataset.cache.v1``); the fold carries it along untouched.
 """
 
 from __future__ import annotations
@@ -50,10 +54,22 @@ class NodeInventory(msgspec.Struct, frozen=True, kw_only=True, rename="camel", o
     assembly: Assembly | None = None
 
 
+class UniqueCached(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
+    """The scheduler's count of a dataset's bytes in the cache, each block once however many nodes hold it
+    (``scheduler.dataset.cache.v1``), and the fact's sequence in its stream: only a fact published later replaces
+    it (a redelivered or reordered older one does not)."""
+
+    bytes: int
+    sequence: int
+    observed_at: str = ""
+
+
 class DatasetInventory(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     """Every node's cache of one dataset."""
 
     nodes: dict[str, NodeInventory] = {}
+    # None until the scheduler said it (an entry written before the field decodes as that too).
+    unique: UniqueCached | None = None
 
 
 class Fold(NamedTuple):
@@ -68,7 +84,7 @@ def fold(inventory: DatasetInventory | None, event: Inventory, *, track_blocks: 
     node, ask = fold_node(inventory.nodes.get(event.node), event, track_blocks=track_blocks)
     if node is inventory.nodes.get(event.node):
         return Fold(inventory, ask)
-    return Fold(DatasetInventory(nodes={**inventory.nodes, event.node: node}), ask)
+    return Fold(msgspec.structs.replace(inventory, nodes={**inventory.nodes, event.node: node}), ask)
 
 
 def fold_node(node: NodeInventory | None, event: Inventory, *,

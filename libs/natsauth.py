@@ -146,7 +146,8 @@ def inbox_prefix(user: str) -> str:
 DURABLES: dict[str, tuple[tuple[str, str], ...]] = {
     DATASET: ((subjects.STREAM_COMMANDS, subjects.DURABLE_DATASET_COMMANDS),
               (subjects.STREAM_FACTS, subjects.DURABLE_DATASET_RUNTIME_STATUS),
-              (subjects.STREAM_AGENT, subjects.DURABLE_DATASET_INVENTORY)),
+              (subjects.STREAM_AGENT, subjects.DURABLE_DATASET_INVENTORY),
+              (subjects.STREAM_FACTS, subjects.DURABLE_DATASET_SCHEDULER_CACHE)),
     RUNTIME: ((subjects.STREAM_COMMANDS, subjects.DURABLE_RUNTIME_COMMANDS),
               (subjects.STREAM_AGENT, subjects.DURABLE_RUNTIME_HEARTBEATS)),
     LOADER: ((subjects.STREAM_COMMANDS, subjects.DURABLE_LOADER_COMMANDS),
@@ -295,8 +296,9 @@ def permissions(kind: str, node: str = "", nodes: Iterable[str] | None = None) -
     if kind == SCHEDULER:
         return _service(
             consumers=DURABLES[SCHEDULER],
-            # It loads manifests and writes none: no object put, no purge of the manifests' stream.
-            publish=[subjects.INVENTORY_REQUEST], objects="read",
+            # It loads manifests and writes none: no object put, no purge of the manifests' stream. Its facts: a
+            # dataset's cached bytes, each block once (the dataset service's cachedPercentage).
+            publish=[subjects.INVENTORY_REQUEST, subjects.SCHEDULER_FACTS], objects="read",
             subscribe=[subjects.SCHED_SCORE], responses=True)
     if kind == BRIDGE:
         # Kubernetes is where the bridge's commands come from; it shows rejections on the custom resources.

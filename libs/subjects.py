@@ -56,6 +56,10 @@ DATACLEAN_DELETED = "shoal.evt.dataclean.deleted"
 DATALOAD_FACTS = "shoal.evt.dataload.>"
 DATACLEAN_FACTS = "shoal.evt.dataclean.>"
 DATASET_FACTS = "shoal.evt.dataset.>"
+# The scheduler's facts, from the block inventory of every node it folds: a dataset's bytes in the cache with each
+# block counted once (what the dataset service's ``cachedPercentage`` takes).
+SCHEDULER_DATASET_CACHE = "shoal.evt.scheduler.dataset.cache"
+SCHEDULER_FACTS = "shoal.evt.scheduler.>"
 RUNTIME_FACTS = "shoal.evt.runtime.>"
 ALL_FACTS = "shoal.evt.>"
 # Every family's rejections (dataset, runtime, dataload, dataclean): the Kubernetes bridge shows them on the CRs.
@@ -153,6 +157,7 @@ DURABLE_DATASET_RUNTIME_STATUS = "dataset-runtime-status"
 DURABLE_RUNTIME_COMMANDS = "runtime-commands"
 DURABLE_RUNTIME_HEARTBEATS = "runtime-heartbeats"
 DURABLE_DATASET_INVENTORY = "dataset-inventory"
+DURABLE_DATASET_SCHEDULER_CACHE = "dataset-scheduler-cache"
 DURABLE_LOADER_COMMANDS = "loader-commands"
 DURABLE_LOADER_PROGRESS = "loader-progress"
 DURABLE_SCHEDULER_INVENTORY = "scheduler-inventory"

@@ -49,7 +49,7 @@ from libs.events.runtime import (
     RuntimeScale,
     RuntimeStatusChanged,
 )
-from libs.events.schedule import ScoreReply, ScoreRequest
+from libs.events.schedule import DatasetCacheObserved, ScoreReply, ScoreRequest
 
 PUBLIC_EVENTS: tuple[type[Any], ...] = (
     DatasetApply,
@@ -78,6 +78,7 @@ PUBLIC_EVENTS: tuple[type[Any], ...] = (
     OperationDeleted,
     ScoreRequest,
     ScoreReply,
+    DatasetCacheObserved,
     AgentHeartbeat,
     InventorySnapshot,
     InventoryDelta,

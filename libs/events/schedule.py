@@ -10,6 +10,9 @@ A reply lists the best ``limit`` nodes (100 unless the request says otherwise; 0
 ``unlistedScore`` the best score among them (every node left out scores at most that). The listed nodes are
 exactly the first ``limit`` of the full ranking. Both fields are new in v1 with defaults, so a request without
 ``limit`` still decodes (and gets the best 100) and an older reader ignores the two counts.
+
+The scheduler's one fact, ``scheduler.dataset.cache.v1``: how many bytes of a dataset's current files are in the
+cache, each block once however many nodes hold it (only the scheduler folds every node's blocks).
 """
 
 from __future__ import annotations
@@ -66,3 +69,19 @@ class ScoreReply(Event, frozen=True, kw_only=True, tag="sched.score.reply.v1", r
     # neither in ``scores`` nor in ``filtered`` scores at most ``unlisted_score``.
     unlisted: int = 0
     unlisted_score: int = 0
+
+
+class DatasetCacheObserved(Event, frozen=True, kw_only=True, tag="scheduler.dataset.cache.v1", rename="camel"):
+    """The bytes of a dataset's current file versions that at least one node caches, each block once: a block two
+    nodes hold (a DataLoad with ``replicas: 2``, readers that each kept what they read) counts once here and twice in
+    the nodes' own ``cachedBytes``. The dataset service's ``cachedPercentage`` is this over the dataset's size.
+    Published by the scheduler when the figure changes, at most about once a second per dataset; ``id`` is a digest
+    of what the figure was worked out from, so replicas folding the same events publish it once."""
+
+    name: str
+    namespace: str
+    unique_cached_bytes: int
+    # Nodes holding at least one block of the dataset's current files.
+    nodes: int = 0
+    # When the scheduler worked it out (RFC 3339, its clock).
+    observed_at: str = ""

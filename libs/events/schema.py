@@ -55,7 +55,7 @@ from libs.events.runtime import (
     RuntimeScale,
     RuntimeStatusChanged,
 )
-from libs.events.schedule import ScoreReply, ScoreRequest
+from libs.events.schedule import DatasetCacheObserved, ScoreReply, ScoreRequest
 
 INDEX_FILE = "index.json"
 
@@ -95,6 +95,7 @@ SUBJECTS: dict[type[Any], str] = {
     OperationDeleted: f"{subjects.DATALOAD_DELETED}, {subjects.DATACLEAN_DELETED}",
     ScoreRequest: subjects.SCHED_SCORE,
     ScoreReply: f"the reply subject of a {subjects.SCHED_SCORE} request",
+    DatasetCacheObserved: subjects.SCHEDULER_DATASET_CACHE,
 }
 
 

@@ -5,6 +5,7 @@
 | SHOAL_COMMANDS | shoal.cmd.dataset.* (apply, delete) | DatasetHandlers.on_command |
 | SHOAL_FACTS | shoal.evt.runtime.> (status, deleted; accepted: sync policy) | DatasetHandlers.on_runtime_fact |
 | SHOAL_AGENT | shoal.agent.inventory.* (snapshots, deltas) | DatasetHandlers.on_inventory |
+| SHOAL_FACTS | shoal.evt.scheduler.dataset.cache (bytes cached, each block once) | DatasetHandlers.on_scheduler_cache |
 | KV shoal_datasets | every key (watch) | DatasetHandlers.sync via Reconciler (autoSync: again after its period); |
 | | | the gauges (DatasetCensus); WatchedRecords |
 | KV shoal_datasets | a key that changed or went (same watch) | its references reconciled (ReferenceIndex) |
@@ -14,7 +15,7 @@
 | KV shoal_agents | every key (watch) | the agents' last beats: DatasetHandlers.forget_departed_nodes |
 | (timer) | every 10 s | DatasetHandlers.forget_departed_nodes (cache figures of nodes gone, datasets it owns) |
 
-Replicas (each with its own SHOAL_REPLICA_NAME) share the three consumers and split the reconciler's keys
+Replicas (each with its own SHOAL_REPLICA_NAME) share the four consumers and split the reconciler's keys
 (``libs.members``): each dataset is listed by one replica, and a replica that goes away hands its datasets over.
 
 Ready (``/readyz``) when connected to NATS and the consumers and the reconciler's watch run.
@@ -36,6 +37,7 @@ from libs.config import Settings
 from libs.events.agent import AgentRecord, AnyInventory
 from libs.events.dataset import DatasetCommand
 from libs.events.runtime import RuntimeFact
+from libs.events.schedule import DatasetCacheObserved
 from libs.members import Members
 from libs.reconcile import Reconciler
 from libs.service import Periodic, nats_check, run_loops
@@ -92,6 +94,11 @@ async def run(settings: Settings, stop: asyncio.Event, clock: Callable[[], float
             msgspec.json.Decoder(AnyInventory), handlers.on_inventory, max_event_bytes=MESSAGE_LIMIT,
             max_deliver=max_deliver, batch=LANE_BATCH, lane_of=dataset_lane,
         )
+        scheduler_cache = Consumer(
+            bus, subjects.STREAM_FACTS, subjects.DURABLE_DATASET_SCHEDULER_CACHE, subjects.SCHEDULER_DATASET_CACHE,
+            msgspec.json.Decoder(DatasetCacheObserved), handlers.on_scheduler_cache, max_event_bytes=max_bytes,
+            max_deliver=max_deliver, batch=LANE_BATCH, lane_of=dataset_lane,
+        )
         census = DatasetCensus()
         # Every outcome from the start, at 0, so a rate over it is 0 rather than absent (the dashboards).
         for outcome in (metrics.AUTOSYNC_CHANGED, metrics.AUTOSYNC_UNCHANGED, metrics.SYNC_FAILED):
@@ -111,8 +118,8 @@ async def run(settings: Settings, stop: asyncio.Event, clock: Callable[[], float
         departed = Periodic("departed nodes", lambda: handlers.forget_departed_nodes(census.nodes_named(),
                                                                                      members.owns),
                             DEPARTED_NODES_SECONDS)
-        await run_loops([members, bindings, policies, agents, commands, runtime_facts, inventory, reconciler,
-                         departed], stop, readiness)
+        await run_loops([members, bindings, policies, agents, commands, runtime_facts, inventory, scheduler_cache,
+                         reconciler, departed], stop, readiness)
     finally:
         await bus.close()
         await s3_clients.close()

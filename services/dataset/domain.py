@@ -42,8 +42,9 @@ from libs.events.dataset import (
     write_access_modes,
 )
 from libs.events.runtime import RuntimeSpec
+from libs.events.schedule import DatasetCacheObserved
 from libs.hostpaths import local_root_error
-from libs.inventory import DatasetInventory
+from libs.inventory import DatasetInventory, UniqueCached
 from libs.mounts import canonical_options, exposed_secret_errors, mount_path
 from libs.paths import relative_problem
 from libs.redact import hide_secret_query, is_secret_name, strip_userinfo
@@ -666,9 +667,12 @@ def percentage(part: int, whole: int) -> str:
 
 
 def cache_states(cache: DatasetInventory, ufs_total_bytes: int) -> CacheStates:
-    """The dataset's cache over every node. Reads split as Fluid's: ``localHitRatio`` from the reading node's own
-    tiers, ``remoteHitRatio`` from another node's cache (a peer), the rest from the store; ``cacheHitRatio`` is
-    local and remote together. Bytes since each node's mount process started."""
+    """The dataset's cache over every node. ``cached`` is what every node holds, summed (what the cache costs: a
+    block two nodes hold counts twice); ``cachedPercentage`` is the share of the dataset that is in the cache, as
+    Fluid means it: the scheduler's count of the bytes cached with each block once (``unique_cached_bytes``), else,
+    before the scheduler said it, the sum (capped at 100 %). Reads split as Fluid's: ``localHitRatio`` from the
+    reading node's own tiers, ``remoteHitRatio`` from another node's cache (a peer), the rest from the store;
+    ``cacheHitRatio`` is local and remote together. Bytes since each node's mount process started."""
     counters = [node.counters for node in cache.nodes.values()]
     cached = sum(c.cached_bytes for c in counters)
     capacity = sum(c.capacity_bytes for c in counters)
@@ -679,11 +683,32 @@ def cache_states(cache: DatasetInventory, ufs_total_bytes: int) -> CacheStates:
     return CacheStates(
         cache_capacity=format_bytes(capacity),
         cached=format_bytes(cached),
-        cached_percentage=percentage(cached, ufs_total_bytes),
+        cached_percentage=percentage(unique_cached_bytes(cache, cached), ufs_total_bytes),
         cache_hit_ratio=percentage(local + remote, reads),
         local_hit_ratio=percentage(local, reads),
         remote_hit_ratio=percentage(remote, reads),
     )
+
+
+def unique_cached_bytes(cache: DatasetInventory, cached: int) -> int:
+    """The dataset's bytes in the cache, each block once: the scheduler's figure, never more than the nodes' sum
+    ``cached`` (the two come by different paths: a node that evicted everything is seen here a moment before the
+    scheduler's next figure, or its figures dropped with its agent gone a moment before the scheduler's sweep);
+    ``cached`` itself while the scheduler has not said it."""
+    if cache.unique is None:
+        return cached
+    return min(cache.unique.bytes, cached)
+
+
+def with_unique_cached(cache: DatasetInventory | None, fact: DatasetCacheObserved,
+                       sequence: int) -> DatasetInventory | None:
+    """The node-cache fold with the scheduler's figure of ``fact``, published at stream ``sequence``; None when the
+    fold already has it or a later one (redelivered, or handled after a later fact by another replica)."""
+    cache = cache or DatasetInventory()
+    if cache.unique is not None and cache.unique.sequence >= sequence:
+        return None
+    return msgspec.structs.replace(cache, unique=UniqueCached(bytes=fact.unique_cached_bytes, sequence=sequence,
+                                                              observed_at=fact.observed_at))
 
 
 def node_caches(cache: DatasetInventory) -> list[NodeCache]:
@@ -731,7 +756,8 @@ def without_nodes(cache: DatasetInventory, nodes: Collection[str]) -> DatasetInv
     """``cache`` without the figures of ``nodes``; the same object when it has none of them."""
     if not any(node in cache.nodes for node in nodes):
         return cache
-    return DatasetInventory(nodes={name: node for name, node in cache.nodes.items() if name not in nodes})
+    return msgspec.structs.replace(cache, nodes={name: node for name, node in cache.nodes.items()
+                                                 if name not in nodes})
 
 
 # --- Reference datasets (dataset://<namespace>/<name>, libs.references) ---

@@ -52,6 +52,7 @@ from libs.events.dataset import (
     find_condition,
 )
 from libs.events.runtime import RuntimeAccepted, RuntimeDeleted, RuntimeFact, RuntimeRecord, RuntimeStatusChanged
+from libs.events.schedule import DatasetCacheObserved
 from libs.inventory import DatasetInventory
 from libs.inventory import fold as fold_inventory
 from libs.manifest import ManifestStore
@@ -344,6 +345,24 @@ class DatasetHandlers:
             request = InventoryRequest(node=event.node, dataset=ref)
             await self.bus.publish_core(subjects.INVENTORY_REQUEST, request)
         await self._update_status(key, lambda record: domain.with_cache_states(record.status, folded))
+
+    async def on_scheduler_cache(self, fact: DatasetCacheObserved, delivery: Delivery) -> None:
+        """Keep the scheduler's count of the dataset's bytes cached, each block once, with its node-cache fold: the
+        fold here has the nodes' totals only (no block sets), so ``cachedPercentage`` takes this figure."""
+        key = subjects.resource_key(fact.namespace, fact.name)
+        kv = await self.bus.kv(subjects.KV_NODE_CACHE)
+        # As for inventory: the entry, then the record, and a first entry written at the revision read, so a fact
+        # of a dataset deleted meanwhile does not bring its entry back.
+        current, revision, _ = await kv_load_deleted(kv, key, DatasetInventory)
+        if current is None and await dataset_record_missing(self.bus, key):
+            return
+        updated = domain.with_unique_cached(current, fact, delivery.stream_sequence)
+        if updated is None:
+            return  # this figure or a later one is kept already
+        await kv_save(kv, key, updated, revision if revision is not None else 0)  # Conflict → redelivered at once
+        # The status from the fold as it is when written (an inventory event's write may land in between).
+        await self._update(key, lambda record, _: record.status, None, references=False, read_binding=False,
+                           read_cache=True)
 
     async def forget_departed_nodes(self, named: Mapping[str, set[str]], owns: Callable[[str], bool]) -> None:
         """Drop from each dataset (of those ``named`` → the nodes its status names, that this replica owns) the

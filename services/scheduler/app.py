@@ -8,6 +8,7 @@
 | KV shoal_agents | every key (mirror) | node labels and liveness |
 | core NATS shoal.sched.score | ScoreRequest → ScoreReply (queue group) | SchedulerHandlers.answer_raw |
 | core NATS shoal.ctl.inventory.request | published: InventoryRequest on a gap, and to every agent at start | — |
+| SHOAL_FACTS | published: shoal.evt.scheduler.dataset.cache (bytes cached, each block once) | publish_cache (1/s) |
 
 With ``SHOAL_SCHED_HTTP_PORT`` set, the HTTP front (admission webhook and extender, ``services.scheduler.http``)
 runs as one more loop on ``handlers.answer``, the same decision function, with TLS from ``SHOAL_SCHED_TLS_*``.
@@ -46,6 +47,10 @@ LABELS_SECONDS = 1.0
 # How often manifests that failed to load are looked at (``SchedulerHandlers.retry_catalogs``): the first retry is
 # due half a second after the failure, so a catalog is back within about a second of NATS answering again.
 CATALOG_RETRY_SECONDS = 0.5
+# How often changed figures of datasets' unique cached bytes are published (``SchedulerHandlers.publish_cache``):
+# the status follows within about a second, and a dataset being loaded (thousands of events a second) costs one fact
+# a second, not one per event.
+CACHE_FACTS_SECONDS = 1.0
 # Inventory events are small and folding one takes microseconds: large fetches keep the consumer near the
 # stream's own rate (see the scheduler bench).
 INVENTORY_BATCH = 256
@@ -128,7 +133,8 @@ async def run(settings: Settings, stop: asyncio.Event, clock: Callable[[], float
                              ScoreServer(bus, handlers),
                              Periodic("sweep", handlers.sweep, SWEEP_SECONDS),
                              Periodic("labels", handlers.refresh_labels, LABELS_SECONDS),
-                             Periodic("catalogs", handlers.retry_catalogs, CATALOG_RETRY_SECONDS)]
+                             Periodic("catalogs", handlers.retry_catalogs, CATALOG_RETRY_SECONDS),
+                             Periodic("cache facts", handlers.publish_cache, CACHE_FACTS_SECONDS)]
         sched = settings.scheduler
         if sched.http_port is not None:
             loops.append(http_loop(handlers.answer, host=sched.http_host, port=sched.http_port,

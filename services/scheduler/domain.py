@@ -39,6 +39,7 @@ the answers (and the top of its full ranking) must equal.
 from __future__ import annotations
 
 import functools
+import hashlib
 import itertools
 import operator
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -49,7 +50,8 @@ import msgspec
 
 from libs.affinity import mismatch as affinity_mismatch
 from libs.events.agent import AgentHeartbeat
-from libs.events.schedule import DatasetUse, NodeScore, ScoreReply, ScoreRequest
+from libs.events.common import rfc3339
+from libs.events.schedule import DatasetCacheObserved, DatasetUse, NodeScore, ScoreReply, ScoreRequest
 from libs.references import Reference
 
 DatasetKey = tuple[str, str]
@@ -802,3 +804,20 @@ def through_references(request: ScoreRequest, sources: Mapping[tuple[str, str], 
             paths = [folder + (path if path != "/" else "") for path in paths] or [folder]
         uses.append(DatasetUse(name=source.name, namespace=source.namespace, paths=paths, required=use.required))
     return msgspec.structs.replace(request, datasets=uses)
+
+
+# --- The scheduler's fact: a dataset's bytes in the cache, each block once ---
+
+
+def cache_fact(dataset: DatasetKey, unique_bytes: int, nodes: int, positions: Iterable[tuple[str, str, int]],
+               manifest: object, now: float) -> DatasetCacheObserved:
+    """``scheduler.dataset.cache.v1`` of a dataset whose fold holds ``unique_bytes`` of its current files (each
+    block once) on ``nodes`` nodes. The id is a digest of what the figure was worked out from: every node's place in
+    its inventory stream (node, incarnation, seq), the manifest whose files count, and the figure. Replicas that
+    folded the same events publish the same id (JetStream keeps one), and a figure that comes back to an earlier
+    value after other events gets a new id, so it is not dropped as a repeat."""
+    digest = hashlib.blake2b(msgspec.json.encode([unique_bytes, sorted(positions), repr(manifest)]), digest_size=8)
+    namespace, name = dataset
+    return DatasetCacheObserved(id=f"scheduler.{namespace}.{name}.cache.{digest.hexdigest()}", name=name,
+                                namespace=namespace, unique_cached_bytes=unique_bytes, nodes=nodes,
+                                observed_at=rfc3339(now))

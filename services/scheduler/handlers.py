@@ -170,6 +170,8 @@ class SchedulerHandlers:
         # and whether the snapshots of the serving mounts are in since (``warming``).
         self._asked_at: float | None = None
         self._warm = False
+        # Each dataset's unique cached bytes as this process last published them (``publish_cache``).
+        self._published: dict[DatasetKey, int] = {}
 
     def _count(self, what: str) -> None:
         self.counts[what] = self.counts.get(what, 0) + 1
@@ -298,6 +300,29 @@ class SchedulerHandlers:
         self._count("snapshot_requests")
         await self.bus.publish_core(subjects.INVENTORY_REQUEST, InventoryRequest(node=node, dataset=dataset))
 
+    async def publish_cache(self) -> None:
+        """Publish ``scheduler.dataset.cache.v1`` for each dataset whose bytes in the cache, each block once
+        (``CacheFold.unique``), changed since this process last published them: the dataset service's
+        ``cachedPercentage`` (it sums the nodes' own figures otherwise, counting twice a block two nodes hold).
+        Called every second (``app.CACHE_FACTS_SECONDS``), so at most one fact per dataset and second however many
+        events moved it. Not while the fold is starting: a fold rebuilding from the agents' snapshots would say
+        less than is cached. After a start each dataset with inventory is published once again (harmless)."""
+        if not self.datasets_ready.is_set() or self.warming():
+            return
+        for key in [key for key in self._published if key not in self.datasets]:
+            del self._published[key]
+        for key in list(self.fold.datasets):
+            info, nodes = self.datasets.get(key), self.fold.datasets.get(key)
+            unique = self.fold.unique.get(key, 0)
+            if info is None or nodes is None or self._published.get(key) == unique:
+                continue
+            positions = [(node, cache.position.incarnation, cache.position.seq) for node, cache in nodes.items()]
+            fact = domain.cache_fact(key, unique, len(self.fold.held.get(key, {})), positions,
+                                     info.manifest_version, self.clock())
+            await self.bus.publish(subjects.SCHEDULER_DATASET_CACHE, fact)
+            self._published[key] = unique
+            self._count("cache_facts")
+
     # --- datasets and their manifests ---
 
     async def watch_datasets(self, stopping: asyncio.Event) -> None:
@@ -398,6 +423,7 @@ class SchedulerHandlers:
 
     def forget_dataset(self, key: DatasetKey) -> None:
         self.references.pop(key, None)
+        self._published.pop(key, None)  # one applied again starts from nothing
         self._unloaded.pop(key, None)
         self.datasets.pop(key, None)
         self.info_version += 1

@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from libs.config import S3Settings, Secret
-from libs.events.agent import AgentHeartbeat, AgentRecord, CacheCounters, InventorySnapshot
+from libs.events.agent import AgentHeartbeat, AgentRecord, CacheCounters, InventoryDelta, InventorySnapshot
 from libs.events.common import ObjectMeta, ObjectRef, rfc3339
 from libs.events.dataset import (
     CacheStates,
@@ -30,7 +30,8 @@ from libs.events.dataset import (
     User,
     find_condition,
 )
-from libs.inventory import fold
+from libs.events.schedule import DatasetCacheObserved
+from libs.inventory import DatasetInventory, fold
 from libs.mounts import canonical_options, mount_path
 from libs.ufs.base import HttpLocation, LocalLocation, S3Location
 from libs.ufs.mounts import MissingSecret, resolve_location, secret_refs
@@ -60,6 +61,7 @@ from services.dataset.domain import (
     with_binding,
     with_cache_states,
     with_mount_condition,
+    with_unique_cached,
     without_nodes,
 )
 
@@ -955,6 +957,37 @@ def two_nodes(first: CacheCounters, second: CacheCounters) -> Any:
         cache, _ = fold(cache, InventorySnapshot(node=node, dataset=ObjectRef(name="d"), incarnation="i", seq=1,
                                                  counters=counters), track_blocks=False)
     return cache
+
+
+def test_the_cached_percentage_counts_a_block_two_nodes_hold_once() -> None:
+    """Half of a 100-byte dataset loaded on two nodes (a DataLoad with ``replicas: 2``): ``cached`` is what the
+    nodes hold (100 bytes, what the cache costs), ``cachedPercentage`` the share of the dataset in the cache (50 %,
+    the scheduler's count, each block once). It read 100 % while it summed the nodes."""
+    cache = two_nodes(CacheCounters(cached_bytes=50), CacheCounters(cached_bytes=50))
+    assert cache_states(cache, ufs_total_bytes=100).cached_percentage == "100.0%"  # before the scheduler's figure
+    fact = DatasetCacheObserved(name="d", namespace="default", unique_cached_bytes=50, nodes=2)
+    counted = with_unique_cached(cache, fact, sequence=7)
+    assert counted is not None and counted.nodes == cache.nodes
+    states = cache_states(counted, ufs_total_bytes=100)
+    assert (states.cached, states.cached_percentage) == ("100B", "50.0%")
+    # An older fact (redelivered, or handled after this one by another replica) does not replace it.
+    assert with_unique_cached(counted, msgspec.structs.replace(fact, unique_cached_bytes=10), sequence=6) is None
+    assert with_unique_cached(counted, fact, sequence=7) is None
+    # The fold carries the figure along; the figure never says more than the nodes hold (one node's eviction is
+    # seen here a moment before the scheduler's next figure), nor than the dataset.
+    evicted, _ = fold(counted, InventoryDelta(node="node-a", dataset=ObjectRef(name="d"), incarnation="i", seq=2,
+                                              counters=CacheCounters(cached_bytes=0)), track_blocks=False)
+    evicted, _ = fold(evicted, InventoryDelta(node="node-b", dataset=ObjectRef(name="d"), incarnation="i", seq=2,
+                                              counters=CacheCounters(cached_bytes=20)), track_blocks=False)
+    assert evicted.unique == counted.unique
+    assert cache_states(evicted, ufs_total_bytes=100).cached_percentage == "20.0%"
+    assert without_nodes(counted, {"node-b"}).unique == counted.unique
+    assert cache_states(two_nodes(CacheCounters(cached_bytes=80), CacheCounters(cached_bytes=80)),
+                        ufs_total_bytes=100).cached_percentage == "100.0%"  # the sum, capped
+    # A node-cache entry written before the figure existed still decodes, without one.
+    old = msgspec.json.encode({"nodes": {"n1": {"incarnation": "i", "seq": 1}}})
+    assert msgspec.json.decode(old, type=DatasetInventory).unique is None
+    assert msgspec.json.decode(msgspec.json.encode(counted), type=DatasetInventory) == counted
 
 
 def test_hit_ratios_split_local_remote_and_store_reads_over_every_node() -> None:

@@ -73,6 +73,18 @@ def test_commands_come_from_the_cli_the_bridge_the_loaders_resync_and_the_autosc
     assert {kind for kind in KINDS if may_publish(kind, subjects.RUNTIME_SCALE)} == {CLI, BRIDGE, RUNTIME}
 
 
+def test_the_schedulers_cache_facts_come_from_the_scheduler_and_go_to_the_dataset_service() -> None:
+    """Only the scheduler folds every node's blocks: a dataset's bytes cached, each block once, are its word alone
+    (the dataset service's cachedPercentage takes them), and the dataset service consumes them by its durable."""
+    assert {kind for kind in KINDS if may_publish(kind, subjects.SCHEDULER_DATASET_CACHE)} == {SCHEDULER}
+    durable = subjects.DURABLE_DATASET_SCHEDULER_CACHE
+    assert {kind for kind in KINDS
+            if may_publish(kind, natsauth.consumer_api("MSG.NEXT", subjects.STREAM_FACTS, durable))} == {DATASET}
+    assert may_publish(DATASET, natsauth.consumer_create_subject(subjects.STREAM_FACTS, durable,
+                                                                  subjects.SCHEDULER_DATASET_CACHE))
+    assert not may_publish(SCHEDULER, subjects.DATASET_STATUS)  # the fact only: the status stays the dataset's
+
+
 def test_each_bucket_is_written_by_its_owner_only() -> None:
     owners = {bucket: {kind for kind in KINDS if may_publish(kind, f"$KV.{bucket}.k")}
               for bucket in natsauth.KV_BUCKETS}
