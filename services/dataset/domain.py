@@ -700,6 +700,15 @@ def unique_cached_bytes(cache: DatasetInventory, cached: int) -> int:
     return min(cache.unique.bytes, cached)
 
 
+def cache_fact_errors(fact: DatasetCacheObserved) -> list[str]:
+    """Why a ``scheduler.dataset.cache.v1`` cannot be kept: a name that is no dataset's (nor a KV key), or a count
+    of bytes below zero."""
+    errors = validate_ref(fact.name, fact.namespace)
+    if fact.unique_cached_bytes < 0:
+        errors.append(f"uniqueCachedBytes must not be negative, got {fact.unique_cached_bytes}")
+    return errors
+
+
 def with_unique_cached(cache: DatasetInventory | None, fact: DatasetCacheObserved,
                        sequence: int) -> DatasetInventory | None:
     """The node-cache fold with the scheduler's figure of ``fact``, published at stream ``sequence``; None when the

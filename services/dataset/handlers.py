@@ -349,6 +349,9 @@ class DatasetHandlers:
     async def on_scheduler_cache(self, fact: DatasetCacheObserved, delivery: Delivery) -> None:
         """Keep the scheduler's count of the dataset's bytes cached, each block once, with its node-cache fold: the
         fold here has the nodes' totals only (no block sets), so ``cachedPercentage`` takes this figure."""
+        errors = domain.cache_fact_errors(fact)
+        if errors:  # not the scheduler's (it publishes only datasets that exist, with what it counted)
+            raise Permanent(f"scheduler cache fact refused: {'; '.join(errors)}")
         key = subjects.resource_key(fact.namespace, fact.name)
         kv = await self.bus.kv(subjects.KV_NODE_CACHE)
         # As for inventory: the entry, then the record, and a first entry written at the revision read, so a fact

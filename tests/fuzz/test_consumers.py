@@ -54,7 +54,7 @@ from libs.events.runtime import (
     RuntimeRecord,
     RuntimeRejected,
 )
-from libs.events.schedule import ScoreReply
+from libs.events.schedule import DatasetCacheObserved, ScoreReply
 from services.dataset.handlers import DatasetHandlers
 from services.loader.domain import RunState
 from services.loader.handlers import LoaderHandlers
@@ -181,6 +181,17 @@ async def test_dataset_inventory(dataset_handlers: Any, data: bytes) -> None:
                                            subjects.AGENT_INVENTORY, msgspec.json.Decoder(AnyInventory),
                                            handlers.on_inventory))
     await drive.send(subjects.agent_inventory("n1"), data)
+
+
+@FUZZ
+@example(data=b'{"type": "scheduler.dataset.cache.v1", "name": ">", "namespace": "a b", "uniqueCachedBytes": 1}')
+@given(data=payloads(events("scheduler.dataset.cache.v1")))
+async def test_dataset_scheduler_cache(dataset_handlers: Any, data: bytes) -> None:
+    bus, handlers, published = dataset_handlers
+    drive = Drive(bus, published, consumer(bus, subjects.STREAM_FACTS, subjects.DURABLE_DATASET_SCHEDULER_CACHE,
+                                           subjects.SCHEDULER_DATASET_CACHE, msgspec.json.Decoder(DatasetCacheObserved),
+                                           handlers.on_scheduler_cache))
+    await drive.send(subjects.SCHEDULER_DATASET_CACHE, data)
 
 
 # --- runtime service ---

@@ -2,6 +2,7 @@
 into ``cacheStates`` hit ratios (local, remote, store) and ``status.nodes``; the CLI's describe lists them. The
 figures come back from the folded inventory when the dataset binds again, and follow a resync's new size, with no
 new inventory event (an agent whose cache did not change sends none). A node whose agent is gone leaves them.
+With the scheduler running too, a block two nodes hold counts once in ``cachedPercentage`` and twice in ``cached``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from libs.events.agent import (
     AgentHeartbeat,
     AgentRecord,
     CacheCounters,
+    CachedFile,
     InventoryDelta,
     InventoryRequest,
     InventorySnapshot,
@@ -31,7 +33,9 @@ from libs.events.common import ObjectMeta, ObjectRef
 from libs.events.dataset import Dataset, DatasetApply, DatasetRecord, DatasetResync, DatasetSpec, Mount, NodeCache
 from libs.events.runtime import RuntimePhase, RuntimeStatus, RuntimeStatusChanged
 from libs.inventory import DatasetInventory
+from libs.manifest import ManifestStore
 from services.dataset import app as dataset_app
+from services.scheduler import app as scheduler_app
 from tests.conftest import NatsServer, SeaweedServer, put_objects
 from tests.helpers import dataset_record, eventually, running
 
@@ -132,6 +136,50 @@ async def test_cache_states_come_back_from_the_fold_on_binding_again_and_follow_
         await bus.publish(subjects.DATASET_RESYNC, DatasetResync(name="model"))
         record = await status_where(bus, lambda r: r.status.ufs_total_bytes == 2000)
         assert record.status.cache_states.cached_percentage == "50.0%"
+
+
+async def test_a_block_two_nodes_hold_counts_once_in_the_cached_percentage(
+        bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str) -> None:
+    """Half of the dataset (a.bin of a.bin and b.bin) cached on two nodes, as a DataLoad with ``replicas: 2`` leaves
+    it: ``cachedPercentage`` is the share of the dataset in the cache (50 %, each block once: the scheduler's count),
+    ``cached`` what the nodes hold (2000 bytes, what the cache costs). Summing the nodes said 100 %."""
+    await put_objects(seaweedfs, bucket, {"a.bin": b"a" * 1000, "b.bin": b"b" * 1000})
+    async with running(lambda stop: dataset_app.run(settings, stop)):
+        dataset = Dataset(metadata=ObjectMeta(name="model"),
+                          spec=DatasetSpec(mounts=[Mount(mount_point=f"s3://{bucket}/")]))
+        await bus.publish(subjects.DATASET_APPLY, DatasetApply(dataset=dataset))
+        record = await status_where(bus, lambda r: r.status.ufs_total_bytes == 2000)
+        await bus.publish(subjects.RUNTIME_STATUS, runtime_phase("Ready", 1))
+        await status_where(bus, lambda r: r.status.phase == "Bound")
+        etags = {entry.key: entry.etag for entry in await (await ManifestStore.of(bus)).load(record.status.manifest)}
+
+        def held(*keys: str) -> list[CachedFile]:
+            return [CachedFile(0, key, etags[key], [(0, 1000)]) for key in keys]
+
+        # The scheduler starts once the dataset is there, as it would be running all along (it reads the records
+        # before it folds inventory; a simulated agent answers no snapshot request).
+        async with running(lambda stop: scheduler_app.run(settings, stop)):
+            for node in ("node-a", "node-b"):
+                await bus.publish(subjects.agent_inventory(node), InventorySnapshot(
+                    node=node, dataset=DATASET, incarnation=node, seq=1, files=held("a.bin"),
+                    counters=CacheCounters(cached_bytes=1000, capacity_bytes=4000)))
+            record = await status_where(bus, lambda r: len(r.status.nodes) == 2
+                                        and r.status.cache_states.cached_percentage == "50.0%")
+            assert record.status.cache_states.cached == "1.95KiB"  # 2000 bytes: both copies
+            assert [node.cached_bytes for node in record.status.nodes] == [1000, 1000]
+
+            # node-a evicts its copy: still half of the dataset cached, held once.
+            await bus.publish(subjects.agent_inventory("node-a"), InventoryDelta(
+                node="node-a", dataset=DATASET, incarnation="node-a", seq=2, evicted=held("a.bin"),
+                counters=CacheCounters(cached_bytes=0, capacity_bytes=4000)))
+            record = await status_where(bus, lambda r: r.status.cache_states.cached == "1000B")
+            assert record.status.cache_states.cached_percentage == "50.0%"
+            # node-b caches b.bin as well: all of it.
+            await bus.publish(subjects.agent_inventory("node-b"), InventoryDelta(
+                node="node-b", dataset=DATASET, incarnation="node-b", seq=2, cached=held("b.bin"),
+                counters=CacheCounters(cached_bytes=2000, capacity_bytes=4000)))
+            await status_where(bus, lambda r: r.status.cache_states.cached_percentage == "100.0%"
+                               and r.status.cache_states.cached == "1.95KiB")
 
 
 class Beats:

@@ -388,6 +388,9 @@ async def test_every_kind_does_its_job_unrefused_and_no_secret_shows_anywhere(
                 await eventually(lambda: _async(bool(rejections)), what="the bridge follows the rejection")
                 await eventually(lambda: _async(any(b"dataset.status" in f or b'"Bound"' in f for f in facts)),
                                  what="the observer receives facts")
+                # The scheduler's own fact (the load cached the data): its user may publish it.
+                await eventually(lambda: _async(any(b'"scheduler.dataset.cache.v1"' in f for f in facts)),
+                                 what="the scheduler's cache fact")
                 port = await eventually(lambda: _async(target_port(targets, "good")), what="the mount's target")
                 metrics_texts.append(await scrape_text(port))
                 metrics_texts.append(generate_latest(REGISTRY).decode())

@@ -47,6 +47,7 @@ from services.dataset.domain import (
     SyncResult,
     apply_dataset,
     bound_status,
+    cache_fact_errors,
     cache_states,
     dataset_phase,
     departed_nodes,
@@ -984,6 +985,11 @@ def test_the_cached_percentage_counts_a_block_two_nodes_hold_once() -> None:
     assert without_nodes(counted, {"node-b"}).unique == counted.unique
     assert cache_states(two_nodes(CacheCounters(cached_bytes=80), CacheCounters(cached_bytes=80)),
                         ufs_total_bytes=100).cached_percentage == "100.0%"  # the sum, capped
+    # A fact that names no dataset, or counts below zero, is refused with the reason.
+    assert cache_fact_errors(fact) == []
+    refused = cache_fact_errors(msgspec.structs.replace(fact, name="A b", unique_cached_bytes=-1))
+    assert [error.split(":")[0] for error in refused] == ["name 'A b' is not a DNS-1035 label",
+                                                          "uniqueCachedBytes must not be negative, got -1"]
     # A node-cache entry written before the figure existed still decodes, without one.
     old = msgspec.json.encode({"nodes": {"n1": {"incarnation": "i", "seq": 1}}})
     assert msgspec.json.decode(old, type=DatasetInventory).unique is None
