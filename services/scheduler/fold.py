@@ -106,6 +106,10 @@ class NodeCache:
         return sum(self.files.get(key, {}).values())
 
 
+# A block no node holds: (holders, size).
+_NO_HOLDER = (0, 0)
+
+
 def _release(shared: dict[int, tuple[int, int]], index: int) -> int:
     """One node fewer holds block ``index`` of a file (``CacheFold.holders``); its bytes when it was the last."""
     holding, size = shared.get(index, (0, 0))
@@ -220,43 +224,51 @@ class CacheFold:
     def _change(self, key: DatasetKey, cache: NodeCache, cached: list[CachedFile], evicted: list[CachedFile],
                 catalog: Catalog | None) -> None:
         holders = self.holders.setdefault(key, {})
-        unique = 0  # what this event adds to (or takes from) ``unique``
+        # What this event adds to (or takes from) the node's ``total`` and ``current`` and the dataset's ``unique``,
+        # summed in locals and applied once: this is the scheduler's busiest loop.
+        total = current = unique = 0
         for item in cached:
             file = (item.mount, item.key, item.etag)
             counts = catalog is None or file in catalog.files
             blocks = cache.files.setdefault(file, {})
             shared = holders.setdefault(file, {})
+            grown = added = 0
             for index, size in item.blocks:
                 before = blocks.get(index)
-                grown = size - (before or 0)
                 blocks[index] = size
-                cache.total += grown
-                holding, last = shared.get(index, (0, 0))
-                shared[index] = (holding + (before is None), size)
-                if counts:
-                    cache.current += grown
-                    unique += size - last
+                holding, last = shared.get(index, _NO_HOLDER)
+                if before is None:
+                    grown += size
+                    shared[index] = (holding + 1, size)
+                else:
+                    grown += size - before
+                    shared[index] = (holding, size)
+                added += size - last
+            total += grown
+            if counts:
+                current += grown
+                unique += added
         for item in evicted:
             file = (item.mount, item.key, item.etag)
             held = cache.files.get(file)
             if held is None:
                 continue
-            counts = catalog is None or file in catalog.files
             shared = holders.get(file, {})
+            freed = gone = 0
             for index, _ in item.blocks:
-                if index not in held:
-                    continue
-                size = held.pop(index)
-                cache.total -= size
-                if counts:
-                    cache.current -= size
-                gone = _release(shared, index)
-                if counts:
-                    unique -= gone
+                if index in held:
+                    freed += held.pop(index)
+                    gone += _release(shared, index)
+            total -= freed
+            if catalog is None or file in catalog.files:
+                current -= freed
+                unique -= gone
             if not held:
                 del cache.files[file]
             if not shared:
                 holders.pop(file, None)
+        cache.total += total
+        cache.current += current
         if not holders:
             del self.holders[key]
         self._add_unique(key, unique)
