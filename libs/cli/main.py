@@ -418,13 +418,17 @@ def _sources(paths: Sequence[str], recursive: bool) -> list[manifests.ManifestSo
         raise CliError(str(err)) from err
 
 
+def _namespace_given() -> bool:
+    """Whether the running command's ``-n`` was typed on the command line (not its default or the environment)."""
+    return click.get_current_context().get_parameter_source("namespace") == click.core.ParameterSource.COMMANDLINE
+
+
 def _read_manifests(sources: Sequence[manifests.ManifestSource], namespace: str,
-                    action: str) -> tuple[list[Command], list[str], bool]:
+                    action: str, enforce: bool = False) -> tuple[list[Command], list[str], bool]:
     """Commands from every file; prints the errors of invalid documents. Returns (commands, notes, all valid).
 
-    ``-n`` given on the command line is enforced (a document naming another namespace is invalid, as in kubectl);
-    left out, it is only the namespace of documents that name none."""
-    enforce = click.get_current_context().get_parameter_source("namespace") == click.core.ParameterSource.COMMANDLINE
+    ``enforce`` (``-n`` given on the command line): a document naming another namespace is invalid, as in kubectl;
+    otherwise ``namespace`` is only that of documents that name none."""
     commands: list[Command] = []
     notes: list[str] = []
     valid = True
@@ -482,7 +486,8 @@ def apply(options: Options, files: tuple[str, ...], recursive: bool, namespace: 
     Fluid runtimes (AlluxioRuntime, JuiceFSRuntime, ...) become Shoal runtimes and a Fluid DataLoad applies as
     it is; every field Shoal does not use is listed on stderr as "ignored: ...".
     """
-    commands, notes, valid = _read_manifests(_sources(files, recursive), namespace, "apply")
+    commands, notes, valid = _read_manifests(_sources(files, recursive), namespace, "apply",
+                                              _namespace_given())
     for note in notes:
         click.echo(note, err=True)
     if commands:
@@ -560,7 +565,8 @@ def delete(options: Options, resource: str | None, name: str | None, namespace: 
     if files and (resource or name):
         raise click.UsageError("give either -f FILE or RESOURCE NAME, not both")
     if files:
-        commands, _, valid = _read_manifests(_sources(files, recursive), namespace, "delete")
+        commands, _, valid = _read_manifests(_sources(files, recursive), namespace, "delete",
+                                                _namespace_given())
     elif resource and name:
         kind = RESOURCE_ALIASES[resource.lower()]
         event: DatasetDelete | RuntimeDelete | DataLoadDelete | DataCleanDelete
