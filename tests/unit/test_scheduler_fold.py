@@ -365,6 +365,19 @@ def held_recounted(state: CacheFold) -> dict[tuple[str, str], dict[str, int]]:
             for key, nodes in state.datasets.items()}
 
 
+def take_step(state: CacheFold, step: str, catalog: Catalog) -> None:
+    """A step of the property tests that is no event: the catalog set or dropped, n1 or the dataset forgotten."""
+    if step == "catalog":
+        state.set_catalog(KEY, catalog)
+    elif step == "no catalog":
+        state.set_catalog(KEY, None)
+    elif step == "forget n1":
+        state.forget_node("n1")
+    else:
+        assert step == "forget dataset", step
+        state.forget_dataset(KEY)
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.one_of(events(), st.sampled_from(["catalog", "no catalog", "forget n1", "forget dataset"])),
                 max_size=25))
@@ -374,16 +387,9 @@ def test_the_held_bytes_kept_as_events_arrive_equal_a_recount(sequence: list[Inv
     state = CacheFold()
     catalog = Catalog([entry("/a", "a", 8, etag="e"), entry("/b", "b", 8, etag="other")])
     for step in sequence:
-        if step == "catalog":
-            state.set_catalog(KEY, catalog)
-        elif step == "no catalog":
-            state.set_catalog(KEY, None)
-        elif step == "forget n1":
-            state.forget_node("n1")
-        elif step == "forget dataset":
-            state.forget_dataset(KEY)
+        if isinstance(step, str):
+            take_step(state, step, catalog)
         else:
-            assert not isinstance(step, str)
             state.apply(step)
         held = {key: nodes for key, nodes in state.held.items() if nodes}
         assert held == {key: nodes for key, nodes in held_recounted(state).items() if nodes}
@@ -521,16 +527,9 @@ def test_the_unique_bytes_kept_as_events_arrive_equal_the_bytes_of_the_union(
     state = CacheFold()
     catalog = Catalog([entry("/a", "a", 8, etag="e"), entry("/b", "b", 8, etag="other")])
     for step in sequence:
-        if step == "catalog":
-            state.set_catalog(KEY, catalog)
-        elif step == "no catalog":
-            state.set_catalog(KEY, None)
-        elif step == "forget n1":
-            state.forget_node("n1")
-        elif step == "forget dataset":
-            state.forget_dataset(KEY)
+        if isinstance(step, str):
+            take_step(state, step, catalog)
         else:
-            assert not isinstance(step, str)
             event, other = step
             state.apply(consistent(replace(event, dataset=OTHER) if other else event))
         for key in (KEY, OTHER_KEY):
