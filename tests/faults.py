@@ -150,6 +150,9 @@ class CountingStore(HoldsGets):
     async def head(self, key: str) -> ObjectInfo:
         return await self.inner.head(key)
 
+    async def names_object(self) -> bool:
+        return await self.inner.names_object()
+
     async def get_range(self, key: str, start: int, length: int, etag: str | None = None) -> bytes:
         self.gets.append(Get(key, start, length))
         if self.unreachable:
@@ -359,6 +362,9 @@ class ListedStore:
             raise NoSuchKey(f"no object {key!r}")
         return self._info(key)
 
+    async def names_object(self) -> bool:
+        return False  # a folder of ``objects``
+
     async def get_range(self, key: str, start: int, length: int, etag: str | None = None) -> bytes:
         info = await self.head(key)
         if etag is not None and etag != info.etag:
@@ -380,6 +386,9 @@ class StoreWrapper:
 
     async def head(self, key: str) -> ObjectInfo:
         return await self.store.head(key)
+
+    async def names_object(self) -> bool:
+        return await self.store.names_object()
 
     async def get_range(self, key: str, start: int, length: int, etag: str | None = None) -> bytes:
         return await self.store.get_range(key, start, length, etag)

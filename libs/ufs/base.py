@@ -115,6 +115,13 @@ class ObjectStore(Protocol):
 
     async def head(self, key: str) -> ObjectInfo: ...
 
+    async def names_object(self) -> bool:
+        """Whether the location itself is one object (a file), not a folder: an S3 prefix that is a key without its
+        trailing '/', a local path that is a regular file. The sync asks when a listing finds nothing (or a local
+        root is no folder), so that ``s3://bucket/dir/model.bin`` fails with what to mount instead of binding an
+        empty dataset; False when it is not, or cannot be told."""
+        ...
+
     async def get_range(self, key: str, start: int, length: int, etag: str | None = None) -> bytes:
         """``length`` bytes from ``start`` (fewer at the end); with ``etag``, ObjectChanged on a mismatch."""
         ...

@@ -432,6 +432,11 @@ class HttpObjectStore:
         self._check_key(key)
         return await self._probe(key, None, self.url_of(key))
 
+    async def names_object(self) -> bool:
+        """Never asked for here: a URL of a file already fails its listing, with why ("is not a directory
+        listing": point the mountPoint at a folder)."""
+        return False
+
     async def _probe(self, key: str, listed_size: int | None, url: str) -> ObjectInfo:
         """The file's size and pin from a HEAD; a server refusing HEAD, or answering it without a size the listing
         does not show either, gets a one-byte ranged GET instead."""

@@ -289,6 +289,10 @@ class LocalObjectStore:
         self._check_key(key)
         return await asyncio.to_thread(self._head, key)
 
+    async def names_object(self) -> bool:
+        """Whether the root is a regular file (its listing fails: it is not a directory)."""
+        return await asyncio.to_thread(os.path.isfile, self._root)
+
     async def get_range(self, key: str, start: int, length: int, etag: str | None = None) -> bytes:
         if start < 0 or length < 0:
             raise ValueError("start and length must not be negative")

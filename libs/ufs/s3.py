@@ -411,6 +411,24 @@ class S3ObjectStore:
             mtime=_mtime(response["LastModified"]),
         )
 
+    async def names_object(self) -> bool:
+        """A HEAD of the prefix without its '/' (the key a ``s3://bucket/dir/model.bin`` mount names). A 404 or 403
+        is "no" (403: a HEAD of a missing key without ListBucket rights, or an object we may not read, which the
+        listing would not have shown either); an unreachable store raises, so the caller retries later."""
+        key = self._prefix.rstrip("/")
+        if not key:
+            return False  # the bucket itself
+        client = await self._s3()
+        try:
+            await client.head_object(Bucket=self._bucket, Key=key)
+        except ClientError as err:
+            if _status(err) in (403, 404):
+                return False
+            raise self._error(err, "head", "") from err
+        except BotoCoreError as err:
+            raise self._error(err, "head", "") from err
+        return True
+
     async def get_range(self, key: str, start: int, length: int, etag: str | None = None) -> bytes:
         """``length`` bytes from ``start``, fewer at the end; with ``etag``, ObjectChanged if it moved on."""
         if start < 0 or length < 0:

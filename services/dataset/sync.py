@@ -11,6 +11,7 @@ is not uploaded again (``SyncResult.manifest_changed``), so a periodic listing t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Callable, Sequence
 
 from libs import paths
@@ -49,6 +50,18 @@ def mount_folders(roots: list[tuple[int, str, float | None]]) -> list[ManifestEn
     return [ManifestEntry(path=root + "/", mount=index, key="", size=0, etag="",
                           mtime=latest if newest is None else newest)
             for index, root, newest in roots if root.strip("/")]
+
+
+def names_object_error(mount_point: str, location: Location) -> str:
+    """The sync's error for a mount that names one object (a file), not a folder: which folder to mount instead.
+    Shoal has no way to select files within a mount, so the message says how to have the object alone."""
+    noun = "file" if isinstance(location, LocalLocation) else "object"
+    article = "a" if noun == "file" else "an"
+    shown = strip_userinfo(mount_point)
+    folder = shown.rstrip("/").rsplit("/", 1)[0] + "/"  # no '?' or '#' to mind: refused at apply
+    return cut_error(f"mount {shown} names {article} {noun}, not a folder: mount its folder {folder} instead (a mount "
+                     f"is always a folder, every {noun} below it in the dataset; to have this {noun} alone, put it in "
+                     "a folder of its own and mount that)")
 
 
 async def _paced(listing: AsyncIterator[ObjectInfo], seconds: float) -> AsyncIterator[ObjectInfo]:
@@ -114,10 +127,12 @@ async def sync_metadata(record: DatasetRecord, manifests: ManifestStore, default
                                       error=cut_error(f"mount {mount.mount_point}: {refused}"))
             root = mount_path(mount, len(dataset.spec.mounts))
             newest: float | None = None
+            mount_listed = 0
             store = opener(location)
             try:
                 async for info in _paced(store.list(page_size=page_size), page_seconds):
                     listed += 1
+                    mount_listed += 1
                     problem = info.unusable or paths.key_problem(info.key)
                     if problem is not None:
                         skipped.add(info.key, problem, index)
@@ -128,10 +143,21 @@ async def sync_metadata(record: DatasetRecord, manifests: ManifestStore, default
                     folders.note(entry.path)
                     usable.add(entry)
                     newest = info.mtime if newest is None else max(newest, info.mtime)
+                # Nothing below the prefix: a folder with nothing in it yet, or a mount naming one object, read as
+                # the folder of that name (Fluid users write s3://bucket/dir/model.bin), which bound 0 files.
+                if not mount_listed and await store.names_object():
+                    return SyncResult(generation=generation, requests=requests, incarnation=record.incarnation,
+                                      error=names_object_error(mount.mount_point, location))
             except UfsError as err:
                 error = cut_error(strip_userinfo(f"cannot list {mount.mount_point}: {err.message}"))
                 if err.retryable:
                     raise RetryLater(error) from err  # the handler knows the delay (settings)
+                # A local file as the mount fails its listing ("not a directory"): say what to mount instead. (Not
+                # asked of a store whose listing failed otherwise: whatever answered it may answer a HEAD with 200.)
+                if isinstance(location, LocalLocation) and not mount_listed:
+                    with contextlib.suppress(UfsError):
+                        if await store.names_object():
+                            error = names_object_error(mount.mount_point, location)
                 return SyncResult(generation=generation, requests=requests, incarnation=record.incarnation, error=error)
             except Exception as err:
                 # Not a store error the stores know (a bug, or a case a store does not handle): the dataset fails

@@ -26,7 +26,7 @@ from libs.ufs.base import Location, ObjectInfo, ObjectStore
 from services.dataset.domain import CONDITION_SKIPPED, CONDITION_SYNCED, REASON_UNREACHABLE
 from services.dataset.handlers import DatasetHandlers
 from tests import web_source
-from tests.conftest import NatsServer
+from tests.conftest import NatsServer, SeaweedServer, put_objects
 from tests.faults import StoreWrapper
 from tests.helpers import make_settings
 from tests.secrets import credentials_from
@@ -73,12 +73,14 @@ def replace_folder_with_file(folder: Path) -> None:
 async def sync_of(bus: Bus, nats_server: NatsServer, mount_point: str,
                   wrap: Callable[[ObjectStore], ObjectStore] = lambda store: store,
                   options: dict[str, str] | None = None, encrypt_options: list[EncryptOption] | None = None,
-                  **service: object) -> DatasetRecord:
+                  s3: SeaweedServer | None = None, **service: object) -> DatasetRecord:
     def opener(location: Location) -> ObjectStore:
         return wrap(open_store(location))
 
-    # Credentials for s3:// mounts (the endpoints these tests give them take any).
-    settings = make_settings(nats_server.url, "", "listing-test-key", "listing-test-secret", **service)
+    # Credentials for s3:// mounts: the real store's (``s3``), else any (the endpoints these tests give take any).
+    settings = (make_settings(nats_server.url, s3.endpoint, s3.config.access_key_id, s3.config.secret_access_key,
+                              **service) if s3 is not None
+                else make_settings(nats_server.url, "", "listing-test-key", "listing-test-secret", **service))
     handlers = DatasetHandlers(bus, settings, opener=opener)
     mount = Mount(mount_point=mount_point, options=options or {}, encrypt_options=encrypt_options or [])
     dataset = Dataset(metadata=ObjectMeta(name="odd"), spec=DatasetSpec(mounts=[mount]))
@@ -179,6 +181,48 @@ async def test_an_unexpected_listing_error_fails_the_dataset_with_a_message(
     record = await sync_of(bus, nats_server, f"local://{root}", Broken)
     assert record.status.phase == "Failed", record.status
     assert record.status.message == (f"cannot list local://{root}: RuntimeError: something no store expected")
+
+
+@pytest.mark.parametrize("slash", ["", "/"])
+async def test_an_s3_mount_naming_one_object_fails_the_dataset_with_how_to_mount_it(
+        bus: Bus, nats_server: NatsServer, seaweedfs: SeaweedServer, bucket: str, slash: str) -> None:
+    """Fluid users write ``s3://bucket/dir/model.bin``: read as the folder ``dir/model.bin/``, it bound with no
+    files and no word why. An empty listing whose prefix is itself an object fails the dataset, saying what to
+    mount; the trailing '/' changes nothing (the prefix is a folder either way)."""
+    await put_objects(seaweedfs, bucket, {"dir/model.bin": b"weights", "dir/other.txt": b"other"})
+    mount_point = f"s3://{bucket}/dir/model.bin{slash}"
+    record = await sync_of(bus, nats_server, mount_point, s3=seaweedfs)
+    assert record.status.phase == "Failed", record.status
+    assert record.status.message == (
+        f"mount {mount_point} names an object, not a folder: mount its folder s3://{bucket}/dir/ instead (a "
+        "mount is always a folder, every object below it in the dataset; to have this object alone, put it in "
+        "a folder of its own and mount that)"), record.status.message
+    assert condition(record, CONDITION_SYNCED) == ("False", record.status.message)
+    assert not record.status.manifest and record.status.file_num == 0
+
+
+# "dir/model" is the start of an object's name, not an object.
+@pytest.mark.parametrize("prefix", ["empty/", "dir/model"])
+async def test_an_empty_s3_prefix_that_is_no_object_is_an_empty_dataset(
+        bus: Bus, nats_server: NatsServer, seaweedfs: SeaweedServer, bucket: str, prefix: str) -> None:
+    """Nothing below the prefix, and no object of its name: a folder with nothing in it yet, which is no error."""
+    await put_objects(seaweedfs, bucket, {"dir/model.bin": b"weights"})
+    record = await sync_of(bus, nats_server, f"s3://{bucket}/{prefix}", s3=seaweedfs)
+    assert record.status.phase != "Failed" and record.status.message == "", record.status
+    assert condition(record, CONDITION_SYNCED)[0] == "True", record.status
+    assert record.status.file_num == 0 and record.status.manifest, record.status
+
+
+async def test_a_local_mount_naming_a_file_fails_the_dataset_with_how_to_mount_it(
+        bus: Bus, nats_server: NatsServer, tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    tree(root)
+    record = await sync_of(bus, nats_server, f"local://{root}/good.txt")
+    assert record.status.phase == "Failed", record.status
+    assert record.status.message == (
+        f"mount local://{root}/good.txt names a file, not a folder: mount its folder local://{root}/ instead (a "
+        "mount is always a folder, every file below it in the dataset; to have this file alone, put it in a "
+        "folder of its own and mount that)"), record.status.message
 
 
 async def test_a_missing_secret_says_when_no_folder_of_secrets_is_set(bus: Bus, nats_server: NatsServer) -> None:
