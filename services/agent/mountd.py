@@ -66,6 +66,7 @@ from services.agent.mountstatus import (
     STARTING_RECORDS,
     MountStatus,
     StatusReporter,
+    down_text,
     write_status,
 )
 from services.agent.namespace import InodeAllocator, Namespace
@@ -259,7 +260,7 @@ class MountedDataset:
         reporter = StatusReporter(self.status_file, cache.stats, fs.read_failures.report, fs.every_second)
         reporter_task = asyncio.create_task(reporter.run())
         self.readiness.add("cache", lambda: "; ".join(
-            f"cache directory {t.location} is down" for t in cache.stats().tiers if t.health == "down") or None)
+            down_text(t.location) for t in cache.stats().tiers if t.health == "down") or None)
         self.readiness.add("fuse", lambda: "FUSE session ended" if fuse_loop.done() else None)
         watcher: asyncio.Task[None] | None = None
         ring_watch: asyncio.Task[None] | None = None

@@ -21,7 +21,9 @@ from pathlib import Path
 import msgspec
 
 from libs.events.agent import ReadFailure, mount_problem
+from libs.hostpaths import normal_path
 from services.agent.cache.store import CacheStats
+from services.agent.cache.tiers import DEFAULT_COOLDOWN_SECONDS
 
 
 class MountStatus(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
@@ -49,8 +51,22 @@ def status_of(stats: CacheStats, pid: int, read_failures: list[ReadFailure] | No
     return MountStatus(pid=pid, down=down, capacity_bytes=capacity, read_failures=read_failures or [])
 
 
+def down_text(location: str, cooldown_seconds: float = DEFAULT_COOLDOWN_SECONDS) -> str:
+    """What a down cache directory (disk tier) says in heartbeats and ``/readyz``: what brings it back.
+
+    A running mount never recreates its tier's folder (it may be the mountpoint of a disk that went away, whose
+    filesystem underneath it must not fill up); a write probe after each cool-down brings the tier back as soon as
+    the folder is there again and takes a block (``services.agent.cache.tiers``), and a mount process's start
+    (the agent's restart restarts its mounts) creates it. The path is written one way, as the metric label is."""
+    where = normal_path(location)
+    return (f"cache directory {where} is down (its I/O failed: removed, full or a failing disk; reads go to the "
+            f"store): Shoal does not recreate it under a running mount; recreate it (mkdir -p {where}) or free space "
+            f"there, and the first block cached after the {cooldown_seconds:g} s cool-down brings it back; restarting "
+            "the agent also does (its mounts start again and create it)")
+
+
 def problems_of(namespace: str, name: str, status: MountStatus) -> list[str]:
-    return [mount_problem(namespace, name, f": cache directory {location} is down") for location in status.down]
+    return [mount_problem(namespace, name, f": {down_text(location)}") for location in status.down]
 
 
 def write_status(path: str, status: MountStatus) -> None:
