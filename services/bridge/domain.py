@@ -537,21 +537,24 @@ def kube_observed_generation(obj: dict[str, Any], command_id: str | None, sequen
 
 
 def desired_status(resource: kube.Resource, obj: dict[str, Any], status: msgspec.Struct | None,
-                   refusal: Refusal | None, now: float, volume_conflict: str | None = None) -> dict[str, Any] | None:
+                   refusal: Refusal | None, now: float, volume_conflict: str | None = None,
+                   tried: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """The status the CR should show, or None when there is nothing to show yet (Shoal has not answered).
 
     A refusal adds the ``Accepted=False`` condition (its time kept while it holds, so an unchanged status is not
     written again) and makes a Dataset or an operation ``Failed``. A ``volume_conflict`` (why the Dataset has no
     PersistentVolume and claim) adds ``VolumeCreated=False``; the phase stays Shoal's, whose dataset works.
+    ``tried``: the status last sent for this object, whose condition times hold where the object shows none (the
+    write was refused or dropped): a time taken afresh at every pass would make every pass's status new.
     """
     desired = without_nulls(shoal_status(resource, status))
     if volume_conflict is not None:
         desired["conditions"] = _with_condition(desired, _false_condition(
-            obj, CONDITION_VOLUME, REASON_VOLUME_TAKEN, volume_conflict, now))
+            obj, CONDITION_VOLUME, REASON_VOLUME_TAKEN, volume_conflict, now, tried))
     if refusal is None:
         return desired or None
     desired["conditions"] = _with_condition(desired, _false_condition(
-        obj, CONDITION_ACCEPTED, refusal.reason, refusal.message, now))
+        obj, CONDITION_ACCEPTED, refusal.reason, refusal.message, now, tried))
     if family(resource) != "runtime":
         desired["phase"] = "Failed"
     if not is_fluid(resource):
@@ -559,14 +562,21 @@ def desired_status(resource: kube.Resource, obj: dict[str, Any], status: msgspec
     return desired
 
 
-def _false_condition(obj: dict[str, Any], kind: str, reason: str, message: str, now: float) -> dict[str, Any]:
-    """A ``kind=False`` condition whose transition time is kept from the object's while it was False already."""
-    current = (obj.get("status") or {}).get("conditions") or []
-    old = next((c for c in current if isinstance(c, dict) and c.get("type") == kind), None)
-    since = old.get("lastTransitionTime") if old and old.get("status") == "False" else None
+def _false_condition(obj: dict[str, Any], kind: str, reason: str, message: str, now: float,
+                     tried: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A ``kind=False`` condition whose transition time is kept from the object's while it was False already, else
+    from the status last sent (``tried``) if it said False."""
+    since = _false_since(obj.get("status"), kind) or _false_since(tried, kind)
     built: dict[str, Any] = to_builtins(Condition(type=kind, status="False", reason=reason, message=message,
                                                   last_transition_time=since or rfc3339(now)))
     return built
+
+
+def _false_since(status: Any, kind: str) -> str | None:
+    """The transition time of ``status``'s ``kind`` condition if it is False."""
+    conditions = (status.get("conditions") if isinstance(status, dict) else None) or []
+    old = next((c for c in conditions if isinstance(c, dict) and c.get("type") == kind), None)
+    return old.get("lastTransitionTime") if old and old.get("status") == "False" else None
 
 
 def _with_condition(desired: dict[str, Any], condition: dict[str, Any]) -> list[dict[str, Any]]:

@@ -854,10 +854,10 @@ class BridgeHandlers:
             status = msgspec.structs.replace(status, observed_generation=domain.kube_observed_generation(
                 obj, self.published.get(key), entry.sequence if entry is not None and entry.command_id ==
                 self.published.get(key) else 0, self.mirrors.operation(key) if record is None else record))
-        desired = domain.desired_status(key.resource, obj, status, refusal, self.clock(),
-                                        self.volume_conflicts.get(key))
-        patch = domain.status_patch(obj, desired)
         last = self.written.get(key)
+        desired = domain.desired_status(key.resource, obj, status, refusal, self.clock(),
+                                        self.volume_conflicts.get(key), None if last is None else last.desired)
+        patch = domain.status_patch(obj, desired)
         current = obj.get("status") or {}
         if patch is not None and (last is None or last.desired != desired
                                   or (last.stored is not None and last.stored != current)):

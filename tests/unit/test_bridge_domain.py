@@ -136,6 +136,20 @@ def test_a_refusal_fails_the_object_and_keeps_its_time() -> None:
     assert later == first and domain.status_patch(obj, later) is None  # nothing to write again
 
 
+def test_a_refusal_whose_write_did_not_land_keeps_the_time_last_sent() -> None:
+    # The object shows no status (the write was refused or dropped): the time is the one sent, not a new one per
+    # pass, which would make every pass's status new and send it again.
+    refusal = domain.Refusal(domain.REASON_INVALID, "spec.policy 'Sometimes' is not one of Once, Cron, OnEvent")
+    obj = cr(DATALOAD, {})
+    sent = domain.desired_status(DATALOAD, obj, None, refusal, now=1000)
+    assert sent is not None
+    assert domain.desired_status(DATALOAD, obj, None, refusal, now=2000, tried=sent) == sent
+    cleared = domain.desired_status(DATALOAD, obj, None, None, now=1500)
+    again = domain.desired_status(DATALOAD, obj, None, refusal, now=2000, tried=cleared)
+    assert again is not None and again["conditions"][0]["lastTransitionTime"] != sent["conditions"][0][
+        "lastTransitionTime"]  # refused anew after a status that was not: the new refusal's own time
+
+
 def test_merge_patch_removes_and_replaces() -> None:
     current = {"phase": "NotBound", "cacheStates": {"cached": "1B", "cacheCapacity": "2B"}, "old": 1,
                "conditions": [{"type": "A"}]}
