@@ -38,7 +38,8 @@ from services.scheduler.http import HttpLimits, http_loop
 log = get_logger(__name__)
 
 SERVICE_NAME = "shoal-scheduler"
-# Replicas of the scheduler share score requests (each holds the whole fold, so any of them can answer).
+# Score requests go to a queue group. Run one replica: replicas would share the inventory durable, each fold only
+# a part of the events, and answer and publish cache facts from that part (services/scheduler/README.md).
 QUEUE_GROUP = "shoal-scheduler"
 # How often nodes whose agent went away are looked for; their cache stops counting within this of the timeout.
 SWEEP_SECONDS = 5.0
