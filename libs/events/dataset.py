@@ -98,6 +98,11 @@ class CacheStates(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omi
     remote_hit_ratio: str = ""
 
 
+# The condition a listing sets (True: the tree is this listing's; False: it failed, the tree kept is the last good
+# one's). The dataset service writes it; the loader reads it (an OnEvent load runs on good listings only).
+CONDITION_SYNCED = "MetadataSynced"
+
+
 class Condition(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omit_defaults=True):
     type: str
     status: Literal["True", "False", "Unknown"]

@@ -26,6 +26,7 @@ from libs.events.common import (
     rfc3339,
 )
 from libs.events.dataset import (
+    CONDITION_SYNCED,
     MAX_OWNER_ID,
     REASON_WRITES_NOT_SERVED,
     CacheStates,
@@ -53,7 +54,6 @@ from libs.references import is_reference, is_reference_mount, reference_of
 from libs.references import parse as parse_reference
 
 SUPPORTED_SCHEMES = ("s3", "local", "http", "https", "pvc")
-CONDITION_SYNCED = "MetadataSynced"
 # Reasons of a False MetadataSynced: the store could not be reached (the sync is tried again after a delay, see
 # sync_due_in), or any other failure (it waits for a new spec or a resync).
 REASON_UNREACHABLE = "StoreUnreachable"

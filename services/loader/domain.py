@@ -26,7 +26,7 @@ from libs import ring
 from libs.blocks import block_count, block_span
 from libs.events.agent import BlockId, CachedFile
 from libs.events.common import DNS1123_LABEL, ObjectMeta, ObjectRef, dns_label_errors, parse_rfc3339, rfc3339
-from libs.events.dataset import Condition, DatasetRecord, ManifestEntry
+from libs.events.dataset import CONDITION_SYNCED, Condition, DatasetRecord, ManifestEntry, find_condition
 from libs.events.operation import (
     MAX_TARGET_REPLICAS,
     MAX_TTL_SECONDS,
@@ -850,9 +850,19 @@ def due(record: OperationRecord, state: RunState, dataset: DatasetRecord | None,
     # OnEvent: a first run loads the target, later ones what the dataset's syncs changed.
     if not record.status.start_time:
         return "event"
-    if dataset is not None and dataset.status.phase == "Bound" and state.sync_stamp != dataset_stamp(dataset):
+    if (dataset is not None and dataset.status.phase == "Bound" and state.sync_stamp != dataset_stamp(dataset)
+            and not listing_failed(dataset)):
         return "event"
     return None
+
+
+def listing_failed(dataset: DatasetRecord) -> bool:
+    """Whether the dataset's last listing failed (its MetadataSynced condition False). A failed listing of a synced
+    dataset keeps its tree, so it changed nothing to load; yet it moves the sync stamp (``lastSyncTime``), and the
+    dataset service tries an unreachable store again every 15 s: each try was an OnEvent run loading nothing. The
+    next good listing moves the stamp again, and that is the run."""
+    synced = find_condition(dataset.status.conditions, CONDITION_SYNCED)
+    return synced is not None and synced.status == "False"
 
 
 def changes_only(trigger: Trigger, record: OperationRecord, state: RunState, dataset: DatasetRecord | None) -> bool:

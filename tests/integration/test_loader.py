@@ -30,6 +30,8 @@ from libs.documents import documents_to_commands, parse_documents
 from libs.events.agent import AgentHeartbeat
 from libs.events.common import ObjectMeta, ObjectRef
 from libs.events.dataset import (
+    CONDITION_SYNCED,
+    Condition,
     Dataset,
     DatasetApply,
     DatasetRecord,
@@ -94,7 +96,8 @@ NODES = ["node-a", "node-b", "node-c"]
 
 
 async def put_dataset(bus: Bus, entries: list[ManifestEntry], name: str = "data", phase: str = "Bound",
-                      requests: int = 0, manifest: str = "", incarnation: str = "", listed: bool = True) -> None:
+                      requests: int = 0, manifest: str = "", incarnation: str = "", listed: bool = True,
+                      conditions: tuple[Condition, ...] = (), synced_at: str = "") -> None:
     store = await ManifestStore.of(bus)
     manifest = manifest or store.name("default", name)
     with ManifestWriter() as writer:
@@ -105,8 +108,8 @@ async def put_dataset(bus: Bus, entries: list[ManifestEntry], name: str = "data"
         dataset=Dataset(metadata=ObjectMeta(name=name), spec=DatasetSpec(mounts=[Mount(mount_point="local:///x")])),
         generation=1, sync_requests=requests, incarnation=incarnation,
         status=DatasetStatus(phase=phase, synced_generation=1, synced_requests=requests,  # type: ignore[arg-type]
-                             manifest=manifest if listed else "",
-                             last_sync_time=f"sync-{requests}" if listed else ""))
+                             manifest=manifest if listed else "", conditions=list(conditions),
+                             last_sync_time=(synced_at or f"sync-{requests}") if listed else ""))
     await (await bus.kv(subjects.KV_DATASETS)).put(subjects.resource_key("default", name), msgspec.json.encode(record))
 
 
@@ -880,6 +883,42 @@ async def test_on_event_loads_only_new_or_changed_objects(bus: Bus, nats_server:
         third = await phase_of(bus, "Complete", runs=3)
         assert "nothing to load" in third.status.message
         assert not scripted.keys("dataload.default.warm.3")
+
+
+async def test_on_event_runs_not_on_a_failed_listing_but_on_the_next_good_one(
+        bus: Bus, nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A listing that failed (the store unreachable: the dataset service tries again every 15 s, each try a new
+    lastSyncTime) keeps the tree the dataset had: no new or changed object to load, so no run. Before, each failed
+    try moved the sync stamp and fired a run ("nothing to load"), four a minute while the store was down."""
+    created: list[LoaderHandlers] = []
+
+    class Recorded(LoaderHandlers):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            created.append(self)
+
+    monkeypatch.setattr(loader_app, "LoaderHandlers", Recorded)
+    await put_dataset(bus, files(("a", BLOCK)))
+    await put_runtime(bus, NODES[:2])
+    async with agent(bus, NODES[:2]) as scripted, loader(nats_server):
+        await publish(bus, subjects.DATALOAD_APPLY, dataload(policy="OnEvent"))
+        await phase_of(bus, "Complete", runs=1)
+        [handlers] = created
+        failed = Condition(type=CONDITION_SYNCED, status="False", reason="StoreUnreachable",
+                           message="store unreachable: connection refused")
+        await put_dataset(bus, files(("a", BLOCK)), conditions=(failed,), synced_at="failed-try")
+        key = subjects.resource_key("default", "data")
+
+        async def mirrored() -> bool:
+            return handlers.datasets.values[key].status.last_sync_time == "failed-try"
+
+        await eventually(mirrored, what="the failed listing in the loader's view")
+        await handlers.tick()  # a pass that sees the failed listing
+        assert (await phase_of(bus, "Complete")).status.runs == 1
+        # The store is back, and the listing finds "b" new: that is the next run.
+        await put_dataset(bus, files(("a", BLOCK), ("b", BLOCK)), requests=1)
+        await phase_of(bus, "Complete", runs=2)
+        assert scripted.keys("dataload.default.warm.2") == {"b"}
 
 
 async def test_on_event_planning_interrupted_loses_no_change(bus: Bus, nats_server: NatsServer,

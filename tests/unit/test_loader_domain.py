@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from libs import ring
 from libs.events.agent import BlockId
 from libs.events.common import ObjectMeta, ObjectRef
-from libs.events.dataset import Dataset, DatasetRecord, DatasetStatus, ManifestEntry
+from libs.events.dataset import CONDITION_SYNCED, Condition, Dataset, DatasetRecord, DatasetStatus, ManifestEntry
 from libs.events.operation import (
     CleanTarget,
     DataClean,
@@ -615,6 +615,13 @@ def test_on_event_runs_when_the_dataset_synced_again() -> None:
     resynced = msgspec.structs.replace(dataset, status=msgspec.structs.replace(dataset.status, synced_requests=1))
     assert domain.due(ran, domain.RunState(sync_stamp=stamp), resynced, 0.0) == "event"
     assert domain.due(ran, domain.RunState(sync_stamp=stamp, requested=1), dataset, 0.0) == "requested"
+    # A listing that failed moved the stamp (lastSyncTime) yet kept the tree: nothing to run until a good one.
+    failed = msgspec.structs.replace(resynced, status=msgspec.structs.replace(resynced.status, conditions=[
+        Condition(type=CONDITION_SYNCED, status="False", reason="StoreUnreachable")]))
+    assert domain.due(ran, domain.RunState(sync_stamp=stamp), failed, 0.0) is None
+    good = msgspec.structs.replace(resynced, status=msgspec.structs.replace(resynced.status, conditions=[
+        Condition(type=CONDITION_SYNCED, status="True", reason="Synced")]))
+    assert domain.due(ran, domain.RunState(sync_stamp=stamp), good, 0.0) == "event"
 
 
 def test_on_event_loads_only_changes_of_the_incarnation_its_baseline_was_listed_from() -> None:
