@@ -787,6 +787,19 @@ def retry_delay(deliveries: int) -> float:
     return REDELIVERY.delay(deliveries)
 
 
+def misplaced_command(event: object, subject: str) -> str | None:
+    """Why a command arrived on a subject not its own (``subjects.command_subject``), or None. Decoding goes by the
+    payload's type, and NATS permissions by the subject: a user allowed only ``shoal.cmd.dataload.run`` (or the
+    autoscaler's ``shoal.cmd.runtime.scale``) could otherwise delete or apply anything of that consumer's families
+    by sending that command there."""
+    if not subject.startswith(subjects.COMMAND_PREFIX):
+        return None
+    tag = getattr(getattr(type(event), "__struct_config__", None), "tag", None)
+    if not isinstance(tag, str) or subjects.command_subject(tag) == subject:
+        return None
+    return f"a {tag} command is sent on {subjects.command_subject(tag)}, not on {subject}"
+
+
 @dataclass
 class Consumer(Generic[E]):
     """A durable pull consumer that decodes at the edge and maps handler outcomes to acks.
@@ -988,6 +1001,9 @@ class Consumer(Generic[E]):
             event = self.decoder.decode(message.data)
         except DECODE_ERRORS as err:
             await self._reject(message, delivery, f"invalid event: {err}", self._bound(delivery))
+            return metrics.REJECTED
+        if (misplaced := misplaced_command(event, delivery.subject)) is not None:
+            await self._reject(message, delivery, misplaced, self._bound(delivery))
             return metrics.REJECTED
         try:
             await self._call(event, delivery)

@@ -28,6 +28,16 @@ DATALOAD_DELETE = "shoal.cmd.dataload.delete"
 DATALOAD_RUN = "shoal.cmd.dataload.run"
 DATACLEAN_APPLY = "shoal.cmd.dataclean.apply"
 DATACLEAN_DELETE = "shoal.cmd.dataclean.delete"
+COMMAND_PREFIX = "shoal.cmd."
+
+
+def command_subject(tag: str) -> str:
+    """The subject a command of type ``tag`` is sent on, its type without the version: ``dataload.run.v1`` on
+    ``shoal.cmd.dataload.run`` (each constant above is one). Consumers refuse a command on another's subject: NATS
+    permissions are per subject, and a user allowed one command must not send another there."""
+    return COMMAND_PREFIX + tag.rsplit(".", 1)[0]
+
+
 DATASET_COMMANDS = "shoal.cmd.dataset.*"
 RUNTIME_COMMANDS = "shoal.cmd.runtime.*"
 OPERATION_COMMANDS = ["shoal.cmd.dataload.*", "shoal.cmd.dataclean.*"]

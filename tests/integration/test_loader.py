@@ -484,6 +484,33 @@ async def test_invalid_commands_are_rejected(bus: Bus, nats_server: NatsServer) 
     assert await operation(bus) is None
 
 
+async def test_a_command_on_another_commands_subject_is_refused_not_run(bus: Bus, nats_server: NatsServer) -> None:
+    """NATS permissions are per subject: a system allowed only ``shoal.cmd.dataload.run`` (to trigger OnEvent loads)
+    must not delete a DataLoad or apply a DataClean by sending those commands there. Before, the loader handled a
+    command by its type whatever the subject: a delete sent on the run subject deleted the load."""
+    facts = FactCollector()
+    await facts.start(bus)
+    await put_dataset(bus, files(("a", BLOCK)))
+    await put_runtime(bus, NODES[:2])
+    async with agent(bus, NODES[:2]), loader(nats_server):
+        await publish(bus, subjects.DATALOAD_APPLY, dataload(policy="OnEvent"))
+        await phase_of(bus, "Complete", runs=1)
+        smuggled = DataLoadDelete(name="warm")
+        await publish(bus, subjects.DATALOAD_RUN, smuggled)
+        rejected = await facts.wait_for("operation.rejected.v1", causationId=smuggled.id)
+        assert rejected["reason"] == ("a dataload.delete.v1 command is sent on shoal.cmd.dataload.delete, not on "
+                                      "shoal.cmd.dataload.run"), rejected
+        assert rejected["kind"] == "DataLoad"
+        # Across families too: a DataClean apply on the run subject cleans nothing.
+        clean = DataCleanApply(data_clean=DataClean(metadata=ObjectMeta(name="wipe"),
+                                                    spec=DataCleanSpec(dataset=ObjectRef(name="data"))))
+        await publish(bus, subjects.DATALOAD_RUN, clean)
+        assert "not on shoal.cmd.dataload.run" in (
+            await facts.wait_for("operation.rejected.v1", causationId=clean.id))["reason"]
+    assert await operation(bus) is not None
+    assert await operation(bus, "wipe", "DataClean") is None
+
+
 async def test_a_load_fails_naming_a_node_that_left_with_its_part_not_done(bus: Bus, nats_server: NatsServer) -> None:
     """Its parts would wait for it for ever (and a Cron or OnEvent load would never run again)."""
     await put_dataset(bus, files(*[(f"f{i}", 2 * BLOCK) for i in range(12)]))
