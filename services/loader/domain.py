@@ -921,13 +921,14 @@ def run_after_cycle(record: OperationRecord,
 
 
 def awaited(record: OperationRecord, others: Iterable[OperationRecord]) -> bool:
-    """Whether a Pending operation's runAfter names ``record``: removed, it would leave that one waiting for it to
-    exist for ever."""
+    """Whether an operation's runAfter names ``record`` and that one is Pending or will run again (a Cron or OnEvent
+    load, whose next run waits for it again): removed, it would leave that one waiting for it to exist for ever."""
     meta = record.metadata
     wanted = (record.kind, meta.namespace, meta.name)
     for other in others:
         spec = other.load or other.clean
-        if (other.status.phase == "Pending" and spec is not None and spec.run_after is not None
+        runs_again = other.load is not None and other.load.policy != "Once"
+        if ((other.status.phase == "Pending" or runs_again) and spec is not None and spec.run_after is not None
                 and run_after_key(spec.run_after, other.metadata.namespace) == wanted):
             return True
     return False

@@ -694,6 +694,20 @@ def test_an_operation_is_awaited_while_a_pending_one_runs_after_it() -> None:
     assert not domain.awaited(first, [clean])  # a DataClean named warm, not this DataLoad
 
 
+def test_an_operation_a_cron_or_on_event_load_runs_after_is_awaited_whatever_that_ones_phase() -> None:
+    # Its next run waits for "warm" again: removed by its TTL, that run would wait for it to exist for ever.
+    first = record(phase="Complete")  # "warm"
+    after = OperationRef(kind="DataLoad", name="warm")
+    for spec in (DataLoadSpec(dataset=REF, policy="Cron", schedule="*/5 * * * *", run_after=after),
+                 DataLoadSpec(dataset=REF, policy="OnEvent", run_after=after)):
+        recurring = OperationRecord(kind="DataLoad", metadata=ObjectMeta(name="nightly"), load=spec,
+                                    status=OperationStatus(phase="Complete"))
+        assert domain.awaited(first, [recurring]), spec.policy
+    once = OperationRecord(kind="DataLoad", metadata=ObjectMeta(name="once"), load=DataLoadSpec(
+        dataset=REF, run_after=OperationRef(kind="DataLoad", name="warm")), status=OperationStatus(phase="Complete"))
+    assert not domain.awaited(first, [once])  # done for good: nothing will wait for "warm" again
+
+
 @settings(max_examples=40, deadline=None)
 @given(MANIFESTS, st.integers(1, 4), st.integers(3, 9), st.integers(150, 600))
 def test_parts_stay_within_small_limits_and_cover_every_block_once(files, workers, max_blocks, max_bytes) -> None:
