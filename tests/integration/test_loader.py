@@ -271,6 +271,19 @@ async def agent(bus: Bus, nodes: list[str], **options: Any) -> AsyncIterator[Scr
         await scripted.stop()
 
 
+def recorded_handlers(monkeypatch: pytest.MonkeyPatch) -> list[LoaderHandlers]:
+    """The handlers of every loader the test starts from now on, in the order they were made."""
+    created: list[LoaderHandlers] = []
+
+    class Recorded(LoaderHandlers):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            created.append(self)
+
+    monkeypatch.setattr(loader_app, "LoaderHandlers", Recorded)
+    return created
+
+
 def loader(nats_server: NatsServer, clock: Callable[[], float] | None = None, **options: Any) -> Any:
     settings = make_settings(nats_server.url)
     if clock is not None:
@@ -917,14 +930,7 @@ async def test_on_event_runs_not_on_a_failed_listing_but_on_the_next_good_one(
     """A listing that failed (the store unreachable: the dataset service tries again every 15 s, each try a new
     lastSyncTime) keeps the tree the dataset had: no new or changed object to load, so no run. Before, each failed
     try moved the sync stamp and fired a run ("nothing to load"), four a minute while the store was down."""
-    created: list[LoaderHandlers] = []
-
-    class Recorded(LoaderHandlers):
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            created.append(self)
-
-    monkeypatch.setattr(loader_app, "LoaderHandlers", Recorded)
+    created = recorded_handlers(monkeypatch)
     await put_dataset(bus, files(("a", BLOCK)))
     await put_runtime(bus, NODES[:2])
     async with agent(bus, NODES[:2]) as scripted, loader(nats_server):
@@ -1284,14 +1290,7 @@ async def test_the_loaders_memory_of_a_run_goes_when_it_finishes_or_is_deleted(
     """The plan, the published run, the status throttle and a gone node's timer are kept per operation while its run
     works, and dropped when the run finishes (here Failed: a node left) or the operation is deleted mid-run, so the
     loader's memory does not grow with every run. Checked under the loader's lock: a run's end is written whole."""
-    created: list[LoaderHandlers] = []
-
-    class Recorded(LoaderHandlers):
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            created.append(self)
-
-    monkeypatch.setattr(loader_app, "LoaderHandlers", Recorded)
+    created = recorded_handlers(monkeypatch)
     await put_dataset(bus, files(*[(f"f{i}", 2 * BLOCK) for i in range(12)]))
     await put_runtime(bus, NODES)
     warm, busy = (subjects.operation_key("DataLoad", "default", name) for name in ("warm", "busy"))
@@ -1336,17 +1335,11 @@ async def test_the_loader_forgets_when_mounts_reported_once_no_run_waits_on_them
     """``heard`` (when each node's mount of a dataset last reported, for the silence timeout) holds a mount only while
     an executing run waits on it: nothing of a run that completed, nor of one whose dataset and load were deleted
     mid-run, nor after a late report of a finished run, so it does not grow with every dataset and node ever seen."""
-    created: list[LoaderHandlers] = []
-
-    class Recorded(LoaderHandlers):
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            created.append(self)
+    created = recorded_handlers(monkeypatch)
 
     def heard_of(dataset: str) -> set[str]:
         return {node for handlers in created for (name, node) in handlers.heard if name == dataset}
 
-    monkeypatch.setattr(loader_app, "LoaderHandlers", Recorded)
     await put_dataset(bus, files(*[(f"f{i}", 2 * BLOCK) for i in range(12)]))
     await put_runtime(bus, NODES)
     await put_dataset(bus, files(("a", BLOCK)), name="other")

@@ -425,16 +425,10 @@ def live_view_steps(sequence: list[tuple[Inventory, bool] | str]) -> None:
     kept = LiveView(state, {KEY: 10, OTHER_KEY: 6}, labels, lambda: alive, lambda: len(alive))
     parts = ((KEY, (), 10), (OTHER_KEY, (), 6))
     for step in sequence:
-        if step == "catalog":
-            state.set_catalog(KEY, catalog)
-        elif step == "no catalog":
-            state.set_catalog(KEY, None)
-        elif step == "forget n1":
-            state.forget_node("n1")
-        elif step == "forget dataset":
-            state.forget_dataset(KEY)
-        elif step == "n3 beats":
+        if step == "n3 beats":
             alive.append("n3")
+        elif isinstance(step, str):
+            take_step(state, step, catalog)
         else:
             assert not isinstance(step, str)
             event, other = step
