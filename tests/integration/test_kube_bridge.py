@@ -843,7 +843,9 @@ async def test_a_target_path_with_dot_segments_is_refused_on_the_cr(cluster: Clu
     than a run that fails once planned ("not in the manifest"), at every firing of a Cron load."""
     async with everything(cluster.settings):
         await cluster.create(DATALOAD, "climb", {"dataset": {"name": "demo"}, "target": [{"path": "/a/../b"}]})
-        condition = await eventually(lambda: _condition(cluster, DATALOAD, "default", "climb"))
+        # 30 s: the loader's rejection, the bridge's next pass (at most every 5 s) and its status write, on a CI
+        # machine running two test workers (15 s was once not enough, cause not found: see the closing note).
+        condition = await eventually(lambda: _condition(cluster, DATALOAD, "default", "climb"), timeout=30)
         assert condition["reason"] == "Rejected" and "'/a/../b'" in condition["message"], condition
         events = await eventually(lambda: _events(cluster, 1))
         assert any(e["reason"] == "Rejected" and e["type"] == "Warning" for e in events), events
