@@ -385,7 +385,9 @@ def report_outcomes(outcomes: Sequence[Outcome], timeout: float, applied: str = 
             if isinstance(command.event, DatasetResync):
                 done = "resync requested"
             elif isinstance(command.event, DataLoadRun):
-                done = "run requested"
+                # A request while a run is pending joins that run: say so, or the user expects two runs.
+                merged = fact.merged if isinstance(fact, OperationAccepted) else ""
+                done = f"run request joined the pending run ({merged})" if merged else "run requested"
             elif isinstance(command.event, DatasetApply | RuntimeApply | DataLoadApply | DataCleanApply):
                 done = fact.result or applied
             else:

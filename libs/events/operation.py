@@ -180,6 +180,9 @@ class OperationAccepted(Event, frozen=True, kw_only=True, tag="operation.accepte
     namespace: str
     generation: int
     result: ApplyResult = ""  # what the command did to the object (libs.events.common.ApplyResult)
+    # A run request (dataload.run.v1) that joined the run already pending rather than queueing another: why ("" when
+    # it queued a run of its own, and on every other fact).
+    merged: str = ""
 
 
 class OperationRejected(Event, frozen=True, kw_only=True, tag="operation.rejected.v1", rename="camel"):

@@ -856,6 +856,21 @@ def due(record: OperationRecord, state: RunState, dataset: DatasetRecord | None,
     return None
 
 
+def pending_run(record: OperationRecord, state: RunState) -> str:
+    """Why a run asked for now (``dataload.run.v1``) is the run already pending, or "" when none is: one asked for
+    before and not started (``requested``), or a due run waiting for its runAfter or its dataset (Pending with
+    ``waitingFor``). Counting each request as a run of its own ran a load several times back to back once what it
+    waited for came; a user asking again while it waits means "run it", not "run it N times"."""
+    if state.stage != "finished":
+        return ""
+    name = f"DataLoad {record.metadata.namespace}/{record.metadata.name}"
+    if record.status.phase == "Pending" and record.status.waiting_for:
+        return f"{name} already has a run pending, waiting for {record.status.waiting_for}; this request joins it"
+    if state.requested:
+        return f"{name} already has a run requested that has not started; this request joins it"
+    return ""
+
+
 def listing_failed(dataset: DatasetRecord) -> bool:
     """Whether the dataset's last listing failed (its MetadataSynced condition False). A failed listing of a synced
     dataset keeps its tree, so it changed nothing to load; yet it moves the sync stamp (``lastSyncTime``), and the

@@ -251,19 +251,24 @@ class LoaderHandlers:
         if reason or record is None:
             await self._reject(command.id, "DataLoad", command.name, command.namespace, reason, delivery)
             return
-        state = msgspec.structs.replace(state, requested=state.requested + 1,
+        # A request while a run is pending joins it; its sequence is still counted, so delivered again after that
+        # run started it is not taken for a new request.
+        merged = domain.pending_run(record, state)
+        state = msgspec.structs.replace(state, requested=state.requested + (0 if merged else 1),
                                         run_command_sequence=max(state.run_command_sequence,
                                                                  delivery.stream_sequence))
         state_revision = await kv_save(await self.bus.kv(subjects.KV_OPERATION_RUNS), key, state, state_revision)
         self.runs.saved(key, state, state_revision)
-        await self._accept_run(command, record)
+        if merged:
+            log.info("run request joins the pending run", operation=key, reason=merged)
+        await self._accept_run(command, record, merged)
         await self._advance_now(key)
 
-    async def _accept_run(self, command: DataLoadRun, record: OperationRecord) -> None:
+    async def _accept_run(self, command: DataLoadRun, record: OperationRecord, merged: str = "") -> None:
         # The same id when sent again: the facts stream keeps one (Nats-Msg-Id).
         await self.bus.publish(FACTS["DataLoad"][0], OperationAccepted(
             id=f"{command.id}.accepted", causation_id=command.id, kind="DataLoad", name=command.name,
-            namespace=command.namespace, generation=record.generation))
+            namespace=command.namespace, generation=record.generation, merged=merged))
 
     async def _delete(self, command: DataLoadDelete | DataCleanDelete, kind: OperationKind,
                       delivery: Delivery) -> None:

@@ -1415,6 +1415,40 @@ async def test_run_after_waits_for_complete_and_fails_after_failed(bus: Bus, nat
     assert "DataLoad default/broken (spec.runAfter) Failed" in after.status.message
 
 
+async def test_run_requests_while_a_run_is_pending_join_it_not_queue_more(bus: Bus, nats_server: NatsServer) -> None:
+    """A Cron load waits (runAfter) for one still Executing; three run requests sent meanwhile are one run, not three
+    back to back once the other is Complete. The first queues the run, the others are told they joined it."""
+    await put_dataset(bus, files(("a", BLOCK)))
+    await put_runtime(bus, NODES[:1])
+    facts = FactCollector()
+    await facts.start(bus)
+    key = subjects.operation_key("DataLoad", "default", "second")
+    async with agent(bus, NODES[:1]) as scripted, loader(nats_server):
+        scripted.hold.set()
+        await publish(bus, subjects.DATALOAD_APPLY, dataload(name="first"))
+        await phase_of(bus, "Executing", name="first")
+        await publish(bus, subjects.DATALOAD_APPLY, dataload(
+            name="second", policy="Cron", schedule="0 0 1 1 *", run_after=OperationRef(kind="DataLoad", name="first")))
+        await phase_of(bus, "Pending", name="second")
+        runs = [DataLoadRun(name="second") for _ in range(3)]
+        accepted = []
+        for run in runs:  # one at a time: each is handled against the state the one before left
+            await publish(bus, subjects.DATALOAD_RUN, run)
+            accepted.append(await facts.wait_for("operation.accepted.v1", causationId=run.id))
+        waiting = await operation(bus, "second")
+        scripted.hold.clear()
+        done = await phase_of(bus, "Complete", name="second", runs=1)
+        state, _ = await kv_load(await bus.kv(subjects.KV_OPERATION_RUNS), key, domain.RunState)
+    assert waiting is not None and waiting.status.runs == 0
+    assert waiting.status.waiting_for == "DataLoad default/first to be Complete", waiting.status
+    assert done.status.runs == 1
+    assert state is not None and state.requested == 0, state  # no more runs queued behind it
+    assert accepted[0].get("merged", "") == ""
+    for fact in accepted[1:]:
+        assert fact["merged"] == ("DataLoad default/second already has a run pending, waiting for DataLoad "
+                                  "default/first to be Complete; this request joins it"), fact
+
+
 async def test_a_run_after_cycle_fails_its_operations_naming_it(bus: Bus, nats_server: NatsServer) -> None:
     """"a" runs after "b" and "b" after "a": neither could ever start. Both fail, naming the cycle, rather than stay
     Pending for ever each waiting for the other; "c", which runs after "a" without being in the cycle, fails on it."""

@@ -1,5 +1,5 @@
 """What ``shoal describe dataset`` prints about where the bytes are, and the DataLoad/DataClean columns, durations
-and progress text (pure rendering)."""
+and progress text, and the line a command's answer prints (pure rendering)."""
 
 from __future__ import annotations
 
@@ -8,14 +8,19 @@ from datetime import UTC, datetime
 import pytest
 from msgspec.structs import replace
 
+from libs import subjects
 from libs.cli import render
+from libs.cli.main import Outcome, report_outcomes
+from libs.documents import Command
 from libs.events.common import ObjectMeta, ObjectRef
 from libs.events.dataset import Dataset, DatasetRecord, DatasetSpec, DatasetStatus, Mount, NodeCache
 from libs.events.operation import (
     CleanTarget,
     DataCleanSpec,
+    DataLoadRun,
     DataLoadSpec,
     NodeProgress,
+    OperationAccepted,
     OperationRecord,
     OperationStatus,
     Progress,
@@ -144,3 +149,17 @@ def test_describe_operation_shows_progress_per_node() -> None:
         ["NODE", "DONE", "TOTAL", "PERCENT", "STATE"], ["node-a", "1.00GiB", "2.00GiB", "50.0%", "Stopped"],
         ["node-b", "0B", "0B", "-", "Stopped"]]  # the run ended: no node of it still works
     assert lines[-2:] == ["Conditions:", "  <none>"]
+
+
+def test_a_run_request_that_joined_a_pending_run_says_so(capsys: pytest.CaptureFixture[str]) -> None:
+    run = DataLoadRun(name="warm")
+    command = Command(document=1, source_kind="DataLoad", kind="dataload", name="warm", namespace="default",
+                      subject=subjects.DATALOAD_RUN, event=run)
+
+    def fact(merged: str) -> OperationAccepted:
+        return OperationAccepted(causation_id=run.id, kind="DataLoad", name="warm", namespace="default", generation=1,
+                                 merged=merged)
+
+    assert report_outcomes([Outcome(command, fact("")), Outcome(command, fact("it waits"))], 1.0)
+    assert capsys.readouterr().out == ("dataload.shoal.io/warm run requested\n"
+                                       "dataload.shoal.io/warm run request joined the pending run (it waits)\n")

@@ -759,3 +759,18 @@ def test_the_absent_message_names_every_absent_node_with_its_time_in_node_order(
     message = domain.absent_message(record, {"node-c": 1_767_225_610.0, "node-b": 1_767_225_600.0})
     assert message.startswith("waiting for nodes node-b (since 2026-01-01T00:00:00Z), node-c (since "
                               "2026-01-01T00:00:10Z): not ready nodes of runtime ")
+
+
+def test_a_run_request_joins_a_pending_run_and_queues_one_otherwise() -> None:
+    cron = DataLoadSpec(dataset=REF, policy="Cron", schedule="0 0 1 1 *")
+    idle = domain.RunState()
+    assert domain.pending_run(record(cron, phase="Complete"), idle) == ""
+    assert domain.pending_run(record(cron, phase="Pending"), idle) == ""  # Pending, but no run is due
+    queued = domain.pending_run(record(cron, phase="Complete"), domain.RunState(requested=1))
+    assert queued == "DataLoad default/warm already has a run requested that has not started; this request joins it"
+    waiting = domain.pending_run(record(cron, phase="Pending", waiting_for="DataLoad default/first to be Complete"),
+                                 idle)
+    assert waiting == ("DataLoad default/warm already has a run pending, waiting for DataLoad default/first to be "
+                       "Complete; this request joins it")
+    # A run under way (planning, before the record says Executing) is no pending run: the request is one more.
+    assert domain.pending_run(record(cron, phase="Pending", waiting_for="x"), domain.RunState(stage="planning")) == ""
