@@ -85,7 +85,7 @@ from services.agent.ledger import TierLedger
 from services.agent.links import existing_links, make_link, remove_link
 from services.agent.metrics import NodeMetrics, dir_health, remove_target
 from services.agent.mountinfo import canonical, device_of, devices, is_mounted, mount_points
-from services.agent.mountstatus import problems_of, read_status, remove_status
+from services.agent.mountstatus import problems_of, read_status, remove_status, unusable
 from services.agent.nodebudget import FILE_NAME as BUDGET_FILE_NAME
 from services.agent.nodebudget import SlotFile
 
@@ -510,7 +510,7 @@ class NodeAgent:
             runtime = self.runtimes.values.get(subjects.resource_key(worker.namespace, worker.name))
             if status is None or runtime is None:
                 continue
-            down += status.down
+            down += unusable(status)
             directories.update(domain.disk_directories(runtime.runtime.spec.tieredstore.levels))
         self.metrics.cache_dirs(dir_health(sorted(directories), down))
 

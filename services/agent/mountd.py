@@ -66,7 +66,7 @@ from services.agent.mountstatus import (
     STARTING_RECORDS,
     MountStatus,
     StatusReporter,
-    down_text,
+    tier_problems,
     write_status,
 )
 from services.agent.namespace import InodeAllocator, Namespace
@@ -259,8 +259,7 @@ class MountedDataset:
         # Failed reads go to the status file (the agent's heartbeat, the runtime's ReadsFailing condition).
         reporter = StatusReporter(self.status_file, cache.stats, fs.read_failures.report, fs.every_second)
         reporter_task = asyncio.create_task(reporter.run())
-        self.readiness.add("cache", lambda: "; ".join(
-            down_text(t.location) for t in cache.stats().tiers if t.health == "down") or None)
+        self.readiness.add("cache", lambda: "; ".join(tier_problems(cache.stats())) or None)
         self.readiness.add("fuse", lambda: "FUSE session ended" if fuse_loop.done() else None)
         watcher: asyncio.Task[None] | None = None
         ring_watch: asyncio.Task[None] | None = None

@@ -32,6 +32,9 @@ class MountStatus(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     starting: str = ""
     # Cache directories (disk tiers) that went down after repeated I/O errors; reads bypass them to the store.
     down: list[str] = []
+    # Cache directories not used at all, and why with what to do (they hold files Shoal did not write): not "down",
+    # whose advice (recreate the folder, free space) would be wrong for them.
+    refused: dict[str, str] = {}
     # Bytes of cache the mount can use: the quotas of its tiers that are not down.
     capacity_bytes: int = 0
     # Files whose reads failed lately, the latest first (a few).
@@ -46,9 +49,11 @@ STARTING_MOUNT = "mounting"
 
 
 def status_of(stats: CacheStats, pid: int, read_failures: list[ReadFailure] | None = None) -> MountStatus:
-    down = [tier.location for tier in stats.tiers if tier.health == "down"]
+    down = [tier.location for tier in stats.tiers if tier.health == "down" and not tier.refused]
+    refused = {tier.location: tier.refused for tier in stats.tiers if tier.refused}
     capacity = sum(tier.quota_bytes for tier in stats.tiers if tier.health != "down")
-    return MountStatus(pid=pid, down=down, capacity_bytes=capacity, read_failures=read_failures or [])
+    return MountStatus(pid=pid, down=down, refused=refused, capacity_bytes=capacity,
+                       read_failures=read_failures or [])
 
 
 def down_text(location: str, cooldown_seconds: float = DEFAULT_COOLDOWN_SECONDS) -> str:
@@ -65,8 +70,19 @@ def down_text(location: str, cooldown_seconds: float = DEFAULT_COOLDOWN_SECONDS)
             "the agent also does (its mounts start again and create it)")
 
 
+def tier_problems(stats: CacheStats) -> list[str]:
+    """What each unusable tier says (``/readyz``): why it is refused, or that it is down."""
+    return [tier.refused or down_text(tier.location) for tier in stats.tiers if tier.health == "down"]
+
+
 def problems_of(namespace: str, name: str, status: MountStatus) -> list[str]:
-    return [mount_problem(namespace, name, f": {down_text(location)}") for location in status.down]
+    texts = [down_text(location) for location in status.down] + list(status.refused.values())
+    return [mount_problem(namespace, name, f": {text}") for text in texts]
+
+
+def unusable(status: MountStatus) -> list[str]:
+    """The cache directories of the mount that hold no cache now: down or refused (the cache-directory gauge)."""
+    return [*status.down, *status.refused]
 
 
 def write_status(path: str, status: MountStatus) -> None:

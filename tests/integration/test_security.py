@@ -30,8 +30,9 @@ import pytest
 import structlog.testing
 
 from libs import subjects
-from libs.bus import Bus
+from libs.bus import Bus, kv_load
 from libs.config import Settings
+from libs.events.agent import AgentHeartbeat, AgentRecord
 from libs.events.common import ObjectMeta
 from libs.events.dataset import (
     Dataset,
@@ -292,7 +293,8 @@ async def test_a_local_folder_swapped_for_a_link_after_mounting_serves_nothing_f
 
 async def test_foreign_files_in_a_tier_directory_survive(bus: Bus, settings: Settings, seaweedfs: SeaweedServer,
                                                          bucket: str, tmp_path: Path) -> None:
-    """A tier pointed at a folder that already holds a git objects/ layout: nothing of it is deleted."""
+    """A tier pointed at a folder that already holds a git objects/ layout: nothing of it is deleted, and the agent's
+    heartbeat says why the tier is not used and what to do (not "down ... recreate it", which would be wrong)."""
     await put_objects(seaweedfs, bucket, {"x.bin": b"x" * 3000})
     tier_dir = tmp_path / "cache" / "default" / "repo"
     objects = {tier_dir / "ab" / ("cd" * 19): b"blob 4\0git\n", tier_dir / "0f" / ("12" * 19): b"tree",
@@ -304,6 +306,19 @@ async def test_foreign_files_in_a_tier_directory_survive(bus: Bus, settings: Set
         await node.apply("repo", bucket)
         mnt = await node.wait_mounted("repo", "x.bin")
         assert (await run_tool("cat", str(mnt / "x.bin"))).stdout == "x" * 3000  # served from the store
+
+        async def beat_naming_the_tier() -> AgentHeartbeat | None:
+            record, _ = await kv_load(await bus.kv(subjects.KV_AGENTS), NODE, AgentRecord)
+            beat = record.heartbeat if record is not None else None
+            return beat if beat is not None and any(str(tier_dir) in p for p in beat.problems) else None
+
+        beat = await eventually(beat_naming_the_tier, 30, "a heartbeat naming the refused tier")
+    problem = next(p for p in beat.problems if str(tier_dir) in p)
+    assert problem.startswith(f"mount default/repo: cache directory {tier_dir} holds files Shoal did not write ("), \
+        problem
+    assert "empty the folder, or change the runtime's tieredstore level path" in problem, problem
+    assert "is down" not in problem and "mkdir" not in problem, problem
+    assert not beat.healthy and beat.mount_health
     for path, body in objects.items():
         assert path.read_bytes() == body, path
     assert not (tier_dir / MARKER).exists()

@@ -1,8 +1,13 @@
-"""What a mount's status says about a down cache directory: the path written one way, and what brings it back."""
+"""What a mount's status says about a down cache directory (the path written one way, and what brings it back) and
+about one refused for holding files Shoal did not write."""
 
 from __future__ import annotations
 
-from services.agent.mountstatus import MountStatus, problems_of
+from pathlib import Path
+
+from services.agent.cache.store import BlockCache
+from services.agent.cache.tiers import MARKER, DiskTier
+from services.agent.mountstatus import MountStatus, problems_of, status_of, tier_problems, unusable
 
 
 def test_a_down_cache_directory_says_what_brings_it_back_with_its_path_written_one_way() -> None:
@@ -18,3 +23,24 @@ def test_a_down_cache_directory_says_what_brings_it_back_with_its_path_written_o
 
 def test_no_problem_while_no_directory_is_down() -> None:
     assert problems_of("default", "x", MountStatus(pid=1)) == []
+
+
+def test_a_tier_refused_for_files_shoal_did_not_write_says_so_and_what_to_do_not_down(tmp_path: Path) -> None:
+    # A refused tier was reported as "down ... recreate it (mkdir -p ...)": its folder is there and works, it holds
+    # someone else's files. The status names one of them and what to do.
+    folder = tmp_path / "cache" / "default" / "x"
+    folder.mkdir(parents=True)
+    (folder / "notes.txt").write_text("mine")
+    tier = DiskTier(folder, 1 << 20)
+    tier.scan()
+    cache = BlockCache([tier])
+    status = status_of(cache.stats(), pid=1)
+    assert status.down == [] and list(status.refused) == [str(folder)] and status.capacity_bytes == 0
+    wanted = (f"mount default/x: cache directory {folder} holds files Shoal did not write (notes.txt) and has no "
+              f"{MARKER}, so Shoal does not use it (reads go to the store): empty the folder, or change the runtime's "
+              "tieredstore level path so the tier gets a folder of its own; then restart the agent (its mounts start "
+              "again and use it)")
+    assert problems_of("default", "x", status) == [wanted]
+    assert tier_problems(cache.stats()) == [wanted.removeprefix("mount default/x: ")]
+    assert unusable(status) == [str(folder)]
+    assert (folder / "notes.txt").read_text() == "mine"

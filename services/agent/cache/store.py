@@ -88,6 +88,8 @@ class TierStats(msgspec.Struct, frozen=True, kw_only=True):
     used_bytes: int
     blocks: int
     health: str
+    # Why the tier is not used at all (its folder holds files Shoal did not write), or empty; its health is down.
+    refused: str = ""
 
 
 class CacheStats(msgspec.Struct, frozen=True, kw_only=True):
@@ -302,6 +304,7 @@ class BlockCache:
                 used_bytes=policy.resident_bytes,
                 blocks=len(policy),
                 health=str(tier.health),
+                refused=tier.refused,
             )
             for tier, policy in zip(self._tiers, self._policies, strict=True)
         ]

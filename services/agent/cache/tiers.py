@@ -67,6 +67,7 @@ from typing import NamedTuple, Protocol
 import msgspec
 
 from libs.blocks import BlockId, block_name, checksum
+from libs.hostpaths import normal_path
 from libs.telemetry import get_logger
 
 log = get_logger(__name__)
@@ -155,6 +156,10 @@ class Tier(Protocol):
     @property
     def corrupt_blocks(self) -> int: ...
 
+    @property
+    def refused(self) -> str:
+        """Why the tier is not used at all (its folder holds files Shoal did not write: what to do), or empty."""
+
     def available(self) -> bool:
         """False while the tier is down and its cool-down has not passed (a probe is allowed after it)."""
 
@@ -213,6 +218,10 @@ class MemoryTier:
     @property
     def corrupt_blocks(self) -> int:
         return 0
+
+    @property
+    def refused(self) -> str:
+        return ""
 
     def available(self) -> bool:
         return True
@@ -307,7 +316,7 @@ class DiskTier:
 
     @property
     def refused(self) -> str:
-        """Why this directory is not used at all (it holds files Shoal did not write), or empty."""
+        """Why this directory is not used at all (it holds files Shoal did not write) and what to do, or empty."""
         return self._refused
 
     def _succeeded(self, operation: str = "read") -> None:
@@ -563,9 +572,13 @@ class DiskTier:
             log.info("cache directory from an older Shoal claimed", directory=self._root)
             foreign = []
         if foreign:
-            self._refused = (f"cache directory {self._root} holds files Shoal did not write ({', '.join(foreign)}"
-                             f"{', ...' if len(foreign) == 3 else ''}) and has no {MARKER}: not used; give the tier "
-                             "a folder of its own")
+            # Named apart from a down tier: its folder is there and works, so "recreate it" would be wrong advice;
+            # Shoal never deletes what it did not write, so emptying the folder is the owner's call.
+            self._refused = (f"cache directory {normal_path(self._root)} holds files Shoal did not write "
+                             f"({', '.join(foreign)}{', ...' if len(foreign) == 3 else ''}) and has no {MARKER}, so "
+                             "Shoal does not use it (reads go to the store): empty the folder, or change the runtime's "
+                             "tieredstore level path so the tier gets a folder of its own; then restart the agent (its "
+                             "mounts start again and use it)")
             log.error("cache directory refused", directory=self._root, reason=self._refused)
             return False
         with contextlib.suppress(FileExistsError), open(marker, "xb") as out:  # another process won: fine
