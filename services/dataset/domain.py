@@ -452,6 +452,17 @@ def needs_sync(record: DatasetRecord, now: float, retry_seconds: float) -> bool:
     return sync_due_in(record, now, retry_seconds) == 0.0
 
 
+def spec_listed(record: DatasetRecord) -> bool:
+    """Whether a listing of the record's spec (this generation) succeeded already. That listing asked each mount
+    with nothing below it whether it names one object (``ObjectStore.names_object``); asking again on every later
+    listing of the same spec (autoSync, resyncs) cost a HEAD each time for an empty prefix, to refuse a mount that
+    was found to be a folder. A spec changed, or a last listing that failed, is asked again."""
+    status = record.status
+    synced = find_condition(status.conditions, CONDITION_SYNCED)
+    return (status.synced_generation == record.generation and synced is not None and synced.status == "True"
+            and bool(status.manifest))
+
+
 def sync_changes_nothing(record: DatasetRecord, result: SyncResult) -> bool:
     """True when a listing found exactly what the status already says (same manifest bytes, files, bytes, objects
     left out), so an autoSync pass writes nothing: no new manifest, no status write, nothing for the mounts."""

@@ -33,7 +33,7 @@ from libs.ufs.mounts import (
     resolve_location,
     secret_refs,
 )
-from services.dataset.domain import SyncResult, manifest_name
+from services.dataset.domain import SyncResult, manifest_name, spec_listed
 
 log = get_logger(__name__)
 
@@ -110,6 +110,8 @@ async def sync_metadata(record: DatasetRecord, manifests: ManifestStore, default
     folders = paths.Folders()
     # Each mount's folder, and the time of its newest object (None: nothing below it), see ``mount_folders``.
     roots: list[tuple[int, str, float | None]] = []
+    # An empty mount of a spec already listed was a folder then: no HEAD per listing to ask again.
+    check_objects = not spec_listed(record)
     with ManifestWriter() as usable, ManifestWriter() as manifest:
         for index, mount in enumerate(dataset.spec.mounts):
             try:
@@ -145,7 +147,8 @@ async def sync_metadata(record: DatasetRecord, manifests: ManifestStore, default
                     newest = info.mtime if newest is None else max(newest, info.mtime)
                 # Nothing below the prefix: a folder with nothing in it yet, or a mount naming one object, read as
                 # the folder of that name (Fluid users write s3://bucket/dir/model.bin), which bound 0 files.
-                if not mount_listed and await store.names_object():
+                # Asked at the first listing of a spec only (``spec_listed``).
+                if not mount_listed and check_objects and await store.names_object():
                     return SyncResult(generation=generation, requests=requests, incarnation=record.incarnation,
                                       error=names_object_error(mount.mount_point, location))
             except UfsError as err:

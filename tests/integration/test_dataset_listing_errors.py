@@ -19,7 +19,15 @@ from aiohttp import web
 from libs import subjects
 from libs.bus import Bus, Delivery, RetryLater, kv_load
 from libs.events.common import ObjectMeta
-from libs.events.dataset import Dataset, DatasetApply, DatasetRecord, DatasetSpec, EncryptOption, Mount
+from libs.events.dataset import (
+    Dataset,
+    DatasetApply,
+    DatasetRecord,
+    DatasetResync,
+    DatasetSpec,
+    EncryptOption,
+    Mount,
+)
 from libs.manifest import ManifestStore
 from libs.ufs import open_store
 from libs.ufs.base import Location, ObjectInfo, ObjectStore
@@ -27,7 +35,7 @@ from services.dataset.domain import CONDITION_SKIPPED, CONDITION_SYNCED, REASON_
 from services.dataset.handlers import DatasetHandlers
 from tests import web_source
 from tests.conftest import NatsServer, SeaweedServer, put_objects
-from tests.faults import StoreWrapper
+from tests.faults import HttpProxy, StoreWrapper
 from tests.helpers import make_settings
 from tests.secrets import credentials_from
 from tests.web_source import WebSource
@@ -211,6 +219,58 @@ async def test_an_empty_s3_prefix_that_is_no_object_is_an_empty_dataset(
     assert record.status.phase != "Failed" and record.status.message == "", record.status
     assert condition(record, CONDITION_SYNCED)[0] == "True", record.status
     assert record.status.file_num == 0 and record.status.manifest, record.status
+
+
+async def test_an_empty_s3_prefix_costs_no_head_per_listing_once_its_spec_was_listed(
+        bus: Bus, nats_server: NatsServer, seaweedfs: SeaweedServer, bucket: str) -> None:
+    """Whether an empty mount names one object is asked (a HEAD) at the first listing of a spec; the resyncs and
+    autoSync passes after it list the prefix alone (it was a folder then), and a changed spec is asked again."""
+    await put_objects(seaweedfs, bucket, {"dir/model.bin": b"weights"})
+    proxy = HttpProxy(seaweedfs.endpoint)
+    await proxy.start()
+    try:
+        settings = make_settings(nats_server.url, proxy.endpoint, seaweedfs.config.access_key_id,
+                                 seaweedfs.config.secret_access_key)
+        handlers = DatasetHandlers(bus, settings)
+
+        def heads() -> list[str]:
+            return [call.path for call in proxy.calls if call.method == "HEAD"]
+
+        async def apply(mount_point: str, sequence: int) -> None:
+            spec = DatasetSpec(mounts=[Mount(mount_point=mount_point)])
+            dataset = Dataset(metadata=ObjectMeta(name="odd"), spec=spec)
+            await handlers.apply(DatasetApply(id=f"odd.apply.{sequence}", dataset=dataset),
+                                 Delivery(subject=subjects.DATASET_APPLY, headers={}, deliveries=1,
+                                          stream_sequence=sequence))
+            await handlers.sync(KEY)
+
+        async def resync(sequence: int) -> DatasetRecord:
+            await handlers.resync(DatasetResync(id=f"odd.resync.{sequence}", name="odd"),
+                                  Delivery(subject=subjects.DATASET_RESYNC, headers={}, deliveries=1,
+                                           stream_sequence=sequence))
+            await handlers.sync(KEY)
+            record, _ = await kv_load(await bus.kv(subjects.KV_DATASETS), KEY, DatasetRecord)
+            assert record is not None and record.status.synced_requests == record.sync_requests, record
+            return record
+
+        await apply(f"s3://{bucket}/empty/", 1)
+        assert heads() == [f"/{bucket}/empty"]  # the first listing of the spec asks
+        for sequence in (2, 3, 4):
+            record = await resync(sequence)
+        assert heads() == [f"/{bucket}/empty"], proxy.calls  # three more listings, no HEAD
+        assert record.status.phase != "Failed" and record.status.file_num == 0 and record.status.manifest
+        # A changed spec is asked again: the mount naming an object is still refused.
+        await apply(f"s3://{bucket}/dir/model.bin", 5)
+        assert heads() == [f"/{bucket}/empty", f"/{bucket}/dir/model.bin"]
+        refused, _ = await kv_load(await bus.kv(subjects.KV_DATASETS), KEY, DatasetRecord)
+        assert refused is not None and refused.status.phase == "Failed", refused
+        assert "names an object, not a folder" in refused.status.message
+        # A failed listing of the spec is no proof it was a folder: a resync asks again, and refuses again.
+        failed = await resync(6)
+        assert heads()[2:] == [f"/{bucket}/dir/model.bin"]
+        assert failed.status.phase == "Failed" and "names an object, not a folder" in failed.status.message
+    finally:
+        await proxy.stop()
 
 
 async def test_a_local_mount_naming_a_file_fails_the_dataset_with_how_to_mount_it(
