@@ -6,18 +6,22 @@
   size → parts per node (``NodeTask``), each at most ``MAX_PART_BLOCKS`` blocks and about ``MAX_PART_BYTES``
   encoded. Deterministic: the same inputs give the same parts, so a restarted loader republishes the same ids.
 - Progress folding: the parts' cumulative ``TaskProgress`` → ``Progress`` (rate, ETA, per node, files done).
-- When a run is due: Once (never ran, or its spec changed since its run), Cron (``croniter``; decided from
-  lastScheduleTime, so a missed run runs once and a restart does not run it again), OnEvent (the manifest
+- When a run is due: Once (never ran, or its spec changed since its run), Cron (``croniter``, read and validated
+  as a Kubernetes CronJob reads it, robfig/cron's standard parser; decided from lastScheduleTime, so a missed run
+  runs once and a restart does not run it again), OnEvent (the manifest
   changed: only new or changed entries), runAfter (wait / go / fail naming the other operation, or the cycle the
   operation is in), TTL expiry (not while a Pending runAfter waits for it).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import itertools
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import msgspec
 from croniter import CroniterBadDateError, croniter
@@ -64,7 +68,7 @@ UNFINISHED = "Unfinished"
 STALLED_SECONDS = 10.0
 # Where validation looks for a schedule's first firing: a fixed time, not the clock, so validation stays pure. Any
 # schedule that matches a date matches one within croniter's search window (50 years) of any start (the rarest,
-# "5th Monday of February", recurs within 40), so the answer does not depend on the start. 2000-01-01T00:00:00Z.
+# 29 February, recurs within 8), so the answer does not depend on the start. 2000-01-01T00:00:00Z.
 SCHEDULE_PROBE_TIME = 946_684_800.0
 
 
@@ -91,20 +95,97 @@ def validate_ref(name: str, namespace: str) -> list[str]:
     return dns_label_errors(name, "name", DNS1123_LABEL) + dns_label_errors(namespace, "namespace", DNS1123_LABEL)
 
 
-# The macros a Kubernetes CronJob's schedule takes (Fluid runs a Cron DataLoad as one); croniter reads each as its
-# five fields. Lower case only, as Kubernetes (robfig/cron). Its ``@every <duration>`` has no cron equivalent.
-CRON_MACROS = ("@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly")
+# The macros a Kubernetes CronJob's schedule takes (Fluid runs a Cron DataLoad as one), as their five fields. Lower
+# case only, as Kubernetes (robfig/cron). Its ``@every <duration>`` has no cron equivalent.
+CRON_MACROS = {"@yearly": "0 0 1 1 *", "@annually": "0 0 1 1 *", "@monthly": "0 0 1 * *", "@weekly": "0 0 * * 0",
+               "@daily": "0 0 * * *", "@midnight": "0 0 * * *", "@hourly": "0 * * * *"}
+
+
+class CronField(NamedTuple):
+    name: str
+    low: int
+    high: int
+    names: tuple[str, ...] = ()  # names for low, low + 1, ... (any case, as robfig/cron)
+
+
+# The five fields and their bounds as Kubernetes reads them (robfig/cron's standard parser): day-of-week is 0-6,
+# Sunday 0 (croniter would also take 7).
+CRON_FIELDS = (
+    CronField("minute", 0, 59), CronField("hour", 0, 23), CronField("day-of-month", 1, 31),
+    CronField("month", 1, 12, ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")),
+    CronField("day-of-week", 0, 6, ("sun", "mon", "tue", "wed", "thu", "fri", "sat")),
+)
+_CRON_NUMBER = re.compile(r"[0-9]+")
+
+
+def _cron_value(text: str, field: CronField) -> int | None:
+    if _CRON_NUMBER.fullmatch(text):
+        return int(text)
+    lowered = text.lower()
+    return field.low + field.names.index(lowered) if lowered in field.names else None
+
+
+def _cron_piece_error(piece: str, field: CronField) -> str:
+    """Why one comma-separated piece of a field is not one Kubernetes takes (robfig/cron's standard parser: ``*``,
+    ``?``, a value or a range ``a-b``, each with an optional ``/step``), or ""."""
+    span, slash, step = piece.partition("/")
+    if slash and not (_CRON_NUMBER.fullmatch(step) and int(step) > 0):
+        return f"{piece!r} has step {step!r}: a step is a whole number of at least 1, e.g. '*/5'"
+    if span in ("*", "?"):
+        return ""
+    low_text, dash, high_text = span.partition("-")
+    low, high = _cron_value(low_text, field), _cron_value(high_text, field) if dash else None
+    allowed = f"{field.low}-{field.high}" + (f" or {field.names[0]}-{field.names[-1]}" if field.names else "")
+    if low is None or (dash and high is None):
+        if "#" in span or {"L", "W"} & set(span.upper()):  # not in a name: those were read above
+            return (f"{piece!r} uses L, W or # (last day, nearest weekday, nth weekday), which Kubernetes CronJobs "
+                    "do not take: use values, ranges a-b, lists a,b and steps */n only")
+        return f"{piece!r} is not '*', a value or a range a-b of {allowed}"
+    for value in (low, high):
+        if value is not None and not field.low <= value <= field.high:
+            sunday = "; Sunday is 0" if value == 7 and field.name == "day-of-week" else ""
+            return f"{piece!r} is out of range: {value} is not within {allowed}{sunday}"
+    if high is not None and low > high:
+        return (f"{piece!r} is a reversed range ({low} after {high}): write the smaller end first, or list a range "
+                f"that wraps around as two ('{low_text}-{field.high},{field.low}-{high_text}')")
+    return ""
+
+
+def schedule_errors(schedule: str) -> list[str]:
+    """Why ``spec.schedule`` is not a schedule a Kubernetes CronJob takes (robfig/cron's standard parser), each
+    naming the field and what to write instead, or nothing. croniter alone also took ``L``, ``#``, reversed ranges
+    (read as wrapping) and day-of-week 7, which Kubernetes refuses: a Fluid DataLoad must mean the same in both."""
+    fields = CRON_MACROS.get(schedule, schedule).split()
+    if len(fields) != len(CRON_FIELDS):
+        return [f"spec.schedule {schedule!r} is not a valid cron expression: five fields (minute hour day-of-month "
+                f"month day-of-week), e.g. '0 * * * *', or one of {', '.join(CRON_MACROS)}"]
+    errors = []
+    for text, field in zip(fields, CRON_FIELDS, strict=True):
+        for piece in text.split(","):
+            problem = _cron_piece_error(piece, field)
+            if problem:
+                errors.append(f"spec.schedule {schedule!r}: the {field.name} field {problem}")
+                break
+    return errors
 
 
 def valid_schedule(schedule: str) -> bool:
-    if schedule in CRON_MACROS:
-        return True
-    return len(schedule.split()) == 5 and bool(croniter.is_valid(schedule))
+    return not schedule_errors(schedule)
+
+
+def _any_day(field: str) -> bool:
+    """Whether a day field counts as unrestricted for robfig/cron: a piece of it is ``*`` or ``?`` with no step
+    (or step 1). ``*/2`` is restricted."""
+    for piece in field.split(","):
+        span, _, step = piece.partition("/")
+        if span in ("*", "?") and step in ("", "1"):
+            return True
+    return False
 
 
 def schedule_fires(schedule: str) -> bool:
-    """Whether a valid schedule has a next firing croniter can compute. "0 0 30 2 *" (30 February) is valid
-    syntax that no date matches: accepted, it would fail every due check of the operation."""
+    """Whether a valid schedule has a next firing. "0 0 30 2 *" (30 February) is valid syntax that no date matches:
+    accepted, it would fail every due check of the operation."""
     try:
         next_cron(schedule, SCHEDULE_PROBE_TIME)
     except CroniterBadDateError:
@@ -149,10 +230,8 @@ def validate_load(load: DataLoad) -> list[str]:
     if spec.policy == "Cron":
         if not spec.schedule:
             errors.append("spec.schedule is required for policy Cron (a cron expression such as '*/5 * * * *')")
-        elif not valid_schedule(spec.schedule):
-            errors.append(f"spec.schedule {spec.schedule!r} is not a valid cron expression: five fields "
-                          "(minute hour day-of-month month day-of-week), e.g. '0 * * * *', or one of "
-                          f"{', '.join(CRON_MACROS)}")
+        elif schedule_problems := schedule_errors(spec.schedule):
+            errors += schedule_problems
         elif not schedule_fires(spec.schedule):
             errors.append(f"spec.schedule {spec.schedule!r} never fires: no date matches it (a day the month does "
                           "not have, such as 30 February?); name days that exist, e.g. '0 0 28 2 *'")
@@ -805,8 +884,38 @@ def status_failed_to_start(status: OperationStatus, runs: int, generation: int, 
 # --- When the next run is due ---
 
 
+@functools.lru_cache(maxsize=256)
+def _never(schedule: str) -> bool:
+    """Whether no date matches ``schedule`` (its days ANDed): croniter searches 50 years to say so, 2 ms, which a
+    Cron load's due check on every tick would pay again for a half (``0 0 30 2 1``'s 30 February) that never fires."""
+    try:
+        croniter(schedule, SCHEDULE_PROBE_TIME, day_or=False).get_next(float)
+    except CroniterBadDateError:
+        return True
+    return False
+
+
 def next_cron(schedule: str, after: float) -> float:
-    return float(croniter(schedule, after).get_next(float))
+    """The first firing after ``after``, as a Kubernetes CronJob (robfig/cron) fires: when both day fields are
+    restricted, a day matching either one (``0 0 30 2 1``: every Monday of February, though 30 February never
+    comes); when either is ``*``, a day matching both. croniter's own either-day search gave up on the first (no 30
+    February), so each day field is asked alone and the earlier firing wins. Raises ``CroniterBadDateError`` when
+    no date matches."""
+    fields = CRON_MACROS.get(schedule, schedule).replace("?", "*").split()
+    if len(fields) != len(CRON_FIELDS):
+        return float(croniter(schedule, after).get_next(float))  # croniter's error for what it cannot read
+    minute, hour, day, month, weekday = fields
+    if _any_day(day) or _any_day(weekday):
+        return float(croniter(" ".join(fields), after, day_or=False).get_next(float))
+    firings = []
+    for alone in (f"{minute} {hour} {day} {month} *", f"{minute} {hour} * {month} {weekday}"):
+        if _never(alone):
+            continue
+        with contextlib.suppress(CroniterBadDateError):
+            firings.append(float(croniter(alone, after, day_or=False).get_next(float)))
+    if not firings:
+        raise CroniterBadDateError(f"no date matches {schedule!r}")
+    return min(firings)
 
 
 def cron_due(schedule: str, last_schedule: str, created_at: str, now: float) -> bool:

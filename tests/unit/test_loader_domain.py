@@ -78,8 +78,10 @@ def test_every_bad_field_is_named() -> None:
 
 def test_cron_needs_a_valid_five_field_schedule() -> None:
     assert "required for policy Cron" in domain.validate_load(load(policy="Cron"))[0]
-    for bad in ("61 * * * *", "every minute", "* * * * * *"):
+    for bad in ("every minute", "* * * * * *"):
         assert "not a valid cron expression" in domain.validate_load(load(policy="Cron", schedule=bad))[0]
+    assert domain.validate_load(load(policy="Cron", schedule="61 * * * *")) == [
+        "spec.schedule '61 * * * *': the minute field '61' is out of range: 61 is not within 0-59"]
 
 
 @pytest.mark.parametrize(("macro", "same"), [
@@ -105,11 +107,62 @@ def test_a_schedule_that_never_fires_is_refused() -> None:
         assert domain.valid_schedule(never)
         errors = domain.validate_load(load(policy="Cron", schedule=never))
         assert len(errors) == 1 and "never fires" in errors[0] and repr(never) in errors[0], errors
-    # Rare firings are still firings: 29 February (every 4 years), the 5th Monday of February (leap years whose
-    # February starts on a Monday, decades apart).
-    for rare in ("0 0 29 2 *", "0 0 * 2 1#5"):
-        assert domain.validate_load(load(policy="Cron", schedule=rare)) == []
-        assert domain.cron_due(rare, "", "2026-01-01T00:00:00Z", t("2100-01-01T00:00:00Z"))
+    # Rare firings are still firings: 29 February (every 4 years).
+    rare = "0 0 29 2 *"
+    assert domain.validate_load(load(policy="Cron", schedule=rare)) == []
+    assert domain.cron_due(rare, "", "2026-01-01T00:00:00Z", t("2100-01-01T00:00:00Z"))
+
+
+def _firings(schedule: str, start: str, count: int) -> list[str]:
+    found, at = [], t(start)
+    for _ in range(count):
+        at = domain.next_cron(schedule, at)
+        found.append(time.strftime("%Y-%m-%d %a", time.gmtime(at)))
+    return found
+
+
+def test_both_day_fields_restricted_fire_on_a_day_matching_either_as_kubernetes() -> None:
+    """robfig/cron (a Kubernetes CronJob): with day-of-month and day-of-week both restricted, a day matching either
+    fires; with either one '*' (or '?', or '*/1'), a day matching both. "0 0 30 2 1" was refused as never firing
+    (30 February never comes), yet Kubernetes runs it every Monday of February."""
+    assert domain.validate_load(load(policy="Cron", schedule="0 0 30 2 1")) == []
+    assert _firings("0 0 30 2 1", "2026-01-01T00:00:00Z", 5) == [
+        "2026-02-02 Mon", "2026-02-09 Mon", "2026-02-16 Mon", "2026-02-23 Mon", "2027-02-01 Mon"]
+    assert _firings("0 0 13 * 5", "2026-02-01T00:00:00Z", 4) == [
+        "2026-02-06 Fri", "2026-02-13 Fri", "2026-02-20 Fri", "2026-02-27 Fri"]
+    assert _firings("0 0 13 * 5", "2026-03-01T00:00:00Z", 3) == ["2026-03-06 Fri", "2026-03-13 Fri", "2026-03-20 Fri"]
+    assert _firings("0 0 */10 * 1", "2026-03-01T00:00:00Z", 3) == ["2026-03-02 Mon", "2026-03-09 Mon", "2026-03-11 Wed"]
+    for either_any in ("0 0 1 * */1", "0 0 1 * ?", "0 0 1 * *"):  # the 1st only
+        assert _firings(either_any, "2026-01-01T00:00:00Z", 2) == ["2026-02-01 Sun", "2026-03-01 Sun"], either_any
+    assert _firings("0 0 ? * mon", "2026-01-01T00:00:00Z", 2) == ["2026-01-05 Mon", "2026-01-12 Mon"]
+
+
+@pytest.mark.parametrize(("schedule", "reason"), [
+    ("5-1 * * * *", "the minute field '5-1' is a reversed range (5 after 1): write the smaller end first, or list a "
+                    "range that wraps around as two ('5-59,0-1')"),
+    ("0 0 * * fri-mon", "the day-of-week field 'fri-mon' is a reversed range (5 after 1)"),
+    ("0 0 L * *", "the day-of-month field 'L' uses L, W or # (last day, nearest weekday, nth weekday), which "
+                  "Kubernetes CronJobs do not take: use values, ranges a-b, lists a,b and steps */n only"),
+    ("0 0 1,L * *", "the day-of-month field 'L' uses L, W or #"),
+    ("0 0 15W * *", "the day-of-month field '15W' uses L, W or #"),
+    ("0 0 * 2 1#5", "the day-of-week field '1#5' uses L, W or #"),
+    ("0 0 * * 5L", "the day-of-week field '5L' uses L, W or #"),
+    ("0 0 * * 7", "the day-of-week field '7' is out of range: 7 is not within 0-6 or sun-sat; Sunday is 0"),
+    ("0 24 * * *", "the hour field '24' is out of range: 24 is not within 0-23"),
+    ("*/0 * * * *", "the minute field '*/0' has step '0': a step is a whole number of at least 1, e.g. '*/5'"),
+    ("0 0 * foo *", "the month field 'foo' is not '*', a value or a range a-b of 1-12 or jan-dec"),
+])
+def test_schedules_kubernetes_refuses_are_refused_naming_the_field(schedule: str, reason: str) -> None:
+    """croniter took these (a reversed range as wrapping around, L and # as last and nth), Kubernetes' CronJob
+    (robfig/cron) refuses them: a Fluid DataLoad applied to both must mean the same, or be refused by both."""
+    errors = domain.validate_load(load(policy="Cron", schedule=schedule))
+    assert len(errors) == 1 and errors[0].startswith(f"spec.schedule {schedule!r}: {reason}"), errors
+
+
+def test_schedules_kubernetes_takes_are_taken() -> None:
+    for schedule in ("*/5 * * * *", "5/15 * * * *", "0 0 * * MON-FRI", "0 0 * jan,Jul sun", "0 9-17/2 * * 1-5",
+                     "0 0 ? * 0", "@weekly", "59 23 31 12 6"):
+        assert domain.validate_load(load(policy="Cron", schedule=schedule)) == [], schedule
 
 
 def test_run_after_itself_is_refused() -> None:
