@@ -1086,6 +1086,83 @@ class Consumer(Generic[E]):
         await message.term()
 
 
+@dataclass
+class Follower(Generic[E]):
+    """Every message of a stream's subject from ``start`` on, to this process alone: an ordered (ephemeral, push)
+    consumer that decodes at the edge and hands each event to ``handler`` in stream order.
+
+    For state that every replica of a service holds whole (the scheduler's fold of the inventory): replicas sharing
+    one durable would each get part of the messages. The server names the consumer, keeps it in memory and removes
+    it once this process is gone; nats-py starts it again after the last message delivered when it misses two
+    heartbeats or a message (a restarted server, a slow handler). Nothing is acked, retried or dead-lettered (the
+    consumer has no acks): a message too large, one that does not decode and one whose handler fails are logged,
+    counted (``libs.metrics.COMMANDS`` under ``name``) and passed over, so the follower never stalls on one.
+    ``start``: the stream sequence to begin at (e.g. the stream's end at the process's start: ``stream_end``)."""
+
+    bus: Bus
+    stream: str
+    filter_subject: str
+    decoder: msgspec.json.Decoder[E]
+    handler: Handler[E]
+    max_event_bytes: int
+    start: int
+    # The label of its metrics (``shoal_messages_handled{consumer=}``), as a durable's name is for a ``Consumer``.
+    name: str
+    _stopping: asyncio.Event = field(default_factory=asyncio.Event, init=False)
+
+    def __post_init__(self) -> None:
+        self._outcomes = {outcome: metrics.adder(metrics.COMMANDS.labels(self.name, outcome))
+                          for outcome in (metrics.OK, metrics.REJECTED)}
+        self._handler_seconds = metrics.observer(metrics.HANDLER_SECONDS.labels(self.name))
+
+    async def run(self) -> None:
+        config = js_api.ConsumerConfig(deliver_policy=js_api.DeliverPolicy.BY_START_SEQUENCE,
+                                       opt_start_seq=max(1, self.start))
+        subscription = await self.bus.js.subscribe(
+            self.filter_subject, stream=self.stream, cb=self._on_message, ordered_consumer=True, config=config,
+            idle_heartbeat=WATCH_HEARTBEAT_SECONDS)
+        try:
+            await self._stopping.wait()
+        finally:
+            with contextlib.suppress(Exception):  # its server may be the one that went away
+                await subscription.unsubscribe()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def _on_message(self, message: Msg) -> None:
+        self._outcomes[await self._outcome(message)](1)
+
+    async def _outcome(self, message: Msg) -> str:
+        delivery = delivery_of(message)
+        bound = log.bind(subject=delivery.subject, seq=delivery.stream_sequence, consumer=self.name)
+        if len(message.data) > self.max_event_bytes:
+            bound.warning("message passed over", reason=f"payload of {len(message.data)} bytes exceeds the limit "
+                          f"of {self.max_event_bytes} bytes")
+            return metrics.REJECTED
+        try:
+            event = self.decoder.decode(message.data)
+        except DECODE_ERRORS as err:
+            bound.warning("message passed over", reason=f"invalid event: {err}")
+            return metrics.REJECTED
+        started = time.perf_counter()
+        try:
+            await self.handler(event, delivery)
+        except Exception:
+            bound.exception("handler failed, message passed over")
+            return metrics.REJECTED
+        finally:
+            self._handler_seconds(time.perf_counter() - started)
+        return metrics.OK
+
+
+async def stream_end(bus: Bus, stream: str) -> int:
+    """The sequence the next message of ``stream`` will get: where a ``Follower`` starts to see only what comes
+    after this call."""
+    info = await bus.js.stream_info(stream)
+    return info.state.last_seq + 1
+
+
 class Replay:
     """Yielded by ``kv_watch`` when it starts again after a reconnect: every entry follows again, then None."""
 

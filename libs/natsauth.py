@@ -152,7 +152,8 @@ DURABLES: dict[str, tuple[tuple[str, str], ...]] = {
               (subjects.STREAM_AGENT, subjects.DURABLE_RUNTIME_HEARTBEATS)),
     LOADER: ((subjects.STREAM_COMMANDS, subjects.DURABLE_LOADER_COMMANDS),
              (subjects.STREAM_TASKS, subjects.DURABLE_LOADER_PROGRESS)),
-    SCHEDULER: ((subjects.STREAM_AGENT, subjects.DURABLE_SCHEDULER_INVENTORY),),
+    # None: every replica follows the inventory whole, with an ordered consumer of its own (``_ephemeral``).
+    SCHEDULER: (),
 }
 
 
@@ -298,7 +299,11 @@ def permissions(kind: str, node: str = "", nodes: Iterable[str] | None = None) -
             consumers=DURABLES[SCHEDULER],
             # It loads manifests and writes none: no object put, no purge of the manifests' stream. Its facts: a
             # dataset's cached bytes, each block once (the dataset service's cachedPercentage).
-            publish=[subjects.INVENTORY_REQUEST, subjects.SCHEDULER_FACTS], objects="read",
+            # The inventory: every replica follows it whole with an ordered consumer of its own (ephemeral: it reads
+            # and acks nothing else). Its replicas beat in shoal_members, under their own keys only (which one
+            # publishes a dataset's facts).
+            publish=[subjects.INVENTORY_REQUEST, subjects.SCHEDULER_FACTS, *_ephemeral(subjects.STREAM_AGENT),
+                     f"$KV.{subjects.KV_MEMBERS}.{subjects.MEMBERS_SCHEDULER}.*"], objects="read",
             subscribe=[subjects.SCHED_SCORE], responses=True)
     if kind == BRIDGE:
         # Kubernetes is where the bridge's commands come from; it shows rejections on the custom resources.

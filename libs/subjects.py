@@ -170,7 +170,6 @@ DURABLE_DATASET_INVENTORY = "dataset-inventory"
 DURABLE_DATASET_SCHEDULER_CACHE = "dataset-scheduler-cache"
 DURABLE_LOADER_COMMANDS = "loader-commands"
 DURABLE_LOADER_PROGRESS = "loader-progress"
-DURABLE_SCHEDULER_INVENTORY = "scheduler-inventory"
 
 # --- KV buckets and the Object Store. ---
 KV_DATASETS = "shoal_datasets"
@@ -188,6 +187,8 @@ KV_OPERATIONS = "shoal_operations"
 KV_OPERATION_RUNS = "shoal_operation_runs"
 # Each service replica's beat (libs.members), keys "<service>.<replica>": which replicas split a reconciler's keys.
 KV_MEMBERS = "shoal_members"
+# The scheduler's replicas' keys there ("scheduler.<replica>"): which replica publishes a dataset's cache facts.
+MEMBERS_SCHEDULER = "scheduler"
 # The bridge's own: the apply command it last published for each custom resource, keyed by the object's uid (so a
 # restart sends only what changed, and finds what was deleted while it was down: services/bridge/README.md).
 KV_BRIDGE_APPLIED = "shoal_bridge_applied"

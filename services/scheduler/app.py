@@ -2,13 +2,18 @@
 
 | stream / bucket / subject | what | handler |
 |---|---|---|
-| SHOAL_AGENT | shoal.agent.inventory.* (durable scheduler-inventory) | SchedulerHandlers.on_inventory |
+| SHOAL_AGENT | shoal.agent.inventory.* (this replica's ordered consumer) | SchedulerHandlers.on_inventory |
 | KV shoal_datasets | every key (watch) | SchedulerHandlers.watch_datasets (totals, manifests, deletions) |
 | Object Store shoal_manifests | a manifest that failed to load, again (periodic) | SchedulerHandlers.retry_catalogs |
 | KV shoal_agents | every key (mirror) | node labels and liveness |
 | core NATS shoal.sched.score | ScoreRequest → ScoreReply (queue group) | SchedulerHandlers.answer_raw |
 | core NATS shoal.ctl.inventory.request | published: InventoryRequest on a gap, and to every agent at start | — |
 | SHOAL_FACTS | published: shoal.evt.scheduler.dataset.cache (bytes cached, each block once) | publish_cache (1/s) |
+| KV shoal_members | this replica's beat, the live replicas (``libs.members``) | who publishes a dataset's facts |
+
+Every replica folds every inventory event (its own ``Follower``: replicas sharing a durable would each fold part of
+them and answer differently) and answers from its whole fold; the live replicas split the datasets whose cache facts
+they publish, so two of them never publish one dataset's figure from folds a moment apart.
 
 With ``SHOAL_SCHED_HTTP_PORT`` set, the HTTP front (admission webhook and extender, ``services.scheduler.http``)
 runs as one more loop on ``handlers.answer``, the same decision function, with TLS from ``SHOAL_SCHED_TLS_*``.
@@ -25,9 +30,10 @@ from collections.abc import Callable, Sequence
 import msgspec
 
 from libs import metrics, subjects
-from libs.bus import MESSAGE_LIMIT, Bus, Consumer, KvMirror, connect
+from libs.bus import MESSAGE_LIMIT, Bus, Follower, KvMirror, connect, stream_end
 from libs.config import SchedulerSettings, Settings
 from libs.events.agent import AgentRecord, AnyInventory
+from libs.members import Members
 from libs.service import Loop, Periodic, StartsWhen, nats_check, run_loops
 from libs.side_server import Readiness
 from libs.telemetry import get_logger
@@ -38,8 +44,10 @@ from services.scheduler.http import HttpLimits, http_loop
 log = get_logger(__name__)
 
 SERVICE_NAME = "shoal-scheduler"
-# Score requests go to a queue group. Run one replica: replicas would share the inventory durable, each fold only
-# a part of the events, and answer and publish cache facts from that part (services/scheduler/README.md).
+REPLICAS_OF = subjects.MEMBERS_SCHEDULER  # this service's replicas' keys in shoal_members
+# The inventory follower's name in metrics (``shoal_messages_handled{consumer=}``): the durable's name it replaced.
+INVENTORY_CONSUMER = "scheduler-inventory"
+# Replicas of the scheduler share score requests (each holds the whole fold, so any of them can answer).
 QUEUE_GROUP = "shoal-scheduler"
 # How often nodes whose agent went away are looked for; their cache stops counting within this of the timeout.
 SWEEP_SECONDS = 5.0
@@ -52,9 +60,6 @@ CATALOG_RETRY_SECONDS = 0.5
 # the status follows within about a second, and a dataset being loaded (thousands of events a second) costs one fact
 # a second, not one per event.
 CACHE_FACTS_SECONDS = 1.0
-# Inventory events are small and folding one takes microseconds: large fetches keep the consumer near the
-# stream's own rate (see the scheduler bench).
-INVENTORY_BATCH = 256
 _NATS_SECONDS = metrics.DECISION_SECONDS.labels(metrics.WAY_NATS)
 
 # Makes extra loops from the running handlers and the settings (e.g. the webhook and extender server).
@@ -120,17 +125,20 @@ async def run(settings: Settings, stop: asyncio.Event, clock: Callable[[], float
     readiness.add("nats", nats_check(bus))
     try:
         await bus.provision()
+        # Where this replica's fold starts: the snapshots it asks every agent for at start come after it (older
+        # events would only be replaced by them).
+        start = await stream_end(bus, subjects.STREAM_AGENT)
         agents = KvMirror(await bus.kv(subjects.KV_AGENTS), AgentRecord, bus.reconnects)
+        members = Members(await bus.kv(subjects.KV_MEMBERS), REPLICAS_OF, settings.service.replica_name,
+                          reconnects=bus.reconnects)
         handlers = SchedulerHandlers(bus, agents, weights_of(settings.scheduler), settings.scheduler.node_timeout,
-                                     clock)
+                                     clock, publisher=members)
         readiness.add("datasets", lambda: None if handlers.datasets_ready.is_set() else NOT_READY)
         readiness.add("inventory", lambda: handlers.warming() or None)
-        inventory = Consumer(
-            bus, subjects.STREAM_AGENT, subjects.DURABLE_SCHEDULER_INVENTORY, subjects.AGENT_INVENTORY,
-            msgspec.json.Decoder(AnyInventory), handlers.on_inventory, max_event_bytes=MESSAGE_LIMIT,
-            max_deliver=settings.service.max_deliver, batch=INVENTORY_BATCH, traced=False,
-        )
-        loops: list[Loop] = [agents, DatasetWatch(handlers), StartsWhen(inventory, handlers.datasets_ready),
+        inventory = Follower(bus, subjects.STREAM_AGENT, subjects.AGENT_INVENTORY, msgspec.json.Decoder(AnyInventory),
+                             handlers.on_inventory, max_event_bytes=MESSAGE_LIMIT, start=start,
+                             name=INVENTORY_CONSUMER)
+        loops: list[Loop] = [agents, members, DatasetWatch(handlers), StartsWhen(inventory, handlers.datasets_ready),
                              ScoreServer(bus, handlers),
                              Periodic("sweep", handlers.sweep, SWEEP_SECONDS),
                              Periodic("labels", handlers.refresh_labels, LABELS_SECONDS),

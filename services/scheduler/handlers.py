@@ -16,7 +16,7 @@ import hashlib
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 
@@ -134,6 +134,14 @@ class _Unloaded:
     due: float
 
 
+class Publisher(Protocol):
+    """Which datasets' cache facts this replica publishes (``libs.members.Members``): one live replica each."""
+
+    ready: asyncio.Event
+
+    def owns(self, key: str) -> bool: ...
+
+
 @dataclass
 class SchedulerHandlers:
     bus: Bus
@@ -154,6 +162,8 @@ class SchedulerHandlers:
     # Where manifests are loaded from (tests hand in one that fails).
     manifests: Callable[[Bus], Awaitable[ManifestStore]] = ManifestStore.of
     warmup_seconds: float = WARMUP_SECONDS
+    # The replicas' split of the datasets whose cache facts they publish; None: this process publishes them all.
+    publisher: Publisher | None = None
 
     def __post_init__(self) -> None:
         self.totals = _Totals(self.datasets)
@@ -310,15 +320,23 @@ class SchedulerHandlers:
         Called every second (``app.CACHE_FACTS_SECONDS``), so at most one fact per dataset and second however many
         events moved it. Not while the fold is starting: a fold rebuilding from the agents' snapshots would say
         less than is cached. After a start each dataset with inventory is published once again (harmless). A fact
-        whose publish failed is published at the next tick (the figure then current)."""
-        if not self.datasets_ready.is_set() or self.warming():
+        whose publish failed is published at the next tick (the figure then current).
+
+        With several replicas, each dataset's facts come from one of them (``publisher``): replicas fold the same
+        events, but each at its own pace, and two publishing one dataset a moment apart would send its figure back
+        and forth. A replica that gains a dataset (another one left) publishes its figure once again."""
+        publisher = self.publisher
+        if not self.datasets_ready.is_set() or self.warming() or (publisher and not publisher.ready.is_set()):
             return
-        for key in [key for key in self._published if key not in self.datasets]:
+        for key in [key for key in self._published if key not in self.datasets
+                    or (publisher and not publisher.owns(subjects.resource_key(*key)))]:
             del self._published[key]
         due: list[tuple[DatasetKey, int, DatasetCacheObserved]] = []
         for key, nodes in self.fold.datasets.items():
             info, unique = self.datasets.get(key), self.fold.unique.get(key, 0)
             if info is None or self._published.get(key) == unique:
+                continue
+            if publisher is not None and not publisher.owns(subjects.resource_key(*key)):
                 continue
             positions = [(node, cache.position.incarnation, cache.position.seq) for node, cache in nodes.items()]
             due.append((key, unique, domain.cache_fact(key, unique, len(self.fold.held.get(key, {})), positions,

@@ -289,7 +289,7 @@ async def scheduler_handlers(bus: Bus) -> AsyncIterator[tuple[Bus, SchedulerHand
 @given(data=payloads(INVENTORY))
 async def test_scheduler_inventory(scheduler_handlers: Any, data: bytes) -> None:
     bus, handlers, published = scheduler_handlers
-    drive = Drive(bus, published, consumer(bus, subjects.STREAM_AGENT, subjects.DURABLE_SCHEDULER_INVENTORY,
+    drive = Drive(bus, published, consumer(bus, subjects.STREAM_AGENT, "scheduler-inventory",
                                            subjects.AGENT_INVENTORY, msgspec.json.Decoder(AnyInventory),
                                            handlers.on_inventory))
     await drive.send(subjects.agent_inventory("n1"), data)

@@ -97,6 +97,19 @@ def test_each_bucket_is_written_by_its_owner_only() -> None:
     }
 
 
+def test_the_scheduler_beats_under_its_own_member_keys_and_follows_the_inventory_without_a_durable() -> None:
+    """Its replicas (libs.members, the publisher of each dataset's cache facts) write their own keys only; each one
+    follows the inventory with an ordered consumer and may pull from, ack or delete no consumer of the stream."""
+    members = subjects.KV_MEMBERS
+    assert may_publish(SCHEDULER, f"$KV.{members}.{subjects.MEMBERS_SCHEDULER}.sched-1")
+    assert not may_publish(SCHEDULER, f"$KV.{members}.dataset.sched-1")
+    agent = subjects.STREAM_AGENT
+    assert may_publish(SCHEDULER, f"{natsauth.API}.CONSUMER.CREATE.{agent}")
+    for verb in ("MSG.NEXT", "DELETE", "INFO"):
+        assert not may_publish(SCHEDULER, natsauth.consumer_api(verb, agent, subjects.DURABLE_DATASET_INVENTORY))
+    assert not may_publish(SCHEDULER, f"$JS.ACK.{agent}.{subjects.DURABLE_DATASET_INVENTORY}.1.2.3.4.5")
+
+
 def test_the_object_store_is_written_and_purged_by_its_writers_only() -> None:
     """The dataset service's manifests and the loader's plans: the scheduler and the agents only load them."""
     bucket, stream = subjects.OBJ_MANIFESTS, natsauth.object_stream(subjects.OBJ_MANIFESTS)
