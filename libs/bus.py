@@ -1135,25 +1135,30 @@ class Follower(Generic[E]):
 
     async def _outcome(self, message: Msg) -> str:
         delivery = delivery_of(message)
-        bound = log.bind(subject=delivery.subject, seq=delivery.stream_sequence, consumer=self.name)
         if len(message.data) > self.max_event_bytes:
-            bound.warning("message passed over", reason=f"payload of {len(message.data)} bytes exceeds the limit "
-                          f"of {self.max_event_bytes} bytes")
+            self._passed_over(delivery, f"payload of {len(message.data)} bytes exceeds the limit of "
+                              f"{self.max_event_bytes} bytes")
             return metrics.REJECTED
         try:
             event = self.decoder.decode(message.data)
         except DECODE_ERRORS as err:
-            bound.warning("message passed over", reason=f"invalid event: {err}")
+            self._passed_over(delivery, f"invalid event: {err}")
             return metrics.REJECTED
         started = time.perf_counter()
         try:
             await self.handler(event, delivery)
         except Exception:
-            bound.exception("handler failed, message passed over")
+            # Bound here, not per message: at inventory rates a bind per message costs a tenth of the fold.
+            log.exception("handler failed, message passed over", subject=delivery.subject,
+                          seq=delivery.stream_sequence, consumer=self.name)
             return metrics.REJECTED
         finally:
             self._handler_seconds(time.perf_counter() - started)
         return metrics.OK
+
+    def _passed_over(self, delivery: Delivery, reason: str) -> None:
+        log.warning("message passed over", reason=reason, subject=delivery.subject, seq=delivery.stream_sequence,
+                    consumer=self.name)
 
 
 async def stream_end(bus: Bus, stream: str) -> int:

@@ -118,8 +118,11 @@ class DatasetWatch:
 
 async def run(settings: Settings, stop: asyncio.Event, clock: Callable[[], float] = time.time,
               readiness: Readiness | None = None, extra_loops: Sequence[LoopFactory] = (),
-              started: Callable[[SchedulerHandlers], None] | None = None) -> None:
-    """Run until ``stop``. ``started`` is handed the handlers once wired (tests and benches read the fold)."""
+              started: Callable[[SchedulerHandlers], None] | None = None,
+              inventory_start: int | None = None) -> None:
+    """Run until ``stop``. ``started`` is handed the handlers once wired (tests and benches read the fold).
+    ``inventory_start``: the SHOAL_AGENT sequence the fold starts at, None for the stream's end (the scheduler bench
+    starts at 1 to time the fold of a backlog)."""
     readiness = readiness or Readiness()
     bus = await connect(settings.nats, SERVICE_NAME)
     readiness.add("nats", nats_check(bus))
@@ -127,7 +130,7 @@ async def run(settings: Settings, stop: asyncio.Event, clock: Callable[[], float
         await bus.provision()
         # Where this replica's fold starts: the snapshots it asks every agent for at start come after it (older
         # events would only be replaced by them).
-        start = await stream_end(bus, subjects.STREAM_AGENT)
+        start = await stream_end(bus, subjects.STREAM_AGENT) if inventory_start is None else inventory_start
         agents = KvMirror(await bus.kv(subjects.KV_AGENTS), AgentRecord, bus.reconnects)
         members = Members(await bus.kv(subjects.KV_MEMBERS), REPLICAS_OF, settings.service.replica_name,
                           reconnects=bus.reconnects)

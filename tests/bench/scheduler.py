@@ -7,13 +7,14 @@ On a real nats-server (embedded, its own process) with ``--agents`` simulated ag
 1. writes the datasets' records and the agents' records (zone and region labels) to their KV buckets;
 2. publishes every agent's inventory to SHOAL_AGENT as real agents would: per (agent, dataset) a snapshot of 16
    blocks in 4 files, then 3 deltas that cache 8 blocks and evict 4 (the stream holds them all before timing);
-3. **raw ceiling**: one nats-py pull consumer (batches of 256, explicit ack per message, like the service) decodes
+3. **raw ceiling**: one bare nats-py ordered consumer (the kind the service follows the inventory with) decodes
    every message with the inventory decoder, upgrades it and folds it into a ``CacheFold``: block events per second
-   (measured before and after the service, on durables of its own; the mean is the reference);
+   (measured before and after the service; the mean is the reference);
 4. **service**: the scheduler service (``services.scheduler.app.run``, in this process) consumes the same messages
-   from its durable; timed from the moment its dataset watch is ready (its consumer waits for it) until its fold
-   has taken the last message: block events per second, and the ratio to the ceiling (target >= 0.8). Both folds
-   must end with the same blocks;
+   with its own ordered consumer from the stream's first message (``inventory_start``: a replica in service starts
+   at the stream's end and asks the agents for snapshots); timed from the moment its dataset watch is ready (its
+   consumer waits for it) until its fold has taken the last message: block events per second, and the ratio to the
+   ceiling (target >= 0.8). Both folds must end with the same blocks;
 5. **decision latency** of a pod using the 3 hot datasets over every node (1,000 candidates): ``handlers.answer``
    in process (target p99 < 1 ms), wall time (``perf_counter_ns``) and this process's CPU time (``process_time_ns``,
    the honest number on a shared machine): **first after a change** (the headline: before each decision, not
@@ -45,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
-import nats.errors
+from nats.aio.msg import Msg
 from nats.js import api as js_api
 
 from libs import subjects
@@ -77,7 +78,6 @@ HOT = 3  # datasets every agent holds: the pod of the decision bench uses these
 SNAPSHOT_BLOCKS, FILES_PER_SNAPSHOT = 16, 4
 DELTAS, DELTA_CACHED, DELTA_EVICTED = 3, 8, 4
 COPIES = 3  # agents holding each ordinary dataset
-FETCH_BATCH = 256
 PUBLISH_WINDOW = 2000  # publishes in flight while filling the stream
 
 
@@ -159,26 +159,26 @@ async def seed_state(bus: Bus, sizes: Sizes, messages: list[tuple[str, bytes]]) 
     await asyncio.gather(*(bounded(bus.js.publish(subject, data, headers=headers)) for subject, data in messages))
 
 
-async def raw_ceiling(bus: Bus, total: int, durable: str) -> tuple[float, CacheFold]:
-    """One bare pull consumer decoding, upgrading and folding every message, acking each."""
+async def raw_ceiling(bus: Bus, total: int) -> tuple[float, CacheFold]:
+    """One bare ordered consumer (the kind the service follows the inventory with: no acks) decoding, upgrading
+    and folding every message from the stream's first."""
     decoder = msgspec.json.Decoder(AnyInventory)
     fold = CacheFold()
-    config = js_api.ConsumerConfig(durable_name=durable, ack_policy=js_api.AckPolicy.EXPLICIT,
-                                   max_ack_pending=1000, filter_subject=subjects.AGENT_INVENTORY,
-                                   deliver_policy=js_api.DeliverPolicy.ALL)
-    subscription = await bus.js.pull_subscribe(subjects.AGENT_INVENTORY, durable=durable,
-                                               stream=subjects.STREAM_AGENT, config=config)
     done = 0
+    finished = asyncio.Event()
+
+    async def take(message: Msg) -> None:
+        nonlocal done
+        fold.apply(upgrade(decoder.decode(message.data)))
+        done += 1
+        if done >= total:
+            finished.set()
+
+    config = js_api.ConsumerConfig(deliver_policy=js_api.DeliverPolicy.ALL)
     started = time.perf_counter()
-    while done < total:
-        try:
-            batch = await subscription.fetch(FETCH_BATCH, timeout=1.0)
-        except (TimeoutError, nats.errors.TimeoutError):
-            continue
-        for message in batch:
-            fold.apply(upgrade(decoder.decode(message.data)))
-            await message.ack()
-            done += 1
+    subscription = await bus.js.subscribe(subjects.AGENT_INVENTORY, stream=subjects.STREAM_AGENT, cb=take,
+                                          ordered_consumer=True, config=config)
+    await finished.wait()
     elapsed = time.perf_counter() - started
     await subscription.unsubscribe()
     return elapsed, fold
@@ -207,7 +207,7 @@ async def service_fold(settings: Settings, total: int) -> tuple[float, Scheduler
         wired.set()
 
     stop = asyncio.Event()
-    task = asyncio.create_task(app.run(settings, stop, started=on_started))
+    task = asyncio.create_task(app.run(settings, stop, started=on_started, inventory_start=1))
     await wired.wait()
     handlers = found[0]
     await handlers.datasets_ready.wait()
@@ -338,7 +338,7 @@ async def bench(sizes: Sizes, state: Path) -> dict[str, Any]:
                   f"{sizes.datasets:,} datasets published in {time.perf_counter() - started:.1f} s", flush=True)
             # The ceiling is measured before and after the service (its mean is the reference), so a machine
             # getting busier or quieter during the run does not favour either side.
-            raw_seconds, raw_fold = await raw_ceiling(bus, len(messages), "bench-raw-before")
+            raw_seconds, raw_fold = await raw_ceiling(bus, len(messages))
             print(f"  raw ceiling: {block_events / raw_seconds:,.0f} block events/s ({raw_seconds:.1f} s)", flush=True)
             settings = Settings(nats=NatsSettings(urls=[nats_config.url]),
                                 service=ServiceSettings(log_level="warning", log_format="json"),
@@ -352,7 +352,7 @@ async def bench(sizes: Sizes, state: Path) -> dict[str, Any]:
             finally:
                 stop.set()
                 await asyncio.wait_for(task, 30)
-            after_seconds, _ = await raw_ceiling(bus, len(messages), "bench-raw-after")
+            after_seconds, _ = await raw_ceiling(bus, len(messages))
             print(f"  raw ceiling again: {block_events / after_seconds:,.0f} block events/s ({after_seconds:.1f} s)",
                   flush=True)
         finally:

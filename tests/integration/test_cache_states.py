@@ -157,8 +157,11 @@ async def test_a_block_two_nodes_hold_counts_once_in_the_cached_percentage(
             return [CachedFile(0, key, etags[key], [(0, 1000)]) for key in keys]
 
         # The scheduler starts once the dataset is there, as it would be running all along (it reads the records
-        # before it folds inventory; a simulated agent answers no snapshot request).
-        async with running(lambda stop: scheduler_app.run(settings, stop)):
+        # before it folds inventory; a simulated agent answers no snapshot request, so the snapshots go out once it
+        # is wired: its fold starts at the stream's end as it starts).
+        wired = asyncio.Event()
+        async with running(lambda stop: scheduler_app.run(settings, stop, started=lambda _: wired.set())):
+            await asyncio.wait_for(wired.wait(), 30)
             for node in ("node-a", "node-b"):
                 await bus.publish(subjects.agent_inventory(node), InventorySnapshot(
                     node=node, dataset=DATASET, incarnation=node, seq=1, files=held("a.bin"),
