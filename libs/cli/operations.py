@@ -210,7 +210,7 @@ def _previous_end(record: OperationRecord, generation: int) -> bool:
 
 def _phase_line(resource: str, record: OperationRecord) -> str:
     line = f"{resource} {record.status.phase}"
-    progress = render.progress_text(record.status.progress)
+    progress = render.progress_text(record.status.progress, clean=record.clean is not None)
     if progress != "-":
         line += f" {progress}"
     if record.status.phase == "Pending" and record.status.waiting_for:
@@ -228,6 +228,8 @@ def _show(bar: Progress, task: TaskID, record: OperationRecord) -> None:
         detail.append(f"{progress.files_done}/{progress.files_total} files")
     if progress.bytes_total:
         detail.append(f"{format_bytes(progress.bytes_done)}/{format_bytes(progress.bytes_total)}")
+    if record.clean is not None and (freed := render.progress_text(progress, clean=True)) != "-":
+        detail.append(freed)  # a clean's bytes have no total: the bar only spins, this says what it did so far
     if progress.rate_bytes_per_second > 0 and record.status.phase == "Executing":
         detail.append(render.rate_text(progress.rate_bytes_per_second))
     if progress.eta_seconds is not None and record.status.phase == "Executing":
@@ -249,8 +251,9 @@ def report(results: Sequence[Finished]) -> bool:
         elif record.status.phase == "Complete":
             progress = record.status.progress
             text = f"{result.resource} Complete"
-            if progress.files_total or progress.bytes_total:
-                text += f": {render.progress_text(progress)}"
+            done = render.progress_text(progress, clean=record.clean is not None)
+            if done != "-":
+                text += f": {done}"
             if record.status.duration:
                 text += f" in {record.status.duration}"
             if progress.bytes_skipped:

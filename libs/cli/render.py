@@ -136,7 +136,7 @@ def operation_table(records: Sequence[OperationRecord], *, now: datetime, wide: 
     for record in records:
         status = record.status
         row = [record.metadata.name, operation_dataset(record), status.phase, age_text(record.created_at, now),
-               status.duration or "-", progress_text(status.progress)]
+               status.duration or "-", progress_text(status.progress, clean=record.clean is not None)]
         if wide:
             policy: str = record.load.policy if record.load is not None else "-"  # a clean runs once
             if record.load is not None and record.load.schedule:
@@ -156,13 +156,19 @@ def operation_dataset(record: OperationRecord) -> str:
     return ref.name if ref.namespace == record.metadata.namespace else f"{ref.namespace}/{ref.name}"
 
 
-def progress_text(progress: Progress) -> str:
-    """``812/1000 files, 8.00GiB/10.00GiB`` (bytes alone without a file count); ``-`` before the loader has
-    planned the run (no totals yet)."""
+def progress_text(progress: Progress, *, clean: bool = False) -> str:
+    """``812/1000 files, 8.00GiB/10.00GiB`` (bytes alone without a file count); a DataClean's ``5.00MiB freed``;
+    ``-`` before the loader has planned the run (no totals yet, or for a clean no node's part yet)."""
+    if clean:
+        # A clean's parts report the bytes they freed, which have no total (nobody knows beforehand what each node
+        # holds): its files and bytes totals stay 0, so the load's rule below showed "-" for every clean, even one
+        # that freed gigabytes. Blocks it named that were not cached are done without freeing anything.
+        if not progress.nodes and not progress.bytes_done:
+            return "-"
+        return f"{format_bytes(max(0, progress.bytes_done - progress.bytes_skipped))} freed"
     if progress.files_total == 0 and progress.bytes_total == 0:
         return "-"
     sizes = f"{format_bytes(progress.bytes_done)}/{format_bytes(progress.bytes_total)}"
-    # A clean of a whole dataset counts freed bytes, not files.
     return f"{progress.files_done}/{progress.files_total} files, {sizes}" if progress.files_total else sizes
 
 

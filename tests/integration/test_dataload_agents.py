@@ -27,6 +27,7 @@ import contextlib
 import dataclasses
 import os
 import random
+import re
 import signal
 import time
 from collections import Counter
@@ -44,7 +45,7 @@ from libs.blocks import BlockId, block_count, block_span
 from libs.bus import Bus
 from libs.config import Settings
 from libs.events.agent import InventoryRequest
-from libs.events.common import ObjectMeta, ObjectRef
+from libs.events.common import ObjectMeta, ObjectRef, format_bytes
 from libs.events.dataset import ManifestEntry
 from libs.events.operation import (
     CleanTarget,
@@ -486,6 +487,13 @@ async def test_the_cli_loads_lists_fails_on_a_missing_path_applies_fluid_yaml_an
                               wait_seconds=30)
         assert cleaned.exit_code == 0, cleaned.output
         assert cached(await snapshot(bus, NODE, NAME)) == pairs(train) - pairs(sub)
+        # What it freed is said at its end and in the PROGRESS column: a clean's bytes have no total, and both
+        # showed nothing ("Complete in 0s", "-") for every clean.
+        freed = f"{format_bytes(stack.entries['train/sub/b.bin'].size)} freed"
+        assert re.search(rf"dataclean\.shoal\.io/\S+ Complete: {freed}", cleaned.stdout), cleaned.output
+        cleans = await shoal(nats_server, "get", "datacleans")
+        assert cleans.exit_code == 0, cleans.output
+        assert re.split(r"\s{3,}", cleans.stdout.splitlines()[1])[5] == freed, cleans.stdout
 
 
 async def test_deleting_a_dataload_cancels_the_agents_work(

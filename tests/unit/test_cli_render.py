@@ -87,6 +87,20 @@ def test_progress_text_has_files_and_bytes_once_planned() -> None:
     assert render.progress_text(Progress(bytes_done=GiB, bytes_total=2 * GiB)) == "1.00GiB/2.00GiB"
 
 
+def test_a_cleans_progress_is_the_bytes_it_freed() -> None:
+    # The loader writes a clean's progress without totals (what each node holds is not known beforehand): the
+    # PROGRESS column and `--wait` showed "-" for every clean, even one that freed gigabytes.
+    assert render.progress_text(Progress(), clean=True) == "-"  # not planned yet
+    planned = Progress(nodes=[NodeProgress(node="node-a"), NodeProgress(node="node-b")])
+    assert render.progress_text(planned, clean=True) == "0B freed"
+    freed = Progress(bytes_done=3 * MiB + 5 * MiB, bytes_skipped=5 * MiB,
+                     nodes=[NodeProgress(node="node-a", bytes_done=8 * MiB, done=True)])
+    assert render.progress_text(freed, clean=True) == "3.00MiB freed"  # named blocks not cached freed nothing
+    table = render.operation_table([operation("cool", clean=True, status=OperationStatus(
+        phase="Complete", duration="0s", progress=freed))], now=NOW, wide=False, show_namespace=False)
+    assert table.splitlines()[1].split()[-2:] == ["3.00MiB", "freed"]
+
+
 def operation(name: str, *, clean: bool = False, namespace: str = "default", status: OperationStatus | None = None,
               dataset: ObjectRef | None = None) -> OperationRecord:
     ref = dataset or ObjectRef(name="imagenet", namespace=namespace)
