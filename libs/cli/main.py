@@ -81,6 +81,7 @@ from libs.events.operation import (
     TargetPath,
 )
 from libs.events.runtime import (
+    AutoscalingPolicy,
     RuntimeAccepted,
     RuntimeApply,
     RuntimeDelete,
@@ -639,9 +640,20 @@ async def _scale(options: Options, name: str, namespace: str, replicas: int) -> 
         click.echo(f"{command.resource} scaled to {replicas} replica{'' if replicas == 1 else 's'}")
         if (policy := record.runtime.spec.autoscaling) is not None:
             click.echo(f"note: {command.resource} has autoscaling ({policy.min_replicas}..{policy.max_replicas} "
-                       "workers): its autoscaler goes on changing replicas from here", err=True)
+                       f"workers): {_autoscaler_next(policy, replicas)}", err=True)
         return True
     return report_outcomes(outcomes, options.timeout)
+
+
+def _autoscaler_next(policy: AutoscalingPolicy, replicas: int) -> str:
+    """What the autoscaler does with ``replicas`` set by hand: outside its bounds it sets them back at its next look
+    (a second later), so "scaled to 5" alone read as done while the runtime stayed at its maxReplicas."""
+    for bound, word, off in ((policy.max_replicas, "above maxReplicas", replicas > policy.max_replicas),
+                             (policy.min_replicas, "below minReplicas", replicas < policy.min_replicas)):
+        if off:
+            return (f"{replicas} is {word} {bound}, so its autoscaler sets it back to {bound} at once (change "
+                    "spec.autoscaling to go beyond)")
+    return "its autoscaler goes on changing replicas from here"
 
 
 # --- DataLoad and DataClean shortcuts ---

@@ -551,6 +551,14 @@ spec:
     assert (noted.exit_code, noted.stdout) == (0, "runtime.shoal.io/elastic scaled to 2 replicas\n"), noted.output
     assert noted.stderr == ("note: runtime.shoal.io/elastic has autoscaling (1..3 workers): its autoscaler goes on "
                             "changing replicas from here\n")
+    # Outside its bounds the autoscaler takes the replicas back at once: the note said it "goes on" from 5.
+    above = await shoal(nats_server, "scale", "runtime", "elastic", "--replicas", "5")
+    assert (above.exit_code, above.stdout) == (0, "runtime.shoal.io/elastic scaled to 5 replicas\n"), above.output
+    assert above.stderr == ("note: runtime.shoal.io/elastic has autoscaling (1..3 workers): 5 is above maxReplicas 3, "
+                            "so its autoscaler sets it back to 3 at once (change spec.autoscaling to go beyond)\n")
+    below = await shoal(nats_server, "scale", "runtime", "elastic", "--replicas", "0")
+    assert below.stderr == ("note: runtime.shoal.io/elastic has autoscaling (1..3 workers): 0 is below minReplicas 1, "
+                            "so its autoscaler sets it back to 1 at once (change spec.autoscaling to go beyond)\n")
 
 
 async def test_scale_keeps_a_spec_applied_after_it_read_the_runtime(nats_server: NatsServer, bus: Bus) -> None:
