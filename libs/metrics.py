@@ -168,6 +168,11 @@ NOT_FOUND, CHANGED, DENIED, TIMEOUT, OTHER = "not_found", "changed", "denied", "
 NOT_CACHED, UNAUTHORIZED, BAD_REQUEST, ERROR = "not_cached", "unauthorized", "bad_request", "error"
 
 
+# Prometheus's ``job`` of the mount processes' targets: the agent writes it into each file_sd target (where it wins
+# over the scrape job's name), and ``shoal up`` names its scrape job so, so both say the same.
+MOUNT_JOB = "shoal-mount"
+
+
 def dataset_label(namespace: str, name: str) -> str:
     """The ``dataset`` label of the agent's series: ``<namespace>/<name>`` (how the agent names a mount in logs)."""
     return f"{namespace}/{name}"

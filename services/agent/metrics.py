@@ -38,8 +38,6 @@ from libs.metrics import adder, observer
 from libs.ufs.base import AccessDenied, EndpointUnreachable, NoSuchBucket, NoSuchKey, ObjectChanged
 from services.agent.cache.store import CacheStats
 
-# The job name of mount processes' targets (Prometheus' ``job`` label).
-MOUNT_JOB = "shoal-mount"
 SOURCES = (m.MEMORY, m.DISK, m.PEER, m.STORE)
 
 
@@ -219,7 +217,7 @@ def write_target(directory: str, node: str, namespace: str, name: str, host: str
     if host in ("", "0.0.0.0", "::"):  # bound to every address: Prometheus on the node finds it on loopback
         host = "127.0.0.1"
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    body = [{"targets": [address], "labels": {"job": MOUNT_JOB, "node": node,
+    body = [{"targets": [address], "labels": {"job": m.MOUNT_JOB, "node": node,
                                               "dataset": m.dataset_label(namespace, name)}}]
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")

@@ -8,7 +8,7 @@ UI's files where the package would install them, so unpacked it serves the API (
 What is scraped: every service's side server (``shoal up`` knows their ports: static targets, job ``shoal``, label
 ``service``), and the agents' mount processes, which pick their side-server ports at start: the agent writes one
 file_sd JSON per mount process (``[{"targets": ["127.0.0.1:PORT"], "labels": {...}}]``) into the folder named by
-``SHOAL_PROMETHEUS_TARGETS_DIR``, which Prometheus watches (job ``shoal-mounts``).
+``SHOAL_PROMETHEUS_TARGETS_DIR``, which Prometheus watches (job ``shoal-mount``, the label the agent writes in them).
 
 Pure: ``find_tool``'s search order, ``scrape_config`` and ``argv``. I/O: ``start_prometheus`` and ``ready``.
 """
@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from libs.embedded import LOOPBACK, ServerProcess, spawn, wait_until
+from libs.metrics import MOUNT_JOB
 
 # Where ``make system-deps`` unpacks Debian's package: below the checkout, whatever the state directory.
 TOOLS_DIR = Path(__file__).resolve().parents[3] / ".shoal" / "tools" / "prometheus"
@@ -31,9 +32,10 @@ TOOLS_BIN = TOOLS_DIR / "usr" / "bin"
 # Names the agent reads to know where to write its mount processes' scrape targets.
 TARGETS_DIR_VARIABLE = "SHOAL_PROMETHEUS_TARGETS_DIR"
 URL_VARIABLE = "PROMETHEUS_URL"
-# Job names, as the dashboards' users see them in Prometheus.
+# Job names, as the dashboards' users see them in Prometheus. The mounts' is the one the agent writes into each
+# target file, which would win over another name given here.
 SERVICES_JOB = "shoal"
-MOUNTS_JOB = "shoal-mounts"
+MOUNTS_JOB = MOUNT_JOB
 # Prometheus's own default port; ``--prometheus-port`` moves it.
 DEFAULT_PORT = 9090
 # A demo wants graphs that move within seconds; Grafana's $__rate_interval is four of these.
@@ -69,7 +71,9 @@ class PrometheusConfig:
 
 def scrape_config(services: Mapping[str, int], targets_dir: Path, scrape_interval: str = SCRAPE_INTERVAL) -> str:
     """Prometheus's configuration (JSON, which is YAML too): each service's side server as a static target labelled
-    with its name, and the file_sd folder of the mount processes, re-read as often as it scrapes."""
+    with its name, and the file_sd folder of the mount processes, re-read as often as it scrapes. A mount's target
+    and its series both carry ``node`` and ``dataset`` (the same values): ``honor_labels`` keeps the series' own,
+    where Prometheus would otherwise keep both, the series' renamed ``exported_node`` and ``exported_dataset``."""
     config = {
         "global": {"scrape_interval": scrape_interval, "evaluation_interval": scrape_interval},
         "scrape_configs": [
@@ -80,6 +84,7 @@ def scrape_config(services: Mapping[str, int], targets_dir: Path, scrape_interva
             },
             {
                 "job_name": MOUNTS_JOB,
+                "honor_labels": True,
                 "file_sd_configs": [{"files": [str(targets_dir / "*.json")], "refresh_interval": scrape_interval}],
             },
         ],
