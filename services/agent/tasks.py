@@ -46,6 +46,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import api as js_api
 from nats.js.errors import NotFoundError
+from opentelemetry import trace
 
 from libs import subjects
 from libs.backoff import Backoff
@@ -55,7 +56,7 @@ from libs.events.common import DECODE_ERRORS, ObjectRef
 from libs.events.dataset import DatasetRecord, ManifestEntry
 from libs.events.operation import NodeTask, OperationRecord, TaskCancel, TaskProgress
 from libs.redact import cut_error
-from libs.telemetry import get_logger
+from libs.telemetry import extract_context, get_logger, messaging_attributes, tracer
 from libs.ufs.base import EndpointUnreachable, UfsError
 from services.agent.cache import BlockCache
 from services.agent.reader import BlockReader
@@ -286,6 +287,7 @@ class TaskRunner:
         self._cancelled: deque[str] = deque(maxlen=CANCELLED_RUNS)
         # The durable's own ``max_deliver``: one kept from before a change of MAX_DELIVER goes on with its old count.
         self._max_deliver = MAX_DELIVER
+        self._tracer = tracer(__name__)
 
     def manifest_reloaded(self) -> None:
         """The mount serves a new manifest: a load part waiting for it looks again at once."""
@@ -403,6 +405,15 @@ class TaskRunner:
     # --- one part ---
 
     async def _process(self, message: Msg) -> None:
+        # The part goes on in the trace the loader's publish put in its headers, as every consumed command does
+        # (``libs.bus.Consumer``): its store GETs and its progress publishes are made inside this span (the
+        # heartbeat and the work are tasks started in it), so the loader's handling of the progress joins the trace.
+        with self._tracer.start_as_current_span(f"process {self.durable}", context=extract_context(message.headers),
+                                                kind=trace.SpanKind.CONSUMER,
+                                                attributes=messaging_attributes(message.subject)):
+            await self._process_part(message)
+
+    async def _process_part(self, message: Msg) -> None:
         deliveries = message.metadata.num_delivered or 1
         try:
             task = _TASK.decode(message.data)

@@ -1,0 +1,93 @@
+"""A DataLoad's trace goes on in the mount process that executes its part (``services.agent.tasks``), on a real
+nats-server: the part's ``traceparent`` header (the loader's PRODUCER span) is continued by a CONSUMER span for the
+part, under which the part's store GETs and its progress publishes are made, so the loader's handling of that
+progress joins the same trace. Before, the part was executed outside any trace: the chain broke at the agent, and
+each progress started a trace of its own in the loader.
+
+The runner is the mount process's own class, in-process, over a local-folder store; spans go to memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import msgspec
+from nats.aio.msg import Msg
+from opentelemetry import trace
+
+from libs import subjects
+from libs.bus import Bus
+from libs.events.agent import CachedFile
+from libs.events.common import ObjectMeta, ObjectRef
+from libs.events.dataset import ManifestEntry
+from libs.events.operation import DataLoadSpec, NodeTask, OperationRecord, OperationStatus, TaskProgress
+from libs.ufs import LocalLocation, LocalObjectStore
+from services.agent.cache import BlockCache, DiskTier
+from services.agent.readahead import MemoryBudget
+from services.agent.reader import BlockReader, StoreGate
+from services.agent.tasks import TaskRunner
+from tests.helpers import eventually, spans_in_memory
+
+NODE = "trace-node"
+DATASET = ObjectRef(name="traced", namespace="default")
+BLOCK = 1024
+
+
+async def test_a_part_continues_the_loaders_trace_and_its_progress_stays_in_it(bus: Bus, tmp_path: Path) -> None:
+    (tmp_path / "store").mkdir()
+    (tmp_path / "store" / "a").write_bytes(b"a" * 3 * BLOCK)
+    store = LocalObjectStore(LocalLocation(root=tmp_path / "store"))
+    cache = BlockCache([DiskTier(tmp_path / "cache", 64 * BLOCK)])
+    cache.load()
+    reader = BlockReader(cache, [StoreGate(store)], BLOCK, MemoryBudget(16 * BLOCK), write_block=cache.put_async)
+    entry = ManifestEntry(path="/a", mount=0, key="a", size=3 * BLOCK, etag=(await store.head("a")).etag, mtime=0.0)
+    key = subjects.operation_key("DataLoad", DATASET.namespace, "warm")
+    await (await bus.kv(subjects.KV_OPERATIONS)).put(key, msgspec.json.encode(OperationRecord(
+        kind="DataLoad", metadata=ObjectMeta(name="warm"), load=DataLoadSpec(dataset=ObjectRef(name=DATASET.name)),
+        status=OperationStatus(phase="Executing", runs=1))))
+    await bus.provision_node_tasks(NODE)
+    run = f"{key}.1"
+    part = NodeTask(id=f"{run}.0", run=run, part=0, parts=1, node=NODE, dataset=DATASET, action="load",
+                    blocks=[CachedFile(0, "a", entry.etag, [(i, BLOCK) for i in range(3)])])
+    progress_subject = subjects.task_progress(NODE)
+    reports: list[TaskProgress] = []
+
+    async def on_progress(message: Msg) -> None:
+        reports.append(msgspec.json.decode(message.data, type=TaskProgress))
+
+    subscription = await bus.nc.subscribe(progress_subject, cb=on_progress)
+    with spans_in_memory() as exporter:
+        runner = TaskRunner(bus, NODE, DATASET, cache, reader, lambda: {(0, "a"): entry}, concurrency=2)
+        running = asyncio.ensure_future(runner.run())
+        try:
+            with trace.get_tracer(__name__).start_as_current_span("loader run") as root:
+                await bus.publish(runner.subject, part)
+            trace_id = root.get_span_context().trace_id
+
+            async def done() -> bool:
+                return any(report.done for report in reports)
+
+            await eventually(done, 20, "the part's final progress")
+        finally:
+            runner.stop()
+            await asyncio.wait_for(running, 20)
+            await subscription.unsubscribe()
+        spans = exporter.get_finished_spans()
+    seen = [(span.name, span.context.trace_id == trace_id) for span in spans]
+    produced = [span for span in spans if span.name == f"publish {runner.subject}"]
+    assert len(produced) == 1, seen
+    consumed = [span for span in spans if span.name == f"process {runner.durable}"]
+    assert len(consumed) == 1, seen
+    consumer = consumed[0]
+    assert consumer.kind == trace.SpanKind.CONSUMER
+    assert consumer.context.trace_id == trace_id and consumer.parent is not None, seen
+    assert consumer.parent.span_id == produced[0].context.span_id
+    assert consumer.attributes is not None
+    assert consumer.attributes["messaging.destination.name"] == runner.subject
+    # What the part did happened inside it: its store GETs and every progress it published.
+    inside = [span for span in spans if span.parent is not None and span.parent.span_id == consumer.context.span_id]
+    assert {span.name for span in inside} >= {"store GET", f"publish {progress_subject}"}, seen
+    assert [report.failed for report in reports if report.done] == [0], reports
+    progress = [span for span in spans if span.name == f"publish {progress_subject}"]
+    assert all(span.context.trace_id == trace_id for span in progress), seen
