@@ -2,7 +2,8 @@
 
 Exposition is prometheus-client's: each instrument here registers in its global registry, which the side server
 (``libs.side_server``) serves on ``/metrics`` next to the process collector. A process only moves the instruments
-it owns; the others stay absent from its output (a labelled metric shows no series until a label set is used).
+it owns; the others stay absent from its output (a labelled metric shows no series until a label set is used, and
+one without labels is registered only by its owner, ``register``).
 
 Naming follows Prometheus: counters end in ``_total`` (prometheus-client adds it to the name given here), units are
 base units in the name (``_seconds``, ``_bytes``), gauges have no suffix. Labels stay bounded: consumer durables,
@@ -18,10 +19,11 @@ instruments stay on either way (they are a few increments per command).
 from __future__ import annotations
 
 import bisect
+import contextlib
 import os
 from collections.abc import Callable
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 from prometheus_client.values import MutexValue
 
 # --- label values ----------------------------------------------------------------------------------------------
@@ -44,6 +46,14 @@ SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 # FUSE requests and scheduling decisions: tens of microseconds (a cached getattr) to a few seconds (a cold read).
 FAST_SECONDS_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
                         0.5, 1.0, 2.5)
+
+
+def register(*instruments: Counter | Gauge | Histogram) -> None:
+    """Serve ``instruments`` (made with ``registry=None``: only the process that owns them serves them) on this
+    process's ``/metrics``; once, however often it is called (the services of a test share one process)."""
+    for instrument in instruments:
+        with contextlib.suppress(ValueError):  # registered already: prometheus-client refuses a second time
+            REGISTRY.register(instrument)
 
 
 def data_path_enabled() -> bool:
@@ -192,11 +202,14 @@ OPERATION_RUNS = Counter("shoal_operation_runs", "Finished operation runs by kin
 
 # --- scheduler -------------------------------------------------------------------------------------------------
 
+# The two without labels are not registered here: an instrument without labels serves a sample from the moment it
+# is registered, so in every process (all import this module) they read 0, and a dashboard's max of the fold lag
+# showed a current fold while the scheduler was down. The scheduler registers them (``register``).
 FOLD_LAG_SECONDS = Gauge("shoal_scheduler_fold_lag_seconds", "Age of the newest inventory event folded when it "
-                         "was folded.")
+                         "was folded.", registry=None)
 FOLD_EVENTS = Counter("shoal_scheduler_fold_events", "Inventory events folded, or ignored by reason.",
                       ["outcome"])
-SNAPSHOT_REQUESTS = Counter("shoal_scheduler_snapshot_requests", "Snapshot requests sent to agents.")
+SNAPSHOT_REQUESTS = Counter("shoal_scheduler_snapshot_requests", "Snapshot requests sent to agents.", registry=None)
 DECISIONS = Counter("shoal_scheduler_decisions", "Scheduling questions answered, by way (nats, webhook, filter, "
                     "prioritize) and outcome.", ["way", "outcome"])
 DECISION_SECONDS = Histogram("shoal_scheduler_decision_duration_seconds", "Time to answer one scheduling "

@@ -42,6 +42,8 @@ _FOLDED = metrics.adder(metrics.FOLD_EVENTS.labels("folded"))
 _STALE = metrics.adder(metrics.FOLD_EVENTS.labels("stale"))
 _UNKNOWN_DATASET = metrics.adder(metrics.FOLD_EVENTS.labels("unknown_dataset"))
 _FOLD_LAG = metrics.setter(metrics.FOLD_LAG_SECONDS)
+# The scheduler's series without labels are served by the scheduler only (see libs.metrics).
+metrics.register(metrics.FOLD_LAG_SECONDS, metrics.SNAPSHOT_REQUESTS)
 
 _REQUEST_DECODER = msgspec.json.Decoder(ScoreRequest)
 _REPLY_ENCODER = msgspec.json.Encoder()
