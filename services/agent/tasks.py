@@ -113,6 +113,8 @@ CHANGED = "object changed since the load was planned"
 NOT_KEPT = "fetched but not kept: the cache is full of blocks read more often, or its tiers are down"
 CANCELLED = "cancelled"
 
+# The CONSUMER span of a part (``TaskRunner._process``).
+_SPAN = f"process {subjects.TASK_PREFIX}"
 _TASK = msgspec.json.Decoder(NodeTask)
 _CANCEL = msgspec.json.Decoder(TaskCancel)
 
@@ -408,7 +410,9 @@ class TaskRunner:
         # The part goes on in the trace the loader's publish put in its headers, as every consumed command does
         # (``libs.bus.Consumer``): its store GETs and its progress publishes are made inside this span (the
         # heartbeat and the work are tasks started in it), so the loader's handling of the progress joins the trace.
-        with self._tracer.start_as_current_span(f"process {self.durable}", context=extract_context(message.headers),
+        # Named by the subjects' common prefix, not this mount's durable: one span name for every node and dataset
+        # (the subject itself is an attribute).
+        with self._tracer.start_as_current_span(_SPAN, context=extract_context(message.headers),
                                                 kind=trace.SpanKind.CONSUMER,
                                                 attributes=messaging_attributes(message.subject)):
             await self._process_part(message)
