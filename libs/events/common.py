@@ -56,6 +56,16 @@ def apply_result(before: object | None, after: object) -> ApplyResult:
     return "unchanged" if before == after else "configured"
 
 
+def answered_result(computed: ApplyResult, sequence: int, held_sequence: int, held_result: ApplyResult) -> ApplyResult:
+    """What an apply at stream ``sequence`` answers: ``computed``, unless the record already holds this very command
+    (``held_sequence``: a redelivery after its save, the first delivery's fact lost to a crash or a failed publish),
+    whose result the record kept (``held_result``): computed again, it would say ``unchanged`` of the object that
+    command created or configured."""
+    if sequence and sequence == held_sequence and held_result:
+        return held_result
+    return computed
+
+
 class ObjectMeta(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     name: str
     namespace: str = "default"

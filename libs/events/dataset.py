@@ -235,6 +235,9 @@ class DatasetRecord(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     # delivered again later (the service was killed before acking it, and JetStream redelivers it after its ack
     # wait, behind newer commands) is stale: applying it would put an old spec back under a new generation.
     command_sequence: int = 0
+    # What the apply at ``command_sequence`` answered (``libs.events.common.answered_result``): a redelivery of it
+    # answers the same. "" in a record written before the field.
+    command_result: ApplyResult = ""
     # Which life of this name the record is (a random id made when the record is created; "" for a record made
     # before incarnations): a dataset deleted and applied again starts at generation 1 again, so a sync of the
     # deleted one still running compares this, not the generation, before it writes, and names its manifest with

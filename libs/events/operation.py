@@ -276,3 +276,6 @@ class OperationRecord(msgspec.Struct, frozen=True, kw_only=True, rename="camel")
     # delivered again behind it (its first handling failed, and JetStream redelivers it behind newer commands) is
     # stale: it must not put an old spec back, nor remove the operation applied after it.
     command_sequence: int = 0
+    # What the apply at ``command_sequence`` answered (``libs.events.common.answered_result``): a redelivery of it
+    # answers the same. "" in a record written before the field.
+    command_result: ApplyResult = ""

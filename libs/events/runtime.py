@@ -294,3 +294,6 @@ class RuntimeRecord(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     # delivered again later (the service was killed before acking it, and JetStream redelivers it after its ack
     # wait, behind newer commands) is stale: applying it would put an old spec back under a new generation.
     command_sequence: int = 0
+    # What the apply at ``command_sequence`` answered (``libs.events.common.answered_result``): a redelivery of it
+    # answers the same. "" in a record written before the field.
+    command_result: ApplyResult = ""

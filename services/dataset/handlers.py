@@ -36,7 +36,7 @@ from libs.bus import (
 from libs.config import Settings
 from libs.deletion import deleted_at
 from libs.events.agent import AgentRecord, AnyInventory, InventoryRequest, upgrade
-from libs.events.common import apply_result
+from libs.events.common import answered_result, apply_result
 from libs.events.dataset import (
     Dataset,
     DatasetAccepted,
@@ -153,6 +153,11 @@ class DatasetHandlers:
             await self._reject(command.id, delivery, reason, name, namespace)
             return
         updated, changed = domain.apply_dataset(record, dataset, delivery.stream_sequence, self.new_incarnation())
+        result = answered_result(apply_result(None if record is None else record.dataset, updated.dataset),
+                                 delivery.stream_sequence, 0 if record is None else record.command_sequence,
+                                 "" if record is None else record.command_result)
+        if updated is not record:  # saved below: a redelivery of this command answers the same
+            updated = msgspec.structs.replace(updated, command_result=result)
         saved_revision = revision
         if changed:
             if is_reference(dataset):
@@ -169,8 +174,7 @@ class DatasetHandlers:
         await self.bus.publish(
             subjects.DATASET_ACCEPTED,
             DatasetAccepted(id=f"{command.id}.accepted", causation_id=command.id, name=name, namespace=namespace,
-                            generation=updated.generation,
-                            result=apply_result(None if record is None else record.dataset, updated.dataset)),
+                            generation=updated.generation, result=result),
         )
         if saved_revision is not None and changed and (record is None or record.status != updated.status):
             await self._publish_status(updated, saved_revision)

@@ -42,7 +42,7 @@ from libs.bus import (
     kv_save,
 )
 from libs.deletion import deleted_at, deletion_note
-from libs.events.common import ObjectMeta, apply_result, parse_quantity
+from libs.events.common import ObjectMeta, answered_result, apply_result, parse_quantity
 from libs.events.dataset import DatasetRecord, DatasetResync, ManifestEntry
 from libs.events.operation import (
     DataCleanApply,
@@ -214,13 +214,16 @@ class LoaderHandlers:
             if previous.run:
                 runs = int(previous.run.rsplit(".", 1)[1])
                 updated = msgspec.structs.replace(updated, status=msgspec.structs.replace(updated.status, runs=runs))
-        if changed:
+        # Labels and annotations too: the loader keeps the generation when only they change, yet they changed.
+        result = answered_result(apply_result(None if record is None else (record.metadata, record.load, record.clean),
+                                              (updated.metadata, updated.load, updated.clean)),
+                                 sequence, 0 if record is None else record.command_sequence,
+                                 "" if record is None else record.command_result)
+        if changed:  # a redelivery of this command answers the same
+            updated = msgspec.structs.replace(updated, command_result=result)
             revision = await kv_save(kv, key, updated, revision)
             self.operations.saved(key, updated, revision)
             log.info("applied", operation=key, generation=updated.generation)
-        # Labels and annotations too: the loader keeps the generation when only they change, yet they changed.
-        result = apply_result(None if record is None else (record.metadata, record.load, record.clean),
-                              (updated.metadata, updated.load, updated.clean))
         await self.bus.publish(FACTS[kind][0], OperationAccepted(
             id=f"{command_id}.accepted", causation_id=command_id, kind=kind, name=meta.name,
             namespace=meta.namespace, generation=updated.generation, result=result))

@@ -52,7 +52,7 @@ from libs.bus import (
 )
 from libs.deletion import deleted_at, deletion_note
 from libs.events.agent import AgentHeartbeat, AgentRecord
-from libs.events.common import apply_result
+from libs.events.common import answered_result, apply_result
 from libs.events.dataset import DatasetRecord
 from libs.events.runtime import (
     AutoscalingStatus,
@@ -180,14 +180,17 @@ class RuntimeHandlers:
         name, namespace = runtime.metadata.name, runtime.metadata.namespace
         key = subjects.resource_key(namespace, name)
         updated, changed = domain.apply_runtime(record, runtime, delivery.stream_sequence)
-        if changed:
+        result = answered_result(apply_result(None if record is None else record.runtime, updated.runtime),
+                                 delivery.stream_sequence, 0 if record is None else record.command_sequence,
+                                 "" if record is None else record.command_result)
+        if changed:  # saved: a redelivery of this command answers the same
+            updated = msgspec.structs.replace(updated, command_result=result)
             await kv_save(await self.bus.kv(subjects.KV_RUNTIMES), key, updated, revision)
             log.info("applied", runtime=key, generation=updated.generation)
         await self.bus.publish(
             subjects.RUNTIME_ACCEPTED,
             RuntimeAccepted(id=f"{command_id}.accepted", causation_id=command_id, name=name, namespace=namespace,
-                            generation=updated.generation,
-                            result=apply_result(None if record is None else record.runtime, updated.runtime)),
+                            generation=updated.generation, result=result),
         )
         await self.refresh(key, self._agents(), force_publish=record is None)
 

@@ -486,7 +486,7 @@ async def test_invalid_commands_are_rejected(bus: Bus, nats_server: NatsServer) 
         bad_cron = dataload(policy="Cron", schedule="61 * * * *")
         await publish(bus, subjects.DATALOAD_APPLY, bad_cron)
         rejected = await facts.wait_for("operation.rejected.v1", causationId=bad_cron.id)
-        assert "not a valid cron expression" in rejected["reason"]
+        assert "the minute field '61' is out of range" in rejected["reason"], rejected
         await bus.js.publish(subjects.DATALOAD_APPLY, b'{"type": "dataload.apply.v1", "dataLoad": 3}',
                              headers={"Nats-Msg-Id": "garbage-1"})
         garbage = await facts.wait_for("operation.rejected.v1", causationId="garbage-1")
@@ -828,7 +828,9 @@ spec:
     assert "dataload.shoal.io/warm unchanged" in again.stdout.splitlines()
     # Nothing ran and nothing changed but the sequence of the last word (an older command delivered again is stale).
     assert after is not None and after.command_sequence > done.command_sequence
-    assert msgspec.structs.replace(after, command_sequence=done.command_sequence) == done
+    assert msgspec.structs.replace(after, command_sequence=done.command_sequence,
+                                   command_result=done.command_result) == done
+    assert after.command_result == "unchanged"  # what the re-apply answered
 
 
 async def test_a_run_command_delivered_again_after_it_was_counted_runs_once_and_is_not_refused(
