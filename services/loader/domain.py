@@ -969,11 +969,10 @@ def pending_run(record: OperationRecord, state: RunState) -> str:
     """Why a run asked for now (``dataload.run.v1``) is the run already pending, or "" when none is: one asked for
     before and not started (``requested``), or a due run waiting for its runAfter or its dataset (Pending with
     ``waitingFor``). Counting each request as a run of its own ran a load several times back to back once what it
-    waited for came; a user asking again while it waits means "run it", not "run it N times"."""
-    if state.stage != "finished":
-        return ""
+    waited for came; a user asking again while it waits means "run it", not "run it N times". While a run is under
+    way, the first request queues the next run and later ones join that one."""
     name = f"DataLoad {record.metadata.namespace}/{record.metadata.name}"
-    if record.status.phase == "Pending" and record.status.waiting_for:
+    if state.stage == "finished" and record.status.phase == "Pending" and record.status.waiting_for:
         return f"{name} already has a run pending, waiting for {record.status.waiting_for}; this request joins it"
     if state.requested:
         return f"{name} already has a run requested that has not started; this request joins it"

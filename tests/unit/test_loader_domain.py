@@ -827,3 +827,6 @@ def test_a_run_request_joins_a_pending_run_and_queues_one_otherwise() -> None:
                        "Complete; this request joins it")
     # A run under way (planning, before the record says Executing) is no pending run: the request is one more.
     assert domain.pending_run(record(cron, phase="Pending", waiting_for="x"), domain.RunState(stage="planning")) == ""
+    # ...but once a request has queued the next run, more requests during this one join that one.
+    assert domain.pending_run(record(cron, phase="Executing"),
+                              domain.RunState(stage="executing", requested=1)).endswith("this request joins it")
