@@ -161,6 +161,22 @@ def dead_letter(stream: str, durable: str) -> str:
     return f"{DEAD_LETTER_PREFIX}.{stream}.{durable}"
 
 
+# --- Families: what a span is named by. ---
+# Subjects with a tail per node, dataset or consumer, by their common prefix. A span named after the whole subject
+# would be one operation per node and dataset in a tracing backend (Jaeger's operation list, Tempo's span metrics);
+# the subject itself goes in the span's ``messaging.destination.name``.
+_FAMILIES = (TASK_PREFIX, TASK_PROGRESS_PREFIX, AGENT_HEARTBEAT_PREFIX, AGENT_INVENTORY_PREFIX, DEAD_LETTER_PREFIX)
+
+
+def family(subject: str) -> str:
+    """The name of ``subject``'s kind, without its per-node tail: ``shoal.task.node`` for every
+    ``shoal.task.node.<node>.<ns>.<name>``; a subject spelled whole above (a command, a fact) is its own."""
+    for prefix in _FAMILIES:
+        if subject.startswith(prefix + "."):
+            return prefix
+    return subject
+
+
 # --- Durable consumers. ---
 DURABLE_DATASET_COMMANDS = "dataset-commands"
 DURABLE_DATASET_RUNTIME_STATUS = "dataset-runtime-status"

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 
+from libs import subjects
 from libs.redact import strip_userinfo
 
 if TYPE_CHECKING:
@@ -284,11 +285,13 @@ def in_trace() -> bool:
 def producer_span(span_tracer: trace.Tracer, subject: str) -> Iterator[None]:
     """A PRODUCER span for one publish to ``subject`` when a trace is current (its headers then carry this span);
     nothing outside a trace: heartbeats and inventory start no trace of their own, and a consumer of a message
-    without ``traceparent`` starts the trace itself."""
+    without ``traceparent`` starts the trace itself. Named by the subject's family (``publish shoal.task.node``
+    for every node's and dataset's parts: ``subjects.family``), the subject itself in
+    ``messaging.destination.name``."""
     if not in_trace():
         yield
         return
-    with span_tracer.start_as_current_span(f"publish {subject}", kind=trace.SpanKind.PRODUCER,
+    with span_tracer.start_as_current_span(f"publish {subjects.family(subject)}", kind=trace.SpanKind.PRODUCER,
                                            attributes=messaging_attributes(subject)):
         yield
 

@@ -75,9 +75,11 @@ async def test_a_part_continues_the_loaders_trace_and_its_progress_stays_in_it(b
             await subscription.unsubscribe()
         spans = exporter.get_finished_spans()
     seen = [(span.name, span.context.trace_id == trace_id) for span in spans]
-    produced = [span for span in spans if span.name == f"publish {runner.subject}"]
+    # One span name for every node and dataset's parts and progress; the subject says which.
+    produced = [span for span in spans if span.name == f"publish {subjects.TASK_PREFIX}"]
     assert len(produced) == 1, seen
-    # One span name for every node and dataset's parts; the subject says which.
+    assert produced[0].attributes is not None
+    assert produced[0].attributes["messaging.destination.name"] == runner.subject
     consumed = [span for span in spans if span.name == f"process {subjects.TASK_PREFIX}"]
     assert len(consumed) == 1, seen
     consumer = consumed[0]
@@ -88,7 +90,9 @@ async def test_a_part_continues_the_loaders_trace_and_its_progress_stays_in_it(b
     assert consumer.attributes["messaging.destination.name"] == runner.subject
     # What the part did happened inside it: its store GETs and every progress it published.
     inside = [span for span in spans if span.parent is not None and span.parent.span_id == consumer.context.span_id]
-    assert {span.name for span in inside} >= {"store GET", f"publish {progress_subject}"}, seen
+    assert {span.name for span in inside} >= {"store GET", f"publish {subjects.TASK_PROGRESS_PREFIX}"}, seen
     assert [report.failed for report in reports if report.done] == [0], reports
-    progress = [span for span in spans if span.name == f"publish {progress_subject}"]
-    assert all(span.context.trace_id == trace_id for span in progress), seen
+    progress = [span for span in spans if span.name == f"publish {subjects.TASK_PROGRESS_PREFIX}"]
+    assert progress and all(span.context.trace_id == trace_id for span in progress), seen
+    assert {span.attributes["messaging.destination.name"] for span in progress if span.attributes} == {
+        progress_subject}

@@ -8,14 +8,19 @@ import re
 from typing import Any
 
 import pytest
+from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from libs import subjects
 from libs.telemetry import (
     TracingConfigError,
     add_trace_ids,
     context_of,
     current_traceparent,
     get_logger,
+    producer_span,
     tracing_exporter,
     tracing_resource,
 )
@@ -83,6 +88,30 @@ def test_a_stored_traceparent_continues_its_trace() -> None:
     assert sync.get_span_context().trace_id == command.get_span_context().trace_id
     fresh = tracer.start_span("fresh", context=context_of(""))
     assert isinstance(fresh, ReadableSpan) and fresh.parent is None
+
+
+def test_a_publish_span_is_named_by_the_subjects_family_not_its_node_or_dataset() -> None:
+    """``publish shoal.task.node.<node>.<ns>.<name>`` and ``publish shoal.task.progress.<node>`` were one operation
+    name per node and dataset in a tracing backend; the subject itself belongs in ``messaging.destination.name``."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("test")
+    published = [subjects.node_task("ip-10-0-1-23.ec2.internal", "default", "demo"),
+                 subjects.node_task("node-b", "ml", "images"), subjects.task_progress("node-b"),
+                 subjects.agent_inventory("node-b"), subjects.agent_heartbeat("node-b"),
+                 subjects.dead_letter(subjects.STREAM_COMMANDS, subjects.DURABLE_LOADER_COMMANDS),
+                 subjects.DATASET_STATUS]
+    with tracer.start_as_current_span("work"):
+        for subject in published:
+            with producer_span(tracer, subject):
+                pass
+    spans = [span for span in exporter.get_finished_spans() if span.kind == trace.SpanKind.PRODUCER]
+    assert [(span.name, dict(span.attributes or {})) for span in spans] == [
+        (f"publish {name}", {"messaging.system": "nats", "messaging.destination.name": subject})
+        for name, subject in zip(["shoal.task.node", "shoal.task.node", "shoal.task.progress", "shoal.agent.inventory",
+                                  "shoal.agent.heartbeat", "shoal.dlq", subjects.DATASET_STATUS], published,
+                                 strict=True)]
 
 
 def test_a_process_refuses_to_start_on_an_exporter_it_does_not_ship(monkeypatch: pytest.MonkeyPatch,
