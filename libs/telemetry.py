@@ -12,6 +12,7 @@ its publisher through every service.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
@@ -19,6 +20,7 @@ import time
 from collections.abc import Iterator, Mapping, MutableMapping
 from contextlib import contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any, TextIO
+from urllib.parse import urlsplit
 
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
@@ -302,6 +304,26 @@ def child_span(span_tracer: trace.Tracer, name: str, kind: trace.SpanKind = trac
     if not in_trace():
         return nullcontext()
     return span_tracer.start_as_current_span(name, kind=kind, attributes=attributes)
+
+
+@functools.lru_cache(maxsize=256)  # a node's peers are a few URLs, asked on every read miss
+def server_attributes(url: str) -> Mapping[str, str | int]:
+    """A CLIENT span's ``server.address`` (the host alone, as OpenTelemetry's conventions want it: a name or an IP
+    address, no scheme, port or brackets) and ``server.port`` (the scheme's when the URL names none) for a request to
+    ``url``. Nothing else of the URL: no user name or password, and no path or query (a peer request's query holds
+    its signature)."""
+    parts = urlsplit(url)
+    try:
+        port = parts.port or _DEFAULT_PORTS.get(parts.scheme)
+    except ValueError:  # not a number: no port to speak of
+        port = None
+    attributes: dict[str, str | int] = {"server.address": parts.hostname or ""}
+    if port is not None:
+        attributes["server.port"] = port
+    return attributes
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 def messaging_attributes(subject: str) -> dict[str, str]:

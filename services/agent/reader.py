@@ -44,7 +44,7 @@ from libs.events.runtime import CacheWorker
 from libs.metrics import GET, PEER, STORE
 from libs.redact import cut_error
 from libs.ring import owners
-from libs.telemetry import child_span, get_logger, tracer
+from libs.telemetry import child_span, get_logger, server_attributes, tracer
 from libs.ufs.base import EndpointUnreachable, ObjectChanged, ObjectStore, UfsError
 from services.agent.cache import FillBuffer
 from services.agent.metrics import ReadMetrics, StoreMetrics
@@ -340,7 +340,7 @@ class BlockReader:
                 break
             try:
                 with self._tracer.start_as_current_span("peer GET", kind=trace.SpanKind.CLIENT,
-                                                        attributes={"server.address": url}):
+                                                        attributes=server_attributes(url)):
                     data = await client.get_block(url, block, length, self.block_size)
             except PeerError as err:
                 self.stats.peer_failures += 1

@@ -21,6 +21,7 @@ from libs.telemetry import (
     current_traceparent,
     get_logger,
     producer_span,
+    server_attributes,
     tracing_exporter,
     tracing_resource,
 )
@@ -112,6 +113,17 @@ def test_a_publish_span_is_named_by_the_subjects_family_not_its_node_or_dataset(
         for name, subject in zip(["shoal.task.node", "shoal.task.node", "shoal.task.progress", "shoal.agent.inventory",
                                   "shoal.agent.heartbeat", "shoal.dlq", subjects.DATASET_STATUS], published,
                                  strict=True)]
+
+
+@pytest.mark.parametrize(("url", "expected"), [
+    ("http://10.0.1.23:40001", {"server.address": "10.0.1.23", "server.port": 40001}),
+    ("http://[fd00::17]:40001/", {"server.address": "fd00::17", "server.port": 40001}),
+    ("https://user:pl4nted@peer.example/block?sig=pl4nted", {"server.address": "peer.example", "server.port": 443}),
+    ("http://node-b", {"server.address": "node-b", "server.port": 80}),
+])
+def test_a_client_span_names_the_host_and_port_apart_and_nothing_else_of_the_url(
+        url: str, expected: dict[str, object]) -> None:
+    assert server_attributes(url) == expected
 
 
 def test_a_process_refuses_to_start_on_an_exporter_it_does_not_ship(monkeypatch: pytest.MonkeyPatch,
