@@ -326,5 +326,10 @@ def server_attributes(url: str) -> Mapping[str, str | int]:
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
+# The dataset a span is about, as ``<namespace>/<name>``: the value of the metrics' ``dataset`` label
+# (``libs.metrics.dataset_label``), so a trace and a dashboard name a dataset alike.
+DATASET_ATTRIBUTE = "shoal.dataset"
+
+
 def messaging_attributes(subject: str) -> dict[str, str]:
     return {"messaging.system": "nats", "messaging.destination.name": subject}

@@ -53,7 +53,7 @@ class _Seen(msgspec.Struct, frozen=True):
 
     @property
     def label(self) -> str:
-        return f"{self.dataset.metadata.namespace}/{self.dataset.metadata.name}"
+        return metrics.dataset_label(self.dataset.metadata.namespace, self.dataset.metadata.name)
 
 
 _DECODER = msgspec.json.Decoder(_Seen)

@@ -58,7 +58,7 @@ from libs.inventory import fold as fold_inventory
 from libs.manifest import ManifestStore
 from libs.mounts import exposed_secret_errors
 from libs.references import is_reference, reference_of
-from libs.telemetry import context_of, current_traceparent, get_logger, tracer
+from libs.telemetry import DATASET_ATTRIBUTE, context_of, current_traceparent, get_logger, tracer
 from libs.ufs import open_store
 from services.dataset import domain
 from services.dataset.references import ReferenceIndex
@@ -495,10 +495,10 @@ class DatasetHandlers:
                 raise RetryLater(f"{key}: store unreachable, next sync in {due.in_seconds:.1f} s", due.in_seconds)
             return due.in_seconds
         # In the trace of the command that asked for it (kept in the record: the watch carries no headers).
+        attributes: dict[str, str | int] = {DATASET_ATTRIBUTE: metrics.dataset_label(meta.namespace, meta.name),
+                                             "shoal.generation": record.generation, "shoal.sync": due.kind}
         with self._tracer.start_as_current_span("sync dataset", context=context_of(record.traceparent),
-                                                attributes={"shoal.dataset": key,
-                                                            "shoal.generation": record.generation,
-                                                            "shoal.sync": due.kind}):
+                                                attributes=attributes):
             async with self._syncing:
                 await self._sync(key, record, revision, due.kind)
         return policy.period_seconds if policy.auto and policy.period_seconds > 0 else None

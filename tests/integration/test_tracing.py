@@ -110,6 +110,9 @@ async def test_one_trace_from_an_outside_publish_through_the_sync_to_the_status_
     assert consumer.parent is not None and consumer.parent.span_id == outside_span
     assert consumer.attributes == {"messaging.system": "nats", "messaging.destination.name": subjects.DATASET_APPLY}
     assert chain(publish, in_trace) == [f"publish {subjects.DATASET_STATUS}", "sync dataset", consumer.name]
+    # The dataset as the metrics' dataset label spells it, not as a KV key.
+    [sync] = [span for span in in_trace if span.name == "sync dataset"]
+    assert sync.attributes is not None and sync.attributes[telemetry.DATASET_ATTRIBUTE] == "default/traced"
 
     # A command without traceparent: the trace starts in the consumer and still reaches the status fact.
     untraced_trace, _ = ids_of(untraced[1]["traceparent"])

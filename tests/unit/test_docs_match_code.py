@@ -367,8 +367,9 @@ def test_a_wrong_command_kind_or_flag_is_caught() -> None:
 # A subject as a doc writes it: ``shoal.cmd.dataset.{apply,delete}``, ``shoal.task.node.<node>.>``. Not a word
 # after a dot (``application/vnd.shoal.peer-block.v2``) or a hostname part (``shoal.io``).
 SUBJECT_WORD = re.compile(r"(?<![\w./-])shoal\.[a-z][\w.*>{},<…-]*")
-# The peer protocol's content type, the Kubernetes API group and a file name: ``shoal.`` words that are not subjects.
-NOT_SUBJECTS = re.compile(r"shoal\.(io|yaml|peer-block\.v\d+)\b")
+# The peer protocol's content type, the Kubernetes API group, a file name and a span attribute
+# (``telemetry.DATASET_ATTRIBUTE``): ``shoal.`` words that are not subjects.
+NOT_SUBJECTS = re.compile(r"shoal\.(io|yaml|peer-block\.v\d+)\b|shoal\.dataset$")
 # Told as history: "Before, SHOAL_TASKS held every node's parts (shoal.task.>)" (docs/security.md, upgrading).
 FORMER_SUBJECTS = {"shoal.task.>"}
 PLACEHOLDER = "<x>"
