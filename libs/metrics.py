@@ -7,7 +7,10 @@ one without labels is registered only by its owner, ``register``).
 
 Naming follows Prometheus: counters end in ``_total`` (prometheus-client adds it to the name given here), units are
 base units in the name (``_seconds``, ``_bytes``), gauges have no suffix. Labels stay bounded: consumer durables,
-outcomes, tiers, sources, FUSE operations, dataset and node names, never a path, an object key or a block id.
+outcomes, tiers, sources, FUSE operations, dataset and node names, never an object key or a block id, and a path
+in one place only: ``shoal_cache_dir_healthy``'s ``dir``, a cache directory of the tiered stores of the Runtimes
+the node serves (written one way, ``libs.hostpaths.normal_path``). Those are a few per node, set by whoever writes
+Runtimes, never by what a read or a dataset names, and a directory's series goes when no running mount uses it.
 
 Label values used by more than one module are constants below, so dashboards and code agree on the spelling.
 

@@ -15,6 +15,7 @@ import pyfuse3
 import pytest
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
+from libs import metrics as m
 from libs.blocks import BlockId
 from libs.embedded import LOOPBACK
 from libs.events.dataset import ManifestEntry
@@ -212,6 +213,19 @@ def test_node_series_read_ahead_when_scraped_and_cache_directory_health() -> Non
     assert REGISTRY.get_sample_value("shoal_cache_dir_healthy", {"node": name, "dir": "/cache/ssd"}) is None
     metrics.close()
     assert REGISTRY.get_sample_value("shoal_readahead_bytes", {"node": name}) is None
+
+
+def test_every_label_that_holds_a_path_is_the_exception_the_metrics_module_names() -> None:
+    """``libs.metrics`` said no label holds a path while ``shoal_cache_dir_healthy{dir=}`` does: a label like a
+    path must be named there, with why it stays bounded."""
+    path_like = {"dir", "directory", "path", "file", "location", "key"}
+    instruments = [value for value in vars(m).values() if isinstance(value, (Counter, Gauge, Histogram))]
+    with_paths = {instrument._name: sorted(set(instrument._labelnames) & path_like) for instrument in instruments
+                  if set(instrument._labelnames) & path_like}
+    assert with_paths == {"shoal_cache_dir_healthy": ["dir"]}
+    doc = " ".join((m.__doc__ or "").split())
+    for name, labels in with_paths.items():
+        assert all(f"``{name}``'s ``{label}``" in doc for label in labels), doc
 
 
 def test_a_cache_directory_is_labelled_as_the_cache_uses_it_whatever_its_spelling(tmp_path: Path) -> None:
