@@ -273,12 +273,14 @@ def describe_dataset(record: DatasetRecord) -> str:
 
 
 def node_cache_table(nodes: Sequence[NodeCache]) -> str:
-    """Where the dataset's cached bytes are, and how each node's reads were served (own cache, peers, store)."""
+    """Where the dataset's cached bytes are, how each node's reads were served (own cache, peers, store), and what
+    DataLoads fetched into it from the store."""
     if not nodes:
         return "  <none>"
     rows = [[n.node, format_bytes(n.cached_bytes), format_bytes(n.local_read_bytes),
-             format_bytes(n.remote_read_bytes), format_bytes(n.store_read_bytes)] for n in nodes]
-    return _indented(table_text(["NODE", "CACHED", "LOCAL READS", "REMOTE READS", "STORE READS"], rows))
+             format_bytes(n.remote_read_bytes), format_bytes(n.store_read_bytes), format_bytes(n.loaded_bytes)]
+            for n in nodes]
+    return _indented(table_text(["NODE", "CACHED", "LOCAL READS", "REMOTE READS", "STORE READS", "LOADED"], rows))
 
 
 def describe_runtime(record: RuntimeRecord) -> str:

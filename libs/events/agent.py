@@ -73,10 +73,14 @@ class CacheCounters(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     cached_bytes: int = 0
     capacity_bytes: int = 0
     # Bytes read since the mount process started: from this node's own cache tiers (``hitBytes``), from the
-    # object store (``missBytes``), and from other nodes' caches over the peer protocol (``remoteBytes``).
+    # object store (``missBytes``: for this node's readers and for peers), and from other nodes' caches over the
+    # peer protocol (``remoteBytes``).
     hit_bytes: int = 0
     miss_bytes: int = 0
     remote_bytes: int = 0
+    # Bytes fetched from the object store for DataLoads since the mount process started: no reader asked for them,
+    # so they are no miss (the autoscaler's hit ratio is the readers'). Agents before it counted them as misses.
+    loaded_bytes: int = 0
     # Bytes this node's peer server sent to other nodes.
     served_bytes: int = 0
 

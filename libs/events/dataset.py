@@ -133,7 +133,10 @@ class NodeCache(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omit_
     cached_bytes: int = 0
     local_read_bytes: int = 0
     remote_read_bytes: int = 0
+    # From the store for this node's readers and for peers (an owner's fetch of a block a peer asked for).
     store_read_bytes: int = 0
+    # From the store for DataLoads: no read (not in the hit ratios, nor the autoscaler's sample).
+    loaded_bytes: int = 0
 
 
 class DatasetStatus(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):

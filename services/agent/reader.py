@@ -11,7 +11,9 @@ What it decides:
   coalesced with this mount's own store fetch of it;
 - a block a DataLoad warms (``warm``) comes from the store into the cache whatever its route, never a peer,
   coalesced the same way; with a disk-only cache its body goes straight into the buffer its block file is written
-  from (``FillBuffer``), and becomes ``bytes`` only if a read or a peer joins that fetch;
+  from (``FillBuffer``), and becomes ``bytes`` only if a read or a peer joins that fetch. Its bytes count as
+  ``loaded_bytes``, not as a store read (``miss_bytes``): no reader asked for them, and the runtime's autoscaler
+  reads a low hit ratio from the misses. A fetch a reader or a peer joined while it was in flight is a read's;
 - sequential readers get blocks fetched ahead (window from ``readahead``), within one memory budget;
 - a small random read inside an uncached block is answered with a GET of just those bytes, while the whole
   block is fetched in the background for next time; when the block's source is a peer, the whole block is
@@ -149,7 +151,8 @@ class StoreGate:
 @dataclass
 class ReadStats:
     hit_bytes: int = 0  # from this node's cache tiers
-    miss_bytes: int = 0  # from the object store (for this node's readers and for peers)
+    miss_bytes: int = 0  # from the object store for this node's readers and for peers
+    loaded_bytes: int = 0  # from the object store for a DataLoad (``warm``) that no reader or peer joined
     remote_bytes: int = 0  # from peers
     gets: int = 0  # store GETs
     peer_failures: int = 0  # peer requests that failed or were not believed (the read moved on)
@@ -245,6 +248,9 @@ class BlockReader:
         # caller joined one (it then gets a copy of the bytes; alone, the load needs none).
         self._filling: dict[BlockId, bool] = {}
         self._fills = bool(getattr(cache, "writes_files", False))
+        # Store fetches in flight that a DataLoad started and no reader or peer joined yet: their bytes are
+        # ``loaded_bytes`` (``_count_store``).
+        self._loading: set[BlockId] = set()
         self._background: set[asyncio.Future[object]] = set()
         self._tracer = tracer(__name__)
 
@@ -386,7 +392,7 @@ class BlockReader:
         if self._fills and block not in self._store_inflight and block not in self._writing:
             await asyncio.shield(self._fill(entry, index, block))
             return True
-        await self._store_block(entry, index, block, cache=True)
+        await self._store_block(entry, index, block, cache=True, load=True)
         written = self._written.get(block)
         if written is not None:
             await asyncio.shield(written)
@@ -400,6 +406,7 @@ class BlockReader:
         future = asyncio.ensure_future(self._fill_and_write(entry, index, block))
         self._store_inflight[block] = future
         self._filling[block] = False
+        self._loading.add(block)
         future.add_done_callback(_retrieve)
         return future
 
@@ -411,10 +418,7 @@ class BlockReader:
             got = await self._gate(entry).get_range_into(entry.key, start, fill.data, entry.etag)
             if got != length:
                 raise UfsError(f"{entry.key}: expected {length} bytes at offset {start}, got {got}")
-            self.stats.gets += 1
-            self.stats.miss_bytes += length
-            if self.metrics is not None:
-                self.metrics.read(STORE, length)
+            self._count_store(block, length)
             await self.cache.put_filled(fill)  # type: ignore[attr-defined]
             return bytes(fill.data) if self._filling.get(block) else b""
         except asyncio.CancelledError:
@@ -424,13 +428,22 @@ class BlockReader:
             # Before the result is set: a caller from now on finds the block cached, or starts a fetch of its own.
             self._store_inflight.pop(block, None)
             self._filling.pop(block, None)
+            self._loading.discard(block)
             self._cache_wanted.discard(block)
             if release:
                 fill.release()
 
-    async def _store_block(self, entry: ManifestEntry, index: int, block: BlockId, cache: bool) -> bytes:
+    async def _store_block(self, entry: ManifestEntry, index: int, block: BlockId, cache: bool,
+                           load: bool = False) -> bytes:
+        """The block from the store, joining its fetch in flight. ``load``: for a DataLoad, whose fetch (when it
+        starts one) counts as loaded, until a reader or a peer joins it."""
         if block in self._filling:
             self._filling[block] = True  # the load's fill must hand over the bytes
+        if load:
+            if block not in self._store_inflight:
+                self._loading.add(block)
+        else:
+            self._loading.discard(block)
         if cache:
             self._cache_wanted.add(block)
         future = _coalesced(self._store_inflight, block, lambda: self._store_get(entry, index, block))
@@ -466,19 +479,29 @@ class BlockReader:
             data = await self._gate(entry).get_range(entry.key, start, length, entry.etag)
         except BaseException:
             self._cache_wanted.discard(block)
+            self._loading.discard(block)
             raise
         if len(data) != length:
             self._cache_wanted.discard(block)
+            self._loading.discard(block)
             raise UfsError(f"{entry.key}: expected {length} bytes at offset {start}, got {len(data)}")
-        self.stats.gets += 1
-        self.stats.miss_bytes += length
-        if self.metrics is not None:
-            self.metrics.read(STORE, length)
+        self._count_store(block, length)
         # Kept before the fetch counts as done: a lookup right after must find the block, not fetch it again.
         if block in self._cache_wanted:
             self._cache_wanted.discard(block)
             self._keep(block, data)
         return data
+
+    def _count_store(self, block: BlockId, length: int) -> None:
+        """One whole block fetched from the store: a read's miss, or a DataLoad's that nobody else joined."""
+        self.stats.gets += 1
+        if block in self._loading:
+            self._loading.discard(block)
+            self.stats.loaded_bytes += length
+        else:
+            self.stats.miss_bytes += length
+        if self.metrics is not None:
+            self.metrics.read(STORE, length)
 
     async def _small_read(self, handle: OpenFile, index: int, lo: int, hi: int) -> bytes | memoryview:
         entry = handle.entry

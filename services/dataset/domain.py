@@ -683,7 +683,8 @@ def cache_states(cache: DatasetInventory, ufs_total_bytes: int) -> CacheStates:
     Fluid means it: the scheduler's count of the bytes cached with each block once (``unique_cached_bytes``), else,
     before the scheduler said it, the sum (capped at 100 %). Reads split as Fluid's: ``localHitRatio`` from the
     reading node's own tiers, ``remoteHitRatio`` from another node's cache (a peer), the rest from the store;
-    ``cacheHitRatio`` is local and remote together. Bytes since each node's mount process started."""
+    ``cacheHitRatio`` is local and remote together. Bytes since each node's mount process started. A DataLoad's
+    store fetches (``loadedBytes``) are no read: warming a dataset leaves its hit ratios as its readers made them."""
     counters = [node.counters for node in cache.nodes.values()]
     cached = sum(c.cached_bytes for c in counters)
     capacity = sum(c.capacity_bytes for c in counters)
@@ -734,7 +735,8 @@ def with_unique_cached(cache: DatasetInventory | None, fact: DatasetCacheObserve
 def node_caches(cache: DatasetInventory) -> list[NodeCache]:
     """Where the cached bytes are and how each node's reads were served, by node name."""
     return [NodeCache(node=name, cached_bytes=node.counters.cached_bytes, local_read_bytes=node.counters.hit_bytes,
-                      remote_read_bytes=node.counters.remote_bytes, store_read_bytes=node.counters.miss_bytes)
+                      remote_read_bytes=node.counters.remote_bytes, store_read_bytes=node.counters.miss_bytes,
+                      loaded_bytes=node.counters.loaded_bytes)
             for name, node in sorted(cache.nodes.items())]
 
 

@@ -835,6 +835,8 @@ AUTOSCALE_HISTORY = 10
 # show the old value (its scale command is on its way); after it, it is sent again in case it was lost.
 CORRECTION_LANDS_SECONDS = 10.0
 # Per node: bytes read from a cache (own tiers or a peer) and from the store, since its mount process started.
+# A DataLoad's store fetches (``NodeCache.loaded_bytes``) are not among them: what readers did is the pressure,
+# and warming a dataset is no read of it.
 ReadCounters = Mapping[str, tuple[int, int]]
 
 

@@ -230,7 +230,8 @@ class WarmupBench:
             seconds, status = asyncio.run(self.load(name))
             stats = self.link.reset()
             counters = cluster.counters([agent.node for agent in agents], name)
-            per_node = {node: c.get("missBytes", 0) for node, c in counters.items()}
+            # What each node fetched from the store: a load's own fetches are loadedBytes (missBytes before it).
+            per_node = {node: c.get("loadedBytes", 0) + c.get("missBytes", 0) for node, c in counters.items()}
             progress = status.get("progress", {})
             ok = status.get("phase") == "Complete" and progress.get("bytesDone", 0) >= workload.total
             note = ring.note or f"ring of {len(ring.workers)}"

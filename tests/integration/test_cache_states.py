@@ -96,9 +96,9 @@ async def test_cache_states_and_nodes_follow_two_nodes_counters(bus: Bus, settin
         lines = result.stdout.splitlines()
         start = lines.index("Cache by node:")
         assert [line.split() for line in lines[start + 1:start + 4]] == [
-            ["NODE", "CACHED", "LOCAL", "READS", "REMOTE", "READS", "STORE", "READS"],
-            ["node-a", "1000B", "600B", "0B", "400B"],
-            ["node-b", "0B", "0B", "2.83KiB", "100B"],
+            ["NODE", "CACHED", "LOCAL", "READS", "REMOTE", "READS", "STORE", "READS", "LOADED"],
+            ["node-a", "1000B", "600B", "0B", "400B", "0B"],
+            ["node-b", "0B", "0B", "2.83KiB", "100B", "0B"],
         ]
 
 

@@ -46,7 +46,7 @@ from libs.bus import Bus
 from libs.config import Settings
 from libs.events.agent import InventoryRequest
 from libs.events.common import ObjectMeta, ObjectRef, format_bytes
-from libs.events.dataset import ManifestEntry
+from libs.events.dataset import ManifestEntry, NodeCache
 from libs.events.operation import (
     CleanTarget,
     DataClean,
@@ -59,6 +59,7 @@ from libs.events.operation import (
 )
 from libs.manifest import ManifestStore
 from libs.ring import owners
+from services.dataset.domain import percentage
 from services.loader import app as loader_app
 from tests.conftest import NatsServer, SeaweedServer, put_objects
 from tests.faults import HttpProxy
@@ -260,9 +261,14 @@ async def test_a_load_of_a_folder_caches_exactly_its_blocks_and_its_reads_make_n
         train = blocks_under(stack.entries, "train/")
         assert len(train) == 5
         assert sorted(store_gets(stack.store)) == sorted(train), "each block of the folder fetched once, no other"
-        assert cached(await snapshot(bus, NODE, NAME)) == pairs(train), "exactly the folder's blocks cached"
+        loaded = await snapshot(bus, NODE, NAME)
+        assert cached(loaded) == pairs(train), "exactly the folder's blocks cached"
         progress = done.status.progress
         folder_bytes = stack.entries["train/a.bin"].size + stack.entries["train/sub/b.bin"].size
+        # The load's fetches are loaded bytes, no store reads: a warmed dataset's hit ratio (and the autoscaler's)
+        # is its readers', not 0 %.
+        counters = loaded["counters"]
+        assert (counters["loadedBytes"], counters["missBytes"], counters["hitBytes"]) == (folder_bytes, 0, 0)
         assert (progress.files_done, progress.files_total) == (2, 2)
         assert (progress.bytes_done, progress.bytes_total, progress.bytes_skipped) == (folder_bytes,) * 2 + (0,)
         assert [(n.node, n.bytes_done) for n in progress.nodes] == [(NODE, folder_bytes)]
@@ -275,6 +281,18 @@ async def test_a_load_of_a_folder_caches_exactly_its_blocks_and_its_reads_make_n
         # A file outside the folder was not loaded: reading it goes to the store.
         assert md5(await read_file(stack.mount / "val/c.bin")) == md5(source["val/c.bin"])
         assert store_gets(stack.store, len(train)) == [get_of(stack.entries["val/c.bin"], 0)]
+        val = stack.entries["val/c.bin"].size
+
+        async def node_row() -> NodeCache | None:
+            record = await dataset_record(bus, NAME)
+            rows = record.status.nodes if record is not None else []
+            return rows[0] if rows and rows[0].store_read_bytes == val else None
+
+        row = await eventually(node_row, what="the dataset's row of the node with the read of val/c.bin")
+        assert (row.loaded_bytes, row.store_read_bytes, row.local_read_bytes) == (folder_bytes, val, folder_bytes)
+        record = await dataset_record(bus, NAME)
+        assert record is not None and record.status.cache_states.cache_hit_ratio == percentage(folder_bytes,
+                                                                                             folder_bytes + val)
 
 
 async def test_three_agents_replicas_2_put_each_block_on_its_two_owners_and_a_clean_frees_a_path(

@@ -143,6 +143,22 @@ def test_cache_sample_counts_the_workers_cache_only() -> None:
                                                                reads={"a": (3, 3), "c": (0, 7)})
 
 
+def test_a_dataloads_store_fetches_are_no_read_pressure() -> None:
+    # Warming a dataset showed "hit ratio 0.0% < target 90%" and added a worker: the load's fetches were counted as
+    # store reads. They are the nodes' loadedBytes now, outside the sample's read counters.
+    policy = AutoscalingPolicy(min_replicas=1, max_replicas=3, target_hit_ratio_percent=90, cool_down_seconds=30)
+    runtime = make_runtime(replicas=1)
+    status = RuntimeStatus(workers=[CacheWorker(node="a")])
+    before = cache_sample(runtime, status, [NodeCache(node="a")])
+    warmed = cache_sample(runtime, status, [NodeCache(node="a", cached_bytes=64 * MI, loaded_bytes=64 * MI)])
+    assert warmed.reads == {"a": (0, 0)}
+    choice = autoscale(policy, 1, warmed, before.reads, state(), NOW)
+    assert (choice.replicas, choice.state.hit_ratio_percent) == (1, None) and "no reads" in choice.reason
+    read = cache_sample(runtime, status, [NodeCache(node="a", cached_bytes=64 * MI, loaded_bytes=64 * MI,
+                                                    local_read_bytes=9 * MI, store_read_bytes=MI)])
+    assert autoscale(policy, 1, read, warmed.reads, state(), NOW).state.hit_ratio_percent == 90.0
+
+
 @settings(max_examples=60, deadline=None)  # pure arithmetic: a few dozen cases cover the branches
 @given(replicas=st.integers(0, 12), used=st.integers(0, 200), hits=st.integers(0, 100), misses=st.integers(0, 100),
        since_scale=st.floats(0, 100), since_pressure=st.floats(0, 100),

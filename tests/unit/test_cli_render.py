@@ -39,14 +39,14 @@ def record(nodes: list[NodeCache]) -> DatasetRecord:
 def test_describe_lists_cached_bytes_and_read_split_per_node() -> None:
     text = render.describe_dataset(record([
         NodeCache(node="node-a", cached_bytes=512 * MiB, local_read_bytes=3 * MiB, store_read_bytes=MiB),
-        NodeCache(node="node-b", remote_read_bytes=2 * MiB),
+        NodeCache(node="node-b", remote_read_bytes=2 * MiB, loaded_bytes=5 * MiB),
     ]))
     lines = text.splitlines()
     start = lines.index("Cache by node:")
     assert lines[start + 1:start + 4] == [
-        "  NODE     CACHED      LOCAL READS   REMOTE READS   STORE READS",
-        "  node-a   512.00MiB   3.00MiB       0B             1.00MiB",
-        "  node-b   0B          0B            2.00MiB        0B",
+        "  NODE     CACHED      LOCAL READS   REMOTE READS   STORE READS   LOADED",
+        "  node-a   512.00MiB   3.00MiB       0B             1.00MiB       0B",
+        "  node-b   0B          0B            2.00MiB        0B            5.00MiB",
     ]
     assert lines[start + 4] == "Conditions:"
     assert "  nodes:" not in lines  # not repeated in the status document

@@ -476,8 +476,10 @@ async def test_warm_fills_the_block_file_that_a_plain_write_would_and_nothing_el
         filled, written = (root / name[:2] / name for root in (tmp_path / "cache", tmp_path / "plain"))
         assert filled.read_bytes() == written.read_bytes()
         assert setup.cache.get(block) == setup.body[index * BLOCK:(index + 1) * BLOCK]
-    assert setup.reader.stats.gets == 2 and setup.reader.stats.miss_bytes == 2 * BLOCK
-    assert not setup.reader._store_inflight and not setup.reader._filling
+    # Fetched for a load, not for a read: loaded bytes, no miss (the autoscaler reads its hit ratio off misses).
+    stats = setup.reader.stats
+    assert (stats.gets, stats.loaded_bytes, stats.miss_bytes, stats.hit_bytes) == (2, 2 * BLOCK, 0, 0)
+    assert not setup.reader._store_inflight and not setup.reader._filling and not setup.reader._loading
 
 
 async def test_warm_into_a_cache_with_a_memory_tier_keeps_the_plain_path(tmp_path: Path) -> None:
@@ -487,6 +489,35 @@ async def test_warm_into_a_cache_with_a_memory_tier_keeps_the_plain_path(tmp_pat
     reader = BlockReader(cache, setup.reader.gates, BLOCK, setup.budget, write_block=cache.put_async)
     assert await reader.warm(setup.entry, 2) is True
     assert cache.get(reader.block_id(setup.entry, 2)) == setup.body[2 * BLOCK:3 * BLOCK]
+    assert (reader.stats.loaded_bytes, reader.stats.miss_bytes) == (BLOCK, 0)
+    assert not reader._loading
+
+
+@pytest.mark.parametrize("memory_tier", [False, True], ids=["fill into the block file", "plain fetch"])
+async def test_a_loads_fetch_is_a_read_miss_once_a_reader_joins_it_and_a_read_after_the_load_is_a_hit(
+        tmp_path: Path, memory_tier: bool) -> None:
+    # Warming a dataset counted every block as a store read: its hit ratio read 0 % and the runtime's autoscaler
+    # added a worker for it. Only what readers (and peers) asked the store for is a miss.
+    setup = await make(tmp_path)
+    reader = setup.reader
+    if memory_tier:
+        cache = BlockCache([MemoryTier(64 * BLOCK), DiskTier(tmp_path / "mixed", 64 * BLOCK)])
+        reader = BlockReader(cache, reader.gates, BLOCK, setup.budget, write_block=cache.put_async)
+    setup.store.hold()
+    alone = asyncio.ensure_future(reader.warm(setup.entry, 1))
+    joined = asyncio.ensure_future(reader.warm(setup.entry, 2))
+    await eventually(lambda: _true(setup.store.waiting >= 2), what="both loads' GETs held at the store")
+    read = asyncio.ensure_future(reader.read(reader.open(setup.entry), 2 * BLOCK, BLOCK))
+    second = reader.block_id(setup.entry, 2)
+    await eventually(lambda: _true(second not in reader._loading), what="the read joined the load's fetch")
+    setup.store.release()
+    assert await alone is True and await joined is True
+    assert bytes(await read) == setup.body[2 * BLOCK:3 * BLOCK]
+    await reader.drain()
+    assert (reader.stats.loaded_bytes, reader.stats.miss_bytes, reader.stats.hit_bytes) == (BLOCK, BLOCK, 0)
+    assert bytes(await reader.read(reader.open(setup.entry), BLOCK, BLOCK)) == setup.body[BLOCK:2 * BLOCK]
+    assert (reader.stats.loaded_bytes, reader.stats.miss_bytes, reader.stats.hit_bytes) == (BLOCK, BLOCK, BLOCK)
+    assert not reader._loading
 
 
 async def test_warm_raises_the_store_error_and_caches_nothing(tmp_path: Path) -> None:
