@@ -317,7 +317,8 @@ def replaced_section(record: RuntimeRecord) -> list[str]:
 
 
 def autoscaling_section(record: RuntimeRecord) -> list[str]:
-    """The elastic cache: what the autoscaler last saw, and its recent decisions with their reasons."""
+    """The elastic cache: what the autoscaler last saw, its latest decision (a hold too: why it does not grow or
+    shrink, since when), and its recent changes with their reasons."""
     policy, state = record.runtime.spec.autoscaling, record.status.autoscaling
     if policy is None:
         return []
@@ -327,6 +328,9 @@ def autoscaling_section(record: RuntimeRecord) -> list[str]:
     ratio = "no reads" if state.hit_ratio_percent is None else f"{state.hit_ratio_percent:.1f}%"
     lines.append(f"  cache used {state.cache_used_percent:.1f}%, hit ratio {ratio} "
                  f"(workers {policy.min_replicas}..{policy.max_replicas}, cool-down {policy.cool_down_seconds} s)")
+    last = state.last_decision
+    if last is not None:
+        lines.append(f"  last decision: {last.action} ({last.reason}) since {last.time or '<unknown>'}: {last.message}")
     rows = [[d.time, str(d.from_replicas), str(d.to_replicas), d.reason] for d in state.decisions]
     lines.append(_indented(table_text(["TIME", "FROM", "TO", "REASON"], rows)) if rows else "  <no decisions yet>")
     return lines

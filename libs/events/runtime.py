@@ -171,6 +171,23 @@ class ScaleDecision(msgspec.Struct, frozen=True, kw_only=True, rename="camel", o
     time: str = ""
 
 
+AutoscaleAction = Literal["grow", "shrink", "hold"]
+
+
+class AutoscalerDecision(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omit_defaults=True):
+    """The autoscaler's latest decision, a change or a hold, and why; written when it changes, not at every look."""
+
+    # Written again only for another action or reason, or another change of replicas: ``time`` is when it was first
+    # so, and ``message`` says it as of then (the measures as they are now: ``cacheUsedPercent``, ``hitRatioPercent``).
+    action: AutoscaleAction
+    # One word that stays while the cause does, as a condition's reason: Pressure, NoPressure, BelowMinReplicas,
+    # AboveMaxReplicas (changes); AtMaxReplicas, NoSpareAgent, CoolingDown, CorrectionLanding, AtMinReplicas,
+    # Settling (holds).
+    reason: str
+    message: str = ""
+    time: str = ""
+
+
 class AutoscalingStatus(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omit_defaults=True):
     """What the autoscaler last saw and did (kept in the record, so the cool-down survives a restart)."""
 
@@ -183,6 +200,8 @@ class AutoscalingStatus(msgspec.Struct, frozen=True, kw_only=True, rename="camel
     last_pressure_time: float = 0.0
     # The most recent decisions, newest last (at most AUTOSCALE_HISTORY).
     decisions: list[ScaleDecision] = []
+    # The latest decision, a hold included (why it does not grow or shrink); None before the first look.
+    last_decision: AutoscalerDecision | None = None
 
 
 class RuntimeStatus(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):

@@ -57,6 +57,8 @@ from libs.events.runtime import (
     DEFAULT_HIGH_WATERMARK,
     DEFAULT_LOW_WATERMARK,
     MAX_REPLICAS,
+    AutoscaleAction,
+    AutoscalerDecision,
     AutoscalingPolicy,
     AutoscalingStatus,
     CacheWorker,
@@ -834,6 +836,11 @@ AUTOSCALE_HISTORY = 10
 # A correction back within [minReplicas, maxReplicas] is not sent again for this long while the replicas still
 # show the old value (its scale command is on its way); after it, it is sent again in case it was lost.
 CORRECTION_LANDS_SECONDS = 10.0
+# Why the autoscaler decided as it did (``status.autoscaling.lastDecision.reason``): changes of replicas...
+PRESSURE, NO_PRESSURE, BELOW_MIN, ABOVE_MAX = "Pressure", "NoPressure", "BelowMinReplicas", "AboveMaxReplicas"
+# ... and holds, each saying what keeps it from changing them.
+AT_MAX, NO_SPARE, COOLING_DOWN = "AtMaxReplicas", "NoSpareAgent", "CoolingDown"
+CORRECTION_LANDING, AT_MIN, SETTLING = "CorrectionLanding", "AtMinReplicas", "Settling"
 # Per node: bytes read from a cache (own tiers or a peer) and from the store, since its mount process started.
 # A DataLoad's store fetches (``NodeCache.loaded_bytes``) are not among them: what readers did is the pressure,
 # and warming a dataset is no read of it.
@@ -886,7 +893,8 @@ def read_window(previous: ReadCounters | None, current: ReadCounters) -> tuple[i
 @dataclass(frozen=True)
 class ScaleChoice:
     """What the autoscaler decided at one look: the replicas to have (the current ones when holding), why, and its
-    state to keep (``status.autoscaling``). ``decision`` is set when the replicas change."""
+    state to keep (``status.autoscaling``, whose ``lastDecision`` says it too, once it differs from the last
+    look's). ``decision`` is set when the replicas change."""
 
     replicas: int
     reason: str
@@ -896,6 +904,18 @@ class ScaleChoice:
 
 def _percent(part: int, whole: int) -> float:
     return round(100.0 * part / whole, 1) if whole > 0 else 0.0
+
+
+def _decided(state: AutoscalingStatus, action: AutoscaleAction, reason: str, message: str, now: float,
+             changed: bool = False) -> AutoscalingStatus:
+    """``state`` with ``lastDecision`` set, unless it says this already (the same action for the same reason, and
+    no new change of replicas): a hold kept for minutes is written once, not at every look, and its time says
+    since when."""
+    last = state.last_decision
+    if not changed and last is not None and (last.action, last.reason) == (action, reason):
+        return state
+    return msgspec.structs.replace(state, last_decision=AutoscalerDecision(action=action, reason=reason,
+                                                                           message=message, time=rfc3339(now)))
 
 
 def autoscale(policy: AutoscalingPolicy, replicas: int, sample: CacheSample, previous: ReadCounters | None,
@@ -909,6 +929,8 @@ def autoscale(policy: AutoscalingPolicy, replicas: int, sample: CacheSample, pre
       or within ``coolDownSeconds`` of the last change (the new worker needs that long to join the ring and fill).
     - No pressure for ``coolDownSeconds`` (and as long since the last change): shrink by one, down to
       ``minReplicas``. A first look counts as pressure-free from then on, so a runtime is not shrunk at once.
+
+    Each outcome has a reason word (``PRESSURE``, ``AT_MAX``, ...) kept with its words in ``lastDecision``.
     """
     state = state or AutoscalingStatus(last_pressure_time=now)
     low, high, cool = policy.min_replicas, policy.max_replicas, policy.cool_down_seconds
@@ -925,37 +947,47 @@ def autoscale(policy: AutoscalingPolicy, replicas: int, sample: CacheSample, pre
                                    last_pressure_time=now if pressure else state.last_pressure_time)
     since_scale = now - state.last_scale_time
 
-    def change(to: int, why: str) -> ScaleChoice:
+    def change(to: int, why: str, code: str) -> ScaleChoice:
         reason = f"{why}: {replicas} -> {to} workers"
         decision = ScaleDecision(from_replicas=replicas, to_replicas=to, reason=reason,
                                  time=rfc3339(now))
         kept = [*seen.decisions, decision][-AUTOSCALE_HISTORY:]
-        return ScaleChoice(to, reason, msgspec.structs.replace(seen, last_scale_time=now, decisions=kept), decision)
+        changed = msgspec.structs.replace(seen, last_scale_time=now, decisions=kept)
+        action: AutoscaleAction = "grow" if to > replicas else "shrink"
+        return ScaleChoice(to, reason, _decided(changed, action, code, reason, now, changed=True), decision)
 
-    def back_within(to: int, why: str) -> ScaleChoice:
+    def hold(code: str, reason: str) -> ScaleChoice:
+        return ScaleChoice(replicas, reason, _decided(seen, "hold", code, reason, now))
+
+    def back_within(to: int, why: str, code: str) -> ScaleChoice:
         # No cool-down for a correction, but the one just sent is not sent again while it lands: the next look,
         # a second later, still sees the replicas out of bounds.
         last = seen.decisions[-1] if seen.decisions else None
         if last is not None and (last.from_replicas, last.to_replicas) == (replicas, to) \
                 and since_scale < CORRECTION_LANDS_SECONDS:
-            return ScaleChoice(replicas, f"{why}: the scale to {to} sent {since_scale:.0f} s ago has not landed yet",
-                               seen)
-        return change(to, why)
+            return hold(CORRECTION_LANDING,
+                        f"{why}: the scale to {to} sent {since_scale:.0f} s ago has not landed yet")
+        return change(to, why, code)
 
     if replicas < low:
-        return back_within(low, f"below minReplicas {low}")
+        return back_within(low, f"below minReplicas {low}", BELOW_MIN)
     if replicas > high:
-        return back_within(high, f"above maxReplicas {high}")
+        return back_within(high, f"above maxReplicas {high}", ABOVE_MAX)
     if pressure:
         why = "; ".join(pressure)
         if replicas >= high:
-            return ScaleChoice(replicas, f"{why}, but already at maxReplicas {high}", seen)
+            return hold(AT_MAX, f"{why}, but already at maxReplicas {high}")
         if not sample.spare:
-            return ScaleChoice(replicas, f"{why}, but no agent can become another worker (see notPicked)", seen)
+            return hold(NO_SPARE, f"{why}, but no agent can become another worker (see notPicked)")
         if since_scale < cool:
-            return ScaleChoice(replicas, f"{why}; cooling down {cool - since_scale:.0f} s more", seen)
-        return change(replicas + 1, f"grow: {why} (max {high})")
-    calm = now - max(state.last_pressure_time, state.last_scale_time)
-    if replicas > low and calm >= cool:
-        return change(replicas - 1, f"shrink: no pressure for {cool} s ({measures}; min {low})")
-    return ScaleChoice(replicas, f"hold: {measures}", seen)
+            # The end as a time too: the words are kept while the hold lasts, and "N s more" alone goes stale.
+            return hold(COOLING_DOWN, f"{why}; cooling down {cool - since_scale:.0f} s more, until "
+                                      f"{rfc3339(state.last_scale_time + cool)}")
+        return change(replicas + 1, f"grow: {why} (max {high})", PRESSURE)
+    calm_since = max(state.last_pressure_time, state.last_scale_time)
+    if replicas > low and now - calm_since >= cool:
+        return change(replicas - 1, f"shrink: no pressure for {cool} s ({measures}; min {low})", NO_PRESSURE)
+    if replicas > low:
+        return hold(SETTLING, f"hold: {measures}; one worker fewer at {rfc3339(calm_since + cool)} if no pressure "
+                              f"comes by then (min {low})")
+    return hold(AT_MIN, f"hold: {measures}; at minReplicas {low}")

@@ -20,9 +20,10 @@ reason.
 every runtime after some runtime's workers changed (an agent freed or taken).
 
 ``autoscale_all`` is the elastic cache: for each runtime with ``spec.autoscaling`` it samples the Dataset's
-folded cache (``domain.cache_sample``), asks ``domain.autoscale``, keeps its state in ``status.autoscaling``, and
-on a change sends a ``runtime.scale.v1`` with the new replicas on ``shoal.cmd.runtime.scale`` (the path of ``shoal
-scale``) and publishes ``runtime.autoscaled.v1`` with the reason.
+folded cache (``domain.cache_sample``), asks ``domain.autoscale``, keeps its state in ``status.autoscaling`` (with
+``lastDecision``: why it holds, logged once when that changes), and on a change sends a ``runtime.scale.v1`` with
+the new replicas on ``shoal.cmd.runtime.scale`` (the path of ``shoal scale``) and publishes
+``runtime.autoscaled.v1`` with the reason.
 """
 
 from __future__ import annotations
@@ -325,6 +326,11 @@ class RuntimeHandlers:
             # Saved before the apply: the cool-down holds from now even if the apply takes a while to land.
             await self.refresh(key, self._agents(), autoscaling=choice.state)
         if choice.decision is None:
+            before = record.status.autoscaling.last_decision if record.status.autoscaling else None
+            held = choice.state.last_decision
+            if held is not None and held != before:  # once when it starts holding for a reason, not every look
+                log.info("autoscaler holds", runtime=key, replicas=choice.replicas, reason=held.reason,
+                         message=held.message)
             return
         meta = record.runtime.metadata
         decided = len(choice.state.decisions)

@@ -1,9 +1,10 @@
 """``runtime.scale.v1`` (``shoal scale``, the autoscaler) on a real nats-server: the runtime service changes only
 ``spec.replicas``, of the runtime as it stands when it handles the command, so a spec applied after the scaler
 looked is kept; a scale delivered again behind a newer apply is not applied; an unknown runtime and replicas out of
-range are refused in the words a delete and an apply use.
+range are refused in the words a delete and an apply use. Why the autoscaler holds (at maxReplicas, no agent to
+become a worker, ...) is in ``status.autoscaling.lastDecision``, written once per reason, logged and described.
 
-The first two drive ``RuntimeHandlers`` directly (stream sequences of the test's choosing, the autoscaler's view as
+The first ones drive ``RuntimeHandlers`` directly (stream sequences of the test's choosing, the autoscaler's view as
 stale as wanted); the refusals go through the running service, its consumer and its decoder.
 """
 
@@ -12,12 +13,14 @@ from __future__ import annotations
 import asyncio
 
 import msgspec
+import pytest
 from nats.aio.msg import Msg
 
 from libs import subjects
-from libs.bus import Bus, Delivery
+from libs.bus import Bus, Delivery, kv_load
+from libs.cli.render import describe_runtime
 from libs.events.agent import AgentHeartbeat, AgentRecord
-from libs.events.common import ObjectMeta, ObjectRef
+from libs.events.common import ObjectMeta, ObjectRef, rfc3339
 from libs.events.dataset import Dataset, DatasetRecord, DatasetSpec, DatasetStatus, Mount, NodeCache
 from libs.events.runtime import (
     AutoscalingPolicy,
@@ -34,7 +37,16 @@ from libs.events.runtime import (
 from services.runtime import app as runtime_app
 from services.runtime.handlers import RuntimeHandlers
 from tests.conftest import NatsServer
-from tests.helpers import FactCollector, make_settings, running, runtime_record, unsynced_dataset, unwatched_mirror
+from tests.helpers import (
+    FactCollector,
+    json_lines,
+    json_logs,
+    make_settings,
+    running,
+    runtime_record,
+    unsynced_dataset,
+    unwatched_mirror,
+)
 
 NAME = "scaled"
 MiB = 1024 * 1024
@@ -123,6 +135,65 @@ async def test_the_autoscaler_grows_no_further_than_the_agents_that_can_be_worke
     record = await stored(bus)
     assert record.runtime.spec.replicas == 1 and record.status.phase == "Ready"
     assert record.status.autoscaling is not None and record.status.autoscaling.cache_used_percent == 100.0
+    held = record.status.autoscaling.last_decision
+    assert held is not None and (held.action, held.reason) == ("hold", "NoSpareAgent")
+    assert held.message.endswith("but no agent can become another worker (see notPicked)"), held.message
+
+
+async def test_why_the_autoscaler_holds_is_in_the_status_written_once_per_reason_logged_and_described(
+        bus: Bus, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Its reasons ("already at maxReplicas", "cooling down", ...) were worked out at every look and dropped: neither
+    # the status, the log nor shoal describe runtime said why the runtime did not grow.
+    handlers = await handlers_of(bus)
+    now = [1_700_000_000.0]
+    handlers.clock = lambda: now[0]
+    key = subjects.resource_key("default", NAME)
+    policy = AutoscalingPolicy(min_replicas=1, max_replicas=1, target_cache_used_percent=50, cool_down_seconds=30)
+    await handlers.apply(RuntimeApply(runtime=mem_runtime("8Mi", autoscaling=policy)),
+                         delivered(subjects.RUNTIME_APPLY, 1))
+    beat = AgentHeartbeat(node="n1", runtimes=[ObjectRef(name=NAME)], interval_seconds=3600.0)
+    handlers.agents.values["n1"] = AgentRecord(heartbeat=beat, received_at=now[0])
+    handlers.datasets.values[key] = unsynced_dataset(NAME)
+    await handlers.refresh(key, handlers._agents())
+    kv = await bus.kv(subjects.KV_RUNTIMES)
+
+    def full_cache(read: int) -> DatasetRecord:
+        return DatasetRecord(
+            dataset=Dataset(metadata=ObjectMeta(name=NAME), spec=DatasetSpec(mounts=[Mount(mount_point="s3://b/")])),
+            generation=1, status=DatasetStatus(nodes=[NodeCache(node="n1", cached_bytes=8 * MiB,
+                                                                 store_read_bytes=read)]))
+
+    with json_logs(monkeypatch) as logs:
+        # Nobody reads: held at minReplicas, saved at the first look; the next looks see the same and write nothing.
+        handlers.datasets.values[key] = full_cache(0)
+        await handlers.autoscale(key, await stored(bus))
+        first, revision = await kv_load(kv, key, RuntimeRecord)
+        assert first is not None and first.status.autoscaling is not None
+        held = first.status.autoscaling.last_decision
+        assert held is not None and (held.action, held.reason, held.time) == ("hold", "AtMinReplicas", rfc3339(now[0]))
+        for _ in range(3):
+            now[0] += 1
+            await handlers.autoscale(key, await stored(bus))
+        assert (await kv_load(kv, key, RuntimeRecord))[1] == revision
+
+        # Read while full, at maxReplicas: another reason, with its time; kept as it is while it holds for it.
+        now[0] += 1
+        pressed_at = now[0]
+        for read in (10 * MiB, 20 * MiB):
+            handlers.datasets.values[key] = full_cache(read)
+            await handlers.autoscale(key, await stored(bus))
+            now[0] += 1
+        record = await stored(bus)
+    assert record.status.autoscaling is not None
+    held = record.status.autoscaling.last_decision
+    assert held is not None and (held.action, held.reason, held.time) == ("hold", "AtMaxReplicas",
+                                                                          rfc3339(pressed_at))
+    assert held.message == "cache 100.0% used >= target 50% while reading, but already at maxReplicas 1"
+    holds = [line for line in json_lines(logs.getvalue()) if line["event"] == "autoscaler holds"]
+    assert [(line["reason"], line["message"]) for line in holds] == [
+        ("AtMinReplicas", "hold: cache 100.0% used, no reads; at minReplicas 1"), ("AtMaxReplicas", held.message)]
+    assert f"  last decision: hold (AtMaxReplicas) since {rfc3339(pressed_at)}: {held.message}" in \
+        describe_runtime(record).splitlines()
 
 
 async def test_a_scale_delivered_again_behind_a_newer_apply_is_not_applied(bus: Bus) -> None:

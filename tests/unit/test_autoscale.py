@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from libs.cli.render import describe_runtime
 from libs.events.agent import AgentHeartbeat, AgentRecord
-from libs.events.common import ObjectMeta, ObjectRef
+from libs.events.common import ObjectMeta, ObjectRef, rfc3339
 from libs.events.dataset import NodeCache
 from libs.events.runtime import (
     AutoscalingPolicy,
@@ -78,6 +78,49 @@ def test_no_growth_within_the_cool_down_or_past_max() -> None:
     assert cooling.state.last_pressure_time == NOW  # still pressure: it delays a shrink
     at_max = autoscale(POLICY, 3, reading, {"a": (0, 0)}, state(), NOW)
     assert at_max.replicas == 3 and "already at maxReplicas 3" in at_max.reason
+
+
+def test_each_outcome_has_its_reason_and_a_hold_keeps_its_first_time_while_its_reason_holds() -> None:
+    # The reasons were worked out at every look and dropped: nobody could see why the runtime did not grow.
+    reading = sample(90, reads={"a": (0, 10)})
+    cooling = autoscale(POLICY, 1, reading, {"a": (0, 0)}, state(last_scale=NOW - 10), NOW)
+    last = cooling.state.last_decision
+    assert last is not None and (last.action, last.reason, last.time) == ("hold", "CoolingDown", "2023-11-14T22:13:20Z")
+    assert last.message.endswith("cooling down 20 s more, until 2023-11-14T22:13:40Z"), last.message
+    later = autoscale(POLICY, 1, sample(95, reads={"a": (0, 20)}), reading.reads, cooling.state, NOW + 5)
+    assert later.state.last_decision == last  # the same hold: not written again, its time says since when
+    grown = autoscale(POLICY, 1, reading, {"a": (0, 0)}, later.state, NOW + 20)
+    assert grown.replicas == 2 and grown.state.last_decision is not None
+    assert (grown.state.last_decision.action, grown.state.last_decision.reason) == ("grow", "Pressure")
+    assert grown.state.last_decision.message == grown.reason
+
+    outcomes = {
+        "AtMaxReplicas": autoscale(POLICY, 3, reading, {"a": (0, 0)}, state(), NOW),
+        "NoSpareAgent": autoscale(POLICY, 1, CacheSample(cached_bytes=90, capacity_bytes=100, reads={"a": (0, 10)},
+                                                         spare=False), {"a": (0, 0)}, state(), NOW),
+        "AtMinReplicas": autoscale(POLICY, 1, sample(0), {}, state(), NOW),
+        "Settling": autoscale(POLICY, 2, sample(0), {}, state(last_pressure=NOW - 10), NOW),
+        "NoPressure": autoscale(POLICY, 2, sample(0), {}, state(), NOW),
+        "BelowMinReplicas": autoscale(POLICY, 0, sample(0), {}, state(), NOW),
+        "AboveMaxReplicas": autoscale(POLICY, 4, sample(0), {}, state(), NOW),
+    }
+    for reason, choice in outcomes.items():
+        last = choice.state.last_decision
+        assert last is not None and (last.reason, last.message, last.time) == (reason, choice.reason, rfc3339(NOW))
+        assert last.action == ("hold" if choice.decision is None else
+                               "grow" if choice.replicas > choice.decision.from_replicas else "shrink")
+    settling = outcomes["Settling"].state.last_decision
+    assert settling is not None and settling.message.endswith(
+        "one worker fewer at 2023-11-14T22:13:40Z if no pressure comes by then (min 1)")
+    landing = autoscale(POLICY, 0, sample(0), {}, outcomes["BelowMinReplicas"].state, NOW + 1).state.last_decision
+    assert landing is not None and (landing.action, landing.reason) == ("hold", "CorrectionLanding")
+
+
+def test_looks_that_see_the_same_change_nothing_to_save() -> None:
+    # The status is written when the autoscaler's state changes: a calm hold must not change it at every look.
+    first = autoscale(POLICY, 1, sample(40, reads={"a": (5, 5)}), None, None, NOW)
+    again = autoscale(POLICY, 1, sample(40, reads={"a": (5, 5)}), {"a": (5, 5)}, first.state, NOW + 1)
+    assert again.state == first.state
 
 
 def test_a_correction_back_within_bounds_is_sent_once_while_it_lands() -> None:
@@ -177,6 +220,7 @@ def test_one_step_within_bounds_and_a_reason_for_each_change(replicas: int, used
         if choice.replicas != replicas:
             assert since_scale >= cool  # never two changes within a cool-down
     assert (choice.decision is None) == (choice.replicas == replicas)
+    assert choice.state.last_decision is not None and choice.state.last_decision.reason  # why, also when holding
     if choice.decision is not None:
         assert choice.decision.reason == choice.reason and choice.reason
         assert choice.state.decisions[-1] == choice.decision
@@ -223,7 +267,9 @@ def test_describe_runtime_shows_the_measures_and_the_decisions() -> None:
     choice = autoscale(POLICY, 1, sample(70, reads={"a": (10, 90)}), {"a": (0, 0)}, state(), NOW)
     record = RuntimeRecord(runtime=runtime, generation=1, status=RuntimeStatus(autoscaling=choice.state))
     shown = describe_runtime(record)
-    assert "Autoscaling:\n  cache used 70.0%, hit ratio 10.0% (workers 1..3, cool-down 30 s)" in shown
+    assert "Autoscaling:\n  cache used 70.0%, hit ratio 10.0% (workers 1..3, cool-down 30 s)\n" \
+           "  last decision: grow (Pressure) since 2023-11-14T22:13:20Z: grow: cache 70.0% used >= target 60% " \
+           "while reading (max 3): 1 -> 2 workers\n" in shown
     assert "2023-11-14T22:13:20Z   1      2    grow: cache 70.0% used >= target 60% while reading" in shown
     assert "Autoscaling" not in describe_runtime(RuntimeRecord(runtime=make_runtime(), generation=1))
     waiting = describe_runtime(RuntimeRecord(runtime=runtime, generation=1))
