@@ -389,13 +389,61 @@ def _document_to_command(
         mapped_spec, problems = _decimal_quantities(mapped_spec)
         if problems:
             raise _DocumentError(f"{label}: " + "; ".join(problems))
+    converted = {"metadata": meta, "spec": mapped_spec}
     try:
-        obj = msgspec.convert({"metadata": meta, "spec": mapped_spec}, target)
+        obj = msgspec.convert(converted, target)
     except msgspec.ValidationError as err:
-        raise _DocumentError(f"{label}: {err}") from err
+        raise _DocumentError(f"{label}: {_with_keys(str(err), converted)}") from err
     if isinstance(obj, Dataset) and action == "apply" and (writes := write_access_modes(obj.spec.access_modes)):
         notes.append(read_only_note(str(kind), writes))
     return _command(position, str(kind), obj, action), notes
+
+
+# msgspec's message ends with where: "Expected `str`, got `bool` - at `$.spec.mounts[0].options[...]`", where
+# ``[...]`` is some value of a mapping (options, labels), and which key is left out.
+_ERROR_AT = re.compile(r"^Expected `(?P<expected>[^`]*)`, got `(?P<got>[^`]*)` - at `\$(?P<path>[^`]*)`$")
+_PATH_STEP = re.compile(r"\.(?P<field>[^.\[]+)|\[(?P<index>[0-9]+)\]|(?P<value>\[\.\.\.\])")
+# msgspec's names of the types it got (``msgspec.json`` names).
+_TYPE_NAMES = {bool: "bool", int: "int", float: "float", str: "str", list: "array", dict: "object"}
+
+
+def _with_keys(message: str, converted: dict[str, Any]) -> str:
+    """msgspec's ``message`` with each ``[...]`` of its path made the key whose value it refused, found in
+    ``converted`` (what was given to ``msgspec.convert``), as kubectl names it:
+    ``$.spec.mounts[0].options["alluxio.underfs.s3.disable.dns.buckets"]`` for an unquoted ``true``, which
+    "options[...]" left the reader to hunt for among the options. A text expected and a boolean or number given
+    says to quote it (YAML reads ``true``, ``9000`` and ``0.5`` unquoted as such). Unchanged when the path does not
+    lead to a value of the type it says it got."""
+    match = _ERROR_AT.match(message)
+    if match is None or "[...]" not in match["path"]:
+        return message
+    steps = list(_PATH_STEP.finditer(match["path"]))
+    if "".join(step[0] for step in steps) != match["path"]:
+        return message
+
+    def found(value: Any, rest: list[re.Match[str]]) -> str | None:
+        if not rest:
+            return "" if _TYPE_NAMES.get(type(value)) == match["got"] else None
+        step, rest = rest[0], rest[1:]
+        children: list[tuple[str, Any]] = []
+        if step["value"] is not None and isinstance(value, dict):
+            children = [(f"[{msgspec.json.encode(str(key)).decode()}]", item) for key, item in value.items()]
+        elif step["index"] is not None and isinstance(value, list) and int(step["index"]) < len(value):
+            children = [(step[0], value[int(step["index"])])]
+        elif step["field"] is not None and isinstance(value, dict) and step["field"] in value:
+            children = [(step[0], value[step["field"]])]
+        for shown, child in children:
+            if (tail := found(child, rest)) is not None:
+                return shown + tail
+        return None
+
+    path = found(converted, steps)
+    if path is None:
+        return message
+    hint = ""
+    if match["expected"] == "str" and match["got"] in ("bool", "int", "float"):
+        hint = " (put the value in quotes: unquoted, YAML reads true, 9000 or 0.5 as a boolean or a number)"
+    return f"Expected `{match['expected']}`, got `{match['got']}` - at `${path}`{hint}"
 
 
 def read_only_note(kind: str, writes: list[str]) -> str:
@@ -490,7 +538,8 @@ def _fluid_options(options: dict[Any, Any], where: str) -> tuple[dict[Any, Any],
                 and key not in OPTION_ALIASES and not is_secret_name(key)):
             notes.append(_ignored("Dataset", f'{where}["{key}"]', "an Alluxio setting, not used by Shoal"))
         else:
-            kept[ALLUXIO_OPTION_NAMES.get(key, key)] = value
+            # Renamed only as a text: an error about any other value then names the key the manifest gives.
+            kept[ALLUXIO_OPTION_NAMES.get(key, key) if isinstance(value, str) else key] = value
     return kept, notes
 
 

@@ -614,6 +614,43 @@ def test_schema_violation_names_the_document_and_the_path() -> None:
     ]
 
 
+FLUID_SAMPLES = Path(__file__).parent.parent / "fixtures" / "fluid"
+
+
+def test_a_value_of_a_mapping_refused_is_named_by_its_key() -> None:
+    """msgspec names a mapping's value ``[...]``: "at `$.spec.mounts[0].options[...]`" left the reader to find
+    which of the options; Fluid's S3 sample has encryptOptions inside options, and an unquoted ``true`` is the usual
+    slip. The key is named as the manifest writes it, an Alluxio spelling too."""
+    sample = parse_documents((FLUID_SAMPLES / "s3_configuration.yaml").read_text())
+    docs = load("""
+        apiVersion: data.fluid.io/v1alpha1
+        kind: Dataset
+        metadata: {name: minio}
+        spec:
+          mounts:
+            - mountPoint: s3://a/
+            - mountPoint: s3://b/
+              options: {alluxio.underfs.s3.disable.dns.buckets: true}
+        ---
+        apiVersion: shoal.io/v1alpha1
+        kind: Dataset
+        metadata: {name: web, labels: {version: 2}}
+        spec:
+          mounts: [{mountPoint: "https://example.com/files/"}]
+        """)
+
+    commands, _, errors = documents_to_commands(sample + docs)
+
+    quote = " (put the value in quotes: unquoted, YAML reads true, 9000 or 0.5 as a boolean or a number)"
+    assert commands == []
+    assert errors == [
+        'document 1 (Dataset my-s3): Expected `str`, got `array` - at `$.spec.mounts[0].options["encryptOptions"]`',
+        "document 2 (Dataset minio): Expected `str`, got `bool` - at "
+        f'`$.spec.mounts[1].options["alluxio.underfs.s3.disable.dns.buckets"]`{quote}',
+        f'document 3 (Dataset web): Expected `str`, got `int` - at `$.metadata.labels["version"]`{quote}',
+    ]
+
+
 def test_missing_metadata_and_non_mapping_documents_are_errors() -> None:
     docs = load("""
         apiVersion: shoal.io/v1alpha1
