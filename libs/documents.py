@@ -13,7 +13,7 @@ Decides:
   its sum, the tier's ``quota``, and kept for a disk tier) and
   ``spec.management.metadataSyncPolicy`` as they are, Shoal's ``spec.autoscaling`` too (the CRDs of Fluid's
   kinds take it), the block size from the engine's own setting (Alluxio/GooseFS property, JuiceFS
-  ``block-size`` option), nothing else;
+  ``block-size`` option; one past Shoal's largest block is the largest, noted), nothing else;
 - that a Shoal Runtime's tier with ``quotaList`` gives ``quota`` too, their sum, as its CRD requires (a Fluid
   runtime's is derived): the refusal says so and names the sum;
 - that every field Shoal does not use is reported back as an "ignored: ..." note, never dropped silently, and a
@@ -66,8 +66,11 @@ from libs.events.operation import (
     Policy,
 )
 from libs.events.runtime import (
+    BLOCK_ALIGNMENT,
     DEFAULT_HIGH_WATERMARK,
     DEFAULT_LOW_WATERMARK,
+    MAX_BLOCK_SIZE,
+    MIN_BLOCK_SIZE,
     Runtime,
     RuntimeApply,
     RuntimeDelete,
@@ -582,10 +585,15 @@ def fluid_runtime_spec(kind: str, spec: dict[str, Any]) -> tuple[dict[str, Any],
                 if name != key:
                     notes.append(_ignored(kind, f'spec.properties["{name}"]', "not used by Shoal"))
             if key in properties:
+                where = f'spec.properties["{key}"]'
                 try:
-                    block_size = _bytes_quantity(alluxio_size(properties[key]))
+                    size = alluxio_size(properties[key])
                 except ValueError as err:
-                    problems.append(f'spec.properties["{key}"]: {err}')
+                    problems.append(f"{where}: {err}")
+                else:
+                    block_size, size_notes, size_problems = _engine_block_size(kind, where, properties[key], size)
+                    notes += size_notes
+                    problems += size_problems
         elif properties is not None:
             problems.append("spec.properties must be a mapping")
     elif kind == "JuiceFSRuntime":
@@ -795,10 +803,32 @@ def _juicefs_block_size(spec: dict[str, Any]) -> tuple[str | int | None, list[st
         return None, notes, problems
     where, value = found
     try:
-        return _bytes_quantity(juicefs_size(value)), notes, problems
+        size = juicefs_size(value)
     except ValueError as err:
         problems.append(f"{where}: {err}")
         return None, notes, problems
+    block_size, size_notes, size_problems = _engine_block_size(kind, where, value, size)
+    return block_size, notes + size_notes, problems + size_problems
+
+
+def _engine_block_size(kind: str, where: str, value: Any, size: int) -> tuple[str | int | None, list[str], list[str]]:
+    """Shoal's ``blockSize`` for an engine's block size of ``size`` bytes (``value`` as written at ``where``).
+
+    Larger than Shoal's largest block: the largest, with a note. The engine's size is a tuning of its own storage
+    (Fluid's FAQ suggests Alluxio's ``256MB`` for large files), and Shoal's nearest block serves the same intent;
+    refused, a manifest following Fluid's advice would not apply, and the runtime service's refusal named
+    ``spec.blockSize``, a field the manifest does not have. Smaller than the smallest, or not whole pages: refused
+    naming the engine's setting (no Fluid sample comes near).
+    """
+    if size > MAX_BLOCK_SIZE:
+        largest = _bytes_quantity(MAX_BLOCK_SIZE)
+        return largest, [_ignored(kind, where, f"{value!r} is more than Shoal's largest block: blocks of "
+                                                f"{largest}")], []
+    if size < MIN_BLOCK_SIZE or size % BLOCK_ALIGNMENT:
+        return None, [], [f"{where} {value!r} is not a block size Shoal takes: a multiple of "
+                          f"{_bytes_quantity(BLOCK_ALIGNMENT)} from {_bytes_quantity(MIN_BLOCK_SIZE)} to "
+                          f"{_bytes_quantity(MAX_BLOCK_SIZE)} (e.g. 4MB)"]
+    return _bytes_quantity(size), [], []
 
 
 # --- sizes ---

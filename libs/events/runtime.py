@@ -20,6 +20,13 @@ MAX_REPLICAS = 10_000
 Percent = Annotated[int, int_range(1, 100)]
 
 
+# The block sizes a runtime may have: smaller blocks waste request overhead, larger ones waste cache and bandwidth on
+# random reads; a multiple of the page size (4 KiB), so a block file is whole pages.
+MIN_BLOCK_SIZE = 64 * 1024
+MAX_BLOCK_SIZE = 64 * 1024 * 1024
+BLOCK_ALIGNMENT = 4096
+
+
 # A tier's watermarks when its spec gives none: Fluid's defaults.
 DEFAULT_HIGH_WATERMARK = "0.95"
 DEFAULT_LOW_WATERMARK = "0.7"

@@ -54,9 +54,12 @@ from libs.events.common import (
 )
 from libs.events.dataset import Condition, DatasetSpec, NodeCache, find_condition
 from libs.events.runtime import (
+    BLOCK_ALIGNMENT,
     DEFAULT_HIGH_WATERMARK,
     DEFAULT_LOW_WATERMARK,
+    MAX_BLOCK_SIZE,
     MAX_REPLICAS,
+    MIN_BLOCK_SIZE,
     AutoscaleAction,
     AutoscalerDecision,
     AutoscalingPolicy,
@@ -78,9 +81,6 @@ from libs.hostpaths import cache_path_error, normal_path
 from libs.references import is_reference_mount
 
 MEDIUM_TYPES = ("MEM", "SSD", "HDD")
-# Smaller blocks waste request overhead, larger ones waste cache and bandwidth on random reads.
-MIN_BLOCK_SIZE = 64 * 1024
-MAX_BLOCK_SIZE = 64 * 1024 * 1024
 # Missing this many heartbeats in a row makes a node not ready.
 MISSED_BEATS = 3
 CONDITION_MOUNTED = "Mounted"
@@ -210,7 +210,7 @@ def validate_runtime(runtime: Runtime) -> list[str]:
     except ValueError as err:
         block_size_errors.append(f"spec.blockSize: {err}")
     else:
-        if not MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE or block_size % 4096:
+        if not MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE or block_size % BLOCK_ALIGNMENT:
             block_size_errors.append(
                 f"spec.blockSize must be a multiple of 4Ki between 64Ki and 64Mi, got {spec.block_size!r}"
             )

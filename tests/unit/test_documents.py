@@ -693,6 +693,44 @@ def test_invalid_block_size_is_an_error_of_the_document() -> None:
                       "'lots' is not a size (examples: 4MB, 64MB, 1GB)"]
 
 
+def test_an_engine_block_size_above_shoals_largest_block_is_the_largest_with_a_note() -> None:
+    """Fluid's FAQ suggests Alluxio's 256MB blocks for large files: mapped to ``blockSize: 256Mi``, the runtime
+    service refused it naming ``spec.blockSize``, a field the manifest does not have. Shoal's largest block serves
+    the same intent; a size no Fluid sample comes near (too small, not whole pages) is refused naming the
+    engine's setting."""
+    sample = parse_documents((FLUID_SAMPLES / "alluxio_faq_block_size.yaml").read_text())
+    docs = load("""
+        apiVersion: data.fluid.io/v1alpha1
+        kind: JuiceFSRuntime
+        metadata: {name: tiny}
+        spec:
+          tieredstore: {levels: [{mediumtype: MEM, quota: 1Gi}]}
+          fuse: {options: {block-size: "16"}}
+        ---
+        apiVersion: data.fluid.io/v1alpha1
+        kind: GooseFSRuntime
+        metadata: {name: odd}
+        spec:
+          tieredstore: {levels: [{mediumtype: MEM, quota: 1Gi}]}
+          properties: {goosefs.user.block.size.bytes.default: 100000}
+        """)
+
+    commands, notes, errors = documents_to_commands(sample + docs)
+
+    (runtime,) = commands
+    assert isinstance(runtime.event, RuntimeApply)
+    assert runtime.event.runtime.spec.block_size == "64Mi"
+    assert validate_runtime(runtime.event.runtime) == []
+    assert 'ignored: AlluxioRuntime/spec.properties["alluxio.user.block.size.bytes.default"] (\'256MB\' is more ' \
+           "than Shoal's largest block: blocks of 64Mi)" in notes
+    assert errors == [
+        "document 2 (JuiceFSRuntime tiny): spec.fuse.options[\"block-size\"] '16' is not a block size Shoal takes: "
+        "a multiple of 4Ki from 64Ki to 64Mi (e.g. 4MB)",
+        "document 3 (GooseFSRuntime odd): spec.properties[\"goosefs.user.block.size.bytes.default\"] 100000 is not a "
+        "block size Shoal takes: a multiple of 4Ki from 64Ki to 64Mi (e.g. 4MB)",
+    ]
+
+
 @pytest.mark.parametrize(("value", "expected"), [
     ("64MB", 64 * 2**20), ("1GB", 2**30), ("512KB", 512 * 2**10), ("16m", 16 * 2**20), (67108864, 2**26),
     ("1.5MB", 3 * 2**19),
