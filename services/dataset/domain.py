@@ -95,7 +95,12 @@ def validate_dataset(dataset: Dataset, local_roots: Sequence[str] | None = None,
     errors += dns_label_errors(dataset.metadata.namespace, "metadata.namespace", DNS1123_LABEL)
     spec = dataset.spec
     if not spec.mounts:
-        errors.append("spec.mounts must list at least one mount")
+        # Fluid's Vineyard samples give a Dataset no spec at all: the data is what pipeline steps write into
+        # Vineyard, where Shoal only caches a store's data, read-only. Said so, rather than a bare "list a mount".
+        errors.append("spec.mounts must list at least one mount, the store whose data Shoal caches ("
+                      + ", ".join(f"{scheme}://" for scheme in SUPPORTED_SCHEMES) + f" or {REFERENCE_PREFIX}); a "
+                      "dataset without a store, such as Fluid's Vineyard datasets (data written by one step for "
+                      "the next), is not supported: Shoal's mounts are read-only")
     errors += exposed_secret_errors(dataset)
     if is_reference(dataset):
         return errors + reference_errors(dataset)

@@ -12,12 +12,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from libs.config import S3Settings, Secret
+from libs.documents import documents_to_commands, parse_documents
 from libs.events.agent import AgentHeartbeat, AgentRecord, CacheCounters, InventoryDelta, InventorySnapshot
 from libs.events.common import ObjectMeta, ObjectRef, rfc3339
 from libs.events.dataset import (
     CacheStates,
     Condition,
     Dataset,
+    DatasetApply,
     DatasetRecord,
     DatasetSpec,
     DatasetStatus,
@@ -196,8 +198,18 @@ def test_name_validation_agrees_with_the_dns1035_reference(name: str) -> None:
 # --- validate_dataset: mounts ---
 
 
-def test_no_mounts() -> None:
-    assert one_error() == "spec.mounts must list at least one mount"
+def test_a_dataset_without_mounts_such_as_fluids_vineyard_sample_is_refused_saying_why() -> None:
+    """Fluid's Vineyard Dataset has no spec: "spec.mounts must list at least one mount" did not say that such a
+    dataset (data written into Vineyard by pipeline steps) has no counterpart in Shoal."""
+    sample = (Path(__file__).parent.parent / "fixtures" / "fluid" / "vineyard_runtime.yaml").read_text()
+    commands, _, errors = documents_to_commands(parse_documents(sample))
+    assert errors == []
+    (dataset,) = [command.event.dataset for command in commands if isinstance(command.event, DatasetApply)]
+
+    assert validate_dataset(dataset) == [
+        "spec.mounts must list at least one mount, the store whose data Shoal caches (s3://, local://, http://, "
+        "https://, pvc:// or dataset://); a dataset without a store, such as Fluid's Vineyard datasets (data written "
+        "by one step for the next), is not supported: Shoal's mounts are read-only"]
 
 
 @pytest.mark.parametrize(
