@@ -37,6 +37,10 @@ OK, REJECTED, RETRIED, DEAD_LETTERED, CONFLICT = "ok", "rejected", "retried", "d
 MEMORY, DISK, PEER, STORE = "memory", "disk", "peer", "store"
 HIT_SOURCES = (MEMORY, DISK)
 MISS_SOURCES = (PEER, STORE)
+# Whom an agent's store fetch was for: this node's readers, another node's (through the peer server: that node
+# counts the block as a peer read), a DataLoad. Only the first are reads of this node's (``source="store"``).
+FOR_READ, FOR_PEER, FOR_LOAD = "read", "peer", "load"
+FETCH_PURPOSES = (FOR_READ, FOR_PEER, FOR_LOAD)
 # Cache tiers with a size and a capacity.
 TIERS = (MEMORY, DISK)
 # How a scheduling question arrived: the NATS API, the admission webhook, the extender's two verbs.
@@ -152,9 +156,12 @@ RUNTIME_AUTOSCALES = Counter("shoal_runtime_autoscales", "Changes of replicas th
 
 CACHE_BYTES = Gauge("shoal_cache_bytes", "Bytes held in a cache tier.", ["node", "dataset", "tier"])
 CACHE_CAPACITY_BYTES = Gauge("shoal_cache_capacity_bytes", "Capacity of a cache tier.", ["node", "dataset", "tier"])
-BLOCK_READS = Counter("shoal_block_reads", "Block reads by the source that served them (memory and disk are hits, "
-                      "peer and store are misses).", ["node", "dataset", "source"])
-READ_BYTES = Counter("shoal_read_bytes", "Bytes read by source.", ["node", "dataset", "source"])
+BLOCK_READS = Counter("shoal_block_reads", "Block reads of this node's readers by the source that served them "
+                      "(memory and disk are hits, peer and store are misses).", ["node", "dataset", "source"])
+READ_BYTES = Counter("shoal_read_bytes", "Bytes read by this node's readers, by source.", ["node", "dataset", "source"])
+STORE_FETCHED_BYTES = Counter("shoal_store_fetched_bytes", "Bytes fetched from the object store, by whom for: read "
+                              "(this node's readers), peer (another node's reader), load (a DataLoad).",
+                              ["node", "dataset", "purpose"])
 STORE_REQUEST_SECONDS = Histogram("shoal_store_request_duration_seconds", "Object store requests by operation "
                                   "(get, head, list).", ["node", "dataset", "operation"], buckets=SECONDS_BUCKETS)
 STORE_ERRORS = Counter("shoal_store_errors", "Failed object store requests, by operation and reason "
@@ -191,7 +198,7 @@ def dataset_label(namespace: str, name: str) -> str:
     return f"{namespace}/{name}"
 
 
-DATA_PATH = (BLOCK_READS, READ_BYTES, STORE_REQUEST_SECONDS, FUSE_SECONDS, PEER_SERVED_BYTES)
+DATA_PATH = (BLOCK_READS, READ_BYTES, STORE_FETCHED_BYTES, STORE_REQUEST_SECONDS, FUSE_SECONDS, PEER_SERVED_BYTES)
 
 # --- loader ----------------------------------------------------------------------------------------------------
 

@@ -60,14 +60,17 @@ def store_error_reason(err: BaseException) -> str:
 
 
 class ReadMetrics:
-    """Block reads and bytes by source (``BLOCK_READS``, ``READ_BYTES``), for the reader: one call per block
-    fetched from a source, not per FUSE read of a block already in hand."""
+    """Block reads and bytes of this node's readers by source (``BLOCK_READS``, ``READ_BYTES``), for the reader:
+    one call per block fetched from a source, not per FUSE read of a block already in hand; and the store fetches
+    by whom they were for (``STORE_FETCHED_BYTES``), once per fetch."""
 
-    __slots__ = ("_by_medium", "_bytes", "_last_medium", "_reads")
+    __slots__ = ("_by_medium", "_bytes", "_fetched", "_last_medium", "_reads")
 
     def __init__(self, node: str, dataset: str, last_medium: Callable[[], str | None]) -> None:
         self._reads = {source: adder(m.BLOCK_READS.labels(node, dataset, source)) for source in SOURCES}
         self._bytes = {source: adder(m.READ_BYTES.labels(node, dataset, source)) for source in SOURCES}
+        self._fetched = {purpose: adder(m.STORE_FETCHED_BYTES.labels(node, dataset, purpose))
+                         for purpose in m.FETCH_PURPOSES}
         self._last_medium = last_medium
         # The medium of the cache's last hit → source; None: not from a tier but from a block still being
         # written to the cache (held in memory).
@@ -80,6 +83,10 @@ class ReadMetrics:
     def read(self, source: str, size: int) -> None:
         self._reads[source](1)
         self._bytes[source](size)
+
+    def fetched(self, purpose: str, size: int) -> None:
+        """Bytes fetched from the store for ``purpose`` (``libs.metrics.FOR_*``), once per fetch."""
+        self._fetched[purpose](size)
 
 
 class StoreMetrics:

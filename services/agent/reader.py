@@ -43,7 +43,7 @@ from opentelemetry import trace
 from libs.blocks import BlockId, block_span, blocks_touched
 from libs.events.dataset import ManifestEntry
 from libs.events.runtime import CacheWorker
-from libs.metrics import GET, PEER, STORE
+from libs.metrics import FOR_LOAD, FOR_PEER, FOR_READ, GET, PEER, STORE
 from libs.redact import cut_error
 from libs.ring import owners
 from libs.telemetry import child_span, get_logger, server_attributes, tracer
@@ -251,6 +251,9 @@ class BlockReader:
         # Store fetches in flight that a DataLoad started and no reader or peer joined yet: their bytes are
         # ``loaded_bytes`` (``_count_store``).
         self._loading: set[BlockId] = set()
+        # Store fetches in flight that the peer server started for another node's reader and no reader of this
+        # node joined: not this node's reads in its metrics (the other node counts them, as peer reads).
+        self._for_peer: set[BlockId] = set()
         self._background: set[asyncio.Future[object]] = set()
         self._tracer = tracer(__name__)
 
@@ -374,7 +377,7 @@ class BlockReader:
         cached = self._local(block)
         if cached is not None:
             return cached
-        return await self._store_block(entry, index, block, cache=True)
+        return await self._store_block(entry, index, block, cache=True, peer=True)
 
     async def warm(self, entry: ManifestEntry, index: int) -> bool:
         """Bring one block into this node's cache straight from the store, for a DataLoad (never a peer: the
@@ -434,15 +437,21 @@ class BlockReader:
                 fill.release()
 
     async def _store_block(self, entry: ManifestEntry, index: int, block: BlockId, cache: bool,
-                           load: bool = False) -> bytes:
+                           load: bool = False, peer: bool = False) -> bytes:
         """The block from the store, joining its fetch in flight. ``load``: for a DataLoad, whose fetch (when it
-        starts one) counts as loaded, until a reader or a peer joins it."""
+        starts one) counts as loaded, until a reader or a peer joins it. ``peer``: for another node's reader,
+        whose fetch (when it starts one, or joins a load's) is not a read of this node's, until a reader of this
+        node joins it."""
         if block in self._filling:
             self._filling[block] = True  # the load's fill must hand over the bytes
         if load:
             if block not in self._store_inflight:
                 self._loading.add(block)
         else:
+            if peer and (block not in self._store_inflight or block in self._loading):
+                self._for_peer.add(block)
+            elif not peer:
+                self._for_peer.discard(block)
             self._loading.discard(block)
         if cache:
             self._cache_wanted.add(block)
@@ -480,10 +489,12 @@ class BlockReader:
         except BaseException:
             self._cache_wanted.discard(block)
             self._loading.discard(block)
+            self._for_peer.discard(block)
             raise
         if len(data) != length:
             self._cache_wanted.discard(block)
             self._loading.discard(block)
+            self._for_peer.discard(block)
             raise UfsError(f"{entry.key}: expected {length} bytes at offset {start}, got {len(data)}")
         self._count_store(block, length)
         # Kept before the fetch counts as done: a lookup right after must find the block, not fetch it again.
@@ -493,15 +504,22 @@ class BlockReader:
         return data
 
     def _count_store(self, block: BlockId, length: int) -> None:
-        """One whole block fetched from the store: a read's miss, or a DataLoad's that nobody else joined."""
+        """One whole block fetched from the store: a read's miss, or a DataLoad's that nobody else joined. In the
+        metrics, a read of this node's (``shoal_read_bytes{source="store"}``) only when one of its readers asked
+        for it; every fetch counts once in ``shoal_store_fetched_bytes`` by whom it was for."""
         self.stats.gets += 1
         if block in self._loading:
             self._loading.discard(block)
             self.stats.loaded_bytes += length
+            purpose = FOR_LOAD
         else:
             self.stats.miss_bytes += length
+            purpose = FOR_PEER if block in self._for_peer else FOR_READ
+        self._for_peer.discard(block)
         if self.metrics is not None:
-            self.metrics.read(STORE, length)
+            if purpose == FOR_READ:
+                self.metrics.read(STORE, length)
+            self.metrics.fetched(purpose, length)
 
     async def _small_read(self, handle: OpenFile, index: int, lo: int, hi: int) -> bytes | memoryview:
         entry = handle.entry
@@ -532,6 +550,7 @@ class BlockReader:
         self.stats.miss_bytes += len(data)
         if self.metrics is not None:
             self.metrics.read(STORE, len(data))
+            self.metrics.fetched(FOR_READ, len(data))
         return data
 
     async def _warm(self, entry: ManifestEntry, index: int, block: BlockId) -> None:

@@ -6,6 +6,7 @@ and the Prometheus file_sd target written and removed. Each test uses its own no
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import uuid
@@ -38,6 +39,7 @@ from services.agent.peer import PeerClient, PeerError, PeerServer, runtime_key
 from services.agent.readahead import MemoryBudget
 from services.agent.reader import BlockReader, StoreGate
 from tests.faults import CountingStore
+from tests.helpers import eventually
 
 BLOCK = 64 * 1024
 DATASET = dataset_label("default", "demo")
@@ -100,6 +102,49 @@ async def test_reads_count_store_then_memory_and_disk_hits_and_cache_bytes_are_r
     assert sample("shoal_cache_bytes", **labels, tier="memory") == BLOCK  # read now, not when it changed
     metrics.close()
     assert REGISTRY.get_sample_value("shoal_cache_bytes", {**labels, "tier": "memory"}) is None
+    await store.close()
+
+
+async def test_store_fetches_for_a_peer_or_a_load_are_no_reads_of_this_node(tmp_path: Path) -> None:
+    """A block this node fetches from the store for another node's reader (its peer server asking) is that node's
+    peer read, not this node's store read: counted here too, the cluster's "bytes read through the mounts" and hit
+    ratios counted it twice. A DataLoad's fetch is no read either. Every fetch counts once in
+    ``shoal_store_fetched_bytes`` by whom it was for; a reader of this node joining a peer's fetch makes it a read."""
+    name = node()
+    metrics = MountMetrics(name, DATASET, data_path=True)
+    cache = BlockCache([MemoryTier(8 * BLOCK, high=1.0, low=0.5)])
+    cache.load()
+    reader, entry, store, body = await reader_over(tmp_path, metrics, cache)
+    labels = {"node": name, "dataset": DATASET}
+    assert await reader.serve_block(entry, 0) == body[:BLOCK]  # for a peer
+    assert await reader.warm(entry, 1)  # for a DataLoad
+    # A reader of this node joins the peer's fetch of block 2 while it is in flight (held at the store).
+    store.hold()
+    for_peer = asyncio.ensure_future(reader.serve_block(entry, 2))
+
+    async def fetching() -> bool:
+        return store.waiting == 1
+
+    async def joined() -> bool:
+        return reader.block_id(entry, 2) not in reader._for_peer
+
+    await eventually(fetching)
+    handle = reader.open(entry)
+    read = asyncio.ensure_future(reader.read(handle, 2 * BLOCK, BLOCK))
+    await eventually(joined)
+    store.release()
+    assert bytes(await read) == body[2 * BLOCK:3 * BLOCK]
+    assert await for_peer == body[2 * BLOCK:3 * BLOCK]
+    assert bytes(await reader.read(handle, 3 * BLOCK, BLOCK)) == body[3 * BLOCK:4 * BLOCK]  # a read of its own
+    reader.close(handle)
+    await reader.drain()
+    assert len(store.gets) == 4
+    assert sample("shoal_store_fetched_bytes_total", **labels, purpose="peer") == BLOCK
+    assert sample("shoal_store_fetched_bytes_total", **labels, purpose="load") == BLOCK
+    assert sample("shoal_store_fetched_bytes_total", **labels, purpose="read") == 2 * BLOCK
+    assert sample("shoal_read_bytes_total", **labels, source="store") == 2 * BLOCK
+    assert sample("shoal_block_reads_total", **labels, source="store") == 2
+    metrics.close()
     await store.close()
 
 
