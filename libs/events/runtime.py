@@ -185,7 +185,8 @@ class AutoscalerDecision(msgspec.Struct, frozen=True, kw_only=True, rename="came
     """The autoscaler's latest decision, a change or a hold, and why; written when it changes, not at every look."""
 
     # Written again only for another action or reason, or another change of replicas: ``time`` is when it was first
-    # so, and ``message`` says it as of then (the measures as they are now: ``cacheUsedPercent``, ``hitRatioPercent``).
+    # so, and ``message`` says it as of then (the measures as they are now, within 15 s: ``cacheUsedPercent``,
+    # ``hitRatioPercent``).
     action: AutoscaleAction
     # One word that stays while the cause does, as a condition's reason: Pressure, NoPressure, BelowMinReplicas,
     # AboveMaxReplicas (changes); AtMaxReplicas, NoSpareAgent, CoolingDown, CorrectionLanding, AtMinReplicas,
@@ -196,10 +197,11 @@ class AutoscalerDecision(msgspec.Struct, frozen=True, kw_only=True, rename="came
 
 
 class AutoscalingStatus(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omit_defaults=True):
-    """What the autoscaler last saw and did (kept in the record, so the cool-down survives a restart)."""
+    """What the autoscaler last saw and did (kept in the record, so the cool-down survives a restart); a new
+    decision is written at once, the measures and lastPressureTime alone at most every 15 s."""
 
-    # The workers' cached bytes over their capacity, and the share of reads served by a cache since the
-    # previous look (None while nothing was read).
+    # The workers' cached bytes over their capacity, and the share of reads served by a cache between two looks
+    # (None while nothing was read), as of the last write (``AUTOSCALE_WRITE_SECONDS`` in the runtime service).
     cache_used_percent: float = 0.0
     hit_ratio_percent: float | None = None
     # Epoch seconds of the last change of replicas and of the last pressure seen (growth wanted).

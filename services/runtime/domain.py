@@ -30,7 +30,8 @@ The elastic cache (``autoscale``): with ``spec.autoscaling``, replicas move betw
 ``maxReplicas`` by themselves, judged from what the dataset service folded from the agents' inventory into the
 Dataset's status (the workers' cached bytes, each node's read counters). One step at a time, at most one per
 ``coolDownSeconds``; growth while the dataset is read and the cache is too full or misses too much, shrinking after
-a whole cool-down without such pressure.
+a whole cool-down without such pressure. Its state is written when a decision changes, its measures alone at most
+every ``AUTOSCALE_WRITE_SECONDS`` (``autoscaling_write_due``).
 """
 
 from __future__ import annotations
@@ -841,6 +842,15 @@ PRESSURE, NO_PRESSURE, BELOW_MIN, ABOVE_MAX = "Pressure", "NoPressure", "BelowMi
 # ... and holds, each saying what keeps it from changing them.
 AT_MAX, NO_SPARE, COOLING_DOWN = "AtMaxReplicas", "NoSpareAgent", "CoolingDown"
 CORRECTION_LANDING, AT_MIN, SETTLING = "CorrectionLanding", "AtMinReplicas", "Settling"
+# The reasons of a look that saw no pressure, within the bounds: any other may be a pressure still going on.
+CALM = frozenset({NO_PRESSURE, AT_MIN, SETTLING})
+# While the dataset is read, the measures (cacheUsedPercent, hitRatioPercent) and lastPressureTime move at nearly
+# every look: written each time, they were a record write and a runtime.status.v1 fact a second per autoscaled
+# runtime, for the bridge's status writes to Kubernetes, the dataset service and every watcher. So they are written
+# at most this often, a new decision at once: measures 15 s old still say how the cache does (a cool-down is 300 s
+# by default), and the decisions are taken from the autoscaler's memory, not from the record (after a restart,
+# ``autoscaling_resumed``).
+AUTOSCALE_WRITE_SECONDS = 15.0
 # Per node: bytes read from a cache (own tiers or a peer) and from the store, since its mount process started.
 # A DataLoad's store fetches (``NodeCache.loaded_bytes``) are not among them: what readers did is the pressure,
 # and warming a dataset is no read of it.
@@ -991,3 +1001,28 @@ def autoscale(policy: AutoscalingPolicy, replicas: int, sample: CacheSample, pre
         return hold(SETTLING, f"hold: {measures}; one worker fewer at {rfc3339(calm_since + cool)} if no pressure "
                               f"comes by then (min {low})")
     return hold(AT_MIN, f"hold: {measures}; at minReplicas {low}")
+
+
+def autoscaling_write_due(written: AutoscalingStatus | None, state: AutoscalingStatus, written_at: float | None,
+                          now: float) -> bool:
+    """Whether the autoscaler's ``state`` is to be written over ``written``, the one in the record, written at
+    ``written_at`` (None: not by this process). A decision (``lastDecision``, a change of replicas) at once;
+    measures and ``lastPressureTime`` alone once ``AUTOSCALE_WRITE_SECONDS`` have passed since the last write."""
+    if state == written:
+        return False
+    if written is None or written_at is None:
+        return True
+    decided = (state.last_decision, state.decisions, state.last_scale_time)
+    return decided != (written.last_decision, written.decisions, written.last_scale_time) \
+        or now - written_at >= AUTOSCALE_WRITE_SECONDS
+
+
+def autoscaling_resumed(state: AutoscalingStatus | None, now: float) -> AutoscalingStatus | None:
+    """The state to go on from when the autoscaler's memory of it is gone (this service restarted): the record's.
+    Its ``lastPressureTime`` may lag the last pressure seen by up to ``AUTOSCALE_WRITE_SECONDS`` (or more) unless
+    its last decision saw none (``CALM``: an end of pressure is a new decision, written at once). So a pressure the
+    record shows going on counts as lasting until ``now``, the first look after the restart: the calm period starts
+    again there, as at a first look, and a shrink never comes before a whole cool-down without pressure."""
+    if state is None or state.last_decision is None or state.last_decision.reason in CALM:
+        return state
+    return msgspec.structs.replace(state, last_pressure_time=max(state.last_pressure_time, now))

@@ -23,7 +23,9 @@ every runtime after some runtime's workers changed (an agent freed or taken).
 folded cache (``domain.cache_sample``), asks ``domain.autoscale``, keeps its state in ``status.autoscaling`` (with
 ``lastDecision``: why it holds, logged once when that changes), and on a change sends a ``runtime.scale.v1`` with
 the new replicas on ``shoal.cmd.runtime.scale`` (the path of ``shoal scale``) and publishes
-``runtime.autoscaled.v1`` with the reason.
+``runtime.autoscaled.v1`` with the reason. Its state goes on from look to look in memory (``AutoscalerLook``): a
+new decision is written at once, the measures and ``lastPressureTime`` alone at most every
+``domain.AUTOSCALE_WRITE_SECONDS``, or every look of a read dataset would be a record write and a status fact.
 """
 
 from __future__ import annotations
@@ -92,6 +94,17 @@ AUTOSCALE_SECONDS = 1.0
 RUNTIME_PHASES: tuple[RuntimePhase, ...] = typing.get_args(RuntimePhase)
 
 
+@dataclass(frozen=True)
+class AutoscalerLook:
+    """The autoscaler's last look at a runtime: ``state`` as it decided it, and ``written``, the state the record
+    holds, as this process wrote it at ``written_at`` (None: as it read it). The next look goes on from ``state``
+    while the record still holds ``written``; otherwise (a policy removed and given again) from the record."""
+
+    state: AutoscalingStatus
+    written: AutoscalingStatus | None
+    written_at: float | None
+
+
 @dataclass
 class RuntimeHandlers:
     bus: Bus
@@ -109,6 +122,8 @@ class RuntimeHandlers:
     workers_gauge: GaugeFamily = field(default_factory=lambda: GaugeFamily(metrics.RUNTIME_WORKERS))
     # The autoscaler's previous look at each runtime's read counters (its window starts there).
     read_counters: dict[str, domain.ReadCounters] = field(default_factory=dict)
+    # Its previous look at each runtime's state (what it saw and decided, and what of it is written).
+    autoscaler_looks: dict[str, AutoscalerLook] = field(default_factory=dict)
     # When this service started (``clock``): its agents' view settles for a while (``keep_absent``).
     started_at: float | None = None
 
@@ -306,6 +321,9 @@ class RuntimeHandlers:
             return
         for key in set(self.read_counters) - set(self.runtimes.values):
             self.read_counters.pop(key, None)  # a deleted runtime
+        for key in set(self.autoscaler_looks) - {key for key, record in self.runtimes.values.items()
+                                                 if record.runtime.spec.autoscaling is not None}:
+            self.autoscaler_looks.pop(key, None)  # deleted, or without a policy now
         for key, record in sorted(self.runtimes.values.items()):
             if record.runtime.spec.autoscaling is not None:
                 await self.autoscale(key, record)
@@ -319,14 +337,22 @@ class RuntimeHandlers:
         spare = domain.can_add_worker(record.runtime, record.status.workers, agents, now, self.placement(key),
                                       self.others(key), self._settling(now))
         sample = domain.cache_sample(record.runtime, record.status, dataset.status.nodes if dataset else [], spare)
-        choice = domain.autoscale(policy, record.runtime.spec.replicas, sample, self.read_counters.get(key),
-                                  record.status.autoscaling, now)
+        written, looked = record.status.autoscaling, self.autoscaler_looks.get(key)
+        state: AutoscalingStatus | None
+        if looked is not None and looked.written == written:
+            state, written_at = looked.state, looked.written_at
+        else:  # this service just started (or the policy was given again): the record may lag the last pressure
+            state, written_at = domain.autoscaling_resumed(written, now), None
+        choice = domain.autoscale(policy, record.runtime.spec.replicas, sample, self.read_counters.get(key), state,
+                                  now)
         self.read_counters[key] = sample.reads
-        if choice.state != record.status.autoscaling:
+        if domain.autoscaling_write_due(written, choice.state, written_at, now):
             # Saved before the apply: the cool-down holds from now even if the apply takes a while to land.
             await self.refresh(key, self._agents(), autoscaling=choice.state)
+            written, written_at = choice.state, now
+        self.autoscaler_looks[key] = AutoscalerLook(choice.state, written, written_at)
         if choice.decision is None:
-            before = record.status.autoscaling.last_decision if record.status.autoscaling else None
+            before = state.last_decision if state else None
             held = choice.state.last_decision
             if held is not None and held != before:  # once when it starts holding for a reason, not every look
                 log.info("autoscaler holds", runtime=key, replicas=choice.replicas, reason=held.reason,

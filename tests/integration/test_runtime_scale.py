@@ -2,7 +2,9 @@
 ``spec.replicas``, of the runtime as it stands when it handles the command, so a spec applied after the scaler
 looked is kept; a scale delivered again behind a newer apply is not applied; an unknown runtime and replicas out of
 range are refused in the words a delete and an apply use. Why the autoscaler holds (at maxReplicas, no agent to
-become a worker, ...) is in ``status.autoscaling.lastDecision``, written once per reason, logged and described.
+become a worker, ...) is in ``status.autoscaling.lastDecision``, written once per reason, logged and described;
+under steady reads its measures are written at most every ``AUTOSCALE_WRITE_SECONDS``, not at every look, and the
+settling window still holds across a restart.
 
 The first ones drive ``RuntimeHandlers`` directly (stream sequences of the test's choosing, the autoscaler's view as
 stale as wanted); the refusals go through the running service, its consumer and its decoder.
@@ -35,6 +37,8 @@ from libs.events.runtime import (
     TieredStore,
 )
 from services.runtime import app as runtime_app
+from services.runtime import domain
+from services.runtime import handlers as handlers_module
 from services.runtime.handlers import RuntimeHandlers
 from tests.conftest import NatsServer
 from tests.helpers import (
@@ -313,3 +317,130 @@ async def test_a_delete_and_an_apply_delivered_again_behind_each_other_leave_the
     # A newer apply creates it again.
     await handlers.apply(RuntimeApply(runtime=mem_runtime("2Gi")), delivered(subjects.RUNTIME_APPLY, 6))
     assert (await stored(bus)).command_sequence == 6
+
+
+def read_dataset(hits: int, misses: int) -> DatasetRecord:
+    """The runtime's Dataset as the dataset service folds it: one node, its cache full, with these read counters."""
+    return DatasetRecord(
+        dataset=Dataset(metadata=ObjectMeta(name=NAME), spec=DatasetSpec(mounts=[Mount(mount_point="s3://b/")])),
+        generation=1, status=DatasetStatus(nodes=[NodeCache(node="n1", cached_bytes=8 * MiB, local_read_bytes=hits,
+                                                             store_read_bytes=misses)]))
+
+
+async def autoscaled_handlers(bus: Bus, policy: AutoscalingPolicy, now: list[float],
+                              replicas: int = 1) -> RuntimeHandlers:
+    """Handlers on a clock the test moves, with the runtime applied under ``policy`` and one agent, its worker."""
+    handlers = await handlers_of(bus)
+    handlers.clock = lambda: now[0]
+    key = subjects.resource_key("default", NAME)
+    await handlers.apply(RuntimeApply(runtime=mem_runtime("8Mi", replicas, autoscaling=policy)),
+                         delivered(subjects.RUNTIME_APPLY, 1))
+    beat = AgentHeartbeat(node="n1", runtimes=[ObjectRef(name=NAME)], interval_seconds=3600.0)
+    handlers.agents.values["n1"] = AgentRecord(heartbeat=beat, received_at=now[0])
+    handlers.datasets.values[key] = unsynced_dataset(NAME)
+    await handlers.refresh(key, handlers._agents())
+    return handlers
+
+
+async def bucket_writes(bus: Bus) -> int:
+    """Every write there has been to the runtimes' bucket (its stream's last sequence)."""
+    return int((await (await bus.kv(subjects.KV_RUNTIMES)).status()).stream_info.state.last_seq)
+
+
+async def test_the_autoscaler_under_steady_pressure_writes_its_measures_at_most_every_interval_not_every_look(
+        bus: Bus) -> None:
+    # Read without a pause while full, at maxReplicas: the decision holds (AtMaxReplicas), but lastPressureTime
+    # and the hit ratio moved at every look, and each look was a record write and a runtime.status.v1 fact: one a
+    # second per autoscaled runtime, for the bridge's writes to Kubernetes, the dataset service and every watcher.
+    now = [1_700_000_000.0]
+    policy = AutoscalingPolicy(min_replicas=1, max_replicas=1, target_cache_used_percent=50, cool_down_seconds=30)
+    handlers = await autoscaled_handlers(bus, policy, now)
+    key = subjects.resource_key("default", NAME)
+    statuses = await bus.nc.subscribe(subjects.RUNTIME_STATUS)  # no callback: counted while pending
+    try:
+        hits = misses = 0
+        handlers.datasets.values[key] = read_dataset(hits, misses)
+        await handlers.autoscale(key, await stored(bus))  # the first look: AtMinReplicas, no reads yet
+        for _ in range(2):  # reads: AtMaxReplicas from the first look with a window, written at once
+            now[0] += 1
+            hits, misses = hits + MiB, misses + 3 * MiB
+            handlers.datasets.values[key] = read_dataset(hits, misses)
+            await handlers.autoscale(key, await stored(bus))
+        held = (await stored(bus)).status.autoscaling
+        assert held is not None and held.last_decision is not None
+        assert held.last_decision.reason == "AtMaxReplicas"
+        await bus.nc.flush()
+        writes, facts = await bucket_writes(bus), statuses.pending_msgs
+
+        looks = 60
+        for look in range(looks):  # a minute of reads, a different mix of hits and misses at every look
+            now[0] += handlers_module.AUTOSCALE_SECONDS
+            hits, misses = hits + (look % 5) * MiB, misses + 2 * MiB
+            handlers.datasets.values[key] = read_dataset(hits, misses)
+            await handlers.autoscale(key, await stored(bus))
+        await bus.nc.flush()
+        written, published = await bucket_writes(bus) - writes, statuses.pending_msgs - facts
+    finally:
+        await statuses.unsubscribe()
+    most = looks / domain.AUTOSCALE_WRITE_SECONDS + 1
+    assert 1 <= written <= most and published == written, (written, published, most)
+    # What was written is no older than the interval.
+    record = await stored(bus)
+    assert record.status.autoscaling is not None
+    assert now[0] - record.status.autoscaling.last_pressure_time < domain.AUTOSCALE_WRITE_SECONDS
+    assert record.status.autoscaling.last_decision == held.last_decision  # the same hold, since the same time
+
+
+async def test_a_new_decision_of_the_autoscaler_is_written_at_once_between_two_writes_of_its_measures(
+        bus: Bus) -> None:
+    now = [1_700_000_000.0]
+    policy = AutoscalingPolicy(min_replicas=1, max_replicas=1, target_cache_used_percent=50, cool_down_seconds=30)
+    handlers = await autoscaled_handlers(bus, policy, now)
+    key = subjects.resource_key("default", NAME)
+    hits = misses = 0
+    for _ in range(5):  # reads: held at maxReplicas
+        handlers.datasets.values[key] = read_dataset(hits, misses)
+        await handlers.autoscale(key, await stored(bus))
+        now[0] += 1
+        hits, misses = hits + MiB, misses + 3 * MiB
+    last_read = now[0] - 1
+    before = await bucket_writes(bus)
+    # The reads stop: no pressure, at minReplicas. Another reason, written at the very look that sees it.
+    await handlers.autoscale(key, await stored(bus))
+    assert await bucket_writes(bus) == before + 1
+    autoscaling = (await stored(bus)).status.autoscaling
+    assert autoscaling is not None and autoscaling.last_decision is not None
+    assert (autoscaling.last_decision.reason, autoscaling.last_decision.time) == ("AtMinReplicas", rfc3339(now[0]))
+    assert (autoscaling.hit_ratio_percent, autoscaling.last_pressure_time) == (None, last_read)
+
+
+async def test_the_settling_window_holds_across_a_restart_of_the_runtime_service(bus: Bus) -> None:
+    # Under steady pressure at maxReplicas lastPressureTime is written at most every AUTOSCALE_WRITE_SECONDS, so the
+    # record may show a pressure older than the last one seen. A service restarted then must not shrink before a
+    # whole cool-down has passed since the reads stopped.
+    now = [1_700_000_000.0]
+    cool = 30
+    policy = AutoscalingPolicy(min_replicas=1, max_replicas=2, target_cache_used_percent=50, cool_down_seconds=cool)
+    handlers = await autoscaled_handlers(bus, policy, now, replicas=2)
+    key = subjects.resource_key("default", NAME)
+    hits = misses = 0
+    for _ in range(int(domain.AUTOSCALE_WRITE_SECONDS) + 10):  # reads: held at maxReplicas
+        hits, misses = hits + MiB, misses + 3 * MiB
+        handlers.datasets.values[key] = read_dataset(hits, misses)
+        await handlers.autoscale(key, await stored(bus))
+        now[0] += 1
+    last_read = now[0] - 1
+    # The service restarts: its memory is gone, the reads stopped.
+    handlers = await handlers_of(bus)
+    handlers.clock = lambda: now[0]
+    handlers.agents.values["n1"] = AgentRecord(heartbeat=AgentHeartbeat(
+        node="n1", runtimes=[ObjectRef(name=NAME)], interval_seconds=3600.0), received_at=now[0])
+    handlers.datasets.values[key] = read_dataset(hits, misses)
+    while now[0] < last_read + cool:
+        await handlers.autoscale(key, await stored(bus))
+        record = await stored(bus)
+        assert record.runtime.spec.replicas == 2
+        assert record.status.autoscaling is not None and record.status.autoscaling.last_decision is not None
+        assert record.status.autoscaling.last_decision.action == "hold", (now[0] - last_read,
+                                                                          record.status.autoscaling)
+        now[0] += 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import msgspec
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from libs.cli.render import describe_runtime
@@ -27,9 +27,12 @@ from libs.events.runtime import (
 )
 from services.runtime.domain import (
     AUTOSCALE_HISTORY,
+    AUTOSCALE_WRITE_SECONDS,
     CORRECTION_LANDS_SECONDS,
     CacheSample,
     autoscale,
+    autoscaling_resumed,
+    autoscaling_write_due,
     cache_sample,
     can_add_worker,
     read_window,
@@ -310,3 +313,59 @@ def test_an_agent_can_become_a_worker_when_fresh_healthy_eligible_and_not_one_ye
     assert not can_add_worker(runtime, workers, {"a": agent("a")}, NOW)
     assert not can_add_worker(runtime, workers, {"a": agent("a"), "b": agent("b", healthy=False)}, NOW)
     assert can_add_worker(runtime, workers, {"a": agent("a"), "b": agent("b")}, NOW)
+
+
+def test_measures_alone_are_written_at_most_every_interval_a_new_decision_at_once() -> None:
+    written = autoscale(POLICY, 3, sample(90, reads={"a": (10, 90)}), {"a": (0, 0)}, state(), NOW).state
+    assert written.last_decision is not None and written.last_decision.reason == "AtMaxReplicas"
+    later = autoscale(POLICY, 3, sample(91, reads={"a": (30, 170)}), {"a": (10, 90)}, written, NOW + 1).state
+    assert later.last_decision == written.last_decision and later.last_pressure_time == NOW + 1
+    assert not autoscaling_write_due(written, later, NOW, NOW + 1)
+    assert not autoscaling_write_due(written, later, NOW, NOW + AUTOSCALE_WRITE_SECONDS - 1)
+    assert autoscaling_write_due(written, later, NOW, NOW + AUTOSCALE_WRITE_SECONDS)
+    assert autoscaling_write_due(written, later, None, NOW + 1)  # not written by this process: at once
+    assert not autoscaling_write_due(written, written, None, NOW + 1)  # nothing new
+    calm = autoscale(POLICY, 3, sample(91, reads={"a": (30, 170)}), {"a": (30, 170)}, later, NOW + 2).state
+    assert calm.last_decision is not None and calm.last_decision.reason == "Settling"
+    assert autoscaling_write_due(written, calm, NOW, NOW + 2)
+
+
+def test_a_pressure_the_record_shows_going_on_counts_until_the_first_look_after_a_restart() -> None:
+    pressed = autoscale(POLICY, 3, sample(90, reads={"a": (10, 90)}), {"a": (0, 0)}, state(), NOW).state
+    assert autoscaling_resumed(pressed, NOW + 20) == msgspec.structs.replace(pressed, last_pressure_time=NOW + 20)
+    calm = autoscale(POLICY, 3, sample(90), {}, state(), NOW).state
+    assert autoscaling_resumed(calm, NOW + 20) == calm
+    assert autoscaling_resumed(None, NOW) is None
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 3), st.integers(1, 60)), min_size=1, max_size=6), st.integers(0, 200))
+# Read for 45 s, the record written at 31 s last, a restart at 45 s: the record's pressure is 13 s old.
+@example([(1, 45), (0, 40)], 45)
+def test_the_record_is_written_seldom_and_never_lets_a_restart_shrink_within_a_cool_down(
+        runs: list[tuple[int, int]], restart: int) -> None:
+    # One look a second; runs of looks that read nothing (0) or with 1..3 MiB of misses (a low hit ratio:
+    # pressure). The state goes on in memory, the record gets it as ``autoscaling_write_due`` says; at ``restart``
+    # the memory is lost and the record's state is taken up again. Whatever happens, no shrink within a cool-down
+    # of the last pressure, and the record is written once per new decision plus at most once per interval.
+    reads = [read for read, looks in runs for _ in range(looks)]
+    policy = AutoscalingPolicy(min_replicas=1, max_replicas=3, target_hit_ratio_percent=80, cool_down_seconds=30)
+    replicas, memory, written, written_at = 2, None, None, None
+    counters, last_pressure, writes, decisions = (0, 0), NOW, 0, 0
+    for look, read in enumerate(reads):
+        now = NOW + look
+        if look == restart:
+            memory, written_at = autoscaling_resumed(written, now), None
+        previous = counters
+        counters = (counters[0] + read, counters[1] + 3 * read * MI)
+        choice = autoscale(policy, replicas, sample(10, reads={"a": counters}), {"a": previous}, memory, now)
+        if read:
+            last_pressure = now
+        if choice.decision is not None and choice.replicas < replicas:
+            assert now - last_pressure >= policy.cool_down_seconds, (look, choice.reason)
+        before = memory.last_decision if memory else None
+        decisions += choice.state.last_decision != before
+        if autoscaling_write_due(written, choice.state, written_at, now):
+            written, written_at, writes = choice.state, now, writes + 1
+        memory, replicas = choice.state, choice.replicas
+    assert writes <= decisions + len(reads) / AUTOSCALE_WRITE_SECONDS + 2, (writes, decisions)
