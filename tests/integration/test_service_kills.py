@@ -9,7 +9,8 @@ resumes, and what must not happen twice does not:
 - loader, killed mid-load while the store holds the agents' GETs: the run resumes (runs 1) and completes, each
   block fetched from the store exactly once;
 - scheduler, killed after it folded a node's cached bytes: the restarted one asks the agents for snapshots and
-  answers the same share (not zero, not counted twice);
+  answers the same share (not zero, not counted twice); one of two replicas killed: the other answers at once and
+  takes over the dataset's cache facts;
 - node agent, killed mid-DataLoad: its restart replaces the mount process, the agent's part is delivered again and
   the load completes; no block is fetched more than twice, and at most the two GETs the replacement cut twice;
 - Kubernetes bridge, killed while it publishes the commands of 20 Dataset objects: every one is held (finalizer)
@@ -41,6 +42,7 @@ from libs.config import AgentSettings, Settings
 from libs.events.common import ObjectMeta
 from libs.events.runtime import Level, Runtime, RuntimeApply, RuntimeSpec, TieredStore
 from libs.events.schedule import DatasetUse, ScoreRequest
+from libs.ring import primary_owner
 from services.agent import app as agent_app
 from services.dataset import app as dataset_app
 from services.loader import app as loader_app
@@ -249,6 +251,54 @@ async def test_the_scheduler_killed_rebuilds_what_it_knows_from_snapshots(
     record_fault("kill -9 of the scheduler after it folded a node's inventory",
                  "the restarted scheduler asks the agents for snapshots and answers the same share", recovery[0],
                  lost="nothing (the share neither lost nor counted twice)", area="services")
+
+
+@soak_only
+async def test_one_of_two_scheduler_replicas_killed_the_other_answers_and_publishes_its_cache_facts(
+        bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path) -> None:
+    """Two replicas each fold the whole inventory and share the score requests; the one that publishes the dataset's
+    cache facts (its owner among the live replicas) is killed. The survivor answers the same share at once and,
+    once the killed one's beat has aged out, publishes the dataset's figure when it moves."""
+    body = os.urandom(3 * 1024 * 1024)
+    await put_objects(seaweedfs, bucket, {"a.bin": body, "b.bin": body})
+    names = ("sched-a", "sched-b")
+    owner = primary_owner(subjects.resource_key("default", "sched"), names)
+    replicas = {name: ServiceProcess("scheduler", {**service_env(settings.nats.urls), "SHOAL_REPLICA_NAME": name},
+                                     tmp_path / f"{name}.log") for name in names}
+    facts = FactCollector()
+    await facts.start(bus, subjects.SCHEDULER_FACTS)
+    try:
+        async with node_stack(bus, settings, seaweedfs, tmp_path) as node:
+            await node.apply("sched", bucket)
+            root = await node.wait_mounted("sched", expect="b.bin", timeout=60)
+            assert await read_file(root / "a.bin") == body  # half the dataset cached on the node
+            for replica in replicas.values():
+                replica.start()
+
+            async def half() -> dict[str, float] | None:
+                with contextlib.suppress(Exception):
+                    found = await shares(bus)
+                    return found if found.get(NODE) == 0.5 else None
+                return None
+
+            before = await eventually(half, timeout=30, what="both replicas see half the dataset on the node")
+            await facts.wait_for("scheduler.dataset.cache.v1", timeout=30, name="sched", uniqueCachedBytes=len(body))
+            replicas[owner].kill()
+            with stopwatch() as recovery:
+                for _ in range(5):  # whichever replica NATS would have picked, the survivor answers
+                    assert await eventually(half, timeout=10, what="the survivor's answer") == before
+                assert await read_file(root / "b.bin") == body  # the whole dataset cached now
+                await facts.wait_for("scheduler.dataset.cache.v1", timeout=60, name="sched",
+                                     uniqueCachedBytes=2 * len(body))
+            survivor = next(name for name in names if name != owner)
+            assert replicas[survivor].stop() == 0, replicas[survivor].tail()
+    finally:
+        for replica in replicas.values():
+            replica.close()
+    record_fault("kill -9 of one of two scheduler replicas, the one publishing the dataset's cache facts",
+                 "the survivor answered every score request with the same share at once, and published the "
+                 "dataset's new figure once the killed one's beat had aged out", recovery[0],
+                 lost="nothing (no score request unanswered)", area="services")
 
 
 # --- node agent, mid-DataLoad ---
