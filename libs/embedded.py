@@ -178,6 +178,14 @@ class ClusterMember:
     routes: tuple[int, ...]
     # One name for the cluster; servers only route to peers of the same name.
     name: str = "shoal"
+    # The password a route must give (user ``ROUTE_USER``), and gives its peers; empty: none. A server with users on
+    # its client port needs one: any process that reaches an open route port joins as a server, and then publishes
+    # and subscribes to everything, whatever the users may (``libs.natssecure``).
+    route_password: str = ""
+
+
+# The one user of the route port: every member of a cluster is the same kind of peer.
+ROUTE_USER = "route"
 
 
 def nats_cluster(size: int, client_ports: list[int], monitor_ports: list[int], cluster_ports: list[int],
@@ -198,16 +206,23 @@ def nats_urls(configs: list[NatsConfig]) -> str:
 
 
 def _cluster_conf(member: ClusterMember) -> str:
-    routes = "\n".join(f"    nats://{LOOPBACK}:{port}" for port in member.routes)
+    login, authorization = "", ""
+    if member.route_password:
+        # Hex (``natssecure``): nothing in it needs quoting in a URL.
+        login = f"{ROUTE_USER}:{member.route_password}@"
+        authorization = (f"  authorization {{\n    user: {ROUTE_USER}\n"
+                         f"    password: {json.dumps(member.route_password)}\n  }}\n")
+    routes = "\n".join(f"    nats://{login}{LOOPBACK}:{port}" for port in member.routes)
     return (f"server_name: {member.server_name}\n"
-            f"cluster {{\n  name: {member.name}\n  listen: {LOOPBACK}:{member.port}\n"
+            f"cluster {{\n  name: {member.name}\n  listen: {LOOPBACK}:{member.port}\n{authorization}"
             f"  routes: [\n{routes}\n  ]\n}}\n")
 
 
 def start_nats(config: NatsConfig, log_path: Path) -> ServerProcess:
     config.store_dir.mkdir(parents=True, exist_ok=True)
     conf_path = config.store_dir.parent / f"nats-{config.port}.conf"
-    if config.extra_config:  # it holds the users' passwords: owner only, before anything is written
+    # Users' or routes' passwords: owner only, before anything is written.
+    if config.extra_config or (config.cluster is not None and config.cluster.route_password):
         conf_path.touch(0o600)
         conf_path.chmod(0o600)
     conf_path.write_text(

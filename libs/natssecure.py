@@ -16,10 +16,11 @@ import shutil
 import subprocess
 import tempfile
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from libs import natsauth
+from libs.embedded import ROUTE_USER, NatsConfig
 
 # 128 bits of randomness per password: guessing is hopeless, and it stays short enough to paste.
 PASSWORD_BYTES = 16
@@ -47,10 +48,21 @@ class SecureNats:
     folder: Path
     tls: TlsFiles
     passwords: dict[str, str]
+    # What a cluster's servers ask of each other on their route ports (``libs.embedded.ROUTE_USER``).
+    route_password: str = ""
 
     def server_config(self) -> str:
         """The lines added to nats-server's config: TLS required of every client, and the users."""
         return tls_block(self.tls) + natsauth.authorization_block(natsauth.users(self.passwords))
+
+    def secured(self, server: NatsConfig) -> NatsConfig:
+        """``server`` with TLS and the users; a cluster member's route port with a password too, since a process
+        that joins the cluster as a server is asked for no user at all."""
+        if server.cluster is not None:
+            if not self.route_password:
+                raise SecureSetupError("no route password: make it with prepare()")
+            server = replace(server, cluster=replace(server.cluster, route_password=self.route_password))
+        return replace(server, extra_config=self.server_config())
 
     def client_env(self, user: str) -> dict[str, str]:
         """The variables (``libs.config.NatsSettings``) that make a process connect as ``user`` over TLS."""
@@ -71,10 +83,12 @@ def tls_block(tls: TlsFiles) -> str:
 
 
 def prepare(folder: Path, users: Iterable[str]) -> SecureNats:
-    """Certificates and passwords in ``folder`` (made if missing, kept otherwise), one password per user name."""
+    """Certificates and passwords in ``folder`` (made if missing, kept otherwise), one password per user name, and
+    one for the routes between a cluster's servers (apart: it is no client's)."""
     folder.mkdir(parents=True, exist_ok=True)
     os.chmod(folder, 0o700)
-    return SecureNats(folder, make_certs(folder), ensure_passwords(folder / "passwords.json", users))
+    route = ensure_passwords(folder / "routes.json", [ROUTE_USER])[ROUTE_USER]
+    return SecureNats(folder, make_certs(folder), ensure_passwords(folder / "passwords.json", users), route)
 
 
 def ensure_passwords(path: Path, users: Iterable[str]) -> dict[str, str]:

@@ -250,7 +250,7 @@ def _plan(options: UpOptions, environ: Mapping[str, str]) -> Plan:
             secure = natssecure.prepare(layout.nats_secure, [*shared, *users.values()])
         except natssecure.SecureSetupError as err:
             raise UpError(str(err)) from err
-        nats = [replace(server, extra_config=secure.server_config()) for server in nats]
+        nats = [secure.secured(server) for server in nats]
         env["NATS_TLS_CA"] = str(secure.tls.ca)
         # shoal up itself provisions, seeds and applies as the CLI user; each service gets its own user (_launch).
         cli = secure.client_env(natsauth.CLI)

@@ -27,6 +27,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Iterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
@@ -44,7 +45,17 @@ from libs import natsauth, natssecure, subjects
 from libs.bus import Bus, Consumer, Delivery, PermissionDenied, connect, kv_load
 from libs.cli.up import Plan, UpOptions, _plan
 from libs.config import AgentSettings, NatsSettings, Secret, Settings
-from libs.embedded import NatsConfig, ServerProcess, free_port, start_nats
+from libs.embedded import (
+    NatsConfig,
+    ServerProcess,
+    find_binary,
+    free_port,
+    nats_cluster,
+    spawn,
+    start_nats,
+    start_nats_cluster,
+    wait_until,
+)
 from libs.events.agent import AgentHeartbeat
 from libs.events.common import ObjectMeta, ObjectRef
 from libs.events.dataset import (
@@ -478,6 +489,52 @@ def test_the_cli_env_file_sources_in_a_shell_wherever_the_state_dir_is(tmp_path:
                             str(path)], capture_output=True, text=True, check=False)
     assert shown.returncode == 0, shown.stderr
     assert shown.stdout.splitlines() == [natsauth.CLI, secure.passwords[natsauth.CLI], str(secure.tls.ca)]
+
+
+def test_a_secure_clusters_route_ports_admit_no_server_without_the_route_password(
+        tmp_path: Path, tls_files: TlsFiles) -> None:
+    """``shoal up --secure --nats-cluster 3``: its servers form the cluster with the route password, and a server
+    started by anyone else on the machine, routing to a member's route port without it, is refused. Before, the route
+    ports asked nothing: such a server joined, and its clients (no user, no TLS) published commands and read every
+    fact, whatever the users' permissions."""
+    options = dataclasses.replace(secure_up_options(tmp_path, tls_files), nats_servers=3)
+    plan = secure_up_plan(options)
+    assert plan.secure is not None and plan.secure.route_password
+    assert [config.cluster.route_password if config.cluster else "" for config in plan.nats] == [
+        plan.secure.route_password] * 3
+    assert (options.layout.nats_secure / "routes.json").stat().st_mode & 0o777 == 0o600
+    # The same servers on free ports (the plan's are consecutive from one base, which may be taken here).
+    configs = [plan.secure.secured(config) for config in
+               nats_cluster(3, [free_port() for _ in range(3)], [free_port() for _ in range(3)],
+                            [free_port() for _ in range(3)], tmp_path / "stores")]
+    members = start_nats_cluster(configs, tmp_path / "logs")  # waits for a meta leader: the routes log in
+    stranger_conf = tmp_path / "stranger.conf"
+    stranger_monitor = free_port()
+    assert configs[0].cluster is not None
+    stranger_conf.write_text(
+        f"listen: 127.0.0.1:{free_port()}\nhttp: 127.0.0.1:{stranger_monitor}\nserver_name: stranger\n"
+        f"cluster {{\n  name: shoal\n  listen: 127.0.0.1:{free_port()}\n"
+        f"  routes: [nats://127.0.0.1:{configs[0].cluster.port}]\n}}\n")
+    stranger = spawn("stranger", [find_binary("nats-server"), "-c", str(stranger_conf)], tmp_path / "stranger.log")
+    try:
+        def routes() -> int:
+            with urllib.request.urlopen(f"http://127.0.0.1:{stranger_monitor}/routez", timeout=2) as answer:
+                return int(json.load(answer)["num_routes"])
+
+        def joined_or_refused() -> bool:
+            try:
+                return routes() > 0 or "authorization violation" in stranger.log_path.read_text().lower()
+            except OSError:  # its monitoring port is not up yet
+                return False
+
+        wait_until(joined_or_refused, 30, "the stranger joining or being refused", stranger.process)
+        assert routes() == 0, "a server without the route password joined the cluster"
+        assert all(plan.secure.route_password not in (tmp_path / "logs" / f"nats-{index}.log").read_text()
+                   for index in (1, 2, 3))
+    finally:
+        stranger.stop()
+        for member in members:
+            member.stop()
 
 
 async def test_the_look_around_commands_shoal_up_secure_prints_work_as_pasted(
