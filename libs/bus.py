@@ -41,6 +41,7 @@ import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Generic, TypeVar
+from urllib.parse import urlsplit
 
 import msgspec
 import nats
@@ -501,6 +502,19 @@ class _QuietTlsClose(logging.Filter):
 _QUIET_TLS_CLOSE = _QuietTlsClose()
 
 
+def login_user(settings: NatsSettings) -> str:
+    """The user this client logs in as: ``NATS_USER``, else the user of the first URL that names a user and a
+    password (nats-py logs in with those when no user is given; a URL user without a password is a token); "" for
+    none."""
+    if settings.user:
+        return settings.user
+    for url in settings.urls:
+        parts = urlsplit(url)
+        if parts.username and parts.password is not None:
+            return parts.username
+    return ""
+
+
 async def connect(settings: NatsSettings, name: str) -> Bus:
     denials = Denials()
     options: dict[str, Any] = {
@@ -515,8 +529,10 @@ async def connect(settings: NatsSettings, name: str) -> Bus:
     if settings.user:
         options["user"] = settings.user
         options["password"] = settings.password.reveal()
-        # Replies to this user arrive below its own inbox, the only one its permissions let it read.
-        options["inbox_prefix"] = natsauth.inbox_prefix(settings.user)
+    if user := login_user(settings):
+        # Replies to this user arrive below its own inbox, the only one its permissions let it read: a user given in
+        # the URL too, or its first KV read or JetStream publish is refused.
+        options["inbox_prefix"] = natsauth.inbox_prefix(user)
     if settings.token:
         options["token"] = settings.token.reveal()
     if settings.tls_ca or settings.tls_cert:

@@ -37,7 +37,7 @@ from nats.js.errors import BucketNotFoundError, NoStreamResponseError, NotFoundE
 from nats.js.kv import KeyValue
 
 from libs import subjects
-from libs.bus import Bus, Permanent, PermissionDenied, connect, kv_load, kv_values
+from libs.bus import Bus, Permanent, PermissionDenied, connect, kv_load, kv_values, login_user
 from libs.cli import manifests, operations, render
 from libs.cli.errors import CliError
 from libs.cli.up import down, up
@@ -272,11 +272,11 @@ async def session(options: Options) -> AsyncIterator[Bus]:
             # the server's -ERR on the side: say the refusal, not a slow server.
             if bus.denials.seen:
                 action, subject = bus.denials.seen[-1]
-                raise SetupError(f"{PermissionDenied(subject, action)} (NATS_USER={settings.user or '(none)'})") \
-                    from err
+                user = login_user(settings) or "(none)"
+                raise SetupError(f"{PermissionDenied(subject, action)} (NATS_USER={user})") from err
             raise SetupError(f"NATS at {shown} did not answer in time") from err
         except PermissionDenied as err:  # NATS_USER is not one that may do this (libs.natsauth: the cli user may)
-            raise SetupError(f"{err} (NATS_USER={settings.user or '(none)'})") from err
+            raise SetupError(f"{err} (NATS_USER={login_user(settings) or '(none)'})") from err
         except operations.ConnectionLost as err:
             raise SetupError(f"lost the connection to NATS at {shown}: {err}; the work goes on without this "
                              "command (`shoal get dataloads` or `datacleans` shows how it ends)") from err

@@ -257,6 +257,26 @@ async def test_the_cli_says_a_refused_login_or_subject_as_such(secure_server: Se
         assert wrong not in result.stderr and observer not in result.stderr
 
 
+async def test_the_cli_reads_and_applies_as_the_user_its_url_names(secure_server: SecureServer, cli_bus: Bus) -> None:
+    """``--nats nats://cli:<password>@host:port`` and no NATS_USER: the CLI logs in as that user, and its replies come
+    to that user's inbox. Before, they came to nats-py's default inbox, which no user may read: every command ended
+    in "permission denied ... subscribe to '_inbox....' (NATS_USER=(none))"."""
+    password = secure_server.secure.passwords[natsauth.CLI]
+    url = secure_server.url.replace("nats://", f"nats://{natsauth.CLI}:{password}@")
+    env = {name: value for name, value in os.environ.items() if not name.startswith("NATS_")}
+    env["NATS_TLS_CA"] = str(secure_server.secure.tls.ca)
+
+    def shoal(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "libs.cli.main", "--nats", url, "--timeout", "5", *args],
+                              env=env, cwd=REPO, capture_output=True, text=True, timeout=60)
+
+    listed = await asyncio.to_thread(shoal, "get", "datasets")
+    assert (listed.returncode, listed.stderr) == (0, "No resources found in default namespace.\n"), listed.stderr
+    deleted = await asyncio.to_thread(shoal, "delete", "dataset", "none-such")
+    assert deleted.returncode in (0, 1) and "permission denied" not in deleted.stderr, deleted.stderr
+    assert password not in listed.stderr + listed.stdout + deleted.stderr + deleted.stdout
+
+
 def _plain_connect(host: str, port: int, password: str) -> bytes:
     with socket.create_connection((host, port), timeout=5) as sock:
         received = sock.recv(4096)  # INFO
