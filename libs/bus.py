@@ -491,6 +491,25 @@ class Bus:
         return await self.nc.subscribe(subject, queue=queue, cb=on_request)
 
 
+class TlsNotOffered(nats.errors.Error):
+    """A CA was given, and the server's INFO did not ask for TLS: nothing was sent to it, its credentials least of
+    all."""
+
+
+class _TlsOnlyClient(NatsClient):
+    """nats-py upgrades a connection to TLS only when the server's INFO asks for it; otherwise it sends CONNECT, with
+    the user's password or token, in clear, whatever ``tls`` it was given. So a server that lost its TLS, or whatever
+    took its port while it was down (a service reconnects twice a second), would be handed every service's password.
+    Given a CA, a client sends its CONNECT over TLS or not at all (as the Go client's ``Secure`` option does)."""
+
+    def _connect_command(self) -> bytes:
+        if not self._server_info.get("tls_required"):
+            # The address without a user or password the URL may carry.
+            where = self._current_server.uri.netloc.rpartition("@")[2] if self._current_server else "the server"
+            raise TlsNotOffered(f"{where} offers no TLS, and a CA was given: nothing was sent to it")
+        return super()._connect_command()
+
+
 class _QuietTlsClose(logging.Filter):
     """asyncio warns "returning true from eof_received() has no effect when using ssl" each time a TLS connection
     of nats-py closes: nothing is wrong, and a CLI user should not read it after every command."""
@@ -541,7 +560,8 @@ async def connect(settings: NatsSettings, name: str) -> Bus:
             context.load_cert_chain(settings.tls_cert, settings.tls_key or None)
         options["tls"] = context
         logging.getLogger("asyncio").addFilter(_QUIET_TLS_CLOSE)  # once: filters are a set
-    nc = await nats.connect(**options)
+    nc = _TlsOnlyClient() if "tls" in options else NatsClient()
+    await nc.connect(**options)
     return Bus(nc, replicas=settings.replicas, denials=denials,
                authenticated=bool(settings.user or settings.token.reveal() or any("@" in url for url in settings.urls)))
 

@@ -37,7 +37,16 @@ from nats.js.errors import BucketNotFoundError, NoStreamResponseError, NotFoundE
 from nats.js.kv import KeyValue
 
 from libs import subjects
-from libs.bus import Bus, Permanent, PermissionDenied, connect, kv_load, kv_values, login_user
+from libs.bus import (
+    Bus,
+    Permanent,
+    PermissionDenied,
+    TlsNotOffered,
+    connect,
+    kv_load,
+    kv_values,
+    login_user,
+)
 from libs.cli import manifests, operations, render
 from libs.cli.errors import CliError
 from libs.cli.up import down, up
@@ -304,6 +313,9 @@ def _connect_error(shown: str, settings: NatsSettings, errors: Sequence[BaseExce
         else:
             check = "it wants a user: set NATS_USER and NATS_PASSWORD (or NATS_TOKEN)"
         return SetupError(f"NATS at {shown} refused the login (authorization violation): {check}")
+    if any(isinstance(err, TlsNotOffered) for err in errors):
+        return SetupError(f"NATS at {shown} offers no TLS, and NATS_TLS_CA asks for it: nothing was sent to it (does "
+                          "--nats or NATS_URL name the secured server? for a server without TLS, unset NATS_TLS_CA)")
     tls = next((err for err in errors if isinstance(err, ssl.SSLError)), None)
     if tls is not None:
         return SetupError(f"no TLS connection to NATS at {shown} ({_error_text(tls)}): check NATS_TLS_CA, "

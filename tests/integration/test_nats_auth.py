@@ -18,6 +18,7 @@ the mount process, the nats-server), ``/metrics`` of the services and of the mou
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import os
@@ -221,6 +222,42 @@ async def test_a_wrong_password_or_no_tls_is_refused(secure_server: SecureServer
     answer = await asyncio.to_thread(_plain_connect, host, int(port), right.password.reveal())
     assert b'"tls_required":true' in answer.split(b"\r\n")[0]
     assert b"PONG" not in answer
+
+
+async def test_a_client_given_a_ca_sends_no_credentials_to_a_server_without_tls(tls_files: TlsFiles) -> None:
+    """Whatever answers on the server's address without offering TLS (a server that lost its TLS config, or a local
+    process that took the port while the server was down, which every service then reconnects to twice a second)
+    gets no CONNECT: nats-py sent it, password included, in clear, since it upgrades only when INFO asks for TLS."""
+    received = bytearray()
+    connections = 0
+
+    async def impostor(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        writer.write(b'INFO {"server_id":"x","version":"2.10.0","proto":1,"max_payload":1048576,'
+                     b'"auth_required":true}\r\n')
+        await writer.drain()
+        with contextlib.suppress(OSError):
+            while chunk := await reader.read(4096):
+                received.extend(chunk)
+        writer.close()
+
+    server = await asyncio.start_server(impostor, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    password = "planted-" + secrets.token_hex(8)
+    settings = NatsSettings(urls=[f"nats://127.0.0.1:{port}"], user=natsauth.CLI, password=Secret(password),
+                            tls_ca=str(tls_files.ca))
+    client = asyncio.create_task(connect(settings, "test-impostor"))
+    try:
+        # It tries again and again; by its second connection it has said all it will say on the first.
+        await eventually(lambda: _async(connections >= 2 or b"CONNECT" in received), timeout=15,
+                         what="the client moving on or sending CONNECT")
+        assert b"CONNECT" not in received and password.encode() not in received
+    finally:
+        client.cancel()
+        await asyncio.gather(client, return_exceptions=True)
+        server.close()
+        await server.wait_closed()
 
 
 def shoal_process(server: SecureServer, user: str, password: str, *args: str) -> subprocess.CompletedProcess[str]:
