@@ -72,6 +72,14 @@ class NatsSettings:
     replicas: int = env("SHOAL_STREAM_REPLICAS", "Replicas of Shoal's streams and KV buckets.", default=1)
 
 
+NATS_LOGIN_FIELDS = ("user", "password", "token", "tls_ca", "tls_cert", "tls_key")
+
+
+def nats_login_variables() -> tuple[str, ...]:
+    """The variables that say how to log in to a NATS server (user, password, token, TLS), not where it is."""
+    return tuple(item.metadata["env"] for item in fields(NatsSettings) if item.name in NATS_LOGIN_FIELDS)
+
+
 @dataclass(frozen=True)
 class S3Settings:
     """Defaults for S3 mounts that do not name their own endpoint or credentials."""

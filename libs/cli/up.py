@@ -66,7 +66,7 @@ from libs.cli.stack.supervision import (
     service_users,
     stack_services,
 )
-from libs.config import Secret, Settings, SettingsError, load_settings
+from libs.config import Secret, Settings, SettingsError, load_settings, nats_login_variables
 from libs.documents import ManifestError, no_objects, parse_documents
 from libs.embedded import (
     LOOPBACK,
@@ -189,6 +189,11 @@ def _plan(options: UpOptions, environ: Mapping[str, str]) -> Plan:
     layout, ports = options.layout, options.ports
     external_nats = environ.get("NATS_URL", "").strip()
     external_s3 = environ.get("SHOAL_S3_ENDPOINT", "").strip()
+    if not external_nats:
+        # A login in the caller's environment is for a NATS it names (NATS_URL), not for the one started here, which
+        # wants none or (--secure) the users made here: a shell that sourced a secured stack's cli.env would make a
+        # plain stack's services ask its server for TLS, and never connect.
+        environ = {name: value for name, value in environ.items() if name not in nats_login_variables()}
     services = stack_services(options.agents, options.dataset_replicas)
     servers = ports_needed(ports, run_nats=not external_nats, run_s3=not external_s3,
                            nats_servers=options.nats_servers)

@@ -777,6 +777,27 @@ def test_a_nats_cluster_gets_consecutive_ports_its_own_stores_every_url_and_as_m
     assert "JetStream cluster of 3" in text and "8222..8224" in text
 
 
+def test_up_runs_its_own_nats_with_no_login_of_the_callers_shell(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A shell that sourced a secured stack's ``cli.env`` (or holds any NATS login) and runs a plain ``shoal up``:
+    neither ``up`` nor its services use that login for the server ``up`` starts. Before, they all got NATS_TLS_CA and
+    asked the plain server for TLS (and with a client that rightly sends nothing without it, never connected)."""
+    from libs.cli import up as up_module
+
+    monkeypatch.setattr(up_module, "check_ports", lambda needed: None)  # planning only: nothing binds them
+    shell = {"NATS_USER": "cli", "NATS_PASSWORD": "from-another-stack", "NATS_TOKEN": "a-token",
+             "NATS_TLS_CA": str(tmp_path / "gone" / "ca.crt"), "NATS_TLS_CERT": "c.pem", "NATS_TLS_KEY": "k.pem",
+             "SHOAL_LOG_LEVEL": "debug"}
+    plan = up_module._plan(up_module.UpOptions(StateLayout(tmp_path), UpPorts(), up_module.DEMO_MANIFEST), shell)
+    assert [name for name in shell if name in plan.env] == ["SHOAL_LOG_LEVEL"]
+    nats = plan.settings.nats
+    assert (nats.user, nats.password.reveal(), nats.token.reveal(), nats.tls_ca, nats.tls_cert) == ("", "", "", "", "")
+    # With NATS_URL the caller names its own server, and its login is for that server.
+    external = up_module._plan(up_module.UpOptions(StateLayout(tmp_path), UpPorts(), up_module.DEMO_MANIFEST),
+                               {**shell, "NATS_URL": "nats://127.0.0.1:4222"})
+    assert external.env["NATS_USER"] == "cli" and external.settings.nats.tls_ca == shell["NATS_TLS_CA"]
+
+
 def test_demo_cache_paths_follow_the_state_dir(tmp_path: Path) -> None:
     docs: list[dict[str, Any]] = [{"kind": "Runtime", "spec": {"tieredstore": {"levels": [
         {"mediumtype": "MEM", "quota": "1Gi"},
