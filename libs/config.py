@@ -468,6 +468,13 @@ def _check(settings: Settings) -> list[str]:
         problems.append(f"SHOAL_PVC_ROOT={settings.service.pvc_root!r}: must be an absolute path")
     if settings.nats.user and not settings.nats.password:
         problems.append("NATS_PASSWORD: required when NATS_USER is set")
+    # Read only when connecting, where a missing file was a traceback (a service) or "cannot reach NATS" (the CLI).
+    for variable, path in (("NATS_TLS_CA", settings.nats.tls_ca), ("NATS_TLS_CERT", settings.nats.tls_cert),
+                           ("NATS_TLS_KEY", settings.nats.tls_key)):
+        if path and not os.path.isfile(path):
+            problems.append(f"{variable}={path!r}: no such file")
+    if settings.nats.tls_key and not settings.nats.tls_cert:
+        problems.append("NATS_TLS_KEY: given without NATS_TLS_CERT, the client certificate it is the key of")
     if settings.kube.watch_seconds < 1:
         problems.append(f"SHOAL_KUBE_WATCH_SECONDS={settings.kube.watch_seconds}: must be at least 1")
     bad = [ns for ns in settings.kube.namespaces if not (DNS1123_LABEL.fullmatch(ns) and len(ns) <= 63)]

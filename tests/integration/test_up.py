@@ -792,10 +792,14 @@ def test_up_runs_its_own_nats_with_no_login_of_the_callers_shell(
     assert [name for name in shell if name in plan.env] == ["SHOAL_LOG_LEVEL"]
     nats = plan.settings.nats
     assert (nats.user, nats.password.reveal(), nats.token.reveal(), nats.tls_ca, nats.tls_cert) == ("", "", "", "", "")
-    # With NATS_URL the caller names its own server, and its login is for that server.
+    # With NATS_URL the caller names its own server, and its login (files that exist) is for that server.
+    files = {name: tmp_path / name.lower() for name in ("NATS_TLS_CA", "NATS_TLS_CERT", "NATS_TLS_KEY")}
+    for path in files.values():
+        path.write_text("pem")
     external = up_module._plan(up_module.UpOptions(StateLayout(tmp_path), UpPorts(), up_module.DEMO_MANIFEST),
-                               {**shell, "NATS_URL": "nats://127.0.0.1:4222"})
-    assert external.env["NATS_USER"] == "cli" and external.settings.nats.tls_ca == shell["NATS_TLS_CA"]
+                               {**shell, **{name: str(path) for name, path in files.items()},
+                                "NATS_URL": "nats://127.0.0.1:4222"})
+    assert external.env["NATS_USER"] == "cli" and external.settings.nats.tls_ca == str(files["NATS_TLS_CA"])
 
 
 def test_demo_cache_paths_follow_the_state_dir(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import fields
+from pathlib import Path
 
 import pytest
 
@@ -348,3 +349,15 @@ def test_pvc_root() -> None:
     assert load_settings({"SHOAL_PVC_ROOT": "/var/lib/shoal/claims"}).service.pvc_root == "/var/lib/shoal/claims"
     with pytest.raises(SettingsError, match="SHOAL_PVC_ROOT='claims': must be an absolute path"):
         load_settings({"SHOAL_PVC_ROOT": "claims"})
+
+
+def test_nats_tls_files_that_do_not_exist_are_settings_errors(tmp_path: Path) -> None:
+    """Each named, at start: before, a service ended in a FileNotFoundError traceback when it first connected, and the
+    CLI said "cannot reach NATS ... is `make run` running?"."""
+    ca = tmp_path / "ca.crt"
+    ca.write_text("a CA")
+    load_settings({"NATS_TLS_CA": str(ca)})
+    with pytest.raises(SettingsError) as caught:
+        load_settings({"NATS_TLS_CA": str(tmp_path / "gone.crt"), "NATS_TLS_KEY": str(ca)})
+    assert f"NATS_TLS_CA='{tmp_path / 'gone.crt'}': no such file" in str(caught.value)
+    assert "NATS_TLS_KEY: given without NATS_TLS_CERT" in str(caught.value)
