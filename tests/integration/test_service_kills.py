@@ -263,6 +263,7 @@ async def test_one_of_two_scheduler_replicas_killed_the_other_answers_and_publis
     await put_objects(seaweedfs, bucket, {"a.bin": body, "b.bin": body})
     names = ("sched-a", "sched-b")
     owner = primary_owner(subjects.resource_key("default", "sched"), names)
+    assert owner is not None
     replicas = {name: ServiceProcess("scheduler", {**service_env(settings.nats.urls), "SHOAL_REPLICA_NAME": name},
                                      tmp_path / f"{name}.log") for name in names}
     facts = FactCollector()
