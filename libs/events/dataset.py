@@ -257,6 +257,8 @@ class ManifestEntry(msgspec.Struct, frozen=True, rename="camel", omit_defaults=T
     size: int
     etag: str
     mtime: float
+    # The same time exactly, in nanoseconds, where the listing has it (local files); None: ``mtime`` is all there is.
+    mtime_ns: int | None = None
     # Local files: permission bits and owner to serve (None for objects, served read-only to everyone).
     mode: int | None = None
     uid: int | None = None

@@ -24,6 +24,9 @@ class ObjectInfo(msgspec.Struct, frozen=True):
     size: int
     etag: str
     mtime: float
+    # The same time in nanoseconds where the store has them (local files' st_mtime_ns), else None: a float of
+    # seconds since 1970 is only exact to ~250 ns, so a local file's time would be served a little off.
+    mtime_ns: int | None = None
     # Local files only: the permission bits and owner a mount serves (see libs.ufs.local); None for objects.
     mode: int | None = None
     uid: int | None = None

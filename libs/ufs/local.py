@@ -76,8 +76,8 @@ def served_mode(st: os.stat_result, folders: list[Folder]) -> int:
 def _info(key: str, st: os.stat_result, folders: list[Folder] | None = None) -> ObjectInfo:
     """The object; with ``folders`` (a listing, which knows them) also the mode and owner a mount serves."""
     if folders is None:
-        return ObjectInfo(key=key, size=st.st_size, etag=_etag(st), mtime=st.st_mtime)
-    return ObjectInfo(key=key, size=st.st_size, etag=_etag(st), mtime=st.st_mtime,
+        return ObjectInfo(key=key, size=st.st_size, etag=_etag(st), mtime=st.st_mtime, mtime_ns=st.st_mtime_ns)
+    return ObjectInfo(key=key, size=st.st_size, etag=_etag(st), mtime=st.st_mtime, mtime_ns=st.st_mtime_ns,
                       mode=served_mode(st, folders), uid=st.st_uid, gid=st.st_gid)
 
 

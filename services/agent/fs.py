@@ -19,7 +19,6 @@ import bisect
 import errno
 import functools
 import inspect
-import math
 import os
 import stat
 import time
@@ -58,8 +57,6 @@ MAX_ID = 2**32 - 2
 NOBODY = 65534
 # st_size is signed 64-bit in the kernel.
 MAX_INT64 = 2**63 - 1
-# Seconds that still fit time_t (pyfuse3 splits nanoseconds into seconds and a remainder): 3 billion years.
-MAX_SECONDS = 1e17
 # The patched pyfuse3 passes the inode as the handle of a read or readdir the kernel sends without one (fh 0), so
 # the mount can answer open and opendir with ENOSYS; stock pyfuse3 cannot, and the mount opens files as before.
 NO_OPEN = bool(getattr(pyfuse3, "NO_OPEN_HANDLE_IS_INODE", False))
@@ -79,13 +76,6 @@ def _owner_id(value: int | None, fallback: int) -> int:
     if value is None:
         return fallback
     return value if 0 <= value <= MAX_ID else NOBODY
-
-
-def _time_ns(seconds: float) -> int:
-    if math.isnan(seconds):
-        return 0
-    # Infinities land on the bounds; NaN (no order) is the epoch.
-    return int(max(-MAX_SECONDS, min(MAX_SECONDS, seconds)) * 1e9)
 
 
 def _erofs() -> pyfuse3.FUSEError:
@@ -188,7 +178,7 @@ class DatasetFS(pyfuse3.Operations):
                     if self.no_open and current is None and node.entry is not None:
                         self._removed[node.inode] = node.entry
                     continue
-            if current is not None and (current.entry != node.entry or current.mtime != node.mtime):
+            if current is not None and (current.entry != node.entry or current.mtime_ns != node.mtime_ns):
                 changed.append(node.inode)
                 if current.entry != node.entry and self.no_open:
                     self._forget_read_state(node.inode)
@@ -242,8 +232,7 @@ class DatasetFS(pyfuse3.Operations):
         attrs.st_size = size
         attrs.st_uid = _owner_id(self.uid, _owner_id(entry.uid, 0) if entry is not None else 0)
         attrs.st_gid = _owner_id(self.gid, _owner_id(entry.gid, 0) if entry is not None else 0)
-        mtime_ns = _time_ns(node.mtime)
-        attrs.st_mtime_ns = attrs.st_ctime_ns = attrs.st_atime_ns = mtime_ns
+        attrs.st_mtime_ns = attrs.st_ctime_ns = attrs.st_atime_ns = node.mtime_ns
         attrs.st_blksize = self.block_size
         attrs.st_blocks = (size + 511) // 512
         attrs.entry_timeout = ENTRY_TIMEOUT

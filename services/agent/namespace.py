@@ -10,6 +10,7 @@ whose object changed gets a new inode (and the kernel drops its cached pages for
 
 from __future__ import annotations
 
+import math
 import stat
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -23,6 +24,24 @@ ROOT_INODE = 1
 FILE_MODE = stat.S_IFREG | 0o444
 DIR_MODE = stat.S_IFDIR | 0o555
 MAX_NAME = paths.MAX_NAME_BYTES
+# Times that still fit time_t (pyfuse3 splits nanoseconds into seconds and a remainder): 3 billion years.
+MAX_SECONDS = 1e17
+MAX_TIME_NS = int(MAX_SECONDS) * 1_000_000_000
+
+
+def time_ns(seconds: float, exact_ns: int | None = None) -> int:
+    """A time in nanoseconds: ``exact_ns`` where the listing gave it (a float of seconds is only exact to ~250 ns
+    today: a local file's time would be served off by that), else from ``seconds``. Infinities land on the
+    bounds; NaN (no order) is the epoch."""
+    if exact_ns is not None:
+        return max(-MAX_TIME_NS, min(MAX_TIME_NS, exact_ns))
+    if math.isnan(seconds):
+        return 0
+    return int(max(-MAX_SECONDS, min(MAX_SECONDS, seconds)) * 1e9)
+
+
+def entry_time_ns(entry: ManifestEntry) -> int:
+    return time_ns(entry.mtime, entry.mtime_ns)
 
 
 @dataclass
@@ -32,7 +51,7 @@ class Node:
     parent: int
     entry: ManifestEntry | None = None  # None for directories
     children: dict[str, int] = field(default_factory=dict)
-    mtime: float = 0.0
+    mtime_ns: int = 0
 
     @property
     def is_dir(self) -> bool:
@@ -100,7 +119,7 @@ class Namespace:
                 continue
             folders.note(entry.path)
             usable.append(entry)
-        root = Node(inode=ROOT_INODE, name="", parent=ROOT_INODE, mtime=mtime)
+        root = Node(inode=ROOT_INODE, name="", parent=ROOT_INODE, mtime_ns=time_ns(mtime))
         nodes = {ROOT_INODE: root}
         with allocator.tree():
             cls._add(nodes, usable, folders, skipped, allocator)
@@ -110,14 +129,15 @@ class Namespace:
     def _add(nodes: dict[int, Node], usable: list[ManifestEntry], folders: paths.Folders, skipped: paths.Skipped,
              allocator: InodeAllocator) -> None:
         root = nodes[ROOT_INODE]
-        base = root.mtime  # a new folder's time before what is below it raises it
+        base = root.mtime_ns  # a new folder's time before what is below it raises it
         for entry in usable:
             if folders.shadows(entry.path):
                 skipped.add(entry.path, paths.SHADOWED, entry.mount)
                 continue
             # The root is a folder too: its time is the latest below it (left at the base, `tar` and `ls -l` of
             # its parent showed the mount folder at the epoch).
-            root.mtime = max(root.mtime, entry.mtime)
+            mtime_ns = entry_time_ns(entry)
+            root.mtime_ns = max(root.mtime_ns, mtime_ns)
             parts = entry.path.strip("/").split("/")
             marker = paths.is_folder(entry.path)
             parent = root
@@ -127,10 +147,10 @@ class Namespace:
                 child_inode = parent.children.get(part)
                 if child_inode is None:
                     child_inode = allocator.inode_for(path + "/", "")
-                    nodes[child_inode] = Node(inode=child_inode, name=part, parent=parent.inode, mtime=base)
+                    nodes[child_inode] = Node(inode=child_inode, name=part, parent=parent.inode, mtime_ns=base)
                     parent.children[part] = child_inode
                 child = nodes[child_inode]  # a folder: files at folder paths were shadowed above
-                child.mtime = max(child.mtime, entry.mtime)
+                child.mtime_ns = max(child.mtime_ns, mtime_ns)
                 parent = child
             if marker:
                 continue
@@ -139,7 +159,7 @@ class Namespace:
                 skipped.add(entry.path, paths.DUPLICATE, entry.mount)
                 continue
             inode = allocator.inode_for(entry.path, entry.etag)
-            nodes[inode] = Node(inode=inode, name=name, parent=parent.inode, entry=entry, mtime=entry.mtime)
+            nodes[inode] = Node(inode=inode, name=name, parent=parent.inode, entry=entry, mtime_ns=mtime_ns)
             parent.children[name] = inode
 
     def lookup(self, parent: int, name: str) -> Node | None:

@@ -39,16 +39,26 @@ log = get_logger(__name__)
 
 StoreOpener = Callable[[Location], ObjectStore]
 
-def mount_folders(roots: list[tuple[int, str, float | None]]) -> list[ManifestEntry]:
+# An object's time: ``mtime`` and, where the store has it, the exact ``mtime_ns`` (``ObjectInfo``).
+ObjectTime = tuple[float, int | None]
+
+
+def _time_order(mtime: ObjectTime) -> tuple[float, int]:
+    # Seconds first (they order every store's times), then nanoseconds among times a float cannot tell apart.
+    return mtime[0], mtime[1] if mtime[1] is not None else 0
+
+
+def mount_folders(roots: list[tuple[int, str, ObjectTime | None]]) -> list[ManifestEntry]:
     """The folder marker of each mount's folder but the dataset's own ('/'), so that a mount shows as a folder
     even with nothing below it (a prefix holding only its own marker, which the listing leaves out, or nothing
     yet). ``roots``: (mount index, folder, time of its newest object or None). A marker's time is its newest
     object's, which a folder has anyway; an empty mount's folder has the dataset's (the latest of all), as the
     dataset's own folder does, rather than 1970."""
     times = [newest for _, _, newest in roots if newest is not None]
-    latest = max(times, default=0.0)
+    latest: ObjectTime = max(times, key=_time_order, default=(0.0, None))
     return [ManifestEntry(path=root + "/", mount=index, key="", size=0, etag="",
-                          mtime=latest if newest is None else newest)
+                          mtime=(latest if newest is None else newest)[0],
+                          mtime_ns=(latest if newest is None else newest)[1])
             for index, root, newest in roots if root.strip("/")]
 
 
@@ -109,7 +119,7 @@ async def sync_metadata(record: DatasetRecord, manifests: ManifestStore, default
     skipped = paths.Skipped()
     folders = paths.Folders()
     # Each mount's folder, and the time of its newest object (None: nothing below it), see ``mount_folders``.
-    roots: list[tuple[int, str, float | None]] = []
+    roots: list[tuple[int, str, ObjectTime | None]] = []
     # An empty mount of a spec already listed was a folder then: no HEAD per listing to ask again.
     check_objects = not spec_listed(record)
     with ManifestWriter() as usable, ManifestWriter() as manifest:
@@ -128,7 +138,7 @@ async def sync_metadata(record: DatasetRecord, manifests: ManifestStore, default
                     return SyncResult(generation=generation, requests=requests, incarnation=record.incarnation,
                                       error=cut_error(f"mount {mount.mount_point}: {refused}"))
             root = mount_path(mount, len(dataset.spec.mounts))
-            newest: float | None = None
+            newest: ObjectTime | None = None
             mount_listed = 0
             store = opener(location)
             try:
@@ -140,11 +150,12 @@ async def sync_metadata(record: DatasetRecord, manifests: ManifestStore, default
                         skipped.add(info.key, problem, index)
                         continue
                     entry = ManifestEntry(path=paths.dataset_path(root, info.key), mount=index, key=info.key,
-                                          size=info.size, etag=info.etag, mtime=info.mtime, mode=info.mode,
-                                          uid=info.uid, gid=info.gid)
+                                          size=info.size, etag=info.etag, mtime=info.mtime,
+                                          mtime_ns=info.mtime_ns, mode=info.mode, uid=info.uid, gid=info.gid)
                     folders.note(entry.path)
                     usable.add(entry)
-                    newest = info.mtime if newest is None else max(newest, info.mtime)
+                    mtime = (info.mtime, info.mtime_ns)
+                    newest = mtime if newest is None else max(newest, mtime, key=_time_order)
                 # Nothing below the prefix: a folder with nothing in it yet, or a mount naming one object, read as
                 # the folder of that name (Fluid users write s3://bucket/dir/model.bin), which bound 0 files.
                 # Asked at the first listing of a spec only (``spec_listed``).

@@ -283,6 +283,30 @@ async def test_ls_l_of_a_large_folder_asks_the_mount_for_extended_attributes_onc
         assert asked == 1, asked
 
 
+async def test_a_local_files_time_is_served_to_the_nanosecond(bus: Bus, settings: Settings, seaweedfs: SeaweedServer,
+                                                              bucket: str, tmp_path: Path) -> None:
+    # A float of seconds since 1970 is exact to ~250 ns only: every local file (and folder) showed a time up to that
+    # far off its source's, so `stat`, `cp -p` and a comparison of st_mtime_ns against the source disagreed.
+    source = tmp_path / "source"
+    (source / "d").mkdir(parents=True)
+    times = {"a.txt": 1_796_613_619_813_174_285, "d/b.txt": 1_796_613_619_815_811_913,
+             "d/c.txt": 1_500_000_000_123_456_789}
+    for name, ns in times.items():
+        (source / name).write_bytes(name.encode())
+        os.utime(source / name, ns=(ns, ns))
+    async with node_stack(bus, settings, seaweedfs, tmp_path) as node:
+        await node.apply("exact", bucket, mount_point=f"local://{source}")
+        root = await node.wait_mounted("exact", expect="d/c.txt")
+        served = {name: (await asyncio.to_thread(os.stat, root / name)).st_mtime_ns for name in times}
+        assert served == times
+        # A folder's time is the latest below it, exactly too.
+        assert (await asyncio.to_thread(os.stat, root / "d")).st_mtime_ns == times["d/b.txt"]
+        assert (await asyncio.to_thread(os.stat, root)).st_mtime_ns == times["d/b.txt"]
+        listed = await run_tool("stat", "-c", "%n %.9Y", *[str(root / name) for name in sorted(times)])
+        assert listed.stdout.splitlines() == [f"{root / name} {ns // 10**9}.{ns % 10**9:09d}"
+                                              for name, ns in sorted(times.items())]
+
+
 async def test_objects_stored_with_a_content_encoding_read_as_stored(bus: Bus, settings: Settings,
                                                                       seaweedfs: SeaweedServer, bucket: str,
                                                                       tmp_path: Path) -> None:

@@ -115,6 +115,20 @@ def test_a_new_tree_names_the_entries_gone_and_the_inodes_whose_attributes_chang
     assert fs.replace_namespace(second) == ([], [], [])
 
 
+def test_a_tree_keeps_the_listings_nanoseconds_and_its_folders_the_latest_of_them() -> None:
+    # 1796613619.813174285 as a float is 1796613619.8131742 (…272 ns): the exact time travels beside it.
+    exact = ManifestEntry(path="/d/local", mount=0, key="d/local", size=1, etag="l", mtime=1796613619.813174285,
+                          mtime_ns=1_796_613_619_813_174_285)
+    later = ManifestEntry(path="/d/later", mount=0, key="d/later", size=1, etag="m", mtime=1796613619.813174286,
+                          mtime_ns=1_796_613_619_813_174_290)
+    tree = Namespace.build([exact, later, entry("/s3")], InodeAllocator())
+    folder = tree.lookup(ROOT_INODE, "d")
+    assert folder is not None
+    assert tree.lookup(folder.inode, "local").mtime_ns == 1_796_613_619_813_174_285  # type: ignore[union-attr]
+    assert folder.mtime_ns == tree.nodes[ROOT_INODE].mtime_ns == 1_796_613_619_813_174_290
+    assert tree.lookup(ROOT_INODE, "s3").mtime_ns == 1_000_000_000  # type: ignore[union-attr]  # seconds only
+
+
 # --- read-ahead ---
 
 

@@ -95,7 +95,8 @@ async def test_head_and_ranged_reads(tmp_path: Path) -> None:
     write(tmp_path, "empty", b"")
     store = store_at(tmp_path)
     info = await store.head("set/blob.bin")
-    assert info == ObjectInfo("set/blob.bin", len(body), expected_etag(path), path.stat().st_mtime)
+    assert info == ObjectInfo("set/blob.bin", len(body), expected_etag(path), path.stat().st_mtime,
+                              mtime_ns=path.stat().st_mtime_ns)
     assert await store.get_range("set/blob.bin", 100, 50) == body[100:150]
     assert await store.get_range("set/blob.bin", 100, 50, etag=info.etag) == body[100:150]
     assert await store.get_range("set/blob.bin", 1000, 100) == body[1000:]  # tail past the end
