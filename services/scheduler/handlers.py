@@ -141,6 +141,9 @@ class Publisher(Protocol):
 
     ready: asyncio.Event
 
+    @property
+    def live(self) -> tuple[str, ...]: ...
+
     def owns(self, key: str) -> bool: ...
 
 
@@ -179,6 +182,11 @@ class SchedulerHandlers:
         # Nodes the kept answers list (``ANSWERS_KEPT_NODES``).
         self._answers_nodes = 0
         self._labels_seen: Any = ()
+        # Per node: the record its labels and mount states were last read from, and what they were. Heartbeats
+        # replace a node's record every beat; only a replaced record is read again (1,000 nodes read whole every
+        # second held the event loop ~10 ms each time: a decision asked then waited for it).
+        self._label_records: dict[str, AgentRecord] = {}
+        self._label_prints: dict[str, tuple[object, ...]] = {}
         # Datasets whose current manifest failed to load (``retry_catalogs``).
         self._unloaded: dict[DatasetKey, _Unloaded] = {}
         # When the start's snapshot request went out (``watch_datasets``; None: not yet, or handlers fed by hand),
@@ -187,6 +195,10 @@ class SchedulerHandlers:
         self._warm = False
         # Each dataset's unique cached bytes as this process last published them (``publish_cache``).
         self._published: dict[DatasetKey, int] = {}
+        # Whether this replica publishes a dataset's facts, per dataset, for the live replicas ``_owned_among``:
+        # asked once per dataset and membership, not for every dataset at every tick (a rendezvous hash each).
+        self._owned: dict[DatasetKey, bool] = {}
+        self._owned_among: tuple[str, ...] = ()
 
     def _count(self, what: str) -> None:
         self.counts[what] = self.counts.get(what, 0) + 1
@@ -330,15 +342,17 @@ class SchedulerHandlers:
         publisher = self.publisher
         if not self.datasets_ready.is_set() or self.warming() or (publisher and not publisher.ready.is_set()):
             return
-        for key in [key for key in self._published if key not in self.datasets
-                    or (publisher and not publisher.owns(subjects.resource_key(*key)))]:
-            del self._published[key]
+        if publisher is not None and publisher.live != self._owned_among:
+            self._owned_among = publisher.live
+            self._owned.clear()
+            for key in [key for key in self._published if not self._publishes(key)]:
+                del self._published[key]
         due: list[tuple[DatasetKey, int, DatasetCacheObserved]] = []
         for key, nodes in self.fold.datasets.items():
             info, unique = self.datasets.get(key), self.fold.unique.get(key, 0)
             if info is None or self._published.get(key) == unique:
                 continue
-            if publisher is not None and not publisher.owns(subjects.resource_key(*key)):
+            if publisher is not None and not self._publishes(key):
                 continue
             positions = [(node, cache.position.incarnation, cache.position.seq) for node, cache in nodes.items()]
             due.append((key, unique, domain.cache_fact(key, unique, len(self.fold.held.get(key, {})), positions,
@@ -356,6 +370,14 @@ class SchedulerHandlers:
                     self._count("cache_facts")
         if failed is not None:
             log.warning("cache facts not all published, again at the next tick", error=repr(failed))
+
+    def _publishes(self, key: DatasetKey) -> bool:
+        """Whether this replica publishes ``key``'s cache facts among the live replicas ``_owned_among``."""
+        owned = self._owned.get(key)
+        if owned is None:
+            assert self.publisher is not None
+            owned = self._owned[key] = self.publisher.owns(subjects.resource_key(*key))
+        return owned
 
     # --- datasets and their manifests ---
 
@@ -458,6 +480,7 @@ class SchedulerHandlers:
     def forget_dataset(self, key: DatasetKey) -> None:
         self.references.pop(key, None)
         self._published.pop(key, None)  # one applied again starts from nothing
+        self._owned.pop(key, None)
         self._unloaded.pop(key, None)
         self.datasets.pop(key, None)
         self.info_version += 1
@@ -487,9 +510,21 @@ class SchedulerHandlers:
         """Notice changed labels, nodes coming or going, and mounts changing state (heartbeats rewrite every record
         every beat, so only what decisions read is compared: the reasons of filtered nodes read the mounts' states
         and which nodes have a record at all)."""
-        seen = (tuple(sorted((node, tuple(sorted(self._labels(node).items())), _mount_states(node, self.agents))
-                             for node in self._alive())), frozenset(self.agents.values))
-        if seen != self._labels_seen:
+        changed = False
+        records = self.agents.values
+        for node, record in records.items():
+            if self._label_records.get(node) is record:
+                continue
+            self._label_records[node] = record
+            printed = (tuple(sorted(record.heartbeat.labels.items())), _mount_states(node, self.agents))
+            if self._label_prints.get(node) != printed:
+                self._label_prints[node] = printed
+                changed = True
+        for node in [node for node in self._label_records if node not in records]:
+            del self._label_records[node]
+            del self._label_prints[node]
+        seen = (frozenset(self._alive()), frozenset(records))
+        if changed or seen != self._labels_seen:
             self._labels_seen = seen
             self.labels_version += 1
 
