@@ -107,17 +107,10 @@ async def test_the_autoscalers_change_keeps_a_spec_applied_after_it_looked(bus: 
 async def test_the_autoscaler_grows_no_further_than_the_agents_that_can_be_workers(bus: Bus) -> None:
     # One agent, a worker already, its cache full while read: another replica would find no agent, leaving the
     # runtime PartialReady ("1 of 2 agents ready") and replicas climbing to maxReplicas for nothing.
-    handlers = await handlers_of(bus)
     now = [1_700_000_000.0]
-    handlers.clock = lambda: now[0]
     key = subjects.resource_key("default", NAME)
     policy = AutoscalingPolicy(min_replicas=1, max_replicas=3, target_cache_used_percent=50, cool_down_seconds=1)
-    await handlers.apply(RuntimeApply(runtime=mem_runtime("8Mi", autoscaling=policy)),
-                         delivered(subjects.RUNTIME_APPLY, 1))
-    beat = AgentHeartbeat(node="n1", runtimes=[ObjectRef(name=NAME)], interval_seconds=3600.0)
-    handlers.agents.values["n1"] = AgentRecord(heartbeat=beat, received_at=now[0])
-    handlers.datasets.values[key] = unsynced_dataset(NAME)  # a runtime picks cache workers for its Dataset only
-    await handlers.refresh(key, handlers._agents())
+    handlers = await autoscaled_handlers(bus, policy, now)
     assert [worker.node for worker in (await stored(bus)).status.workers] == ["n1"]
 
     # No callback: what arrives stays pending in the subscription, counted, until read.
@@ -148,17 +141,10 @@ async def test_why_the_autoscaler_holds_is_in_the_status_written_once_per_reason
         bus: Bus, monkeypatch: pytest.MonkeyPatch) -> None:
     # Its reasons ("already at maxReplicas", "cooling down", ...) were worked out at every look and dropped: neither
     # the status, the log nor shoal describe runtime said why the runtime did not grow.
-    handlers = await handlers_of(bus)
     now = [1_700_000_000.0]
-    handlers.clock = lambda: now[0]
     key = subjects.resource_key("default", NAME)
     policy = AutoscalingPolicy(min_replicas=1, max_replicas=1, target_cache_used_percent=50, cool_down_seconds=30)
-    await handlers.apply(RuntimeApply(runtime=mem_runtime("8Mi", autoscaling=policy)),
-                         delivered(subjects.RUNTIME_APPLY, 1))
-    beat = AgentHeartbeat(node="n1", runtimes=[ObjectRef(name=NAME)], interval_seconds=3600.0)
-    handlers.agents.values["n1"] = AgentRecord(heartbeat=beat, received_at=now[0])
-    handlers.datasets.values[key] = unsynced_dataset(NAME)
-    await handlers.refresh(key, handlers._agents())
+    handlers = await autoscaled_handlers(bus, policy, now)
     kv = await bus.kv(subjects.KV_RUNTIMES)
 
     def full_cache(read: int) -> DatasetRecord:

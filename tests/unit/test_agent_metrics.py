@@ -192,14 +192,20 @@ async def test_store_errors_count_by_bounded_reason(tmp_path: Path) -> None:
     await store.close()
 
 
+def one_file_fs() -> DatasetFS:
+    """A mount's file system over one 3-byte file and an empty memory tier (no store: its handlers are timed, not
+    read through)."""
+    cache = BlockCache([MemoryTier(BLOCK)])
+    entry = ManifestEntry(path="/a.bin", mount=0, key="a.bin", size=3, etag='"e"', mtime=0.0)
+    return DatasetFS(Namespace.build([entry], InodeAllocator()),
+                     BlockReader(cache, [], BLOCK, MemoryBudget(BLOCK), write_block=cache.put_async),
+                     uid=None, gid=None, block_size=BLOCK)
+
+
 async def test_every_fuse_handler_is_timed_by_one_wrapper_and_errors_are_timed_too() -> None:
     name = node()
     metrics = MountMetrics(name, DATASET, data_path=True)
-    cache = BlockCache([MemoryTier(BLOCK)])
-    entry = ManifestEntry(path="/a.bin", mount=0, key="a.bin", size=3, etag='"e"', mtime=0.0)
-    fs = DatasetFS(Namespace.build([entry], InodeAllocator()), BlockReader(cache, [], BLOCK, MemoryBudget(BLOCK),
-                                                                           write_block=cache.put_async),
-                   uid=None, gid=None, block_size=BLOCK)
+    fs = one_file_fs()
     observer = metrics.fuse_observer()
     assert observer is not None
     wrapped = time_operations(fs, observer)
@@ -226,11 +232,7 @@ async def test_a_fuse_operation_has_series_only_once_it_was_served() -> None:
     start, write operations it only refuses included: over 400 idle series per mount process."""
     name = node()
     metrics = MountMetrics(name, DATASET, data_path=True)
-    cache = BlockCache([MemoryTier(BLOCK)])
-    entry = ManifestEntry(path="/a.bin", mount=0, key="a.bin", size=3, etag='"e"', mtime=0.0)
-    fs = DatasetFS(Namespace.build([entry], InodeAllocator()), BlockReader(cache, [], BLOCK, MemoryBudget(BLOCK),
-                                                                           write_block=cache.put_async),
-                   uid=None, gid=None, block_size=BLOCK)
+    fs = one_file_fs()
     observer = metrics.fuse_observer()
     assert observer is not None
     assert "write" in time_operations(fs, observer)
