@@ -380,6 +380,34 @@ def test_every_process_accepts_its_settings(rendered: list[dict[str, Any]]) -> N
         assert settings.nats.replicas == 3 and settings.service.http_port == 9090, name
 
 
+def test_the_secure_component_keeps_the_route_port_to_the_nats_servers(
+        rendered: list[dict[str, Any]], tmp_path: Path) -> None:
+    """A process that reached a server's route port joined as a server with no user asked (the secure component
+    gives clients TLS and users, routes neither): only the NATS pods may reach 6222; clients and monitoring keep
+    their ports."""
+    base = os.path.relpath(DEPLOY, tmp_path)
+    (tmp_path / "kustomization.yaml").write_text(f"resources: [{base}]\ncomponents: [{base}/nats-secure]\n")
+    objects = render(tmp_path)
+    (policy,) = [obj for obj in objects if obj["kind"] == "NetworkPolicy"]
+    nats = find(rendered, "StatefulSet", "shoal-nats")
+    server_labels = nats["spec"]["template"]["metadata"]["labels"]
+    assert policy["metadata"]["namespace"] == nats["metadata"]["namespace"]
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= server_labels.items()
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    ports = {container_port["containerPort"]: container_port.get("name")
+             for container in nats["spec"]["template"]["spec"]["containers"]
+             for container_port in container.get("ports", [])}
+    assert {4222, 6222, 8222} <= set(ports)
+    for rule in policy["spec"]["ingress"]:
+        opened = {port["port"] for port in rule["ports"]}
+        if 6222 in opened:  # the route port: from the NATS servers only, and nothing else in that rule
+            assert opened == {6222}
+            (peer,) = rule["from"]
+            assert peer["podSelector"]["matchLabels"].items() <= server_labels.items()
+        else:
+            assert "from" not in rule and opened == {4222, 8222}
+
+
 def test_the_cert_manager_component_makes_the_certificate_the_scheduler_and_webhook_use(
         rendered: list[dict[str, Any]], tmp_path: Path) -> None:
     # As a user's own kustomization next to Shoal's would use it (kustomize takes relative paths only).
