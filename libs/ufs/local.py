@@ -94,6 +94,7 @@ def _unusable(err: OSError) -> str:
 LINK_OUT = "leads out of the mounted folder (a symbolic link, not followed)"
 LINK_TO_FOLDER = "is a symbolic link to a folder (not followed: it could loop)"
 LINK_DANGLING = "is a symbolic link to nothing"
+NOT_A_FILE = "is not a regular file (a FIFO, socket or device: only files' bytes are served)"
 
 
 def _left_out(key: str, reason: str) -> ObjectInfo:
@@ -232,6 +233,8 @@ class _Walk:
                 found.append(_info(key, st, self._folders))
             elif stat.S_ISDIR(st.st_mode):  # only through a link: the folders themselves were entered above
                 found.append(_left_out(key, LINK_TO_FOLDER))
+            else:  # reported like the links left out, not missing in silence
+                found.append(_left_out(key, NOT_A_FILE))
         return found
 
 

@@ -198,6 +198,7 @@ async def test_links_out_of_the_root_are_not_followed(tmp_path: Path) -> None:
     (root / "in-file").symlink_to(root / "real" / "data.txt")
     (root / "loop").symlink_to(root, target_is_directory=True)  # would never end if followed
     (root / "dangling").symlink_to(tmp_path / "nowhere")
+    os.mkfifo(root / "fifo")  # never opened: a listing must not block on it
     store = store_at(root)
 
     listed = {info.key: info for info in await collect(store) if not info.unusable}
@@ -207,7 +208,7 @@ async def test_links_out_of_the_root_are_not_followed(tmp_path: Path) -> None:
     # reports them instead of the files going missing in silence.
     assert {info.key: info.unusable for info in await collect(store) if info.unusable} == {
         "out-file": local_module.LINK_OUT, "out-dir": local_module.LINK_OUT, "loop": local_module.LINK_TO_FOLDER,
-        "dangling": local_module.LINK_DANGLING}
+        "dangling": local_module.LINK_DANGLING, "fifo": local_module.NOT_A_FILE}
 
     assert await store.get_range("in-file", 0, 100) == b"inside"
     for key in ("out-file", "out-dir/secret.txt", "dangling"):
