@@ -120,9 +120,13 @@ class Denials:
     """The permission violations the server reports on one connection, matched to the calls waiting on them.
 
     nats-py lower-cases the server's error text, so a refusal is matched to its call without regard to case.
+
+    ``log_unmatched``: a refusal no call waits for is logged (a service's JSON line). The CLI turns it off: it ends
+    every refused command with its own one-line error, which a log line before it would only repeat.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, log_unmatched: bool = True) -> None:
+        self.log_unmatched = log_unmatched
         self._waiting: dict[str, list[tuple[str, asyncio.Future[str]]]] = {}
         # Every refusal seen (action, subject), newest last, bounded: what tests and a debugging operator look at.
         self.seen: list[tuple[str, str]] = []
@@ -155,7 +159,8 @@ class Denials:
         subject = waiting[0][0] if waiting else found.group(2)
         del self.seen[:-DENIALS_KEPT]
         self.seen.append((action, subject))
-        if not waiting:  # a waiting call raises PermissionDenied instead, and its caller says what it was doing
+        # A waiting call raises PermissionDenied instead, and its caller says what it was doing.
+        if not waiting and self.log_unmatched:
             log.error("permission denied", action=action, subject=subject)
         for _, future in waiting:
             if not future.done():
@@ -534,8 +539,9 @@ def login_user(settings: NatsSettings) -> str:
     return ""
 
 
-async def connect(settings: NatsSettings, name: str) -> Bus:
-    denials = Denials()
+async def connect(settings: NatsSettings, name: str, *, log_denials: bool = True) -> Bus:
+    """A connected Bus; ``log_denials`` False leaves a refusal no call waits for to the caller (``Denials``)."""
+    denials = Denials(log_unmatched=log_denials)
     options: dict[str, Any] = {
         "servers": settings.urls,
         "name": name,

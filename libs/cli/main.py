@@ -258,7 +258,8 @@ async def session(options: Options) -> AsyncIterator[Bus]:
     nats_log.propagate = False
     nats_log.addHandler(handler)
     try:
-        connecting = asyncio.create_task(connect(settings, CLIENT_NAME))
+        # Refusals unlogged: the command ends in one `error:` line saying it (the TimeoutError case below).
+        connecting = asyncio.create_task(connect(settings, CLIENT_NAME, log_denials=False))
         failed = asyncio.create_task(handler.all_failed.wait())
         await asyncio.wait({connecting, failed}, timeout=options.timeout, return_when=asyncio.FIRST_COMPLETED)
         failed.cancel()

@@ -294,6 +294,20 @@ async def test_the_cli_says_a_refused_login_or_subject_as_such(secure_server: Se
         assert wrong not in result.stderr and observer not in result.stderr
 
 
+async def test_a_refusal_no_call_waits_for_is_said_once_in_the_clis_words(secure_server: SecureServer,
+                                                                         cli_bus: Bus) -> None:
+    """``shoal events --all``: nats-py's JetStream subscribe sends its API requests unwatched, so the refusal came
+    back as the Bus's JSON log line first (``{"event": "permission denied", ...}``), then as the CLI's error."""
+    for user in (natsauth.OBSERVER, AGENT_USER):  # refused the stream lookup; refused the consumer
+        password = secure_server.secure.passwords[user]
+        replay = await asyncio.to_thread(shoal_process, secure_server, user, password, "events", "--all",
+                                         "--limit", "1")
+        assert (replay.returncode, replay.stdout) == (2, ""), replay.stderr
+        assert replay.stderr.startswith("error: permission denied: NATS refused this user to publish to ")
+        assert replay.stderr.count("\n") == 1 and "{" not in replay.stderr, replay.stderr
+        assert replay.stderr.endswith(f" (NATS_USER={user})\n")
+
+
 async def test_the_cli_reads_and_applies_as_the_user_its_url_names(secure_server: SecureServer, cli_bus: Bus) -> None:
     """``--nats nats://cli:<password>@host:port`` and no NATS_USER: the CLI logs in as that user, and its replies come
     to that user's inbox. Before, they came to nats-py's default inbox, which no user may read: every command ended
