@@ -539,8 +539,15 @@ def login_user(settings: NatsSettings) -> str:
     return ""
 
 
-async def connect(settings: NatsSettings, name: str, *, log_denials: bool = True) -> Bus:
-    """A connected Bus; ``log_denials`` False leaves a refusal no call waits for to the caller (``Denials``)."""
+# Seconds nats-py gives one server to answer a connection (TCP, TLS, INFO, PONG) before it tries the next: its own
+# default, generous for a server that is busy or far away; a process that must move on sooner says so.
+CONNECT_TIMEOUT = 5.0
+
+
+async def connect(settings: NatsSettings, name: str, *, log_denials: bool = True,
+                  connect_timeout: float = CONNECT_TIMEOUT) -> Bus:
+    """A connected Bus; ``log_denials`` False leaves a refusal no call waits for to the caller (``Denials``);
+    ``connect_timeout``: seconds per server (``CONNECT_TIMEOUT``)."""
     denials = Denials(log_unmatched=log_denials)
     options: dict[str, Any] = {
         "servers": settings.urls,
@@ -548,7 +555,7 @@ async def connect(settings: NatsSettings, name: str, *, log_denials: bool = True
         # Reconnect forever: a service outlives a NATS restart or a cluster leader change.
         "max_reconnect_attempts": -1,
         "reconnect_time_wait": 0.5,
-        "connect_timeout": 5,
+        "connect_timeout": connect_timeout,
         "error_cb": denials.on_error,
     }
     if settings.user:

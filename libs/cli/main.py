@@ -38,6 +38,7 @@ from nats.js.kv import KeyValue
 
 from libs import subjects
 from libs.bus import (
+    CONNECT_TIMEOUT,
     Bus,
     Permanent,
     PermissionDenied,
@@ -109,6 +110,11 @@ CLIENT_NAME = "shoal-cli"
 # A service answers a command in milliseconds; 10 s leaves room for a service that is just starting.
 DEFAULT_TIMEOUT = 10.0
 DEFAULT_SCHEMAS_DIR = Path("docs/schemas")
+# Seconds per server when --nats or NATS_URL names several: a live server answers within milliseconds (a busy one or
+# a TLS handshake over a long link well within a second), so this moves on from a frozen one (SIGSTOPped: it accepts
+# TCP and says nothing) quickly, where the Bus's 5 s made every command take 6.5 s. One server keeps the Bus's
+# generous timeout: there is no other to try.
+MULTI_SERVER_CONNECT_TIMEOUT = 1.5
 
 RESOURCE_ALIASES: dict[str, Kind] = {
     "dataset": "dataset", "datasets": "dataset", "ds": "dataset",
@@ -259,7 +265,9 @@ async def session(options: Options) -> AsyncIterator[Bus]:
     nats_log.addHandler(handler)
     try:
         # Refusals unlogged: the command ends in one `error:` line saying it (the TimeoutError case below).
-        connecting = asyncio.create_task(connect(settings, CLIENT_NAME, log_denials=False))
+        per_server = MULTI_SERVER_CONNECT_TIMEOUT if len(settings.urls) > 1 else CONNECT_TIMEOUT
+        connecting = asyncio.create_task(connect(settings, CLIENT_NAME, log_denials=False,
+                                                 connect_timeout=per_server))
         failed = asyncio.create_task(handler.all_failed.wait())
         await asyncio.wait({connecting, failed}, timeout=options.timeout, return_when=asyncio.FIRST_COMPLETED)
         failed.cancel()

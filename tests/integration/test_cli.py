@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import textwrap
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -1153,6 +1154,38 @@ async def test_a_nats_url_that_names_no_server_exits_2_naming_it(url: str, why: 
     assert result.exit_code == 2 and result.stdout == "", result.output  # it was a ValueError's traceback
     assert result.stderr.startswith(f"error: --nats: {why}") and result.stderr.count("\n") == 1, result.stderr
     assert "s3cret" not in result.stderr and isinstance(result.exception, SystemExit)
+
+
+async def test_a_frozen_first_server_is_passed_over_quickly_when_several_are_given(nats_server: NatsServer,
+                                                                                   bus: Bus) -> None:
+    """A server that accepts TCP and never answers (SIGSTOPped) as one of several: every command waited out nats-py's
+    5 s connect timeout on it before trying the next, when nats-py happened to try it first (it shuffles them)."""
+    tried: list[asyncio.StreamWriter] = []
+
+    async def frozen(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        tried.append(writer)
+        await reader.read()  # until the client gives up on it
+
+    listener = await asyncio.start_server(frozen, "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    urls = f"nats://127.0.0.1:{port},{nats_server.url}"
+    try:
+        # nats-py tries the servers in a random order: until it has tried the frozen one first, which 20 runs
+        # miss only once in a million.
+        for _ in range(20):
+            started = time.monotonic()
+            result = await asyncio.to_thread(CliRunner().invoke, cli, ["--nats", urls, "get", "ds"])
+            elapsed = time.monotonic() - started
+            assert result.exit_code == 0, result.output
+            if tried:
+                break
+        assert tried, "nats-py never tried the frozen server"
+        assert elapsed < 3.5, f"{elapsed:.1f}s with a frozen server first"
+    finally:
+        for writer in tried:
+            writer.close()
+        listener.close()
+        await listener.wait_closed()
 
 
 # --- events ---
