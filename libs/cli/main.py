@@ -116,13 +116,16 @@ DEFAULT_SCHEMAS_DIR = Path("docs/schemas")
 # generous timeout: there is no other to try.
 MULTI_SERVER_CONNECT_TIMEOUT = 1.5
 
-RESOURCE_ALIASES: dict[str, Kind] = {
-    "dataset": "dataset", "datasets": "dataset", "ds": "dataset",
-    "runtime": "runtime", "runtimes": "runtime",
-    # "load" is Fluid's short name of DataLoad.
-    "dataload": "dataload", "dataloads": "dataload", "load": "dataload",
-    "dataclean": "dataclean", "datacleans": "dataclean",
+# Each kind's names on the command line, as kubectl takes them: singular, plural and short names. The short names
+# are Fluid's CRD shortNames where it has one (libs.crds.FLUID_SHORT_NAMES: `dataset`, `load`, which its users
+# type), `clean` after `load` (Fluid has no DataClean), and a two-letter one for each kind, as kubectl's own (`ds`).
+KIND_NAMES: dict[Kind, tuple[str, ...]] = {
+    "dataset": ("dataset", "datasets", "ds"),
+    "runtime": ("runtime", "runtimes", "rt"),
+    "dataload": ("dataload", "dataloads", "dl", "load"),
+    "dataclean": ("dataclean", "datacleans", "dc", "clean"),
 }
+RESOURCE_ALIASES: dict[str, Kind] = {name: kind for kind, names in KIND_NAMES.items() for name in names}
 KV_BUCKET: dict[Kind, str] = {"dataset": subjects.KV_DATASETS, "runtime": subjects.KV_RUNTIMES,
                               "dataload": subjects.KV_OPERATIONS, "dataclean": subjects.KV_OPERATIONS}
 FACTS: dict[Kind, str] = {"dataset": subjects.DATASET_FACTS, "runtime": subjects.RUNTIME_FACTS,
@@ -612,7 +615,7 @@ def delete(options: Options, resource: str | None, name: str | None, namespace: 
 
 
 @cli.command()
-@click.argument("resource", type=click.Choice(["dataset", "ds"], case_sensitive=False))
+@click.argument("resource", type=click.Choice(KIND_NAMES["dataset"], case_sensitive=False))
 @click.argument("name", callback=_checked_name)
 @namespace_option()
 @click.pass_obj
@@ -625,7 +628,7 @@ def resync(options: Options, resource: str, name: str, namespace: str) -> None:
 
 
 @cli.command()
-@click.argument("resource", type=click.Choice(["runtime", "runtimes"], case_sensitive=False))
+@click.argument("resource", type=click.Choice(KIND_NAMES["runtime"], case_sensitive=False))
 @click.argument("name", callback=_checked_name)
 @click.option("--replicas", type=int, required=True, help="How many cache workers the runtime should have.")
 @namespace_option()
@@ -702,7 +705,7 @@ def _targets(paths: Sequence[str], replicas: int) -> list[TargetPath]:
     return [TargetPath(path=path, replicas=replicas) for path in paths]
 
 
-_DATASET_CHOICE = click.Choice(["dataset", "ds"], case_sensitive=False)
+_DATASET_CHOICE = click.Choice(KIND_NAMES["dataset"], case_sensitive=False)
 _WAIT_HELP = "Follow it until it is Complete or Failed, with a progress bar; exit 1 if it Failed."
 
 
@@ -760,7 +763,7 @@ def clean(options: Options, resource: str, dataset: str, paths: tuple[str, ...],
 
 
 @cli.command(name="run")
-@click.argument("resource", type=click.Choice(["dataload", "load"], case_sensitive=False))
+@click.argument("resource", type=click.Choice(KIND_NAMES["dataload"], case_sensitive=False))
 @click.argument("name", callback=_checked_name)
 @namespace_option()
 @click.pass_obj

@@ -181,6 +181,21 @@ async def test_get_runtimes_table(nats_server: NatsServer, bus: Bus) -> None:
                                                    "ready"]
 
 
+async def test_get_and_describe_take_each_kinds_short_names(nats_server: NatsServer, bus: Bus) -> None:
+    """`shoal get rt` was a usage error: only `runtime` and `runtimes` named the kind."""
+    await put_records(bus)
+
+    for names in (("runtimes", "rt"), ("datasets", "ds", "dataset"), ("dataloads", "dl", "load"),
+                  ("datacleans", "dc", "clean")):
+        full = await shoal(nats_server, "get", names[0])
+        for short in names[1:]:
+            result = await shoal(nats_server, "get", short)
+            assert (result.exit_code, result.stdout, result.stderr) == (full.exit_code, full.stdout, full.stderr), short
+    described = await shoal(nats_server, "describe", "rt", "imagenet")
+    assert described.exit_code == 0 and described.stdout == (await shoal(nats_server, "describe", "runtime",
+                                                                        "imagenet")).stdout
+
+
 async def test_a_runtime_on_thousands_of_nodes_names_a_few_in_tables_and_describe(nats_server: NatsServer,
                                                                                   bus: Bus) -> None:
     # The record keeps every ready node (the loader plans on them); a human output names three and counts the rest.
