@@ -38,6 +38,7 @@ import logging
 import re
 import ssl
 import time
+from collections import OrderedDict
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Generic, TypeVar
@@ -119,7 +120,9 @@ _VIOLATION = re.compile(r"permissions violation for (publish|subscription) to \"
 class Denials:
     """The permission violations the server reports on one connection, matched to the calls waiting on them.
 
-    nats-py lower-cases the server's error text, so a refusal is matched to its call without regard to case.
+    nats-py lower-cases the server's error text, so a refusal is matched to its call without regard to case, and
+    said with the subject as this client spelled it (``said``): ``$JS.API.CONSUMER.CREATE.shoal_facts``, not
+    ``$js.api.consumer.create.shoal_facts``.
 
     ``log_unmatched``: a refusal no call waits for is logged (a service's JSON line). The CLI turns it off: it ends
     every refused command with its own one-line error, which a log line before it would only repeat.
@@ -130,6 +133,17 @@ class Denials:
         self._waiting: dict[str, list[tuple[str, asyncio.Future[str]]]] = {}
         # Every refusal seen (action, subject), newest last, bounded: what tests and a debugging operator look at.
         self.seen: list[tuple[str, str]] = []
+        # The subjects this client published or subscribed to lately, by their lower-cased form: a refusal comes back
+        # within a round trip, so the last few hundred are the ones it can name.
+        self._spellings: OrderedDict[str, str] = OrderedDict()
+
+    def said(self, subject: str) -> None:
+        """This client published or subscribed to ``subject`` (the client calls it for every one)."""
+        key = subject.lower()
+        self._spellings[key] = subject
+        self._spellings.move_to_end(key)
+        if len(self._spellings) > SPELLINGS_KEPT:
+            self._spellings.popitem(last=False)
 
     def watch(self, subject: str) -> asyncio.Future[str]:
         """A future that completes (with the action) when the server refuses ``subject``."""
@@ -156,7 +170,7 @@ class Denials:
             return
         action = "publish" if found.group(1).lower() == "publish" else "subscribe"
         waiting = self._waiting.pop(found.group(2).lower(), [])
-        subject = waiting[0][0] if waiting else found.group(2)
+        subject = waiting[0][0] if waiting else self._spellings.get(found.group(2).lower(), found.group(2))
         del self.seen[:-DENIALS_KEPT]
         self.seen.append((action, subject))
         # A waiting call raises PermissionDenied instead, and its caller says what it was doing.
@@ -169,6 +183,8 @@ class Denials:
 
 # A service that keeps trying a refused subject must not grow this list; the last few say enough.
 DENIALS_KEPT = 100
+# Spellings ``Denials`` keeps: far more subjects than a client sends in the round trip a refusal takes to come back.
+SPELLINGS_KEPT = 256
 
 
 # --- Connection and provisioning ---
@@ -501,7 +517,24 @@ class TlsNotOffered(nats.errors.Error):
     all."""
 
 
-class _TlsOnlyClient(NatsClient):
+class _Client(NatsClient):
+    """nats-py's client, telling ``denials`` each subject it publishes or subscribes to, as spelled: the server's
+    refusal names it too, but nats-py lower-cases it. nats-py's requests (every JetStream API call) publish too."""
+
+    denials: Denials | None = None
+
+    async def publish(self, subject: str, *args: Any, **kwargs: Any) -> None:
+        if self.denials is not None:
+            self.denials.said(subject)
+        await super().publish(subject, *args, **kwargs)
+
+    async def _send_subscribe(self, sub: Subscription) -> None:
+        if self.denials is not None:
+            self.denials.said(sub.subject)
+        await super()._send_subscribe(sub)
+
+
+class _TlsOnlyClient(_Client):
     """nats-py upgrades a connection to TLS only when the server's INFO asks for it; otherwise it sends CONNECT, with
     the user's password or token, in clear, whatever ``tls`` it was given. So a server that lost its TLS, or whatever
     took its port while it was down (a service reconnects twice a second), would be handed every service's password.
@@ -573,7 +606,8 @@ async def connect(settings: NatsSettings, name: str, *, log_denials: bool = True
             context.load_cert_chain(settings.tls_cert, settings.tls_key or None)
         options["tls"] = context
         logging.getLogger("asyncio").addFilter(_QUIET_TLS_CLOSE)  # once: filters are a set
-    nc = _TlsOnlyClient() if "tls" in options else NatsClient()
+    nc = _TlsOnlyClient() if "tls" in options else _Client()
+    nc.denials = denials
     await nc.connect(**options)
     return Bus(nc, replicas=settings.replicas, denials=denials,
                authenticated=bool(settings.user or settings.token.reveal() or any("@" in url for url in settings.urls)))
