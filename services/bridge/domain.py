@@ -77,9 +77,25 @@ def key_of(resource: kube.Resource, obj: dict[str, Any]) -> ObjectKey:
     return ObjectKey(resource, str(meta.get("namespace") or "default"), str(meta.get("name") or ""))
 
 
+# An object uid as the API server makes them (a UUID); anything else stands in command ids, message ids and KV keys
+# as its digest (``uid_of``).
+_UID_TOKEN = re.compile(r"[A-Za-z0-9-]{1,128}")
+
+
+def generation_of(obj: dict[str, Any]) -> int:
+    """The object's ``metadata.generation`` (0 when it has none, or something else than a number)."""
+    generation = _metadata(obj).get("generation", 0)
+    return generation if isinstance(generation, int) and not isinstance(generation, bool) else 0
+
+
 def uid_of(obj: dict[str, Any]) -> str:
-    """The object's uid: a name deleted and made again is another object, with another uid."""
-    return str(_metadata(obj).get("uid") or "")
+    """The object's uid: a name deleted and made again is another object, with another uid. One that is not a plain
+    token (never from an API server, but a client may send anything: dots, a line break, a lone surrogate that no
+    encoder takes) is its digest, so it cannot split an id, a header or a KV key, or crash an encoder."""
+    uid = str(_metadata(obj).get("uid") or "")
+    if not uid or _UID_TOKEN.fullmatch(uid):
+        return uid
+    return "x" + hashlib.sha256(uid.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
 def is_fluid(resource: kube.Resource) -> bool:
@@ -255,8 +271,7 @@ def waits_for_mounted_secret(status: Any) -> bool:
 
 def resync_id(obj: dict[str, Any], tries: int) -> str:
     """The id of the bridge's ``tries``-th resync of this version of a Dataset: the same after a restart."""
-    meta = _metadata(obj)
-    return f"k8s.resync.{meta.get('uid', '')}.{meta.get('generation', 0)}.{tries}"
+    return f"k8s.resync.{uid_of(obj)}.{generation_of(obj)}.{tries}"
 
 
 # --- Translation ---
@@ -318,15 +333,14 @@ def apply_id(resource: kube.Resource, obj: dict[str, Any], command: Command) -> 
     """``k8s.<kind>.<uid>.<generation>.<digest of the command>``: the same object at the same generation always
     gives the same id (JetStream drops the repeat within its duplicate window, and the services keep the generation
     of a same-spec apply after it), while a label change, which keeps the generation, still gives a new one."""
-    meta = _metadata(obj)
     # Sorted keys: the same labels or options in another order are the same command.
     body = msgspec.json.encode(msgspec.structs.replace(command.event, id=""), order="sorted")
     digest = hashlib.sha256(body).hexdigest()[:12]
-    return f"k8s.{resource.kind.lower()}.{meta.get('uid', '')}.{meta.get('generation', 0)}.{digest}"
+    return f"k8s.{resource.kind.lower()}.{uid_of(obj)}.{generation_of(obj)}.{digest}"
 
 
 def delete_id(resource: kube.Resource, obj: dict[str, Any]) -> str:
-    return f"k8s.{resource.kind.lower()}.{(obj.get('metadata') or {}).get('uid', '')}.delete"
+    return f"k8s.{resource.kind.lower()}.{uid_of(obj)}.delete"
 
 
 # --- What was published (the bridge's KV bucket, ``subjects.KV_BRIDGE_APPLIED``) ---

@@ -45,6 +45,26 @@ def test_the_same_object_gives_the_same_id_and_a_change_a_new_one() -> None:
     assert domain.translate(SHOAL_DATASET, annotated).command.event.id == first.command.event.id  # type: ignore
 
 
+def test_a_uid_or_generation_no_api_server_makes_cannot_split_an_id_or_crash_its_encoding() -> None:
+    """The fuzzer's find: a uid holding a lone surrogate (valid in a JSON escape, refused by every UTF-8 encoder)
+    crashed the translation as its command was encoded. A uid with dots or a line break would have split the
+    command id (``k8s.<kind>.<uid>...``, parsed by ``command_uid``) or the message id header. Such a uid stands
+    in as its digest; a generation that is not a number as 0."""
+    for uid in ("\ud800default", "a.b.c", "line\nbreak", "x" * 200):
+        obj = cr(SHOAL_DATASET, S3, uid=uid, generation="2.5")
+        translated = domain.translate(SHOAL_DATASET, obj)
+        assert translated.command is not None, (uid, translated.errors)
+        command_id = translated.command.event.id
+        msgspec.json.encode(translated.command.event)  # encodes
+        assert domain.command_uid(command_id) == domain.uid_of(obj) != uid
+        assert command_id.startswith(f"k8s.dataset.{domain.uid_of(obj)}.0.")
+        assert domain.uid_of(copy.deepcopy(obj)) == domain.uid_of(obj)  # the same object, the same stand-in
+        assert domain.delete_id(SHOAL_DATASET, obj) == f"k8s.dataset.{domain.uid_of(obj)}.delete"
+    # An API server's uid is kept as it is.
+    assert domain.uid_of(cr(SHOAL_DATASET, S3, uid="6f1c2a34-8b1d-4c2e-9f00-1a2b3c4d5e6f")) == (
+        "6f1c2a34-8b1d-4c2e-9f00-1a2b3c4d5e6f")
+
+
 def test_a_command_larger_than_a_message_is_refused_with_its_size() -> None:
     obj = cr(SHOAL_DATASET, S3)
     command = domain.translate(SHOAL_DATASET, obj).command
