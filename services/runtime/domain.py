@@ -51,6 +51,7 @@ from libs.events.common import (
     dns_label_errors,
     format_bytes,
     parse_quantity,
+    parse_rfc3339,
     rfc3339,
 )
 from libs.events.dataset import Condition, DatasetSpec, NodeCache, find_condition
@@ -1007,21 +1008,35 @@ def autoscaling_write_due(written: AutoscalingStatus | None, state: AutoscalingS
                           now: float) -> bool:
     """Whether the autoscaler's ``state`` is to be written over ``written``, the one in the record, written at
     ``written_at`` (None: not by this process). A decision (``lastDecision``, a change of replicas) at once;
-    measures and ``lastPressureTime`` alone once ``AUTOSCALE_WRITE_SECONDS`` have passed since the last write."""
+    measures and ``lastPressureTime`` alone once ``AUTOSCALE_WRITE_SECONDS`` have passed since the last write.
+    A hold under pressure that turns into a calm one less than ``AUTOSCALE_WRITE_SECONDS`` after it began waits as
+    the measures do: a reader that pauses between batches makes every other look read nothing, and each such turn
+    (and back) written at once was a record write, a fact and a Kubernetes status write a second. The record showing
+    the pressure a little longer is the safe side: a restart counts it as going on (``autoscaling_resumed``), so no
+    shrink comes early."""
     if state == written:
         return False
     if written is None or written_at is None:
         return True
-    decided = (state.last_decision, state.decisions, state.last_scale_time)
-    return decided != (written.last_decision, written.decisions, written.last_scale_time) \
-        or now - written_at >= AUTOSCALE_WRITE_SECONDS
+    if now - written_at >= AUTOSCALE_WRITE_SECONDS:
+        return True
+    if (state.decisions, state.last_scale_time) != (written.decisions, written.last_scale_time):
+        return True
+    before, after = written.last_decision, state.last_decision
+    if before is None or after is None:
+        return before is not after
+    if (before.action, before.reason) == (after.action, after.reason):
+        return False  # the same hold again (back from a calm look not written): its words and time wait too
+    calmed = before.action == after.action == "hold" and before.reason not in CALM and after.reason in CALM
+    return not calmed or now - (parse_rfc3339(before.time) or 0.0) >= AUTOSCALE_WRITE_SECONDS
 
 
 def autoscaling_resumed(state: AutoscalingStatus | None, now: float) -> AutoscalingStatus | None:
     """The state to go on from when the autoscaler's memory of it is gone (this service restarted): the record's.
     Its ``lastPressureTime`` may lag the last pressure seen by up to ``AUTOSCALE_WRITE_SECONDS`` (or more) unless
-    its last decision saw none (``CALM``: an end of pressure is a new decision, written at once). So a pressure the
-    record shows going on counts as lasting until ``now``, the first look after the restart: the calm period starts
+    its last decision saw none (``CALM``: a pressure after a calm hold is a new decision, written at once, so a calm
+    hold in the record saw none since). So a pressure the record shows going on (perhaps ended since: the turn to
+    calm is written late) counts as lasting until ``now``, the first look after the restart: the calm period starts
     again there, as at a first look, and a shrink never comes before a whole cool-down without pressure."""
     if state is None or state.last_decision is None or state.last_decision.reason in CALM:
         return state

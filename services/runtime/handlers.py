@@ -346,15 +346,18 @@ class RuntimeHandlers:
         choice = domain.autoscale(policy, record.runtime.spec.replicas, sample, self.read_counters.get(key), state,
                                   now)
         self.read_counters[key] = sample.reads
+        held_before = written.last_decision if written else None
         if domain.autoscaling_write_due(written, choice.state, written_at, now):
             # Saved before the apply: the cool-down holds from now even if the apply takes a while to land.
             await self.refresh(key, self._agents(), autoscaling=choice.state)
             written, written_at = choice.state, now
         self.autoscaler_looks[key] = AutoscalerLook(choice.state, written, written_at)
         if choice.decision is None:
-            before = state.last_decision if state else None
-            held = choice.state.last_decision
-            if held is not None and held != before:  # once when it starts holding for a reason, not every look
+            held = written.last_decision if written else None
+            # Once when the record starts saying it holds for a reason: not every look, nor every turn of a hold
+            # that the record does not show yet.
+            if held is not None and (held_before is None or held.reason != held_before.reason
+                                     or held.action != held_before.action):
                 log.info("autoscaler holds", runtime=key, replicas=choice.replicas, reason=held.reason,
                          message=held.message)
             return

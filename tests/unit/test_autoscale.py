@@ -327,7 +327,32 @@ def test_measures_alone_are_written_at_most_every_interval_a_new_decision_at_onc
     assert not autoscaling_write_due(written, written, None, NOW + 1)  # nothing new
     calm = autoscale(POLICY, 3, sample(91, reads={"a": (30, 170)}), {"a": (30, 170)}, later, NOW + 2).state
     assert calm.last_decision is not None and calm.last_decision.reason == "Settling"
-    assert autoscaling_write_due(written, calm, NOW, NOW + 2)
+    # The end of a pressure waits as the measures do (a restart counts the pressure as going on meanwhile)...
+    assert not autoscaling_write_due(written, calm, NOW, NOW + 2)
+    assert autoscaling_write_due(written, calm, NOW, NOW + AUTOSCALE_WRITE_SECONDS)
+    # ... its start does not.
+    again = autoscale(POLICY, 3, sample(92, reads={"a": (50, 250)}), {"a": (30, 170)}, calm, NOW + 3).state
+    assert again.last_decision is not None and again.last_decision.reason == "AtMaxReplicas"
+    assert autoscaling_write_due(calm, again, NOW + 2, NOW + 3)
+
+
+def test_a_reader_that_pauses_every_other_look_is_not_a_write_a_second() -> None:
+    """Reading a full cache at maxReplicas, with every other look's window empty (a reader pausing between
+    batches): the hold turns from AtMaxReplicas to Settling and back at every look. The record is written at most
+    twice per interval (the turn to calm with the measures, then the pressure again at once), not at every turn."""
+    written, written_at, memory, counters, writes = None, None, None, (0, 0), 0
+    looks = 120
+    for look in range(looks):
+        previous = counters
+        if look % 2 == 0:
+            counters = (counters[0] + 10, counters[1] + 90)
+        choice = autoscale(POLICY, 3, sample(90, reads={"a": counters}), {"a": previous} if look else None, memory,
+                           NOW + look)
+        assert choice.decision is None
+        if autoscaling_write_due(written, choice.state, written_at, NOW + look):
+            written, written_at, writes = choice.state, NOW + look, writes + 1
+        memory = choice.state
+    assert writes <= 2 * looks / AUTOSCALE_WRITE_SECONDS + 2, writes
 
 
 def test_a_pressure_the_record_shows_going_on_counts_until_the_first_look_after_a_restart() -> None:
