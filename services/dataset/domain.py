@@ -304,9 +304,10 @@ def apply_dataset(record: DatasetRecord | None, dataset: Dataset, sequence: int 
     """The record after applying ``dataset`` (an apply at stream ``sequence``, 0: unknown), and whether its spec
     changed (so it must be synced again). An apply older than the one the record holds is stale (delivered again
     after a crash, behind newer commands): not applied. One that changes nothing still moves the record's sequence
-    on (the record is then new but its spec unchanged), so that the applies before it are stale. A new record is
-    this ``incarnation`` of the name (a fresh id from the handler) for as long as it lives; an existing one keeps
-    its own.
+    on (the record is then new but its spec unchanged), so that the applies before it are stale; so does one that
+    changes only labels or annotations, which are kept without a new generation (as an operation's are). A new
+    record is this ``incarnation`` of the name (a fresh id from the handler) for as long as it lives; an existing one
+    keeps its own.
 
     A dataset that becomes a reference, or stops being one, starts from an empty status: what it showed (its own
     listing, or its source's) is not its own any more, and must not be mounted meanwhile."""
@@ -320,6 +321,11 @@ def apply_dataset(record: DatasetRecord | None, dataset: Dataset, sequence: int 
         if sequence > record.command_sequence:
             return msgspec.structs.replace(record, command_sequence=sequence), False
         return record, False
+    if record.dataset.spec == dataset.spec:
+        # Only labels or annotations changed (``kubectl label``, a GitOps tool's tracking annotation): kept, but no
+        # new spec, so no new generation and nothing to list again (a whole store's listing per label, before).
+        return msgspec.structs.replace(record, dataset=dataset,
+                                       command_sequence=max(sequence, record.command_sequence)), False
     updated = msgspec.structs.replace(record, dataset=dataset, generation=record.generation + 1,
                                       command_sequence=sequence)
     if is_reference(record.dataset) != is_reference(dataset):

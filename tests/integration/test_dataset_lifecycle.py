@@ -125,6 +125,29 @@ async def test_adding_a_mount_resyncs(bus: Bus, settings: Settings, seaweedfs: S
         assert (second.status.file_num, second.status.ufs_total_bytes) == (8, 71)
 
 
+async def test_a_label_change_is_kept_without_listing_the_store_again(bus: Bus, settings: Settings,
+                                                                      seaweedfs: SeaweedServer, bucket: str) -> None:
+    """``kubectl label`` of a Dataset reaches the service as an apply (the bridge's command carries labels and
+    annotations): before, it was a new generation, and the whole store was listed again for it."""
+    await put_objects(seaweedfs, bucket, {f"f{i}": b"x" * 10 for i in range(3)})
+    facts = FactCollector()
+    await facts.start(bus)
+    async with services(settings):
+        plain = s3_dataset("labelled", f"s3://{bucket}")
+        await bus.publish(subjects.DATASET_APPLY, DatasetApply(dataset=plain))
+        first = await synced(bus, "labelled", 1)
+        labelled = msgspec.structs.replace(plain, metadata=msgspec.structs.replace(
+            plain.metadata, labels={"team": "ml"}, annotations={"argocd.argoproj.io/tracking-id": "app:x"}))
+        command = DatasetApply(dataset=labelled)
+        await bus.publish(subjects.DATASET_APPLY, command)
+        accepted = await facts.wait_for("dataset.accepted.v1", causationId=command.id)
+        assert (accepted["generation"], accepted["result"]) == (1, "configured")
+        record = await dataset_record(bus, "labelled")
+        assert record is not None and record.dataset.metadata.labels == {"team": "ml"}
+        assert (record.generation, record.status.synced_generation, record.status.manifest) == (
+            1, 1, first.status.manifest)
+
+
 async def test_dataset_binds_when_runtime_ready_and_delete_cleans_up(bus: Bus, settings: Settings,
                                                                      seaweedfs: SeaweedServer, bucket: str) -> None:
     await put_objects(seaweedfs, bucket, {"f": b"data"})

@@ -560,6 +560,23 @@ def test_apply_new_spec_bumps_generation_and_keeps_status() -> None:
     assert needs_sync(updated, NOW, 15.0)
 
 
+def test_a_change_of_labels_or_annotations_only_is_kept_without_a_new_spec() -> None:
+    # ``kubectl label`` / ``kubectl annotate`` of a Dataset (or a GitOps tool's tracking annotation) reaches the
+    # service as an apply through the bridge: before, it bumped the generation and listed the whole store again.
+    record, _ = apply_dataset(None, valid_s3_dataset(), sequence=7)
+    synced = msgspec.structs.replace(record, status=DatasetStatus(synced_generation=1, file_num=3, manifest="m1"))
+    plain = valid_s3_dataset()
+    labelled = msgspec.structs.replace(plain, metadata=msgspec.structs.replace(
+        plain.metadata, labels={"team": "ml"}, annotations={"argocd.argoproj.io/tracking-id": "app:x"}))
+    updated, changed = apply_dataset(synced, labelled, sequence=9)
+    assert changed is False
+    assert (updated.generation, updated.command_sequence, updated.status) == (1, 9, synced.status)
+    assert updated.dataset == labelled  # shown by ``shoal get -o yaml`` / ``describe``
+    assert not needs_sync(updated, NOW, 15.0)
+    # An older apply delivered again behind it is stale, as behind any other apply.
+    assert apply_dataset(updated, plain, sequence=8) == (updated, False)
+
+
 DATASET_POOL = st.builds(
     make_dataset,
     st.sampled_from([s3_mount("s3://bucket-a"), s3_mount("s3://bucket-b", options={"region": "eu"}),
@@ -577,7 +594,7 @@ def test_apply_generation_is_monotonic(datasets: list[Dataset]) -> None:
         before = record
         record, changed = apply_dataset(record, dataset)
         assert record.dataset == dataset
-        assert changed == (before is None or before.dataset != dataset)
+        assert changed == (before is None or before.dataset.spec != dataset.spec)  # metadata alone is no new spec
         changes += changed
         if before is not None:
             assert record.generation == before.generation + (1 if changed else 0)
