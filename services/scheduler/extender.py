@@ -91,6 +91,8 @@ def parse_args(body: Any) -> Args:
     nodes = kube.NODE_LIST.decode(raw_nodes) if raw_nodes is not None else None
     if nodes is not None:
         items = nodes.get("items") if isinstance(nodes, dict) else None
+        if isinstance(nodes, dict) and "items" in nodes and items is None:
+            items = []  # Go writes a NodeList without items (a nil slice, no omitempty) as "items": null
         if not isinstance(items, list):
             raise BadArgs("Nodes must be a NodeList with an items list")
         candidates = [_candidate(kube.NODE.decode(node), f"Nodes.items[{i}]")

@@ -55,6 +55,17 @@ def test_keys_are_read_case_insensitively_as_go_does() -> None:
     assert args.candidates == [Candidate(name="node-a")] and args.node_objects is None
 
 
+def test_an_empty_node_list_as_go_encodes_it_is_no_candidates_not_malformed() -> None:
+    # Go's encoding/json writes a NodeList with no items (a nil slice, no omitempty) as "items": null: that is
+    # an empty candidate list (answered with empty results), not a malformed request answered 400.
+    for required in ({}, REQUIRED):
+        body = {**by_names(labels=required), "Nodes": {"metadata": {}, "items": None}, "NodeNames": None}
+        args = parse_args(body)
+        assert (args.candidates, args.node_objects) == ([], [])
+        assert filter_result(args, ScoreReply())["Nodes"]["items"] == []
+        assert priorities(args, ScoreReply()) == []
+
+
 @pytest.mark.parametrize(("body", "reason"), [
     ([], "the body must be an ExtenderArgs object"),
     ({"NodeNames": ["a"]}, "Pod must be an object"),
