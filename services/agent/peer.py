@@ -627,7 +627,7 @@ class PeerClient:
         then can a request signed again fare better)."""
         try:
             offset = int(headers.get(HEADER_TIME, "")) - self.clock()
-        except ValueError:
+        except (ValueError, OverflowError):  # not a number; a number past any float (anyone can answer a 401)
             return False
         if abs(offset - self._offsets.get(url, 0.0)) < 1.0:
             return False

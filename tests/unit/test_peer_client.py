@@ -25,6 +25,8 @@ from aiohttp import web
 from libs.blocks import BlockId, checksum
 from libs.embedded import LOOPBACK
 from libs.events.dataset import ManifestEntry
+from libs.events.runtime import CacheWorker
+from libs.ufs import LocalLocation, LocalObjectStore
 from services.agent.cache import BlockCache, DiskTier
 from services.agent.peer import (
     RECV_BYTES,
@@ -36,6 +38,8 @@ from services.agent.peer import (
     runtime_key,
     sign_response,
 )
+from services.agent.readahead import MemoryBudget
+from services.agent.reader import BlockReader, BlockRouter, StoreGate
 
 KEY = runtime_key(b"cluster secret", "default", "demo")
 LENGTH = 300_000  # several 64 KiB chunks, the last one short; several socket reads
@@ -263,6 +267,9 @@ BAD: dict[str, tuple[Script, str]] = {
                                      "could not get the block: the store said 503"),
     "refused": (lambda s: with_length(b'{"reason": "bad signature"}', "403 Forbidden"), "403.*bad signature"),
     "refused, the reason nested too deep": (lambda s: with_length(b"[" * 4000, "503 Busy"), "503.*no reason given"),
+    # A 401's clock is learnt from the header: a number past any float raised OverflowError, no PeerError.
+    "refused, its clock past any float": (lambda s: with_length(b"{}", "401 Unauthorized\r\nShoal-Peer-Time: "
+                                                                + "9" * 400), "401"),
 }
 
 
@@ -272,6 +279,34 @@ async def test_a_malformed_or_lying_answer_is_a_peer_error_never_bytes(scripted:
     _, url = await scripted(script, close_after=True)
     with pytest.raises(PeerError, match=match):
         await fetch(url)
+
+
+async def test_a_peer_answering_a_clock_past_any_float_sends_the_read_to_the_store(scripted: Make,
+                                                                                    tmp_path: Path) -> None:
+    # A 401's Shoal-Peer-Time is taken as the peer's clock: a 400-digit one made the client's arithmetic raise
+    # OverflowError, which is no PeerError, so the read failed (EIO at the mount) instead of going on to the store.
+    (tmp_path / "source").mkdir()
+    (tmp_path / "source" / "data.bin").write_bytes(BODY)
+    store = LocalObjectStore(LocalLocation(root=tmp_path / "source"))
+    info = await store.head("data.bin")
+    entry = ManifestEntry(path="/data.bin", mount=0, key="data.bin", size=info.size, etag=info.etag, mtime=0.0)
+    _, url = await scripted(lambda s: with_length(b"{}", "401 Unauthorized\r\nShoal-Peer-Time: " + "9" * 400))
+    client = PeerClient(KEY, "default", "demo", read_timeout=2.0)
+    router = BlockRouter("me", client)
+    router.update([CacheWorker(node="owner", peer_url=url)])  # the only owner: every block is asked of it first
+    cache = BlockCache([DiskTier(tmp_path / "cache", 16 * LENGTH)])
+    cache.load()
+    reader = BlockReader(cache, [StoreGate(store)], LENGTH, MemoryBudget(4 * LENGTH), write_block=cache.put_async,
+                         router=router)
+    handle = reader.open(entry)
+    try:
+        assert bytes(await reader.read(handle, 0, LENGTH)) == BODY
+    finally:
+        reader.close(handle)
+        await reader.drain()
+        await client.close()
+    assert reader.stats.peer_failures == 1 and reader.stats.miss_bytes == LENGTH
+    assert client.down(url) is not None, "a peer that refuses every request is skipped a moment"
 
 
 async def test_a_redirect_is_a_refusal_never_followed(scripted: Make, aiohttp_peer: MakeAiohttp) -> None:
