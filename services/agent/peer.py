@@ -128,6 +128,11 @@ PEER_COOLDOWN_SECONDS = 1.0
 # ...doubling while it keeps failing, up to this: a hung peer (alive to the agent's heartbeats, deaf to us) costs a
 # read timeout every 8 s at most, and a restarted one is back within seconds.
 MAX_PEER_COOLDOWN_SECONDS = 8.0
+# A request's path and query, percent-encoded, are at most this long; the server takes request lines up to it. The
+# longest key a manifest holds is a local file's path (PATH_MAX, 4096 bytes: docs/semantics.md), 12 KiB once each
+# byte is encoded, and an ETag is short: room to spare. With aiohttp's default (8190 bytes), a key of ~2,700
+# non-ASCII bytes was answered 400, which skips the peer for every block (not one request's refusal).
+MAX_TARGET_BYTES = 32 * 1024
 # Error bodies and preamble lines are tiny; never read more of them than this.
 MAX_REASON_BYTES = 4096
 # Chunks of a block checksummed one by one in an answer (the table before the block): the disk tier's chunk, so a
@@ -296,7 +301,7 @@ class PeerServer:
         return app
 
     async def start(self, host: str, port: int) -> None:
-        self._runner = app_runner(self.app())
+        self._runner = app_runner(self.app(), max_line_size=MAX_TARGET_BYTES)
         await self._runner.setup()
         self.listener = CappedListener(self._runner, self.max_connections,
                                        f"peer server of {self.namespace}/{self.name}")
@@ -600,6 +605,11 @@ class PeerClient:
         for (a clock off by more than the expiry window on either side)."""
         path = block_path(self.namespace, self.name)
         query = block_query(block, block_size)
+        # urlencode encodes at least what aiohttp does (it keeps '/' in a query): the request line is no longer.
+        target = len(path) + 1 + len(urlencode(query))
+        if target > MAX_TARGET_BYTES:  # no peer takes it: this block only goes to the next source
+            raise PeerError(f"peer {url}: a request for this object would be {target} bytes long, over the "
+                            f"{MAX_TARGET_BYTES} peers take (its key is that long)", cooldown=False)
         for attempt in range(2):
             offset = self._offsets.get(url, 0.0)
             expires = int(self.clock() + offset) + REQUEST_TTL_SECONDS

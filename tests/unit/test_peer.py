@@ -278,6 +278,30 @@ async def test_wrong_questions_get_reasons(peer: tuple[PeerServer, Served, str],
         await client_call(lambda c: ask(c, url))
 
 
+async def test_a_block_of_an_object_with_a_long_key_comes_from_the_peer() -> None:
+    # A local file's key may be 4096 bytes long (PATH_MAX). Percent-encoded, a key of ~2,700 non-ASCII bytes made a
+    # request line longer than aiohttp's default limit (8190): the owner answered 400, the reader skipped it for
+    # every block, and the server logged a traceback per request.
+    long_key = "/".join(["目" * 80] * 12)  # 2,891 bytes, each name under 255 of them
+    body = os.urandom(BLOCK)
+    entry = ManifestEntry(path="/" + long_key, mount=0, key=long_key, size=BLOCK, etag="e1", mtime=0.0)
+    served = Served({(long_key, 0): body}, {(0, long_key): entry})
+    server = PeerServer(KEY, "default", "demo", BLOCK, served.lookup, served.source)
+    await server.start(LOOPBACK, 0)
+    url = f"http://{LOOPBACK}:{server.port}"
+    client = PeerClient(KEY, "default", "demo")
+    try:
+        assert await client.get_block(url, block(0, key=long_key), BLOCK, BLOCK) == body
+        assert client.down(url) is None and server.refused == 0
+        # A request no peer would take is not sent, and costs this block only its peer read, not the peer.
+        with pytest.raises(PeerError, match="over the 32768 peers take"):
+            await client.get_block(url, block(0, key="目" * 4000), BLOCK, BLOCK)
+        assert client.down(url) is None and server.refused == 0 and served.calls == [(long_key, 0)]
+    finally:
+        await client.close()
+        await server.stop()
+
+
 async def test_a_client_with_another_key_is_refused_and_the_peer_skipped_a_moment(
         peer: tuple[PeerServer, Served, str]) -> None:
     server, served, url = peer
