@@ -75,6 +75,8 @@ class BlockCacheLike(Protocol):
 
     def contains(self, block: BlockId) -> bool: ...
 
+    def present(self, block: BlockId) -> bool: ...
+
     def prefetch(self, block: BlockId) -> None: ...
 
 
@@ -386,7 +388,8 @@ class BlockReader:
         block's cache write is over; whether the cache kept it is ``cache.contains``. Store errors raise
         ``UfsError``."""
         block = self.block_id(entry, index)
-        if self.cache.contains(block):
+        # Asking the disk: a load is how a cache whose files went from under the index is filled again.
+        if self.cache.present(block):
             return False
         written = self._written.get(block)
         if written is not None:

@@ -7,7 +7,8 @@ publish parts by hand on ``subjects.node_task`` and read ``TaskProgress`` from `
 
 Shown: a load caches exactly its blocks (inventory snapshot), each fetched once, and a read through the mount then
 makes no store GET; a second load skips what is cached and fails blocks of objects the manifest does not have (or
-has at another version) with a message; a clean frees the bytes (``cachedBytes`` drops) of the blocks named, of
+has at another version) with a message, and loads again the blocks whose files were deleted under the running
+mount; a clean frees the bytes (``cachedBytes`` drops) of the blocks named, of
 whole files, then of everything; a part whose run is not current is skipped; ``TaskCancel`` ends a running part
 at once ("cancelled") and nothing more is fetched for it; a mount process killed (SIGKILL) or stopped (SIGTERM) in
 the middle of a part gets it again after its restart, skips the blocks it cached before and fetches each of the
@@ -243,6 +244,31 @@ async def test_a_load_caches_exactly_its_blocks_and_the_next_read_makes_no_store
         assert port is not None
         warmed = series(await scrape(port), "shoal_warmup_bytes_total", node=NODE, dataset=f"default/{NAME}")
         assert warmed == final.bytes_done + second.bytes_done
+
+
+async def test_a_load_fetches_again_the_blocks_whose_files_were_deleted_under_the_running_mount(
+        bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path) -> None:
+    # The cache's index learns that a block file went only when the block is read: a load after the files were
+    # deleted (a person freeing room, a cleaner of old files) took every block for cached, skipped them all and
+    # ended done, the disk empty.
+    async with loader_stack(bus, settings, seaweedfs, bucket, tmp_path) as loader:
+        run = await loader.operation("first")
+        a = loader.blocks("data/a.bin")
+        await loader.publish(run, "load", [a])
+        assert (await loader.final(run)).bytes_done == size(a)
+        files = [f for f in loader.node.cache_dir.rglob("*") if f.is_file() and not f.name.startswith(".")]
+        assert len(files) == 4
+        for file in files:
+            file.unlink()
+        run2 = await loader.operation("first", runs=2)
+        await loader.publish(run2, "load", [a])
+        second = await loader.final(run2)
+        assert (second.failed, second.bytes_done, second.bytes_skipped) == (0, size(a), 0)
+        assert sorted(loader.gets()) == sorted(ranges(a, loader.entries["data/a.bin"]) * 2)
+        assert all(file.exists() for file in files)
+        root = loader.node.mountpoint(NAME)
+        assert md5(await read_file(root / "data/a.bin")) == md5(OBJECTS["data/a.bin"])
+        assert len(loader.gets()) == 8, "read from the blocks loaded again"
 
 
 async def test_a_mount_started_before_its_nodes_task_stream_gets_the_first_part(

@@ -69,6 +69,9 @@ class RecordingCache:
     def contains(self, block: BlockId) -> bool:
         return self.cache.contains(block)
 
+    def present(self, block: BlockId) -> bool:
+        return self.cache.present(block)
+
     def prefetch(self, block: BlockId) -> None:
         self.hinted.append(block.index)
         self.cache.prefetch(block)
@@ -441,6 +444,25 @@ async def test_warm_fetches_a_block_into_the_cache_once_and_then_skips_it(tmp_pa
     handle = setup.reader.open(setup.entry)
     assert bytes(await setup.reader.read(handle, 3 * BLOCK, BLOCK)) == setup.body[3 * BLOCK:4 * BLOCK]
     assert setup.blocks_fetched() == [3]
+
+
+@pytest.mark.parametrize("damage", ["deleted", "emptied"])
+async def test_warm_fetches_again_a_block_whose_file_went_from_under_the_cache(tmp_path: Path, damage: str) -> None:
+    # A block file deleted while the mount runs (a person freeing room, a cleaner of old files) or garbled stayed in
+    # the cache's index until a read: a DataLoad took the block for cached and skipped it, so the load ended done
+    # with the block on no disk (and the inventory still counting it).
+    setup = await make(tmp_path)
+    block = setup.reader.block_id(setup.entry, 3)
+    assert await setup.reader.warm(setup.entry, 3) is True
+    path = tmp_path / "cache" / block.name[:2] / block.name
+    if damage == "deleted":
+        path.unlink()
+    else:
+        path.write_bytes(b"")
+    assert await setup.reader.warm(setup.entry, 3) is True
+    assert setup.blocks_fetched() == [3, 3]
+    assert setup.cache.get(block) == setup.body[3 * BLOCK:4 * BLOCK]
+    assert await setup.reader.warm(setup.entry, 3) is False, "a sound file is still skipped"
 
 
 async def test_warm_joins_a_read_in_flight_and_a_read_joins_a_warm(tmp_path: Path) -> None:

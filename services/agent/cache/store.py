@@ -291,6 +291,28 @@ class BlockCache:
         entry = self._index.get(block.name)
         return entry is not None and self._tiers[entry.tier].available()
 
+    def present(self, block: BlockId) -> bool:
+        """``contains``, asking the tier: a disk block's file found with its header and chunk table sound (one open
+        and two small reads), not its data. The index is only corrected by reads otherwise, so a file deleted
+        under it (a person freeing room, a cleaner of old files) or garbled stays "cached" until read; one found
+        gone here is forgotten like a failed read's (``on_evicted``), so it can be cached again."""
+        name = block.name
+        entry = self._index.get(name)
+        if entry is None:
+            return False
+        tier = self._tiers[entry.tier]
+        if not tier.available():
+            return False
+        if not isinstance(tier, DiskTier):
+            return True
+        opened = tier.open_block(name)
+        if opened is not None:
+            opened.file.close()
+            return True
+        if tier.health is Health.NORMAL:
+            self._forget(name, entry)  # missing or garbled (already deleted): gone for good
+        return False
+
     def blocks(self) -> list[tuple[BlockId, int]]:
         """Every indexed block and its size, for inventory snapshots (pending writes are not included)."""
         return [(entry.block, entry.size) for entry in self._index.values()]
