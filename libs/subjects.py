@@ -145,8 +145,12 @@ def task_progress(node: str) -> str:
 
 
 def task_durable(node: str, namespace: str, name: str) -> str:
-    """The durable consumer of one mount process's tasks (kept across its restarts, so a part resumes)."""
-    return f"tasks-{node_token(node)}-{namespace}-{name}"
+    """The durable consumer of one mount process's tasks (kept across its restarts, so a part resumes).
+
+    Namespace and name are joined with '_', which no DNS label holds, so no two datasets share a durable: joined with
+    '-', ``ml``/``prod-x`` and ``ml-prod``/``x`` were both ``...-ml-prod-x``, and the second mount process bound to the
+    first one's durable (with its filter), dropped that dataset's parts as another mount's and never got its own."""
+    return f"tasks-{node_token(node)}_{namespace}_{name}"
 
 
 # --- Scheduler: core NATS request/reply (ScoreRequest → ScoreReply). ---
