@@ -970,7 +970,9 @@ def pending_run(record: OperationRecord, state: RunState) -> str:
     before and not started (``requested``), or a due run waiting for its runAfter or its dataset (Pending with
     ``waitingFor``). Counting each request as a run of its own ran a load several times back to back once what it
     waited for came; a user asking again while it waits means "run it", not "run it N times". While a run is under
-    way, the first request queues the next run and later ones join that one."""
+    way and the record does not show it Executing yet (a loader killed between the run state's write and the
+    record's; the handler refuses a request once it does), the first request queues the next run and later ones join
+    that one."""
     name = f"DataLoad {record.metadata.namespace}/{record.metadata.name}"
     if state.stage == "finished" and record.status.phase == "Pending" and record.status.waiting_for:
         return f"{name} already has a run pending, waiting for {record.status.waiting_for}; this request joins it"
