@@ -205,7 +205,19 @@ def main() -> None:
     cli(prog_name="shoal")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class ShoalGroup(click.Group):
+    """The ``shoal`` group: Ctrl-C ends any command with exit code 130 and no "Aborted!", wherever it lands. ``_run``
+    says so for a command's NATS work; outside it (``shoal apply -f -`` reading stdin) click's own handling said
+    "Aborted!" and exited 1, a rejected command's code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            raise click.exceptions.Exit(130) from None
+
+
+@click.group(cls=ShoalGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--nats", "nats_url", metavar="URLS", default=None,
               help="NATS server URL(s), comma-separated.  [default: $NATS_URL or nats://127.0.0.1:4222]")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_TIMEOUT, show_default=True,
