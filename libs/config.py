@@ -231,7 +231,7 @@ class AgentSettings:
     # Each mount process has its own side server on a free port: Prometheus finds them through file_sd files
     # written here (``shoal up`` points its Prometheus at such a folder). Empty: no files.
     prometheus_targets_dir: str = env("SHOAL_PROMETHEUS_TARGETS_DIR", "Folder where each mount process writes its "
-                                      "Prometheus file_sd target (<node>-<namespace>-<name>.json) while it runs; "
+                                      "Prometheus file_sd target (<node>_<namespace>_<name>.json) while it runs; "
                                       "empty: none.", default="")
 
 

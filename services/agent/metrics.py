@@ -17,7 +17,7 @@ a FUSE handler), while a mount process moves them from one thread, its event loo
 plain additions to the same values do. With ``SHOAL_METRICS=off`` (``data_path_enabled()`` false) they are not
 created at all and the read path only tests ``is None``.
 
-Discovery: with SHOAL_PROMETHEUS_TARGETS_DIR set, each mount process writes ``<dir>/<node>-<ns>-<name>.json``, a
+Discovery: with SHOAL_PROMETHEUS_TARGETS_DIR set, each mount process writes ``<dir>/<node>_<ns>_<name>.json``, a
 Prometheus file_sd list naming its side server, while it runs (``write_target``; the agent removes the file of a
 process that died without doing so).
 """
@@ -215,12 +215,21 @@ def dir_health(directories: Iterable[str], down: Iterable[str]) -> dict[str, boo
 
 
 def target_path(directory: str, node: str, namespace: str, name: str) -> Path:
+    """A mount process's target file. Joined with '_', which no node, namespace or dataset name holds: joined with
+    '-', ml/prod-x and ml-prod/x on one node were one file, and each mount overwrote or removed the other's."""
+    return Path(directory) / f"{node}_{namespace}_{name}.json"
+
+
+def _legacy_target_path(directory: str, node: str, namespace: str, name: str) -> Path:
+    # The name before '_': a file an earlier version left, for a mount that writes the new one now.
     return Path(directory) / f"{node}-{namespace}-{name}.json"
 
 
 def write_target(directory: str, node: str, namespace: str, name: str, host: str, port: int) -> Path:
     """Write (atomically: a temporary file, then a rename) the file_sd target of a mount process's side server."""
     path = target_path(directory, node, namespace, name)
+    with contextlib.suppress(FileNotFoundError):
+        _legacy_target_path(directory, node, namespace, name).unlink()
     if host in ("", "0.0.0.0", "::"):  # bound to every address: Prometheus on the node finds it on loopback
         host = "127.0.0.1"
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from libs.events.common import format_bytes
+from services.agent.metrics import target_path
 from tests.bench.processes import (
     PROJECT_ROOT,
     _servers,
@@ -259,7 +260,7 @@ class MetricsBench:
     def check(self, mode: str) -> str:
         """Why the mount's /metrics contradicts ``mode`` (empty when it agrees)."""
         try:
-            samples = scrape(self.targets / f"{NODE}-{NAMESPACE}-{DATASET}.json")
+            samples = scrape(target_path(str(self.targets), NODE, NAMESPACE, DATASET))
         except Exception as err:
             return f"cannot scrape the mount's /metrics: {err}"
         moved = {name: value for name, value in samples.items() if name in DATA_PATH_SERIES}

@@ -34,6 +34,7 @@ from libs.events.runtime import Level, Runtime, RuntimeApply, RuntimeSpec, Tiere
 from libs.side_server import Readiness
 from libs.ufs import open_store
 from services.agent import app as agent_app
+from services.agent.metrics import target_path
 from services.dataset import app as dataset_app
 from services.dataset.sync import StoreOpener
 from services.runtime import app as runtime_app
@@ -340,7 +341,7 @@ def evict_from_page_cache(path: Path) -> None:
 def target_port(targets_dir: Path, name: str, node: str = NODE, namespace: str = "default") -> int | None:
     """The side-server port a mount process names in its Prometheus file_sd target, or None while there is none."""
     try:
-        (group,) = json.loads((targets_dir / f"{node}-{namespace}-{name}.json").read_text())
+        (group,) = json.loads(target_path(str(targets_dir), node, namespace, name).read_text())
     except FileNotFoundError:
         return None
     assert group["labels"] == {"job": "shoal-mount", "node": node, "dataset": f"{namespace}/{name}"}, group

@@ -18,6 +18,7 @@ from libs.bus import Bus
 from libs.config import Settings
 from libs.events.dataset import User
 from services.agent.fs import NO_OPEN
+from services.agent.metrics import target_path
 from services.agent.mountinfo import device_of
 from tests.conftest import SeaweedServer, put_objects
 from tests.helpers import eventually
@@ -102,7 +103,7 @@ async def test_every_file_reads_back_identical(bus: Bus, settings: Settings, sea
             series(first, "shoal_read_bytes_total", **mine, source="disk") or 0)
         assert hits == 2 * len(objects["train/big-1.bin"])
         assert (series(second, "shoal_block_reads_total", **mine, source="disk") or 0) >= 6  # 3 blocks, twice
-    assert not (targets / f"{NODE}-default-imgs.json").exists(), "the target outlived its mount"
+    assert not target_path(str(targets), NODE, "default", "imgs").exists(), "the target outlived its mount"
 
 
 async def test_owner_and_mtimes_come_from_the_dataset_and_manifest(bus: Bus, settings: Settings,

@@ -296,13 +296,28 @@ def test_a_cache_directory_is_labelled_as_the_cache_uses_it_whatever_its_spellin
 def test_the_prometheus_target_is_a_file_sd_list_written_whole_and_removed(tmp_path: Path) -> None:
     path = write_target(str(tmp_path / "targets"), "node-a", "default", "demo", "0.0.0.0", 9123)
     assert path == target_path(str(tmp_path / "targets"), "node-a", "default", "demo")
-    assert path.name == "node-a-default-demo.json"
+    assert path.name == "node-a_default_demo.json"
     assert json.loads(path.read_text()) == [{"targets": ["127.0.0.1:9123"], "labels": {
         "job": "shoal-mount", "node": "node-a", "dataset": "default/demo"}}]
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left
     remove_target(str(tmp_path / "targets"), "node-a", "default", "demo")
     remove_target(str(tmp_path / "targets"), "node-a", "default", "demo")  # gone already: fine
     assert not path.exists()
+
+
+def test_datasets_whose_names_join_alike_with_dashes_have_targets_of_their_own(tmp_path: Path) -> None:
+    """ml/prod-x and ml-prod/x on one node: each mount's target file is its own, and removing one leaves the other.
+    A file of the same mount under the name an earlier version gave it goes when the new one is written."""
+    targets = str(tmp_path / "targets")
+    legacy = tmp_path / "targets" / "node-a-ml-prod-x.json"
+    legacy.parent.mkdir()
+    legacy.write_text("[]\n")
+    first = write_target(targets, "node-a", "ml", "prod-x", "127.0.0.1", 9001)
+    second = write_target(targets, "node-a", "ml-prod", "x", "127.0.0.1", 9002)
+    assert first != second and not legacy.exists()
+    remove_target(targets, "node-a", "ml", "prod-x")
+    assert not first.exists()
+    assert json.loads(second.read_text())[0]["targets"] == ["127.0.0.1:9002"]
 
 
 def test_a_block_being_written_counts_as_a_memory_hit() -> None:
