@@ -105,6 +105,18 @@ T = TypeVar("T")
 # such a key the next page is asked for with StartAfter, a query parameter, which carries any key.
 _NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
 
+
+def _resume_after(last_key: str, token: str) -> str:
+    """The StartAfter that goes on from where ``token`` (a continuation token the XML could not carry) would have:
+    ``last_key``, the same place in a listing in key order (S3's). SeaweedFS's token is the key it resumes after,
+    each character XML cannot carry written as U+FFFD; after a key that is also a folder ("a" beside "a/b") it is
+    the folder ("a/"), and SeaweedFS, listing a folder's keys right after the file of its name, takes StartAfter
+    "a" as "after a and all below it": the folder's keys were skipped without a word. Such a token is followed,
+    with the key's own characters; an opaque one (AWS) never reads as the key."""
+    written = _NOT_XML.sub("\ufffd", last_key)
+    return last_key + "/" if token == written + "/" else last_key
+
+
 # A listing answer that is not well-formed XML (cut short on the way, or no S3 API at all) reaches us as a bare
 # "500 Internal Server Error": botocore turns such a 200 into a 500 to retry it, and keeps no word of the body.
 # ``_note_unparsable`` reads the body first and leaves why under this key of the error response; the parser's
@@ -382,13 +394,13 @@ class S3ObjectStore:
                     "without a continuation token"
                 )
             if _NOT_XML.search(last_key):
-                if request.get("StartAfter") == last_key:
+                after = _resume_after(last_key, token)
+                if request.get("StartAfter") == after:
                     # A store that ignores StartAfter would answer this page forever.
                     raise UfsError(f"S3 endpoint {self._where} listed bucket '{self._bucket}' from its start again "
                                    "when asked to start after a key")
-                # Same place in a listing in key order (S3's), and the place SeaweedFS's own token names.
                 request.pop("ContinuationToken", None)
-                request["StartAfter"] = last_key
+                request["StartAfter"] = after
             else:
                 request.pop("StartAfter", None)
                 request["ContinuationToken"] = token
