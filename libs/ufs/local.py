@@ -95,6 +95,10 @@ LINK_OUT = "leads out of the mounted folder (a symbolic link, not followed)"
 LINK_TO_FOLDER = "is a symbolic link to a folder (not followed: it could loop)"
 LINK_DANGLING = "is a symbolic link to nothing"
 NOT_A_FILE = "is not a regular file (a FIFO, socket or device: only files' bytes are served)"
+# The folder fsck keeps at the root of an ext2/3/4 file system, readable by root only: the root of most volumes
+# (a pvc:// dataset of a block-storage claim) has one, and the services do not run as root.
+LOST_FOUND = "lost+found/"
+LOST_FOUND_UNREADABLE = "is the file system's lost+found folder, which this process may not read"
 
 
 def _left_out(key: str, reason: str) -> ObjectInfo:
@@ -174,6 +178,8 @@ class _Walk:
                 raise
             return None  # removed (or replaced by a file) while we listed: the next listing shows what is there now
         except PermissionError as err:
+            if prefix == LOST_FOUND:
+                return LOST_FOUND_UNREADABLE  # never the dataset's files: left out with the reason
             # Skipping it would look like its files were deleted.
             raise AccessDenied(f"permission denied listing local directory '{folder}'") from err
         except OSError as err:

@@ -22,6 +22,7 @@ from libs.ufs import (
     open_store,
 )
 from libs.ufs import local as local_module
+from libs.ufs.local import LOST_FOUND_UNREADABLE
 from tests.helpers import nest_beyond_path_max
 
 
@@ -278,6 +279,31 @@ async def test_unreadable_folder_is_access_denied(tmp_path: Path, monkeypatch: p
 
     monkeypatch.setattr(local_module.os, "open", open_)
     with pytest.raises(AccessDenied, match=r"permission denied listing local directory '.*locked'"):
+        await collect(store_at(tmp_path))
+
+
+async def test_an_unreadable_lost_and_found_at_the_root_is_left_out_with_its_reason(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The root of an ext4 volume (a pvc:// dataset of a block-storage claim) holds lost+found, 0700 and owned by
+    root, and the services run as another user (deploy/: uid 10001): it is left out with the reason and the rest of
+    the volume is listed. Any other unreadable folder still fails the listing, lost+found below the root too."""
+    write(tmp_path, "train/a", b"a")
+    write(tmp_path, "lost+found/#1234", b"orphan")
+    write(tmp_path, "deep/lost+found/b", b"b")
+    real_open = os.open
+    locked = {"lost+found"}
+
+    def open_(path: str, flags: int, *args: int) -> int:
+        # Simulated, as above: the suite runs as root, where modes do not apply.
+        if os.path.relpath(str(path).rstrip("/"), tmp_path) in locked:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(local_module.os, "open", open_)
+    listed = [(info.key, info.unusable) for info in await collect(store_at(tmp_path))]
+    assert listed == [("deep/lost+found/b", ""), ("lost+found/", LOST_FOUND_UNREADABLE), ("train/a", "")]
+    locked.add("deep/lost+found")
+    with pytest.raises(AccessDenied, match=r"permission denied listing local directory '.*deep/lost\+found'"):
         await collect(store_at(tmp_path))
 
 
