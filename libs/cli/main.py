@@ -83,6 +83,7 @@ from libs.events.operation import (
     DataLoadDelete,
     DataLoadRun,
     DataLoadSpec,
+    DatasetRef,
     OperationAccepted,
     OperationDeleted,
     OperationFact,
@@ -743,11 +744,12 @@ def load(options: Options, resource: str, dataset: str, paths: tuple[str, ...], 
     "train", shows its progress and exits 1 if the load fails.
     """
     name = name or generated_name(dataset, "load")
-    spec = DataLoadSpec(dataset=ObjectRef(name=dataset, namespace=namespace), load_metadata=load_metadata,
+    spec = DataLoadSpec(dataset=DatasetRef(name=dataset, namespace=namespace), load_metadata=load_metadata,
                         target=_targets(paths, replicas))
     event = DataLoadApply(data_load=DataLoad(metadata=ObjectMeta(name=name, namespace=namespace), spec=spec))
     command = Command(0, "DataLoad", "dataload", name, namespace, subjects.DATALOAD_APPLY, event)
-    if not _run(_send(options, [command], wait=wait, applied="created", dataset=spec.dataset)):
+    target = ObjectRef(name=dataset, namespace=namespace)
+    if not _run(_send(options, [command], wait=wait, applied="created", dataset=target)):
         raise click.exceptions.Exit(1)
 
 
@@ -766,11 +768,12 @@ def clean(options: Options, resource: str, dataset: str, paths: tuple[str, ...],
     """Evict a dataset's cached blocks (or those under --path) from every node: creates a DataClean."""
     name = name or generated_name(dataset, "clean")
     _checked_paths(paths)
-    spec = DataCleanSpec(dataset=ObjectRef(name=dataset, namespace=namespace),
+    spec = DataCleanSpec(dataset=DatasetRef(name=dataset, namespace=namespace),
                          target=[CleanTarget(path=path) for path in paths])
     event = DataCleanApply(data_clean=DataClean(metadata=ObjectMeta(name=name, namespace=namespace), spec=spec))
     command = Command(0, "DataClean", "dataclean", name, namespace, subjects.DATACLEAN_APPLY, event)
-    if not _run(_send(options, [command], wait=wait, applied="created", dataset=spec.dataset)):
+    target = ObjectRef(name=dataset, namespace=namespace)
+    if not _run(_send(options, [command], wait=wait, applied="created", dataset=target)):
         raise click.exceptions.Exit(1)
 
 

@@ -153,7 +153,7 @@ def operation_dataset(record: OperationRecord) -> str:
     if spec is None:
         return "<none>"
     ref = spec.dataset
-    return ref.name if ref.namespace == record.metadata.namespace else f"{ref.namespace}/{ref.name}"
+    return ref.name if ref.namespace in ("", record.metadata.namespace) else f"{ref.namespace}/{ref.name}"
 
 
 def progress_text(progress: Progress, *, clean: bool = False) -> str:

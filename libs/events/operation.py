@@ -57,8 +57,17 @@ class OperationRef(msgspec.Struct, frozen=True, kw_only=True, rename="camel", om
     namespace: str = ""  # empty: the namespace of the operation that names it
 
 
+class DatasetRef(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """An operation's ``spec.dataset``. Without a namespace (or an empty one) it names a dataset of the operation's
+    own namespace, Fluid's rule: a command published straight to NATS (``dataload.apply.v1`` for ``ml/warm`` naming
+    ``{name: x}``) means ``ml/x``, as the same YAML through ``shoal apply`` or Kubernetes does, not ``default/x``."""
+
+    name: str
+    namespace: str = ""
+
+
 class DataLoadSpec(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omit_defaults=True):
-    dataset: ObjectRef
+    dataset: DatasetRef
     # Re-sync the dataset's listing before loading (Fluid: loadMetadata).
     load_metadata: bool = False
     # Empty: the whole dataset, one replica.
@@ -72,7 +81,7 @@ class DataLoadSpec(msgspec.Struct, frozen=True, kw_only=True, rename="camel", om
 
 
 class DataCleanSpec(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omit_defaults=True):
-    dataset: ObjectRef
+    dataset: DatasetRef
     # Empty: every block of the dataset on every node.
     target: list[CleanTarget] = []
     run_after: OperationRef | None = None

@@ -39,6 +39,7 @@ from libs.events.operation import (
     DataCleanSpec,
     DataLoad,
     DataLoadSpec,
+    DatasetRef,
     NodeProgress,
     NodeTask,
     OperationKind,
@@ -204,7 +205,7 @@ def _target_errors(targets: Sequence[TargetPath | CleanTarget]) -> list[str]:
     return errors
 
 
-def _common_errors(meta: ObjectMeta, dataset: ObjectRef, run_after: OperationRef | None,
+def _common_errors(meta: ObjectMeta, dataset: DatasetRef, run_after: OperationRef | None,
                    ttl: int | None) -> list[str]:
     errors = dns_label_errors(meta.name, "metadata.name", DNS1123_LABEL)
     errors += dns_label_errors(meta.namespace, "metadata.namespace", DNS1123_LABEL)
@@ -272,7 +273,13 @@ def apply_operation(record: OperationRecord | None, kind: OperationKind, meta: O
     """The record after an apply (at commands stream ``sequence``, 0: unknown), and whether it changed (a new
     operation, a new spec: generation + 1, or only a newer sequence). An apply older than the one the record holds
     is stale (delivered again behind newer commands): not applied. One that changes nothing still moves the
-    sequence on: it is the user's last word, and an older command delivered again behind it is stale."""
+    sequence on: it is the user's last word, and an older command delivered again behind it is stale. A
+    ``spec.dataset`` without a namespace is kept as the operation's namespace (``DatasetRef``), so the record says
+    which dataset it is."""
+    if load is not None and not load.dataset.namespace:
+        load = msgspec.structs.replace(load, dataset=DatasetRef(name=load.dataset.name, namespace=meta.namespace))
+    if clean is not None and not clean.dataset.namespace:
+        clean = msgspec.structs.replace(clean, dataset=DatasetRef(name=clean.dataset.name, namespace=meta.namespace))
     if record is None:
         return taken_in(OperationRecord(kind=kind, metadata=meta, load=load, clean=clean, generation=1,
                                         created_at=rfc3339(now), command_sequence=sequence)), True

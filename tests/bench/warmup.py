@@ -254,8 +254,8 @@ class WarmupBench:
         from libs import subjects
         from libs.bus import connect
         from libs.config import NatsSettings
-        from libs.events.common import ObjectMeta, ObjectRef
-        from libs.events.operation import DataLoad, DataLoadApply, DataLoadSpec
+        from libs.events.common import ObjectMeta
+        from libs.events.operation import DataLoad, DataLoadApply, DataLoadSpec, DatasetRef
 
         bus = await connect(NatsSettings(urls=[self.nats_url]), "shoal-bench-warmup")
         try:
@@ -263,7 +263,7 @@ class WarmupBench:
             key = subjects.operation_key("DataLoad", NAMESPACE, name)
             kv = await bus.kv(subjects.KV_OPERATIONS)
             load = DataLoad(metadata=ObjectMeta(name=name, namespace=NAMESPACE),
-                            spec=DataLoadSpec(dataset=ObjectRef(name=dataset, namespace=NAMESPACE)))
+                            spec=DataLoadSpec(dataset=DatasetRef(name=dataset, namespace=NAMESPACE)))
             started = time.perf_counter()
             await bus.publish(subjects.DATALOAD_APPLY, DataLoadApply(data_load=load))
             deadline = time.monotonic() + timeout

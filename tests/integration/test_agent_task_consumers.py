@@ -21,7 +21,7 @@ from libs.bus import Bus
 from libs.events.agent import CachedFile
 from libs.events.common import ObjectMeta, ObjectRef
 from libs.events.dataset import ManifestEntry
-from libs.events.operation import DataLoadSpec, NodeTask, OperationRecord, OperationStatus, TaskProgress
+from libs.events.operation import DataLoadSpec, DatasetRef, NodeTask, OperationRecord, OperationStatus, TaskProgress
 from libs.ufs import LocalLocation, LocalObjectStore
 from services.agent.cache import BlockCache, DiskTier
 from services.agent.readahead import MemoryBudget
@@ -47,7 +47,8 @@ async def _runner(bus: Bus, dataset: ObjectRef, folder: Path) -> tuple[TaskRunne
     key = subjects.operation_key("DataLoad", dataset.namespace, "warm")
     await (await bus.kv(subjects.KV_OPERATIONS)).put(key, msgspec.json.encode(OperationRecord(
         kind="DataLoad", metadata=ObjectMeta(name="warm", namespace=dataset.namespace),
-        load=DataLoadSpec(dataset=dataset), status=OperationStatus(phase="Executing", runs=1))))
+        load=DataLoadSpec(dataset=DatasetRef(name=dataset.name, namespace=dataset.namespace)),
+        status=OperationStatus(phase="Executing", runs=1))))
     run = f"{key}.1"
     part = NodeTask(id=f"{run}.0", run=run, part=0, parts=1, node=NODE, dataset=dataset, action="load",
                     blocks=[CachedFile(0, "a", entry.etag, [(0, BLOCK), (1, BLOCK)])])

@@ -40,6 +40,7 @@ from libs.events.common import ObjectMeta, ObjectRef
 from libs.events.dataset import ManifestEntry
 from libs.events.operation import (
     DataLoadSpec,
+    DatasetRef,
     NodeTask,
     OperationRecord,
     OperationStatus,
@@ -105,7 +106,7 @@ class Loader:
         """Write DataLoad ``op``'s record at ``runs`` and ``phase``; returns the id of that run."""
         key = subjects.operation_key("DataLoad", "default", op)
         record = OperationRecord(kind="DataLoad", metadata=ObjectMeta(name=op),
-                                 load=DataLoadSpec(dataset=ObjectRef(name=NAME)),
+                                 load=DataLoadSpec(dataset=DatasetRef(name=NAME)),
                                  status=OperationStatus(phase=phase, runs=runs))  # type: ignore[arg-type]
         await (await self.bus.kv(subjects.KV_OPERATIONS)).put(key, msgspec.json.encode(record))
         return f"{key}.{runs}"

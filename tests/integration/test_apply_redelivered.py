@@ -18,9 +18,9 @@ import pytest
 from libs import subjects
 from libs.bus import Bus, Delivery
 from libs.events.agent import AgentRecord
-from libs.events.common import ObjectMeta, ObjectRef
+from libs.events.common import ObjectMeta
 from libs.events.dataset import Dataset, DatasetApply, DatasetRecord, DatasetSpec, Mount
-from libs.events.operation import DataLoad, DataLoadApply, DataLoadSpec, OperationRecord
+from libs.events.operation import DataLoad, DataLoadApply, DataLoadSpec, DatasetRef, OperationRecord
 from libs.events.runtime import Level, Runtime, RuntimeApply, RuntimeRecord, RuntimeScale, RuntimeSpec, TieredStore
 from services.dataset.handlers import DatasetHandlers
 from services.loader import domain as loader_domain
@@ -103,7 +103,7 @@ async def test_a_dataload_apply_delivered_again_after_its_save_still_says_create
                               unwatched_mirror(await bus.kv(subjects.KV_OPERATION_RUNS), loader_domain.RunState),
                               unwatched_mirror(await bus.kv(subjects.KV_RUNTIMES), RuntimeRecord))
     command = DataLoadApply(data_load=DataLoad(metadata=ObjectMeta(name="warm"),
-                                               spec=DataLoadSpec(dataset=ObjectRef(name="data"))))
+                                               spec=DataLoadSpec(dataset=DatasetRef(name="data"))))
     facts = FactCollector()
     await facts.start(bus, subjects.DATALOAD_FACTS)
     lost = lose_accepted_once(monkeypatch, subjects.DATALOAD_ACCEPTED, command.id)

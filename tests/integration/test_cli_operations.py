@@ -28,7 +28,7 @@ from rich.console import Console
 from libs import subjects
 from libs.bus import Bus, kv_load
 from libs.cli import operations
-from libs.events.common import ObjectMeta, ObjectRef, apply_result
+from libs.events.common import ObjectMeta, apply_result
 from libs.events.dataset import Condition, Dataset, DatasetRecord, DatasetSpec, Mount
 from libs.events.operation import (
     CleanTarget,
@@ -39,6 +39,7 @@ from libs.events.operation import (
     DataLoadDelete,
     DataLoadRun,
     DataLoadSpec,
+    DatasetRef,
     NodeProgress,
     OperationAccepted,
     OperationCommand,
@@ -187,7 +188,7 @@ async def test_apply_of_a_fluid_dataload_publishes_the_dataload_command(nats_ser
     assert isinstance(command, DataLoadApply)
     assert command.data_load.metadata == ObjectMeta(name="spark-dataload")
     assert command.data_load.spec == DataLoadSpec(
-        dataset=ObjectRef(name="spark"), load_metadata=True,
+        dataset=DatasetRef(name="spark", namespace="default"), load_metadata=True,
         target=[TargetPath(path="/spark/spark-2.4.7"),
                 TargetPath(path="/spark/spark-3.0.1/pyspark-3.0.1.tar.gz", replicas=2)])
 
@@ -215,7 +216,7 @@ async def test_apply_wait_follows_the_load_to_complete(nats_server: NatsServer, 
 async def test_a_terminal_gets_a_live_progress_bar(bus: Bus) -> None:
     """``follow`` on a (forced) terminal draws the bar; the stand-in's writes are the loader's."""
     command = DataLoadApply(data_load=DataLoad(metadata=ObjectMeta(name="warm"),
-                                               spec=DataLoadSpec(dataset=ObjectRef(name="demo"))))
+                                               spec=DataLoadSpec(dataset=DatasetRef(name="demo", namespace="default"))))
     watch = await operations.open_watch(bus, "dataload", "default", "warm")
     screen = io.StringIO()
     console = Console(file=screen, force_terminal=True, width=160, color_system=None)
@@ -238,7 +239,7 @@ async def test_off_a_terminal_the_wait_says_what_a_pending_load_waits_for_once_i
     """The loader saves an applied load Pending, then what it waits for (its dataset, its runAfter): a log showed
     only the bare "Pending" for as long as the load waited."""
     command = DataLoadApply(data_load=DataLoad(metadata=ObjectMeta(name="warm"),
-                                               spec=DataLoadSpec(dataset=ObjectRef(name="demo"))))
+                                               spec=DataLoadSpec(dataset=DatasetRef(name="demo", namespace="default"))))
     watch = await operations.open_watch(bus, "dataload", "default", "warm")
     screen = io.StringIO()
     console = Console(file=screen, force_terminal=False, width=200, color_system=None)
@@ -268,7 +269,7 @@ def test_the_wait_ends_on_the_applied_generations_run_and_on_an_older_loaders_re
     """A run started from an older spec (observedGeneration 1) is not the end of applying generation 2; a loader that
     does not record observedGeneration (0) is judged by the record's generation, or a newer CLI would wait for ever
     on an older loader's Complete record (seen: ``shoal clean --wait`` printed Complete and never returned)."""
-    spec = DataLoadSpec(dataset=ObjectRef(name="demo"))
+    spec = DataLoadSpec(dataset=DatasetRef(name="demo", namespace="default"))
     older = OperationRecord(kind="DataLoad", metadata=ObjectMeta(name="warm"), load=spec, generation=2,
                             status=OperationStatus(phase="Complete", runs=1))
     assert operations.finished(older, 2) and not operations.finished(older, 3)
@@ -284,8 +285,9 @@ async def test_apply_wait_does_not_say_the_previous_runs_end_as_this_applys(nats
                                                                           loader: StandInLoader) -> None:
     """The loader saves a changed spec (generation 2) with the previous run's Failed status, then runs it: --wait
     printed "Failed" first, as if the fixed spec had failed, then "Executing" and "Complete"."""
-    earlier = DataLoadApply(data_load=DataLoad(metadata=ObjectMeta(name="spark-dataload"),
-                                               spec=DataLoadSpec(dataset=ObjectRef(name="spark"))))
+    earlier = DataLoadApply(data_load=DataLoad(
+        metadata=ObjectMeta(name="spark-dataload"),
+        spec=DataLoadSpec(dataset=DatasetRef(name="spark", namespace="default"))))
     failed = OperationStatus(phase="Failed", duration="0s", runs=1, message="target path '/a' is not in the manifest")
     kv = await bus.kv(subjects.KV_OPERATIONS)
     await kv.put(subjects.operation_key("DataLoad", "default", "spark-dataload"),
@@ -304,8 +306,9 @@ async def test_apply_wait_does_not_say_the_previous_runs_end_as_this_applys(nats
 async def test_apply_wait_exits_1_with_the_message_when_the_load_fails(nats_server: NatsServer, bus: Bus,
                                                                        loader: StandInLoader) -> None:
     """An earlier generation's Complete record is not this apply's end: the CLI waits for generation 2."""
-    earlier = DataLoadApply(data_load=DataLoad(metadata=ObjectMeta(name="spark-dataload"),
-                                               spec=DataLoadSpec(dataset=ObjectRef(name="spark"))))
+    earlier = DataLoadApply(data_load=DataLoad(
+        metadata=ObjectMeta(name="spark-dataload"),
+        spec=DataLoadSpec(dataset=DatasetRef(name="spark", namespace="default"))))
     kv = await bus.kv(subjects.KV_OPERATIONS)
     await kv.put(subjects.operation_key("DataLoad", "default", "spark-dataload"),
                  msgspec.json.encode(record_of(earlier, 1, COMPLETE)))
@@ -449,7 +452,7 @@ async def test_load_dataset_creates_a_once_dataload_and_waits(nats_server: NatsS
     assert subject == subjects.DATALOAD_APPLY and isinstance(command, DataLoadApply)
     assert command.data_load.metadata == ObjectMeta(name=match[1], namespace="ml")
     assert command.data_load.spec == DataLoadSpec(
-        dataset=ObjectRef(name="demo", namespace="ml"), policy="Once",
+        dataset=DatasetRef(name="demo", namespace="ml"), policy="Once",
         target=[TargetPath(path="/train/images", replicas=2), TargetPath(path="/train/labels.csv", replicas=2)])
 
     whole = await shoal(nats_server, "load", "dataset", "demo", "--replicas", "3")
@@ -510,7 +513,7 @@ async def test_clean_run_and_delete(nats_server: NatsServer, loader: StandInLoad
     assert (cleaned.exit_code, cleaned.stdout) == (0, "dataclean.shoal.io/cool created\n")
     subject, command = loader.received[-1]
     assert subject == subjects.DATACLEAN_APPLY and isinstance(command, DataCleanApply)
-    assert command.data_clean.spec == DataCleanSpec(dataset=ObjectRef(name="demo"),
+    assert command.data_clean.spec == DataCleanSpec(dataset=DatasetRef(name="demo", namespace="default"),
                                                     target=[CleanTarget(path="/train")])
 
     ran = await shoal(nats_server, "run", "dataload", "warm")
@@ -535,7 +538,8 @@ async def test_clean_run_and_delete(nats_server: NatsServer, loader: StandInLoad
 
 WARM = OperationRecord(
     kind="DataLoad", metadata=ObjectMeta(name="warm", labels={"team": "ml"}),
-    load=DataLoadSpec(dataset=ObjectRef(name="imagenet"), target=[TargetPath(path="/train", replicas=2)]),
+    load=DataLoadSpec(dataset=DatasetRef(name="imagenet", namespace="default"),
+                      target=[TargetPath(path="/train", replicas=2)]),
     generation=1, created_at="2026-01-01T00:00:00Z",
     status=OperationStatus(
         phase="Executing", duration="Unfinished", runs=1, start_time="2026-01-01T00:00:01Z",
@@ -548,7 +552,7 @@ WARM = OperationRecord(
 )
 COOL = OperationRecord(
     kind="DataClean", metadata=ObjectMeta(name="cool", namespace="other"),
-    clean=DataCleanSpec(dataset=ObjectRef(name="imagenet", namespace="other")), generation=1,
+    clean=DataCleanSpec(dataset=DatasetRef(name="imagenet", namespace="other")), generation=1,
     created_at="2026-01-01T00:00:00Z",
     # As the loader writes a clean's: freed bytes with no total (it cannot know beforehand what each node holds).
     status=OperationStatus(phase="Complete", duration="1s", progress=Progress(

@@ -53,6 +53,7 @@ from libs.events.operation import (
     DataCleanApply,
     DataCleanSpec,
     DataLoadDelete,
+    DatasetRef,
     OperationRecord,
     TargetPath,
     TaskProgress,
@@ -322,7 +323,7 @@ async def test_three_agents_replicas_2_put_each_block_on_its_two_owners_and_a_cl
 
         # A DataClean of one path: its blocks leave every agent that held them, nothing else does.
         clean = DataCleanApply(data_clean=DataClean(metadata=ObjectMeta(name="drop-a"), spec=DataCleanSpec(
-            dataset=ObjectRef(name=CLUSTER_NAME), target=[CleanTarget(path="/train/a.bin")])))
+            dataset=DatasetRef(name=CLUSTER_NAME), target=[CleanTarget(path="/train/a.bin")])))
         await bus.publish(subjects.DATACLEAN_APPLY, clean)
         cleaned = await finished(bus, "drop-a", kind="DataClean")
         gone = {get for get, block in train.items() if block.key == "train/a.bin"}

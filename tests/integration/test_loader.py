@@ -51,6 +51,7 @@ from libs.events.operation import (
     DataLoadDelete,
     DataLoadRun,
     DataLoadSpec,
+    DatasetRef,
     NodeTask,
     OperationRecord,
     OperationRef,
@@ -128,7 +129,7 @@ def files(*specs: tuple[str, int], etag: str = "e1") -> list[ManifestEntry]:
 
 def dataload(name: str = "warm", **spec: Any) -> DataLoadApply:
     return DataLoadApply(data_load=DataLoad(metadata=ObjectMeta(name=name),
-                                            spec=DataLoadSpec(dataset=ObjectRef(name=spec.pop("dataset", "data")),
+                                            spec=DataLoadSpec(dataset=DatasetRef(name=spec.pop("dataset", "data")),
                                                               **spec)))
 
 
@@ -516,7 +517,7 @@ async def test_a_command_on_another_commands_subject_is_refused_not_run(bus: Bus
         assert rejected["kind"] == "DataLoad"
         # Across families too: a DataClean apply on the run subject cleans nothing.
         clean = DataCleanApply(data_clean=DataClean(metadata=ObjectMeta(name="wipe"),
-                                                    spec=DataCleanSpec(dataset=ObjectRef(name="data"))))
+                                                    spec=DataCleanSpec(dataset=DatasetRef(name="data"))))
         await publish(bus, subjects.DATALOAD_RUN, clean)
         assert "not on shoal.cmd.dataload.run" in (
             await facts.wait_for("operation.rejected.v1", causationId=clean.id))["reason"]
@@ -874,7 +875,7 @@ async def test_a_schedule_that_never_fires_is_refused_and_stalls_no_other_operat
     await put_dataset(bus, files(("a", BLOCK)))
     await put_runtime(bus, NODES[:1])
     stored = OperationRecord(kind="DataLoad", metadata=ObjectMeta(name="aaa"), created_at="2026-01-01T00:00:00Z",
-                             load=DataLoadSpec(dataset=ObjectRef(name="data"), policy="Cron", schedule="0 0 30 2 *"))
+                             load=DataLoadSpec(dataset=DatasetRef(name="data"), policy="Cron", schedule="0 0 30 2 *"))
     await (await bus.kv(subjects.KV_OPERATIONS)).put(subjects.operation_key("DataLoad", "default", "aaa"),
                                                      msgspec.json.encode(stored))
     facts = FactCollector()
@@ -1233,7 +1234,7 @@ async def test_a_run_whose_runtime_is_deleted_fails_at_once_naming_the_runtime(b
     async with agent(bus, NODES[:1]) as scripted, loader(nats_server):
         scripted.hold.set()
         command = dataload() if kind == "DataLoad" else DataCleanApply(data_clean=DataClean(
-            metadata=ObjectMeta(name="warm"), spec=DataCleanSpec(dataset=ObjectRef(name="data"))))
+            metadata=ObjectMeta(name="warm"), spec=DataCleanSpec(dataset=DatasetRef(name="data"))))
         await publish(bus, subjects.DATALOAD_APPLY if kind == "DataLoad" else subjects.DATACLEAN_APPLY, command)
         await phase_of(bus, "Executing", kind=kind)
 
@@ -1501,10 +1502,10 @@ async def test_a_clean_reaches_every_node(bus: Bus, nats_server: NatsServer) -> 
     await put_runtime(bus, NODES)
     async with agent(bus, NODES) as scripted, loader(nats_server):
         await publish(bus, subjects.DATACLEAN_APPLY, DataCleanApply(data_clean=DataClean(
-            metadata=ObjectMeta(name="wipe"), spec=DataCleanSpec(dataset=ObjectRef(name="data")))))
+            metadata=ObjectMeta(name="wipe"), spec=DataCleanSpec(dataset=DatasetRef(name="data")))))
         wiped = await phase_of(bus, "Complete", name="wipe", kind="DataClean")
         await publish(bus, subjects.DATACLEAN_APPLY, DataCleanApply(data_clean=DataClean(
-            metadata=ObjectMeta(name="some"), spec=DataCleanSpec(dataset=ObjectRef(name="data"),
+            metadata=ObjectMeta(name="some"), spec=DataCleanSpec(dataset=DatasetRef(name="data"),
                                                                  target=[CleanTarget(path="/x/dir")]))))
         await phase_of(bus, "Complete", name="some", kind="DataClean")
     everything = [t for t in scripted.tasks.values() if t.run == "dataclean.default.wipe.1"]
@@ -1521,7 +1522,7 @@ async def test_a_clean_shows_which_nodes_are_done_and_which_it_waits_for(bus: Bu
     await put_runtime(bus, NODES)
     async with agent(bus, NODES[:2]), loader(nats_server):
         await publish(bus, subjects.DATACLEAN_APPLY, DataCleanApply(data_clean=DataClean(
-            metadata=ObjectMeta(name="wipe"), spec=DataCleanSpec(dataset=ObjectRef(name="data")))))
+            metadata=ObjectMeta(name="wipe"), spec=DataCleanSpec(dataset=DatasetRef(name="data")))))
 
         async def two_done() -> OperationRecord | None:
             found = await operation(bus, "wipe", "DataClean")
@@ -1544,7 +1545,7 @@ async def test_an_executing_clean_says_which_absent_node_it_waits_for_and_since_
     now = [1_767_225_600.0 + 10]  # 2026-01-01T00:00:10Z
     async with agent(bus, NODES[:2]), loader(nats_server, clock=lambda: now[0]):
         await publish(bus, subjects.DATACLEAN_APPLY, DataCleanApply(data_clean=DataClean(
-            metadata=ObjectMeta(name="wipe"), spec=DataCleanSpec(dataset=ObjectRef(name="data")))))
+            metadata=ObjectMeta(name="wipe"), spec=DataCleanSpec(dataset=DatasetRef(name="data")))))
 
         async def says_so() -> OperationRecord | None:
             found = await operation(bus, "wipe", "DataClean")
@@ -1575,7 +1576,7 @@ async def test_a_loader_killed_between_run_state_and_record_catches_up(bus: Bus,
     await put_runtime(bus, NODES[:1])
     key = subjects.operation_key("DataLoad", "default", "warm")
     record = OperationRecord(kind="DataLoad", metadata=ObjectMeta(name="warm"),
-                             load=DataLoadSpec(dataset=ObjectRef(name="data")), created_at="2026-01-01T00:00:00Z")
+                             load=DataLoadSpec(dataset=DatasetRef(name="data")), created_at="2026-01-01T00:00:00Z")
     await (await bus.kv(subjects.KV_OPERATIONS)).put(key, msgspec.json.encode(record))
     state = domain.RunState(run=f"{key}.1", stage="planning", started_at=1.0)
     await (await bus.kv(subjects.KV_OPERATION_RUNS)).put(key, msgspec.json.encode(state))
@@ -1601,7 +1602,7 @@ async def test_a_restarted_loader_publishes_the_parts_it_had_not_published(bus: 
     state = domain.RunState(run=run, stage="executing", started_at=1.0, ring=NODES, files_total=len(plan.files),
                             parts=parts)
     record = OperationRecord(kind="DataLoad", metadata=ObjectMeta(name="warm"),
-                             load=DataLoadSpec(dataset=ObjectRef(name="data")), created_at="2026-01-01T00:00:00Z",
+                             load=DataLoadSpec(dataset=DatasetRef(name="data")), created_at="2026-01-01T00:00:00Z",
                              status=domain.status_started(OperationRecord(kind="DataLoad", metadata=ObjectMeta(
                                  name="warm")).status, 1, 1, 1.0))
     await (await ManifestStore.of(bus)).objects.put(subjects.loader_plan(key), msgspec.json.encode(plan))

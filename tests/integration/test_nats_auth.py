@@ -58,7 +58,7 @@ from libs.embedded import (
     wait_until,
 )
 from libs.events.agent import AgentHeartbeat
-from libs.events.common import ObjectMeta, ObjectRef
+from libs.events.common import ObjectMeta
 from libs.events.dataset import (
     Dataset,
     DatasetApply,
@@ -67,7 +67,7 @@ from libs.events.dataset import (
     DatasetSpec,
     Mount,
 )
-from libs.events.operation import DataLoad, DataLoadApply, DataLoadSpec, OperationRecord
+from libs.events.operation import DataLoad, DataLoadApply, DataLoadSpec, DatasetRef, OperationRecord
 from libs.events.runtime import Level, Runtime, RuntimeApply, RuntimeSpec, TieredStore
 from libs.events.schedule import ScoreReply, ScoreRequest
 from libs.natssecure import SecureNats, TlsFiles, ensure_passwords, make_certs
@@ -451,7 +451,7 @@ async def test_every_kind_does_its_job_unrefused_and_no_secret_shows_anywhere(
 
                 # Bound first, so the load runs at once (the mount can be up a moment before; a load waits till then).
                 await eventually(bound, timeout=30, what="good Bound")
-                load = DataLoad(metadata=ObjectMeta(name="warm"), spec=DataLoadSpec(dataset=ObjectRef(name="good")))
+                load = DataLoad(metadata=ObjectMeta(name="warm"), spec=DataLoadSpec(dataset=DatasetRef(name="good")))
                 await cli_bus.publish(subjects.DATALOAD_APPLY, DataLoadApply(data_load=load))
 
                 async def loaded() -> bool:

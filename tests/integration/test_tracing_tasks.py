@@ -21,7 +21,7 @@ from libs.bus import Bus
 from libs.events.agent import CachedFile
 from libs.events.common import ObjectMeta, ObjectRef
 from libs.events.dataset import ManifestEntry
-from libs.events.operation import DataLoadSpec, NodeTask, OperationRecord, OperationStatus, TaskProgress
+from libs.events.operation import DataLoadSpec, DatasetRef, NodeTask, OperationRecord, OperationStatus, TaskProgress
 from libs.ufs import LocalLocation, LocalObjectStore
 from services.agent.cache import BlockCache, DiskTier
 from services.agent.readahead import MemoryBudget
@@ -44,7 +44,7 @@ async def test_a_part_continues_the_loaders_trace_and_its_progress_stays_in_it(b
     entry = ManifestEntry(path="/a", mount=0, key="a", size=3 * BLOCK, etag=(await store.head("a")).etag, mtime=0.0)
     key = subjects.operation_key("DataLoad", DATASET.namespace, "warm")
     await (await bus.kv(subjects.KV_OPERATIONS)).put(key, msgspec.json.encode(OperationRecord(
-        kind="DataLoad", metadata=ObjectMeta(name="warm"), load=DataLoadSpec(dataset=ObjectRef(name=DATASET.name)),
+        kind="DataLoad", metadata=ObjectMeta(name="warm"), load=DataLoadSpec(dataset=DatasetRef(name=DATASET.name)),
         status=OperationStatus(phase="Executing", runs=1))))
     await bus.provision_node_tasks(NODE)
     run = f"{key}.1"

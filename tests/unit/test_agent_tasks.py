@@ -15,7 +15,7 @@ from libs.blocks import BlockId
 from libs.events.agent import CachedFile
 from libs.events.common import ObjectMeta, ObjectRef
 from libs.events.dataset import Dataset, DatasetRecord, DatasetSpec, DatasetStatus, ManifestEntry
-from libs.events.operation import DataLoadSpec, NodeTask, OperationRecord, OperationStatus
+from libs.events.operation import DataLoadSpec, DatasetRef, NodeTask, OperationRecord, OperationStatus
 from services.agent.tasks import (
     CHANGED,
     PartLedger,
@@ -36,7 +36,7 @@ BLOCK = 1024
 
 def record(runs: int, phase: str = "Executing") -> OperationRecord:
     return OperationRecord(kind="DataLoad", metadata=ObjectMeta(name="warm"),
-                           load=DataLoadSpec(dataset=ObjectRef(name="ds")),
+                           load=DataLoadSpec(dataset=DatasetRef(name="ds")),
                            status=OperationStatus(phase=phase, runs=runs))  # type: ignore[arg-type]
 
 

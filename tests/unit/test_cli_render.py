@@ -12,13 +12,14 @@ from libs import subjects
 from libs.cli import render
 from libs.cli.main import Outcome, report_outcomes
 from libs.documents import Command
-from libs.events.common import ObjectMeta, ObjectRef
+from libs.events.common import ObjectMeta
 from libs.events.dataset import Dataset, DatasetRecord, DatasetSpec, DatasetStatus, Mount, NodeCache
 from libs.events.operation import (
     CleanTarget,
     DataCleanSpec,
     DataLoadRun,
     DataLoadSpec,
+    DatasetRef,
     NodeProgress,
     OperationAccepted,
     OperationRecord,
@@ -102,8 +103,8 @@ def test_a_cleans_progress_is_the_bytes_it_freed() -> None:
 
 
 def operation(name: str, *, clean: bool = False, namespace: str = "default", status: OperationStatus | None = None,
-              dataset: ObjectRef | None = None) -> OperationRecord:
-    ref = dataset or ObjectRef(name="imagenet", namespace=namespace)
+              dataset: DatasetRef | None = None) -> OperationRecord:
+    ref = dataset or DatasetRef(name="imagenet", namespace=namespace)
     return OperationRecord(
         kind="DataClean" if clean else "DataLoad", metadata=ObjectMeta(name=name, namespace=namespace),
         load=None if clean else DataLoadSpec(dataset=ref, policy="Cron", schedule="0 * * * *"),
@@ -117,7 +118,7 @@ def test_operation_table_has_fluids_columns_and_progress() -> None:
         phase="Executing", duration="Unfinished", runs=3,
         progress=Progress(files_done=812, files_total=1000, bytes_done=8 * GiB, bytes_total=10 * GiB,
                           rate_bytes_per_second=100 * MiB, eta_seconds=20.4)))
-    elsewhere = operation("pending", dataset=ObjectRef(name="shared", namespace="data"),
+    elsewhere = operation("pending", dataset=DatasetRef(name="shared", namespace="data"),
                           status=OperationStatus(waiting_for="DataLoad default/warm to be Complete"))
 
     assert render.operation_table([running, elsewhere], now=NOW, wide=False, show_namespace=False) == (
@@ -135,9 +136,9 @@ def test_operation_table_has_fluids_columns_and_progress() -> None:
 def test_describe_dataclean_shows_no_replicas_under_its_targets() -> None:
     # A DataClean target has no replicas (DataCleanSpec ignores them): describe showed "replicas: 1" under it.
     clean = replace(operation("cool", clean=True), clean=DataCleanSpec(
-        dataset=ObjectRef(name="imagenet"), target=[CleanTarget(path="/train/a"), CleanTarget(path="/train/b")]))
+        dataset=DatasetRef(name="imagenet"), target=[CleanTarget(path="/train/a"), CleanTarget(path="/train/b")]))
     load = replace(operation("warm"), load=DataLoadSpec(
-        dataset=ObjectRef(name="imagenet"), target=[TargetPath(path="/train/a", replicas=2)]))
+        dataset=DatasetRef(name="imagenet"), target=[TargetPath(path="/train/a", replicas=2)]))
 
     cleaned = render.describe_operation(clean)
     assert "  target:\n  - path: /train/a\n  - path: /train/b\n" in cleaned and "replicas" not in cleaned

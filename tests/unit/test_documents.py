@@ -15,7 +15,7 @@ from libs.documents import (
     juicefs_size,
     parse_documents,
 )
-from libs.events.common import ObjectMeta, ObjectRef, parse_quantity
+from libs.events.common import ObjectMeta, parse_quantity
 from libs.events.dataset import DatasetApply, DatasetDelete
 from libs.events.operation import (
     CleanTarget,
@@ -26,6 +26,7 @@ from libs.events.operation import (
     DataLoadApply,
     DataLoadDelete,
     DataLoadSpec,
+    DatasetRef,
     OperationRef,
     TargetPath,
 )
@@ -846,7 +847,7 @@ def test_fluid_dataload_applies_unchanged_and_notes_what_only_a_job_would_use() 
         metadata=ObjectMeta(name="spark-dataload", namespace="ml"),
         spec=DataLoadSpec(
             # No namespace in spec.dataset: the DataLoad's own, as in Fluid.
-            dataset=ObjectRef(name="spark", namespace="ml"),
+            dataset=DatasetRef(name="spark", namespace="ml"),
             load_metadata=True,
             target=[TargetPath(path="/spark/spark-2.4.7", replicas=1),
                     TargetPath(path="/spark/spark-3.0.1/pyspark-3.0.1.tar.gz", replicas=2)],
@@ -878,7 +879,7 @@ def test_fluid_sample_dataload_needs_only_a_dataset() -> None:
     assert isinstance(command.event, DataLoadApply)
     spec = command.event.data_load.spec
     assert (spec.dataset, spec.target, spec.policy, spec.load_metadata) == (
-        ObjectRef(name="spark"), [], "Once", False)
+        DatasetRef(name="spark", namespace="default"), [], "Once", False)
 
 
 def test_shoal_dataload_and_dataclean_and_their_deletes() -> None:
@@ -906,12 +907,12 @@ def test_shoal_dataload_and_dataclean_and_their_deletes() -> None:
     assert notes == ["ignored: DataLoad/spec.colour (unknown field)"]
     warm, cool = commands
     assert isinstance(warm.event, DataLoadApply) and isinstance(cool.event, DataCleanApply)
-    assert warm.event.data_load.spec.dataset == ObjectRef(name="demo", namespace="data")
+    assert warm.event.data_load.spec.dataset == DatasetRef(name="demo", namespace="data")
     assert warm.event.data_load.spec.policy == "OnEvent"
     assert (cool.kind, cool.subject, cool.resource) == ("dataclean", subjects.DATACLEAN_APPLY,
                                                         "dataclean.shoal.io/cool")
     assert cool.event.data_clean.spec == DataCleanSpec(
-        dataset=ObjectRef(name="demo", namespace="data"), target=[CleanTarget(path="/train/images")],
+        dataset=DatasetRef(name="demo", namespace="data"), target=[CleanTarget(path="/train/images")],
         run_after=OperationRef(kind="DataLoad", name="warm"))
 
     deletes, _, errors = documents_to_commands(load(text), action="delete")
@@ -1081,7 +1082,7 @@ def test_null_fields_are_left_out_as_the_api_server_prunes_them() -> None:
     assert runtime.event.runtime.spec.replicas == 1
     assert runtime.event.runtime.spec.tieredstore.levels == [Level(mediumtype="MEM", quota="1Gi")]
     # A DataLoad's dataset without a namespace is in the DataLoad's, null or empty as absent.
-    assert dataload.event.data_load.spec.dataset == ObjectRef(name="demo", namespace="ml")
+    assert dataload.event.data_load.spec.dataset == DatasetRef(name="demo", namespace="ml")
     assert dataload.event.data_load.spec.policy == "Once"
 
 

@@ -24,6 +24,7 @@ from libs.events.operation import (
     DataCleanSpec,
     DataLoad,
     DataLoadSpec,
+    DatasetRef,
     NodeProgress,
     OperationRecord,
     OperationRef,
@@ -36,7 +37,8 @@ from libs.events.runtime import CacheWorker, Runtime, RuntimeRecord, RuntimeStat
 from libs.paths import selects
 from services.loader import domain
 
-REF = ObjectRef(name="data")
+REF = DatasetRef(name="data")
+DATASET = ObjectRef(name="data")  # as the loader resolves REF in namespace default
 
 
 def t(text: str) -> float:
@@ -67,7 +69,7 @@ def test_a_valid_load_has_no_errors() -> None:
 def test_every_bad_field_is_named() -> None:
     errors = domain.validate_load(DataLoad(
         metadata=ObjectMeta(name="Warm_Up"),
-        spec=DataLoadSpec(dataset=ObjectRef(name="x.y"), target=[TargetPath(path="train", replicas=0)],
+        spec=DataLoadSpec(dataset=DatasetRef(name="x.y"), target=[TargetPath(path="train", replicas=0)],
                           policy="Once", schedule="* * * * *", ttl_seconds_after_finished=-1,
                           run_after=OperationRef(kind="Job", name="a"))))
     text = "\n".join(errors)
@@ -414,8 +416,8 @@ def test_plan_assigns_each_block_to_exactly_replicas_distinct_owners(files, work
     entries = [ManifestEntry(path="/" + p, mount=0, key=p, size=s, etag=e, mtime=0.0) for p, s, e in files]
     chosen = {i: replicas for i in range(len(entries))}
     nodes = [f"node-{i}" for i in range(workers)]
-    plan = domain.plan_load("dataload.default.warm.1", REF, entries, chosen, nodes, nodes, block_size)
-    assert plan == domain.plan_load("dataload.default.warm.1", REF, entries, chosen, list(reversed(nodes)), nodes,
+    plan = domain.plan_load("dataload.default.warm.1", DATASET, entries, chosen, nodes, nodes, block_size)
+    assert plan == domain.plan_load("dataload.default.warm.1", DATASET, entries, chosen, list(reversed(nodes)), nodes,
                                     block_size)  # deterministic, whatever the order of the ring
     holders: dict[BlockId, list[str]] = {}
     for number, part in enumerate(plan.parts):
@@ -437,7 +439,7 @@ def test_plan_assigns_each_block_to_exactly_replicas_distinct_owners(files, work
 
 
 def test_plan_without_a_ring_gives_every_ready_node_every_block() -> None:
-    plan = domain.plan_load("r.1", REF, [entry("/a", 10_000)], {0: 1}, [], ["n1", "n2"], 4096)
+    plan = domain.plan_load("r.1", DATASET, [entry("/a", 10_000)], {0: 1}, [], ["n1", "n2"], 4096)
     assert [p.task.node for p in plan.parts] == ["n1", "n2"]
     assert all(p.blocks == 3 and p.bytes_total == 10_000 for p in plan.parts)
 
@@ -445,7 +447,7 @@ def test_plan_without_a_ring_gives_every_ready_node_every_block() -> None:
 def test_large_files_are_cut_into_parts_within_limits() -> None:
     # 5,000 blocks of one file and many files with long keys: several parts, each within both limits.
     entries = [entry("/big", 5000 * 1024)] + [entry("/k" + "x" * 900 + str(i), 10) for i in range(400)]
-    plan = domain.plan_load("r.1", REF, entries, dict.fromkeys(range(len(entries)), 1), ["n1"], ["n1"], 1024)
+    plan = domain.plan_load("r.1", DATASET, entries, dict.fromkeys(range(len(entries)), 1), ["n1"], ["n1"], 1024)
     assert len(plan.parts) > 3
     assert sum(p.blocks for p in plan.parts) == 5400
     for part in plan.parts:
@@ -454,10 +456,10 @@ def test_large_files_are_cut_into_parts_within_limits() -> None:
 
 
 def test_clean_plan_targets_files_or_everything() -> None:
-    everything = domain.plan_clean("c.1", REF, None, ["n2", "n1"])
+    everything = domain.plan_clean("c.1", DATASET, None, ["n2", "n1"])
     assert [(p.task.node, p.task.everything, p.task.action) for p in everything.parts] == [
         ("n1", True, "clean"), ("n2", True, "clean")]
-    some = domain.plan_clean("c.1", REF, [entry("/a", 5), entry("/b", 5)], ["n1"])
+    some = domain.plan_clean("c.1", DATASET, [entry("/a", 5), entry("/b", 5)], ["n1"])
     assert some.parts[0].task.files == [(0, "a"), (0, "b")] and not some.parts[0].task.everything
 
 
@@ -466,7 +468,7 @@ def test_clean_plan_targets_files_or_everything() -> None:
 
 def test_progress_folds_parts_files_rate_and_eta() -> None:
     entries = [entry("/a", 8192), entry("/b", 4096)]
-    plan = domain.plan_load("r.1", REF, entries, {0: 2, 1: 2}, ["n1", "n2"], ["n1", "n2"], 4096)
+    plan = domain.plan_load("r.1", DATASET, entries, {0: 2, 1: 2}, ["n1", "n2"], ["n1", "n2"], 4096)
     state = domain.RunState(run="r.1", stage="executing", started_at=100.0, files_total=2,
                             parts=domain.parts_state(plan))
     first = plan.parts[0].task
@@ -496,7 +498,7 @@ def test_a_final_report_counting_less_ends_the_part_with_the_counts_kept() -> No
     """A part whose first delivery cached half of it, its last one given up (or cancelled early) reporting less: the
     part ends, Failed with the final report's reason, and the run's progress keeps the half done."""
     entries = [entry("/a", 8192), entry("/b", 4096)]
-    plan = domain.plan_load("r.1", REF, entries, {0: 1, 1: 1}, ["n1"], ["n1"], 4096)
+    plan = domain.plan_load("r.1", DATASET, entries, {0: 1, 1: 1}, ["n1"], ["n1"], 4096)
     half = domain.fold_part(domain.parts_state(plan)[0], TaskProgress(
         run="r.1", part=0, node="n1", blocks_done=2, bytes_done=8192, files_done=[0]))
     given_up = TaskProgress(run="r.1", part=0, node="n1", failed=3, message="given up", done=True)
@@ -513,7 +515,7 @@ def test_no_eta_once_the_run_ended_or_while_nothing_moves() -> None:
     done (a node gone, a metadata timeout): the average over the run and no ETA. Quiet for STALLED_SECONDS: rate
     0 and no ETA, not the last report's numbers."""
     entries = [entry("/a", 8192)]
-    plan = domain.plan_load("r.1", REF, entries, {0: 1}, ["n1"], ["n1"], 4096)
+    plan = domain.plan_load("r.1", DATASET, entries, {0: 1}, ["n1"], ["n1"], 4096)
     half = domain.fold_part(domain.parts_state(plan)[0], TaskProgress(run="r.1", part=0, node="n1", bytes_done=4096))
     state = domain.RunState(run="r.1", stage="executing", started_at=100.0, moved_at=104.0, files_total=1,
                             parts=[half])
@@ -596,7 +598,7 @@ def test_a_run_ends_when_its_dataset_goes_or_its_spec_names_another() -> None:
     assert "was deleted while" in (domain.dataset_lost(record(), started, None) or "")
     again = msgspec.structs.replace(here, incarnation="two")
     assert "was deleted (and applied again)" in (domain.dataset_lost(record(), started, again) or "")
-    moved = record(DataLoadSpec(dataset=ObjectRef(name="other")))
+    moved = record(DataLoadSpec(dataset=DatasetRef(name="other")))
     message = domain.dataset_lost(moved, started, here) or ""
     assert "spec.dataset changed from default/data to default/other" in message and "deleted" not in message
     # A state saved before the run's dataset was kept: only the incarnation is checked.
@@ -768,7 +770,7 @@ def test_parts_stay_within_small_limits_and_cover_every_block_once(files, worker
     entries = [ManifestEntry(path="/" + p, mount=0, key=p, size=s, etag=e, mtime=0.0) for p, s, e in files]
     nodes = [f"node-{i}" for i in range(workers)]
     with patch.object(domain, "MAX_PART_BLOCKS", max_blocks), patch.object(domain, "MAX_PART_BYTES", max_bytes):
-        plan = domain.plan_load("r.1", REF, entries, dict.fromkeys(range(len(entries)), 1), nodes, nodes, 1024)
+        plan = domain.plan_load("r.1", DATASET, entries, dict.fromkeys(range(len(entries)), 1), nodes, nodes, 1024)
     seen: list[tuple[str, BlockId]] = []
     for part in plan.parts:
         assert 0 < part.blocks <= max_blocks
@@ -781,7 +783,7 @@ def test_parts_stay_within_small_limits_and_cover_every_block_once(files, worker
 
 
 def test_unwaited_mounts_are_those_no_executing_runs_part_not_done_is_on() -> None:
-    other = record(DataLoadSpec(dataset=ObjectRef(name="other", namespace="ns")))
+    other = record(DataLoadSpec(dataset=DatasetRef(name="other", namespace="ns")))
     operations = {"a": record(), "b": other, "c": record(), "gone": record()}
     runs = {
         "a": domain.RunState(run="a.1", stage="executing", parts=[
@@ -830,3 +832,25 @@ def test_a_run_request_joins_a_pending_run_and_queues_one_otherwise() -> None:
     # ...but once a request has queued the next run, more requests during this one join that one.
     assert domain.pending_run(record(cron, phase="Executing"),
                               domain.RunState(stage="executing", requested=1)).endswith("this request joins it")
+
+
+def test_a_raw_command_naming_its_dataset_without_a_namespace_means_the_operations_own() -> None:
+    """Another system publishes dataload.apply.v1 (and dataclean.apply.v1) for ml/warm naming {name: x}: the
+    dataset is ml/x, as the same YAML through shoal apply or Kubernetes names it (Fluid's rule), not default/x.
+    The record keeps the namespace it resolved to; one given stays as given."""
+    from libs.events.operation import DataCleanApply, DataLoadApply
+
+    load = msgspec.json.decode(b'{"id": "c1", "dataLoad": {"metadata": {"name": "warm", "namespace": "ml"}, '
+                               b'"spec": {"dataset": {"name": "x"}}}}', type=DataLoadApply).data_load
+    now = 1_767_225_600.0
+    record, _ = domain.apply_operation(None, "DataLoad", load.metadata, load.spec, None, now)
+    assert record.load is not None and record.load.dataset == DatasetRef(name="x", namespace="ml")
+    assert domain.dataset_ref(record) == ObjectRef(name="x", namespace="ml")
+    clean = msgspec.json.decode(b'{"id": "c2", "dataClean": {"metadata": {"name": "wipe", "namespace": "ml"}, '
+                                b'"spec": {"dataset": {"name": "x", "namespace": ""}}}}',
+                                type=DataCleanApply).data_clean
+    record, _ = domain.apply_operation(None, "DataClean", clean.metadata, None, clean.spec, now)
+    assert domain.dataset_ref(record) == ObjectRef(name="x", namespace="ml")
+    other = DataLoadSpec(dataset=DatasetRef(name="x", namespace="data"))
+    record, _ = domain.apply_operation(None, "DataLoad", ObjectMeta(name="warm", namespace="ml"), other, None, now)
+    assert domain.dataset_ref(record) == ObjectRef(name="x", namespace="data")

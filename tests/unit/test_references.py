@@ -12,7 +12,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from libs.events.common import ObjectMeta, ObjectRef
+from libs.events.common import ObjectMeta
 from libs.events.dataset import (
     CacheStates,
     Condition,
@@ -24,7 +24,7 @@ from libs.events.dataset import (
     NodeCache,
     RuntimeRef,
 )
-from libs.events.operation import DataLoadSpec, OperationRecord
+from libs.events.operation import DataLoadSpec, DatasetRef, OperationRecord
 from libs.events.schedule import DatasetUse, ScoreRequest
 from libs.references import Reference, parse, reference_of
 from services.agent import domain as agent_domain
@@ -269,7 +269,7 @@ def test_a_runtime_named_after_a_reference_picks_no_worker() -> None:
 
 def test_a_load_of_a_reference_says_to_load_the_source() -> None:
     operation = OperationRecord(kind="DataLoad", metadata=ObjectMeta(name="warm", namespace="team-b"),
-                                load=DataLoadSpec(dataset=ObjectRef(name="ref", namespace="team-b")))
+                                load=DataLoadSpec(dataset=DatasetRef(name="ref", namespace="team-b")))
     ref = record(dataset("dataset://team-a/src"), DatasetStatus(phase="Bound"))
     problem = loader_domain.run_problem(operation, loader_domain.Cluster(ref, None)) or ""
     assert "is a reference to team-a/src" in problem and "run the DataLoad on team-a/src" in problem
