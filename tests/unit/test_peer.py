@@ -734,6 +734,41 @@ async def test_a_reader_that_stops_reading_loses_its_connection_and_gives_its_sl
         await server.stop()
 
 
+async def test_a_block_file_copied_over_another_is_not_sent_but_the_block_fetched_for_the_reader(
+        tmp_path: Path) -> None:
+    # The sendfile path checked the file's header and chunk table only: a block file copied over another block's
+    # (self-consistent, so every chunk passes the reader's check) went out as that block. Its id now says it is
+    # another block's: the file is dropped and the block comes from the server's store path.
+    body = os.urandom(2 * BLOCK)
+    entry = ManifestEntry(path="/k", mount=0, key="k", size=len(body), etag="e", mtime=0.0)
+    tier = DiskTier(tmp_path / "cache", 8 * BLOCK)
+    cache = BlockCache([tier])
+    cache.load()
+    for index in range(2):
+        assert await cache.put_async(BlockId(0, "k", "e", index), body[index * BLOCK:(index + 1) * BLOCK])
+    Path(tier.path_of(BlockId(0, "k", "e", 1).name)).write_bytes(
+        Path(tier.path_of(BlockId(0, "k", "e", 0).name)).read_bytes())
+    fetched: list[int] = []
+
+    async def source(_: ManifestEntry, index: int) -> bytes:
+        fetched.append(index)
+        return body[index * BLOCK:(index + 1) * BLOCK]
+
+    server = PeerServer(KEY, "default", "demo", BLOCK, lambda mount, key: entry if key == "k" else None, source,
+                        open_file=lambda _, index: cache.open_block(BlockId(0, "k", "e", index)))
+    await server.start(LOOPBACK, 0)
+    try:
+        url = f"http://{LOOPBACK}:{server.port}"
+        got = await client_call(lambda c: c.get_block(url, BlockId(0, "k", "e", 1), BLOCK, BLOCK))
+        assert got == body[BLOCK:]
+        assert fetched == [1]
+        assert not cache.contains(BlockId(0, "k", "e", 1)) and tier.corrupt_blocks == 1
+        assert await client_call(lambda c: c.get_block(url, BlockId(0, "k", "e", 0), BLOCK, BLOCK)) == body[:BLOCK]
+        assert fetched == [1], "block 0's own file is still sent"
+    finally:
+        await server.stop()
+
+
 @pytest.mark.parametrize("skew", [3 * 3600.0, 121.0, -121.0, -24 * 3600.0],
                          ids=["peer 3 h ahead", "peer 2 min ahead", "peer 2 min behind", "peer a day behind"])
 async def test_a_peer_whose_clock_is_off_is_read_from_after_one_refusal(skew: float) -> None:

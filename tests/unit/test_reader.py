@@ -255,6 +255,26 @@ async def test_a_new_version_or_another_file_never_gets_cached_bytes_of_the_old_
     assert (await setup.store.head("twin.bin")).etag == (await setup.store.head("data.bin")).etag
 
 
+async def test_a_block_file_copied_over_another_is_read_from_the_store_not_served(tmp_path: Path) -> None:
+    # Each chunk of a block file copied over another block's matches its own table, so reads served its bytes as
+    # the other block's (a restart's scan caught it, by the id at the end of the file). Its id is now checked on
+    # every read: the file is dropped and the block read from the store.
+    setup = await make(tmp_path)
+    handle = setup.reader.open(setup.entry)
+    assert bytes(await setup.reader.read(handle, 0, 2 * BLOCK)) == setup.body[:2 * BLOCK]
+    setup.reader.close(handle)
+    await setup.reader.drain()
+    first, second = (setup.reader.block_id(setup.entry, index) for index in (0, 1))
+    path = tmp_path / "cache" / second.name[:2] / second.name
+    path.write_bytes((tmp_path / "cache" / first.name[:2] / first.name).read_bytes())
+    handle = setup.reader.open(setup.entry)
+    assert bytes(await setup.reader.read(handle, BLOCK + 10, 100)) == setup.body[BLOCK + 10:BLOCK + 110]
+    setup.reader.close(handle)
+    await setup.reader.drain()
+    assert setup.cache.stats().corrupt_blocks == 1
+    assert setup.cache.get(second) == setup.body[BLOCK:2 * BLOCK], "the block is cached again from the store"
+
+
 async def test_cached_blocks_ahead_are_not_fetched_again(tmp_path: Path) -> None:
     setup = await make(tmp_path)
     first = setup.reader.open(setup.entry)

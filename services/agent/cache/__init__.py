@@ -5,7 +5,8 @@ Design (one module per concern):
 * ``eviction`` — pure decisions, no I/O and no clock: per tier, an in-memory index in LRU order that answers
   "may this block enter, and whom does it displace?" (``EvictionPolicy.plan``).
 * ``tiers`` — storage: ``MemoryTier`` (a dict) and ``DiskTier`` (one checksummed file per block, written
-  atomically, verified on every read, with normal → unstable → down health so a failing disk is bypassed).
+  atomically, verified on every read (its chunks and the block id it holds), with normal → unstable → down health
+  so a failing disk is bypassed).
 * ``store`` — ``BlockCache``: the index of which tier holds which block, hit/miss accounting, and the plans
   applied to the tiers; ``BlockCache.from_levels`` builds it from a Runtime's ``tieredstore.levels``.
 
