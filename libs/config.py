@@ -461,6 +461,12 @@ def _check(settings: Settings) -> list[str]:
             problems.append(f"{variable}: {err}")
     if not settings.agent.mount_root.startswith("/"):
         problems.append(f"SHOAL_MOUNT_ROOT={settings.agent.mount_root!r}: must be an absolute path")
+    # Joined below every tier path, by the agent and by its mount processes alike: an absolute path or a '..'
+    # would put blocks outside the tier (and the agent would look for them elsewhere than its mounts wrote them).
+    subdir = settings.agent.cache_subdir
+    if subdir.startswith("/") or ".." in subdir.split("/"):
+        problems.append(f"SHOAL_CACHE_SUBDIR={subdir!r}: must be a relative path without '..' (a folder below each "
+                        "tier path, e.g. node-2)")
     for root in settings.service.local_roots:
         if not root.startswith("/"):
             problems.append(f"SHOAL_LOCAL_ROOTS: {root!r} must be an absolute path")

@@ -674,7 +674,8 @@ class NodeAgent:
                    *self.ledger.caches.values(), *self.ledger.retired.values()]
         for levels in sources:
             for path in domain.disk_directories(levels):
-                for marker in (Path(path) / self.settings.agent.cache_subdir).glob(f"*/*/{MARKER}"):
+                for marker in (Path(path) / domain.cache_folder(self.settings.agent.cache_subdir)).glob(
+                        f"*/*/{MARKER}"):
                     ref = (marker.parent.parent.name, marker.parent.name)
                     if subjects.resource_key(*ref) not in self.datasets.values:
                         found.setdefault(ref, self.ledger.caches.get(ref, levels))

@@ -91,9 +91,16 @@ def mountpoint(root: str, namespace: str, name: str) -> str:
     return posixpath.join(root, namespace, name)
 
 
+def cache_folder(subdir: str) -> str:
+    """This agent's folder below each tier path (``SHOAL_CACHE_SUBDIR``, relative and without '..': the settings
+    refuse any other), normalised; empty for none. The one spelling of it, for the agent (which frees the caches
+    of deleted datasets) and its mount processes (which write them)."""
+    return posixpath.normpath(subdir) if subdir and posixpath.normpath(subdir) != "." else ""
+
+
 def cache_suffix(subdir: str, namespace: str, name: str) -> str:
     """The folder of a dataset's blocks below each tier path: ``[<subdir>/]<namespace>/<name>``."""
-    return posixpath.join(subdir, namespace, name) if subdir else posixpath.join(namespace, name)
+    return posixpath.join(cache_folder(subdir), namespace, name)
 
 
 def tiers_changed(started: Sequence[Level], current: Sequence[Level]) -> bool:

@@ -53,7 +53,7 @@ from libs.ufs.mounts import local_location_error, read_secrets, resolve_location
 from libs.ufs.s3 import S3ObjectStore
 from services.agent import budget
 from services.agent.cache import BlockCache, FrequencyAdmissionPolicy, LruPolicy, ScanCancelled
-from services.agent.domain import EXIT_PEER_PORT_TAKEN, FUSE_SUBTYPE
+from services.agent.domain import EXIT_PEER_PORT_TAKEN, FUSE_SUBTYPE, cache_suffix
 from services.agent.fs import DatasetFS, time_operations
 from services.agent.handover import Staging, replace_in_place, unmount_own
 from services.agent.inventory import InventoryLog, InventoryPublisher
@@ -627,11 +627,6 @@ async def until_stopped(work: Coroutine[Any, Any, T], stop: asyncio.Event) -> T 
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
     return None if task.cancelled() else task.result()
-
-
-def cache_suffix(subdir: str, namespace: str, name: str) -> str:
-    """The folder below each disk tier path for this dataset: ``[<subdir>/]<namespace>/<name>``."""
-    return f"{subdir.strip('/')}/{namespace}/{name}" if subdir.strip("/") else f"{namespace}/{name}"
 
 
 async def serve(settings: Settings, namespace: str, name: str, mountpoint: str,

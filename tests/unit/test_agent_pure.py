@@ -302,6 +302,18 @@ def test_a_serving_mount_reports_its_peer_url_and_blocks_live_below_the_cache_su
     assert agent_domain.cache_suffix("node-2", "default", "d") == "node-2/default/d"
 
 
+@pytest.mark.parametrize(("subdir", "folder"), [("", ""), ("node-2", "node-2"), ("agents/node-2/", "agents/node-2"),
+                                                ("./node-2", "node-2"), ("agents//node-2", "agents/node-2")])
+def test_one_spelling_of_the_cache_folder_for_the_agent_and_its_mount_processes(subdir: str, folder: str) -> None:
+    # The agent (freeing a deleted dataset's blocks) and the mount process (writing them) each built the folder
+    # their own way, so they could disagree. Both use these: the mount process has no cache_suffix of its own.
+    assert agent_domain.cache_folder(subdir) == folder
+    assert agent_domain.cache_suffix(subdir, "ns", "x") == (f"{folder}/ns/x" if folder else "ns/x")
+    from services.agent import mountd
+
+    assert getattr(mountd, "cache_suffix", None) is agent_domain.cache_suffix
+
+
 # --- heartbeat size ---
 
 EVENT_LIMIT = 256 * 1024  # SHOAL_MAX_EVENT_BYTES' default: what the runtime service accepts

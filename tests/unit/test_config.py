@@ -314,6 +314,20 @@ def test_local_roots_and_allow_other() -> None:
         load_settings({"SHOAL_LOCAL_ROOTS": "data"})
 
 
+@pytest.mark.parametrize("subdir", ["/x", "/agents/node-a/", "..", "../other", "node-a/../../x", "a/.."])
+def test_the_cache_subdir_is_a_folder_below_each_tier_path(subdir: str) -> None:
+    # An absolute SHOAL_CACHE_SUBDIR was taken as a folder below the tier by the mount process (it stripped the
+    # '/') but as the absolute folder by the agent, which then never found a deleted dataset's blocks to free them;
+    # '..' would leave the tier altogether. Both are refused at start-up, with the reason.
+    with pytest.raises(SettingsError, match=f"SHOAL_CACHE_SUBDIR={subdir!r}: must be a relative path without '..'"):
+        load_settings({"SHOAL_CACHE_SUBDIR": subdir})
+
+
+@pytest.mark.parametrize("subdir", ["", "node-a", "agents/node-a/", "./node-a", "node..a"])
+def test_a_relative_cache_subdir_is_taken(subdir: str) -> None:
+    assert load_settings({"SHOAL_CACHE_SUBDIR": subdir}).agent.cache_subdir == subdir
+
+
 def test_node_labels_are_key_value_pairs() -> None:
     settings = load_settings({"SHOAL_NODE_LABELS": "zone=a, region=eu-1,topology.kubernetes.io/zone=z"})
     assert settings.agent.labels == {"zone": "a", "region": "eu-1", "topology.kubernetes.io/zone": "z"}

@@ -637,14 +637,6 @@ async def test_a_block_fetched_for_a_peer_is_found_while_its_cache_write_is_pend
     assert [b.index for b, _ in n.cache.blocks()] == [1]
 
 
-def test_the_cache_folder_of_a_dataset_takes_the_agent_subfolder() -> None:
-    from services.agent.mountd import cache_suffix
-
-    assert cache_suffix("", "default", "demo") == "default/demo"
-    assert cache_suffix("node-a", "default", "demo") == "node-a/default/demo"
-    assert cache_suffix("/agents/node-a/", "ns", "x") == "agents/node-a/ns/x"
-
-
 async def test_a_peer_that_keeps_failing_is_skipped_longer_until_it_answers(
         peer: tuple[PeerServer, Served, str]) -> None:
     _, served, url = peer
