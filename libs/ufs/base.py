@@ -86,6 +86,9 @@ class LocalLocation:
     # read that the root's real path is still below it: a folder of the path replaced by a link after the mount
     # was checked (its owner may do that at any time) must not turn reads to files outside. None: not checked.
     local_root: Path | None = None
+    # The mount point as the spec names it (local:///data/, pvc://claim/sub): part of every ETag (``source_tag``),
+    # so a file's blocks are never taken for another mount's. Empty: none (a store opened on a bare folder).
+    source: str = ""
 
 
 # Listing limits of a web folder; why these numbers: libs.ufs.http.

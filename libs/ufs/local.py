@@ -29,6 +29,8 @@ import stat
 from collections.abc import AsyncGenerator
 from types import TracebackType
 
+import xxhash
+
 from libs.ufs.base import (
     AccessDenied,
     LocalLocation,
@@ -40,12 +42,23 @@ from libs.ufs.base import (
 )
 
 
-def _etag(st: os.stat_result) -> str:
+def _etag(st: os.stat_result, source: str = "") -> str:
     """Size and modification time: what changes when a file is rewritten, with no need to read it. Nothing
     node-specific (an inode, a ctime): nodes holding copies of one folder (``rsync -a``) see the same ETags, so a
     manifest listed on one node is read on every other. A file replaced by another of the same size and time
-    (``cp -p``, ``touch -d``) is not seen."""
-    return f"{st.st_size:x}-{st.st_mtime_ns:x}"
+    (``cp -p``, ``touch -d``) is not seen.
+
+    Then ``source``, a digest of the mount point as the spec names it (``source_tag``): a cached block is named by
+    its mount's position, the key and the ETag, and a position moves when a mount before it is removed. Files of
+    two mounts with one key, size and time (archives unpacked with a fixed time, as reproducible builds make
+    them) would otherwise share their blocks after such a move, and the mount serve the other's bytes."""
+    tag = f"{st.st_size:x}-{st.st_mtime_ns:x}"
+    return f"{tag}-{source}" if source else tag
+
+
+def source_tag(mount_point: str) -> str:
+    """The part of a local ETag that names its mount (``_etag``): the same on every node that reads the spec."""
+    return xxhash.xxh3_64_hexdigest(mount_point.encode()) if mount_point else ""
 
 
 # Linux's PATH_MAX: a longer path is refused (ENAMETOOLONG) by every call that takes one, as it is by the reads.
@@ -73,11 +86,12 @@ def served_mode(st: os.stat_result, folders: list[Folder]) -> int:
     return mode
 
 
-def _info(key: str, st: os.stat_result, folders: list[Folder] | None = None) -> ObjectInfo:
+def _info(key: str, st: os.stat_result, folders: list[Folder] | None = None, source: str = "") -> ObjectInfo:
     """The object; with ``folders`` (a listing, which knows them) also the mode and owner a mount serves."""
+    etag = _etag(st, source)
     if folders is None:
-        return ObjectInfo(key=key, size=st.st_size, etag=_etag(st), mtime=st.st_mtime, mtime_ns=st.st_mtime_ns)
-    return ObjectInfo(key=key, size=st.st_size, etag=_etag(st), mtime=st.st_mtime, mtime_ns=st.st_mtime_ns,
+        return ObjectInfo(key=key, size=st.st_size, etag=etag, mtime=st.st_mtime, mtime_ns=st.st_mtime_ns)
+    return ObjectInfo(key=key, size=st.st_size, etag=etag, mtime=st.st_mtime, mtime_ns=st.st_mtime_ns,
                       mode=served_mode(st, folders), uid=st.st_uid, gid=st.st_gid)
 
 
@@ -137,9 +151,10 @@ class _Walk:
     No directory handle stays open between pages.
     """
 
-    def __init__(self, root: str, real_root: str) -> None:
+    def __init__(self, root: str, real_root: str, source: str = "") -> None:
         self._root = root
         self._real_root = real_root
+        self._source = source
         # One frame per folder on the current path: its key prefix and its unvisited entries, last one next.
         self._frames: list[tuple[str, list[tuple[str, str, bool]]]] = []
         # Mode and owner of each folder on the current path (one per frame), for ``served_mode``.
@@ -236,7 +251,7 @@ class _Walk:
                 found.append(_left_out(key, _unusable(err)))
                 continue
             if stat.S_ISREG(st.st_mode):
-                found.append(_info(key, st, self._folders))
+                found.append(_info(key, st, self._folders, self._source))
             elif stat.S_ISDIR(st.st_mode):  # only through a link: the folders themselves were entered above
                 found.append(_left_out(key, LINK_TO_FOLDER))
             else:  # reported like the links left out, not missing in silence
@@ -250,6 +265,7 @@ class LocalObjectStore:
     def __init__(self, location: LocalLocation) -> None:
         # abspath does no I/O; links in the root itself are resolved when checking containment.
         self._root = os.path.abspath(location.root)
+        self._source = source_tag(location.source)
         # The folder the root's real path must stay below (the claim, or the SHOAL_LOCAL_ROOTS root), checked at
         # each listing and read: a folder on the root's path may be replaced by a link after the mount started.
         boundary = location.claim_root or location.local_root
@@ -281,7 +297,7 @@ class LocalObjectStore:
         def next_page() -> list[ObjectInfo]:
             nonlocal walk
             if walk is None:  # the root's checks in the first page's thread hop (small folders need one)
-                walk = _Walk(self._root, self._real_root())
+                walk = _Walk(self._root, self._real_root(), self._source)
             return walk.page(page_size)
 
         while True:
@@ -367,7 +383,7 @@ class LocalObjectStore:
             raise self._denied(key) from err
         if not stat.S_ISREG(st.st_mode):
             raise self._no_key(key)
-        return _info(key, st)
+        return _info(key, st, source=self._source)
 
     def _read(self, key: str, start: int, length: int, etag: str | None) -> bytes:
         # The file opened is checked, not only the path: a folder of the path replaced by a link after the check
@@ -391,13 +407,13 @@ class LocalObjectStore:
                 if not stat.S_ISREG(st.st_mode):
                     raise self._no_key(key)
                 # fstat of the open file: the ETag checked is the one of the bytes we are about to read.
-                if etag is not None and _etag(st) != etag:
+                if etag is not None and _etag(st, self._source) != etag:
                     raise self._changed(key, etag)
                 file.seek(start)
                 data = file.read(length)
                 # And again after: a file rewritten in place while it was read gave bytes of the new version (or
                 # of both) that the reader would keep as the old one's, on every node, until the next sync.
-                if etag is not None and _etag(os.fstat(file.fileno())) != etag:
+                if etag is not None and _etag(os.fstat(file.fileno()), self._source) != etag:
                     raise self._changed(key, etag)
                 return data
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as err:

@@ -52,12 +52,13 @@ def resolve_location(dataset: Dataset, mount: Mount, secrets: Mapping[tuple[str,
     parts = urlsplit(mount.mount_point)
     if parts.scheme == "local":
         local_root = local_root_of(parts.path, local_roots)
-        return LocalLocation(root=Path(parts.path), local_root=Path(local_root) if local_root is not None else None)
+        return LocalLocation(root=Path(parts.path), local_root=Path(local_root) if local_root is not None else None,
+                             source=mount.mount_point)
     options = canonical_options(mount, dataset.spec.shared_options)
     if parts.scheme == "pvc":
         claim = claim_folder(pvc_root or "/nonexistent-pvc-root", dataset.metadata.namespace, parts.netloc)
         sub = unquote(parts.path).strip("/")
-        return LocalLocation(root=claim / sub if sub else claim, claim_root=claim)
+        return LocalLocation(root=claim / sub if sub else claim, claim_root=claim, source=mount.mount_point)
     if parts.scheme in ("http", "https"):
         limits = {}
         for name, field in HTTP_LIMIT_OPTIONS.items():

@@ -53,6 +53,13 @@ POLICY = AutoscalingPolicy(min_replicas=1, max_replicas=2, target_cache_used_per
                            cool_down_seconds=COOL_DOWN_SECONDS)
 
 
+def read_uncached(path: Path) -> bytes:
+    """The file's bytes, its page cache dropped first: the reads reach the mount process and count as reads."""
+    with path.open("rb") as file:
+        os.posix_fadvise(file.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        return file.read()
+
+
 async def workers_are(bus: Bus, count: int) -> RuntimeRecord:
     async def probe() -> RuntimeRecord | None:
         record = await runtime_record(bus, NAME)
@@ -88,11 +95,20 @@ async def test_the_cache_grows_under_reads_shrinks_after_the_cool_down_and_autos
             worker = first.status.workers[0].node  # the first agent heard from
             await cluster.wait_mounted(NAME, expect="part-0.bin", nodes=[worker])
 
-            # The load: every file read once through the one worker's mount (its own cache fills).
+            # The load: every file read through the one worker's mount (its own cache fills), pass after pass
+            # while the runtime has not grown. A growth needs a look (once a second) that sees reads and a cache
+            # past the target at once: one quick pass could fall before the cache figure came and be over by the
+            # next look, on a busy machine. Each pass drops the files' pages first, so its reads reach the mount.
             root = cluster.agents[worker].mountpoint(NAME)
-            for name, data in files.items():
-                assert md5(await read_file(root / name)) == md5(data)
-            grown = await workers_are(bus, 2)
+
+            async def grown_while_reading() -> RuntimeRecord | None:
+                for name, data in files.items():
+                    assert md5(await asyncio.to_thread(read_uncached, root / name)) == md5(data)
+                record = await runtime_record(bus, NAME)
+                return record if record is not None and record.runtime.spec.replicas == 2 \
+                    and len(record.status.workers) == 2 else None
+
+            grown = await eventually(grown_while_reading, timeout=30, what="2 cache workers while reading")
             await eventually(lambda: asyncio.sleep(0, facts[:1] or None), what="the growth's fact")
             up = facts[0]
             assert (up.from_replicas, up.to_replicas) == (1, 2)

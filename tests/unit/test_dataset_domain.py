@@ -916,7 +916,7 @@ def test_secret_values_never_appear_in_the_location_repr() -> None:
 def test_local_location() -> None:
     dataset = make_dataset(Mount(mount_point="local:///mnt/nfs/imagenet"))
     assert resolve_location(dataset, dataset.spec.mounts[0], {}, DEFAULTS) == LocalLocation(
-        root=Path("/mnt/nfs/imagenet")
+        root=Path("/mnt/nfs/imagenet"), source="local:///mnt/nfs/imagenet"
     )
 
 
@@ -1257,7 +1257,8 @@ def test_web_and_claim_mounts_resolve_to_their_locations() -> None:
                            namespace="team")
     claim, web = (resolve_location(dataset, mount, {}, S3Settings(), pvc_root="/claims")
                   for mount in dataset.spec.mounts)
-    assert claim == LocalLocation(root=Path("/claims/team/data/a b/c"), claim_root=Path("/claims/team/data"))
+    assert claim == LocalLocation(root=Path("/claims/team/data/a b/c"), claim_root=Path("/claims/team/data"),
+                           source="pvc://data/a%20b/c/")
     assert web == HttpLocation(url="https://h/x/", max_depth=3)
 
 

@@ -585,3 +585,37 @@ async def test_a_file_of_a_mount_a_resync_removed_is_stale_not_an_unexpected_err
     del gates[1]  # the resync's new list of stores, edited in place as the mount process does
     with pytest.raises(ObjectChanged, match="no longer in the dataset"):
         await reader.read(handle, 0, BLOCK)
+
+
+async def test_a_removed_mount_never_lends_its_blocks_to_the_mount_moved_into_its_place(tmp_path: Path) -> None:
+    """Two local mounts, each with x.bin of one size and time but other bytes, both read (and cached). The next
+    sync removes mount 0, so mount 1 is now at position 0, and the mount process keeps the blocks whose (position,
+    key, ETag) the new manifest still names (``mountd._drop_stale``). The ETag names the mount point, so none of
+    mount 0's blocks is kept for it: the read returns mount 1's bytes, fetched from its store."""
+    stores, bodies = [], []
+    for index in range(2):
+        body = os.urandom(100_000)
+        path = tmp_path / f"m{index}" / "x.bin"
+        path.parent.mkdir()
+        path.write_bytes(body)
+        os.utime(path, ns=(10**18, 10**18))
+        stores.append(LocalObjectStore(LocalLocation(root=path.parent, source=f"local:///data/m{index}/")))
+        bodies.append(body)
+    infos = [await store.head("x.bin") for store in stores]
+    cache = BlockCache([DiskTier(tmp_path / "cache", 1 << 24)])
+    cache.load()
+    gates = [StoreGate(store) for store in stores]
+    reader = BlockReader(cache, gates, 65536, MemoryBudget(1 << 22), write_block=cache.put_async)
+    for index in range(2):
+        entry = ManifestEntry(path=f"/m{index}/x.bin", mount=index, key="x.bin", size=100_000,
+                              etag=infos[index].etag, mtime=1.0)
+        handle = reader.open(entry)
+        assert bytes(await reader.read(handle, 0, 100_000)) == bodies[index]
+        reader.close(handle)
+        await reader.drain()
+    moved = ManifestEntry(path="/m1/x.bin", mount=0, key="x.bin", size=100_000, etag=infos[1].etag, mtime=1.0)
+    cache.drop_stale(lambda block: (block.mount, block.key, block.etag) == (moved.mount, moved.key, moved.etag))
+    gates[:] = [gates[1]]
+    handle = reader.open(moved)
+    assert bytes(await reader.read(handle, 0, 100_000)) == bodies[1]
+    reader.close(handle)
