@@ -2,11 +2,12 @@
 why not.
 
 The required terms are read from ``required`` (Fluid's Dataset field) or
-``requiredDuringSchedulingIgnoredDuringExecution`` (Kubernetes' NodeAffinity); preferred terms are not
-constraints and are ignored. Terms are ORed, the expressions of one term ANDed, as in Kubernetes. Operators:
-In, NotIn, Exists, DoesNotExist, Gt, Lt (64-bit integers, read as Kubernetes reads them), with the values
-Kubernetes requires of each (none for Exists and DoesNotExist). ``matchFields`` supports ``metadata.name`` (the
-node name) with In or NotIn and one value, as Kubernetes does.
+``requiredDuringSchedulingIgnoredDuringExecution`` (Kubernetes' NodeAffinity; both given, a node must satisfy
+both); preferred terms are not constraints and are ignored. Terms are ORed, the expressions of one term ANDed, as
+in Kubernetes. Operators: In, NotIn, Exists, DoesNotExist, Gt, Lt (64-bit integers, read as Kubernetes reads
+them), with the values Kubernetes requires of each (none for Exists and DoesNotExist), strings as in Kubernetes
+(an unquoted YAML ``1.10`` is the number 1.1, never the label value ``1.10``). ``matchFields`` supports
+``metadata.name`` (the node name) with In or NotIn and one value, as Kubernetes does.
 A node always carries the implicit label ``kubernetes.io/hostname`` = its name. An affinity that cannot be read
 (not the documented shape, an unknown operator) allows no node, and the reason says what is wrong, so a typo
 never silently allows everything.
@@ -25,6 +26,8 @@ OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist", "Gt", "Lt")
 # An integer for Gt and Lt, as Go's strconv.ParseInt reads it in base 10: a sign, ASCII digits, 64 bits.
 INTEGER = re.compile(r"[+-]?[0-9]+")
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+# Stands for a selector without ``nodeSelectorTerms`` (Kubernetes requires the field), so the reason says so.
+NO_TERMS = object()
 
 
 def node_labels(node: str, labels: Mapping[str, str]) -> dict[str, str]:
@@ -32,19 +35,23 @@ def node_labels(node: str, labels: Mapping[str, str]) -> dict[str, str]:
     return {HOSTNAME_LABEL: node, **labels}
 
 
-def required_terms(affinity: Mapping[str, Any] | None) -> list[Any] | None:
-    """The required node selector terms, or None when the affinity requires nothing."""
+def required_selectors(affinity: Mapping[str, Any] | None) -> list[list[Any]]:
+    """The terms of each required node selector given (``required``, ``requiredDuring...``), none when the affinity
+    requires nothing. Both given (``affinity_errors`` refuses that at apply): a node must satisfy both, since
+    reading one and skipping the other would drop a constraint without a word."""
     if not affinity:
-        return None
+        return []
+    selectors = []
     for key in REQUIRED_KEYS:
         selector = affinity.get(key)
         if selector is None:
             continue
         if not isinstance(selector, Mapping):
-            return [selector]  # not a selector: reported by ``mismatch``
+            selectors.append([selector])  # not a selector: reported by ``mismatch``
+            continue
         terms = selector.get("nodeSelectorTerms")
-        return terms if isinstance(terms, list) else [terms]
-    return None
+        selectors.append(terms if isinstance(terms, list) else [NO_TERMS if terms is None else terms])
+    return selectors
 
 
 def _expression_text(expression: Mapping[str, Any]) -> str:
@@ -65,6 +72,11 @@ def _expression_error(expression: Any) -> str | None:
     values = expression.get("values") or []
     if not isinstance(values, list):
         return f"values of {expression['key']} must be a list"
+    if typed := [value for value in values if not isinstance(value, str)]:
+        # Kubernetes takes strings only. Read as text, YAML's 1.10, yes and 010 became 1.1, True and 8: a node
+        # labelled 1.10 never matched, with no word of why.
+        return (f"values of {expression['key']} must be strings, got {typed[0]!r} ({type(typed[0]).__name__}): "
+                "quote it, as YAML reads an unquoted 1.10 as 1.1, yes as true and 010 as 8")
     if operator in ("Gt", "Lt"):
         if len(values) != 1 or _integer(values[0]) is None:
             return f"{expression['key']} {operator} needs one integer value"
@@ -117,6 +129,8 @@ def _matches(expression: Mapping[str, Any], labels: Mapping[str, str]) -> bool:
 
 def _term_mismatch(term: Any, node: str, labels: Mapping[str, str]) -> str | None:
     """Why the node fails this term (the first failing expression), or None when it matches."""
+    if term is NO_TERMS:
+        return "a required node selector needs nodeSelectorTerms: no node matches"
     if not isinstance(term, Mapping):
         return f"a node selector term must be a mapping, got {term!r}"
     expressions = term.get("matchExpressions") or []
@@ -158,6 +172,10 @@ def affinity_errors(affinity: Mapping[str, Any] | None, where: str = "spec.nodeA
     if not affinity:
         return []
     errors = _unknown(affinity, AFFINITY_FIELDS, where)
+    if all(affinity.get(key) is not None for key in REQUIRED_KEYS):
+        # Both would be required of a node (``mismatch``); one spelling says what is meant.
+        errors.append(f"{where} gives both {' and '.join(REQUIRED_KEYS)}: give one (required, as Fluid, or "
+                      "Kubernetes' name for it), with every term it needs")
     for key in REQUIRED_KEYS:
         selector = affinity.get(key)
         if selector is None:
@@ -167,7 +185,10 @@ def affinity_errors(affinity: Mapping[str, Any] | None, where: str = "spec.nodeA
             errors.append(f"{at} must be a node selector (nodeSelectorTerms: [...]), got {selector!r}")
             continue
         errors += _unknown(selector, SELECTOR_FIELDS, at)
-        terms = selector.get("nodeSelectorTerms") or []
+        terms = selector.get("nodeSelectorTerms")
+        if terms is None:
+            errors.append(f"{at}.nodeSelectorTerms is required (a list of terms, as in Kubernetes)")
+            continue
         if not isinstance(terms, list):
             errors.append(f"{at}.nodeSelectorTerms must be a list of terms")
             continue
@@ -199,19 +220,19 @@ def _term_errors(term: Any, where: str) -> list[str]:
 
 def mismatch(affinity: Mapping[str, Any] | None, node: str, labels: Mapping[str, str]) -> str | None:
     """Why ``node`` with ``labels`` does not satisfy the required node affinity, or None when it does."""
-    terms = required_terms(affinity)
-    if terms is None:
-        return None
-    if not terms:
-        return "nodeSelectorTerms is empty: no node matches"
     all_labels = node_labels(node, labels)
-    reasons = []
-    for term in terms:
-        reason = _term_mismatch(term, node, all_labels)
-        if reason is None:
-            return None
-        reasons.append(reason)
-    return " or ".join(dict.fromkeys(reasons))
+    for terms in required_selectors(affinity):
+        if not terms:
+            return "nodeSelectorTerms is empty: no node matches"
+        reasons = []
+        for term in terms:
+            reason = _term_mismatch(term, node, all_labels)
+            if reason is None:
+                break
+            reasons.append(reason)
+        else:
+            return " or ".join(dict.fromkeys(reasons))
+    return None
 
 
 def surely_excludes(node_selector: Mapping[str, Any], affinity: Mapping[str, Any] | None, node: str,
@@ -223,14 +244,14 @@ def surely_excludes(node_selector: Mapping[str, Any], affinity: Mapping[str, Any
     known = node_labels(node, labels)
     if any(key in known and known[key] != value for key, value in node_selector.items()):
         return True
-    terms = required_terms(affinity)
-    if not terms:
-        return False
-    return all(_term_excludes(term, node, known) for term in terms)
+    return any(terms and all(_term_excludes(term, node, known) for term in terms)
+               for terms in required_selectors(affinity))
 
 
 def _term_excludes(term: Any, node: str, known: Mapping[str, str]) -> bool:
     """Whether the node fails this term for certain (terms are ORed: the pod excludes it when it fails them all)."""
+    if term is NO_TERMS:
+        return True  # a selector without terms matches no node
     if not isinstance(term, Mapping):
         return False
     expressions, fields = term.get("matchExpressions") or [], term.get("matchFields") or []

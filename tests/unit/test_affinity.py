@@ -176,3 +176,39 @@ def test_a_misspelt_field_or_operator_is_refused_naming_it() -> None:
         f"{where}.matchFields[0]: matchFields supports only metadata.name, got 'zone'"]
     assert affinity_errors({"required": "zone-a"}) == [
         "spec.nodeAffinity.required must be a node selector (nodeSelectorTerms: [...]), got 'zone-a'"]
+
+
+@pytest.mark.parametrize("value", [1.1, True, 8, 0, False, None])
+def test_a_value_that_is_no_string_is_refused_and_matches_no_node(value: Any) -> None:
+    """Unquoted in YAML, ``1.10``, ``yes`` and ``010`` are 1.1, True and 8: read as text they matched no node
+    labelled ``1.10``, ``yes`` or ``010`` (and ``values: [1.10]`` matched a node labelled ``1.1``) with no word of
+    why. Kubernetes takes strings only; so does the dataset service at apply, and the reason says to quote."""
+    affinity = required({"matchExpressions": [expr("version", "In", "1.1", value)]}, key="required")
+    found = mismatch(affinity, "n", {"version": "1.1"})
+    assert found is not None and found.startswith(f"values of version must be strings, got {value!r}"), found
+    assert affinity_errors(affinity) == [
+        f"spec.nodeAffinity.required.nodeSelectorTerms[0].matchExpressions[0]: {found}"]
+    gt = required({"matchExpressions": [expr("gpus", "Gt", 2)]})
+    assert (mismatch(gt, "n", {"gpus": "4"}) or "").startswith("values of gpus must be strings, got 2 (int)")
+
+
+def test_both_spellings_of_the_required_selector_are_refused_and_both_required_of_a_node() -> None:
+    """``required`` was read and ``requiredDuringScheduling...`` beside it skipped: a node of zone b became a
+    worker of a dataset that also asked for zone a."""
+    zone_b = {"nodeSelectorTerms": [{"matchExpressions": [expr("zone", "In", "b")]}]}
+    zone_a = {"nodeSelectorTerms": [{"matchExpressions": [expr("zone", "In", "a")]}]}
+    both = {"required": zone_b, "requiredDuringSchedulingIgnoredDuringExecution": zone_a}
+    assert mismatch(both, "n", {"zone": "b"}) == "zone In [a]"
+    assert mismatch(both, "n", {"zone": "a"}) == "zone In [b]"
+    assert surely_excludes({}, both, "n", {"zone": "b"}) is True
+    assert affinity_errors(both) == [
+        "spec.nodeAffinity gives both required and requiredDuringSchedulingIgnoredDuringExecution: give one "
+        "(required, as Fluid, or Kubernetes' name for it), with every term it needs"]
+
+
+def test_a_selector_without_node_selector_terms_is_refused_and_says_so() -> None:
+    """Kubernetes requires ``nodeSelectorTerms``; without it the reason was "a node selector term must be a mapping,
+    got None", and the apply was taken."""
+    assert mismatch({"required": {}}, "n", {}) == "a required node selector needs nodeSelectorTerms: no node matches"
+    assert affinity_errors({"required": {}}) == [
+        "spec.nodeAffinity.required.nodeSelectorTerms is required (a list of terms, as in Kubernetes)"]

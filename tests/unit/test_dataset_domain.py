@@ -212,6 +212,28 @@ def test_a_dataset_without_mounts_such_as_fluids_vineyard_sample_is_refused_sayi
         "by one step for the next), is not supported: Shoal's mounts are read-only"]
 
 
+def test_a_node_affinity_value_yaml_reads_as_a_number_is_refused_at_apply() -> None:
+    """``values: [1.10]`` unquoted is the number 1.1: taken, it matched no node labelled ``1.10`` (and every node
+    labelled ``1.1``), and only a runtime's notPicked showed ``version In [1.1]``. Kubernetes takes strings only."""
+    manifest = """
+apiVersion: data.fluid.io/v1alpha1
+kind: Dataset
+metadata: {name: demo}
+spec:
+  mounts: [{mountPoint: "s3://bucket/data"}]
+  nodeAffinity:
+    required:
+      nodeSelectorTerms:
+      - matchExpressions: [{key: version, operator: In, values: [1.10]}]
+"""
+    commands, _, errors = documents_to_commands(parse_documents(manifest))
+    assert errors == []
+    (dataset,) = [command.event.dataset for command in commands if isinstance(command.event, DatasetApply)]
+    assert validate_dataset(dataset) == [
+        "spec.nodeAffinity.required.nodeSelectorTerms[0].matchExpressions[0]: values of version must be strings, got "
+        "1.1 (float): quote it, as YAML reads an unquoted 1.10 as 1.1, yes as true and 010 as 8"]
+
+
 @pytest.mark.parametrize(
     ("mount_point", "shown"),
     [("gs://bucket", "scheme 'gs'"), ("hdfs://nn:8020/data", "scheme 'hdfs'"), ("bucket/path", "no scheme"),
