@@ -169,6 +169,11 @@ class ServiceSettings:
 # scans the cache (one open and two reads per block: a 1 TB disk tier of 4 MiB blocks is ~250,000 files, tens of
 # seconds on a cold disk), so two minutes is far beyond a healthy start and short of "Starting" for ever.
 MOUNT_START_SECONDS = 120.0
+# The longest heartbeat interval: the agents' records expire a minute after the last beat (``libs.bus.
+# AGENTS_TTL_SECONDS``; this module sits below it), and a node may miss three beats before it is not ready. Beating
+# every 30 s, one missed beat let the record expire while the node still counted as fresh: a cache worker lost its
+# seat to a spare, and the ring of block owners moved, at the first late beat.
+MAX_HEARTBEAT_SECONDS = 20.0
 
 
 @dataclass(frozen=True)
@@ -182,8 +187,10 @@ class AgentSettings:
         "SHOAL_AGENT_RUNTIMES", "Runtimes this agent serves, as namespace/name; empty serves every runtime.",
         default_factory=list,
     )
-    # Three missed beats make a node not ready; 2 s lets the runtime notice a dead agent within ~6 s.
-    heartbeat_seconds: float = env("SHOAL_HEARTBEAT_SECONDS", "Seconds between heartbeats.", default=2.0)
+    # Three missed beats make a node not ready; 2 s lets the runtime notice a dead agent within ~6 s. At most
+    # ``MAX_HEARTBEAT_SECONDS``.
+    heartbeat_seconds: float = env("SHOAL_HEARTBEAT_SECONDS", "Seconds between heartbeats (at most 20).",
+                                   default=2.0)
     mount_start_seconds: float = env("SHOAL_MOUNT_START_SECONDS", "Seconds a mount process may take to mount; "
                                      "one that takes longer is reported Failing, stopped and started again with "
                                      "backoff.", default=MOUNT_START_SECONDS)
@@ -435,8 +442,10 @@ def _check(settings: Settings) -> list[str]:
         problems.append("SHOAL_STREAM_REPLICAS: JetStream allows 1 to 5 replicas")
     if settings.agent.cache_policy not in ("lfu-admission", "lru"):
         problems.append(f"SHOAL_CACHE_POLICY={settings.agent.cache_policy!r}: use lfu-admission or lru")
-    if settings.agent.heartbeat_seconds <= 0:
-        problems.append("SHOAL_HEARTBEAT_SECONDS: must be positive")
+    if not 0 < settings.agent.heartbeat_seconds <= MAX_HEARTBEAT_SECONDS:
+        problems.append(f"SHOAL_HEARTBEAT_SECONDS={settings.agent.heartbeat_seconds:g}: must be positive and at most "
+                        f"{MAX_HEARTBEAT_SECONDS:g} (the agents' records expire {3 * MAX_HEARTBEAT_SECONDS:g} s after "
+                        "the last beat: three beats, which a node may miss before it is not ready)")
     if settings.agent.mount_start_seconds <= 0:
         problems.append("SHOAL_MOUNT_START_SECONDS: must be positive")
     if not settings.agent.secret_refresh_seconds > 0:

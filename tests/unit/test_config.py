@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from libs.bus import AGENTS_TTL_SECONDS
 from libs.config import (
+    MAX_HEARTBEAT_SECONDS,
     AgentSettings,
     KubeSettings,
     NatsSettings,
@@ -20,6 +22,7 @@ from libs.config import (
     describe_settings,
     load_settings,
 )
+from services.runtime.domain import MISSED_BEATS
 
 NATS_PASSWORD = "hunter2-nats-password"
 S3_SECRET = "wJalrXUtnFEMI-K7MDENG-bPxRfiCYEXAMPLEKEY"
@@ -192,6 +195,8 @@ def test_error_shows_the_bad_value_of_plain_settings() -> None:
         ("SHOAL_MEMORY_TIER_BUDGET", "4 gigs"),
         ("SHOAL_LOAD_CONCURRENCY", "0"),
         ("SHOAL_MOUNT_START_SECONDS", "0"),
+        ("SHOAL_HEARTBEAT_SECONDS", "0"),
+        ("SHOAL_HEARTBEAT_SECONDS", "30"),
         ("SHOAL_NODE_NAME", "node *"),
         ("SHOAL_NODE_NAME", "node.>"),
         ("SHOAL_REPLICA_NAME", "dataset.example.com"),
@@ -375,3 +380,12 @@ def test_nats_tls_files_that_do_not_exist_are_settings_errors(tmp_path: Path) ->
         load_settings({"NATS_TLS_CA": str(tmp_path / "gone.crt"), "NATS_TLS_KEY": str(ca)})
     assert f"NATS_TLS_CA='{tmp_path / 'gone.crt'}': no such file" in str(caught.value)
     assert "NATS_TLS_KEY: given without NATS_TLS_CERT" in str(caught.value)
+
+
+def test_the_longest_heartbeat_interval_leaves_a_node_its_three_missed_beats_before_its_record_expires() -> None:
+    """Beating every 30 s, the agents' record (TTL a minute) expired after one missed beat while the runtime service
+    still counted the node fresh (three beats): its cache worker was replaced and the ring moved. Refused now."""
+    assert MAX_HEARTBEAT_SECONDS * MISSED_BEATS <= AGENTS_TTL_SECONDS
+    assert load_settings({"SHOAL_HEARTBEAT_SECONDS": "20"}).agent.heartbeat_seconds == 20.0
+    with pytest.raises(SettingsError, match=r"SHOAL_HEARTBEAT_SECONDS=30: must be positive and at most 20"):
+        load_settings({"SHOAL_HEARTBEAT_SECONDS": "30"})
