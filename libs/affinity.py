@@ -250,9 +250,7 @@ def surely_excludes(node_selector: Mapping[str, Any], affinity: Mapping[str, Any
 
 def _term_excludes(term: Any, node: str, known: Mapping[str, str]) -> bool:
     """Whether the node fails this term for certain (terms are ORed: the pod excludes it when it fails them all)."""
-    if term is NO_TERMS:
-        return True  # a selector without terms matches no node
-    if not isinstance(term, Mapping):
+    if not isinstance(term, Mapping):  # NO_TERMS too: a selector the API server refuses
         return False
     expressions, fields = term.get("matchExpressions") or [], term.get("matchFields") or []
     if not isinstance(expressions, list) or not isinstance(fields, list):
