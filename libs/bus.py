@@ -577,6 +577,22 @@ def login_user(settings: NatsSettings) -> str:
 CONNECT_TIMEOUT = 5.0
 
 
+# How long a cancelled connection attempt is given to end, cancelled again each tenth of a second meanwhile.
+STOP_CONNECTING_SECONDS = 5.0
+
+
+async def _stop_connecting(nc: NatsClient, attempt: asyncio.Future[None]) -> None:
+    for _ in range(int(STOP_CONNECTING_SECONDS * 10)):
+        attempt.cancel()
+        done, _ = await asyncio.wait({attempt}, timeout=0.1)
+        if done:
+            break
+    if attempt.done() and not attempt.cancelled():
+        attempt.exception()  # retrieved: the caller asked to stop, not for this error
+    with contextlib.suppress(Exception):
+        await nc.close()
+
+
 async def connect(settings: NatsSettings, name: str, *, log_denials: bool = True,
                   connect_timeout: float = CONNECT_TIMEOUT) -> Bus:
     """A connected Bus; ``log_denials`` False leaves a refusal no call waits for to the caller (``Denials``);
@@ -608,7 +624,16 @@ async def connect(settings: NatsSettings, name: str, *, log_denials: bool = True
         logging.getLogger("asyncio").addFilter(_QUIET_TLS_CLOSE)  # once: filters are a set
     nc = _TlsOnlyClient() if "tls" in options else _Client()
     nc.denials = denials
-    await nc.connect(**options)
+    # Awaited through a task of its own, so that a caller giving up (a service told to stop while NATS is not
+    # there yet) is sure to: nats-py retries for ever here, and a cancel landing in one of its ``wait_for`` as the
+    # call inside ends is lost on Python 3.11, after which the attempt went on and whoever waited for it hung.
+    attempt = asyncio.ensure_future(nc.connect(**options))
+    try:
+        await asyncio.wait({attempt})
+    except asyncio.CancelledError:
+        await _stop_connecting(nc, attempt)
+        raise
+    await attempt  # its error, if it failed
     return Bus(nc, replicas=settings.replicas, denials=denials,
                authenticated=bool(settings.user or settings.token.reveal() or any("@" in url for url in settings.urls)))
 

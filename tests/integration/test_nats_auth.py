@@ -42,6 +42,7 @@ from nats.aio.msg import Msg
 from nats.js import api as js_api
 from prometheus_client import REGISTRY, generate_latest
 
+from libs import bus as bus_module
 from libs import natsauth, natssecure, subjects
 from libs.bus import Bus, Consumer, Delivery, PermissionDenied, connect, kv_load
 from libs.cli.up import Plan, UpOptions, _plan
@@ -258,6 +259,57 @@ async def test_a_client_given_a_ca_sends_no_credentials_to_a_server_without_tls(
         await asyncio.gather(client, return_exceptions=True)
         server.close()
         await server.wait_closed()
+
+
+async def test_a_connection_attempt_given_up_ends_even_when_nats_py_loses_the_cancel(
+        tls_files: TlsFiles, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A caller that stops waiting for ``connect`` (a service told to stop while its server answers but will not
+    do: here it offers no TLS) gets its cancel through, and the attempt stops retrying. nats-py retries for ever,
+    and on Python 3.11 a cancel that lands in one of its ``wait_for`` as the call inside ends is lost: simulated
+    here by an attempt that swallows one cancel. Before, the caller then waited for ever (a CI run's test of the
+    impostor above hung its 120 s this way)."""
+    connections = 0
+
+    async def impostor(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        writer.write(b'INFO {"server_id":"x","version":"2.10.0","proto":1,"max_payload":1048576}\r\n')
+        await writer.drain()
+        with contextlib.suppress(OSError):
+            await reader.read()
+        writer.close()
+
+    real_init = bus_module._TlsOnlyClient._process_connect_init
+    lost: list[bool] = []
+
+    async def losing_one_cancel(self: bus_module._TlsOnlyClient) -> None:
+        if not lost:
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                lost.append(True)  # swallowed, as 3.11's wait_for may: the attempt goes on to its next server
+        await real_init(self)
+
+    monkeypatch.setattr(bus_module._TlsOnlyClient, "_process_connect_init", losing_one_cancel)
+    server = await asyncio.start_server(impostor, "127.0.0.1", 0)
+    settings = NatsSettings(urls=[f"nats://127.0.0.1:{server.sockets[0].getsockname()[1]}"], user=natsauth.CLI,
+                            password=Secret("p"), tls_ca=str(tls_files.ca))
+    def attempts() -> list[asyncio.Task[object]]:
+        """nats-py's connection attempts still running (``all_tasks``: the pending ones)."""
+        return [task for task in asyncio.all_tasks()
+                if getattr(task.get_coro(), "__qualname__", "") == "Client.connect"]
+
+    client = asyncio.create_task(connect(settings, "test-given-up"))
+    try:
+        await eventually(lambda: _async(connections >= 1), what="the first connection")
+        assert len(attempts()) == 1
+        client.cancel()
+        done, _ = await asyncio.wait({client}, timeout=10)
+        assert done and client.cancelled() and lost == [True]
+        assert attempts() == []  # none left retrying behind it
+    finally:
+        client.cancel()
+        server.close()
 
 
 def shoal_process(server: SecureServer, user: str, password: str, *args: str) -> subprocess.CompletedProcess[str]:
