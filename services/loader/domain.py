@@ -420,14 +420,21 @@ def run_problem(record: OperationRecord, cluster: Cluster) -> str | None:
     if most > len(nodes):
         # Said as the plan counts them: the ring's members, or every ready node without a ring. A worker picked but
         # out of the ring (silent, restarting) is named, or "add cache workers" sends the user to scale a runtime
-        # whose workers are all there.
-        kind = ("ready cache worker(s)" if ring
-                else "ready node(s) (no cache worker is ready: each node loads for itself)")
-        waiting = sorted(w.node for w in cluster.runtime.status.workers if w.node not in ring)
+        # whose workers are all there. Without a ring a ready worker is not waited for: it serves no peers (one agent
+        # alone runs no peer server, as `make run`'s), so only more nodes give a block more holders.
+        workers = cluster.runtime.status.workers
+        if ring:
+            counted = f"ready cache worker(s) of runtime {name} ({', '.join(sorted(nodes))})"
+            waiting = sorted(w.node for w in workers if w.node not in ring)
+            more = "add cache workers"
+        else:
+            counted = (f"ready node(s) of runtime {name} ({', '.join(sorted(nodes))}), none of whose cache workers "
+                       f"serves peers (each node loads for itself)")
+            waiting = sorted(w.node for w in workers if not w.ready)
+            more = "add nodes"
         also = f"; picked but not ready: {', '.join(waiting)}" if waiting else ""
-        return (f"replicas {most} is more than the {len(nodes)} {kind} of runtime {name} "
-                f"({', '.join(sorted(nodes))}){also}; lower spec.target[].replicas to at most {len(nodes)}, "
-                f"{'wait for those not ready, ' if waiting else ''}or add cache workers")
+        return (f"replicas {most} is more than the {len(nodes)} {counted}{also}; lower spec.target[].replicas to at "
+                f"most {len(nodes)}, {'wait for those not ready, ' if waiting else ''}or {more}")
     return None
 
 

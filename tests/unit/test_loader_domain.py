@@ -267,6 +267,24 @@ def test_run_problems_say_what_to_change() -> None:
     assert domain.run_problem(record(spec), cluster(workers=3, ring_workers=False)) is None
 
 
+def test_replicas_above_the_nodes_of_a_ready_worker_without_peers_do_not_call_it_not_ready() -> None:
+    """`make run`'s one agent runs no peer server: its worker is ready, with no peer URL, so there is no ring and each
+    node loads for itself. `shoal load dataset demo --replicas 2` (the README's example) said "no cache worker is
+    ready" and "picked but not ready: vm" of the worker `shoal get runtimes` shows ready."""
+    spec = DataLoadSpec(dataset=REF, target=[TargetPath(path="/a", replicas=2)])
+    message = domain.run_problem(record(spec), cluster(workers=1, ring_workers=False)) or ""
+    assert message == (
+        "replicas 2 is more than the 1 ready node(s) of runtime default/data (n0), none of whose cache workers serves "
+        "peers (each node loads for itself); lower spec.target[].replicas to at most 1, or add nodes"), message
+    # A worker without a heartbeat is still named as not ready.
+    silent = cluster(workers=1, ring_workers=False)
+    assert silent.runtime is not None
+    silent = domain.Cluster(silent.dataset, msgspec.structs.replace(silent.runtime, status=msgspec.structs.replace(
+        silent.runtime.status, workers=[*silent.runtime.status.workers, CacheWorker(node="n1", ready=False)])))
+    message = domain.run_problem(record(spec), silent) or ""
+    assert "picked but not ready: n1;" in message and "n0;" not in message, message
+
+
 def test_a_failed_dataset_says_why_not_to_apply_a_runtime() -> None:
     """A dataset Failed by its sync (a missing secret) has its runtime: the run says the dataset's own reason."""
     failed = cluster(phase="Failed")
