@@ -111,6 +111,11 @@ class PermissionDenied(Exception):
         self.action = action
 
 
+class StoppedConnecting(Exception):
+    """The process was told to stop (SIGTERM, Ctrl-C) before NATS answered: nothing started, so nothing is left to
+    stop. ``connect`` tries for ever otherwise, and a stop it did not watch went unheard until SIGKILL."""
+
+
 # nats-server's asynchronous error for a refused publish or subscription: -ERR 'Permissions Violation for Publish
 # to "shoal.cmd.dataset.apply"' (the subject in quotes). nats-py hands it to the error callback and keeps the
 # connection; a JetStream publish would only time out, so ``Bus`` matches it to the waiting call instead.
@@ -594,9 +599,10 @@ async def _stop_connecting(nc: NatsClient, attempt: asyncio.Future[None]) -> Non
 
 
 async def connect(settings: NatsSettings, name: str, *, log_denials: bool = True,
-                  connect_timeout: float = CONNECT_TIMEOUT) -> Bus:
+                  connect_timeout: float = CONNECT_TIMEOUT, stop: asyncio.Event | None = None) -> Bus:
     """A connected Bus; ``log_denials`` False leaves a refusal no call waits for to the caller (``Denials``);
-    ``connect_timeout``: seconds per server (``CONNECT_TIMEOUT``)."""
+    ``connect_timeout``: seconds per server (``CONNECT_TIMEOUT``). A process's ``stop`` set before any server
+    answered (it tries them for ever) ends the attempt with ``StoppedConnecting``."""
     denials = Denials(log_unmatched=log_denials)
     options: dict[str, Any] = {
         "servers": settings.urls,
@@ -624,18 +630,29 @@ async def connect(settings: NatsSettings, name: str, *, log_denials: bool = True
         logging.getLogger("asyncio").addFilter(_QUIET_TLS_CLOSE)  # once: filters are a set
     nc = _TlsOnlyClient() if "tls" in options else _Client()
     nc.denials = denials
-    # Awaited through a task of its own, so that a caller giving up (a service told to stop while NATS is not
-    # there yet) is sure to: nats-py retries for ever here, and a cancel landing in one of its ``wait_for`` as the
-    # call inside ends is lost on Python 3.11, after which the attempt went on and whoever waited for it hung.
+    await _connect_unless_stopped(nc, options, stop)
+    return Bus(nc, replicas=settings.replicas, denials=denials,
+               authenticated=bool(settings.user or settings.token.reveal() or any("@" in url for url in settings.urls)))
+
+
+async def _connect_unless_stopped(nc: NatsClient, options: dict[str, Any], stop: asyncio.Event | None) -> None:
+    """nats-py's attempt, run as a task of its own so that a caller giving up (cancelled, or its ``stop`` set) is
+    sure to: it retries for ever, and a cancel landing in one of its ``wait_for`` as the call inside ends is lost on
+    Python 3.11, after which the attempt went on and whoever waited for it hung (``_stop_connecting``)."""
     attempt = asyncio.ensure_future(nc.connect(**options))
+    stopping = asyncio.ensure_future(stop.wait()) if stop is not None else None
     try:
-        await asyncio.wait({attempt})
+        await asyncio.wait([attempt, *([stopping] if stopping else [])], return_when=asyncio.FIRST_COMPLETED)
     except asyncio.CancelledError:
         await _stop_connecting(nc, attempt)
         raise
-    await attempt  # its error, if it failed
-    return Bus(nc, replicas=settings.replicas, denials=denials,
-               authenticated=bool(settings.user or settings.token.reveal() or any("@" in url for url in settings.urls)))
+    finally:
+        if stopping is not None:
+            stopping.cancel()
+    if not attempt.done():
+        await _stop_connecting(nc, attempt)
+        raise StoppedConnecting(f"stopped before NATS answered at {', '.join(map(strip_userinfo, options['servers']))}")
+    attempt.result()
 
 
 # --- KV with compare-and-set ---

@@ -5,7 +5,8 @@ A process provides ``async def run(settings, stop, readiness)``; ``main`` parses
 bad variable and exiting 2), sets up telemetry (exporting spans when the ``OTEL_*`` variables say so, and flushing
 them when the process ends, also after an error), starts the side server (``libs.side_server``: ``/healthz``,
 ``/readyz``, ``/metrics``) unless ``SHOAL_HTTP_PORT=off``, and turns SIGTERM/SIGINT into the ``stop`` event.
-``run`` registers its readiness checks (``nats_check``, and ``run_loops`` adds one for its loops) and runs its
+``run`` connects with ``libs.bus.connect(..., stop=stop)``, so a stop before NATS answers ends it too. ``run``
+registers its readiness checks (``nats_check``, and ``run_loops`` adds one for its loops) and runs its
 loops with ``run_loops``: every long-running part of a process is a ``Loop`` (``run`` until ``stop``), started
 and stopped the same way; one that needs another's view first (a KV mirror's initial values) is wrapped in
 ``StartsWhen``, so nothing waits where a stop cannot reach it.
@@ -20,6 +21,7 @@ import sys
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
+from libs.bus import StoppedConnecting
 from libs.config import Settings, SettingsError, load_settings
 from libs.side_server import Readiness, SideServer
 from libs.telemetry import TracingConfigError, get_logger, setup_logging, setup_tracing, shutdown_tracing
@@ -202,6 +204,8 @@ def main(name: str, run: ServiceRun, on_listening: Callable[[int], None] | None 
         log.info("starting", nats=settings.nats.urls)
         try:
             await run(settings, stop, readiness=readiness)
+        except StoppedConnecting as err:  # a stop before NATS answered: nothing ran, so nothing else to stop
+            log.info("stopped before connecting", reason=str(err))
         finally:
             if side is not None:
                 await side.stop()

@@ -733,7 +733,7 @@ class NodeAgent:
 async def run(settings: Settings, stop: asyncio.Event, child_env: dict[str, str] | None = None,
               readiness: Readiness | None = None, clock: Callable[[], float] = time.time) -> None:
     readiness = readiness or Readiness()
-    bus = await connect(settings.nats, SERVICE_NAME)
+    bus = await connect(settings.nats, SERVICE_NAME, stop=stop)
     readiness.add("nats", nats_check(bus))
     try:
         await bus.provision()

@@ -643,7 +643,7 @@ async def serve(settings: Settings, namespace: str, name: str, mountpoint: str,
         except OSError as err:  # metrics are still served; only discovery is missing
             log.error("cannot write the prometheus target", dataset=f"{namespace}/{name}", error=str(err))
     try:
-        bus = await connect(settings.nats, f"shoal-mount-{namespace}-{name}")
+        bus = await connect(settings.nats, f"shoal-mount-{namespace}-{name}", stop=stop)
         if readiness is not None:
             readiness.add("nats", nats_check(bus))
         try:

@@ -69,7 +69,7 @@ async def run(settings: Settings, stop: asyncio.Event, readiness: Readiness | No
     readiness = readiness or Readiness()
     api = await api_client(settings.kube)
     try:
-        bus = await connect(settings.nats, SERVICE_NAME)
+        bus = await connect(settings.nats, SERVICE_NAME, stop=stop)
     except BaseException:
         await api.close()
         raise

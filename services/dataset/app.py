@@ -68,7 +68,7 @@ async def run(settings: Settings, stop: asyncio.Event, clock: Callable[[], float
     s3_clients = S3Clients()
     if opener is None:
         opener = functools.partial(open_store, s3_clients=s3_clients)
-    bus = await connect(settings.nats, SERVICE_NAME)
+    bus = await connect(settings.nats, SERVICE_NAME, stop=stop)
     readiness.add("nats", nats_check(bus))
     try:
         await bus.provision()

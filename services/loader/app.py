@@ -51,7 +51,7 @@ async def run(settings: Settings, stop: asyncio.Event, clock: Callable[[], float
               node_gone_timeout: float = NODE_GONE_SECONDS, node_silent_timeout: float = NODE_SILENT_SECONDS,
               dataset_wait_timeout: float = DATASET_WAIT_SECONDS) -> None:
     readiness = readiness or Readiness()
-    bus = await connect(settings.nats, SERVICE_NAME)
+    bus = await connect(settings.nats, SERVICE_NAME, stop=stop)
     readiness.add("nats", nats_check(bus))
     try:
         await bus.provision()

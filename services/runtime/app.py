@@ -47,7 +47,7 @@ SERVICE_NAME = "shoal-runtime"
 async def run(settings: Settings, stop: asyncio.Event, clock: Callable[[], float] = time.time,
               readiness: Readiness | None = None) -> None:
     readiness = readiness or Readiness()
-    bus = await connect(settings.nats, SERVICE_NAME)
+    bus = await connect(settings.nats, SERVICE_NAME, stop=stop)
     readiness.add("nats", nats_check(bus))
     try:
         await bus.provision()

@@ -124,7 +124,7 @@ async def run(settings: Settings, stop: asyncio.Event, clock: Callable[[], float
     ``inventory_start``: the SHOAL_AGENT sequence the fold starts at, None for the stream's end (the scheduler bench
     starts at 1 to time the fold of a backlog)."""
     readiness = readiness or Readiness()
-    bus = await connect(settings.nats, SERVICE_NAME)
+    bus = await connect(settings.nats, SERVICE_NAME, stop=stop)
     readiness.add("nats", nats_check(bus))
     try:
         await bus.provision()
