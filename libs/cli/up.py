@@ -347,7 +347,7 @@ def _launch(stack: Stack, plan: Plan) -> None:
 _state_dir_option = click.option(
     "--state-dir", envvar="SHOAL_STATE_DIR", default=DEFAULT_STATE_DIR, show_default=True,
     type=click.Path(file_okay=False, path_type=Path),
-    help="Where logs, the JetStream store, SeaweedFS data and pid files live.",
+    help="Where logs, the JetStream store, SeaweedFS data and pid files live (env SHOAL_STATE_DIR).",
 )
 
 
@@ -391,10 +391,11 @@ MAX_NATS_SERVERS = 5
               "With --nats-cluster: first NATS cluster-route")
 @click.option("--nats-cluster", "nats_servers", envvar="SHOAL_NATS_CLUSTER", type=click.IntRange(1, MAX_NATS_SERVERS),
               default=1, show_default=True,
-              help="Embedded nats-servers. 3 (or 5) run one JetStream cluster on loopback: server i on --nats-port + "
-                   "i, --nats-monitor-port + i and --nats-cluster-port + i, its store in <state-dir>/nats-cluster/"
-                   "nats-<i>; streams and KV buckets get that many replicas and every service every URL, so one "
-                   "server can die without losing or blocking anything (env SHOAL_NATS_CLUSTER).")
+              help="Embedded nats-servers. 3 (or 5) run one JetStream cluster on loopback: server i (from 1) on "
+                   "--nats-port + i - 1, --nats-monitor-port + i - 1 and --nats-cluster-port + i - 1, its store in "
+                   "<state-dir>/nats-cluster/nats-<i>; streams and KV buckets get that many replicas and every "
+                   "service every URL, so one server can die without losing or blocking anything (env "
+                   "SHOAL_NATS_CLUSTER).")
 @click.option("--agents", envvar="SHOAL_UP_AGENTS", type=click.IntRange(1, MAX_AGENTS), default=1,
               show_default=True,
               help="Agents (nodes) to run on this machine. With more than one, each is node <name>-<i> with labels "
