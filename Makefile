@@ -119,7 +119,7 @@ dashboards: venv
 clean:
 	@pid=$$(head -n 1 "$(STATE_DIR)/up.pid" 2>/dev/null || true); \
 	if [ -n "$$pid" ] && kill -0 "$$pid" 2>/dev/null; then \
-		echo "shoal up is running as PID $$pid; stop it with '$(BIN)/shoal down' (or Ctrl-C) first"; exit 1; \
+		echo "shoal up is running as PID $$pid; stop it with '$(BIN)/shoal down --state-dir $(STATE_DIR)' (or Ctrl-C) first"; exit 1; \
 	fi
 	rm -rf "$(STATE_DIR)"
 
