@@ -127,6 +127,16 @@ def _matches(expression: Mapping[str, Any], labels: Mapping[str, str]) -> bool:
     return have > want if operator == "Gt" else have < want
 
 
+def _not_a_number(expression: Mapping[str, Any], labels: Mapping[str, str]) -> str:
+    """Why a Gt or Lt expression the node fails could never hold: its label is not an integer. Without it the
+    reason read as if the number were too small or too large, and the label was looked at last."""
+    key = expression["key"]
+    if expression["operator"] not in ("Gt", "Lt") or key not in labels or _integer(labels[key]) is not None:
+        return ""
+    return (f" (the node's label {key}={labels[key]!r} is not a number: {expression['operator']} compares 64-bit "
+            "integers)")
+
+
 def _term_mismatch(term: Any, node: str, labels: Mapping[str, str]) -> str | None:
     """Why the node fails this term (the first failing expression), or None when it matches."""
     if term is NO_TERMS:
@@ -143,7 +153,7 @@ def _term_mismatch(term: Any, node: str, labels: Mapping[str, str]) -> str | Non
         if error := _expression_error(expression):
             return error
         if not _matches(expression, labels):
-            return _expression_text(expression)
+            return _expression_text(expression) + _not_a_number(expression, labels)
     for expression in fields:
         if error := _expression_error(expression) or _field_error(expression):
             return error

@@ -212,3 +212,13 @@ def test_a_selector_without_node_selector_terms_is_refused_and_says_so() -> None
     assert mismatch({"required": {}}, "n", {}) == "a required node selector needs nodeSelectorTerms: no node matches"
     assert affinity_errors({"required": {}}) == [
         "spec.nodeAffinity.required.nodeSelectorTerms is required (a list of terms, as in Kubernetes)"]
+
+
+@pytest.mark.parametrize(("label", "operator"), [("many", "Gt"), ("1.5", "Lt"), (str(2**63), "Gt")])
+def test_a_label_that_is_not_a_number_is_named_as_the_reason(label: str, operator: str) -> None:
+    affinity = required({"matchExpressions": [expr("gpus", operator, "2")]})
+    assert mismatch(affinity, "n", {"gpus": label}) == (
+        f"gpus {operator} [2] (the node's label gpus={label!r} is not a number: {operator} compares 64-bit integers)")
+    # A number that fails, or no label at all, is the expression alone: nothing on the node to fix but its value.
+    assert mismatch(affinity, "n", {"gpus": "1" if operator == "Gt" else "3"}) == f"gpus {operator} [2]"
+    assert mismatch(affinity, "n", {}) == f"gpus {operator} [2]"
