@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 
 import msgspec
 
-from libs.events.common import DNS1123_LABEL, DNS1123_SUBDOMAIN, parse_quantity
+from libs.events.common import DNS1123_LABEL, DNS1123_SUBDOMAIN, label_errors, parse_quantity
 from libs.redact import strip_userinfo
 
 
@@ -202,7 +202,8 @@ class AgentSettings:
                                   "hold together (quantity); each mount gets at most its runtime's quota.",
                                   default="4Gi")
     labels: dict[str, str] = env("SHOAL_NODE_LABELS", "This node's labels as key=value,key=value (zone, region, "
-                                 "any), matched against a Dataset's nodeAffinity.", default_factory=dict)
+                                 "any), matched against a Dataset's nodeAffinity; each key once, keys and values as "
+                                 "Kubernetes allows them.", default_factory=dict)
     # Several agents on one machine (tests, `shoal up --agents N`) share the runtime's tier paths; each keeps
     # its blocks in its own folder below them.
     cache_subdir: str = env("SHOAL_CACHE_SUBDIR", "Folder below each tier path for this agent's blocks "
@@ -346,7 +347,12 @@ def _convert(raw: str, annotation: Any) -> Any:
         pairs = [part.strip() for part in raw.split(",") if part.strip()]
         if any("=" not in pair for pair in pairs):
             raise ValueError("expected key=value pairs separated by commas")
-        return {key.strip(): value.strip() for key, value in (pair.split("=", 1) for pair in pairs)}
+        items = [(key.strip(), value.strip()) for key, value in (pair.split("=", 1) for pair in pairs)]
+        keys = [key for key, _ in items]
+        if repeated := sorted({key for key in keys if keys.count(key) > 1}):
+            # A dict keeps the last value without a word: zone=a,zone=b would be zone=b.
+            raise ValueError(f"{', '.join(map(repr, repeated))} given more than once: give each key one value")
+        return dict(items)
     if annotation is bool:
         lowered = raw.strip().lower()
         if lowered in ("1", "true", "yes", "on"):
@@ -460,6 +466,10 @@ def _check(settings: Settings) -> list[str]:
         if not name or any(c in name for c in f"{refused} \t\r\n"):
             problems.append(f"{variable}={name!r}: must be non-empty, without {', '.join(map(repr, refused))} or "
                             f"spaces (it names NATS subjects); e.g. {example}")
+    # Matched against a Dataset's nodeAffinity, whose keys and values the API server checks: a label it would
+    # refuse there (a space, a ':') could never be matched, and the node would be left out with no clue why.
+    for key, value in settings.agent.labels.items():
+        problems += [f"SHOAL_NODE_LABELS: {error}" for error in label_errors(key, value)]
     if settings.agent.load_concurrency < 1:
         problems.append(f"SHOAL_LOAD_CONCURRENCY={settings.agent.load_concurrency}: must be at least 1")
     for variable, quantity in (("SHOAL_READAHEAD_BUDGET", settings.agent.readahead_budget),

@@ -24,6 +24,10 @@ DNS1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 MAX_LABEL_LENGTH = 63
+# A Kubernetes label's name (a key's part after any prefix, and a non-empty value): alphanumerics, '-', '_', '.',
+# starting and ending with an alphanumeric, at most 63 characters. A key's prefix is a DNS-1123 subdomain.
+LABEL_NAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
+MAX_SUBDOMAIN_LENGTH = 253
 
 
 def int_range(minimum: int, maximum: int | None = None) -> msgspec.Meta:
@@ -92,6 +96,23 @@ def dns_label_errors(value: str, what: str, pattern: re.Pattern[str] = DNS1035_L
             f"{what} {value!r} is not a {kind}: use lower-case letters, digits and '-', "
             f"starting with {start} and ending with a letter or digit"
         )
+    return errors
+
+
+def label_errors(key: str, value: str) -> list[str]:
+    """Why ``key=value`` is not a Kubernetes label (empty when it is one): a node carrying it could match no
+    ``nodeAffinity`` a user can write, since the API server refuses such a key or value in one."""
+    errors = []
+    prefix, _, name = key.rpartition("/")
+    if "/" in key and not (prefix and DNS1123_SUBDOMAIN.fullmatch(prefix) and len(prefix) <= MAX_SUBDOMAIN_LENGTH):
+        errors.append(f"label key {key!r}: the prefix before '/' must be a DNS subdomain (lower-case letters, "
+                      f"digits, '-' and '.', at most {MAX_SUBDOMAIN_LENGTH} characters), e.g. topology.kubernetes.io")
+    if not (LABEL_NAME.fullmatch(name) and len(name) <= MAX_LABEL_LENGTH):
+        errors.append(f"label key {key!r}: the name must be 1 to {MAX_LABEL_LENGTH} letters, digits, '-', '_' or '.', "
+                      "starting and ending with a letter or digit")
+    if value and not (LABEL_NAME.fullmatch(value) and len(value) <= MAX_LABEL_LENGTH):
+        errors.append(f"label {key}={value!r}: a value must be empty or at most {MAX_LABEL_LENGTH} letters, digits, "
+                      "'-', '_' or '.', starting and ending with a letter or digit")
     return errors
 
 

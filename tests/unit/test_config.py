@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import fields
 from pathlib import Path
 
@@ -389,3 +390,33 @@ def test_the_longest_heartbeat_interval_leaves_a_node_its_three_missed_beats_bef
     assert load_settings({"SHOAL_HEARTBEAT_SECONDS": "20"}).agent.heartbeat_seconds == 20.0
     with pytest.raises(SettingsError, match=r"SHOAL_HEARTBEAT_SECONDS=30: must be positive and at most 20"):
         load_settings({"SHOAL_HEARTBEAT_SECONDS": "30"})
+
+
+def test_node_labels_refuse_a_repeated_key() -> None:
+    # A dict kept the last value: zone=a,zone=b was zone=b, without a word.
+    with pytest.raises(SettingsError, match=r"SHOAL_NODE_LABELS=.*'zone' given more than once"):
+        load_settings({"SHOAL_NODE_LABELS": "zone=a,region=eu,zone=b"})
+
+
+@pytest.mark.parametrize(("labels", "reason"), [
+    ("=a", "label key '': the name must be 1 to 63"),
+    ("my zone=a", "label key 'my zone': the name must be"),
+    ("-zone=a", "label key '-zone': the name must be"),
+    ("Example.COM/zone=a", "label key 'Example.COM/zone': the prefix before '/' must be a DNS subdomain"),
+    ("/zone=a", "label key '/zone': the prefix"),
+    ("example.com/=a", "label key 'example.com/': the name must be"),
+    (f"{'k' * 64}=a", f"label key {'k' * 64!r}: the name must be 1 to 63"),
+    ("zone=eu west", "label zone='eu west': a value must be empty or"),
+    ("zone=a:b", "label zone='a:b': a value must be"),
+    (f"zone={'v' * 64}", f"label zone={'v' * 64!r}: a value must be empty or at most 63"),
+    ("zone=a.", "label zone='a.': a value must be"),
+])
+def test_node_labels_must_be_kubernetes_labels(labels: str, reason: str) -> None:
+    with pytest.raises(SettingsError, match="SHOAL_NODE_LABELS: " + re.escape(reason)):
+        load_settings({"SHOAL_NODE_LABELS": labels})
+
+
+def test_node_labels_take_what_kubernetes_takes() -> None:
+    labels = "topology.kubernetes.io/zone=eu-1a,Gpu_Model=A100.80G,empty=,x=1"
+    assert load_settings({"SHOAL_NODE_LABELS": labels}).agent.labels == {
+        "topology.kubernetes.io/zone": "eu-1a", "Gpu_Model": "A100.80G", "empty": "", "x": "1"}
