@@ -260,6 +260,11 @@ class AgentHeartbeat(Event, frozen=True, kw_only=True, tag="agent.heartbeat.v1",
     # Mounts whose reads failed lately (a file read ESTALE or EIO within the last minute), a few files each;
     # absent when none did. Left out first when a beat is too large.
     read_failures: list[MountReadFailures] = []
+    # A random token the agent process makes once at start-up: the node's name says which node, this which process.
+    # Two agents given the same SHOAL_NODE_NAME beat with two tokens by turns, which the runtime service flags
+    # (``AgentRecord.conflict_at``); a restart makes a new one and never goes back to the old. Empty: an agent
+    # before it (never flagged).
+    instance: str = ""
 
     def serves(self, namespace: str, name: str) -> bool:
         """Whether the node serves the runtime ``namespace/name``."""
@@ -328,5 +333,13 @@ def group_mounts(reports: Iterable[tuple[MountReport, int]]) -> list[MountGroup]
 
 
 class AgentRecord(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
+    """A node's last heartbeat in the agents bucket, as the runtime service received it (its clock)."""
+
     heartbeat: AgentHeartbeat
     received_at: float
+    # Other agent processes (``AgentHeartbeat.instance``) that beat as this node lately, each with the time of its
+    # last beat: a beat from one of them again means two agents share the node's name (a restart never returns to
+    # an old instance). Kept for as long as the flag lasts (``services.runtime.domain.INSTANCE_CONFLICT_SECONDS``).
+    instances: dict[str, float] = {}
+    # When a beat last came from such an earlier instance (0: never): the node is flagged from then for as long.
+    conflict_at: float = 0.0

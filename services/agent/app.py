@@ -48,6 +48,7 @@ import asyncio
 import contextlib
 import errno
 import os
+import secrets
 import shutil
 import sys
 import tempfile
@@ -212,6 +213,9 @@ class NodeAgent:
     clock: Callable[[], float] = time.time
     # Mounts the last heartbeat had to leave out to stay under the event limit (``domain.fit_heartbeat``).
     mounts_left_out: int = 0
+    # This process among the agents beating as the node (``AgentHeartbeat.instance``): made once, so another agent
+    # given the same node name shows as a second instance; a restart makes a new one.
+    instance: str = field(default_factory=lambda: secrets.token_hex(8))
 
     async def run(self, stop: asyncio.Event, readiness: Readiness | None = None) -> None:
         readiness = readiness or Readiness()
@@ -227,6 +231,8 @@ class NodeAgent:
         self.slots = SlotFile.create(os.path.join(self.status_dir, BUDGET_FILE_NAME), readahead_budget)
         self.metrics = NodeMetrics(self.settings.agent.node_name)
         self.metrics.watch_readahead(self.slots.held, readahead_budget)
+        # The instance in the runtime's warning when another agent beats as this node: this line says which is this.
+        log.info("agent started", node=self.settings.agent.node_name, instance=self.instance)
         loops: list[Loop] = [self.runtimes, self.datasets,
                              Periodic("heartbeats", self.heartbeat, self.settings.agent.heartbeat_seconds),
                              Periodic("mounts", self.reconcile, POLL_SECONDS)]
@@ -718,6 +724,7 @@ class NodeAgent:
             interval_seconds=agent.heartbeat_seconds, capacity_bytes=self.capacity_bytes(),
             mount_groups=group_mounts(self._mount_reports(by_mount)), labels=dict(agent.labels),
             peer_host=agent.peer_host if agent.peer_secret_file else "", read_failures=self.read_failures(),
+            instance=self.instance,
         )
         beat, left_out = domain.fit_heartbeat(beat, self.settings.service.max_event_bytes)
         if left_out != self.mounts_left_out:  # said when it changes, not every beat

@@ -24,7 +24,9 @@ owners and comes back with its disk cache) and is replaced only when its agent's
 longer eligible; a worker that beats but says unhealthy for ``UNHEALTHY_WORKER_GRACE_SECONDS`` is replaced by a
 healthy spare if there is one (``status.replaced`` says so); new picks go in node-name order; scaling down drops
 the workers out of the ring of block owners first, then the most recently picked. ``notPicked`` says why every
-other serving agent is not a worker.
+other serving agent is not a worker. A node that two agent processes beat as (one ``SHOAL_NODE_NAME`` given to
+two agents: its record holds either one's beat by turns) is no worker while they do, and for
+``INSTANCE_CONFLICT_SECONDS`` after (``agent_record``, ``node_conflict``).
 
 The elastic cache (``autoscale``): with ``spec.autoscaling``, replicas move between ``minReplicas`` and
 ``maxReplicas`` by themselves, judged from what the dataset service folded from the agents' inventory into the
@@ -121,6 +123,16 @@ UNHEALTHY_WORKER_GRACE_SECONDS = 30.0
 # left, and the first beats read back would otherwise hand every seat to whichever agents beat first, moving the
 # whole ring. One TTL is as long as a worker silent while the service runs keeps its seat.
 AGENT_VIEW_SETTLING_SECONDS = 60.0
+# How long another agent process that beat as a node is remembered, and how long the node stays flagged after
+# the last beat that showed two (``node_conflict``): the agents' records' own lifetime (``libs.bus.
+# AGENTS_TTL_SECONDS``), as long as a silent agent's record lasts. The flag ends on its own once only one process
+# beat for that long (the other stopped, or was given its own name).
+INSTANCE_CONFLICT_SECONDS = 60.0
+# Other processes remembered per node (the most recent): far more than two agents sharing a name, and it bounds the
+# record of a node whose agent restarts in a loop (a new instance at each start).
+INSTANCES_REMEMBERED = 16
+# A flagged node's ``conflict`` warning is logged at most this often (the runtime service, per node).
+CONFLICT_LOG_SECONDS = 60.0
 # Replacements kept in status.replaced (``shoal describe runtime`` shows them).
 REPLACED_HISTORY = 10
 # One tier on one node: more than any node's memory or disks today, so a larger quota is a typo (Pi for Gi),
@@ -405,6 +417,37 @@ def is_fresh(agent: AgentRecord, now: float) -> bool:
     return now - agent.received_at <= MISSED_BEATS * agent.heartbeat.interval_seconds
 
 
+def agent_record(current: AgentRecord | None, beat: AgentHeartbeat, received_at: float) -> AgentRecord:
+    """The node's record after ``beat``, received at ``received_at`` (not older than ``current``'s).
+
+    A beat from an instance that beat as the node before the current one (within ``INSTANCE_CONFLICT_SECONDS``)
+    means two agent processes beat as one node: the record said one, then the other, and now the first again. A
+    restart does not: its old instance never beats again. Every earlier instance is remembered, not only the one
+    before the current, so three agents beating by turns are caught too. Agents before ``instance`` (empty) are
+    neither remembered nor flagged."""
+    instances: dict[str, float] = {}
+    conflict_at = 0.0
+    if current is not None:
+        conflict_at = current.conflict_at
+        instances = dict(current.instances)
+        if current.heartbeat.instance and current.heartbeat.instance != beat.instance:
+            instances[current.heartbeat.instance] = current.received_at
+    instances = {instance: at for instance, at in instances.items() if received_at - at <= INSTANCE_CONFLICT_SECONDS}
+    if instances.pop(beat.instance, None) is not None:
+        conflict_at = received_at
+    recent = sorted(((at, instance) for instance, at in instances.items()), reverse=True)[:INSTANCES_REMEMBERED]
+    return AgentRecord(heartbeat=beat, received_at=received_at, instances={instance: at for at, instance in recent},
+                       conflict_at=conflict_at)
+
+
+def node_conflict(record: AgentRecord, now: float) -> str | None:
+    """Why the node is no cache worker while two agent processes beat as it (see ``agent_record``), or None. Its
+    record holds either one's last beat by turns: labels, peer URL and health would switch between two hosts."""
+    if not record.conflict_at or now - record.conflict_at > INSTANCE_CONFLICT_SECONDS:
+        return None
+    return f"two agents beat as node {record.heartbeat.node}: give each its own SHOAL_NODE_NAME"
+
+
 def serving_agents(runtime: Runtime, agents: Iterable[AgentRecord], now: float) -> list[AgentHeartbeat]:
     """The last heartbeats of nodes that serve the runtime and beat recently, healthy or not, by node name."""
     serving = [agent.heartbeat for agent in agents if is_fresh(agent, now) and serves(agent.heartbeat, runtime)]
@@ -505,7 +548,8 @@ def choose_workers(runtime: Runtime, current: Sequence[CacheWorker], agents: Map
     """The runtime's cache workers, pure.
 
     None while the runtime has no Dataset of its name. Sticky: a current worker stays while its agent's record
-    exists (silent or not: it comes back with its disk cache), still serves the runtime, and is still eligible;
+    exists (silent or not: it comes back with its disk cache), still serves the runtime, and is still eligible
+    (and not flagged for two agents beating as its node, ``node_conflict``: its seat goes to a spare);
     with ``keep_absent`` (the agents' view is still settling after a restart, see ``AGENT_VIEW_SETTLING_SECONDS``)
     one without a record stays too. Scaling down drops the workers out of the ring first (silent, unhealthy, no
     record, or no serving mount: they hold no block the ring reads), then the most recently picked. One whose
@@ -524,7 +568,8 @@ def choose_workers(runtime: Runtime, current: Sequence[CacheWorker], agents: Map
     def reason_for(node: str) -> str | None:
         if node not in reasons:
             beat = agents[node].heartbeat
-            reasons[node] = missing or ineligible_reason(node, beat.labels, placement, others, node in current_nodes)
+            reasons[node] = (missing or node_conflict(agents[node], now)
+                             or ineligible_reason(node, beat.labels, placement, others, node in current_nodes))
         return reasons[node]
 
     # Whether a worker has no record to judge it by, and is kept all the same (see ``keep_absent``).

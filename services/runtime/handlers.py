@@ -31,6 +31,7 @@ new decision is written at once, the measures and ``lastPressureTime`` alone at 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 import typing
 from collections import Counter
@@ -124,6 +125,8 @@ class RuntimeHandlers:
     read_counters: dict[str, domain.ReadCounters] = field(default_factory=dict)
     # Its previous look at each runtime's state (what it saw and decided, and what of it is written).
     autoscaler_looks: dict[str, AutoscalerLook] = field(default_factory=dict)
+    # When each node's two-agents warning was last logged (``_warn_conflict``).
+    conflicts_logged: dict[str, float] = field(default_factory=dict)
     # When this service started (``clock``): its agents' view settles for a while (``keep_absent``).
     started_at: float | None = None
 
@@ -258,7 +261,9 @@ class RuntimeHandlers:
         current = self.agents.values.get(beat.node)
         if current is not None and current.received_at > received_at:
             return  # an older beat replayed after a newer one
-        record = AgentRecord(heartbeat=beat, received_at=received_at)
+        record = domain.agent_record(current, beat, received_at)
+        if (reason := domain.node_conflict(record, received_at)) is not None:
+            self._warn_conflict(beat.node, reason, record, received_at)
         revision = await (await self.bus.kv(subjects.KV_AGENTS)).put(beat.node, msgspec.json.encode(record))
         # The watch brings the same value back shortly; the view is updated now so this refresh already sees it.
         self.agents.saved(beat.node, record, revision)
@@ -275,6 +280,18 @@ class RuntimeHandlers:
         agents = self._agents()
         for key in sorted(affected):
             await self.refresh(key, agents, mirror_first=True)
+
+    def _warn_conflict(self, node: str, reason: str, record: AgentRecord, now: float) -> None:
+        """Log that two agents beat as ``node``, at most every ``domain.CONFLICT_LOG_SECONDS`` per node: every
+        beat of the two would say it again."""
+        if now - self.conflicts_logged.get(node, -math.inf) < domain.CONFLICT_LOG_SECONDS:
+            return
+        self.conflicts_logged[node] = now
+        for gone in [n for n, at in self.conflicts_logged.items() if now - at >= domain.CONFLICT_LOG_SECONDS]:
+            if gone != node:
+                del self.conflicts_logged[gone]
+        log.warning("agents share a node name", node=node, reason=reason,
+                    instances=sorted([record.heartbeat.instance, *record.instances]))
 
     async def _runtime_keys(self) -> list[str]:
         if self.runtimes.ready.is_set():

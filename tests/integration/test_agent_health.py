@@ -64,11 +64,15 @@ async def test_a_mount_process_that_keeps_failing_makes_the_agent_unhealthy(
         await eventually(lambda: last_beat(bus), what="a first heartbeat")
         beat = await last_beat(bus)
         assert beat is not None and beat.healthy and beat.problems == []
+        # The agent process's token, the same in every beat it sends: the runtime service tells two agents given
+        # one node name apart by it.
+        instance = beat.instance
+        assert instance
         await node.apply("broken", bucket)
 
         beat = await eventually(lambda: unhealthy_with(node, "mount default/broken keeps failing"), 60,
                                 "an unhealthy heartbeat naming the failing mount")
-        assert "exit code 2" in beat.problems[0]
+        assert "exit code 2" in beat.problems[0] and beat.instance == instance
         ready, checks = readiness.report()
         assert not ready and "keeps failing" in checks["mounts"], checks
         record = await eventually(lambda: runtime_naming_the_node(node, "broken", "keeps failing"), 15,

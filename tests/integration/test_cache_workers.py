@@ -12,11 +12,12 @@ from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 import pytest
+import structlog
 
 from libs import subjects
-from libs.bus import Bus
+from libs.bus import Bus, kv_load
 from libs.config import Settings
-from libs.events.agent import AgentHeartbeat, MountReport
+from libs.events.agent import AgentHeartbeat, AgentRecord, MountReport
 from libs.events.common import ObjectMeta, ObjectRef
 from libs.events.dataset import Dataset, DatasetApply, DatasetSpec, Mount
 from libs.events.runtime import (
@@ -56,24 +57,26 @@ async def apply_runtime(bus: Bus, name: str, replicas: int) -> None:
         spec=RuntimeSpec(replicas=replicas, tieredstore=TieredStore(levels=[Level(mediumtype="MEM", quota="1Gi")])))))
 
 
-async def beat(bus: Bus, node: str, *serves: str, problems: tuple[str, ...] = ()) -> None:
+async def beat(bus: Bus, node: str, *serves: str, problems: tuple[str, ...] = (), instance: str = "") -> None:
     mounts = [MountReport(dataset=ObjectRef(name=name), state="Serving", peer_url=f"http://127.0.0.1:70{node[1:]}{i}")
               for i, name in enumerate(serves)]
     await bus.publish(subjects.agent_heartbeat(node), AgentHeartbeat(
         node=node, runtimes=[ObjectRef(name=name) for name in serves], sent_at=time.time(), interval_seconds=1.0,
         labels={"topology.kubernetes.io/zone": ZONES[node]}, mounts=mounts, healthy=not problems,
-        problems=list(problems)))
+        problems=list(problems), instance=instance or f"{node}-agent"))
 
 
 class Beating:
     """Heartbeats of the nodes in ``serves`` (node → runtimes it serves) every 0.3 s while the block runs: one beat
     alone goes stale after three of its 1 s intervals, which a loaded machine may spend before the runtime service
-    looks. A node taken out of ``serves`` falls silent; a node in ``problems`` says unhealthy."""
+    looks. A node taken out of ``serves`` falls silent; a node in ``problems`` says unhealthy; a node in
+    ``instances`` beats once per agent process named there (one, ``<node>-agent``, by default)."""
 
     def __init__(self, bus: Bus) -> None:
         self.bus = bus
         self.serves: dict[str, tuple[str, ...]] = {}
         self.problems: dict[str, tuple[str, ...]] = {}
+        self.instances: dict[str, tuple[str, ...]] = {}
         # One beat at a time: a beat of the loop read before ``set`` and sent after it would tell the runtime
         # service the node's old runtimes (CI saw a kept worker dropped and picked again behind another).
         self._sending = asyncio.Lock()
@@ -91,7 +94,9 @@ class Beating:
                 async with self._sending:
                     names = self.serves.get(node)
                     if names is not None:
-                        await beat(self.bus, node, *names, problems=self.problems.get(node, ()))
+                        for instance in self.instances.get(node, ("",)):
+                            await beat(self.bus, node, *names, problems=self.problems.get(node, ()),
+                                       instance=instance)
             await asyncio.sleep(0.3)  # a heartbeat period, not a wait for something
 
     async def set(self, nodes: Iterable[str], *names: str) -> None:
@@ -279,3 +284,58 @@ async def test_a_worker_shortfall_names_the_silent_worker_holding_the_seat(
         assert record.status.message.startswith("1 of 2 cache workers ready (n1: a worker with no heartbeat since ")
         assert record.status.message.endswith(
             "; n2: does not match nodeAffinity: topology.kubernetes.io/zone In [a]; see notPicked)")
+
+
+async def agent_record_of(bus: Bus, node: str) -> AgentRecord | None:
+    record, _ = await kv_load(await bus.kv(subjects.KV_AGENTS), node, AgentRecord)
+    return record
+
+
+@pytest.mark.timeout(90)
+async def test_two_agents_beating_as_one_node_make_it_no_worker_until_one_stops(
+        bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # A window the test can wait out (the agents' records' lifetime, a minute, otherwise); how long it is does not
+    # change what happens after it.
+    monkeypatch.setattr(domain, "INSTANCE_CONFLICT_SECONDS", 2.0)
+    duplicate = "two agents beat as node n1: give each its own SHOAL_NODE_NAME"
+    await put_objects(seaweedfs, bucket, {"f": b"data"})
+    async with services_and_agents(bus, settings) as beats:
+        await beats.set(("n1", "n2"), "train")
+        await apply(bus, bucket, "train", replicas=2)
+        await workers_of(bus, "train", ["n1", "n2"], serving=2)
+
+        # A second agent is given n1's name: their beats took turns in n1's record, its worker and peer URL
+        # with them, and nothing said so. Now n1 gives up its seat (there is no spare to take it) and says why.
+        with structlog.testing.capture_logs() as logs:
+            beats.instances["n1"] = ("n1-agent", "n1-second")
+            record = await workers_of(bus, "train", ["n2"], serving=2)
+            assert [(p.node, p.reason) for p in record.status.not_picked] == [("n1", duplicate)]
+            assert "n1: " + duplicate in record.status.message
+
+            # The second one stops: once only one agent beat as n1 for the window, n1 is picked again.
+            beats.instances["n1"] = ("n1-agent",)
+            record = await workers_of(bus, "train", ["n2", "n1"], serving=2)
+            assert not record.status.not_picked
+        # Said once (at most once a minute), not at every beat of the two.
+        [warning] = [log for log in logs if log["event"] == "agents share a node name"]
+        assert (warning["log_level"], warning["node"], warning["instances"]) == (
+            "warning", "n1", ["n1-agent", "n1-second"])
+        conflict_at = (await agent_record_of(bus, "n1")).conflict_at  # type: ignore[union-attr]
+        assert conflict_at > 0
+
+        # n1's agent restarts: a new instance, and the old one never beats again. That is no second agent.
+        beats.instances["n1"] = ("n1-restarted",)
+
+        async def restarted(after: float = 0.0) -> AgentRecord | None:
+            agent = await agent_record_of(bus, "n1")
+            return agent if agent and agent.heartbeat.instance == "n1-restarted" and agent.received_at > after else None
+
+        first = await eventually(restarted, 15, "a beat of n1's restarted agent")
+        assert "n1-agent" in first.instances  # remembered: it would be a conflict if it beat again
+        # A later beat: the service has handled the first one and refreshed the runtime since.
+        later = await eventually(lambda: restarted(first.received_at), 15, "a second beat of n1's restarted agent")
+        assert later.conflict_at == conflict_at
+        after = await runtime_record(bus, "train")
+        assert after is not None and [w.node for w in after.status.workers] == ["n2", "n1"]
+        assert not after.status.not_picked

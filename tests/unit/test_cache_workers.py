@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from libs import affinity
+from libs.bus import AGENTS_TTL_SECONDS
 from libs.cli.render import describe_runtime
 from libs.events.agent import AgentHeartbeat, AgentRecord, MountReport
 from libs.events.common import ObjectMeta, ObjectRef
@@ -27,12 +28,16 @@ from libs.events.runtime import (
 )
 from services.runtime.domain import (
     CONDITION_DATASET,
+    INSTANCE_CONFLICT_SECONDS,
+    INSTANCES_REMEMBERED,
     MISSED_BEATS,
     UNHEALTHY_WORKER_GRACE_SECONDS,
     OtherRuntime,
     Placement,
+    agent_record,
     in_ring,
     ineligible_reason,
+    node_conflict,
     pick_workers,
     placement_of,
     runtime_status,
@@ -169,6 +174,74 @@ def test_a_worker_without_a_record_keeps_its_seat_while_the_agents_view_settles(
 def test_a_worker_no_longer_eligible_is_replaced() -> None:
     agents = by_node(agent("n1", {"zone": "b"}), agent("n2", {"zone": "a"}))
     assert pick_workers(runtime(1), workers("n1"), agents, NOW, Placement(affinity=ZONE_A))[0] == ["n2"]
+
+
+def beats_of(node: str, *instances: tuple[str, float]) -> AgentRecord | None:
+    """The node's record after a beat of each (instance, time) in turn, as the runtime service folds them."""
+    record = None
+    for instance, at in instances:
+        beat = AgentHeartbeat(node=node, runtimes=[ObjectRef(name="demo")], interval_seconds=INTERVAL,
+                              instance=instance)
+        record = agent_record(record, beat, at)
+    return record
+
+
+DUPLICATE = "two agents beat as node n1: give each its own SHOAL_NODE_NAME"
+
+
+def test_two_agents_beating_as_one_node_are_flagged_from_the_first_return_of_the_earlier_one() -> None:
+    record = beats_of("n1", ("a", NOW - 2), ("b", NOW - 1))
+    assert record is not None and node_conflict(record, NOW) is None  # so far, as a restart would look
+    record = beats_of("n1", ("a", NOW - 2), ("b", NOW - 1), ("a", NOW))
+    assert record is not None and node_conflict(record, NOW) == DUPLICATE and record.conflict_at == NOW
+    # Three by turns: each returns after another, never right after the one before it.
+    record = beats_of("n1", ("a", NOW - 3), ("b", NOW - 2), ("c", NOW - 1), ("a", NOW))
+    assert record is not None and node_conflict(record, NOW) == DUPLICATE
+
+
+def test_a_restart_is_no_conflict_nor_are_agents_without_an_instance() -> None:
+    # Restarts, one after another: each new instance goes on alone, none comes back.
+    record = beats_of("n1", ("a", NOW - 9), ("a", NOW - 8), ("b", NOW - 6), ("b", NOW - 4), ("c", NOW - 2), ("c", NOW))
+    assert record is not None and record.conflict_at == 0.0 and node_conflict(record, NOW) is None
+    assert record.instances == {"b": NOW - 4, "a": NOW - 8}
+    # Agents before ``instance`` cannot be told apart: never flagged.
+    record = beats_of("n1", ("", NOW - 2), ("", NOW - 1), ("", NOW))
+    assert record is not None and node_conflict(record, NOW) is None and record.instances == {}
+
+
+def test_the_conflict_ends_once_only_one_agent_beat_for_the_window() -> None:
+    last = NOW - INSTANCE_CONFLICT_SECONDS
+    record = beats_of("n1", ("a", last - 2), ("b", last - 1), ("a", last))
+    assert record is not None
+    assert node_conflict(record, NOW) == DUPLICATE  # the window's last moment
+    assert node_conflict(record, NOW + 0.5) is None
+    # "b" stopped: only "a" beat since, and "b" is forgotten once as old as the window.
+    record = agent_record(record, record.heartbeat, NOW + 0.5)
+    assert record.instances == {} and node_conflict(record, NOW + 0.5) is None
+    # An instance older than the window that beats again is no conflict: its record would have expired too.
+    record = beats_of("n1", ("a", NOW - INSTANCE_CONFLICT_SECONDS - 1), ("b", NOW - 1), ("a", NOW))
+    assert record is not None and node_conflict(record, NOW) is None
+
+
+def test_the_window_is_the_agents_records_lifetime_and_the_instances_remembered_are_bounded() -> None:
+    assert INSTANCE_CONFLICT_SECONDS == AGENTS_TTL_SECONDS
+    # An agent restarting in a loop: its record remembers the latest few instances, not every one.
+    record = beats_of("n1", *((f"i{n}", NOW - 50 + n) for n in range(50)))
+    assert record is not None and len(record.instances) == INSTANCES_REMEMBERED
+    assert min(record.instances.values()) == NOW - 50 + 49 - INSTANCES_REMEMBERED
+
+
+def test_a_node_two_agents_beat_as_is_no_worker_and_a_worker_flagged_gives_up_its_seat() -> None:
+    flagged = beats_of("n1", ("a", NOW - 2), ("b", NOW - 1), ("a", NOW))
+    assert flagged is not None
+    agents = by_node(flagged, agent("n2"), agent("n3"))
+    picked, not_picked = pick_workers(runtime(2), workers("n1", "n2"), agents, NOW)
+    assert picked == ["n2", "n3"] and not_picked == [NotPicked(node="n1", reason=DUPLICATE)]
+    # Once the window has passed with one agent beating, n1 is a candidate like any other.
+    later = NOW + INSTANCE_CONFLICT_SECONDS + 1
+    alone = agent_record(agent_record(flagged, flagged.heartbeat, later - 1), flagged.heartbeat, later)
+    agents = by_node(alone, *(msgspec.structs.replace(agent(n), received_at=later) for n in ("n2", "n3")))
+    assert pick_workers(runtime(3), workers("n2", "n3"), agents, later)[0] == ["n2", "n3", "n1"]
 
 
 def test_worker_peer_urls_come_from_their_mount_reports_and_make_the_ring() -> None:
