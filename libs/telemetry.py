@@ -136,12 +136,48 @@ class ClientHttpErrors(logging.Filter):
         return True
 
 
+# At most one line per this many seconds about failed connections to NATS (``NatsConnectErrors``).
+NATS_ERROR_LOG_SECONDS = 30.0
+
+
+class NatsConnectErrors(logging.Filter):
+    """nats-py logs each failed connection (refused, reset, timed out) as "nats: encountered error" at error level
+    with its traceback, and tries again twice a second: a service waiting for NATS, or riding out an outage, wrote
+    a traceback every 0.5 s. Such records become one warning per ``interval`` saying what failed, and how many were
+    left out since the last; other nats-py errors are left alone. (The CLI reads these records on nats-py's own
+    logger, before this handler, to say why it could not connect.)"""
+
+    def __init__(self, interval: float = NATS_ERROR_LOG_SECONDS, clock: Any = time.monotonic) -> None:
+        super().__init__()
+        self.interval = interval
+        self.clock = clock
+        self.left_out = 0
+        self._next_at = float("-inf")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if record.name != "nats.aio.client" or not isinstance(error, (OSError, TimeoutError)):
+            return True
+        now = self.clock()
+        if now < self._next_at:
+            self.left_out += 1
+            return False
+        record.msg = "nats: encountered error: cannot reach a NATS server (%s: %s; %d more since the last such line)"
+        record.args = (type(error).__name__, error, self.left_out)
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        record.exc_info, record.exc_text = None, None
+        self.left_out = 0
+        self._next_at = now + self.interval
+        return True
+
+
 def _route_stdlib_logging(level: str, renderer: Any, file: TextIO) -> None:
     """Send what libraries log through ``logging`` (pyfuse3's notify thread, asyncio, nats-py) out in the same
     format as our own lines: without this, Python's last-resort handler prints them as plain text with bare
     tracebacks, and a JSON log gets lines no collector can parse."""
     handler = _StructlogHandler(file)
     handler.addFilter(ClientHttpErrors())
+    handler.addFilter(NatsConnectErrors())
     handler.setFormatter(structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=[
             add_trace_ids,

@@ -212,3 +212,27 @@ def test_the_client_error_filter_counts_what_it_leaves_out() -> None:
     assert kept.filter(line) and line.getMessage().endswith("2 more since the last such line)")
     other = logging.LogRecord("aiohttp.server", logging.ERROR, "", 0, "a handler's bug", (), None)
     assert kept.filter(other) and other.levelno == logging.ERROR  # not a client's bad request: left alone
+
+
+def test_failed_nats_connections_are_one_line_per_interval_without_a_traceback() -> None:
+    """A service waiting for NATS: nats-py logs each failed try (twice a second) with its traceback. One warning per
+    interval says what failed and how many were left out; nats-py's other errors are left alone."""
+    from libs.telemetry import NatsConnectErrors
+
+    now = [0.0]
+    kept = NatsConnectErrors(interval=30.0, clock=lambda: now[0])
+
+    def record(error: BaseException) -> logging.LogRecord:
+        return logging.LogRecord("nats.aio.client", logging.ERROR, "", 0, "nats: encountered error", (),
+                                 (type(error), error, None))
+
+    refused = ConnectionRefusedError(111, "Connect call failed ('127.0.0.1', 4222)")
+    first = record(refused)
+    assert kept.filter(first) and first.levelno == logging.WARNING and first.exc_info is None
+    assert "ConnectionRefusedError" in first.getMessage() and "127.0.0.1" in first.getMessage()
+    assert not kept.filter(record(refused)) and not kept.filter(record(TimeoutError()))
+    now[0] = 30.0
+    later = record(refused)
+    assert kept.filter(later) and later.getMessage().endswith("2 more since the last such line)")
+    other = record(ValueError("a protocol error"))
+    assert kept.filter(other) and other.levelno == logging.ERROR and other.exc_info is not None
