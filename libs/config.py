@@ -366,8 +366,18 @@ def _convert(raw: str, annotation: Any) -> Any:
         lowered = raw.strip().lower()
         if lowered in ("off", "none", "disabled"):
             return None
-        return msgspec.convert(lowered, int, strict=False)
+        return _number(lowered, int, "expected a whole number, or off")
+    if annotation in (int, float):
+        return _number(raw.strip(), annotation, "expected a whole number" if annotation is int else "expected a number")
     return msgspec.convert(raw.strip(), annotation, strict=False)
+
+
+def _number(raw: str, kind: type, expected: str) -> Any:
+    """msgspec's conversion, its "Expected `int`, got `str`" said in the words of the setting's table."""
+    try:
+        return msgspec.convert(raw, kind, strict=False)
+    except msgspec.ValidationError:
+        raise ValueError(expected) from None
 
 
 def _load_group(group: type[T], environ: Mapping[str, str], errors: list[str]) -> T:

@@ -219,6 +219,17 @@ def test_settings_error_is_a_value_error() -> None:
         load_settings({"SHOAL_MAX_DELIVER": "x"})
 
 
+def test_a_number_that_is_no_number_is_said_in_the_tables_words() -> None:
+    """Not msgspec's "Expected `int`, got `str`": what the setting takes."""
+    with pytest.raises(SettingsError) as caught:
+        load_settings({"SHOAL_HTTP_PORT": "x", "SHOAL_MAX_DELIVER": "many", "SHOAL_HEARTBEAT_SECONDS": "soon"})
+    said = str(caught.value)
+    assert "SHOAL_HTTP_PORT='x': expected a whole number, or off" in said
+    assert "SHOAL_MAX_DELIVER='many': expected a whole number" in said
+    assert "SHOAL_HEARTBEAT_SECONDS='soon': expected a number" in said
+    assert "Expected" not in said
+
+
 # --- Secrets ---
 
 
