@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Protocol
 
 import msgspec
+import xxhash
 
 from libs.config import Secret
 
@@ -73,6 +74,15 @@ class S3Location:
     path_style: bool = True
     access_key_id: Secret = field(default_factory=lambda: Secret(""))
     secret_access_key: Secret = field(default_factory=lambda: Secret(""))
+
+
+def source_tag(mount_point: str) -> str:
+    """What names a mount in the versions (ETags) its store gives files whose own validator comes from their size
+    and time (``local://``, ``pvc://``, ``http://``): a digest of the mount point as the spec writes it, the same on
+    every node. A cached block is named by its mount's position, the key and the version, and a position moves when
+    a mount before it is removed: files of two mounts alike in key, size and time (archives unpacked with a fixed
+    time, as reproducible builds make them) would otherwise share their blocks, and a mount serve the other's."""
+    return xxhash.xxh3_64_hexdigest(mount_point.encode()) if mount_point else ""
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,8 @@ This module owns all HTTP I/O of such a mount and decides three things:
 - **What pins a file's version.** Each listed file gets a HEAD (or, where HEAD is refused, a one-byte GET): its
   size (else the exact byte count the listing shows) and a validator kept in the manifest's ``etag`` field
   (``pin_of``): a strong ETag as sent (``"abc"``), else ``last-modified:<date>``, else a weak ETag, else
-  ``size:<n>``.
+  ``size:<n>``; then `` mount:<digest>`` naming the mount (``source_tag``: nginx's ETag is the file's time and
+  size, so two mounts' files could share one).
 - **How a read stays on that version.** A ranged GET carries ``If-Match`` (strong ETag) or
   ``If-Unmodified-Since`` (Last-Modified); whatever the server does with them, the validator of the answer is
   compared with the pin, so a file changed under us raises ``ObjectChanged`` and bytes of two versions are never
@@ -50,6 +51,7 @@ from libs.ufs.base import (
     ObjectChanged,
     ObjectInfo,
     UfsError,
+    source_tag,
 )
 from libs.ufs.bodies import read_part
 
@@ -291,6 +293,9 @@ class HttpObjectStore:
     def __init__(self, location: HttpLocation, *, connect_timeout: float = 5.0, read_timeout: float = 30.0,
                  max_connections: int = 64) -> None:
         self._location = location
+        # Appended to every pin (``source_tag``): a file's blocks are never taken for another mount's. A space
+        # cannot be in an ETag, and the whole suffix is compared, so a pin of another mount is simply not ours.
+        self._mount_mark = f" mount:{source_tag(location.url)}"
         url = location.url if location.url.endswith("/") else location.url + "/"
         # As aiohttp spells it (host lower-cased, default port dropped), so answers' URLs compare with it.
         self._url = str(URL(url))
@@ -462,7 +467,7 @@ class HttpObjectStore:
         if size is None:
             raise UfsError(f"{strip_userinfo(self.url_of(key))}: the server tells no size (no Content-Length and "
                            "none in the listing), so the file cannot be served")
-        return ObjectInfo(key=key, size=size, etag=pin_of(headers, size), mtime=_mtime(headers))
+        return ObjectInfo(key=key, size=size, etag=pin_of(headers, size) + self._mount_mark, mtime=_mtime(headers))
 
     async def get_range(self, key: str, start: int, length: int, etag: str | None = None) -> bytes:
         """``length`` bytes from ``start`` (fewer at the end); with ``etag`` (a pin), ObjectChanged when the
@@ -475,6 +480,9 @@ class HttpObjectStore:
         url = self.url_of(key)
         headers = {"Range": f"bytes={start}-{start + length - 1}", **IDENTITY}
         if etag is not None:
+            if not etag.endswith(self._mount_mark):
+                raise self._changed(key, etag)  # a version of another mount's file (or of an older Shoal's listing)
+            etag = etag.removesuffix(self._mount_mark)
             headers.update(conditions(etag))
         try:
             # Never decoded: a server may label a pre-compressed file "Content-Encoding: gzip" even to a client

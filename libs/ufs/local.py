@@ -29,8 +29,6 @@ import stat
 from collections.abc import AsyncGenerator
 from types import TracebackType
 
-import xxhash
-
 from libs.ufs.base import (
     AccessDenied,
     LocalLocation,
@@ -39,6 +37,7 @@ from libs.ufs.base import (
     ObjectChanged,
     ObjectInfo,
     UfsError,
+    source_tag,
 )
 
 
@@ -54,11 +53,6 @@ def _etag(st: os.stat_result, source: str = "") -> str:
     them) would otherwise share their blocks after such a move, and the mount serve the other's bytes."""
     tag = f"{st.st_size:x}-{st.st_mtime_ns:x}"
     return f"{tag}-{source}" if source else tag
-
-
-def source_tag(mount_point: str) -> str:
-    """The part of a local ETag that names its mount (``_etag``): the same on every node that reads the spec."""
-    return xxhash.xxh3_64_hexdigest(mount_point.encode()) if mount_point else ""
 
 
 # Linux's PATH_MAX: a longer path is refused (ENAMETOOLONG) by every call that takes one, as it is by the reads.

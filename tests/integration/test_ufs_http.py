@@ -27,6 +27,7 @@ from libs.ufs.base import (
     ObjectChanged,
     ObjectInfo,
     UfsError,
+    source_tag,
 )
 from libs.ufs.http import HttpObjectStore, ListingLoop, ListingTooLarge
 from tests.faults import answering
@@ -137,7 +138,7 @@ async def test_a_range_answer_longer_than_asked_is_cut_not_read_whole() -> None:
 async def test_a_size_in_odd_digits_is_no_size_not_a_crash(content_range: str) -> None:
     # str.isdigit() holds for '²', which int() refuses; Arabic-Indic digits int() reads but HTTP does not have.
     async with lying_server(content_range, endless=False) as url, HttpObjectStore(HttpLocation(url=url)) as store:
-        assert await store.get_range("f", 0, 10, "size:100") == bytes(range(10))
+        assert await store.get_range("f", 0, 10, listed("size:100", url)) == bytes(range(10))
 
 
 async def test_a_page_slow_to_parse_does_not_stall_the_event_loop() -> None:
@@ -181,6 +182,28 @@ async def test_a_listed_file_gone_is_no_such_key_and_a_missing_folder_no_such_bu
                 await listing(missing)
 
 
+def listed(pin: str, url: str) -> str:
+    """The version a listing of the mount at ``url`` gives a file whose validator is ``pin`` (``source_tag``)."""
+    return f"{pin} mount:{source_tag(url)}"
+
+
+async def test_a_version_listed_for_another_mount_is_not_this_ones(tmp_path: Path) -> None:
+    """Two web mounts whose server gives one file the same ETag (nginx's: its time and size): the version one
+    mount's listing gave is ObjectChanged on the other, so no cached block of one is taken for the other's."""
+    root = tree(tmp_path / "site", {"a/f": b"version A", "b/f": b"version B"})
+    for folder in ("a", "b"):
+        os.utime(root / folder / "f", ns=(10**18, 10**18))
+    async with WebSource(root, style="nginx", etags=True) as web, \
+            HttpObjectStore(HttpLocation(url=web.url + "a/")) as first, \
+            HttpObjectStore(HttpLocation(url=web.url + "b/")) as second:
+        a, b = await first.head("f"), await second.head("f")
+        assert a.etag.split(" ")[0] == b.etag.split(" ")[0]  # the server's ETag: one for both
+        assert a.etag != b.etag
+        assert await second.get_range("f", 0, 9, b.etag) == b"version B"
+        with pytest.raises(ObjectChanged):
+            await second.get_range("f", 0, 9, a.etag)
+
+
 async def test_an_unreachable_server_is_retryable() -> None:
     url = f"http://{LOOPBACK}:{free_port()}/data/"
     async with HttpObjectStore(HttpLocation(url=url)) as store:
@@ -188,7 +211,7 @@ async def test_an_unreachable_server_is_retryable() -> None:
             await listing(store)
         assert err.value.retryable and url in err.value.message
         with pytest.raises(EndpointUnreachable):
-            await store.get_range("f", 0, 1, '"x"')
+            await store.get_range("f", 0, 1, listed('"x"', url))
 
 
 async def test_listings_that_loop_are_stopped(tmp_path: Path) -> None:
