@@ -336,6 +336,11 @@ class LocalObjectStore:
     def _no_root(self) -> NoSuchBucket:
         return NoSuchBucket(f"local directory '{self._root}' does not exist")
 
+    def _is_version(self, st: os.stat_result, etag: str) -> bool:
+        """Whether the file is at version ``etag``: as listed now, or as a listing from before versions named their
+        mount gave it (read until the next sync lists it again, not refused as changed)."""
+        return etag in (_etag(st, self._source), _etag(st))
+
     def _check_key(self, key: str) -> None:
         parts = key.split("/")
         if os.path.isabs(key) or "\0" in key or any(part in ("", ".", "..") for part in parts):
@@ -401,13 +406,13 @@ class LocalObjectStore:
                 if not stat.S_ISREG(st.st_mode):
                     raise self._no_key(key)
                 # fstat of the open file: the ETag checked is the one of the bytes we are about to read.
-                if etag is not None and _etag(st, self._source) != etag:
+                if etag is not None and not self._is_version(st, etag):
                     raise self._changed(key, etag)
                 file.seek(start)
                 data = file.read(length)
                 # And again after: a file rewritten in place while it was read gave bytes of the new version (or
                 # of both) that the reader would keep as the old one's, on every node, until the next sync.
-                if etag is not None and _etag(os.fstat(file.fileno()), self._source) != etag:
+                if etag is not None and not self._is_version(os.fstat(file.fileno()), etag):
                     raise self._changed(key, etag)
                 return data
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as err:
