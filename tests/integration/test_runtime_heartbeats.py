@@ -62,8 +62,8 @@ class CountingKv:
 def counting_connect(reads: Counter[str]) -> Any:
     real_connect = runtime_app.connect
 
-    async def connect(settings: Any, name: str) -> Bus:
-        bus = await real_connect(settings, name)
+    async def connect(settings: Any, name: str, **options: Any) -> Bus:
+        bus = await real_connect(settings, name, **options)
         real_kv = bus.kv
 
         async def kv(bucket: str) -> Any:
