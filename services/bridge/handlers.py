@@ -57,6 +57,8 @@ TICK_RETRY = Backoff(first=0.5, cap=5.0)
 OBJECT_RETRY = Backoff(first=0.5, cap=10.0)
 # Module-level so tests can shorten it (the kubelet's refresh is what it waits for).
 MIRROR_RESYNC_SECONDS = domain.MIRROR_RESYNC_SECONDS
+# Events remembered per object (``recorded_events``): the few its current state can still record.
+EVENTS_KEPT = 8
 
 
 # Status write answers that say the write is wrong, not that the API server is unavailable: the object is gone (404;
@@ -179,7 +181,8 @@ class BridgeHandlers:
     # Bound Datasets whose volume or claim name is taken by an object not theirs, and why; looked at again at the
     # next list, or as soon as the dataset holding the name deletes its volume.
     volume_conflicts: dict[ObjectKey, str] = field(default_factory=dict)
-    recorded_events: set[str] = field(default_factory=set)
+    # The Events recorded for each object, by name, oldest first: the last ``EVENTS_KEPT`` of each live object.
+    recorded_events: dict[ObjectKey, dict[str, None]] = field(default_factory=dict)
     deletes_sent: set[ObjectKey] = field(default_factory=set)
     # Which objects stand for each Shoal record (``domain.record_key``): more than one, and all but one are refused.
     claims: dict[tuple[str, str, str], set[ObjectKey]] = field(default_factory=dict)
@@ -288,6 +291,7 @@ class BridgeHandlers:
         self.written.pop(key, None)
         self.resyncs.pop(key, None)
         self.expiry_checked.pop(key, None)
+        self.recorded_events.pop(key, None)
         self.volumes.discard(key)
         self.volume_conflicts.pop(key, None)
         held = self.mirrored.pop(key, frozenset()) | domain.held_keys(self._entry(domain.uid_of(obj)))
@@ -298,6 +302,14 @@ class BridgeHandlers:
             self.gone[uid] = Gone(key, obj, held, delete_sent=key in self.deletes_sent)
             await self._end_now(uid)
         self.deletes_sent.discard(key)
+        self._forget_rejections({domain.uid_of(obj)})
+
+    def _forget_rejections(self, uids: set[str]) -> None:
+        """Drop the rejections of the commands of objects ``uids``: they were read for those objects only."""
+        for command_id in [c for c in self.rejections if domain.command_uid(c) in uids]:
+            self.rejections.pop(command_id, None)
+            self.rejection_sequences.pop(command_id, None)
+            self.unrecorded.discard(command_id)
 
     async def _end_now(self, uid: str) -> None:
         """Try a gone object's end at once, unless a call of this pass went unanswered (then ``tick`` does)."""
@@ -734,6 +746,7 @@ class BridgeHandlers:
         failed: list[str] = []
         async with self._lock:
             await self._record_rejections()
+            self._prune_rejections()
         # Objects that failed before are tried last, when due (``OBJECT_RETRY``): one whose calls hang then costs
         # the end of a pass, not every other object's turn.
         for key in [k for k in self.pending if k not in self.failures]:
@@ -957,7 +970,8 @@ class BridgeHandlers:
 
     async def _record_event(self, key: ObjectKey, obj: dict[str, Any], name: str, event_type: str, reason: str,
                             message: str) -> None:
-        if name in self.recorded_events:
+        recorded = self.recorded_events.get(key)
+        if recorded is not None and name in recorded:
             return
         body = domain.kube_event(key.resource, obj, name=name, event_type=event_type, reason=reason,
                                  message=message, now=self.clock())
@@ -967,7 +981,12 @@ class BridgeHandlers:
         except ApiException as err:
             if err.status != 409:  # 409: recorded before (a restart), the name is deterministic
                 raise
-        self.recorded_events.add(name)
+        recorded = self.recorded_events.setdefault(key, {})
+        recorded[name] = None
+        # A Cron DataLoad records one per run, for as long as it lives: the older names are not recorded again
+        # (their occurrence is over), and if one were, the deterministic name makes it a 409, not a second Event.
+        while len(recorded) > EVENTS_KEPT:
+            del recorded[next(iter(recorded))]
 
     async def _create_volume(self, key: ObjectKey, obj: dict[str, Any]) -> None:
         """The volume, then the claim that names it; a name already taken by an object that is not this dataset's
@@ -1089,6 +1108,18 @@ class BridgeHandlers:
                     and domain.rejection_holds(entry, command_id, sequence)):
                 await self._save_applied(uid, domain.rejected(entry, sequence))
             self.unrecorded.discard(command_id)
+
+    def _prune_rejections(self) -> None:
+        """Forget the rejections of objects gone before their fact came, or before this process (the facts are read
+        from the start of the stream): ``on_deleted`` never saw them, and they refuse nothing any more."""
+        if self._everything_listed():
+            live = {domain.uid_of(obj) for obj in self.objects.values()} | set(self.gone)
+            self._forget_rejections({domain.command_uid(c) for c in self.rejections} - live)
+
+    def _everything_listed(self) -> bool:
+        """Every resource listed in every namespace watched: an object not in ``objects`` now is not there."""
+        namespaces: list[str | None] = list(self.settings.kube.namespaces) or [None]
+        return all((resource, namespace) in self.listed for resource in kube.RESOURCES for namespace in namespaces)
 
 
 def _write_private(path: Path, value: bytes) -> None:

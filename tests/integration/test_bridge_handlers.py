@@ -29,7 +29,7 @@ from libs.events.operation import OperationRecord
 from libs.events.runtime import RuntimeRecord
 from services.bridge import handlers as bridge_handlers
 from services.bridge.domain import ObjectKey
-from services.bridge.handlers import BridgeHandlers, Mirrors
+from services.bridge.handlers import BridgeHandlers, Mirrors, RejectionFact
 from services.dataset import app as dataset_app
 from tests.conftest import NatsServer
 from tests.helpers import dataset_record, eventually, make_settings, running
@@ -608,3 +608,41 @@ async def test_a_relist_answered_404_deletes_nothing_the_bridge_knows(harness: H
     await stop()
     assert deletes == []
     assert any(key.name == "demo" for key in harness.handlers.objects)
+
+
+async def test_objects_made_refused_and_deleted_again_and_again_leave_nothing_behind(harness: Harness,
+                                                                                     tmp_path: Path) -> None:
+    """Churn: Datasets made, refused by Shoal (a rejection fact, its Warning Event recorded) and deleted, over and
+    over. Before, the rejections by command id and the names of the Events recorded stayed for ever, an entry per
+    object that ever lived; a rejection whose fact came after its object's delete stays too. Now none is left."""
+    handlers = harness.handlers
+    await harness.first_lists()
+    mount = files(tmp_path / "a")
+    for index in range(CHURN):
+        name = f"ds-{index}"
+        obj = await harness.create(SHOAL, name, {"mounts": [{"mountPoint": mount}]})
+        await handlers.on_event(SHOAL, "ADDED", obj)
+        key = ObjectKey(SHOAL, "default", name)
+
+        async def applied(key: ObjectKey = key) -> str | None:
+            return handlers.published.get(key)
+
+        command_id = await eventually(applied, what="the apply")
+        await handlers.on_rejection(RejectionFact(causation_id=command_id, reason="no"), sequence=index + 1)
+        before = len(handlers.recorded_events)
+
+        def recorded(before: int = before) -> bool:
+            return len(handlers.recorded_events) > before
+
+        await harness.until(recorded, what="the refusal's Event")
+        await handlers.on_event(SHOAL, "DELETED", harness.get(SHOAL, name) or obj)
+        if index == CHURN - 1:  # its fact comes after its delete
+            await handlers.on_rejection(RejectionFact(causation_id=command_id + ".late", reason="no"),
+                                        sequence=index + 2)
+    await handlers.tick()
+    assert handlers.rejections == {} and handlers.rejection_sequences == {} and handlers.unrecorded == set()
+    assert len(handlers.recorded_events) == 0, f"{len(handlers.recorded_events)} Events remembered"
+    assert handlers.objects == {}
+
+
+CHURN = 20
