@@ -1444,6 +1444,17 @@ class KvMirror(Generic[T]):
         it, and the watch's older entries of ``key`` (a put delivered late) do not bring it back; a newer put does."""
         self._record(key, None, revision)
 
+    def forget(self, key: str) -> None:
+        """Drop ``key`` from the view, its revision included: for a bucket with a TTL (the agents'), whose expired
+        keys leave no delete marker a watch could see, the owner judges them expired itself and forgets them here.
+        Only the revisions of keys still in the bucket are kept then; a later entry of ``key`` is newer anyway (a
+        watch delivers in order)."""
+        self.values.pop(key, None)
+        self._revisions.pop(key, None)
+        if self._replay is not None:
+            self._replay[0].pop(key, None)
+            self._replay[1].pop(key, None)
+
     def _record(self, key: str, value: T | None, revision: int) -> None:
         _take(self.values, self._revisions, key, value, revision)
         if self._replay is not None:

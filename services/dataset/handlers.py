@@ -379,6 +379,10 @@ class DatasetHandlers:
         no inventory event, whose gap would ask."""
         if self.agents is None or not self.agents.ready.is_set():
             return
+        # Records a TTL older than the newest beat expired in the bucket, without a delete the watch could see:
+        # kept, every node that ever beat stayed in memory. Judged gone alike with or without its record.
+        for node in domain.departed_nodes(list(self.agents.values), self.agents.values, AGENTS_TTL_SECONDS):
+            self.agents.forget(node)
         now = self.clock()
         if not self._judges_agents(now):
             return

@@ -303,7 +303,7 @@ class RuntimeHandlers:
         now = self.clock()
         for node, record in list(self.agents.values.items()):
             if now - record.received_at > AGENTS_TTL_SECONDS:
-                self.agents.values.pop(node, None)
+                self.agents.forget(node)  # expired in the bucket, without a delete the watch could see
         agents = self._agents()
         for key in keys:
             await self.refresh(key, agents, mirror_first=True)

@@ -537,7 +537,7 @@ class SchedulerHandlers:
         forget_after = max(AGENTS_TTL_SECONDS, self.node_timeout)
         for node, last in list(self.agents.values.items()):
             if now - last.received_at > forget_after:
-                self.agents.values.pop(node, None)
+                self.agents.forget(node)  # expired in the bucket, without a delete the watch could see
         self.beating |= set(self.agents.values)
         for node in sorted(self.fold.nodes() & self.beating):
             record = self.agents.values.get(node)

@@ -320,14 +320,13 @@ def test_the_sweep_forgets_agents_whose_records_expired() -> None:
     itself after AGENTS_TTL_SECONDS, with the node's cache and its name, so node churn grows no memory. A beating
     agent is kept, and so is its cache."""
     import asyncio
-    from types import SimpleNamespace
 
-    from libs.bus import AGENTS_TTL_SECONDS
+    from libs.bus import AGENTS_TTL_SECONDS, KvMirror
     from libs.events.agent import AgentHeartbeat, AgentRecord
     from services.scheduler.handlers import SchedulerHandlers
 
     now = [1000.0]
-    agents = SimpleNamespace(values={}, ready=asyncio.Event())
+    agents = KvMirror(None, AgentRecord)  # type: ignore[arg-type]  # fed by hand, never watching
     agents.ready.set()
     handlers = SchedulerHandlers(bus=None, agents=agents, node_timeout=10.0,  # type: ignore[arg-type]
                                  clock=lambda: now[0])
