@@ -952,7 +952,14 @@ async def _tail(options: Options, subject: str, replay: bool, limit: int | None)
             printed = 0
             while limit is None or printed < limit:
                 message = await _next_or_refused(queue, denied, subject)
-                click.echo(message.data.decode(errors="replace"))
+                try:
+                    line = render.json_line(message.data)
+                except render.NotJson as err:
+                    # Not an event (another system's on a fact subject): stdout stays JSON lines for scripts.
+                    click.echo(f"note: skipped a message on {message.subject} that is not JSON ({err}, "
+                               f"{len(message.data)} bytes)", err=True)
+                    continue
+                click.echo(line)
                 printed += 1
         finally:
             if denied is not None:

@@ -1,4 +1,5 @@
-"""What ``shoal get`` and ``shoal describe`` print: kubectl-like tables, JSON/YAML documents, describe text.
+"""What ``shoal get``, ``shoal describe`` and ``shoal events`` print: kubectl-like tables, JSON/YAML documents,
+describe text, JSON lines.
 
 Pure: records in, text out, no NATS, no terminal and no clock (``now`` is a parameter). Decides the columns
 (Fluid's ``kubectl get dataset`` and ``kubectl get alluxioruntime`` columns, without AGE: those records carry no
@@ -258,6 +259,29 @@ def to_json(document: Any) -> str:
 
 def to_yaml(document: Any) -> str:
     return yaml.safe_dump(document, sort_keys=False, default_flow_style=False, allow_unicode=True)
+
+
+class NotJson(ValueError):
+    """A message that is no JSON document; its text says why without quoting it (it may hold anything)."""
+
+
+def json_line(data: bytes) -> str:
+    """One message as one line of JSON (``shoal events`` prints JSON lines); ``NotJson`` when it is none.
+
+    Another system may publish on a fact subject: a pretty-printed document is put on one line (its newlines can only
+    be whitespace between tokens), and one on a line already is printed as it came.
+    """
+    if not data.strip():
+        raise NotJson("empty")
+    try:
+        document = msgspec.json.decode(data)
+    except UnicodeDecodeError as err:
+        raise NotJson(f"not UTF-8 at byte {err.start}") from err
+    except msgspec.DecodeError as err:
+        raise NotJson(str(err)) from err
+    if b"\n" in data or b"\r" in data:
+        return msgspec.json.encode(document).decode()
+    return data.decode().strip()
 
 
 # --- describe ---

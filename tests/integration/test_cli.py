@@ -1219,6 +1219,28 @@ async def test_events_replays_facts_as_json_lines(nats_server: NatsServer, bus: 
     assert [json.loads(line)["id"] for line in lines] == [accepted.id, rejected.id]
 
 
+async def test_events_prints_one_json_line_per_event_and_skips_what_is_not_json(nats_server: NatsServer,
+                                                                                 bus: Bus) -> None:
+    """Another system published on a fact subject: a pretty-printed payload took four lines and junk went out as it
+    was, so a script reading JSON lines (``shoal events | jq``) failed on the first of them."""
+    accepted = DatasetAccepted(causation_id="c1", name="demo", namespace="default", generation=1)
+    subject = "shoal.evt.dataset.other"
+    for payload in (b"not json at all", b'{\n  "type": "other.v1",\n  "n": 1\n}', b"\xff\xfe binary", b"",
+                    b'{"type": "bad utf-8 \xff"}'):
+        await bus.js.publish(subject, payload)
+    await bus.publish(subjects.DATASET_ACCEPTED, accepted)
+
+    result = await shoal(nats_server, "events", "--all", "--limit", "2", "--subject", subjects.DATASET_FACTS)
+
+    assert result.exit_code == 0, result.output
+    assert [json.loads(line) for line in result.stdout.splitlines()] == [
+        {"type": "other.v1", "n": 1}, json.loads(msgspec.json.encode(accepted))]
+    notes = result.stderr.splitlines()
+    assert len(notes) == 4, notes
+    assert all(note.startswith(f"note: skipped a message on {subject} that is not JSON (") for note in notes), notes
+    assert "not json at all" not in result.stderr  # what it holds is not shown: it may be anything
+
+
 @pytest.mark.parametrize("replay", [False, True], ids=["follow", "replay"])
 @pytest.mark.parametrize(("subject", "problem"), [
     ("", "it is empty"),
