@@ -224,6 +224,15 @@ def operation_key(kind: str, namespace: str, name: str) -> str:
     return f"{kind.lower()}.{namespace}.{name}"
 
 
+def key_object(key: str, operation_kind: str | None = None) -> tuple[str, str] | None:
+    """The (namespace, name) a ``resource_key`` names, or with ``operation_kind`` that kind's ``operation_key``; None
+    when ``key`` is not such a key."""
+    parts = key.split(".")
+    if operation_kind is None:
+        return (parts[0], parts[1]) if len(parts) == 2 else None
+    return (parts[1], parts[2]) if len(parts) == 3 and parts[0] == operation_kind.lower() else None
+
+
 def manifest_name(namespace: str, name: str, incarnation: str = "", generation: int = 0, requests: int = 0) -> str:
     """A dataset's manifest in the Object Store: ``<ns>.<name>.<incarnation>-<generation>-<requests>``, the
     listing of one spec (``DatasetRecord.generation``) at one resync (``sync_requests``) of one life of the name

@@ -44,8 +44,8 @@ from libs.bus import (
     PermissionDenied,
     TlsNotOffered,
     connect,
+    kv_keys,
     kv_load,
-    kv_values,
     login_user,
 )
 from libs.cli import manifests, operations, render
@@ -793,25 +793,49 @@ def run_operation(options: Options, resource: str, name: str, namespace: str) ->
 # --- get and describe ---
 
 
-async def load_records(options: Options, kind: Kind, namespace: str | None, name: str | None) -> list[Any]:
-    """Records of one kind, sorted by namespace and name; ``namespace`` None means every namespace."""
+@dataclass(frozen=True)
+class Loaded:
+    """What ``load_records`` found: the records, and why each record in scope that could not be decoded was not."""
+
+    records: list[Any]
+    unreadable: list[str]
+
+
+async def load_records(options: Options, kind: Kind, namespace: str | None, name: str | None) -> Loaded:
+    """Records of one kind, sorted by namespace and name; ``namespace`` None means every namespace.
+
+    A record that does not decode (written by hand, or by another version) is said in ``unreadable`` and the others
+    are still listed, as kubectl lists what it could get.
+    """
+    bucket = KV_BUCKET[kind]
+    operation = kind if kind in OPERATION_KINDS else None
     async with session(options) as bus:
         try:
-            kv = await bus.kv(KV_BUCKET[kind])
+            kv = await bus.kv(bucket)
         except BucketNotFoundError:
-            return []  # nothing was ever applied: the services create the buckets on start
-        record_type = RECORD_TYPE[kind]
-        operation = kind in OPERATION_KINDS
+            return Loaded([], [])  # nothing was ever applied: the services create the buckets on start
         if name is not None and namespace is not None:
-            key = subjects.operation_key(kind, namespace, name) if operation else subjects.resource_key(namespace,
-                                                                                                      name)
-            record = await _load_named(kv, key, record_type)
-            return [record] if record is not None else []
-        records: list[Any] = await kv_values(kv, record_type)
+            wanted = [(subjects.operation_key(kind, namespace, name) if operation
+                       else subjects.resource_key(namespace, name), (namespace, name))]
+        else:
+            wanted = [(key, found) for key in await kv_keys(kv)
+                      if (found := subjects.key_object(key, operation)) is not None
+                      and (namespace is None or found[0] == namespace)]
+        records: list[Any] = []
+        unreadable = []
+        for key, (key_namespace, key_name) in wanted:
+            try:
+                record = await _load_named(kv, key, RECORD_TYPE[kind])
+            except (msgspec.DecodeError, UnicodeDecodeError) as err:
+                unreadable.append(f'cannot read {kind}.shoal.io "{key_name}" in namespace "{key_namespace}" (key {key} '
+                                  f"of KV {bucket}): {err}")
+                continue
+            if record is not None:
+                records.append(record)
     if operation:  # one bucket holds both kinds
         records = [record for record in records if record.kind.lower() == kind]
     records = [record for record in records if namespace is None or _meta(record).namespace == namespace]
-    return sorted(records, key=lambda record: (_meta(record).namespace, _meta(record).name))
+    return Loaded(sorted(records, key=lambda record: (_meta(record).namespace, _meta(record).name)), unreadable)
 
 
 async def _load_named(kv: KeyValue, key: str, record_type: type[T]) -> T | None:
@@ -832,6 +856,14 @@ def _meta(record: DatasetRecord | RuntimeRecord | OperationRecord) -> Any:
     return record.metadata
 
 
+def _unreadable(errors: Sequence[str]) -> None:
+    """After what could be printed: one ``error:`` line per record that could not be read, and exit code 1."""
+    if errors:
+        for error in errors:
+            click.echo(f"error: {error}", err=True)
+        raise click.exceptions.Exit(1)
+
+
 def _not_found(kind: Kind, name: str, namespace: str) -> NoReturn:
     raise CliError(f'{kind}.shoal.io "{name}" not found in namespace "{namespace}"')
 
@@ -850,8 +882,11 @@ def get(options: Options, resource: str, name: str | None, namespace: str, all_n
     if all_namespaces and name:
         raise click.UsageError("a resource cannot be retrieved by name across all namespaces")
     kind = RESOURCE_ALIASES[resource.lower()]
-    records = _run(load_records(options, kind, None if all_namespaces else namespace, name))
+    loaded = _run(load_records(options, kind, None if all_namespaces else namespace, name))
+    records = loaded.records
     if not records:
+        if loaded.unreadable:
+            _unreadable(loaded.unreadable)
         if name:
             _not_found(kind, name, namespace)
         if output in ("json", "yaml"):  # an empty list, so scripts parse the same shape either way
@@ -871,6 +906,7 @@ def get(options: Options, resource: str, name: str | None, namespace: str, all_n
                                           show_namespace=all_namespaces), nl=False)
     else:
         click.echo(render.runtime_table(records, wide=output == "wide", show_namespace=all_namespaces), nl=False)
+    _unreadable(loaded.unreadable)
 
 
 @cli.command()
@@ -882,8 +918,10 @@ def describe(options: Options, resource: str, name: str | None, namespace: str) 
     """Show every spec and status field of a dataset, runtime, DataLoad or DataClean (all of the namespace
     without NAME); a DataLoad's or DataClean's progress per node too."""
     kind = RESOURCE_ALIASES[resource.lower()]
-    records = _run(load_records(options, kind, namespace, name))
+    loaded = _run(load_records(options, kind, namespace, name))
+    records = loaded.records
     if not records:
+        _unreadable(loaded.unreadable)
         if name:
             _not_found(kind, name, namespace)
         click.echo(f"No resources found in {namespace} namespace.", err=True)
@@ -892,6 +930,7 @@ def describe(options: Options, resource: str, name: str | None, namespace: str) 
              else render.describe_operation(r) if isinstance(r, OperationRecord)
              else render.describe_runtime(r) for r in records]
     click.echo("\n".join(texts), nl=False)
+    _unreadable(loaded.unreadable)
 
 
 # --- events ---

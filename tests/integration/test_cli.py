@@ -268,6 +268,54 @@ async def test_a_name_that_cannot_be_a_key_is_not_found_without_a_traceback(nats
         assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
 
 
+async def test_a_record_that_cannot_be_read_is_one_error_line_and_the_others_are_listed(nats_server: NatsServer,
+                                                                                        bus: Bus) -> None:
+    """A record no Shoal wrote (a hand-made ``nats kv put``, a newer version's) was a msgspec traceback for every
+    ``get`` and ``describe`` of its kind: nothing else was listed."""
+    await put_records(bus)
+    datasets = await bus.kv(subjects.KV_DATASETS)
+    await datasets.put(subjects.resource_key("default", "junk"), b'{"dataset": 5}')
+    await datasets.put(subjects.resource_key("other", "junk"), b"not json")
+    operations = await bus.kv(subjects.KV_OPERATIONS)
+    await operations.put(subjects.operation_key("dataclean", "default", "bad"), b"{}")
+    unreadable = ('error: cannot read dataset.shoal.io "junk" in namespace "default" (key default.junk of KV '
+                  "shoal_datasets): Expected `object`, got `int` - at `$.dataset`\n")
+
+    listed = await shoal(nats_server, "get", "datasets")
+    assert (listed.exit_code, listed.stderr) == (1, unreadable), listed.output
+    assert [line.split()[0] for line in listed.stdout.splitlines()] == ["NAME", "imagenet"]
+    assert listed.exception is None or isinstance(listed.exception, SystemExit), listed.exception
+
+    as_json = await shoal(nats_server, "get", "datasets", "-o", "json")
+    assert (as_json.exit_code, as_json.stderr) == (1, unreadable)
+    assert [msgspec.convert(item, DatasetRecord) for item in json.loads(as_json.stdout)["items"]] == [IMAGENET]
+
+    named = await shoal(nats_server, "get", "dataset", "junk")
+    assert (named.exit_code, named.stdout, named.stderr) == (1, "", unreadable)
+    described = await shoal(nats_server, "describe", "dataset")
+    assert (described.exit_code, described.stderr) == (1, unreadable)
+    assert described.stdout.startswith("Name:         imagenet\n")
+
+    everywhere = await shoal(nats_server, "get", "datasets", "-A")
+    assert everywhere.exit_code == 1
+    assert [line.split()[:2] for line in everywhere.stdout.splitlines()[1:]] == [["default", "imagenet"],
+                                                                                 ["other", "mnist"]]
+    assert len(everywhere.stderr.splitlines()) == 2
+    assert everywhere.stderr.splitlines()[1].startswith('error: cannot read dataset.shoal.io "junk" in namespace '
+                                                       '"other" (key other.junk of KV shoal_datasets): ')
+
+    # Another namespace's or kind's unreadable record is not this listing's.
+    other = await shoal(nats_server, "get", "datasets", "-n", "other")
+    assert other.exit_code == 1 and other.stderr.startswith('error: cannot read dataset.shoal.io "junk" in namespace '
+                                                            '"other"')
+    loads = await shoal(nats_server, "get", "dataloads")
+    assert (loads.exit_code, loads.stderr) == (0, "No resources found in default namespace.\n")
+    cleans = await shoal(nats_server, "get", "datacleans")
+    assert cleans.exit_code == 1
+    assert cleans.stderr.startswith('error: cannot read dataclean.shoal.io "bad" in namespace "default" (key '
+                                    "dataclean.default.bad of KV shoal_operations): Object missing required field")
+
+
 async def test_describe_shows_spec_status_and_conditions(nats_server: NatsServer, bus: Bus) -> None:
     await put_records(bus)
 
