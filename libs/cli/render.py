@@ -203,14 +203,20 @@ def duration_text(seconds: float) -> str:
 
 
 def age_text(created_at: str, now: datetime) -> str:
-    """How long ago an RFC 3339 time was; ``<unknown>`` when the record has none (or an unreadable one)."""
+    """How long ago an RFC 3339 time was; ``<unknown>`` when the record has none (or an unreadable one),
+    ``<invalid>`` when it is in the future."""
     try:
         created = datetime.fromisoformat(created_at.replace("Z", "+00:00"))
     except ValueError:
         return "<unknown>"
     if created.tzinfo is None or now.tzinfo is None:
         return "<unknown>"
-    return duration_text((now - created).total_seconds())
+    seconds = (now - created).total_seconds()
+    # In the future: another host's clock is ahead. kubectl's HumanDuration takes a second of it as now and says
+    # "<invalid>" beyond, rather than "0s", which would say it was just created whenever it was.
+    if int(seconds) < -1:
+        return "<invalid>"
+    return duration_text(seconds)
 
 
 def describe_operation(record: OperationRecord) -> str:

@@ -178,3 +178,14 @@ def test_a_run_request_that_joined_a_pending_run_says_so(capsys: pytest.CaptureF
     assert report_outcomes([Outcome(command, fact("")), Outcome(command, fact("it waits"))], 1.0)
     assert capsys.readouterr().out == ("dataload.shoal.io/warm run requested\n"
                                        "dataload.shoal.io/warm run request joined the pending run (it waits)\n")
+
+
+def test_a_record_created_in_the_future_has_an_invalid_age_as_kubectl_says() -> None:
+    # Another host's clock ahead of this one's: "0s" said it was just created, whenever it was. kubectl allows a
+    # second of skew ("0s") and says "<invalid>" beyond it.
+    assert render.age_text("2026-01-01T12:00:01Z", NOW) == "0s"
+    assert render.age_text("2026-01-01T12:05:00Z", NOW) == "<invalid>"
+    table = render.operation_table([replace(operation("warm"), created_at="2026-01-01T12:05:00Z")], now=NOW,
+                                   wide=False, show_namespace=False)
+    assert table.splitlines()[1].split()[3] == "<invalid>"
+
