@@ -10,6 +10,7 @@ DataClean) and that machine-readable output shows every field, defaults included
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
@@ -47,14 +48,35 @@ def full_builtins(value: Any) -> Any:
 # --- tables ---
 
 
+# What a terminal acts on: C0 controls but the tab (a cell's is spaced out, like a space), DEL and C1 controls.
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+# kubectl's spellings (cli-runtime's terminal escaper: ESC as ^[, CR as \r), and LF's.
+_SHOWN_CONTROL = {"\x1b": "^[", "\r": "\\r", "\n": "\\n"}
+# Where kubectl cuts a table cell: a line break, \v too (a terminal moves down a line for it).
+_LINE_BREAK = re.compile(r"[\n\r\f\v]")
+
+
+def terminal_text(text: str) -> str:
+    """``text`` with every control character shown rather than acted on: a status message or an annotation may quote
+    what another system wrote (a store's error, an object's key), and an escape sequence in it would reach the
+    terminal (retitle it, clear it) and a line break split a line a script reads as one."""
+    return _CONTROL.sub(lambda match: _SHOWN_CONTROL.get(match.group(), f"\\x{ord(match.group()):02x}"), text)
+
+
+def cell_text(text: str) -> str:
+    """A table cell on one line, as kubectl prints one: up to its first line break, then "..."."""
+    first, *rest = _LINE_BREAK.split(text, maxsplit=1)
+    return terminal_text(first) + ("..." if rest else "")
+
+
 def table_text(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """A borderless table, three spaces between columns, no trailing spaces (kubectl's layout)."""
+    """A borderless table, three spaces between columns, no trailing spaces (kubectl's layout); one line per row."""
     table = Table(box=None, pad_edge=False, padding=(0, 3, 0, 0), show_edge=False, header_style=None)
     for header in headers:
         table.add_column(header, no_wrap=True, overflow="ignore")
     for row in rows:
         # Text, not str: a name with brackets must not be read as rich markup.
-        table.add_row(*(Text(cell) for cell in row))
+        table.add_row(*(Text(cell_text(cell)) for cell in row))
     buffer = io.StringIO()
     Console(file=buffer, width=_UNLIMITED_WIDTH, highlight=False, no_color=True, emoji=False,
             force_terminal=False).print(table)
@@ -395,7 +417,7 @@ def _key_values(title: str, values: dict[str, str]) -> list[str]:
     if not values:
         return [f"{title}<none>"]
     pad = " " * len(title)
-    return [f"{title if index == 0 else pad}{key}={value}"
+    return [f"{title if index == 0 else pad}{terminal_text(key)}={terminal_text(value)}"
             for index, (key, value) in enumerate(sorted(values.items()))]
 
 

@@ -189,3 +189,25 @@ def test_a_record_created_in_the_future_has_an_invalid_age_as_kubectl_says() -> 
                                    wide=False, show_namespace=False)
     assert table.splitlines()[1].split()[3] == "<invalid>"
 
+
+def test_a_table_cell_is_one_line_and_sends_no_control_sequence_to_the_terminal() -> None:
+    """A message quoting a store's error or an object's key (which may hold anything) took several lines, so a
+    script reading rows read its second line as an object, and an escape sequence in it reached the terminal (a
+    title, a colour, a cleared screen). As kubectl: cut at the first line break with "...", ESC shown as ^[."""
+    failed = operation("warm", status=OperationStatus(
+        phase="Failed", message="cannot read s3://b/\x1b]0;owned\x07evil\x1b[2J: timed out\nretry 2\r\nretry 3"))
+    other = operation("cool", status=OperationStatus(phase="Failed", message="one\rline\x0bthree"))
+    lines = render.operation_table([failed, other], now=NOW, wide=True, show_namespace=False).splitlines()
+    assert len(lines) == 3
+    assert lines[1].endswith("cannot read s3://b/^[]0;owned\\x07evil^[[2J: timed out...")
+    assert lines[2].endswith("   one...")
+    assert not any(ord(char) < 32 for line in lines for char in line)
+
+
+def test_describe_shows_control_characters_of_labels_and_annotations_escaped() -> None:
+    annotated = DatasetRecord(dataset=Dataset(
+        metadata=ObjectMeta(name="model", annotations={"note": "two\nlines \x1b[31mred", "plain": "ok"}),
+        spec=DatasetSpec(mounts=[Mount(mount_point="s3://b/")])), generation=1)
+    text = render.describe_dataset(annotated)
+    assert "Annotations:  note=two\\nlines ^[[31mred\n              plain=ok\n" in text
+    assert "\x1b" not in text
