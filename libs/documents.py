@@ -81,7 +81,8 @@ from libs.events.runtime import (
 from libs.mounts import OPTION_ALIASES
 from libs.redact import is_secret_name
 
-SHOAL_API = "shoal.io/v1alpha1"
+SHOAL_GROUP = "shoal.io"
+SHOAL_API = f"{SHOAL_GROUP}/v1alpha1"
 FLUID_API = "data.fluid.io/v1alpha1"
 FLUID_RUNTIME_KINDS = (
     "AlluxioRuntime",
@@ -150,7 +151,12 @@ class Command:
     @property
     def resource(self) -> str:
         """kubectl-style resource name printed in results: ``dataset.shoal.io/demo``."""
-        return f"{self.kind}.shoal.io/{self.name}"
+        return f"{resource_type(self.kind)}/{self.name}"
+
+
+def resource_type(kind: Kind) -> str:
+    """kubectl's name of a kind's resource, as ``-o name`` and its errors say it: ``dataset.shoal.io``."""
+    return f"{kind}.{SHOAL_GROUP}"
 
 
 class _ManifestLoader(yaml.SafeLoader):

@@ -60,6 +60,7 @@ from libs.documents import (
     documents_to_commands,
     no_objects,
     parse_documents,
+    resource_type,
 )
 from libs.events.common import DNS1123_LABEL, ObjectMeta, ObjectRef, dns_label_errors
 from libs.events.dataset import (
@@ -827,8 +828,8 @@ async def load_records(options: Options, kind: Kind, namespace: str | None, name
             try:
                 record = await _load_named(kv, key, RECORD_TYPE[kind])
             except (msgspec.DecodeError, UnicodeDecodeError) as err:
-                unreadable.append(f'cannot read {kind}.shoal.io "{key_name}" in namespace "{key_namespace}" (key {key} '
-                                  f"of KV {bucket}): {err}")
+                unreadable.append(f'cannot read {resource_type(kind)} "{key_name}" in namespace "{key_namespace}" '
+                                  f"(key {key} of KV {bucket}): {err}")
                 continue
             if record is not None:
                 records.append(record)
@@ -865,7 +866,7 @@ def _unreadable(errors: Sequence[str]) -> None:
 
 
 def _not_found(kind: Kind, name: str, namespace: str) -> NoReturn:
-    raise CliError(f'{kind}.shoal.io "{name}" not found in namespace "{namespace}"')
+    raise CliError(f'{resource_type(kind)} "{name}" not found in namespace "{namespace}"')
 
 
 @cli.command()
@@ -873,8 +874,8 @@ def _not_found(kind: Kind, name: str, namespace: str) -> NoReturn:
 @click.argument("name", required=False, callback=_checked_name)
 @namespace_option()
 @click.option("-A", "--all-namespaces", is_flag=True, help="List across every namespace.")
-@click.option("-o", "--output", type=click.Choice(["wide", "json", "yaml"]), default=None,
-              help="wide: more columns; json/yaml: the full records.")
+@click.option("-o", "--output", type=click.Choice(["wide", "json", "yaml", "name"]), default=None,
+              help="wide: more columns; json/yaml: the full records; name: kind.shoal.io/NAME lines, as kubectl's.")
 @click.pass_obj
 def get(options: Options, resource: str, name: str | None, namespace: str, all_namespaces: bool,
         output: str | None) -> None:
@@ -895,7 +896,9 @@ def get(options: Options, resource: str, name: str | None, namespace: str, all_n
             click.echo("No resources found" + ("" if all_namespaces else f" in {namespace} namespace") + ".",
                        err=True)
         return
-    if output == "json":
+    if output == "name":
+        click.echo("".join(f"{resource_type(kind)}/{_meta(record).name}\n" for record in records), nl=False)
+    elif output == "json":
         click.echo(render.to_json(render.records_document(records, single=name is not None)), nl=False)
     elif output == "yaml":
         click.echo(render.to_yaml(render.records_document(records, single=name is not None)), nl=False)

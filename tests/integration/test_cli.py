@@ -165,6 +165,19 @@ async def test_get_json_and_yaml_print_full_records(nats_server: NatsServer, bus
     assert msgspec.convert(yaml.safe_load(single.stdout), RuntimeRecord) == IMAGENET_RUNTIME
 
 
+async def test_get_o_name_prints_kind_group_and_name_as_kubectl_does(nats_server: NatsServer, bus: Bus) -> None:
+    """What scripts pipe on (``shoal get dl -o name | xargs ...``): it was a usage error, exit code 2."""
+    await put_records(bus)
+
+    every = await shoal(nats_server, "get", "datasets", "-A", "-o", "name")
+    assert (every.exit_code, every.stdout, every.stderr) == (
+        0, "dataset.shoal.io/imagenet\ndataset.shoal.io/mnist\n", "")
+    one = await shoal(nats_server, "get", "rt", "imagenet", "-o", "name")
+    assert (one.exit_code, one.stdout) == (0, "runtime.shoal.io/imagenet\n")
+    none = await shoal(nats_server, "get", "dataloads", "-o", "name")
+    assert (none.exit_code, none.stdout, none.stderr) == (0, "", "No resources found in default namespace.\n")
+
+
 async def test_get_runtimes_table(nats_server: NatsServer, bus: Bus) -> None:
     await put_records(bus)
 
