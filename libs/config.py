@@ -8,6 +8,7 @@ Secret values are wrapped in ``Secret`` so they never show up in a repr or a log
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -70,6 +71,18 @@ class NatsSettings:
     tls_key: str = env("NATS_TLS_KEY", "Client key for mutual TLS.", default="")
     # Streams are replicated in a production cluster; 1 for a single embedded server.
     replicas: int = env("SHOAL_STREAM_REPLICAS", "Replicas of Shoal's streams and KV buckets.", default=1)
+
+    def __post_init__(self) -> None:
+        # Spelled once with a scheme, however given (NATS_URL, --nats, a test): see ``nats_server_url``.
+        object.__setattr__(self, "urls", [nats_server_url(url) for url in self.urls])
+
+
+def nats_server_url(url: str) -> str:
+    """``url`` as nats-py reads it: with ``nats://`` in front when it names no scheme (``host:4222``,
+    ``user:password@host:4222``). Kept so, a user and password in it are hidden wherever it is shown
+    (``libs.redact.strip_userinfo`` knows a URL by its scheme: ``cli:pw@host`` was shown whole in the CLI's "cannot
+    reach NATS at ..." and in every service's "starting" log line) and its user is the one inboxes are named for."""
+    return url if "://" in url else f"nats://{url}"
 
 
 NATS_LOGIN_FIELDS = ("user", "password", "token", "tls_ca", "tls_cert", "tls_key")
@@ -414,6 +427,12 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     return settings
 
 
+# urlsplit's reasons quote a part of the URL ("Port could not be cast to integer value as 's3cret'"): a password
+# with '/', '?' or '#' in it ends the host part early, so what it quotes as the port is the password.
+_QUOTED = re.compile(r"\s*(?:\bas\s+)?'.*'")
+_ESCAPE_HINT = "; a '/', '?' or '#' in a password must be percent-encoded (%2F, %3F, %23)"
+
+
 def nats_url_errors(urls: list[str], source: str) -> list[str]:
     """Why each URL of ``urls`` (named ``source``: NATS_URL, --nats) cannot name a NATS server, its user and
     password hidden. nats-py raises on such a URL (an unclosed '[', a port beyond 65535) from deep inside its
@@ -424,7 +443,9 @@ def nats_url_errors(urls: list[str], source: str) -> list[str]:
             split = urlsplit(url if "://" in url else f"nats://{url}")
             split.port  # noqa: B018 (raises ValueError for a port out of range or not a number)
         except ValueError as err:
-            problems.append(f"{source}: {strip_userinfo(url, strict=True)!r} is not a server URL ({err})")
+            hint = _ESCAPE_HINT if "@" in url and _QUOTED.search(str(err)) else ""
+            problems.append(f"{source}: {strip_userinfo(url, strict=True)!r} is not a server URL "
+                            f"({_QUOTED.sub('', str(err))}){hint}")
             continue
         if not split.hostname:
             problems.append(f"{source}: {strip_userinfo(url, strict=True)!r} names no host")

@@ -66,7 +66,7 @@ from libs.cli.stack.supervision import (
     service_users,
     stack_services,
 )
-from libs.config import Secret, Settings, SettingsError, load_settings, nats_login_variables
+from libs.config import Secret, Settings, SettingsError, load_settings, nats_login_variables, nats_server_url
 from libs.documents import ManifestError, no_objects, parse_documents
 from libs.embedded import (
     LOOPBACK,
@@ -229,7 +229,9 @@ def _plan(options: UpOptions, environ: Mapping[str, str]) -> Plan:
         seaweed = SeaweedConfig(layout.seaweedfs, s3_port=ports.s3, master_port=ports.seaweed_master,
                                 volume_port=ports.seaweed_volume, filer_port=ports.seaweed_filer)
         s3 = S3Access(seaweed.endpoint, seaweed.access_key_id, seaweed.secret_access_key, embedded=True)
-    nats_url = nats_urls(nats) if nats else external_nats
+    # With a scheme on each (``nats_server_url``): the banner hides a user and password only in a URL it knows as one.
+    nats_url = nats_urls(nats) if nats else ",".join(
+        nats_server_url(url.strip()) for url in external_nats.split(",") if url.strip())
     env = service_env(environ, nats_url, s3, layout.mounts, layout.secrets)
     if len(nats) > 1:
         # Every message on every server: losing one loses nothing and blocks nothing.

@@ -1220,9 +1220,21 @@ async def test_missing_streams_and_unreachable_nats_exit_2_without_traceback(nat
     assert isinstance(unreachable.exception, SystemExit)
 
 
+async def test_an_unreachable_nats_url_without_a_scheme_is_named_without_its_password() -> None:
+    # nats-py logs in with cli:s3cret@host:port as with nats://cli:s3cret@host:port; the error showed it whole.
+    port = free_port()
+    result = await asyncio.to_thread(CliRunner().invoke, cli, ["--nats", f"cli:s3cret@127.0.0.1:{port}", "get", "ds"])
+    assert result.exit_code == 2
+    assert result.stderr == (f"error: cannot reach NATS at nats://127.0.0.1:{port} (connection refused): "
+                             "is `make run` running?\n")
+
+
 @pytest.mark.parametrize(("url", "why"), [
     ("nats://[::1", "'nats://[::1' is not a server URL (Invalid IPv6 URL)"),
     ("nats://cli:s3cret@127.0.0.1:99999", "'nats://***@127.0.0.1:99999' is not a server URL (Port out of range"),
+    # A '/' ends the host part: urlsplit reads "s3cret" as the port, and its reason quoted it.
+    ("nats://cli:s3cret/x@127.0.0.1:4222",
+     "'nats://***@127.0.0.1:4222' is not a server URL (Port could not be cast to integer value); a '/'"),
 ])
 async def test_a_nats_url_that_names_no_server_exits_2_naming_it(url: str, why: str) -> None:
     urls = f"nats://127.0.0.1:{free_port()},{url}"

@@ -27,9 +27,9 @@ import pytest
 
 from libs import natsauth, subjects
 from libs.bus import connect, kv_load
-from libs.cli.stack import S3Access
+from libs.cli.stack import S3Access, UpError
 from libs.cli.stack.banner import applied_line, banner, provisioning_line
-from libs.cli.stack.demo import Applied, demo_objects, rebase_tier_paths
+from libs.cli.stack.demo import Applied, demo_objects, prepare, rebase_tier_paths
 from libs.cli.stack.layout import StateLayout
 from libs.cli.stack.pids import pid_alive, process_start
 from libs.cli.stack.ports import Ports as UpPorts
@@ -777,6 +777,29 @@ def test_a_nats_cluster_gets_consecutive_ports_its_own_stores_every_url_and_as_m
     assert "JetStream cluster of 3" in text and "8222..8224" in text
 
 
+async def test_up_never_shows_the_password_of_the_nats_it_is_given(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """NATS_URL names an existing server, with its login: "cannot reach NATS at ..." showed the URLs as given, and
+    the banner hid a password only in a URL with a scheme (nats-py takes ``cli:hunter2@host:4222`` too)."""
+    from libs.cli import up as up_module
+
+    s3 = S3Access(endpoint="http://127.0.0.1:8333", access_key_id="k", secret_access_key="s", embedded=False)
+    port = free_port()
+    with pytest.raises(UpError) as refused:
+        await prepare(NatsSettings(urls=[f"nats://cli:hunter2@127.0.0.1:{port}"]), s3, [])
+    assert str(refused.value) == (f"cannot reach NATS at nats://***@127.0.0.1:{port} (connection refused or no "
+                                  "route); check NATS_URL")
+
+    monkeypatch.setattr(up_module, "check_ports", lambda needed: None)  # planning only: nothing binds them
+    plan = up_module._plan(up_module.UpOptions(StateLayout(tmp_path), UpPorts(), up_module.DEMO_MANIFEST),
+                           {"NATS_URL": "cli:hunter2@127.0.0.1:4222", "SHOAL_S3_ENDPOINT": s3.endpoint})
+    text = banner(pid=1, nats_url=plan.nats_url, nats_embedded=False, nats_monitor_port=0, s3=s3, seeded_objects=0,
+                  services={}, http_ports={}, logs=tmp_path, manifest=tmp_path / "m.yaml", applied=[],
+                  mounts=tmp_path)
+    assert "hunter2" not in text and "nats://***@127.0.0.1:4222" in text
+
+
+@pytest.mark.timeout(60)
 def test_up_runs_its_own_nats_with_no_login_of_the_callers_shell(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A shell that sourced a secured stack's ``cli.env`` (or holds any NATS login) and runs a plain ``shoal up``:
@@ -825,7 +848,6 @@ def test_demo_objects_are_deterministic_with_a_few_multi_block_files() -> None:
 
 
 def test_a_dead_cluster_member_is_restarted_once_and_any_other_dead_server_stops_up(tmp_path: Path) -> None:
-    from libs.cli.stack import UpError
     from libs.cli.stack.supervision import SERVER_STABLE_SECONDS
     from libs.embedded import spawn
 

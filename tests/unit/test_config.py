@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import re
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 import pytest
 
-from libs.bus import AGENTS_TTL_SECONDS
+from libs.bus import AGENTS_TTL_SECONDS, login_user
 from libs.config import (
     MAX_HEARTBEAT_SECONDS,
     AgentSettings,
@@ -23,6 +23,7 @@ from libs.config import (
     describe_settings,
     load_settings,
 )
+from libs.redact import strip_userinfo
 from services.runtime.domain import MISSED_BEATS
 
 NATS_PASSWORD = "hunter2-nats-password"
@@ -123,9 +124,37 @@ def test_a_nats_url_that_names_no_server_is_a_settings_error(raw: str, why: str)
     assert f"NATS_URL: {why}" in str(caught.value) and "s3cret" not in str(caught.value)
 
 
-@pytest.mark.parametrize("raw", ["nats://[::1]:4222", "127.0.0.1:4222", "localhost", "tls://a:4443"])
-def test_nats_urls_nats_py_takes_are_valid(raw: str) -> None:
-    assert load_settings({"NATS_URL": raw}).nats.urls == [raw]
+@pytest.mark.parametrize(("raw", "url"), [
+    ("nats://[::1]:4222", "nats://[::1]:4222"),
+    ("tls://a:4443", "tls://a:4443"),
+    # Without a scheme nats-py reads nats://: spelled so from here on.
+    ("127.0.0.1:4222", "nats://127.0.0.1:4222"),
+    ("localhost", "nats://localhost"),
+])
+def test_nats_urls_nats_py_takes_are_valid(raw: str, url: str) -> None:
+    assert load_settings({"NATS_URL": raw}).nats.urls == [url]
+
+
+def test_a_nats_url_without_a_scheme_keeps_its_password_hidden_and_its_user_named() -> None:
+    """nats-py logs in with the user and password of ``cli:s3cret@host:4222``; every place that shows a URL hides
+    them only in a URL with a scheme: the CLI's "cannot reach NATS at cli:s3cret@..." and each service's "starting"
+    line showed the password. Read as nats-py reads it, the URL is shown hidden, and its user names the inbox."""
+    nats = load_settings({"NATS_URL": "cli:s3cret@127.0.0.1:4222"}).nats
+    assert nats.urls == ["nats://cli:s3cret@127.0.0.1:4222"]
+    assert strip_userinfo(", ".join(nats.urls)) == "nats://***@127.0.0.1:4222"
+    assert login_user(nats) == "cli"
+    assert replace(nats, urls=["cli:s3cret@h:1"]).urls == ["nats://cli:s3cret@h:1"]  # the CLI's --nats
+
+
+@pytest.mark.parametrize("password", ["s3cret/rest", "s3cret?rest", "s3cret#rest"])
+def test_a_nats_password_read_as_the_port_is_never_quoted(password: str) -> None:
+    """A '/', '?' or '#' ends the host part of a URL, so urlsplit reads what comes before it as the port, and its
+    reason quoted it ("Port could not be cast to integer value as 's3cret'"): the password in the settings error."""
+    with pytest.raises(SettingsError) as caught:
+        load_settings({"NATS_URL": f"nats://cli:{password}@127.0.0.1:4222"})
+    assert "s3cret" not in str(caught.value)
+    assert ("NATS_URL: 'nats://***@127.0.0.1:4222' is not a server URL (Port could not be cast to integer value); "
+            "a '/', '?' or '#' in a password must be percent-encoded") in str(caught.value)
 
 
 # --- Booleans ---

@@ -14,6 +14,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from libs import subjects
+from libs.config import load_settings
 from libs.telemetry import (
     TracingConfigError,
     add_trace_ids,
@@ -153,6 +154,16 @@ def test_no_log_line_carries_a_urls_password_whoever_writes_it(monkeypatch: pyte
     assert "pl4nted-s3cret" not in buffer.getvalue()
     assert lines[0]["nats"] == ["nats://***@127.0.0.1:4222"]
     assert "nats://***@127.0.0.1:4222" in lines[1]["event"]
+
+
+def test_a_services_starting_line_hides_the_password_of_a_nats_url_without_a_scheme(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # nats-py reads user:password@host:4222 as nats://...: libs.service logged the URL whole, password and all.
+    settings = load_settings({"NATS_URL": "shoal:pl4nted-s3cret@127.0.0.1:4222"})
+    with json_logs(monkeypatch) as buffer:
+        get_logger("tests.telemetry").info("starting", nats=settings.nats.urls)  # as libs.service writes it
+    assert "pl4nted-s3cret" not in buffer.getvalue()
+    assert json_lines(buffer.getvalue())[0]["nats"] == ["nats://***@127.0.0.1:4222"]
 
 
 async def test_requests_that_are_not_http_are_one_warning_per_interval_without_traceback_or_quote(

@@ -26,6 +26,7 @@ from libs.documents import documents_to_commands
 from libs.events.dataset import DatasetApply
 from libs.events.runtime import RuntimeApply
 from libs.mounts import exposed_secret_errors
+from libs.redact import strip_userinfo
 
 DEMO_BUCKET = "demo"
 DEMO_MANIFEST = Path(__file__).resolve().parents[3] / "deploy" / "demo" / "demo.yaml"
@@ -184,7 +185,7 @@ async def prepare(nats: NatsSettings, s3: S3Access, commands: Sequence[tuple[str
     """Provision JetStream, seed the demo bucket (embedded S3 only) and publish the demo commands."""
     from libs.bus import connect
 
-    shown = ",".join(nats.urls)
+    shown = strip_userinfo(",".join(nats.urls))  # NATS_URL may hold a user and password
     # nats-py retries a refused connection forever, logging a traceback each time: ask the sockets first.
     if all(_reachable(url) is False for url in nats.urls):
         raise UpError(f"cannot reach NATS at {shown} (connection refused or no route); check NATS_URL")
