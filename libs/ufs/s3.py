@@ -43,7 +43,7 @@ from botocore.exceptions import (
 )
 from yarl import URL
 
-from libs.redact import hide_signing, strip_userinfo
+from libs.redact import cut_error, hide_signing, strip_userinfo
 from libs.ufs.base import (
     AccessDenied,
     EndpointUnreachable,
@@ -69,6 +69,17 @@ _DENIED_CODES = {"AccessDenied", "AllAccessDisabled", "AccountProblem", "403", *
 _REGION_CODES = {"PermanentRedirect", "AuthorizationHeaderMalformed", "IllegalLocationConstraintException"}
 # Server-side trouble that may pass: worth another delivery later, not a configuration problem.
 _TRANSIENT_CODES = {"SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout", "Throttling"}
+
+
+class LibraryError(Exception):
+    """What botocore or aiohttp raised, as the cause a ``UfsError`` of this store chains: the error's type and text
+    with signing values, URL credentials and the store's keys hidden (``S3ObjectStore._hidden``), without its frames.
+
+    A cause is written whole wherever a traceback is: the exception event of each span a failed read leaves
+    (OpenTelemetry records the traceback, causes included) and a logged exception. The library's own text may quote a
+    pre-signed URL, a bearer ticket to the object for ``PRESIGN_SECONDS`` with the access key id in it (aiohttp's
+    "Connection timeout to host <url>", ``TooManyRedirects``' ``url=``), or a store's message quoting the request's
+    ``Authorization`` header (botocore's ``ClientError``)."""
 
 
 def _etag(raw: str) -> str:
@@ -366,7 +377,7 @@ class S3ObjectStore:
             try:
                 page = await client.list_objects_v2(**request)
             except (ClientError, BotoCoreError) as err:
-                raise self._error(err, "list") from err
+                raise self._error(err, "list") from self._cause(err)
             if "IsTruncated" not in page:
                 # Every S3 listing says whether it is complete. botocore reads any well-formed page without it (a
                 # web server or console at that address answering 200 with HTML) as an empty listing, which would
@@ -412,10 +423,10 @@ class S3ObjectStore:
         except ClientError as err:
             if _status(err) == 404:
                 # HEAD has no body, so a missing bucket and a missing key are the same bare 404.
-                raise await self._missing(key) from err
-            raise self._error(err, "head", key) from err
+                raise await self._missing(key) from self._cause(err)
+            raise self._error(err, "head", key) from self._cause(err)
         except BotoCoreError as err:
-            raise self._error(err, "head", key) from err
+            raise self._error(err, "head", key) from self._cause(err)
         return ObjectInfo(
             key=key,
             size=int(response["ContentLength"]),
@@ -436,9 +447,9 @@ class S3ObjectStore:
         except ClientError as err:
             if _status(err) in (403, 404):
                 return False
-            raise self._error(err, "head", "") from err
+            raise self._error(err, "head", "") from self._cause(err)
         except BotoCoreError as err:
-            raise self._error(err, "head", "") from err
+            raise self._error(err, "head", "") from self._cause(err)
         return True
 
     async def get_range(self, key: str, start: int, length: int, etag: str | None = None) -> bytes:
@@ -465,11 +476,11 @@ class S3ObjectStore:
                 # The range starts at or past the end (or the object is empty): there is nothing to read,
                 # but the caller still wants to know if the object is the one it expects.
                 if etag is not None and (await self.head(key)).etag != etag:
-                    raise self._changed(key, etag) from err
+                    raise self._changed(key, etag) from self._cause(err)
                 return b""
-            raise self._error(err, "get", key, etag) from err
+            raise self._error(err, "get", key, etag) from self._cause(err)
         except BotoCoreError as err:
-            raise self._error(err, "get", key, etag) from err
+            raise self._error(err, "get", key, etag) from self._cause(err)
         # A 206 is the range; anything else the whole object (a store that ignores Range). Only the range is read,
         # as on the pre-signed path: leaving the block closes the connection on the rest of the body.
         partial = "ContentRange" in response
@@ -480,7 +491,7 @@ class S3ObjectStore:
             try:
                 data, more = await read_part(body.read, 0 if partial else start, length)
             except (BotoCoreError, aiohttp.ClientError, TimeoutError) as err:
-                raise self._error(err, "get", key, etag) from err
+                raise self._error(err, "get", key, etag) from self._cause(err)
         if more and partial:
             raise self._too_long(key, length)
         return data
@@ -531,7 +542,7 @@ class S3ObjectStore:
         except _CUT:
             raise  # tried again on a fresh connection
         except (aiohttp.ClientError, TimeoutError, OSError) as err:
-            raise self._error(err, "get", key, etag) from err
+            raise self._error(err, "get", key, etag) from self._cause(err)
         return got
 
     async def _ranged(self, key: str, start: int, length: int, etag: str | None) -> tuple[URL, dict[str, str]]:
@@ -564,7 +575,7 @@ class S3ObjectStore:
                 return await get()
             except _CUT as err:
                 if attempt == CUT_ATTEMPTS:
-                    raise self._error(err, "get", key, etag) from err
+                    raise self._error(err, "get", key, etag) from self._cause(err)
         raise AssertionError("CUT_ATTEMPTS must be at least 1")
 
     async def _fast_get_once(self, key: str, start: int, length: int, etag: str | None) -> bytes | None:
@@ -585,7 +596,7 @@ class S3ObjectStore:
         except _CUT:
             raise  # tried again on a fresh connection
         except (aiohttp.ClientError, TimeoutError, OSError) as err:
-            raise self._error(err, "get", key, etag) from err
+            raise self._error(err, "get", key, etag) from self._cause(err)
         return data
 
     async def _presigned_url(self, key: str) -> URL:
@@ -665,18 +676,27 @@ class S3ObjectStore:
     ) -> UfsError:
         """The UfsError for a botocore or aiohttp failure of ``action`` on ``key`` (None: the bucket)."""
         mapped = self._map(err, action, key, etag)
-        # Belt and braces: no botocore text we pass on may carry a credential, nor the signing values of a request
-        # a store or proxy quotes back in its error message (a pre-signed URL, an Authorization header).
-        # (A value of a few characters would match ordinary words, and no real credential is that short.)
-        message = hide_signing(mapped.message)
-        for secret in (self._location.secret_access_key.reveal(), self._location.access_key_id.reveal()):
-            if len(secret) >= 8:
-                message = message.replace(secret, "***")
+        message = self._hidden(mapped.message)
         if message != mapped.message:
             retryable = mapped.retryable
             mapped = type(mapped)(message)
             mapped.retryable = retryable
         return mapped
+
+    def _hidden(self, text: str) -> str:
+        """``text`` without a credential: no botocore or aiohttp text we pass on may carry the keys, a URL's user
+        and password, nor the signing values of a request a store or proxy quotes back in its error message (a
+        pre-signed URL, an Authorization header). (A key of a few characters would match ordinary words, and no real
+        credential is that short.)"""
+        text = hide_signing(strip_userinfo(text))
+        for secret in (self._location.secret_access_key.reveal(), self._location.access_key_id.reveal()):
+            if len(secret) >= 8:
+                text = text.replace(secret, "***")
+        return text
+
+    def _cause(self, err: BaseException) -> LibraryError:
+        """The cause to chain to the ``UfsError`` raised for ``err``: ``err`` itself would be shown whole."""
+        return LibraryError(cut_error(self._hidden(f"{type(err).__module__}.{type(err).__qualname__}: {err}")))
 
     def _map(self, err: Exception, action: str, key: str | None, etag: str | None) -> UfsError:
         bucket = f"bucket '{self._bucket}' at {self._where}"

@@ -8,10 +8,13 @@ import hashlib
 import os
 import re
 import time
+import traceback
 from typing import Any
 
 import pytest
 from aiohttp import web
+from opentelemetry import trace
+from opentelemetry.sdk.trace import ReadableSpan
 
 from libs.config import Secret
 from libs.embedded import free_port
@@ -29,8 +32,10 @@ from libs.ufs import (
     open_store,
     s3,
 )
+from services.agent.reader import StoreGate
 from tests.conftest import SeaweedServer, put_objects
 from tests.faults import FaultyStoreProxy, HttpProxy, answering
+from tests.helpers import spans_in_memory
 
 WRONG_SECRET = "wrong-secret-Zq9xK2vLp"
 
@@ -542,3 +547,62 @@ async def test_the_full_clients_ranged_get_reads_only_the_range_too() -> None:
                 await asyncio.wait_for(store.get_range("partial", start, length, etag="e"), 30)
             await asyncio.wait_for(done["partial"].wait(), 30)
             assert sent["partial"] <= 24 * 1024 * 1024
+
+
+def traced(spans: tuple[ReadableSpan, ...]) -> str:
+    """Every attribute of every span and span event (an exception event's message and traceback among them)."""
+    every = [attributes for span in spans for attributes in (span.attributes, *(e.attributes for e in span.events))]
+    return "\n".join(str(value) for attributes in every for value in (attributes or {}).values())
+
+
+async def read_in_a_trace(store: S3ObjectStore) -> tuple[UfsError, str]:
+    """A failing read through the agent's store gate inside a trace: the error, and what the trace and a logged
+    traceback of it would show."""
+    with spans_in_memory() as exporter:
+        with trace.get_tracer(__name__).start_as_current_span("read"), pytest.raises(UfsError) as caught:
+            await asyncio.wait_for(StoreGate(store).get_range("data.bin", 0, 10, etag="e"), 20)
+        shown = traced(exporter.get_finished_spans())
+    assert "Traceback" in shown, "the store GET span recorded the exception"
+    return caught.value, shown + "".join(traceback.format_exception(caught.value))
+
+
+@pytest.mark.parametrize("failure", ["redirected for ever", "connection timeout"])
+async def test_a_failed_presigned_get_leaves_no_signed_url_in_a_trace_or_traceback(failure: str) -> None:
+    """aiohttp's error for a pre-signed GET quotes its URL ("Connection timeout to host http://...?X-Amz-...",
+    TooManyRedirects' url=...): the UfsError's message never did, but it chained aiohttp's error as its cause, which
+    the store GET span's exception event and any logged traceback write whole: a ticket to the object, and the
+    access key id, in the trace."""
+    async def redirect(request: web.Request) -> web.StreamResponse:
+        raise web.HTTPTemporaryRedirect(str(request.rel_url))
+
+    async with answering(redirect) as url:
+        location = S3Location(bucket="b", endpoint_url=url, access_key_id=Secret("AKIDPLANTED123"),
+                              secret_access_key=Secret("not-a-real-secret"))
+        # A connection within a nanosecond never opens: aiohttp's own connect timeout, as a store that drops SYNs.
+        connect_timeout = 1e-9 if failure == "connection timeout" else 2.0
+        async with S3ObjectStore(location, max_attempts=1, connect_timeout=connect_timeout) as store:
+            err, shown = await read_in_a_trace(store)
+    assert isinstance(err, EndpointUnreachable)
+    assert ("TooManyRedirects" if failure == "redirected for ever" else "ConnectionTimeoutError") in shown
+    assert "AKIDPLANTED123" not in shown
+    assert re.findall(r"(?:Signature|Credential|AWSAccessKeyId)=[^*]", shown) == []
+
+
+async def test_a_store_quoting_the_request_leaves_no_signature_in_a_trace_or_traceback(
+        seaweedfs: SeaweedServer, bucket: str) -> None:
+    """A store (or proxy) whose error message quotes the request, its Authorization header included: the UfsError's
+    message hid the signing values, but the ClientError it chained (shown in the span's exception event and any
+    logged traceback) quoted them as the store sent them."""
+    await put_objects(seaweedfs, bucket, {"data.bin": b"0123456789" * 10})
+    proxy = FaultyStoreProxy(seaweedfs.endpoint)
+    await proxy.start()
+    try:
+        proxy.quote, proxy.always = "and nothing else", 400
+        location = dataclasses.replace(seaweedfs.location(bucket), endpoint_url=proxy.endpoint)
+        async with S3ObjectStore(location, max_attempts=1) as store:
+            err, shown = await read_in_a_trace(store)
+    finally:
+        await proxy.stop()
+    assert "Authorization" in str(err) and "ClientError" in shown  # the quote, and its cause's kind, are kept
+    assert seaweedfs.config.secret_access_key not in shown  # its key id ("shoal") is too short to look for
+    assert re.findall(r"(?:Signature|Credential|AWSAccessKeyId)=[^*]", shown) == []
