@@ -91,7 +91,7 @@ def resolve_location(dataset: Dataset, mount: Mount, secrets: Mapping[tuple[str,
 def read_secrets(secrets_dir: str, refs: list[tuple[str, str]]) -> dict[tuple[str, str], Secret]:
     """Secrets from ``secrets_dir``: ``<dir>/<name>/<key>`` (a folder per secret, as a mounted Secret per name
     gives), else ``<dir>/<name>.<key>`` (``flat_secret_key``: one mounted Secret holding many). Missing ones are
-    left out."""
+    left out; one that is not text is ``MissingSecret`` saying so (never what it holds)."""
     found: dict[tuple[str, str], Secret] = {}
     if not secrets_dir:
         return found
@@ -101,6 +101,9 @@ def read_secrets(secrets_dir: str, refs: list[tuple[str, str]]) -> dict[tuple[st
                 found[(name, key)] = Secret(path.read_text().strip())
             except OSError:
                 continue
+            except UnicodeDecodeError:
+                raise MissingSecret(f"secret {name!r} key {key!r} ({path}) is not UTF-8 text: a credential is "
+                                    "text; write the key itself, not a binary or encoded file") from None
             break
     return found
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from libs.config import Secret
 from libs.mounts import flat_secret_key
 from libs.ufs.base import LocalLocation
-from libs.ufs.mounts import local_location_error, read_secrets
+from libs.ufs.mounts import MissingSecret, local_location_error, read_secrets
 
 
 def kubelet_volume(folder: Path, data: dict[str, str]) -> str:
@@ -55,3 +57,13 @@ def test_a_claim_folder_must_exist_and_hold_the_mounted_path(tmp_path: Path) -> 
         LocalLocation(root=claim / "out", claim_root=claim), []) or "")
     # local:// keeps its own rule: SHOAL_LOCAL_ROOTS.
     assert "SHOAL_LOCAL_ROOTS" in (local_location_error(LocalLocation(root=claim), []) or "")
+
+
+def test_a_secret_file_that_is_not_text_is_a_missing_secret_saying_so_not_a_crash(tmp_path: Path) -> None:
+    """A binary file where a key belongs (a keytab, a file written encoded): the sync or the mount fails with a
+    reason naming the secret and the key, never with what the file holds, and not with a UnicodeDecodeError."""
+    (tmp_path / "creds").mkdir()
+    (tmp_path / "creds" / "id").write_bytes(b"\xff\xfeBINARY-SECRET\x00")
+    with pytest.raises(MissingSecret, match=r"secret 'creds' key 'id' .* is not UTF-8 text") as caught:
+        read_secrets(str(tmp_path), [("creds", "id")])
+    assert "BINARY" not in str(caught.value)
