@@ -758,7 +758,8 @@ class S3ObjectStore:
                 "check that the endpoint is the store's S3 API")
 
     def _reason(self, err: Exception) -> str:
-        if isinstance(err, ConnectTimeoutError):
+        # botocore's, or aiohttp's on a pre-signed GET (a TimeoutError too: asked first).
+        if isinstance(err, ConnectTimeoutError | aiohttp.ConnectionTimeoutError):
             return f"no connection within {self._connect_timeout} s"
         if isinstance(err, ReadTimeoutError | TimeoutError):
             return f"no answer within {self._read_timeout} s"
