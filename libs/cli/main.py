@@ -585,7 +585,7 @@ async def _require_dataset(bus: Bus, dataset: ObjectRef, kind: str) -> None:
     bucket is Shoal's streams missing (the session says so), as for every other KV read.
     """
     kv = await bus.kv(subjects.KV_DATASETS)
-    if await _load_named(kv, subjects.resource_key(dataset.namespace, dataset.name), DatasetRecord) is None:
+    if await _load_one(kv, "dataset", dataset.namespace, dataset.name, DatasetRecord) is None:
         raise CliError(f"dataset {dataset.namespace}/{dataset.name} not found; no {kind} was created")
 
 
@@ -667,7 +667,7 @@ async def _scale(options: Options, name: str, namespace: str, replicas: int) -> 
             _not_found("runtime", name, namespace)
         # Read for the not-found message and the autoscaling note only: the command names the runtime, and the
         # service changes the replicas of the spec it holds then, not of this copy.
-        record = await _load_named(kv, subjects.resource_key(namespace, name), RuntimeRecord)
+        record = await _load_one(kv, "runtime", namespace, name, RuntimeRecord)
         if record is None:
             _not_found("runtime", name, namespace)
         event = RuntimeScale(name=name, namespace=namespace, replicas=replicas)
@@ -828,8 +828,7 @@ async def load_records(options: Options, kind: Kind, namespace: str | None, name
             try:
                 record = await _load_named(kv, key, RECORD_TYPE[kind])
             except (msgspec.DecodeError, UnicodeDecodeError) as err:
-                unreadable.append(f'cannot read {resource_type(kind)} "{key_name}" in namespace "{key_namespace}" '
-                                  f"(key {key} of KV {bucket}): {err}")
+                unreadable.append(_cannot_read(kind, key_namespace, key_name, key, bucket, err))
                 continue
             if record is not None:
                 records.append(record)
@@ -837,6 +836,20 @@ async def load_records(options: Options, kind: Kind, namespace: str | None, name
         records = [record for record in records if record.kind.lower() == kind]
     records = [record for record in records if namespace is None or _meta(record).namespace == namespace]
     return Loaded(sorted(records, key=lambda record: (_meta(record).namespace, _meta(record).name)), unreadable)
+
+
+def _cannot_read(kind: Kind, namespace: str, name: str, key: str, bucket: str, err: Exception) -> str:
+    return f'cannot read {resource_type(kind)} "{name}" in namespace "{namespace}" (key {key} of KV {bucket}): {err}'
+
+
+async def _load_one(kv: KeyValue, kind: Kind, namespace: str, name: str, record_type: type[T]) -> T | None:
+    """One resource's record (None: there is none), for a command that acts on it: one that does not decode is
+    a CliError saying so, not a traceback."""
+    key = subjects.resource_key(namespace, name)
+    try:
+        return await _load_named(kv, key, record_type)
+    except (msgspec.DecodeError, UnicodeDecodeError) as err:
+        raise CliError(_cannot_read(kind, namespace, name, key, KV_BUCKET[kind], err)) from None
 
 
 async def _load_named(kv: KeyValue, key: str, record_type: type[T]) -> T | None:

@@ -328,6 +328,16 @@ async def test_a_record_that_cannot_be_read_is_one_error_line_and_the_others_are
     assert cleans.stderr.startswith('error: cannot read dataclean.shoal.io "bad" in namespace "default" (key '
                                     "dataclean.default.bad of KV shoal_operations): Object missing required field")
 
+    # Commands that act on one object read it too: the same line, exit 1, and nothing sent.
+    runtimes = await bus.kv(subjects.KV_RUNTIMES)
+    await runtimes.put(subjects.resource_key("default", "junk"), b"[]")
+    scaled = await shoal(nats_server, "scale", "runtime", "junk", "--replicas", "2")
+    assert scaled.exit_code == 1 and (scaled.exception is None or isinstance(scaled.exception, SystemExit))
+    assert scaled.stderr.startswith('error: cannot read runtime.shoal.io "junk" in namespace "default" (key '
+                                    "default.junk of KV shoal_runtimes): Expected `object`, got `array`"), scaled.output
+    loaded = await shoal(nats_server, "load", "dataset", "junk")
+    assert loaded.exit_code == 1 and loaded.stderr == unreadable, loaded.output
+
 
 async def test_describe_shows_spec_status_and_conditions(nats_server: NatsServer, bus: Bus) -> None:
     await put_records(bus)
