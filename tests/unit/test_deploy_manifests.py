@@ -379,6 +379,24 @@ def test_every_shoal_pod_is_scraped_and_probed_on_its_side_server(rendered: list
     assert seen == set(PROCESSES)
 
 
+def test_every_workload_of_several_replicas_survives_the_loss_of_a_node(rendered: list[dict[str, Any]]) -> None:
+    """Replicas exist so that one answers while another is gone (NATS' quorum, the scheduler's webhook and
+    extender): they prefer different nodes, so a node lost takes one, and a drain evicts one at a time."""
+    several = [obj for obj in workloads(rendered) if obj["kind"] != "DaemonSet" and obj["spec"]["replicas"] > 1]
+    assert {obj["metadata"]["name"] for obj in several} >= {"shoal-nats", "shoal-scheduler"}
+    budgets = [obj for obj in rendered if obj["kind"] == "PodDisruptionBudget"]
+    for obj in several:
+        name, labels = obj["metadata"]["name"], obj["spec"]["template"]["metadata"]["labels"]
+        terms = obj["spec"]["template"]["spec"].get("affinity", {}).get("podAntiAffinity", {}) \
+            .get("preferredDuringSchedulingIgnoredDuringExecution", [])
+        assert any(term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+                   and term["podAffinityTerm"]["labelSelector"]["matchLabels"].items() <= labels.items()
+                   for term in terms), f"{name}: its replicas may share a node"
+        covering = [b for b in budgets if b["spec"]["selector"]["matchLabels"].items() <= labels.items()
+                    and b["metadata"]["namespace"] == obj["metadata"]["namespace"]]
+        assert [b["spec"].get("maxUnavailable") for b in covering] == [1], f"{name}: a drain may evict every replica"
+
+
 def test_shoal_processes_run_their_module_with_real_settings_and_bounded_resources(
         rendered: list[dict[str, Any]]) -> None:
     known = {variable for variable, _, _ in describe_settings()}
