@@ -108,7 +108,9 @@ class FluidRuntimeStatus(msgspec.Struct, frozen=True, kw_only=True, rename="came
 
 
 class WaitingStatus(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omit_defaults=True):
-    """Fluid's ``status.waitingFor``: false while the operation named in ``runAfter`` is not Complete."""
+    """Fluid's ``status.waitingFor``: ``operationComplete`` true while the run waits for the operation named in
+    ``runAfter`` to be Complete (Fluid's controllers set it so, and act on an operation only once it is false or
+    unset), unset otherwise."""
 
     operation_complete: bool | None = None
 
@@ -160,7 +162,7 @@ def fluid_operation_status(status: OperationStatus) -> FluidOperationStatus:
         conditions=status.conditions,
         last_schedule_time=status.last_schedule_time,
         last_successful_time=status.last_successful_time,
-        waiting_for=WaitingStatus(operation_complete=False) if status.waiting_for else None,
+        waiting_for=WaitingStatus(operation_complete=True) if status.waiting_for_operation else None,
         progress=status.progress if status.progress != Progress() else None,
     )
 

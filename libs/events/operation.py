@@ -140,6 +140,9 @@ class OperationStatus(msgspec.Struct, frozen=True, kw_only=True, rename="camel",
     progress: Progress = Progress()
     # What the operation waits for while Pending (e.g. "DataLoad default/warm to be Complete").
     waiting_for: str = ""
+    # Whether that wait is for the operation named in ``spec.runAfter`` (not for the dataset): Fluid's
+    # ``waitingFor.operationComplete`` says exactly this, and nothing while the wait is for the dataset.
+    waiting_for_operation: bool = False
     # The generation of the spec the current (or last) run started from, as Kubernetes' observedGeneration: a run's
     # end is the end of the apply of that generation, and a newer spec (a Failed load's target fixed) runs again.
     # A Cron or OnEvent load's moves at the apply: the new spec is in effect from then on (its next run reads it).

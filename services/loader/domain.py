@@ -867,14 +867,16 @@ def status_started(status: OperationStatus, runs: int, generation: int, now: flo
     return msgspec.structs.replace(status, phase="Executing", message="", duration=UNFINISHED, conditions=[],
                                    runs=runs, start_time=rfc3339(now), completion_time="",
                                    last_schedule_time=rfc3339(now), progress=Progress(), waiting_for="",
-                                   observed_generation=generation)
+                                   waiting_for_operation=False, observed_generation=generation)
 
 
-def status_waiting(status: OperationStatus, why: str) -> OperationStatus:
-    """A run that is due waits (``runAfter``): Pending, saying for what; the previous run's end (message, condition,
-    duration, completion, progress) goes as when it starts, the history stays."""
+def status_waiting(status: OperationStatus, why: str, on_operation: bool = False) -> OperationStatus:
+    """A run that is due waits (``runAfter``'s operation, ``on_operation``, or its dataset): Pending, saying for
+    what; the previous run's end (message, condition, duration, completion, progress) goes as when it starts, the
+    history stays."""
     return msgspec.structs.replace(status, phase="Pending", message="", duration="", conditions=[],
-                                   completion_time="", progress=Progress(), waiting_for=why)
+                                   completion_time="", progress=Progress(), waiting_for=why,
+                                   waiting_for_operation=on_operation)
 
 
 def status_finished(status: OperationStatus, phase: OperationPhase, message: str, started_at: float,
@@ -884,7 +886,7 @@ def status_finished(status: OperationStatus, phase: OperationPhase, message: str
                           message=message, last_transition_time=rfc3339(now))
     return msgspec.structs.replace(
         status, phase=phase, message=message, duration=format_duration(now - started_at),
-        completion_time=rfc3339(now), waiting_for="", conditions=[condition],
+        completion_time=rfc3339(now), waiting_for="", waiting_for_operation=False, conditions=[condition],
         last_successful_time=rfc3339(now) if phase == "Complete" else status.last_successful_time)
 
 

@@ -603,6 +603,7 @@ class LoaderHandlers:
             kind, namespace, name = domain.run_after_key(spec.run_after, record.metadata.namespace)
             other = self.operations.values.get(subjects.operation_key(kind, namespace, name))
         decision, why = domain.run_after(spec.run_after, record.metadata.namespace, other)
+        on_operation = decision == "wait"  # a wait decided below is for the dataset
         if decision != "go":  # waiting for ever in a cycle, or failing on its neighbour: fail naming the cycle
             cycle = domain.run_after_cycle(
                 record, lambda ref: self.operations.values.get(subjects.operation_key(*ref)))
@@ -617,8 +618,9 @@ class LoaderHandlers:
             else:
                 decision = "wait" if why else "go"
         if decision == "wait":
-            if record.status.waiting_for != why:
-                await self._save_status(key, record, revision, domain.status_waiting(record.status, why))
+            if record.status.waiting_for != why or record.status.waiting_for_operation != on_operation:
+                await self._save_status(key, record, revision,
+                                        domain.status_waiting(record.status, why, on_operation))
             return
         await self._start(key, record, revision, state, trigger, now, failure=why if decision == "fail" else "")
 

@@ -419,6 +419,7 @@ async def test_a_load_waits_for_its_dataset_to_exist_and_be_bound_then_runs(bus:
 
         missing = await eventually(lambda: waiting_for("dataset default/data to exist and be Bound"))
         assert (missing.status.phase, missing.status.runs, missing.status.message) == ("Pending", 0, "")
+        assert not missing.status.waiting_for_operation  # a wait for the dataset is no runAfter's
         await put_dataset(bus, files(("a", BLOCK)), phase="NotBound")
         await eventually(lambda: waiting_for("dataset default/data to be Bound: apply a runtime named data in "
                                              "namespace default"))
@@ -1407,14 +1408,16 @@ async def test_run_after_waits_for_complete_and_fails_after_failed(bus: Bus, nat
             found = await operation(bus, "second")
             return found if found and found.status.waiting_for else None
 
-        assert (await eventually(waiting)).status.waiting_for == "DataLoad default/first to exist and be Complete"
+        first_missing = (await eventually(waiting)).status
+        assert first_missing.waiting_for == "DataLoad default/first to exist and be Complete"
+        assert first_missing.waiting_for_operation  # Fluid's waitingFor.operationComplete: true
         await publish(bus, subjects.DATALOAD_APPLY, dataload(name="first"))
         await phase_of(bus, "Executing", name="first")
         second = await phase_of(bus, "Pending", name="second")
         assert second.status.runs == 0
         scripted.hold.clear()
         await phase_of(bus, "Complete", name="first")
-        await phase_of(bus, "Complete", name="second")
+        assert not (await phase_of(bus, "Complete", name="second")).status.waiting_for_operation
         # After a Failed one: Failed, naming it.
         scripted.fail = "object changed since the load was planned"
         await publish(bus, subjects.DATALOAD_APPLY, dataload(name="broken"))

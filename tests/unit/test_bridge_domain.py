@@ -140,9 +140,10 @@ def test_fluid_shapes_and_shoal_shape() -> None:
     assert runtime == {"workerPhase": "Ready", "cacheStates": {"cacheCapacity": "1.00GiB"},
                        "desiredWorkerNumberScheduled": 0, "currentWorkerNumberScheduled": 0, "workerNumberReady": 1}
     load = domain.desired_status(kube.FLUID_RESOURCES[1], cr(kube.FLUID_RESOURCES[1], {}),
-                                 OperationStatus(phase="Pending", waiting_for="DataLoad team/a to be Complete"),
+                                 OperationStatus(phase="Pending", waiting_for="DataLoad team/a to be Complete",
+                                                 waiting_for_operation=True),
                                  None, now=0)
-    assert load == {"phase": "Pending", "waitingFor": {"operationComplete": False}}
+    assert load == {"phase": "Pending", "waitingFor": {"operationComplete": True}}  # Fluid's "still waiting"
     assert domain.desired_status(SHOAL_DATASET, cr(SHOAL_DATASET, {}), None, None, now=0) is None
 
 

@@ -561,7 +561,7 @@ def test_the_first_status_the_bridge_writes_is_valid_too(path: Path) -> None:
     elif kind.endswith("Runtime"):
         status = fluid_runtime_status(RuntimeStatus()) if fluid else RuntimeStatus()
     else:
-        waiting = OperationStatus(waiting_for="DataLoad ml/warm to be Complete")
+        waiting = OperationStatus(waiting_for="DataLoad ml/warm to be Complete", waiting_for_operation=True)
         status = fluid_operation_status(waiting) if fluid else waiting
     document["status"] = msgspec.to_builtins(status)
     assert schema_errors(document) == []
@@ -620,8 +620,14 @@ def test_fluid_runtime_status_reports_shoals_cache_workers_as_fluids_workers() -
 
 
 def test_fluid_operation_status_has_fluids_waiting_for_object() -> None:
-    waiting = fluid_operation_status(OperationStatus(phase="Pending", waiting_for="DataLoad ml/warm to be Complete"))
-    assert msgspec.to_builtins(waiting) == {"phase": "Pending", "waitingFor": {"operationComplete": False}}
+    # Fluid's controllers set operationComplete true while the runAfter operation is not Complete, and hold an
+    # operation whose flag is true: false would tell a Fluid reader the wait is over.
+    waiting = fluid_operation_status(OperationStatus(phase="Pending", waiting_for="DataLoad ml/warm to be Complete",
+                                                     waiting_for_operation=True))
+    assert msgspec.to_builtins(waiting) == {"phase": "Pending", "waitingFor": {"operationComplete": True}}
+    # A wait for the dataset is not Fluid's waitingFor: nothing is said.
+    for_dataset = fluid_operation_status(OperationStatus(phase="Pending", waiting_for="dataset ml/d to be Bound"))
+    assert msgspec.to_builtins(for_dataset) == {"phase": "Pending"}
     done = msgspec.to_builtins(fluid_operation_status(OPERATION_STATUS))
     assert (done["phase"], done["duration"], done["lastSuccessfulTime"]) == ("Complete", "1m32s", CREATED)
     assert "waitingFor" not in done and done["progress"]["bytesDone"] == 100

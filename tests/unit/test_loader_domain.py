@@ -584,10 +584,14 @@ def test_a_run_waiting_for_its_run_after_shows_none_of_the_last_runs_end() -> No
     failed = domain.status_finished(
         msgspec.structs.replace(started, progress=Progress(bytes_done=5, bytes_total=9, rate_bytes_per_second=3.0)),
         "Failed", "node a failed 1 block(s): boom", t("2026-01-01T00:00:00Z"), t("2026-01-01T00:00:07Z"))
-    waiting = domain.status_waiting(failed, "DataLoad default/first is Executing")
+    waiting = domain.status_waiting(failed, "DataLoad default/first is Executing", on_operation=True)
     assert waiting == OperationStatus(phase="Pending", waiting_for="DataLoad default/first is Executing", runs=1,
                                       start_time="2026-01-01T00:00:00Z", last_schedule_time="2026-01-01T00:00:00Z",
-                                      observed_generation=1)
+                                      observed_generation=1, waiting_for_operation=True)
+    # The wait ends with the run: neither what for nor that it was an operation stays.
+    started = domain.status_started(waiting, 2, 1, t("2026-01-01T00:01:00Z"))
+    assert (started.waiting_for, started.waiting_for_operation) == ("", False)
+    assert not domain.status_waiting(failed, "dataset default/data to be Bound").waiting_for_operation
 
 
 def test_a_record_left_executing_a_finished_run_is_closed_with_its_saved_end() -> None:
