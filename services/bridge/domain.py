@@ -12,7 +12,7 @@ import base64
 import hashlib
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
@@ -40,6 +40,11 @@ REASON_READ_ONLY = REASON_WRITES_NOT_SERVED
 # by an object that is not its own: Fluid's volume name ``<namespace>-<name>`` is the same for a-b/c and a/b-c.
 CONDITION_VOLUME = "VolumeCreated"
 REASON_VOLUME_TAKEN = "VolumeNameTaken"
+# Fluid's Dataset condition (type and reason are Fluid's): True once the dataset is Bound, False otherwise. Fluid's
+# controllers always write it, and `kubectl wait --for=condition=Ready dataset/<name>` (as Fluid's docs wait for a
+# dataset) waits on it.
+CONDITION_READY = "Ready"
+REASON_DATASET_READY = "DatasetReady"
 # As Fluid's PersistentVolumes: the size of a FUSE mount is not enforced, and a claim must fit its volume.
 VOLUME_CAPACITY = "100Pi"
 # Static binding only: no provisioner exists for it, the claim names its volume.
@@ -566,13 +571,25 @@ def desired_status(resource: kube.Resource, obj: dict[str, Any], status: msgspec
         desired["conditions"] = _with_condition(desired, _false_condition(
             obj, CONDITION_VOLUME, REASON_VOLUME_TAKEN, volume_conflict, now, tried))
     if refusal is None:
-        return desired or None
+        return _with_fluid_ready(resource, obj, desired, now, tried) or None
     desired["conditions"] = _with_condition(desired, _false_condition(
         obj, CONDITION_ACCEPTED, refusal.reason, refusal.message, now, tried))
     if family(resource) != "runtime":
         desired["phase"] = "Failed"
     if not is_fluid(resource):
         desired["message"] = refusal.message
+    return _with_fluid_ready(resource, obj, desired, now, tried)
+
+
+def _with_fluid_ready(resource: kube.Resource, obj: dict[str, Any], desired: dict[str, Any], now: float,
+                      tried: dict[str, Any] | None) -> dict[str, Any]:
+    """A Fluid Dataset's status with Fluid's ``Ready`` condition following its final phase; other kinds' as given."""
+    if not (is_fluid(resource) and resource.kind == "Dataset" and desired.get("phase")):
+        return desired
+    bound = desired["phase"] == "Bound"
+    message = "the dataset is Bound: its runtime serves it" if bound else f"the dataset is {desired['phase']}"
+    desired["conditions"] = _with_condition(desired, _kept_condition(
+        obj, CONDITION_READY, "True" if bound else "False", REASON_DATASET_READY, message, now, tried))
     return desired
 
 
@@ -580,17 +597,25 @@ def _false_condition(obj: dict[str, Any], kind: str, reason: str, message: str, 
                      tried: dict[str, Any] | None = None) -> dict[str, Any]:
     """A ``kind=False`` condition whose transition time is kept from the object's while it was False already, else
     from the status last sent (``tried``) if it said False."""
-    since = _false_since(obj.get("status"), kind) or _false_since(tried, kind)
-    built: dict[str, Any] = to_builtins(Condition(type=kind, status="False", reason=reason, message=message,
+    return _kept_condition(obj, kind, "False", reason, message, now, tried)
+
+
+def _kept_condition(obj: dict[str, Any], kind: str, value: Literal["True", "False"], reason: str, message: str,
+                    now: float, tried: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A ``kind=value`` condition whose transition time is kept from the object's while it had that value already,
+    else from the status last sent (``tried``) if it said so: a time taken afresh would make every pass's status
+    new."""
+    since = _since(obj.get("status"), kind, value) or _since(tried, kind, value)
+    built: dict[str, Any] = to_builtins(Condition(type=kind, status=value, reason=reason, message=message,
                                                   last_transition_time=since or rfc3339(now)))
     return built
 
 
-def _false_since(status: Any, kind: str) -> str | None:
-    """The transition time of ``status``'s ``kind`` condition if it is False."""
+def _since(status: Any, kind: str, value: str) -> str | None:
+    """The transition time of ``status``'s ``kind`` condition if its status is ``value``."""
     conditions = (status.get("conditions") if isinstance(status, dict) else None) or []
     old = next((c for c in conditions if isinstance(c, dict) and c.get("type") == kind), None)
-    return old.get("lastTransitionTime") if old and old.get("status") == "False" else None
+    return old.get("lastTransitionTime") if old and old.get("status") == value else None
 
 
 def _with_condition(desired: dict[str, Any], condition: dict[str, Any]) -> list[dict[str, Any]]:

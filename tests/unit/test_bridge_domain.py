@@ -147,6 +147,35 @@ def test_fluid_shapes_and_shoal_shape() -> None:
     assert domain.desired_status(SHOAL_DATASET, cr(SHOAL_DATASET, {}), None, None, now=0) is None
 
 
+def ready_of(status: dict[str, Any] | None) -> dict[str, Any]:
+    assert status is not None
+    (ready,) = [c for c in status.get("conditions", []) if c["type"] == "Ready"]
+    return dict(ready)
+
+
+def test_a_fluid_dataset_has_fluids_ready_condition_following_its_phase() -> None:
+    """Fluid always writes a Ready condition on a Dataset (True once Bound, reason DatasetReady), and its docs wait
+    for a dataset with `kubectl wait --for=condition=Ready`: without it the wait never ends."""
+    obj = cr(FLUID_DATASET, {})
+    not_bound = domain.desired_status(FLUID_DATASET, obj, DatasetStatus(phase="NotBound"), None, now=1000)
+    assert ready_of(not_bound) == {"type": "Ready", "status": "False", "reason": "DatasetReady",
+                                   "message": "the dataset is NotBound", "lastTransitionTime": "1970-01-01T00:16:40Z"}
+    obj["status"] = not_bound
+    bound = domain.desired_status(FLUID_DATASET, obj, DatasetStatus(phase="Bound"), None, now=2000)
+    assert (ready_of(bound)["status"], ready_of(bound)["lastTransitionTime"]) == ("True", "1970-01-01T00:33:20Z")
+    obj["status"] = bound
+    # Unchanged: the time stays, so nothing is written again.
+    again = domain.desired_status(FLUID_DATASET, obj, DatasetStatus(phase="Bound"), None, now=3000)
+    assert again == bound and domain.status_patch(obj, again) is None
+    # A refusal fails the dataset: not Ready.
+    refusal = domain.Refusal(domain.REASON_REJECTED, "no mounts")
+    failed = domain.desired_status(FLUID_DATASET, obj, DatasetStatus(phase="Bound"), refusal, now=4000)
+    assert failed is not None and failed["phase"] == "Failed" and ready_of(failed)["status"] == "False"
+    # Shoal's own Dataset keeps Shoal's conditions only.
+    shoal = domain.desired_status(SHOAL_DATASET, cr(SHOAL_DATASET, {}), DatasetStatus(phase="Bound"), None, now=0)
+    assert shoal is not None and shoal["conditions"] == []
+
+
 def test_a_refusal_fails_the_object_and_keeps_its_time() -> None:
     refusal = domain.Refusal(domain.REASON_REJECTED, "spec.mounts must list at least one mount")
     obj = cr(SHOAL_DATASET, {})
