@@ -94,15 +94,21 @@ class FluidDatasetStatus(msgspec.Struct, frozen=True, kw_only=True, rename="came
 
 
 class FluidRuntimeStatus(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omit_defaults=True):
-    """The worker fields of Fluid's RuntimeStatus: Shoal's cache workers are Fluid's workers. Shoal has no
-    master and no fuse daemon set, so their fields stay unset."""
+    """The worker and fuse fields of Fluid's RuntimeStatus: Shoal's cache workers are Fluid's workers, and the
+    agents that serve the runtime (each mounts its dataset on its node, worker or not) its fuse: a script that
+    waits for ``fusePhase`` Ready, as Fluid's own do, sees it once an agent serves. Shoal has no master, so its
+    fields stay unset (as Fluid's JuiceFS runtime leaves them)."""
 
     # The counts have no default, so they are always written (required in Fluid's schema too): a column shows 0.
     desired_worker_number_scheduled: int
     current_worker_number_scheduled: int
     worker_number_ready: int
+    desired_fuse_number_scheduled: int
+    current_fuse_number_scheduled: int
+    fuse_number_ready: int
     worker_phase: str = ""
     worker_reason: str = ""
+    fuse_phase: str = ""
     cache_states: dict[str, str] = {}
     conditions: list[Condition] = []
 
@@ -144,12 +150,19 @@ def fluid_runtime_status(status: RuntimeStatus) -> FluidRuntimeStatus:
     cache_states = {"cacheCapacity": status.cache_capacity} if status.cache_capacity else {}
     if not cache_states and status.cache_capacity_bytes:
         cache_states = {"cacheCapacity": format_bytes(status.cache_capacity_bytes)}
+    # Ready and serving: an agent is counted once it is healthy (``ready_nodes``); the record lists every one, a
+    # fact the first few and the count.
+    serving = status.ready_node_count or len(status.ready_nodes)
     return FluidRuntimeStatus(
         worker_phase=status.phase,
         worker_reason=status.message,
         desired_worker_number_scheduled=status.desired_worker_number_scheduled,
         current_worker_number_scheduled=status.current_worker_number_scheduled,
         worker_number_ready=status.worker_number_ready,
+        desired_fuse_number_scheduled=serving,
+        current_fuse_number_scheduled=serving,
+        fuse_number_ready=serving,
+        fuse_phase="Ready" if serving else "NotReady",
         cache_states=cache_states,
         conditions=status.conditions,
     )

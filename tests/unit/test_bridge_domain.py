@@ -138,7 +138,9 @@ def test_fluid_shapes_and_shoal_shape() -> None:
     runtime = domain.desired_status(ALLUXIO, cr(ALLUXIO, {}), RuntimeStatus(phase="Ready", worker_number_ready=1,
                                                                              cache_capacity="1.00GiB"), None, now=0)
     assert runtime == {"workerPhase": "Ready", "cacheStates": {"cacheCapacity": "1.00GiB"},
-                       "desiredWorkerNumberScheduled": 0, "currentWorkerNumberScheduled": 0, "workerNumberReady": 1}
+                       "desiredWorkerNumberScheduled": 0, "currentWorkerNumberScheduled": 0, "workerNumberReady": 1,
+                       "fusePhase": "NotReady", "desiredFuseNumberScheduled": 0, "currentFuseNumberScheduled": 0,
+                       "fuseNumberReady": 0}
     load = domain.desired_status(kube.FLUID_RESOURCES[1], cr(kube.FLUID_RESOURCES[1], {}),
                                  OperationStatus(phase="Pending", waiting_for="DataLoad team/a to be Complete",
                                                  waiting_for_operation=True),

@@ -611,12 +611,16 @@ def test_fluid_runtime_status_reports_shoals_cache_workers_as_fluids_workers() -
     assert status == {
         "workerPhase": "PartialReady", "workerReason": "1 of 3 cache workers missing",
         "desiredWorkerNumberScheduled": 3, "currentWorkerNumberScheduled": 3, "workerNumberReady": 2,
+        # Fluid's fuse: the two agents serving the runtime (each mounts its dataset), as its scripts wait for it.
+        "fusePhase": "Ready", "desiredFuseNumberScheduled": 2, "currentFuseNumberScheduled": 2,
+        "fuseNumberReady": 2,
         "cacheStates": {"cacheCapacity": "306.00GiB"},
         "conditions": [{"type": "Ready", "status": "True", "reason": "Synced", "lastTransitionTime": CREATED}],
     }
     assert msgspec.to_builtins(fluid_runtime_status(RuntimeStatus(cache_capacity_bytes=2**30))) == {
         "workerPhase": "NotReady", "desiredWorkerNumberScheduled": 0, "currentWorkerNumberScheduled": 0,
-        "workerNumberReady": 0, "cacheStates": {"cacheCapacity": "1.00GiB"}}
+        "workerNumberReady": 0, "fusePhase": "NotReady", "desiredFuseNumberScheduled": 0,
+        "currentFuseNumberScheduled": 0, "fuseNumberReady": 0, "cacheStates": {"cacheCapacity": "1.00GiB"}}
 
 
 def test_fluid_operation_status_has_fluids_waiting_for_object() -> None:
