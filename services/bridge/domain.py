@@ -557,7 +557,7 @@ def kube_observed_generation(obj: dict[str, Any], command_id: str | None, sequen
 
 def desired_status(resource: kube.Resource, obj: dict[str, Any], status: msgspec.Struct | None,
                    refusal: Refusal | None, now: float, volume_conflict: str | None = None,
-                   tried: dict[str, Any] | None = None) -> dict[str, Any] | None:
+                   tried: dict[str, Any] | None = None, runtime_kind: str | None = None) -> dict[str, Any] | None:
     """The status the CR should show, or None when there is nothing to show yet (Shoal has not answered).
 
     A refusal adds the ``Accepted=False`` condition (its time kept while it holds, so an unchanged status is not
@@ -565,8 +565,14 @@ def desired_status(resource: kube.Resource, obj: dict[str, Any], status: msgspec
     PersistentVolume and claim) adds ``VolumeCreated=False``; the phase stays Shoal's, whose dataset works.
     ``tried``: the status last sent for this object, whose condition times hold where the object shows none (the
     write was refused or dropped): a time taken afresh at every pass would make every pass's status new.
+    ``runtime_kind``: for a Fluid Dataset, the kind of the Fluid runtime object of its name (``AlluxioRuntime``),
+    which its ``runtimes[].type`` says as Fluid does (``alluxio``): Fluid's tools pick the runtime kind to read
+    from it. Shoal's own type (``shoal``) stays where there is none.
     """
     desired = without_nulls(shoal_status(resource, status))
+    if runtime_kind and is_fluid(resource) and resource.kind == "Dataset" and desired.get("runtimes"):
+        kind_type = runtime_kind.removesuffix("Runtime").lower()
+        desired["runtimes"] = [{**entry, "type": kind_type} for entry in desired["runtimes"]]
     if volume_conflict is not None:
         desired["conditions"] = _with_condition(desired, _false_condition(
             obj, CONDITION_VOLUME, REASON_VOLUME_TAKEN, volume_conflict, now, tried))

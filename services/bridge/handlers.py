@@ -853,6 +853,13 @@ class BridgeHandlers:
             with contextlib.suppress(Exception):  # a watcher whose server went: nothing to stop
                 await watcher.stop()
 
+    def _fluid_runtime_kind(self, key: ObjectKey) -> str | None:
+        """For a Fluid Dataset: the kind of the Fluid runtime object of its name and namespace, if one is watched."""
+        if not (domain.is_fluid(key.resource) and key.resource.kind == "Dataset"):
+            return None
+        return next((resource.kind for resource in kube.FLUID_RESOURCES if domain.family(resource) == "runtime"
+                     and ObjectKey(resource, key.namespace, key.name) in self.objects), None)
+
     async def _reflect(self, key: ObjectKey, obj: dict[str, Any], record: OperationRecord | None = None) -> None:
         """Shoal's state onto the object: status (if changed), volume and claim when Bound, Events. ``record``: an
         operation's final record, in place of the mirror's (which no longer holds it)."""
@@ -869,7 +876,8 @@ class BridgeHandlers:
                 self.published.get(key) else 0, self.mirrors.operation(key) if record is None else record))
         last = self.written.get(key)
         desired = domain.desired_status(key.resource, obj, status, refusal, self.clock(),
-                                        self.volume_conflicts.get(key), None if last is None else last.desired)
+                                        self.volume_conflicts.get(key), None if last is None else last.desired,
+                                        self._fluid_runtime_kind(key))
         patch = domain.status_patch(obj, desired)
         current = obj.get("status") or {}
         if patch is not None and (last is None or last.desired != desired

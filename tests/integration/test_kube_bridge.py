@@ -305,8 +305,9 @@ async def test_fluid_dataset_with_secret_and_alluxio_runtime(cluster: Cluster, b
         obj = await cluster.status(FLUID, "imagenet", phase="Bound", namespace="team")
         status = obj["status"]
         assert status["ufsTotal"] == "3B" and status["cacheStates"]["cacheCapacity"] == "1.00GiB"
+        # Fluid's type: the kind of the runtime object of its name (an AlluxioRuntime), as its tools read it.
         assert status["runtimes"] == [{"name": "imagenet", "namespace": "team", "category": "Accelerate",
-                                       "type": "shoal"}]
+                                       "type": "alluxio"}]
         assert not {"manifest", "syncedGeneration", "nodes"} & status.keys()  # Shoal's own fields stay out
         runtime = await cluster.status(ALLUXIO, "imagenet", workerPhase="Ready", namespace="team")
         assert runtime["status"]["workerNumberReady"] == 1 and "masterPhase" not in runtime["status"]

@@ -9,7 +9,7 @@ import msgspec
 
 from libs import kube
 from libs.events.common import ObjectMeta
-from libs.events.dataset import CacheStates, DatasetStatus
+from libs.events.dataset import CacheStates, DatasetStatus, RuntimeRef
 from libs.events.operation import OperationRecord, OperationStatus, Progress
 from libs.events.runtime import RuntimeStatus
 from services.bridge import domain
@@ -125,6 +125,22 @@ def test_invalid_objects_say_why() -> None:
     translation = domain.translate(DATALOAD, load)
     assert translation.command is None
     assert translation.errors == ["spec.policy 'Sometimes' is not one of Once, Cron, OnEvent"]
+
+
+def test_a_fluid_datasets_runtimes_name_the_kind_of_its_fluid_runtime() -> None:
+    """Fluid writes ``runtimes[].type`` as its runtime's kind (``alluxio`` for an AlluxioRuntime), and its tools
+    read that to know which runtime kind to fetch: always ``shoal`` was a kind they have not. A Shoal Dataset, or a
+    Fluid one with no Fluid runtime of its name, keeps Shoal's type."""
+    status = DatasetStatus(phase="Bound", runtimes=[RuntimeRef(name="demo", namespace="team")])
+    fluid = domain.desired_status(FLUID_DATASET, cr(FLUID_DATASET, {}), status, None, now=0,
+                                  runtime_kind="AlluxioRuntime")
+    assert fluid is not None and fluid["runtimes"] == [
+        {"name": "demo", "namespace": "team", "category": "Accelerate", "type": "alluxio"}]
+    alone = domain.desired_status(FLUID_DATASET, cr(FLUID_DATASET, {}), status, None, now=0)
+    assert alone is not None and alone["runtimes"][0]["type"] == "shoal"
+    shoal = domain.desired_status(SHOAL_DATASET, cr(SHOAL_DATASET, {}), status, None, now=0,
+                                  runtime_kind="AlluxioRuntime")
+    assert shoal is not None and shoal["runtimes"][0]["type"] == "shoal"
 
 
 def test_fluid_shapes_and_shoal_shape() -> None:
