@@ -99,36 +99,34 @@ class _StructlogHandler(logging.StreamHandler):
     """Marks the handler ``setup_logging`` installs, so a second call replaces it instead of adding one."""
 
 
-# At most one line per this many seconds about requests aiohttp's servers could not parse (``ClientHttpErrors``).
-CLIENT_ERROR_LOG_SECONDS = 60.0
+class _Summarised(logging.Filter):
+    """Records of one kind, each a traceback repeated as often as its cause recurs, become one warning per
+    ``interval`` (its words from ``summary``) saying how many were left out since the last; other records pass as
+    they are."""
 
-
-class ClientHttpErrors(logging.Filter):
-    """aiohttp logs every request its servers cannot parse (a header line over 8 KiB, a malformed request line) at
-    error level, with a traceback and a quote of the client's bytes: anyone reaching a port (peer server, webhook,
-    side server) could flood the log, and the quote may hold a client's header. Such records become one warning
-    per ``interval`` naming the kind of error and how many were left out since the last; no traceback, no quote.
-    The client gets its 400 either way."""
-
-    def __init__(self, interval: float = CLIENT_ERROR_LOG_SECONDS,
-                 clock: Any = time.monotonic) -> None:
+    def __init__(self, interval: float, clock: Any = time.monotonic) -> None:
         super().__init__()
         self.interval = interval
         self.clock = clock
         self.left_out = 0
         self._next_at = float("-inf")
 
+    def summary(self, record: logging.LogRecord, error: BaseException | None) -> tuple[str, tuple[Any, ...]] | None:
+        """The warning's format and arguments (its last one: the count left out), or None: not a record of the
+        kind, passed as it is."""
+        raise NotImplementedError
+
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
-        if record.name != "aiohttp.server" or type(error).__module__ != "aiohttp.http_exceptions":
+        said = self.summary(record, error)
+        if said is None:
             return True
         now = self.clock()
         if now < self._next_at:
             self.left_out += 1
             return False
-        code = getattr(error, "code", 400)
-        record.msg = "requests that are not valid HTTP refused (%s %s; %d more since the last such line)"
-        record.args = (code, type(error).__name__, self.left_out)
+        record.msg, args = said
+        record.args = (*args, self.left_out)
         record.levelno, record.levelname = logging.WARNING, "WARNING"
         record.exc_info, record.exc_text = None, None
         self.left_out = 0
@@ -136,11 +134,32 @@ class ClientHttpErrors(logging.Filter):
         return True
 
 
+# At most one line per this many seconds about requests aiohttp's servers could not parse (``ClientHttpErrors``).
+CLIENT_ERROR_LOG_SECONDS = 60.0
+
+
+class ClientHttpErrors(_Summarised):
+    """aiohttp logs every request its servers cannot parse (a header line over 8 KiB, a malformed request line) at
+    error level, with a traceback and a quote of the client's bytes: anyone reaching a port (peer server, webhook,
+    side server) could flood the log, and the quote may hold a client's header. Such records become one warning
+    per ``interval`` naming the kind of error and how many were left out since the last; no traceback, no quote.
+    The client gets its 400 either way."""
+
+    def __init__(self, interval: float = CLIENT_ERROR_LOG_SECONDS, clock: Any = time.monotonic) -> None:
+        super().__init__(interval, clock)
+
+    def summary(self, record: logging.LogRecord, error: BaseException | None) -> tuple[str, tuple[Any, ...]] | None:
+        if record.name != "aiohttp.server" or type(error).__module__ != "aiohttp.http_exceptions":
+            return None
+        return ("requests that are not valid HTTP refused (%s %s; %d more since the last such line)",
+                (getattr(error, "code", 400), type(error).__name__))
+
+
 # At most one line per this many seconds about failed connections to NATS (``NatsConnectErrors``).
 NATS_ERROR_LOG_SECONDS = 30.0
 
 
-class NatsConnectErrors(logging.Filter):
+class NatsConnectErrors(_Summarised):
     """nats-py logs each failed connection (refused, reset, timed out) as "nats: encountered error" at error level
     with its traceback, and tries again twice a second: a service waiting for NATS, or riding out an outage, wrote
     a traceback every 0.5 s. Such records become one warning per ``interval`` saying what failed, and how many were
@@ -148,27 +167,13 @@ class NatsConnectErrors(logging.Filter):
     logger, before this handler, to say why it could not connect.)"""
 
     def __init__(self, interval: float = NATS_ERROR_LOG_SECONDS, clock: Any = time.monotonic) -> None:
-        super().__init__()
-        self.interval = interval
-        self.clock = clock
-        self.left_out = 0
-        self._next_at = float("-inf")
+        super().__init__(interval, clock)
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        error = record.exc_info[1] if record.exc_info else None
-        if record.name != "nats.aio.client" or not isinstance(error, (OSError, TimeoutError)):
-            return True
-        now = self.clock()
-        if now < self._next_at:
-            self.left_out += 1
-            return False
-        record.msg = "nats: encountered error: cannot reach a NATS server (%s: %s; %d more since the last such line)"
-        record.args = (type(error).__name__, error, self.left_out)
-        record.levelno, record.levelname = logging.WARNING, "WARNING"
-        record.exc_info, record.exc_text = None, None
-        self.left_out = 0
-        self._next_at = now + self.interval
-        return True
+    def summary(self, record: logging.LogRecord, error: BaseException | None) -> tuple[str, tuple[Any, ...]] | None:
+        if record.name != "nats.aio.client" or not isinstance(error, OSError | TimeoutError):
+            return None
+        return ("nats: encountered error: cannot reach a NATS server (%s: %s; %d more since the last such line)",
+                (type(error).__name__, error))
 
 
 def _route_stdlib_logging(level: str, renderer: Any, file: TextIO) -> None:
