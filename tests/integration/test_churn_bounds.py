@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import msgspec
 
@@ -27,9 +29,10 @@ from tests.helpers import cancel_and_wait, eventually, make_settings, unwatched_
 NODES = 500
 
 
-async def beaten_mirror(bus: Bus, at: float) -> tuple[KvMirror[AgentRecord], asyncio.Task[None]]:
+@asynccontextmanager
+async def beaten_mirror(bus: Bus, at: float) -> AsyncIterator[KvMirror[AgentRecord]]:
     """A watched mirror of the agents' bucket after ``NODES`` nodes beat once at ``at`` - 2 TTLs (gone since) and
-    node ``alive`` beat at ``at``."""
+    node ``alive`` beat at ``at``; stopped on the way out."""
     kv = await bus.kv(subjects.KV_AGENTS)
     for index in range(NODES):
         node = f"gone-{index}"
@@ -42,8 +45,12 @@ async def beaten_mirror(bus: Bus, at: float) -> tuple[KvMirror[AgentRecord], asy
     async def all_in() -> bool:
         return mirror.ready.is_set() and len(mirror.values) == NODES + 1
 
-    await eventually(all_in, what="every beat in the mirror")
-    return mirror, task
+    try:
+        await eventually(all_in, what="every beat in the mirror")
+        yield mirror
+    finally:
+        mirror.stop()
+        await cancel_and_wait(task)
 
 
 def assert_forgotten(mirror: KvMirror[AgentRecord]) -> None:
@@ -55,37 +62,25 @@ def assert_forgotten(mirror: KvMirror[AgentRecord]) -> None:
 async def test_the_dataset_service_forgets_nodes_gone_from_the_agents_bucket(bus: Bus,
                                                                             nats_server: NatsServer) -> None:
     now = time.time()
-    agents, watching = await beaten_mirror(bus, now)
-    try:
+    async with beaten_mirror(bus, now) as agents:
         handlers = DatasetHandlers(bus, make_settings(nats_server.url), clock=lambda: now, agents=agents)
         await handlers.forget_departed_nodes({}, lambda key: True)
         assert_forgotten(agents)
-    finally:
-        agents.stop()
-        await cancel_and_wait(watching)
 
 
 async def test_the_runtime_service_forgets_nodes_gone_from_the_agents_bucket(bus: Bus) -> None:
     now = time.time()
-    agents, watching = await beaten_mirror(bus, now)
-    try:
+    async with beaten_mirror(bus, now) as agents:
         handlers = RuntimeHandlers(bus, agents, unwatched_mirror(await bus.kv(subjects.KV_DATASETS), DatasetRecord),
                                    unwatched_mirror(await bus.kv(subjects.KV_RUNTIMES), RuntimeRecord),
                                    clock=lambda: now)
         await handlers.refresh_all()
         assert_forgotten(agents)
-    finally:
-        agents.stop()
-        await cancel_and_wait(watching)
 
 
 async def test_the_scheduler_forgets_nodes_gone_from_the_agents_bucket(bus: Bus) -> None:
     now = time.time()
-    agents, watching = await beaten_mirror(bus, now)
-    try:
+    async with beaten_mirror(bus, now) as agents:
         handlers = SchedulerHandlers(bus, agents, clock=lambda: now)
         await handlers.sweep()
         assert_forgotten(agents)
-    finally:
-        agents.stop()
-        await cancel_and_wait(watching)
