@@ -400,6 +400,11 @@ def apply_runtime(record: RuntimeRecord | None, runtime: Runtime, sequence: int 
         if sequence > record.command_sequence:
             return msgspec.structs.replace(record, command_sequence=sequence), True
         return record, False
+    if record.runtime.spec == runtime.spec:
+        # Only labels or annotations changed (``kubectl label``, a GitOps tool's tracking annotation): kept, with
+        # no new generation, as the dataset service and the loader keep theirs.
+        return msgspec.structs.replace(record, runtime=runtime,
+                                       command_sequence=max(sequence, record.command_sequence)), True
     return msgspec.structs.replace(record, runtime=runtime, generation=record.generation + 1,
                                    command_sequence=sequence), True
 

@@ -382,6 +382,20 @@ def test_apply_runtime_generations() -> None:
     assert (bigger.generation, changed) == (2, True)
 
 
+def test_a_change_of_labels_or_annotations_only_is_kept_without_a_new_generation() -> None:
+    """``kubectl label`` on a runtime (or a GitOps tool's tracking annotation) reaches the service as an apply: the
+    record keeps the metadata, and its sequence moves on, but the spec is the same, so the generation too (as a
+    Dataset's and an operation's)."""
+    record, _ = apply_runtime(None, valid_runtime(), sequence=10)
+    runtime = valid_runtime()
+    labelled = msgspec.structs.replace(runtime, metadata=msgspec.structs.replace(
+        runtime.metadata, labels={"team": "ml"}, annotations={"argocd.argoproj.io/tracking-id": "x"}))
+    kept, changed = apply_runtime(record, labelled, sequence=11)
+    assert (kept.generation, kept.command_sequence, kept.runtime, changed) == (1, 11, labelled, True)
+    stale, changed = apply_runtime(kept, valid_runtime(), sequence=10)  # redelivered behind #11
+    assert (stale, changed) == (kept, False)
+
+
 def test_an_older_apply_delivered_again_after_a_newer_one_is_stale() -> None:
     # The service was killed before acking apply #10; JetStream redelivers it after apply #12 was applied.
     first, _ = apply_runtime(None, valid_runtime(), sequence=10)
