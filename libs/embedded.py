@@ -69,6 +69,7 @@ class PortTaken(ServerExited):
 
 # The end of a log a failure shows: a server's last words, not its whole start.
 LOG_TAIL_CHARS = 2000
+PORT_TAKEN = "address already in use"
 
 
 def wait_until(check: Callable[[], bool], timeout: float, what: str, process: subprocess.Popen[bytes] | None = None,
@@ -80,18 +81,27 @@ def wait_until(check: Callable[[], bool], timeout: float, what: str, process: su
         if check():
             return
         if process is not None and process.poll() is not None:
-            tail = _log_tail(log, log_from) if log else ""
-            failure = PortTaken if "address already in use" in tail else ServerExited
-            raise failure(what, process.returncode, log, tail)
+            written = _log_since(log, log_from) if log else ""
+            raise _exit_failure(what, process.returncode, log, written)
         time.sleep(0.05)
     raise TimeoutError(f"{what} not ready within {timeout} s")
 
 
-def _log_tail(log: Path, start: int) -> str:
+def _exit_failure(what: str, code: int, log: Path | None, written: str) -> ServerExited:
+    """Why a server exited at start, from all it wrote: a port taken is told apart wherever the log says so (a Go
+    server's fatal line comes before its goroutine dump, far above the tail), and its line leads what is shown."""
+    tail = written[-LOG_TAIL_CHARS:]
+    taken = next((line for line in written.splitlines() if PORT_TAKEN in line), None)
+    if taken is None:
+        return ServerExited(what, code, log, tail)
+    return PortTaken(what, code, log, tail if taken in tail else f"{taken}\n...\n{tail}")
+
+
+def _log_since(log: Path, start: int) -> str:
     try:
         with log.open("rb") as file:
             file.seek(start)
-            return file.read().decode(errors="replace")[-LOG_TAIL_CHARS:]
+            return file.read().decode(errors="replace")
     except FileNotFoundError:
         return ""
 

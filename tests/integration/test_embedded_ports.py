@@ -4,6 +4,8 @@ processes): the start says so (``PortTaken``), and SeaweedFS on free ports choos
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -53,3 +55,27 @@ def test_seaweedfs_on_free_ports_chooses_again_when_a_port_was_taken(tmp_path: P
     finally:
         for holder in holders:
             holder.close()
+
+
+def test_a_port_taken_is_told_apart_when_the_log_says_so_far_above_its_tail(tmp_path: Path) -> None:
+    # SeaweedFS's fatal line comes before a goroutine dump longer than the tail a failure shows.
+    log = tmp_path / "server.log"
+    script = ("import sys; print('F1207 volume.go:629] listen tcp 127.0.0.1:1: bind: address already in use'); "
+              "print('goroutine 94 [running]:\\n' * 500); sys.exit(255)")
+    with log.open("wb") as out:
+        process = subprocess.Popen([sys.executable, "-c", script], stdout=out, stderr=subprocess.STDOUT)
+        with pytest.raises(PortTaken) as raised:
+            embedded.wait_until(lambda: False, 30, "server", process, log)
+    assert raised.value.code == 255
+    assert str(raised.value).splitlines()[1].endswith("bind: address already in use")
+    assert len(raised.value.tail) <= embedded.LOG_TAIL_CHARS + 200
+
+
+def test_a_server_that_exits_for_another_reason_is_not_taken_for_a_port_conflict(tmp_path: Path) -> None:
+    log = tmp_path / "server.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen([sys.executable, "-c", "import sys; print('bad flag'); sys.exit(2)"],
+                                   stdout=out, stderr=subprocess.STDOUT)
+        with pytest.raises(embedded.ServerExited) as raised:
+            embedded.wait_until(lambda: False, 30, "server", process, log)
+    assert type(raised.value) is embedded.ServerExited and "bad flag" in raised.value.tail
