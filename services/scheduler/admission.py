@@ -21,7 +21,8 @@ non-data pods away from cache nodes is the extender's job at scheduling time, wh
 is, rather than a term frozen into every pod of the cluster at creation.
 
 What the warnings say (``response.warnings``, shown by kubectl; the pod is always admitted): a label that names
-no dataset; a required dataset the scheduler does not know (``http.py``); a required dataset no node caches yet;
+no dataset; a required dataset the scheduler does not know (``http.py``); a required dataset no node caches yet,
+or required datasets each cached on other nodes than the rest (no one node caches them all);
 and a required dataset whose every holder the pod's own ``nodeSelector`` or required node affinity excludes
 (judged by the labels the holders' agents report, so it is never said wrongly, but may go unsaid when the agents
 report too few labels), also for a pod that places itself by host name (nothing is added to it).
@@ -263,13 +264,17 @@ class Placement:
 
 
 def placement(reply: ScoreReply, uses: Uses, pod: Mapping[str, Any] | None = None,
-              labels: Mapping[str, Mapping[str, str]] | None = None) -> Placement:
+              labels: Mapping[str, Mapping[str, str]] | None = None,
+              apart: Mapping[str, Sequence[str]] | None = None) -> Placement:
     """The terms a reply asks for. Nodes with score 0 are not preferred; in required mode every node the reply
     kept is allowed. When no node holds a required dataset, nothing is required (a host list frozen into the pod
     would keep it pending even after the cache appears elsewhere) and a warning says so, and why the extender
     keeps it pending. When ``pod``'s own node selector or required node affinity excludes every node holding its
     required datasets (judged by ``labels``, what is known of each holder's labels: ``affinity.surely_excludes``),
-    nothing is required either, for the same reason, and a warning says so and what to change."""
+    nothing is required either, for the same reason, and a warning says so and what to change. ``apart``, when
+    several datasets are required and no node caches them all: the nodes caching each one (``namespace/name`` →
+    nodes, asked one by one), so the warning names what is missing: a dataset no node caches, or only that no one
+    node caches them all."""
     if reply.error:
         return Placement()
     best: dict[int, list[str]] = {}
@@ -282,9 +287,7 @@ def placement(reply: ScoreReply, uses: Uses, pod: Mapping[str, Any] | None = Non
         required_hosts = sorted({score.node for score in reply.scores})
         names = ", ".join(f"{use.namespace}/{use.name}" for use in uses.required)
         if not required_hosts:
-            warnings.append(f"shoal: no node caches {names} yet, so the pod is not restricted to cache nodes; with "
-                            "the scheduler extender it stays Pending until one does: load the data (a DataLoad) "
-                            "or make the dataset preferred, not required")
+            warnings.append(_nowhere(uses.required, names, apart or {}))
         elif pod is not None and _excludes_all(pod, required_hosts, labels or {}):
             shown = ", ".join(required_hosts[:SHOWN_HOLDERS])
             more = len(required_hosts) - SHOWN_HOLDERS
@@ -295,6 +298,23 @@ def placement(reply: ScoreReply, uses: Uses, pod: Mapping[str, Any] | None = Non
                             f"node caching it ({shown}{f' and {more} more' if more > 0 else ''}); the extender keeps "
                             "it Pending until a node it allows does: allow one, or load the data there")
     return Placement(preferred, required_hosts, warnings)
+
+
+def _nowhere(required: Sequence[DatasetUse], names: str, apart: Mapping[str, Sequence[str]]) -> str:
+    """The warning for required datasets no node caches together."""
+    held = {f"{use.namespace}/{use.name}": list(apart.get(f"{use.namespace}/{use.name}", ())) for use in required}
+    uncached = [name for name, nodes in held.items() if not nodes]
+    if len(required) > 1 and apart and not uncached:
+        where = "; ".join(f"{name} on {', '.join(nodes[:SHOWN_HOLDERS])}"
+                          f"{f' and {len(nodes) - SHOWN_HOLDERS} more' if len(nodes) > SHOWN_HOLDERS else ''}"
+                          for name, nodes in held.items())
+        return (f"shoal: no one node caches all of {names} ({where}), so the pod is not restricted to cache nodes; "
+                "with the scheduler extender it stays Pending until one does: load them onto the same nodes (a "
+                "DataLoad each) or make some of them preferred, not required")
+    missing = ", ".join(uncached) if apart and uncached else names
+    return (f"shoal: no node caches {missing} yet, so the pod is not restricted to cache nodes; with the scheduler "
+            "extender it stays Pending until one does: load the data (a DataLoad) or make the dataset preferred, "
+            "not required")
 
 
 def _excludes_all(pod: Mapping[str, Any], hosts: list[str], labels: Mapping[str, Mapping[str, str]]) -> bool:

@@ -418,7 +418,8 @@ class SchedulerHttp:
                 warnings.append(f"shoal: the pod is not placed near its data: {reply.error}{pending}")
             return _json(review_response(review.uid, warnings=warnings))
         holders = {score.node: self._labels(score.node) for score in reply.scores} if uses.required else {}
-        wanted = placement(reply, uses, review.pod, holders)
+        apart = await self._apart(uses.required) if len(uses.required) > 1 and not reply.scores else None
+        wanted = placement(reply, uses, review.pod, holders, apart)
         patch = [] if review.placed else affinity_patch(review.pod, wanted)
         self._count(MUTATE, PATCHED if patch else UNCHANGED)
         if patch:
@@ -428,6 +429,20 @@ class SchedulerHttp:
                      datasets=[f"{use.namespace}/{use.name}" for use in uses.datasets],
                      preferred=[nodes for _, nodes in wanted.preferred], required=wanted.required_hosts)
         return _json(review_response(review.uid, patch, [*uses.warnings, *wanted.warnings]))
+
+    async def _apart(self, required: list[DatasetUse]) -> dict[str, list[str]] | None:
+        """The nodes caching each required dataset, asked one by one (only when no node caches them all, so the
+        warning can say which is missing); None when an answer fails (the warning then names them all)."""
+        apart: dict[str, list[str]] = {}
+        for use in required:
+            try:
+                reply = await self._call([use], [], False)
+            except Exception:  # a worse warning, never a failed admission
+                return None
+            if reply.error:
+                return None
+            apart[f"{use.namespace}/{use.name}"] = [score.node for score in reply.scores]
+        return apart
 
     async def _filter(self, request: web.Request) -> web.Response:
         try:

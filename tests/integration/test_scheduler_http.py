@@ -209,6 +209,24 @@ async def test_required_with_no_cache_anywhere_is_not_enforced_and_says_so(serve
     assert "with the scheduler extender it stays Pending until one does" in warning
 
 
+async def test_two_required_datasets_cached_on_different_nodes_are_warned_as_such(served: Served) -> None:
+    # imagenet is on node-a and node-b, coco only on node-c: no node caches both. The warning said "no node caches
+    # ml-team/coco, ml-team/imagenet yet", which sent the user to load data that was already loaded.
+    served.stub.cache[("ml-team", "coco")] = {"node-c": 500}
+    review = recorded_review()
+    labels = review["request"]["object"]["metadata"]["labels"]
+    labels["fluid.io/dataset.imagenet.sched"] = labels["fluid.io/dataset.coco.sched"] = "required"
+    status, answer = await served.post("/mutate", review)
+    assert status == 200 and patched_pod(review, answer) == review["request"]["object"]
+    (warning,) = answer["response"]["warnings"]
+    assert warning.startswith("shoal: no one node caches all of ml-team/coco, ml-team/imagenet (ml-team/coco on "
+                              "node-c; ml-team/imagenet on node-b, node-a)"), warning
+    served.stub.cache[("ml-team", "coco")] = {}
+    status, answer = await served.post("/mutate", review)
+    (warning,) = answer["response"]["warnings"]
+    assert warning.startswith("shoal: no node caches ml-team/coco yet"), warning
+
+
 def required_expression(key: str, operator: str, *values: str) -> dict[str, Any]:
     expression: dict[str, Any] = {"key": key, "operator": operator}
     if values:

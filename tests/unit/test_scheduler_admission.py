@@ -173,6 +173,19 @@ def test_placement_in_required_mode_allows_every_kept_node() -> None:
     assert empty.empty and "no node caches default/d" in empty.warnings[0]
 
 
+def test_required_datasets_each_cached_on_other_nodes_are_told_apart_from_uncached_ones() -> None:
+    uses = Uses([DatasetUse(name="a", required=True), DatasetUse(name="b", required=True)])
+    nowhere = reply(filtered={"node-a": "holds none of default/b", "node-b": "holds none of default/a"})
+    apart = placement(nowhere, uses, apart={"default/a": ["node-a"], "default/b": ["node-b", "node-c"]})
+    (warning,) = apart.warnings
+    assert apart.empty and warning.startswith(
+        "shoal: no one node caches all of default/a, default/b (default/a on node-a; default/b on node-b, node-c)")
+    half = placement(nowhere, uses, apart={"default/a": ["node-a"], "default/b": []})
+    assert half.warnings[0].startswith("shoal: no node caches default/b yet")
+    # Not asked one by one (an answer failed): every required dataset is named, as before.
+    assert placement(nowhere, uses).warnings[0].startswith("shoal: no node caches default/a, default/b yet")
+
+
 def test_an_error_reply_places_nothing() -> None:
     assert placement(reply(("node-a", 90), error="unknown dataset"), Uses([DatasetUse(name="d")])).empty
 
