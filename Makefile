@@ -73,7 +73,7 @@ run: system-deps venv
 
 # Tests run in two workers, a test file per worker (files share servers and fixtures): about half the wall time.
 test: test-deps venv
-	$(BIN)/pytest -q -p no:cacheprovider -n 2 --dist loadfile
+	$(BIN)/pytest -q -p no:cacheprovider -n 2 --dist loadfile --durations=25
 
 lint: venv
 	$(BIN)/ruff check .
