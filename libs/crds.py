@@ -23,6 +23,7 @@ The status the bridge writes, per kind (deploy/crds/README.md has the same table
   (``msgspec.to_builtins`` of the status in the latest ``*StatusChanged`` event);
 - data.fluid.io Dataset: ``fluid_dataset_status(DatasetStatus)``; every Fluid runtime kind:
   ``fluid_runtime_status(RuntimeStatus)``; DataLoad: ``fluid_operation_status(OperationStatus)``.
+``shoal_status`` picks the one of a kind; ``shoal get -o yaml`` (libs.cli.render) prints the same status.
 """
 
 from __future__ import annotations
@@ -178,6 +179,33 @@ def fluid_operation_status(status: OperationStatus) -> FluidOperationStatus:
         waiting_for=WaitingStatus(operation_complete=True) if status.waiting_for_operation else None,
         progress=status.progress if status.progress != Progress() else None,
     )
+
+
+def shoal_status(resource: Resource, status: msgspec.Struct | None) -> dict[str, Any]:
+    """Shoal's status of the object's family as the custom resource of ``resource`` shows it: Shoal's own shape for
+    Shoal's kinds, Fluid's for Fluid's (the events' status structs already use Fluid's field names), as JSON-ready
+    builtins.
+
+    One source for every reader: shoal-bridge writes it to the custom resources, and ``shoal get -o yaml`` prints
+    it, so an object looks the same whether kubectl or the CLI shows it. The Fluid shapes are the converters above:
+    ``fileNum`` is a string as in Fluid, a runtime has worker and fuse fields only (Shoal has no master), an
+    operation shows ``waitingFor`` and Shoal's ``progress``.
+    """
+    if status is None:
+        return {}
+    full: dict[str, Any] = msgspec.to_builtins(status)
+    if resource.group != FLUID_GROUP:
+        # OperationStatus leaves defaults out; the phase is a printer column, so it is always shown.
+        return {"phase": status.phase, **full} if isinstance(status, OperationStatus) else full
+    fluid: msgspec.Struct = status
+    if isinstance(status, DatasetStatus):
+        fluid = fluid_dataset_status(status)
+    elif isinstance(status, RuntimeStatus):
+        fluid = fluid_runtime_status(status)
+    elif isinstance(status, OperationStatus):
+        fluid = fluid_operation_status(status)
+    shown: dict[str, Any] = msgspec.to_builtins(fluid)
+    return shown
 
 
 def _cache_states(states: CacheStates) -> dict[str, str]:

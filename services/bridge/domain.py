@@ -17,13 +17,12 @@ from typing import Any, Literal
 import msgspec
 
 from libs import kube, references
-from libs.crds import fluid_dataset_status, fluid_operation_status, fluid_runtime_status
+from libs.crds import shoal_status
 from libs.deletion import deleted_at
 from libs.documents import Command, documents_to_commands, read_only_message, read_only_note
 from libs.events.common import DECODE_ERRORS, DNS1123_SUBDOMAIN, rfc3339, to_builtins
 from libs.events.dataset import REASON_WRITES_NOT_SERVED, Condition, DatasetApply, DatasetStatus, write_access_modes
 from libs.events.operation import OperationRecord, OperationStatus
-from libs.events.runtime import RuntimeStatus
 from libs.mounts import MISSING_SECRET_KEY, flat_secret_key
 
 # The annotation kubectl keeps a whole copy of the object in: not the user's metadata, and it can be large.
@@ -509,29 +508,6 @@ class Refusal:
 
     reason: str
     message: str
-
-
-def shoal_status(resource: kube.Resource, status: msgspec.Struct | None) -> dict[str, Any]:
-    """Shoal's status of the object's family as the CR shows it: Shoal's own shape for Shoal's kinds, Fluid's for
-    Fluid's (the events' status structs already use Fluid's field names).
-
-    The Fluid shapes are the CRDs' status schemas, built by ``libs.crds``' converters (one source for both):
-    ``fileNum`` is a string as in Fluid, a runtime has worker fields only (Shoal has no master and no fuse daemon
-    set), an operation shows ``waitingFor`` and Shoal's ``progress``.
-    """
-    if status is None:
-        return {}
-    full: dict[str, Any] = to_builtins(status)
-    if not is_fluid(resource):
-        # OperationStatus leaves defaults out; the phase is a printer column, so it is always shown.
-        return {"phase": status.phase, **full} if isinstance(status, OperationStatus) else full
-    if isinstance(status, DatasetStatus):
-        return to_builtins(fluid_dataset_status(status))
-    if isinstance(status, RuntimeStatus):
-        return to_builtins(fluid_runtime_status(status))
-    if isinstance(status, OperationStatus):
-        return to_builtins(fluid_operation_status(status))
-    return full
 
 
 def kube_observed_generation(obj: dict[str, Any], command_id: str | None, sequence: int,

@@ -571,9 +571,10 @@ def test_the_first_status_the_bridge_writes_is_valid_too(path: Path) -> None:
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda path: path.name)
 def test_the_status_shoal_bridge_builds_fits_the_crd(path: Path) -> None:
-    """The contract with services/bridge: whatever status its domain builds for a kind must pass that kind's CRD,
-    or a real apiserver refuses the bridge's status patches (kmock does not validate)."""
-    from services.bridge.domain import shoal_status as build
+    """The contract with services/bridge: whatever status ``shoal_status`` builds for a kind (the bridge writes it,
+    ``shoal get -o yaml`` prints it) must pass that kind's CRD, or a real apiserver refuses the bridge's status
+    patches (kmock does not validate)."""
+    from libs.crds import shoal_status as build
     document = load_yaml(path)
     (resource,) = [r for r in RESOURCES if (r.api_version, r.kind) == (document["apiVersion"], document["kind"])]
     kind = document["kind"]

@@ -58,7 +58,7 @@ INSTRUMENTS: list[Counter | Gauge | Histogram] = [
     value for value in vars(metrics).values() if isinstance(value, Counter | Gauge | Histogram)]
 # Every KV bucket and object store: ``shoal_<word>`` in a doc is either a metric or one of these.
 BUCKETS = {value for name, value in vars(subjects).items() if name.startswith(("KV_", "OBJ_"))}
-# Other ``shoal_`` words in the docs that are neither: a function of services/bridge/domain.py.
+# Other ``shoal_`` words in the docs that are neither: a function of libs/crds.py.
 OTHER_WORDS = {"shoal_status"}
 METRIC_WORD = re.compile(r"\bshoal_[a-z0-9_]*[a-z0-9](?:\{([^}]*)\})?")
 
