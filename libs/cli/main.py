@@ -887,8 +887,10 @@ def _not_found(kind: Kind, name: str, namespace: str) -> NoReturn:
 @click.argument("name", required=False, callback=_checked_name)
 @namespace_option()
 @click.option("-A", "--all-namespaces", is_flag=True, help="List across every namespace.")
-@click.option("-o", "--output", type=click.Choice(["wide", "json", "yaml", "name"]), default=None,
-              help="wide: more columns; json/yaml: the full records; name: kind.shoal.io/NAME lines, as kubectl's.")
+@click.option("-o", "--output", type=click.Choice(["wide", "json", "yaml", "name", "record"]), default=None,
+              help="wide: more columns; json/yaml: Kubernetes objects (several: a kind: List) that `shoal apply -f` "
+                   "takes back; name: kind.shoal.io/NAME lines, as kubectl's; record: the services' KV records "
+                   "whole, as JSON.")
 @click.pass_obj
 def get(options: Options, resource: str, name: str | None, namespace: str, all_namespaces: bool,
         output: str | None) -> None:
@@ -903,8 +905,10 @@ def get(options: Options, resource: str, name: str | None, namespace: str, all_n
             _unreadable(loaded.unreadable)
         if name:
             _not_found(kind, name, namespace)
-        if output in ("json", "yaml"):  # an empty list, so scripts parse the same shape either way
-            click.echo(render.to_json({"items": []}) if output == "json" else render.to_yaml({"items": []}), nl=False)
+        if output in ("json", "yaml", "record"):  # an empty list, so scripts parse the same shape either way
+            empty = render.records_document([], single=False) if output == "record" else render.objects_document(
+                [], single=False)
+            click.echo(render.to_yaml(empty) if output == "yaml" else render.to_json(empty), nl=False)
         else:
             click.echo("No resources found" + ("" if all_namespaces else f" in {namespace} namespace") + ".",
                        err=True)
@@ -912,9 +916,11 @@ def get(options: Options, resource: str, name: str | None, namespace: str, all_n
     if output == "name":
         click.echo("".join(f"{resource_type(kind)}/{_meta(record).name}\n" for record in records), nl=False)
     elif output == "json":
-        click.echo(render.to_json(render.records_document(records, single=name is not None)), nl=False)
+        click.echo(render.to_json(render.objects_document(records, single=name is not None)), nl=False)
     elif output == "yaml":
-        click.echo(render.to_yaml(render.records_document(records, single=name is not None)), nl=False)
+        click.echo(render.to_yaml(render.objects_document(records, single=name is not None)), nl=False)
+    elif output == "record":
+        click.echo(render.to_json(render.records_document(records, single=name is not None)), nl=False)
     elif kind == "dataset":
         click.echo(render.dataset_table(records, wide=output == "wide", show_namespace=all_namespaces), nl=False)
     elif kind in OPERATION_KINDS:

@@ -4,7 +4,9 @@ describe text, JSON lines.
 Pure: records in, text out, no NATS, no terminal and no clock (``now`` is a parameter). Decides the columns
 (Fluid's ``kubectl get dataset`` and ``kubectl get alluxioruntime`` columns, without AGE: those records carry no
 creation time; Fluid's DataLoad columns DATASET, PHASE, AGE, DURATION plus Shoal's PROGRESS for DataLoad and
-DataClean) and that machine-readable output shows every field, defaults included, under their JSON names.
+DataClean); that ``-o yaml`` and ``-o json`` print each record as the Kubernetes object it stands for
+(``record_object``: apiVersion, kind, metadata, spec, status; several as a ``kind: List``), which ``shoal apply -f``
+takes back as a no-op; and that ``-o record`` prints the records themselves, every field, defaults included.
 """
 
 from __future__ import annotations
@@ -21,10 +23,13 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from libs.crds import shoal_status
+from libs.documents import LIST_API_VERSION, LIST_KIND, without_nulls
 from libs.events.common import format_bytes
 from libs.events.dataset import Condition, DatasetRecord, NodeCache
 from libs.events.operation import NodeProgress, OperationRecord, Progress
 from libs.events.runtime import CacheWorker, RuntimeRecord, RuntimeStatus
+from libs.kube import SHOAL_RESOURCES
 
 # Wide enough that rich never wraps or truncates a cell: scripts read these lines, like kubectl's.
 _UNLIMITED_WIDTH = 100_000
@@ -43,6 +48,34 @@ def full_builtins(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [full_builtins(item) for item in value]
     return msgspec.to_builtins(value)
+
+
+def spec_builtins(value: Any) -> Any:
+    """``value`` as JSON-ready builtins for an object a user edits: a field at its default is shown when it says
+    something (``placement: Exclusive``, a tier's watermarks), and left out when it is empty (``path: ''``,
+    ``options: {}``, ``readOnly: false``, a null), as Go's ``omitempty`` leaves such fields out of a Kubernetes
+    object. Only a field equal to its default is left out, so reading the result back gives ``value`` again; the
+    entries of a mapping (options, labels, nodeAffinity) are the user's and all kept."""
+    if isinstance(value, msgspec.Struct):
+        shown = {}
+        for field in msgspec.structs.fields(value):
+            item = getattr(value, field.name)
+            rendered = spec_builtins(item)
+            default = field.default_factory() if field.default_factory is not msgspec.NODEFAULT else field.default
+            if _empty(rendered) and item == default:
+                continue
+            shown[field.encode_name] = rendered
+        return shown
+    if isinstance(value, dict):
+        return {str(key): spec_builtins(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [spec_builtins(item) for item in value]
+    return msgspec.to_builtins(value)
+
+
+def _empty(value: Any) -> bool:
+    """What Go's ``omitempty`` leaves out: null, false, zero, and an empty text, list or mapping."""
+    return value is None or value is False or (type(value) in (int, float) and value == 0) or value in ("", [], {})
 
 
 # --- tables ---
@@ -273,9 +306,58 @@ def percent_text(done: int, total: int) -> str:
 
 # --- machine-readable ---
 
+AnyRecord = DatasetRecord | RuntimeRecord | OperationRecord
+_RESOURCES = {resource.kind: resource for resource in SHOAL_RESOURCES}
 
-def records_document(records: Sequence[DatasetRecord | RuntimeRecord | OperationRecord], single: bool) -> Any:
-    """One record alone when asked for by name, else ``{"items": [...]}`` (kubectl's List shape)."""
+
+def record_object(record: AnyRecord) -> dict[str, Any]:
+    """The record as the Kubernetes object of Shoal's API group it stands for (``-o yaml``, ``-o json``): what
+    ``kubectl get datasets.shoal.io NAME -o yaml`` shows of it under shoal-bridge, and what ``shoal apply -f`` takes
+    back unchanged.
+
+    ``metadata``: the user's (name, namespace, labels, annotations) and, as the API server adds them, the record's
+    ``generation`` and an operation's ``creationTimestamp`` (a dataset's or runtime's record has none). ``spec``:
+    ``spec_builtins``, the defaults that say something spelled out (a reader sees what Shoal does), empty ones left
+    out. ``status``: ``libs.crds.shoal_status``, the status the bridge writes to the custom resource.
+    The service's bookkeeping (command sequence, incarnation, resync ids, trace context) is no part of the object:
+    ``-o record`` prints the record whole.
+    """
+    spec: Any
+    if isinstance(record, DatasetRecord):
+        kind, meta, spec, created = "Dataset", record.dataset.metadata, record.dataset.spec, ""
+    elif isinstance(record, RuntimeRecord):
+        kind, meta, spec, created = "Runtime", record.runtime.metadata, record.runtime.spec, ""
+    else:
+        kind, meta, created = record.kind, record.metadata, record.created_at
+        spec = record.load if record.load is not None else record.clean
+    resource = _RESOURCES[kind]
+    metadata: dict[str, Any] = {"name": meta.name, "namespace": meta.namespace, "generation": record.generation}
+    if created:
+        metadata["creationTimestamp"] = created
+    if meta.labels:
+        metadata["labels"] = dict(meta.labels)
+    if meta.annotations:
+        metadata["annotations"] = dict(meta.annotations)
+    return {
+        "apiVersion": resource.api_version,
+        "kind": kind,
+        "metadata": metadata,
+        "spec": spec_builtins(spec) if spec is not None else {},
+        "status": without_nulls(shoal_status(resource, record.status)),
+    }
+
+
+def objects_document(records: Sequence[AnyRecord], single: bool) -> dict[str, Any]:
+    """One object alone when asked for by name, else a ``kind: List`` of them, as kubectl prints either (and as
+    ``shoal apply -f`` reads either back)."""
+    if single and len(records) == 1:
+        return record_object(records[0])
+    return {"apiVersion": LIST_API_VERSION, "kind": LIST_KIND, "items": [record_object(r) for r in records]}
+
+
+def records_document(records: Sequence[AnyRecord], single: bool) -> Any:
+    """``-o record``: the KV records as the services keep them, every field, defaults included; one alone when asked
+    for by name, else ``{"items": [...]}``."""
     if single and len(records) == 1:
         return full_builtins(records[0])
     return {"items": [full_builtins(record) for record in records]}

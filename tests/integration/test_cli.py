@@ -27,6 +27,8 @@ from libs.bus import Bus, connect, kv_load
 from libs.cli import render
 from libs.cli.main import cli
 from libs.config import NatsSettings, ServiceSettings, Settings
+from libs.crds import shoal_status
+from libs.documents import without_nulls
 from libs.embedded import free_port
 from libs.events import PUBLIC_EVENTS, type_tag
 from libs.events.common import ObjectMeta
@@ -54,6 +56,7 @@ from libs.events.runtime import (
     TieredStore,
 )
 from libs.events.schema import INDEX_FILE, schema_files
+from libs.kube import SHOAL_RESOURCES
 from services.dataset import app as dataset_app
 from tests.conftest import NatsServer
 from tests.helpers import eventually, running
@@ -150,19 +153,49 @@ async def test_get_datasets_prints_fluid_like_columns(nats_server: NatsServer, b
     assert lines[2].split() == ["other", "mnist", "NotBound", "0"]
 
 
-async def test_get_json_and_yaml_print_full_records(nats_server: NatsServer, bus: Bus) -> None:
+async def test_get_o_record_prints_full_records(nats_server: NatsServer, bus: Bus) -> None:
     await put_records(bus)
 
-    listed = await shoal(nats_server, "get", "dataset", "-A", "-o", "json")
+    listed = await shoal(nats_server, "get", "dataset", "-A", "-o", "record")
     assert listed.exit_code == 0, listed.output
     items = json.loads(listed.stdout)["items"]
     assert [msgspec.convert(item, DatasetRecord) for item in items] == [IMAGENET, MNIST]
     # Defaults are shown too, so a reader sees every field.
     assert items[1]["dataset"]["spec"]["placement"] == "Exclusive"
 
+    single = await shoal(nats_server, "get", "runtime", "imagenet", "-o", "record")
+    assert single.exit_code == 0, single.output
+    assert msgspec.convert(json.loads(single.stdout), RuntimeRecord) == IMAGENET_RUNTIME
+
+
+async def test_get_json_and_yaml_print_kubernetes_objects(nats_server: NatsServer, bus: Bus) -> None:
+    """Each record as the shoal.io object it stands for: the user's metadata with the generation, the spec, and the
+    status shoal-bridge writes to the custom resource (``libs.crds.shoal_status``, one source for both)."""
+    await put_records(bus)
+
+    listed = await shoal(nats_server, "get", "dataset", "-A", "-o", "json")
+    assert listed.exit_code == 0, listed.output
+    document = json.loads(listed.stdout)
+    assert (document["apiVersion"], document["kind"]) == ("v1", "List")
+    imagenet, mnist = document["items"]
+    assert imagenet == {
+        "apiVersion": "shoal.io/v1alpha1", "kind": "Dataset",
+        "metadata": {"name": "imagenet", "namespace": "default", "generation": 2, "labels": {"team": "ml"}},
+        "spec": {"mounts": [{"mountPoint": "s3://imagenet/train/", "name": "train",
+                             "options": {"endpoint": "http://minio:9000"}}],
+                 "accessModes": ["ReadOnlyMany"], "placement": "Exclusive"},
+        "status": without_nulls(shoal_status(SHOAL_RESOURCES[0], IMAGENET.status)),
+    }
+    assert mnist["metadata"] == {"name": "mnist", "namespace": "other", "generation": 1}
+
     single = await shoal(nats_server, "get", "runtime", "imagenet", "-o", "yaml")
     assert single.exit_code == 0, single.output
-    assert msgspec.convert(yaml.safe_load(single.stdout), RuntimeRecord) == IMAGENET_RUNTIME
+    runtime = yaml.safe_load(single.stdout)
+    assert (runtime["apiVersion"], runtime["kind"], runtime["metadata"]["name"]) == ("shoal.io/v1alpha1", "Runtime",
+                                                                                     "imagenet")
+    assert runtime["spec"]["tieredstore"] == {"levels": [{"mediumtype": "MEM", "quota": "2Gi", "high": "0.95",
+                                                          "low": "0.7"}]}
+    assert runtime["status"]["workerNumberReady"] == 2 and runtime["status"]["phase"] == "PartialReady"
 
 
 async def test_get_o_name_prints_kind_group_and_name_as_kubectl_does(nats_server: NatsServer, bus: Bus) -> None:
@@ -239,7 +272,9 @@ async def test_a_runtime_on_thousands_of_nodes_names_a_few_in_tables_and_describ
     listed = await shoal(nats_server, "get", "runtime", "imagenet", "-o", "json")
     assert json.loads(listed.stdout)["status"]["readyNodes"] == nodes
     as_yaml = await shoal(nats_server, "get", "runtime", "imagenet", "-o", "yaml")
-    assert msgspec.convert(yaml.safe_load(as_yaml.stdout), RuntimeRecord) == big
+    assert yaml.safe_load(as_yaml.stdout)["status"]["readyNodes"] == nodes
+    as_record = await shoal(nats_server, "get", "runtime", "imagenet", "-o", "record")
+    assert msgspec.convert(json.loads(as_record.stdout), RuntimeRecord) == big
 
 
 def test_ready_nodes_text_counts_what_it_does_not_name() -> None:
@@ -259,7 +294,10 @@ async def test_get_nothing_and_not_found(nats_server: NatsServer, bus: Bus) -> N
     assert (empty.exit_code, empty.stdout, empty.stderr) == (0, "", "No resources found in nobody namespace.\n")
 
     empty_json = await shoal(nats_server, "get", "runtimes", "-n", "nobody", "-o", "json")
-    assert (empty_json.exit_code, json.loads(empty_json.stdout), empty_json.stderr) == (0, {"items": []}, "")
+    assert (empty_json.exit_code, json.loads(empty_json.stdout), empty_json.stderr) == (
+        0, {"apiVersion": "v1", "kind": "List", "items": []}, "")
+    empty_record = await shoal(nats_server, "get", "runtimes", "-n", "nobody", "-o", "record")
+    assert (empty_record.exit_code, json.loads(empty_record.stdout)) == (0, {"items": []})
 
     missing = await shoal(nats_server, "get", "dataset", "ghost")
     assert missing.exit_code == 1
@@ -301,7 +339,7 @@ async def test_a_record_that_cannot_be_read_is_one_error_line_and_the_others_are
 
     as_json = await shoal(nats_server, "get", "datasets", "-o", "json")
     assert (as_json.exit_code, as_json.stderr) == (1, unreadable)
-    assert [msgspec.convert(item, DatasetRecord) for item in json.loads(as_json.stdout)["items"]] == [IMAGENET]
+    assert [item["metadata"]["name"] for item in json.loads(as_json.stdout)["items"]] == ["imagenet"]
 
     named = await shoal(nats_server, "get", "dataset", "junk")
     assert (named.exit_code, named.stdout, named.stderr) == (1, "", unreadable)
@@ -421,7 +459,7 @@ spec:
     assert "ignored: AlluxioRuntime/spec.master (not used by Shoal)" in applied.stderr.splitlines()
 
     listed = await shoal(nats_server, "get", "runtime", "demo", "-o", "json")
-    assert json.loads(listed.stdout)["runtime"]["spec"]["blockSize"] == "4Mi"
+    assert json.loads(listed.stdout)["spec"]["blockSize"] == "4Mi"
     datasets = await shoal(nats_server, "get", "datasets")
     assert datasets.stdout.splitlines()[1].split()[0] == "demo"
 
@@ -588,7 +626,7 @@ metadata: {{name: refdemo, namespace: ref}}
     assert (applied.exit_code, applied.stderr) == (0, ""), applied.output
     assert applied.stdout.splitlines()[-1] == "runtime.shoal.io/refdemo created"
     shown = json.loads((await shoal(nats_server, "get", "runtime", "refdemo", "-n", "ref", "-o", "json")).stdout)
-    assert (shown["runtime"]["spec"]["replicas"], shown["runtime"]["spec"]["tieredstore"]["levels"]) == (0, [])
+    assert (shown["spec"]["replicas"], shown["spec"].get("tieredstore")) == (0, None)
     assert shown["status"]["workers"] == []
 
     # A worker of it would hold nothing: scaling it up, or a tierless runtime with workers, is still refused.
@@ -615,7 +653,7 @@ spec:
     scaled = await shoal(nats_server, "scale", "runtime", "scaled", "--replicas", "3")
     assert scaled.exit_code == 0, scaled.output
     assert scaled.stdout == "runtime.shoal.io/scaled scaled to 3 replicas\n"
-    record = msgspec.convert(json.loads((await shoal(nats_server, "get", "runtime", "scaled", "-o", "json")).stdout),
+    record = msgspec.convert(json.loads((await shoal(nats_server, "get", "runtime", "scaled", "-o", "record")).stdout),
                              RuntimeRecord)
     assert (record.runtime.spec.replicas, record.generation) == (3, 2)
     assert record.runtime.spec.block_size == "1Mi"  # the rest of the spec is kept
@@ -677,7 +715,7 @@ spec:
         async with running(lambda stop: runtime_app.run(settings, stop)):
             scaled = await scaling
     assert (scaled.exit_code, scaled.stdout) == (0, "runtime.shoal.io/racy scaled to 3 replicas\n"), scaled.output
-    record = msgspec.convert(json.loads((await shoal(nats_server, "get", "runtime", "racy", "-o", "json")).stdout),
+    record = msgspec.convert(json.loads((await shoal(nats_server, "get", "runtime", "racy", "-o", "record")).stdout),
                              RuntimeRecord)
     assert record.runtime.spec.replicas == 3
     assert record.runtime.spec.tieredstore.levels[0].quota == "2Gi"

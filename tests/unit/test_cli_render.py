@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+import msgspec
 import pytest
 from msgspec.structs import replace
 
@@ -211,3 +212,35 @@ def test_describe_shows_control_characters_of_labels_and_annotations_escaped() -
     text = render.describe_dataset(annotated)
     assert "Annotations:  note=two\\nlines ^[[31mred\n              plain=ok\n" in text
     assert "\x1b" not in text
+
+
+# --- -o yaml / -o json: objects ---
+
+
+def test_a_spec_leaves_out_only_the_empty_fields_at_their_default() -> None:
+    """An empty value that is not the field's default (``placement: ""``, Shared by name) is shown: left out, it
+    would read back as the default (Exclusive) and the round trip would change the spec."""
+    spec = DatasetSpec(mounts=[Mount(mount_point="s3://b/", options={"region": ""})], placement="")
+    shown = render.spec_builtins(spec)
+    assert shown == {"mounts": [{"mountPoint": "s3://b/", "options": {"region": ""}}],
+                     "accessModes": ["ReadOnlyMany"], "placement": ""}
+    assert msgspec.convert(shown, DatasetSpec) == spec
+    load = DataLoadSpec(dataset=DatasetRef(name="d", namespace="ml"), target=[TargetPath(path="/a")])
+    assert render.spec_builtins(load) == {"dataset": {"name": "d", "namespace": "ml"},
+                                          "target": [{"path": "/a", "replicas": 1}], "policy": "Once"}
+    assert msgspec.convert(render.spec_builtins(load), DataLoadSpec) == load
+
+
+def test_an_operations_object_names_its_kind_and_creation_time() -> None:
+    clean = OperationRecord(kind="DataClean", metadata=ObjectMeta(name="c", annotations={"a": "b"}),
+                            clean=DataCleanSpec(dataset=DatasetRef(name="d", namespace="default"),
+                                                target=[CleanTarget(path="/x")]),
+                            generation=3, created_at="2026-01-01T00:00:00Z")
+    assert render.record_object(clean) == {
+        "apiVersion": "shoal.io/v1alpha1", "kind": "DataClean",
+        "metadata": {"name": "c", "namespace": "default", "generation": 3,
+                     "creationTimestamp": "2026-01-01T00:00:00Z", "annotations": {"a": "b"}},
+        "spec": {"dataset": {"name": "d", "namespace": "default"}, "target": [{"path": "/x"}]},
+        "status": {"phase": "Pending"},
+    }
+    assert render.objects_document([clean], single=False)["kind"] == "List"
