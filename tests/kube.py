@@ -16,7 +16,8 @@ There is no kube-apiserver on these machines (no Docker, kind or k3s). This stan
 - a patch is applied by its content type: ``application/merge-patch+json`` (RFC 7386) and
   ``application/json-patch+json`` (RFC 6902, with the ``jsonpatch`` package); strategic merge is treated as a
   merge patch;
-- delete with finalizers sets ``deletionTimestamp``; the object goes once its last finalizer is removed; a delete
+- delete with finalizers sets ``deletionTimestamp``; the object goes once its last finalizer is removed; a patch
+  that adds a finalizer to an object being deleted answers 422 Invalid, as the apiserver's validation does; a delete
   whose ``preconditions`` (``uid``, ``resourceVersion``) do not match the object answers 409 Conflict;
 - a patch whose result names a ``metadata.resourceVersion`` other than the object's (a merge patch that carries
   the version it was made from, when the object changed since) answers 409 Conflict and changes nothing, as the
@@ -386,6 +387,13 @@ class FakeApiServer(KubernetesScaffold):
             if new == old:
                 return copy.deepcopy(old)  # a no-op patch keeps the version, as the apiserver does
             meta = new["metadata"]
+            before = old["metadata"].get("finalizers") or []
+            added = [f for f in meta.get("finalizers") or [] if f not in before]
+            if old["metadata"].get("deletionTimestamp") and added:
+                listed = ", ".join(f'"{f}"' for f in added)
+                raise ApiError(422, "Invalid", f'{kind.kind}.{kind.group} "{key[3]}" is invalid: metadata.finalizers: '
+                                               "Forbidden: no new finalizers can be added if the object is being "
+                                               f"deleted, found new finalizers []string{{{listed}}}")
             if meta.get("deletionTimestamp") and not meta.get("finalizers"):
                 del self.store[key]
                 await self._record(kind, "DELETED", new)

@@ -482,14 +482,15 @@ def finalizers(obj: dict[str, Any]) -> list[str]:
 
 
 def finalizer_patch(obj: dict[str, Any], held: bool) -> dict[str, Any] | None:
-    """The merge patch that adds (``held``) or removes Shoal's finalizer, or None when nothing changes.
+    """The merge patch that adds (``held``) or removes Shoal's finalizer, or None when nothing changes. None too
+    for an add to an object being deleted: the API server refuses any new finalizer then (422), at every try.
 
     A merge patch replaces the whole list: other controllers' finalizers are written back as they were read, so
     one added or removed since would be lost or brought back. The patch therefore carries the object's
     ``resourceVersion``: the API server applies it to that version only, and answers 409 Conflict once the
     object has changed (the caller reads it again and builds a new patch)."""
     current = finalizers(obj)
-    if held == (kube.FINALIZER in current):
+    if held == (kube.FINALIZER in current) or (held and is_deleting(obj)):
         return None
     wanted = [*current, kube.FINALIZER] if held else [f for f in current if f != kube.FINALIZER]
     meta: dict[str, Any] = {"finalizers": wanted}

@@ -490,7 +490,10 @@ class BridgeHandlers:
         if key.resource.kind == "Dataset":
             await self._drop_unreferenced_keys(key, obj)
         # Held before Shoal knows the object, so a delete always waits for Shoal's clean-up.
-        await self._set_finalizer(key, obj, held=True)
+        obj = await self._set_finalizer(key, obj, held=True)
+        if domain.is_deleting(obj):  # deleted since the version this pass acted on: no apply, and no finalizer
+            await self._finish_delete(key, obj)
+            return
         if self._applied_before(obj, command.event.id):
             self.published[key] = command.event.id  # a restart: Shoal has this spec, publishing it again costs writes
             return
@@ -520,15 +523,27 @@ class BridgeHandlers:
                 break
 
     async def _finish_delete(self, key: ObjectKey, obj: dict[str, Any]) -> None:
-        """Delete in Shoal, wait until Shoal's record is gone, then the volume and claim, then the finalizer."""
-        if kube.FINALIZER not in domain.finalizers(obj):
-            return
+        """Delete in Shoal, wait until Shoal's record is gone, then the volume and claim, then the finalizer.
+
+        An object being deleted without Shoal's finalizer (deleted before the bridge could add it, which the API
+        server no longer allows; another controller's holds it) has its delete published all the same, and nothing
+        more: the bridge holds nothing of it, and what it kept goes when the object does (``on_deleted``)."""
+        ours = kube.FINALIZER in domain.finalizers(obj)
         if self._holder(key) is not None:  # Shoal's record is the other object's: let this one go, alone
             await self._set_finalizer(key, obj, held=False)
             return
+        if not ours and not self._family_listed(key):
+            # Another kind's object holding this name in Shoal may come in a later list: its record is not this one's.
+            self.waiting.add(key)
+            return
+        self.waiting.discard(key)
         if key not in self.deletes_sent:
             await self._publish_delete(key, obj)
             self.deletes_sent.add(key)
+            if not ours:
+                log.info("deleted before Shoal's finalizer was added: delete published", object=str(key))
+        if not ours:
+            return
         if not self.mirrors.ready() or self.mirrors.exists(key):
             return  # tick() looks again
         if key.resource.kind == "Dataset":
@@ -1061,16 +1076,17 @@ class BridgeHandlers:
         for other in [k for k in self.volume_conflicts if kube.volume_name(k.namespace, k.name) == volume]:
             self.volume_conflicts.pop(other, None)
 
-    async def _set_finalizer(self, key: ObjectKey, obj: dict[str, Any], held: bool) -> None:
+    async def _set_finalizer(self, key: ObjectKey, obj: dict[str, Any], held: bool) -> dict[str, Any]:
         """Add (``held``) or remove Shoal's finalizer without losing another controller's: the patch applies only to
         the version it was built from (``domain.finalizer_patch``); on 409 the object is read again and the patch
         built anew, up to ``FINALIZER_TRIES`` times. The object read must be the same one (uid): one made again
-        under the name is not this one, and its watch event brings it."""
+        under the name is not this one, and its watch event brings it. Returns the object as it now stands: one
+        found being deleted keeps its finalizers as they are (no finalizer may be added then)."""
         r = key.resource
         for attempt in range(1, FINALIZER_TRIES + 1):
             patch = domain.finalizer_patch(obj, held)
             if patch is None:
-                return
+                return obj
             try:
                 updated = await self.custom.patch_namespaced_custom_object(
                     r.group, r.version, key.namespace, r.plural, key.name, patch,
@@ -1086,10 +1102,15 @@ class BridgeHandlers:
                 log.info("finalizer patch refused: the object changed, read again", object=str(key),
                          attempt=attempt)
                 obj = fresh
+                if key in self.objects:
+                    self.objects[key] = fresh
                 continue
-            if isinstance(updated, dict) and key in self.objects:
-                self.objects[key] = updated
-            return
+            if isinstance(updated, dict):
+                if key in self.objects:
+                    self.objects[key] = updated
+                return updated
+            return obj
+        return obj  # not reached: the last try returns or raises
 
     # --- facts ---
 

@@ -239,11 +239,12 @@ async def test_a_secret_reference_dropped_by_a_spec_change_leaves_the_mirror(har
 
 async def test_another_controllers_finalizer_survives_the_bridges_finalizer_patches(harness: Harness) -> None:
     """The bridge's finalizer patch carries the whole list (a merge patch replaces a list), built from the object
-    as the bridge last saw it. Another controller adds its finalizer after that read and before the bridge's patch,
-    once before the bridge adds Shoal's finalizer and once before it removes it: both survive (before, the first was
-    overwritten, and the second removed, which let the delete through). The patch carries the resourceVersion it was
-    built from, the API server refuses it once the object changed (409; ``tests/kube.py`` does as the apiserver),
-    and the bridge reads the object again and retries."""
+    as the bridge last saw it. Another controller changes its finalizers after that read and before the bridge's
+    patch: it adds one before the bridge adds Shoal's finalizer, and removes one (its clean-up done; nothing may be
+    added once the object is being deleted) before the bridge removes Shoal's: the list stays as the other
+    controller left it (before, the first was overwritten, and the second brought back). The patch carries the
+    resourceVersion it was built from, the API server refuses it once the object changed (409; ``tests/kube.py``
+    does as the apiserver), and the bridge reads the object again and retries."""
     handlers = harness.handlers
     await harness.first_lists()
     seen = await harness.create(SHOAL, "demo", {"mounts": [{"mountPoint": "s3://bucket"}]})
@@ -252,18 +253,71 @@ async def test_another_controllers_finalizer_survives_the_bridges_finalizer_patc
     assert _key(SHOAL) not in handlers.pending
     assert (harness.get(SHOAL, "demo") or {})["metadata"]["finalizers"] == ["example.com/first", kube.FINALIZER]
 
-    held = await harness.delete(SHOAL, "demo")
     await _other_controller_adds(harness, "example.com/second")
+    held = await harness.delete(SHOAL, "demo")
+    await harness.handlers.custom.patch_namespaced_custom_object(  # the other controller lets go of its first
+        SHOAL.group, SHOAL.version, "default", SHOAL.plural, "demo",
+        [{"op": "test", "path": "/metadata/finalizers/0", "value": "example.com/first"},
+         {"op": "remove", "path": "/metadata/finalizers/0"}],
+        _content_type="application/json-patch+json")  # type: ignore[call-arg]
     # No dataset service runs: Shoal holds no record, so the bridge lets go of the object at once.
     await handlers.on_event(SHOAL, "MODIFIED", held)
     assert _key(SHOAL) not in handlers.pending
     left = harness.get(SHOAL, "demo")
-    assert left is not None, "the other controllers' finalizers were dropped, and the object with them"
-    assert left["metadata"]["finalizers"] == ["example.com/first", "example.com/second"]
-    bridge_patches = [r.data for r in harness.server.recorded("PATCH", "/datasets/demo")
-                      if r.headers.get("Content-Type") == MERGE and not r.url.path.endswith("/status")]
+    assert left is not None, "the other controller's finalizer was dropped, and the object with it"
+    assert left["metadata"]["finalizers"] == ["example.com/second"]
+    bridge_patches = _finalizer_patches(harness)
     assert len(bridge_patches) == 4  # add and remove, each refused once and sent again
     assert all(patch["metadata"].get("resourceVersion") for patch in bridge_patches)
+
+
+async def test_an_object_already_being_deleted_gets_no_finalizer_and_is_deleted_in_shoal(harness: Harness,
+                                                                                         bus: Bus) -> None:
+    """An object another controller's finalizer holds, deleted before the bridge first sees it: the API server adds
+    no finalizer to an object being deleted (422, as ``tests/kube.py`` does), so the bridge sends none; it publishes
+    the delete, once, and is done (before, it published nothing, and Shoal kept the record while the object
+    lingered)."""
+    deletes, stop = await collect(bus, subjects.DATASET_DELETE)
+    await harness.first_lists()
+    await harness.create(SHOAL, "demo", {"mounts": [{"mountPoint": "s3://bucket"}]})
+    await _other_controller_adds(harness, "example.com/keep")
+    held = await harness.delete(SHOAL, "demo")
+    await harness.handlers.on_event(SHOAL, "ADDED", held)
+    await harness.until(lambda: deletes, what="the delete command")
+    await harness.handlers.tick()
+    assert not harness.handlers.pending and not harness.handlers.failures
+    assert (harness.get(SHOAL, "demo") or {})["metadata"]["finalizers"] == ["example.com/keep"]
+    assert not _finalizer_patches(harness)
+    await stop()
+    assert deletes == [f"k8s.dataset.{held['metadata']['uid']}.delete"]
+
+
+async def test_an_object_deleted_between_the_bridges_read_and_its_finalizer_patch_is_deleted_not_held(
+        harness: Harness, bus: Bus) -> None:
+    """The bridge acts on a version that is not being deleted; by its patch the object is (another controller's
+    finalizer holds it). The patch is refused as stale (409) and the object read again: being deleted, it gets no
+    finalizer (before, the bridge sent one, the API server answered 422, and every pass tried again) and no apply;
+    its delete is published instead."""
+    applies, stop_applies = await collect(bus, subjects.DATASET_APPLY)
+    deletes, stop_deletes = await collect(bus, subjects.DATASET_DELETE)
+    await harness.first_lists()
+    seen = await harness.create(SHOAL, "demo", {"mounts": [{"mountPoint": "s3://bucket"}]})
+    await _other_controller_adds(harness, "example.com/keep")
+    await harness.delete(SHOAL, "demo")
+    await harness.handlers.on_event(SHOAL, "ADDED", seen)  # the watch has not shown the delete yet
+    await harness.until(lambda: deletes, what="the delete command")
+    assert not harness.handlers.pending and not harness.handlers.failures
+    assert (harness.get(SHOAL, "demo") or {})["metadata"]["finalizers"] == ["example.com/keep"]
+    assert len(_finalizer_patches(harness)) == 1  # the stale one, refused with 409; none after the read
+    await stop_applies()
+    await stop_deletes()
+    assert applies == []
+    assert deletes == [f"k8s.dataset.{seen['metadata']['uid']}.delete"]
+
+
+def _finalizer_patches(harness: Harness) -> list[Any]:
+    return [r.data for r in harness.server.recorded("PATCH", "/datasets/demo")
+            if r.headers.get("Content-Type") == MERGE and not r.url.path.endswith("/status")]
 
 
 async def _other_controller_adds(harness: Harness, finalizer: str) -> None:

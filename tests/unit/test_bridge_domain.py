@@ -251,6 +251,16 @@ def test_finalizer_patch_keeps_other_finalizers_of_the_version_it_was_built_from
         "metadata": {"finalizers": ["other/one"], "resourceVersion": "7"}}
 
 
+def test_no_finalizer_is_added_to_an_object_being_deleted_but_ours_is_removed() -> None:
+    """The API server refuses a new finalizer on an object being deleted (422): no patch is built for it."""
+    obj = cr(SHOAL_DATASET, {}, finalizers=["other/one"])
+    obj["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+    assert domain.finalizer_patch(obj, held=True) is None
+    obj["metadata"]["finalizers"] = ["other/one", kube.FINALIZER]
+    assert domain.finalizer_patch(obj, held=False) == {
+        "metadata": {"finalizers": ["other/one"], "resourceVersion": "7"}}
+
+
 def test_volume_and_claim_bind_to_each_other() -> None:
     obj = cr(FLUID_DATASET, {"accessModes": ["ReadWriteMany"]})
     volume = domain.persistent_volume(obj, "/var/lib/shoal/mnt/")
