@@ -95,23 +95,37 @@ class FluidDatasetStatus(msgspec.Struct, frozen=True, kw_only=True, rename="came
 
 
 class FluidRuntimeStatus(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omit_defaults=True):
-    """The worker and fuse fields of Fluid's RuntimeStatus: Shoal's cache workers are Fluid's workers, and the
-    agents that serve the runtime (each mounts its dataset on its node, worker or not) its fuse: a script that
-    waits for ``fusePhase`` Ready, as Fluid's own do, sees it once an agent serves. Shoal has no master, so its
-    fields stay unset (as Fluid's JuiceFS runtime leaves them)."""
+    """Fluid's RuntimeStatus as Shoal fills it. Shoal's cache workers are Fluid's workers, and the agents that serve
+    the runtime (each mounts its dataset on its node, worker or not) its fuse: a script that waits for ``fusePhase``
+    Ready, as Fluid's own do, sees it once an agent serves. Shoal runs no master pods (0 in every master count);
+    the part Fluid's master plays, the runtime's metadata and placement, is Shoal's services', so ``masterPhase``
+    is Ready once they hold the runtime (Fluid's scripts for master runtimes wait for it along with the others).
 
-    # The counts have no default, so they are always written (required in Fluid's schema too): a column shows 0.
+    Every field without a default is required by Fluid's CRDs (``required`` in their status schema, from Go fields
+    without ``omitempty``), so it is always written: with Fluid's CRDs installed, a status lacking one is refused.
+    """
+
+    value_file: str
+    master_phase: str
+    worker_phase: str
+    fuse_phase: str
+    desired_master_number_scheduled: int
+    current_master_number_scheduled: int
+    master_number_ready: int
     desired_worker_number_scheduled: int
     current_worker_number_scheduled: int
     worker_number_ready: int
     desired_fuse_number_scheduled: int
     current_fuse_number_scheduled: int
     fuse_number_ready: int
-    worker_phase: str = ""
     worker_reason: str = ""
-    fuse_phase: str = ""
     cache_states: dict[str, str] = {}
     conditions: list[Condition] = []
+
+
+# Fluid's ``valueFile`` names the ConfigMap of Helm values its engine installed the runtime with; Shoal installs no
+# Helm release per runtime, and Fluid's ThinRuntime spells that "N/A" (Fluid then infers its default engine).
+NO_VALUE_FILE = "N/A"
 
 
 class WaitingStatus(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omit_defaults=True):
@@ -147,7 +161,11 @@ def fluid_dataset_status(status: DatasetStatus) -> FluidDatasetStatus:
     )
 
 
-def fluid_runtime_status(status: RuntimeStatus) -> FluidRuntimeStatus:
+def fluid_runtime_status(status: RuntimeStatus | None) -> FluidRuntimeStatus:
+    """Fluid's shape of Shoal's runtime status; ``None``: Shoal does not hold the runtime (refused before it had any
+    status), so nothing of it is ready."""
+    held = status is not None
+    status = status or RuntimeStatus()
     cache_states = {"cacheCapacity": status.cache_capacity} if status.cache_capacity else {}
     if not cache_states and status.cache_capacity_bytes:
         cache_states = {"cacheCapacity": format_bytes(status.cache_capacity_bytes)}
@@ -155,15 +173,20 @@ def fluid_runtime_status(status: RuntimeStatus) -> FluidRuntimeStatus:
     # fact the first few and the count.
     serving = status.ready_node_count or len(status.ready_nodes)
     return FluidRuntimeStatus(
+        value_file=NO_VALUE_FILE,
+        master_phase="Ready" if held else "NotReady",
         worker_phase=status.phase,
         worker_reason=status.message,
+        fuse_phase="Ready" if serving else "NotReady",
+        desired_master_number_scheduled=0,
+        current_master_number_scheduled=0,
+        master_number_ready=0,
         desired_worker_number_scheduled=status.desired_worker_number_scheduled,
         current_worker_number_scheduled=status.current_worker_number_scheduled,
         worker_number_ready=status.worker_number_ready,
         desired_fuse_number_scheduled=serving,
         current_fuse_number_scheduled=serving,
         fuse_number_ready=serving,
-        fuse_phase="Ready" if serving else "NotReady",
         cache_states=cache_states,
         conditions=status.conditions,
     )
@@ -188,8 +211,8 @@ def shoal_status(resource: Resource, status: msgspec.Struct | None) -> dict[str,
 
     One source for every reader: shoal-bridge writes it to the custom resources, and ``shoal get -o yaml`` prints
     it, so an object looks the same whether kubectl or the CLI shows it. The Fluid shapes are the converters above:
-    ``fileNum`` is a string as in Fluid, a runtime has worker and fuse fields only (Shoal has no master), an
-    operation shows ``waitingFor`` and Shoal's ``progress``.
+    ``fileNum`` is a string as in Fluid, a runtime has every field Fluid's runtime CRDs require (master, worker and
+    fuse phases and counts, ``valueFile``), an operation shows ``waitingFor`` and Shoal's ``progress``.
     """
     if status is None:
         return {}

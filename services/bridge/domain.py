@@ -547,6 +547,9 @@ def desired_status(resource: kube.Resource, obj: dict[str, Any], status: msgspec
     from it. Shoal's own type (``shoal``) stays where there is none.
     """
     desired = without_nulls(shoal_status(resource, status))
+    if not desired and refusal is not None and is_fluid(resource) and family(resource) == "runtime":
+        # Refused before Shoal held it: Fluid's runtime CRDs refuse a status without their required fields.
+        desired = without_nulls(to_builtins(fluid_runtime_status(None)))
     if runtime_kind and is_fluid(resource) and resource.kind == "Dataset" and desired.get("runtimes"):
         kind_type = runtime_kind.removesuffix("Runtime").lower()
         desired["runtimes"] = [{**entry, "type": kind_type} for entry in desired["runtimes"]]

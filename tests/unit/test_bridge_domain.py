@@ -153,7 +153,9 @@ def test_fluid_shapes_and_shoal_shape() -> None:
     assert shoal is not None and shoal["manifest"] == "team.demo"
     runtime = domain.desired_status(ALLUXIO, cr(ALLUXIO, {}), RuntimeStatus(phase="Ready", worker_number_ready=1,
                                                                              cache_capacity="1.00GiB"), None, now=0)
-    assert runtime == {"workerPhase": "Ready", "cacheStates": {"cacheCapacity": "1.00GiB"},
+    assert runtime == {"valueFile": "N/A", "masterPhase": "Ready", "desiredMasterNumberScheduled": 0,
+                       "currentMasterNumberScheduled": 0, "masterNumberReady": 0,
+                       "workerPhase": "Ready", "cacheStates": {"cacheCapacity": "1.00GiB"},
                        "desiredWorkerNumberScheduled": 0, "currentWorkerNumberScheduled": 0, "workerNumberReady": 1,
                        "fusePhase": "NotReady", "desiredFuseNumberScheduled": 0, "currentFuseNumberScheduled": 0,
                        "fuseNumberReady": 0}

