@@ -68,6 +68,7 @@ from libs.backoff import REDELIVERY, Backoff
 from libs.config import NatsSettings
 from libs.events.common import DECODE_ERRORS
 from libs.events.deadletter import DeadLetter
+from libs.natserrors import TlsNotOffered
 from libs.redact import cut_error, redact_payload, strip_userinfo
 from libs.telemetry import extract_context, get_logger, inject_context, messaging_attributes, producer_span, tracer
 
@@ -515,11 +516,6 @@ class Bus:
                 log.exception("request not answered", subject=message.subject)
 
         return await self.nc.subscribe(subject, queue=queue, cb=on_request)
-
-
-class TlsNotOffered(nats.errors.Error):
-    """A CA was given, and the server's INFO did not ask for TLS: nothing was sent to it, its credentials least of
-    all."""
 
 
 class _Client(NatsClient):

@@ -26,6 +26,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 
 from libs import subjects
+from libs.natserrors import TlsNotOffered
 from libs.redact import strip_userinfo
 
 if TYPE_CHECKING:
@@ -160,17 +161,25 @@ NATS_ERROR_LOG_SECONDS = 30.0
 
 
 class NatsConnectErrors(_Summarised):
-    """nats-py logs each failed connection (refused, reset, timed out) as "nats: encountered error" at error level
-    with its traceback, and tries again twice a second: a service waiting for NATS, or riding out an outage, wrote
-    a traceback every 0.5 s. Such records become one warning per ``interval`` saying what failed, and how many were
-    left out since the last; other nats-py errors are left alone. (The CLI reads these records on nats-py's own
-    logger, before this handler, to say why it could not connect.)"""
+    """nats-py logs each failed connection (refused, reset, timed out; a server that offers no TLS to a client
+    given a CA) as "nats: encountered error" at error level with its traceback, and tries again twice a second: a
+    service waiting for NATS, or riding out an outage, wrote a traceback every 0.5 s. Such records become one
+    warning per ``interval`` saying what failed, and how many were left out since the last; other nats-py errors
+    are left alone. (The CLI reads these records on nats-py's own logger, before this handler, to say why it could
+    not connect.)"""
 
     def __init__(self, interval: float = NATS_ERROR_LOG_SECONDS, clock: Any = time.monotonic) -> None:
         super().__init__(interval, clock)
 
     def summary(self, record: logging.LogRecord, error: BaseException | None) -> tuple[str, tuple[Any, ...]] | None:
-        if record.name != "nats.aio.client" or not isinstance(error, OSError | TimeoutError):
+        if record.name != "nats.aio.client":
+            return None
+        if isinstance(error, TlsNotOffered):
+            # Reachable, so not "cannot reach": a server without TLS (or whatever took its port), or NATS_TLS_CA
+            # given for a server that has none. Nothing was sent to it.
+            return ("nats: encountered error: the NATS server does not offer TLS, and a CA was given (NATS_TLS_CA): "
+                    "not logging in (%s; %d more since the last such line)", (error,))
+        if not isinstance(error, OSError | TimeoutError):
             return None
         return ("nats: encountered error: cannot reach a NATS server (%s: %s; %d more since the last such line)",
                 (type(error).__name__, error))

@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -43,7 +44,7 @@ from nats.js import api as js_api
 from prometheus_client import REGISTRY, generate_latest
 
 from libs import bus as bus_module
-from libs import natsauth, natssecure, subjects
+from libs import natsauth, natssecure, subjects, telemetry
 from libs.bus import Bus, Consumer, Delivery, PermissionDenied, connect, kv_load
 from libs.cli.up import Plan, UpOptions, _plan
 from libs.config import AgentSettings, NatsSettings, Secret, Settings
@@ -77,8 +78,8 @@ from services.dataset import app as dataset_app
 from services.loader import app as loader_app
 from services.runtime import app as runtime_app
 from services.scheduler import app as scheduler_app
-from tests.conftest import SeaweedServer, put_objects
-from tests.helpers import eventually, make_settings, running
+from tests.conftest import NatsServer, SeaweedServer, put_objects
+from tests.helpers import eventually, json_lines, json_logs, make_settings, running
 from tests.integration.agent_stack import agent_env, md5, mounted_paths, read_file, target_port
 from tests.requirements import require
 from tests.secrets import credentials_from, secret_files
@@ -259,6 +260,37 @@ async def test_a_client_given_a_ca_sends_no_credentials_to_a_server_without_tls(
         await asyncio.gather(client, return_exceptions=True)
         server.close()
         await server.wait_closed()
+
+
+async def test_a_server_without_tls_is_one_warning_per_interval_saying_so(
+        nats_server: NatsServer, tls_files: TlsFiles, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A real nats-server without TLS, and a service given a CA (``NATS_TLS_CA``): the client refuses to log in,
+    and tries again twice a second. Those tries are summarised like any failed connection (one warning per
+    interval, no traceback, the count of the rest), and the line says why: the server offers no TLS (before, each
+    try wrote nats-py's error line with a traceback, and nothing said it was TLS)."""
+    settings = NatsSettings(urls=[nats_server.url], user=natsauth.CLI, password=Secret("pl4nted-s3cret"),
+                            tls_ca=str(tls_files.ca))
+    with json_logs(monkeypatch) as buffer:
+        (summary,) = [f for h in logging.getLogger().handlers for f in h.filters
+                      if isinstance(f, telemetry.NatsConnectErrors)]
+
+        def nats_lines() -> list[dict[str, object]]:
+            return [line for line in json_lines(buffer.getvalue()) if line.get("logger") == "nats.aio.client"]
+
+        client = asyncio.create_task(connect(settings, "test-no-tls"))
+        try:
+            # Three tries at least: the first said, the next ones counted (or, unsummarised, each written).
+            await eventually(lambda: _async(summary.left_out >= 2 or len(nats_lines()) >= 3), timeout=15,
+                             what="three connection attempts")
+        finally:
+            client.cancel()
+            await asyncio.gather(client, return_exceptions=True)
+    lines = nats_lines()
+    assert len(lines) == 1, lines
+    assert lines[0]["level"] == "warning" and "exception" not in lines[0], lines[0]
+    assert "does not offer TLS" in str(lines[0]["event"]) and nats_server.url.removeprefix("nats://") in str(
+        lines[0]["event"]), lines[0]
+    assert "pl4nted-s3cret" not in buffer.getvalue() and "Traceback" not in buffer.getvalue()
 
 
 async def test_a_connection_attempt_given_up_ends_even_when_nats_py_loses_the_cancel(

@@ -247,3 +247,15 @@ def test_failed_nats_connections_are_one_line_per_interval_without_a_traceback()
     assert kept.filter(later) and later.getMessage().endswith("2 more since the last such line)")
     other = record(ValueError("a protocol error"))
     assert kept.filter(other) and other.levelno == logging.ERROR and other.exc_info is not None
+
+
+def test_a_server_offering_no_tls_is_summarised_with_that_reason() -> None:
+    from libs.natserrors import TlsNotOffered
+    from libs.telemetry import NatsConnectErrors
+
+    kept = NatsConnectErrors(interval=30.0, clock=lambda: 0.0)
+    error = TlsNotOffered("127.0.0.1:4222 offers no TLS, and a CA was given: nothing was sent to it")
+    first = logging.LogRecord("nats.aio.client", logging.ERROR, "", 0, "nats: encountered error", (),
+                              (TlsNotOffered, error, None))
+    assert kept.filter(first) and first.levelno == logging.WARNING and first.exc_info is None
+    assert "does not offer TLS" in first.getMessage() and "127.0.0.1:4222" in first.getMessage()
