@@ -4,7 +4,8 @@
 - ``/readyz`` answers 200 when every readiness check passes and 503 otherwise, with a JSON body naming each
   check and why it fails (``{"ready": false, "checks": {"nats": "not connected to NATS", "loops": "ok"}}``).
   Checks are registered by the process's wiring: connected to NATS, its consumers and watches running, and for
-  the agent its mounts healthy.
+  the agent its own directories and cache. A process may add ``notes`` as well: what is wrong without making it
+  unready (the agent's mounts that fail, one each), shown under ``"notes"`` when there are any.
 - ``/metrics`` is Prometheus text from prometheus-client's global registry, which serves process metrics (CPU,
   memory, open files) and the GC and platform collectors from the start; other metrics register there too.
 
@@ -35,22 +36,36 @@ Check = Callable[[], str | None]
 
 @dataclass
 class Readiness:
-    """Named readiness checks of one process; ready when every one passes (and there is at least one)."""
+    """Named readiness checks of one process; ready when every one passes (and there is at least one). Notes are
+    checks that are shown and never judged: what is wrong with a part of the process's work, not with the process."""
 
     checks: dict[str, Check] = field(default_factory=dict)
+    notes: dict[str, Check] = field(default_factory=dict)
 
     def add(self, name: str, check: Check) -> None:
         self.checks[name] = check
 
+    def note(self, name: str, check: Check) -> None:
+        self.notes[name] = check
+
     def report(self) -> tuple[bool, dict[str, str]]:
-        results: dict[str, str] = {}
-        for name, check in self.checks.items():
-            try:
-                problem = check()
-            except Exception as err:  # a broken check must not take the endpoint down
-                problem = f"check failed: {type(err).__name__}: {err}"
-            results[name] = problem or "ok"
+        results = _run(self.checks)
         return bool(results) and all(value == "ok" for value in results.values()), results
+
+    def noted(self) -> dict[str, str]:
+        """The notes that say something (``ok`` ones left out)."""
+        return {name: text for name, text in _run(self.notes).items() if text != "ok"}
+
+
+def _run(checks: dict[str, Check]) -> dict[str, str]:
+    results: dict[str, str] = {}
+    for name, check in checks.items():
+        try:
+            problem = check()
+        except Exception as err:  # a broken check must not take the endpoint down
+            problem = f"check failed: {type(err).__name__}: {err}"
+        results[name] = problem or "ok"
+    return results
 
 
 class SideServer:
@@ -91,7 +106,8 @@ class SideServer:
 
     async def _readyz(self, request: web.Request) -> web.Response:
         ready, checks = self.readiness.report()
-        body = json.dumps({"ready": ready, "checks": checks}, indent=2) + "\n"
+        notes = self.readiness.noted()
+        body = json.dumps({"ready": ready, "checks": checks, **({"notes": notes} if notes else {})}, indent=2) + "\n"
         return web.Response(text=body, status=200 if ready else 503, content_type="application/json")
 
     async def _metrics(self, request: web.Request) -> web.Response:

@@ -32,10 +32,13 @@ other nodes on a port the agent picks once per mount (``--peer-port``, on ``SHOA
 restarts of that process; heartbeats carry the node's labels and, for a Serving mount, its ``peerUrl``. Several
 agents can share a machine with distinct ``SHOAL_NODE_NAME``, ``SHOAL_MOUNT_ROOT`` and ``SHOAL_CACHE_SUBDIR``.
 
-Health, in every heartbeat and in ``/readyz``: the agent is unhealthy while a mount process keeps failing (the
-supervisor counts its exits) or a mount's cache directory is down (each mount process reports its tiers' health
-in a status file, ``services.agent.mountstatus``). ``capacityBytes`` is the cache its mounts can use. Heartbeats
-also say how each mount is doing (Serving, Starting, Failing), which runtime and dataset show as ``Mounted``.
+Health, in every heartbeat: the agent is unhealthy while a mount process keeps failing (the supervisor counts its
+exits) or a mount's cache directory is down (each mount process reports its tiers' health in a status file,
+``services.agent.mountstatus``). ``/readyz`` is narrower: ready while the agent can serve its node (NATS, its
+watches and loops, its mount root, some cache directory that works); a failing mount is a note there, not a
+reason to be unready (one broken dataset would hold a rolling update of every node). ``capacityBytes`` is the
+cache its mounts can use. Heartbeats also say how each mount is doing (Serving, Starting, Failing), which runtime
+and dataset show as ``Mounted``.
 
 Budgets of the node (``services.agent.budget``): the agent owns the read-ahead budget file its mount processes
 share (one slot each, zeroed when a process exits, so a crash leaks nothing) and grants each mount process its MEM
@@ -221,7 +224,11 @@ class NodeAgent:
         readiness = readiness or Readiness()
         readiness.add("watches", lambda: None if self.runtimes.ready.is_set() and self.datasets.ready.is_set()
                       else "runtime and dataset watches catching up")
-        readiness.add("mounts", lambda: "; ".join(self.problems()) or None)
+        # Ready means this agent can serve its node (``readiness`` in the README): what one dataset's mount does
+        # wrong is a note, never unready, or one broken dataset would hold every node's rolling update.
+        readiness.add("mount root", self.mount_root_problem)
+        readiness.add("cache", self.cache_problem)
+        readiness.note("mounts", lambda: "; ".join(self.problems()) or None)
         await asyncio.to_thread(Path(self.settings.agent.mount_root).mkdir, parents=True, exist_ok=True)
         self.ledger = TierLedger(Path(self.settings.agent.mount_root) / LEDGER_FILE_NAME)
         await asyncio.to_thread(self.ledger.load)
@@ -504,11 +511,28 @@ class NodeAgent:
                 found.setdefault(ref, []).extend(down)
         return found
 
-    def export_cache_dirs(self) -> None:
-        """The health of each configured cache directory of the running mounts, for /metrics: down while a
-        mount's tier below it is down (its status file says so)."""
-        if self.metrics is None:
-            return
+    def mount_root_problem(self) -> str | None:
+        """Readiness: every mount point is made in the mount root, so an agent that cannot write there serves no
+        dataset at all."""
+        root = self.settings.agent.mount_root
+        if not os.path.isdir(root):
+            return f"mount root {root} is not a directory"
+        if not os.access(root, os.W_OK | os.X_OK):
+            return f"mount root {root} is not writable by the agent"
+        return None
+
+    def cache_problem(self) -> str | None:
+        """Readiness: the node caches nothing when every cache directory of its running mounts is down (or
+        refused): its disk failed, or this agent cannot use it. One down among others that work is a mount's
+        problem (``problems``), read through the store meanwhile."""
+        health = self.cache_dir_health()
+        if not health or any(health.values()):
+            return None
+        return f"every cache directory of this node's mounts is down or refused: {', '.join(sorted(health))}"
+
+    def cache_dir_health(self) -> dict[str, bool]:
+        """The health of each configured cache directory of the running mounts: down while a mount's tier below
+        it is down or refused (its status file says so)."""
         directories: set[str] = set()
         down: list[str] = []
         for worker in self.workers.values():
@@ -518,7 +542,12 @@ class NodeAgent:
                 continue
             down += unusable(status)
             directories.update(domain.disk_directories(runtime.runtime.spec.tieredstore.levels))
-        self.metrics.cache_dirs(dir_health(sorted(directories), down))
+        return dir_health(sorted(directories), down)
+
+    def export_cache_dirs(self) -> None:
+        """The health of each configured cache directory of the running mounts, for /metrics."""
+        if self.metrics is not None:
+            self.metrics.cache_dirs(self.cache_dir_health())
 
     def _remove_target(self, worker: MountWorker) -> None:
         if self.settings.agent.prometheus_targets_dir:

@@ -1,6 +1,7 @@
 """The agent's health is real: a mount process that keeps failing and a cache directory that goes down make its
-heartbeats unhealthy (with the reason), its readiness fail, and the runtime name the node; on real nats-server,
-SeaweedFS and FUSE mounts.
+heartbeats unhealthy (with the reason) and the runtime name the node; on real nats-server, SeaweedFS and FUSE
+mounts. Its readiness is narrower (the agent can serve its node): a failing mount is a note in ``/readyz``, a node
+whose every cache directory is down is unready.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from libs.config import Settings
 from libs.embedded import LOOPBACK
 from libs.events.agent import AgentHeartbeat, AgentRecord
 from libs.events.runtime import RuntimeRecord
-from libs.side_server import Readiness
+from libs.side_server import Readiness, SideServer
 from tests.conftest import SeaweedServer, put_objects
 from tests.helpers import eventually, runtime_record
 from tests.integration.agent_stack import NODE, Node, node_stack, read_file, run_tool, scrape, series
@@ -73,8 +74,19 @@ async def test_a_mount_process_that_keeps_failing_makes_the_agent_unhealthy(
         beat = await eventually(lambda: unhealthy_with(node, "mount default/broken keeps failing"), 60,
                                 "an unhealthy heartbeat naming the failing mount")
         assert "exit code 2" in beat.problems[0] and beat.instance == instance
-        ready, checks = readiness.report()
-        assert not ready and "keeps failing" in checks["mounts"], checks
+        # Still ready: one dataset's mount failing says nothing about the agent, and an unready agent would hold
+        # a rolling update of every node's. /readyz names it, as a note (a real side server over the agent's checks).
+        server = SideServer(readiness, LOOPBACK, 0)
+        await server.start()
+        try:
+            async with (aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session,
+                        session.get(f"http://{LOOPBACK}:{server.port}/readyz") as response):
+                body = await response.json()
+        finally:
+            await server.stop()
+        assert response.status == 200 and body["ready"], body
+        assert set(body["checks"]) == {"nats", "watches", "loops", "mount root", "cache"}, body
+        assert "mount default/broken keeps failing" in body["notes"]["mounts"], body
         record = await eventually(lambda: runtime_naming_the_node(node, "broken", "keeps failing"), 15,
                                   "the runtime naming the unhealthy node")
         assert record.status.ready_nodes == [] and record.status.worker_number_ready == 0
@@ -115,7 +127,9 @@ async def test_a_cache_directory_that_goes_down_makes_the_agent_unhealthy_and_re
         assert beat.capacity_bytes == 0  # its only tier is down
         assert REGISTRY.get_sample_value("shoal_cache_dir_healthy", directory) == 0  # set before that beat
         ready, checks = readiness.report()
-        assert not ready and str(dataset_cache) in checks["mounts"], checks
+        # Its only cache directory down: the node caches nothing, so it is not ready (the mount itself is a note).
+        assert not ready and str(node.cache_dir) in checks["cache"], checks
+        assert str(dataset_cache) in readiness.noted()["mounts"]
         await eventually(lambda: runtime_naming_the_node(node, "sick", str(dataset_cache)), 15,
                          "the runtime naming the unhealthy node")
         # The mount process's own side server says so too.

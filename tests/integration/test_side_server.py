@@ -92,7 +92,7 @@ async def test_side_servers_answer_health_readiness_and_metrics_and_readiness_fo
 
             await eventually(exported, 15, f"{name}'s own metrics on /metrics")
         agent_checks = json.loads((await get(session, services["agent"], "/readyz"))[1])["checks"]
-        assert {"mounts", "watches"} <= set(agent_checks)
+        assert {"mount root", "cache", "watches"} <= set(agent_checks)
 
         nats_server.stop()  # NATS goes away: alive still, but no longer ready
 
