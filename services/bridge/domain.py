@@ -17,7 +17,7 @@ from typing import Any, Literal
 import msgspec
 
 from libs import kube, references
-from libs.crds import shoal_status
+from libs.crds import fluid_runtime_status, shoal_status
 from libs.deletion import deleted_at
 from libs.documents import Command, documents_to_commands, read_only_message, read_only_note
 from libs.events.common import DECODE_ERRORS, DNS1123_SUBDOMAIN, rfc3339, to_builtins
