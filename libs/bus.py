@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import logging
 import re
 import ssl
@@ -53,6 +54,7 @@ from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js import api as js_api
 from nats.js.errors import (
+    APIError,
     BucketNotFoundError,
     InvalidKeyError,
     KeyNotFoundError,
@@ -386,6 +388,31 @@ class Bus:
         """Create or update the stream of ``node``'s task parts (``node_task_stream``): the loader, before it
         publishes the node's first part (no stream, and the part would be refused: "no responders")."""
         await self._stream(node_task_stream(node))
+
+    async def delete_node_tasks(self, node: str) -> None:
+        """Delete the stream of ``node``'s task parts (the loader, once the node is gone and none of its parts waits:
+        ``services.loader.domain.idle_task_streams``); one already gone is no error."""
+        stream = subjects.task_stream(node)
+        with contextlib.suppress(NotFoundError):
+            await self.refusable(natsauth.stream_api("DELETE", stream), self.js.delete_stream(stream))
+
+    async def node_task_streams(self) -> list[str]:
+        """The nodes whose task stream (``subjects.task_stream``) is on the server, by the streams' names."""
+        nodes: list[str] = []
+        offset = 0
+        while True:
+            request = json.dumps({"subject": f"{subjects.TASK_PREFIX}.>", "offset": offset}).encode()
+            reply = await self.refusable(f"{natsauth.API}.STREAM.NAMES", self.nc.request(
+                f"{natsauth.API}.STREAM.NAMES", request, timeout=API_SECONDS))
+            page = json.loads(reply.data)
+            if "error" in page:
+                raise APIError.from_error(page["error"])
+            names = page.get("streams") or []
+            nodes += [subjects.task_stream_node(name) for name in names
+                      if name.startswith(subjects.TASK_STREAM_PREFIX)]
+            offset += len(names)
+            if not names or offset >= page.get("total", 0):
+                return nodes
 
     async def _stream(self, spec: StreamSpec) -> None:
         config = js_api.StreamConfig(

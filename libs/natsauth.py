@@ -14,8 +14,9 @@ The rules it encodes:
   observer (records hold no secrets: docs/security.md).
 - Streams and buckets are created and updated (``provision``) by the control-plane services and the CLI/admin user,
   never by an agent: an agent that could update a stream could shorten its retention or change its subjects.
-  Nobody deletes a stream; only the manifests' writers purge (theirs: an object put replaces its chunks), and only
-  the dataset service deletes a message (a command that carried a secret in clear).
+  Nobody deletes a stream but the loader a gone node's task stream (never one of Shoal's own); only the manifests'
+  writers purge (theirs: an object put replaces its chunks), and only the dataset service deletes a message (a
+  command that carried a secret in clear).
 - A service creates, looks up, pulls from, acks and deletes its own durable consumers only (``DURABLES``: every
   JetStream API subject names the durable), never another kind's; an agent (``agent-<node>``) only consumers of its
   node's task stream (``subjects.task_stream``), and no service's. The loader creates and updates the nodes' task
@@ -35,7 +36,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from libs import subjects
@@ -282,18 +283,22 @@ def permissions(kind: str, node: str = "", nodes: Iterable[str] | None = None) -
             publish=[subjects.RUNTIME_FACTS, subjects.RUNTIME_SCALE],
             kv_writes=[subjects.KV_RUNTIMES, subjects.KV_AGENTS])
     if kind == LOADER:
-        return _service(
+        perms = _service(
             consumers=DURABLES[LOADER],
             # A DataLoad with loadMetadata lists the dataset again (a resync command); tasks go to the agents, each
             # node's into a stream the loader makes before the node's first part (``Bus.provision_node_tasks``: it
             # looks the stream up, creates it, and updates it when its settings differ). A stream's name is one
             # token and a wildcard a whole one ("SHOAL_TASKS_*" is a literal name to the server), so with the
-            # nodes not known "SHOAL_TASKS_<any node>" can only be said as any stream.
+            # nodes not known "SHOAL_TASKS_<any node>" can only be said as any stream. It deletes the stream of a
+            # node gone with no part waiting (``LoaderHandlers.prune_task_streams``), and lists the streams' names
+            # once at start for those an earlier loader made (STREAM.NAMES, as reading the manifests needs).
             publish=[subjects.DATALOAD_FACTS, subjects.DATACLEAN_FACTS, subjects.DATASET_RESYNC,
                      *_node_tasks(nodes), subjects.TASK_CANCEL,
                      *(stream_api(verb, stream) for stream in _task_streams(nodes)
-                       for verb in ("CREATE", "UPDATE", "INFO"))],
+                       for verb in ("CREATE", "UPDATE", "INFO", "DELETE"))],
             kv_writes=[subjects.KV_OPERATIONS, subjects.KV_OPERATION_RUNS], objects="write")
+        # Any stream's delete, with the nodes not known: never one of Shoal's own.
+        return replace(perms, deny=tuple(stream_api("DELETE", stream) for stream in ALL_STREAMS))
     if kind == SCHEDULER:
         return _service(
             consumers=DURABLES[SCHEDULER],

@@ -130,6 +130,11 @@ def task_stream(node: str) -> str:
     return f"{TASK_STREAM_PREFIX}{node_token(node)}"
 
 
+def task_stream_node(stream: str) -> str:
+    """The node whose task stream ``stream`` is (``task_stream`` read back: a node name never holds ``_``)."""
+    return stream.removeprefix(TASK_STREAM_PREFIX).replace("_", ".")
+
+
 # The server's advisories (core NATS) that a stream was made, one subject per stream name.
 STREAM_MADE_PREFIX = "$JS.EVENT.ADVISORY.STREAM.CREATED"
 

@@ -10,6 +10,7 @@
 | KV shoal_runtimes | every key (watch) | whether an executing run's runtime or nodes went, decided in memory |
 | (timer) | every 0.25 s | LoaderHandlers.tick (start due runs, resume, fold progress, finish, TTL) |
 | (timer) | every 0.25 s | LoaderHandlers.export_gauges (operations by kind and phase, current runs' bytes) |
+| (timer) | every 5 s | LoaderHandlers.prune_task_streams (the task streams of nodes gone, with no part waiting) |
 
 Ready (``/readyz``) when connected to NATS, the consumers, the watches and the timer run, and the watches have
 caught up.
@@ -39,6 +40,7 @@ from services.loader.handlers import (
     METADATA_TIMEOUT_SECONDS,
     NODE_GONE_SECONDS,
     NODE_SILENT_SECONDS,
+    TASK_STREAMS_SECONDS,
     TICK_SECONDS,
     LoaderHandlers,
 )
@@ -80,6 +82,8 @@ async def run(settings: Settings, stop: asyncio.Event, clock: Callable[[], float
         )
         ticker = Periodic("operation ticker", handlers.tick, TICK_SECONDS)
         gauges = Periodic("gauges", handlers.export_gauges, GAUGE_SECONDS)
-        await run_loops([operations, datasets, runs, runtimes, commands, progress, ticker, gauges], stop, readiness)
+        streams = Periodic("task streams", handlers.prune_task_streams, TASK_STREAMS_SECONDS)
+        await run_loops([operations, datasets, runs, runtimes, commands, progress, ticker, gauges, streams], stop,
+                        readiness)
     finally:
         await bus.close()

@@ -750,6 +750,30 @@ def nodes_gone(state: RunState, runtime: RuntimeRecord | None) -> list[str]:
     return sorted({part.node for part in state.parts if not part.done} - here)
 
 
+def idle_task_streams(streams: Iterable[str], runtimes: Iterable[RuntimeRecord], runs: Iterable[RunState],
+                      absent_since: Mapping[str, float], now: float, grace: float
+                      ) -> tuple[list[str], dict[str, float]]:
+    """Which of the nodes with a task stream (``streams``) to delete the stream of now, and since when each of the
+    others has been gone (the next ``absent_since``; ``now`` and ``grace`` in the same clock).
+
+    A node is gone while no runtime may hold cache on it (``clean_nodes``: neither a ready node nor a picked worker,
+    ready or not; a worker stays picked until its agent's record expires, a minute after its last heartbeat), timed
+    from the first look that saw it so. Its stream goes once it has been gone for ``grace`` and no run that has not
+    finished has a part of it not done: such a part waits for the node (a load's fails it after the node-gone
+    timeout, a clean's after the node-silent one). A node back in a runtime is timed afresh if it goes again; its
+    stream, once deleted, is made again before its next part (``Bus.provision_node_tasks``). The nodes to delete
+    stay in the times returned: the caller forgets each once its stream is deleted (one not deleted yet is not timed
+    again)."""
+    nodes = set(streams)
+    present: set[str] = set()
+    for runtime in runtimes:
+        present |= nodes.intersection(runtime.status.ready_nodes)
+        present |= nodes.intersection(worker.node for worker in runtime.status.workers)
+    busy = {part.node for state in runs if state.stage != "finished" for part in state.parts if not part.done}
+    since = {node: absent_since.get(node, now) for node in sorted(nodes - present)}
+    return [node for node, at in since.items() if now - at >= grace and node not in busy], since
+
+
 def absent_message(record: OperationRecord, absent: Mapping[str, float]) -> str:
     """What an Executing run says while nodes with parts not done are absent (``nodes_gone``), each with the time it
     was first seen so (``absent``: node → seconds since the epoch); empty while none is. A clean's parts on a node

@@ -97,6 +97,9 @@ DEFAULT_BLOCK_SIZE = 4 * 1024 * 1024
 # How often the gauges are recounted from the in-memory views: as often as the tick passes over the same views
 # (setting only what changed), so they follow a change within a fraction of a scrape interval.
 GAUGE_SECONDS = TICK_SECONDS
+# How often the nodes with a task stream are looked at for ones gone with no part waiting (``prune_task_streams``):
+# a stream lives on this much past the node-gone timeout at most, and a look costs a pass over the runtimes' nodes.
+TASK_STREAMS_SECONDS = 5.0
 # An operation the tick keeps failing to advance is logged (with its traceback) at most this often, not 4 times a
 # second.
 TICK_FAILURE_LOG_SECONDS = 60.0
@@ -136,8 +139,14 @@ class LoaderHandlers:
     plans: dict[str, domain.Plan] = field(default_factory=dict)
     # The run whose parts this process published or republished (a restarted loader republishes the others once).
     published: dict[str, str] = field(default_factory=dict)
-    # The nodes whose task stream (``subjects.task_stream``) this process made or found: one entry per node.
+    # The nodes whose task stream (``subjects.task_stream``) this process made or found: one entry per node, until
+    # the node is gone with no part waiting and its stream is deleted (``prune_task_streams``).
     task_streams: set[str] = field(default_factory=set)
+    # The nodes whose task stream was on the server when this process first looked (made by an earlier loader) and
+    # that it has not made since: deleted like the others once their node is gone. None until that look succeeded.
+    found_streams: set[str] | None = None
+    # Node → when (monotonic) ``prune_task_streams`` first saw it gone, for the nodes with a stream only.
+    streams_gone_since: dict[str, float] = field(default_factory=dict)
     # The run whose loadMetadata DatasetResync this process published (a restarted loader, or one whose publish
     # failed, publishes it again: nothing else asks the dataset service for that listing).
     resynced: dict[str, str] = field(default_factory=dict)
@@ -785,7 +794,37 @@ class LoaderHandlers:
             return (f"the task stream of node {node} ({subjects.task_stream(node)}) could not be made, so its parts "
                     f"cannot be sent: {err}")
         self.task_streams.add(node)
+        if self.found_streams is not None:
+            self.found_streams.discard(node)
         return ""
+
+    async def prune_task_streams(self) -> None:
+        """Delete the task streams of nodes gone for ``node_gone_timeout`` with no part of a run not finished waiting
+        on them (``domain.idle_task_streams``), and forget those nodes: with nodes replaced and autoscaled over a
+        long life, a stream and an entry per node ever seen stayed for ever. A node that comes back gets its stream
+        again before its next part (``_task_stream``)."""
+        if not (self.runs.ready.is_set() and self.runtimes.ready.is_set()):
+            return  # the mirrors do not know every run and runtime yet: a node could look gone, or idle, wrongly
+        if self.found_streams is None:
+            found = set(await self.bus.node_task_streams())
+            async with self.lock:
+                self.found_streams = found - self.task_streams
+        async with self.lock:  # no part is published between the decision and the delete
+            assert self.found_streams is not None
+            idle, self.streams_gone_since = domain.idle_task_streams(
+                self.task_streams | self.found_streams, self.runtimes.values.values(), self.runs.values.values(),
+                self.streams_gone_since, time.monotonic(), self.node_gone_timeout)
+            for node in idle:
+                try:
+                    await self.bus.delete_node_tasks(node)
+                except (PermissionDenied, APIError) as err:  # another user's stream, or refused: left as it is
+                    log.warning("task stream of a gone node not deleted", node=node,
+                                stream=subjects.task_stream(node), error=str(err))
+                else:
+                    log.info("task stream of a gone node deleted", node=node, stream=subjects.task_stream(node))
+                self.task_streams.discard(node)
+                self.found_streams.discard(node)
+                del self.streams_gone_since[node]
 
     async def _finish(self, key: str, phase: OperationPhase, message: str) -> None:
         now = self.clock()

@@ -1838,6 +1838,63 @@ async def test_a_run_fails_naming_the_node_whose_task_stream_cannot_be_made(bus:
         await bus.js.stream_info(subjects.task_stream("node-c"))
 
 
+async def test_a_gone_nodes_task_stream_is_deleted_once_no_part_waits_and_made_again_when_it_returns(
+        bus: Bus, nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nodes replaced or autoscaled away left their task stream on the server, and their entry in the loader, for
+    ever. A node gone from every runtime (node-b, node-c) for the node-gone timeout loses its stream once no part of
+    a run not finished waits on it: node-c's part is done, so its stream goes; node-b's part is held, so its stream
+    stays until the run ends. A stream an earlier loader made (node-z, gone before this one started) goes too. A node
+    that comes back gets its stream again and its parts are done."""
+    # Looked at often (every 5 s otherwise); ``raising=False``: a loader without the look has no such setting.
+    monkeypatch.setattr(loader_app, "TASK_STREAMS_SECONDS", 0.1, raising=False)
+    created = recorded_handlers(monkeypatch)
+    await bus.provision_node_tasks("node-z")
+    await put_dataset(bus, files(("a", BLOCK)))
+    await put_runtime(bus, NODES)
+
+    async def gone(*nodes: str) -> bool:
+        for node in nodes:
+            try:
+                await bus.js.stream_info(subjects.task_stream(node))
+            except NotFoundError:
+                continue
+            return False
+        return True
+
+    async with loader(nats_server, node_gone_timeout=1.0, node_silent_timeout=600.0):
+        async with agent(bus, ["node-a", "node-c"]) as free, agent(bus, ["node-b"]) as held:
+            held.hold.set()
+            wipe = DataCleanApply(data_clean=DataClean(metadata=ObjectMeta(name="wipe"),
+                                                       spec=DataCleanSpec(dataset=DatasetRef(name="data"))))
+            await publish(bus, subjects.DATACLEAN_APPLY, wipe)
+
+            async def parts_taken() -> bool:
+                return bool(held.tasks) and {task.node for task in free.tasks.values()} == {"node-a", "node-c"}
+
+            await eventually(parts_taken, what="each node's part taken, node-b's held")
+            handlers = created[0]
+            assert handlers.task_streams == set(NODES)
+            await put_runtime(bus, ["node-a"])  # node-b's and node-c's agents are gone
+            await eventually(lambda: gone("node-c", "node-z"), what="node-c's and node-z's streams deleted")
+            # The same look judged node-b, gone as long: its part waits, so its stream and entry stay.
+            assert (await bus.js.stream_info(subjects.task_stream("node-b"))).config.name
+            assert handlers.task_streams == {"node-a", "node-b"} and handlers.found_streams == set()
+            held.hold.clear()
+            await phase_of(bus, "Complete", name="wipe", kind="DataClean")
+            await eventually(lambda: gone("node-b"), what="node-b's stream deleted once its part was done")
+        assert handlers.task_streams == {"node-a"} and set(handlers.streams_gone_since) <= {"node-a"}
+        # node-c comes back (node-a goes): a load's part gets node-c a stream again, and is done.
+        await put_runtime(bus, ["node-c"])
+        async with agent(bus, ["node-c"]) as back:
+            await publish(bus, subjects.DATALOAD_APPLY, dataload())
+            await phase_of(bus, "Complete")
+            assert {task.node for task in back.tasks.values()} == {"node-c"}
+            assert (await bus.js.stream_info(subjects.task_stream("node-c"))).config.subjects == [
+                subjects.node_tasks("node-c")]
+            await eventually(lambda: gone("node-a"), what="node-a's stream deleted in turn")
+        assert handlers.task_streams == {"node-c"}
+
+
 async def test_an_upgrade_from_the_shared_task_stream_moves_the_parts_to_the_nodes_streams(
         bus: Bus, nats_server: NatsServer) -> None:
     """The shared stream of an older Shoal held every node's parts (``shoal.task.>``): provisioning narrows it to the

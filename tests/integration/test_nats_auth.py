@@ -916,7 +916,8 @@ async def test_the_scheduler_loads_manifests_and_may_neither_write_nor_purge_the
 async def test_the_loader_makes_task_streams_but_none_over_subjects_another_stream_holds(
         deploy_server: SecureServer, tmp_path: Path) -> None:
     """With the agents sharing one user (deploy/), the loader may create, update and look up any stream (a NATS
-    permission cannot say "SHOAL_TASKS_<any node>": a wildcard is a whole token) and deletes or purges none. The
+    permission cannot say "SHOAL_TASKS_<any node>": a wildcard is a whole token), deletes any but Shoal's own
+    (a gone node's task stream, in its code) and purges none. The
     server refuses a stream over subjects another stream already captures, whatever its name. What stays possible
     there (docs/security.md), shown so the doc stays true: a stream over subjects no stream holds captures them
     although the loader may not publish there, and a stream sourcing another with a republish into the loader's own
@@ -930,8 +931,15 @@ async def test_the_loader_makes_task_streams_but_none_over_subjects_another_stre
         own = subjects.task_stream(NODE)
         await loader.provision_node_tasks(NODE)
         assert (await cli_bus.js.stream_info(own)).config.subjects == [subjects.node_tasks(NODE)]
-        await refused(loader, natsauth.stream_api("DELETE", own), loader.js.delete_stream(own))
         await refused(loader, natsauth.stream_api("PURGE", own), loader.js.purge_stream(own))
+        # It lists the nodes' task streams and deletes a gone node's (``LoaderHandlers.prune_task_streams``), never
+        # one of Shoal's own streams.
+        assert await loader.node_task_streams() == [NODE]
+        await loader.delete_node_tasks(NODE)
+        with pytest.raises(nats.js.errors.NotFoundError):
+            await cli_bus.js.stream_info(own)
+        await refused(loader, natsauth.stream_api("DELETE", subjects.STREAM_COMMANDS),
+                      loader.js.delete_stream(subjects.STREAM_COMMANDS))
         capture = subjects.task_stream("capture")
         with pytest.raises(nats.js.errors.BadRequestError, match="subjects overlap with an existing stream"):
             await loader.js.add_stream(js_api.StreamConfig(name=capture, subjects=[subjects.DATASET_COMMANDS]))

@@ -830,6 +830,29 @@ def test_nodes_gone_are_those_with_parts_not_done_that_are_not_ready() -> None:
     assert domain.nodes_gone(state, None) == ["a", "b", "d"]
 
 
+def test_a_task_stream_goes_once_its_node_was_gone_long_enough_and_no_unfinished_part_waits_on_it() -> None:
+    runtime = RuntimeRecord(runtime=Runtime(metadata=ObjectMeta(name="data")), generation=1, status=RuntimeStatus(
+        ready_nodes=["a"], workers=[CacheWorker(node="b", ready=False)]))
+    runs = [domain.RunState(run="r.1", stage="executing", parts=[domain.PartState(node="c"),
+                                                                 domain.PartState(node="d", done=True)]),
+            domain.RunState(run="s.1", stage="finished", parts=[domain.PartState(node="e")])]
+    streams = ["a", "b", "c", "d", "e"]
+    # First look: c, d and e are gone from now on; a is ready, b a worker not ready (its agent's record not expired).
+    idle, since = domain.idle_task_streams(streams, [runtime], runs, {}, 100.0, 10.0)
+    assert idle == [] and since == {"c": 100.0, "d": 100.0, "e": 100.0}
+    idle, since = domain.idle_task_streams(streams, [runtime], runs, since, 109.0, 10.0)
+    assert idle == []
+    # d's part is done and e's run finished: their streams go; c's part waits, and it stays timed.
+    idle, since = domain.idle_task_streams(streams, [runtime], runs, since, 110.0, 10.0)
+    assert idle == ["d", "e"] and since == {"c": 100.0, "d": 100.0, "e": 100.0}
+    # A node back in a runtime is no longer timed; gone again, it is timed afresh.
+    back = msgspec.structs.replace(runtime, status=msgspec.structs.replace(runtime.status, ready_nodes=["a", "c"]))
+    assert domain.idle_task_streams(["a", "c"], [back], runs, since, 111.0, 10.0) == ([], {})
+    assert domain.idle_task_streams(["a", "c"], [runtime], [], {}, 112.0, 10.0) == ([], {"c": 112.0})
+    # No runtime at all: every node is gone.
+    assert domain.idle_task_streams(["a"], [], [], {"a": 0.0}, 10.0, 10.0) == (["a"], {"a": 0.0})
+
+
 def test_the_absent_message_names_every_absent_node_with_its_time_in_node_order() -> None:
     record = OperationRecord(kind="DataClean", metadata=ObjectMeta(name="c"), clean=DataCleanSpec(dataset=REF))
     assert domain.absent_message(record, {}) == ""

@@ -119,7 +119,7 @@ def test_the_object_store_is_written_and_purged_by_its_writers_only() -> None:
         assert may_publish(kind, f"{natsauth.API}.DIRECT.GET.{stream}.$O.{bucket}.M.x"), kind
 
 
-def test_nobody_but_the_provisioners_changes_a_stream_and_nobody_deletes_one() -> None:
+def test_nobody_but_the_provisioners_changes_a_stream_and_nobody_deletes_one_of_shoals_own() -> None:
     for stream in natsauth.ALL_STREAMS:
         updaters = {kind for kind in KINDS if may_publish(kind, natsauth.stream_api("UPDATE", stream))}
         assert updaters == {DATASET, RUNTIME, LOADER, SCHEDULER, BRIDGE, CLI}
@@ -304,8 +304,11 @@ def test_the_loader_makes_the_nodes_task_streams() -> None:
             assert may_publish(LOADER, natsauth.stream_api(verb, subjects.task_stream("a.b")), nodes=nodes)
             for kind in (DATASET, RUNTIME, SCHEDULER, BRIDGE, OBSERVER):
                 assert not may_publish(kind, natsauth.stream_api(verb, subjects.task_stream("n1")), nodes=nodes), kind
-        for verb in ("DELETE", "PURGE"):
-            assert not may_publish(LOADER, natsauth.stream_api(verb, subjects.task_stream("n1")), nodes=nodes)
+        # It deletes a gone node's stream (``LoaderHandlers.prune_task_streams``), and purges none.
+        assert may_publish(LOADER, natsauth.stream_api("DELETE", subjects.task_stream("n1")), nodes=nodes)
+        assert not may_publish(LOADER, natsauth.stream_api("PURGE", subjects.task_stream("n1")), nodes=nodes)
+        for stream in natsauth.ALL_STREAMS:  # whatever the nodes: none of Shoal's own streams
+            assert not may_publish(LOADER, natsauth.stream_api("DELETE", stream), nodes=nodes), stream
         assert may_publish(LOADER, subjects.node_task("a.b", "default", "d"), nodes=nodes)
 
 
