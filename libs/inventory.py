@@ -12,7 +12,9 @@ Decides, per (dataset, node):
 Block identity is opaque here (any hashable value from the events), so the encoding of block ids can change
 without touching the fold. Holders that persist the fold as JSON (the dataset service, in KV) fold with
 ``track_blocks=False``: positions and totals only. Holders that keep it in memory (the scheduler) track blocks.
-Old and redelivered events are ignored; the fold returns the very same object when nothing changed. A gap asks
+Old and redelivered events are ignored; the fold returns the very same object when nothing changed.
+Two agents given one node name each send their mounts' inventory as that node: the holders count only the one the
+node's record holds (``other_instance``), or the node's figures switched between the two at each event. A gap asks
 once: deltas that follow it are consecutive again, so a replay of many queued deltas costs one snapshot.
 
 Without the block sets, the nodes' totals cannot tell a block two nodes hold from two blocks: a holder that folds
@@ -22,11 +24,18 @@ with ``track_blocks=False`` keeps beside them the scheduler's count of the datas
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import msgspec
 
-from libs.events.agent import CacheCounters, Inventory, InventoryDelta, InventorySnapshot, ungroup
+from libs.events.agent import AgentRecord, CacheCounters, Inventory, InventoryDelta, InventorySnapshot, ungroup
+
+# How often the events ignored from another agent process of a node (``other_instance``) are logged per node: each
+# of its mounts sends them at every change, and one line a minute names the node (the runtime service's warning of
+# the two agents has the same pace).
+OTHER_INSTANCE_LOG_SECONDS = 60.0
 
 
 class Assembly(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
@@ -135,3 +144,31 @@ def _delta(node: NodeInventory | None, delta: InventoryDelta, track_blocks: bool
     # snapshot still missing parts is dropped, since this delta's changes would be lost under it.
     return NodeInventory(incarnation=delta.incarnation, seq=delta.seq, counters=delta.counters, blocks=blocks,
                          exact=exact), not follows
+
+
+def other_instance(event: Inventory, agent: AgentRecord | None) -> bool:
+    """Whether ``event`` comes from another agent process than the one the node's record holds (``AgentRecord``,
+    written by the runtime service): one that beat as the node lately (``instances``). Two agents given one node
+    name beat by turns; the record holds one of them while it beats, and its mounts' inventory is the node's. Events
+    of the other, counted too, made the node's figures and blocks switch between two caches at each event (each a
+    new incarnation: a snapshot asked for, answered by both). An event of an agent before ``instance``, of a node
+    with no record (a simulated agent) or of an instance the record does not know yet (a restarted agent before its
+    first beat is in) counts as before."""
+    return (bool(event.instance) and agent is not None and bool(agent.heartbeat.instance)
+            and event.instance != agent.heartbeat.instance and event.instance in agent.instances)
+
+
+@dataclass
+class NodeNotes:
+    """When something was last said about each node: at most once every ``every`` seconds per node (``now`` a
+    parameter); only nodes said within that long are kept."""
+
+    every: float = OTHER_INSTANCE_LOG_SECONDS
+    said: dict[str, float] = field(default_factory=dict)
+
+    def due(self, node: str, now: float) -> bool:
+        if now - self.said.get(node, -math.inf) < self.every:
+            return False
+        self.said = {other: at for other, at in self.said.items() if now - at < self.every}
+        self.said[node] = now
+        return True

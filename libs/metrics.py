@@ -219,6 +219,11 @@ FOLD_LAG_SECONDS = Gauge("shoal_scheduler_fold_lag_seconds", "Age of the newest 
                          "was folded.", registry=None)
 FOLD_EVENTS = Counter("shoal_scheduler_fold_events", "Inventory events folded, or ignored by reason.",
                       ["outcome"])
+# The scheduler and the dataset service: inventory events of an agent process other than the one the node's record
+# holds (two agents given one node name, ``libs.inventory.other_instance``), by node.
+INVENTORY_OTHER_INSTANCE = Counter("shoal_inventory_other_instance_events", "Inventory events ignored: sent by "
+                                   "another agent process than the one the node's record holds (two agents share "
+                                   "the node name).", ["node"])
 SNAPSHOT_REQUESTS = Counter("shoal_scheduler_snapshot_requests", "Snapshot requests sent to agents.", registry=None)
 DECISIONS = Counter("shoal_scheduler_decisions", "Scheduling questions answered, by way (nats, webhook, filter, "
                     "prioritize) and outcome.", ["way", "outcome"])

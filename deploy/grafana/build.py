@@ -444,9 +444,13 @@ CONTROL_PLANE = Board(
             Panel("Inventory fold lag", "Age of the newest inventory event when the scheduler folded it.",
                   (Query(f"max({gauge(metrics.FOLD_LAG_SECONDS)})", "fold lag"),),
                   unit="s", width=6),
-            Panel("Inventory events", "Inventory events folded or ignored by reason, and snapshot requests sent.",
+            Panel("Inventory events", "Inventory events folded or ignored by reason, snapshot requests sent, and "
+                  "events ignored as another agent's of a node name two agents share (scheduler and dataset "
+                  "service, by node).",
                   (Query(f"sum by (outcome) ({rate(total(metrics.FOLD_EVENTS))})", "{{outcome}}"),
-                   Query(f"sum({rate(total(metrics.SNAPSHOT_REQUESTS))})", "snapshot requests")),
+                   Query(f"sum({rate(total(metrics.SNAPSHOT_REQUESTS))})", "snapshot requests"),
+                   Query(f"sum by (node) ({rate(total(metrics.INVENTORY_OTHER_INSTANCE))})",
+                         "another agent as {{node}}")),
                   unit="ops", width=6),
         )),
     ),

@@ -96,6 +96,9 @@ class InventorySnapshot(Event, frozen=True, kw_only=True, tag="agent.inventory.s
     parts: int = 1
     files: list[CachedFile] = []
     counters: CacheCounters = CacheCounters()
+    # The agent process whose mount sent it (``AgentHeartbeat.instance``): while two agents beat as one node, the
+    # services count the inventory of the one the node's record holds only. Empty: an agent before it.
+    instance: str = ""
 
     def cached_blocks(self) -> list[CachedBlock]:
         return ungroup(self.files)
@@ -109,6 +112,9 @@ class InventoryDelta(Event, frozen=True, kw_only=True, tag="agent.inventory.delt
     cached: list[CachedFile] = []
     evicted: list[CachedFile] = []
     counters: CacheCounters = CacheCounters()
+    # The agent process whose mount sent it (``AgentHeartbeat.instance``): while two agents beat as one node, the
+    # services count the inventory of the one the node's record holds only. Empty: an agent before it.
+    instance: str = ""
 
 
 class InventorySnapshotV1(Event, frozen=True, kw_only=True, tag="agent.inventory.snapshot.v1", rename="camel"):

@@ -634,7 +634,7 @@ class NodeAgent:
             await asyncio.to_thread(self.ledger.record, (worker.namespace, worker.name), worker.levels,
                                     worker.retired)
         argv = ["--namespace", worker.namespace, "--name", worker.name, "--mountpoint", worker.path,
-                "--status-file", worker.status_file]
+                "--status-file", worker.status_file, "--instance", self.instance]
         if worker.peer_port:
             argv += ["--peer-port", str(worker.peer_port)]
         worker.process = await asyncio.create_subprocess_exec(

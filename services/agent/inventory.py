@@ -91,6 +91,8 @@ class InventoryLog:
     node: str
     dataset: ObjectRef
     incarnation: str = field(default_factory=lambda: uuid.uuid4().hex)
+    # The agent process that started this mount process (``AgentHeartbeat.instance``), in every event.
+    instance: str = ""
     seq: int = 0
     part_bytes: int = PART_BYTES
     _cached: dict[BlockId, int] = field(default_factory=dict)
@@ -119,7 +121,7 @@ class InventoryLog:
             events.append(InventorySnapshot(
                 id=f"{self.incarnation}-{self.seq}", node=self.node, dataset=self.dataset,
                 incarnation=self.incarnation, seq=self.seq, part=part, parts=len(chunks), files=chunk,
-                counters=counters,
+                counters=counters, instance=self.instance,
             ))
         return events
 
@@ -139,7 +141,7 @@ class InventoryLog:
             events.append(InventoryDelta(
                 id=f"{self.incarnation}-{self.seq}", node=self.node, dataset=self.dataset,
                 incarnation=self.incarnation, seq=self.seq, cached=cached_part, evicted=evicted_part,
-                counters=counters,
+                counters=counters, instance=self.instance,
             ))
         self._cached.clear()
         self._evicted.clear()

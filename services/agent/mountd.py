@@ -134,8 +134,10 @@ class MountedDataset:
 
     def __init__(self, settings: Settings, bus: Bus, namespace: str, name: str, mountpoint: str,
                  status_file: str = "", readiness: Readiness | None = None,
-                 grants: NodeGrants | None = None, peer_port: int = 0) -> None:
+                 grants: NodeGrants | None = None, peer_port: int = 0, instance: str = "") -> None:
         self.status_file = status_file
+        # The agent process that started this one (``AgentHeartbeat.instance``), in every inventory event.
+        self.instance = instance
         self.grants = grants or NodeGrants()
         self.peer_port = peer_port
         self.readiness = readiness or Readiness()
@@ -177,7 +179,8 @@ class MountedDataset:
         levels = self._granted_levels(runtime.runtime.spec.tieredstore.levels)
         block_size = parse_quantity(runtime.runtime.spec.block_size)
         inventory = InventoryLog(node=self.settings.agent.node_name, dataset=ObjectRef(name=self.name,
-                                                                                       namespace=self.namespace))
+                                                                                       namespace=self.namespace),
+                                 instance=self.instance)
         policy = LruPolicy if self.settings.agent.cache_policy == "lru" else FrequencyAdmissionPolicy
         cache = BlockCache.from_levels(levels, cache_suffix(self.settings.agent.cache_subdir, self.namespace,
                                                             self.name),
@@ -631,7 +634,7 @@ async def until_stopped(work: Coroutine[Any, Any, T], stop: asyncio.Event) -> T 
 
 async def serve(settings: Settings, namespace: str, name: str, mountpoint: str,
                 stop: asyncio.Event, status_file: str = "", readiness: Readiness | None = None,
-                grants: NodeGrants | None = None, peer_port: int = 0, side_port: int = 0) -> None:
+                grants: NodeGrants | None = None, peer_port: int = 0, side_port: int = 0, instance: str = "") -> None:
     """One mount until ``stop``; with SHOAL_PROMETHEUS_TARGETS_DIR and a side server (``side_port``), its
     Prometheus file_sd target is there for as long as this runs."""
     targets, node = settings.agent.prometheus_targets_dir, settings.agent.node_name
@@ -648,7 +651,7 @@ async def serve(settings: Settings, namespace: str, name: str, mountpoint: str,
             readiness.add("nats", nats_check(bus))
         try:
             await MountedDataset(settings, bus, namespace, name, mountpoint, status_file, readiness, grants,
-                                 peer_port).run(stop)
+                                 peer_port, instance).run(stop)
         finally:
             await bus.close()
     finally:
@@ -723,6 +726,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="bytes the MEM tiers may hold, granted by the agent out of the node's budget")
     parser.add_argument("--peer-port", type=int, default=0,
                         help="serve this mount's blocks to peers on SHOAL_PEER_HOST:PORT (0: no peer server)")
+    parser.add_argument("--instance", default="", help="the agent process that starts this one (its heartbeats' "
+                        "instance), sent with the inventory")
     args = parser.parse_args(argv)
     if not 0 <= args.peer_port <= 65535:
         parser.error("--peer-port must be between 0 and 65535")
@@ -733,7 +738,7 @@ def main(argv: list[str] | None = None) -> None:
     service_main("shoal-mount",
                  lambda settings, stop, readiness: serve(settings, args.namespace, args.name, args.mountpoint, stop,
                                                          args.status_file, readiness, grants, args.peer_port,
-                                                         side.get("port", 0)),
+                                                         side.get("port", 0), args.instance),
                  on_listening=lambda port: side.__setitem__("port", port))
 
 

@@ -53,7 +53,7 @@ from libs.events.dataset import (
 )
 from libs.events.runtime import RuntimeAccepted, RuntimeDeleted, RuntimeFact, RuntimeRecord, RuntimeStatusChanged
 from libs.events.schedule import DatasetCacheObserved
-from libs.inventory import DatasetInventory
+from libs.inventory import DatasetInventory, NodeNotes, other_instance
 from libs.inventory import fold as fold_inventory
 from libs.manifest import ManifestStore
 from libs.mounts import exposed_secret_errors
@@ -107,6 +107,8 @@ class DatasetHandlers:
     # Nodes whose figures this process dropped (oldest first, at most DEPARTED_KEPT): asked for a snapshot when
     # their agent beats again.
     _dropped_nodes: dict[str, None] = field(default_factory=dict, init=False)
+    # When inventory of another agent process of each node was last logged (``on_inventory``).
+    other_instances: NodeNotes = field(default_factory=NodeNotes, init=False)
     _tracer: trace.Tracer = field(default_factory=lambda: tracer(__name__), init=False)
     _syncing: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(SYNC_CONCURRENCY), init=False)
     # Fed by the reconciler's watch (app.py) and by this process's own status writes.
@@ -330,6 +332,13 @@ class DatasetHandlers:
         event = upgrade(received)
         ref = event.dataset
         key = subjects.resource_key(ref.namespace, ref.name)
+        if self.agents is not None and other_instance(event, self.agents.values.get(event.node)):
+            # Two agents share the node's name: the node is the one its record holds, not both by turns.
+            metrics.INVENTORY_OTHER_INSTANCE.labels(event.node).inc()
+            if self.other_instances.due(event.node, self.clock()):
+                log.warning("inventory of another agent of the node ignored: two agents share the node name",
+                            node=event.node, dataset=key, instance=event.instance)
+            return
         kv = await self.bus.kv(subjects.KV_NODE_CACHE)
         # The entry first, then the record: a delete removes the record before it purges this entry, so when the
         # record is there the purge (if one comes) is after this read, and the write below, at this read's

@@ -25,8 +25,9 @@ longer eligible; a worker that beats but says unhealthy for ``UNHEALTHY_WORKER_G
 healthy spare if there is one (``status.replaced`` says so); new picks go in node-name order; scaling down drops
 the workers out of the ring of block owners first, then the most recently picked. ``notPicked`` says why every
 other serving agent is not a worker. A node that two agent processes beat as (one ``SHOAL_NODE_NAME`` given to
-two agents: its record holds either one's beat by turns) is no worker while they do, and for
-``INSTANCE_CONFLICT_SECONDS`` after (``agent_record``, ``node_conflict``).
+two agents) is no worker while they do, and for ``INSTANCE_CONFLICT_SECONDS`` after (``agent_record``,
+``node_conflict``); meanwhile its record keeps one of them (the one it held when the second showed) while that one
+beats, so what every service reads of the node does not switch between two hosts at every beat.
 
 The elastic cache (``autoscale``): with ``spec.autoscaling``, replicas move between ``minReplicas`` and
 ``maxReplicas`` by themselves, judged from what the dataset service folded from the agents' inventory into the
@@ -440,9 +441,28 @@ def agent_record(current: AgentRecord | None, beat: AgentHeartbeat, received_at:
     instances = {instance: at for instance, at in instances.items() if received_at - at <= INSTANCE_CONFLICT_SECONDS}
     if instances.pop(beat.instance, None) is not None:
         conflict_at = received_at
+    if current is not None and held(current, beat, conflict_at, received_at):
+        # The record keeps the instance it holds: the other's beat only keeps the conflict on.
+        instances[beat.instance] = received_at
+        instances.pop(current.heartbeat.instance, None)
+        recent = sorted(((at, instance) for instance, at in instances.items()), reverse=True)[:INSTANCES_REMEMBERED]
+        return msgspec.structs.replace(current, instances={instance: at for at, instance in recent},
+                                       conflict_at=conflict_at)
     recent = sorted(((at, instance) for instance, at in instances.items()), reverse=True)[:INSTANCES_REMEMBERED]
     return AgentRecord(heartbeat=beat, received_at=received_at, instances={instance: at for at, instance in recent},
                        conflict_at=conflict_at)
+
+
+def held(current: AgentRecord, beat: AgentHeartbeat, conflict_at: float, received_at: float) -> bool:
+    """Whether the node's record keeps ``current``'s agent process rather than take ``beat`` of another one: while
+    two beat as the node (a conflict within ``INSTANCE_CONFLICT_SECONDS``), the record holds the one it showed when
+    the second was seen for as long as that one stays fresh (``is_fresh``), and takes the other once it is not (it
+    stopped). Before, the record took either one's beat by turns, and every service reading it (the scheduler's
+    labels and mount states, the dataset service's view of the node) switched between two hosts at every beat. A
+    restart is no conflict (its old instance never beats again), so its new instance is taken at once."""
+    return (bool(current.heartbeat.instance) and bool(beat.instance) and beat.instance != current.heartbeat.instance
+            and conflict_at > 0 and received_at - conflict_at <= INSTANCE_CONFLICT_SECONDS
+            and is_fresh(current, received_at))
 
 
 def node_conflict(record: AgentRecord, now: float) -> str | None:

@@ -22,10 +22,11 @@ import msgspec
 
 from libs import metrics, subjects
 from libs.bus import AGENTS_TTL_SECONDS, Bus, Delivery, KvMirror, Replay, kv_watch, retry_delay
-from libs.events.agent import AgentRecord, AnyInventory, InventoryRequest, upgrade
+from libs.events.agent import AgentRecord, AnyInventory, Inventory, InventoryRequest, upgrade
 from libs.events.common import DECODE_ERRORS, ObjectRef
 from libs.events.dataset import DatasetRecord
 from libs.events.schedule import DatasetCacheObserved, ScoreReply, ScoreRequest
+from libs.inventory import NodeNotes, other_instance
 from libs.manifest import ManifestStore
 from libs.references import Reference, reference_of
 from libs.telemetry import get_logger
@@ -41,6 +42,7 @@ log = get_logger(__name__)
 _FOLDED = metrics.adder(metrics.FOLD_EVENTS.labels("folded"))
 _STALE = metrics.adder(metrics.FOLD_EVENTS.labels("stale"))
 _UNKNOWN_DATASET = metrics.adder(metrics.FOLD_EVENTS.labels("unknown_dataset"))
+_OTHER_INSTANCE = metrics.adder(metrics.FOLD_EVENTS.labels("other_instance"))
 _FOLD_LAG = metrics.setter(metrics.FOLD_LAG_SECONDS)
 # The scheduler's series without labels are served by the scheduler only (see libs.metrics).
 metrics.register(metrics.FOLD_LAG_SECONDS, metrics.SNAPSHOT_REQUESTS)
@@ -169,6 +171,8 @@ class SchedulerHandlers:
     warmup_seconds: float = WARMUP_SECONDS
     # The replicas' split of the datasets whose cache facts they publish; None: this process publishes them all.
     publisher: Publisher | None = None
+    # When inventory of another agent process of each node was last logged (``on_inventory``).
+    other_instances: NodeNotes = field(default_factory=NodeNotes)
 
     def __post_init__(self) -> None:
         self.totals = _Totals(self.datasets)
@@ -309,6 +313,9 @@ class SchedulerHandlers:
             _UNKNOWN_DATASET(1)
             self._count("inventory_unknown_dataset")
             return
+        if event.instance and other_instance(event, self.agents.values.get(event.node)):
+            self._other_instance(event)
+            return
         generation = self.fold.generation
         ask = self.fold.apply(event)
         if self.fold.generation == generation:
@@ -321,6 +328,18 @@ class SchedulerHandlers:
             log.info("inventory gap, asking for a snapshot", dataset=f"{key[0]}/{key[1]}", node=event.node,
                      seq=event.seq)
             await self.ask_snapshot(event.node, event.dataset)
+
+    def _other_instance(self, event: Inventory) -> None:
+        """Count and (at most once a minute per node) log an event of another agent process than the one the node's
+        record holds: two agents share the node's name, and only one of them is the node here."""
+        _OTHER_INSTANCE(1)
+        metrics.INVENTORY_OTHER_INSTANCE.labels(event.node).inc()
+        self._count("inventory_other_instance")
+        if self.other_instances.due(event.node, self.clock()):
+            record = self.agents.values.get(event.node)
+            log.warning("inventory of another agent of the node ignored: two agents share the node name",
+                        node=event.node, instance=event.instance,
+                        held=record.heartbeat.instance if record is not None else None)
 
     async def ask_snapshot(self, node: str = "", dataset: ObjectRef | None = None) -> None:
         metrics.SNAPSHOT_REQUESTS.inc()

@@ -199,6 +199,24 @@ def test_two_agents_beating_as_one_node_are_flagged_from_the_first_return_of_the
     assert record is not None and node_conflict(record, NOW) == DUPLICATE
 
 
+def test_while_two_agents_beat_as_one_node_its_record_keeps_one_until_that_one_stops() -> None:
+    # "b" showed after "a" (a restart, as far as one can tell), then "a" beat again: the record keeps "b", which it
+    # held then, and every later beat of "a" only keeps the conflict on. Before, it took each one's beat by turns.
+    turns = [("a", NOW - 6), ("b", NOW - 5), ("a", NOW - 4), ("b", NOW - 3), ("a", NOW - 2), ("b", NOW - 1),
+             ("a", NOW)]
+    shown = [record.heartbeat.instance for record in (beats_of("n1", *turns[:n]) for n in range(1, len(turns) + 1))
+             if record is not None]
+    assert shown == ["a", "b", "b", "b", "b", "b", "b"]
+    record = beats_of("n1", *turns)
+    assert record is not None and record.received_at == NOW - 1 and record.instances == {"a": NOW}
+    assert node_conflict(record, NOW) == DUPLICATE and record.conflict_at == NOW
+    # "b" stops: once its last beat is no longer fresh, "a" is taken (and the node stays flagged for the window).
+    stale = NOW - 1 + MISSED_BEATS * INTERVAL + 1
+    record = beats_of("n1", *turns, ("a", stale - 2), ("a", stale))
+    assert record is not None and record.heartbeat.instance == "a" and record.received_at == stale
+    assert node_conflict(record, stale) == DUPLICATE
+
+
 def test_a_restart_is_no_conflict_nor_are_agents_without_an_instance() -> None:
     # Restarts, one after another: each new instance goes on alone, none comes back.
     record = beats_of("n1", ("a", NOW - 9), ("a", NOW - 8), ("b", NOW - 6), ("b", NOW - 4), ("c", NOW - 2), ("c", NOW))

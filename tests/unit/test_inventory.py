@@ -13,9 +13,18 @@ import msgspec
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from libs.events.agent import BlockId, CacheCounters, Inventory, InventoryDelta, InventorySnapshot, group_blocks
+from libs.events.agent import (
+    AgentHeartbeat,
+    AgentRecord,
+    BlockId,
+    CacheCounters,
+    Inventory,
+    InventoryDelta,
+    InventorySnapshot,
+    group_blocks,
+)
 from libs.events.common import ObjectRef
-from libs.inventory import DatasetInventory, NodeInventory, fold
+from libs.inventory import DatasetInventory, NodeInventory, NodeNotes, fold, other_instance
 from services.agent.inventory import InventoryLog
 
 DATASET = ObjectRef(name="d")
@@ -222,3 +231,20 @@ def test_a_new_incarnation_delta_asks_even_when_its_seq_follows() -> None:
     inventory, _ = fold_all(events)
     _, ask = fold(inventory, delta(events[-1].seq + 1, incarnation="i2"))
     assert ask
+
+
+def test_inventory_of_another_agent_process_of_the_node_than_the_one_its_record_holds_is_not_the_nodes() -> None:
+    record = AgentRecord(heartbeat=AgentHeartbeat(node="n1", instance="held"), received_at=100.0,
+                         instances={"other": 99.0}, conflict_at=99.0)
+    event = InventoryDelta(node="n1", dataset=ObjectRef(name="d"), incarnation="i", seq=1, instance="other")
+    assert other_instance(event, record)
+    assert not other_instance(msgspec.structs.replace(event, instance="held"), record)
+    # An instance the record does not know yet (a restarted agent before its first beat is in), an agent before
+    # ``instance``, a node with no record (a simulated agent): counted as before.
+    assert not other_instance(msgspec.structs.replace(event, instance="new"), record)
+    assert not other_instance(msgspec.structs.replace(event, instance=""), record)
+    assert not other_instance(event, None)
+    notes = NodeNotes(every=60.0)
+    assert notes.due("n1", 0.0) and not notes.due("n1", 59.0) and notes.due("n2", 59.0)
+    assert notes.due("n1", 60.0) and set(notes.said) == {"n1", "n2"}
+    assert notes.due("n3", 200.0) and set(notes.said) == {"n3"}  # the others said long ago are forgotten
