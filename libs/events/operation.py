@@ -60,7 +60,9 @@ class OperationRef(msgspec.Struct, frozen=True, kw_only=True, rename="camel", om
 class DatasetRef(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """An operation's ``spec.dataset``. Without a namespace (or an empty one) it names a dataset of the operation's
     own namespace, Fluid's rule: a command published straight to NATS (``dataload.apply.v1`` for ``ml/warm`` naming
-    ``{name: x}``) means ``ml/x``, as the same YAML through ``shoal apply`` or Kubernetes does, not ``default/x``."""
+    ``{name: x}``) means ``ml/x``, as the same YAML through ``shoal apply`` or Kubernetes does, not ``default/x``.
+    A namespace other than the operation's own is refused, as Fluid refuses it: an operation works on a dataset of
+    its own namespace."""
 
     name: str
     namespace: str = ""

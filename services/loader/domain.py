@@ -205,13 +205,15 @@ def _target_errors(targets: Sequence[TargetPath | CleanTarget]) -> list[str]:
     return errors
 
 
-def _common_errors(meta: ObjectMeta, dataset: DatasetRef, run_after: OperationRef | None,
+def _common_errors(kind: OperationKind, meta: ObjectMeta, dataset: DatasetRef, run_after: OperationRef | None,
                    ttl: int | None) -> list[str]:
     errors = dns_label_errors(meta.name, "metadata.name", DNS1123_LABEL)
     errors += dns_label_errors(meta.namespace, "metadata.namespace", DNS1123_LABEL)
     errors += dns_label_errors(dataset.name, "spec.dataset.name", DNS1123_LABEL)
     if dataset.namespace:
         errors += dns_label_errors(dataset.namespace, "spec.dataset.namespace", DNS1123_LABEL)
+    if problem := other_namespace(kind, meta.namespace, dataset.namespace or meta.namespace):
+        errors.append(problem)
     if run_after is not None:
         if run_after.kind not in OPERATION_KINDS:
             errors.append(f"spec.runAfter.kind must be DataLoad or DataClean, got {run_after.kind!r}")
@@ -224,9 +226,21 @@ def _common_errors(meta: ObjectMeta, dataset: DatasetRef, run_after: OperationRe
     return errors
 
 
+def other_namespace(kind: str, namespace: str, dataset_namespace: str) -> str | None:
+    """Why an operation of ``namespace`` may not work on a dataset of ``dataset_namespace``, or None when they are
+    one. Fluid refuses it too (TargetDatasetNamespaceNotSame): Kubernetes grants DataLoads and DataCleans per
+    namespace, and one of another namespace would fill or evict that namespace's cache (and list its store again)
+    for whoever may create operations anywhere."""
+    if dataset_namespace == namespace:
+        return None
+    return (f"spec.dataset.namespace {dataset_namespace!r} is not the {kind}'s own namespace {namespace!r}: a {kind} "
+            f"works on a dataset of its own namespace, as in Fluid; create it in namespace {dataset_namespace}, or "
+            f"leave spec.dataset.namespace out")
+
+
 def validate_load(load: DataLoad) -> list[str]:
     spec = load.spec
-    errors = _common_errors(load.metadata, spec.dataset, spec.run_after, spec.ttl_seconds_after_finished)
+    errors = _common_errors("DataLoad", load.metadata, spec.dataset, spec.run_after, spec.ttl_seconds_after_finished)
     errors += _target_errors(spec.target)
     if spec.policy == "Cron":
         if not spec.schedule:
@@ -246,7 +260,8 @@ def validate_load(load: DataLoad) -> list[str]:
 
 def validate_clean(clean: DataClean) -> list[str]:
     spec = clean.spec
-    errors = _common_errors(clean.metadata, spec.dataset, spec.run_after, spec.ttl_seconds_after_finished)
+    errors = _common_errors("DataClean", clean.metadata, spec.dataset, spec.run_after,
+                            spec.ttl_seconds_after_finished)
     errors += _target_errors(spec.target)
     if spec.run_after is not None and _same(spec.run_after, "DataClean", clean.metadata):
         errors.append("spec.runAfter names this DataClean itself; name another operation")
@@ -351,10 +366,12 @@ def dataset_wait(record: OperationRecord, cluster: Cluster) -> str | None:
     requeue an operation whose dataset is missing or not bound: a DataLoad applied with its Dataset and runtime (one
     file, or a folder where dataload.yaml sorts before dataset.yaml) is decided before the first listing ends, and
     failing it then left a Once load Failed for good. What waiting does not cure is ``run_problem``'s to fail: a
-    Failed dataset, a reference, replicas above the workers."""
+    dataset of another namespace, a Failed dataset, a reference, replicas above the workers."""
     ref = dataset_ref(record)
     name = f"{ref.namespace}/{ref.name}"
     dataset = cluster.dataset
+    if other_namespace(record.kind, record.metadata.namespace, ref.namespace):
+        return None  # no wait cures it
     if dataset is None:
         return f"dataset {name} to exist and be Bound"
     if dataset.status.phase == "Failed" or reference_of(dataset.dataset) is not None:
@@ -386,11 +403,14 @@ def run_problem(record: OperationRecord, cluster: Cluster) -> str | None:
     """Why a run of ``record`` cannot start now (the run fails with this message), or None."""
     ref = dataset_ref(record)
     name = f"{ref.namespace}/{ref.name}"
+    # A record applied before other namespaces were refused at apply: refused at its next run instead.
+    if problem := other_namespace(record.kind, record.metadata.namespace, ref.namespace):
+        return problem
     if cluster.dataset is None:
         return f"dataset {name} does not exist; create it or fix spec.dataset"
     if (source := reference_of(cluster.dataset.dataset)) is not None:
-        return (f"dataset {name} is a reference to {source.namespace}/{source.name}, whose cache it reads; run the "
-                f"{record.kind} on {source.namespace}/{source.name} (spec.dataset) instead")
+        return (f"dataset {name} is a reference to {source.namespace}/{source.name}, whose cache it reads; run a "
+                f"{record.kind} of namespace {source.namespace} on {source.name} (spec.dataset) instead")
     status = cluster.dataset.status
     if status.phase == "Failed":
         # Its own message says what to fix (a missing secret, a bucket that does not exist): a runtime is no cure.

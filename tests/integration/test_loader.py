@@ -499,6 +499,47 @@ async def test_invalid_commands_are_rejected(bus: Bus, nats_server: NatsServer) 
     assert await operation(bus) is None
 
 
+CROSS_NAMESPACE = """\
+apiVersion: data.fluid.io/v1alpha1
+kind: DataLoad
+metadata: {name: theirs, namespace: team-a}
+spec:
+  dataset: {name: data, namespace: default}
+"""
+
+
+async def test_an_operation_naming_a_dataset_of_another_namespace_is_refused(bus: Bus,
+                                                                             nats_server: NatsServer) -> None:
+    """Kubernetes grants DataLoads and DataCleans per namespace: whoever may create them in team-a must not evict
+    (or fill) default's cache. Fluid refuses such an operation (TargetDatasetNamespaceNotSame); the loader accepted
+    it and cleaned default/data."""
+    facts = FactCollector()
+    await facts.start(bus)
+    await put_dataset(bus, files(("a", BLOCK)))
+    await put_runtime(bus, NODES[:1])
+    async with agent(bus, NODES[:1]) as scripted, loader(nats_server):
+        clean = DataCleanApply(data_clean=DataClean(
+            metadata=ObjectMeta(name="wipe", namespace="team-a"),
+            spec=DataCleanSpec(dataset=DatasetRef(name="data", namespace="default"))))
+        await publish(bus, subjects.DATACLEAN_APPLY, clean)
+        rejected = await facts.wait_for("operation.rejected.v1", causationId=clean.id)
+        assert rejected["reason"] == (
+            "spec.dataset.namespace 'default' is not the DataClean's own namespace 'team-a': a DataClean works on a "
+            "dataset of its own namespace, as in Fluid; create it in namespace default, or leave "
+            "spec.dataset.namespace out"), rejected
+        result = await shoal(nats_server, "apply", "-f", "-", stdin=CROSS_NAMESPACE)
+        assert result.exit_code == 1
+        assert "spec.dataset.namespace 'default' is not the DataLoad's own namespace 'team-a'" in result.output
+        # The same operation in the dataset's own namespace runs: nothing else refuses it.
+        await publish(bus, subjects.DATALOAD_APPLY, dataload())
+        await phase_of(bus, "Complete", runs=1)
+    for kind, name in (("DataClean", "wipe"), ("DataLoad", "theirs")):
+        found, _ = await kv_load(await bus.kv(subjects.KV_OPERATIONS), subjects.operation_key(kind, "team-a", name),
+                                 OperationRecord)
+        assert found is None, found
+    assert [task.action for task in scripted.tasks.values()] == ["load"], "no part of a clean reached the node"
+
+
 async def test_a_command_on_another_commands_subject_is_refused_not_run(bus: Bus, nats_server: NatsServer) -> None:
     """NATS permissions are per subject: a system allowed only ``shoal.cmd.dataload.run`` (to trigger OnEvent loads)
     must not delete a DataLoad or apply a DataClean by sending those commands there. Before, the loader handled a

@@ -899,3 +899,30 @@ def test_a_raw_command_naming_its_dataset_without_a_namespace_means_the_operatio
     other = DataLoadSpec(dataset=DatasetRef(name="x", namespace="data"))
     record, _ = domain.apply_operation(None, "DataLoad", ObjectMeta(name="warm", namespace="ml"), other, None, now)
     assert domain.dataset_ref(record) == ObjectRef(name="x", namespace="data")
+
+
+def test_an_operation_of_another_namespace_than_its_dataset_is_refused_as_fluid_refuses_it() -> None:
+    """A DataLoad or DataClean works on a dataset of its own namespace (Fluid's TargetDatasetNamespaceNotSame):
+    RBAC grants operations per namespace, and one in team-a must not evict or fill default's cache."""
+    mine = DataLoad(metadata=ObjectMeta(name="warm", namespace="team-a"),
+                    spec=DataLoadSpec(dataset=DatasetRef(name="data", namespace="team-a")))
+    assert domain.validate_load(mine) == []
+    assert domain.validate_load(msgspec.structs.replace(mine, spec=DataLoadSpec(dataset=DatasetRef(name="data")))) == []
+    theirs = msgspec.structs.replace(mine, spec=DataLoadSpec(dataset=DatasetRef(name="data", namespace="default")))
+    assert domain.validate_load(theirs) == [
+        "spec.dataset.namespace 'default' is not the DataLoad's own namespace 'team-a': a DataLoad works on a dataset "
+        "of its own namespace, as in Fluid; create it in namespace default, or leave spec.dataset.namespace out"]
+    clean = DataClean(metadata=ObjectMeta(name="wipe", namespace="team-a"),
+                      spec=DataCleanSpec(dataset=DatasetRef(name="data", namespace="default")))
+    assert [error.split(":")[0] for error in domain.validate_clean(clean)] == [
+        "spec.dataset.namespace 'default' is not the DataClean's own namespace 'team-a'"]
+
+
+def test_a_record_of_another_namespace_applied_before_the_rule_fails_its_next_run_at_once() -> None:
+    """A record accepted by a loader of before the rule: its next run fails saying why, without a 10-minute wait
+    for a dataset that may not exist."""
+    old = OperationRecord(kind="DataLoad", metadata=ObjectMeta(name="warm", namespace="team-a"),
+                          load=DataLoadSpec(dataset=DatasetRef(name="data", namespace="default")))
+    assert domain.dataset_wait(old, domain.Cluster(None, None)) is None
+    assert "is not the DataLoad's own namespace 'team-a'" in (domain.run_problem(old, domain.Cluster(None, None))
+                                                                or "")

@@ -272,7 +272,7 @@ def test_a_load_of_a_reference_says_to_load_the_source() -> None:
                                 load=DataLoadSpec(dataset=DatasetRef(name="ref", namespace="team-b")))
     ref = record(dataset("dataset://team-a/src"), DatasetStatus(phase="Bound"))
     problem = loader_domain.run_problem(operation, loader_domain.Cluster(ref, None)) or ""
-    assert "is a reference to team-a/src" in problem and "run the DataLoad on team-a/src" in problem
+    assert "is a reference to team-a/src" in problem and "run a DataLoad of namespace team-a on src" in problem
 
 
 # --- the scheduler: a use of a reference is a use of its source ---
