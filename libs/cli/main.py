@@ -882,11 +882,15 @@ def _not_found(kind: Kind, name: str, namespace: str) -> NoReturn:
     raise CliError(f'{resource_type(kind)} "{name}" not found in namespace "{namespace}"')
 
 
+_ALL_NAMESPACES_HELP = "Every namespace's (-n is then ignored, as kubectl ignores it)."
+_BY_NAME_ACROSS = "a resource cannot be retrieved by name across all namespaces"
+
+
 @cli.command()
 @click.argument("resource", type=click.Choice(sorted(RESOURCE_ALIASES), case_sensitive=False))
 @click.argument("name", required=False, callback=_checked_name)
 @namespace_option()
-@click.option("-A", "--all-namespaces", is_flag=True, help="List across every namespace.")
+@click.option("-A", "--all-namespaces", is_flag=True, help=_ALL_NAMESPACES_HELP)
 @click.option("-o", "--output", type=click.Choice(["wide", "json", "yaml", "name", "record"]), default=None,
               help="wide: more columns; json/yaml: Kubernetes objects (several: a kind: List) that `shoal apply -f` "
                    "takes back; name: kind.shoal.io/NAME lines, as kubectl's; record: the services' KV records "
@@ -896,7 +900,7 @@ def get(options: Options, resource: str, name: str | None, namespace: str, all_n
         output: str | None) -> None:
     """List datasets, runtimes, DataLoads or DataCleans (`shoal get datasets`, `shoal get dataloads -o wide`)."""
     if all_namespaces and name:
-        raise click.UsageError("a resource cannot be retrieved by name across all namespaces")
+        raise click.UsageError(_BY_NAME_ACROSS)
     kind = RESOURCE_ALIASES[resource.lower()]
     loaded = _run(load_records(options, kind, None if all_namespaces else namespace, name))
     records = loaded.records
@@ -935,18 +939,21 @@ def get(options: Options, resource: str, name: str | None, namespace: str, all_n
 @click.argument("resource", type=click.Choice(sorted(RESOURCE_ALIASES), case_sensitive=False))
 @click.argument("name", required=False, callback=_checked_name)
 @namespace_option()
+@click.option("-A", "--all-namespaces", is_flag=True, help=_ALL_NAMESPACES_HELP)
 @click.pass_obj
-def describe(options: Options, resource: str, name: str | None, namespace: str) -> None:
+def describe(options: Options, resource: str, name: str | None, namespace: str, all_namespaces: bool) -> None:
     """Show every spec and status field of a dataset, runtime, DataLoad or DataClean (all of the namespace
-    without NAME); a DataLoad's or DataClean's progress per node too."""
+    without NAME, of every namespace with -A); a DataLoad's or DataClean's progress per node too."""
+    if all_namespaces and name:
+        raise click.UsageError(_BY_NAME_ACROSS)
     kind = RESOURCE_ALIASES[resource.lower()]
-    loaded = _run(load_records(options, kind, namespace, name))
+    loaded = _run(load_records(options, kind, None if all_namespaces else namespace, name))
     records = loaded.records
     if not records:
         _unreadable(loaded.unreadable)
         if name:
             _not_found(kind, name, namespace)
-        click.echo(f"No resources found in {namespace} namespace.", err=True)
+        click.echo("No resources found" + ("" if all_namespaces else f" in {namespace} namespace") + ".", err=True)
         return
     texts = [render.describe_dataset(r) if isinstance(r, DatasetRecord)
              else render.describe_operation(r) if isinstance(r, OperationRecord)

@@ -407,6 +407,23 @@ async def test_describe_shows_spec_status_and_conditions(nats_server: NatsServer
     assert runtime.stdout.rstrip().endswith("Conditions:\n  <none>")
 
 
+async def test_describe_takes_all_namespaces_as_get_does(nats_server: NatsServer, bus: Bus) -> None:
+    """`kubectl describe datasets -A` describes every namespace's; `shoal describe` said "No such option: -A"."""
+    await put_records(bus)
+
+    every = await shoal(nats_server, "describe", "datasets", "-A")
+    assert every.exit_code == 0, every.output
+    names = [line.split()[1] for line in every.stdout.splitlines() if line.startswith(("Name:", "Namespace:"))]
+    assert names == ["imagenet", "default", "mnist", "other"]
+    long = await shoal(nats_server, "describe", "ds", "--all-namespaces", "-n", "other")
+    assert long.stdout == every.stdout
+    none = await shoal(nats_server, "describe", "dataloads", "-A")
+    assert (none.exit_code, none.stdout, none.stderr) == (0, "", "No resources found.\n")
+    named = await shoal(nats_server, "describe", "dataset", "mnist", "-A")
+    assert named.exit_code == 2
+    assert "a resource cannot be retrieved by name across all namespaces" in named.stderr
+
+
 # --- apply and delete against the real services ---
 
 
