@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 
 import msgspec
 
-from libs.events.common import DNS1123_LABEL, DNS1123_SUBDOMAIN, label_errors, parse_quantity
+from libs.events.common import DNS1035_LABEL, DNS1123_LABEL, DNS1123_SUBDOMAIN, label_errors, parse_quantity
 from libs.redact import strip_userinfo
 
 
@@ -533,6 +533,12 @@ def _check(settings: Settings) -> list[str]:
         problems.append("NATS_TLS_KEY: given without NATS_TLS_CERT, the client certificate it is the key of")
     if settings.kube.watch_seconds < 1:
         problems.append(f"SHOAL_KUBE_WATCH_SECONDS={settings.kube.watch_seconds}: must be at least 1")
+    # Matched against each runtime's "<namespace>/<name>": any other spelling (a bare name, kubectl's habit of
+    # leaving the namespace to -n; a dot) matched no runtime, and the agent served nothing without a word.
+    bad = [ref for ref in settings.agent.runtimes if not _runtime_ref(ref)]
+    if bad:
+        problems.append(f"SHOAL_AGENT_RUNTIMES: not <namespace>/<name> of a runtime: {', '.join(map(repr, bad))} "
+                        "(e.g. default/demo)")
     bad = [ns for ns in settings.kube.namespaces if not (DNS1123_LABEL.fullmatch(ns) and len(ns) <= 63)]
     if bad:
         problems.append(f"SHOAL_KUBE_NAMESPACES: not namespace names: {', '.join(map(repr, bad))}")
@@ -545,6 +551,13 @@ def _check(settings: Settings) -> list[str]:
         problems.append(f"SHOAL_KUBE_SECRET_MIRROR={settings.kube.secret_mirror!r}: use <namespace>/<name> of a "
                         "Secret, e.g. shoal-system/shoal-dataset-secrets")
     return problems + _check_scheduler(settings.scheduler)
+
+
+def _runtime_ref(ref: str) -> bool:
+    """Whether ``ref`` is ``<namespace>/<name>`` of a runtime: a DNS-1123 label, then a DNS-1035 label."""
+    namespace, _, name = ref.partition("/")
+    return bool(DNS1123_LABEL.fullmatch(namespace) and DNS1035_LABEL.fullmatch(name)
+                and len(namespace) <= 63 and len(name) <= 63)
 
 
 def _check_scheduler(sched: SchedulerSettings) -> list[str]:

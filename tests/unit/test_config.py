@@ -335,6 +335,17 @@ def test_the_bridges_namespaces_are_namespace_names_each_given_once() -> None:
         load_settings({"SHOAL_KUBE_NAMESPACES": "ML,ok,a/b"})
 
 
+def test_the_agents_runtimes_are_each_namespace_slash_name() -> None:
+    """A bare name (as kubectl takes one, with -n) or a dotted key matched no runtime: the agent served nothing and
+    said nothing."""
+    assert load_settings({"SHOAL_AGENT_RUNTIMES": "default/demo, team-a/data"}).agent.runtimes == [
+        "default/demo", "team-a/data"]
+    with pytest.raises(SettingsError, match=re.escape(
+            "SHOAL_AGENT_RUNTIMES: not <namespace>/<name> of a runtime: 'demo', 'team-a.data', 'Team_A/data', "
+            "'a/b/c' (e.g. default/demo)")):
+        load_settings({"SHOAL_AGENT_RUNTIMES": "demo,team-a.data,ok/fine,Team_A/data,a/b/c"})
+
+
 def test_every_setting_is_described() -> None:
     rows = describe_settings()
     names = [name for name, _, _ in rows]
