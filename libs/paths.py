@@ -76,8 +76,9 @@ def key_problem(key: str) -> str | None:
 def target_path_problem(path: str) -> str | None:
     """Why ``path`` cannot be a DataLoad's or DataClean's target (a path in the dataset, as the mount shows it:
     '/', '/train', '/train/a.jpg', '/train/'), or None when it can. The manifest's paths are plain (the rules
-    above), so a '.', '..' or empty name ('//') names nothing: said at apply, and by the CLI before it sends, rather
-    than "not in the manifest" once a run is planned (at every firing of a Cron load)."""
+    above), so a '.', '..' or empty name ('//'), a NUL, a name over 255 bytes or one that is not UTF-8 names nothing:
+    said at apply, and by the CLI before it sends, rather than "not in the manifest" once a run is planned (at every
+    firing of a Cron load)."""
     if not path.startswith("/"):
         return "must start with '/' (a path in the dataset, e.g. /train)"
     if path == "/":
@@ -89,6 +90,11 @@ def target_path_problem(path: str) -> str | None:
                 "/val/../train/a)")
     if "" in names:
         return "must not hold an empty segment ('//'); write the path itself (e.g. /train/a, not /train//a)"
+    # A NUL, a name over NAME_MAX or one that is not UTF-8 (a shell's $'\xff', a name copied from a host folder):
+    # no manifest path has one, and a name that is not UTF-8 cannot even be sent (JSON carries no such text).
+    problem = relative_problem(body)
+    if problem is not None:
+        return f"{problem}: no file or folder of a dataset has such a path (objects named so are left out)"
     return None
 
 

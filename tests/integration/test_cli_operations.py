@@ -495,6 +495,10 @@ async def test_load_of_a_dataset_that_does_not_exist_creates_nothing(nats_server
     ("load", "/train/../val", "must not hold '.' or '..' segments"),
     ("clean", "/./train", "must not hold '.' or '..' segments"),
     ("load", "train", "must start with '/'"),
+    # A name the shell gave as bytes that are not UTF-8 crashed the CLI (UnicodeEncodeError) as it sent the command.
+    ("load", "/train/bad\udcff.jpg", "is not valid UTF-8: no file or folder of a dataset has such a path"),
+    ("clean", "/bad\udcff/", "is not valid UTF-8"),
+    ("load", "/train/" + "n" * 256, "has a name of 256 bytes (the limit is 255)"),
 ])
 async def test_a_path_the_loader_would_refuse_is_refused_before_anything_is_sent(
         nats_server: NatsServer, loader: StandInLoader, command: str, path: str, why: str) -> None:

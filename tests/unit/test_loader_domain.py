@@ -196,6 +196,21 @@ def test_empty_segments_in_a_target_path_are_refused_at_apply_as_dot_segments_ar
         assert domain.validate_load(load(target=[TargetPath(path=good)])) == [], good
 
 
+def test_a_target_path_with_a_name_no_manifest_holds_is_refused_at_apply() -> None:
+    """A NUL, a name over 255 bytes, or one that is not UTF-8 (a shell's $'\\xff'): the sync leaves such objects out,
+    so the path named nothing and the run failed once planned, "not in the manifest" (the CLI crashed on the last)."""
+    for bad, why in (("/a\0b", "contains a NUL byte"), ("/train/" + "n" * 256, "has a name of 256 bytes"),
+                     ("/bad\udcff", "is not valid UTF-8")):
+        errors = domain.validate_load(load(target=[TargetPath(path=bad)]))
+        assert len(errors) == 1 and errors[0].startswith(f"spec.target[0].path {bad!r} {why}"), errors
+        assert errors[0].endswith("no file or folder of a dataset has such a path (objects named so are left out)")
+        clean = DataClean(metadata=ObjectMeta(name="c"),
+                          spec=DataCleanSpec(dataset=REF, target=[CleanTarget(path=bad)]))
+        assert any(why in e for e in domain.validate_clean(clean))
+    for good in ("/train/" + "n" * 255, "/caf\u00e9/\U0001f600 a+b%20?#", "/new\nline/"):
+        assert domain.validate_load(load(target=[TargetPath(path=good)])) == [], good
+
+
 def test_clean_validation() -> None:
     clean = DataClean(metadata=ObjectMeta(name="c"), spec=DataCleanSpec(dataset=REF, target=[CleanTarget(path="x")]))
     assert any("must start with '/'" in e for e in domain.validate_clean(clean))
