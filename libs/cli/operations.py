@@ -261,5 +261,8 @@ def report(results: Sequence[Finished]) -> bool:
                 text += f" ({format_bytes(progress.bytes_skipped)} {skipped})"
             click.echo(text)
         else:
-            click.echo(f"error: {result.resource} Failed: {record.status.message or 'no message'}", err=True)
+            # One line, shown not acted on: the message may quote an object's key (a part's failure names it), and a
+            # key may hold line breaks and escape sequences.
+            message = render.terminal_text(record.status.message) or "no message"
+            click.echo(f"error: {result.resource} Failed: {message}", err=True)
     return all(result.ok for result in results)

@@ -326,6 +326,27 @@ async def test_apply_wait_exits_1_with_the_message_when_the_load_fails(nats_serv
     assert "dataload.shoal.io/spark-dataload Complete 10/10 files, 40.00MiB/40.00MiB" not in result.stderr
 
 
+async def test_wait_shows_a_failed_message_quoting_an_odd_key_on_one_line_without_control_sequences(
+        nats_server: NatsServer, loader: StandInLoader) -> None:
+    """A part's failure names the object's key, which the store allows to hold an escape sequence (here one that
+    retitles a terminal) and line breaks: the Failed line printed them as they were, so the terminal acted on them
+    and a script reading stderr saw a second "error:" line the key had forged."""
+    await put_dataset(loader.bus, "demo")
+    key = "evil\x1b]0;pwned\x07\nerror: fake.txt"
+    message = f"node node-a failed 1 block(s): {key}: object '{key}' does not exist in bucket 'b'"
+    loader.statuses = [OperationStatus(), OperationStatus(phase="Failed", duration="0s", runs=1, message=message)]
+
+    result = await shoal(nats_server, "load", "dataset", "demo", "--name", "odd", "--wait")
+
+    assert result.exit_code == 1
+    shown = "evil^[]0;pwned\\x07\\nerror: fake.txt"
+    assert result.stderr.splitlines()[-1] == ("error: dataload.shoal.io/odd Failed: node node-a failed 1 block(s): "
+                                              f"{shown}: object '{shown}' does not exist in bucket 'b'")
+    assert "\x1b" not in result.output and "\x07" not in result.output
+    assert [line for line in result.stderr.splitlines() if line.startswith("error:")] == \
+        result.stderr.splitlines()[-1:]
+
+
 async def test_wait_says_so_when_the_operation_is_deleted_before_it_finished(nats_server: NatsServer,
                                                                              loader: StandInLoader) -> None:
     loader.statuses = [OperationStatus(), executing(1, MiB)]
