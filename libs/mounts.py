@@ -69,6 +69,21 @@ def mount_path(mount: Mount, mount_count: int) -> str:
     return "/" if mount_count == 1 else ""
 
 
+# Characters urlsplit removes wherever they are in a URL (WHATWG's rule, Python >= 3.9.5), each as said in errors.
+URL_DROPPED = {"\t": "a tab", "\n": "a line break", "\r": "a carriage return"}
+
+
+def url_dropped_error(mount_point: str) -> str:
+    """Why ``mount_point`` cannot be read as written, or "": read as a URL, it would lose its tabs and line breaks
+    and name another folder or prefix ("s3://b/a\\tb/" lists "ab/"), without a word. Such a name cannot be mounted
+    (mount points are not percent-decoded, so there is no other way to write one): refused rather than guessed."""
+    found = [name for char, name in URL_DROPPED.items() if char in mount_point]
+    if not found:
+        return ""
+    return (f"holds {' and '.join(found)}, which reading it as a URL would drop (another folder or prefix would be "
+            "mounted): mount the folder above the one so named")
+
+
 # How a dataset's status says a secret key was not found (``libs.ufs.mounts.MissingSecret``): the Kubernetes bridge
 # recognises it to ask again once the kubelet has refreshed the mounted Secret.
 MISSING_SECRET_KEY = "has no key"

@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 
 from libs.events.common import DNS1123_LABEL, dns_label_errors
 from libs.events.dataset import Dataset, Mount
+from libs.mounts import url_dropped_error
 from libs.paths import relative_problem
 from libs.redact import hide_secret_query, strip_userinfo
 from libs.subjects import resource_key
@@ -60,6 +61,8 @@ def parse(mount_point: str) -> tuple[Reference | None, str]:
         parts = urlsplit(mount_point)
     except ValueError as err:  # an unbalanced '[' (an IPv6 host never closed)
         return None, f"{shown!r} is not a valid URL ({err}): write {PREFIX}<namespace>/<name>"
+    if dropped := url_dropped_error(mount_point):
+        return None, f"{shown!r} {dropped}"
     namespace = parts.netloc
     name, _, folder = parts.path.lstrip("/").partition("/")
     folder = folder.strip("/")

@@ -46,7 +46,7 @@ from libs.events.runtime import RuntimeSpec
 from libs.events.schedule import DatasetCacheObserved
 from libs.hostpaths import local_root_error
 from libs.inventory import DatasetInventory, UniqueCached
-from libs.mounts import canonical_options, exposed_secret_errors, mount_path
+from libs.mounts import canonical_options, exposed_secret_errors, mount_path, url_dropped_error
 from libs.paths import relative_problem
 from libs.redact import hide_secret_query, is_secret_name, strip_userinfo
 from libs.references import PREFIX as REFERENCE_PREFIX
@@ -110,7 +110,7 @@ def validate_dataset(dataset: Dataset, local_roots: Sequence[str] | None = None,
     seen_names: dict[str, int] = {}
     for index, mount in enumerate(spec.mounts):
         where = f"spec.mounts[{index}]"
-        unparsable = _url_error(mount.mount_point)
+        unparsable = _url_error(mount.mount_point) or url_dropped_error(mount.mount_point)
         if unparsable:
             errors.append(f"{where}.mountPoint {strip_userinfo(mount.mount_point, strict=True)!r} {unparsable}")
             continue

@@ -34,7 +34,7 @@ from services.dataset.domain import CONDITION_SKIPPED
 from services.dataset.sync import StoreOpener
 from tests.conftest import SeaweedServer, put_objects
 from tests.faults import ExtraKeys, ListedStore
-from tests.helpers import dataset_record, eventually, nest_beyond_path_max, running
+from tests.helpers import FactCollector, dataset_record, eventually, nest_beyond_path_max, running
 from tests.integration.agent_stack import node_stack, read_file, run_tool
 
 
@@ -259,3 +259,20 @@ async def test_deleted_object_is_estale_and_long_names_are_enametoolong(
         with pytest.raises(OSError) as raised:
             await asyncio.to_thread(os.stat, root / ("n" * 255))
         assert raised.value.errno == errno.ENOENT
+
+
+async def test_a_prefix_whose_name_a_url_would_change_is_refused_not_another_listed(
+        bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str) -> None:
+    # S3 keeps "new\nline/" apart from "newline/"; read as a URL, the mount point lost its line break and the
+    # dataset was Bound with the files of the other prefix, the wrong bytes under the right names.
+    await put_objects(seaweedfs, bucket, {"new\nline/a.txt": b"the prefix named", "newline/a.txt": b"another one"})
+    facts = FactCollector()
+    await facts.start(bus, subjects.DATASET_REJECTED)
+    dataset = Dataset(metadata=ObjectMeta(name="nl"),
+                      spec=DatasetSpec(mounts=[Mount(mount_point=f"s3://{bucket}/new\nline/")]))
+    async with running(lambda stop: dataset_app.run(settings, stop)):
+        apply = DatasetApply(dataset=dataset)
+        await bus.publish(subjects.DATASET_APPLY, apply)
+        rejected = await facts.wait_for("dataset.rejected.v1", causationId=apply.id)
+    assert "holds a line break, which reading it as a URL would drop" in rejected["reason"], rejected
+    assert await dataset_record(bus, "nl") is None

@@ -1248,6 +1248,25 @@ def test_a_query_or_fragment_a_local_or_s3_mount_would_drop_is_refused(mount_poi
         "and another folder mounted" if mount_point.startswith("local") else "and another prefix listed"), error
 
 
+@pytest.mark.parametrize(("mount_point", "what"), [
+    ("s3://bucket/new\nline/", "a line break"), ("local:///data/tab\there", "a tab"),
+    ("https://host/a\rb/", "a carriage return"), ("pvc://claim/x\ty", "a tab"),
+    ("s3://bucket/a\tb\nc/", "a tab and a line break")])
+def test_a_mount_point_holding_what_a_url_drops_is_refused(mount_point: str, what: str) -> None:
+    """urlsplit drops tabs and line breaks wherever they are: the prefix (folder) whose name held one was read as
+    another ("s3://bucket/new\\nline/" listed "newline/"), and the dataset was Bound with another's files or none."""
+    (error,) = validate_dataset(make_dataset(Mount(mount_point=mount_point)), local_roots=["/data"],
+                                pvc_root="/claims")
+    assert error == (f"spec.mounts[0].mountPoint {mount_point!r} holds {what}, which reading it as a URL would drop "
+                     "(another folder or prefix would be mounted): mount the folder above the one so named"), error
+
+
+def test_a_reference_to_a_folder_holding_what_a_url_drops_is_refused() -> None:
+    point = "dataset://default/src/new\nline"
+    errors = validate_dataset(make_dataset(Mount(mount_point=point)))
+    assert errors and all("holds a line break, which reading it as a URL would drop" in e for e in errors), errors
+
+
 @pytest.mark.parametrize(
     ("mount", "reason"),
     [(Mount(mount_point="http:///data/"), "must name a web server"),
