@@ -153,8 +153,10 @@ def other_instance(event: Inventory, agent: AgentRecord | None) -> bool:
     of the other, counted too, made the node's figures and blocks switch between two caches at each event (each a
     new incarnation: a snapshot asked for, answered by both). An event of an agent before ``instance``, of a node
     with no record (a simulated agent) or of an instance the record does not know yet (a restarted agent before its
-    first beat is in) counts as before."""
-    return (bool(event.instance) and agent is not None and bool(agent.heartbeat.instance)
+    first beat is in) counts as before. So does one of an earlier instance while the node is not flagged: after a
+    restart the agent's mount processes live on (they are handed over) and still name the instance that started them,
+    which beat as the node lately too; only while two agents beat by turns (``conflict_at``) is it another agent."""
+    return (bool(event.instance) and agent is not None and bool(agent.heartbeat.instance) and agent.conflict_at > 0
             and event.instance != agent.heartbeat.instance and event.instance in agent.instances)
 
 

@@ -347,5 +347,6 @@ class AgentRecord(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     # last beat: a beat from one of them again means two agents share the node's name (a restart never returns to
     # an old instance). Kept for as long as the flag lasts (``services.runtime.domain.INSTANCE_CONFLICT_SECONDS``).
     instances: dict[str, float] = {}
-    # When a beat last came from such an earlier instance (0: never): the node is flagged from then for as long.
+    # When a beat last came from such an earlier instance (0: never, or not within the time the flag lasts): the node
+    # is flagged from then for as long.
     conflict_at: float = 0.0

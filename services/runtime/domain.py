@@ -434,7 +434,8 @@ def agent_record(current: AgentRecord | None, beat: AgentHeartbeat, received_at:
     instances: dict[str, float] = {}
     conflict_at = 0.0
     if current is not None:
-        conflict_at = current.conflict_at
+        # A conflict over is no conflict: readers of the record (``libs.inventory.other_instance``) go by it.
+        conflict_at = current.conflict_at if received_at - current.conflict_at <= INSTANCE_CONFLICT_SECONDS else 0.0
         instances = dict(current.instances)
         if current.heartbeat.instance and current.heartbeat.instance != beat.instance:
             instances[current.heartbeat.instance] = current.received_at

@@ -236,6 +236,7 @@ def test_the_conflict_ends_once_only_one_agent_beat_for_the_window() -> None:
     # "b" stopped: only "a" beat since, and "b" is forgotten once as old as the window.
     record = agent_record(record, record.heartbeat, NOW + 0.5)
     assert record.instances == {} and node_conflict(record, NOW + 0.5) is None
+    assert record.conflict_at == 0.0  # the record says so itself: readers without the window go by it
     # An instance older than the window that beats again is no conflict: its record would have expired too.
     record = beats_of("n1", ("a", NOW - INSTANCE_CONFLICT_SECONDS - 1), ("b", NOW - 1), ("a", NOW))
     assert record is not None and node_conflict(record, NOW) is None

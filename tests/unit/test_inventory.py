@@ -244,6 +244,10 @@ def test_inventory_of_another_agent_process_of_the_node_than_the_one_its_record_
     assert not other_instance(msgspec.structs.replace(event, instance="new"), record)
     assert not other_instance(msgspec.structs.replace(event, instance=""), record)
     assert not other_instance(event, None)
+    # A restart: the old instance beat lately, but no two agents beat by turns. The mount processes it started live
+    # on under the new agent and still name it: their inventory is the node's.
+    restarted = msgspec.structs.replace(record, instances={"other": 99.0}, conflict_at=0.0)
+    assert not other_instance(event, restarted)
     notes = NodeNotes(every=60.0)
     assert notes.due("n1", 0.0) and not notes.due("n1", 59.0) and notes.due("n2", 59.0)
     assert notes.due("n1", 60.0) and set(notes.said) == {"n1", "n2"}
