@@ -14,7 +14,9 @@ Decides:
 - Fluid compatibility: the ``data.fluid.io`` kinds take the same spec schema, with unknown fields preserved on every
   object of the spec (Fluid fields Shoal ignores survive a round trip through the apiserver and reach
   ``libs.documents``, which notes them as ignored), and a status in Fluid's shape (``FluidDatasetStatus``,
-  ``FluidRuntimeStatus``, ``FluidOperationStatus`` below, with ``fluid_*_status`` converting Shoal's statuses);
+  ``FluidRuntimeStatus``, ``FluidOperationStatus`` below, with ``fluid_*_status`` converting Shoal's statuses),
+  always with every field Fluid's own CRD of the kind requires: a cluster that ran Fluid has Fluid's CRDs
+  installed, whose apiserver refuses a status lacking one;
 - printer columns like Fluid's, on JSONPaths that exist in the status the bridge writes;
 - the status subresource on every kind, so only the bridge's status patches change status.
 
@@ -22,7 +24,8 @@ The status the bridge writes, per kind (deploy/crds/README.md has the same table
 - shoal.io Dataset: ``DatasetStatus``; Runtime: ``RuntimeStatus``; DataLoad, DataClean: ``OperationStatus``
   (``msgspec.to_builtins`` of the status in the latest ``*StatusChanged`` event);
 - data.fluid.io Dataset: ``fluid_dataset_status(DatasetStatus)``; every Fluid runtime kind:
-  ``fluid_runtime_status(RuntimeStatus)``; DataLoad: ``fluid_operation_status(OperationStatus)``.
+  ``fluid_runtime_status(RuntimeStatus)``; DataLoad: ``fluid_operation_status(OperationStatus)``; an object refused
+  before Shoal held it (no status yet): ``fluid_unheld_status``, the fields Fluid requires at their zero values.
 ``shoal_status`` picks the one of a kind; ``shoal get -o yaml`` (libs.cli.render) prints the same status.
 """
 
@@ -40,7 +43,7 @@ import yaml
 
 from libs.events.common import DNS1035_LABEL, DNS1123_LABEL, MAX_LABEL_LENGTH, format_bytes
 from libs.events.dataset import CacheStates, Condition, DatasetSpec, DatasetStatus, RuntimeRef
-from libs.events.operation import DataCleanSpec, DataLoadSpec, OperationStatus, Progress
+from libs.events.operation import UNFINISHED, DataCleanSpec, DataLoadSpec, OperationStatus, Progress
 from libs.events.runtime import RuntimeSpec, RuntimeStatus
 from libs.events.schema import schema_of
 from libs.kube import FLUID_GROUP, RESOURCES, SHOAL_GROUP, Resource
@@ -80,8 +83,10 @@ class FluidDatasetStatus(msgspec.Struct, frozen=True, kw_only=True, rename="came
     """The fields of Fluid's DatasetStatus Shoal fills. Fluid spells the file count as a string.
 
     Phases are plain strings in the Fluid shapes: objects Fluid's controllers wrote may carry Fluid's other phases
-    (Pending, Updating, ...), and a status they hold must stay valid. Like every field here the phase defaults to
-    Fluid's zero value and is left out when empty (Go's ``omitempty``); the converters always set it.
+    (Pending, Updating, ...), and a status they hold must stay valid. The phase defaults to Fluid's zero value and
+    is left out when empty (Go's ``omitempty``); the converter always sets it. ``conditions`` has no default: Fluid's
+    Dataset CRD requires it (a Go field without ``omitempty``), so it is always written, empty as ``[]``, as Fluid's
+    own controller writes it from the first status on.
     """
 
     phase: str = ""
@@ -90,7 +95,7 @@ class FluidDatasetStatus(msgspec.Struct, frozen=True, kw_only=True, rename="came
     # Fluid's CacheStateList: a map (cacheCapacity, cached, cachedPercentage, cacheHitRatio, ...).
     cache_states: dict[str, str] = {}
     runtimes: list[RuntimeRef] = []
-    conditions: list[Condition] = []
+    conditions: list[Condition]
     dataset_ref: list[str] = []
 
 
@@ -137,18 +142,28 @@ class WaitingStatus(msgspec.Struct, frozen=True, kw_only=True, rename="camel", o
 
 
 class FluidOperationStatus(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omit_defaults=True):
-    """Fluid's OperationStatus, plus Shoal's ``progress`` (Fluid's clients skip fields they do not know)."""
+    """Fluid's OperationStatus, plus Shoal's ``progress`` (Fluid's clients skip fields they do not know; Fluid's own
+    DataLoad CRD does not declare it, so where that CRD is installed the apiserver prunes it).
 
-    phase: str = ""
-    duration: str = ""
-    conditions: list[Condition] = []
+    ``phase``, ``duration`` and ``conditions`` have no default: Fluid's DataLoad CRD requires them (Go fields
+    without ``omitempty``), so they are always written, as Fluid's controllers write them from the first (Pending)
+    status on: ``duration`` ``Unfinished`` until the run ends, ``conditions`` ``[]``.
+    """
+
+    phase: str
+    duration: str
+    conditions: list[Condition]
     last_schedule_time: str = ""
     last_successful_time: str = ""
     waiting_for: WaitingStatus | None = None
     progress: Progress | None = None
 
 
-def fluid_dataset_status(status: DatasetStatus) -> FluidDatasetStatus:
+def fluid_dataset_status(status: DatasetStatus | None) -> FluidDatasetStatus:
+    """Fluid's shape of Shoal's dataset status; ``None``: Shoal does not hold the dataset (refused before it had any
+    status), so only what Fluid requires, empty."""
+    if status is None:
+        return FluidDatasetStatus(conditions=[])
     return FluidDatasetStatus(
         phase=status.phase,
         ufs_total=status.ufs_total,
@@ -192,16 +207,40 @@ def fluid_runtime_status(status: RuntimeStatus | None) -> FluidRuntimeStatus:
     )
 
 
-def fluid_operation_status(status: OperationStatus) -> FluidOperationStatus:
+def fluid_operation_status(status: OperationStatus | None) -> FluidOperationStatus:
+    """Fluid's shape of Shoal's operation status; ``None``: Shoal does not hold the operation (refused before it
+    had any status), so Fluid's zero values (its controllers leave a DataLoad they refuse so: phase ``Failed``,
+    which the refusal writes, duration empty, the refusal's condition)."""
+    if status is None:
+        return FluidOperationStatus(phase="", duration="", conditions=[])
+    # Shoal says nothing of a duration until a run starts (Pending); Fluid says Unfinished until the run ends.
+    unended = status.phase in ("Pending", "Executing")
     return FluidOperationStatus(
         phase=status.phase,
-        duration=status.duration,
+        duration=status.duration or (UNFINISHED if unended else ""),
         conditions=status.conditions,
         last_schedule_time=status.last_schedule_time,
         last_successful_time=status.last_successful_time,
         waiting_for=WaitingStatus(operation_complete=True) if status.waiting_for_operation else None,
         progress=status.progress if status.progress != Progress() else None,
     )
+
+
+def fluid_unheld_status(resource: Resource) -> dict[str, Any]:
+    """The status of a Fluid kind's object Shoal does not hold (refused before it had any status), as JSON-ready
+    builtins: Fluid's CRD of the kind refuses a status without the fields it requires, so they are there, at the
+    values that say nothing is ready or done (a refusal then adds its phase and condition)."""
+    unheld: msgspec.Struct
+    if resource.kind == "Dataset":
+        unheld = fluid_dataset_status(None)
+    elif resource.kind == "DataLoad":
+        unheld = fluid_operation_status(None)
+    elif resource.kind.endswith("Runtime"):
+        unheld = fluid_runtime_status(None)
+    else:
+        raise ValueError(f"{resource.api_version} {resource.kind} has no Fluid status")
+    shown: dict[str, Any] = msgspec.to_builtins(unheld)
+    return shown
 
 
 def shoal_status(resource: Resource, status: msgspec.Struct | None) -> dict[str, Any]:
@@ -211,8 +250,9 @@ def shoal_status(resource: Resource, status: msgspec.Struct | None) -> dict[str,
 
     One source for every reader: shoal-bridge writes it to the custom resources, and ``shoal get -o yaml`` prints
     it, so an object looks the same whether kubectl or the CLI shows it. The Fluid shapes are the converters above:
-    ``fileNum`` is a string as in Fluid, a runtime has every field Fluid's runtime CRDs require (master, worker and
-    fuse phases and counts, ``valueFile``), an operation shows ``waitingFor`` and Shoal's ``progress``.
+    ``fileNum`` is a string as in Fluid, each kind has every field Fluid's CRD of it requires (a dataset's
+    ``conditions``; a runtime's master, worker and fuse phases and counts and ``valueFile``; an operation's
+    ``phase``, ``duration`` and ``conditions``), an operation shows ``waitingFor`` and Shoal's ``progress``.
     """
     if status is None:
         return {}

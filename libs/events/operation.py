@@ -24,6 +24,8 @@ from libs.events.dataset import Condition
 OperationKind = Literal["DataLoad", "DataClean"]
 Policy = Literal["Once", "Cron", "OnEvent"]
 OperationPhase = Literal["Pending", "Executing", "Complete", "Failed"]
+# The duration of an operation whose run has not ended (Fluid's word, which its controllers write from Pending on).
+UNFINISHED = "Unfinished"
 
 # Far above any runtime's cache workers; only bounds nonsense before a run checks the real number.
 MAX_TARGET_REPLICAS = 64
@@ -129,7 +131,7 @@ class OperationStatus(msgspec.Struct, frozen=True, kw_only=True, rename="camel",
 
     phase: OperationPhase = "Pending"
     message: str = ""
-    # Fluid writes a duration like "1m32s"; "Unfinished" while running.
+    # Fluid writes a duration like "1m32s"; ``UNFINISHED`` while running.
     duration: str = ""
     conditions: list[Condition] = []
     last_schedule_time: str = ""

@@ -17,7 +17,7 @@ from typing import Any, Literal
 import msgspec
 
 from libs import kube, references
-from libs.crds import fluid_runtime_status, shoal_status
+from libs.crds import fluid_unheld_status, shoal_status
 from libs.deletion import deleted_at
 from libs.documents import Command, documents_to_commands, read_only_message, read_only_note
 from libs.events.common import DECODE_ERRORS, DNS1123_SUBDOMAIN, rfc3339, to_builtins
@@ -547,9 +547,9 @@ def desired_status(resource: kube.Resource, obj: dict[str, Any], status: msgspec
     from it. Shoal's own type (``shoal``) stays where there is none.
     """
     desired = without_nulls(shoal_status(resource, status))
-    if not desired and refusal is not None and is_fluid(resource) and family(resource) == "runtime":
-        # Refused before Shoal held it: Fluid's runtime CRDs refuse a status without their required fields.
-        desired = without_nulls(to_builtins(fluid_runtime_status(None)))
+    if not desired and refusal is not None and is_fluid(resource):
+        # Refused before Shoal held it: Fluid's CRDs refuse a status without their required fields.
+        desired = without_nulls(fluid_unheld_status(resource))
     if runtime_kind and is_fluid(resource) and resource.kind == "Dataset" and desired.get("runtimes"):
         kind_type = runtime_kind.removesuffix("Runtime").lower()
         desired["runtimes"] = [{**entry, "type": kind_type} for entry in desired["runtimes"]]

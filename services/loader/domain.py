@@ -34,6 +34,7 @@ from libs.events.dataset import CONDITION_SYNCED, Condition, DatasetRecord, Mani
 from libs.events.operation import (
     MAX_TARGET_REPLICAS,
     MAX_TTL_SECONDS,
+    UNFINISHED,
     CleanTarget,
     DataClean,
     DataCleanSpec,
@@ -61,8 +62,6 @@ from libs.references import reference_of
 MAX_PART_BLOCKS = 2000
 MAX_PART_BYTES = 256 * 1024
 OPERATION_KINDS: tuple[OperationKind, ...] = ("DataLoad", "DataClean")
-# What a run that finished reports as its duration while it runs (Fluid's word).
-UNFINISHED = "Unfinished"
 # A run none of whose parts reported progress for this long is stalled: its rate is 0 and its ETA unknown, not the
 # numbers of the last report. A working part reports at least once a second (a block fetched, skipped or failed); a
 # block of 4 MiB from a slow store, or a part waiting for the mount's new manifest, can keep one quiet for seconds.

@@ -163,7 +163,9 @@ def test_fluid_shapes_and_shoal_shape() -> None:
                                  OperationStatus(phase="Pending", waiting_for="DataLoad team/a to be Complete",
                                                  waiting_for_operation=True),
                                  None, now=0)
-    assert load == {"phase": "Pending", "waitingFor": {"operationComplete": True}}  # Fluid's "still waiting"
+    # Fluid's "still waiting", with what Fluid's DataLoad CRD requires: a duration (Unfinished) and conditions.
+    assert load == {"phase": "Pending", "duration": "Unfinished", "conditions": [],
+                    "waitingFor": {"operationComplete": True}}
     assert domain.desired_status(SHOAL_DATASET, cr(SHOAL_DATASET, {}), None, None, now=0) is None
 
 
