@@ -8,7 +8,8 @@ they write into ``SHOAL_PROMETHEUS_TARGETS_DIR``. Prometheus (Debian's binary, `
 
 The work: a dataset synced, a DataLoad of a folder, reads through both mounts (cache hits, peer reads, store
 misses), a read of an object deleted from the store after the sync (a store error), a scheduling question, a
-malformed command (rejected) and a compare-and-set that loses (a KV conflict). Then every target of every panel,
+malformed command (rejected), a compare-and-set that loses (a KV conflict) and two agents beating as one node (the
+inventory of the one not held is ignored). Then every target of every panel,
 with ``$__rate_interval`` and the variables at "All" filled in as Grafana would, must return at least one series:
 this catches a ``_total`` or ``_seconds`` naming mistake, a label a query groups by that the code never sets, and a
 metric nobody moves. A query Prometheus refuses fails at once; the ones still empty at the deadline are all named.
@@ -20,7 +21,8 @@ import asyncio
 import contextlib
 import dataclasses
 import json
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +36,8 @@ from libs.bus import Bus, Conflict, kv_load, kv_save
 from libs.cli.stack.prometheus import TARGETS_DIR_VARIABLE, PrometheusConfig, find_tool, start_prometheus
 from libs.config import Settings
 from libs.embedded import LOOPBACK, free_port
-from libs.events.common import ObjectMeta
+from libs.events.agent import AgentHeartbeat, AgentRecord, InventorySnapshot
+from libs.events.common import ObjectMeta, ObjectRef
 from libs.events.dataset import Dataset, DatasetApply, DatasetRecord, DatasetSpec, Mount
 from libs.events.operation import TargetPath
 from libs.events.runtime import Level, Runtime, RuntimeApply, RuntimeSpec, TieredStore
@@ -52,6 +55,8 @@ pytestmark = [pytest.mark.needs("fuse", "prometheus"), pytest.mark.timeout(120)]
 
 NAME = "observed"
 NODES: dict[str, dict[str, str]] = {"node-a": {}, "node-b": {}}
+# A node name two simulated agent processes share (no mount: only their beats and a snapshot).
+SHARED_NODE = "node-z"
 MiB = 1024 * 1024
 # Several 1 MiB blocks under train/ (loaded, then read: hits and peer reads), one object read cold (store misses),
 # one deleted from the store after the sync (a store error).
@@ -122,6 +127,34 @@ async def lose_a_compare_and_set(bus: Bus) -> None:
         await kv_save(kv, key, record, None)
 
 
+async def share_a_node_name(bus: Bus) -> None:
+    """Two agent processes beating as one node (``SHARED_NODE``) by turns, and a snapshot of the one its record does
+    not hold: the scheduler and the dataset service ignore it and count it (``other_instance``)."""
+    agents = await bus.kv(subjects.KV_AGENTS)
+
+    async def beat(instance: str) -> None:
+        beat = AgentHeartbeat(node=SHARED_NODE, sent_at=time.time(), instance=instance)
+        await bus.js.publish(subjects.agent_heartbeat(SHARED_NODE), msgspec.json.encode(beat))
+
+    async def record() -> AgentRecord | None:
+        return (await kv_load(agents, SHARED_NODE, AgentRecord))[0]
+
+    await beat("first")
+    await eventually(lambda: _holding(record, "first", False), what="the first agent's beat in its node's record")
+    await beat("second")  # as far as anyone can tell, the first one restarted
+    await eventually(lambda: _holding(record, "second", False), what="the second agent's beat in the record")
+    await beat("first")  # the first one again: two agents share the name, and the record keeps the second
+    await eventually(lambda: _holding(record, "second", True), what="the node flagged")
+    snapshot = InventorySnapshot(node=SHARED_NODE, dataset=ObjectRef(name=NAME), incarnation="first-mount", seq=1,
+                                 instance="first")
+    await bus.js.publish(subjects.agent_inventory(SHARED_NODE), msgspec.json.encode(snapshot))
+
+
+async def _holding(record: Callable[[], Awaitable[AgentRecord | None]], instance: str, flagged: bool) -> bool:
+    found = await record()
+    return found is not None and found.heartbeat.instance == instance and (found.conflict_at > 0) == flagged
+
+
 @pytest.mark.timeout(240)
 async def test_every_dashboard_query_returns_data_from_a_running_stack(
         bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path,
@@ -166,6 +199,7 @@ async def test_every_dashboard_query_returns_data_from_a_running_stack(
                 await read_file(cluster.agents["node-a"].mountpoint(NAME) / "gone.bin")
             await bus.nc.jetstream().publish(subjects.DATASET_APPLY, b"{not a command")
             await lose_a_compare_and_set(bus)
+            await share_a_node_name(bus)
 
             # A decision, for the scheduler's panels. Until the agents' inventory snapshots are folded (at most
             # WARMUP_SECONDS after its start) the scheduler answers "ask again shortly", as callers are told to.
