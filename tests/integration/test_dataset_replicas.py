@@ -245,7 +245,10 @@ async def test_two_replica_processes_list_each_dataset_once_and_one_takes_over_a
         with stopwatch() as took:
             for name in second:
                 await bus.publish(subjects.DATASET_APPLY, DatasetApply(dataset=local_dataset(name, folder)))
-            await eventually(lambda: synced(bus, second), 30, "the second datasets synced by the survivor")
+            try:
+                await eventually(lambda: synced(bus, second), 30, "the second datasets synced by the survivor")
+            except AssertionError as err:  # what the survivor saw and did, for the one who reads the failure
+                raise AssertionError(f"{err}; the survivor's log ends: {replicas['one'].tail(6000)}") from None
         after = listed(replicas["one"].log)[len(by_replica["one"]):]
         assert sorted(after) == sorted(f"default.{name}" for name in second), "each listed once, by the survivor"
         assert took[0] < REPLICA_TTL_SECONDS + 10, took
