@@ -138,6 +138,8 @@ DATASET_SYNC_SECONDS = Histogram("shoal_dataset_sync_duration_seconds", "Time to
                                  "save its manifest, by outcome (ok, failed).", ["outcome"], buckets=SECONDS_BUCKETS)
 DATASET_OBJECTS = Gauge("shoal_dataset_objects", "Objects in a dataset's manifest at its last sync.", ["dataset"])
 DATASET_UFS_BYTES = Gauge("shoal_dataset_ufs_bytes", "Bytes in a dataset's sources at its last sync.", ["dataset"])
+DATASET_SKIPPED_OBJECTS = Gauge("shoal_dataset_skipped_objects", "Objects a dataset's last sync listed but left out "
+                                "of the tree (the ObjectsSkipped condition).", ["dataset"])
 # Outcome of a periodic (autoSync) listing: a changed listing makes a new manifest, an unchanged one writes nothing.
 AUTOSYNC_CHANGED, AUTOSYNC_UNCHANGED = "changed", "unchanged"
 DATASET_AUTOSYNCS = Counter("shoal_dataset_autosyncs", "Periodic (autoSync) listings of a dataset, by outcome "

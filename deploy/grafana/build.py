@@ -275,14 +275,21 @@ OVERVIEW = Board(
             Panel("Failed commands", "Messages rejected (invalid) or dead-lettered (gave up), per consumer.",
                   (Query(f"sum by (consumer, outcome) ({rate(total(metrics.COMMANDS), FAILED)})",
                          "{{consumer}} {{outcome}}"),),
-                  unit="ops", width=8),
+                  unit="ops", width=6),
             Panel("Object store errors", "Failed object store requests by operation and reason.",
                   (Query(f"sum by (operation, reason) ({rate(total(metrics.STORE_ERRORS))})",
                          "{{operation}} {{reason}}"),),
-                  unit="ops", width=8),
+                  unit="ops", width=6),
             Panel("Unhealthy cache directories", "Cache directories not writable or over their quota, per node.",
                   (Query(f"sum by (node) (1 - {gauge(metrics.CACHE_DIR_HEALTHY)})", "{{node}}", instant=True),),
-                  kind="stat", width=8),
+                  kind="stat", width=6),
+            # max, not sum: every dataset-service replica reports every dataset.
+            Panel("Objects left out", "Objects each dataset's last sync listed but left out of the mounted tree "
+                  "(key collisions, names that cannot be files, special files, looping links): the dataset's "
+                  "ObjectsSkipped condition says which.",
+                  (Query(f"max by (dataset) ({gauge(metrics.DATASET_SKIPPED_OBJECTS)})", "{{dataset}}",
+                         instant=True),),
+                  kind="stat", width=6),
         )),
     ),
 )

@@ -145,6 +145,9 @@ class DatasetStatus(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     ufs_total: str = ""
     ufs_total_bytes: int = 0
     file_num: int = 0
+    # Objects the last listing left out of the tree (not in fileNum; the ``ObjectsSkipped`` condition says which):
+    # a number, so the dataset service's gauge reads it from the record as it reads fileNum.
+    skipped_objects: int = 0
     cache_states: CacheStates = CacheStates()
     # Per node, by name: where the cached bytes are (``shoal describe dataset``).
     nodes: list[NodeCache] = []

@@ -1,6 +1,7 @@
 """The dataset service's gauges, kept equal to the ``shoal_datasets`` bucket: datasets by phase (every phase, 0
-included), and for each dataset synced at least once the objects and bytes its last sync found. It also keeps the
-nodes each dataset's status names (``nodes_named``): where the sweep of departed nodes looks.
+included), and for each dataset synced at least once the objects and bytes its last sync found and the objects it
+left out of the tree. It also keeps the nodes each dataset's status names (``nodes_named``): where the sweep of
+departed nodes looks.
 
 Fed by the reconciler's watch of the bucket (``Reconciler.observe``): no listing and no second watch. Each change
 moves only its dataset's series (a burst of thousands of applies stays linear); the initial values, and a replay
@@ -41,6 +42,7 @@ class _Status(msgspec.Struct, frozen=True, rename="camel"):
     phase: DatasetPhase = "NotBound"
     file_num: int = 0
     ufs_total_bytes: int = 0
+    skipped_objects: int = 0
     last_sync_time: str = ""
     nodes: tuple[_Node, ...] = ()
 
@@ -57,6 +59,8 @@ class _Seen(msgspec.Struct, frozen=True):
 
 
 _DECODER = msgspec.json.Decoder(_Seen)
+# The gauges with a series per synced dataset: set together, removed together.
+_PER_DATASET = (metrics.DATASET_OBJECTS, metrics.DATASET_UFS_BYTES, metrics.DATASET_SKIPPED_OBJECTS)
 
 
 class DatasetCensus:
@@ -99,8 +103,8 @@ class DatasetCensus:
         for phase in PHASES:
             metrics.DATASETS.labels(phase).set(self.phases[phase])
         # One dataset service per process: these gauges are this bucket's, whatever an earlier view left.
-        metrics.DATASET_OBJECTS.clear()
-        metrics.DATASET_UFS_BYTES.clear()
+        for gauge in _PER_DATASET:
+            gauge.clear()
         for record in seen.values():
             self._export(record)
 
@@ -118,7 +122,7 @@ class DatasetCensus:
         if before is None:
             return
         self._count(before.status.phase, -1)
-        for gauge in (metrics.DATASET_OBJECTS, metrics.DATASET_UFS_BYTES):
+        for gauge in _PER_DATASET:
             with contextlib.suppress(KeyError):  # never synced: no series
                 gauge.remove(before.label)
 
@@ -132,3 +136,4 @@ class DatasetCensus:
             return  # not listed yet: no objects to speak of
         metrics.DATASET_OBJECTS.labels(record.label).set(record.status.file_num)
         metrics.DATASET_UFS_BYTES.labels(record.label).set(record.status.ufs_total_bytes)
+        metrics.DATASET_SKIPPED_OBJECTS.labels(record.label).set(record.status.skipped_objects)

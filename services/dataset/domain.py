@@ -487,7 +487,7 @@ def sync_changes_nothing(record: DatasetRecord, result: SyncResult) -> bool:
     return (synced is not None and synced.status == "True" and same_skipped
             and status.synced_generation == result.generation and status.synced_requests == result.requests
             and status.manifest == result.manifest and status.file_num == result.file_num
-            and status.ufs_total_bytes == result.total_bytes)
+            and status.ufs_total_bytes == result.total_bytes and status.skipped_objects == result.skipped)
 
 
 @dataclass(frozen=True)
@@ -558,6 +558,7 @@ def status_after_sync(record: DatasetRecord, result: SyncResult, runtime_phase: 
             ufs_total=format_bytes(result.total_bytes),
             ufs_total_bytes=result.total_bytes,
             file_num=result.file_num,
+            skipped_objects=result.skipped,
             manifest=result.manifest,
             conditions=conditions,
             last_sync_time=rfc3339(now),

@@ -23,7 +23,16 @@ from libs import paths, subjects
 from libs.bus import Bus
 from libs.config import Settings
 from libs.events.common import ObjectMeta
-from libs.events.dataset import Dataset, DatasetApply, DatasetRecord, DatasetSpec, ManifestEntry, Mount
+from libs.events.dataset import (
+    Dataset,
+    DatasetApply,
+    DatasetDelete,
+    DatasetRecord,
+    DatasetResync,
+    DatasetSpec,
+    ManifestEntry,
+    Mount,
+)
 from libs.events.runtime import Level, Runtime, RuntimeApply, RuntimeSpec, TieredStore
 from libs.manifest import ManifestStore
 from libs.ufs import ObjectInfo, ObjectStore, open_store
@@ -36,6 +45,7 @@ from tests.conftest import SeaweedServer, put_objects
 from tests.faults import ExtraKeys, ListedStore
 from tests.helpers import FactCollector, dataset_record, eventually, nest_beyond_path_max, running
 from tests.integration.agent_stack import node_stack, read_file, run_tool
+from tests.metric_values import exists, value
 
 
 async def synced(bus: Bus, name: str) -> DatasetRecord:
@@ -104,6 +114,36 @@ async def test_status_counts_what_the_tree_shows_and_reports_what_it_leaves_out(
     x, empty = walk(tree, "/x"), walk(tree, "/empty")
     assert x is not None and x.is_dir and [n.name for n in tree.children(x.inode)] == ["y"]
     assert empty is not None and empty.is_dir and tree.children(empty.inode) == []
+
+
+async def test_the_objects_left_out_are_a_gauge_per_dataset_until_it_is_deleted(bus: Bus,
+                                                                              settings: Settings) -> None:
+    objects = {**VISIBLE, **LEFT_OUT}
+    dataset = Dataset(metadata=ObjectMeta(name="counted"),
+                      spec=DatasetSpec(mounts=[Mount(mount_point="s3://odd-keys")]))
+    label = {"dataset": "default/counted"}
+
+    async def gauge_at(want: float) -> bool:
+        return exists("shoal_dataset_skipped_objects", **label) and value("shoal_dataset_skipped_objects",
+                                                                          **label) == want
+
+    async with running(lambda stop: dataset_app.run(settings, stop, opener=lambda location: ListedStore(objects))):
+        await bus.publish(subjects.DATASET_APPLY, DatasetApply(dataset=dataset))
+        record = await synced(bus, "counted")
+        assert record.status.skipped_objects == len(LEFT_OUT) == 7
+        await eventually(lambda: gauge_at(7), what="7 objects left out, as a gauge")
+        # The store cleaned up and listed again: the gauge says 0 (a series an alert compares), not nothing.
+        for key in LEFT_OUT:
+            del objects[key]
+        await bus.publish(subjects.DATASET_RESYNC, DatasetResync(name="counted"))
+        await eventually(lambda: gauge_at(0), what="no object left out, as a gauge")
+        assert (await synced(bus, "counted")).status.skipped_objects == 0
+        await bus.publish(subjects.DATASET_DELETE, DatasetDelete(name="counted"))
+
+        async def gone() -> bool:
+            return not exists("shoal_dataset_skipped_objects", **label)
+
+        await eventually(gone, what="the deleted dataset's series removed")
 
 
 async def test_keys_never_leave_their_mount(bus: Bus, settings: Settings) -> None:

@@ -114,6 +114,14 @@ def test_an_unchanged_listing_changes_nothing() -> None:
     assert not sync_changes_nothing(record, dataclasses.replace(same, requests=1))  # a resync counted
     assert not sync_changes_nothing(synced(error="cannot reach", retryable=True), same)
 
+    # A record written before its status counted the objects left out (the condition the same, skippedObjects 0):
+    # the listing writes the count rather than leaving it at 0 for good.
+    skipping = dataclasses.replace(same, skipped=1, listed=3, skipped_examples=("k: why",))
+    counted = msgspec.structs.replace(record, status=status_after_sync(record, skipping, "Ready", NOW))
+    assert sync_changes_nothing(counted, skipping)
+    uncounted = msgspec.structs.replace(counted, status=msgspec.structs.replace(counted.status, skipped_objects=0))
+    assert not sync_changes_nothing(uncounted, skipping)
+
 
 def test_the_sync_time_moves_only_with_a_written_status() -> None:
     record = synced()

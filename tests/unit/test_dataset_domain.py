@@ -982,10 +982,14 @@ def test_skipped_objects_show_as_a_condition_until_a_sync_skips_none() -> None:
     (skipped,) = [c for c in status.conditions if c.type == CONDITION_SKIPPED]
     assert (skipped.status, skipped.reason) == ("True", "UnusableKeys")
     assert skipped.message.startswith("2 of 29 listed objects are not in the tree: 'x' (mount 0)")
-    assert (status.file_num, status.ufs_total_bytes) == (27, 270)
+    assert (status.file_num, status.ufs_total_bytes, status.skipped_objects) == (27, 270, 2)
+    # A failed listing keeps what the last one found, as it keeps fileNum.
+    failed = status_after_sync(record_at(status=status), SyncResult(generation=2, error="boom"), "Ready", NOW + 30)
+    assert (failed.file_num, failed.skipped_objects) == (27, 2)
     clean = status_after_sync(record_at(status=status), SyncResult(generation=2, file_num=29, listed=29), "Ready",
                               NOW + 60)
     assert [c.type for c in clean.conditions] == [CONDITION_SYNCED]
+    assert clean.skipped_objects == 0
 
 
 # --- cacheStates from the inventory fold ---

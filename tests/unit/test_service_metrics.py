@@ -36,9 +36,10 @@ def test_a_gauge_family_sets_what_changed_and_removes_what_left() -> None:
 
 
 def entry(name: str, phase: str = "NotBound", files: int = 0, synced: bool = False,
-          operation: str | None = None) -> KeyValue.Entry:
+          operation: str | None = None, skipped: int = 0) -> KeyValue.Entry:
     record = DatasetRecord(dataset=Dataset(metadata=ObjectMeta(name=name, namespace="t")), generation=1,
                            status=DatasetStatus(phase=phase, file_num=files, ufs_total_bytes=10 * files,  # type: ignore[arg-type]
+                                                skipped_objects=skipped,
                                                 last_sync_time="2026-12-05T00:00:00Z" if synced else ""))
     value_ = None if operation else msgspec.json.encode(record)
     return KeyValue.Entry(bucket="shoal_datasets", key=f"t.{name}", value=value_, revision=1, delta=None,
@@ -49,27 +50,39 @@ def phases() -> dict[str, float]:
     return {phase: value("shoal_datasets", phase=phase) for phase in ("NotBound", "Bound", "Failed")}
 
 
+PER_DATASET = ("shoal_dataset_objects", "shoal_dataset_ufs_bytes", "shoal_dataset_skipped_objects")
+
+
 def test_the_dataset_census_follows_the_bucket() -> None:
     census = DatasetCensus()
-    census.observe(entry("a", files=3, synced=True))
+    census.observe(entry("a", files=3, synced=True, skipped=2))
     census.observe(entry("b"))
     census.observe(None)  # the initial values are in
     assert phases() == {"NotBound": 2, "Bound": 0, "Failed": 0}
     assert value("shoal_dataset_objects", dataset="t/a") == 3 and value("shoal_dataset_ufs_bytes", dataset="t/a") == 30
-    assert not exists("shoal_dataset_objects", dataset="t/b")  # not listed yet
+    assert value("shoal_dataset_skipped_objects", dataset="t/a") == 2
+    assert not any(exists(name, dataset="t/b") for name in PER_DATASET)  # not listed yet
     census.observe(entry("a", phase="Bound", files=4, synced=True))
     assert phases() == {"NotBound": 1, "Bound": 1, "Failed": 0}
     assert value("shoal_dataset_objects", dataset="t/a") == 4
+    # A sync that leaves nothing out says 0 (a series an alert can compare), not nothing.
+    assert exists("shoal_dataset_skipped_objects", dataset="t/a")
+    assert value("shoal_dataset_skipped_objects", dataset="t/a") == 0
     census.observe(entry("a", operation="DEL"))
     assert phases() == {"NotBound": 1, "Bound": 0, "Failed": 0}
-    assert not exists("shoal_dataset_objects", dataset="t/a") and not exists("shoal_dataset_ufs_bytes", dataset="t/a")
+    assert not any(exists(name, dataset="t/a") for name in PER_DATASET)
     # A replay after a reconnect: the view changes only once it is complete, then to exactly what it holds.
     census.observe(Replay())
-    census.observe(entry("c", phase="Failed", files=1, synced=True))
+    census.observe(entry("c", phase="Failed", files=1, synced=True, skipped=5))
     assert phases() == {"NotBound": 1, "Bound": 0, "Failed": 0}
     census.observe(None)
     assert phases() == {"NotBound": 0, "Bound": 0, "Failed": 1}
     assert value("shoal_dataset_objects", dataset="t/c") == 1
+    assert value("shoal_dataset_skipped_objects", dataset="t/c") == 5
+    # A replay without the dataset removes its series, this one too.
+    census.observe(Replay())
+    census.observe(None)
+    assert not any(exists(name, dataset="t/c") for name in PER_DATASET)
 
 
 async def test_inventory_events_are_counted_by_what_the_fold_made_of_them_with_their_lag() -> None:
