@@ -35,6 +35,14 @@ SHADOWED = "a folder of the same name exists"
 DUPLICATE = "another object already has this path"
 
 
+def quoted_key(key: str) -> str:
+    """How every message (an error, a status, a report) names an object key: as a Python string literal. A key may
+    hold spaces, quotes, line breaks, escape sequences or undecodable bytes (kept as surrogates); quoted so, it is
+    one unambiguous token whose odd characters are shown escaped, never acted on by a terminal nor read as the end
+    of the message."""
+    return repr(key)
+
+
 def _name_problem(name: str) -> str | None:
     if name == "":
         return "has an empty name ('//' or a leading '/')"
@@ -129,7 +137,7 @@ def dataset_path(root: str, key: str) -> str:
     """
     problem = key_problem(key)
     if problem is not None:
-        raise ValueError(f"key {key!r} {problem}")
+        raise ValueError(f"key {quoted_key(key)} {problem}")
     return root.rstrip("/") + "/" + key
 
 
@@ -143,7 +151,7 @@ class Skipped:
     def add(self, key: str, reason: str, mount: int = 0) -> None:
         self.count += 1
         if len(self.examples) < EXAMPLES:
-            shown = repr(key)
+            shown = quoted_key(key)
             if len(shown) > EXAMPLE_CHARS:
                 shown = shown[: EXAMPLE_CHARS - 1] + "…"
             self.examples.append(f"{shown} (mount {mount}): {reason}")

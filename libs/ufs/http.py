@@ -41,6 +41,7 @@ import aiohttp
 from multidict import CIMultiDictProxy
 from yarl import URL
 
+from libs.paths import quoted_key
 from libs.redact import strip_userinfo
 from libs.ufs.base import (
     AccessDenied,
@@ -531,7 +532,7 @@ class HttpObjectStore:
     def _check_key(self, key: str) -> None:
         parts = key.split("/")
         if key.startswith("/") or "\0" in key or any(part in ("", ".", "..") for part in parts):
-            raise NoSuchKey(f"key {key!r} is not a relative path below web folder {self._where}")
+            raise NoSuchKey(f"key {quoted_key(key)} is not a relative path below web folder {self._where}")
 
     def _changed(self, key: str, etag: str) -> ObjectChanged:
         return ObjectChanged(f"file {strip_userinfo(self.url_of(key))} changed: it is no longer the version "

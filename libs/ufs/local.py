@@ -29,6 +29,7 @@ import stat
 from collections.abc import AsyncGenerator
 from types import TracebackType
 
+from libs.paths import quoted_key
 from libs.ufs.base import (
     AccessDenied,
     LocalLocation,
@@ -190,7 +191,8 @@ class _Walk:
             if prefix == LOST_FOUND:
                 return LOST_FOUND_UNREADABLE  # never the dataset's files: left out with the reason
             # Skipping it would look like its files were deleted.
-            raise AccessDenied(f"permission denied listing local directory '{folder}'") from err
+            # The folder's path below the root is a key prefix: quoted as keys are.
+            raise AccessDenied(f"permission denied listing local directory {quoted_key(folder)}") from err
         except OSError as err:
             if prefix and err.errno == errno.ELOOP:
                 return None  # replaced by a link while we listed (O_NOFOLLOW): links to folders are not followed
@@ -344,7 +346,7 @@ class LocalObjectStore:
     def _check_key(self, key: str) -> None:
         parts = key.split("/")
         if os.path.isabs(key) or "\0" in key or any(part in ("", ".", "..") for part in parts):
-            raise NoSuchKey(f"key {key!r} is not a relative path below local directory '{self._root}'")
+            raise NoSuchKey(f"key {quoted_key(key)} is not a relative path below local directory '{self._root}'")
 
     def _resolve(self, key: str) -> tuple[str, str]:
         """The real path of ``key`` and of the root; NoSuchKey if it lies outside the root through a link."""
@@ -355,16 +357,17 @@ class LocalObjectStore:
         return real, real_root
 
     def _outside(self, key: str) -> NoSuchKey:
-        return NoSuchKey(f"key '{key}' leads outside local directory '{self._root}'")
+        return NoSuchKey(f"key {quoted_key(key)} leads outside local directory '{self._root}'")
 
     def _no_key(self, key: str) -> NoSuchKey:
-        return NoSuchKey(f"file '{key}' does not exist in local directory '{self._root}'")
+        return NoSuchKey(f"file {quoted_key(key)} does not exist in local directory '{self._root}'")
 
     def _changed(self, key: str, etag: str) -> ObjectChanged:
-        return ObjectChanged(f"file '{key}' in local directory '{self._root}' changed: its ETag is no longer {etag}")
+        return ObjectChanged(f"file {quoted_key(key)} in local directory '{self._root}' changed: its ETag is no longer "
+                             f"{etag}")
 
     def _denied(self, key: str) -> AccessDenied:
-        return AccessDenied(f"permission denied reading '{key}' in local directory '{self._root}'")
+        return AccessDenied(f"permission denied reading {quoted_key(key)} in local directory '{self._root}'")
 
     def _head(self, key: str) -> ObjectInfo:
         real, real_root = self._resolve(key)
@@ -420,4 +423,4 @@ class LocalObjectStore:
         except PermissionError as err:
             raise self._denied(key) from err
         except OSError as err:
-            raise UfsError(f"cannot read '{key}' in local directory '{self._root}': {err.strerror}") from err
+            raise UfsError(f"cannot read {quoted_key(key)} in local directory '{self._root}': {err.strerror}") from err

@@ -43,6 +43,7 @@ from botocore.exceptions import (
 )
 from yarl import URL
 
+from libs.paths import quoted_key
 from libs.redact import cut_error, hide_signing, strip_userinfo
 from libs.ufs.base import (
     AccessDenied,
@@ -658,16 +659,16 @@ class S3ObjectStore:
 
     def _no_key(self, key: str) -> NoSuchKey:
         return NoSuchKey(
-            f"object '{self._prefix}{key}' does not exist in bucket '{self._bucket}' at {self._where}"
+            f"object {quoted_key(self._prefix + key)} does not exist in bucket '{self._bucket}' at {self._where}"
         )
 
     def _too_long(self, key: str, length: int) -> UfsError:
-        return UfsError(f"S3 get of '{self._prefix}{key}' in bucket '{self._bucket}' at {self._where} answered more "
-                        f"than the {length} bytes asked for")
+        return UfsError(f"S3 get of {quoted_key(self._prefix + key)} in bucket '{self._bucket}' at {self._where} "
+                        f"answered more than the {length} bytes asked for")
 
     def _changed(self, key: str, etag: str) -> ObjectChanged:
         return ObjectChanged(
-            f"object '{self._prefix}{key}' in bucket '{self._bucket}' at {self._where} changed: "
+            f"object {quoted_key(self._prefix + key)} in bucket '{self._bucket}' at {self._where} changed: "
             f"its ETag is no longer {etag}"
         )
 
@@ -700,6 +701,7 @@ class S3ObjectStore:
 
     def _map(self, err: Exception, action: str, key: str | None, etag: str | None) -> UfsError:
         bucket = f"bucket '{self._bucket}' at {self._where}"
+        what = f"S3 {action} of " + (f"{quoted_key(self._prefix + key)} in {bucket}" if key is not None else bucket)
         if isinstance(err, ClientError):
             error = err.response.get("Error", {})
             code = str(error.get("Code", ""))
@@ -720,7 +722,6 @@ class S3ObjectStore:
                 return UfsError(
                     f"{bucket} is not in region '{self._location.region}'{found}: set the mount's region"
                 )
-            what = f"S3 {action} of " + (f"'{self._prefix}{key}' in {bucket}" if key is not None else bucket)
             unparsable = err.response.get(_UNPARSABLE)
             if isinstance(unparsable, dict):
                 failure = UfsError(f"{what} failed: {self._unparsable(err, unparsable)}")
@@ -734,8 +735,7 @@ class S3ObjectStore:
                 f"no usable S3 credentials for {bucket}: set the access key id and secret access key"
             )
         if isinstance(err, _CUT):  # the endpoint answered: one connection was lost, not the store
-            failure = UfsError(f"S3 {action} of '{self._prefix}{key}' in {bucket} failed: the connection was cut "
-                               f"mid-answer ({type(err).__name__})")
+            failure = UfsError(f"{what} failed: the connection was cut mid-answer ({type(err).__name__})")
             failure.retryable = True
             return failure
         if isinstance(err, EndpointConnectionError | HTTPClientError | aiohttp.ClientError | TimeoutError):

@@ -29,6 +29,7 @@ from libs.events.agent import (
     group_blocks,
 )
 from libs.events.common import ObjectRef
+from libs.paths import quoted_key
 from libs.telemetry import get_logger
 
 log = get_logger(__name__)
@@ -73,7 +74,7 @@ def cut_files(files: Iterable[CachedFile], budget: int) -> list[list[CachedFile]
                 taken += 1
             if taken == 0:
                 if not current:
-                    raise ValueError(f"one block of {file.key!r} cannot fit in {budget} bytes")
+                    raise ValueError(f"one block of {quoted_key(file.key)} cannot fit in {budget} bytes")
                 parts.append(current)
                 current, used = [], 0
                 continue

@@ -44,6 +44,7 @@ from libs.blocks import BlockId, block_span, blocks_touched
 from libs.events.dataset import ManifestEntry
 from libs.events.runtime import CacheWorker
 from libs.metrics import FOR_LOAD, FOR_PEER, FOR_READ, GET, PEER, STORE
+from libs.paths import quoted_key
 from libs.redact import cut_error
 from libs.ring import owners
 from libs.telemetry import child_span, get_logger, server_attributes, tracer
@@ -123,7 +124,7 @@ class StoreGate:
             return got
         data = await self.store.get_range(key, start, len(into), etag=etag)
         if len(data) > len(into):
-            raise UfsError(f"{key}: expected at most {len(into)} bytes at offset {start}, got {len(data)}")
+            raise UfsError(f"{quoted_key(key)}: expected at most {len(into)} bytes at offset {start}, got {len(data)}")
         into[:len(data)] = data
         return len(data)
 
@@ -328,7 +329,7 @@ class BlockReader:
         shrank under its index) is stale; one whose index now names another mount is refused by that store's
         If-Match (another object, another ETag)."""
         if entry.mount >= len(self.gates):
-            raise ObjectChanged(f"{entry.key}: its mount is no longer in the dataset; open the file again")
+            raise ObjectChanged(f"{quoted_key(entry.key)}: its mount is no longer in the dataset; open the file again")
         return self.gates[entry.mount]
 
     def route(self, block: BlockId) -> Route:
@@ -423,7 +424,7 @@ class BlockReader:
         try:
             got = await self._gate(entry).get_range_into(entry.key, start, fill.data, entry.etag)
             if got != length:
-                raise UfsError(f"{entry.key}: expected {length} bytes at offset {start}, got {got}")
+                raise UfsError(f"{quoted_key(entry.key)}: expected {length} bytes at offset {start}, got {got}")
             self._count_store(block, length)
             await self.cache.put_filled(fill)  # type: ignore[attr-defined]
             return bytes(fill.data) if self._filling.get(block) else b""
@@ -498,7 +499,7 @@ class BlockReader:
             self._cache_wanted.discard(block)
             self._loading.discard(block)
             self._for_peer.discard(block)
-            raise UfsError(f"{entry.key}: expected {length} bytes at offset {start}, got {len(data)}")
+            raise UfsError(f"{quoted_key(entry.key)}: expected {length} bytes at offset {start}, got {len(data)}")
         self._count_store(block, length)
         # Kept before the fetch counts as done: a lookup right after must find the block, not fetch it again.
         if block in self._cache_wanted:
@@ -548,7 +549,8 @@ class BlockReader:
             data = await self._gate(entry).get_range(entry.key, block_start + lo, hi - lo, entry.etag)
         expected = min(block_start + hi, entry.size) - block_start - lo  # a read may ask past the end of the file
         if len(data) != expected:  # a short answer passed on would read as the end of the file
-            raise UfsError(f"{entry.key}: expected {expected} bytes at offset {block_start + lo}, got {len(data)}")
+            raise UfsError(f"{quoted_key(entry.key)}: expected {expected} bytes at offset {block_start + lo}, "
+                           f"got {len(data)}")
         self.stats.gets += 1
         self.stats.miss_bytes += len(data)
         if self.metrics is not None:

@@ -55,6 +55,7 @@ from libs.bus import DAY, Bus, kv_load
 from libs.events.common import DECODE_ERRORS, ObjectRef
 from libs.events.dataset import DatasetRecord, ManifestEntry
 from libs.events.operation import NodeTask, OperationRecord, TaskCancel, TaskProgress
+from libs.paths import quoted_key
 from libs.redact import cut_error
 from libs.telemetry import extract_context, get_logger, messaging_attributes, tracer
 from libs.ufs.base import EndpointUnreachable, UfsError
@@ -608,7 +609,7 @@ class TaskRunner:
         entry = self.entries().get((file.mount, file.key))
         problem = block_problem(entry, file.etag, index, self.reader.block_size)
         if problem is not None or entry is None:
-            ledger.fail(file_index, f"{file.key}: {problem}")
+            ledger.fail(file_index, f"{quoted_key(file.key)}: {problem}")
             return
         for attempt in range(1, STORE_ATTEMPTS + 1):
             try:
@@ -616,15 +617,15 @@ class TaskRunner:
                 break
             except EndpointUnreachable as err:
                 if attempt == STORE_ATTEMPTS or abort.is_set():
-                    ledger.fail(file_index, f"{file.key}: {err}")
+                    ledger.fail(file_index, f"{quoted_key(file.key)}: {err}")
                     return
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(abort.wait(), STORE_RETRY_SECONDS)
             except UfsError as err:
-                ledger.fail(file_index, f"{file.key}: {err}")
+                ledger.fail(file_index, f"{quoted_key(file.key)}: {err}")
                 return
         if not self.cache.contains(self.reader.block_id(entry, index)):
-            ledger.fail(file_index, f"{file.key}: {NOT_KEPT}")
+            ledger.fail(file_index, f"{quoted_key(file.key)}: {NOT_KEPT}")
             return
         ledger.done(file_index, size, skipped=not fetched)
         if fetched and self.warmed is not None:

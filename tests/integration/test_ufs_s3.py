@@ -128,6 +128,12 @@ async def test_head(seaweedfs: SeaweedServer, bucket: str) -> None:
         assert [(item.key, item.size, item.etag) for item in listed] == [(info.key, info.size, info.etag)]
         with pytest.raises(NoSuchKey, match=re.escape(f"'set/missing.txt' does not exist in bucket '{bucket}'")):
             await store.head("missing.txt")
+        # A key with quotes and a line break is named quoted, as every message names keys: one unambiguous token.
+        odd = 'a "b"\nc\'d'
+        with pytest.raises(NoSuchKey) as raised:
+            await store.head(odd)
+        assert str(raised.value).startswith(f"object {'set/' + odd!r} does not exist in bucket '{bucket}'")
+        assert "\n" not in str(raised.value)
 
 
 async def test_ranged_reads(seaweedfs: SeaweedServer, bucket: str) -> None:

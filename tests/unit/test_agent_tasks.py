@@ -134,6 +134,35 @@ async def test_a_load_on_a_non_owner_fetches_from_the_store_never_a_peer(tmp_pat
     assert all(n.cache.contains(n.reader.block_id(n.entry, index)) for index in range(3))
 
 
+async def test_a_failed_parts_message_quotes_an_odd_key(tmp_path: Path) -> None:
+    """A key may hold quotes, line breaks and escape sequences: a part's message (the operation's message, shown by
+    ``shoal describe`` and printed by ``--wait``) names it quoted, and so does the store's error it carries, rather
+    than raw, where a line break reads as the end of the message and a quote as the end of the key."""
+    n = await node(tmp_path)
+    odd = 'say "it\'s"\n\x1b[31mred.bin'
+    source = tmp_path / "source"
+    (source / odd).write_bytes(b"x" * RBLOCK)
+    info = await n.store.head(odd)
+    entry = ManifestEntry(path=f"/{odd}", mount=0, key=odd, size=info.size, etag=info.etag, mtime=info.mtime)
+    runner = TaskRunner(cast(Any, None), "n", ObjectRef(name="ds"), n.cache, n.reader, lambda: {(0, odd): entry},
+                        concurrency=1)
+
+    async def message(part: NodeTask) -> str:
+        ledger = PartLedger.of(part)
+        await runner._load(part, ledger, asyncio.Event())
+        assert ledger.failed == 1
+        return ledger.message
+
+    # Not in the manifest at the version the loader planned.
+    planned_elsewhere = task(CachedFile(0, odd, "other-etag", [(0, RBLOCK)]))
+    assert await message(planned_elsewhere) == f"{odd!r}: {CHANGED}"
+    # In the manifest, gone from the store: the local store's error names it quoted too.
+    (source / odd).unlink()
+    gone = await message(task(CachedFile(0, odd, info.etag, [(0, RBLOCK)])))
+    assert gone == f"{odd!r}: file {odd!r} does not exist in local directory '{source}'"
+    assert "\n" not in gone and "\x1b" not in gone
+
+
 def test_a_part_given_up_fails_every_block_it_names_and_at_least_one() -> None:
     load = NodeTask(id="r.1.0", run="r.1", part=0, parts=1, node="n", dataset=ObjectRef(name="d"), action="load",
                     blocks=[CachedFile(0, "a", "e", [(0, 10), (1, 5)]), CachedFile(0, "b", "e", [(0, 1)])])
