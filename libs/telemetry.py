@@ -1,7 +1,8 @@
 """Logging and tracing set-up shared by every process, and trace-context propagation through NATS headers.
 
 Logs: structlog, JSON lines when stderr is not a terminal (collectors parse them), readable console output on
-one; a line written inside a span carries its ``trace_id`` and ``span_id`` (hex, as trace backends show them).
+one, with the control characters of values escaped (``_terminal_safe``); a line written inside a span carries its
+``trace_id`` and ``span_id`` (hex, as trace backends show them).
 Traces: an OpenTelemetry TracerProvider in every process, so trace ids exist (and travel, and reach the logs) even
 when nothing exports them; spans are exported over OTLP/HTTP only when the standard ``OTEL_*`` variables ask for it
 (``tracing_exporter`` decides: off when unset), in batches, flushed by ``shutdown_tracing`` when the process ends.
@@ -65,7 +66,7 @@ def setup_logging(level: str = "info", fmt: str = "auto", file: TextIO | None = 
     global _configured_logging
     file = file or sys.stderr
     use_console = fmt == "console" or (fmt == "auto" and file.isatty())
-    renderer: Any = _without_userinfo(structlog.dev.ConsoleRenderer() if use_console
+    renderer: Any = _without_userinfo(_terminal_safe(structlog.dev.ConsoleRenderer()) if use_console
                                       else structlog.processors.JSONRenderer())
     structlog.configure(
         processors=[
@@ -94,6 +95,67 @@ def _without_userinfo(renderer: Any) -> Any:
         return strip_userinfo(line) if isinstance(line, str) and "@" in line else line
 
     return render
+
+
+# The console renderer's fields written apart from the ``key=value`` pairs: the message, and the traceback and stack
+# (whose line breaks are theirs: they are shown as lines).
+_MESSAGE, _MULTILINE = "event", ("exception", "stack")
+
+
+def _terminal_safe(renderer: Any) -> Any:
+    """``renderer`` (the console one) whose lines hold no character a terminal acts on, nor a line break of a
+    value's: the console renderer writes a string value as it is (quoted only when it holds a space, quote or line
+    break), so a value naming an object key with an escape sequence recoloured or retitled the terminal, and one with
+    a line break (or a vertical tab, form feed, NEL) forged a line. A value holding a character that is not
+    printable is shown as its Python literal, as ``repr`` escapes it (the form the renderer gives other values and
+    ``libs.paths.quoted_key`` gives keys); the message gets the same escapes without quotes; a traceback keeps its
+    line breaks and has the rest escaped. JSON lines need none of this: JSON escapes control characters."""
+
+    def render(logger: Any, method: str, event: MutableMapping[str, Any]) -> Any:
+        for key, value in event.items():
+            if key == _MESSAGE and isinstance(value, str):
+                event[key] = _escaped(value)
+            elif key in _MULTILINE and isinstance(value, str):
+                event[key] = _escaped(value, keep="\n")
+            else:
+                event[key] = _shown(value)
+        return renderer(logger, method, event)
+
+    return render
+
+
+def _escaped(text: str, keep: str = "") -> str:
+    """``text`` with each character that is not printable (control characters, Unicode's format characters such as
+    bidirectional overrides, separators other than the space), bar those in ``keep``, written as Python escapes it."""
+    if text.isprintable():
+        return text
+    return "".join(char if char.isprintable() or char in keep else repr(char)[1:-1] for char in text)
+
+
+class _Literal:
+    """A value the console renderer shows as ``text`` (it writes a value's ``repr``, or ``str`` in a column)."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __repr__(self) -> str:
+        return self.text
+
+    __str__ = __repr__
+
+
+def _shown(value: Any) -> Any:
+    """``value``, or a ``_Literal`` of its escaped form when the renderer would write a character that is not
+    printable: a string as its ``repr`` (quoted and escaped), another value's ``repr`` with such characters escaped
+    (a list's strings are already; an object's own ``__repr__`` may not escape them)."""
+    if isinstance(value, str):
+        return value if value.isprintable() else _Literal(repr(value))
+    if isinstance(value, int | float | bool) or value is None:
+        return value
+    shown = repr(value)
+    return value if shown.isprintable() else _Literal(_escaped(shown))
 
 
 class _StructlogHandler(logging.StreamHandler):

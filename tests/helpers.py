@@ -145,15 +145,16 @@ class FactCollector:
 
 
 @contextmanager
-def json_logs(monkeypatch: pytest.MonkeyPatch, level: str = "info") -> Iterator[io.StringIO]:
-    """This process's log lines through the processes' own set-up (``setup_logging``), as JSON into the returned
-    buffer while the block runs; structlog's and logging's configuration are restored afterwards."""
+def json_logs(monkeypatch: pytest.MonkeyPatch, level: str = "info", fmt: str = "json") -> Iterator[io.StringIO]:
+    """This process's log lines through the processes' own set-up (``setup_logging``), as JSON (or ``fmt``:
+    ``console``, as on a terminal) into the returned buffer while the block runs; structlog's and logging's
+    configuration are restored afterwards."""
     buffer = io.StringIO()
     root = logging.getLogger()
     root_level = root.level
     # As if configured before: loggers are not cached, so nothing keeps writing to the buffer after the block.
     monkeypatch.setattr(telemetry, "_configured_logging", True)
-    telemetry.setup_logging(level, "json", file=buffer)
+    telemetry.setup_logging(level, fmt, file=buffer)
     try:
         yield buffer
     finally:

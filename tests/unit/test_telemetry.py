@@ -156,6 +156,35 @@ def test_no_log_line_carries_a_urls_password_whoever_writes_it(monkeypatch: pyte
     assert "nats://***@127.0.0.1:4222" in lines[1]["event"]
 
 
+def test_console_lines_show_control_characters_of_values_escaped_never_raw(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a terminal the console format is used, and it wrote string values as they were: an object key holding an
+    escape sequence recoloured or retitled the terminal, and one holding a line break forged a log line. Values
+    with such characters are shown as their Python literal, the message escaped; a traceback keeps its line breaks
+    (an exception's message too: the known limit), not the rest."""
+    key = "evil\x1b]0;pwned\x07\n2026-12-07T00:00:00Z [error    ] forged\x0bline\u202e.bin"
+    with json_logs(monkeypatch, fmt="console") as buffer:
+        log = get_logger("tests.telemetry")
+        log.warning("read failed", key=key, keys=[key], plain="data/a.bin", count=3)
+        log.info(f"object {key}")
+        logging.getLogger("nats.aio.client").error("cannot read %s", key)  # a library's line, through logging
+        try:
+            raise ValueError(f"no object\n{key.replace(chr(10), ' ')}")
+        except ValueError:
+            log.exception("load failed")
+    # The renderer's own colours are the only escape sequences left.
+    out = re.sub("\x1b\\[[0-9;]*m", "", buffer.getvalue())
+    for raw in ("\x1b", "\x07", "\x0b", "\u202e"):
+        assert raw not in out
+    lines = out.splitlines()
+    # One line per call, and the traceback's own lines: nothing a key added.
+    assert not [line for line in lines if line.startswith("2026-12-07T00:00:00Z")]
+    assert f"key={key!r}" in out and f"keys={[key]!r}" in out and "plain=data/a.bin" in out and "count=3" in out
+    escaped = key.encode("unicode_escape").decode()
+    assert f"object {escaped}" in out and f"cannot read {escaped}" in out
+    assert "Traceback (most recent call last):" in lines
+    assert "ValueError: no object" in lines  # its own line break kept, its escape sequence not
+
+
 def test_a_services_starting_line_hides_the_password_of_a_nats_url_without_a_scheme(
         monkeypatch: pytest.MonkeyPatch) -> None:
     # nats-py reads user:password@host:4222 as nats://...: libs.service logged the URL whole, password and all.
