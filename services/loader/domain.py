@@ -377,12 +377,28 @@ def dataset_wait(record: OperationRecord, cluster: Cluster) -> str | None:
         return None
     if dataset.status.phase == "Bound":
         # Bound follows the runtime's readiness, not the listing: a plan needs the manifest of a first listing.
-        return None if dataset.status.last_sync_time else f"dataset {name} to be listed (its first metadata sync)"
+        if not dataset.status.last_sync_time:
+            return f"dataset {name} to be listed (its first metadata sync)"
+        return workers_wait(record, cluster.runtime, name)
     if cluster.runtime is None:
         return f"dataset {name} to be Bound: apply a runtime named {ref.name} in namespace {ref.namespace}"
     runtime = cluster.runtime.status
     why = f": {runtime.message}" if runtime.message else ""
     return f"dataset {name} to be Bound (runtime {name} is {runtime.phase}{why})"
+
+
+def workers_wait(record: OperationRecord, runtime: RuntimeRecord | None, name: str) -> str | None:
+    """What a DataLoad of a Bound dataset waits for while its runtime's cache workers are picked but none is ready
+    (none heard from yet), or None. So stands a runtime just after the whole stack restarted (an upgrade in place,
+    ``shoal down`` and ``up``): the dataset stays Bound and the workers stay picked while their agents start again,
+    and a run due then (a Cron load's missed firing, which the loader starts at once) failed with "no ready cache
+    workers" seconds before they were back. A runtime with no worker picked at all is no such wait: it fails."""
+    if record.kind != "DataLoad" or runtime is None or runtime.status.ready_nodes or ring_of(runtime):
+        return None
+    picked = [worker.node for worker in runtime.status.workers]
+    if not picked:
+        return None
+    return f"a cache worker of runtime {name} to be ready ({', '.join(picked)} picked, none heard from yet)"
 
 
 def waited_too_long(since: float, now: float, timeout: float) -> bool:

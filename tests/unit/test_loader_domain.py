@@ -342,6 +342,34 @@ def test_a_run_waits_for_its_dataset_to_exist_and_be_bound() -> None:
     assert domain.run_problem(record(), cluster(phase="Failed"))
 
 
+def test_a_load_waits_for_picked_cache_workers_heard_from_again() -> None:
+    """After the whole stack restarted (an upgrade in place), the dataset is still Bound and its runtime's workers
+    still picked, none heard from yet: a load due then (a Cron load's missed firing, started by the loader at once)
+    waits for one of them, as it waits for its dataset, rather than failing "no ready cache workers" seconds before
+    the agents are back. A runtime with no worker picked at all still fails at once; a clean needs no ready worker."""
+    bound = cluster()
+    assert bound.dataset is not None and bound.runtime is not None
+    listed = msgspec.structs.replace(bound.dataset, status=DatasetStatus(phase="Bound",
+                                                                         last_sync_time="2026-01-01T00:00:00Z"))
+    restarted = domain.Cluster(listed, msgspec.structs.replace(bound.runtime, status=RuntimeStatus(
+        workers=[CacheWorker(node="n0", ready=False), CacheWorker(node="n1", ready=False)])))
+    why = domain.dataset_wait(record(), restarted)
+    assert why == "a cache worker of runtime default/data to be ready (n0, n1 picked, none heard from yet)", why
+    assert domain.dataset_wait_failure(record(), restarted, why, 600.0) == (
+        "runtime default/data has no ready cache workers; start an agent for it or wait until one is ready (waited "
+        "600 s for a cache worker of runtime default/data to be ready (n0, n1 picked, none heard from yet))")
+    # One heard from again: the run starts.
+    back = domain.Cluster(listed, msgspec.structs.replace(bound.runtime, status=RuntimeStatus(
+        ready_nodes=["n1"], workers=[CacheWorker(node="n0", ready=False), CacheWorker(node="n1", peer_url="http://x")])))
+    assert domain.dataset_wait(record(), back) is None
+    # No worker picked at all: nothing to wait for, the run fails saying so.
+    none_picked = domain.Cluster(listed, msgspec.structs.replace(bound.runtime, status=RuntimeStatus()))
+    assert domain.dataset_wait(record(), none_picked) is None
+    assert "no ready cache workers" in (domain.run_problem(record(), none_picked) or "")
+    clean = OperationRecord(kind="DataClean", metadata=ObjectMeta(name="c"), clean=DataCleanSpec(dataset=REF))
+    assert domain.dataset_wait(clean, restarted) is None
+
+
 def test_a_run_that_waited_too_long_for_its_dataset_fails_saying_what_to_change() -> None:
     assert not domain.waited_too_long(100.0, 699.9, 600.0) and domain.waited_too_long(100.0, 700.0, 600.0)
     missing = domain.dataset_wait(record(), domain.Cluster(None, None))
