@@ -129,6 +129,11 @@ class CacheWorker(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omi
     ready: bool = True
     # The peer endpoint of the node's mount of the dataset (``MountReport.peer_url``).
     peer_url: str = ""
+    # The node's agent serves peers (its heartbeat names a ``peerHost``): its mount gets a ``peer_url`` once it
+    # serves. A ready worker that serves peers without one is starting (just after a restart), not one of a runtime
+    # without a peer server (a single agent without a peer secret), where no worker ever has one. False: records
+    # written before this field, and agents before ``peerHost``.
+    serves_peers: bool = False
     # Epoch seconds since which the node's heartbeats say unhealthy (0: healthy). Kept from status to status, so a
     # worker unhealthy for longer than the grace period is replaced by a healthy spare, a blip is not.
     unhealthy_since: float = 0.0

@@ -680,7 +680,8 @@ def can_add_worker(runtime: Runtime, current: Sequence[CacheWorker], agents: Map
 
 def worker_status(runtime: Runtime, nodes: Iterable[str], agents: Mapping[str, AgentRecord],
                   now: float, current: Sequence[CacheWorker] = ()) -> list[CacheWorker]:
-    """Each worker's readiness (a fresh, healthy heartbeat), the peer URL of its mount of the dataset, and since
+    """Each worker's readiness (a fresh, healthy heartbeat), the peer URL of its mount of the dataset, whether its
+    agent serves peers (a ``peerHost`` in its heartbeat, or a peer URL from an agent that names none), and since
     when its heartbeats say unhealthy (kept from ``current``, the workers as last saved; from now when new)."""
     meta = runtime.metadata
     since = {worker.node: worker.unhealthy_since for worker in current}
@@ -695,6 +696,7 @@ def worker_status(runtime: Runtime, nodes: Iterable[str], agents: Mapping[str, A
         peer_url = report.peer_url if report is not None and report.state == "Serving" else ""
         fine = healthy(beat, runtime)
         workers.append(CacheWorker(node=node, ready=is_fresh(record, now) and fine, peer_url=peer_url,
+                                   serves_peers=bool(beat.peer_host or peer_url),
                                    unhealthy_since=0.0 if fine else since.get(node) or now))
     return workers
 

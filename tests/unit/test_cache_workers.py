@@ -267,7 +267,8 @@ def test_worker_peer_urls_come_from_their_mount_reports_and_make_the_ring() -> N
     rt = runtime(2)
     agents = [agent("n1", peer_url="http://127.0.0.1:4001"), agent("n2"), agent("n3", peer_url="http://x:1")]
     status = runtime_status(RuntimeRecord(runtime=rt, generation=1), agents, NOW)
-    assert status.workers == [CacheWorker(node="n1", ready=True, peer_url="http://127.0.0.1:4001"),
+    # A peer URL says the agent serves peers (one before ``peerHost`` names none); n2's agent serves none.
+    assert status.workers == [CacheWorker(node="n1", ready=True, peer_url="http://127.0.0.1:4001", serves_peers=True),
                               CacheWorker(node="n2", ready=True, peer_url="")]
     assert status.current_worker_number_scheduled == 2 and status.worker_number_ready == 2
     assert status.cache_capacity_bytes == 2**30  # the ring (workers with a peer endpoint) holds the cache

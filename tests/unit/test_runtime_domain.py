@@ -868,6 +868,31 @@ def test_grouped_mounts_of_an_agent_serving_every_runtime_read_as_reports_did() 
     assert [w.peer_url for w in status.workers] == ["http://10.0.0.7:4100", ""]
 
 
+def test_a_worker_serves_peers_when_its_agent_names_a_peer_host_before_its_mount_has_a_peer_url() -> None:
+    """Right after a restart an agent beats before its mount process serves: the worker is ready with no peer URL,
+    and ``servesPeers`` tells the loader a ring is coming (its ``peerHost``), unlike an agent without a peer server,
+    whose workers never get one."""
+    runtime = valid_runtime(replicas=2)
+
+    def beat(node: str, peer_host: str, state: MountState, port: int = 0) -> AgentRecord:
+        return AgentRecord(heartbeat=AgentHeartbeat(
+            node=node, all_runtimes=True, interval_seconds=INTERVAL, sent_at=NOW, peer_host=peer_host,
+            mount_groups=[MountGroup(namespace="default", state=state, datasets={"imagenet": port})]),
+            received_at=NOW)
+
+    status = status_of(runtime, [beat("node-a", "10.0.0.7", "Starting"), beat("node-b", "", "Serving")])
+    assert [(w.node, w.ready, w.peer_url, w.serves_peers) for w in status.workers] == [
+        ("node-a", True, "", True), ("node-b", True, "", False)]
+    status = status_of(runtime, [beat("node-a", "10.0.0.7", "Serving", 4100)])
+    assert [(w.peer_url, w.serves_peers) for w in status.workers] == [("http://10.0.0.7:4100", True)]
+    # An agent that reports a peer URL per mount (before ``peerHost``) serves peers too.
+    old = AgentHeartbeat(node="node-c", runtimes=[ObjectRef(name="imagenet")], interval_seconds=INTERVAL, sent_at=NOW,
+                         mounts=[MountReport(dataset=ObjectRef(name="imagenet"), state="Serving",
+                                             peer_url="http://10.0.0.9:4300")])
+    status = status_of(runtime, [AgentRecord(heartbeat=old, received_at=NOW)])
+    assert [(w.peer_url, w.serves_peers) for w in status.workers] == [("http://10.0.0.9:4300", True)]
+
+
 @pytest.mark.parametrize("node", ["node-a", "ip-10-0-1-23.ec2.internal", "a" * 63 + ".b"])
 def test_kubernetes_node_names_are_agents(node: str) -> None:
     assert node_errors(node) == []
