@@ -388,17 +388,36 @@ def dataset_wait(record: OperationRecord, cluster: Cluster) -> str | None:
 
 
 def workers_wait(record: OperationRecord, runtime: RuntimeRecord | None, name: str) -> str | None:
-    """What a DataLoad of a Bound dataset waits for while its runtime's cache workers are picked but none is ready
-    (none heard from yet), or None. So stands a runtime just after the whole stack restarted (an upgrade in place,
-    ``shoal down`` and ``up``): the dataset stays Bound and the workers stay picked while their agents start again,
-    and a run due then (a Cron load's missed firing, which the loader starts at once) failed with "no ready cache
-    workers" seconds before they were back. A runtime with no worker picked at all is no such wait: it fails."""
-    if record.kind != "DataLoad" or runtime is None or runtime.status.ready_nodes or ring_of(runtime):
+    """What a DataLoad of a Bound dataset waits for while its runtime's cache workers are not all back after a
+    restart, or None. So stands a runtime just after the whole stack restarted (an upgrade in place, ``shoal down``
+    and ``up``): the dataset stays Bound and the workers stay picked while their agents start again, and a run due
+    then (a Cron load's missed firing, which the loader starts at once) would plan on what is there that moment.
+
+    - Workers picked, none ready (none heard from yet): the run failed with "no ready cache workers" seconds before
+      they were back. A runtime with no worker picked at all is no such wait: it fails.
+    - A ready worker that serves peers (``CacheWorker.serves_peers``) with no peer URL yet: its agent beats before
+      its mount process serves. Planned then, an empty ring put every block on every ready node (twice the cache
+      and store traffic of ``replicas: 1`` with two workers), and a ring short of it put its blocks on owners the
+      whole ring does not give them to (or failed ``replicas`` above the ring). A runtime none of whose workers
+      serves peers (one agent without a peer secret) has no ring to wait for: it plans on the ready nodes."""
+    if record.kind != "DataLoad" or runtime is None:
+        return None
+    starting = peers_starting(runtime)
+    if starting:
+        return (f"the peer server of cache worker(s) {', '.join(starting)} of runtime {name} to start (ready, "
+                f"no peer URL yet)")
+    if runtime.status.ready_nodes or ring_of(runtime):
         return None
     picked = [worker.node for worker in runtime.status.workers]
     if not picked:
         return None
     return f"a cache worker of runtime {name} to be ready ({', '.join(picked)} picked, none heard from yet)"
+
+
+def peers_starting(runtime: RuntimeRecord) -> list[str]:
+    """The ready cache workers whose agents serve peers but whose mounts have no peer URL yet (starting): the ring
+    is short of them."""
+    return sorted(w.node for w in runtime.status.workers if w.ready and w.serves_peers and not w.peer_url)
 
 
 def waited_too_long(since: float, now: float, timeout: float) -> bool:

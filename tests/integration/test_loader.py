@@ -27,7 +27,7 @@ from nats.js.errors import NotFoundError
 from libs import subjects
 from libs.bus import DAY, NODE_TASK_MESSAGES, Bus, Delivery, kv_load
 from libs.documents import documents_to_commands, parse_documents
-from libs.events.agent import AgentHeartbeat
+from libs.events.agent import AgentHeartbeat, MountGroup, MountState
 from libs.events.common import ObjectMeta, ObjectRef
 from libs.events.dataset import (
     CONDITION_SYNCED,
@@ -1701,6 +1701,65 @@ async def test_on_event_after_a_real_resync(bus: Bus, nats_server: NatsServer, t
     finally:
         stop_beating.set()
         await beating
+
+
+async def test_a_load_after_a_restart_waits_for_the_workers_peer_servers_then_plans_on_the_ring(
+        bus: Bus, nats_server: NatsServer) -> None:
+    """With the real runtime service: right after a whole-stack restart two agents with a peer server beat (ready)
+    while their mounts of the dataset are still starting (no peer URL: no ring yet). A ``replicas: 1`` load due then
+    put every block on both nodes (twice the bytes: 31 MB for 15.7 MB in the upgrade test); it waits Pending,
+    naming the workers, and once their mounts serve it plans each block on one owner of the ring."""
+    await put_dataset(bus, files(("a", 3 * BLOCK), ("b", 2 * BLOCK + 1)))
+    settings = make_settings(nats_server.url)
+    mounts: dict[str, tuple[MountState, int]] = {"node-a": ("Starting", 0), "node-b": ("Starting", 0)}
+    stop_beating = asyncio.Event()
+
+    async def beat() -> None:
+        while not stop_beating.is_set():
+            for node, (state, port) in mounts.items():
+                await bus.publish(subjects.agent_heartbeat(node), AgentHeartbeat(
+                    node=node, all_runtimes=True, sent_at=time.time(), interval_seconds=1.0, peer_host="127.0.0.1",
+                    mount_groups=[MountGroup(namespace="default", state=state, datasets={"data": port})]))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop_beating.wait(), 0.3)
+
+    async def workers(want: Callable[[list[CacheWorker]], bool]) -> RuntimeRecord | None:
+        found, _ = await kv_load(await bus.kv(subjects.KV_RUNTIMES), "default.data", RuntimeRecord)
+        return found if found is not None and want(found.status.workers) else None
+
+    beating = asyncio.create_task(beat())
+    try:
+        async with running(lambda stop: runtime_app.run(settings, stop), lambda stop: loader_app.run(settings, stop)), \
+                agent(bus, list(mounts)) as scripted:
+            await publish(bus, subjects.RUNTIME_APPLY, RuntimeApply(runtime=Runtime(
+                metadata=ObjectMeta(name="data"), spec=RuntimeSpec(
+                    replicas=2, tieredstore=TieredStore(levels=[Level(mediumtype="MEM", quota="1Gi")])))))
+            await eventually(lambda: workers(lambda found: [(w.node, w.ready, w.serves_peers, w.peer_url)
+                                                            for w in found] == [("node-a", True, True, ""),
+                                                                                ("node-b", True, True, "")]),
+                             what="both workers ready, serving peers, no peer URL yet")
+            await publish(bus, subjects.DATALOAD_APPLY, dataload(target=[TargetPath(path="/x", replicas=1)]))
+
+            async def decided() -> OperationRecord | None:
+                found = await operation(bus)
+                return found if found is not None and (found.status.waiting_for or found.status.runs) else None
+
+            pending = await eventually(decided, what="the load waiting or started")
+            assert (pending.status.phase, pending.status.runs, pending.status.waiting_for) == (
+                "Pending", 0, "the peer server of cache worker(s) node-a, node-b of runtime default/data to start "
+                "(ready, no peer URL yet)"), pending.status
+            assert not scripted.tasks
+            mounts.update({"node-a": ("Serving", 4100), "node-b": ("Serving", 4200)})
+            done = await phase_of(bus, "Complete")
+    finally:
+        stop_beating.set()
+        await beating
+    assert done.status.runs == 1 and not done.status.waiting_for
+    assert done.status.progress.bytes_total == 3 * BLOCK + 2 * BLOCK + 1, done.status.progress  # once, not twice
+    # "a" and "b" are a block each (the runtime's 4 MiB), each planned on one node.
+    planned = sorted((file.key, task.node) for task in scripted.tasks.values() for file in task.blocks)
+    assert [key for key, _ in planned] == ["a", "b"], planned
+    assert {node for _, node in planned} <= {"node-a", "node-b"}
 
 
 async def test_a_recreated_operation_continues_the_run_numbers(bus: Bus, nats_server: NatsServer) -> None:

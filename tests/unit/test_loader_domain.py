@@ -370,6 +370,55 @@ def test_a_load_waits_for_picked_cache_workers_heard_from_again() -> None:
     assert domain.dataset_wait(clean, restarted) is None
 
 
+def test_a_load_waits_for_the_peer_servers_of_ready_workers_that_serve_peers() -> None:
+    """Right after a restart the workers' agents beat (ready) before their mount processes serve a peer URL: the
+    ring is empty (or short) for a few seconds. A load planned then put every block on every ready node (31 MB for
+    15.7 MB of ``replicas: 1`` in the upgrade test): it waits for those peer servers instead, naming the workers. A
+    runtime whose workers serve no peers (one agent without a peer secret) plans on the ready nodes at once."""
+    bound = cluster()
+    assert bound.dataset is not None and bound.runtime is not None
+    listed = msgspec.structs.replace(bound.dataset, status=DatasetStatus(phase="Bound",
+                                                                         last_sync_time="2026-01-01T00:00:00Z"))
+
+    def with_workers(*workers: CacheWorker) -> domain.Cluster:
+        assert bound.runtime is not None
+        return domain.Cluster(listed, msgspec.structs.replace(bound.runtime, status=RuntimeStatus(
+            ready_nodes=[w.node for w in workers if w.ready], workers=list(workers))))
+
+    starting = with_workers(CacheWorker(node="n0", serves_peers=True), CacheWorker(node="n1", serves_peers=True))
+    why = domain.dataset_wait(record(), starting)
+    assert why == ("the peer server of cache worker(s) n0, n1 of runtime default/data to start (ready, no peer URL "
+                   "yet)"), why
+    assert domain.dataset_wait_failure(record(), starting, why, 600.0) == (
+        f"waited 600 s for {why}; check the dataset's status and its runtime")
+    # One back: the ring has it, the other is still awaited (a plan on the ring of one misplaces the other's share).
+    half = with_workers(CacheWorker(node="n0", serves_peers=True, peer_url="http://n0:1"),
+                        CacheWorker(node="n1", serves_peers=True))
+    assert domain.dataset_wait(record(), half) == (
+        "the peer server of cache worker(s) n1 of runtime default/data to start (ready, no peer URL yet)")
+    # Both back: the run starts on the ring.
+    both = with_workers(CacheWorker(node="n0", serves_peers=True, peer_url="http://n0:1"),
+                        CacheWorker(node="n1", serves_peers=True, peer_url="http://n1:1"))
+    assert domain.dataset_wait(record(), both) is None
+    # A worker not ready (silent) is not waited for here: it is out of the ring, as before.
+    silent = with_workers(CacheWorker(node="n0", serves_peers=True, peer_url="http://n0:1"),
+                          CacheWorker(node="n1", ready=False, serves_peers=True))
+    assert domain.dataset_wait(record(), silent) is None
+    # No peer server anywhere (a single agent without a peer secret): the ready nodes, at once.
+    no_peers = with_workers(CacheWorker(node="n0"))
+    assert domain.dataset_wait(record(), no_peers) is None and domain.run_problem(record(), no_peers) is None
+    # A clean does not use the ring.
+    clean = OperationRecord(kind="DataClean", metadata=ObjectMeta(name="c"), clean=DataCleanSpec(dataset=REF))
+    assert domain.dataset_wait(clean, starting) is None
+
+
+def test_an_old_runtime_record_decodes_its_workers_as_serving_no_peers() -> None:
+    """Records written before ``servesPeers`` decode (False: the loader plans as it did)."""
+    worker = msgspec.json.decode(b'{"node":"n0","ready":true,"peerUrl":"http://n0:1"}', type=CacheWorker)
+    assert worker == CacheWorker(node="n0", peer_url="http://n0:1") and not worker.serves_peers
+    assert msgspec.json.encode(CacheWorker(node="n0", serves_peers=True)) == b'{"node":"n0","servesPeers":true}'
+
+
 def test_a_run_that_waited_too_long_for_its_dataset_fails_saying_what_to_change() -> None:
     assert not domain.waited_too_long(100.0, 699.9, 600.0) and domain.waited_too_long(100.0, 700.0, 600.0)
     missing = domain.dataset_wait(record(), domain.Cluster(None, None))
