@@ -885,6 +885,28 @@ def dataset_lost(record: OperationRecord, state: RunState, dataset: DatasetRecor
             f"cancelled; run the {record.kind} again on the dataset as it is now")
 
 
+def ring_left(record: OperationRecord, state: RunState, runtime: RuntimeRecord) -> str | None:
+    """Why an executing load cannot place its blocks as planned: a node of the ring it was planned on, with its part
+    not done, still serves the runtime but is no longer one of its cache workers (the runtime was scaled in, or
+    another node picked in its place). That node would go on fetching into a cache no reader's route looks in, and
+    the run end Complete with its blocks off the current owners. None otherwise; a node that is not a ready node at
+    all is waited for instead (``nodes_gone``: it may come back as a worker)."""
+    if record.load is None or state.stage != "executing" or not state.ring:
+        return None
+    workers = {worker.node for worker in runtime.status.workers}
+    ready = set(runtime.status.ready_nodes)
+    pending = {part.node for part in state.parts if not part.done and part.node in state.ring}
+    left = sorted((pending - workers) & ready)
+    if not left:
+        return None
+    ref = dataset_ref(record)
+    nodes = ", ".join(left)
+    which = f"node {nodes} is" if len(left) == 1 else f"nodes {nodes} are"
+    return (f"{which} no longer a cache worker of runtime {ref.namespace}/{ref.name} (scaled in, or another node "
+            f"picked) with its part of the load not done: its blocks would be cached off the workers that readers "
+            f"ask; its parts were cancelled; run the load again: its blocks go to the cache workers then")
+
+
 def runtime_lost(record: OperationRecord) -> str:
     """Why an executing run fails at once when its runtime is deleted: the runtime's mounts go with it, so its parts
     would never report again (each node would otherwise be waited for until it counts as gone)."""

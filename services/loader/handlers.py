@@ -466,6 +466,8 @@ class LoaderHandlers:
         runtime = self.runtimes.values.get(subjects.resource_key(ref.namespace, ref.name))
         if runtime is None:
             return True
+        if domain.ring_left(record, state, runtime) is not None:
+            return True
         if record.load is not None and self._node_gone(key, record, state, runtime) is not None:
             return True
         if self._absent_message(key, record, state, runtime) != record.status.message:
@@ -511,6 +513,11 @@ class LoaderHandlers:
                 runtime = await self._runtime(record)
                 if runtime is None:  # its mounts are gone with it: no part would report again
                     result = "Failed", domain.runtime_lost(record)
+                elif (left := domain.ring_left(record, state, runtime)) is not None:
+                    # Its nodes are up and would go on fetching: they stop now, not at their next look at the run.
+                    await self.bus.publish_core(subjects.TASK_CANCEL,
+                                                TaskCancel(id=f"{state.run}.cancel", run=state.run))
+                    result = "Failed", left
                 else:
                     if record.load is not None:
                         result = self._node_gone(key, record, state, runtime)

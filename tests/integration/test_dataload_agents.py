@@ -14,10 +14,11 @@ killed mid-load is restarted and the load completes (only the blocks whose GETs 
 OnEvent DataLoad runs again after a resync that found new objects and fetches only those, then after one that found
 an overwritten object while the mount process was paused (it learns of the new manifest when the part arrives, and
 waits for it) and fetches only that; a Cron load runs at its firings (the loader's clock moved) and its second run
-skips every cached block; deleting a DataLoad cancels the agent's part; the ``shoal`` CLI loads with ``--wait``,
-lists the DataLoad Complete with its progress, exits non-zero with the loader's message for a path the manifest does
-not have, applies Fluid's DataLoad YAML (``loadMetadata``: an object put after the mount is loaded too) and cleans a
-folder.
+skips every cached block; a load whose runtime is scaled in from three workers to one fails naming the nodes scaled
+out, its parts cancelled, and a load run again fills the worker; deleting a DataLoad cancels the agent's part; the
+``shoal`` CLI loads with ``--wait``, lists the DataLoad Complete with its progress, exits non-zero with the loader's
+message for a path the manifest does not have, applies Fluid's DataLoad YAML (``loadMetadata``: an object put after
+the mount is loaded too) and cleans a folder.
 """
 
 from __future__ import annotations
@@ -58,13 +59,14 @@ from libs.events.operation import (
     TargetPath,
     TaskProgress,
 )
+from libs.events.runtime import RuntimeScale
 from libs.manifest import ManifestStore
 from libs.ring import owners
 from services.dataset.domain import percentage
 from services.loader import app as loader_app
 from tests.conftest import NatsServer, SeaweedServer, put_objects
 from tests.faults import HttpProxy
-from tests.helpers import dataset_record, eventually, json_lines, running
+from tests.helpers import dataset_record, eventually, json_lines, running, runtime_record
 from tests.integration.agent_stack import (
     NODE,
     Cluster,
@@ -361,6 +363,61 @@ async def test_three_agents_replicas_2_put_each_block_on_its_two_owners_and_a_cl
         failed = await phase_of(bus, "Failed", "too-many")
         assert "replicas 4 is more than the 3 ready cache worker(s)" in failed.status.message, failed.status
         assert Counter(store_gets(store)) == dict.fromkeys(train, 2)
+
+
+async def test_a_load_whose_runtime_is_scaled_in_while_it_runs_fails_naming_the_nodes_a_rerun_fills_the_worker(
+        bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path) -> None:
+    """``shoal scale runtime --replicas 1`` while a ``replicas: 2`` load of three workers runs (the store holds every
+    GET, so no part can be done): the two nodes scaled out still serve the dataset, and went on fetching their
+    parts into caches no reader's route asks, the load ending Complete with blocks off the one worker. Now the run
+    fails naming them, every part is cancelled at once, and a load run again puts every block on the worker."""
+    async with three(bus, settings, seaweedfs, bucket, tmp_path) as (_cluster, store, ring), loader(settings):
+        entries = await manifest(bus, CLUSTER_NAME)
+        train = blocks_under(entries, "train/")
+        with_parts = {node for block in train.values() for node in owners(block.name, ring, 2)}
+        finals: dict[str, dict[str, Any]] = {}
+
+        async def collect(msg: Any) -> None:
+            progress = msgspec.json.decode(msg.data)
+            if progress["done"] and progress["run"] == "dataload.default.scaled.1":
+                finals[progress["node"]] = progress
+
+        subscriptions = [await bus.nc.subscribe(subjects.task_progress(node), cb=collect) for node in THREE]
+        store.hold()
+        await bus.publish(subjects.DATALOAD_APPLY, dataload("scaled", dataset=CLUSTER_NAME,
+                                                            target=[TargetPath(path="/train", replicas=2)]))
+
+        async def fetching() -> bool:
+            return store.waiting > 0
+
+        await eventually(fetching, what="a block GET of the load held")
+        await phase_of(bus, "Executing", "scaled")
+        await bus.publish(subjects.RUNTIME_SCALE, RuntimeScale(name=CLUSTER_NAME, replicas=1))
+
+        async def one_worker() -> list[str] | None:
+            record = await runtime_record(bus, CLUSTER_NAME)
+            workers = [w.node for w in record.status.workers] if record else []
+            return workers if len(workers) == 1 else None
+
+        (worker,) = await eventually(one_worker, 30, "the runtime scaled in to one worker")
+        left = sorted(with_parts - {worker})
+        failed = await phase_of(bus, "Failed", "scaled")
+        assert failed.status.message.startswith(f"nodes {', '.join(left)} are no longer a cache worker of runtime "
+                                                f"default/{CLUSTER_NAME}"), failed.status.message
+
+        async def all_cancelled() -> dict[str, dict[str, Any]] | None:
+            return finals if set(finals) == with_parts else None
+
+        await eventually(all_cancelled, what=f"the final progress of every part ({sorted(with_parts)})")
+        assert {node: p["message"] for node, p in finals.items()} == dict.fromkeys(with_parts, "cancelled")
+        for subscription in subscriptions:
+            await subscription.unsubscribe()
+        store.release()
+
+        await bus.publish(subjects.DATALOAD_APPLY, dataload("again", dataset=CLUSTER_NAME,
+                                                            target=[TargetPath(path="/train")]))
+        await finished(bus, "again")
+        assert cached(await snapshot(bus, worker, CLUSTER_NAME)) == pairs(train), "every block on the one worker"
 
 
 @pytest.mark.parametrize("finished_while_down", [True, False], ids=["agent-done-while-down", "agent-done-after"])

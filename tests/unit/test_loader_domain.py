@@ -922,6 +922,32 @@ def test_nodes_gone_are_those_with_parts_not_done_that_are_not_ready() -> None:
     assert domain.nodes_gone(state, None) == ["a", "b", "d"]
 
 
+def test_a_load_whose_ring_node_with_work_left_stays_a_ready_node_but_no_worker_has_left_its_ring() -> None:
+    """Scaled in from a, b, c to a: b and c still serve (ready nodes) and would fetch their parts into caches no
+    reader's route asks. A node that is no ready node at all is waited for (``nodes_gone``), not failed at once."""
+    state = domain.RunState(run="r.1", stage="executing", ring=["a", "b", "c", "d"], parts=[
+        domain.PartState(node="a"), domain.PartState(node="b"), domain.PartState(node="c"),
+        domain.PartState(node="d")])
+
+    def runtime(workers: list[str], ready: list[str]) -> RuntimeRecord:
+        return RuntimeRecord(runtime=Runtime(metadata=ObjectMeta(name="data")), generation=1, status=RuntimeStatus(
+            ready_nodes=ready, workers=[CacheWorker(node=node, ready=True) for node in workers]))
+
+    scaled_in = runtime(["a"], ["a", "b", "c"])
+    left = domain.ring_left(record(), state, scaled_in)
+    assert left is not None and left.startswith("nodes b, c are no longer a cache worker of runtime default/data")
+    one = domain.ring_left(record(), state, runtime(["a", "c", "d"], ["a", "b", "c"]))
+    assert one is not None and one.startswith("node b is no longer"), one
+    assert domain.ring_left(record(), state, runtime(["a", "b", "c", "d"], ["a", "b", "c", "d"])) is None
+    assert domain.ring_left(record(), state, runtime(["a", "b", "c"], ["a", "b", "c"])) is None, "d: not ready"
+    finished = msgspec.structs.replace(state, parts=[domain.PartState(node=n, done=n != "a") for n in "abcd"])
+    assert domain.ring_left(record(), finished, scaled_in) is None, "b and c are done: their blocks are placed"
+    assert domain.ring_left(record(), msgspec.structs.replace(state, ring=[]), scaled_in) is None, "no ring"
+    clean = OperationRecord(kind="DataClean", metadata=ObjectMeta(name="drop"),
+                            clean=DataCleanSpec(dataset=DatasetRef(name="data")))
+    assert domain.ring_left(clean, state, scaled_in) is None, "a clean frees every node, worker or not"
+
+
 def test_a_task_stream_goes_once_its_node_was_gone_long_enough_and_no_unfinished_part_waits_on_it() -> None:
     runtime = RuntimeRecord(runtime=Runtime(metadata=ObjectMeta(name="data")), generation=1, status=RuntimeStatus(
         ready_nodes=["a"], workers=[CacheWorker(node="b", ready=False)]))
