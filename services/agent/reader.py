@@ -588,6 +588,21 @@ class BlockReader:
         task.add_done_callback(self._background.discard)
         return task
 
+    async def settle(self) -> None:
+        """Wait until the blocks being fetched or written now are in the cache (or failed), not for fetches started
+        meanwhile: readers go on. A clean settles first, so what it frees includes the last fetches of a load
+        cancelled just before it, which otherwise landed in the cache after the clean had finished."""
+        blocks = {*self._inflight, *self._store_inflight, *self._writing}
+        # A fetch, then the cache write it starts: two rounds; one more for a write a peer's fetch joined.
+        for _ in range(3):
+            fetches = [f for b, f in (*self._inflight.items(), *self._store_inflight.items()) if b in blocks]
+            writes = [f for b, f in self._written.items() if b in blocks]
+            pending: list[Awaitable[object]] = [*fetches, *writes]
+            if not pending:
+                return
+            # Shielded: a clean cancelled while it waits must not cancel fetches that readers wait on too.
+            await asyncio.shield(asyncio.gather(*pending, return_exceptions=True))
+
     async def drain(self) -> None:
         """Wait for background fetches and cache writes (used at shutdown and by tests)."""
         while self._background or self._inflight or self._store_inflight:

@@ -16,7 +16,9 @@ What it decides:
   never a peer), at most ``SHOAL_LOAD_CONCURRENCY`` at once, and done once written. A store error fails that
   block with its reason (an unreachable store is tried again twice first), never the part or the process;
 - a clean: the blocks named (skipped when not cached), every cached block of ``files`` (any version), or
-  everything, evicted through the cache's own eviction path, so inventory deltas report it; freed bytes are done;
+  everything, evicted through the cache's own eviction path, so inventory deltas report it; freed bytes are done.
+  It first waits for the blocks being fetched or written when it starts (``BlockReader.settle``): the last fetches
+  of a load cancelled just before it would otherwise be cached after it finished;
 - progress (``PartLedger``, pure): cumulative ``TaskProgress`` at most once a second while there is news, then a
   final one with ``done`` (``failed`` and the first reason if blocks failed), published again with backoff
   (``REPORT_RETRY``, the same event: deduplicated) until JetStream takes it or the process stops, then the
@@ -639,6 +641,7 @@ class TaskRunner:
         return self.cache.cached_blocks(lambda block: (block.mount, block.key) in files) if files else []
 
     async def _clean(self, task: NodeTask, ledger: PartLedger, abort: asyncio.Event) -> None:
+        await self.reader.settle()  # a cancelled load's blocks in flight land first, and are freed with the rest
         if task.everything or task.files:
             victims = self._victims(task)
             for start in range(0, len(victims), CLEAN_SLICE):

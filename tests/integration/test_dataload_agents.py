@@ -15,7 +15,8 @@ OnEvent DataLoad runs again after a resync that found new objects and fetches on
 an overwritten object while the mount process was paused (it learns of the new manifest when the part arrives, and
 waits for it) and fetches only that; a Cron load runs at its firings (the loader's clock moved) and its second run
 skips every cached block; a load whose runtime is scaled in from three workers to one fails naming the nodes scaled
-out, its parts cancelled, and a load run again fills the worker; deleting a DataLoad cancels the agent's part; the
+out, its parts cancelled, and a load run again fills the worker; deleting a DataLoad cancels the agent's part, and a
+DataClean right after it frees the blocks the cancelled part still had in flight; the
 ``shoal`` CLI loads with ``--wait``, lists the DataLoad Complete with its progress, exits non-zero with the loader's
 message for a path the manifest does not have, applies Fluid's DataLoad YAML (``loadMetadata``: an object put after
 the mount is loaded too) and cleans a folder.
@@ -606,6 +607,58 @@ async def test_deleting_a_dataload_cancels_the_agents_work(
         entries = stack.entries
         expected = [get_of(entries["top.bin"], 0), get_of(entries["train/a.bin"], 0), get_of(entries["val/c.bin"], 0)]
         assert sorted(store_gets(stack.store)) == sorted(expected)
+
+
+async def test_a_clean_right_after_a_cancelled_load_frees_the_blocks_the_load_still_had_in_flight(
+        bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path) -> None:
+    """A DataLoad deleted while the store holds two of its GETs (its part ends "cancelled" at once, the fetches go
+    on in the reader), then a DataClean of everything: the clean ended Complete before the held blocks landed, and
+    they stayed cached after it. Now the clean waits for them and frees them: a load of top.bin afterwards
+    fetches it again, where it found it cached before."""
+    async with single(bus, settings, seaweedfs, bucket, tmp_path, load_concurrency=2) as stack, loader(settings):
+        progress: list[dict[str, Any]] = []
+
+        async def collect(msg: Any) -> None:
+            progress.append(msgspec.json.decode(msg.data))
+
+        subscription = await bus.nc.subscribe(subjects.task_progress(NODE), cb=collect)
+        stack.store.hold()
+        await bus.publish(subjects.DATALOAD_APPLY, dataload("doomed", dataset=NAME))
+
+        async def two_held() -> bool:
+            return stack.store.waiting == 2
+
+        await eventually(two_held, what="two block GETs held (SHOAL_LOAD_CONCURRENCY=2)")
+        await bus.publish(subjects.DATALOAD_DELETE, DataLoadDelete(name="doomed"))
+
+        async def cancelled() -> dict[str, Any] | None:
+            return next((p for p in progress if p["done"]), None)
+
+        assert (await eventually(cancelled, what="the load's final progress"))["message"] == "cancelled"
+        await subscription.unsubscribe()
+        await bus.publish(subjects.DATACLEAN_APPLY, DataCleanApply(data_clean=DataClean(
+            metadata=ObjectMeta(name="all"), spec=DataCleanSpec(dataset=DatasetRef(name=NAME)))))
+        stream, durable = subjects.task_stream(NODE), subjects.task_durable(NODE, "default", NAME)
+
+        async def clean_taken() -> bool:
+            record = await operation(bus, "all", "DataClean")
+            if record is not None and record.status.phase == "Complete":
+                return True  # before the held blocks landed
+            last = (await bus.js.stream_info(stream)).state.last_seq
+            consumer = await bus.js.consumer_info(stream, durable)
+            return (record is not None and record.status.phase == "Executing"
+                    and consumer.delivered.stream_seq == last and consumer.num_ack_pending == 1)
+
+        await eventually(clean_taken, what="the clean's part taken by the mount, or the clean Complete")
+        stack.store.release()
+        await finished(bus, "all", kind="DataClean")
+        assert cached(await snapshot(bus, NODE, NAME)) == set(), "the cancelled load's blocks freed with the rest"
+        top = get_of(stack.entries["top.bin"], 0)
+        assert store_gets(stack.store).count(top) == 1
+        await bus.publish(subjects.DATALOAD_APPLY, dataload("top", dataset=NAME, target=[TargetPath(path="/top.bin")]))
+        done = await finished(bus, "top")
+        assert done.status.progress.bytes_skipped == 0
+        assert store_gets(stack.store).count(top) == 2, "top.bin was not cached after the clean: fetched again"
 
 
 async def test_a_part_whose_cancel_was_missed_stops_once_it_sees_its_run_is_gone(
