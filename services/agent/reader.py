@@ -15,6 +15,10 @@ What it decides:
   ``loaded_bytes``, not as a store read (``miss_bytes``): no reader asked for them, and the runtime's autoscaler
   reads a low hit ratio from the misses. A fetch a reader or a peer joined while it was in flight is a read's;
 - sequential readers get blocks fetched ahead (window from ``readahead``), within one memory budget;
+- each read stream holds the block it read last, for its next reads inside it, but the mount holds at most
+  ``MAX_HELD_BLOCKS`` such blocks: past that, the stream read least lately lets its block go, and a stream that holds
+  none reads just the chunks it needs of a cached block (``BlockCache.get_range``) instead of holding it whole. So the
+  memory of many readers at once is bounded, not one block per reader (200 readers of 4 MiB blocks held 800 MiB);
 - a small random read inside an uncached block is answered with a GET of just those bytes, while the whole
   block is fetched in the background for next time; when the block's source is a peer, the whole block is
   fetched from the peer instead (the protocol serves whole blocks; one round trip on the cluster network);
@@ -34,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
@@ -65,6 +70,11 @@ MAX_CONCURRENT_GETS = 32
 PEER_LOG_SECONDS = 5.0
 # A read smaller than this fraction of a block, off the sequential path, is a "small random read".
 SMALL_READ_FRACTION = 4
+# Blocks the read streams of a mount hold at once (each the block it read last, so the next FUSE reads inside it,
+# 128 KiB to 1 MiB each, are served without reading the cache again): 128 MiB with 4 MiB blocks, more readers
+# streaming at once than two cores feed. Past it a stream reads the chunks it needs from the cache, which costs a
+# few more system calls per read, not a block of memory per reader.
+MAX_HELD_BLOCKS = 32
 
 T = TypeVar("T")
 
@@ -72,7 +82,7 @@ T = TypeVar("T")
 class BlockCacheLike(Protocol):
     def get(self, block: BlockId) -> bytes | None: ...
 
-    def get_range(self, block: BlockId, start: int, end: int | None) -> bytes | None: ...
+    def get_range(self, block: BlockId, start: int, end: int | None, access: bool = True) -> bytes | None: ...
 
     def contains(self, block: BlockId) -> bool: ...
 
@@ -220,6 +230,9 @@ class OpenFile:
     current: tuple[int, bytes] | None = None
     ahead: dict[int, asyncio.Future[bytes]] = field(default_factory=dict)
     advised: set[int] = field(default_factory=set)  # cached blocks already hinted to the kernel
+    # The cached block this stream reads chunk by chunk, holding none (``MAX_HELD_BLOCKS``): its lookup counted
+    # once for the eviction policy, as a held block's is, not once per FUSE read.
+    pieces_of: int = -1
 
 
 BlockWriter = Callable[[BlockId, bytes], Awaitable[object]]
@@ -228,7 +241,8 @@ BlockWriter = Callable[[BlockId, bytes], Awaitable[object]]
 class BlockReader:
     def __init__(self, cache: BlockCacheLike, gates: Sequence[StoreGate], block_size: int, budget: MemoryBudget,
                  write_block: BlockWriter, max_ahead_blocks: int | None = None,
-                 router: BlockRouter | None = None, metrics: ReadMetrics | None = None) -> None:
+                 router: BlockRouter | None = None, metrics: ReadMetrics | None = None,
+                 max_held_blocks: int = MAX_HELD_BLOCKS) -> None:
         self.cache = cache
         self.gates = gates
         self.block_size = block_size
@@ -239,6 +253,10 @@ class BlockReader:
         # Block reads by source for /metrics; None with SHOAL_METRICS=off (then the read path skips them).
         self.metrics = metrics
         self.stats = ReadStats()
+        self.max_held_blocks = max_held_blocks
+        # The streams holding a block (``OpenFile.current``), by id, least lately read first: at most
+        # ``max_held_blocks`` of them (the dict's reference keeps each id unique while it is listed).
+        self._held: OrderedDict[int, OpenFile] = OrderedDict()
         self._inflight: dict[BlockId, asyncio.Future[bytes]] = {}
         # Store fetches in flight, shared by this mount's reads and its peer server's (which must never join a
         # read that is asking a peer: two nodes with different views of the ring could wait on each other).
@@ -269,6 +287,12 @@ class BlockReader:
             self.budget.give_back(self.block_size)
         handle.ahead.clear()
         handle.current = None
+        self._held.pop(id(handle), None)
+
+    @property
+    def held_blocks(self) -> int:
+        """How many blocks the read streams hold now (at most ``max_held_blocks``)."""
+        return len(self._held)
 
     async def read(self, handle: OpenFile, offset: int, length: int) -> bytes | memoryview:
         """The bytes of [offset, offset+length); a view into a cached block when one block holds them all."""
@@ -288,10 +312,44 @@ class BlockReader:
             hi = min(offset + length, block_start + self.block_size) - block_start
             if small and len(indices) == 1:
                 parts.append(await self._small_read(handle, index, lo, hi))
-            else:
-                data = await self._block(handle, index)
-                parts.append(memoryview(data)[lo:hi])  # no copy: FUSE replies straight from the block
+                continue
+            piece = self._cached_piece(handle, index, lo, hi)
+            if piece is not None:
+                parts.append(piece)
+                continue
+            data = await self._block(handle, index)
+            parts.append(memoryview(data)[lo:hi])  # no copy: FUSE replies straight from the block
         return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _cached_piece(self, handle: OpenFile, index: int, lo: int, hi: int) -> bytes | None:
+        """Bytes [lo, hi) of a cached block read from the cache alone (only the chunks holding them), when this
+        stream holds no block and the mount holds as many as it may: holding this one would push another stream's
+        out. None when the stream may hold the block (or has it, or fetched it ahead), or it is not cached."""
+        if (id(handle) in self._held or len(self._held) < self.max_held_blocks or index in handle.ahead
+                or (handle.current is not None and handle.current[0] == index)):
+            return None
+        block = self.block_id(handle.entry, index)
+        counted = handle.pieces_of == index
+        piece = self.cache.get_range(block, lo, hi, access=not counted)
+        if piece is None:
+            return None
+        handle.pieces_of = index
+        self.stats.hit_bytes += len(piece)
+        if self.metrics is not None:
+            self.metrics.hit(len(piece))
+        return piece
+
+    def _hold(self, handle: OpenFile, index: int, data: bytes) -> None:
+        """``data`` becomes the block ``handle`` holds; the stream read least lately lets its block go when more
+        than ``max_held_blocks`` would be held (its next read takes the block from the cache again)."""
+        handle.current = (index, data)
+        handle.pieces_of = -1
+        key = id(handle)
+        self._held[key] = handle
+        self._held.move_to_end(key)
+        while len(self._held) > self.max_held_blocks:
+            _, other = self._held.popitem(last=False)
+            other.current = None
 
     # --- blocks ---
 
@@ -307,7 +365,7 @@ class BlockReader:
             data = await ahead
         else:
             data = await self.fetch(handle.entry, index)
-        handle.current = (index, data)
+        self._hold(handle, index, data)
         return data
 
     async def fetch(self, entry: ManifestEntry, index: int) -> bytes:

@@ -14,7 +14,8 @@ as random reads and dropped its read-ahead at every one.
 
 At most ``STREAMS_PER_FILE`` streams are kept (a loader's workers reading one large file each at its own place): a
 new one then takes the place of the one read least lately that has no read in flight, one that is not reading
-sequentially first. Each holds at most the block it last read and its blocks ahead (the node's read-ahead budget).
+sequentially first. Each holds at most the block it last read (the mount holds at most ``reader.MAX_HELD_BLOCKS`` of
+those) and its blocks ahead (the node's read-ahead budget).
 """
 
 from __future__ import annotations

@@ -18,9 +18,9 @@ from libs.blocks import BlockId
 from libs.events.dataset import ManifestEntry
 from libs.ufs import LocalLocation, LocalObjectStore
 from libs.ufs.base import EndpointUnreachable, ObjectChanged, ObjectInfo
-from services.agent.cache import BlockCache, DiskTier, FillBuffer, MemoryTier
+from services.agent.cache import BlockCache, DiskTier, FillBuffer, FrequencyAdmissionPolicy, MemoryTier
 from services.agent.readahead import MemoryBudget
-from services.agent.reader import BlockReader, StoreGate
+from services.agent.reader import MAX_HELD_BLOCKS, BlockReader, StoreGate
 from tests.faults import CountingStore, Get
 from tests.helpers import eventually
 
@@ -63,8 +63,8 @@ class RecordingCache:
     def get(self, block: BlockId) -> bytes | None:
         return self.cache.get(block)
 
-    def get_range(self, block: BlockId, start: int, end: int | None) -> bytes | None:
-        return self.cache.get_range(block, start, end)
+    def get_range(self, block: BlockId, start: int, end: int | None, access: bool = True) -> bytes | None:
+        return self.cache.get_range(block, start, end, access=access)
 
     def contains(self, block: BlockId) -> bool:
         return self.cache.contains(block)
@@ -356,6 +356,53 @@ async def test_closing_a_handle_gives_its_read_ahead_back(tmp_path: Path) -> Non
     assert setup.budget.used == 0
     setup.reader.close(other)
     await setup.reader.drain()
+
+
+async def test_many_readers_hold_at_most_the_mounts_bound_of_blocks_and_read_the_rest_from_the_cache(
+        tmp_path: Path) -> None:
+    # Each stream holds the block it read last; one per reader grew the mount without bound (200 readers of 4 MiB
+    # blocks held 800 MiB, whatever the read-ahead budget).
+    setup = await make(tmp_path, size=4 * BLOCK, budget_blocks=0)
+    handles = [setup.reader.open(setup.entry) for _ in range(MAX_HELD_BLOCKS + 8)]
+
+    async def read_in_turns(start: int, stop: int) -> None:
+        for offset in range(start, stop, QUARTER):
+            for handle in handles:  # every reader in turn, as concurrent readers' reads arrive
+                data = await setup.reader.read(handle, offset, QUARTER)
+                assert bytes(data) == setup.body[offset:offset + QUARTER]
+                held = sum(1 for each in handles if each.current is not None)
+                assert held <= MAX_HELD_BLOCKS
+                assert setup.reader.held_blocks == held
+
+    await read_in_turns(0, 2 * BLOCK)  # cold: blocks from the store, each held by the streams that read it last
+    await setup.reader.drain()
+    gets = len(setup.store.gets)
+    await read_in_turns(2 * BLOCK, 4 * BLOCK)
+    await read_in_turns(0, BLOCK)  # the readers start again: warm, from the cache
+    await setup.reader.drain()
+    assert len(setup.store.gets) == gets + 2, "blocks 2 and 3 fetched once each, cached blocks never again"
+    for handle in handles:
+        setup.reader.close(handle)
+    assert setup.reader.held_blocks == 0
+
+
+async def test_a_stream_reading_a_cached_block_in_pieces_counts_one_access(tmp_path: Path) -> None:
+    setup = await make(tmp_path)
+    reader = BlockReader(setup.recording, setup.reader.gates, BLOCK, setup.budget, write_block=setup.cache.put_async,
+                         max_held_blocks=1)
+    await read_sequentially(setup, setup.reader.open(setup.entry), 0, BLOCK, BLOCK)
+    await setup.reader.drain()
+    holder, pieces = reader.open(setup.entry), reader.open(setup.entry)
+    await reader.read(holder, 0, QUARTER)  # holds block 0: the mount's one
+    policy = setup.cache._policies[0]
+    assert isinstance(policy, FrequencyAdmissionPolicy)
+    name = reader.block_id(setup.entry, 0).name
+    before = policy.count(name)
+    for offset in range(0, BLOCK, QUARTER):
+        assert bytes(await reader.read(pieces, offset, QUARTER)) == setup.body[offset:offset + QUARTER]
+    assert pieces.current is None and holder.current is not None
+    assert policy.count(name) == before + 1  # one reader, one access: not one per FUSE read
+    await reader.drain()
 
 
 # --- fail fast while the store is unreachable ---

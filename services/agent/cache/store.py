@@ -238,11 +238,13 @@ class BlockCache:
         """The block's bytes from the tier that holds it, or None (a miss: fetch it and ``put`` it)."""
         return self.get_range(block, 0, None)
 
-    def get_range(self, block: BlockId, start: int, end: int | None) -> bytes | None:
-        """Bytes [start, end) of the block (end None: all of it), or None on a miss."""
+    def get_range(self, block: BlockId, start: int, end: int | None, access: bool = True) -> bytes | None:
+        """Bytes [start, end) of the block (end None: all of it), or None on a miss. ``access=False``: a further
+        piece of a block whose lookup the eviction policies were told of already (one reader, one access)."""
         name = block.name
-        for policy in self._policies:
-            policy.record_access(name)
+        if access:
+            for policy in self._policies:
+                policy.record_access(name)
         entry = self._index.get(name)
         if entry is None:
             self._misses += 1
