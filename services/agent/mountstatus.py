@@ -22,8 +22,11 @@ import msgspec
 
 from libs.events.agent import ReadFailure, mount_problem
 from libs.hostpaths import normal_path
+from libs.telemetry import get_logger
 from services.agent.cache.store import CacheStats
 from services.agent.cache.tiers import DEFAULT_COOLDOWN_SECONDS
+
+log = get_logger(__name__)
 
 
 class MountStatus(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
@@ -119,13 +122,23 @@ class StatusReporter:
 
     async def run(self) -> None:
         last: MountStatus | None = None
+        failing = ""  # why the last write failed, logged once until it changes or a write succeeds
         while not self._stopping.is_set():
             now = self.clock()
             self.tick(now)
             status = status_of(self.stats(), os.getpid(), self.read_failures(now))
             if status != last and self.path:
-                await asyncio.to_thread(write_status, self.path, status)
-                last = status
+                try:
+                    await asyncio.to_thread(write_status, self.path, status)
+                except OSError as err:
+                    # A write that fails (no descriptor left, the folder's disk full) is tried again at the next
+                    # tick. Raised, it ended this loop for the process's life: no status again, and no ``tick``,
+                    # whose idle streams then kept their blocks and read-ahead budget for ever.
+                    if str(err) != failing:
+                        failing = str(err)
+                        log.warning("mount status not written, trying again", path=self.path, error=failing)
+                else:
+                    last, failing = status, ""
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), timeout=self.INTERVAL_SECONDS)
 

@@ -3,11 +3,21 @@ about one refused for holding files Shoal did not write."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 from services.agent.cache.store import BlockCache
-from services.agent.cache.tiers import MARKER, DiskTier
-from services.agent.mountstatus import MountStatus, problems_of, status_of, tier_problems, unusable
+from services.agent.cache.tiers import MARKER, DiskTier, MemoryTier
+from services.agent.mountstatus import (
+    MountStatus,
+    StatusReporter,
+    problems_of,
+    read_status,
+    status_of,
+    tier_problems,
+    unusable,
+)
+from tests.helpers import eventually
 
 
 def test_a_down_cache_directory_says_what_brings_it_back_with_its_path_written_one_way() -> None:
@@ -44,3 +54,35 @@ def test_a_tier_refused_for_files_shoal_did_not_write_says_so_and_what_to_do_not
     assert tier_problems(cache.stats()) == [wanted.removeprefix("mount default/x: ")]
     assert unusable(status) == [str(folder)]
     assert (folder / "notes.txt").read_text() == "mine"
+
+
+async def test_a_status_write_that_fails_is_tried_again_and_the_ticks_go_on(tmp_path: Path) -> None:
+    # A failed write (no descriptor left, a full disk) ended the reporter's loop for good: no status again, and no
+    # tick, so the mount's idle read streams kept their blocks and read-ahead budget for the rest of its life.
+    folder = tmp_path / "status"
+    path = folder / "mount.json"
+    ticks: list[float] = []
+    three = asyncio.Event()
+
+    def tick(now: float) -> None:
+        ticks.append(now)
+        if len(ticks) >= 3:
+            three.set()
+
+    reporter = StatusReporter(str(path), BlockCache([MemoryTier(1 << 20)]).stats, tick=tick)
+    reporter.INTERVAL_SECONDS = 0.01
+    task = asyncio.create_task(reporter.run())
+    try:
+        await asyncio.wait([task, asyncio.ensure_future(three.wait())], timeout=10,
+                           return_when=asyncio.FIRST_COMPLETED)
+        assert three.is_set() and not task.done(), "the loop ended at the failed write"
+        folder.mkdir()
+
+        async def written() -> MountStatus | None:
+            assert not task.done()
+            return read_status(str(path))
+
+        await eventually(written, what="the status written once its folder is there")
+    finally:
+        reporter.stop()
+        await asyncio.wait_for(task, timeout=10)
