@@ -197,7 +197,8 @@ def peer_url(host: str, port: int) -> str:
 class ReadFailure(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     """Reads of one file of a mount that failed lately: ``count`` of them since ``since`` (unix seconds at the
     node), the last at ``at``, answered ``errno`` (``ESTALE``: the object changed or was deleted since the sync;
-    ``EIO``: the store failed) for ``reason`` (cut, no credentials). ``path``: the file in the mount, its start cut
+    ``EIO``: the store failed; ``EMFILE``/``ENFILE``: the mount process had no file descriptor left) for ``reason``
+    (cut, no credentials). ``path``: the file in the mount, its start cut
     when very long."""
 
     path: str

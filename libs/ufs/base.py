@@ -7,7 +7,9 @@ whether trying again later may help. Credentials live in ``Secret`` values and n
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import errno
+import resource
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -63,6 +65,52 @@ class EndpointUnreachable(UfsError):
 
 class ObjectChanged(UfsError):
     """The object no longer has the ETag we asked for: it was overwritten under us."""
+
+
+class OutOfFiles(UfsError):
+    """This process could open no file or socket for the request: EMFILE (its own ``RLIMIT_NOFILE``) or ENFILE (the
+    system's table). Neither the store nor the disk is at fault, and it passes as descriptors close: retryable.
+    ``errno`` is which one, for a FUSE read to fail with it rather than read as a store failure."""
+
+    retryable = True
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.errno = code
+
+
+OUT_OF_FILES = frozenset({errno.EMFILE, errno.ENFILE})
+
+
+def error_chain(err: BaseException) -> Iterator[BaseException]:
+    """``err`` and the errors under it: ``__cause__``, else ``__context__`` (aiohttp keeps the OS one in
+    ``os_error``)."""
+    cause: BaseException | None = err
+    for _ in range(10):  # chains are short; the bound only guards against a cycle
+        if cause is None:
+            return
+        yield cause
+        os_error = getattr(cause, "os_error", None)
+        cause = os_error if isinstance(os_error, BaseException) else cause.__cause__ or cause.__context__
+
+
+def out_of_files(errors: Iterator[BaseException], what: str) -> OutOfFiles | None:
+    """``OutOfFiles`` for ``what`` (the request that failed) if one of ``errors`` is EMFILE or ENFILE, else None:
+    said as the process's limit, not as an unreachable store."""
+    for cause in errors:
+        if isinstance(cause, OSError) and cause.errno in OUT_OF_FILES:
+            return OutOfFiles(f"{what} failed: {files_exhausted(cause.errno)}", cause.errno)
+    return None
+
+
+def files_exhausted(code: int) -> str:
+    """Why a file or socket could not be opened, when it is EMFILE or ENFILE, and what to do."""
+    if code == errno.ENFILE:
+        return ("the system's table of open files is full (ENFILE): raise fs.file-max, or close files elsewhere; "
+                "reads work again as files close")
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return (f"this process has too many files open (EMFILE, its limit is {soft}): raise its RLIMIT_NOFILE "
+            "(ulimit -n); reads work again as files close")
 
 
 @dataclass(frozen=True)

@@ -52,6 +52,8 @@ from libs.ufs.base import (
     ObjectChanged,
     ObjectInfo,
     UfsError,
+    error_chain,
+    out_of_files,
     source_tag,
 )
 from libs.ufs.bodies import read_part
@@ -546,6 +548,9 @@ class HttpObjectStore:
             return UfsError(f"{what} is not a valid URL")
         if isinstance(err, aiohttp.ClientSSLError):
             return UfsError(f"TLS with web server {what} failed ({type(err).__name__}): check its certificate")
+        exhausted = out_of_files(error_chain(err), f"request to {what}")
+        if exhausted is not None:  # no socket for the request: this process's limit, not an unreachable server
+            return exhausted
         reason = str(err).strip() or type(err).__name__
         # aiohttp's message may carry the URL as written; keep credentials out of it.
         return EndpointUnreachable(f"web server of {what} is unreachable ({strip_userinfo(reason)}): check the "

@@ -31,13 +31,16 @@ from types import TracebackType
 
 from libs.paths import quoted_key
 from libs.ufs.base import (
+    OUT_OF_FILES,
     AccessDenied,
     LocalLocation,
     NoSuchBucket,
     NoSuchKey,
     ObjectChanged,
     ObjectInfo,
+    OutOfFiles,
     UfsError,
+    files_exhausted,
     source_tag,
 )
 
@@ -423,4 +426,7 @@ class LocalObjectStore:
         except PermissionError as err:
             raise self._denied(key) from err
         except OSError as err:
+            if err.errno in OUT_OF_FILES:
+                raise OutOfFiles(f"cannot read {quoted_key(key)} in local directory '{self._root}': "
+                                 f"{files_exhausted(err.errno)}", err.errno) from err
             raise UfsError(f"cannot read {quoted_key(key)} in local directory '{self._root}': {err.strerror}") from err

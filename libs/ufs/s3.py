@@ -54,6 +54,7 @@ from libs.ufs.base import (
     ObjectInfo,
     S3Location,
     UfsError,
+    out_of_files,
 )
 from libs.ufs.bodies import read_part
 from libs.ufs.presign import Presigner, learn_presigner
@@ -738,6 +739,9 @@ class S3ObjectStore:
             failure = UfsError(f"{what} failed: the connection was cut mid-answer ({type(err).__name__})")
             failure.retryable = True
             return failure
+        exhausted = out_of_files(_causes(err), what)
+        if exhausted is not None:  # no socket for the request: this process's limit, not an unreachable store
+            return exhausted
         if isinstance(err, EndpointConnectionError | HTTPClientError | aiohttp.ClientError | TimeoutError):
             return EndpointUnreachable(f"cannot reach S3 endpoint {self._where}: {self._reason(err)}")
         return UfsError(f"S3 {action} of {bucket} failed: {type(err).__name__}: {err}")

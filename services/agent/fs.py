@@ -2,7 +2,8 @@
 
 This is the only place that speaks errno (docs/semantics.md lists them): unknown names → ENOENT, names over 255
 bytes → ENAMETOOLONG, any write → EROFS, an object that changed or was deleted under us → ESTALE (the tree is
-older than the store: ``shoal resync``), the object store failing → EIO (may pass). Files are immutable
+older than the store: ``shoal resync``), the object store failing → EIO (may pass), no descriptor left for a GET
+(the process's ``RLIMIT_NOFILE``, or the system's) → EMFILE or ENFILE (passes as descriptors close). Files are immutable
 (ETag-pinned), so they are opened with ``keep_cache`` and warm re-reads are served by the kernel page cache
 without reaching this process. With the project's patched pyfuse3 (``deploy/pyfuse3``) the mount goes further and
 answers ``open`` and ``opendir`` with ENOSYS: the kernel then sends no OPEN, RELEASE, OPENDIR or RELEASEDIR again
@@ -31,7 +32,7 @@ import pyfuse3
 from libs.events.dataset import ManifestEntry
 from libs.redact import cut_error, hide_signing, strip_userinfo
 from libs.telemetry import get_logger
-from libs.ufs.base import NoSuchKey, ObjectChanged, UfsError
+from libs.ufs.base import NoSuchKey, ObjectChanged, OutOfFiles, UfsError
 from services.agent.namespace import MAX_NAME, Namespace, Node
 from services.agent.reader import BlockReader, OpenFile
 from services.agent.readfailures import LOG_INTERVAL_SECONDS, LogLimiter, ReadFailures
@@ -361,6 +362,11 @@ class DatasetFS(pyfuse3.Operations):
             # The object was overwritten or deleted since the sync: the tree is stale, not the store down.
             self._report(handle, err, errno.ESTALE)
             raise pyfuse3.FUSEError(errno.ESTALE) from err
+        except OutOfFiles as err:
+            # No descriptor for the GET (or the local file): the process's limit, not the store. The reader is told
+            # so (EMFILE or ENFILE, "Too many open files"), and the next read works once descriptors close.
+            self._report(handle, err, err.errno)
+            raise pyfuse3.FUSEError(err.errno) from err
         except UfsError as err:
             self._report(handle, err, errno.EIO)
             raise pyfuse3.FUSEError(errno.EIO) from err
@@ -434,6 +440,8 @@ class DatasetFS(pyfuse3.Operations):
         error = cut_error(str(err))
         if code == errno.ESTALE:
             reason = f"the object changed or was deleted since the dataset was synced (resync it): {error}"
+        elif isinstance(err, OutOfFiles):
+            reason = f"the mount process could not open a file or socket: {error}"
         else:
             reason = f"the object store failed: {error}"
         # Status messages leave the node: no request signature or credentials in URLs, whatever the store quoted.

@@ -13,6 +13,7 @@ import msgspec
 import pytest
 
 from libs.blocks import BlockId
+from services.agent.cache import BlockCache
 from services.agent.cache import tiers as tiers_module
 from services.agent.cache.tiers import HEADER, MARKER, DiskTier, Health, MemoryTier, ScanCancelled, ScannedBlock
 
@@ -501,3 +502,30 @@ def test_a_header_claiming_a_huge_block_id_is_corrupt(tier: DiskTier) -> None:
     assert tier.read_range(block(3).name, 0, 10) is None
     assert not path.exists()
     assert tier.corrupt_blocks == 1
+
+
+@pytest.mark.parametrize("code", [errno.EMFILE, errno.ENFILE])
+def test_no_descriptor_left_is_not_the_disks_fault_the_tier_never_goes_down_and_the_block_stays_cached(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int
+) -> None:
+    # The mount process out of descriptors took a sound tier down after three reads (its directory reported down
+    # for the cool-down), and the cache forgot the first block whose read found none while its file stayed.
+    tier = DiskTier(tmp_path / "cache", 1 << 20)
+    tier.scan()
+    cache = BlockCache([tier])
+    assert cache.put(block(0), payload(0))
+    real_open = tiers_module.os.open
+
+    def no_descriptor(*args: object, **kwargs: object) -> int:
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(tiers_module.os, "open", no_descriptor)
+    for _ in range(5):
+        assert cache.get(block(0)) is None
+        assert not cache.put(block(1), payload(1))
+        assert tier.health is not Health.DOWN
+    assert cache.contains(block(0)), "the block is still cached: its file is there"
+    monkeypatch.setattr(tiers_module.os, "open", real_open)
+    assert cache.get(block(0)) == payload(0)
+    assert tier.health is Health.NORMAL
+    assert cache.put(block(1), payload(1))

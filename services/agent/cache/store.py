@@ -255,7 +255,7 @@ class BlockCache:
         if data is None:
             self._misses += 1
             self.last_medium = None
-            if tier.health is Health.NORMAL:
+            if tier.health is Health.NORMAL and not tier.read_failed:
                 self._forget(name, entry)  # missing or corrupt (already deleted): gone for good
             return None
         self._hits += 1
@@ -279,7 +279,7 @@ class BlockCache:
             self._hits += 1
             self._uses += 1
             entry.used = self._uses
-        elif isinstance(tier, DiskTier) and tier.health is Health.NORMAL:
+        elif isinstance(tier, DiskTier) and tier.health is Health.NORMAL and not tier.read_failed:
             self._forget(name, entry)  # missing or corrupt (already deleted): gone for good
         return opened
 
@@ -311,7 +311,7 @@ class BlockCache:
         if opened is not None:
             opened.file.close()
             return True
-        if tier.health is Health.NORMAL:
+        if tier.health is Health.NORMAL and not tier.read_failed:
             self._forget(name, entry)  # missing or garbled (already deleted): gone for good
         return False
 

@@ -31,17 +31,17 @@ writes a marker file (``MARKER``) into it; a non-empty directory without the mar
 and the tier refuses it for good (no read, write or delete there), with an error in the log. Every file a scan
 deletes is logged.
 
-Health, like JuiceFS's cache directory states: consecutive I/O errors (``OSError`` other than a missing block
-file: ENOSPC, EIO, the directory removed...) move a disk tier from normal to unstable (after 1) and down (after
-3 in a row). A down tier refuses reads and writes without touching the disk, so callers bypass it to the object
-store; after ``cooldown_seconds`` (clock injected) the next operation goes through as a probe and one success
-brings the tier back to normal. A read succeeding does not end a run of failed writes: a full disk (ENOSPC) still
-serves the blocks it holds, and if reads in between reset the count it would stay unstable for ever, failing
-every write unreported; three failed writes in a row take it down (reported) whatever the reads between them.
-ENOSPC takes the tier down at once: a full disk does not empty itself in the next second, and small writes that
-still fit would otherwise keep it flapping between normal and unstable, never reported (tests/integration/
-test_store_faults.py fills a tmpfs). Down, reads bypass it to the store until the cool-down's write probe fits.
-Reads and writes never raise for I/O errors.
+Health, like JuiceFS's cache directory states: consecutive I/O errors (``OSError`` other than a missing block file,
+or EMFILE/ENFILE, the process out of descriptors: ENOSPC, EIO, the directory removed...) move a disk tier from
+normal to unstable (after 1) and down (after 3 in a row). A down tier refuses reads and writes without touching the
+disk, so callers bypass it to the object store; after ``cooldown_seconds`` (clock injected) the next operation goes
+through as a probe and one success brings the tier back to normal. A read succeeding does not end a run of failed
+writes: a full disk (ENOSPC) still serves the blocks it holds, and if reads in between reset the count it would stay
+unstable for ever, failing every write unreported; three failed writes in a row take it down (reported) whatever the
+reads between them. ENOSPC takes the tier down at once: a full disk does not empty itself in the next second, and
+small writes that still fit would otherwise keep it flapping between normal and unstable, never reported
+(tests/integration/test_store_faults.py fills a tmpfs). Down, reads bypass it to the store until the cool-down's
+write probe fits. Reads and writes never raise for I/O errors.
 
 Threads: file I/O is synchronous. Reading a 4 MiB block from the page cache takes ~0.2 ms, ~0.6 ms with its
 checksum, so reads run inline on the event loop (an ``os.pread`` inline beat a thread pool in every FUSE
@@ -111,6 +111,8 @@ MAX_ID_BYTES = 64 * 1024
 # with the id's pread that every read makes, a read costs as many system calls as before the id was checked.
 LAYOUT_READ_BYTES = HEADER.size + -(-DEFAULT_BLOCK_SIZE // CHUNK_BYTES) * CHUNK_SUM.size
 _HEX = frozenset("0123456789abcdef")
+# The process's (EMFILE) or the system's (ENFILE) descriptors ran out: not a fault of the tier's disk.
+_OUT_OF_FILES = frozenset({errno.EMFILE, errno.ENFILE})
 
 _ID_ENCODER = msgspec.msgpack.Encoder()
 _ID_DECODER = msgspec.msgpack.Decoder(BlockId)
@@ -157,6 +159,10 @@ class Tier(Protocol):
     high: float  # watermarks as fractions of the quota
     low: float
     offload_writes: bool  # whether writes do file I/O the caller should run in a worker thread
+    # Whether the last ``read_range`` or ``open_block`` found None because it failed (an I/O error, no descriptor
+    # left), not because the block is absent or was corrupt: its block must not be forgotten. Reads run on one
+    # thread; writes in others change ``health`` meanwhile, so the health alone cannot tell.
+    read_failed: bool
 
     @property
     def health(self) -> Health: ...
@@ -209,6 +215,7 @@ class MemoryTier:
     """Blocks as ``bytes`` in a dict; nothing survives a restart, nothing can fail or rot."""
 
     offload_writes = False
+    read_failed = False
     location = "memory"
 
     def __init__(self, quota_bytes: int, *, high: float = DEFAULT_HIGH, low: float = DEFAULT_LOW) -> None:
@@ -296,6 +303,8 @@ class DiskTier:
         # Why the directory is not Shoal's to use (non-empty without the marker); set once, never cleared.
         self._refused = ""
         self._errors = 0  # consecutive I/O errors
+        self.read_failed = False
+        self._out_of_files = False  # an operation found no descriptor (EMFILE, ENFILE) since the last success
         self._writes_failing = False  # the last error was a write's: only a successful write clears the run
         self._retry_at = 0.0
         self._corrupt = 0
@@ -328,17 +337,33 @@ class DiskTier:
         return self._refused
 
     def _succeeded(self, operation: str = "read") -> None:
-        if self._errors == 0:
+        if self._errors == 0 and not self._out_of_files:
             return  # the hot path: no lock while healthy
         if self._writes_failing and operation != "write":
             return  # a disk that reads but cannot write (full) is not healthy again
         with self._lock:
             previous, self._errors, self._health = self._health, 0, Health.NORMAL
             self._writes_failing = False
+            self._out_of_files = False
         if previous is not Health.NORMAL:
             log.info("cache tier recovered", directory=self._root, previous=str(previous))
 
     def _failed(self, operation: str, error: OSError) -> None:
+        if operation == "read":
+            self.read_failed = True
+        if error.errno in _OUT_OF_FILES:
+            # The process's descriptors ran out, not the disk: the operation misses (reads go to the store) and the
+            # tier is unstable, which keeps the cache from forgetting the block, until its next success; never
+            # down. Counted as the disk's, three of them took a sound tier down for the cool-down and reported its
+            # directory down (and a block whose read found no descriptor was forgotten while its file stayed).
+            with self._lock:
+                first, self._out_of_files = not self._out_of_files, True
+                if self._health is Health.NORMAL:
+                    self._health = Health.UNSTABLE
+            if first:
+                log.warning("cache tier operation failed: no file descriptor left (not the disk's fault)",
+                            directory=self._root, operation=operation, error=str(error))
+            return
         with self._lock:
             self._errors += 1
             self._writes_failing = operation == "write"
@@ -371,6 +396,7 @@ class DiskTier:
 
     def read_range(self, name: str, start: int, end: int | None) -> bytes | None:
         """Bytes [start, end) of the block (end None: to its end), every chunk they touch verified first."""
+        self.read_failed = False
         if not self.available():
             return None
         path = self.path_of(name)
@@ -414,6 +440,7 @@ class DiskTier:
     def open_block(self, name: str) -> BlockFile | None:
         """The block file open for sending, its header, chunk table and block id verified (not its data: the
         receiver checks every chunk against the table, so the bytes never pass through this process)."""
+        self.read_failed = False
         if not self.available():
             return None
         path = self.path_of(name)
