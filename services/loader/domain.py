@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import functools
 import itertools
@@ -55,12 +56,17 @@ from libs.events.operation import (
 )
 from libs.events.runtime import RuntimeRecord
 from libs.paths import is_folder, selected_spans, target_path_problem
+from libs.redact import MAX_ERROR_CHARS, cut_error
 from libs.references import reference_of
 
 # The brief's part size: a NodeTask stays far below NATS's 1 MiB payload limit and a part is minutes of work at
 # most, so a restarted mount process redoes (skips) little.
 MAX_PART_BLOCKS = 2000
 MAX_PART_BYTES = 256 * 1024
+# The run state (every part's counts, files done and message) is one KV value, so one NATS message of at most
+# 1 MiB (libs.bus.MESSAGE_LIMIT; a domain does not import the bus). A plan whose state could outgrow this budget is
+# refused before it starts (``state_problem``); the rest of the 1 MiB covers the run's own fields and headers.
+RUN_STATE_BYTES = 896 * 1024
 OPERATION_KINDS: tuple[OperationKind, ...] = ("DataLoad", "DataClean")
 # A run none of whose parts reported progress for this long is stalled: its rate is 0 and its ETA unknown, not the
 # numbers of the last report. A working part reports at least once a second (a block fetched, skipped or failed); a
@@ -679,13 +685,35 @@ class PartState(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omit_
     blocks_done: int = 0
     bytes_done: int = 0
     bytes_skipped: int = 0
+    # Which of the part's files are done, as ``files_bits`` spells them: 336 characters for a part of 2,000 files,
+    # where a list of their numbers took 11 KB and a run of ~230k small files outgrew its one KV value.
+    files_done_bits: str = ""
+    # A state saved by an older loader lists them here; read (``part_files_done``), then written as bits.
     files_done: list[int] = []
     failed: int = 0
     message: str = ""
     done: bool = False
 
 
+def files_bits(indexes: Iterable[int]) -> str:
+    """File indexes as a bitmap (bit i is byte i // 8, least significant bit first), base64, trailing zero bytes
+    left out. Indexes outside a part (negative, or past ``MAX_PART_BLOCKS``: every file in a part has a block
+    there) are not kept: a report naming one cannot make the value grow."""
+    value = 0
+    for index in indexes:
+        if 0 <= index < MAX_PART_BLOCKS:
+            value |= 1 << index
+    return base64.b64encode(value.to_bytes((value.bit_length() + 7) // 8, "little")).decode() if value else ""
+
+
+def part_files_done(part: PartState) -> set[int]:
+    """The indexes of the part's files done (``files_done_bits``, and the list of a state saved before it)."""
+    value = int.from_bytes(base64.b64decode(part.files_done_bits), "little") if part.files_done_bits else 0
+    return {i for i in range(value.bit_length()) if value >> i & 1} | set(part.files_done)
+
+
 RunStage = Literal["planning", "metadata", "executing", "finished"]
+_STATE_ENCODER = msgspec.json.Encoder()
 
 
 class RunState(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omit_defaults=True):
@@ -731,6 +759,29 @@ def parts_state(plan: Plan) -> list[PartState]:
     return [PartState(node=p.task.node, blocks=p.blocks, bytes_total=p.bytes_total) for p in plan.parts]
 
 
+def state_problem(plan: Plan) -> str | None:
+    """Why the run of ``plan`` cannot start: the progress of its parts, every count at its largest, every file done
+    and the run's one message, could outgrow the one KV value that keeps it (``RUN_STATE_BYTES``). None when it fits.
+    Checked before the run starts: a state that no longer fits mid-run could not be saved, and the run would stall."""
+    # One message at most (``fold_into``), every character of it escaped in JSON at worst.
+    worst = 6 * MAX_ERROR_CHARS
+    for planned in plan.parts:
+        count = max(planned.blocks, len(planned.file_ids), 1)
+        worst += len(_STATE_ENCODER.encode(PartState(
+            node=planned.task.node, blocks=count, bytes_total=planned.bytes_total, blocks_done=count,
+            bytes_done=planned.bytes_total, bytes_skipped=planned.bytes_total,
+            files_done_bits=files_bits(range(len(planned.file_ids))), failed=count, done=True))) + 1
+        if worst > RUN_STATE_BYTES:
+            break
+    if worst <= RUN_STATE_BYTES:
+        return None
+    blocks = sum(p.blocks for p in plan.parts)
+    what = f"{blocks:,} blocks of {len(plan.files):,} files" if blocks else f"{len(plan.files):,} files"
+    return (f"the run is too large for one operation: {len(plan.parts):,} parts ({what}), whose progress would "
+            f"outgrow the {RUN_STATE_BYTES // 1024} KiB the loader keeps per run (one NATS KV value, at most 1 MiB); "
+            "split it into several operations, each naming some of the dataset's folders in spec.target")
+
+
 def fold_part(part: PartState, progress: TaskProgress) -> PartState:
     """Cumulative progress: never goes back (a late, older report changes nothing), and done sticks. A final report
     counting less than an earlier one (a later delivery of the part cancelled before it got as far, or given up by
@@ -742,12 +793,28 @@ def fold_part(part: PartState, progress: TaskProgress) -> PartState:
         if not progress.done:
             return part
         return msgspec.structs.replace(
-            part, files_done=sorted(set(part.files_done) | set(progress.files_done)), failed=progress.failed,
-            message=progress.message, done=True)
+            part, files_done_bits=files_bits(part_files_done(part) | set(progress.files_done)), files_done=[],
+            failed=progress.failed, message=cut_error(progress.message), done=True)
     return msgspec.structs.replace(
         part, blocks_done=progress.blocks_done, bytes_done=progress.bytes_done, bytes_skipped=progress.bytes_skipped,
-        files_done=sorted(set(progress.files_done)), failed=progress.failed, message=progress.message,
-        done=progress.done)
+        files_done_bits=files_bits(progress.files_done), files_done=[], failed=progress.failed,
+        message=cut_error(progress.message), done=progress.done)
+
+
+def fold_into(parts: Sequence[PartState], index: int, progress: TaskProgress) -> list[PartState] | None:
+    """The parts with ``progress`` folded into part ``index`` (``fold_part``); None when that changes nothing.
+
+    One part at most keeps a message, the first failed part to report one (``outcome`` makes it the run's message):
+    the state holds every part in one KV value, and a store failing every part would otherwise put a message of up
+    to ``MAX_ERROR_CHARS`` on each. The agents log every part's own reason."""
+    part = fold_part(parts[index], progress)
+    if part.message and (not part.failed or any(p.message for i, p in enumerate(parts) if i != index)):
+        part = msgspec.structs.replace(part, message="")
+    if part == parts[index]:
+        return None
+    folded = list(parts)
+    folded[index] = part
+    return folded
 
 
 def files_done(plan: Plan, parts: Sequence[PartState]) -> int:
@@ -755,7 +822,7 @@ def files_done(plan: Plan, parts: Sequence[PartState]) -> int:
     wanted: dict[int, int] = {}
     got: dict[int, int] = {}
     for planned, state in zip(plan.parts, parts, strict=True):
-        done = set(state.files_done)
+        done = part_files_done(state)
         for index, file_id in enumerate(planned.file_ids):
             wanted[file_id] = wanted.get(file_id, 0) + 1
             if index in done:
@@ -950,10 +1017,11 @@ def outcome(state: RunState) -> tuple[OperationPhase, str] | None:
     """Complete / Failed once every part is done; None while some part works."""
     if not all(p.done for p in state.parts):
         return None
-    for part in state.parts:
-        if part.failed:
-            reason = part.message or "blocks could not be done"
-            return "Failed", f"node {part.node} failed {part.failed} block(s): {reason}"
+    failing = [part for part in state.parts if part.failed]
+    if failing:
+        # The part that kept a message (``fold_into``), else the first that failed.
+        part = next((p for p in failing if p.message), failing[0])
+        return "Failed", f"node {part.node} failed {part.failed} block(s): {part.message or 'blocks could not be done'}"
     return "Complete", ""
 
 

@@ -350,11 +350,9 @@ class LoaderHandlers:
                 log.warning("progress for an unknown part ignored", run=progress.run, part=progress.part,
                             node=progress.node)
                 return
-            part = domain.fold_part(state.parts[progress.part], progress)
-            if part == state.parts[progress.part]:
+            parts = domain.fold_into(state.parts, progress.part, progress)
+            if parts is None:
                 return
-            parts = list(state.parts)
-            parts[progress.part] = part
             state = msgspec.structs.replace(state, parts=parts, moved_at=self.clock())
             revision = await kv_save(await self.bus.kv(subjects.KV_OPERATION_RUNS), key, state, revision)
             self.runs.saved(key, state, revision)
@@ -738,6 +736,10 @@ class LoaderHandlers:
         else:
             picked = [entries[i] for i in sorted(chosen)] if targets else None
             plan = await asyncio.to_thread(domain.plan_clean, state.run, ref, picked, domain.clean_nodes(runtime))
+        too_large = domain.state_problem(plan)
+        if too_large:
+            await self._finish(key, "Failed", too_large)
+            return
         await store.objects.put(subjects.loader_plan(key), msgspec.json.encode(plan))
         if on_event:
             # Before the executing state: a run saved as executing always finds its own manifest here at the end.

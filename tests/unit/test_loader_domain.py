@@ -26,6 +26,7 @@ from libs.events.operation import (
     DataLoadSpec,
     DatasetRef,
     NodeProgress,
+    NodeTask,
     OperationRecord,
     OperationRef,
     OperationStatus,
@@ -604,6 +605,73 @@ def test_progress_folds_parts_files_rate_and_eta() -> None:
     assert phase == "Failed" and plan.parts[1].task.node in message and "object changed" in message
 
 
+def test_files_done_are_kept_as_a_bitmap_of_the_parts_files_and_nothing_outside_it() -> None:
+    assert domain.files_bits([]) == ""
+    done = [0, 3, 7, 8, 1999]
+    part = domain.PartState(node="n1", files_done_bits=domain.files_bits(done))
+    assert domain.part_files_done(part) == set(done)
+    # Every file of a full part: a few hundred characters, where the list of numbers took 11 KB.
+    assert len(domain.files_bits(range(domain.MAX_PART_BLOCKS))) < 400
+    # A report naming no file of a part (negative, or past the most a part holds) cannot make the value grow.
+    assert domain.files_bits([-1, domain.MAX_PART_BLOCKS, 10**9]) == ""
+
+
+def test_a_run_state_saved_by_an_older_loader_keeps_its_files_done() -> None:
+    old = msgspec.json.decode(b'{"node":"n1","blocks":4,"bytesDone":8192,"filesDone":[0,2]}', type=domain.PartState)
+    assert domain.part_files_done(old) == {0, 2}
+    # A final report counting less keeps what the part had done, and writes it as bits.
+    ended = domain.fold_part(old, TaskProgress(run="r.1", part=0, node="n1", files_done=[1], failed=1, done=True))
+    assert domain.part_files_done(ended) == {0, 1, 2} and ended.files_done == [] and ended.files_done_bits
+    moved = domain.fold_part(old, TaskProgress(run="r.1", part=0, node="n1", bytes_done=12288, files_done=[0, 1, 2]))
+    assert domain.part_files_done(moved) == {0, 1, 2} and moved.files_done == []
+
+
+def test_a_run_state_of_parts_of_small_files_fits_one_kv_value() -> None:
+    """150 full parts of 2,000 one-block files (a DataLoad of 300k small files), every part failing one block with
+    the longest message: the state is tens of KiB (it was 1.6 MB, past NATS's 1 MiB, and the run never ended)."""
+    reason = "x" * 5000
+    parts = [domain.PartState(node="n1", blocks=2000, bytes_total=2000 * 4096) for _ in range(150)]
+    for index in range(len(parts)):
+        folded = domain.fold_into(parts, index, TaskProgress(
+            run="r.1", part=index, node="n1", blocks_done=1999, bytes_done=2000 * 4096, failed=1, message=reason,
+            files_done=list(range(1999)), done=True))
+        assert folded is not None
+        parts = folded
+    state = domain.RunState(run="r.1", stage="executing", files_total=300_000, parts=parts)
+    assert len(msgspec.json.encode(state)) < 100 * 1024
+    assert all(domain.part_files_done(p) == set(range(1999)) for p in parts)
+    # One part keeps the reason, cut, and the run's message is that part's.
+    assert [bool(p.message) for p in parts].count(True) == 1
+    phase, message = domain.outcome(state) or ("", "")
+    assert phase == "Failed" and message.startswith("node n1 failed 1 block(s): xxx") and len(message) < 1100
+
+
+def test_a_part_that_failed_nothing_keeps_no_message_so_a_failed_one_can() -> None:
+    parts = [domain.PartState(node="n1", blocks=1), domain.PartState(node="n2", blocks=1)]
+    cancelled = domain.fold_into(parts, 0, TaskProgress(run="r.1", part=0, node="n1", message="cancelled", done=True))
+    assert cancelled is not None and cancelled[0].message == ""
+    failed = domain.fold_into(cancelled, 1, TaskProgress(run="r.1", part=1, node="n2", failed=1, message="gone",
+                                                         done=True))
+    assert failed is not None
+    assert domain.outcome(domain.RunState(run="r.1", parts=failed)) == ("Failed", "node n2 failed 1 block(s): gone")
+    assert domain.fold_into(failed, 1, TaskProgress(run="r.1", part=1, node="n2", done=True)) is None  # done sticks
+
+
+def test_a_plan_whose_progress_could_outgrow_one_kv_value_is_refused_saying_how_to_split_it() -> None:
+    def plan(parts: int, files_per_part: int) -> domain.Plan:
+        task = NodeTask(id="r.1.0", run="r.1", part=0, parts=parts, node="n1", dataset=DATASET, action="load")
+        part = domain.PlannedPart(task=task, file_ids=list(range(files_per_part)), blocks=2000,
+                                  bytes_total=2000 * 4 * 1024 * 1024)
+        return domain.Plan(run="r.1", files=[domain.PlannedFile(0, "k", "e", 1)] * files_per_part, parts=[part] * parts)
+
+    # About 3.6M small files, or 10M blocks of large files (40 TiB of 4 MiB blocks), fit one run.
+    assert domain.state_problem(plan(1800, 2000)) is None
+    assert domain.state_problem(plan(5000, 1)) is None
+    problem = domain.state_problem(plan(2000, 2000)) or ""
+    assert "too large for one operation: 2,000 parts (4,000,000 blocks of 2,000 files)" in problem
+    assert "spec.target" in problem
+
+
 def test_a_final_report_counting_less_ends_the_part_with_the_counts_kept() -> None:
     """A part whose first delivery cached half of it, its last one given up (or cancelled early) reporting less: the
     part ends, Failed with the final report's reason, and the run's progress keeps the half done."""
@@ -614,7 +682,8 @@ def test_a_final_report_counting_less_ends_the_part_with_the_counts_kept() -> No
     given_up = TaskProgress(run="r.1", part=0, node="n1", failed=3, message="given up", done=True)
     ended = domain.fold_part(half, given_up)
     assert (ended.done, ended.failed, ended.message) == (True, 3, "given up")
-    assert (ended.blocks_done, ended.bytes_done, ended.bytes_skipped, ended.files_done) == (2, 8192, 0, [0])
+    assert (ended.blocks_done, ended.bytes_done, ended.bytes_skipped) == (2, 8192, 0)
+    assert domain.part_files_done(ended) == {0}
     state = domain.RunState(run="r.1", stage="executing", started_at=100.0, files_total=2, parts=[ended])
     assert domain.fold_progress(state, 1, now=104.0, ended=True).bytes_done == 8192
     assert (domain.outcome(state) or ("",))[0] == "Failed"
