@@ -573,20 +573,21 @@ async def test_the_cli_loads_lists_fails_on_a_missing_path_applies_fluid_yaml_an
         assert re.split(r"\s{3,}", cleans.stdout.splitlines()[1])[5] == freed, cleans.stdout
 
 
-async def test_deleting_a_dataload_cancels_the_agents_work(
-        bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path) -> None:
-    async with single(bus, settings, seaweedfs, bucket, tmp_path, load_concurrency=2) as stack, loader(settings):
-        progress: list[dict[str, Any]] = []
+async def delete_a_load_mid_fetch(bus: Bus, store: HttpProxy) -> dict[str, Any]:
+    """A DataLoad "doomed" of the whole dataset, deleted while ``store`` holds two of its GETs
+    (SHOAL_LOAD_CONCURRENCY=2): its part's final progress. The store is left holding them."""
+    progress: list[dict[str, Any]] = []
 
-        async def collect(msg: Any) -> None:
-            progress.append(msgspec.json.decode(msg.data))
+    async def collect(msg: Any) -> None:
+        progress.append(msgspec.json.decode(msg.data))
 
-        subscription = await bus.nc.subscribe(subjects.task_progress(NODE), cb=collect)
-        stack.store.hold()
+    subscription = await bus.nc.subscribe(subjects.task_progress(NODE), cb=collect)
+    try:
+        store.hold()
         await bus.publish(subjects.DATALOAD_APPLY, dataload("doomed", dataset=NAME))
 
         async def two_held() -> bool:
-            return stack.store.waiting == 2
+            return store.waiting == 2
 
         await eventually(two_held, what="two block GETs held (SHOAL_LOAD_CONCURRENCY=2)")
         await bus.publish(subjects.DATALOAD_DELETE, DataLoadDelete(name="doomed"))
@@ -594,11 +595,18 @@ async def test_deleting_a_dataload_cancels_the_agents_work(
         async def cancelled() -> dict[str, Any] | None:
             return next((p for p in progress if p["done"]), None)
 
-        final = await eventually(cancelled, what="the part's final progress")
+        return await eventually(cancelled, what="the part's final progress")
+    finally:
+        await subscription.unsubscribe()
+
+
+async def test_deleting_a_dataload_cancels_the_agents_work(
+        bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path) -> None:
+    async with single(bus, settings, seaweedfs, bucket, tmp_path, load_concurrency=2) as stack, loader(settings):
+        final = await delete_a_load_mid_fetch(bus, stack.store)
         assert (final["message"], final["blocksDone"]) == ("cancelled", 0), final
         assert await operation(bus, "doomed") is None
         stack.store.release()
-        await subscription.unsubscribe()
 
         # Once a later load is done, the cancelled part has certainly stopped: only its first two blocks (in plan
         # order: top.bin, then train/a.bin's first) reached the store, besides the later load's own.
@@ -616,26 +624,7 @@ async def test_a_clean_right_after_a_cancelled_load_frees_the_blocks_the_load_st
     they stayed cached after it. Now the clean waits for them and frees them: a load of top.bin afterwards
     fetches it again, where it found it cached before."""
     async with single(bus, settings, seaweedfs, bucket, tmp_path, load_concurrency=2) as stack, loader(settings):
-        progress: list[dict[str, Any]] = []
-
-        async def collect(msg: Any) -> None:
-            progress.append(msgspec.json.decode(msg.data))
-
-        subscription = await bus.nc.subscribe(subjects.task_progress(NODE), cb=collect)
-        stack.store.hold()
-        await bus.publish(subjects.DATALOAD_APPLY, dataload("doomed", dataset=NAME))
-
-        async def two_held() -> bool:
-            return stack.store.waiting == 2
-
-        await eventually(two_held, what="two block GETs held (SHOAL_LOAD_CONCURRENCY=2)")
-        await bus.publish(subjects.DATALOAD_DELETE, DataLoadDelete(name="doomed"))
-
-        async def cancelled() -> dict[str, Any] | None:
-            return next((p for p in progress if p["done"]), None)
-
-        assert (await eventually(cancelled, what="the load's final progress"))["message"] == "cancelled"
-        await subscription.unsubscribe()
+        assert (await delete_a_load_mid_fetch(bus, stack.store))["message"] == "cancelled"
         await bus.publish(subjects.DATACLEAN_APPLY, DataCleanApply(data_clean=DataClean(
             metadata=ObjectMeta(name="all"), spec=DataCleanSpec(dataset=DatasetRef(name=NAME)))))
         stream, durable = subjects.task_stream(NODE), subjects.task_durable(NODE, "default", NAME)
