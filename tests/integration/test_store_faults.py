@@ -144,7 +144,7 @@ async def test_a_store_quoting_megabytes_in_its_errors_is_quoted_short_and_witho
         [len(line["error"]) for line in read_failed]
     assert read_failed[0]["error"].endswith("…") and "noisy.bin" in read_failed[0]["error"]
     message = failed.status.message
-    assert message.startswith(f"node {NODE} failed 2 block(s): noisy.bin: S3 get of 'noisy.bin'"), message[:300]
+    assert message.startswith(f"node {NODE} failed 2 block(s): 'noisy.bin': S3 get of 'noisy.bin'"), message[:300]
     assert len(message) <= MAX_ERROR_CHARS + 100, len(message)
     shown = "".join(output) + message
     assert "Authorization" in read_failed[0]["error"], "the quoted request is in the message"
