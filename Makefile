@@ -134,7 +134,7 @@ crds: venv
 
 # The reliability soak: every test that records a fault (tests/reliability.py: kill -9 of each service and agent,
 # NATS servers lost, the store failing, a full cache disk, skewed clocks), also those `make test` leaves out
-# (SHOAL_SOAK=1), and tests/fuzz at 10,000 examples each; then docs/reliability.md from the recorded rows
+# (SHOAL_SOAK=1: `pytest.mark.soak`, in any test file), and tests/fuzz at 10,000 examples each; then docs/reliability.md from the recorded rows
 # (tests/soak/report.py), failed and skipped tests named there. Long (tens of minutes on 2 cores); not in `make test`.
 # SOAK_WORKERS=1 on a busy machine: a mount process that takes more than the tests' 30 s to start fails them.
 SOAK_WORKERS ?= 2
@@ -144,6 +144,6 @@ soak: test-deps venv
 	@mkdir -p "$(STATE_DIR)"; rm -f "$(SOAK_ROWS)" "$(SOAK_JUNIT)"
 	SHOAL_SOAK=1 SHOAL_RELIABILITY_REPORT="$(abspath $(SOAK_ROWS))" SHOAL_FUZZ_EXAMPLES=$${SHOAL_FUZZ_EXAMPLES:-10000} \
 		$(BIN)/pytest -q -p no:cacheprovider -n $(SOAK_WORKERS) --dist loadfile --timeout 3600 --junitxml="$(SOAK_JUNIT)" \
-		$$(grep -rl --include='test_*.py' record_fault tests) $$(test -d tests/fuzz && echo tests/fuzz); \
+		$$(grep -rlE --include='test_*.py' 'record_fault|pytest\.mark\.soak' tests) $$(test -d tests/fuzz && echo tests/fuzz); \
 	status=$$?; $(BIN)/python -m tests.soak.report "$(SOAK_ROWS)" "$(SOAK_JUNIT)" docs/reliability.md || status=1; \
 	exit $$status

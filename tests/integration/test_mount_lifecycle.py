@@ -831,7 +831,12 @@ async def test_blocks_of_a_dropped_tier_are_freed_when_the_agent_restarts_before
             stall.remove()
 
 
-@pytest.mark.parametrize("case", ["new-folder-made", "new-folder-never-made", "runtime-deleted-first"])
+# The variants past the first take ~16 s each on 2 cores: run by `make soak`, with the first one in `make test`.
+VARIANT_IN_SOAK = pytest.mark.soak("a variant of a ~16 s mount-lifecycle test; its first case runs in make test")
+
+
+@pytest.mark.parametrize("case", ["new-folder-made", pytest.param("new-folder-never-made", marks=VARIANT_IN_SOAK),
+                                  pytest.param("runtime-deleted-first", marks=VARIANT_IN_SOAK)])
 async def test_blocks_of_a_dropped_tier_are_freed_when_the_dataset_is_deleted_before_the_new_mount_is_up(
         bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path, case: str) -> None:
     # As above, but the dataset is deleted while the agent is down. Back, the agent freed the deleted dataset's

@@ -963,7 +963,8 @@ while True:
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("how", ["stop", "leftovers"])
+@pytest.mark.parametrize("how", ["stop", pytest.param("leftovers", marks=pytest.mark.soak(
+    "a variant of an ~11 s test (a killed shoal up's leftovers stopped later); its stop case runs in make test"))])
 def test_up_gives_the_agent_the_time_it_needs_to_stop_a_hung_mount_process(tmp_path: Path, how: str) -> None:
     """The agent gives a mount process STOP_GRACE_SECONDS after SIGTERM before it kills it and unmounts. shoal up
     (its stop, and a later run stopping what a killed one left) must wait longer than that for the agent, else its
