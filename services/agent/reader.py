@@ -329,6 +329,10 @@ class BlockReader:
                 or (handle.current is not None and handle.current[0] == index)):
             return None
         block = self.block_id(handle.entry, index)
+        if not self.cache.contains(block):
+            # Not cached: the fetch's own lookup is the one access (and miss) the cache is told of. Asking here too
+            # counted every miss twice, and the admission policy then let each newcomer in over a block read again.
+            return None
         counted = handle.pieces_of == index
         piece = self.cache.get_range(block, lo, hi, access=not counted)
         if piece is None:
