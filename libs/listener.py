@@ -43,6 +43,11 @@ HANDSHAKE_SECONDS = 10.0
 # request on one we are closing (a webhook POST is not retried); the peer client drops one idle for 15 s.
 # ``AppRunner`` alone keeps such a connection 3630 s, so idle or trickling connections held places for an hour.
 IDLE_SECONDS = 120.0
+# A request answered before its body was all read (refused as too large, or as too slow to arrive) keeps its
+# connection while aiohttp reads and drops the rest of the body, so the answer is not lost to a reset: aiohttp's
+# default is 10 s, which let a client that stalls its body hold its place that much longer after its 408. A caller
+# still sending takes well under a second to finish.
+LINGER_SECONDS = 1.0
 # aiohttp's own default for a request line: ample for probes, scrapes and webhooks (the peer server takes more).
 MAX_LINE_BYTES = 8190
 # A full listener says so at most this often (a client hammering it would otherwise fill the log).
@@ -52,8 +57,10 @@ REFUSAL_LOG_SECONDS = 60.0
 def app_runner(app: web.Application, max_line_size: int = MAX_LINE_BYTES) -> web.AppRunner:
     """The runner every Shoal HTTP server serves ``app`` with: no access log (probes, scrapes and peer requests
     would drown the process's own lines; outcomes are counted instead), connections without a whole request closed
-    after ``IDLE_SECONDS``. ``max_line_size``: the longest request line taken; a longer one is answered 400."""
-    return web.AppRunner(app, access_log=None, keepalive_timeout=IDLE_SECONDS, max_line_size=max_line_size)
+    after ``IDLE_SECONDS``, the unread rest of a refused body drained for at most ``LINGER_SECONDS``.
+    ``max_line_size``: the longest request line taken; a longer one is answered 400."""
+    return web.AppRunner(app, access_log=None, keepalive_timeout=IDLE_SECONDS, lingering_time=LINGER_SECONDS,
+                         max_line_size=max_line_size)
 
 
 def refusal(reason: str) -> bytes:
