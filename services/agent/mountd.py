@@ -87,6 +87,9 @@ AGENT_CONNECT_TIMEOUT = 1.0
 AGENT_MAX_ATTEMPTS = 1
 # A manifest reload that failed is tried again after these delays, while the mount serves the tree it has.
 RELOAD_RETRY = Backoff(first=1.0, cap=30.0)
+# A watch of the mount's records that failed or ended is started again after these delays: soon after a blip, and
+# a bucket missing or refused for long is asked at most every 30 s.
+WATCH_RETRY = Backoff(first=0.5, cap=30.0)
 
 
 def agent_store(location: object) -> ObjectStore:
@@ -414,11 +417,17 @@ class MountedDataset:
             raise SystemExit(f"dataset {self.key}: {err}") from None
 
     async def _watch_runtime(self, router: BlockRouter, stop: asyncio.Event) -> None:
-        """Keep the ring of block owners current from the runtime record's ``status.workers``."""
+        """Keep the ring of block owners current from the runtime record's ``status.workers``, until ``stop``."""
+        await self._keep_watching("runtime watch", lambda caught_up: self._follow_ring(router, stop, caught_up), stop)
+
+    async def _follow_ring(self, router: BlockRouter, stop: asyncio.Event, caught_up: Callable[[], None]) -> None:
         kv = await self.bus.kv(subjects.KV_RUNTIMES)
         async with contextlib.aclosing(kv_watch(kv, stop, self.bus.reconnects, keys=self.key)) as watched:
             async for entry in watched:
-                if entry is None or isinstance(entry, Replay):
+                if entry is None:
+                    caught_up()
+                    continue
+                if isinstance(entry, Replay):
                     continue
                 workers: list[CacheWorker] = []
                 if entry.operation not in ("DEL", "PURGE") and entry.value is not None:
@@ -429,6 +438,34 @@ class MountedDataset:
                         continue
                 if router.update(workers):
                     log.info("ring of block owners changed", dataset=self.key, owners=sorted(router.ring))
+
+    async def _keep_watching(self, what: str, watch: Callable[[Callable[[], None]], Awaitable[None]],
+                             stop: asyncio.Event) -> None:
+        """``watch`` until ``stop``, started again with backoff whenever it fails or ends (its bucket missing, NATS
+        refusing it, an error under it), as the inventory and task loops retry: the mount keeps serving with what
+        it has, and the new watch's first entries bring it current. ``watch`` calls its argument once it has the
+        current values, which resets the backoff."""
+        failures = 0
+
+        def caught_up() -> None:
+            nonlocal failures
+            failures = 0
+
+        while not stop.is_set():
+            try:
+                await watch(caught_up)
+            except Exception as err:  # whatever it was, the watch must outlive it: the mount depends on it
+                failures += 1
+                delay = WATCH_RETRY.delay(failures)
+                log.error("watch failed; the mount goes on with what it has and starts it again", dataset=self.key,
+                          watch=what, error=f"{type(err).__name__}: {err}", retry_seconds=delay, failures=failures)
+            else:
+                if stop.is_set():
+                    return
+                failures += 1
+                delay = WATCH_RETRY.delay(failures)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
 
     async def _refresh_secrets(self, stop: asyncio.Event) -> None:
         """Read the secret files of the served record again every SHOAL_SECRET_REFRESH_SECONDS: Kubernetes rewrites a
@@ -537,13 +574,21 @@ class MountedDataset:
 
     async def _watch(self, fs: DatasetFS, cache: BlockCache, stop: asyncio.Event) -> None:
         """Reload the tree when the dataset is re-synced; stop when it is deleted."""
+        await self._keep_watching("manifest watch", lambda caught_up: self._follow_dataset(fs, cache, stop, caught_up),
+                                  stop)
+
+    async def _follow_dataset(self, fs: DatasetFS, cache: BlockCache, stop: asyncio.Event,
+                              caught_up: Callable[[], None]) -> None:
         kv = await self.bus.kv(subjects.KV_DATASETS)
         reloading: asyncio.Task[None] | None = None  # the reload of the newest record, retried until it works
         try:
             # Started again after a reconnect (libs.bus.kv_watch), so a resync right after a NATS restart is seen.
             async with contextlib.aclosing(kv_watch(kv, stop, self.bus.reconnects, keys=self.key)) as watched:
                 async for entry in watched:
-                    if entry is None or isinstance(entry, Replay):
+                    if entry is None:
+                        caught_up()
+                        continue
+                    if isinstance(entry, Replay):
                         continue
                     if entry.operation in ("DEL", "PURGE"):
                         log.info("dataset deleted, unmounting", dataset=self.key)
