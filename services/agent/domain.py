@@ -91,6 +91,14 @@ def mountpoint(root: str, namespace: str, name: str) -> str:
     return posixpath.join(root, namespace, name)
 
 
+def mount_connection_name(node: str, namespace: str, name: str) -> str:
+    """The NATS connection name of a dataset's mount process (nats-server's ``/connz`` lists clients by it):
+    ``shoal-mount/<namespace>/<name>/<node>``. Namespaces and names never hold '/', so no two mounts share one
+    whatever the node's name; joined with '-', ``a-b/c`` and ``a/b-c`` were both ``shoal-mount-a-b-c``, and every
+    node's mount of a dataset had the same name."""
+    return f"shoal-mount/{namespace}/{name}/{node}"
+
+
 def cache_folder(subdir: str) -> str:
     """This agent's folder below each tier path (``SHOAL_CACHE_SUBDIR``, relative and without '..': the settings
     refuse any other), normalised; empty for none. The one spelling of it, for the agent (which frees the caches

@@ -53,7 +53,7 @@ from libs.ufs.mounts import local_location_error, read_secrets, resolve_location
 from libs.ufs.s3 import S3ObjectStore
 from services.agent import budget
 from services.agent.cache import BlockCache, FrequencyAdmissionPolicy, LruPolicy, ScanCancelled
-from services.agent.domain import EXIT_PEER_PORT_TAKEN, FUSE_SUBTYPE, cache_suffix
+from services.agent.domain import EXIT_PEER_PORT_TAKEN, FUSE_SUBTYPE, cache_suffix, mount_connection_name
 from services.agent.fs import DatasetFS, time_operations
 from services.agent.handover import Staging, replace_in_place, unmount_own
 from services.agent.inventory import InventoryLog, InventoryPublisher
@@ -691,7 +691,7 @@ async def serve(settings: Settings, namespace: str, name: str, mountpoint: str,
         except OSError as err:  # metrics are still served; only discovery is missing
             log.error("cannot write the prometheus target", dataset=f"{namespace}/{name}", error=str(err))
     try:
-        bus = await connect(settings.nats, f"shoal-mount-{namespace}-{name}", stop=stop)
+        bus = await connect(settings.nats, mount_connection_name(node, namespace, name), stop=stop)
         if readiness is not None:
             readiness.add("nats", nats_check(bus))
         try:

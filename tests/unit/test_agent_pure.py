@@ -3,10 +3,13 @@ and which mounts a node wants. (The inventory fold is tested in test_inventory.p
 
 from __future__ import annotations
 
+import asyncio
+
 import msgspec
 import pytest
 
 from libs.bus import MESSAGE_LIMIT
+from libs.config import AgentSettings, Settings
 from libs.events.agent import (
     AgentHeartbeat,
     BlockId,
@@ -428,3 +431,27 @@ def test_the_directories_a_change_of_tiers_retired_are_those_the_new_tiers_do_no
     back = agent_domain.retired_directories([ssd, msgspec.structs.replace(ssd, path="/other")], [ssd])
     assert back == ["/other"]
     assert agent_domain.retired_directories([ssd], [mem]) == ["/cache/a", "/cache/b"]
+
+
+class Connected(Exception):
+    """Raised by the stand-in for ``connect``: the test needs only the name the mount process connects with."""
+
+
+async def test_mount_processes_of_different_datasets_or_nodes_connect_to_nats_under_different_names(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from services.agent import mountd
+
+    names: list[str] = []
+
+    async def connect(settings: object, name: str, **_: object) -> None:
+        names.append(name)
+        raise Connected
+
+    monkeypatch.setattr(mountd, "connect", connect)
+    mounts = [("node-a", "a-b", "c"), ("node-a", "a", "b-c"), ("node-b", "a", "b-c")]
+    for node, namespace, name in mounts:
+        with pytest.raises(Connected):
+            await mountd.serve(Settings(agent=AgentSettings(node_name=node)), namespace, name, "/nonexistent",
+                               asyncio.Event())
+    assert len(set(names)) == len(mounts), names
+    assert names[1] == "shoal-mount/a/b-c/node-a"
