@@ -229,7 +229,9 @@ class OpenFile:
     readahead: ReadAhead
     current: tuple[int, bytes] | None = None
     ahead: dict[int, asyncio.Future[bytes]] = field(default_factory=dict)
-    advised: set[int] = field(default_factory=set)  # cached blocks already hinted to the kernel
+    # Cached blocks of the current read-ahead window already hinted to the kernel (``_prefetch`` keeps no others:
+    # a set of every block ever hinted grew for as long as a long-lived reader of a large file read).
+    advised: set[int] = field(default_factory=set)
     # The cached block this stream reads chunk by chunk, holding none (``MAX_HELD_BLOCKS``): its lookup counted
     # once for the eviction policy, as a held block's is, not once per FUSE read.
     pieces_of: int = -1
@@ -626,6 +628,10 @@ class BlockReader:
 
     def _prefetch(self, handle: OpenFile, first: int, stop: int) -> None:
         last = (handle.entry.size - 1) // self.block_size
+        if handle.advised:
+            # The window only moves on (or starts again after a jump): a block behind it, or beyond it after a
+            # jump back, is hinted again only if a window reaches it again. At most a window's blocks are kept.
+            handle.advised.intersection_update(range(first, stop))
         for index in range(first, min(stop, last + 1)):
             if index in handle.ahead:
                 continue

@@ -685,3 +685,25 @@ async def test_a_removed_mount_never_lends_its_blocks_to_the_mount_moved_into_it
     handle = reader.open(moved)
     assert bytes(await reader.read(handle, 0, 100_000)) == bodies[1]
     reader.close(handle)
+
+
+async def test_a_long_lived_reader_remembers_only_the_hints_of_its_read_ahead_window(tmp_path: Path) -> None:
+    # OpenFile.advised kept every cached block ever hinted to the kernel: a long-lived process reading a huge
+    # cached file held one entry per block for as long as it read. Now only the window's are kept, and each
+    # block is still hinted once.
+    blocks = 200
+    setup = await make(tmp_path, size=blocks * BLOCK, max_ahead_blocks=4)
+    first = setup.reader.open(setup.entry)
+    await read_sequentially(setup, first, 0, blocks * BLOCK, BLOCK)  # every block cached
+    setup.reader.close(first)
+    await setup.reader.drain()
+    setup.recording.hinted.clear()
+    handle = setup.reader.open(setup.entry)
+    most = 0
+    for offset in range(0, blocks * BLOCK, QUARTER):
+        assert bytes(await setup.reader.read(handle, offset, QUARTER)) == setup.body[offset:offset + QUARTER]
+        most = max(most, len(handle.advised))
+    assert most <= 4, f"at most the read-ahead window's blocks remembered, not {most}"
+    assert sorted(setup.recording.hinted) == list(range(1, blocks)), "every cached block ahead hinted, once"
+    setup.reader.close(handle)
+    await setup.reader.drain()
