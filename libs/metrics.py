@@ -171,6 +171,8 @@ STORE_ERRORS = Counter("shoal_store_errors", "Failed object store requests, by o
 READAHEAD_BYTES = Gauge("shoal_readahead_bytes", "Read-ahead memory held on the node.", ["node"])
 READAHEAD_BUDGET_BYTES = Gauge("shoal_readahead_budget_bytes", "The node's read-ahead memory budget.", ["node"])
 EVICTIONS = Counter("shoal_cache_evictions", "Blocks evicted from a tier.", ["node", "dataset", "tier"])
+CACHE_WRITES_DROPPED = Counter("shoal_cache_writes_dropped", "Blocks fetched for a read or a peer and not cached: "
+                               "too many cache writes were waiting for the disk.", ["node", "dataset"])
 CACHE_DIR_HEALTHY = Gauge("shoal_cache_dir_healthy", "1 when a cache directory is writable and within its quota, "
                           "else 0.", ["node", "dir"])
 FUSE_SECONDS = Histogram("shoal_fuse_request_duration_seconds", "FUSE requests by operation (lookup, getattr, "

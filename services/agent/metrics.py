@@ -6,7 +6,8 @@ Every series of a mount process carries ``node`` (SHOAL_NODE_NAME) and ``dataset
 
 - a mount process (``MountMetrics``): cache bytes and capacity per tier (gauges read from the cache when
   scraped: nothing on the read path), block reads and bytes by source, store request latency and errors,
-  evictions per tier, FUSE request latency per operation, peer requests and bytes served, bytes warmed by loads;
+  evictions per tier, blocks not cached because the cache's writes were behind, FUSE request latency per
+  operation, peer requests and bytes served, bytes warmed by loads;
 - the agent (``NodeMetrics``): the node's read-ahead bytes and budget (read from the budget file when scraped)
   and the health of each configured cache directory (from its mount processes' status files, per heartbeat).
 
@@ -129,6 +130,8 @@ class MountMetrics:
         self.peer = PeerMetrics(node, dataset, self.data_path)
         self.warmup_bytes = m.WARMUP_BYTES.labels(node, dataset)
         self._evictions = {tier: m.EVICTIONS.labels(node, dataset, tier).inc for tier in m.TIERS}
+        # Told by the reader for each block it did not cache because its writes were behind (``MAX_WRITING_BLOCKS``).
+        self.write_dropped = m.CACHE_WRITES_DROPPED.labels(node, dataset).inc
         self._gauges: list[tuple[Gauge, tuple[str, ...]]] = []
 
     def reads(self, last_medium: Callable[[], str | None]) -> ReadMetrics | None:

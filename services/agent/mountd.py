@@ -209,7 +209,8 @@ class MountedDataset:
         router = BlockRouter(self.settings.agent.node_name, client)
         router.update(runtime.status.workers)
         reader = BlockReader(cache, self.gates, block_size, readahead, write_block=cache.put_async, router=router,
-                             metrics=self.metrics.reads(lambda: cache.last_medium))
+                             metrics=self.metrics.reads(lambda: cache.last_medium),
+                             write_dropped=self.metrics.write_dropped)
         peer_server = None
         if key is not None and self.peer_port:
             peer_server = PeerServer(key, self.namespace, self.name, block_size,

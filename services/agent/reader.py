@@ -75,6 +75,12 @@ SMALL_READ_FRACTION = 4
 # streaming at once than two cores feed. Past it a stream reads the chunks it needs from the cache, which costs a
 # few more system calls per read, not a block of memory per reader.
 MAX_HELD_BLOCKS = 32
+# Fetched blocks waiting for their cache write at once (each held in memory until its file is written). Past it a
+# block fetched for a read or a peer is not cached (counted: ``ReadStats.dropped_writes``): a reader faster than the
+# disk otherwise queued writes, and their blocks, without limit. 32 keeps asyncio's worker threads (at most 32) busy
+# and rides out a stall of a fraction of a second at disk speed: 128 MiB with 4 MiB blocks. A DataLoad's writes are
+# never dropped (a load that did not cache its block fails it); its concurrency bounds them.
+MAX_WRITING_BLOCKS = 32
 
 T = TypeVar("T")
 
@@ -169,6 +175,7 @@ class ReadStats:
     remote_bytes: int = 0  # from peers
     gets: int = 0  # store GETs
     peer_failures: int = 0  # peer requests that failed or were not believed (the read moved on)
+    dropped_writes: int = 0  # blocks fetched for a read or a peer and not cached: ``MAX_WRITING_BLOCKS`` waiting
 
 
 # --- routing ---
@@ -244,7 +251,8 @@ class BlockReader:
     def __init__(self, cache: BlockCacheLike, gates: Sequence[StoreGate], block_size: int, budget: MemoryBudget,
                  write_block: BlockWriter, max_ahead_blocks: int | None = None,
                  router: BlockRouter | None = None, metrics: ReadMetrics | None = None,
-                 max_held_blocks: int = MAX_HELD_BLOCKS) -> None:
+                 max_held_blocks: int = MAX_HELD_BLOCKS, max_writing_blocks: int = MAX_WRITING_BLOCKS,
+                 write_dropped: Callable[[], None] | None = None) -> None:
         self.cache = cache
         self.gates = gates
         self.block_size = block_size
@@ -256,6 +264,9 @@ class BlockReader:
         self.metrics = metrics
         self.stats = ReadStats()
         self.max_held_blocks = max_held_blocks
+        self.max_writing_blocks = max_writing_blocks
+        # Told of each write dropped (``MAX_WRITING_BLOCKS``): the mount's counter on /metrics.
+        self.write_dropped = write_dropped
         # The streams holding a block (``OpenFile.current``), by id, least lately read first: at most
         # ``max_held_blocks`` of them (the dict's reference keeps each id unique while it is listed).
         self._held: OrderedDict[int, OpenFile] = OrderedDict()
@@ -527,13 +538,21 @@ class BlockReader:
         # Shielded: one waiter going away (a peer client hanging up) must not cancel the fetch for the others.
         data = await asyncio.shield(future)
         if cache:  # joined a fetch that had just finished: keep it too (a no-op if it is kept already)
-            self._keep(block, data)
+            # Quiet: a write the fetch itself dropped is counted once, there.
+            self._keep(block, data, needed=load, quiet=True)
         return data
 
-    def _keep(self, block: BlockId, data: bytes) -> None:
+    def _keep(self, block: BlockId, data: bytes, needed: bool = False, quiet: bool = False) -> None:
         """Write the block to the cache in the background; until it is written, lookups find it here (a peer
-        asking right after the fetch must not cause a second GET)."""
+        asking right after the fetch must not cause a second GET). Not written, and counted unless ``quiet``, when
+        ``max_writing_blocks`` writes wait already, unless ``needed`` (a DataLoad's block: the load waits for it)."""
         if block in self._writing:
+            return
+        if not needed and len(self._writing) >= self.max_writing_blocks:
+            if not quiet:
+                self.stats.dropped_writes += 1
+                if self.write_dropped is not None:
+                    self.write_dropped()
             return
         self._writing[block] = data
 
@@ -564,11 +583,12 @@ class BlockReader:
             self._loading.discard(block)
             self._for_peer.discard(block)
             raise UfsError(f"{quoted_key(entry.key)}: expected {length} bytes at offset {start}, got {len(data)}")
+        loading = block in self._loading
         self._count_store(block, length)
         # Kept before the fetch counts as done: a lookup right after must find the block, not fetch it again.
         if block in self._cache_wanted:
             self._cache_wanted.discard(block)
-            self._keep(block, data)
+            self._keep(block, data, needed=loading)
         return data
 
     def _count_store(self, block: BlockId, length: int) -> None:

@@ -707,3 +707,79 @@ async def test_a_long_lived_reader_remembers_only_the_hints_of_its_read_ahead_wi
     assert sorted(setup.recording.hinted) == list(range(1, blocks)), "every cached block ahead hinted, once"
     setup.reader.close(handle)
     await setup.reader.drain()
+
+
+class SlowDisk:
+    """Cache writes that wait until ``go`` is set (a disk slower than the reader), counting those waiting."""
+
+    def __init__(self, cache: BlockCache) -> None:
+        self.cache = cache
+        self.go = asyncio.Event()
+        self.waiting = 0
+        self.most_waiting = 0
+
+    async def write(self, block: BlockId, data: bytes) -> bool:
+        self.waiting += 1
+        self.most_waiting = max(self.most_waiting, self.waiting)
+        try:
+            await self.go.wait()
+        finally:
+            self.waiting -= 1
+        return await self.cache.put_async(block, data)
+
+
+class NoFills(RecordingCache):
+    """A cache a load cannot fill in place (a MEM tier beside the disk): its blocks are written as a read's are."""
+
+    @property
+    def writes_files(self) -> bool:
+        return False
+
+
+async def test_cache_writes_behind_a_slow_disk_are_bounded_and_the_rest_are_not_cached_and_counted(
+        tmp_path: Path) -> None:
+    # A reader faster than the disk queued a write, holding its block, for every block it fetched: memory grew
+    # without limit. Past max_writing_blocks a fetched block is served and not cached (a later miss), counted.
+    setup = await make(tmp_path)
+    disk = SlowDisk(setup.cache)
+    dropped: list[None] = []
+    reader = BlockReader(setup.recording, setup.reader.gates, BLOCK, setup.budget, write_block=disk.write,
+                         max_ahead_blocks=2)
+    reader.max_writing_blocks, reader.write_dropped = 4, lambda: dropped.append(None)
+    handle = reader.open(setup.entry)
+    for offset in range(0, BLOCKS * BLOCK, BLOCK):
+        assert bytes(await reader.read(handle, offset, BLOCK)) == setup.body[offset:offset + BLOCK]
+    reader.close(handle)
+    assert disk.most_waiting == 4, f"at most 4 writes wait for the disk, not {disk.most_waiting}"
+    assert reader.stats.dropped_writes == len(dropped) == BLOCKS - 4
+    disk.go.set()
+    await reader.drain()
+    cached = [index for index in range(BLOCKS) if setup.cache.contains(reader.block_id(setup.entry, index))]
+    assert len(cached) == 4, cached
+    assert len(setup.store.gets) == BLOCKS, "every block fetched once: the dropped ones were served all the same"
+
+
+async def test_a_loads_block_is_written_whatever_waits_for_the_disk(tmp_path: Path) -> None:
+    setup = await make(tmp_path)
+    disk = SlowDisk(setup.cache)
+    reader = BlockReader(NoFills(setup.cache), setup.reader.gates, BLOCK, setup.budget, write_block=disk.write,
+                         max_ahead_blocks=0, max_writing_blocks=1)
+    handle = reader.open(setup.entry)
+    await reader.read(handle, 0, BLOCK)  # its write waits: the one allowed
+    reader.close(handle)
+
+    async def ahead_dropped() -> bool:  # block 1, fetched ahead, is not cached
+        return reader.stats.dropped_writes == 1
+
+    await eventually(ahead_dropped, 5, "the write of the block fetched ahead dropped")
+    warming = asyncio.ensure_future(reader.warm(setup.entry, 5))
+
+    async def load_write_waits() -> bool:
+        return disk.waiting >= 2
+
+    await eventually(load_write_waits, 5, "the load's block waiting for the disk beside the read's")
+    assert reader.stats.dropped_writes == 1, "block 1's write only"
+    disk.go.set()
+    assert await warming
+    assert setup.cache.contains(reader.block_id(setup.entry, 5)), "the load's block cached"
+    await reader.drain()
