@@ -11,7 +11,8 @@ the remote reads; scaling 3 -> 4 (``shoal scale runtime``) fetches from the stor
 owner changed; ``kill -9`` of an owner's mount process in the middle of another node's read costs no EIO, and the
 restarted process (same peer port) is taken back into the ring with its disk cache (nothing fetched again); a
 Dataset's nodeAffinity keeps an unlabelled agent out of the workers (named in ``notPicked``) while it still
-mounts and reads; a worker whose agent stops leaves the ring and reads go on from the second owners.
+mounts and reads; a worker whose agent stops leaves the ring and reads go on from the second owners; a worker
+dropped by a scale-down keeps its blocks, counted on its row of the dataset's status, and reads them from its disk.
 
 The mounts learn the ring from the same runtime record the test waits on (a KV watch); the reads that depend
 on a new ring come after the test saw it there and dropped the page cache.
@@ -114,6 +115,12 @@ async def blocks_of(bus: Bus) -> dict[Get, BlockId]:
             blocks[(entry.key, f"bytes={start}-{start + length - 1}")] = BlockId(entry.mount, entry.key, entry.etag,
                                                                                  index)
     return blocks
+
+
+def length_of(get: Get) -> int:
+    """The bytes of a block's GET, from its Range header (``bytes=<first>-<last>``)."""
+    first, last = get[1].removeprefix("bytes=").split("-")
+    return int(last) - int(first) + 1
 
 
 def store_gets(store: HttpProxy, since: int = 0) -> list[Get]:
@@ -332,3 +339,55 @@ async def test_a_worker_whose_agent_stops_leaves_the_ring_and_reads_go_on(
         await read_everything(cluster, objects, ["node-a", "node-c"])
         # node-b's blocks are read from their second owners, who kept them: the store is not asked again.
         assert store_gets(store, before) == []
+
+
+async def test_a_worker_scaled_down_keeps_its_blocks_counted_and_reads_them_as_a_client(
+        bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path) -> None:
+    # A worker dropped by a scale-down stays a client of the dataset (its agent still serves the runtime): its mount
+    # keeps the blocks it cached as an owner, in its tiers' quota and its inventory (the dataset's status counts
+    # them on its row), and reads them from its own disk. They leave as any cached block does: a DataClean (every
+    # ready node), a resync that changes their object, the dataset's deletion; and a scale-up finds them again.
+    objects = objects_of(3, 3)
+    two = ("node-a", "node-b")
+    async with counted_cluster(bus, settings, seaweedfs, bucket, tmp_path, objects, {node: {} for node in two}) as (
+            cluster, store):
+        await apply(bus, cluster, store, bucket, replicas=2)
+        await ring_is(bus, list(two))
+        await cluster.wait_mounted(NAME, "shard-2.bin")
+        await read_everything(cluster, objects, ["node-a"])  # node-a keeps every block: first or second owner
+        blocks = await blocks_of(bus)
+        assert sorted(store_gets(store)) == sorted(blocks)
+
+        url = ",".join(settings.nats.urls)
+        result = await asyncio.to_thread(CliRunner().invoke, cli, ["--nats", url, "scale", "runtime", NAME,
+                                                                   "--replicas", "1"])
+        assert result.exit_code == 0, result.output
+
+        async def one_worker() -> str | None:
+            record = await runtime_record(bus, NAME)
+            workers = record.status.workers if record else []
+            return workers[0].node if len(workers) == 1 and workers[0].ready and workers[0].peer_url else None
+
+        kept = await eventually(one_worker, 30, "one worker left, in the ring")
+        [dropped] = [node for node in two if node != kept]
+        # node-a held every block (first or second owner); node-b those it owned first.
+        held = sum(length_of(get) for get, block in blocks.items()
+                   if dropped == "node-a" or owners(block.name, two)[0] == dropped)
+        total = sum(len(body) for body in objects.values())
+        assert held > 0
+
+        def row(record: DatasetRecord, node: str) -> Any:
+            return next((n for n in record.status.nodes if n.node == node), None)
+
+        before = row(await status_nodes(bus, lambda r: (n := row(r, dropped)) is not None and n.cached_bytes == held,
+                                        f"{dropped}'s cached blocks counted on its row"), dropped)
+        gets = len(store.ranged_gets())
+        await asyncio.to_thread(drop_page_cache)
+        await read_everything(cluster, objects, [dropped])
+        assert store_gets(store, gets) == [], "nothing fetched from the store again"
+        after = row(await status_nodes(
+            bus, lambda r: (n := row(r, dropped)) is not None
+            and n.local_read_bytes + n.remote_read_bytes - before.local_read_bytes - before.remote_read_bytes == total,
+            f"{dropped}'s reads counted"), dropped)
+        assert after.local_read_bytes - before.local_read_bytes == held, "its own blocks read from its own disk"
+        assert after.cached_bytes == held, "a client keeps what it had, and caches nothing more"
