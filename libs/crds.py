@@ -213,17 +213,23 @@ def fluid_operation_status(status: OperationStatus | None) -> FluidOperationStat
     which the refusal writes, duration empty, the refusal's condition)."""
     if status is None:
         return FluidOperationStatus(phase="", duration="", conditions=[])
-    # Shoal says nothing of a duration until a run starts (Pending); Fluid says Unfinished until the run ends.
-    unended = status.phase in ("Pending", "Executing")
     return FluidOperationStatus(
         phase=status.phase,
-        duration=status.duration or (UNFINISHED if unended else ""),
+        duration=operation_duration(status),
         conditions=status.conditions,
         last_schedule_time=status.last_schedule_time,
         last_successful_time=status.last_successful_time,
         waiting_for=WaitingStatus(operation_complete=True) if status.waiting_for_operation else None,
         progress=status.progress if status.progress != Progress() else None,
     )
+
+
+def operation_duration(status: OperationStatus) -> str:
+    """The duration an operation shows, Fluid's way: the run's (``1m32s``), ``Unfinished`` until the run ends, from
+    Pending on (Shoal's status says nothing of a duration until a run starts), empty otherwise. The one rule of the
+    Fluid status and of ``shoal get dataloads``' DURATION column, so the two never disagree."""
+    unended = status.phase in ("Pending", "Executing")
+    return status.duration or (UNFINISHED if unended else "")
 
 
 def fluid_unheld_status(resource: Resource) -> dict[str, Any]:

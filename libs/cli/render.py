@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from libs.crds import shoal_status
+from libs.crds import operation_duration, shoal_status
 from libs.documents import LIST_API_VERSION, LIST_KIND, without_nulls
 from libs.events.common import format_bytes
 from libs.events.dataset import Condition, DatasetRecord, NodeCache
@@ -192,7 +192,7 @@ def operation_table(records: Sequence[OperationRecord], *, now: datetime, wide: 
     for record in records:
         status = record.status
         row = [record.metadata.name, operation_dataset(record), status.phase, age_text(record.created_at, now),
-               status.duration or "-", progress_text(status.progress, clean=record.clean is not None)]
+               operation_duration(status) or "-", progress_text(status.progress, clean=record.clean is not None)]
         if wide:
             policy: str = record.load.policy if record.load is not None else "-"  # a clean runs once
             if record.load is not None and record.load.schedule:

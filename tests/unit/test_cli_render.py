@@ -12,9 +12,10 @@ from msgspec.structs import replace
 from libs import subjects
 from libs.cli import render
 from libs.cli.main import Outcome, report_outcomes
+from libs.crds import shoal_status
 from libs.documents import Command
 from libs.events.common import ObjectMeta
-from libs.events.dataset import Dataset, DatasetRecord, DatasetSpec, DatasetStatus, Mount, NodeCache
+from libs.events.dataset import Condition, Dataset, DatasetRecord, DatasetSpec, DatasetStatus, Mount, NodeCache
 from libs.events.operation import (
     CleanTarget,
     DataCleanSpec,
@@ -28,6 +29,7 @@ from libs.events.operation import (
     Progress,
     TargetPath,
 )
+from libs.kube import FLUID_RESOURCES
 
 MiB = 1024 * 1024
 
@@ -125,13 +127,35 @@ def test_operation_table_has_fluids_columns_and_progress() -> None:
     assert render.operation_table([running, elsewhere], now=NOW, wide=False, show_namespace=False) == (
         "NAME      DATASET       PHASE       AGE   DURATION     PROGRESS\n"
         "warm      imagenet      Executing   5m    Unfinished   812/1000 files, 8.00GiB/10.00GiB\n"
-        "pending   data/shared   Pending     5m    -            -\n"
+        "pending   data/shared   Pending     5m    Unfinished   -\n"
     )
     wide = render.operation_table([running, elsewhere], now=NOW, wide=True, show_namespace=False).splitlines()
     assert wide[0].split() == ["NAMESPACE", "NAME", "DATASET", "PHASE", "AGE", "DURATION", "PROGRESS", "POLICY",
                                "RUNS", "RATE", "ETA", "MESSAGE"]
     assert "Cron (0 * * * *)   3      100.00MiB/s   20s" in wide[1]
     assert wide[2].endswith("DataLoad default/warm to be Complete")
+
+
+def test_the_duration_column_says_what_the_fluid_status_says() -> None:
+    """A load that has not ended shows Fluid's ``Unfinished`` in DURATION, as its Fluid status (what ``kubectl get
+    dataload`` shows) does: the CLI showed '-' for a Pending load (waiting for its dataset, its ``runAfter``
+    operation or its first run), and for an Executing one in a record written without a duration."""
+    (fluid_load,) = [resource for resource in FLUID_RESOURCES if resource.kind == "DataLoad"]
+    ended = [Condition(type="Complete", status="True", reason="RunComplete",
+                       last_transition_time="2026-01-01T12:00:00Z")]
+    statuses = {
+        "first": OperationStatus(),
+        "waiting": OperationStatus(phase="Pending", waiting_for="dataset default/imagenet to be Bound"),
+        "executing": OperationStatus(phase="Executing", duration="Unfinished", runs=1),
+        "unwritten": OperationStatus(phase="Executing", runs=1),
+        "complete": OperationStatus(phase="Complete", duration="1m32s", runs=1, conditions=ended),
+    }
+    table = render.operation_table([operation(name, status=status) for name, status in statuses.items()], now=NOW,
+                                   wide=False, show_namespace=False)
+    durations = {line.split()[0]: line.split()[4] for line in table.splitlines()[1:]}
+    assert durations == {name: shoal_status(fluid_load, status)["duration"] for name, status in statuses.items()}
+    assert durations == {"first": "Unfinished", "waiting": "Unfinished", "executing": "Unfinished",
+                         "unwritten": "Unfinished", "complete": "1m32s"}
 
 
 def test_describe_dataclean_shows_no_replicas_under_its_targets() -> None:
