@@ -14,7 +14,8 @@ Decides:
 - Fluid compatibility: the ``data.fluid.io`` kinds take the same spec schema, with unknown fields preserved on every
   object of the spec (Fluid fields Shoal ignores survive a round trip through the apiserver and reach
   ``libs.documents``, which notes them as ignored), and a status in Fluid's shape (``FluidDatasetStatus``,
-  ``FluidRuntimeStatus``, ``FluidOperationStatus`` below, with ``fluid_*_status`` converting Shoal's statuses),
+  ``FluidRuntimeStatus``, ``FluidOperationStatus`` below, with ``fluid_*_status`` converting Shoal's statuses; a
+  DataLoad's progress in Fluid's ``infos`` too, which Fluid's own CRD keeps where it prunes ``progress``),
   always with every field Fluid's own CRD of the kind requires: a cluster that ran Fluid has Fluid's CRDs
   installed, whose apiserver refuses a status lacking one;
 - printer columns like Fluid's, on JSONPaths that exist in the status the bridge writes;
@@ -142,8 +143,12 @@ class WaitingStatus(msgspec.Struct, frozen=True, kw_only=True, rename="camel", o
 
 
 class FluidOperationStatus(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omit_defaults=True):
-    """Fluid's OperationStatus, plus Shoal's ``progress`` (Fluid's clients skip fields they do not know; Fluid's own
-    DataLoad CRD does not declare it, so where that CRD is installed the apiserver prunes it).
+    """Fluid's OperationStatus, plus Shoal's ``progress``, which is also in Fluid's ``infos`` (``progress_infos``).
+
+    Fluid's own DataLoad CRD does not declare ``progress``: where that CRD serves the object (a cluster that ran
+    Fluid) the apiserver's structural pruning drops it, and ``infos``, a map of strings Fluid's schema keeps, is where
+    the progress stays. Where Shoal's CRD of the kind serves it, both are kept: ``progress`` as Shoal's kinds show it,
+    ``infos`` as Fluid's clients read it.
 
     ``phase``, ``duration`` and ``conditions`` have no default: Fluid's DataLoad CRD requires them (Go fields
     without ``omitempty``), so they are always written, as Fluid's controllers write them from the first (Pending)
@@ -156,6 +161,8 @@ class FluidOperationStatus(msgspec.Struct, frozen=True, kw_only=True, rename="ca
     last_schedule_time: str = ""
     last_successful_time: str = ""
     waiting_for: WaitingStatus | None = None
+    # Fluid's free-form name → value map of an operation (its DataBackup writes its backup's path there).
+    infos: dict[str, str] = {}
     progress: Progress | None = None
 
 
@@ -220,8 +227,19 @@ def fluid_operation_status(status: OperationStatus | None) -> FluidOperationStat
         last_schedule_time=status.last_schedule_time,
         last_successful_time=status.last_successful_time,
         waiting_for=WaitingStatus(operation_complete=True) if status.waiting_for_operation else None,
+        infos=progress_infos(status.progress),
         progress=status.progress if status.progress != Progress() else None,
     )
+
+
+def progress_infos(progress: Progress) -> dict[str, str]:
+    """Shoal's progress as Fluid's ``infos`` (a map of strings): each field ``progress`` shows, under its own name,
+    as its JSON text (``filesDone: "812"``, ``rateBytesPerSecond: "209715200.0"``, ``nodes`` the JSON list of
+    each node's bytes), so ``kubectl get dataload -o yaml`` shows it under Fluid's CRD too, a script reads one field
+    (``-o jsonpath='{.status.infos.bytesDone}'``), and each decoded as JSON gives the progress back whole.
+    Fields at their defaults are left out, as ``progress`` leaves them out."""
+    shown: dict[str, Any] = msgspec.to_builtins(progress)
+    return {name: msgspec.json.encode(value).decode() for name, value in shown.items()}
 
 
 def operation_duration(status: OperationStatus) -> str:
@@ -258,7 +276,8 @@ def shoal_status(resource: Resource, status: msgspec.Struct | None) -> dict[str,
     it, so an object looks the same whether kubectl or the CLI shows it. The Fluid shapes are the converters above:
     ``fileNum`` is a string as in Fluid, each kind has every field Fluid's CRD of it requires (a dataset's
     ``conditions``; a runtime's master, worker and fuse phases and counts and ``valueFile``; an operation's
-    ``phase``, ``duration`` and ``conditions``), an operation shows ``waitingFor`` and Shoal's ``progress``.
+    ``phase``, ``duration`` and ``conditions``), an operation shows ``waitingFor`` and Shoal's ``progress``, which
+    is in Fluid's ``infos`` as well.
     """
     if status is None:
         return {}

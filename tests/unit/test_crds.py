@@ -650,8 +650,8 @@ def _int32(value: object) -> bool:
 
 
 # Shoal's own field on a Fluid DataLoad, which Fluid's CRD does not declare: where Fluid's CRDs are installed the
-# apiserver prunes it (and the bridge does not write it again for that: handlers.Written), so Fluid's clients never
-# see it. Any other field Fluid's schema lacks is an error here.
+# apiserver prunes it (and the bridge does not write it again for that: handlers.Written); the same progress is in
+# Fluid's ``infos``, which that CRD keeps. Any other field Fluid's schema lacks is an error here.
 PRUNED_BY_FLUID = {"DataLoad": {"progress"}}
 
 
@@ -780,3 +780,55 @@ def test_fluid_operation_status_has_fluids_waiting_for_object() -> None:
     done = msgspec.to_builtins(fluid_operation_status(OPERATION_STATUS))
     assert (done["phase"], done["duration"], done["lastSuccessfulTime"]) == ("Complete", "1m32s", CREATED)
     assert "waitingFor" not in done and done["progress"]["bytesDone"] == 100
+
+
+def structurally_pruned(schema: dict[str, Any], value: Any) -> Any:
+    """``value`` as an apiserver stores it under ``schema``: structural pruning drops every field of an object that
+    the schema does not declare, unless it preserves unknown fields."""
+    if isinstance(value, dict):
+        if schema.get(PRESERVE):
+            return value
+        if "properties" in schema:
+            return {key: structurally_pruned(schema["properties"][key], item) for key, item in value.items()
+                    if key in schema["properties"]}
+        if isinstance(schema.get("additionalProperties"), dict):
+            return {key: structurally_pruned(schema["additionalProperties"], item) for key, item in value.items()}
+        return {}
+    if isinstance(value, list) and isinstance(schema.get("items"), dict):
+        return [structurally_pruned(schema["items"], item) for item in value]
+    return value
+
+
+def test_a_fluid_dataloads_progress_survives_fluids_own_crd_in_its_infos() -> None:
+    """Fluid's own DataLoad CRD declares no ``progress``, so where it serves the object (a cluster that ran Fluid)
+    the apiserver pruned Shoal's progress and ``kubectl get dataload -o yaml`` showed none. Fluid's ``infos`` (a map
+    of strings its schema keeps) carries it: files and bytes, done and total, skipped, rate, ETA, each node's bytes.
+    Shoal's CRDs keep what they showed."""
+    (fluid_load,) = [r for r in FLUID_RESOURCES if r.kind == "DataLoad"]
+    (shoal_load,) = [r for r in SHOAL_RESOURCES if r.kind == "DataLoad"]
+    fluids_schema = json.loads(FLUID_STATUS.read_text())["kinds"]["DataLoad"]["status"]
+    progress = Progress(files_done=812, files_total=1000, bytes_done=8 << 30, bytes_total=10 << 30,
+                        bytes_skipped=1 << 30, rate_bytes_per_second=209715200.5, eta_seconds=9.8,
+                        nodes=[NodeProgress(node="node-a", bytes_done=5 << 30, bytes_total=5 << 30, done=True),
+                               NodeProgress(node="node-b", bytes_done=3 << 30, bytes_total=5 << 30)])
+    running = msgspec.structs.replace(RUNNING, progress=progress)
+    statuses = fluid_statuses(fluid_load)
+    for name, status in {**statuses, "with nodes": crds.shoal_status(fluid_load, running)}.items():
+        stored = structurally_pruned(fluids_schema, status)
+        assert "progress" not in stored, name  # Fluid's CRD drops it
+        infos = stored.get("infos", {})
+        assert all(isinstance(text, str) for text in infos.values()), (name, infos)
+        shown = msgspec.convert({key: json.loads(text) for key, text in infos.items()}, Progress)
+        assert msgspec.to_builtins(shown) == status.get("progress", {}), name
+    stored = structurally_pruned(fluids_schema, crds.shoal_status(fluid_load, running))
+    assert (stored["infos"]["filesDone"], stored["infos"]["bytesTotal"], stored["infos"]["etaSeconds"]) == (
+        "812", str(10 << 30), "9.8")
+    assert json.loads(stored["infos"]["nodes"])[1] == {"node": "node-b", "bytesDone": 3 << 30,
+                                                       "bytesTotal": 5 << 30}
+    assert "infos" not in statuses["first"]  # nothing to say before a run is planned
+    # Under Shoal's CRD of the Fluid kind both stay; Shoal's own kind shows its status as before, without infos.
+    ours = crds.crd(fluid_load)["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]
+    kept = structurally_pruned(ours, crds.shoal_status(fluid_load, running))
+    assert (kept["progress"], set(kept["infos"])) == (msgspec.to_builtins(progress), set(msgspec.to_builtins(
+        progress)))
+    assert crds.shoal_status(shoal_load, running) == {"phase": "Executing", **msgspec.to_builtins(running)}
