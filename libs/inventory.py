@@ -66,11 +66,13 @@ class NodeInventory(msgspec.Struct, frozen=True, kw_only=True, rename="camel", o
 class UniqueCached(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     """The scheduler's count of a dataset's bytes in the cache, each block once however many nodes hold it
     (``scheduler.dataset.cache.v1``), and the fact's sequence in its stream: only a fact published later replaces
-    it (a redelivered or reordered older one does not)."""
+    it (a redelivered or reordered older one does not). ``nodes_bytes``: the nodes' ``cachedBytes`` summed in the
+    fold that counted it (None: a fact, or an entry, from before the field)."""
 
     bytes: int
     sequence: int
     observed_at: str = ""
+    nodes_bytes: int | None = None
 
 
 class DatasetInventory(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):

@@ -74,9 +74,11 @@ class ScoreReply(Event, frozen=True, kw_only=True, tag="sched.score.reply.v1", r
 class DatasetCacheObserved(Event, frozen=True, kw_only=True, tag="scheduler.dataset.cache.v1", rename="camel"):
     """The bytes of a dataset's current file versions that at least one node caches, each block once: a block two
     nodes hold (a DataLoad with ``replicas: 2``, readers that each kept what they read) counts once here and twice in
-    the nodes' own ``cachedBytes``. The dataset service's ``cachedPercentage`` is this over the dataset's size.
-    Published by the scheduler when the figure changes, at most about once a second per dataset; ``id`` is a digest
-    of what the figure was worked out from, so replicas folding the same events publish it once."""
+    the nodes' own ``cachedBytes``. The dataset service's ``cachedPercentage`` is this over the dataset's size, moved
+    by what the nodes' ``cachedBytes`` gained since (``nodesCachedBytes``, the same fold's sum of them): its
+    ``cached`` is that sum at each inventory event, and the two columns must move together between two facts.
+    Published by the scheduler when either figure changes, at most about once a second per dataset; ``id`` is a
+    digest of what the figures were worked out from, so replicas folding the same events publish it once."""
 
     name: str
     namespace: str
@@ -85,3 +87,6 @@ class DatasetCacheObserved(Event, frozen=True, kw_only=True, tag="scheduler.data
     nodes: int = 0
     # When the scheduler worked it out (RFC 3339, its clock).
     observed_at: str = ""
+    # The nodes' own ``cachedBytes`` summed, as the fold that counted ``uniqueCachedBytes`` had them (a block two
+    # nodes hold twice, old file versions too); None from a scheduler older than the field.
+    nodes_cached_bytes: int | None = None

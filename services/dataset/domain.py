@@ -692,8 +692,9 @@ def percentage(part: int, whole: int) -> str:
 def cache_states(cache: DatasetInventory, ufs_total_bytes: int) -> CacheStates:
     """The dataset's cache over every node. ``cached`` is what every node holds, summed (what the cache costs: a
     block two nodes hold counts twice); ``cachedPercentage`` is the share of the dataset that is in the cache, as
-    Fluid means it: the scheduler's count of the bytes cached with each block once (``unique_cached_bytes``), else,
-    before the scheduler said it, the sum (capped at 100 %). Reads split as Fluid's: ``localHitRatio`` from the
+    Fluid means it: the scheduler's count of the bytes cached with each block once, moved by what the same sum
+    gained since it (``unique_cached_bytes``), else, before the scheduler said it, the sum (capped at 100 %). Both
+    come from the one sum of this fold, so they move together. Reads split as Fluid's: ``localHitRatio`` from the
     reading node's own tiers, ``remoteHitRatio`` from another node's cache (a peer), the rest from the store;
     ``cacheHitRatio`` is local and remote together. Bytes since each node's mount process started. A DataLoad's
     store fetches (``loadedBytes``) are no read: warming a dataset leaves its hit ratios as its readers made them."""
@@ -715,13 +716,20 @@ def cache_states(cache: DatasetInventory, ufs_total_bytes: int) -> CacheStates:
 
 
 def unique_cached_bytes(cache: DatasetInventory, cached: int) -> int:
-    """The dataset's bytes in the cache, each block once: the scheduler's figure, never more than the nodes' sum
-    ``cached`` (the two come by different paths: a node that evicted everything is seen here a moment before the
-    scheduler's next figure, or its figures dropped with its agent gone a moment before the scheduler's sweep);
-    ``cached`` itself while the scheduler has not said it."""
+    """The dataset's bytes in the cache, each block once, agreeing with the nodes' sum ``cached`` at every moment.
+
+    The scheduler's figure comes by another path, up to a second or two behind the sum (it publishes at most once a
+    second, and only when a figure moved): taken alone, a load just finished showed ``cached`` at the dataset's size
+    beside a percentage of the figure from the middle of the load. So the bytes the nodes gained since the
+    scheduler's figure (the sum now less the sum in the fold that counted it) are counted as new blocks: with no
+    block on two nodes the percentage is ``cached`` over the size, whatever the scheduler's lag. Never more than
+    ``cached`` (a node that evicted everything is seen here a moment before the scheduler's next figure, or its
+    figures dropped with its agent gone a moment before the scheduler's sweep); ``cached`` itself while the scheduler
+    has not said it. A figure without the scheduler's sum (from before the field) is taken as it is."""
     if cache.unique is None:
         return cached
-    return min(cache.unique.bytes, cached)
+    gained = max(0, cached - cache.unique.nodes_bytes) if cache.unique.nodes_bytes is not None else 0
+    return min(cache.unique.bytes + gained, cached)
 
 
 def cache_fact_errors(fact: DatasetCacheObserved) -> list[str]:
@@ -730,6 +738,8 @@ def cache_fact_errors(fact: DatasetCacheObserved) -> list[str]:
     errors = validate_ref(fact.name, fact.namespace)
     if fact.unique_cached_bytes < 0:
         errors.append(f"uniqueCachedBytes must not be negative, got {fact.unique_cached_bytes}")
+    if fact.nodes_cached_bytes is not None and fact.nodes_cached_bytes < 0:
+        errors.append(f"nodesCachedBytes must not be negative, got {fact.nodes_cached_bytes}")
     return errors
 
 
@@ -741,7 +751,8 @@ def with_unique_cached(cache: DatasetInventory | None, fact: DatasetCacheObserve
     if cache.unique is not None and cache.unique.sequence >= sequence:
         return None
     return msgspec.structs.replace(cache, unique=UniqueCached(bytes=fact.unique_cached_bytes, sequence=sequence,
-                                                              observed_at=fact.observed_at))
+                                                              observed_at=fact.observed_at,
+                                                              nodes_bytes=fact.nodes_cached_bytes))
 
 
 def node_caches(cache: DatasetInventory) -> list[NodeCache]:

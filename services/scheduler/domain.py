@@ -809,15 +809,17 @@ def through_references(request: ScoreRequest, sources: Mapping[tuple[str, str], 
 # --- The scheduler's fact: a dataset's bytes in the cache, each block once ---
 
 
-def cache_fact(dataset: DatasetKey, unique_bytes: int, nodes: int, positions: Iterable[tuple[str, str, int]],
-               manifest: object, now: float) -> DatasetCacheObserved:
+def cache_fact(dataset: DatasetKey, unique_bytes: int, nodes_bytes: int, nodes: int,
+               positions: Iterable[tuple[str, str, int]], manifest: object, now: float) -> DatasetCacheObserved:
     """``scheduler.dataset.cache.v1`` of a dataset whose fold holds ``unique_bytes`` of its current files (each
-    block once) on ``nodes`` nodes. The id is a digest of what the figure was worked out from: every node's place in
-    its inventory stream (node, incarnation, seq), the manifest whose files count, and the figure. Replicas that
-    folded the same events publish the same id (JetStream keeps one), and a figure that comes back to an earlier
-    value after other events gets a new id, so it is not dropped as a repeat."""
-    digest = hashlib.blake2b(msgspec.json.encode([unique_bytes, sorted(positions), repr(manifest)]), digest_size=8)
+    block once) on ``nodes`` nodes, and ``nodes_bytes`` by the nodes' own counters summed. The id is a digest of
+    what the figures were worked out from: every node's place in its inventory stream (node, incarnation, seq), the
+    manifest whose files count, and the figures. Replicas that folded the same events publish the same id
+    (JetStream keeps one), and a figure that comes back to an earlier value after other events gets a new id, so it
+    is not dropped as a repeat."""
+    digest = hashlib.blake2b(msgspec.json.encode([unique_bytes, nodes_bytes, sorted(positions), repr(manifest)]),
+                             digest_size=8)
     namespace, name = dataset
     return DatasetCacheObserved(id=f"scheduler.{namespace}.{name}.cache.{digest.hexdigest()}", name=name,
                                 namespace=namespace, unique_cached_bytes=unique_bytes, nodes=nodes,
-                                observed_at=rfc3339(now))
+                                observed_at=rfc3339(now), nodes_cached_bytes=nodes_bytes)

@@ -22,6 +22,9 @@ Decides what the scheduler knows and forgets; no I/O (the handlers feed it event
   block once however many nodes hold it (``holders`` counts them per block). Summing the nodes' bytes counts a block
   that a DataLoad with ``replicas: 2`` put on two nodes twice, and so overstates the share of the dataset that is
   cached; this is the figure the dataset service's ``cachedPercentage`` takes (``handlers.publish_cache``).
+- ``CacheFold.reported`` is kept beside it: per dataset, the nodes' own ``cachedBytes`` (their events' counters)
+  summed, the figure the dataset service's ``cached`` is, published with ``unique`` so that service can tell what
+  its nodes gained since the fact and keep its two columns together.
 
 ``LiveView`` answers ``services.scheduler.domain.View`` from these, without copying: the event loop is single
 threaded and ``score`` synchronous, so during one decision the fold *is* a consistent snapshot.
@@ -140,6 +143,8 @@ class CacheFold:
         # Dataset → bytes of the blocks of current file versions (every version while there is no catalog) that at
         # least one node holds; kept with every change of ``holders``, datasets at 0 left out.
         self.unique: dict[DatasetKey, int] = {}
+        # Dataset → the nodes' ``cachedBytes`` (their last event's counters) summed, datasets at 0 left out.
+        self.reported: dict[DatasetKey, int] = {}
         # Dataset → node → ``current`` of its cache, only nodes where it is > 0: what a decision reads, kept up to
         # date with every change of ``current`` (``_held``), never rebuilt per decision.
         self.held: dict[DatasetKey, dict[str, int]] = {}
@@ -181,6 +186,7 @@ class CacheFold:
             cache = nodes[event.node] = NodeCache(position=after)
             self.node_entries[event.node] = self.node_entries.get(event.node, 0) + 1
         cache.position = after
+        self._add_reported(key, after.counters.cached_bytes - (before.counters.cached_bytes if before else 0))
         catalog = self.catalogs.get(key)
         if isinstance(event, InventorySnapshot):
             self._snapshot_part(key, cache, event, after, catalog)
@@ -281,6 +287,14 @@ class CacheFold:
             else:
                 del self.unique[key]
 
+    def _add_reported(self, key: DatasetKey, change: int) -> None:
+        if change:
+            left = self.reported.get(key, 0) + change
+            if left:
+                self.reported[key] = left
+            else:
+                del self.reported[key]
+
     def _hold_all(self, key: DatasetKey, files: dict[FileKey, dict[int, int]], catalog: Catalog | None) -> None:
         """Count ``files`` (a node's blocks, just taken on) in ``holders`` and ``unique``."""
         if not files:
@@ -349,6 +363,7 @@ class CacheFold:
         self.held.pop(key, None)
         self.holders.pop(key, None)
         self.unique.pop(key, None)
+        self.reported.pop(key, None)
         self.moves.pop(key, None)
         self.moves_base.pop(key, None)
         self.versions.pop(key, None)  # after ``_changed``: ``generation`` and ``nodes_version`` still moved
@@ -357,6 +372,7 @@ class CacheFold:
         for key, nodes in self.datasets.items():
             if (cache := nodes.pop(node, None)) is not None:
                 self._release_all(key, cache.files, self.catalogs.get(key))
+                self._add_reported(key, -cache.position.counters.cached_bytes)
                 self._changed(key, nodes=True)
                 self.held.get(key, {}).pop(node, None)
                 self.moves.pop(key, None)

@@ -197,8 +197,8 @@ class SchedulerHandlers:
         # and whether the snapshots of the serving mounts are in since (``warming``).
         self._asked_at: float | None = None
         self._warm = False
-        # Each dataset's unique cached bytes as this process last published them (``publish_cache``).
-        self._published: dict[DatasetKey, int] = {}
+        # Each dataset's unique and nodes' cached bytes as this process last published them (``publish_cache``).
+        self._published: dict[DatasetKey, tuple[int, int]] = {}
         # Whether this replica publishes a dataset's facts, per dataset, for the live replicas ``_owned_among``:
         # asked once per dataset and membership, not for every dataset at every tick (a rendezvous hash each).
         self._owned: dict[DatasetKey, bool] = {}
@@ -348,8 +348,10 @@ class SchedulerHandlers:
 
     async def publish_cache(self) -> None:
         """Publish ``scheduler.dataset.cache.v1`` for each dataset whose bytes in the cache, each block once
-        (``CacheFold.unique``), changed since this process last published them: the dataset service's
-        ``cachedPercentage`` (it sums the nodes' own figures otherwise, counting twice a block two nodes hold).
+        (``CacheFold.unique``), or whose nodes' own ``cachedBytes`` summed (``CacheFold.reported``), changed since
+        this process last published them: the dataset service's ``cachedPercentage`` (it sums the nodes' own figures
+        otherwise, counting twice a block two nodes hold), which counts what its sum gained since the fact as new
+        blocks, so a sum that moved alone (a second copy of blocks, an old file version's evicted) is said too.
         Called every second (``app.CACHE_FACTS_SECONDS``), so at most one fact per dataset and second however many
         events moved it. Not while the fold is starting: a fold rebuilding from the agents' snapshots would say
         less than is cached. After a start each dataset with inventory is published once again (harmless). A fact
@@ -366,26 +368,27 @@ class SchedulerHandlers:
             self._owned.clear()
             for key in [key for key in self._published if not self._publishes(key)]:
                 del self._published[key]
-        due: list[tuple[DatasetKey, int, DatasetCacheObserved]] = []
+        due: list[tuple[DatasetKey, tuple[int, int], DatasetCacheObserved]] = []
         for key, nodes in self.fold.datasets.items():
-            info, unique = self.datasets.get(key), self.fold.unique.get(key, 0)
-            if info is None or self._published.get(key) == unique:
+            info = self.datasets.get(key)
+            figures = (self.fold.unique.get(key, 0), self.fold.reported.get(key, 0))
+            if info is None or self._published.get(key) == figures:
                 continue
             if publisher is not None and not self._publishes(key):
                 continue
             positions = [(node, cache.position.incarnation, cache.position.seq) for node, cache in nodes.items()]
-            due.append((key, unique, domain.cache_fact(key, unique, len(self.fold.held.get(key, {})), positions,
-                                                       info.manifest_version, self.clock())))
+            due.append((key, figures, domain.cache_fact(key, *figures, len(self.fold.held.get(key, {})), positions,
+                                                        info.manifest_version, self.clock())))
         failed: BaseException | None = None
         for start in range(0, len(due), CACHE_FACTS_AT_ONCE):
             chunk = due[start:start + CACHE_FACTS_AT_ONCE]
             results = await asyncio.gather(*(self.bus.publish(subjects.SCHEDULER_DATASET_CACHE, fact)
                                              for _, _, fact in chunk), return_exceptions=True)
-            for (key, unique, _), result in zip(chunk, results, strict=True):
+            for (key, figures, _), result in zip(chunk, results, strict=True):
                 if isinstance(result, BaseException):
                     failed = result
                 elif key in self.datasets:  # not forgotten while publishing (an applied-again one starts anew)
-                    self._published[key] = unique
+                    self._published[key] = figures
                     self._count("cache_facts")
         if failed is not None:
             log.warning("cache facts not all published, again at the next tick", error=repr(failed))

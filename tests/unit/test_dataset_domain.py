@@ -1048,6 +1048,43 @@ def test_the_cached_percentage_counts_a_block_two_nodes_hold_once() -> None:
     # A node-cache entry written before the figure existed still decodes, without one.
     old = msgspec.json.encode({"nodes": {"n1": {"incarnation": "i", "seq": 1}}})
     assert msgspec.json.decode(old, type=DatasetInventory).unique is None
+
+
+def test_cached_and_the_cached_percentage_agree_while_the_schedulers_figure_is_behind() -> None:
+    """``cached`` (the nodes' sum, at each inventory event) and ``cachedPercentage`` (the scheduler's count, a
+    second or two behind) came by two paths: right after a load, ``shoal get datasets`` showed the dataset's whole
+    size cached beside the percentage from the middle of the load. What the nodes gained since the scheduler's
+    figure counts as new blocks, so without a block on two nodes the two columns say the same at every moment."""
+    midway = two_nodes(CacheCounters(cached_bytes=40), CacheCounters(cached_bytes=0))
+    fact = DatasetCacheObserved(name="d", namespace="default", unique_cached_bytes=40, nodes_cached_bytes=40, nodes=1)
+    counted = with_unique_cached(midway, fact, sequence=3)
+    assert counted is not None and counted.unique is not None and counted.unique.nodes_bytes == 40
+
+    def node_a(cache: Any, seq: int, cached: int) -> Any:
+        moved, _ = fold(cache, InventoryDelta(node="node-a", dataset=ObjectRef(name="d"), incarnation="i", seq=seq,
+                                              counters=CacheCounters(cached_bytes=cached)), track_blocks=False)
+        return moved
+
+    loaded = node_a(counted, 2, 100)  # the load's last blocks, before the scheduler's next figure
+    states = cache_states(loaded, ufs_total_bytes=100)
+    assert (states.cached, states.cached_percentage) == ("100B", "100.0%")  # it read 40.0%
+    assert cache_states(node_a(counted, 2, 70), ufs_total_bytes=100).cached_percentage == "70.0%"
+    assert cache_states(node_a(counted, 2, 10), ufs_total_bytes=100).cached_percentage == "10.0%"  # evicted
+
+    # Half of the dataset on both nodes (``replicas: 2``): 100 bytes held, 50 of the dataset. node-b caches 20 new
+    # bytes: 70 % until the scheduler says more (it publishes when either figure moves); an eviction of copies is
+    # never counted above what the nodes hold.
+    both = with_unique_cached(two_nodes(CacheCounters(cached_bytes=50), CacheCounters(cached_bytes=50)),
+                              msgspec.structs.replace(fact, unique_cached_bytes=50, nodes_cached_bytes=100), 4)
+    grown, _ = fold(both, InventoryDelta(node="node-b", dataset=ObjectRef(name="d"), incarnation="i", seq=2,
+                                         counters=CacheCounters(cached_bytes=70)), track_blocks=False)
+    assert (cache_states(grown, 100).cached, cache_states(grown, 100).cached_percentage) == ("120B", "70.0%")
+    assert cache_states(node_a(both, 2, 0), 100).cached_percentage == "50.0%"
+    # A fact from a scheduler older than the sum is taken as it is, never above the nodes' sum.
+    older = with_unique_cached(midway, msgspec.structs.replace(fact, nodes_cached_bytes=None), 5)
+    assert cache_states(node_a(older, 2, 100), 100).cached_percentage == "40.0%"
+    refused = cache_fact_errors(msgspec.structs.replace(fact, nodes_cached_bytes=-1))
+    assert refused == ["nodesCachedBytes must not be negative, got -1"]
     assert msgspec.json.decode(msgspec.json.encode(counted), type=DatasetInventory) == counted
 
 

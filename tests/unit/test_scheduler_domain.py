@@ -378,12 +378,14 @@ def test_the_cache_facts_id_says_what_the_figure_was_worked_out_from() -> None:
     positions, another manifest or another count is a new id, also when it comes back to an earlier value."""
     positions = [("n1", "i1", 4), ("n2", "i7", 9)]
     manifest = ("ml.d.x-1-0", 1, 0, "2026-12-05T10:00:00Z")
-    fact = cache_fact(("ml", "d"), 500, 2, positions, manifest, now=1_800_000_000.0)
-    assert (fact.name, fact.namespace, fact.unique_cached_bytes, fact.nodes) == ("d", "ml", 500, 2)
+    fact = cache_fact(("ml", "d"), 500, 700, 2, positions, manifest, now=1_800_000_000.0)
+    assert (fact.name, fact.namespace, fact.unique_cached_bytes, fact.nodes_cached_bytes, fact.nodes) == (
+        "d", "ml", 500, 700, 2)
     assert fact.observed_at == "2027-01-15T08:00:00Z"
-    again = cache_fact(("ml", "d"), 500, 2, list(reversed(positions)), manifest, now=1_800_000_009.0)
+    again = cache_fact(("ml", "d"), 500, 700, 2, list(reversed(positions)), manifest, now=1_800_000_009.0)
     assert again.id == fact.id and fact.id.startswith("scheduler.ml.d.cache.")
-    assert len({fact.id, cache_fact(("ml", "d"), 400, 2, positions, manifest, 0).id,
-                cache_fact(("ml", "d"), 500, 2, [("n1", "i1", 5), ("n2", "i7", 9)], manifest, 0).id,
-                cache_fact(("ml", "d"), 500, 2, positions, (*manifest[:3], "later"), 0).id,
-                cache_fact(("ml", "e"), 500, 2, positions, manifest, 0).id}) == 5
+    assert len({fact.id, cache_fact(("ml", "d"), 400, 700, 2, positions, manifest, 0).id,
+                cache_fact(("ml", "d"), 500, 900, 2, positions, manifest, 0).id,
+                cache_fact(("ml", "d"), 500, 700, 2, [("n1", "i1", 5), ("n2", "i7", 9)], manifest, 0).id,
+                cache_fact(("ml", "d"), 500, 700, 2, positions, (*manifest[:3], "later"), 0).id,
+                cache_fact(("ml", "e"), 500, 700, 2, positions, manifest, 0).id}) == 6

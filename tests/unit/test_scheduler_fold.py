@@ -490,14 +490,16 @@ def test_a_block_on_two_nodes_counts_once_in_the_unique_bytes() -> None:
 
 
 def consistent(event: Inventory) -> Inventory:
-    """``event`` with each block's size a function of its file and index, as blocks that partition a file are."""
+    """``event`` with each block's size a function of its file and index, as blocks that partition a file are, and
+    counters of its own (the node's ``cachedBytes``, which the fold sums apart from the blocks)."""
     def sized(files: list[CachedFile]) -> list[CachedFile]:
         return [replace(file, blocks=[(index, 1 + (index + len(file.key)) % 4) for index, _ in file.blocks])
                 for file in files]
 
+    counters = CacheCounters(cached_bytes=3 * event.seq + (event.node == "n2"))
     if isinstance(event, InventorySnapshot):
-        return replace(event, files=sized(event.files))
-    return replace(event, cached=sized(event.cached), evicted=sized(event.evicted))
+        return replace(event, files=sized(event.files), counters=counters)
+    return replace(event, cached=sized(event.cached), evicted=sized(event.evicted), counters=counters)
 
 
 def union_bytes(state: CacheFold, key: tuple[str, str]) -> int:
@@ -516,7 +518,8 @@ def test_the_unique_bytes_kept_as_events_arrive_equal_the_bytes_of_the_union(
         sequence: list[tuple[Inventory, bool] | str]) -> None:
     """For any events of two nodes over two datasets (gaps, parts out of order, new incarnations, redeliveries),
     catalog changes and forgetting: ``unique`` is the bytes of the union of every node's blocks, ``holders`` counts
-    the nodes holding each block, and nothing is kept for a dataset none holds."""
+    the nodes holding each block, ``reported`` is the nodes' own ``cachedBytes`` summed (what the dataset service's
+    ``cached`` is), and nothing is kept for a dataset none holds."""
     state = CacheFold()
     catalog = Catalog([entry("/a", "a", 8, etag="e"), entry("/b", "b", 8, etag="other")])
     for step in sequence:
@@ -527,6 +530,8 @@ def test_the_unique_bytes_kept_as_events_arrive_equal_the_bytes_of_the_union(
             state.apply(consistent(replace(event, dataset=OTHER) if other else event))
         for key in (KEY, OTHER_KEY):
             assert state.unique.get(key, 0) == union_bytes(state, key)
+            assert state.reported.get(key, 0) == sum(cache.position.counters.cached_bytes
+                                                     for cache in state.datasets.get(key, {}).values())
             counted: dict[tuple[FileKey, int], int] = {}
             for cache in state.datasets.get(key, {}).values():
                 for file, held in cache.files.items():
@@ -535,4 +540,4 @@ def test_the_unique_bytes_kept_as_events_arrive_equal_the_bytes_of_the_union(
             kept = {(file, index): holding for file, shared in state.holders.get(key, {}).items()
                     for index, (holding, _) in shared.items()}
             assert kept == counted
-        assert all(state.unique.values()) and all(state.holders.values())
+        assert all(state.unique.values()) and all(state.holders.values()) and all(state.reported.values())
