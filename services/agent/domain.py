@@ -62,6 +62,13 @@ def wanted_mounts(datasets: Iterable[DatasetRecord], served: Iterable[tuple[str,
     return wanted
 
 
+def recreated(known: DatasetRecord, current: DatasetRecord) -> bool:
+    """Whether ``current`` is another life of the dataset than ``known`` (deleted and applied again under the same
+    name: another ``incarnation``). A watch that restarts, or a look every so often, can miss the delete between
+    them; a mount of the old one must then go as on a delete, its blocks with it."""
+    return current.incarnation != known.incarnation
+
+
 def wanted_links(datasets: Iterable[DatasetRecord], mounted: Iterable[tuple[str, str]],
                  linked: Iterable[tuple[str, str]]) -> dict[tuple[str, str], Reference]:
     """The references to show on this node, each with its source: those whose source this node mounts (``mounted``:

@@ -53,7 +53,8 @@ from libs.ufs.mounts import local_location_error, read_secrets, resolve_location
 from libs.ufs.s3 import S3ObjectStore
 from services.agent import budget
 from services.agent.cache import BlockCache, FrequencyAdmissionPolicy, LruPolicy, ScanCancelled
-from services.agent.domain import EXIT_PEER_PORT_TAKEN, FUSE_SUBTYPE, cache_suffix, mount_connection_name
+from services.agent.domain import (EXIT_PEER_PORT_TAKEN, FUSE_SUBTYPE, cache_suffix, mount_connection_name,
+                                   recreated)
 from services.agent.fs import DatasetFS, time_operations
 from services.agent.handover import Staging, replace_in_place, unmount_own
 from services.agent.inventory import InventoryLog, InventoryPublisher
@@ -162,6 +163,9 @@ class MountedDataset:
         # Each new store readies its client in the background (``StoreGate.prepare``) while the mount starts.
         self.preparing: set[asyncio.Task[None]] = set()
         self.deleted = False
+        # The dataset was deleted and applied again (another incarnation) while this mount's watch was not looking
+        # (restarting after a reconnect, whose replay shows only the newest record): gone as if deleted.
+        self.recreated = False
         # (mount, key) → entry of the current manifest: what the peer server may serve.
         self.entries: dict[tuple[int, str], ManifestEntry] = {}
         # The loader's parts on this mount (told when a new manifest is served: a load part may wait for it).
@@ -313,10 +317,11 @@ class MountedDataset:
             await reader.drain()
             if client is not None:
                 await client.close()
-            if self.deleted or await self._dataset_gone():
+            if self.deleted or self.recreated or await self._dataset_gone():
                 purged = cache.purge()  # evictions reach the inventory's last delta
                 log.info("dataset deleted, cache freed", dataset=self.key, blocks=purged)
-                await runner.forget()
+                if not self.recreated:  # the name lives on: parts for its new incarnation may come to this durable
+                    await runner.forget()
             publisher.stop()
             await asyncio.gather(inventory_task, reporter_task, *([watcher] if watcher else []),
                                  *([ring_watch] if ring_watch else []),
@@ -604,6 +609,14 @@ class MountedDataset:
                         log.error("dataset record not understood; the mount keeps the tree it has", dataset=self.key,
                                   error=str(err))
                         continue
+                    if self.record is not None and recreated(self.record, record):
+                        # Its delete was not seen: the replay of a restarted watch shows only the newest record. The
+                        # tree served is a dataset that no longer exists (another source, maybe), and the new one
+                        # may have no manifest yet: serving on until it has would show the old files under its name.
+                        log.info("dataset deleted and applied again, unmounting", dataset=self.key)
+                        self.recreated = True
+                        stop.set()
+                        return
                     if manifest_version(record) == self.manifest_version or not record.status.manifest:
                         continue
                     if reloading is not None:

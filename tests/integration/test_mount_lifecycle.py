@@ -6,6 +6,7 @@ mounts added to a Bound dataset, and a deleted dataset's cache freed.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import os
 import shutil
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable, MutableMapping
 from pathlib import Path
 from typing import Any
@@ -26,11 +28,13 @@ from nats.js.api import StreamConfig
 from libs import subjects
 from libs.bus import MESSAGE_LIMIT, Bus, kv_load
 from libs.config import Settings
+from libs.embedded import LOOPBACK
 from libs.events.common import ObjectMeta, format_bytes
 from libs.events.dataset import Dataset, DatasetApply, DatasetDelete, DatasetResync, DatasetSpec, Mount
 from libs.events.runtime import Level, Runtime, RuntimeApply, RuntimeDelete, RuntimeSpec, TieredStore
 from libs.inventory import DatasetInventory
 from libs.manifest import ManifestStore
+from libs.ufs.base import S3Location
 from services.agent import app as agent_app
 from services.agent.fs import NO_OPEN
 from services.agent.ledger import FILE_NAME as LEDGER_FILE_NAME
@@ -39,7 +43,7 @@ from services.agent.mountstatus import STARTING_CACHE, read_status
 from services.dataset import app as dataset_app
 from services.runtime import app as runtime_app
 from tests.conftest import NatsServer, SeaweedServer, put_objects
-from tests.faults import CuttableProxy, StalledCacheFile
+from tests.faults import CuttableProxy, ListingHold, StalledCacheFile
 from tests.helpers import dataset_record, eventually, running, runtime_record
 from tests.integration.agent_stack import Cluster, cluster_stack, md5, mounted_paths, node_stack, read_file, run_tool
 from tests.integration.test_agent_cache import InventoryWatch, mount_pids
@@ -578,6 +582,49 @@ async def test_a_resync_right_after_a_nats_server_restart_reaches_the_running_mo
                          what="the new file in the running mount within 10 s of the resync")
         assert (await read_file(root / "b.bin")) == b"after the restart"
         assert mount_pids(root) == [pid]  # the same mount process, reconnected
+
+
+async def test_a_dataset_deleted_and_applied_again_while_the_mounts_watch_restarts_stops_serving_the_old_tree(
+        bus: Bus, settings: Settings, nats_server: NatsServer, seaweedfs: SeaweedServer, bucket: str,
+        tmp_path: Path) -> None:
+    # The node (agent, mount process, runtime service) reaches NATS through a proxy the test cuts, and the server
+    # restarts meanwhile, so the watches' consumers are gone: back, each watch starts again and its replay shows only
+    # the newest record of the name, the delete between never. The new dataset (another bucket) is not listed yet,
+    # so it has no manifest: the mount served the deleted dataset's files under its name until it had one (the
+    # agent keeps a mount no longer Bound for UNBOUND_GRACE_SECONDS, 30 s; for ever while the new one fails).
+    other = f"t-{uuid.uuid4().hex[:12]}"
+    async with seaweedfs.client() as client:
+        await client.create_bucket(Bucket=other)
+    await put_objects(seaweedfs, bucket, {"old.bin": b"the deleted dataset's"})
+    await put_objects(seaweedfs, other, {"new.bin": b"the new dataset's"})
+    hold = ListingHold(held=lambda location: isinstance(location, S3Location) and location.bucket == other)
+    proxy = CuttableProxy(nats_server.config.port)
+    await proxy.start()
+    proxied = dataclasses.replace(settings, nats=dataclasses.replace(settings.nats,
+                                                                     urls=[f"nats://{LOOPBACK}:{proxy.port}"]))
+    try:
+        async with (running(lambda stop: dataset_app.run(settings, stop, opener=hold.opener)),
+                    node_stack(bus, proxied, seaweedfs, tmp_path, dataset_service=False) as node):
+            await node.apply("ds", bucket)
+            root = await node.wait_mounted("ds", expect="old.bin")
+            old = await node.record("ds")
+            await proxy.cut()
+            nats_server.restart()
+            await eventually(lambda: _async(bus.nc.is_connected), what="the test's client reconnected")
+            await bus.publish(subjects.DATASET_DELETE, DatasetDelete(name="ds"))
+            await node.apply("ds", other)
+            await asyncio.wait_for(hold.started.wait(), 15)  # applied again, its listing held
+            assert (await node.record("ds")).incarnation != old.incarnation
+            await proxy.restore()
+            await eventually(lambda: _async_not(asyncio.to_thread(os.path.exists, root / "old.bin")), timeout=10,
+                             what="the deleted dataset's file gone from the mount point")
+            hold.release.set()
+            await node.wait_mounted("ds", expect="new.bin")
+            assert await read_file(root / "new.bin") == b"the new dataset's"
+            assert not await asyncio.to_thread(os.path.exists, root / "old.bin")
+    finally:
+        hold.release.set()
+        await proxy.cut()
 
 
 async def test_a_mount_process_stopped_while_it_loads_its_cache_ends_at_once_and_starts_clean_later(
