@@ -77,21 +77,44 @@ def names_object_error(mount_point: str, location: Location) -> str:
 async def _paced(listing: AsyncIterator[ObjectInfo], seconds: float) -> AsyncIterator[ObjectInfo]:
     """``listing``, each entry within ``seconds``: the entries of a page in hand come at once, so this bounds the
     wait for each page. A store slower than that (one that answers a byte at a time never trips a read timeout)
-    raises ``EndpointUnreachable``, retried later like a store that does not answer."""
+    raises ``EndpointUnreachable``, retried later like a store that does not answer.
+
+    One timer for the whole listing, not one per entry: it fires at the deadline of the wait in progress and is set
+    again from there when an entry came meanwhile. An ``asyncio.timeout`` around each entry armed and cancelled a
+    timer per object, a quarter of the CPU of an autoSync listing of 300,000 objects that found nothing new."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    waiting_since: float | None = None  # when the wait for the next entry began; None between waits
+    expired = False
+    timer: asyncio.TimerHandle
+
+    def look() -> None:
+        nonlocal timer, expired
+        if waiting_since is not None and loop.time() >= waiting_since + seconds:
+            expired = True
+            task.cancel()
+            return
+        timer = loop.call_at((waiting_since if waiting_since is not None else loop.time()) + seconds, look)
+
+    timer = loop.call_later(seconds, look)
     try:
         while True:
+            waiting_since = loop.time()
             try:
-                async with asyncio.timeout(seconds) as deadline:
-                    info = await anext(listing)
+                info = await anext(listing)
             except StopAsyncIteration:
                 return
-            except TimeoutError as err:
-                if not deadline.expired():
-                    raise
+            except asyncio.CancelledError as err:
+                if not expired or task.uncancel() > 0:
+                    raise  # cancelled by someone else (too)
                 raise EndpointUnreachable(f"no listing page within {seconds:g} s (SHOAL_SYNC_PAGE_SECONDS): the "
                                           "store answers too slowly, or not at all") from err
+            finally:
+                waiting_since = None
             yield info
     finally:
+        timer.cancel()
         close = getattr(listing, "aclose", None)
         if close is not None:
             await close()
