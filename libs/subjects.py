@@ -261,3 +261,16 @@ def loader_manifest(operation: str) -> str:
 
 def loader_planned_manifest(operation: str) -> str:
     return f"loader.{operation}.planned"
+
+
+LOADER_OBJECT_KINDS = ("plan", "manifest", "planned")
+
+
+def loader_object(name: str) -> tuple[str, str] | None:
+    """(operation key, kind) of one of the loader's objects (``loader_plan`` and the others), None for any other
+    name (a dataset's manifest): what a restarted loader reads to remove the objects of operations gone."""
+    prefix, dot, rest = name.partition(".")
+    key, _, kind = rest.rpartition(".")
+    if prefix != "loader" or not dot or kind not in LOADER_OBJECT_KINDS or key.count(".") != 2:
+        return None
+    return key, kind

@@ -228,8 +228,9 @@ def _show(bar: Progress, task: TaskID, record: OperationRecord) -> None:
         detail.append(f"{progress.files_done}/{progress.files_total} files")
     if progress.bytes_total:
         detail.append(f"{format_bytes(progress.bytes_done)}/{format_bytes(progress.bytes_total)}")
-    if record.clean is not None and (freed := render.progress_text(progress, clean=True)) != "-":
-        detail.append(freed)  # a clean's bytes have no total: the bar only spins, this says what it did so far
+    if record.clean is not None and not progress.bytes_total and (
+            freed := render.progress_text(progress, clean=True)) != "-":
+        detail.append(freed)  # a clean with no total yet: the bar only spins, this says what it did so far
     if progress.rate_bytes_per_second > 0 and record.status.phase == "Executing":
         detail.append(render.rate_text(progress.rate_bytes_per_second))
     if progress.eta_seconds is not None and record.status.phase == "Executing":

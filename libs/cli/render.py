@@ -213,15 +213,19 @@ def operation_dataset(record: OperationRecord) -> str:
 
 
 def progress_text(progress: Progress, *, clean: bool = False) -> str:
-    """``812/1000 files, 8.00GiB/10.00GiB`` (bytes alone without a file count); a DataClean's ``5.00MiB freed``;
-    ``-`` before the loader has planned the run (no totals yet, or for a clean no node's part yet)."""
+    """``812/1000 files, 8.00GiB/10.00GiB`` (bytes alone without a file count); a DataClean's ``2/3 files,
+    5.00MiB/8.00MiB freed`` (``5.00MiB freed`` from a loader or agents that gave no totals); ``-`` before the loader
+    has planned the run (no totals yet, or for a clean no node's part yet)."""
     if clean:
-        # A clean's parts report the bytes they freed, which have no total (nobody knows beforehand what each node
-        # holds): its files and bytes totals stay 0, so the load's rule below showed "-" for every clean, even one
-        # that freed gigabytes. Blocks it named that were not cached are done without freeing anything.
+        # A clean's bytes total is what its nodes found cached to free, known once their parts start (a loader or
+        # agent before it said none): the load's rule below showed "-" for such a clean, even one that freed
+        # gigabytes. Blocks it named that were not cached are done without freeing anything.
         if not progress.nodes and not progress.bytes_done:
             return "-"
-        return f"{format_bytes(max(0, progress.bytes_done - progress.bytes_skipped))} freed"
+        freed = format_bytes(max(0, progress.bytes_done - progress.bytes_skipped))
+        of = f"/{format_bytes(progress.bytes_total)}" if progress.bytes_total else ""
+        files = f"{progress.files_done}/{progress.files_total} files, " if progress.files_total else ""
+        return f"{files}{freed}{of} freed"
     if progress.files_total == 0 and progress.bytes_total == 0:
         return "-"
     sizes = f"{format_bytes(progress.bytes_done)}/{format_bytes(progress.bytes_total)}"
@@ -292,7 +296,8 @@ def node_progress_table(nodes: Sequence[NodeProgress], phase: str = "Executing")
     or a Pending one waiting for its next run) is no longer working, whether or not it finished."""
     if not nodes:
         return "  <none>"
-    # STATE: a clean's freed bytes have no total, so PERCENT cannot say which node a run still waits for.
+    # STATE: a node with nothing to do (a clean's part on a node that holds none of it: total 0) shows no PERCENT;
+    # this says whether the run still waits for it.
     rows = [[n.node, format_bytes(n.bytes_done), format_bytes(n.bytes_total), percent_text(n.bytes_done,
                                                                                           n.bytes_total),
              "Done" if n.done else "Working" if phase == "Executing" else "Stopped"]

@@ -263,7 +263,9 @@ class TaskCancel(Event, frozen=True, kw_only=True, tag="agent.task.cancel.v1", r
 
 class TaskProgress(Event, frozen=True, kw_only=True, tag="agent.task.progress.v1", rename="camel"):
     """Cumulative progress of one part. ``files_done``: indexes (in the part's ``blocks``) of the files whose
-    blocks in this part are all done. ``failed``: blocks that could not be done, with ``message`` saying why."""
+    blocks in this part are all done. ``failed``: blocks that could not be done, with ``message`` saying why.
+    ``bytes_total``: the bytes the part has to do as the mount process found them (a load's blocks; a clean's blocks
+    to free, those cached when it started), which only it knows of a clean; 0 from an agent before the field."""
 
     run: str
     part: int
@@ -275,6 +277,7 @@ class TaskProgress(Event, frozen=True, kw_only=True, tag="agent.task.progress.v1
     failed: int = 0
     message: str = ""
     done: bool = False
+    bytes_total: int = 0
 
 
 class OperationRecord(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):

@@ -186,10 +186,19 @@ class PartLedger:
     failed: int = 0
     message: str = ""
     version: int = 0  # bumped on every change, so the heartbeat publishes only news
+    # The bytes the part has to do: its blocks, and a clean's victims once found (``found``).
+    bytes_total: int = 0
 
     @classmethod
     def of(cls, task: NodeTask) -> PartLedger:
-        return cls(remaining=[len(file.blocks) for file in task.blocks])
+        return cls(remaining=[len(file.blocks) for file in task.blocks],
+                   bytes_total=sum(size for file in task.blocks for _, size in file.blocks))
+
+    def found(self, size: int) -> None:
+        """A clean's ``files``/everything found ``size`` bytes cached to free: the loader has no other way to know a
+        clean's total."""
+        self.bytes_total += size
+        self.version += 1
 
     def done(self, file: int | None, size: int, *, skipped: bool = False) -> None:
         """A block done (``file``: its index in the part's ``blocks``, None for blocks of ``files``/everything)."""
@@ -216,7 +225,7 @@ class PartLedger:
         return TaskProgress(id=event_id, run=task.run, part=task.part, node=task.node, blocks_done=self.blocks_done,
                             bytes_done=self.bytes_done, bytes_skipped=self.bytes_skipped,
                             files_done=self.files_done(), failed=self.failed, message=message or self.message,
-                            done=done)
+                            done=done, bytes_total=self.bytes_total)
 
 
 def given_up(task: NodeTask, deliveries: int, event_id: str, cached: Callable[[BlockId], bool],
@@ -644,6 +653,7 @@ class TaskRunner:
         await self.reader.settle()  # a cancelled load's blocks in flight land first, and are freed with the rest
         if task.everything or task.files:
             victims = self._victims(task)
+            ledger.found(self.cache.cached_bytes(victims))
             for start in range(0, len(victims), CLEAN_SLICE):
                 if abort.is_set():
                     return

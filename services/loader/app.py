@@ -11,6 +11,7 @@
 | (timer) | every 0.25 s | LoaderHandlers.tick (start due runs, resume, fold progress, finish, TTL) |
 | (timer) | every 0.25 s | LoaderHandlers.export_gauges (operations by kind and phase, current runs' bytes) |
 | (timer) | every 5 s | LoaderHandlers.prune_task_streams (the task streams of nodes gone, with no part waiting) |
+| (timer) | once, at start | LoaderHandlers.sweep (run states and plans of operations gone, plans of runs ended) |
 
 Ready (``/readyz``) when connected to NATS, the consumers, the watches and the timer run, and the watches have
 caught up.
@@ -40,6 +41,7 @@ from services.loader.handlers import (
     METADATA_TIMEOUT_SECONDS,
     NODE_GONE_SECONDS,
     NODE_SILENT_SECONDS,
+    SWEEP_SECONDS,
     TASK_STREAMS_SECONDS,
     TICK_SECONDS,
     LoaderHandlers,
@@ -83,7 +85,8 @@ async def run(settings: Settings, stop: asyncio.Event, clock: Callable[[], float
         ticker = Periodic("operation ticker", handlers.tick, TICK_SECONDS)
         gauges = Periodic("gauges", handlers.export_gauges, GAUGE_SECONDS)
         streams = Periodic("task streams", handlers.prune_task_streams, TASK_STREAMS_SECONDS)
-        await run_loops([operations, datasets, runs, runtimes, commands, progress, ticker, gauges, streams], stop,
-                        readiness)
+        sweep = Periodic("left-over run states", handlers.sweep, SWEEP_SECONDS)
+        await run_loops([operations, datasets, runs, runtimes, commands, progress, ticker, gauges, streams, sweep],
+                        stop, readiness)
     finally:
         await bus.close()

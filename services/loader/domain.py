@@ -27,10 +27,18 @@ from typing import Literal, NamedTuple
 import msgspec
 from croniter import CroniterBadDateError, croniter
 
-from libs import ring
+from libs import deletion, ring, subjects
 from libs.blocks import block_count, block_span
 from libs.events.agent import BlockId, CachedFile
-from libs.events.common import DNS1123_LABEL, ObjectMeta, ObjectRef, dns_label_errors, parse_rfc3339, rfc3339
+from libs.events.common import (
+    DECODE_ERRORS,
+    DNS1123_LABEL,
+    ObjectMeta,
+    ObjectRef,
+    dns_label_errors,
+    parse_rfc3339,
+    rfc3339,
+)
 from libs.events.dataset import CONDITION_SYNCED, Condition, DatasetRecord, ManifestEntry, find_condition
 from libs.events.operation import (
     MAX_TARGET_REPLICAS,
@@ -554,6 +562,9 @@ class PlannedFile(msgspec.Struct, frozen=True, array_like=True):
     key: str
     etag: str
     size: int
+    # A load's copies of each block (its target's ``replicas``), so blocks are planned again on a ring that grew
+    # (``replan_load``); 0 in a plan saved before it was kept.
+    replicas: int = 0
 
 
 class PlannedPart(msgspec.Struct, frozen=True, kw_only=True):
@@ -616,7 +627,7 @@ def plan_load(run: str, dataset: ObjectRef, entries: Sequence[ManifestEntry], ch
         if count == 0:
             continue
         file_id = len(files)
-        files.append(PlannedFile(entry.mount, entry.key, entry.etag, entry.size))
+        files.append(PlannedFile(entry.mount, entry.key, entry.etag, entry.size, chosen[index]))
         node_blocks: dict[str, list[tuple[int, int]]] = {}
         for block in range(count):
             size = block_span(entry.size, block_size, block)[1]
@@ -635,6 +646,46 @@ def plan_load(run: str, dataset: ObjectRef, entries: Sequence[ManifestEntry], ch
                                  blocks=sum(len(f.blocks) for _, f in chunk),
                                  bytes_total=sum(size for _, f in chunk for _, size in f.blocks)))
     return Plan(run=run, files=files, parts=parts)
+
+
+def replan_load(plan: Plan, ring_nodes: Sequence[str]) -> Plan:
+    """The plan with parts added for the blocks whose owners on ``ring_nodes`` (a ring that grew while the load
+    runs: a cache worker added) have no part of them yet, numbered after its parts; the same plan when there are
+    none. Readers ask a block's current owners, so without them those blocks were never loaded where they are
+    looked for. The old owners' parts stay as they are: a block they load that is no longer theirs is one more
+    copy, evicted like any other. Deterministic, as ``plan_load``: the same plan and ring give the same parts."""
+    holders: dict[tuple[int, int], set[str]] = {}
+    sizes: dict[tuple[int, int], int] = {}
+    for planned in plan.parts:
+        for file_id, file in zip(planned.file_ids, planned.task.blocks, strict=True):
+            for block, size in file.blocks:
+                holders.setdefault((file_id, block), set()).add(planned.task.node)
+                sizes[(file_id, block)] = size
+    ring_set = sorted(set(ring_nodes))
+    per_node: dict[str, dict[int, list[tuple[int, int]]]] = {}
+    for (file_id, block), nodes in sorted(holders.items()):
+        planned_file = plan.files[file_id]
+        name = BlockId(planned_file.mount, planned_file.key, planned_file.etag, block).name
+        # A plan saved before ``replicas`` was kept gave each block that many holders (none was added since).
+        for node in ring.owners(name, ring_set, planned_file.replicas or len(nodes)):
+            if node not in nodes:
+                per_node.setdefault(node, {}).setdefault(file_id, []).append((block, sizes[(file_id, block)]))
+    if not per_node:
+        return plan
+    pieces = [(node, chunk) for node in sorted(per_node)
+              for chunk in _chunks([(file_id, CachedFile(plan.files[file_id].mount, plan.files[file_id].key,
+                                                         plan.files[file_id].etag, blocks))
+                                    for file_id, blocks in sorted(per_node[node].items())])]
+    total = len(plan.parts) + len(pieces)
+    added = []
+    for number, (node, chunk) in enumerate(pieces, start=len(plan.parts)):
+        first = plan.parts[0].task
+        task = NodeTask(id=f"{plan.run}.{number}", run=plan.run, part=number, parts=total, node=node,
+                        dataset=first.dataset, action="load", blocks=[file for _, file in chunk])
+        added.append(PlannedPart(task=task, file_ids=[file_id for file_id, _ in chunk],
+                                 blocks=sum(len(f.blocks) for _, f in chunk),
+                                 bytes_total=sum(size for _, f in chunk for _, size in f.blocks)))
+    return msgspec.structs.replace(plan, parts=[*plan.parts, *added])
 
 
 def plan_clean(run: str, dataset: ObjectRef, entries: Sequence[ManifestEntry] | None,
@@ -755,6 +806,14 @@ class RunState(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omit_d
     baseline_incarnation: str = ""
 
 
+def files_planned(plan: Plan, entries: Sequence[ManifestEntry]) -> int:
+    """The run's ``files_total``: the files its plan names, and for a clean of everything the dataset's files (the
+    manifest's ``entries``), which its parts do not name. A clean's was 0, and its progress said nothing of them."""
+    if any(planned.task.everything for planned in plan.parts):
+        return len(files_of(entries))
+    return len(plan.files)
+
+
 def parts_state(plan: Plan) -> list[PartState]:
     return [PartState(node=p.task.node, blocks=p.blocks, bytes_total=p.bytes_total) for p in plan.parts]
 
@@ -798,7 +857,9 @@ def fold_part(part: PartState, progress: TaskProgress) -> PartState:
     return msgspec.structs.replace(
         part, blocks_done=progress.blocks_done, bytes_done=progress.bytes_done, bytes_skipped=progress.bytes_skipped,
         files_done_bits=files_bits(progress.files_done), files_done=[], failed=progress.failed,
-        message=cut_error(progress.message), done=progress.done)
+        message=cut_error(progress.message), done=progress.done,
+        # A clean's total is the mount process's to say (what it found cached to free): the plan has none.
+        bytes_total=max(part.bytes_total, progress.bytes_total))
 
 
 def fold_into(parts: Sequence[PartState], index: int, progress: TaskProgress) -> list[PartState] | None:
@@ -817,8 +878,16 @@ def fold_into(parts: Sequence[PartState], index: int, progress: TaskProgress) ->
     return folded
 
 
-def files_done(plan: Plan, parts: Sequence[PartState]) -> int:
-    """Files all of whose parts report them done."""
+def files_done(plan: Plan, parts: Sequence[PartState], files_total: int = 0) -> int:
+    """Files all of whose parts report them done. A clean's: files all of whose parts are done with no block
+    failed (its mount processes count a clean's freed blocks, not its files); a clean of everything names no file,
+    and its ``files_total`` files are done once every part is."""
+    if any(planned.task.action == "clean" for planned in plan.parts):
+        if any(planned.task.everything for planned in plan.parts):
+            return files_total if all(part.done and not part.failed for part in parts) else 0
+        parts = [msgspec.structs.replace(state, files_done=[], files_done_bits=(
+                     files_bits(range(len(planned.file_ids))) if state.done and not state.failed else ""))
+                 for planned, state in zip(plan.parts, parts, strict=True)]
     wanted: dict[int, int] = {}
     got: dict[int, int] = {}
     for planned, state in zip(plan.parts, parts, strict=True):
@@ -974,6 +1043,16 @@ def ring_left(record: OperationRecord, state: RunState, runtime: RuntimeRecord) 
             f"ask; its parts were cancelled; run the load again: its blocks go to the cache workers then")
 
 
+def ring_grew(record: OperationRecord, state: RunState, runtime: RuntimeRecord) -> list[str]:
+    """The nodes of the runtime's ring (``ring_of``) that are not in the ring an executing load was planned on (a
+    cache worker added, ``shoal scale runtime`` up, or autoscaled): some blocks are theirs now, and their parts are
+    to be planned (``replan_load``). Empty otherwise, and for a load planned without a ring (every ready node loads
+    every block)."""
+    if record.load is None or state.stage != "executing" or not state.ring:
+        return []
+    return sorted(set(ring_of(runtime)) - set(state.ring))
+
+
 def runtime_lost(record: OperationRecord) -> str:
     """Why an executing run fails at once when its runtime is deleted: the runtime's mounts go with it, so its parts
     would never report again (each node would otherwise be waited for until it counts as gone)."""
@@ -993,6 +1072,64 @@ def deleted_state(state: RunState, now: float) -> RunState:
         return RunState(run=state.run, outcome=state.outcome, outcome_message=state.outcome_message,
                         finished_at=state.finished_at)
     return RunState(run=state.run, outcome="Failed", outcome_message=DELETED_MESSAGE, finished_at=now)
+
+
+def settled(state: RunState) -> RunState:
+    """What a finished run's state keeps once its end is in the record: what decides the next runs (requests, the
+    sync stamp, the OnEvent baseline's incarnation) and the end itself, not its parts. The parts' progress (up to
+    ``RUN_STATE_BYTES``) stayed in the bucket with every finished run, as the plan stayed in the Object Store; the
+    record's ``status.progress`` keeps the run's totals."""
+    return msgspec.structs.replace(state, parts=[], ring=[], files_total=0, resync_requests=0, deadline=0.0,
+                                   changes_only=False)
+
+
+def run_number(run: str) -> int:
+    """The number of run ``<operation_key>.<n>``; 0 for no run (or a run id that is not one)."""
+    number = run.rpartition(".")[2]
+    return int(number) if run and number.isdigit() else 0
+
+
+class DeletionNote(deletion.DeletionNote, rename="camel"):
+    """``libs.deletion``'s note in an operation's delete marker, with the number of its last run: the same name
+    applied again numbers its runs after it (run and part ids are message ids, and the agents remember cancelled
+    runs). A run state kept for that after the delete stayed in its bucket for every operation ever deleted."""
+
+    runs: int = 0
+
+
+def deletion_note(sequence: int, runs: int) -> bytes:
+    """The note of a delete at commands stream ``sequence`` (0: the TTL's) of an operation whose last run is
+    ``runs``; none (b"") when both are 0. A TTL removal's note keeps ``commandSequence`` 0, which is how the bridge
+    tells it from a command's (``libs.deletion.deleted_at``)."""
+    return msgspec.json.encode(DeletionNote(command_sequence=sequence, runs=runs)) if sequence or runs else b""
+
+
+def runs_of_note(note: bytes) -> int:
+    """The last run number a delete kept in its note (``deletion_note``); 0 without one."""
+    if not note:
+        return 0
+    try:
+        return msgspec.json.decode(note, type=DeletionNote).runs
+    except DECODE_ERRORS:
+        return 0
+
+
+def orphan_objects(names: Iterable[str], operations: Mapping[str, OperationRecord],
+                   runs: Mapping[str, RunState]) -> list[str]:
+    """Which of the loader's objects (``subjects.loader_object``) to remove: every one of an operation that no
+    longer exists, and the plan of an operation whose run is not executing (its run finished, or a loader killed
+    between the run's end and the plan's removal; a run planning writes its own). The other names (datasets'
+    manifests) are not the loader's."""
+    orphans = []
+    for name in names:
+        found = subjects.loader_object(name)
+        if found is None:
+            continue
+        key, kind = found
+        state = runs.get(key)
+        if key not in operations or (kind == "plan" and (state is None or state.stage != "executing")):
+            orphans.append(name)
+    return sorted(orphans)
 
 
 def unclosed(record: OperationRecord, state: RunState) -> bool:

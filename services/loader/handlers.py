@@ -41,7 +41,7 @@ from libs.bus import (
     kv_load_deleted,
     kv_save,
 )
-from libs.deletion import deleted_at, deletion_note
+from libs.deletion import deleted_at
 from libs.events.common import ObjectMeta, answered_result, apply_result, parse_quantity
 from libs.events.dataset import DatasetRecord, DatasetResync, ManifestEntry
 from libs.events.operation import (
@@ -52,6 +52,7 @@ from libs.events.operation import (
     DataLoadDelete,
     DataLoadRun,
     DataLoadSpec,
+    NodeTask,
     OperationAccepted,
     OperationCommand,
     OperationDeleted,
@@ -100,6 +101,9 @@ GAUGE_SECONDS = TICK_SECONDS
 # How often the nodes with a task stream are looked at for ones gone with no part waiting (``prune_task_streams``):
 # a stream lives on this much past the node-gone timeout at most, and a look costs a pass over the runtimes' nodes.
 TASK_STREAMS_SECONDS = 5.0
+# How often ``sweep`` looks whether it can run (the watches caught up) until it has run once, and tries again after
+# a failure: soon after the start, without logging a failing sweep four times a second.
+SWEEP_SECONDS = 1.0
 # An operation the tick keeps failing to advance is logged (with its traceback) at most this often, not 4 times a
 # second.
 TICK_FAILURE_LOG_SECONDS = 60.0
@@ -164,6 +168,8 @@ class LoaderHandlers:
     # Operation → (generation, when (monotonic) this process first saw its due run wait for its dataset); a new
     # generation (the spec fixed) waits afresh.
     dataset_waits: dict[str, tuple[int, float]] = field(default_factory=dict)
+    # Whether the run states and objects of operations gone were looked for since this process started (``sweep``).
+    swept: bool = False
     # Operations the tick failed to advance, and when (the tick's clock) that was last logged.
     tick_failures: dict[str, float] = field(default_factory=dict)
     # The gauges' series as last set (a removed operation's are removed).
@@ -219,9 +225,11 @@ class LoaderHandlers:
         updated, changed = domain.apply_operation(record, kind, meta, load, clean, self.clock(), sequence)
         if record is None:
             # Run numbers continue those of a deleted operation of the same name: run and part ids are message ids.
+            # The delete keeps the last one in its marker's note; a run state left by a loader stopped in a delete
+            # (or by one before the note kept it) may say it too.
             previous, _ = await self._state(key)
-            if previous.run:
-                runs = int(previous.run.rsplit(".", 1)[1])
+            runs = max(domain.runs_of_note(note), domain.run_number(previous.run))
+            if runs:
                 updated = msgspec.structs.replace(updated, status=msgspec.structs.replace(updated.status, runs=runs))
         # Labels and annotations too: the loader keeps the generation when only they change, yet they changed.
         result = answered_result(apply_result(None if record is None else (record.metadata, record.load, record.clean),
@@ -309,21 +317,23 @@ class LoaderHandlers:
         if state.stage != "finished" and state.run:
             await self.bus.publish_core(subjects.TASK_CANCEL, TaskCancel(id=f"{state.run}.cancel", run=state.run))
             log.info("cancelled", run=state.run)
-        if state.run:
-            # Only the last run's id is kept: an operation re-created under this name numbers its runs after it.
-            # Saved before the record goes: a run state left executing a deleted run (this write failed, or the
+        if state.stage != "finished":
+            # Finished before the record goes: a run state left executing a deleted run (this write failed, or the
             # loader was killed before it) would be resumed by the same name applied again, and the agents skip
             # that run's parts as cancelled, so it would stay Executing for ever. A record left behind (the delete
             # below failed) is closed Failed by the tick until the command, delivered again, removes it.
             await self._save_state(key, domain.deleted_state(state, self.clock()))
+        # The last run's number goes into the delete marker (an operation re-created under this name numbers its
+        # runs after it), and the run state, the plan and the manifests go: kept, they grew with every operation
+        # ever deleted. A loader stopped before they went removes them when it starts again (``sweep``).
+        runs = max(record.status.runs, domain.run_number(state.run))
         deleted = await kv_delete(await self.bus.kv(subjects.KV_OPERATIONS), key, revision,
-                                  note=deletion_note(sequence))
-        if not state.run and state_revision is not None:
+                                  note=domain.deletion_note(sequence, runs))
+        if state_revision is not None:
             self.runs.deleted(key, await kv_delete(await self.bus.kv(subjects.KV_OPERATION_RUNS), key, None))
         store = await ManifestStore.of(self.bus)
-        await store.delete(subjects.loader_plan(key))
-        await store.delete(subjects.loader_manifest(key))
-        await store.delete(subjects.loader_planned_manifest(key))
+        for name in (subjects.loader_plan(key), subjects.loader_manifest(key), subjects.loader_planned_manifest(key)):
+            await store.delete(name)
         # An older entry of the operation the watch delivers late does not bring it back.
         self.operations.deleted(key, deleted)
         self._forget_run(key)
@@ -398,11 +408,14 @@ class LoaderHandlers:
         planned: dict[tuple[str, ...], float] = {}
         for key, record in records:  # a deleted operation (a command, its TTL) is not here: its series go
             state = self.runs.values.get(key)
-            if state is None or not state.parts:
-                continue
             labels = (record.kind, f"{record.metadata.namespace}/{record.metadata.name}")
-            done[labels] = sum(part.bytes_done + part.bytes_skipped for part in state.parts)
-            planned[labels] = sum(part.bytes_total for part in state.parts)
+            if state is not None and state.parts:
+                done[labels] = sum(part.bytes_done + part.bytes_skipped for part in state.parts)
+                planned[labels] = sum(part.bytes_total for part in state.parts)
+            elif (state is None or state.stage == "finished") and record.status.progress.nodes:
+                # A finished run's parts leave its run state (``_settle``); its record keeps the same totals.
+                done[labels] = record.status.progress.bytes_done
+                planned[labels] = record.status.progress.bytes_total
         self.done_gauge.update(done)
         self.planned_gauge.update(planned)
 
@@ -419,6 +432,8 @@ class LoaderHandlers:
         state = self.runs.values.get(key, domain.RunState())
         if domain.unclosed(record, state) or self._expired(record, now):
             return True
+        if state.stage == "finished" and state.parts:
+            return True  # its end is in the record, its parts still in the run state (``_settle`` failed)
         ref = domain.dataset_ref(record)
         dataset = self.datasets.values.get(subjects.resource_key(ref.namespace, ref.name))
         if state.stage != "finished":
@@ -464,7 +479,7 @@ class LoaderHandlers:
         runtime = self.runtimes.values.get(subjects.resource_key(ref.namespace, ref.name))
         if runtime is None:
             return True
-        if domain.ring_left(record, state, runtime) is not None:
+        if domain.ring_left(record, state, runtime) is not None or domain.ring_grew(record, state, runtime):
             return True
         if record.load is not None and self._node_gone(key, record, state, runtime) is not None:
             return True
@@ -482,6 +497,9 @@ class LoaderHandlers:
         if domain.unclosed(record, state):
             await self._close(key, record, revision, state)
             return
+        if state.stage == "finished" and state.parts:
+            await self._settle(key, state)
+            state, _ = await self._state(key)
         if state.stage != "finished":
             record = await self._ensure_started(key, record, revision, state, now)
             lost = await self._dataset_lost(record, state)
@@ -505,10 +523,18 @@ class LoaderHandlers:
         elif state.stage == "executing":
             if self.published.get(key) != state.run:
                 await self._publish_parts(key, state, resume=True)
+                state, _ = await self._state(key)  # the parts of a plan grown before a restart may have joined it
             result = domain.outcome(state)
             message = record.status.message
-            if result is None:
+            if result is None or result[0] == "Complete":
                 runtime = await self._runtime(record)
+                if (runtime is not None and domain.ring_left(record, state, runtime) is None
+                        and (grown := domain.ring_grew(record, state, runtime))):
+                    # Before a Complete too: the last part may report before a tick saw the new worker.
+                    replanned = await self._replan(key, state, runtime, grown)
+                    state, _ = await self._state(key)
+                    result = replanned or domain.outcome(state)
+            if result is None:
                 if runtime is None:  # its mounts are gone with it: no part would report again
                     result = "Failed", domain.runtime_lost(record)
                 elif (left := domain.ring_left(record, state, runtime)) is not None:
@@ -746,7 +772,7 @@ class LoaderHandlers:
             await self._save_entries(store, subjects.loader_planned_manifest(key), entries)
         self.plans[key] = plan
         state = msgspec.structs.replace(state, stage="executing", ring=ring, parts=domain.parts_state(plan),
-                                        files_total=len(plan.files) if record.load is not None else 0,
+                                        files_total=domain.files_planned(plan, entries),
                                         sync_stamp=domain.dataset_stamp(dataset))
         await self._save_state(key, state)
         log.info("planned", run=state.run, parts=len(plan.parts), files=len(plan.files),
@@ -766,27 +792,68 @@ class LoaderHandlers:
         if plan is None:
             await self._finish(key, "Failed", "the run's plan is gone (loader storage lost); run it again")
             return False
+        if len(plan.parts) > len(state.parts):
+            # A loader stopped between saving a plan grown for a new worker and its run state (``_replan``).
+            state = msgspec.structs.replace(state, parts=[*state.parts, *domain.parts_state(plan)[len(state.parts):]])
+            await self._save_state(key, state)
         republished = 0
         for planned, part in zip(plan.parts, state.parts, strict=True):
             if part.done:
                 continue
-            task = planned.task
-            problem = await self._task_stream(task.node)
+            problem = await self._publish_part(planned.task)
             if problem:
                 await self._finish(key, "Failed", problem)
                 return False
-            try:
-                await self.bus.publish(subjects.node_task(task.node, task.dataset.namespace, task.dataset.name), task)
-            except NoRespondersError:
-                # No stream took the part: the node's was deleted since this process made it. The next tick makes
-                # it again and publishes the run's parts again (the ones already in are deduplicated by their ids).
-                self.task_streams.discard(task.node)
-                raise
             republished += 1
         self.published[key] = state.run
         if resume:
             log.info("run resumed", run=state.run, parts_republished=republished)
         return True
+
+    async def _publish_part(self, task: NodeTask) -> str:
+        """Publish one part into its node's task stream (made first if need be); why it cannot be, or ""."""
+        problem = await self._task_stream(task.node)
+        if problem:
+            return problem
+        try:
+            await self.bus.publish(subjects.node_task(task.node, task.dataset.namespace, task.dataset.name), task)
+        except NoRespondersError:
+            # No stream took the part: the node's was deleted since this process made it. The next tick makes it
+            # again and publishes the run's parts again (the ones already in are deduplicated by their ids).
+            self.task_streams.discard(task.node)
+            raise
+        return ""
+
+    async def _replan(self, key: str, state: domain.RunState, runtime: RuntimeRecord,
+                      grown: list[str]) -> tuple[OperationPhase, str] | None:
+        """The ring grew under an executing load (``grown``: its new workers): the blocks they now own get parts of
+        their own (``domain.replan_load``), saved (plan, then run state) before they are published, so the run ends
+        with every block on its current owners. Readers ask those owners: without this the blocks a worker added
+        mid-load owns were never loaded, and the load ended Complete with them off the cache. The end of the run
+        instead (Failed) when its plan is gone, it grew too large, or a new node's stream cannot be made."""
+        plan = await self._plan_of(key, state.run)
+        if plan is None:
+            return "Failed", "the run's plan is gone (loader storage lost); run it again"
+        ring = domain.ring_of(runtime)
+        extended = await asyncio.to_thread(domain.replan_load, plan, ring)
+        added = extended.parts[len(plan.parts):]
+        if added:
+            too_large = domain.state_problem(extended)
+            if too_large:
+                return "Failed", too_large
+            await (await ManifestStore.of(self.bus)).objects.put(subjects.loader_plan(key),
+                                                                  msgspec.json.encode(extended))
+            self.plans[key] = extended
+        state = msgspec.structs.replace(state, ring=sorted(ring),
+                                        parts=[*state.parts, *domain.parts_state(extended)[len(state.parts):]])
+        await self._save_state(key, state)
+        for planned in added:
+            problem = await self._publish_part(planned.task)
+            if problem:
+                return "Failed", problem
+        log.info("ring grew under the load: blocks planned again for their new owners", run=state.run,
+                 new_workers=grown, parts_added=len(added), blocks_added=sum(p.blocks for p in added))
+        return None
 
     async def _task_stream(self, node: str) -> str:
         """Make ``node``'s task stream unless this process already did; why it cannot be made, or "" when it is
@@ -835,6 +902,43 @@ class LoaderHandlers:
                 self.found_streams.discard(node)
                 del self.streams_gone_since[node]
 
+    async def sweep(self) -> None:
+        """Once, when the watches have caught up: remove the run states and the loader's objects (plans, OnEvent
+        manifests) of operations that no longer exist, and the plans of runs not under way
+        (``domain.orphan_objects``). A loader stopped in a delete or at a run's end, or one from before they were
+        removed there, left them, and nothing else would ever remove them."""
+        if self.swept or not (self.operations.ready.is_set() and self.runs.ready.is_set()):
+            return
+        async with self.lock:  # no run starts, ends or is deleted meanwhile
+            store = await ManifestStore.of(self.bus)
+            for key in sorted(self.runs.values.keys() - self.operations.values.keys()):
+                await self._drop_state(key)
+            try:
+                names = [info.name for info in await store.objects.list(ignore_deletes=True)]
+            except NotFoundError:  # an empty store
+                names = []
+            orphans = domain.orphan_objects(names, self.operations.values, self.runs.values)
+            for name in orphans:
+                await store.delete(name)
+            self.swept = True
+        log.info("left-over run states and plans looked for", objects_removed=len(orphans))
+
+    async def _drop_state(self, key: str) -> None:
+        """Remove the run state of an operation that no longer exists, its last run's number kept in the
+        operation's delete marker (``_apply`` numbers a re-created operation's runs after it)."""
+        state = self.runs.values[key]
+        kv = await self.bus.kv(subjects.KV_OPERATIONS)
+        record, revision, note = await kv_load_deleted(kv, key, OperationRecord)
+        if record is not None:
+            return  # applied a moment ago: the watch has not brought it yet
+        number = domain.run_number(state.run)
+        if number > domain.runs_of_note(note):
+            await kv_delete(kv, key, revision or 0, note=domain.deletion_note(deleted_at(note), number))
+        if state.stage != "finished" and state.run:
+            await self.bus.publish_core(subjects.TASK_CANCEL, TaskCancel(id=f"{state.run}.cancel", run=state.run))
+        self.runs.deleted(key, await kv_delete(await self.bus.kv(subjects.KV_OPERATION_RUNS), key, None))
+        log.info("run state of an operation gone removed", operation=key, run=state.run or None)
+
     async def _finish(self, key: str, phase: OperationPhase, message: str) -> None:
         now = self.clock()
         kv = await self.bus.kv(subjects.KV_OPERATIONS)
@@ -862,13 +966,21 @@ class LoaderHandlers:
         status = record.status
         if state.parts:
             plan = await self._plan_of(key, state.run)
-            done = domain.files_done(plan, state.parts) if plan is not None else 0
+            done = domain.files_done(plan, state.parts, state.files_total) if plan is not None else 0
             status = msgspec.structs.replace(status, progress=domain.fold_progress(state, done, now, ended=True))
         status = domain.status_finished(status, phase, message, state.started_at or now, now)
         await self._save_status(key, record, revision, status)
         self._forget_run(key)
         metrics.OPERATION_RUNS.labels(record.kind, phase).inc()
         log.info("run finished", run=state.run, phase=phase, message=message or None)
+        await self._settle(key, state)
+
+    async def _settle(self, key: str, state: domain.RunState) -> None:
+        """The run's end is in its record: its plan and its parts' progress go (``domain.settled``), or they stayed
+        in the Object Store and the run state after every run. A write here that fails is done by a later tick."""
+        if state.parts or state.ring or state.files_total:
+            await self._save_state(key, domain.settled(state))
+        await (await ManifestStore.of(self.bus)).delete(subjects.loader_plan(key))
 
     def _forget_run(self, key: str) -> None:
         """Drop what this process keeps in memory for the operation's run: it finished, or the operation is gone."""
@@ -917,7 +1029,7 @@ class LoaderHandlers:
         if record is None or state.stage != "executing":
             return
         plan = await self._plan_of(key, state.run)
-        done = domain.files_done(plan, state.parts) if plan is not None else 0
+        done = domain.files_done(plan, state.parts, state.files_total) if plan is not None else 0
         progress = domain.fold_progress(state, done, self.clock())
         self.dirty.discard(key)
         status = msgspec.structs.replace(record.status, progress=progress,

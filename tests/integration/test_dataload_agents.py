@@ -340,6 +340,10 @@ async def test_three_agents_replicas_2_put_each_block_on_its_two_owners_and_a_cl
             freed += dropped
         assert freed == 2 * entries["train/a.bin"].size
         assert cleaned.status.progress.bytes_done == freed
+        # Its totals, as a load's: the bytes its nodes found cached to free (they were 0: no total, no file count).
+        assert cleaned.status.progress.bytes_total == freed
+        assert (cleaned.status.progress.files_done, cleaned.status.progress.files_total) == (1, 1)
+        assert all(n.bytes_done == n.bytes_total and n.done for n in cleaned.status.progress.nodes)
         assert Counter(store_gets(store)) == dict.fromkeys(train, 2), "a clean fetches nothing"
         after = {node: before[node] - sum(size_of(entries["train/a.bin"], train[get].index)
                                           for get in gone if node in holders[get]) for node in THREE}
@@ -564,9 +568,10 @@ async def test_the_cli_loads_lists_fails_on_a_missing_path_applies_fluid_yaml_an
                               wait_seconds=30)
         assert cleaned.exit_code == 0, cleaned.output
         assert cached(await snapshot(bus, NODE, NAME)) == pairs(train) - pairs(sub)
-        # What it freed is said at its end and in the PROGRESS column: a clean's bytes have no total, and both
-        # showed nothing ("Complete in 0s", "-") for every clean.
-        freed = f"{format_bytes(stack.entries['train/sub/b.bin'].size)} freed"
+        # What it freed, of its files and of the bytes its nodes found to free, is said at its end and in the
+        # PROGRESS column: both showed nothing ("Complete in 0s", "-") for every clean, then the freed bytes alone.
+        size = format_bytes(stack.entries["train/sub/b.bin"].size)
+        freed = f"1/1 files, {size}/{size} freed"
         assert re.search(rf"dataclean\.shoal\.io/\S+ Complete: {freed}", cleaned.stdout), cleaned.output
         cleans = await shoal(nats_server, "get", "datacleans")
         assert cleans.exit_code == 0, cleans.output

@@ -24,10 +24,10 @@ import pytest
 from nats.js import api as js_api
 from nats.js.errors import NotFoundError
 
-from libs import subjects
+from libs import ring, subjects
 from libs.bus import DAY, NODE_TASK_MESSAGES, Bus, Delivery, kv_load
 from libs.documents import documents_to_commands, parse_documents
-from libs.events.agent import AgentHeartbeat, MountGroup, MountState
+from libs.events.agent import AgentHeartbeat, BlockId, MountGroup, MountState
 from libs.events.common import ObjectMeta, ObjectRef
 from libs.events.dataset import (
     CONDITION_SYNCED,
@@ -1541,6 +1541,112 @@ async def test_ttl_removes_a_finished_operation(bus: Bus, nats_server: NatsServe
     assert await operation(bus) is None
 
 
+async def loader_objects(bus: Bus) -> set[str]:
+    """The names of the loader's objects (plans, OnEvent manifests) in the Object Store, deleted ones left out."""
+    try:
+        infos = await (await ManifestStore.of(bus)).objects.list(ignore_deletes=True)
+    except NotFoundError:
+        return set()
+    return {info.name for info in infos if subjects.loader_object(info.name) is not None}
+
+
+async def run_state(bus: Bus, key: str) -> domain.RunState | None:
+    found, _ = await kv_load(await bus.kv(subjects.KV_OPERATION_RUNS), key, domain.RunState)
+    return found
+
+
+async def test_a_runs_plan_and_progress_go_when_it_ends_and_its_state_when_the_operation_goes(
+        bus: Bus, nats_server: NatsServer) -> None:
+    """A run's plan (Object Store) and its parts' progress (run state) are kept while it executes and go when it
+    ends; an operation deleted by a command or by its TTL leaves neither a run state nor an object behind. They
+    stayed after every run and every operation, so the storage grew with each. A name applied again still numbers
+    its runs after the deleted one's (the delete marker keeps the number)."""
+    await put_dataset(bus, files(("a", BLOCK), ("b", 2 * BLOCK)))
+    await put_runtime(bus, NODES)
+    warm, brief = (subjects.operation_key("DataLoad", "default", name) for name in ("warm", "brief"))
+    facts = FactCollector()
+    await facts.start(bus, subjects.DATALOAD_FACTS)
+    async with agent(bus, NODES) as scripted, loader(nats_server):
+        scripted.hold.set()
+        await publish(bus, subjects.DATALOAD_APPLY, dataload())
+        await phase_of(bus, "Executing")
+        executing = await run_state(bus, warm)
+        assert executing is not None and executing.parts
+        assert await loader_objects(bus) == {subjects.loader_plan(warm)}
+        scripted.hold.clear()
+        done = await phase_of(bus, "Complete")
+
+        async def settled() -> domain.RunState | None:
+            state = await run_state(bus, warm)
+            return state if state is not None and not state.parts and not await loader_objects(bus) else None
+
+        state = await eventually(settled, what="the plan and the parts' progress gone")
+        assert state.stage == "finished" and state.run == f"{warm}.1" and state.outcome == "Complete"
+        assert done.status.progress.bytes_done == done.status.progress.bytes_total == 3 * BLOCK
+        # The gauges keep the last run's bytes, from its record.
+        await gauges({("shoal_operation_bytes_done", ("DataLoad", "default/warm")): 3 * BLOCK,
+                      ("shoal_operation_bytes_planned", ("DataLoad", "default/warm")): 3 * BLOCK})
+        delete = DataLoadDelete(name="warm")
+        await publish(bus, subjects.DATALOAD_DELETE, delete)
+        await facts.wait_for("operation.deleted.v1", causationId=delete.id)
+        assert await run_state(bus, warm) is None
+        # Removed by its TTL: the same.
+        await publish(bus, subjects.DATALOAD_APPLY, dataload(name="brief", ttl_seconds_after_finished=0))
+        await facts.wait_for("operation.deleted.v1", name="brief")
+        assert await run_state(bus, brief) is None
+        assert await loader_objects(bus) == set()
+        # Applied again, the deleted name's runs continue from its last one.
+        await publish(bus, subjects.DATALOAD_APPLY, dataload())
+        again = await phase_of(bus, "Complete", runs=2)
+    assert again.status.progress.bytes_done == 3 * BLOCK
+    assert {task.run for task in scripted.tasks.values()} == {f"{warm}.1", f"{warm}.2", f"{brief}.1"}
+
+
+async def test_a_restarted_loader_removes_the_run_states_and_plans_of_operations_gone(
+        bus: Bus, nats_server: NatsServer) -> None:
+    """What a loader stopped in a delete or at a run's end (or one from before they were removed there) left: the
+    run state and plan of an operation that no longer exists, and the plan of a run that finished. A restarted
+    loader removes them, keeps the run number of the one gone for its name, and leaves an executing run's plan
+    alone: that run resumes and completes."""
+    entries = files(("a", BLOCK), ("b", BLOCK))
+    await put_dataset(bus, entries)
+    await put_runtime(bus, NODES[:1])
+    store = await ManifestStore.of(bus)
+    gone, ended, working = (subjects.operation_key("DataLoad", "default", name) for name in ("gone", "ended", "warm"))
+    runs = await bus.kv(subjects.KV_OPERATION_RUNS)
+    operations = await bus.kv(subjects.KV_OPERATIONS)
+    for key, number in ((gone, 3), (ended, 1), (working, 1)):
+        plan = domain.plan_load(f"{key}.{number}", ObjectRef(name="data"), entries, {0: 1, 1: 1}, NODES[:1],
+                                NODES[:1], BLOCK)
+        await store.objects.put(subjects.loader_plan(key), msgspec.json.encode(plan))
+        stage: domain.RunStage = "executing" if key == working else "finished"
+        await runs.put(key, msgspec.json.encode(domain.RunState(
+            run=f"{key}.{number}", stage=stage, started_at=1.0, ring=NODES[:1], files_total=2,
+            parts=domain.parts_state(plan))))
+    await put_dataset(bus, entries, name="other")  # a dataset's manifest is not the loader's to remove
+    await store.objects.put(subjects.loader_manifest(gone), b"")
+    base = OperationRecord(kind="DataLoad", metadata=ObjectMeta(name="x"))
+    for key, phase in ((ended, "Complete"), (working, "Executing")):
+        record = OperationRecord(kind="DataLoad", metadata=ObjectMeta(name=key.rsplit(".", 1)[1]),
+                                 load=DataLoadSpec(dataset=DatasetRef(name="data")),
+                                 created_at="2026-01-01T00:00:00Z",
+                                 status=msgspec.structs.replace(domain.status_started(base.status, 1, 1, 1.0),
+                                                                phase=phase))
+        await operations.put(key, msgspec.json.encode(record))
+    async with agent(bus, NODES[:1]), loader(nats_server):
+        await phase_of(bus, "Complete", name="warm")
+
+        async def swept() -> bool:
+            return (await run_state(bus, gone) is None and await loader_objects(bus) == set()
+                    and not (await run_state(bus, ended) or domain.RunState()).parts)
+
+        await eventually(swept, what="the left-overs removed")
+        assert await store.objects.get_info(ManifestStore.name("default", "other"))
+        await publish(bus, subjects.DATALOAD_APPLY, dataload(name="gone"))
+        again = await phase_of(bus, "Complete", name="gone")
+    assert again.status.runs == 4
+
+
 async def test_a_clean_reaches_every_node(bus: Bus, nats_server: NatsServer) -> None:
     await put_dataset(bus, files(("a", BLOCK), ("dir/b", BLOCK)))
     await put_runtime(bus, NODES)
@@ -1611,6 +1717,43 @@ async def test_an_executing_clean_says_which_absent_node_it_waits_for_and_since_
     assert record.status.phase == "Executing"
     assert [(n.node, n.done) for n in record.status.progress.nodes] == [
         ("node-a", True), ("node-b", True), ("node-c", False)]
+
+
+@pytest.mark.parametrize("replicas", [1, 2])
+async def test_a_worker_added_while_a_load_runs_gets_the_blocks_it_now_owns(bus: Bus, nats_server: NatsServer,
+                                                                            replicas: int) -> None:
+    """A cache worker added to the ring while a load runs (``shoal scale runtime`` up, the autoscaler) owns some of
+    its blocks from then on, and readers ask it for them. They were never loaded onto it: the load ended Complete
+    with those blocks only on their old owners. Now they are planned again for the new owner, and the run completes
+    with every block on each of its owners on the ring as it is at the end."""
+    await put_dataset(bus, files(*[(f"f{i}", 2 * BLOCK) for i in range(24)]))
+    await put_runtime(bus, NODES[:2])
+    key = subjects.operation_key("DataLoad", "default", "warm")
+    async with agent(bus, NODES) as scripted, loader(nats_server):
+        scripted.hold.set()
+        await publish(bus, subjects.DATALOAD_APPLY, dataload(target=[TargetPath(path="/x", replicas=replicas)]))
+
+        async def planned() -> bool:
+            state = await run_state(bus, key)
+            return state is not None and state.stage == "executing" and bool(state.parts)
+
+        await eventually(planned, what="the load planned on node-a and node-b")
+        await put_runtime(bus, NODES)  # node-c joins the ring
+        scripted.hold.clear()
+        done = await phase_of(bus, "Complete")
+    holders: dict[tuple[str, int], set[str]] = {}
+    for task in scripted.tasks.values():
+        for file in task.blocks:
+            for index, _ in file.blocks:
+                holders.setdefault((file.key, index), set()).add(task.node)
+    assert len(holders) == 48
+    owners = {block: set(ring.owners(BlockId(0, block[0], "e1", block[1]).name, NODES, replicas))
+              for block in holders}
+    assert any("node-c" in nodes for nodes in owners.values())
+    missing = {block: sorted(owners[block] - nodes) for block, nodes in holders.items() if owners[block] - nodes}
+    assert not missing, f"blocks not loaded on their owners: {missing}"
+    assert done.status.progress.bytes_done == done.status.progress.bytes_total
+    assert "node-c" in {node.node for node in done.status.progress.nodes}
 
 
 async def test_a_loader_killed_between_run_state_and_record_catches_up(bus: Bus, nats_server: NatsServer) -> None:

@@ -1113,3 +1113,80 @@ def test_a_record_of_another_namespace_applied_before_the_rule_fails_its_next_ru
     assert domain.dataset_wait(old, domain.Cluster(None, None)) is None
     assert "is not the DataLoad's own namespace 'team-a'" in (domain.run_problem(old, domain.Cluster(None, None))
                                                                 or "")
+
+
+# --- A ring that grows under a load; what a run leaves when it ends ---
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(min_value=1, max_value=40), st.integers(min_value=1, max_value=2), st.integers(0, 3))
+def test_a_plan_replanned_on_a_grown_ring_puts_every_block_on_its_new_owners_and_keeps_its_parts(
+        count: int, replicas: int, added: int) -> None:
+    entries = [entry(f"/x/f{i}", (i % 3 + 1) * 100) for i in range(count)]
+    before, after = ["a", "b"], ["a", "b", *[f"n{i}" for i in range(added)]]
+    plan = domain.plan_load("op.1", ObjectRef(name="d"), entries, dict.fromkeys(range(count), replicas), before,
+                            before, 100)
+    grown = domain.replan_load(plan, after)
+    assert grown.parts[:len(plan.parts)] == plan.parts
+    assert [p.task.part for p in grown.parts] == list(range(len(grown.parts)))
+    assert len({p.task.id for p in grown.parts}) == len(grown.parts)
+    holders: dict[str, set[str]] = {}
+    for part in grown.parts:
+        for file in part.task.blocks:
+            for index, _ in file.blocks:
+                holders.setdefault(BlockId(file.mount, file.key, file.etag, index).name, set()).add(part.task.node)
+    for name, nodes in holders.items():
+        assert set(ring.owners(name, after, replicas)) <= nodes
+    assert domain.replan_load(grown, after) == grown  # nothing more to add: the same plan
+    if not added:
+        assert grown == plan
+
+
+def test_a_ring_that_grew_is_seen_only_for_an_executing_load_planned_on_a_ring() -> None:
+    runtime = RuntimeRecord(runtime=Runtime(metadata=ObjectMeta(name="d")), generation=1, status=RuntimeStatus(
+        ready_nodes=["a", "b", "c"], workers=[CacheWorker(node=n, peer_url=f"http://{n}") for n in "abc"]))
+    executing = domain.RunState(run="op.1", stage="executing", ring=["a", "b"])
+    assert domain.ring_grew(record(), executing, runtime) == ["c"]
+    assert domain.ring_grew(record(), msgspec.structs.replace(executing, ring=[]), runtime) == []
+    assert domain.ring_grew(record(), msgspec.structs.replace(executing, stage="finished"), runtime) == []
+
+
+def test_a_finished_runs_state_keeps_what_decides_the_next_runs_not_its_parts() -> None:
+    state = domain.RunState(run="op.3", stage="finished", ring=["a"], files_total=2, requested=1, sync_stamp="s",
+                            outcome="Complete", parts=[domain.PartState(node="a", bytes_total=5, done=True)])
+    settled = domain.settled(state)
+    assert (settled.parts, settled.ring, settled.files_total) == ([], [], 0)
+    assert (settled.run, settled.requested, settled.sync_stamp, settled.outcome) == ("op.3", 1, "s", "Complete")
+    note = domain.deletion_note(7, 3)
+    assert domain.runs_of_note(note) == 3 and domain.runs_of_note(b"") == 0 and domain.deletion_note(0, 0) == b""
+    assert domain.run_number("dataload.ns.a.12") == 12 and domain.run_number("") == 0
+
+
+def test_the_objects_to_remove_are_those_of_operations_gone_and_plans_of_runs_not_executing() -> None:
+    ops = {"dataload.ns.a": record(), "dataload.ns.b": record()}
+    runs = {"dataload.ns.a": domain.RunState(run="dataload.ns.a.1", stage="executing"),
+            "dataload.ns.b": domain.RunState(run="dataload.ns.b.1")}
+    names = ["ns.data", "ns.data.x-1-0", "loader.dataload.ns.a.plan", "loader.dataload.ns.b.plan",
+             "loader.dataload.ns.b.manifest", "loader.dataload.ns.c.plan", "loader.dataload.ns.c.planned"]
+    assert domain.orphan_objects(names, ops, runs) == [
+        "loader.dataload.ns.b.plan", "loader.dataload.ns.c.plan", "loader.dataload.ns.c.planned"]
+
+
+def test_a_cleans_files_are_done_once_every_part_naming_them_is_done_without_a_failure() -> None:
+    entries = [entry("/x/a", 10), entry("/x/b", 10)]
+    plan = domain.plan_clean("op.1", ObjectRef(name="d"), entries, ["n1", "n2"])
+    parts = domain.parts_state(plan)
+    assert domain.files_planned(plan, entries) == 2
+    done = [msgspec.structs.replace(p, done=True) for p in parts]
+    assert domain.files_done(plan, parts) == 0
+    assert domain.files_done(plan, [done[0], parts[1]]) == 0
+    assert domain.files_done(plan, done) == 2
+    assert domain.files_done(plan, [done[0], msgspec.structs.replace(done[1], failed=1)]) == 0
+    everything = domain.plan_clean("op.1", ObjectRef(name="d"), None, ["n1", "n2"])
+    assert domain.files_planned(everything, entries) == 2
+    whole = [msgspec.structs.replace(p, done=True) for p in domain.parts_state(everything)]
+    assert domain.files_done(everything, whole, 2) == 2
+    assert domain.files_done(everything, whole[:1] + domain.parts_state(everything)[1:], 2) == 0
+    # The mount process says a clean's total (what it found cached to free); the plan has none.
+    folded = domain.fold_part(parts[0], TaskProgress(run="op.1", part=0, node="n1", bytes_done=4, bytes_total=9))
+    assert (folded.bytes_done, folded.bytes_total) == (4, 9)

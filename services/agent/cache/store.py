@@ -533,6 +533,10 @@ class BlockCache:
         """The indexed blocks ``select`` accepts (e.g. every block of some files), for ``evict``."""
         return [entry.block for entry in self._index.values() if select(entry.block)]
 
+    def cached_bytes(self, blocks: Iterable[BlockId]) -> int:
+        """The bytes of those of ``blocks`` that are indexed (what a clean of them is to free)."""
+        return sum(entry.size for block in blocks if (entry := self._index.get(block.name)) is not None)
+
     def evict(self, blocks: Iterable[BlockId]) -> list[tuple[BlockId, int]]:
         """Deletes these blocks (a DataClean); returns those that were cached, with their sizes.
 
