@@ -596,36 +596,83 @@ async def _require_dataset(bus: Bus, dataset: ObjectRef, kind: str) -> None:
 @click.option("-f", "--filename", "files", multiple=True, metavar="PATH",
               help="Delete what these manifests describe: " + _FILENAME_HELP[0].lower() + _FILENAME_HELP[1:])
 @click.option("-R", "--recursive", is_flag=True, help=_RECURSIVE_HELP)
+@click.option("--all", "every", is_flag=True, help="Delete every object of RESOURCE in the namespace.")
+@click.option("-A", "--all-namespaces", is_flag=True,
+              help="With --all: in every namespace (-n is then ignored, as kubectl ignores it).")
 @click.pass_obj
 def delete(options: Options, resource: str | None, name: str | None, namespace: str,
-           files: tuple[str, ...], recursive: bool) -> None:
-    """Delete a dataset, runtime, DataLoad or DataClean: `shoal delete dataset NAME` or `shoal delete -f FILE`.
+           files: tuple[str, ...], recursive: bool, every: bool, all_namespaces: bool) -> None:
+    """Delete a dataset, runtime, DataLoad or DataClean: `shoal delete dataset NAME`, `shoal delete -f FILE`, or
+    every one of a kind: `shoal delete datasets --all [-n NS | -A]`.
 
     Deleting a DataLoad or DataClean cancels its work; blocks already cached stay.
     """
     if files and (resource or name):
         raise click.UsageError("give either -f FILE or RESOURCE NAME, not both")
+    # As kubectl: --all names the objects itself, and -A widens only what --all names (a NAME is in one namespace).
+    if every and (name or files):
+        raise click.UsageError("--all deletes every object of RESOURCE: give either NAME, -f FILE or --all")
+    if all_namespaces and not every:
+        raise click.UsageError("-A/--all-namespaces goes with --all: shoal delete RESOURCE --all -A")
+    if every:
+        if not resource:
+            raise click.UsageError("name the kind to delete every object of: RESOURCE --all (e.g. datasets --all)")
+        kind = RESOURCE_ALIASES[resource.lower()]
+        if not _run(_delete_every(options, kind, None if all_namespaces else namespace)):
+            raise click.exceptions.Exit(1)
+        return
     if files:
         commands, _, valid = _read_manifests(_sources(files, recursive), namespace, "delete",
                                                 _namespace_given())
     elif resource and name:
         kind = RESOURCE_ALIASES[resource.lower()]
-        event: DatasetDelete | RuntimeDelete | DataLoadDelete | DataCleanDelete
-        if kind == "dataset":
-            event, subject = DatasetDelete(name=name, namespace=namespace), subjects.DATASET_DELETE
-        elif kind == "runtime":
-            event, subject = RuntimeDelete(name=name, namespace=namespace), subjects.RUNTIME_DELETE
-        elif kind == "dataload":
-            event, subject = DataLoadDelete(name=name, namespace=namespace), subjects.DATALOAD_DELETE
-        else:
-            event, subject = DataCleanDelete(name=name, namespace=namespace), subjects.DATACLEAN_DELETE
-        commands, valid = [Command(0, kind, kind, name, namespace, subject, event)], True
+        commands, valid = [_delete_command(kind, namespace, name)], True
     else:
-        raise click.UsageError("name what to delete: RESOURCE NAME (e.g. dataset demo) or -f FILE")
+        raise click.UsageError("name what to delete: RESOURCE NAME (e.g. dataset demo), RESOURCE --all or -f FILE")
     if commands:
         valid = _run(_send(options, commands)) and valid
     if not valid:
         raise click.exceptions.Exit(1)
+
+
+def _delete_command(kind: Kind, namespace: str, name: str) -> Command:
+    """The command deleting one object of ``kind``."""
+    event: DatasetDelete | RuntimeDelete | DataLoadDelete | DataCleanDelete
+    if kind == "dataset":
+        event, subject = DatasetDelete(name=name, namespace=namespace), subjects.DATASET_DELETE
+    elif kind == "runtime":
+        event, subject = RuntimeDelete(name=name, namespace=namespace), subjects.RUNTIME_DELETE
+    elif kind == "dataload":
+        event, subject = DataLoadDelete(name=name, namespace=namespace), subjects.DATALOAD_DELETE
+    else:
+        event, subject = DataCleanDelete(name=name, namespace=namespace), subjects.DATACLEAN_DELETE
+    return Command(0, kind, kind, name, namespace, subject, event)
+
+
+async def _delete_every(options: Options, kind: Kind, namespace: str | None) -> bool:
+    """``delete RESOURCE --all``: a delete command for every object of ``kind`` the KV holds in ``namespace`` (None:
+    in every one), in namespace and name order, each reported as one line; True when every one was deleted.
+
+    Only the keys are read: a record that does not decode (another version's) is deleted all the same, as kubectl
+    deletes what it lists. Nothing to delete is not an error, as in kubectl.
+    """
+    operation = kind if kind in OPERATION_KINDS else None
+    async with session(options) as bus:
+        try:
+            kv = await bus.kv(KV_BUCKET[kind])
+        except BucketNotFoundError:
+            keys = []  # nothing was ever applied: the services create the buckets on start
+        else:
+            keys = await kv_keys(kv)
+        found = sorted(found for key in keys if (found := subjects.key_object(key, operation)) is not None
+                       and (namespace is None or found[0] == namespace))
+        if not found:
+            click.echo("No resources found" + ("" if namespace is None else f" in {namespace} namespace") + ".",
+                       err=True)
+            return True
+        commands = [_delete_command(kind, found_namespace, name) for found_namespace, name in found]
+        outcomes = await send_commands(bus, commands, options.timeout)
+    return report_outcomes(outcomes, options.timeout)
 
 
 @cli.command()

@@ -490,6 +490,66 @@ spec:
     assert again.stderr == "error: demo rejected: dataset default/demo does not exist\n"
 
 
+async def test_delete_all_deletes_every_object_of_a_kind_in_the_namespace_or_every_namespace(
+        nats_server: NatsServer, services: None, tmp_path: Path) -> None:
+    """kubectl deletes every object of a kind with ``delete KIND --all [-n NS]`` and across namespaces with
+    ``--all -A``; ``shoal delete`` had neither. One line per deleted object, the other kinds and namespaces left."""
+    data = tmp_path / "data"
+    data.mkdir()
+    manifest = "---\n".join(f"""
+apiVersion: shoal.io/v1alpha1
+kind: {kind}
+metadata: {{name: {name}, namespace: {namespace}}}
+spec: {spec}
+""" for kind, name, namespace, spec in (
+        ("Dataset", "b", "default", f'{{mounts: [{{mountPoint: "local://{data}"}}]}}'),
+        ("Dataset", "a", "default", f'{{mounts: [{{mountPoint: "local://{data}"}}]}}'),
+        ("Dataset", "a", "team", f'{{mounts: [{{mountPoint: "local://{data}"}}]}}'),
+        ("Runtime", "a", "default", "{replicas: 1, tieredstore: {levels: [{mediumtype: MEM, quota: 1Gi}]}}")))
+    applied = await shoal(nats_server, "apply", "-f", "-", stdin=manifest)
+    assert applied.exit_code == 0, applied.output
+
+    deleted = await shoal(nats_server, "delete", "datasets", "--all")
+    assert (deleted.exit_code, deleted.stdout, deleted.stderr) == (
+        0, "dataset.shoal.io/a deleted\ndataset.shoal.io/b deleted\n", ""), deleted.output
+    left = await shoal(nats_server, "get", "datasets", "-A", "-o", "name")
+    assert left.stdout == "dataset.shoal.io/a\n"  # team's
+    assert (await shoal(nats_server, "get", "runtime", "a")).exit_code == 0  # another kind stays
+
+    nothing = await shoal(nats_server, "delete", "ds", "--all")
+    assert (nothing.exit_code, nothing.stdout, nothing.stderr) == (0, "", "No resources found in default namespace.\n")
+
+    everywhere = await shoal(nats_server, "delete", "ds", "--all", "-A")
+    assert (everywhere.exit_code, everywhere.stdout) == (0, "dataset.shoal.io/a deleted\n"), everywhere.output
+    assert (await shoal(nats_server, "get", "ds", "-A")).stderr == "No resources found.\n"
+
+
+@pytest.mark.parametrize(("args", "why"), [
+    (("dataset", "demo", "--all"), "--all deletes every object of RESOURCE: give either NAME, -f FILE or --all"),
+    (("--all", "-f", "demo.yaml"), "--all deletes every object of RESOURCE: give either NAME, -f FILE or --all"),
+    (("dataset", "demo", "-A"), "-A/--all-namespaces goes with --all: shoal delete RESOURCE --all -A"),
+    (("datasets", "-A"), "-A/--all-namespaces goes with --all: shoal delete RESOURCE --all -A"),
+    (("--all",), "name the kind to delete every object of: RESOURCE --all (e.g. datasets --all)"),
+])
+async def test_delete_all_refuses_names_and_a_without_all(nats_server: NatsServer, bus: Bus, args: tuple[str, ...],
+                                                          why: str) -> None:
+    """As kubectl: --all is not given with names, and -A widens only --all; refused before anything is sent."""
+    sent: list[bytes] = []
+
+    async def on_command(message: Msg) -> None:
+        sent.append(message.data)
+
+    watcher = await bus.nc.subscribe("shoal.cmd.>", cb=on_command)
+    try:
+        result = await shoal(nats_server, "delete", *args, wait_seconds=0.3)
+        await bus.nc.flush()
+    finally:
+        await watcher.unsubscribe()
+    assert (result.exit_code, result.stdout) == (2, ""), result.output
+    assert f"Error: {why}" in result.stderr, result.stderr
+    assert sent == []
+
+
 async def test_apply_says_created_configured_or_unchanged_as_kubectl_does(nats_server: NatsServer, services: None,
                                                                          tmp_path: Path) -> None:
     """A user found every apply said "configured", a new object and the same manifest applied again too."""
