@@ -1,5 +1,5 @@
-"""What must never be shown: credentials in URLs and secret-looking fields, and how to hide them; and how much of
-an error text is shown.
+"""What must never be shown: credentials in URLs and secret-looking fields, and how to hide them; how much of an
+error text is shown; and how a text a terminal would act on is shown instead (``shown_text``).
 
 Shared by every place that shows user input back (rejection reasons, status messages, logs, dead letters) and
 by the CLI, which refuses clear-text secrets before they are published. Pure.
@@ -8,6 +8,7 @@ by the CLI, which refuses clear-text secrets before they are published. Pure.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from typing import Any
 
 import msgspec
@@ -37,6 +38,22 @@ _SECRET_MEMBER = re.compile(r'("(?P<name>[^"\\]{1,200})"\s*:\s*)"(?:[^"\\]|\\.)*
 def cut_error(text: str) -> str:
     """``text`` cut to ``MAX_ERROR_CHARS`` characters, the cut marked with an ellipsis."""
     return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 1] + "…"
+
+
+def shown_text(text: str, keep: str = "", spellings: Mapping[str, str] | None = None) -> str:
+    """``text`` with each character that is not printable (control characters, Unicode's format characters such as
+    bidirectional overrides, separators other than the space), bar those in ``keep``, written as Python's ``repr``
+    escapes it (``\\x07``, ``\\n``, ``\\u202e``), or as ``spellings`` says for the characters it names.
+
+    The one escaper of what is shown on a terminal: log lines (``libs.telemetry``) and the CLI's tables and messages
+    (``libs.cli.render.terminal_text``, with kubectl's ``^[`` for ESC) quote what another system wrote (a key, a
+    store's error, an annotation), and a character acted on there recoloured or retitled the terminal, and a line
+    break forged a line a script reads as another."""
+    if text.isprintable():
+        return text
+    spellings = spellings or {}
+    return "".join(char if char.isprintable() or char in keep else spellings.get(char) or repr(char)[1:-1]
+                   for char in text)
 
 
 # A request's signing values, as a server or proxy may quote them back in an error: a pre-signed URL's query

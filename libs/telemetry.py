@@ -28,7 +28,7 @@ from opentelemetry import propagate, trace
 
 from libs import subjects
 from libs.natserrors import TlsNotOffered
-from libs.redact import strip_userinfo
+from libs.redact import shown_text, strip_userinfo
 
 if TYPE_CHECKING:
     # The SDK is imported by the functions that install or stop a provider (a service's shell calls them): the
@@ -114,22 +114,14 @@ def _terminal_safe(renderer: Any) -> Any:
     def render(logger: Any, method: str, event: MutableMapping[str, Any]) -> Any:
         for key, value in event.items():
             if key == _MESSAGE and isinstance(value, str):
-                event[key] = _escaped(value)
+                event[key] = shown_text(value)
             elif key in _MULTILINE and isinstance(value, str):
-                event[key] = _escaped(value, keep="\n")
+                event[key] = shown_text(value, keep="\n")
             else:
                 event[key] = _shown(value)
         return renderer(logger, method, event)
 
     return render
-
-
-def _escaped(text: str, keep: str = "") -> str:
-    """``text`` with each character that is not printable (control characters, Unicode's format characters such as
-    bidirectional overrides, separators other than the space), bar those in ``keep``, written as Python escapes it."""
-    if text.isprintable():
-        return text
-    return "".join(char if char.isprintable() or char in keep else repr(char)[1:-1] for char in text)
 
 
 class _Literal:
@@ -155,7 +147,7 @@ def _shown(value: Any) -> Any:
     if isinstance(value, int | float | bool) or value is None:
         return value
     shown = repr(value)
-    return value if shown.isprintable() else _Literal(_escaped(shown))
+    return value if shown.isprintable() else _Literal(shown_text(shown))
 
 
 class _StructlogHandler(logging.StreamHandler):

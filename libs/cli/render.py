@@ -30,6 +30,7 @@ from libs.events.dataset import Condition, DatasetRecord, NodeCache
 from libs.events.operation import NodeProgress, OperationRecord, Progress
 from libs.events.runtime import CacheWorker, RuntimeRecord, RuntimeStatus
 from libs.kube import SHOAL_RESOURCES
+from libs.redact import shown_text
 
 # Wide enough that rich never wraps or truncates a cell: scripts read these lines, like kubectl's.
 _UNLIMITED_WIDTH = 100_000
@@ -81,25 +82,25 @@ def _empty(value: Any) -> bool:
 # --- tables ---
 
 
-# What a terminal acts on: C0 controls but the tab (a cell's is spaced out, like a space), DEL and C1 controls.
-_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
-# kubectl's spellings (cli-runtime's terminal escaper: ESC as ^[, CR as \r), and LF's.
-_SHOWN_CONTROL = {"\x1b": "^[", "\r": "\\r", "\n": "\\n"}
+# kubectl's spelling of ESC (cli-runtime's terminal escaper). The tab is kept: it moves the cursor on, nothing more.
+_KUBECTL_SPELLINGS = {"\x1b": "^["}
 # Where kubectl cuts a table cell: a line break, \v too (a terminal moves down a line for it).
 _LINE_BREAK = re.compile(r"[\n\r\f\v]")
 
 
 def terminal_text(text: str) -> str:
-    """``text`` with every control character shown rather than acted on: a status message or an annotation may quote
-    what another system wrote (a store's error, an object's key), and an escape sequence in it would reach the
-    terminal (retitle it, clear it) and a line break split a line a script reads as one."""
-    return _CONTROL.sub(lambda match: _SHOWN_CONTROL.get(match.group(), f"\\x{ord(match.group()):02x}"), text)
+    """``text`` with every character a terminal would act on shown rather than acted on (``libs.redact.shown_text``,
+    ESC as kubectl shows it): a status message or an annotation may quote what another system wrote (a store's
+    error, an object's key), and an escape sequence in it would reach the terminal (retitle it, clear it), a line
+    break split a line a script reads as one, and a bidirectional override show its text in another order."""
+    return shown_text(text, keep="\t", spellings=_KUBECTL_SPELLINGS)
 
 
 def cell_text(text: str) -> str:
-    """A table cell on one line, as kubectl prints one: up to its first line break, then "..."."""
+    """A table cell on one line, as kubectl prints one: up to its first line break, then "...". A tab is a space
+    there: rich, which lays the table out, dropped a cell's text from its first tab on."""
     first, *rest = _LINE_BREAK.split(text, maxsplit=1)
-    return terminal_text(first) + ("..." if rest else "")
+    return terminal_text(first).replace("\t", " ") + ("..." if rest else "")
 
 
 def table_text(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

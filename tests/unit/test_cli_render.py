@@ -238,6 +238,21 @@ def test_describe_shows_control_characters_of_labels_and_annotations_escaped() -
     assert "\x1b" not in text
 
 
+def test_a_table_and_describe_show_unicode_format_characters_escaped_as_logs_do() -> None:
+    """The CLI escaped only C0/C1 controls, its own way, while log lines escaped every character that is not
+    printable: a key or message holding a right-to-left override (U+202E) printed reversed in ``shoal get`` (the
+    "Trojan Source" trick: ``gpj.exe`` shows as ``exe.jpg``), and a zero-width space hid in a name. One escaper
+    now (``libs.redact.shown_text``), kubectl's ``^[`` for ESC kept."""
+    failed = operation("warm", status=OperationStatus(phase="Failed", message="cannot read a\u202egpj.exe\u200b\tok"))
+    line = render.operation_table([failed], now=NOW, wide=True, show_namespace=False).splitlines()[1]
+    # The tab is a space in a cell: rich dropped the rest of the cell from it ("ok" was never shown).
+    assert line.endswith("cannot read a\\u202egpj.exe\\u200b ok"), line
+    annotated = DatasetRecord(dataset=Dataset(
+        metadata=ObjectMeta(name="model", annotations={"note": "\u202eevil\x1b[2J"}),
+        spec=DatasetSpec(mounts=[Mount(mount_point="s3://b/")])), generation=1)
+    assert "Annotations:  note=\\u202eevil^[[2J\n" in render.describe_dataset(annotated)
+
+
 # --- -o yaml / -o json: objects ---
 
 

@@ -23,6 +23,7 @@ from libs.redact import (
     hide_signing,
     redact_payload,
     secret_query_names,
+    shown_text,
     strip_userinfo,
 )
 from libs.ufs.base import LocalLocation
@@ -77,6 +78,20 @@ def test_hide_signing(text: str, shown: str) -> None:
 def test_a_urls_query_credentials_are_named_and_hidden(url: str, shown: str, names: list[str]) -> None:
     assert hide_secret_query(url) == shown
     assert secret_query_names(url) == names
+
+
+@pytest.mark.parametrize(("text", "keep", "spellings", "shown"), [
+    ("data/a.bin ünïcödé 日本", "", None, "data/a.bin ünïcödé 日本"),  # printable: as it is
+    ("evil\x1b]0;pwned\x07\nforged\r\x0b\x7f\x85", "", None, "evil\\x1b]0;pwned\\x07\\nforged\\r\\x0b\\x7f\\x85"),
+    ("a\u202eb\u200bc\u2028d\ttab", "", None, "a\\u202eb\\u200bc\\u2028d\\ttab"),  # format chars, separators
+    ("line one\nline\x1b two", "\n", None, "line one\nline\\x1b two"),  # a traceback keeps its line breaks
+    ("a\tb\x1b[31m\nc", "\t", {"\x1b": "^["}, "a\tb^[[31m\\nc"),  # the CLI: kubectl's ESC, the tab kept
+])
+def test_shown_text_escapes_what_a_terminal_would_act_on(text: str, keep: str, spellings: dict[str, str] | None,
+                                                         shown: str) -> None:
+    """The one escaper of logs and the CLI: every character that is not printable, as ``repr`` writes it."""
+    assert shown_text(text, keep, spellings) == shown
+    assert shown.isprintable() or keep  # what is kept is all that is not printable
 
 
 def test_cut_error_bounds_an_error_text_and_marks_the_cut() -> None:
