@@ -29,6 +29,8 @@ from collections.abc import Callable
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 from prometheus_client.values import MutexValue
 
+from libs import subjects
+
 # --- label values ----------------------------------------------------------------------------------------------
 
 # Outcome of one message handed to a bus consumer's handler (libs.bus.Consumer).
@@ -199,7 +201,7 @@ MOUNT_JOB = "shoal-mount"
 
 def dataset_label(namespace: str, name: str) -> str:
     """The ``dataset`` label of the agent's series: ``<namespace>/<name>`` (how the agent names a mount in logs)."""
-    return f"{namespace}/{name}"
+    return subjects.object_name(namespace, name)
 
 
 DATA_PATH = (BLOCK_READS, READ_BYTES, STORE_FETCHED_BYTES, STORE_REQUEST_SECONDS, FUSE_SECONDS, PEER_SERVED_BYTES)

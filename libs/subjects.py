@@ -224,6 +224,25 @@ def resource_key(namespace: str, name: str) -> str:
     return f"{namespace}.{name}"
 
 
+def object_name(namespace: str, name: str) -> str:
+    """How a log line, error or status message names a namespaced object: ``<namespace>/<name>``, as kubectl does.
+    Only for people: on the wire (KV keys, subject tokens, ids, file names) the object is ``resource_key``'s dotted
+    form, which a reader of logs should not have to tell from a name holding a dot."""
+    return f"{namespace}/{name}"
+
+
+def key_name(key: str) -> str:
+    """The object a ``resource_key`` or ``operation_key`` stands for, spelled for people as ``object_name`` spells it
+    (``default.demo``: ``default/demo``; ``dataload.default.warm``: ``dataload default/warm``), for a message that has
+    only the key; any other key as it is."""
+    parts = key.split(".")
+    if len(parts) == 2:
+        return object_name(*parts)
+    if len(parts) == 3:
+        return f"{parts[0]} {object_name(parts[1], parts[2])}"
+    return key
+
+
 def operation_key(kind: str, namespace: str, name: str) -> str:
     """KV key of a DataLoad or DataClean: ``dataload.<namespace>.<name>`` (the kind in lower case)."""
     return f"{kind.lower()}.{namespace}.{name}"

@@ -179,7 +179,7 @@ class MountWorker:
 
     @property
     def key(self) -> str:
-        return f"{self.namespace}/{self.name}"
+        return subjects.object_name(self.namespace, self.name)
 
 
 @dataclass
@@ -385,7 +385,7 @@ class NodeAgent:
         is said and left."""
         if not directories:
             return
-        key = f"{namespace}/{name}"
+        key = subjects.object_name(namespace, name)
         suffix = domain.cache_suffix(self.settings.agent.cache_subdir, namespace, name)
         in_use = self._cache_folders_in_use()
         for directory in directories:
@@ -480,15 +480,16 @@ class NodeAgent:
             path = domain.mountpoint(self.settings.agent.mount_root, namespace, name)
             problem = await asyncio.to_thread(make_link, path, target)
             if problem is not None:
-                log.warning("reference not linked yet", dataset=f"{namespace}/{name}", reason=problem)
+                log.warning("reference not linked yet", dataset=subjects.object_name(namespace, name), reason=problem)
                 continue
             self.links[(namespace, name)] = target
-            log.info("reference linked", dataset=f"{namespace}/{name}", source=str(source), target=target)
+            log.info("reference linked", dataset=subjects.object_name(namespace, name), source=str(source),
+                     target=target)
 
     async def _unlink(self, ref: tuple[str, str]) -> None:
         await asyncio.to_thread(remove_link, domain.mountpoint(self.settings.agent.mount_root, *ref))
         self.links.pop(ref, None)
-        log.info("reference unlinked", dataset=f"{ref[0]}/{ref[1]}")
+        log.info("reference unlinked", dataset=subjects.object_name(*ref))
 
     def problems(self) -> list[str]:
         """Why this agent is unhealthy: mount processes that keep failing, cache directories that are down."""
@@ -641,7 +642,7 @@ class NodeAgent:
             sys.executable, "-m", "services.agent.mountd", *argv, *self._budget_args(worker),
             stdin=asyncio.subprocess.DEVNULL, env=self.mount_env(),
         )
-        log.info("mount process started", dataset=f"{worker.namespace}/{worker.name}", pid=worker.process.pid,
+        log.info("mount process started", dataset=worker.key, pid=worker.process.pid,
                  mountpoint=worker.path, peer_port=worker.peer_port or None)
 
     async def _stop_worker(self, worker: MountWorker) -> None:
@@ -655,7 +656,7 @@ class NodeAgent:
             except TimeoutError:
                 # Said, not silent: a killed process neither unmounted cleanly nor flushed its queued spans.
                 log.warning("mount process did not stop within the grace, killed",
-                            dataset=f"{worker.namespace}/{worker.name}", pid=process.pid,
+                            dataset=worker.key, pid=process.pid,
                             grace_seconds=STOP_GRACE_SECONDS)
                 process.kill()
                 await process.wait()
@@ -663,7 +664,7 @@ class NodeAgent:
         self._remove_target(worker)
         await force_unmount(worker.path)
         await asyncio.to_thread(remove_mountpoint, worker.path)
-        log.info("mount stopped", dataset=f"{worker.namespace}/{worker.name}")
+        log.info("mount stopped", dataset=worker.key)
 
     async def _free_cache(self, namespace: str, name: str, levels: list[Level] | None = None) -> None:
         """Delete the blocks of a deleted dataset that its mount process (down, or never told) left on disk, in the
@@ -692,9 +693,10 @@ class NodeAgent:
         try:
             freed = await asyncio.to_thread(free)
         except (OSError, ValueError) as err:
-            log.warning("could not free the cache of a deleted dataset", dataset=suffix, error=str(err))
+            log.warning("could not free the cache of a deleted dataset", dataset=subjects.object_name(namespace, name),
+                        error=str(err))
             return
-        log.info("deleted dataset's cache freed", dataset=suffix, blocks=freed)
+        log.info("deleted dataset's cache freed", dataset=subjects.object_name(namespace, name), blocks=freed)
         await asyncio.to_thread(self.ledger.forget, (namespace, name))
 
     def _deleted_caches(self) -> dict[tuple[str, str], list[Level]]:

@@ -181,8 +181,8 @@ class InventoryPublisher:
                 except Exception as err:
                     self.failures += 1
                     self._snapshot_wanted.set()  # events may be lost: start over from a snapshot
-                    log.warning("inventory publish failed", dataset=f"{self.log.dataset.namespace}/"
-                                f"{self.log.dataset.name}", error=repr(err), failures=self.failures)
+                    shown = subjects.object_name(self.log.dataset.namespace, self.log.dataset.name)
+                    log.warning("inventory publish failed", dataset=shown, error=repr(err), failures=self.failures)
                 await self._wait(self._delay())
             # A last delta on the way out, so a clean stop loses no change.
             with contextlib.suppress(Exception):

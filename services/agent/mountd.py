@@ -111,11 +111,11 @@ def raise_read_ahead(mountpoint: str) -> None:
         log.info("read-ahead left at the kernel default", reason=str(err))
 
 
-def fuse_options(key: str, allow_other: bool) -> set[str]:
-    """The FUSE mount options of a dataset's mount (``key``: namespace/name)."""
+def fuse_options(shown: str, allow_other: bool) -> set[str]:
+    """The FUSE mount options of a dataset's mount (``shown``: ``subjects.object_name``, which ``df`` shows)."""
     options = set(pyfuse3.default_options)
     # default_permissions: the kernel checks every access against the mode and owner served (see fs.py).
-    options |= {f"fsname=shoal:{key}", f"subtype={FUSE_SUBTYPE}", "ro", "default_permissions"}
+    options |= {f"fsname=shoal:{shown}", f"subtype={FUSE_SUBTYPE}", "ro", "default_permissions"}
     if allow_other:
         options.add("allow_other")
     return options
@@ -149,7 +149,8 @@ class MountedDataset:
         self.namespace = namespace
         self.name = name
         self.mountpoint = mountpoint
-        self.key = subjects.resource_key(namespace, name)
+        self.key = subjects.resource_key(namespace, name)  # in the KV buckets
+        self.shown = subjects.object_name(namespace, name)  # in log lines and errors
         self.allocator = InodeAllocator()
         self.manifest_version: ManifestVersion = NO_MANIFEST
         # The record whose mounts the stores follow: its secret files are read again every
@@ -227,9 +228,10 @@ class MountedDataset:
             except OSError as err:
                 where = f"{self.settings.agent.peer_host}:{self.peer_port}"
                 if err.errno == errno.EADDRINUSE:  # the agent picks another port before the restart
-                    log.error("peer port taken by another process", dataset=self.key, address=where)
+                    log.error("peer port taken by another process", dataset=self.shown, address=where)
                     raise SystemExit(EXIT_PEER_PORT_TAKEN) from None
-                raise SystemExit(f"dataset {self.key}: cannot serve peers on {where}: {err.strerror or err}") from None
+                raise SystemExit(f"dataset {self.shown}: cannot serve peers on {where}: "
+                                 f"{err.strerror or err}") from None
         owner = record.dataset.spec.owner
         fs = DatasetFS(self._tree(entries), reader, uid=owner.uid if owner else None,
                        gid=owner.gid if owner else None, block_size=block_size,
@@ -248,7 +250,7 @@ class MountedDataset:
                                  served_bytes=peer_server.served_bytes if peer_server else 0)
 
         publisher = InventoryPublisher(self.bus, inventory, cache.blocks, counters)
-        options = fuse_options(self.key, self.settings.agent.allow_other)
+        options = fuse_options(self.shown, self.settings.agent.allow_other)
         # Mount at a private staging directory, then move the mount into place once FUSE INIT is answered:
         # readers of the mount point see the previous (dead: ENOTCONN) mount until then, never an empty folder.
         staging = Staging(self.mountpoint)
@@ -289,7 +291,7 @@ class MountedDataset:
                     await asyncio.to_thread(staging.attach)
                 finally:
                     await asyncio.to_thread(staging.cleanup)
-            log.info("mounted", dataset=self.key, mountpoint=self.mountpoint, files=len(entries))
+            log.info("mounted", dataset=self.shown, mountpoint=self.mountpoint, files=len(entries))
             watcher = loops["manifest watch"] = asyncio.create_task(self._watch(fs, cache, stop))
             ring_watch = loops["runtime watch"] = asyncio.create_task(self._watch_runtime(router, stop))
             secrets_watch = loops["secret refresh"] = asyncio.create_task(self._refresh_secrets(stop))
@@ -318,7 +320,7 @@ class MountedDataset:
                 await client.close()
             if self.deleted or self.recreated or await self._dataset_gone():
                 purged = cache.purge()  # evictions reach the inventory's last delta
-                log.info("dataset deleted, cache freed", dataset=self.key, blocks=purged)
+                log.info("dataset deleted, cache freed", dataset=self.shown, blocks=purged)
                 if not self.recreated:  # the name lives on: parts for its new incarnation may come to this durable
                     await runner.forget()
             publisher.stop()
@@ -334,7 +336,7 @@ class MountedDataset:
                 slots.zero(self.grants.budget_slot)
                 slots.close()
             self.metrics.close()
-            log.info("unmounted", dataset=self.key)
+            log.info("unmounted", dataset=self.shown)
         if fuse_loop.done() and not fuse_loop.cancelled() and fuse_loop.exception() is not None:
             raise fuse_loop.exception()  # type: ignore[misc]
 
@@ -354,7 +356,7 @@ class MountedDataset:
         try:
             await asyncio.wait([scan, stopping], return_when=asyncio.FIRST_COMPLETED)
             if not scan.done():
-                log.info("stop requested while loading the cache: the scan ends at its next file", dataset=self.key)
+                log.info("stop requested while loading the cache: the scan ends at its next file", dataset=self.shown)
             await scan
         except ScanCancelled:
             return False
@@ -364,7 +366,7 @@ class MountedDataset:
 
     def _stopped_while_starting(self, step: str) -> None:
         self.metrics.close()
-        log.info("stopped while starting, nothing mounted", dataset=self.key, step=step)
+        log.info("stopped while starting, nothing mounted", dataset=self.shown, step=step)
 
     def _budget_file(self) -> SlotFile | None:
         if not self.grants.budget_file:
@@ -372,7 +374,7 @@ class MountedDataset:
         try:
             return SlotFile(self.grants.budget_file)
         except (OSError, BudgetFileError) as err:
-            raise SystemExit(f"dataset {self.key}: read-ahead budget file unusable: {err}") from None
+            raise SystemExit(f"dataset {self.shown}: read-ahead budget file unusable: {err}") from None
 
     def _granted_levels(self, levels: list[Level]) -> list[Level]:
         """The runtime's levels with the MEM tiers cut to what the agent granted out of the node's budget."""
@@ -382,7 +384,7 @@ class MountedDataset:
         wanted = budget.memory_quota(levels)
         if granted < wanted:
             log.warning("memory tier smaller than the runtime's quota: the node's SHOAL_MEMORY_TIER_BUDGET is "
-                        "taken by other mounts", dataset=self.key, quota_bytes=wanted, granted_bytes=granted)
+                        "taken by other mounts", dataset=self.shown, quota_bytes=wanted, granted_bytes=granted)
         return budget.capped_levels(levels, granted)
 
     async def _load_start(self) -> tuple[DatasetRecord, RuntimeRecord, list[ManifestEntry]]:
@@ -396,7 +398,7 @@ class MountedDataset:
         # _load_records raises when there is no record, or it names no manifest.
         records, entries = await manifests.load_current(self._load_records, named)
         if records is None or entries is None:
-            raise SystemExit(f"dataset {self.key}: its manifest {named(records)} is missing from the manifest store")
+            raise SystemExit(f"dataset {self.shown}: its manifest {named(records)} is missing from the manifest store")
         record, runtime = records
         return record, runtime, entries
 
@@ -404,9 +406,9 @@ class MountedDataset:
         record, _ = await kv_load(await self.bus.kv(subjects.KV_DATASETS), self.key, DatasetRecord)
         runtime, _ = await kv_load(await self.bus.kv(subjects.KV_RUNTIMES), self.key, RuntimeRecord)
         if record is None or not record.status.manifest:
-            raise SystemExit(f"dataset {self.key} does not exist or has no manifest yet")
+            raise SystemExit(f"dataset {self.shown} does not exist or has no manifest yet")
         if runtime is None:
-            raise SystemExit(f"runtime {self.key} does not exist")
+            raise SystemExit(f"runtime {self.shown} does not exist")
         return record, runtime
 
     def _peer_key(self) -> bytes | None:
@@ -414,12 +416,12 @@ class MountedDataset:
         path = self.settings.agent.peer_secret_file
         if not path:
             log.info("no peer secret (SHOAL_PEER_SECRET_FILE): no peer server, every block read from the store",
-                     dataset=self.key)
+                     dataset=self.shown)
             return None
         try:
             return runtime_key(load_secret(path), self.namespace, self.name)
         except PeerConfigError as err:
-            raise SystemExit(f"dataset {self.key}: {err}") from None
+            raise SystemExit(f"dataset {self.shown}: {err}") from None
 
     async def _watch_runtime(self, router: BlockRouter, stop: asyncio.Event) -> None:
         """Keep the ring of block owners current from the runtime record's ``status.workers``, until ``stop``."""
@@ -439,10 +441,10 @@ class MountedDataset:
                     try:
                         workers = msgspec.json.decode(entry.value, type=RuntimeRecord).status.workers
                     except msgspec.DecodeError as err:  # garbled or of another shape
-                        log.error("runtime record not understood, ring unchanged", dataset=self.key, error=str(err))
+                        log.error("runtime record not understood, ring unchanged", dataset=self.shown, error=str(err))
                         continue
                 if router.update(workers):
-                    log.info("ring of block owners changed", dataset=self.key, owners=sorted(router.ring))
+                    log.info("ring of block owners changed", dataset=self.shown, owners=sorted(router.ring))
 
     async def _keep_watching(self, what: str, watch: Callable[[Callable[[], None]], Awaitable[None]],
                              stop: asyncio.Event) -> None:
@@ -462,7 +464,7 @@ class MountedDataset:
             except Exception as err:  # whatever it was, the watch must outlive it: the mount depends on it
                 failures += 1
                 delay = WATCH_RETRY.delay(failures)
-                log.error("watch failed; the mount goes on with what it has and starts it again", dataset=self.key,
+                log.error("watch failed; the mount goes on with what it has and starts it again", dataset=self.shown,
                           watch=what, error=f"{type(err).__name__}: {err}", retry_seconds=delay, failures=failures)
             else:
                 if stop.is_set():
@@ -491,13 +493,13 @@ class MountedDataset:
             except (Exception, SystemExit) as err:
                 if str(err) != failed:
                     log.error("secrets not read again; the object stores keep the credentials they have",
-                              dataset=self.key, error=str(err))
+                              dataset=self.shown, error=str(err))
                 failed = str(err)
                 continue
             failed = ""
             renewed = [index for index, gate in enumerate(self.gates) if gate not in before]
             if renewed:
-                log.info("secret files changed; new object stores for the mounts", dataset=self.key, mounts=renewed)
+                log.info("secret files changed; new object stores for the mounts", dataset=self.shown, mounts=renewed)
 
     @staticmethod
     def _has_secret_refs(record: DatasetRecord) -> bool:
@@ -519,7 +521,7 @@ class MountedDataset:
                 # published.
                 refused = local_location_error(location, self.settings.service.local_roots)
                 if refused:
-                    raise SystemExit(f"dataset {self.key}: refusing to mount {mount.mount_point}: {refused}")
+                    raise SystemExit(f"dataset {self.shown}: refusing to mount {mount.mount_point}: {refused}")
             locations.append(location)
         gates = [
             self.gates[index] if index < len(self.locations) and self.locations[index] == location
@@ -541,7 +543,7 @@ class MountedDataset:
         try:
             await gate.prepare()
         except Exception as err:  # the first read opens it again and reports what is wrong
-            log.debug("object store not readied ahead", dataset=self.key, error=str(err))
+            log.debug("object store not readied ahead", dataset=self.shown, error=str(err))
 
     async def _dataset_gone(self) -> bool:
         """Whether the dataset was deleted (the agent may stop us before our watch sees it); False if unsure."""
@@ -554,7 +556,7 @@ class MountedDataset:
     def _tree(self, entries: list[ManifestEntry]) -> Namespace:
         tree = Namespace.build(entries, self.allocator)
         if tree.skipped.count:  # only a manifest not written by this version's sync holds such entries
-            log.warning("manifest entries left out of the tree", dataset=self.key, skipped=tree.skipped.count,
+            log.warning("manifest entries left out of the tree", dataset=self.shown, skipped=tree.skipped.count,
                         examples=tree.skipped.examples)
         return tree
 
@@ -563,7 +565,7 @@ class MountedDataset:
         current = {(entry.mount, entry.key, entry.etag) for entry in entries}
         stale = cache.drop_stale(lambda block: (block.mount, block.key, block.etag) in current)
         if stale:
-            log.info("cache blocks of objects gone from the manifest or changed deleted", dataset=self.key,
+            log.info("cache blocks of objects gone from the manifest or changed deleted", dataset=self.shown,
                      blocks=stale)
 
     def _drop_misfits(self, cache: BlockCache, entries: list[ManifestEntry], block_size: int) -> None:
@@ -574,7 +576,7 @@ class MountedDataset:
         misfits = [block for block, length in cache.blocks()
                    if length != block_span(sizes[block.mount, block.key, block.etag], block_size, block.index)[1]]
         if misfits:
-            log.warning("cache blocks of the wrong length deleted", dataset=self.key, blocks=len(misfits))
+            log.warning("cache blocks of the wrong length deleted", dataset=self.shown, blocks=len(misfits))
             cache.evict(misfits)
 
     async def _watch(self, fs: DatasetFS, cache: BlockCache, stop: asyncio.Event) -> None:
@@ -596,7 +598,7 @@ class MountedDataset:
                     if isinstance(entry, Replay):
                         continue
                     if entry.operation in ("DEL", "PURGE"):
-                        log.info("dataset deleted, unmounting", dataset=self.key)
+                        log.info("dataset deleted, unmounting", dataset=self.shown)
                         self.deleted = True
                         stop.set()
                         return
@@ -605,14 +607,14 @@ class MountedDataset:
                     try:
                         record = msgspec.json.decode(entry.value, type=DatasetRecord)
                     except msgspec.DecodeError as err:
-                        log.error("dataset record not understood; the mount keeps the tree it has", dataset=self.key,
+                        log.error("dataset record not understood; the mount keeps the tree it has", dataset=self.shown,
                                   error=str(err))
                         continue
                     if self.record is not None and recreated(self.record, record):
                         # Its delete was not seen: the replay of a restarted watch shows only the newest record. The
                         # tree served is a dataset that no longer exists (another source, maybe), and the new one
                         # may have no manifest yet: serving on until it has would show the old files under its name.
-                        log.info("dataset deleted and applied again, unmounting", dataset=self.key)
+                        log.info("dataset deleted and applied again, unmounting", dataset=self.shown)
                         self.recreated = True
                         stop.set()
                         return
@@ -638,7 +640,7 @@ class MountedDataset:
             except Exception as err:  # whatever it was, the mount must outlive it: its readers still read
                 delay = RELOAD_RETRY.delay(attempt)
                 log.error("manifest reload failed; the mount serves the tree it has and tries again",
-                          dataset=self.key, manifest=record.status.manifest, error=f"{type(err).__name__}: {err}",
+                          dataset=self.shown, manifest=record.status.manifest, error=f"{type(err).__name__}: {err}",
                           retry_seconds=delay)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), delay)
@@ -652,7 +654,7 @@ class MountedDataset:
         try:
             self._update_gates(record)  # before the tree: a new mount's files must find their store
         except (Exception, SystemExit) as err:  # e.g. a missing secret: its reads fail, the rest serve
-            log.error("object stores not updated", dataset=self.key, error=str(err))
+            log.error("object stores not updated", dataset=self.shown, error=str(err))
         gone, changed, relisted = fs.replace_namespace(self._tree(entries))
         self.manifest_version = manifest_version(record)
         for parent, name in gone:
@@ -672,7 +674,7 @@ class MountedDataset:
         self._drop_stale(cache, entries)
         if self.tasks is not None:
             self.tasks.manifest_reloaded()
-        log.info("manifest reloaded", dataset=self.key, files=len(entries), removed=len(gone),
+        log.info("manifest reloaded", dataset=self.shown, files=len(entries), removed=len(gone),
                  attributes_changed=len(changed), folders_relisted=len(relisted))
 
 
@@ -700,9 +702,10 @@ async def serve(settings: Settings, namespace: str, name: str, mountpoint: str,
         try:
             path = await asyncio.to_thread(write_target, targets, node, namespace, name, settings.service.http_host,
                                            side_port)
-            log.info("prometheus target written", dataset=f"{namespace}/{name}", path=str(path))
+            log.info("prometheus target written", dataset=subjects.object_name(namespace, name), path=str(path))
         except OSError as err:  # metrics are still served; only discovery is missing
-            log.error("cannot write the prometheus target", dataset=f"{namespace}/{name}", error=str(err))
+            log.error("cannot write the prometheus target", dataset=subjects.object_name(namespace, name),
+                      error=str(err))
     try:
         bus = await connect(settings.nats, mount_connection_name(node, namespace, name), stop=stop)
         if readiness is not None:

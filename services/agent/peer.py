@@ -51,6 +51,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from opentelemetry import trace
 
+from libs import subjects
 from libs.blocks import BlockId, checksum, checksum_stream
 from libs.events.dataset import ManifestEntry
 from libs.listener import CappedListener, app_runner
@@ -306,8 +307,8 @@ class PeerServer:
         self.listener = CappedListener(self._runner, self.max_connections,
                                        f"peer server of {self.namespace}/{self.name}")
         self.port = await self.listener.start(host, port, reuse_address=True)
-        log.info("peer server listening", dataset=f"{self.namespace}/{self.name}", host=host, port=self.port,
-                 max_connections=self.max_connections)
+        log.info("peer server listening", dataset=subjects.object_name(self.namespace, self.name), host=host,
+                 port=self.port, max_connections=self.max_connections)
 
     @property
     def connections(self) -> int:
@@ -443,7 +444,7 @@ class PeerServer:
             if request.transport is not None:
                 request.transport.abort()
             log.warning("a peer reader took no answer in time, connection dropped", seconds=self.send_timeout,
-                        dataset=f"{self.namespace}/{self.name}")
+                        dataset=subjects.object_name(self.namespace, self.name))
             raise ConnectionResetError(f"the answer was not taken within {self.send_timeout:g} s") from None
 
     def _preamble(self, signature: str, length: int, chunk_bytes: int, table_digest: int) -> bytes:

@@ -371,7 +371,7 @@ class TaskRunner:
 
     @property
     def _key(self) -> str:
-        return f"{self.dataset.namespace}/{self.dataset.name}"
+        return subjects.object_name(self.dataset.namespace, self.dataset.name)
 
     def _consumer_config(self) -> js_api.ConsumerConfig:
         return js_api.ConsumerConfig(
@@ -440,7 +440,7 @@ class TaskRunner:
         bound = log.bind(dataset=self._key, run=task.run, part=task.part, action=task.action, delivery=deliveries)
         if task.node != self.node or task.dataset != self.dataset:
             bound.error("task addressed to another mount, dropped", node=task.node,
-                        task_dataset=f"{task.dataset.namespace}/{task.dataset.name}")
+                        task_dataset=subjects.object_name(task.dataset.namespace, task.dataset.name))
             await message.ack()
             return
         skip = CANCELLED if task.run in self._cancelled else await self._not_current(task.run)

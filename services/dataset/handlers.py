@@ -133,7 +133,7 @@ class DatasetHandlers:
         errors = domain.validate_dataset(dataset, self.settings.service.local_roots,
                                          pvc_root=self.settings.service.pvc_root)
         if errors:
-            log.info("rejected", dataset=f"{namespace}/{name}", reasons=errors)
+            log.info("rejected", dataset=subjects.object_name(namespace, name), reasons=errors)
             if exposed_secret_errors(dataset):
                 await self._erase_command(delivery)
             await self._reject(command.id, delivery, "; ".join(errors), name, namespace)
@@ -142,7 +142,7 @@ class DatasetHandlers:
         source = await self._source_of(dataset)
         errors = domain.reference_apply_errors(dataset, source)
         if errors:
-            log.info("rejected", dataset=f"{namespace}/{name}", reasons=errors)
+            log.info("rejected", dataset=subjects.object_name(namespace, name), reasons=errors)
             await self._reject(command.id, delivery, "; ".join(errors), name, namespace)
             return
         key = subjects.resource_key(namespace, name)
@@ -151,7 +151,7 @@ class DatasetHandlers:
             # Delivered again after a delete that came behind it: applying it would bring the dataset back.
             reason = (f"dataset {namespace}/{name} was deleted by a later command (stream sequence {deleted_by}); "
                       f"this apply (sequence {delivery.stream_sequence}) came before it: apply it again to recreate")
-            log.info("rejected", dataset=f"{namespace}/{name}", reasons=[reason])
+            log.info("rejected", dataset=subjects.object_name(namespace, name), reasons=[reason])
             await self._reject(command.id, delivery, reason, name, namespace)
             return
         updated, changed = domain.apply_dataset(record, dataset, delivery.stream_sequence, self.new_incarnation())
@@ -170,7 +170,7 @@ class DatasetHandlers:
                 status = domain.status_on_apply(updated, await self._binding(namespace, name), self.clock())
             updated = msgspec.structs.replace(updated, status=status, traceparent=current_traceparent())
             saved_revision = await kv_save(kv, key, updated, revision)  # Conflict → the loop redelivers at once
-            log.info("applied", dataset=key, generation=updated.generation)
+            log.info("applied", dataset=subjects.key_name(key), generation=updated.generation)
         elif updated is not record:  # the same spec, a newer command: only its sequence is kept
             saved_revision = await kv_save(kv, key, updated, revision)
         await self.bus.publish(
@@ -251,7 +251,7 @@ class DatasetHandlers:
             reason = (f"dataset {command.namespace}/{command.name} was applied by a later command (stream sequence "
                       f"{record.command_sequence}); this delete (sequence {sequence}) came before it: delete it "
                       "again to remove it")
-            log.info("rejected", dataset=key, reasons=[reason])
+            log.info("rejected", dataset=subjects.key_name(key), reasons=[reason])
             await self._reject(command.id, delivery, reason, command.name, command.namespace)
             return
         manifests = [domain.manifest_name(record), record.status.manifest]
@@ -287,7 +287,7 @@ class DatasetHandlers:
 
     async def _finish_delete(self, command: DatasetDelete, key: str, manifests: list[str]) -> None:
         await self._clean_after_delete(key, manifests)
-        log.info("deleted", dataset=key)
+        log.info("deleted", dataset=subjects.key_name(key))
         await self.bus.publish(
             subjects.DATASET_DELETED,
             DatasetDeleted(id=f"{command.id}.deleted", causation_id=command.id, name=command.name,
@@ -337,7 +337,7 @@ class DatasetHandlers:
             metrics.INVENTORY_OTHER_INSTANCE.labels(event.node).inc()
             if self.other_instances.due(event.node, self.clock()):
                 log.warning("inventory of another agent of the node ignored: two agents share the node name",
-                            node=event.node, dataset=key, instance=event.instance)
+                            node=event.node, dataset=subjects.key_name(key), instance=event.instance)
             return
         kv = await self.bus.kv(subjects.KV_NODE_CACHE)
         # The entry first, then the record: a delete removes the record before it purges this entry, so when the
@@ -354,7 +354,8 @@ class DatasetHandlers:
             # read above (Conflict: the redelivery then finds no record).
             await kv_save(kv, key, folded, revision if revision is not None else 0)
         if gap:
-            log.info("inventory gap, asking for a snapshot", dataset=key, node=event.node, seq=event.seq)
+            log.info("inventory gap, asking for a snapshot", dataset=subjects.key_name(key), node=event.node,
+                     seq=event.seq)
             request = InventoryRequest(node=event.node, dataset=ref)
             await self.bus.publish_core(subjects.INVENTORY_REQUEST, request)
         await self._update_status(key, lambda record: domain.with_cache_states(record.status, folded))
@@ -435,7 +436,7 @@ class DatasetHandlers:
             dropped = True
             break
         else:
-            raise Conflict(f"{key}: node cache update lost {CAS_ATTEMPTS} times in a row")
+            raise Conflict(f"{subjects.key_name(key)}: node cache update lost {CAS_ATTEMPTS} times in a row")
         if current is None:
             record, _ = await kv_load(await self.bus.kv(subjects.KV_DATASETS), key, DatasetRecord)
             if record is None or is_reference(record.dataset):
@@ -443,7 +444,7 @@ class DatasetHandlers:
                 # source's own sweep. Nothing to drop, say or write (each sweep logged it, every 10 s).
                 return
         if dropped:
-            log.info("nodes gone, their cache figures dropped", dataset=key, nodes=sorted(nodes))
+            log.info("nodes gone, their cache figures dropped", dataset=subjects.key_name(key), nodes=sorted(nodes))
         for node in nodes:
             self._dropped_nodes.pop(node, None)  # moved to the end: the newest
             self._dropped_nodes[node] = None
@@ -505,7 +506,8 @@ class DatasetHandlers:
             return None
         if due.in_seconds > 0:
             if due.kind == "retry":
-                raise RetryLater(f"{key}: store unreachable, next sync in {due.in_seconds:.1f} s", due.in_seconds)
+                raise RetryLater(f"{subjects.key_name(key)}: store unreachable, next sync in {due.in_seconds:.1f} s",
+                                 due.in_seconds)
             return due.in_seconds
         # In the trace of the command that asked for it (kept in the record: the watch carries no headers).
         attributes: dict[str, str | int] = {DATASET_ATTRIBUTE: metrics.dataset_label(meta.namespace, meta.name),
@@ -543,10 +545,11 @@ class DatasetHandlers:
                 metrics.AUTOSYNC_UNCHANGED if unchanged else metrics.SYNC_FAILED if result.error
                 else metrics.AUTOSYNC_CHANGED).inc()
             if unchanged:
-                log.debug("autoSync: listing unchanged", dataset=key)
+                log.debug("autoSync: listing unchanged", dataset=subjects.key_name(key))
                 await self._keep_listing_time(key, self._listed_at[key])
                 return  # nothing new: no status write, so the mounts keep their manifest
-            log.info("autoSync: listing changed", dataset=key, files=result.file_num, error=result.error)
+            log.info("autoSync: listing changed", dataset=subjects.key_name(key), files=result.file_num,
+                     error=result.error)
         await self._record_sync(key, record, revision, result)
 
     async def _keep_listing_time(self, key: str, listed_at: float) -> None:
@@ -556,7 +559,7 @@ class DatasetHandlers:
             await (await self.bus.kv(subjects.KV_LISTINGS)).put(
                 key, msgspec.json.encode(domain.Listing(listed_at=listed_at)))
         except nats.errors.Error as err:
-            log.warning("listing time not kept", dataset=key, error=repr(err))
+            log.warning("listing time not kept", dataset=subjects.key_name(key), error=repr(err))
 
     async def _list(self, record: DatasetRecord) -> domain.SyncResult:
         """The sync itself (list, write the manifest), timed by outcome: ok, or failed (an error or a raise)."""
@@ -690,7 +693,7 @@ class DatasetHandlers:
             self.watched.note(key, updated, new_revision)
             await self._publish_status(updated, new_revision)
             return True
-        raise Conflict(f"{key}: status update lost {CAS_ATTEMPTS} times in a row")
+        raise Conflict(f"{subjects.key_name(key)}: status update lost {CAS_ATTEMPTS} times in a row")
 
     async def _publish_status(self, record: DatasetRecord, revision: int) -> None:
         meta = record.dataset.metadata

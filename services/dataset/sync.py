@@ -21,7 +21,7 @@ from libs.events.dataset import DatasetRecord, ManifestEntry
 from libs.manifest import ManifestStore, ManifestWriter, read_entries
 from libs.mounts import mount_path
 from libs.redact import cut_error, strip_userinfo
-from libs.subjects import resource_key
+from libs.subjects import key_name, resource_key
 from libs.telemetry import get_logger
 from libs.ufs import open_store
 from libs.ufs.base import EndpointUnreachable, LocalLocation, Location, ObjectInfo, ObjectStore, UfsError
@@ -202,7 +202,7 @@ async def sync_metadata(record: DatasetRecord, manifests: ManifestStore, default
                 error = cut_error(strip_userinfo(f"cannot list {mount.mount_point}: {type(err).__name__}: {err}",
                                               strict=True))
                 # No traceback: it would repeat the exception's text unredacted.
-                log.warning("listing failed unexpectedly", dataset=key, error=error)
+                log.warning("listing failed unexpectedly", dataset=key_name(key), error=error)
                 return SyncResult(generation=generation, requests=requests, incarnation=record.incarnation, error=error)
             finally:
                 await store.close()
@@ -221,10 +221,10 @@ async def sync_metadata(record: DatasetRecord, manifests: ManifestStore, default
         name = manifest_name(record)
         changed = await manifests.save(name, manifest, first=name != record.status.manifest)
     if skipped.count:
-        log.warning("objects left out of the tree", dataset=key, generation=generation, listed=listed,
+        log.warning("objects left out of the tree", dataset=key_name(key), generation=generation, listed=listed,
                     skipped=skipped.count, examples=skipped.examples)
-    log.info("synced", dataset=key, generation=generation, files=manifest.file_num, bytes=manifest.total_bytes,
-             manifest=name, manifest_changed=changed)
+    log.info("synced", dataset=key_name(key), generation=generation, files=manifest.file_num,
+             bytes=manifest.total_bytes, manifest=name, manifest_changed=changed)
     return SyncResult(generation=generation, requests=requests, incarnation=record.incarnation,
                       file_num=manifest.file_num, total_bytes=manifest.total_bytes, manifest=name, listed=listed,
                       skipped=skipped.count, skipped_examples=tuple(skipped.examples), manifest_changed=changed)

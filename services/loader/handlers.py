@@ -203,7 +203,7 @@ class LoaderHandlers:
 
     async def _reject(self, command_id: str, kind: OperationKind, name: str, namespace: str, reason: str,
                       delivery: Delivery) -> None:
-        log.info("rejected", kind=kind, operation=f"{namespace}/{name}", reason=reason)
+        log.info("rejected", kind=kind, operation=subjects.object_name(namespace, name), reason=reason)
         await self.bus.publish(FACTS[kind][1], OperationRejected(
             id=f"{command_id}.rejected", causation_id=command_id, reason=reason, kind=kind, name=name,
             namespace=namespace, subject=delivery.subject))
@@ -240,7 +240,7 @@ class LoaderHandlers:
             updated = msgspec.structs.replace(updated, command_result=result)
             revision = await kv_save(kv, key, updated, revision)
             self.operations.saved(key, updated, revision)
-            log.info("applied", operation=key, generation=updated.generation)
+            log.info("applied", operation=subjects.key_name(key), generation=updated.generation)
         await self.bus.publish(FACTS[kind][0], OperationAccepted(
             id=f"{command_id}.accepted", causation_id=command_id, kind=kind, name=meta.name,
             namespace=meta.namespace, generation=updated.generation, result=result))
@@ -280,7 +280,7 @@ class LoaderHandlers:
         state_revision = await kv_save(await self.bus.kv(subjects.KV_OPERATION_RUNS), key, state, state_revision)
         self.runs.saved(key, state, state_revision)
         if merged:
-            log.info("run request joins the pending run", operation=key, reason=merged)
+            log.info("run request joins the pending run", operation=subjects.key_name(key), reason=merged)
         await self._accept_run(command, record, merged)
         await self._advance_now(key)
 
@@ -341,7 +341,7 @@ class LoaderHandlers:
         await self.bus.publish(FACTS[record.kind][3], OperationDeleted(
             id=f"{key}.deleted.{revision}", kind=record.kind, name=meta.name,
             namespace=meta.namespace, causation_id=causation))
-        log.info("deleted", operation=key, by=causation or "ttlSecondsAfterFinished")
+        log.info("deleted", operation=subjects.key_name(key), by=causation or "ttlSecondsAfterFinished")
 
     # --- progress from the mount processes ---
 
@@ -388,7 +388,8 @@ class LoaderHandlers:
                 except Exception:
                     if now - self.tick_failures.get(key, -math.inf) >= TICK_FAILURE_LOG_SECONDS:
                         self.tick_failures[key] = now
-                        log.exception("advancing an operation failed; tried again at every tick", operation=key,
+                        log.exception("advancing an operation failed; tried again at every tick",
+                                      operation=subjects.key_name(key),
                                       logged_again_in_seconds=TICK_FAILURE_LOG_SECONDS)
                 else:
                     self.tick_failures.pop(key, None)
@@ -425,7 +426,7 @@ class LoaderHandlers:
         try:
             await self._advance(key)
         except Exception:
-            log.exception("advancing an operation failed; the tick retries", operation=key)
+            log.exception("advancing an operation failed; the tick retries", operation=subjects.key_name(key))
 
     def _may_advance(self, key: str, record: OperationRecord, now: float) -> bool:
         """From the mirrors, in memory: whether ``_advance`` could do anything for this operation now."""
@@ -679,7 +680,7 @@ class LoaderHandlers:
             requested=state.requested - 1 if trigger == "requested" else state.requested,
             run_command_sequence=state.run_command_sequence,
             sync_stamp=domain.dataset_stamp(dataset) if dataset is not None else state.sync_stamp,
-            dataset=f"{ref.namespace}/{ref.name}",
+            dataset=subjects.object_name(ref.namespace, ref.name),
             dataset_incarnation=dataset.incarnation if dataset is not None else "",
             baseline_incarnation=state.baseline_incarnation)
         load_metadata = record.load is not None and record.load.load_metadata

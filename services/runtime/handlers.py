@@ -205,7 +205,7 @@ class RuntimeHandlers:
         if changed:  # saved: a redelivery of this command answers the same
             updated = msgspec.structs.replace(updated, command_result=result)
             await kv_save(await self.bus.kv(subjects.KV_RUNTIMES), key, updated, revision)
-            log.info("applied", runtime=key, generation=updated.generation)
+            log.info("applied", runtime=subjects.key_name(key), generation=updated.generation)
         await self.bus.publish(
             subjects.RUNTIME_ACCEPTED,
             RuntimeAccepted(id=f"{command_id}.accepted", causation_id=command_id, name=name, namespace=namespace,
@@ -215,7 +215,7 @@ class RuntimeHandlers:
 
     async def _reject(self, command_id: str, errors: list[str], name: str, namespace: str,
                       delivery: Delivery) -> None:
-        log.info("rejected", command=command_id, runtime=f"{namespace}/{name}", reasons=errors)
+        log.info("rejected", command=command_id, runtime=subjects.object_name(namespace, name), reasons=errors)
         await self.bus.publish(
             subjects.RUNTIME_REJECTED,
             RuntimeRejected(id=f"{command_id}.rejected", causation_id=command_id, reason="; ".join(errors),
@@ -244,7 +244,7 @@ class RuntimeHandlers:
         self.runtimes.deleted(key, await kv_delete(kv, key, revision,
                                                    note=deletion_note(delivery.stream_sequence)))
         self.workers_changed = True
-        log.info("deleted", runtime=key)
+        log.info("deleted", runtime=subjects.key_name(key))
         await self.bus.publish(
             subjects.RUNTIME_DELETED,
             RuntimeDeleted(id=f"{command.id}.deleted", causation_id=command.id, name=command.name,
@@ -375,13 +375,14 @@ class RuntimeHandlers:
             # that the record does not show yet.
             if held is not None and (held_before is None or held.reason != held_before.reason
                                      or held.action != held_before.action):
-                log.info("autoscaler holds", runtime=key, replicas=choice.replicas, reason=held.reason,
-                         message=held.message)
+                log.info("autoscaler holds", runtime=subjects.key_name(key), replicas=choice.replicas,
+                         reason=held.reason, message=held.message)
             return
         meta = record.runtime.metadata
         decided = len(choice.state.decisions)
         command_id = f"runtime.{key}.autoscale.{record.generation}.{choice.state.last_scale_time:.0f}"
-        log.info("autoscaled", runtime=key, replicas=choice.replicas, reason=choice.reason, decisions=decided)
+        log.info("autoscaled", runtime=subjects.key_name(key), replicas=choice.replicas, reason=choice.reason,
+                 decisions=decided)
         # A scale, not an apply of this view's spec: the view may predate a spec the user applied since.
         await self.bus.publish(subjects.RUNTIME_SCALE, RuntimeScale(id=command_id, name=meta.name,
                                                                     namespace=meta.namespace, replicas=choice.replicas))
@@ -448,11 +449,11 @@ class RuntimeHandlers:
             self.runtimes.saved(key, updated, revision)
             if [w.node for w in status.workers] != [w.node for w in record.status.workers]:
                 self.workers_changed = True
-                log.info("cache workers", runtime=key, workers=[w.node for w in status.workers])
+                log.info("cache workers", runtime=subjects.key_name(key), workers=[w.node for w in status.workers])
             for replaced in status.replaced:
                 if replaced not in record.status.replaced:
-                    log.warning("cache worker replaced", runtime=key, node=replaced.node, by=replaced.by,
-                                reason=replaced.reason)
+                    log.warning("cache worker replaced", runtime=subjects.key_name(key), node=replaced.node,
+                                by=replaced.by, reason=replaced.reason)
             meta = record.runtime.metadata
             await self.bus.publish(
                 subjects.RUNTIME_STATUS,
@@ -460,7 +461,7 @@ class RuntimeHandlers:
                                      generation=record.generation, status=domain.fact_status(status)),
             )
             return
-        raise Conflict(f"{key}: status update lost {CAS_ATTEMPTS} times in a row")
+        raise Conflict(f"{subjects.key_name(key)}: status update lost {CAS_ATTEMPTS} times in a row")
 
     async def export_gauges(self) -> None:
         """Runtimes by phase (every phase, 0 included) and each runtime's cache workers, from the runtimes' view."""

@@ -325,7 +325,7 @@ class SchedulerHandlers:
             if delivery.published_at:  # JetStream's time of the event: how far behind the fold is
                 _FOLD_LAG(max(0.0, self.clock() - delivery.published_at))
         if ask:
-            log.info("inventory gap, asking for a snapshot", dataset=f"{key[0]}/{key[1]}", node=event.node,
+            log.info("inventory gap, asking for a snapshot", dataset=subjects.object_name(*key), node=event.node,
                      seq=event.seq)
             await self.ask_snapshot(event.node, event.dataset)
 
@@ -482,14 +482,14 @@ class SchedulerHandlers:
             delay = retry_delay(attempts)
             self._unloaded[key] = _Unloaded(manifest, version, attempts,
                                             float("inf") if given_up else self.clock() + delay)
-            log.warning("manifest not loaded", dataset=f"{key[0]}/{key[1]}", manifest=manifest, error=str(err),
+            log.warning("manifest not loaded", dataset=subjects.object_name(*key), manifest=manifest, error=str(err),
                         attempts=attempts, retry="at the dataset's next change" if given_up else f"in {delay:g} s")
             return
         current = self.datasets.get(key)
         if current is None or current.manifest_version != version:
             return
         if self._unloaded.pop(key, None) is not None:
-            log.info("manifest loaded after all", dataset=f"{key[0]}/{key[1]}", manifest=manifest)
+            log.info("manifest loaded after all", dataset=subjects.object_name(*key), manifest=manifest)
         self.fold.set_catalog(key, Catalog(entries))
 
     async def retry_catalogs(self) -> None:

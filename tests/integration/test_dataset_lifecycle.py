@@ -11,6 +11,7 @@ from typing import Any
 
 import msgspec
 import pytest
+import structlog.testing
 from nats.js.errors import ObjectNotFoundError
 
 from libs import subjects
@@ -19,7 +20,7 @@ from libs.config import Secret, Settings
 from libs.events.agent import AgentHeartbeat
 from libs.events.common import ObjectMeta, ObjectRef
 from libs.events.dataset import Dataset, DatasetApply, DatasetDelete, DatasetSpec, Mount
-from libs.events.runtime import Level, Runtime, RuntimeApply, RuntimeSpec, TieredStore
+from libs.events.runtime import Level, Runtime, RuntimeApply, RuntimeDelete, RuntimeSpec, TieredStore
 from libs.ufs import s3
 from services.dataset import app as dataset_app
 from services.dataset.handlers import DatasetHandlers
@@ -208,6 +209,32 @@ async def test_dataset_binds_when_runtime_ready_and_delete_cleans_up(bus: Bus, s
 
 
 DEMO = {"dataset": "default/demo"}
+
+
+async def test_log_lines_name_datasets_and_runtimes_namespace_slash_name(bus: Bus, settings: Settings,
+                                                                        seaweedfs: SeaweedServer, bucket: str) -> None:
+    """The same dataset was ``default.logged`` in some lines (the KV key: applied, synced, deleted) and
+    ``default/logged`` in others (rejected, the agent's): a search for one missed the other. Every line names an
+    object as kubectl does, ``namespace/name`` (``subjects.object_name``); the KV keys stay dotted."""
+    await put_objects(seaweedfs, bucket, {"f": b"data"})
+    facts = FactCollector()
+    await facts.start(bus)
+    with structlog.testing.capture_logs() as logs:
+        async with services(settings):
+            await bus.publish(subjects.DATASET_APPLY, DatasetApply(dataset=s3_dataset("logged", f"s3://{bucket}")))
+            await bus.publish(subjects.RUNTIME_APPLY, RuntimeApply(runtime=mem_runtime("logged")))
+            await synced(bus, "logged")
+            await eventually(lambda: runtime_record(bus, "logged"), what="the runtime applied")
+            dataset_delete, runtime_delete = DatasetDelete(name="logged"), RuntimeDelete(name="logged")
+            await bus.publish(subjects.DATASET_DELETE, dataset_delete)
+            await facts.wait_for("dataset.deleted.v1", causationId=dataset_delete.id)
+            await bus.publish(subjects.RUNTIME_DELETE, runtime_delete)
+            await facts.wait_for("runtime.deleted.v1", causationId=runtime_delete.id)
+    named = {(line["event"], line.get("dataset") or line.get("runtime")) for line in logs
+             if "dataset" in line or "runtime" in line}
+    assert {("applied", "default/logged"), ("synced", "default/logged"), ("deleted", "default/logged")} <= named, named
+    assert {who for _, who in named} == {"default/logged"}, named
+
 
 
 async def gauges(bus: Bus, expected: dict[str, tuple[dict[str, str], float]]) -> None:

@@ -251,7 +251,7 @@ async def test_two_replica_processes_list_each_dataset_once_and_one_takes_over_a
         await eventually(lambda: synced(bus, first), 30, "the first datasets synced")
         by_replica = {name: listed(replica.log) for name, replica in replicas.items()}
         everything = by_replica["one"] + by_replica["two"]
-        assert sorted(everything) == sorted(f"default.{name}" for name in first), "each listed once, by one replica"
+        assert sorted(everything) == sorted(f"default/{name}" for name in first), "each listed once, by one replica"
         assert by_replica["one"] and by_replica["two"], by_replica
 
         replicas["two"].kill()
@@ -272,7 +272,7 @@ async def test_two_replica_processes_list_each_dataset_once_and_one_takes_over_a
             except AssertionError as err:  # what the survivor saw and did, for the one who reads the failure
                 raise AssertionError(f"{err}; the survivor's log ends: {replicas['one'].tail(6000)}") from None
         after = listed(replicas["one"].log)[len(by_replica["one"]):]
-        assert sorted(after) == sorted(f"default.{name}" for name in second), "each listed once, by the survivor"
+        assert sorted(after) == sorted(f"default/{name}" for name in second), "each listed once, by the survivor"
         assert took[0] < REPLICA_TTL_SECONDS + 10, took
         record_fault("kill -9 of one of two dataset-service replicas, then 40 applies",
                      f"the survivor listed all 40 once (the killed replica's share after its beats aged out, "
