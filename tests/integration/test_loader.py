@@ -954,7 +954,7 @@ async def test_a_schedule_that_never_fires_is_refused_and_stalls_no_other_operat
 
 def failures(logs: str) -> list[dict[str, Any]]:
     """The loader's log lines about failing to advance the operation "aaa"."""
-    return [line for line in json_lines(logs) if line.get("operation", "").endswith(".aaa")
+    return [line for line in json_lines(logs) if line.get("operation", "") == "dataload default/aaa"
             and line["event"].startswith("advancing an operation failed")]
 
 
