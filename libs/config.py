@@ -105,8 +105,10 @@ class S3Settings:
     path_style: bool = env("SHOAL_S3_PATH_STYLE", "Address buckets by path, not by host name.", default=True)
     secrets_dir: str = env(
         "SHOAL_SECRETS_DIR",
-        "Folder of secrets referenced by encryptOptions: <dir>/<secret name>/<key>, like a mounted Secret, "
-        "or <dir>/<secret name>.<key> (one mounted Secret holding many, SHOAL_KUBE_SECRET_MIRROR).",
+        "Folder of secrets referenced by encryptOptions, each namespace's apart: <dir>/<namespace>/<secret name>/"
+        "<key>, like a mounted Secret; the bridge's copies <dir>/<namespace>.<secret name>/<key> or .<key> (one "
+        "mounted Secret holding many, SHOAL_KUBE_SECRET_MIRROR); the default namespace's also <dir>/<secret name>/"
+        "<key> (libs.ufs.mounts.secret_paths).",
         default="",
     )
 

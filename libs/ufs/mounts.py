@@ -88,15 +88,42 @@ def resolve_location(dataset: Dataset, mount: Mount, secrets: Mapping[tuple[str,
     )
 
 
-def read_secrets(secrets_dir: str, refs: list[tuple[str, str]]) -> dict[tuple[str, str], Secret]:
-    """Secrets from ``secrets_dir``: ``<dir>/<name>/<key>`` (a folder per secret, as a mounted Secret per name
-    gives), else ``<dir>/<name>.<key>`` (``flat_secret_key``: one mounted Secret holding many). Missing ones are
-    left out; one that is not text is ``MissingSecret`` saying so (never what it holds)."""
+# The namespace whose secrets may also lie directly in the folder, as every secret did before namespaces were kept
+# apart there: ``<dir>/<secret>/<key>`` (the README's ``shoal up`` layout) keeps working for it.
+UNNAMESPACED_SECRETS = "default"
+
+
+def secret_paths(secrets_dir: str, namespace: str, name: str, key: str) -> list[Path]:
+    """Where key ``key`` of secret ``name``, named by a dataset of ``namespace``, may be, in the order looked at.
+
+    Each path can only ever be one namespace's, so a dataset never reads a same-named secret of another namespace:
+
+    - ``<dir>/<namespace>/<name>/<key>``: a folder per namespace, in it a folder per secret;
+    - the Kubernetes bridge's copy, named ``<namespace>.<secret>`` (``services.bridge.domain.stored_secret_name``;
+      a namespace holds no dot, so the name says whose it is): ``<dir>/<name>/<key>`` (its files) or
+      ``<dir>/<name>.<key>`` (its mirror Secret, mounted: ``flat_secret_key``), for a name starting with the
+      dataset's own namespace and a dot only;
+    - for ``UNNAMESPACED_SECRETS`` only: ``<dir>/<name>/<key>`` and ``<dir>/<name>.<key>`` for a name (and, flat, a
+      key) without a dot, so never a path the bridge's forms give another namespace.
+    """
+    root = Path(secrets_dir)
+    paths = [root / namespace / name / key]
+    if name.startswith(f"{namespace}.") or (namespace == UNNAMESPACED_SECRETS and "." not in name):
+        paths.append(root / name / key)
+        # Flat, the default namespace's ``a`` key ``b.c`` would be the bridge's copy of namespace a's ``b`` key c.
+        if "." in name or "." not in key:
+            paths.append(root / flat_secret_key(name, key))
+    return paths
+
+
+def read_secrets(secrets_dir: str, namespace: str, refs: list[tuple[str, str]]) -> dict[tuple[str, str], Secret]:
+    """The secrets ``refs`` names, for a dataset of ``namespace``, from the files ``secret_paths`` says. Missing ones
+    are left out; one that is not text is ``MissingSecret`` saying so (never what it holds)."""
     found: dict[tuple[str, str], Secret] = {}
     if not secrets_dir:
         return found
     for name, key in refs:
-        for path in (Path(secrets_dir) / name / key, Path(secrets_dir) / flat_secret_key(name, key)):
+        for path in secret_paths(secrets_dir, namespace, name, key):
             try:
                 found[(name, key)] = Secret(path.read_text().strip())
             except OSError:
@@ -108,13 +135,20 @@ def read_secrets(secrets_dir: str, refs: list[tuple[str, str]]) -> dict[tuple[st
     return found
 
 
-def missing_secret_hint(secrets_dir: str) -> str:
-    """What to add to a ``MissingSecret`` message when no folder of secrets is set: then no key can be found, and
-    "secret 's3-creds' has no key 'id'" sent the user looking for a typo in a Secret that was never read."""
-    if secrets_dir:
-        return ""
-    return ("; SHOAL_SECRETS_DIR is not set, so no secret is read: set it, for the dataset service and the agents, to "
-            "the folder holding the secrets as <secret>/<key> files")
+def missing_secret_hint(secrets_dir: str, namespace: str, refs: Sequence[tuple[str, str]]) -> str:
+    """What to add to a ``MissingSecret`` message: when no folder of secrets is set, that none is read ("secret
+    's3-creds' has no key 'id'" sent the user looking for a typo in a Secret that was never read); when a secret of
+    ``refs`` lies directly in the folder, where only ``UNNAMESPACED_SECRETS``' may, where the namespace's belongs."""
+    if not secrets_dir:
+        return ("; SHOAL_SECRETS_DIR is not set, so no secret is read: set it, for the dataset service and the "
+                "agents, to the folder holding the secrets as <namespace>/<secret>/<key> files")
+    for name, key in refs:
+        unread = Path(secrets_dir) / name / key
+        if (unread not in secret_paths(secrets_dir, namespace, name, key)
+                and unread in secret_paths(secrets_dir, UNNAMESPACED_SECRETS, name, key) and unread.is_file()):
+            return (f"; {unread} is not read for namespace {namespace!r} (a secret there is the "
+                    f"{UNNAMESPACED_SECRETS!r} namespace's): put it in {Path(secrets_dir) / namespace / name / key}")
+    return ""
 
 
 def local_location_error(location: LocalLocation, local_roots: Sequence[str]) -> str | None:

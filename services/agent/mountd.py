@@ -512,7 +512,7 @@ class MountedDataset:
         dataset = record.dataset
         locations: list[object] = []
         for mount in dataset.spec.mounts:
-            secrets = read_secrets(self.settings.s3.secrets_dir, secret_refs(dataset, mount))
+            secrets = read_secrets(self.settings.s3.secrets_dir, self.namespace, secret_refs(dataset, mount))
             location = resolve_location(dataset, mount, secrets, self.settings.s3,
                                         pvc_root=self.settings.service.pvc_root,
                                         local_roots=self.settings.service.local_roots)

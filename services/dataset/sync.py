@@ -135,7 +135,8 @@ async def sync_metadata(record: DatasetRecord, manifests: ManifestStore, default
     may carry.
     """
     dataset = record.dataset
-    key = resource_key(dataset.metadata.namespace, dataset.metadata.name)
+    namespace = dataset.metadata.namespace
+    key = resource_key(namespace, dataset.metadata.name)
     generation = record.generation
     requests = record.sync_requests
     listed = 0
@@ -147,14 +148,14 @@ async def sync_metadata(record: DatasetRecord, manifests: ManifestStore, default
     check_objects = not spec_listed(record)
     with ManifestWriter() as usable, ManifestWriter() as manifest:
         for index, mount in enumerate(dataset.spec.mounts):
+            refs = secret_refs(dataset, mount)
             try:
-                location = resolve_location(dataset, mount,
-                                            read_secrets(defaults.secrets_dir, secret_refs(dataset, mount)), defaults,
-                                            pvc_root=pvc_root, local_roots=local_roots or ())
+                location = resolve_location(dataset, mount, read_secrets(defaults.secrets_dir, namespace, refs),
+                                            defaults, pvc_root=pvc_root, local_roots=local_roots or ())
             except MissingSecret as err:
+                hint = missing_secret_hint(defaults.secrets_dir, namespace, refs)
                 return SyncResult(generation=generation, requests=requests, incarnation=record.incarnation,
-                                  error=cut_error(strip_userinfo(f"mount {mount.mount_point}: {err}"
-                                                                 f"{missing_secret_hint(defaults.secrets_dir)}")))
+                                  error=cut_error(strip_userinfo(f"mount {mount.mount_point}: {err}{hint}")))
             if isinstance(location, LocalLocation) and (local_roots is not None or location.claim_root is not None):
                 refused = await asyncio.to_thread(local_location_error, location, local_roots or ())
                 if refused:

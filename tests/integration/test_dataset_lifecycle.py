@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -19,15 +21,16 @@ from libs.bus import Bus, Delivery
 from libs.config import Secret, Settings
 from libs.events.agent import AgentHeartbeat
 from libs.events.common import ObjectMeta, ObjectRef
-from libs.events.dataset import Dataset, DatasetApply, DatasetDelete, DatasetSpec, Mount
+from libs.events.dataset import Dataset, DatasetApply, DatasetDelete, DatasetRecord, DatasetSpec, Mount
 from libs.events.runtime import Level, Runtime, RuntimeApply, RuntimeDelete, RuntimeSpec, TieredStore
 from libs.ufs import s3
 from services.dataset import app as dataset_app
 from services.dataset.handlers import DatasetHandlers
 from services.runtime import app as runtime_app
-from tests.conftest import SeaweedServer, put_objects
-from tests.helpers import FactCollector, dataset_record, eventually, running, runtime_record
+from tests.conftest import NatsServer, SeaweedServer, put_objects
+from tests.helpers import FactCollector, dataset_record, eventually, make_settings, running, runtime_record
 from tests.metric_values import Snapshot, exists, value
+from tests.secrets import credentials_from, secret_files
 
 
 def services(settings: Settings):
@@ -245,6 +248,45 @@ async def gauges(bus: Bus, expected: dict[str, tuple[dict[str, str], float]]) ->
         return None if any(now[name] != want for name, (_, want) in expected.items()) else now
 
     await eventually(probe, what=f"gauges at {expected}")
+
+
+async def test_same_named_secrets_of_two_namespaces_are_each_their_own(bus: Bus, nats_server: NatsServer,
+                                                                       seaweedfs: SeaweedServer, bucket: str,
+                                                                       tmp_path: Path) -> None:
+    """The folder of secrets was not keyed by namespace: a Dataset of any namespace naming Secret ``s3-creds`` read
+    ``<dir>/s3-creds/<key>``, so team-b's Dataset listed the bucket with the credentials put there for the default
+    namespace, and two namespaces could not each have an ``s3-creds``. Now a namespace's are in
+    ``<dir>/<namespace>/<secret>/<key>`` (the default namespace's may stay where they were); team-b's wrong key is
+    used, and fails, though the default namespace's right one lies in the folder too, and so does the bridge's copy of
+    team-a's (``team-a.s3-creds``), which team-b cannot name either."""
+    await put_objects(seaweedfs, bucket, {"f": b"data"})
+    right = {"id": seaweedfs.config.access_key_id, "secret": seaweedfs.config.secret_access_key}
+    secrets_dir = secret_files(tmp_path / "secrets", {
+        "s3-creds": right, "team-a/s3-creds": right, "team-a.s3-creds": right,  # default's, team-a's, the bridge's
+        "team-b/s3-creds": {"id": seaweedfs.config.access_key_id, "secret": "not-the-key"}})
+    # No default credentials: a mount gets into the bucket with its secret's or not at all.
+    settings = make_settings(nats_server.url, seaweedfs.endpoint, secrets_dir=secrets_dir)
+
+    def dataset(namespace: str, secret: str = "s3-creds") -> Dataset:
+        mount = Mount(mount_point=f"s3://{bucket}/", encrypt_options=credentials_from(secret))
+        return Dataset(metadata=ObjectMeta(name="data", namespace=namespace), spec=DatasetSpec(mounts=[mount]))
+
+    async def listed(namespace: str) -> DatasetRecord | None:
+        record = await dataset_record(bus, "data", namespace)
+        return record if record is not None and record.status.synced_generation == 1 else None
+
+    async with services(settings):
+        for applied in (dataset("default"), dataset("team-a"), dataset("team-b"), dataset("team-c", "team-a.s3-creds")):
+            await bus.publish(subjects.DATASET_APPLY, DatasetApply(dataset=applied))
+        default, team_a, team_b, team_c = [await eventually(partial(listed, namespace),
+                                                            what=f"{namespace}'s dataset synced")
+                                           for namespace in ("default", "team-a", "team-b", "team-c")]
+    assert (default.status.phase, default.status.file_num) == ("NotBound", 1), default.status
+    assert (team_a.status.phase, team_a.status.file_num) == ("NotBound", 1), team_a.status
+    assert team_b.status.phase == "Failed" and "not-the-key" not in team_b.status.message, team_b.status
+    assert team_c.status.phase == "Failed", team_c.status
+    assert team_c.status.message == (f"mount s3://{bucket}/: secret 'team-a.s3-creds' has no key 'id' (needed for "
+                                     "aws.accessKeyId)"), team_c.status.message
 
 
 async def test_republished_command_is_deduplicated(bus: Bus, settings: Settings, seaweedfs: SeaweedServer,

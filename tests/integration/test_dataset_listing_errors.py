@@ -293,7 +293,7 @@ async def test_a_missing_secret_says_when_no_folder_of_secrets_is_set(bus: Bus, 
     assert unset.status.message == (
         "mount s3://bucket/: secret 's3-creds' has no key 'id' (needed for aws.accessKeyId); SHOAL_SECRETS_DIR is not "
         "set, so no secret is read: set it, for the dataset service and the agents, to the folder holding the "
-        "secrets as <secret>/<key> files")
+        "secrets as <namespace>/<secret>/<key> files")
 
 
 async def test_a_missing_secret_in_the_folder_of_secrets_is_said_as_it_is(bus: Bus, nats_server: NatsServer,

@@ -10,7 +10,7 @@ import pytest
 from libs.config import Secret
 from libs.mounts import flat_secret_key
 from libs.ufs.base import LocalLocation
-from libs.ufs.mounts import MissingSecret, local_location_error, read_secrets
+from libs.ufs.mounts import MissingSecret, local_location_error, missing_secret_hint, read_secrets
 
 
 def kubelet_volume(folder: Path, data: dict[str, str]) -> str:
@@ -29,8 +29,8 @@ def test_the_flat_layout_of_one_mounted_secret(tmp_path: Path) -> None:
     assert flat_secret_key("team.s3-creds", "secret") == "team.s3-creds.secret"
     folder = kubelet_volume(tmp_path / "mirror", {"team.s3-creds.id": "AKID\n", "team.s3-creds.secret": "SK"})
     refs = [("team.s3-creds", "id"), ("team.s3-creds", "secret"), ("team.s3-creds", "absent"), ("other", "id")]
-    assert read_secrets(folder, refs) == {("team.s3-creds", "id"): Secret("AKID"),
-                                          ("team.s3-creds", "secret"): Secret("SK")}
+    assert read_secrets(folder, "team", refs) == {("team.s3-creds", "id"): Secret("AKID"),
+                                                  ("team.s3-creds", "secret"): Secret("SK")}
 
 
 def test_a_folder_per_secret_is_read_first(tmp_path: Path) -> None:
@@ -38,9 +38,41 @@ def test_a_folder_per_secret_is_read_first(tmp_path: Path) -> None:
     (tmp_path / "creds" / "key").write_text("nested")
     (tmp_path / "creds.key").write_text("flat")
     (tmp_path / "creds.other").write_text("flat only")
-    assert read_secrets(str(tmp_path), [("creds", "key"), ("creds", "other")]) == {
+    assert read_secrets(str(tmp_path), "default", [("creds", "key"), ("creds", "other")]) == {
         ("creds", "key"): Secret("nested"), ("creds", "other"): Secret("flat only")}
-    assert read_secrets("", [("creds", "key")]) == {}
+    assert read_secrets("", "default", [("creds", "key")]) == {}
+
+
+def test_same_named_secrets_of_two_namespaces_never_mix(tmp_path: Path) -> None:
+    """The folder of secrets was not keyed by namespace: every Dataset naming ``s3-creds`` read ``<dir>/s3-creds``,
+    whatever its namespace, and one could name another namespace's copy the bridge wrote (``team-a.s3-creds``)
+    or mirrored (``team-a.s3-creds.id``). Each path is one namespace's now."""
+    (tmp_path / "team-a" / "s3-creds").mkdir(parents=True)
+    (tmp_path / "team-a" / "s3-creds" / "id").write_text("team-a's")
+    (tmp_path / "team-b" / "s3-creds").mkdir(parents=True)
+    (tmp_path / "team-b" / "s3-creds" / "id").write_text("team-b's")
+    (tmp_path / "s3-creds").mkdir()
+    (tmp_path / "s3-creds" / "id").write_text("default's")  # where every secret was: the default namespace's still
+    (tmp_path / "team-a.bridged").mkdir()
+    (tmp_path / "team-a.bridged" / "id").write_text("team-a's, as the bridge writes it")
+    (tmp_path / "team-a.mirrored.id").write_text("team-a's, as the bridge mirrors it")
+    (tmp_path / "creds.b.c").write_text("namespace creds' b key c, mirrored")
+    refs = [("s3-creds", "id"), ("team-a.bridged", "id"), ("team-a.mirrored", "id"), ("creds", "b.c")]
+    folder = str(tmp_path)
+
+    def read(namespace: str) -> dict[str, str]:
+        return {f"{name}/{key}": value.reveal() for (name, key), value in read_secrets(folder, namespace, refs).items()}
+
+    assert read("team-a") == {"s3-creds/id": "team-a's", "team-a.bridged/id": "team-a's, as the bridge writes it",
+                              "team-a.mirrored/id": "team-a's, as the bridge mirrors it"}
+    assert read("team-b") == {"s3-creds/id": "team-b's"}
+    assert read("default") == {"s3-creds/id": "default's"}  # not namespace creds' mirrored key either
+    assert read("other") == {}
+    # Put where only the default namespace's are read, another namespace's secret is pointed to its folder.
+    assert missing_secret_hint(folder, "other", refs) == (
+        f"; {tmp_path}/s3-creds/id is not read for namespace 'other' (a secret there is the 'default' namespace's): "
+        f"put it in {tmp_path}/other/s3-creds/id")
+    assert missing_secret_hint(folder, "other", [("team-a.bridged", "id")]) == ""  # team-a's: nothing to say
 
 
 def test_a_claim_folder_must_exist_and_hold_the_mounted_path(tmp_path: Path) -> None:
@@ -65,5 +97,5 @@ def test_a_secret_file_that_is_not_text_is_a_missing_secret_saying_so_not_a_cras
     (tmp_path / "creds").mkdir()
     (tmp_path / "creds" / "id").write_bytes(b"\xff\xfeBINARY-SECRET\x00")
     with pytest.raises(MissingSecret, match=r"secret 'creds' key 'id' .* is not UTF-8 text") as caught:
-        read_secrets(str(tmp_path), [("creds", "id")])
+        read_secrets(str(tmp_path), "default", [("creds", "id")])
     assert "BINARY" not in str(caught.value)

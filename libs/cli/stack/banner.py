@@ -99,7 +99,7 @@ def banner(*, pid: int, nats_url: str, nats_embedded: bool, nats_monitor_port: i
         f"  health    {sides} (/healthz, /readyz, /metrics; mount processes log their own)",
         *([f"  metrics   {metrics}"] if metrics else []),
         f"  logs      {logs}/",
-        *([f"  secrets   {secrets}/ (a Dataset's encryptOptions read <secret name>/<key> files there)"]
+        *([f"  secrets   {secrets}/ (a Dataset's encryptOptions read <namespace>/<secret name>/<key> files there)"]
           if secrets is not None else []),
         f"  applied   {applied_line(applied, manifest)}",
     ]

@@ -61,7 +61,7 @@ class StateLayout:
     @property
     def secrets(self) -> Path:
         """The folder of secrets the services read for ``encryptOptions`` (SHOAL_SECRETS_DIR unless the caller set
-        one): ``<secret name>/<key>`` files, as a mounted Secret gives; 0700, made once and kept."""
+        one): ``<namespace>/<secret name>/<key>`` files, as a mounted Secret gives; 0700, made once and kept."""
         return self.root.resolve() / "secrets"
 
     @property
