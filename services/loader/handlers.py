@@ -938,7 +938,7 @@ class LoaderHandlers:
         if state.stage != "finished" and state.run:
             await self.bus.publish_core(subjects.TASK_CANCEL, TaskCancel(id=f"{state.run}.cancel", run=state.run))
         self.runs.deleted(key, await kv_delete(await self.bus.kv(subjects.KV_OPERATION_RUNS), key, None))
-        log.info("run state of an operation gone removed", operation=key, run=state.run or None)
+        log.info("run state of an operation gone removed", operation=subjects.key_name(key), run=state.run or None)
 
     async def _finish(self, key: str, phase: OperationPhase, message: str) -> None:
         now = self.clock()
