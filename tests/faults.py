@@ -42,7 +42,7 @@ from aiohttp import ClientSession, web
 from libs.embedded import LOOPBACK, free_port
 from libs.ufs import open_store
 from libs.ufs.base import EndpointUnreachable, Location, NoSuchKey, ObjectChanged, ObjectInfo, ObjectStore
-from services.agent.cache.tiers import MARKER, MARKER_TEXT, SHARD_LENGTH
+from services.agent.cache.tiers import INDEX_FILE, MARKER, MARKER_TEXT, SHARD_LENGTH
 
 
 class CuttableProxy:
@@ -530,14 +530,16 @@ class TamperingPeerProxy(LoopbackProxy):
 
 
 class StalledCacheFile:
-    """A FIFO named like a block file (``index`` picks the name) in the disk tier folder ``tier``, which gets the
-    tier's marker so the scan goes file by file. A mount process scanning the tier at start blocks in its
-    ``open`` of it until a writer comes. ``release()`` lets one open waiting there through (True if one was
-    waiting; the scan then fails to read it and goes on); ``remove()`` takes it away for the next start."""
+    """A FIFO in the disk tier folder ``tier`` (which gets the tier's marker), whose ``open`` blocks until a writer
+    comes, as on a disk that stopped answering. ``index`` 0 puts it where the tier's index is (``INDEX_FILE``):
+    a mount process blocks there while it starts (``BlockCache.start``). Other indexes name it like a block file:
+    the scan that goes on in the background once the mount serves (``BlockCache.scan_rest``) blocks there.
+    ``release()`` lets one open waiting there through (True if one was waiting; the start then finds the index
+    empty, the scan fails to read the file, and each goes on); ``remove()`` takes it away for the next start."""
 
     def __init__(self, tier: Path, index: int = 0) -> None:
         name = f"{index:032x}"
-        self.path = tier / name[:SHARD_LENGTH] / name
+        self.path = tier / INDEX_FILE if index == 0 else tier / name[:SHARD_LENGTH] / name
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if not (tier / MARKER).exists():
             (tier / MARKER).write_bytes(MARKER_TEXT)

@@ -12,6 +12,8 @@ put in place only once everything is loaded, beneath a previous (dead) mount at 
 SIGTERM unmounts and exits 0; when the dataset was deleted, its cached blocks are deleted too. A SIGTERM while it
 still starts (reading the records and manifest, scanning a large cache) ends the start at once and exits 0 with
 nothing mounted; each step of the start is written to the status file, so the agent can say where a start hangs.
+The cache's start reads only the index its last clean stop wrote; the block files no index lists (after a crash:
+all of them) are found by a scan in the background while the mount serves (``BlockCache.scan_rest``).
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ import errno
 import itertools
 import os
 import select
+import threading
+import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +40,7 @@ from libs.backoff import Backoff
 from libs.blocks import block_span
 from libs.bus import Bus, Replay, connect, kv_load, kv_watch
 from libs.config import Settings
-from libs.events.agent import CacheCounters
+from libs.events.agent import BlockId, CacheCounters
 from libs.events.common import ObjectRef, parse_quantity
 from libs.events.dataset import DatasetRecord, ManifestEntry
 from libs.events.runtime import CacheWorker, Level, RuntimeRecord
@@ -280,6 +284,9 @@ class MountedDataset:
         self.readiness.add("loops", lambda: ", ".join(f"{n} not running" for n, t in loops.items() if t.done()) or None)
         stopper = asyncio.create_task(stop.wait())
         device = None
+        # Ends the background scan at its next file however the mount ends (a stop, or the FUSE session's end).
+        halt = threading.Event()
+        scanning: asyncio.Task[None] | None = None
         try:
             # The kernel sets the read-ahead when it processes FUSE INIT; a statfs answered by our own loop proves
             # INIT is done, so the value written afterwards sticks.
@@ -292,12 +299,17 @@ class MountedDataset:
                 finally:
                     await asyncio.to_thread(staging.cleanup)
             log.info("mounted", dataset=self.shown, mountpoint=self.mountpoint, files=len(entries))
+            scanning = asyncio.create_task(self._scan_cache(cache, block_size, halt.is_set))
             watcher = loops["manifest watch"] = asyncio.create_task(self._watch(fs, cache, stop))
             ring_watch = loops["runtime watch"] = asyncio.create_task(self._watch_runtime(router, stop))
             secrets_watch = loops["secret refresh"] = asyncio.create_task(self._refresh_secrets(stop))
             # Inventory is not awaited here: publishing may fail for a while, the mount keeps serving.
             await asyncio.wait([fuse_loop, watcher, stopper], return_when=asyncio.FIRST_COMPLETED)
         finally:
+            halt.set()
+            if scanning is not None:
+                scanning.cancel()  # its thread, if inside a shard, ends at the next file; what it found is dropped
+                await asyncio.gather(scanning, return_exceptions=True)
             if watcher is not None:
                 watcher.cancel()
             if ring_watch is not None:
@@ -323,6 +335,9 @@ class MountedDataset:
                 log.info("dataset deleted, cache freed", dataset=self.shown, blocks=purged)
                 if not self.recreated:  # the name lives on: parts for its new incarnation may come to this durable
                     await runner.forget()
+            else:  # nothing writes now: the next start reads this instead of opening every block file
+                indexed = await asyncio.to_thread(cache.save_index, block_size)
+                log.info("cache index written", dataset=self.shown, blocks=indexed)
             publisher.stop()
             await asyncio.gather(inventory_task, reporter_task, *([watcher] if watcher else []),
                                  *([ring_watch] if ring_watch else []),
@@ -346,12 +361,11 @@ class MountedDataset:
             await asyncio.to_thread(write_status, self.status_file, MountStatus(pid=os.getpid(), starting=step))
 
     async def _load_cache(self, cache: BlockCache, block_size: int, stop: asyncio.Event) -> bool:
-        """Index the blocks a previous run left (in a thread: one open and two reads per block); False when
-        ``stop`` was set meanwhile. A stop ends the scan at its next file: a large cache is not read to the end
-        first (and the agent's grace is not waited out), and the files not scanned yet wait for the next start.
-        A scan held up by its disk (a hung NFS server) ends only when the disk answers, or by SIGKILL."""
+        """Index the blocks the last clean stop wrote down (in a thread: one file per tier, ``BlockCache.start``);
+        False when ``stop`` was set meanwhile. The rest of the blocks are found by ``_scan_cache`` once the mount
+        serves. A start held up by its disk (a hung NFS server) ends only when the disk answers, or by SIGKILL."""
         # The thread only reads the event's flag, which the loop sets: no lock needed for one bool.
-        scan = asyncio.ensure_future(asyncio.to_thread(cache.load, block_size, stop.is_set))
+        scan = asyncio.ensure_future(asyncio.to_thread(cache.start, block_size, stop.is_set))
         stopping = asyncio.ensure_future(stop.wait())
         try:
             await asyncio.wait([scan, stopping], return_when=asyncio.FIRST_COMPLETED)
@@ -363,6 +377,24 @@ class MountedDataset:
         finally:
             stopping.cancel()
         return not stop.is_set()
+
+    async def _scan_cache(self, cache: BlockCache, block_size: int, halted: Callable[[], bool]) -> None:
+        """Index the block files no index listed (after a crash: every one), a shard at a time in a thread, while
+        the mount serves; a block not found yet is a miss. A stop ends the scan at its next file; the files not
+        opened yet wait for the next start. Blocks of objects not in the manifest served then, or of the wrong
+        length (``_drop_stale``, ``_drop_misfits``), are deleted as they are found."""
+        def keep(block: BlockId, size: int) -> bool:
+            entry = self.entries.get((block.mount, block.key))
+            return (entry is not None and entry.etag == block.etag
+                    and size == block_span(entry.size, block_size, block.index)[1])
+
+        started = time.monotonic()
+        try:
+            found = await cache.scan_rest(keep, halted)
+        except ScanCancelled:
+            log.info("cache scan stopped: the blocks not scanned yet wait for the next start", dataset=self.shown)
+            return
+        log.info("cache scanned", dataset=self.shown, found=found, seconds=round(time.monotonic() - started, 1))
 
     def _stopped_while_starting(self, step: str) -> None:
         self.metrics.close()

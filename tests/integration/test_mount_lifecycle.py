@@ -209,7 +209,7 @@ async def test_a_mount_that_keeps_failing_shows_in_dataset_and_runtime_status(
 async def test_a_mount_process_whose_start_hangs_is_reported_failing_stopped_and_started_again(
         bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path) -> None:
     await put_objects(seaweedfs, bucket, {"a.txt": b"a"})
-    # The first start hangs scanning its cache (a file whose open never returns, as on a dead disk). The deadline
+    # The first start hangs reading its cache's index (a file whose open never returns, as on a dead disk). The deadline
     # is short for the test, yet well above how long a healthy start takes here.
     stall = StalledCacheFile(tmp_path / "cache" / "default" / "hung")
     try:
@@ -629,8 +629,9 @@ async def test_a_dataset_deleted_and_applied_again_while_the_mounts_watch_restar
 
 async def test_a_mount_process_stopped_while_it_loads_its_cache_ends_at_once_and_starts_clean_later(
         bus: Bus, settings: Settings, tmp_path: Path) -> None:
-    # The cache holds two files whose open hangs (a disk that stopped answering): one is let through after the
-    # SIGTERM, the other never is, so a scan that went on after the stop would hang there until killed.
+    # The cache holds two files whose open hangs (a disk that stopped answering), its index and a block file: the
+    # index is let through after the SIGTERM, the block file never is, so a start that went on after the stop (to
+    # serve, and scan the block files in the background) would hang there until killed.
     source = tmp_path / "source"
     source.mkdir()
     (source / "a.txt").write_bytes(b"a" * 5000)
@@ -854,8 +855,8 @@ async def _kept_moved_to_a_tier_and_agent_stopped(bus: Bus, cluster: Cluster, mo
 async def test_blocks_of_a_dropped_tier_are_freed_when_the_agent_restarts_before_the_new_mount_is_up(
         bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path) -> None:
     # The agent sees the runtime's tier move and starts the mount on the new tier, but is restarted before that
-    # mount is up (its start hangs scanning the new tier, as on a slow disk). It had written down only the new tier
-    # then, so, back, it did not know the old directory held the dataset's blocks: they stayed for ever. The tiers
+    # mount is up (its start hangs reading the new tier's index, as on a slow disk). It had written down only the new
+    # tier then, so, back, it did not know the old directory held the dataset's blocks: they stayed for ever. The tiers
     # waiting to be freed are written down too, and freed once the mount runs on the new tier.
     objects = {f"d{i}.bin": os.urandom(1_500_000) for i in range(2)}
     await put_objects(seaweedfs, bucket, objects)

@@ -66,6 +66,13 @@ class EvictionPolicy(Protocol):
     def removed(self, name: str) -> None:
         """Block ``name`` left the tier (evicted, dropped or lost); unknown names are ignored."""
 
+    def adopted(self, name: str, size: int) -> None:
+        """``inserted``, for a block found on disk after the tier was in use: it goes first in eviction order,
+        before every resident (a background scan after a restart finds blocks older than any used since)."""
+
+    def residents(self) -> list[str]:
+        """Every resident block, in eviction order (the next to go first): what a clean stop writes down."""
+
 
 PolicyFactory = Callable[[int, int], EvictionPolicy]
 """Builds a tier's policy from its (high watermark bytes, low watermark bytes)."""
@@ -133,6 +140,13 @@ class LruPolicy:
         size = self._lru.pop(name, None)
         if size is not None:
             self._bytes -= size
+
+    def adopted(self, name: str, size: int) -> None:
+        self.inserted(name, size)
+        self._lru.move_to_end(name, last=False)
+
+    def residents(self) -> list[str]:
+        return list(self._lru)
 
     def _take(self, bytes_to_free: int) -> tuple[list[str], int]:
         names: list[str] = []

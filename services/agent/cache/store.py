@@ -22,7 +22,9 @@ Rules for callers:
   block cannot be reserved again until that reservation is committed.
 * ``on_cached(block, size)`` is called once when a block becomes servable (``commit``, ``load``) and
   ``on_evicted(block, size)`` once when it stops being so (evicted, dropped as stale, found corrupt or missing),
-  so the callbacks alone keep an exact inventory. ``on_tier_evicted(medium)`` is called for each block evicted to
+  so the callbacks alone keep an exact inventory. At a restart ``start`` indexes what the last clean stop wrote
+  down (``save_index``) and ``scan_rest``, on the loop with its file I/O in threads, finds the rest while the cache
+  serves: a block it has not reached yet is a miss. ``on_tier_evicted(medium)`` is called for each block evicted to
   make room or by ``evict`` (a DataClean), not for stale, corrupt or purged ones: the agent's eviction counter.
   Blocks on a tier that is down stay indexed: its disk may come back, and meanwhile reads of them miss and go to
   the object store.
@@ -50,11 +52,15 @@ from libs.telemetry import get_logger
 from services.agent.cache.eviction import EvictionPolicy, FrequencyAdmissionPolicy, PolicyFactory
 from services.agent.cache.tiers import (
     DEFAULT_COOLDOWN_SECONDS,
+    SHARD_LENGTH,
     BlockFile,
     DiskTier,
     FillBuffer,
     Health,
     MemoryTier,
+    ScanCancelled,
+    ScannedBlock,
+    ShardScan,
     Tier,
 )
 
@@ -63,6 +69,9 @@ log = get_logger(__name__)
 BlockCallback = Callable[[BlockId, int], None]
 # Told the medium of the tier a block was evicted from (to make room, or by ``evict``): the agent's metrics.
 EvictionCallback = Callable[[str], None]
+
+# Shard folders ``scan_rest`` scans at once, each in a worker thread.
+SCAN_THREADS = 4
 
 # Faster media first; unknown media (custom tiers in tests) after the known ones, in the order given.
 MEDIUM_ORDER = {"MEM": 0, "SSD": 1, "HDD": 2}
@@ -174,6 +183,11 @@ class BlockCache:
         self._hits = 0
         self._misses = 0
         self._uses = 0  # counts writes and hits: ``_Entry.used``
+        # Per disk tier and shard, the names its index listed at ``start``: ``scan_rest`` opens only other files.
+        self._known: dict[int, dict[str, frozenset[str]]] = {}
+        # While ``scan_rest`` runs, every block reserved since it began: a file of that name found by the scan
+        # may be the old one or the new one, so the scan leaves it to the write (None: no scan running).
+        self._written: set[str] | None = None
 
     @classmethod
     def from_levels(
@@ -423,6 +437,8 @@ class BlockCache:
                 if self.on_tier_evicted is not None:
                     self.on_tier_evicted(tier.medium)
             self._unlinking.update(plan)
+            if self._written is not None:
+                self._written.add(name)
             self._in_flight[index] += size
             reservation = Reservation(block, name, size, index, tier, plan)
             self._pending[name] = reservation
@@ -476,44 +492,181 @@ class BlockCache:
     # -- maintenance --------------------------------------------------------------------------------------
 
     def load(self, block_size: int = 0, cancelled: Callable[[], bool] | None = None) -> int:
-        """Indexes the blocks the disk tiers kept from a previous run; returns how many. Call it at startup.
+        """``start`` and then the whole scan of ``scan_rest`` inline: every block a previous run kept is indexed
+        when it returns; returns how many. For tools and tests; a mount process serves after ``start`` and scans
+        the rest in the background.
 
-        The scans delete temporary files, so this belongs before the first ``put``, not beside writes in flight.
         Being file I/O, it may run in a worker thread while nothing else uses the cache yet (``on_cached`` then
-        runs in that thread).
+        runs in that thread). ``cancelled`` is asked before each file opened: ``ScanCancelled`` then ends the
+        load, the blocks indexed so far stay in the index and the files not scanned stay on disk.
+        """
+        loaded = self.start(block_size, cancelled)
+        for index, tier in self._disk_tiers():
+            # All shards as one: the newest blocks of the whole tier are kept when the quota shrank.
+            whole = ShardScan([], [], set())
+            for shard in tier.shards():
+                scanned = tier.scan_shard(shard, self._known_in(index, shard), cancelled)
+                whole.found.extend(scanned.found)
+                whole.garbage.extend(scanned.garbage)
+                whole.missing.update(scanned.missing)
+            loaded += self._adopt(index, whole)
+        self._known = {}
+        return loaded
 
-        Within a tier the newest blocks are kept when they no longer fit under the high watermark (the quota
-        shrank), the rest are deleted; LRU order follows modification time. A block found in two tiers is kept
-        in the faster one. ``block_size`` (0: not checked) is the size blocks are cut at now: a tier whose blocks
-        were cut at another size is emptied (the same block name would be other bytes). ``cancelled`` is asked
-        before each file: ``ScanCancelled`` then ends the load, the blocks indexed so far stay in the index and
-        the files not scanned stay on disk for the next start.
+    def start(self, block_size: int = 0, cancelled: Callable[[], bool] | None = None) -> int:
+        """Indexes the blocks the index of each disk tier lists (written by the last clean stop, ``save_index``);
+        returns how many. Call it at startup, before the first ``put``; then ``scan_rest``, which finds what no
+        index listed (after a crash: every block) while the cache serves. May run in a worker thread while nothing
+        else uses the cache yet, like ``load``.
+
+        Reads one file per tier, no block file: a listed block is verified when it is read, as every read is
+        (a block file deleted or garbled since is a miss then, and forgotten). ``block_size`` (0: not checked) is
+        the size blocks are cut at now: a tier whose blocks were cut at another size is emptied (the same block
+        name would be other bytes). Within a tier the most recently used blocks are kept when they no longer fit
+        under the high watermark (the quota shrank), the rest are deleted. A block listed by two tiers is kept in
+        the faster one. ``cancelled`` is asked after each tier (``ScanCancelled``).
         """
         loaded = 0
-        for index, (tier, policy) in enumerate(zip(self._tiers, self._policies, strict=True)):
-            kept: list[tuple[BlockId, str, int]] = []
-            copies = over_quota = 0
+        self._known = {}
+        for index, tier in self._disk_tiers():
+            if not tier.prepare(block_size):
+                continue
+            listed = tier.take_index(block_size)
+            if cancelled is not None and cancelled():
+                raise ScanCancelled(tier.location)
+            shards: dict[str, set[str]] = {}
+            for scanned in listed:
+                shards.setdefault(scanned.name[:SHARD_LENGTH], set()).add(scanned.name)
+            self._known[index] = {shard: frozenset(names) for shard, names in shards.items()}
+            policy = self._policies[index]
             room = policy.high_bytes - policy.resident_bytes - self._in_flight[index]
-            for block, name, size in reversed(tier.scan(block_size, cancelled)):  # newest first
-                entry = self._index.get(name)
-                if (entry is not None and entry.tier == index) or name in self._pending:
-                    continue  # loaded before, or being written right now
-                if entry is not None or size > room:
-                    tier.remove(name)  # a copy of a block a faster tier holds, or over the quota
+            kept: list[ScannedBlock] = []
+            copies = over_quota = 0
+            for scanned in reversed(listed):  # most recently used first
+                entry = self._index.get(scanned.name)
+                if entry is not None or scanned.size > room:
+                    tier.remove(scanned.name)  # a copy of a block a faster tier holds, or over the quota
                     copies, over_quota = copies + (entry is not None), over_quota + (entry is None)
                     continue
-                room -= size
-                kept.append((block, name, size))
+                room -= scanned.size
+                kept.append(scanned)
             if copies or over_quota:
-                log.info("cache scan removed blocks", tier=tier.location, copies_of_faster_tiers=copies,
+                log.info("cache start removed blocks", tier=tier.location, copies_of_faster_tiers=copies,
                          over_quota=over_quota)
-            for block, name, size in reversed(kept):  # oldest first: LRU order
-                policy.inserted(name, size)
-                self._index[name] = _Entry(block, index, size, 0)
-                if self._on_cached is not None:
-                    self._on_cached(block, size)
+            for scanned in reversed(kept):  # least recently used first: the policy's order
+                policy.inserted(scanned.name, scanned.size)
+                self._index_found(index, scanned)
             loaded += len(kept)
         return loaded
+
+    async def scan_rest(self, keep: Callable[[BlockId, int], bool] | None = None,
+                        cancelled: Callable[[], bool] | None = None) -> int:
+        """After ``start``: lists every shard folder of the disk tiers and opens the block files no index listed
+        (in worker threads, a shard at a time), indexing the sound ones as each shard is done, while the cache
+        serves; returns how many. Until its shard is done, a block no index listed is a miss (fetched and written
+        again, which the scan then leaves alone). Listed blocks whose files are gone are forgotten.
+
+        Found blocks go first in eviction order (older than any block used since the start; by modification time
+        among them once the tier is scanned) and are deleted if they no longer fit under the high watermark (after
+        a crash with a quota that shrank, the shards scanned first keep theirs: not the newest of the tier).
+        ``keep(block, size)`` False (an object gone from the manifest, a block of the wrong length) deletes one
+        too. A file found unsound is deleted unless its block was written since the start (it may be the new file
+        by now).
+        ``cancelled`` is asked before each file opened: the files not opened yet wait for the next start.
+        """
+        self._written = set()
+        found = 0
+        try:
+            for index, tier in self._disk_tiers():  # a tier at a time: a block in two is kept in the faster
+                ages: list[tuple[float, str]] = []
+                shards = await asyncio.to_thread(tier.shards)
+                # A few shards at once: on a cold disk each file costs two reads waiting on the device, and
+                # several in flight keep it busy (200,000 blocks: 62 s one at a time, see tests/bench/cache_start).
+                for at in range(0, len(shards), SCAN_THREADS):
+                    batch = shards[at:at + SCAN_THREADS]
+                    for scanned in await asyncio.gather(*(
+                            asyncio.to_thread(tier.scan_shard, shard, self._known_in(index, shard), cancelled)
+                            for shard in batch)):
+                        found += self._adopt(index, scanned, keep)
+                        ages.extend((mtime, block.name) for mtime, block in scanned.found)
+                self._reorder(index, ages)
+        finally:
+            self._written = None
+            self._known = {}
+        return found
+
+    def _reorder(self, index: int, ages: list[tuple[float, str]]) -> None:
+        """Puts the blocks a scan of tier ``index`` found (modification time, name) that nothing used since in
+        eviction order by age, oldest first, all before the blocks used since: each shard was ordered on its own."""
+        policy = self._policies[index]
+        for _, name in sorted(ages, reverse=True):  # newest first, each put first: the oldest ends first
+            entry = self._index.get(name)
+            if entry is not None and entry.tier == index and entry.used == 0:
+                policy.adopted(name, entry.size)
+
+    def _disk_tiers(self) -> list[tuple[int, DiskTier]]:
+        return [(index, tier) for index, tier in enumerate(self._tiers) if isinstance(tier, DiskTier)]
+
+    def _known_in(self, index: int, shard: str) -> frozenset[str]:
+        return self._known.get(index, {}).get(PurePosixPath(shard).name, frozenset())
+
+    def _adopt(self, index: int, scanned: ShardScan, keep: Callable[[BlockId, int], bool] | None = None) -> int:
+        """Indexes what ``scan_shard`` found in one shard of tier ``index``; deletes what cannot be indexed."""
+        tier, policy = self._tiers[index], self._policies[index]
+        written = self._written or ()
+        assert isinstance(tier, DiskTier)
+        for path in scanned.garbage:
+            if PurePosixPath(path).name not in written:
+                tier.remove_garbage(path)
+        for name in scanned.missing:
+            entry = self._index.get(name)
+            if name not in written and entry is not None and entry.tier == index:
+                self._forget(name, entry)  # listed by the index, its file deleted since
+        room = policy.high_bytes - policy.resident_bytes - self._in_flight[index]
+        kept: list[ScannedBlock] = []
+        copies = over_quota = dropped = 0
+        for _, block in sorted(scanned.found, key=lambda item: item[0], reverse=True):  # newest first
+            name = block.name
+            if name in written or name in self._pending or name in self._unlinking:
+                continue  # written since the start (or being written): its file is not the one scanned
+            entry = self._index.get(name)
+            if entry is not None and entry.tier == index:
+                continue
+            fits = entry is None and block.size <= room
+            wanted = keep is None or keep(block.block, block.size)
+            if not (fits and wanted):
+                tier.remove(name)  # a copy of a block another tier holds, over the quota, or not wanted
+                copies += entry is not None
+                over_quota += entry is None and block.size > room
+                dropped += entry is None and block.size <= room
+                continue
+            room -= block.size
+            kept.append(block)
+        if copies or over_quota or dropped:
+            log.info("cache scan removed blocks", tier=tier.location, copies_of_other_tiers=copies,
+                     over_quota=over_quota, stale=dropped)
+        for block in kept:  # newest first, each put first in eviction order: the oldest ends first
+            policy.adopted(block.name, block.size)
+        for block in reversed(kept):
+            self._index_found(index, block)
+        return len(kept)
+
+    def _index_found(self, index: int, scanned: ScannedBlock) -> None:
+        self._index[scanned.name] = _Entry(scanned.block, index, scanned.size, 0)
+        if self._on_cached is not None:
+            self._on_cached(scanned.block, scanned.size)
+
+    def save_index(self, block_size: int) -> int:
+        """Writes each disk tier's index for the next start (``start``), its blocks in eviction order; returns
+        how many blocks it lists. Call it on a clean stop, once nothing writes (a block committed afterwards is
+        found by the next start's scan, as is one the scan had not reached yet)."""
+        saved = 0
+        for index, tier in self._disk_tiers():
+            blocks = [(self._index[name].block, self._index[name].size) for name in self._policies[index].residents()
+                      if name in self._index and self._index[name].tier == index]
+            if tier.write_index(blocks, block_size):
+                saved += len(blocks)
+        return saved
 
     def drop_stale(self, keep: Callable[[BlockId], bool]) -> int:
         """Deletes every block ``keep`` rejects (e.g. its mount, key and ETag left the manifest); returns how many.
@@ -571,6 +724,8 @@ class BlockCache:
         for reservation in self._pending.values():
             reservation.stale = True
         for tier in self._tiers:
+            if isinstance(tier, DiskTier):
+                tier.discard_index()
             tier.remove_empty_directories()
         return len(entries)
 

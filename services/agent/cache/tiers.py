@@ -13,13 +13,16 @@ directory grows past a few thousand entries. A block file is::
 
 The id sits after the data so a read fetches header and data with two ``pread`` calls straight into the
 returned ``bytes`` (one combined read plus a slice costs an extra 4 MiB copy: 7 ms instead of 0.2 ms per block
-when measured), and a restart scan rebuilds the index from headers and ids without reading any data. Every read
+when measured), and a restart scan rebuilds the index from headers and ids without reading any data. A clean stop
+writes the tier's index (``INDEX_FILE``) so the next start reads one file instead (``take_index``); the scan then
+runs in the background a shard folder at a time (``scan_shard``) for the files it does not list. Every read
 (and every open for sending) also reads the id, one small ``pread``, and checks that it names the block asked for:
 a block file copied or renamed over another block's is self-consistent (its chunks match its table), so only its
 id tells it holds other bytes; such a file is treated as corrupt.
 
 Writes are atomic: a temporary file in the same shard directory, then ``os.replace``, so a reader or a restart
-never sees a partial block; a crash leaves only a temporary file, which the next scan deletes. There is no
+never sees a partial block; a crash leaves only a temporary file, which the next scan deletes (another process's:
+this one's may be a write in flight beside a background scan). There is no
 fsync by default: the cache is a copy of the object store, and a block torn by a power loss (renamed but not
 yet on disk) fails its checksum on the next read and is fetched again, while an fsync per block would cost
 milliseconds (much more on HDDs) on every write. Every read verifies the checksum (xxh3 runs at ~10 GB/s:
@@ -101,6 +104,13 @@ MARKER = ".shoal-cache-tier"
 # The block size the tier's blocks were cut at, in bytes (decimal text). A block is named by its object, ETag and
 # index, not its size: after a runtime's blockSize changed, block 3 of a file is other bytes under the same name.
 BLOCK_SIZE_FILE = ".shoal-block-size"
+# The index a clean stop writes (every block of the tier, least recently used first), read and deleted by the next
+# start so that start serves at once instead of opening every block file first (see ``DiskTier.take_index``).
+INDEX_FILE = ".shoal-index"
+INDEX_MAGIC = b"SHIX"
+INDEX_VERSION = 1
+# magic, version, reserved, the block size the blocks were cut at, xxh3-64 of the body (msgpack of [[id, size]...])
+INDEX_HEADER = struct.Struct("<4sHHQQ")
 MARKER_TEXT = b"A Shoal cache tier: Shoal deletes files in this directory. Remove the whole directory to reset it.\n"
 # The runtime refuses block sizes above 64 MiB; a header claiming more is garbage, and reading it would try to
 # allocate whatever the garbage says.
@@ -116,6 +126,8 @@ _OUT_OF_FILES = frozenset({errno.EMFILE, errno.ENFILE})
 
 _ID_ENCODER = msgspec.msgpack.Encoder()
 _ID_DECODER = msgspec.msgpack.Decoder(BlockId)
+_INDEX_ENCODER = msgspec.msgpack.Encoder()
+_INDEX_DECODER = msgspec.msgpack.Decoder(list[tuple[BlockId, int]])
 
 
 class Health(enum.StrEnum):
@@ -134,6 +146,16 @@ class ScannedBlock(NamedTuple):
     block: BlockId
     name: str
     size: int
+
+
+class ShardScan(NamedTuple):
+    """What ``DiskTier.scan_shard`` found in one shard folder: the block files it did not know of, sound ones with
+    their modification times (``found``) and the paths of unsound ones (``garbage``, for the caller to delete: it
+    knows whether a block of that name was written since), and the known names it found no file of (``missing``)."""
+
+    found: list[tuple[float, ScannedBlock]]
+    garbage: list[str]
+    missing: set[str]
 
 
 class BlockFile(NamedTuple):
@@ -536,47 +558,158 @@ class DiskTier:
         """Finds the block files of a previous run; deletes temporary files and anything garbled in the shards,
         and every block if they were cut at another ``block_size`` than now (0: not known, nothing checked).
         ``cancelled`` is asked before each file: a mount process told to stop while it scans a large cache stops
-        here (``ScanCancelled``), leaving every block file that was not looked at yet for the next scan.
-
-        Creates the directory if needed (the only place that does: a directory removed while running makes
-        writes fail and the tier go down, rather than quietly filling whatever filesystem is now underneath).
+        here (``ScanCancelled``), leaving every block file that was not looked at yet for the next scan. The index
+        of a clean stop is not read (``take_index`` does that): every file is opened.
         """
+        if not self.prepare(block_size):
+            return []
         found: list[tuple[float, ScannedBlock]] = []
+        for shard in self.shards():
+            scanned = self.scan_shard(shard, frozenset(), cancelled)
+            found.extend(scanned.found)
+            for path in scanned.garbage:
+                self.remove_garbage(path)
+        found.sort(key=lambda item: item[0])
+        return [block for _, block in found]
+
+    def prepare(self, block_size: int = 0) -> bool:
+        """Makes the directory if needed and claims it (``MARKER``), and records ``block_size`` (deleting every
+        block if they were cut at another size); False if the tier is not usable or holds no block now.
+
+        The only place that creates the directory: a directory removed while running makes writes fail and the
+        tier go down, rather than quietly filling whatever filesystem is now underneath.
+        """
         try:
             os.makedirs(self._root, exist_ok=True)
             if not self._claim():
-                return []
-            if block_size and not self._keep_block_size(block_size):
-                return []
+                return False
+            return not block_size or self._keep_block_size(block_size)
+        except OSError as err:
+            self._failed("scan", err)
+            return False
+
+    def take_index(self, block_size: int = 0) -> list[ScannedBlock]:
+        """The blocks the index of the last clean stop lists, least recently used first; the index is deleted
+        as it is read, so a run that crashes later leaves none behind. [] when there is none, or it is garbled,
+        of another format or block size (logged), or cannot be deleted (then it would outlive a crash).
+
+        The blocks are not checked here: every read verifies its block's file (header, chunk checksums, id) as
+        it does anyway, and the caller's scan of the shards (``scan_shard``, in the background) finds the files
+        the index does not list and the listed files that are gone.
+        """
+        path = os.path.join(self._root, INDEX_FILE)
+        try:
+            with open(path, "rb") as index:
+                raw = index.read()
+            os.unlink(path)
+        except FileNotFoundError:
+            return []
+        except OSError as err:
+            log.warning("cache index not read: the blocks are found by the scan", path=path, error=str(err))
+            _unlink_quietly(path)
+            return []
+        reason = ""
+        blocks: list[tuple[BlockId, int]] = []
+        if len(raw) < INDEX_HEADER.size:
+            reason = "cut short"
+        else:
+            magic, version, _, size, digest = INDEX_HEADER.unpack_from(raw)
+            body = memoryview(raw)[INDEX_HEADER.size:]
+            if magic != INDEX_MAGIC or version != INDEX_VERSION:
+                reason = "not an index of this format"
+            elif block_size and size != block_size:
+                reason = f"written for blocks of {size} bytes"
+            elif checksum(body) != digest:
+                reason = "checksum mismatch"
+            else:
+                try:
+                    blocks = _INDEX_DECODER.decode(body)
+                except msgspec.DecodeError:
+                    reason = "undecodable"
+        if reason:
+            log.warning("cache index ignored: the blocks are found by the scan", path=path, reason=reason)
+            return []
+        return [ScannedBlock(block, block.name, size) for block, size in blocks]
+
+    def write_index(self, blocks: list[tuple[BlockId, int]], block_size: int) -> bool:
+        """Writes the index the next start reads (``take_index``): ``blocks``, least recently used first. Atomic
+        (a temporary file, then a rename); False if it could not be written (the next start scans instead)."""
+        if not self.available():
+            return False
+        path = os.path.join(self._root, INDEX_FILE)
+        temp = f"{path}.{os.getpid()}{TEMP_SUFFIX}"
+        body = _INDEX_ENCODER.encode(blocks)
+        try:
+            with open(temp, "wb") as out:
+                out.write(INDEX_HEADER.pack(INDEX_MAGIC, INDEX_VERSION, 0, block_size, checksum(body)))
+                out.write(body)
+            os.replace(temp, path)
+        except OSError as err:
+            _unlink_quietly(temp)
+            log.warning("cache index not written: the next start scans the blocks", path=path, error=str(err))
+            return False
+        return True
+
+    def discard_index(self) -> None:
+        _unlink_quietly(os.path.join(self._root, INDEX_FILE))
+
+    def shards(self) -> list[str]:
+        """The paths of the tier's shard folders ([] if the directory cannot be listed: the tier is failing)."""
+        if self._refused:
+            return []
+        try:
             with os.scandir(self._root) as entries:
-                shards = [entry.path for entry in entries if _is_shard(entry)]
-            for shard in shards:
-                with os.scandir(shard) as entries:
-                    files = [(entry.path, entry.name) for entry in entries if not entry.is_dir(follow_symlinks=False)]
-                for path, name in files:
-                    if cancelled is not None and cancelled():
-                        raise ScanCancelled(self._root)
-                    if name.startswith(".") and name.endswith(TEMP_SUFFIX):
-                        log.info("cache scan removed a file", path=path, reason="unfinished write")
-                        _unlink_quietly(path)  # a write interrupted by a crash
-                        continue
-                    try:
-                        scanned = self._scan_file(path, name, shard)
-                    except FileNotFoundError:
-                        continue
-                    except OSError as err:
-                        self._failed("scan", err)  # unreadable now; left in place, maybe readable next time
-                        continue
-                    if scanned is None:
-                        log.warning("cache scan removed a file", path=path, reason="not a sound block file")
-                        _unlink_quietly(path)
-                    else:
-                        found.append(scanned)
+                return [entry.path for entry in entries if _is_shard(entry)]
         except OSError as err:
             self._failed("scan", err)
             return []
-        found.sort(key=lambda item: item[0])
-        return [block for _, block in found]
+
+    def scan_shard(self, shard: str, known: frozenset[str], cancelled: Callable[[], bool] | None = None) -> ShardScan:
+        """Opens the block files of one shard folder (a path from ``shards``) whose names ``known`` does not
+        hold (one open, an fstat and two small reads each), deleting the temporary files of other processes'
+        writes (a crash's leftovers; this process's own may be in flight). Safe beside writes in flight: it
+        deletes nothing else, the caller does (``ShardScan.garbage``). ``cancelled`` is asked before each file
+        opened (``ScanCancelled``)."""
+        found: list[tuple[float, ScannedBlock]] = []
+        garbage: list[str] = []
+        listed: set[str] = set()
+        own = f".{os.getpid()}."
+        try:
+            with os.scandir(shard) as entries:
+                files = [(entry.path, entry.name) for entry in entries if not entry.is_dir(follow_symlinks=False)]
+        except OSError as err:
+            if not isinstance(err, FileNotFoundError):
+                self._failed("scan", err)
+            return ShardScan(found, garbage, set())
+        for path, name in files:
+            if name.startswith(".") and name.endswith(TEMP_SUFFIX):
+                if own not in name:
+                    log.info("cache scan removed a file", path=path, reason="unfinished write")
+                    _unlink_quietly(path)  # a write interrupted by a crash
+                continue
+            listed.add(name)
+            if name in known:
+                continue
+            if cancelled is not None and cancelled():
+                raise ScanCancelled(self._root)
+            try:
+                scanned = self._scan_file(path, name, shard)
+            except FileNotFoundError:
+                listed.discard(name)
+                continue
+            except OSError as err:
+                self._failed("scan", err)  # unreadable now; left in place, maybe readable next time
+                continue
+            if scanned is None:
+                garbage.append(path)
+            else:
+                found.append(scanned)
+        return ShardScan(found, garbage, set(known).difference(listed))
+
+    def remove_garbage(self, path: str) -> None:
+        """Deletes a file ``scan_shard`` found unsound (``ShardScan.garbage``), and says so."""
+        log.warning("cache scan removed a file", path=path, reason="not a sound block file")
+        _unlink_quietly(path)
 
     def remove_empty_directories(self) -> None:
         """rmdir of the shard folders and the tier's folder, each only if empty (but for the tier's marker):
@@ -589,7 +722,7 @@ class DiskTier:
                 os.rmdir(shard)
         with contextlib.suppress(OSError):
             left = os.listdir(self._root)
-            if MARKER in left and set(left) <= {MARKER, BLOCK_SIZE_FILE}:  # Shoal's own files go last
+            if MARKER in left and set(left) <= {MARKER, BLOCK_SIZE_FILE, INDEX_FILE}:  # Shoal's own files go last
                 for name in sorted(left, key=lambda name: name == MARKER):  # the marker last of all
                     os.unlink(os.path.join(self._root, name))
             os.rmdir(self._root)
@@ -646,6 +779,7 @@ class DiskTier:
 
     def _delete_every_block(self) -> int:
         deleted = 0
+        self.discard_index()
         with os.scandir(self._root) as entries:
             shards = [entry.path for entry in entries if _is_shard(entry)]
         for shard in shards:

@@ -1,0 +1,154 @@
+"""A block cache restarted on a real disk tier: the index a clean stop writes, what the start does without one (a
+crash), a stale or garbled index, and the background scan that finds the rest while the cache serves."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import pytest
+
+from libs.blocks import BlockId
+from services.agent.cache import BlockCache, DiskTier, LruPolicy
+from services.agent.cache.tiers import HEADER, INDEX_FILE, INDEX_HEADER, TEMP_SUFFIX, ShardScan
+from tests.unit.test_block_cache import SIZE, Inventory, block, payload
+
+BLOCKS = 12
+
+
+def tier(path: Path, blocks: int = 100) -> DiskTier:
+    return DiskTier(path, blocks * SIZE, high=1.0, low=0.5)
+
+
+def cache_on(path: Path, inventory: Inventory, blocks: int = 100) -> BlockCache:
+    return BlockCache([tier(path, blocks)], LruPolicy, inventory.on_cached, inventory.on_evicted)
+
+
+def file_of(cache: BlockCache, block_id: BlockId) -> Path:
+    return Path(cache.tiers[0].location, block_id.name[:2], block_id.name)
+
+
+def filled(path: Path, count: int = BLOCKS) -> BlockCache:
+    """A cache that wrote ``count`` blocks, the files' modification times in the order written."""
+    cache = cache_on(path, Inventory())
+    cache.load(SIZE)
+    for index in range(count):
+        assert cache.put(block(index), payload(index))
+        os.utime(file_of(cache, block(index)), (1000 + index, 1000 + index))
+    return cache
+
+
+async def test_a_clean_stop_writes_an_index_the_next_start_serves_from_at_once(tmp_path: Path) -> None:
+    first = filled(tmp_path / "ssd")
+    first.get(block(0))  # the most recently used now: last to be evicted
+    assert first.save_index(SIZE) == BLOCKS
+    inventory = Inventory()
+    cache = cache_on(tmp_path / "ssd", inventory)
+    assert cache.start(SIZE) == BLOCKS  # every block, from the index alone
+    assert not (tmp_path / "ssd" / INDEX_FILE).exists()  # read once: a crash later must not find it again
+    assert [cache.get(block(index)) for index in range(BLOCKS)] == [payload(index) for index in range(BLOCKS)]
+    assert await cache.scan_rest() == 0  # nothing the index did not list
+    assert set(inventory.blocks) == {block(index) for index in range(BLOCKS)}
+
+
+async def test_eviction_order_survives_a_clean_restart(tmp_path: Path) -> None:
+    first = filled(tmp_path / "ssd")
+    first.get(block(0))  # block 0 is now the most recently used, block 1 the least
+    first.save_index(SIZE)
+    cache = BlockCache([tier(tmp_path / "ssd", BLOCKS)], LruPolicy)  # full: the next put evicts
+    cache.start(SIZE)
+    assert cache.put(block(100), payload(100))
+    assert not cache.contains(block(1)) and cache.contains(block(0))
+
+
+async def test_after_a_crash_with_a_partial_block_file_the_sound_blocks_are_found_and_the_rest_deleted(
+        tmp_path: Path) -> None:
+    first = filled(tmp_path / "ssd")
+    shard = file_of(first, block(3)).parent
+    # What a crash leaves: a write that never got renamed (another process's temporary file), and a block file
+    # cut short (renamed, but not all of it reached the disk before a power loss).
+    leftover = shard / f".{block(3).name}.999999.0{TEMP_SUFFIX}"
+    leftover.write_bytes(b"half a block")
+    torn = file_of(first, block(4))
+    torn.write_bytes(torn.read_bytes()[:HEADER.size + 10])
+    inventory = Inventory()
+    cache = cache_on(tmp_path / "ssd", inventory)
+    assert cache.start(SIZE) == 0  # no index: a crash
+    assert cache.get(block(5)) is None  # not scanned yet: a miss
+    assert await cache.scan_rest() == BLOCKS - 1
+    assert not leftover.exists() and not torn.exists()
+    assert not cache.contains(block(4))
+    for index in set(range(BLOCKS)) - {4}:
+        assert cache.get(block(index)) == payload(index)
+    assert set(inventory.blocks) == {block(index) for index in range(BLOCKS)} - {block(4)}
+
+
+async def test_a_stale_index_is_corrected_by_reads_and_the_background_scan(tmp_path: Path) -> None:
+    first = filled(tmp_path / "ssd")
+    first.save_index(SIZE)
+    # While the cache is stopped: a block file deleted, one garbled, one added (by a run that crashed, say).
+    file_of(first, block(1)).unlink()
+    garbled = file_of(first, block(2))
+    raw = bytearray(garbled.read_bytes())
+    raw[-SIZE // 2 - 20] ^= 0xFF  # in the data
+    garbled.write_bytes(bytes(raw))
+    other = cache_on(tmp_path / "ssd", Inventory())
+    assert other.put(block(50), payload(50))  # (its scan-less start left the index in place)
+    inventory = Inventory()
+    cache = cache_on(tmp_path / "ssd", inventory)
+    assert cache.start(SIZE) == BLOCKS  # the index as written
+    assert cache.get(block(2)) is None  # verified as every read is: a miss, deleted, never the garbled bytes
+    assert cache.stats().corrupt_blocks == 1 and not garbled.exists()
+    assert await cache.scan_rest() == 1  # block 50, which the index did not list
+    assert not cache.contains(block(1)) and block(1) not in inventory.blocks  # its file was gone: forgotten
+    assert cache.get(block(50)) == payload(50)
+    for index in set(range(BLOCKS)) - {1, 2}:
+        assert cache.get(block(index)) == payload(index)
+
+
+@pytest.mark.parametrize("damage", ["garbled", "cut short", "other block size", "empty"])
+async def test_an_unusable_index_is_ignored_and_every_block_found_by_the_scan(tmp_path: Path, damage: str) -> None:
+    first = filled(tmp_path / "ssd")
+    first.save_index(SIZE)
+    index = tmp_path / "ssd" / INDEX_FILE
+    raw = bytearray(index.read_bytes())
+    if damage == "garbled":
+        raw[-3] ^= 0xFF
+    elif damage == "cut short":
+        raw = raw[:len(raw) // 2]
+    elif damage == "other block size":
+        raw[8:16] = (SIZE * 2).to_bytes(8, "little")
+        assert INDEX_HEADER.unpack_from(raw)[3] == SIZE * 2
+    else:
+        raw = bytearray()
+    index.write_bytes(bytes(raw))
+    inventory = Inventory()
+    cache = cache_on(tmp_path / "ssd", inventory)
+    assert cache.start(SIZE) == 0
+    assert not index.exists()
+    assert await cache.scan_rest() == BLOCKS
+    assert [cache.get(block(index)) for index in range(BLOCKS)] == [payload(index) for index in range(BLOCKS)]
+
+
+async def test_the_background_scan_leaves_alone_a_block_written_while_it_runs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    first = filled(tmp_path / "ssd", 3)
+    garbled = file_of(first, block(1))
+    garbled.write_bytes(b"garbage")  # found unsound by the scan...
+    cache = cache_on(tmp_path / "ssd", Inventory())
+    cache.start(SIZE)
+    loop = asyncio.get_running_loop()
+    original = DiskTier.scan_shard
+
+    def scan_then_write(self: DiskTier, shard: str, known: frozenset[str], cancelled: object = None) -> ShardScan:
+        scanned = original(self, shard, known)
+        if any(path.endswith(block(1).name) for path in scanned.garbage):
+            # ...but written again (a read missed it meanwhile) before the scan's result reaches the cache
+            asyncio.run_coroutine_threadsafe(cache.put_async(block(1), payload(1)), loop).result(10)
+        return scanned
+
+    monkeypatch.setattr(DiskTier, "scan_shard", scan_then_write)
+    assert await asyncio.wait_for(cache.scan_rest(), 30) == 2
+    assert cache.get(block(1)) == payload(1) and garbled.exists()  # the new file, not deleted as garbage
+    assert cache.get(block(0)) == payload(0) and cache.get(block(2)) == payload(2)
