@@ -380,9 +380,10 @@ class MountedDataset:
 
     async def _scan_cache(self, cache: BlockCache, block_size: int, halted: Callable[[], bool]) -> None:
         """Index the block files no index listed (after a crash: every one), a shard at a time in a thread, while
-        the mount serves; a block not found yet is a miss. A stop ends the scan at its next file; the files not
-        opened yet wait for the next start. Blocks of objects not in the manifest served then, or of the wrong
-        length (``_drop_stale``, ``_drop_misfits``), are deleted as they are found."""
+        the mount serves; a block asked for before the scan reached it is looked for on disk then. A stop ends the
+        scan at its next file; the files not opened yet wait for the next start. Blocks of objects not in the
+        manifest served then, or of the wrong length (``_drop_stale``, ``_drop_misfits``), are deleted as
+        they are found."""
         def keep(block: BlockId, size: int) -> bool:
             entry = self.entries.get((block.mount, block.key))
             return (entry is not None and entry.etag == block.etag

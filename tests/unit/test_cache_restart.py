@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -152,3 +153,33 @@ async def test_the_background_scan_leaves_alone_a_block_written_while_it_runs(
     assert await asyncio.wait_for(cache.scan_rest(), 30) == 2
     assert cache.get(block(1)) == payload(1) and garbled.exists()  # the new file, not deleted as garbage
     assert cache.get(block(0)) == payload(0) and cache.get(block(2)) == payload(2)
+
+
+async def test_a_block_asked_for_before_the_scan_reaches_its_shard_is_found_on_disk_not_fetched_again(
+        tmp_path: Path) -> None:
+    # After a crash every block waits for the background scan. One asked for meanwhile (a DataLoad's part resumed
+    # right after the restart, a reader) was a miss: fetched from the store a second time.
+    filled(tmp_path / "ssd")
+    inventory = Inventory()
+    cache = cache_on(tmp_path / "ssd", inventory)
+    assert cache.start(SIZE) == 0  # no index: a crash
+    entered, release = threading.Event(), threading.Event()
+
+    def held() -> bool:  # asked by the scan's thread before each file it opens: the scan waits here
+        entered.set()
+        release.wait(30)
+        return False
+
+    scan = asyncio.create_task(cache.scan_rest(cancelled=held))
+    try:
+        assert await asyncio.to_thread(entered.wait, 30)
+        assert cache.contains(block(7)) and cache.get(block(7)) == payload(7)
+        assert cache.present(block(8)) and cache.get(block(8)) == payload(8)
+        assert not cache.contains(block(100))  # never cached: still a miss
+        assert {block(7), block(8)} <= set(inventory.blocks)
+    finally:
+        release.set()
+    await scan
+    indexed = cache.blocks()
+    assert len(indexed) == BLOCKS and set(indexed) == {(block(index), SIZE) for index in range(BLOCKS)}  # each once
+    assert [cache.get(block(index)) for index in range(BLOCKS)] == [payload(index) for index in range(BLOCKS)]

@@ -185,6 +185,10 @@ class BlockCache:
         self._uses = 0  # counts writes and hits: ``_Entry.used``
         # Per disk tier and shard, the names its index listed at ``start``: ``scan_rest`` opens only other files.
         self._known: dict[int, dict[str, frozenset[str]]] = {}
+        # While ``scan_rest`` runs: per disk tier, the shard folders it has done (a miss in another is looked for
+        # on disk at once, ``_found_early``), and what it keeps (``keep``).
+        self._scanned: dict[int, set[str]] = {}
+        self._scan_keeps: Callable[[BlockId, int], bool] | None = None
         # While ``scan_rest`` runs, every block reserved since it began: a file of that name found by the scan
         # may be the old one or the new one, so the scan leaves it to the write (None: no scan running).
         self._written: set[str] | None = None
@@ -259,7 +263,7 @@ class BlockCache:
         if access:
             for policy in self._policies:
                 policy.record_access(name)
-        entry = self._index.get(name)
+        entry = self._lookup(name)
         if entry is None:
             self._misses += 1
             self.last_medium = None
@@ -282,7 +286,7 @@ class BlockCache:
         """The block's file open for sending as it is (``DiskTier.open_block``), or None: not cached, or in a
         memory tier (then ``get``), or garbled (then forgotten, like a corrupt read)."""
         name = block.name
-        entry = self._index.get(name)
+        entry = self._lookup(name)
         if entry is None:
             return None
         for policy in self._policies:
@@ -299,12 +303,45 @@ class BlockCache:
 
     def prefetch(self, block: BlockId) -> None:
         """Start bringing a cached block into memory ahead of its read (sequential readers of the disk tier)."""
-        entry = self._index.get(block.name)
+        entry = self._lookup(block.name)
         if entry is not None:
             self._tiers[entry.tier].prefetch(block.name)
 
+    def _lookup(self, name: str) -> _Entry | None:
+        """The index's entry for ``name``; while ``scan_rest`` runs, also a block file the scan has not reached yet,
+        found on disk and indexed now (``_found_early``)."""
+        entry = self._index.get(name)
+        if entry is None and self._written is not None:
+            entry = self._found_early(name)
+        return entry
+
+    def _found_early(self, name: str) -> _Entry | None:
+        """A block no index listed whose shard ``scan_rest`` has not done yet: its file looked for in each disk
+        tier, fastest first (one open and two small reads, as the scan does), and indexed as the scan would. Else
+        a block cached before a crash would be fetched again, however soon after the start it is asked for: a
+        DataLoad resumed after a restart must not fetch a block twice. None when no sound file is there, or the
+        scan would not keep it (over the quota, not in the manifest: the scan deletes it when it gets there)."""
+        if name in (self._written or ()) or name in self._pending or name in self._unlinking:
+            return None  # being written: its file is not the one to index
+        shard = name[:SHARD_LENGTH]
+        for index, tier in self._disk_tiers():
+            if shard in self._scanned.get(index, ()) or not tier.available():
+                continue
+            scanned = tier.probe(name)
+            if scanned is None:
+                continue
+            policy = self._policies[index]
+            room = policy.high_bytes - policy.resident_bytes - self._in_flight[index]
+            if scanned.size > room or (self._scan_keeps is not None and not self._scan_keeps(scanned.block,
+                                                                                           scanned.size)):
+                return None
+            policy.inserted(name, scanned.size)
+            self._index_found(index, scanned)
+            return self._index[name]
+        return None
+
     def contains(self, block: BlockId) -> bool:
-        entry = self._index.get(block.name)
+        entry = self._lookup(block.name)
         return entry is not None and self._tiers[entry.tier].available()
 
     def present(self, block: BlockId) -> bool:
@@ -313,7 +350,7 @@ class BlockCache:
         under it (a person freeing room, a cleaner of old files) or garbled stays "cached" until read; one found
         gone here is forgotten like a failed read's (``on_evicted``), so it can be cached again."""
         name = block.name
-        entry = self._index.get(name)
+        entry = self._lookup(name)
         if entry is None:
             return False
         tier = self._tiers[entry.tier]
@@ -563,8 +600,8 @@ class BlockCache:
                         cancelled: Callable[[], bool] | None = None) -> int:
         """After ``start``: lists every shard folder of the disk tiers and opens the block files no index listed
         (in worker threads, a shard at a time), indexing the sound ones as each shard is done, while the cache
-        serves; returns how many. Until its shard is done, a block no index listed is a miss (fetched and written
-        again, which the scan then leaves alone). Listed blocks whose files are gone are forgotten.
+        serves; returns how many. A block asked for before its shard is done is looked for on disk then
+        (``_found_early``). Listed blocks whose files are gone are forgotten.
 
         Found blocks go first in eviction order (older than any block used since the start; by modification time
         among them once the tier is scanned) and are deleted if they no longer fit under the high watermark (after
@@ -575,6 +612,8 @@ class BlockCache:
         ``cancelled`` is asked before each file opened: the files not opened yet wait for the next start.
         """
         self._written = set()
+        self._scanned = {index: set() for index, _ in self._disk_tiers()}
+        self._scan_keeps = keep
         found = 0
         try:
             for index, tier in self._disk_tiers():  # a tier at a time: a block in two is kept in the faster
@@ -589,9 +628,12 @@ class BlockCache:
                             for shard in batch)):
                         found += self._adopt(index, scanned, keep)
                         ages.extend((mtime, block.name) for mtime, block in scanned.found)
+                    self._scanned[index].update(PurePosixPath(shard).name for shard in batch)
                 self._reorder(index, ages)
         finally:
             self._written = None
+            self._scanned = {}
+            self._scan_keeps = None
             self._known = {}
         return found
 

@@ -706,6 +706,16 @@ class DiskTier:
                 found.append(scanned)
         return ShardScan(found, garbage, set(known).difference(listed))
 
+    def probe(self, name: str) -> ScannedBlock | None:
+        """The block file of ``name`` if it is there and sound as a scan finds it (``scan_shard``), else None; an
+        unsound file is left to the scan, which deletes it."""
+        shard = f"{self._root}/{name[:SHARD_LENGTH]}"
+        try:
+            scanned = self._scan_file(f"{shard}/{name}", name, shard)
+        except OSError:  # none there (the usual), or unreadable: a miss either way
+            return None
+        return scanned[1] if scanned is not None else None
+
     def remove_garbage(self, path: str) -> None:
         """Deletes a file ``scan_shard`` found unsound (``ShardScan.garbage``), and says so."""
         log.warning("cache scan removed a file", path=path, reason="not a sound block file")
