@@ -413,7 +413,9 @@ async def test_a_miss_of_a_stream_holding_no_block_counts_one_access(tmp_path: P
     reader = BlockReader(setup.recording, setup.reader.gates, BLOCK, setup.budget, write_block=setup.cache.put_async,
                          max_held_blocks=1)
     holder, other = reader.open(setup.entry), reader.open(setup.entry)
-    await reader.read(holder, 0, QUARTER)  # holds block 0: the mount's one
+    # Holds block 0, the mount's one. Not from offset 0: a read there looks sequential and fetches block 1 ahead,
+    # which would make the read below a hit.
+    await reader.read(holder, QUARTER, QUARTER)
     policy = setup.cache._policies[0]
     assert isinstance(policy, FrequencyAdmissionPolicy)
     name = reader.block_id(setup.entry, 1).name
