@@ -1570,8 +1570,13 @@ async def test_a_runs_plan_and_progress_go_when_it_ends_and_its_state_when_the_o
         scripted.hold.set()
         await publish(bus, subjects.DATALOAD_APPLY, dataload())
         await phase_of(bus, "Executing")
-        executing = await run_state(bus, warm)
-        assert executing is not None and executing.parts
+
+        async def with_parts() -> domain.RunState | None:
+            # The record can say Executing a moment before the run state holding the parts is written.
+            state = await run_state(bus, warm)
+            return state if state is not None and state.parts else None
+
+        await eventually(with_parts, what="the run state with its parts")
         assert await loader_objects(bus) == {subjects.loader_plan(warm)}
         scripted.hold.clear()
         done = await phase_of(bus, "Complete")
