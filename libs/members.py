@@ -8,8 +8,15 @@ owners): a replica that joins or leaves moves only the keys it gains or loses.
 A replica announces itself in the ``shoal_members`` bucket every ``BEAT_SECONDS`` (key ``<service>.<replica>``)
 and watches the keys of its service. One not heard from for ``REPLICA_TTL_SECONDS`` (three beats) is gone; one that
 stops cleanly deletes its key, and the others take its keys at once. The bucket drops a key that is not written
-again within the same time, so a replica that starts later never counts a dead one. Time is this process's
-monotonic clock (when a beat arrived), never another replica's, so a skewed clock cannot keep a replica alive.
+again within the same time, so a replica that starts later never counts a dead one.
+
+A beat's age is from when it was written, by the NATS server's stamp on its KV entry, not from when it arrived: a
+watch started again after a reconnect delivers every key's last beat again, and a dead replica's, counted as heard
+then, would keep it alive for up to another TTL (its datasets waiting that long to be taken over). The server's
+clock is read against this process's monotonic clock through this replica's own beats: the server's stamp on each
+one and when its write returned here give the gap between the two clocks, measured again at every beat. So no
+replica's clock is trusted, nor this host's wall clock, and a skewed clock cannot keep a replica alive. Until its
+own first beat is measured, a replica judges no one (the bucket's TTL bounds what it holds).
 
 While replicas join or leave, two of them may reconcile a key for a moment: reconciles are level-triggered and their
 writes compare-and-set, so that costs a second listing, never a wrong record. A replica restarted under the same
@@ -33,6 +40,7 @@ import os
 import socket
 import time
 from collections.abc import Callable
+from datetime import datetime
 
 import msgspec
 from nats.js.kv import KeyValue
@@ -77,7 +85,12 @@ class Members:
         self.reconnects = reconnects
         self.on_change: Callable[[], None] | None = None
         self.ready = asyncio.Event()
-        self._heard: dict[str, float] = {}  # replica → when its last beat arrived (monotonic)
+        self._heard: dict[str, float] = {}  # replica → when its last beat was written (the server's clock, s)
+        # This replica's own beats by revision: the server's stamp (from the watch) and when the write returned here
+        # (monotonic), whichever is known first; the two together measure ``_offset``.
+        self._stamped: dict[int, float] = {}
+        self._written: dict[int, float] = {}
+        self._offset: float | None = None  # this process's monotonic clock minus the server's, at its last beat
         self._live: tuple[str, ...] = (replica,)
         self._stopping = asyncio.Event()
         self._looked = monotonic()  # when this replica last looked at its clock (``_now``)
@@ -114,7 +127,13 @@ class Members:
                         if entry.operation in ("DEL", "PURGE"):
                             self._heard.pop(replica, None)
                         else:
-                            self._heard[replica] = now
+                            stamp = _stamp(entry.created)
+                            if stamp is None:  # not stamped (nats-py always stamps): heard now, as best known
+                                stamp = now - self._offset if self._offset is not None else time.time()
+                            self._heard[replica] = stamp
+                            if replica == self.replica and entry.revision is not None:
+                                self._stamped[entry.revision] = stamp
+                                self._measure()
                         self._refresh()
         finally:
             beating.cancel()
@@ -129,9 +148,14 @@ class Members:
         beat = msgspec.json.encode(Beat(replica=self.replica, host=socket.gethostname(), pid=os.getpid()))
         while not self._stopping.is_set():
             try:
-                await self.kv.put(self.key, beat)
+                revision = await self.kv.put(self.key, beat)
             except Exception as err:  # NATS away for a moment: the next beat tries again; the others may drop us
                 log.warning("replica beat not written", replica=self.replica, error=repr(err))
+            else:
+                # When the write returned, not when it was sent: the stamp is between the two, and erring late
+                # makes the others' beats look younger (kept a moment longer), never older.
+                self._written[revision] = self.monotonic()
+                self._measure()
             self._refresh()  # replicas whose beats stopped age out here
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), self.beat_seconds)
@@ -142,6 +166,20 @@ class Members:
             self._now()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), self.beat_seconds * TICK_BEATS)
+
+    def _measure(self) -> None:
+        """The gap between this process's clock and the server's, from the newest own beat both sides know."""
+        both = self._stamped.keys() & self._written.keys()
+        if not both:
+            # Kept small: a beat whose stamp never comes (a write whose answer was lost) is dropped with older ones.
+            for pending in (self._stamped, self._written):
+                while len(pending) > 8:
+                    del pending[min(pending)]
+            return
+        revision = max(both)
+        self._offset = self._written[revision] - self._stamped[revision]
+        self._stamped = {rev: stamp for rev, stamp in self._stamped.items() if rev > revision}
+        self._written = {rev: when for rev, when in self._written.items() if rev > revision}
 
     def _now(self) -> float:
         """The monotonic time, after moving the others' last beats forward by the time this replica's own loop did
@@ -157,8 +195,11 @@ class Members:
 
     def _refresh(self) -> None:
         now = self._now()
-        # Aged-out replicas are forgotten, not only left out: pods get new names at every rollout.
-        self._heard = {name: heard for name, heard in self._heard.items() if now - heard < self.ttl_seconds}
+        if self._offset is not None:  # else the server's clock is not known here yet: no one is judged
+            server_now = now - self._offset
+            # Aged-out replicas are forgotten, not only left out: pods get new names at every rollout.
+            self._heard = {name: heard for name, heard in self._heard.items()
+                           if server_now - heard < self.ttl_seconds}
         live = tuple(sorted({self.replica, *self._heard}))
         if live == self._live:
             return
@@ -166,3 +207,8 @@ class Members:
         self._live = live
         if self.on_change is not None:
             self.on_change()
+
+
+def _stamp(created: object) -> float | None:
+    """The server's stamp on a KV entry, in seconds (nats-py gives a datetime, though it declares an int)."""
+    return created.timestamp() if isinstance(created, datetime) else None

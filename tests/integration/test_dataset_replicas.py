@@ -84,6 +84,45 @@ async def test_a_replica_whose_beats_stop_is_dropped_after_the_ttl(bus: Bus) -> 
         assert "ghost" not in a._heard  # and is forgotten: pods get new names at every rollout
 
 
+async def test_a_dead_replicas_beat_replayed_after_a_reconnect_does_not_bring_it_back(
+        nats_server: NatsServer, bus: Bus) -> None:
+    """A watch started again after a reconnect delivers every key's last beat again; a dead replica's is as old as
+    it was, not heard now (it kept the replica alive for up to another TTL, its keys waiting that long)."""
+    await bus.provision()
+    kv = await bus.kv(subjects.KV_MEMBERS)
+    ttl = 2.0  # a's judgement; the bucket keeps a beat for REPLICA_TTL_SECONDS (6 s), so it is still there to replay
+    a = Members(kv, SERVICE, "a", beat_seconds=0.2, ttl_seconds=ttl, reconnects=bus.reconnects)
+    changes: list[tuple[str, ...]] = []
+    a.on_change = lambda: changes.append(a.live)
+    await kv.put(f"{SERVICE}.ghost", b"{}")  # one beat, then nothing: a replica killed right after it
+    task = asyncio.create_task(a.run())
+    try:
+        await sees(a, "a", "ghost")
+        nats_server.stop()
+        await asyncio.sleep(ttl + 0.5)  # the outage: the ghost's beat ages past a's TTL meanwhile
+        await sees(a, "a")
+        nats_server.start()
+
+        async def reconnected() -> bool:
+            return bus.reconnects() > 0
+
+        await eventually(reconnected, 15, "reconnected")
+        assert (await kv.get(f"{SERVICE}.ghost")).value == b"{}", "the ghost's beat is in the bucket, to replay"
+        since = len(changes)
+        async with member(bus, "b") as b:  # a live replica, beating from now on: a's watch runs again
+            await sees(b, "a", "b")
+            await sees(a, "a", "b")
+            # The watch starts again at its next look at the reconnect count (each WATCH_TICK_SECONDS), and replays.
+            deadline = time.monotonic() + 3.0
+            while time.monotonic() < deadline:
+                assert "ghost" not in a.live, "a dead replica's replayed beat brought it back"
+                await asyncio.sleep(0.05)  # the pace of the looks, not a wait for anything
+        assert all("ghost" not in live for live in changes[since:]), changes
+    finally:
+        a.stop()
+        await asyncio.wait_for(task, 10)
+
+
 async def test_a_replica_whose_loop_stalled_past_the_ttl_does_not_take_the_other_replicas_keys(bus: Bus) -> None:
     """The stall is this replica's clock jumping past the TTL while its loop ran nothing of it (as a blocked loop or
     a paused process finds its clock when it wakes), with the other replica's beat as old as the stall."""
