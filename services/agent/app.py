@@ -16,7 +16,9 @@ at once (its mount process deletes its cached blocks; the agent deletes those a 
 those of datasets deleted while it was down, found in the tiers of the runtimes that exist and in those its mounts
 were started with, which it writes down in its mount root: ``services.agent.ledger``, as a runtime deleted
 meanwhile says nothing any more); one that merely stops being Bound (its runtime briefly NotReady, e.g. while this
-agent restarts) keeps its mount for a grace period, so readers are not cut off by a blip.
+agent restarts) keeps its mount for a grace period, so readers are not cut off by a blip. A dataset deleted and
+applied again between two looks (or behind a watch's replay after a reconnect) is another ``incarnation`` of its
+name: its mount goes, and its blocks, as on a delete, and the new one is mounted once Bound.
 
 A runtime applied again with other tiers restarts its mounts on them; once a restarted mount is up, its blocks in
 the tier directories the new tiers no longer name are deleted (``services.agent.retire``), never through a symbolic
@@ -152,6 +154,9 @@ class MountWorker:
     namespace: str
     name: str
     path: str
+    # Which life of the dataset it serves (``DatasetRecord.incarnation``): a record of another one is a delete and
+    # an apply this agent did not see between two looks (``reconcile``).
+    incarnation: str = ""
     status_file: str = ""
     process: Process | None = None
     unwanted_since: float | None = None
@@ -276,6 +281,18 @@ class NodeAgent:
                     self.left_caches.setdefault(ref, levels)
             await self._remove_dead_mounts(wanted)
         now = time.monotonic()
+        for ref, served in list(self.workers.items()):
+            record = self.datasets.values.get(subjects.resource_key(*ref))
+            if record is not None and domain.recreated_since(served.incarnation, record):
+                # Deleted and applied again between two looks (or behind a watch's replay, which shows only the
+                # newest record): the blocks are the old dataset's, so it goes as on a delete, at once, even with
+                # its mount process down and nobody in it to free them; the new one is mounted below once Bound.
+                log.info("dataset deleted and applied again: its old mount stopped, its blocks freed",
+                         dataset=served.key)
+                self.supervisor.remove(served.key)
+                await self._stop_worker(self.workers.pop(ref))
+                await self._free_retired(served)
+                await self._free_cache(*ref, levels=served.levels or None)
         for ref in [r for r in self.workers if r not in wanted]:
             unwanted = self.workers[ref]
             # A dataset that became a reference has no cache of its own any more: its mount goes at once.
@@ -299,8 +316,9 @@ class NodeAgent:
                 path = domain.mountpoint(self.settings.agent.mount_root, namespace, name)
                 status_file = os.path.join(self.status_dir, f"{namespace}.{name}.json")
                 slot = budget.free_slot(w.budget_slot for w in self.workers.values())
-                worker = self.workers[(namespace, name)] = MountWorker(namespace, name, path, status_file,
-                                                                       budget_slot=slot,
+                record = self.datasets.values[subjects.resource_key(namespace, name)]
+                worker = self.workers[(namespace, name)] = MountWorker(namespace, name, path, record.incarnation,
+                                                                       status_file, budget_slot=slot,
                                                                        peer_port=self._peer_port())
                 # The tiers its last mount on this node started with (this agent's earlier run, or before it
                 # stopped), and those of mounts stopped for a change of tiers whose blocks that run did not free

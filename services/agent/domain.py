@@ -66,7 +66,12 @@ def recreated(known: DatasetRecord, current: DatasetRecord) -> bool:
     """Whether ``current`` is another life of the dataset than ``known`` (deleted and applied again under the same
     name: another ``incarnation``). A watch that restarts, or a look every so often, can miss the delete between
     them; a mount of the old one must then go as on a delete, its blocks with it."""
-    return current.incarnation != known.incarnation
+    return recreated_since(known.incarnation, current)
+
+
+def recreated_since(incarnation: str, current: DatasetRecord) -> bool:
+    """``recreated`` for one whose ``incarnation`` is all that was kept of it (the agent's mount of it)."""
+    return current.incarnation != incarnation
 
 
 def wanted_links(datasets: Iterable[DatasetRecord], mounted: Iterable[tuple[str, str]],

@@ -627,6 +627,59 @@ async def test_a_dataset_deleted_and_applied_again_while_the_mounts_watch_restar
         await proxy.cut()
 
 
+async def test_a_dataset_deleted_and_applied_again_unseen_while_its_mount_is_down_has_its_old_blocks_freed_at_once(
+        bus: Bus, settings: Settings, nats_server: NatsServer, seaweedfs: SeaweedServer, bucket: str,
+        tmp_path: Path) -> None:
+    # The mount process is down (killed, and it cannot come back: its manifest is gone), so nobody in it frees the
+    # blocks. The dataset is deleted and applied again while the agent's watches restart (the node's NATS cut, the
+    # server restarted): the agent's mirror shows only the new record, not Bound yet, never the delete. Taken as the
+    # old dataset no longer Bound, its mount was kept for the unbound grace (30 s) and its blocks after it (the
+    # dataset "still existing"); another incarnation is a delete, then an apply: the blocks go at once.
+    other = f"t-{uuid.uuid4().hex[:12]}"
+    async with seaweedfs.client() as client:
+        await client.create_bucket(Bucket=other)
+    objects = {f"d{i}.bin": os.urandom(1_500_000) for i in range(2)}
+    await put_objects(seaweedfs, bucket, objects)
+    await put_objects(seaweedfs, other, {"new.bin": b"the new dataset's"})
+    hold = ListingHold(held=lambda location: isinstance(location, S3Location) and location.bucket == other)
+    proxy = CuttableProxy(nats_server.config.port)
+    await proxy.start()
+    proxied = dataclasses.replace(settings, nats=dataclasses.replace(settings.nats,
+                                                                     urls=[f"nats://{LOOPBACK}:{proxy.port}"]))
+    try:
+        async with (running(lambda stop: dataset_app.run(settings, stop, opener=hold.opener)),
+                    node_stack(bus, proxied, seaweedfs, tmp_path, dataset_service=False) as node):
+            await node.apply("ds", bucket)
+            root = await node.wait_mounted("ds", expect="d1.bin")
+            for key in objects:
+                await read_file(root / key)
+            cache = node.cache_dir / "default" / "ds"
+            await eventually(lambda: _async(len(block_files(cache)) >= 4), what="blocks on disk")
+            old = await node.record("ds")
+            await (await ManifestStore.of(bus)).delete(old.status.manifest)
+            [pid] = mount_pids(root)
+            os.kill(pid, signal.SIGKILL)
+            await eventually(lambda: _async(not mount_pids(root)), what="the mount process gone")
+            await proxy.cut()
+            nats_server.restart()
+            await eventually(lambda: _async(bus.nc.is_connected), what="the test's client reconnected")
+            await bus.publish(subjects.DATASET_DELETE, DatasetDelete(name="ds"))
+            await node.apply("ds", other)
+            await asyncio.wait_for(hold.started.wait(), 15)  # applied again, its listing held: not Bound
+            assert (await node.record("ds")).incarnation != old.incarnation
+            assert len(block_files(cache)) >= 4  # no process of the node saw the delete
+            await proxy.restore()
+            await eventually(lambda: _async(not block_files(cache)), timeout=15,
+                             what="the old dataset's blocks freed, well inside the unbound grace")
+            hold.release.set()
+            await node.wait_mounted("ds", expect="new.bin")
+            assert await read_file(root / "new.bin") == b"the new dataset's"
+            assert not await asyncio.to_thread(os.path.exists, root / "d0.bin")
+    finally:
+        hold.release.set()
+        await proxy.cut()
+
+
 async def test_a_mount_process_stopped_while_it_loads_its_cache_ends_at_once_and_starts_clean_later(
         bus: Bus, settings: Settings, tmp_path: Path) -> None:
     # The cache holds two files whose open hangs (a disk that stopped answering), its index and a block file: the
