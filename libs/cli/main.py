@@ -410,8 +410,14 @@ async def send_commands(bus: Bus, commands: Sequence[Command], wait_seconds: flo
     return outcomes
 
 
-def report_outcomes(outcomes: Sequence[Outcome], timeout: float, applied: str = "configured") -> bool:
+def report_outcomes(outcomes: Sequence[Outcome], timeout: float, applied: str = "configured", *,
+                    ignore_not_found: bool = False, namespaces: bool = False) -> bool:
     """Print one line per command in document order; True when every command was carried out.
+
+    ``ignore_not_found``: a command refused because its object does not exist (any more) is passed over, neither
+    printed nor a failure (``delete --all``: deleted by someone else since it was listed, as kubectl ignores it).
+    ``namespaces``: a delete says its object's namespace (``... deleted from team namespace``, kubectl's words), for
+    lines of several namespaces (``delete --all -A``), where two objects may share a name.
 
     An accepted apply says what the service found when it handled it (the fact's ``result``: created, configured
     or unchanged, as kubectl says), so another applier's command handled in between, or the same object applied
@@ -433,8 +439,10 @@ def report_outcomes(outcomes: Sequence[Outcome], timeout: float, applied: str = 
                 done = applied
             click.echo(f"{command.resource} {done}")
         elif isinstance(fact, DatasetDeleted | RuntimeDeleted | OperationDeleted):
-            click.echo(f"{command.resource} deleted")
+            click.echo(f"{command.resource} deleted" + (f" from {command.namespace} namespace" if namespaces else ""))
         elif isinstance(fact, DatasetRejected | RuntimeRejected | OperationRejected):
+            if ignore_not_found and fact.not_found:
+                continue
             click.echo(f"error: {_named(command)} rejected: {fact.reason}", err=True)
             ok = False
         else:
@@ -651,10 +659,13 @@ def _delete_command(kind: Kind, namespace: str, name: str) -> Command:
 
 async def _delete_every(options: Options, kind: Kind, namespace: str | None) -> bool:
     """``delete RESOURCE --all``: a delete command for every object of ``kind`` the KV holds in ``namespace`` (None:
-    in every one), in namespace and name order, each reported as one line; True when every one was deleted.
+    in every one), in namespace and name order, each reported as one line (naming its namespace when ``namespace``
+    is None); True when every one was deleted.
 
     Only the keys are read: a record that does not decode (another version's) is deleted all the same, as kubectl
-    deletes what it lists. Nothing to delete is not an error, as in kubectl.
+    deletes what it lists. Nothing to delete is not an error, as in kubectl, nor is an object deleted by someone
+    else between the listing and its delete (the service answers that it does not exist): kubectl's ``--all``
+    ignores not-found.
     """
     operation = kind if kind in OPERATION_KINDS else None
     async with session(options) as bus:
@@ -672,7 +683,7 @@ async def _delete_every(options: Options, kind: Kind, namespace: str | None) -> 
             return True
         commands = [_delete_command(kind, found_namespace, name) for found_namespace, name in found]
         outcomes = await send_commands(bus, commands, options.timeout)
-    return report_outcomes(outcomes, options.timeout)
+    return report_outcomes(outcomes, options.timeout, ignore_not_found=True, namespaces=namespace is None)
 
 
 @cli.command()

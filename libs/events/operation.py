@@ -208,6 +208,9 @@ class OperationRejected(Event, frozen=True, kw_only=True, tag="operation.rejecte
     name: str = ""
     namespace: str = ""
     subject: str = ""
+    # The command named an object that does not exist (any more): a delete, resync, scale or run of it. ``shoal
+    # delete KIND --all`` passes over such an answer for an object deleted since it listed them, as kubectl does.
+    not_found: bool = False
 
 
 class OperationStatusChanged(Event, frozen=True, kw_only=True, tag="operation.status.v1", rename="camel"):

@@ -288,6 +288,9 @@ class RuntimeRejected(Event, frozen=True, kw_only=True, tag="runtime.rejected.v1
     name: str = ""
     namespace: str = ""
     subject: str = ""
+    # The command named an object that does not exist (any more): a delete, resync, scale or run of it. ``shoal
+    # delete KIND --all`` passes over such an answer for an object deleted since it listed them, as kubectl does.
+    not_found: bool = False
 
 
 class RuntimeStatusChanged(Event, frozen=True, kw_only=True, tag="runtime.status.v1", rename="camel"):

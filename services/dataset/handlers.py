@@ -216,17 +216,17 @@ class DatasetHandlers:
                         error=type(err).__name__)
 
     async def _reject(self, causation: str, delivery: Delivery, reason: str, name: str = "",
-                      namespace: str = "") -> None:
+                      namespace: str = "", not_found: bool = False) -> None:
         """The rejection fact of the command ``causation``: every command gets an answer, with a reason."""
         await self.bus.publish(
             subjects.DATASET_REJECTED,
             DatasetRejected(id=f"{causation}.rejected", causation_id=causation, reason=reason, name=name,
-                            namespace=namespace, subject=delivery.subject),
+                            namespace=namespace, subject=delivery.subject, not_found=not_found),
         )
 
     async def _reject_missing(self, command: DatasetDelete | DatasetResync, delivery: Delivery) -> None:
         await self._reject(command.id, delivery, f"dataset {command.namespace}/{command.name} does not exist",
-                           command.name, command.namespace)
+                           command.name, command.namespace, not_found=True)
 
     async def _reject_invalid_ref(self, command: DatasetDelete | DatasetResync, delivery: Delivery) -> bool:
         """Reject a command whose name or namespace cannot name a dataset (it is no valid KV key either)."""

@@ -202,11 +202,11 @@ class LoaderHandlers:
                                                                  reason=reason, kind=kind, subject=delivery.subject))
 
     async def _reject(self, command_id: str, kind: OperationKind, name: str, namespace: str, reason: str,
-                      delivery: Delivery) -> None:
+                      delivery: Delivery, not_found: bool = False) -> None:
         log.info("rejected", kind=kind, operation=subjects.object_name(namespace, name), reason=reason)
         await self.bus.publish(FACTS[kind][1], OperationRejected(
             id=f"{command_id}.rejected", causation_id=command_id, reason=reason, kind=kind, name=name,
-            namespace=namespace, subject=delivery.subject))
+            namespace=namespace, subject=delivery.subject, not_found=not_found))
 
     async def _apply(self, command_id: str, kind: OperationKind, meta: ObjectMeta, errors: list[str],
                      delivery: Delivery, load: DataLoadSpec | None = None, clean: DataCleanSpec | None = None) -> None:
@@ -269,7 +269,8 @@ class LoaderHandlers:
         elif record.status.phase == "Executing":
             reason = f"{name} is Executing; run it again once this run is Complete or Failed"
         if reason or record is None:
-            await self._reject(command.id, "DataLoad", command.name, command.namespace, reason, delivery)
+            await self._reject(command.id, "DataLoad", command.name, command.namespace, reason, delivery,
+                               not_found=record is None or record.load is None)
             return
         # A request while a run is pending joins it; its sequence is still counted, so delivered again after that
         # run started it is not taken for a new request.
@@ -300,7 +301,7 @@ class LoaderHandlers:
         record, revision = await kv_load(await self.bus.kv(subjects.KV_OPERATIONS), key, OperationRecord)
         if record is None:
             await self._reject(command.id, kind, command.name, command.namespace,
-                               f"{kind} {command.namespace}/{command.name} does not exist", delivery)
+                               f"{kind} {command.namespace}/{command.name} does not exist", delivery, not_found=True)
             return
         stale = domain.stale_command(record, delivery.stream_sequence, 0, "delete")
         if stale:  # delivered again behind an apply that came after it: the operation stays

@@ -183,7 +183,8 @@ class RuntimeHandlers:
         key = subjects.resource_key(namespace, name)
         record, revision = await kv_load(await self.bus.kv(subjects.KV_RUNTIMES), key, RuntimeRecord)
         if record is None:
-            await self._reject(command.id, [domain.missing_runtime(name, namespace)], name, namespace, delivery)
+            await self._reject(command.id, [domain.missing_runtime(name, namespace)], name, namespace, delivery,
+                               not_found=True)
             return
         if errors := domain.scale_errors(record.runtime, command.replicas):
             await self._reject(command.id, errors, name, namespace, delivery)
@@ -214,12 +215,12 @@ class RuntimeHandlers:
         await self.refresh(key, self._agents(), force_publish=record is None)
 
     async def _reject(self, command_id: str, errors: list[str], name: str, namespace: str,
-                      delivery: Delivery) -> None:
+                      delivery: Delivery, not_found: bool = False) -> None:
         log.info("rejected", command=command_id, runtime=subjects.object_name(namespace, name), reasons=errors)
         await self.bus.publish(
             subjects.RUNTIME_REJECTED,
             RuntimeRejected(id=f"{command_id}.rejected", causation_id=command_id, reason="; ".join(errors),
-                            name=name, namespace=namespace, subject=delivery.subject),
+                            name=name, namespace=namespace, subject=delivery.subject, not_found=not_found),
         )
 
     async def delete(self, command: RuntimeDelete, delivery: Delivery) -> None:
@@ -232,7 +233,7 @@ class RuntimeHandlers:
         record, revision = await kv_load(kv, key, RuntimeRecord)
         if record is None:
             await self._reject(command.id, [domain.missing_runtime(command.name, command.namespace)], command.name,
-                               command.namespace, delivery)
+                               command.namespace, delivery, not_found=True)
             return
         stale = domain.stale_delete(record, delivery.stream_sequence)
         if stale:  # delivered again behind an apply or scale that came after it: the runtime stays

@@ -24,6 +24,7 @@ from nats.aio.msg import Msg
 
 from libs import subjects
 from libs.bus import Bus, connect, kv_load
+from libs.cli import main as cli_main
 from libs.cli import render
 from libs.cli.main import cli
 from libs.config import NatsSettings, ServiceSettings, Settings
@@ -38,6 +39,7 @@ from libs.events.dataset import (
     Dataset,
     DatasetAccepted,
     DatasetApply,
+    DatasetDelete,
     DatasetRecord,
     DatasetRejected,
     DatasetSpec,
@@ -59,7 +61,7 @@ from libs.events.schema import INDEX_FILE, schema_files
 from libs.kube import SHOAL_RESOURCES
 from services.dataset import app as dataset_app
 from tests.conftest import NatsServer
-from tests.helpers import eventually, running
+from tests.helpers import dataset_record, eventually, running
 from tests.unit.test_documents import QUOTA_LIST
 
 REPO = Path(__file__).resolve().parents[2]
@@ -520,7 +522,49 @@ spec: {spec}
     assert (nothing.exit_code, nothing.stdout, nothing.stderr) == (0, "", "No resources found in default namespace.\n")
 
     everywhere = await shoal(nats_server, "delete", "ds", "--all", "-A")
-    assert (everywhere.exit_code, everywhere.stdout) == (0, "dataset.shoal.io/a deleted\n"), everywhere.output
+    assert (everywhere.exit_code, everywhere.stdout) == (0, "dataset.shoal.io/a deleted from team namespace\n"), \
+        everywhere.output
+    assert (await shoal(nats_server, "get", "ds", "-A")).stderr == "No resources found.\n"
+
+
+async def test_delete_all_passes_over_an_object_deleted_after_the_listing_and_a_names_each_namespace(
+        nats_server: NatsServer, services: None, bus: Bus, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An object deleted by someone else between ``--all``'s listing and its delete was reported "does not exist",
+    exit code 1; kubectl's ``--all`` ignores not-found. With ``-A`` each line names its namespace, as kubectl's
+    delete does ("deleted from team namespace"): two namespaces' "a" were two identical lines."""
+    data = tmp_path / "data"
+    data.mkdir()
+    manifest = "---\n".join(f"""
+apiVersion: shoal.io/v1alpha1
+kind: Dataset
+metadata: {{name: {name}, namespace: {namespace}}}
+spec: {{mounts: [{{mountPoint: "local://{data}"}}]}}
+""" for name, namespace in (("a", "default"), ("b", "default"), ("a", "team")))
+    applied = await shoal(nats_server, "apply", "-f", "-", stdin=manifest)
+    assert applied.exit_code == 0, applied.output
+    loop = asyncio.get_running_loop()
+
+    async def delete_default_a() -> None:  # someone else's delete, handled by the dataset service
+        await bus.publish(subjects.DATASET_DELETE, DatasetDelete(name="a"))
+
+        async def gone() -> bool:
+            return await dataset_record(bus, "a") is None
+
+        await eventually(gone, 10, "default/a deleted")
+
+    listed_keys = cli_main.kv_keys
+
+    async def listed_then_one_deleted(kv: Any) -> list[str]:
+        keys = await listed_keys(kv)
+        # The CLI runs its own loop in a worker thread: the delete runs on the test's, and the listing waits for it.
+        await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(delete_default_a(), loop))
+        return keys
+
+    monkeypatch.setattr(cli_main, "kv_keys", listed_then_one_deleted)
+    deleted = await shoal(nats_server, "delete", "datasets", "--all", "-A")
+    assert (deleted.exit_code, deleted.stdout, deleted.stderr) == (
+        0, "dataset.shoal.io/b deleted from default namespace\ndataset.shoal.io/a deleted from team namespace\n",
+        ""), deleted.output
     assert (await shoal(nats_server, "get", "ds", "-A")).stderr == "No resources found.\n"
 
 
