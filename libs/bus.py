@@ -209,9 +209,12 @@ class StreamSpec:
     max_msgs: int = -1
 
 
+# Commands are kept a week so a service that was down catches up, and for audit. No command older than this is ever
+# delivered again, which bounds how long a delete marker must stay (``libs.markers``).
+COMMANDS_MAX_AGE = 7 * DAY
+
 STREAMS: tuple[StreamSpec, ...] = (
-    # Commands are kept a week so a service that was down catches up, and for audit.
-    StreamSpec(subjects.STREAM_COMMANDS, [subjects.ALL_COMMANDS], max_age=7 * DAY, max_bytes=1 << 30),
+    StreamSpec(subjects.STREAM_COMMANDS, [subjects.ALL_COMMANDS], max_age=COMMANDS_MAX_AGE, max_bytes=1 << 30),
     StreamSpec(subjects.STREAM_FACTS, [subjects.ALL_FACTS], max_age=7 * DAY, max_bytes=1 << 30),
     # Heartbeats and inventory only matter while fresh: an hour, and bounded per node.
     StreamSpec(subjects.STREAM_AGENT, [subjects.ALL_AGENT], max_age=3600.0, max_msgs_per_subject=10_000),

@@ -15,7 +15,8 @@ The rules it encodes:
 - Streams and buckets are created and updated (``provision``) by the control-plane services and the CLI/admin user,
   never by an agent: an agent that could update a stream could shorten its retention or change its subjects.
   Nobody deletes a stream but the loader a gone node's task stream (never one of Shoal's own); only the manifests'
-  writers purge (theirs: an object put replaces its chunks), and only the dataset service deletes a message (a
+  writers purge (theirs: an object put replaces its chunks, and old delete markers go: ``libs.markers``), only a
+  bucket's owner purges its stream (its old delete markers), and only the dataset service deletes a message (a
   command that carried a secret in clear).
 - A service creates, looks up, pulls from, acks and deletes its own durable consumers only (``DURABLES``: every
   JetStream API subject names the durable), never another kind's; an agent (``agent-<node>``) only consumers of its
@@ -211,14 +212,22 @@ def _write_kv(bucket: str) -> list[str]:
     return [f"$KV.{bucket}.>"]
 
 
+def _sweep_kv(buckets: Iterable[str]) -> list[str]:
+    """Purge the old delete markers of its own buckets (``libs.markers``: a filtered purge of the bucket's stream)."""
+    return [stream_api("PURGE", kv_stream(bucket)) for bucket in buckets]
+
+
 def _read_objects(bucket: str) -> list[str]:
     # nats-py's object get subscribes by subject without naming the stream, so it looks the stream up first.
     return [f"{API}.STREAM.NAMES", *_read_stream(object_stream(bucket)), *_ephemeral(object_stream(bucket))]
 
 
 def _write_objects(bucket: str) -> list[str]:
-    # A put replaces an object's earlier chunks with a filtered purge of the bucket's stream.
-    return [f"$O.{bucket}.>", f"{API}.STREAM.PURGE.{object_stream(bucket)}"]
+    # A put replaces an object's earlier chunks with a filtered purge of the bucket's stream. Its old delete markers
+    # are purged too (``libs.markers``), found with a watch of the meta subjects, which looks its own ordered consumer
+    # up as a KV watch does (the stream holds no durable).
+    stream = object_stream(bucket)
+    return [f"$O.{bucket}.>", f"{API}.STREAM.PURGE.{stream}", consumer_api("INFO", stream, "*")]
 
 
 def _provision() -> list[str]:
@@ -242,7 +251,7 @@ def _dead_letters(*consumers: tuple[str, str]) -> list[str]:
 
 def _service(consumers: Iterable[tuple[str, str]], publish: Iterable[str], kv_writes: Iterable[str] = (),
              objects: Literal["", "read", "write"] = "", subscribe: Iterable[str] = (),
-             responses: bool = False) -> Permissions:
+             responses: bool = False, sweeps: Iterable[str] = ()) -> Permissions:
     """A control-plane service: provisions, reads every bucket, runs its durable consumers, writes its buckets;
     ``objects``: "read" or "write" the Object Store (manifests, the loader's plans), "" neither."""
     consumers = list(consumers)
@@ -251,6 +260,7 @@ def _service(consumers: Iterable[tuple[str, str]], publish: Iterable[str], kv_wr
         allowed += _durable(stream, durable)
     for bucket in kv_writes:
         allowed += _write_kv(bucket)
+    allowed += _sweep_kv(sweeps)
     if objects:
         allowed += _read_objects(subjects.OBJ_MANIFESTS)
     if objects == "write":
@@ -274,14 +284,14 @@ def permissions(kind: str, node: str = "", nodes: Iterable[str] | None = None) -
                      stream_api("MSG.DELETE", subjects.STREAM_COMMANDS)],
             kv_writes=[subjects.KV_DATASETS, subjects.KV_BINDINGS, subjects.KV_NODE_CACHE, subjects.KV_LISTINGS,
                        subjects.KV_MEMBERS],
-            objects="write")
+            objects="write", sweeps=subjects.SWEPT_BY_DATASET)
     if kind == RUNTIME:
         return _service(
             consumers=DURABLES[RUNTIME],
             # Its autoscaler changes replicas the way `shoal scale` does: a scale command, which changes replicas
             # only (never an apply: it has no spec of its own to send).
             publish=[subjects.RUNTIME_FACTS, subjects.RUNTIME_SCALE],
-            kv_writes=[subjects.KV_RUNTIMES, subjects.KV_AGENTS])
+            kv_writes=[subjects.KV_RUNTIMES, subjects.KV_AGENTS], sweeps=subjects.SWEPT_BY_RUNTIME)
     if kind == LOADER:
         perms = _service(
             consumers=DURABLES[LOADER],
@@ -296,7 +306,8 @@ def permissions(kind: str, node: str = "", nodes: Iterable[str] | None = None) -
                      *_node_tasks(nodes), subjects.TASK_CANCEL,
                      *(stream_api(verb, stream) for stream in _task_streams(nodes)
                        for verb in ("CREATE", "UPDATE", "INFO", "DELETE"))],
-            kv_writes=[subjects.KV_OPERATIONS, subjects.KV_OPERATION_RUNS], objects="write")
+            kv_writes=[subjects.KV_OPERATIONS, subjects.KV_OPERATION_RUNS], objects="write",
+            sweeps=subjects.SWEPT_BY_LOADER)
         # Any stream's delete, with the nodes not known: never one of Shoal's own.
         return replace(perms, deny=tuple(stream_api("DELETE", stream) for stream in ALL_STREAMS))
     if kind == SCHEDULER:
@@ -313,7 +324,8 @@ def permissions(kind: str, node: str = "", nodes: Iterable[str] | None = None) -
     if kind == BRIDGE:
         # Kubernetes is where the bridge's commands come from; it shows rejections on the custom resources.
         # Its one bucket: the apply it last published per object, so a restart republishes nothing unchanged.
-        perms = _service(consumers=[], publish=[subjects.ALL_COMMANDS], kv_writes=[subjects.KV_BRIDGE_APPLIED])
+        perms = _service(consumers=[], publish=[subjects.ALL_COMMANDS], kv_writes=[subjects.KV_BRIDGE_APPLIED],
+                         sweeps=subjects.SWEPT_BY_BRIDGE)
         # Its subscription names no stream: nats-py looks the stream up by subject (STREAM.NAMES).
         return Permissions(publish=_unique([*perms.publish, f"{API}.STREAM.NAMES",
                                             *_read_stream(subjects.STREAM_FACTS), *_ephemeral(subjects.STREAM_FACTS)]))

@@ -90,8 +90,12 @@ CLEAN_SLICE = 256
 # An unreachable store is tried this often per block, waiting past the reader's 1 s fail-fast window between.
 STORE_ATTEMPTS = 3
 STORE_RETRY_SECONDS = 1.5
-# Cancelled runs remembered, for parts of them delivered after the broadcast (the KV check covers the rest).
+# Cancelled runs remembered, for parts of them delivered after the broadcast (the KV check covers the rest), for as
+# long as a node's task stream keeps a part (``libs.bus.node_task_stream``). No longer: once an operation's delete
+# marker is purged (``libs.markers``), the same name applied again numbers its runs from 1 again, and a run id
+# remembered for ever would skip that run's parts as cancelled.
 CANCELLED_RUNS = 64
+CANCELLED_SECONDS = DAY
 # After NATS errors in the consumer loop, wait this long before pulling again.
 RETRY_SECONDS = 1.0
 # A part's final progress not taken by JetStream (NATS away, no acknowledgement, the stream full) is published again
@@ -298,7 +302,7 @@ class TaskRunner:
         self.stream = subjects.task_stream(node)
         self._stopping = asyncio.Event()
         self._running: _Running | None = None
-        self._cancelled: deque[str] = deque(maxlen=CANCELLED_RUNS)
+        self._cancelled: deque[tuple[str, float]] = deque(maxlen=CANCELLED_RUNS)  # (run, monotonic time)
         # The durable's own ``max_deliver``: one kept from before a change of MAX_DELIVER goes on with its old count.
         self._max_deliver = MAX_DELIVER
         self._tracer = tracer(__name__)
@@ -410,11 +414,16 @@ class TaskRunner:
 
     def _cancel(self, run: str) -> None:
         """Remember ``run`` as cancelled (its parts delivered later are skipped) and stop its part if one runs."""
-        self._cancelled.append(run)
+        self._cancelled.append((run, time.monotonic()))
         running = self._running
         if running is not None and running.run == run:
             running.cancelled = True
             running.abort.set()
+
+    def _was_cancelled(self, run: str, now: float | None = None) -> bool:
+        """``run`` was cancelled within ``CANCELLED_SECONDS`` (its parts may still be in the stream)."""
+        now = time.monotonic() if now is None else now
+        return any(cancelled == run and now - at < CANCELLED_SECONDS for cancelled, at in self._cancelled)
 
     # --- one part ---
 
@@ -443,7 +452,7 @@ class TaskRunner:
                         task_dataset=subjects.object_name(task.dataset.namespace, task.dataset.name))
             await message.ack()
             return
-        skip = CANCELLED if task.run in self._cancelled else await self._not_current(task.run)
+        skip = CANCELLED if self._was_cancelled(task.run) else await self._not_current(task.run)
         if skip:
             bound.info("part skipped: its run is not current", reason=skip)
             await message.ack()

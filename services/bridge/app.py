@@ -8,6 +8,7 @@ the periodic reflection of that state onto the custom resources.
 | KV shoal_bridge_applied (its own) | every key (watch; read before the first list) | BridgeHandlers.applied |
 | SHOAL_FACTS | shoal.evt.*.rejected (ordered consumer, from the start) | BridgeHandlers.on_rejection |
 | — | every REFLECT_SECONDS | BridgeHandlers.tick (status, volume and claim, Events, TTL deletes, retries) |
+| — | every 10 min | MarkerSweeper (libs.markers): delete markers older than a week in shoal_bridge_applied |
 
 Ready (``/readyz``) when connected to NATS, every resource was listed once and the loops run. A resource whose CRD
 is not installed (Fluid's, in a cluster with Shoal's only) counts as listed, empty (``watch.py``): it must not keep
@@ -33,6 +34,7 @@ from libs.events.common import DECODE_ERRORS
 from libs.events.dataset import DatasetRecord
 from libs.events.operation import OperationRecord
 from libs.events.runtime import RuntimeRecord
+from libs.markers import BRIDGE_SWEEP, MARKER_SWEEP_SECONDS, MarkerSweeper
 from libs.service import Loop, Periodic, nats_check, run_loops
 from libs.side_server import Readiness
 from services.bridge import domain
@@ -107,7 +109,9 @@ async def run(settings: Settings, stop: asyncio.Event, readiness: Readiness | No
         readiness.add("kubernetes", listed)
         loops: list[Loop] = [mirrors.datasets, mirrors.runtimes, mirrors.operations, applied, *watchers,
                              # Cancelled by a stop: a pass may be waiting on an API server that does not answer.
-                             Periodic("reflect", handlers.tick, REFLECT_SECONDS, cancel_on_stop=True)]
+                             Periodic("reflect", handlers.tick, REFLECT_SECONDS, cancel_on_stop=True),
+                             Periodic("old delete markers", MarkerSweeper(bus, BRIDGE_SWEEP).tick,
+                                      MARKER_SWEEP_SECONDS)]
         await run_loops(loops, stop, readiness)
     finally:
         if rejections is not None:

@@ -14,6 +14,7 @@
 | KV shoal_members | dataset.* (watch; this replica's beat) | Members: which replicas split the syncs |
 | KV shoal_agents | every key (watch) | the agents' last beats: DatasetHandlers.forget_departed_nodes |
 | (timer) | every 10 s | DatasetHandlers.forget_departed_nodes (cache figures of nodes gone, datasets it owns) |
+| (timer) | every 10 min | MarkerSweeper (libs.markers): delete markers older than a week in its buckets, manifests |
 
 Replicas (each with its own SHOAL_REPLICA_NAME) share the four consumers and split the reconciler's keys
 (``libs.members``): each dataset is listed by one replica, and a replica that goes away hands its datasets over.
@@ -38,6 +39,7 @@ from libs.events.agent import AgentRecord, AnyInventory
 from libs.events.dataset import DatasetCommand
 from libs.events.runtime import RuntimeFact
 from libs.events.schedule import DatasetCacheObserved
+from libs.markers import DATASET_SWEEP, MARKER_SWEEP_SECONDS, MarkerSweeper
 from libs.members import Members
 from libs.reconcile import Reconciler
 from libs.service import Periodic, nats_check, run_loops
@@ -118,8 +120,9 @@ async def run(settings: Settings, stop: asyncio.Event, clock: Callable[[], float
         departed = Periodic("departed nodes", lambda: handlers.forget_departed_nodes(census.nodes_named(),
                                                                                      members.owns),
                             DEPARTED_NODES_SECONDS)
+        markers = Periodic("old delete markers", MarkerSweeper(bus, DATASET_SWEEP).tick, MARKER_SWEEP_SECONDS)
         await run_loops([members, bindings, policies, agents, commands, runtime_facts, inventory, scheduler_cache,
-                         reconciler, departed], stop, readiness)
+                         reconciler, departed, markers], stop, readiness)
     finally:
         await bus.close()
         await s3_clients.close()

@@ -12,6 +12,7 @@
 | (timer) | every 0.25 s | LoaderHandlers.export_gauges (operations by kind and phase, current runs' bytes) |
 | (timer) | every 5 s | LoaderHandlers.prune_task_streams (the task streams of nodes gone, with no part waiting) |
 | (timer) | once, at start | LoaderHandlers.sweep (run states and plans of operations gone, plans of runs ended) |
+| (timer) | every 10 min | MarkerSweeper (libs.markers): delete markers older than a week in its buckets and objects |
 
 Ready (``/readyz``) when connected to NATS, the consumers, the watches and the timer run, and the watches have
 caught up.
@@ -32,6 +33,7 @@ from libs.config import Settings
 from libs.events.dataset import DatasetRecord
 from libs.events.operation import OperationCommand, OperationRecord, TaskProgress
 from libs.events.runtime import RuntimeRecord
+from libs.markers import LOADER_SWEEP, MARKER_SWEEP_SECONDS, MarkerSweeper
 from libs.service import Periodic, nats_check, run_loops
 from libs.side_server import Readiness
 from services.loader.domain import RunState
@@ -86,7 +88,8 @@ async def run(settings: Settings, stop: asyncio.Event, clock: Callable[[], float
         gauges = Periodic("gauges", handlers.export_gauges, GAUGE_SECONDS)
         streams = Periodic("task streams", handlers.prune_task_streams, TASK_STREAMS_SECONDS)
         sweep = Periodic("left-over run states", handlers.sweep, SWEEP_SECONDS)
-        await run_loops([operations, datasets, runs, runtimes, commands, progress, ticker, gauges, streams, sweep],
-                        stop, readiness)
+        markers = Periodic("old delete markers", MarkerSweeper(bus, LOADER_SWEEP).tick, MARKER_SWEEP_SECONDS)
+        await run_loops([operations, datasets, runs, runtimes, commands, progress, ticker, gauges, streams, sweep,
+                         markers], stop, readiness)
     finally:
         await bus.close()

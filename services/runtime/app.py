@@ -11,6 +11,7 @@
 | (timer) | every 0.25 s | RuntimeHandlers.check_placements (a Dataset's placement changed, workers moved) |
 | (timer) | every 0.25 s | RuntimeHandlers.export_gauges (runtimes by phase, workers per runtime) |
 | (timer) | every 1 s | RuntimeHandlers.autoscale_all (the elastic cache: spec.autoscaling) |
+| (timer) | every 10 min | MarkerSweeper (libs.markers): delete markers older than a week in shoal_runtimes |
 
 Ready (``/readyz``) when connected to NATS, the consumers, the watches and the timers run, and the watches have
 caught up.
@@ -31,6 +32,7 @@ from libs.config import Settings
 from libs.events.agent import AgentHeartbeat, AgentRecord
 from libs.events.dataset import DatasetRecord
 from libs.events.runtime import RuntimeCommand, RuntimeRecord
+from libs.markers import MARKER_SWEEP_SECONDS, RUNTIME_SWEEP, MarkerSweeper
 from libs.service import Periodic, StartsWhen, nats_check, run_loops
 from libs.side_server import Readiness
 from services.runtime.handlers import (
@@ -76,11 +78,13 @@ async def run(settings: Settings, stop: asyncio.Event, clock: Callable[[], float
         placements = Periodic("placement check", handlers.check_placements, PLACEMENT_CHECK_SECONDS)
         gauges = Periodic("gauges", handlers.export_gauges, GAUGE_SECONDS)
         autoscaler = Periodic("autoscaler", handlers.autoscale_all, AUTOSCALE_SECONDS)
+        markers = Periodic("old delete markers", MarkerSweeper(bus, RUNTIME_SWEEP).tick, MARKER_SWEEP_SECONDS)
         # What reads the mirrors starts once they hold their initial values (it would otherwise wait for them
         # inside a handler or tick, where a stop cannot reach it).
         mirrored = (agents.ready, datasets.ready, runtimes.ready)
         await run_loops([agents, datasets, runtimes, *(StartsWhen(loop, *mirrored) for loop in
-                                                      (commands, heartbeats, ticker, placements, autoscaler)), gauges],
+                                                      (commands, heartbeats, ticker, placements, autoscaler)), gauges,
+                         markers],
                         stop, readiness)
     finally:
         await bus.close()

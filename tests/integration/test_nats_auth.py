@@ -29,6 +29,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import time
 import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Iterator
 from contextlib import AsyncExitStack
@@ -45,7 +46,7 @@ from prometheus_client import REGISTRY, generate_latest
 
 from libs import bus as bus_module
 from libs import natsauth, natssecure, subjects, telemetry
-from libs.bus import Bus, Consumer, Delivery, PermissionDenied, connect, kv_load
+from libs.bus import Bus, Consumer, Delivery, PermissionDenied, connect, kv_delete, kv_load
 from libs.cli.up import Plan, UpOptions, _plan
 from libs.config import AgentSettings, NatsSettings, Secret, Settings
 from libs.embedded import (
@@ -72,6 +73,7 @@ from libs.events.dataset import (
 from libs.events.operation import DataLoad, DataLoadApply, DataLoadSpec, DatasetRef, OperationRecord
 from libs.events.runtime import Level, Runtime, RuntimeApply, RuntimeSpec, TieredStore
 from libs.events.schedule import ScoreReply, ScoreRequest
+from libs.markers import BRIDGE_SWEEP, DATASET_SWEEP, LOADER_SWEEP, RETENTION_SECONDS, RUNTIME_SWEEP, MarkerSweeper
 from libs.natssecure import SecureNats, TlsFiles, ensure_passwords, make_certs
 from services.agent import app as agent_app
 from services.dataset import app as dataset_app
@@ -1045,3 +1047,31 @@ async def test_shoal_up_secure_keeps_each_agent_to_its_node_and_the_loader_to_th
     refused_users = {line.split('"$G/user:')[1].split('"')[0] for line in log.read_text().splitlines()
                      if "Violation" in line}
     assert refused_users == {natsauth.LOADER, plan.users["agent-1"]}
+
+
+async def test_each_service_may_purge_the_old_delete_markers_of_its_own_buckets_and_objects(
+        secure_server: SecureServer, cli_bus: Bus) -> None:
+    """``libs.markers`` under each owner's user: its buckets' markers and its deleted objects' meta messages go, and
+    the server refuses it nothing."""
+    objects = {natsauth.DATASET: "default.x.i1-1-0", natsauth.LOADER: subjects.loader_plan("dataload.default.x")}
+    a_week_on = time.time() + RETENTION_SECONDS + 60
+    for kind, sweep in ((natsauth.DATASET, DATASET_SWEEP), (natsauth.RUNTIME, RUNTIME_SWEEP),
+                        (natsauth.LOADER, LOADER_SWEEP), (natsauth.BRIDGE, BRIDGE_SWEEP)):
+        owner = await secure_server.connect(kind)
+        try:
+            for bucket in sweep.buckets:
+                kv = await owner.kv(bucket)
+                await kv.put("dataload.default.x", b"{}")
+                await kv_delete(kv, "dataload.default.x", None)
+            if kind in objects:
+                store = await owner.manifests()
+                await store.put(objects[kind], b"entries")
+                await store.delete(objects[kind])
+            await MarkerSweeper(owner, sweep, clock=lambda: a_week_on).tick()
+            for bucket in sweep.buckets:
+                assert (await (await cli_bus.kv(bucket)).status()).values == 0, (kind, bucket)
+            assert owner.denials.seen == [], kind
+        finally:
+            await owner.close()
+    manifests = await cli_bus.js.stream_info(natsauth.object_stream(subjects.OBJ_MANIFESTS))
+    assert manifests.state.messages == 0

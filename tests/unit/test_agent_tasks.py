@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from pathlib import Path
 from typing import Any, cast
 
@@ -17,6 +18,7 @@ from libs.events.common import ObjectMeta, ObjectRef
 from libs.events.dataset import Dataset, DatasetRecord, DatasetSpec, DatasetStatus, ManifestEntry
 from libs.events.operation import DataLoadSpec, DatasetRef, NodeTask, OperationRecord, OperationStatus
 from services.agent.tasks import (
+    CANCELLED_SECONDS,
     CHANGED,
     PartLedger,
     TaskRunner,
@@ -223,3 +225,16 @@ async def test_a_part_heartbeat_ends_even_when_its_cancellation_is_swallowed() -
     beating.cancel()
     await asyncio.wait_for(asyncio.shield(beating), 10)
     assert message.calls == 1
+
+
+def test_a_cancelled_run_is_remembered_as_long_as_its_parts_can_be_delivered_not_longer() -> None:
+    """A run cancelled more than a day ago (its parts out of the task stream) no longer skips parts: once the
+    operation's delete marker is purged (``libs.markers``), the name applied again numbers its runs from 1 anew, and
+    a run id remembered for ever would drop that run's parts as cancelled."""
+    runner = TaskRunner(cast(Any, None), "n", ObjectRef(name="ds"), cast(Any, None), cast(Any, None), dict,
+                        concurrency=1)
+    runner._cancel("dataload.default.warm.1")
+    now = time.monotonic()
+    assert runner._was_cancelled("dataload.default.warm.1", now)
+    assert not runner._was_cancelled("dataload.default.warm.2", now)
+    assert not runner._was_cancelled("dataload.default.warm.1", now + CANCELLED_SECONDS + 1)
