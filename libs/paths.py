@@ -138,7 +138,14 @@ def dataset_path(root: str, key: str) -> str:
     problem = key_problem(key)
     if problem is not None:
         raise ValueError(f"key {quoted_key(key)} {problem}")
-    return root.rstrip("/") + "/" + key
+    return path_prefix(root) + key
+
+
+def path_prefix(root: str) -> str:
+    """What the path of every object of the mount at ``root`` starts with: ``dataset_path`` is this and the key. A
+    caller that has checked the key with ``key_problem`` already (the sync, for every object it lists) joins them
+    itself, instead of checking each key a second time."""
+    return root.rstrip("/") + "/"
 
 
 @dataclass
@@ -161,15 +168,47 @@ class Skipped:
 class Folders:
     """The set of folder paths of a tree, for the one rule that needs the whole listing: a folder shadows a file
     of the same path. Fed every usable path first, then asked about each; the listing may come in any order
-    (SeaweedFS does not list in S3's key order). Memory grows with the number of folders, not of files."""
+    (SeaweedFS does not list in S3's key order). Memory grows with the number of folders, not of files.
+
+    ``may_shadow`` says, once every path is noted, whether any file may be shadowed at all: False lets the caller
+    skip asking about each path, a second pass over a listing of millions. It is exact for paths noted in order
+    (S3 lists keys so, and a mount's root is the same before each): all the paths that start with a file's path
+    then come right after it, so the files that are a prefix of the path being noted (a short stack) are the only
+    ones a folder made now can shadow. Paths out of order (another store, mounts whose roots are not in order) make
+    it True: the caller then asks about each."""
 
     paths: set[str] = field(default_factory=set)
+    _shadowing: bool = False
+    _in_order: bool = True
+    _last: str = ""
+    # In order: the files noted whose path is a prefix of the last path noted, each a prefix of the next.
+    _open: list[str] = field(default_factory=list)
+
+    @property
+    def may_shadow(self) -> bool:
+        return self._shadowing or not self._in_order
 
     def note(self, path: str) -> None:
         """Record the folders ``path`` needs: '/a/b/c' needs '/a' and '/a/b'; the marker '/a/b/' also '/a/b'."""
-        folder = path[:-1] if is_folder(path) else path.rsplit("/", 1)[0]
+        if self._in_order:
+            if path <= self._last:
+                self._in_order = False
+                self._open.clear()
+            self._last = path
+            while self._open and not path.startswith(self._open[-1]):
+                self._open.pop()
+        if is_folder(path):
+            folder = path[:-1]
+        else:
+            folder = path.rsplit("/", 1)[0]
+            if path in self.paths:  # its folder came first
+                self._shadowing = True
+            elif self._in_order:
+                self._open.append(path)
         while folder and folder not in self.paths:  # a folder already known brings its parents with it
             self.paths.add(folder)
+            if self._open and folder in self._open:  # a file noted before it
+                self._shadowing = True
             folder = folder.rsplit("/", 1)[0]
 
     def shadows(self, path: str) -> bool:

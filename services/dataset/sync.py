@@ -162,6 +162,7 @@ async def sync_metadata(record: DatasetRecord, manifests: ManifestStore, default
                     return SyncResult(generation=generation, requests=requests, incarnation=record.incarnation,
                                       error=cut_error(f"mount {mount.mount_point}: {refused}"))
             root = mount_path(mount, len(dataset.spec.mounts))
+            prefix = paths.path_prefix(root)
             newest: ObjectTime | None = None
             mount_listed = 0
             store = opener(location)
@@ -173,7 +174,8 @@ async def sync_metadata(record: DatasetRecord, manifests: ManifestStore, default
                     if problem is not None:
                         skipped.add(info.key, problem, index)
                         continue
-                    entry = ManifestEntry(path=paths.dataset_path(root, info.key), mount=index, key=info.key,
+                    # Checked just above: ``dataset_path`` would check the key again, a second time per object.
+                    entry = ManifestEntry(path=prefix + info.key, mount=index, key=info.key,
                                           size=info.size, etag=info.etag, mtime=info.mtime,
                                           mtime_ns=info.mtime_ns, mode=info.mode, uid=info.uid, gid=info.gid)
                     folders.note(entry.path)
@@ -208,11 +210,16 @@ async def sync_metadata(record: DatasetRecord, manifests: ManifestStore, default
             finally:
                 await store.close()
             roots.append((index, root, newest))
-        for entry in read_entries(usable.rewound()):
-            if folders.shadows(entry.path):
-                skipped.add(entry.key, paths.SHADOWED, entry.mount)
-                continue
-            manifest.add(entry)
+        if folders.may_shadow:
+            for entry in read_entries(usable.rewound()):
+                if folders.shadows(entry.path):
+                    skipped.add(entry.key, paths.SHADOWED, entry.mount)
+                    continue
+                manifest.add(entry)
+        else:
+            # No folder has a file's path: every usable entry stays, in the order written, so the manifest is the
+            # usable entries as they are (decoding and encoding each again cost a second pass over the listing).
+            manifest = usable
         for entry in mount_folders(roots):
             manifest.add(entry)
         # Named with the record's incarnation, generation and resync count: if the dataset changes, is resynced,

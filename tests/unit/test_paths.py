@@ -6,7 +6,7 @@ from __future__ import annotations
 import posixpath
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from libs import paths
@@ -81,6 +81,50 @@ def test_a_folder_shadows_a_file_of_its_path_in_any_listing_order(order: list[st
     for path in order:
         folders.note(path)
     assert {path for path in order if folders.shadows(path)} == {"/x", "/m", "/q/r", "/q"}
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from(["/a", "/a/b", "/a/b/", "/a/b/c", "/c", "/c/d", "/e/", "/e/f/g", "/h/i"]),
+                unique=True).flatmap(st.permutations))
+def test_may_shadow_is_false_only_when_no_file_is_shadowed(order: list[str]) -> None:
+    """The sync's fast path: with ``may_shadow`` False it keeps every path without asking ``shadows`` of each. It
+    must never be False while a file is shadowed, in any listing order (the folder before the file or after)."""
+    folders = paths.Folders()
+    for path in order:
+        folders.note(path)
+    if any(folders.shadows(path) for path in order):
+        assert folders.may_shadow
+    # In order (as S3 lists), it is exact: False whenever nothing is shadowed.
+    folders = paths.Folders()
+    for path in sorted(order):
+        folders.note(path)
+    assert folders.may_shadow == any(folders.shadows(path) for path in order)
+
+
+def test_a_listing_in_order_without_a_shadowed_file_takes_the_fast_path() -> None:
+    listing = sorted([f"/dir-{i % 100}/sub/file-{i}.jpg" for i in range(10_000)] + ["/dir-1/", "/dir-1.txt",
+                                                                                  "/dir-2.txt/x"])
+    folders = paths.Folders()
+    for path in listing:
+        folders.note(path)
+    assert not folders.may_shadow
+    # A file, then what sorts between it and the folder of its name, then that folder: found in order too.
+    folders = paths.Folders()
+    for path in ["/a/m", "/a/m.txt", "/a/m!", "/a/m/inside", "/a/n"]:
+        folders.note(path)
+    assert folders.may_shadow and folders.shadows("/a/m")
+
+
+def test_a_listing_out_of_order_may_shadow_whatever_it_holds() -> None:
+    folders = paths.Folders()
+    for path in ["/b/x", "/a/y"]:
+        folders.note(path)
+    assert folders.may_shadow
+
+
+def test_path_prefix_joined_with_a_checked_key_is_its_dataset_path() -> None:
+    for root in ("/", "/a", "/a/b/"):
+        assert paths.path_prefix(root) + "k/v" == paths.dataset_path(root, "k/v")
 
 
 def test_skipped_keeps_a_count_and_a_few_short_examples() -> None:
