@@ -595,6 +595,23 @@ async def test_a_resync_right_after_a_nats_server_restart_reaches_the_running_mo
         assert mount_pids(root) == [pid]  # the same mount process, reconnected
 
 
+async def _recreation_stage(settings: Settings, nats_server: NatsServer, seaweedfs: SeaweedServer,
+                            ) -> tuple[str, ListingHold, CuttableProxy, Settings]:
+    """For a dataset deleted and applied again unseen: another bucket holding ``new.bin``, a hold on listing it (so
+    the new dataset stays unlisted, without a manifest, until released), and a proxy to NATS the test can cut, with
+    the settings of a node that connects through it. The caller cuts the proxy at the end."""
+    other = f"t-{uuid.uuid4().hex[:12]}"
+    async with seaweedfs.client() as client:
+        await client.create_bucket(Bucket=other)
+    await put_objects(seaweedfs, other, {"new.bin": b"the new dataset's"})
+    hold = ListingHold(held=lambda location: isinstance(location, S3Location) and location.bucket == other)
+    proxy = CuttableProxy(nats_server.config.port)
+    await proxy.start()
+    proxied = dataclasses.replace(settings, nats=dataclasses.replace(settings.nats,
+                                                                     urls=[f"nats://{LOOPBACK}:{proxy.port}"]))
+    return other, hold, proxy, proxied
+
+
 async def test_a_dataset_deleted_and_applied_again_while_the_mounts_watch_restarts_stops_serving_the_old_tree(
         bus: Bus, settings: Settings, nats_server: NatsServer, seaweedfs: SeaweedServer, bucket: str,
         tmp_path: Path) -> None:
@@ -603,16 +620,8 @@ async def test_a_dataset_deleted_and_applied_again_while_the_mounts_watch_restar
     # the newest record of the name, the delete between never. The new dataset (another bucket) is not listed yet,
     # so it has no manifest: the mount served the deleted dataset's files under its name until it had one (the
     # agent keeps a mount no longer Bound for UNBOUND_GRACE_SECONDS, 30 s; for ever while the new one fails).
-    other = f"t-{uuid.uuid4().hex[:12]}"
-    async with seaweedfs.client() as client:
-        await client.create_bucket(Bucket=other)
     await put_objects(seaweedfs, bucket, {"old.bin": b"the deleted dataset's"})
-    await put_objects(seaweedfs, other, {"new.bin": b"the new dataset's"})
-    hold = ListingHold(held=lambda location: isinstance(location, S3Location) and location.bucket == other)
-    proxy = CuttableProxy(nats_server.config.port)
-    await proxy.start()
-    proxied = dataclasses.replace(settings, nats=dataclasses.replace(settings.nats,
-                                                                     urls=[f"nats://{LOOPBACK}:{proxy.port}"]))
+    other, hold, proxy, proxied = await _recreation_stage(settings, nats_server, seaweedfs)
     try:
         async with (running(lambda stop: dataset_app.run(settings, stop, opener=hold.opener)),
                     node_stack(bus, proxied, seaweedfs, tmp_path, dataset_service=False) as node):
@@ -646,17 +655,9 @@ async def test_a_dataset_deleted_and_applied_again_unseen_while_its_mount_is_dow
     # server restarted): the agent's mirror shows only the new record, not Bound yet, never the delete. Taken as the
     # old dataset no longer Bound, its mount was kept for the unbound grace (30 s) and its blocks after it (the
     # dataset "still existing"); another incarnation is a delete, then an apply: the blocks go at once.
-    other = f"t-{uuid.uuid4().hex[:12]}"
-    async with seaweedfs.client() as client:
-        await client.create_bucket(Bucket=other)
     objects = {f"d{i}.bin": os.urandom(1_500_000) for i in range(2)}
     await put_objects(seaweedfs, bucket, objects)
-    await put_objects(seaweedfs, other, {"new.bin": b"the new dataset's"})
-    hold = ListingHold(held=lambda location: isinstance(location, S3Location) and location.bucket == other)
-    proxy = CuttableProxy(nats_server.config.port)
-    await proxy.start()
-    proxied = dataclasses.replace(settings, nats=dataclasses.replace(settings.nats,
-                                                                     urls=[f"nats://{LOOPBACK}:{proxy.port}"]))
+    other, hold, proxy, proxied = await _recreation_stage(settings, nats_server, seaweedfs)
     try:
         async with (running(lambda stop: dataset_app.run(settings, stop, opener=hold.opener)),
                     node_stack(bus, proxied, seaweedfs, tmp_path, dataset_service=False) as node):
