@@ -1910,20 +1910,25 @@ async def test_a_load_after_a_restart_waits_for_the_workers_peer_servers_then_pl
     assert {node for _, node in planned} <= {"node-a", "node-b"}
 
 
+async def complete_then_delete(bus: Bus) -> None:
+    """The DataLoad ``warm`` of the one-file dataset applied, run to Complete, then deleted (the record gone)."""
+    await publish(bus, subjects.DATALOAD_APPLY, dataload())
+    await phase_of(bus, "Complete", runs=1)
+    await publish(bus, subjects.DATALOAD_DELETE, DataLoadDelete(name="warm"))
+
+    async def gone() -> bool:
+        return await operation(bus) is None
+
+    await eventually(gone, what="deleted")
+
+
 async def test_a_recreated_operation_continues_the_run_numbers(bus: Bus, nats_server: NatsServer) -> None:
     """Delete and apply again under the same name (within JetStream's duplicate window): the new run gets a new id,
     so its parts are not dropped as duplicates of the deleted operation's."""
     await put_dataset(bus, files(("a", BLOCK)))
     await put_runtime(bus, NODES[:1])
     async with agent(bus, NODES[:1]) as scripted, loader(nats_server):
-        await publish(bus, subjects.DATALOAD_APPLY, dataload())
-        await phase_of(bus, "Complete", runs=1)
-        await publish(bus, subjects.DATALOAD_DELETE, DataLoadDelete(name="warm"))
-
-        async def gone() -> bool:
-            return await operation(bus) is None
-
-        await eventually(gone, what="deleted")
+        await complete_then_delete(bus)
         await publish(bus, subjects.DATALOAD_APPLY, dataload())
         again = await phase_of(bus, "Complete", runs=2)
     assert {task.run for task in scripted.tasks.values()} == {"dataload.default.warm.1", "dataload.default.warm.2"}

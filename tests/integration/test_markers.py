@@ -19,7 +19,6 @@ from libs import bus as bus_module
 from libs import natsauth, subjects
 from libs.bus import Bus, kv_delete, kv_load_deleted
 from libs.deletion import deleted_at, deletion_note
-from libs.events.operation import DataLoadDelete
 from libs.markers import (
     LOADER_SWEEP,
     RETENTION_SECONDS,
@@ -37,10 +36,10 @@ from tests.integration.test_loader import (
     BLOCK,
     NODES,
     agent,
+    complete_then_delete,
     dataload,
     files,
     loader,
-    operation,
     phase_of,
     publish,
     put_dataset,
@@ -167,14 +166,7 @@ async def test_an_operation_applied_again_after_its_marker_went_numbers_its_runs
     await put_dataset(bus, files(("a", BLOCK)))
     await put_runtime(bus, NODES[:1])
     async with agent(bus, NODES[:1]) as scripted, loader(nats_server):
-        await publish(bus, subjects.DATALOAD_APPLY, dataload())
-        await phase_of(bus, "Complete", runs=1)
-        await publish(bus, subjects.DATALOAD_DELETE, DataLoadDelete(name="warm"))
-
-        async def gone() -> bool:
-            return await operation(bus) is None
-
-        await eventually(gone, what="deleted")
+        await complete_then_delete(bus)
         await bus.js.publish(f"{subjects.COMMAND_PREFIX}probe", b"", headers={"Nats-Msg-Id": "probe"})
         key = subjects.operation_key("DataLoad", "default", "warm")
         kv = await bus.kv(subjects.KV_OPERATIONS)
