@@ -17,6 +17,9 @@ What it decides:
   block with its reason (an unreachable store is tried again twice first), never the part or the process;
 - a clean: the blocks named (skipped when not cached), every cached block of ``files`` (any version), or
   everything, evicted through the cache's own eviction path, so inventory deltas report it; freed bytes are done.
+  Right after a restart that found no index (a crash), the cache's background scan may not have reached every
+  block yet: a clean of ``files``/everything has the scan delete the blocks it selects as it finds them
+  (``BlockCache.sweep``) and is done, counting them, once the scan is; named blocks are looked for on disk.
   It first waits for the blocks being fetched or written when it starts (``BlockReader.settle``): the last fetches
   of a load cancelled just before it would otherwise be cached after it finished;
 - progress (``PartLedger``, pure): cumulative ``TaskProgress`` at most once a second while there is news, then a
@@ -458,7 +461,8 @@ class TaskRunner:
             await message.ack()
             return
         if 0 < self._max_deliver <= deliveries:
-            victims = len(self._victims(task)) if task.action == "clean" else 0
+            victims = (len(self.cache.cached_blocks(self._selection(task)))
+                       if task.action == "clean" and (task.everything or task.files) else 0)
             final = given_up(task, deliveries, progress_id(task, deliveries, "final"), self.cache.contains, victims)
             if not await self._report(message, final, bound):
                 # Stopped: the server delivers it no more, only the loader's node checks remain.
@@ -651,17 +655,22 @@ class TaskRunner:
         if fetched and self.warmed is not None:
             self.warmed(size)
 
-    def _victims(self, task: NodeTask) -> list[BlockId]:
-        """The cached blocks a clean's ``files`` or ``everything`` names (none when it names neither)."""
+    @staticmethod
+    def _selection(task: NodeTask) -> Callable[[BlockId], bool]:
+        """The blocks a clean's ``files`` or ``everything`` names (any version)."""
         if task.everything:
-            return self.cache.cached_blocks(lambda _: True)
+            return lambda _: True
         files = {(mount, key) for mount, key in task.files}
-        return self.cache.cached_blocks(lambda block: (block.mount, block.key) in files) if files else []
+        return lambda block: (block.mount, block.key) in files
 
     async def _clean(self, task: NodeTask, ledger: PartLedger, abort: asyncio.Event) -> None:
         await self.reader.settle()  # a cancelled load's blocks in flight land first, and are freed with the rest
         if task.everything or task.files:
-            victims = self._victims(task)
+            select = self._selection(task)
+            # Right after a restart the background scan may not have found every block yet: those it finds later
+            # are deleted as found (before ``cached_blocks``, so a shard indexed in between is in one or the other).
+            sweep = self.cache.sweep(select)
+            victims = self.cache.cached_blocks(select)
             ledger.found(self.cache.cached_bytes(victims))
             for start in range(0, len(victims), CLEAN_SLICE):
                 if abort.is_set():
@@ -669,6 +678,15 @@ class TaskRunner:
                 for _, size in self.cache.evict(victims[start:start + CLEAN_SLICE]):
                     ledger.done(None, size)
                 await asyncio.sleep(0)  # FUSE reads between slices
+            if sweep is not None:
+                if not await sweep.wait():
+                    # The scan was stopped (this process is stopping): the files it did not reach are found by the
+                    # next start, so the part is not done; it goes back unacknowledged when the stop aborts it.
+                    await abort.wait()
+                    return
+                for _, size in sweep.freed:
+                    ledger.found(size)
+                    ledger.done(None, size)
         named = 0
         for file_index, file in enumerate(task.blocks):
             for index, size in file.blocks:

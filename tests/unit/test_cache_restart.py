@@ -1,21 +1,33 @@
 """A block cache restarted on a real disk tier: the index a clean stop writes, what the start does without one (a
-crash), a stale or garbled index, and the background scan that finds the rest while the cache serves."""
+crash), a stale or garbled index, and the background scan that finds the rest while the cache serves: a clean
+while it runs, and a quota that shrank."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 
 from libs.blocks import BlockId
+from libs.events.agent import CachedFile
+from libs.events.common import ObjectRef
+from libs.events.operation import NodeTask
 from services.agent.cache import BlockCache, DiskTier, LruPolicy
-from services.agent.cache.tiers import HEADER, INDEX_FILE, INDEX_HEADER, TEMP_SUFFIX, ShardScan
+from services.agent.cache.tiers import HEADER, INDEX_FILE, INDEX_HEADER, TEMP_SUFFIX, ScanCancelled, ShardScan
+from services.agent.tasks import PartLedger, TaskRunner
+from tests.helpers import eventually
 from tests.unit.test_block_cache import SIZE, Inventory, block, payload
 
 BLOCKS = 12
+
+
+async def _now(value: bool) -> bool:
+    return value
 
 
 def tier(path: Path, blocks: int = 100) -> DiskTier:
@@ -183,3 +195,89 @@ async def test_a_block_asked_for_before_the_scan_reaches_its_shard_is_found_on_d
     indexed = cache.blocks()
     assert len(indexed) == BLOCKS and set(indexed) == {(block(index), SIZE) for index in range(BLOCKS)}  # each once
     assert [cache.get(block(index)) for index in range(BLOCKS)] == [payload(index) for index in range(BLOCKS)]
+
+
+class Settled:
+    """The reader a clean settles first: nothing in flight here."""
+
+    async def settle(self) -> None:
+        return None
+
+
+def held_scan() -> tuple[threading.Event, threading.Event, Callable[[], bool]]:
+    """(entered, release, cancelled): a scan given ``cancelled`` waits in its thread before its first file until
+    ``release`` is set; ``entered`` says it got there."""
+    entered, release = threading.Event(), threading.Event()
+
+    def held() -> bool:
+        entered.set()
+        release.wait(30)
+        return False
+
+    return entered, release, held
+
+
+async def test_a_clean_while_the_scan_runs_deletes_the_blocks_it_had_not_reached_and_counts_them(
+        tmp_path: Path) -> None:
+    # A DataClean right after a crash saw only the index: the blocks the background scan had not reached were
+    # neither freed nor counted, and the scan indexed them afterwards: the cleaned data came back.
+    first = filled(tmp_path / "ssd")
+    for index in range(3):
+        assert first.put(block(index, key="other"), payload(index))
+    inventory = Inventory()
+    cache = cache_on(tmp_path / "ssd", inventory)
+    assert cache.start(SIZE) == 0  # no index: a crash
+    entered, release, held = held_scan()
+    scan = asyncio.create_task(cache.scan_rest(cancelled=held))
+    runner = TaskRunner(cast(Any, None), "n", ObjectRef(name="ds"), cache, cast(Any, Settled()), dict,
+                        concurrency=1)
+    clean = NodeTask(run="dataclean.default.free.1", part=0, parts=1, node="n", dataset=ObjectRef(name="ds"),
+                     action="clean", files=[(0, "train/shard-0.tar")],
+                     blocks=[CachedFile(0, "other", "e1", [(0, SIZE)])])
+    ledger = PartLedger.of(clean)
+    try:
+        assert await asyncio.to_thread(entered.wait, 30)
+        cleaning = asyncio.create_task(runner._clean(clean, ledger, asyncio.Event()))
+        await eventually(lambda: _now(ledger.version > 0 or cleaning.done()), what="the clean's blocks selected")
+    finally:
+        release.set()
+    await asyncio.wait_for(scan, 30)
+    await asyncio.wait_for(cleaning, 30)
+    cleaned = [block(index) for index in range(BLOCKS)] + [block(0, key="other")]
+    assert not any(cache.contains(victim) or file_of(cache, victim).exists() for victim in cleaned)
+    assert ledger.bytes_done == len(cleaned) * SIZE and ledger.bytes_total == len(cleaned) * SIZE
+    assert ledger.bytes_skipped == 0 and ledger.blocks_done == len(cleaned)
+    kept = {block(1, key="other"), block(2, key="other")}
+    assert set(inventory.blocks) == kept and all(cache.get(b) is not None for b in kept)
+
+
+async def test_a_clean_during_a_scan_that_is_stopped_is_not_done(tmp_path: Path) -> None:
+    # The files the scan did not reach wait for the next start, whose scan knows nothing of the clean: the part
+    # must go back to be run again, not be reported done.
+    filled(tmp_path / "ssd")
+    cache = cache_on(tmp_path / "ssd", Inventory())
+    cache.start(SIZE)
+    sweep = cache.sweep(lambda _: True)
+    assert sweep is not None
+    with pytest.raises(ScanCancelled):
+        await cache.scan_rest(cancelled=lambda: True)
+    assert not await asyncio.wait_for(sweep.wait(), 10)
+    assert cache.sweep(lambda _: True) is None  # no scan due any more: the index is all there is
+
+
+async def test_after_a_crash_with_a_smaller_quota_the_scan_keeps_the_newest_blocks_of_the_tier(
+        tmp_path: Path) -> None:
+    # Each shard was weighed against the quota on its own: the shards scanned first kept all theirs, however old,
+    # and the newest blocks, in shards scanned later, were deleted for want of room.
+    count, room = 40, 10
+    filled(tmp_path / "ssd", count)  # block i written at time 1000 + i: the newest are the last
+    inventory = Inventory()
+    cache = cache_on(tmp_path / "ssd", inventory, room)
+    assert cache.start(SIZE) == 0
+    assert await cache.scan_rest() == room
+    newest = {block(index) for index in range(count - room, count)}
+    assert set(inventory.blocks) == newest
+    assert all(cache.get(b) is not None for b in newest)
+    on_disk = {path.name for path in (tmp_path / "ssd").rglob("*") if path.is_file() and len(path.name) == 32}
+    assert on_disk == {b.name for b in newest}
+    assert cache.stats().tiers[0].used_bytes == room * SIZE

@@ -24,8 +24,10 @@ Rules for callers:
   ``on_evicted(block, size)`` once when it stops being so (evicted, dropped as stale, found corrupt or missing),
   so the callbacks alone keep an exact inventory. At a restart ``start`` indexes what the last clean stop wrote
   down (``save_index``) and ``scan_rest``, on the loop with its file I/O in threads, finds the rest while the cache
-  serves: a block it has not reached yet is a miss. ``on_tier_evicted(medium)`` is called for each block evicted to
-  make room or by ``evict`` (a DataClean), not for stale, corrupt or purged ones: the agent's eviction counter.
+  serves: a block it has not reached yet is looked for on disk when asked for, and a clean meanwhile hands the scan
+  its selection (``sweep``) so the blocks it finds later are deleted, not indexed. ``on_tier_evicted(medium)`` is
+  called for each block evicted to make room or by ``evict`` (a DataClean), not for stale, corrupt or purged ones:
+  the agent's eviction counter.
   Blocks on a tier that is down stay indexed: its disk may come back, and meanwhile reads of them miss and go to
   the object store.
 
@@ -37,6 +39,7 @@ one open, two preads, one xxh3 and one close (see ``tiers``). Measured with 4 Mi
 from __future__ import annotations
 
 import asyncio
+import heapq
 import time
 import zlib
 from collections.abc import Callable, Iterable, Sequence
@@ -108,6 +111,29 @@ class CacheStats(msgspec.Struct, frozen=True, kw_only=True):
     misses: int
     corrupt_blocks: int
     tiers: list[TierStats]
+
+
+class Sweep:
+    """A clean's selection applied to the block files a restart's scan finds after the clean ran (``BlockCache.sweep``):
+    such a file is deleted as it is found, not indexed, so the cleaned data does not come back."""
+
+    __slots__ = ("_ended", "complete", "freed", "select")
+
+    def __init__(self, select: Callable[[BlockId], bool]) -> None:
+        self.select = select
+        self.freed: list[tuple[BlockId, int]] = []  # the blocks deleted so, with their sizes
+        self.complete = False  # the scan went through every shard: ``freed`` is all there was
+        self._ended = asyncio.Event()
+
+    async def wait(self) -> bool:
+        """Until the scan ends; whether it went through every shard (else it was stopped: the files it did not
+        reach wait for the next start, whose scan knows nothing of this selection)."""
+        await self._ended.wait()
+        return self.complete
+
+    def _end(self, complete: bool) -> None:
+        self.complete = complete
+        self._ended.set()
 
 
 class _Entry:
@@ -192,6 +218,9 @@ class BlockCache:
         # While ``scan_rest`` runs, every block reserved since it began: a file of that name found by the scan
         # may be the old one or the new one, so the scan leaves it to the write (None: no scan running).
         self._written: set[str] | None = None
+        # From ``start`` until ``scan_rest`` ends: a scan is due or running, so a clean's selection must outlive it.
+        self._scan_due = False
+        self._sweeps: list[Sweep] = []
 
     @classmethod
     def from_levels(
@@ -320,7 +349,8 @@ class BlockCache:
         tier, fastest first (one open and two small reads, as the scan does), and indexed as the scan would. Else
         a block cached before a crash would be fetched again, however soon after the start it is asked for: a
         DataLoad resumed after a restart must not fetch a block twice. None when no sound file is there, or the
-        scan would not keep it (over the quota, not in the manifest: the scan deletes it when it gets there)."""
+        scan would not keep it (over the quota, not in the manifest, cleaned since the start: the scan deletes it
+        when it gets there)."""
         if name in (self._written or ()) or name in self._pending or name in self._unlinking:
             return None  # being written: its file is not the one to index
         shard = name[:SHARD_LENGTH]
@@ -335,6 +365,8 @@ class BlockCache:
             if scanned.size > room or (self._scan_keeps is not None and not self._scan_keeps(scanned.block,
                                                                                            scanned.size)):
                 return None
+            if self._swept(scanned.block):
+                return None  # cleaned while the scan ran: the scan deletes it when it gets there
             policy.inserted(name, scanned.size)
             self._index_found(index, scanned)
             return self._index[name]
@@ -548,6 +580,7 @@ class BlockCache:
                 whole.missing.update(scanned.missing)
             loaded += self._adopt(index, whole)
         self._known = {}
+        self._end_scan(True)
         return loaded
 
     def start(self, block_size: int = 0, cancelled: Callable[[], bool] | None = None) -> int:
@@ -565,6 +598,7 @@ class BlockCache:
         """
         loaded = 0
         self._known = {}
+        self._scan_due = True
         for index, tier in self._disk_tiers():
             if not tier.prepare(block_size):
                 continue
@@ -604,20 +638,22 @@ class BlockCache:
         (``_found_early``). Listed blocks whose files are gone are forgotten.
 
         Found blocks go first in eviction order (older than any block used since the start; by modification time
-        among them once the tier is scanned) and are deleted if they no longer fit under the high watermark (after
-        a crash with a quota that shrank, the shards scanned first keep theirs: not the newest of the tier).
-        ``keep(block, size)`` False (an object gone from the manifest, a block of the wrong length) deletes one
-        too. A file found unsound is deleted unless its block was written since the start (it may be the new file
-        by now).
+        among them once the tier is scanned). When they no longer fit under the high watermark (after a crash with a
+        quota that shrank) the newest are kept: a block found that does not fit takes the place of found blocks
+        older than it that nothing used since (``_displace``), else it is deleted. A block a clean selected while
+        the scan ran (``sweep``) is deleted as it is found. ``keep(block, size)`` False (an object gone from the
+        manifest, a block of the wrong length) deletes one too. A file found unsound is deleted unless its block was
+        written since the start (it may be the new file by now).
         ``cancelled`` is asked before each file opened: the files not opened yet wait for the next start.
         """
         self._written = set()
         self._scanned = {index: set() for index, _ in self._disk_tiers()}
         self._scan_keeps = keep
         found = 0
+        complete = False
         try:
             for index, tier in self._disk_tiers():  # a tier at a time: a block in two is kept in the faster
-                ages: list[tuple[float, str]] = []
+                ages: list[tuple[float, str]] = []  # a heap of the blocks found (modification time, name)
                 shards = await asyncio.to_thread(tier.shards)
                 # A few shards at once: on a cold disk each file costs two reads waiting on the device, and
                 # several in flight keep it busy (200,000 blocks: 62 s one at a time, see tests/bench/cache_start).
@@ -626,16 +662,64 @@ class BlockCache:
                     for scanned in await asyncio.gather(*(
                             asyncio.to_thread(tier.scan_shard, shard, self._known_in(index, shard), cancelled)
                             for shard in batch)):
-                        found += self._adopt(index, scanned, keep)
-                        ages.extend((mtime, block.name) for mtime, block in scanned.found)
+                        found += self._adopt(index, scanned, keep, ages)
                     self._scanned[index].update(PurePosixPath(shard).name for shard in batch)
                 self._reorder(index, ages)
+            complete = True
         finally:
             self._written = None
             self._scanned = {}
             self._scan_keeps = None
             self._known = {}
+            self._end_scan(complete)
         return found
+
+    def _end_scan(self, complete: bool) -> None:
+        self._scan_due = False
+        for sweep in self._sweeps:
+            sweep._end(complete)
+        self._sweeps = []
+
+    def sweep(self, select: Callable[[BlockId], bool]) -> Sweep | None:
+        """While a restart's scan is due or running (from ``start`` to the end of ``scan_rest``), a clean's
+        selection for the block files the scan has not found yet: ``cached_blocks`` sees only indexed blocks, and
+        the scan would index the others after the clean, bringing the cleaned data back. Those ``select`` accepts
+        are deleted as they are found instead, and counted in the returned ``Sweep``; None when no scan is due (the
+        index holds every block). Call it before ``cached_blocks``, on the loop."""
+        if not self._scan_due:
+            return None
+        sweep = Sweep(select)
+        self._sweeps.append(sweep)
+        return sweep
+
+    def _swept(self, block: BlockId) -> Sweep | None:
+        for sweep in self._sweeps:
+            if sweep.select(block):
+                return sweep
+        return None
+
+    def _displace(self, index: int, ages: list[tuple[float, str]], mtime: float, needed: int) -> tuple[int, int]:
+        """Room for a found block of modification time ``mtime`` that does not fit in tier ``index`` by ``needed``
+        bytes: the found blocks older than it that nothing used since (``ages``, a heap, oldest first) are
+        forgotten and deleted, if together they free enough; returns the bytes and blocks freed (0, 0: none)."""
+        taken: list[tuple[float, str]] = []
+        freed = 0
+        while ages and freed < needed and ages[0][0] < mtime:
+            age, name = heapq.heappop(ages)
+            entry = self._index.get(name)
+            if entry is None or entry.tier != index or entry.used != 0:
+                continue  # gone, or used since: no longer a candidate
+            taken.append((age, name))
+            freed += entry.size
+        if freed < needed:
+            for item in taken:
+                heapq.heappush(ages, item)
+            return 0, 0
+        tier = self._tiers[index]
+        for _, name in taken:
+            self._forget(name, self._index[name])
+            tier.remove(name)
+        return freed, len(taken)
 
     def _reorder(self, index: int, ages: list[tuple[float, str]]) -> None:
         """Puts the blocks a scan of tier ``index`` found (modification time, name) that nothing used since in
@@ -652,8 +736,11 @@ class BlockCache:
     def _known_in(self, index: int, shard: str) -> frozenset[str]:
         return self._known.get(index, {}).get(PurePosixPath(shard).name, frozenset())
 
-    def _adopt(self, index: int, scanned: ShardScan, keep: Callable[[BlockId, int], bool] | None = None) -> int:
-        """Indexes what ``scan_shard`` found in one shard of tier ``index``; deletes what cannot be indexed."""
+    def _adopt(self, index: int, scanned: ShardScan, keep: Callable[[BlockId, int], bool] | None = None,
+               ages: list[tuple[float, str]] | None = None) -> int:
+        """Indexes what ``scan_shard`` found in one shard of tier ``index``; deletes what cannot be indexed, or a clean
+        selected (``sweep``). ``ages``: the heap of the blocks found in the tier's shards before (modification time,
+        name), which a newer block over the quota takes the place of (``_displace``); those indexed now join it."""
         tier, policy = self._tiers[index], self._policies[index]
         written = self._written or ()
         assert isinstance(tier, DiskTier)
@@ -665,17 +752,27 @@ class BlockCache:
             if name not in written and entry is not None and entry.tier == index:
                 self._forget(name, entry)  # listed by the index, its file deleted since
         room = policy.high_bytes - policy.resident_bytes - self._in_flight[index]
-        kept: list[ScannedBlock] = []
-        copies = over_quota = dropped = 0
-        for _, block in sorted(scanned.found, key=lambda item: item[0], reverse=True):  # newest first
+        kept: list[tuple[float, ScannedBlock]] = []
+        copies = over_quota = dropped = cleaned = displaced = 0
+        for mtime, block in sorted(scanned.found, key=lambda item: item[0], reverse=True):  # newest first
             name = block.name
             if name in written or name in self._pending or name in self._unlinking:
                 continue  # written since the start (or being written): its file is not the one scanned
             entry = self._index.get(name)
             if entry is not None and entry.tier == index:
                 continue
-            fits = entry is None and block.size <= room
+            sweep = self._swept(block.block)
+            if sweep is not None:
+                tier.remove(name)  # cleaned while the scan ran
+                sweep.freed.append((block.block, block.size))
+                cleaned += 1
+                continue
             wanted = keep is None or keep(block.block, block.size)
+            if entry is None and wanted and block.size > room and ages is not None:
+                freed, older = self._displace(index, ages, mtime, block.size - room)
+                room += freed
+                displaced += older
+            fits = entry is None and block.size <= room
             if not (fits and wanted):
                 tier.remove(name)  # a copy of a block another tier holds, over the quota, or not wanted
                 copies += entry is not None
@@ -683,15 +780,17 @@ class BlockCache:
                 dropped += entry is None and block.size <= room
                 continue
             room -= block.size
-            kept.append(block)
-        if copies or over_quota or dropped:
+            kept.append((mtime, block))
+        if copies or over_quota or dropped or cleaned or displaced:
             log.info("cache scan removed blocks", tier=tier.location, copies_of_other_tiers=copies,
-                     over_quota=over_quota, stale=dropped)
-        for block in kept:  # newest first, each put first in eviction order: the oldest ends first
+                     over_quota=over_quota, stale=dropped, cleaned=cleaned, older_over_quota=displaced)
+        for _, block in kept:  # newest first, each put first in eviction order: the oldest ends first
             policy.adopted(block.name, block.size)
-        for block in reversed(kept):
+        for mtime, block in reversed(kept):
             self._index_found(index, block)
-        return len(kept)
+            if ages is not None:
+                heapq.heappush(ages, (mtime, block.name))
+        return len(kept) - displaced  # those found before and deleted now were counted then
 
     def _index_found(self, index: int, scanned: ScannedBlock) -> None:
         self._index[scanned.name] = _Entry(scanned.block, index, scanned.size, 0)
@@ -736,13 +835,15 @@ class BlockCache:
         """Deletes these blocks (a DataClean); returns those that were cached, with their sizes.
 
         The path of every eviction: out of the index and the policy (``on_evicted``, so the inventory reports it),
-        then the file. A write of one of them still in flight is marked stale, so its file is deleted when it
-        commits. Runs on the loop, one unlink per block: callers evict in slices and yield between them.
+        then the file. While a restart's scan runs, a block it has not reached yet is looked for on disk
+        (``_found_early``), so a clean of named blocks frees those too. A write of one of them still in flight is
+        marked stale, so its file is deleted when it commits. Runs on the loop, one unlink per block: callers evict
+        in slices and yield between them.
         """
         evicted: list[tuple[BlockId, int]] = []
         for block in blocks:
             name = block.name
-            entry = self._index.get(name)
+            entry = self._lookup(name)  # while the scan runs, also a block file it has not reached yet
             if entry is not None:
                 self._forget(name, entry)
                 self._tiers[entry.tier].remove(name)
