@@ -61,6 +61,7 @@ import time
 from collections.abc import Callable, Container
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from libs import subjects
 from libs.bus import Bus, KvMirror, connect
@@ -149,6 +150,14 @@ def node_budgets(settings: Settings) -> tuple[int, int]:
     return parse_quantity(settings.agent.readahead_budget), parse_quantity(settings.agent.memory_tier_budget)
 
 
+class LeftCache(NamedTuple):
+    """A cache a stopped mount left on disk for a dataset that still exists: its tiers, and which life of the
+    dataset its blocks are of ("": not known, written by an agent from before it was kept)."""
+
+    levels: list[Level]
+    incarnation: str
+
+
 @dataclass
 class MountWorker:
     namespace: str
@@ -197,9 +206,9 @@ class NodeAgent:
     child_env: dict[str, str] | None = None
     workers: dict[tuple[str, str], MountWorker] = field(default_factory=dict)
     # The tiers of caches that stopped mounts left on disk for datasets that still exist (their runtime went
-    # first): freed when the dataset is deleted, dropped when it is mounted again. Found again at a start in
-    # ``ledger``.
-    left_caches: dict[tuple[str, str], list[Level]] = field(default_factory=dict)
+    # first): freed when the dataset is deleted, or applied again unseen (another incarnation), dropped when it is
+    # mounted again. Found again at a start in ``ledger``.
+    left_caches: dict[tuple[str, str], LeftCache] = field(default_factory=dict)
     # The tiers every mount was started with, kept in the mount root across restarts (read in ``run``).
     ledger: TierLedger = field(default_factory=lambda: TierLedger(None))
     # Whether the tiers were searched, at the first look after the watches caught up, for the caches of datasets
@@ -274,11 +283,17 @@ class NodeAgent:
             for ref in [r for r in self.ledger.caches if r not in deleted
                         and subjects.resource_key(*r) not in self.datasets.values]:
                 await asyncio.to_thread(self.ledger.forget, ref)  # freed before (no marker left): nothing to look for
+            # Caches of datasets deleted and applied again while this agent was down: the old dataset's blocks.
+            for ref, levels in list(self.ledger.caches.items()):
+                record = self.datasets.values.get(subjects.resource_key(*ref))
+                kept = self.ledger.incarnations.get(ref, "")
+                if record is not None and kept and domain.recreated_since(kept, record):
+                    await self._free_cache(*ref, levels=levels)
             # Caches an earlier run's mounts left for datasets that exist but are not mounted here now (their runtime
             # went meanwhile): freed if the dataset is deleted, as those of mounts stopped while the agent runs.
             for ref, levels in self.ledger.caches.items():
                 if ref not in wanted and subjects.resource_key(*ref) in self.datasets.values:
-                    self.left_caches.setdefault(ref, levels)
+                    self.left_caches.setdefault(ref, LeftCache(levels, self.ledger.incarnations.get(ref, "")))
             await self._remove_dead_mounts(wanted)
         now = time.monotonic()
         for ref, served in list(self.workers.items()):
@@ -305,11 +320,15 @@ class NodeAgent:
                 await self._stop_worker(self.workers.pop(ref))
                 await self._free_retired(unwanted)  # stopped before it mounted on its new tiers
                 if exists and unwanted.levels:
-                    self.left_caches[ref] = unwanted.levels
+                    self.left_caches[ref] = LeftCache(unwanted.levels, unwanted.incarnation)
             if not exists:
                 await self._free_cache(*ref, levels=unwanted.levels or None)
-        for ref in [r for r in self.left_caches if subjects.resource_key(*r) not in self.datasets.values]:
-            await self._free_cache(*ref, levels=self.left_caches.pop(ref))
+        for ref, left in list(self.left_caches.items()):
+            record = self.datasets.values.get(subjects.resource_key(*ref))
+            # Deleted, or deleted and applied again unseen: the blocks are the old dataset's either way.
+            if record is None or (left.incarnation and domain.recreated_since(left.incarnation, record)):
+                del self.left_caches[ref]
+                await self._free_cache(*ref, levels=left.levels)
         for namespace, name in sorted(wanted):
             worker = self.workers.get((namespace, name))
             if worker is None:
@@ -429,7 +448,7 @@ class NodeAgent:
             *(((w.namespace, w.name), w.levels) for w in self.workers.values()),
             *(((r.runtime.metadata.namespace, r.runtime.metadata.name), r.runtime.spec.tieredstore.levels)
               for r in self.runtimes.values.values()),
-            *self.left_caches.items(), *self.ledger.caches.items()]
+            *((ref, left.levels) for ref, left in self.left_caches.items()), *self.ledger.caches.items()]
         return sorted({os.path.join(directory, domain.cache_suffix(subdir, *ref))
                        for ref, levels in sources for directory in domain.disk_directories(levels)})
 
@@ -651,7 +670,7 @@ class NodeAgent:
             # its next start still knows where to look; and so are the tiers whose blocks wait to be freed, for
             # an agent restarted before this process is mounted.
             await asyncio.to_thread(self.ledger.record, (worker.namespace, worker.name), worker.levels,
-                                    worker.retired)
+                                    worker.retired, worker.incarnation)
         argv = ["--namespace", worker.namespace, "--name", worker.name, "--mountpoint", worker.path,
                 "--status-file", worker.status_file, "--instance", self.instance]
         if worker.peer_port:

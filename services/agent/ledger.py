@@ -14,6 +14,10 @@ mount runs on the new tiers: an agent restarted in between (the new tiers writte
 finds them here and frees them then, instead of leaving them on disk for ever; or with the rest of the cache, and
 looks for it there too, if the dataset was deleted meanwhile.
 
+With each cache it keeps the dataset's incarnation its mount was started for: a dataset deleted and applied again
+while the agent was down, or while its mount was stopped and its blocks kept, is another incarnation, and the
+blocks are the old dataset's, freed as on a delete.
+
 A file that cannot be read or decoded is said in the log and taken as empty: the agent still runs, and finds what
 the runtimes that exist say.
 """
@@ -44,6 +48,9 @@ class _Entry(msgspec.Struct, frozen=True, kw_only=True):
     # The tiers of mounts stopped for a change of tiers, whose dropped directories are not freed yet (absent in a
     # file of an agent from before they were written down: none).
     retired: list[Level] = []
+    # Which life of the dataset (``DatasetRecord.incarnation``) the blocks are of: a record of another one means the
+    # dataset was deleted and applied again unseen, and these blocks are the old one's (absent in older files: "").
+    incarnation: str = ""
 
 
 class _File(msgspec.Struct, frozen=True, kw_only=True):
@@ -59,6 +66,7 @@ class TierLedger:
         self.path = path
         self.caches: dict[Ref, list[Level]] = {}
         self.retired: dict[Ref, list[Level]] = {}
+        self.incarnations: dict[Ref, str] = {}  # only those known ("" is not kept)
 
     def load(self) -> None:
         if self.path is None:
@@ -79,14 +87,22 @@ class TierLedger:
             return
         self.caches = {(entry.namespace, entry.name): list(entry.levels) for entry in entries}
         self.retired = {(entry.namespace, entry.name): list(entry.retired) for entry in entries if entry.retired}
+        self.incarnations = {(entry.namespace, entry.name): entry.incarnation for entry in entries if entry.incarnation}
 
-    def record(self, ref: Ref, levels: list[Level], retired: list[Level] | None = None) -> None:
-        """Remember that ``ref``'s cache is kept in ``levels``, and had blocks in ``retired`` not freed yet (None:
-        as written before); written at once when that is news."""
+    def record(self, ref: Ref, levels: list[Level], retired: list[Level] | None = None,
+               incarnation: str | None = None) -> None:
+        """Remember that ``ref``'s cache is kept in ``levels``, had blocks in ``retired`` not freed yet, and holds
+        blocks of its ``incarnation`` (None: as written before); written at once when that is news."""
         retired = self.retired.get(ref, []) if retired is None else retired
-        if self.caches.get(ref) == levels and self.retired.get(ref, []) == retired:
+        incarnation = self.incarnations.get(ref, "") if incarnation is None else incarnation
+        if (self.caches.get(ref) == levels and self.retired.get(ref, []) == retired
+                and self.incarnations.get(ref, "") == incarnation):
             return
         self.caches[ref] = list(levels)
+        if incarnation:
+            self.incarnations[ref] = incarnation
+        else:
+            self.incarnations.pop(ref, None)
         if retired:
             self.retired[ref] = list(retired)
         else:
@@ -101,13 +117,15 @@ class TierLedger:
     def forget(self, ref: Ref) -> None:
         """``ref``'s cache is freed: nothing to look for any more."""
         had = self.caches.pop(ref, None) is not None
+        self.incarnations.pop(ref, None)
         if self.retired.pop(ref, None) is not None or had:
             self._save()
 
     def _save(self) -> None:
         if self.path is None:
             return
-        entries = [_Entry(namespace=ns, name=name, levels=levels, retired=self.retired.get((ns, name), []))
+        entries = [_Entry(namespace=ns, name=name, levels=levels, retired=self.retired.get((ns, name), []),
+                          incarnation=self.incarnations.get((ns, name), ""))
                    for (ns, name), levels in sorted(self.caches.items())]
         temporary = self.path.with_name(f".{self.path.name}.tmp")
         try:
