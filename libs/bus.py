@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import hashlib
 import json
 import logging
@@ -1411,20 +1412,38 @@ class KvMirror(Generic[T]):
     watch may still bring an older entry of that key afterwards (written before, delivered late). So the mirror keeps
     the revision of what it holds for each key, a deleted key's included, and takes nothing older: no older value, no
     older delete. A replay starts the revisions afresh from what it shows (a bucket made again numbers from 1).
+
+    A deleted key's revision is kept while its delete marker is in the bucket, then forgotten (``deletes_kept``),
+    so a bucket whose names come and go (a CronJob's DataLoad a minute, for months) does not grow the mirror for
+    ever. What that revision protects against is an older entry of the key arriving after the delete: from this
+    watch, only until the watch delivers the marker itself (it delivers in stream order, and a revision is the
+    stream's sequence), and a local ``deleted`` is not forgotten before its marker has come round; a replay after a
+    reconnect builds its revisions afresh from the bucket, where the marker is. Past that, ``revision`` of a deleted
+    key is read by the bridge (an operation removed by its TTL), which needs it as long as a fresh watch would show
+    it: until the marker sweep purges the marker (``libs.markers``, a week). So the mirror keeps it exactly that
+    long, by the marker's own time (the server's stamp), and what it keeps is what a mirror started now would
+    build.
     """
 
-    def __init__(self, kv: KeyValue, type_: type[T], reconnects: Callable[[], int] | None = None) -> None:
+    def __init__(self, kv: KeyValue, type_: type[T], reconnects: Callable[[], int] | None = None,
+                 clock: Callable[[], float] = time.time, deletes_kept: float = COMMANDS_MAX_AGE) -> None:
         self.kv = kv
         self.decoder = msgspec.json.Decoder(type_)
         self.reconnects = reconnects
+        # The wall clock, read against the server's stamps on the markers.
+        self.clock = clock
+        self.deletes_kept = deletes_kept
         self.values: dict[str, T] = {}
         self.ready = asyncio.Event()
         self._stopping = asyncio.Event()
-        # The revision behind each key of ``values``, and of each key deleted since the watch (re)started: the
-        # bucket keeps a deleted key's marker too, so this grows no more than the bucket does.
+        # The revision behind each key of ``values``, and of each key deleted whose marker is younger than
+        # ``deletes_kept`` (or whose marker the watch has not delivered yet).
         self._revisions: dict[str, int] = {}
-        # While a replay runs: the view and revisions it builds, put in place of the current ones at its end.
-        self._replay: tuple[dict[str, T], dict[str, int]] | None = None
+        # The deleted keys whose marker the watch delivered, with the marker's time, oldest first.
+        self._gone_at: OrderedDict[str, float] = OrderedDict()
+        # While a replay runs: the view, revisions and markers' times it builds, put in place of the current ones
+        # at its end.
+        self._replay: _View[T] | None = None
 
     async def run(self) -> None:
         async with contextlib.aclosing(kv_watch(self.kv, self._stopping, self.reconnects)) as entries:
@@ -1434,29 +1453,35 @@ class KvMirror(Generic[T]):
     def watched(self, entry: KeyValue.Entry | Replay | None) -> None:
         """Take one item of the watch (``kv_watch``'s: an entry, ``Replay``, or None once caught up)."""
         if isinstance(entry, Replay):
-            self._replay = {}, {}
+            self._replay = {}, {}, OrderedDict()
         elif entry is None:
             if self._replay is not None:
-                self.values, self._revisions = self._replay
+                self.values, self._revisions, self._gone_at = self._replay
                 self._replay = None
             self.ready.set()
         else:
-            values, revisions = self._replay if self._replay is not None else (self.values, self._revisions)
+            view = self._replay if self._replay is not None else (self.values, self._revisions, self._gone_at)
+            values, revisions, gone_at = view
             # nats-py types an entry's revision optional; a watched entry always carries its stream sequence.
             revision = entry.revision or 0
             if entry.operation in ("DEL", "PURGE"):
-                _take(values, revisions, entry.key, None, revision)
+                if _take(values, revisions, entry.key, None, revision):
+                    gone_at.pop(entry.key, None)
+                    gone_at[entry.key] = _stamp(entry.created, self.clock)
             elif entry.value is not None:
                 try:
                     value = self.decoder.decode(entry.value)
                 except DECODE_ERRORS:
                     log.warning("undecodable KV entry ignored", key=entry.key)
                     return
-                _take(values, revisions, entry.key, value, revision)
+                if _take(values, revisions, entry.key, value, revision):
+                    gone_at.pop(entry.key, None)
+            _expire(view, self.clock() - self.deletes_kept)
 
     def revision(self, key: str) -> int:
         """The revision of what the mirror shows for ``key``, a delete marker's for a key deleted (since the watch
-        started, or before it: its marker is an entry like any other); 0 for a key it never saw."""
+        started, or before it: its marker is an entry like any other) while the marker is kept; 0 for a key it
+        never saw, or whose marker is older than ``deletes_kept``."""
         return self._revisions.get(key, 0)
 
     def saved(self, key: str, value: T, revision: int) -> None:
@@ -1475,27 +1500,55 @@ class KvMirror(Generic[T]):
         keys leave no delete marker a watch could see, the owner judges them expired itself and forgets them here.
         Only the revisions of keys still in the bucket are kept then; a later entry of ``key`` is newer anyway (a
         watch delivers in order)."""
-        self.values.pop(key, None)
-        self._revisions.pop(key, None)
-        if self._replay is not None:
-            self._replay[0].pop(key, None)
-            self._replay[1].pop(key, None)
+        for values, revisions, gone_at in self._views():
+            values.pop(key, None)
+            revisions.pop(key, None)
+            gone_at.pop(key, None)
 
     def _record(self, key: str, value: T | None, revision: int) -> None:
-        _take(self.values, self._revisions, key, value, revision)
-        if self._replay is not None:
-            _take(*self._replay, key, value, revision)
+        for values, revisions, gone_at in self._views():
+            if _take(values, revisions, key, value, revision):
+                gone_at.pop(key, None)  # a local delete is kept until its marker comes round in the watch
+
+    def _views(self) -> list[_View[T]]:
+        views: list[_View[T]] = [(self.values, self._revisions, self._gone_at)]
+        return views if self._replay is None else [*views, self._replay]
 
     def stop(self) -> None:
         self._stopping.set()
 
 
-def _take(values: dict[str, T], revisions: dict[str, int], key: str, value: T | None, revision: int) -> None:
-    """Put ``value`` (None: the key deleted) at ``revision`` into a mirror's view, unless it holds a newer one."""
+# A mirror's view: its values, the revision behind each key (deleted keys' too), and the deleted keys' markers'
+# times, oldest first.
+_View = tuple[dict[str, T], dict[str, int], OrderedDict[str, float]]
+
+
+def _stamp(created: object, clock: Callable[[], float]) -> float:
+    """A watched marker's time: the server's stamp (nats-py types it an int and sets a datetime), else now."""
+    return created.timestamp() if isinstance(created, datetime.datetime) else clock()
+
+
+def _expire(view: _View[T], cutoff: float) -> None:
+    """Forget the revisions of deleted keys whose marker was written before ``cutoff``: the marker sweep purges
+    them from the bucket then, and no entry older than a marker the watch has delivered can come after it."""
+    values, revisions, gone_at = view
+    while gone_at:
+        key, at = next(iter(gone_at.items()))
+        if at >= cutoff:
+            return
+        del gone_at[key]
+        if key not in values:
+            revisions.pop(key, None)
+
+
+def _take(values: dict[str, T], revisions: dict[str, int], key: str, value: T | None, revision: int) -> bool:
+    """Put ``value`` (None: the key deleted) at ``revision`` into a mirror's view, unless it holds a newer one; True
+    when taken."""
     if revision < revisions.get(key, 0):
-        return
+        return False
     revisions[key] = revision
     if value is None:
         values.pop(key, None)
     else:
         values[key] = value
+    return True

@@ -17,7 +17,9 @@ than ``RETENTION_SECONDS``, the commands stream's max_age, because what reads a 
 - the bridge telling a TTL removal from a delete command (the operations bucket's history): it looks when the
   operation goes; a bridge down for longer than the retention leaves the custom resource in place (its status is
   final) instead of deleting it;
-- a watch catching up after a restart: a key it no longer finds is gone from its view, as a deleted one is.
+- a watch catching up after a restart: a key it no longer finds is gone from its view, as a deleted one is; and a
+  running ``KvMirror`` forgets a deleted key's revision once its marker is that old, so it keeps what a mirror
+  started after the purge would.
 
 The purge names the marker's subject and stops at its sequence (JetStream's purge with ``filter`` and ``seq``): a
 key written again after the marker was read keeps its new value, so replicas sweeping together, or a sweep racing
