@@ -220,7 +220,7 @@ KV_BRIDGE_APPLIED = "shoal_bridge_applied"
 
 # The buckets whose old delete markers each service purges (``libs.markers``): those it owns, which it alone writes.
 # Not the agents' and the members' buckets: their TTL removes their markers.
-SWEPT_BY_DATASET = (KV_DATASETS, KV_NODE_CACHE, KV_LISTINGS)
+SWEPT_BY_DATASET = (KV_DATASETS, KV_BINDINGS, KV_NODE_CACHE, KV_LISTINGS)
 SWEPT_BY_RUNTIME = (KV_RUNTIMES,)
 SWEPT_BY_LOADER = (KV_OPERATIONS, KV_OPERATION_RUNS)
 SWEPT_BY_BRIDGE = (KV_BRIDGE_APPLIED,)

@@ -15,6 +15,7 @@
 | KV shoal_agents | every key (watch) | the agents' last beats: DatasetHandlers.forget_departed_nodes |
 | (timer) | every 10 s | DatasetHandlers.forget_departed_nodes (cache figures of nodes gone, datasets it owns) |
 | (timer) | every 10 min | MarkerSweeper (libs.markers): delete markers older than a week in its buckets, manifests |
+| (timer) | every 10 min | DatasetHandlers.retire_deleted_bindings: deleted runtimes' old bindings made markers |
 
 Replicas (each with its own SHOAL_REPLICA_NAME) share the four consumers and split the reconciler's keys
 (``libs.members``): each dataset is listed by one replica, and a replica that goes away hands its datasets over.
@@ -121,8 +122,9 @@ async def run(settings: Settings, stop: asyncio.Event, clock: Callable[[], float
                                                                                      members.owns),
                             DEPARTED_NODES_SECONDS)
         markers = Periodic("old delete markers", MarkerSweeper(bus, DATASET_SWEEP).tick, MARKER_SWEEP_SECONDS)
+        retired = Periodic("deleted runtimes' bindings", handlers.retire_deleted_bindings, MARKER_SWEEP_SECONDS)
         await run_loops([members, bindings, policies, agents, commands, runtime_facts, inventory, scheduler_cache,
-                         reconciler, departed, markers], stop, readiness)
+                         reconciler, departed, markers, retired], stop, readiness)
     finally:
         await bus.close()
         await s3_clients.close()

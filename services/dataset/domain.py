@@ -649,6 +649,27 @@ class RuntimeBinding(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     reads_failing: Condition | None = None
 
 
+def deleted_binding_note(sequence: int) -> bytes:
+    """The note of a deleted runtime's binding marker: the sequence of the fact that deleted it."""
+    return msgspec.json.encode(RuntimeBinding(fact_sequence=sequence))
+
+
+def says_nothing(binding: RuntimeBinding) -> bool:
+    """A binding read as no binding at all (the default's phase, no capacity, no conditions): one a deleted
+    runtime left, or a runtime's that never got further than NotReady."""
+    return msgspec.structs.replace(binding, fact_sequence=0) == RuntimeBinding()
+
+
+def binding_sequence(stored: RuntimeBinding | None, note: bytes) -> int:
+    """The fact sequence a binding was last written at: its value's, else its delete marker's note (0: none)."""
+    if stored is not None:
+        return stored.fact_sequence
+    try:
+        return msgspec.json.decode(note, type=RuntimeBinding).fact_sequence if note else 0
+    except DECODE_ERRORS:
+        return 0
+
+
 class Listing(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     """When an autoSync listing of a dataset last found nothing new (``shoal_dataset_listings``, this service's
     clock): such a listing writes nothing to the record, so after a restart or a hand-over the next one is counted

@@ -76,6 +76,9 @@ SYNC_CONCURRENCY = 64
 # Nodes remembered as dropped by ``forget_departed_nodes`` until their agent beats again: more than a cluster's
 # nodes, so memory stays bounded while nodes removed for good (new names at every scale-up) are never back.
 DEPARTED_KEPT = 4096
+# Bindings of deleted runtimes turned into markers per pass (two KV requests each): a backlog of months of a CronJob's
+# runtimes drains over a few passes without one taking long.
+BINDINGS_RETIRED_PER_PASS = 1000
 
 
 @dataclass
@@ -316,14 +319,51 @@ class DatasetHandlers:
             raise Permanent(f"runtime fact for no dataset: {'; '.join(errors)}")
         bindings = await self.bus.kv(subjects.KV_BINDINGS)
         key = subjects.resource_key(fact.namespace, fact.name)
-        stored, revision = await kv_load(bindings, key, domain.RuntimeBinding)
-        if stored is not None and stored.fact_sequence > sequence:
+        stored, revision, note = await kv_load_deleted(bindings, key, domain.RuntimeBinding)
+        if domain.binding_sequence(stored, note) > sequence:
             return  # a newer fact of this runtime was handled first (by another replica): this one is history
-        revision = await kv_save(bindings, key, binding, revision)  # Conflict → the loop redelivers at once
-        if self.bindings is not None:
-            self.bindings.note(key, binding, revision)
+        # Compare-and-set at what was read, a delete marker included (0: the key never held anything); Conflict →
+        # the loop redelivers at once.
+        if isinstance(fact, RuntimeDeleted):
+            # The runtime gone, its binding goes too, its fact's sequence kept in the marker: an older fact handled
+            # after it (another replica's, a redelivery) is history still, and the marker sweep purges the marker
+            # a week on, when no older fact is left in the facts stream. A put kept every runtime name ever
+            # deleted in the bucket, and in each replica's memory.
+            revision = await kv_delete(bindings, key, revision or 0, note=domain.deleted_binding_note(sequence))
+            if self.bindings is not None:
+                self.bindings.gone(key, revision)
+        else:
+            revision = await kv_save(bindings, key, binding, revision or 0)
+            if self.bindings is not None:
+                self.bindings.note(key, binding, revision)
         # From the binding in the bucket, read after the record: another replica's newer fact may land meanwhile.
         await self._update_bound_status(key, lambda record, current: domain.bound_status(record, current))
+
+    async def retire_deleted_bindings(self, limit: int = BINDINGS_RETIRED_PER_PASS) -> None:
+        """Turn the bindings deleted runtimes left as values (before a delete left a marker) into delete markers,
+        which the marker sweep purges a week on. Only a binding that says nothing beyond its
+        fact's sequence (read as no binding, so removing it changes no dataset's status, whether the dataset
+        exists or not) and whose runtime has no record. Compare-and-set at the binding's revision, with its
+        sequence in the marker: a runtime applied again meanwhile, whose fact writes a binding, or another replica
+        retiring the same key, wins or loses whole; an older fact handled after finds the sequence in the
+        marker."""
+        if self.bindings is None or not self.bindings.ready.is_set():
+            return
+        bindings = await self.bus.kv(subjects.KV_BINDINGS)
+        runtimes = await self.bus.kv(subjects.KV_RUNTIMES)
+        retired: list[str] = []
+        for key, binding, revision in self.bindings.empty()[:limit]:
+            if (await kv_load(runtimes, key, RuntimeRecord))[0] is not None:
+                continue  # a runtime that exists, NotReady: its binding stays
+            try:
+                marker = await kv_delete(bindings, key, revision,
+                                         note=domain.deleted_binding_note(binding.fact_sequence))
+            except Conflict:
+                continue  # written meanwhile (a fact of a runtime applied again), or retired by another replica
+            self.bindings.gone(key, marker)
+            retired.append(key)
+        if retired:
+            log.info("deleted runtimes' bindings removed", count=len(retired))
 
     # --- agent inventory ---
 

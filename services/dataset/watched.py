@@ -107,7 +107,7 @@ class _KeyWatch:
                 elif isinstance(entry, Replay):
                     continue
                 elif entry.operation in ("DEL", "PURGE") or entry.value is None or entry.revision is None:
-                    self._gone(entry.key)
+                    self._gone(entry.key, entry.revision or 0)
                 else:
                     self._put(entry.key, entry.value, entry.revision)
 
@@ -117,7 +117,7 @@ class _KeyWatch:
     def _put(self, key: str, value: bytes, revision: int) -> None:
         raise NotImplementedError
 
-    def _gone(self, key: str) -> None:
+    def _gone(self, key: str, revision: int) -> None:
         raise NotImplementedError
 
 
@@ -125,11 +125,16 @@ class WatchedBindings(_KeyWatch):
     """The ``shoal_dataset_bindings`` bucket in memory (a watch), so an apply and a sync learn the runtime's phase
     without a KV round trip. This service is the bucket's only writer and notes each of its writes here at once with
     its revision; an older entry the watch delivers afterwards changes nothing, so a read here never goes back
-    behind a write of this process. Until the initial values are in (``ready``), callers read the bucket."""
+    behind a write of this process. Until the initial values are in (``ready``), callers read the bucket.
+
+    A deleted runtime's binding is deleted (``gone``): its revision is kept only until the watch delivers the
+    marker, after which no older entry of the key can come (a watch delivers in order), so a runtime name deleted
+    leaves nothing here."""
 
     def __init__(self, kv: KeyValue, reconnects: Callable[[], int] | None = None) -> None:
         super().__init__(kv, reconnects)
-        self._values: dict[str, tuple[domain.RuntimeBinding, int]] = {}
+        # None: deleted here, its marker not delivered by the watch yet.
+        self._values: dict[str, tuple[domain.RuntimeBinding | None, int]] = {}
 
     def _put(self, key: str, value: bytes, revision: int) -> None:
         try:
@@ -138,17 +143,33 @@ class WatchedBindings(_KeyWatch):
             return
         self.note(key, binding, revision)
 
-    def _gone(self, key: str) -> None:
-        self._values.pop(key, None)
+    def _gone(self, key: str, revision: int) -> None:
+        known = self._values.get(key)
+        if known is None or revision >= known[1]:
+            self._values.pop(key, None)
 
     def note(self, key: str, binding: domain.RuntimeBinding, revision: int) -> None:
         known = self._values.get(key)
         if known is None or revision > known[1]:
             self._values[key] = (binding, revision)
 
+    def gone(self, key: str, revision: int) -> None:
+        """This process deleted ``key`` by a marker at ``revision``: read as no binding, and the watch's older
+        entries of it change nothing until the marker itself comes round."""
+        known = self._values.get(key)
+        if known is None or revision > known[1]:
+            self._values[key] = (None, revision)
+
     def get(self, key: str) -> domain.RuntimeBinding:
         known = self._values.get(key)
-        return known[0] if known is not None else domain.RuntimeBinding()
+        return known[0] if known is not None and known[0] is not None else domain.RuntimeBinding()
+
+    def empty(self) -> list[tuple[str, domain.RuntimeBinding, int]]:
+        """The bindings that say nothing but their fact's sequence (``domain.says_nothing``), with their revisions:
+        those a runtime's delete left as values before it left a marker."""
+        return [(key, binding, revision) for key, (binding, revision) in sorted(self._values.items())
+                if binding is not None and domain.says_nothing(binding)]
+
 
 
 class _Runtime(msgspec.Struct):
@@ -182,7 +203,7 @@ class WatchedPolicies(_KeyWatch):
         self._changed(key, self._specs.get(key), spec)
         self._specs[key] = spec
 
-    def _gone(self, key: str) -> None:
+    def _gone(self, key: str, revision: int) -> None:
         self._changed(key, self._specs.pop(key, None), None)
 
     def _changed(self, key: str, old: RuntimeSpec | None, new: RuntimeSpec | None) -> None:
