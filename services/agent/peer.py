@@ -598,8 +598,19 @@ class PeerClient:
         until, _ = self._down.get(url, (0.0, ""))
         if now < until:
             return
+        self._forget_quiet_peers(now)
         strikes = self._strikes[url] = self._strikes.get(url, 0) + 1
         self._down[url] = (now + min(self.cooldown * 2 ** (strikes - 1), self.max_cooldown), reason)
+
+    def _forget_quiet_peers(self, now: float) -> None:
+        """Drop what is kept of the peers whose last skip ended more than ``max_cooldown`` ago: not asked since (a
+        peer asked and failing again is marked again), so most likely a node gone for good; a mount process lives
+        as long as its dataset, and a cluster whose nodes come and go would grow these for ever. One asked again
+        starts from its first skip, and from no clock offset (a 401 teaches it again)."""
+        for url in [url for url, (until, _) in self._down.items() if now - until > self.max_cooldown]:
+            del self._down[url]
+            self._strikes.pop(url, None)
+            self._offsets.pop(url, None)
 
     async def _get(self, url: str, block: BlockId, length: int, block_size: int) -> bytes:
         """Asks once, and once more when the peer's clock, told with a 401, is not the one the request was signed

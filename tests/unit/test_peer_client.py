@@ -359,6 +359,34 @@ async def test_a_peer_refusing_every_request_is_skipped_a_moment_one_refusing_th
         await peer.stop()
 
 
+async def test_peers_gone_for_good_are_forgotten_and_a_failing_one_is_not() -> None:
+    """Nodes come and go for months: each peer that failed was kept (its skip, its strikes) for the mount process's
+    life. Peers not asked for longer than the longest skip are forgotten when another one fails; one that keeps
+    failing keeps its doubling skip."""
+    now = [0.0]
+    peer = StatusPeer(500)
+    url = await peer.start()
+    client = PeerClient(KEY, "default", "demo", read_timeout=2.0, cooldown=1.0, max_cooldown=8.0,
+                        monotonic=lambda: now[0])
+    gone = [f"{url}/gone-{index}" for index in range(40)]  # forty peers to the client, each refusing
+    try:
+        for dead in gone:
+            with pytest.raises(PeerError):
+                await client.get_block(dead, BLOCK, LENGTH, LENGTH)
+        for skip in (1.0, 2.0, 4.0, 8.0, 8.0):  # the live peer keeps failing, asked again as each skip ends
+            with pytest.raises(PeerError, match="refused"):
+                await client.get_block(url, BLOCK, LENGTH, LENGTH)
+            assert client.down(url) is not None
+            now[0] += skip + 0.5
+        # The peers gone were last skipped until 1 s, more than the longest skip before the last failure (17 s).
+        assert all(client.down(dead) is None for dead in gone)
+        assert set(client._down) == set(client._strikes) == {url}, f"{len(client._down)} peers kept"
+        assert client._strikes[url] == 5
+    finally:
+        await client.close()
+        await peer.stop()
+
+
 async def test_a_connection_is_kept_alive_between_requests(aiohttp_peer: MakeAiohttp) -> None:
     peer, url = await aiohttp_peer(GOOD["one chunk each"])
     assert await fetch(url, times=3) == [BODY] * 3
