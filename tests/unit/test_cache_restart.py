@@ -281,3 +281,40 @@ async def test_after_a_crash_with_a_smaller_quota_the_scan_keeps_the_newest_bloc
     on_disk = {path.name for path in (tmp_path / "ssd").rglob("*") if path.is_file() and len(path.name) == 32}
     assert on_disk == {b.name for b in newest}
     assert cache.stats().tiers[0].used_bytes == room * SIZE
+
+
+async def test_a_purge_while_the_scan_had_not_finished_deletes_the_block_files_it_never_reached(
+        tmp_path: Path) -> None:
+    # A dataset deleted right after a crash: its mount stops, cancelling the background scan, and purges. Only the
+    # indexed blocks were deleted; the files the scan had not reached stayed on disk, indexed by no one.
+    first = filled(tmp_path / "ssd")
+    inventory = Inventory()
+    cache = cache_on(tmp_path / "ssd", inventory)
+    assert cache.start(SIZE) == 0  # no index: a crash
+    halt = threading.Event()
+    entered, release = threading.Event(), threading.Event()
+
+    def held() -> bool:  # the scan's thread waits before its first file, then stops as the mount's halt says
+        entered.set()
+        release.wait(30)
+        return halt.is_set()
+
+    shard = file_of(first, block(0)).parent
+    leftover = shard / f".{block(0).name}.999999.0{TEMP_SUFFIX}"  # a write a crash interrupted
+    leftover.write_bytes(b"half a block")
+    scan = asyncio.create_task(cache.scan_rest(cancelled=held))
+    try:
+        assert await asyncio.to_thread(entered.wait, 30)
+        assert cache.put(block(100), payload(100))  # indexed: written since the start
+        in_flight = shard / f".{block(1).name}.{os.getpid()}.999{TEMP_SUFFIX}"  # this process's write, going on
+        in_flight.write_bytes(b"being written")
+        halt.set()
+        scan.cancel()  # as the mount's stop does: its thread stops at its next file
+        await asyncio.gather(scan, return_exceptions=True)
+        assert cache.purge() == BLOCKS + 1
+    finally:
+        release.set()
+    left = [path for path in (tmp_path / "ssd").rglob("*/*") if path.is_file()]  # in the shard folders
+    assert left == [in_flight]  # every block file and the crash's leftover gone, the write in flight left to it
+    assert not inventory.blocks and not cache.contains(block(100))
+    in_flight.unlink()

@@ -858,7 +858,10 @@ class BlockCache:
     def purge(self) -> int:
         """Deletes every block and then the emptied folders (the dataset was deleted); returns how many blocks.
 
-        Writes still in flight are marked stale, so their files are deleted when they commit.
+        The indexed blocks first (``on_evicted``), then every other block file in the disk tiers' shard folders:
+        after a crash the files a restart's scan had not reached are indexed by no one, and would stay on disk.
+        Writes still in flight are marked stale, so their files are deleted when they commit (their temporary
+        files are left to them). File I/O on the caller's thread: one unlink per block file.
         """
         entries = list(self._index.items())
         for name, entry in entries:
@@ -866,11 +869,13 @@ class BlockCache:
             self._tiers[entry.tier].remove(name)
         for reservation in self._pending.values():
             reservation.stale = True
+        unindexed = 0
         for tier in self._tiers:
             if isinstance(tier, DiskTier):
+                unindexed += tier.remove_block_files()
                 tier.discard_index()
             tier.remove_empty_directories()
-        return len(entries)
+        return len(entries) + unindexed
 
     def _forget(self, name: str, entry: _Entry) -> None:
         del self._index[name]

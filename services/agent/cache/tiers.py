@@ -721,6 +721,36 @@ class DiskTier:
         log.warning("cache scan removed a file", path=path, reason="not a sound block file")
         _unlink_quietly(path)
 
+    def remove_block_files(self) -> int:
+        """Deletes every file in the shard folders but the temporary files of this process's writes in flight
+        (whoever reserved them deletes what they write) and returns how many block files that was: a purge's
+        sweep of the files no index lists (a restart's scan stopped before reaching them). A crash's unfinished
+        writes go too, uncounted. Nothing while the directory is not Shoal's (``refused``: no shards) or the tier
+        is down (like ``remove``: the files wait for the agent's own purge of a deleted dataset's folders)."""
+        if not self.available():
+            return 0
+        own = f".{os.getpid()}."
+        removed = 0
+        for shard in self.shards():
+            try:
+                with os.scandir(shard) as entries:
+                    names = [entry.name for entry in entries if not entry.is_dir(follow_symlinks=False)]
+            except OSError:
+                continue  # gone meanwhile, or unreadable: nothing this sweep can delete
+            for name in names:
+                temp = name.startswith(".") and name.endswith(TEMP_SUFFIX)
+                if temp and own in name:
+                    continue
+                try:
+                    os.unlink(f"{shard}/{name}")
+                except FileNotFoundError:
+                    continue
+                except OSError as err:
+                    self._failed("remove", err)
+                    return removed
+                removed += not temp
+        return removed
+
     def remove_empty_directories(self) -> None:
         """rmdir of the shard folders and the tier's folder, each only if empty (but for the tier's marker):
         nothing else is ever deleted."""
