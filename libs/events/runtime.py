@@ -139,6 +139,13 @@ class CacheWorker(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omi
     unhealthy_since: float = 0.0
 
 
+def ring_nodes(workers: list[CacheWorker]) -> list[str]:
+    """The ring of block owners: the ready workers that serve peers (a ``peer_url``), whose tiers the runtime's
+    ``cacheCapacity`` counts; [] without one (no peer server), where each ready node caches what it reads and the
+    capacity counts every ready node."""
+    return [worker.node for worker in workers if worker.ready and worker.peer_url]
+
+
 class WorkerReplaced(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omit_defaults=True):
     """A cache worker that was replaced by a spare agent, and why (it stayed unhealthy past the grace period)."""
 

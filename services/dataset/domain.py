@@ -42,7 +42,7 @@ from libs.events.dataset import (
     find_condition,
     write_access_modes,
 )
-from libs.events.runtime import RuntimeSpec
+from libs.events.runtime import RuntimeSpec, RuntimeStatus, ring_nodes
 from libs.events.schedule import DatasetCacheObserved
 from libs.hostpaths import local_root_error
 from libs.inventory import DatasetInventory, UniqueCached
@@ -647,6 +647,33 @@ class RuntimeBinding(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     mounted: Condition | None = None
     fact_sequence: int = 0
     reads_failing: Condition | None = None
+    # What ``cache_capacity`` counts (``dataset_capacity``): its bytes, the ring of block owners whose tiers it sums
+    # ([] without a ring: every ready node) and one node's tiers. 0 and []: a binding stored before these fields,
+    # whose capacity is taken as it is until the runtime's next fact.
+    cache_capacity_bytes: int = 0
+    ring: list[str] = []
+    node_capacity_bytes: int = 0
+
+
+def runtime_binding(status: RuntimeStatus, sequence: int) -> RuntimeBinding:
+    """The binding a runtime's status at fact stream ``sequence`` gives its dataset of the same name."""
+    ring = ring_nodes(status.workers)
+    return RuntimeBinding(phase=status.phase, cache_capacity=status.cache_capacity, fact_sequence=sequence,
+                          mounted=find_condition(status.conditions, CONDITION_MOUNTED),
+                          reads_failing=find_condition(status.conditions, CONDITION_READS),
+                          cache_capacity_bytes=status.cache_capacity_bytes, ring=ring,
+                          node_capacity_bytes=status.cache_capacity_bytes // len(ring) if ring else 0)
+
+
+def dataset_capacity(binding: RuntimeBinding, nodes: Sequence[NodeCache]) -> str:
+    """``cacheCapacity``: the runtime's total cache capacity, as in Fluid (its ring's tiers), and the tiers of every
+    other node that holds blocks of the dataset (``nodes``: ``status.nodes``). A worker out of the ring (scaled
+    down, or missing heartbeats) keeps its blocks, and ``cached`` counts them: the capacity counts what holds them,
+    so ``cached`` never exceeds it."""
+    outside = sum(1 for node in nodes if node.cached_bytes > 0 and node.node not in binding.ring)
+    if not binding.ring or not binding.node_capacity_bytes or not outside:
+        return binding.cache_capacity
+    return format_bytes(binding.cache_capacity_bytes + outside * binding.node_capacity_bytes)
 
 
 def deleted_binding_note(sequence: int) -> bytes:
@@ -682,7 +709,7 @@ def bound_status(record: DatasetRecord, binding: RuntimeBinding) -> DatasetStatu
     """The record's status following its runtime's binding: phase, runtimes, capacity and ``Mounted``."""
     return with_binding(record.dataset, with_mount_condition(record.status, binding.mounted, binding.reads_failing),
                         binding.phase,
-                        binding.cache_capacity)
+                        dataset_capacity(binding, record.status.nodes))
 
 
 def status_on_apply(record: DatasetRecord, binding: RuntimeBinding | None, now: float) -> DatasetStatus:
@@ -793,18 +820,23 @@ def takes_cache_states(before: DatasetStatus, after: DatasetStatus) -> bool:
     return after.phase == "Bound" and (before.phase != "Bound" or before.ufs_total_bytes != after.ufs_total_bytes)
 
 
-def with_cache_states(status: DatasetStatus, cache: DatasetInventory) -> DatasetStatus:
+def with_cache_states(status: DatasetStatus, cache: DatasetInventory,
+                      binding: RuntimeBinding | None = None) -> DatasetStatus:
     """The status with the cache figures of ``cache``; unchanged while no node ever reported, zero once the last
-    node that had is gone. The capacity stays the binding's (the runtime's: its cache workers' tiers, as in Fluid)
-    once there is one: every node that mounts the dataset reports its tiers, also those that only read through the
-    workers and keep no block, so their sum flipped ``cacheCapacity`` to twice the runtime's at each inventory event
-    and back at each runtime fact."""
+    node that had is gone. The capacity stays the binding's once there is one (``dataset_capacity``: the runtime's,
+    and the tiers of the nodes outside it that hold blocks), as ``bound_status`` sets it: every node that mounts the
+    dataset reports its tiers, also those that only read through the workers and keep no block, so their sum flipped
+    ``cacheCapacity`` to twice the runtime's at each inventory event and back at each runtime fact. Without
+    ``binding`` (or one stored before its capacity's bytes), the capacity the status has is kept."""
     if not cache.nodes and not status.nodes:
         return status
     states = cache_states(cache, status.ufs_total_bytes)
-    if status.cache_states.cache_capacity:
+    nodes = node_caches(cache)
+    if binding is not None and binding.cache_capacity_bytes:
+        states = msgspec.structs.replace(states, cache_capacity=dataset_capacity(binding, nodes))
+    elif status.cache_states.cache_capacity:
         states = msgspec.structs.replace(states, cache_capacity=status.cache_states.cache_capacity)
-    return msgspec.structs.replace(status, cache_states=states, nodes=node_caches(cache))
+    return msgspec.structs.replace(status, cache_states=states, nodes=nodes)
 
 
 def departed_nodes(named: Iterable[str], agents: Mapping[str, AgentRecord], ttl: float) -> set[str]:

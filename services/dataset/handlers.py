@@ -49,7 +49,6 @@ from libs.events.dataset import (
     DatasetResync,
     DatasetStatus,
     DatasetStatusChanged,
-    find_condition,
 )
 from libs.events.runtime import RuntimeAccepted, RuntimeDeleted, RuntimeFact, RuntimeRecord, RuntimeStatusChanged
 from libs.events.schedule import DatasetCacheObserved
@@ -306,10 +305,7 @@ class DatasetHandlers:
                 self.wake(subjects.resource_key(fact.namespace, fact.name))
             return
         if isinstance(fact, RuntimeStatusChanged):
-            binding = domain.RuntimeBinding(
-                phase=fact.status.phase, cache_capacity=fact.status.cache_capacity, fact_sequence=sequence,
-                mounted=find_condition(fact.status.conditions, domain.CONDITION_MOUNTED),
-                reads_failing=find_condition(fact.status.conditions, domain.CONDITION_READS))
+            binding = domain.runtime_binding(fact.status, sequence)
         elif isinstance(fact, RuntimeDeleted):
             binding = domain.RuntimeBinding(fact_sequence=sequence)
         else:
@@ -398,7 +394,9 @@ class DatasetHandlers:
                      seq=event.seq)
             request = InventoryRequest(node=event.node, dataset=ref)
             await self.bus.publish_core(subjects.INVENTORY_REQUEST, request)
-        await self._update_status(key, lambda record: domain.with_cache_states(record.status, folded))
+        # With the binding: the capacity counts the nodes outside the runtime's ring that hold blocks.
+        await self._update_bound_status(key, lambda record, binding: domain.with_cache_states(record.status, folded,
+                                                                                              binding))
 
     async def on_scheduler_cache(self, fact: DatasetCacheObserved, delivery: Delivery) -> None:
         """Keep the scheduler's count of the dataset's bytes cached, each block once, with its node-cache fold: the
@@ -418,7 +416,7 @@ class DatasetHandlers:
             return  # this figure or a later one is kept already
         await kv_save(kv, key, updated, revision if revision is not None else 0)  # Conflict → redelivered at once
         # The status from the fold as it is when written (an inventory event's write may land in between).
-        await self._update(key, lambda record, _: record.status, None, references=False, read_binding=False,
+        await self._update(key, lambda record, _: record.status, None, references=False, read_binding=True,
                            read_cache=True)
 
     async def forget_departed_nodes(self, named: Mapping[str, set[str]], owns: Callable[[str], bool]) -> None:
@@ -492,7 +490,7 @@ class DatasetHandlers:
             del self._dropped_nodes[next(iter(self._dropped_nodes))]
         # The figures of the fold as it is when the status is written: an inventory event handled since the fold
         # above was saved has its own status write, which this one must not put back to older figures.
-        await self._update(key, lambda record, _: record.status, None, references=False, read_binding=False,
+        await self._update(key, lambda record, _: record.status, None, references=False, read_binding=True,
                            read_cache=True)
 
     # --- metadata sync (called by the reconciler) ---
@@ -720,7 +718,7 @@ class DatasetHandlers:
                 # not see yet comes after its fold was saved, so this read sees that fold or the write conflicts.
                 cache, _ = await kv_load(await self.bus.kv(subjects.KV_NODE_CACHE), key, DatasetInventory)
                 if cache is not None or read_cache:
-                    status = domain.with_cache_states(status, cache or DatasetInventory())
+                    status = domain.with_cache_states(status, cache or DatasetInventory(), binding)
             if status == record.status:
                 if not fresh:
                     continue  # nothing to change in what the caller read; the stored record may differ

@@ -81,6 +81,7 @@ from libs.events.runtime import (
     ScaleDecision,
     WorkerReplaced,
     directory_quotas,
+    ring_nodes,
 )
 from libs.hostpaths import cache_path_error, normal_path
 from libs.references import is_reference_mount
@@ -750,7 +751,7 @@ def runtime_status(record: RuntimeRecord, agents: Iterable[AgentRecord], now: fl
                             message=missing_dataset(runtime),
                             last_transition_time=rfc3339(now))
     # Blocks are cached by the ring's members when there is a ring, else by every node reading for itself.
-    ring = [worker for worker in ready_workers if worker.peer_url]
+    ring = ring_nodes(workers)
     capacity = node_capacity(runtime) * (len(ring) if ring else len(nodes))
     mounted = mount_condition(runtime, serving, now)
     conditions = with_condition(record.status.conditions, CONDITION_MOUNTED, mounted)

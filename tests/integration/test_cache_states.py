@@ -31,9 +31,18 @@ from libs.events.agent import (
     InventoryRequest,
     InventorySnapshot,
 )
-from libs.events.common import ObjectMeta, ObjectRef
-from libs.events.dataset import Dataset, DatasetApply, DatasetRecord, DatasetResync, DatasetSpec, Mount, NodeCache
-from libs.events.runtime import RuntimePhase, RuntimeStatus, RuntimeStatusChanged
+from libs.events.common import ObjectMeta, ObjectRef, format_bytes
+from libs.events.dataset import (
+    Condition,
+    Dataset,
+    DatasetApply,
+    DatasetRecord,
+    DatasetResync,
+    DatasetSpec,
+    Mount,
+    NodeCache,
+)
+from libs.events.runtime import CacheWorker, RuntimePhase, RuntimeStatus, RuntimeStatusChanged
 from libs.events.schedule import DatasetCacheObserved
 from libs.inventory import DatasetInventory
 from libs.manifest import ManifestStore
@@ -139,6 +148,37 @@ async def test_cache_states_come_back_from_the_fold_on_binding_again_and_follow_
         await bus.publish(subjects.DATASET_RESYNC, DatasetResync(name="model"))
         record = await status_where(bus, lambda r: r.status.ufs_total_bytes == 2000)
         assert record.status.cache_states.cached_percentage == "50.0%"
+
+
+async def test_the_capacity_counts_a_former_worker_that_still_holds_blocks_whichever_event_comes_last(
+        bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str) -> None:
+    # After a scale-down node-b keeps its blocks and ``cached`` counts them, but the capacity was the ring's alone:
+    # ``shoal get datasets`` showed CACHED above CACHE CAPACITY.
+    await put_objects(seaweedfs, bucket, {"model.bin": b"m" * 1000})
+
+    def scaled_down(revision: int, conditions: list[Condition]) -> RuntimeStatusChanged:
+        ring = [CacheWorker(node="node-a", peer_url="http://127.0.0.1:9100")]
+        return RuntimeStatusChanged(id=f"runtime.default.model.status.{revision}", name="model", namespace="default",
+                                    generation=1, status=RuntimeStatus(phase="Ready", cache_capacity=format_bytes(4000),
+                                                                       cache_capacity_bytes=4000, workers=ring,
+                                                                       conditions=conditions))
+
+    async with running(lambda stop: dataset_app.run(settings, stop)):
+        await apply_model(bus, bucket)
+        await bus.publish(subjects.RUNTIME_STATUS, scaled_down(1, []))
+        await status_where(bus, lambda r: r.status.phase == "Bound")
+        for node, cached in (("node-a", 3000), ("node-b", 2500)):
+            await bus.publish(subjects.agent_inventory(node), InventorySnapshot(
+                node=node, dataset=DATASET, incarnation="i1", seq=1,
+                counters=CacheCounters(cached_bytes=cached, capacity_bytes=4000)))
+        record = await status_where(bus, lambda r: len(r.status.nodes) == 2)
+        assert (record.status.cache_states.cached, record.status.cache_states.cache_capacity) == (
+            format_bytes(5500), format_bytes(8000))
+        # The runtime's next fact (told apart by its condition) gives the same capacity: no flip back.
+        mounted = Condition(type="Mounted", status="True", reason="Serving", message="1 of 1 agents serve it")
+        await bus.publish(subjects.RUNTIME_STATUS, scaled_down(2, [mounted]))
+        record = await status_where(bus, lambda r: any(c.type == "Mounted" for c in r.status.conditions))
+        assert record.status.cache_states.cache_capacity == format_bytes(8000)
 
 
 async def unique_kept(bus: Bus, unique: int) -> DatasetInventory | None:

@@ -32,6 +32,7 @@ from libs.events.dataset import (
     User,
     find_condition,
 )
+from libs.events.runtime import CacheWorker, RuntimeStatus
 from libs.events.schedule import DatasetCacheObserved
 from libs.inventory import DatasetInventory, fold
 from libs.mounts import canonical_options, mount_path
@@ -51,11 +52,13 @@ from services.dataset.domain import (
     bound_status,
     cache_fact_errors,
     cache_states,
+    dataset_capacity,
     dataset_phase,
     departed_nodes,
     needs_sync,
     next_sync,
     request_resync,
+    runtime_binding,
     status_after_sync,
     status_on_apply,
     sync_due_in,
@@ -1128,6 +1131,34 @@ def test_the_capacity_stays_the_runtimes_when_nodes_that_keep_no_block_report_th
     assert with_binding(valid_s3_dataset(), status, "Ready", "2.00GiB").cache_states.cache_capacity == "2.00GiB"
     # Before any binding gave one, the nodes' tiers are all there is to say.
     assert with_cache_states(DatasetStatus(ufs_total_bytes=100), cache).cache_states.cache_capacity == "2.00GiB"
+
+
+def test_the_capacity_counts_the_tiers_of_a_former_worker_that_still_holds_blocks() -> None:
+    # Scaled down from two cache workers to one: node-b keeps its blocks (read locally, counted in ``cached``), but
+    # the runtime's capacity counts only the ring's tiers: CACHED 170B showed beside CACHE CAPACITY 100B.
+    runtime = RuntimeStatus(phase="Ready", cache_capacity="100B", cache_capacity_bytes=100,
+                            workers=[CacheWorker(node="node-a", peer_url="http://10.0.0.1:9100")],
+                            ready_nodes=["node-a", "node-b"])
+    binding = runtime_binding(runtime, 7)
+    assert (binding.ring, binding.node_capacity_bytes, binding.fact_sequence) == (["node-a"], 100, 7)
+    cache = two_nodes(CacheCounters(cached_bytes=90, capacity_bytes=100),
+                      CacheCounters(cached_bytes=80, capacity_bytes=100))
+    bound = bound_status(record_at(status=DatasetStatus(ufs_total_bytes=1000)), binding)
+    status = with_cache_states(bound, cache, binding)
+    assert (status.cache_states.cached, status.cache_states.cache_capacity) == ("170B", "200B")
+    # The runtime's next fact gives the same figure (no flip between the two paths)...
+    assert bound_status(record_at(status=status), binding).cache_states.cache_capacity == "200B"
+    # ...and once the former worker's blocks are gone (evicted, cleaned) the capacity is the runtime's again.
+    emptied = two_nodes(CacheCounters(cached_bytes=90, capacity_bytes=100), CacheCounters(capacity_bytes=100))
+    assert with_cache_states(status, emptied, binding).cache_states.cache_capacity == "100B"
+    # Nodes that only read through the ring keep no block: not counted. Without a ring every ready node is counted
+    # already, and a binding stored before the capacity's bytes keeps the status's figure.
+    assert dataset_capacity(binding, []) == "100B"
+    no_ring = runtime_binding(msgspec.structs.replace(runtime, workers=[CacheWorker(node="node-a")],
+                                                      cache_capacity="200B", cache_capacity_bytes=200), 8)
+    assert with_cache_states(bound, cache, no_ring).cache_states.cache_capacity == "200B"
+    assert with_cache_states(status, cache, RuntimeBinding(phase="Ready", cache_capacity="100B")
+                             ).cache_states.cache_capacity == "200B"
 
 
 def test_no_reads_yet_gives_zero_ratios() -> None:
