@@ -292,6 +292,15 @@ class Beats:
             record = AgentRecord(heartbeat=AgentHeartbeat(node=node), received_at=self.now)
             await self.kv.put(node, msgspec.json.encode(record))
 
+    async def advance(self, seconds: float, *nodes: str) -> None:
+        """Move the clock ``seconds`` on, ``nodes`` beating every 30 s of it: one beat after another, no node's last
+        beat is ever a TTL older than another's, whenever the service sweeps (one jump past the TTL left the node
+        written second a minute behind the first until its beat was read: dropped, under load)."""
+        target = self.now + seconds
+        while self.now < target:
+            self.now = min(self.now + 30, target)
+            await self.beat(*nodes)
+
 
 async def report_two_nodes(bus: Bus) -> None:
     """node-a holding 600 and node-b 400 of the 1,000 bytes: the dataset 100 % cached."""
@@ -344,17 +353,21 @@ async def test_nodes_are_not_dropped_while_their_agents_beat_again_after_an_outa
     async with running(lambda stop: dataset_app.run(settings, stop, clock=beats.clock)):
         await apply_model(bus, bucket)
         await report_two_nodes(bus)
-        beats.now += 61  # past the service's first minute; both agents beat
-        await beats.beat("node-a", "node-b")
-        await asyncio.sleep(0.5)  # sweeps that find both alive
+        await beats.advance(61, "node-a", "node-b")  # past the service's first minute; both agents beat
+        await asyncio.sleep(0.5)  # not a wait for anything: sweeps run meanwhile, and find both alive
 
         nats_server.restart()
         beats.now += 90  # the outage: the last beats are 90 s old when the service is back
-        await asyncio.sleep(1.0)  # sweeps run before the agents' first beats after it
+
+        async def connected() -> bool:
+            return bus.nc.is_connected
+
+        await eventually(connected, what="the test's client reconnected")
+        await asyncio.sleep(1.0)  # not a wait for anything: sweeps run before the agents' first beats after it
         await beats.beat("node-a", "node-b")
-        await asyncio.sleep(0.5)
-        record = await status_where(bus, lambda r: True)
-        assert [node.node for node in record.status.nodes] == ["node-a", "node-b"]
+        # A node dropped meanwhile would not come back (nothing sends its figures again): this waits for the figures
+        # of both, which a dropped node fails.
+        record = await status_where(bus, lambda r: [node.node for node in r.status.nodes] == ["node-a", "node-b"])
         assert record.status.cache_states.cached_percentage == "100.0%"
 
         beats.now += 61  # a TTL after the connection came back, a node that did not beat again leaves
