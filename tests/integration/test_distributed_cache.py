@@ -162,6 +162,14 @@ async def counted_cluster(bus: Bus, settings: Settings, seaweedfs: SeaweedServer
         await store.stop()
 
 
+
+async def scale_with_cli(settings: Settings, replicas: int) -> None:
+    """``shoal scale runtime NAME --replicas N``, as a user types it."""
+    url = ",".join(settings.nats.urls)
+    result = await asyncio.to_thread(CliRunner().invoke, cli, ["--nats", url, "scale", "runtime", NAME,
+                                                               "--replicas", str(replicas)])
+    assert result.exit_code == 0, result.output
+
 async def test_three_workers_fetch_each_block_once_for_the_cluster(
         bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path) -> None:
     objects = objects_of(3, 3)
@@ -211,10 +219,7 @@ async def test_scaling_3_to_4_fetches_only_the_blocks_whose_first_owner_changed(
         blocks = await blocks_of(bus)
         assert sorted(store_gets(store)) == sorted(blocks)
 
-        url = ",".join(settings.nats.urls)
-        result = await asyncio.to_thread(CliRunner().invoke, cli, ["--nats", url, "scale", "runtime", NAME,
-                                                                   "--replicas", "4"])
-        assert result.exit_code == 0, result.output
+        await scale_with_cli(settings, 4)
         await ring_is(bus, four)
         before = len(store.ranged_gets())
         await asyncio.to_thread(drop_page_cache)
@@ -358,10 +363,7 @@ async def test_a_worker_scaled_down_keeps_its_blocks_counted_and_reads_them_as_a
         blocks = await blocks_of(bus)
         assert sorted(store_gets(store)) == sorted(blocks)
 
-        url = ",".join(settings.nats.urls)
-        result = await asyncio.to_thread(CliRunner().invoke, cli, ["--nats", url, "scale", "runtime", NAME,
-                                                                   "--replicas", "1"])
-        assert result.exit_code == 0, result.output
+        await scale_with_cli(settings, 1)
 
         async def one_worker() -> str | None:
             record = await runtime_record(bus, NAME)
