@@ -47,6 +47,7 @@ from libs.events.schedule import DatasetCacheObserved
 from libs.inventory import DatasetInventory
 from libs.manifest import ManifestStore
 from services.dataset import app as dataset_app
+from services.dataset.handlers import DatasetHandlers
 from services.scheduler import app as scheduler_app
 from tests.conftest import NatsServer, SeaweedServer, put_objects
 from tests.helpers import dataset_record, eventually, running
@@ -340,6 +341,30 @@ async def test_a_node_whose_agent_is_gone_leaves_the_cache_figures(
         assert (record.status.cache_states.cached, record.status.cache_states.cached_percentage) == ("0B", "0.0%")
 
 
+class Sweeps:
+    """Counts the service's departed-node sweeps, so a test can let a few run (and find nothing to drop) before it
+    goes on: what a dropped node would show needs a sweep to have run, not time to have passed."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.done = 0
+        sweep = DatasetHandlers.forget_departed_nodes
+
+        async def counted(handlers: DatasetHandlers, *args: Any) -> None:
+            await sweep(handlers, *args)
+            self.done += 1
+
+        monkeypatch.setattr(DatasetHandlers, "forget_departed_nodes", counted)
+
+    async def run(self, count: int) -> None:
+        """Returns once ``count`` more sweeps have finished."""
+        target = self.done + count
+
+        async def swept() -> bool:
+            return self.done >= target
+
+        await eventually(swept, what=f"{count} departed-node sweeps")
+
+
 async def test_nodes_are_not_dropped_while_their_agents_beat_again_after_an_outage(
         bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, nats_server: NatsServer,
         monkeypatch: pytest.MonkeyPatch) -> None:
@@ -347,6 +372,7 @@ async def test_nodes_are_not_dropped_while_their_agents_beat_again_after_an_outa
     again within seconds. As in the service's first minute, nodes are judged only a TTL after the connection came
     back, or every node of every dataset lost its figures, which an idle node's agent never sends again."""
     monkeypatch.setattr(dataset_app, "DEPARTED_NODES_SECONDS", 0.1)
+    sweeps = Sweeps(monkeypatch)
     beats = Beats(await bus.kv(subjects.KV_AGENTS))
     await put_objects(seaweedfs, bucket, {"model.bin": b"m" * 1000})
     await beats.beat("node-a", "node-b")
@@ -354,7 +380,7 @@ async def test_nodes_are_not_dropped_while_their_agents_beat_again_after_an_outa
         await apply_model(bus, bucket)
         await report_two_nodes(bus)
         await beats.advance(61, "node-a", "node-b")  # past the service's first minute; both agents beat
-        await asyncio.sleep(0.5)  # not a wait for anything: sweeps run meanwhile, and find both alive
+        await sweeps.run(2)  # they find both alive
 
         nats_server.restart()
         beats.now += 90  # the outage: the last beats are 90 s old when the service is back
@@ -363,7 +389,7 @@ async def test_nodes_are_not_dropped_while_their_agents_beat_again_after_an_outa
             return bus.nc.is_connected
 
         await eventually(connected, what="the test's client reconnected")
-        await asyncio.sleep(1.0)  # not a wait for anything: sweeps run before the agents' first beats after it
+        await sweeps.run(2)  # sweeps after the outage, before the agents' first beats
         await beats.beat("node-a", "node-b")
         # A node dropped meanwhile would not come back (nothing sends its figures again): this waits for the figures
         # of both, which a dropped node fails.
