@@ -331,7 +331,7 @@ class MountedDataset:
             if client is not None:
                 await client.close()
             if self.deleted or self.recreated or await self._dataset_gone():
-                purged = cache.purge()  # evictions reach the inventory's last delta
+                purged = await cache.purge_async()  # evictions reach the inventory's last delta
                 log.info("dataset deleted, cache freed", dataset=self.shown, blocks=purged)
                 if not self.recreated:  # the name lives on: parts for its new incarnation may come to this durable
                     await runner.forget()
@@ -365,7 +365,8 @@ class MountedDataset:
         False when ``stop`` was set meanwhile. The rest of the blocks are found by ``_scan_cache`` once the mount
         serves. A start held up by its disk (a hung NFS server) ends only when the disk answers, or by SIGKILL."""
         # The thread only reads the event's flag, which the loop sets: no lock needed for one bool.
-        scan = asyncio.ensure_future(asyncio.to_thread(cache.start, block_size, stop.is_set))
+        scan = asyncio.ensure_future(asyncio.to_thread(cache.start, block_size, stop.is_set,
+                                                       self._scan_keep(block_size)))
         stopping = asyncio.ensure_future(stop.wait())
         try:
             await asyncio.wait([scan, stopping], return_when=asyncio.FIRST_COMPLETED)
@@ -384,18 +385,23 @@ class MountedDataset:
         scan at its next file; the files not opened yet wait for the next start. Blocks of objects not in the
         manifest served then, or of the wrong length (``_drop_stale``, ``_drop_misfits``), are deleted as
         they are found."""
+        started = time.monotonic()
+        try:
+            found = await cache.scan_rest(self._scan_keep(block_size), halted)
+        except ScanCancelled:
+            log.info("cache scan stopped: the blocks not scanned yet wait for the next start", dataset=self.shown)
+            return
+        log.info("cache scanned", dataset=self.shown, found=found, seconds=round(time.monotonic() - started, 1))
+
+    def _scan_keep(self, block_size: int) -> Callable[[BlockId, int], bool]:
+        """Which block files found on disk after a restart are kept: those of objects the manifest serves, of the
+        right length (the others are deleted as found)."""
         def keep(block: BlockId, size: int) -> bool:
             entry = self.entries.get((block.mount, block.key))
             return (entry is not None and entry.etag == block.etag
                     and size == block_span(entry.size, block_size, block.index)[1])
 
-        started = time.monotonic()
-        try:
-            found = await cache.scan_rest(keep, halted)
-        except ScanCancelled:
-            log.info("cache scan stopped: the blocks not scanned yet wait for the next start", dataset=self.shown)
-            return
-        log.info("cache scanned", dataset=self.shown, found=found, seconds=round(time.monotonic() - started, 1))
+        return keep
 
     def _stopped_while_starting(self, step: str) -> None:
         self.metrics.close()

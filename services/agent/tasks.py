@@ -19,7 +19,9 @@ What it decides:
   everything, evicted through the cache's own eviction path, so inventory deltas report it; freed bytes are done.
   Right after a restart that found no index (a crash), the cache's background scan may not have reached every
   block yet: a clean of ``files``/everything has the scan delete the blocks it selects as it finds them
-  (``BlockCache.sweep``) and is done, counting them, once the scan is; named blocks are looked for on disk.
+  (``BlockCache.sweep``), and the clean itself scans the shard folders the scan has not taken yet
+  (``BlockCache.sweep_rest``), so it is done, counting them, once its own part is, not when the whole scan ends;
+  named blocks are looked for on disk.
   It first waits for the blocks being fetched or written when it starts (``BlockReader.settle``): the last fetches
   of a load cancelled just before it would otherwise be cached after it finished;
 - progress (``PartLedger``, pure): cumulative ``TaskProgress`` at most once a second while there is news, then a
@@ -679,7 +681,7 @@ class TaskRunner:
                     ledger.done(None, size)
                 await asyncio.sleep(0)  # FUSE reads between slices
             if sweep is not None:
-                if not await sweep.wait():
+                if not await self.cache.sweep_rest(sweep, abort.is_set):
                     # The scan was stopped (this process is stopping): the files it did not reach are found by the
                     # next start, so the part is not done; it goes back unacknowledged when the stop aborts it.
                     await abort.wait()

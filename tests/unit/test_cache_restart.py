@@ -18,6 +18,7 @@ from libs.events.agent import CachedFile
 from libs.events.common import ObjectRef
 from libs.events.operation import NodeTask
 from services.agent.cache import BlockCache, DiskTier, LruPolicy
+from services.agent.cache.store import SCAN_THREADS
 from services.agent.cache.tiers import HEADER, INDEX_FILE, INDEX_HEADER, TEMP_SUFFIX, ScanCancelled, ShardScan
 from services.agent.tasks import PartLedger, TaskRunner
 from tests.helpers import eventually
@@ -88,8 +89,8 @@ async def test_after_a_crash_with_a_partial_block_file_the_sound_blocks_are_foun
     inventory = Inventory()
     cache = cache_on(tmp_path / "ssd", inventory)
     assert cache.start(SIZE) == 0  # no index: a crash
-    assert cache.get(block(5)) is None  # not scanned yet: a miss
-    assert await cache.scan_rest() == BLOCKS - 1
+    assert cache.get(block(5)) == payload(5)  # not scanned yet: found on disk when asked for
+    assert await cache.scan_rest() == BLOCKS - 2  # the others but the torn one
     assert not leftover.exists() and not torn.exists()
     assert not cache.contains(block(4))
     for index in set(range(BLOCKS)) - {4}:
@@ -318,3 +319,140 @@ async def test_a_purge_while_the_scan_had_not_finished_deletes_the_block_files_i
     assert left == [in_flight]  # every block file and the crash's leftover gone, the write in flight left to it
     assert not inventory.blocks and not cache.contains(block(100))
     in_flight.unlink()
+
+
+async def test_a_block_asked_for_before_the_scans_first_step_is_found_on_disk(tmp_path: Path) -> None:
+    # The mount serves (FUSE, peers, a DataLoad's part resumed) from the end of ``start``; the scan's first step
+    # comes later, and a block asked for in between was a miss: fetched from the store a second time.
+    filled(tmp_path / "ssd")
+    inventory = Inventory()
+    cache = cache_on(tmp_path / "ssd", inventory)
+    unwanted = block(3)
+    assert cache.start(SIZE, keep=lambda found, _: found != unwanted) == 0  # no index: a crash; no scan yet
+    assert cache.contains(block(7)) and cache.get(block(7)) == payload(7)
+    assert cache.get(unwanted) is None  # what the scan would not keep is not found early either
+    assert set(inventory.blocks) == {block(7)}
+    assert await cache.scan_rest(lambda found, _: found != unwanted) == BLOCKS - 2
+    assert set(inventory.blocks) == {block(index) for index in range(BLOCKS)} - {unwanted}  # each once
+    assert not file_of(cache, unwanted).exists()
+
+
+async def test_a_block_found_on_disk_while_its_tier_is_full_takes_the_place_of_the_least_recently_used(
+        tmp_path: Path) -> None:
+    # A block found before the scan reached it, in a tier at its quota (found early, or written, since the start),
+    # was refused and so fetched from the store again; the write of that fetch then evicted a block anyway.
+    room = 4
+    filled(tmp_path / "ssd")
+    inventory = Inventory()
+    evicted: list[str] = []
+    cache = cache_on(tmp_path / "ssd", inventory, room)
+    cache.on_tier_evicted = evicted.append
+    assert cache.start(SIZE) == 0  # a crash
+    entered, release, held = held_scan()
+    scan = asyncio.create_task(cache.scan_rest(cancelled=held))
+    try:
+        assert await asyncio.to_thread(entered.wait, 30)
+        for index in range(room):
+            assert cache.get(block(index)) == payload(index)
+        assert cache.get(block(room)) == payload(room)  # served from its file, not a miss
+        assert not cache.contains(block(0)) and not file_of(cache, block(0)).exists()  # the least recently used
+        assert evicted == ["SSD"]
+        assert set(inventory.blocks) == {block(index) for index in range(1, room + 1)}
+        assert cache.stats().tiers[0].used_bytes == room * SIZE
+    finally:
+        release.set()
+    await asyncio.wait_for(scan, 30)
+    assert set(inventory.blocks) == {block(index) for index in range(1, room + 1)}  # used since: kept
+    assert cache.stats().tiers[0].used_bytes == room * SIZE
+
+
+def clean_of_everything() -> tuple[NodeTask, PartLedger]:
+    clean = NodeTask(run="dataclean.default.free.1", part=0, parts=1, node="n", dataset=ObjectRef(name="ds"),
+                     action="clean", everything=True)
+    return clean, PartLedger.of(clean)
+
+
+async def test_a_clean_of_everything_during_the_scan_is_done_when_its_own_part_is_not_when_the_scan_ends(
+        tmp_path: Path) -> None:
+    # The clean freed the indexed blocks at once, then waited for the scan to end to count the files the scan found
+    # and deleted for it: after a crash with 200,000 blocks, about 30 s. It now scans the shards nobody has taken
+    # itself, and waits only for those the scan holds.
+    first = filled(tmp_path / "ssd")
+    first.save_index(SIZE)
+    for index in range(BLOCKS, 2 * BLOCKS):  # written after the index: found by the scan alone
+        assert first.put(block(index), payload(index))
+    inventory = Inventory()
+    cache = cache_on(tmp_path / "ssd", inventory)
+    assert cache.start(SIZE) == BLOCKS
+    runner = TaskRunner(cast(Any, None), "n", ObjectRef(name="ds"), cache, cast(Any, Settled()), dict,
+                        concurrency=1)
+    clean, ledger = clean_of_everything()
+    # The scan's first step has not come yet (it comes once the mount serves, and may be slow to get there): the
+    # clean does not wait for it.
+    await asyncio.wait_for(runner._clean(clean, ledger, asyncio.Event()), 30)
+    assert ledger.bytes_done == ledger.bytes_total == 2 * BLOCKS * SIZE and ledger.blocks_done == 2 * BLOCKS
+    assert not inventory.blocks
+    assert not [path for path in (tmp_path / "ssd").rglob("*/*") if path.is_file()]
+    assert await asyncio.wait_for(cache.scan_rest(), 30) == 0  # nothing left for it
+    assert cache.put(block(0), payload(0)) and set(inventory.blocks) == {block(0)}
+
+
+async def test_a_clean_beside_a_running_scan_takes_the_shards_it_has_not_reached(tmp_path: Path) -> None:
+    # Both at once: the scan holds its first shards (in its threads), the clean scans every other one meanwhile and
+    # is done once the scan's are; each file is deleted and counted once.
+    filled(tmp_path / "ssd", 40)
+    cache = cache_on(tmp_path / "ssd", Inventory())
+
+    def shards_left() -> set[Path]:
+        return {path.parent for path in (tmp_path / "ssd").rglob("*/*") if path.is_file()}
+
+    assert len(shards_left()) > SCAN_THREADS
+    assert cache.start(SIZE) == 0
+    entered, release, held = held_scan()
+    scan = asyncio.create_task(cache.scan_rest(cancelled=held))
+    runner = TaskRunner(cast(Any, None), "n", ObjectRef(name="ds"), cache, cast(Any, Settled()), dict,
+                        concurrency=1)
+    clean, ledger = clean_of_everything()
+    try:
+        assert await asyncio.to_thread(entered.wait, 30)
+        cleaning = asyncio.create_task(runner._clean(clean, ledger, asyncio.Event()))
+        # The clean's own part: every shard folder but those in the scan's hands emptied, while it waits for those.
+        await eventually(lambda: _now(len(shards_left()) <= SCAN_THREADS), what="the clean's own part")
+        assert shards_left() and not cleaning.done()
+    finally:
+        release.set()
+    await asyncio.wait_for(cleaning, 30)
+    await asyncio.wait_for(scan, 30)
+    assert ledger.blocks_done == 40 and ledger.bytes_done == ledger.bytes_total == 40 * SIZE
+    assert not shards_left()
+
+
+async def test_a_purge_deletes_the_files_in_a_worker_thread_after_emptying_the_index(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A deleted dataset's mount purged its cache on the event loop: one unlink per block file, 200,000 for a large
+    # cache, while nothing else ran. The files now go in a thread, once every block left the index and no write or
+    # look on disk can add one back.
+    filled(tmp_path / "ssd")
+    inventory = Inventory()
+    cache = cache_on(tmp_path / "ssd", inventory)
+    assert cache.start(SIZE) == 0  # a crash: the scan had not run
+    assert cache.get(block(1)) == payload(1)  # found on disk: indexed
+    entered, release = threading.Event(), threading.Event()
+    original = DiskTier.remove_block_files
+
+    def held(self: DiskTier) -> int:
+        entered.set()
+        assert release.wait(30), "the loop did not run while the purge deleted files"
+        return original(self)
+
+    monkeypatch.setattr(DiskTier, "remove_block_files", held)
+    purging = asyncio.create_task(cache.purge_async())
+    try:
+        assert await asyncio.to_thread(entered.wait, 30)
+        assert not inventory.blocks and not file_of(cache, block(1)).exists()  # the indexed one: first
+        assert not cache.contains(block(2))  # its file is still there, but not found any more
+        assert not cache.put(block(100), payload(100))  # nothing is written into a folder being emptied
+    finally:
+        release.set()
+    assert await asyncio.wait_for(purging, 30) == BLOCKS
+    assert not (tmp_path / "ssd").exists() and not inventory.blocks

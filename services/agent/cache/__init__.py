@@ -23,12 +23,14 @@ evicts down to ``low``, Fluid's defaults 0.95/0.7); per policy ``admission_margi
 directory with its own quota (Fluid's ``quotaList``) or an equal share of the level's.
 
 Restarts: a clean stop writes each disk tier's index (``BlockCache.save_index``); ``BlockCache.start`` reads it
-and the cache serves, then ``BlockCache.scan_rest`` finds the block files no index listed (after a crash: all)
-in worker threads while it serves. ``BlockCache.load`` does both inline (tools, tests).
+and the cache serves (a block not indexed is looked for on disk when asked for), then ``BlockCache.scan_rest``
+finds the block files no index listed (after a crash: all) in worker threads while it serves; a clean meanwhile
+scans the shards the scan has not taken (``BlockCache.sweep_rest``). ``BlockCache.load`` does both inline (tools,
+tests).
 
 Threads: one event loop owns ``BlockCache``; only ``Reservation.write`` (file writes and victim deletes) runs in a
-worker thread, via ``BlockCache.put_async``. Reads run inline: ~0.6 ms per 4 MiB block from the page cache,
-checksum included.
+worker thread, via ``BlockCache.put_async``, and so do the scans' and ``BlockCache.purge_async``'s file I/O.
+Reads run inline: ~0.6 ms per 4 MiB block from the page cache, checksum included.
 """
 
 from services.agent.cache.eviction import EvictionPolicy, FrequencyAdmissionPolicy, LruPolicy, PolicyFactory

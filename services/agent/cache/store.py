@@ -24,8 +24,9 @@ Rules for callers:
   ``on_evicted(block, size)`` once when it stops being so (evicted, dropped as stale, found corrupt or missing),
   so the callbacks alone keep an exact inventory. At a restart ``start`` indexes what the last clean stop wrote
   down (``save_index``) and ``scan_rest``, on the loop with its file I/O in threads, finds the rest while the cache
-  serves: a block it has not reached yet is looked for on disk when asked for, and a clean meanwhile hands the scan
-  its selection (``sweep``) so the blocks it finds later are deleted, not indexed. ``on_tier_evicted(medium)`` is
+  serves: a block it has not reached yet is looked for on disk when asked for (from ``start`` on), and a clean
+  meanwhile hands the scan its selection (``sweep``) so the blocks it finds later are deleted, not indexed, and
+  scans the shards nobody has taken yet itself (``sweep_rest``). ``on_tier_evicted(medium)`` is
   called for each block evicted to make room or by ``evict`` (a DataClean), not for stale, corrupt or purged ones:
   the agent's eviction counter.
   Blocks on a tier that is down stay indexed: its disk may come back, and meanwhile reads of them miss and go to
@@ -211,16 +212,25 @@ class BlockCache:
         self._uses = 0  # counts writes and hits: ``_Entry.used``
         # Per disk tier and shard, the names its index listed at ``start``: ``scan_rest`` opens only other files.
         self._known: dict[int, dict[str, frozenset[str]]] = {}
-        # While ``scan_rest`` runs: per disk tier, the shard folders it has done (a miss in another is looked for
-        # on disk at once, ``_found_early``), and what it keeps (``keep``).
+        # From ``start`` until ``scan_rest`` ends (the scan is due or running): per disk tier, the shard folders
+        # done (a miss in another is looked for on disk at once, ``_found_early``), those taken by the scan or by a
+        # clean (``_scan_shards``), its shard folders (listed once, by whoever comes first) and the heap of the
+        # blocks found (modification time, name: ``_displace``); and what the scan keeps (``keep``).
         self._scanned: dict[int, set[str]] = {}
+        self._claimed: dict[int, set[str]] = {}
+        self._shards: dict[int, list[str]] = {}
+        self._ages: dict[int, list[tuple[float, str]]] = {}
         self._scan_keeps: Callable[[BlockId, int], bool] | None = None
-        # While ``scan_rest`` runs, every block reserved since it began: a file of that name found by the scan
-        # may be the old one or the new one, so the scan leaves it to the write (None: no scan running).
+        # Set and replaced each time shards are done or given back: who waits for another's shards waits on it.
+        self._progress: asyncio.Event | None = None
+        # From ``start`` until ``scan_rest`` ends, every block reserved since: a file of that name found by the scan
+        # may be the old one or the new one, so the scan leaves it to the write (None: no scan due).
         self._written: set[str] | None = None
         # From ``start`` until ``scan_rest`` ends: a scan is due or running, so a clean's selection must outlive it.
         self._scan_due = False
         self._sweeps: list[Sweep] = []
+        # Set by ``purge``: nothing is written or found on disk any more (its files are being deleted).
+        self._purged = False
 
     @classmethod
     def from_levels(
@@ -345,13 +355,15 @@ class BlockCache:
         return entry
 
     def _found_early(self, name: str) -> _Entry | None:
-        """A block no index listed whose shard ``scan_rest`` has not done yet: its file looked for in each disk
-        tier, fastest first (one open and two small reads, as the scan does), and indexed as the scan would. Else
-        a block cached before a crash would be fetched again, however soon after the start it is asked for: a
-        DataLoad resumed after a restart must not fetch a block twice. None when no sound file is there, or the
-        scan would not keep it (over the quota, not in the manifest, cleaned since the start: the scan deletes it
-        when it gets there)."""
-        if name in (self._written or ()) or name in self._pending or name in self._unlinking:
+        """A block no index listed whose shard ``scan_rest`` has not done yet (from ``start`` on, also before the
+        scan's first step): its file looked for in each disk tier, fastest first (one open and two small reads, as
+        the scan does), and indexed as the scan would. Else a block cached before a crash would be fetched again,
+        however soon after the start it is asked for: a DataLoad resumed after a restart must not fetch a block
+        twice. A tier over its quota makes room for it as a write would, evicting its least recently used blocks
+        (without the admission test: the block is here already, and refusing it would fetch it again to serve it).
+        None when no sound file is there, or the scan would not keep it (not in the manifest, cleaned since the
+        start: the scan deletes it when it gets there), or it cannot fit (room held by writes in flight)."""
+        if self._purged or name in (self._written or ()) or name in self._pending or name in self._unlinking:
             return None  # being written: its file is not the one to index
         shard = name[:SHARD_LENGTH]
         for index, tier in self._disk_tiers():
@@ -360,17 +372,33 @@ class BlockCache:
             scanned = tier.probe(name)
             if scanned is None:
                 continue
-            policy = self._policies[index]
-            room = policy.high_bytes - policy.resident_bytes - self._in_flight[index]
-            if scanned.size > room or (self._scan_keeps is not None and not self._scan_keeps(scanned.block,
-                                                                                           scanned.size)):
+            if self._scan_keeps is not None and not self._scan_keeps(scanned.block, scanned.size):
                 return None
             if self._swept(scanned.block):
                 return None  # cleaned while the scan ran: the scan deletes it when it gets there
+            policy = self._policies[index]
+            needed = scanned.size - (policy.high_bytes - policy.resident_bytes - self._in_flight[index])
+            if needed > 0 and not self._make_room(index, needed):
+                return None
             policy.inserted(name, scanned.size)
             self._index_found(index, scanned)
             return self._index[name]
         return None
+
+    def _make_room(self, index: int, needed: int) -> bool:
+        """Evicts the least recently used blocks of tier ``index`` until ``needed`` bytes are free, as a write's
+        plan would (only as many: each unlink runs inline); False, evicting nothing, when its resident blocks
+        together are too few (writes in flight hold the room)."""
+        victims = self._policies[index].victims(needed)
+        if sum(self._index[victim].size for victim in victims) < needed:
+            return False
+        tier = self._tiers[index]
+        for victim in victims:
+            self._forget(victim, self._index[victim])
+            tier.remove(victim)
+            if self.on_tier_evicted is not None:
+                self.on_tier_evicted(tier.medium)
+        return True
 
     def contains(self, block: BlockId) -> bool:
         entry = self._lookup(block.name)
@@ -488,7 +516,7 @@ class BlockCache:
         cached, being written, or its old file is still being deleted.
         """
         name = block.name
-        if name in self._index or name in self._pending or name in self._unlinking:
+        if self._purged or name in self._index or name in self._pending or name in self._unlinking:
             return None
         start = 0
         while start < len(self._tiers):
@@ -583,7 +611,8 @@ class BlockCache:
         self._end_scan(True)
         return loaded
 
-    def start(self, block_size: int = 0, cancelled: Callable[[], bool] | None = None) -> int:
+    def start(self, block_size: int = 0, cancelled: Callable[[], bool] | None = None,
+              keep: Callable[[BlockId, int], bool] | None = None) -> int:
         """Indexes the blocks the index of each disk tier lists (written by the last clean stop, ``save_index``);
         returns how many. Call it at startup, before the first ``put``; then ``scan_rest``, which finds what no
         index listed (after a crash: every block) while the cache serves. May run in a worker thread while nothing
@@ -594,11 +623,13 @@ class BlockCache:
         the size blocks are cut at now: a tier whose blocks were cut at another size is emptied (the same block
         name would be other bytes). Within a tier the most recently used blocks are kept when they no longer fit
         under the high watermark (the quota shrank), the rest are deleted. A block listed by two tiers is kept in
-        the faster one. ``cancelled`` is asked after each tier (``ScanCancelled``).
+        the faster one. ``cancelled`` is asked after each tier (``ScanCancelled``). From here on a block not indexed
+        is looked for on disk when asked for (``_found_early``), kept only if ``keep`` (as ``scan_rest`` takes it)
+        says so: the scan's first step comes later, after the mount serves.
         """
         loaded = 0
         self._known = {}
-        self._scan_due = True
+        self._begin_scan(keep)
         for index, tier in self._disk_tiers():
             if not tier.prepare(block_size):
                 continue
@@ -633,9 +664,10 @@ class BlockCache:
     async def scan_rest(self, keep: Callable[[BlockId, int], bool] | None = None,
                         cancelled: Callable[[], bool] | None = None) -> int:
         """After ``start``: lists every shard folder of the disk tiers and opens the block files no index listed
-        (in worker threads, a shard at a time), indexing the sound ones as each shard is done, while the cache
-        serves; returns how many. A block asked for before its shard is done is looked for on disk then
-        (``_found_early``). Listed blocks whose files are gone are forgotten.
+        (in worker threads, ``SCAN_THREADS`` shards at a time), indexing the sound ones as each shard is done, while
+        the cache serves; returns how many. A block asked for before its shard is done is looked for on disk then
+        (``_found_early``). Listed blocks whose files are gone are forgotten. A shard a clean took meanwhile
+        (``sweep_rest``) is left to it, and waited for before the tier is done.
 
         Found blocks go first in eviction order (older than any block used since the start; by modification time
         among them once the tier is scanned). When they no longer fit under the high watermark (after a crash with a
@@ -646,39 +678,123 @@ class BlockCache:
         written since the start (it may be the new file by now).
         ``cancelled`` is asked before each file opened: the files not opened yet wait for the next start.
         """
-        self._written = set()
-        self._scanned = {index: set() for index, _ in self._disk_tiers()}
-        self._scan_keeps = keep
+        if not self._scan_due:  # without ``start`` (tests): the scan begins here
+            self._begin_scan(keep)
+        if keep is not None:
+            self._scan_keeps = keep
         found = 0
         complete = False
         try:
-            for index, tier in self._disk_tiers():  # a tier at a time: a block in two is kept in the faster
-                ages: list[tuple[float, str]] = []  # a heap of the blocks found (modification time, name)
-                shards = await asyncio.to_thread(tier.shards)
-                # A few shards at once: on a cold disk each file costs two reads waiting on the device, and
-                # several in flight keep it busy (200,000 blocks: 62 s one at a time, see tests/bench/cache_start).
-                for at in range(0, len(shards), SCAN_THREADS):
-                    batch = shards[at:at + SCAN_THREADS]
-                    for scanned in await asyncio.gather(*(
-                            asyncio.to_thread(tier.scan_shard, shard, self._known_in(index, shard), cancelled)
-                            for shard in batch)):
-                        found += self._adopt(index, scanned, keep, ages)
-                    self._scanned[index].update(PurePosixPath(shard).name for shard in batch)
-                self._reorder(index, ages)
+            for index, _ in self._disk_tiers():  # a tier at a time: a block in two is kept in the faster
+                while (left := await self._shards_left(index)) is not None:
+                    if left:
+                        # A few shards at once: on a cold disk each file costs two reads waiting on the device, and
+                        # several in flight keep it busy (200,000 blocks: 62 s one at a time, tests/bench/cache_start).
+                        found += await self._scan_shards(index, left[:SCAN_THREADS], cancelled)
+                    else:
+                        await self._wait_progress()  # the last shards are a clean's: done when it is
+                self._reorder(index, self._ages.get(index, []))
             complete = True
         finally:
-            self._written = None
-            self._scanned = {}
-            self._scan_keeps = None
-            self._known = {}
             self._end_scan(complete)
         return found
 
+    async def sweep_rest(self, sweep: Sweep, cancelled: Callable[[], bool] | None = None) -> bool:
+        """A clean's own share of its ``sweep``: the shard folders no scan has taken yet are scanned here, as the scan
+        would (``_scan_shards``: the files the sweep selects deleted and counted in ``sweep.freed``, the others
+        indexed), and those the scan has in hand are waited for; then the sweep is done, whether or not the scan
+        still runs. Without this the clean of a whole dataset freed what was indexed at once but was done only when
+        the scan ended (about 30 s for 200,000 blocks). True when every shard was done; False when the scan was
+        stopped, or ``cancelled`` (asked before each file) said so, meanwhile: the files not reached wait for the
+        next start, whose scan knows nothing of this selection."""
+        try:
+            for index, _ in self._disk_tiers():
+                while not sweep._ended.is_set() and (left := await self._shards_left(index)) is not None:
+                    if left:
+                        await self._scan_shards(index, left[:SCAN_THREADS], cancelled)
+                    else:
+                        await self._wait_progress()  # the scan's shards in hand
+        except ScanCancelled:
+            return False
+        if sweep._ended.is_set() or not self._scan_due:
+            return sweep.complete
+        self._sweeps.remove(sweep)  # every shard is done: there is nothing left for it to select
+        sweep._end(True)
+        return True
+
+    async def _shards_left(self, index: int) -> list[str] | None:
+        """The shard folders of disk tier ``index`` nobody has taken yet ([] while the last ones are in hand), or None
+        when every one is done or no scan is due any more. Lists them first if nobody has."""
+        if not self._scan_due:
+            return None
+        if index not in self._shards:
+            tier = self._tiers[index]
+            assert isinstance(tier, DiskTier)
+            shards = await asyncio.to_thread(tier.shards)
+            if not self._scan_due:
+                return None
+            self._shards.setdefault(index, shards)
+        claimed, scanned = self._claimed[index], self._scanned[index]
+        names = [PurePosixPath(shard).name for shard in self._shards[index]]
+        if all(name in scanned for name in names):
+            return None
+        return [shard for shard, name in zip(self._shards[index], names, strict=True) if name not in claimed]
+
+    async def _scan_shards(self, index: int, batch: list[str], cancelled: Callable[[], bool] | None) -> int:
+        """Takes the ``batch`` of shard folders of tier ``index``, scans them in worker threads and indexes what they
+        hold (``_adopt``); returns how many blocks. Shards not done (an error, a cancellation) are given back, for
+        the scan or a clean to take again."""
+        tier = self._tiers[index]
+        assert isinstance(tier, DiskTier)
+        names = [PurePosixPath(shard).name for shard in batch]
+        claimed, done = self._claimed[index], self._scanned[index]
+        claimed.update(names)
+        found = 0
+        try:
+            results = await asyncio.gather(*(
+                asyncio.to_thread(tier.scan_shard, shard, self._known_in(index, shard), cancelled) for shard in batch))
+            if self._scan_due:  # not when the scan ended meanwhile: what the start knew is gone
+                ages = self._ages.setdefault(index, [])
+                for scanned in results:
+                    found += self._adopt(index, scanned, self._scan_keeps, ages)
+                done.update(names)
+        finally:
+            claimed.difference_update(name for name in names if name not in done)
+            self._notify()
+        return found
+
+    def _notify(self) -> None:
+        """Wakes whoever waits for shards in another's hands (``_wait_progress``)."""
+        if self._progress is not None:
+            self._progress.set()
+        self._progress = asyncio.Event()
+
+    async def _wait_progress(self) -> None:
+        if self._progress is None:
+            self._progress = asyncio.Event()
+        await self._progress.wait()
+
+    def _begin_scan(self, keep: Callable[[BlockId, int], bool] | None) -> None:
+        self._scan_due = True
+        self._written = set()
+        disk = [index for index, _ in self._disk_tiers()]
+        self._scanned = {index: set() for index in disk}
+        self._claimed = {index: set() for index in disk}
+        self._shards, self._ages = {}, {}
+        self._scan_keeps = keep
+        self._progress = None
+
     def _end_scan(self, complete: bool) -> None:
         self._scan_due = False
+        self._written = None
+        self._scanned, self._claimed, self._shards, self._ages = {}, {}, {}, {}
+        self._scan_keeps = None
+        self._known = {}
         for sweep in self._sweeps:
             sweep._end(complete)
         self._sweeps = []
+        if self._progress is not None:
+            self._progress.set()  # whoever waits for shards in hand: there are none any more
 
     def sweep(self, select: Callable[[BlockId], bool]) -> Sweep | None:
         """While a restart's scan is due or running (from ``start`` to the end of ``scan_rest``), a clean's
@@ -858,24 +974,53 @@ class BlockCache:
     def purge(self) -> int:
         """Deletes every block and then the emptied folders (the dataset was deleted); returns how many blocks.
 
-        The indexed blocks first (``on_evicted``), then every other block file in the disk tiers' shard folders:
-        after a crash the files a restart's scan had not reached are indexed by no one, and would stay on disk.
-        Writes still in flight are marked stale, so their files are deleted when they commit (their temporary
-        files are left to them). File I/O on the caller's thread: one unlink per block file.
+        ``purge_async`` with the file I/O on the caller's thread (the agent's sweep of a deleted dataset's cache,
+        in a worker thread already; tests).
         """
+        return self._purge_files(self._purge_index())
+
+    async def purge_async(self) -> int:
+        """``purge`` with its file I/O in a worker thread: one unlink per block file, 200,000 for a large cache,
+        which on the loop stalled the process (its last inventory delta, its side server) for seconds.
+
+        The order keeps it safe: first, on the loop, every block leaves the index (``on_evicted``, so the inventory
+        reports it), writes in flight are marked stale (their files are deleted when they commit) and no block is
+        written or found on disk from then on; only then are the files deleted, and the folders last. A cancelled
+        caller still waits for the deletions to end: the mount process exits only after them, and the agent starts
+        a new mount of the same dataset (which writes into the same folders) only once the old process has exited,
+        so a purge never deletes a new mount's blocks.
+        """
+        work = asyncio.ensure_future(asyncio.to_thread(self._purge_files, self._purge_index()))
+        try:
+            return await asyncio.shield(work)
+        except asyncio.CancelledError:
+            await asyncio.wait([work])
+            raise
+
+    def _purge_index(self) -> list[tuple[Tier, str]]:
+        """``purge``'s part on the loop: empties the index and stops every write; returns the blocks whose files
+        are to go (tier, name)."""
+        self._purged = True
         entries = list(self._index.items())
         for name, entry in entries:
             self._forget(name, entry)
-            self._tiers[entry.tier].remove(name)
         for reservation in self._pending.values():
             reservation.stale = True
+        return [(self._tiers[entry.tier], name) for name, entry in entries]
+
+    def _purge_files(self, indexed: list[tuple[Tier, str]]) -> int:
+        """``purge``'s file I/O: the indexed blocks' files, then every other block file in the disk tiers' shard
+        folders (after a crash the files a restart's scan had not reached are indexed by no one, and would stay on
+        disk; their temporary files are left to writes in flight), then the emptied folders; returns how many."""
+        for tier, name in indexed:
+            tier.remove(name)
         unindexed = 0
         for tier in self._tiers:
             if isinstance(tier, DiskTier):
                 unindexed += tier.remove_block_files()
                 tier.discard_index()
             tier.remove_empty_directories()
-        return len(entries) + unindexed
+        return len(indexed) + unindexed
 
     def _forget(self, name: str, entry: _Entry) -> None:
         del self._index[name]
