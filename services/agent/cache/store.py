@@ -734,11 +734,10 @@ class BlockCache:
             if not self._scan_due:
                 return None
             self._shards.setdefault(index, shards)
-        claimed, scanned = self._claimed[index], self._scanned[index]
-        names = [PurePosixPath(shard).name for shard in self._shards[index]]
-        if all(name in scanned for name in names):
+        claimed, scanned, shards = self._claimed[index], self._scanned[index], self._shards[index]
+        if len(scanned) == len(shards):  # shard names are unique, and only listed ones are scanned
             return None
-        return [shard for shard, name in zip(self._shards[index], names, strict=True) if name not in claimed]
+        return [shard for shard in shards if shard[-SHARD_LENGTH:] not in claimed]
 
     async def _scan_shards(self, index: int, batch: list[str], cancelled: Callable[[], bool] | None) -> int:
         """Takes the ``batch`` of shard folders of tier ``index``, scans them in worker threads and indexes what they
@@ -746,7 +745,7 @@ class BlockCache:
         the scan or a clean to take again."""
         tier = self._tiers[index]
         assert isinstance(tier, DiskTier)
-        names = [PurePosixPath(shard).name for shard in batch]
+        names = [shard[-SHARD_LENGTH:] for shard in batch]  # a shard's path ends with its name (``DiskTier.shards``)
         claimed, done = self._claimed[index], self._scanned[index]
         claimed.update(names)
         found = 0
