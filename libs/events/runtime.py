@@ -5,6 +5,7 @@ Tier fields keep Fluid's names (``tieredstore.levels[].mediumtype/path/quota/hig
 
 from __future__ import annotations
 
+from collections.abc import Collection, Iterable
 from typing import Annotated, Literal
 
 import msgspec
@@ -146,6 +147,14 @@ def ring_nodes(workers: list[CacheWorker]) -> list[str]:
     return [worker.node for worker in workers if worker.ready and worker.peer_url]
 
 
+def held_capacity(node_bytes: int, ring: Collection[str], holders: Iterable[str]) -> int:
+    """``cacheCapacity`` with a ring, the same figure for the Runtime and its Dataset: one node's tiers
+    (``node_bytes``) for each member of the ``ring`` and for each node out of it that still holds blocks of the
+    dataset (``holders``: the nodes whose ``cachedBytes`` is above 0; a worker after a scale-down keeps its blocks
+    and reads them locally, and ``cached`` counts them). Without it ``cached`` could exceed the capacity."""
+    return node_bytes * (len(ring) + len(set(holders).difference(ring)))
+
+
 class WorkerReplaced(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omit_defaults=True):
     """A cache worker that was replaced by a spare agent, and why (it stayed unhealthy past the grace period)."""
 
@@ -233,6 +242,8 @@ class RuntimeStatus(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     desired_worker_number_scheduled: int = 0
     worker_number_ready: int = 0
     ready_nodes: list[str] = []
+    # The tiers of the ring's members (every serving node without a ring) and of the nodes out of the ring that
+    # still hold blocks of the dataset (``held_capacity``): the Dataset's ``cacheCapacity`` is the same figure.
     cache_capacity: str = ""
     cache_capacity_bytes: int = 0
     block_size_bytes: int = 0
@@ -255,6 +266,9 @@ class RuntimeStatus(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     # ready node (the loader plans and cleans on them).
     ready_node_count: int = 0
     not_picked_count: int = 0
+    # One node's tiers (the sum of the tiers' quotas), which ``cacheCapacity`` counts per node: the dataset service
+    # counts the holders out of the ring it sees before this service's next status (0: a status before the field).
+    node_capacity_bytes: int = 0
 
 
 class RuntimeApply(Event, frozen=True, kw_only=True, tag="runtime.apply.v1", rename="camel"):

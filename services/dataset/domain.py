@@ -42,7 +42,7 @@ from libs.events.dataset import (
     find_condition,
     write_access_modes,
 )
-from libs.events.runtime import RuntimeSpec, RuntimeStatus, ring_nodes
+from libs.events.runtime import RuntimeSpec, RuntimeStatus, held_capacity, ring_nodes
 from libs.events.schedule import DatasetCacheObserved
 from libs.hostpaths import local_root_error
 from libs.inventory import DatasetInventory, UniqueCached
@@ -658,22 +658,26 @@ class RuntimeBinding(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
 def runtime_binding(status: RuntimeStatus, sequence: int) -> RuntimeBinding:
     """The binding a runtime's status at fact stream ``sequence`` gives its dataset of the same name."""
     ring = ring_nodes(status.workers)
+    # A runtime service before ``nodeCapacityBytes`` counted the ring's tiers alone.
+    per_node = status.node_capacity_bytes or (status.cache_capacity_bytes // len(ring) if ring else 0)
     return RuntimeBinding(phase=status.phase, cache_capacity=status.cache_capacity, fact_sequence=sequence,
                           mounted=find_condition(status.conditions, CONDITION_MOUNTED),
                           reads_failing=find_condition(status.conditions, CONDITION_READS),
                           cache_capacity_bytes=status.cache_capacity_bytes, ring=ring,
-                          node_capacity_bytes=status.cache_capacity_bytes // len(ring) if ring else 0)
+                          node_capacity_bytes=per_node if ring else 0)
 
 
 def dataset_capacity(binding: RuntimeBinding, nodes: Sequence[NodeCache]) -> str:
     """``cacheCapacity``: the runtime's total cache capacity, as in Fluid (its ring's tiers), and the tiers of every
     other node that holds blocks of the dataset (``nodes``: ``status.nodes``). A worker out of the ring (scaled
     down, or missing heartbeats) keeps its blocks, and ``cached`` counts them: the capacity counts what holds them,
-    so ``cached`` never exceeds it."""
-    outside = sum(1 for node in nodes if node.cached_bytes > 0 and node.node not in binding.ring)
-    if not binding.ring or not binding.node_capacity_bytes or not outside:
+    so ``cached`` never exceeds it. The runtime service counts the same (``held_capacity``, from this status's
+    nodes), so the Runtime's figure agrees once it has seen them; this one follows the nodes at once."""
+    if not binding.ring or not binding.node_capacity_bytes:
         return binding.cache_capacity
-    return format_bytes(binding.cache_capacity_bytes + outside * binding.node_capacity_bytes)
+    holders = [node.node for node in nodes if node.cached_bytes > 0]
+    capacity = held_capacity(binding.node_capacity_bytes, binding.ring, holders)
+    return binding.cache_capacity if capacity == binding.cache_capacity_bytes else format_bytes(capacity)
 
 
 def deleted_binding_note(sequence: int) -> bytes:

@@ -40,7 +40,7 @@ every ``AUTOSCALE_WRITE_SECONDS`` (``autoscaling_write_due``).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,6 +81,7 @@ from libs.events.runtime import (
     ScaleDecision,
     WorkerReplaced,
     directory_quotas,
+    held_capacity,
     ring_nodes,
 )
 from libs.hostpaths import cache_path_error, normal_path
@@ -704,7 +705,7 @@ def worker_status(runtime: Runtime, nodes: Iterable[str], agents: Mapping[str, A
 
 def runtime_status(record: RuntimeRecord, agents: Iterable[AgentRecord], now: float,
                    placement: Placement = Placement(), others: Iterable[OtherRuntime] = (),
-                   keep_absent: bool = False) -> RuntimeStatus:
+                   keep_absent: bool = False, holders: Collection[str] = ()) -> RuntimeStatus:
     """The runtime's status: cache workers (sticky, see ``choose_workers``), those replaced, and the phase.
 
     The phase counts the nodes that can serve the dataset against ``replicas`` (an agent that is no cache
@@ -712,7 +713,8 @@ def runtime_status(record: RuntimeRecord, agents: Iterable[AgentRecord], now: fl
     dataset on a node whose only agent holds another Exclusive dataset's cache still binds and mounts; a
     shortfall of cache workers is named in the message. With no Dataset of the runtime's name there are no cache
     workers, the message says so and the ``DatasetFound`` condition is False. ``keep_absent``: see
-    ``choose_workers``.
+    ``choose_workers``. ``holders``: the nodes that hold blocks of the Dataset (its ``status.nodes``), whose tiers
+    the capacity counts also out of the ring, as the Dataset's does (``held_capacity``).
     """
     runtime = record.runtime
     by_node = {agent.heartbeat.node: agent for agent in agents}
@@ -752,7 +754,8 @@ def runtime_status(record: RuntimeRecord, agents: Iterable[AgentRecord], now: fl
                             last_transition_time=rfc3339(now))
     # Blocks are cached by the ring's members when there is a ring, else by every node reading for itself.
     ring = ring_nodes(workers)
-    capacity = node_capacity(runtime) * (len(ring) if ring else len(nodes))
+    per_node = node_capacity(runtime)
+    capacity = held_capacity(per_node, ring, holders) if ring else per_node * len(nodes)
     mounted = mount_condition(runtime, serving, now)
     conditions = with_condition(record.status.conditions, CONDITION_MOUNTED, mounted)
     conditions = with_condition(conditions, CONDITION_DATASET, missing)
@@ -772,6 +775,7 @@ def runtime_status(record: RuntimeRecord, agents: Iterable[AgentRecord], now: fl
         ready_node_count=len(nodes),
         cache_capacity=format_bytes(capacity),
         cache_capacity_bytes=capacity,
+        node_capacity_bytes=per_node,
         block_size_bytes=parse_quantity(runtime.spec.block_size),
         conditions=conditions,
         workers=workers,

@@ -118,6 +118,8 @@ class RuntimeHandlers:
     # The placement each runtime's workers were last picked with, and whether some runtime's workers changed.
     placements: dict[str, domain.Placement] = field(default_factory=dict)
     workers_changed: bool = False
+    # The nodes holding blocks of each runtime's Dataset when its capacity was last worked out (``holders``).
+    holders_seen: dict[str, frozenset[str]] = field(default_factory=dict)
     # The gauges' series as last set (a deleted runtime's are removed).
     phase_gauge: GaugeFamily = field(default_factory=lambda: GaugeFamily(metrics.RUNTIMES))
     workers_gauge: GaugeFamily = field(default_factory=lambda: GaugeFamily(metrics.RUNTIME_WORKERS))
@@ -330,8 +332,9 @@ class RuntimeHandlers:
     def _status(self, key: str, record: RuntimeRecord, agents: list[AgentRecord]) -> RuntimeStatus:
         """The runtime's status as things stand; its placement is noted for ``check_placements``."""
         placement = self.placements[key] = self.placement(key)
+        holders = self.holders_seen[key] = self.holders(key)
         now = self.clock()
-        return domain.runtime_status(record, agents, now, placement, self.others(key), self._settling(now))
+        return domain.runtime_status(record, agents, now, placement, self.others(key), self._settling(now), holders)
 
     async def autoscale_all(self) -> None:
         """One look of the autoscaler at every runtime with ``spec.autoscaling``."""
@@ -401,6 +404,13 @@ class RuntimeHandlers:
         dataset = self.datasets.values.get(key)
         return domain.placement_of(dataset.dataset.spec if dataset is not None else None)
 
+    def holders(self, key: str) -> frozenset[str]:
+        """The nodes that hold blocks of the runtime's Dataset, as its status (the dataset service's) says."""
+        dataset = self.datasets.values.get(key)
+        if dataset is None:
+            return frozenset()
+        return frozenset(node.node for node in dataset.status.nodes if node.cached_bytes > 0)
+
     def others(self, key: str) -> list[domain.OtherRuntime]:
         return [domain.OtherRuntime(f"{record.runtime.metadata.namespace}/{record.runtime.metadata.name}",
                                     self.placement(other).exclusive,
@@ -415,7 +425,12 @@ class RuntimeHandlers:
         keys = sorted(self.runtimes.values)
         for gone in self.placements.keys() - set(keys):  # deleted runtimes
             del self.placements[gone]
-        changed = [key for key in keys if self.placements.get(key) != self.placement(key)]
+        for gone in self.holders_seen.keys() - set(keys):
+            del self.holders_seen[gone]
+        # A node that starts or stops holding blocks changes the capacity, which the Dataset's shows at once: the
+        # runtime's follows within this check, not the 2 s ticker.
+        changed = [key for key in keys if self.placements.get(key) != self.placement(key)
+                   or self.holders_seen.get(key, frozenset()) != self.holders(key)]
         # Whether a runtime is Exclusive decides which agents the others may take (or must let go): all look again.
         shared_or_not = any(key in self.placements and self.placements[key].exclusive != self.placement(key).exclusive
                             for key in changed)

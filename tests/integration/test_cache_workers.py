@@ -17,7 +17,7 @@ import structlog
 from libs import subjects
 from libs.bus import Bus, kv_load
 from libs.config import Settings
-from libs.events.agent import AgentHeartbeat, AgentRecord, MountReport
+from libs.events.agent import AgentHeartbeat, AgentRecord, CacheCounters, InventorySnapshot, MountReport
 from libs.events.common import ObjectMeta, ObjectRef
 from libs.events.dataset import Dataset, DatasetApply, DatasetSpec, Mount
 from libs.events.runtime import (
@@ -33,7 +33,7 @@ from services.dataset import app as dataset_app
 from services.runtime import app as runtime_app
 from services.runtime import domain
 from tests.conftest import SeaweedServer, put_objects
-from tests.helpers import cancel_and_wait, eventually, running, runtime_record
+from tests.helpers import cancel_and_wait, dataset_record, eventually, running, runtime_record
 
 ZONES = {"n1": "a", "n2": "b", "n3": "a", "n4": "b"}
 
@@ -262,6 +262,38 @@ async def test_a_runtime_scaled_to_zero_says_so_for_each_agent_not_picked(
         assert {(p.node, p.reason) for p in record.status.not_picked} == {
             ("n1", "replicas is 0: no cache workers"), ("n2", "replicas is 0: no cache workers")}
         assert (record.status.phase, record.status.message) == ("Ready", "")
+
+
+@pytest.mark.timeout(90)
+async def test_after_a_scale_down_the_runtime_and_its_dataset_give_one_capacity(
+        bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str) -> None:
+    # A former worker keeps its blocks: the Dataset's cacheCapacity counted its tiers (so cached never exceeds it),
+    # the Runtime's only the ring's, and `shoal get runtimes` said 1GiB beside the Dataset's 2GiB.
+    await put_objects(seaweedfs, bucket, {"f": b"data"})
+    async with services_and_agents(bus, settings) as beats:
+        await beats.set(("n1", "n2"), "train")
+        await apply(bus, bucket, "train", replicas=2)
+        await workers_of(bus, "train", ["n1", "n2"], serving=2)
+        for node in ("n1", "n2"):
+            await bus.publish(subjects.agent_inventory(node), InventorySnapshot(
+                node=node, dataset=ObjectRef(name="train"), incarnation="i1", seq=1, instance=f"{node}-agent",
+                counters=CacheCounters(cached_bytes=3, capacity_bytes=2**30)))
+        await apply(bus, bucket, "train", replicas=1)
+        await workers_of(bus, "train", ["n1"], serving=2)
+
+        async def both_capacities() -> tuple[str, str] | None:
+            dataset, runtime = await dataset_record(bus, "train"), await runtime_record(bus, "train")
+            if dataset is None or runtime is None or len(dataset.status.nodes) < 2:
+                return None
+            capacities = (dataset.status.cache_states.cache_capacity, runtime.status.cache_capacity)
+            return capacities if capacities == ("2.00GiB", "2.00GiB") else None
+
+        try:
+            await eventually(both_capacities, 15, "the dataset's and the runtime's capacities agree")
+        except AssertionError:
+            dataset, runtime = await dataset_record(bus, "train"), await runtime_record(bus, "train")
+            raise AssertionError(f"dataset {dataset and dataset.status.cache_states}, runtime "
+                                 f"{runtime and runtime.status.cache_capacity}") from None
 
 
 @pytest.mark.timeout(90)

@@ -629,6 +629,25 @@ def test_capacity_is_the_sum_of_quotas_times_ready_nodes() -> None:
     assert status.cache_capacity == "20.00GiB"
 
 
+def test_with_a_ring_the_capacity_counts_the_nodes_out_of_it_that_still_hold_blocks() -> None:
+    # Scaled down from two workers to one: node-b keeps its blocks, which the Dataset's cached counts and its
+    # cacheCapacity counts the tiers of (held_capacity); the Runtime's counted the ring alone, half of it.
+    def serving(node: str) -> AgentRecord:
+        mount = MountReport(dataset=ObjectRef(name="imagenet"), state="Serving", peer_url=f"http://{node}:9100")
+        beat = AgentHeartbeat(node=node, runtimes=[ObjectRef(name="imagenet")], interval_seconds=INTERVAL,
+                              sent_at=NOW, mounts=[mount])
+        return AgentRecord(heartbeat=beat, received_at=NOW)
+
+    record = RuntimeRecord(runtime=valid_runtime(replicas=1), generation=1)
+    agents = [serving("node-a"), serving("node-b")]
+    assert runtime_status(record, agents, NOW).cache_capacity_bytes == 10 * GiB
+    status = runtime_status(record, agents, NOW, holders={"node-a", "node-b"})
+    assert [w.node for w in status.workers] == ["node-a"]
+    assert (status.cache_capacity, status.node_capacity_bytes) == ("20.00GiB", 10 * GiB)
+    # A holder in the ring is counted once.
+    assert runtime_status(record, agents, NOW, holders={"node-a"}).cache_capacity_bytes == 10 * GiB
+
+
 def test_block_size_and_conditions_in_status() -> None:
     condition = Condition(type="Ready", status="True")
     status = status_of(valid_runtime(), [agent("node-a")], conditions=[condition])
