@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any, TypeVar
@@ -237,3 +238,43 @@ def nest_beyond_path_max(folder: str, leaf: bytes) -> None:
             os.close(file)
     finally:
         os.close(fd)
+
+
+KV_READS = ("get", "keys", "history")
+
+
+class CountingKv:
+    """A KeyValue that counts its reads (``KV_READS``: each a NATS request), by bucket, into a shared Counter."""
+
+    def __init__(self, kv: Any, bucket: str, reads: Counter[str]) -> None:
+        self._kv = kv
+        self._bucket = bucket
+        self._reads = reads
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._kv, name)
+        if name not in KV_READS:
+            return attribute
+
+        async def counted(*args: Any, **kwargs: Any) -> Any:
+            self._reads[self._bucket] += 1
+            return await attribute(*args, **kwargs)
+
+        return counted
+
+
+def counting_connect(app: Any, reads: Counter[str]) -> Any:
+    """A stand-in for ``app.connect`` (a service's app module, monkeypatched) whose Bus hands out ``CountingKv``."""
+    real_connect = app.connect
+
+    async def connect(settings: Any, name: str, **options: Any) -> Bus:
+        bus = await real_connect(settings, name, **options)
+        real_kv = bus.kv
+
+        async def kv(bucket: str) -> Any:
+            return CountingKv(await real_kv(bucket), bucket, reads)
+
+        bus.kv = kv
+        return bus
+
+    return connect

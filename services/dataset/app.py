@@ -9,7 +9,7 @@
 | KV shoal_datasets | every key (watch) | DatasetHandlers.sync via Reconciler (autoSync: again after its period); |
 | | | the gauges (DatasetCensus); WatchedRecords |
 | KV shoal_datasets | a key that changed or went (same watch) | its references reconciled (ReferenceIndex) |
-| KV shoal_dataset_bindings | every key (watch) | WatchedBindings: the runtimes' phases an apply and a sync read |
+| KV shoal_dataset_bindings | every key (watch) | WatchedBindings: what applies, syncs, inventory read |
 | KV shoal_runtimes | every key (watch) | WatchedPolicies: the runtimes' metadataSyncPolicy (a change wakes) |
 | KV shoal_members | dataset.* (watch; this replica's beat) | Members: which replicas split the syncs |
 | KV shoal_agents | every key (watch) | the agents' last beats: DatasetHandlers.forget_departed_nodes |

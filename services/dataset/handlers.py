@@ -395,8 +395,8 @@ class DatasetHandlers:
             request = InventoryRequest(node=event.node, dataset=ref)
             await self.bus.publish_core(subjects.INVENTORY_REQUEST, request)
         # With the binding: the capacity counts the nodes outside the runtime's ring that hold blocks.
-        await self._update_bound_status(key, lambda record, binding: domain.with_cache_states(record.status, folded,
-                                                                                              binding))
+        await self._update(key, lambda record, binding: domain.with_cache_states(record.status, folded, binding),
+                           None, references=False, read_binding=True, mirrored_binding=True)
 
     async def on_scheduler_cache(self, fact: DatasetCacheObserved, delivery: Delivery) -> None:
         """Keep the scheduler's count of the dataset's bytes cached, each block once, with its node-cache fold: the
@@ -417,7 +417,7 @@ class DatasetHandlers:
         await kv_save(kv, key, updated, revision if revision is not None else 0)  # Conflict → redelivered at once
         # The status from the fold as it is when written (an inventory event's write may land in between).
         await self._update(key, lambda record, _: record.status, None, references=False, read_binding=True,
-                           read_cache=True)
+                           read_cache=True, mirrored_binding=True)
 
     async def forget_departed_nodes(self, named: Mapping[str, set[str]], owns: Callable[[str], bool]) -> None:
         """Drop from each dataset (of those ``named`` → the nodes its status names, that this replica owns) the
@@ -491,7 +491,7 @@ class DatasetHandlers:
         # The figures of the fold as it is when the status is written: an inventory event handled since the fold
         # above was saved has its own status write, which this one must not put back to older figures.
         await self._update(key, lambda record, _: record.status, None, references=False, read_binding=True,
-                           read_cache=True)
+                           read_cache=True, mirrored_binding=True)
 
     # --- metadata sync (called by the reconciler) ---
 
@@ -669,6 +669,19 @@ class DatasetHandlers:
         binding, _ = await kv_load(bindings, subjects.resource_key(namespace, name), domain.RuntimeBinding)
         return binding or domain.RuntimeBinding()
 
+    def _mirrored_binding(self, key: str, record: DatasetRecord) -> domain.RuntimeBinding | None:
+        """The binding the watch keeps, when it gives the capacity ``record`` was written with; None: read the
+        bucket. Another replica's runtime fact may have written a newer binding and this record's status from it
+        before the watch brought the binding here: the capacity from the older one would be written back over it.
+        Such a record disagrees with the binding kept here (the bucket is read then, as before); one that agrees
+        was written from it, or from one with the same capacity, which is all a cache figures' update takes."""
+        if self.bindings is None or not self.bindings.ready.is_set():
+            return None
+        binding = self.bindings.get(key)
+        if domain.dataset_capacity(binding, record.status.nodes) != record.status.cache_states.cache_capacity:
+            return None
+        return binding
+
     async def _update_status(self, key: str, compute: Callable[[DatasetRecord], DatasetStatus],
                              known: tuple[DatasetRecord, int] | None = None, references: bool = False) -> bool:
         """Apply ``compute`` to the stored record with compare-and-set; publish if the status changed.
@@ -692,9 +705,12 @@ class DatasetHandlers:
 
     async def _update(self, key: str, compute: Callable[[DatasetRecord, domain.RuntimeBinding], DatasetStatus],
                       known: tuple[DatasetRecord, int] | None, references: bool, read_binding: bool,
-                      read_cache: bool = False) -> bool:
+                      read_cache: bool = False, mirrored_binding: bool = False) -> bool:
         """``read_cache``: the cache figures always come from the node-cache fold read after the record (see
-        ``takes_cache_states`` below for why after), not from a fold the caller read before."""
+        ``takes_cache_states`` below for why after), not from a fold the caller read before.
+        ``mirrored_binding``: ``compute`` takes only the capacity from the binding (the cache figures' updates), so
+        the binding in memory serves (``_mirrored_binding``): a KV read per inventory event was one NATS request
+        each."""
         kv = await self.bus.kv(subjects.KV_DATASETS)
         bindings = await self.bus.kv(subjects.KV_BINDINGS)
         for _ in range(CAS_ATTEMPTS + (known is not None)):
@@ -710,7 +726,10 @@ class DatasetHandlers:
             if is_reference(record.dataset) and not references:
                 return True
             binding = domain.RuntimeBinding()
-            if read_binding:
+            mirrored = self._mirrored_binding(key, record) if read_binding and mirrored_binding else None
+            if mirrored is not None:
+                binding = mirrored
+            elif read_binding:
                 binding = (await kv_load(bindings, key, domain.RuntimeBinding))[0] or binding
             status = compute(record, binding)
             if not is_reference(record.dataset) and (read_cache or domain.takes_cache_states(record.status, status)):

@@ -1,7 +1,7 @@
 """What the dataset service keeps of two buckets, fed by watches and by its own writes, so a burst of applies
 does not read them again and again:
 
-- ``WatchedBindings``: the runtimes' bindings (phase, capacity) an apply and a sync read;
+- ``WatchedBindings``: the runtimes' bindings (phase, capacity) an apply, a sync and an inventory event read;
 - ``WatchedPolicies``: each runtime's ``spec`` (its metadataSyncPolicy), which every look of the reconciler at a
   dataset needs (one KV read per status write before, the largest share of a burst's reads);
 - ``WatchedRecords``: the newest ``shoal_datasets`` record of each dataset as the reconciler's watch showed it (or

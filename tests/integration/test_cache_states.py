@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+from collections import Counter
 from typing import Any
 
 import msgspec
@@ -50,7 +51,7 @@ from services.dataset import app as dataset_app
 from services.dataset.handlers import DatasetHandlers
 from services.scheduler import app as scheduler_app
 from tests.conftest import NatsServer, SeaweedServer, put_objects
-from tests.helpers import dataset_record, eventually, running
+from tests.helpers import counting_connect, dataset_record, eventually, running
 
 DATASET = ObjectRef(name="model")
 
@@ -180,6 +181,38 @@ async def test_the_capacity_counts_a_former_worker_that_still_holds_blocks_which
         await bus.publish(subjects.RUNTIME_STATUS, scaled_down(2, [mounted]))
         record = await status_where(bus, lambda r: any(c.type == "Mounted" for c in r.status.conditions))
         assert record.status.cache_states.cache_capacity == format_bytes(8000)
+
+
+async def test_an_inventory_event_reads_no_binding_from_the_bucket(
+        bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Each inventory event read the runtime's binding from KV for the capacity (a NATS request per event), while
+    # the service keeps every binding in memory from a watch of the bucket.
+    reads: Counter[str] = Counter()
+    monkeypatch.setattr(dataset_app, "connect", counting_connect(dataset_app, reads))
+    await put_objects(seaweedfs, bucket, {"model.bin": b"m" * 1000})
+    ring = [CacheWorker(node="node-a", peer_url="http://127.0.0.1:9100")]
+    fact = RuntimeStatusChanged(id="runtime.default.model.status.1", name="model", namespace="default",
+                                generation=1, status=RuntimeStatus(phase="Ready", cache_capacity=format_bytes(4000),
+                                                                   cache_capacity_bytes=4000, workers=ring))
+    async with running(lambda stop: dataset_app.run(settings, stop)):
+        await apply_model(bus, bucket)
+        await bus.publish(subjects.RUNTIME_STATUS, fact)
+        await status_where(bus, lambda r: r.status.phase == "Bound")
+        before = reads[subjects.KV_BINDINGS]
+        events = 10
+        for seq in range(1, events + 1):
+            await bus.publish(subjects.agent_inventory("node-a"), InventorySnapshot(
+                node="node-a", dataset=DATASET, incarnation="a1", seq=seq,
+                counters=CacheCounters(cached_bytes=100 * seq, capacity_bytes=4000)))
+        record = await status_where(bus, lambda r: r.status.cache_states.cached == format_bytes(100 * events))
+        assert record.status.cache_states.cache_capacity == format_bytes(4000)
+        # A former worker's blocks change the capacity, from the binding in memory too.
+        await bus.publish(subjects.agent_inventory("node-b"), InventorySnapshot(
+            node="node-b", dataset=DATASET, incarnation="b1", seq=1,
+            counters=CacheCounters(cached_bytes=500, capacity_bytes=4000)))
+        record = await status_where(bus, lambda r: len(r.status.nodes) == 2)
+        assert record.status.cache_states.cache_capacity == format_bytes(8000)
+    assert reads[subjects.KV_BINDINGS] - before == 0
 
 
 async def unique_kept(bus: Bus, unique: int) -> DatasetInventory | None:

@@ -29,6 +29,7 @@ from services.runtime import app as runtime_app
 from tests.helpers import (
     FactCollector,
     agent_shaped_heartbeat,
+    counting_connect,
     eventually,
     put_unsynced_dataset,
     running,
@@ -36,50 +37,11 @@ from tests.helpers import (
 )
 
 AGENTS = 40
-READS = ("get", "keys", "history")
-
-
-class CountingKv:
-    """A KeyValue that counts its reads, by bucket, into a shared Counter."""
-
-    def __init__(self, kv: Any, bucket: str, reads: Counter[str]) -> None:
-        self._kv = kv
-        self._bucket = bucket
-        self._reads = reads
-
-    def __getattr__(self, name: str) -> Any:
-        attribute = getattr(self._kv, name)
-        if name not in READS:
-            return attribute
-
-        async def counted(*args: Any, **kwargs: Any) -> Any:
-            self._reads[self._bucket] += 1
-            return await attribute(*args, **kwargs)
-
-        return counted
-
-
-def counting_connect(reads: Counter[str]) -> Any:
-    real_connect = runtime_app.connect
-
-    async def connect(settings: Any, name: str, **options: Any) -> Bus:
-        bus = await real_connect(settings, name, **options)
-        real_kv = bus.kv
-
-        async def kv(bucket: str) -> Any:
-            return CountingKv(await real_kv(bucket), bucket, reads)
-
-        bus.kv = kv  # type: ignore[method-assign]
-        return bus
-
-    return connect
-
-
 @pytest.mark.timeout(120)
 async def test_a_heartbeat_reads_no_agent_records_whatever_the_number_of_agents(
         bus: Bus, settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
     reads: Counter[str] = Counter()
-    monkeypatch.setattr(runtime_app, "connect", counting_connect(reads))
+    monkeypatch.setattr(runtime_app, "connect", counting_connect(runtime_app, reads))
     runtime = Runtime(metadata=ObjectMeta(name="wide"), spec=RuntimeSpec(
         replicas=AGENTS, tieredstore=TieredStore(levels=[Level(mediumtype="MEM", quota="1Gi")])))
     serves = [ObjectRef(name="wide")]
@@ -118,7 +80,7 @@ async def test_a_heartbeat_naming_runtimes_that_do_not_exist_reads_no_record_of_
     # An agent whose SHOAL_AGENT_RUNTIMES names 200 runtimes not applied (yet): each beat read the bucket for each
     # of them, under the lock every refresh takes. Only the runtimes that exist are refreshed.
     reads: Counter[str] = Counter()
-    monkeypatch.setattr(runtime_app, "connect", counting_connect(reads))
+    monkeypatch.setattr(runtime_app, "connect", counting_connect(runtime_app, reads))
     runtime = Runtime(metadata=ObjectMeta(name="real"), spec=RuntimeSpec(
         replicas=1, tieredstore=TieredStore(levels=[Level(mediumtype="MEM", quota="1Gi")])))
     serves = [ObjectRef(name="real"), *(ObjectRef(name=f"later-{i:03d}") for i in range(200))]
