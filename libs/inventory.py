@@ -25,6 +25,7 @@ with ``track_blocks=False`` keeps beside them the scheduler's count of the datas
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -160,6 +161,13 @@ def other_instance(event: Inventory, agent: AgentRecord | None) -> bool:
     which beat as the node lately too; only while two agents beat by turns (``conflict_at``) is it another agent."""
     return (bool(event.instance) and agent is not None and bool(agent.heartbeat.instance) and agent.conflict_at > 0
             and event.instance != agent.heartbeat.instance and event.instance in agent.instances)
+
+
+def other_instance_over(nodes: Iterable[str], agents: Mapping[str, AgentRecord]) -> list[str]:
+    """Of ``nodes`` (those whose other agent's events were counted, ``other_instance``), the ones where that no
+    longer applies: the node's record is gone (the node left) or no longer flagged (one agent beats as it again).
+    Their series of the count are removed: kept, every node that ever had two agents stayed a series for ever."""
+    return sorted(node for node in nodes if (record := agents.get(node)) is None or record.conflict_at <= 0)
 
 
 @dataclass

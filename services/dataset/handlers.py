@@ -52,7 +52,7 @@ from libs.events.dataset import (
 )
 from libs.events.runtime import RuntimeAccepted, RuntimeDeleted, RuntimeFact, RuntimeRecord, RuntimeStatusChanged
 from libs.events.schedule import DatasetCacheObserved
-from libs.inventory import DatasetInventory, NodeNotes, other_instance
+from libs.inventory import DatasetInventory, NodeNotes, other_instance, other_instance_over
 from libs.inventory import fold as fold_inventory
 from libs.manifest import ManifestStore
 from libs.mounts import exposed_secret_errors
@@ -111,6 +111,8 @@ class DatasetHandlers:
     _dropped_nodes: dict[str, None] = field(default_factory=dict, init=False)
     # When inventory of another agent process of each node was last logged (``on_inventory``).
     other_instances: NodeNotes = field(default_factory=NodeNotes, init=False)
+    # The nodes with a series of INVENTORY_OTHER_INSTANCE, removed once it no longer applies (``other_instance_over``).
+    other_instance_nodes: set[str] = field(default_factory=set, init=False)
     _tracer: trace.Tracer = field(default_factory=lambda: tracer(__name__), init=False)
     _syncing: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(SYNC_CONCURRENCY), init=False)
     # Fed by the reconciler's watch (app.py) and by this process's own status writes.
@@ -371,6 +373,7 @@ class DatasetHandlers:
         if self.agents is not None and other_instance(event, self.agents.values.get(event.node)):
             # Two agents share the node's name: the node is the one its record holds, not both by turns.
             metrics.INVENTORY_OTHER_INSTANCE.labels(event.node).inc()
+            self.other_instance_nodes.add(event.node)
             if self.other_instances.due(event.node, self.clock()):
                 log.warning("inventory of another agent of the node ignored: two agents share the node name",
                             node=event.node, dataset=subjects.key_name(key), instance=event.instance)
@@ -431,6 +434,9 @@ class DatasetHandlers:
         # kept, every node that ever beat stayed in memory. Judged gone alike with or without its record.
         for node in domain.departed_nodes(list(self.agents.values), self.agents.values, AGENTS_TTL_SECONDS):
             self.agents.forget(node)
+        for node in other_instance_over(self.other_instance_nodes, self.agents.values):
+            metrics.INVENTORY_OTHER_INSTANCE.remove(node)
+            self.other_instance_nodes.discard(node)
         now = self.clock()
         if not self._judges_agents(now):
             return

@@ -26,7 +26,7 @@ from libs.events.agent import AgentRecord, AnyInventory, Inventory, InventoryReq
 from libs.events.common import DECODE_ERRORS, ObjectRef
 from libs.events.dataset import DatasetRecord
 from libs.events.schedule import DatasetCacheObserved, ScoreReply, ScoreRequest
-from libs.inventory import NodeNotes, other_instance
+from libs.inventory import NodeNotes, other_instance, other_instance_over
 from libs.manifest import ManifestStore
 from libs.references import Reference, reference_of
 from libs.telemetry import get_logger
@@ -173,6 +173,8 @@ class SchedulerHandlers:
     publisher: Publisher | None = None
     # When inventory of another agent process of each node was last logged (``on_inventory``).
     other_instances: NodeNotes = field(default_factory=NodeNotes)
+    # The nodes with a series of INVENTORY_OTHER_INSTANCE, removed once it no longer applies (``other_instance_over``).
+    other_instance_nodes: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self.totals = _Totals(self.datasets)
@@ -334,6 +336,7 @@ class SchedulerHandlers:
         record holds: two agents share the node's name, and only one of them is the node here."""
         _OTHER_INSTANCE(1)
         metrics.INVENTORY_OTHER_INSTANCE.labels(event.node).inc()
+        self.other_instance_nodes.add(event.node)
         self._count("inventory_other_instance")
         if self.other_instances.due(event.node, self.clock()):
             record = self.agents.values.get(event.node)
@@ -560,6 +563,9 @@ class SchedulerHandlers:
         for node, last in list(self.agents.values.items()):
             if now - last.received_at > forget_after:
                 self.agents.forget(node)  # expired in the bucket, without a delete the watch could see
+        for node in other_instance_over(self.other_instance_nodes, self.agents.values):
+            metrics.INVENTORY_OTHER_INSTANCE.remove(node)
+            self.other_instance_nodes.discard(node)
         self.beating |= set(self.agents.values)
         for node in sorted(self.fold.nodes() & self.beating):
             record = self.agents.values.get(node)

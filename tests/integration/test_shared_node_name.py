@@ -26,7 +26,7 @@ from services.runtime import app as runtime_app
 from tests.conftest import NatsServer
 from tests.helpers import eventually, make_settings, running
 from tests.integration.test_scheduler_api import DATASET, FILES, ZONE, MiB, scheduler, seed
-from tests.metric_values import Snapshot
+from tests.metric_values import Snapshot, exists
 
 NODE = "n1"
 KEY = (DATASET.namespace, DATASET.name)
@@ -136,3 +136,14 @@ async def test_two_agents_sharing_a_node_name_do_not_make_the_views_of_the_node_
             after = held.received_at
             held = await eventually(functools.partial(shown, "agent-second", after),
                                     what="the second agent's beat in the node's record")
+
+        # The node leaves (its record gone, as the agents' TTL removes it): the count of its other agent's events
+        # no longer applies, and its series goes. Kept, every node that ever had two agents stayed a series.
+        assert exists("shoal_inventory_other_instance_events_total", node=NODE)
+        await (await bus.kv(subjects.KV_AGENTS)).delete(NODE)
+
+        async def series_gone() -> bool:
+            return not exists("shoal_inventory_other_instance_events_total", node=NODE) and \
+                not handlers().other_instance_nodes
+
+        await eventually(series_gone, 20, "the node's series of other-instance events removed")
