@@ -232,13 +232,23 @@ def fluid_operation_status(status: OperationStatus | None) -> FluidOperationStat
     )
 
 
+# Nodes of a run whose bytes ``infos`` lists (``progress_infos``): the status holds them all in ``progress`` already.
+INFOS_NODES_SHOWN = 3
+
+
 def progress_infos(progress: Progress) -> dict[str, str]:
     """Shoal's progress as Fluid's ``infos`` (a map of strings): each field ``progress`` shows, under its own name,
     as its JSON text (``filesDone: "812"``, ``rateBytesPerSecond: "209715200.0"``, ``nodes`` the JSON list of
     each node's bytes), so ``kubectl get dataload -o yaml`` shows it under Fluid's CRD too, a script reads one field
     (``-o jsonpath='{.status.infos.bytesDone}'``), and each decoded as JSON gives the progress back whole.
-    Fields at their defaults are left out, as ``progress`` leaves them out."""
+    Fields at their defaults are left out, as ``progress`` leaves them out. Past ``INFOS_NODES_SHOWN`` nodes,
+    ``nodes`` lists the first of them and ``nodeCount`` counts them all: the whole list, a second copy of
+    ``progress.nodes``, doubled the status of a load over thousands of nodes (about 80 bytes a node), towards the
+    object's size limit."""
     shown: dict[str, Any] = msgspec.to_builtins(progress)
+    if len(progress.nodes) > INFOS_NODES_SHOWN:
+        shown["nodes"] = shown["nodes"][:INFOS_NODES_SHOWN]
+        shown["nodeCount"] = len(progress.nodes)
     return {name: msgspec.json.encode(value).decode() for name, value in shown.items()}
 
 

@@ -799,6 +799,20 @@ def structurally_pruned(schema: dict[str, Any], value: Any) -> Any:
     return value
 
 
+def test_a_fluid_dataloads_infos_name_a_few_nodes_and_count_them_all() -> None:
+    # A load over many nodes: ``infos.nodes`` repeated the whole of ``progress.nodes``, doubling the status.
+    (fluid_load,) = [r for r in FLUID_RESOURCES if r.kind == "DataLoad"]
+    nodes = [NodeProgress(node=f"node-{i:04d}", bytes_done=i, bytes_total=1 << 30) for i in range(2000)]
+    running = msgspec.structs.replace(RUNNING, progress=Progress(bytes_done=1, bytes_total=2000 << 30, nodes=nodes))
+    infos = crds.shoal_status(fluid_load, running)["infos"]
+    assert [node["node"] for node in json.loads(infos["nodes"])] == ["node-0000", "node-0001", "node-0002"]
+    assert infos["nodeCount"] == "2000"
+    assert sum(len(text) for text in infos.values()) < 400
+    # A run on a few nodes lists them all, as before, with no count.
+    few = msgspec.structs.replace(RUNNING, progress=Progress(nodes=nodes[:3]))
+    assert "nodeCount" not in crds.shoal_status(fluid_load, few)["infos"]
+
+
 def test_a_fluid_dataloads_progress_survives_fluids_own_crd_in_its_infos() -> None:
     """Fluid's own DataLoad CRD declares no ``progress``, so where it serves the object (a cluster that ran Fluid)
     the apiserver pruned Shoal's progress and ``kubectl get dataload -o yaml`` showed none. Fluid's ``infos`` (a map
