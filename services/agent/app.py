@@ -181,6 +181,8 @@ class MountWorker:
     peer_port: int = 0
     # The runtime's tiers at the last start: where the mount's blocks are, even once the runtime is gone.
     levels: list[Level] = field(default_factory=list)
+    # The runtime's block size at the last start (0: started before its runtime was known).
+    block_size: int = 0
     # The tiers of the processes stopped for a change of tiers since the current one's start: the directories among
     # them that ``levels`` no longer names hold blocks nobody reads, freed once the current process is mounted.
     retired: list[Level] = field(default_factory=list)
@@ -391,15 +393,21 @@ class NodeAgent:
                 await self._free_retired(worker)
 
     async def _restart_for_tiers(self, worker: MountWorker, now: float) -> None:
-        """A runtime re-applied with other tiers (quota, medium, folders, watermarks): the mount process built its
-        cache from the tiers at its start, so it is stopped and started again at once (as Fluid rolls its cache
-        workers); it keeps its peer port and budget slot. Readers of the mount get ENOTCONN for the moment between."""
+        """A runtime re-applied with other tiers (quota, medium, folders, watermarks), or deleted and applied again
+        with another block size between two looks: the mount process built its cache from them at its start, so it
+        is stopped and started again at once (as Fluid rolls its cache workers); it keeps its peer port and budget
+        slot. Readers of the mount get ENOTCONN for the moment between."""
         runtime = self.runtimes.values.get(subjects.resource_key(worker.namespace, worker.name))
         process = worker.process
-        if (runtime is None or process is None or process.returncode is not None or worker.stopping is not None
-                or not domain.tiers_changed(worker.levels, runtime.runtime.spec.tieredstore.levels)):
+        if runtime is None or process is None or process.returncode is not None or worker.stopping is not None:
             return
-        log.info("the runtime's tiers changed: restarting the mount process to use them", dataset=worker.key,
+        if domain.tiers_changed(worker.levels, runtime.runtime.spec.tieredstore.levels):
+            what = "tiers"
+        elif domain.block_size_changed(worker.block_size, runtime):
+            what = "block size"
+        else:
+            return
+        log.info("the runtime changed: restarting the mount process to use it", dataset=worker.key, changed=what,
                  pid=process.pid)
         self.supervisor.remove(worker.key)
         await self._stop_worker(worker)
@@ -666,6 +674,7 @@ class NodeAgent:
             if worker.levels != levels:  # also when the change came while no process ran (``_restart_for_tiers``)
                 worker.retired += [level for level in worker.levels if level not in worker.retired]
             worker.levels = levels
+            worker.block_size = domain.block_size_of(runtime)
             # Written down before the process can write a block: if the runtime goes while this agent is down,
             # its next start still knows where to look; and so are the tiers whose blocks wait to be freed, for
             # an agent restarted before this process is mounted.

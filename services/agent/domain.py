@@ -17,7 +17,7 @@ from collections.abc import Iterable, Sequence
 import msgspec
 
 from libs.events.agent import AgentHeartbeat, MountReadFailures, MountReport
-from libs.events.common import ObjectRef
+from libs.events.common import ObjectRef, parse_quantity
 from libs.events.dataset import DatasetRecord
 from libs.events.runtime import Level, RuntimeRecord
 from libs.hostpaths import normal_path
@@ -128,6 +128,25 @@ def tiers_changed(started: Sequence[Level], current: Sequence[Level]) -> bool:
     ones (its cache is built from them once, at start). A process started before its runtime was known has nothing
     to compare with."""
     return bool(started) and list(started) != list(current)
+
+
+def block_size_of(runtime: RuntimeRecord) -> int:
+    """The block size a mount process of ``runtime`` cuts its blocks at (as ``mountd`` reads it); 0 when it does not
+    read (the runtime service refuses such a runtime)."""
+    try:
+        return parse_quantity(runtime.runtime.spec.block_size)
+    except ValueError:
+        return 0
+
+
+def block_size_changed(started: int, runtime: RuntimeRecord) -> bool:
+    """Whether a mount process started at block size ``started`` must start again at its runtime's: the runtime was
+    deleted and applied again with another ``blockSize`` (a change the runtime service refuses otherwise) between
+    two looks of the agent, which then saw no gap to stop the mount for. Left running, the process cut blocks at the
+    old size while the loader planned and the peers asked at the new one (every load failed "past the end of the
+    object"). Its new start empties the cache cut at the old size. 0: not known, nothing to compare."""
+    current = block_size_of(runtime)
+    return bool(started) and bool(current) and current != started
 
 
 def disk_directories(levels: Iterable[Level]) -> list[str]:

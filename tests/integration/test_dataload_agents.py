@@ -60,7 +60,7 @@ from libs.events.operation import (
     TargetPath,
     TaskProgress,
 )
-from libs.events.runtime import RuntimeScale
+from libs.events.runtime import RuntimeDelete, RuntimeScale
 from libs.manifest import ManifestStore
 from libs.ring import owners
 from services.dataset.domain import percentage
@@ -739,6 +739,40 @@ async def test_a_mount_process_killed_mid_load_is_restarted_and_the_load_complet
         assert cached(await snapshot(bus, NODE, NAME)) == pairs(everything)
         total = sum(entry.size for entry in stack.entries.values())
         assert (done.status.progress.bytes_done, done.status.progress.files_done) == (total, len(stack.entries))
+
+
+async def test_a_runtime_applied_again_with_another_block_size_restarts_the_mount_and_loads_use_the_new_size(
+        bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path) -> None:
+    """A runtime's blockSize changes only by deleting it and applying it again (the runtime service refuses the
+    change otherwise). Done back to back, the agent's looks saw no gap: its mount process went on cutting blocks at
+    1 MiB while the runtime said 512 KiB, and every load planned at 512 KiB failed ("block 3 is past the end of the
+    object"). The mount process now starts again at the new size, and a load fetches every block at it."""
+    async with single(bus, settings, seaweedfs, bucket, tmp_path) as stack, loader(settings):
+        (pid,) = mount_pids(stack.mount)
+        await bus.publish(subjects.RUNTIME_DELETE, RuntimeDelete(name=NAME))
+        await stack.node.apply(NAME, bucket, endpoint=stack.store.endpoint, block_size="512Ki")
+        half = BLOCK // 2
+
+        async def resized() -> bool:
+            record = await runtime_record(bus, NAME)
+            return record is not None and record.status.block_size_bytes == half
+
+        await eventually(resized, what="the runtime applied again at 512Ki")
+
+        async def restarted() -> list[int] | None:
+            pids = mount_pids(stack.mount)
+            return pids if pids and pids != [pid] else None
+
+        await eventually(restarted, 30, "the mount process started again")
+        await stack.node.wait_mounted(NAME, expect="train/sub/b.bin")
+        await bus.publish(subjects.DATALOAD_APPLY, dataload("resized", dataset=NAME))
+        await finished(bus, "resized")
+        expected = []
+        for entry in stack.entries.values():
+            for index in range(block_count(entry.size, half)):
+                start, length = block_span(entry.size, half, index)
+                expected.append((entry.key, f"bytes={start}-{start + length - 1}"))
+        assert sorted(store_gets(stack.store)) == sorted(expected), "every block fetched once, cut at 512 KiB"
 
 
 async def test_a_load_whose_final_report_the_stream_refuses_for_a_while_completes_counting_its_part_once(
