@@ -36,6 +36,7 @@ from libs.events.common import (
     ObjectMeta,
     ObjectRef,
     dns_label_errors,
+    format_bytes,
     parse_rfc3339,
     rfc3339,
 )
@@ -804,6 +805,9 @@ class RunState(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omit_d
     # OnEvent: the incarnation of the dataset whose manifest is the baseline (``subjects.loader_manifest``, saved by
     # the last Complete run). A sync of another incarnation loads the whole target (``changes_only``).
     baseline_incarnation: str = ""
+    # A load's block size as planned (the runtime's ``blockSize`` then; 0 for a clean, or a state saved before it
+    # was kept): the runtime applied again with another one ends the run (``block_size_changed``).
+    block_size: int = 0
 
 
 def files_planned(plan: Plan, entries: Sequence[ManifestEntry]) -> int:
@@ -1051,6 +1055,20 @@ def ring_grew(record: OperationRecord, state: RunState, runtime: RuntimeRecord) 
     if record.load is None or state.stage != "executing" or not state.ring:
         return []
     return sorted(set(ring_of(runtime)) - set(state.ring))
+
+
+def block_size_changed(record: OperationRecord, state: RunState, block_size: int) -> str | None:
+    """Why an executing load cannot end Complete: its runtime now cuts blocks at ``block_size``, not at the size the
+    load planned its blocks at (the runtime deleted and applied again with another ``blockSize``, the only way to
+    change it). Its parts name blocks of the old size, which a mount process started on the new one fetches at the
+    new one's offsets (a file loaded in part, yet counted done), and a cache cut at the old size is emptied when its
+    mount process starts on the new one. None otherwise, and for a run planned before the size was kept."""
+    if record.load is None or state.stage != "executing" or not state.block_size or block_size == state.block_size:
+        return None
+    ref = dataset_ref(record)
+    return (f"runtime {ref.namespace}/{ref.name} now has blockSize {format_bytes(block_size)} (applied again) while "
+            f"this load was executing with blocks planned at {format_bytes(state.block_size)}: its parts were "
+            f"cancelled; run the load again: its blocks are planned at the new size then")
 
 
 def runtime_lost(record: OperationRecord) -> str:

@@ -481,7 +481,8 @@ class LoaderHandlers:
         runtime = self.runtimes.values.get(subjects.resource_key(ref.namespace, ref.name))
         if runtime is None:
             return True
-        if domain.ring_left(record, state, runtime) is not None or domain.ring_grew(record, state, runtime):
+        if (domain.ring_left(record, state, runtime) is not None or domain.ring_grew(record, state, runtime)
+                or domain.block_size_changed(record, state, block_size(runtime)) is not None):
             return True
         if record.load is not None and self._node_gone(key, record, state, runtime) is not None:
             return True
@@ -530,7 +531,13 @@ class LoaderHandlers:
             message = record.status.message
             if result is None or result[0] == "Complete":
                 runtime = await self._runtime(record)
-                if (runtime is not None and domain.ring_left(record, state, runtime) is None
+                resized = None if runtime is None else domain.block_size_changed(record, state, block_size(runtime))
+                if resized is not None:
+                    # Before a Complete too: its parts may all have reported before a tick saw the new runtime.
+                    await self.bus.publish_core(subjects.TASK_CANCEL,
+                                                TaskCancel(id=f"{state.run}.cancel", run=state.run))
+                    result = "Failed", resized
+                elif (runtime is not None and domain.ring_left(record, state, runtime) is None
                         and (grown := domain.ring_grew(record, state, runtime))):
                     # Before a Complete too: the last part may report before a tick saw the new worker.
                     replanned = await self._replan(key, state, runtime, grown)
@@ -774,6 +781,7 @@ class LoaderHandlers:
             await self._save_entries(store, subjects.loader_planned_manifest(key), entries)
         self.plans[key] = plan
         state = msgspec.structs.replace(state, stage="executing", ring=ring, parts=domain.parts_state(plan),
+                                        block_size=block_size(runtime) if record.load is not None else 0,
                                         files_total=domain.files_planned(plan, entries),
                                         sync_stamp=domain.dataset_stamp(dataset))
         await self._save_state(key, state)

@@ -114,10 +114,11 @@ async def put_dataset(bus: Bus, entries: list[ManifestEntry], name: str = "data"
     await (await bus.kv(subjects.KV_DATASETS)).put(subjects.resource_key("default", name), msgspec.json.encode(record))
 
 
-async def put_runtime(bus: Bus, nodes: list[str], name: str = "data", not_ready: tuple[str, ...] = ()) -> None:
+async def put_runtime(bus: Bus, nodes: list[str], name: str = "data", not_ready: tuple[str, ...] = (),
+                      block_size: int = BLOCK) -> None:
     """A Ready runtime whose workers are ``nodes`` (in the ring), and ``not_ready`` picked but out of it."""
     record = RuntimeRecord(runtime=Runtime(metadata=ObjectMeta(name=name)), generation=1, status=RuntimeStatus(
-        phase="Ready", ready_nodes=nodes, block_size_bytes=BLOCK,
+        phase="Ready", ready_nodes=nodes, block_size_bytes=block_size,
         workers=[*(CacheWorker(node=n, peer_url=f"http://{n}:1") for n in nodes),
                  *(CacheWorker(node=n, ready=False, peer_url=f"http://{n}:1") for n in not_ready)]))
     await (await bus.kv(subjects.KV_RUNTIMES)).put(subjects.resource_key("default", name), msgspec.json.encode(record))
@@ -1291,6 +1292,33 @@ async def test_a_run_whose_runtime_is_deleted_fails_at_once_naming_the_runtime(b
         scripted.hold.clear()
     assert failed.status.message == domain.runtime_lost(failed)
     assert "runtime default/data was deleted while this run was executing" in failed.status.message
+
+
+async def test_a_load_whose_runtime_comes_back_with_another_block_size_fails_and_is_cancelled(
+        bus: Bus, nats_server: NatsServer) -> None:
+    """The runtime deleted and applied again with another ``blockSize`` (the way its refusal of a change says to
+    change it) while a load executes, quicker than the loader's look (its watch shows the new runtime, never the
+    gap): the run went on and ended Complete, its parts naming blocks of the old size, which mount processes started
+    on the new size fetch at the new offsets (a file loaded in part, counted done) and whose cache they empty. It
+    fails at once naming both sizes, its parts cancelled."""
+    await put_dataset(bus, files(("a", 3 * BLOCK)))
+    await put_runtime(bus, NODES[:1])
+    async with agent(bus, NODES[:1]) as scripted, loader(nats_server):
+        scripted.hold.set()
+        await publish(bus, subjects.DATALOAD_APPLY, dataload())
+
+        async def part_taken() -> bool | None:
+            return bool(scripted.tasks) or None
+
+        await eventually(part_taken, what="the run's part taken by its node")
+        await put_runtime(bus, NODES[:1], block_size=2 * BLOCK)
+        failed = await phase_of(bus, "Failed")
+        assert "dataload.default.warm.1" in scripted.cancelled
+        scripted.hold.clear()
+    assert failed.status.message == (
+        "runtime default/data now has blockSize 8.00KiB (applied again) while this load was executing with blocks "
+        "planned at 4.00KiB: its parts were cancelled; run the load again: its blocks are planned at the new size "
+        "then"), failed.status.message
 
 
 async def test_a_delete_whose_run_state_write_failed_does_not_leave_the_reapplied_operation_stuck(
