@@ -909,6 +909,17 @@ LOOKUP_EVERY = 4
 # A durable the server refuses this user (``PermissionDenied``) is asked for again this often: only a reload of the
 # server's permissions changes the answer.
 REFUSED_RETRY_SECONDS = 10.0
+# JetStream's ack wait on every ``Consumer``'s durable: a message handed to a process that died (``kill -9``, an OOM
+# kill, a lost node) goes to another replica, or to the restarted process, after this long. It was 30 s, which was
+# then the time a replica took over a command its peer had fetched. A process that is alive says so for each message
+# it holds every WORKING_SECONDS (``in_progress``, from the fetch until the message is settled), so a long handler,
+# or a message queued behind others in its lane, is never handed to another replica meanwhile; only a loop stalled
+# for the whole ack wait, or a NATS leader election longer than it, lets a message be handled twice, which handlers
+# tolerate (their KV writes compare-and-set, their publishes are deduplicated by id).
+ACK_WAIT_SECONDS = 5.0
+# How often a process tells JetStream it is still working on the messages it fetched: a fifth of the ack wait, so a
+# working-ack or two lost or late (a busy loop, a reconnect) still leaves the message with its process.
+WORKING_SECONDS = 1.0
 
 
 # What ``Consumer`` sets on its durable, compared with an existing durable's settings (``_consumer_changes``).
@@ -971,8 +982,10 @@ class Consumer(Generic[E]):
     max_event_bytes: int
     max_deliver: int = 5
     on_invalid: InvalidHandler | None = None
-    # Handlers here only touch KV and publish; 30 s covers a slow NATS cluster failover.
-    ack_wait: float = 30.0
+    # How soon a message fetched by a process that died goes to another (``ACK_WAIT_SECONDS``); a live process keeps
+    # what it fetched every ``working_every`` seconds.
+    ack_wait: float = ACK_WAIT_SECONDS
+    working_every: float = WORKING_SECONDS
     batch: int = 16
     # A span per message (trace context from the headers). Off for high-volume internal traffic (inventory), where
     # the span would cost more than the handler: ~30 us without an SDK, ~100 us with one, per message.
@@ -1097,13 +1110,50 @@ class Consumer(Generic[E]):
             # Messages still in the stream behind the last one fetched (JetStream's count for this consumer).
             if messages:
                 self._lag(messages[-1].metadata.num_pending or 0)
+            await self._work_on(messages)
+
+    async def _work_on(self, messages: list[Msg]) -> None:
+        """Process a fetch's messages, telling JetStream every ``working_every`` seconds that each one not settled
+        yet (being handled, or waiting its turn) is still this process's: with a short ack wait, a fetch that takes
+        longer would otherwise be handed to another replica while this one works on it."""
+        # By identity (nats-py's messages are unhashable dataclasses); a message leaves it once processed.
+        unsettled = {id(message): message for message in messages}
+        done = asyncio.Event()
+        working = asyncio.ensure_future(self._keep_working(unsettled, done))
+
+        async def settle(message: Msg) -> None:
+            try:
+                await self.process(message)
+            finally:
+                unsettled.pop(id(message), None)
+
+        try:
             if self.lane_of is None:
                 for message in messages:
-                    await self.process(message)
+                    await settle(message)
             else:
-                await self._process_in_lanes(messages)
+                await self._process_in_lanes(messages, settle)
+        finally:
+            done.set()
+            working.cancel()
+            await asyncio.gather(working, return_exceptions=True)
 
-    async def _process_in_lanes(self, messages: list[Msg]) -> None:
+    async def _keep_working(self, unsettled: dict[int, Msg], done: asyncio.Event) -> None:
+        """Every ``working_every`` seconds until ``done``: a working-ack (``in_progress``) for each message in
+        ``unsettled``. It ends on ``done``, not only on its cancellation: nats-py may swallow a cancellation that
+        lands inside one of its calls (as ``services.agent.tasks`` found)."""
+        while not done.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(done.wait(), self.working_every)
+            for message in list(unsettled.values()):
+                if done.is_set():
+                    return
+                # A lost working-ack costs at most a second delivery, which handlers tolerate; NATS away says so in
+                # the consumer's own loop.
+                with contextlib.suppress(Exception):
+                    await message.in_progress()
+
+    async def _process_in_lanes(self, messages: list[Msg], process: Callable[[Msg], Awaitable[None]]) -> None:
         assert self.lane_of is not None
         lanes: dict[str, list[Msg]] = {}
         for message in messages:
@@ -1111,7 +1161,7 @@ class Consumer(Generic[E]):
 
         async def lane(queued: list[Msg]) -> None:
             for message in queued:
-                await self.process(message)
+                await process(message)
 
         # Every lane finishes before an error goes up (as one message after another would have stopped there).
         results = await asyncio.gather(*(lane(queued) for queued in lanes.values()), return_exceptions=True)

@@ -56,8 +56,8 @@ from services.dataset.watched import WatchedBindings, WatchedPolicies
 SERVICE_NAME = "shoal-dataset"
 REPLICAS_OF = "dataset"  # this service's replicas' keys in shoal_members
 # Messages fetched, and handled at once in per-dataset lanes (services.dataset.lanes): a burst of thousands of
-# applies moves 256 datasets at a time; well within max_ack_pending (1000), and a fetch's work stays far below the
-# 30 s ack wait.
+# applies moves 256 datasets at a time; well within max_ack_pending (1000). A fetch's messages stay this replica's
+# while they wait their turn (``libs.bus.Consumer``'s working-acks), however long it takes past the ack wait.
 LANE_BATCH = 256
 # How often the datasets' statuses are searched for nodes whose agent is gone (a node is gone a minute after its
 # last beat, ``AGENTS_TTL_SECONDS``; this only bounds how much later its figures leave).

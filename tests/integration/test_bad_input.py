@@ -14,7 +14,7 @@ import structlog
 from nats.js import api as js_api
 
 from libs import subjects
-from libs.bus import Bus, Conflict, Consumer, Delivery, Permanent, RetryLater
+from libs.bus import ACK_WAIT_SECONDS, Bus, Conflict, Consumer, Delivery, Permanent, RetryLater
 from libs.config import Settings
 from libs.events.common import ObjectMeta
 from libs.events.dataset import Dataset, DatasetApply, DatasetSpec, Mount
@@ -273,7 +273,7 @@ async def test_a_durable_the_server_will_not_update_is_used_as_it_is(bus: Bus) -
     runs as it is, and its own max_deliver (2, not the consumer's 4) decides which delivery is the last."""
     await bus.js.add_consumer(subjects.STREAM_COMMANDS, js_api.ConsumerConfig(
         name="kept", durable_name="kept", ack_policy=js_api.AckPolicy.EXPLICIT, max_deliver=2,
-        filter_subject=subjects.DATASET_APPLY, deliver_policy=js_api.DeliverPolicy.NEW))
+        ack_wait=ACK_WAIT_SECONDS, filter_subject=subjects.DATASET_APPLY, deliver_policy=js_api.DeliverPolicy.NEW))
     attempts: list[int] = []
 
     async def not_yet(event: DatasetApply, delivery: Delivery) -> None:

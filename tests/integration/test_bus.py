@@ -1,24 +1,28 @@
 """The bus on a real nats-server: KV compare-and-set between two writers, services that outlive a restart of the
-nats-server (same port, same JetStream store directory), and a bucket's mirror that never goes back to an older
-revision than it holds."""
+nats-server (same port, same JetStream store directory), a bucket's mirror that never goes back to an older
+revision than it holds, and a consumer that keeps the messages it works on past the ack wait."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import shutil
-from collections.abc import AsyncGenerator, AsyncIterator
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import msgspec
 import pytest
+from nats.js import api as js_api
 from nats.js.kv import KeyValue
 
 from libs import subjects
 from libs.bus import (
     Bus,
     Conflict,
+    Consumer,
+    Delivery,
     KvMirror,
     Replay,
     connect,
@@ -31,8 +35,9 @@ from libs.bus import (
 )
 from libs.config import NatsSettings
 from libs.events.common import ObjectMeta
-from libs.events.dataset import Dataset, DatasetApply, DatasetSpec, Mount
+from libs.events.dataset import Dataset, DatasetApply, DatasetCommand, DatasetResync, DatasetSpec, Mount
 from services.dataset import app as dataset_app
+from services.dataset.lanes import dataset_lane
 from tests.conftest import NatsServer
 from tests.helpers import dataset_record, eventually, make_settings, running
 from tests.metric_values import Snapshot
@@ -312,3 +317,53 @@ async def _holds(mirror: KvMirror[Count], values: dict[str, Count]) -> bool:
 async def _provisioned(bus: Bus) -> bool:
     await bus.provision()
     return True
+
+
+async def test_a_consumer_keeps_what_it_fetched_while_a_handler_outlasts_the_ack_wait(bus: Bus) -> None:
+    """A handler that takes three ack waits, and the message queued behind it in its lane, stay with the process
+    that fetched them (its working-acks, ``in_progress``): a second process on the same durable is handed neither,
+    and each is handled once. Without them, JetStream handed both to the second process after one ack wait."""
+    ack_wait = 1.0
+    handled: list[tuple[str, str, int]] = []
+    started = asyncio.Event()
+
+    def handler(process: str) -> Callable[[DatasetCommand, Delivery], Awaitable[None]]:
+        async def handle(command: DatasetCommand, delivery: Delivery) -> None:
+            if command.id == "slow":
+                started.set()
+                await asyncio.sleep(3 * ack_wait)  # the work itself, longer than the ack wait
+            handled.append((process, command.id, delivery.deliveries))
+        return handle
+
+    def consumer(process: str) -> Consumer[DatasetCommand]:
+        return Consumer(bus, subjects.STREAM_COMMANDS, "kept-while-working", subjects.DATASET_COMMANDS,
+                        msgspec.json.Decoder(DatasetCommand), handler(process), max_event_bytes=1 << 20,
+                        ack_wait=ack_wait, working_every=ack_wait / 5, lane_of=dataset_lane)
+
+    for command_id in ("slow", "queued"):  # one dataset, so one lane: "queued" waits for "slow" to end
+        await bus.publish(subjects.DATASET_RESYNC, DatasetResync(id=command_id, name="k"))
+    first, second = consumer("first"), consumer("second")
+    tasks = [asyncio.create_task(first.run())]
+    try:
+        await asyncio.wait_for(started.wait(), 10)
+        info = await bus.js.consumer_info(subjects.STREAM_COMMANDS, "kept-while-working")
+        assert (info.num_ack_pending, info.num_pending) == (2, 0), "both fetched by the first process"
+        tasks.append(asyncio.create_task(second.run()))
+        began = time.monotonic()
+
+        async def both_handled() -> bool:
+            return len(handled) == 2
+
+        await eventually(both_handled, 10, "both commands handled")
+        assert time.monotonic() - began > ack_wait, "the handler outlasted the ack wait"
+
+        async def acked() -> js_api.ConsumerInfo | None:
+            info = await bus.js.consumer_info(subjects.STREAM_COMMANDS, "kept-while-working")
+            return info if info.num_ack_pending == 0 else None
+
+        assert (await eventually(acked, 10, "both acked")).num_redelivered == 0
+    finally:
+        first.stop()
+        second.stop()
+        await asyncio.wait_for(asyncio.gather(*tasks), 10)
+    assert handled == [("first", "slow", 1), ("first", "queued", 1)], handled

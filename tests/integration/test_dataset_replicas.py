@@ -6,7 +6,10 @@
   the keys of a replica it simply did not hear meanwhile, and still takes them once that one is really gone;
 - two replicas as real processes (``python -m services.dataset``): a burst of applies is listed once per dataset,
   by both replicas together; after ``kill -9`` of one, the other lists what the dead one owned, within the TTL of
-  its beats (the time is recorded), and nothing is listed twice.
+  its beats (the time is recorded), and nothing is listed twice;
+- a command one replica had fetched but not acked when it was killed is applied by the other within the consumer's
+  ack wait (``ACK_WAIT_SECONDS``, 5 s; it was 30 s), the durable kept from before with a 30 s ack wait updated by
+  the replicas (the time is recorded).
 """
 
 from __future__ import annotations
@@ -15,13 +18,17 @@ import asyncio
 import contextlib
 import http.client
 import json
+import os
+import signal
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 
+from nats.js import api as js_api
+
 from libs import subjects
-from libs.bus import REPLICA_TTL_SECONDS, Bus, kv_load
+from libs.bus import ACK_WAIT_SECONDS, REPLICA_TTL_SECONDS, Bus, kv_load
 from libs.embedded import LOOPBACK
 from libs.events.common import ObjectMeta
 from libs.events.dataset import Dataset, DatasetApply, DatasetRecord, DatasetSpec, Mount
@@ -297,7 +304,7 @@ async def test_two_replica_processes_list_each_dataset_once_and_one_takes_over_a
         # Its connection closed by the server, and with it the pull request of its last fetch: a command published
         # before that may be handed to the dead process's request (JetStream checks the request's interest, which
         # the server drops only once it has read the socket's end; seen in 2 of 60 kills of a pulling process), and
-        # come to the survivor only after the consumer's ack wait, 30 s, as the takeover's own time.
+        # come to the survivor only after the consumer's ack wait (test below), not the members' TTL timed here.
         async def one_connection_left() -> bool:
             return await asyncio.to_thread(connections, nats_server, SERVICE_NAME) == 1
 
@@ -318,4 +325,109 @@ async def test_two_replica_processes_list_each_dataset_once_and_one_takes_over_a
                      f"{REPLICA_TTL_SECONDS:.0f} s)", took[0], area="services")
     finally:
         for replica in replicas.values():
+            replica.close()
+
+
+async def _commands(bus: Bus) -> js_api.ConsumerInfo:
+    return await bus.js.consumer_info(subjects.STREAM_COMMANDS, subjects.DURABLE_DATASET_COMMANDS)
+
+
+async def applied(bus: Bus, name: str) -> bool:
+    kv = await bus.kv(subjects.KV_DATASETS)
+    record, _ = await kv_load(kv, subjects.resource_key("default", name), DatasetRecord)
+    return record is not None
+
+
+def applied_in_log(log: Path, name: str) -> bool:
+    for line in log.read_text(errors="replace").splitlines():
+        with contextlib.suppress(ValueError):
+            entry = json.loads(line)
+            if entry.get("event") == "applied" and entry.get("dataset") == f"default/{name}":
+                return True
+    return False
+
+
+async def test_a_command_a_killed_replica_fetched_but_did_not_ack_is_applied_by_the_other_within_seconds(
+        nats_server: NatsServer, bus: Bus, tmp_path: Path) -> None:
+    """Replica two is frozen (SIGSTOP) holding a pull request, an apply is published and delivered to it (the
+    server's count: nothing pending, one delivered and unacked), and two is killed (``kill -9``) before it could ack.
+    Replica one, frozen meanwhile so that the command could only go to two, is let go at the kill: it gets the
+    command once the ack wait runs out, ``ACK_WAIT_SECONDS`` after the delivery. With the 30 s ack wait of before,
+    one applied it ~30 s after the kill. The durable is made first as the services made it before (30 s), so this
+    also checks that the replicas update an existing durable's ack wait."""
+    await bus.provision()
+    await bus.js.add_consumer(subjects.STREAM_COMMANDS, js_api.ConsumerConfig(
+        name=subjects.DURABLE_DATASET_COMMANDS, durable_name=subjects.DURABLE_DATASET_COMMANDS,
+        ack_policy=js_api.AckPolicy.EXPLICIT, ack_wait=30.0, max_deliver=5, max_ack_pending=1000,
+        filter_subject=subjects.DATASET_COMMANDS, deliver_policy=js_api.DeliverPolicy.ALL))
+    folder = tmp_path / "files"
+    folder.mkdir()
+    (folder / "f").write_bytes(b"x")
+    replicas = {name: ServiceProcess("dataset", service_env([nats_server.url], SHOAL_REPLICA_NAME=name,
+                                                            SHOAL_LOCAL_ROOTS=str(tmp_path)),
+                                     tmp_path / f"dataset-{name}.log")
+                for name in ("one", "two")}
+    one, two = replicas["one"], replicas["two"]
+    try:
+        for replica in replicas.values():
+            replica.start()
+        for replica in replicas.values():
+            async def knows_both(log: Path = replica.log) -> bool:
+                return await asyncio.to_thread(sees_in_log, log, {"one", "two"})
+
+            await eventually(knows_both, 30, f"both replicas known to {replica.log.name}")
+        await bus.publish(subjects.DATASET_APPLY, DatasetApply(dataset=local_dataset("warm-up", folder)))
+        await eventually(lambda: applied(bus, "warm-up"), 30, "the replicas consuming")
+        assert (await _commands(bus)).config.ack_wait == ACK_WAIT_SECONDS, "the durable's 30 s ack wait kept"
+
+        # Both frozen until no pull request of either waits at the server (the last one expires within a fetch's
+        # second): then only two, let go and frozen again while its next pull waits, can be handed the command.
+        os.kill(one.pid, signal.SIGSTOP)
+        os.kill(two.pid, signal.SIGSTOP)
+
+        async def nobody_pulls() -> bool:
+            return (await _commands(bus)).num_waiting == 0
+
+        await eventually(nobody_pulls, 10, "the frozen replicas' pull requests expired")
+        name = ""
+        for attempt in range(5):
+            os.kill(two.pid, signal.SIGCONT)
+
+            async def two_pulls() -> bool:
+                info = await _commands(bus)
+                return (info.num_waiting or 0) >= 1 and info.num_pending == 0 and info.num_ack_pending == 0
+
+            await eventually(two_pulls, 10, "two pulling, nothing pending")
+            os.kill(two.pid, signal.SIGSTOP)
+            name = f"fetched-{attempt}"
+            await bus.publish(subjects.DATASET_APPLY, DatasetApply(dataset=local_dataset(name, folder)))
+
+            async def delivered_unacked() -> bool:
+                info = await _commands(bus)
+                return info.num_pending == 0 and info.num_ack_pending == 1
+
+            try:
+                await eventually(delivered_unacked, 2, f"{name} delivered to two")
+                break
+            except AssertionError:
+                continue  # two's pull expired just before the publish: two takes it when let go, and we try again
+        else:
+            raise AssertionError("no command was delivered to the frozen replica in 5 attempts")
+        delivered = time.monotonic()
+        two.kill()
+        with stopwatch() as took:
+            os.kill(one.pid, signal.SIGCONT)
+            await eventually(lambda: applied(bus, name), 40, f"{name} applied by the survivor")
+        assert await asyncio.to_thread(applied_in_log, one.log, name), one.tail()
+        assert took[0] < ACK_WAIT_SECONDS + 5, (
+            f"the survivor applied the killed replica's command {took[0]:.1f} s after the kill "
+            f"({time.monotonic() - delivered:.1f} s after its delivery)")
+        record_fault("kill -9 of a dataset-service replica holding a fetched, unacked apply",
+                     f"the other replica applied it after the consumer's ack wait ({ACK_WAIT_SECONDS:.0f} s)",
+                     took[0], area="services")
+    finally:
+        for replica in replicas.values():
+            with contextlib.suppress(ProcessLookupError, AssertionError):
+                if replica.process is not None and replica.process.poll() is None:
+                    os.kill(replica.pid, signal.SIGCONT)
             replica.close()

@@ -17,8 +17,9 @@ resumes, and what must not happen twice does not:
   with its status written back, each dataset applied once (the commands' ids are deterministic).
 
 The dataset service killed mid-sync and the agent killed with its mount in use are in ``test_crash_recovery``.
-The loader's and the scheduler's kills run in ``make test``; the others, whose recovery waits out the 30 s ack wait
-or starts mount processes, in ``make soak`` (``SHOAL_SOAK=1``), to keep ``make test`` within its time budget.
+The loader's and the scheduler's kills run in ``make test``; the others, whose recovery waits out the ack wait
+(``libs.bus.ACK_WAIT_SECONDS``, 30 s until it became 5 s) or starts mount processes, in ``make soak``
+(``SHOAL_SOAK=1``), to keep ``make test`` within its time budget.
 """
 
 from __future__ import annotations
@@ -76,9 +77,9 @@ from tests.integration.test_loader import dataload, phase_of
 from tests.integration.test_scheduler_api import ask
 from tests.reliability import record_fault, stopwatch
 
-# The kills whose recovery waits out JetStream's ack wait (30 s: what the killed process had fetched comes back only
-# then) or starts mount processes run in `make soak` only; the loader's and the scheduler's run in `make test` too.
-soak_only = pytest.mark.soak("a kill whose recovery takes ~30 s")
+# The kills whose recovery waits out JetStream's ack wait (what the killed process had fetched comes back only then)
+# or starts mount processes run in `make soak` only; the loader's and the scheduler's run in `make test` too.
+soak_only = pytest.mark.soak("a kill whose recovery waits out the ack wait or starts mount processes")
 
 MEM = TieredStore(levels=[Level(mediumtype="MEM", quota="64Mi")])
 
