@@ -10,13 +10,21 @@ and watches the keys of its service. One not heard from for ``REPLICA_TTL_SECOND
 stops cleanly deletes its key, and the others take its keys at once. The bucket drops a key that is not written
 again within the same time, so a replica that starts later never counts a dead one.
 
-A beat's age is from when it was written, by the NATS server's stamp on its KV entry, not from when it arrived: a
-watch started again after a reconnect delivers every key's last beat again, and a dead replica's, counted as heard
-then, would keep it alive for up to another TTL (its datasets waiting that long to be taken over). The server's
-clock is read against this process's monotonic clock through this replica's own beats: the server's stamp on each
-one and when its write returned here give the gap between the two clocks, measured again at every beat. So no
-replica's clock is trusted, nor this host's wall clock, and a skewed clock cannot keep a replica alive. Until its
-own first beat is measured, a replica judges no one (the bucket's TTL bounds what it holds).
+A beat's age is counted on this process's monotonic clock from when the beat was seen to change: a beat the watch
+delivers as it is written (after the watch's initial values) was heard when it arrived, and no two clocks are
+compared. On a JetStream cluster the KV entries are stamped by whichever server leads the bucket, and a new leader's
+clock may be seconds off the old one's; when ages came from the stamps, a leader change counted that drift into every
+beat's age until this replica's next own beat measured the clocks again, and a live replica could be dropped (its
+keys taken, listed twice) or a dead one kept.
+
+Only a beat that was not seen arriving needs its stamp: the watch's initial values, and a replay after a reconnect.
+A replayed beat this replica already holds (the same revision) keeps the time it was heard: a dead replica's last
+beat, replayed, is as old as it was (counted as heard then, it kept the replica alive for up to another TTL, its
+datasets waiting that long). Any other such beat is placed on this process's clock by the server's stamp, read
+through this replica's own beats: the server's stamp on each one and when its write returned here give the gap
+between the two clocks, measured again at every beat. So no replica's clock is trusted, nor this host's wall clock,
+and a skewed clock cannot keep a replica alive; a beat placed before this replica's own first beat is measured
+counts as live, not judged, until it is (the bucket's TTL bounds what it holds).
 
 While replicas join or leave, two of them may reconcile a key for a moment: reconciles are level-triggered and their
 writes compare-and-set, so that costs a second listing, never a wrong record. A replica restarted under the same
@@ -85,7 +93,12 @@ class Members:
         self.reconnects = reconnects
         self.on_change: Callable[[], None] | None = None
         self.ready = asyncio.Event()
-        self._heard: dict[str, float] = {}  # replica → when its last beat was written (the server's clock, s)
+        # replica → when its last beat was heard (this process's monotonic clock, s), and that beat's revision.
+        self._heard: dict[str, float] = {}
+        self._revisions: dict[str, int] = {}
+        # Beats not seen arriving (initial values, a replay) while the server's clock is not known here yet: replica →
+        # the server's stamp, placed on this process's clock once ``_offset`` is measured, live until then.
+        self._unplaced: dict[str, float] = {}
         # This replica's own beats by revision: the server's stamp (from the watch) and when the write returned here
         # (monotonic), whichever is known first; the two together measure ``_offset``.
         self._stamped: dict[int, float] = {}
@@ -116,24 +129,19 @@ class Members:
         ticking = asyncio.create_task(self._tick())
         try:
             watch = kv_watch(self.kv, self._stopping, self.reconnects, keys=f"{self.service}.*")
+            # Whether the watch is delivering what the bucket holds (its initial values, a replay) rather than beats
+            # as they are written.
+            catching_up = True
             async with contextlib.aclosing(watch) as entries:
                 async for entry in entries:
                     if entry is None:
+                        catching_up = False
                         self._refresh()
                         self.ready.set()
-                    elif not isinstance(entry, Replay):
-                        replica = entry.key.partition(".")[2]
-                        now = self._now()  # a stall is accounted for before this beat counts
-                        if entry.operation in ("DEL", "PURGE"):
-                            self._heard.pop(replica, None)
-                        else:
-                            stamp = _stamp(entry.created)
-                            if stamp is None:  # not stamped (nats-py always stamps): heard now, as best known
-                                stamp = now - self._offset if self._offset is not None else time.time()
-                            self._heard[replica] = stamp
-                            if replica == self.replica and entry.revision is not None:
-                                self._stamped[entry.revision] = stamp
-                                self._measure()
+                    elif isinstance(entry, Replay):
+                        catching_up = True
+                    else:
+                        self._watched(entry, catching_up)
                         self._refresh()
         finally:
             beating.cancel()
@@ -143,6 +151,39 @@ class Members:
             # NATS away, the beat ages out anyway, and a stop must not wait for a request timeout.
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.kv.delete(self.key), LEAVE_SECONDS)
+
+    def _watched(self, entry: KeyValue.Entry, catching_up: bool) -> None:
+        """Take one beat (or a replica's leaving) from the watch: heard now if it arrived as written, else placed by
+        its stamp, unless it is the beat already held."""
+        replica = entry.key.partition(".")[2]
+        now = self._now()  # a stall is accounted for before this beat counts
+        if entry.operation in ("DEL", "PURGE"):
+            self._forget(replica)
+            return
+        stamp = _stamp(entry.created)
+        revision = entry.revision or 0
+        if replica == self.replica and stamp is not None and revision:
+            self._stamped[revision] = stamp
+            self._measure()
+        if not catching_up or stamp is None:  # as written (or, never seen from nats-py, not stamped): heard now
+            self._hear(replica, now, revision)
+        elif replica in self._heard and self._revisions.get(replica) == revision:
+            pass  # replayed as it was: heard when it was, not now
+        elif self._offset is not None:
+            self._hear(replica, min(now, stamp + self._offset), revision)
+        else:
+            self._forget(replica)
+            self._unplaced[replica] = stamp
+            self._revisions[replica] = revision
+
+    def _hear(self, replica: str, when: float, revision: int) -> None:
+        self._unplaced.pop(replica, None)
+        self._heard[replica] = when
+        self._revisions[replica] = revision
+
+    def _forget(self, replica: str) -> None:
+        for held in (self._heard, self._unplaced, self._revisions):
+            held.pop(replica, None)
 
     async def _beat(self) -> None:
         beat = msgspec.json.encode(Beat(replica=self.replica, host=socket.gethostname(), pid=os.getpid()))
@@ -180,6 +221,9 @@ class Members:
         self._offset = self._written[revision] - self._stamped[revision]
         self._stamped = {rev: stamp for rev, stamp in self._stamped.items() if rev > revision}
         self._written = {rev: when for rev, when in self._written.items() if rev > revision}
+        now = self.monotonic()
+        for replica, stamp in list(self._unplaced.items()):
+            self._hear(replica, min(now, stamp + self._offset), self._revisions.get(replica, 0))
 
     def _now(self) -> float:
         """The monotonic time, after moving the others' last beats forward by the time this replica's own loop did
@@ -195,12 +239,10 @@ class Members:
 
     def _refresh(self) -> None:
         now = self._now()
-        if self._offset is not None:  # else the server's clock is not known here yet: no one is judged
-            server_now = now - self._offset
-            # Aged-out replicas are forgotten, not only left out: pods get new names at every rollout.
-            self._heard = {name: heard for name, heard in self._heard.items()
-                           if server_now - heard < self.ttl_seconds}
-        live = tuple(sorted({self.replica, *self._heard}))
+        # Aged-out replicas are forgotten, not only left out: pods get new names at every rollout.
+        for replica in [name for name, heard in self._heard.items() if now - heard >= self.ttl_seconds]:
+            self._forget(replica)
+        live = tuple(sorted({self.replica, *self._heard, *self._unplaced}))
         if live == self._live:
             return
         log.info("replicas changed", service=self.service, replica=self.replica, live=list(live))

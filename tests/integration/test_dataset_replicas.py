@@ -2,6 +2,8 @@
 
 - two ``Members`` of one service see each other, split keys between them (each key owned by exactly one), a
   replica that stops cleanly hands its keys over at once, and one whose beats stop is dropped after the TTL;
+- a change of the bucket's leader to a server whose clock is off (its stamps on the beats 10 s behind, then 10 s
+  ahead) neither drops a live replica nor keeps a dead one: ages are counted on the replica's own clock;
 - a replica whose own loop stalled for longer than the TTL (its clock jumps while it runs nothing) does not take
   the keys of a replica it simply did not hear meanwhile, and still takes them once that one is really gone;
 - two replicas as real processes (``python -m services.dataset``): a burst of applies is listed once per dataset,
@@ -25,8 +27,10 @@ from collections import Counter
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 
+import pytest
 from nats.js import api as js_api
 
+from libs import members as members_module
 from libs import subjects
 from libs.bus import ACK_WAIT_SECONDS, REPLICA_TTL_SECONDS, Bus, kv_load
 from libs.embedded import LOOPBACK
@@ -125,6 +129,52 @@ async def test_a_dead_replicas_beat_replayed_after_a_reconnect_does_not_bring_it
                 assert "ghost" not in a.live, "a dead replica's replayed beat brought it back"
                 await asyncio.sleep(0.05)  # the pace of the looks, not a wait for anything
         assert all("ghost" not in live for live in changes[since:]), changes
+    finally:
+        a.stop()
+        await asyncio.wait_for(task, 10)
+
+
+async def test_a_leader_change_to_a_server_whose_clock_is_off_neither_drops_a_live_replica_nor_keeps_a_dead_one(
+        bus: Bus, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a JetStream cluster the beats are stamped by whichever server leads the bucket. The new leader's clock is
+    played here by the stamps the replica reads (``libs.members._stamp``) moving 10 s behind, then 10 s ahead, on a
+    real nats-server: a beat stamped 10 s behind looked 10 s old until the replica's own next beat measured the new
+    clock (a live replica dropped, its keys taken for a moment), and one stamped ahead looked younger than it was (a
+    dead replica kept as long). Ages are now counted on the replica's own clock from each beat's arrival."""
+    await bus.provision()
+    kv = await bus.kv(subjects.KV_MEMBERS)
+    drift = [0.0]
+    stamp = members_module._stamp
+    monkeypatch.setattr(members_module, "_stamp", lambda created: (stamp(created) or 0.0) + drift[0])
+    ttl = 3.0
+    a = Members(kv, SERVICE, "a", beat_seconds=1.0, ttl_seconds=ttl)
+    changes: list[tuple[str, ...]] = []
+    a.on_change = lambda: changes.append(a.live)
+    task = asyncio.create_task(a.run())
+
+    async def b_beats(times: int) -> None:
+        for _ in range(times):  # b's pace: a beat every 0.3 s, a tenth of the TTL
+            before = a._heard.get("b")
+            await kv.put(f"{SERVICE}.b", b"{}")
+
+            async def heard(before: float | None = before) -> bool:
+                return a._heard.get("b") != before or "b" not in a.live
+
+            await eventually(heard, 10, "b's beat heard by a (or b dropped)")
+            await asyncio.sleep(0.3)
+
+    try:
+        await b_beats(1)
+        await sees(a, "a", "b")
+        since = len(changes)
+        drift[0] = -10.0  # the new leader's clock 10 s behind the old one's
+        await b_beats(10)  # 3 s: three of a's own beats, the first measured by the new leader's clock
+        assert changes[since:] == [], f"b, beating throughout, was dropped: {changes[since:]}"
+        drift[0] = +10.0  # and another leader 10 s ahead; then b dies after one more beat
+        await b_beats(1)
+        with stopwatch() as took:
+            await sees(a, "a")
+        assert took[0] < ttl + 2, f"b's last beat, stamped 10 s ahead, kept it {took[0]:.1f} s"
     finally:
         a.stop()
         await asyncio.wait_for(task, 10)
