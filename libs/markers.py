@@ -21,6 +21,11 @@ than ``RETENTION_SECONDS``, the commands stream's max_age, because what reads a 
   running ``KvMirror`` forgets a deleted key's revision once its marker is that old, so it keeps what a mirror
   started after the purge would.
 
+One replica of a service sweeps (``MarkerSweeper``'s ``owner``, the dataset service's ``Members``): the one that owns
+``SWEEP_KEY`` among the live replicas, by the same rendezvous hashing that splits the datasets; the others would
+only read every key of the buckets again to find the markers it purged. While the replicas change, two may sweep
+once; that is harmless, as below.
+
 The purge names the marker's subject and stops at its sequence (JetStream's purge with ``filter`` and ``seq``): a
 key written again after the marker was read keeps its new value, so replicas sweeping together, or a sweep racing
 an apply, remove nothing live; a marker purged twice is purged once. A pass reads the last message of every key
@@ -29,6 +34,7 @@ an apply, remove nothing live; a marker purged twice is purged once. A pass read
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import datetime
@@ -36,6 +42,7 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from nats.js.kv import KeyValue
 
@@ -55,6 +62,9 @@ MARKER_SWEEP_SECONDS = 600.0
 SWEEP_LIMIT = 1000
 # How long a pass waits for the next key of its watch: the initial values come back to back.
 READ_SECONDS = 5.0
+
+# The key whose owner among a service's live replicas sweeps (``libs.members.Members.owns``): any fixed name will do.
+SWEEP_KEY = "delete-markers"
 
 DELETE_OPERATIONS = ("DEL", "PURGE")
 _META_PREFIX = "$O.{bucket}.M."
@@ -165,20 +175,34 @@ async def purge_deleted_objects(bus: Bus, cutoff: datetime.datetime, owns: Calla
     return [object_name(marker.name) or marker.name for marker in markers]
 
 
+class SweepOwner(Protocol):
+    """Which replica of a service sweeps (``libs.members.Members``)."""
+
+    ready: asyncio.Event
+
+    def owns(self, key: str) -> bool: ...
+
+
 class MarkerSweeper:
     """A service's periodic purge of its buckets' old markers (``Periodic``'s tick).
 
-    Its clock is the wall clock, not the service's: the markers' ages are the server's timestamps."""
+    Its clock is the wall clock, not the service's: the markers' ages are the server's timestamps. With ``owner``
+    (a service with replicas), only the replica that owns ``SWEEP_KEY`` sweeps, once the live replicas are known."""
 
     def __init__(self, bus: Bus, sweep: Sweep, clock: Callable[[], float] = time.time,
-                 retention: float = RETENTION_SECONDS, limit: int = SWEEP_LIMIT) -> None:
+                 retention: float = RETENTION_SECONDS, limit: int = SWEEP_LIMIT,
+                 owner: SweepOwner | None = None) -> None:
         self.bus = bus
         self.sweep = sweep
         self.clock = clock
         self.retention = retention
         self.limit = limit
+        self.owner = owner
 
-    async def tick(self) -> None:
+    async def tick(self) -> dict[str, int] | None:
+        """One pass: the markers purged per bucket, or None when another replica sweeps."""
+        if self.owner is not None and not (self.owner.ready.is_set() and self.owner.owns(SWEEP_KEY)):
+            return None
         cutoff = datetime.datetime.fromtimestamp(self.clock() - self.retention, datetime.UTC)
         purged: dict[str, int] = {}
         for bucket in self.sweep.buckets:
@@ -189,3 +213,4 @@ class MarkerSweeper:
             purged[subjects.OBJ_MANIFESTS] = len(names)
         if purged:
             log.info("old delete markers purged", purged=purged, retention_seconds=self.retention)
+        return purged

@@ -127,7 +127,7 @@ class Periodic:
     on a peer that does not answer (the bridge's calls to an API server), and whose work is redone by the next run
     anyway (level-triggered), so that a stop is prompt."""
 
-    def __init__(self, name: str, tick: Callable[[], Awaitable[None]], interval: float,
+    def __init__(self, name: str, tick: Callable[[], Awaitable[object]], interval: float,
                  cancel_on_stop: bool = False) -> None:
         self.name = name
         self.tick = tick

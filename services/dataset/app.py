@@ -14,7 +14,7 @@
 | KV shoal_members | dataset.* (watch; this replica's beat) | Members: which replicas split the syncs |
 | KV shoal_agents | every key (watch) | the agents' last beats: DatasetHandlers.forget_departed_nodes |
 | (timer) | every 10 s | DatasetHandlers.forget_departed_nodes (cache figures of nodes gone, datasets it owns) |
-| (timer) | every 10 min | MarkerSweeper (libs.markers): delete markers older than a week in its buckets, manifests |
+| (timer) | every 10 min | MarkerSweeper (libs.markers), one replica: week-old markers of its buckets, manifests |
 | (timer) | every 10 min | DatasetHandlers.retire_deleted_bindings: deleted runtimes' old bindings made markers |
 
 Replicas (each with its own SHOAL_REPLICA_NAME) share the four consumers and split the reconciler's keys
@@ -43,7 +43,7 @@ from libs.events.schedule import DatasetCacheObserved
 from libs.markers import DATASET_SWEEP, MARKER_SWEEP_SECONDS, MarkerSweeper
 from libs.members import Members
 from libs.reconcile import Reconciler
-from libs.service import Periodic, nats_check, run_loops
+from libs.service import Periodic, StartsWhen, nats_check, run_loops
 from libs.side_server import Readiness
 from libs.ufs import S3Clients, open_store
 from services.dataset.census import DatasetCensus
@@ -121,7 +121,9 @@ async def run(settings: Settings, stop: asyncio.Event, clock: Callable[[], float
         departed = Periodic("departed nodes", lambda: handlers.forget_departed_nodes(census.nodes_named(),
                                                                                      members.owns),
                             DEPARTED_NODES_SECONDS)
-        markers = Periodic("old delete markers", MarkerSweeper(bus, DATASET_SWEEP).tick, MARKER_SWEEP_SECONDS)
+        # One replica sweeps (the owner of the markers' key); the first pass once the live replicas are known.
+        markers = StartsWhen(Periodic("old delete markers", MarkerSweeper(bus, DATASET_SWEEP, owner=members).tick,
+                                      MARKER_SWEEP_SECONDS), members.ready)
         retired = Periodic("deleted runtimes' bindings", handlers.retire_deleted_bindings, MARKER_SWEEP_SECONDS)
         await run_loops([members, bindings, policies, agents, commands, runtime_facts, inventory, scheduler_cache,
                          reconciler, departed, markers, retired], stop, readiness)

@@ -1,6 +1,6 @@
 """Old delete markers purged (``libs.markers``) on a real nats-server: those older than the cutoff go, newer ones and
-live values stay, a key written again after its marker was read keeps its value, and an operation applied again
-after its marker went numbers its runs afresh and runs.
+live values stay, a key written again after its marker was read keeps its value, one of two replicas sweeps (the
+other reads nothing), and an operation applied again after its marker went numbers its runs afresh and runs.
 """
 
 from __future__ import annotations
@@ -16,10 +16,12 @@ from nats.js.errors import NotFoundError
 from nats.js.kv import KeyValue
 
 from libs import bus as bus_module
+from libs import markers as markers_module
 from libs import natsauth, subjects
 from libs.bus import Bus, kv_delete, kv_load_deleted
 from libs.deletion import deleted_at, deletion_note
 from libs.markers import (
+    DATASET_SWEEP,
     LOADER_SWEEP,
     RETENTION_SECONDS,
     Marker,
@@ -30,8 +32,10 @@ from libs.markers import (
     purge_deleted_objects,
     purge_kv_markers,
 )
+from libs.members import Members
 from tests.conftest import NatsServer
 from tests.helpers import eventually
+from tests.integration.test_dataset_replicas import member, sees
 from tests.integration.test_loader import (
     BLOCK,
     NODES,
@@ -93,6 +97,42 @@ async def test_markers_older_than_the_cutoff_go_with_their_history_newer_ones_an
     assert len(await history(kv, "dataload.default.new")) == 3
     assert [e.value for e in await history(kv, "dataload.default.live")] == [b'{"v":1}']
     await kv.create("dataload.default.old", b'{"v":3}')
+
+
+async def test_one_of_two_replicas_sweeps_and_the_other_reads_nothing(
+        bus: Bus, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two dataset-service replicas' sweepers (their ``Members`` as owner): the one that owns ``SWEEP_KEY`` reads the
+    buckets and purges the old marker, the other reads nothing (every replica read every key of the buckets, every
+    10 minutes, before). Nor does a replica sweep before it knows the live replicas."""
+    kv = await bus.kv(subjects.KV_DATASETS)
+    await kv.put("default.gone", b"{}")
+    await kv_delete(kv, "default.gone", None)
+    reads: list[str] = []
+    old_markers = markers_module._old_markers
+
+    async def counted(kv: KeyValue, *args: object, **kwargs: object) -> list[Marker]:
+        reads.append(kv._name)
+        return await old_markers(kv, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(markers_module, "_old_markers", counted)
+    week_later = time.time() + RETENTION_SECONDS + 60  # the marker is old by then
+
+    unready = Members(await bus.kv(subjects.KV_MEMBERS), "dataset", "c")  # not run: its replicas unknown
+    assert await MarkerSweeper(bus, DATASET_SWEEP, clock=lambda: week_later, owner=unready).tick() is None
+    assert reads == []
+    async with member(bus, "a") as a, member(bus, "b") as b:
+        await sees(a, "a", "b")
+        await sees(b, "a", "b")
+        passes = {}
+        for replica in (a, b):
+            before = len(reads)
+            passes[replica.replica] = (await MarkerSweeper(bus, DATASET_SWEEP, clock=lambda: week_later,
+                                                           owner=replica).tick(), len(reads) - before)
+        sweeper = "a" if a.owns(markers_module.SWEEP_KEY) else "b"
+        assert b.owns(markers_module.SWEEP_KEY) == (sweeper == "b")
+    other = "b" if sweeper == "a" else "a"
+    assert passes[sweeper][0] == {subjects.KV_DATASETS: 1} and passes[sweeper][1] > 0, passes
+    assert passes[other] == (None, 0), passes
 
 
 async def test_a_key_written_again_after_its_marker_was_read_keeps_its_new_value(bus: Bus) -> None:
