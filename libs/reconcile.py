@@ -22,7 +22,8 @@ the initial values): what a service counts about the bucket (its gauges) needs n
 ``owner``, when given (``libs.members.Members``), splits the keys between a service's replicas: this one
 reconciles only the keys it owns, starts once the live replicas are known, and when they change takes up the keys
 it gained (every key the watch showed is remembered, and which of them it owned at the last change; a key it
-kept is not run again) and lets go of those it lost (a reconcile waiting for its next
+kept is not run again; a key a replay after a reconnect no longer shows is forgotten, as a deleted one is) and lets
+go of those it lost (a reconcile waiting for its next
 run ends there; one running finishes, and the new owner's runs too: level-triggered, so at worst twice).
 """
 
@@ -82,18 +83,26 @@ class Reconciler:
         if self.owner is not None:
             self.owner.on_change = self._rebalance
             await self._until(self.owner.ready)
+        # The keys a replay after a reconnect has shown so far (None: no replay under way).
+        replayed: set[str] | None = None
         try:
             async with contextlib.aclosing(kv_watch(self.kv, self._stopping, self.reconnects)) as entries:
                 async for entry in entries:
                     if self.observe is not None:
                         self.observe(entry)
-                    if entry is None or isinstance(entry, Replay):
+                    if isinstance(entry, Replay):
+                        replayed = set()
+                        continue
+                    if entry is None:
+                        if replayed is not None:
+                            self._forget_all_but(replayed)
+                            replayed = None
                         continue
                     if entry.operation in ("DEL", "PURGE"):
-                        self._known.discard(entry.key)
-                        self._owned.discard(entry.key)
-                        self._let_go(entry.key)
+                        self._forget(entry.key)
                         continue
+                    if replayed is not None:
+                        replayed.add(entry.key)
                     if self.owner is not None:
                         self._known.add(entry.key)
                     # A replay after a reconnect schedules every key again: level-triggered, so harmless.
@@ -129,6 +138,20 @@ class Reconciler:
         for key, wake in list(self._wake.items()):
             if not self.owner.owns(key):
                 wake.set()
+
+    def _forget(self, key: str) -> None:
+        """The key was deleted: no longer known, and its reconcile, if one runs or waits, ends."""
+        self._known.discard(key)
+        self._owned.discard(key)
+        self._let_go(key)
+
+    def _forget_all_but(self, replayed: set[str]) -> None:
+        """A replay has shown every key the bucket holds: the keys it did not show were deleted while the watch was
+        away, their delete markers purged since (``libs.markers``, after a week) or the bucket made again, so no
+        delete came to say so. Forgotten as if deleted, or each stayed known (and ran again at every change of
+        replicas) until the process restarted."""
+        for key in (self._known | set(self._running)) - replayed:
+            self._forget(key)
 
     def _let_go(self, key: str) -> None:
         """The key was deleted: its reconcile, if one runs or waits, ends (a later change schedules it again)."""

@@ -31,7 +31,7 @@ import pytest
 from nats.js import api as js_api
 
 from libs import members as members_module
-from libs import subjects
+from libs import natsauth, subjects
 from libs.bus import ACK_WAIT_SECONDS, REPLICA_TTL_SECONDS, Bus, kv_load
 from libs.embedded import LOOPBACK
 from libs.events.common import ObjectMeta
@@ -272,6 +272,57 @@ async def test_a_change_of_replicas_runs_only_the_keys_a_replica_gained(bus: Bus
         finally:
             reconciler.stop()
             await asyncio.wait_for(task, 10)
+
+async def test_keys_a_replay_no_longer_shows_are_forgotten_and_not_run_again_at_a_change_of_replicas(
+        bus: Bus) -> None:
+    """Keys deleted while the watch was away, their markers purged since (a disconnect of more than a week, or the
+    bucket made again), come back in no delete: the replay after the reconnect simply does not show them. They stay
+    known no more: before, every change of replicas ran them again, until the process restarted."""
+    await bus.provision()
+    members_kv, datasets = await bus.kv(subjects.KV_MEMBERS), await bus.kv(subjects.KV_DATASETS)
+    kept = [f"default.kept{i}" for i in range(10)]
+    gone = [f"default.gone{i}" for i in range(20)]
+    for key in kept + gone:
+        await datasets.put(key, b"{}")
+    runs: Counter[str] = Counter()
+
+    async def reconcile(key: str) -> None:
+        runs[key] += 1
+
+    reconnects = [0]  # this test's reconnects: a count that moves starts the watch again (``Replay``)
+    async with member(bus, "a") as a:
+        reconciler = Reconciler(datasets, reconcile, lambda: reconnects[0], owner=a)
+        task = asyncio.create_task(reconciler.run())
+        try:
+            async def each_ran_once() -> bool:
+                return all(runs[key] == 1 for key in kept + gone)
+
+            await eventually(each_ran_once, 10, "every key run once")
+            # Gone as after a week away: no message of the keys left, their delete markers purged too.
+            for key in gone:
+                await bus.js.purge_stream(natsauth.kv_stream(subjects.KV_DATASETS), subject=f"{datasets._pre}{key}")
+            reconnects[0] += 1  # the watch starts again and replays what the bucket holds
+
+            async def replayed() -> bool:
+                return all(runs[key] == 2 for key in kept)  # a replay schedules every key it shows again
+
+            await eventually(replayed, 10, "the kept keys replayed")
+            assert all(runs[key] == 1 for key in gone)
+            await members_kv.put(f"{SERVICE}.b", b"{}")  # b joins, then leaves: a takes back what it lost
+            await sees(a, "a", "b")
+            lost = [key for key in kept if not a.owns(key)]
+            await members_kv.delete(f"{SERVICE}.b")
+            await sees(a, "a")
+
+            async def lost_ran_again() -> bool:
+                return all(runs[key] == 3 for key in lost)
+
+            await eventually(lost_ran_again, 10, "the kept keys a lost and took back run again")
+            assert {key: runs[key] for key in gone} == dict.fromkeys(gone, 1), "a key no longer there ran again"
+        finally:
+            reconciler.stop()
+            await asyncio.wait_for(task, 10)
+
 
 async def _keys(bus: Bus) -> AsyncIterator[str]:
     for key in sorted(await (await bus.kv(subjects.KV_MEMBERS)).keys()):
