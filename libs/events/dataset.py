@@ -254,7 +254,9 @@ class DatasetRecord(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     incarnation: str = ""
 
 
-class ManifestEntry(msgspec.Struct, frozen=True, rename="camel", omit_defaults=True):
+# gc=False: only strings and numbers, never in a cycle; a mount or the scheduler holds one per file of a dataset
+# (millions), which the collector would otherwise track (16 bytes each) and walk at every full collection.
+class ManifestEntry(msgspec.Struct, frozen=True, rename="camel", omit_defaults=True, gc=False):
     """One file of a synced dataset: a line of its manifest (``libs.manifest`` reads and writes them)."""
 
     path: str  # '/'-rooted path inside the dataset; a folder marker's ends in '/' (libs.paths)

@@ -169,8 +169,8 @@ class DatasetFS(pyfuse3.Operations):
         gone = []
         changed = []
         relisted: set[int] = set()
-        for node in old.nodes.values():
-            current = namespace.nodes.get(node.inode)
+        for node in old.nodes():
+            current = namespace.get(node.inode)
             if node.inode != node.parent:
                 found = namespace.lookup(node.parent, node.name)
                 if found is None or found.inode != node.inode:
@@ -183,7 +183,7 @@ class DatasetFS(pyfuse3.Operations):
                 changed.append(node.inode)
                 if current.entry != node.entry and self.no_open:
                     self._forget_read_state(node.inode)
-        for node in namespace.nodes.values():
+        for node in namespace.nodes():
             if node.inode != node.parent and node.parent not in relisted:
                 found = old.lookup(node.parent, node.name)
                 if found is None or found.inode != node.inode:
@@ -198,10 +198,10 @@ class DatasetFS(pyfuse3.Operations):
         # would list the same names at the same offsets, and a folder that went away has no readers left.
         if self.no_open:
             self._folders = {inode: opened for inode, opened in self._folders.items()
-                             if inode in relisted and inode in namespace.nodes}
+                             if inode in relisted and inode in namespace}
             for inode in list(self._removed)[:max(0, len(self._removed) - REMOVED_FILES_KEPT)]:
                 del self._removed[inode]
-        return gone, changed, sorted(inode for inode in relisted if inode in namespace.nodes)
+        return gone, changed, sorted(inode for inode in relisted if inode in namespace)
 
     # --- metadata ---
 
@@ -314,7 +314,7 @@ class DatasetFS(pyfuse3.Operations):
         stats.f_bsize = stats.f_frsize = 4096
         stats.f_blocks = (total + 4095) // 4096
         stats.f_bfree = stats.f_bavail = 0
-        stats.f_files = len(self.namespace.nodes)
+        stats.f_files = len(self.namespace)
         stats.f_ffree = stats.f_favail = 0
         stats.f_namemax = MAX_NAME
         return stats

@@ -27,7 +27,7 @@ import os
 import select
 import threading
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -170,8 +170,9 @@ class MountedDataset:
         # The dataset was deleted and applied again (another incarnation) while this mount's watch was not looking
         # (restarting after a reconnect, whose replay shows only the newest record): gone as if deleted.
         self.recreated = False
-        # (mount, key) → entry of the current manifest: what the peer server may serve.
-        self.entries: dict[tuple[int, str], ManifestEntry] = {}
+        # (mount, key) → entry of the current manifest: what the peer server may serve (the tree's index, so a
+        # file costs no second table: ``Namespace.by_key``).
+        self.entries: Mapping[tuple[int, str], ManifestEntry] = {}
         # The loader's parts on this mount (told when a new manifest is served: a load part may wait for it).
         self.tasks: TaskRunner | None = None
         # This mount's series on /metrics (services.agent.metrics), labelled node and "<namespace>/<name>".
@@ -186,6 +187,7 @@ class MountedDataset:
             self._stopped_while_starting(STARTING_RECORDS)
             return
         record, runtime, entries = started
+        del started
         self.manifest_version = manifest_version(record)
         levels = self._granted_levels(runtime.runtime.spec.tieredstore.levels)
         block_size = parse_quantity(runtime.runtime.spec.block_size)
@@ -211,7 +213,8 @@ class MountedDataset:
             slots.zero(self.grants.budget_slot)  # holds nothing yet (the agent zeroed it too; a crash leaks none)
         readahead = (MemoryBudget(slots.limit, node=NodeReadAhead(slots, self.grants.budget_slot)) if slots
                      else MemoryBudget(parse_quantity(self.settings.agent.readahead_budget)))
-        self.entries = {(entry.mount, entry.key): entry for entry in entries}
+        tree = self._tree(entries)
+        self.entries = tree.by_key
         key = self._peer_key()
         client = PeerClient(key, self.namespace, self.name) if key is not None else None
         router = BlockRouter(self.settings.agent.node_name, client)
@@ -237,7 +240,9 @@ class MountedDataset:
                 raise SystemExit(f"dataset {self.shown}: cannot serve peers on {where}: "
                                  f"{err.strerror or err}") from None
         owner = record.dataset.spec.owner
-        fs = DatasetFS(self._tree(entries), reader, uid=owner.uid if owner else None,
+        files = len(entries)
+        del entries  # the tree holds them; the list is 8 bytes a file for as long as the mount runs
+        fs = DatasetFS(tree, reader, uid=owner.uid if owner else None,
                        gid=owner.gid if owner else None, block_size=block_size,
                        log_interval=self.settings.agent.read_failure_log_seconds)
         observer = self.metrics.fuse_observer()
@@ -298,7 +303,7 @@ class MountedDataset:
                     await asyncio.to_thread(staging.attach)
                 finally:
                     await asyncio.to_thread(staging.cleanup)
-            log.info("mounted", dataset=self.shown, mountpoint=self.mountpoint, files=len(entries))
+            log.info("mounted", dataset=self.shown, mountpoint=self.mountpoint, files=files)
             scanning = asyncio.create_task(self._scan_cache(cache, block_size, halt.is_set))
             watcher = loops["manifest watch"] = asyncio.create_task(self._watch(fs, cache, stop))
             ring_watch = loops["runtime watch"] = asyncio.create_task(self._watch_runtime(router, stop))
@@ -694,7 +699,8 @@ class MountedDataset:
             self._update_gates(record)  # before the tree: a new mount's files must find their store
         except (Exception, SystemExit) as err:  # e.g. a missing secret: its reads fail, the rest serve
             log.error("object stores not updated", dataset=self.shown, error=str(err))
-        gone, changed, relisted = fs.replace_namespace(self._tree(entries))
+        tree = self._tree(entries)
+        gone, changed, relisted = fs.replace_namespace(tree)
         self.manifest_version = manifest_version(record)
         for parent, name in gone:
             with contextlib.suppress(Exception):
@@ -709,7 +715,7 @@ class MountedDataset:
             # A folder's listing the kernel may cache (no-open mounts): its pages go, so the next `ls` asks.
             with contextlib.suppress(OSError):
                 pyfuse3.invalidate_inode(inode, attr_only=False)
-        self.entries = {(entry.mount, entry.key): entry for entry in entries}
+        self.entries = tree.by_key
         self._drop_stale(cache, entries)
         if self.tasks is not None:
             self.tasks.manifest_reloaded()

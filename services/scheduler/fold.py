@@ -33,8 +33,10 @@ threaded and ``score`` synchronous, so during one decision the fold *is* a consi
 from __future__ import annotations
 
 import itertools
+from array import array
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Any, cast
 
 from libs.events.agent import CachedFile, Inventory, InventorySnapshot
@@ -60,18 +62,57 @@ def path_matches(path: str, hints: Iterable[str]) -> bool:
 
 
 class Catalog:
-    """A dataset's manifest, indexed for the scheduler (folder markers are not files)."""
+    """A dataset's manifest, indexed for the scheduler (folder markers are not files).
+
+    Columns, not an object per file (a dataset may have millions): paths in sorted order, running totals (a file's
+    size is the difference of two), mounts, and the ETags in one byte string. A file version (mount, key, ETag) is
+    found by its path, which the sync writes as its mount's prefix and the key; a manifest written otherwise keeps
+    those files in a small table of their own."""
 
     def __init__(self, entries: Iterable[ManifestEntry]) -> None:
-        files = sorted((e.path, e.size, (e.mount, e.key, e.etag)) for e in entries if not is_folder(e.path))
-        self.paths = [path for path, _, _ in files]
-        self.running = [0, *itertools.accumulate(size for _, size, _ in files)]
-        self.files: dict[FileKey, tuple[str, int]] = {key: (path, size) for path, size, key in files}
+        files = sorted((e for e in entries if not is_folder(e.path)), key=attrgetter("path"))
+        self.paths = [e.path for e in files]
+        self.running = array("q", [0, *itertools.accumulate(e.size for e in files)])
         self.total = self.running[-1]
+        self._mounts = array("q", [e.mount for e in files])
+        etags = [e.etag.encode("utf-8", "surrogatepass") for e in files]
+        self._etags = b"".join(etags)
+        self._etag_ends = array("q", [0, *itertools.accumulate(len(etag) for etag in etags)])
+        del etags
+        # Path → position of a file found by its mount's prefix and its key, (mount, key) → position of the others.
+        self._positions: dict[str, int] = {}
+        self._prefixes: dict[int, str] = {}
+        self._others: dict[tuple[int, str], int] = {}
+        for position, e in enumerate(files):
+            key = e.key
+            prefix = e.path[:len(e.path) - len(key)] if key and e.path.endswith(key) else None
+            if (prefix is not None and self._prefixes.setdefault(e.mount, prefix) == prefix
+                    and e.path not in self._positions):
+                self._positions[e.path] = position
+            else:
+                self._others[e.mount, key] = position
+
+    def _position(self, file: FileKey) -> int | None:
+        mount, key, etag = file
+        prefix = self._prefixes.get(mount)
+        if prefix is not None:
+            position = self._positions.get(prefix + key)
+            if position is not None and self._mounts[position] == mount and self._etag_is(position, etag):
+                return position
+        position = self._others.get((mount, key))
+        return position if position is not None and self._etag_is(position, etag) else None
+
+    def _etag_is(self, position: int, etag: str) -> bool:
+        start, end = self._etag_ends[position], self._etag_ends[position + 1]
+        return self._etags[start:end] == etag.encode("utf-8", "surrogatepass")
+
+    def __contains__(self, file: object) -> bool:
+        """Whether ``file`` (a ``FileKey``) is a file version of this manifest."""
+        return isinstance(file, tuple) and self._position(cast(FileKey, file)) is not None
 
     def size(self, key: FileKey) -> int | None:
-        found = self.files.get(key)
-        return found[1] if found else None
+        position = self._position(key)
+        return None if position is None else self.running[position + 1] - self.running[position]
 
     def total_under(self, hints: Iterable[str]) -> int:
         """Bytes of the files the hints select (overlapping hints count a file once)."""
@@ -85,8 +126,8 @@ class Catalog:
         return total
 
     def selects(self, key: FileKey, hints: Iterable[str]) -> bool:
-        found = self.files.get(key)
-        return found is not None and path_matches(found[0], hints)
+        position = self._position(key)
+        return position is not None and path_matches(self.paths[position], hints)
 
 
 @dataclass
@@ -235,7 +276,7 @@ class CacheFold:
         total = current = unique = 0
         for item in cached:
             file = (item.mount, item.key, item.etag)
-            counts = catalog is None or file in catalog.files
+            counts = catalog is None or file in catalog
             blocks = cache.files.setdefault(file, {})
             shared = holders.setdefault(file, {})
             grown = added = 0
@@ -266,7 +307,7 @@ class CacheFold:
                     freed += held.pop(index)
                     gone += _release(shared, index)
             total -= freed
-            if catalog is None or file in catalog.files:
+            if catalog is None or file in catalog:
                 current -= freed
                 unique -= gone
             if not held:
@@ -302,7 +343,7 @@ class CacheFold:
         holders = self.holders.setdefault(key, {})
         unique = 0
         for file, blocks in files.items():
-            counts = catalog is None or file in catalog.files
+            counts = catalog is None or file in catalog
             shared = holders.setdefault(file, {})
             for index, size in blocks.items():
                 holding, last = shared.get(index, (0, 0))
@@ -321,7 +362,7 @@ class CacheFold:
             shared = holders.get(file)
             if shared is None:
                 continue
-            counts = catalog is None or file in catalog.files
+            counts = catalog is None or file in catalog
             for index in blocks:
                 gone = _release(shared, index)
                 if counts:
@@ -338,7 +379,7 @@ class CacheFold:
         for file, blocks in cache.files.items():
             size = sum(blocks.values())
             cache.total += size
-            if catalog is None or file in catalog.files:
+            if catalog is None or file in catalog:
                 cache.current += size
 
     def set_catalog(self, key: DatasetKey, catalog: Catalog | None) -> None:
@@ -352,7 +393,7 @@ class CacheFold:
             self._recount(cache, catalog)
             self._held(key, node, cache)
         unique = sum(size for file, blocks in self.holders.get(key, {}).items()
-                     if catalog is None or file in catalog.files for _, size in blocks.values())
+                     if catalog is None or file in catalog for _, size in blocks.values())
         self._add_unique(key, unique - self.unique.get(key, 0))
 
     def forget_dataset(self, key: DatasetKey) -> None:

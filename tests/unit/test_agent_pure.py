@@ -84,7 +84,7 @@ def test_the_allocator_keeps_only_the_last_trees_identities_and_never_reuses_a_n
         log_node = tree.lookup(ROOT_INODE, "log")
         assert log_node is not None and log_node.inode not in seen
         seen.add(log_node.inode)
-    assert len(allocator._by_identity) == 3  # the root, /stable and the last /log
+    assert allocator.last is tree and len(tree) == 3  # the root, /stable and the last /log
     stable = Namespace.build([entry("/stable")], allocator).lookup(ROOT_INODE, "stable")
     again = Namespace.build([entry("/stable"), entry("/log", "v0")], allocator).lookup(ROOT_INODE, "log")
     assert stable is not None and stable.inode == tree.lookup(ROOT_INODE, "stable").inode  # type: ignore[union-attr]
@@ -128,7 +128,8 @@ def test_a_tree_keeps_the_listings_nanoseconds_and_its_folders_the_latest_of_the
     folder = tree.lookup(ROOT_INODE, "d")
     assert folder is not None
     assert tree.lookup(folder.inode, "local").mtime_ns == 1_796_613_619_813_174_285  # type: ignore[union-attr]
-    assert folder.mtime_ns == tree.nodes[ROOT_INODE].mtime_ns == 1_796_613_619_813_174_290
+    root = tree.get(ROOT_INODE)
+    assert root is not None and folder.mtime_ns == root.mtime_ns == 1_796_613_619_813_174_290
     assert tree.lookup(ROOT_INODE, "s3").mtime_ns == 1_000_000_000  # type: ignore[union-attr]  # seconds only
 
 

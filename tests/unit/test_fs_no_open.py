@@ -181,7 +181,7 @@ async def test_a_file_the_tree_dropped_reads_on_through_old_descriptors_until_fo
 
 async def test_a_file_whose_entry_a_reload_changed_is_read_by_its_new_entry(tmp_path: Path) -> None:
     fs, bodies, _, _, allocator = await no_open_fs(tmp_path)
-    entries = [node.entry for node in fs.namespace.nodes.values() if node.entry is not None]
+    entries = [node.entry for node in fs.namespace.nodes() if node.entry is not None]
     # The dataset had a mount before this one (a folder of its own); the mount's files are mount 1.
     (tmp_path / "other").mkdir()
     fs.reader.gates.insert(0, StoreGate(LocalObjectStore(LocalLocation(root=tmp_path / "other"))))  # type: ignore[attr-defined]

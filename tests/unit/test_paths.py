@@ -180,14 +180,16 @@ def test_the_tree_matches_a_reference_model_of_the_rules(keys: list[str]) -> Non
     tree = Namespace.build([entry(paths.dataset_path("/", key)) for key in usable], InodeAllocator())
     shown_files: set[str] = set()
     shown_folders: set[str] = set()
-    for node in tree.nodes.values():
+    for node in tree.nodes():
         if node.inode == ROOT_INODE:
             continue
         parts = []
         walker = node
         while walker.inode != ROOT_INODE:
             parts.append(walker.name)
-            walker = tree.nodes[walker.parent]
+            parent = tree.get(walker.parent)
+            assert parent is not None
+            walker = parent
         (shown_folders if node.is_dir else shown_files).add("/".join(reversed(parts)))
     assert (shown_files, shown_folders) == (files, folders)
     assert tree.skipped.count == len(usable) - len(files) - len({k for k in usable if k.endswith("/")})

@@ -506,7 +506,7 @@ def union_bytes(state: CacheFold, key: tuple[str, str]) -> int:
     """The bytes of the union of every node's blocks of current file versions: each block once."""
     catalog = state.catalogs.get(key)
     union = {(file, index): size for cache in state.datasets.get(key, {}).values()
-             for file, held in cache.files.items() if catalog is None or file in catalog.files
+             for file, held in cache.files.items() if catalog is None or file in catalog
              for index, size in held.items()}
     return sum(union.values())
 
