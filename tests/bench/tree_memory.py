@@ -33,20 +33,20 @@ CLASSES = 1000
 MTIME = 1_700_000_000.0
 
 
-def imagenet_entries(files: int) -> list[ManifestEntry]:
-    """``files`` entries shaped as ImageNet's train set: 1,000 class folders, ~110 KB JPEGs, 32-hex ETags."""
+def imagenet_entries(files: int, classes: int = CLASSES) -> list[ManifestEntry]:
+    """``files`` entries shaped as ImageNet's train set: ``classes`` folders, ~110 KB JPEGs, 32-hex ETags."""
     entries = []
     for i in range(files):
-        wnid = f"n{1440764 + (i % CLASSES) * 9973:08d}"
-        key = f"train/{wnid}/{wnid}_{10026 + i // CLASSES}.JPEG"
+        wnid = f"n{1440764 + (i % classes) * 9973:08d}"
+        key = f"train/{wnid}/{wnid}_{10026 + i // classes}.JPEG"
         entries.append(ManifestEntry(path="/" + key, mount=0, key=key, size=110_000 + (i * 7919) % 20_000,
                                      etag=f"{(i * 2654435761) % 2**128:032x}", mtime=MTIME + i * 0.001))
     return entries
 
 
-def manifest_bytes(files: int) -> bytes:
+def manifest_bytes(files: int, classes: int = CLASSES) -> bytes:
     out = io.BytesIO()
-    for entry in imagenet_entries(files):
+    for entry in imagenet_entries(files, classes):
         write_entry(out, entry)
     return out.getvalue()
 
