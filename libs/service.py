@@ -168,20 +168,24 @@ def nats_check(bus: Bus) -> Callable[[], str | None]:
 
 
 def main(name: str, run: ServiceRun, on_listening: Callable[[int], None] | None = None,
-         fast_loop: bool = False) -> None:
+         fast_loop: bool = False, on_fatal: Callable[[str], None] | None = None) -> None:
     """Run a process; ``on_listening(port)`` is told the side server's port before ``run`` starts (a mount process
     names it in its Prometheus target file). ``fast_loop``: on uvloop (less CPU per NATS round trip, for a process
-    whose work is mostly many small round trips, like the dataset service in a burst of applies)."""
+    whose work is mostly many small round trips, like the dataset service in a burst of applies). ``on_fatal``
+    is told why the process exits on an error (bad settings, a ``SystemExit`` with a message, an exception) before
+    it exits: a mount process tells its agent, whose heartbeat otherwise said only the exit code."""
     try:
         settings = load_settings()
     except SettingsError as err:
         print(f"{name}: {err}", file=sys.stderr)
+        _tell(on_fatal, str(err))
         sys.exit(2)
     setup_logging(settings.service.log_level, settings.service.log_format)
     try:
         setup_tracing(name)
     except TracingConfigError as err:
         print(f"{name}: {err}", file=sys.stderr)
+        _tell(on_fatal, str(err))
         sys.exit(2)
     log = get_logger(name)
 
@@ -218,6 +222,18 @@ def main(name: str, run: ServiceRun, on_listening: Callable[[int], None] | None 
             uvloop.run(_main())
         else:
             asyncio.run(_main())
+    except SystemExit as err:
+        if isinstance(err.code, str):  # a message (an int code says nothing more than the exit status)
+            _tell(on_fatal, err.code)
+        raise
+    except Exception as err:
+        _tell(on_fatal, f"{type(err).__name__}: {err}")
+        raise
     finally:
         # Off the event loop: the OTLP exporter's flush is a blocking HTTP call.
         shutdown_tracing()
+
+
+def _tell(on_fatal: Callable[[str], None] | None, reason: str) -> None:
+    if on_fatal is not None:
+        on_fatal(reason)

@@ -92,7 +92,7 @@ from services.agent.ledger import TierLedger
 from services.agent.links import existing_links, make_link, remove_link
 from services.agent.metrics import NodeMetrics, dir_health, remove_target
 from services.agent.mountinfo import canonical, device_of, devices, is_mounted, mount_points
-from services.agent.mountstatus import problems_of, read_status, remove_status, unusable
+from services.agent.mountstatus import exit_reason, problems_of, read_status, remove_status, unusable
 from services.agent.nodebudget import FILE_NAME as BUDGET_FILE_NAME
 from services.agent.nodebudget import SlotFile
 
@@ -170,6 +170,8 @@ class MountWorker:
     process: Process | None = None
     unwanted_since: float | None = None
     exit_code: int | None = None
+    # Why the last process exited on an error, in its own words (its status file's ``failed``); "" if it said none.
+    exit_reason: str = ""
     # The dead mount a crashed process left (kept until its replacement moves in beneath it).
     stale_device: str | None = None
     # Its share of the node's budgets (services.agent.budget): a slot of the read-ahead file, kept across
@@ -368,6 +370,7 @@ class NodeAgent:
                     self._remove_target(worker)  # a killed process leaves its Prometheus target behind
                     # Its dead mount stays (ENOTCONN) until the replacement moves in beneath it.
                     worker.exit_code, worker.stale_device = exited.code, device_of(worker.path)
+                    worker.exit_reason = exit_reason(worker.status_file, exited.code)
                     if exited.code == domain.EXIT_PEER_PORT_TAKEN:
                         worker.peer_port = self._peer_port()
                         log.warning("peer port taken, the mount gets another", dataset=worker.key,
@@ -412,6 +415,7 @@ class NodeAgent:
         self.supervisor.remove(worker.key)
         await self._stop_worker(worker)
         worker.process, worker.serving, worker.exit_code, worker.stale_device = None, False, None, None
+        worker.exit_reason = ""
         worker.retired += worker.levels
         self.supervisor.add(worker.key, now)
 
@@ -549,6 +553,8 @@ class NodeAgent:
             ref = by_key.get(child.name, (namespace, name))
             worker = self.workers.get(ref)
             why = (worker.stalled if worker is not None else "") or f"exit code {child.last_exit}"
+            if worker is not None and worker.exit_reason and not worker.stalled:
+                why = f"{why}: {worker.exit_reason}"
             found.setdefault(ref, []).append(
                 mount_problem(*ref, f" keeps failing ({why}, {child.failures} times in a row)"))
         for ref, worker in self.workers.items():
@@ -777,6 +783,7 @@ class NodeAgent:
             reports.append((domain.mount_report(
                 ObjectRef(name=name, namespace=namespace), alive=alive,
                 mounted=device is not None and device != worker.stale_device, exit_code=worker.exit_code,
+                exit_reason=worker.exit_reason,
                 failures=child.failures if (child := self.supervisor.children.get(worker.key)) else 0,
                 peer_url=self.peer_url(worker), stalled=worker.stalled, unhealthy=(namespace, name) in unhealthy,
             ), worker.peer_port))

@@ -176,18 +176,20 @@ def stalled_start(deadline_seconds: float, step: str) -> str:
 
 
 def mount_report(dataset: ObjectRef, *, alive: bool, mounted: bool, exit_code: int | None,
-                 failures: int, peer_url: str = "", stalled: str = "", unhealthy: bool = False) -> MountReport:
+                 failures: int, peer_url: str = "", stalled: str = "", unhealthy: bool = False,
+                 exit_reason: str = "") -> MountReport:
     """How a wanted mount is doing, for heartbeats: Serving once its process has put its own mount in place (with
     its peer URL, the only state in which its peer server answers). ``stalled`` (``stalled_start``): the last
     start was abandoned at its deadline; ``alive`` is then False while that process is being stopped.
-    ``unhealthy``: it keeps failing or a cache directory of it is down (the node is unhealthy for its runtime)."""
+    ``unhealthy``: it keeps failing or a cache directory of it is down (the node is unhealthy for its runtime).
+    ``exit_reason``: why the last process exited, in its words (a Failing mount's message quotes it)."""
     report = _mount_state(dataset, alive=alive, mounted=mounted, exit_code=exit_code, failures=failures,
-                          peer_url=peer_url, stalled=stalled)
+                          peer_url=peer_url, stalled=stalled, exit_reason=exit_reason)
     return msgspec.structs.replace(report, unhealthy=True) if unhealthy else report
 
 
 def _mount_state(dataset: ObjectRef, *, alive: bool, mounted: bool, exit_code: int | None,
-                 failures: int, peer_url: str, stalled: str) -> MountReport:
+                 failures: int, peer_url: str, stalled: str, exit_reason: str = "") -> MountReport:
     if alive and mounted:
         return MountReport(dataset=dataset, state="Serving", peer_url=peer_url)
     if alive:
@@ -200,9 +202,10 @@ def _mount_state(dataset: ObjectRef, *, alive: bool, mounted: bool, exit_code: i
     if exit_code is None:
         return MountReport(dataset=dataset, state="Starting", message="mount process not started yet")
     # No countdown in the text: heartbeats repeat it, and status should change only when the state does.
+    why = f": {exit_reason}" if exit_reason else ""
     return MountReport(dataset=dataset, state="Failing", message=(
-        f"mount process exited with code {exit_code} ({failures} time{'s' if failures != 1 else ''} in a row); "
-        "restarting with backoff"))
+        f"mount process exited with code {exit_code} ({failures} time{'s' if failures != 1 else ''} in a row)"
+        f"{why}; restarting with backoff"))
 
 
 def capped_problems(problems: list[str], limit: int = MAX_PROBLEMS) -> list[str]:

@@ -25,6 +25,7 @@ import errno
 import itertools
 import os
 import select
+import shutil
 import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
@@ -70,6 +71,7 @@ from services.agent.mountstatus import (
     STARTING_RECORDS,
     MountStatus,
     StatusReporter,
+    fatal_status,
     tier_problems,
     write_status,
 )
@@ -267,7 +269,13 @@ class MountedDataset:
         if not staged:
             await asyncio.to_thread(replace_in_place, self.mountpoint)
         mount_at = staging.path if staged else self.mountpoint
-        pyfuse3.init(fs, mount_at, options)
+        if (missing := fuse_unavailable()) is not None:
+            raise SystemExit(f"dataset {self.shown}: cannot mount: {missing}")
+        try:
+            pyfuse3.init(fs, mount_at, options)
+        except RuntimeError as err:  # libfuse said why on stderr only; its exception is "fuse_session_mount failed"
+            raise SystemExit(f"dataset {self.shown}: cannot mount FUSE at {mount_at}: {err} (the mount process's "
+                             "log has libfuse's reason)") from None
         fuse_loop = asyncio.create_task(pyfuse3.main())
         inventory_task = asyncio.create_task(publisher.run())
         # Loads and cleans work on the cache and the reader's store path, not on FUSE: they start with them.
@@ -765,6 +773,26 @@ async def serve(settings: Settings, namespace: str, name: str, mountpoint: str,
             remove_target(targets, node, namespace, name)
 
 
+FUSE_DEVICE = "/dev/fuse"
+
+
+def fuse_unavailable(device: str = FUSE_DEVICE, which: Callable[[str], str | None] = shutil.which,
+                     privileged: bool | None = None) -> str | None:
+    """Why this node cannot make a FUSE mount, with what to change, or None. libfuse's own failure is only
+    "fuse_session_mount failed" in the exception (its reason goes to stderr), so the usual causes are looked for
+    first: no FUSE device (a container without it), one this user cannot open, and, unprivileged, no
+    ``fusermount3`` (libfuse mounts through it)."""
+    if not os.path.exists(device):
+        return (f"FUSE is not available: {device} does not exist (load the fuse module, install fuse3; a "
+                f"container needs --device {device} and CAP_SYS_ADMIN)")
+    if not os.access(device, os.R_OK | os.W_OK):
+        return f"FUSE is not available: {device} is not readable and writable by this user (uid {os.geteuid()})"
+    if not (os.geteuid() == 0 if privileged is None else privileged) and which("fusermount3") is None:
+        return ("FUSE is not available: fusermount3 is not on PATH, and a mount by a user other than root goes "
+                "through it (install fuse3)")
+    return None
+
+
 def enable_asyncio_fuse() -> None:
     """Run pyfuse3 on asyncio, with a sturdier ``notify_closing`` and a cheaper ``wait_readable`` than pyfuse3
     3.5's.
@@ -841,11 +869,17 @@ def main(argv: list[str] | None = None) -> None:
     reuse_block_buffers()  # block-sized buffers from the heap, not fresh pages (see services.agent.malloc)
     enable_asyncio_fuse()  # the FUSE session runs on the asyncio loop, beside NATS
     side: dict[str, int] = {}  # the side server's port, once it listens (before serve starts)
+
+    def fatal(reason: str) -> None:  # the agent quotes it in its heartbeat: why the mount keeps failing
+        if args.status_file:
+            with contextlib.suppress(OSError):
+                write_status(args.status_file, fatal_status(os.getpid(), reason))
+
     service_main("shoal-mount",
                  lambda settings, stop, readiness: serve(settings, args.namespace, args.name, args.mountpoint, stop,
                                                          args.status_file, readiness, grants, args.peer_port,
                                                          side.get("port", 0), args.instance),
-                 on_listening=lambda port: side.__setitem__("port", port))
+                 on_listening=lambda port: side.__setitem__("port", port), on_fatal=fatal)
 
 
 if __name__ == "__main__":

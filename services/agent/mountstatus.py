@@ -6,7 +6,9 @@ it is doing, which the agent names when a start outlasts its deadline), once mou
 tiers' health or its latest failed reads (``services.agent.readfailures``, which the agent forwards in its
 heartbeat) change. A file, not a NATS subject: the health never leaves the node, and a reader sees the mount's
 last word even while the mount restarts (the agent removes the file before each start, so a stale "down" from
-an earlier process is never reported). Crash loops are seen by the agent's own supervisor, not reported here.
+an earlier process is never reported). Crash loops are seen by the agent's own supervisor; the process's last word
+before it exits on an error (``failed``: why, such as no FUSE device or a settings error) is written here, so the
+agent's heartbeat, and the runtime's and dataset's status, say why the mount keeps failing, not only its exit code.
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ class MountStatus(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     capacity_bytes: int = 0
     # Files whose reads failed lately, the latest first (a few).
     read_failures: list[ReadFailure] = []
+    # Why the process is exiting on an error (``fatal_status``); empty while it runs.
+    failed: str = ""
 
 
 # The steps of a start that can take long, as the agent quotes them ("did not start within 120 s (it was loading the
@@ -94,12 +98,33 @@ def write_status(path: str, status: MountStatus) -> None:
     os.replace(temporary, path)
 
 
+# A fatal reason is quoted in every heartbeat while the mount keeps failing: a few lines, never a whole traceback.
+FAILED_MAX_CHARS = 400
+
+
+def fatal_status(pid: int, reason: str) -> MountStatus:
+    """The status a process leaves as it exits on an error: ``reason`` on one line, cut to ``FAILED_MAX_CHARS``."""
+    line = " ".join(reason.split())
+    if len(line) > FAILED_MAX_CHARS:
+        line = line[:FAILED_MAX_CHARS - 1] + "…"
+    return MountStatus(pid=pid, failed=line)
+
+
 def read_status(path: str) -> MountStatus | None:
     """The mount's last status, or None when it wrote none (yet) or the file cannot be read."""
     try:
         return msgspec.json.decode(Path(path).read_bytes(), type=MountStatus)
     except (OSError, msgspec.DecodeError, msgspec.ValidationError):
         return None
+
+
+def exit_reason(path: str, code: int | None) -> str:
+    """Why a mount process that exited with ``code`` failed, as it wrote in its status file; "" for a clean exit or
+    one that said nothing (killed, or it died before it could)."""
+    if not code:
+        return ""
+    status = read_status(path)
+    return status.failed if status is not None else ""
 
 
 class StatusReporter:

@@ -73,7 +73,11 @@ async def test_a_mount_process_that_keeps_failing_makes_the_agent_unhealthy(
 
         beat = await eventually(lambda: unhealthy_with(node, "mount default/broken keeps failing"), 60,
                                 "an unhealthy heartbeat naming the failing mount")
-        assert "exit code 2" in beat.problems[0] and beat.instance == instance
+        # Why, in the mount process's words: the exit code alone sent the operator to the node's logs.
+        reason = "invalid settings: SHOAL_CACHE_POLICY='bogus': use lfu-admission or lru"
+        assert f"exit code 2: {reason}" in beat.problems[0] and beat.instance == instance, beat.problems
+        failing = beat.mount_of("default", "broken")
+        assert failing is not None and failing.state == "Failing" and reason in failing.message, failing
         # Still ready: one dataset's mount failing says nothing about the agent, and an unready agent would hold
         # a rolling update of every node's. /readyz names it, as a note (a real side server over the agent's checks).
         server = SideServer(readiness, LOOPBACK, 0)
@@ -87,8 +91,8 @@ async def test_a_mount_process_that_keeps_failing_makes_the_agent_unhealthy(
         assert response.status == 200 and body["ready"], body
         assert set(body["checks"]) == {"nats", "watches", "loops", "mount root", "cache"}, body
         assert "mount default/broken keeps failing" in body["notes"]["mounts"], body
-        record = await eventually(lambda: runtime_naming_the_node(node, "broken", "keeps failing"), 15,
-                                  "the runtime naming the unhealthy node")
+        record = await eventually(lambda: runtime_naming_the_node(node, "broken", reason), 15,
+                                  "the runtime naming the unhealthy node and why its mount fails")
         assert record.status.ready_nodes == [] and record.status.worker_number_ready == 0
 
 

@@ -4,6 +4,7 @@ and which mounts a node wants. (The inventory fold is tested in test_inventory.p
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import msgspec
 import pytest
@@ -30,6 +31,8 @@ from libs.events.dataset import Dataset, DatasetRecord, DatasetStatus, ManifestE
 from libs.events.runtime import Level, Runtime, RuntimeRecord
 from services.agent import domain as agent_domain
 from services.agent.inventory import InventoryLog
+from services.agent.mountd import fuse_unavailable
+from services.agent.mountstatus import FAILED_MAX_CHARS, fatal_status
 from services.agent.namespace import ROOT_INODE, InodeAllocator, Namespace
 from services.agent.readahead import MemoryBudget, ReadAhead
 from tests.helpers import agent_shaped_heartbeat
@@ -456,3 +459,29 @@ async def test_mount_processes_of_different_datasets_or_nodes_connect_to_nats_un
                                asyncio.Event())
     assert len(set(names)) == len(mounts), names
     assert names[1] == "shoal-mount/a/b-c/node-a"
+
+
+def test_a_failing_mount_says_why_its_process_exited() -> None:
+    ref = ObjectRef(name="broken", namespace="default")
+    reason = "dataset default/broken: cannot mount: FUSE is not available: /dev/fuse does not exist"
+    failing = agent_domain.mount_report(ref, alive=False, mounted=False, exit_code=1, failures=3, exit_reason=reason)
+    assert failing.message == (f"mount process exited with code 1 (3 times in a row): {reason}; "
+                               "restarting with backoff")
+
+
+def test_a_fatal_status_is_one_line_of_bounded_length() -> None:
+    status = fatal_status(7, "invalid settings:\n  SHOAL_CACHE_POLICY='bogus': use lfu-admission or lru")
+    assert status.pid == 7 and status.failed == "invalid settings: SHOAL_CACHE_POLICY='bogus': use lfu-admission or lru"
+    long = fatal_status(7, "x" * 10_000).failed
+    assert len(long) == FAILED_MAX_CHARS and long.endswith("…")
+
+
+def test_fuse_unavailable_names_the_missing_device_or_tool(tmp_path: Path) -> None:
+    missing = fuse_unavailable(device=str(tmp_path / "fuse"), privileged=True)
+    assert missing is not None and f"{tmp_path / 'fuse'} does not exist" in missing and "--device" in missing
+    device = tmp_path / "device"
+    device.write_bytes(b"")
+    no_tool = fuse_unavailable(device=str(device), which=lambda _: None, privileged=False)
+    assert no_tool is not None and "fusermount3 is not on PATH" in no_tool and "install fuse3" in no_tool
+    assert fuse_unavailable(device=str(device), which=lambda _: None, privileged=True) is None
+    assert fuse_unavailable(device=str(device), which=lambda _: "/usr/bin/fusermount3", privileged=False) is None
