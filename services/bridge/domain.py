@@ -557,7 +557,8 @@ def desired_status(resource: kube.Resource, obj: dict[str, Any], status: msgspec
         desired["conditions"] = _with_condition(desired, _false_condition(
             obj, CONDITION_VOLUME, REASON_VOLUME_TAKEN, volume_conflict, now, tried))
     if refusal is None:
-        return _with_fluid_ready(resource, obj, desired, now, tried) or None
+        why = status.message if isinstance(status, DatasetStatus) else ""
+        return _with_fluid_ready(resource, obj, desired, now, tried, why) or None
     desired["conditions"] = _with_condition(desired, _false_condition(
         obj, CONDITION_ACCEPTED, refusal.reason, refusal.message, now, tried))
     if family(resource) != "runtime":
@@ -568,12 +569,14 @@ def desired_status(resource: kube.Resource, obj: dict[str, Any], status: msgspec
 
 
 def _with_fluid_ready(resource: kube.Resource, obj: dict[str, Any], desired: dict[str, Any], now: float,
-                      tried: dict[str, Any] | None) -> dict[str, Any]:
+                      tried: dict[str, Any] | None, why: str = "") -> dict[str, Any]:
     """A Fluid Dataset's status with Fluid's ``Ready`` condition following its final phase; other kinds' as given."""
     if not (is_fluid(resource) and resource.kind == "Dataset" and desired.get("phase")):
         return desired
     bound = desired["phase"] == "Bound"
     message = "the dataset is Bound: its runtime serves it" if bound else f"the dataset is {desired['phase']}"
+    if not bound and why:  # Fluid's Dataset status has no message: the condition is where kubectl users see why
+        message = f"{message}: {why}"
     desired["conditions"] = _with_condition(desired, _kept_condition(
         obj, CONDITION_READY, "True" if bound else "False", REASON_DATASET_READY, message, now, tried))
     return desired

@@ -521,7 +521,8 @@ def _set_condition(conditions: list[Condition], new: Condition) -> list[Conditio
     return [*kept, new]
 
 
-def status_after_sync(record: DatasetRecord, result: SyncResult, runtime_phase: str, now: float) -> DatasetStatus:
+def status_after_sync(record: DatasetRecord, result: SyncResult, runtime_phase: str, now: float,
+                      runtime_message: str | None = None) -> DatasetStatus:
     """The status once a sync of ``result.generation`` finished (successfully or not).
 
     A failed sync of a spec already listed (an autoSync or a resync while the store is down) keeps the manifest it
@@ -563,7 +564,7 @@ def status_after_sync(record: DatasetRecord, result: SyncResult, runtime_phase: 
             conditions=conditions,
             last_sync_time=rfc3339(now),
         )
-    return with_binding(record.dataset, status, runtime_phase, None)
+    return with_binding(record.dataset, status, runtime_phase, None, runtime_message)
 
 
 def skipped_condition(result: SyncResult, now: float) -> Condition | None:
@@ -578,8 +579,10 @@ def skipped_condition(result: SyncResult, now: float) -> Condition | None:
 
 
 def with_binding(dataset: Dataset, status: DatasetStatus, runtime_phase: str,
-                 runtime_capacity: str | None) -> DatasetStatus:
-    """Status with phase and runtimes following the runtime of the same name (Fluid's binding rule)."""
+                 runtime_capacity: str | None, runtime_message: str | None = None) -> DatasetStatus:
+    """Status with phase and runtimes following the runtime of the same name (Fluid's binding rule). With
+    ``runtime_message`` (the runtime's status message, "" when it says none), a dataset left NotBound by its runtime
+    says why in its message (``not_bound_message``), unless a condition has more to say."""
     phase = dataset_phase(status, runtime_phase)
     runtimes = (
         [RuntimeRef(name=dataset.metadata.name, namespace=dataset.metadata.namespace)] if phase == "Bound" else []
@@ -591,8 +594,23 @@ def with_binding(dataset: Dataset, status: DatasetStatus, runtime_phase: str,
         cache_states = msgspec.structs.replace(cache_states, cached="0.00B", cached_percentage="0.0%")
     if phase != "Bound":
         cache_states = CacheStates(cache_capacity=cache_states.cache_capacity)
+    message = status_message(status.conditions)
+    if phase == "NotBound" and not message and runtime_message is not None:
+        message = not_bound_message(dataset.metadata.namespace, dataset.metadata.name, runtime_phase, runtime_message)
     return msgspec.structs.replace(status, phase=phase, runtimes=runtimes, cache_states=cache_states,
-                                   message=status_message(status.conditions))
+                                   message=message)
+
+
+def not_bound_message(namespace: str, name: str, runtime_phase: str, runtime_message: str) -> str:
+    """Why a dataset listed without error is NotBound, and what to change: it binds to the Runtime of its own name
+    and namespace once that is Ready. A phase of NotReady with no message is what no runtime at all reads as
+    (``RuntimeBinding()``; a runtime always says why it is not Ready)."""
+    shown = subjects.object_name(namespace, name)
+    if runtime_phase == "NotReady" and not runtime_message:
+        return (f"no Runtime {shown}: a dataset binds to the Runtime of its own name and namespace; apply one to "
+                "cache and mount it")
+    why = f": {runtime_message}" if runtime_message else ""
+    return f"waiting for Runtime {shown} to be Ready (it is {runtime_phase}{why})"
 
 
 def status_message(conditions: list[Condition]) -> str:
@@ -653,6 +671,9 @@ class RuntimeBinding(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     cache_capacity_bytes: int = 0
     ring: list[str] = []
     node_capacity_bytes: int = 0
+    # The runtime's status message: why it is not Ready, which a dataset left NotBound by it quotes
+    # (``not_bound_message``). "": a binding stored before this field, or a runtime with nothing to say.
+    message: str = ""
 
 
 def runtime_binding(status: RuntimeStatus, sequence: int) -> RuntimeBinding:
@@ -661,6 +682,7 @@ def runtime_binding(status: RuntimeStatus, sequence: int) -> RuntimeBinding:
     # A runtime service before ``nodeCapacityBytes`` counted the ring's tiers alone.
     per_node = status.node_capacity_bytes or (status.cache_capacity_bytes // len(ring) if ring else 0)
     return RuntimeBinding(phase=status.phase, cache_capacity=status.cache_capacity, fact_sequence=sequence,
+                          message=status.message,
                           mounted=find_condition(status.conditions, CONDITION_MOUNTED),
                           reads_failing=find_condition(status.conditions, CONDITION_READS),
                           cache_capacity_bytes=status.cache_capacity_bytes, ring=ring,
@@ -713,7 +735,7 @@ def bound_status(record: DatasetRecord, binding: RuntimeBinding) -> DatasetStatu
     """The record's status following its runtime's binding: phase, runtimes, capacity and ``Mounted``."""
     return with_binding(record.dataset, with_mount_condition(record.status, binding.mounted, binding.reads_failing),
                         binding.phase,
-                        dataset_capacity(binding, record.status.nodes))
+                        dataset_capacity(binding, record.status.nodes), binding.message)
 
 
 def status_on_apply(record: DatasetRecord, binding: RuntimeBinding | None, now: float) -> DatasetStatus:

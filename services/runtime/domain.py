@@ -735,7 +735,11 @@ def runtime_status(record: RuntimeRecord, agents: Iterable[AgentRecord], now: fl
     if nodes and len(nodes) >= desired:
         phase, message = "Ready", ""
     elif serving:
-        phase, message = "PartialReady", "; ".join([f"{len(nodes)} of {desired} agents ready", *unhealthy])
+        ready = f"{len(nodes)} of {desired} agents ready"
+        if len(serving) < desired:  # no agent will ever make up the rest: say what to change
+            few = "1 agent serves" if len(serving) == 1 else f"{len(serving)} agents serve"
+            ready += f": only {few} this runtime; lower spec.replicas to {len(serving)}, or run more agents"
+        phase, message = "PartialReady", "; ".join([ready, *unhealthy])
     else:
         phase, message = "NotReady", f"0 of {desired} agents ready: waiting for agent heartbeats"
     # Fewer ready workers than the ready agents could give: not for want of agents, so the message says why.

@@ -31,7 +31,7 @@ from libs.events.dataset import (
 from libs.manifest import ManifestStore
 from libs.ufs import open_store
 from libs.ufs.base import Location, ObjectInfo, ObjectStore
-from services.dataset.domain import CONDITION_SKIPPED, CONDITION_SYNCED, REASON_UNREACHABLE
+from services.dataset.domain import CONDITION_SKIPPED, CONDITION_SYNCED, REASON_UNREACHABLE, not_bound_message
 from services.dataset.handlers import DatasetHandlers
 from tests import web_source
 from tests.conftest import NatsServer, SeaweedServer, put_objects
@@ -101,6 +101,10 @@ async def sync_of(bus: Bus, nats_server: NatsServer, mount_point: str,
     return record
 
 
+# No error to tell: the message says only that no runtime binds the dataset (these tests apply none).
+NO_RUNTIME = not_bound_message("default", "odd", "NotReady", "")
+
+
 def condition(record: DatasetRecord, kind: str) -> tuple[str, str]:
     found = next((c for c in record.status.conditions if c.type == kind), None)
     return (found.status, found.message) if found is not None else ("", "")
@@ -157,7 +161,7 @@ async def test_odd_entries_of_a_local_folder_are_left_out_and_reported(
             return ChangingTree(store, lambda: replace_folder_with_link(root / "z", outside))
 
     record = await sync_of(bus, nats_server, f"local://{root}", wrap)
-    assert record.status.message == "" and condition(record, CONDITION_SYNCED)[0] == "True", record.status
+    assert record.status.message == NO_RUNTIME and condition(record, CONDITION_SYNCED)[0] == "True", record.status
     assert record.status.file_num == 2, record.status
     entries = await (await ManifestStore.of(bus)).load(record.status.manifest)
     assert sorted(e.key for e in entries) == ["a.txt", "good.txt"]
@@ -216,7 +220,7 @@ async def test_an_empty_s3_prefix_that_is_no_object_is_an_empty_dataset(
     """Nothing below the prefix, and no object of its name: a folder with nothing in it yet, which is no error."""
     await put_objects(seaweedfs, bucket, {"dir/model.bin": b"weights"})
     record = await sync_of(bus, nats_server, f"s3://{bucket}/{prefix}", s3=seaweedfs)
-    assert record.status.phase != "Failed" and record.status.message == "", record.status
+    assert record.status.phase != "Failed" and record.status.message == NO_RUNTIME, record.status
     assert condition(record, CONDITION_SYNCED)[0] == "True", record.status
     assert record.status.file_num == 0 and record.status.manifest, record.status
 

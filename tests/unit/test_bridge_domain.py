@@ -182,6 +182,10 @@ def test_a_fluid_dataset_has_fluids_ready_condition_following_its_phase() -> Non
     not_bound = domain.desired_status(FLUID_DATASET, obj, DatasetStatus(phase="NotBound"), None, now=1000)
     assert ready_of(not_bound) == {"type": "Ready", "status": "False", "reason": "DatasetReady",
                                    "message": "the dataset is NotBound", "lastTransitionTime": "1970-01-01T00:16:40Z"}
+    # Why it is not Bound, where `kubectl wait` and `kubectl describe` show the condition.
+    waiting = domain.desired_status(FLUID_DATASET, obj, DatasetStatus(phase="NotBound", message="no Runtime a/b: x"),
+                                    None, now=1000)
+    assert ready_of(waiting)["message"] == "the dataset is NotBound: no Runtime a/b: x"
     obj["status"] = not_bound
     bound = domain.desired_status(FLUID_DATASET, obj, DatasetStatus(phase="Bound"), None, now=2000)
     assert (ready_of(bound)["status"], ready_of(bound)["lastTransitionTime"]) == ("True", "1970-01-01T00:33:20Z")

@@ -452,7 +452,9 @@ def test_ready_with_more_agents_than_replicas() -> None:
 def test_partial_ready() -> None:
     status = status_of(valid_runtime(replicas=3), [agent("node-a"), agent("node-b")])
     assert status.phase == "PartialReady"
-    assert status.message == "2 of 3 agents ready"
+    # Fewer agents serve it than it asks for: no agent makes up the rest, so the message says what to change.
+    assert status.message == ("2 of 3 agents ready: only 2 agents serve this runtime; lower spec.replicas to 2, or "
+                              "run more agents")
 
 
 def test_not_ready_without_agents() -> None:
@@ -488,7 +490,8 @@ def test_a_partial_ready_message_names_why_the_ready_agents_are_no_workers() -> 
                             [OtherRuntime("default/demo", True, ("node-a",))])
     assert status.phase == "PartialReady" and status.workers == []
     assert status.desired_worker_number_scheduled == 2
-    assert status.message == ("1 of 2 agents ready; 0 of 2 cache workers ready "
+    assert status.message == ("1 of 2 agents ready: only 1 agent serves this runtime; lower spec.replicas to 1, or "
+                              "run more agents; 0 of 2 cache workers ready "
                               "(node-a: worker of default/demo (Exclusive); see notPicked)")
 
 
