@@ -34,8 +34,10 @@ reason the CLI prints. Here only the shape is checked, so a manifest is judged b
 
 from __future__ import annotations
 
+import difflib
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Literal, get_args
@@ -358,10 +360,10 @@ def _document_to_command(
     target: type[Dataset] | type[Runtime] | type[DataLoad] | type[DataClean]
     if api_version == SHOAL_API and kind == "Dataset":
         target, mapped_spec = Dataset, spec
-        notes += [_ignored(kind, path, "unknown field") for path in unknown_fields(DatasetSpec, spec, "spec")]
+        notes += unknown_field_notes(kind, DatasetSpec, spec, "spec")
     elif api_version == SHOAL_API and kind == "Runtime":
         target, mapped_spec = Runtime, spec
-        notes += [_ignored(kind, path, "unknown field") for path in unknown_fields(RuntimeSpec, spec, "spec")]
+        notes += unknown_field_notes(kind, RuntimeSpec, spec, "spec")
         if problems := _quota_list_without_quota(spec):
             raise _DocumentError(f"{label}: " + "; ".join(problems))
     elif api_version == FLUID_API and kind == "Dataset":
@@ -377,15 +379,15 @@ def _document_to_command(
             raise _DocumentError(f"{label}: " + "; ".join(problems))
     elif kind == "DataLoad" and api_version in (SHOAL_API, FLUID_API):
         target = DataLoad
-        why = "unknown field" if api_version == SHOAL_API else "not used by Shoal"
-        notes += [_ignored(kind, path, why) for path in unknown_fields(DataLoadSpec, spec, "spec")]
+        notes += (unknown_field_notes(kind, DataLoadSpec, spec, "spec") if api_version == SHOAL_API else
+                  [_ignored(kind, path, "not used by Shoal") for path in unknown_fields(DataLoadSpec, spec, "spec")])
         mapped_spec = _dataset_in_namespace(spec, meta["namespace"])
         policy = spec.get("policy", "Once")
         if policy not in get_args(Policy):  # msgspec would say "Invalid enum value" without the choices
             raise _DocumentError(f"{label}: spec.policy {policy!r} is not one of {', '.join(get_args(Policy))}")
     elif kind == "DataClean" and api_version == SHOAL_API:
         target = DataClean
-        notes += [_ignored(kind, path, "unknown field") for path in unknown_fields(DataCleanSpec, spec, "spec")]
+        notes += unknown_field_notes(kind, DataCleanSpec, spec, "spec")
         mapped_spec = _dataset_in_namespace(spec, meta["namespace"])
     else:
         raise _DocumentError(
@@ -878,17 +880,34 @@ def _bytes_quantity(size: int) -> str | int:
 
 def unknown_fields(struct_type: type[Any], value: Any, path: str) -> list[str]:
     """Paths in ``value`` that ``struct_type`` has no field for (msgspec would drop them without a word)."""
-    return _unknown(msgspec.inspect.type_info(struct_type), value, path)
+    return [found for found, _ in _unknown(msgspec.inspect.type_info(struct_type), value, path)]
 
 
-def _unknown(info: msgspec.inspect.Type, value: Any, path: str) -> list[str]:
+def unknown_field_notes(kind: str, struct_type: type[Any], value: Any, path: str) -> list[str]:
+    """The notes on ``value``'s unknown fields, each with the field it was likely meant to be when one is close
+    (``spec.mount``: "did you mean spec.mounts?"): a misspelt field is ignored, and what the dataset then lacks is
+    refused with no word of the spelling ("spec.mounts must list at least one mount")."""
+    notes = []
+    for found, meant in _unknown(msgspec.inspect.type_info(struct_type), value, path):
+        notes.append(_ignored(kind, found, f"unknown field; did you mean {meant}?" if meant else "unknown field"))
+    return notes
+
+
+def _meant(key: str, names: Sequence[str]) -> str | None:
+    """The field ``key`` was likely meant to be: the same letters in another case, else the closest spelling."""
+    same = [name for name in names if name.lower() == key.lower()]
+    return same[0] if same else next(iter(difflib.get_close_matches(key, names, n=1, cutoff=0.75)), None)
+
+
+def _unknown(info: msgspec.inspect.Type, value: Any, path: str) -> list[tuple[str, str]]:
     if isinstance(info, msgspec.inspect.StructType) and isinstance(value, dict):
         fields = {field.encode_name: field for field in info.fields}
-        found: list[str] = []
+        found: list[tuple[str, str]] = []
         for key, item in value.items():
             field = fields.get(key)
             if field is None:
-                found.append(f"{path}.{key}")
+                meant = _meant(str(key), [name for name in fields if name not in value])
+                found.append((f"{path}.{key}", f"{path}.{meant}" if meant else ""))
             else:
                 found += _unknown(field.type, item, f"{path}.{key}")
         return found

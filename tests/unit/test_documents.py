@@ -116,6 +116,44 @@ def test_unknown_fields_of_shoal_kinds_are_reported_not_dropped_silently() -> No
     ]
 
 
+def test_a_misspelt_field_is_named_with_the_field_it_was_likely_meant_to_be() -> None:
+    """A typo is ignored, and what the object then lacks refused without a word of the spelling ("spec.mounts must
+    list at least one mount" for ``mount:``): the note names the field meant."""
+    docs = load("""
+        apiVersion: shoal.io/v1alpha1
+        kind: Dataset
+        metadata: {name: demo}
+        spec:
+          mount: [{mountPoint: "s3://demo/"}]
+          placment: Shared
+        ---
+        apiVersion: shoal.io/v1alpha1
+        kind: Runtime
+        metadata: {name: demo}
+        spec:
+          tieredstore:
+            levels: [{mediumtype: MEM, quota: 1Gi, hight: "0.9"}]
+          colour: blue
+        ---
+        apiVersion: shoal.io/v1alpha1
+        kind: Dataset
+        metadata: {name: other}
+        spec:
+          mounts: [{mountPoint: "s3://demo/", Readonly: "true"}]
+        """)
+
+    _, notes, _ = documents_to_commands(docs)
+
+    assert sorted(notes) == [
+        "ignored: Dataset/spec.mount (unknown field; did you mean spec.mounts?)",
+        "ignored: Dataset/spec.mounts[0].Readonly (unknown field; did you mean spec.mounts[0].readOnly?)",
+        "ignored: Dataset/spec.placment (unknown field; did you mean spec.placement?)",
+        "ignored: Runtime/spec.colour (unknown field)",
+        "ignored: Runtime/spec.tieredstore.levels[0].hight (unknown field; did you mean "
+        "spec.tieredstore.levels[0].high?)",
+    ]
+
+
 FLUID_DATASET = """
     apiVersion: data.fluid.io/v1alpha1
     kind: Dataset
