@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import time
 from collections.abc import Callable
@@ -37,6 +38,8 @@ class MountStatus(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     starting: str = ""
     # Cache directories (disk tiers) that went down after repeated I/O errors; reads bypass them to the store.
     down: list[str] = []
+    # The system's word for the last I/O error of each down directory ("Permission denied"), when known.
+    down_errors: dict[str, str] = {}
     # Cache directories not used at all, and why with what to do (they hold files Shoal did not write): not "down",
     # whose advice (recreate the folder, free space) would be wrong for them.
     refused: dict[str, str] = {}
@@ -57,21 +60,44 @@ STARTING_MOUNT = "mounting"
 
 def status_of(stats: CacheStats, pid: int, read_failures: list[ReadFailure] | None = None) -> MountStatus:
     down = [tier.location for tier in stats.tiers if tier.health == "down" and not tier.refused]
+    errors = {tier.location: tier.error for tier in stats.tiers
+              if tier.health == "down" and not tier.refused and tier.error}
     refused = {tier.location: tier.refused for tier in stats.tiers if tier.refused}
     capacity = sum(tier.quota_bytes for tier in stats.tiers if tier.health != "down")
-    return MountStatus(pid=pid, down=down, refused=refused, capacity_bytes=capacity,
+    return MountStatus(pid=pid, down=down, down_errors=errors, refused=refused, capacity_bytes=capacity,
                        read_failures=read_failures or [])
 
 
-def down_text(location: str, cooldown_seconds: float = DEFAULT_COOLDOWN_SECONDS) -> str:
-    """What a down cache directory (disk tier) says in heartbeats and ``/readyz``: what brings it back.
+# What to change for a down directory, by the system's word for its last error (``os.strerror``: the same libc
+# wrote it). Other errors (EIO, a removed folder: ENOENT) get the general advice.
+_FIX_FOR_ERROR = {
+    os.strerror(errno.ENOSPC): "free space there (or lower the tier's quota below what the disk holds)",
+    os.strerror(errno.EDQUOT): "raise the disk quota of the agent's user there, or free space",
+    os.strerror(errno.EACCES): "make it writable by the agent's user (or change the runtime's tier path)",
+    os.strerror(errno.EPERM): "make it writable by the agent's user (or change the runtime's tier path)",
+    os.strerror(errno.EROFS): "its filesystem is read-only: remount it read-write, or change the runtime's tier path",
+    os.strerror(errno.ENOTDIR): ("a part of its path is a file, not a folder: change the runtime's tier path, or "
+                                 "make that part a folder"),
+}
+
+
+def down_text(location: str, cooldown_seconds: float = DEFAULT_COOLDOWN_SECONDS, error: str = "") -> str:
+    """What a down cache directory (disk tier) says in heartbeats and ``/readyz``: its last error (``error``: the
+    system's word for it, when known) and what brings it back.
 
     A running mount never recreates its tier's folder (it may be the mountpoint of a disk that went away, whose
     filesystem underneath it must not fill up); a write probe after each cool-down brings the tier back as soon as
     the folder is there again and takes a block (``services.agent.cache.tiers``), and a mount process's start
-    (the agent's restart restarts its mounts) creates it. The path is written one way, as the metric label is."""
+    (the agent's restart restarts its mounts) creates it. The path is written one way, as the metric label is.
+    An error with a fix of its own (a full disk, no permission, a read-only filesystem, a file in the path) says
+    that fix: "recreate it (mkdir -p)" was no help for them."""
     where = normal_path(location)
-    return (f"cache directory {where} is down (its I/O failed: removed, full or a failing disk; reads go to the "
+    fix = _FIX_FOR_ERROR.get(error)
+    if fix is not None:
+        return (f"cache directory {where} is down (its I/O failed: {error}; reads go to the store): {fix}; the "
+                f"first block cached after the {cooldown_seconds:g} s cool-down brings it back")
+    why = f"{error}: " if error else ""
+    return (f"cache directory {where} is down (its I/O failed: {why}removed, full or a failing disk; reads go to the "
             f"store): Shoal does not recreate it under a running mount; recreate it (mkdir -p {where}) or free space "
             f"there, and the first block cached after the {cooldown_seconds:g} s cool-down brings it back; restarting "
             "the agent also does (its mounts start again and create it)")
@@ -79,11 +105,12 @@ def down_text(location: str, cooldown_seconds: float = DEFAULT_COOLDOWN_SECONDS)
 
 def tier_problems(stats: CacheStats) -> list[str]:
     """What each unusable tier says (``/readyz``): why it is refused, or that it is down."""
-    return [tier.refused or down_text(tier.location) for tier in stats.tiers if tier.health == "down"]
+    return [tier.refused or down_text(tier.location, error=tier.error) for tier in stats.tiers if tier.health == "down"]
 
 
 def problems_of(namespace: str, name: str, status: MountStatus) -> list[str]:
-    texts = [down_text(location) for location in status.down] + list(status.refused.values())
+    texts = ([down_text(location, error=status.down_errors.get(location, "")) for location in status.down]
+             + list(status.refused.values()))
     return [mount_problem(namespace, name, f": {text}") for text in texts]
 
 

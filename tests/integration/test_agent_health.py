@@ -129,19 +129,24 @@ async def test_a_cache_directory_that_goes_down_makes_the_agent_unhealthy_and_re
         beat = await eventually(lambda: unhealthy_with(node, f"cache directory {dataset_cache} is down"), 15,
                                 "an unhealthy heartbeat naming the cache directory")
         assert beat.capacity_bytes == 0  # its only tier is down
+        # The error and its own fix: "recreate it (mkdir -p ...)" would fail on the file in the way.
+        fix = ("(its I/O failed: Not a directory; reads go to the store): a part of its path is a file, not a folder: "
+               "change the runtime's tier path, or make that part a folder")
+        assert any(fix in problem for problem in beat.problems), beat.problems
         assert REGISTRY.get_sample_value("shoal_cache_dir_healthy", directory) == 0  # set before that beat
         ready, checks = readiness.report()
         # Its only cache directory down: the node caches nothing, so it is not ready (the mount itself is a note).
         assert not ready and str(node.cache_dir) in checks["cache"], checks
         assert str(dataset_cache) in readiness.noted()["mounts"]
-        await eventually(lambda: runtime_naming_the_node(node, "sick", str(dataset_cache)), 15,
-                         "the runtime naming the unhealthy node")
+        await eventually(lambda: runtime_naming_the_node(node, "sick", fix), 15,
+                         "the runtime naming the unhealthy node, the error and its fix")
         # The mount process's own side server says so too.
         port = await eventually(lambda: listening_port(mount_pids(root)), 15, "the mount process's side server")
         async with (aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session,
                     session.get(f"http://{LOOPBACK}:{port}/readyz") as response):
             body = await response.json()
             assert response.status == 503 and str(dataset_cache) in body["checks"]["cache"], body
+            assert fix in body["checks"]["cache"], body
             assert body["checks"]["nats"] == body["checks"]["fuse"] == body["checks"]["loops"] == "ok", body
         mine = {"node": NODE, "dataset": "default/sick"}
         samples = await scrape(port)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+from libs.events.agent import BlockId
 from services.agent.cache.store import BlockCache
 from services.agent.cache.tiers import MARKER, DiskTier, MemoryTier
 from services.agent.mountstatus import (
@@ -29,6 +30,27 @@ def test_a_down_cache_directory_says_what_brings_it_back_with_its_path_written_o
         "failing disk; reads go to the store): Shoal does not recreate it under a running mount; recreate it "
         "(mkdir -p /var/cache/shoal/default/x) or free space there, and the first block cached after the 30 s "
         "cool-down brings it back; restarting the agent also does (its mounts start again and create it)"]
+
+
+def test_a_down_cache_directory_says_its_error_and_the_fix_for_it(tmp_path: Path) -> None:
+    # "recreate it (mkdir -p ...)" for every error: no help for a full disk, a folder the agent may not write, or a
+    # file where the path needs a folder. The tier's last error (here a real one: its path runs through a file).
+    (tmp_path / "file").write_bytes(b"")
+    tier = DiskTier(tmp_path / "file" / "cache", 1 << 20, cooldown_seconds=30.0)
+    cache = BlockCache([tier])
+    for index in range(3):
+        assert not tier.write(BlockId(mount=0, key="a.bin", etag="e", index=index), b"x")
+    status = status_of(cache.stats(), pid=1)
+    where = tmp_path / "file" / "cache"
+    assert status.down == [str(where)] and status.down_errors == {str(where): "Not a directory"}, status
+    assert problems_of("default", "x", status) == [
+        f"mount default/x: cache directory {where} is down (its I/O failed: Not a directory; reads go to the store): "
+        "a part of its path is a file, not a folder: change the runtime's tier path, or make that part a folder; the "
+        "first block cached after the 30 s cool-down brings it back"]
+    assert tier_problems(cache.stats()) == [problems_of("default", "x", status)[0].removeprefix("mount default/x: ")]
+    full = MountStatus(pid=1, down=["/cache/x"], down_errors={"/cache/x": "No space left on device"})
+    assert "(its I/O failed: No space left on device; reads go to the store): free space there" in \
+        problems_of("default", "x", full)[0]
 
 
 def test_no_problem_while_no_directory_is_down() -> None:

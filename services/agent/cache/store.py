@@ -103,6 +103,8 @@ class TierStats(msgspec.Struct, frozen=True, kw_only=True):
     health: str
     # Why the tier is not used at all (its folder holds files Shoal did not write), or empty; its health is down.
     refused: str = ""
+    # The system's word for its last I/O error while failing ("No space left on device"), or empty.
+    error: str = ""
 
 
 class CacheStats(msgspec.Struct, frozen=True, kw_only=True):
@@ -440,6 +442,7 @@ class BlockCache:
                 blocks=len(policy),
                 health=str(tier.health),
                 refused=tier.refused,
+                error=tier.last_error,
             )
             for tier, policy in zip(self._tiers, self._policies, strict=True)
         ]

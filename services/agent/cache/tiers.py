@@ -196,6 +196,11 @@ class Tier(Protocol):
     def refused(self) -> str:
         """Why the tier is not used at all (its folder holds files Shoal did not write: what to do), or empty."""
 
+    @property
+    def last_error(self) -> str:
+        """The system's word for the last I/O error of the tier's run of failures ("No space left on device",
+        "Permission denied"), or empty: a down tier says it, and what to change for it."""
+
     def available(self) -> bool:
         """False while the tier is down and its cool-down has not passed (a probe is allowed after it)."""
 
@@ -258,6 +263,10 @@ class MemoryTier:
 
     @property
     def refused(self) -> str:
+        return ""
+
+    @property
+    def last_error(self) -> str:
         return ""
 
     def available(self) -> bool:
@@ -325,6 +334,7 @@ class DiskTier:
         # Why the directory is not Shoal's to use (non-empty without the marker); set once, never cleared.
         self._refused = ""
         self._errors = 0  # consecutive I/O errors
+        self._last_error = ""  # the system's word for the last of them (``last_error``)
         self.read_failed = False
         self._out_of_files = False  # an operation found no descriptor (EMFILE, ENFILE) since the last success
         self._writes_failing = False  # the last error was a write's: only a successful write clears the run
@@ -343,6 +353,10 @@ class DiskTier:
     @property
     def corrupt_blocks(self) -> int:
         return self._corrupt
+
+    @property
+    def last_error(self) -> str:
+        return self._last_error
 
     @property
     def consecutive_errors(self) -> int:
@@ -365,6 +379,7 @@ class DiskTier:
             return  # a disk that reads but cannot write (full) is not healthy again
         with self._lock:
             previous, self._errors, self._health = self._health, 0, Health.NORMAL
+            self._last_error = ""
             self._writes_failing = False
             self._out_of_files = False
         if previous is not Health.NORMAL:
@@ -388,6 +403,7 @@ class DiskTier:
             return
         with self._lock:
             self._errors += 1
+            self._last_error = error.strerror or type(error).__name__
             self._writes_failing = operation == "write"
             if error.errno == errno.ENOSPC:
                 self._errors = max(self._errors, DOWN_AFTER_ERRORS)
