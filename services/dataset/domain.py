@@ -546,7 +546,7 @@ def status_after_sync(record: DatasetRecord, result: SyncResult, runtime_phase: 
         )
     else:
         condition = Condition(type=CONDITION_SYNCED, status="True", reason="Synced",
-                              message=f"listed {result.file_num} files", last_transition_time=rfc3339(now))
+                              message=synced_message(record.dataset, result), last_transition_time=rfc3339(now))
         conditions = _set_condition(status.conditions, condition)
         skipped = skipped_condition(result, now)
         conditions = (_set_condition(conditions, skipped) if skipped is not None
@@ -565,6 +565,18 @@ def status_after_sync(record: DatasetRecord, result: SyncResult, runtime_phase: 
             last_sync_time=rfc3339(now),
         )
     return with_binding(record.dataset, status, runtime_phase, None, runtime_message)
+
+
+def synced_message(dataset: Dataset, result: SyncResult) -> str:
+    """``MetadataSynced``'s message: how many files the listing found. None found and none left out is no error (a
+    prefix nothing was written to yet), but most often a misspelt bucket path or prefix: the message says where
+    it looked and what to check, since "listed 0 files" alone left the reader with an empty mount and no clue."""
+    if result.file_num or result.skipped:
+        return f"listed {result.file_num} files"
+    where = ", ".join(hide_secret_query(strip_userinfo(mount.mount_point, strict=True))
+                      for mount in dataset.spec.mounts)
+    return (f"listed 0 files: nothing under {where}; check the path and prefix (objects written there later "
+            "appear at the next sync: shoal resync dataset, or the runtime's autoSync)")
 
 
 def skipped_condition(result: SyncResult, now: float) -> Condition | None:

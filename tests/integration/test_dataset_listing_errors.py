@@ -221,7 +221,10 @@ async def test_an_empty_s3_prefix_that_is_no_object_is_an_empty_dataset(
     await put_objects(seaweedfs, bucket, {"dir/model.bin": b"weights"})
     record = await sync_of(bus, nats_server, f"s3://{bucket}/{prefix}", s3=seaweedfs)
     assert record.status.phase != "Failed" and record.status.message == NO_RUNTIME, record.status
-    assert condition(record, CONDITION_SYNCED)[0] == "True", record.status
+    # No error, but where it looked and what to check: "listed 0 files" left an empty mount and no clue.
+    assert condition(record, CONDITION_SYNCED) == (
+        "True", f"listed 0 files: nothing under s3://{bucket}/{prefix}; check the path and prefix (objects written "
+        "there later appear at the next sync: shoal resync dataset, or the runtime's autoSync)"), record.status
     assert record.status.file_num == 0 and record.status.manifest, record.status
 
 
