@@ -25,6 +25,7 @@ import msgspec
 
 from libs.events.agent import ReadFailure, mount_problem
 from libs.hostpaths import normal_path
+from libs.redact import hide_signing, strip_userinfo
 from libs.telemetry import get_logger
 from services.agent.cache.store import CacheStats
 from services.agent.cache.tiers import DEFAULT_COOLDOWN_SECONDS
@@ -130,8 +131,9 @@ FAILED_MAX_CHARS = 400
 
 
 def fatal_status(pid: int, reason: str) -> MountStatus:
-    """The status a process leaves as it exits on an error: ``reason`` on one line, cut to ``FAILED_MAX_CHARS``."""
-    line = " ".join(reason.split())
+    """The status a process leaves as it exits on an error: ``reason`` on one line, cut to ``FAILED_MAX_CHARS``,
+    with any URL's user and password and any request signature hidden (it travels in heartbeats and status)."""
+    line = " ".join(hide_signing(strip_userinfo(reason)).split())
     if len(line) > FAILED_MAX_CHARS:
         line = line[:FAILED_MAX_CHARS - 1] + "…"
     return MountStatus(pid=pid, failed=line)

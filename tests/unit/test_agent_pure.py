@@ -472,6 +472,8 @@ def test_a_failing_mount_says_why_its_process_exited() -> None:
 def test_a_fatal_status_is_one_line_of_bounded_length() -> None:
     status = fatal_status(7, "invalid settings:\n  SHOAL_CACHE_POLICY='bogus': use lfu-admission or lru")
     assert status.pid == 7 and status.failed == "invalid settings: SHOAL_CACHE_POLICY='bogus': use lfu-admission or lru"
+    hidden = fatal_status(7, "cannot read s3://AKIA:topsecret@bucket/a").failed
+    assert "topsecret" not in hidden and "s3://***@bucket/a" in hidden
     long = fatal_status(7, "x" * 10_000).failed
     assert len(long) == FAILED_MAX_CHARS and long.endswith("…")
 
