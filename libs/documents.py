@@ -275,6 +275,11 @@ class _DocumentError(Exception):
     pass
 
 
+# The spec type of each kind a document becomes (its unknown fields, when msgspec refuses the document).
+_SPEC_TYPES: dict[type[Any], type[Any]] = {Dataset: DatasetSpec, Runtime: RuntimeSpec, DataLoad: DataLoadSpec,
+                                           DataClean: DataCleanSpec}
+
+
 def _not_unicode(document: Any) -> bool:
     """Whether a string (key or value) in ``document`` cannot be encoded as UTF-8. A walk with a stack, each
     container once: YAML nests as deep as it likes, and its aliases can make a list contain itself."""
@@ -404,7 +409,12 @@ def _document_to_command(
     try:
         obj = msgspec.convert(converted, target)
     except msgspec.ValidationError as err:
-        raise _DocumentError(f"{label}: {_with_keys(str(err), converted)}") from err
+        # A field misspelt is only noted as ignored, and notes of a refused document are not shown: the refusal
+        # ("missing required field `mountPoint`") says which spelling it was likely meant to replace.
+        hints = [f"; {found} is not a field of {kind}: did you mean {meant}?"
+                 for found, meant in _unknown(msgspec.inspect.type_info(_SPEC_TYPES[target]), mapped_spec, "spec")
+                 if meant]
+        raise _DocumentError(f"{label}: {_with_keys(str(err), converted)}{''.join(hints)}") from err
     if isinstance(obj, Dataset) and action == "apply" and (writes := write_access_modes(obj.spec.access_modes)):
         notes.append(read_only_note(str(kind), writes))
     return _command(position, str(kind), obj, action), notes

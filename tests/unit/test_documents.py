@@ -154,6 +154,34 @@ def test_a_misspelt_field_is_named_with_the_field_it_was_likely_meant_to_be() ->
     ]
 
 
+
+def test_a_refused_document_names_the_misspelt_field_it_lacks() -> None:
+    """A document refused for a field it lacks (its notes are not shown) names the misspelt field next to it: a
+    Fluid Dataset's ``mountpoint`` got only msgspec's "missing required field `mountPoint`"."""
+    docs = load("""
+        apiVersion: data.fluid.io/v1alpha1
+        kind: Dataset
+        metadata: {name: demo}
+        spec:
+          mounts: [{mountpoint: "s3://demo/"}]
+        ---
+        apiVersion: data.fluid.io/v1alpha1
+        kind: DataLoad
+        metadata: {name: warm}
+        spec:
+          datset: {name: demo}
+        """)
+
+    commands, _, errors = documents_to_commands(docs)
+
+    assert not commands
+    assert errors == [
+        "document 1 (Dataset demo): Object missing required field `mountPoint` - at `$.spec.mounts[0]`; "
+        "spec.mounts[0].mountpoint is not a field of Dataset: did you mean spec.mounts[0].mountPoint?",
+        "document 2 (DataLoad warm): Object missing required field `dataset` - at `$.spec`; "
+        "spec.datset is not a field of DataLoad: did you mean spec.dataset?",
+    ]
+
 FLUID_DATASET = """
     apiVersion: data.fluid.io/v1alpha1
     kind: Dataset
