@@ -1057,6 +1057,20 @@ def ring_grew(record: OperationRecord, state: RunState, runtime: RuntimeRecord) 
     return sorted(set(ring_of(runtime)) - set(state.ring))
 
 
+def ring_shrank(record: OperationRecord, state: RunState, runtime: RuntimeRecord) -> list[str]:
+    """The nodes of the ring an executing load was planned on that are no longer cache workers of the runtime at all
+    (scaled in, or another node picked in their place), when the runtime still has a ring: the blocks they held or
+    were to hold are owned by others now, and readers ask those. Their parts are to be planned (``replan_load``),
+    as for a ring that grew. Checked before the run ends Complete: the parts of the nodes scaled in may all be done
+    before a tick sees the smaller ring (``ring_left`` looks only at parts not done, and fails the run instead while
+    such a node still works), and the load ended Complete with those blocks only on nodes no reader asks. A worker
+    picked but not ready is still a worker (it may come back): not counted. Empty for a load planned without a
+    ring, and while the runtime has no ring (nowhere to plan those blocks)."""
+    if record.load is None or state.stage != "executing" or not state.ring or not ring_of(runtime):
+        return []
+    return sorted(set(state.ring) - {worker.node for worker in runtime.status.workers})
+
+
 def block_size_changed(record: OperationRecord, state: RunState, block_size: int) -> str | None:
     """Why an executing load cannot end Complete: its runtime now cuts blocks at ``block_size``, not at the size the
     load planned its blocks at (the runtime deleted and applied again with another ``blockSize``, the only way to

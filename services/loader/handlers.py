@@ -482,6 +482,7 @@ class LoaderHandlers:
         if runtime is None:
             return True
         if (domain.ring_left(record, state, runtime) is not None or domain.ring_grew(record, state, runtime)
+                or domain.ring_shrank(record, state, runtime)
                 or domain.block_size_changed(record, state, block_size(runtime)) is not None):
             return True
         if record.load is not None and self._node_gone(key, record, state, runtime) is not None:
@@ -538,9 +539,11 @@ class LoaderHandlers:
                                                 TaskCancel(id=f"{state.run}.cancel", run=state.run))
                     result = "Failed", resized
                 elif (runtime is not None and domain.ring_left(record, state, runtime) is None
-                        and (grown := domain.ring_grew(record, state, runtime))):
-                    # Before a Complete too: the last part may report before a tick saw the new worker.
-                    replanned = await self._replan(key, state, runtime, grown)
+                        and ((grown := domain.ring_grew(record, state, runtime))
+                             + (shrank := domain.ring_shrank(record, state, runtime)))):
+                    # Before a Complete too: the last part may report before a tick saw the new worker, and the parts
+                    # of the nodes scaled in may all be done before a tick saw them go.
+                    replanned = await self._replan(key, state, runtime, grown, shrank)
                     state, _ = await self._state(key)
                     result = replanned or domain.outcome(state)
             if result is None:
@@ -834,13 +837,15 @@ class LoaderHandlers:
             raise
         return ""
 
-    async def _replan(self, key: str, state: domain.RunState, runtime: RuntimeRecord,
-                      grown: list[str]) -> tuple[OperationPhase, str] | None:
-        """The ring grew under an executing load (``grown``: its new workers): the blocks they now own get parts of
-        their own (``domain.replan_load``), saved (plan, then run state) before they are published, so the run ends
-        with every block on its current owners. Readers ask those owners: without this the blocks a worker added
-        mid-load owns were never loaded, and the load ended Complete with them off the cache. The end of the run
-        instead (Failed) when its plan is gone, it grew too large, or a new node's stream cannot be made."""
+    async def _replan(self, key: str, state: domain.RunState, runtime: RuntimeRecord, grown: list[str],
+                      shrank: list[str]) -> tuple[OperationPhase, str] | None:
+        """The ring changed under an executing load (``grown``: its new workers; ``shrank``: the workers it was
+        planned on that are workers no more): the blocks whose current owners have no part of them get parts
+        (``domain.replan_load``), saved (plan, then run state) before they are published, so the run ends with every
+        block on its current owners. Readers ask those owners: without this the blocks a worker added mid-load owns
+        were never loaded, nor those of a worker scaled in once its part was done, and the load ended Complete with
+        them off the cache. The end of the run instead (Failed) when its plan is gone, it grew too large, or a new
+        node's stream cannot be made."""
         plan = await self._plan_of(key, state.run)
         if plan is None:
             return "Failed", "the run's plan is gone (loader storage lost); run it again"
@@ -861,8 +866,9 @@ class LoaderHandlers:
             problem = await self._publish_part(planned.task)
             if problem:
                 return "Failed", problem
-        log.info("ring grew under the load: blocks planned again for their new owners", run=state.run,
-                 new_workers=grown, parts_added=len(added), blocks_added=sum(p.blocks for p in added))
+        log.info("ring changed under the load: blocks planned again for their new owners", run=state.run,
+                 new_workers=grown, workers_gone=shrank, parts_added=len(added),
+                 blocks_added=sum(p.blocks for p in added))
         return None
 
     async def _task_stream(self, node: str) -> str:

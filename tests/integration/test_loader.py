@@ -115,11 +115,12 @@ async def put_dataset(bus: Bus, entries: list[ManifestEntry], name: str = "data"
 
 
 async def put_runtime(bus: Bus, nodes: list[str], name: str = "data", not_ready: tuple[str, ...] = (),
-                      block_size: int = BLOCK) -> None:
-    """A Ready runtime whose workers are ``nodes`` (in the ring), and ``not_ready`` picked but out of it."""
+                      block_size: int = BLOCK, workers: list[str] | None = None) -> None:
+    """A Ready runtime whose ready nodes are ``nodes`` and whose workers are ``workers`` (all of ``nodes`` if None:
+    in the ring), and ``not_ready`` picked but out of it."""
     record = RuntimeRecord(runtime=Runtime(metadata=ObjectMeta(name=name)), generation=1, status=RuntimeStatus(
         phase="Ready", ready_nodes=nodes, block_size_bytes=block_size,
-        workers=[*(CacheWorker(node=n, peer_url=f"http://{n}:1") for n in nodes),
+        workers=[*(CacheWorker(node=n, peer_url=f"http://{n}:1") for n in (nodes if workers is None else workers)),
                  *(CacheWorker(node=n, ready=False, peer_url=f"http://{n}:1") for n in not_ready)]))
     await (await bus.kv(subjects.KV_RUNTIMES)).put(subjects.resource_key("default", name), msgspec.json.encode(record))
 
@@ -1787,6 +1788,38 @@ async def test_a_worker_added_while_a_load_runs_gets_the_blocks_it_now_owns(bus:
     assert not missing, f"blocks not loaded on their owners: {missing}"
     assert done.status.progress.bytes_done == done.status.progress.bytes_total
     assert "node-c" in {node.node for node in done.status.progress.nodes}
+
+
+async def test_a_load_whose_ring_is_scaled_in_after_the_parts_gone_finished_completes_with_blocks_on_the_worker(
+        bus: Bus, nats_server: NatsServer) -> None:
+    """The runtime scaled in from three workers to one (the two others still serve the dataset) once the parts of
+    the two were done, the worker's not yet: no part of a node scaled in was left to fail the run on, and it ended
+    Complete with two thirds of its blocks only on nodes no reader's route asks. Now their blocks are planned again
+    for the worker, and the load completes with every block on it."""
+    await put_dataset(bus, files(*[(f"f{i}", 2 * BLOCK) for i in range(24)]))
+    await put_runtime(bus, NODES)
+    key = subjects.operation_key("DataLoad", "default", "warm")
+    async with loader(nats_server):
+        async with agent(bus, NODES[1:]) as early:
+            await publish(bus, subjects.DATALOAD_APPLY, dataload())
+
+            async def others_done() -> bool:
+                state = await run_state(bus, key)
+                return (state is not None and state.stage == "executing"
+                        and all(part.done for part in state.parts if part.node != "node-a")
+                        and any(part.node == "node-a" and not part.done for part in state.parts))
+
+            await eventually(others_done, what="the parts of node-b and node-c done, node-a's not")
+        await put_runtime(bus, NODES, workers=NODES[:1])  # scaled in: node-b and node-c serve, as workers no more
+        async with agent(bus, NODES[:1]) as worker:
+            done = await phase_of(bus, "Complete")
+    on_others = {(file.key, index) for task in early.tasks.values() for file in task.blocks
+                 for index, _ in file.blocks}
+    on_worker = {(file.key, index) for task in worker.tasks.values() for file in task.blocks
+                 for index, _ in file.blocks}
+    assert on_others and {task.node for task in early.tasks.values()} == {"node-b", "node-c"}
+    assert len(on_worker) == 48, f"{len(on_others - on_worker)} blocks of the nodes scaled in not on the worker"
+    assert done.status.progress.bytes_done == done.status.progress.bytes_total
 
 
 async def test_a_loader_killed_between_run_state_and_record_catches_up(bus: Bus, nats_server: NatsServer) -> None:

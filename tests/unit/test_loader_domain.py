@@ -1151,6 +1151,33 @@ def test_a_ring_that_grew_is_seen_only_for_an_executing_load_planned_on_a_ring()
     assert domain.ring_grew(record(), msgspec.structs.replace(executing, stage="finished"), runtime) == []
 
 
+def test_a_ring_scaled_in_is_seen_even_once_the_parts_of_the_nodes_gone_are_done() -> None:
+    """Scaled in from a, b, c to a while the parts of b and c finished first: ``ring_left`` (parts not done only)
+    sees nothing, and the load ended Complete with their blocks on nodes no reader asks. The nodes that are no
+    longer workers are named, so their blocks are planned again on the ring as it is now; a worker picked but not
+    ready is still one."""
+    runtime = RuntimeRecord(runtime=Runtime(metadata=ObjectMeta(name="d")), generation=1, status=RuntimeStatus(
+        ready_nodes=["a", "b", "c"], workers=[CacheWorker(node="a", peer_url="http://a")]))
+    executing = domain.RunState(run="op.1", stage="executing", ring=["a", "b", "c"], parts=[
+        domain.PartState(node="a"), domain.PartState(node="b", done=True), domain.PartState(node="c", done=True)])
+    assert domain.ring_left(record(), executing, runtime) is None
+    assert domain.ring_shrank(record(), executing, runtime) == ["b", "c"]
+    restarting = msgspec.structs.replace(runtime, status=msgspec.structs.replace(runtime.status, workers=[
+        *runtime.status.workers, CacheWorker(node="b", ready=False, peer_url="http://b")]))
+    assert domain.ring_shrank(record(), executing, restarting) == ["c"]
+    assert domain.ring_shrank(record(), msgspec.structs.replace(executing, ring=[]), runtime) == []
+    assert domain.ring_shrank(record(), msgspec.structs.replace(executing, stage="finished"), runtime) == []
+    no_ring = msgspec.structs.replace(runtime, status=msgspec.structs.replace(runtime.status, workers=[
+        CacheWorker(node="a", ready=False, peer_url="http://a")]))
+    assert domain.ring_shrank(record(), executing, no_ring) == [], "nowhere to plan the blocks"
+    plan = domain.plan_load("op.1", ObjectRef(name="d"), [entry(f"/x/f{i}", 100) for i in range(12)],
+                            dict.fromkeys(range(12), 1), ["a", "b", "c"], ["a", "b", "c"], 100)
+    replanned = domain.replan_load(plan, ["a"])
+    on_a = {(file.key, index) for part in replanned.parts if part.task.node == "a"
+            for file in part.task.blocks for index, _ in file.blocks}
+    assert len(on_a) == 12, "every block on the one worker left"
+
+
 def test_a_finished_runs_state_keeps_what_decides_the_next_runs_not_its_parts() -> None:
     state = domain.RunState(run="op.3", stage="finished", ring=["a"], files_total=2, requested=1, sync_stamp="s",
                             outcome="Complete", parts=[domain.PartState(node="a", bytes_total=5, done=True)])
