@@ -9,9 +9,10 @@ What it decides:
   their run is current — the operation's record in KV ``shoal_operations`` is Executing at that run's number;
   a part of an older, deleted or finished run is acknowledged and skipped (``not_current``);
 - per block of a load: failed when its object version is not in the current manifest ("object changed since the
-  load was planned"), checked once the mount serves the manifest the dataset record names (the loader planned
-  against it; the mount's own KV watch may load it a moment later, e.g. right after a resync that fired an
-  OnEvent or loadMetadata run), waited for up to ``MANIFEST_WAIT_SECONDS``; skipped when cached; otherwise
+  load was planned"; "object left the dataset ..." when its key is not in it at all), checked once the mount
+  serves the manifest the dataset record names (the loader planned against it; the mount's own KV watch may load
+  it a moment later, e.g. right after a resync that fired an OnEvent or loadMetadata run), waited for up to
+  ``MANIFEST_WAIT_SECONDS``; skipped when cached; otherwise
   fetched from the store into the cache (``BlockReader.warm``: the reader's coalesced store path, never FUSE,
   never a peer), at most ``SHOAL_LOAD_CONCURRENCY`` at once, and done once written. A store error fails that
   block with its reason (an unreachable store is tried again twice first), never the part or the process;
@@ -122,6 +123,11 @@ MANIFEST_WAIT_SECONDS = 30.0
 MANIFEST_CHECK_SECONDS = 1.0
 
 CHANGED = "object changed since the load was planned"
+# Not "changed": the object is in the dataset no more (deleted, or the dataset's mount or prefix changed, which
+# lists other keys), so running the same load again is what loads the dataset as it is now.
+LEFT = ("object left the dataset since the load was planned (it is no longer in the dataset's listing: deleted, or "
+        "the dataset's mounts or prefix changed); apply the load again to load the dataset as it is now (a Once "
+        "DataLoad: delete it, then apply it)")
 NOT_KEPT = "fetched but not kept: the cache is full of blocks read more often, or its tiers are down"
 CANCELLED = "cancelled"
 
@@ -175,7 +181,9 @@ def manifest_behind(record: DatasetRecord | None, serving: ManifestVersion) -> b
 
 def block_problem(entry: ManifestEntry | None, etag: str, index: int, block_size: int) -> str | None:
     """Why a block of a load cannot be fetched against the current manifest; None when it can."""
-    if entry is None or entry.etag != etag:
+    if entry is None:
+        return LEFT
+    if entry.etag != etag:
         return CHANGED
     if not 0 <= index < block_count(entry.size, block_size):
         return f"block {index} is past the end of the object ({entry.size} bytes)"

@@ -20,6 +20,7 @@ from libs.events.operation import DataLoadSpec, DatasetRef, NodeTask, OperationR
 from services.agent.tasks import (
     CANCELLED_SECONDS,
     CHANGED,
+    LEFT,
     PartLedger,
     TaskRunner,
     block_problem,
@@ -69,7 +70,10 @@ def test_a_block_is_fetched_only_at_the_manifest_version_and_within_the_object()
     assert block_problem(entry, "e1", 0, BLOCK) is None
     assert block_problem(entry, "e1", 2, BLOCK) is None
     assert block_problem(entry, "e2", 0, BLOCK) == CHANGED
-    assert block_problem(None, "e1", 0, BLOCK) == CHANGED
+    # A key the manifest has no more (the object deleted, the dataset's prefix changed): not "changed", and the
+    # message says what to do.
+    assert block_problem(None, "e1", 0, BLOCK) == LEFT
+    assert "left the dataset" in LEFT and "apply the load again" in LEFT
     assert "past the end" in (block_problem(entry, "e1", 3, BLOCK) or "")
     assert "past the end" in (block_problem(entry, "e1", -1, BLOCK) or "")
 
@@ -158,6 +162,9 @@ async def test_a_failed_parts_message_quotes_an_odd_key(tmp_path: Path) -> None:
     # Not in the manifest at the version the loader planned.
     planned_elsewhere = task(CachedFile(0, odd, "other-etag", [(0, RBLOCK)]))
     assert await message(planned_elsewhere) == f"{odd!r}: {CHANGED}"
+    # Not in the manifest at all (the dataset's prefix changed): the object left the dataset.
+    left = task(CachedFile(0, "elsewhere/" + odd, info.etag, [(0, RBLOCK)]))
+    assert await message(left) == f"{'elsewhere/' + odd!r}: {LEFT}"
     # In the manifest, gone from the store: the local store's error names it quoted too.
     (source / odd).unlink()
     gone = await message(task(CachedFile(0, odd, info.etag, [(0, RBLOCK)])))
