@@ -1382,6 +1382,7 @@ def run_after_cycle(record: OperationRecord,
     it: it waits, and fails once the one it names has Failed (``run_after``)."""
     start: tuple[str, str, str] = (record.kind, record.metadata.namespace, record.metadata.name)
     path = [start]
+    members = [record]
     current: OperationRecord | None = record
     while current is not None:
         spec = current.load or current.clean
@@ -1389,13 +1390,30 @@ def run_after_cycle(record: OperationRecord,
             return None
         following = run_after_key(spec.run_after, current.metadata.namespace)
         if following == start:
-            names = " → ".join(f"{kind} {namespace}/{name}" for kind, namespace, name in [*path, start])
-            return f"runAfter cycle: {names}; none of them can start: change spec.runAfter of one of them"
+            return _cycle_message(members)
         if following in path:
             return None
         path.append(following)
         current = lookup(following)
+        if current is not None:
+            members.append(current)
     return None
+
+
+def _cycle_message(members: Sequence[OperationRecord]) -> str:
+    """What a member of a runAfter cycle fails with: the cycle from it, and what to do. Every member fails, and an
+    apply that changes one's runAfter runs that one again; but a Once operation (a DataClean, a Once DataLoad)
+    applied unchanged runs nothing (Once runs once per spec, as in Fluid), so the others stayed Failed for good
+    until deleted and applied again. A Cron or OnEvent load runs again at its next firing or sync."""
+    names = [f"{member.kind} {member.metadata.namespace}/{member.metadata.name}" for member in members]
+    message = (f"runAfter cycle: {' → '.join([*names, names[0]])}; none of them can start: change spec.runAfter of "
+               "one of them")
+    once = [name for name, member in zip(names, members, strict=True)
+            if member.load is None or member.load.policy == "Once"]
+    if not once:
+        return message + " (each runs again at its next firing or sync)"
+    return (f"{message}, then delete and apply again each of {', '.join(once)} whose spec you did not change: a Once "
+            f"operation applied unchanged does not run again")
 
 
 def awaited(record: OperationRecord, others: Iterable[OperationRecord]) -> bool:

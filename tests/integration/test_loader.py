@@ -28,7 +28,7 @@ from libs import ring, subjects
 from libs.bus import DAY, NODE_TASK_MESSAGES, Bus, Delivery, kv_load
 from libs.documents import documents_to_commands, parse_documents
 from libs.events.agent import AgentHeartbeat, BlockId, MountGroup, MountState
-from libs.events.common import ObjectMeta, ObjectRef
+from libs.events.common import ObjectMeta, ObjectRef, parse_rfc3339
 from libs.events.dataset import (
     CONDITION_SYNCED,
     Condition,
@@ -1553,6 +1553,39 @@ async def test_a_run_after_cycle_fails_its_operations_naming_it(bus: Bus, nats_s
     assert c.status.message.startswith("DataLoad default/a (spec.runAfter) Failed: runAfter cycle: ")
     assert (a.status.runs, b.status.runs, a.status.waiting_for, b.status.waiting_for) == (1, 1, "", "")
     assert scripted.seen == []
+
+
+async def test_a_run_after_cycle_says_what_to_do_and_doing_it_runs_every_member(bus: Bus,
+                                                                                 nats_server: NatsServer) -> None:
+    """The cycle's message said "change spec.runAfter of one of them"; doing that ran the one changed, and the
+    other, Once and applied unchanged, stayed Failed for good (a Once operation runs once per spec). The message
+    now says to delete and apply again the members left unchanged, and doing what it says runs them all."""
+    await put_dataset(bus, files(("f", BLOCK)))
+    await put_runtime(bus, NODES[:1])
+    async with agent(bus, NODES[:1]), loader(nats_server):
+        await publish(bus, subjects.DATALOAD_APPLY, dataload(name="a", run_after=OperationRef(kind="DataLoad",
+                                                                                               name="b")))
+        await publish(bus, subjects.DATALOAD_APPLY, dataload(name="b", run_after=OperationRef(kind="DataLoad",
+                                                                                               name="a")))
+        b = await phase_of(bus, "Failed", name="b")
+        await phase_of(bus, "Failed", name="a")
+        assert b.status.message.endswith(
+            "none of them can start: change spec.runAfter of one of them, then delete and apply again each of "
+            "DataLoad default/b, DataLoad default/a whose spec you did not change: a Once operation applied "
+            "unchanged does not run again"), b.status.message
+        await publish(bus, subjects.DATALOAD_APPLY, dataload(name="a"))  # the cycle broken: a runs first
+        await publish(bus, subjects.DATALOAD_DELETE, DataLoadDelete(name="b"))
+        await eventually(lambda: _none(operation(bus, "b")), what="b deleted")
+        await publish(bus, subjects.DATALOAD_APPLY, dataload(name="b", run_after=OperationRef(kind="DataLoad",
+                                                                                               name="a")))
+        a = await phase_of(bus, "Complete", name="a", runs=2)
+        b = await phase_of(bus, "Complete", name="b", runs=2)
+    started, before = parse_rfc3339(b.status.start_time), parse_rfc3339(a.status.completion_time)
+    assert started is not None and before is not None and started >= before, "b ran after a, its runAfter"
+
+
+async def _none(found: Any) -> bool:
+    return await found is None
 
 
 async def test_ttl_removes_a_finished_operation(bus: Bus, nats_server: NatsServer) -> None:

@@ -906,6 +906,25 @@ def test_a_run_after_cycle_is_named_from_each_operation_in_it() -> None:
     assert (cycle["self"] or "").startswith("runAfter cycle: DataLoad ns/self → DataLoad ns/self; ")
     assert (cycle["x"] or "").startswith("runAfter cycle: DataLoad ns/x → DataClean other/y → DataLoad ns/x; ")
     assert cycle["c"] is None and cycle["d"] is None and cycle["e"] is None
+    # What to do: a Once operation applied unchanged runs nothing, so the members whose runAfter is left as it is
+    # are deleted and applied again (said from every member alike: the user picks which one to change).
+    assert cycle["a"] == ("runAfter cycle: DataLoad ns/a → DataLoad ns/b → DataLoad ns/a; none of them can start: "
+                          "change spec.runAfter of one of them, then delete and apply again each of DataLoad ns/a, "
+                          "DataLoad ns/b whose spec you did not change: a Once operation applied unchanged does not "
+                          "run again")
+    assert (cycle["x"] or "").endswith("each of DataLoad ns/x, DataClean other/y whose spec you did not change: a "
+                                       "Once operation applied unchanged does not run again")
+    cron = msgspec.structs.replace(op("a", None), load=DataLoadSpec(
+        dataset=REF, run_after=OperationRef(kind="DataLoad", name="b"), policy="Cron", schedule="0 * * * *"))
+    by_key[("DataLoad", "ns", "a")] = cron
+    assert (domain.run_after_cycle(cron, by_key.get) or "").endswith(
+        "then delete and apply again each of DataLoad ns/b whose spec you did not change: a Once operation applied "
+        "unchanged does not run again"), "a Cron load runs again at its next firing"
+    on_event = msgspec.structs.replace(by_key[("DataLoad", "ns", "b")], load=DataLoadSpec(
+        dataset=REF, run_after=OperationRef(kind="DataLoad", name="a"), policy="OnEvent"))
+    by_key[("DataLoad", "ns", "b")] = on_event
+    assert (domain.run_after_cycle(cron, by_key.get) or "").endswith(
+        "change spec.runAfter of one of them (each runs again at its next firing or sync)")
 
 
 def test_ttl_removes_finished_once_operations() -> None:
