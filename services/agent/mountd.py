@@ -346,8 +346,8 @@ class MountedDataset:
             if self.deleted or self.recreated or await self._dataset_gone():
                 purged = await cache.purge_async()  # evictions reach the inventory's last delta
                 log.info("dataset deleted, cache freed", dataset=self.shown, blocks=purged)
-                if not self.recreated:  # the name lives on: parts for its new incarnation may come to this durable
-                    await runner.forget()
+                # The task durable stays (``TaskRunner.run``): the dataset applied again, now or later, resumes after
+                # the parts of this life, which a new durable delivering all of them would each replay.
             else:  # nothing writes now: the next start reads this instead of opening every block file
                 indexed = await asyncio.to_thread(cache.save_index, block_size)
                 log.info("cache index written", dataset=self.shown, blocks=indexed)

@@ -87,7 +87,10 @@ CURRENT_CHECK_SECONDS = 5.0
 # server delivers the part no more, and a part the loader never hears of again leaves its run Executing for ever.
 MAX_DELIVER = 20
 # A durable nobody pulled from for a day (its dataset unmounted from this node) is dropped by the server; the
-# stream keeps tasks for a day too, so nothing it could still deliver is lost.
+# stream keeps tasks for a day too, so nothing it could still deliver is lost. A dataset deleted keeps its durable
+# until then: applied again within the day, its mount resumes after the deleted life's parts (a new durable,
+# delivering all, replayed each of them, skipped only after a KV read), and gets the parts of its new life the
+# loader published before the mount started. After the day, the stream has dropped those old parts too.
 INACTIVE_SECONDS = DAY
 # How long one pull waits for a part before looking at ``stop`` again.
 FETCH_SECONDS = 1.0
@@ -381,11 +384,6 @@ class TaskRunner:
                     with contextlib.suppress(Exception):
                         await sub.unsubscribe()
 
-    async def forget(self) -> None:
-        """Delete this mount's durable (the dataset was deleted: nothing will be addressed to it again)."""
-        with contextlib.suppress(Exception):
-            await self.bus.js.delete_consumer(self.stream, self.durable)
-
     @property
     def _key(self) -> str:
         return subjects.object_name(self.dataset.namespace, self.dataset.name)
@@ -398,7 +396,9 @@ class TaskRunner:
             max_deliver=MAX_DELIVER,
             max_ack_pending=1,  # one part at a time
             filter_subject=self.subject,
-            # Parts published before this mount's first start are for it too (the KV check skips stale ones).
+            # Parts published before this mount's first start are for it too (the KV check skips stale ones). Made
+            # once per dataset and node: a dataset deleted and applied again uses the durable it left, so this
+            # delivers again only what a first mount, or one after a day unused, finds in the stream.
             deliver_policy=js_api.DeliverPolicy.ALL,
             inactive_threshold=INACTIVE_SECONDS,
         )

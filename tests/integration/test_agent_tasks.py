@@ -37,7 +37,7 @@ from libs.bus import Bus, kv_load
 from libs.config import Settings
 from libs.events.agent import CachedFile, InventoryRequest
 from libs.events.common import ObjectMeta, ObjectRef
-from libs.events.dataset import ManifestEntry
+from libs.events.dataset import DatasetDelete, ManifestEntry
 from libs.events.operation import (
     DataLoadSpec,
     DatasetRef,
@@ -344,6 +344,38 @@ async def test_a_part_whose_run_is_not_current_is_skipped(
         # The run's record as the loader left it: the agent writes nothing there.
         record, _ = await kv_load(await bus.kv(subjects.KV_OPERATIONS), current.rsplit(".", 1)[0], OperationRecord)
         assert record is not None and record.status.phase == "Executing"
+
+
+async def test_a_dataset_deleted_and_applied_again_is_delivered_its_new_parts_and_none_of_its_old_life(
+        bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path,
+        capfd: pytest.CaptureFixture[str]) -> None:
+    """A deleted dataset's mount process deleted its durable, and the dataset applied again made a new one that
+    delivers every part still in the node's task stream (kept a day): each part of the deleted life came again, and
+    was skipped only after a KV read. Now the new life's mount resumes where the old one stopped, and still gets the
+    part the loader published for it before the mount process started."""
+    async with loader_stack(bus, settings, seaweedfs, bucket, tmp_path) as loader:
+        old = await loader.operation("old")
+        for part in range(3):
+            await loader.publish(old, "load", [loader.blocks("c.bin")], part=part)
+        await loader.final(old, part=2)
+        await loader.operation("old", phase="Failed")  # as the loader fails a run whose dataset is deleted
+        mountpoint = loader.node.mountpoint(NAME)
+        await bus.publish(subjects.DATASET_DELETE, DatasetDelete(name=NAME))
+
+        async def stopped() -> bool:
+            return not mount_pids(mountpoint)
+
+        await eventually(stopped, timeout=30, what="the deleted dataset's mount process ended")
+        capfd.readouterr()  # the old life's output
+        new = await loader.operation("new")
+        await loader.node.apply(NAME, bucket, endpoint=loader.store.endpoint)
+        await loader.publish(new, "load", [loader.blocks("c.bin")])  # before the new life's mount process starts
+        await loader.node.wait_mounted(NAME, expect="data/b.bin")
+        final = await loader.final(new)
+        events = json_lines(capfd.readouterr().err)
+    assert (final.failed, final.bytes_done, final.bytes_skipped) == (0, MiB, 0), final  # its cache went with it
+    replayed = [line for line in events if line.get("event") == "part skipped: its run is not current"]
+    assert replayed == [], f"parts of the deleted life delivered again: {replayed}"
 
 
 async def test_task_cancel_stops_a_running_part(
