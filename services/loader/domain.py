@@ -20,7 +20,7 @@ import contextlib
 import functools
 import itertools
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
@@ -649,12 +649,16 @@ def plan_load(run: str, dataset: ObjectRef, entries: Sequence[ManifestEntry], ch
     return Plan(run=run, files=files, parts=parts)
 
 
-def replan_load(plan: Plan, ring_nodes: Sequence[str]) -> Plan:
+def replan_load(plan: Plan, ring_nodes: Sequence[str], cleaned: Container[tuple[int, str]] = frozenset()) -> Plan:
     """The plan with parts added for the blocks whose owners on ``ring_nodes`` (a ring that grew while the load
     runs: a cache worker added) have no part of them yet, numbered after its parts; the same plan when there are
     none. Readers ask a block's current owners, so without them those blocks were never loaded where they are
     looked for. The old owners' parts stay as they are: a block they load that is no longer theirs is one more
-    copy, evicted like any other. Deterministic, as ``plan_load``: the same plan and ring give the same parts."""
+    copy, evicted like any other. Deterministic, as ``plan_load``: the same plan and ring give the same parts.
+
+    No part is added for the files ``cleaned`` names (``(mount, key)``, ``cleaned_files``): a DataClean that started
+    after the load evicts them, and parts added now would reach their nodes after the clean's, loading them back
+    behind it."""
     holders: dict[tuple[int, int], set[str]] = {}
     sizes: dict[tuple[int, int], int] = {}
     for planned in plan.parts:
@@ -666,6 +670,8 @@ def replan_load(plan: Plan, ring_nodes: Sequence[str]) -> Plan:
     per_node: dict[str, dict[int, list[tuple[int, int]]]] = {}
     for (file_id, block), nodes in sorted(holders.items()):
         planned_file = plan.files[file_id]
+        if (planned_file.mount, planned_file.key) in cleaned:
+            continue
         name = BlockId(planned_file.mount, planned_file.key, planned_file.etag, block).name
         # A plan saved before ``replicas`` was kept gave each block that many holders (none was added since).
         for node in ring.owners(name, ring_set, planned_file.replicas or len(nodes)):
@@ -1055,6 +1061,41 @@ def ring_grew(record: OperationRecord, state: RunState, runtime: RuntimeRecord) 
     if record.load is None or state.stage != "executing" or not state.ring:
         return []
     return sorted(set(ring_of(runtime)) - set(state.ring))
+
+
+def later_cleans(record: OperationRecord, state: RunState, operations: Mapping[str, OperationRecord],
+                 runs: Mapping[str, RunState]) -> list[OperationRecord]:
+    """The DataCleans of an executing load's dataset whose run started after the load's run did and sent its parts
+    (executing, or finished having run). The loader sends a node its parts in the order the runs start, so each
+    node does the load's parts before the clean's and ends empty where the clean names; parts added to the load
+    later (its ring changed: ``replan_load``) would reach their nodes after the clean's and load those files back,
+    the load finishing last though the user applied the clean after it."""
+    if record.load is None or state.stage != "executing":
+        return []
+    ref = dataset_ref(record)
+    found = []
+    for key, other in sorted(operations.items()):
+        other_state = runs.get(key)
+        if (other.clean is None or other_state is None or not other_state.run or dataset_ref(other) != ref
+                or other_state.started_at <= state.started_at):
+            continue
+        if other_state.stage == "executing" or (other_state.stage == "finished" and other.status.progress.nodes):
+            found.append(other)
+    return found
+
+
+def cleaned_files(plan: Plan, cleans: Sequence[OperationRecord],
+                  entries: Sequence[ManifestEntry]) -> set[tuple[int, str]]:
+    """The ``(mount, key)`` of the load plan's files that ``cleans`` (``later_cleans``) evict: all of them for a
+    clean of everything, else the files their target paths name in the dataset's manifest ``entries``."""
+    if any(clean.clean is not None and not clean.clean.target for clean in cleans):
+        return {(file.mount, file.key) for file in plan.files}
+    keys: set[tuple[int, str]] = set()
+    for clean in cleans:
+        if clean.clean is not None:
+            chosen, _ = select(entries, clean.clean.target)
+            keys |= {(entries[index].mount, entries[index].key) for index in chosen}
+    return keys
 
 
 def ring_shrank(record: OperationRecord, state: RunState, runtime: RuntimeRecord) -> list[str]:

@@ -543,7 +543,7 @@ class LoaderHandlers:
                              + (shrank := domain.ring_shrank(record, state, runtime)))):
                     # Before a Complete too: the last part may report before a tick saw the new worker, and the parts
                     # of the nodes scaled in may all be done before a tick saw them go.
-                    replanned = await self._replan(key, state, runtime, grown, shrank)
+                    replanned = await self._replan(key, record, state, runtime, grown, shrank)
                     state, _ = await self._state(key)
                     result = replanned or domain.outcome(state)
             if result is None:
@@ -837,20 +837,30 @@ class LoaderHandlers:
             raise
         return ""
 
-    async def _replan(self, key: str, state: domain.RunState, runtime: RuntimeRecord, grown: list[str],
-                      shrank: list[str]) -> tuple[OperationPhase, str] | None:
+    async def _replan(self, key: str, record: OperationRecord, state: domain.RunState, runtime: RuntimeRecord,
+                      grown: list[str], shrank: list[str]) -> tuple[OperationPhase, str] | None:
         """The ring changed under an executing load (``grown``: its new workers; ``shrank``: the workers it was
         planned on that are workers no more): the blocks whose current owners have no part of them get parts
         (``domain.replan_load``), saved (plan, then run state) before they are published, so the run ends with every
         block on its current owners. Readers ask those owners: without this the blocks a worker added mid-load owns
         were never loaded, nor those of a worker scaled in once its part was done, and the load ended Complete with
         them off the cache. The end of the run instead (Failed) when its plan is gone, it grew too large, or a new
-        node's stream cannot be made."""
+        node's stream cannot be made. The files a DataClean started after the load evicts get no part
+        (``domain.later_cleans``): added now, they would reach their nodes after the clean's parts and load them
+        back, the load's result overriding the clean the user applied after it."""
         plan = await self._plan_of(key, state.run)
         if plan is None:
             return "Failed", "the run's plan is gone (loader storage lost); run it again"
         ring = domain.ring_of(runtime)
-        extended = await asyncio.to_thread(domain.replan_load, plan, ring)
+        cleans = domain.later_cleans(record, state, self.operations.values, self.runs.values)
+        cleaned: set[tuple[int, str]] = set()
+        if cleans:
+            entries: list[ManifestEntry] = []
+            if any(clean.clean is not None and clean.clean.target for clean in cleans):
+                _, found = await self._current_entries(await ManifestStore.of(self.bus), record, None)
+                entries = found or []
+            cleaned = await asyncio.to_thread(domain.cleaned_files, plan, cleans, entries)
+        extended = await asyncio.to_thread(domain.replan_load, plan, ring, cleaned)
         added = extended.parts[len(plan.parts):]
         if added:
             too_large = domain.state_problem(extended)
@@ -868,7 +878,9 @@ class LoaderHandlers:
                 return "Failed", problem
         log.info("ring changed under the load: blocks planned again for their new owners", run=state.run,
                  new_workers=grown, workers_gone=shrank, parts_added=len(added),
-                 blocks_added=sum(p.blocks for p in added))
+                 blocks_added=sum(p.blocks for p in added),
+                 files_left_to_later_cleans=len(cleaned) or None,
+                 later_cleans=[subjects.object_name(c.metadata.namespace, c.metadata.name) for c in cleans] or None)
         return None
 
     async def _task_stream(self, node: str) -> str:

@@ -1855,6 +1855,63 @@ async def test_a_load_whose_ring_is_scaled_in_after_the_parts_gone_finished_comp
     assert done.status.progress.bytes_done == done.status.progress.bytes_total
 
 
+@pytest.mark.parametrize(("target", "serves_first"), [("", False), ("/x/d", True)], ids=["everything", "a-folder"])
+async def test_a_clean_applied_after_a_load_whose_ring_grows_leaves_its_files_cleaned_on_every_node(
+        bus: Bus, nats_server: NatsServer, target: str, serves_first: bool) -> None:
+    """A load runs on node-a and node-b, a clean of the dataset (everything, or a folder) is applied after it, then
+    node-c joins the ring. Each node does its parts in the order the runs started: the load's, then the clean's. The
+    load's parts for node-c, planned when it joined, came after the clean's there (or alone, node-c having no part
+    of the clean): the clean emptied node-a and node-b, and node-c ended holding the load's blocks, the load's
+    result winning over the clean applied after it. Now the files the later clean evicts are not planned again;
+    the others still go to their new owner."""
+    await put_dataset(bus, files(*[(f"{folder}/f{i}", BLOCK) for folder in "de" for i in range(12)]))
+    await put_runtime(bus, NODES if serves_first else NODES[:2], workers=NODES[:2])
+    load_key = subjects.operation_key("DataLoad", "default", "warm")
+    clean_key = subjects.operation_key("DataClean", "default", "wipe")
+
+    async def executing(key: str) -> bool:
+        state = await run_state(bus, key)
+        return state is not None and state.stage == "executing" and bool(state.parts)
+
+    async with agent(bus, NODES) as scripted, loader(nats_server):
+        scripted.hold.set()
+        await publish(bus, subjects.DATALOAD_APPLY, dataload())
+        await eventually(lambda: executing(load_key), what="the load planned on node-a and node-b")
+        await publish(bus, subjects.DATACLEAN_APPLY, DataCleanApply(data_clean=DataClean(
+            metadata=ObjectMeta(name="wipe"), spec=DataCleanSpec(
+                dataset=DatasetRef(name="data"), target=[CleanTarget(path=target)] if target else []))))
+        await eventually(lambda: executing(clean_key), what="the clean's parts sent")
+        await put_runtime(bus, NODES)  # node-c joins the ring
+
+        async def ring_seen() -> bool:
+            state = await run_state(bus, load_key)
+            return state is not None and "node-c" in state.ring
+
+        await eventually(ring_seen, what="the load's ring grown to node-c")
+        scripted.hold.clear()
+        await phase_of(bus, "Complete")
+        await phase_of(bus, "Complete", name="wipe", kind="DataClean")
+    cached: dict[str, set[tuple[str, int]]] = {node: set() for node in NODES}
+    for task_id, _ in scripted.seen:  # each node's parts in the order it took them
+        task = scripted.tasks.get(task_id)
+        if task is None:
+            continue
+        if task.action == "load":
+            cached[task.node] |= {(file.key, index) for file in task.blocks for index, _ in file.blocks}
+        elif task.everything:
+            cached[task.node] = set()
+        else:
+            cached[task.node] = {block for block in cached[task.node] if (0, block[0]) not in task.files}
+    left = {node: sorted(key for key, _ in blocks if not target or key.startswith("d/"))
+            for node, blocks in cached.items()}
+    assert left == {node: [] for node in NODES}, f"blocks the later clean evicts left cached: {left}"
+    if target:  # the files the clean does not name still go to their owner on the grown ring
+        kept = {(key, index) for blocks in cached.values() for key, index in blocks}
+        on_c = {block for block in kept
+                if ring.owners(BlockId(0, block[0], "e1", block[1]).name, NODES, 1) == ["node-c"]}
+        assert on_c and on_c <= cached["node-c"]
+
+
 async def test_a_loader_killed_between_run_state_and_record_catches_up(bus: Bus, nats_server: NatsServer) -> None:
     """The run state says run 1 is being planned, the record still says Pending with no run (the loader died
     between the two writes): the restarted loader plans run 1, shows it Executing, and runs no second one."""

@@ -1197,6 +1197,47 @@ def test_a_ring_scaled_in_is_seen_even_once_the_parts_of_the_nodes_gone_are_done
     assert len(on_a) == 12, "every block on the one worker left"
 
 
+def test_a_load_replanned_after_a_later_clean_started_adds_no_part_for_the_files_it_evicts() -> None:
+    """A clean that started after the load sends each node its parts behind the load's; parts added to the load
+    later (its ring grew) would come behind the clean's and load its files back."""
+    load_state = domain.RunState(run="dataload.ns.warm.1", stage="executing", started_at=10.0, ring=["a", "b"])
+    load = record(DataLoadSpec(dataset=DatasetRef(name="data", namespace="ns")))
+
+    def clean(name: str, targets: list[str], dataset: str = "data", **status: object) -> OperationRecord:
+        return OperationRecord(kind="DataClean", metadata=ObjectMeta(name=name, namespace="ns"),
+                               clean=DataCleanSpec(dataset=DatasetRef(name=dataset, namespace="ns"),
+                                                   target=[CleanTarget(path=p) for p in targets]),
+                               status=OperationStatus(**status))  # type: ignore[arg-type]
+
+    ran = OperationStatus(progress=Progress(nodes=[NodeProgress(node="a")]))
+    operations = {"dataclean.ns.later": clean("later", ["/x/d"]), "dataclean.ns.before": clean("before", []),
+                  "dataclean.ns.other": clean("other", [], dataset="other"),
+                  "dataclean.ns.never": clean("never", []),  # failed to start: sent no part
+                  "dataclean.ns.done": clean("done", ["/x/e/f1"], progress=ran.progress),
+                  "dataload.ns.warm": load}
+    runs = {"dataclean.ns.later": domain.RunState(run="dataclean.ns.later.1", stage="executing", started_at=11.0),
+            "dataclean.ns.before": domain.RunState(run="dataclean.ns.before.1", stage="executing", started_at=9.0),
+            "dataclean.ns.other": domain.RunState(run="dataclean.ns.other.1", stage="executing", started_at=12.0),
+            "dataclean.ns.never": domain.RunState(run="dataclean.ns.never.1", started_at=12.0),
+            "dataclean.ns.done": domain.RunState(run="dataclean.ns.done.1", started_at=13.0),
+            "dataload.ns.warm": load_state}
+    later = domain.later_cleans(load, load_state, operations, runs)
+    assert [c.metadata.name for c in later] == ["done", "later"]
+    entries = [entry(f"/x/{folder}/f{i}", 100) for folder in "de" for i in range(4)]
+    plan = domain.plan_load("dataload.ns.warm.1", ObjectRef(name="data", namespace="ns"), entries,
+                            dict.fromkeys(range(len(entries)), 1), ["a", "b"], ["a", "b"], 100)
+    cleaned = domain.cleaned_files(plan, later, entries)
+    assert cleaned == {(0, "x/d/f0"), (0, "x/d/f1"), (0, "x/d/f2"), (0, "x/d/f3"), (0, "x/e/f1")}
+    assert domain.cleaned_files(plan, [*later, operations["dataclean.ns.before"]], entries) == {
+        (0, e.key) for e in entries}, "a clean of everything evicts every file"
+    grown = domain.replan_load(plan, ["a", "b", "c"], cleaned)
+    added = {file.key for part in grown.parts[len(plan.parts):] for file in part.task.blocks}
+    every = {file.key for part in domain.replan_load(plan, ["a", "b", "c"]).parts[len(plan.parts):]
+             for file in part.task.blocks}
+    assert added == every - {key for _, key in cleaned} and added, (added, every)
+    assert domain.later_cleans(load, msgspec.structs.replace(load_state, stage="finished"), operations, runs) == []
+
+
 def test_a_finished_runs_state_keeps_what_decides_the_next_runs_not_its_parts() -> None:
     state = domain.RunState(run="op.3", stage="finished", ring=["a"], files_total=2, requested=1, sync_stamp="s",
                             outcome="Complete", parts=[domain.PartState(node="a", bytes_total=5, done=True)])
