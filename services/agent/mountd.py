@@ -67,6 +67,7 @@ from services.agent.metrics import MountMetrics, remove_target, write_target
 from services.agent.mountinfo import device_of
 from services.agent.mountstatus import (
     STARTING_CACHE,
+    STARTING_CACHE_WAIT,
     STARTING_MOUNT,
     STARTING_RECORDS,
     MountStatus,
@@ -96,6 +97,9 @@ RELOAD_RETRY = Backoff(first=1.0, cap=30.0)
 # A watch of the mount's records that failed or ended is started again after these delays: soon after a blip, and
 # a bucket missing or refused for long is asked at most every 30 s.
 WATCH_RETRY = Backoff(first=0.5, cap=30.0)
+# How often a start waiting for an earlier process's purge of the cache folders asks for their locks again: a purge
+# of a large cache takes seconds, so a tenth of one is no delay worth a thread blocked in flock.
+HOLD_RETRY_SECONDS = 0.1
 
 
 def agent_store(location: object) -> ObjectStore:
@@ -201,6 +205,9 @@ class MountedDataset:
                                                             self.name),
                                        policy_factory=policy, on_cached=inventory.cached, on_evicted=inventory.evicted)
         cache.on_tier_evicted = self.metrics.tier_evicted
+        if not await self._hold_cache(cache, stop):
+            self._stopped_while_starting(STARTING_CACHE_WAIT)
+            return
         await self._starting(STARTING_CACHE)
         if not await self._load_cache(cache, block_size, stop):
             self._stopped_while_starting(STARTING_CACHE)
@@ -372,6 +379,23 @@ class MountedDataset:
         """Tell the agent what the start is doing now (it names the step if the start outlasts its deadline)."""
         if self.status_file:
             await asyncio.to_thread(write_status, self.status_file, MountStatus(pid=os.getpid(), starting=step))
+
+    async def _hold_cache(self, cache: BlockCache, stop: asyncio.Event) -> bool:
+        """Take the cache folders' locks (``BlockCache.hold_folders``), waiting while an earlier mount process of the
+        dataset deletes its blocks there (it can outlive its agent: a deleted dataset's purge, with the next
+        agent's mount of its new incarnation starting meanwhile); False when ``stop`` was set meanwhile."""
+        waiting = False
+        while not await asyncio.to_thread(cache.hold_folders):
+            if not waiting:
+                waiting = True
+                await self._starting(STARTING_CACHE_WAIT)
+                log.info("waiting for an earlier mount process to finish deleting the cache", dataset=self.shown)
+            # flock cannot wait on ``stop`` too: it is asked again every so often instead (a purge takes seconds).
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), HOLD_RETRY_SECONDS)
+            if stop.is_set():
+                return False
+        return True
 
     async def _load_cache(self, cache: BlockCache, block_size: int, stop: asyncio.Event) -> bool:
         """Index the blocks the last clean stop wrote down (in a thread: one file per tier, ``BlockCache.start``);

@@ -53,9 +53,12 @@ def free_folder(directory: str, suffix: str, in_use: Iterable[str]) -> Freed:
     if not os.path.isfile(os.path.join(real, MARKER)) or os.path.islink(os.path.join(real, MARKER)):
         return Freed(folder, refused=f"not a cache folder Shoal made (no {MARKER})")
     tier = DiskTier(real, 1)  # the quota is not used: nothing is admitted, only scanned and removed
+    if not tier.hold(exclusive=True):
+        return Freed(folder, refused="a mount process uses it (one that outlived an earlier agent)")
     blocks = freed = 0
     for block in tier.scan():
         if tier.remove(block.name):
             blocks, freed = blocks + 1, freed + block.size
     tier.remove_empty_directories()
+    tier.release()
     return Freed(folder, blocks=blocks, bytes=freed)

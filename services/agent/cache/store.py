@@ -988,9 +988,10 @@ class BlockCache:
         The order keeps it safe: first, on the loop, every block leaves the index (``on_evicted``, so the inventory
         reports it), writes in flight are marked stale (their files are deleted when they commit) and no block is
         written or found on disk from then on; only then are the files deleted, and the folders last. A cancelled
-        caller still waits for the deletions to end: the mount process exits only after them, and the agent starts
-        a new mount of the same dataset (which writes into the same folders) only once the old process has exited,
-        so a purge never deletes a new mount's blocks.
+        caller still waits for the deletions to end: the mount process exits only after them. A purge never deletes
+        a new mount's blocks, even one an agent restarted meanwhile started (a mount process can outlive its
+        agent): the folders' locks (``hold_folders``) make the new mount wait for the purge, and a purge leaves a
+        folder that a mount started before it holds to that mount.
         """
         work = asyncio.ensure_future(asyncio.to_thread(self._purge_files, self._purge_index()))
         try:
@@ -1013,16 +1014,52 @@ class BlockCache:
     def _purge_files(self, indexed: list[tuple[Tier, str]]) -> int:
         """``purge``'s file I/O: the indexed blocks' files, then every other block file in the disk tiers' shard
         folders (after a crash the files a restart's scan had not reached are indexed by no one, and would stay on
-        disk; their temporary files are left to writes in flight), then the emptied folders; returns how many."""
-        for tier, name in indexed:
-            tier.remove(name)
-        unindexed = 0
+        disk; their temporary files are left to writes in flight), then the emptied folders; returns how many.
+
+        A disk tier's folder only while no other process holds its lock (``DiskTier.hold``): a mount process of
+        the dataset started meanwhile (by an agent restarted while this purge ran, or a new incarnation's) uses
+        it, and its blocks are its own, so this purge leaves the folder to it; one started later waits for the
+        purge to end."""
+        left: set[int] = set()
         for tier in self._tiers:
+            if not isinstance(tier, DiskTier) or not tier.available():
+                continue
+            try:
+                held = tier.hold(exclusive=True)
+            except OSError as err:
+                log.warning("cache folder not locked: its blocks are left", directory=tier.location, error=str(err))
+                held = False
+            if not held:
+                left.add(id(tier))
+                log.info("cache folder in use by another mount process: its blocks are left to it",
+                         directory=tier.location)
+        removed = 0
+        for tier, name in indexed:
+            if id(tier) not in left:
+                tier.remove(name)
+                removed += 1
+        for tier in self._tiers:
+            if id(tier) in left:
+                continue
             if isinstance(tier, DiskTier):
-                unindexed += tier.remove_block_files()
+                removed += tier.remove_block_files()
                 tier.discard_index()
             tier.remove_empty_directories()
-        return len(indexed) + unindexed
+            if isinstance(tier, DiskTier):
+                tier.release()
+        return removed
+
+    def hold_folders(self) -> bool:
+        """Takes each disk tier's folder lock, shared (``DiskTier.hold``), as a mount process does before its
+        cache starts and keeps until it exits; False while another process deletes a folder's blocks (a purge of
+        the dataset's previous mount, which may outlive its agent): ask again later."""
+        held = True
+        for _, tier in self._disk_tiers():
+            try:
+                held = tier.hold() and held
+            except OSError:
+                continue  # no folder to lock: the start finds it failing and takes the tier down, as before
+        return held
 
     def _forget(self, name: str, entry: _Entry) -> None:
         del self._index[name]

@@ -59,6 +59,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import errno
+import fcntl
 import io
 import itertools
 import mmap
@@ -107,6 +108,12 @@ BLOCK_SIZE_FILE = ".shoal-block-size"
 # The index a clean stop writes (every block of the tier, least recently used first), read and deleted by the next
 # start so that start serves at once instead of opening every block file first (see ``DiskTier.take_index``).
 INDEX_FILE = ".shoal-index"
+# Locked (flock) by every process that uses the folder: shared by a mount process from before its cache starts until
+# it exits; exclusive, without waiting, by whoever deletes every block of the folder (a purge, the agent freeing a
+# deleted dataset's or a retired tier's folder), which deletes it last but one, before the marker. A mount process
+# can outlive its agent: the next agent may start the dataset's next mount while the old one still purges, and that
+# purge would delete the new mount's blocks, then its marker and folder (``DiskTier.hold``).
+LOCK_FILE = ".shoal-lock"
 INDEX_MAGIC = b"SHIX"
 INDEX_VERSION = 1
 # magic, version, reserved, the block size the blocks were cut at, xxh3-64 of the body (msgpack of [[id, size]...])
@@ -343,6 +350,8 @@ class DiskTier:
         self._temp_ids = itertools.count()  # next() on a count is atomic under the GIL
         # O_DIRECT until the filesystem refuses it (tmpfs, some overlays): then buffered writes.
         self._direct = direct_io and hasattr(os, "O_DIRECT")
+        self._lock_fd: int | None = None  # the folder's LOCK_FILE, flocked (``hold``)
+        self._lock_exclusive = False
 
     # -- health -------------------------------------------------------------------------------------------
 
@@ -737,6 +746,52 @@ class DiskTier:
         log.warning("cache scan removed a file", path=path, reason="not a sound block file")
         _unlink_quietly(path)
 
+    def hold(self, exclusive: bool = False) -> bool:
+        """Takes the folder's lock (``LOCK_FILE``, made with the folder if need be) without waiting: shared, as a
+        mount process that uses the folder holds it (False while another deletes the folder's blocks), or
+        exclusive, as whoever deletes them all (False while another process holds it in any way: the blocks are
+        its). Held until ``release`` or the process's end (a crash frees it); a shared hold can be made exclusive.
+
+        Whoever held it exclusive deleted the file with the folder (``remove_empty_directories``): a lock taken on
+        a file that is no longer the folder's is dropped and taken again on the folder's new one."""
+        if self._lock_fd is not None and self._lock_exclusive >= exclusive:
+            return True
+        mode = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB
+        path = os.path.join(self._root, LOCK_FILE)
+        for _ in range(3):  # each retry follows a whole purge of the folder meanwhile: rare
+            fd = self._lock_fd
+            if fd is None:
+                os.makedirs(self._root, exist_ok=True)
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fcntl.flock(fd, mode)
+            except BlockingIOError:
+                # A shared hold made exclusive is dropped when that fails (flock converts by unlocking first).
+                self._close_lock(fd)
+                return False
+            except BaseException:
+                self._close_lock(fd)
+                raise
+            try:
+                same = os.stat(path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                self._lock_fd, self._lock_exclusive = fd, exclusive
+                return True
+            self._close_lock(fd)
+        return False
+
+    def release(self) -> None:
+        """Drops the folder's lock (``hold``), if held."""
+        if self._lock_fd is not None:
+            self._close_lock(self._lock_fd)
+
+    def _close_lock(self, fd: int) -> None:
+        os.close(fd)
+        if fd == self._lock_fd:
+            self._lock_fd, self._lock_exclusive = None, False
+
     def remove_block_files(self) -> int:
         """Deletes every file in the shard folders but the temporary files of this process's writes in flight
         (whoever reserved them deletes what they write) and returns how many block files that was: a purge's
@@ -778,7 +833,8 @@ class DiskTier:
                 os.rmdir(shard)
         with contextlib.suppress(OSError):
             left = os.listdir(self._root)
-            if MARKER in left and set(left) <= {MARKER, BLOCK_SIZE_FILE, INDEX_FILE}:  # Shoal's own files go last
+            own = {MARKER, BLOCK_SIZE_FILE, INDEX_FILE} | ({LOCK_FILE} if self._lock_exclusive else set())
+            if MARKER in left and set(left) <= own:  # Shoal's own files go last
                 for name in sorted(left, key=lambda name: name == MARKER):  # the marker last of all
                     os.unlink(os.path.join(self._root, name))
             os.rmdir(self._root)
@@ -791,7 +847,7 @@ class DiskTier:
         if os.path.exists(marker):
             return True
         with os.scandir(self._root) as entries:
-            foreign = [entry.name for entry in itertools.islice(entries, 3)]
+            foreign = [entry.name for entry in itertools.islice((e for e in entries if e.name != LOCK_FILE), 3)]
         if foreign and _written_by_shoal(self._root):
             # A cache from before the marker existed: every file in it is one of our blocks, so it is ours.
             log.info("cache directory from an older Shoal claimed", directory=self._root)
@@ -896,6 +952,8 @@ def _written_by_shoal(root: str) -> bool:
     """
     for directory, _, files in os.walk(root):
         for name in files:
+            if directory == root and name == LOCK_FILE:
+                continue  # a process's lock, made before the first scan
             try:
                 with open(os.path.join(directory, name), "rb") as block:
                     if block.read(len(MAGIC)) != MAGIC:

@@ -1,0 +1,114 @@
+"""Two processes on one cache folder: a mount process can outlive its agent, so the next agent may start the dataset's
+next mount while the old process still deletes the folder's blocks (the dataset was deleted). Each side here is a
+real process on real files; the old one's purge pauses, its lock taken, until the test lets it go on."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from services.agent.cache import BlockCache, DiskTier, LruPolicy
+from services.agent.cache.tiers import LOCK_FILE, MARKER
+from tests.unit.test_block_cache import SIZE, block, payload
+
+# The old mount process: serves the folder's cache, then purges it when told (a line on stdin), pausing with the
+# folder's lock held (after "purging") until told again.
+OLD_MOUNT = f"""
+import sys
+from services.agent.cache import BlockCache, DiskTier, LruPolicy
+
+class Paused(DiskTier):
+    def remove_block_files(self):
+        print("purging", flush=True)
+        sys.stdin.readline()
+        return super().remove_block_files()
+
+cache = BlockCache([Paused(sys.argv[1], 100 * {SIZE}, high=1.0, low=0.5)], LruPolicy)
+assert cache.hold_folders()
+cache.load()
+print("serving", len(cache.blocks()), flush=True)
+sys.stdin.readline()
+print("purged", cache.purge(), flush=True)
+"""
+
+
+@pytest.fixture
+def old_mount(tmp_path: Path) -> Iterator[subprocess.Popen[str]]:
+    folder = tmp_path / "ssd"
+    first = BlockCache([DiskTier(folder, 100 * SIZE, high=1.0, low=0.5)], LruPolicy)
+    first.load()
+    for index in range(5):
+        assert first.put(block(index), payload(index))
+    process = subprocess.Popen([sys.executable, "-c", OLD_MOUNT, str(folder)], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, text=True)
+    assert said(process) == "serving 5"
+    with process:  # its pipes closed, and waited for
+        yield process
+        if process.poll() is None:
+            process.kill()
+
+
+def said(process: subprocess.Popen[str]) -> str:
+    """The old process's next step (its log lines, on the same stdout, skipped)."""
+    assert process.stdout is not None
+    while (line := process.stdout.readline()) and (line.split() or [""])[0] not in ("serving", "purging", "purged"):
+        pass
+    return line.strip()
+
+
+def tell(process: subprocess.Popen[str]) -> str:
+    assert process.stdin is not None
+    process.stdin.write("go\n")
+    process.stdin.flush()
+    return said(process)
+
+
+def new_cache(folder: Path) -> BlockCache:
+    return BlockCache([DiskTier(folder, 100 * SIZE, high=1.0, low=0.5)], LruPolicy)
+
+
+async def test_a_mount_started_while_an_old_process_purges_the_folder_waits_for_the_purge(
+        tmp_path: Path, old_mount: subprocess.Popen[str]) -> None:
+    folder = tmp_path / "ssd"
+    assert tell(old_mount) == "purging"  # the dataset was deleted: the old process deletes its blocks
+    cache = new_cache(folder)  # the next incarnation's mount, started by the next agent
+    assert not cache.hold_folders()  # mountd waits (STARTING_CACHE_WAIT) and asks again
+    assert tell(old_mount) == "purged 5"
+    assert old_mount.wait(timeout=30) == 0
+    assert cache.hold_folders()
+    cache.start(SIZE)
+    assert await cache.scan_rest() == 0  # the old blocks are gone
+    assert cache.put(block(10), payload(10))
+    assert cache.get(block(10)) == payload(10)
+    assert (folder / MARKER).is_file() and (folder / LOCK_FILE).is_file()
+
+
+async def test_a_purge_leaves_the_folder_to_a_mount_that_uses_it_meanwhile(
+        tmp_path: Path, old_mount: subprocess.Popen[str]) -> None:
+    folder = tmp_path / "ssd"
+    cache = new_cache(folder)  # started while the old process still served (it purges once it has unmounted)
+    assert cache.hold_folders()
+    cache.start(SIZE)
+    assert await cache.scan_rest() == 5  # the old blocks, kept as the new mount's manifest says (here: all)
+    assert cache.put(block(10), payload(10))
+    assert tell(old_mount) == "purged 0"  # its lock was not its alone: nothing deleted, no pause either
+    assert old_mount.wait(timeout=30) == 0
+    assert [cache.get(block(index)) for index in (0, 4, 10)] == [payload(0), payload(4), payload(10)]
+    assert (folder / MARKER).is_file()
+
+
+def test_a_purge_of_a_folder_nobody_else_uses_deletes_it_lock_and_all(tmp_path: Path) -> None:
+    folder = tmp_path / "ssd"
+    cache = new_cache(folder)
+    assert cache.hold_folders()
+    cache.load()
+    assert cache.put(block(0), payload(0))
+    assert cache.purge() == 1
+    assert not folder.exists()
+    again = new_cache(folder)  # the folder's next user makes it anew
+    assert again.hold_folders()
+    assert (folder / LOCK_FILE).is_file()
