@@ -1396,18 +1396,34 @@ def changes_only(trigger: Trigger, record: OperationRecord, state: RunState, dat
 RunAfter = Literal["go", "wait", "fail"]
 
 
-def run_after(ref: OperationRef | None, namespace: str, other: OperationRecord | None) -> tuple[RunAfter, str]:
-    """runAfter: go when the named operation is Complete, fail when it Failed, otherwise wait (with what for)."""
+def run_after(ref: OperationRef | None, record: OperationRecord,
+              other: OperationRecord | None) -> tuple[RunAfter, str]:
+    """runAfter: go when ``record``'s named operation is Complete, fail when it Failed (saying what to do),
+    otherwise wait (with what for)."""
     if ref is None:
         return "go", ""
+    namespace = record.metadata.namespace
     name = f"{ref.kind} {ref.namespace or namespace}/{ref.name}"
     if other is None:
         return "wait", f"{name} to exist and be Complete"
     if other.status.phase == "Complete":
         return "go", ""
     if other.status.phase == "Failed":
-        return "fail", f"{name} (spec.runAfter) Failed: {other.status.message or 'no reason given'}"
+        return "fail", (f"{name} (spec.runAfter) Failed: {other.status.message or 'no reason given'}; "
+                        f"{_after_failed(name, record)}")
     return "wait", f"{name} to be Complete"
+
+
+def _after_failed(name: str, record: OperationRecord) -> str:
+    """What to do when the operation ``record`` runs after (``name``) Failed. Fixing that one alone left a Once
+    operation (a DataClean, a Once DataLoad) Failed for good: Once runs once per spec, as in Fluid, so one applied
+    unchanged runs nothing (worded as ``_cycle_message``). A Cron or OnEvent load runs again at its next firing or
+    sync, and waits then for that one to be Complete."""
+    this = f"{record.kind} {record.metadata.namespace}/{record.metadata.name}"
+    if record.load is not None and record.load.policy != "Once":
+        return f"fix {name} ({this} runs again at its next firing or sync)"
+    return (f"fix {name}, then delete and apply again {this}: a Once operation applied unchanged does not run "
+            "again")
 
 
 def run_after_key(ref: OperationRef, namespace: str) -> tuple[str, str, str]:

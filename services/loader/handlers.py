@@ -654,7 +654,7 @@ class LoaderHandlers:
         if spec.run_after is not None:
             kind, namespace, name = domain.run_after_key(spec.run_after, record.metadata.namespace)
             other = self.operations.values.get(subjects.operation_key(kind, namespace, name))
-        decision, why = domain.run_after(spec.run_after, record.metadata.namespace, other)
+        decision, why = domain.run_after(spec.run_after, record, other)
         on_operation = decision == "wait"  # a wait decided below is for the dataset
         if decision != "go":  # waiting for ever in a cycle, or failing on its neighbour: fail naming the cycle
             cycle = domain.run_after_cycle(

@@ -1496,7 +1496,9 @@ async def test_run_after_waits_for_complete_and_fails_after_failed(bus: Bus, nat
         await publish(bus, subjects.DATALOAD_APPLY, dataload(name="after",
                                                              run_after=OperationRef(kind="DataLoad", name="broken")))
         after = await phase_of(bus, "Failed", name="after")
-    assert "DataLoad default/broken (spec.runAfter) Failed" in after.status.message
+    assert after.status.message.startswith("DataLoad default/broken (spec.runAfter) Failed: ")
+    assert after.status.message.endswith("; fix DataLoad default/broken, then delete and apply again DataLoad "
+                                         "default/after: a Once operation applied unchanged does not run again")
 
 
 async def test_run_requests_while_a_run_is_pending_join_it_not_queue_more(bus: Bus, nats_server: NatsServer) -> None:

@@ -876,13 +876,34 @@ def test_on_event_loads_only_changes_of_the_incarnation_its_baseline_was_listed_
 
 def test_run_after_waits_goes_or_fails_naming_the_other() -> None:
     ref = OperationRef(kind="DataLoad", name="first")
-    assert domain.run_after(None, "default", None) == ("go", "")
-    assert domain.run_after(ref, "default", None)[0] == "wait"
-    assert domain.run_after(ref, "default", record(phase="Executing")) == (
+    waiting = record()
+    assert domain.run_after(None, waiting, None) == ("go", "")
+    assert domain.run_after(ref, waiting, None)[0] == "wait"
+    assert domain.run_after(ref, waiting, record(phase="Executing")) == (
         "wait", "DataLoad default/first to be Complete")
-    assert domain.run_after(ref, "default", record(phase="Complete"))[0] == "go"
-    decision, message = domain.run_after(ref, "default", record(phase="Failed", message="boom"))
+    assert domain.run_after(ref, waiting, record(phase="Complete"))[0] == "go"
+    decision, message = domain.run_after(ref, waiting, record(phase="Failed", message="boom"))
     assert decision == "fail" and "DataLoad default/first" in message and "boom" in message
+
+
+def test_run_after_failed_says_what_to_do() -> None:
+    """Fixing the one it runs after left a Once operation Failed for good (Once runs once per spec): the message
+    says to delete and apply it again, worded as the runAfter cycle's; a Cron or OnEvent load runs again."""
+    ref = OperationRef(kind="DataLoad", name="first")
+    failed = record(phase="Failed", message="boom")
+    assert domain.run_after(ref, record(), failed) == ("fail", (
+        "DataLoad default/first (spec.runAfter) Failed: boom; fix DataLoad default/first, then delete and apply "
+        "again DataLoad default/warm: a Once operation applied unchanged does not run again"))
+    clean = OperationRecord(kind="DataClean", metadata=ObjectMeta(name="tidy", namespace="ns"),
+                            clean=DataCleanSpec(dataset=REF, run_after=OperationRef(kind="DataLoad", name="first")),
+                            created_at="2026-01-01T00:00:00Z")
+    assert domain.run_after(ref, clean, failed)[1].endswith(
+        "fix DataLoad ns/first, then delete and apply again DataClean ns/tidy: a Once operation applied unchanged "
+        "does not run again")
+    cron = record(DataLoadSpec(dataset=REF, policy="Cron", schedule="0 * * * *"))
+    assert domain.run_after(ref, cron, failed)[1] == (
+        "DataLoad default/first (spec.runAfter) Failed: boom; fix DataLoad default/first (DataLoad default/warm runs "
+        "again at its next firing or sync)")
 
 
 def test_a_run_after_cycle_is_named_from_each_operation_in_it() -> None:
