@@ -535,13 +535,50 @@ def ineligible_reason(node: str, labels: Mapping[str, str], placement: Placement
         return "the dataset is a reference (dataset://): its source's runtime caches it"
     if (reason := affinity.mismatch(placement.affinity, node, labels)) is not None:
         return f"does not match nodeAffinity: {reason}"
+    conflict = sharing_conflict(node, placement, others, worker)
+    return conflict.reason if conflict is not None else None
+
+
+@dataclass(frozen=True)
+class SharingConflict:
+    """Exclusive placement keeps an agent from the runtime: it is ``other``'s worker, and ``other`` (when
+    ``other_exclusive``) or this dataset (when ``this_exclusive``) shares its workers with nobody."""
+
+    other: str
+    other_exclusive: bool
+    this_exclusive: bool
+
+    @property
+    def reason(self) -> str:
+        # The notPicked entry stays short: the message says what to change (``exclusive_fix``).
+        if self.other_exclusive:
+            return f"worker of {self.other} (Exclusive)"
+        return f"worker of {self.other}, and this dataset is Exclusive"
+
+
+def sharing_conflict(node: str, placement: Placement, others: Iterable[OtherRuntime],
+                     worker: bool = False) -> SharingConflict | None:
+    """Whether Exclusive placement keeps the agent on ``node`` from the runtime (``worker``: see
+    ``ineligible_reason``)."""
     for other in sorted(others, key=lambda o: o.key):
         if node in other.workers:
             if other.exclusive:
-                return f"worker of {other.key} (Exclusive)"
+                return SharingConflict(other.key, True, placement.exclusive)
             if placement.exclusive and not worker:
-                return f"worker of {other.key}, and this dataset is Exclusive"
+                return SharingConflict(other.key, False, True)
     return None
+
+
+def exclusive_fix(this: str, conflicts: Sequence[SharingConflict]) -> str:
+    """What to change when Exclusive placement is why ready agents are no cache workers: more agents, or
+    ``placement: Shared`` on each Dataset whose Exclusive placement stands in the way (both must be Shared for
+    two datasets to share an agent)."""
+    if not conflicts:
+        return ""
+    datasets = sorted({conflict.other for conflict in conflicts if conflict.other_exclusive}
+                      | ({this} if any(conflict.this_exclusive for conflict in conflicts) else set()))
+    return (f"Exclusive placement keeps {len(conflicts)} ready agent(s) from this runtime: run more agents, or set "
+            f"placement: Shared on Dataset {', '.join(datasets)}")
 
 
 # Why no agent is picked while ``spec.replicas`` is 0 (scaled to zero): every node reads from the store.
@@ -717,6 +754,7 @@ def runtime_status(record: RuntimeRecord, agents: Iterable[AgentRecord], now: fl
     the capacity counts also out of the ring, as the Dataset's does (``held_capacity``).
     """
     runtime = record.runtime
+    others = tuple(others)  # read twice: by the pick and by the shortfall's message
     by_node = {agent.heartbeat.node: agent for agent in agents}
     serving = serving_agents(runtime, by_node.values(), now)
     nodes = [beat.node for beat in serving if healthy(beat, runtime)]
@@ -746,6 +784,13 @@ def runtime_status(record: RuntimeRecord, agents: Iterable[AgentRecord], now: fl
     if len(ready_workers) < min(len(nodes), desired_workers):
         shortfall = worker_shortfall(runtime, len(ready_workers), desired_workers, picks.not_picked, nodes,
                                      [w.node for w in workers if not w.ready], by_node, now)
+        # The reason names the cause; what to change when it is Exclusive placement is said once, here.
+        ready_nodes = set(nodes)
+        conflicts = [conflict for entry in picks.not_picked if entry.node in ready_nodes
+                     and (conflict := sharing_conflict(entry.node, placement, others)) is not None
+                     and conflict.reason == entry.reason]
+        fix = exclusive_fix(f"{runtime.metadata.namespace}/{runtime.metadata.name}", conflicts)
+        shortfall = f"{shortfall}; {fix}" if fix else shortfall
         message = f"{message}; {shortfall}" if message else shortfall
     missing = None
     if not placement.found:

@@ -278,7 +278,9 @@ def test_an_exclusive_shortfall_keeps_the_runtime_ready_so_its_dataset_still_mou
     status = runtime_status(RuntimeRecord(runtime=runtime(1), generation=1), [agent("n1")], NOW,
                             Placement(), [OtherRuntime("default/other", True, ("n1",))])
     assert status.phase == "Ready" and status.workers == []
-    assert status.message == "0 of 1 cache workers ready (n1: worker of default/other (Exclusive); see notPicked)"
+    assert status.message == ("0 of 1 cache workers ready (n1: worker of default/other (Exclusive); see notPicked); "
+                              "Exclusive placement keeps 1 ready agent(s) from this runtime: run more agents, or set "
+                              "placement: Shared on Dataset default/demo, default/other")
 
 
 def test_a_runtime_without_its_dataset_picks_no_worker_until_the_dataset_is_applied() -> None:

@@ -492,7 +492,34 @@ def test_a_partial_ready_message_names_why_the_ready_agents_are_no_workers() -> 
     assert status.desired_worker_number_scheduled == 2
     assert status.message == ("1 of 2 agents ready: only 1 agent serves this runtime; lower spec.replicas to 1, or "
                               "run more agents; 0 of 2 cache workers ready "
-                              "(node-a: worker of default/demo (Exclusive); see notPicked)")
+                              "(node-a: worker of default/demo (Exclusive); see notPicked); Exclusive placement "
+                              "keeps 1 ready agent(s) from this runtime: run more agents, or set placement: Shared on "
+                              "Dataset default/demo, default/imagenet")
+    assert [entry.reason for entry in status.not_picked] == ["worker of default/demo (Exclusive)"]
+
+
+def test_an_exclusive_shortfall_says_what_to_change() -> None:
+    """The message named the cause (another dataset's Exclusive worker) but not the fix: more agents, or
+    placement: Shared on each Dataset whose Exclusive placement stands in the way, and only those."""
+    record = RuntimeRecord(runtime=valid_runtime(replicas=2), generation=1)
+    agents = [agent("node-a"), agent("node-b")]
+    # This dataset Shared, the other Exclusive: only the other is to change.
+    status = runtime_status(record, agents, NOW, Placement(exclusive=False),
+                            [OtherRuntime("default/demo", True, ("node-b",))])
+    assert status.message.endswith("1 of 2 cache workers ready (node-b: worker of default/demo (Exclusive); see "
+                                   "notPicked); Exclusive placement keeps 1 ready agent(s) from this runtime: run "
+                                   "more agents, or set placement: Shared on Dataset default/demo"), status.message
+    # This dataset Exclusive, the other Shared: only this one is to change.
+    status = runtime_status(record, agents, NOW, Placement(),
+                            [OtherRuntime("default/demo", False, ("node-a", "node-b"))])
+    assert status.message == ("0 of 2 cache workers ready (node-a: worker of default/demo, and this dataset is "
+                              "Exclusive; see notPicked); Exclusive placement keeps 2 ready agent(s) from this "
+                              "runtime: run more agents, or set placement: Shared on Dataset default/imagenet")
+    # Not Exclusive placement (nodeAffinity): no word about it.
+    no_node: dict[str, object] = {"required": {"nodeSelectorTerms": []}}
+    status = runtime_status(record, agents, NOW, Placement(affinity=no_node),
+                            [OtherRuntime("default/demo", True, ("node-b",))])
+    assert "Exclusive placement" not in status.message, status.message
 
 
 def test_a_partial_ready_message_adds_no_worker_shortfall_the_agents_explain() -> None:
