@@ -138,7 +138,9 @@ def read_secrets(secrets_dir: str, namespace: str, refs: list[tuple[str, str]]) 
 def missing_secret_hint(secrets_dir: str, namespace: str, refs: Sequence[tuple[str, str]]) -> str:
     """What to add to a ``MissingSecret`` message: when no folder of secrets is set, that none is read ("secret
     's3-creds' has no key 'id'" sent the user looking for a typo in a Secret that was never read); when a secret of
-    ``refs`` lies directly in the folder, where only ``UNNAMESPACED_SECRETS``' may, where the namespace's belongs."""
+    ``refs`` lies directly in the folder, where only ``UNNAMESPACED_SECRETS``' may, where the namespace's belongs;
+    otherwise where the first missing one was looked for (paths only, never what a file holds), and for one not
+    the Kubernetes bridge's copy, where to write it: the message alone sent the user guessing where Shoal reads."""
     if not secrets_dir:
         return ("; SHOAL_SECRETS_DIR is not set, so no secret is read: set it, for the dataset service and the "
                 "agents, to the folder holding the secrets as <namespace>/<secret>/<key> files")
@@ -148,6 +150,14 @@ def missing_secret_hint(secrets_dir: str, namespace: str, refs: Sequence[tuple[s
                 and unread in secret_paths(secrets_dir, UNNAMESPACED_SECRETS, name, key) and unread.is_file()):
             return (f"; {unread} is not read for namespace {namespace!r} (a secret there is the "
                     f"{UNNAMESPACED_SECRETS!r} namespace's): put it in {Path(secrets_dir) / namespace / name / key}")
+    for name, key in refs:
+        paths = secret_paths(secrets_dir, namespace, name, key)
+        if any(path.is_file() for path in paths):
+            continue
+        looked = f"; looked for {' and '.join(str(path) for path in paths)}"
+        if name.startswith(f"{namespace}."):  # the bridge writes its copies: nothing for the user to put there
+            return looked
+        return f"{looked}: write the key to {paths[0]} (SHOAL_SECRETS_DIR/<namespace>/<secret>/<key>)"
     return ""
 
 

@@ -285,8 +285,11 @@ async def test_same_named_secrets_of_two_namespaces_are_each_their_own(bus: Bus,
     assert (team_a.status.phase, team_a.status.file_num) == ("NotBound", 1), team_a.status
     assert team_b.status.phase == "Failed" and "not-the-key" not in team_b.status.message, team_b.status
     assert team_c.status.phase == "Failed", team_c.status
+    # Where team-c's would be is said; nothing of team-a's copy, which team-c cannot name.
     assert team_c.status.message == (f"mount s3://{bucket}/: secret 'team-a.s3-creds' has no key 'id' (needed for "
-                                     "aws.accessKeyId)"), team_c.status.message
+                                     f"aws.accessKeyId); looked for {secrets_dir}/team-c/team-a.s3-creds/id: write "
+                                     f"the key to {secrets_dir}/team-c/team-a.s3-creds/id "
+                                     "(SHOAL_SECRETS_DIR/<namespace>/<secret>/<key>)"), team_c.status.message
 
 
 async def test_republished_command_is_deduplicated(bus: Bus, settings: Settings, seaweedfs: SeaweedServer,

@@ -303,13 +303,18 @@ async def test_a_missing_secret_says_when_no_folder_of_secrets_is_set(bus: Bus, 
         "secrets as <namespace>/<secret>/<key> files")
 
 
-async def test_a_missing_secret_in_the_folder_of_secrets_is_said_as_it_is(bus: Bus, nats_server: NatsServer,
-                                                                        tmp_path: Path) -> None:
-    """With SHOAL_SECRETS_DIR set, the key is what is missing: nothing more to say."""
-    (tmp_path / "secrets").mkdir()
+async def test_a_missing_secret_in_the_folder_of_secrets_says_where_it_was_looked_for(
+        bus: Bus, nats_server: NatsServer, tmp_path: Path) -> None:
+    """With SHOAL_SECRETS_DIR set, the key is what is missing: the message said only that, not where Shoal reads
+    secrets from; it names the paths looked at and where to write the key (a path, never a secret's value)."""
+    secrets = tmp_path / "secrets"
+    secrets.mkdir()
     absent = await sync_of(bus, nats_server, "s3://bucket/", encrypt_options=credentials_from("s3-creds"),
-                           secrets_dir=str(tmp_path / "secrets"))
-    assert absent.status.message == "mount s3://bucket/: secret 's3-creds' has no key 'id' (needed for aws.accessKeyId)"
+                           secrets_dir=str(secrets))
+    assert absent.status.message == (
+        f"mount s3://bucket/: secret 's3-creds' has no key 'id' (needed for aws.accessKeyId); looked for "
+        f"{secrets}/default/s3-creds/id and {secrets}/s3-creds/id and {secrets}/s3-creds.id: write the key to "
+        f"{secrets}/default/s3-creds/id (SHOAL_SECRETS_DIR/<namespace>/<secret>/<key>)")
 
 
 @contextlib.asynccontextmanager

@@ -72,7 +72,32 @@ def test_same_named_secrets_of_two_namespaces_never_mix(tmp_path: Path) -> None:
     assert missing_secret_hint(folder, "other", refs) == (
         f"; {tmp_path}/s3-creds/id is not read for namespace 'other' (a secret there is the 'default' namespace's): "
         f"put it in {tmp_path}/other/s3-creds/id")
-    assert missing_secret_hint(folder, "other", [("team-a.bridged", "id")]) == ""  # team-a's: nothing to say
+    # team-a's copy is not read for namespace other: the hint says where other's would be, and nothing of team-a's.
+    assert missing_secret_hint(folder, "other", [("team-a.bridged", "id")]) == (
+        f"; looked for {tmp_path}/other/team-a.bridged/id: write the key to {tmp_path}/other/team-a.bridged/id "
+        "(SHOAL_SECRETS_DIR/<namespace>/<secret>/<key>)")
+
+
+def test_a_missing_secret_says_where_it_was_looked_for(tmp_path: Path) -> None:
+    """"secret 'creds' has no key 'id'" did not say where Shoal reads secrets from: the hint names the paths looked
+    at for the first missing key, and where to write it; never what any file holds."""
+    folder = str(tmp_path)
+    (tmp_path / "team" / "creds").mkdir(parents=True)
+    (tmp_path / "team" / "creds" / "id").write_text("AKID-VALUE")
+    refs = [("creds", "id"), ("creds", "secret")]  # the folder is there, one key file is not
+    hint = missing_secret_hint(folder, "team", refs)
+    assert hint == (f"; looked for {tmp_path}/team/creds/secret: write the key to {tmp_path}/team/creds/secret "
+                    "(SHOAL_SECRETS_DIR/<namespace>/<secret>/<key>)")
+    assert "AKID-VALUE" not in hint
+    # A whole secret missing, in the default namespace: every path it may be at.
+    assert missing_secret_hint(folder, "default", [("gone", "id")]) == (
+        f"; looked for {tmp_path}/default/gone/id and {tmp_path}/gone/id and {tmp_path}/gone.id: write the key to "
+        f"{tmp_path}/default/gone/id (SHOAL_SECRETS_DIR/<namespace>/<secret>/<key>)")
+    # The Kubernetes bridge's copy (named <namespace>.<secret>): the bridge writes it, so only where it was looked.
+    assert missing_secret_hint(folder, "team", [("team.bridged", "id")]) == (
+        f"; looked for {tmp_path}/team/team.bridged/id and {tmp_path}/team.bridged/id and {tmp_path}/team.bridged.id")
+    # Every key there (a MissingSecret for another reason, such as a key that is not text): nothing to add.
+    assert missing_secret_hint(folder, "team", [("creds", "id")]) == ""
 
 
 def test_a_claim_folder_must_exist_and_hold_the_mounted_path(tmp_path: Path) -> None:
