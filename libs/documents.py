@@ -46,7 +46,7 @@ import msgspec
 import yaml
 
 from libs import subjects
-from libs.events.common import parse_quantity
+from libs.events.common import ObjectMeta, parse_quantity
 from libs.events.dataset import (
     Dataset,
     DatasetApply,
@@ -417,7 +417,16 @@ def _document_to_command(
         raise _DocumentError(f"{label}: {_with_keys(str(err), converted)}{''.join(hints)}") from err
     if isinstance(obj, Dataset) and action == "apply" and (writes := write_access_modes(obj.spec.access_modes)):
         notes.append(read_only_note(str(kind), writes))
-    return _command(position, str(kind), obj, action), notes
+    return _command(position, str(kind), obj, action), _named_notes(notes, str(kind), obj.metadata)
+
+
+def _named_notes(notes: list[str], kind: str, meta: ObjectMeta) -> list[str]:
+    """The object's "ignored: ..." notes naming it (``ignored: Runtime default/demo: spec.colour (...)``): the kind
+    alone was ambiguous in a file of several objects of a kind. Named here, where the object is known, rather than
+    by each of the many spec readers below, which know the kind only."""
+    unnamed = f"{IGNORED} {kind}/"  # as ``_ignored`` begins
+    named = f"{IGNORED} {kind} {subjects.object_name(meta.namespace, meta.name)}: "
+    return [named + note.removeprefix(unnamed) if note.startswith(unnamed) else note for note in notes]
 
 
 # msgspec's message ends with where: "Expected `str`, got `bool` - at `$.spec.mounts[0].options[...]`", where
@@ -520,8 +529,13 @@ def _metadata(kind: str, metadata: Any, default_namespace: str, label: str) -> t
     return meta, notes
 
 
+# How a note on a field Shoal does not use begins.
+IGNORED = "ignored:"
+
+
 def _ignored(kind: str, path: str, why: str) -> str:
-    return f"ignored: {kind}/{path} ({why})"
+    """A note on a field Shoal does not use, of ``kind`` (``_named_notes`` adds the object's name)."""
+    return f"{IGNORED} {kind}/{path} ({why})"
 
 
 # --- Fluid Dataset ---

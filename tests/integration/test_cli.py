@@ -475,7 +475,7 @@ spec:
     applied = await shoal(nats_server, "apply", "-f", str(manifest))
     assert applied.exit_code == 0, applied.output
     assert applied.stdout == "dataset.shoal.io/demo created\nruntime.shoal.io/demo created\n"
-    assert "ignored: AlluxioRuntime/spec.master (not used by Shoal)" in applied.stderr.splitlines()
+    assert "ignored: AlluxioRuntime default/demo: spec.master (not used by Shoal)" in applied.stderr.splitlines()
 
     listed = await shoal(nats_server, "get", "runtime", "demo", "-o", "json")
     assert json.loads(listed.stdout)["spec"]["blockSize"] == "4Mi"
@@ -929,8 +929,8 @@ async def test_apply_of_fluids_juicefs_sample_keeps_shoals_watermarks(nats_serve
     applied = await shoal(nats_server, "apply", "-f", "-", stdin=sample)
 
     assert (applied.exit_code, applied.stdout) == (0, "runtime.shoal.io/jfs created\n"), applied.output
-    assert ("ignored: JuiceFSRuntime/spec.tieredstore.levels[0].low (JuiceFS's free-space-ratio, the share of the "
-            "disk kept free, not a watermark: Shoal evicts from 0.95 down to 0.7 of the quota)"
+    assert ("ignored: JuiceFSRuntime default/jfs: spec.tieredstore.levels[0].low (JuiceFS's free-space-ratio, the "
+            "share of the disk kept free, not a watermark: Shoal evicts from 0.95 down to 0.7 of the quota)"
             in applied.stderr.splitlines())
     record, _ = await kv_load(await bus.kv(subjects.KV_RUNTIMES), subjects.resource_key("default", "jfs"),
                               RuntimeRecord)
@@ -1028,8 +1028,8 @@ spec:
     applied = await shoal(nats_server, "apply", "-f", "-", stdin=sample)
 
     assert (applied.exit_code, applied.stdout) == (0, "dataset.shoal.io/demo created\n"), applied.output
-    assert applied.stderr == ('ignored: Dataset/spec.mounts[0].options["alluxio.underfs.s3.inherit.acl"] (an Alluxio '
-                              "setting, not used by Shoal)\n")
+    assert applied.stderr == ('ignored: Dataset default/demo: spec.mounts[0].options["alluxio.underfs.s3.inherit.acl"] '
+                              "(an Alluxio setting, not used by Shoal)\n")
     record, _ = await kv_load(await bus.kv(subjects.KV_DATASETS), subjects.resource_key("default", "demo"),
                               DatasetRecord)
     assert record is not None
@@ -1156,9 +1156,10 @@ async def test_a_kubectl_list_applies_and_deletes_each_item(nats_server: NatsSer
     assert applied.exit_code == 0, applied.output
     assert applied.stdout == "dataset.shoal.io/listed created\nruntime.shoal.io/listed created\n"
     # Each item's fields are judged as a document's would be; the List's own metadata is no object's.
-    assert applied.stderr.splitlines() == ["ignored: Dataset/status (status is computed by Shoal)",
-                                           "ignored: Dataset/metadata.uid (not used by Shoal)",
-                                           "ignored: Dataset/metadata.resourceVersion (not used by Shoal)"]
+    assert applied.stderr.splitlines() == ["ignored: Dataset default/listed: status (status is computed by Shoal)",
+                                           "ignored: Dataset default/listed: metadata.uid (not used by Shoal)",
+                                           "ignored: Dataset default/listed: metadata.resourceVersion (not used by "
+                                           "Shoal)"]
     for kind in ("dataset", "runtime"):
         assert (await shoal(nats_server, "get", kind, "listed")).exit_code == 0, kind
 

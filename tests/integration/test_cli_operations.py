@@ -182,7 +182,7 @@ async def test_apply_of_a_fluid_dataload_publishes_the_dataload_command(nats_ser
 
     assert result.exit_code == 0, result.output
     assert result.stdout == "dataload.shoal.io/spark-dataload created\n"
-    assert result.stderr == "ignored: DataLoad/spec.nodeSelector (not used by Shoal)\n"
+    assert result.stderr == "ignored: DataLoad default/spark-dataload: spec.nodeSelector (not used by Shoal)\n"
     [(subject, command)] = loader.received
     assert subject == subjects.DATALOAD_APPLY
     assert isinstance(command, DataLoadApply)

@@ -152,4 +152,4 @@ spec:
     [command] = commands
     assert isinstance(command.event, RuntimeApply)
     assert command.event.runtime.spec.management.metadata_sync_policy == MetadataSyncPolicy(auto_sync=False)
-    assert notes == ["ignored: AlluxioRuntime/spec.management.cleanCachePolicy (not used by Shoal)"]
+    assert notes == ["ignored: AlluxioRuntime default/demo: spec.management.cleanCachePolicy (not used by Shoal)"]

@@ -109,10 +109,10 @@ def test_unknown_fields_of_shoal_kinds_are_reported_not_dropped_silently() -> No
 
     assert errors == [] and len(commands) == 1
     assert sorted(notes) == [
-        "ignored: Dataset/metadata.uid (not used by Shoal)",
-        "ignored: Dataset/spec.colour (unknown field)",
-        "ignored: Dataset/spec.mounts[0].mountpoint (unknown field)",
-        "ignored: Dataset/status (status is computed by Shoal)",
+        "ignored: Dataset default/demo: metadata.uid (not used by Shoal)",
+        "ignored: Dataset default/demo: spec.colour (unknown field)",
+        "ignored: Dataset default/demo: spec.mounts[0].mountpoint (unknown field)",
+        "ignored: Dataset default/demo: status (status is computed by Shoal)",
     ]
 
 
@@ -145,11 +145,13 @@ def test_a_misspelt_field_is_named_with_the_field_it_was_likely_meant_to_be() ->
     _, notes, _ = documents_to_commands(docs)
 
     assert sorted(notes) == [
-        "ignored: Dataset/spec.mount (unknown field; did you mean spec.mounts?)",
-        "ignored: Dataset/spec.mounts[0].Readonly (unknown field; did you mean spec.mounts[0].readOnly?)",
-        "ignored: Dataset/spec.placment (unknown field; did you mean spec.placement?)",
-        "ignored: Runtime/spec.colour (unknown field)",
-        "ignored: Runtime/spec.tieredstore.levels[0].hight (unknown field; did you mean "
+        # Each names its object: two Datasets of the file, the kind alone did not say whose "Readonly" it was.
+        "ignored: Dataset default/demo: spec.mount (unknown field; did you mean spec.mounts?)",
+        "ignored: Dataset default/demo: spec.placment (unknown field; did you mean spec.placement?)",
+        "ignored: Dataset default/other: spec.mounts[0].Readonly (unknown field; did you mean "
+        "spec.mounts[0].readOnly?)",
+        "ignored: Runtime default/demo: spec.colour (unknown field)",
+        "ignored: Runtime default/demo: spec.tieredstore.levels[0].hight (unknown field; did you mean "
         "spec.tieredstore.levels[0].high?)",
     ]
 
@@ -240,11 +242,11 @@ def test_fluid_dataset_maps_one_to_one_and_renames_alluxio_s3_options() -> None:
     assert spec.shared_options == {"endpoint": "http://minio:9000"}
     assert (command.kind, command.namespace, command.source_kind) == ("dataset", "ml", "Dataset")
     assert sorted(notes) == [
-        "ignored: Dataset/metadata.creationTimestamp (not used by Shoal)",
-        "ignored: Dataset/spec.dataRestoreLocation (not used by Shoal)",
-        'ignored: Dataset/spec.mounts[0].options["alluxio.underfs.s3.inherit.acl"] (an Alluxio setting, not used '
-        "by Shoal)",
-        "ignored: Dataset/spec.runtimes (not used by Shoal)",
+        "ignored: Dataset ml/imagenet: metadata.creationTimestamp (not used by Shoal)",
+        "ignored: Dataset ml/imagenet: spec.dataRestoreLocation (not used by Shoal)",
+        'ignored: Dataset ml/imagenet: spec.mounts[0].options["alluxio.underfs.s3.inherit.acl"] (an Alluxio setting, '
+        "not used by Shoal)",
+        "ignored: Dataset ml/imagenet: spec.runtimes (not used by Shoal)",
     ]
 
 
@@ -267,8 +269,8 @@ def test_other_options_of_a_fluid_dataset_still_reach_the_dataset_service() -> N
     spec = commands[0].event.dataset.spec
     assert spec.shared_options == {"fs.oss.endpoint": "oss.example.com"}
     assert spec.mounts[0].options == {"alluxio.underfs.s3.secret.key": "planted", "cache.mode": "aggressive"}
-    assert notes == ['ignored: Dataset/spec.sharedOptions["alluxio.underfs.s3.threads.max"] (an Alluxio setting, '
-                     "not used by Shoal)"]
+    assert notes == ['ignored: Dataset default/demo: spec.sharedOptions["alluxio.underfs.s3.threads.max"] (an Alluxio '
+                     "setting, not used by Shoal)"]
 
 
 ALLUXIO = """
@@ -314,10 +316,11 @@ def test_alluxio_runtime_keeps_replicas_tiers_and_block_size_and_reports_the_res
         Level(mediumtype="SSD", path="/mnt/ssd", quota="100Gi", high="0.9", low="0.5"),
     ]
     assert sorted(notes) == [
-        "ignored: AlluxioRuntime/spec.fuse (not used by Shoal)",
-        "ignored: AlluxioRuntime/spec.master (not used by Shoal)",
-        'ignored: AlluxioRuntime/spec.properties["alluxio.user.file.writetype.default"] (not used by Shoal)',
-        "ignored: AlluxioRuntime/spec.tieredstore.levels[1].volumeType (not used by Shoal)",
+        "ignored: AlluxioRuntime ml/imagenet: spec.fuse (not used by Shoal)",
+        "ignored: AlluxioRuntime ml/imagenet: spec.master (not used by Shoal)",
+        'ignored: AlluxioRuntime ml/imagenet: spec.properties["alluxio.user.file.writetype.default"] (not used by '
+        "Shoal)",
+        "ignored: AlluxioRuntime ml/imagenet: spec.tieredstore.levels[1].volumeType (not used by Shoal)",
     ]
 
 
@@ -345,9 +348,9 @@ def test_juicefs_low_is_the_free_space_ratio_not_a_watermark() -> None:
     assert commands[0].event.runtime.spec.tieredstore.levels == [
         Level(mediumtype="SSD", path="/var/jfsCache", quota="40Gi")]
     assert notes == [
-        "ignored: JuiceFSRuntime/spec.tieredstore.levels[0].high (not used by Fluid's JuiceFS engine: Shoal evicts "
-        "from 0.95 down to 0.7 of the quota)",
-        f"ignored: JuiceFSRuntime/spec.tieredstore.levels[0].low {JUICEFS_LOW}",
+        "ignored: JuiceFSRuntime default/jfsdemo: spec.tieredstore.levels[0].high (not used by Fluid's JuiceFS "
+        "engine: Shoal evicts from 0.95 down to 0.7 of the quota)",
+        f"ignored: JuiceFSRuntime default/jfsdemo: spec.tieredstore.levels[0].low {JUICEFS_LOW}",
     ]
 
 
@@ -395,12 +398,12 @@ def test_juicefs_runtime_reads_block_size_in_kib_from_fuse_options() -> None:
     assert spec.block_size == "1Mi"  # 1024 KiB
     assert spec.tieredstore.levels == [Level(mediumtype="SSD", path="/var/jfsCache", quota=40960)]
     assert sorted(notes) == [
-        "ignored: JuiceFSRuntime/spec.configs[0] (--trash-days) (not used by Shoal)",
-        "ignored: JuiceFSRuntime/spec.configs[1] (--secret-key) (not used by Shoal)",
-        "ignored: JuiceFSRuntime/spec.fuse.image (not used by Shoal)",
-        'ignored: JuiceFSRuntime/spec.fuse.options["writeback"] (not used by Shoal)',
-        f"ignored: JuiceFSRuntime/spec.tieredstore.levels[0].low {JUICEFS_LOW}",
-        "ignored: JuiceFSRuntime/spec.worker (not used by Shoal)",
+        "ignored: JuiceFSRuntime default/jfs: spec.configs[0] (--trash-days) (not used by Shoal)",
+        "ignored: JuiceFSRuntime default/jfs: spec.configs[1] (--secret-key) (not used by Shoal)",
+        "ignored: JuiceFSRuntime default/jfs: spec.fuse.image (not used by Shoal)",
+        'ignored: JuiceFSRuntime default/jfs: spec.fuse.options["writeback"] (not used by Shoal)',
+        f"ignored: JuiceFSRuntime default/jfs: spec.tieredstore.levels[0].low {JUICEFS_LOW}",
+        "ignored: JuiceFSRuntime default/jfs: spec.worker (not used by Shoal)",
     ]
     assert "pl4nted-s3cret" not in repr(notes)  # notes become Kubernetes Events: a flag's value may be a secret
 
@@ -421,9 +424,9 @@ def test_the_juicefs_example_gives_a_40_gib_tier_and_4_mib_blocks() -> None:
     assert spec.tieredstore.levels == [Level(mediumtype="SSD", path="/var/jfsCache", quota="40Gi")]
     assert parse_quantity(spec.tieredstore.levels[0].quota) == 40 * 2**30
     assert sorted(notes) == [
-        "ignored: JuiceFSRuntime/spec.configs[0] (--trash-days) (not used by Shoal)",
-        "ignored: JuiceFSRuntime/spec.fuse.image (not used by Shoal)",
-        f"ignored: JuiceFSRuntime/spec.tieredstore.levels[0].low {JUICEFS_LOW}",
+        "ignored: JuiceFSRuntime default/jfs: spec.configs[0] (--trash-days) (not used by Shoal)",
+        "ignored: JuiceFSRuntime default/jfs: spec.fuse.image (not used by Shoal)",
+        f"ignored: JuiceFSRuntime default/jfs: spec.tieredstore.levels[0].low {JUICEFS_LOW}",
     ]
 
 
@@ -506,7 +509,8 @@ def test_fluid_quota_list_wins_over_quota_as_in_fluid_and_says_so() -> None:
     assert errors == []
     assert isinstance(commands[0].event, RuntimeApply)
     assert commands[0].event.runtime.spec.tieredstore.levels[1].quota == "3Gi"
-    assert notes == ["ignored: AlluxioRuntime/spec.tieredstore.levels[1].quota (quotaList is used, as in Fluid)"]
+    assert notes == ["ignored: AlluxioRuntime default/dataset: spec.tieredstore.levels[1].quota (quotaList is used, as "
+                     "in Fluid)"]
 
 
 def quantity_error(text: str) -> str:
@@ -603,7 +607,7 @@ def test_other_fluid_runtimes_map_replicas_and_report_everything_else() -> None:
     assert errors == []
     assert isinstance(commands[0].event, RuntimeApply)
     assert commands[0].event.runtime.spec.replicas == 2
-    assert notes == ["ignored: JindoRuntime/spec.properties (not used by Shoal)"]
+    assert notes == ["ignored: JindoRuntime default/jindo: spec.properties (not used by Shoal)"]
 
 
 def test_unknown_kind_or_api_version_is_an_error_and_other_documents_still_convert() -> None:
@@ -788,8 +792,8 @@ def test_an_engine_block_size_above_shoals_largest_block_is_the_largest_with_a_n
     assert isinstance(runtime.event, RuntimeApply)
     assert runtime.event.runtime.spec.block_size == "64Mi"
     assert validate_runtime(runtime.event.runtime) == []
-    assert 'ignored: AlluxioRuntime/spec.properties["alluxio.user.block.size.bytes.default"] (\'256MB\' is more ' \
-           "than Shoal's largest block: blocks of 64Mi)" in notes
+    assert 'ignored: AlluxioRuntime default/hbase: spec.properties["alluxio.user.block.size.bytes.default"] ' \
+           "('256MB' is more than Shoal's largest block: blocks of 64Mi)" in notes
     assert errors == [
         "document 2 (JuiceFSRuntime tiny): spec.fuse.options[\"block-size\"] '16' is not a block size Shoal takes: "
         "a multiple of 4Ki from 64Ki to 64Mi (e.g. 4MB)",
@@ -924,8 +928,8 @@ def test_fluid_dataload_applies_unchanged_and_notes_what_only_a_job_would_use() 
         ),
     )
     assert sorted(notes) == sorted([
-        "ignored: DataLoad/status (status is computed by Shoal)",
-        *(f"ignored: DataLoad/spec.{field} (not used by Shoal)" for field in (
+        "ignored: DataLoad ml/spark-dataload: status (status is computed by Shoal)",
+        *(f"ignored: DataLoad ml/spark-dataload: spec.{field} (not used by Shoal)" for field in (
             "runAfter.apiVersion", "runAfter.affinityStrategy", "options", "podMetadata", "affinity",
             "nodeSelector", "tolerations", "schedulerName", "imagePullSecrets", "resources")),
     ])
@@ -970,7 +974,7 @@ def test_shoal_dataload_and_dataclean_and_their_deletes() -> None:
     commands, notes, errors = documents_to_commands(load(text))
 
     assert errors == []
-    assert notes == ["ignored: DataLoad/spec.colour (unknown field)"]
+    assert notes == ["ignored: DataLoad default/warm: spec.colour (unknown field)"]
     warm, cool = commands
     assert isinstance(warm.event, DataLoadApply) and isinstance(cool.event, DataCleanApply)
     assert warm.event.data_load.spec.dataset == DatasetRef(name="demo", namespace="data")
@@ -1003,7 +1007,7 @@ def test_replicas_on_a_datacleans_target_is_an_ignored_unknown_field() -> None:
     [command], notes, errors = documents_to_commands(load(text))
 
     assert errors == []
-    assert notes == ["ignored: DataClean/spec.target[0].replicas (unknown field)"]
+    assert notes == ["ignored: DataClean default/cool: spec.target[0].replicas (unknown field)"]
     assert isinstance(command.event, DataCleanApply)
     assert command.event.data_clean.spec.target == [CleanTarget(path="/train/images")]
 
