@@ -583,6 +583,8 @@ def exclusive_fix(this: str, conflicts: Sequence[SharingConflict]) -> str:
 
 # Why no agent is picked while ``spec.replicas`` is 0 (scaled to zero): every node reads from the store.
 NO_REPLICAS = "replicas is 0: no cache workers"
+# The status message of such a runtime, Ready all the same (its nodes mount the dataset).
+NO_WORKERS = "spec.replicas is 0: no cache workers, so every node reads from the store itself"
 
 
 def missing_dataset(runtime: Runtime) -> str:
@@ -792,6 +794,9 @@ def runtime_status(record: RuntimeRecord, agents: Iterable[AgentRecord], now: fl
         fix = exclusive_fix(f"{runtime.metadata.namespace}/{runtime.metadata.name}", conflicts)
         shortfall = f"{shortfall}; {fix}" if fix else shortfall
         message = f"{message}; {shortfall}" if message else shortfall
+    if desired_workers == 0 and placement.found and not placement.reference and nodes:
+        # Ready and Mounted as in Fluid, which read as "cached": say that no worker caches for the others.
+        message = f"{NO_WORKERS}; {message}" if message else NO_WORKERS
     missing = None
     if not placement.found:
         # The phase stays the agents' (as with an Exclusive shortfall): the dataset service binds a Dataset to a

@@ -261,7 +261,9 @@ async def test_a_runtime_scaled_to_zero_says_so_for_each_agent_not_picked(
         record = await workers_of(bus, "train", [], serving=2)
         assert {(p.node, p.reason) for p in record.status.not_picked} == {
             ("n1", "replicas is 0: no cache workers"), ("n2", "replicas is 0: no cache workers")}
-        assert (record.status.phase, record.status.message) == ("Ready", "")
+        # Ready (its nodes mount the dataset), and the message says no worker caches for the others.
+        assert (record.status.phase, record.status.message) == (
+            "Ready", "spec.replicas is 0: no cache workers, so every node reads from the store itself")
 
 
 @pytest.mark.timeout(90)

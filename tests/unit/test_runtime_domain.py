@@ -689,6 +689,19 @@ def test_zero_replicas_with_no_agents_is_not_ready() -> None:
     assert status_of(make_runtime(replicas=0), []).phase == "NotReady"
 
 
+def test_zero_replicas_is_ready_and_says_every_node_reads_the_store() -> None:
+    """Ready with its nodes mounting, as in Fluid, and the dataset Bound with Mounted=True: it read as a cache at
+    work, while no worker caches for the others. The message says so; the phase stays Fluid's."""
+    status = status_of(make_runtime(replicas=0), [agent("node-a"), agent("node-b")])
+    assert (status.phase, status.worker_number_ready, status.desired_worker_number_scheduled) == ("Ready", 0, 0)
+    assert status.message == "spec.replicas is 0: no cache workers, so every node reads from the store itself"
+    # By design, not for want of replicas: a reference dataset's runtime, or one whose Dataset is missing (its
+    # own note), says nothing of the kind.
+    record = RuntimeRecord(runtime=make_runtime(replicas=0), generation=1)
+    assert runtime_status(record, [agent("node-a")], NOW, Placement(reference=True)).message == ""
+    assert "spec.replicas is 0" not in runtime_status(record, [agent("node-a")], NOW, Placement(found=False)).message
+
+
 # --- Properties over heartbeats ---
 
 
