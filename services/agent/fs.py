@@ -16,7 +16,6 @@ the count of those not logged (``log_limiter``).
 
 from __future__ import annotations
 
-import bisect
 import errno
 import functools
 import inspect
@@ -24,7 +23,6 @@ import os
 import stat
 import time
 from collections.abc import Awaitable, Callable
-from operator import itemgetter
 from typing import Any
 
 import pyfuse3
@@ -152,11 +150,10 @@ class DatasetFS(pyfuse3.Operations):
         # Attributes never change for an inode, so each is built once (readdirplus of a large folder is the hot
         # path of `find` and `ls -l`); the cache is dropped with the namespace it describes.
         self._attribute_cache: dict[int, pyfuse3.EntryAttributes] = {}
-        # Folder inode → its entries as readdir replies them, in name order (dropped with the namespace too).
-        self._listings: dict[int, list[tuple[bytes, pyfuse3.EntryAttributes]]] = {}
-        # Open folder handle (with ``no_open``, folder inode) → (its inode, the listing its readdir offsets index),
-        # see ``readdir``.
-        self._folders: dict[int, tuple[int, list[tuple[bytes, pyfuse3.EntryAttributes]]]] = {}
+        # Open folder handle (with ``no_open``, folder inode) → (its inode, None while its readdir offsets index
+        # the listing of the tree served, else the names of the listing they index: a reload changed it since), see
+        # ``readdir``. Listings are never built whole: the first page of a folder of 300,000 files took 5 s.
+        self._folders: dict[int, tuple[int, list[str] | None]] = {}
 
     def replace_namespace(self, namespace: Namespace) -> tuple[list[tuple[int, str]], list[int], list[int]]:
         """Swap in a new tree; returns, for invalidation in the kernel, (parent inode, name) of the entries that
@@ -165,7 +162,6 @@ class DatasetFS(pyfuse3.Operations):
         old = self.namespace
         self.namespace = namespace
         self._attribute_cache = {}
-        self._listings = {}
         gone = []
         changed = []
         relisted: set[int] = set()
@@ -193,12 +189,19 @@ class DatasetFS(pyfuse3.Operations):
         # another mount index once a mount before it was removed) lost its state above: a state outlives opens, so
         # the next read, from an old descriptor or a new one, must build it from the new entry (the old one may
         # name a store that is gone: ESTALE for good).
-        # Without opendir there is no releasedir to drop a folder's listing: only a folder whose listing changed
-        # keeps the one its readers' offsets index (``readdir`` finds their place in the new one); the others
-        # would list the same names at the same offsets, and a folder that went away has no readers left.
+        # A folder whose listing changed keeps the names of the one its readers' offsets index (``readdir`` finds
+        # their place in the new one). Without opendir there is no releasedir to drop them: only those folders are
+        # kept; the others would list the same names at the same offsets, and a folder that went away has no
+        # readers left.
+        folders: dict[int, tuple[int, list[str] | None]] = {}
+        for key, (folder, names) in self._folders.items():
+            if folder in relisted:
+                if folder in namespace or not self.no_open:
+                    folders[key] = (folder, names if names is not None else old.child_names(folder))
+            elif not self.no_open:
+                folders[key] = (folder, names)
+        self._folders = folders
         if self.no_open:
-            self._folders = {inode: opened for inode, opened in self._folders.items()
-                             if inode in relisted and inode in namespace}
             for inode in list(self._removed)[:max(0, len(self._removed) - REMOVED_FILES_KEPT)]:
                 del self._removed[inode]
         return gone, changed, sorted(inode for inode in relisted if inode in namespace)
@@ -268,41 +271,30 @@ class DatasetFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         fh = self._next_fh
         self._next_fh += 1
-        self._folders[fh] = (inode, self._listing(inode))
+        self._folders[fh] = (inode, None)
         return fh
 
-    def _listing(self, inode: int) -> list[tuple[bytes, pyfuse3.EntryAttributes]]:
-        # pyfuse3 3.5 always asks for READDIRPLUS and gives opendir no way to let the kernel cache a listing, so
-        # every `ls`/`find` of a folder lists it here again: its (name, attributes) pairs are built once.
-        listing = self._listings.get(inode)
-        if listing is None:
-            listing = self._listings[inode] = [(os.fsencode(child.name), self._attributes(child))
-                                               for child in self.namespace.children(inode)]
-        return listing
-
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        # An offset is a position in the listing the handle last read. When a reload changed the tree meanwhile,
-        # a large folder read a page at a time goes on in the new listing after the last name it was given
-        # (names are sorted), so no entry comes twice or is skipped; an entry added before it is not shown.
-        # Positions in the new listing would shift by every name added or removed before them.
+        # An offset is a position in the folder's listing, made a page at a time from the tree (never whole: the
+        # kernel asks for ~30 entries at a time, and the first of a huge folder must come at once). When a reload
+        # changed the listing meanwhile, a large folder read a page at a time goes on in the new listing after the
+        # last name it was given (names are sorted), so no entry comes twice or is skipped; an entry added before
+        # it is not shown. Positions in the new listing would shift by every name added or removed before them.
         opened = self._folders.get(fh)
         if opened is None:
             if not self.no_open:
                 raise pyfuse3.FUSEError(errno.EBADF)
             if not self._node(fh).is_dir:  # ``fh`` is the folder's inode
                 raise pyfuse3.FUSEError(errno.ENOTDIR)
-            opened = self._folders[fh] = (fh, self._listing(fh))
-        inode, listing = opened
-        current = self._listing(inode)
-        if current is not listing:
-            if 0 < start_id <= len(listing):
-                start_id = bisect.bisect_right(current, listing[start_id - 1][0], key=itemgetter(0))
-            self._folders[fh] = (inode, current)
-            listing = current
+            opened = self._folders[fh] = (fh, None)
+        inode, names = opened
+        if names is not None:
+            if 0 < start_id <= len(names):
+                start_id = self.namespace.position_after(inode, names[start_id - 1])
+            self._folders[fh] = (inode, None)
         reply = pyfuse3.readdir_reply
-        for position in range(start_id, len(listing)):
-            name, attrs = listing[position]
-            if not reply(token, name, attrs, position + 1):
+        for position, node in enumerate(self.namespace.listed(inode, start_id), start_id):
+            if not reply(token, os.fsencode(node.name), self._attributes(node), position + 1):
                 return
 
     async def releasedir(self, fh: int) -> None:

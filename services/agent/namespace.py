@@ -280,11 +280,31 @@ class Namespace:
         slot = self._slot(inode)
         return self._node(slot) if slot >= 0 else None
 
-    def children(self, inode: int) -> list[Node]:
-        """Children in name order, so readdir offsets stay stable."""
+    def _span(self, inode: int) -> tuple[int, int]:
+        """The slots [start, end) of the children of the folder ``inode`` (empty for a file or an unknown inode)."""
         slot = self._slot(inode)
         span = self._ranges.get(slot) if slot >= 0 else None
-        return [self._node(child) for child in range(*span)] if span is not None else []
+        return span if span is not None else (0, 0)
+
+    def children(self, inode: int) -> list[Node]:
+        """Children in name order, so readdir offsets stay stable."""
+        return list(self.listed(inode, 0))
+
+    def listed(self, inode: int, position: int) -> Iterator[Node]:
+        """The children of the folder ``inode`` from the ``position``-th on, in name order, each made when asked
+        for: a readdir page of a folder of a million files costs the page, not the folder."""
+        start, end = self._span(inode)
+        return (self._node(child) for child in range(start + max(position, 0), end))
+
+    def child_names(self, inode: int) -> list[str]:
+        """The names of the folder's children, in name order (a listing's positions)."""
+        start, end = self._span(inode)
+        return self._names[start:end]
+
+    def position_after(self, inode: int, name: str) -> int:
+        """The position in the folder's listing of the first child named after ``name`` (names are sorted)."""
+        start, end = self._span(inode)
+        return bisect.bisect_right(self._names, name, start, end) - start
 
     def nodes(self) -> Iterator[Node]:
         """Every inode of the tree, the root first."""

@@ -247,3 +247,77 @@ async def test_a_reload_keeps_only_the_listings_of_folders_whose_listing_changed
     # The same tree again: no listing changed, none is kept (there is no releasedir to drop them later).
     fs.replace_namespace(Namespace.build(list(fs.namespace.files()), allocator))
     assert fs._folders == {}
+
+
+def many_files(names: list[str]) -> list[ManifestEntry]:
+    return [ManifestEntry(path=f"/big/{name}", mount=0, key=f"big/{name}", size=1, etag="e1", mtime=0.0)
+            for name in names]
+
+
+class Pages:
+    """The kernel's side of readdir: pages of ``size`` entries, each next one asked from the last offset given."""
+
+    def __init__(self, fs: DatasetFS, folder: int, size: int = 30) -> None:
+        self.fs, self.folder, self.size = fs, folder, size
+        self.offset = 0
+        self.fh = folder
+
+    async def opendir(self) -> None:
+        if not self.fs.no_open:
+            self.fh = await self.fs.opendir(self.folder, None)  # type: ignore[arg-type]
+
+    async def page(self) -> list[str]:
+        got: list[tuple[bytes, int]] = []
+
+        def reply(token: object, name: bytes, attrs: pyfuse3.EntryAttributes, offset: int) -> bool:
+            if len(got) == self.size:
+                return False  # the buffer is full: this entry is asked for again from the last offset
+            got.append((name, offset))
+            return True
+
+        original = pyfuse3.readdir_reply
+        pyfuse3.readdir_reply = reply  # type: ignore[assignment]
+        try:
+            await self.fs.readdir(self.fh, self.offset, None)  # type: ignore[arg-type]
+        finally:
+            pyfuse3.readdir_reply = original
+        if got:
+            self.offset = got[-1][1]
+        return [os.fsdecode(name) for name, _ in got]
+
+
+@pytest.mark.parametrize("no_open", [True, False])
+async def test_a_huge_folders_first_page_costs_a_page_and_a_reload_midway_goes_on_after_the_last_name(
+        no_open: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The whole listing (names and attributes of every child) was built before the first entry was replied:
+    # `ls` of a folder of 300,000 files waited 5-9 s for its first name, and the listing stayed in memory.
+    names = [f"f{i:06d}" for i in range(0, 40_000, 2)]
+    allocator = InodeAllocator()
+    fs = DatasetFS(Namespace.build(many_files(names), allocator), None, uid=None, gid=None,  # type: ignore[arg-type]
+                   block_size=BLOCK, no_open=no_open)
+    built = 0
+    build = fs._build_attributes
+
+    def counted(node: object) -> pyfuse3.EntryAttributes:
+        nonlocal built
+        built += 1
+        return build(node)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(fs, "_build_attributes", counted)
+    folder = (await fs.lookup(ROOT_INODE, b"big")).st_ino
+    built = 0
+    pages = Pages(fs, folder)
+    await pages.opendir()
+    seen = await pages.page()
+    assert seen == names[:30]
+    assert built <= 31, built
+    while len(seen) < 100:
+        seen += await pages.page()
+    # A reload midway: a name before the place reached and one after it come, one before it goes.
+    reloaded = sorted([*names[1:], "f000001", names[-1] + "x"])
+    fs.replace_namespace(Namespace.build(many_files(reloaded), allocator))
+    while page := await pages.page():
+        seen += page
+    after = seen[120:]  # ...the listing went on after the last name given, with the new one's names
+    assert seen[:120] == names[:120]
+    assert after == [name for name in reloaded if name > names[119]]
