@@ -158,7 +158,11 @@ class ManifestStore:
                     await asyncio.wait_for(self.objects.get(name, writeinto=out),
                                            LOAD_SECONDS + (info.size or 0) / LOAD_BYTES_PER_SECOND)
                     out.seek(0)
-                    return list(read_entries(out))
+                    if (info.size or 0) <= SPOOL_BYTES:
+                        return list(read_entries(out))
+                    # A large one in a thread: decoding a million entries takes seconds, which the caller's event
+                    # loop (a mount's serves every FUSE request) would spend stalled.
+                    return await asyncio.to_thread(lambda: list(read_entries(out)))
             except (TimeoutError, DigestMismatchError):
                 if attempt == LOAD_ATTEMPTS:
                     raise

@@ -23,7 +23,7 @@ import os
 import stat
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import pyfuse3
 
@@ -121,6 +121,48 @@ def _timed(handler: Callable[..., Awaitable[Any]],
     return timed
 
 
+class TreeChanges(NamedTuple):
+    """How a new tree differs from the one served (``old``), as ``DatasetFS.replace_namespace`` needs it."""
+
+    old: Namespace
+    gone: list[tuple[int, str]]  # (parent inode, name) of the entries that went away or are another inode now
+    changed: list[int]  # inodes kept whose attributes changed
+    relisted: set[int]  # folders whose listing changed (some may be gone)
+    removed: dict[int, ManifestEntry]  # the files no longer in the tree, by inode
+    entry_changed: list[int]  # files kept whose manifest entry changed
+
+
+def tree_changes(old: Namespace, new: Namespace) -> TreeChanges:
+    """What changed from ``old`` to ``new``. Pure, and only reads both trees: a mount works it out in a thread, as
+    it takes seconds for a tree of a million files (two walks and a lookup per inode), which the event loop serving
+    every FUSE request spent stalled."""
+    gone = []
+    changed = []
+    relisted: set[int] = set()
+    removed: dict[int, ManifestEntry] = {}
+    entry_changed = []
+    for node in old.nodes():
+        current = new.get(node.inode)
+        if node.inode != node.parent:
+            found = new.lookup(node.parent, node.name)
+            if found is None or found.inode != node.inode:
+                gone.append((node.parent, node.name))
+                relisted.add(node.parent)
+                if current is None and node.entry is not None:
+                    removed[node.inode] = node.entry
+                continue
+        if current is not None and (current.entry != node.entry or current.mtime_ns != node.mtime_ns):
+            changed.append(node.inode)
+            if current.entry != node.entry:
+                entry_changed.append(node.inode)
+    for node in new.nodes():
+        if node.inode != node.parent and node.parent not in relisted:
+            found = old.lookup(node.parent, node.name)
+            if found is None or found.inode != node.inode:
+                relisted.add(node.parent)
+    return TreeChanges(old, gone, changed, relisted, removed, entry_changed)
+
+
 class DatasetFS(pyfuse3.Operations):
     supports_dot_lookup = True
     enable_writeback_cache = False
@@ -156,35 +198,22 @@ class DatasetFS(pyfuse3.Operations):
         # ``readdir``. Listings are never built whole: the first page of a folder of 300,000 files took 5 s.
         self._folders: dict[int, tuple[int, list[str] | None]] = {}
 
-    def replace_namespace(self, namespace: Namespace) -> tuple[list[tuple[int, str]], list[int], list[int]]:
+    def replace_namespace(self, namespace: Namespace, changes: TreeChanges | None = None,
+                          ) -> tuple[list[tuple[int, str]], list[int], list[int]]:
         """Swap in a new tree; returns, for invalidation in the kernel, (parent inode, name) of the entries that
         went away, the inodes kept whose attributes changed, and the folders kept whose listing changed (the
-        kernel may hold their listing: ``no_open``)."""
+        kernel may hold their listing: ``no_open``). ``changes``: ``tree_changes`` from the tree served to this
+        one, worked out beforehand off the event loop (the mount's reload); made here if not given."""
         old = self.namespace
+        if changes is None or changes.old is not old:
+            changes = tree_changes(old, namespace)
         self.namespace = namespace
         self._attribute_cache = {}
-        gone = []
-        changed = []
-        relisted: set[int] = set()
-        for node in old.nodes():
-            current = namespace.get(node.inode)
-            if node.inode != node.parent:
-                found = namespace.lookup(node.parent, node.name)
-                if found is None or found.inode != node.inode:
-                    gone.append((node.parent, node.name))
-                    relisted.add(node.parent)
-                    if self.no_open and current is None and node.entry is not None:
-                        self._removed[node.inode] = node.entry
-                    continue
-            if current is not None and (current.entry != node.entry or current.mtime_ns != node.mtime_ns):
-                changed.append(node.inode)
-                if current.entry != node.entry and self.no_open:
-                    self._forget_read_state(node.inode)
-        for node in namespace.nodes():
-            if node.inode != node.parent and node.parent not in relisted:
-                found = old.lookup(node.parent, node.name)
-                if found is None or found.inode != node.inode:
-                    relisted.add(node.parent)
+        gone, changed, relisted = changes.gone, changes.changed, changes.relisted
+        if self.no_open:
+            self._removed.update(changes.removed)
+            for inode in changes.entry_changed:
+                self._forget_read_state(inode)
         # A file's read state stays until it is idle (an open descriptor may still read a file the tree no longer
         # has, as with an open handle). A file kept whose entry changed (the same path and object, e.g. under
         # another mount index once a mount before it was removed) lost its state above: a state outlives opens, so

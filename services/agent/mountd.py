@@ -59,7 +59,7 @@ from libs.ufs.s3 import S3ObjectStore
 from services.agent import budget
 from services.agent.cache import BlockCache, FrequencyAdmissionPolicy, LruPolicy, ScanCancelled
 from services.agent.domain import EXIT_PEER_PORT_TAKEN, FUSE_SUBTYPE, cache_suffix, mount_connection_name, recreated
-from services.agent.fs import DatasetFS, time_operations
+from services.agent.fs import DatasetFS, TreeChanges, time_operations, tree_changes
 from services.agent.handover import Staging, replace_in_place, unmount_own
 from services.agent.inventory import InventoryLog, InventoryPublisher
 from services.agent.malloc import reuse_block_buffers
@@ -162,6 +162,7 @@ class MountedDataset:
         self.key = subjects.resource_key(namespace, name)  # in the KV buckets
         self.shown = subjects.object_name(namespace, name)  # in log lines and errors
         self.allocator = InodeAllocator()
+        self._building = threading.Lock()  # ``_next_tree``
         self.manifest_version: ManifestVersion = NO_MANIFEST
         # The record whose mounts the stores follow: its secret files are read again every
         # SHOAL_SECRET_REFRESH_SECONDS (``_refresh_secrets``).
@@ -636,6 +637,15 @@ class MountedDataset:
                         examples=tree.skipped.examples)
         return tree
 
+    def _next_tree(self, entries: list[ManifestEntry], served: Namespace) -> tuple[Namespace, TreeChanges]:
+        """In a thread: a reload's tree and how it differs from the one ``served``. Seconds for a million files
+        (the event loop, which serves every FUSE request, was stalled for them: every read and `ls` of the mount
+        waited out each resync). One at a time: a reload cancelled by a newer one may still be building in its
+        thread, and the allocator must hand out each inode number once."""
+        with self._building:
+            tree = self._tree(entries)
+            return tree, tree_changes(served, tree)
+
     def _drop_stale(self, cache: BlockCache, entries: list[ManifestEntry]) -> None:
         """Deletes the blocks of objects no longer in the manifest (or at another ETag)."""
         current = {(entry.mount, entry.key, entry.etag) for entry in entries}
@@ -731,8 +741,8 @@ class MountedDataset:
             self._update_gates(record)  # before the tree: a new mount's files must find their store
         except (Exception, SystemExit) as err:  # e.g. a missing secret: its reads fail, the rest serve
             log.error("object stores not updated", dataset=self.shown, error=str(err))
-        tree = self._tree(entries)
-        gone, changed, relisted = fs.replace_namespace(tree)
+        tree, changes = await asyncio.to_thread(self._next_tree, entries, fs.namespace)
+        gone, changed, relisted = fs.replace_namespace(tree, changes)
         self.manifest_version = manifest_version(record)
         for parent, name in gone:
             with contextlib.suppress(Exception):
