@@ -23,7 +23,7 @@ import os
 import stat
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, NamedTuple
+from typing import Any, Generic, NamedTuple, TypeVar
 
 import pyfuse3
 
@@ -65,6 +65,47 @@ IDLE_HANDLE_SECONDS = 5.0
 # ...and a file a reload removed stays readable by the descriptors opened before (as an open handle kept it): the
 # entries of the files removed last, this many, are kept for their inodes (a few hundred bytes each).
 REMOVED_FILES_KEPT = 65_536
+# With stock pyfuse3 (every `ls` comes back to the mount), a walk (`find`, `ls -lR`) of the whole mount would
+# otherwise keep attributes for every file, more bytes than the tree itself: the cache keeps about this many of the
+# ones used last. 64k covers the largest folders (ImageNet's validation set is 50k files in one); a larger walk
+# rebuilds them from the tree's columns as it goes.
+ATTRIBUTES_KEPT = 65_536
+
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class Recent(Generic[K, V]):
+    """A cache of about ``size`` of the values used last, in two generations: values go into the young one; when it
+    is full it becomes the old one (the previous old one is dropped), and a value found in the old one moves back to
+    the young. O(1) a call, at most ~2x ``size`` kept."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._young: dict[K, V] = {}
+        self._old: dict[K, V] = {}
+
+    def get(self, key: K) -> V | None:
+        value = self._young.get(key)
+        if value is None:
+            value = self._old.pop(key, None)
+            if value is not None:
+                self.put(key, value)
+        return value
+
+    def put(self, key: K, value: V) -> None:
+        if key in self._young:
+            return
+        self._young[key] = value
+        if len(self._young) >= self.size:
+            self._old, self._young = self._young, {}
+
+    def clear(self) -> None:
+        self._young, self._old = {}, {}
+
+    def __len__(self) -> int:
+        return len(self._young) + len(self._old)
 
 
 def _clamp(value: int, low: int, high: int) -> int:
@@ -148,13 +189,16 @@ def tree_changes(old: Namespace, new: Namespace) -> TreeChanges:
             if found is None or found.inode != node.inode:
                 gone.append((node.parent, node.name))
                 relisted.add(node.parent)
-                if current is None and node.entry is not None:
-                    removed[node.inode] = node.entry
+                if current is None and (entry := node.entry) is not None:
+                    removed[node.inode] = entry
                 continue
-        if current is not None and (current.entry != node.entry or current.mtime_ns != node.mtime_ns):
-            changed.append(node.inode)
-            if current.entry != node.entry:
-                entry_changed.append(node.inode)
+        # Compared by their columns: building two entries per file of a million-file tree is what the columns save.
+        if current is not None:
+            same = current.same_file(node)
+            if not same or current.mtime_ns != node.mtime_ns:
+                changed.append(node.inode)
+                if not same:
+                    entry_changed.append(node.inode)
     for node in new.nodes():
         if node.inode != node.parent and node.parent not in relisted:
             found = old.lookup(node.parent, node.name)
@@ -192,7 +236,7 @@ class DatasetFS(pyfuse3.Operations):
         # Attributes never change for an inode, so each is built once (readdirplus of a large folder is the hot
         # path of `find` and `ls -l`; without opens the kernel keeps them instead, see ``readdir``); the cache is
         # dropped with the namespace it describes.
-        self._attribute_cache: dict[int, pyfuse3.EntryAttributes] = {}
+        self._attribute_cache: Recent[int, pyfuse3.EntryAttributes] = Recent(ATTRIBUTES_KEPT)
         # Open folder handle (with ``no_open``, folder inode) → (its inode, None while its readdir offsets index
         # the listing of the tree served, else the names of the listing they index: a reload changed it since), see
         # ``readdir``. Listings are never built whole: the first page of a folder of 300,000 files took 5 s.
@@ -208,7 +252,7 @@ class DatasetFS(pyfuse3.Operations):
         if changes is None or changes.old is not old:
             changes = tree_changes(old, namespace)
         self.namespace = namespace
-        self._attribute_cache = {}
+        self._attribute_cache.clear()
         gone, changed, relisted = changes.gone, changes.changed, changes.relisted
         if self.no_open:
             self._removed.update(changes.removed)
@@ -248,15 +292,15 @@ class DatasetFS(pyfuse3.Operations):
         except Exception as err:
             # Never let an exception out of a handler: pyfuse3 would leave the request unanswered and the
             # caller (stat, ls) blocked for good. One EIO, and a log line saying which entry.
-            log.exception("cannot build attributes", path=node.entry.path if node.entry else node.name)
+            log.exception("cannot build attributes", path=node.local.path if node.local else node.name)
             raise pyfuse3.FUSEError(errno.EIO) from err
         if keep:
-            self._attribute_cache[node.inode] = attrs
+            self._attribute_cache.put(node.inode, attrs)
         return attrs
 
     def _build_attributes(self, node: Node) -> pyfuse3.EntryAttributes:
         # Every value is brought into the range its kernel field holds: see MAX_ID.
-        entry = node.entry
+        entry = node.local  # a local file's mode and owner (the columns keep none)
         attrs = pyfuse3.EntryAttributes()
         attrs.st_ino = node.inode
         attrs.st_mode = self.namespace.mode(node)
@@ -366,11 +410,12 @@ class DatasetFS(pyfuse3.Operations):
         node = self._node(inode)
         if flags & WRITE_FLAGS:
             raise _erofs()
-        if node.entry is None:
+        entry = node.entry
+        if entry is None:
             raise pyfuse3.FUSEError(errno.EISDIR)
         fh = self._next_fh
         self._next_fh += 1
-        self._handles[fh] = self.reader.open(node.entry)
+        self._handles[fh] = self.reader.open(entry)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True, direct_io=False)
 
     async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:  # type: ignore[override]
@@ -435,9 +480,10 @@ class DatasetFS(pyfuse3.Operations):
             if removed is None:  # removed too long ago to be remembered
                 raise pyfuse3.FUSEError(errno.ESTALE)
             return self.reader.open(removed)
-        if node.entry is None:
+        entry = node.entry
+        if entry is None:
             raise pyfuse3.FUSEError(errno.EISDIR)
-        return self.reader.open(node.entry)
+        return self.reader.open(entry)
 
     def every_second(self, now: float) -> None:
         """The mount's once-a-second upkeep (its status reporter's tick)."""

@@ -9,9 +9,11 @@ whose object changed gets a new inode (and the kernel drops its cached pages for
 
 Memory: a dataset may have millions of files (ImageNet 1.28M), so the tree is columns, not an object per file:
 every inode has a slot, and a folder's children are consecutive slots in name order (a lookup is a binary search
-in that range; a listing is the range). Per file it keeps its manifest entry, its name, and two 8-byte numbers
-(inode, parent slot); a ``Node`` is a view made when asked for. The (mount, key) index the peer server and the
-loader's parts use is the same tree, found by path: the sync writes a key's path as its mount's prefix and the key.
+in that range; a listing is the range). Per file it keeps its name, inode and parent slot, and its manifest entry
+as columns too (mount, size, time, ETag: ~150 bytes a file in all, an entry object alone took ~400); a ``Node`` is a
+view made when asked for, and a ``ManifestEntry`` is built only when one is asked for (opening a file, a look-up by
+key). The (mount, key) index the peer server and the loader's parts use is the same tree, found by path: the sync
+writes a key's path as its mount's prefix and the key, so a key is its path after that prefix.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ import math
 import stat
 from array import array
 from collections.abc import Iterable, Iterator, Mapping
-from typing import NamedTuple
 
 from libs import paths
 from libs.events.dataset import ManifestEntry
@@ -51,22 +52,42 @@ def entry_time_ns(entry: ManifestEntry) -> int:
     return time_ns(entry.mtime, entry.mtime_ns)
 
 
-class Node(NamedTuple):
-    """One inode of a tree, as a view made when asked for (``Namespace`` keeps columns, not these)."""
+class Node:
+    """One inode of a tree, as a view made when asked for (``Namespace`` keeps columns, not these). Its manifest
+    entry is built only when asked for (``entry``: opening the file, a reload's removed files)."""
 
-    inode: int
-    name: str
-    parent: int  # a folder's inode; the root's is its own
-    entry: ManifestEntry | None  # None for folders
-    mtime_ns: int
+    __slots__ = ("_slot", "_tree", "inode", "local", "mtime_ns", "name", "parent", "size")
+
+    def __init__(self, inode: int, name: str, parent: int, mtime_ns: int, size: int, local: ManifestEntry | None,
+                 tree: Namespace | None, slot: int) -> None:
+        self.inode = inode
+        self.name = name
+        self.parent = parent  # a folder's inode; the root's is its own
+        self.mtime_ns = mtime_ns
+        self.size = size
+        # The entry of a file the columns do not hold (a local file's mode and owner, a path not the sync's), which
+        # attributes are built from; None for the others and for folders.
+        self.local = local
+        self._tree = tree  # None: a folder
+        self._slot = slot
 
     @property
     def is_dir(self) -> bool:
-        return self.entry is None
+        return self._tree is None
 
     @property
-    def size(self) -> int:
-        return self.entry.size if self.entry else 0
+    def entry(self) -> ManifestEntry | None:
+        """The file's manifest entry (None for folders), built from the tree's columns."""
+        return None if self._tree is None else self._tree._entry(self._slot)
+
+    def same_file(self, other: Node) -> bool:
+        """Whether ``other`` (of another tree) has the same entry: both folders, or files equal in every field."""
+        if self._tree is None or other._tree is None:
+            return self._tree is other._tree
+        return self._tree._facts(self._slot) == other._tree._facts(other._slot)
+
+    def __repr__(self) -> str:
+        return f"Node(inode={self.inode}, name={self.name!r}, parent={self.parent}, dir={self.is_dir})"
 
 
 class InodeAllocator:
@@ -90,25 +111,32 @@ _Children = dict[str, "ManifestEntry | None"]
 
 
 class Namespace:
-    def __init__(self, names: list[str], parents: array[int], inodes: array[int], entries: list[ManifestEntry | None],
-                 times: dict[int, int], ranges: dict[int, tuple[int, int]], prefixes: dict[int, str],
-                 others: dict[tuple[int, str], ManifestEntry], skipped: paths.Skipped | None = None) -> None:
-        # Slot → name, parent slot, inode, entry (None: a folder); slot 0 is the root. A folder's time in ns (the
-        # latest below it) by slot; a file's is its entry's (``entry_time_ns``: it may not fit 64 bits).
-        self._names = names
-        self._parents = parents
-        self._inodes = inodes
-        self._entries = entries
+    def __init__(self, columns: _Columns, times: dict[int, int], ranges: dict[int, tuple[int, int]],
+                 prefixes: dict[int, str], others: dict[tuple[int, str], ManifestEntry],
+                 skipped: paths.Skipped | None = None) -> None:
+        # Slot → name, parent slot, inode, and a file's manifest entry as columns (``_Columns``); slot 0 is the
+        # root. A folder's time in ns (the latest below it) by slot; a file's is its entry's (``entry_time_ns``).
+        self._names = columns.names
+        self._parents = columns.parents
+        self._inodes = columns.inodes
+        self._mounts = columns.mounts
+        self._sizes = columns.sizes
+        self._mtimes = columns.mtimes
+        self._etags = bytes(columns.etags)
+        self._etag_ends = columns.etag_ends
+        # File slot → its entry, for the files the columns cannot give back as they were (``_Columns.fits``).
+        self._whole = columns.whole
         self._times = times
-        # Folder slot → the slots of its children, [start, end), in name order.
+        # Folder slot → the slots of its children, [start, end), in name order (every folder has one).
         self._ranges = ranges
         # Mount → what the paths of its objects start with (the key follows); entries found otherwise (a manifest
         # not written by the sync, skipped entries) by (mount, key).
         self._prefixes = prefixes
         self._others = others
         self.skipped = skipped or paths.Skipped()
-        self.total_bytes = sum(entry.size for entry in entries if entry is not None)
+        self.total_bytes = sum(self._sizes) + sum(entry.size for entry in self._whole.values())
         self.by_key = KeyIndex(self)
+        inodes = self._inodes
         # Inode → slot: the first tree's inodes are its slots in order (one subtraction); a reloaded tree's keep
         # their old numbers and are found by binary search in (inode, slot) sorted by inode.
         self._base = inodes[0] if inodes else 0
@@ -195,10 +223,7 @@ class Namespace:
         """The columns, folder by folder (each one's children in name order, in consecutive slots), with the inode
         each identity had in the allocator's last tree."""
         last = allocator.last
-        names = [""]
-        parents = array("q", [0])
-        inodes = array("q", [ROOT_INODE])
-        entries: list[ManifestEntry | None] = [None]
+        columns = _Columns()
         slot_times = {0: times[""]}
         ranges: dict[int, tuple[int, int]] = {}
         prefixes: dict[int, str] = {}
@@ -206,36 +231,36 @@ class Namespace:
         queue = [(0, "", 0 if last is not None else -1)]
         for slot, path, old in queue:
             kids = children.pop(path)
-            start = len(names)
+            start = len(columns.names)
             for name in sorted(kids):
                 entry = kids[name]
                 found = last._child(old, name) if old >= 0 and last is not None else -1
-                child = len(names)
-                names.append(name)
-                parents.append(slot)
-                entries.append(entry)
+                child = len(columns.names)
                 if entry is None:
-                    kept = found >= 0 and last is not None and last._entries[found] is None
+                    columns.add_folder(name, slot)
+                    kept = found >= 0 and last is not None and found in last._ranges
                     child_path = f"{path}/{name}"
                     slot_times[child] = times.pop(child_path)
                     queue.append((child, child_path, found if kept else -1))
                 else:
-                    kept = found >= 0 and last is not None and (old_entry := last._entries[found]) is not None \
-                        and old_entry.etag == entry.etag
-                    cls._index_key(entry, prefixes, others)
-                inodes.append(last._inodes[found] if kept and last is not None else allocator.take())
-            ranges[slot] = (start, len(names))
-        return cls(names, parents, inodes, entries, slot_times, ranges, prefixes, others, skipped)
+                    columns.add_file(name, slot, entry, cls._index_key(entry, prefixes, others))
+                    kept = found >= 0 and last is not None and found not in last._ranges \
+                        and last._etag(found) == entry.etag
+                columns.inodes.append(last._inodes[found] if kept and last is not None else allocator.take())
+            ranges[slot] = (start, len(columns.names))
+        return cls(columns, slot_times, ranges, prefixes, others, skipped)
 
     @staticmethod
     def _index_key(entry: ManifestEntry, prefixes: dict[int, str], others: dict[tuple[int, str], ManifestEntry]
-                   ) -> None:
-        """Note how ``entry`` is found by (mount, key): by its mount's prefix, else in ``others``."""
+                   ) -> bool:
+        """Note how ``entry`` is found by (mount, key): by its mount's prefix (True: its key is its path after the
+        prefix), else in ``others``."""
         key = entry.key
         prefix = entry.path[:len(entry.path) - len(key)] if key and entry.path.endswith(key) else None
         if prefix is not None and prefixes.setdefault(entry.mount, prefix) == prefix:
-            return
+            return True
         others[entry.mount, key] = entry
+        return False
 
     def _child(self, folder: int, name: str) -> int:
         """The slot of ``name`` in the folder at slot ``folder``, or -1."""
@@ -254,9 +279,46 @@ class Namespace:
         return self._order[at] if at < len(self._sorted) and self._sorted[at] == inode else -1
 
     def _node(self, slot: int) -> Node:
-        entry = self._entries[slot]
-        return Node(self._inodes[slot], self._names[slot], self._inodes[self._parents[slot]], entry,
-                    self._times[slot] if entry is None else entry_time_ns(entry))
+        inode, name, parent = self._inodes[slot], self._names[slot], self._inodes[self._parents[slot]]
+        if slot in self._ranges:
+            return Node(inode, name, parent, self._times[slot], 0, None, None, slot)
+        whole = self._whole.get(slot)
+        if whole is not None:
+            return Node(inode, name, parent, entry_time_ns(whole), whole.size, whole, self, slot)
+        return Node(inode, name, parent, time_ns(self._mtimes[slot]), self._sizes[slot], None, self, slot)
+
+    def _etag(self, slot: int) -> str:
+        whole = self._whole.get(slot)
+        if whole is not None:
+            return whole.etag
+        return self._etags[self._etag_ends[slot - 1] if slot else 0:self._etag_ends[slot]].decode()
+
+    def _path(self, slot: int) -> str:
+        names = []
+        while slot:
+            names.append(self._names[slot])
+            slot = self._parents[slot]
+        return "/" + "/".join(reversed(names))
+
+    def _entry(self, slot: int, path: str | None = None) -> ManifestEntry | None:
+        """The manifest entry of the file at ``slot`` (None: a folder), as the manifest had it."""
+        if slot in self._ranges:
+            return None
+        whole = self._whole.get(slot)
+        if whole is not None:
+            return whole
+        mount = self._mounts[slot]
+        path = self._path(slot) if path is None else path
+        return ManifestEntry(path=path, mount=mount, key=path[len(self._prefixes[mount]):], size=self._sizes[slot],
+                             etag=self._etag(slot), mtime=self._mtimes[slot])
+
+    def _facts(self, slot: int) -> tuple[object, ...]:
+        """What tells the file at ``slot`` from another of the same path without building its entry."""
+        whole = self._whole.get(slot)
+        if whole is not None:
+            return (whole,)
+        mount = self._mounts[slot]
+        return (mount, self._prefixes[mount], self._sizes[slot], self._mtimes[slot], self._etag(slot))
 
     def __len__(self) -> int:
         """Inodes in the tree (files and folders, the root included)."""
@@ -267,7 +329,7 @@ class Namespace:
 
     def lookup(self, parent: int, name: str) -> Node | None:
         slot = self._slot(parent)
-        if slot < 0 or self._entries[slot] is not None:
+        if slot < 0 or slot not in self._ranges:
             return None
         if name == ".":
             return self._node(slot)
@@ -310,29 +372,92 @@ class Namespace:
         """Every inode of the tree, the root first."""
         return (self._node(slot) for slot in range(len(self._inodes)))
 
-    def files(self) -> Iterable[ManifestEntry]:
-        return (entry for entry in self._entries if entry is not None)
+    def files(self) -> Iterator[ManifestEntry]:
+        """Every file's entry, each built when reached."""
+        for slot in range(len(self._inodes)):
+            entry = self._entry(slot)
+            if entry is not None:
+                yield entry
 
-    def find(self, path: str) -> ManifestEntry | None:
-        """The entry of the file at ``path`` ('/a/b'), or None (no such file, or a folder)."""
+    def _find(self, path: str) -> int:
         slot = 0
         for name in path.strip("/").split("/"):
             slot = self._child(slot, name)
             if slot < 0:
-                return None
-        return self._entries[slot]
+                return -1
+        return slot
+
+    def find(self, path: str) -> ManifestEntry | None:
+        """The entry of the file at ``path`` ('/a/b'), or None (no such file, or a folder)."""
+        slot = self._find(path)
+        return self._entry(slot) if slot >= 0 else None
 
     def entry_of(self, mount: int, key: str) -> ManifestEntry | None:
         """The manifest's entry for ``key`` of mount ``mount`` (the tree's, else one the tree left out)."""
         prefix = self._prefixes.get(mount)
         if prefix is not None and key:
-            entry = self.find(prefix + key)
-            if entry is not None and entry.mount == mount and entry.key == key:
-                return entry
+            path = prefix + key
+            slot = self._find(path)
+            if slot >= 0 and slot not in self._ranges:
+                whole = self._whole.get(slot)
+                if whole is None and self._mounts[slot] == mount:
+                    return self._entry(slot, path)
+                if whole is not None and whole.mount == mount and whole.key == key:
+                    return whole
         return self._others.get((mount, key))
 
     def mode(self, node: Node) -> int:
         return DIR_MODE if node.is_dir else FILE_MODE
+
+
+class _Columns:
+    """The columns of a tree being laid out. A file's entry is kept as its mount, size, time and ETag (its path is
+    its place in the tree and its key that path after its mount's prefix); one the columns could not give back
+    equal (a local file's mode, owner and exact time, a key not at the end of its path, a size or mount out of a
+    column's range, an ETag that is not text) is kept whole, by slot."""
+
+    def __init__(self) -> None:
+        self.names = [""]
+        self.parents = array("q", [0])
+        self.inodes = array("q", [ROOT_INODE])
+        self.mounts = array("H", [0])
+        self.sizes = array("q", [0])
+        self.mtimes = array("d", [0.0])
+        # Every slot's ETag, one after another (a folder's is empty), each ending at its offset in ``etag_ends``.
+        self.etags = bytearray()
+        self.etag_ends = array("q", [0])
+        self.whole: dict[int, ManifestEntry] = {}
+
+    def add_folder(self, name: str, parent: int) -> None:
+        self._add(name, parent, 0, 0, 0.0, b"")
+
+    def add_file(self, name: str, parent: int, entry: ManifestEntry, keyed: bool) -> None:
+        etag = self.fits(entry, keyed)
+        if etag is None:
+            self.whole[len(self.names)] = entry
+            self._add(name, parent, 0, 0, 0.0, b"")
+        else:
+            self._add(name, parent, entry.mount, entry.size, entry.mtime, etag)
+
+    @staticmethod
+    def fits(entry: ManifestEntry, keyed: bool) -> bytes | None:
+        """The entry's ETag as bytes where the columns give the entry back equal, else None."""
+        if not keyed or entry.mtime_ns is not None or entry.mode is not None or entry.uid is not None \
+                or entry.gid is not None or not 0 <= entry.mount <= 0xFFFF or not 0 <= entry.size < 2**63:
+            return None
+        try:
+            return entry.etag.encode()
+        except UnicodeEncodeError:  # a lone surrogate
+            return None
+
+    def _add(self, name: str, parent: int, mount: int, size: int, mtime: float, etag: bytes) -> None:
+        self.names.append(name)
+        self.parents.append(parent)
+        self.mounts.append(mount)
+        self.sizes.append(size)
+        self.mtimes.append(mtime)
+        self.etags += etag
+        self.etag_ends.append(len(self.etags))
 
 
 class KeyIndex(Mapping[tuple[int, str], ManifestEntry]):

@@ -5,7 +5,7 @@ An ImageNet-shaped manifest (``train/n01440764/n01440764_10026.JPEG``, 1,000 fol
 N files is written as the dataset service writes it and read back as ``ManifestStore.load`` reads it; then, each in
 a fresh child process so one's freed memory does not hide the next's growth:
 - ``mount``: what a mount process keeps after loading it (``services.agent.mountd``: the tree, which holds the
-  entries and answers the peer server's and the loader's (mount, key) look-ups);
+  entries as columns and answers the peer server's and the loader's (mount, key) look-ups);
 - ``catalog``: what the scheduler keeps (``services.scheduler.fold.Catalog``), the entries dropped after.
 
 Reported per file: the bytes tracemalloc counts as still allocated (the structures themselves), the growth of the

@@ -487,3 +487,27 @@ def test_fuse_unavailable_names_the_missing_device_or_tool(tmp_path: Path) -> No
     assert no_tool is not None and "fusermount3 is not on PATH" in no_tool and "install fuse3" in no_tool
     assert fuse_unavailable(device=str(device), which=lambda _: None, privileged=True) is None
     assert fuse_unavailable(device=str(device), which=lambda _: "/usr/bin/fusermount3", privileged=False) is None
+
+
+def test_a_tree_gives_back_each_entry_as_the_manifest_had_it() -> None:
+    # The tree keeps entries as columns and builds one when asked: every field must come back equal, the odd
+    # entries (a local file's mode and exact time, a key not at the end of its path, a huge size) kept whole.
+    synced = [ManifestEntry(path="/pre/a/b.txt", mount=0, key="a/b.txt", size=3, etag='"9b2cf535f27731c9"',
+                            mtime=1700000000.123),
+              ManifestEntry(path="/other/c", mount=1, key="c", size=0, etag="d41d-2", mtime=2.5),
+              ManifestEntry(path="/pre/é", mount=0, key="é", size=2**40, etag="ü", mtime=-1.0)]
+    odd = [ManifestEntry(path="/local", mount=2, key="local", size=1, etag="l", mtime=1.5, mtime_ns=1_500_000_001,
+                         mode=0o640, uid=7, gid=8),
+           ManifestEntry(path="/renamed", mount=3, key="source/key", size=2**70, etag="x", mtime=3.0),
+           ManifestEntry(path="/pre/far", mount=70_000, key="far", size=1, etag="\ud800", mtime=4.0)]
+    tree = Namespace.build(synced + odd, InodeAllocator())
+    assert sorted(tree.files(), key=lambda e: e.path) == sorted(synced + odd, key=lambda e: e.path)
+    for expected in synced + odd:
+        assert tree.find(expected.path) == expected
+        assert tree.by_key[expected.mount, expected.key] == expected
+    assert tree.entry_of(1, "a/b.txt") is None  # another mount's key
+    assert tree.total_bytes == sum(e.size for e in synced + odd)
+    b = tree.find("/pre/a")
+    assert b is None  # a folder
+    local = tree.lookup(ROOT_INODE, "local")
+    assert local is not None and local.local == odd[0] and local.mtime_ns == 1_500_000_001
