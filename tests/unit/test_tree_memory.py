@@ -109,3 +109,38 @@ def test_a_walk_of_the_whole_mount_keeps_its_caches_bounded(monkeypatch: pytest.
     # Two generations of the cache, ~300 bytes an entry, whatever the walk's length.
     assert kept < 2 * 1_000 * 300, f"a walk of {FILES} files keeps {kept} bytes"
     assert asyncio.run(walk(fs)) == FILES  # and is answered the same from the tree again
+
+
+def test_folders_read_a_page_at_a_time_are_listed_once_however_small_the_cache(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Two large folders read in turns (two `ls` at once), with a small attributes cache: each page goes on where
+    # its handle left off, every name once, and no page lists its folder whole.
+    monkeypatch.setattr(fs_module, "ATTRIBUTES_KEPT", 10)
+    tree = keep_mount(load(manifest_bytes(200, 2)))[1]
+    fs = fs_module.DatasetFS(tree, reader=None, uid=None, gid=None, block_size=4096,  # type: ignore[arg-type]
+                             no_open=False)
+    train = tree.lookup(ROOT_INODE, "train")
+    assert train is not None
+    folders = [child.inode for child in tree.children(train.inode)]
+    listed: list[int] = []
+    monkeypatch.setattr(tree, "children", lambda inode: listed.append(inode) or type(tree).children(tree, inode))
+    seen: dict[int, list[bytes]] = {inode: [] for inode in folders}
+    page: list[bytes] = []
+
+    def reply(token: object, name: bytes, attrs: Any, offset: int) -> bool:
+        page.append(name)
+        return len(page) < 7  # a page holds 7 names
+
+    monkeypatch.setattr(fs_module.pyfuse3, "readdir_reply", reply)
+
+    async def read_in_turns() -> None:
+        handles = {inode: await fs.opendir(inode, None) for inode in folders}  # type: ignore[arg-type]
+        while any(len(seen[inode]) < 100 for inode in folders):
+            for inode in folders:
+                page.clear()
+                await fs.readdir(handles[inode], len(seen[inode]), None)  # type: ignore[arg-type]
+                seen[inode] += page
+
+    asyncio.run(read_in_turns())
+    assert all(len(names) == 100 == len(set(names)) for names in seen.values())
+    assert not listed  # pages come from the tree's columns, never a folder's whole listing
