@@ -123,7 +123,13 @@ def test_folders_read_a_page_at_a_time_are_listed_once_however_small_the_cache(
     assert train is not None
     folders = [child.inode for child in tree.children(train.inode)]
     listed: list[int] = []
-    monkeypatch.setattr(tree, "children", lambda inode: listed.append(inode) or type(tree).children(tree, inode))
+    children = tree.children
+
+    def counted(inode: int) -> Any:
+        listed.append(inode)
+        return children(inode)
+
+    monkeypatch.setattr(tree, "children", counted)
     seen: dict[int, list[bytes]] = {inode: [] for inode in folders}
     page: list[bytes] = []
 
