@@ -111,7 +111,7 @@ def test_a_walk_of_the_whole_mount_keeps_its_caches_bounded(monkeypatch: pytest.
     assert asyncio.run(walk(fs)) == FILES  # and is answered the same from the tree again
 
 
-def test_folders_read_a_page_at_a_time_are_listed_once_however_small_the_cache(
+def test_folders_read_a_page_at_a_time_in_turns_give_each_name_once_and_are_never_listed_whole(
         monkeypatch: pytest.MonkeyPatch) -> None:
     # Two large folders read in turns (two `ls` at once), with a small attributes cache: each page goes on where
     # its handle left off, every name once, and no page lists its folder whole.
