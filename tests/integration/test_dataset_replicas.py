@@ -68,6 +68,24 @@ async def sees(members: Members, *replicas: str) -> None:
     await eventually(probe, 10, f"{members.replica} sees {replicas} (it sees {members.live})")
 
 
+def replica_processes(nats_server: NatsServer, tmp_path: Path) -> dict[str, ServiceProcess]:
+    """Two dataset-service replicas, "one" and "two", not started, allowed to list folders under ``tmp_path``."""
+    return {name: ServiceProcess("dataset", service_env([nats_server.url], SHOAL_REPLICA_NAME=name,
+                                                        SHOAL_LOCAL_ROOTS=str(tmp_path)),
+                                 tmp_path / f"dataset-{name}.log")
+            for name in ("one", "two")}
+
+
+async def start_knowing_each_other(replicas: dict[str, ServiceProcess]) -> None:
+    """Starts the replicas and returns once each has logged both as live (so the work is split between them)."""
+    for replica in replicas.values():
+        replica.start()
+    for replica in replicas.values():
+        async def knows_both(log: Path = replica.log) -> bool:
+            return await asyncio.to_thread(sees_in_log, log, set(replicas))
+
+        await eventually(knows_both, 30, f"both replicas known to {replica.log.name}")
+
 async def test_replicas_split_keys_and_one_that_leaves_hands_them_over(bus: Bus) -> None:
     await bus.provision()
     keys = [f"default.d{i}" for i in range(200)]
@@ -380,18 +398,9 @@ async def test_two_replica_processes_list_each_dataset_once_and_one_takes_over_a
     folder.mkdir()
     for i in range(3):
         (folder / f"f{i}").write_bytes(b"x" * (i + 1))
-    replicas = {name: ServiceProcess("dataset", service_env([nats_server.url], SHOAL_REPLICA_NAME=name,
-                                                            SHOAL_LOCAL_ROOTS=str(tmp_path)),
-                                     tmp_path / f"dataset-{name}.log")
-                for name in ("one", "two")}
+    replicas = replica_processes(nats_server, tmp_path)
     try:
-        for replica in replicas.values():
-            replica.start()
-        for replica in replicas.values():
-            async def knows_both(log: Path = replica.log) -> bool:
-                return await asyncio.to_thread(sees_in_log, log, {"one", "two"})
-
-            await eventually(knows_both, 30, f"both replicas known to {replica.log.name}")
+        await start_knowing_each_other(replicas)
         first = [f"first-{i}" for i in range(40)]
         for name in first:
             await bus.publish(subjects.DATASET_APPLY, DatasetApply(dataset=local_dataset(name, folder)))
@@ -464,19 +473,10 @@ async def test_a_command_a_killed_replica_fetched_but_did_not_ack_is_applied_by_
     folder = tmp_path / "files"
     folder.mkdir()
     (folder / "f").write_bytes(b"x")
-    replicas = {name: ServiceProcess("dataset", service_env([nats_server.url], SHOAL_REPLICA_NAME=name,
-                                                            SHOAL_LOCAL_ROOTS=str(tmp_path)),
-                                     tmp_path / f"dataset-{name}.log")
-                for name in ("one", "two")}
+    replicas = replica_processes(nats_server, tmp_path)
     one, two = replicas["one"], replicas["two"]
     try:
-        for replica in replicas.values():
-            replica.start()
-        for replica in replicas.values():
-            async def knows_both(log: Path = replica.log) -> bool:
-                return await asyncio.to_thread(sees_in_log, log, {"one", "two"})
-
-            await eventually(knows_both, 30, f"both replicas known to {replica.log.name}")
+        await start_knowing_each_other(replicas)
         await bus.publish(subjects.DATASET_APPLY, DatasetApply(dataset=local_dataset("warm-up", folder)))
         await eventually(lambda: applied(bus, "warm-up"), 30, "the replicas consuming")
         assert (await _commands(bus)).config.ack_wait == ACK_WAIT_SECONDS, "the durable's 30 s ack wait kept"
