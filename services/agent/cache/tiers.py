@@ -761,6 +761,8 @@ class DiskTier:
         for _ in range(3):  # each retry follows a whole purge of the folder meanwhile: rare
             fd = self._lock_fd
             if fd is None:
+                if self._someone_elses():
+                    return True  # no file of ours among another's: nothing here is ours to guard (start refuses it)
                 os.makedirs(self._root, exist_ok=True)
                 fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
             try:
@@ -840,6 +842,17 @@ class DiskTier:
             os.rmdir(self._root)
 
     # -- internals ----------------------------------------------------------------------------------------
+
+    def _someone_elses(self) -> bool:
+        """Whether the directory holds files Shoal did not write and no ``MARKER`` (``_claim`` refuses it)."""
+        if os.path.exists(os.path.join(self._root, MARKER)):
+            return False
+        try:
+            with os.scandir(self._root) as entries:
+                others = any(entry.name != LOCK_FILE for entry in entries)
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        return others and not _written_by_shoal(self._root)
 
     def _claim(self) -> bool:
         """True if the directory is Shoal's: it has the marker, or it was empty and now has it."""
