@@ -917,9 +917,12 @@ REFUSED_RETRY_SECONDS = 10.0
 # for the whole ack wait, or a NATS leader election longer than it, lets a message be handled twice, which handlers
 # tolerate (their KV writes compare-and-set, their publishes are deduplicated by id).
 ACK_WAIT_SECONDS = 5.0
-# How often a process tells JetStream it is still working on the messages it fetched: a fifth of the ack wait, so a
-# working-ack or two lost or late (a busy loop, a reconnect) still leaves the message with its process.
-WORKING_SECONDS = 1.0
+# How often a process tells JetStream it is still working on the messages it fetched (the first time this long after
+# the fetch: a fetch settled sooner sends none): twice within the ack wait, so one working-ack lost or late (a busy
+# loop, a reconnect) still leaves the message with its process. Every second cost the load bench's steady phase,
+# with the services seconds behind and each fetch of up to 256 commands held that long, 4-11 % more CPU per
+# dataset in the dataset services (two rounds, against the same code without working-acks).
+WORKING_SECONDS = 2.0
 
 
 # What ``Consumer`` sets on its durable, compared with an existing durable's settings (``_consumer_changes``).
