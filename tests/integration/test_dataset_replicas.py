@@ -519,7 +519,11 @@ async def test_a_command_a_killed_replica_fetched_but_did_not_ack_is_applied_by_
         with stopwatch() as took:
             os.kill(one.pid, signal.SIGCONT)
             await eventually(lambda: applied(bus, name), 40, f"{name} applied by the survivor")
-        assert await asyncio.to_thread(applied_in_log, one.log, name), one.tail()
+        # The record is saved before the line is logged: wait for the line, which says it was one that applied it.
+        try:
+            await eventually(lambda: asyncio.to_thread(applied_in_log, one.log, name), 10, f"{name} logged by one")
+        except AssertionError as err:
+            raise AssertionError(one.tail()) from err
         assert took[0] < ACK_WAIT_SECONDS + 5, (
             f"the survivor applied the killed replica's command {took[0]:.1f} s after the kill "
             f"({time.monotonic() - delivered:.1f} s after its delivery)")
