@@ -214,8 +214,8 @@ class MountedDataset:
             self._stopped_while_starting(STARTING_CACHE)
             return
         await self._starting(STARTING_MOUNT)
-        self._drop_stale(cache, entries)
-        self._drop_misfits(cache, entries, block_size)
+        # Seconds for a million files: in a thread, so the loop goes on answering NATS and /healthz meanwhile.
+        tree = await asyncio.to_thread(self._first_tree, entries, cache, block_size)
         self._update_gates(record)
         self.record = record
         slots = self._budget_file()
@@ -223,7 +223,6 @@ class MountedDataset:
             slots.zero(self.grants.budget_slot)  # holds nothing yet (the agent zeroed it too; a crash leaks none)
         readahead = (MemoryBudget(slots.limit, node=NodeReadAhead(slots, self.grants.budget_slot)) if slots
                      else MemoryBudget(parse_quantity(self.settings.agent.readahead_budget)))
-        tree = self._tree(entries)
         self.entries = tree.by_key
         key = self._peer_key()
         client = PeerClient(key, self.namespace, self.name) if key is not None else None
@@ -421,8 +420,8 @@ class MountedDataset:
         """Index the block files no index listed (after a crash: every one), a shard at a time in a thread, while
         the mount serves; a block asked for before the scan reached it is looked for on disk then. A stop ends the
         scan at its next file; the files not opened yet wait for the next start. Blocks of objects not in the
-        manifest served then, or of the wrong length (``_drop_stale``, ``_drop_misfits``), are deleted as
-        they are found."""
+        manifest served then, or of the wrong length (``_scan_keep``, as ``_prune_cache`` does at start), are
+        deleted as they are found."""
         started = time.monotonic()
         try:
             found = await cache.scan_rest(self._scan_keep(block_size), halted)
@@ -637,33 +636,61 @@ class MountedDataset:
                         examples=tree.skipped.examples)
         return tree
 
-    def _next_tree(self, entries: list[ManifestEntry], served: Namespace) -> tuple[Namespace, TreeChanges]:
-        """In a thread: a reload's tree and how it differs from the one ``served``. Seconds for a million files
-        (the event loop, which serves every FUSE request, was stalled for them: every read and `ls` of the mount
-        waited out each resync). One at a time: a reload cancelled by a newer one may still be building in its
-        thread, and the allocator must hand out each inode number once."""
+    def _first_tree(self, entries: list[ManifestEntry], cache: BlockCache, block_size: int) -> Namespace:
+        """In a thread, at start: the first tree, and the cache cut to it (``_prune_cache``). Seconds for a million
+        files, which the event loop spent stalled: the process's /healthz and NATS connection went unanswered. The
+        cache is not used by anything else yet (its index was loaded in a thread too: ``BlockCache.start``)."""
         with self._building:
             tree = self._tree(entries)
-            return tree, tree_changes(served, tree)
+        self._prune_cache(cache, tree, block_size)
+        return tree
 
-    def _drop_stale(self, cache: BlockCache, entries: list[ManifestEntry]) -> None:
-        """Deletes the blocks of objects no longer in the manifest (or at another ETag)."""
-        current = {(entry.mount, entry.key, entry.etag) for entry in entries}
-        stale = cache.drop_stale(lambda block: (block.mount, block.key, block.etag) in current)
+    def _next_tree(self, entries: list[ManifestEntry], served: Namespace
+                   ) -> tuple[Namespace, TreeChanges, set[tuple[int, str, str]]]:
+        """In a thread: a reload's tree, how it differs from the one ``served``, and the objects whose cached blocks
+        it no longer serves (``gone_objects``). Seconds for a million files (the event loop, which serves every FUSE
+        request, was stalled for them: every read and `ls` of the mount waited out each resync). One at a time: a
+        reload cancelled by a newer one may still be building in its thread, and the allocator must hand out each
+        inode number once."""
+        with self._building:
+            tree = self._tree(entries)
+            changes = tree_changes(served, tree)
+            return tree, changes, gone_objects(changes, tree)
+
+    def _prune_cache(self, cache: BlockCache, tree: Namespace, block_size: int) -> None:
+        """At start, before the mount serves: deletes the blocks kept from a previous run that ``tree`` does not
+        serve: of objects no longer in the manifest (or at another ETag), then those whose length is not their
+        span's (cut at another block size by a Shoal that did not record it, or damaged). Each cached file is looked
+        up in the tree once: no table of every entry is made (~100 MB for a million files)."""
+        files: dict[tuple[int, str], ManifestEntry | None] = {}
+
+        def served(block: BlockId) -> ManifestEntry | None:
+            key = (block.mount, block.key)
+            if key not in files:
+                files[key] = tree.entry_of(*key)
+            entry = files[key]
+            return entry if entry is not None and entry.etag == block.etag else None
+
+        stale = cache.drop_stale(lambda block: served(block) is not None)
         if stale:
             log.info("cache blocks of objects gone from the manifest or changed deleted", dataset=self.shown,
                      blocks=stale)
-
-    def _drop_misfits(self, cache: BlockCache, entries: list[ManifestEntry], block_size: int) -> None:
-        """At start, after ``_drop_stale``: deletes the blocks kept from a previous run whose length is not their
-        span's (cut at another block size by a Shoal that did not record it, or damaged). Blocks written by this
-        process are cut at its block size, so a reload has none to look for."""
-        sizes = {(entry.mount, entry.key, entry.etag): entry.size for entry in entries}
         misfits = [block for block, length in cache.blocks()
-                   if length != block_span(sizes[block.mount, block.key, block.etag], block_size, block.index)[1]]
+                   if (entry := served(block)) is None
+                   or length != block_span(entry.size, block_size, block.index)[1]]
         if misfits:
             log.warning("cache blocks of the wrong length deleted", dataset=self.shown, blocks=len(misfits))
             cache.evict(misfits)
+
+    def _drop_stale(self, cache: BlockCache, gone: set[tuple[int, str, str]]) -> None:
+        """After a reload: deletes the blocks of the objects it no longer serves (``gone_objects``). Nothing to look
+        at when nothing went: a resync that changed nothing costs no walk of the cache."""
+        if not gone:
+            return
+        stale = cache.drop_stale(lambda block: (block.mount, block.key, block.etag) not in gone)
+        if stale:
+            log.info("cache blocks of objects gone from the manifest or changed deleted", dataset=self.shown,
+                     blocks=stale)
 
     async def _watch(self, fs: DatasetFS, cache: BlockCache, stop: asyncio.Event) -> None:
         """Reload the tree when the dataset is re-synced; stop when it is deleted."""
@@ -741,7 +768,7 @@ class MountedDataset:
             self._update_gates(record)  # before the tree: a new mount's files must find their store
         except (Exception, SystemExit) as err:  # e.g. a missing secret: its reads fail, the rest serve
             log.error("object stores not updated", dataset=self.shown, error=str(err))
-        tree, changes = await asyncio.to_thread(self._next_tree, entries, fs.namespace)
+        tree, changes, gone_now = await asyncio.to_thread(self._next_tree, entries, fs.namespace)
         gone, changed, relisted = fs.replace_namespace(tree, changes)
         self.manifest_version = manifest_version(record)
         for parent, name in gone:
@@ -758,11 +785,32 @@ class MountedDataset:
             with contextlib.suppress(OSError):
                 pyfuse3.invalidate_inode(inode, attr_only=False)
         self.entries = tree.by_key
-        self._drop_stale(cache, entries)
+        self._drop_stale(cache, gone_now)
         if self.tasks is not None:
             self.tasks.manifest_reloaded()
         log.info("manifest reloaded", dataset=self.shown, files=len(entries), removed=len(gone),
                  attributes_changed=len(changed), folders_relisted=len(relisted))
+
+
+def gone_objects(changes: TreeChanges, new: Namespace) -> set[tuple[int, str, str]]:
+    """The (mount, key, ETag) of the objects the served tree (``changes.old``) had and ``new`` has not, whose cached
+    blocks are no longer of use. Found from what changed (the files removed or whose entry changed, and the entries
+    kept apart from the tree's paths), each looked up in ``new``: a resync that changed a few files costs a few
+    look-ups, where a set of every entry of the manifest cost ~0.4 s and ~100 MB for a million files. Blocks of a
+    file read after the reload that removed it (a descriptor opened before) stay until they are evicted or the next
+    start cuts the cache to its tree."""
+    old = changes.old
+    candidates = [*changes.removed.values(), *old.entries_apart()]
+    for inode in changes.entry_changed:
+        node = old.get(inode)
+        if node is not None and (entry := node.entry) is not None:
+            candidates.append(entry)
+    gone = set()
+    for entry in candidates:
+        now = new.entry_of(entry.mount, entry.key)
+        if now is None or now.etag != entry.etag:
+            gone.add((entry.mount, entry.key, entry.etag))
+    return gone
 
 
 async def until_stopped(work: Coroutine[Any, Any, T], stop: asyncio.Event) -> T | None:

@@ -406,6 +406,12 @@ class Namespace:
                     return whole
         return self._others.get((mount, key))
 
+    def entries_apart(self) -> Iterable[ManifestEntry]:
+        """The entries found by (mount, key) apart from the tree's paths: those the rules left out (``skipped``), and
+        files whose key is not their path after their mount's prefix. Few: only a manifest not written by the sync
+        has any."""
+        return self._others.values()
+
     def mode(self, node: Node) -> int:
         return DIR_MODE if node.is_dir else FILE_MODE
 

@@ -121,6 +121,54 @@ def test_a_new_tree_names_the_entries_gone_and_the_inodes_whose_attributes_chang
     assert fs.replace_namespace(second) == ([], [], [])
 
 
+def test_a_reload_finds_the_objects_gone_from_what_changed_not_from_every_entry() -> None:
+    # ``mountd._drop_stale`` deletes the cached blocks of these: the files removed or at another ETag, a mount's
+    # objects now at another position (mount 0 removed: mount 1's files are mount 0's now, whose blocks must not be
+    # lent to them), and an entry left out of the tree that went away; nothing kept whose (mount, key, ETag) stays.
+    from services.agent.fs import tree_changes
+    from services.agent.mountd import gone_objects
+
+    def at(mount: int, path: str, etag: str = "e") -> ManifestEntry:
+        return ManifestEntry(path=f"/m{mount}{path}", mount=mount, key=path[1:], size=1, etag=etag, mtime=1.0)
+
+    allocator = InodeAllocator()
+    left_out = ManifestEntry(path="/m0/bad//name", mount=0, key="bad//name", size=1, etag="b", mtime=1.0)
+    first = Namespace.build([at(0, "/x.bin", "a"), at(0, "/same"), at(0, "/gone"), at(0, "/changed", "v1"),
+                             at(1, "/y.bin", "y"), left_out], allocator)
+    assert list(first.entries_apart()) == [left_out]
+    second = Namespace.build([at(0, "/x.bin", "a"), at(0, "/same"), at(0, "/changed", "v2"),
+                              msgspec.structs.replace(at(1, "/y.bin", "y"), mount=2)], allocator)
+
+    assert gone_objects(tree_changes(first, second), second) == {
+        (0, "gone", "e"), (0, "changed", "v1"), (1, "y.bin", "y"), (0, "bad//name", "b")}
+    third = Namespace.build([at(0, "/x.bin", "a"), at(0, "/same"), at(0, "/changed", "v2"),
+                             msgspec.structs.replace(at(1, "/y.bin", "y"), mount=2)], allocator)
+    assert gone_objects(tree_changes(second, third), third) == set()
+
+
+def test_a_start_keeps_the_cached_blocks_its_tree_serves_at_their_length_and_deletes_the_others() -> None:
+    from services.agent.cache import BlockCache, MemoryTier
+    from services.agent.mountd import MountedDataset
+    from tests.helpers import make_settings
+
+    size = 100
+    same, changed = (ManifestEntry(path=f"/{name}", mount=0, key=name, size=size, etag="e1", mtime=1.0)
+                     for name in ("same", "changed"))
+    tree = Namespace.build([same, msgspec.structs.replace(changed, etag="e2")], InodeAllocator())
+    cache = BlockCache([MemoryTier(1 << 20)])
+    kept = BlockId(0, "same", "e1", 0)
+    stale = [BlockId(0, "changed", "e1", 0), BlockId(0, "gone", "e1", 0), BlockId(1, "same", "e1", 0)]
+    misfit = BlockId(0, "changed", "e2", 0)
+    for block, length in [(kept, size), *((block, size) for block in stale), (misfit, size - 1)]:
+        assert cache.put(block, b"x" * length)
+    mounted = MountedDataset(make_settings("nats://127.0.0.1:1"), None, "default", "d", "/nonexistent")  # type: ignore[arg-type]
+    try:
+        mounted._prune_cache(cache, tree, block_size=4096)
+    finally:
+        mounted.metrics.close()
+    assert cache.blocks() == [(kept, size)]
+
+
 def test_a_tree_keeps_the_listings_nanoseconds_and_its_folders_the_latest_of_them() -> None:
     # 1796613619.813174285 as a float is 1796613619.8131742 (…272 ns): the exact time travels beside it.
     exact = ManifestEntry(path="/d/local", mount=0, key="d/local", size=1, etag="l", mtime=1796613619.813174285,

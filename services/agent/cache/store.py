@@ -930,7 +930,8 @@ class BlockCache:
     def drop_stale(self, keep: Callable[[BlockId], bool]) -> int:
         """Deletes every block ``keep`` rejects (e.g. its mount, key and ETag left the manifest); returns how many.
 
-        Runs on the loop: one unlink per stale block, normally a handful after a re-sync.
+        Runs on the loop, one unlink per stale block, normally a handful after a re-sync; at start, before anything
+        else uses the cache, in the thread that builds the mount's first tree (as ``start`` may).
         """
         stale = [(name, entry) for name, entry in self._index.items() if not keep(entry.block)]
         for name, entry in stale:
