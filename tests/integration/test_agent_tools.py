@@ -262,6 +262,37 @@ async def test_writes_are_erofs_reads_are_not_locks_work_and_xattrs_are_unsuppor
         await asyncio.to_thread(syscalls)
 
 
+async def test_files_copied_out_with_their_extended_attributes_and_acls_copy_without_a_word_and_du_weighs_them(
+        bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path) -> None:
+    # The mount has no extended attributes: listxattr is empty and getxattr "not supported" (its first answer is
+    # ENOSYS, so the kernel answers the rest: see the xattr test above). Tools that copy attributes list them first
+    # and take "not supported" for an ACL as none, so nothing says a word, on a fresh mount or after `ls -l`.
+    bodies = {"d/e/f.bin": os.urandom(5000), "d/g.txt": b"g", "h.txt": b"hh"}
+    await put_objects(seaweedfs, bucket, bodies)
+    async with node_stack(bus, settings, seaweedfs, tmp_path) as node:
+        await node.apply("copied", bucket)
+        root = await node.wait_mounted("copied", expect="h.txt")
+        # du weighs the dataset, cached or not (as s3fs and rclone show it): nothing was read yet.
+        du = await run_tool("du", "-s", "-B1", str(root))
+        assert int(du.stdout.split()[0]) == sum((len(body) + 511) // 512 * 512 for body in bodies.values())
+        out = tmp_path / "out"
+        out.mkdir()
+        for argv in (["cp", "-a", str(root / "h.txt"), str(out / "cp-h")],
+                     ["cp", "--preserve=all", str(root / "d/g.txt"), str(out / "cp-g")],
+                     ["cp", "-a", "--preserve=xattr", str(root / "d"), str(out / "cp-d")],
+                     ["rsync", "-aAX", f"{root}/", str(out / "rsync")],
+                     ["tar", "--xattrs", "--acls", "-cf", str(out / "all.tar"), "-C", str(root), "."],
+                     ["getfattr", "-d", "-m", "-", str(root / "h.txt")],
+                     ["ls", "-l", str(root)]):
+            done = await run_tool(*argv, check=False)
+            assert (done.returncode, done.stderr) == (0, ""), argv
+        await run_tool("diff", "-r", str(root), str(out / "rsync"))
+        await run_tool("diff", "-r", str(root / "d"), str(out / "cp-d"))
+        assert (out / "cp-h").read_bytes() == bodies["h.txt"]
+        listed = await run_tool("tar", "-tf", str(out / "all.tar"))
+        assert "./d/e/f.bin" in listed.stdout.splitlines()
+
+
 async def test_ls_l_of_a_large_folder_asks_the_mount_for_extended_attributes_once(
         bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path) -> None:
     # `ls -l` asks every file for its ACL and security label (getxattr). Answered ENODATA, each question reached
