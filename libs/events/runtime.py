@@ -28,6 +28,11 @@ MAX_BLOCK_SIZE = 64 * 1024 * 1024
 BLOCK_ALIGNMENT = 4096
 
 
+# A runtime status's condition, False while the runtime has no Dataset of its name (absent otherwise): the dataset
+# service reads it to tell a runtime scaled to zero from one that picks no worker for want of its Dataset.
+CONDITION_DATASET = "DatasetFound"
+
+
 # A tier's watermarks when its spec gives none: Fluid's defaults.
 DEFAULT_HIGH_WATERMARK = "0.95"
 DEFAULT_LOW_WATERMARK = "0.7"

@@ -42,7 +42,7 @@ from libs.events.dataset import (
     find_condition,
     write_access_modes,
 )
-from libs.events.runtime import RuntimeSpec, RuntimeStatus, held_capacity, ring_nodes
+from libs.events.runtime import CONDITION_DATASET, RuntimeSpec, RuntimeStatus, held_capacity, ring_nodes
 from libs.events.schedule import DatasetCacheObserved
 from libs.hostpaths import local_root_error
 from libs.inventory import DatasetInventory, UniqueCached
@@ -522,13 +522,13 @@ def _set_condition(conditions: list[Condition], new: Condition) -> list[Conditio
 
 
 def status_after_sync(record: DatasetRecord, result: SyncResult, runtime_phase: str, now: float,
-                      runtime_message: str | None = None) -> DatasetStatus:
+                      runtime_message: str | None = None, *, binding: RuntimeBinding | None = None) -> DatasetStatus:
     """The status once a sync of ``result.generation`` finished (successfully or not).
 
     A failed sync of a spec already listed (an autoSync or a resync while the store is down) keeps the manifest it
     has: the mounts go on serving that tree (cached blocks read, uncached ones fail until the store is back),
     the condition and message say what failed. A failed sync of a new spec (or the first) leaves no manifest: the
-    one in hand lists another spec's sources."""
+    one in hand lists another spec's sources. ``binding``: see ``with_binding``."""
     status = record.status
     if result.error:
         reason = REASON_UNREACHABLE if result.retryable else REASON_FAILED
@@ -564,7 +564,7 @@ def status_after_sync(record: DatasetRecord, result: SyncResult, runtime_phase: 
             conditions=conditions,
             last_sync_time=rfc3339(now),
         )
-    return with_binding(record.dataset, status, runtime_phase, None, runtime_message)
+    return with_binding(record.dataset, status, runtime_phase, None, runtime_message, binding=binding)
 
 
 def synced_message(dataset: Dataset, result: SyncResult) -> str:
@@ -591,10 +591,13 @@ def skipped_condition(result: SyncResult, now: float) -> Condition | None:
 
 
 def with_binding(dataset: Dataset, status: DatasetStatus, runtime_phase: str,
-                 runtime_capacity: str | None, runtime_message: str | None = None) -> DatasetStatus:
+                 runtime_capacity: str | None, runtime_message: str | None = None, *,
+                 binding: RuntimeBinding | None = None) -> DatasetStatus:
     """Status with phase and runtimes following the runtime of the same name (Fluid's binding rule). With
     ``runtime_message`` (the runtime's status message, "" when it says none), a dataset left NotBound by its runtime
-    says why in its message (``not_bound_message``), unless a condition has more to say."""
+    says why in its message (``not_bound_message``), unless a condition has more to say. With ``binding`` (the
+    runtime's, whose phase and message these are), a Bound dataset whose runtime has no cache worker says so
+    (``no_workers_message``), unless a condition has more to say: the runtime said it, the dataset read as cached."""
     phase = dataset_phase(status, runtime_phase)
     runtimes = (
         [RuntimeRef(name=dataset.metadata.name, namespace=dataset.metadata.namespace)] if phase == "Bound" else []
@@ -609,6 +612,8 @@ def with_binding(dataset: Dataset, status: DatasetStatus, runtime_phase: str,
     message = status_message(status.conditions)
     if phase == "NotBound" and not message and runtime_message is not None:
         message = not_bound_message(dataset.metadata.namespace, dataset.metadata.name, runtime_phase, runtime_message)
+    if phase == "Bound" and not message and binding is not None and binding.cache_workers == 0:
+        message = no_workers_message(dataset.metadata.namespace, dataset.metadata.name, binding)
     return msgspec.structs.replace(status, phase=phase, runtimes=runtimes, cache_states=cache_states,
                                    message=message)
 
@@ -623,6 +628,19 @@ def not_bound_message(namespace: str, name: str, runtime_phase: str, runtime_mes
                 "cache and mount it")
     why = f": {runtime_message}" if runtime_message else ""
     return f"waiting for Runtime {shown} to be Ready (it is {runtime_phase}{why})"
+
+
+def no_workers_message(namespace: str, name: str, binding: RuntimeBinding) -> str:
+    """Why a Bound dataset's reads all go to the store, and what to change: its runtime has no cache worker, scaled
+    to zero (``spec.replicas`` 0) or with none picked (the runtime's message says why, quoted)."""
+    shown = subjects.object_name(namespace, name)
+    head = f"bound to Runtime {shown}, which has no cache workers"
+    if binding.scaled_to_zero:
+        scope = "" if namespace == "default" else f" -n {namespace}"
+        return (f"{head} (spec.replicas is 0): every node reads from the store itself; scale it with "
+                f"`shoal scale runtime {name}{scope} --replicas N` to cache")
+    why = f" (Runtime: {binding.message})" if binding.message else ""
+    return f"{head}: every node reads from the store itself{why}"
 
 
 def status_message(conditions: list[Condition]) -> str:
@@ -686,6 +704,11 @@ class RuntimeBinding(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     # The runtime's status message: why it is not Ready, which a dataset left NotBound by it quotes
     # (``not_bound_message``). "": a binding stored before this field, or a runtime with nothing to say.
     message: str = ""
+    # How many cache workers the runtime picked, and whether it picks none because ``spec.replicas`` is 0 (rather
+    # than for want of eligible agents, or of its Dataset): a Bound dataset without any says so
+    # (``no_workers_message``). None: a binding stored before this field, or no runtime, which says nothing.
+    cache_workers: int | None = None
+    scaled_to_zero: bool = False
 
 
 def runtime_binding(status: RuntimeStatus, sequence: int) -> RuntimeBinding:
@@ -693,8 +716,11 @@ def runtime_binding(status: RuntimeStatus, sequence: int) -> RuntimeBinding:
     ring = ring_nodes(status.workers)
     # A runtime service before ``nodeCapacityBytes`` counted the ring's tiers alone.
     per_node = status.node_capacity_bytes or (status.cache_capacity_bytes // len(ring) if ring else 0)
+    # 0 wanted while its Dataset exists: the replicas, not the Dataset's absence (a fact from before it was applied).
+    dataset_missing = find_condition(status.conditions, CONDITION_DATASET) is not None
     return RuntimeBinding(phase=status.phase, cache_capacity=status.cache_capacity, fact_sequence=sequence,
-                          message=status.message,
+                          message=status.message, cache_workers=len(status.workers),
+                          scaled_to_zero=status.desired_worker_number_scheduled == 0 and not dataset_missing,
                           mounted=find_condition(status.conditions, CONDITION_MOUNTED),
                           reads_failing=find_condition(status.conditions, CONDITION_READS),
                           cache_capacity_bytes=status.cache_capacity_bytes, ring=ring,
@@ -747,7 +773,7 @@ def bound_status(record: DatasetRecord, binding: RuntimeBinding) -> DatasetStatu
     """The record's status following its runtime's binding: phase, runtimes, capacity and ``Mounted``."""
     return with_binding(record.dataset, with_mount_condition(record.status, binding.mounted, binding.reads_failing),
                         binding.phase,
-                        dataset_capacity(binding, record.status.nodes), binding.message)
+                        dataset_capacity(binding, record.status.nodes), binding.message, binding=binding)
 
 
 def status_on_apply(record: DatasetRecord, binding: RuntimeBinding | None, now: float) -> DatasetStatus:

@@ -633,7 +633,8 @@ class DatasetHandlers:
                 # deleted and the name applied again: this listing describes none of them.
                 status = current.status
             else:
-                status = domain.status_after_sync(current, result, binding.phase, self.clock(), binding.message)
+                status = domain.status_after_sync(current, result, binding.phase, self.clock(), binding.message,
+                                                  binding=binding)
             before, after = current.status.manifest, status.manifest
             return status
 

@@ -60,6 +60,7 @@ from libs.events.common import (
 from libs.events.dataset import Condition, DatasetSpec, NodeCache, find_condition
 from libs.events.runtime import (
     BLOCK_ALIGNMENT,
+    CONDITION_DATASET,
     DEFAULT_HIGH_WATERMARK,
     DEFAULT_LOW_WATERMARK,
     MAX_BLOCK_SIZE,
@@ -115,8 +116,6 @@ READS_REFRESH_SECONDS = 60.0
 # message and in notPicked, made a status larger than the dataset service takes (SHOAL_MAX_EVENT_BYTES, 256 KiB).
 UNHEALTHY_NODES_SHOWN = 3
 PROBLEMS_SHOWN = 3
-# False while the runtime has no Dataset of its name (absent otherwise).
-CONDITION_DATASET = "DatasetFound"
 # A cache worker whose heartbeats say unhealthy this long is replaced by a healthy spare, if there is one. Long
 # enough that a blip (a mount process restarted by its supervisor, a cache directory back after a moment) does not
 # move the worker's blocks to another node and back; short next to a runtime left PartialReady for good.

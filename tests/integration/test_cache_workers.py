@@ -19,7 +19,7 @@ from libs.bus import Bus, kv_load
 from libs.config import Settings
 from libs.events.agent import AgentHeartbeat, AgentRecord, CacheCounters, InventorySnapshot, MountReport
 from libs.events.common import ObjectMeta, ObjectRef
-from libs.events.dataset import Dataset, DatasetApply, DatasetSpec, Mount
+from libs.events.dataset import Dataset, DatasetApply, DatasetRecord, DatasetSpec, Mount
 from libs.events.runtime import (
     Level,
     Runtime,
@@ -264,6 +264,23 @@ async def test_a_runtime_scaled_to_zero_says_so_for_each_agent_not_picked(
         # Ready (its nodes mount the dataset), and the message says no worker caches for the others.
         assert (record.status.phase, record.status.message) == (
             "Ready", "spec.replicas is 0: no cache workers, so every node reads from the store itself")
+        # The Dataset, Bound all the same, says it too (it read as cached), with what to run; a worker clears it.
+        scale = "`shoal scale runtime train --replicas N`"
+
+        async def dataset_says(part: str) -> DatasetRecord | None:
+            found = await dataset_record(bus, "train")
+            return found if found and found.status.phase == "Bound" and part in found.status.message else None
+
+        said = await eventually(lambda: dataset_says(scale), 15, "the dataset's no-worker message")
+        assert said.status.message.startswith("bound to Runtime default/train, which has no cache workers")
+        await apply_runtime(bus, "train", 1)
+        await workers_of(bus, "train", ["n1"], serving=2)
+
+        async def cleared() -> DatasetRecord | None:
+            found = await dataset_record(bus, "train")
+            return found if found and found.status.phase == "Bound" and not found.status.message else None
+
+        await eventually(cleared, 15, "the dataset's message cleared by a worker")
 
 
 @pytest.mark.timeout(90)

@@ -1217,6 +1217,60 @@ def test_the_runtimes_failing_reads_are_copied_and_named_in_the_message_until_th
     assert msgspec.json.decode(b'{"phase": "Ready", "factSequence": 3}', type=RuntimeBinding).reads_failing is None
 
 
+# --- a Bound dataset whose runtime has no cache worker ---
+
+NO_WORKERS_MESSAGE = "spec.replicas is 0: no cache workers, so every node reads from the store itself"
+
+
+def runtime_at(workers: int, desired: int, message: str = "", *conditions: Condition) -> RuntimeStatus:
+    return RuntimeStatus(phase="Ready", message=message, desired_worker_number_scheduled=desired,
+                         workers=[CacheWorker(node=f"node-{i}", ready=True) for i in range(workers)],
+                         current_worker_number_scheduled=workers, conditions=list(conditions))
+
+
+def test_a_dataset_bound_to_a_runtime_scaled_to_zero_says_so_and_how_to_scale_until_a_worker_comes() -> None:
+    record = record_at()
+    synced = status_after_sync(record, SyncResult(generation=2, file_num=1), "Ready", NOW)
+    status = bound_status(msgspec.structs.replace(record, status=synced),
+                          runtime_binding(runtime_at(0, 0, NO_WORKERS_MESSAGE), 7))
+    assert status.phase == "Bound"
+    assert status.message == ("bound to Runtime default/imagenet, which has no cache workers (spec.replicas is 0): "
+                              "every node reads from the store itself; scale it with "
+                              "`shoal scale runtime imagenet --replicas N` to cache")
+    # A later sync says it too (the message follows the binding, not the last writer), and a worker clears it.
+    binding = runtime_binding(runtime_at(0, 0, NO_WORKERS_MESSAGE), 7)
+    again = status_after_sync(msgspec.structs.replace(record, status=status), SyncResult(generation=2, file_num=2),
+                              binding.phase, NOW + 5, binding.message, binding=binding)
+    assert again.message == status.message
+    scaled = bound_status(msgspec.structs.replace(record, status=again), runtime_binding(runtime_at(1, 1), 8))
+    assert scaled.phase == "Bound" and scaled.message == ""
+
+
+def test_a_dataset_whose_runtime_picked_no_worker_quotes_the_runtimes_reason() -> None:
+    why = "0 of 1 cache workers ready (node-a: worker of default/other (Exclusive); see notPicked)"
+    status = bound_status(record_at(), runtime_binding(runtime_at(0, 1, why), 7))
+    assert status.message == ("bound to Runtime default/imagenet, which has no cache workers: every node reads from "
+                              f"the store itself (Runtime: {why})")
+    # Wanting none for want of its Dataset (a fact from before the apply) is no replicas of 0: no scaling advice.
+    missing = Condition(type="DatasetFound", status="False", reason="DatasetNotFound",
+                        message="no Dataset default/imagenet")
+    note = "no Dataset default/imagenet: no cache workers until it is applied"
+    status = bound_status(record_at(), runtime_binding(runtime_at(0, 0, note, missing), 7))
+    assert "shoal scale" not in status.message and note in status.message
+    # A condition with more to say comes first; a binding from before the field says nothing of workers.
+    down = Condition(type="Mounted", status="False", reason="MountFailing", message="not serving on node-a")
+    binding = msgspec.structs.replace(runtime_binding(runtime_at(0, 0, NO_WORKERS_MESSAGE), 7), mounted=down)
+    assert bound_status(record_at(), binding).message == down.message
+    assert bound_status(record_at(), RuntimeBinding(phase="Ready")).message == ""
+
+
+def test_the_no_workers_advice_names_the_namespace_outside_default() -> None:
+    record = msgspec.structs.replace(record_at(), dataset=make_dataset(s3_mount(), namespace="team"))
+    status = bound_status(record, runtime_binding(runtime_at(0, 0, NO_WORKERS_MESSAGE), 7))
+    assert "`shoal scale runtime imagenet -n team --replicas N`" in status.message
+    assert status.message.startswith("bound to Runtime team/imagenet,")
+
+
 # --- retrying a store that was unreachable (sync_due_in) ---
 
 RETRY = 15.0
