@@ -1,8 +1,9 @@
 """Dataset mounts as object-store locations: endpoint and credentials, web folder and its limits, the folder of
 a ``local://`` path or of a ``pvc://`` volume claim (``SHOAL_PVC_ROOT/<namespace>/<claim>/<sub/path>``).
 
-Shared by the dataset service (listing) and the agent (reads). Pure except ``read_secrets``, which reads secret
-files, and ``local_location_error``, which looks at the disk; credentials stay wrapped in ``Secret``. Option
+Shared by the dataset service (listing) and the agent (reads). Pure except ``read_secrets`` and
+``mount_location``, which read secret files, and ``local_location_error``, which looks at the disk; credentials
+stay wrapped in ``Secret``. Option
 aliases and where a mount appears are ``libs.mounts`` (pure, so domain modules can use them without importing
 the object stores).
 """
@@ -18,6 +19,7 @@ from libs.config import S3Settings, Secret
 from libs.events.dataset import Dataset, Mount
 from libs.hostpaths import local_root_of, real_local_root_error
 from libs.mounts import MISSING_SECRET_KEY, canonical_options, flat_secret_key
+from libs.redact import strip_userinfo
 from libs.ufs.base import (
     HttpLocation,
     LocalLocation,
@@ -159,6 +161,23 @@ def missing_secret_hint(secrets_dir: str, namespace: str, refs: Sequence[tuple[s
             return looked
         return f"{looked}: write the key to {paths[0]} (SHOAL_SECRETS_DIR/<namespace>/<secret>/<key>)"
     return ""
+
+
+def mount_location(dataset: Dataset, mount: Mount, defaults: S3Settings, pvc_root: str = "",
+                   local_roots: Sequence[str] = ()) -> Location:
+    """The location of ``mount`` with its secrets read from ``defaults.secrets_dir`` (``read_secrets``), as the
+    dataset service lists it and the agent reads it: one function, so a key missing on a node says what the
+    dataset's status says for the service's (the agent's said only "has no key", not where it looked). A missing or
+    unusable key is ``MissingSecret`` naming the mount (its URL's credentials hidden) and ``missing_secret_hint``'s
+    paths: never what a file holds."""
+    namespace = dataset.metadata.namespace
+    refs = secret_refs(dataset, mount)
+    try:
+        return resolve_location(dataset, mount, read_secrets(defaults.secrets_dir, namespace, refs), defaults,
+                                pvc_root=pvc_root, local_roots=local_roots)
+    except MissingSecret as err:
+        hint = missing_secret_hint(defaults.secrets_dir, namespace, refs)
+        raise MissingSecret(strip_userinfo(f"mount {mount.mount_point}: {err}{hint}")) from None
 
 
 def local_location_error(location: LocalLocation, local_roots: Sequence[str]) -> str | None:

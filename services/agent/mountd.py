@@ -54,7 +54,7 @@ from libs.telemetry import get_logger
 from libs.ufs import open_store
 from libs.ufs.base import HttpLocation, LocalLocation, ObjectStore, S3Location
 from libs.ufs.http import HttpObjectStore
-from libs.ufs.mounts import local_location_error, read_secrets, resolve_location, secret_refs
+from libs.ufs.mounts import MissingSecret, local_location_error, mount_location, secret_refs
 from libs.ufs.s3 import S3ObjectStore
 from services.agent import budget
 from services.agent.cache import BlockCache, FrequencyAdmissionPolicy, LruPolicy, ScanCancelled
@@ -588,10 +588,11 @@ class MountedDataset:
         dataset = record.dataset
         locations: list[object] = []
         for mount in dataset.spec.mounts:
-            secrets = read_secrets(self.settings.s3.secrets_dir, self.namespace, secret_refs(dataset, mount))
-            location = resolve_location(dataset, mount, secrets, self.settings.s3,
-                                        pvc_root=self.settings.service.pvc_root,
-                                        local_roots=self.settings.service.local_roots)
+            try:
+                location = mount_location(dataset, mount, self.settings.s3, pvc_root=self.settings.service.pvc_root,
+                                          local_roots=self.settings.service.local_roots)
+            except MissingSecret as err:  # where it was looked for, as the dataset's status says the service's
+                raise SystemExit(f"dataset {self.shown}: {err}") from None
             if isinstance(location, LocalLocation):
                 # The agent serves as root: it checks the roots (or the claim) itself rather than trust whoever
                 # published.

@@ -25,14 +25,7 @@ from libs.subjects import key_name, resource_key
 from libs.telemetry import get_logger
 from libs.ufs import open_store
 from libs.ufs.base import EndpointUnreachable, LocalLocation, Location, ObjectInfo, ObjectStore, UfsError
-from libs.ufs.mounts import (
-    MissingSecret,
-    local_location_error,
-    missing_secret_hint,
-    read_secrets,
-    resolve_location,
-    secret_refs,
-)
+from libs.ufs.mounts import MissingSecret, local_location_error, mount_location
 from services.dataset.domain import SyncResult, manifest_name, spec_listed
 
 log = get_logger(__name__)
@@ -148,14 +141,11 @@ async def sync_metadata(record: DatasetRecord, manifests: ManifestStore, default
     check_objects = not spec_listed(record)
     with ManifestWriter() as usable, ManifestWriter() as manifest:
         for index, mount in enumerate(dataset.spec.mounts):
-            refs = secret_refs(dataset, mount)
             try:
-                location = resolve_location(dataset, mount, read_secrets(defaults.secrets_dir, namespace, refs),
-                                            defaults, pvc_root=pvc_root, local_roots=local_roots or ())
+                location = mount_location(dataset, mount, defaults, pvc_root=pvc_root, local_roots=local_roots or ())
             except MissingSecret as err:
-                hint = missing_secret_hint(defaults.secrets_dir, namespace, refs)
                 return SyncResult(generation=generation, requests=requests, incarnation=record.incarnation,
-                                  error=cut_error(strip_userinfo(f"mount {mount.mount_point}: {err}{hint}")))
+                                  error=cut_error(str(err)))
             if isinstance(location, LocalLocation) and (local_roots is not None or location.claim_root is not None):
                 refused = await asyncio.to_thread(local_location_error, location, local_roots or ())
                 if refused:

@@ -8,9 +8,15 @@ from pathlib import Path
 import pytest
 
 from libs.config import Secret
+from libs.events.common import ObjectMeta
+from libs.events.dataset import Dataset, DatasetRecord, DatasetSpec, Mount
 from libs.mounts import flat_secret_key
 from libs.ufs.base import LocalLocation
 from libs.ufs.mounts import MissingSecret, local_location_error, missing_secret_hint, read_secrets
+from services.agent.mountd import MountedDataset
+from services.dataset.sync import sync_metadata
+from tests.helpers import make_settings
+from tests.secrets import credentials_from, secret_files
 
 
 def kubelet_volume(folder: Path, data: dict[str, str]) -> str:
@@ -124,3 +130,23 @@ def test_a_secret_file_that_is_not_text_is_a_missing_secret_saying_so_not_a_cras
     with pytest.raises(MissingSecret, match=r"secret 'creds' key 'id' .* is not UTF-8 text") as caught:
         read_secrets(str(tmp_path), "default", [("creds", "id")])
     assert "BINARY" not in str(caught.value)
+
+
+async def test_a_node_missing_a_secret_says_where_it_looked_as_the_dataset_service_does(tmp_path: Path) -> None:
+    """The mount process on a node whose secret folder lacks a key failed with "secret 's3-creds' has no key
+    'secret'" alone (quoted in its agent's heartbeat and the dataset's Mounted condition), while the dataset
+    service's sync said where it had looked and where to write the key: both say the same now, never the value."""
+    secrets = secret_files(tmp_path / "secrets", {"s3-creds": {"id": "AKID-ON-DISK"}})  # the node lacks "secret"
+    mount = Mount(mount_point="s3://user:PASSWORD@bucket/", encrypt_options=credentials_from("s3-creds"))
+    dataset = Dataset(metadata=ObjectMeta(name="demo"), spec=DatasetSpec(mounts=[mount]))
+    settings = make_settings("nats://127.0.0.1:1", secrets_dir=secrets)
+    listed = await sync_metadata(DatasetRecord(dataset=dataset, generation=1), None,  # type: ignore[arg-type]
+                                 settings.s3, page_size=10)
+    agent = MountedDataset(settings, None, "default", "demo", str(tmp_path / "mnt"))  # type: ignore[arg-type]
+    with pytest.raises(SystemExit) as caught:
+        agent._update_gates(DatasetRecord(dataset=dataset, generation=1))
+    said = str(caught.value)
+    assert said == f"dataset default/demo: {listed.error}"
+    assert f"; looked for {secrets}/default/s3-creds/secret and {secrets}/s3-creds/secret" in said
+    assert f"write the key to {secrets}/default/s3-creds/secret" in said
+    assert "AKID-ON-DISK" not in said and "PASSWORD" not in said
