@@ -127,9 +127,10 @@ clean:
 
 # The CustomResourceDefinitions in deploy/crds, generated from the msgspec types of the events (libs/crds.py).
 .PHONY: crds nats-auth
-# deploy/nats-secure/auth.conf: the NATS users and permissions of libs/natsauth.py, for the nats-secure component.
+# deploy/nats-secure/auth.conf: the NATS users and permissions of libs/natsauth.py, for the nats-secure component;
+# NODES="node-a node-b" gives those nodes' agents a user each (none by default, as committed).
 nats-auth: venv
-	$(BIN)/python -m libs.natsauth > deploy/nats-secure/auth.conf
+	$(BIN)/python -m libs.natsauth $(NODES) > deploy/nats-secure/auth.conf
 
 crds: venv
 	$(BIN)/python -m libs.crds deploy/crds

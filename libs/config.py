@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, TypeVar, get_type_hints
 from urllib.parse import urlsplit
@@ -65,6 +65,9 @@ class NatsSettings:
     )
     user: str = env("NATS_USER", "User name for user/password authentication.", default="")
     password: Secret = env("NATS_PASSWORD", "Password for user/password authentication.", default=Secret(""))
+    # A file read once at start instead: a per-node file on the host (deploy/nats-secure gives each node's agent its
+    # own user, whose password no other node holds), which an environment variable from a Secret cannot be.
+    password_file: str = env("NATS_PASSWORD_FILE", "File holding the password, instead of NATS_PASSWORD.", default="")
     token: Secret = env("NATS_TOKEN", "Token authentication.", default=Secret(""))
     tls_ca: str = env("NATS_TLS_CA", "CA bundle to verify the server; enables TLS.", default="")
     tls_cert: str = env("NATS_TLS_CERT", "Client certificate for mutual TLS.", default="")
@@ -85,7 +88,7 @@ def nats_server_url(url: str) -> str:
     return url if "://" in url else f"nats://{url}"
 
 
-NATS_LOGIN_FIELDS = ("user", "password", "token", "tls_ca", "tls_cert", "tls_key")
+NATS_LOGIN_FIELDS = ("user", "password", "password_file", "token", "tls_ca", "tls_cert", "tls_key")
 
 
 def nats_login_variables() -> tuple[str, ...]:
@@ -422,11 +425,31 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         scheduler=_load_group(SchedulerSettings, environ, errors),
         kube=_load_group(KubeSettings, environ, errors),
     )
+    if settings.nats.password_file:
+        password = _password_from_file(settings.nats.password_file, "NATS_PASSWORD" in environ, errors)
+        settings = replace(settings, nats=replace(settings.nats, password=password))
     for problem in _check(settings):
         errors.append(problem)
     if errors:
         raise SettingsError("invalid settings:\n  " + "\n  ".join(errors))
     return settings
+
+
+def _password_from_file(path: str, given: bool, errors: list[str]) -> Secret:
+    """The password NATS_PASSWORD_FILE holds (whitespace around it dropped, as a kubelet-written or ``echo``-made
+    file ends with a newline); "" with the reason in ``errors`` when it cannot be used. Never what the file holds."""
+    if given:
+        errors.append("NATS_PASSWORD_FILE: given with NATS_PASSWORD; give one of them")
+        return Secret("")
+    try:
+        password = Path(path).read_text().strip()
+    except (OSError, UnicodeDecodeError) as err:
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else "not UTF-8 text"
+        errors.append(f"NATS_PASSWORD_FILE={path!r}: cannot read it ({reason})")
+        return Secret("")
+    if not password:
+        errors.append(f"NATS_PASSWORD_FILE={path!r}: the file is empty")
+    return Secret(password)
 
 
 # urlsplit's reasons quote a part of the URL ("Port could not be cast to integer value as 's3cret'"): a password
@@ -524,8 +547,8 @@ def _check(settings: Settings) -> list[str]:
             problems.append(f"SHOAL_LOCAL_ROOTS: {root!r} must be an absolute path")
     if settings.service.pvc_root and not settings.service.pvc_root.startswith("/"):
         problems.append(f"SHOAL_PVC_ROOT={settings.service.pvc_root!r}: must be an absolute path")
-    if settings.nats.user and not settings.nats.password:
-        problems.append("NATS_PASSWORD: required when NATS_USER is set")
+    if settings.nats.user and not settings.nats.password and not settings.nats.password_file:  # a file: said above
+        problems.append("NATS_PASSWORD: required when NATS_USER is set (or NATS_PASSWORD_FILE)")
     # Read only when connecting, where a missing file was a traceback (a service) or "cannot reach NATS" (the CLI).
     for variable, path in (("NATS_TLS_CA", settings.nats.tls_ca), ("NATS_TLS_CERT", settings.nats.tls_cert),
                            ("NATS_TLS_KEY", settings.nats.tls_key)):

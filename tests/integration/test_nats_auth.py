@@ -40,6 +40,7 @@ from typing import TypeVar
 import msgspec
 import nats
 import pytest
+import yaml
 from nats.aio.msg import Msg
 from nats.js import api as js_api
 from prometheus_client import REGISTRY, generate_latest
@@ -129,9 +130,10 @@ def secure_server(tmp_path: Path, tls_files: TlsFiles) -> Iterator[SecureServer]
 
 
 @pytest.fixture
-def deploy_server(tmp_path: Path, tls_files: TlsFiles) -> Iterator[SecureServer]:
-    """As ``secure_server``, with the users of ``deploy/nats-secure``: the DaemonSet's agents share the ``agent``
-    user, so any node's agent may connect and the loader's task streams cannot be named."""
+def shared_agent_server(tmp_path: Path, tls_files: TlsFiles) -> Iterator[SecureServer]:
+    """As ``secure_server``, with every kind's user and one ``agent`` user all agents share (a config written by
+    hand, as deploy/nats-secure was before it gave each node's agent its own): any node's agent may connect, so the
+    loader's task streams cannot be named."""
     yield from _secure_server(tmp_path, tls_files, list(natsauth.KINDS))
 
 
@@ -916,19 +918,19 @@ async def test_the_scheduler_loads_manifests_and_may_neither_write_nor_purge_the
 
 
 async def test_the_loader_makes_task_streams_but_none_over_subjects_another_stream_holds(
-        deploy_server: SecureServer, tmp_path: Path) -> None:
-    """With the agents sharing one user (deploy/), the loader may create, update and look up any stream (a NATS
-    permission cannot say "SHOAL_TASKS_<any node>": a wildcard is a whole token), deletes any but Shoal's own
-    (a gone node's task stream, in its code) and purges none. The
+        shared_agent_server: SecureServer, tmp_path: Path) -> None:
+    """With the agents sharing one user (a hand-written config), the loader may create, update and look up any
+    stream (a NATS permission cannot say "SHOAL_TASKS_<any node>": a wildcard is a whole token), deletes any but
+    Shoal's own (a gone node's task stream, in its code) and purges none. The
     server refuses a stream over subjects another stream already captures, whatever its name. What stays possible
     there (docs/security.md), shown so the doc stays true: a stream over subjects no stream holds captures them
     although the loader may not publish there, and a stream sourcing another with a republish into the loader's own
     inbox hands it every message. (With a user per agent, ``shoal up``, the loader makes the nodes' streams only:
     ``test_shoal_up_secure_keeps_each_agent_to_its_node_and_the_loader_to_the_nodes_streams``.)"""
-    cli_bus = await deploy_server.connect(natsauth.CLI)
+    cli_bus = await shared_agent_server.connect(natsauth.CLI)
     await cli_bus.provision()
-    loader = await deploy_server.connect(natsauth.LOADER)
-    scheduler = await deploy_server.connect(natsauth.SCHEDULER)
+    loader = await shared_agent_server.connect(natsauth.LOADER)
+    scheduler = await shared_agent_server.connect(natsauth.SCHEDULER)
     try:
         own = subjects.task_stream(NODE)
         await loader.provision_node_tasks(NODE)
@@ -968,8 +970,81 @@ async def test_the_loader_makes_task_streams_but_none_over_subjects_another_stre
         await loader.close()
         await scheduler.close()
         await cli_bus.close()
-    refused_users = {line.split('"$G/user:')[1].split('"')[0] for line in deploy_server.violations()}
+    refused_users = {line.split('"$G/user:')[1].split('"')[0] for line in shared_agent_server.violations()}
     assert refused_users == {natsauth.LOADER}
+
+
+def deploy_agent_user(node: str, folder: Path) -> str:
+    """The NATS user the agent DaemonSet's pod on ``node`` connects as, with deploy/nats-secure (rendered as a
+    kustomization of ``folder`` would): its NATS_USER as the kubelet expands it (a ``$(VAR)`` of a variable defined
+    before it in the list; the downward API's node name)."""
+    base = os.path.relpath(REPO / "deploy", folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "kustomization.yaml").write_text(f"resources: [{base}]\ncomponents: [{base}/nats-secure]\n")
+    rendered = subprocess.run([str(Path(sys.executable).parent / "kubectl"), "kustomize", str(folder)],
+                              capture_output=True, text=True, timeout=60, check=True).stdout
+    (agent,) = [doc for doc in yaml.safe_load_all(rendered)
+                if doc and doc["kind"] == "DaemonSet" and doc["metadata"]["name"] == "shoal-agent"]
+    values: dict[str, str] = {}
+    for variable in agent["spec"]["template"]["spec"]["containers"][0]["env"]:
+        if "valueFrom" in variable:
+            field = variable["valueFrom"].get("fieldRef", {}).get("fieldPath")
+            values[variable["name"]] = node if field == "spec.nodeName" else "<from elsewhere>"
+        else:
+            value = variable["value"]
+            for name, known in values.items():
+                value = value.replace(f"$({name})", known)
+            values[variable["name"]] = value
+    return values["NATS_USER"]
+
+
+async def test_the_deploy_config_keeps_each_nodes_agent_to_its_node(
+        tmp_path: Path, tls_files: TlsFiles, monkeypatch: pytest.MonkeyPatch) -> None:
+    """deploy/nats-secure as an operator sets it up for two nodes: auth.conf written by `python -m libs.natsauth
+    NODE...`, each password from the nats container's environment, each node's agent the user its DaemonSet pod
+    connects as. Node A's agent may publish its own heartbeat, not node B's heartbeat or inventory (all agents
+    shared one user, which could), and the loader makes the listed nodes' task streams and no other stream."""
+    written = subprocess.run([sys.executable, "-m", "libs.natsauth", NODE, OTHER_NODE], capture_output=True,
+                             text=True, timeout=60, check=True, cwd=REPO,
+                             env={**os.environ, "PYTHONPATH": str(REPO)}).stdout
+    passwords: dict[str, str] = {}
+    for line in written.splitlines():
+        if line.strip().startswith("{user: "):
+            user = json.loads(line.split("user: ", 1)[1].split(",", 1)[0])
+            variable = line.split("password: $", 1)[1].split(",", 1)[0]
+            passwords[user] = secrets.token_urlsafe(24)
+            monkeypatch.setenv(variable, passwords[user])  # the nats container's environment, from the Secrets
+    mine, theirs = (deploy_agent_user(node, tmp_path / "kustomize") for node in (NODE, OTHER_NODE))
+    assert mine != theirs, f"both nodes' agents connect as {mine!r}"
+    config = NatsConfig(port=free_port(), monitor_port=free_port(), store_dir=tmp_path / "jetstream",
+                        extra_config=natssecure.tls_block(tls_files) + written)
+    log = tmp_path / "nats.log"
+    server = start_nats(config, log)
+    buses: dict[str, Bus] = {}
+    try:
+        for user in (natsauth.CLI, natsauth.LOADER, mine):
+            buses[user] = await connect(NatsSettings(urls=[config.url], user=user, password=Secret(passwords[user]),
+                                                     tls_ca=str(tls_files.ca)), f"test-{user}")
+        cli, loader, agent = buses[natsauth.CLI], buses[natsauth.LOADER], buses[mine]
+        await cli.provision()
+        for forged in (subjects.agent_heartbeat(OTHER_NODE), subjects.agent_inventory(OTHER_NODE)):
+            await refused(agent, forged, agent.publish(forged, AgentHeartbeat(node=OTHER_NODE)))
+        await agent.publish(subjects.agent_heartbeat(NODE), AgentHeartbeat(node=NODE))
+        assert (await cli.js.get_last_msg(subjects.STREAM_AGENT, subjects.agent_heartbeat(NODE))).data
+        with pytest.raises(nats.js.errors.NotFoundError):
+            await cli.js.get_last_msg(subjects.STREAM_AGENT, subjects.agent_heartbeat(OTHER_NODE))
+        # The nodes are known, so the loader's task streams are theirs by name, and no other.
+        await loader.provision_node_tasks(OTHER_NODE)
+        capture = subjects.task_stream("capture")
+        await refused(loader, natsauth.stream_api("CREATE", capture),
+                      loader.js.add_stream(js_api.StreamConfig(name=capture, subjects=[subjects.INVENTORY_REQUEST])))
+    finally:
+        for bus in buses.values():
+            await bus.close()
+        server.stop()
+    refused_users = {line.split('"$G/user:')[1].split('"')[0] for line in log.read_text().splitlines()
+                     if "Violation" in line}
+    assert refused_users == {mine, natsauth.LOADER}
 
 
 async def _captured(bus: Bus, stream: str) -> bool:

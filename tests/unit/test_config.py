@@ -267,6 +267,25 @@ def test_nats_user_without_password_is_an_error() -> None:
         load_settings({"NATS_USER": "shoal"})
 
 
+def test_the_nats_password_may_come_from_a_file_read_once(tmp_path: Path) -> None:
+    """A node's agent reads its own password from a file on its host (deploy/nats-secure): an environment variable
+    from a Secret would be the same for every pod of the DaemonSet."""
+    secret = tmp_path / "password"
+    secret.write_text(NATS_PASSWORD + "\n")
+    settings = load_settings({"NATS_USER": "agent-node-a", "NATS_PASSWORD_FILE": str(secret)})
+    assert settings.nats.password.reveal() == NATS_PASSWORD
+    for environ, reason in (
+            ({"NATS_PASSWORD_FILE": str(tmp_path / "absent")}, "cannot read it (No such file or directory)"),
+            ({"NATS_PASSWORD_FILE": str(tmp_path)}, "cannot read it (Is a directory)"),
+            ({"NATS_PASSWORD_FILE": str(secret), "NATS_PASSWORD": NATS_PASSWORD}, "give one of them")):
+        with pytest.raises(SettingsError, match=re.escape(reason)) as caught:
+            load_settings({"NATS_USER": "agent-node-a", **environ})
+        assert NATS_PASSWORD not in str(caught.value) and "required when NATS_USER" not in str(caught.value)
+    secret.write_text("\n")
+    with pytest.raises(SettingsError, match="the file is empty"):
+        load_settings({"NATS_USER": "agent-node-a", "NATS_PASSWORD_FILE": str(secret)})
+
+
 def test_secrets_never_in_the_error_message() -> None:
     environ = {
         "NATS_PASSWORD": NATS_PASSWORD,

@@ -476,6 +476,31 @@ def test_the_secure_component_keeps_the_route_port_to_the_nats_servers(
             assert "from" not in rule and opened == {4222, 8222}
 
 
+def test_with_the_secure_component_each_nodes_agent_logs_in_as_its_own_user_with_a_file_of_its_node(
+        tmp_path: Path) -> None:
+    """Every agent was the one "agent" user, its password a Secret key all pods shared: now agent-<node> (the
+    kubelet expands $(SHOAL_NODE_NAME) only when it is defined before NATS_USER), with a password file on the
+    node's own disk, which no other node holds."""
+    base = os.path.relpath(DEPLOY, tmp_path)
+    (tmp_path / "kustomization.yaml").write_text(f"resources: [{base}]\ncomponents: [{base}/nats-secure]\n")
+    agent = find(render(tmp_path), "DaemonSet", "shoal-agent")
+    pod = agent["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    names = [variable["name"] for variable in container["env"]]
+    env = {variable["name"]: variable for variable in container["env"]}
+    assert env["NATS_USER"]["value"] == "agent-$(SHOAL_NODE_NAME)"
+    assert names.index("SHOAL_NODE_NAME") < names.index("NATS_USER")
+    assert env["SHOAL_NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
+    assert "NATS_PASSWORD" not in env
+    password = Path(env["NATS_PASSWORD_FILE"]["value"])
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == str(password.parent)]
+    assert mount["readOnly"] is True
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    assert volume["hostPath"]["path"] == str(password.parent)
+    known = {variable for variable, _, _ in describe_settings()}
+    assert {name for name in names if name.startswith(("SHOAL_", "NATS_"))} <= known
+
+
 def test_the_cert_manager_component_makes_the_certificate_the_scheduler_and_webhook_use(
         rendered: list[dict[str, Any]], tmp_path: Path) -> None:
     # As a user's own kustomization next to Shoal's would use it (kustomize takes relative paths only).

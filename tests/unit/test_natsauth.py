@@ -173,7 +173,34 @@ def test_the_secure_nats_config_is_the_base_one_plus_tls_and_users() -> None:
     assert "tls {" in secure[len(base):] and "include ../nats-auth/auth.conf" in secure[len(base):]
     statefulset = (DEPLOY / "nats-secure" / "nats-statefulset.yaml").read_text()
     for kind in KINDS:
-        assert natsauth.password_variable(kind) in statefulset
+        assert (f"- name: {natsauth.password_variable(kind)}\n" in statefulset) is (kind != AGENT)
+    # Each node's agent's password: every key of Secret shoal-nats-agents, a variable name each.
+    assert "name: shoal-nats-agents" in statefulset.split("envFrom:", 1)[1].split("env:", 1)[0]
+
+
+def test_the_deploy_users_give_each_listed_node_its_own_agent_and_none_shared() -> None:
+    """deploy/ gave every node's agent one "agent" user, which could speak for any node: now one per node listed,
+    with its node's subjects only, as `shoal up --secure` gives; the loader makes those nodes' task streams."""
+    written = natsauth.deploy_authorization(["node-a", "ip-10-0-1-23.ec2.internal", "node-a"])
+    assert '{user: "agent-node-a", password: $SHOAL_NATS_PASSWORD_AGENT_NODE_A,' in written
+    assert ('{user: "agent-ip-10-0-1-23.ec2.internal", password: '
+            "$SHOAL_NATS_PASSWORD_AGENT_IP_10_0_1_23_EC2_INTERNAL,") in written
+    assert written.count('{user: "agent-node-a"') == 1 and '{user: "agent",' not in written
+    assert natsauth.may_publish(AGENT, subjects.agent_heartbeat("node-a"), node="node-a")
+    assert not natsauth.may_publish(AGENT, subjects.agent_heartbeat("node-b"), node="node-a")
+    assert f'"{natsauth.stream_api("CREATE", subjects.task_stream("node-a"))}"' in written
+    assert f'"{natsauth.stream_api("CREATE", "*")}"' not in written
+    # None listed (as committed): no agent may connect, and no task stream is the loader's.
+    assert "agent" not in {natsauth.parse_user(line.split('"')[1])[0] for line in
+                           natsauth.deploy_authorization().splitlines() if line.strip().startswith("{user:")}
+
+
+def test_node_names_that_cannot_get_an_agent_user_are_refused_with_the_reason() -> None:
+    assert natsauth.node_errors(["node-a", "node.a", "Node_B"]) == [
+        "'Node_B' is not a node name (a DNS subdomain: lower-case letters, digits, '-' and '.')",
+        "nodes 'node-a' and 'node.a' would share the password variable SHOAL_NATS_PASSWORD_AGENT_NODE_A"]
+    with pytest.raises(ValueError, match="would share"):
+        natsauth.deploy_authorization(["node-a", "node.a"])
 
 
 def test_shoal_up_secure_gives_each_service_its_kinds_user_and_each_agent_its_nodes(tmp_path: Path) -> None:
