@@ -11,7 +11,7 @@ from libs.bus import Bus, Delivery, kv_load
 from libs.config import Settings
 from libs.events.common import ObjectMeta
 from libs.events.dataset import Dataset, DatasetApply, DatasetRecord, DatasetSpec, Mount
-from libs.events.runtime import RuntimeStatus, RuntimeStatusChanged
+from libs.events.runtime import CacheWorker, RuntimeStatus, RuntimeStatusChanged
 from services.dataset.handlers import DatasetHandlers
 from tests.conftest import SeaweedServer, put_objects
 
@@ -44,7 +44,9 @@ async def test_a_not_bound_dataset_says_which_runtime_it_waits_for_and_why(
                                                      stream_sequence=1))
     assert await status() == ("NotBound", f"waiting for Runtime team-a/wait to be Ready (it is PartialReady: {why})")
     ready = RuntimeStatusChanged(id="wait.ready", name="wait", namespace="team-a", generation=1,
-                                 status=RuntimeStatus(phase="Ready", cache_capacity="1.00GiB"))
+                                 status=RuntimeStatus(phase="Ready", cache_capacity="1.00GiB",
+                                                      desired_worker_number_scheduled=1,
+                                                      workers=[CacheWorker(node="n1", ready=True)]))
     await handlers.on_runtime_fact(ready, Delivery(subject=subjects.RUNTIME_STATUS, headers={}, deliveries=1,
                                                    stream_sequence=2))
     assert await status() == ("Bound", "")
