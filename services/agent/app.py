@@ -108,6 +108,10 @@ STOP_GRACE_SECONDS = 10.0
 # How long the start-up sweep waits for a mount left by an earlier run to answer whether it is dead (ENOTCONN comes
 # at once; a hung live mount process never answers).
 DEAD_CHECK_SECONDS = 2.0
+# How often the blocks of a deleted dataset whose folder another process held (a mount process that outlived its
+# agent) are tried again: that process frees them itself as it stops, within seconds, so a retry mostly finds the
+# folder gone; each try costs a lock attempt per folder, no scan.
+FREE_RETRY_SECONDS = 10.0
 
 
 def is_dead(path: str) -> bool:
@@ -213,6 +217,11 @@ class NodeAgent:
     # first): freed when the dataset is deleted, or applied again unseen (another incarnation), dropped when it is
     # mounted again. Found again at a start in ``ledger``.
     left_caches: dict[tuple[str, str], LeftCache] = field(default_factory=dict)
+    # The caches of deleted datasets whose folders another process held when they were to be freed (an earlier
+    # run's mount process still serving or purging): kept in the ledger and tried again every FREE_RETRY_SECONDS,
+    # from ``unfreed_retry_at`` on (the monotonic clock).
+    unfreed: dict[tuple[str, str], list[Level]] = field(default_factory=dict)
+    unfreed_retry_at: float = 0.0
     # The tiers every mount was started with, kept in the mount root across restarts (read in ``run``).
     ledger: TierLedger = field(default_factory=lambda: TierLedger(None))
     # Whether the tiers were searched, at the first look after the watches caught up, for the caches of datasets
@@ -333,6 +342,12 @@ class NodeAgent:
             if record is None or (left.incarnation and domain.recreated_since(left.incarnation, record)):
                 del self.left_caches[ref]
                 await self._free_cache(*ref, levels=left.levels)
+        if self.unfreed and now >= self.unfreed_retry_at:
+            self.unfreed_retry_at = now + FREE_RETRY_SECONDS
+            for ref, levels in list(self.unfreed.items()):
+                del self.unfreed[ref]
+                if ref not in wanted and ref not in self.workers:  # mounted again: the new mount's folder now
+                    await self._free_cache(*ref, levels=levels)
         for namespace, name in sorted(wanted):
             worker = self.workers.get((namespace, name))
             if worker is None:
@@ -425,18 +440,22 @@ class NodeAgent:
         here, so no mount process starts on a folder while it is being freed; a folder refused (a symbolic link, in
         use) is said and left."""
         retired, worker.retired = worker.retired, []
-        await self._free_directories(worker.namespace, worker.name, domain.retired_directories(retired, worker.levels))
-        await asyncio.to_thread(self.ledger.retired_freed, (worker.namespace, worker.name))
+        if await self._free_directories(worker.namespace, worker.name,
+                                        domain.retired_directories(retired, worker.levels)):
+            await asyncio.to_thread(self.ledger.retired_freed, (worker.namespace, worker.name))
+        # else another process held a folder: the ledger keeps the tiers, and the next start of the agent frees them
 
-    async def _free_directories(self, namespace: str, name: str, directories: list[str]) -> None:
+    async def _free_directories(self, namespace: str, name: str, directories: list[str]) -> bool:
         """Delete the dataset's blocks in the tier ``directories`` its runtime's tiers dropped
         (``services.agent.retire``), and say how many bytes that freed; a folder refused (a symbolic link, in use)
-        is said and left."""
+        is said and left. False when a folder was left because another process held it (``retire.IN_USE``): its
+        blocks are to be freed later."""
         if not directories:
-            return
+            return True
         key = subjects.object_name(namespace, name)
         suffix = domain.cache_suffix(self.settings.agent.cache_subdir, namespace, name)
         in_use = self._cache_folders_in_use()
+        done = True
         for directory in directories:
             try:
                 freed = await asyncio.to_thread(retire.free_folder, directory, suffix, in_use)
@@ -444,12 +463,14 @@ class NodeAgent:
                 log.warning("could not free the blocks of a tier the runtime no longer names", dataset=key,
                             folder=os.path.join(directory, suffix), error=str(err))
                 continue
+            done = done and freed.refused != retire.IN_USE
             if freed.refused:
                 log.warning("blocks of a tier the runtime no longer names left on disk", dataset=key,
                             folder=freed.folder, reason=freed.refused)
             elif freed.blocks:
                 log.info("blocks of a tier the runtime no longer names freed", dataset=key,
                          folder=freed.folder, blocks=freed.blocks, freed_bytes=freed.bytes)
+        return done
 
     def _cache_folders_in_use(self) -> list[str]:
         """The cache folders of every mount this agent runs, in the tiers it started with and in its runtime's
@@ -729,26 +750,40 @@ class NodeAgent:
             if levels is None:
                 return
         # Before the ledger's entry goes with the cache: nothing else says where these blocks are.
-        await self._free_directories(namespace, name,
-                                     domain.retired_directories(self.ledger.retired.get((namespace, name), []), levels))
+        retired_done = await self._free_directories(
+            namespace, name, domain.retired_directories(self.ledger.retired.get((namespace, name), []), levels))
         suffix = domain.cache_suffix(self.settings.agent.cache_subdir, namespace, name)
         folders = [Path(directory) / suffix for level in levels for directory in level.directories]
-        if not await asyncio.to_thread(lambda: any(folder.is_dir() for folder in folders)):
+        if retired_done and not await asyncio.to_thread(lambda: any(folder.is_dir() for folder in folders)):
             await asyncio.to_thread(self.ledger.forget, (namespace, name))
             return  # the mount process freed it (the usual case)
 
-        def free() -> int:
+        def free() -> int | None:
             cache = BlockCache.from_levels(levels, suffix)
-            cache.load()  # scans what is Shoal's (block files), so only that is deleted
-            return cache.purge()
+            try:
+                if not cache.hold_folders_to_delete():
+                    return None  # another process uses a folder: its blocks are not read, nor deleted, now
+                cache.load()  # scans what is Shoal's (block files), so only that is deleted
+                return cache.purge()
+            finally:
+                cache.release_folders()
 
+        key = subjects.object_name(namespace, name)
         try:
             freed = await asyncio.to_thread(free)
         except (OSError, ValueError) as err:
-            log.warning("could not free the cache of a deleted dataset", dataset=subjects.object_name(namespace, name),
-                        error=str(err))
+            log.warning("could not free the cache of a deleted dataset", dataset=key, error=str(err))
             return
-        log.info("deleted dataset's cache freed", dataset=subjects.object_name(namespace, name), blocks=freed)
+        if freed is None or not retired_done:
+            # Kept in the ledger, and tried again: forgotten now, nothing would ever look for these blocks again.
+            if (namespace, name) not in self.unfreed:
+                log.info("deleted dataset's cache in use by another mount process: freed later", dataset=key,
+                         retry_seconds=FREE_RETRY_SECONDS)
+            if not self.unfreed:
+                self.unfreed_retry_at = time.monotonic() + FREE_RETRY_SECONDS
+            self.unfreed[(namespace, name)] = levels
+            return
+        log.info("deleted dataset's cache freed", dataset=key, blocks=freed)
         await asyncio.to_thread(self.ledger.forget, (namespace, name))
 
     def _deleted_caches(self) -> dict[tuple[str, str], list[Level]]:

@@ -23,6 +23,9 @@ from dataclasses import dataclass
 
 from services.agent.cache.tiers import MARKER, DiskTier
 
+# Why a folder is left when another process holds its lock: the only refusal that passes, so its blocks are freed later.
+IN_USE = "a mount process uses it (one that outlived an earlier agent)"
+
 
 @dataclass(frozen=True)
 class Freed:
@@ -54,7 +57,7 @@ def free_folder(directory: str, suffix: str, in_use: Iterable[str]) -> Freed:
         return Freed(folder, refused=f"not a cache folder Shoal made (no {MARKER})")
     tier = DiskTier(real, 1)  # the quota is not used: nothing is admitted, only scanned and removed
     if not tier.hold(exclusive=True):
-        return Freed(folder, refused="a mount process uses it (one that outlived an earlier agent)")
+        return Freed(folder, refused=IN_USE)
     blocks = freed = 0
     for block in tier.scan():
         if tier.remove(block.name):

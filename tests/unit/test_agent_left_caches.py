@@ -1,5 +1,6 @@
 """The caches stopped mounts leave on disk for datasets that still exist (``NodeAgent.left_caches``), on real files:
-freed when the dataset turns out to be another incarnation of its name, deleted and applied again unseen."""
+freed when the dataset turns out to be another incarnation of its name, deleted and applied again unseen; and the
+cache of a deleted dataset whose folder another process holds, freed later (``NodeAgent.unfreed``)."""
 
 from __future__ import annotations
 
@@ -7,13 +8,15 @@ import dataclasses
 import time
 from pathlib import Path
 
+import pytest
+
 from libs import subjects
 from libs.events.common import ObjectMeta
 from libs.events.dataset import Dataset, DatasetRecord, DatasetSpec, Mount
 from libs.events.runtime import Level, RuntimeRecord
-from services.agent import domain
+from services.agent import app, domain
 from services.agent.app import UNBOUND_GRACE_SECONDS, MountWorker, NodeAgent
-from services.agent.cache import BlockCache
+from services.agent.cache import BlockCache, DiskTier
 from services.agent.ledger import FILE_NAME, TierLedger
 from tests.helpers import make_settings, unwatched_mirror
 from tests.unit.test_block_cache import block, payload
@@ -80,3 +83,35 @@ async def test_an_agent_restarted_after_its_dataset_was_applied_again_frees_the_
     agent.datasets.values[subjects.resource_key(*REF)] = dataset("second")
     await restarted.reconcile()
     assert not folder.exists() and REF not in restarted.ledger.caches
+
+
+async def test_a_deleted_datasets_cache_held_by_another_process_is_kept_in_the_ledger_and_freed_later(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The dataset was deleted while the agent was down, and its mount process, which outlived the agent, still holds
+    # the folder: the sweep leaves the blocks to it. It forgot the ledger's entry all the same, so if that process
+    # then died without freeing them (or the runtime was gone), nothing ever looked for the blocks again.
+    agent, folder = agent_with_cache(tmp_path, "first")
+    agent.workers.clear()
+    del agent.datasets.values[subjects.resource_key(*REF)]
+    agent.swept = False
+    old_mount = DiskTier(folder, 1 << 20)  # its own open file of the lock, as another process has
+    assert old_mount.hold()
+    blocks = sorted(path.relative_to(folder) for path in folder.rglob("*") if path.is_file() and len(path.name) == 32)
+    assert blocks
+    writing = folder / blocks[0].parent / f".{blocks[0].name}.4194304.0.tmp"  # a write of it in flight
+    writing.write_bytes(b"half a block")
+    await agent.reconcile()
+    assert all((folder / block).is_file() for block in blocks)  # its blocks: left to it
+    assert writing.is_file()  # and not read either: a scan deletes other processes' unfinished writes
+    assert REF in agent.ledger.caches and REF in agent.unfreed
+    reloaded = TierLedger(tmp_path / "mnt" / FILE_NAME)
+    reloaded.load()
+    assert REF in reloaded.caches  # an agent restarted now still looks for them
+    await agent.reconcile()
+    assert folder.is_dir()  # not before the retry is due, and the folder is held anyway
+    old_mount.release()  # it died without freeing them
+    monkeypatch.setattr(app, "FREE_RETRY_SECONDS", 0.0)
+    agent.unfreed_retry_at = 0.0
+    await agent.reconcile()
+    assert not folder.exists()
+    assert REF not in agent.ledger.caches and not agent.unfreed

@@ -1050,6 +1050,29 @@ class BlockCache:
                 tier.release()
         return removed
 
+    def hold_folders_to_delete(self) -> bool:
+        """Takes the lock of each disk tier's folder that exists, exclusive (``DiskTier.hold``), as whoever deletes
+        a cache it does not serve does before it reads the folders (the agent freeing a deleted dataset's cache):
+        reading one takes its index and deletes unfinished writes, which are a live mount process's. False, and
+        nothing held, while another process uses one of them (a mount process that outlived its agent): ask again
+        later. ``release_folders`` drops them."""
+        for _, tier in self._disk_tiers():
+            if not tier.directory.is_dir():
+                continue  # nothing there to guard (``load`` makes it, and ``purge`` locks it before deleting)
+            try:
+                held = tier.hold(exclusive=True)
+            except OSError:
+                held = False
+            if not held:
+                self.release_folders()
+                return False
+        return True
+
+    def release_folders(self) -> None:
+        """Drops every disk tier folder's lock this cache holds (``hold_folders``, ``hold_folders_to_delete``)."""
+        for _, tier in self._disk_tiers():
+            tier.release()
+
     def hold_folders(self) -> bool:
         """Takes each disk tier's folder lock, shared (``DiskTier.hold``), as a mount process does before its
         cache starts and keeps until it exits; False while another process deletes a folder's blocks (a purge of
