@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from services.agent.cache import BlockCache, DiskTier, LruPolicy
-from services.agent.cache.tiers import LOCK_FILE, MARKER
+from services.agent.cache.tiers import INDEX_FILE, LOCK_FILE, MARKER
 from tests.unit.test_block_cache import SIZE, block, payload
 
 # The old mount process: serves the folder's cache, then purges it when told (a line on stdin), pausing with the
@@ -112,3 +112,30 @@ def test_a_purge_of_a_folder_nobody_else_uses_deletes_it_lock_and_all(tmp_path: 
     again = new_cache(folder)  # the folder's next user makes it anew
     assert again.hold_folders()
     assert (folder / LOCK_FILE).is_file()
+
+
+async def test_an_old_mount_process_stopping_beside_a_new_one_leaves_the_index_to_the_new_one(
+        tmp_path: Path) -> None:
+    # A restart overlapping: the old process still serves when the new one starts on the folder (both hold it
+    # shared), and stops after it. Its index listed its own blocks, stale for the new process, which owns the folder.
+    folder = tmp_path / "ssd"
+    old = new_cache(folder)
+    assert old.hold_folders()
+    old.load()
+    for index in range(3):
+        assert old.put(block(index), payload(index))
+    new = new_cache(folder)
+    assert new.hold_folders()
+    new.start(SIZE)
+    assert await new.scan_rest() == 3
+    assert new.put(block(10), payload(10))
+    assert [evicted for evicted, _ in new.evict([block(0)])] == [block(0)]
+    assert old.save_index(SIZE) == 0  # the old process's clean stop
+    assert not (folder / INDEX_FILE).exists()
+    assert new.save_index(SIZE) == 3  # the owner's stop
+    old.release_folders()
+    new.release_folders()
+    after = new_cache(folder)
+    assert after.hold_folders()
+    assert after.start(SIZE) == 3  # served from the new process's index: its blocks, not the old one's
+    assert sorted(b.index for b, _ in after.blocks()) == [1, 2, 10]

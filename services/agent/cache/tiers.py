@@ -113,7 +113,12 @@ INDEX_FILE = ".shoal-index"
 # deleted dataset's or a retired tier's folder), which deletes it last but one, before the marker. A mount process
 # can outlive its agent: the next agent may start the dataset's next mount while the old one still purges, and that
 # purge would delete the new mount's blocks, then its marker and folder (``DiskTier.hold``).
+# It also says which process serves the folder's cache now: each start holding it writes a random token of its own
+# into it (``DiskTier.own``), so the last started is the owner, and only the owner writes the index at its stop
+# (``write_index``). A restart can overlap, the old mount process still serving beside the new one (both hold the
+# lock shared), and the old one's index, of its own blocks, would be stale for the new one.
 LOCK_FILE = ".shoal-lock"
+OWNER_TOKEN_BYTES = 16
 INDEX_MAGIC = b"SHIX"
 INDEX_VERSION = 1
 # magic, version, reserved, the block size the blocks were cut at, xxh3-64 of the body (msgpack of [[id, size]...])
@@ -352,6 +357,7 @@ class DiskTier:
         self._direct = direct_io and hasattr(os, "O_DIRECT")
         self._lock_fd: int | None = None  # the folder's LOCK_FILE, flocked (``hold``)
         self._lock_exclusive = False
+        self._owner = b""  # the token this tier wrote into LOCK_FILE (``own``); empty if it never did
 
     # -- health -------------------------------------------------------------------------------------------
 
@@ -598,8 +604,9 @@ class DiskTier:
         return [block for _, block in found]
 
     def prepare(self, block_size: int = 0) -> bool:
-        """Makes the directory if needed and claims it (``MARKER``), and records ``block_size`` (deleting every
-        block if they were cut at another size); False if the tier is not usable or holds no block now.
+        """Makes the directory if needed and claims it (``MARKER``) for this process (``own``, if it holds the
+        folder's lock), and records ``block_size`` (deleting every block if they were cut at another size); False if
+        the tier is not usable or holds no block now.
 
         The only place that creates the directory: a directory removed while running makes writes fail and the
         tier go down, rather than quietly filling whatever filesystem is now underneath.
@@ -608,6 +615,7 @@ class DiskTier:
             os.makedirs(self._root, exist_ok=True)
             if not self._claim():
                 return False
+            self.own()  # before the index is taken: an older process serving beside this one writes none now
             return not block_size or self._keep_block_size(block_size)
         except OSError as err:
             self._failed("scan", err)
@@ -662,6 +670,9 @@ class DiskTier:
         if not self.available():
             return False
         path = os.path.join(self._root, INDEX_FILE)
+        if not self.owns():
+            log.info("cache index not written: a mount process started since serves the folder now", path=path)
+            return False
         temp = f"{path}.{os.getpid()}{TEMP_SUFFIX}"
         body = _INDEX_ENCODER.encode(blocks)
         try:
@@ -674,6 +685,26 @@ class DiskTier:
             log.warning("cache index not written: the next start scans the blocks", path=path, error=str(err))
             return False
         return True
+
+    def own(self) -> None:
+        """Says, while holding the folder's lock (``hold``), that this process serves its cache from now on: a
+        random token written into ``LOCK_FILE``, which every process using the folder holds. An older process still
+        serving it then writes no index at its stop (``owns``). Nothing without the lock."""
+        if self._lock_fd is None:
+            return
+        token = os.urandom(OWNER_TOKEN_BYTES).hex().encode()  # a pid repeats across containers
+        os.pwrite(self._lock_fd, token, 0)  # every token is as long: one write replaces the last one whole
+        self._owner = token
+
+    def owns(self) -> bool:
+        """Whether no process started on the folder since this one said it serves it (``own``); True if it never
+        said so (the index is then written as before)."""
+        if not self._owner or self._lock_fd is None:
+            return True
+        try:
+            return os.pread(self._lock_fd, len(self._owner), 0) == self._owner
+        except OSError:
+            return True  # not knowing, the index is written: the next start verifies every block it lists anyway
 
     def discard_index(self) -> None:
         _unlink_quietly(os.path.join(self._root, INDEX_FILE))
