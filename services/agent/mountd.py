@@ -206,7 +206,7 @@ class MountedDataset:
                                                             self.name),
                                        policy_factory=policy, on_cached=inventory.cached, on_evicted=inventory.evicted)
         cache.on_tier_evicted = self.metrics.tier_evicted
-        if not await self._hold_cache(cache, stop):
+        if not await self._hold_cache(cache, block_size, stop):
             self._stopped_while_starting(STARTING_CACHE_WAIT)
             return
         await self._starting(STARTING_CACHE)
@@ -380,16 +380,17 @@ class MountedDataset:
         if self.status_file:
             await asyncio.to_thread(write_status, self.status_file, MountStatus(pid=os.getpid(), starting=step))
 
-    async def _hold_cache(self, cache: BlockCache, stop: asyncio.Event) -> bool:
+    async def _hold_cache(self, cache: BlockCache, block_size: int, stop: asyncio.Event) -> bool:
         """Take the cache folders' locks (``BlockCache.hold_folders``), waiting while an earlier mount process of the
         dataset deletes its blocks there (it can outlive its agent: a deleted dataset's purge, with the next
-        agent's mount of its new incarnation starting meanwhile); False when ``stop`` was set meanwhile."""
+        agent's mount of its new incarnation starting meanwhile), or still serves blocks cut at another block size
+        than ``block_size`` (the start deletes those); False when ``stop`` was set meanwhile."""
         waiting = False
-        while not await asyncio.to_thread(cache.hold_folders):
+        while not await asyncio.to_thread(cache.hold_folders, block_size):
             if not waiting:
                 waiting = True
                 await self._starting(STARTING_CACHE_WAIT)
-                log.info("waiting for an earlier mount process to finish deleting the cache", dataset=self.shown)
+                log.info(STARTING_CACHE_WAIT, dataset=self.shown)
             # flock cannot wait on ``stop`` too: it is asked again every so often instead (a purge takes seconds).
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), HOLD_RETRY_SECONDS)

@@ -56,7 +56,8 @@ class MountStatus(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
 # cache)").
 STARTING_RECORDS = "reading the dataset, its runtime and its manifest"
 STARTING_CACHE = "loading the cache"
-STARTING_CACHE_WAIT = "waiting for an earlier mount process of this dataset to finish deleting its cache"
+STARTING_CACHE_WAIT = ("waiting for an earlier mount process of this dataset to finish deleting its cache (or to "
+                       "stop serving blocks of the old block size)")
 STARTING_MOUNT = "mounting"
 
 

@@ -139,3 +139,41 @@ async def test_an_old_mount_process_stopping_beside_a_new_one_leaves_the_index_t
     assert after.hold_folders()
     assert after.start(SIZE) == 3  # served from the new process's index: its blocks, not the old one's
     assert sorted(b.index for b, _ in after.blocks()) == [1, 2, 10]
+
+
+def serving_at(folder: Path, block_size: int, blocks: int) -> BlockCache:
+    """A mount process's cache serving ``blocks`` blocks cut at ``block_size``, holding its folder."""
+    cache = new_cache(folder)
+    assert cache.hold_folders(block_size)
+    cache.start(block_size)
+    for index in range(blocks):
+        assert cache.put(block(index), payload(index))
+    return cache
+
+
+def test_a_block_size_change_never_deletes_blocks_another_process_still_serves(tmp_path: Path) -> None:
+    # The runtime's blockSize changed while an older mount process still serves the folder at the old size: the new
+    # start deleted its blocks without the folder's lock exclusive, under the old process's reads and writes.
+    folder = tmp_path / "ssd"
+    old = serving_at(folder, SIZE, 3)
+    new = new_cache(folder)
+    assert new.hold_folders()  # shared, as a start that does not say its block size
+    assert new.start(2 * SIZE) == 0
+    assert [old.get(block(index)) for index in range(3)] == [payload(index) for index in range(3)]
+    [tier] = new.stats().tiers
+    assert "another process uses" in tier.refused  # not used at all: a block of the new size is other bytes to it
+    assert not new.put(block(7), payload(7))
+
+
+def test_a_start_at_a_new_block_size_waits_for_the_old_process_then_deletes_and_shares_the_folder(
+        tmp_path: Path) -> None:
+    folder = tmp_path / "ssd"
+    old = serving_at(folder, SIZE, 3)
+    new = new_cache(folder)
+    assert not new.hold_folders(2 * SIZE)  # mountd waits (STARTING_CACHE_WAIT) and asks again
+    assert old.get(block(0)) == payload(0)
+    old.release_folders()  # the old process stopped
+    assert new.hold_folders(2 * SIZE)
+    assert new.start(2 * SIZE) == 0  # the blocks of the old size are deleted
+    assert not [path for path in folder.rglob("*") if path.is_file() and len(path.name) == 32]  # no block file
+    assert DiskTier(folder, SIZE).hold()  # held shared again: a later mount process of the folder can start beside

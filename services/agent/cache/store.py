@@ -1073,14 +1073,15 @@ class BlockCache:
         for _, tier in self._disk_tiers():
             tier.release()
 
-    def hold_folders(self) -> bool:
+    def hold_folders(self, block_size: int = 0) -> bool:
         """Takes each disk tier's folder lock, shared (``DiskTier.hold``), as a mount process does before its
         cache starts and keeps until it exits; False while another process deletes a folder's blocks (a purge of
-        the dataset's previous mount, which may outlive its agent): ask again later."""
+        the dataset's previous mount, which may outlive its agent), or still uses blocks cut at another size than
+        ``block_size`` (0: not checked), which the start deletes: ask again later."""
         held = True
         for _, tier in self._disk_tiers():
             try:
-                held = tier.hold() and held
+                held = tier.hold(block_size=block_size) and held
             except OSError:
                 continue  # no folder to lock: the start finds it failing and takes the tier down, as before
         return held

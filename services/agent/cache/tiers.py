@@ -357,6 +357,8 @@ class DiskTier:
         self._direct = direct_io and hasattr(os, "O_DIRECT")
         self._lock_fd: int | None = None  # the folder's LOCK_FILE, flocked (``hold``)
         self._lock_exclusive = False
+        # Held exclusive only to delete blocks cut at another size (``hold``): shared once they are deleted.
+        self._share_after_resize = False
         self._owner = b""  # the token this tier wrote into LOCK_FILE (``own``); empty if it never did
 
     # -- health -------------------------------------------------------------------------------------------
@@ -777,14 +779,22 @@ class DiskTier:
         log.warning("cache scan removed a file", path=path, reason="not a sound block file")
         _unlink_quietly(path)
 
-    def hold(self, exclusive: bool = False) -> bool:
+    def hold(self, exclusive: bool = False, block_size: int = 0) -> bool:
         """Takes the folder's lock (``LOCK_FILE``, made with the folder if need be) without waiting: shared, as a
         mount process that uses the folder holds it (False while another deletes the folder's blocks), or
         exclusive, as whoever deletes them all (False while another process holds it in any way: the blocks are
         its). Held until ``release`` or the process's end (a crash frees it); a shared hold can be made exclusive.
+        A shared hold for blocks cut at ``block_size`` (0: not known) is taken exclusive when the folder's blocks
+        were cut at another size: the start deletes them all (``prepare``), then shares it.
 
         Whoever held it exclusive deleted the file with the folder (``remove_empty_directories``): a lock taken on
         a file that is no longer the folder's is dropped and taken again on the folder's new one."""
+        if not exclusive and block_size and self._lock_fd is None and self._recorded_block_size() not in (
+                "", str(block_size)):
+            if not self.hold(exclusive=True):
+                return False
+            self._share_after_resize = True
+            return True
         if self._lock_fd is not None and self._lock_exclusive >= exclusive:
             return True
         mode = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB
@@ -823,7 +833,22 @@ class DiskTier:
     def _close_lock(self, fd: int) -> None:
         os.close(fd)
         if fd == self._lock_fd:
-            self._lock_fd, self._lock_exclusive = None, False
+            self._lock_fd, self._lock_exclusive, self._share_after_resize = None, False, False
+
+    def _share(self) -> None:
+        """Makes an exclusive hold shared again (other mount processes of the folder may start beside this one)."""
+        if self._lock_fd is not None and self._lock_exclusive:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # never waits: this process alone holds it
+            self._lock_exclusive = False
+        self._share_after_resize = False
+
+    def _recorded_block_size(self) -> str:
+        """The block size the folder's blocks were cut at (``BLOCK_SIZE_FILE``), "" if not recorded."""
+        try:
+            with open(os.path.join(self._root, BLOCK_SIZE_FILE), encoding="ascii") as recorded:
+                return recorded.read(32).strip()
+        except (FileNotFoundError, NotADirectoryError):
+            return ""
 
     def remove_block_files(self) -> int:
         """Deletes every file in the shard folders but the temporary files of this process's writes in flight
@@ -913,17 +938,27 @@ class DiskTier:
     def _keep_block_size(self, block_size: int) -> bool:
         """Records ``block_size`` as the size this tier's blocks are cut at. If they were cut at another size,
         deletes them all first (and says so) and returns False. A tier without the record (new, or written before
-        it existed) is taken to be cut at ``block_size``: the mount process checks each block's length anyway."""
+        it existed) is taken to be cut at ``block_size``: the mount process checks each block's length anyway.
+
+        The blocks are deleted only under the folder's lock held exclusive (``hold``, taken here if need be): another
+        process may still serve them (an older mount process, at the old size), and a block of the new size under the
+        same name would be other bytes to it. While one does, the tier is refused (``refused``): neither its blocks
+        nor the folder are touched, and reads go to the store."""
         path = os.path.join(self._root, BLOCK_SIZE_FILE)
-        try:
-            with open(path, encoding="ascii") as recorded:
-                before = recorded.read(32).strip()
-        except FileNotFoundError:
-            before = ""
+        before = self._recorded_block_size()
         if before == str(block_size):
             return True
         kept = before == ""
         if not kept:
+            held = self._lock_fd is not None
+            shared = held and (not self._lock_exclusive or self._share_after_resize)
+            if not self.hold(exclusive=True):  # a shared hold is dropped when that fails
+                self._refused = (f"cache directory {normal_path(self._root)} holds blocks cut at {before} bytes that "
+                                 "another process uses, and the runtime's block size is now "
+                                 f"{block_size}: Shoal does not use it (reads go to the store) until that process "
+                                 "stops; then restart the mount (its process exits, or the agent restarts)")
+                log.error("cache directory refused", directory=self._root, reason=self._refused)
+                return False
             deleted = self._delete_every_block()
             log.warning("cache blocks deleted: the runtime's block size changed", directory=self._root,
                         block_size_before=before, block_size=block_size, files=deleted)
@@ -931,6 +966,12 @@ class DiskTier:
         with open(temp, "w", encoding="ascii") as out:
             out.write(f"{block_size}\n")
         os.replace(temp, path)
+        if not kept:
+            if not held:  # taken for the deletion only: its file goes too (``hold`` follows a lock file replaced)
+                _unlink_quietly(os.path.join(self._root, LOCK_FILE))
+                self.release()
+            elif shared:
+                self._share()
         return kept
 
     def _delete_every_block(self) -> int:
