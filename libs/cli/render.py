@@ -417,10 +417,17 @@ def node_cache_table(nodes: Sequence[NodeCache]) -> str:
     DataLoads fetched into it from the store."""
     if not nodes:
         return "  <none>"
-    rows = [[n.node, format_bytes(n.cached_bytes), format_bytes(n.local_read_bytes),
-             format_bytes(n.remote_read_bytes), format_bytes(n.store_read_bytes), format_bytes(n.loaded_bytes)]
+    rows = [[n.node, format_bytes(n.cached_bytes) + (" (counting)" if n.counting else ""),
+             format_bytes(n.local_read_bytes), format_bytes(n.remote_read_bytes), format_bytes(n.store_read_bytes),
+             format_bytes(n.loaded_bytes)]
             for n in nodes]
-    return _indented(table_text(["NODE", "CACHED", "LOCAL READS", "REMOTE READS", "STORE READS", "LOADED"], rows))
+    text = _indented(table_text(["NODE", "CACHED", "LOCAL READS", "REMOTE READS", "STORE READS", "LOADED"], rows))
+    counting = [n.node for n in nodes if n.counting]
+    if counting:  # after a crash the count takes seconds: a figure that grows meanwhile is no lost cache
+        where = f"node{'s' if len(counting) > 1 else ''} {', '.join(counting)}"
+        text += (f"\n  Counting blocks on {where} after a restart: CACHED there, and the dataset's cached and "
+                 "cachedPercentage, are partial until the count ends.")
+    return text
 
 
 def describe_runtime(record: RuntimeRecord) -> str:

@@ -137,6 +137,9 @@ class NodeCache(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omit_
     store_read_bytes: int = 0
     # From the store for DataLoads: no read (not in the hit ratios, nor the autoscaler's sample).
     loaded_bytes: int = 0
+    # The node's mount is still counting the blocks on its disk after a restart (``CacheCounters.counting``): its
+    # ``cachedBytes``, and the dataset's ``cached`` and ``cachedPercentage`` with it, are partial until it is done.
+    counting: bool = False
 
 
 class DatasetStatus(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):

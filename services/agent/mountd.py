@@ -265,7 +265,8 @@ class MountedDataset:
             return CacheCounters(cached_bytes=stats.cached_bytes, capacity_bytes=stats.capacity_bytes,
                                  hit_bytes=reads.hit_bytes, miss_bytes=reads.miss_bytes,
                                  remote_bytes=reads.remote_bytes, loaded_bytes=reads.loaded_bytes,
-                                 served_bytes=peer_server.served_bytes if peer_server else 0)
+                                 served_bytes=peer_server.served_bytes if peer_server else 0,
+                                 counting=cache.counting)
 
         publisher = InventoryPublisher(self.bus, inventory, cache.blocks, counters)
         options = fuse_options(self.shown, self.settings.agent.allow_other)

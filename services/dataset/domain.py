@@ -871,7 +871,7 @@ def node_caches(cache: DatasetInventory) -> list[NodeCache]:
     """Where the cached bytes are and how each node's reads were served, by node name."""
     return [NodeCache(node=name, cached_bytes=node.counters.cached_bytes, local_read_bytes=node.counters.hit_bytes,
                       remote_read_bytes=node.counters.remote_bytes, store_read_bytes=node.counters.miss_bytes,
-                      loaded_bytes=node.counters.loaded_bytes)
+                      loaded_bytes=node.counters.loaded_bytes, counting=node.counters.counting)
             for name, node in sorted(cache.nodes.items())]
 
 

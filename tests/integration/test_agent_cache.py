@@ -20,6 +20,7 @@ import pytest
 
 from libs import subjects
 from libs.bus import Bus, Conflict, kv_load, kv_save
+from libs.cli import render
 from libs.config import Settings
 from libs.documents import documents_to_commands, parse_documents
 from libs.events.agent import InventoryRequest
@@ -32,6 +33,7 @@ from tests.helpers import eventually
 from tests.integration.agent_stack import (
     NODE,
     InventoryWatch,
+    Node,
     drop_page_cache,
     md5,
     mount_pids,
@@ -130,20 +132,36 @@ async def test_after_a_crash_the_mount_serves_correct_bytes_while_its_cache_scan
             await asyncio.to_thread(drop_page_cache)
             for key, body in objects.items():  # and again from the cache or the store, not the page cache
                 assert await asyncio.to_thread(read_range, root / key, MiB, 2 * MiB) == body[MiB:3 * MiB]
+            # Its cached bytes may be partial meanwhile: the events, the dataset's status and describe say so.
+            async def restarted_events() -> list[dict[str, Any]] | None:
+                return [event for event in inventory.events if event["incarnation"] != first["incarnation"]] or None
+
+            since = await eventually(restarted_events, what="an inventory event of the restarted mount")
+            assert all(event["counters"]["counting"] is True for event in since)
+            counting = await eventually(lambda: scan_record(node, True), what="the status saying the node counts")
+            assert f"Counting blocks on node {NODE} after a restart" in render.describe_dataset(counting)
             assert stall.release()  # the scan was still waiting there: it goes on now
 
             async def all_cached_again() -> dict[str, Any] | None:
                 event = inventory.latest()
                 return (event if event and event["incarnation"] != first["incarnation"]
-                        and event["counters"]["cachedBytes"] == total else None)
+                        and event["counters"]["cachedBytes"] == total and not event["counters"]["counting"] else None)
 
             await eventually(all_cached_again, timeout=30, what="every block indexed once the scan is done")
+            counted = await eventually(lambda: scan_record(node, False), what="the status saying the count is done")
+            assert "Counting blocks" not in render.describe_dataset(counted)
             for key, body in objects.items():
                 assert md5(await read_file(root / key)) == md5(body)
         finally:
             if stall is not None:
                 stall.release()
                 stall.remove()
+
+
+async def scan_record(node: Node, counting: bool) -> DatasetRecord | None:
+    """The dataset ``scan``'s record once its one node's row says ``counting``."""
+    record = await node.record("scan")
+    return record if [row.counting for row in record.status.nodes] == [counting] else None
 
 
 async def _new_pid(root: Path, old: int) -> bool:

@@ -456,3 +456,16 @@ async def test_a_purge_deletes_the_files_in_a_worker_thread_after_emptying_the_i
         release.set()
     assert await asyncio.wait_for(purging, 30) == BLOCKS
     assert not (tmp_path / "ssd").exists() and not inventory.blocks
+
+
+async def test_after_a_crash_the_cache_says_it_is_counting_until_the_scan_has_found_every_block(
+        tmp_path: Path) -> None:
+    # What the inventory events carry (``CacheCounters.counting``): without it the cached bytes of a node grew for
+    # seconds after a crash with nothing to tell a partial count from a cache that was lost.
+    filled(tmp_path / "ssd")  # no index written: a crash
+    cache = cache_on(tmp_path / "ssd", Inventory())
+    assert not cache.counting
+    assert cache.start(SIZE) == 0
+    assert cache.counting and cache.stats().cached_bytes == 0
+    assert await cache.scan_rest() == BLOCKS
+    assert not cache.counting and cache.stats().cached_bytes == BLOCKS * SIZE

@@ -56,6 +56,20 @@ def test_describe_lists_cached_bytes_and_read_split_per_node() -> None:
     assert "  nodes:" not in lines  # not repeated in the status document
 
 
+def test_describe_says_which_nodes_are_still_counting_their_blocks_after_a_restart() -> None:
+    lines = render.describe_dataset(record([
+        NodeCache(node="node-a", cached_bytes=512 * MiB),
+        NodeCache(node="node-b", cached_bytes=3 * MiB, counting=True),
+    ])).splitlines()
+    start = lines.index("Cache by node:")
+    assert lines[start + 2:start + 5] == [
+        "  node-a   512.00MiB            0B            0B             0B            0B",
+        "  node-b   3.00MiB (counting)   0B            0B             0B            0B",
+        "  Counting blocks on node node-b after a restart: CACHED there, and the dataset's cached and "
+        "cachedPercentage, are partial until the count ends.",
+    ]
+
+
 def test_describe_says_none_before_any_node_reported() -> None:
     lines = render.describe_dataset(record([])).splitlines()
     assert lines[lines.index("Cache by node:") + 1] == "  <none>"

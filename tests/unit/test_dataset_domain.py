@@ -1010,6 +1010,19 @@ def test_cache_states_add_up_nodes() -> None:
     assert states.cached_percentage == "25.0%" and states.cache_hit_ratio == "75.0%"
 
 
+def test_a_node_still_counting_its_blocks_after_a_restart_says_so_in_the_status_until_it_is_done() -> None:
+    # Its cachedBytes grow for seconds after a crash (the mount's scan of the disk): the status tells a partial count
+    # from a cache that was lost.
+    ref = ObjectRef(name="d")
+    status = DatasetStatus(phase="Bound", ufs_total_bytes=200)
+    cache, _ = fold(None, InventorySnapshot(node="n1", dataset=ref, incarnation="i", seq=1,
+                                            counters=CacheCounters(cached_bytes=10, counting=True)), track_blocks=False)
+    assert [node.counting for node in with_cache_states(status, cache).nodes] == [True]
+    cache, _ = fold(cache, InventoryDelta(node="n1", dataset=ref, incarnation="i", seq=2,
+                                          counters=CacheCounters(cached_bytes=90)), track_blocks=False)
+    assert [(node.cached_bytes, node.counting) for node in with_cache_states(status, cache).nodes] == [(90, False)]
+
+
 def two_nodes(first: CacheCounters, second: CacheCounters) -> Any:
     cache = None
     for node, counters in (("node-b", second), ("node-a", first)):

@@ -432,6 +432,12 @@ class BlockCache:
         """Every indexed block and its size, for inventory snapshots (pending writes are not included)."""
         return [(entry.block, entry.size) for entry in self._index.values()]
 
+    @property
+    def counting(self) -> bool:
+        """Whether the restart's scan (``start`` to the end of ``scan_rest``) still looks for block files: until
+        then the index, and every figure from it, may miss blocks on disk. One read of a flag: asked per event."""
+        return self._scan_due
+
     def stats(self) -> CacheStats:
         tiers = [
             TierStats(
