@@ -115,3 +115,23 @@ async def test_a_deleted_datasets_cache_held_by_another_process_is_kept_in_the_l
     await agent.reconcile()
     assert not folder.exists()
     assert REF not in agent.ledger.caches and not agent.unfreed
+
+
+async def test_a_dropped_tiers_folder_held_by_another_process_stays_in_the_ledger(tmp_path: Path) -> None:
+    # The runtime's tiers moved to another directory; the old one's folder is still held by a mount process that
+    # outlived the agent. It is left to that process, and the ledger keeps the retired tiers for a later try.
+    agent, folder = agent_with_cache(tmp_path, "first")
+    worker = agent.workers[REF]
+    old_levels = worker.levels
+    worker.levels = [Level(mediumtype="SSD", quota="1Mi", path=str(tmp_path / "ssd2"))]
+    worker.retired = list(old_levels)
+    agent.ledger.record(REF, worker.levels, worker.retired, "first")
+    old_mount = DiskTier(folder, 1 << 20)
+    assert old_mount.hold()
+    await agent._free_retired(worker)
+    assert folder.is_dir()
+    assert agent.ledger.retired.get(REF) == old_levels  # still to be freed: an agent restarted now finds it
+    old_mount.release()
+    worker.retired = list(old_levels)
+    await agent._free_retired(worker)
+    assert not folder.exists() and REF not in agent.ledger.retired
