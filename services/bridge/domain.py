@@ -23,7 +23,7 @@ from libs.documents import Command, documents_to_commands, read_only_message, re
 from libs.events.common import DECODE_ERRORS, DNS1123_SUBDOMAIN, rfc3339, to_builtins
 from libs.events.dataset import REASON_WRITES_NOT_SERVED, Condition, DatasetApply, DatasetStatus, write_access_modes
 from libs.events.operation import OperationRecord, OperationStatus
-from libs.mounts import MISSING_SECRET_KEY, flat_secret_key
+from libs.mounts import MISSING_SECRET_KEY, exposed_secret_errors, flat_secret_key
 
 # The annotation kubectl keeps a whole copy of the object in: not the user's metadata, and it can be large.
 DROPPED_ANNOTATIONS = ("kubectl.kubernetes.io/last-applied-configuration",)
@@ -310,14 +310,19 @@ def document_of(resource: kube.Resource, obj: dict[str, Any]) -> dict[str, Any]:
 
 def translate(resource: kube.Resource, obj: dict[str, Any], max_bytes: int | None = None) -> Translation:
     """The apply command of the object (``libs.documents``, as ``shoal apply -f``), with a deterministic id; none,
-    with the reason, when its message would be longer than ``max_bytes`` (NATS refuses it: a Kubernetes object may
-    reach about 1.5 MB, a NATS message 1 MiB by default), which no retry would change."""
+    with the reason, when a Dataset gives a secret in clear text (``libs.mounts.exposed_secret_errors``: the reasons
+    name the fields, never the values), or when its message would be longer than ``max_bytes`` (NATS refuses it: a
+    Kubernetes object may reach about 1.5 MB, a NATS message 1 MiB by default); no retry would change either."""
     document = document_of(resource, obj)
     namespace = document["metadata"]["namespace"]
     commands, notes, errors = documents_to_commands([document], default_namespace=namespace)
     if errors or not commands:
         return Translation(None, [_DOCUMENT_LABEL.sub("", e) for e in errors] or ["not understood"], notes)
     command = commands[0]
+    if isinstance(command.event, DatasetApply) and (exposed := exposed_secret_errors(command.event.dataset)):
+        # Refused here, as ``shoal apply`` refuses it: published, the secret would stay in the commands stream and
+        # reach every subscriber (and a rejected apply is sent again at every start of the bridge).
+        return Translation(None, exposed, notes)
     event = msgspec.structs.replace(command.event, id=apply_id(resource, obj, command))
     size = len(msgspec.json.encode(event))
     if max_bytes is not None and size > max_bytes - COMMAND_HEADROOM:

@@ -854,3 +854,37 @@ async def test_a_target_path_with_dot_segments_is_refused_on_the_cr(cluster: Clu
         events = await eventually(lambda: _events(cluster, 1))
         assert any(e["reason"] == "Rejected" and e["type"] == "Warning" for e in events), events
         assert "runs" not in ((cluster.get(DATALOAD, "climb") or {}).get("status") or {})  # nothing ran
+
+
+async def test_a_secret_in_clear_text_is_refused_on_the_cr_and_never_published(cluster: Cluster, bus: Bus,
+                                                                               tmp_path: Path) -> None:
+    """A Dataset giving a secret in clear text (a secret option, credentials in its mount point's URL) is refused by
+    the bridge as ``shoal apply`` refuses it, before anything is published: the CR says why (Invalid, naming the
+    fields, never the values), and the values are in no message on any subject (a command stays in its stream, and
+    a rejected apply is sent again at every restart of the bridge)."""
+    secret, password = "clear-text-secret-0123456789", "url-password-9876543210"
+    seen: list[bytes] = []
+
+    async def collect(msg: Any) -> None:
+        seen.append(msg.data + b"".join(f"{k}{v}".encode() for k, v in (msg.headers or {}).items()))
+
+    every_subject = await bus.nc.subscribe(">", cb=collect)
+    async with everything(cluster.settings):
+        await cluster.create(FLUID, "leaky", {
+            "mounts": [{"mountPoint": files(tmp_path), "name": "a", "options": {"aws.secretKey": secret}},
+                       {"mountPoint": f"s3://user:{password}@bucket/p", "name": "b"}]})
+        condition = await eventually(lambda: _condition(cluster, FLUID, "default", "leaky"))
+        assert condition["reason"] == "Invalid", condition
+        assert "spec.mounts[0].options.aws.secretKey holds a secret in clear text" in condition["message"]
+        assert "spec.mounts[1].mountPoint" in condition["message"]
+        events = await eventually(lambda: _events(cluster, 1))
+        assert any(e["reason"] == "Invalid" and e["type"] == "Warning" for e in events), events
+        # A valid Dataset applied after it is published: the refusal held nothing back.
+        await cluster.create(FLUID, "fine", {"mounts": [{"mountPoint": files(tmp_path / "fine"), "name": "a"}]})
+        await eventually(lambda: _status_of(cluster, FLUID, "default", "fine", "fileNum", "3"))
+    await every_subject.unsubscribe()
+    stored = cluster.get(FLUID, "leaky") or {}
+    assert kube.FINALIZER not in stored["metadata"].get("finalizers", [])  # nothing of it in Shoal to clean up
+    shown = [json for json in (stored.get("status"), events) if json]
+    assert seen and not [m for m in seen if secret.encode() in m or password.encode() in m]
+    assert secret not in str(shown) and password not in str(shown)

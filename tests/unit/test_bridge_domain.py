@@ -85,6 +85,17 @@ def test_secret_references_are_namespaced_and_carry_no_value() -> None:
     assert domain.secret_ref_errors([("x" * 250, "k")], "team")
 
 
+def test_a_secret_in_clear_text_gives_no_command_and_a_reason_without_its_value() -> None:
+    for resource in (SHOAL_DATASET, FLUID_DATASET):
+        leaky = cr(resource, {"sharedOptions": {"aws.secretKey": "s3cr3t-value"},
+                              "mounts": [{"mountPoint": "https://host/f/?X-Amz-Signature=sig-value", "name": "a"}]})
+        translation = domain.translate(resource, leaky)
+        assert translation.command is None
+        assert "spec.sharedOptions.aws.secretKey holds a secret in clear text" in translation.errors[0]
+        assert "X-Amz-Signature" in translation.errors[1]
+        assert not [e for e in translation.errors if "s3cr3t-value" in e or "sig-value" in e]
+
+
 def test_mirror_keys_are_flat_checked_and_patched_only_when_changed() -> None:
     assert domain.mirror_key("team", "s3-creds", "secret") == "team.s3-creds.secret"
     assert domain.mirror_key_errors([("creds", "secret"), ("creds", "a_B-1.x")], "team") == []
