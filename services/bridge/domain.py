@@ -413,6 +413,15 @@ def rejected(entry: Applied, sequence: int) -> Applied:
 
 
 # The operations of a kind in ``kube.EXPIRING_KINDS``.
+def of_deleted_object(record_sequence: int | None, delete_sequence: int) -> bool:
+    """Whether Shoal's record under an object's name (``record_sequence``: the commands-stream sequence of the last
+    apply it took in; None: no record) is still the one of an object the bridge deleted since (``delete_sequence``:
+    that delete command's sequence, 0 for none). A Dataset deleted without Shoal's finalizer and made again under its
+    name has its delete and the new object's apply published at once; until the service takes them in, the record,
+    its phase and its files are the deleted object's, not the new one's."""
+    return record_sequence is not None and record_sequence < delete_sequence
+
+
 _EXPIRING_FAMILIES = frozenset(kind.lower() for kind in kube.EXPIRING_KINDS)
 
 

@@ -139,6 +139,18 @@ class Mirrors:
         operation = self.operation(key)
         return operation.status if operation is not None else None
 
+    def command_sequence(self, key: ObjectKey) -> int | None:
+        """The commands-stream sequence of the last apply Shoal's record under ``key``'s name took in (None: none)."""
+        family = domain.family(key.resource)
+        record: DatasetRecord | RuntimeRecord | OperationRecord | None
+        if family == "dataset":
+            record = self.datasets.values.get(subjects.resource_key(key.namespace, key.name))
+        elif family == "runtime":
+            record = self.runtimes.values.get(subjects.resource_key(key.namespace, key.name))
+        else:
+            record = self.operation(key)
+        return record.command_sequence if record is not None else None
+
     def operation(self, key: ObjectKey) -> OperationRecord | None:
         return self.operations.values.get(subjects.operation_key(key.resource.kind, key.namespace, key.name))
 
@@ -203,6 +215,11 @@ class BridgeHandlers:
     # DataLoads and DataCleans whose operation's removal from Shoal was looked at (``_expire``): the revision of the
     # delete marker, so that each removal costs one read of the key's KV history, not one per pass.
     expiry_checked: dict[ObjectKey, int] = field(default_factory=dict)
+    # The commands-stream sequence of the last delete published for each Shoal record (``domain.record_key``), with
+    # the object it was published for: until the record has taken in a later apply, it is the deleted object's, and
+    # an object made again under the name does not show it (``domain.of_deleted_object``). Dropped once the record
+    # is gone or newer (``_prune_deletes``).
+    delete_sequences: dict[tuple[str, str, str], tuple[ObjectKey, int]] = field(default_factory=dict)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock, init=False)
     _tick_failures: int = field(default=0, init=False)
     # Who did not answer a call and why, since the start of the current pass (``_unanswered``): until the next pass,
@@ -570,7 +587,9 @@ class BridgeHandlers:
         else:
             subject, event = subjects.DATACLEAN_DELETE, DataCleanDelete(id=command_id, name=key.name,
                                                                         namespace=key.namespace)
-        await self.bus.publish(subject, event)
+        sequence = await self.bus.publish(subject, event)
+        record = domain.record_key(key)
+        self.delete_sequences[record] = (key, max(sequence, self.delete_sequences.get(record, (key, 0))[1]))
 
     # --- Secrets ---
 
@@ -762,6 +781,7 @@ class BridgeHandlers:
         async with self._lock:
             await self._record_rejections()
             self._prune_rejections()
+            self._prune_deletes()
         # Objects that failed before are tried last, when due (``OBJECT_RETRY``): one whose calls hang then costs
         # the end of a pass, not every other object's turn.
         for key in [k for k in self.pending if k not in self.failures]:
@@ -881,6 +901,8 @@ class BridgeHandlers:
         if self.objects.get(key) is not obj:
             return  # a newer version arrived meanwhile; the next tick handles it
         status = self.mirrors.status_of(key) if record is None else record.status
+        if record is None and self._of_deleted_object(key):
+            status = None  # the record is a deleted object's under this name (its delete not taken in yet)
         refusal = self.refusal(key)
         if (self.published.get(key) is None and refusal is None) or self._holder(key) is not None:
             status = None  # not Shoal's object (yet; a name taken before, or another object's): nothing to show
@@ -938,6 +960,18 @@ class BridgeHandlers:
             completed = getattr(status, "completion_time", "")
             await self._record_event(key, obj, domain.event_name(obj, reason, runs, completed), event_type, reason,
                                      message)
+
+    def _of_deleted_object(self, key: ObjectKey) -> bool:
+        deleted = self.delete_sequences.get(domain.record_key(key))
+        return deleted is not None and domain.of_deleted_object(self.mirrors.command_sequence(key), deleted[1])
+
+    def _prune_deletes(self) -> None:
+        """Forget the deletes whose record is gone from Shoal or has taken in a later apply: they hide nothing now."""
+        if not self.mirrors.ready():
+            return
+        for record, (key, _) in list(self.delete_sequences.items()):
+            if not self._of_deleted_object(key):
+                del self.delete_sequences[record]
 
     async def _replaced(self, key: ObjectKey, obj: dict[str, Any]) -> bool:
         """Whether the object under ``key``'s name is no longer ``obj`` (gone, or made again: another uid), read

@@ -700,3 +700,41 @@ async def test_objects_made_refused_and_deleted_again_and_again_leave_nothing_be
 
 
 CHURN = 20
+
+
+async def test_the_deleted_objects_record_is_not_shown_on_the_object_made_again_under_its_name(
+        harness: Harness, bus: Bus, tmp_path: Path) -> None:
+    """A Dataset's finalizer is removed by hand and the Dataset deleted, then made again under its name (a new uid)
+    while the dataset service is down (restarting, or behind): the old object's delete and the new one's apply are
+    published, but Shoal's record is still the old object's. Its status (Bound, its files) is not the new object's
+    and is not written on it (before, the new object showed the old one's phase and file count, and got a volume
+    for it), nor is a volume made; once the service takes in the delete and the apply, the new object shows its
+    own status."""
+    handlers = harness.handlers
+    await harness.first_lists()
+    async with running(lambda halt: dataset_app.run(handlers.settings, halt)):
+        old = await harness.create(SHOAL, "demo", {"mounts": [{"mountPoint": files(tmp_path / "a")}]})
+        await handlers.on_event(SHOAL, "ADDED", old)
+        await harness.until(lambda: ((harness.get(SHOAL, "demo") or {}).get("status") or {}).get("fileNum") == 3,
+                            what="the old object's status")
+    # The dataset service is down from here: the old record stays in Shoal.
+    await handlers.custom.patch_namespaced_custom_object(
+        SHOAL.group, SHOAL.version, "default", SHOAL.plural, "demo", {"metadata": {"finalizers": []}},
+        _content_type=MERGE)  # type: ignore[call-arg]
+    last = harness.get(SHOAL, "demo") or {}
+    await handlers.custom.delete_namespaced_custom_object(SHOAL.group, SHOAL.version, "default", SHOAL.plural, "demo")
+    await handlers.on_event(SHOAL, "DELETED", last)
+    new = await harness.create(SHOAL, "demo", {"mounts": [{"mountPoint": files(tmp_path / "b", 2)}]})
+    await handlers.on_event(SHOAL, "ADDED", new)
+    key = ObjectKey(SHOAL, "default", "demo")
+    assert key in handlers.published and not handlers.gone  # the old delete and the new apply are out
+    assert handlers.mirrors.status_of(key) is not None  # the old record, not deleted yet
+
+    for _ in range(3):
+        await handlers.tick()
+    assert "status" not in (harness.get(SHOAL, "demo") or {}), harness.get(SHOAL, "demo")
+    assert key not in handlers.volumes
+
+    async with running(lambda halt: dataset_app.run(handlers.settings, halt)):
+        await harness.until(lambda: ((harness.get(SHOAL, "demo") or {}).get("status") or {}).get("fileNum") == 2,
+                            what="the new object's own status")

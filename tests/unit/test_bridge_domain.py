@@ -96,6 +96,14 @@ def test_a_secret_in_clear_text_gives_no_command_and_a_reason_without_its_value(
         assert not [e for e in translation.errors if "s3cr3t-value" in e or "sig-value" in e]
 
 
+def test_a_record_older_than_a_delete_the_bridge_sent_is_the_deleted_objects() -> None:
+    assert domain.of_deleted_object(record_sequence=7, delete_sequence=9)  # the delete not taken in yet
+    assert domain.of_deleted_object(record_sequence=0, delete_sequence=9)  # a record from before the field
+    assert not domain.of_deleted_object(record_sequence=11, delete_sequence=9)  # the new object's apply taken in
+    assert not domain.of_deleted_object(record_sequence=None, delete_sequence=9)  # the record is gone
+    assert not domain.of_deleted_object(record_sequence=7, delete_sequence=0)  # no delete sent
+
+
 def test_mirror_keys_are_flat_checked_and_patched_only_when_changed() -> None:
     assert domain.mirror_key("team", "s3-creds", "secret") == "team.s3-creds.secret"
     assert domain.mirror_key_errors([("creds", "secret"), ("creds", "a_B-1.x")], "team") == []
