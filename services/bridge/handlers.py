@@ -62,11 +62,12 @@ EVENTS_KEPT = 8
 
 
 # Status write answers that say the write is wrong, not that the API server is unavailable: the object is gone (404;
-# its DELETED event follows), made again under its name (422: the patch's uid test failed) or the server's validation
-# refuses this status (400, 422). The same status would get the
+# its DELETED event follows), made again under its name (422: the patch's uid test failed), the server's validation
+# refuses this status (400, 422) or it is too large (413: the request body's limit, or the object's in etcd, which a
+# status of thousands of nodes on a large spec can pass). The same status would get the
 # same answer at every pass, and keep every other object's status waiting behind the failed pass (``TICK_RETRY``):
 # it is dropped, with the reason, until Shoal's status or the object's changes.
-STATUS_REFUSALS = (400, 404, 422)
+STATUS_REFUSALS = (400, 404, 413, 422)
 REASON_STATUS_REFUSED = "StatusRefused"
 
 

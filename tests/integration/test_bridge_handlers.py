@@ -365,10 +365,11 @@ async def test_an_object_too_large_for_a_nats_message_is_invalid_with_the_reason
     assert applies == []
 
 
-@pytest.mark.parametrize("code", [404, 422])
+@pytest.mark.parametrize("code", [404, 413, 422])
 async def test_a_status_write_the_api_server_refuses_is_dropped_and_holds_back_no_other(
         harness: Harness, tmp_path: Path, code: int) -> None:
-    """The status patch of one object answers 422 (the CRD's validation refuses it) or 404 (deleted meanwhile):
+    """The status patch of one object answers 422 (the CRD's validation refuses it), 413 (too large: the request
+    body's limit, or the object's in etcd, a status of thousands of nodes on a large spec) or 404 (deleted meanwhile):
     the same status would get the same answer, so it is sent once and dropped (422: with a Warning Event saying
     why); the pass does not count as failed, so the other objects' statuses are not held back by the back-off meant
     for an unavailable API server (before, every pass failed and waited up to 5 s, for ever)."""
@@ -406,7 +407,7 @@ async def test_a_status_write_the_api_server_refuses_is_dropped_and_holds_back_n
     assert writes <= 3, f"{writes} status writes of the refused object"
     assert handlers._tick_failures == 0
     refused = [e for e in harness.server.objects("", "events") if e["reason"] == "StatusRefused"]
-    if code == 422:
+    if code in (413, 422):
         assert [e["involvedObject"]["name"] for e in refused] == ["bad"] and refused[0]["type"] == "Warning"
         assert "injected failure" in refused[0]["message"]
     else:
