@@ -264,6 +264,17 @@ class TaskCancel(Event, frozen=True, kw_only=True, tag="agent.task.cancel.v1", r
     run: str
 
 
+class TaskPartsCancel(Event, frozen=True, kw_only=True, tag="agent.task.cancel.parts.v1", rename="camel"):
+    """Stop the parts numbered ``parts`` of ``run`` on ``node`` only, the rest of the run going on (core NATS, on the
+    subject of ``TaskCancel``): the loader moved them to other cache workers (the runtime scaled in under a load).
+    A type of its own, not fields of ``TaskCancel``: an agent that predates it ignores it as undecodable (its part
+    goes on, one more copy of its blocks) rather than stop the whole run on every node."""
+
+    run: str
+    node: str
+    parts: list[int] = []
+
+
 class TaskProgress(Event, frozen=True, kw_only=True, tag="agent.task.progress.v1", rename="camel"):
     """Cumulative progress of one part. ``files_done``: indexes (in the part's ``blocks``) of the files whose
     blocks in this part are all done. ``failed``: blocks that could not be done, with ``message`` saying why.

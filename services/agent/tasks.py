@@ -31,6 +31,8 @@ What it decides:
   acknowledgement;
 - ``TaskCancel`` (core NATS) stops the run's part between blocks: the blocks in flight are not waited for (their
   fetches finish in the reader and are cached), a final progress says "cancelled", the part is acknowledged;
+  ``TaskPartsCancel`` does the same for the parts it numbers on this node only (the loader moved them to other
+  cache workers), the run's other parts going on;
 - a mount process that stops leaves its part unacknowledged (a clean stop gives it back at once): its successor
   gets it again, skips what is cached, so no block is fetched twice. A killed one's part comes back after
   ``ACK_WAIT_SECONDS``; ``in_progress`` every second keeps a live one's part from being redelivered. On its last
@@ -62,7 +64,7 @@ from libs.blocks import BlockId, block_count
 from libs.bus import DAY, Bus, kv_load
 from libs.events.common import DECODE_ERRORS, ObjectRef
 from libs.events.dataset import DatasetRecord, ManifestEntry
-from libs.events.operation import NodeTask, OperationRecord, TaskCancel, TaskProgress
+from libs.events.operation import NodeTask, OperationRecord, TaskCancel, TaskPartsCancel, TaskProgress
 from libs.paths import quoted_key
 from libs.redact import cut_error
 from libs.telemetry import extract_context, get_logger, messaging_attributes, tracer
@@ -137,7 +139,7 @@ CANCELLED = "cancelled"
 # The CONSUMER span of a part (``TaskRunner._process``).
 _SPAN = f"process {subjects.TASK_PREFIX}"
 _TASK = msgspec.json.Decoder(NodeTask)
-_CANCEL = msgspec.json.Decoder(TaskCancel)
+_CANCEL = msgspec.json.Decoder(TaskCancel | TaskPartsCancel)
 
 
 # --- pure ---
@@ -290,6 +292,7 @@ Outcome = Literal["finished", "cancelled", "stopped"]
 @dataclass
 class _Running:
     run: str
+    part: int
     abort: asyncio.Event = field(default_factory=asyncio.Event)
     cancelled: bool = False
 
@@ -318,7 +321,8 @@ class TaskRunner:
         self.stream = subjects.task_stream(node)
         self._stopping = asyncio.Event()
         self._running: _Running | None = None
-        self._cancelled: deque[tuple[str, float]] = deque(maxlen=CANCELLED_RUNS)  # (run, monotonic time)
+        # (run, its parts cancelled here or None for all of them, monotonic time)
+        self._cancelled: deque[tuple[str, frozenset[int] | None, float]] = deque(maxlen=CANCELLED_RUNS)
         # The durable's own ``max_deliver``: one kept from before a change of MAX_DELIVER goes on with its old count.
         self._max_deliver = MAX_DELIVER
         self._tracer = tracer(__name__)
@@ -422,21 +426,29 @@ class TaskRunner:
 
         return made, await self.bus.nc.subscribe(subjects.task_stream_made(self.node), cb=on_advisory)
 
-    async def _on_cancel(self, cancel: TaskCancel) -> None:
-        self._cancel(cancel.run)
+    async def _on_cancel(self, cancel: TaskCancel | TaskPartsCancel) -> None:
+        if isinstance(cancel, TaskCancel):
+            self._cancel(cancel.run)
+        elif cancel.node == self.node:  # another node's parts moved: this node's of the run go on
+            self._cancel(cancel.run, frozenset(cancel.parts))
 
-    def _cancel(self, run: str) -> None:
-        """Remember ``run`` as cancelled (its parts delivered later are skipped) and stop its part if one runs."""
-        self._cancelled.append((run, time.monotonic()))
+    def _cancel(self, run: str, parts: frozenset[int] | None = None) -> None:
+        """Remember ``run`` (only its ``parts``, when given) as cancelled, so its parts delivered later are skipped,
+        and stop its part if one runs."""
+        self._cancelled.append((run, parts, time.monotonic()))
         running = self._running
-        if running is not None and running.run == run:
+        if running is not None and running.run == run and (parts is None or running.part in parts):
             running.cancelled = True
             running.abort.set()
 
-    def _was_cancelled(self, run: str, now: float | None = None) -> bool:
-        """``run`` was cancelled within ``CANCELLED_SECONDS`` (its parts may still be in the stream)."""
+    def _was_cancelled(self, run: str, now: float | None = None, part: int | None = None) -> bool:
+        """``run`` (or its ``part``) was cancelled within ``CANCELLED_SECONDS`` (its parts may still be in the
+        stream). A run only some of whose parts were cancelled (moved to other workers) is not: its other parts may
+        come back to this node (it joins the ring again)."""
         now = time.monotonic() if now is None else now
-        return any(cancelled == run and now - at < CANCELLED_SECONDS for cancelled, at in self._cancelled)
+        return any(cancelled == run and now - at < CANCELLED_SECONDS
+                   and (parts is None or (part is not None and part in parts))
+                   for cancelled, parts, at in self._cancelled)
 
     # --- one part ---
 
@@ -465,7 +477,7 @@ class TaskRunner:
                         task_dataset=subjects.object_name(task.dataset.namespace, task.dataset.name))
             await message.ack()
             return
-        skip = CANCELLED if self._was_cancelled(task.run) else await self._not_current(task.run)
+        skip = CANCELLED if self._was_cancelled(task.run, part=task.part) else await self._not_current(task.run)
         if skip:
             bound.info("part skipped: its run is not current", reason=skip)
             await message.ack()
@@ -534,7 +546,7 @@ class TaskRunner:
         return not_current(run, record)
 
     async def _execute(self, message: Msg, task: NodeTask, ledger: PartLedger, deliveries: int) -> Outcome:
-        running = self._running = _Running(task.run)
+        running = self._running = _Running(task.run, task.part)
         if self._stopping.is_set():
             running.abort.set()
         work = asyncio.ensure_future(self._load(task, ledger, running.abort) if task.action == "load"

@@ -751,6 +751,9 @@ class PartState(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omit_
     failed: int = 0
     message: str = ""
     done: bool = False
+    # Ended by the loader, not its node: the node left the ring with the part not done, and its blocks were planned
+    # again on the ring as it is now (``move_parts``). Its node was told to stop it (``TaskPartsCancel``).
+    moved: bool = False
 
 
 def files_bits(indexes: Iterable[int]) -> str:
@@ -1031,26 +1034,55 @@ def dataset_lost(record: OperationRecord, state: RunState, dataset: DatasetRecor
             f"cancelled; run the {record.kind} again on the dataset as it is now")
 
 
-def ring_left(record: OperationRecord, state: RunState, runtime: RuntimeRecord) -> str | None:
-    """Why an executing load cannot place its blocks as planned: a node of the ring it was planned on, with its part
-    not done, still serves the runtime but is no longer one of its cache workers (the runtime was scaled in, or
-    another node picked in its place). That node would go on fetching into a cache no reader's route looks in, and
-    the run end Complete with its blocks off the current owners. None otherwise; a node that is not a ready node at
-    all is waited for instead (``nodes_gone``: it may come back as a worker)."""
+def scaled_in(record: OperationRecord, state: RunState, runtime: RuntimeRecord) -> list[str]:
+    """The nodes of the ring an executing load was planned on, with a part not done, that still serve the runtime (a
+    ready node) but are no longer among its cache workers (the runtime was scaled in, or another node picked in its
+    place). Such a node would go on fetching into a cache no reader's route looks in: its parts not done are moved to
+    the ring as it is now (``moved_parts``, ``replan_load``), or the run fails when no worker is left (``ring_left``).
+    A node that is not a ready node at all is waited for instead (``nodes_gone``: it may come back as a worker)."""
     if record.load is None or state.stage != "executing" or not state.ring:
-        return None
+        return []
     workers = {worker.node for worker in runtime.status.workers}
     ready = set(runtime.status.ready_nodes)
     pending = {part.node for part in state.parts if not part.done and part.node in state.ring}
-    left = sorted((pending - workers) & ready)
-    if not left:
+    return sorted((pending - workers) & ready)
+
+
+def ring_left(record: OperationRecord, state: RunState, runtime: RuntimeRecord) -> str | None:
+    """Why an executing load cannot place its blocks: nodes were scaled in with parts not done (``scaled_in``) and
+    the runtime has no ring left to move them to (no ready cache worker with a peer URL). None otherwise: with a ring,
+    their parts are moved to it and the run goes on, as it does when those parts finished before a tick saw the
+    smaller ring (``ring_shrank``); a user expects the same outcome whichever came first."""
+    left = scaled_in(record, state, runtime)
+    if not left or ring_of(runtime):
         return None
     ref = dataset_ref(record)
     nodes = ", ".join(left)
     which = f"node {nodes} is" if len(left) == 1 else f"nodes {nodes} are"
     return (f"{which} no longer a cache worker of runtime {ref.namespace}/{ref.name} (scaled in, or another node "
-            f"picked) with its part of the load not done: its blocks would be cached off the workers that readers "
-            f"ask; its parts were cancelled; run the load again: its blocks go to the cache workers then")
+            f"picked) with its part of the load not done, and no ready cache worker is left to take it: its blocks "
+            f"would be cached off the workers that readers ask; its parts were cancelled; run the load again once "
+            f"the runtime has a ready cache worker")
+
+
+def moved_parts(state: RunState, nodes: Container[str]) -> list[int]:
+    """The indexes of the parts not done on ``nodes`` (``scaled_in``): the parts to move."""
+    return [index for index, part in enumerate(state.parts) if not part.done and part.node in nodes]
+
+
+def move_parts(plan: Plan, parts: Sequence[PartState], moved: Iterable[int]) -> list[PartState]:
+    """The parts with those ``moved`` ended as moved (``PartState.moved``): done, keeping what their node did (its
+    bytes count as done and as planned, so the run's progress reaches its total), every file of theirs left to the
+    other parts that name it (``files_done``), no block failed (their blocks are planned again on the ring as it is
+    now, ``replan_load``, which fetches a failed one again). A report of theirs arriving later changes nothing
+    (``fold_part``: done sticks)."""
+    result = list(parts)
+    for index in moved:
+        part = result[index]
+        result[index] = msgspec.structs.replace(
+            part, blocks=part.blocks_done, bytes_total=part.bytes_done + part.bytes_skipped, failed=0, message="",
+            files_done_bits=files_bits(range(len(plan.parts[index].file_ids))), files_done=[], done=True, moved=True)
+    return result
 
 
 def ring_grew(record: OperationRecord, state: RunState, runtime: RuntimeRecord) -> list[str]:
@@ -1103,8 +1135,8 @@ def ring_shrank(record: OperationRecord, state: RunState, runtime: RuntimeRecord
     (scaled in, or another node picked in their place), when the runtime still has a ring: the blocks they held or
     were to hold are owned by others now, and readers ask those. Their parts are to be planned (``replan_load``),
     as for a ring that grew. Checked before the run ends Complete: the parts of the nodes scaled in may all be done
-    before a tick sees the smaller ring (``ring_left`` looks only at parts not done, and fails the run instead while
-    such a node still works), and the load ended Complete with those blocks only on nodes no reader asks. A worker
+    before a tick sees the smaller ring, and the load ended Complete with those blocks only on nodes no reader asks;
+    parts of theirs not done yet are moved first (``scaled_in``, ``move_parts``). A worker
     picked but not ready is still a worker (it may come back): not counted. Empty for a load planned without a
     ring, and while the runtime has no ring (nowhere to plan those blocks)."""
     if record.load is None or state.stage != "executing" or not state.ring or not ring_of(runtime):

@@ -63,6 +63,7 @@ from libs.events.operation import (
     OperationStatus,
     OperationStatusChanged,
     TaskCancel,
+    TaskPartsCancel,
     TaskProgress,
 )
 from libs.events.runtime import RuntimeRecord
@@ -810,6 +811,8 @@ class LoaderHandlers:
             state = msgspec.structs.replace(state, parts=[*state.parts, *domain.parts_state(plan)[len(state.parts):]])
             await self._save_state(key, state)
         republished = 0
+        if resume:  # the nodes its parts were moved off may not have been told before a restart
+            await self._cancel_moved(state, [index for index, part in enumerate(state.parts) if part.moved])
         for planned, part in zip(plan.parts, state.parts, strict=True):
             if part.done:
                 continue
@@ -852,6 +855,11 @@ class LoaderHandlers:
         if plan is None:
             return "Failed", "the run's plan is gone (loader storage lost); run it again"
         ring = domain.ring_of(runtime)
+        # The parts not done of the nodes scaled in end here as moved, and their blocks are planned below for their
+        # owners on the ring as it is now, as those of a node scaled in whose parts were done already.
+        moved = domain.moved_parts(state, domain.scaled_in(record, state, runtime))
+        if moved:
+            state = msgspec.structs.replace(state, parts=domain.move_parts(plan, state.parts, moved))
         cleans = domain.later_cleans(record, state, self.operations.values, self.runs.values)
         cleaned: set[tuple[int, str]] = set()
         if cleans:
@@ -872,16 +880,30 @@ class LoaderHandlers:
         state = msgspec.structs.replace(state, ring=sorted(ring),
                                         parts=[*state.parts, *domain.parts_state(extended)[len(state.parts):]])
         await self._save_state(key, state)
+        # After the state: a loader stopped before this tells those nodes again as it resumes (``_publish_parts``).
+        await self._cancel_moved(state, moved)
         for planned in added:
             problem = await self._publish_part(planned.task)
             if problem:
                 return "Failed", problem
         log.info("ring changed under the load: blocks planned again for their new owners", run=state.run,
-                 new_workers=grown, workers_gone=shrank, parts_added=len(added),
+                 new_workers=grown, workers_gone=shrank, parts_moved=len(moved) or None, parts_added=len(added),
                  blocks_added=sum(p.blocks for p in added),
                  files_left_to_later_cleans=len(cleaned) or None,
                  later_cleans=[subjects.object_name(c.metadata.namespace, c.metadata.name) for c in cleans] or None)
         return None
+
+    async def _cancel_moved(self, state: domain.RunState, moved: list[int]) -> None:
+        """Tell each node whose parts ``moved`` (indexes) to stop them, the rest of the run going on: their blocks
+        are planned on the workers now. A node that misses it (core NATS) fetches its part into its own cache, one
+        more copy; its report changes nothing (the part is done)."""
+        by_node: dict[str, list[int]] = {}
+        for index in moved:
+            by_node.setdefault(state.parts[index].node, []).append(index)
+        for node, parts in sorted(by_node.items()):
+            await self.bus.publish_core(subjects.TASK_CANCEL, TaskPartsCancel(
+                id=f"{state.run}.cancel.{subjects.node_token(node)}", run=state.run, node=node, parts=parts))
+            log.info("parts moved off a node scaled in, cancelled there", run=state.run, node=node, parts=parts)
 
     async def _task_stream(self, node: str) -> str:
         """Make ``node``'s task stream unless this process already did; why it cannot be made, or "" when it is

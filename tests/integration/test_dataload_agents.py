@@ -370,12 +370,14 @@ async def test_three_agents_replicas_2_put_each_block_on_its_two_owners_and_a_cl
         assert Counter(store_gets(store)) == dict.fromkeys(train, 2)
 
 
-async def test_a_load_whose_runtime_is_scaled_in_while_it_runs_fails_naming_the_nodes_a_rerun_fills_the_worker(
+async def test_a_load_whose_runtime_is_scaled_in_while_it_runs_moves_the_nodes_parts_to_the_worker_and_completes(
         bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path) -> None:
     """``shoal scale runtime --replicas 1`` while a ``replicas: 2`` load of three workers runs (the store holds every
     GET, so no part can be done): the two nodes scaled out still serve the dataset, and went on fetching their
-    parts into caches no reader's route asks, the load ending Complete with blocks off the one worker. Now the run
-    fails naming them, every part is cancelled at once, and a load run again puts every block on the worker."""
+    parts into caches no reader's route asks, the load ending Complete with blocks off the one worker; then it
+    failed, asking to run it again, where the same scale-in seen after their parts finished completed. Now their
+    parts are cancelled on those nodes only, their blocks are planned again for the worker, and the load completes
+    with every block on it."""
     async with three(bus, settings, seaweedfs, bucket, tmp_path) as (_cluster, store, ring), loader(settings):
         entries = await manifest(bus, CLUSTER_NAME)
         train = blocks_under(entries, "train/")
@@ -385,7 +387,7 @@ async def test_a_load_whose_runtime_is_scaled_in_while_it_runs_fails_naming_the_
         async def collect(msg: Any) -> None:
             progress = msgspec.json.decode(msg.data)
             if progress["done"] and progress["run"] == "dataload.default.scaled.1":
-                finals[progress["node"]] = progress
+                finals.setdefault(progress["node"], progress)
 
         subscriptions = [await bus.nc.subscribe(subjects.task_progress(node), cb=collect) for node in THREE]
         store.hold()
@@ -405,25 +407,21 @@ async def test_a_load_whose_runtime_is_scaled_in_while_it_runs_fails_naming_the_
             return workers if len(workers) == 1 else None
 
         (worker,) = await eventually(one_worker, 30, "the runtime scaled in to one worker")
-        left = sorted(with_parts - {worker})
-        failed = await phase_of(bus, "Failed", "scaled")
-        assert failed.status.message.startswith(f"nodes {', '.join(left)} are no longer a cache worker of runtime "
-                                                f"default/{CLUSTER_NAME}"), failed.status.message
+        left = with_parts - {worker}
 
-        async def all_cancelled() -> dict[str, dict[str, Any]] | None:
-            return finals if set(finals) == with_parts else None
+        async def left_cancelled() -> dict[str, dict[str, Any]] | None:
+            return finals if left <= set(finals) else None
 
-        # 30 s: a part that missed the cancel (core NATS, under load) stops when it next finds its run gone.
-        await eventually(all_cancelled, 30, f"the final progress of every part ({sorted(with_parts)})")
-        assert {node: p["message"] for node, p in finals.items()} == dict.fromkeys(with_parts, "cancelled")
+        # 30 s: a part that missed the cancel (core NATS, under load) would go on, held by the store.
+        await eventually(left_cancelled, 30, f"the final progress of the parts of {sorted(left)}")
+        assert {node: finals[node]["message"] for node in left} == dict.fromkeys(left, "cancelled")
+        assert worker not in finals, "the worker's part goes on"
+        store.release()
+        done = await finished(bus, "scaled")
         for subscription in subscriptions:
             await subscription.unsubscribe()
-        store.release()
-
-        await bus.publish(subjects.DATALOAD_APPLY, dataload("again", dataset=CLUSTER_NAME,
-                                                            target=[TargetPath(path="/train")]))
-        await finished(bus, "again")
         assert cached(await snapshot(bus, worker, CLUSTER_NAME)) == pairs(train), "every block on the one worker"
+        assert done.status.progress.bytes_done == done.status.progress.bytes_total
 
 
 @pytest.mark.parametrize("finished_while_down", [True, False], ids=["agent-done-while-down", "agent-done-after"])

@@ -57,6 +57,7 @@ from libs.events.operation import (
     OperationRef,
     TargetPath,
     TaskCancel,
+    TaskPartsCancel,
     TaskProgress,
 )
 from libs.events.runtime import (
@@ -163,8 +164,8 @@ class ScriptedAgent:
     final report of a part is lost (kept in ``lost``) and the part acknowledged, as a mount process that gave up on
     a part and failed to publish its final report leaves it (the server delivers it no more). Like a mount
     process, it skips (acks without work) a part whose run the operation's record does not show as current and
-    Executing, or whose run a ``TaskCancel`` named; a held part of a cancelled run ends at once with a final
-    "cancelled"."""
+    Executing, or whose run a ``TaskCancel`` named (or the part a ``TaskPartsCancel`` named on its node); a held part
+    of a cancelled run ends at once with a final "cancelled"."""
 
     bus: Bus
     nodes: list[str]
@@ -177,12 +178,17 @@ class ScriptedAgent:
     tasks: dict[str, NodeTask] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)  # parts of a run that is not current
     cancelled: set[str] = field(default_factory=set)  # runs a TaskCancel named
+    cancelled_parts: set[tuple[str, str, int]] = field(default_factory=set)  # (run, node, part) a TaskPartsCancel named
     _workers: list[asyncio.Task[None]] = field(default_factory=list)
     _cancels: Any = None
 
     async def start(self) -> None:
         async def on_cancel(msg: Any) -> None:
-            self.cancelled.add(msgspec.json.decode(msg.data, type=TaskCancel).run)
+            cancel = msgspec.json.decode(msg.data, type=TaskCancel | TaskPartsCancel)
+            if isinstance(cancel, TaskCancel):
+                self.cancelled.add(cancel.run)
+            else:
+                self.cancelled_parts |= {(cancel.run, cancel.node, part) for part in cancel.parts}
 
         self._cancels = await self.bus.nc.subscribe(subjects.TASK_CANCEL, cb=on_cancel)
         for node in self.nodes:
@@ -221,7 +227,7 @@ class ScriptedAgent:
             for message in messages:
                 task = msgspec.json.decode(message.data, type=NodeTask)
                 self.seen.append((task.id, message.metadata.sequence.stream))
-                if task.run not in self.cancelled and await self._current(task.run):
+                if not self._cancelled(task) and await self._current(task.run):
                     self.tasks[task.id] = task
                     await self._do(task)
                 else:
@@ -243,8 +249,8 @@ class ScriptedAgent:
                                 blocks_done=count // 2, bytes_done=total // 2)
         await self.bus.publish(subjects.task_progress(task.node), progress)
         if self.hold.is_set():
-            await eventually(lambda: self._released(task.run), timeout=60, what="agent released")
-        if task.run in self.cancelled:
+            await eventually(lambda: self._released(task), timeout=60, what="agent released")
+        if self._cancelled(task):
             final = msgspec.structs.replace(progress, id=f"{task.id}.1", done=True, message="cancelled")
             await self.bus.publish(subjects.task_progress(task.node), final)
             return
@@ -257,8 +263,11 @@ class ScriptedAgent:
             return
         await self.bus.publish(subjects.task_progress(task.node), final)
 
-    async def _released(self, run: str) -> bool:
-        return not self.hold.is_set() or run in self.cancelled
+    def _cancelled(self, task: NodeTask) -> bool:
+        return task.run in self.cancelled or (task.run, task.node, task.part) in self.cancelled_parts
+
+    async def _released(self, task: NodeTask) -> bool:
+        return not self.hold.is_set() or self._cancelled(task)
 
     def keys(self, run: str) -> set[str]:
         return {file.key for task in self.tasks.values() if task.run == run for file in task.blocks}
@@ -1855,6 +1864,45 @@ async def test_a_load_whose_ring_is_scaled_in_after_the_parts_gone_finished_comp
     assert on_others and {task.node for task in early.tasks.values()} == {"node-b", "node-c"}
     assert len(on_worker) == 48, f"{len(on_others - on_worker)} blocks of the nodes scaled in not on the worker"
     assert done.status.progress.bytes_done == done.status.progress.bytes_total
+
+
+@pytest.mark.parametrize("replicas", [1, 2])
+async def test_a_load_whose_ring_is_scaled_in_while_the_parts_gone_work_moves_them_to_the_worker_and_completes(
+        bus: Bus, nats_server: NatsServer, replicas: int) -> None:
+    """The runtime scaled in from three workers to one (the two others still serve the dataset) while the parts of
+    the two still worked: the run failed ("run the load again"), where the same scale-in seen once those parts had
+    finished replans them and completes. Now their parts are cancelled on those two nodes only and their blocks
+    planned again for the worker, and the load completes with every block on it; the worker's own part goes on."""
+    await put_dataset(bus, files(*[(f"f{i}", 2 * BLOCK) for i in range(24)]))
+    await put_runtime(bus, NODES)
+    key = subjects.operation_key("DataLoad", "default", "warm")
+    async with agent(bus, NODES) as scripted, loader(nats_server):
+        scripted.hold.set()
+        await publish(bus, subjects.DATALOAD_APPLY, dataload(target=[TargetPath(path="/x", replicas=replicas)]))
+
+        async def all_working() -> bool:  # every node holds a part: none of them can be done
+            return {task.node for task in scripted.tasks.values()} == set(NODES)
+
+        await eventually(all_working, what="a part held on each of the three nodes")
+        planned = await run_state(bus, key)
+        assert planned is not None and len(planned.parts) == 3
+        await put_runtime(bus, NODES, workers=NODES[:1])  # scaled in: node-b and node-c serve, as workers no more
+
+        async def moved() -> set[tuple[str, str, int]] | None:
+            return scripted.cancelled_parts or None
+
+        cancelled = await eventually(moved, what="the parts of node-b and node-c cancelled there")
+        scripted.hold.clear()
+        done = await phase_of(bus, "Complete")
+    run = f"{key}.1"
+    assert cancelled == {(run, task.node, task.part) for task in scripted.tasks.values() if task.node != "node-a"}
+    assert run not in scripted.cancelled, "the run goes on: only the parts of the nodes scaled in are cancelled"
+    on_worker = {(file.key, index) for task in scripted.tasks.values() if task.node == "node-a"
+                 for file in task.blocks for index, _ in file.blocks}
+    assert len(on_worker) == 48, "every block of the load on the one worker"
+    assert done.status.message == ""
+    assert done.status.progress.bytes_done == done.status.progress.bytes_total
+    assert done.status.progress.files_done == done.status.progress.files_total == 24
 
 
 @pytest.mark.parametrize(("target", "serves_first"), [("", False), ("/x/d", True)], ids=["everything", "a-folder"])

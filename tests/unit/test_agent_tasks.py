@@ -16,7 +16,15 @@ from libs.blocks import BlockId
 from libs.events.agent import CachedFile
 from libs.events.common import ObjectMeta, ObjectRef
 from libs.events.dataset import Dataset, DatasetRecord, DatasetSpec, DatasetStatus, ManifestEntry
-from libs.events.operation import DataLoadSpec, DatasetRef, NodeTask, OperationRecord, OperationStatus
+from libs.events.operation import (
+    DataLoadSpec,
+    DatasetRef,
+    NodeTask,
+    OperationRecord,
+    OperationStatus,
+    TaskCancel,
+    TaskPartsCancel,
+)
 from services.agent.tasks import (
     CANCELLED_SECONDS,
     CHANGED,
@@ -245,3 +253,18 @@ def test_a_cancelled_run_is_remembered_as_long_as_its_parts_can_be_delivered_not
     assert runner._was_cancelled("dataload.default.warm.1", now)
     assert not runner._was_cancelled("dataload.default.warm.2", now)
     assert not runner._was_cancelled("dataload.default.warm.1", now + CANCELLED_SECONDS + 1)
+
+
+async def test_a_parts_cancel_skips_only_the_parts_it_names_on_its_node() -> None:
+    """The loader moved parts 1 and 2 of a run off node n (scaled in): those are skipped there, and a part of the
+    run it gets later (n a worker again) is not; another node's cancel of its parts changes nothing on n."""
+    runner = TaskRunner(cast(Any, None), "n", ObjectRef(name="ds"), cast(Any, None), cast(Any, None), dict,
+                        concurrency=1)
+    run = "dataload.default.warm.1"
+    await runner._on_cancel(TaskPartsCancel(run=run, node="other", parts=[0]))
+    assert not runner._was_cancelled(run, part=0)
+    await runner._on_cancel(TaskPartsCancel(run=run, node="n", parts=[1, 2]))
+    assert runner._was_cancelled(run, part=1) and runner._was_cancelled(run, part=2)
+    assert not runner._was_cancelled(run, part=3) and not runner._was_cancelled(run)
+    await runner._on_cancel(TaskCancel(run=run))
+    assert runner._was_cancelled(run, part=3)

@@ -1033,18 +1033,26 @@ def test_nodes_gone_are_those_with_parts_not_done_that_are_not_ready() -> None:
 
 def test_a_load_whose_ring_node_with_work_left_stays_a_ready_node_but_no_worker_has_left_its_ring() -> None:
     """Scaled in from a, b, c to a: b and c still serve (ready nodes) and would fetch their parts into caches no
-    reader's route asks. A node that is no ready node at all is waited for (``nodes_gone``), not failed at once."""
+    reader's route asks. With a ring left their parts move to it (``scaled_in``); without one the run fails
+    (``ring_left``). A node that is no ready node at all is waited for (``nodes_gone``), not failed at once."""
     state = domain.RunState(run="r.1", stage="executing", ring=["a", "b", "c", "d"], parts=[
         domain.PartState(node="a"), domain.PartState(node="b"), domain.PartState(node="c"),
         domain.PartState(node="d")])
 
-    def runtime(workers: list[str], ready: list[str]) -> RuntimeRecord:
+    def runtime(workers: list[str], ready: list[str], peers: bool = False) -> RuntimeRecord:
         return RuntimeRecord(runtime=Runtime(metadata=ObjectMeta(name="data")), generation=1, status=RuntimeStatus(
-            ready_nodes=ready, workers=[CacheWorker(node=node, ready=True) for node in workers]))
+            ready_nodes=ready, workers=[CacheWorker(node=node, ready=True, peer_url=f"http://{node}" if peers else "")
+                                        for node in workers]))
 
-    scaled_in = runtime(["a"], ["a", "b", "c"])
+    with_ring = runtime(["a"], ["a", "b", "c"], peers=True)
+    assert domain.scaled_in(record(), state, with_ring) == ["b", "c"]
+    assert domain.ring_left(record(), state, with_ring) is None, "a ring is left: the parts move to it"
+    assert domain.moved_parts(state, domain.scaled_in(record(), state, with_ring)) == [1, 2]
+    scaled_in = runtime(["a"], ["a", "b", "c"])  # a worker, but not serving peers yet: no ring to move them to
+    assert domain.scaled_in(record(), state, scaled_in) == ["b", "c"]
     left = domain.ring_left(record(), state, scaled_in)
     assert left is not None and left.startswith("nodes b, c are no longer a cache worker of runtime default/data")
+    assert "no ready cache worker is left" in left
     one = domain.ring_left(record(), state, runtime(["a", "c", "d"], ["a", "b", "c"]))
     assert one is not None and one.startswith("node b is no longer"), one
     assert domain.ring_left(record(), state, runtime(["a", "b", "c", "d"], ["a", "b", "c", "d"])) is None
@@ -1055,6 +1063,33 @@ def test_a_load_whose_ring_node_with_work_left_stays_a_ready_node_but_no_worker_
     clean = OperationRecord(kind="DataClean", metadata=ObjectMeta(name="drop"),
                             clean=DataCleanSpec(dataset=DatasetRef(name="data")))
     assert domain.ring_left(clean, state, scaled_in) is None, "a clean frees every node, worker or not"
+
+
+def test_moved_parts_end_done_keeping_what_their_node_did_and_leave_their_files_to_the_other_parts() -> None:
+    """A part moved off a node scaled in ends done with no block failed, its bytes as planned what its node did (so
+    the run's progress reaches its total), and its files done as far as it is concerned: each is done once the
+    parts planned again for the worker report it. A later report of the moved part changes nothing."""
+    plan = domain.plan_load("op.1", ObjectRef(name="d"), [entry(f"/x/f{i}", 200) for i in range(6)],
+                            dict.fromkeys(range(6), 1), ["a", "b"], ["a", "b"], 100)
+    state = domain.RunState(run="op.1", stage="executing", ring=["a", "b"], parts=domain.parts_state(plan))
+    moving = domain.moved_parts(state, ["b"])
+    assert moving and all(state.parts[i].node == "b" for i in moving)
+    worked = domain.fold_into(state.parts, moving[0], TaskProgress(
+        run="op.1", part=moving[0], node="b", blocks_done=1, bytes_done=100, failed=1, message="store down"))
+    assert worked is not None
+    parts = domain.move_parts(plan, worked, moving)
+    moved = parts[moving[0]]
+    assert (moved.done, moved.moved, moved.failed, moved.message) == (True, True, 0, "")
+    assert (moved.bytes_done, moved.bytes_total, moved.blocks) == (100, 100, 1)
+    assert domain.fold_part(moved, TaskProgress(run="op.1", part=moving[0], node="b", blocks_done=4, bytes_done=400,
+                                                done=True, message="cancelled")) == moved
+    replanned = domain.replan_load(plan, ["a"])
+    parts = [*parts, *domain.parts_state(replanned)[len(parts):]]
+    assert domain.files_done(replanned, parts) < 6, "the files of b wait for the parts planned again on a"
+    finished = [msgspec.structs.replace(part, done=True, files_done_bits=domain.files_bits(
+        range(len(replanned.parts[i].file_ids)))) if not part.done else part for i, part in enumerate(parts)]
+    assert domain.files_done(replanned, finished) == 6
+    assert domain.outcome(msgspec.structs.replace(state, parts=finished)) == ("Complete", "")
 
 
 def test_a_task_stream_goes_once_its_node_was_gone_long_enough_and_no_unfinished_part_waits_on_it() -> None:
