@@ -113,8 +113,14 @@ TASK_PROGRESS = "shoal.task.progress.*"
 TASK_CANCEL = "shoal.ctl.task.cancel"
 
 
-def node_task(node: str, namespace: str, name: str) -> str:
-    return f"{TASK_PREFIX}.{node_token(node)}.{namespace}.{name}"
+def node_task(node: str, namespace: str, name: str, incarnation: str) -> str:
+    """The parts for one life (``DatasetRecord.incarnation``) of a dataset on one node. One subject per life: a mount's
+    new durable (``task_durable``, of that life too) delivers every part still in the node's stream for its life,
+    those published before the mount started included, and none of an earlier life of the name, which the stream
+    keeps for a day (a durable of the dataset's one subject replayed each, skipped only after a KV read). A dataset
+    record from before incarnations ("") has the dataset's subject alone."""
+    subject = f"{TASK_PREFIX}.{node_token(node)}.{namespace}.{name}"
+    return f"{subject}.{incarnation}" if incarnation else subject
 
 
 def node_tasks(node: str) -> str:
@@ -149,13 +155,16 @@ def task_progress(node: str) -> str:
     return f"{TASK_PROGRESS_PREFIX}.{node_token(node)}"
 
 
-def task_durable(node: str, namespace: str, name: str) -> str:
-    """The durable consumer of one mount process's tasks (kept across its restarts, so a part resumes).
+def task_durable(node: str, namespace: str, name: str, incarnation: str) -> str:
+    """The durable consumer of one mount process's tasks (kept across its restarts, so a part resumes), for one life
+    of the dataset (``node_task``'s): a dataset deleted and applied again is another durable, with its own filter.
 
-    Namespace and name are joined with '_', which no DNS label holds, so no two datasets share a durable: joined with
-    '-', ``ml``/``prod-x`` and ``ml-prod``/``x`` were both ``...-ml-prod-x``, and the second mount process bound to the
-    first one's durable (with its filter), dropped that dataset's parts as another mount's and never got its own."""
-    return f"tasks-{node_token(node)}_{namespace}_{name}"
+    Namespace, name and incarnation are joined with '_', which no DNS label nor incarnation holds, so no two datasets
+    share a durable: joined with '-', ``ml``/``prod-x`` and ``ml-prod``/``x`` were both ``...-ml-prod-x``, and the
+    second mount process bound to the first one's durable (with its filter), dropped that dataset's parts as another
+    mount's and never got its own."""
+    durable = f"tasks-{node_token(node)}_{namespace}_{name}"
+    return f"{durable}_{incarnation}" if incarnation else durable
 
 
 # --- Scheduler: core NATS request/reply (ScoreRequest → ScoreReply). ---

@@ -290,7 +290,8 @@ class MountedDataset:
         runner = TaskRunner(self.bus, self.settings.agent.node_name, ObjectRef(name=self.name,
                                                                                namespace=self.namespace),
                             cache, reader, lambda: self.entries, self.settings.agent.load_concurrency,
-                            serving=lambda: self.manifest_version, warmed=self.metrics.warmup_bytes.inc)
+                            serving=lambda: self.manifest_version, warmed=self.metrics.warmup_bytes.inc,
+                            incarnation=record.incarnation)
         self.tasks = runner
         tasks_task = asyncio.create_task(runner.run())
         # Failed reads go to the status file (the agent's heartbeat, the runtime's ReadsFailing condition).
@@ -354,8 +355,10 @@ class MountedDataset:
             if self.deleted or self.recreated or await self._dataset_gone():
                 purged = await cache.purge_async()  # evictions reach the inventory's last delta
                 log.info("dataset deleted, cache freed", dataset=self.shown, blocks=purged)
-                # The task durable stays (``TaskRunner.run``): the dataset applied again, now or later, resumes after
-                # the parts of this life, which a new durable delivering all of them would each replay.
+                # Its task durable goes too, rather than stay on the server until its inactive threshold (a day): it
+                # is this life's (``subjects.task_durable``), and the dataset applied again is another life, with a
+                # durable and a subject of its own.
+                await runner.forget()
             else:  # nothing writes now: the next start reads this instead of opening every block file
                 indexed = await asyncio.to_thread(cache.save_index, block_size)
                 log.info("cache index written", dataset=self.shown, blocks=indexed)

@@ -88,11 +88,10 @@ CURRENT_CHECK_SECONDS = 5.0
 # a restart or a clean stop each count one. The last delivery is not executed but reported (``given_up``): the
 # server delivers the part no more, and a part the loader never hears of again leaves its run Executing for ever.
 MAX_DELIVER = 20
-# A durable nobody pulled from for a day (its dataset unmounted from this node) is dropped by the server; the
-# stream keeps tasks for a day too, so nothing it could still deliver is lost. A dataset deleted keeps its durable
-# until then: applied again within the day, its mount resumes after the deleted life's parts (a new durable,
-# delivering all, replayed each of them, skipped only after a KV read), and gets the parts of its new life the
-# loader published before the mount started. After the day, the stream has dropped those old parts too.
+# A durable nobody pulled from for a day (its dataset unmounted from this node, its mount process down) is dropped by
+# the server; the stream keeps tasks for a day too, so nothing it could still deliver is lost. A durable is one life's
+# of the dataset (``subjects.task_durable``): its mount process deletes it when the dataset is deleted
+# (``TaskRunner.forget``), and this threshold drops those it could not (the process was down then).
 INACTIVE_SECONDS = DAY
 # How long one pull waits for a part before looking at ``stop`` again.
 FETCH_SECONDS = 1.0
@@ -303,7 +302,7 @@ class TaskRunner:
     def __init__(self, bus: Bus, node: str, dataset: ObjectRef, cache: BlockCache, reader: BlockReader,
                  entries: Callable[[], Mapping[tuple[int, str], ManifestEntry]], concurrency: int,
                  serving: Callable[[], ManifestVersion] | None = None,
-                 warmed: Callable[[int], None] | None = None) -> None:
+                 warmed: Callable[[int], None] | None = None, incarnation: str = "") -> None:
         self.bus = bus
         # Told the bytes of each block a load fetched into the cache (the WARMUP_BYTES counter of /metrics).
         self.warmed = warmed
@@ -316,8 +315,9 @@ class TaskRunner:
         # The version of the manifest behind ``entries`` (``manifest_version``); None: never wait for a newer one.
         self.serving = serving
         self._reloaded = asyncio.Event()
-        self.subject = subjects.node_task(node, dataset.namespace, dataset.name)
-        self.durable = subjects.task_durable(node, dataset.namespace, dataset.name)
+        # The parts of the dataset's life this mount serves (``DatasetRecord.incarnation``), and none of another's.
+        self.subject = subjects.node_task(node, dataset.namespace, dataset.name, incarnation)
+        self.durable = subjects.task_durable(node, dataset.namespace, dataset.name, incarnation)
         self.stream = subjects.task_stream(node)
         self._stopping = asyncio.Event()
         self._running: _Running | None = None
@@ -400,12 +400,26 @@ class TaskRunner:
             max_deliver=MAX_DELIVER,
             max_ack_pending=1,  # one part at a time
             filter_subject=self.subject,
-            # Parts published before this mount's first start are for it too (the KV check skips stale ones). Made
-            # once per dataset and node: a dataset deleted and applied again uses the durable it left, so this
-            # delivers again only what a first mount, or one after a day unused, finds in the stream.
+            # Parts published before this mount's first start are for it too: the loader may plan a run before the
+            # mount started. Made once per life of the dataset on the node, on that life's subject, so this delivers
+            # no part of an earlier life (a dataset deleted and applied again): only, after a day unused, parts of
+            # this life that finished runs left in the stream (the KV check skips them).
             deliver_policy=js_api.DeliverPolicy.ALL,
             inactive_threshold=INACTIVE_SECONDS,
         )
+
+    async def forget(self) -> None:
+        """Delete this mount's durable (its dataset was deleted, and with it this life's parts): the server kept it
+        for ``INACTIVE_SECONDS``. One not deleted (NATS away) goes at that threshold."""
+        try:
+            await self.bus.js.delete_consumer(self.stream, self.durable)
+        except NotFoundError:
+            pass  # never made (no task stream yet), or gone already
+        except Exception as err:
+            log.warning("task durable of a deleted dataset not deleted; the server drops it after a day unused",
+                        dataset=self._key, durable=self.durable, error=repr(err))
+        else:
+            log.info("task durable of a deleted dataset deleted", dataset=self._key, durable=self.durable)
 
     async def _wait(self, seconds: float, wake: asyncio.Event | None = None) -> None:
         """``seconds``, or less if stopped or ``wake`` is set."""

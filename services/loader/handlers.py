@@ -816,7 +816,7 @@ class LoaderHandlers:
         for planned, part in zip(plan.parts, state.parts, strict=True):
             if part.done:
                 continue
-            problem = await self._publish_part(planned.task)
+            problem = await self._publish_part(planned.task, state.dataset_incarnation)
             if problem:
                 await self._finish(key, "Failed", problem)
                 return False
@@ -826,13 +826,15 @@ class LoaderHandlers:
             log.info("run resumed", run=state.run, parts_republished=republished)
         return True
 
-    async def _publish_part(self, task: NodeTask) -> str:
-        """Publish one part into its node's task stream (made first if need be); why it cannot be, or ""."""
+    async def _publish_part(self, task: NodeTask, incarnation: str) -> str:
+        """Publish one part into its node's task stream (made first if need be), on the subject of the dataset's
+        life the run started on (``incarnation``); why it cannot be, or ""."""
         problem = await self._task_stream(task.node)
         if problem:
             return problem
         try:
-            await self.bus.publish(subjects.node_task(task.node, task.dataset.namespace, task.dataset.name), task)
+            await self.bus.publish(subjects.node_task(task.node, task.dataset.namespace, task.dataset.name,
+                                                      incarnation), task)
         except NoRespondersError:
             # No stream took the part: the node's was deleted since this process made it. The next tick makes it
             # again and publishes the run's parts again (the ones already in are deduplicated by their ids).
@@ -883,7 +885,7 @@ class LoaderHandlers:
         # After the state: a loader stopped before this tells those nodes again as it resumes (``_publish_parts``).
         await self._cancel_moved(state, moved)
         for planned in added:
-            problem = await self._publish_part(planned.task)
+            problem = await self._publish_part(planned.task, state.dataset_incarnation)
             if problem:
                 return "Failed", problem
         log.info("ring changed under the load: blocks planned again for their new owners", run=state.run,

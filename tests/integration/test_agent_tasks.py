@@ -17,6 +17,7 @@ others once.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import signal
@@ -52,7 +53,7 @@ from libs.manifest import ManifestStore
 from services.agent import tasks
 from tests.conftest import SeaweedServer, put_objects
 from tests.faults import HttpProxy
-from tests.helpers import eventually, json_lines
+from tests.helpers import dataset_record, eventually, json_lines
 from tests.integration.agent_stack import (
     NODE,
     InventoryWatch,
@@ -117,11 +118,20 @@ class Loader:
         return CachedFile(entry.mount, key, etag or entry.etag,
                           [(i, block_span(entry.size, BLOCK, i)[1]) for i in chosen])
 
+    async def incarnation(self) -> str:
+        """The life of the dataset its record shows now (its parts' subject and its mount's durable are that life's)."""
+        return (await self.node.record(NAME)).incarnation
+
     async def publish(self, run: str, action: TaskAction, blocks: list[CachedFile], part: int = 0,
-                      **extra: Any) -> None:
+                      incarnation: str | None = None, **extra: Any) -> None:
+        """A part of ``run`` on the subject of the dataset's ``incarnation`` (None: the one its record shows)."""
         task = NodeTask(id=f"{run}.{part}", run=run, part=part, parts=part + 1, node=NODE,
                         dataset=ObjectRef(name=NAME), action=action, blocks=blocks, **extra)
-        await self.bus.publish(subjects.node_task(NODE, "default", NAME), task)
+        life = await self.incarnation() if incarnation is None else incarnation
+        await self.bus.publish(subjects.node_task(NODE, "default", NAME, life), task)
+
+    async def durable(self) -> str:
+        return subjects.task_durable(NODE, "default", NAME, await self.incarnation())
 
     async def final(self, run: str, part: int = 0, timeout: float = 20.0) -> TaskProgress:
         async def probe() -> TaskProgress | None:
@@ -165,18 +175,13 @@ def size(file: CachedFile) -> int:
 async def loader_stack(bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path,
                        max_deliver: int | None = None, task_stream: bool = True,
                        **agent_options: Any) -> AsyncIterator[Loader]:
-    """``max_deliver``: the mount's durable is made before the mount process starts, with this ``max_deliver``
-    (the process uses a durable it finds as it is, as after a change of ``tasks.MAX_DELIVER``). ``task_stream``:
-    the node's task stream is made before the mount process starts (otherwise the test makes it)."""
+    """``max_deliver``: the mount's durable is changed to this ``max_deliver`` once the mount process made it (a
+    process started after uses the durable it finds as it is, as after a change of ``tasks.MAX_DELIVER``; the durable
+    is the dataset's life's, named once the dataset is applied). ``task_stream``: the node's task stream is made
+    before the mount process starts (otherwise the test makes it)."""
     await put_objects(seaweedfs, bucket, OBJECTS)
     if task_stream or max_deliver is not None:
         await bus.provision_node_tasks(NODE)  # what the loader does before the node's first part
-    if max_deliver is not None:
-        subject = subjects.node_task(NODE, "default", NAME)
-        await bus.js.add_consumer(subjects.task_stream(NODE), js_api.ConsumerConfig(
-            durable_name=subjects.task_durable(NODE, "default", NAME), ack_policy=js_api.AckPolicy.EXPLICIT,
-            ack_wait=tasks.ACK_WAIT_SECONDS, max_deliver=max_deliver, max_ack_pending=1, filter_subject=subject,
-            deliver_policy=js_api.DeliverPolicy.ALL, inactive_threshold=tasks.INACTIVE_SECONDS))
     store = PassingProxy(seaweedfs.endpoint)
     await store.start()
     try:
@@ -186,6 +191,16 @@ async def loader_stack(bus: Bus, settings: Settings, seaweedfs: SeaweedServer, b
             record = await node.record(NAME)
             entries = await (await ManifestStore.of(bus)).load(record.status.manifest)
             loader = Loader(bus, node, store, bucket, {entry.key: entry for entry in entries})
+            if max_deliver is not None:
+                stream, durable = subjects.task_stream(NODE), await loader.durable()
+
+                async def made() -> js_api.ConsumerInfo | None:
+                    with contextlib.suppress(NotFoundError):
+                        return await bus.js.consumer_info(stream, durable)
+                    return None
+
+                info = await eventually(made, what="the mount's task durable")
+                await bus.js.add_consumer(stream, dataclasses.replace(info.config, max_deliver=max_deliver))
 
             async def collect(msg: Any) -> None:
                 loader.progress.append(msgspec.json.decode(msg.data, type=TaskProgress))
@@ -349,15 +364,17 @@ async def test_a_part_whose_run_is_not_current_is_skipped(
 async def test_a_dataset_deleted_and_applied_again_is_delivered_its_new_parts_and_none_of_its_old_life(
         bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path,
         capfd: pytest.CaptureFixture[str]) -> None:
-    """A deleted dataset's mount process deleted its durable, and the dataset applied again made a new one that
-    delivers every part still in the node's task stream (kept a day): each part of the deleted life came again, and
-    was skipped only after a KV read. Now the new life's mount resumes where the old one stopped, and still gets the
-    part the loader published for it before the mount process started."""
+    """A dataset's parts were all on one subject, and its durable delivered all of them once made: the parts of a
+    deleted life still in the node's task stream (kept a day) that no durable had taken (published after its mount
+    process stopped, by a loader that had not seen the delete yet) came again to the new life's mount, each skipped
+    only after a KV read; and the deleted life's durable stayed on the server for a day. Now parts and durables are
+    per life: the deleted life's durable goes with its mount, and the new life's mount gets the part the loader
+    published for it before the mount process started, and none of the old life's."""
     async with loader_stack(bus, settings, seaweedfs, bucket, tmp_path) as loader:
         old = await loader.operation("old")
-        for part in range(3):
-            await loader.publish(old, "load", [loader.blocks("c.bin")], part=part)
-        await loader.final(old, part=2)
+        old_life, old_durable = await loader.incarnation(), await loader.durable()
+        await loader.publish(old, "load", [loader.blocks("c.bin")], part=0)
+        await loader.final(old, part=0)
         await loader.operation("old", phase="Failed")  # as the loader fails a run whose dataset is deleted
         mountpoint = loader.node.mountpoint(NAME)
         await bus.publish(subjects.DATASET_DELETE, DatasetDelete(name=NAME))
@@ -366,16 +383,26 @@ async def test_a_dataset_deleted_and_applied_again_is_delivered_its_new_parts_an
             return not mount_pids(mountpoint)
 
         await eventually(stopped, timeout=30, what="the deleted dataset's mount process ended")
+        with pytest.raises(NotFoundError):  # it went with its mount, not a day later
+            await bus.js.consumer_info(subjects.task_stream(NODE), old_durable)
+        for part in range(1, 4):  # no mount takes these: the loader planned them before it saw the delete
+            await loader.publish(old, "load", [loader.blocks("c.bin")], part=part, incarnation=old_life)
         capfd.readouterr()  # the old life's output
         new = await loader.operation("new")
         await loader.node.apply(NAME, bucket, endpoint=loader.store.endpoint)
+
+        async def new_life() -> str | None:
+            record = await dataset_record(bus, NAME)
+            return record.incarnation if record is not None and record.incarnation != old_life else None
+
+        await eventually(new_life, what="the dataset's new life")
         await loader.publish(new, "load", [loader.blocks("c.bin")])  # before the new life's mount process starts
         await loader.node.wait_mounted(NAME, expect="data/b.bin")
         final = await loader.final(new)
         events = json_lines(capfd.readouterr().err)
     assert (final.failed, final.bytes_done, final.bytes_skipped) == (0, MiB, 0), final  # its cache went with it
     replayed = [line for line in events if line.get("event") == "part skipped: its run is not current"]
-    assert replayed == [], f"parts of the deleted life delivered again: {replayed}"
+    assert len(replayed) == 0, f"{len(replayed)} parts of the deleted life delivered again: {replayed}"
 
 
 async def test_task_cancel_stops_a_running_part(
@@ -532,12 +559,11 @@ async def test_a_final_report_the_stream_refuses_is_published_again_until_it_is_
         finals = await eventually(reported, timeout=30, what="the final report in the stream")
 
         async def acknowledged() -> bool:
-            info = await bus.js.consumer_info(subjects.task_stream(NODE),
-                                              subjects.task_durable(NODE, "default", NAME))
+            info = await bus.js.consumer_info(subjects.task_stream(NODE), await loader.durable())
             return info.num_ack_pending == 0 and info.num_pending == 0
 
         await eventually(acknowledged, what="the part acknowledged")
-        consumer = await bus.js.consumer_info(subjects.task_stream(NODE), subjects.task_durable(NODE, "default", NAME))
+        consumer = await bus.js.consumer_info(subjects.task_stream(NODE), await loader.durable())
     [final] = finals
     assert (final.failed, final.blocks_done, final.bytes_done, final.bytes_skipped) == \
         (0, len(file.blocks), size(file), 0), final

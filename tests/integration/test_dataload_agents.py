@@ -631,7 +631,10 @@ async def test_a_clean_right_after_a_cancelled_load_frees_the_blocks_the_load_st
         assert (await delete_a_load_mid_fetch(bus, stack.store))["message"] == "cancelled"
         await bus.publish(subjects.DATACLEAN_APPLY, DataCleanApply(data_clean=DataClean(
             metadata=ObjectMeta(name="all"), spec=DataCleanSpec(dataset=DatasetRef(name=NAME)))))
-        stream, durable = subjects.task_stream(NODE), subjects.task_durable(NODE, "default", NAME)
+        record = await dataset_record(bus, NAME)
+        assert record is not None
+        life = record.incarnation
+        stream, durable = subjects.task_stream(NODE), subjects.task_durable(NODE, "default", NAME, life)
 
         async def clean_taken() -> bool:
             record = await operation(bus, "all", "DataClean")

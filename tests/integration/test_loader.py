@@ -200,11 +200,13 @@ class ScriptedAgent:
             await self._cancels.unsubscribe()
 
     async def _subscribe(self, node: str) -> Any:
-        """The node's durable, on the node's task stream once the loader has made it (as a mount process waits)."""
-        subject = subjects.node_task(node, "default", self.dataset)
-        config = js_api.ConsumerConfig(durable_name=subjects.task_durable(node, "default", self.dataset),
+        """The node's durable, on the node's task stream once the loader has made it (as a mount process waits).
+        Unlike a mount process's, of every life of the dataset (``subjects.node_task``): a test may delete and apply
+        it again under one stand-in."""
+        subject = subjects.node_task(node, "default", self.dataset, "")
+        config = js_api.ConsumerConfig(durable_name=subjects.task_durable(node, "default", self.dataset, ""),
                                        ack_policy=js_api.AckPolicy.EXPLICIT, ack_wait=120.0,
-                                       filter_subject=subject, max_ack_pending=1)
+                                       filter_subjects=[subject, f"{subject}.>"], max_ack_pending=1)
         while True:
             try:
                 return await self.bus.js.pull_subscribe(subject, durable=config.durable_name,
@@ -2356,7 +2358,7 @@ async def test_an_upgrade_from_the_shared_task_stream_moves_the_parts_to_the_nod
     out with the stream's max_age; the loader publishes an unfinished run's parts again when it starts)."""
     await bus.js.delete_stream(subjects.STREAM_TASKS)
     await bus.js.add_stream(js_api.StreamConfig(name=subjects.STREAM_TASKS, subjects=["shoal.task.>"], max_age=DAY))
-    await bus.js.publish(subjects.node_task("node-a", "default", "data"), b"{}")
+    await bus.js.publish(subjects.node_task("node-a", "default", "data", ""), b"{}")
     await put_dataset(bus, files(("a", BLOCK), ("b", BLOCK)))
     await put_runtime(bus, NODES)
     async with loader(nats_server), agent(bus, NODES):

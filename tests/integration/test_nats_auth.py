@@ -89,6 +89,8 @@ from tests.secrets import credentials_from, secret_files
 
 NODE = "node-a"
 OTHER_NODE = "node-b"
+# A life of a dataset (``DatasetRecord.incarnation``): its parts' subject and durable name it.
+LIFE = "4f9c2a7e1b3d5c6a"
 T = TypeVar("T")
 AGENT_USER = natsauth.user_name(natsauth.AGENT, NODE)
 OTHER_AGENT_USER = natsauth.user_name(natsauth.AGENT, OTHER_NODE)
@@ -797,14 +799,14 @@ async def test_a_kind_is_refused_another_kinds_durable_and_nothing_happens(
         # An agent makes consumers of its own node's tasks only: not of another node's, not of the progress.
         await loader.provision_node_tasks(NODE)
         own = subjects.task_stream(NODE)
-        other = subjects.node_task(OTHER_NODE, "default", "d")
+        other = subjects.node_task(OTHER_NODE, "default", "d", LIFE)
         await refused(agent, natsauth.consumer_create_subject(own, "peek", other),
                       agent.js.add_consumer(own, durable_config("peek", other)))
         await refused(agent, f"$JS.API.CONSUMER.CREATE.{subjects.STREAM_TASKS}",
                       agent.js.add_consumer(subjects.STREAM_TASKS, js_api.ConsumerConfig(
                           filter_subject=subjects.TASK_PROGRESS)))
-        mine = subjects.task_durable(NODE, "default", "d")
-        await agent.js.add_consumer(own, durable_config(mine, subjects.node_task(NODE, "default", "d")))
+        mine = subjects.task_durable(NODE, "default", "d", LIFE)
+        await agent.js.add_consumer(own, durable_config(mine, subjects.node_task(NODE, "default", "d", LIFE)))
         await agent.js.delete_consumer(own, mine)
 
         # A service attached to a durable that is not its kind's says so at once (and creates nothing).
@@ -867,8 +869,8 @@ async def test_an_agent_is_refused_another_nodes_task_durable_and_nothing_happen
     try:
         loader, agent, owner = buses[natsauth.LOADER], buses[AGENT_USER], buses[OTHER_AGENT_USER]
         stream = subjects.task_stream(OTHER_NODE)
-        subject = subjects.node_task(OTHER_NODE, "default", "d")
-        durable = subjects.task_durable(OTHER_NODE, "default", "d")
+        subject = subjects.node_task(OTHER_NODE, "default", "d", LIFE)
+        durable = subjects.task_durable(OTHER_NODE, "default", "d", LIFE)
         # The loader makes node-b's stream and sends it a part; node-b's mount process makes its durable.
         await loader.provision_node_tasks(OTHER_NODE)
         await loader.publish(subject, local_dataset("a-part", tmp_path))
@@ -1088,8 +1090,8 @@ async def test_shoal_up_secure_keeps_each_agent_to_its_node_and_the_loader_to_th
 
         # Node 2's part, and its mount process's durable.
         stream = subjects.task_stream(theirs)
-        subject = subjects.node_task(theirs, "default", "d")
-        durable = subjects.task_durable(theirs, "default", "d")
+        subject = subjects.node_task(theirs, "default", "d", LIFE)
+        durable = subjects.task_durable(theirs, "default", "d", LIFE)
         await loader.publish(subject, local_dataset("a-part", tmp_path))
         await owner.js.add_consumer(stream, durable_config(durable, subject))
 

@@ -380,7 +380,7 @@ def subject_templates() -> set[str]:
     constants = {value for value in vars(subjects).values() if isinstance(value, str) and value.startswith("shoal.")}
     constants |= {value for value in subjects.OPERATION_COMMANDS}
     made = {subjects.agent_heartbeat(PLACEHOLDER), subjects.agent_inventory(PLACEHOLDER),
-            subjects.node_task(PLACEHOLDER, PLACEHOLDER, PLACEHOLDER), subjects.node_tasks(PLACEHOLDER),
+            subjects.node_task(PLACEHOLDER, PLACEHOLDER, PLACEHOLDER, PLACEHOLDER), subjects.node_tasks(PLACEHOLDER),
             subjects.task_progress(PLACEHOLDER), subjects.dead_letter(PLACEHOLDER, PLACEHOLDER)}
     return constants | made
 

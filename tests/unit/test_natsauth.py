@@ -15,6 +15,9 @@ from libs import bus, natsauth, subjects
 from libs.embedded import find_binary
 from libs.natsauth import AGENT, BRIDGE, CLI, DATASET, KINDS, LOADER, OBSERVER, RUNTIME, SCHEDULER, may_publish
 
+# A life of a dataset (``DatasetRecord.incarnation``): its parts' subject and durable name it.
+LIFE = "4f9c2a7e1b3d5c6a"
+
 
 def test_matching_follows_nats_wildcards() -> None:
     assert natsauth.matches("shoal.cmd.>", "shoal.cmd.dataset.apply")
@@ -30,7 +33,7 @@ def test_an_agent_publishes_its_own_events_and_no_command() -> None:
         assert not may_publish(AGENT, subject.replace("n1", "n2"), node="n1")  # another node's
         assert may_publish(AGENT, subject)  # the shared agent user of a DaemonSet: any node
     for subject in (subjects.DATASET_APPLY, subjects.DATASET_DELETE, subjects.RUNTIME_APPLY, subjects.DATALOAD_APPLY,
-                    subjects.DATASET_STATUS, subjects.node_task("n1", "default", "d"),
+                    subjects.DATASET_STATUS, subjects.node_task("n1", "default", "d", LIFE),
                     f"$KV.{subjects.KV_DATASETS}.default.d", f"$KV.{subjects.KV_AGENTS}.n1",
                     natsauth.stream_api("UPDATE", subjects.STREAM_COMMANDS),
                     natsauth.stream_api("CREATE", subjects.STREAM_COMMANDS),
@@ -46,9 +49,9 @@ def test_a_node_named_with_dots_is_one_token_of_its_subjects() -> None:
         assert may_publish(AGENT, subject, node=node)
         assert not may_publish(AGENT, subject, node="ip-10-0-1-24.ec2.internal")
     assert natsauth.matches(subjects.AGENT_HEARTBEATS, subjects.agent_heartbeat(node))
-    task = subjects.node_task(node, "default", "d")
-    assert natsauth.matches(f"{subjects.TASK_PREFIX}.*.default.d", task)
-    durable = subjects.task_durable(node, "default", "d")
+    task = subjects.node_task(node, "default", "d", LIFE)
+    assert natsauth.matches(f"{subjects.TASK_PREFIX}.*.default.d.*", task)
+    durable = subjects.task_durable(node, "default", "d", LIFE)
     assert "." not in durable
     stream = subjects.task_stream(node)
     assert "." not in stream
@@ -248,7 +251,7 @@ def test_the_reviewers_cases_are_refused() -> None:
         assert not may_publish(AGENT, f"{api}.MSG.NEXT.{subjects.STREAM_TASKS}.{subjects.DURABLE_LOADER_PROGRESS}",
                                node=node)
     # An agent pulls from, acks, looks up and deletes another node's task durable no more (docs/security.md).
-    theirs = f"{subjects.task_stream('n2')}.{subjects.task_durable('n2', 'default', 'd')}"
+    theirs = f"{subjects.task_stream('n2')}.{subjects.task_durable('n2', 'default', 'd', LIFE)}"
     for verb in ("MSG.NEXT", "INFO", "DELETE"):
         assert not may_publish(AGENT, f"{api}.{verb}.{theirs}", node="n1")
 
@@ -266,8 +269,8 @@ def test_every_durable_a_service_attaches_to_is_its_kinds() -> None:
 
 def test_an_agent_makes_consumers_of_its_nodes_tasks_only() -> None:
     stream = subjects.task_stream("n1")
-    mine = subjects.task_durable("n1", "default", "d")
-    create_mine = natsauth.consumer_create_subject(stream, mine, subjects.node_task("n1", "default", "d"))
+    mine = subjects.task_durable("n1", "default", "d", LIFE)
+    create_mine = natsauth.consumer_create_subject(stream, mine, subjects.node_task("n1", "default", "d", LIFE))
     assert may_publish(AGENT, create_mine, node="n1")
     assert may_publish(AGENT, create_mine)  # the DaemonSet's agent user: any node
     for subject in (natsauth.consumer_api("INFO", stream, mine), natsauth.consumer_api("MSG.NEXT", stream, mine),
@@ -276,7 +279,7 @@ def test_an_agent_makes_consumers_of_its_nodes_tasks_only() -> None:
         assert may_publish(AGENT, subject), subject
     refused = [
         # a consumer over another node's tasks, or over the progress, under any name
-        natsauth.consumer_create_subject(stream, mine, subjects.node_task("n2", "default", "d")),
+        natsauth.consumer_create_subject(stream, mine, subjects.node_task("n2", "default", "d", LIFE)),
         natsauth.consumer_create_subject(stream, "mine", subjects.TASK_PROGRESS),
         natsauth.consumer_create_subject(stream, "mine"), natsauth.consumer_create_subject(stream, "mine", ">"),
         # ephemeral (no filter in the subject), the legacy durable form, single messages of the stream
@@ -286,7 +289,7 @@ def test_an_agent_makes_consumers_of_its_nodes_tasks_only() -> None:
         *(natsauth.stream_api(verb, stream) for verb in ("CREATE", "UPDATE", "DELETE", "PURGE")),
         # the loader's durable on the progress stream, in any way
         *durable_subjects(subjects.STREAM_TASKS, subjects.DURABLE_LOADER_PROGRESS,
-                          subjects.node_task("n1", "default", "d")),
+                          subjects.node_task("n1", "default", "d", LIFE)),
         # any other stream's durables
         *durable_subjects(subjects.STREAM_COMMANDS, subjects.DURABLE_DATASET_COMMANDS),
     ]
@@ -297,17 +300,18 @@ def test_an_agent_makes_consumers_of_its_nodes_tasks_only() -> None:
 def test_an_agent_gets_nothing_of_another_nodes_task_consumers() -> None:
     """Every request about a consumer names its stream; a node's consumers are on the node's stream only."""
     theirs_stream = subjects.task_stream("n2")
-    theirs = subjects.task_durable("n2", "default", "d")
+    theirs = subjects.task_durable("n2", "default", "d", LIFE)
+    tasks_of = {node: subjects.node_task(node, "default", "d", LIFE) for node in ("n1", "n2")}
     for subject in (natsauth.consumer_api("INFO", theirs_stream, theirs),
                     natsauth.consumer_api("MSG.NEXT", theirs_stream, theirs),
                     natsauth.consumer_api("DELETE", theirs_stream, theirs),
-                    natsauth.consumer_create_subject(theirs_stream, theirs, subjects.node_task("n2", "default", "d")),
-                    natsauth.consumer_create_subject(theirs_stream, theirs, subjects.node_task("n1", "default", "d")),
+                    natsauth.consumer_create_subject(theirs_stream, theirs, tasks_of["n2"]),
+                    natsauth.consumer_create_subject(theirs_stream, theirs, tasks_of["n1"]),
                     f"$JS.ACK.{theirs_stream}.{theirs}.1.7.7.1.0",
                     f"$JS.ACK.dom.acc.{theirs_stream}.{theirs}.1.7.7.1.0",
                     natsauth.stream_api("INFO", theirs_stream)):
         assert not may_publish(AGENT, subject, node="n1"), subject
-        assert may_publish(LOADER, subjects.node_task("n2", "default", "d"))
+        assert may_publish(LOADER, subjects.node_task("n2", "default", "d", LIFE))
     # Node tokens never make one node's stream another's: a dotted name becomes underscores, never a prefix.
     assert subjects.task_stream("a.b") != subjects.task_stream("a")
 
@@ -318,7 +322,7 @@ def test_the_shared_agent_user_reaches_no_consumer_of_shoals_own_streams() -> No
     for stream in natsauth.ALL_STREAMS:
         for subject in (natsauth.consumer_api("MSG.NEXT", stream, "x"), natsauth.consumer_api("DELETE", stream, "x"),
                         f"$JS.ACK.{stream}.x.1.7.7.1.0", f"$JS.ACK.d.a.{stream}.x.1.7.7.1.0",
-                        natsauth.consumer_create_subject(stream, "x", subjects.node_task("n1", "default", "d"))):
+                        natsauth.consumer_create_subject(stream, "x", subjects.node_task("n1", "default", "d", LIFE))):
             assert not may_publish(AGENT, subject), subject
     assert may_publish(AGENT, natsauth.consumer_api("INFO", natsauth.kv_stream(subjects.KV_DATASETS), "watch"))
     assert not may_publish(AGENT, natsauth.consumer_api("INFO", subjects.STREAM_COMMANDS, "x"))
@@ -336,7 +340,7 @@ def test_the_loader_makes_the_nodes_task_streams() -> None:
         assert not may_publish(LOADER, natsauth.stream_api("PURGE", subjects.task_stream("n1")), nodes=nodes)
         for stream in natsauth.ALL_STREAMS:  # whatever the nodes: none of Shoal's own streams
             assert not may_publish(LOADER, natsauth.stream_api("DELETE", stream), nodes=nodes), stream
-        assert may_publish(LOADER, subjects.node_task("a.b", "default", "d"), nodes=nodes)
+        assert may_publish(LOADER, subjects.node_task("a.b", "default", "d", LIFE), nodes=nodes)
 
 
 def test_with_the_nodes_known_the_loader_makes_their_task_streams_and_no_other_stream() -> None:
@@ -347,7 +351,7 @@ def test_with_the_nodes_known_the_loader_makes_their_task_streams_and_no_other_s
             assert not may_publish(LOADER, natsauth.stream_api(verb, stream), nodes=nodes), stream
         # Shoal's own streams it provisions, as every control-plane service does.
         assert may_publish(LOADER, natsauth.stream_api(verb, subjects.STREAM_COMMANDS), nodes=nodes)
-    assert not may_publish(LOADER, subjects.node_task("n3", "default", "d"), nodes=nodes)
+    assert not may_publish(LOADER, subjects.node_task("n3", "default", "d", LIFE), nodes=nodes)
     # The CLI reads the nodes' task streams, and no other stream outside Shoal's.
     assert may_publish(CLI, f"$JS.API.CONSUMER.CREATE.{subjects.task_stream('n2')}", nodes=nodes)
     assert not may_publish(CLI, f"$JS.API.CONSUMER.CREATE.{subjects.task_stream('n3')}", nodes=nodes)

@@ -29,6 +29,7 @@ from libs.telemetry import (
 from tests.helpers import json_lines, json_logs
 
 ENDPOINT = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"}
+LIFE = "4f9c2a7e1b3d5c6a"  # a dataset's incarnation
 
 
 @pytest.mark.parametrize(("environ", "expected"), [
@@ -99,8 +100,8 @@ def test_a_publish_span_is_named_by_the_subjects_family_not_its_node_or_dataset(
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     tracer = provider.get_tracer("test")
-    published = [subjects.node_task("ip-10-0-1-23.ec2.internal", "default", "demo"),
-                 subjects.node_task("node-b", "ml", "images"), subjects.task_progress("node-b"),
+    published = [subjects.node_task("ip-10-0-1-23.ec2.internal", "default", "demo", LIFE),
+                 subjects.node_task("node-b", "ml", "images", LIFE), subjects.task_progress("node-b"),
                  subjects.agent_inventory("node-b"), subjects.agent_heartbeat("node-b"),
                  subjects.dead_letter(subjects.STREAM_COMMANDS, subjects.DURABLE_LOADER_COMMANDS),
                  subjects.DATASET_STATUS]
