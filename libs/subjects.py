@@ -298,7 +298,12 @@ def loader_planned_manifest(operation: str) -> str:
     return f"loader.{operation}.planned"
 
 
-LOADER_OBJECT_KINDS = ("plan", "manifest", "planned")
+def loader_cleaned(operation: str) -> str:
+    """What a DataClean's last run was given to evict (``services.loader.domain.CleanGiven``)."""
+    return f"loader.{operation}.cleaned"
+
+
+LOADER_OBJECT_KINDS = ("plan", "manifest", "planned", "cleaned")
 
 
 def loader_object(name: str) -> tuple[str, str] | None:

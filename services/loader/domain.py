@@ -1116,18 +1116,46 @@ def later_cleans(record: OperationRecord, state: RunState, operations: Mapping[s
     return found
 
 
-def cleaned_files(plan: Plan, cleans: Sequence[OperationRecord],
+class CleanGiven(msgspec.Struct, frozen=True, kw_only=True):
+    """What a DataClean's run was given to evict, as it planned it (``subjects.loader_cleaned``): every file, or the
+    ``(mount, key)`` of the files its target paths named in the manifest of that moment. A load replanned later
+    (``cleaned_files``) leaves exactly those files to the clean, whatever the manifest says by then."""
+
+    run: str
+    everything: bool = False
+    files: list[tuple[int, str]] = []
+
+
+def clean_given(plan: Plan) -> CleanGiven:
+    """What a clean's ``plan`` (``plan_clean``) evicts."""
+    return CleanGiven(run=plan.run, everything=any(part.task.everything for part in plan.parts),
+                      files=[(file.mount, file.key) for file in plan.files])
+
+
+def cleaned_files(plan: Plan, cleans: Sequence[OperationRecord], given: Mapping[str, CleanGiven],
                   entries: Sequence[ManifestEntry]) -> set[tuple[int, str]]:
-    """The ``(mount, key)`` of the load plan's files that ``cleans`` (``later_cleans``) evict: all of them for a
-    clean of everything, else the files their target paths name in the dataset's manifest ``entries``."""
-    if any(clean.clean is not None and not clean.clean.target for clean in cleans):
-        return {(file.mount, file.key) for file in plan.files}
+    """The ``(mount, key)`` of the load plan's files that ``cleans`` (``later_cleans``) evict: those each clean's run
+    was given (``given``, by operation key: every file for a clean of everything, else the files its target paths
+    named when it planned). Matching its target paths against the manifest of now (``entries``) instead mis-applied
+    a clean once a sync changed the dataset between the two: a file it evicted that is no longer under its paths (a
+    mount renamed, the file deleted, or its paths naming nothing now) was loaded back behind it, and a file under its
+    paths added since, which it never touched, was left out of the load. A clean with no ``given`` (planned by a
+    loader before it was kept) is read against ``entries`` as before."""
     keys: set[tuple[int, str]] = set()
+    everything = {(file.mount, file.key) for file in plan.files}
     for clean in cleans:
-        if clean.clean is not None:
+        key = subjects.operation_key(clean.kind, clean.metadata.namespace, clean.metadata.name)
+        found = given.get(key)
+        if found is not None:
+            if found.everything:
+                return everything
+            keys |= {(mount, name) for mount, name in found.files}
+        elif clean.clean is not None:
+            if not clean.clean.target:
+                return everything
             chosen, _ = select(entries, clean.clean.target)
             keys |= {(entries[index].mount, entries[index].key) for index in chosen}
-    return keys
+    return keys & everything
 
 
 def ring_shrank(record: OperationRecord, state: RunState, runtime: RuntimeRecord) -> list[str]:

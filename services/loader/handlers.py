@@ -334,7 +334,8 @@ class LoaderHandlers:
         if state_revision is not None:
             self.runs.deleted(key, await kv_delete(await self.bus.kv(subjects.KV_OPERATION_RUNS), key, None))
         store = await ManifestStore.of(self.bus)
-        for name in (subjects.loader_plan(key), subjects.loader_manifest(key), subjects.loader_planned_manifest(key)):
+        for name in (subjects.loader_plan(key), subjects.loader_manifest(key), subjects.loader_planned_manifest(key),
+                     subjects.loader_cleaned(key)):
             await store.delete(name)
         # An older entry of the operation the watch delivers late does not bring it back.
         self.operations.deleted(key, deleted)
@@ -780,6 +781,10 @@ class LoaderHandlers:
             await self._finish(key, "Failed", too_large)
             return
         await store.objects.put(subjects.loader_plan(key), msgspec.json.encode(plan))
+        if record.clean is not None:
+            # Kept after the plan goes: a load that started before this clean and is replanned later leaves these
+            # files to it (``domain.cleaned_files``), however the manifest changes meanwhile.
+            await store.objects.put(subjects.loader_cleaned(key), msgspec.json.encode(domain.clean_given(plan)))
         if on_event:
             # Before the executing state: a run saved as executing always finds its own manifest here at the end.
             await self._save_entries(store, subjects.loader_planned_manifest(key), entries)
@@ -865,11 +870,21 @@ class LoaderHandlers:
         cleans = domain.later_cleans(record, state, self.operations.values, self.runs.values)
         cleaned: set[tuple[int, str]] = set()
         if cleans:
+            store = await ManifestStore.of(self.bus)
+            given: dict[str, domain.CleanGiven] = {}
+            unknown = False  # a clean of target paths whose run's files are not kept: read against the manifest
+            for clean in cleans:
+                clean_key = subjects.operation_key(clean.kind, clean.metadata.namespace, clean.metadata.name)
+                found_given = await self._clean_given(store, clean_key)
+                if found_given is not None:
+                    given[clean_key] = found_given
+                elif clean.clean is not None and clean.clean.target:
+                    unknown = True
             entries: list[ManifestEntry] = []
-            if any(clean.clean is not None and clean.clean.target for clean in cleans):
-                _, found = await self._current_entries(await ManifestStore.of(self.bus), record, None)
+            if unknown:
+                _, found = await self._current_entries(store, record, None)
                 entries = found or []
-            cleaned = await asyncio.to_thread(domain.cleaned_files, plan, cleans, entries)
+            cleaned = await asyncio.to_thread(domain.cleaned_files, plan, cleans, given, entries)
         extended = await asyncio.to_thread(domain.replan_load, plan, ring, cleaned)
         added = extended.parts[len(plan.parts):]
         if added:
@@ -894,6 +909,20 @@ class LoaderHandlers:
                  files_left_to_later_cleans=len(cleaned) or None,
                  later_cleans=[subjects.object_name(c.metadata.namespace, c.metadata.name) for c in cleans] or None)
         return None
+
+    async def _clean_given(self, store: ManifestStore, key: str) -> domain.CleanGiven | None:
+        """What the current (or last) run of DataClean ``key`` was given to evict, as it planned it; None when that
+        run's is not kept (planned by an older loader, or its write failed)."""
+        state = self.runs.values.get(key)
+        try:
+            result = await store.objects.get(subjects.loader_cleaned(key))
+        except (ObjectNotFoundError, NotFoundError):
+            return None
+        try:
+            given = msgspec.json.decode(result.data or b"", type=domain.CleanGiven)
+        except msgspec.DecodeError:
+            return None
+        return given if state is not None and given.run == state.run else None
 
     async def _cancel_moved(self, state: domain.RunState, moved: list[int]) -> None:
         """Tell each node whose parts ``moved`` (indexes) to stop them, the rest of the run going on: their blocks

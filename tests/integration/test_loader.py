@@ -1964,6 +1964,47 @@ async def test_a_clean_applied_after_a_load_whose_ring_grows_leaves_its_files_cl
         assert on_c and on_c <= cached["node-c"]
 
 
+async def test_a_load_replanned_after_a_sync_leaves_to_a_later_clean_the_files_it_was_given(
+        bus: Bus, nats_server: NatsServer) -> None:
+    """A load runs on node-a and node-b, a clean of folder /x/d is applied after it, then a sync moves the dataset's
+    files under /y (its mount renamed: the same objects), then node-c joins the ring. The load's replan matched the
+    clean's /x/d against the manifest of then, where it names nothing, and loaded the clean's files back onto node-c
+    behind the clean. Now the files the clean was given when it ran stay its own; the others go to node-c."""
+    await put_dataset(bus, files(*[(f"{folder}/f{i}", BLOCK) for folder in "de" for i in range(12)]))
+    await put_runtime(bus, NODES, workers=NODES[:2])
+    load_key = subjects.operation_key("DataLoad", "default", "warm")
+    clean_key = subjects.operation_key("DataClean", "default", "wipe")
+
+    async def executing(key: str) -> bool:
+        state = await run_state(bus, key)
+        return state is not None and state.stage == "executing" and bool(state.parts)
+
+    async with agent(bus, NODES) as scripted, loader(nats_server):
+        scripted.hold.set()
+        await publish(bus, subjects.DATALOAD_APPLY, dataload())
+        await eventually(lambda: executing(load_key), what="the load planned on node-a and node-b")
+        await publish(bus, subjects.DATACLEAN_APPLY, DataCleanApply(data_clean=DataClean(
+            metadata=ObjectMeta(name="wipe"), spec=DataCleanSpec(dataset=DatasetRef(name="data"),
+                                                                 target=[CleanTarget(path="/x/d")]))))
+        await eventually(lambda: executing(clean_key), what="the clean's parts sent")
+        renamed = [msgspec.structs.replace(e, path=f"/y/{e.key}")
+                   for e in files(*[(f"{folder}/f{i}", BLOCK) for folder in "de" for i in range(12)])]
+        await put_dataset(bus, renamed, requests=1)  # a sync: /x/d names nothing now
+        await put_runtime(bus, NODES)  # node-c joins the ring
+
+        async def ring_seen() -> bool:
+            state = await run_state(bus, load_key)
+            return state is not None and "node-c" in state.ring
+
+        await eventually(ring_seen, what="the load's ring grown to node-c")
+        scripted.hold.clear()
+        await phase_of(bus, "Complete")
+        await phase_of(bus, "Complete", name="wipe", kind="DataClean")
+    added = {file.key for task in scripted.tasks.values() if task.run == f"{load_key}.1" and task.node == "node-c"
+             for file in task.blocks}
+    assert added and all(key.startswith("e/") for key in added), f"the clean's files loaded back: {sorted(added)}"
+
+
 async def test_a_loader_killed_between_run_state_and_record_catches_up(bus: Bus, nats_server: NatsServer) -> None:
     """The run state says run 1 is being planned, the record still says Pending with no run (the loader died
     between the two writes): the restarted loader plans run 1, shows it Executing, and runs no second one."""

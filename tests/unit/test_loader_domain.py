@@ -1282,9 +1282,9 @@ def test_a_load_replanned_after_a_later_clean_started_adds_no_part_for_the_files
     entries = [entry(f"/x/{folder}/f{i}", 100) for folder in "de" for i in range(4)]
     plan = domain.plan_load("dataload.ns.warm.1", ObjectRef(name="data", namespace="ns"), entries,
                             dict.fromkeys(range(len(entries)), 1), ["a", "b"], ["a", "b"], 100)
-    cleaned = domain.cleaned_files(plan, later, entries)
+    cleaned = domain.cleaned_files(plan, later, {}, entries)
     assert cleaned == {(0, "x/d/f0"), (0, "x/d/f1"), (0, "x/d/f2"), (0, "x/d/f3"), (0, "x/e/f1")}
-    assert domain.cleaned_files(plan, [*later, operations["dataclean.ns.before"]], entries) == {
+    assert domain.cleaned_files(plan, [*later, operations["dataclean.ns.before"]], {}, entries) == {
         (0, e.key) for e in entries}, "a clean of everything evicts every file"
     grown = domain.replan_load(plan, ["a", "b", "c"], cleaned)
     added = {file.key for part in grown.parts[len(plan.parts):] for file in part.task.blocks}
@@ -1333,3 +1333,30 @@ def test_a_cleans_files_are_done_once_every_part_naming_them_is_done_without_a_f
     # The mount process says a clean's total (what it found cached to free); the plan has none.
     folded = domain.fold_part(parts[0], TaskProgress(run="op.1", part=0, node="n1", bytes_done=4, bytes_total=9))
     assert (folded.bytes_done, folded.bytes_total) == (4, 9)
+
+
+def test_a_later_clean_leaves_to_itself_the_files_it_was_given_whatever_the_manifest_says_now() -> None:
+    """The load's files a later clean evicts are those its run was given when it planned (``CleanGiven``), not what
+    its target paths name in the manifest of the replan: a sync in between moved x/d under another path (a mount
+    renamed: same keys), and matching /x/d then named nothing, so the clean's files were loaded back behind it;
+    a file added under /x/d since, which the clean never touched, was left out of the load."""
+    entries = [entry(f"/x/{folder}/f{i}", 100) for folder in "de" for i in range(3)]
+    plan = domain.plan_load("dataload.ns.warm.1", ObjectRef(name="data", namespace="ns"), entries,
+                            dict.fromkeys(range(len(entries)), 1), ["a", "b"], ["a", "b"], 100)
+    wipe = OperationRecord(kind="DataClean", metadata=ObjectMeta(name="wipe", namespace="ns"),
+                           clean=DataCleanSpec(dataset=DatasetRef(name="data", namespace="ns"),
+                                               target=[CleanTarget(path="/x/d")]))
+    chosen, _ = domain.select(entries, [CleanTarget(path="/x/d")])
+    given = domain.clean_given(domain.plan_clean("dataclean.ns.wipe.1", ObjectRef(name="data", namespace="ns"),
+                                                 [entries[i] for i in sorted(chosen)], ["a", "b"]))
+    assert given == domain.CleanGiven(run="dataclean.ns.wipe.1", files=[(0, f"x/d/f{i}") for i in range(3)])
+    moved = [msgspec.structs.replace(e, path="/y/" + e.key.removeprefix("x/")) for e in entries]
+    moved.append(entry("/x/d/new", 100))
+    evicted = {(0, f"x/d/f{i}") for i in range(3)}
+    assert domain.cleaned_files(plan, [wipe], {"dataclean.ns.wipe": given}, moved) == evicted
+    assert domain.cleaned_files(plan, [wipe], {}, moved) == set(), "read against the manifest of now: nothing"
+    everything = domain.clean_given(domain.plan_clean("dataclean.ns.wipe.2", ObjectRef(name="data", namespace="ns"),
+                                                      None, ["a"]))
+    assert everything.everything
+    assert domain.cleaned_files(plan, [wipe], {"dataclean.ns.wipe": everything}, moved) == {
+        (file.mount, file.key) for file in plan.files}
