@@ -95,6 +95,7 @@ from services.agent.mountinfo import canonical, device_of, devices, is_mounted, 
 from services.agent.mountstatus import exit_reason, problems_of, read_status, remove_status, unusable
 from services.agent.nodebudget import FILE_NAME as BUDGET_FILE_NAME
 from services.agent.nodebudget import SlotFile
+from services.agent.tasks import forget_durable
 
 SERVICE_NAME = "shoal-agent"
 log = get_logger(SERVICE_NAME)
@@ -784,6 +785,10 @@ class NodeAgent:
             self.unfreed[(namespace, name)] = levels
             return
         log.info("deleted dataset's cache freed", dataset=key, blocks=freed)
+        # Its dead mount process did not delete its task durable either (``TaskRunner.forget``): the life is the one
+        # the ledger kept, before its entry goes.
+        await forget_durable(self.bus, self.settings.agent.node_name, ObjectRef(name=name, namespace=namespace),
+                             self.ledger.incarnations.get((namespace, name), ""))
         await asyncio.to_thread(self.ledger.forget, (namespace, name))
 
     def _deleted_caches(self) -> dict[tuple[str, str], list[Level]]:

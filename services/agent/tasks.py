@@ -91,7 +91,8 @@ MAX_DELIVER = 20
 # A durable nobody pulled from for a day (its dataset unmounted from this node, its mount process down) is dropped by
 # the server; the stream keeps tasks for a day too, so nothing it could still deliver is lost. A durable is one life's
 # of the dataset (``subjects.task_durable``): its mount process deletes it when the dataset is deleted
-# (``TaskRunner.forget``), and this threshold drops those it could not (the process was down then).
+# (``TaskRunner.forget``), or the agent when it frees a dead mount process's cache (``forget_durable``); this
+# threshold drops those neither could (NATS away then).
 INACTIVE_SECONDS = DAY
 # How long one pull waits for a part before looking at ``stop`` again.
 FETCH_SECONDS = 1.0
@@ -316,6 +317,7 @@ class TaskRunner:
         self.serving = serving
         self._reloaded = asyncio.Event()
         # The parts of the dataset's life this mount serves (``DatasetRecord.incarnation``), and none of another's.
+        self._incarnation = incarnation
         self.subject = subjects.node_task(node, dataset.namespace, dataset.name, incarnation)
         self.durable = subjects.task_durable(node, dataset.namespace, dataset.name, incarnation)
         self.stream = subjects.task_stream(node)
@@ -409,17 +411,8 @@ class TaskRunner:
         )
 
     async def forget(self) -> None:
-        """Delete this mount's durable (its dataset was deleted, and with it this life's parts): the server kept it
-        for ``INACTIVE_SECONDS``. One not deleted (NATS away) goes at that threshold."""
-        try:
-            await self.bus.js.delete_consumer(self.stream, self.durable)
-        except NotFoundError:
-            pass  # never made (no task stream yet), or gone already
-        except Exception as err:
-            log.warning("task durable of a deleted dataset not deleted; the server drops it after a day unused",
-                        dataset=self._key, durable=self.durable, error=repr(err))
-        else:
-            log.info("task durable of a deleted dataset deleted", dataset=self._key, durable=self.durable)
+        """Delete this mount's durable: its dataset was deleted, and with it this life's parts."""
+        await forget_durable(self.bus, self.node, self.dataset, self._incarnation)
 
     async def _wait(self, seconds: float, wake: asyncio.Event | None = None) -> None:
         """``seconds``, or less if stopped or ``wake`` is set."""
@@ -736,6 +729,23 @@ class TaskRunner:
                     ledger.done(file_index, evicted[0][1])
                 else:
                     ledger.done(file_index, size, skipped=True)
+
+
+async def forget_durable(bus: Bus, node: str, dataset: ObjectRef, incarnation: str) -> None:
+    """Delete the task durable of a deleted dataset's life (``incarnation``) on ``node``: by its mount process as it
+    frees the cache, or by the agent when it frees what a dead mount process left. The server would keep it for
+    ``INACTIVE_SECONDS``, the day one not deleted here (NATS away) still lasts."""
+    durable = subjects.task_durable(node, dataset.namespace, dataset.name, incarnation)
+    shown = subjects.object_name(dataset.namespace, dataset.name)
+    try:
+        await bus.js.delete_consumer(subjects.task_stream(node), durable)
+    except NotFoundError:
+        return  # never made (no task stream, or no mount started), or gone already
+    except Exception as err:
+        log.warning("task durable of a deleted dataset not deleted; the server drops it after a day unused",
+                    dataset=shown, durable=durable, error=repr(err))
+        return
+    log.info("task durable of a deleted dataset deleted", dataset=shown, durable=durable)
 
 
 def progress_id(task: NodeTask, deliveries: int, k: str) -> str:

@@ -46,7 +46,16 @@ from services.runtime import app as runtime_app
 from tests.conftest import NatsServer, SeaweedServer, put_objects
 from tests.faults import CuttableProxy, ListingHold, StalledCacheFile
 from tests.helpers import dataset_record, eventually, running, runtime_record
-from tests.integration.agent_stack import Cluster, cluster_stack, md5, mounted_paths, node_stack, read_file, run_tool
+from tests.integration.agent_stack import (
+    NODE,
+    Cluster,
+    cluster_stack,
+    md5,
+    mounted_paths,
+    node_stack,
+    read_file,
+    run_tool,
+)
 from tests.integration.test_agent_cache import InventoryWatch, mount_pids
 from tests.integration.test_agent_health import last_beat
 from tests.integration.test_security import local_dataset, ssd_runtime
@@ -409,11 +418,20 @@ async def test_deleting_a_dataset_frees_its_cached_blocks(
 
 async def test_deleting_a_dataset_whose_mount_is_down_frees_its_cached_blocks_too(
         bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path) -> None:
+    """Its task durable goes too: the dead mount process could not delete it, and it stayed on the server a day."""
     objects = {f"d{i}.bin": os.urandom(1_500_000) for i in range(2)}
     await put_objects(seaweedfs, bucket, objects)
+    await bus.provision_node_tasks(NODE)  # as the loader does before the node's first part: the mount makes its durable
     async with node_stack(bus, settings, seaweedfs, tmp_path) as node:
         await node.apply("down", bucket)
         root = await node.wait_mounted("down", expect="d1.bin")
+        stream = subjects.task_stream(NODE)
+        durable = subjects.task_durable(NODE, "default", "down", (await node.record("down")).incarnation)
+
+        async def durable_made() -> bool:
+            return any(info.name == durable for info in await bus.js.consumers_info(stream))
+
+        await eventually(durable_made, what="the mount's task durable")
         for key in objects:
             await read_file(root / key)
         cache = node.cache_dir / "default" / "down"
@@ -430,6 +448,11 @@ async def test_deleting_a_dataset_whose_mount_is_down_frees_its_cached_blocks_to
             return not cache.exists() and str(root) not in mounted_paths() and not root.exists()
 
         await eventually(freed, timeout=30, what="the agent freeing the deleted dataset's blocks")
+
+        async def durable_gone() -> bool:
+            return all(info.name != durable for info in await bus.js.consumers_info(stream))
+
+        await eventually(durable_gone, what="the deleted dataset's task durable deleted by the agent")
 
 
 async def test_a_dataset_deleted_after_its_runtime_still_has_its_cached_blocks_freed(
