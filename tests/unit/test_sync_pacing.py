@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 
@@ -63,15 +63,28 @@ async def test_a_consumer_slower_than_the_deadline_is_not_a_slow_store() -> None
     assert count == 5
 
 
+class StallEvent(asyncio.Event):
+    """An event never set whose ``entered`` is set once a listing waits on it: the test then knows the listing
+    stalls (a sleep before the cancel only made that likely)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = asyncio.Event()
+
+    async def wait(self) -> Literal[True]:
+        self.entered.set()
+        return await super().wait()
+
+
 async def test_a_cancellation_from_outside_stays_a_cancellation() -> None:
-    stall = asyncio.Event()
+    stall = StallEvent()
 
     async def consume() -> None:
         async for _ in _paced(listing(10, stall_at=3, stall=stall), 60.0):
             pass
 
     task = asyncio.create_task(consume())
-    await asyncio.sleep(0.05)
+    await asyncio.wait_for(stall.entered.wait(), 5.0)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
