@@ -37,6 +37,9 @@ _UNLIMITED_WIDTH = 100_000
 # Ready nodes a table or describe names before "and N more" (kubectl names three endpoints): a runtime served by
 # thousands of agents made a line of tens of kilobytes. ``-o json``/``-o yaml`` keep the record's full list.
 READY_NODES_SHOWN = 3
+# After a cached figure that is partial: a node still counts the blocks on its disk after a restart
+# (``NodeCache.counting``): on describe's row of that node, and on the dataset's CACHED in ``get``.
+COUNTING_MARK = " (counting)"
 
 
 def full_builtins(value: Any) -> Any:
@@ -126,7 +129,9 @@ def dataset_table(records: Sequence[DatasetRecord], *, wide: bool, show_namespac
     for record in records:
         status = record.status
         states = status.cache_states
-        row = [record.dataset.metadata.name, status.ufs_total, states.cached, states.cache_capacity,
+        # A node still counting its blocks after a restart: the figure grows for seconds, and is no lost cache.
+        cached = states.cached + (COUNTING_MARK if any(node.counting for node in status.nodes) else "")
+        row = [record.dataset.metadata.name, status.ufs_total, cached, states.cache_capacity,
                states.cached_percentage, status.phase]
         if wide:
             row += [str(status.file_num), states.cache_hit_ratio, states.local_hit_ratio, states.remote_hit_ratio,
@@ -417,7 +422,7 @@ def node_cache_table(nodes: Sequence[NodeCache]) -> str:
     DataLoads fetched into it from the store."""
     if not nodes:
         return "  <none>"
-    rows = [[n.node, format_bytes(n.cached_bytes) + (" (counting)" if n.counting else ""),
+    rows = [[n.node, format_bytes(n.cached_bytes) + (COUNTING_MARK if n.counting else ""),
              format_bytes(n.local_read_bytes), format_bytes(n.remote_read_bytes), format_bytes(n.store_read_bytes),
              format_bytes(n.loaded_bytes)]
             for n in nodes]

@@ -70,6 +70,24 @@ def test_describe_says_which_nodes_are_still_counting_their_blocks_after_a_resta
     ]
 
 
+def test_get_marks_cached_while_a_node_is_still_counting_its_blocks() -> None:
+    # Only describe said it: the CACHED of ``shoal get datasets`` grew for seconds after a restart with nothing
+    # telling a partial count from a lost cache.
+    def cached_cell(nodes: list[NodeCache], wide: bool) -> str:
+        shown = record(nodes)
+        shown = replace(shown, status=replace(shown.status, cache_states=replace(shown.status.cache_states,
+                                                                                 cached="515.00MiB")))
+        [header, row] = render.dataset_table([shown], wide=wide, show_namespace=False).splitlines()
+        at, until = header.index("CACHED"), header.index("CACHE CAPACITY")
+        return row[at:until].strip()
+
+    for wide in (False, True):
+        assert cached_cell([NodeCache(node="node-a", cached_bytes=512 * MiB),
+                            NodeCache(node="node-b", cached_bytes=3 * MiB, counting=True)], wide) == (
+            "515.00MiB (counting)")
+        assert cached_cell([NodeCache(node="node-a", cached_bytes=515 * MiB)], wide) == "515.00MiB"
+
+
 def test_describe_says_none_before_any_node_reported() -> None:
     lines = render.describe_dataset(record([])).splitlines()
     assert lines[lines.index("Cache by node:") + 1] == "  <none>"
