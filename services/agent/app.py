@@ -193,6 +193,9 @@ class MountWorker:
     # The tiers of the processes stopped for a change of tiers since the current one's start: the directories among
     # them that ``levels`` no longer names hold blocks nobody reads, freed once the current process is mounted.
     retired: list[Level] = field(default_factory=list)
+    # When ``retired`` is tried again (the monotonic clock) after a folder among them was left because another
+    # process held it (``retire.IN_USE``); 0: never left.
+    retired_retry_at: float = 0.0
     # Whether the current process was seen mounted: its start is over, no deadline any more.
     serving: bool = False
     # Why the last start was abandoned at the deadline (``domain.stalled_start``), until a process serves or
@@ -404,7 +407,8 @@ class NodeAgent:
                 if started.process is not None:
                     self.supervisor.started(child, started.process, time.monotonic())
         self._abandon_stalled_starts(now)
-        retiring = [w for w in self.workers.values() if w.retired and w.process is not None and w.stopping is None]
+        retiring = [w for w in self.workers.values() if w.retired and w.process is not None and w.stopping is None
+                    and now >= w.retired_retry_at]
         mounted = await asyncio.to_thread(devices) if retiring else {}  # one read of the mount table
         for worker in retiring:
             device = mounted.get(canonical(worker.path))
@@ -442,15 +446,23 @@ class NodeAgent:
         use) is said and left."""
         retired, worker.retired = worker.retired, []
         if await self._free_directories(worker.namespace, worker.name,
-                                        domain.retired_directories(retired, worker.levels)):
+                                        domain.retired_directories(retired, worker.levels),
+                                        said_in_use=bool(worker.retired_retry_at)):
+            worker.retired_retry_at = 0.0
             await asyncio.to_thread(self.ledger.retired_freed, (worker.namespace, worker.name))
-        # else another process held a folder: the ledger keeps the tiers, and the next start of the agent frees them
+            return
+        # Another process held a folder (a mount process that outlived an earlier agent): the ledger keeps the
+        # tiers for the agent's next start, and the worker for a try every FREE_RETRY_SECONDS meanwhile, as a
+        # deleted dataset's cache (``unfreed``): that process may die without freeing them.
+        worker.retired = [*retired, *(level for level in worker.retired if level not in retired)]
+        worker.retired_retry_at = time.monotonic() + FREE_RETRY_SECONDS
 
-    async def _free_directories(self, namespace: str, name: str, directories: list[str]) -> bool:
+    async def _free_directories(self, namespace: str, name: str, directories: list[str],
+                                said_in_use: bool = False) -> bool:
         """Delete the dataset's blocks in the tier ``directories`` its runtime's tiers dropped
         (``services.agent.retire``), and say how many bytes that freed; a folder refused (a symbolic link, in use)
         is said and left. False when a folder was left because another process held it (``retire.IN_USE``): its
-        blocks are to be freed later."""
+        blocks are to be freed later (``said_in_use``: a retry, which does not say that again)."""
         if not directories:
             return True
         key = subjects.object_name(namespace, name)
@@ -465,6 +477,8 @@ class NodeAgent:
                             folder=os.path.join(directory, suffix), error=str(err))
                 continue
             done = done and freed.refused != retire.IN_USE
+            if freed.refused == retire.IN_USE and said_in_use:
+                continue
             if freed.refused:
                 log.warning("blocks of a tier the runtime no longer names left on disk", dataset=key,
                             folder=freed.folder, reason=freed.refused)
@@ -752,7 +766,8 @@ class NodeAgent:
                 return
         # Before the ledger's entry goes with the cache: nothing else says where these blocks are.
         retired_done = await self._free_directories(
-            namespace, name, domain.retired_directories(self.ledger.retired.get((namespace, name), []), levels))
+            namespace, name, domain.retired_directories(self.ledger.retired.get((namespace, name), []), levels),
+            said_in_use=(namespace, name) in self.unfreed)
         suffix = domain.cache_suffix(self.settings.agent.cache_subdir, namespace, name)
         folders = [Path(directory) / suffix for level in levels for directory in level.directories]
         if retired_done and not await asyncio.to_thread(lambda: any(folder.is_dir() for folder in folders)):

@@ -1,23 +1,27 @@
 """The caches stopped mounts leave on disk for datasets that still exist (``NodeAgent.left_caches``), on real files:
 freed when the dataset turns out to be another incarnation of its name, deleted and applied again unseen; and the
-cache of a deleted dataset whose folder another process holds, freed later (``NodeAgent.unfreed``)."""
+cache of a deleted dataset whose folder another process holds, freed later (``NodeAgent.unfreed``), and so are
+the blocks of a tier the runtime dropped whose folder another process holds."""
 
 from __future__ import annotations
 
 import dataclasses
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
+import msgspec
 import pytest
 
 from libs import subjects
 from libs.events.common import ObjectMeta
-from libs.events.dataset import Dataset, DatasetRecord, DatasetSpec, Mount
-from libs.events.runtime import Level, RuntimeRecord
+from libs.events.dataset import Dataset, DatasetRecord, DatasetSpec, DatasetStatus, Mount
+from libs.events.runtime import Level, Runtime, RuntimeRecord, RuntimeSpec, TieredStore
 from services.agent import app, domain
 from services.agent.app import UNBOUND_GRACE_SECONDS, MountWorker, NodeAgent
 from services.agent.cache import BlockCache, DiskTier
 from services.agent.ledger import FILE_NAME, TierLedger
+from services.agent.mountinfo import canonical
 from tests.helpers import make_settings, unwatched_mirror
 from tests.unit.test_block_cache import block, payload
 
@@ -131,7 +135,38 @@ async def test_a_dropped_tiers_folder_held_by_another_process_stays_in_the_ledge
     await agent._free_retired(worker)
     assert folder.is_dir()
     assert agent.ledger.retired.get(REF) == old_levels  # still to be freed: an agent restarted now finds it
+    assert worker.retired == old_levels  # and the worker, to try again (``NodeAgent.reconcile``)
     old_mount.release()
-    worker.retired = list(old_levels)
     await agent._free_retired(worker)
     assert not folder.exists() and REF not in agent.ledger.retired
+
+
+async def test_a_dropped_tiers_folder_held_by_another_process_is_tried_again_while_the_agent_runs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The held folder was left in the ledger, but not tried again before the agent's next start: if the process
+    # holding it died without freeing it (a mount process that outlived an earlier agent), its blocks stayed on disk,
+    # in no tier's quota, for as long as the agent ran.
+    agent, folder = agent_with_cache(tmp_path, "first")
+    worker = agent.workers[REF]
+    new_levels = [Level(mediumtype="SSD", quota="1Mi", path=str(tmp_path / "ssd2"))]
+    agent.runtimes.values[subjects.resource_key(*REF)] = RuntimeRecord(
+        runtime=Runtime(metadata=ObjectMeta(name="ds", namespace="default"),
+                        spec=RuntimeSpec(tieredstore=TieredStore(levels=new_levels))), generation=1)
+    agent.datasets.values[subjects.resource_key(*REF)] = msgspec.structs.replace(
+        dataset("first"), status=DatasetStatus(phase="Bound", manifest="manifest"))
+    # Its mount process now runs mounted on the new tiers (a stand-in: nothing is asked of it but that it runs).
+    worker.retired, worker.levels = list(worker.levels), new_levels
+    worker.process = SimpleNamespace(pid=0, returncode=None)  # type: ignore[assignment]
+    agent.ledger.record(REF, worker.levels, worker.retired, "first")
+    monkeypatch.setattr(app, "devices", lambda: {canonical(worker.path): 1})
+    old_mount = DiskTier(folder, 1 << 20)
+    assert old_mount.hold()
+    await agent.reconcile()
+    assert folder.is_dir() and agent.ledger.retired.get(REF)  # left to that process
+    old_mount.release()  # it died without freeing them
+    await agent.reconcile()
+    assert folder.is_dir()  # not before the retry is due
+    monkeypatch.setattr(app, "FREE_RETRY_SECONDS", 0.0)
+    worker.retired_retry_at = 0.0
+    await agent.reconcile()
+    assert not folder.exists() and REF not in agent.ledger.retired and not worker.retired
