@@ -4,8 +4,11 @@ real process on real files; the old one's purge pauses, its lock taken, until th
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -139,6 +142,52 @@ async def test_an_old_mount_process_stopping_beside_a_new_one_leaves_the_index_t
     assert after.hold_folders()
     assert after.start(SIZE) == 3  # served from the new process's index: its blocks, not the old one's
     assert sorted(b.index for b, _ in after.blocks()) == [1, 2, 10]
+
+
+def waiting_for_lock(path: Path) -> bool:
+    """Whether some open file waits for a lock on ``path`` (a "->" line of /proc/locks)."""
+    stat = path.stat()
+    where = f"{os.major(stat.st_dev):02x}:{os.minor(stat.st_dev):02x}:{stat.st_ino}"
+    return any("->" in line and where in line.split() for line in Path("/proc/locks").read_text().splitlines())
+
+
+def test_a_start_between_an_old_process_checking_it_owns_the_folder_and_writing_its_index_gets_that_index(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The old process compared its token, then wrote its index: a new start writing its token and taking the index
+    # in between found none, and the old one's, written after, was left for the new one's next start (stale: the new
+    # process's blocks unlisted, the ones it evicted listed).
+    folder = tmp_path / "ssd"
+    old = new_cache(folder)
+    assert old.hold_folders()
+    old.load()
+    for index in range(3):
+        assert old.put(block(index), payload(index))
+    new = DiskTier(folder, 100 * SIZE, high=1.0, low=0.5)
+    assert new.hold()
+    taken: list[int] = []
+
+    def start() -> None:  # the new process's start: says it serves the folder, then takes its index
+        new.own()
+        taken.append(len(new.take_index(SIZE)))
+
+    starting = threading.Thread(target=start)
+    replace = os.replace
+
+    def replace_with_a_start_meanwhile(source: str, target: str) -> None:
+        if target.endswith(INDEX_FILE) and not starting.is_alive() and not taken:
+            starting.start()
+            deadline = time.monotonic() + 10
+            # Until the start is over, or waits for the token's lock held around this rename.
+            while starting.is_alive() and not waiting_for_lock(folder / LOCK_FILE) and time.monotonic() < deadline:
+                starting.join(0.01)
+        replace(source, target)
+
+    monkeypatch.setattr(os, "replace", replace_with_a_start_meanwhile)
+    saved = old.save_index(SIZE)
+    starting.join(10)
+    assert not starting.is_alive()
+    assert not (folder / INDEX_FILE).exists()  # no index left behind for the new process's next start
+    assert taken == [saved] == [3]  # written before the new token: the new start took it
 
 
 def serving_at(folder: Path, block_size: int, blocks: int) -> BlockCache:

@@ -9,6 +9,8 @@ Design (one module per concern):
   so a failing disk is bypassed).
 * ``store`` — ``BlockCache``: the index of which tier holds which block, hit/miss accounting, and the plans
   applied to the tiers; ``BlockCache.from_levels`` builds it from a Runtime's ``tieredstore.levels``.
+* ``locks`` — who holds a cache folder's lock (``/proc/locks``), and the short lock between a start saying it owns
+  the folder and an older process's compare-and-rename of its index.
 
 Policy: the default ``FrequencyAdmissionPolicy`` evicts in LRU order but lets a new block in over the LRU victim
 only if it has been accessed clearly more often (ties keep the resident), so shuffled epochs over a dataset larger

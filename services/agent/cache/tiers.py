@@ -76,6 +76,7 @@ import msgspec
 from libs.blocks import DEFAULT_BLOCK_SIZE, BlockId, block_name, checksum
 from libs.hostpaths import normal_path
 from libs.telemetry import get_logger
+from services.agent.cache.locks import token_lock
 
 log = get_logger(__name__)
 
@@ -116,7 +117,8 @@ INDEX_FILE = ".shoal-index"
 # It also says which process serves the folder's cache now: each start holding it writes a random token of its own
 # into it (``DiskTier.own``), so the last started is the owner, and only the owner writes the index at its stop
 # (``write_index``). A restart can overlap, the old mount process still serving beside the new one (both hold the
-# lock shared), and the old one's index, of its own blocks, would be stale for the new one.
+# lock shared), and the old one's index, of its own blocks, would be stale for the new one. The token's write and the
+# index's compare-and-rename exclude each other (``locks.token_lock``).
 LOCK_FILE = ".shoal-lock"
 OWNER_TOKEN_BYTES = 16
 INDEX_MAGIC = b"SHIX"
@@ -681,12 +683,20 @@ class DiskTier:
             with open(temp, "wb") as out:
                 out.write(INDEX_HEADER.pack(INDEX_MAGIC, INDEX_VERSION, 0, block_size, checksum(body)))
                 out.write(body)
-            os.replace(temp, path)
+            # Compared again, and renamed, under the token's lock: a start writing its token between a compare and
+            # the rename would take the index before it is there, and leave this one, stale, to its next start.
+            with self._token_locked():
+                owned = self.owns()
+                if owned:
+                    os.replace(temp, path)
         except OSError as err:
             _unlink_quietly(temp)
             log.warning("cache index not written: the next start scans the blocks", path=path, error=str(err))
             return False
-        return True
+        if not owned:
+            _unlink_quietly(temp)
+            log.info("cache index not written: a mount process started since serves the folder now", path=path)
+        return owned
 
     def own(self) -> None:
         """Says, while holding the folder's lock (``hold``), that this process serves its cache from now on: a
@@ -695,8 +705,15 @@ class DiskTier:
         if self._lock_fd is None:
             return
         token = os.urandom(OWNER_TOKEN_BYTES).hex().encode()  # a pid repeats across containers
-        os.pwrite(self._lock_fd, token, 0)  # every token is as long: one write replaces the last one whole
+        with self._token_locked():  # not between another process's compare and its rename (``write_index``)
+            os.pwrite(self._lock_fd, token, 0)  # every token is as long: one write replaces the last one whole
         self._owner = token
+
+    def _token_locked(self) -> contextlib.AbstractContextManager[None]:
+        """The lock on the owner token's bytes of ``LOCK_FILE`` (``locks.token_lock``); none without the file."""
+        if self._lock_fd is None:
+            return contextlib.nullcontext()
+        return token_lock(self._lock_fd, 2 * OWNER_TOKEN_BYTES)
 
     def owns(self) -> bool:
         """Whether no process started on the folder since this one said it serves it (``own``); True if it never
