@@ -52,9 +52,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import itertools
 import os
 import secrets
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -92,7 +94,14 @@ from services.agent.ledger import TierLedger
 from services.agent.links import existing_links, make_link, remove_link
 from services.agent.metrics import NodeMetrics, dir_health, remove_target
 from services.agent.mountinfo import canonical, device_of, devices, is_mounted, mount_points
-from services.agent.mountstatus import exit_reason, problems_of, read_status, remove_status, unusable
+from services.agent.mountstatus import (
+    STARTING_CACHE_WAIT,
+    exit_reason,
+    problems_of,
+    read_status,
+    remove_status,
+    unusable,
+)
 from services.agent.nodebudget import FILE_NAME as BUDGET_FILE_NAME
 from services.agent.nodebudget import SlotFile
 from services.agent.tasks import forget_durable
@@ -113,6 +122,18 @@ DEAD_CHECK_SECONDS = 2.0
 # agent) are tried again: that process frees them itself as it stops, within seconds, so a retry mostly finds the
 # folder gone; each try costs a lock attempt per folder, no scan.
 FREE_RETRY_SECONDS = 10.0
+
+
+def mount_process_at(pid: int, mountpoint: str) -> bool:
+    """Whether process ``pid`` is a mount process (``services.agent.mountd``) of ``mountpoint``, by its command line
+    (/proc): a mount point in this agent's mount root is this agent's (an earlier run of it started that process)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+            args = [arg.decode(errors="replace") for arg in cmdline.read().split(b"\0")]
+    except OSError:
+        return False
+    return "services.agent.mountd" in args and any(
+        flag == "--mountpoint" and value == mountpoint for flag, value in itertools.pairwise(args))
 
 
 def is_dead(path: str) -> bool:
@@ -202,6 +223,9 @@ class MountWorker:
     # exits by itself; and the stop of that process under way (no restart before it is done).
     stalled: str = ""
     stopping: asyncio.Task[None] | None = None
+    # Earlier mount processes of this mount (an earlier run's) that held the cache folders its start waited for,
+    # and when they were told to stop (the monotonic clock): killed if still in the way a grace later.
+    stale_holders: dict[int, float] = field(default_factory=dict)
 
     @property
     def key(self) -> str:
@@ -407,6 +431,7 @@ class NodeAgent:
                 if started.process is not None:
                     self.supervisor.started(child, started.process, time.monotonic())
         self._abandon_stalled_starts(now)
+        self._stop_stale_holders(now)
         retiring = [w for w in self.workers.values() if w.retired and w.process is not None and w.stopping is None
                     and now >= w.retired_retry_at]
         mounted = await asyncio.to_thread(devices) if retiring else {}  # one read of the mount table
@@ -521,6 +546,38 @@ class NodeAgent:
                         pid=process.pid, deadline_seconds=deadline, step=status.starting if status else None)
             process.terminate()  # now, not in the task: the Failing report that follows is true at once
             worker.stopping = asyncio.create_task(self._end_stalled(worker, process))
+
+    def _stop_stale_holders(self, now: float) -> None:
+        """A start that waits for its cache folders while an earlier mount process of the same mount serves them
+        (``MountStatus.waiting_for``: held shared, blocks of the old block size) would wait for ever if that process
+        never exits, and be abandoned at each deadline. This agent stops its own before it starts the next one, so
+        such a process is one an earlier run of it started, superseded now: told to stop (SIGTERM: it unmounts and
+        exits), killed if it still holds them ``STOP_GRACE_SECONDS`` later. Not a process deleting the folder's
+        blocks (a purge, waited for), nor any other (named in the start's report only)."""
+        children = {w.process.pid for w in self.workers.values() if w.process is not None}
+        for worker in self.workers.values():
+            process = worker.process
+            if process is None or process.returncode is not None or worker.serving or worker.stopping is not None:
+                continue
+            status = read_status(worker.status_file)
+            for pid in status.waiting_for if status is not None else []:
+                told = worker.stale_holders.get(pid)
+                if pid in children or (told is not None and now - told < STOP_GRACE_SECONDS):
+                    continue
+                if not mount_process_at(pid, worker.path):  # checked again before a kill: pids are reused
+                    continue
+                if told is None:
+                    log.warning("an earlier mount process of this dataset holds its cache folder: stopping it",
+                                dataset=worker.key, pid=pid)
+                    worker.stale_holders[pid] = now
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.kill(pid, signal.SIGTERM)
+                else:
+                    log.warning("an earlier mount process of this dataset did not stop within the grace, killed",
+                                dataset=worker.key, pid=pid, grace_seconds=STOP_GRACE_SECONDS)
+                    worker.stale_holders[pid] = now  # once per grace: a process stuck in the kernel dies late
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.kill(pid, signal.SIGKILL)
 
     async def _end_stalled(self, worker: MountWorker, process: Process) -> None:
         """The rest of a stalled start's stop: the grace, the kill, and whatever is left at its mount point."""
@@ -835,12 +892,15 @@ class NodeAgent:
             # A process being stopped because its start stalled is as good as gone.
             alive = worker.process is not None and worker.process.returncode is None and worker.stopping is None
             device = mounted_devices.get(canonical(worker.path)) if alive else None
+            mounted = device is not None and device != worker.stale_device
+            status = read_status(worker.status_file) if alive and not mounted else None
             reports.append((domain.mount_report(
                 ObjectRef(name=name, namespace=namespace), alive=alive,
-                mounted=device is not None and device != worker.stale_device, exit_code=worker.exit_code,
-                exit_reason=worker.exit_reason,
+                mounted=mounted, exit_code=worker.exit_code, exit_reason=worker.exit_reason,
                 failures=child.failures if (child := self.supervisor.children.get(worker.key)) else 0,
                 peer_url=self.peer_url(worker), stalled=worker.stalled, unhealthy=(namespace, name) in unhealthy,
+                waiting=status.starting if status is not None and status.starting.startswith(STARTING_CACHE_WAIT)
+                else "",
             ), worker.peer_port))
         return reports
 

@@ -177,14 +177,17 @@ def stalled_start(deadline_seconds: float, step: str) -> str:
 
 def mount_report(dataset: ObjectRef, *, alive: bool, mounted: bool, exit_code: int | None,
                  failures: int, peer_url: str = "", stalled: str = "", unhealthy: bool = False,
-                 exit_reason: str = "") -> MountReport:
+                 exit_reason: str = "", waiting: str = "") -> MountReport:
     """How a wanted mount is doing, for heartbeats: Serving once its process has put its own mount in place (with
     its peer URL, the only state in which its peer server answers). ``stalled`` (``stalled_start``): the last
     start was abandoned at its deadline; ``alive`` is then False while that process is being stopped.
     ``unhealthy``: it keeps failing or a cache directory of it is down (the node is unhealthy for its runtime).
-    ``exit_reason``: why the last process exited, in its words (a Failing mount's message quotes it)."""
+    ``exit_reason``: why the last process exited, in its words (a Failing mount's message quotes it). ``waiting``:
+    the start waits for its cache folders, and for whom (``mountstatus.waiting_step``), said while Starting."""
     report = _mount_state(dataset, alive=alive, mounted=mounted, exit_code=exit_code, failures=failures,
                           peer_url=peer_url, stalled=stalled, exit_reason=exit_reason)
+    if waiting and report.state == "Starting":
+        report = msgspec.structs.replace(report, message=f"{report.message}: {waiting}")
     return msgspec.structs.replace(report, unhealthy=True) if unhealthy else report
 
 

@@ -58,6 +58,7 @@ from libs.ufs.mounts import MissingSecret, local_location_error, mount_location,
 from libs.ufs.s3 import S3ObjectStore
 from services.agent import budget
 from services.agent.cache import BlockCache, FrequencyAdmissionPolicy, LruPolicy, ScanCancelled
+from services.agent.cache.locks import Holder
 from services.agent.domain import EXIT_PEER_PORT_TAKEN, FUSE_SUBTYPE, cache_suffix, mount_connection_name, recreated
 from services.agent.fs import DatasetFS, TreeChanges, time_operations, tree_changes
 from services.agent.handover import Staging, replace_in_place, unmount_own
@@ -74,6 +75,7 @@ from services.agent.mountstatus import (
     StatusReporter,
     fatal_status,
     tier_problems,
+    waiting_step,
     write_status,
 )
 from services.agent.namespace import InodeAllocator, Namespace
@@ -379,22 +381,26 @@ class MountedDataset:
         if fuse_loop.done() and not fuse_loop.cancelled() and fuse_loop.exception() is not None:
             raise fuse_loop.exception()  # type: ignore[misc]
 
-    async def _starting(self, step: str) -> None:
-        """Tell the agent what the start is doing now (it names the step if the start outlasts its deadline)."""
+    async def _starting(self, step: str, waiting_for: list[int] | None = None) -> None:
+        """Tell the agent what the start is doing now (it names the step if the start outlasts its deadline), and
+        for whom it waits (``MountStatus.waiting_for``)."""
         if self.status_file:
-            await asyncio.to_thread(write_status, self.status_file, MountStatus(pid=os.getpid(), starting=step))
+            await asyncio.to_thread(write_status, self.status_file, MountStatus(pid=os.getpid(), starting=step,
+                                                                                waiting_for=waiting_for or []))
 
     async def _hold_cache(self, cache: BlockCache, block_size: int, stop: asyncio.Event) -> bool:
         """Take the cache folders' locks (``BlockCache.hold_folders``), waiting while an earlier mount process of the
         dataset deletes its blocks there (it can outlive its agent: a deleted dataset's purge, with the next
         agent's mount of its new incarnation starting meanwhile), or still serves blocks cut at another block size
         than ``block_size`` (the start deletes those); False when ``stop`` was set meanwhile."""
-        waiting = False
+        said: list[Holder] | None = None
         while not await asyncio.to_thread(cache.hold_folders, block_size):
-            if not waiting:
-                waiting = True
-                await self._starting(STARTING_CACHE_WAIT)
-                log.info(STARTING_CACHE_WAIT, dataset=self.shown)
+            # Who holds them, said again when that changes: the agent stops its own stale mount process among them.
+            holders = await asyncio.to_thread(cache.folder_holders)
+            if holders != said:
+                said = holders
+                await self._starting(waiting_step(holders), waiting_for=[h.pid for h in holders if not h.exclusive])
+                log.info(STARTING_CACHE_WAIT, dataset=self.shown, holders=[str(h) for h in holders] or None)
             # flock cannot wait on ``stop`` too: it is asked again every so often instead (a purge takes seconds).
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), HOLD_RETRY_SECONDS)

@@ -27,6 +27,7 @@ from libs.events.agent import ReadFailure, mount_problem
 from libs.hostpaths import normal_path
 from libs.redact import hide_signing, strip_userinfo
 from libs.telemetry import get_logger
+from services.agent.cache.locks import Holder
 from services.agent.cache.store import CacheStats
 from services.agent.cache.tiers import DEFAULT_COOLDOWN_SECONDS
 
@@ -37,6 +38,10 @@ class MountStatus(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     pid: int
     # What the process is doing while it starts (``STARTING_*``); empty once it is mounted.
     starting: str = ""
+    # While it waits for its cache folders (``STARTING_CACHE_WAIT``): the pids of the processes that hold them
+    # shared, serving them (an earlier mount process of the dataset at the old block size), which the agent stops
+    # if they are its own mount processes of the dataset; not those deleting the folder's blocks (a purge).
+    waiting_for: list[int] = []
     # Cache directories (disk tiers) that went down after repeated I/O errors; reads bypass them to the store.
     down: list[str] = []
     # The system's word for the last I/O error of each down directory ("Permission denied"), when known.
@@ -59,6 +64,15 @@ STARTING_CACHE = "loading the cache"
 STARTING_CACHE_WAIT = ("waiting for an earlier mount process of this dataset to finish deleting its cache (or to "
                        "stop serving blocks of the old block size)")
 STARTING_MOUNT = "mounting"
+
+
+def waiting_step(holders: list[Holder]) -> str:
+    """``STARTING_CACHE_WAIT`` with whom it waits for, as /proc/locks says (``locks.holders``): an operator can
+    look at that process (a mount process that outlived its agent and never exits)."""
+    if not holders:  # /proc/locks not readable, or the holder outside this PID namespace
+        return STARTING_CACHE_WAIT
+    names = ", ".join(str(holder) for holder in holders)
+    return f"{STARTING_CACHE_WAIT}: its cache folder is held by {names}"
 
 
 def status_of(stats: CacheStats, pid: int, read_failures: list[ReadFailure] | None = None) -> MountStatus:

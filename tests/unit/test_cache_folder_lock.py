@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 
 from services.agent.cache import BlockCache, DiskTier, LruPolicy
+from services.agent.cache.locks import Holder
 from services.agent.cache.tiers import INDEX_FILE, LOCK_FILE, MARKER
+from services.agent.mountstatus import waiting_step
 from tests.unit.test_block_cache import SIZE, block, payload
 
 # The old mount process: serves the folder's cache, then purges it when told (a line on stdin), pausing with the
@@ -226,3 +228,17 @@ def test_a_start_at_a_new_block_size_waits_for_the_old_process_then_deletes_and_
     assert new.start(2 * SIZE) == 0  # the blocks of the old size are deleted
     assert not [path for path in folder.rglob("*") if path.is_file() and len(path.name) == 32]  # no block file
     assert DiskTier(folder, SIZE).hold()  # held shared again: a later mount process of the folder can start beside
+
+
+def test_a_start_that_waits_for_its_folder_says_which_process_holds_it(
+        tmp_path: Path, old_mount: subprocess.Popen[str]) -> None:
+    # The start only said it waited for "an earlier mount process": one that never exits kept it waiting, restarted
+    # at each deadline, with nothing naming the process to look at.
+    new = new_cache(tmp_path / "ssd")
+    assert new.folder_holders() == [Holder(old_mount.pid, exclusive=False)]
+    assert f"held by process {old_mount.pid} (shared)" in waiting_step(new.folder_holders())
+    assert tell(old_mount) == "purging"  # its lock taken exclusive, paused
+    assert not new.hold_folders()
+    assert new.folder_holders() == [Holder(old_mount.pid, exclusive=True)]
+    assert tell(old_mount) == "purged 5"
+    assert new.folder_holders() == []

@@ -54,8 +54,10 @@ from libs.events.runtime import Level, directory_quotas
 from libs.hostpaths import cache_path_error
 from libs.telemetry import get_logger
 from services.agent.cache.eviction import EvictionPolicy, FrequencyAdmissionPolicy, PolicyFactory
+from services.agent.cache.locks import Holder, holders
 from services.agent.cache.tiers import (
     DEFAULT_COOLDOWN_SECONDS,
+    LOCK_FILE,
     SHARD_LENGTH,
     BlockFile,
     DiskTier,
@@ -1091,6 +1093,13 @@ class BlockCache:
             except OSError:
                 continue  # no folder to lock: the start finds it failing and takes the tier down, as before
         return held
+
+    def folder_holders(self) -> list[Holder]:
+        """The other processes holding a disk tier folder's lock (``locks.holders``): whom a start that cannot
+        hold its folders (``hold_folders``) waits for, when /proc/locks says."""
+        found = {holder.pid: holder for _, tier in self._disk_tiers()
+                 for holder in holders(str(tier.directory / LOCK_FILE))}
+        return sorted(found.values(), key=lambda holder: holder.pid)
 
     def _forget(self, name: str, entry: _Entry) -> None:
         del self._index[name]
