@@ -312,3 +312,7 @@ class OperationRecord(msgspec.Struct, frozen=True, kw_only=True, rename="camel")
     # What the apply at ``command_sequence`` answered (``libs.events.common.answered_result``): a redelivery of it
     # answers the same. "" in a record written before the field.
     command_result: ApplyResult = ""
+    # The trace of the last apply taken in (W3C traceparent, "" if none): a run the apply could
+    # not start at once (its dataset not Bound yet, its loadMetadata listing, a Cron firing) is started by the
+    # loader's tick, which no message carries a trace to; it continues this one, as a dataset's sync does.
+    traceparent: str = ""

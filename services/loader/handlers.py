@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import msgspec
 from nats.errors import NoRespondersError
 from nats.js.errors import APIError, NotFoundError, ObjectNotFoundError, ServiceUnavailableError
+from opentelemetry import trace
 
 from libs import metrics, subjects
 from libs.bus import (
@@ -69,7 +70,7 @@ from libs.events.operation import (
 from libs.events.runtime import RuntimeRecord
 from libs.gauges import GaugeFamily
 from libs.manifest import ManifestStore, ManifestWriter
-from libs.telemetry import get_logger
+from libs.telemetry import context_of, current_traceparent, get_logger, tracer
 from services.loader import domain
 
 log = get_logger(__name__)
@@ -177,6 +178,8 @@ class LoaderHandlers:
     phase_gauge: GaugeFamily = field(default_factory=lambda: GaugeFamily(metrics.OPERATIONS))
     done_gauge: GaugeFamily = field(default_factory=lambda: GaugeFamily(metrics.OPERATION_BYTES_DONE))
     planned_gauge: GaugeFamily = field(default_factory=lambda: GaugeFamily(metrics.OPERATION_BYTES_PLANNED))
+    # Looked up once: the tick may advance many operations (it delegates to whatever provider is installed later).
+    _tracer: trace.Tracer = field(default_factory=lambda: tracer(__name__), init=False)
 
     # --- commands ---
 
@@ -238,7 +241,7 @@ class LoaderHandlers:
                                  sequence, 0 if record is None else record.command_sequence,
                                  "" if record is None else record.command_result)
         if changed:  # a redelivery of this command answers the same
-            updated = msgspec.structs.replace(updated, command_result=result)
+            updated = msgspec.structs.replace(updated, command_result=result, traceparent=current_traceparent())
             revision = await kv_save(kv, key, updated, revision)
             self.operations.saved(key, updated, revision)
             log.info("applied", operation=subjects.key_name(key), generation=updated.generation)
@@ -387,7 +390,12 @@ class LoaderHandlers:
                 # stop the operations sorted after it from advancing.
                 try:
                     if self._may_advance(key, record, now):
-                        await self._advance(key)
+                        # In the trace of the apply (kept in the record: the tick has no message to take it from),
+                        # so the parts it publishes, and the agents' work on them, stay in the caller's trace.
+                        with self._tracer.start_as_current_span("advance operation",
+                                                                context=context_of(record.traceparent),
+                                                                attributes={"shoal.operation": key}):
+                            await self._advance(key)
                 except Exception:
                     if now - self.tick_failures.get(key, -math.inf) >= TICK_FAILURE_LOG_SECONDS:
                         self.tick_failures[key] = now

@@ -4,6 +4,10 @@ part, under which the part's store GETs and its progress publishes are made, so 
 progress joins the same trace. Before, the part was executed outside any trace: the chain broke at the agent, and
 each progress started a trace of its own in the loader.
 
+And a DataLoad applied by another system with a ``traceparent`` before its dataset is Bound: the run the loader's
+tick starts later (no message to take a trace from) publishes its parts in the apply's trace, kept in the record.
+Before, the parts went out with no trace at all, and the chain from the caller broke at the loader.
+
 The runner is the mount process's own class, in-process, over a local-folder store; spans go to memory.
 """
 
@@ -27,7 +31,19 @@ from services.agent.cache import BlockCache, DiskTier
 from services.agent.readahead import MemoryBudget
 from services.agent.reader import BlockReader, StoreGate
 from services.agent.tasks import TaskRunner
+from tests.conftest import NatsServer
 from tests.helpers import eventually, spans_in_memory
+from tests.integration.test_loader import (
+    NODES,
+    agent,
+    dataload,
+    files,
+    loader,
+    operation,
+    phase_of,
+    put_dataset,
+    put_runtime,
+)
 
 NODE = "trace-node"
 DATASET = ObjectRef(name="traced", namespace="default")
@@ -96,3 +112,33 @@ async def test_a_part_continues_the_loaders_trace_and_its_progress_stays_in_it(b
     assert progress and all(span.context.trace_id == trace_id for span in progress), seen
     assert {span.attributes["messaging.destination.name"] for span in progress if span.attributes} == {
         progress_subject}
+
+
+async def test_a_load_that_waits_for_its_dataset_runs_in_the_trace_of_its_outside_apply(
+        bus: Bus, nats_server: NatsServer) -> None:
+    trace_id, caller_span = 0x5EED0000000000000000000000000001, 0x42
+    parts: list[dict[str, str]] = []
+
+    async def on_part(message: Msg) -> None:
+        parts.append(dict(message.headers or {}))
+
+    subscription = await bus.nc.subscribe(f"{subjects.TASK_PREFIX}.>", cb=on_part)
+    with spans_in_memory():
+        async with loader(nats_server), agent(bus, NODES):
+            command = dataload()
+            # As another system publishes it: plain JSON, its own trace in the headers.
+            await bus.nc.jetstream().publish(subjects.DATALOAD_APPLY, msgspec.json.encode(command), headers={
+                "Nats-Msg-Id": command.id, "traceparent": f"00-{trace_id:032x}-{caller_span:016x}-01"})
+
+            async def waiting() -> bool:
+                found = await operation(bus)
+                return found is not None and found.status.waiting_for.startswith("dataset default/data")
+
+            await eventually(waiting, what="the load waiting for its dataset")
+            await put_dataset(bus, files(("a", BLOCK)))
+            await put_runtime(bus, NODES)
+            await phase_of(bus, "Complete")
+    await subscription.unsubscribe()
+    assert parts, "no part published"
+    assert [headers.get("traceparent", "").split("-")[1:2] for headers in parts] == [[f"{trace_id:032x}"]] * len(
+        parts), parts
