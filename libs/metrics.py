@@ -52,9 +52,17 @@ WAY_NATS, WAY_WEBHOOK, WAY_FILTER, WAY_PRIORITIZE = "nats", "webhook", "filter",
 
 # Handlers, syncs and store requests: a millisecond to a minute.
 SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-# FUSE requests and scheduling decisions: tens of microseconds (a cached getattr) to a few seconds (a cold read).
+# Scheduling decisions: tens of microseconds (an answer kept) to a few seconds (well past the webhook's timeout).
 FAST_SECONDS_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
                         0.5, 1.0, 2.5)
+# FUSE requests: as fast as a decision (a cached getattr), and as slow as the store GET or peer request a cold read
+# waits for (the S3 client's 30 s read timeout, a peer's 60 s in all). Ending at 2.5 s, a p99 of every read
+# stalled on a hung store showed 2.5 s: histogram_quantile gives a quantile above the last bound as that bound.
+FUSE_SECONDS_BUCKETS = (*FAST_SECONDS_BUCKETS, 5.0, 10.0, 30.0, 60.0)
+# Metadata syncs: a small folder in milliseconds, a listing of millions of objects in minutes (docs/benchmarks.md
+# measured ~4,000 objects/s: ImageNet's 1.28 million take ~5 minutes). Ending at 60 s, every sync of more than
+# ~250,000 objects fell past the last bound, and the dashboard's p95 read 60 s however long they took.
+SYNC_SECONDS_BUCKETS = (*SECONDS_BUCKETS, 120.0, 300.0, 600.0, 1800.0, 3600.0)
 
 
 def register(*instruments: Counter | Gauge | Histogram) -> None:
@@ -137,7 +145,8 @@ KV_CONFLICTS = Counter("shoal_kv_conflicts", "Compare-and-set writes to a KV buc
 SYNC_FAILED = "failed"
 DATASETS = Gauge("shoal_datasets", "Datasets by phase.", ["phase"])
 DATASET_SYNC_SECONDS = Histogram("shoal_dataset_sync_duration_seconds", "Time to list a dataset's sources and "
-                                 "save its manifest, by outcome (ok, failed).", ["outcome"], buckets=SECONDS_BUCKETS)
+                                 "save its manifest, by outcome (ok, failed).", ["outcome"],
+                                 buckets=SYNC_SECONDS_BUCKETS)
 DATASET_OBJECTS = Gauge("shoal_dataset_objects", "Objects in a dataset's manifest at its last sync.", ["dataset"])
 DATASET_UFS_BYTES = Gauge("shoal_dataset_ufs_bytes", "Bytes in a dataset's sources at its last sync.", ["dataset"])
 DATASET_SKIPPED_OBJECTS = Gauge("shoal_dataset_skipped_objects", "Objects a dataset's last sync listed but left out "
@@ -179,7 +188,7 @@ CACHE_DIR_HEALTHY = Gauge("shoal_cache_dir_healthy", "1 when a cache directory i
                           "else 0.", ["node", "dir"])
 FUSE_SECONDS = Histogram("shoal_fuse_request_duration_seconds", "FUSE requests by operation (lookup, getattr, "
                          "open, read, readdir, ...).", ["node", "dataset", "operation"],
-                         buckets=FAST_SECONDS_BUCKETS)
+                         buckets=FUSE_SECONDS_BUCKETS)
 PEER_REQUESTS = Counter("shoal_peer_requests_served", "Block requests answered by this agent's peer server, by "
                         "outcome (ok, not_cached, unauthorized, bad_request, error).", ["node", "dataset", "outcome"])
 PEER_SERVED_BYTES = Counter("shoal_peer_served_bytes", "Bytes sent to peers.", ["node", "dataset"])
