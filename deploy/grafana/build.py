@@ -454,12 +454,14 @@ CONTROL_PLANE = Board(
             Panel("Inventory fold lag", "Age of the newest inventory event when the scheduler folded it.",
                   (Query(f"max({gauge(metrics.FOLD_LAG_SECONDS)})", "fold lag"),),
                   unit="s", width=6),
+            # max, not sum, of the events: every scheduler replica folds every one (and the dataset service counts
+            # another agent's too); the snapshot requests are each replica's own.
             Panel("Inventory events", "Inventory events folded or ignored by reason, snapshot requests sent, and "
                   "events ignored as another agent's of a node name two agents share (scheduler and dataset "
                   "service, by node).",
-                  (Query(f"sum by (outcome) ({rate(total(metrics.FOLD_EVENTS))})", "{{outcome}}"),
+                  (Query(f"max by (outcome) ({rate(total(metrics.FOLD_EVENTS))})", "{{outcome}}"),
                    Query(f"sum({rate(total(metrics.SNAPSHOT_REQUESTS))})", "snapshot requests"),
-                   Query(f"sum by (node) ({rate(total(metrics.INVENTORY_OTHER_INSTANCE))})",
+                   Query(f"max by (node) ({rate(total(metrics.INVENTORY_OTHER_INSTANCE))})",
                          "another agent as {{node}}")),
                   unit="ops", width=6),
         )),

@@ -199,3 +199,34 @@ def test_series_names_follow_prometheus_client_and_a_wrong_kind_is_refused() -> 
     assert build.gauge(metrics.CACHE_BYTES) == "shoal_cache_bytes"
     with pytest.raises(TypeError, match="is a counter, not a histogram"):
         build.count(metrics.BLOCK_READS)  # type: ignore[arg-type]
+
+
+def panel_exprs(board: build.Board, title: str) -> list[str]:
+    return [query.expr for row in board.rows for panel in row.panels if panel.title == title
+            for query in panel.queries]
+
+
+@pytest.mark.needs("prometheus")
+def test_events_every_scheduler_replica_folds_are_shown_once(tmp_path: Path) -> None:
+    """Every scheduler replica folds every inventory event (deploy/ runs two), and the dataset service counts the
+    events of another agent process too: the panel shows the events' rate, not that rate once per process. Evaluated
+    by Prometheus's own engine (``promtool test rules``) over the series two replicas and a dataset service scrape
+    as. Before, the panel summed them: twice the events folded, three times those of another agent."""
+    promtool = find_tool("promtool")
+    assert promtool is not None
+    folded, _snapshots, other = panel_exprs(build.CONTROL_PLANE, "Inventory events")
+    fold_events, other_instance = build.total(metrics.FOLD_EVENTS), build.total(metrics.INVENTORY_OTHER_INSTANCE)
+    series = [*({"series": f'{fold_events}{{outcome="folded", instance="{replica}"}}', "values": "0+600x10"}
+                for replica in ("scheduler-0", "scheduler-1")),
+              *({"series": f'{other_instance}{{node="node-z", instance="{process}"}}', "values": "0+60x10"}
+                for process in ("scheduler-0", "scheduler-1", "dataset-0"))]
+    tests = {"tests": [{"interval": "1m", "input_series": series, "promql_expr_test": [
+        {"expr": build.concrete(folded, "5m"), "eval_time": "10m",
+         "exp_samples": [{"labels": '{outcome="folded"}', "value": 10}]},
+        {"expr": build.concrete(other, "5m"), "eval_time": "10m",
+         "exp_samples": [{"labels": '{node="node-z"}', "value": 1}]},
+    ]}]}
+    path = tmp_path / "replicas.yaml"
+    path.write_text(yaml.safe_dump(tests))
+    result = subprocess.run([promtool, "test", "rules", str(path)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
