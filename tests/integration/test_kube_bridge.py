@@ -21,6 +21,7 @@ import structlog
 import yaml
 from kmock import Server
 from kubernetes_asyncio import client
+from prometheus_client import REGISTRY, generate_latest
 
 from libs import bus as bus_module
 from libs import kube, subjects
@@ -338,7 +339,8 @@ async def test_secret_mirror_reaches_the_services_through_a_mounted_secret(
     in shoal-system, under ``<ns>.<secret>.<key>``, with a merge patch and in no message on any subject. The dataset
     service reads them from a folder laid out as the kubelet mounts that Secret; until the kubelet has refreshed
     the volume the sync fails with the missing key (phase Failed), and the bridge's resync then binds the dataset
-    with those credentials. Deleting the Dataset removes its keys from the mirror."""
+    with those credentials. Deleting the Dataset removes its keys from the mirror. The Secret's value is in no message
+    and on no /metrics."""
     # The kubelet here is the test itself, which writes the files once it has seen the failure: ask often, and
     # without running out of tries on a slow machine.
     monkeypatch.setattr(bridge_handlers, "MIRROR_RESYNC_SECONDS", 0.3)
@@ -395,6 +397,11 @@ async def test_secret_mirror_reaches_the_services_through_a_mounted_secret(
         await eventually(lambda: _async(not (cluster.server.stored(
             "", "secrets", kube.SYSTEM_NAMESPACE, "shoal-dataset-secrets") or {}).get("data")),
                          what="the deleted Dataset's keys removed from the mirror")
+        # What the bridge's and the dataset service's side servers serve on /metrics (one registry in this process):
+        # the Secret's value neither as it is nor as the mirror's base64.
+        exposed = generate_latest(REGISTRY)
+        assert b"shoal_" in exposed
+        assert secret_key.encode() not in exposed and base64.b64encode(secret_key.encode()) not in exposed
     await every_subject.unsubscribe()
     assert seen and not [m for m in seen if secret_key.encode() in m or base64.b64encode(secret_key.encode()) in m]
     mirror_patches = cluster.server.recorded("PATCH", "/secrets/shoal-dataset-secrets")
