@@ -21,8 +21,8 @@ LARGE_DATASET_OBJECTS = 1_281_167
 
 def histogram_quantile(q: float, child: Histogram) -> float:
     """Prometheus's ``histogram_quantile`` over one series' buckets, as a dashboard panel computes it."""
-    bounds = list(child._upper_bounds)  # type: ignore[attr-defined]
-    counts = [bucket.get() for bucket in child._buckets]  # type: ignore[attr-defined]
+    bounds = list(child._upper_bounds)
+    counts = [bucket.get() for bucket in child._buckets]
     cumulative = [sum(counts[:i + 1]) for i in range(len(counts))]
     rank = q * cumulative[-1]
     index = next(i for i, seen in enumerate(cumulative) if seen >= rank)
@@ -40,7 +40,7 @@ def test_a_read_stalled_on_the_store_or_a_peer_shows_its_time_in_the_fuse_latenc
         for _ in range(100):
             child.observe(stalled)
         # Within the bucket that holds it: at least the bucket below's bound, never capped below the stall.
-        assert histogram_quantile(0.99, child) >= stalled / 2, (stalled, child._upper_bounds)  # type: ignore[attr-defined]
+        assert histogram_quantile(0.99, child) >= stalled / 2, (stalled, child._upper_bounds)
         metrics.FUSE_SECONDS.remove("buckets-node", f"t/stalled-{stalled:g}", "read")
 
 
@@ -49,7 +49,7 @@ def test_the_sync_time_of_a_large_dataset_shows_in_its_quantile() -> None:
     child = metrics.DATASET_SYNC_SECONDS.labels("buckets-test")
     for _ in range(20):
         child.observe(seconds)
-    assert histogram_quantile(0.95, child) >= seconds / 2, (seconds, child._upper_bounds)  # type: ignore[attr-defined]
+    assert histogram_quantile(0.95, child) >= seconds / 2, (seconds, child._upper_bounds)
     metrics.DATASET_SYNC_SECONDS.remove("buckets-test")
 
 
