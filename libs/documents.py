@@ -26,7 +26,12 @@ Decides:
 - that a null field is a field not given (``without_nulls``), and so is an empty ``metadata.namespace`` or
   ``spec.dataset.namespace``, as kubectl and the API server take them;
 - that a Kubernetes ``List`` (``apiVersion: v1``, what ``kubectl get -o yaml`` prints for several objects) stands
-  for its ``items``, each read as a document of its own; a List inside a List is refused.
+  for its ``items``, each read as a document of its own; a List inside a List is refused;
+- that a text beginning with ``{`` is read as JSON first, as kubectl's YAML-or-JSON decoder reads it: one object or
+  several one after another (``jq '.items[]'``), so JSON that is not YAML 1.1 (tab indentation, an emoji's
+  ``\\ud83d\\ude00`` escape pair) applies; what JSON cannot read is read as YAML, whose errors name the line;
+- that a command larger than a NATS message can carry (``too_large``) is refused naming its size, before anything
+  is published.
 
 Semantic validation (bucket names, supported options, DNS labels) is the services' job: they reject with a
 reason the CLI prints. Here only the shape is checked, so a manifest is judged by one authority.
@@ -35,6 +40,7 @@ reason the CLI prints. Here only the shape is checked, so a manifest is judged b
 from __future__ import annotations
 
 import difflib
+import json
 import math
 import re
 from collections.abc import Sequence
@@ -156,6 +162,22 @@ class Command:
         return f"{resource_type(self.kind)}/{self.name}"
 
 
+# Room left in a NATS message for the headers of a command (its Nats-Msg-Id, content type and trace context, a few
+# hundred bytes): a command body larger than the limit less this would be refused by the server.
+COMMAND_HEADROOM = 4096
+
+
+def too_large(event: CommandEvent, kind: str, max_bytes: int) -> str:
+    """Why ``event`` cannot be published in a NATS message of at most ``max_bytes`` ("" when it can): a manifest may
+    give any number of mounts, labels or targets, and aliases (``*anchor``) repeat a list without making the file
+    longer, while the server refuses a message over its limit, which no retry changes."""
+    size = len(msgspec.json.encode(event))
+    if size <= max_bytes - COMMAND_HEADROOM:
+        return ""
+    return (f"too large for Shoal: its command would be {size} bytes, more than the {max_bytes - COMMAND_HEADROOM} "
+            f"a NATS message can carry here; split it into several {kind}s (fewer mounts or targets each)")
+
+
 def resource_type(kind: Kind) -> str:
     """kubectl's name of a kind's resource, as ``-o name`` and its errors say it: ``dataset.shoal.io``."""
     return f"{kind}.{SHOAL_GROUP}"
@@ -181,8 +203,12 @@ class _ManifestLoader(yaml.SafeLoader):
 
 
 def parse_documents(text: str) -> list[Any]:
-    """Every YAML document of ``text`` in order; empty documents stay as None so positions keep their numbers."""
-    documents: list[Any] = []
+    """Every YAML document of ``text`` in order; empty documents stay as None so positions keep their numbers.
+
+    A text that is a stream of JSON values is read as JSON (``_json_documents``), each value a document."""
+    if (documents := _json_documents(text)) is not None:
+        return documents
+    documents = []
     try:
         for document in yaml.load_all(text, Loader=_ManifestLoader):  # a SafeLoader: no Python objects
             documents.append(document)
@@ -198,6 +224,55 @@ def parse_documents(text: str) -> list[Any]:
         detail = f"{problem} ({context})" if context else problem
         raise ManifestError(f"invalid YAML in {where}: {detail}") from err
     return documents
+
+
+# JSON's whitespace, between the values of a stream.
+_JSON_SPACE = re.compile(r"[ \t\n\r]*")
+
+
+class _NotJson(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object; a key given twice is left to the YAML reading, whose refusal names its line."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        raise _NotJson("duplicate key")
+    return obj
+
+
+def _no_constant(name: str) -> Any:
+    raise _NotJson(f"{name} is not JSON")  # Python's reader takes NaN and Infinity, JSON (and kubectl) does not
+
+
+_JSON_DECODER = json.JSONDecoder(object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+
+
+def _json_documents(text: str) -> list[Any] | None:
+    """The values of ``text`` read as a stream of JSON objects (one, or several one after another, as kubectl's
+    decoder reads a text that begins with ``{``); None when it does not begin with one or is not such a stream.
+
+    YAML 1.1 reads most JSON alike, but not all of it: a tab that indents (Go's ``MarshalIndent`` with "\\t", ``jq
+    --tab``) is a YAML error, an escaped pair of surrogates (``json.dumps`` of an emoji: ``\\ud83d\\ude00``) was
+    read as two lone halves and refused, and a second object after the first needed a ``---``."""
+    index = _after_space(text, len("\ufeff") if text.startswith("\ufeff") else 0)  # kubectl skips a BOM too
+    if not text.startswith("{", index):
+        return None
+    documents = []
+    try:
+        while index < len(text):
+            value, index = _JSON_DECODER.raw_decode(text, index)
+            documents.append(value)
+            index = _after_space(text, index)
+    except (ValueError, RecursionError):  # json.JSONDecodeError and _NotJson are ValueErrors
+        return None
+    return documents
+
+
+def _after_space(text: str, index: int) -> int:
+    match = _JSON_SPACE.match(text, index)
+    return match.end() if match else index
 
 
 def documents_to_commands(

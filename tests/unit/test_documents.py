@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import json
 import textwrap
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from libs import subjects
 from libs.documents import (
+    COMMAND_HEADROOM,
+    SHOAL_API,
     ManifestError,
     alluxio_size,
     documents_to_commands,
     juicefs_size,
     parse_documents,
+    too_large,
 )
 from libs.events.common import ObjectMeta, parse_quantity
 from libs.events.dataset import DatasetApply, DatasetDelete
@@ -857,6 +862,45 @@ def test_a_key_given_twice_is_an_error_not_the_last_one_silently() -> None:
     # A merge key's values may be overridden: that is what it is for.
     assert parse_documents("base: &b {k: 1, j: 2}\nmine: {<<: *b, k: 3}\n") == [
         {"base": {"k": 1, "j": 2}, "mine": {"k": 3, "j": 2}}]
+
+
+def test_json_is_read_as_kubectl_reads_it_not_as_yaml() -> None:
+    """A text beginning with ``{`` is JSON, as kubectl's decoder takes it. Read as YAML 1.1, a file indented with tabs
+    (Go's ``json.MarshalIndent(v, "", "\\t")``, ``jq --tab``) was "found character '\\t' that cannot start any
+    token", an emoji as ``json.dumps`` escapes it was refused as two lone surrogates, and objects one after another
+    (``jq '.items[]'``) were "expected '<document start>'"."""
+    dataset = {"apiVersion": SHOAL_API, "kind": "Dataset", "metadata": {"name": "a", "annotations": {"by": "😀"}},
+               "spec": {"mounts": [{"mountPoint": "s3://one/"}]}}
+    tabs = json.dumps(dataset, indent="\t", ensure_ascii=False)
+    escaped = json.dumps(dataset)  # ensure_ascii: "\\ud83d\\ude00"
+    assert "\\ud83d\\ude00" in escaped
+    other = {**dataset, "metadata": {"name": "b"}}
+
+    assert parse_documents(tabs) == [dataset]
+    assert parse_documents(escaped) == [dataset]
+    assert parse_documents(f"\ufeff{escaped}\n{json.dumps(other)}  \n") == [dataset, other]  # a BOM, a stream
+    commands, _, errors = documents_to_commands(parse_documents(f"{escaped}{json.dumps(other)}"))
+    assert errors == [] and [command.name for command in commands] == ["a", "b"]
+    assert isinstance(commands[0].event, DatasetApply)
+    assert commands[0].event.dataset.metadata.annotations == {"by": "😀"}
+    # What JSON cannot read is read as YAML, which names the line: a key given twice, a syntax error, YAML's
+    # document separator between JSON objects.
+    with pytest.raises(ManifestError, match=r"line 1, column 10: duplicate key 'a'"):
+        parse_documents('{"a": 1, "a": 2}')
+    with pytest.raises(ManifestError, match=r"invalid YAML in document 1, line 2"):
+        parse_documents('{"a": [1,\n')
+    assert parse_documents('{"a": 1}\n---\n{"b": 2}\n') == [{"a": 1}, {"b": 2}]
+
+
+def test_a_command_too_large_for_a_nats_message_is_said_with_its_size() -> None:
+    [command], _, _ = documents_to_commands([{"apiVersion": SHOAL_API, "kind": "Dataset", "metadata": {"name": "a"},
+                                              "spec": {"mounts": [{"mountPoint": "s3://one/"}]}}])
+    size = len(msgspec.json.encode(command.event))
+
+    assert too_large(command.event, "Dataset", size + COMMAND_HEADROOM) == ""
+    assert too_large(command.event, "Dataset", size + COMMAND_HEADROOM - 1) == (
+        f"too large for Shoal: its command would be {size} bytes, more than the {size - 1} a NATS message can carry "
+        "here; split it into several Datasets (fewer mounts or targets each)")
 
 
 def test_empty_documents_keep_their_positions() -> None:
