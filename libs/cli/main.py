@@ -39,6 +39,7 @@ from nats.js.kv import KeyValue
 from libs import subjects
 from libs.bus import (
     CONNECT_TIMEOUT,
+    MESSAGE_LIMIT,
     Bus,
     Permanent,
     PermissionDenied,
@@ -61,6 +62,7 @@ from libs.documents import (
     no_objects,
     parse_documents,
     resource_type,
+    too_large,
 )
 from libs.events.common import DNS1123_LABEL, ObjectMeta, ObjectRef, dns_label_errors
 from libs.events.dataset import (
@@ -389,6 +391,12 @@ async def send_commands(bus: Bus, commands: Sequence[Command], wait_seconds: flo
         if future is not None and not future.done():
             future.set_result(fact)
 
+    # A server configured for smaller messages than Shoal's streams take refuses a command ``_read_manifests`` let
+    # through: said before anything is published, not as nats-py's MaxPayloadError.
+    limit = min(MESSAGE_LIMIT, bus.nc.max_payload)
+    if large := [f"{command.resource}: {problem}" for command in commands
+                 if (problem := too_large(command.event, command.source_kind, limit))]:
+        raise CliError("; ".join(large) + "; nothing was sent")
     # Subscribe before publishing, and flush so the server has the interest: a fast service cannot answer
     # before we listen. Core NATS is enough, the fact stream is only needed for a replay.
     subscriptions = [await bus.nc.subscribe(FACTS[kind], cb=on_fact)
@@ -506,7 +514,11 @@ def _read_manifests(sources: Sequence[manifests.ManifestSource], namespace: str,
             # Refused here, before publishing: a command stays in the command stream for a week.
             exposed = exposed_secret_errors(command.event.dataset) if isinstance(command.event, DatasetApply) else []
             errors += [f"{command.resource}: {reason}" for reason in exposed]
-            if not exposed:
+            # As kubectl refuses an object larger than the API server takes: NATS refuses the message, which was a
+            # traceback after the file's earlier objects were applied.
+            if not exposed and (large := too_large(command.event, command.source_kind, MESSAGE_LIMIT)):
+                errors.append(f"document {command.document} ({command.source_kind} {command.name}): {large}")
+            elif not exposed:
                 commands.append(command)
         notes += file_notes
         for error in errors:

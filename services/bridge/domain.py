@@ -19,7 +19,13 @@ import msgspec
 from libs import kube, references
 from libs.crds import fluid_unheld_status, shoal_status
 from libs.deletion import deleted_at
-from libs.documents import Command, documents_to_commands, read_only_message, read_only_note
+from libs.documents import (
+    Command,
+    documents_to_commands,
+    read_only_message,
+    read_only_note,
+    too_large,
+)
 from libs.events.common import DECODE_ERRORS, DNS1123_SUBDOMAIN, rfc3339, to_builtins
 from libs.events.dataset import REASON_WRITES_NOT_SERVED, Condition, DatasetApply, DatasetStatus, write_access_modes
 from libs.events.operation import OperationRecord, OperationStatus
@@ -54,9 +60,6 @@ MAX_NAME = 253
 # A Secret's data keys (Kubernetes' IsConfigMapKey): these characters, at most 253 of them.
 SECRET_DATA_KEY = re.compile(r"[-._a-zA-Z0-9]+")
 MAX_SECRET_DATA_KEY = 253
-# Room left in a NATS message for the headers of a command (its Nats-Msg-Id, content type and trace context, a few
-# hundred bytes): a command body larger than the limit less this would be refused by the server.
-COMMAND_HEADROOM = 4096
 # libs.documents names the document in a YAML stream ("document 1 (Dataset demo): "); here there is only one.
 _DOCUMENT_LABEL = re.compile(r"^document 1 \([^)]*\): ")
 
@@ -324,11 +327,8 @@ def translate(resource: kube.Resource, obj: dict[str, Any], max_bytes: int | Non
         # reach every subscriber (and a rejected apply is sent again at every start of the bridge).
         return Translation(None, exposed, notes)
     event = msgspec.structs.replace(command.event, id=apply_id(resource, obj, command))
-    size = len(msgspec.json.encode(event))
-    if max_bytes is not None and size > max_bytes - COMMAND_HEADROOM:
-        return Translation(None, [f"too large for Shoal: its command would be {size} bytes, more than the "
-                                  f"{max_bytes - COMMAND_HEADROOM} a NATS message can carry here; split it into "
-                                  f"several {resource.kind}s (fewer mounts or targets each)"], notes)
+    if max_bytes is not None and (problem := too_large(event, resource.kind, max_bytes)):
+        return Translation(None, [problem], notes)
     read_only = ""
     if isinstance(event, DatasetApply) and (writes := write_access_modes(event.dataset.spec.access_modes)):
         # Told apart from the ignored fields: its own Event, with the reason the dataset's condition carries.

@@ -1299,6 +1299,45 @@ async def test_a_manifest_without_end_is_refused_after_its_limit_not_read_for_ev
                              "such as /dev/zero, or not a manifest?)\n")
 
 
+async def test_a_document_too_large_for_a_nats_message_is_refused_and_the_others_apply(
+        nats_server: NatsServer, services: None, tmp_path: Path) -> None:
+    """A command over NATS's message limit was nats-py's MaxPayloadError as a traceback, after the documents before
+    it had been applied and with those after it never sent. An alias repeats a list without making the file long."""
+    aliases = "\n".join(f"    l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]" for i in range(1, 7))
+    manifest = tmp_path / "big.yaml"
+    manifest.write_text(f"""
+apiVersion: shoal.io/v1alpha1
+kind: Dataset
+metadata: {{name: before}}
+spec: {{mounts: [{{mountPoint: "local://{tmp_path}"}}]}}
+---
+apiVersion: shoal.io/v1alpha1
+kind: Dataset
+metadata: {{name: huge}}
+spec:
+  mounts: [{{mountPoint: "local://{tmp_path}"}}]
+  nodeAffinity:
+    l0: &l0 [lol]
+{aliases}
+---
+apiVersion: shoal.io/v1alpha1
+kind: Dataset
+metadata: {{name: after}}
+spec: {{mounts: [{{mountPoint: "local://{tmp_path}"}}]}}
+""")
+
+    applied = await shoal(nats_server, "apply", "-f", str(manifest))
+
+    assert applied.exception is None or isinstance(applied.exception, SystemExit), applied.exception
+    assert (applied.exit_code, applied.stdout) == (
+        1, "dataset.shoal.io/before created\ndataset.shoal.io/after created\n")
+    [error] = applied.stderr.splitlines()
+    assert error.startswith(f"error: {manifest}: document 2 (Dataset huge): too large for Shoal: its command would be ")
+    assert error.endswith(" bytes, more than the 1044480 a NATS message can carry here; split it into several "
+                          "Datasets (fewer mounts or targets each)")
+    assert (await shoal(nats_server, "get", "dataset", "huge")).exit_code == 1  # nothing of it was sent
+
+
 @pytest.mark.parametrize("command", [("get", "datasets"), ("describe", "dataset", "demo"),
                                      ("delete", "dataset", "demo"), ("load", "dataset", "demo")])
 async def test_a_namespace_that_is_no_namespace_is_one_error_line(nats_server: NatsServer,

@@ -8,6 +8,7 @@ from typing import Any
 import msgspec
 
 from libs import kube
+from libs.documents import COMMAND_HEADROOM
 from libs.events.common import ObjectMeta
 from libs.events.dataset import CacheStates, DatasetStatus, RuntimeRef
 from libs.events.operation import OperationRecord, OperationStatus, Progress
@@ -70,8 +71,8 @@ def test_a_command_larger_than_a_message_is_refused_with_its_size() -> None:
     command = domain.translate(SHOAL_DATASET, obj).command
     assert command is not None
     size = len(msgspec.json.encode(command.event))
-    assert domain.translate(SHOAL_DATASET, obj, size + domain.COMMAND_HEADROOM).command is not None
-    refused = domain.translate(SHOAL_DATASET, obj, size + domain.COMMAND_HEADROOM - 1)
+    assert domain.translate(SHOAL_DATASET, obj, size + COMMAND_HEADROOM).command is not None
+    refused = domain.translate(SHOAL_DATASET, obj, size + COMMAND_HEADROOM - 1)
     assert refused.command is None and refused.errors and f"would be {size} bytes" in refused.errors[0]
 
 
