@@ -15,7 +15,8 @@ the apply's when it started from the applied generation or a later one (``observ
 the previous spec is not the end of the apply that fixed it.
 
 The connection is watched too (``follow_connected``): nats-py reconnects forever and a KV watch only waits, so a NATS
-that went away would otherwise leave ``--wait`` silent for good.
+that went away would otherwise leave ``--wait`` silent for good; a PING kept in flight tells a server that stopped
+answering on a connection still open (frozen, cut off by the network).
 """
 
 from __future__ import annotations
@@ -149,10 +150,11 @@ async def follow(watches: Sequence[tuple[OperationWatch, int]], console: Console
 
 
 class ConnectionLost(Exception):
-    """The connection to NATS stayed down for the whole patience while operations were followed."""
+    """The connection to NATS stayed down, or NATS did not answer on it, for the whole patience while operations were
+    followed."""
 
-    def __init__(self, resources: Sequence[str], patience: float) -> None:
-        super().__init__(f"no reconnect within {patience:g}s while waiting for {', '.join(resources)}")
+    def __init__(self, resources: Sequence[str], patience: float, why: str = "no reconnect") -> None:
+        super().__init__(f"{why} within {patience:g}s while waiting for {', '.join(resources)}")
         self.resources = list(resources)
         self.patience = patience
 
@@ -160,19 +162,47 @@ class ConnectionLost(Exception):
 async def follow_connected(bus: Bus, watches: Sequence[tuple[OperationWatch, int]], patience: float,
                            console: Console | None = None) -> list[Finished]:
     """``follow``, or ``ConnectionLost`` once the connection has been down ``patience`` seconds in a row (a short
-    NATS restart is ridden out: the watches start again after a reconnect)."""
+    NATS restart is ridden out: the watches start again after a reconnect), or up but unanswered that long.
+
+    A server that stops answering without closing the connection (frozen, or cut off by the network with no reset)
+    leaves it "connected": nats-py notices only when its pings go unanswered, two minutes apart, so ``--wait`` stayed
+    silent for minutes past its ``--timeout``. A PING is kept in flight (``flush``) and when NATS last answered one is
+    what counts; a ping sent before a reconnect is never answered (nats-py forgets it), so a new one goes out then."""
     following = asyncio.ensure_future(follow(watches, console))
     loop = asyncio.get_running_loop()
     down_since: float | None = None
+    answered = loop.time()  # when NATS last answered a ping, or the connection came back
+    ping: asyncio.Future[None] | None = None
+    ping_reconnects = bus.reconnects()
+
+    def on_answer(done: asyncio.Future[None]) -> None:
+        nonlocal answered
+        # A ping unanswered (the patience ran out first) or forgotten by a reconnect ends in a timeout: no answer.
+        if not done.cancelled() and done.exception() is None:
+            answered = loop.time()
+
     try:
         while not following.done():
+            if bus.nc.is_connected and (ping is None or ping.done() or bus.reconnects() != ping_reconnects):
+                ping_reconnects = bus.reconnects()
+                # Longer than the patience: it is not cancelled while it may still be answered (nats-py would then
+                # fail on the late PONG of a cancelled ping).
+                ping = asyncio.ensure_future(bus.nc.flush(timeout=patience + 1))  # type: ignore[arg-type]
+                ping.add_done_callback(on_answer)
             await asyncio.wait({following}, timeout=CONNECTION_CHECK_SECONDS)
-            if following.done() or bus.nc.is_connected:
+            now = loop.time()
+            if following.done():
+                break
+            if not bus.nc.is_connected:
+                # The silence of the connection it comes back on starts then; until then this counts.
+                answered = now
+                down_since = now if down_since is None else down_since
+                if now - down_since >= patience:
+                    raise ConnectionLost([watch.resource for watch, _ in watches], patience)
+            else:
                 down_since = None
-            elif down_since is None:
-                down_since = loop.time()
-            elif loop.time() - down_since >= patience:
-                raise ConnectionLost([watch.resource for watch, _ in watches], patience)
+                if now - answered >= patience:
+                    raise ConnectionLost([watch.resource for watch, _ in watches], patience, "no answer from NATS")
         return following.result()
     finally:
         if not following.done():

@@ -13,7 +13,9 @@ import asyncio
 import functools
 import io
 import json
+import os
 import re
+import signal
 import sys
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -416,6 +418,28 @@ async def test_wait_rides_out_a_nats_restart_and_says_when_nats_stays_away(nats_
     assert stderr.decode() == (
         f"error: lost the connection to NATS at {nats_server.url}: no reconnect within 1s while waiting for "
         "dataload.shoal.io/stranded; the work goes on without this command (`shoal get dataloads` or `datacleans` "
+        "shows how it ends)\n")
+
+
+async def test_wait_says_when_a_frozen_nats_does_not_answer_for_the_timeout(nats_server: NatsServer, bus: Bus,
+                                                                            loader: StandInLoader) -> None:
+    """A server that stops answering without closing the connection (SIGSTOP here; a network cut alike) left the
+    connection "up": ``--wait --timeout 1`` stayed silent until nats-py's own pings, two minutes apart, gave up."""
+    await put_dataset(bus)
+    process = await start_waiting_load(nats_server, "frozen", timeout=1)
+    assert nats_server.process is not None
+    os.kill(nats_server.process.pid, signal.SIGSTOP)
+    try:
+        stdout, stderr = await asyncio.wait_for(process.communicate(), 30)
+    finally:
+        os.kill(nats_server.process.pid, signal.SIGCONT)
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert (process.returncode, stdout.decode()) == (2, "dataload.shoal.io/frozen created\n")
+    assert stderr.decode() == (
+        f"error: lost the connection to NATS at {nats_server.url}: no answer from NATS within 1s while waiting for "
+        "dataload.shoal.io/frozen; the work goes on without this command (`shoal get dataloads` or `datacleans` "
         "shows how it ends)\n")
 
 
