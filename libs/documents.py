@@ -31,7 +31,7 @@ Decides:
   several one after another (``jq '.items[]'``), so JSON that is not YAML 1.1 (tab indentation, an emoji's
   ``\\ud83d\\ude00`` escape pair) applies; what JSON cannot read is read as YAML, whose errors name the line;
 - that a command larger than a NATS message can carry (``too_large``) is refused naming its size, before anything
-  is published.
+  is published, and so is a document whose aliases expand it past ``MAX_EXPANDED_VALUES`` or make it contain itself.
 
 Semantic validation (bucket names, supported options, DNS labels) is the services' job: they reject with a
 reason the CLI prints. Here only the shape is checked, so a manifest is judged by one authority.
@@ -372,6 +372,45 @@ def _not_unicode(document: Any) -> bool:
     return False
 
 
+# The most values (mappings, lists, keys and scalars) a document may hold with its aliases expanded: its command
+# travels in one NATS message of 1 MiB, and every value takes at least a byte of it.
+MAX_EXPANDED_VALUES = 1024 * 1024
+
+
+def _expansion_problem(document: Any) -> str:
+    """Why ``document`` cannot become a command however it is read ("" when it can): it contains itself (an alias
+    inside the mapping or list its anchor names), or its aliases expand it past ``MAX_EXPANDED_VALUES``.
+
+    PyYAML gives an alias the very object its anchor names, so a document is a graph, small in memory; its event is
+    encoded expanded, as a tree. Ten lines of aliases each repeating the one before ten times ("billion laughs") made
+    an event of gigabytes, eaten into memory until the CLI was killed, and a cycle a RecursionError traceback. kubectl
+    refuses both ("excessive aliasing"). Sizes are counted once per object (a walk with a stack: YAML nests as deep as
+    it likes)."""
+    sizes: dict[int, int] = {}
+    entered: set[int] = set()  # the containers around the one being walked
+    pending: list[tuple[Any, bool]] = [(document, False)]
+    while pending:
+        value, leaving = pending.pop()
+        if not isinstance(value, dict | list):
+            continue
+        children = [*value.keys(), *value.values()] if isinstance(value, dict) else value
+        if leaving:
+            entered.discard(id(value))
+            sizes[id(value)] = 1 + sum(sizes.get(id(child), 1) for child in children)
+            if sizes[id(value)] > MAX_EXPANDED_VALUES:
+                return (f"its aliases (*name) repeat so much that it would hold more than {MAX_EXPANDED_VALUES:,} "
+                        "values, more than a command can carry: write the repeated parts out, or split it")
+            continue
+        if id(value) in sizes:
+            continue
+        if id(value) in entered:
+            return "it contains itself: an alias (*name) inside the mapping or list its anchor (&name) names"
+        entered.add(id(value))
+        pending.append((value, True))
+        pending.extend((child, False) for child in children if isinstance(child, dict | list))
+    return ""
+
+
 def without_nulls(document: Any) -> Any:
     """``document`` with every mapping entry whose value is null left out, at every depth (a copy; items of a list
     are kept, null or not). The API server prunes a custom resource's null fields before defaulting, and kubectl
@@ -408,6 +447,8 @@ def _document_to_command(
             f"{where}: expected a mapping with apiVersion, kind, metadata and spec, "
             f"got {type(document).__name__}"
         )
+    if problem := _expansion_problem(document):
+        raise _DocumentError(f"{where}: {problem}")
     document = without_nulls(document)
     if _not_unicode(document):
         # A YAML "\ud800" escape gives one; no event can carry it (JSON on the wire is UTF-8). Found by fuzzing.

@@ -1302,8 +1302,7 @@ async def test_a_manifest_without_end_is_refused_after_its_limit_not_read_for_ev
 async def test_a_document_too_large_for_a_nats_message_is_refused_and_the_others_apply(
         nats_server: NatsServer, services: None, tmp_path: Path) -> None:
     """A command over NATS's message limit was nats-py's MaxPayloadError as a traceback, after the documents before
-    it had been applied and with those after it never sent. An alias repeats a list without making the file long."""
-    aliases = "\n".join(f"    l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]" for i in range(1, 7))
+    it had been applied and with those after it never sent."""
     manifest = tmp_path / "big.yaml"
     manifest.write_text(f"""
 apiVersion: shoal.io/v1alpha1
@@ -1313,12 +1312,10 @@ spec: {{mounts: [{{mountPoint: "local://{tmp_path}"}}]}}
 ---
 apiVersion: shoal.io/v1alpha1
 kind: Dataset
-metadata: {{name: huge}}
-spec:
-  mounts: [{{mountPoint: "local://{tmp_path}"}}]
-  nodeAffinity:
-    l0: &l0 [lol]
-{aliases}
+metadata:
+  name: huge
+  annotations: {{notes: {"x" * 1_100_000}}}
+spec: {{mounts: [{{mountPoint: "local://{tmp_path}"}}]}}
 ---
 apiVersion: shoal.io/v1alpha1
 kind: Dataset

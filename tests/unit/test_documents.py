@@ -903,6 +903,28 @@ def test_a_command_too_large_for_a_nats_message_is_said_with_its_size() -> None:
         "here; split it into several Datasets (fewer mounts or targets each)")
 
 
+def test_aliases_that_expand_past_a_command_or_contain_themselves_are_refused() -> None:
+    """Ten lines of aliases, each repeating the one before ten times, expand to ten billion values: the CLI ate
+    memory until it was killed; an alias inside its own anchor was a RecursionError traceback. kubectl refuses
+    both."""
+    laughs = "\n".join(f"    l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]" for i in range(1, 11))
+    head = "apiVersion: shoal.io/v1alpha1\nkind: Dataset\nmetadata: {name: a}\nspec:\n  mounts: [{mountPoint: s3://b/}]\n"
+
+    _, _, [error] = documents_to_commands(parse_documents(f"{head}  nodeAffinity:\n    l0: &l0 [lol]\n{laughs}\n"))
+    assert error == ("document 1: its aliases (*name) repeat so much that it would hold more than 1,048,576 values, "
+                     "more than a command can carry: write the repeated parts out, or split it")
+    for itself in ("  nodeAffinity: &a {x: *a}\n", "  tolerations: &a [{x: *a}]\n"):
+        _, _, [error] = documents_to_commands(parse_documents(head + itself))
+        assert error == ("document 1: it contains itself: an alias (*name) inside the mapping or list its anchor "
+                         "(&name) names")
+    # Aliases used as they usually are (a shared mapping, a deep tree shared twice) are fine.
+    shared = "  nodeAffinity:\n    a: &x {k: [1, 2, {z: [3]}]}\n    b: *x\n    c: [*x, *x]\n"
+    [command], _, errors = documents_to_commands(parse_documents(head + shared))
+    assert errors == [] and isinstance(command.event, DatasetApply)
+    assert command.event.dataset.spec.node_affinity == {"a": {"k": [1, 2, {"z": [3]}]}, "b": {"k": [1, 2, {"z": [3]}]},
+                                                        "c": [{"k": [1, 2, {"z": [3]}]}] * 2}
+
+
 def test_empty_documents_keep_their_positions() -> None:
     assert parse_documents("a: 1\n---\n---\nb: 2\n") == [{"a": 1}, None, {"b": 2}]
 
