@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import secrets
 import ssl
 import sys
@@ -169,6 +170,14 @@ def _checked_name(ctx: click.Context, param: click.Parameter, value: str | None)
     return value
 
 
+def _finite_timeout(ctx: click.Context, param: click.Parameter, value: float) -> float:
+    """``--timeout``: click's range lets ``nan`` through (no comparison holds for it), which ended as "cannot reach
+    NATS (no answer within nans)", and ``inf``, a traceback where a deadline is made whole seconds."""
+    if not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a number of seconds: give a finite one, such as 30")
+    return value
+
+
 def namespace_option(help: str | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """The ``-n/--namespace`` option of every command that works in one namespace."""
     return click.option("-n", "--namespace", default="default", show_default=True, callback=_checked_namespace,
@@ -225,8 +234,9 @@ class ShoalGroup(click.Group):
 @click.option("--nats", "nats_url", metavar="URLS", default=None,
               help="NATS server URL(s), comma-separated.  [default: $NATS_URL or nats://127.0.0.1:4222]")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_TIMEOUT, show_default=True,
-              help="Seconds to wait for NATS (also for it to come back during --wait) and for each answer from a "
-                   "service.")
+              callback=_finite_timeout,
+              help="Seconds to wait for NATS (also for it to come back, or answer, during --wait) and for each "
+                   "answer from a service.")
 @click.pass_context
 def cli(ctx: click.Context, nats_url: str | None, timeout: float) -> None:
     """Shoal: datasets and their cache runtimes over NATS JetStream, with Fluid-compatible manifests."""

@@ -1426,6 +1426,19 @@ async def test_missing_streams_and_unreachable_nats_exit_2_without_traceback(nat
     assert isinstance(unreachable.exception, SystemExit)
 
 
+@pytest.mark.parametrize("timeout", ["inf", "nan", "1e400"])
+def test_a_timeout_that_is_no_number_of_seconds_is_a_usage_error(timeout: str) -> None:
+    """click's range let them through: ``inf`` was an OverflowError traceback once a deadline was made whole seconds,
+    ``nan`` "cannot reach NATS (no answer within nans)"."""
+    result = CliRunner().invoke(cli, ["--nats", f"nats://127.0.0.1:{free_port()}", "--timeout", timeout, "apply",
+                                      "-f", "-"], input="apiVersion: shoal.io/v1alpha1\nkind: Dataset\n"
+                                                        "metadata: {name: a}\nspec: {mounts: [{mountPoint: s3://a/}]}\n")
+    assert (result.exit_code, result.stdout) == (2, ""), result.output
+    shown = "inf" if timeout != "nan" else "nan"
+    assert result.stderr.splitlines()[-1] == (f"Error: Invalid value for '--timeout': {shown} is not a number of "
+                                              "seconds: give a finite one, such as 30")
+
+
 async def test_an_unreachable_nats_url_without_a_scheme_is_named_without_its_password() -> None:
     # nats-py logs in with cli:s3cret@host:port as with nats://cli:s3cret@host:port; the error showed it whole.
     port = free_port()
