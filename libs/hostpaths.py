@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import re
 from collections.abc import Sequence
 
 # Folders of the operating system that a cache tier must never be, whatever is below them: Shoal creates and
@@ -62,8 +63,16 @@ def real_local_root_error(path: str, roots: Sequence[str]) -> str | None:
     return f"{path!r} leads to {real!r}, which is not below an allowed local root ({', '.join(roots)})"
 
 
+# A NUL byte makes every file call on the path fail (ValueError: the mount process's cache scan died on it); the
+# other control characters (a newline, a tab pasted into YAML) are typos that would name folders no one can type.
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def cache_path_error(path: str) -> str | None:
-    """Why ``path`` may not hold a cache tier (a system folder, or below one), or None if it may."""
+    """Why ``path`` may not hold a cache tier (a control character, a system folder, or below one), or None if it
+    may."""
+    if (char := CONTROL_CHARACTERS.search(path)) is not None:
+        return f"{path!r} contains the control character {char.group()!r}; give a plain folder path"
     normal = normal_path(path)
     if normal in SYSTEM_FOLDERS:
         return f"{path!r} is a system folder; give a folder of its own, e.g. /var/cache/shoal"

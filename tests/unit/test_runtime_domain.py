@@ -255,6 +255,14 @@ def test_disk_tier_paths_are_judged_as_the_agent_uses_them(path: str, used: str)
     assert error.startswith(f"spec.tieredstore.levels[0].path {used!r} ")
 
 
+@pytest.mark.parametrize("path", ["/mnt/a\x00b", "/mnt/cache\nssd", "/mnt/a\tb,/mnt/c", "/mnt/\x7f"])
+def test_disk_tier_paths_with_control_characters_are_refused(path: str) -> None:
+    # A NUL byte was accepted, and every mount process of the runtime then died scanning its cache ("embedded null
+    # byte"), on every node; a newline inside a path named a folder nobody could type.
+    error = one_error(make_runtime(Level(mediumtype="SSD", quota="1Gi", path=path)))
+    assert error.startswith("spec.tieredstore.levels[0].path ") and "contains the control character" in error
+
+
 def test_disk_tier_paths_with_blanks_around_them_are_the_paths_the_agent_uses() -> None:
     assert validate_runtime(make_runtime(Level(mediumtype="SSD", quota="1Gi", path=" /mnt/a , /mnt/b,"))) == []
 

@@ -130,7 +130,8 @@ def test_redact_payload_masks_malformed_json_by_pattern() -> None:
 
 
 @pytest.mark.parametrize("path", ["/", "/etc", "/var", "/home", "/usr", "/tmp", "/etc/shoal", "/proc/1", "/sys/x",
-                                  "/dev/shm", "/boot/cache", "/usr/local/cache", "//", "/var/../etc"])
+                                  "/dev/shm", "/boot/cache", "/usr/local/cache", "//", "/var/../etc",
+                                  "/data/a\x00b", "/data/a\nb"])
 def test_system_paths_hold_no_cache(path: str) -> None:
     assert cache_path_error(path) is not None
 
