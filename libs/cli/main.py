@@ -771,7 +771,8 @@ def _autoscaler_next(policy: AutoscalingPolicy, replicas: int) -> str:
         if off:
             return (f"{replicas} is {word} {bound}, so its autoscaler sets it back to {bound} at once (change "
                     "spec.autoscaling to go beyond)")
-    return "its autoscaler goes on changing replicas from here"
+    return (f"its autoscaler goes on changing replicas from here, the first step no sooner than "
+            f"{policy.cool_down_seconds} s (coolDownSeconds) from now")
 
 
 # --- DataLoad and DataClean shortcuts ---

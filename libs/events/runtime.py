@@ -237,6 +237,10 @@ class AutoscalingStatus(msgspec.Struct, frozen=True, kw_only=True, rename="camel
     decisions: list[ScaleDecision] = []
     # The latest decision, a hold included (why it does not grow or shrink); None before the first look.
     last_decision: AutoscalerDecision | None = None
+    # ``spec.replicas`` at the last look (None: not looked since this field). Replicas that differ at the next look,
+    # other than by the autoscaler's own last decision landing, were changed by ``shoal scale`` or an apply: a change
+    # of replicas, so the cool-down counts from it (the workers just picked were dropped again a second later).
+    replicas: int | None = None
 
 
 class RuntimeStatus(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):

@@ -1075,6 +1075,12 @@ def autoscale(policy: AutoscalingPolicy, replicas: int, sample: CacheSample, pre
     Each outcome has a reason word (``PRESSURE``, ``AT_MAX``, ...) kept with its words in ``lastDecision``.
     """
     state = state or AutoscalingStatus(last_pressure_time=now)
+    # Replicas changed since the last look by someone else (``shoal scale``, an apply): as much a change as one of
+    # its own, so the next step waits a cool-down. Before, a calm runtime scaled up by hand lost a worker a second
+    # later (the one just picked), and one scaled down under pressure grew back at once.
+    moved = outside_change(state, replicas)
+    if moved:
+        state = msgspec.structs.replace(state, last_scale_time=now)
     low, high, cool = policy.min_replicas, policy.max_replicas, policy.cool_down_seconds
     used = _percent(sample.cached_bytes, sample.capacity_bytes)
     hits, misses = read_window(previous, sample.reads)
@@ -1086,7 +1092,8 @@ def autoscale(policy: AutoscalingPolicy, replicas: int, sample: CacheSample, pre
     if ratio is not None and policy.target_hit_ratio_percent is not None and ratio < policy.target_hit_ratio_percent:
         pressure.append(f"hit ratio {ratio:.1f}% < target {policy.target_hit_ratio_percent}%")
     seen = msgspec.structs.replace(state, cache_used_percent=used, hit_ratio_percent=ratio,
-                                   last_pressure_time=now if pressure else state.last_pressure_time)
+                                   last_pressure_time=now if pressure else state.last_pressure_time,
+                                   replicas=replicas)
     since_scale = now - state.last_scale_time
 
     def change(to: int, why: str, code: str) -> ScaleChoice:
@@ -1099,7 +1106,9 @@ def autoscale(policy: AutoscalingPolicy, replicas: int, sample: CacheSample, pre
         return ScaleChoice(to, reason, _decided(changed, action, code, reason, now, changed=True), decision)
 
     def hold(code: str, reason: str) -> ScaleChoice:
-        return ScaleChoice(replicas, reason, _decided(seen, "hold", code, reason, now))
+        if moved:  # said once, and the hold's times (the next shrink, the cool-down's end) written anew
+            reason = f"replicas set to {replicas} (was {state.replicas}) by a scale or an apply; {reason}"
+        return ScaleChoice(replicas, reason, _decided(seen, "hold", code, reason, now, changed=moved))
 
     def back_within(to: int, why: str, code: str) -> ScaleChoice:
         # No cool-down for a correction, but the one just sent is not sent again while it lands: the next look,
@@ -1133,6 +1142,15 @@ def autoscale(policy: AutoscalingPolicy, replicas: int, sample: CacheSample, pre
         return hold(SETTLING, f"hold: {measures}; one worker fewer at {rfc3339(calm_since + cool)} if no pressure "
                               f"comes by then (min {low})")
     return hold(AT_MIN, f"hold: {measures}; at minReplicas {low}")
+
+
+def outside_change(state: AutoscalingStatus, replicas: int) -> bool:
+    """Whether ``replicas`` were changed since the look that left ``state`` by someone other than the autoscaler:
+    they differ from the replicas it saw then, and its last decision (from those, to these) is not what landed."""
+    if state.replicas is None or replicas == state.replicas:
+        return False
+    last = state.decisions[-1] if state.decisions else None
+    return last is None or (last.from_replicas, last.to_replicas) != (state.replicas, replicas)
 
 
 def autoscaling_write_due(written: AutoscalingStatus | None, state: AutoscalingStatus, written_at: float | None,

@@ -796,7 +796,8 @@ spec:
     noted = await shoal(nats_server, "scale", "runtime", "elastic", "--replicas", "2")
     assert (noted.exit_code, noted.stdout) == (0, "runtime.shoal.io/elastic scaled to 2 replicas\n"), noted.output
     assert noted.stderr == ("note: runtime.shoal.io/elastic has autoscaling (1..3 workers): its autoscaler goes on "
-                            "changing replicas from here\n")
+                            "changing replicas from here, the first step no sooner than 300 s (coolDownSeconds) "
+                            "from now\n")
     # Outside its bounds the autoscaler takes the replicas back at once: the note said it "goes on" from 5.
     above = await shoal(nats_server, "scale", "runtime", "elastic", "--replicas", "5")
     assert (above.exit_code, above.stdout) == (0, "runtime.shoal.io/elastic scaled to 5 replicas\n"), above.output

@@ -432,3 +432,41 @@ async def test_the_settling_window_holds_across_a_restart_of_the_runtime_service
         assert record.status.autoscaling.last_decision.action == "hold", (now[0] - last_read,
                                                                           record.status.autoscaling)
         now[0] += 1
+
+
+async def test_a_scale_by_hand_is_not_undone_by_the_autoscaler_within_a_cool_down_nor_after_a_restart(
+        bus: Bus) -> None:
+    # `shoal scale --replicas 3` on a runtime long calm at minReplicas 1: the autoscaler's next look, a second
+    # later, shrank it to 2, dropping the worker just picked, though its changes come one per cool-down.
+    now = [1_700_000_000.0]
+    key = subjects.resource_key("default", NAME)
+    policy = AutoscalingPolicy(min_replicas=1, max_replicas=3, target_cache_used_percent=50, cool_down_seconds=30)
+    handlers = await autoscaled_handlers(bus, policy, now)
+    handlers.datasets.values[key] = read_dataset(0, 0)
+    for _ in range(40):  # calm for longer than a cool-down
+        await handlers.autoscale(key, await stored(bus))
+        now[0] += 1
+    await handlers.scale(RuntimeScale(name=NAME, namespace="default", replicas=3),
+                         delivered(subjects.RUNTIME_SCALE, 2))
+    scaled_at = now[0]
+    subscription = await bus.nc.subscribe(subjects.RUNTIME_COMMANDS)  # no callback: counted while pending
+    try:
+        for look in range(10):
+            if look == 5:  # a restart of the service: its memory of the looks is gone, the record is read
+                restarted = await handlers_of(bus)
+                restarted.clock, restarted.agents.values = handlers.clock, handlers.agents.values
+                restarted.datasets.values[key] = read_dataset(0, 0)
+                handlers = restarted
+            await handlers.autoscale(key, await stored(bus))
+            now[0] += 1
+        await bus.nc.flush()
+        assert subscription.pending_msgs == 0, msgspec.json.decode((await subscription.next_msg()).data)
+    finally:
+        await subscription.unsubscribe()
+    record = await stored(bus)
+    assert record.runtime.spec.replicas == 3
+    assert record.status.autoscaling is not None and record.status.autoscaling.last_scale_time == scaled_at
+    held = record.status.autoscaling.last_decision
+    assert held is not None and (held.action, held.reason) == ("hold", "Settling")
+    assert held.message.startswith("replicas set to 3 (was 1) by a scale or an apply; hold:"), held.message
+    assert rfc3339(scaled_at + 30) in held.message

@@ -154,6 +154,41 @@ def test_a_first_look_does_not_shrink_at_once() -> None:
     assert autoscale(POLICY, 3, sample(0), {}, choice.state, NOW + 30).replicas == 2
 
 
+def test_replicas_changed_by_hand_start_a_cool_down() -> None:
+    # `shoal scale --replicas 3` on a runtime calm for long (POLICY: 1..3, 30 s): the next look shrank it at once,
+    # dropping the worker just picked; scaled down by hand under pressure, it grew back a second later.
+    calm = autoscale(POLICY, 1, sample(10), {}, state(), NOW).state
+    assert calm.replicas == 1
+    by_hand = autoscale(POLICY, 3, sample(10), {}, calm, NOW + 1)
+    assert by_hand.replicas == 3 and by_hand.decision is None and by_hand.state.last_scale_time == NOW + 1
+    last = by_hand.state.last_decision
+    assert last is not None and last.reason == "Settling" and last.time == rfc3339(NOW + 1)
+    assert last.message.startswith("replicas set to 3 (was 1) by a scale or an apply; hold:")
+    assert rfc3339(NOW + 31) in last.message  # the shrink's time, from the change by hand
+    held = autoscale(POLICY, 3, sample(10), {}, by_hand.state, NOW + 30)
+    assert held.replicas == 3 and held.state.last_decision == last  # said once
+    assert autoscale(POLICY, 3, sample(10), {}, held.state, NOW + 31).replicas == 2
+    reading = sample(90, reads={"a": (0, 10)})
+    pressed = autoscale(POLICY, 3, reading, {"a": (0, 0)}, state(), NOW).state
+    down = autoscale(POLICY, 1, reading, {"a": (0, 0)}, pressed, NOW + 1)
+    assert down.replicas == 1 and down.state.last_decision is not None
+    assert down.state.last_decision.reason == "CoolingDown"
+    assert autoscale(POLICY, 1, reading, {"a": (0, 0)}, down.state, NOW + 31).replicas == 2
+
+
+def test_its_own_change_landing_is_no_change_by_hand() -> None:
+    reading = sample(90, reads={"a": (0, 10)})
+    grown = autoscale(POLICY, 1, reading, {"a": (0, 0)}, state(), NOW)
+    assert grown.replicas == 2 and grown.state.replicas == 1
+    landing = autoscale(POLICY, 1, sample(10), {}, grown.state, NOW + 1)  # the scale not applied yet
+    landed = autoscale(POLICY, 2, sample(10), {}, landing.state, NOW + 2)
+    assert landed.state.last_scale_time == NOW and landed.state.replicas == 2
+    assert landed.state.last_decision is not None and not landed.state.last_decision.message.startswith("replicas")
+    # A record from before the field says nothing of the replicas it saw: no change by hand is read into it.
+    old = msgspec.structs.replace(grown.state, replicas=None)
+    assert autoscale(POLICY, 3, sample(10), {}, old, NOW + 1).state.last_scale_time == NOW
+
+
 def test_out_of_bounds_goes_to_the_bound_at_once() -> None:
     below = autoscale(POLICY, 0, sample(0), {}, state(last_scale=NOW), NOW)
     assert below.replicas == 1 and below.reason == "below minReplicas 1: 0 -> 1 workers"
