@@ -232,10 +232,25 @@ def _cached_bytes(selector: str = "") -> str:
     return f"sum by (dataset) (max by (node, dataset) ({select(gauge(metrics.CACHE_BYTES), selector)}))"
 
 
+def _share(counter: Counter, sources: Sequence[str], by: str = "", selector: str = "") -> str:
+    """The share of ``counter``'s rate that ``sources`` served, of every source's, per ``by`` (overall without)."""
+    series, group = total(counter), f" by ({by})" if by else ""
+    part = f'source=~"{one_of(sources)}"'
+    part = f"{selector}, {part}" if selector else part
+    return f"sum{group} ({rate(series, part)}) / sum{group} ({rate(series, selector)})"
+
+
 def _hit_ratio(by: str, selector: str = "") -> str:
-    reads = total(metrics.BLOCK_READS)
-    hits = f"{selector}, {HITS}" if selector else HITS
-    return f"sum by ({by}) ({rate(reads, hits)}) / sum by ({by}) ({rate(reads, selector)})"
+    return _share(metrics.BLOCK_READS, metrics.HIT_SOURCES, by, selector)
+
+
+# Where read bytes came from, as Fluid's local / remote / UFS read ratios: this node's cache, peers' caches, the store.
+READ_PLACES = (("local cache", metrics.HIT_SOURCES), ("peers", (metrics.PEER,)), ("store", (metrics.STORE,)))
+
+
+def _read_places(by: str = "") -> tuple[Query, ...]:
+    prefix = f"{{{{{by}}}}} " if by else ""
+    return tuple(Query(_share(metrics.READ_BYTES, sources, by), f"{prefix}{place}") for place, sources in READ_PLACES)
 
 
 OVERVIEW = Board(
@@ -270,6 +285,15 @@ OVERVIEW = Board(
                   (Query(f"max by (dataset) ({gauge(metrics.DATASET_UFS_BYTES)})", "{{dataset}} in the store"),
                    Query(_cached_bytes(), "{{dataset}} cached")),
                   unit="bytes", width=8),
+        )),
+        Row("Where reads are served from", (
+            Panel("Read bytes served from, overall", "Share of the bytes read through every mount that came from "
+                  "the reading node's cache (memory or disk), from peers' caches, and from the object store "
+                  "(Fluid's local, remote and UFS read ratios); the three add up to 1.",
+                  _read_places(), unit="percentunit", width=8, max_value=1),
+            Panel("Read bytes served from, per dataset", "Per dataset, share of the bytes read through its mounts "
+                  "that came from the reading node's cache, from peers' caches, and from the object store.",
+                  _read_places("dataset"), unit="percentunit", width=16, max_value=1),
         )),
         Row("Errors", (
             Panel("Failed commands", "Messages rejected (invalid) or dead-lettered (gave up), per consumer.",

@@ -212,21 +212,52 @@ def test_events_every_scheduler_replica_folds_are_shown_once(tmp_path: Path) -> 
     events of another agent process too: the panel shows the events' rate, not that rate once per process. Evaluated
     by Prometheus's own engine (``promtool test rules``) over the series two replicas and a dataset service scrape
     as. Before, the panel summed them: twice the events folded, three times those of another agent."""
-    promtool = find_tool("promtool")
-    assert promtool is not None
     folded, _snapshots, other = panel_exprs(build.CONTROL_PLANE, "Inventory events")
     fold_events, other_instance = build.total(metrics.FOLD_EVENTS), build.total(metrics.INVENTORY_OTHER_INSTANCE)
     series = [*({"series": f'{fold_events}{{outcome="folded", instance="{replica}"}}', "values": "0+600x10"}
                 for replica in ("scheduler-0", "scheduler-1")),
               *({"series": f'{other_instance}{{node="node-z", instance="{process}"}}', "values": "0+60x10"}
                 for process in ("scheduler-0", "scheduler-1", "dataset-0"))]
+    promtool_test(tmp_path, series, [(folded, [{"labels": '{outcome="folded"}', "value": 10}]),
+                                     (other, [{"labels": '{node="node-z"}', "value": 1}])])
+
+
+def promtool_test(tmp_path: Path, series: list[dict[str, str]],
+                  expected: list[tuple[str, list[dict[str, Any]]]]) -> None:
+    """Prometheus's own engine (``promtool test rules``) evaluates each expected query over ``series`` (one sample a
+    minute) at 10m, with a 5m rate window."""
+    promtool = find_tool("promtool")
+    assert promtool is not None
     tests = {"tests": [{"interval": "1m", "input_series": series, "promql_expr_test": [
-        {"expr": build.concrete(folded, "5m"), "eval_time": "10m",
-         "exp_samples": [{"labels": '{outcome="folded"}', "value": 10}]},
-        {"expr": build.concrete(other, "5m"), "eval_time": "10m",
-         "exp_samples": [{"labels": '{node="node-z"}', "value": 1}]},
-    ]}]}
-    path = tmp_path / "replicas.yaml"
+        {"expr": build.concrete(expr, "5m"), "eval_time": "10m", "exp_samples": samples}
+        for expr, samples in expected]}]}
+    path = tmp_path / "panel.yaml"
     path.write_text(yaml.safe_dump(tests))
     result = subprocess.run([promtool, "test", "rules", str(path)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.needs("prometheus")
+def test_read_bytes_are_shown_as_shares_of_local_cache_peers_and_store(tmp_path: Path) -> None:
+    """Fluid's local / remote / UFS read ratios from the agents' bytes by source: memory and disk are the reading
+    node's cache, peer its peers', store the object store; per dataset and overall, adding up to 1. Before, the
+    Overview showed the bytes' rates only, and where a dataset's reads came from was left to mental arithmetic."""
+    read_bytes = build.total(metrics.READ_BYTES)
+    per_minute = {  # (node, dataset, source) → bytes a minute
+        ("node-a", "ns/one", metrics.MEMORY): 60, ("node-a", "ns/one", metrics.DISK): 60,
+        ("node-b", "ns/one", metrics.PEER): 60, ("node-b", "ns/one", metrics.STORE): 60,
+        ("node-a", "ns/two", metrics.DISK): 180, ("node-a", "ns/two", metrics.PEER): 0,
+        ("node-b", "ns/two", metrics.STORE): 60,
+    }
+    series = [{"series": f'{read_bytes}{{node="{node}", dataset="{dataset}", source="{source}", instance="{node}"}}',
+               "values": f"0+{amount}x10"} for (node, dataset, source), amount in per_minute.items()]
+    local, peers, store = panel_exprs(build.OVERVIEW, "Read bytes served from, overall")
+    by_dataset = panel_exprs(build.OVERVIEW, "Read bytes served from, per dataset")
+    # Overall: 300 of 480 bytes a minute from a local cache, 60 from peers, 120 from the store.
+    expected: list[tuple[str, list[dict[str, Any]]]] = [
+        (local, [{"labels": "{}", "value": 0.625}]), (peers, [{"labels": "{}", "value": 0.125}]),
+        (store, [{"labels": "{}", "value": 0.25}])]
+    for expr, one, two in zip(by_dataset, (0.5, 0.25, 0.25), (0.75, 0.0, 0.25), strict=True):
+        expected.append((expr, [{"labels": '{dataset="ns/one"}', "value": one},
+                                {"labels": '{dataset="ns/two"}', "value": two}]))
+    promtool_test(tmp_path, series, expected)
