@@ -21,8 +21,9 @@ What it decides:
   JetStream cannot change) is logged as an error and used as it is, its own ``max_deliver`` deciding the last
   delivery.
 - what every service's bus metrics count (``libs.metrics``): each message a consumer handles once, by outcome
-  (ok, rejected, retried, dead_lettered, conflict), its handler's time, the consumer's lag at each fetch, and
-  each compare-and-set that loses (``kv_save``, ``kv_delete``).
+  (ok, rejected, retried, dead_lettered, conflict), its handler's time, the consumer's lag at each fetch, the time
+  since its last fetch (read when scraped: a stuck handler shows there, not in the lag), and each compare-and-set
+  that loses (``kv_save``, ``kv_delete``).
 
 ``RetryLater``, ``Permanent`` and ``Conflict`` are the one retry vocabulary: handlers raise them, and both the
 consumer loop here and ``libs.reconcile`` honour them. Core NATS (not stored) goes through ``publish_core`` and
@@ -997,7 +998,11 @@ class Consumer(Generic[E]):
     # (in stream order within a lane): a handler waiting on NATS round trips no longer holds up messages of other
     # keys, and their publishes share the connection's writes. None: one message after another.
     lane_of: Callable[[Msg], str] | None = None
+    # The clock of the time since the last fetch (``CONSUMER_FETCH_AGE``); a test's own to move.
+    clock: Callable[[], float] = time.monotonic
     _stopping: asyncio.Event = field(default_factory=asyncio.Event, init=False)
+    # When the last fetch came back (or the consumer started), on ``clock``; None while not running.
+    _fetched_at: float | None = field(default=None, init=False)
     # One tracer per consumer: looking it up per message costs as much as the span (it delegates to whatever
     # provider is installed, also one installed later).
     _tracer: trace.Tracer = field(default_factory=lambda: tracer(__name__), init=False)
@@ -1012,6 +1017,7 @@ class Consumer(Generic[E]):
                                           metrics.CONFLICT)}
         self._handler_seconds = metrics.observer(metrics.HANDLER_SECONDS.labels(self.durable))
         self._lag = metrics.setter(metrics.CONSUMER_LAG.labels(self.durable))
+        self._fetch_age = metrics.CONSUMER_FETCH_AGE.labels(self.durable)
         # The deliveries after which the server gives a message up: the durable's own ``max_deliver`` (``_durable``),
         # which is this consumer's unless the server refused to update an older durable.
         self._max_deliver = self.max_deliver
@@ -1029,6 +1035,21 @@ class Consumer(Generic[E]):
             filter_subjects=filters if len(filters) > 1 else None,
             deliver_policy=js_api.DeliverPolicy.ALL,
         )
+        # Read when scraped, so it grows while nothing is fetched; one clock read per fetch, none per message. The
+        # consumer last started in this process owns its durable's series (tests run several).
+        self._fetched_at = self.clock()
+        self._fetch_age.set_function(self._since_fetch)
+        try:
+            await self._attached(config)
+        finally:
+            self._fetched_at = None
+
+    def _since_fetch(self) -> float:
+        fetched_at = self._fetched_at
+        return 0.0 if fetched_at is None else max(0.0, self.clock() - fetched_at)
+
+    async def _attached(self, config: js_api.ConsumerConfig) -> None:
+        """Attach to the durable and fetch from it until stopped, attaching again whenever its server goes."""
         failures = 0
         # Whether the durable may be missing (at the start, the server said so, or every LOOKUP_EVERY failures): only
         # then is it looked up and created. Otherwise attaching again makes no API request, which during a cluster's
@@ -1107,8 +1128,10 @@ class Consumer(Generic[E]):
                 messages = await subscription.fetch(self.batch, timeout=1.0)
             except (TimeoutError, nats.errors.TimeoutError):
                 # Nothing arrived within the wait: no message of the stream is waiting for this consumer.
+                self._fetched_at = self.clock()
                 self._lag(0)
                 continue
+            self._fetched_at = self.clock()
             yield
             # Messages still in the stream behind the last one fetched (JetStream's count for this consumer).
             if messages:

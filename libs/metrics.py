@@ -136,6 +136,13 @@ HANDLER_SECONDS = Histogram("shoal_handler_duration_seconds", "Time a consumer's
                             ["consumer"], buckets=SECONDS_BUCKETS)
 CONSUMER_LAG = Gauge("shoal_consumer_lag_messages", "Messages in the stream not yet delivered to this consumer "
                      "(JetStream num_pending) at its last fetch.", ["consumer"])
+# Lag is read from a fetch, so it stands still while a handler is stuck (nothing is fetched meanwhile): this one
+# grows then. Read when scraped, on the process's own monotonic clock: a timestamp for Prometheus to subtract from its
+# time() would count any difference between the two hosts' clocks as a stall.
+CONSUMER_FETCH_AGE = Gauge("shoal_consumer_fetch_age_seconds", "Seconds since this consumer's last fetch came back "
+                           "(with messages, or empty after its one-second wait), read when scraped: up to a second "
+                           "or so while it keeps up; growing while its handlers hold a fetch's messages or it cannot "
+                           "reach its durable; 0 once stopped.", ["consumer"])
 KV_CONFLICTS = Counter("shoal_kv_conflicts", "Compare-and-set writes to a KV bucket that lost to another writer.",
                        ["bucket"])
 

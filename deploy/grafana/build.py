@@ -410,8 +410,8 @@ DATA_PATH = Board(
 CONTROL_PLANE = Board(
     uid="shoal-control-plane",
     title="Shoal / Control plane",
-    description="Commands and events through the bus (rates, outcomes, handler latency, consumer lag, KV "
-                "conflicts), dataset syncs, loads and cleans, and the scheduler.",
+    description="Commands and events through the bus (rates, outcomes, handler latency, consumer lag, time since "
+                "each consumer's last fetch, KV conflicts), dataset syncs, loads and cleans, and the scheduler.",
     rows=(
         Row("Bus", (
             Panel("Messages handled by outcome", "Messages every consumer handled, by outcome.",
@@ -426,13 +426,23 @@ CONTROL_PLANE = Board(
                   (Query(quantile(0.99, metrics.HANDLER_SECONDS, "consumer"), "{{consumer}}"),),
                   unit="s", width=8),
         )),
-        Row("Lag and conflicts", (
-            Panel("Consumer lag", "Messages in the stream not yet delivered to each consumer.",
+        Row("Lag, stalls and conflicts", (
+            Panel("Consumer lag", "Messages in the stream not yet delivered to each consumer, as of its last fetch: "
+                  "it stands still while a handler is stuck (see the next panel).",
                   (Query(f"max by (consumer) ({gauge(metrics.CONSUMER_LAG)})", "{{consumer}}"),),
-                  width=6),
+                  width=8),
+            # max: of a durable's replicas, the one stuck longest.
+            Panel("Time since each consumer's last fetch", "Seconds since each consumer last fetched (its slowest "
+                  "process): up to a second or so while it keeps up or idles. A line that keeps growing is a "
+                  "consumer stuck in a handler, holding what it fetched while commands wait behind it, or one that "
+                  "cannot reach its durable.",
+                  (Query(f"max by (consumer) ({gauge(metrics.CONSUMER_FETCH_AGE)})", "{{consumer}}"),),
+                  unit="s", width=8),
             Panel("KV conflicts", "Compare-and-set writes that lost to another writer, by bucket.",
                   (Query(f"sum by (bucket) ({rate(total(metrics.KV_CONFLICTS))})", "{{bucket}}"),),
-                  unit="ops", width=6),
+                  unit="ops", width=8),
+        )),
+        Row("Syncs and elastic cache", (
             Panel("Dataset sync time", "95th percentile of a dataset sync (list the sources, save the manifest), "
                   "by outcome.",
                   (Query(quantile(0.95, metrics.DATASET_SYNC_SECONDS, "outcome"), "p95 {{outcome}}"),),
@@ -440,15 +450,13 @@ CONTROL_PLANE = Board(
             Panel("Objects per dataset", "Objects in each dataset's manifest at its last sync.",
                   (Query(f"max by (dataset) ({gauge(metrics.DATASET_OBJECTS)})", "{{dataset}}"),),
                   width=6),
-        )),
-        Row("Sync policy and elastic cache", (
             Panel("autoSync listings", "Periodic listings by outcome: changed (a new manifest reached the mounts), "
                   "unchanged (nothing written), failed.",
                   (Query(f"sum by (outcome) ({rate(total(metrics.DATASET_AUTOSYNCS))})", "{{outcome}}"),),
-                  unit="ops", width=12),
+                  unit="ops", width=6),
             Panel("Autoscaler changes", "Cache workers the autoscaler added (up) or removed (down).",
                   (Query(f"sum by (direction) ({rate(total(metrics.RUNTIME_AUTOSCALES))})", "{{direction}}"),),
-                  unit="ops", width=12),
+                  unit="ops", width=6),
         )),
         Row("Loads and cleans", (
             Panel("Operations by phase", "DataLoads and DataCleans by kind and phase.",

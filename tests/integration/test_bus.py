@@ -40,7 +40,7 @@ from services.dataset import app as dataset_app
 from services.dataset.lanes import dataset_lane
 from tests.conftest import NatsServer
 from tests.helpers import dataset_record, eventually, make_settings, running
-from tests.metric_values import Snapshot
+from tests.metric_values import Snapshot, value
 
 
 class Count(msgspec.Struct, frozen=True):
@@ -367,3 +367,57 @@ async def test_a_consumer_keeps_what_it_fetched_while_a_handler_outlasts_the_ack
         second.stop()
         await asyncio.wait_for(asyncio.gather(*tasks), 10)
     assert handled == [("first", "slow", 1), ("first", "queued", 1)], handled
+
+
+async def test_a_consumer_stuck_in_a_handler_shows_the_time_since_its_last_fetch_which_its_lag_does_not(
+        bus: Bus) -> None:
+    """A handler that never returns holds its fetch's messages (its working-acks keep them), and nothing is fetched
+    meanwhile: the lag, read at each fetch, stays at the 0 of the last one while commands pile up behind it.
+    ``shoal_consumer_fetch_age_seconds``, read when scraped, shows the stall: the time since that fetch, on the
+    consumer's clock (here the test's, moved by hand), back near 0 once it fetches again and 0 once it stops. The
+    clock is read once per fetch, never per message (the messages of one fetch all see the same count of reads).
+    Before, only the lag was there, and it said 0 all along."""
+    durable, now, reads = "stuck-consumer", [1000.0], [0]
+    entered, release = asyncio.Event(), asyncio.Event()
+    reads_seen: list[int] = []
+
+    def clock() -> float:
+        reads[0] += 1
+        return now[0]
+
+    async def handle(command: DatasetCommand, delivery: Delivery) -> None:
+        reads_seen.append(reads[0])
+        if command.id == "stuck":
+            entered.set()
+            await release.wait()
+
+    consumer = Consumer(bus, subjects.STREAM_COMMANDS, durable, subjects.DATASET_COMMANDS,
+                        msgspec.json.Decoder(DatasetCommand), handle, max_event_bytes=1 << 20, clock=clock)
+    await bus.publish(subjects.DATASET_RESYNC, DatasetResync(id="stuck", name="s"))
+    task = asyncio.create_task(consumer.run())
+    try:
+        await asyncio.wait_for(entered.wait(), 10)
+        for index in range(5):
+            await bus.publish(subjects.DATASET_RESYNC, DatasetResync(id=f"behind-{index}", name="s"))
+
+        async def waiting() -> bool:
+            return (await bus.js.consumer_info(subjects.STREAM_COMMANDS, durable)).num_pending == 5
+
+        await eventually(waiting, 10, "five commands waiting behind the stuck one")
+        assert value("shoal_consumer_lag_messages", consumer=durable) == 0, "the lag cannot see them"
+        now[0] += 42.0
+        assert value("shoal_consumer_fetch_age_seconds", consumer=durable) == 42.0
+
+        release.set()
+
+        async def caught_up() -> bool:
+            return len(reads_seen) == 6 and value("shoal_consumer_fetch_age_seconds", consumer=durable) == 0
+
+        await eventually(caught_up, 10, "every command handled and a fetch since")
+        assert len(set(reads_seen[1:])) == 1, f"the clock was read between messages of one fetch: {reads_seen}"
+    finally:
+        release.set()
+        consumer.stop()
+        await asyncio.wait_for(task, 10)
+    now[0] += 60.0
+    assert value("shoal_consumer_fetch_age_seconds", consumer=durable) == 0, "a stopped consumer is not stuck"

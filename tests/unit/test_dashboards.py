@@ -261,3 +261,15 @@ def test_read_bytes_are_shown_as_shares_of_local_cache_peers_and_store(tmp_path:
         expected.append((expr, [{"labels": '{dataset="ns/one"}', "value": one},
                                 {"labels": '{dataset="ns/two"}', "value": two}]))
     promtool_test(tmp_path, series, expected)
+
+
+@pytest.mark.needs("prometheus")
+def test_a_consumer_stuck_on_one_replica_shows_its_stall(tmp_path: Path) -> None:
+    """Two dataset-service replicas share the durable ``dataset-commands``: one is stuck in a handler (two minutes
+    since its last fetch, its lag at 0 from that fetch), the other keeps up. The panel shows the stuck one's two
+    minutes per durable; the lag panel, by design, cannot."""
+    (stall,) = panel_exprs(build.CONTROL_PLANE, "Time since each consumer's last fetch")
+    age = build.gauge(metrics.CONSUMER_FETCH_AGE)
+    series = [{"series": f'{age}{{consumer="dataset-commands", instance="dataset-0"}}', "values": "0+12x10"},
+              {"series": f'{age}{{consumer="dataset-commands", instance="dataset-1"}}', "values": "0.5x10"}]
+    promtool_test(tmp_path, series, [(stall, [{"labels": '{consumer="dataset-commands"}', "value": 120}])])
