@@ -268,6 +268,8 @@ OVERVIEW = Board(
                   (Query(f"clamp_max({_cached_bytes()} / on (dataset) max by (dataset) "
                          f"({gauge(metrics.DATASET_UFS_BYTES)}), 1)", "{{dataset}}", instant=True),),
                   unit="percentunit", kind="bargauge", width=8, max_value=1),
+            # sum is the one process's count: the runtime service runs once (deploy/processes/runtime.yaml: one
+            # replica, Recreate; two would give one agent to two Exclusive runtimes), as does the loader.
             Panel("Runtimes by phase and cache workers", "Runtimes in each phase, and the cache workers picked "
                   "for each (runtime service).",
                   (Query(f"sum by (phase) ({gauge(metrics.RUNTIMES)})", "{{phase}}", instant=True),
@@ -459,6 +461,7 @@ CONTROL_PLANE = Board(
                   unit="ops", width=6),
         )),
         Row("Loads and cleans", (
+            # One loader (deploy/processes/loader.yaml: one replica, Recreate): sum is its count.
             Panel("Operations by phase", "DataLoads and DataCleans by kind and phase.",
                   (Query(f"sum by (kind, phase) ({gauge(metrics.OPERATIONS)})", "{{kind}} {{phase}}",
                          instant=True),),
