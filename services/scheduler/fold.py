@@ -10,7 +10,8 @@ Decides what the scheduler knows and forgets; no I/O (the handlers feed it event
 - ``Catalog`` indexes a dataset's manifest (files by (mount, key, ETag), sizes, paths in sorted order with running
   totals): which cached blocks belong to the current version of a file, whether a file is whole (its cached blocks
   add up to its size: every block has a distinct index and blocks partition the file, so no block size is needed),
-  and the bytes under any path hint in O(log files).
+  and the bytes under any path hint in O(log files). A node's blocks of one file version count up to the file's
+  size (``held_bytes``): blocks partition a file, so more is a stale block size or a lie, not more of the data.
 - Memory follows what is cached: an evicted block leaves its file's map, a file without blocks leaves the node, a
   deleted dataset or a node that went away is dropped whole. What stays per (dataset, node) after everything is
   evicted is its position (a few fields), needed to detect the next gap. A catalog is one tuple per file of the
@@ -137,7 +138,10 @@ class NodeCache:
     position: NodeInventory
     # File version → block index → block size.
     files: dict[FileKey, dict[int, int]] = field(default_factory=dict)
-    # Bytes of all cached blocks, and of the blocks of file versions in the dataset's current catalog.
+    # File version → its blocks' bytes summed (``files`` added up, kept with it): what ``current`` caps per file.
+    sizes: dict[FileKey, int] = field(default_factory=dict)
+    # Bytes of all cached blocks, and of the file versions in the dataset's current catalog, each counted up to the
+    # file's size (``held_bytes``).
     total: int = 0
     current: int = 0
     # The snapshot being gathered: (incarnation, seq of part 1, parts) and the files of the parts so far.
@@ -147,7 +151,16 @@ class NodeCache:
     whole: int | None = None
 
     def file_bytes(self, key: FileKey) -> int:
-        return sum(self.files.get(key, {}).values())
+        return self.sizes.get(key, 0)
+
+
+def held_bytes(reported: int, size: int | None) -> int:
+    """What a node's blocks of one file version (``reported`` bytes) count for, the file's ``size`` in the catalog
+    (None: no catalog, every version counts as reported). Blocks partition a file, so a node holds at most its size:
+    blocks adding up to more (an agent's stale block size, or one that lies) would otherwise raise the node's share,
+    and its score, above what it can hold; capping only the dataset's sum let such a node outrank one holding more of
+    the data."""
+    return reported if size is None else min(reported, size)
 
 
 # A block no node holds: (holders, size).
@@ -274,9 +287,11 @@ class CacheFold:
         # What this event adds to (or takes from) the node's ``total`` and ``current`` and the dataset's ``unique``,
         # summed in locals and applied once: this is the scheduler's busiest loop.
         total = current = unique = 0
+        sizes = cache.sizes
         for item in cached:
             file = (item.mount, item.key, item.etag)
-            counts = catalog is None or file in catalog
+            whole = catalog.size(file) if catalog is not None else None
+            counts = catalog is None or whole is not None
             blocks = cache.files.setdefault(file, {})
             shared = holders.setdefault(file, {})
             grown = added = 0
@@ -292,14 +307,17 @@ class CacheFold:
                     shared[index] = (holding, size)
                 added += size - last
             total += grown
+            had = sizes.get(file, 0)
+            sizes[file] = had + grown
             if counts:
-                current += grown
+                current += held_bytes(had + grown, whole) - held_bytes(had, whole)
                 unique += added
         for item in evicted:
             file = (item.mount, item.key, item.etag)
             held = cache.files.get(file)
             if held is None:
                 continue
+            whole = catalog.size(file) if catalog is not None else None
             shared = holders.get(file, {})
             freed = gone = 0
             for index, _ in item.blocks:
@@ -307,11 +325,13 @@ class CacheFold:
                     freed += held.pop(index)
                     gone += _release(shared, index)
             total -= freed
-            if catalog is None or file in catalog:
-                current -= freed
+            had = sizes[file]
+            if catalog is None or whole is not None:
+                current -= held_bytes(had, whole) - held_bytes(had - freed, whole)
                 unique -= gone
+            sizes[file] = had - freed
             if not held:
-                del cache.files[file]
+                del cache.files[file], sizes[file]
             if not shared:
                 holders.pop(file, None)
         cache.total += total
@@ -376,11 +396,13 @@ class CacheFold:
     @staticmethod
     def _recount(cache: NodeCache, catalog: Catalog | None) -> None:
         cache.total = cache.current = 0
+        cache.sizes = {}
         for file, blocks in cache.files.items():
-            size = sum(blocks.values())
-            cache.total += size
-            if catalog is None or file in catalog:
-                cache.current += size
+            reported = cache.sizes[file] = sum(blocks.values())
+            cache.total += reported
+            size = catalog.size(file) if catalog is not None else None
+            if catalog is None or size is not None:
+                cache.current += held_bytes(reported, size)
 
     def set_catalog(self, key: DatasetKey, catalog: Catalog | None) -> None:
         """A new manifest of the dataset (None: not known): which cached file versions count changes."""
@@ -446,8 +468,8 @@ class CacheFold:
         if catalog is None or cache is None:
             return 0
         if cache.whole is None:
-            cache.whole = sum(1 for file, blocks in cache.files.items()
-                              if (size := catalog.size(file)) is not None and sum(blocks.values()) == size)
+            cache.whole = sum(1 for file, reported in cache.sizes.items()
+                              if (size := catalog.size(file)) is not None and reported == size)
         return cache.whole
 
 
@@ -528,7 +550,8 @@ class LiveView:
             return {}
         held = {}
         for node, cache in nodes.items():
-            size = sum(sum(blocks.values()) for file, blocks in cache.files.items() if catalog.selects(file, paths))
+            size = sum(held_bytes(reported, catalog.size(file)) for file, reported in cache.sizes.items()
+                       if catalog.selects(file, paths))
             if size > 0:
                 held[node] = size
         return held
