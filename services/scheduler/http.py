@@ -190,6 +190,13 @@ class RenewedTls:
 
 # ``ScoreRequest.limit`` for a reply that lists every node.
 EVERY_NODE = 0
+# Datasets of one pod (its PVCs and dataset labels) asked about one by one, when the scheduler cannot answer for all
+# of them, to drop those it does not know. Each question is a decision on the event loop's thread: a pod naming
+# 50,000 claims (the webhook's 8 MiB body holds over 100,000, the extender's four times that) held the loop for over
+# a second per request, folding and every other answer waiting behind it, and the API server calls the webhook for
+# every such pod created. A pod rarely has more than a few dozen volumes; beyond this many, the first answer's error
+# stands (for the real scheduler, "too many datasets": a question holds at most ``domain.MAX_DATASETS``).
+MAX_PROBED = 256
 
 
 def ask_known(answer: Answer, datasets: list[DatasetUse], candidates: list[Candidate], *,
@@ -198,9 +205,10 @@ def ask_known(answer: Answer, datasets: list[DatasetUse], candidates: list[Candi
     every node kept); when it cannot answer, ask again without the datasets it does not know, unless the pod
     requires them (then the error stands). When it knows none of them (ordinary PVCs only), the error stands too,
     unless ``none_known``: then the pod is asked about as one without datasets (the extender's ranking steers it
-    away from the cache nodes, as any pod that reads no dataset; the webhook writes nothing for such pods)."""
+    away from the cache nodes, as any pod that reads no dataset; the webhook writes nothing for such pods). A pod
+    naming more than ``MAX_PROBED`` datasets is not asked about one by one: the first error stands."""
     reply = answer(ScoreRequest(datasets=datasets, candidates=candidates, limit=EVERY_NODE))
-    if not reply.error or not datasets:
+    if not reply.error or not datasets or len(datasets) > MAX_PROBED:
         return reply
     known = [use for use in datasets if use.required] if len(datasets) == 1 else [
         use for use in datasets

@@ -32,7 +32,7 @@ import pytest
 
 from libs import listener
 from libs.events.schedule import NodeScore, ScoreReply, ScoreRequest
-from services.scheduler.http import HttpLimits, SchedulerHttp, http_loop, server_tls
+from services.scheduler.http import MAX_PROBED, HttpLimits, SchedulerHttp, http_loop, server_tls
 from tests.helpers import eventually, json_lines, json_logs
 from tests.metric_values import Snapshot
 
@@ -303,6 +303,29 @@ async def test_a_pod_with_only_an_ordinary_pvc_is_left_alone_and_counted_once(se
     status, answer = await served.post("/mutate", review)
     assert status == 200 and patched_pod(review, answer) == review["request"]["object"]
     assert dict(served.http.counts) == {"mutate.unanswered": 1}
+
+
+async def test_a_pod_naming_thousands_of_claims_is_not_asked_about_one_by_one(served: Served) -> None:
+    """Each dataset a pod names is asked about on its own only up to ``MAX_PROBED``: one question per claim held
+    the event loop (folding, every other answer) for over a second for a pod of 50,000 claims, which anyone who may
+    create a pod can send to the webhook. Beyond that the first answer's error stands: the pod is admitted unchanged
+    and ranked 0 everywhere, as for any question the scheduler cannot answer; below it the probing still finds the
+    dataset among ordinary PVCs."""
+    claims = [{"name": f"v{i}", "persistentVolumeClaim": {"claimName": f"pvc-{i}"}} for i in range(5000)]
+    review = recorded_review()
+    review["request"]["object"]["spec"]["volumes"] += claims
+    status, answer = await served.post("/mutate", review)
+    assert status == 200 and patched_pod(review, answer) == review["request"]["object"]
+    assert len(served.stub.requests) == 1
+    pod = {"Pod": {"metadata": {"namespace": "ml-team"}, "spec": review["request"]["object"]["spec"]},
+           "NodeNames": NODES}
+    status, ranked = await served.post("/prioritize", pod)
+    assert status == 200 and {p["Score"] for p in ranked} == {0}
+    assert len(served.stub.requests) == 2
+    # Up to the bound, the ordinary PVCs are dropped and the dataset among them still places the pod.
+    review["request"]["object"]["spec"]["volumes"] = review["request"]["object"]["spec"]["volumes"][:MAX_PROBED]
+    status, answer = await served.post("/mutate", review)
+    assert status == 200 and best_preferred(patched_pod(review, answer)) == ["node-b"]
 
 
 async def test_a_required_dataset_the_scheduler_does_not_know_is_said_in_a_warning(served: Served) -> None:
