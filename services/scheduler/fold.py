@@ -20,9 +20,10 @@ Decides what the scheduler knows and forgets; no I/O (the handlers feed it event
   (nodes holding none left out), i.e. ``NodeCache.current`` gathered, so a decision reads one map per dataset
   instead of a pass over the dataset's node caches.
 - ``CacheFold.unique`` is kept the same way: per dataset, the bytes of the current version held by *any* node, each
-  block once however many nodes hold it (``holders`` counts them per block). Summing the nodes' bytes counts a block
-  that a DataLoad with ``replicas: 2`` put on two nodes twice, and so overstates the share of the dataset that is
-  cached; this is the figure the dataset service's ``cachedPercentage`` takes (``handlers.publish_cache``).
+  block once however many nodes hold it (``holders`` counts them per block), each file up to its size (``union``).
+  Summing the nodes' bytes counts a block that a DataLoad with ``replicas: 2`` put on two nodes twice, and so
+  overstates the share of the dataset that is cached; this is the figure the dataset service's ``cachedPercentage``
+  takes (``handlers.publish_cache``).
 - ``CacheFold.reported`` is kept beside it: per dataset, the nodes' own ``cachedBytes`` (their events' counters)
   summed, the figure the dataset service's ``cached`` is, published with ``unique`` so that service can tell what
   its nodes gained since the fact and keep its two columns together.
@@ -194,8 +195,12 @@ class CacheFold:
         # file; were two nodes to report two sizes (block sizes changed in between), the last one reported counts,
         # and a block's bytes leave ``unique`` as they came in, so the figure never drifts.
         self.holders: dict[DatasetKey, dict[FileKey, dict[int, tuple[int, int]]]] = {}
+        # Dataset → file version → the bytes of its blocks in ``holders`` (each block once), summed as reported: kept
+        # with ``holders`` (same keys), so ``unique`` can count each file up to its size without adding it up again.
+        self.union: dict[DatasetKey, dict[FileKey, int]] = {}
         # Dataset → bytes of the blocks of current file versions (every version while there is no catalog) that at
-        # least one node holds; kept with every change of ``holders``, datasets at 0 left out.
+        # least one node holds, each file counted up to its size (``held_bytes``); kept with every change of
+        # ``holders``, datasets at 0 left out.
         self.unique: dict[DatasetKey, int] = {}
         # Dataset → the nodes' ``cachedBytes`` (their last event's counters) summed, datasets at 0 left out.
         self.reported: dict[DatasetKey, int] = {}
@@ -284,6 +289,7 @@ class CacheFold:
     def _change(self, key: DatasetKey, cache: NodeCache, cached: list[CachedFile], evicted: list[CachedFile],
                 catalog: Catalog | None) -> None:
         holders = self.holders.setdefault(key, {})
+        union = self.union.setdefault(key, {})
         # What this event adds to (or takes from) the node's ``total`` and ``current`` and the dataset's ``unique``,
         # summed in locals and applied once: this is the scheduler's busiest loop.
         total = current = unique = 0
@@ -307,11 +313,16 @@ class CacheFold:
                     shared[index] = (holding, size)
                 added += size - last
             total += grown
-            had = sizes.get(file, 0)
-            sizes[file] = had + grown
-            if counts:
-                current += held_bytes(had + grown, whole) - held_bytes(had, whole)
-                unique += added
+            had, shared_had = sizes.get(file, 0), union.get(file, 0)
+            now, shared_now = had + grown, shared_had + added
+            sizes[file], union[file] = now, shared_now
+            if whole is None or max(now, shared_now, had, shared_had) <= whole:  # as reported (``held_bytes``)
+                if counts:
+                    current += grown
+                    unique += added
+            else:
+                current += min(now, whole) - min(had, whole)
+                unique += min(shared_now, whole) - min(shared_had, whole)
         for item in evicted:
             file = (item.mount, item.key, item.etag)
             held = cache.files.get(file)
@@ -325,19 +336,21 @@ class CacheFold:
                     freed += held.pop(index)
                     gone += _release(shared, index)
             total -= freed
-            had = sizes[file]
+            had, shared_had = sizes[file], union.get(file, 0)
             if catalog is None or whole is not None:
                 current -= held_bytes(had, whole) - held_bytes(had - freed, whole)
-                unique -= gone
+                unique -= held_bytes(shared_had, whole) - held_bytes(shared_had - gone, whole)
             sizes[file] = had - freed
+            union[file] = shared_had - gone
             if not held:
                 del cache.files[file], sizes[file]
             if not shared:
                 holders.pop(file, None)
+                union.pop(file, None)
         cache.total += total
         cache.current += current
         if not holders:
-            del self.holders[key]
+            del self.holders[key], self.union[key]
         self._add_unique(key, unique)
 
     def _add_unique(self, key: DatasetKey, change: int) -> None:
@@ -361,15 +374,20 @@ class CacheFold:
         if not files:
             return
         holders = self.holders.setdefault(key, {})
+        union = self.union.setdefault(key, {})
         unique = 0
         for file, blocks in files.items():
-            counts = catalog is None or file in catalog
             shared = holders.setdefault(file, {})
+            added = 0
             for index, size in blocks.items():
                 holding, last = shared.get(index, (0, 0))
                 shared[index] = (holding + 1, size)
-                if counts:
-                    unique += size - last
+                added += size - last
+            had = union.get(file, 0)
+            union[file] = had + added
+            whole = catalog.size(file) if catalog is not None else None
+            if catalog is None or whole is not None:
+                unique += held_bytes(had + added, whole) - held_bytes(had, whole)
         self._add_unique(key, unique)
 
     def _release_all(self, key: DatasetKey, files: dict[FileKey, dict[int, int]], catalog: Catalog | None) -> None:
@@ -377,20 +395,22 @@ class CacheFold:
         holders = self.holders.get(key)
         if holders is None or not files:
             return
+        union = self.union[key]
         unique = 0
         for file, blocks in files.items():
             shared = holders.get(file)
             if shared is None:
                 continue
-            counts = catalog is None or file in catalog
-            for index in blocks:
-                gone = _release(shared, index)
-                if counts:
-                    unique -= gone
+            gone = sum(_release(shared, index) for index in blocks)
+            had = union[file]
+            union[file] = had - gone
+            whole = catalog.size(file) if catalog is not None else None
+            if catalog is None or whole is not None:
+                unique -= held_bytes(had, whole) - held_bytes(had - gone, whole)
             if not shared:
-                del holders[file]
+                del holders[file], union[file]
         if not holders:
-            del self.holders[key]
+            del self.holders[key], self.union[key]
         self._add_unique(key, unique)
 
     @staticmethod
@@ -414,8 +434,8 @@ class CacheFold:
         for node, cache in self.datasets.get(key, {}).items():
             self._recount(cache, catalog)
             self._held(key, node, cache)
-        unique = sum(size for file, blocks in self.holders.get(key, {}).items()
-                     if catalog is None or file in catalog for _, size in blocks.values())
+        unique = sum(held_bytes(reported, catalog.size(file) if catalog is not None else None)
+                     for file, reported in self.union.get(key, {}).items() if catalog is None or file in catalog)
         self._add_unique(key, unique - self.unique.get(key, 0))
 
     def forget_dataset(self, key: DatasetKey) -> None:
@@ -425,6 +445,7 @@ class CacheFold:
         self.catalogs.pop(key, None)
         self.held.pop(key, None)
         self.holders.pop(key, None)
+        self.union.pop(key, None)
         self.unique.pop(key, None)
         self.reported.pop(key, None)
         self.moves.pop(key, None)

@@ -265,9 +265,15 @@ def test_a_node_reporting_more_of_a_file_than_its_size_holds_at_most_the_file() 
     assert [(s.node, s.score, s.cached_bytes) for s in reply.scores] == [("n1", 50, MiB), ("n2", 50, MiB)]
     under = score(ScoreRequest(datasets=[DatasetUse(name="d", namespace="ml", paths=["/b"])]), view, Weights())
     assert [(s.node, s.score, s.cached_bytes) for s in under.scores] == [("n2", 100, MiB), ("n1", 0, 0)]
+    # The dataset's bytes in the cache, each block once (the published fact), count each file up to its size too.
+    assert state.unique[KEY] == 2 * MiB
+    state.apply(snapshot(1, blocks("b", "e1", [(4, MiB)]), node="n3"))
+    assert state.unique[KEY] == 2 * MiB
     # A catalog in which b is larger counts the blocks again, up to its new size.
     state.set_catalog(KEY, Catalog([entry("/a", "a", MiB), entry("/b", "b", 2 * MiB)]))
-    assert state.held[KEY]["n2"] == 2 * MiB
+    assert state.held[KEY]["n2"] == 2 * MiB and state.unique[KEY] == 3 * MiB
+    state.forget_node("n2")
+    assert state.unique[KEY] == 2 * MiB  # a (n1) and b's block 4 (n3)
 
 
 def test_decisions_are_kept_only_while_what_they_read_is_unchanged() -> None:
@@ -553,12 +559,16 @@ def consistent(event: Inventory) -> Inventory:
 
 
 def union_bytes(state: CacheFold, key: tuple[str, str]) -> int:
-    """The bytes of the union of every node's blocks of current file versions: each block once."""
+    """The bytes of the union of every node's blocks of current file versions: each block once, each file up to its
+    size in the catalog (the events' blocks of "a" may add up to more)."""
     catalog = state.catalogs.get(key)
     union = {(file, index): size for cache in state.datasets.get(key, {}).values()
              for file, held in cache.files.items() if catalog is None or file in catalog
              for index, size in held.items()}
-    return sum(union.values())
+    per_file: dict[FileKey, int] = {}
+    for (file, _), size in union.items():
+        per_file[file] = per_file.get(file, 0) + size
+    return sum(min(size, catalog.size(file) or 0) if catalog is not None else size for file, size in per_file.items())
 
 
 @settings(max_examples=400, deadline=None)
