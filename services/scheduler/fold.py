@@ -164,6 +164,11 @@ def held_bytes(reported: int, size: int | None) -> int:
     return reported if size is None else min(reported, size)
 
 
+def _cached_bytes(position: NodeInventory | None) -> int:
+    """A node's own ``cachedBytes`` as ``CacheFold.reported`` sums it: never below zero (see ``_add``)."""
+    return max(0, position.counters.cached_bytes) if position is not None else 0
+
+
 # A block no node holds: (holders, size).
 _NO_HOLDER = (0, 0)
 
@@ -179,10 +184,14 @@ def _release(shared: dict[int, tuple[int, int]], index: int) -> int:
 
 
 def _add(files: dict[FileKey, dict[int, int]], cached: Iterable[CachedFile]) -> None:
+    """Take a snapshot part's blocks on. A block reported with a negative size (an agent's bug, or one that lies)
+    holds nothing: taken as reported, it took bytes off the node's other blocks and off the dataset's ``unique``, which
+    the scheduler then published below zero, a fact the dataset service refuses (one node's bad report froze the
+    dataset's cachedPercentage). The same for a node's own ``cachedBytes`` (``_cached_bytes``)."""
     for item in cached:
         blocks = files.setdefault((item.mount, item.key, item.etag), {})
         for index, size in item.blocks:
-            blocks[index] = size
+            blocks[index] = max(size, 0)
 
 
 class CacheFold:
@@ -245,7 +254,7 @@ class CacheFold:
             cache = nodes[event.node] = NodeCache(position=after)
             self.node_entries[event.node] = self.node_entries.get(event.node, 0) + 1
         cache.position = after
-        self._add_reported(key, after.counters.cached_bytes - (before.counters.cached_bytes if before else 0))
+        self._add_reported(key, _cached_bytes(after) - _cached_bytes(before))
         catalog = self.catalogs.get(key)
         if isinstance(event, InventorySnapshot):
             self._snapshot_part(key, cache, event, after, catalog)
@@ -302,6 +311,8 @@ class CacheFold:
             shared = holders.setdefault(file, {})
             grown = added = 0
             for index, size in item.blocks:
+                if size < 0:
+                    size = 0  # see ``_add``
                 before = blocks.get(index)
                 blocks[index] = size
                 holding, last = shared.get(index, _NO_HOLDER)
@@ -316,13 +327,14 @@ class CacheFold:
             had, shared_had = sizes.get(file, 0), union.get(file, 0)
             now, shared_now = had + grown, shared_had + added
             sizes[file], union[file] = now, shared_now
-            if whole is None or max(now, shared_now, had, shared_had) <= whole:  # as reported (``held_bytes``)
+            # Within the file's size (always, but for a stale block size or a lie): as reported (``held_bytes``).
+            if whole is None or (now <= whole and shared_now <= whole and had <= whole and shared_had <= whole):
                 if counts:
                     current += grown
                     unique += added
             else:
-                current += min(now, whole) - min(had, whole)
-                unique += min(shared_now, whole) - min(shared_had, whole)
+                current += held_bytes(now, whole) - held_bytes(had, whole)
+                unique += held_bytes(shared_now, whole) - held_bytes(shared_had, whole)
         for item in evicted:
             file = (item.mount, item.key, item.etag)
             held = cache.files.get(file)
@@ -337,11 +349,17 @@ class CacheFold:
                     gone += _release(shared, index)
             total -= freed
             had, shared_had = sizes[file], union.get(file, 0)
-            if catalog is None or whole is not None:
+            sizes[file], union[file] = had - freed, shared_had - gone
+            if whole is None:
+                if catalog is None:
+                    current -= freed
+                    unique -= gone
+            elif had <= whole and shared_had <= whole and freed >= 0 and gone >= 0:  # as reported
+                current -= freed
+                unique -= gone
+            else:
                 current -= held_bytes(had, whole) - held_bytes(had - freed, whole)
                 unique -= held_bytes(shared_had, whole) - held_bytes(shared_had - gone, whole)
-            sizes[file] = had - freed
-            union[file] = shared_had - gone
             if not held:
                 del cache.files[file], sizes[file]
             if not shared:
@@ -456,7 +474,7 @@ class CacheFold:
         for key, nodes in self.datasets.items():
             if (cache := nodes.pop(node, None)) is not None:
                 self._release_all(key, cache.files, self.catalogs.get(key))
-                self._add_reported(key, -cache.position.counters.cached_bytes)
+                self._add_reported(key, -_cached_bytes(cache.position))
                 self._changed(key, nodes=True)
                 self.held.get(key, {}).pop(node, None)
                 self.moves.pop(key, None)
