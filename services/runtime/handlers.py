@@ -486,8 +486,9 @@ class RuntimeHandlers:
         records = list(self.runtimes.values.values())
         phases = Counter(record.status.phase for record in records)
         self.phase_gauge.update({(phase,): phases[phase] for phase in RUNTIME_PHASES})
-        self.workers_gauge.update({(f"{record.runtime.metadata.namespace}/{record.runtime.metadata.name}",):
-                                   len(record.status.workers) for record in records})
+        self.workers_gauge.update({(subjects.object_name(record.runtime.metadata.namespace,
+                                                         record.runtime.metadata.name),): len(record.status.workers)
+                                   for record in records})
 
     def _agents(self) -> list[AgentRecord]:
         return list(self.agents.values.values())
