@@ -69,7 +69,7 @@ from opentelemetry import trace
 
 from libs import metrics, natsauth, subjects
 from libs.backoff import REDELIVERY, Backoff
-from libs.config import NatsSettings
+from libs.config import MAX_EVENT_BYTES_VARIABLE, NatsSettings
 from libs.events.common import DECODE_ERRORS
 from libs.events.deadletter import DeadLetter
 from libs.natserrors import TlsNotOffered
@@ -967,6 +967,14 @@ def misplaced_command(event: object, subject: str) -> str | None:
     return f"a {tag} command is sent on {subjects.command_subject(tag)}, not on {subject}"
 
 
+def oversize_reason(size: int, limit: int) -> str:
+    """Why a message of ``size`` bytes is not handled, with what changes that: for a command it goes back to its
+    publisher (``shoal apply`` prints it), where the bare sizes left a person with nothing to do."""
+    return (f"payload of {size} bytes exceeds the limit of {limit} bytes ({MAX_EVENT_BYTES_VARIABLE} of the service "
+            f"that handles it): make it smaller (for an object: fewer mounts, mount options, labels or targets, or "
+            f"several objects instead of one), or raise {MAX_EVENT_BYTES_VARIABLE} for that service")
+
+
 @dataclass
 class Consumer(Generic[E]):
     """A durable pull consumer that decodes at the edge and maps handler outcomes to acks.
@@ -1222,7 +1230,7 @@ class Consumer(Generic[E]):
 
     async def _outcome(self, message: Msg, delivery: Delivery) -> str:
         if len(message.data) > self.max_event_bytes:
-            reason = f"payload of {len(message.data)} bytes exceeds the limit of {self.max_event_bytes} bytes"
+            reason = oversize_reason(len(message.data), self.max_event_bytes)
             await self._reject(message, delivery, reason, self._bound(delivery))
             return metrics.REJECTED
         try:
@@ -1364,8 +1372,7 @@ class Follower(Generic[E]):
     async def _outcome(self, message: Msg) -> str:
         delivery = delivery_of(message)
         if len(message.data) > self.max_event_bytes:
-            self._passed_over(delivery, f"payload of {len(message.data)} bytes exceeds the limit of "
-                              f"{self.max_event_bytes} bytes")
+            self._passed_over(delivery, oversize_reason(len(message.data), self.max_event_bytes))
             return metrics.REJECTED
         try:
             event = self.decoder.decode(message.data)

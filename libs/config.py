@@ -194,6 +194,15 @@ MOUNT_START_SECONDS = 120.0
 MAX_HEARTBEAT_SECONDS = 20.0
 
 
+def variable(group: type[Any], name: str) -> str:
+    """The environment variable of the setting ``name`` of ``group``, for messages that say what to set."""
+    return next(item.metadata["env"] for item in fields(group) if item.name == name)
+
+
+# Named in the refusals of a command larger than the services take (``libs.bus``, ``libs.documents``).
+MAX_EVENT_BYTES_VARIABLE = variable(ServiceSettings, "max_event_bytes")
+
+
 @dataclass(frozen=True)
 class AgentSettings:
     node_name: str = env("SHOAL_NODE_NAME", "This node's name in heartbeats and inventory (the Kubernetes node "

@@ -30,8 +30,9 @@ Decides:
 - that a text beginning with ``{`` is read as JSON first, as kubectl's YAML-or-JSON decoder reads it: one object or
   several one after another (``jq '.items[]'``), so JSON that is not YAML 1.1 (tab indentation, an emoji's
   ``\\ud83d\\ude00`` escape pair) applies; what JSON cannot read is read as YAML, whose errors name the line;
-- that a command larger than a NATS message can carry (``too_large``) is refused naming its size, before anything
-  is published, and so is a document whose aliases expand it past ``MAX_EXPANDED_VALUES`` or make it contain itself.
+- that a command larger than a NATS message can carry, or than the services take (``too_large``), is refused
+  naming its size and what to change, before anything is published, and so is a document whose aliases expand it
+  past ``MAX_EXPANDED_VALUES`` or make it contain itself.
 
 Semantic validation (bucket names, supported options, DNS labels) is the services' job: they reject with a
 reason the CLI prints. Here only the shape is checked, so a manifest is judged by one authority.
@@ -52,6 +53,7 @@ import msgspec
 import yaml
 
 from libs import subjects
+from libs.config import MAX_EVENT_BYTES_VARIABLE
 from libs.events.common import ObjectMeta, parse_quantity
 from libs.events.dataset import (
     Dataset,
@@ -167,15 +169,23 @@ class Command:
 COMMAND_HEADROOM = 4096
 
 
-def too_large(event: CommandEvent, kind: str, max_bytes: int) -> str:
+def too_large(event: CommandEvent, kind: str, max_bytes: int, event_limit: int | None = None) -> str:
     """Why ``event`` cannot be published in a NATS message of at most ``max_bytes`` ("" when it can): a manifest may
     give any number of mounts, labels or targets, and aliases (``*anchor``) repeat a list without making the file
-    longer, while the server refuses a message over its limit, which no retry changes."""
+    longer, while the server refuses a message over its limit, which no retry changes.
+
+    ``event_limit``: the most a service takes (``SHOAL_MAX_EVENT_BYTES``, as the publisher knows it): a command
+    between it and the NATS limit is published and then refused by the service, so it is said here too."""
     size = len(msgspec.json.encode(event))
-    if size <= max_bytes - COMMAND_HEADROOM:
-        return ""
-    return (f"too large for Shoal: its command would be {size} bytes, more than the {max_bytes - COMMAND_HEADROOM} "
-            f"a NATS message can carry here; split it into several {kind}s (fewer mounts or targets each)")
+    split = f"split it into several {kind}s (fewer mounts or targets each)"
+    if size > max_bytes - COMMAND_HEADROOM:
+        return (f"too large for Shoal: its command would be {size} bytes, more than the "
+                f"{max_bytes - COMMAND_HEADROOM} a NATS message can carry here; {split}")
+    if event_limit is not None and size > event_limit:
+        return (f"too large for Shoal: its command would be {size} bytes, more than the {event_limit} the services "
+                f"take ({MAX_EVENT_BYTES_VARIABLE}); {split}, or raise {MAX_EVENT_BYTES_VARIABLE} for the services "
+                f"and here alike")
+    return ""
 
 
 def resource_type(kind: Kind) -> str:

@@ -53,7 +53,7 @@ from libs.bus import (
 from libs.cli import manifests, operations, render
 from libs.cli.errors import CliError
 from libs.cli.up import down, up
-from libs.config import NatsSettings, SettingsError, load_settings, nats_url_errors
+from libs.config import NatsSettings, Settings, SettingsError, load_settings, nats_url_errors
 from libs.documents import (
     OPERATION_KINDS,
     Command,
@@ -198,15 +198,25 @@ class Options:
     timeout: float
 
     def nats_settings(self) -> NatsSettings:
-        try:
-            settings = load_settings().nats
-        except SettingsError as err:
-            raise SetupError(str(err)) from err
+        settings = _settings().nats
         if self.nats_urls:
             settings = replace(settings, urls=list(self.nats_urls))
             if errors := nats_url_errors(settings.urls, "--nats"):
                 raise SetupError("; ".join(errors))
         return settings
+
+    def event_limit(self) -> int:
+        """The largest command the services take, as far as this shell can know: its own SHOAL_MAX_EVENT_BYTES,
+        the services' default unless set. The services publish theirs nowhere; one set higher for them is set here
+        too (a refusal says so), one set lower is their refusal to say."""
+        return _settings().service.max_event_bytes
+
+
+def _settings() -> Settings:
+    try:
+        return load_settings()
+    except SettingsError as err:
+        raise SetupError(str(err)) from err
 
 
 def main() -> None:
@@ -385,8 +395,10 @@ class Outcome:
     fact: msgspec.Struct | None  # None: no answer before the deadline
 
 
-async def send_commands(bus: Bus, commands: Sequence[Command], wait_seconds: float) -> list[Outcome]:
-    """Publish every command, then wait up to ``wait_seconds`` for the fact answering each (by causationId)."""
+async def send_commands(bus: Bus, commands: Sequence[Command], wait_seconds: float,
+                        event_limit: int | None = None) -> list[Outcome]:
+    """Publish every command, then wait up to ``wait_seconds`` for the fact answering each (by causationId).
+    ``event_limit``: the largest command the services take (``Options.event_limit``); a larger one sends nothing."""
     loop = asyncio.get_running_loop()
     waiting: dict[str, asyncio.Future[msgspec.Struct]] = {
         command.event.id: loop.create_future() for command in commands
@@ -402,10 +414,11 @@ async def send_commands(bus: Bus, commands: Sequence[Command], wait_seconds: flo
             future.set_result(fact)
 
     # A server configured for smaller messages than Shoal's streams take refuses a command ``_read_manifests`` let
-    # through: said before anything is published, not as nats-py's MaxPayloadError.
+    # through: said before anything is published, not as nats-py's MaxPayloadError. A command too large for the
+    # services (``shoal load`` with thousands of --path) would be their refusal after it was published.
     limit = min(MESSAGE_LIMIT, bus.nc.max_payload)
     if large := [f"{command.resource}: {problem}" for command in commands
-                 if (problem := too_large(command.event, command.source_kind, limit))]:
+                 if (problem := too_large(command.event, command.source_kind, limit, event_limit))]:
         raise CliError("; ".join(large) + "; nothing was sent")
     # Subscribe before publishing, and flush so the server has the interest: a fast service cannot answer
     # before we listen. Core NATS is enough, the fact stream is only needed for a replay.
@@ -491,11 +504,13 @@ def _namespace_given() -> bool:
 
 
 def _read_manifests(sources: Sequence[manifests.ManifestSource], namespace: str,
-                    action: str, enforce: bool = False) -> tuple[list[Command], list[str], bool]:
+                    action: str, enforce: bool = False, event_limit: int | None = None
+                    ) -> tuple[list[Command], list[str], bool]:
     """Commands from every file; prints the errors of invalid documents. Returns (commands, notes, all valid).
 
     ``enforce`` (``-n`` given on the command line): a document naming another namespace is invalid, as in kubectl;
-    otherwise ``namespace`` is only that of documents that name none."""
+    otherwise ``namespace`` is only that of documents that name none. ``event_limit``: the largest command the
+    services take (``Options.event_limit``)."""
     commands: list[Command] = []
     notes: list[str] = []
     valid = True
@@ -525,8 +540,9 @@ def _read_manifests(sources: Sequence[manifests.ManifestSource], namespace: str,
             exposed = exposed_secret_errors(command.event.dataset) if isinstance(command.event, DatasetApply) else []
             errors += [f"{command.resource}: {reason}" for reason in exposed]
             # As kubectl refuses an object larger than the API server takes: NATS refuses the message, which was a
-            # traceback after the file's earlier objects were applied.
-            if not exposed and (large := too_large(command.event, command.source_kind, MESSAGE_LIMIT)):
+            # traceback after the file's earlier objects were applied; the service refuses one over its limit.
+            if not exposed and (large := too_large(command.event, command.source_kind, MESSAGE_LIMIT,
+                                                   event_limit)):
                 errors.append(f"document {command.document} ({command.source_kind} {command.name}): {large}")
             elif not exposed:
                 commands.append(command)
@@ -558,7 +574,7 @@ def apply(options: Options, files: tuple[str, ...], recursive: bool, namespace: 
     it is; every field Shoal does not use is listed on stderr as "ignored: ...".
     """
     commands, notes, valid = _read_manifests(_sources(files, recursive), namespace, "apply",
-                                              _namespace_given())
+                                              _namespace_given(), options.event_limit())
     for note in notes:
         click.echo(note, err=True)
     if commands:
@@ -585,7 +601,7 @@ async def _send(options: Options, commands: Sequence[Command], *, wait: bool = F
                     if isinstance(command.event, DataLoadApply | DataCleanApply):
                         watches[command.event.id] = await operations.open_watch(
                             bus, command.kind, command.namespace, command.name)
-            outcomes = await send_commands(bus, commands, options.timeout)
+            outcomes = await send_commands(bus, commands, options.timeout, options.event_limit())
             ok = report_outcomes(outcomes, options.timeout, applied)
             followed = []
             for outcome in outcomes:

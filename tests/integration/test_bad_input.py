@@ -122,7 +122,11 @@ async def test_oversized_payload_is_rejected(bus: Bus, bus_settings: Settings) -
         payload = b'{"type": "runtime.apply.v1", "id": "big", "pad": "' + b"x" * 10_000 + b'"}'
         await bus.js.publish(subjects.RUNTIME_APPLY, payload, headers={"Nats-Msg-Id": "big-1"})
         rejected = await facts.wait_for("runtime.rejected.v1", causationId="big-1")
-        assert "exceeds the limit of 4096 bytes" in rejected["reason"]
+        # What to change is said, not only the sizes: the publisher (``shoal apply``) prints this reason.
+        assert rejected["reason"] == (
+            f"payload of {len(payload)} bytes exceeds the limit of 4096 bytes (SHOAL_MAX_EVENT_BYTES of the service "
+            "that handles it): make it smaller (for an object: fewer mounts, mount options, labels or targets, or "
+            "several objects instead of one), or raise SHOAL_MAX_EVENT_BYTES for that service")
         letter = await dead_letter_for(bus, subjects.RUNTIME_APPLY)
         assert len(base64.b64decode(letter["payload"])) == len(payload)
 

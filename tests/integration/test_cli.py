@@ -1336,6 +1336,51 @@ spec: {{mounts: [{{mountPoint: "local://{tmp_path}"}}]}}
     assert (await shoal(nats_server, "get", "dataset", "huge")).exit_code == 1  # nothing of it was sent
 
 
+async def test_a_document_larger_than_the_services_take_is_refused_before_it_is_sent(
+        nats_server: NatsServer, services: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A command between SHOAL_MAX_EVENT_BYTES (256 KiB, the services' default) and NATS's 1 MiB passed the CLI's
+    check and was published, and the dataset service refused it with "payload of N bytes exceeds the limit of
+    262144 bytes" and nothing said of what to change."""
+    manifest = tmp_path / "big.yaml"
+    manifest.write_text(f"""
+apiVersion: shoal.io/v1alpha1
+kind: Dataset
+metadata:
+  name: big
+  annotations: {{notes: {"x" * 300_000}}}
+spec: {{mounts: [{{mountPoint: "local://{tmp_path}"}}]}}
+---
+apiVersion: shoal.io/v1alpha1
+kind: Dataset
+metadata: {{name: small}}
+spec: {{mounts: [{{mountPoint: "local://{tmp_path}"}}]}}
+""")
+    monkeypatch.delenv("SHOAL_MAX_EVENT_BYTES", raising=False)
+
+    applied = await shoal(nats_server, "apply", "-f", str(manifest))
+
+    assert (applied.exit_code, applied.stdout) == (1, "dataset.shoal.io/small created\n"), applied.output
+    [error] = applied.stderr.splitlines()
+    assert error.startswith(f"error: {manifest}: document 1 (Dataset big): too large for Shoal: its command would "
+                            "be ")
+    assert error.endswith(" bytes, more than the 262144 the services take (SHOAL_MAX_EVENT_BYTES); split it into "
+                          "several Datasets (fewer mounts or targets each), or raise SHOAL_MAX_EVENT_BYTES for the "
+                          "services and here alike")
+    assert (await shoal(nats_server, "get", "dataset", "big")).exit_code == 1  # nothing of it was sent
+
+    # Raised here but not for the service: it is sent, and the service's refusal says what to change.
+    monkeypatch.setenv("SHOAL_MAX_EVENT_BYTES", str(512 * 1024))
+    applied = await shoal(nats_server, "apply", "-f", str(manifest))
+
+    assert applied.exit_code == 1, applied.output
+    [error] = applied.stderr.splitlines()
+    assert error.startswith("error: big rejected: payload of ")
+    assert error.endswith(" bytes exceeds the limit of 262144 bytes (SHOAL_MAX_EVENT_BYTES of the service that "
+                          "handles it): make it smaller (for an object: fewer mounts, mount options, labels or "
+                          "targets, or several objects instead of one), or raise SHOAL_MAX_EVENT_BYTES for that "
+                          "service")
+
+
 @pytest.mark.parametrize("command", [("get", "datasets"), ("describe", "dataset", "demo"),
                                      ("delete", "dataset", "demo"), ("load", "dataset", "demo")])
 async def test_a_namespace_that_is_no_namespace_is_one_error_line(nats_server: NatsServer,

@@ -903,6 +903,22 @@ def test_a_command_too_large_for_a_nats_message_is_said_with_its_size() -> None:
         "here; split it into several Datasets (fewer mounts or targets each)")
 
 
+def test_a_command_larger_than_the_services_take_is_said_with_the_setting_that_raises_their_limit() -> None:
+    """A command between SHOAL_MAX_EVENT_BYTES (256 KiB) and NATS's 1 MiB was published, and the service refused it
+    with only its size and the limit."""
+    [command], _, _ = documents_to_commands([{"apiVersion": SHOAL_API, "kind": "Dataset", "metadata": {"name": "a"},
+                                              "spec": {"mounts": [{"mountPoint": "s3://one/"}]}}])
+    size = len(msgspec.json.encode(command.event))
+
+    assert too_large(command.event, "Dataset", size + COMMAND_HEADROOM, event_limit=size) == ""
+    assert too_large(command.event, "Dataset", size + COMMAND_HEADROOM, event_limit=size - 1) == (
+        f"too large for Shoal: its command would be {size} bytes, more than the {size - 1} the services take "
+        "(SHOAL_MAX_EVENT_BYTES); split it into several Datasets (fewer mounts or targets each), or raise "
+        "SHOAL_MAX_EVENT_BYTES for the services and here alike")
+    # Over both: NATS's limit is said, which no setting of Shoal's raises.
+    assert "a NATS message can carry" in too_large(command.event, "Dataset", size, event_limit=size - 1)
+
+
 def test_aliases_that_expand_past_a_command_or_contain_themselves_are_refused() -> None:
     """Ten lines of aliases, each repeating the one before ten times, expand to ten billion values: the CLI ate
     memory until it was killed; an alias inside its own anchor was a RecursionError traceback. kubectl refuses
