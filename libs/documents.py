@@ -18,7 +18,8 @@ Decides:
   runtime's is derived): the refusal says so and names the sum;
 - that every field Shoal does not use is reported back as an "ignored: ..." note, never dropped silently, and a
   Dataset's ``accessModes`` that promise writes as a "warning: ..." note (the mounts are read-only);
-- that schema errors name the document and the JSON path (``$.spec.mounts[0].mountPoint``);
+- that schema errors name the document and the JSON path (``$.spec.mounts[0].mountPoint``), and an unknown kind or
+  apiVersion the one likely meant (``kind: dataset``: "did you mean Dataset?"), as a misspelt field gets;
 - that a key given twice in one mapping is an error, not "the last one wins" (YAML's loaders keep the last without a
   word; kubectl refuses it): a second ``metadata`` would apply the object under another name or namespace;
 - that a document naming another namespace than the one ``-n`` gives is an error (``enforce_namespace``), as in
@@ -104,6 +105,12 @@ FLUID_RUNTIME_KINDS = (
     "VineyardRuntime",
 )
 THIN_RUNTIME = "ThinRuntime"
+
+# The kinds each apiVersion has, for "did you mean" (``_kind_hints``); ``_document_to_command`` maps each.
+API_KINDS: dict[str, tuple[str, ...]] = {
+    SHOAL_API: ("Dataset", "Runtime", "DataLoad", "DataClean"),
+    FLUID_API: ("Dataset", "DataLoad", *FLUID_RUNTIME_KINDS),
+}
 
 # Fluid/Alluxio spellings of S3 mount options and Shoal's names for them.
 ALLUXIO_OPTION_NAMES = {
@@ -524,7 +531,7 @@ def _document_to_command(
         raise _DocumentError(
             f"{label}: unknown kind {kind!r} of apiVersion {api_version!r}; supported: Dataset, Runtime, "
             f"DataLoad and DataClean of {SHOAL_API}, Dataset, DataLoad and {', '.join(FLUID_RUNTIME_KINDS)} "
-            f"of {FLUID_API}"
+            f"of {FLUID_API}{''.join(f'; {hint}' for hint in _kind_hints(str(api_version), str(kind)))}"
         )
 
     if target is Runtime:
@@ -544,6 +551,26 @@ def _document_to_command(
     if isinstance(obj, Dataset) and action == "apply" and (writes := write_access_modes(obj.spec.access_modes)):
         notes.append(read_only_note(str(kind), writes))
     return _command(position, str(kind), obj, action), _named_notes(notes, str(kind), obj.metadata)
+
+
+def _kind_hints(api_version: str, kind: str) -> list[str]:
+    """What an unknown kind and apiVersion were likely meant to be, as a misspelt field's "did you mean": a kind
+    in another case (``dataset``, ``DATALOAD``) or spelling, an apiVersion a letter off (``data.fluid.io/v1alpha``),
+    a kind of the other API (Fluid has no DataClean). Nothing when nothing is close (a ConfigMap)."""
+    meant_api = api_version if api_version in API_KINDS else _meant(api_version, list(API_KINDS))
+    if meant_api is None:
+        return []
+    hints = []
+    if meant_api != api_version:
+        hints.append(f"{api_version!r} is not an apiVersion Shoal reads: did you mean {meant_api}?")
+    if kind in API_KINDS[meant_api]:
+        return hints
+    # The other API's kind first: Fluid's "Runtime" is a letter or four from ThinRuntime, but meant Shoal's.
+    if other := [api for api, kinds in API_KINDS.items() if api != meant_api and kind in kinds]:
+        hints.append(f"{kind} is a kind of {other[0]}, not of {meant_api}")
+    elif meant_kind := _meant(kind, API_KINDS[meant_api]):
+        hints.append(f"{kind!r} is not a kind of {meant_api}: did you mean {meant_kind}?")
+    return hints
 
 
 def _named_notes(notes: list[str], kind: str, meta: ObjectMeta) -> list[str]:

@@ -1115,6 +1115,33 @@ def test_bad_dataloads_name_the_document_and_the_path(spec: str, error: str) -> 
     assert error in message
 
 
+@pytest.mark.parametrize(("api_version", "kind", "hints"), [
+    (SHOAL_API, "dataset", "; 'dataset' is not a kind of shoal.io/v1alpha1: did you mean Dataset?"),
+    ("data.fluid.io/v1alpha1", "DATALOAD", "; 'DATALOAD' is not a kind of data.fluid.io/v1alpha1: did you mean "
+                                           "DataLoad?"),
+    ("data.fluid.io/v1alpha", "Dataset", "; 'data.fluid.io/v1alpha' is not an apiVersion Shoal reads: did you mean "
+                                         "data.fluid.io/v1alpha1?"),
+    ("shoal.io/v1", "Datset", "; 'shoal.io/v1' is not an apiVersion Shoal reads: did you mean shoal.io/v1alpha1?; "
+                              "'Datset' is not a kind of shoal.io/v1alpha1: did you mean Dataset?"),
+    ("data.fluid.io/v1alpha1", "Runtime", "; Runtime is a kind of shoal.io/v1alpha1, not of data.fluid.io/v1alpha1"),
+    ("v1", "ConfigMap", ""),
+], ids=["lower-case-kind", "upper-case-kind", "short-api-version", "both", "other-apis-kind", "nothing-close"])
+def test_a_miscased_or_misspelt_kind_or_api_version_is_refused_with_what_was_meant(api_version: str, kind: str,
+                                                                                  hints: str) -> None:
+    """``kind: dataset`` or ``apiVersion: data.fluid.io/v1alpha`` was refused with the list of every supported kind
+    and no word of which one was meant, where a misspelt field gets "did you mean"."""
+    document = {"apiVersion": api_version, "kind": kind, "metadata": {"name": "x"}, "spec": {}}
+
+    commands, _, [error] = documents_to_commands([document])
+
+    assert commands == []
+    supported = (f"document 1 ({kind} x): unknown kind {kind!r} of apiVersion {api_version!r}; supported: Dataset, "
+                 "Runtime, DataLoad and DataClean of shoal.io/v1alpha1, Dataset, DataLoad and AlluxioRuntime, "
+                 "JuiceFSRuntime, JindoRuntime, GooseFSRuntime, EFCRuntime, ThinRuntime, VineyardRuntime of "
+                 "data.fluid.io/v1alpha1")
+    assert error == supported + hints
+
+
 def test_fluid_has_no_dataclean() -> None:
     text = "apiVersion: data.fluid.io/v1alpha1\nkind: DataClean\nmetadata: {name: c}\nspec: {dataset: {name: d}}\n"
 
