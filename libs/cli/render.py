@@ -137,7 +137,7 @@ def dataset_table(records: Sequence[DatasetRecord], *, wide: bool, show_namespac
             row += [str(status.file_num), states.cache_hit_ratio, states.local_hit_ratio, states.remote_hit_ratio,
                     status.message]
         rows.append(row)
-    return _with_namespace(headers, rows, [r.dataset.metadata.namespace for r in records], show_namespace or wide)
+    return _with_namespace(headers, rows, [r.dataset.metadata.namespace for r in records], show_namespace)
 
 
 def runtime_table(records: Sequence[RuntimeRecord], *, wide: bool, show_namespace: bool) -> str:
@@ -153,7 +153,7 @@ def runtime_table(records: Sequence[RuntimeRecord], *, wide: bool, show_namespac
         if wide:
             row += [ready_nodes_text(status), workers_text(status.workers), status.message]
         rows.append(row)
-    return _with_namespace(headers, rows, [r.runtime.metadata.namespace for r in records], show_namespace or wide)
+    return _with_namespace(headers, rows, [r.runtime.metadata.namespace for r in records], show_namespace)
 
 
 def ready_nodes_text(status: RuntimeStatus) -> str:
@@ -206,7 +206,7 @@ def operation_table(records: Sequence[OperationRecord], *, now: datetime, wide: 
             row += [policy, str(status.runs), rate_text(status.progress.rate_bytes_per_second),
                     eta_text(status.progress.eta_seconds), status.message or status.waiting_for]
         rows.append(row)
-    return _with_namespace(headers, rows, [r.metadata.namespace for r in records], show_namespace or wide)
+    return _with_namespace(headers, rows, [r.metadata.namespace for r in records], show_namespace)
 
 
 def operation_dataset(record: OperationRecord) -> str:

@@ -222,11 +222,13 @@ async def test_get_runtimes_table(nats_server: NatsServer, bus: Bus) -> None:
         "NAME       READY   CACHE CAPACITY   BLOCK SIZE   PHASE\n"
         "imagenet   2/3     6.00GiB          4.00MiB      PartialReady\n"
     )
+    # No NAMESPACE column without -A, wide or not, as kubectl.
     wide = await shoal(nats_server, "get", "runtime", "-o", "wide")
-    assert wide.stdout.splitlines()[1].split() == ["default", "imagenet", "2/3", "6.00GiB", "4.00MiB",
-                                                   "PartialReady", "node-a,node-b",
-                                                   "node-b,node-a,node-c(not", "ready)", "2", "of", "3", "nodes",
-                                                   "ready"]
+    header, row = wide.stdout.splitlines()
+    assert header.split() == ["NAME", "READY", "CACHE", "CAPACITY", "BLOCK", "SIZE", "PHASE", "NODES", "WORKERS",
+                              "MESSAGE"]
+    assert row.split() == ["imagenet", "2/3", "6.00GiB", "4.00MiB", "PartialReady", "node-a,node-b",
+                           "node-b,node-a,node-c(not", "ready)", "2", "of", "3", "nodes", "ready"]
 
 
 async def test_get_and_describe_take_each_kinds_short_names(nats_server: NatsServer, bus: Bus) -> None:
@@ -259,7 +261,7 @@ async def test_a_runtime_on_thousands_of_nodes_names_a_few_in_tables_and_describ
     wide = await shoal(nats_server, "get", "runtimes", "-o", "wide")
     assert wide.exit_code == 0, wide.output
     row = wide.stdout.splitlines()[1]
-    assert row.split()[6:10] == ["node-00000,node-00001,node-00002", "and", "4997", "more"]
+    assert row.split()[5:9] == ["node-00000,node-00001,node-00002", "and", "4997", "more"]
     assert len(row) < 300
 
     described = await shoal(nats_server, "describe", "runtime", "imagenet")

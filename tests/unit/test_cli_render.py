@@ -29,6 +29,7 @@ from libs.events.operation import (
     Progress,
     TargetPath,
 )
+from libs.events.runtime import Runtime, RuntimeRecord, RuntimeSpec
 from libs.kube import FLUID_RESOURCES
 
 MiB = 1024 * 1024
@@ -162,10 +163,27 @@ def test_operation_table_has_fluids_columns_and_progress() -> None:
         "pending   data/shared   Pending     5m    Unfinished   -\n"
     )
     wide = render.operation_table([running, elsewhere], now=NOW, wide=True, show_namespace=False).splitlines()
-    assert wide[0].split() == ["NAMESPACE", "NAME", "DATASET", "PHASE", "AGE", "DURATION", "PROGRESS", "POLICY",
-                               "RUNS", "RATE", "ETA", "MESSAGE"]
+    assert wide[0].split() == ["NAME", "DATASET", "PHASE", "AGE", "DURATION", "PROGRESS", "POLICY", "RUNS", "RATE",
+                               "ETA", "MESSAGE"]
     assert "Cron (0 * * * *)   3      100.00MiB/s   20s" in wide[1]
     assert wide[2].endswith("DataLoad default/warm to be Complete")
+
+
+def test_wide_tables_have_a_namespace_column_only_across_namespaces_as_kubectl() -> None:
+    """``-o wide`` put NAMESPACE first even without ``-A``, where every row is of the one namespace ``-n`` gave;
+    kubectl shows it only with ``-A``, wide or not."""
+    runtime = RuntimeRecord(runtime=Runtime(metadata=ObjectMeta(name="model"), spec=RuntimeSpec()), generation=1)
+    tables = {
+        "dataset": lambda wide, across: render.dataset_table([record([])], wide=wide, show_namespace=across),
+        "runtime": lambda wide, across: render.runtime_table([runtime], wide=wide, show_namespace=across),
+        "dataload": lambda wide, across: render.operation_table([operation("warm")], now=NOW, wide=wide,
+                                                                show_namespace=across),
+    }
+    for kind, table in tables.items():
+        for wide in (False, True):
+            assert table(wide, False).split()[0] == "NAME", (kind, wide)
+            header, row = table(wide, True).splitlines()
+            assert (header.split()[:2], row.split()[0]) == (["NAMESPACE", "NAME"], "default"), (kind, wide)
 
 
 def test_the_duration_column_says_what_the_fluid_status_says() -> None:
