@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import re
 import secrets
 import ssl
 import sys
@@ -176,6 +177,52 @@ def _finite_timeout(ctx: click.Context, param: click.Parameter, value: float) ->
     if not math.isfinite(value):
         raise click.BadParameter(f"{value} is not a number of seconds: give a finite one, such as 30")
     return value
+
+
+# kubectl's --timeout spelling (Go durations): 90s, 5m, 1h30m, 2.5m; a bare number is seconds.
+_DURATION = re.compile(r"(?:(?:\d+(?:\.\d*)?|\.\d+)[hms])+")
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)([hms])")
+_UNIT_SECONDS = {"h": 3600.0, "m": 60.0, "s": 1.0}
+
+
+def duration_seconds(text: str) -> float | None:
+    """Seconds ``text`` stands for (``90s``, ``5m``, ``1h30m``, ``300``), or None when it is no duration."""
+    text = text.strip()
+    if _DURATION.fullmatch(text):
+        return sum(float(number) * _UNIT_SECONDS[unit] for number, unit in _DURATION_PART.findall(text))
+    try:
+        seconds = float(text)
+    except ValueError:
+        return None
+    return seconds if math.isfinite(seconds) else None
+
+
+class Duration(click.ParamType):
+    """A positive duration, as kubectl's ``--timeout`` takes one; the value is seconds."""
+
+    name = "duration"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        if isinstance(value, float):
+            return value
+        seconds = duration_seconds(str(value))
+        if seconds is None or seconds <= 0:
+            self.fail(f"{value!r} is not a duration: give one such as 90s, 5m or 1h30m (a bare number is seconds)",
+                      param, ctx)
+        return seconds
+
+
+def wait_timeout_option() -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``--wait-timeout``, beside every ``--wait``."""
+    return click.option("--wait-timeout", type=Duration(), default=None, metavar="DURATION",
+                        help="With --wait: give up after this long (90s, 5m, 1h30m), saying where each one stood "
+                             "(a load whose dataset does not exist yet stays Pending); exit 1. The work goes on.  "
+                             "[default: until each ends]")
+
+
+def _checked_wait_timeout(wait: bool, wait_timeout: float | None) -> None:
+    if wait_timeout is not None and not wait:
+        raise click.UsageError("--wait-timeout goes with --wait: shoal ... --wait --wait-timeout 5m")
 
 
 def namespace_option(help: str | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -566,27 +613,32 @@ _RECURSIVE_HELP = "Read the folders given with -f and their subfolders, all the 
 @click.option("--wait", is_flag=True,
               help="Follow each DataLoad and DataClean until it is Complete or Failed, with a progress bar; "
                    "exit 1 if one Failed.")
+@wait_timeout_option()
 @click.pass_obj
-def apply(options: Options, files: tuple[str, ...], recursive: bool, namespace: str, wait: bool) -> None:
+def apply(options: Options, files: tuple[str, ...], recursive: bool, namespace: str, wait: bool,
+          wait_timeout: float | None) -> None:
     """Create or update datasets, runtimes, DataLoads and DataCleans from Shoal or Fluid manifests.
 
     Fluid runtimes (AlluxioRuntime, JuiceFSRuntime, ...) become Shoal runtimes and a Fluid DataLoad applies as
     it is; every field Shoal does not use is listed on stderr as "ignored: ...".
     """
+    _checked_wait_timeout(wait, wait_timeout)
     commands, notes, valid = _read_manifests(_sources(files, recursive), namespace, "apply",
                                               _namespace_given(), options.event_limit())
     for note in notes:
         click.echo(note, err=True)
     if commands:
-        ok = _run(_send(options, commands, wait=wait))
+        ok = _run(_send(options, commands, wait=wait, wait_timeout=wait_timeout))
         valid = valid and ok
     if not valid:
         raise click.exceptions.Exit(1)
 
 
 async def _send(options: Options, commands: Sequence[Command], *, wait: bool = False,
-                applied: str = "configured", dataset: ObjectRef | None = None) -> bool:
-    """Publish the commands and report their answers; with ``wait``, then follow the accepted operations.
+                wait_timeout: float | None = None, applied: str = "configured",
+                dataset: ObjectRef | None = None) -> bool:
+    """Publish the commands and report their answers; with ``wait``, then follow the accepted operations (for at
+    most ``wait_timeout`` seconds when given).
 
     ``dataset``: the dataset the commands work on must exist first, or nothing is published (``shoal load``,
     ``shoal clean``).
@@ -615,7 +667,8 @@ async def _send(options: Options, commands: Sequence[Command], *, wait: bool = F
                 else:
                     followed.append((watch, outcome.fact.generation))
             if followed:
-                ok = operations.report(await operations.follow_connected(bus, followed, options.timeout)) and ok
+                ok = operations.report(await operations.follow_connected(bus, followed, options.timeout,
+                                                                         within=wait_timeout)) and ok
         finally:
             for watch in watches.values():
                 await watch.close()
@@ -833,21 +886,24 @@ _WAIT_HELP = "Follow it until it is Complete or Failed, with a progress bar; exi
               help="The DataLoad's name.  [default: <dataset>-load-<random>]")
 @namespace_option()
 @click.option("--wait", is_flag=True, help=_WAIT_HELP)
+@wait_timeout_option()
 @click.pass_obj
 def load(options: Options, resource: str, dataset: str, paths: tuple[str, ...], replicas: int,
-         load_metadata: bool, name: str | None, namespace: str, wait: bool) -> None:
+         load_metadata: bool, name: str | None, namespace: str, wait: bool, wait_timeout: float | None) -> None:
     """Warm a dataset's cache now: creates a Once DataLoad and prints its name.
 
     `shoal load dataset demo --path /train/images --wait` loads the folder images/ of the dataset's mount named
     "train", shows its progress and exits 1 if the load fails.
     """
+    _checked_wait_timeout(wait, wait_timeout)
     name = name or generated_name(dataset, "load")
     spec = DataLoadSpec(dataset=DatasetRef(name=dataset, namespace=namespace), load_metadata=load_metadata,
                         target=_targets(paths, replicas))
     event = DataLoadApply(data_load=DataLoad(metadata=ObjectMeta(name=name, namespace=namespace), spec=spec))
     command = Command(0, "DataLoad", "dataload", name, namespace, subjects.DATALOAD_APPLY, event)
     target = ObjectRef(name=dataset, namespace=namespace)
-    if not _run(_send(options, [command], wait=wait, applied="created", dataset=target)):
+    if not _run(_send(options, [command], wait=wait, wait_timeout=wait_timeout, applied="created",
+                      dataset=target)):
         raise click.exceptions.Exit(1)
 
 
@@ -860,10 +916,12 @@ def load(options: Options, resource: str, dataset: str, paths: tuple[str, ...], 
               help="The DataClean's name.  [default: <dataset>-clean-<random>]")
 @namespace_option()
 @click.option("--wait", is_flag=True, help=_WAIT_HELP)
+@wait_timeout_option()
 @click.pass_obj
 def clean(options: Options, resource: str, dataset: str, paths: tuple[str, ...], name: str | None,
-          namespace: str, wait: bool) -> None:
+          namespace: str, wait: bool, wait_timeout: float | None) -> None:
     """Evict a dataset's cached blocks (or those under --path) from every node: creates a DataClean."""
+    _checked_wait_timeout(wait, wait_timeout)
     name = name or generated_name(dataset, "clean")
     _checked_paths(paths)
     spec = DataCleanSpec(dataset=DatasetRef(name=dataset, namespace=namespace),
@@ -871,7 +929,8 @@ def clean(options: Options, resource: str, dataset: str, paths: tuple[str, ...],
     event = DataCleanApply(data_clean=DataClean(metadata=ObjectMeta(name=name, namespace=namespace), spec=spec))
     command = Command(0, "DataClean", "dataclean", name, namespace, subjects.DATACLEAN_APPLY, event)
     target = ObjectRef(name=dataset, namespace=namespace)
-    if not _run(_send(options, [command], wait=wait, applied="created", dataset=target)):
+    if not _run(_send(options, [command], wait=wait, wait_timeout=wait_timeout, applied="created",
+                      dataset=target)):
         raise click.exceptions.Exit(1)
 
 

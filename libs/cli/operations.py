@@ -14,6 +14,10 @@ rather than report the previous run's end as this apply's, or wait until a firin
 the apply's when it started from the applied generation or a later one (``observedGeneration``): the Failed end of
 the previous spec is not the end of the apply that fixed it.
 
+A Pending operation says what it waits for (``waitingFor``: a dataset that does not exist yet keeps a load Pending,
+as in Fluid), and ``--wait-timeout`` bounds the wait: an operation not ended by then is said as it stood, and the
+command ends without it (the operation goes on).
+
 The connection is watched too (``follow_connected``): nats-py reconnects forever and a KV watch only waits, so a NATS
 that went away would otherwise leave ``--wait`` silent for good; a PING kept in flight tells a server that stopped
 answering on a connection still open (frozen, cut off by the network).
@@ -134,8 +138,13 @@ def finished(record: OperationRecord | None, generation: int) -> bool:
     return (record.status.observed_generation or record.generation) >= generation
 
 
-async def follow(watches: Sequence[tuple[OperationWatch, int]], console: Console | None = None) -> list[Finished]:
-    """Follow each (watch, generation accepted) until its operation is Complete or Failed, drawing progress."""
+async def follow(watches: Sequence[tuple[OperationWatch, int]], console: Console | None = None,
+                 within: float | None = None) -> list[Finished]:
+    """Follow each (watch, generation accepted) until its operation is Complete or Failed, drawing progress.
+
+    ``within`` (``--wait-timeout``): seconds after which an operation not ended is given up on, its ``Finished``
+    saying where it stood (Pending, and what for: a dataset that does not exist yet keeps a load Pending for the
+    loader's ten minutes, as Fluid keeps it for ever). None: until each ends."""
     console = console or Console(stderr=True)
     columns = (
         TextColumn("{task.description}"),
@@ -145,8 +154,31 @@ async def follow(watches: Sequence[tuple[OperationWatch, int]], console: Console
     )
     # Off a terminal (a pipe, CI logs) a bar cannot redraw: one line per phase change instead (_follow_one).
     with Progress(*columns, console=console, disable=not console.is_terminal) as bar:
-        results = await asyncio.gather(*(_follow_one(watch, generation, bar) for watch, generation in watches))
-    return list(results)
+        tasks = [asyncio.ensure_future(_follow_one(watch, generation, bar)) for watch, generation in watches]
+        try:
+            await asyncio.wait(tasks, timeout=within, return_when=asyncio.FIRST_EXCEPTION)
+        finally:
+            unended = [task for task in tasks if not task.done()]
+            for task in unended:
+                task.cancel()
+            await asyncio.gather(*unended, return_exceptions=True)
+    for task in tasks:  # a watch that failed (NATS away for good) ends the whole wait, as it did before the bound
+        if task not in unended and (error := task.exception()) is not None:
+            raise error
+    return [_unended(watch, generation, within or 0) if task in unended else task.result()
+            for task, (watch, generation) in zip(tasks, watches, strict=True)]
+
+
+def _unended(watch: OperationWatch, generation: int, within: float) -> Finished:
+    """The ``Finished`` of an operation ``--wait-timeout`` gave up on: where it stood, and that it goes on."""
+    record = watch.latest
+    if record is not None and record.generation >= generation and not _previous_end(record, generation):
+        stood = _phase_line(watch.resource, record)
+    else:
+        stood = f"{watch.resource} not started by the loader yet"
+    plural = "dataloads" if watch.kind == "dataload" else "datacleans"
+    return Finished(watch.resource, None, f"{stood}, after --wait-timeout {within:g}s; it goes on without this "
+                                          f"command (`shoal get {plural}` shows how it ends)")
 
 
 class ConnectionLost(Exception):
@@ -160,7 +192,7 @@ class ConnectionLost(Exception):
 
 
 async def follow_connected(bus: Bus, watches: Sequence[tuple[OperationWatch, int]], patience: float,
-                           console: Console | None = None) -> list[Finished]:
+                           console: Console | None = None, within: float | None = None) -> list[Finished]:
     """``follow``, or ``ConnectionLost`` once the connection has been down ``patience`` seconds in a row (a short
     NATS restart is ridden out: the watches start again after a reconnect), or up but unanswered that long.
 
@@ -168,7 +200,7 @@ async def follow_connected(bus: Bus, watches: Sequence[tuple[OperationWatch, int
     leaves it "connected": nats-py notices only when its pings go unanswered, two minutes apart, so ``--wait`` stayed
     silent for minutes past its ``--timeout``. A PING is kept in flight (``flush``) and when NATS last answered one is
     what counts; a ping sent before a reconnect is never answered (nats-py forgets it), so a new one goes out then."""
-    following = asyncio.ensure_future(follow(watches, console))
+    following = asyncio.ensure_future(follow(watches, console, within))
     loop = asyncio.get_running_loop()
     down_since: float | None = None
     answered = loop.time()  # when NATS last answered a ping, or the connection came back

@@ -267,6 +267,33 @@ async def test_off_a_terminal_the_wait_says_what_a_pending_load_waits_for_once_i
     assert len(screen.getvalue().splitlines()) == 3, screen.getvalue()
 
 
+async def test_a_bounded_follow_returns_the_ended_ones_and_says_where_the_others_stood(bus: Bus) -> None:
+    """``within``: an operation that ended is reported as it ended, in order, beside one given up on (Pending, one
+    the loader never wrote)."""
+    kv = await bus.kv(subjects.KV_OPERATIONS)
+    watches = []
+    for name, status in (("done", COMPLETE), ("stuck", OperationStatus(waiting_for="dataset default/x to exist")),
+                         ("unseen", None)):
+        watches.append((await operations.open_watch(bus, "dataload", "default", name), 1))
+        if status is not None:
+            command = DataLoadApply(data_load=DataLoad(metadata=ObjectMeta(name=name), spec=DataLoadSpec(
+                dataset=DatasetRef(name="x", namespace="default"))))
+            await kv.put(subjects.operation_key("DataLoad", "default", name),
+                         msgspec.json.encode(record_of(command, 1, status)))
+    console = Console(file=io.StringIO(), force_terminal=False, width=200, color_system=None)
+    try:
+        done, stuck, unseen = await asyncio.wait_for(operations.follow(watches, console, within=0.5), timeout=10)
+    finally:
+        for watch, _ in watches:
+            await watch.close()
+
+    assert done.ok and stuck.record is None and unseen.record is None
+    assert stuck.error == ("dataload.shoal.io/stuck Pending (waiting for dataset default/x to exist), after "
+                           "--wait-timeout 0.5s; it goes on without this command (`shoal get dataloads` shows how it "
+                           "ends)")
+    assert unseen.error.startswith("dataload.shoal.io/unseen not started by the loader yet, after --wait-timeout")
+
+
 def test_the_wait_ends_on_the_applied_generations_run_and_on_an_older_loaders_record() -> None:
     """A run started from an older spec (observedGeneration 1) is not the end of applying generation 2; a loader that
     does not record observedGeneration (0) is judged by the record's generation, or a newer CLI would wait for ever
@@ -477,6 +504,43 @@ async def test_wait_without_shoals_streams_exits_2(nats_server: NatsServer) -> N
 
 
 # --- load, clean, run, delete ---
+
+
+async def test_wait_timeout_ends_a_wait_for_a_dataset_that_does_not_exist_saying_what_it_waited_for(
+        nats_server: NatsServer, loader: StandInLoader) -> None:
+    """A DataLoad whose dataset does not exist stays Pending (as in Fluid: the dataset may come later; the loader
+    fails it after ten minutes), and ``apply --wait`` had no bound of its own: it waited for as long as that."""
+    waiting = "dataset default/spark to exist and be Bound"  # the loader's words (services.loader.domain)
+    loader.statuses = [OperationStatus(waiting_for=waiting)]
+
+    result = await asyncio.wait_for(shoal(nats_server, "apply", "-f", "-", "--wait", "--wait-timeout", "1s",
+                                          stdin=FLUID_DATALOAD), timeout=30)
+
+    assert (result.exit_code, result.stdout) == (1, "dataload.shoal.io/spark-dataload created\n"), result.output
+    _ignored_note, *said = result.stderr.splitlines()
+    pending = f"dataload.shoal.io/spark-dataload Pending (waiting for {waiting})"
+    assert said == [pending, f"error: {pending}, after --wait-timeout 1s; it goes on without this command (`shoal "
+                             "get dataloads` shows how it ends)"]
+
+    # One that ends within the bound ends as without it.
+    loader.statuses = [executing(3, 12 * MiB), COMPLETE]
+    done = await shoal(nats_server, "apply", "-f", "-", "--wait", "--wait-timeout", "1m", stdin=FLUID_DATALOAD)
+    assert done.exit_code == 0, done.output
+    assert done.stdout.splitlines()[-1].startswith("dataload.shoal.io/spark-dataload Complete: 10/10 files")
+
+
+@pytest.mark.parametrize(("args", "why"), [
+    (("--wait-timeout", "5m"), "--wait-timeout goes with --wait"),
+    (("--wait", "--wait-timeout", "5 minutes"), "'5 minutes' is not a duration: give one such as 90s, 5m or 1h30m"),
+    (("--wait", "--wait-timeout", "0s"), "'0s' is not a duration"),
+    (("--wait", "--wait-timeout", "inf"), "'inf' is not a duration"),
+])
+async def test_a_wait_timeout_without_wait_or_that_is_no_duration_is_a_usage_error(
+        nats_server: NatsServer, loader: StandInLoader, args: tuple[str, ...], why: str) -> None:
+    for command in (("apply", "-f", "-"), ("load", "dataset", "spark"), ("clean", "dataset", "spark")):
+        result = await shoal(nats_server, *command, *args, stdin=FLUID_DATALOAD)
+        assert result.exit_code == 2 and why in result.stderr, (command, result.output)
+    assert loader.received == []
 
 
 async def test_load_dataset_creates_a_once_dataload_and_waits(nats_server: NatsServer,
