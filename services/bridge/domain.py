@@ -311,11 +311,13 @@ def document_of(resource: kube.Resource, obj: dict[str, Any]) -> dict[str, Any]:
     return {"apiVersion": resource.api_version, "kind": resource.kind, "metadata": user_meta, "spec": spec}
 
 
-def translate(resource: kube.Resource, obj: dict[str, Any], max_bytes: int | None = None) -> Translation:
+def translate(resource: kube.Resource, obj: dict[str, Any], max_bytes: int | None = None,
+              event_limit: int | None = None) -> Translation:
     """The apply command of the object (``libs.documents``, as ``shoal apply -f``), with a deterministic id; none,
     with the reason, when a Dataset gives a secret in clear text (``libs.mounts.exposed_secret_errors``: the reasons
     name the fields, never the values), or when its message would be longer than ``max_bytes`` (NATS refuses it: a
-    Kubernetes object may reach about 1.5 MB, a NATS message 1 MiB by default); no retry would change either."""
+    Kubernetes object may reach about 1.5 MB, a NATS message 1 MiB by default), or than ``event_limit`` (the services'
+    ``SHOAL_MAX_EVENT_BYTES``, as this process is configured: they would refuse it); no retry would change either."""
     document = document_of(resource, obj)
     namespace = document["metadata"]["namespace"]
     commands, notes, errors = documents_to_commands([document], default_namespace=namespace)
@@ -327,7 +329,7 @@ def translate(resource: kube.Resource, obj: dict[str, Any], max_bytes: int | Non
         # reach every subscriber (and a rejected apply is sent again at every start of the bridge).
         return Translation(None, exposed, notes)
     event = msgspec.structs.replace(command.event, id=apply_id(resource, obj, command))
-    if max_bytes is not None and (problem := too_large(event, resource.kind, max_bytes)):
+    if max_bytes is not None and (problem := too_large(event, resource.kind, max_bytes, event_limit)):
         return Translation(None, [problem], notes)
     read_only = ""
     if isinstance(event, DatasetApply) and (writes := write_access_modes(event.dataset.spec.access_modes)):

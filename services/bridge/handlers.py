@@ -487,7 +487,8 @@ class BridgeHandlers:
             self.waiting.add(key)
             return
         self.waiting.discard(key)
-        translation = domain.translate(key.resource, obj, min(MESSAGE_LIMIT, self.bus.nc.max_payload))
+        translation = domain.translate(key.resource, obj, min(MESSAGE_LIMIT, self.bus.nc.max_payload),
+                                       self.settings.service.max_event_bytes)
         command = translation.command
         errors = translation.errors
         if command is not None and self.published.get(key) == command.event.id and key not in self.refresh:

@@ -76,6 +76,18 @@ def test_a_command_larger_than_a_message_is_refused_with_its_size() -> None:
     assert refused.command is None and refused.errors and f"would be {size} bytes" in refused.errors[0]
 
 
+def test_a_command_larger_than_the_services_take_is_refused_with_the_setting_that_raises_it() -> None:
+    """A command under the NATS limit but over the services' SHOAL_MAX_EVENT_BYTES would be published and then refused
+    by the service: refused on the object instead, as ``shoal apply -f`` refuses it."""
+    obj = cr(SHOAL_DATASET, S3)
+    command = domain.translate(SHOAL_DATASET, obj).command
+    assert command is not None
+    size = len(msgspec.json.encode(command.event))
+    assert domain.translate(SHOAL_DATASET, obj, 1024 * 1024, size).command is not None
+    refused = domain.translate(SHOAL_DATASET, obj, 1024 * 1024, size - 1)
+    assert refused.command is None and refused.errors and "SHOAL_MAX_EVENT_BYTES" in refused.errors[0]
+
+
 def test_secret_references_are_namespaced_and_carry_no_value() -> None:
     obj = cr(FLUID_DATASET, S3)
     assert domain.secret_refs(obj) == [("creds", "secret")]
