@@ -1035,25 +1035,29 @@ def dataset_lost(record: OperationRecord, state: RunState, dataset: DatasetRecor
 
 
 def scaled_in(record: OperationRecord, state: RunState, runtime: RuntimeRecord) -> list[str]:
-    """The nodes of the ring an executing load was planned on, with a part not done, that still serve the runtime (a
-    ready node) but are no longer among its cache workers (the runtime was scaled in, or another node picked in its
-    place). Such a node would go on fetching into a cache no reader's route looks in: its parts not done are moved to
-    the ring as it is now (``moved_parts``, ``replan_load``), or the run fails when no worker is left (``ring_left``).
-    A node that is not a ready node at all is waited for instead (``nodes_gone``: it may come back as a worker)."""
+    """The nodes of the ring an executing load was planned on, with a part not done, that are no longer among the
+    runtime's cache workers (the runtime was scaled in, or another node picked in its place, as the scheduler does
+    once a worker's agent is gone). Their blocks are owned by others now (``ring_shrank`` plans them again there): their
+    parts not done are moved to the ring as it is now (``moved_parts``, ``replan_load``). One that still serves (a
+    ready node) would go on fetching into a cache no reader's route looks in; one that does not (its agent gone) was
+    waited for until ``NODE_GONE_SECONDS`` and failed the load, though its blocks were planned on the ring already.
+    Without a ring to move them to, a ready one fails the run (``ring_left``) and one not ready is waited for
+    (``nodes_gone``: nothing fetches there, and a worker may come back)."""
     if record.load is None or state.stage != "executing" or not state.ring:
         return []
     workers = {worker.node for worker in runtime.status.workers}
-    ready = set(runtime.status.ready_nodes)
     pending = {part.node for part in state.parts if not part.done and part.node in state.ring}
-    return sorted((pending - workers) & ready)
+    return sorted(pending - workers)
 
 
 def ring_left(record: OperationRecord, state: RunState, runtime: RuntimeRecord) -> str | None:
-    """Why an executing load cannot place its blocks: nodes were scaled in with parts not done (``scaled_in``) and
-    the runtime has no ring left to move them to (no ready cache worker with a peer URL). None otherwise: with a ring,
-    their parts are moved to it and the run goes on, as it does when those parts finished before a tick saw the
-    smaller ring (``ring_shrank``); a user expects the same outcome whichever came first."""
-    left = scaled_in(record, state, runtime)
+    """Why an executing load cannot place its blocks: ready nodes were scaled in with parts not done (``scaled_in``)
+    and the runtime has no ring left to move them to (no ready cache worker with a peer URL): they would go on
+    fetching off the ring. None otherwise: with a ring, their parts are moved to it and the run goes on, as it does
+    when those parts finished before a tick saw the smaller ring (``ring_shrank``); a user expects the same outcome
+    whichever came first. A node scaled in that is not ready fetches nothing, and is waited for (``nodes_gone``)."""
+    ready = set(runtime.status.ready_nodes)
+    left = [node for node in scaled_in(record, state, runtime) if node in ready]
     if not left or ring_of(runtime):
         return None
     ref = dataset_ref(record)

@@ -581,7 +581,9 @@ async def test_a_command_on_another_commands_subject_is_refused_not_run(bus: Bus
 
 
 async def test_a_load_fails_naming_a_node_that_left_with_its_part_not_done(bus: Bus, nats_server: NatsServer) -> None:
-    """Its parts would wait for it for ever (and a Cron or OnEvent load would never run again)."""
+    """Its parts would wait for it for ever (and a Cron or OnEvent load would never run again). node-c stays a
+    picked worker whose agent is gone: no ring changed, so nothing moves its part (one dropped from the workers
+    too has its part moved to the ring: the next test but one)."""
     await put_dataset(bus, files(*[(f"f{i}", 2 * BLOCK) for i in range(12)]))
     await put_runtime(bus, NODES)
     async with agent(bus, NODES) as scripted, loader(nats_server, node_gone_timeout=1.0):
@@ -595,7 +597,7 @@ async def test_a_load_fails_naming_a_node_that_left_with_its_part_not_done(bus: 
         # between gives a plan without it (correct: it is not ready), and this run would never fail. Its part,
         # received by its agent, proves the plan counted on it.
         await eventually(part_on_node_c, what="node-c's part received")
-        await put_runtime(bus, NODES[:2])
+        await put_runtime(bus, NODES[:2], not_ready=("node-c",))
         failed = await phase_of(bus, "Failed")
         scripted.hold.clear()
     assert failed.status.message.startswith("node node-c is no longer a ready node of runtime default/data"), \
@@ -629,7 +631,7 @@ async def test_a_stalled_or_ended_run_shows_no_stale_rate_or_eta(bus: Bus, nats_
                 else None
 
         quiet = await eventually(stalled, what="rate 0 and no ETA once nothing moves")
-        await put_runtime(bus, NODES[:2])
+        await put_runtime(bus, NODES[:2], not_ready=("node-c",))
         failed = await phase_of(bus, "Failed")
         scripted.hold.clear()
     assert moving.status.progress.rate_bytes_per_second > 0
@@ -1405,7 +1407,7 @@ async def test_the_loaders_memory_of_a_run_goes_when_it_finishes_or_is_deleted(
         [handlers] = created
         async with handlers.lock:
             assert {"plans", "published", "written_at"} <= set(remembered(handlers, warm))
-        await put_runtime(bus, NODES[:2])
+        await put_runtime(bus, NODES[:2], not_ready=("node-c",))
 
         async def timing_node_c() -> bool:
             return (warm, "node-c") in handlers.gone_since
@@ -1903,6 +1905,36 @@ async def test_a_load_whose_ring_is_scaled_in_while_the_parts_gone_work_moves_th
                  for file in task.blocks for index, _ in file.blocks}
     assert len(on_worker) == 48, "every block of the load on the one worker"
     assert done.status.message == ""
+    assert done.status.progress.bytes_done == done.status.progress.bytes_total
+    assert done.status.progress.files_done == done.status.progress.files_total == 24
+
+
+async def test_a_load_whose_ring_loses_a_worker_with_its_agent_moves_its_part_to_the_ring_and_completes(
+        bus: Bus, nats_server: NatsServer) -> None:
+    """node-c's agent goes while its part of the load is not done, and the runtime drops it from its workers (as the
+    scheduler does once an agent is gone): the load replanned node-c's blocks on node-a and node-b (``ring_shrank``)
+    yet waited for node-c's part, and failed at the node-gone timeout. Now that part is moved like the part of a
+    node scaled in that still serves, and the load completes with every block on the workers left."""
+    await put_dataset(bus, files(*[(f"f{i}", 2 * BLOCK) for i in range(24)]))
+    await put_runtime(bus, NODES)
+    key = subjects.operation_key("DataLoad", "default", "warm")
+    async with agent(bus, NODES[:2]) as scripted, agent(bus, NODES[2:]) as gone, loader(nats_server,
+                                                                                        node_gone_timeout=2.0):
+        gone.hold.set()
+        await publish(bus, subjects.DATALOAD_APPLY, dataload())
+
+        async def node_c_working() -> bool:
+            return any(task.node == "node-c" for task in gone.tasks.values())
+
+        await eventually(node_c_working, what="node-c's part received")
+        await put_runtime(bus, NODES[:2])  # node-c's agent gone: neither a ready node nor a worker any more
+        done = await phase_of(bus, "Complete")
+        state = await run_state(bus, key)
+    assert done.status.message == ""
+    on_workers = {(file.key, index) for task in scripted.tasks.values() for file in task.blocks
+                  for index, _ in file.blocks}
+    assert len(on_workers) == 48, "every block of the load on the workers left"
+    assert state is not None and state.stage == "finished"
     assert done.status.progress.bytes_done == done.status.progress.bytes_total
     assert done.status.progress.files_done == done.status.progress.files_total == 24
 

@@ -1034,7 +1034,8 @@ def test_nodes_gone_are_those_with_parts_not_done_that_are_not_ready() -> None:
 def test_a_load_whose_ring_node_with_work_left_stays_a_ready_node_but_no_worker_has_left_its_ring() -> None:
     """Scaled in from a, b, c to a: b and c still serve (ready nodes) and would fetch their parts into caches no
     reader's route asks. With a ring left their parts move to it (``scaled_in``); without one the run fails
-    (``ring_left``). A node that is no ready node at all is waited for (``nodes_gone``), not failed at once."""
+    (``ring_left``). A node that is no ready node at all (d) moves with them when a ring is left, and without one is
+    waited for (``nodes_gone``), not failed at once."""
     state = domain.RunState(run="r.1", stage="executing", ring=["a", "b", "c", "d"], parts=[
         domain.PartState(node="a"), domain.PartState(node="b"), domain.PartState(node="c"),
         domain.PartState(node="d")])
@@ -1045,11 +1046,11 @@ def test_a_load_whose_ring_node_with_work_left_stays_a_ready_node_but_no_worker_
                                         for node in workers]))
 
     with_ring = runtime(["a"], ["a", "b", "c"], peers=True)
-    assert domain.scaled_in(record(), state, with_ring) == ["b", "c"]
+    assert domain.scaled_in(record(), state, with_ring) == ["b", "c", "d"]
     assert domain.ring_left(record(), state, with_ring) is None, "a ring is left: the parts move to it"
-    assert domain.moved_parts(state, domain.scaled_in(record(), state, with_ring)) == [1, 2]
+    assert domain.moved_parts(state, domain.scaled_in(record(), state, with_ring)) == [1, 2, 3]
     scaled_in = runtime(["a"], ["a", "b", "c"])  # a worker, but not serving peers yet: no ring to move them to
-    assert domain.scaled_in(record(), state, scaled_in) == ["b", "c"]
+    assert domain.scaled_in(record(), state, scaled_in) == ["b", "c", "d"]
     left = domain.ring_left(record(), state, scaled_in)
     assert left is not None and left.startswith("nodes b, c are no longer a cache worker of runtime default/data")
     assert "no ready cache worker is left" in left
@@ -1063,6 +1064,25 @@ def test_a_load_whose_ring_node_with_work_left_stays_a_ready_node_but_no_worker_
     clean = OperationRecord(kind="DataClean", metadata=ObjectMeta(name="drop"),
                             clean=DataCleanSpec(dataset=DatasetRef(name="data")))
     assert domain.ring_left(clean, state, scaled_in) is None, "a clean frees every node, worker or not"
+
+
+def test_a_node_scaled_in_whose_agent_is_gone_has_its_parts_moved_to_the_ring_not_waited_for() -> None:
+    """Scaled in from a, b to a while b's agent is gone too (not ready: the scheduler replaces a worker whose agent
+    left): ``ring_shrank`` plans b's blocks on a, yet b's part was waited for (``nodes_gone``) until the node-gone
+    timeout failed the load. Now it is moved like the part of a ready node scaled in; without a ring it is waited
+    for, as nothing fetches on b (``ring_left`` fails only a ready one)."""
+    state = domain.RunState(run="r.1", stage="executing", ring=["a", "b"], parts=[
+        domain.PartState(node="a"), domain.PartState(node="b")])
+
+    def runtime(peers: bool) -> RuntimeRecord:
+        return RuntimeRecord(runtime=Runtime(metadata=ObjectMeta(name="data")), generation=1, status=RuntimeStatus(
+            ready_nodes=["a"], workers=[CacheWorker(node="a", ready=True, peer_url="http://a" if peers else "")]))
+
+    assert domain.ring_shrank(record(), state, runtime(True)) == ["b"]
+    assert domain.moved_parts(state, domain.scaled_in(record(), state, runtime(True))) == [1]
+    assert domain.ring_left(record(), state, runtime(True)) is None
+    assert domain.ring_left(record(), state, runtime(False)) is None, "not fetching: waited for, not failed"
+    assert domain.nodes_gone(state, runtime(False)) == ["b"]
 
 
 def test_moved_parts_end_done_keeping_what_their_node_did_and_leave_their_files_to_the_other_parts() -> None:
