@@ -294,6 +294,15 @@ class TaskProgress(Event, frozen=True, kw_only=True, tag="agent.task.progress.v1
     bytes_total: int = 0
 
 
+class MovedParts(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
+    """Parts of ``run`` on ``node`` the loader moved to other cache workers (the node left the ring under a load),
+    as ``TaskPartsCancel`` names them: kept in the record, which a running part reads at every check of its run."""
+
+    run: str
+    node: str
+    parts: list[int] = []
+
+
 class OperationRecord(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     """What the loader keeps in KV ``shoal_operations`` (key ``subjects.operation_key``): spec and status. The
     state of the current run (parts, their progress) is the loader's own, in ``shoal_operation_runs``."""
@@ -316,3 +325,7 @@ class OperationRecord(msgspec.Struct, frozen=True, kw_only=True, rename="camel")
     # not start at once (its dataset not Bound yet, its loadMetadata listing, a Cron firing) is started by the
     # loader's tick, which no message carries a trace to; it continues this one, as a dataset's sync does.
     traceparent: str = ""
+    # The current run's parts moved off nodes that left the ring, per node: the mount processes stop them at their
+    # next look at the record (``services.agent.tasks``), a node that missed the ``TaskPartsCancel`` (core NATS)
+    # too. Here rather than in the run state, which the agents may not read and which holds every part's progress.
+    moved_parts: list[MovedParts] = []

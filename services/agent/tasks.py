@@ -32,7 +32,8 @@ What it decides:
 - ``TaskCancel`` (core NATS) stops the run's part between blocks: the blocks in flight are not waited for (their
   fetches finish in the reader and are cached), a final progress says "cancelled", the part is acknowledged;
   ``TaskPartsCancel`` does the same for the parts it numbers on this node only (the loader moved them to other
-  cache workers), the run's other parts going on;
+  cache workers), the run's other parts going on. A cancel missed (core NATS) is caught every
+  ``CURRENT_CHECK_SECONDS``: the run no longer current, or the part among the record's ``movedParts`` for this node;
 - a mount process that stops leaves its part unacknowledged (a clean stop gives it back at once): its successor
   gets it again, skips what is cached, so no block is fetched twice. A killed one's part comes back after
   ``ACK_WAIT_SECONDS``; ``in_progress`` every second keeps a live one's part from being redelivered. On its last
@@ -135,6 +136,7 @@ LEFT = ("object left the dataset since the load was planned (it is no longer in 
         "DataLoad: delete it, then apply it)")
 NOT_KEPT = "fetched but not kept: the cache is full of blocks read more often, or its tiers are down"
 CANCELLED = "cancelled"
+MOVED = "moved to other cache workers (this node left the runtime's ring)"
 
 # The CONSUMER span of a part (``TaskRunner._process``).
 _SPAN = f"process {subjects.TASK_PREFIX}"
@@ -165,6 +167,13 @@ def not_current(run: str, record: OperationRecord | None) -> str | None:
     if record.status.phase != "Executing":
         return f"the operation is {record.status.phase}"
     return None
+
+
+def moved_off(run: str, part: int, node: str, record: OperationRecord | None) -> bool:
+    """The loader moved part ``part`` of ``run`` off ``node`` (``OperationRecord.moved_parts``): it stops here, the
+    run's other parts going on. Told by ``TaskPartsCancel`` too, a plain NATS message a node may miss."""
+    return record is not None and any(moved.run == run and moved.node == node and part in moved.parts
+                                      for moved in record.moved_parts)
 
 
 # What tells one manifest of a dataset from the next: (syncedGeneration, syncedRequests, lastSyncTime, manifest).
@@ -484,7 +493,8 @@ class TaskRunner:
                         task_dataset=subjects.object_name(task.dataset.namespace, task.dataset.name))
             await message.ack()
             return
-        skip = CANCELLED if self._was_cancelled(task.run, part=task.part) else await self._not_current(task.run)
+        skip = (CANCELLED if self._was_cancelled(task.run, part=task.part)
+                else await self._not_current(task.run, task.part))
         if skip:
             bound.info("part skipped: its run is not current", reason=skip)
             await message.ack()
@@ -542,7 +552,9 @@ class TaskRunner:
             if self._stopping.is_set():
                 return False
 
-    async def _not_current(self, run: str) -> str | None:
+    async def _not_current(self, run: str, part: int) -> str | None:
+        """Why part ``part`` of ``run`` must not run here (``not_current``, or ``MOVED`` off this node), from its
+        operation's record; None when it may."""
         parsed = parse_run(run)
         record = None
         if parsed is not None:
@@ -550,7 +562,7 @@ class TaskRunner:
                 record, _ = await kv_load(await self.bus.kv(subjects.KV_OPERATIONS), parsed[0], OperationRecord)
             except (msgspec.ValidationError, msgspec.DecodeError) as err:
                 return f"its operation record is not understood: {err}"
-        return not_current(run, record)
+        return not_current(run, record) or (MOVED if moved_off(run, part, self.node, record) else None)
 
     async def _execute(self, message: Msg, task: NodeTask, ledger: PartLedger, deliveries: int) -> Outcome:
         running = self._running = _Running(task.run, task.part)
@@ -601,11 +613,12 @@ class TaskRunner:
                 checked = time.monotonic()
                 reason = None
                 with contextlib.suppress(Exception):  # NATS away: the next check, or the cancel, decides
-                    reason = await self._not_current(task.run)
+                    reason = await self._not_current(task.run, task.part)
                 if reason:
-                    log.info("part stopped: its run is not current (its cancel was missed)", dataset=self._key,
-                             run=task.run, part=task.part, reason=reason)
-                    self._cancel(task.run)
+                    log.info("part stopped: its run is not current or the part moved (its cancel was missed)",
+                             dataset=self._key, run=task.run, part=task.part, reason=reason)
+                    # A moved part stops alone: the run's other parts may still come to this node.
+                    self._cancel(task.run, frozenset({task.part}) if reason == MOVED else None)
                     return
             if ledger.version == published:
                 continue

@@ -51,6 +51,7 @@ from libs.events.operation import (
     DataLoad,
     DataLoadSpec,
     DatasetRef,
+    MovedParts,
     NodeProgress,
     NodeTask,
     OperationKind,
@@ -1087,6 +1088,16 @@ def move_parts(plan: Plan, parts: Sequence[PartState], moved: Iterable[int]) -> 
             part, blocks=part.blocks_done, bytes_total=part.bytes_done + part.bytes_skipped, failed=0, message="",
             files_done_bits=files_bits(range(len(plan.parts[index].file_ids))), files_done=[], done=True, moved=True)
     return result
+
+
+def moved_by_node(state: RunState) -> list[MovedParts]:
+    """The run's parts moved (``PartState.moved``), per node, as the record keeps them for the mount processes
+    (``OperationRecord.moved_parts``): a node that missed their ``TaskPartsCancel`` stops them at its next look."""
+    by_node: dict[str, list[int]] = {}
+    for index, part in enumerate(state.parts):
+        if part.moved:
+            by_node.setdefault(part.node, []).append(index)
+    return [MovedParts(run=state.run, node=node, parts=parts) for node, parts in sorted(by_node.items())]
 
 
 def ring_grew(record: OperationRecord, state: RunState, runtime: RuntimeRecord) -> list[str]:

@@ -825,7 +825,10 @@ class LoaderHandlers:
             await self._save_state(key, state)
         republished = 0
         if resume:  # the nodes its parts were moved off may not have been told before a restart
-            await self._cancel_moved(state, [index for index, part in enumerate(state.parts) if part.moved])
+            moved = [index for index, part in enumerate(state.parts) if part.moved]
+            if moved:
+                await self._record_moved(key, state)
+            await self._cancel_moved(state, moved)
         for planned, part in zip(plan.parts, state.parts, strict=True):
             if part.done:
                 continue
@@ -906,6 +909,8 @@ class LoaderHandlers:
                                         parts=[*state.parts, *domain.parts_state(extended)[len(state.parts):]])
         await self._save_state(key, state)
         # After the state: a loader stopped before this tells those nodes again as it resumes (``_publish_parts``).
+        if moved:
+            await self._record_moved(key, state)
         await self._cancel_moved(state, moved)
         for planned in added:
             problem = await self._publish_part(planned.task, state.dataset_incarnation)
@@ -931,6 +936,19 @@ class LoaderHandlers:
         except msgspec.DecodeError:
             return None
         return given if state is not None and given.run == state.run else None
+
+    async def _record_moved(self, key: str, state: domain.RunState) -> None:
+        """Keep the run's moved parts in the operation's record (``domain.moved_by_node``), before their nodes are
+        told: a mount process that misses the ``TaskPartsCancel`` (core NATS) stops its part at its next look at the
+        record (``CURRENT_CHECK_SECONDS``) instead of fetching it to the end into a cache off the ring."""
+        kv = await self.bus.kv(subjects.KV_OPERATIONS)
+        record, revision = await kv_load(kv, key, OperationRecord)
+        moved = domain.moved_by_node(state)
+        if record is None or record.moved_parts == moved:
+            return
+        updated = msgspec.structs.replace(record, moved_parts=moved)
+        revision = await kv_save(kv, key, updated, revision)
+        self.operations.saved(key, updated, revision)
 
     async def _cancel_moved(self, state: domain.RunState, moved: list[int]) -> None:
         """Tell each node whose parts ``moved`` (indexes) to stop them, the rest of the run going on: their blocks
@@ -1058,7 +1076,8 @@ class LoaderHandlers:
             done = domain.files_done(plan, state.parts, state.files_total) if plan is not None else 0
             status = msgspec.structs.replace(status, progress=domain.fold_progress(state, done, now, ended=True))
         status = domain.status_finished(status, phase, message, state.started_at or now, now)
-        await self._save_status(key, record, revision, status)
+        # The moved parts are the run's only: its parts are all done, or cancelled, once it ends.
+        await self._save_status(key, msgspec.structs.replace(record, moved_parts=[]), revision, status)
         self._forget_run(key)
         metrics.OPERATION_RUNS.labels(record.kind, phase).inc()
         log.info("run finished", run=state.run, phase=phase, message=message or None)

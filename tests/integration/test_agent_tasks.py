@@ -42,6 +42,7 @@ from libs.events.dataset import DatasetDelete, ManifestEntry
 from libs.events.operation import (
     DataLoadSpec,
     DatasetRef,
+    MovedParts,
     NodeTask,
     OperationRecord,
     OperationStatus,
@@ -426,6 +427,37 @@ async def test_task_cancel_stops_a_running_part(
         await loader.publish(later, "load", [loader.blocks("c.bin")])
         assert (await loader.final(later)).bytes_done == MiB
         assert len(loader.gets()) == 3
+
+
+async def test_a_part_moved_off_the_node_whose_parts_cancel_was_missed_stops_at_its_next_check(
+        bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path) -> None:
+    """The loader moved this node's part to the ring (the node was scaled in) and its ``TaskPartsCancel``, a plain
+    NATS message, never reached the mount process: the part fetched on to its last block into a cache no reader asks,
+    the run being current all along. Now the record names the moved part (``movedParts``), and the part stops as
+    cancelled at its next look at the record (``CURRENT_CHECK_SECONDS``); the run's other parts still run here."""
+    async with loader_stack(bus, settings, seaweedfs, bucket, tmp_path, load_concurrency=2) as loader:
+        run = await loader.operation("scaled")
+        loader.store.hold()
+        await loader.publish(run, "load", [loader.blocks("data/a.bin"), loader.blocks("data/b.bin")], part=0)
+
+        async def two_waiting() -> bool:
+            return loader.store.waiting == 2
+
+        await eventually(two_waiting, what="two block GETs in flight (SHOAL_LOAD_CONCURRENCY=2)")
+        key = run.rsplit(".", 1)[0]
+        kv = await bus.kv(subjects.KV_OPERATIONS)
+        record, revision = await kv_load(kv, key, OperationRecord)
+        assert record is not None
+        await kv.update(key, msgspec.json.encode(msgspec.structs.replace(
+            record, moved_parts=[MovedParts(run=run, node="another-node", parts=[0]),
+                                 MovedParts(run=run, node=NODE, parts=[0])])), revision)
+        final = await loader.final(run, timeout=4 * tasks.CURRENT_CHECK_SECONDS)  # the GETs still held
+        assert (final.done, final.message, final.blocks_done) == (True, "cancelled", 0)
+        loader.store.release()
+        # A later part of the same run is not moved: it runs, and once it is done the moved one certainly stopped.
+        await loader.publish(run, "load", [loader.blocks("c.bin")], part=1)
+        assert (await loader.final(run, part=1)).bytes_done == MiB
+        assert len(loader.gets()) == 3, loader.gets()
 
 
 @pytest.mark.parametrize(("stop_signal", "kept"), [(signal.SIGKILL, 3), (signal.SIGTERM, 4)], ids=["kill", "term"])

@@ -19,6 +19,7 @@ from libs.events.dataset import Dataset, DatasetRecord, DatasetSpec, DatasetStat
 from libs.events.operation import (
     DataLoadSpec,
     DatasetRef,
+    MovedParts,
     NodeTask,
     OperationRecord,
     OperationStatus,
@@ -36,6 +37,7 @@ from services.agent.tasks import (
     load_blocks,
     manifest_behind,
     manifest_version,
+    moved_off,
     not_current,
     parse_run,
     progress_id,
@@ -71,6 +73,17 @@ def test_a_run_is_current_only_while_its_operation_executes_it() -> None:
     assert not_current(run, record(3, "Failed")) == "the operation is Failed"
     assert not_current(run, None) == "its operation no longer exists"
     assert "not <operation>.<number>" in (not_current("nonsense", record(3)) or "")
+
+
+def test_a_part_is_moved_off_a_node_only_when_the_record_names_that_run_node_and_part() -> None:
+    """The record's ``movedParts`` (kept by the loader for a node that missed its ``TaskPartsCancel``)."""
+    run = "dataload.default.warm.3"
+    moved = msgspec.structs.replace(record(3), moved_parts=[MovedParts(run=run, node="n", parts=[1, 2])])
+    assert moved_off(run, 1, "n", moved) and moved_off(run, 2, "n", moved)
+    assert not moved_off(run, 0, "n", moved)
+    assert not moved_off(run, 1, "other", moved)
+    assert not moved_off("dataload.default.warm.2", 1, "n", moved)
+    assert not moved_off(run, 1, "n", record(3)) and not moved_off(run, 1, "n", None)
 
 
 def test_a_block_is_fetched_only_at_the_manifest_version_and_within_the_object() -> None:

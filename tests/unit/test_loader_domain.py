@@ -25,6 +25,7 @@ from libs.events.operation import (
     DataLoad,
     DataLoadSpec,
     DatasetRef,
+    MovedParts,
     NodeProgress,
     NodeTask,
     OperationRecord,
@@ -1083,6 +1084,16 @@ def test_a_node_scaled_in_whose_agent_is_gone_has_its_parts_moved_to_the_ring_no
     assert domain.ring_left(record(), state, runtime(True)) is None
     assert domain.ring_left(record(), state, runtime(False)) is None, "not fetching: waited for, not failed"
     assert domain.nodes_gone(state, runtime(False)) == ["b"]
+
+
+def test_the_moved_parts_are_kept_per_node_for_the_record() -> None:
+    state = domain.RunState(run="r.1", stage="executing", parts=[
+        domain.PartState(node="b", moved=True, done=True), domain.PartState(node="a"),
+        domain.PartState(node="b", done=True), domain.PartState(node="c", moved=True, done=True),
+        domain.PartState(node="b", moved=True, done=True)])
+    assert domain.moved_by_node(state) == [MovedParts(run="r.1", node="b", parts=[0, 4]),
+                                           MovedParts(run="r.1", node="c", parts=[3])]
+    assert domain.moved_by_node(domain.RunState(run="r.1")) == []
 
 
 def test_moved_parts_end_done_keeping_what_their_node_did_and_leave_their_files_to_the_other_parts() -> None:
