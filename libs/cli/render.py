@@ -297,6 +297,10 @@ def describe_operation(record: OperationRecord) -> str:
                      created=record.created_at or "<unknown>")
 
 
+# A node whose parts the loader moved to the ring (it left it under the load): not done by it, and not waited for.
+MOVED_STATE = "Moved to the ring"
+
+
 def node_progress_table(nodes: Sequence[NodeProgress], phase: str = "Executing") -> str:
     """Each node's part of the run in ``phase`` (the operation's): a node of a run that ended (Complete, Failed,
     or a Pending one waiting for its next run) is no longer working, whether or not it finished."""
@@ -306,7 +310,7 @@ def node_progress_table(nodes: Sequence[NodeProgress], phase: str = "Executing")
     # this says whether the run still waits for it.
     rows = [[n.node, format_bytes(n.bytes_done), format_bytes(n.bytes_total), percent_text(n.bytes_done,
                                                                                           n.bytes_total),
-             "Done" if n.done else "Working" if phase == "Executing" else "Stopped"]
+             MOVED_STATE if n.moved else "Done" if n.done else "Working" if phase == "Executing" else "Stopped"]
             for n in nodes]
     return _indented(table_text(["NODE", "DONE", "TOTAL", "PERCENT", "STATE"], rows))
 

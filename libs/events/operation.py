@@ -109,6 +109,9 @@ class NodeProgress(msgspec.Struct, frozen=True, kw_only=True, rename="camel", om
     # Every part of the run on this node is finished. A clean has no total to compare its freed bytes with, so
     # without it nothing told which node an Executing clean still waits for.
     done: bool = False
+    # Its parts are done because the loader moved what was left of them to the ring (the node left it under the
+    # load), not because the node did them: ``done`` alone showed it as finished.
+    moved: bool = False
 
 
 class Progress(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omit_defaults=True):

@@ -932,16 +932,17 @@ def fold_progress(state: RunState, files_finished: int, now: float, ended: bool 
     rate = 0.0 if not ended and stalled(state, now) else done / elapsed
     remaining = max(0, total - done - skipped)
     eta = remaining / rate if rate > 0 and remaining > 0 and not ended else None
-    nodes: dict[str, tuple[int, int, bool]] = {}
+    nodes: dict[str, tuple[int, int, bool, bool]] = {}
     for part in state.parts:
-        node_done, node_total, finished = nodes.get(part.node, (0, 0, True))
+        node_done, node_total, finished, moved = nodes.get(part.node, (0, 0, True, False))
         nodes[part.node] = (node_done + part.bytes_done + part.bytes_skipped, node_total + part.bytes_total,
-                            finished and part.done)
+                            finished and part.done, moved or part.moved)
     return Progress(files_done=files_finished, files_total=state.files_total, bytes_done=done + skipped,
                     bytes_total=total, bytes_skipped=skipped, rate_bytes_per_second=round(rate, 1),
                     eta_seconds=None if eta is None else round(eta, 1),
-                    nodes=[NodeProgress(node=n, bytes_done=d, bytes_total=t, done=f)
-                           for n, (d, t, f) in sorted(nodes.items())])
+                    # Moved: its parts all ended, some by the loader's move, not by the node.
+                    nodes=[NodeProgress(node=n, bytes_done=d, bytes_total=t, done=f, moved=f and m)
+                           for n, (d, t, f, m) in sorted(nodes.items())])
 
 
 def nodes_gone(state: RunState, runtime: RuntimeRecord | None) -> list[str]:

@@ -1903,6 +1903,8 @@ async def test_a_load_whose_ring_is_scaled_in_while_the_parts_gone_work_moves_th
     # Kept in the record before the cancels went out, for a node that missed its own; gone with the run.
     assert during is not None and {(m.run, m.node, part) for m in during.moved_parts for part in m.parts} == cancelled
     assert done.moved_parts == []
+    assert [(n.node, n.done, n.moved) for n in done.status.progress.nodes] == [
+        ("node-a", True, False), ("node-b", True, True), ("node-c", True, True)]
     assert cancelled == {(run, task.node, task.part) for task in scripted.tasks.values() if task.node != "node-a"}
     assert run not in scripted.cancelled, "the run goes on: only the parts of the nodes scaled in are cancelled"
     on_worker = {(file.key, index) for task in scripted.tasks.values() if task.node == "node-a"

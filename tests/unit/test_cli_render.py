@@ -241,6 +241,22 @@ def test_describe_operation_shows_progress_per_node() -> None:
     assert lines[-2:] == ["Conditions:", "  <none>"]
 
 
+def test_a_node_whose_parts_moved_to_the_ring_shows_so_not_done() -> None:
+    """node-b left the ring under the load and the loader moved its parts: they are done, but not by node-b, which
+    showed as Done as if it held its share."""
+    record = operation("warm", status=OperationStatus(phase="Executing", progress=Progress(
+        bytes_done=3 * GiB, bytes_total=4 * GiB,
+        nodes=[NodeProgress(node="node-a", bytes_done=2 * GiB, bytes_total=3 * GiB),
+               NodeProgress(node="node-b", bytes_done=GiB, bytes_total=GiB, done=True, moved=True),
+               NodeProgress(node="node-c", done=True)])))
+    lines = render.describe_operation(record).splitlines()
+    table = lines.index("Progress by node:")
+    assert [line.split(None, 4) for line in lines[table + 2:table + 5]] == [
+        ["node-a", "2.00GiB", "3.00GiB", "66.7%", "Working"], ["node-b", "1.00GiB", "1.00GiB", "100.0%",
+                                                               render.MOVED_STATE],
+        ["node-c", "0B", "0B", "-", "Done"]]
+
+
 def test_a_run_request_that_joined_a_pending_run_says_so(capsys: pytest.CaptureFixture[str]) -> None:
     run = DataLoadRun(name="warm")
     command = Command(document=1, source_kind="DataLoad", kind="dataload", name="warm", namespace="default",

@@ -1086,6 +1086,21 @@ def test_a_node_scaled_in_whose_agent_is_gone_has_its_parts_moved_to_the_ring_no
     assert domain.nodes_gone(state, runtime(False)) == ["b"]
 
 
+def test_a_node_whose_parts_were_moved_shows_moved_once_all_its_parts_are_done() -> None:
+    """Not Done: the node did not do what is left of them (the ring does). Its bytes count once, as it did them."""
+    state = domain.RunState(run="r.1", stage="executing", started_at=100.0, moved_at=100.0, parts=[
+        domain.PartState(node="a", bytes_total=300, bytes_done=100),
+        domain.PartState(node="b", bytes_total=50, bytes_done=50, done=True, moved=True),
+        domain.PartState(node="b", bytes_total=200, bytes_done=200, done=True),
+        domain.PartState(node="c", bytes_total=100, bytes_done=100, done=True)])
+    nodes = {n.node: n for n in domain.fold_progress(state, 0, now=104.0).nodes}
+    assert (nodes["b"].done, nodes["b"].moved, nodes["b"].bytes_done, nodes["b"].bytes_total) == (True, True, 250, 250)
+    assert (nodes["a"].moved, nodes["c"].moved, nodes["c"].done) == (False, False, True)
+    back = msgspec.structs.replace(state, parts=[*state.parts, domain.PartState(node="b", bytes_total=10)])
+    again = {n.node: n for n in domain.fold_progress(back, 0, now=104.0).nodes}["b"]
+    assert (again.done, again.moved) == (False, False), "a worker again, with a part of the run to do"
+
+
 def test_the_moved_parts_are_kept_per_node_for_the_record() -> None:
     state = domain.RunState(run="r.1", stage="executing", parts=[
         domain.PartState(node="b", moved=True, done=True), domain.PartState(node="a"),
