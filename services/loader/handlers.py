@@ -258,7 +258,8 @@ class LoaderHandlers:
             await self._reject(command.id, "DataLoad", command.name, command.namespace, "; ".join(errors), delivery)
             return
         key = subjects.operation_key("DataLoad", command.namespace, command.name)
-        record, _ = await kv_load(await self.bus.kv(subjects.KV_OPERATIONS), key, OperationRecord)
+        kv = await self.bus.kv(subjects.KV_OPERATIONS)
+        record, record_revision = await kv_load(kv, key, OperationRecord)
         state, state_revision = await self._state(key)
         counted = bool(delivery.stream_sequence) and delivery.stream_sequence <= state.run_command_sequence
         if record is not None and counted:  # delivered again after it was counted: only its fact may be missing
@@ -284,6 +285,13 @@ class LoaderHandlers:
                                                                  delivery.stream_sequence))
         state_revision = await kv_save(await self.bus.kv(subjects.KV_OPERATION_RUNS), key, state, state_revision)
         self.runs.saved(key, state, state_revision)
+        traceparent = current_traceparent()
+        if traceparent and traceparent != record.traceparent:
+            # The run this asks for may wait (runAfter, its dataset) and be started by the tick, which continues the
+            # record's trace: this command's, not the last apply's, as an apply taken in does.
+            record = msgspec.structs.replace(record, traceparent=traceparent)
+            record_revision = await kv_save(kv, key, record, record_revision)
+            self.operations.saved(key, record, record_revision)
         if merged:
             log.info("run request joins the pending run", operation=subjects.key_name(key), reason=merged)
         await self._accept_run(command, record, merged)

@@ -6,7 +6,8 @@ each progress started a trace of its own in the loader.
 
 And a DataLoad applied by another system with a ``traceparent`` before its dataset is Bound: the run the loader's
 tick starts later (no message to take a trace from) publishes its parts in the apply's trace, kept in the record.
-Before, the parts went out with no trace at all, and the chain from the caller broke at the loader.
+Before, the parts went out with no trace at all, and the chain from the caller broke at the loader. The same for
+a ``dataload.run.v1`` whose run waits: its parts go out in the request's trace, not the last apply's.
 
 The runner is the mount process's own class, in-process, over a local-folder store; spans go to memory.
 """
@@ -25,7 +26,16 @@ from libs.bus import Bus
 from libs.events.agent import CachedFile
 from libs.events.common import ObjectMeta, ObjectRef
 from libs.events.dataset import ManifestEntry
-from libs.events.operation import DataLoadSpec, DatasetRef, NodeTask, OperationRecord, OperationStatus, TaskProgress
+from libs.events.operation import (
+    DataLoadApply,
+    DataLoadRun,
+    DataLoadSpec,
+    DatasetRef,
+    NodeTask,
+    OperationRecord,
+    OperationStatus,
+    TaskProgress,
+)
 from libs.ufs import LocalLocation, LocalObjectStore
 from services.agent.cache import BlockCache, DiskTier
 from services.agent.readahead import MemoryBudget
@@ -141,4 +151,40 @@ async def test_a_load_that_waits_for_its_dataset_runs_in_the_trace_of_its_outsid
     await subscription.unsubscribe()
     assert parts, "no part published"
     assert [headers.get("traceparent", "").split("-")[1:2] for headers in parts] == [[f"{trace_id:032x}"]] * len(
+        parts), parts
+
+
+async def test_a_run_request_that_waits_for_its_dataset_runs_in_the_trace_of_the_request(
+        bus: Bus, nats_server: NatsServer) -> None:
+    """A Cron DataLoad applied in one trace, then asked to run now (``dataload.run.v1``) in another before its
+    dataset is Bound: the run waits, and the tick that starts it later continued the record's trace, the apply's,
+    so the parts went out in a trace the request was no part of. Now the request's trace is the record's."""
+    apply_trace, run_trace = 0x5EED0000000000000000000000000002, 0x5EED0000000000000000000000000003
+    parts: list[dict[str, str]] = []
+
+    async def on_part(message: Msg) -> None:
+        parts.append(dict(message.headers or {}))
+
+    async def publish_in(subject: str, command: DataLoadApply | DataLoadRun, trace_id: int) -> None:
+        await bus.nc.jetstream().publish(subject, msgspec.json.encode(command), headers={
+            "Nats-Msg-Id": command.id, "traceparent": f"00-{trace_id:032x}-{0x42:016x}-01"})
+
+    subscription = await bus.nc.subscribe(f"{subjects.TASK_PREFIX}.>", cb=on_part)
+    with spans_in_memory():
+        async with loader(nats_server), agent(bus, NODES):
+            await publish_in(subjects.DATALOAD_APPLY, dataload(policy="Cron", schedule="0 0 1 1 *"), apply_trace)
+            await phase_of(bus, "Pending")
+            await publish_in(subjects.DATALOAD_RUN, DataLoadRun(name="warm"), run_trace)
+
+            async def waiting() -> bool:
+                found = await operation(bus)
+                return found is not None and found.status.waiting_for.startswith("dataset default/data")
+
+            await eventually(waiting, what="the requested run waiting for its dataset")
+            await put_dataset(bus, files(("a", BLOCK)))
+            await put_runtime(bus, NODES)
+            await phase_of(bus, "Complete", runs=1)
+    await subscription.unsubscribe()
+    assert parts, "no part published"
+    assert [headers.get("traceparent", "").split("-")[1:2] for headers in parts] == [[f"{run_trace:032x}"]] * len(
         parts), parts
