@@ -299,7 +299,8 @@ def loader_planned_manifest(operation: str) -> str:
 
 
 def loader_cleaned(operation: str) -> str:
-    """What a DataClean's last run was given to evict (``services.loader.domain.CleanGiven``)."""
+    """What a DataClean's last run was given to evict, with its earlier runs' a load still executing then had not
+    started before (``services.loader.domain.CleanGiven``)."""
     return f"loader.{operation}.cleaned"
 
 

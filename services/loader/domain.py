@@ -1140,32 +1140,58 @@ class CleanGiven(msgspec.Struct, frozen=True, kw_only=True):
     run: str
     everything: bool = False
     files: list[tuple[int, str]] = []
+    # When the run started (``RunState.started_at``; 0 in what an older loader saved).
+    started_at: float = 0.0
+    # The clean's earlier runs (without their own ``earlier``) that a load executing when this one planned had not
+    # started before: a replan of that load leaves their files to them too (``cleaned_files``). Only the last run's
+    # were kept, and a clean run twice during a load (its spec changed) had the first run's files loaded back.
+    earlier: list[CleanGiven] = []
 
 
-def clean_given(plan: Plan) -> CleanGiven:
-    """What a clean's ``plan`` (``plan_clean``) evicts."""
+def clean_given(plan: Plan, started_at: float, previous: CleanGiven | None, since: float | None) -> CleanGiven:
+    """What a clean's ``plan`` (``plan_clean``), its run started at ``started_at``, evicts; with the runs of the
+    ``previous`` given (its own and its ``earlier``, not this run's) that started after ``since``, the earliest start
+    of the loads of the dataset executing now (None: none, and none is kept). A load that starts later is not
+    replanned around any of them (``later_cleans``), so what is kept is bounded by the clean's runs during the
+    loads executing, and goes at its next run after they end."""
+    earlier: list[CleanGiven] = []
+    if previous is not None and since is not None:
+        runs = [msgspec.structs.replace(previous, earlier=[]), *previous.earlier]
+        earlier = [run for run in runs if run.run != plan.run and run.started_at > since]
     return CleanGiven(run=plan.run, everything=any(part.task.everything for part in plan.parts),
-                      files=[(file.mount, file.key) for file in plan.files])
+                      files=[(file.mount, file.key) for file in plan.files], started_at=started_at, earlier=earlier)
+
+
+def executing_loads_since(dataset: ObjectRef, operations: Mapping[str, OperationRecord],
+                          runs: Mapping[str, RunState]) -> float | None:
+    """The earliest start of the runs of DataLoads of ``dataset`` executing now (None when there is none): the
+    clean runs after it are the ones a replan of those loads must leave their files to (``clean_given``)."""
+    starts = [state.started_at for key, record in operations.items()
+              if record.load is not None and dataset_ref(record) == dataset
+              and (state := runs.get(key)) is not None and state.stage == "executing"]
+    return min(starts) if starts else None
 
 
 def cleaned_files(plan: Plan, cleans: Sequence[OperationRecord], given: Mapping[str, CleanGiven],
-                  entries: Sequence[ManifestEntry]) -> set[tuple[int, str]]:
+                  entries: Sequence[ManifestEntry], since: float = 0.0) -> set[tuple[int, str]]:
     """The ``(mount, key)`` of the load plan's files that ``cleans`` (``later_cleans``) evict: those each clean's run
     was given (``given``, by operation key: every file for a clean of everything, else the files its target paths
     named when it planned). Matching its target paths against the manifest of now (``entries``) instead mis-applied
     a clean once a sync changed the dataset between the two: a file it evicted that is no longer under its paths (a
     mount renamed, the file deleted, or its paths naming nothing now) was loaded back behind it, and a file under its
     paths added since, which it never touched, was left out of the load. A clean with no ``given`` (planned by a
-    loader before it was kept) is read against ``entries`` as before."""
+    loader before it was kept) is read against ``entries`` as before. The clean's earlier runs that started after the
+    load's run did (``since``; ``CleanGiven.earlier``) evict theirs too: each reached the load's nodes after it."""
     keys: set[tuple[int, str]] = set()
     everything = {(file.mount, file.key) for file in plan.files}
     for clean in cleans:
         key = subjects.operation_key(clean.kind, clean.metadata.namespace, clean.metadata.name)
         found = given.get(key)
         if found is not None:
-            if found.everything:
-                return everything
-            keys |= {(mount, name) for mount, name in found.files}
+            for run in [found, *(earlier for earlier in found.earlier if earlier.started_at > since)]:
+                if run.everything:
+                    return everything
+                keys |= {(mount, name) for mount, name in run.files}
         elif clean.clean is not None:
             if not clean.clean.target:
                 return everything

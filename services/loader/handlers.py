@@ -800,7 +800,11 @@ class LoaderHandlers:
         if record.clean is not None:
             # Kept after the plan goes: a load that started before this clean and is replanned later leaves these
             # files to it (``domain.cleaned_files``), however the manifest changes meanwhile.
-            await store.objects.put(subjects.loader_cleaned(key), msgspec.json.encode(domain.clean_given(plan)))
+            # With the files of its earlier runs a load still executing had not started before (as bounded there).
+            since = domain.executing_loads_since(ref, self.operations.values, self.runs.values)
+            last = await self._clean_given(store, key, current=False) if since is not None else None
+            await store.objects.put(subjects.loader_cleaned(key), msgspec.json.encode(
+                domain.clean_given(plan, state.started_at, last, since)))
         if on_event:
             # Before the executing state: a run saved as executing always finds its own manifest here at the end.
             await self._save_entries(store, subjects.loader_planned_manifest(key), entries)
@@ -903,7 +907,7 @@ class LoaderHandlers:
             if unknown:
                 _, found = await self._current_entries(store, record, None)
                 entries = found or []
-            cleaned = await asyncio.to_thread(domain.cleaned_files, plan, cleans, given, entries)
+            cleaned = await asyncio.to_thread(domain.cleaned_files, plan, cleans, given, entries, state.started_at)
         extended = await asyncio.to_thread(domain.replan_load, plan, ring, cleaned)
         added = extended.parts[len(plan.parts):]
         if added:
@@ -931,9 +935,10 @@ class LoaderHandlers:
                  later_cleans=[subjects.object_name(c.metadata.namespace, c.metadata.name) for c in cleans] or None)
         return None
 
-    async def _clean_given(self, store: ManifestStore, key: str) -> domain.CleanGiven | None:
+    async def _clean_given(self, store: ManifestStore, key: str, current: bool = True) -> domain.CleanGiven | None:
         """What the current (or last) run of DataClean ``key`` was given to evict, as it planned it; None when that
-        run's is not kept (planned by an older loader, or its write failed)."""
+        run's is not kept (planned by an older loader, or its write failed). ``current`` False: whatever run's is
+        kept (a clean's next run keeps it with its own)."""
         state = self.runs.values.get(key)
         try:
             result = await store.objects.get(subjects.loader_cleaned(key))
@@ -943,7 +948,7 @@ class LoaderHandlers:
             given = msgspec.json.decode(result.data or b"", type=domain.CleanGiven)
         except msgspec.DecodeError:
             return None
-        return given if state is not None and given.run == state.run else None
+        return given if not current or (state is not None and given.run == state.run) else None
 
     async def _record_moved(self, key: str, state: domain.RunState) -> None:
         """Keep the run's moved parts in the operation's record (``domain.moved_by_node``), before their nodes are

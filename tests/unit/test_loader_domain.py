@@ -1394,15 +1394,52 @@ def test_a_later_clean_leaves_to_itself_the_files_it_was_given_whatever_the_mani
                                                target=[CleanTarget(path="/x/d")]))
     chosen, _ = domain.select(entries, [CleanTarget(path="/x/d")])
     given = domain.clean_given(domain.plan_clean("dataclean.ns.wipe.1", ObjectRef(name="data", namespace="ns"),
-                                                 [entries[i] for i in sorted(chosen)], ["a", "b"]))
-    assert given == domain.CleanGiven(run="dataclean.ns.wipe.1", files=[(0, f"x/d/f{i}") for i in range(3)])
+                                                 [entries[i] for i in sorted(chosen)], ["a", "b"]), 5.0, None, None)
+    assert given == domain.CleanGiven(run="dataclean.ns.wipe.1", files=[(0, f"x/d/f{i}") for i in range(3)],
+                                      started_at=5.0)
     moved = [msgspec.structs.replace(e, path="/y/" + e.key.removeprefix("x/")) for e in entries]
     moved.append(entry("/x/d/new", 100))
     evicted = {(0, f"x/d/f{i}") for i in range(3)}
     assert domain.cleaned_files(plan, [wipe], {"dataclean.ns.wipe": given}, moved) == evicted
     assert domain.cleaned_files(plan, [wipe], {}, moved) == set(), "read against the manifest of now: nothing"
     everything = domain.clean_given(domain.plan_clean("dataclean.ns.wipe.2", ObjectRef(name="data", namespace="ns"),
-                                                      None, ["a"]))
+                                                      None, ["a"]), 6.0, None, None)
     assert everything.everything
     assert domain.cleaned_files(plan, [wipe], {"dataclean.ns.wipe": everything}, moved) == {
         (file.mount, file.key) for file in plan.files}
+
+
+def test_a_clean_run_twice_during_a_load_leaves_to_itself_the_files_of_both_runs() -> None:
+    """A load started at 10; the clean ran at 20 on x/d, then (its spec changed) at 30 on x/e. Only the last run's
+    files were kept: a replan of the load loaded x/d back behind the first run. Now the runs a load executing at the
+    clean's plan had not started before are kept with it (``earlier``), and a replan leaves the files of each run that
+    started after the load's to it; a run before the load's start, or kept with no load executing, is not."""
+    ref = ObjectRef(name="data", namespace="ns")
+    entries = [entry(f"/x/{folder}/f{i}", 100) for folder in "de" for i in range(3)]
+    plan = domain.plan_load("dataload.ns.warm.1", ref, entries, dict.fromkeys(range(len(entries)), 1), ["a"], ["a"],
+                            100)
+    wipe = OperationRecord(kind="DataClean", metadata=ObjectMeta(name="wipe", namespace="ns"),
+                           clean=DataCleanSpec(dataset=DatasetRef(name="data", namespace="ns"),
+                                               target=[CleanTarget(path="/x/e")]))
+
+    def clean_run(number: int, folder: str) -> domain.Plan:
+        chosen, _ = domain.select(entries, [CleanTarget(path=f"/x/{folder}")])
+        return domain.plan_clean(f"dataclean.ns.wipe.{number}", ref, [entries[i] for i in sorted(chosen)], ["a"])
+
+    load = OperationRecord(kind="DataLoad", metadata=ObjectMeta(name="warm", namespace="ns"),
+                           load=DataLoadSpec(dataset=DatasetRef(name="data", namespace="ns")))
+    since = domain.executing_loads_since(ref, {"dataload.ns.warm": load}, {
+        "dataload.ns.warm": domain.RunState(run="dataload.ns.warm.1", stage="executing", started_at=10.0)})
+    assert since == 10.0
+    assert domain.executing_loads_since(ref, {"dataload.ns.warm": load}, {}) is None
+    first = domain.clean_given(clean_run(1, "d"), 20.0, None, since)
+    second = domain.clean_given(clean_run(2, "e"), 30.0, first, since)
+    assert [run.run for run in second.earlier] == ["dataclean.ns.wipe.1"]
+    both = {(0, f"x/{folder}/f{i}") for folder in "de" for i in range(3)}
+    assert domain.cleaned_files(plan, [wipe], {"dataclean.ns.wipe": second}, [], since=10.0) == both
+    assert domain.cleaned_files(plan, [wipe], {"dataclean.ns.wipe": second}, [], since=25.0) == both - {
+        (0, f"x/d/f{i}") for i in range(3)}, "the first run came before that load's start"
+    third = domain.clean_given(clean_run(3, "e"), 40.0, second, since=35.0)
+    assert [run.run for run in third.earlier] == [], "no load executing then had started before them"
+    again = domain.clean_given(clean_run(2, "e"), 30.0, second, since)
+    assert again == second, "its own run planned again (a restart) is not kept twice"
