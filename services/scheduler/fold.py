@@ -10,8 +10,7 @@ Decides what the scheduler knows and forgets; no I/O (the handlers feed it event
 - ``Catalog`` indexes a dataset's manifest (files by (mount, key, ETag), sizes, paths in sorted order with running
   totals): which cached blocks belong to the current version of a file, whether a file is whole (its cached blocks
   add up to its size: every block has a distinct index and blocks partition the file, so no block size is needed),
-  and the bytes under any path hint in O(log files). A node's blocks of one file version count up to the file's
-  size (``held_bytes``): blocks partition a file, so more is a stale block size or a lie, not more of the data.
+  and the bytes under any path hint in O(log files).
 - Memory follows what is cached: an evicted block leaves its file's map, a file without blocks leaves the node, a
   deleted dataset or a node that went away is dropped whole. What stays per (dataset, node) after everything is
   evicted is its position (a few fields), needed to detect the next gap. A catalog is one tuple per file of the
@@ -20,10 +19,9 @@ Decides what the scheduler knows and forgets; no I/O (the handlers feed it event
   (nodes holding none left out), i.e. ``NodeCache.current`` gathered, so a decision reads one map per dataset
   instead of a pass over the dataset's node caches.
 - ``CacheFold.unique`` is kept the same way: per dataset, the bytes of the current version held by *any* node, each
-  block once however many nodes hold it (``holders`` counts them per block), each file up to its size (``union``).
-  Summing the nodes' bytes counts a block that a DataLoad with ``replicas: 2`` put on two nodes twice, and so
-  overstates the share of the dataset that is cached; this is the figure the dataset service's ``cachedPercentage``
-  takes (``handlers.publish_cache``).
+  block once however many nodes hold it (``holders`` counts them per block). Summing the nodes' bytes counts a block
+  that a DataLoad with ``replicas: 2`` put on two nodes twice, and so overstates the share of the dataset that is
+  cached; this is the figure the dataset service's ``cachedPercentage`` takes (``handlers.publish_cache``).
 - ``CacheFold.reported`` is kept beside it: per dataset, the nodes' own ``cachedBytes`` (their events' counters)
   summed, the figure the dataset service's ``cached`` is, published with ``unique`` so that service can tell what
   its nodes gained since the fact and keep its two columns together.
@@ -139,10 +137,7 @@ class NodeCache:
     position: NodeInventory
     # File version → block index → block size.
     files: dict[FileKey, dict[int, int]] = field(default_factory=dict)
-    # File version → its blocks' bytes summed (``files`` added up, kept with it): what ``current`` caps per file.
-    sizes: dict[FileKey, int] = field(default_factory=dict)
-    # Bytes of all cached blocks, and of the file versions in the dataset's current catalog, each counted up to the
-    # file's size (``held_bytes``).
+    # Bytes of all cached blocks, and of the blocks of file versions in the dataset's current catalog.
     total: int = 0
     current: int = 0
     # The snapshot being gathered: (incarnation, seq of part 1, parts) and the files of the parts so far.
@@ -152,21 +147,7 @@ class NodeCache:
     whole: int | None = None
 
     def file_bytes(self, key: FileKey) -> int:
-        return self.sizes.get(key, 0)
-
-
-def held_bytes(reported: int, size: int | None) -> int:
-    """What a node's blocks of one file version (``reported`` bytes) count for, the file's ``size`` in the catalog
-    (None: no catalog, every version counts as reported). Blocks partition a file, so a node holds at most its size:
-    blocks adding up to more (an agent's stale block size, or one that lies) would otherwise raise the node's share,
-    and its score, above what it can hold; capping only the dataset's sum let such a node outrank one holding more of
-    the data."""
-    return reported if size is None else min(reported, size)
-
-
-def _cached_bytes(position: NodeInventory | None) -> int:
-    """A node's own ``cachedBytes`` as ``CacheFold.reported`` sums it: never below zero (see ``_add``)."""
-    return max(0, position.counters.cached_bytes) if position is not None else 0
+        return sum(self.files.get(key, {}).values())
 
 
 # A block no node holds: (holders, size).
@@ -184,14 +165,10 @@ def _release(shared: dict[int, tuple[int, int]], index: int) -> int:
 
 
 def _add(files: dict[FileKey, dict[int, int]], cached: Iterable[CachedFile]) -> None:
-    """Take a snapshot part's blocks on. A block reported with a negative size (an agent's bug, or one that lies)
-    holds nothing: taken as reported, it took bytes off the node's other blocks and off the dataset's ``unique``, which
-    the scheduler then published below zero, a fact the dataset service refuses (one node's bad report froze the
-    dataset's cachedPercentage). The same for a node's own ``cachedBytes`` (``_cached_bytes``)."""
     for item in cached:
         blocks = files.setdefault((item.mount, item.key, item.etag), {})
         for index, size in item.blocks:
-            blocks[index] = max(size, 0)
+            blocks[index] = size
 
 
 class CacheFold:
@@ -204,12 +181,8 @@ class CacheFold:
         # file; were two nodes to report two sizes (block sizes changed in between), the last one reported counts,
         # and a block's bytes leave ``unique`` as they came in, so the figure never drifts.
         self.holders: dict[DatasetKey, dict[FileKey, dict[int, tuple[int, int]]]] = {}
-        # Dataset → file version → the bytes of its blocks in ``holders`` (each block once), summed as reported: kept
-        # with ``holders`` (same keys), so ``unique`` can count each file up to its size without adding it up again.
-        self.union: dict[DatasetKey, dict[FileKey, int]] = {}
         # Dataset → bytes of the blocks of current file versions (every version while there is no catalog) that at
-        # least one node holds, each file counted up to its size (``held_bytes``); kept with every change of
-        # ``holders``, datasets at 0 left out.
+        # least one node holds; kept with every change of ``holders``, datasets at 0 left out.
         self.unique: dict[DatasetKey, int] = {}
         # Dataset → the nodes' ``cachedBytes`` (their last event's counters) summed, datasets at 0 left out.
         self.reported: dict[DatasetKey, int] = {}
@@ -254,7 +227,7 @@ class CacheFold:
             cache = nodes[event.node] = NodeCache(position=after)
             self.node_entries[event.node] = self.node_entries.get(event.node, 0) + 1
         cache.position = after
-        self._add_reported(key, _cached_bytes(after) - _cached_bytes(before))
+        self._add_reported(key, after.counters.cached_bytes - (before.counters.cached_bytes if before else 0))
         catalog = self.catalogs.get(key)
         if isinstance(event, InventorySnapshot):
             self._snapshot_part(key, cache, event, after, catalog)
@@ -298,21 +271,16 @@ class CacheFold:
     def _change(self, key: DatasetKey, cache: NodeCache, cached: list[CachedFile], evicted: list[CachedFile],
                 catalog: Catalog | None) -> None:
         holders = self.holders.setdefault(key, {})
-        union = self.union.setdefault(key, {})
         # What this event adds to (or takes from) the node's ``total`` and ``current`` and the dataset's ``unique``,
         # summed in locals and applied once: this is the scheduler's busiest loop.
         total = current = unique = 0
-        sizes = cache.sizes
         for item in cached:
             file = (item.mount, item.key, item.etag)
-            whole = catalog.size(file) if catalog is not None else None
-            counts = catalog is None or whole is not None
+            counts = catalog is None or file in catalog
             blocks = cache.files.setdefault(file, {})
             shared = holders.setdefault(file, {})
             grown = added = 0
             for index, size in item.blocks:
-                if size < 0:
-                    size = 0  # see ``_add``
                 before = blocks.get(index)
                 blocks[index] = size
                 holding, last = shared.get(index, _NO_HOLDER)
@@ -324,23 +292,14 @@ class CacheFold:
                     shared[index] = (holding, size)
                 added += size - last
             total += grown
-            had, shared_had = sizes.get(file, 0), union.get(file, 0)
-            now, shared_now = had + grown, shared_had + added
-            sizes[file], union[file] = now, shared_now
-            # Within the file's size (always, but for a stale block size or a lie): as reported (``held_bytes``).
-            if whole is None or (now <= whole and shared_now <= whole and had <= whole and shared_had <= whole):
-                if counts:
-                    current += grown
-                    unique += added
-            else:
-                current += held_bytes(now, whole) - held_bytes(had, whole)
-                unique += held_bytes(shared_now, whole) - held_bytes(shared_had, whole)
+            if counts:
+                current += grown
+                unique += added
         for item in evicted:
             file = (item.mount, item.key, item.etag)
             held = cache.files.get(file)
             if held is None:
                 continue
-            whole = catalog.size(file) if catalog is not None else None
             shared = holders.get(file, {})
             freed = gone = 0
             for index, _ in item.blocks:
@@ -348,27 +307,17 @@ class CacheFold:
                     freed += held.pop(index)
                     gone += _release(shared, index)
             total -= freed
-            had, shared_had = sizes[file], union.get(file, 0)
-            sizes[file], union[file] = had - freed, shared_had - gone
-            if whole is None:
-                if catalog is None:
-                    current -= freed
-                    unique -= gone
-            elif had <= whole and shared_had <= whole and freed >= 0 and gone >= 0:  # as reported
+            if catalog is None or file in catalog:
                 current -= freed
                 unique -= gone
-            else:
-                current -= held_bytes(had, whole) - held_bytes(had - freed, whole)
-                unique -= held_bytes(shared_had, whole) - held_bytes(shared_had - gone, whole)
             if not held:
-                del cache.files[file], sizes[file]
+                del cache.files[file]
             if not shared:
                 holders.pop(file, None)
-                union.pop(file, None)
         cache.total += total
         cache.current += current
         if not holders:
-            del self.holders[key], self.union[key]
+            del self.holders[key]
         self._add_unique(key, unique)
 
     def _add_unique(self, key: DatasetKey, change: int) -> None:
@@ -392,20 +341,15 @@ class CacheFold:
         if not files:
             return
         holders = self.holders.setdefault(key, {})
-        union = self.union.setdefault(key, {})
         unique = 0
         for file, blocks in files.items():
+            counts = catalog is None or file in catalog
             shared = holders.setdefault(file, {})
-            added = 0
             for index, size in blocks.items():
                 holding, last = shared.get(index, (0, 0))
                 shared[index] = (holding + 1, size)
-                added += size - last
-            had = union.get(file, 0)
-            union[file] = had + added
-            whole = catalog.size(file) if catalog is not None else None
-            if catalog is None or whole is not None:
-                unique += held_bytes(had + added, whole) - held_bytes(had, whole)
+                if counts:
+                    unique += size - last
         self._add_unique(key, unique)
 
     def _release_all(self, key: DatasetKey, files: dict[FileKey, dict[int, int]], catalog: Catalog | None) -> None:
@@ -413,34 +357,30 @@ class CacheFold:
         holders = self.holders.get(key)
         if holders is None or not files:
             return
-        union = self.union[key]
         unique = 0
         for file, blocks in files.items():
             shared = holders.get(file)
             if shared is None:
                 continue
-            gone = sum(_release(shared, index) for index in blocks)
-            had = union[file]
-            union[file] = had - gone
-            whole = catalog.size(file) if catalog is not None else None
-            if catalog is None or whole is not None:
-                unique -= held_bytes(had, whole) - held_bytes(had - gone, whole)
+            counts = catalog is None or file in catalog
+            for index in blocks:
+                gone = _release(shared, index)
+                if counts:
+                    unique -= gone
             if not shared:
-                del holders[file], union[file]
+                del holders[file]
         if not holders:
-            del self.holders[key], self.union[key]
+            del self.holders[key]
         self._add_unique(key, unique)
 
     @staticmethod
     def _recount(cache: NodeCache, catalog: Catalog | None) -> None:
         cache.total = cache.current = 0
-        cache.sizes = {}
         for file, blocks in cache.files.items():
-            reported = cache.sizes[file] = sum(blocks.values())
-            cache.total += reported
-            size = catalog.size(file) if catalog is not None else None
-            if catalog is None or size is not None:
-                cache.current += held_bytes(reported, size)
+            size = sum(blocks.values())
+            cache.total += size
+            if catalog is None or file in catalog:
+                cache.current += size
 
     def set_catalog(self, key: DatasetKey, catalog: Catalog | None) -> None:
         """A new manifest of the dataset (None: not known): which cached file versions count changes."""
@@ -452,8 +392,8 @@ class CacheFold:
         for node, cache in self.datasets.get(key, {}).items():
             self._recount(cache, catalog)
             self._held(key, node, cache)
-        unique = sum(held_bytes(reported, catalog.size(file) if catalog is not None else None)
-                     for file, reported in self.union.get(key, {}).items() if catalog is None or file in catalog)
+        unique = sum(size for file, blocks in self.holders.get(key, {}).items()
+                     if catalog is None or file in catalog for _, size in blocks.values())
         self._add_unique(key, unique - self.unique.get(key, 0))
 
     def forget_dataset(self, key: DatasetKey) -> None:
@@ -463,7 +403,6 @@ class CacheFold:
         self.catalogs.pop(key, None)
         self.held.pop(key, None)
         self.holders.pop(key, None)
-        self.union.pop(key, None)
         self.unique.pop(key, None)
         self.reported.pop(key, None)
         self.moves.pop(key, None)
@@ -474,7 +413,7 @@ class CacheFold:
         for key, nodes in self.datasets.items():
             if (cache := nodes.pop(node, None)) is not None:
                 self._release_all(key, cache.files, self.catalogs.get(key))
-                self._add_reported(key, -_cached_bytes(cache.position))
+                self._add_reported(key, -cache.position.counters.cached_bytes)
                 self._changed(key, nodes=True)
                 self.held.get(key, {}).pop(node, None)
                 self.moves.pop(key, None)
@@ -507,8 +446,8 @@ class CacheFold:
         if catalog is None or cache is None:
             return 0
         if cache.whole is None:
-            cache.whole = sum(1 for file, reported in cache.sizes.items()
-                              if (size := catalog.size(file)) is not None and reported == size)
+            cache.whole = sum(1 for file, blocks in cache.files.items()
+                              if (size := catalog.size(file)) is not None and sum(blocks.values()) == size)
         return cache.whole
 
 
@@ -589,8 +528,7 @@ class LiveView:
             return {}
         held = {}
         for node, cache in nodes.items():
-            size = sum(held_bytes(reported, catalog.size(file)) for file, reported in cache.sizes.items()
-                       if catalog.selects(file, paths))
+            size = sum(sum(blocks.values()) for file, blocks in cache.files.items() if catalog.selects(file, paths))
             if size > 0:
                 held[node] = size
         return held

@@ -182,26 +182,6 @@ def test_the_live_view_scores_from_the_fold() -> None:
     assert unknown.error == "unknown dataset ml/x"
 
 
-def test_a_block_reported_with_a_negative_size_takes_nothing_from_other_files_or_nodes() -> None:
-    """A block reported with a negative size (an agent's bug, or one that lies) holds nothing, and no less: taken as
-    reported, it took bytes off the node's other blocks and off the dataset's ``unique``, which went below zero, and
-    the scheduler published that (the dataset service refuses such a fact, so the dataset's cachedPercentage stayed
-    where it was); a node's own ``cachedBytes`` below zero the same for ``reported``."""
-    state = CacheFold()
-    state.set_catalog(KEY, Catalog([entry("/a", "a", MiB), entry("/b", "b", MiB)]))
-    state.apply(snapshot(1, blocks("a", "e1", [(0, MiB)]), node="n1"))
-    lying = snapshot(1, blocks("a", "e1", [(1, -5 * MiB)]) + blocks("b", "e1", [(0, MiB)]), node="n2")
-    state.apply(replace(lying, counters=CacheCounters(cached_bytes=-10 * MiB)))
-    assert state.held[KEY] == {"n1": MiB, "n2": MiB}  # n2: b, not b less 5 MiB
-    assert state.unique[KEY] == 2 * MiB and KEY not in state.reported  # n1's a and n2's b, each block once
-    state.apply(delta(2, blocks("b", "e1", [(1, -3 * MiB), (0, -MiB)]), node="n2"))
-    assert state.held[KEY] == {"n1": MiB} and state.unique[KEY] == MiB
-    state.apply(delta(3, blocks("b", "e1", [(0, MiB)]), remove=blocks("a", "e1", [(1, 0)]), node="n2"))
-    assert state.held[KEY] == {"n1": MiB, "n2": MiB} and state.unique[KEY] == 2 * MiB
-    state.forget_node("n2")
-    assert state.held[KEY] == {"n1": MiB} and state.unique[KEY] == MiB and KEY not in state.reported
-
-
 # --- the same decisions and blocks as the shared fold, for any event sequence ---
 
 SIZES = st.integers(1, 4)
@@ -225,75 +205,19 @@ def events(draw: st.DrawFn) -> Inventory:
     return delta(seq, items(draw(ITEMS)), items(draw(ITEMS)), node=node, incarnation=incarnation)
 
 
-# The files of the events above: "a" smaller than the blocks an event may report for it (up to 6 blocks of up to 4
-# bytes), as an agent with a stale block size, or one that lies, reports it; "b" larger than any.
-SMALL_CATALOG = Catalog([entry("/a", "a", 5, etag="e"), entry("/b", "b", 100, etag="e")])
-
-
 @settings(max_examples=300, deadline=None)
-@given(st.lists(events(), max_size=25), st.none() | st.integers(0, 25))
-def test_same_blocks_and_same_snapshot_requests_as_the_shared_fold(sequence: list[Inventory],
-                                                                   catalog_at: int | None) -> None:
-    """Also: with a catalog (set before any event or between two), a node's ``current`` counts each file up to its
-    size, whatever its blocks add up to, and without one every byte."""
+@given(st.lists(events(), max_size=25))
+def test_same_blocks_and_same_snapshot_requests_as_the_shared_fold(sequence: list[Inventory]) -> None:
     state = CacheFold()
     shared: DatasetInventory | None = None
-    for at, event in enumerate(sequence):
-        if at == catalog_at:
-            state.set_catalog(KEY, SMALL_CATALOG)
+    for event in sequence:
         shared, expected_ask = fold(shared, event, track_blocks=True)
         assert state.apply(event) == expected_ask
-    catalog = SMALL_CATALOG if catalog_at is not None and catalog_at < len(sequence) else None
     for node, position in (shared.nodes.items() if shared else []):
         cache = state.datasets[KEY][node]
         mine = {BlockId(*file, index): size for file, held in cache.files.items() for index, size in held.items()}
         assert mine == position.blocks
-        assert cache.total == sum(position.blocks.values())
-        per_file: dict[str, int] = {}
-        for block, size in position.blocks.items():
-            per_file[block.key] = per_file.get(block.key, 0) + size
-        assert cache.current == sum(min(size, 5 if key == "a" else 100) if catalog else size
-                                    for key, size in per_file.items())
-        assert state.held.get(KEY, {}).get(node, 0) == cache.current
-        if catalog is not None:
-            assert state.whole_files(KEY, node) == sum(1 for key, size in per_file.items()
-                                                       if size == (5 if key == "a" else 100))
-
-
-def test_a_node_reporting_more_of_a_file_than_its_size_holds_at_most_the_file() -> None:
-    """Blocks partition a file: a node whose blocks of one file add up to more than the file (an agent with a stale
-    block size, or one that lies) holds that file, not more. Counted as reported, it held "100 %" of a dataset of two
-    files while holding one of them, and outranked a node holding the same share honestly."""
-    state = CacheFold()
-    catalog = Catalog([entry("/a", "a", MiB), entry("/b", "b", MiB)])
-    state.set_catalog(KEY, catalog)
-    state.apply(snapshot(1, blocks("a", "e1", [(0, MiB)]), node="n1"))
-    state.apply(snapshot(1, blocks("b", "e1", [(0, MiB), (1, MiB), (2, MiB)]), node="n2"))
-    assert state.held[KEY] == {"n1": MiB, "n2": MiB}
-    # Deltas keep the cap: a fourth block changes nothing, evicting two of four still leaves more than the file.
-    state.apply(delta(2, blocks("b", "e1", [(3, MiB)]), node="n2"))
-    assert state.held[KEY]["n2"] == MiB
-    state.apply(delta(3, remove=blocks("b", "e1", [(2, MiB), (3, MiB)]), node="n2"))
-    assert state.held[KEY]["n2"] == MiB
-    state.apply(delta(4, remove=blocks("b", "e1", [(1, MiB)]), node="n2"))
-    assert state.held[KEY]["n2"] == MiB  # now as reported: one block of 1 MiB
-    state.apply(delta(5, blocks("b", "e1", [(1, MiB), (2, MiB)]), node="n2"))
-    view = LiveView(state, {KEY: catalog.total}, lambda node: {}, lambda: [])
-    from libs.events.schedule import DatasetUse, ScoreRequest
-
-    reply = score(ScoreRequest(datasets=[DatasetUse(name="d", namespace="ml")]), view, Weights())
-    assert [(s.node, s.score, s.cached_bytes) for s in reply.scores] == [("n1", 50, MiB), ("n2", 50, MiB)]
-    under = score(ScoreRequest(datasets=[DatasetUse(name="d", namespace="ml", paths=["/b"])]), view, Weights())
-    assert [(s.node, s.score, s.cached_bytes) for s in under.scores] == [("n2", 100, MiB), ("n1", 0, 0)]
-    # The dataset's bytes in the cache, each block once (the published fact), count each file up to its size too.
-    assert state.unique[KEY] == 2 * MiB
-    state.apply(snapshot(1, blocks("b", "e1", [(4, MiB)]), node="n3"))
-    assert state.unique[KEY] == 2 * MiB
-    # A catalog in which b is larger counts the blocks again, up to its new size.
-    state.set_catalog(KEY, Catalog([entry("/a", "a", MiB), entry("/b", "b", 2 * MiB)]))
-    assert state.held[KEY]["n2"] == 2 * MiB and state.unique[KEY] == 3 * MiB
-    state.forget_node("n2")
-    assert state.unique[KEY] == 2 * MiB  # a (n1) and b's block 4 (n3)
+        assert cache.total == cache.current == sum(position.blocks.values())
 
 
 def test_decisions_are_kept_only_while_what_they_read_is_unchanged() -> None:
@@ -579,16 +503,12 @@ def consistent(event: Inventory) -> Inventory:
 
 
 def union_bytes(state: CacheFold, key: tuple[str, str]) -> int:
-    """The bytes of the union of every node's blocks of current file versions: each block once, each file up to its
-    size in the catalog (the events' blocks of "a" may add up to more)."""
+    """The bytes of the union of every node's blocks of current file versions: each block once."""
     catalog = state.catalogs.get(key)
     union = {(file, index): size for cache in state.datasets.get(key, {}).values()
              for file, held in cache.files.items() if catalog is None or file in catalog
              for index, size in held.items()}
-    per_file: dict[FileKey, int] = {}
-    for (file, _), size in union.items():
-        per_file[file] = per_file.get(file, 0) + size
-    return sum(min(size, catalog.size(file) or 0) if catalog is not None else size for file, size in per_file.items())
+    return sum(union.values())
 
 
 @settings(max_examples=400, deadline=None)
