@@ -165,10 +165,19 @@ def _release(shared: dict[int, tuple[int, int]], index: int) -> int:
 
 
 def _add(files: dict[FileKey, dict[int, int]], cached: Iterable[CachedFile]) -> None:
+    """Take a snapshot part's blocks on. A block reported with a negative size (an agent's bug, or one that lies)
+    holds nothing: taken as reported, it took bytes off the node's other blocks and off the dataset's ``unique``, which
+    the scheduler then published below zero, a fact the dataset service refuses (one node's bad report froze the
+    dataset's cachedPercentage). The same for a node's own ``cachedBytes`` (``_cached_bytes``)."""
     for item in cached:
         blocks = files.setdefault((item.mount, item.key, item.etag), {})
         for index, size in item.blocks:
-            blocks[index] = size
+            blocks[index] = max(size, 0)
+
+
+def _cached_bytes(position: NodeInventory | None) -> int:
+    """A node's own ``cachedBytes`` as ``CacheFold.reported`` sums it: never below zero (see ``_add``)."""
+    return max(0, position.counters.cached_bytes) if position is not None else 0
 
 
 class CacheFold:
@@ -227,7 +236,9 @@ class CacheFold:
             cache = nodes[event.node] = NodeCache(position=after)
             self.node_entries[event.node] = self.node_entries.get(event.node, 0) + 1
         cache.position = after
-        self._add_reported(key, after.counters.cached_bytes - (before.counters.cached_bytes if before else 0))
+        # A node's own cachedBytes never below zero (``_cached_bytes``), inline: this runs for every event.
+        now_cached, was_cached = after.counters.cached_bytes, before.counters.cached_bytes if before else 0
+        self._add_reported(key, (now_cached if now_cached > 0 else 0) - (was_cached if was_cached > 0 else 0))
         catalog = self.catalogs.get(key)
         if isinstance(event, InventorySnapshot):
             self._snapshot_part(key, cache, event, after, catalog)
@@ -281,6 +292,8 @@ class CacheFold:
             shared = holders.setdefault(file, {})
             grown = added = 0
             for index, size in item.blocks:
+                if size < 0:
+                    size = 0  # see ``_add``
                 before = blocks.get(index)
                 blocks[index] = size
                 holding, last = shared.get(index, _NO_HOLDER)
@@ -413,7 +426,7 @@ class CacheFold:
         for key, nodes in self.datasets.items():
             if (cache := nodes.pop(node, None)) is not None:
                 self._release_all(key, cache.files, self.catalogs.get(key))
-                self._add_reported(key, -cache.position.counters.cached_bytes)
+                self._add_reported(key, -_cached_bytes(cache.position))
                 self._changed(key, nodes=True)
                 self.held.get(key, {}).pop(node, None)
                 self.moves.pop(key, None)

@@ -182,6 +182,26 @@ def test_the_live_view_scores_from_the_fold() -> None:
     assert unknown.error == "unknown dataset ml/x"
 
 
+def test_a_block_reported_with_a_negative_size_takes_nothing_from_other_files_or_nodes() -> None:
+    """A block reported with a negative size (an agent's bug, or one that lies) holds nothing, and no less: taken as
+    reported, it took bytes off the node's other blocks and off the dataset's ``unique``, which went below zero, and
+    the scheduler published that (the dataset service refuses such a fact, so the dataset's cachedPercentage stayed
+    where it was); a node's own ``cachedBytes`` below zero the same for ``reported``."""
+    state = CacheFold()
+    state.set_catalog(KEY, Catalog([entry("/a", "a", MiB), entry("/b", "b", MiB)]))
+    state.apply(snapshot(1, blocks("a", "e1", [(0, MiB)]), node="n1"))
+    lying = snapshot(1, blocks("a", "e1", [(1, -5 * MiB)]) + blocks("b", "e1", [(0, MiB)]), node="n2")
+    state.apply(replace(lying, counters=CacheCounters(cached_bytes=-10 * MiB)))
+    assert state.held[KEY] == {"n1": MiB, "n2": MiB}  # n2: b, not b less 5 MiB
+    assert state.unique[KEY] == 2 * MiB and KEY not in state.reported  # n1's a and n2's b, each block once
+    state.apply(delta(2, blocks("b", "e1", [(1, -3 * MiB), (0, -MiB)]), node="n2"))
+    assert state.held[KEY] == {"n1": MiB} and state.unique[KEY] == MiB
+    state.apply(delta(3, blocks("b", "e1", [(0, MiB)]), remove=blocks("a", "e1", [(1, 0)]), node="n2"))
+    assert state.held[KEY] == {"n1": MiB, "n2": MiB} and state.unique[KEY] == 2 * MiB
+    state.forget_node("n2")
+    assert state.held[KEY] == {"n1": MiB} and state.unique[KEY] == MiB and KEY not in state.reported
+
+
 # --- the same decisions and blocks as the shared fold, for any event sequence ---
 
 SIZES = st.integers(1, 4)
