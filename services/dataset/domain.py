@@ -351,6 +351,15 @@ def manifest_name(record: DatasetRecord) -> str:
                                   record.sync_requests)
 
 
+def own_manifests(record: DatasetRecord) -> list[str]:
+    """The manifests a delete of ``record`` removes: the one its next sync would write and the one its status names,
+    except a reference's status, which mirrors its source's and so names the source's manifest, never one of its own
+    (removing it left the source Bound with no manifest: its loads failed, a restarted mount had no tree)."""
+    if is_reference(record.dataset):
+        return [manifest_name(record)]
+    return [manifest_name(record), record.status.manifest]
+
+
 def sync_is_stale(current: DatasetRecord, result: SyncResult) -> bool:
     """True when the record is no longer the one the sync listed for: a newer spec (its own sync follows),
     another dataset of the same name (the listed one was deleted and the name applied again), or a status that

@@ -258,7 +258,7 @@ class DatasetHandlers:
             log.info("rejected", dataset=subjects.key_name(key), reasons=[reason])
             await self._reject(command.id, delivery, reason, command.name, command.namespace)
             return
-        manifests = [domain.manifest_name(record), record.status.manifest]
+        manifests = domain.own_manifests(record)
         await kv_delete(kv, key, revision, note=domain.deletion_note(sequence, manifests))
         await self._finish_delete(command, key, manifests)
 
