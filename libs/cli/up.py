@@ -369,7 +369,7 @@ MAX_NATS_SERVERS = 5
 @_state_dir_option
 @_port_option("--nats-port", "SHOAL_NATS_PORT", _defaults.nats, "NATS client")
 @_port_option("--nats-monitor-port", "SHOAL_NATS_MONITOR_PORT", _defaults.nats_monitor, "NATS monitoring")
-@_port_option("--s3-port", "SHOAL_S3_PORT", _defaults.s3, "SeaweedFS S3")
+@_port_option("--s3-port", "SHOAL_S3_PORT", _defaults.s3, "SeaweedFS S3 (its gRPC uses +10000)")
 @_port_option("--seaweed-master-port", "SHOAL_SEAWEED_MASTER_PORT", _defaults.seaweed_master,
               "SeaweedFS master (its gRPC uses +10000)")
 @_port_option("--seaweed-volume-port", "SHOAL_SEAWEED_VOLUME_PORT", _defaults.seaweed_volume,
