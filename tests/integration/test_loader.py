@@ -1632,6 +1632,12 @@ async def run_state(bus: Bus, key: str) -> domain.RunState | None:
     return found
 
 
+async def executing(bus: Bus, key: str) -> bool:
+    """Whether the run of operation ``key`` is executing with its parts planned."""
+    state = await run_state(bus, key)
+    return state is not None and state.stage == "executing" and bool(state.parts)
+
+
 async def test_a_runs_plan_and_progress_go_when_it_ends_and_its_state_when_the_operation_goes(
         bus: Bus, nats_server: NatsServer) -> None:
     """A run's plan (Object Store) and its parts' progress (run state) are kept while it executes and go when it
@@ -1815,11 +1821,7 @@ async def test_a_worker_added_while_a_load_runs_gets_the_blocks_it_now_owns(bus:
         scripted.hold.set()
         await publish(bus, subjects.DATALOAD_APPLY, dataload(target=[TargetPath(path="/x", replicas=replicas)]))
 
-        async def planned() -> bool:
-            state = await run_state(bus, key)
-            return state is not None and state.stage == "executing" and bool(state.parts)
-
-        await eventually(planned, what="the load planned on node-a and node-b")
+        await eventually(lambda: executing(bus, key), what="the load planned on node-a and node-b")
         await put_runtime(bus, NODES)  # node-c joins the ring
         scripted.hold.clear()
         done = await phase_of(bus, "Complete")
@@ -1959,18 +1961,14 @@ async def test_a_clean_applied_after_a_load_whose_ring_grows_leaves_its_files_cl
     load_key = subjects.operation_key("DataLoad", "default", "warm")
     clean_key = subjects.operation_key("DataClean", "default", "wipe")
 
-    async def executing(key: str) -> bool:
-        state = await run_state(bus, key)
-        return state is not None and state.stage == "executing" and bool(state.parts)
-
     async with agent(bus, NODES) as scripted, loader(nats_server):
         scripted.hold.set()
         await publish(bus, subjects.DATALOAD_APPLY, dataload())
-        await eventually(lambda: executing(load_key), what="the load planned on node-a and node-b")
+        await eventually(lambda: executing(bus, load_key), what="the load planned on node-a and node-b")
         await publish(bus, subjects.DATACLEAN_APPLY, DataCleanApply(data_clean=DataClean(
             metadata=ObjectMeta(name="wipe"), spec=DataCleanSpec(
                 dataset=DatasetRef(name="data"), target=[CleanTarget(path=target)] if target else []))))
-        await eventually(lambda: executing(clean_key), what="the clean's parts sent")
+        await eventually(lambda: executing(bus, clean_key), what="the clean's parts sent")
         await put_runtime(bus, NODES)  # node-c joins the ring
 
         async def ring_seen() -> bool:
@@ -2013,18 +2011,14 @@ async def test_a_load_replanned_after_a_sync_leaves_to_a_later_clean_the_files_i
     load_key = subjects.operation_key("DataLoad", "default", "warm")
     clean_key = subjects.operation_key("DataClean", "default", "wipe")
 
-    async def executing(key: str) -> bool:
-        state = await run_state(bus, key)
-        return state is not None and state.stage == "executing" and bool(state.parts)
-
     async with agent(bus, NODES) as scripted, loader(nats_server):
         scripted.hold.set()
         await publish(bus, subjects.DATALOAD_APPLY, dataload())
-        await eventually(lambda: executing(load_key), what="the load planned on node-a and node-b")
+        await eventually(lambda: executing(bus, load_key), what="the load planned on node-a and node-b")
         await publish(bus, subjects.DATACLEAN_APPLY, DataCleanApply(data_clean=DataClean(
             metadata=ObjectMeta(name="wipe"), spec=DataCleanSpec(dataset=DatasetRef(name="data"),
                                                                  target=[CleanTarget(path="/x/d")]))))
-        await eventually(lambda: executing(clean_key), what="the clean's parts sent")
+        await eventually(lambda: executing(bus, clean_key), what="the clean's parts sent")
         renamed = [msgspec.structs.replace(e, path=f"/y/{e.key}")
                    for e in files(*[(f"{folder}/f{i}", BLOCK) for folder in "de" for i in range(12)])]
         await put_dataset(bus, renamed, requests=1)  # a sync: /x/d names nothing now

@@ -119,7 +119,17 @@ class SecureServer:
 
     def violations(self) -> list[str]:
         """The server's log lines about refused publishes and subscriptions (nats-server logs each, by user)."""
-        return [line for line in self.log.read_text(errors="replace").splitlines() if "Violation" in line]
+        return violations(self.log)
+
+
+def violations(log: Path) -> list[str]:
+    """The lines of nats-server's ``log`` about refused publishes and subscriptions (it logs each, by user)."""
+    return [line for line in log.read_text(errors="replace").splitlines() if "Violation" in line]
+
+
+def refused_users(lines: list[str]) -> set[str]:
+    """The users named by nats-server's violation ``lines``."""
+    return {line.split('"$G/user:')[1].split('"')[0] for line in lines}
 
 
 @pytest.fixture
@@ -207,8 +217,8 @@ async def test_an_agent_is_refused_a_dataset_command_and_nothing_happens(
     finally:
         await agent.close()
         await observer.close()
-    refused_users = {line.split('"$G/user:')[1].split('"')[0] for line in secure_server.violations()}
-    assert refused_users == {AGENT_USER, natsauth.OBSERVER}
+    refusals = refused_users(secure_server.violations())
+    assert refusals == {AGENT_USER, natsauth.OBSERVER}
 
 
 async def _async(value: T) -> T:
@@ -855,8 +865,8 @@ async def test_a_kind_is_refused_another_kinds_durable_and_nothing_happens(
     finally:
         for bus in buses.values():
             await bus.close()
-    refused_users = {line.split('"$G/user:')[1].split('"')[0] for line in secure_server.violations()}
-    assert refused_users == {natsauth.RUNTIME, natsauth.LOADER, natsauth.BRIDGE, natsauth.SCHEDULER, AGENT_USER}
+    refusals = refused_users(secure_server.violations())
+    assert refusals == {natsauth.RUNTIME, natsauth.LOADER, natsauth.BRIDGE, natsauth.SCHEDULER, AGENT_USER}
 
 
 async def test_an_agent_is_refused_another_nodes_task_durable_and_nothing_happens(
@@ -896,8 +906,8 @@ async def test_an_agent_is_refused_another_nodes_task_durable_and_nothing_happen
     finally:
         for bus in buses.values():
             await bus.close()
-    refused_users = {line.split('"$G/user:')[1].split('"')[0] for line in secure_server.violations()}
-    assert refused_users == {AGENT_USER}
+    refusals = refused_users(secure_server.violations())
+    assert refusals == {AGENT_USER}
 
 
 async def test_the_scheduler_loads_manifests_and_may_neither_write_nor_purge_them(
@@ -915,8 +925,8 @@ async def test_the_scheduler_loads_manifests_and_may_neither_write_nor_purge_the
             await store.get_info("forged")
     finally:
         await scheduler.close()
-    refused_users = {line.split('"$G/user:')[1].split('"')[0] for line in secure_server.violations()}
-    assert refused_users == {natsauth.SCHEDULER}
+    refusals = refused_users(secure_server.violations())
+    assert refusals == {natsauth.SCHEDULER}
 
 
 async def test_the_loader_makes_task_streams_but_none_over_subjects_another_stream_holds(
@@ -972,8 +982,8 @@ async def test_the_loader_makes_task_streams_but_none_over_subjects_another_stre
         await loader.close()
         await scheduler.close()
         await cli_bus.close()
-    refused_users = {line.split('"$G/user:')[1].split('"')[0] for line in shared_agent_server.violations()}
-    assert refused_users == {natsauth.LOADER}
+    refusals = refused_users(shared_agent_server.violations())
+    assert refusals == {natsauth.LOADER}
 
 
 def deploy_agent_user(node: str, folder: Path) -> str:
@@ -1014,7 +1024,9 @@ async def test_the_deploy_config_keeps_each_nodes_agent_to_its_node(
         if line.strip().startswith("{user: "):
             user = json.loads(line.split("user: ", 1)[1].split(",", 1)[0])
             variable = line.split("password: $", 1)[1].split(",", 1)[0]
-            passwords[user] = secrets.token_urlsafe(24)
+            # Hex, as docs/kubernetes.md makes them: nats-server parses a $VARIABLE's value as a config value, and
+            # refuses one starting with "-" and a letter (token_urlsafe gave one in 64 runs: a CI failure).
+            passwords[user] = secrets.token_hex(16)
             monkeypatch.setenv(variable, passwords[user])  # the nats container's environment, from the Secrets
     mine, theirs = (deploy_agent_user(node, tmp_path / "kustomize") for node in (NODE, OTHER_NODE))
     assert mine != theirs, f"both nodes' agents connect as {mine!r}"
@@ -1044,9 +1056,8 @@ async def test_the_deploy_config_keeps_each_nodes_agent_to_its_node(
         for bus in buses.values():
             await bus.close()
         server.stop()
-    refused_users = {line.split('"$G/user:')[1].split('"')[0] for line in log.read_text().splitlines()
-                     if "Violation" in line}
-    assert refused_users == {mine, natsauth.LOADER}
+    refusals = refused_users(violations(log))
+    assert refusals == {mine, natsauth.LOADER}
 
 
 async def _captured(bus: Bus, stream: str) -> bool:
@@ -1121,9 +1132,8 @@ async def test_shoal_up_secure_keeps_each_agent_to_its_node_and_the_loader_to_th
         for bus in buses.values():
             await bus.close()
         server.stop()
-    refused_users = {line.split('"$G/user:')[1].split('"')[0] for line in log.read_text().splitlines()
-                     if "Violation" in line}
-    assert refused_users == {natsauth.LOADER, plan.users["agent-1"]}
+    refusals = refused_users(violations(log))
+    assert refusals == {natsauth.LOADER, plan.users["agent-1"]}
 
 
 async def test_each_service_may_purge_the_old_delete_markers_of_its_own_buckets_and_objects(
