@@ -48,6 +48,7 @@ from prometheus_client import REGISTRY, generate_latest
 from libs import bus as bus_module
 from libs import natsauth, natssecure, subjects, telemetry
 from libs.bus import Bus, Consumer, Delivery, PermissionDenied, connect, kv_delete, kv_load
+from libs.cli import up as up_module
 from libs.cli.up import Plan, UpOptions, _plan
 from libs.config import AgentSettings, NatsSettings, Secret, Settings
 from libs.embedded import (
@@ -665,12 +666,15 @@ def test_the_cli_env_file_sources_in_a_shell_wherever_the_state_dir_is(tmp_path:
 
 
 def test_a_secure_clusters_route_ports_admit_no_server_without_the_route_password(
-        tmp_path: Path, tls_files: TlsFiles) -> None:
+        tmp_path: Path, tls_files: TlsFiles, monkeypatch: pytest.MonkeyPatch) -> None:
     """``shoal up --secure --nats-cluster 3``: its servers form the cluster with the route password, and a server
     started by anyone else on the machine, routing to a member's route port without it, is refused. Before, the route
     ports asked nothing: such a server joined, and its clients (no user, no TLS) published commands and read every
     fact, whatever the users' permissions."""
     options = dataclasses.replace(secure_up_options(tmp_path, tls_files), nats_servers=3)
+    # Planning only: its cluster's ports, consecutive from one base, may be taken by another test's processes (a CI
+    # failure); the servers below run on free ports of their own.
+    monkeypatch.setattr(up_module, "check_ports", lambda needed: None)
     plan = secure_up_plan(options)
     assert plan.secure is not None and plan.secure.route_password
     assert [config.cluster.route_password if config.cluster else "" for config in plan.nats] == [
