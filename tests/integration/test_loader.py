@@ -1632,6 +1632,12 @@ async def run_state(bus: Bus, key: str) -> domain.RunState | None:
     return found
 
 
+async def in_ring(bus: Bus, key: str, node: str) -> bool:
+    """Whether the run of operation ``key`` has ``node`` in its ring."""
+    state = await run_state(bus, key)
+    return state is not None and node in state.ring
+
+
 async def executing(bus: Bus, key: str) -> bool:
     """Whether the run of operation ``key`` is executing with its parts planned."""
     state = await run_state(bus, key)
@@ -1971,11 +1977,7 @@ async def test_a_clean_applied_after_a_load_whose_ring_grows_leaves_its_files_cl
         await eventually(lambda: executing(bus, clean_key), what="the clean's parts sent")
         await put_runtime(bus, NODES)  # node-c joins the ring
 
-        async def ring_seen() -> bool:
-            state = await run_state(bus, load_key)
-            return state is not None and "node-c" in state.ring
-
-        await eventually(ring_seen, what="the load's ring grown to node-c")
+        await eventually(lambda: in_ring(bus, load_key, "node-c"), what="the load's ring grown to node-c")
         scripted.hold.clear()
         await phase_of(bus, "Complete")
         await phase_of(bus, "Complete", name="wipe", kind="DataClean")
@@ -2024,11 +2026,7 @@ async def test_a_load_replanned_after_a_sync_leaves_to_a_later_clean_the_files_i
         await put_dataset(bus, renamed, requests=1)  # a sync: /x/d names nothing now
         await put_runtime(bus, NODES)  # node-c joins the ring
 
-        async def ring_seen() -> bool:
-            state = await run_state(bus, load_key)
-            return state is not None and "node-c" in state.ring
-
-        await eventually(ring_seen, what="the load's ring grown to node-c")
+        await eventually(lambda: in_ring(bus, load_key, "node-c"), what="the load's ring grown to node-c")
         scripted.hold.clear()
         await phase_of(bus, "Complete")
         await phase_of(bus, "Complete", name="wipe", kind="DataClean")
