@@ -1403,6 +1403,50 @@ async def stream_end(bus: Bus, stream: str) -> int:
     return info.state.last_seq + 1
 
 
+class WatchStart:
+    """Tells when a watch has delivered what its keys held when it started (``ended``).
+
+    nats-py signals that with a None, put first when the consumer's info says nothing is pending and the
+    subscription has counted no message yet. Under load the info's reply can be read before messages the server
+    delivered ahead of it are counted, and the None then comes before them (a marker sweep in CI found no markers
+    that way, and a watched bucket looked empty). So a None is believed only when the consumer's own count of
+    delivered messages agrees with what was read; otherwise the start ends with the entry that has nothing pending
+    after it. If the consumer cannot be asked (its server gone), nats-py's None is taken as it is."""
+
+    def __init__(self, watcher: KeyValue.KeyWatcher) -> None:
+        self.watcher = watcher
+        self.read = 0
+        self.behind = False  # a None came before entries the server had delivered
+
+    async def ended(self, item: KeyValue.Entry | None) -> bool:
+        """Whether, with ``item`` (an entry, or nats-py's None), the initial entries are all read. Call it for each
+        item until it says True."""
+        if item is not None:
+            self.read += 1
+            return self.behind and item.delta == 0
+        subscription = self.watcher._sub
+        if subscription is None:
+            return True
+        try:
+            info = await subscription.consumer_info()
+        except nats.errors.Error:
+            return True
+        self.behind = bool(info.num_pending) or self.read < (info.delivered.consumer_seq or 0)
+        return not self.behind
+
+
+async def initial_entries(watcher: KeyValue.KeyWatcher, each_within: float) -> AsyncGenerator[KeyValue.Entry, None]:
+    """The entries a watch delivers until it has delivered what its keys held when it started (``WatchStart``);
+    nats-py's TimeoutError if the next one takes longer than ``each_within`` seconds."""
+    start = WatchStart(watcher)
+    while True:
+        item = await watcher.updates(timeout=each_within)
+        if item is not None:
+            yield item
+        if await start.ended(item):
+            return
+
+
 class Replay:
     """Yielded by ``kv_watch`` when it starts again after a reconnect: every entry follows again, then None."""
 
@@ -1430,6 +1474,7 @@ async def kv_watch(kv: KeyValue, stopping: asyncio.Event, reconnects: Callable[[
     watcher = await _start_watch(kv, keys, stopping)
     if watcher is None:
         return
+    start: WatchStart | None = WatchStart(watcher)
     try:
         while not stopping.is_set():
             if reconnects is not None and reconnects() != seen:
@@ -1439,13 +1484,21 @@ async def kv_watch(kv: KeyValue, stopping: asyncio.Event, reconnects: Callable[[
                 restarted = await _start_watch(kv, keys, stopping)
                 if restarted is None:
                     return
-                watcher = restarted
+                watcher, start = restarted, WatchStart(restarted)
                 yield Replay()
             try:
                 entry = await watcher.updates(timeout=WATCH_TICK_SECONDS)
             except TimeoutError:
                 continue  # look at ``stopping`` and the reconnect count again
-            yield entry
+            if start is None:
+                yield entry  # past the initial values, nats-py puts no None
+                continue
+            ended = await start.ended(entry)
+            if entry is not None:
+                yield entry
+            if ended:
+                start = None
+                yield None
     finally:
         with contextlib.suppress(Exception):
             await watcher.stop()

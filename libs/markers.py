@@ -47,7 +47,7 @@ from typing import Protocol
 from nats.js.kv import KeyValue
 
 from libs import natsauth, subjects
-from libs.bus import COMMANDS_MAX_AGE, Bus
+from libs.bus import COMMANDS_MAX_AGE, Bus, initial_entries
 from libs.telemetry import get_logger
 
 log = get_logger(__name__)
@@ -130,12 +130,11 @@ async def _old_markers(kv: KeyValue, cutoff: datetime.datetime, limit: int,
     found: list[Marker] = []
     watcher = await kv.watchall(meta_only=headers_only)
     try:
-        while len(found) < limit:
-            entry = await watcher.updates(timeout=READ_SECONDS)
-            if entry is None:  # caught up
-                break
+        async for entry in initial_entries(watcher, READ_SECONDS):
             if entry.revision and is_marker(entry) and expired(entry.created, cutoff):
                 found.append(Marker(f"{kv._pre}{entry.key}", entry.revision, entry.key))
+                if len(found) == limit:
+                    break
     finally:
         await watcher.stop()
     return found

@@ -27,7 +27,7 @@ from kubernetes_asyncio.client.exceptions import ApiException
 
 from libs import kube, subjects
 from libs.backoff import Backoff
-from libs.bus import MESSAGE_LIMIT, Bus, KvMirror, kv_delete
+from libs.bus import MESSAGE_LIMIT, Bus, KvMirror, initial_entries, kv_delete
 from libs.config import Settings
 from libs.events.dataset import DatasetDelete, DatasetRecord, DatasetResync
 from libs.events.operation import DataCleanDelete, DataLoadDelete, OperationRecord, OperationStatus
@@ -881,11 +881,9 @@ class BridgeHandlers:
         them; none when it keeps none."""
         watcher = await self.mirrors.operations.kv.watch(kv_key, include_history=True)
         try:
-            entries: list[tuple[str | None, bytes]] = []
-            # None once the history is read (at once for a key with none); a NATS TimeoutError past the limit.
-            while (entry := await watcher.updates(timeout=REQUEST_TIMEOUT_SECONDS)) is not None:
-                entries.append((entry.operation, entry.value or b""))
-            return entries
+            # A NATS TimeoutError past the limit.
+            return [(entry.operation, entry.value or b"")
+                    async for entry in initial_entries(watcher, REQUEST_TIMEOUT_SECONDS)]
         finally:
             with contextlib.suppress(Exception):  # a watcher whose server went: nothing to stop
                 await watcher.stop()

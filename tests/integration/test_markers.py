@@ -18,7 +18,7 @@ from nats.js.kv import KeyValue
 from libs import bus as bus_module
 from libs import markers as markers_module
 from libs import natsauth, subjects
-from libs.bus import Bus, kv_delete, kv_load_deleted
+from libs.bus import Bus, initial_entries, kv_delete, kv_load_deleted
 from libs.deletion import deleted_at, deletion_note
 from libs.markers import (
     DATASET_SWEEP,
@@ -56,13 +56,10 @@ BUCKET = subjects.KV_OPERATIONS
 async def history(kv: KeyValue, key: str) -> list[KeyValue.Entry]:
     """Every entry the bucket keeps of ``key`` (none: [])."""
     watcher = await kv.watch(key, include_history=True)
-    entries = []
     try:
-        while (entry := await watcher.updates(timeout=5)) is not None:
-            entries.append(entry)
+        return [entry async for entry in initial_entries(watcher, 5)]
     finally:
         await watcher.stop()
-    return entries
 
 
 async def deleted(kv: KeyValue, key: str, sequence: int) -> KeyValue.Entry:
