@@ -787,21 +787,28 @@ async def kv_values(kv: KeyValue, type_: type[T]) -> list[T]:
     return values
 
 
-# nats-py's keys() can answer "no keys" before the server's reply arrives; a bucket that holds messages is asked
-# again a few times before its emptiness is believed.
-KEYS_ATTEMPTS = 5
+# How long ``kv_keys`` waits for the next key of its listing before giving up (nats-py's TimeoutError).
+KEYS_READ_SECONDS = 5.0
 
 
 async def kv_keys(kv: KeyValue) -> list[str]:
-    for _ in range(KEYS_ATTEMPTS):
-        try:
-            keys = await kv.keys()
-        except nats.js.errors.NoKeysError:
-            keys = []
-        if keys or (await kv.status()).values == 0:
-            # nats-py reads a watch to its end: a key written meanwhile comes again with its new value.
-            return list(dict.fromkeys(keys))
-    return []
+    """The keys of the bucket's live values, each once, in the order the bucket last wrote them.
+
+    Read from a watch's initial entries (``initial_entries``), not nats-py's ``keys()``: that stops at nats-py's
+    "caught up" None, which under load comes before some keys (an empty answer, or part of the keys; see
+    ``WatchStart``). A key written while the listing reads comes again with its new value, one deleted meanwhile
+    leaves it."""
+    watcher = await kv.watchall(meta_only=True)
+    live: dict[str, None] = {}
+    try:
+        async for entry in initial_entries(watcher, KEYS_READ_SECONDS):
+            if entry.operation in ("DEL", "PURGE"):
+                live.pop(entry.key, None)
+            else:
+                live[entry.key] = None
+    finally:
+        await watcher.stop()
+    return list(live)
 
 
 # --- The consumer loop ---
@@ -1406,33 +1413,40 @@ async def stream_end(bus: Bus, stream: str) -> int:
 class WatchStart:
     """Tells when a watch has delivered what its keys held when it started (``ended``).
 
-    nats-py signals that with a None, put first when the consumer's info says nothing is pending and the
-    subscription has counted no message yet. Under load the info's reply can be read before messages the server
-    delivered ahead of it are counted, and the None then comes before them (a marker sweep in CI found no markers
-    that way, and a watched bucket looked empty). So a None is believed only when the consumer's own count of
-    delivered messages agrees with what was read; otherwise the start ends with the entry that has nothing pending
-    after it. If the consumer cannot be asked (its server gone), nats-py's None is taken as it is."""
+    nats-py signals that with one None, which comes early two ways. It puts it first when the consumer's info says
+    nothing is pending and the subscription has counted no message yet, but under load the info's reply can be read
+    before messages the server delivered ahead of it are counted (a marker sweep in CI found no markers that way,
+    and a watched bucket looked empty). And it puts it after the first message whose pending count reads 0, but a
+    message's count can read 0 and grow again while keys are written (nats-io/nats.py#995: ``keys()`` then listed
+    part of a bucket). So at the None the consumer is asked how far the server has gone: every message it has
+    delivered or still has pending then is read before the start ends, at an entry with nothing pending after it.
+    That mark is fixed when the None comes, so keys written without pause afterwards do not hold the start open for
+    ever. If the consumer cannot be asked (its server gone), nats-py's None is taken as it is."""
 
     def __init__(self, watcher: KeyValue.KeyWatcher) -> None:
         self.watcher = watcher
         self.read = 0
-        self.behind = False  # a None came before entries the server had delivered
+        # How many entries the start holds at least, once nats-py's None came (the consumer's delivered and
+        # pending messages then); None before.
+        self.mark: int | None = None
+        self.caught_up = True  # the last entry read had nothing pending after it (or none was read)
 
     async def ended(self, item: KeyValue.Entry | None) -> bool:
         """Whether, with ``item`` (an entry, or nats-py's None), the initial entries are all read. Call it for each
         item until it says True."""
         if item is not None:
             self.read += 1
-            return self.behind and item.delta == 0
-        subscription = self.watcher._sub
-        if subscription is None:
-            return True
-        try:
-            info = await subscription.consumer_info()
-        except nats.errors.Error:
-            return True
-        self.behind = bool(info.num_pending) or self.read < (info.delivered.consumer_seq or 0)
-        return not self.behind
+            self.caught_up = item.delta == 0
+        elif self.mark is None:
+            subscription = self.watcher._sub
+            if subscription is None:
+                return True
+            try:
+                info = await subscription.consumer_info()
+            except nats.errors.Error:
+                return True
+            self.mark = (info.delivered.consumer_seq or 0) + (info.num_pending or 0)
+        return self.mark is not None and self.read >= self.mark and self.caught_up
 
 
 async def initial_entries(watcher: KeyValue.KeyWatcher, each_within: float) -> AsyncGenerator[KeyValue.Entry, None]:

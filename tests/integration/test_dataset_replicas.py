@@ -32,7 +32,7 @@ from nats.js import api as js_api
 
 from libs import members as members_module
 from libs import natsauth, subjects
-from libs.bus import ACK_WAIT_SECONDS, REPLICA_TTL_SECONDS, Bus, kv_load
+from libs.bus import ACK_WAIT_SECONDS, REPLICA_TTL_SECONDS, Bus, kv_keys, kv_load
 from libs.embedded import LOOPBACK
 from libs.events.common import ObjectMeta
 from libs.events.dataset import Dataset, DatasetApply, DatasetRecord, DatasetSpec, Mount
@@ -342,7 +342,7 @@ async def test_keys_a_replay_no_longer_shows_are_forgotten_and_not_run_again_at_
 
 
 async def _keys(bus: Bus) -> AsyncIterator[str]:
-    for key in sorted(await (await bus.kv(subjects.KV_MEMBERS)).keys()):
+    for key in sorted(await kv_keys(await bus.kv(subjects.KV_MEMBERS))):
         yield key
 
 

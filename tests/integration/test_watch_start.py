@@ -1,25 +1,31 @@
 """A watch's initial entries are all read even when nats-py says "caught up" before them (``libs.bus.WatchStart``),
-on a real nats-server.
+on a real nats-server; so is a listing of a bucket's keys (``kv_keys``).
 
 nats-py puts its None first when the consumer's info says nothing is pending and the subscription has counted no
 message yet; under load the info's reply was read before the messages the server had delivered ahead of it (a CI
 run's marker sweep found no marker). ``late_count`` makes that timing certain: each watch's consumer info is asked
 for once the server has delivered everything, and the subscription's count reads 0 at that moment.
+
+nats-py also puts its None after the first message whose pending count reads 0, and a message's count can read 0
+and grow again while keys are written (nats-io/nats.py#995: ``keys()`` listed part of a bucket). ``early_zeros``
+makes that certain: the messages of the first two keys say nothing is pending after them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from nats.aio.msg import Msg
 from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue
 
 from libs import subjects
-from libs.bus import Bus, Replay, initial_entries, kv_delete, kv_watch
+from libs.bus import Bus, Replay, initial_entries, kv_delete, kv_keys, kv_watch
 from libs.markers import purge_kv_markers
 from tests.helpers import eventually
 
@@ -42,6 +48,22 @@ def late_count(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
     monkeypatch.setattr(subscription, "consumer_info", delivered_first)
     monkeypatch.setattr(subscription, "delivered", property(lambda self: 0))
+    yield
+
+
+@pytest.fixture
+def early_zeros(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The messages of KEYS[0] and KEYS[1] say nothing is pending after them, as a message's count can read while
+    keys are written; KEYS[2]'s says what the server counted."""
+    metadata = Msg.metadata
+
+    def early(self: Msg) -> Msg.Metadata:
+        read = metadata.fget(self)  # type: ignore[attr-defined]
+        if self.subject.endswith((KEYS[0], KEYS[1])):
+            return dataclasses.replace(read, num_pending=0)
+        return read
+
+    monkeypatch.setattr(Msg, "metadata", property(early))
     yield
 
 
@@ -78,9 +100,39 @@ async def test_initial_entries_of_an_empty_bucket_end_at_once(bus: Bus, late_cou
         await watcher.stop()
 
 
-async def test_a_kv_watch_says_caught_up_after_the_initial_entries_then_follows_changes(
-        bus: Bus, late_count: None) -> None:
-    kv = await filled(bus)
+async def test_nats_py_alone_lists_part_of_the_keys_under_early_zeros(bus: Bus, early_zeros: None) -> None:
+    """The timing ``early_zeros`` sets up is the failure: nats-py's ``keys()`` stops at the first early zero."""
+    assert await (await filled(bus)).keys() == [KEYS[0]]
+
+
+async def test_initial_entries_read_past_early_zeros(bus: Bus, early_zeros: None) -> None:
+    watcher = await (await filled(bus)).watchall()
+    try:
+        assert [entry.key async for entry in initial_entries(watcher, 5)] == list(KEYS)
+    finally:
+        await watcher.stop()
+
+
+async def test_kv_keys_lists_every_key_under_early_zeros(bus: Bus, early_zeros: None) -> None:
+    assert await kv_keys(await filled(bus)) == list(KEYS)
+
+
+async def test_kv_keys_lists_every_key_when_the_count_comes_late(bus: Bus, late_count: None) -> None:
+    """nats-py's ``keys()`` answers "no keys" every time under this timing; asking again did not help."""
+    assert await kv_keys(await filled(bus)) == list(KEYS)
+
+
+async def test_kv_keys_leaves_out_deleted_keys_and_of_an_empty_bucket_lists_none(bus: Bus) -> None:
+    kv = await bus.kv(BUCKET)
+    assert await kv_keys(kv) == []
+    await filled(bus)
+    await kv_delete(kv, KEYS[1], None)
+    await kv.purge(KEYS[2])
+    assert await kv_keys(kv) == [KEYS[0]]
+
+
+async def watched_then_changed(kv: KeyValue) -> None:
+    """A ``kv_watch`` of ``kv`` (filled) says caught up after every key, then follows a change."""
     stopping = asyncio.Event()
     items: list[KeyValue.Entry | Replay | None] = []
     watch = kv_watch(kv, stopping)
@@ -96,6 +148,15 @@ async def test_a_kv_watch_says_caught_up_after_the_initial_entries_then_follows_
     finally:
         stopping.set()
         await watch.aclose()
+
+
+async def test_a_kv_watch_says_caught_up_after_the_initial_entries_then_follows_changes(
+        bus: Bus, late_count: None) -> None:
+    await watched_then_changed(await filled(bus))
+
+
+async def test_a_kv_watch_says_caught_up_past_early_zeros_then_follows_changes(bus: Bus, early_zeros: None) -> None:
+    await watched_then_changed(await filled(bus))
 
 
 async def test_a_marker_sweep_finds_the_markers(bus: Bus, late_count: None) -> None:
