@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import compileall
 import os
+import socket
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -19,6 +20,7 @@ from aiobotocore.session import get_session
 from libs.bus import Bus, connect
 from libs.config import NatsSettings, Secret, Settings
 from libs.embedded import (
+    LOOPBACK,
     NatsConfig,
     PortTaken,
     SeaweedConfig,
@@ -84,6 +86,17 @@ class NatsServer:
     def restart(self) -> None:
         self.stop()
         self.start()
+
+
+@pytest.fixture
+def refused_port() -> Iterator[int]:
+    """A loopback port where nothing listens, for the whole test: bound and never listening, so a connection is
+    refused and no other process can take it. A port ``free_port`` found free and let go of could be bound a moment
+    later by another worker's server (the suite runs in 4 processes), which would then answer a test that expects
+    "connection refused"."""
+    with socket.socket() as sock:
+        sock.bind((LOOPBACK, 0))
+        yield int(sock.getsockname()[1])
 
 
 @pytest.fixture

@@ -30,7 +30,6 @@ from libs.cli.main import cli
 from libs.config import NatsSettings, ServiceSettings, Settings
 from libs.crds import shoal_status
 from libs.documents import without_nulls
-from libs.embedded import free_port
 from libs.events import PUBLIC_EVENTS, type_tag
 from libs.events.common import ObjectMeta
 from libs.events.dataset import (
@@ -1459,13 +1458,14 @@ async def test_unanswered_command_times_out(nats_server: NatsServer, bus: Bus) -
     assert result.stderr == "error: demo: no answer from the runtime service within 0.3s (is it running?)\n"
 
 
-async def test_missing_streams_and_unreachable_nats_exit_2_without_traceback(nats_server: NatsServer) -> None:
+async def test_missing_streams_and_unreachable_nats_exit_2_without_traceback(nats_server: NatsServer,
+                                                                            refused_port: int) -> None:
     no_streams = await shoal(nats_server, "delete", "dataset", "demo")
     assert no_streams.exit_code == 2
     assert no_streams.stderr == (f"error: Shoal's streams do not exist on NATS at {nats_server.url}: "
                                  "is `make run` running?\n")
 
-    port = free_port()
+    port = refused_port
     runner = CliRunner()
     unreachable = await asyncio.to_thread(runner.invoke, cli, ["--nats", f"nats://127.0.0.1:{port}", "get", "ds"])
     assert unreachable.exit_code == 2
@@ -1475,10 +1475,10 @@ async def test_missing_streams_and_unreachable_nats_exit_2_without_traceback(nat
 
 
 @pytest.mark.parametrize("timeout", ["inf", "nan", "1e400"])
-def test_a_timeout_that_is_no_number_of_seconds_is_a_usage_error(timeout: str) -> None:
+def test_a_timeout_that_is_no_number_of_seconds_is_a_usage_error(timeout: str, refused_port: int) -> None:
     """click's range let them through: ``inf`` was an OverflowError traceback once a deadline was made whole seconds,
     ``nan`` "cannot reach NATS (no answer within nans)"."""
-    result = CliRunner().invoke(cli, ["--nats", f"nats://127.0.0.1:{free_port()}", "--timeout", timeout, "apply",
+    result = CliRunner().invoke(cli, ["--nats", f"nats://127.0.0.1:{refused_port}", "--timeout", timeout, "apply",
                                       "-f", "-"], input="apiVersion: shoal.io/v1alpha1\nkind: Dataset\n"
                                                         "metadata: {name: a}\nspec: {mounts: [{mountPoint: s3://a/}]}\n")
     assert (result.exit_code, result.stdout) == (2, ""), result.output
@@ -1487,9 +1487,9 @@ def test_a_timeout_that_is_no_number_of_seconds_is_a_usage_error(timeout: str) -
                                               "seconds: give a finite one, such as 30")
 
 
-async def test_an_unreachable_nats_url_without_a_scheme_is_named_without_its_password() -> None:
+async def test_an_unreachable_nats_url_without_a_scheme_is_named_without_its_password(refused_port: int) -> None:
     # nats-py logs in with cli:s3cret@host:port as with nats://cli:s3cret@host:port; the error showed it whole.
-    port = free_port()
+    port = refused_port
     result = await asyncio.to_thread(CliRunner().invoke, cli, ["--nats", f"cli:s3cret@127.0.0.1:{port}", "get", "ds"])
     assert result.exit_code == 2
     assert result.stderr == (f"error: cannot reach NATS at nats://127.0.0.1:{port} (connection refused): "
@@ -1503,8 +1503,8 @@ async def test_an_unreachable_nats_url_without_a_scheme_is_named_without_its_pas
     ("nats://cli:s3cret/x@127.0.0.1:4222",
      "'nats://***@127.0.0.1:4222' is not a server URL (Port could not be cast to integer value); a '/'"),
 ])
-async def test_a_nats_url_that_names_no_server_exits_2_naming_it(url: str, why: str) -> None:
-    urls = f"nats://127.0.0.1:{free_port()},{url}"
+async def test_a_nats_url_that_names_no_server_exits_2_naming_it(url: str, why: str, refused_port: int) -> None:
+    urls = f"nats://127.0.0.1:{refused_port},{url}"
     result = await asyncio.to_thread(CliRunner().invoke, cli, ["--nats", urls, "get", "ds"])
     assert result.exit_code == 2 and result.stdout == "", result.output  # it was a ValueError's traceback
     assert result.stderr.startswith(f"error: --nats: {why}") and result.stderr.count("\n") == 1, result.stderr

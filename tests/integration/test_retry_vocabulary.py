@@ -20,7 +20,6 @@ from nats.js.kv import KeyValue
 
 from libs import reconcile, subjects
 from libs.bus import WATCH_HEARTBEAT_SECONDS, Bus, Conflict, Permanent, RetryLater, kv_load, kv_save, kv_watch
-from libs.embedded import free_port
 from libs.events.agent import InventoryRequest
 from libs.events.common import ObjectMeta, ObjectRef
 from libs.events.dataset import Dataset, DatasetRecord, DatasetSpec, Mount
@@ -189,8 +188,9 @@ async def test_permanent_stops_until_the_key_changes_again(bus: Bus, monkeypatch
         await eventually(script.reached("p", 2), timeout=WAIT, what="the second call")
 
 
-async def test_unreachable_endpoint_is_in_the_status_and_the_sync_retries_later(bus: Bus, nats_server) -> None:
-    closed = f"http://127.0.0.1:{free_port()}"
+async def test_unreachable_endpoint_is_in_the_status_and_the_sync_retries_later(bus: Bus, nats_server,
+                                                                                 refused_port: int) -> None:
+    closed = f"http://127.0.0.1:{refused_port}"
     settings = make_settings(nats_server.url, closed, "k", "s")
     handlers = DatasetHandlers(bus, settings)
     record = DatasetRecord(dataset=Dataset(metadata=ObjectMeta(name="offline"),

@@ -12,7 +12,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-from libs.embedded import free_port
 from tests.helpers import eventually
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -37,8 +36,9 @@ def start_loader(url: str, log: Path) -> subprocess.Popen[bytes]:
         return subprocess.Popen([sys.executable, "-m", "services.loader"], env=env, stdout=out, stderr=out, cwd=ROOT)
 
 
-async def test_a_service_that_never_reached_nats_stops_on_sigterm_and_on_ctrl_c(tmp_path: Path) -> None:
-    url = f"nats://127.0.0.1:{free_port()}"  # nothing listens there
+async def test_a_service_that_never_reached_nats_stops_on_sigterm_and_on_ctrl_c(tmp_path: Path,
+                                                                               refused_port: int) -> None:
+    url = f"nats://127.0.0.1:{refused_port}"  # nothing listens there
     for signum in (signal.SIGTERM, signal.SIGINT):
         log = tmp_path / f"loader-{signum}.log"
         process = start_loader(url, log)

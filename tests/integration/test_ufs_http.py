@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from libs.embedded import LOOPBACK, free_port
+from libs.embedded import LOOPBACK
 from libs.natssecure import TlsFiles, make_certs
 from libs.ufs.base import (
     EndpointUnreachable,
@@ -204,8 +204,8 @@ async def test_a_version_listed_for_another_mount_is_not_this_ones(tmp_path: Pat
             await second.get_range("f", 0, 9, a.etag)
 
 
-async def test_an_unreachable_server_is_retryable() -> None:
-    url = f"http://{LOOPBACK}:{free_port()}/data/"
+async def test_an_unreachable_server_is_retryable(refused_port: int) -> None:
+    url = f"http://{LOOPBACK}:{refused_port}/data/"
     async with HttpObjectStore(HttpLocation(url=url)) as store:
         with pytest.raises(EndpointUnreachable, match="unreachable") as err:
             await listing(store)

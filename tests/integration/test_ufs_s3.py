@@ -17,7 +17,6 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan
 
 from libs.config import Secret
-from libs.embedded import free_port
 from libs.ufs import (
     AccessDenied,
     EndpointUnreachable,
@@ -352,9 +351,8 @@ async def test_bad_credentials_are_access_denied_without_leaking(
 
 
 @pytest.mark.timeout(30)
-async def test_unreachable_endpoint(seaweedfs: SeaweedServer) -> None:
-    # A port we bound and released: nothing listens there, so connecting is refused.
-    endpoint = f"http://127.0.0.1:{free_port()}"
+async def test_unreachable_endpoint(seaweedfs: SeaweedServer, refused_port: int) -> None:
+    endpoint = f"http://127.0.0.1:{refused_port}"
     location = dataclasses.replace(seaweedfs.location("any-bucket"), endpoint_url=endpoint)
     async with S3ObjectStore(location) as store:
         with pytest.raises(EndpointUnreachable) as caught:

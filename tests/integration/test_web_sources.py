@@ -23,7 +23,7 @@ import pytest
 from libs import subjects
 from libs.bus import Bus
 from libs.config import Settings
-from libs.embedded import LOOPBACK, free_port
+from libs.embedded import LOOPBACK
 from libs.events.common import ObjectMeta
 from libs.events.dataset import Dataset, DatasetApply, DatasetRecord, DatasetSpec, Mount
 from libs.events.runtime import Level, Runtime, RuntimeApply, RuntimeSpec, TieredStore
@@ -127,7 +127,7 @@ async def test_files_a_server_sends_with_a_content_encoding_read_as_sent(
 
 
 async def test_bad_web_and_claim_sources_fail_or_are_rejected_with_a_message(
-        bus: Bus, nats_server: NatsServer, tmp_path: Path) -> None:
+        bus: Bus, nats_server: NatsServer, tmp_path: Path, refused_port: int) -> None:
     pvc_root = tmp_path / "claims"
     (pvc_root / "default" / "present").mkdir(parents=True)
     site = tmp_path / "site"
@@ -138,7 +138,7 @@ async def test_bad_web_and_claim_sources_fail_or_are_rejected_with_a_message(
     await facts.start(bus)
     async with WebSource(site) as web, running(lambda stop: dataset_app.run(settings, stop)):
         failing = {
-            "offline": (f"http://{LOOPBACK}:{free_port()}/data/", "unreachable"),
+            "offline": (f"http://{LOOPBACK}:{refused_port}/data/", "unreachable"),
             "loops": (web.url + "loop/", "loops"),
             "missing": (web.url + "nope/", "does not exist"),
             "no-claim": ("pvc://absent/sub", "volume claim 'absent' of namespace 'default' is not mounted"),

@@ -25,3 +25,20 @@ def test_a_port_the_kernel_offers_again_is_not_handed_out_twice(monkeypatch: pyt
 def test_many_ports_are_all_different() -> None:
     ports = [free_port() for _ in range(300)]
     assert len(set(ports)) == len(ports)
+
+
+def test_a_port_free_port_let_go_of_can_be_taken_by_another_process_before_it_is_used() -> None:
+    """Why the tests that need a port where nothing listens use ``refused_port``: another worker's server, binding
+    the port ``free_port`` found free, answers there."""
+    port = free_port()
+    with socket.socket() as server, socket.socket() as client:
+        server.bind((LOOPBACK, port))  # another process's server, a moment later
+        server.listen()
+        client.connect((LOOPBACK, port))  # not refused
+
+
+def test_refused_port_refuses_connections_and_cannot_be_taken(refused_port: int) -> None:
+    with socket.socket() as other, pytest.raises(OSError, match="in use"):
+        other.bind((LOOPBACK, refused_port))
+    with socket.socket() as client, pytest.raises(ConnectionRefusedError):
+        client.connect((LOOPBACK, refused_port))

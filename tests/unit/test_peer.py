@@ -22,7 +22,7 @@ import aiohttp
 import pytest
 
 from libs.blocks import BlockId, checksum
-from libs.embedded import LOOPBACK, free_port
+from libs.embedded import LOOPBACK
 from libs.events.dataset import ManifestEntry
 from libs.events.runtime import CacheWorker
 from libs.ring import owners
@@ -370,8 +370,8 @@ async def test_the_tampering_proxy_passes_good_answers_through(peer: tuple[PeerS
         await proxy.stop()
 
 
-async def test_a_dead_peer_fails_fast_and_is_skipped_a_moment() -> None:
-    url = f"http://{LOOPBACK}:{free_port()}"  # nothing listens there
+async def test_a_dead_peer_fails_fast_and_is_skipped_a_moment(refused_port: int) -> None:
+    url = f"http://{LOOPBACK}:{refused_port}"  # nothing listens there
     client = PeerClient(KEY, "default", "demo")
     try:
         with pytest.raises(PeerError, match=url):
