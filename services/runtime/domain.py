@@ -287,10 +287,24 @@ def validate_runtime(runtime: Runtime) -> list[str]:
                 elif (first := directories.get(normal_path(path))) is not None:
                     errors.append(f"{where}.path {path!r} is already a directory of {first}: two tiers in one "
                                   "directory delete each other's blocks; give each its own")
+                elif nested := _nested_directory(normal_path(path), directories):
+                    errors.append(f"{where}.path {path!r} {nested}: a tier's cache folder would lie in another's, "
+                                  "whose scans and frees take its blocks for their own; give each a directory apart")
                 else:
                     directories[normal_path(path)] = f"{where}.path"
     errors += autoscaling_errors(spec.autoscaling, spec.management.metadata_sync_policy.period_seconds)
     return errors + block_size_errors
+
+
+def _nested_directory(path: str, directories: dict[str, str]) -> str:
+    """How ``path`` (normal) nests with a disk directory already given (``directories``: each with where it was
+    given), or "" when it does not: a directory inside another, or holding one."""
+    for other, where in directories.items():
+        if path.startswith(other.rstrip("/") + "/"):
+            return f"lies inside {other}, a directory of {where}"
+        if other.startswith(path.rstrip("/") + "/"):
+            return f"holds {other}, a directory of {where}"
+    return ""
 
 
 def _quota_list_shares(where: str, level: Level, quota: int, errors: list[str]) -> list[int] | None:

@@ -282,6 +282,26 @@ def test_two_tiers_in_one_directory_are_refused(ssd: str, hdd: str, where: str) 
     assert "two tiers in one directory" in error
 
 
+@pytest.mark.parametrize(("ssd", "hdd", "where", "how"), [
+    ("/mnt/a", "/mnt/a/hdd", "levels[1]", "lies inside /mnt/a, a directory of spec.tieredstore.levels[0].path"),
+    ("/mnt/a/ssd/", "/mnt/b, /mnt//a", "levels[1]",
+     "holds /mnt/a/ssd, a directory of spec.tieredstore.levels[0].path"),
+    ("/mnt/a,/mnt/a/b", "/mnt/h", "levels[0]", "lies inside /mnt/a, a directory of spec.tieredstore.levels[0].path"),
+])
+def test_nested_tier_directories_are_refused(ssd: str, hdd: str, where: str, how: str) -> None:
+    # A tier directory inside another (of another tier, or of the same one) puts one cache folder in the other's
+    # tree: what one scans and frees is the other's. Accepted before; refused now, with where the other one is.
+    error = one_error(make_runtime(Level(mediumtype="SSD", quota="1Gi", path=ssd),
+                                   Level(mediumtype="HDD", quota="2Gi", path=hdd)))
+    assert error.startswith(f"spec.tieredstore.{where}.path ")
+    assert how in error and "give each a directory apart" in error
+
+
+def test_sibling_tier_directories_with_a_common_prefix_are_accepted() -> None:
+    assert validate_runtime(make_runtime(Level(mediumtype="SSD", quota="1Gi", path="/mnt/a"),
+                                         Level(mediumtype="HDD", quota="2Gi", path="/mnt/ab,/mnt/a-b"))) == []
+
+
 @pytest.mark.parametrize("block_size", ["32Ki", "60Ki", "128Mi", "0", "1Gi", 1024])
 def test_block_size_out_of_range(block_size: str | int) -> None:
     error = one_error(make_runtime(block_size=block_size))
