@@ -43,7 +43,7 @@ import msgspec
 import yaml
 
 from libs.events.common import DNS1035_LABEL, DNS1123_LABEL, MAX_LABEL_LENGTH, format_bytes
-from libs.events.dataset import CacheStates, Condition, DatasetSpec, DatasetStatus, RuntimeRef
+from libs.events.dataset import CacheStates, Condition, DatasetSpec, DatasetStatus, NodeCache, RuntimeRef
 from libs.events.operation import UNFINISHED, DataCleanSpec, DataLoadSpec, OperationStatus, Progress
 from libs.events.runtime import RuntimeSpec, RuntimeStatus
 from libs.events.schema import schema_of
@@ -132,6 +132,9 @@ class FluidRuntimeStatus(msgspec.Struct, frozen=True, kw_only=True, rename="came
 # Fluid's ``valueFile`` names the ConfigMap of Helm values its engine installed the runtime with; Shoal installs no
 # Helm release per runtime, and Fluid's ThinRuntime spells that "N/A" (Fluid then infers its default engine).
 NO_VALUE_FILE = "N/A"
+# The key of Fluid's ``cacheStates`` that names the nodes still counting their cached blocks after a restart (a map
+# of strings in Fluid's CRD: a key of Shoal's own passes it); absent when none is.
+COUNTING_STATE = "counting"
 
 
 class WaitingStatus(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omit_defaults=True):
@@ -176,7 +179,7 @@ def fluid_dataset_status(status: DatasetStatus | None) -> FluidDatasetStatus:
         ufs_total=status.ufs_total,
         # "0" once the listing is done (an empty dataset), nothing before the first sync.
         file_num=str(status.file_num) if status.file_num or status.synced_generation else "",
-        cache_states=_cache_states(status.cache_states),
+        cache_states=_cache_states(status.cache_states, status.nodes),
         runtimes=status.runtimes,
         conditions=status.conditions,
         dataset_ref=status.dataset_ref,
@@ -306,8 +309,11 @@ def shoal_status(resource: Resource, status: msgspec.Struct | None) -> dict[str,
     return shown
 
 
-def _cache_states(states: CacheStates) -> dict[str, str]:
-    return {key: value for key, value in msgspec.to_builtins(states).items() if value}
+def _cache_states(states: CacheStates, nodes: list[NodeCache]) -> dict[str, str]:
+    shown = {key: value for key, value in msgspec.to_builtins(states).items() if value}
+    if counting := [node.node for node in nodes if node.counting]:
+        shown[COUNTING_STATE] = " ".join(counting)  # spaced as kubectl shows Shoal's kind's list
+    return shown
 
 
 # --- which types and columns each kind has ---
@@ -326,21 +332,28 @@ def _column(name: str, json_path: str, type_: str = _STRING, priority: int = 0,
     return column
 
 
-_DATASET_COLUMNS = [
-    _column("Ufs Total Size", ".status.ufsTotal", description="Bytes in the under file systems"),
-    _column("Cached", ".status.cacheStates.cached", description="Bytes of the dataset in the cache"),
-    _column("Cache Capacity", ".status.cacheStates.cacheCapacity", description="Quota of the runtime's tiers"),
-    _column("Cached Percentage", ".status.cacheStates.cachedPercentage"),
-    _column("Phase", ".status.phase"),
-    _column("Cache Hit Ratio", ".status.cacheStates.cacheHitRatio", priority=10),
-    _AGE,
-]
-_SHOAL_DATASET_COLUMNS = [
-    *_DATASET_COLUMNS[:-1], _column("Total Files", ".status.fileNum", _INTEGER, priority=10), _AGE,
-]
-_FLUID_DATASET_COLUMNS = [
-    *_DATASET_COLUMNS[:-1], _column("Total Files", ".status.fileNum", priority=10), _AGE,
-]
+# The nodes still counting the blocks on their disk after a restart (``NodeCache.counting``; ``shoal get datasets``
+# marks CACHED "(counting)"): Cached and Cached Percentage grow meanwhile, and are no lost cache. Shoal's status lists
+# its nodes; Fluid's has no such list, so its ``cacheStates`` names them (``COUNTING_STATE``).
+_COUNTING_DESCRIPTION = "Nodes still counting their cached blocks after a restart: Cached grows meanwhile"
+
+
+def _dataset_columns(counting: str, files: str) -> list[dict[str, Any]]:
+    return [
+        _column("Ufs Total Size", ".status.ufsTotal", description="Bytes in the under file systems"),
+        _column("Cached", ".status.cacheStates.cached", description="Bytes of the dataset in the cache"),
+        _column("Cache Capacity", ".status.cacheStates.cacheCapacity", description="Quota of the runtime's tiers"),
+        _column("Cached Percentage", ".status.cacheStates.cachedPercentage"),
+        _column("Counting", counting, description=_COUNTING_DESCRIPTION),
+        _column("Phase", ".status.phase"),
+        _column("Cache Hit Ratio", ".status.cacheStates.cacheHitRatio", priority=10),
+        _column("Total Files", ".status.fileNum", files, priority=10),
+        _AGE,
+    ]
+
+
+_SHOAL_DATASET_COLUMNS = _dataset_columns(".status.nodes[?(@.counting==true)].node", _INTEGER)
+_FLUID_DATASET_COLUMNS = _dataset_columns(f".status.cacheStates.{COUNTING_STATE}", _STRING)
 _SHOAL_RUNTIME_COLUMNS = [
     _column("Ready", ".status.workerNumberReady", _INTEGER, description="Cache workers ready"),
     _column("Desired", ".status.desiredWorkerNumberScheduled", _INTEGER, priority=10),

@@ -461,7 +461,9 @@ DATASET_STATUS = DatasetStatus(
     phase="Bound", ufs_total="13.33GiB", ufs_total_bytes=14_312_000_000, file_num=1_281_167,
     cache_states=CacheStates(cache_capacity="306.00GiB", cached="6.67GiB", cached_percentage="50.0%",
                              cache_hit_ratio="87.5%", local_hit_ratio="80.0%", remote_hit_ratio="7.5%"),
-    nodes=[NodeCache(node="node-1", cached_bytes=7_160_000_000, local_read_bytes=10)],
+    # node-2 restarted and still counts its blocks: the Counting column names it (it had no mark before).
+    nodes=[NodeCache(node="node-1", cached_bytes=7_160_000_000, local_read_bytes=10),
+           NodeCache(node="node-2", cached_bytes=1_000, counting=True)],
     runtimes=[RuntimeRef(name="imagenet", namespace="ml")], conditions=[CONDITION], synced_generation=1,
     last_sync_time=CREATED,
 )
@@ -479,7 +481,7 @@ OPERATION_STATUS = OperationStatus(
                               nodes=[NodeProgress(node="node-1", bytes_done=100, bytes_total=100)]),
 )
 DATASET_COLUMNS = {"Ufs Total Size": "13.33GiB", "Cached": "6.67GiB", "Cache Capacity": "306.00GiB",
-                   "Cached Percentage": "50.0%", "Phase": "Bound", "Cache Hit Ratio": "87.5%",
+                   "Cached Percentage": "50.0%", "Counting": "node-2", "Phase": "Bound", "Cache Hit Ratio": "87.5%",
                    "Total Files": "1281167", "Age": CREATED}
 RUNTIME_COLUMNS = {"Ready": "2", "Desired": "3", "Cache Capacity": "306.00GiB", "Phase": "PartialReady",
                    "Age": CREATED}
@@ -605,7 +607,8 @@ def test_fluid_dataset_status_keeps_fluids_names_and_spells_the_file_count_as_a_
     assert status == {
         "phase": "Bound", "ufsTotal": "13.33GiB", "fileNum": "1281167",
         "cacheStates": {"cacheCapacity": "306.00GiB", "cached": "6.67GiB", "cachedPercentage": "50.0%",
-                        "cacheHitRatio": "87.5%", "localHitRatio": "80.0%", "remoteHitRatio": "7.5%"},
+                        "cacheHitRatio": "87.5%", "localHitRatio": "80.0%", "remoteHitRatio": "7.5%",
+                        "counting": "node-2"},
         "runtimes": [{"name": "imagenet", "namespace": "ml", "category": "Accelerate", "type": "shoal"}],
         "conditions": [{"type": "Ready", "status": "True", "reason": "Synced", "lastTransitionTime": CREATED}],
     }
