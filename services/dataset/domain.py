@@ -811,14 +811,15 @@ def percentage(part: int, whole: int) -> str:
 
 
 def cache_states(cache: DatasetInventory, ufs_total_bytes: int) -> CacheStates:
-    """The dataset's cache over every node. ``cached`` is what every node holds, summed (what the cache costs: a
-    block two nodes hold counts twice); ``cachedPercentage`` is the share of the dataset that is in the cache, as
-    Fluid means it: the scheduler's count of the bytes cached with each block once, moved by what the same sum
-    gained since it (``unique_cached_bytes``), else, before the scheduler said it, the sum (capped at 100 %). Both
-    come from the one sum of this fold, so they move together. Reads split as Fluid's: ``localHitRatio`` from the
-    reading node's own tiers, ``remoteHitRatio`` from another node's cache (a peer), the rest from the store;
-    ``cacheHitRatio`` is local and remote together. Bytes since each node's mount process started. A DataLoad's
-    store fetches (``loadedBytes``) are no read: warming a dataset leaves its hit ratios as its readers made them."""
+    """The dataset's cache over every node. ``cached`` is what every node holds, summed (what the cache costs: a block
+    two nodes hold counts twice); ``cachedPercentage`` is the share of the dataset that is in the cache, as Fluid
+    means it: the scheduler's count of the bytes cached with each block once, moved by what the same sum gained
+    since it, at the count's share of unique bytes (``unique_cached_bytes``), else, before the scheduler said it,
+    the sum (capped at 100 %). Both come from the one sum of this fold, so they move together. Reads split as
+    Fluid's: ``localHitRatio`` from the reading node's own tiers, ``remoteHitRatio`` from another node's cache (a
+    peer), the rest from the store; ``cacheHitRatio`` is local and remote together. Bytes since each node's mount
+    process started. A DataLoad's store fetches (``loadedBytes``) are no read: warming a dataset leaves its hit
+    ratios as its readers made them."""
     counters = [node.counters for node in cache.nodes.values()]
     cached = sum(c.cached_bytes for c in counters)
     capacity = sum(c.capacity_bytes for c in counters)
@@ -846,11 +847,22 @@ def unique_cached_bytes(cache: DatasetInventory, cached: int) -> int:
     block on two nodes the percentage is ``cached`` over the size, whatever the scheduler's lag. Never more than
     ``cached`` (a node that evicted everything is seen here a moment before the scheduler's next figure, or its
     figures dropped with its agent gone a moment before the scheduler's sweep); ``cached`` itself while the scheduler
-    has not said it. A figure without the scheduler's sum (from before the field) is taken as it is."""
+    has not said it. A figure without the scheduler's sum (from before the field) is taken as it is.
+
+    The bytes gained count at the share of unique bytes in the scheduler's figure (its count over the nodes' sum
+    then): with blocks on two nodes (a DataLoad with ``replicas: 2``) half of what the nodes gain is new blocks, the
+    rest their copies. Counted whole, the percentage ran ahead of the dataset's share in the cache until the
+    scheduler's next figure (a replicated load shown at 100 % when 60 % of it was cached). With no block on two nodes
+    the share is 1, as before; a figure of nothing cached (no share known yet) counts the gain whole."""
     if cache.unique is None:
         return cached
-    gained = max(0, cached - cache.unique.nodes_bytes) if cache.unique.nodes_bytes is not None else 0
-    return min(cache.unique.bytes + gained, cached)
+    known, nodes_bytes = cache.unique.bytes, cache.unique.nodes_bytes
+    if nodes_bytes is None:
+        return min(known, cached)
+    gained = max(0, cached - nodes_bytes)
+    # Integer arithmetic (no float rounding); never more than 1, even if the figure counted more than the sum.
+    new_blocks = gained * min(known, nodes_bytes) // nodes_bytes if nodes_bytes > 0 else gained
+    return min(known + new_blocks, cached)
 
 
 def cache_fact_errors(fact: DatasetCacheObserved) -> list[str]:

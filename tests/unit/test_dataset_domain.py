@@ -1087,14 +1087,15 @@ def test_cached_and_the_cached_percentage_agree_while_the_schedulers_figure_is_b
     assert cache_states(node_a(counted, 2, 70), ufs_total_bytes=100).cached_percentage == "70.0%"
     assert cache_states(node_a(counted, 2, 10), ufs_total_bytes=100).cached_percentage == "10.0%"  # evicted
 
-    # Half of the dataset on both nodes (``replicas: 2``): 100 bytes held, 50 of the dataset. node-b caches 20 new
-    # bytes: 70 % until the scheduler says more (it publishes when either figure moves); an eviction of copies is
-    # never counted above what the nodes hold.
+    # Half of the dataset on both nodes (``replicas: 2``): 100 bytes held, 50 of the dataset. node-b caches 20
+    # bytes: at the figure's share of copies (each block on two nodes), 10 of them new blocks, 60 % until the
+    # scheduler says more (it publishes when either figure moves); an eviction of copies is never counted above
+    # what the nodes hold.
     both = with_unique_cached(two_nodes(CacheCounters(cached_bytes=50), CacheCounters(cached_bytes=50)),
                               msgspec.structs.replace(fact, unique_cached_bytes=50, nodes_cached_bytes=100), 4)
     grown, _ = fold(both, InventoryDelta(node="node-b", dataset=ObjectRef(name="d"), incarnation="i", seq=2,
                                          counters=CacheCounters(cached_bytes=70)), track_blocks=False)
-    assert (cache_states(grown, 100).cached, cache_states(grown, 100).cached_percentage) == ("120B", "70.0%")
+    assert (cache_states(grown, 100).cached, cache_states(grown, 100).cached_percentage) == ("120B", "60.0%")
     assert cache_states(node_a(both, 2, 0), 100).cached_percentage == "50.0%"
     # A fact from a scheduler older than the sum is taken as it is, never above the nodes' sum.
     older = with_unique_cached(midway, msgspec.structs.replace(fact, nodes_cached_bytes=None), 5)
@@ -1102,6 +1103,23 @@ def test_cached_and_the_cached_percentage_agree_while_the_schedulers_figure_is_b
     refused = cache_fact_errors(msgspec.structs.replace(fact, nodes_cached_bytes=-1))
     assert refused == ["nodesCachedBytes must not be negative, got -1"]
     assert msgspec.json.decode(msgspec.json.encode(counted), type=DatasetInventory) == counted
+
+
+def test_a_replicated_load_is_not_shown_ahead_of_the_share_of_the_dataset_cached() -> None:
+    """A DataLoad with ``replicas: 2`` of a 100-byte dataset, each block loaded on both nodes: the scheduler's figure
+    says 30 bytes of the dataset (60 held) and comes at most once a second, while each node's inventory moves at
+    once. With both nodes at 50 (60 % of the dataset, 100 held) the percentage read 70 %, and at 80 each (80 %) it
+    read 100 % until the scheduler's next figure: the gain was counted as new blocks, copies too."""
+    fact = DatasetCacheObserved(name="d", namespace="default", unique_cached_bytes=30, nodes_cached_bytes=60, nodes=2)
+    for held, shown in ((30, "30.0%"), (50, "50.0%"), (80, "80.0%"), (100, "100.0%")):
+        counted = with_unique_cached(two_nodes(CacheCounters(cached_bytes=held), CacheCounters(cached_bytes=held)),
+                                     fact, sequence=3)
+        assert counted is not None
+        assert cache_states(counted, ufs_total_bytes=100).cached_percentage == shown, held
+    # Without copies (replicas: 1, blocks spread over the nodes) the gain is new blocks whole, as before.
+    single = msgspec.structs.replace(fact, unique_cached_bytes=60)
+    counted = with_unique_cached(two_nodes(CacheCounters(cached_bytes=45), CacheCounters(cached_bytes=45)), single, 3)
+    assert counted is not None and cache_states(counted, ufs_total_bytes=100).cached_percentage == "90.0%"
 
 
 def test_hit_ratios_split_local_remote_and_store_reads_over_every_node() -> None:
