@@ -250,6 +250,13 @@ class NodeAgent:
     # from ``unfreed_retry_at`` on (the monotonic clock).
     unfreed: dict[tuple[str, str], list[Level]] = field(default_factory=dict)
     unfreed_retry_at: float = 0.0
+    # The tier directories of mounts stopped for good (their dataset kept) that their runtime's tiers dropped and
+    # whose folders another process held at the stop: each with the tiers it was retired for and those of its last
+    # start (what is kept). The worker that tried again went with the mount, so they are tried every
+    # FREE_RETRY_SECONDS here, from ``retired_left_retry_at`` on (the monotonic clock), until freed, the dataset
+    # mounted again (its new worker takes them from the ledger) or deleted (freed with its cache).
+    retired_left: dict[tuple[str, str], tuple[list[Level], list[Level]]] = field(default_factory=dict)
+    retired_left_retry_at: float = 0.0
     # The tiers every mount was started with, kept in the mount root across restarts (read in ``run``).
     ledger: TierLedger = field(default_factory=lambda: TierLedger(None))
     # Whether the tiers were searched, at the first look after the watches caught up, for the caches of datasets
@@ -362,6 +369,8 @@ class NodeAgent:
                 await self._free_retired(unwanted)  # stopped before it mounted on its new tiers
                 if exists and unwanted.levels:
                     self.left_caches[ref] = LeftCache(unwanted.levels, unwanted.incarnation)
+                if exists and unwanted.retired:  # another process held a folder: tried again below, not forgotten
+                    self._leave_retired(ref, unwanted.retired, unwanted.levels)
             if not exists:
                 await self._free_cache(*ref, levels=unwanted.levels or None)
         for ref, left in list(self.left_caches.items()):
@@ -376,9 +385,11 @@ class NodeAgent:
                 del self.unfreed[ref]
                 if ref not in wanted and ref not in self.workers:  # mounted again: the new mount's folder now
                     await self._free_cache(*ref, levels=levels)
+        await self._free_retired_left(now)
         for namespace, name in sorted(wanted):
             worker = self.workers.get((namespace, name))
             if worker is None:
+                self.retired_left.pop((namespace, name), None)  # the new worker takes them from the ledger (below)
                 path = domain.mountpoint(self.settings.agent.mount_root, namespace, name)
                 status_file = os.path.join(self.status_dir, f"{namespace}.{name}.json")
                 slot = budget.free_slot(w.budget_slot for w in self.workers.values())
@@ -481,6 +492,29 @@ class NodeAgent:
         # deleted dataset's cache (``unfreed``): that process may die without freeing them.
         worker.retired = [*retired, *(level for level in worker.retired if level not in retired)]
         worker.retired_retry_at = time.monotonic() + FREE_RETRY_SECONDS
+
+    def _leave_retired(self, ref: tuple[str, str], retired: list[Level], levels: list[Level]) -> None:
+        """Keep the retired tiers of a mount stopped for good, whose folders another process held, for a try every
+        FREE_RETRY_SECONDS (``_free_retired_left``)."""
+        if not self.retired_left:
+            self.retired_left_retry_at = time.monotonic() + FREE_RETRY_SECONDS
+        self.retired_left[ref] = (list(retired), list(levels))
+
+    async def _free_retired_left(self, now: float) -> None:
+        """Try again to free the retired tiers of mounts stopped for good (``retired_left``): the process that held
+        a folder (one that outlived an earlier agent) tells nobody when it lets go, so each is tried every
+        FREE_RETRY_SECONDS, and freed that long at most after its holder let go. Those freed meanwhile with their
+        dataset's cache (deleted: ``_free_cache`` frees what the ledger keeps as retired) are forgotten here."""
+        if not self.retired_left or now < self.retired_left_retry_at:
+            return
+        self.retired_left_retry_at = now + FREE_RETRY_SECONDS
+        for ref, (retired, levels) in list(self.retired_left.items()):
+            if ref in self.workers or ref not in self.ledger.retired:
+                del self.retired_left[ref]  # mounted again (its worker has them), or freed with the cache
+                continue
+            if await self._free_directories(*ref, domain.retired_directories(retired, levels), said_in_use=True):
+                del self.retired_left[ref]
+                await asyncio.to_thread(self.ledger.retired_freed, ref)
 
     async def _free_directories(self, namespace: str, name: str, directories: list[str],
                                 said_in_use: bool = False) -> bool:

@@ -170,3 +170,28 @@ async def test_a_dropped_tiers_folder_held_by_another_process_is_tried_again_whi
     worker.retired_retry_at = 0.0
     await agent.reconcile()
     assert not folder.exists() and REF not in agent.ledger.retired and not worker.retired
+
+
+async def test_a_dropped_tiers_folder_held_when_its_mount_stops_for_good_is_freed_once_let_go(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The runtime's tiers moved to another directory; the old one's folder is held by a mount process that outlived
+    # an earlier agent, and the dataset's mount then stops for good (unbound past its grace, the dataset kept). The
+    # worker that was to try again went with the mount, so the blocks stayed on disk, in no tier's quota, until the
+    # agent's next start or the dataset's delete, however soon the holder let go.
+    agent, folder = agent_with_cache(tmp_path, "first")
+    worker = agent.workers[REF]
+    worker.retired = list(worker.levels)
+    worker.levels = [Level(mediumtype="SSD", quota="1Mi", path=str(tmp_path / "ssd2"))]
+    agent.ledger.record(REF, worker.levels, worker.retired, "first")
+    monkeypatch.setattr(app, "FREE_RETRY_SECONDS", 0.0)  # each look is a retry: what is asked is that one comes
+    old_mount = DiskTier(folder, 1 << 20)
+    assert old_mount.hold()
+    await agent.reconcile()
+    assert REF not in agent.workers and REF in agent.left_caches  # stopped for good, its dataset kept
+    assert folder.is_dir() and agent.ledger.retired.get(REF)  # left to the holder, in the ledger
+    await agent.reconcile()
+    assert folder.is_dir()  # still held
+    old_mount.release()  # the holder let go (it stopped without freeing them)
+    await agent.reconcile()
+    assert not folder.exists() and REF not in agent.ledger.retired
+    assert agent.ledger.caches.get(REF) == worker.levels  # the cache kept for the dataset is untouched
