@@ -220,6 +220,17 @@ class MountReadFailures(msgspec.Struct, frozen=True, kw_only=True, rename="camel
     files: list[ReadFailure] = []
 
 
+class TierDisk(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omit_defaults=True):
+    """The file system of one disk tier directory on the node (``statvfs`` of it, or of its nearest folder that
+    exists while the cache has not made it yet): what the runtime service weighs the tier's quota against."""
+
+    # The directory as the runtimes' tiers name it, written one way (``libs.hostpaths.normal_path``).
+    path: str
+    # Bytes of the file system, and those free for an unprivileged writer (``f_bavail``), when the beat was made.
+    size_bytes: int = 0
+    free_bytes: int = 0
+
+
 class MountGroup(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omit_defaults=True):
     """The mounts of one namespace in the same state with the same message, each dataset named once: what a
     heartbeat carries per dataset is its name and its peer port, so a node with thousands of mounts still beats
@@ -276,6 +287,9 @@ class AgentHeartbeat(Event, frozen=True, kw_only=True, tag="agent.heartbeat.v1",
     # (``AgentRecord.conflict_at``); a restart makes a new one and never goes back to the old. Empty: an agent
     # before it (never flagged).
     instance: str = ""
+    # The file system under each disk tier directory of the runtimes the agent serves (at most
+    # ``services.agent.domain.TIER_DISKS_SHOWN``, by path). Absent from agents before it: quotas not weighed.
+    tier_disks: list[TierDisk] = []
 
     def serves(self, namespace: str, name: str) -> bool:
         """Whether the node serves the runtime ``namespace/name``."""

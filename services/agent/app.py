@@ -73,6 +73,7 @@ from libs.events.agent import (
     AgentHeartbeat,
     MountReadFailures,
     MountReport,
+    TierDisk,
     group_mounts,
     mount_problem,
     peer_url,
@@ -949,8 +950,11 @@ class NodeAgent:
         by_mount = self.mount_problems()
         problems = [problem for found in by_mount.values() for problem in found]
         self.export_cache_dirs()
+        levels = [record.runtime.spec.tieredstore.levels for record in self.runtimes.values.values()
+                  if domain.serves(record, agent.runtimes)]
+        disks = await asyncio.to_thread(tier_disks, domain.tier_disk_directories(levels))
         beat = AgentHeartbeat(
-            node=agent.node_name,
+            node=agent.node_name, tier_disks=disks,
             runtimes=[ObjectRef(name=name, namespace=namespace) for namespace, name in served],
             all_runtimes=not agent.runtimes,
             healthy=not problems, mount_health=True, problems=domain.capped_problems(problems), sent_at=self.clock(),
@@ -968,6 +972,24 @@ class NodeAgent:
             else:
                 log.info("heartbeat under the event limit again: every mount in it", mounts=beat.mount_count())
         await self.bus.publish(subjects.agent_heartbeat(agent.node_name), beat)
+
+
+def tier_disks(directories: list[str]) -> list[TierDisk]:
+    """The file system of each tier directory: ``statvfs`` of the directory, or of its nearest folder that exists (a
+    cache makes its directory at its first start, on the file system of that folder). One that cannot be read is
+    left out: the runtime service then weighs nothing for it."""
+    found = []
+    for directory in directories:
+        path = directory
+        while not os.path.isdir(path) and path != os.path.dirname(path):
+            path = os.path.dirname(path)
+        try:
+            fs = os.statvfs(path)
+        except OSError:
+            continue
+        found.append(TierDisk(path=directory, size_bytes=fs.f_blocks * fs.f_frsize,
+                              free_bytes=fs.f_bavail * fs.f_frsize))
+    return found
 
 
 async def run(settings: Settings, stop: asyncio.Event, child_env: dict[str, str] | None = None,

@@ -159,6 +159,17 @@ def disk_directories(levels: Iterable[Level]) -> list[str]:
     return list(found)
 
 
+# Disk tier directories whose file systems a heartbeat reports (``AgentHeartbeat.tierDisks``): ~80 bytes each, so
+# the beat stays far under the event limit however many runtimes the agent serves; the first by path.
+TIER_DISKS_SHOWN = 64
+
+
+def tier_disk_directories(levels: Iterable[Sequence[Level]]) -> list[str]:
+    """The disk tier directories of the served runtimes' ``levels`` whose file systems the heartbeat reports, by
+    path, ``TIER_DISKS_SHOWN`` at most."""
+    return sorted({directory for tiers in levels for directory in disk_directories(tiers)})[:TIER_DISKS_SHOWN]
+
+
 def retired_directories(retired: Iterable[Level], current: Sequence[Level]) -> list[str]:
     """The tier directories a mount's earlier tiers (``retired``: those of the processes stopped for a change of
     tiers since) named and its ``current`` ones do not: where it left blocks nobody will read or count. A directory

@@ -552,6 +552,29 @@ def ineligible_reason(node: str, labels: Mapping[str, str], placement: Placement
     return conflict.reason if conflict is not None else None
 
 
+def quota_over_disk(runtime: Runtime, beat: AgentHeartbeat) -> str | None:
+    """Why the node's disks cannot hold the runtime's tiers, or None: a disk tier directory whose quota (its share
+    of the tier's, or its ``quotaList`` entry) is more than the whole file system the node's agent reports under it
+    (``AgentHeartbeat.tierDisks``). Such a tier fills the disk long before its watermarks evict: its writes then
+    fail, and so do those of everything else on that disk. Not weighed for a directory the agent did not report
+    (an agent before the field, a directory it could not read)."""
+    disks = {disk.path: disk for disk in beat.tier_disks}
+    for index, level in enumerate(runtime.spec.tieredstore.levels):
+        if level.mediumtype == "MEM":
+            continue
+        try:
+            quotas = directory_quotas(level)
+        except ValueError:
+            continue  # refused at apply
+        for directory, quota in quotas:
+            disk = disks.get(normal_path(directory))
+            if disk is not None and 0 < disk.size_bytes < quota:
+                return (f"spec.tieredstore.levels[{index}] gives {directory} a quota of {format_bytes(quota)}, more "
+                        f"than its file system on this node ({format_bytes(disk.size_bytes)}, "
+                        f"{format_bytes(disk.free_bytes)} free): lower the quota, or give a larger disk")
+    return None
+
+
 @dataclass(frozen=True)
 class SharingConflict:
     """Exclusive placement keeps an agent from the runtime: it is ``other``'s worker, and ``other`` (when
@@ -649,7 +672,8 @@ def choose_workers(runtime: Runtime, current: Sequence[CacheWorker], agents: Map
         if node not in reasons:
             beat = agents[node].heartbeat
             reasons[node] = (missing or node_conflict(agents[node], now)
-                             or ineligible_reason(node, beat.labels, placement, others, node in current_nodes))
+                             or ineligible_reason(node, beat.labels, placement, others, node in current_nodes)
+                             or quota_over_disk(runtime, beat))
         return reasons[node]
 
     # Whether a worker has no record to judge it by, and is kept all the same (see ``keep_absent``).

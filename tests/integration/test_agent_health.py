@@ -185,3 +185,33 @@ async def test_a_cache_directory_down_makes_the_node_unhealthy_only_for_its_own_
         assert well.status.phase == "Ready" and well.status.ready_nodes == [NODE], well.status
         assert well.status.cache_capacity_bytes > 0
         assert str(dataset_cache) not in well.status.message
+
+
+async def test_a_tier_quota_larger_than_the_nodes_disk_is_said_and_the_node_not_picked(
+        bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path) -> None:
+    # A runtime could ask a tier quota of 1Pi on a disk of a few GiB and have the node picked as its cache worker:
+    # the tier fills the disk long before its watermarks evict. The agent now reports the file system under each
+    # tier directory in its heartbeat, and the runtime service does not pick a node whose disk is smaller, saying why.
+    await put_objects(seaweedfs, bucket, {"a.bin": b"a" * 1000})
+    async with node_stack(bus, settings, seaweedfs, tmp_path) as node:
+        await node.apply("huge", bucket, ssd="1Pi")
+
+        async def beat_with_disk() -> AgentHeartbeat | None:
+            beat = await last_beat(bus)
+            return beat if beat is not None and beat.tier_disks else None
+
+        beat = await eventually(beat_with_disk, 15, "a heartbeat with the tier directory's file system")
+        fs = os.statvfs(node.cache_dir if node.cache_dir.is_dir() else node.cache_dir.parent)
+        [disk] = beat.tier_disks
+        assert (disk.path, disk.size_bytes) == (str(node.cache_dir), fs.f_blocks * fs.f_frsize)
+        assert 0 < disk.free_bytes <= disk.size_bytes
+
+        async def not_picked() -> RuntimeRecord | None:
+            record = await runtime_record(node.bus, "huge")
+            return record if record is not None and record.status.not_picked else None
+
+        record = await eventually(not_picked, 15, "the runtime saying why the node is no cache worker")
+        assert record.status.workers == [] and [entry.node for entry in record.status.not_picked] == [NODE]
+        reason = record.status.not_picked[0].reason
+        assert f"gives {node.cache_dir} a quota of 1.00PiB, more than its file system on this node" in reason
+        assert "more than its file system" in record.status.message, record.status.message

@@ -18,11 +18,13 @@ from libs.events.agent import (
     MountReport,
     MountState,
     ReadFailure,
+    TierDisk,
 )
 from libs.events.common import ObjectMeta, ObjectRef
 from libs.events.dataset import Condition
 from libs.events.runtime import (
     AutoscalingPolicy,
+    CacheWorker,
     Level,
     NotPicked,
     Runtime,
@@ -917,6 +919,36 @@ def test_a_status_and_its_fact_stay_under_the_event_limit_with_3000_agents_of_lo
     fact = RuntimeStatusChanged(name="imagenet", namespace="default", generation=1, status=fact_status(status))
     assert len(msgspec.json.encode(fact)) <= Settings().service.max_event_bytes
     assert fact.status.ready_nodes == sorted(nodes)[:READY_NODES_IN_FACT] and fact.status.ready_node_count == 3000
+
+
+def test_a_node_whose_disk_is_smaller_than_a_tier_quota_is_no_cache_worker() -> None:
+    # A 10Ti quota on nodes with a 50Gi disk was accepted and the nodes picked: the tier filled the disk long before
+    # its watermarks evicted. Agents report the file system under each tier directory; such a node is not picked
+    # (a worker loses its seat), said per node in notPicked and in the message.
+    runtime = make_runtime(Level(mediumtype="SSD", quota="10Ti", path="/mnt/ssd/"), replicas=2)
+
+    def with_disk(node: str, size: int, free: int) -> AgentRecord:
+        record = agent(node)
+        disks = [TierDisk(path="/mnt/ssd", size_bytes=size, free_bytes=free), TierDisk(path="/other", size_bytes=1)]
+        return msgspec.structs.replace(record, heartbeat=msgspec.structs.replace(record.heartbeat, tier_disks=disks))
+
+    agents = [with_disk("node-a", 50 * GiB, 20 * GiB), with_disk("node-b", 20 * 1024 * GiB, 10 * GiB),
+              agent("node-c")]  # node-c: an agent from before tierDisks, not weighed
+    record = RuntimeRecord(runtime=runtime, generation=1,
+                           status=RuntimeStatus(workers=[CacheWorker(node="node-a")]))
+    status = runtime_status(record, agents, NOW, Placement(found=True))
+    assert [worker.node for worker in status.workers] == ["node-b", "node-c"]
+    reason = ("spec.tieredstore.levels[0] gives /mnt/ssd/ a quota of 10.00TiB, more than its file system on this "
+              "node (50.00GiB, 20.00GiB free): lower the quota, or give a larger disk")
+    assert status.not_picked == [NotPicked(node="node-a", reason=reason)]
+    # quotaList: each directory weighed against its own entry; a quota within the disk is picked as before.
+    fits = make_runtime(Level(mediumtype="SSD", quota="60Gi", quota_list="10Gi,50Gi", path="/mnt/ssd,/mnt/big"),
+                        replicas=1)
+    assert [w.node for w in runtime_status(RuntimeRecord(runtime=fits, generation=1), agents[:1], NOW,
+                                           Placement(found=True)).workers] == ["node-a"]
+    # A heartbeat from an agent before the field still decodes, without disks.
+    old = msgspec.json.encode({"type": "agent.heartbeat.v1", "id": "x", "node": "node-a"})
+    assert msgspec.json.decode(old, type=AgentHeartbeat).tier_disks == []
 
 
 def test_not_picked_lists_a_few_of_each_reason() -> None:
