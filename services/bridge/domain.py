@@ -376,13 +376,16 @@ class Applied(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     # force (the services rejected or gave up on the command) or was answered by a resend (``sent_before``).
     rejection: int = 0
     rejected: bool = False
+    # The commands stream's sequence of the first apply published for this object (this uid): a Shoal record that
+    # took in none since is another object's (``of_earlier_object``). 0: unknown (an entry written before it was kept).
+    first: int = 0
 
 
 def applied(key: ObjectKey, command_id: str, held: frozenset[str] | None = None, sequence: int = 0,
-            rejection: int = 0) -> Applied:
+            rejection: int = 0, first: int = 0) -> Applied:
     return Applied(command_id=command_id, group=key.resource.group, kind=key.resource.kind,
                    namespace=key.namespace, name=key.name, held=None if held is None else tuple(sorted(held)),
-                   sequence=sequence, rejection=rejection)
+                   sequence=sequence, rejection=rejection, first=first)
 
 
 def held_keys(entry: Applied | None) -> frozenset[str]:
@@ -415,13 +418,14 @@ def rejected(entry: Applied, sequence: int) -> Applied:
 
 
 # The operations of a kind in ``kube.EXPIRING_KINDS``.
-def of_deleted_object(record_sequence: int | None, delete_sequence: int) -> bool:
+def of_earlier_object(record_sequence: int | None, first_apply: int) -> bool:
     """Whether Shoal's record under an object's name (``record_sequence``: the commands-stream sequence of the last
-    apply it took in; None: no record) is still the one of an object the bridge deleted since (``delete_sequence``:
-    that delete command's sequence, 0 for none). A Dataset deleted without Shoal's finalizer and made again under its
-    name has its delete and the new object's apply published at once; until the service takes them in, the record,
-    its phase and its files are the deleted object's, not the new one's."""
-    return record_sequence is not None and record_sequence < delete_sequence
+    apply it took in; None: no record) is another, earlier object's: it has taken in none of this object's applies,
+    the first of which is at ``first_apply`` (0: unknown). A Dataset deleted without Shoal's finalizer and made again
+    under its name has its delete and the new object's apply published at once; until the service takes them in,
+    the record, its phase and its files are the deleted object's, not the new one's. Derived from the object's entry
+    in the bridge's bucket, so a restarted bridge tells it as well as the one that published the delete."""
+    return record_sequence is not None and record_sequence < first_apply
 
 
 _EXPIRING_FAMILIES = frozenset(kind.lower() for kind in kube.EXPIRING_KINDS)

@@ -216,11 +216,10 @@ class BridgeHandlers:
     # DataLoads and DataCleans whose operation's removal from Shoal was looked at (``_expire``): the revision of the
     # delete marker, so that each removal costs one read of the key's KV history, not one per pass.
     expiry_checked: dict[ObjectKey, int] = field(default_factory=dict)
-    # The commands-stream sequence of the last delete published for each Shoal record (``domain.record_key``), with
-    # the object it was published for: until the record has taken in a later apply, it is the deleted object's, and
-    # an object made again under the name does not show it (``domain.of_deleted_object``). Dropped once the record
-    # is gone or newer (``_prune_deletes``).
-    delete_sequences: dict[tuple[str, str, str], tuple[ObjectKey, int]] = field(default_factory=dict)
+    # The commands-stream sequence of the first apply published for each object (kept in its bucket entry too, so
+    # a restart knows it): a Shoal record that has taken in none of its applies is an earlier object's, a deleted
+    # one's whose delete the service has not taken in yet, and is not shown on it (``domain.of_earlier_object``).
+    first_applies: dict[ObjectKey, int] = field(default_factory=dict)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock, init=False)
     _tick_failures: int = field(default=0, init=False)
     # Who did not answer a call and why, since the start of the current pass (``_unanswered``): until the next pass,
@@ -312,6 +311,7 @@ class BridgeHandlers:
         self.recorded_events.pop(key, None)
         self.volumes.discard(key)
         self.volume_conflicts.pop(key, None)
+        self.first_applies.pop(key, None)
         held = self.mirrored.pop(key, frozenset()) | domain.held_keys(self._entry(domain.uid_of(obj)))
         if self.published.pop(key, None) is not None:
             # Not through Shoal's finalizer, or not to its end: what is left is done now, or retried (``tick``)
@@ -392,7 +392,8 @@ class BridgeHandlers:
         answered = max(self.rejection_sequences.get(command_id, 0),
                        before.rejection if before is not None and before.command_id == command_id else 0)
         held = domain.mirror_keys(obj) if key.resource.kind == "Dataset" else None
-        await self._save_applied(uid, domain.applied(key, command_id, held, sequence, answered))
+        await self._save_applied(uid, domain.applied(key, command_id, held, sequence, answered,
+                                                     self.first_applies.get(key, 0)))
 
     async def _save_applied(self, uid: str, entry: domain.Applied) -> None:
         assert self.applied is not None
@@ -479,6 +480,7 @@ class BridgeHandlers:
                          holder=str(holder))
             self.invalid[key] = message
             self.published.pop(key, None)
+            self.first_applies.pop(key, None)
             await self._forget_applied(domain.uid_of(obj))  # its delete must never reach the other's record
             return
         if kube.FINALIZER not in domain.finalizers(obj) and not self._family_listed(key):
@@ -513,10 +515,12 @@ class BridgeHandlers:
         if domain.is_deleting(obj):  # deleted since the version this pass acted on: no apply, and no finalizer
             await self._finish_delete(key, obj)
             return
+        entry = self._entry(domain.uid_of(obj))
+        if entry is not None:  # a restart: this object's first apply is known from its entry only
+            self.first_applies[key] = entry.first
         if self._applied_before(obj, command.event.id):
             self.published[key] = command.event.id  # a restart: Shoal has this spec, publishing it again costs writes
             return
-        entry = self._entry(domain.uid_of(obj))
         sequence = await self.bus.publish(command.subject, command.event)
         if entry is not None and entry.command_id == command.event.id and sequence == entry.sequence:
             # A rejected apply sent again within JetStream's duplicate window of its first send: dropped as a
@@ -524,6 +528,7 @@ class BridgeHandlers:
             self.published[key] = command.event.id
             log.info("rejected apply not sent again: within the duplicate window", object=str(key))
             return
+        self.first_applies.setdefault(key, sequence)
         await self._remember_applied(key, obj, command.event.id, sequence)
         self.published[key] = command.event.id
         log.info("applied", object=str(key), command=command.event.id, notes=len(translation.notes))
@@ -589,9 +594,7 @@ class BridgeHandlers:
         else:
             subject, event = subjects.DATACLEAN_DELETE, DataCleanDelete(id=command_id, name=key.name,
                                                                         namespace=key.namespace)
-        sequence = await self.bus.publish(subject, event)
-        record = domain.record_key(key)
-        self.delete_sequences[record] = (key, max(sequence, self.delete_sequences.get(record, (key, 0))[1]))
+        await self.bus.publish(subject, event)
 
     # --- Secrets ---
 
@@ -783,7 +786,6 @@ class BridgeHandlers:
         async with self._lock:
             await self._record_rejections()
             self._prune_rejections()
-            self._prune_deletes()
         # Objects that failed before are tried last, when due (``OBJECT_RETRY``): one whose calls hang then costs
         # the end of a pass, not every other object's turn.
         for key in [k for k in self.pending if k not in self.failures]:
@@ -901,7 +903,8 @@ class BridgeHandlers:
         if self.objects.get(key) is not obj:
             return  # a newer version arrived meanwhile; the next tick handles it
         status = self.mirrors.status_of(key) if record is None else record.status
-        if record is None and self._of_deleted_object(key):
+        if record is None and domain.of_earlier_object(self.mirrors.command_sequence(key),
+                                                       self.first_applies.get(key, 0)):
             status = None  # the record is a deleted object's under this name (its delete not taken in yet)
         refusal = self.refusal(key)
         if (self.published.get(key) is None and refusal is None) or self._holder(key) is not None:
@@ -960,18 +963,6 @@ class BridgeHandlers:
             completed = getattr(status, "completion_time", "")
             await self._record_event(key, obj, domain.event_name(obj, reason, runs, completed), event_type, reason,
                                      message)
-
-    def _of_deleted_object(self, key: ObjectKey) -> bool:
-        deleted = self.delete_sequences.get(domain.record_key(key))
-        return deleted is not None and domain.of_deleted_object(self.mirrors.command_sequence(key), deleted[1])
-
-    def _prune_deletes(self) -> None:
-        """Forget the deletes whose record is gone from Shoal or has taken in a later apply: they hide nothing now."""
-        if not self.mirrors.ready():
-            return
-        for record, (key, _) in list(self.delete_sequences.items()):
-            if not self._of_deleted_object(key):
-                del self.delete_sequences[record]
 
     async def _replaced(self, key: ObjectKey, obj: dict[str, Any]) -> bool:
         """Whether the object under ``key``'s name is no longer ``obj`` (gone, or made again: another uid), read

@@ -28,7 +28,7 @@ from libs.events.dataset import DatasetRecord
 from libs.events.operation import OperationRecord
 from libs.events.runtime import RuntimeRecord
 from services.bridge import handlers as bridge_handlers
-from services.bridge.domain import ObjectKey
+from services.bridge.domain import Applied, ObjectKey
 from services.bridge.handlers import BridgeHandlers, Mirrors, RejectionFact
 from services.dataset import app as dataset_app
 from tests.conftest import NatsServer
@@ -739,3 +739,56 @@ async def test_the_deleted_objects_record_is_not_shown_on_the_object_made_again_
     async with running(lambda halt: dataset_app.run(handlers.settings, halt)):
         await harness.until(lambda: ((harness.get(SHOAL, "demo") or {}).get("status") or {}).get("fileNum") == 2,
                             what="the new object's own status")
+
+
+async def test_a_restarted_bridge_does_not_show_the_deleted_objects_record_on_the_object_made_again(
+        harness: Harness, bus: Bus, tmp_path: Path) -> None:
+    """As above, and the bridge restarts after the old object's delete and the new one's apply are out, while the
+    dataset service has taken in neither: the new process publishes nothing (the new object's apply is in the
+    bridge's bucket) and must still tell that Shoal's record is the deleted object's (before, what said so was in
+    the old process's memory only, and the restarted bridge wrote the deleted object's phase and file count on the
+    new one, and made its volume)."""
+    applied = KvMirror(await bus.kv(subjects.KV_BRIDGE_APPLIED), Applied)
+    task = asyncio.create_task(applied.run())
+    try:
+        await applied.ready.wait()
+        handlers = dataclasses.replace(harness.handlers, applied=applied)
+        harness = dataclasses.replace(harness, handlers=handlers)
+        await harness.first_lists()
+        async with running(lambda halt: dataset_app.run(handlers.settings, halt)):
+            old = await harness.create(SHOAL, "demo", {"mounts": [{"mountPoint": files(tmp_path / "a")}]})
+            await handlers.on_event(SHOAL, "ADDED", old)
+            await harness.until(lambda: ((harness.get(SHOAL, "demo") or {}).get("status") or {}).get("fileNum") == 3,
+                                what="the old object's status")
+        # The dataset service is down from here: the old record stays in Shoal.
+        await handlers.custom.patch_namespaced_custom_object(
+            SHOAL.group, SHOAL.version, "default", SHOAL.plural, "demo", {"metadata": {"finalizers": []}},
+            _content_type=MERGE)  # type: ignore[call-arg]
+        await handlers.custom.delete_namespaced_custom_object(SHOAL.group, SHOAL.version, "default", SHOAL.plural,
+                                                              "demo")
+        await handlers.on_event(SHOAL, "DELETED", old)
+        new = await harness.create(SHOAL, "demo", {"mounts": [{"mountPoint": files(tmp_path / "b", 2)}]})
+        await handlers.on_event(SHOAL, "ADDED", new)
+        key = ObjectKey(SHOAL, "default", "demo")
+        assert key in handlers.published and not handlers.gone  # the old delete and the new apply are out
+
+        # The restart: a new process, with nothing but the bucket and the API server.
+        restarted = BridgeHandlers(bus, handlers.api, handlers.settings, handlers.mirrors, applied=applied)
+        harness = dataclasses.replace(harness, handlers=restarted)
+        applies, stop = await collect(bus, subjects.DATASET_APPLY)
+        for resource in kube.RESOURCES:
+            await restarted.on_listing(resource, None, [harness.get(SHOAL, "demo") or {}] if resource == SHOAL else [])
+        assert restarted.mirrors.status_of(key) is not None  # the old record, not deleted yet
+        for _ in range(3):
+            await restarted.tick()
+        await stop()
+        assert applies == []  # the new object's apply was out before the restart
+        assert "status" not in (harness.get(SHOAL, "demo") or {}), harness.get(SHOAL, "demo")
+        assert key not in restarted.volumes
+
+        async with running(lambda halt: dataset_app.run(restarted.settings, halt)):
+            await harness.until(lambda: ((harness.get(SHOAL, "demo") or {}).get("status") or {}).get("fileNum") == 2,
+                                what="the new object's own status")
+    finally:
+        applied.stop()
+        await task

@@ -109,12 +109,13 @@ def test_a_secret_in_clear_text_gives_no_command_and_a_reason_without_its_value(
         assert not [e for e in translation.errors if "s3cr3t-value" in e or "sig-value" in e]
 
 
-def test_a_record_older_than_a_delete_the_bridge_sent_is_the_deleted_objects() -> None:
-    assert domain.of_deleted_object(record_sequence=7, delete_sequence=9)  # the delete not taken in yet
-    assert domain.of_deleted_object(record_sequence=0, delete_sequence=9)  # a record from before the field
-    assert not domain.of_deleted_object(record_sequence=11, delete_sequence=9)  # the new object's apply taken in
-    assert not domain.of_deleted_object(record_sequence=None, delete_sequence=9)  # the record is gone
-    assert not domain.of_deleted_object(record_sequence=7, delete_sequence=0)  # no delete sent
+def test_a_record_that_took_in_none_of_an_objects_applies_is_an_earlier_objects() -> None:
+    assert domain.of_earlier_object(record_sequence=7, first_apply=9)  # the deleted one's, the new apply not in yet
+    assert domain.of_earlier_object(record_sequence=0, first_apply=9)  # a record from before the field
+    assert not domain.of_earlier_object(record_sequence=9, first_apply=9)  # the object's first apply taken in
+    assert not domain.of_earlier_object(record_sequence=11, first_apply=9)  # a later apply of its taken in
+    assert not domain.of_earlier_object(record_sequence=None, first_apply=9)  # the record is gone
+    assert not domain.of_earlier_object(record_sequence=7, first_apply=0)  # unknown: an entry from before the field
 
 
 def test_mirror_keys_are_flat_checked_and_patched_only_when_changed() -> None:
