@@ -37,6 +37,11 @@ on every watch that asked for them, and
 gives up, as over a connection that died half-open. ``remove_crd(resource)`` makes a custom resource unserved as
 in a cluster without its CRD (its URLs answer 404 NotFound, discovery leaves it out) until ``install_crd``. Not
 served: label and field selectors, PUT, server-side apply.
+
+Namespaces are not objects here, but their deletion is played as the apiserver and its namespace controller do it
+(``delete_namespace``): the namespace is Terminating (a create in it answers 403 Forbidden, with the apiserver's
+message), and every object in it is deleted (those with finalizers get a ``deletionTimestamp`` and stay until their
+finalizers are removed); ``namespace_empty`` says when the namespace would go.
 """
 
 from __future__ import annotations
@@ -145,6 +150,7 @@ class FakeApiServer(KubernetesScaffold):
         self.hang_watches = False  # a watch answers 200 and then sends nothing, ever (a half-open stream)
         self.hang_lists = False  # a list never answers
         self.bookmarks = 0
+        self.terminating: set[str] = set()  # namespaces being deleted (``delete_namespace``)
 
     def _notify(self) -> None:
         """Under ``self.changed``: wake every watch waiting for a change."""
@@ -165,6 +171,18 @@ class FakeApiServer(KubernetesScaffold):
             self.log.clear()
             self.watch_generation += 1
             self._notify()
+
+    async def delete_namespace(self, namespace: str) -> None:
+        """As ``kubectl delete namespace``: no new object in it from now on (403), and its namespace controller
+        deletes every object in it, each as a delete request would (finalizers hold it)."""
+        self.terminating.add(namespace)
+        for group, plural, where, name in [k for k in self.store if k[2] == namespace]:
+            with contextlib.suppress(ApiError):  # gone meanwhile
+                await self._delete(self.kinds[(group, plural)], (group, plural, where, name))
+
+    def namespace_empty(self, namespace: str) -> bool:
+        """Whether the namespace holds no object any more: its controller would remove it now."""
+        return not any(k[2] == namespace for k in self.store)
 
     def fail(self, method: str, path_suffix: str, code: int) -> None:
         """Answer ``code`` to every ``method`` request whose path ends with ``path_suffix``, until ``heal``."""
@@ -325,6 +343,9 @@ class FakeApiServer(KubernetesScaffold):
         else:
             meta.pop("namespace", None)
         key = (kind.group, kind.plural, namespace, meta["name"])
+        if namespace in self.terminating:
+            raise ApiError(403, "Forbidden", f'{kind.plural} "{meta["name"]}" is forbidden: unable to create new '
+                                             f"content in namespace {namespace} because it is being terminated")
         async with self.changed:
             if key in self.store:
                 raise ApiError(409, "AlreadyExists", f'{kind.plural} "{meta["name"]}" already exists')

@@ -124,6 +124,27 @@ async def test_a_delete_with_a_uid_precondition_spares_another_object(api: tuple
     assert server.stored(r.group, r.plural, "default", "a") is None
 
 
+async def test_a_deleted_namespace_deletes_its_objects_and_refuses_new_ones(
+        api: tuple[FakeApiServer, Any]) -> None:
+    server, custom = api
+    r = DATASETS
+    await create(custom, {**dataset("held"), "metadata": {"name": "held", "finalizers": ["x/y"]}}, namespace="team")
+    await create(custom, dataset("free"), namespace="team")
+    await create(custom, dataset("elsewhere"))
+    await server.delete_namespace("team")
+    assert server.stored(r.group, r.plural, "team", "free") is None
+    held = server.stored(r.group, r.plural, "team", "held")
+    assert held is not None and held["metadata"]["deletionTimestamp"] and not server.namespace_empty("team")
+    assert server.stored(r.group, r.plural, "default", "elsewhere") is not None
+    with pytest.raises(ApiException) as refused:
+        await create(custom, dataset("late"), namespace="team")
+    assert refused.value.status == 403 and "being terminated" in str(refused.value.body)
+    await custom.patch_namespaced_custom_object(r.group, r.version, "team", r.plural, "held",
+                                                {"metadata": {"finalizers": []}},
+                                                _content_type=MERGE)  # type: ignore[call-arg]
+    assert server.namespace_empty("team")
+
+
 async def test_faults_end_watches_and_fail_requests(api: tuple[FakeApiServer, Any]) -> None:
     server, custom = api
     created = await create(custom, dataset("a"))

@@ -25,7 +25,7 @@ from prometheus_client import REGISTRY, generate_latest
 
 from libs import bus as bus_module
 from libs import kube, subjects
-from libs.bus import Bus
+from libs.bus import Bus, kv_keys
 from libs.config import KubeSettings, Settings
 from libs.events.agent import AgentHeartbeat
 from libs.events.common import ObjectRef
@@ -211,6 +211,57 @@ async def test_dataset_cr_to_bound_volume_relist_invalid_and_delete(cluster: Clu
     assert any(r.url.path.endswith("/datasets/demo/status") for r in statuses)
     assert all(r.headers.get("Content-Type") == JSON_PATCH and r.data[0]["path"] == "/metadata/uid"
                for r in statuses)
+
+
+async def test_a_namespace_deleted_with_its_objects_leaves_nothing_behind(cluster: Cluster, bus: Bus,
+                                                                         tmp_path: Path) -> None:
+    """``kubectl delete namespace team`` with a Bound Dataset (its volume and claim made), its Runtime and a DataLoad
+    in it: the namespace controller deletes every object at once (each held by Shoal's finalizer), and no new object
+    may be made in the namespace (403). Shoal deletes each, lets each go, and nothing of them is left: no object in
+    the namespace (it can go), no record in Shoal's buckets, no entry in the bridge's, no volume, no key of the
+    namespace's Secret in the secret mirror."""
+    mirror = (kube.SYSTEM_NAMESPACE, "shoal-dataset-secrets")
+    settings = dataclasses.replace(cluster.settings, kube=dataclasses.replace(
+        cluster.settings.kube, secret_mirror="/".join(mirror)))
+    await cluster.core.create_namespaced_secret(mirror[0], client.V1Secret(metadata=client.V1ObjectMeta(
+        name=mirror[1])))
+    await cluster.core.create_namespaced_secret("team", client.V1Secret(
+        metadata=client.V1ObjectMeta(name="creds"), string_data={"secret": "hush"}))
+
+    def mirrored() -> set[str]:
+        return set((cluster.server.stored("", "secrets", *mirror) or {}).get("data") or {})
+
+    async with everything(settings):
+        await cluster.create(SHOAL, "demo", {"mounts": [{"mountPoint": files(tmp_path / "a")}]}, namespace="team")
+        await cluster.create(SHOAL, "secure", {"mounts": [{"mountPoint": "s3://bucket", "encryptOptions": [
+            {"name": "aws.secretKey", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "secret"}}}]}]},
+            namespace="team")
+        await cluster.create(SHOAL_RUNTIME, "demo", {"replicas": 1, "tieredstore": MEM_TIER}, namespace="team")
+        await cluster.create(DATALOAD, "warm", {"dataset": {"name": "demo"}}, namespace="team")
+        await bus.publish(subjects.agent_heartbeat("node-a"), AgentHeartbeat(
+            node="node-a", runtimes=[ObjectRef(name="demo", namespace="team")], sent_at=time.time(),
+            capacity_bytes=2**30))
+        await cluster.status(SHOAL, "demo", "team", phase="Bound")
+        volume_name = kube.volume_name("team", "demo")
+        await eventually(lambda: _get(cluster, "", "persistentvolumeclaims", "team", kube.claim_name("demo")),
+                         what="the dataset's claim")
+        await eventually(lambda: _async(kube.FINALIZER in ((cluster.get(DATALOAD, "warm", "team") or {})
+                                                           .get("metadata") or {}).get("finalizers", [])),
+                         what="the DataLoad accepted")
+        assert mirrored() == {"team.creds.secret"}
+
+        await cluster.server.delete_namespace("team")
+        await eventually(lambda: _async(cluster.server.namespace_empty("team")), what="every object in team gone")
+        assert cluster.server.stored("", "persistentvolumes", None, volume_name) is None
+
+        async def left(bucket: str) -> list[str]:
+            return [key for key in await kv_keys(await bus.kv(bucket)) if "team" in key]
+
+        assert await left(subjects.KV_DATASETS) == []
+        assert await left(subjects.KV_RUNTIMES) == []
+        assert await left(subjects.KV_OPERATIONS) == []
+        assert await kv_keys(await bus.kv(subjects.KV_BRIDGE_APPLIED)) == []
+        assert mirrored() == set()
 
 
 async def test_a_cluster_without_fluids_crds(cluster: Cluster, tmp_path: Path) -> None:
