@@ -10,6 +10,10 @@ and watches the keys of its service. One not heard from for ``REPLICA_TTL_SECOND
 stops cleanly deletes its key, and the others take its keys at once. The bucket drops a key that is not written
 again within the same time, so a replica that starts later never counts a dead one.
 
+A beat also says the largest event the replica decodes (its ``SHOAL_MAX_EVENT_BYTES``): a publisher in another
+process, the CLI, reads the smallest among a service's live replicas (``event_limits``) and refuses a command
+larger than that before sending it, rather than sizing it by its own environment's value.
+
 A beat's age is counted on this process's monotonic clock from when the beat was seen to change: a beat the watch
 delivers as it is written (after the watch's initial values) was heard when it arrived, and no two clocks are
 compared. On a JetStream cluster the KV entries are stamped by whichever server leads the bucket, and a new leader's
@@ -51,9 +55,11 @@ from collections.abc import Callable
 from datetime import datetime
 
 import msgspec
+from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
-from libs.bus import REPLICA_TTL_SECONDS, Replay, kv_watch
+from libs.bus import REPLICA_TTL_SECONDS, Replay, kv_keys, kv_watch
+from libs.events.common import DECODE_ERRORS
 from libs.ring import primary_owner
 from libs.telemetry import get_logger
 
@@ -73,6 +79,8 @@ class Beat(msgspec.Struct, frozen=True):
     replica: str
     host: str
     pid: int
+    # The replica's SHOAL_MAX_EVENT_BYTES (``event_limits``); 0: not said (a replica from before the field).
+    max_event_bytes: int = 0
 
 
 class Members:
@@ -83,8 +91,9 @@ class Members:
 
     def __init__(self, kv: KeyValue, service: str, replica: str, *, beat_seconds: float = BEAT_SECONDS,
                  ttl_seconds: float = REPLICA_TTL_SECONDS, monotonic: Callable[[], float] = time.monotonic,
-                 reconnects: Callable[[], int] | None = None) -> None:
+                 reconnects: Callable[[], int] | None = None, max_event_bytes: int = 0) -> None:
         self.kv = kv
+        self.max_event_bytes = max_event_bytes
         self.service = service
         self.replica = replica
         self.beat_seconds = beat_seconds
@@ -186,7 +195,8 @@ class Members:
             held.pop(replica, None)
 
     async def _beat(self) -> None:
-        beat = msgspec.json.encode(Beat(replica=self.replica, host=socket.gethostname(), pid=os.getpid()))
+        beat = msgspec.json.encode(Beat(replica=self.replica, host=socket.gethostname(), pid=os.getpid(),
+                                        max_event_bytes=self.max_event_bytes))
         while not self._stopping.is_set():
             try:
                 revision = await self.kv.put(self.key, beat)
@@ -249,6 +259,23 @@ class Members:
         self._live = live
         if self.on_change is not None:
             self.on_change()
+
+
+async def event_limits(kv: KeyValue) -> dict[str, int]:
+    """Per service, the smallest ``SHOAL_MAX_EVENT_BYTES`` its live replicas' beats say (the bucket keeps a beat no
+    longer than a replica's TTL, so every beat there is a live replica's); a service none of whose replicas says
+    one is left out."""
+    limits: dict[str, int] = {}
+    for key in await kv_keys(kv):
+        try:
+            entry = await kv.get(key)
+            beat = msgspec.json.decode(entry.value or b"", type=Beat)
+        except (KeyNotFoundError, *DECODE_ERRORS):  # gone meanwhile, or not a beat this process reads
+            continue
+        service = key.partition(".")[0]
+        if beat.max_event_bytes > 0:
+            limits[service] = min(beat.max_event_bytes, limits.get(service, beat.max_event_bytes))
+    return limits
 
 
 def _stamp(created: object) -> float | None:

@@ -256,7 +256,7 @@ def _dead_letters(*consumers: tuple[str, str]) -> list[str]:
 
 def _service(consumers: Iterable[tuple[str, str]], publish: Iterable[str], kv_writes: Iterable[str] = (),
              objects: Literal["", "read", "write"] = "", subscribe: Iterable[str] = (),
-             responses: bool = False, sweeps: Iterable[str] = ()) -> Permissions:
+             responses: bool = False, sweeps: Iterable[str] = (), members: str = "") -> Permissions:
     """A control-plane service: provisions, reads every bucket, runs its durable consumers, writes its buckets;
     ``objects``: "read" or "write" the Object Store (manifests, the loader's plans), "" neither."""
     consumers = list(consumers)
@@ -266,6 +266,8 @@ def _service(consumers: Iterable[tuple[str, str]], publish: Iterable[str], kv_wr
     for bucket in kv_writes:
         allowed += _write_kv(bucket)
     allowed += _sweep_kv(sweeps)
+    if members:  # its replicas' beats (``libs.members``), under their own keys only
+        allowed.append(f"$KV.{subjects.KV_MEMBERS}.{members}.*")
     if objects:
         allowed += _read_objects(subjects.OBJ_MANIFESTS)
     if objects == "write":
@@ -296,7 +298,9 @@ def permissions(kind: str, node: str = "", nodes: Iterable[str] | None = None) -
             # Its autoscaler changes replicas the way `shoal scale` does: a scale command, which changes replicas
             # only (never an apply: it has no spec of its own to send).
             publish=[subjects.RUNTIME_FACTS, subjects.RUNTIME_SCALE],
-            kv_writes=[subjects.KV_RUNTIMES, subjects.KV_AGENTS], sweeps=subjects.SWEPT_BY_RUNTIME)
+            kv_writes=[subjects.KV_RUNTIMES, subjects.KV_AGENTS], sweeps=subjects.SWEPT_BY_RUNTIME,
+            # Its replicas beat in shoal_members, under their own keys only (their event limit, for the CLI).
+            members=subjects.MEMBERS_RUNTIME)
     if kind == LOADER:
         perms = _service(
             consumers=DURABLES[LOADER],
@@ -312,7 +316,7 @@ def permissions(kind: str, node: str = "", nodes: Iterable[str] | None = None) -
                      *(stream_api(verb, stream) for stream in _task_streams(nodes)
                        for verb in ("CREATE", "UPDATE", "INFO", "DELETE"))],
             kv_writes=[subjects.KV_OPERATIONS, subjects.KV_OPERATION_RUNS], objects="write",
-            sweeps=subjects.SWEPT_BY_LOADER)
+            sweeps=subjects.SWEPT_BY_LOADER, members=subjects.MEMBERS_LOADER)
         # Any stream's delete, with the nodes not known: never one of Shoal's own.
         return replace(perms, deny=tuple(stream_api("DELETE", stream) for stream in ALL_STREAMS))
     if kind == SCHEDULER:

@@ -223,6 +223,14 @@ KV_OPERATION_RUNS = "shoal_operation_runs"
 KV_MEMBERS = "shoal_members"
 # The scheduler's replicas' keys there ("scheduler.<replica>"): which replica publishes a dataset's cache facts.
 MEMBERS_SCHEDULER = "scheduler"
+# The replicas of the services that take commands ("<service>.<replica>"); each beat carries the replica's
+# SHOAL_MAX_EVENT_BYTES, so a publisher (the CLI) sizes a command by what the service that handles it takes.
+MEMBERS_DATASET = "dataset"
+MEMBERS_RUNTIME = "runtime"
+MEMBERS_LOADER = "loader"
+# Which service's replicas take each kind of command (``libs.documents.Kind``).
+MEMBERS_OF_KIND = {"dataset": MEMBERS_DATASET, "runtime": MEMBERS_RUNTIME, "dataload": MEMBERS_LOADER,
+                   "dataclean": MEMBERS_LOADER}
 # The bridge's own: the apply command it last published for each custom resource, keyed by the object's uid (so a
 # restart sends only what changed, and finds what was deleted while it was down: services/bridge/README.md).
 KV_BRIDGE_APPLIED = "shoal_bridge_applied"

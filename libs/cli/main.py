@@ -108,6 +108,7 @@ from libs.events.runtime import (
     RuntimeScale,
 )
 from libs.events.schema import export_schemas
+from libs.members import event_limits
 from libs.mounts import exposed_secret_errors
 from libs.paths import target_path_problem
 from libs.telemetry import setup_logging
@@ -253,10 +254,38 @@ class Options:
         return settings
 
     def event_limit(self) -> int:
-        """The largest command the services take, as far as this shell can know: its own SHOAL_MAX_EVENT_BYTES,
-        the services' default unless set. The services publish theirs nowhere; one set higher for them is set here
-        too (a refusal says so), one set lower is their refusal to say."""
+        """This shell's own SHOAL_MAX_EVENT_BYTES (the services' default unless set): the largest command a service
+        takes when none of its live replicas says its own (``service_event_limits``)."""
         return _settings().service.max_event_bytes
+
+
+async def service_event_limits(bus: Bus) -> dict[str, int]:
+    """The largest command each service takes: the smallest SHOAL_MAX_EVENT_BYTES among its live replicas' beats
+    in shoal_members (``libs.members.event_limits``); none for a service whose replicas say none (not running, or
+    from before the beats said it), and none at all where the bucket is not there yet."""
+    try:
+        return await event_limits(await bus.kv(subjects.KV_MEMBERS))
+    except BucketNotFoundError:
+        return {}
+
+
+class _EventLimits:
+    """What ``_read_manifests`` sizes each command by: the limit of the service that takes it, read from NATS once,
+    when a first valid command needs it (a file of errors only needs no NATS); this shell's own where no live
+    replica says one."""
+
+    def __init__(self, options: Options) -> None:
+        self.options = options
+        self.known: dict[str, int] | None = None
+
+    def of(self, kind: Kind) -> int:
+        if self.known is None:
+            self.known = _run(self._read())
+        return self.known.get(subjects.MEMBERS_OF_KIND[kind], self.options.event_limit())
+
+    async def _read(self) -> dict[str, int]:
+        async with session(self.options) as bus:
+            return await service_event_limits(bus)
 
 
 def _settings() -> Settings:
@@ -445,7 +474,8 @@ class Outcome:
 async def send_commands(bus: Bus, commands: Sequence[Command], wait_seconds: float,
                         event_limit: int | None = None) -> list[Outcome]:
     """Publish every command, then wait up to ``wait_seconds`` for the fact answering each (by causationId).
-    ``event_limit``: the largest command the services take (``Options.event_limit``); a larger one sends nothing."""
+    ``event_limit``: the largest command a service takes when none of its live replicas says its own
+    (``Options.event_limit``; None: no check but NATS's); a command larger than its service's sends nothing."""
     loop = asyncio.get_running_loop()
     waiting: dict[str, asyncio.Future[msgspec.Struct]] = {
         command.event.id: loop.create_future() for command in commands
@@ -464,8 +494,10 @@ async def send_commands(bus: Bus, commands: Sequence[Command], wait_seconds: flo
     # through: said before anything is published, not as nats-py's MaxPayloadError. A command too large for the
     # services (``shoal load`` with thousands of --path) would be their refusal after it was published.
     limit = min(MESSAGE_LIMIT, bus.nc.max_payload)
+    limits = await service_event_limits(bus) if event_limit is not None else {}
     if large := [f"{command.resource}: {problem}" for command in commands
-                 if (problem := too_large(command.event, command.source_kind, limit, event_limit))]:
+                 if (problem := too_large(command.event, command.source_kind, limit,
+                                          limits.get(subjects.MEMBERS_OF_KIND[command.kind], event_limit)))]:
         raise CliError("; ".join(large) + "; nothing was sent")
     # Subscribe before publishing, and flush so the server has the interest: a fast service cannot answer
     # before we listen. Core NATS is enough, the fact stream is only needed for a replay.
@@ -551,13 +583,13 @@ def _namespace_given() -> bool:
 
 
 def _read_manifests(sources: Sequence[manifests.ManifestSource], namespace: str,
-                    action: str, enforce: bool = False, event_limit: int | None = None
+                    action: str, enforce: bool = False, event_limit: Callable[[Kind], int] | None = None
                     ) -> tuple[list[Command], list[str], bool]:
     """Commands from every file; prints the errors of invalid documents. Returns (commands, notes, all valid).
 
     ``enforce`` (``-n`` given on the command line): a document naming another namespace is invalid, as in kubectl;
     otherwise ``namespace`` is only that of documents that name none. ``event_limit``: the largest command the
-    services take (``Options.event_limit``)."""
+    service of a kind takes (``_EventLimits.of``)."""
     commands: list[Command] = []
     notes: list[str] = []
     valid = True
@@ -589,7 +621,7 @@ def _read_manifests(sources: Sequence[manifests.ManifestSource], namespace: str,
             # As kubectl refuses an object larger than the API server takes: NATS refuses the message, which was a
             # traceback after the file's earlier objects were applied; the service refuses one over its limit.
             if not exposed and (large := too_large(command.event, command.source_kind, MESSAGE_LIMIT,
-                                                   event_limit)):
+                                                   event_limit(command.kind) if event_limit else None)):
                 errors.append(f"document {command.document} ({command.source_kind} {command.name}): {large}")
             elif not exposed:
                 commands.append(command)
@@ -624,7 +656,7 @@ def apply(options: Options, files: tuple[str, ...], recursive: bool, namespace: 
     """
     _checked_wait_timeout(wait, wait_timeout)
     commands, notes, valid = _read_manifests(_sources(files, recursive), namespace, "apply",
-                                              _namespace_given(), options.event_limit())
+                                              _namespace_given(), _EventLimits(options).of)
     for note in notes:
         click.echo(note, err=True)
     if commands:

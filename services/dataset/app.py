@@ -54,7 +54,7 @@ from services.dataset.sync import StoreOpener
 from services.dataset.watched import WatchedBindings, WatchedPolicies
 
 SERVICE_NAME = "shoal-dataset"
-REPLICAS_OF = "dataset"  # this service's replicas' keys in shoal_members
+REPLICAS_OF = subjects.MEMBERS_DATASET  # this service's replicas' keys in shoal_members
 # Messages fetched, and handled at once in per-dataset lanes (services.dataset.lanes): a burst of thousands of
 # applies moves 256 datasets at a time; well within max_ack_pending (1000). A fetch's messages stay this replica's
 # while they wait their turn (``libs.bus.Consumer``'s working-acks), however long it takes past the ack wait.
@@ -113,7 +113,7 @@ async def run(settings: Settings, stop: asyncio.Event, clock: Callable[[], float
             handlers.observe(entry)
 
         members = Members(await bus.kv(subjects.KV_MEMBERS), REPLICAS_OF, settings.service.replica_name,
-                          reconnects=bus.reconnects)
+                          reconnects=bus.reconnects, max_event_bytes=max_bytes)
         reconciler = Reconciler(await bus.kv(subjects.KV_DATASETS), handlers.sync, bus.reconnects, observe=observe,
                                 owner=members)
         handlers.wake = policies.wake = reconciler.schedule

@@ -34,6 +34,7 @@ from libs.events.dataset import DatasetRecord
 from libs.events.operation import OperationCommand, OperationRecord, TaskProgress
 from libs.events.runtime import RuntimeRecord
 from libs.markers import LOADER_SWEEP, MARKER_SWEEP_SECONDS, MarkerSweeper
+from libs.members import Members
 from libs.service import Periodic, nats_check, run_loops
 from libs.side_server import Readiness
 from services.loader.domain import RunState
@@ -89,7 +90,10 @@ async def run(settings: Settings, stop: asyncio.Event, clock: Callable[[], float
         streams = Periodic("task streams", handlers.prune_task_streams, TASK_STREAMS_SECONDS)
         sweep = Periodic("left-over run states", handlers.sweep, SWEEP_SECONDS)
         markers = Periodic("old delete markers", MarkerSweeper(bus, LOADER_SWEEP).tick, MARKER_SWEEP_SECONDS)
+        # Its beat says the largest command it takes, which the CLI sizes commands by (nothing else reads it here).
+        members = Members(await bus.kv(subjects.KV_MEMBERS), subjects.MEMBERS_LOADER, settings.service.replica_name,
+                          reconnects=bus.reconnects, max_event_bytes=settings.service.max_event_bytes)
         await run_loops([operations, datasets, runs, runtimes, commands, progress, ticker, gauges, streams, sweep,
-                         markers], stop, readiness)
+                         markers, members], stop, readiness)
     finally:
         await bus.close()

@@ -33,6 +33,7 @@ from libs.events.agent import AgentHeartbeat, AgentRecord
 from libs.events.dataset import DatasetRecord
 from libs.events.runtime import RuntimeCommand, RuntimeRecord
 from libs.markers import MARKER_SWEEP_SECONDS, RUNTIME_SWEEP, MarkerSweeper
+from libs.members import Members
 from libs.service import Periodic, StartsWhen, nats_check, run_loops
 from libs.side_server import Readiness
 from services.runtime.handlers import (
@@ -79,12 +80,15 @@ async def run(settings: Settings, stop: asyncio.Event, clock: Callable[[], float
         gauges = Periodic("gauges", handlers.export_gauges, GAUGE_SECONDS)
         autoscaler = Periodic("autoscaler", handlers.autoscale_all, AUTOSCALE_SECONDS)
         markers = Periodic("old delete markers", MarkerSweeper(bus, RUNTIME_SWEEP).tick, MARKER_SWEEP_SECONDS)
+        # Its beat says the largest command it takes, which the CLI sizes commands by (nothing else reads it here).
+        members = Members(await bus.kv(subjects.KV_MEMBERS), subjects.MEMBERS_RUNTIME, settings.service.replica_name,
+                          reconnects=bus.reconnects, max_event_bytes=max_bytes)
         # What reads the mirrors starts once they hold their initial values (it would otherwise wait for them
         # inside a handler or tick, where a stop cannot reach it).
         mirrored = (agents.ready, datasets.ready, runtimes.ready)
         await run_loops([agents, datasets, runtimes, *(StartsWhen(loop, *mirrored) for loop in
                                                       (commands, heartbeats, ticker, placements, autoscaler)), gauges,
-                         markers],
+                         markers, members],
                         stop, readiness)
     finally:
         await bus.close()

@@ -58,6 +58,7 @@ from libs.events.runtime import (
 )
 from libs.events.schema import INDEX_FILE, schema_files
 from libs.kube import SHOAL_RESOURCES
+from libs.members import event_limits
 from services.dataset import app as dataset_app
 from tests.conftest import NatsServer
 from tests.helpers import dataset_record, eventually, running
@@ -1369,17 +1370,52 @@ spec: {{mounts: [{{mountPoint: "local://{tmp_path}"}}]}}
                           "services and here alike")
     assert (await shoal(nats_server, "get", "dataset", "big")).exit_code == 1  # nothing of it was sent
 
-    # Raised here but not for the service: it is sent, and the service's refusal says what to change.
+    # Raised here but not for the service: the service's own limit, in its beat, is what counts (before, it was
+    # sent, and refused by the service after).
     monkeypatch.setenv("SHOAL_MAX_EVENT_BYTES", str(512 * 1024))
     applied = await shoal(nats_server, "apply", "-f", str(manifest))
 
     assert applied.exit_code == 1, applied.output
     [error] = applied.stderr.splitlines()
-    assert error.startswith("error: big rejected: payload of ")
-    assert error.endswith(" bytes exceeds the limit of 262144 bytes (SHOAL_MAX_EVENT_BYTES of the service that "
-                          "handles it): make it smaller (for an object: fewer mounts, mount options, labels or "
-                          "targets, or several objects instead of one), or raise SHOAL_MAX_EVENT_BYTES for that "
-                          "service")
+    assert error.startswith(f"error: {manifest}: document 1 (Dataset big): too large for Shoal: its command would "
+                            "be ")
+    assert " bytes, more than the 262144 the services take (SHOAL_MAX_EVENT_BYTES)" in error
+    assert (await shoal(nats_server, "get", "dataset", "big")).exit_code == 1  # nothing of it was sent
+
+
+async def test_the_cli_sizes_a_command_by_the_services_limit_not_its_own(
+        nats_server: NatsServer, bus: Bus, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The dataset service takes 512 KiB (its SHOAL_MAX_EVENT_BYTES), this shell says nothing (256 KiB, the default):
+    a 300 KB Dataset is sent and made (before, the CLI refused it by its own environment's value); no live replica
+    saying a limit (the runtime service not running), a runtime is sized by this shell's."""
+    monkeypatch.delenv("SHOAL_MAX_EVENT_BYTES", raising=False)
+    settings = Settings(nats=NatsSettings(urls=[nats_server.url]),
+                        service=ServiceSettings(local_roots=["/"], max_event_bytes=512 * 1024))
+    members = await bus.kv(subjects.KV_MEMBERS)
+    with structlog.testing.capture_logs():
+        async with running(lambda stop: dataset_app.run(settings, stop)):
+            await eventually(lambda: event_limits(members), what="the dataset service's beat")
+            assert await event_limits(members) == {subjects.MEMBERS_DATASET: 512 * 1024}
+            manifest = tmp_path / "big.yaml"
+            manifest.write_text(f"""
+apiVersion: shoal.io/v1alpha1
+kind: Dataset
+metadata:
+  name: big
+  annotations: {{notes: {"x" * 300_000}}}
+spec: {{mounts: [{{mountPoint: "local://{tmp_path}"}}]}}
+---
+apiVersion: shoal.io/v1alpha1
+kind: Runtime
+metadata:
+  name: big
+  annotations: {{notes: {"x" * 300_000}}}
+spec: {{replicas: 1}}
+""")
+            applied = await shoal(nats_server, "apply", "-f", str(manifest))
+            assert (applied.exit_code, applied.stdout) == (1, "dataset.shoal.io/big created\n"), applied.output
+            [error] = applied.stderr.splitlines()
+            assert "document 2 (Runtime big): too large for Shoal" in error and " the 262144 " in error
 
 
 @pytest.mark.parametrize("command", [("get", "datasets"), ("describe", "dataset", "demo"),

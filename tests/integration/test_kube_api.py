@@ -141,7 +141,7 @@ async def test_a_deleted_namespace_deletes_its_objects_and_refuses_new_ones(
     assert refused.value.status == 403 and "being terminated" in str(refused.value.body)
     await custom.patch_namespaced_custom_object(r.group, r.version, "team", r.plural, "held",
                                                 {"metadata": {"finalizers": []}},
-                                                _content_type=MERGE)  # type: ignore[call-arg]
+                                                _content_type=MERGE)
     assert server.namespace_empty("team")
 
 
