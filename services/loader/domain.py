@@ -1043,8 +1043,8 @@ def scaled_in(record: OperationRecord, state: RunState, runtime: RuntimeRecord) 
     parts not done are moved to the ring as it is now (``moved_parts``, ``replan_load``). One that still serves (a
     ready node) would go on fetching into a cache no reader's route looks in; one that does not (its agent gone) was
     waited for until ``NODE_GONE_SECONDS`` and failed the load, though its blocks were planned on the ring already.
-    Without a ring to move them to, a ready one fails the run (``ring_left``) and one not ready is waited for
-    (``nodes_gone``: nothing fetches there, and a worker may come back)."""
+    Without a ring to move them to, a ready one fails the run (``ring_left``) and one not ready is moved all the same
+    (``stranded``), its blocks planned once a ring is back (``ring_awaited``)."""
     if record.load is None or state.stage != "executing" or not state.ring:
         return []
     workers = {worker.node for worker in runtime.status.workers}
@@ -1052,12 +1052,54 @@ def scaled_in(record: OperationRecord, state: RunState, runtime: RuntimeRecord) 
     return sorted(pending - workers)
 
 
+def stranded(record: OperationRecord, state: RunState, runtime: RuntimeRecord) -> list[str]:
+    """The nodes scaled in (``scaled_in``) that are not ready, while the runtime has no ring (its workers not ready,
+    or their peer servers starting): their parts are moved at once (``moved_parts``), as with a ring left. Such a
+    node is no worker any more, so its part was never to end there: it was waited for until ``NODE_GONE_SECONDS``
+    failed the load, though a ring back a moment later (a worker's agent restarted) would have taken its blocks.
+    Their blocks are planned when a ring is back (``ring_shrank``); until then the run waits (``ring_awaited``)."""
+    if ring_of(runtime):
+        return []
+    ready = set(runtime.status.ready_nodes)
+    return [node for node in scaled_in(record, state, runtime) if node not in ready]
+
+
+def ring_awaited(record: OperationRecord, state: RunState, runtime: RuntimeRecord) -> list[str]:
+    """The nodes whose parts were moved (``stranded``) while the runtime has no ring, their blocks not planned again
+    yet (``replan_load`` leaves the ring it plans on in ``RunState.ring``, without them): the run is not Complete
+    until a ring takes those blocks, and fails if none comes (``ring_missing``). Empty while the runtime has a ring
+    (``ring_shrank`` plans them at the next look)."""
+    if record.load is None or state.stage != "executing" or not state.ring or ring_of(runtime):
+        return []
+    workers = {worker.node for worker in runtime.status.workers}
+    return sorted({part.node for part in state.parts if part.moved and part.node in state.ring} - workers)
+
+
+def ring_awaited_message(record: OperationRecord, nodes: Sequence[str], since: float) -> str:
+    """What an Executing load says while the blocks of the parts moved off ``nodes`` wait for a ring
+    (``ring_awaited``), since ``since`` (seconds since the epoch)."""
+    ref = dataset_ref(record)
+    which = "node " if len(nodes) == 1 else "nodes "
+    return (f"waiting for a ready cache worker of runtime {ref.namespace}/{ref.name} with a peer URL (since "
+            f"{rfc3339(since)}) to take the blocks of {which}{', '.join(nodes)}: no longer a cache worker, its "
+            f"parts moved to the ring")
+
+
+def ring_missing(record: OperationRecord, nodes: Sequence[str], waited: float) -> str:
+    """Why a load fails once the blocks of the parts moved off ``nodes`` waited ``waited`` seconds for a ring."""
+    ref = dataset_ref(record)
+    which = f"node {nodes[0]} is" if len(nodes) == 1 else f"nodes {', '.join(nodes)} are"
+    return (f"{which} no longer a cache worker of runtime {ref.namespace}/{ref.name} (scaled in, or another node "
+            f"picked) with its part of the load not done, and no ready cache worker was there to take it for "
+            f"{waited:.0f} s; run the load again once the runtime has a ready cache worker")
+
+
 def ring_left(record: OperationRecord, state: RunState, runtime: RuntimeRecord) -> str | None:
     """Why an executing load cannot place its blocks: ready nodes were scaled in with parts not done (``scaled_in``)
     and the runtime has no ring left to move them to (no ready cache worker with a peer URL): they would go on
     fetching off the ring. None otherwise: with a ring, their parts are moved to it and the run goes on, as it does
     when those parts finished before a tick saw the smaller ring (``ring_shrank``); a user expects the same outcome
-    whichever came first. A node scaled in that is not ready fetches nothing, and is waited for (``nodes_gone``)."""
+    whichever came first. A node scaled in that is not ready fetches nothing: its parts are moved (``stranded``)."""
     ready = set(runtime.status.ready_nodes)
     left = [node for node in scaled_in(record, state, runtime) if node in ready]
     if not left or ring_of(runtime):

@@ -162,6 +162,9 @@ class LoaderHandlers:
     # (operation, node) → when this process first saw the node gone with parts of the run not done: monotonic (for
     # the timeout) and the clock's time (what the status says).
     gone_since: dict[tuple[str, str], tuple[float, float]] = field(default_factory=dict)
+    # Operation → when this process first saw the blocks of its run's moved parts wait for a ring
+    # (``domain.ring_awaited``), as ``gone_since``.
+    ring_since: dict[str, tuple[float, float]] = field(default_factory=dict)
     # (operation, node) → when (monotonic) this process first waited on the node's parts of the run; and (dataset
     # ``ns/name``, node) → when progress of any run last came from that node's mount of the dataset, kept only while
     # an executing run waits on that mount (``_prune_heard``).
@@ -500,7 +503,8 @@ class LoaderHandlers:
         if runtime is None:
             return True
         if (domain.ring_left(record, state, runtime) is not None or domain.ring_grew(record, state, runtime)
-                or domain.ring_shrank(record, state, runtime)
+                or domain.ring_shrank(record, state, runtime) or domain.stranded(record, state, runtime)
+                or self._ring_missing(key, record, state, runtime) is not None
                 or domain.block_size_changed(record, state, block_size(runtime)) is not None):
             return True
         if record.load is not None and self._node_gone(key, record, state, runtime) is not None:
@@ -564,6 +568,15 @@ class LoaderHandlers:
                     replanned = await self._replan(key, record, state, runtime, grown, shrank)
                     state, _ = await self._state(key)
                     result = replanned or domain.outcome(state)
+                elif (runtime is not None and domain.ring_left(record, state, runtime) is None
+                        and (stranded := domain.stranded(record, state, runtime))):
+                    # No ring to plan their blocks on yet: moved now all the same (a ring back plans them).
+                    result = await self._move_stranded(key, state, stranded)
+                    state, _ = await self._state(key)
+                    result = result or domain.outcome(state)
+                if (result is not None and result[0] == "Complete" and runtime is not None
+                        and domain.ring_awaited(record, state, runtime)):
+                    result = None  # the blocks of the parts moved have no owner yet
             if result is None:
                 if runtime is None:  # its mounts are gone with it: no part would report again
                     result = "Failed", domain.runtime_lost(record)
@@ -574,7 +587,8 @@ class LoaderHandlers:
                     result = "Failed", left
                 else:
                     if record.load is not None:
-                        result = self._node_gone(key, record, state, runtime)
+                        result = (self._node_gone(key, record, state, runtime)
+                                  or self._ring_missing(key, record, state, runtime))
                     message = self._absent_message(key, record, state, runtime)
             if result is None:
                 result = self._node_silent(key, record, state)
@@ -613,6 +627,19 @@ class LoaderHandlers:
                                   f"the load again: its blocks go to the nodes ready then")
         return None
 
+    def _ring_missing(self, key: str, record: OperationRecord, state: domain.RunState,
+                      runtime: RuntimeRecord) -> tuple[OperationPhase, str] | None:
+        """Failed once the blocks of parts moved while the runtime had no ring (``domain.ring_awaited``) have waited
+        ``node_gone_timeout`` for one, as a node gone is waited for."""
+        nodes = domain.ring_awaited(record, state, runtime)
+        if not nodes:
+            self.ring_since.pop(key, None)
+            return None
+        since, _ = self.ring_since.setdefault(key, (time.monotonic(), self.clock()))
+        if time.monotonic() - since < self.node_gone_timeout:
+            return None
+        return "Failed", domain.ring_missing(record, nodes, self.node_gone_timeout)
+
     def _absent(self, key: str, state: domain.RunState,
                 runtime: RuntimeRecord) -> dict[str, tuple[float, float]]:
         """The nodes with parts not done that are not ready (``domain.nodes_gone``), each with when this process
@@ -627,7 +654,12 @@ class LoaderHandlers:
     def _absent_message(self, key: str, record: OperationRecord, state: domain.RunState,
                         runtime: RuntimeRecord) -> str:
         absent = self._absent(key, state, runtime)
-        return domain.absent_message(record, {node: at for node, (_, at) in absent.items()})
+        message = domain.absent_message(record, {node: at for node, (_, at) in absent.items()})
+        awaited = domain.ring_awaited(record, state, runtime)
+        if not awaited:
+            return message
+        _, at = self.ring_since.setdefault(key, (time.monotonic(), self.clock()))
+        return "; ".join(filter(None, [message, domain.ring_awaited_message(record, awaited, at)]))
 
     def _node_silent(self, key: str, record: OperationRecord,
                      state: domain.RunState) -> tuple[OperationPhase, str] | None:
@@ -935,6 +967,23 @@ class LoaderHandlers:
                  later_cleans=[subjects.object_name(c.metadata.namespace, c.metadata.name) for c in cleans] or None)
         return None
 
+    async def _move_stranded(self, key: str, state: domain.RunState,
+                             nodes: list[str]) -> tuple[OperationPhase, str] | None:
+        """End as moved the parts not done of the nodes scaled in while the runtime has no ring
+        (``domain.stranded``), as ``_replan`` does with a ring: saved, kept in the record, cancelled on their nodes.
+        Their blocks are planned when a ring is back (``ring_shrank``: the run's ring still names those nodes)."""
+        plan = await self._plan_of(key, state.run)
+        if plan is None:
+            return "Failed", "the run's plan is gone (loader storage lost); run it again"
+        moved = domain.moved_parts(state, nodes)
+        state = msgspec.structs.replace(state, parts=domain.move_parts(plan, state.parts, moved))
+        await self._save_state(key, state)
+        await self._record_moved(key, state)
+        await self._cancel_moved(state, moved)
+        log.info("parts of nodes scaled in moved while no ring is left: their blocks wait for one", run=state.run,
+                 nodes=nodes, parts_moved=len(moved))
+        return None
+
     async def _clean_given(self, store: ManifestStore, key: str, current: bool = True) -> domain.CleanGiven | None:
         """What the current (or last) run of DataClean ``key`` was given to evict, as it planned it; None when that
         run's is not kept (planned by an older loader, or its write failed). ``current`` False: whatever run's is
@@ -1113,6 +1162,7 @@ class LoaderHandlers:
         self.written_at.pop(key, None)
         for stale in [k for k in self.gone_since if k[0] == key]:
             del self.gone_since[stale]
+        self.ring_since.pop(key, None)
         for stale in [k for k in self.silent_since if k[0] == key]:
             del self.silent_since[stale]
         self._prune_heard()

@@ -116,12 +116,14 @@ async def put_dataset(bus: Bus, entries: list[ManifestEntry], name: str = "data"
 
 
 async def put_runtime(bus: Bus, nodes: list[str], name: str = "data", not_ready: tuple[str, ...] = (),
-                      block_size: int = BLOCK, workers: list[str] | None = None) -> None:
+                      block_size: int = BLOCK, workers: list[str] | None = None, starting: bool = False) -> None:
     """A Ready runtime whose ready nodes are ``nodes`` and whose workers are ``workers`` (all of ``nodes`` if None:
-    in the ring), and ``not_ready`` picked but out of it."""
+    in the ring), and ``not_ready`` picked but out of it. ``starting``: the ready workers serve peers but have no
+    peer URL yet (their peer servers starting, just after their agents restarted): no ring."""
     record = RuntimeRecord(runtime=Runtime(metadata=ObjectMeta(name=name)), generation=1, status=RuntimeStatus(
         phase="Ready", ready_nodes=nodes, block_size_bytes=block_size,
-        workers=[*(CacheWorker(node=n, peer_url=f"http://{n}:1") for n in (nodes if workers is None else workers)),
+        workers=[*(CacheWorker(node=n, serves_peers=starting, peer_url="" if starting else f"http://{n}:1")
+                   for n in (nodes if workers is None else workers)),
                  *(CacheWorker(node=n, ready=False, peer_url=f"http://{n}:1") for n in not_ready)]))
     await (await bus.kv(subjects.KV_RUNTIMES)).put(subjects.resource_key("default", name), msgspec.json.encode(record))
 
@@ -1950,6 +1952,49 @@ async def test_a_load_whose_ring_loses_a_worker_with_its_agent_moves_its_part_to
     assert len(on_workers) == 48, "every block of the load on the workers left"
     assert state is not None and state.stage == "finished"
     assert done.status.progress.bytes_done == done.status.progress.bytes_total
+    assert done.status.progress.files_done == done.status.progress.files_total == 24
+
+
+@pytest.mark.parametrize("ring_back", [True, False], ids=["ring-back", "no-ring"])
+async def test_a_load_whose_ring_loses_a_worker_with_its_agent_while_no_ring_is_left_moves_its_part_at_once(
+        bus: Bus, nats_server: NatsServer, ring_back: bool) -> None:
+    """node-c's agent goes while its part of the load is not done, the runtime drops it from its workers, and the
+    workers left have no ring for a while (their peer servers starting). node-c's part was waited for until the
+    node-gone timeout (``scaled_in`` moved a node not ready only when a ring was left), a worker back in the ring
+    notwithstanding. Now it is moved at once (cancelled on node-c, kept in the record) and its blocks go to the ring
+    once there is one; with none back within the node-gone timeout the run fails saying what it waited for."""
+    await put_dataset(bus, files(*[(f"f{i}", 2 * BLOCK) for i in range(24)]))
+    await put_runtime(bus, NODES)
+    key = subjects.operation_key("DataLoad", "default", "warm")
+    async with agent(bus, NODES[:2]) as scripted, agent(bus, NODES[2:]) as gone, loader(
+            nats_server, node_gone_timeout=120.0 if ring_back else 3.0):
+        gone.hold.set()
+        await publish(bus, subjects.DATALOAD_APPLY, dataload())
+
+        async def node_c_working() -> bool:
+            return any(task.node == "node-c" for task in gone.tasks.values())
+
+        await eventually(node_c_working, what="node-c's part received")
+        await put_runtime(bus, NODES[:2], starting=True)  # node-c gone; node-a and node-b not in a ring yet
+
+        async def moved() -> OperationRecord | None:
+            found = await operation(bus)
+            return found if found is not None and found.moved_parts else None
+
+        during = await eventually(moved, what="node-c's part moved while no ring is left")
+        assert [m.node for m in during.moved_parts] == ["node-c"]
+        assert during.status.phase == "Executing"
+        if not ring_back:
+            failed = await phase_of(bus, "Failed")
+            assert "no ready cache worker" in failed.status.message and "node-c" in failed.status.message
+            return
+        await put_runtime(bus, NODES[:2])  # their peer servers serve: the ring is back
+        done = await phase_of(bus, "Complete")
+    assert {(run, node) for run, node, _ in gone.cancelled_parts} == {(f"{key}.1", "node-c")}
+    on_workers = {(file.key, index) for task in scripted.tasks.values() for file in task.blocks
+                  for index, _ in file.blocks}
+    assert len(on_workers) == 48, "every block of the load on the workers back in the ring"
+    assert done.status.message == ""
     assert done.status.progress.files_done == done.status.progress.files_total == 24
 
 

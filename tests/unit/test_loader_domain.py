@@ -1035,8 +1035,8 @@ def test_nodes_gone_are_those_with_parts_not_done_that_are_not_ready() -> None:
 def test_a_load_whose_ring_node_with_work_left_stays_a_ready_node_but_no_worker_has_left_its_ring() -> None:
     """Scaled in from a, b, c to a: b and c still serve (ready nodes) and would fetch their parts into caches no
     reader's route asks. With a ring left their parts move to it (``scaled_in``); without one the run fails
-    (``ring_left``). A node that is no ready node at all (d) moves with them when a ring is left, and without one is
-    waited for (``nodes_gone``), not failed at once."""
+    (``ring_left``). A node that is no ready node at all (d) moves with them when a ring is left, and without one
+    moves all the same (``stranded``), not failed at once."""
     state = domain.RunState(run="r.1", stage="executing", ring=["a", "b", "c", "d"], parts=[
         domain.PartState(node="a"), domain.PartState(node="b"), domain.PartState(node="c"),
         domain.PartState(node="d")])
@@ -1070,8 +1070,10 @@ def test_a_load_whose_ring_node_with_work_left_stays_a_ready_node_but_no_worker_
 def test_a_node_scaled_in_whose_agent_is_gone_has_its_parts_moved_to_the_ring_not_waited_for() -> None:
     """Scaled in from a, b to a while b's agent is gone too (not ready: the scheduler replaces a worker whose agent
     left): ``ring_shrank`` plans b's blocks on a, yet b's part was waited for (``nodes_gone``) until the node-gone
-    timeout failed the load. Now it is moved like the part of a ready node scaled in; without a ring it is waited
-    for, as nothing fetches on b (``ring_left`` fails only a ready one)."""
+    timeout failed the load. Now it is moved like the part of a ready node scaled in. Without a ring it was still
+    waited for until that timeout, a ring back a moment later notwithstanding: now it is moved at once too
+    (``stranded``, nothing fetches on b: ``ring_left`` fails only a ready one), and the run waits for a ring to take
+    its blocks (``ring_awaited``) rather than for b."""
     state = domain.RunState(run="r.1", stage="executing", ring=["a", "b"], parts=[
         domain.PartState(node="a"), domain.PartState(node="b")])
 
@@ -1082,8 +1084,21 @@ def test_a_node_scaled_in_whose_agent_is_gone_has_its_parts_moved_to_the_ring_no
     assert domain.ring_shrank(record(), state, runtime(True)) == ["b"]
     assert domain.moved_parts(state, domain.scaled_in(record(), state, runtime(True))) == [1]
     assert domain.ring_left(record(), state, runtime(True)) is None
-    assert domain.ring_left(record(), state, runtime(False)) is None, "not fetching: waited for, not failed"
-    assert domain.nodes_gone(state, runtime(False)) == ["b"]
+    assert domain.ring_left(record(), state, runtime(False)) is None, "not fetching: not failed"
+    assert domain.stranded(record(), state, runtime(True)) == [], "a ring is left: ring_shrank moves it"
+    assert domain.stranded(record(), state, runtime(False)) == ["b"]
+    assert domain.ring_awaited(record(), state, runtime(False)) == [], "not moved yet"
+    plan = domain.Plan(run="r.1", files=[], parts=[domain.PlannedPart(task=NodeTask(
+        id=f"r.1.{i}", run="r.1", part=i, parts=2, node=node, dataset=ObjectRef(namespace="default", name="data"),
+        action="load"))
+        for i, node in enumerate("ab")])
+    moved = msgspec.structs.replace(state, parts=domain.move_parts(plan, state.parts, [1]))
+    assert domain.nodes_gone(moved, runtime(False)) == [], "b's part is moved: b is not waited for"
+    assert domain.ring_awaited(record(), moved, runtime(False)) == ["b"], "its blocks wait for a ring"
+    assert domain.outcome(msgspec.structs.replace(moved, parts=[
+        msgspec.structs.replace(moved.parts[0], done=True), moved.parts[1]])) == ("Complete", "")
+    assert domain.ring_awaited(record(), moved, runtime(True)) == [], "a ring: ring_shrank plans them there"
+    assert domain.ring_shrank(record(), moved, runtime(True)) == ["b"]
 
 
 def test_a_node_whose_parts_were_moved_shows_moved_once_all_its_parts_are_done() -> None:
