@@ -1998,6 +1998,39 @@ async def test_a_load_whose_ring_loses_a_worker_with_its_agent_while_no_ring_is_
     assert done.status.progress.files_done == done.status.progress.files_total == 24
 
 
+def two_folders() -> list[ManifestEntry]:
+    """Twelve one-block files in each of folders /x/d and /x/e."""
+    return files(*[(f"{folder}/f{i}", BLOCK) for folder in "de" for i in range(12)])
+
+
+@contextlib.asynccontextmanager
+async def a_clean_behind_a_held_load(bus: Bus, nats_server: NatsServer, target: str) -> AsyncIterator[ScriptedAgent]:
+    """The loader and the scripted agent of every node, holding each part: DataLoad "warm" of the whole dataset
+    executing, then DataClean "wipe" (of ``target``, or everything) with its parts sent behind the load's."""
+    load_key = subjects.operation_key("DataLoad", "default", "warm")
+    clean_key = subjects.operation_key("DataClean", "default", "wipe")
+    async with agent(bus, NODES) as scripted, loader(nats_server):
+        scripted.hold.set()
+        await publish(bus, subjects.DATALOAD_APPLY, dataload())
+        await eventually(lambda: executing(bus, load_key), what="the load planned")
+        await publish(bus, subjects.DATACLEAN_APPLY, DataCleanApply(data_clean=DataClean(
+            metadata=ObjectMeta(name="wipe"), spec=DataCleanSpec(
+                dataset=DatasetRef(name="data"), target=[CleanTarget(path=target)] if target else []))))
+        await eventually(lambda: executing(bus, clean_key), what="the clean's parts sent")
+        yield scripted
+
+
+async def ring_grown_to_node_c_then_both_complete(bus: Bus, scripted: ScriptedAgent) -> None:
+    """node-c joins the ring under the held load of ``a_clean_behind_a_held_load``; once the load's ring has it,
+    the parts go on, and the load and the clean end Complete."""
+    await put_runtime(bus, NODES)
+    await eventually(lambda: in_ring(bus, subjects.operation_key("DataLoad", "default", "warm"), "node-c"),
+                     what="the load's ring grown to node-c")
+    scripted.hold.clear()
+    await phase_of(bus, "Complete")
+    await phase_of(bus, "Complete", name="wipe", kind="DataClean")
+
+
 @pytest.mark.parametrize(("target", "serves_first"), [("", False), ("/x/d", True)], ids=["everything", "a-folder"])
 async def test_a_clean_applied_after_a_load_whose_ring_grows_leaves_its_files_cleaned_on_every_node(
         bus: Bus, nats_server: NatsServer, target: str, serves_first: bool) -> None:
@@ -2007,25 +2040,10 @@ async def test_a_clean_applied_after_a_load_whose_ring_grows_leaves_its_files_cl
     of the clean): the clean emptied node-a and node-b, and node-c ended holding the load's blocks, the load's
     result winning over the clean applied after it. Now the files the later clean evicts are not planned again;
     the others still go to their new owner."""
-    await put_dataset(bus, files(*[(f"{folder}/f{i}", BLOCK) for folder in "de" for i in range(12)]))
+    await put_dataset(bus, two_folders())
     await put_runtime(bus, NODES if serves_first else NODES[:2], workers=NODES[:2])
-    load_key = subjects.operation_key("DataLoad", "default", "warm")
-    clean_key = subjects.operation_key("DataClean", "default", "wipe")
-
-    async with agent(bus, NODES) as scripted, loader(nats_server):
-        scripted.hold.set()
-        await publish(bus, subjects.DATALOAD_APPLY, dataload())
-        await eventually(lambda: executing(bus, load_key), what="the load planned on node-a and node-b")
-        await publish(bus, subjects.DATACLEAN_APPLY, DataCleanApply(data_clean=DataClean(
-            metadata=ObjectMeta(name="wipe"), spec=DataCleanSpec(
-                dataset=DatasetRef(name="data"), target=[CleanTarget(path=target)] if target else []))))
-        await eventually(lambda: executing(bus, clean_key), what="the clean's parts sent")
-        await put_runtime(bus, NODES)  # node-c joins the ring
-
-        await eventually(lambda: in_ring(bus, load_key, "node-c"), what="the load's ring grown to node-c")
-        scripted.hold.clear()
-        await phase_of(bus, "Complete")
-        await phase_of(bus, "Complete", name="wipe", kind="DataClean")
+    async with a_clean_behind_a_held_load(bus, nats_server, target) as scripted:
+        await ring_grown_to_node_c_then_both_complete(bus, scripted)
     cached: dict[str, set[tuple[str, int]]] = {node: set() for node in NODES}
     for task_id, _ in scripted.seen:  # each node's parts in the order it took them
         task = scripted.tasks.get(task_id)
@@ -2053,28 +2071,13 @@ async def test_a_load_replanned_after_a_sync_leaves_to_a_later_clean_the_files_i
     files under /y (its mount renamed: the same objects), then node-c joins the ring. The load's replan matched the
     clean's /x/d against the manifest of then, where it names nothing, and loaded the clean's files back onto node-c
     behind the clean. Now the files the clean was given when it ran stay its own; the others go to node-c."""
-    await put_dataset(bus, files(*[(f"{folder}/f{i}", BLOCK) for folder in "de" for i in range(12)]))
+    await put_dataset(bus, two_folders())
     await put_runtime(bus, NODES, workers=NODES[:2])
-    load_key = subjects.operation_key("DataLoad", "default", "warm")
-    clean_key = subjects.operation_key("DataClean", "default", "wipe")
-
-    async with agent(bus, NODES) as scripted, loader(nats_server):
-        scripted.hold.set()
-        await publish(bus, subjects.DATALOAD_APPLY, dataload())
-        await eventually(lambda: executing(bus, load_key), what="the load planned on node-a and node-b")
-        await publish(bus, subjects.DATACLEAN_APPLY, DataCleanApply(data_clean=DataClean(
-            metadata=ObjectMeta(name="wipe"), spec=DataCleanSpec(dataset=DatasetRef(name="data"),
-                                                                 target=[CleanTarget(path="/x/d")]))))
-        await eventually(lambda: executing(bus, clean_key), what="the clean's parts sent")
-        renamed = [msgspec.structs.replace(e, path=f"/y/{e.key}")
-                   for e in files(*[(f"{folder}/f{i}", BLOCK) for folder in "de" for i in range(12)])]
+    async with a_clean_behind_a_held_load(bus, nats_server, "/x/d") as scripted:
+        renamed = [msgspec.structs.replace(e, path=f"/y/{e.key}") for e in two_folders()]
         await put_dataset(bus, renamed, requests=1)  # a sync: /x/d names nothing now
-        await put_runtime(bus, NODES)  # node-c joins the ring
-
-        await eventually(lambda: in_ring(bus, load_key, "node-c"), what="the load's ring grown to node-c")
-        scripted.hold.clear()
-        await phase_of(bus, "Complete")
-        await phase_of(bus, "Complete", name="wipe", kind="DataClean")
+        await ring_grown_to_node_c_then_both_complete(bus, scripted)
+    load_key = subjects.operation_key("DataLoad", "default", "warm")
     added = {file.key for task in scripted.tasks.values() if task.run == f"{load_key}.1" and task.node == "node-c"
              for file in task.blocks}
     assert added and all(key.startswith("e/") for key in added), f"the clean's files loaded back: {sorted(added)}"
