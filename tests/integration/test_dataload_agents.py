@@ -15,8 +15,9 @@ OnEvent DataLoad runs again after a resync that found new objects and fetches on
 an overwritten object while the mount process was paused (it learns of the new manifest when the part arrives, and
 waits for it) and fetches only that; a Cron load runs at its firings (the loader's clock moved) and its second run
 skips every cached block; a load whose runtime is scaled in from three workers to one fails naming the nodes scaled
-out, its parts cancelled, and a load run again fills the worker; deleting a DataLoad cancels the agent's part, and a
-DataClean right after it frees the blocks the cancelled part still had in flight; the
+out, its parts cancelled, and a load run again fills the worker; a DataClean run twice (its spec changed) while a
+load's ring grows twice leaves both runs' files evicted on every node; deleting a DataLoad cancels the agent's
+part, and a DataClean right after it frees the blocks the cancelled part still had in flight; the
 ``shoal`` CLI loads with ``--wait``, lists the DataLoad Complete with its progress, exits non-zero with the loader's
 message for a path the manifest does not have, applies Fluid's DataLoad YAML (``loadMetadata``: an object put after
 the mount is loaded too) and cleans a folder.
@@ -60,7 +61,7 @@ from libs.events.operation import (
     TargetPath,
     TaskProgress,
 )
-from libs.events.runtime import RuntimeDelete, RuntimeScale
+from libs.events.runtime import RuntimeDelete, RuntimeRecord, RuntimeScale
 from libs.manifest import ManifestStore
 from libs.ring import owners
 from services.dataset.domain import percentage
@@ -81,7 +82,7 @@ from tests.integration.agent_stack import (
 from tests.integration.test_cli import shoal
 from tests.integration.test_distributed_cache import THREE, UNLABELLED, ring_is
 from tests.integration.test_distributed_cache import apply as apply_cluster
-from tests.integration.test_loader import dataload, operation, phase_of
+from tests.integration.test_loader import dataload, in_ring, operation, phase_of
 
 pytestmark = pytest.mark.needs("fuse")
 
@@ -220,21 +221,32 @@ async def single(bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket:
 
 
 @contextlib.asynccontextmanager
-async def three(bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str,
-                tmp_path: Path) -> AsyncIterator[tuple[Cluster, HttpProxy, list[str]]]:
-    """Three agents, all cache workers with peer URLs (the ring), mounting ``CLUSTER_NAME``."""
+async def three(bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path,
+                replicas: int = 3) -> AsyncIterator[tuple[Cluster, HttpProxy, list[str]]]:
+    """Three agents mounting ``CLUSTER_NAME``, ``replicas`` of them cache workers with peer URLs (the ring: the
+    agents whose heartbeats came first)."""
     await put_objects(seaweedfs, bucket, objects())
     store = HttpProxy(seaweedfs.endpoint)
     await store.start()
     try:
         async with cluster_stack(bus, settings, seaweedfs, tmp_path, UNLABELLED) as cluster:
-            await apply_cluster(bus, cluster, store, bucket, replicas=3)
-            record = await ring_is(bus, list(THREE))
+            await apply_cluster(bus, cluster, store, bucket, replicas=replicas)
+            record = await ring_is(bus, list(THREE)) if replicas == len(THREE) else await ring_of_size(bus, replicas)
             await cluster.wait_mounted(CLUSTER_NAME, "train/sub/b.bin", timeout=60)  # three mount processes start
             yield cluster, store, [w.node for w in record.status.workers if w.ready and w.peer_url]
     finally:
         store.release()
         await store.stop()
+
+
+async def ring_of_size(bus: Bus, size: int) -> RuntimeRecord:
+    """``CLUSTER_NAME``'s runtime once ``size`` workers, whichever, are ready with peer URLs (``ring_is``)."""
+    async def probe() -> RuntimeRecord | None:
+        record = await runtime_record(bus, CLUSTER_NAME)
+        workers = record.status.workers if record else []
+        return record if len(workers) == size and all(w.ready and w.peer_url for w in workers) else None
+
+    return await eventually(probe, 60, f"{size} worker(s) ready with peer URLs")
 
 
 async def finished(bus: Bus, name: str, runs: int = 1, kind: str = "DataLoad",
@@ -422,6 +434,65 @@ async def test_a_load_whose_runtime_is_scaled_in_while_it_runs_moves_the_nodes_p
             await subscription.unsubscribe()
         assert cached(await snapshot(bus, worker, CLUSTER_NAME)) == pairs(train), "every block on the one worker"
         assert done.status.progress.bytes_done == done.status.progress.bytes_total
+
+
+async def test_a_clean_run_twice_during_a_load_whose_ring_grows_twice_leaves_both_runs_files_evicted(
+        bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path) -> None:
+    """A load of the whole dataset on one worker, a DataClean of /train/a.bin applied behind it, the ring grown to a
+    second worker (the load's blocks it owns now, but a.bin's, planned there), the clean's first run over, its spec
+    changed to /val (a second run), then the ring grown to the third while the second's part of the load still works:
+    each replan must leave both runs' files to the clean, which each node did after the load's parts it had then.
+    No node ends with a block of a.bin or of val/c.bin; the rest of the load stays where it was loaded."""
+    async with three(bus, settings, seaweedfs, bucket, tmp_path, replicas=1) as (cluster, store, ring), \
+            loader(settings):
+        # The first worker is whichever agent beat first; the others are picked in name order.
+        first, second, third = ring[0], *sorted(set(THREE) - set(ring))
+        load_key = subjects.operation_key("DataLoad", "default", "warm")
+        entries = await manifest(bus, CLUSTER_NAME)
+        every = blocks_under(entries, "")
+        assert any(owners(block.name, list(THREE), 1) == [third] for block in every.values()
+                   if block.key == "train/a.bin"), "a block of a.bin is the third's: the last replan would add it"
+        store.hold()
+        await bus.publish(subjects.DATALOAD_APPLY, dataload("warm", dataset=CLUSTER_NAME))
+
+        async def fetching() -> bool:
+            return store.waiting > 0
+
+        await eventually(fetching, what="the first worker's block GETs of the load held")
+
+        async def clean(target: str) -> None:
+            await bus.publish(subjects.DATACLEAN_APPLY, DataCleanApply(data_clean=DataClean(
+                metadata=ObjectMeta(name="wipe"), spec=DataCleanSpec(dataset=DatasetRef(name=CLUSTER_NAME),
+                                                                     target=[CleanTarget(path=target)]))))
+
+        async def clean_done_on(run: int, nodes: set[str]) -> bool:
+            record = await operation(bus, "wipe", "DataClean")
+            return (record is not None and record.status.runs == run
+                    and nodes <= {n.node for n in record.status.progress.nodes if n.done})
+
+        await clean("/train/a.bin")
+        await eventually(lambda: clean_done_on(1, {second, third}), 30, "the clean's first run done off the worker")
+        await bus.publish(subjects.RUNTIME_SCALE, RuntimeScale(name=CLUSTER_NAME, replicas=2))
+        await eventually(lambda: in_ring(bus, load_key, second), 60, "the load replanned on the ring grown")
+        (paused,) = mount_pids(cluster.agents[second].mountpoint(CLUSTER_NAME))
+        os.kill(paused, signal.SIGSTOP)  # its part of the load works on, past the clean's first run
+        try:
+            store.release()
+            await finished(bus, "wipe", kind="DataClean")
+            assert (await operation(bus, "warm")).status.phase == "Executing"  # type: ignore[union-attr]
+            await clean("/val")  # a new spec: the clean's second run, while the load still works
+            await eventually(lambda: clean_done_on(2, {first, third}), 30, "the clean's second run done")
+            await bus.publish(subjects.RUNTIME_SCALE, RuntimeScale(name=CLUSTER_NAME, replicas=3))
+            await eventually(lambda: in_ring(bus, load_key, third), 60, "the load replanned on the full ring")
+        finally:
+            os.kill(paused, signal.SIGCONT)
+        await finished(bus, "warm")
+        await finished(bus, "wipe", runs=2, kind="DataClean")
+        left = {node: sorted(key for key, _ in cached(await snapshot(bus, node, CLUSTER_NAME))
+                             if key in ("train/a.bin", "val/c.bin")) for node in THREE}
+        assert left == {node: [] for node in THREE}, f"blocks of the clean's two runs cached again: {left}"
+        assert cached(await snapshot(bus, first, CLUSTER_NAME)) == pairs(
+            {get: block for get, block in every.items() if block.key in ("top.bin", "train/sub/b.bin")})
 
 
 @pytest.mark.parametrize("finished_while_down", [True, False], ids=["agent-done-while-down", "agent-done-after"])
