@@ -360,6 +360,16 @@ def own_manifests(record: DatasetRecord) -> list[str]:
     return [manifest_name(record), record.status.manifest]
 
 
+def manifests_left_by_apply(record: DatasetRecord | None, updated: DatasetRecord) -> list[str]:
+    """The manifests no one names once ``updated`` replaces ``record``: a listed dataset re-applied as a reference
+    starts from an empty status (``apply_dataset``), and no later sync of its would replace, nor a delete remove,
+    the manifests of its own listing. The one its status names now is its source's, never removed. A changed
+    spec of a listed dataset leaves none: its sync removes the manifest it replaces."""
+    if record is None or is_reference(record.dataset) or not is_reference(updated.dataset):
+        return []
+    return [name for name in own_manifests(record) if name and name != updated.status.manifest]
+
+
 def sync_is_stale(current: DatasetRecord, result: SyncResult) -> bool:
     """True when the record is no longer the one the sync listed for: a newer spec (its own sync follows),
     another dataset of the same name (the listed one was deleted and the name applied again), or a status that

@@ -175,6 +175,8 @@ class DatasetHandlers:
             updated = msgspec.structs.replace(updated, status=status, traceparent=current_traceparent())
             saved_revision = await kv_save(kv, key, updated, revision)  # Conflict → the loop redelivers at once
             log.info("applied", dataset=subjects.key_name(key), generation=updated.generation)
+            # After the write: a mount reading the old manifest meanwhile reads the record again (now a reference's).
+            await self._delete_manifests(*domain.manifests_left_by_apply(record, updated))
         elif updated is not record:  # the same spec, a newer command: only its sequence is kept
             saved_revision = await kv_save(kv, key, updated, revision)
         await self.bus.publish(

@@ -1,13 +1,16 @@
-"""Deleting a reference dataset (``dataset://``) never touches its source, on a real nats-server with the dataset
-service's handlers driven directly: the reference's status mirrors the source's, ``manifest`` included, and the
-delete used to remove the manifest its status named, the source's. The source stayed Bound and its running mounts
-kept their tree, but every DataLoad of it failed with "has no manifest yet" and a mount process started later
-(an agent restart) had no tree to load, until the next resync of the source.
+"""The manifests of reference datasets (``dataset://``), on a real nats-server with the dataset service's handlers
+driven directly. Deleting a reference never touches its source: the reference's status mirrors the source's,
+``manifest`` included, and the delete used to remove the manifest its status named, the source's. The source stayed
+Bound and its running mounts kept their tree, but every DataLoad of it failed with "has no manifest yet" and a mount
+process started later (an agent restart) had no tree to load, until the next resync of the source. A listed dataset
+re-applied as a reference leaves none of its own manifests behind.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+
+from nats.js.errors import NotFoundError, ObjectNotFoundError
 
 from libs import subjects
 from libs.bus import Bus, Delivery, kv_load
@@ -55,3 +58,50 @@ async def test_deleting_a_reference_keeps_its_sources_manifest(bus: Bus, nats_se
     assert (await record(bus, "src", "default")).status.manifest == manifest
     entries = await (await ManifestStore.of(bus)).load(manifest)
     assert [entry.path for entry in entries] == ["/train/a.bin"], "the source's manifest was deleted with its reference"
+
+
+async def manifest_exists(bus: Bus, name: str) -> bool:
+    try:
+        await (await ManifestStore.of(bus)).objects.get_info(name)
+    except (ObjectNotFoundError, NotFoundError):
+        return False
+    return True
+
+
+async def test_a_dataset_reapplied_as_a_reference_leaves_no_manifest_behind(bus: Bus, nats_server: NatsServer,
+                                                                            tmp_path: Path) -> None:
+    """A listed dataset re-applied as a reference starts from an empty status (it shows its source's now), so
+    nothing named its manifest any more and nothing removed it: kept in the Object Store for ever. It goes the way a
+    deleted dataset's do; the manifest of the source it now mirrors stays, and a reference that mounted it is told
+    why it cannot follow any more."""
+    for name in ("own", "other"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / f"{name}.bin").write_bytes(b"x" * 10)
+    handlers = DatasetHandlers(bus, make_settings(nats_server.url))
+    for sequence, name in enumerate(("own", "other"), start=1):
+        await handlers.apply(DatasetApply(dataset=dataset(name, "default", f"local://{tmp_path / name}")),
+                             delivery(subjects.DATASET_APPLY, sequence))
+        await handlers.sync(subjects.resource_key("default", name))
+    own = (await record(bus, "own", "default")).status.manifest
+    other = (await record(bus, "other", "default")).status.manifest
+    assert own and other, "both were listed"
+    await handlers.apply(DatasetApply(dataset=dataset("reader", "team", "dataset://default/own")),
+                         delivery(subjects.DATASET_APPLY, 3))
+
+    await handlers.apply(DatasetApply(dataset=dataset("own", "default", "dataset://default/other")),
+                         delivery(subjects.DATASET_APPLY, 4))
+    await handlers.sync(subjects.resource_key("default", "own"))
+
+    assert not await manifest_exists(bus, own), "the manifest of the dataset's own listing was kept"
+    assert (await record(bus, "own", "default")).status.manifest == other, "it mirrors its new source"
+    assert [entry.path for entry in await (await ManifestStore.of(bus)).load(other)] == ["/other.bin"]
+    await handlers.sync(subjects.resource_key("team", "reader"))
+    reader = await record(bus, "reader", "team")
+    assert reader.status.phase == "Failed" and "is itself a reference" in reader.status.message, reader.status
+
+    # Back to a listed dataset: the source's manifest, which its status named meanwhile, is not its to remove.
+    await handlers.apply(DatasetApply(dataset=dataset("own", "default", f"local://{tmp_path / 'own'}")),
+                         delivery(subjects.DATASET_APPLY, 5))
+    await handlers.sync(subjects.resource_key("default", "own"))
+    assert await manifest_exists(bus, other)
+    assert (await record(bus, "own", "default")).status.phase != "Failed"
