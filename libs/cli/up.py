@@ -30,7 +30,7 @@ from libs.cli.errors import CliError
 from libs.cli.stack import S3Access, UpError
 from libs.cli.stack.banner import banner, provisioning_line
 from libs.cli.stack.demo import DEMO_MANIFEST, Applied, applied_by, demo_commands, demo_objects, prepare
-from libs.cli.stack.layout import DEFAULT_STATE_DIR, StateLayout
+from libs.cli.stack.layout import DEFAULT_STATE_DIR, StateLayout, remove_empty
 from libs.cli.stack.pids import claim_pidfile, is_shoal_up, pid_alive, read_pidfile, release_pidfile, stop_leftovers
 from libs.cli.stack.ports import (
     Ports,
@@ -156,12 +156,21 @@ class Plan:
 def run_up(options: UpOptions, environ: Mapping[str, str]) -> None:
     """Everything ``shoal up`` does, until interrupted; returns normally after a clean stop."""
     layout = options.layout
+    # Made to hold the pid file: a start refused before anything runs (a busy port, a bad manifest, the state
+    # directory taken) removes them again, so a mistyped --state-dir leaves no stray folder.
+    made = layout.missing_folders()
+    launched = False
     with _signals_interrupt():
-        claim_pidfile(layout)
+        try:
+            claim_pidfile(layout)
+        except BaseException:
+            remove_empty(made)
+            raise
         # Created before anything starts, so whatever was started is stopped however far the start got.
         stack = Stack(layout)
         try:
             plan = _plan(options, environ)
+            launched = True  # from here on the logs say what happened: they stay
             _launch(stack, plan)
             click.echo(banner(pid=os.getpid(), nats_url=plan.nats_url, nats_embedded=bool(plan.nats),
                               nats_monitor_port=options.ports.nats_monitor, s3=plan.s3,
@@ -182,6 +191,8 @@ def run_up(options: UpOptions, environ: Mapping[str, str]) -> None:
             _ignore_signals()
             stack.stop()
             release_pidfile(layout)
+            if not launched:
+                remove_empty(made)
     click.echo("Shoal stopped.", err=True)
 
 

@@ -474,6 +474,31 @@ async def test_a_busy_port_is_named_with_the_option_that_moves_it(tmp_path: Path
     assert not (tmp_path / "state" / "up.pid").exists()
 
 
+@pytest.mark.timeout(90)
+async def test_a_refused_up_leaves_no_folder_it_made_and_keeps_what_was_there(tmp_path: Path) -> None:
+    """A refused start made the state directory (and the folders above it) to claim its pid file, and left them
+    empty behind it: a typo in --state-dir, or a busy port, left a stray folder. One that was there stays, with
+    what it held."""
+    manifest = tmp_path / "demo.yaml"
+    manifest.write_bytes(b"\xff\n")
+    state_dir = tmp_path / "new" / "deeper" / "state"
+    code, output = await run_to_end([*up_arguments(state_dir), "--manifest", str(manifest)], tmp_path)
+    assert code == 1 and "not UTF-8 text" in output, output
+    assert not (tmp_path / "new").exists(), "a refused start left the folders it made"
+
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "notes.txt").write_text("mine")
+    with socket.socket() as listener:
+        listener.bind((LOOPBACK, 0))
+        listener.listen()
+        argv = up_arguments(kept)
+        argv[argv.index("--nats-port") + 1] = str(listener.getsockname()[1])
+        code, output = await run_to_end(argv, tmp_path)
+    assert code == 1 and "is in use" in output, output
+    assert sorted(path.name for path in kept.iterdir()) == ["notes.txt"]
+
+
 @pytest.mark.timeout(60)
 async def test_a_manifest_that_is_not_utf8_text_is_one_error_and_starts_nothing(tmp_path: Path) -> None:
     manifest = tmp_path / "demo.yaml"

@@ -3,6 +3,7 @@ pid files, mounts), named once."""
 
 from __future__ import annotations
 
+import contextlib
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,16 @@ class StateLayout:
         if self.root.resolve() == Path(DEFAULT_STATE_DIR).resolve():
             return "shoal down"
         return f"shoal down --state-dir {shlex.quote(str(self.root))}"
+
+    def missing_folders(self) -> list[Path]:
+        """The state directory and the folders above it that do not exist yet, deepest first: what a refused
+        start removes again (``remove_empty``)."""
+        missing = []
+        folder = self.root
+        while not folder.exists() and not folder.is_symlink() and folder != folder.parent:
+            missing.append(folder)
+            folder = folder.parent
+        return missing
 
     @property
     def logs(self) -> Path:
@@ -91,3 +102,11 @@ class StateLayout:
 
     def log(self, process: str) -> Path:
         return self.logs / f"{process}.log"
+
+
+def remove_empty(folders: list[Path]) -> None:
+    """Remove these folders (deepest first) where they are empty. One that holds anything stays: another
+    ``shoal up`` given the same new state directory at the same moment made it too, and owns it now."""
+    for folder in folders:
+        with contextlib.suppress(OSError):
+            folder.rmdir()
