@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from nats.js.errors import NotFoundError, ObjectNotFoundError
-
 from libs import subjects
 from libs.bus import Bus, Delivery, kv_load
 from libs.events.common import ObjectMeta
@@ -20,6 +18,7 @@ from libs.manifest import ManifestStore
 from services.dataset.handlers import DatasetHandlers
 from tests.conftest import NatsServer
 from tests.helpers import make_settings
+from tests.integration.test_dataset_recreate import manifest_exists
 
 
 def delivery(subject: str, sequence: int) -> Delivery:
@@ -58,14 +57,6 @@ async def test_deleting_a_reference_keeps_its_sources_manifest(bus: Bus, nats_se
     assert (await record(bus, "src", "default")).status.manifest == manifest
     entries = await (await ManifestStore.of(bus)).load(manifest)
     assert [entry.path for entry in entries] == ["/train/a.bin"], "the source's manifest was deleted with its reference"
-
-
-async def manifest_exists(bus: Bus, name: str) -> bool:
-    try:
-        await (await ManifestStore.of(bus)).objects.get_info(name)
-    except (ObjectNotFoundError, NotFoundError):
-        return False
-    return True
 
 
 async def test_a_dataset_reapplied_as_a_reference_leaves_no_manifest_behind(bus: Bus, nats_server: NatsServer,

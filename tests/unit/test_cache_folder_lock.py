@@ -44,10 +44,7 @@ print("purged", cache.purge(), flush=True)
 @pytest.fixture
 def old_mount(tmp_path: Path) -> Iterator[subprocess.Popen[str]]:
     folder = tmp_path / "ssd"
-    first = BlockCache([DiskTier(folder, 100 * SIZE, high=1.0, low=0.5)], LruPolicy)
-    first.load()
-    for index in range(5):
-        assert first.put(block(index), payload(index))
+    serving(folder, 5).release_folders()  # a mount of the dataset that stopped, its blocks left
     process = subprocess.Popen([sys.executable, "-c", OLD_MOUNT, str(folder)], stdin=subprocess.PIPE,
                                stdout=subprocess.PIPE, text=True)
     assert said(process) == "serving 5"
@@ -74,6 +71,17 @@ def tell(process: subprocess.Popen[str]) -> str:
 
 def new_cache(folder: Path) -> BlockCache:
     return BlockCache([DiskTier(folder, 100 * SIZE, high=1.0, low=0.5)], LruPolicy)
+
+
+def serving(folder: Path, blocks: int, block_size: int = 0) -> BlockCache:
+    """A mount process's cache holding its folder (saying the size its blocks are cut at, when given) and serving
+    ``blocks`` blocks: the first of the two caches on one folder in these tests."""
+    cache = new_cache(folder)
+    assert cache.hold_folders(block_size)
+    cache.load(block_size)
+    for index in range(blocks):
+        assert cache.put(block(index), payload(index))
+    return cache
 
 
 async def test_a_mount_started_while_an_old_process_purges_the_folder_waits_for_the_purge(
@@ -108,10 +116,7 @@ async def test_a_purge_leaves_the_folder_to_a_mount_that_uses_it_meanwhile(
 
 def test_a_purge_of_a_folder_nobody_else_uses_deletes_it_lock_and_all(tmp_path: Path) -> None:
     folder = tmp_path / "ssd"
-    cache = new_cache(folder)
-    assert cache.hold_folders()
-    cache.load()
-    assert cache.put(block(0), payload(0))
+    cache = serving(folder, 1)
     assert cache.purge() == 1
     assert not folder.exists()
     again = new_cache(folder)  # the folder's next user makes it anew
@@ -124,11 +129,7 @@ async def test_an_old_mount_process_stopping_beside_a_new_one_leaves_the_index_t
     # A restart overlapping: the old process still serves when the new one starts on the folder (both hold it
     # shared), and stops after it. Its index listed its own blocks, stale for the new process, which owns the folder.
     folder = tmp_path / "ssd"
-    old = new_cache(folder)
-    assert old.hold_folders()
-    old.load()
-    for index in range(3):
-        assert old.put(block(index), payload(index))
+    old = serving(folder, 3)
     new = new_cache(folder)
     assert new.hold_folders()
     new.start(SIZE)
@@ -159,11 +160,7 @@ def test_a_start_between_an_old_process_checking_it_owns_the_folder_and_writing_
     # in between found none, and the old one's, written after, was left for the new one's next start (stale: the new
     # process's blocks unlisted, the ones it evicted listed).
     folder = tmp_path / "ssd"
-    old = new_cache(folder)
-    assert old.hold_folders()
-    old.load()
-    for index in range(3):
-        assert old.put(block(index), payload(index))
+    old = serving(folder, 3)
     new = DiskTier(folder, 100 * SIZE, high=1.0, low=0.5)
     assert new.hold()
     taken: list[int] = []
@@ -192,21 +189,11 @@ def test_a_start_between_an_old_process_checking_it_owns_the_folder_and_writing_
     assert taken == [saved] == [3]  # written before the new token: the new start took it
 
 
-def serving_at(folder: Path, block_size: int, blocks: int) -> BlockCache:
-    """A mount process's cache serving ``blocks`` blocks cut at ``block_size``, holding its folder."""
-    cache = new_cache(folder)
-    assert cache.hold_folders(block_size)
-    cache.start(block_size)
-    for index in range(blocks):
-        assert cache.put(block(index), payload(index))
-    return cache
-
-
 def test_a_block_size_change_never_deletes_blocks_another_process_still_serves(tmp_path: Path) -> None:
     # The runtime's blockSize changed while an older mount process still serves the folder at the old size: the new
     # start deleted its blocks without the folder's lock exclusive, under the old process's reads and writes.
     folder = tmp_path / "ssd"
-    old = serving_at(folder, SIZE, 3)
+    old = serving(folder, 3, SIZE)
     new = new_cache(folder)
     assert new.hold_folders()  # shared, as a start that does not say its block size
     assert new.start(2 * SIZE) == 0
@@ -219,7 +206,7 @@ def test_a_block_size_change_never_deletes_blocks_another_process_still_serves(t
 def test_a_start_at_a_new_block_size_waits_for_the_old_process_then_deletes_and_shares_the_folder(
         tmp_path: Path) -> None:
     folder = tmp_path / "ssd"
-    old = serving_at(folder, SIZE, 3)
+    old = serving(folder, 3, SIZE)
     new = new_cache(folder)
     assert not new.hold_folders(2 * SIZE)  # mountd waits (STARTING_CACHE_WAIT) and asks again
     assert old.get(block(0)) == payload(0)
