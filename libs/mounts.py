@@ -33,8 +33,8 @@ def canonical_options(mount: Mount, shared: dict[str, str]) -> dict[str, str]:
 
 def exposed_secret_errors(dataset: Dataset) -> list[str]:
     """Secrets given in clear text, which would travel (and stay) in events: secret options, URLs with a user or
-    password, and mount points whose query signs them or holds a token. Each reason names the field where the secret
-    was given and never shows its value.
+    password, and mount points or option values whose query (or fragment) signs them or holds a token. Each reason
+    names the field where the secret was given and never shows its value.
 
     The dataset service rejects such a spec; the CLI refuses it before publishing anything.
     """
@@ -49,6 +49,9 @@ def exposed_secret_errors(dataset: Dataset) -> list[str]:
             elif has_userinfo(value):
                 errors.append(f"{where}.{key} {strip_userinfo(value, strict=True)!r} has credentials in its URL: "
                               f"{advice}")
+            elif names := secret_query_names(value):  # an endpoint signed or given a token, as a mount point may be
+                errors.append(f"{where}.{key} {hide_secret_query(value)!r} has a credential in its query "
+                              f"({', '.join(names)}): {advice}")
     for index, mount in enumerate(dataset.spec.mounts):
         shown = hide_secret_query(strip_userinfo(mount.mount_point, strict=True))
         if has_userinfo(mount.mount_point):

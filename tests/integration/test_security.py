@@ -499,6 +499,28 @@ spec:
         assert SECRET.encode() not in blob
 
 
+async def test_a_signed_or_token_endpoint_option_is_refused_without_showing_its_credential(
+        bus: Bus, nats_server: NatsServer) -> None:
+    """An S3 endpoint option whose query carries a signature or token was accepted (only a mount point's query was
+    looked at): the secret travelled in the accepted dataset, its status facts and the record."""
+    endpoint = f"http://127.0.0.1:9/?X-Amz-Signature={SECRET}"
+    facts = FactCollector()
+    await facts.start(bus)
+    with structlog.testing.capture_logs() as logs:
+        async with running(lambda stop: dataset_app.run(make_settings(nats_server.url), stop)):
+            command = DatasetApply(dataset=Dataset(metadata=ObjectMeta(name="signed"), spec=DatasetSpec(
+                mounts=[Mount(mount_point="s3://bucket/", options={"endpoint": endpoint})],
+                shared_options={"endpoint": f"http://127.0.0.1:9/#token={SECRET}"})))
+            await bus.publish(subjects.DATASET_APPLY, command)
+            rejected = await facts.wait_for("dataset.rejected.v1", causationId=command.id)
+    assert ("spec.mounts[0].options.endpoint 'http://127.0.0.1:9/?X-Amz-Signature=***' has a credential in its "
+            "query (X-Amz-Signature)") in rejected["reason"], rejected["reason"]
+    assert "spec.sharedOptions.endpoint 'http://127.0.0.1:9/#token=***' has a credential" in rejected["reason"]
+    for blob in (await stream_bytes(bus, subjects.STREAM_FACTS), await stream_bytes(bus, subjects.STREAM_COMMANDS),
+                 repr(logs).encode()):
+        assert SECRET.encode() not in blob
+
+
 async def test_dead_letters_mask_secret_fields(bus: Bus, nats_server: NatsServer) -> None:
     settings = make_settings(nats_server.url)
     facts = FactCollector()
