@@ -339,6 +339,16 @@ class LocalObjectStore:
         return real
 
     def _no_root(self) -> NoSuchBucket:
+        """The root is not there to list: missing, or a link to nothing or that loops (which ``ls`` shows, so
+        "does not exist" would send the reader looking in the wrong place)."""
+        try:
+            os.stat(self._root)
+        except OSError as err:
+            if err.errno == errno.ELOOP:
+                where = "is a symbolic link" if os.path.islink(self._root) else "has a symbolic link on its path"
+                return NoSuchBucket(f"local directory '{self._root}' {where} that loops")
+        if os.path.islink(self._root):
+            return NoSuchBucket(f"local directory '{self._root}' is a symbolic link to nothing")
         return NoSuchBucket(f"local directory '{self._root}' does not exist")
 
     def _is_version(self, st: os.stat_result, etag: str) -> bool:

@@ -267,6 +267,21 @@ async def test_missing_root_is_no_such_bucket(tmp_path: Path) -> None:
         await collect(store_at(tmp_path / "a-file"))
 
 
+async def test_a_root_that_is_a_dangling_or_looping_link_says_so(tmp_path: Path) -> None:
+    """Such a root was "does not exist", while `ls` shows it there: the message now says what it is."""
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone")
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    (tmp_path / "through").symlink_to(tmp_path / "loop")
+    cases = {"dangling": "is a symbolic link to nothing", "loop": "is a symbolic link that loops",
+             "through": "is a symbolic link that loops", "loop/below": "has a symbolic link on its path that loops"}
+    for name, said in cases.items():
+        store = store_at(tmp_path / name)
+        with pytest.raises(NoSuchBucket, match=re.escape(f"local directory '{tmp_path / name}' {said}")):
+            await collect(store)
+        with pytest.raises(NoSuchBucket, match=re.escape(said)):
+            await store.get_range("x", 0, 1)
+
+
 async def test_unreadable_folder_is_access_denied(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     write(tmp_path, "ok/a", b"a")
     write(tmp_path, "locked/b", b"b")
