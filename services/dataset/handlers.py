@@ -602,8 +602,12 @@ class DatasetHandlers:
         """Keep when an unchanged listing ran where a restarted process or the next owner finds it (the record says
         nothing of it). Not kept (NATS away): at worst one more listing after a restart, so no reason to fail."""
         try:
-            await (await self.bus.kv(subjects.KV_LISTINGS)).put(
-                key, msgspec.json.encode(domain.Listing(listed_at=listed_at)))
+            listings = await self.bus.kv(subjects.KV_LISTINGS)
+            await listings.put(key, msgspec.json.encode(domain.Listing(listed_at=listed_at)))
+            if await dataset_record_missing(self.bus, key):
+                # Deleted while it was listed (another replica's delete purged the time before this put): the
+                # record was removed before that purge, so it is seen gone here and the time goes too.
+                await listings.purge(key)
         except nats.errors.Error as err:
             log.warning("listing time not kept", dataset=subjects.key_name(key), error=repr(err))
 

@@ -183,3 +183,28 @@ async def test_a_deleted_datasets_listing_time_is_forgotten(bus: Bus, nats_serve
     assert revision is not None
     handlers.observe(KeyValue.Entry(subjects.KV_DATASETS, KEY, None, revision, None, None, "DEL"))  # as the watch
     assert KEY not in handlers._listed_at
+
+
+async def test_an_unchanged_autosync_listing_that_ends_after_the_delete_leaves_no_listing_time(
+        bus: Bus, nats_server: NatsServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An autoSync listing that found nothing new keeps its time in shoal_dataset_listings; one that ended after
+    the dataset's delete (another replica handled it while this one listed) put the time back after the delete had
+    purged it: an entry of a dataset that no longer exists, kept for ever."""
+    _, new = folders(tmp_path)
+    now = [1_700_000_000.0]
+    settings = make_settings(nats_server.url, autosync_seconds=60.0)
+    handlers = DatasetHandlers(bus, settings, clock=lambda: now[0])
+    await handlers.apply(DatasetApply(id="apply-1", dataset=local_dataset(new)), delivery(subjects.DATASET_APPLY, 1))
+    await handlers.sync(KEY)
+    real_list = DatasetHandlers._list
+
+    async def list_then_deleted(self: DatasetHandlers, record: DatasetRecord) -> object:
+        listed = await real_list(self, record)
+        await handlers.delete(DatasetDelete(id="delete-2", name="ds", namespace="default"),
+                              delivery(subjects.DATASET_DELETE, 2))
+        return listed
+
+    monkeypatch.setattr(DatasetHandlers, "_list", list_then_deleted)
+    now[0] += 61  # the autoSync period is over: listed again, and it finds what the status says
+    await handlers.sync(KEY)
+    assert (await kv_load(await bus.kv(subjects.KV_LISTINGS), KEY, dict))[0] is None, "the listing time came back"
