@@ -158,6 +158,11 @@ class DatasetHandlers:
             log.info("rejected", dataset=subjects.object_name(namespace, name), reasons=[reason])
             await self._reject(command.id, delivery, reason, name, namespace)
             return
+        if record is None and (earlier := domain.read_deletion_note(deleted_note)) is not None:
+            # The name's last delete may have stopped after removing the record; its redelivery, older than this
+            # apply, will be refused, and this record replaces the marker naming what it left: finish it first,
+            # before a new dataset of the name can take the old one's node cache (idempotent).
+            await self._clean_after_delete(key, earlier.manifests)
         updated, changed = domain.apply_dataset(record, dataset, delivery.stream_sequence, self.new_incarnation())
         result = answered_result(apply_result(None if record is None else record.dataset, updated.dataset),
                                  delivery.stream_sequence, 0 if record is None else record.command_sequence,

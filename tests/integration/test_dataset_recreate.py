@@ -208,3 +208,34 @@ async def test_an_unchanged_autosync_listing_that_ends_after_the_delete_leaves_n
     now[0] += 61  # the autoSync period is over: listed again, and it finds what the status says
     await handlers.sync(KEY)
     assert (await kv_load(await bus.kv(subjects.KV_LISTINGS), KEY, dict))[0] is None, "the listing time came back"
+
+
+async def test_an_apply_after_a_delete_that_stopped_halfway_finishes_that_delete(
+        bus: Bus, nats_server: NatsServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The delete removed the record, then its clean-up failed (NATS away a moment); the user applied the name again
+    before its redelivery, whose marker the new record replaced: the redelivered delete, older than the apply, is
+    refused, and nothing removed the old dataset's manifest (kept for ever) nor its node-cache entry (the new dataset
+    took its per-node figures)."""
+    old, new = folders(tmp_path)
+    handlers = DatasetHandlers(bus, make_settings(nats_server.url))
+    node_cache = await bus.kv(subjects.KV_NODE_CACHE)
+    await handlers.apply(DatasetApply(id="apply-1", dataset=local_dataset(old)), delivery(subjects.DATASET_APPLY, 1))
+    await handlers.sync(KEY)
+    record, _ = await kv_load(await bus.kv(subjects.KV_DATASETS), KEY, DatasetRecord)
+    assert record is not None and await manifest_exists(bus, record.status.manifest)
+    await node_cache.put(KEY, b'{"nodes": {}}')  # what the agents' inventory left for this dataset
+
+    async def unreachable(self: DatasetHandlers, key: str, manifests: list[str]) -> None:
+        raise ConnectionError("NATS unreachable")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(DatasetHandlers, "_clean_after_delete", unreachable)
+        with pytest.raises(ConnectionError):
+            await handlers.delete(DatasetDelete(id="delete-2", name="ds", namespace="default"),
+                                  delivery(subjects.DATASET_DELETE, 2))
+    await handlers.apply(DatasetApply(id="apply-3", dataset=local_dataset(new)), delivery(subjects.DATASET_APPLY, 3))
+    await handlers.delete(DatasetDelete(id="delete-2", name="ds", namespace="default"),
+                          delivery(subjects.DATASET_DELETE, 2, deliveries=2))  # refused: applied by a later command
+
+    assert not await manifest_exists(bus, record.status.manifest), "the deleted dataset's manifest was kept"
+    assert (await kv_load(node_cache, KEY, dict))[0] is None, "the new dataset took the deleted one's node cache"
