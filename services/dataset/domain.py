@@ -110,7 +110,8 @@ def validate_dataset(dataset: Dataset, local_roots: Sequence[str] | None = None,
     seen_names: dict[str, int] = {}
     for index, mount in enumerate(spec.mounts):
         where = f"spec.mounts[{index}]"
-        unparsable = _url_error(mount.mount_point) or url_dropped_error(mount.mount_point)
+        unparsable = (_url_error(mount.mount_point) or url_dropped_error(mount.mount_point)
+                      or _nul_error(mount.mount_point))
         if unparsable:
             errors.append(f"{where}.mountPoint {strip_userinfo(mount.mount_point, strict=True)!r} {unparsable}")
             continue
@@ -166,6 +167,12 @@ def _url_error(url: str) -> str:
     except ValueError as err:
         return f"is not a valid URL: {err}"
     return ""
+
+
+def _nul_error(mount_point: str) -> str:
+    """Why a mount point holding a NUL byte is refused, or "": the listing could not open such a path (a bare
+    "embedded null byte" at every sync, never in the status), nor a store list such a key."""
+    return "holds a NUL byte, which no file name, object key or URL may hold" if "\0" in mount_point else ""
 
 
 def _endpoint_error(url: str) -> str:

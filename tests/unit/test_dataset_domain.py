@@ -1418,6 +1418,17 @@ def test_a_mount_point_holding_what_a_url_drops_is_refused(mount_point: str, wha
                      "(another folder or prefix would be mounted): mount the folder above the one so named"), error
 
 
+@pytest.mark.parametrize("mount_point", ["local:///data/a\x00b", "s3://bucket/a\x00/", "https://host/\x00/",
+                                         "pvc://claim/\x00"])
+def test_a_mount_point_holding_a_nul_byte_is_refused(mount_point: str) -> None:
+    """Accepted, a local:// one failed every sync with a bare ValueError ("embedded null byte") that never reached
+    the status: the dataset stayed NotBound, retried for ever, with nothing saying why."""
+    (error,) = validate_dataset(make_dataset(Mount(mount_point=mount_point)), local_roots=["/data"],
+                                pvc_root="/claims")
+    assert error == (f"spec.mounts[0].mountPoint {mount_point!r} holds a NUL byte, which no file name, object key or "
+                     "URL may hold"), error
+
+
 def test_a_reference_to_a_folder_holding_what_a_url_drops_is_refused() -> None:
     point = "dataset://default/src/new\nline"
     errors = validate_dataset(make_dataset(Mount(mount_point=point)))
