@@ -7,7 +7,8 @@ Decides, per (dataset, node):
   order; only a complete snapshot replaces the set; deltas add and remove blocks;
 - when to ask the agent for a snapshot: a delta that does not follow the last event (a sequence gap), comes from
   a new incarnation (the mount process restarted) or from a node never seen, or arrives while a snapshot is
-  still missing parts.
+  still missing parts;
+- that an event of an incarnation the node's events moved on from (``retired``) is old, snapshot or delta.
 
 Block identity is opaque here (any hashable value from the events), so the encoding of block ids can change
 without touching the fold. Holders that persist the fold as JSON (the dataset service, in KV) fold with
@@ -37,6 +38,10 @@ from libs.events.agent import AgentRecord, CacheCounters, Inventory, InventoryDe
 # of its mounts sends them at every change, and one line a minute names the node (the runtime service's warning of
 # the two agents has the same pace).
 OTHER_INSTANCE_LOG_SECONDS = 60.0
+# Incarnations a node's position remembers as superseded (``NodeInventory.retired``): a late event of the mount
+# process before the last restart (a snapshot it answered just before it stopped, delivered after the new process's
+# events) is the case; a few cover restarts in quick succession and keep a persisted position small (~35 bytes each).
+RETIRED_KEPT = 3
 
 
 class Assembly(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
@@ -62,6 +67,9 @@ class NodeInventory(msgspec.Struct, frozen=True, kw_only=True, rename="camel", o
     blocks: dict[Any, int] = {}
     exact: bool = False
     assembly: Assembly | None = None
+    # Incarnations this one superseded, newest first (at most ``RETIRED_KEPT``): their events are old, whenever they
+    # arrive. Incarnations are random tokens, so which one is newer is known only from the order they came in.
+    retired: tuple[str, ...] = ()
 
 
 class UniqueCached(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
@@ -107,9 +115,16 @@ def fold_node(node: NodeInventory | None, event: Inventory, *,
     return _delta(node, event, track_blocks)
 
 
+def _retired(node: NodeInventory | None) -> tuple[str, ...]:
+    """What a position of another incarnation than ``node``'s, following it, remembers as superseded."""
+    return (node.incarnation, *node.retired)[:RETIRED_KEPT] if node is not None else ()
+
+
 def _snapshot_part(node: NodeInventory | None, part: InventorySnapshot, track_blocks: bool) -> NodeInventory:
     start = part.seq - part.part + 1
     same = node if node is not None and node.incarnation == part.incarnation else None
+    if same is None and node is not None and part.incarnation in node.retired:
+        return node  # see ``_delta``
     pending = same.assembly if same is not None else None
     if same is not None and pending is not None and (pending.start, pending.parts) == (start, part.parts):
         if part.part in pending.received:
@@ -124,19 +139,29 @@ def _snapshot_part(node: NodeInventory | None, part: InventorySnapshot, track_bl
                         blocks=blocks)
     # Position and totals follow the newest event (parts may arrive out of order).
     seq, counters = (part.seq, part.counters) if same is None or part.seq > same.seq else (same.seq, same.counters)
+    retired = same.retired if same is not None else _retired(node)
     if len(assembly.received) == assembly.parts:
         return NodeInventory(incarnation=part.incarnation, seq=seq, counters=counters, blocks=assembly.blocks,
-                             exact=True)
+                             exact=True, retired=retired)
     # Until the snapshot is complete, the blocks known so far stay (possibly stale, so not exact).
     return NodeInventory(incarnation=part.incarnation, seq=seq, counters=counters,
-                         blocks=node.blocks if node is not None else {}, exact=False, assembly=assembly)
+                         blocks=node.blocks if node is not None else {}, exact=False, assembly=assembly,
+                         retired=retired)
 
 
 def _delta(node: NodeInventory | None, delta: InventoryDelta, track_blocks: bool) -> tuple[NodeInventory, bool]:
-    if node is not None and node.incarnation == delta.incarnation and delta.seq <= node.seq:
-        return node, False  # a redelivered or reordered old event
-    follows = (node is not None and node.incarnation == delta.incarnation and delta.seq == node.seq + 1
-               and node.assembly is None)
+    same = node if node is not None and node.incarnation == delta.incarnation else None
+    if same is not None:
+        if delta.seq <= same.seq:
+            return same, False  # a redelivered or reordered old event
+        retired = same.retired
+    elif node is not None and delta.incarnation in node.retired:
+        # An event of a mount process the node's events already moved on from (it restarted since): taken, a
+        # complete snapshot of it replaced the newer process's blocks, and a delta asked for a snapshot.
+        return node, False
+    else:
+        retired = _retired(node)
+    follows = same is not None and delta.seq == same.seq + 1 and same.assembly is None
     blocks = node.blocks if node is not None else {}
     if track_blocks and (delta.cached or delta.evicted):
         blocks = {**blocks, **{b.block: b.size for b in ungroup(delta.cached)}}
@@ -146,7 +171,7 @@ def _delta(node: NodeInventory | None, delta: InventoryDelta, track_blocks: bool
     # After a gap the blocks are a best guess (deltas still apply) until the snapshot asked for arrives; a
     # snapshot still missing parts is dropped, since this delta's changes would be lost under it.
     return NodeInventory(incarnation=delta.incarnation, seq=delta.seq, counters=delta.counters, blocks=blocks,
-                         exact=exact), not follows
+                         exact=exact, retired=retired), not follows
 
 
 def other_instance(event: Inventory, agent: AgentRecord | None) -> bool:

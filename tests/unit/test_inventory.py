@@ -109,6 +109,26 @@ def test_a_new_incarnation_keeps_the_old_blocks_until_its_snapshot_is_complete()
     assert blocks_of(cache) == {block(2), block(3)} and cache.nodes["n1"].exact
 
 
+def test_events_of_an_incarnation_the_node_moved_on_from_are_old() -> None:
+    """A complete snapshot of the mount process before a restart, delivered after the new process's events,
+    replaced the node's blocks and position until the new process's next delta (which then asked for a snapshot):
+    incarnations are random, so the ones superseded are remembered, and their events changed nothing."""
+    cache, _ = fold_all([snapshot(1, 10, incarnation="old", blocks=[1, 2]), snapshot(1, 30, incarnation="new",
+                                                                                     blocks=[3])])
+    assert cache.nodes["n1"].retired == ("old",)
+    for late in (snapshot(7, 99, incarnation="old", blocks=[9]), delta(8, 99, incarnation="old", add=[9]),
+                 snapshot(9, 99, incarnation="old", part=1, parts=2, blocks=[9])):
+        same, ask = fold(cache, late)
+        assert same is cache and not ask
+    cache, ask = fold(cache, delta(2, 40, incarnation="new", add=[4]))
+    assert not ask and blocks_of(cache) == {block(3), block(4)} and cache.nodes["n1"].exact
+    # The node's restarts are remembered, a few of them (``RETIRED_KEPT``), newest first; its own position is not.
+    for incarnation in ("i3", "i4", "i5"):
+        cache, _ = fold(cache, snapshot(1, 0, incarnation=incarnation))
+    assert cache.nodes["n1"].retired == ("i4", "i3", "new")
+    assert b"retired" not in msgspec.json.encode(fold_all([snapshot(1, 10)])[0])  # nothing stored before a restart
+
+
 def test_nodes_are_folded_apart() -> None:
     cache, asks = fold_all([snapshot(1, 10, blocks=[1]), snapshot(1, 20, node="n2", blocks=[2]), delta(2, 11)])
     assert not any(asks)

@@ -202,6 +202,22 @@ def test_a_block_reported_with_a_negative_size_takes_nothing_from_other_files_or
     assert state.held[KEY] == {"n1": MiB} and state.unique[KEY] == MiB and KEY not in state.reported
 
 
+def test_a_snapshot_of_an_older_incarnation_after_the_newer_ones_events_is_stale() -> None:
+    """The mount process restarted (incarnation i2); a complete snapshot its predecessor (i1) answered arrives after
+    i2's events: it replaced the node's blocks with i1's until i2's next delta. Now nothing moves (the handlers count
+    it ``stale``), and i2's next delta follows."""
+    state = CacheFold()
+    state.set_catalog(KEY, Catalog([entry("/a", "a", 4 * MiB), entry("/b", "b", 4 * MiB)]))
+    state.apply(snapshot(1, blocks("a", "e1", [(0, MiB)]), incarnation="i1"))
+    state.apply(snapshot(1, blocks("b", "e1", [(0, MiB), (1, MiB)]), incarnation="i2"))
+    generation = state.generation
+    assert not state.apply(snapshot(5, blocks("a", "e1", [(0, MiB), (1, MiB), (2, MiB)]), incarnation="i1"))
+    assert state.generation == generation and state.held[KEY] == {"n1": 2 * MiB}
+    assert set(state.datasets[KEY]["n1"].files) == {(0, "b", "e1")}
+    assert not state.apply(delta(2, blocks("b", "e1", [(2, MiB)]), incarnation="i2"))  # follows: no snapshot asked
+    assert state.held[KEY] == {"n1": 3 * MiB} and state.datasets[KEY]["n1"].position.exact
+
+
 # --- the same decisions and blocks as the shared fold, for any event sequence ---
 
 SIZES = st.integers(1, 4)
