@@ -43,6 +43,7 @@ _FOLDED = metrics.adder(metrics.FOLD_EVENTS.labels("folded"))
 _STALE = metrics.adder(metrics.FOLD_EVENTS.labels("stale"))
 _UNKNOWN_DATASET = metrics.adder(metrics.FOLD_EVENTS.labels("unknown_dataset"))
 _OTHER_INSTANCE = metrics.adder(metrics.FOLD_EVENTS.labels("other_instance"))
+_NODE_GONE = metrics.adder(metrics.FOLD_EVENTS.labels("node_gone"))
 _FOLD_LAG = metrics.setter(metrics.FOLD_LAG_SECONDS)
 # The scheduler's series without labels are served by the scheduler only (see libs.metrics).
 metrics.register(metrics.FOLD_LAG_SECONDS, metrics.SNAPSHOT_REQUESTS)
@@ -74,6 +75,9 @@ NOT_WARM = "the scheduler is starting (inventory snapshots not all read yet); as
 # How long after the start's snapshot request it waits for those snapshots at most: a mount whose publisher is
 # failing must not keep the scheduler from answering.
 WARMUP_SECONDS = 15.0
+# Nodes remembered as gone (``SchedulerHandlers.gone``), the latest ones: a name each (~100 bytes), so node churn
+# grows it by at most ~1 MB; a node forgotten longer ago than that many others is judged as a node never seen.
+GONE_KEPT = 10_000
 
 
 def _request_key(request: ScoreRequest) -> Any:
@@ -175,6 +179,12 @@ class SchedulerHandlers:
     other_instances: NodeNotes = field(default_factory=NodeNotes)
     # The nodes with a series of INVENTORY_OTHER_INSTANCE, removed once it no longer applies (``other_instance_over``).
     other_instance_nodes: set[str] = field(default_factory=set)
+    # Nodes whose cache the sweep forgot because their agent went away (record deleted, or no heartbeat for
+    # ``node_timeout``), oldest first, at most ``GONE_KEPT``: their inventory is ignored until their agent beats
+    # again (``on_inventory``), then they are asked for a snapshot (``sweep``). Taken as it came, a late event (or
+    # one of a mount process outliving its agent's heartbeats) brought the node back as a node that never beat,
+    # which no sweep forgot again.
+    gone: dict[str, None] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.totals = _Totals(self.datasets)
@@ -318,6 +328,12 @@ class SchedulerHandlers:
         if event.instance and other_instance(event, self.agents.values.get(event.node)):
             self._other_instance(event)
             return
+        if self.gone and event.node in self.gone:
+            if not self._beats(event.node):
+                _NODE_GONE(1)
+                self._count("inventory_node_gone")
+                return
+            del self.gone[event.node]  # back: its events count again (a delta finds no position and asks)
         generation = self.fold.generation
         ask = self.fold.apply(event)
         if self.fold.generation == generation:
@@ -527,6 +543,11 @@ class SchedulerHandlers:
         info = self.datasets.get(dataset)
         return info.node_affinity if info is not None else None
 
+    def _beats(self, node: str) -> bool:
+        """Whether the node's agent has a fresh heartbeat on record."""
+        record = self.agents.values.get(node)
+        return record is not None and self.clock() - record.received_at <= self.node_timeout
+
     def _alive(self) -> Iterator[str]:
         now = self.clock()
         return (node for node, record in self.agents.values.items() if now - record.received_at <= self.node_timeout)
@@ -555,7 +576,8 @@ class SchedulerHandlers:
 
     async def sweep(self) -> None:
         """Forget the cache of nodes whose agent went away (record deleted, or no heartbeat for ``node_timeout``),
-        and the records and names of agents gone for good: with nodes coming and going, neither grows."""
+        and the records and names of agents gone for good: with nodes coming and going, neither grows. A forgotten
+        node whose agent beats again is asked for a snapshot (an idle mount sends no event whose gap would ask)."""
         if not self.agents.ready.is_set():
             return
         now = self.clock()
@@ -573,6 +595,15 @@ class SchedulerHandlers:
                 log.info("node gone, its cache forgotten", node=node)
                 self.fold.forget_node(node)
                 self.beating.discard(node)
+                self.gone.pop(node, None)
+                self.gone[node] = None
+                if len(self.gone) > GONE_KEPT:
+                    del self.gone[next(iter(self.gone))]
+        for node in [node for node in self.gone if self._beats(node)]:
+            # Its agent beats again: what its mounts hold now, rather than waiting for their next change.
+            log.info("node back, asking for its inventory", node=node)
+            del self.gone[node]
+            await self.ask_snapshot(node)
         # A node that beat once and now has neither a record nor a cache here has nothing left to forget.
         self.beating &= set(self.agents.values) | self.fold.nodes()
 

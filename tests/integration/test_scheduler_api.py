@@ -211,6 +211,54 @@ async def test_score_api_gap_restart_and_deletion(bus: Bus, scheduler_settings: 
         await listener.unsubscribe()
 
 
+async def test_a_node_whose_agent_went_away_comes_back_only_when_its_agent_beats_again(
+        bus: Bus, scheduler_settings: Settings) -> None:
+    """node-a's agent record is deleted (the node left): the sweep forgets its cache. Its mount's late events (a
+    delta, a snapshot) brought it back as a node that never beat, holding bytes for ever (no sweep forgot it
+    again); now they are ignored and counted (``node_gone``). When its agent beats again the scheduler asks it for
+    its inventory and it counts from its snapshot."""
+    await seed(bus, {"node-a": {ZONE: "z1"}, "node-b": {ZONE: "z1"}})
+    agent_a = FakeAgent(bus, "node-a")
+    requests: list[InventoryRequest] = []
+
+    async def on_request(request: InventoryRequest) -> None:
+        requests.append(request)
+        await agent_a.on_request(request)
+
+    listener = await bus.subscribe(subjects.INVENTORY_REQUEST, msgspec.json.Decoder(InventoryRequest), on_request)
+    metrics = Snapshot()
+    agents = await bus.kv(subjects.KV_AGENTS)
+    try:
+        async with scheduler(scheduler_settings) as handlers:
+            await agent_a.cache("/train/a.bin")
+            await eventually(lambda: _true("node-a" in handlers().fold.nodes() and "node-a" in handlers().beating),
+                             what="node-a's cache folded and its agent seen beating")
+            await agents.delete("node-a")
+            await eventually(lambda: _true("node-a" not in handlers().fold.nodes()), what="node-a forgotten")
+
+            await agent_a.cache("/train/b.bin")
+            await agent_a.snapshot()
+            await eventually(lambda: _true(handlers().counts.get("inventory_node_gone", 0) >= 2),
+                             what="node-a's late events ignored")
+            assert "node-a" not in handlers().fold.nodes()
+            assert metrics.moved("shoal_scheduler_fold_events_total", outcome="node_gone") >= 2
+            assert [score.node for score in (await ask(bus, WHOLE)).scores] == ["node-b"]
+
+            before = len(requests)
+            beat = AgentHeartbeat(node="node-a", labels={ZONE: "z1"}, sent_at=time.time())
+            await agents.put("node-a", msgspec.json.encode(AgentRecord(heartbeat=beat, received_at=time.time())))
+            await eventually(lambda: _true([r for r in requests[before:] if r.node == "node-a"]),
+                             what="node-a asked for its inventory once its agent beats again")
+
+            async def back() -> ScoreReply | None:
+                reply = await ask(bus, WHOLE)
+                return reply if ranking(reply)[:1] == [("node-a", 80)] else None
+
+            await eventually(back, what="node-a's snapshot folded: a.bin and b.bin, 4 of 5 MiB")
+    finally:
+        await listener.unsubscribe()
+
+
 async def _error(bus: Bus) -> ScoreReply | None:
     reply = await ask(bus, WHOLE)
     return reply if reply.error else None
