@@ -12,21 +12,32 @@ Version 1 payloads (one ``[mount, key, etag, index]`` per block) still decode; `
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
 import xxhash
 
-from libs.events.common import Event, ObjectRef
+from libs.events.common import Event, ObjectRef, int_range
+
+# A count, an index or a size in inventory events: never negative. Checked at decode (the event is refused with the
+# field and the bound in its reason): a block taken with a negative size took bytes off the node's other blocks and
+# the dataset's unique bytes. The folds keep no blocks of the events they persist, so no stored record holds these.
+NonNegative = Annotated[int, msgspec.Meta(ge=0)]
+# A part's number and a snapshot's number of parts: from 1.
+Ordinal = Annotated[int, msgspec.Meta(ge=1)]
+# A cache counter: never negative either, but stated in the JSON Schema only (``int_range``), not checked at decode:
+# the dataset service stores each node's counters with its position (``libs.inventory.NodeInventory``), and a
+# record stored with a negative one must still decode. The folds count a negative ``cachedBytes`` as 0.
+CounterValue = Annotated[int, int_range(0)]
 
 
 class BlockId(msgspec.Struct, frozen=True, array_like=True):
     """A block of a file: mount index, object key, ETag and block index. Encoded as a 4-element array."""
 
-    mount: int
+    mount: NonNegative
     key: str
     etag: str
-    index: int
+    index: NonNegative
 
     @property
     def name(self) -> str:
@@ -39,16 +50,16 @@ class BlockId(msgspec.Struct, frozen=True, array_like=True):
 
 class CachedBlock(msgspec.Struct, frozen=True, array_like=True):
     block: BlockId
-    size: int
+    size: NonNegative
 
 
 class CachedFile(msgspec.Struct, frozen=True, array_like=True):
     """Cached blocks of one object version: ``[mount, key, etag, [[index, size], ...]]``."""
 
-    mount: int
+    mount: NonNegative
     key: str
     etag: str
-    blocks: list[tuple[int, int]]
+    blocks: list[tuple[NonNegative, NonNegative]]
 
     def cached_blocks(self) -> Iterator[CachedBlock]:
         for index, size in self.blocks:
@@ -70,19 +81,19 @@ def ungroup(files: Iterable[CachedFile]) -> list[CachedBlock]:
 class CacheCounters(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     """Totals of one (node, dataset) cache at the time of the event."""
 
-    cached_bytes: int = 0
-    capacity_bytes: int = 0
+    cached_bytes: CounterValue = 0
+    capacity_bytes: CounterValue = 0
     # Bytes read since the mount process started: from this node's own cache tiers (``hitBytes``), from the
     # object store (``missBytes``: for this node's readers and for peers), and from other nodes' caches over the
     # peer protocol (``remoteBytes``).
-    hit_bytes: int = 0
-    miss_bytes: int = 0
-    remote_bytes: int = 0
+    hit_bytes: CounterValue = 0
+    miss_bytes: CounterValue = 0
+    remote_bytes: CounterValue = 0
     # Bytes fetched from the object store for DataLoads since the mount process started: no reader asked for them,
     # so they are no miss (the autoscaler's hit ratio is the readers'). Agents before it counted them as misses.
-    loaded_bytes: int = 0
+    loaded_bytes: CounterValue = 0
     # Bytes this node's peer server sent to other nodes.
-    served_bytes: int = 0
+    served_bytes: CounterValue = 0
     # The mount process is still counting the blocks on disk after its start (``BlockCache.scan_rest``): after a
     # crash no index says which are there, and ``cachedBytes`` grows as the count goes (~12 s for 50,000 blocks),
     # so it is partial until an event says false. Absent (false) from agents before it.
@@ -95,9 +106,9 @@ class InventorySnapshot(Event, frozen=True, kw_only=True, tag="agent.inventory.s
     node: str
     dataset: ObjectRef
     incarnation: str
-    seq: int
-    part: int = 1
-    parts: int = 1
+    seq: NonNegative
+    part: Ordinal = 1
+    parts: Ordinal = 1
     files: list[CachedFile] = []
     counters: CacheCounters = CacheCounters()
     # The agent process whose mount sent it (``AgentHeartbeat.instance``): while two agents beat as one node, the
@@ -112,7 +123,7 @@ class InventoryDelta(Event, frozen=True, kw_only=True, tag="agent.inventory.delt
     node: str
     dataset: ObjectRef
     incarnation: str
-    seq: int
+    seq: NonNegative
     cached: list[CachedFile] = []
     evicted: list[CachedFile] = []
     counters: CacheCounters = CacheCounters()
@@ -127,9 +138,9 @@ class InventorySnapshotV1(Event, frozen=True, kw_only=True, tag="agent.inventory
     node: str
     dataset: ObjectRef
     incarnation: str
-    seq: int
-    part: int = 1
-    parts: int = 1
+    seq: NonNegative
+    part: Ordinal = 1
+    parts: Ordinal = 1
     blocks: list[CachedBlock] = []
     counters: CacheCounters = CacheCounters()
 
@@ -140,7 +151,7 @@ class InventoryDeltaV1(Event, frozen=True, kw_only=True, tag="agent.inventory.de
     node: str
     dataset: ObjectRef
     incarnation: str
-    seq: int
+    seq: NonNegative
     cached: list[CachedBlock] = []
     evicted: list[CachedBlock] = []
     counters: CacheCounters = CacheCounters()

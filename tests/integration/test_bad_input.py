@@ -21,7 +21,9 @@ from libs.events.dataset import Dataset, DatasetApply, DatasetSpec, Mount
 from services.dataset import app as dataset_app
 from services.loader import app as loader_app
 from services.runtime import app as runtime_app
+from services.scheduler import app as scheduler_app
 from tests.helpers import FactCollector, dataset_record, eventually, make_settings, running
+from tests.integration.test_scheduler_api import scheduler
 from tests.metric_values import Snapshot, value
 
 HANDLED = "shoal_messages_handled_total"
@@ -513,3 +515,36 @@ async def test_a_mount_url_that_cannot_be_parsed_is_rejected_with_a_reason(
         rejected = await facts.wait_for("dataset.rejected.v1", causationId=apply.id)
         assert reason_part in rejected["reason"], rejected
     assert await dataset_record(bus, "brackets") is None
+
+
+async def test_inventory_with_a_negative_size_or_index_is_refused_with_the_reason(bus: Bus, bus_settings: Settings,
+                                                                                  ) -> None:
+    """Block sizes, block indices, mounts and positions in inventory events are never negative, and the schema says
+    so (``minimum: 0``, checked at decode): such an event is refused with the field and the bound, a dead letter
+    from the dataset service's durable consumer and passed over, counted and logged, by the scheduler's follower.
+    Taken as reported, a negative block size took bytes off the node's other blocks."""
+    subject = subjects.agent_inventory("node-a")
+    good = (b'{"type": "agent.inventory.delta.v2", "node": "node-a", "dataset": {"name": "d", "namespace": "ml"}, '
+            b'"incarnation": "i1", "seq": 1, "cached": [[0, "k", "e1", [[0, 1048576]]]]}')
+    bad = good.replace(b"1048576", b"-5").replace(b'"seq": 1', b'"seq": 2')
+    metrics = Snapshot()
+    with structlog.testing.capture_logs() as logs:
+        async with running(lambda stop: dataset_app.run(bus_settings, stop)), scheduler(bus_settings) as handlers:
+
+            async def folding() -> bool:  # the scheduler's follower starts at the stream's end: once it takes one
+                await bus.js.publish(subject, good)
+                return handlers().counts.get("inventory_unknown_dataset", 0) > 0  # no such dataset: read, ignored
+
+            await eventually(folding, what="the scheduler following the inventory")
+            ack = await bus.js.publish(subject, bad)
+            letter = await dead_letter_for(bus, subject)
+            assert letter["consumer"] == subjects.DURABLE_DATASET_INVENTORY and letter["streamSequence"] == ack.seq
+            assert "Expected `int` >= 0 - at `$.cached[0][3][0][1]`" in letter["reason"]
+
+            async def passed_over() -> Any:
+                return next((line for line in logs if line["event"] == "message passed over"
+                             and line.get("consumer") == scheduler_app.INVENTORY_CONSUMER), None)
+
+            line = await eventually(passed_over, what="the scheduler passing the event over")
+    assert line["seq"] == ack.seq and "Expected `int` >= 0 - at `$.cached[0][3][0][1]`" in line["reason"]
+    assert metrics.moved(HANDLED, consumer=scheduler_app.INVENTORY_CONSUMER, outcome="rejected") == 1
