@@ -127,6 +127,10 @@ def test_churn_leaves_no_bookkeeping_behind() -> None:
                                        dataset=ref))
             state.apply(replace(snapshot(2, blocks("a", "e", [(0, 4), (1, 4)]), node=node,
                                          incarnation=f"j{round_}"), dataset=ref))
+        # The newer node claims 12 bytes of the 8-byte file: an excess, counted when a decision reads the dataset.
+        state.apply(replace(delta(3, blocks("a", "e", [(2, 4)]), node=f"n{round_ + 1}", incarnation=f"j{round_}"),
+                            dataset=ref))
+        assert state.settle(key) == {f"n{round_ + 1}": 4}
         stamps_seen.add(state.versions[key])
         if round_ >= 2:  # the dataset of two rounds ago is deleted, the node of two rounds ago goes away
             gone = ("ml", f"d{round_ - 2}")
@@ -140,12 +144,14 @@ def test_churn_leaves_no_bookkeeping_behind() -> None:
         kept_maps: list[tuple[str, Mapping[tuple[str, str], object]]] = [
             ("versions", state.versions), ("datasets", state.datasets), ("held", state.held),
             ("catalogs", state.catalogs), ("moves", state.moves), ("moves_base", state.moves_base),
-            ("holders", state.holders), ("unique", state.unique)]
+            ("holders", state.holders), ("unique", state.unique), ("excess", state.excess),
+            ("settled", state._settled)]
         for name, kept in kept_maps:
             assert set(kept) <= live_datasets, f"{name} keeps {len(kept)} datasets, {len(live_datasets)} exist"
         assert set(state.node_entries) <= live_nodes
         assert all(set(nodes) <= live_nodes for nodes in state.datasets.values())
         assert all(set(nodes) <= live_nodes for nodes in state.held.values())
+        assert all(set(nodes) <= live_nodes for nodes in state.excess.values())
     assert len(state.versions) == len(live_datasets) == 2
     assert state.nodes() == live_nodes
     # Applied again after being forgotten: a stamp no reader can hold.
@@ -200,6 +206,32 @@ def test_a_block_reported_with_a_negative_size_takes_nothing_from_other_files_or
     assert state.held[KEY] == {"n1": MiB, "n2": MiB} and state.unique[KEY] == 2 * MiB
     state.forget_node("n2")
     assert state.held[KEY] == {"n1": MiB} and state.unique[KEY] == MiB and KEY not in state.reported
+
+
+def test_a_node_claiming_more_of_a_file_than_its_size_counts_the_file_once() -> None:
+    """Blocks partition a file, so a node's blocks of one file count up to the file's size: a lying agent claiming
+    4 MiB of a 1 MiB file scored 100 ("holds 100.0%") and outranked a node holding two thirds of the dataset. The
+    cap is taken where decisions read (``CacheFold.settle``), not per event; ``held`` stays as reported."""
+    state = CacheFold()
+    state.set_catalog(KEY, Catalog([entry("/a", "a", MiB), entry("/b", "b", 2 * MiB)]))
+    state.apply(snapshot(1, blocks("b", "e1", [(0, MiB), (1, MiB)]), node="honest"))
+    state.apply(snapshot(1, blocks("a", "e1", [(0, MiB), (1, MiB)]), node="liar"))
+    state.apply(delta(2, blocks("a", "e1", [(2, MiB), (3, MiB)]), node="liar"))
+    view = LiveView(state, {KEY: 3 * MiB}, lambda node: {}, lambda: [])
+    request = ScoreRequest(datasets=[DatasetUse(name="d", namespace="ml")], limit=0)
+    assert [(s.node, s.score) for s in score(request, view, Weights()).scores] == [("honest", 67), ("liar", 33)]
+    assert view.cached(KEY, ()) == {"honest": 2 * MiB, "liar": MiB}
+    assert view.cached(KEY, ("/",)) == {"honest": 2 * MiB, "liar": MiB}  # a path hint's recount caps it too
+    assert state.held[KEY]["liar"] == 4 * MiB and state.excess[KEY] == {"liar": 3 * MiB}
+    assert state.whole_files(KEY, "liar") == 0 and state.whole_files(KEY, "honest") == 1
+    # Evicting the blocks it never had brings it back within the file's size: nothing is taken off it then.
+    state.apply(delta(3, remove=blocks("a", "e1", [(1, 0), (2, 0), (3, 0)]), node="liar"))
+    assert view.cached(KEY, ()) == {"honest": 2 * MiB, "liar": MiB} and KEY not in state.excess
+    # Forgotten, its excess goes with it.
+    state.apply(delta(4, blocks("a", "e1", [(5, 9 * MiB)]), node="liar"))
+    assert view.cached(KEY, ()) == {"honest": 2 * MiB, "liar": MiB}
+    state.forget_node("liar")
+    assert view.cached(KEY, ()) == {"honest": 2 * MiB} and KEY not in state.excess
 
 
 def test_a_snapshot_of_an_older_incarnation_after_the_newer_ones_events_is_stale() -> None:
@@ -492,6 +524,22 @@ def live_view_steps(sequence: list[tuple[Inventory, bool] | str]) -> None:
                 1 for file, held in cache.files.items()
                 if (size := state.catalogs[KEY].size(file)) is not None and sum(held.values()) == size)
             assert state.whole_files(KEY, node) == recount
+        # What decisions read counts each file of the catalog up to its size (the events claim up to 24 bytes of
+        # these 8-byte files).
+        for key in (KEY, OTHER_KEY):
+            assert kept.column(key, (), places)[0] == [capped_recount(state, key, node) for node in places.nodes]
+
+
+def capped_recount(state: CacheFold, key: tuple[str, str], node: str) -> int:
+    """A node's bytes of the dataset's current files, each file up to its size (every version without a catalog)."""
+    cache = state.datasets.get(key, {}).get(node)
+    catalog = state.catalogs.get(key)
+    if cache is None:
+        return 0
+    if catalog is None:
+        return sum(sum(blocks.values()) for blocks in cache.files.values())
+    return sum(min(sum(blocks.values()), size) for file, blocks in cache.files.items()
+               if (size := catalog.size(file)) is not None)
 
 
 # --- each block once: the bytes of the dataset in the cache, however many nodes hold a block ---
