@@ -7,8 +7,8 @@
   encoded. Deterministic: the same inputs give the same parts, so a restarted loader republishes the same ids.
 - Progress folding: the parts' cumulative ``TaskProgress`` → ``Progress`` (rate, ETA, per node, files done).
 - When a run is due: Once (never ran, or its spec changed since its run), Cron (``croniter``, read and validated
-  as a Kubernetes CronJob reads it, robfig/cron's standard parser; decided from lastScheduleTime, so a missed run
-  runs once and a restart does not run it again), OnEvent (the manifest
+  as a Kubernetes CronJob reads it, robfig/cron's standard parser, ``@every`` too; decided from lastScheduleTime,
+  so a missed run runs once and a restart does not run it again), OnEvent (the manifest
   changed: only new or changed entries), runAfter (wait / go / fail naming the other operation, or the cycle the
   operation is in), TTL expiry (not while a Pending runAfter waits for it).
 """
@@ -19,9 +19,11 @@ import base64
 import contextlib
 import functools
 import itertools
+import math
 import re
 from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Literal, NamedTuple
 
 import msgspec
@@ -112,9 +114,60 @@ def validate_ref(name: str, namespace: str) -> list[str]:
 
 
 # The macros a Kubernetes CronJob's schedule takes (Fluid runs a Cron DataLoad as one), as their five fields. Lower
-# case only, as Kubernetes (robfig/cron). Its ``@every <duration>`` has no cron equivalent.
+# case only, as Kubernetes (robfig/cron). Its ``@every <duration>`` has no cron equivalent: see ``every_seconds``.
 CRON_MACROS = {"@yearly": "0 0 1 1 *", "@annually": "0 0 1 1 *", "@monthly": "0 0 1 * *", "@weekly": "0 0 * * 0",
                "@daily": "0 0 * * *", "@midnight": "0 0 * * *", "@hourly": "0 * * * *"}
+# robfig/cron's interval schedule, which a Kubernetes CronJob takes too (so a Fluid Cron DataLoad may say
+# ``@every 5m``): the prefix with its one space, then a Go duration (``time.ParseDuration``).
+EVERY_PREFIX = "@every "
+_GO_DURATION_UNITS = {"ns": 1, "us": 10**3, "\u00b5s": 10**3, "\u03bcs": 10**3, "ms": 10**6, "s": 10**9,
+                      "m": 60 * 10**9, "h": 3600 * 10**9}
+_GO_DURATION_PIECE = r"([0-9]*(?:\.[0-9]*)?)(ns|us|\u00b5s|\u03bcs|ms|s|m|h)"
+_GO_DURATION = re.compile(rf"[-+]?(?:{_GO_DURATION_PIECE})+")
+# A Go duration is an int64 of nanoseconds (about 292 years); Go refuses a longer one as invalid.
+_GO_MAX_NANOSECONDS = 2**63 - 1
+
+
+def _go_duration_nanoseconds(text: str) -> int | None:
+    """A Go duration ("5m", "1h30m", "1.5h", "300ms", "0") in nanoseconds, or None where Go's ``time.ParseDuration``
+    refuses it (no unit, a unit Go does not have, a space, too long)."""
+    if text in ("0", "+0", "-0"):
+        return 0
+    if not _GO_DURATION.fullmatch(text):
+        return None
+    total = Fraction(0)
+    for number, unit in re.findall(_GO_DURATION_PIECE, text):
+        if number in ("", "."):
+            return None
+        total += Fraction(number) * _GO_DURATION_UNITS[unit]
+    nanoseconds = int(total)
+    if nanoseconds > _GO_MAX_NANOSECONDS:
+        return None
+    return -nanoseconds if text.startswith("-") else nanoseconds
+
+
+def _every_error(schedule: str) -> str:
+    """Why an ``@every`` schedule is not one to run, or ""."""
+    duration = schedule[len(EVERY_PREFIX):]
+    nanoseconds = _go_duration_nanoseconds(duration)
+    if nanoseconds is None:
+        return (f"spec.schedule {schedule!r}: {duration!r} is not a duration: a number and a unit (h, m, s, ms, us, "
+                f"ns), as many as needed, e.g. '@every 5m', '@every 1h30m', '@every 90s'")
+    if nanoseconds <= 0:
+        # robfig/cron would fire it every second; a load every second is no one's intent.
+        return f"spec.schedule {schedule!r}: the interval must be longer than zero, e.g. '@every 5m'"
+    return ""
+
+
+def every_seconds(schedule: str) -> int | None:
+    """The whole seconds between firings of a valid ``@every`` schedule, as robfig/cron counts them (a fraction of a
+    second dropped, under a second fires every second), or None for a schedule of another form."""
+    if not schedule.startswith(EVERY_PREFIX):
+        return None
+    nanoseconds = _go_duration_nanoseconds(schedule[len(EVERY_PREFIX):])
+    if nanoseconds is None or nanoseconds <= 0:
+        return None
+    return max(1, nanoseconds // 10**9)
 
 
 class CronField(NamedTuple):
@@ -171,10 +224,13 @@ def schedule_errors(schedule: str) -> list[str]:
     """Why ``spec.schedule`` is not a schedule a Kubernetes CronJob takes (robfig/cron's standard parser), each
     naming the field and what to write instead, or nothing. croniter alone also took ``L``, ``#``, reversed ranges
     (read as wrapping) and day-of-week 7, which Kubernetes refuses: a Fluid DataLoad must mean the same in both."""
+    if schedule.startswith(EVERY_PREFIX):
+        return [problem] if (problem := _every_error(schedule)) else []
     fields = CRON_MACROS.get(schedule, schedule).split()
     if len(fields) != len(CRON_FIELDS):
         return [f"spec.schedule {schedule!r} is not a valid cron expression: five fields (minute hour day-of-month "
-                f"month day-of-week), e.g. '0 * * * *', or one of {', '.join(CRON_MACROS)}"]
+                f"month day-of-week), e.g. '0 * * * *', one of {', '.join(CRON_MACROS)}, or '@every <duration>' "
+                f"such as '@every 5m'"]
     errors = []
     for text, field in zip(fields, CRON_FIELDS, strict=True):
         for piece in text.split(","):
@@ -1438,7 +1494,9 @@ def next_cron(schedule: str, after: float) -> float:
     restricted, a day matching either one (``0 0 30 2 1``: every Monday of February, though 30 February never
     comes); when either is ``*``, a day matching both. croniter's own either-day search gave up on the first (no 30
     February), so each day field is asked alone and the earlier firing wins. Raises ``CroniterBadDateError`` when
-    no date matches."""
+    no date matches. ``@every``: ``after`` (its whole second) and the interval, robfig/cron's next firing."""
+    if (interval := every_seconds(schedule)) is not None:
+        return float(math.floor(after) + interval)
     fields = CRON_MACROS.get(schedule, schedule).replace("?", "*").split()
     if len(fields) != len(CRON_FIELDS):
         return float(croniter(schedule, after).get_next(float))  # croniter's error for what it cannot read
@@ -1459,10 +1517,17 @@ def next_cron(schedule: str, after: float) -> float:
 def cron_due(schedule: str, last_schedule: str, created_at: str, now: float) -> bool:
     """Due when the first firing after the last run's start (or the creation) has passed: however many firings were
     missed (the loader was down), this is one run, and lastScheduleTime (saved as the run starts) makes it so after
-    a restart too."""
+    a restart too. ``@every``: the firings are the creation plus whole intervals, as a CronJob's (each counted from
+    the firing before, not from the moment the run it started began: counted from ``lastScheduleTime``, every run
+    would move the series by the loader's latency, and a manual run would move it to its own moment)."""
     since = parse_rfc3339(last_schedule) or parse_rfc3339(created_at)
     if since is None:
         return False
+    created = parse_rfc3339(created_at)
+    if (interval := every_seconds(schedule)) is not None and created is not None:
+        anchor = math.floor(created)
+        fired = max(1, math.floor((since - anchor) / interval) + 1)
+        return anchor + fired * interval <= now
     return next_cron(schedule, since) <= now
 
 

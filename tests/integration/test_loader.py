@@ -751,6 +751,34 @@ spec:
         assert done.status.last_schedule_time == "2026-01-01T01:00:10Z"
 
 
+async def test_a_fluid_cron_dataload_every_five_minutes_runs_at_its_firings(bus: Bus, nats_server: NatsServer) -> None:
+    """A Kubernetes CronJob (Fluid's Cron DataLoad) takes robfig/cron's ``@every 5m``; Shoal's loader rejected it
+    ("not a valid cron expression"). Its firings are the creation plus whole intervals, however late a run began."""
+    (command,), _, errors = documents_to_commands(parse_documents("""
+apiVersion: data.fluid.io/v1alpha1
+kind: DataLoad
+metadata: {name: warm}
+spec:
+  dataset: {name: data}
+  policy: Cron
+  schedule: "@every 5m"
+"""))
+    assert errors == [] and isinstance(command.event, DataLoadApply)
+    await put_dataset(bus, files(("a", BLOCK)))
+    await put_runtime(bus, NODES[:1])
+    now = [1_767_225_600.0]  # 2026-01-01T00:00:00Z
+    async with agent(bus, NODES[:1]), loader(nats_server, clock=lambda: now[0]):
+        await publish(bus, command.subject, command.event)
+        pending = await phase_of(bus, "Pending")
+        assert pending.status.runs == 0 and pending.created_at == "2026-01-01T00:00:00Z"
+        now[0] += 300 + 7  # the first firing, seen 7 s late
+        first = await phase_of(bus, "Complete", runs=1)
+        assert first.status.last_schedule_time == "2026-01-01T00:05:07Z"
+        now[0] += 300 - 7  # 00:10:00, the next firing of the series (not 00:10:07)
+        second = await phase_of(bus, "Complete", runs=2)
+    assert second.status.last_schedule_time == "2026-01-01T00:10:00Z"
+
+
 async def test_a_cron_loads_new_schedule_is_observed_at_its_apply_and_runs_at_its_first_firing(
         bus: Bus, nats_server: NatsServer) -> None:
     """Editing a Cron load's schedule moves ``observedGeneration`` to the new generation at once (``kubectl wait``

@@ -101,8 +101,50 @@ def test_kubernetes_cron_macros_are_schedules(macro: str, same: str) -> None:
 
 
 def test_a_macro_kubernetes_refuses_is_refused_too() -> None:
-    for bad in ("@every 5m", "@Hourly", "@often"):
+    for bad in ("@Hourly", "@often", "@every", "@every5m", "@Every 5m"):
         assert "not a valid cron expression" in domain.validate_load(load(policy="Cron", schedule=bad))[0]
+
+
+@pytest.mark.parametrize(("schedule", "seconds"), [
+    ("@every 5m", 300), ("@every 1h30m", 5400), ("@every 1.5h", 5400), ("@every 90s", 90), ("@every .5m", 30),
+    ("@every 1m30.9s", 90), ("@every 300ms", 1), ("@every 2\u00b5s", 1), ("@every 1h0m0s", 3600),
+])
+def test_every_a_go_duration_is_a_schedule_as_in_a_kubernetes_cronjob(schedule: str, seconds: int) -> None:
+    """Fluid runs a Cron DataLoad as a Kubernetes CronJob, whose schedule (robfig/cron's standard parser) takes
+    ``@every <Go duration>``: whole seconds, at least one. Shoal refused it ("not a valid cron expression")."""
+    assert domain.validate_load(load(policy="Cron", schedule=schedule)) == []
+    assert domain.every_seconds(schedule) == seconds
+    assert domain.next_cron(schedule, t("2026-03-04T05:06:07Z") + 0.25) == t("2026-03-04T05:06:07Z") + seconds
+
+
+@pytest.mark.parametrize(("schedule", "reason"), [
+    ("@every 5", "'5' is not a duration: a number and a unit"), ("@every 5 minutes", "is not a duration"),
+    ("@every  5m", "' 5m' is not a duration"), ("@every 5d", "is not a duration"), ("@every .s", "not a duration"),
+    ("@every 0", "longer than zero"), ("@every 0s", "longer than zero"), ("@every -5m", "longer than zero"),
+    ("@every 3000000h", "is not a duration"),
+])
+def test_every_without_a_positive_go_duration_is_refused_saying_why(schedule: str, reason: str) -> None:
+    errors = domain.validate_load(load(policy="Cron", schedule=schedule))
+    assert len(errors) == 1 and reason in errors[0] and repr(schedule) in errors[0], errors
+
+
+def test_every_fires_at_the_creation_plus_whole_intervals_one_run_for_missed_ones() -> None:
+    """As a CronJob's ``@every``: each firing counts from the firing before, not from when its run started (the
+    loader's latency, a manual run), and firings missed while the loader was down are one run."""
+    created = "2026-01-01T00:00:00Z"
+    base = t("2026-01-01T00:00:00Z")
+    assert not domain.cron_due("@every 5m", "", created, base + 299.9)
+    assert domain.cron_due("@every 5m", "", created, base + 300)
+    # The run of the first firing started 4 s late: the next is still at 10 minutes, not 10 minutes and 4 s.
+    late = "2026-01-01T00:05:04Z"
+    assert not domain.cron_due("@every 5m", late, created, base + 599)
+    assert domain.cron_due("@every 5m", late, created, base + 600)
+    # A manual run at 7:30 is no firing of the series: the next is at 10:00.
+    assert domain.cron_due("@every 5m", "2026-01-01T00:07:30Z", created, base + 600)
+    # Down for an hour: one run at its return, then the next firing of the series.
+    back = "2026-01-01T01:02:03Z"
+    assert not domain.cron_due("@every 5m", back, created, base + 3899)
+    assert domain.cron_due("@every 5m", back, created, base + 3900)
 
 
 def test_a_schedule_that_never_fires_is_refused() -> None:
