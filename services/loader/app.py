@@ -44,6 +44,7 @@ from services.loader.handlers import (
     METADATA_TIMEOUT_SECONDS,
     NODE_GONE_SECONDS,
     NODE_SILENT_SECONDS,
+    RUN_AFTER_WAIT_SECONDS,
     SWEEP_SECONDS,
     TASK_STREAMS_SECONDS,
     TICK_SECONDS,
@@ -56,7 +57,8 @@ SERVICE_NAME = "shoal-loader"
 async def run(settings: Settings, stop: asyncio.Event, clock: Callable[[], float] = time.time,
               readiness: Readiness | None = None, metadata_timeout: float = METADATA_TIMEOUT_SECONDS,
               node_gone_timeout: float = NODE_GONE_SECONDS, node_silent_timeout: float = NODE_SILENT_SECONDS,
-              dataset_wait_timeout: float = DATASET_WAIT_SECONDS) -> None:
+              dataset_wait_timeout: float = DATASET_WAIT_SECONDS,
+              run_after_wait_timeout: float = RUN_AFTER_WAIT_SECONDS) -> None:
     readiness = readiness or Readiness()
     bus = await connect(settings.nats, SERVICE_NAME, stop=stop)
     readiness.add("nats", nats_check(bus))
@@ -73,7 +75,8 @@ async def run(settings: Settings, stop: asyncio.Event, clock: Callable[[], float
         handlers = LoaderHandlers(bus, operations, datasets, runs, runtimes, clock,
                                   metadata_timeout=metadata_timeout, node_gone_timeout=node_gone_timeout,
                                   node_silent_timeout=node_silent_timeout,
-                                  dataset_wait_timeout=dataset_wait_timeout)
+                                  dataset_wait_timeout=dataset_wait_timeout,
+                                  run_after_wait_timeout=run_after_wait_timeout)
         max_bytes, max_deliver = settings.service.max_event_bytes, settings.service.max_deliver
         commands = Consumer(
             bus, subjects.STREAM_COMMANDS, subjects.DURABLE_LOADER_COMMANDS, list(subjects.OPERATION_COMMANDS),

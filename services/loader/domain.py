@@ -1623,6 +1623,20 @@ def run_after(ref: OperationRef | None, record: OperationRecord,
     return "wait", f"{name} to be Complete"
 
 
+def run_after_missing(ref: OperationRef, record: OperationRecord, timeout: float) -> str:
+    """The message of a run that waited ``timeout`` seconds for the operation its runAfter names to exist: deleted
+    (the first of a chain: each after it then fails on the one before, ``run_after``) or misspelt, it would have
+    waited for ever. Worded as ``_after_failed``: a Once operation runs once per spec."""
+    name = f"{ref.kind} {ref.namespace or record.metadata.namespace}/{ref.name}"
+    this = f"{record.kind} {record.metadata.namespace}/{record.metadata.name}"
+    if record.load is not None and record.load.policy != "Once":
+        todo = f"apply {name} ({this} runs again at its next firing or sync), or change spec.runAfter"
+    else:
+        todo = (f"apply {name}, then delete and apply again {this} (a Once operation applied unchanged does not "
+                f"run again), or change its spec.runAfter")
+    return f"{name} (spec.runAfter) does not exist (waited {timeout:g} s for it to exist and be Complete); {todo}"
+
+
 def _after_failed(name: str, record: OperationRecord) -> str:
     """What to do when the operation ``record`` runs after (``name``) Failed. Fixing that one alone left a Once
     operation (a DataClean, a Once DataLoad) Failed for good: Once runs once per spec, as in Fluid, so one applied

@@ -91,6 +91,10 @@ NODE_GONE_SECONDS = 120.0
 # (a misspelt spec.dataset, a runtime never applied), as any bad spec does. Long enough for a runtime's agents to
 # start; a loader restart starts the wait again.
 DATASET_WAIT_SECONDS = 600.0
+# A due run waits for the operation its spec.runAfter names to exist (applied in the same file after it, as Fluid
+# requeues), but not for ever: one deleted (the first of a chain), or misspelt, left it and every operation after it
+# Pending for good. As long as the dataset's wait, for the same reasons.
+RUN_AFTER_WAIT_SECONDS = 600.0
 # A run whose parts on a node got no progress from that node (for any run of the dataset: its parts are executed one
 # at a time, another operation's may come first) for this long fails naming the node. A working part reports every
 # second or so; a part its mount process gave up on whose final report was lost (the server delivers it no more)
@@ -138,6 +142,7 @@ class LoaderHandlers:
     node_gone_timeout: float = NODE_GONE_SECONDS
     node_silent_timeout: float = NODE_SILENT_SECONDS
     dataset_wait_timeout: float = DATASET_WAIT_SECONDS
+    run_after_wait_timeout: float = RUN_AFTER_WAIT_SECONDS
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     # The in-memory views of runs below hold at most an entry per operation (or operation and node), never one per
     # run: ``_forget_run`` drops an operation's when its run finishes and when the operation is removed.
@@ -173,6 +178,8 @@ class LoaderHandlers:
     # Operation → (generation, when (monotonic) this process first saw its due run wait for its dataset); a new
     # generation (the spec fixed) waits afresh.
     dataset_waits: dict[str, tuple[int, float]] = field(default_factory=dict)
+    # The same for a due run waiting for its runAfter operation to exist; forgotten once it does.
+    run_after_waits: dict[str, tuple[int, float]] = field(default_factory=dict)
     # Whether the run states and objects of operations gone were looked for since this process started (``sweep``).
     swept: bool = False
     # Operations the tick failed to advance, and when (the tick's clock) that was last logged.
@@ -468,12 +475,15 @@ class LoaderHandlers:
         why = domain.dataset_wait(record, self._mirrored_cluster(record))
         return why is None or record.status.waiting_for != why or self._waited_too_long(key, record)
 
-    def _waited_too_long(self, key: str, record: OperationRecord) -> bool:
-        generation, since = self.dataset_waits.setdefault(key, (record.generation, time.monotonic()))
+    def _waited_too_long(self, key: str, record: OperationRecord,
+                         waits: dict[str, tuple[int, float]] | None = None, timeout: float | None = None) -> bool:
+        waits = self.dataset_waits if waits is None else waits
+        generation, since = waits.setdefault(key, (record.generation, time.monotonic()))
         if generation != record.generation:
-            self.dataset_waits[key] = (record.generation, time.monotonic())
+            waits[key] = (record.generation, time.monotonic())
             return False
-        return domain.waited_too_long(since, time.monotonic(), self.dataset_wait_timeout)
+        return domain.waited_too_long(since, time.monotonic(),
+                                      self.dataset_wait_timeout if timeout is None else timeout)
 
     def _mirrored_cluster(self, record: OperationRecord) -> domain.Cluster:
         ref = domain.dataset_ref(record)
@@ -706,6 +716,11 @@ class LoaderHandlers:
             other = self.operations.values.get(subjects.operation_key(kind, namespace, name))
         decision, why = domain.run_after(spec.run_after, record, other)
         on_operation = decision == "wait"  # a wait decided below is for the dataset
+        if spec.run_after is not None and other is None:
+            if self._waited_too_long(key, record, self.run_after_waits, self.run_after_wait_timeout):
+                decision, why = "fail", domain.run_after_missing(spec.run_after, record, self.run_after_wait_timeout)
+        else:
+            self.run_after_waits.pop(key, None)
         if decision != "go":  # waiting for ever in a cycle, or failing on its neighbour: fail naming the cycle
             cycle = domain.run_after_cycle(
                 record, lambda ref: self.operations.values.get(subjects.operation_key(*ref)))
@@ -729,6 +744,7 @@ class LoaderHandlers:
     async def _start(self, key: str, record: OperationRecord, revision: int | None, state: domain.RunState,
                      trigger: domain.Trigger, now: float, failure: str) -> None:
         self.dataset_waits.pop(key, None)
+        self.run_after_waits.pop(key, None)
         number = record.status.runs + 1
         run = f"{key}.{number}"
         ref = domain.dataset_ref(record)
@@ -1157,6 +1173,7 @@ class LoaderHandlers:
         self.plans.pop(key, None)
         self.published.pop(key, None)
         self.dataset_waits.pop(key, None)
+        self.run_after_waits.pop(key, None)
         self.resynced.pop(key, None)
         self.dirty.discard(key)
         self.written_at.pop(key, None)

@@ -1578,6 +1578,41 @@ async def test_run_requests_while_a_run_is_pending_join_it_not_queue_more(bus: B
                                   "default/first to be Complete; this request joins it"), fact
 
 
+async def test_a_run_after_chain_whose_first_is_deleted_fails_each_after_it_rather_than_wait_for_ever(
+        bus: Bus, nats_server: NatsServer) -> None:
+    """"b" runs after "a", "c" after "b"; "a" is deleted while it executes. "b" waited for "a" to exist and "c" for
+    "b" to be Complete, both for ever. Now "b" fails after the wait's limit saying what is missing and what to do,
+    and "c" fails on "b"."""
+    await put_dataset(bus, files(("f", BLOCK)))
+    await put_runtime(bus, NODES[:1])
+    async with agent(bus, NODES[:1]) as scripted, loader(nats_server, run_after_wait_timeout=2.0):
+        scripted.hold.set()
+        await publish(bus, subjects.DATALOAD_APPLY, dataload(name="a"))
+        await phase_of(bus, "Executing", name="a")
+        await publish(bus, subjects.DATALOAD_APPLY, dataload(name="b", run_after=OperationRef(kind="DataLoad",
+                                                                                               name="a")))
+        await publish(bus, subjects.DATALOAD_APPLY, dataload(
+            name="c", policy="Cron", schedule="0 0 1 1 *", run_after=OperationRef(kind="DataLoad", name="b")))
+        await phase_of(bus, "Pending", name="c")
+        await publish(bus, subjects.DATALOAD_RUN, DataLoadRun(name="c"))
+        await publish(bus, subjects.DATALOAD_DELETE, DataLoadDelete(name="a"))
+
+        async def missing() -> OperationRecord | None:
+            found = await operation(bus, "b")
+            return found if found and found.status.waiting_for.endswith("to exist and be Complete") else None
+
+        assert (await eventually(missing)).status.phase == "Pending"
+        b = await phase_of(bus, "Failed", name="b")
+        c = await phase_of(bus, "Failed", name="c")
+    assert b.status.message == ("DataLoad default/a (spec.runAfter) does not exist (waited 2 s for it to exist and be "
+                                "Complete); apply DataLoad default/a, then delete and apply again DataLoad default/b "
+                                "(a Once operation applied unchanged does not run again), or change its "
+                                "spec.runAfter")
+    assert c.status.message.startswith(f"DataLoad default/b (spec.runAfter) Failed: {b.status.message}; fix "), c
+    assert c.status.message.endswith("(DataLoad default/c runs again at its next firing or sync)"), c
+    assert (b.status.runs, c.status.runs, b.status.waiting_for, c.status.waiting_for) == (1, 1, "", "")
+
+
 async def test_a_run_after_cycle_fails_its_operations_naming_it(bus: Bus, nats_server: NatsServer) -> None:
     """"a" runs after "b" and "b" after "a": neither could ever start. Both fail, naming the cycle, rather than stay
     Pending for ever each waiting for the other; "c", which runs after "a" without being in the cycle, fails on it."""
