@@ -77,8 +77,8 @@ class DataLoadSpec(msgspec.Struct, frozen=True, kw_only=True, rename="camel", om
     # Empty: the whole dataset, one replica.
     target: list[TargetPath] = []
     policy: Policy = "Once"
-    # A cron expression (five fields or a macro such as @hourly, as Kubernetes CronJobs); required for policy Cron,
-    # refused otherwise.
+    # A cron expression (five fields, a macro such as @hourly, or @every <Go duration>, as Kubernetes CronJobs);
+    # required for policy Cron, refused otherwise.
     schedule: str = ""
     run_after: OperationRef | None = None
     ttl_seconds_after_finished: TtlSeconds | None = None
