@@ -20,7 +20,11 @@ load's ring grows twice leaves both runs' files evicted on every node; deleting 
 part, and a DataClean right after it frees the blocks the cancelled part still had in flight; the
 ``shoal`` CLI loads with ``--wait``, lists the DataLoad Complete with its progress, exits non-zero with the loader's
 message for a path the manifest does not have, applies Fluid's DataLoad YAML (``loadMetadata``: an object put after
-the mount is loaded too) and cleans a folder.
+the mount is loaded too) and cleans a folder. Awkward timings: a DataLoad deleted with parts still queued on the
+node (the agent fetches none of them, the loader keeps nothing of it, the name applied again runs afresh), deleted
+and applied again at once while its GETs are held, applied again and again (same and changed specs) while it runs
+(no block fetched twice, the last spec's run ends it), and its dataset deleted under it (Failed naming the dataset,
+the mount gone, no further GET, no plan left).
 """
 
 from __future__ import annotations
@@ -42,14 +46,15 @@ from typing import Any
 import msgspec
 import pytest
 from nats.js import api as js_api
+from nats.js.errors import NotFoundError
 
 from libs import subjects
 from libs.blocks import BlockId, block_count, block_span
-from libs.bus import Bus
+from libs.bus import Bus, kv_load
 from libs.config import Settings
 from libs.events.agent import InventoryRequest
 from libs.events.common import ObjectMeta, ObjectRef, format_bytes
-from libs.events.dataset import ManifestEntry, NodeCache
+from libs.events.dataset import DatasetDelete, ManifestEntry, NodeCache
 from libs.events.operation import (
     CleanTarget,
     DataClean,
@@ -66,6 +71,7 @@ from libs.manifest import ManifestStore
 from libs.ring import owners
 from services.dataset.domain import percentage
 from services.loader import app as loader_app
+from services.loader import domain
 from tests.conftest import NatsServer, SeaweedServer, put_objects
 from tests.faults import HttpProxy
 from tests.helpers import dataset_record, eventually, json_lines, running, runtime_record
@@ -76,6 +82,7 @@ from tests.integration.agent_stack import (
     cluster_stack,
     md5,
     mount_pids,
+    mounted_paths,
     node_stack,
     read_file,
 )
@@ -883,3 +890,165 @@ async def test_a_load_whose_final_report_the_stream_refuses_for_a_while_complete
         progress = done.status.progress
         assert (progress.bytes_done, progress.bytes_skipped, progress.files_done) == (folder_bytes, 0, 2)
         assert sorted(store_gets(stack.store)) == sorted(train), "each block fetched once"
+
+
+async def leftovers(bus: Bus, name: str) -> list[str]:
+    """What the loader still keeps of operation ``name``: its run state, its record, its objects (plan, manifests)."""
+    key = subjects.operation_key("DataLoad", "default", name)
+    found = []
+    for bucket in (subjects.KV_OPERATIONS, subjects.KV_OPERATION_RUNS):
+        value, _ = await kv_load(await bus.kv(bucket), key, msgspec.Raw)
+        if value is not None:
+            found.append(f"{bucket} {key}")
+    store = await ManifestStore.of(bus)
+    try:
+        names = [info.name for info in await store.objects.list(ignore_deletes=True)]
+    except NotFoundError:
+        names = []
+    ours = {subjects.loader_plan(key), subjects.loader_manifest(key), subjects.loader_planned_manifest(key),
+            subjects.loader_cleaned(key)}
+    return found + sorted(n for n in names if n in ours)
+
+
+async def queue_drained(bus: Bus, durable: str) -> bool:
+    consumer = await bus.js.consumer_info(subjects.task_stream(NODE), durable)
+    return consumer.num_pending == 0 and consumer.num_ack_pending == 0
+
+
+async def test_a_dataload_deleted_with_parts_queued_stops_leaves_nothing_and_applied_again_runs_fresh(
+        bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Five parts of one block each (the node works on one at a time): deleted while the store holds the first
+    part's GET, the four others still in the node's task stream. The agent takes them and fetches none, the
+    loader keeps nothing of the operation, and the same name applied again is a new run that fetches each block
+    the first did not, once."""
+    monkeypatch.setattr(domain, "MAX_PART_BLOCKS", 1)
+    async with single(bus, settings, seaweedfs, bucket, tmp_path, load_concurrency=2) as stack, loader(settings):
+        record = await dataset_record(bus, NAME)
+        assert record is not None
+        durable = subjects.task_durable(NODE, "default", NAME, record.incarnation)
+        stack.store.hold()
+        await bus.publish(subjects.DATALOAD_APPLY, dataload("doomed", dataset=NAME))
+
+        async def first_held() -> bool:
+            return stack.store.waiting == 1
+
+        await eventually(first_held, what="the first part's GET held")
+        started = await operation(bus, "doomed")
+        assert started is not None and started.status.phase == "Executing" and started.status.runs == 1
+        await bus.publish(subjects.DATALOAD_DELETE, DataLoadDelete(name="doomed"))
+
+        async def nothing_left() -> list[str] | None:
+            found = await leftovers(bus, "doomed")
+            return None if found else ["nothing"]
+
+        await eventually(nothing_left, what="no record, run state or object of the deleted DataLoad")
+        stack.store.release()
+        await eventually(lambda: queue_drained(bus, durable), what="the deleted run's parts taken off the queue")
+        fetched = store_gets(stack.store)
+        assert len(fetched) == 1, fetched  # the held one, nothing of the four queued parts
+
+        await bus.publish(subjects.DATALOAD_APPLY, dataload("doomed", dataset=NAME))
+        again = await finished(bus, "doomed", runs=2)
+        assert again.status.progress.bytes_total == sum(e.size for e in stack.entries.values()), again.status
+        gets = store_gets(stack.store)
+        assert sorted(gets) == sorted(set(gets)), Counter(gets)  # no block fetched twice
+        assert set(gets) == set(blocks_under(stack.entries, "")), gets
+        assert not [n for n in await leftovers(bus, "doomed") if n.startswith("loader.")], "the plan goes at the end"
+
+
+async def test_the_dataset_deleted_mid_load_fails_the_load_naming_it_stops_the_agent_and_leaves_nothing(
+        bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(domain, "MAX_PART_BLOCKS", 1)
+    async with single(bus, settings, seaweedfs, bucket, tmp_path, load_concurrency=2) as stack, loader(settings):
+        stack.store.hold()
+        await bus.publish(subjects.DATALOAD_APPLY, dataload("doomed", dataset=NAME))
+
+        async def first_held() -> bool:
+            return stack.store.waiting == 1
+
+        await eventually(first_held, what="the first part's GET held")
+        await bus.publish(subjects.DATASET_DELETE, DatasetDelete(name=NAME))
+        failed = await phase_of(bus, "Failed", name="doomed", runs=1)
+        assert f"dataset default/{NAME} was deleted while this run was working" in failed.status.message, failed
+        stack.store.release()
+
+        async def unmounted() -> bool:
+            return str(stack.mount) not in mounted_paths() and await dataset_record(bus, NAME) is None
+
+        await eventually(unmounted, 30, "the dataset gone and its mount with it")
+        assert len(store_gets(stack.store)) == 1, store_gets(stack.store)
+        key = subjects.operation_key("DataLoad", "default", "doomed")
+        assert [n for n in await leftovers(bus, "doomed") if n.startswith("loader.")] == [], "its plan removed"
+        state, _ = await kv_load(await bus.kv(subjects.KV_OPERATION_RUNS), key, msgspec.Raw)
+        assert state is None or b'"parts":[]' in bytes(state) or b'"parts"' not in bytes(state), bytes(state or b"")
+
+
+async def test_a_dataload_applied_again_and_again_while_it_runs_fetches_no_block_twice_and_ends_on_the_last_spec(
+        bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path) -> None:
+    async with single(bus, settings, seaweedfs, bucket, tmp_path, load_concurrency=2) as stack, loader(settings):
+        stack.store.hold()
+        train = dataload("again", dataset=NAME, target=[TargetPath(path="/train")])
+        await bus.publish(subjects.DATALOAD_APPLY, train)
+
+        async def two_held() -> bool:
+            return stack.store.waiting == 2
+
+        await eventually(two_held, what="two block GETs held (SHOAL_LOAD_CONCURRENCY=2)")
+        for _ in range(3):  # the same spec: nothing changes
+            await bus.publish(subjects.DATALOAD_APPLY, dataload("again", dataset=NAME,
+                                                                target=[TargetPath(path="/train")]))
+        for targets in (["/train", "/val"], ["/val", "/top.bin", "/train/sub"], ["/train", "/val", "/top.bin"]):
+            await bus.publish(subjects.DATALOAD_APPLY, dataload("again", dataset=NAME,
+                                                                target=[TargetPath(path=p) for p in targets]))
+
+        async def last_taken_in() -> OperationRecord | None:
+            record = await operation(bus, "again")
+            return record if record is not None and record.generation == 4 else None
+
+        await eventually(last_taken_in, what="the last spec taken in (generation 4)")
+        stack.store.release()
+
+        async def settled() -> OperationRecord | None:
+            record = await operation(bus, "again")
+            if record is None or record.status.phase not in ("Complete", "Failed"):
+                return None
+            return record if record.status.observed_generation == record.generation else None
+
+        done = await eventually(settled, 60, "a run of the last spec over")
+        assert done.status.phase == "Complete", done.status
+        assert [t.path for t in done.load.target] == ["/train", "/val", "/top.bin"] if done.load else False
+        last = blocks_under(stack.entries, "train/") | blocks_under(stack.entries, "val/") \
+            | blocks_under(stack.entries, "top.bin")
+        assert done.status.progress.bytes_total == sum(size_of(stack.entries[b.key], b.index) for b in last.values())
+        gets = store_gets(stack.store)
+        assert sorted(gets) == sorted(set(gets)), Counter(gets)  # no block fetched twice
+        assert set(gets) == set(last), gets
+        assert cached(await snapshot(bus, NODE, NAME)) == pairs(last)
+
+
+async def test_a_dataload_deleted_and_applied_again_at_once_while_its_gets_are_held_fetches_no_block_twice(
+        bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path) -> None:
+    async with single(bus, settings, seaweedfs, bucket, tmp_path, load_concurrency=2) as stack, loader(settings):
+        stack.store.hold()
+        await bus.publish(subjects.DATALOAD_APPLY, dataload("twice", dataset=NAME))
+
+        async def two_held() -> bool:
+            return stack.store.waiting == 2
+
+        await eventually(two_held, what="two block GETs held (SHOAL_LOAD_CONCURRENCY=2)")
+        await bus.publish(subjects.DATALOAD_DELETE, DataLoadDelete(name="twice"))
+        await bus.publish(subjects.DATALOAD_APPLY, dataload("twice", dataset=NAME))
+
+        async def second_run() -> OperationRecord | None:
+            record = await operation(bus, "twice")
+            return record if record is not None and record.status.runs == 2 else None
+
+        await eventually(second_run, what="the operation applied again, its run 2 started")
+        stack.store.release()
+        done = await finished(bus, "twice", runs=2)
+        gets = store_gets(stack.store)
+        assert sorted(gets) == sorted(set(gets)), Counter(gets)  # no block fetched twice
+        assert set(gets) == set(blocks_under(stack.entries, "")), gets
+        assert done.status.progress.bytes_total == sum(e.size for e in stack.entries.values())
