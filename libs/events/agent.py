@@ -238,8 +238,12 @@ class TierDisk(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omit_d
     # The directory as the runtimes' tiers name it, written one way (``libs.hostpaths.normal_path``).
     path: str
     # Bytes of the file system, and those free for an unprivileged writer (``f_bavail``), when the beat was made.
+    # 0: the agent could not read it (listed all the same: ``AgentHeartbeat.tier_disks_complete``).
     size_bytes: int = 0
     free_bytes: int = 0
+    # The file system's device (``st_dev`` of the directory, or of that nearest folder): directories with the same
+    # one share a disk, and the quotas given to them add up on it. 0: an agent before it (each weighed alone).
+    device: int = 0
 
 
 class MountGroup(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omit_defaults=True):
@@ -301,6 +305,10 @@ class AgentHeartbeat(Event, frozen=True, kw_only=True, tag="agent.heartbeat.v1",
     # The file system under each disk tier directory of the runtimes the agent serves (at most
     # ``services.agent.domain.TIER_DISKS_SHOWN``, by path). Absent from agents before it: quotas not weighed.
     tier_disks: list[TierDisk] = []
+    # True: ``tierDisks`` lists every disk tier directory of the runtimes the agent served when it beat, so a tier
+    # directory missing from it is one of a runtime newer than the beat (the runtime service waits for the next beat
+    # before it picks the node). False: an agent before it, or more directories than ``TIER_DISKS_SHOWN``.
+    tier_disks_complete: bool = False
 
     def serves(self, namespace: str, name: str) -> bool:
         """Whether the node serves the runtime ``namespace/name``."""

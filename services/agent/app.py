@@ -952,9 +952,10 @@ class NodeAgent:
         self.export_cache_dirs()
         levels = [record.runtime.spec.tieredstore.levels for record in self.runtimes.values.values()
                   if domain.serves(record, agent.runtimes)]
-        disks = await asyncio.to_thread(tier_disks, domain.tier_disk_directories(levels))
+        directories, complete = domain.tier_disk_directories(levels)
+        disks = await asyncio.to_thread(tier_disks, directories)
         beat = AgentHeartbeat(
-            node=agent.node_name, tier_disks=disks,
+            node=agent.node_name, tier_disks=disks, tier_disks_complete=complete,
             runtimes=[ObjectRef(name=name, namespace=namespace) for namespace, name in served],
             all_runtimes=not agent.runtimes,
             healthy=not problems, mount_health=True, problems=domain.capped_problems(problems), sent_at=self.clock(),
@@ -975,20 +976,22 @@ class NodeAgent:
 
 
 def tier_disks(directories: list[str]) -> list[TierDisk]:
-    """The file system of each tier directory: ``statvfs`` of the directory, or of its nearest folder that exists (a
-    cache makes its directory at its first start, on the file system of that folder). One that cannot be read is
-    left out: the runtime service then weighs nothing for it."""
+    """The file system of each tier directory: ``statvfs`` and the device (``st_dev``) of the directory, or of its
+    nearest folder that exists (a cache makes its directory at its first start, on the file system of that folder).
+    One that cannot be read is listed without a size: the runtime service then weighs nothing for it, and knows the
+    agent has seen it (``AgentHeartbeat.tier_disks_complete``)."""
     found = []
     for directory in directories:
         path = directory
         while not os.path.isdir(path) and path != os.path.dirname(path):
             path = os.path.dirname(path)
         try:
-            fs = os.statvfs(path)
+            fs, device = os.statvfs(path), os.stat(path).st_dev
         except OSError:
+            found.append(TierDisk(path=directory))
             continue
         found.append(TierDisk(path=directory, size_bytes=fs.f_blocks * fs.f_frsize,
-                              free_bytes=fs.f_bavail * fs.f_frsize))
+                              free_bytes=fs.f_bavail * fs.f_frsize, device=device))
     return found
 
 

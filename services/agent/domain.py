@@ -164,10 +164,11 @@ def disk_directories(levels: Iterable[Level]) -> list[str]:
 TIER_DISKS_SHOWN = 64
 
 
-def tier_disk_directories(levels: Iterable[Sequence[Level]]) -> list[str]:
+def tier_disk_directories(levels: Iterable[Sequence[Level]]) -> tuple[list[str], bool]:
     """The disk tier directories of the served runtimes' ``levels`` whose file systems the heartbeat reports, by
-    path, ``TIER_DISKS_SHOWN`` at most."""
-    return sorted({directory for tiers in levels for directory in disk_directories(tiers)})[:TIER_DISKS_SHOWN]
+    path, ``TIER_DISKS_SHOWN`` at most, and whether that is all of them (``AgentHeartbeat.tier_disks_complete``)."""
+    directories = sorted({directory for tiers in levels for directory in disk_directories(tiers)})
+    return directories[:TIER_DISKS_SHOWN], len(directories) <= TIER_DISKS_SHOWN
 
 
 def retired_directories(retired: Iterable[Level], current: Sequence[Level]) -> list[str]:

@@ -11,7 +11,9 @@ problems, and keeps a Bound dataset Bound: its mounts may still serve reads); No
 serving it, and names those that are not. The ``ReadsFailing`` condition is there while a serving node's mount reports
 failed reads (ESTALE: the object changed since the sync; EIO: the store failed) within the last minute, naming
 per node how many, the latest file, its reason and when; it goes once they stop or succeed again. Its counts and
-times are written at most once a minute, its nodes and reasons at once (``reads_condition``).
+times are written at most once a minute, its nodes and reasons at once (``reads_condition``). The ``TiersFit``
+condition is False while the tier quotas fit no serving node's disk, so there is no cache worker
+(``tiers_fit_condition``).
 
 Cache workers (Fluid's workers; every other serving node is a client that mounts the dataset and reads through
 them): ``replicas`` agents picked among those serving the runtime, honouring the Dataset's required
@@ -47,7 +49,7 @@ from typing import Any
 import msgspec
 
 from libs import affinity
-from libs.events.agent import AgentHeartbeat, AgentRecord
+from libs.events.agent import AgentHeartbeat, AgentRecord, TierDisk
 from libs.events.common import (
     DNS1123_LABEL,
     DNS1123_SUBDOMAIN,
@@ -94,6 +96,8 @@ MISSED_BEATS = 3
 CONDITION_MOUNTED = "Mounted"
 # True while a node's mount of the dataset reports failed reads (absent otherwise).
 CONDITION_READS = "ReadsFailing"
+# False while the tier quotas fit no serving node's disks, so there is no cache worker (absent otherwise).
+CONDITION_TIERS_FIT = "TiersFit"
 # Nodes a ReadsFailing or Mounted message names (the rest are counted): a status line, however many nodes fail.
 READS_NODES_SHOWN = 3
 # Agents not picked that ``status.notPicked`` lists, at most so many of one reason (node-name order), and how many
@@ -521,6 +525,10 @@ class Placement:
     found: bool = True
 
 
+# One disk tier directory of a runtime with its quota: (index of its tier, directory as given, bytes).
+DiskQuota = tuple[int, str, int]
+
+
 @dataclass(frozen=True)
 class OtherRuntime:
     """Another runtime's cache workers, for placement: an Exclusive one shares its workers with nobody."""
@@ -528,6 +536,8 @@ class OtherRuntime:
     key: str
     exclusive: bool
     workers: tuple[str, ...]
+    # Its disk tier directories and their quotas (``disk_quotas``): they share its workers' disks with this one's.
+    disk_quotas: tuple[DiskQuota, ...] = ()
 
 
 def placement_of(dataset: DatasetSpec | None) -> Placement:
@@ -552,27 +562,104 @@ def ineligible_reason(node: str, labels: Mapping[str, str], placement: Placement
     return conflict.reason if conflict is not None else None
 
 
-def quota_over_disk(runtime: Runtime, beat: AgentHeartbeat) -> str | None:
-    """Why the node's disks cannot hold the runtime's tiers, or None: a disk tier directory whose quota (its share
-    of the tier's, or its ``quotaList`` entry) is more than the whole file system the node's agent reports under it
-    (``AgentHeartbeat.tierDisks``). Such a tier fills the disk long before its watermarks evict: its writes then
-    fail, and so do those of everything else on that disk. Not weighed for a directory the agent did not report
-    (an agent before the field, a directory it could not read)."""
-    disks = {disk.path: disk for disk in beat.tier_disks}
+def disk_quotas(runtime: Runtime) -> tuple[DiskQuota, ...]:
+    """Each disk tier directory of the runtime with its quota (its share of the tier's, or its ``quotaList``
+    entry), in tier order. A tier whose quotas cannot be read is left out (refused at apply)."""
+    found: list[DiskQuota] = []
     for index, level in enumerate(runtime.spec.tieredstore.levels):
         if level.mediumtype == "MEM":
             continue
         try:
-            quotas = directory_quotas(level)
+            found.extend((index, directory, quota) for directory, quota in directory_quotas(level))
         except ValueError:
-            continue  # refused at apply
-        for directory, quota in quotas:
-            disk = disks.get(normal_path(directory))
-            if disk is not None and 0 < disk.size_bytes < quota:
-                return (f"spec.tieredstore.levels[{index}] gives {directory} a quota of {format_bytes(quota)}, more "
-                        f"than its file system on this node ({format_bytes(disk.size_bytes)}, "
-                        f"{format_bytes(disk.free_bytes)} free): lower the quota, or give a larger disk")
+            continue
+    return tuple(found)
+
+
+def _same_disk(disk: TierDisk | None, other: TierDisk) -> bool:
+    """Whether ``disk`` is the file system of ``other``: the same directory, or the same device (0: unknown)."""
+    return disk is not None and (disk.path == other.path or (disk.device != 0 and disk.device == other.device))
+
+
+def disk_over(runtime: Runtime, beat: AgentHeartbeat, others: Iterable[OtherRuntime] = ()) -> str | None:
+    """Why the node's disks cannot hold the runtime's tiers, or None: a disk tier directory whose quota, added to
+    those of the other directories on the same file system (the runtime's own, and those of the other runtimes
+    whose worker the node is: ``OtherRuntime.disk_quotas``), is more than the whole file system the node's agent
+    reports under it (``AgentHeartbeat.tierDisks``; one device, ``TierDisk.device``). Not weighed for a directory
+    the agent did not report or could not read."""
+    disks = {disk.path: disk for disk in beat.tier_disks}
+    mine = disk_quotas(runtime)
+    theirs = [(other.key, quota) for other in sorted(others, key=lambda o: o.key) if beat.node in other.workers
+              for quota in other.disk_quotas]
+    for index, directory, quota in mine:
+        disk = disks.get(normal_path(directory))
+        if disk is None or disk.size_bytes <= 0:
+            continue
+        sharing = [(f"spec.tieredstore.levels[{i}]", path, bytes_) for i, path, bytes_ in mine
+                   if (i, path) != (index, directory) and _same_disk(disks.get(normal_path(path)), disk)]
+        sharing += [(f"runtime {key}, whose worker this node is", path, bytes_) for key, (_, path, bytes_) in theirs
+                    if _same_disk(disks.get(normal_path(path)), disk)]
+        total = quota + sum(bytes_ for _, _, bytes_ in sharing)
+        if total <= disk.size_bytes:
+            continue
+        # The size alone: the free bytes move at every beat, and each change would be a status write and a fact.
+        fs = f"({format_bytes(disk.size_bytes)})"
+        given = f"spec.tieredstore.levels[{index}] gives {directory} a quota of {format_bytes(quota)}"
+        if not sharing:
+            return (f"{given}, more than its file system on this node {fs}: lower the quota, or give a larger "
+                    "disk")
+        shared = " and ".join(f"{path} ({who}, {format_bytes(bytes_)})" for who, path, bytes_ in sharing)
+        return (f"{given}, on one file system with {shared}: {format_bytes(total)} in all, more than that file "
+                f"system on this node {fs}: lower the quotas, or give them a larger disk or disks apart")
     return None
+
+
+def disk_unseen(runtime: Runtime, beat: AgentHeartbeat) -> str | None:
+    """Why the node is not picked yet: its agent reports every tier directory of the runtimes it serves
+    (``AgentHeartbeat.tier_disks_complete``) but not one of this runtime's, so the runtime is newer than its last
+    heartbeat (an agent serving every runtime serves it at once). Picked now, the node would be dropped at its next
+    beat if its disk is too small: a mount started, then stopped. None when every one is reported, or the agent
+    does not say it reports them all (an agent before it: not weighed)."""
+    if not beat.tier_disks_complete:
+        return None
+    reported = {disk.path for disk in beat.tier_disks}
+    unseen = [directory for _, directory, _ in disk_quotas(runtime) if normal_path(directory) not in reported]
+    if not unseen:
+        return None
+    return (f"waiting for its agent to report the file system under {unseen[0]} (the runtime is newer than its last "
+            "heartbeat)")
+
+
+def tiers_fit_condition(runtime: Runtime, serving: Sequence[AgentHeartbeat], others: Iterable[OtherRuntime],
+                        now: float) -> Condition | None:
+    """``TiersFit`` False when the runtime's tier quotas fit no serving node's disks (``disk_over`` for every one),
+    so it has no cache worker at all; its message names the first node's reason and the largest file system seen
+    under the runtime's tier directories (the most a directory's quota can be). None otherwise, and with no serving
+    node."""
+    others = tuple(others)
+    reasons = [(beat.node, disk_over(runtime, beat, others)) for beat in serving]
+    if not reasons or any(reason is None for _, reason in reasons):
+        return None
+    directories = {normal_path(directory) for _, directory, _ in disk_quotas(runtime)}
+    seen = sorted(((disk.size_bytes, beat.node, disk) for beat in serving for disk in beat.tier_disks
+                   if disk.path in directories and disk.size_bytes > 0), key=lambda found: (-found[0], found[1]))
+    node, reason = reasons[0]
+    message = f"the tier quotas fit no node's disk, so no cache worker: {node}: {reason}"
+    if seen:  # always, as a reason above weighed a reported disk
+        size, where, disk = seen[0]
+        message += (f"; the largest file system seen under this runtime's tier directories is {format_bytes(size)} "
+                    f"({where}, {disk.path})")
+    return Condition(type=CONDITION_TIERS_FIT, status="False", reason="QuotaOverDisk", message=message,
+                     last_transition_time=rfc3339(now))
+
+
+def quota_over_disk(runtime: Runtime, beat: AgentHeartbeat, others: Iterable[OtherRuntime] = (),
+                    worker: bool = False) -> str | None:
+    """Why the node's disks keep it from being the runtime's cache worker, or None: they cannot hold its tiers
+    (``disk_over``); or, unless it is a worker already (``worker``: kept until the report comes), its agent has not
+    reported them yet (``disk_unseen``). Such a tier fills the disk long before its watermarks evict: its writes
+    then fail, and so do those of everything else on that disk."""
+    return disk_over(runtime, beat, others) or (None if worker else disk_unseen(runtime, beat))
 
 
 @dataclass(frozen=True)
@@ -673,7 +760,7 @@ def choose_workers(runtime: Runtime, current: Sequence[CacheWorker], agents: Map
             beat = agents[node].heartbeat
             reasons[node] = (missing or node_conflict(agents[node], now)
                              or ineligible_reason(node, beat.labels, placement, others, node in current_nodes)
-                             or quota_over_disk(runtime, beat))
+                             or quota_over_disk(runtime, beat, others, node in current_nodes))
         return reasons[node]
 
     # Whether a worker has no record to judge it by, and is kept all the same (see ``keep_absent``).
@@ -819,8 +906,11 @@ def runtime_status(record: RuntimeRecord, agents: Iterable[AgentRecord], now: fl
         phase, message = "PartialReady", "; ".join([ready, *unhealthy])
     else:
         phase, message = "NotReady", f"0 of {desired} agents ready: waiting for agent heartbeats"
+    fits = tiers_fit_condition(runtime, serving, others, now) if desired_workers and not workers else None
     # Fewer ready workers than the ready agents could give: not for want of agents, so the message says why.
-    if len(ready_workers) < min(len(nodes), desired_workers):
+    if fits is not None:
+        message = f"{message}; {fits.message}" if message else fits.message
+    elif len(ready_workers) < min(len(nodes), desired_workers):
         shortfall = worker_shortfall(runtime, len(ready_workers), desired_workers, picks.not_picked, nodes,
                                      [w.node for w in workers if not w.ready], by_node, now)
         # The reason names the cause; what to change when it is Exclusive placement is said once, here.
@@ -850,6 +940,7 @@ def runtime_status(record: RuntimeRecord, agents: Iterable[AgentRecord], now: fl
     mounted = mount_condition(runtime, serving, now)
     conditions = with_condition(record.status.conditions, CONDITION_MOUNTED, mounted)
     conditions = with_condition(conditions, CONDITION_DATASET, missing)
+    conditions = with_condition(conditions, CONDITION_TIERS_FIT, fits)
     reads, reads_shown = reads_condition(runtime, serving, now,
                                          find_condition(record.status.conditions, CONDITION_READS),
                                          record.status.reads_failing)

@@ -414,7 +414,8 @@ class RuntimeHandlers:
     def others(self, key: str) -> list[domain.OtherRuntime]:
         return [domain.OtherRuntime(f"{record.runtime.metadata.namespace}/{record.runtime.metadata.name}",
                                     self.placement(other).exclusive,
-                                    tuple(worker.node for worker in record.status.workers))
+                                    tuple(worker.node for worker in record.status.workers),
+                                    domain.disk_quotas(record.runtime))
                 for other, record in self.runtimes.values.items() if other != key and record.status.workers]
 
     async def check_placements(self) -> None:

@@ -12,17 +12,21 @@ import shutil
 from pathlib import Path
 
 import aiohttp
+from click.testing import CliRunner
 from prometheus_client import REGISTRY
 
 from libs import subjects
 from libs.bus import Bus, kv_load
+from libs.cli.main import cli
 from libs.config import Settings
 from libs.embedded import LOOPBACK
 from libs.events.agent import AgentHeartbeat, AgentRecord
-from libs.events.runtime import RuntimeRecord
+from libs.events.common import ObjectMeta, format_bytes
+from libs.events.dataset import Dataset, DatasetApply, DatasetSpec, Mount, find_condition
+from libs.events.runtime import Level, Runtime, RuntimeApply, RuntimeRecord, RuntimeSpec, TieredStore
 from libs.side_server import Readiness, SideServer
 from tests.conftest import SeaweedServer, put_objects
-from tests.helpers import eventually, runtime_record
+from tests.helpers import FactCollector, dataset_record, eventually, runtime_record
 from tests.integration.agent_stack import NODE, Node, node_stack, read_file, run_tool, scrape, series
 from tests.integration.test_agent_cache import drop_page_cache, mount_pids
 
@@ -41,6 +45,11 @@ async def listening_port(pids: list[int]) -> int | None:
 async def last_beat(bus: Bus) -> AgentHeartbeat | None:
     record, _ = await kv_load(await bus.kv(subjects.KV_AGENTS), NODE, AgentRecord)
     return record.heartbeat if record is not None else None
+
+
+async def newer_beat(bus: Bus, than: AgentHeartbeat) -> AgentHeartbeat | None:
+    beat = await last_beat(bus)
+    return beat if beat is not None and beat.sent_at > than.sent_at else None
 
 
 async def unhealthy_with(node: Node, text: str) -> AgentHeartbeat | None:
@@ -187,31 +196,84 @@ async def test_a_cache_directory_down_makes_the_node_unhealthy_only_for_its_own_
         assert str(dataset_cache) not in well.status.message
 
 
-async def test_a_tier_quota_larger_than_the_nodes_disk_is_said_and_the_node_not_picked(
+async def test_a_tier_quota_larger_than_the_nodes_disk_is_said_and_the_node_never_picked(
         bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path) -> None:
     # A runtime could ask a tier quota of 1Pi on a disk of a few GiB and have the node picked as its cache worker:
     # the tier fills the disk long before its watermarks evict. The agent now reports the file system under each
     # tier directory in its heartbeat, and the runtime service does not pick a node whose disk is smaller, saying why.
+    # Not even at first: the agent serves every runtime, so the node served the new runtime before its agent had
+    # seen it, and was picked unweighed, then dropped one beat later (a mount started, then stopped). And with no
+    # node able to hold the tiers, the runtime says so (TiersFit), and ``shoal describe runtime`` shows it.
     await put_objects(seaweedfs, bucket, {"a.bin": b"a" * 1000})
+    facts = FactCollector()
+    await facts.start(bus, subjects.RUNTIME_STATUS)
     async with node_stack(bus, settings, seaweedfs, tmp_path) as node:
-        await node.apply("huge", bucket, ssd="1Pi")
+        # The Dataset first, so the runtime's apply finds it and picks at once, from the agent's beat before it.
+        await bus.publish(subjects.DATASET_APPLY, DatasetApply(dataset=Dataset(
+            metadata=ObjectMeta(name="huge"), spec=DatasetSpec(mounts=[Mount(mount_point=f"s3://{bucket}/")]))))
+        await eventually(lambda: dataset_record(bus, "huge"), 15, "the dataset applied")
+        first = await eventually(lambda: last_beat(bus), 15, "a heartbeat")
+        await eventually(lambda: newer_beat(bus, first), 15, "a heartbeat after the dataset")
+        await bus.publish(subjects.RUNTIME_APPLY, RuntimeApply(runtime=Runtime(metadata=ObjectMeta(name="huge"), spec=(
+            RuntimeSpec(tieredstore=TieredStore(levels=[Level(mediumtype="SSD", quota="1Pi", path=str(node.cache_dir))])
+                        )))))
 
         async def beat_with_disk() -> AgentHeartbeat | None:
             beat = await last_beat(bus)
             return beat if beat is not None and beat.tier_disks else None
 
         beat = await eventually(beat_with_disk, 15, "a heartbeat with the tier directory's file system")
-        fs = os.statvfs(node.cache_dir if node.cache_dir.is_dir() else node.cache_dir.parent)
+        folder = node.cache_dir if node.cache_dir.is_dir() else node.cache_dir.parent
+        fs = os.statvfs(folder)
         [disk] = beat.tier_disks
         assert (disk.path, disk.size_bytes) == (str(node.cache_dir), fs.f_blocks * fs.f_frsize)
         assert 0 < disk.free_bytes <= disk.size_bytes
+        assert disk.device == os.stat(folder).st_dev and beat.tier_disks_complete
 
         async def not_picked() -> RuntimeRecord | None:
             record = await runtime_record(node.bus, "huge")
-            return record if record is not None and record.status.not_picked else None
+            return record if record is not None and find_condition(record.status.conditions, "TiersFit") else None
 
         record = await eventually(not_picked, 15, "the runtime saying why the node is no cache worker")
         assert record.status.workers == [] and [entry.node for entry in record.status.not_picked] == [NODE]
         reason = record.status.not_picked[0].reason
         assert f"gives {node.cache_dir} a quota of 1.00PiB, more than its file system on this node" in reason
-        assert "more than its file system" in record.status.message, record.status.message
+        largest = (f"the largest file system seen under this runtime's tier directories is "
+                   f"{format_bytes(disk.size_bytes)} ({NODE}, {node.cache_dir})")
+        condition = find_condition(record.status.conditions, "TiersFit")
+        assert condition is not None and (condition.status, condition.reason) == ("False", "QuotaOverDisk")
+        assert largest in condition.message and largest in record.status.message, record.status.message
+        described = await asyncio.to_thread(CliRunner().invoke, cli, ["--nats", settings.nats.urls[0], "describe",
+                                                                      "runtime", "huge"])
+        assert described.exit_code == 0 and "QuotaOverDisk" in described.stdout, described.output
+        assert largest in described.stdout, described.stdout
+        await bus.nc.flush()
+    picked = [fact["status"].get("workers") for fact in facts.of_type("runtime.status.v1", name="huge")
+              if fact["status"].get("workers")]
+    assert picked == [], "the node was picked before its disk was weighed, then dropped"
+
+
+async def test_two_tiers_on_one_file_system_are_weighed_together(
+        bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path) -> None:
+    # Two tiers each of 60% of one disk were each weighed alone against it, and the node picked: together they fill
+    # it. The agent reports each directory's device, and the runtime service sums the quotas that share one.
+    await put_objects(seaweedfs, bucket, {"a.bin": b"a" * 1000})
+    fs = os.statvfs(tmp_path)
+    share = fs.f_blocks * fs.f_frsize * 6 // 10
+    async with node_stack(bus, settings, seaweedfs, tmp_path) as node:
+        levels = [Level(mediumtype="SSD", quota=share, path=str(node.cache_dir / "ssd")),
+                  Level(mediumtype="HDD", quota=share, path=str(node.cache_dir / "hdd"))]
+        await bus.publish(subjects.RUNTIME_APPLY, RuntimeApply(runtime=Runtime(
+            metadata=ObjectMeta(name="twice"), spec=RuntimeSpec(tieredstore=TieredStore(levels=levels)))))
+        await bus.publish(subjects.DATASET_APPLY, DatasetApply(dataset=Dataset(
+            metadata=ObjectMeta(name="twice"), spec=DatasetSpec(mounts=[Mount(mount_point=f"s3://{bucket}/")]))))
+
+        async def refused() -> RuntimeRecord | None:
+            record = await runtime_record(node.bus, "twice")
+            return record if record is not None and record.status.not_picked and "in all" in \
+                record.status.not_picked[0].reason else None
+
+        record = await eventually(refused, 15, "the node not picked for two tiers on one disk")
+        assert record.status.workers == []
+        assert f"on one file system with {node.cache_dir / 'hdd'} (spec.tieredstore.levels[1]" in \
+            record.status.not_picked[0].reason, record.status.not_picked

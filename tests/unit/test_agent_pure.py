@@ -4,6 +4,7 @@ and which mounts a node wants. (The inventory fold is tested in test_inventory.p
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 
 import msgspec
@@ -30,6 +31,7 @@ from libs.events.common import ObjectMeta, ObjectRef
 from libs.events.dataset import Dataset, DatasetRecord, DatasetStatus, ManifestEntry
 from libs.events.runtime import Level, Runtime, RuntimeRecord
 from services.agent import domain as agent_domain
+from services.agent.app import tier_disks
 from services.agent.inventory import InventoryLog
 from services.agent.mountd import fuse_unavailable
 from services.agent.mountstatus import FAILED_MAX_CHARS, fatal_status
@@ -466,6 +468,23 @@ def test_a_mount_starts_again_only_when_its_runtimes_tiers_changed() -> None:
     assert agent_domain.tiers_changed([ssd], [msgspec.structs.replace(ssd, path="/other")])
     assert agent_domain.tiers_changed([ssd], [Level(mediumtype="MEM", quota="1Gi"), ssd])
     assert not agent_domain.tiers_changed([], [ssd]), "started before its runtime was known: nothing to compare with"
+
+
+def test_a_heartbeat_reports_each_tier_directorys_device_and_whether_it_lists_them_all(tmp_path: Path) -> None:
+    # Two tiers on one file system were weighed alone: the runtime service now sums the quotas of directories on
+    # one device. A directory the cache has not made yet has its nearest folder's device.
+    (tmp_path / "made").mkdir()
+    disks = tier_disks([str(tmp_path / "made"), str(tmp_path / "not" / "made" / "yet")])
+    device = os.stat(tmp_path).st_dev
+    assert [(disk.path, disk.device) for disk in disks] == [(str(tmp_path / "made"), device),
+                                                           (str(tmp_path / "not" / "made" / "yet"), device)]
+    assert all(disk.size_bytes > 0 for disk in disks)
+    # Whether the beat lists every directory: the runtime service waits for a runtime's directories only then.
+    levels = [[Level(mediumtype="SSD", quota="1Gi", path=f"/cache/{index:03d}")] for index in range(65)]
+    shown, complete = agent_domain.tier_disk_directories(levels[:64])
+    assert len(shown) == 64 and complete
+    shown, complete = agent_domain.tier_disk_directories(levels)
+    assert shown == [f"/cache/{index:03d}" for index in range(64)] and not complete
 
 
 def test_the_directories_a_change_of_tiers_retired_are_those_the_new_tiers_do_not_name() -> None:

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from libs.cli.render import describe_runtime
 from libs.config import Settings
 from libs.events.agent import (
     AgentHeartbeat,
@@ -20,8 +21,8 @@ from libs.events.agent import (
     ReadFailure,
     TierDisk,
 )
-from libs.events.common import ObjectMeta, ObjectRef
-from libs.events.dataset import Condition
+from libs.events.common import ObjectMeta, ObjectRef, rfc3339
+from libs.events.dataset import Condition, find_condition
 from libs.events.runtime import (
     AutoscalingPolicy,
     CacheWorker,
@@ -45,6 +46,7 @@ from services.runtime.domain import (
     Placement,
     apply_runtime,
     change_errors,
+    disk_quotas,
     fact_status,
     node_capacity,
     node_errors,
@@ -939,7 +941,7 @@ def test_a_node_whose_disk_is_smaller_than_a_tier_quota_is_no_cache_worker() -> 
     status = runtime_status(record, agents, NOW, Placement(found=True))
     assert [worker.node for worker in status.workers] == ["node-b", "node-c"]
     reason = ("spec.tieredstore.levels[0] gives /mnt/ssd/ a quota of 10.00TiB, more than its file system on this "
-              "node (50.00GiB, 20.00GiB free): lower the quota, or give a larger disk")
+              "node (50.00GiB): lower the quota, or give a larger disk")
     assert status.not_picked == [NotPicked(node="node-a", reason=reason)]
     # quotaList: each directory weighed against its own entry; a quota within the disk is picked as before.
     fits = make_runtime(Level(mediumtype="SSD", quota="60Gi", quota_list="10Gi,50Gi", path="/mnt/ssd,/mnt/big"),
@@ -949,6 +951,113 @@ def test_a_node_whose_disk_is_smaller_than_a_tier_quota_is_no_cache_worker() -> 
     # A heartbeat from an agent before the field still decodes, without disks.
     old = msgspec.json.encode({"type": "agent.heartbeat.v1", "id": "x", "node": "node-a"})
     assert msgspec.json.decode(old, type=AgentHeartbeat).tier_disks == []
+
+
+def with_disks(record: AgentRecord, *disks: TierDisk, complete: bool = True, all_runtimes: bool = False) -> AgentRecord:
+    """``record`` whose beat reports ``disks`` (``complete``: as an agent that reports every tier directory)."""
+    beat = msgspec.structs.replace(record.heartbeat, tier_disks=list(disks), tier_disks_complete=complete,
+                                   all_runtimes=all_runtimes or record.heartbeat.all_runtimes)
+    return msgspec.structs.replace(record, heartbeat=beat)
+
+
+def test_the_free_bytes_of_a_refused_nodes_disk_do_not_change_the_status() -> None:
+    # The reason named the free bytes, which move at every heartbeat: each beat of a node refused for its disk was a
+    # runtime status write, a status fact and a Kubernetes status write.
+    runtime = make_runtime(Level(mediumtype="SSD", quota="10Ti", path="/mnt/ssd"), replicas=1)
+    statuses = [runtime_status(RuntimeRecord(runtime=runtime, generation=1), [with_disks(
+        agent("node-a"), TierDisk(path="/mnt/ssd", size_bytes=50 * GiB, free_bytes=free, device=7))], NOW)
+        for free in (20 * GiB, 19 * GiB)]
+    assert statuses[0] == statuses[1] and statuses[0].not_picked[0].reason.endswith(
+        "more than its file system on this node (50.00GiB): lower the quota, or give a larger disk")
+
+
+def test_tier_quotas_on_one_file_system_add_up() -> None:
+    # Two tiers of 30Gi on one 50Gi disk were each weighed alone and the node picked: together they fill it. Agents
+    # now report each directory's device; the quotas that share one are summed (two runtimes' too, on a node that is
+    # a worker of both).
+    runtime = make_runtime(Level(mediumtype="SSD", quota="30Gi", path="/mnt/ssd/a"),
+                           Level(mediumtype="HDD", quota="30Gi", path="/mnt/hdd"), replicas=2)
+    shared = with_disks(agent("node-a"), TierDisk(path="/mnt/hdd", size_bytes=50 * GiB, device=7),
+                        TierDisk(path="/mnt/ssd/a", size_bytes=50 * GiB, device=7))
+    apart = with_disks(agent("node-b"), TierDisk(path="/mnt/hdd", size_bytes=50 * GiB, device=8),
+                       TierDisk(path="/mnt/ssd/a", size_bytes=50 * GiB, device=9))
+    status = runtime_status(RuntimeRecord(runtime=runtime, generation=1), [shared, apart], NOW)
+    assert [worker.node for worker in status.workers] == ["node-b"]
+    assert status.not_picked == [NotPicked(node="node-a", reason=(
+        "spec.tieredstore.levels[0] gives /mnt/ssd/a a quota of 30.00GiB, on one file system with /mnt/hdd "
+        "(spec.tieredstore.levels[1], 30.00GiB): 60.00GiB in all, more than that file system on this node "
+        "(50.00GiB): lower the quotas, or give them a larger disk or disks apart"))]
+    # Another runtime whose worker node-b is puts 30Gi on the device of /mnt/hdd: node-b holds no more.
+    other = make_runtime(Level(mediumtype="SSD", quota="30Gi", path="/mnt/other"), name="other")
+    beat = with_disks(apart, *apart.heartbeat.tier_disks, TierDisk(path="/mnt/other", size_bytes=50 * GiB, device=8))
+    others = [OtherRuntime("default/other", False, ("node-b",), disk_quotas(other))]
+    status = runtime_status(RuntimeRecord(runtime=runtime, generation=1), [shared, beat], NOW,
+                            Placement(exclusive=False), others)
+    assert status.workers == [] and status.not_picked[1] == NotPicked(node="node-b", reason=(
+        "spec.tieredstore.levels[1] gives /mnt/hdd a quota of 30.00GiB, on one file system with /mnt/other (runtime "
+        "default/other, whose worker this node is, 30.00GiB): 60.00GiB in all, more than that file system on this "
+        "node (50.00GiB): lower the quotas, or give them a larger disk or disks apart"))
+    # Not its worker: the other runtime's quota is not on node-b's disk.
+    status = runtime_status(RuntimeRecord(runtime=runtime, generation=1), [shared, beat], NOW,
+                            Placement(exclusive=False), [OtherRuntime("default/other", False, (), disk_quotas(other))])
+    assert [worker.node for worker in status.workers] == ["node-b"]
+    # Agents before the device (0): each directory weighed alone, as before.
+    old = with_disks(agent("node-c"), TierDisk(path="/mnt/hdd", size_bytes=50 * GiB),
+                     TierDisk(path="/mnt/ssd/a", size_bytes=50 * GiB), complete=False)
+    assert [w.node for w in runtime_status(RuntimeRecord(runtime=runtime, generation=1), [old], NOW).workers] == [
+        "node-c"]
+
+
+def test_a_node_is_not_picked_before_its_agent_reports_the_new_runtimes_tier_disks() -> None:
+    # An agent serving every runtime serves a new one at once, but its last beat predates it and lacks its tier
+    # directories: the node was picked unweighed, then dropped at the next beat (a mount started, then stopped).
+    runtime = make_runtime(Level(mediumtype="SSD", quota="10Ti", path="/mnt/ssd"), replicas=1)
+    record = RuntimeRecord(runtime=runtime, generation=1)
+    before = with_disks(agent("node-a", ("older", "default")), TierDisk(path="/mnt/older", size_bytes=50 * GiB),
+                        all_runtimes=True)
+    status = runtime_status(record, [before], NOW)
+    assert status.workers == [] and status.not_picked == [NotPicked(node="node-a", reason=(
+        "waiting for its agent to report the file system under /mnt/ssd (the runtime is newer than its last "
+        "heartbeat)"))]
+    # Its next beat reports the disk: too small, so never picked at all.
+    after = with_disks(before, TierDisk(path="/mnt/ssd", size_bytes=50 * GiB), all_runtimes=True)
+    assert runtime_status(record, [after], NOW).workers == []
+    # A worker already is kept while the report of a changed tier path is on its way (no flap either way).
+    worker = RuntimeRecord(runtime=runtime, generation=1, status=RuntimeStatus(workers=[CacheWorker(node="node-a")]))
+    assert [w.node for w in runtime_status(worker, [before], NOW).workers] == ["node-a"]
+    # An agent before tierDisksComplete (or past TIER_DISKS_SHOWN directories): not weighed, as before.
+    unknown = with_disks(before, TierDisk(path="/mnt/older", size_bytes=50 * GiB), complete=False)
+    assert [w.node for w in runtime_status(record, [unknown], NOW).workers] == ["node-a"]
+    # A MEM-only runtime has no directory to wait for.
+    memory = RuntimeRecord(runtime=make_runtime(replicas=1), generation=1)
+    assert [w.node for w in runtime_status(memory, [before], NOW).workers] == ["node-a"]
+
+
+def test_a_runtime_whose_tiers_fit_no_nodes_disk_says_so() -> None:
+    # A quota larger than every node's disk left the runtime Ready with no worker, and only notPicked said why.
+    # Now the TiersFit condition is False and the message names the largest disk seen, which describe shows.
+    runtime = make_runtime(Level(mediumtype="SSD", quota="10Ti", path="/mnt/ssd"), replicas=2)
+    agents = [with_disks(agent(node), TierDisk(path="/mnt/ssd", size_bytes=size * GiB, free_bytes=GiB, device=3))
+              for node, size in (("node-a", 50), ("node-b", 900), ("node-c", 200))]
+    record = RuntimeRecord(runtime=runtime, generation=1)
+    status = runtime_status(record, agents, NOW)
+    assert status.workers == [] and status.phase == "Ready"  # the nodes still mount the dataset
+    said = ("the tier quotas fit no node's disk, so no cache worker: node-a: spec.tieredstore.levels[0] gives "
+            "/mnt/ssd a quota of 10.00TiB, more than its file system on this node (50.00GiB): lower the quota, or "
+            "give a larger disk; the largest file system seen under this runtime's tier directories is 900.00GiB "
+            "(node-b, /mnt/ssd)")
+    assert status.message == said
+    assert status.conditions == [Condition(type="TiersFit", status="False", reason="QuotaOverDisk", message=said,
+                                           last_transition_time=rfc3339(NOW))]
+    described = describe_runtime(msgspec.structs.replace(record, status=status))
+    [row] = [line.split(None, 3) for line in described.splitlines() if line.strip().startswith("TiersFit")]
+    assert row[:3] == ["TiersFit", "False", "QuotaOverDisk"] and "900.00GiB (node-b, /mnt/ssd)" in row[3]
+    # One node that holds them: no condition, and it goes once the quota is lowered.
+    fits = [*agents[:2], with_disks(agent("node-c"), TierDisk(path="/mnt/ssd", size_bytes=20 * 1024 * GiB))]
+    assert find_condition(runtime_status(record, fits, NOW).conditions, "TiersFit") is None
+    lowered = RuntimeRecord(runtime=make_runtime(Level(mediumtype="SSD", quota="40Gi", path="/mnt/ssd"), replicas=2),
+                            generation=2, status=status)
+    assert runtime_status(lowered, agents, NOW).conditions == []
 
 
 def test_not_picked_lists_a_few_of_each_reason() -> None:
