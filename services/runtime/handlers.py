@@ -73,6 +73,7 @@ from libs.events.runtime import (
     RuntimeScale,
     RuntimeStatus,
     RuntimeStatusChanged,
+    TieredStore,
 )
 from libs.gauges import GaugeFamily
 from libs.telemetry import get_logger
@@ -129,6 +130,8 @@ class RuntimeHandlers:
     autoscaler_looks: dict[str, AutoscalerLook] = field(default_factory=dict)
     # When each node's two-agents warning was last logged (``_warn_conflict``).
     conflicts_logged: dict[str, float] = field(default_factory=dict)
+    # Each runtime's disk tier quotas with the tiers they were read from (``disk_quotas``).
+    disk_quotas_seen: dict[str, tuple[TieredStore, tuple[domain.DiskQuota, ...]]] = field(default_factory=dict)
     # When this service started (``clock``): its agents' view settles for a while (``keep_absent``).
     started_at: float | None = None
 
@@ -415,8 +418,18 @@ class RuntimeHandlers:
         return [domain.OtherRuntime(f"{record.runtime.metadata.namespace}/{record.runtime.metadata.name}",
                                     self.placement(other).exclusive,
                                     tuple(worker.node for worker in record.status.workers),
-                                    domain.disk_quotas(record.runtime))
+                                    self.disk_quotas(other, record))
                 for other, record in self.runtimes.values.items() if other != key and record.status.workers]
+
+    def disk_quotas(self, key: str, record: RuntimeRecord) -> tuple[domain.DiskQuota, ...]:
+        """The runtime's disk tier quotas (``domain.disk_quotas``), worked out again only when its tiers change
+        (not by generation: a runtime deleted and applied again starts again at 1): every refresh reads those of
+        every other runtime, and a heartbeat of an agent serving them all refreshes each."""
+        tiers = record.runtime.spec.tieredstore
+        seen = self.disk_quotas_seen.get(key)
+        if seen is None or seen[0] != tiers:
+            seen = self.disk_quotas_seen[key] = (tiers, domain.disk_quotas(record.runtime))
+        return seen[1]
 
     async def check_placements(self) -> None:
         """Refresh the runtimes whose Dataset's nodeAffinity or placement changed, or all after workers moved or
@@ -428,6 +441,8 @@ class RuntimeHandlers:
             del self.placements[gone]
         for gone in self.holders_seen.keys() - set(keys):
             del self.holders_seen[gone]
+        for gone in self.disk_quotas_seen.keys() - set(keys):
+            del self.disk_quotas_seen[gone]
         # A node that starts or stops holding blocks changes the capacity, which the Dataset's shows at once: the
         # runtime's follows within this check, not the 2 s ticker.
         changed = [key for key in keys if self.placements.get(key) != self.placement(key)

@@ -18,9 +18,9 @@ import msgspec
 import pytest
 
 from libs import subjects
-from libs.bus import Bus, KvMirror, kv_load
+from libs.bus import Bus, KvMirror, kv_load, kv_save
 from libs.config import Settings
-from libs.events.agent import AgentHeartbeat, AgentRecord, MountReadFailures, MountReport, ReadFailure
+from libs.events.agent import AgentHeartbeat, AgentRecord, MountReadFailures, MountReport, ReadFailure, TierDisk
 from libs.events.common import ObjectMeta, ObjectRef
 from libs.events.runtime import Level, Runtime, RuntimeApply, RuntimeSpec, TieredStore
 from libs.side_server import Readiness
@@ -34,6 +34,7 @@ from tests.helpers import (
     put_unsynced_dataset,
     running,
     runtime_record,
+    unsynced_dataset,
 )
 
 AGENTS = 40
@@ -317,3 +318,43 @@ async def test_a_stop_before_the_mirrors_are_filled_ends_promptly_and_keeps_the_
 
 async def _checks(readiness: Readiness, name: str) -> bool:
     return name in readiness.checks
+
+
+async def test_two_runtimes_whose_tiers_share_a_nodes_disk_do_not_both_pick_it(bus: Bus, settings: Settings) -> None:
+    """Two Shared runtimes of 30Gi each, on one 50Gi disk of the only node: each was weighed alone, and the node
+    became the worker of both, whose tiers then fill its disk. The runtime service sums the quotas per device
+    (``TierDisk.device``), those of the runtimes whose worker the node already is included: the first keeps it,
+    the second says why it does not take it."""
+    disks = [TierDisk(path=f"/mnt/{name}", size_bytes=50 * 2**30, device=5) for name in ("first", "second")]
+    beat = AgentHeartbeat(node="node-a", all_runtimes=True, interval_seconds=3600.0, tier_disks=disks,
+                          tier_disks_complete=True)
+    async with running(lambda stop: runtime_app.run(settings, stop)):
+        for name in ("first", "second"):
+            dataset = unsynced_dataset(name)
+            shared = msgspec.structs.replace(dataset, dataset=msgspec.structs.replace(
+                dataset.dataset, spec=msgspec.structs.replace(dataset.dataset.spec, placement="Shared")))
+            await kv_save(await bus.kv(subjects.KV_DATASETS), subjects.resource_key("default", name), shared, None)
+        await bus.publish(subjects.agent_heartbeat("node-a"), beat)
+        agents = await bus.kv(subjects.KV_AGENTS)
+
+        async def recorded() -> AgentRecord | None:
+            return (await kv_load(agents, "node-a", AgentRecord))[0]
+
+        await eventually(recorded, 15, "the agent's record")
+        for name in ("first", "second"):
+            tiers = TieredStore(levels=[Level(mediumtype="SSD", quota="30Gi", path=f"/mnt/{name}")])
+            await bus.publish(subjects.RUNTIME_APPLY, RuntimeApply(runtime=Runtime(
+                metadata=ObjectMeta(name=name), spec=RuntimeSpec(tieredstore=tiers))))
+
+            async def decided(name: str = name) -> Any:
+                record = await runtime_record(bus, name)
+                return record if record is not None and (record.status.workers or record.status.not_picked) else None
+
+            await eventually(decided, 15, f"runtime {name} deciding on node-a")
+        first, second = await runtime_record(bus, "first"), await runtime_record(bus, "second")
+        assert first is not None and second is not None
+        assert [worker.node for worker in first.status.workers] == ["node-a"] and second.status.workers == []
+        assert second.status.not_picked[0].reason == (
+            "spec.tieredstore.levels[0] gives /mnt/second a quota of 30.00GiB, on one file system with /mnt/first "
+            "(runtime default/first, whose worker this node is, 30.00GiB): 60.00GiB in all, more than that file "
+            "system on this node (50.00GiB): lower the quotas, or give them a larger disk or disks apart")
