@@ -56,6 +56,7 @@ from libs.inventory import DatasetInventory, NodeNotes, other_instance, other_in
 from libs.inventory import fold as fold_inventory
 from libs.manifest import ManifestStore
 from libs.mounts import exposed_secret_errors
+from libs.redact import cut_error, strip_userinfo
 from libs.references import is_reference, reference_of
 from libs.telemetry import DATASET_ATTRIBUTE, context_of, current_traceparent, get_logger, tracer
 from libs.ufs import open_store
@@ -617,7 +618,11 @@ class DatasetHandlers:
             log.warning("listing time not kept", dataset=subjects.key_name(key), error=repr(err))
 
     async def _list(self, record: DatasetRecord) -> domain.SyncResult:
-        """The sync itself (list, write the manifest), timed by outcome: ok, or failed (an error or a raise)."""
+        """The sync itself (list, write the manifest), timed by outcome: ok, or failed (an error or a raise).
+
+        Any error but a retry's (``RetryLater``: a store unreachable; NATS away: the reconciler's schedule) is the
+        sync's result, so it reaches the status with its reason: raised, the reconciler logged it and ran the sync
+        again every few seconds, for ever, the dataset NotBound with no word of why."""
         started = time.perf_counter()
         outcome = metrics.SYNC_FAILED
         try:
@@ -628,6 +633,16 @@ class DatasetHandlers:
                                          page_seconds=self.settings.service.sync_page_seconds)
             outcome = metrics.SYNC_FAILED if result.error else metrics.OK
             return result
+        except (RetryLater, nats.errors.Error):
+            raise
+        except Exception as err:
+            error = cut_error(strip_userinfo(f"metadata sync failed: {type(err).__name__}: {err}", strict=True))
+            # No traceback: it would repeat the exception's text unredacted.
+            meta = record.dataset.metadata
+            log.warning("sync failed unexpectedly", dataset=subjects.object_name(meta.namespace, meta.name),
+                        error=error)
+            return domain.SyncResult(generation=record.generation, requests=record.sync_requests,
+                                     incarnation=record.incarnation, error=error)
         finally:
             metrics.DATASET_SYNC_SECONDS.labels(outcome).observe(time.perf_counter() - started)
 

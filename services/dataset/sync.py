@@ -113,6 +113,17 @@ async def _paced(listing: AsyncIterator[ObjectInfo], seconds: float) -> AsyncIte
             await close()
 
 
+def _failed_unexpectedly(record: DatasetRecord, key: str, mount_point: str, err: Exception) -> SyncResult:
+    """The sync's result for an error at a mount that is no store error the stores know (a bug, a case a store does
+    not handle, a record an older version accepted): the dataset fails with what happened, once, rather than the
+    reconciler relisting it every few seconds in silence."""
+    error = cut_error(strip_userinfo(f"cannot list {mount_point}: {type(err).__name__}: {err}", strict=True))
+    # No traceback: it would repeat the exception's text unredacted.
+    log.warning("listing failed unexpectedly", dataset=key_name(key), error=error)
+    return SyncResult(generation=record.generation, requests=record.sync_requests, incarnation=record.incarnation,
+                      error=error)
+
+
 async def sync_metadata(record: DatasetRecord, manifests: ManifestStore, defaults: S3Settings,
                         page_size: int, opener: StoreOpener = open_store,
                         local_roots: Sequence[str] | None = None, pvc_root: str = "",
@@ -143,19 +154,24 @@ async def sync_metadata(record: DatasetRecord, manifests: ManifestStore, default
         for index, mount in enumerate(dataset.spec.mounts):
             try:
                 location = mount_location(dataset, mount, defaults, pvc_root=pvc_root, local_roots=local_roots or ())
+                refused = (await asyncio.to_thread(local_location_error, location, local_roots or ())
+                           if isinstance(location, LocalLocation)
+                           and (local_roots is not None or location.claim_root is not None) else None)
+                store = None if refused else opener(location)
             except MissingSecret as err:
                 return SyncResult(generation=generation, requests=requests, incarnation=record.incarnation,
                                   error=cut_error(str(err)))
-            if isinstance(location, LocalLocation) and (local_roots is not None or location.claim_root is not None):
-                refused = await asyncio.to_thread(local_location_error, location, local_roots or ())
-                if refused:
-                    return SyncResult(generation=generation, requests=requests, incarnation=record.incarnation,
-                                      error=cut_error(f"mount {mount.mount_point}: {refused}"))
+            except Exception as err:
+                # A record stored before a check at apply (a mountPoint holding a NUL byte), or a store that cannot
+                # be opened (an endpoint botocore refuses): as for a listing that fails unexpectedly, below.
+                return _failed_unexpectedly(record, key, mount.mount_point, err)
+            if store is None:
+                return SyncResult(generation=generation, requests=requests, incarnation=record.incarnation,
+                                  error=cut_error(f"mount {mount.mount_point}: {refused}"))
             root = mount_path(mount, len(dataset.spec.mounts))
             prefix = paths.path_prefix(root)
             newest: ObjectTime | None = None
             mount_listed = 0
-            store = opener(location)
             try:
                 async for info in _paced(store.list(page_size=page_size), page_seconds):
                     listed += 1
@@ -190,13 +206,7 @@ async def sync_metadata(record: DatasetRecord, manifests: ManifestStore, default
                             error = names_object_error(mount.mount_point, location)
                 return SyncResult(generation=generation, requests=requests, incarnation=record.incarnation, error=error)
             except Exception as err:
-                # Not a store error the stores know (a bug, or a case a store does not handle): the dataset fails
-                # with what happened, once, rather than the reconciler relisting it every few seconds in silence.
-                error = cut_error(strip_userinfo(f"cannot list {mount.mount_point}: {type(err).__name__}: {err}",
-                                              strict=True))
-                # No traceback: it would repeat the exception's text unredacted.
-                log.warning("listing failed unexpectedly", dataset=key_name(key), error=error)
-                return SyncResult(generation=generation, requests=requests, incarnation=record.incarnation, error=error)
+                return _failed_unexpectedly(record, key, mount.mount_point, err)
             finally:
                 await store.close()
             roots.append((index, root, newest))

@@ -10,14 +10,16 @@ import asyncio
 import contextlib
 import os
 import shutil
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, MutableMapping
 from pathlib import Path
+from typing import Any
 
 import pytest
+import structlog
 from aiohttp import web
 
 from libs import subjects
-from libs.bus import Bus, Delivery, RetryLater, kv_load
+from libs.bus import Bus, Delivery, RetryLater, kv_load, kv_save
 from libs.events.common import ObjectMeta
 from libs.events.dataset import (
     Dataset,
@@ -31,7 +33,14 @@ from libs.events.dataset import (
 from libs.manifest import ManifestStore
 from libs.ufs import open_store
 from libs.ufs.base import Location, ObjectInfo, ObjectStore
-from services.dataset.domain import CONDITION_SKIPPED, CONDITION_SYNCED, REASON_UNREACHABLE, not_bound_message
+from services.dataset.domain import (
+    CONDITION_SKIPPED,
+    CONDITION_SYNCED,
+    REASON_FAILED,
+    REASON_UNREACHABLE,
+    apply_dataset,
+    not_bound_message,
+)
 from services.dataset.handlers import DatasetHandlers
 from tests import web_source
 from tests.conftest import NatsServer, SeaweedServer, put_objects
@@ -193,6 +202,74 @@ async def test_an_unexpected_listing_error_fails_the_dataset_with_a_message(
     record = await sync_of(bus, nats_server, f"local://{root}", Broken)
     assert record.status.phase == "Failed", record.status
     assert record.status.message == (f"cannot list local://{root}: RuntimeError: something no store expected")
+
+
+class ClosesBadly(StoreWrapper):
+    """A store that lists, then fails to close with an error no store expects (a bug, say)."""
+
+    async def close(self) -> None:
+        await self.store.close()
+        raise RuntimeError("close went wrong")
+
+
+def refuses_to_open(location: Location) -> ObjectStore:
+    # As botocore refuses an endpoint it cannot use, before any listing.
+    raise ValueError("Invalid endpoint: nowhere")
+
+
+async def sync_stored(bus: Bus, nats_server: NatsServer, mount_point: str,
+                      opener: Callable[[Location], ObjectStore] = open_store,
+                      ) -> tuple[DatasetRecord, list[MutableMapping[str, Any]]]:
+    """Sync a record stored as it is, with no apply's checks: one an older version accepted. The record, and the
+    log lines of the sync."""
+    dataset = Dataset(metadata=ObjectMeta(name="odd"), spec=DatasetSpec(mounts=[Mount(mount_point=mount_point)]))
+    stored, _ = apply_dataset(None, dataset, 1, "before-the-check")
+    await kv_save(await bus.kv(subjects.KV_DATASETS), KEY, stored, None)
+    handlers = DatasetHandlers(bus, make_settings(nats_server.url, "", "listing-test-key", "listing-test-secret"),
+                               opener=opener)
+    with structlog.testing.capture_logs() as logs:
+        await handlers.sync(KEY)  # used to raise, and the reconciler to run it again every 5 s, for ever
+    record, _ = await kv_load(await bus.kv(subjects.KV_DATASETS), KEY, DatasetRecord)
+    assert record is not None and record.status.synced_generation == 1, record
+    return record, logs
+
+
+async def test_a_stored_local_mount_holding_a_nul_byte_fails_the_dataset_with_a_message(
+        bus: Bus, nats_server: NatsServer, tmp_path: Path) -> None:
+    """Refused at apply now, but a record stored before keeps its mountPoint: checking its folder raised a bare
+    ValueError outside the listing's own error handling, so the dataset stayed NotBound with no reason."""
+    mount_point = f"local://{tmp_path}/a\x00b"
+    record, logs = await sync_stored(bus, nats_server, mount_point)
+    message = f"cannot list {mount_point}: ValueError: embedded null byte"
+    assert record.status.phase == "Failed", record.status
+    assert record.status.message == message, record.status.message
+    found = next(c for c in record.status.conditions if c.type == CONDITION_SYNCED)
+    assert (found.status, found.reason, found.message) == ("False", REASON_FAILED, message), found
+    assert [(line["event"], line["error"]) for line in logs if line["log_level"] == "warning"] == [
+        ("listing failed unexpectedly", message)], logs
+
+
+async def test_a_store_that_cannot_be_opened_fails_the_dataset_with_a_message(
+        bus: Bus, nats_server: NatsServer, tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    tree(root)
+    record, _ = await sync_stored(bus, nats_server, f"local://{root}", refuses_to_open)
+    assert record.status.phase == "Failed", record.status
+    assert record.status.message == f"cannot list local://{root}: ValueError: Invalid endpoint: nowhere"
+
+
+async def test_an_unexpected_error_after_the_listing_fails_the_dataset_with_a_message(
+        bus: Bus, nats_server: NatsServer, tmp_path: Path) -> None:
+    """Whatever fails in a sync, outside the listing too, ends in the status with a reason and a log line."""
+    root = tmp_path / "data"
+    tree(root)
+    record, logs = await sync_stored(bus, nats_server, f"local://{root}",
+                                     lambda location: ClosesBadly(open_store(location)))
+    message = "metadata sync failed: RuntimeError: close went wrong"
+    assert record.status.phase == "Failed", record.status
+    assert record.status.message == message, record.status.message
+    assert [(line["event"], line["error"]) for line in logs if line["log_level"] == "warning"] == [
+        ("sync failed unexpectedly", message)], logs
 
 
 @pytest.mark.parametrize("slash", ["", "/"])
