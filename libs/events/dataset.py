@@ -255,6 +255,10 @@ class DatasetRecord(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     # deleted one still running compares this, not the generation, before it writes, and names its manifest with
     # it (``libs.subjects.manifest_name``), so its upload never replaces the new dataset's.
     incarnation: str = ""
+    # Manifests no one names any more that are still to be removed (a listed dataset re-applied as a reference: the
+    # manifests of its own listing). Written with the record that leaves them, emptied once they are removed: a
+    # removal that failed (NATS away) is done by the apply's redelivery or the reconciler's next look.
+    manifests_left: list[str] = []
 
 
 # gc=False: only strings and numbers, never in a cycle; a mount or the scheduler holds one per file of a dataset

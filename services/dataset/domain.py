@@ -337,6 +337,13 @@ def apply_dataset(record: DatasetRecord | None, dataset: Dataset, sequence: int 
                                       command_sequence=sequence)
     if is_reference(record.dataset) != is_reference(dataset):
         updated = msgspec.structs.replace(updated, status=DatasetStatus())
+        # Kept in the record until removed (``manifests_removed``): removed only after this write, which must come
+        # first (a mount reading the old manifest meanwhile reads the record again), a removal that fails would
+        # leave nothing naming them.
+        left = manifests_left_by_apply(record, updated)
+        if left:
+            updated = msgspec.structs.replace(updated, manifests_left=list(dict.fromkeys(
+                [*record.manifests_left, *left])))
     return updated, True
 
 
@@ -363,8 +370,17 @@ def own_manifests(record: DatasetRecord) -> list[str]:
     except a reference's status, which mirrors its source's and so names the source's manifest, never one of its own
     (removing it left the source Bound with no manifest: its loads failed, a restarted mount had no tree)."""
     if is_reference(record.dataset):
-        return [manifest_name(record)]
-    return [manifest_name(record), record.status.manifest]
+        return [manifest_name(record), *record.manifests_left]
+    return [manifest_name(record), record.status.manifest, *record.manifests_left]
+
+
+def manifests_removed(record: DatasetRecord, removed: Sequence[str]) -> DatasetRecord:
+    """``record`` once the manifests ``removed`` are gone: its ``manifests_left`` without them (the record itself
+    when it named none of them)."""
+    kept = [name for name in record.manifests_left if name not in removed]
+    if len(kept) == len(record.manifests_left):
+        return record
+    return msgspec.structs.replace(record, manifests_left=kept)
 
 
 def manifests_left_by_apply(record: DatasetRecord | None, updated: DatasetRecord) -> list[str]:

@@ -181,10 +181,12 @@ class DatasetHandlers:
             updated = msgspec.structs.replace(updated, status=status, traceparent=current_traceparent())
             saved_revision = await kv_save(kv, key, updated, revision)  # Conflict → the loop redelivers at once
             log.info("applied", dataset=subjects.key_name(key), generation=updated.generation)
-            # After the write: a mount reading the old manifest meanwhile reads the record again (now a reference's).
-            await self._delete_manifests(*domain.manifests_left_by_apply(record, updated))
         elif updated is not record:  # the same spec, a newer command: only its sequence is kept
             saved_revision = await kv_save(kv, key, updated, revision)
+        if updated.manifests_left and saved_revision is not None:
+            # After the write: a mount reading the old manifest meanwhile reads the record again (now a reference's).
+            # A redelivery of this apply (the removal failed) finds the names still in the record and does it again.
+            await self._remove_manifests_left(key, updated, saved_revision)
         await self.bus.publish(
             subjects.DATASET_ACCEPTED,
             DatasetAccepted(id=f"{command.id}.accepted", causation_id=command.id, name=name, namespace=namespace,
@@ -192,6 +194,32 @@ class DatasetHandlers:
         )
         if saved_revision is not None and changed and (record is None or record.status != updated.status):
             await self._publish_status(updated, saved_revision)
+
+    async def _remove_manifests_left(self, key: str, record: DatasetRecord,
+                                     revision: int) -> tuple[DatasetRecord | None, int | None]:
+        """Remove the manifests ``record`` (at ``revision``) names as left (``DatasetRecord.manifests_left``), then
+        their names from the record, compare-and-set (a record changed meanwhile is read again). A failure leaves
+        the names in the record, for the apply's redelivery or the reconciler's next look. Idempotent. Returns the
+        record as it is stored then (None: deleted meanwhile) and its revision."""
+        removed = list(record.manifests_left)
+        await self._delete_manifests(*removed)
+        kv = await self.bus.kv(subjects.KV_DATASETS)
+        for _ in range(CAS_ATTEMPTS):
+            updated = domain.manifests_removed(record, removed)
+            if updated is record:
+                return record, revision
+            try:
+                saved = await kv_save(kv, key, updated, revision)
+            except Conflict:
+                loaded, loaded_revision = await kv_load(kv, key, DatasetRecord)
+                if loaded is None or loaded_revision is None:
+                    return None, None  # deleted: its delete removes what its record named
+                record, revision = loaded, loaded_revision
+                continue
+            self.watched.note(key, updated, saved)
+            log.info("manifests no one names removed", dataset=subjects.key_name(key), manifests=removed)
+            return updated, saved
+        raise Conflict(f"{subjects.key_name(key)}: removing the manifests left lost {CAS_ATTEMPTS} times in a row")
 
     async def resync(self, command: DatasetResync, delivery: Delivery) -> None:
         if await self._reject_invalid_ref(command, delivery):
@@ -535,6 +563,10 @@ class DatasetHandlers:
         if record is None or revision is None:
             self._listed_at.pop(key, None)
             return None
+        if record.manifests_left:  # the apply that left them did not remove them (NATS away, its retries spent)
+            record, revision = await self._remove_manifests_left(key, record, revision)
+            if record is None or revision is None:
+                return None
         if is_reference(record.dataset):
             await self._follow(key, record)
             return None

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import nats.errors
+import pytest
+
 from libs import subjects
 from libs.bus import Bus, Delivery, kv_load
 from libs.events.common import ObjectMeta
@@ -21,8 +24,8 @@ from tests.helpers import make_settings
 from tests.integration.test_dataset_recreate import manifest_exists
 
 
-def delivery(subject: str, sequence: int) -> Delivery:
-    return Delivery(subject=subject, headers={}, deliveries=1, stream_sequence=sequence)
+def delivery(subject: str, sequence: int, deliveries: int = 1) -> Delivery:
+    return Delivery(subject=subject, headers={}, deliveries=deliveries, stream_sequence=sequence)
 
 
 def dataset(name: str, namespace: str, mount_point: str) -> Dataset:
@@ -96,3 +99,40 @@ async def test_a_dataset_reapplied_as_a_reference_leaves_no_manifest_behind(bus:
     await handlers.sync(subjects.resource_key("default", "own"))
     assert await manifest_exists(bus, other)
     assert (await record(bus, "own", "default")).status.phase != "Failed"
+
+
+@pytest.mark.parametrize("finisher", ["redelivered-apply", "reconciler"])
+async def test_a_reapplied_reference_whose_manifest_delete_failed_removes_it_later(
+        bus: Bus, nats_server: NatsServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, finisher: str) -> None:
+    """The apply that made a listed dataset a reference wrote its record, then the removal of its own manifests
+    failed (NATS away a moment): the record no longer named them, so its redelivery found nothing to change and the
+    manifests stayed in the Object Store for ever. The record names them until they are removed: the redelivered
+    apply, or the reconciler's next look at the record (an apply never delivered again), removes them."""
+    for name in ("own", "other"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / f"{name}.bin").write_bytes(b"x" * 10)
+    handlers = DatasetHandlers(bus, make_settings(nats_server.url))
+    for sequence, name in enumerate(("own", "other"), start=1):
+        await handlers.apply(DatasetApply(dataset=dataset(name, "default", f"local://{tmp_path / name}")),
+                             delivery(subjects.DATASET_APPLY, sequence))
+        await handlers.sync(subjects.resource_key("default", name))
+    own = (await record(bus, "own", "default")).status.manifest
+    assert own, "it was listed"
+
+    async def unreachable(self: ManifestStore, name: str) -> None:
+        raise nats.errors.TimeoutError
+
+    reference = DatasetApply(id="own.apply.3", dataset=dataset("own", "default", "dataset://default/other"))
+    with monkeypatch.context() as patched:
+        patched.setattr(ManifestStore, "delete", unreachable)
+        with pytest.raises(nats.errors.TimeoutError):
+            await handlers.apply(reference, delivery(subjects.DATASET_APPLY, 3))
+    assert (await record(bus, "own", "default")).dataset.spec.mounts[0].mount_point == "dataset://default/other"
+    assert await manifest_exists(bus, own), "removed though the delete failed"
+
+    if finisher == "redelivered-apply":
+        await handlers.apply(reference, delivery(subjects.DATASET_APPLY, 3, deliveries=2))
+    else:
+        await handlers.sync(subjects.resource_key("default", "own"))
+    assert not await manifest_exists(bus, own), "the manifest of the dataset's own listing was kept"
+    assert (await record(bus, "own", "default")).manifests_left == [], "still names what it removed"

@@ -55,8 +55,10 @@ from services.dataset.domain import (
     dataset_capacity,
     dataset_phase,
     departed_nodes,
+    manifests_removed,
     needs_sync,
     next_sync,
+    own_manifests,
     request_resync,
     runtime_binding,
     status_after_sync,
@@ -600,6 +602,23 @@ def test_a_change_of_labels_or_annotations_only_is_kept_without_a_new_spec() -> 
     assert not needs_sync(updated, NOW, 15.0)
     # An older apply delivered again behind it is stale, as behind any other apply.
     assert apply_dataset(updated, plain, sequence=8) == (updated, False)
+
+
+def test_a_listed_dataset_reapplied_as_a_reference_names_its_manifests_until_removed() -> None:
+    """Its manifests were removed after the write, named nowhere: a removal that failed left them for ever."""
+    record, _ = apply_dataset(None, valid_s3_dataset(), sequence=1, incarnation="i1")
+    listed = msgspec.structs.replace(record, status=DatasetStatus(synced_generation=1, manifest="m1"))
+    reference, changed = apply_dataset(listed, make_dataset(Mount(mount_point="dataset://default/src")), sequence=2)
+    assert changed and reference.manifests_left == own_manifests(listed), reference
+    assert set(own_manifests(reference)) >= set(reference.manifests_left)  # a delete meanwhile removes them
+    # Redelivered, the apply changes nothing, and the names stay until removed.
+    assert apply_dataset(reference, reference.dataset, sequence=2) == (reference, False)
+    assert manifests_removed(reference, ["m1"]).manifests_left == [m for m in reference.manifests_left if m != "m1"]
+    done = manifests_removed(reference, reference.manifests_left)
+    assert done.manifests_left == [] and manifests_removed(done, ["m1"]) is done
+    # Back to a listed dataset before they were removed: still named.
+    again, _ = apply_dataset(reference, valid_s3_dataset(), sequence=3)
+    assert again.manifests_left == reference.manifests_left
 
 
 DATASET_POOL = st.builds(
