@@ -90,6 +90,9 @@ class DatasetInventory(msgspec.Struct, frozen=True, kw_only=True, rename="camel"
     nodes: dict[str, NodeInventory] = {}
     # None until the scheduler said it (an entry written before the field decodes as that too).
     unique: UniqueCached | None = None
+    # The incarnation of the dataset whose mounts these are (``DatasetRecord.incarnation``; "": not known, an entry
+    # written before the field or by a fact): the holder checks it against the events' ``dataset_incarnation``.
+    incarnation: str = ""
 
 
 class Fold(NamedTuple):

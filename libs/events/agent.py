@@ -114,6 +114,10 @@ class InventorySnapshot(Event, frozen=True, kw_only=True, tag="agent.inventory.s
     # The agent process whose mount sent it (``AgentHeartbeat.instance``): while two agents beat as one node, the
     # services count the inventory of the one the node's record holds only. Empty: an agent before it.
     instance: str = ""
+    # The incarnation of the dataset the sending mount serves (``DatasetRecord.incarnation``): the events are named
+    # by the dataset's name, and the last ones of a mount of a dataset deleted and applied again under that name
+    # must not count for the new one. Empty: an agent before it.
+    dataset_incarnation: str = ""
 
     def cached_blocks(self) -> list[CachedBlock]:
         return ungroup(self.files)
@@ -130,6 +134,10 @@ class InventoryDelta(Event, frozen=True, kw_only=True, tag="agent.inventory.delt
     # The agent process whose mount sent it (``AgentHeartbeat.instance``): while two agents beat as one node, the
     # services count the inventory of the one the node's record holds only. Empty: an agent before it.
     instance: str = ""
+    # The incarnation of the dataset the sending mount serves (``DatasetRecord.incarnation``): the events are named
+    # by the dataset's name, and the last ones of a mount of a dataset deleted and applied again under that name
+    # must not count for the new one. Empty: an agent before it.
+    dataset_incarnation: str = ""
 
 
 class InventorySnapshotV1(Event, frozen=True, kw_only=True, tag="agent.inventory.snapshot.v1", rename="camel"):

@@ -94,6 +94,8 @@ class InventoryLog:
     incarnation: str = field(default_factory=lambda: uuid.uuid4().hex)
     # The agent process that started this mount process (``AgentHeartbeat.instance``), in every event.
     instance: str = ""
+    # The incarnation of the dataset this mount process serves (``DatasetRecord.incarnation``), in every event.
+    dataset_incarnation: str = ""
     seq: int = 0
     part_bytes: int = PART_BYTES
     _cached: dict[BlockId, int] = field(default_factory=dict)
@@ -122,7 +124,7 @@ class InventoryLog:
             events.append(InventorySnapshot(
                 id=f"{self.incarnation}-{self.seq}", node=self.node, dataset=self.dataset,
                 incarnation=self.incarnation, seq=self.seq, part=part, parts=len(chunks), files=chunk,
-                counters=counters, instance=self.instance,
+                counters=counters, instance=self.instance, dataset_incarnation=self.dataset_incarnation,
             ))
         return events
 
@@ -142,7 +144,7 @@ class InventoryLog:
             events.append(InventoryDelta(
                 id=f"{self.incarnation}-{self.seq}", node=self.node, dataset=self.dataset,
                 incarnation=self.incarnation, seq=self.seq, cached=cached_part, evicted=evicted_part,
-                counters=counters, instance=self.instance,
+                counters=counters, instance=self.instance, dataset_incarnation=self.dataset_incarnation,
             ))
         self._cached.clear()
         self._evicted.clear()

@@ -202,7 +202,7 @@ class MountedDataset:
         block_size = parse_quantity(runtime.runtime.spec.block_size)
         inventory = InventoryLog(node=self.settings.agent.node_name, dataset=ObjectRef(name=self.name,
                                                                                        namespace=self.namespace),
-                                 instance=self.instance)
+                                 instance=self.instance, dataset_incarnation=record.incarnation)
         policy = LruPolicy if self.settings.agent.cache_policy == "lru" else FrequencyAdmissionPolicy
         cache = BlockCache.from_levels(levels, cache_suffix(self.settings.agent.cache_subdir, self.namespace,
                                                             self.name),

@@ -15,7 +15,7 @@ import msgspec
 
 from libs import deletion, subjects
 from libs.affinity import affinity_errors
-from libs.events.agent import AgentRecord
+from libs.events.agent import AgentRecord, Inventory
 from libs.events.common import (
     DECODE_ERRORS,
     DNS1123_LABEL,
@@ -391,6 +391,28 @@ def manifests_left_by_apply(record: DatasetRecord | None, updated: DatasetRecord
     if record is None or is_reference(record.dataset) or not is_reference(updated.dataset):
         return []
     return [name for name in own_manifests(record) if name and name != updated.status.manifest]
+
+
+def inventory_fits(entry: DatasetInventory | None, event: Inventory) -> bool:
+    """Whether ``event`` folds into the node-cache ``entry`` with no look at the dataset's record: the entry is of
+    the incarnation of the dataset the event's mount serves, or the event does not say which (an agent before
+    ``dataset_incarnation``). Otherwise ``inventory_entry`` decides, from the record."""
+    return entry is not None and (not event.dataset_incarnation or entry.incarnation == event.dataset_incarnation)
+
+
+def inventory_entry(entry: DatasetInventory | None, record: DatasetRecord | None,
+                    event: Inventory) -> DatasetInventory | None:
+    """The node-cache entry ``event`` folds into, given the dataset's ``record``; None: the event counts for no
+    dataset. A dataset that has no record (deleted) takes none: its mount's last events (its cache freed) would
+    bring its entry back. Nor does a dataset applied again under the same name (another incarnation) take the last
+    events of the deleted one's mounts: the new dataset showed the old mount's node, cached bytes and reads as its
+    own. An entry of another incarnation (left by a delete that has not purged it yet) is started anew."""
+    if record is None or (event.dataset_incarnation and record.incarnation
+                          and event.dataset_incarnation != record.incarnation):
+        return None
+    base = entry if entry is not None and entry.incarnation in ("", record.incarnation) else DatasetInventory()
+    return base if base.incarnation == record.incarnation else msgspec.structs.replace(
+        base, incarnation=record.incarnation)
 
 
 def sync_is_stale(current: DatasetRecord, result: SyncResult) -> bool:

@@ -419,10 +419,15 @@ class DatasetHandlers:
         # record is there the purge (if one comes) is after this read, and the write below, at this read's
         # revision, loses to it.
         current, revision, _ = await kv_load_deleted(kv, key, DatasetInventory)
-        if current is None and await dataset_record_missing(self.bus, key):
-            return  # the last events of a deleted dataset's mount (its cache freed) must not bring its entry back
+        base = current
+        if not domain.inventory_fits(current, event):
+            # No entry yet, or one of another incarnation of the name: the record says whose the event is (read
+            # once per entry: the entry written below is of the record's incarnation).
+            base = domain.inventory_entry(current, await dataset_record(self.bus, key), event)
+            if base is None:
+                return  # a deleted dataset's mount, or that of the deleted one of a name applied again
         # Totals only: the block sets of every node would outgrow a KV value; the scheduler keeps those.
-        folded, gap = fold_inventory(current, event, track_blocks=False)
+        folded, gap = fold_inventory(base, event, track_blocks=False)
         if folded is not current:
             # A first entry is written at the purge marker's revision, or 0 where the key never held anything: a
             # plain create writes over a purge marker, and brought back the entry of a dataset deleted since the
@@ -832,6 +837,10 @@ class DatasetHandlers:
             await manifests.delete(name)
 
 
-async def dataset_record_missing(bus: Bus, key: str) -> bool:
+async def dataset_record(bus: Bus, key: str) -> DatasetRecord | None:
     record, _ = await kv_load(await bus.kv(subjects.KV_DATASETS), key, DatasetRecord)
-    return record is None
+    return record
+
+
+async def dataset_record_missing(bus: Bus, key: str) -> bool:
+    return await dataset_record(bus, key) is None

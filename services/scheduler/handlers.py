@@ -123,13 +123,15 @@ class DatasetInfo:
     manifest_version: tuple[str, int, int, str]
     # The Dataset's nodeAffinity as given: a filtered node outside it is told so.
     node_affinity: Mapping[str, Any] | None = None
+    # Which life of the name it is (``DatasetRecord.incarnation``): inventory of a mount of another is not its.
+    incarnation: str = ""
 
 
 def info_of(record: DatasetRecord) -> DatasetInfo:
     status = record.status
     return DatasetInfo(total=status.ufs_total_bytes, manifest_version=(
         status.manifest, status.synced_generation, status.synced_requests, status.last_sync_time),
-        node_affinity=record.dataset.spec.node_affinity)
+        node_affinity=record.dataset.spec.node_affinity, incarnation=record.incarnation)
 
 
 @dataclass
@@ -319,9 +321,13 @@ class SchedulerHandlers:
         await self.datasets_ready.wait()
         event = upgrade(received)
         key = (event.dataset.namespace, event.dataset.name)
-        if key not in self.datasets:
-            # A deleted dataset's last events (its cache freed) must not bring it back; a dataset not applied yet
-            # has no mounts to report. Either way, a later delta of a dataset that exists asks for a snapshot.
+        info = self.datasets.get(key)
+        if info is None or (event.dataset_incarnation != info.incarnation and event.dataset_incarnation
+                            and info.incarnation):
+            # A deleted dataset's last events (its cache freed) must not bring it back, nor count for a dataset
+            # applied again under its name (another incarnation); a dataset not applied yet (or whose new
+            # incarnation the watch has not shown yet) has no mounts to report. Either way, a later delta of a
+            # dataset that exists asks for a snapshot.
             _UNKNOWN_DATASET(1)
             self._count("inventory_unknown_dataset")
             return
@@ -469,6 +475,11 @@ class SchedulerHandlers:
         self.references.pop(key, None)
         info = info_of(record)
         before = self.datasets.get(key)
+        if before is not None and before.incarnation != info.incarnation:
+            # Deleted and applied again, the delete unseen (a replay after a reconnect shows only the newest
+            # record): the deleted one's caches are not the new one's.
+            self.forget_dataset(key)
+            before = None
         self.datasets[key] = info
         if before != info:
             self.info_version += 1

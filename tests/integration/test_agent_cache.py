@@ -29,7 +29,7 @@ from libs.events.dataset import DatasetDelete, DatasetRecord, NodeCache
 from services.agent.cache.tiers import INDEX_FILE
 from tests.conftest import SeaweedServer, put_objects
 from tests.faults import CuttableProxy, StalledCacheFile
-from tests.helpers import eventually
+from tests.helpers import dataset_record, eventually
 from tests.integration.agent_stack import (
     NODE,
     InventoryWatch,
@@ -68,6 +68,10 @@ async def test_restart_after_kill_reuses_the_disk_cache(bus: Bus, settings: Sett
 
         first = await eventually(all_cached, what="every block cached")
         assert first["counters"]["missBytes"] == total
+        # Which life of the dataset the mount serves: a late event of it must not count for the name applied again.
+        record = await dataset_record(bus, "warm")
+        assert record is not None and record.incarnation
+        assert {event["datasetIncarnation"] for event in inventory.events} == {record.incarnation}
 
         (pid,) = mount_pids(root)
         os.kill(pid, signal.SIGKILL)  # the mount process dies; the agent replaces it and its stale mount

@@ -15,18 +15,19 @@ import contextlib
 import time
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from libs import subjects
 from libs.bus import AGENTS_TTL_SECONDS, Bus, Conflict, Delivery, kv_load
-from libs.events.agent import AgentHeartbeat, AgentRecord, CacheCounters, InventorySnapshot
+from libs.events.agent import AgentHeartbeat, AgentRecord, CacheCounters, InventoryDelta, InventorySnapshot
 from libs.events.common import ObjectMeta, ObjectRef
 from libs.events.dataset import Dataset, DatasetApply, DatasetDelete, DatasetRecord, DatasetSpec, Mount
 from libs.inventory import DatasetInventory
 from services.dataset import handlers as dataset_handlers
 from services.dataset.handlers import DatasetHandlers
 from tests.conftest import NatsServer
-from tests.helpers import FactCollector, json_lines, json_logs, make_settings, unwatched_mirror
+from tests.helpers import FactCollector, dataset_record, json_lines, json_logs, make_settings, unwatched_mirror
 
 KEY = subjects.resource_key("default", "ds")
 
@@ -39,10 +40,12 @@ def local_dataset(name: str, folder: Path) -> Dataset:
     return Dataset(metadata=ObjectMeta(name=name), spec=DatasetSpec(mounts=[Mount(mount_point=f"local://{folder}")]))
 
 
-def first_inventory(node: str = "node-a", dataset: str = "ds") -> InventorySnapshot:
-    """A mount's first inventory event of the dataset ``ds``."""
+def first_inventory(node: str = "node-a", dataset: str = "ds", dataset_incarnation: str = "") -> InventorySnapshot:
+    """A mount's first inventory event of the dataset ``ds`` (of its incarnation ``dataset_incarnation``; "": an
+    agent that does not say it)."""
     return InventorySnapshot(node=node, dataset=ObjectRef(name=dataset), incarnation=f"{node}-1", seq=1,
-                             counters=CacheCounters(cached_bytes=100, capacity_bytes=1000, miss_bytes=100))
+                             counters=CacheCounters(cached_bytes=100, capacity_bytes=1000, miss_bytes=100),
+                             dataset_incarnation=dataset_incarnation)
 
 
 async def node_cache_entry(bus: Bus, key: str = KEY) -> DatasetInventory | None:
@@ -65,19 +68,19 @@ async def test_a_delete_landing_during_the_first_inventory_event_leaves_no_entry
         bus: Bus, nats_server: NatsServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     handlers = DatasetHandlers(bus, make_settings(nats_server.url))
     await handlers.apply(DatasetApply(dataset=local_dataset("ds", tmp_path)), delivery(subjects.DATASET_APPLY, 1))
-    real_missing = dataset_handlers.dataset_record_missing
+    real_record = dataset_handlers.dataset_record
     deletes: list[str] = []
 
-    async def deleted_right_after(bus: Bus, key: str) -> bool:
+    async def deleted_right_after(bus: Bus, key: str) -> DatasetRecord | None:
         """The record is still there when the handler looks; the delete (handled by another lane, or another
         replica) lands before the handler writes the entry."""
-        missing = await real_missing(bus, key)
+        record = await real_record(bus, key)
         if not deletes:
             deletes.append(key)
             await handlers.delete(DatasetDelete(name="ds"), delivery(subjects.DATASET_DELETE, 2))
-        return missing
+        return record
 
-    monkeypatch.setattr(dataset_handlers, "dataset_record_missing", deleted_right_after)
+    monkeypatch.setattr(dataset_handlers, "dataset_record", deleted_right_after)
     inventory = delivery(subjects.agent_inventory("node-a"), 1)
     with contextlib.suppress(Conflict):  # its write lost to the delete's purge: the consumer delivers it again
         await handlers.on_inventory(first_inventory(), inventory)
@@ -91,6 +94,44 @@ async def test_a_delete_landing_during_the_first_inventory_event_leaves_no_entry
     await handlers.on_inventory(first_inventory(), delivery(subjects.agent_inventory("node-a"), 4))
     entry = await node_cache_entry(bus)
     assert entry is not None and set(entry.nodes) == {"node-a"}
+
+
+async def test_late_inventory_of_a_deleted_datasets_mount_does_not_count_for_the_name_applied_again(
+        bus: Bus, nats_server: NatsServer, tmp_path: Path) -> None:
+    """Deleted and applied again at once: an event of the first dataset's mount that is handled after the apply
+    (queued behind others, or sent before that mount stopped) was folded into the new dataset's entry, which then
+    showed node-a caching and reading what the deleted dataset's mount had, for as long as no snapshot of a mount
+    of the new one came from node-a (never, when the new one is not mounted there). The events say which
+    incarnation of the dataset their mount serves."""
+    lives = iter(["life-1", "life-2"])
+    handlers = DatasetHandlers(bus, make_settings(nats_server.url), new_incarnation=lambda: next(lives))
+    await handlers.apply(DatasetApply(dataset=local_dataset("ds", tmp_path)), delivery(subjects.DATASET_APPLY, 1))
+    await handlers.on_inventory(first_inventory(dataset_incarnation="life-1"),
+                                delivery(subjects.agent_inventory("node-a"), 1))
+    entry = await node_cache_entry(bus)
+    assert entry is not None and set(entry.nodes) == {"node-a"} and entry.incarnation == "life-1", entry
+    await handlers.delete(DatasetDelete(name="ds"), delivery(subjects.DATASET_DELETE, 2))
+    await handlers.apply(DatasetApply(dataset=local_dataset("ds", tmp_path)), delivery(subjects.DATASET_APPLY, 3))
+
+    late = InventoryDelta(node="node-a", dataset=ObjectRef(name="ds"), incarnation="node-a-1", seq=2,
+                          counters=CacheCounters(cached_bytes=300, capacity_bytes=1000, miss_bytes=300),
+                          dataset_incarnation="life-1")
+    await handlers.on_inventory(late, delivery(subjects.agent_inventory("node-a"), 4))
+    assert await node_cache_entry(bus) is None, "the deleted dataset's mount counted for the new one"
+    record = await dataset_record(bus, "ds")
+    assert record is not None
+    assert record.incarnation == "life-2" and record.status.nodes == [], record.status
+
+    # The new dataset's own mount counts; a late event of the old one still does not, now that there is an entry.
+    await handlers.on_inventory(first_inventory("node-b", dataset_incarnation="life-2"),
+                                delivery(subjects.agent_inventory("node-b"), 5))
+    late = msgspec.structs.replace(late, seq=3)
+    await handlers.on_inventory(late, delivery(subjects.agent_inventory("node-a"), 6))
+    entry = await node_cache_entry(bus)
+    assert entry is not None and set(entry.nodes) == {"node-b"} and entry.incarnation == "life-2", entry
+    record = await dataset_record(bus, "ds")
+    assert record is not None
+    assert [node.node for node in record.status.nodes] == ["node-b"], record.status
 
 
 async def test_the_departed_nodes_sweep_leaves_a_reference_dataset_alone(

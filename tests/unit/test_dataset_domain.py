@@ -55,6 +55,8 @@ from services.dataset.domain import (
     dataset_capacity,
     dataset_phase,
     departed_nodes,
+    inventory_entry,
+    inventory_fits,
     manifests_removed,
     needs_sync,
     next_sync,
@@ -619,6 +621,30 @@ def test_a_listed_dataset_reapplied_as_a_reference_names_its_manifests_until_rem
     # Back to a listed dataset before they were removed: still named.
     again, _ = apply_dataset(reference, valid_s3_dataset(), sequence=3)
     assert again.manifests_left == reference.manifests_left
+
+
+def test_inventory_counts_only_for_the_incarnation_of_the_dataset_its_mount_serves() -> None:
+    def event(dataset_incarnation: str) -> InventorySnapshot:
+        return InventorySnapshot(node="n1", dataset=ObjectRef(name="imagenet"), incarnation="mount-1", seq=1,
+                                 dataset_incarnation=dataset_incarnation)
+
+    record, _ = apply_dataset(None, valid_s3_dataset(), incarnation="life-2")
+    ours = DatasetInventory(incarnation="life-2")
+    left = DatasetInventory(nodes=fold(None, event("life-1")).inventory.nodes, incarnation="life-1")
+    unknown = DatasetInventory(nodes=left.nodes)  # written before the field
+    # The entry of the event's incarnation, or an event that does not say it: no look at the record.
+    assert inventory_fits(ours, event("life-2")) and inventory_fits(left, event(""))
+    assert not inventory_fits(None, event("life-2")) and not inventory_fits(left, event("life-2"))
+    assert not inventory_fits(unknown, event("life-2"))
+    # Otherwise the record decides: a deleted dataset, or another incarnation's mount, takes nothing.
+    assert inventory_entry(None, None, event("life-1")) is None
+    assert inventory_entry(None, record, event("life-1")) is None
+    assert inventory_entry(ours, record, event("life-1")) is None
+    # The record's own: a new entry, or one left by the deleted incarnation started anew, or one not stamped yet.
+    assert inventory_entry(None, record, event("life-2")) == ours
+    assert inventory_entry(left, record, event("life-2")) == ours
+    assert inventory_entry(unknown, record, event("life-2")) == msgspec.structs.replace(unknown, incarnation="life-2")
+    assert inventory_entry(None, record, event("")) == ours  # an agent before the field: as before
 
 
 DATASET_POOL = st.builds(

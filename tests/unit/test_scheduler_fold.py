@@ -326,6 +326,47 @@ def test_decisions_are_kept_only_while_what_they_read_is_unchanged() -> None:
     assert [s.score for s in handlers.answer(ScoreRequest(datasets=question)).scores] == [25, 12]
 
 
+def test_late_inventory_of_a_deleted_datasets_mount_does_not_count_for_the_name_applied_again() -> None:
+    """Inventory events name their dataset by namespace and name: an event of a deleted dataset's mount handled
+    after the name was applied again was folded into the new dataset, which then ranked that node for blocks it
+    does not hold (the same files, when the same source was applied again). The events say which incarnation of
+    the dataset their mount serves; a record of another incarnation than the one known (its delete unseen: a
+    replay after a reconnect shows only the newest record) drops the old one's caches."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from libs.bus import Delivery
+    from libs.events.common import ObjectMeta
+    from libs.events.dataset import Dataset, DatasetRecord
+    from services.scheduler.handlers import SchedulerHandlers
+
+    def record(incarnation: str) -> DatasetRecord:
+        return DatasetRecord(dataset=Dataset(metadata=ObjectMeta(name="d", namespace="ml")), generation=1,
+                             incarnation=incarnation)
+
+    def mount_snapshot(node: str, seq: int, incarnation: str) -> InventorySnapshot:
+        return replace(snapshot(seq, blocks("k", "e", [(0, MiB)]), node=node, incarnation=f"{node}-mount"),
+                       dataset_incarnation=incarnation)
+
+    async def scenario(delete_seen: bool) -> dict[str, int]:
+        handlers = SchedulerHandlers(bus=None, agents=SimpleNamespace(values={}, ready=asyncio.Event()),  # type: ignore[arg-type]
+                                     clock=lambda: 100.0)
+        handlers.datasets_ready.set()
+        delivered = Delivery(subject="s", headers={}, deliveries=1, stream_sequence=1)
+        await handlers.dataset_changed(KEY, record("life-1"))
+        await handlers.on_inventory(mount_snapshot("n1", 1, "life-1"), delivered)
+        assert set(handlers.fold.datasets[KEY]) == {"n1"}
+        if delete_seen:
+            handlers.forget_dataset(KEY)
+        await handlers.dataset_changed(KEY, record("life-2"))
+        await handlers.on_inventory(mount_snapshot("n1", 2, "life-1"), delivered)  # the old mount, late
+        await handlers.on_inventory(mount_snapshot("n2", 1, "life-2"), delivered)  # the new dataset's mount
+        return {node: cache.total for node, cache in handlers.fold.datasets.get(KEY, {}).items()}
+
+    for delete_seen in (True, False):
+        assert asyncio.run(scenario(delete_seen)) == {"n2": MiB}, delete_seen
+
+
 def test_kept_decisions_hold_little_when_every_question_names_other_candidates() -> None:
     """The extender asks with the nodes kube-scheduler found feasible, as full Node objects (with all their labels),
     and a different sample of them for most pods (it starts each search where the last one stopped). Keeping the
