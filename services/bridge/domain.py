@@ -233,6 +233,21 @@ def mirror_key_errors(refs: list[tuple[str, str]], namespace: str) -> list[str]:
     return errors
 
 
+def secret_files(flat: str) -> list[tuple[str, str]]:
+    """Where the files mode (no mirror) may have written mirror key ``flat``'s value: (folder, file) under
+    ``SHOAL_SECRETS_DIR``, ``<namespace>.<secret>/<key>``. The key's dots do not say where the Secret's name ends
+    (Secret ``a.b`` key ``c``, Secret ``a`` key ``b.c``), so every split is given whose folder holds the namespace's
+    dot and is a stored name (``secret_ref_errors``) and whose file is a Secret data key: never a path out of the
+    folder, whatever a spec names."""
+    splits = []
+    for at, char in enumerate(flat):
+        folder, file = flat[:at], flat[at + 1:]
+        if (char == "." and "." in folder and len(folder) <= MAX_NAME and DNS1123_SUBDOMAIN.fullmatch(folder)
+                and len(file) <= MAX_SECRET_DATA_KEY and SECRET_DATA_KEY.fullmatch(file) and file not in (".", "..")):
+            splits.append((folder, file))
+    return splits
+
+
 def mirror_changes(current: dict[str, str], wanted: dict[str, bytes]) -> dict[str, str]:
     """The mirror Secret's ``data`` entries (base64) that differ from ``wanted``: what a merge patch must set."""
     encoded = {key: base64.b64encode(value).decode() for key, value in wanted.items()}

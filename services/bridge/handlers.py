@@ -207,9 +207,10 @@ class BridgeHandlers:
     refresh: set[ObjectKey] = field(default_factory=set)
     # The status last written to each object, and what the server stored of it (or showed, when it refused it).
     written: dict[ObjectKey, Written] = field(default_factory=dict)
-    # Which (namespace, Secret, key) each data key of the mirror Secret holds (``_mirror_collisions``).
-    # The mirror keys each Dataset's published spec refers to: a spec change removes the ones it dropped.
+    # The mirror keys each Dataset's published spec refers to (the files mode names its files by them too): a spec
+    # change removes the ones it dropped.
     mirrored: dict[ObjectKey, frozenset[str]] = field(default_factory=dict)
+    # Which (namespace, Secret, key) each data key of the mirror Secret holds (``_mirror_collisions``).
     mirror_owners: dict[str, tuple[str, str, str]] = field(default_factory=dict)
     # Resyncs asked for a Dataset waiting for the kubelet to mount its keys: (command id of the spec, tries, when).
     resyncs: dict[ObjectKey, tuple[str, int, float]] = field(default_factory=dict)
@@ -347,13 +348,11 @@ class BridgeHandlers:
             if not gone.delete_sent:
                 await self._publish_delete(gone.key, gone.obj)
                 gone.delete_sent = True
-            mirror = self.settings.kube.secret_mirror_ref
-            if mirror is not None and gone.key.resource.kind == "Dataset":
+            if gone.key.resource.kind == "Dataset":
                 keys = domain.mirror_keys(gone.obj) | gone.held
                 successor = [self.objects[gone.key]] if gone.key in self.objects else []
-                await self._remove_mirror_keys(
-                    mirror, domain.unreferenced(keys, self._other_datasets(gone.key) + successor,
-                                                self._held_elsewhere(uid)))
+                await self._remove_handed_keys(
+                    domain.unreferenced(keys, self._other_datasets(gone.key) + successor, self._held_elsewhere(uid)))
             await self._forget_applied(uid)
         except Exception as err:
             self._failed(uid, gone.key, "delete in Shoal", err)
@@ -706,34 +705,42 @@ class BridgeHandlers:
     async def _forget_secrets(self, key: ObjectKey, obj: dict[str, Any], keep: list[dict[str, Any]] | None = None,
                               held: frozenset[str] = frozenset()) -> None:
         """Remove a deleted Dataset's keys (those of ``obj`` and ``held``, what its published spec referred to) from
-        the mirror Secret, unless another Dataset (or ``keep``) still refers to them."""
-        mirror = self.settings.kube.secret_mirror_ref
-        if mirror is None or key.resource.kind != "Dataset":
+        the mirror Secret or the files, unless another Dataset (or ``keep``) still refers to them."""
+        if key.resource.kind != "Dataset":
             return
         uid = domain.uid_of(obj)
         keys = domain.mirror_keys(obj) | held | self.mirrored.pop(key, frozenset()) | domain.held_keys(self._entry(uid))
-        await self._remove_mirror_keys(mirror, domain.unreferenced(keys, self._other_datasets(key) + (keep or []),
-                                                                   self._held_elsewhere(uid)))
+        await self._remove_handed_keys(domain.unreferenced(keys, self._other_datasets(key) + (keep or []),
+                                                           self._held_elsewhere(uid)))
 
     async def _drop_unreferenced_keys(self, key: ObjectKey, obj: dict[str, Any]) -> None:
         """Before a Dataset's new spec goes out: remove the mirror keys its previous spec referred to and this one
         does not, unless another Dataset refers to them. The previous spec is this process's last apply, or after a
         start the one the bridge's bucket holds (a spec changed while the bridge was down)."""
-        mirror = self.settings.kube.secret_mirror_ref
-        if mirror is None:
-            return
         now = domain.mirror_keys(obj)
         uid = domain.uid_of(obj)
         before = self.mirrored.get(key)
         dropped = (domain.held_keys(self._entry(uid)) if before is None else before) - now
         if dropped:
-            await self._remove_mirror_keys(mirror, domain.unreferenced(dropped, self._other_datasets(key),
-                                                                       self._held_elsewhere(uid)))
+            await self._remove_handed_keys(domain.unreferenced(dropped, self._other_datasets(key),
+                                                               self._held_elsewhere(uid)))
         self.mirrored[key] = now
 
     def _other_datasets(self, key: ObjectKey) -> list[dict[str, Any]]:
         return [other for other_key, other in self.objects.items()
                 if other_key.resource.kind == "Dataset" and other_key != key]
+
+    async def _remove_handed_keys(self, unused: list[str]) -> None:
+        """Take ``unused`` keys (``domain.mirror_key``s) back from the services, wherever ``_store_secrets`` handed
+        them: the mirror Secret, or the files in ``SHOAL_SECRETS_DIR`` (a value left there would outlive its Dataset,
+        its Secret and its namespace)."""
+        mirror = self.settings.kube.secret_mirror_ref
+        if mirror is not None:
+            await self._remove_mirror_keys(mirror, unused)
+        elif self.settings.s3.secrets_dir and unused:
+            removed = await asyncio.to_thread(_remove_secret_files, Path(self.settings.s3.secrets_dir), unused)
+            if removed:
+                log.info("secret files removed", folder=self.settings.s3.secrets_dir, files=removed)  # no values
 
     async def _remove_mirror_keys(self, mirror: tuple[str, str], unused: list[str]) -> None:
         """Remove ``unused`` keys from the mirror Secret (those it holds: one merge patch of nulls) and free their
@@ -1191,6 +1198,23 @@ def _write_private(path: Path, value: bytes) -> None:
         with contextlib.suppress(OSError):
             os.unlink(temporary)
         raise
+
+
+def _remove_secret_files(root: Path, unused: list[str]) -> list[str]:
+    """Remove the files ``_store_secrets`` wrote for ``unused`` keys (``domain.secret_files``), and a Secret's folder
+    left empty; returns the files removed (relative paths: names, never values)."""
+    removed = []
+    for flat in unused:
+        for folder, name in domain.secret_files(flat):
+            path = root / folder / name
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                continue
+            removed.append(f"{folder}/{name}")
+            with contextlib.suppress(OSError):  # another key of the Secret is still there
+                path.parent.rmdir()
+    return removed
 
 
 def _api_message(err: ApiException) -> str:

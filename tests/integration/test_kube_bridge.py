@@ -264,6 +264,51 @@ async def test_a_namespace_deleted_with_its_objects_leaves_nothing_behind(cluste
         assert mirrored() == set()
 
 
+async def test_without_the_mirror_secret_files_go_with_the_last_dataset_referring_to_them(
+        cluster: Cluster, bus: Bus) -> None:
+    """No secret mirror (files in SHOAL_SECRETS_DIR, ``<dir>/<ns>.<secret>/<key>``): Datasets one and two share
+    Secret creds, three refers to Secret other. Deleting one leaves creds' file (two refers to it); three's spec
+    moving to creds drops other's file; deleting the namespace removes every file of it. Before, no file was ever
+    removed: a deleted namespace left its Secrets' values on disk."""
+    assert cluster.settings.kube.secret_mirror_ref is None
+    secrets = Path(cluster.settings.s3.secrets_dir)
+    for name, key in (("creds", "secret"), ("other", "token")):
+        await cluster.core.create_namespaced_secret("team", client.V1Secret(
+            metadata=client.V1ObjectMeta(name=name), string_data={key: f"value of {name}"}))
+
+    def spec(name: str, key: str) -> dict[str, Any]:
+        return {"mounts": [{"mountPoint": "s3://bucket", "encryptOptions": [
+            {"name": "aws.secretKey", "valueFrom": {"secretKeyRef": {"name": name, "key": key}}}]}]}
+
+    def on_disk() -> set[str]:
+        return {str(path.relative_to(secrets)) for path in secrets.rglob("*") if path.is_file()}
+
+    async with everything(cluster.settings):
+        await cluster.create(SHOAL, "one", spec("creds", "secret"), namespace="team")
+        await cluster.create(SHOAL, "two", spec("creds", "secret"), namespace="team")
+        await cluster.create(SHOAL, "three", spec("other", "token"), namespace="team")
+
+        async def accepted() -> bool:
+            return all(kube.FINALIZER in ((cluster.get(SHOAL, name, "team") or {}).get("metadata") or {})
+                       .get("finalizers", []) for name in ("one", "two", "three"))
+
+        await eventually(accepted, what="the three Datasets accepted")
+        assert on_disk() == {"team.creds/secret", "team.other/token"}
+
+        await _delete(cluster, "team", "one")
+        assert on_disk() == {"team.creds/secret", "team.other/token"}  # two refers to creds
+
+        await cluster.custom.patch_namespaced_custom_object(
+            SHOAL.group, SHOAL.version, "team", SHOAL.plural, "three", {"spec": spec("creds", "secret")},
+            _content_type=MERGE)  # type: ignore[call-arg]
+        await eventually(lambda: _async(on_disk() == {"team.creds/secret"}), what="other's file removed")
+
+        await cluster.server.delete_namespace("team")
+        await eventually(lambda: _async(cluster.server.namespace_empty("team")), what="every object in team gone")
+        assert on_disk() == set()
+        assert [path.name for path in secrets.iterdir()] == []
+
+
 async def test_a_cluster_without_fluids_crds(cluster: Cluster, tmp_path: Path) -> None:
     """Shoal's CRDs only (Fluid's are not installed: their lists answer 404): the bridge becomes ready and serves a
     shoal.io Dataset, which does not wait for the Fluid Dataset kind's list; Fluid's Dataset CRD installed later is

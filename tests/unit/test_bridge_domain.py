@@ -153,6 +153,16 @@ def test_a_deleted_datasets_mirror_keys_go_unless_another_uses_them() -> None:
     assert domain.unused_mirror_keys(two_keys, [elsewhere]) == ["team.creds.id", "team.creds.secret"]
 
 
+def test_a_mirror_keys_files_are_those_the_files_mode_may_have_written_and_never_outside_the_folder() -> None:
+    """Without the mirror the bridge writes ``<dir>/<ns>.<secret>/<key>``; a mirror key's dots do not say where the
+    Secret's name ends, so every such split is a candidate, and none that leaves the folder."""
+    assert domain.secret_files(domain.mirror_key("team", "creds", "secret")) == [("team.creds", "secret")]
+    assert domain.secret_files("team.a.b.c") == [("team.a", "b.c"), ("team.a.b", "c")]
+    assert domain.secret_files("team.creds...") == []  # a key '..' (or '.') names no file of the folder
+    assert domain.secret_files("team.creds./x") == []
+    assert domain.secret_files("team") == [] and domain.secret_files("team.creds") == []  # no folder of the bridge's
+
+
 def test_invalid_objects_say_why() -> None:
     load = cr(DATALOAD, {"dataset": {"name": "demo"}, "policy": "Sometimes"})
     translation = domain.translate(DATALOAD, load)
