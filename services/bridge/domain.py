@@ -331,8 +331,8 @@ def translate(resource: kube.Resource, obj: dict[str, Any], max_bytes: int | Non
     """The apply command of the object (``libs.documents``, as ``shoal apply -f``), with a deterministic id; none,
     with the reason, when a Dataset gives a secret in clear text (``libs.mounts.exposed_secret_errors``: the reasons
     name the fields, never the values), or when its message would be longer than ``max_bytes`` (NATS refuses it: a
-    Kubernetes object may reach about 1.5 MB, a NATS message 1 MiB by default), or than ``event_limit`` (the services'
-    ``SHOAL_MAX_EVENT_BYTES``, as this process is configured: they would refuse it); no retry would change either."""
+    Kubernetes object may reach about 1.5 MB, a NATS message 1 MiB by default), or than ``event_limit`` (the
+    ``SHOAL_MAX_EVENT_BYTES`` of the service that takes it: it would refuse it); no retry would change either."""
     document = document_of(resource, obj)
     namespace = document["metadata"]["namespace"]
     commands, notes, errors = documents_to_commands([document], default_namespace=namespace)

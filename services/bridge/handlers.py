@@ -32,6 +32,7 @@ from libs.config import Settings
 from libs.events.dataset import DatasetDelete, DatasetRecord, DatasetResync
 from libs.events.operation import DataCleanDelete, DataLoadDelete, OperationRecord, OperationStatus
 from libs.events.runtime import RuntimeDelete, RuntimeRecord
+from libs.members import BEAT_SECONDS, event_limits
 from libs.telemetry import get_logger
 from services.bridge import domain
 from services.bridge.domain import ObjectKey, Refusal
@@ -57,6 +58,10 @@ TICK_RETRY = Backoff(first=0.5, cap=5.0)
 OBJECT_RETRY = Backoff(first=0.5, cap=10.0)
 # Module-level so tests can shorten it (the kubelet's refresh is what it waits for).
 MIRROR_RESYNC_SECONDS = domain.MIRROR_RESYNC_SECONDS
+# How long the services' event limits read from their beats (``_event_limit``) are used before they are read again:
+# a beat is written this often, and a pass (a re-list after a restart) translates thousands of objects, each of
+# which would otherwise read every beat in the members bucket.
+EVENT_LIMITS_SECONDS = BEAT_SECONDS
 # Events remembered per object (``recorded_events``): the few its current state can still record.
 EVENTS_KEPT = 8
 
@@ -221,6 +226,10 @@ class BridgeHandlers:
     # a restart knows it): a Shoal record that has taken in none of its applies is an earlier object's, a deleted
     # one's whose delete the service has not taken in yet, and is not shown on it (``domain.of_earlier_object``).
     first_applies: dict[ObjectKey, int] = field(default_factory=dict)
+    # The services' event limits as their live replicas' beats say them (``_event_limit``), and when they were read
+    # (monotonic; None: never).
+    event_limits: dict[str, int] = field(default_factory=dict, init=False)
+    event_limits_read: float | None = field(default=None, init=False)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock, init=False)
     _tick_failures: int = field(default=0, init=False)
     # Who did not answer a call and why, since the start of the current pass (``_unanswered``): until the next pass,
@@ -452,6 +461,18 @@ class BridgeHandlers:
             self._failed(key, key, "handling", err)
             return False
 
+    async def _event_limit(self, resource: kube.Resource) -> int:
+        """The largest command of ``resource``'s kind the service taking it decodes: the smallest
+        SHOAL_MAX_EVENT_BYTES among its live replicas' beats (``libs.members.event_limits``, as the CLI reads it), or
+        this process's own where none says one (not running, or from before the beats said it). Read again at most
+        every ``EVENT_LIMITS_SECONDS``."""
+        now = time.monotonic()
+        if self.event_limits_read is None or now - self.event_limits_read >= EVENT_LIMITS_SECONDS:
+            self.event_limits = await event_limits(await self.bus.kv(subjects.KV_MEMBERS))
+            self.event_limits_read = now
+        return self.event_limits.get(subjects.MEMBERS_OF_KIND[domain.family(resource)],
+                                     self.settings.service.max_event_bytes)
+
     def _note_failure(self, err: Exception) -> None:
         who = _unanswered(err)
         if who is not None and self._not_answering is None:
@@ -489,7 +510,7 @@ class BridgeHandlers:
             return
         self.waiting.discard(key)
         translation = domain.translate(key.resource, obj, min(MESSAGE_LIMIT, self.bus.nc.max_payload),
-                                       self.settings.service.max_event_bytes)
+                                       await self._event_limit(key.resource))
         command = translation.command
         errors = translation.errors
         if command is not None and self.published.get(key) == command.event.id and key not in self.refresh:

@@ -29,6 +29,7 @@ from libs.bus import Bus, kv_keys
 from libs.config import KubeSettings, Settings
 from libs.events.agent import AgentHeartbeat
 from libs.events.common import ObjectRef
+from libs.members import event_limits
 from libs.side_server import Readiness
 from services.bridge import app as bridge_app
 from services.bridge import domain as bridge_domain
@@ -307,6 +308,34 @@ async def test_without_the_mirror_secret_files_go_with_the_last_dataset_referrin
         await eventually(lambda: _async(cluster.server.namespace_empty("team")), what="every object in team gone")
         assert on_disk() == set()
         assert [path.name for path in secrets.iterdir()] == []
+
+
+async def test_the_bridge_sizes_a_command_by_the_limit_of_the_service_that_takes_it(cluster: Cluster, bus: Bus,
+                                                                                     tmp_path: Path) -> None:
+    """The dataset service takes 512 KiB (its SHOAL_MAX_EVENT_BYTES, said in its beat in shoal_members), the bridge
+    is at the default (256 KiB): a Dataset of 300 KB is applied and made (before, the bridge refused it by its own
+    environment's value, as the CLI did). The runtime service is not running, so no replica says its limit: a
+    Runtime of 300 KB is sized by the bridge's own, and refused with that reason before anything is published."""
+    service = dataclasses.replace(cluster.settings, service=dataclasses.replace(
+        cluster.settings.service, max_event_bytes=512 * 1024))
+    assert cluster.settings.service.max_event_bytes == 256 * 1024
+    members = await bus.kv(subjects.KV_MEMBERS)
+    notes = {"notes": "x" * 300_000}
+    async with running(lambda stop: dataset_app.run(service, stop)):
+        await eventually(lambda: event_limits(members), what="the dataset service's beat")
+        assert await event_limits(members) == {subjects.MEMBERS_DATASET: 512 * 1024}
+        async with running(lambda stop: bridge_app.run(cluster.settings, stop)):
+            for resource, spec in ((SHOAL, {"mounts": [{"mountPoint": files(tmp_path)}]}),
+                                   (SHOAL_RUNTIME, {"replicas": 1, "tieredstore": MEM_TIER})):
+                await cluster.custom.create_namespaced_custom_object(
+                    resource.group, resource.version, "default", resource.plural, {
+                        "apiVersion": resource.api_version, "kind": resource.kind,
+                        "metadata": {"name": "big", "annotations": notes}, "spec": spec})
+            await cluster.status(SHOAL, "big", phase="NotBound", fileNum=3)
+            refused = await eventually(lambda: _condition(cluster, SHOAL_RUNTIME, "default", "big"),
+                                       what="the Runtime refused")
+    assert refused["reason"] == "Invalid" and "too large for Shoal" in refused["message"]
+    assert " the 262144 the services take" in refused["message"]
 
 
 async def test_a_cluster_without_fluids_crds(cluster: Cluster, tmp_path: Path) -> None:
