@@ -34,7 +34,10 @@ until ``heal()``, ``hang(method, path_suffix)`` makes such requests get no answe
 (an API server that takes connections and never answers; also until ``heal()``), ``bookmark()`` sends a BOOKMARK
 on every watch that asked for them, and
 ``hang_watches`` / ``hang_lists`` make new watches (after their headers) or lists send nothing until the client
-gives up, as over a connection that died half-open. ``remove_crd(resource)`` makes a custom resource unserved as
+gives up, as over a connection that died half-open; ``watch_faults`` (a list of statuses) answers the next watches
+each with the next status as an HTTP answer (its Status body, no stream), as an apiserver does for a watch it
+throttles (429), cannot serve (5xx) or whose version is too old where no watch cache answers (410).
+``remove_crd(resource)`` makes a custom resource unserved as
 in a cluster without its CRD (its URLs answer 404 NotFound, discovery leaves it out) until ``install_crd``. Not
 served: label and field selectors, PUT, server-side apply.
 
@@ -67,8 +70,8 @@ Key = tuple[str, str, str | None, str]  # (group, plural, namespace or None, nam
 # How often an idle watch checks that its client is still there, so a test's server stops without waiting.
 WATCH_CHECK_SECONDS = 0.2
 # The apiserver's ``reason`` for the statuses ``fail`` injects.
-FAULT_REASONS = {404: "NotFound", 409: "Conflict", 422: "Invalid", 500: "InternalError", 503: "ServiceUnavailable",
-                 504: "Timeout"}
+FAULT_REASONS = {404: "NotFound", 409: "Conflict", 410: "Expired", 422: "Invalid", 429: "TooManyRequests",
+                 500: "InternalError", 503: "ServiceUnavailable", 504: "Timeout"}
 
 
 @dataclass(frozen=True)
@@ -149,6 +152,7 @@ class FakeApiServer(KubernetesScaffold):
         self.watch_generation = 0  # end_watches() bumps it; a watch started under an older one ends
         self.hang_watches = False  # a watch answers 200 and then sends nothing, ever (a half-open stream)
         self.hang_lists = False  # a list never answers
+        self.watch_faults: list[int] = []  # statuses the next watches are answered, one each (``watch_faults``)
         self.bookmarks = 0
         self.terminating: set[str] = set()  # namespaces being deleted (``delete_namespace``)
 
@@ -286,6 +290,9 @@ class FakeApiServer(KubernetesScaffold):
             if params.get("watch", "").lower() in ("true", "1"):
                 if self.hang_watches:
                     return await self._hang(request, answer=True)
+                if self.watch_faults:
+                    code = self.watch_faults.pop(0)
+                    return ApiError(code, FAULT_REASONS.get(code, "InternalError"), "injected failure").response()
                 return await self._watch(request, kind, namespace, params)
             if self.hang_lists:
                 return await self._hang(request, answer=False)

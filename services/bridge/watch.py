@@ -4,7 +4,8 @@ A watch that ends (the server's timeout, a closed stream) or answers 410 Gone st
 hands every object to the handlers again (they are idempotent) and tells them which ones went away meanwhile.
 BOOKMARKs are asked for (``allowWatchBookmarks``) and skipped: since every end of a watch lists again, the version
 they carry is never needed. An unreachable API server or a 5xx answer is retried with ``libs.backoff``, and so is a
-list that takes too long or a watch silent for longer than its lifetime (a dead connection).
+list that takes too long or a watch silent for longer than its lifetime (a dead connection). A watch request answered
+with an HTTP error (not a stream) is that error, not a watch that ended: kubernetes-asyncio raises nothing for it.
 
 A resource the API server does not serve (the list answers 404: its CRD is not installed, e.g. Fluid's in a cluster
 with Shoal's only) has no objects: the handlers get an empty list marked not served, so it holds back neither
@@ -183,6 +184,15 @@ class ResourceWatcher:
         response = await self._list_call()(watch=True, _preload_content=False, resource_version=version,
                                            allow_watch_bookmarks=True, timeout_seconds=self.watch_seconds,
                                            _request_timeout=self.watch_timeouts())
+        if not 200 <= response.status <= 299:
+            # An HTTP error (503, 429, a 410 where no watch cache serves the version) with its Status as the body:
+            # kubernetes-asyncio raises only for a preloaded body, and read as a stream it would look like a watch
+            # that ended, listed again at once, in a loop, with none of a failed call's back-off.
+            try:
+                status = await _status_of(response)
+            finally:
+                response.release()
+            raise ApiException(status=response.status, reason=f"{response.reason}: {status.get('message')}")
         try:
             while True:
                 line = await response.content.readline()
@@ -204,3 +214,12 @@ class ResourceWatcher:
         finally:
             response.release()
         log.info("watch ended, listing again", resource=self.resource.crd_name)
+
+
+async def _status_of(response: Any) -> dict[str, Any]:
+    """The Kubernetes Status an error answer carries (empty when it carries none)."""
+    with contextlib.suppress(aiohttp.ClientError, TimeoutError, ValueError):
+        status = json.loads(await response.read())
+        if isinstance(status, dict):
+            return status
+    return {}

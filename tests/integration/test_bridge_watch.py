@@ -66,6 +66,38 @@ async def test_a_silent_watch_and_a_list_without_answer_end_in_a_new_list(
         await task
 
 
+async def test_a_watch_answered_with_an_http_error_backs_off_and_one_answered_410_lists_again(
+        api: tuple[FakeApiServer, client.ApiClient]) -> None:
+    """An apiserver may answer a watch request with an HTTP error and its Status body rather than a stream (503
+    overloaded, 429 throttled by priority and fairness, 410 for a version too old where no watch cache serves it).
+    kubernetes-asyncio raises nothing for it when the body is not preloaded (a watch's), so the watcher read the
+    Status as an empty stream and listed again at once: against a server asking for less, a full list and a new
+    watch in a loop, without the back-off a failed list gets. A 503 now waits with back-off (a warning says
+    why); a 410 lists again at once, as its ERROR event does."""
+    server, api_client = api
+    watcher = ResourceWatcher(api_client, SHOAL, None, _nothing, _nothing, watch_seconds=30)
+
+    def said(event: str, reason: str = "") -> bool:
+        return any(e["event"] == event and reason in str(e.get("reason", "")) for e in logs)
+
+    server.watch_faults = [503, 410]  # the first watch, then the one after the next list
+    watches = f"/{SHOAL.group}/{SHOAL.version}/{SHOAL.plural}"
+    with structlog.testing.capture_logs() as logs:
+        task = asyncio.create_task(watcher.run())
+        try:
+            await eventually(lambda: _async(said("API server not answering, retrying", "HTTP 503")),
+                             what="a watch answered 503 waited on with back-off")
+            await eventually(lambda: _async(said("watch expired, listing again")), what="a watch answered 410")
+            await eventually(lambda: _async(len([r for r in server.recorded("GET", watches)
+                                                 if "watch" in (r.params or {})]) == 3),
+                             what="a third watch, after a third list")
+            assert watcher.lists == 3
+        finally:
+            watcher.stop()
+            await task
+    assert not said("watch ended, listing again")  # neither answer was taken for a stream that ended
+
+
 async def test_a_resource_whose_crd_is_not_installed_is_listed_empty_and_looked_for_again(
         api: tuple[FakeApiServer, client.ApiClient]) -> None:
     """A cluster with Shoal's CRDs and not Fluid's: the list answers 404. The watcher hands the handlers an empty
