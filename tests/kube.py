@@ -8,6 +8,8 @@ There is no kube-apiserver on these machines (no Docker, kind or k3s). This stan
   ``resourceVersion`` it names (everything since, from an event log), ends after ``timeoutSeconds``, sends
   BOOKMARKs when asked (``allowWatchBookmarks``), and answers ``410 Gone`` (an ERROR event) for a version older
   than the log keeps;
+- create refuses a name that is not a DNS-1123 subdomain of at most 253 characters (upper case, ``_``, a label
+  starting or ending with ``-`` or ``.``: 422 Invalid, as the apiserver's validation does; kmock takes any name);
 - create answers 201 and fills ``uid``, ``resourceVersion``, ``generation``, ``creationTimestamp`` and
   ``metadata.namespace`` from the URL; an existing name is 409;
 - lists carry ``kind`` (``<Kind>List``), ``apiVersion`` and the list's ``resourceVersion``;
@@ -65,8 +67,11 @@ import yarl
 from kmock import KubernetesScaffold, ResourceInfo, resource
 
 from libs import kube
+from libs.events.common import DNS1123_SUBDOMAIN
 
 Key = tuple[str, str, str | None, str]  # (group, plural, namespace or None, name)
+# The longest object name the apiserver takes (a DNS-1123 subdomain).
+MAX_NAME = 253
 # How often an idle watch checks that its client is still there, so a test's server stops without waiting.
 WATCH_CHECK_SECONDS = 0.2
 # The apiserver's ``reason`` for the statuses ``fail`` injects.
@@ -345,6 +350,13 @@ class FakeApiServer(KubernetesScaffold):
             raise ApiError(422, "Invalid", "metadata.name: Required value")
         obj = copy.deepcopy(body)
         meta = obj["metadata"]
+        name = meta["name"]
+        if not (isinstance(name, str) and len(name) <= MAX_NAME and DNS1123_SUBDOMAIN.fullmatch(name)):
+            # The apiserver's name validation of every kind served here (custom resources, Secrets, Events, volumes).
+            raise ApiError(422, "Invalid", f'{kind.kind} "{name}" is invalid: metadata.name: Invalid value: '
+                                           f'"{name}": a lowercase RFC 1123 subdomain must consist of lower case '
+                                           "alphanumeric characters, '-' or '.', and must start and end with an "
+                                           "alphanumeric character")
         if namespace is not None:
             meta["namespace"] = namespace
         else:

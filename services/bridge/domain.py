@@ -804,11 +804,12 @@ def volume_conflict(kind: str, found: dict[str, Any], namespace: str, name: str)
 
 
 def event_name(obj: dict[str, Any], *parts: object) -> str:
-    """A deterministic Event name: the same occurrence gives the same name, so recording it twice is a 409."""
+    """A deterministic Event name: the same occurrence gives the same name, so recording it twice is a 409. A DNS-1123
+    subdomain, as the API server requires: an object's name cut where a '.' or '-' ends it would end a label so."""
     name = str(_metadata(obj).get("name", ""))
     uid = str(_metadata(obj).get("uid", ""))
     digest = hashlib.sha256("\0".join([uid, *map(str, parts)]).encode()).hexdigest()[:16]
-    return f"{name[:MAX_NAME - 17]}.{digest}"
+    return f"{name[:MAX_NAME - 17].rstrip('.-')}.{digest}".lstrip(".")
 
 
 def kube_event(resource: kube.Resource, obj: dict[str, Any], *, name: str, event_type: str, reason: str,

@@ -344,6 +344,25 @@ async def _async(value: Any) -> Any:
     return value
 
 
+@pytest.mark.parametrize("cut", [".", "-"])
+async def test_an_object_of_a_long_name_gets_its_events_and_does_not_hold_back_every_pass(
+        harness: Harness, cut: str) -> None:
+    """A Fluid Dataset (Fluid's own CRDs let a name be any DNS-1123 subdomain, up to 253 characters) whose name the
+    Event name's cut (236 characters, then the digest) ends at a '.' or '-': the Event's name was no DNS-1123
+    subdomain, which the API server refuses (422), so the object's Warning never showed and the refused create
+    failed every pass, keeping every object's status behind the pass's back-off for as long as the object lived."""
+    await harness.first_lists()
+    name = "a" * 235 + cut + "b" * 10
+    obj = await harness.create(FLUID, name, {"mounts": "not a list"})
+    await harness.handlers.on_event(FLUID, "ADDED", obj)
+    condition = await harness.until(lambda: _accepted(harness.get(FLUID, name)), what="the object refused")
+    assert condition["reason"] == "Invalid"
+    [event] = await harness.until(lambda: harness.server.objects("", "events"), what="its Warning Event")
+    assert event["involvedObject"]["name"] == name and event["reason"] == "Invalid"
+    await harness.handlers.tick()
+    assert harness.handlers._tick_failures == 0  # the pass went through
+
+
 async def test_an_object_too_large_for_a_nats_message_is_invalid_with_the_reason(harness: Harness, bus: Bus) -> None:
     """A Dataset of 6000 mounts (1.2 MB: the API server takes up to about 1.5 MB, a NATS message 1 MiB): its
     command cannot be published. It is Invalid with that reason, gets no finalizer and publishes nothing (before,

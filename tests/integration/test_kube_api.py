@@ -69,6 +69,18 @@ async def test_create_fills_metadata_and_lists_carry_kind(api: tuple[FakeApiServ
     assert conflict.value.status == 409
 
 
+async def test_a_name_the_api_server_refuses_is_refused(api: tuple[FakeApiServer, Any]) -> None:
+    """kmock takes any name; the apiserver takes DNS-1123 subdomains of at most 253 characters only (422)."""
+    server, custom = api
+    for name in ("Upper", "under_score", "a..b", "-a", "a" * 254):
+        with pytest.raises(ApiException) as refused:
+            await create(custom, dataset(name))
+        assert refused.value.status == 422 and "RFC 1123 subdomain" in str(refused.value.body)
+    for name in ("a" * 63, "a.b", "a" * 253):
+        await create(custom, dataset(name))
+    assert len(server.objects(DATASETS.group, DATASETS.plural)) == 3
+
+
 async def test_watch_resumes_from_a_version_and_expires(api: tuple[FakeApiServer, Any]) -> None:
     server, custom = api
     first = await create(custom, dataset("a"))

@@ -9,7 +9,7 @@ import msgspec
 
 from libs import kube
 from libs.documents import COMMAND_HEADROOM
-from libs.events.common import ObjectMeta
+from libs.events.common import DNS1123_SUBDOMAIN, ObjectMeta
 from libs.events.dataset import CacheStates, DatasetStatus, RuntimeRef
 from libs.events.operation import OperationRecord, OperationStatus, Progress
 from libs.events.runtime import RuntimeStatus
@@ -353,6 +353,13 @@ def test_a_volume_conflict_is_a_condition_that_keeps_its_time_and_the_phase() ->
     cleared = domain.desired_status(SHOAL_DATASET, obj, status, None, now=3000)
     assert cleared is not None and not [c for c in cleared.get("conditions", [])
                                         if c["type"] == domain.CONDITION_VOLUME]
+
+
+def test_an_event_name_is_a_dns_subdomain_whatever_the_objects_name() -> None:
+    """The Event name keeps 236 characters of the object's: a cut at a '.' or '-' made a label end with it."""
+    for name in ("demo", "a" * 63, "a.b", "a" * 235 + ".b", "a" * 235 + "-b", "a" * 234 + "-.b", "a" * 253):
+        event = domain.event_name(cr(FLUID_DATASET, {}, name=name), "Invalid", "why")
+        assert len(event) <= domain.MAX_NAME and DNS1123_SUBDOMAIN.fullmatch(event), name
 
 
 def test_finished_loads_and_events() -> None:
