@@ -384,6 +384,24 @@ async def test_an_object_too_large_for_a_nats_message_is_invalid_with_the_reason
     assert applies == []
 
 
+async def test_a_status_write_answered_409_is_retried_until_it_lands(harness: Harness, tmp_path: Path) -> None:
+    """A status patch answered 409 Conflict (a write racing another): not one of the answers that drop a status
+    (``STATUS_REFUSALS``), so the pass counts as failed and a later pass writes the same status once the conflict is
+    gone; nothing is lost."""
+    handlers = harness.handlers
+    await harness.first_lists()
+    harness.server.fail("PATCH", "/datasets/demo/status", 409)
+    async with running(lambda halt: dataset_app.run(handlers.settings, halt)):
+        obj = await harness.create(SHOAL, "demo", {"mounts": [{"mountPoint": files(tmp_path / "a")}]})
+        await handlers.on_event(SHOAL, "ADDED", obj)
+        await harness.until(lambda: len(harness.server.recorded("PATCH", "/datasets/demo/status")) >= 2,
+                            what="the status write tried again after its 409")
+        assert "status" not in (harness.get(SHOAL, "demo") or {}) and handlers._tick_failures > 0
+        harness.server.heal()
+        await harness.until(lambda: ((harness.get(SHOAL, "demo") or {}).get("status") or {}).get("fileNum") == 3,
+                            what="the status written once the conflict is gone")
+
+
 @pytest.mark.parametrize("code", [404, 413, 422])
 async def test_a_status_write_the_api_server_refuses_is_dropped_and_holds_back_no_other(
         harness: Harness, tmp_path: Path, code: int) -> None:
