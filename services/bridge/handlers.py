@@ -622,7 +622,7 @@ class BridgeHandlers:
         """Hand every referenced Secret key to the services; the command carries only the reference. With
         ``SHOAL_KUBE_SECRET_MIRROR`` into that one Secret (``_mirror``), which the services mount; else as a file
         ``<SHOAL_SECRETS_DIR>/<ns>.<name>/<key>`` (one host). Both are layouts ``libs.ufs.mounts.read_secrets``
-        reads. Returns why a reference cannot be resolved (never with a value)."""
+        reads. Nothing is handed over while a reference cannot be resolved. Returns why (never with a value)."""
         if not refs:
             return []
         mirror = self.settings.kube.secret_mirror_ref
@@ -654,6 +654,10 @@ class BridgeHandlers:
                 errors.append(f"Secret {namespace}/{name} has no key {key!r} (needed by encryptOptions)")
                 continue
             values[(name, key)] = base64.b64decode(data[key])
+        if errors:
+            # The Dataset is invalid, so Shoal never gets it: no finalizer, no clean-up when it goes. A value handed
+            # over now would stay after it for ever.
+            return errors
         if mirror is not None:
             wanted = {domain.mirror_key(namespace, name, key): value for (name, key), value in values.items()}
             errors += await self._mirror(mirror, wanted)

@@ -310,6 +310,27 @@ async def test_without_the_mirror_secret_files_go_with_the_last_dataset_referrin
         assert [path.name for path in secrets.iterdir()] == []
 
 
+async def test_a_dataset_invalid_for_a_missing_secret_hands_over_none_of_its_others(cluster: Cluster) -> None:
+    """A Dataset naming Secret creds (there) and Secret absent (not there) is Invalid and never reaches Shoal, so it
+    gets no finalizer and nothing is cleaned up when it goes: creds' value, handed over all the same (a file here,
+    a key of the mirror Secret with one), stayed after it for ever. None is handed over while one is missing."""
+    secrets = Path(cluster.settings.s3.secrets_dir)
+    await cluster.core.create_namespaced_secret("team", client.V1Secret(
+        metadata=client.V1ObjectMeta(name="creds"), string_data={"secret": "hush"}))
+    options = [{"name": "aws.secretKey", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "secret"}}},
+               {"name": "aws.accessKeyId", "valueFrom": {"secretKeyRef": {"name": "absent", "key": "id"}}}]
+    async with everything(cluster.settings):
+        await cluster.create(SHOAL, "half", {"mounts": [{"mountPoint": "s3://bucket", "encryptOptions": options}]},
+                             namespace="team")
+        refused = await eventually(lambda: _condition(cluster, SHOAL, "team", "half"), what="the Dataset refused")
+        assert refused["reason"] == "Invalid" and "Secret team/absent not found" in refused["message"]
+        assert not [path for path in secrets.rglob("*") if path.is_file()]
+        await cluster.custom.delete_namespaced_custom_object(SHOAL.group, SHOAL.version, "team", SHOAL.plural,
+                                                             "half")
+        await eventually(lambda: _gone(cluster, SHOAL.group, SHOAL.plural, "team", "half"), what="the Dataset gone")
+    assert not [path for path in secrets.rglob("*") if path.is_file()]
+
+
 async def test_the_bridge_sizes_a_command_by_the_limit_of_the_service_that_takes_it(cluster: Cluster, bus: Bus,
                                                                                      tmp_path: Path) -> None:
     """The dataset service takes 512 KiB (its SHOAL_MAX_EVENT_BYTES, said in its beat in shoal_members), the bridge
