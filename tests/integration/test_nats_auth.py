@@ -76,6 +76,7 @@ from libs.events.operation import DataLoad, DataLoadApply, DataLoadSpec, Dataset
 from libs.events.runtime import Level, Runtime, RuntimeApply, RuntimeSpec, TieredStore
 from libs.events.schedule import ScoreReply, ScoreRequest
 from libs.markers import BRIDGE_SWEEP, DATASET_SWEEP, LOADER_SWEEP, RETENTION_SECONDS, RUNTIME_SWEEP, MarkerSweeper
+from libs.members import event_limits
 from libs.natssecure import SecureNats, TlsFiles, ensure_passwords, make_certs
 from services.agent import app as agent_app
 from services.dataset import app as dataset_app
@@ -521,6 +522,8 @@ async def test_every_kind_does_its_job_unrefused_and_no_secret_shows_anywhere(
         await observer.nc.subscribe(subjects.ALL_FACTS, cb=on_fact)
         await bridge.provision()
         await bridge.js.subscribe(subjects.ALL_REJECTIONS, cb=on_rejection, ordered_consumer=True)
+        # The bridge sizes each command by the limit its service's replicas beat (none running yet: none said).
+        assert await event_limits(await bridge.kv(subjects.KV_MEMBERS)) == {}
         try:
             async with running(
                 lambda stop: dataset_app.run(as_user(natsauth.DATASET), stop),
