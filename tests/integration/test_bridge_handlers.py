@@ -740,14 +740,10 @@ async def test_objects_made_refused_and_deleted_again_and_again_leave_nothing_be
 CHURN = 20
 
 
-async def test_the_deleted_objects_record_is_not_shown_on_the_object_made_again_under_its_name(
-        harness: Harness, bus: Bus, tmp_path: Path) -> None:
-    """A Dataset's finalizer is removed by hand and the Dataset deleted, then made again under its name (a new uid)
-    while the dataset service is down (restarting, or behind): the old object's delete and the new one's apply are
-    published, but Shoal's record is still the old object's. Its status (Bound, its files) is not the new object's
-    and is not written on it (before, the new object showed the old one's phase and file count, and got a volume
-    for it), nor is a volume made; once the service takes in the delete and the apply, the new object shows its
-    own status."""
+async def deleted_by_hand_and_made_again(harness: Harness, tmp_path: Path) -> ObjectKey:
+    """Dataset ``demo`` made and Bound (3 files) while the dataset service runs; then, with the service down, its
+    finalizer removed by hand, the Dataset deleted and made again under its name (2 files): the old delete and the
+    new apply are published, and Shoal's record is still the old object's."""
     handlers = harness.handlers
     await harness.first_lists()
     async with running(lambda halt: dataset_app.run(handlers.settings, halt)):
@@ -755,7 +751,6 @@ async def test_the_deleted_objects_record_is_not_shown_on_the_object_made_again_
         await handlers.on_event(SHOAL, "ADDED", old)
         await harness.until(lambda: ((harness.get(SHOAL, "demo") or {}).get("status") or {}).get("fileNum") == 3,
                             what="the old object's status")
-    # The dataset service is down from here: the old record stays in Shoal.
     await handlers.custom.patch_namespaced_custom_object(
         SHOAL.group, SHOAL.version, "default", SHOAL.plural, "demo", {"metadata": {"finalizers": []}},
         _content_type=MERGE)  # type: ignore[call-arg]
@@ -766,6 +761,19 @@ async def test_the_deleted_objects_record_is_not_shown_on_the_object_made_again_
     await handlers.on_event(SHOAL, "ADDED", new)
     key = ObjectKey(SHOAL, "default", "demo")
     assert key in handlers.published and not handlers.gone  # the old delete and the new apply are out
+    return key
+
+
+async def test_the_deleted_objects_record_is_not_shown_on_the_object_made_again_under_its_name(
+        harness: Harness, bus: Bus, tmp_path: Path) -> None:
+    """A Dataset's finalizer is removed by hand and the Dataset deleted, then made again under its name (a new uid)
+    while the dataset service is down (restarting, or behind): the old object's delete and the new one's apply are
+    published, but Shoal's record is still the old object's. Its status (Bound, its files) is not the new object's
+    and is not written on it (before, the new object showed the old one's phase and file count, and got a volume
+    for it), nor is a volume made; once the service takes in the delete and the apply, the new object shows its
+    own status."""
+    handlers = harness.handlers
+    key = await deleted_by_hand_and_made_again(harness, tmp_path)
     assert handlers.mirrors.status_of(key) is not None  # the old record, not deleted yet
 
     for _ in range(3):
@@ -791,23 +799,7 @@ async def test_a_restarted_bridge_does_not_show_the_deleted_objects_record_on_th
         await applied.ready.wait()
         handlers = dataclasses.replace(harness.handlers, applied=applied)
         harness = dataclasses.replace(harness, handlers=handlers)
-        await harness.first_lists()
-        async with running(lambda halt: dataset_app.run(handlers.settings, halt)):
-            old = await harness.create(SHOAL, "demo", {"mounts": [{"mountPoint": files(tmp_path / "a")}]})
-            await handlers.on_event(SHOAL, "ADDED", old)
-            await harness.until(lambda: ((harness.get(SHOAL, "demo") or {}).get("status") or {}).get("fileNum") == 3,
-                                what="the old object's status")
-        # The dataset service is down from here: the old record stays in Shoal.
-        await handlers.custom.patch_namespaced_custom_object(
-            SHOAL.group, SHOAL.version, "default", SHOAL.plural, "demo", {"metadata": {"finalizers": []}},
-            _content_type=MERGE)  # type: ignore[call-arg]
-        await handlers.custom.delete_namespaced_custom_object(SHOAL.group, SHOAL.version, "default", SHOAL.plural,
-                                                              "demo")
-        await handlers.on_event(SHOAL, "DELETED", old)
-        new = await harness.create(SHOAL, "demo", {"mounts": [{"mountPoint": files(tmp_path / "b", 2)}]})
-        await handlers.on_event(SHOAL, "ADDED", new)
-        key = ObjectKey(SHOAL, "default", "demo")
-        assert key in handlers.published and not handlers.gone  # the old delete and the new apply are out
+        key = await deleted_by_hand_and_made_again(harness, tmp_path)
 
         # The restart: a new process, with nothing but the bucket and the API server.
         restarted = BridgeHandlers(bus, handlers.api, handlers.settings, handlers.mirrors, applied=applied)

@@ -1338,20 +1338,26 @@ spec: {{mounts: [{{mountPoint: "local://{tmp_path}"}}]}}
     assert (await shoal(nats_server, "get", "dataset", "huge")).exit_code == 1  # nothing of it was sent
 
 
+def big_dataset(folder: Path) -> str:
+    """A Dataset whose command is about 300 KB (its notes), of the local ``folder``; more documents may follow."""
+    return f"""
+apiVersion: shoal.io/v1alpha1
+kind: Dataset
+metadata:
+  name: big
+  annotations: {{notes: {"x" * 300_000}}}
+spec: {{mounts: [{{mountPoint: "local://{folder}"}}]}}
+---
+"""
+
+
 async def test_a_document_larger_than_the_services_take_is_refused_before_it_is_sent(
         nats_server: NatsServer, services: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A command between SHOAL_MAX_EVENT_BYTES (256 KiB, the services' default) and NATS's 1 MiB passed the CLI's
     check and was published, and the dataset service refused it with "payload of N bytes exceeds the limit of
     262144 bytes" and nothing said of what to change."""
     manifest = tmp_path / "big.yaml"
-    manifest.write_text(f"""
-apiVersion: shoal.io/v1alpha1
-kind: Dataset
-metadata:
-  name: big
-  annotations: {{notes: {"x" * 300_000}}}
-spec: {{mounts: [{{mountPoint: "local://{tmp_path}"}}]}}
----
+    manifest.write_text(big_dataset(tmp_path) + f"""
 apiVersion: shoal.io/v1alpha1
 kind: Dataset
 metadata: {{name: small}}
@@ -1359,12 +1365,17 @@ spec: {{mounts: [{{mountPoint: "local://{tmp_path}"}}]}}
 """)
     monkeypatch.delenv("SHOAL_MAX_EVENT_BYTES", raising=False)
 
+    def big_refused(applied: Result) -> str:
+        """The one error line of ``applied``, the refusal of the first document (Dataset big) as too large."""
+        [error] = applied.stderr.splitlines()
+        assert error.startswith(f"error: {manifest}: document 1 (Dataset big): too large for Shoal: its command "
+                                "would be "), error
+        return error
+
     applied = await shoal(nats_server, "apply", "-f", str(manifest))
 
     assert (applied.exit_code, applied.stdout) == (1, "dataset.shoal.io/small created\n"), applied.output
-    [error] = applied.stderr.splitlines()
-    assert error.startswith(f"error: {manifest}: document 1 (Dataset big): too large for Shoal: its command would "
-                            "be ")
+    error = big_refused(applied)
     assert error.endswith(" bytes, more than the 262144 the services take (SHOAL_MAX_EVENT_BYTES); split it into "
                           "several Datasets (fewer mounts or targets each), or raise SHOAL_MAX_EVENT_BYTES for the "
                           "services and here alike")
@@ -1376,10 +1387,7 @@ spec: {{mounts: [{{mountPoint: "local://{tmp_path}"}}]}}
     applied = await shoal(nats_server, "apply", "-f", str(manifest))
 
     assert applied.exit_code == 1, applied.output
-    [error] = applied.stderr.splitlines()
-    assert error.startswith(f"error: {manifest}: document 1 (Dataset big): too large for Shoal: its command would "
-                            "be ")
-    assert " bytes, more than the 262144 the services take (SHOAL_MAX_EVENT_BYTES)" in error
+    assert " bytes, more than the 262144 the services take (SHOAL_MAX_EVENT_BYTES)" in big_refused(applied)
     assert (await shoal(nats_server, "get", "dataset", "big")).exit_code == 1  # nothing of it was sent
 
 
@@ -1397,14 +1405,7 @@ async def test_the_cli_sizes_a_command_by_the_services_limit_not_its_own(
             await eventually(lambda: event_limits(members), what="the dataset service's beat")
             assert await event_limits(members) == {subjects.MEMBERS_DATASET: 512 * 1024}
             manifest = tmp_path / "big.yaml"
-            manifest.write_text(f"""
-apiVersion: shoal.io/v1alpha1
-kind: Dataset
-metadata:
-  name: big
-  annotations: {{notes: {"x" * 300_000}}}
-spec: {{mounts: [{{mountPoint: "local://{tmp_path}"}}]}}
----
+            manifest.write_text(big_dataset(tmp_path) + f"""
 apiVersion: shoal.io/v1alpha1
 kind: Runtime
 metadata:

@@ -62,12 +62,8 @@ async def test_deleting_a_reference_keeps_its_sources_manifest(bus: Bus, nats_se
     assert [entry.path for entry in entries] == ["/train/a.bin"], "the source's manifest was deleted with its reference"
 
 
-async def test_a_dataset_reapplied_as_a_reference_leaves_no_manifest_behind(bus: Bus, nats_server: NatsServer,
-                                                                            tmp_path: Path) -> None:
-    """A listed dataset re-applied as a reference starts from an empty status (it shows its source's now), so
-    nothing named its manifest any more and nothing removed it: kept in the Object Store for ever. It goes the way a
-    deleted dataset's do; the manifest of the source it now mirrors stays, and a reference that mounted it is told
-    why it cannot follow any more."""
+async def listed_own_and_other(bus: Bus, nats_server: NatsServer, tmp_path: Path) -> DatasetHandlers:
+    """Two listed datasets, ``own`` and ``other`` (commands 1 and 2), each of one file; the handlers that made them."""
     for name in ("own", "other"):
         (tmp_path / name).mkdir()
         (tmp_path / name / f"{name}.bin").write_bytes(b"x" * 10)
@@ -76,6 +72,16 @@ async def test_a_dataset_reapplied_as_a_reference_leaves_no_manifest_behind(bus:
         await handlers.apply(DatasetApply(dataset=dataset(name, "default", f"local://{tmp_path / name}")),
                              delivery(subjects.DATASET_APPLY, sequence))
         await handlers.sync(subjects.resource_key("default", name))
+    return handlers
+
+
+async def test_a_dataset_reapplied_as_a_reference_leaves_no_manifest_behind(bus: Bus, nats_server: NatsServer,
+                                                                            tmp_path: Path) -> None:
+    """A listed dataset re-applied as a reference starts from an empty status (it shows its source's now), so
+    nothing named its manifest any more and nothing removed it: kept in the Object Store for ever. It goes the way a
+    deleted dataset's do; the manifest of the source it now mirrors stays, and a reference that mounted it is told
+    why it cannot follow any more."""
+    handlers = await listed_own_and_other(bus, nats_server, tmp_path)
     own = (await record(bus, "own", "default")).status.manifest
     other = (await record(bus, "other", "default")).status.manifest
     assert own and other, "both were listed"
@@ -108,14 +114,7 @@ async def test_a_reapplied_reference_whose_manifest_delete_failed_removes_it_lat
     failed (NATS away a moment): the record no longer named them, so its redelivery found nothing to change and the
     manifests stayed in the Object Store for ever. The record names them until they are removed: the redelivered
     apply, or the reconciler's next look at the record (an apply never delivered again), removes them."""
-    for name in ("own", "other"):
-        (tmp_path / name).mkdir()
-        (tmp_path / name / f"{name}.bin").write_bytes(b"x" * 10)
-    handlers = DatasetHandlers(bus, make_settings(nats_server.url))
-    for sequence, name in enumerate(("own", "other"), start=1):
-        await handlers.apply(DatasetApply(dataset=dataset(name, "default", f"local://{tmp_path / name}")),
-                             delivery(subjects.DATASET_APPLY, sequence))
-        await handlers.sync(subjects.resource_key("default", name))
+    handlers = await listed_own_and_other(bus, nats_server, tmp_path)
     own = (await record(bus, "own", "default")).status.manifest
     assert own, "it was listed"
 

@@ -26,7 +26,7 @@ from nats.js.errors import NotFoundError
 
 from libs import ring, subjects
 from libs.bus import DAY, NODE_TASK_MESSAGES, Bus, Delivery, kv_load
-from libs.documents import documents_to_commands, parse_documents
+from libs.documents import Command, documents_to_commands, parse_documents
 from libs.events.agent import AgentHeartbeat, BlockId, MountGroup, MountState
 from libs.events.common import ObjectMeta, ObjectRef, parse_rfc3339
 from libs.events.dataset import (
@@ -726,22 +726,29 @@ async def test_cron_runs_on_schedule_once_per_firing(bus: Bus, nats_server: Nats
             assert record is not None and record.status.runs == 3
 
 
-async def test_a_fluid_cron_dataload_with_a_kubernetes_macro_runs_at_its_firing(bus: Bus,
-                                                                                nats_server: NatsServer) -> None:
-    """Fluid runs a Cron DataLoad as a Kubernetes CronJob, whose schedule may be ``@hourly``; before, Shoal's loader
-    rejected it ("not a valid cron expression")."""
-    (command,), _, errors = documents_to_commands(parse_documents("""
+async def fluid_cron_dataload(bus: Bus, schedule: str) -> Command:
+    """A Fluid Cron DataLoad of ``schedule`` read as ``shoal apply -f`` reads it, its dataset of one block and a
+    runtime of one node in place."""
+    (command,), _, errors = documents_to_commands(parse_documents(f"""
 apiVersion: data.fluid.io/v1alpha1
 kind: DataLoad
-metadata: {name: warm}
+metadata: {{name: warm}}
 spec:
-  dataset: {name: data}
+  dataset: {{name: data}}
   policy: Cron
-  schedule: "@hourly"
+  schedule: "{schedule}"
 """))
     assert errors == [] and isinstance(command.event, DataLoadApply)
     await put_dataset(bus, files(("a", BLOCK)))
     await put_runtime(bus, NODES[:1])
+    return command
+
+
+async def test_a_fluid_cron_dataload_with_a_kubernetes_macro_runs_at_its_firing(bus: Bus,
+                                                                                nats_server: NatsServer) -> None:
+    """Fluid runs a Cron DataLoad as a Kubernetes CronJob, whose schedule may be ``@hourly``; before, Shoal's loader
+    rejected it ("not a valid cron expression")."""
+    command = await fluid_cron_dataload(bus, "@hourly")
     now = [1_767_225_600.0 + 10]  # 2026-01-01T00:00:10Z
     async with agent(bus, NODES[:1]), loader(nats_server, clock=lambda: now[0]):
         await publish(bus, command.subject, command.event)
@@ -754,18 +761,7 @@ spec:
 async def test_a_fluid_cron_dataload_every_five_minutes_runs_at_its_firings(bus: Bus, nats_server: NatsServer) -> None:
     """A Kubernetes CronJob (Fluid's Cron DataLoad) takes robfig/cron's ``@every 5m``; Shoal's loader rejected it
     ("not a valid cron expression"). Its firings are the creation plus whole intervals, however late a run began."""
-    (command,), _, errors = documents_to_commands(parse_documents("""
-apiVersion: data.fluid.io/v1alpha1
-kind: DataLoad
-metadata: {name: warm}
-spec:
-  dataset: {name: data}
-  policy: Cron
-  schedule: "@every 5m"
-"""))
-    assert errors == [] and isinstance(command.event, DataLoadApply)
-    await put_dataset(bus, files(("a", BLOCK)))
-    await put_runtime(bus, NODES[:1])
+    command = await fluid_cron_dataload(bus, "@every 5m")
     now = [1_767_225_600.0]  # 2026-01-01T00:00:00Z
     async with agent(bus, NODES[:1]), loader(nats_server, clock=lambda: now[0]):
         await publish(bus, command.subject, command.event)
