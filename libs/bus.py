@@ -33,6 +33,8 @@ consumer loop here and ``libs.reconcile`` honour them. Core NATS (not stored) go
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import datetime
 import hashlib
@@ -806,6 +808,58 @@ async def kv_keys(kv: KeyValue) -> list[str]:
                 live.pop(entry.key, None)
             else:
                 live[entry.key] = None
+    finally:
+        await watcher.stop()
+    return list(live)
+
+
+# The subjects of an Object Store's meta messages: this prefix, then the object's name in URL-safe base64.
+OBJECT_META_PREFIX = "$O.{bucket}.M."
+
+
+def object_metas(js: JetStreamContext, bucket: str) -> KeyValue:
+    """The meta messages of Object Store ``bucket`` read as a KV bucket. They are shaped as one (a prefix, then one
+    token per object, the last message of each current), so a KV watch reads them: an ordered consumer, last per
+    subject, whose initial entries ``initial_entries`` reads in full."""
+    return KeyValue(name=bucket, stream=natsauth.object_stream(bucket), pre=OBJECT_META_PREFIX.format(bucket=bucket),
+                    js=js, direct=False)
+
+
+def object_deleted(meta: bytes | None) -> bool:
+    """An Object Store meta message that says its object was deleted (nats-py's ``ObjectInfo.deleted``)."""
+    try:
+        return bool(json.loads(meta or b"{}").get("deleted"))
+    except (ValueError, AttributeError):
+        return False
+
+
+def object_name(key: str) -> str | None:
+    """The object a meta subject's last token names (URL-safe base64 of the name); None if it does not decode."""
+    try:
+        return base64.urlsafe_b64decode(key.encode()).decode()
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        return None
+
+
+async def object_names(store: NatsObjectStore) -> list[str]:
+    """The names of the store's objects, deleted ones left out, in the order the store last wrote them.
+
+    Read from a watch of the meta messages (``object_metas``, ``initial_entries``), not nats-py's
+    ``ObjectStore.list()``: that stops at the same early "caught up" None as a KV listing (``WatchStart``), and
+    its object infos carry no pending count to read past it, so it can answer with part of the objects or none
+    (an orphan sweep then removed fewer). An object deleted while the listing reads leaves it."""
+    # nats-py keeps the store's JetStream context and bucket name only in private attributes.
+    watcher = await object_metas(store._js, store._name).watchall()
+    live: dict[str, None] = {}
+    try:
+        async for entry in initial_entries(watcher, KEYS_READ_SECONDS):
+            name = object_name(entry.key)
+            if name is None:
+                continue  # not a meta subject nats-py writes: no object of that name can be read
+            if object_deleted(entry.value):
+                live.pop(name, None)
+            else:
+                live[name] = None
     finally:
         await watcher.stop()
     return list(live)

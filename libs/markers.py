@@ -35,10 +35,7 @@ an apply, remove nothing live; a marker purged twice is purged once. A pass read
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import datetime
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -47,7 +44,7 @@ from typing import Protocol
 from nats.js.kv import KeyValue
 
 from libs import natsauth, subjects
-from libs.bus import COMMANDS_MAX_AGE, Bus, initial_entries
+from libs.bus import COMMANDS_MAX_AGE, Bus, initial_entries, object_deleted, object_metas, object_name
 from libs.telemetry import get_logger
 
 log = get_logger(__name__)
@@ -67,7 +64,6 @@ READ_SECONDS = 5.0
 SWEEP_KEY = "delete-markers"
 
 DELETE_OPERATIONS = ("DEL", "PURGE")
-_META_PREFIX = "$O.{bucket}.M."
 
 
 @dataclass(frozen=True)
@@ -108,22 +104,6 @@ def expired(created: object, cutoff: datetime.datetime) -> bool:
     return isinstance(created, datetime.datetime) and created < cutoff
 
 
-def object_deleted(meta: bytes | None) -> bool:
-    """An Object Store meta message that says its object was deleted (nats-py's ``ObjectInfo.deleted``)."""
-    try:
-        return bool(json.loads(meta or b"{}").get("deleted"))
-    except (ValueError, AttributeError):
-        return False
-
-
-def object_name(key: str) -> str | None:
-    """The object a meta subject's last token names (URL-safe base64 of the name); None if it does not decode."""
-    try:
-        return base64.urlsafe_b64decode(key.encode()).decode()
-    except (binascii.Error, UnicodeDecodeError, ValueError):
-        return None
-
-
 async def _old_markers(kv: KeyValue, cutoff: datetime.datetime, limit: int,
                        is_marker: Callable[[KeyValue.Entry], bool], headers_only: bool) -> list[Marker]:
     """The markers among the last entries of ``kv``'s keys written before ``cutoff``, at most ``limit``."""
@@ -161,9 +141,7 @@ async def purge_deleted_objects(bus: Bus, cutoff: datetime.datetime, owns: Calla
     their names. A deleted object's chunks went with its delete; its meta message is all that is left."""
     bucket = subjects.OBJ_MANIFESTS
     stream = natsauth.object_stream(bucket)
-    # The meta subjects are shaped as a KV bucket's (a prefix, then one token per object, the last message each
-    # current), so nats-py's KV watch reads them: an ordered consumer, last per subject, with the caught-up signal.
-    metas = KeyValue(name=bucket, stream=stream, pre=_META_PREFIX.format(bucket=bucket), js=bus.js, direct=False)
+    metas = object_metas(bus.js, bucket)
 
     def deleted_and_owned(entry: KeyValue.Entry) -> bool:
         name = object_name(entry.key)

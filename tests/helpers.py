@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import dataclasses
 import io
 import json
 import logging
@@ -16,13 +18,14 @@ from typing import Any, TypeVar
 import msgspec
 import pytest
 import structlog
+from nats.aio.msg import Msg
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from libs import subjects, telemetry
-from libs.bus import Bus, KvMirror, kv_load, kv_save
+from libs.bus import OBJECT_META_PREFIX, Bus, KvMirror, kv_load, kv_save
 from libs.config import NatsSettings, S3Settings, Secret, ServiceSettings, Settings
 from libs.events.agent import AgentHeartbeat, MountReport, group_mounts, peer_url
 from libs.events.common import ObjectMeta, ObjectRef
@@ -48,6 +51,24 @@ async def eventually(probe: Callable[[], Awaitable[T | None]], timeout: float = 
             return last
         await asyncio.sleep(0.05)
     raise AssertionError(f"{what} not reached within {timeout} s; last value: {last!r}")
+
+
+def object_meta_subject(name: str, bucket: str = subjects.OBJ_MANIFESTS) -> str:
+    """The subject of object ``name``'s meta message in an Object Store, as nats-py writes it."""
+    return OBJECT_META_PREFIX.format(bucket=bucket) + base64.urlsafe_b64encode(name.encode()).decode()
+
+
+def pending_reads_zero(monkeypatch: pytest.MonkeyPatch, *subjects: str) -> None:
+    """The messages on ``subjects`` say nothing is pending after them, as a message's count can read while other
+    messages are written (nats-io/nats.py#995); the others say what the server counted. nats-py takes such a message
+    for the end of a watch's initial entries: its listings stop there."""
+    metadata = Msg.metadata
+
+    def early(self: Msg) -> Msg.Metadata:
+        read = metadata.fget(self)  # type: ignore[attr-defined]
+        return dataclasses.replace(read, num_pending=0) if self.subject in subjects else read
+
+    monkeypatch.setattr(Msg, "metadata", property(early))
 
 
 async def cancel_and_wait(*tasks: asyncio.Task[Any], timeout: float = 20.0) -> None:

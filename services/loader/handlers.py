@@ -41,6 +41,7 @@ from libs.bus import (
     kv_load,
     kv_load_deleted,
     kv_save,
+    object_names,
 )
 from libs.deletion import deleted_at
 from libs.events.common import ObjectMeta, answered_result, apply_result, parse_quantity
@@ -1098,10 +1099,8 @@ class LoaderHandlers:
             store = await ManifestStore.of(self.bus)
             for key in sorted(self.runs.values.keys() - self.operations.values.keys()):
                 await self._drop_state(key)
-            try:
-                names = [info.name for info in await store.objects.list(ignore_deletes=True)]
-            except NotFoundError:  # an empty store
-                names = []
+            # Not nats-py's ``list()``: it can answer with part of the objects (``object_names``).
+            names = await object_names(store.objects)
             orphans = domain.orphan_objects(names, self.operations.values, self.runs.values)
             for name in orphans:
                 await store.delete(name)

@@ -25,7 +25,7 @@ from nats.js import api as js_api
 from nats.js.errors import NotFoundError
 
 from libs import ring, subjects
-from libs.bus import DAY, NODE_TASK_MESSAGES, Bus, Delivery, kv_load
+from libs.bus import DAY, NODE_TASK_MESSAGES, Bus, Delivery, kv_load, object_names
 from libs.documents import Command, documents_to_commands, parse_documents
 from libs.events.agent import AgentHeartbeat, BlockId, MountGroup, MountState
 from libs.events.common import ObjectMeta, ObjectRef, parse_rfc3339
@@ -84,6 +84,8 @@ from tests.helpers import (
     json_lines,
     json_logs,
     make_settings,
+    object_meta_subject,
+    pending_reads_zero,
     running,
     unwatched_mirror,
 )
@@ -1681,11 +1683,8 @@ async def test_ttl_removes_a_finished_operation(bus: Bus, nats_server: NatsServe
 
 async def loader_objects(bus: Bus) -> set[str]:
     """The names of the loader's objects (plans, OnEvent manifests) in the Object Store, deleted ones left out."""
-    try:
-        infos = await (await ManifestStore.of(bus)).objects.list(ignore_deletes=True)
-    except NotFoundError:
-        return set()
-    return {info.name for info in infos if subjects.loader_object(info.name) is not None}
+    names = await object_names(await bus.manifests())
+    return {name for name in names if subjects.loader_object(name) is not None}
 
 
 async def run_state(bus: Bus, key: str) -> domain.RunState | None:
@@ -1800,6 +1799,23 @@ async def test_a_restarted_loader_removes_the_run_states_and_plans_of_operations
         await publish(bus, subjects.DATALOAD_APPLY, dataload(name="gone"))
         again = await phase_of(bus, "Complete", name="gone")
     assert again.status.runs == 4
+
+
+async def test_a_restarted_loader_removes_every_plan_left_when_the_listing_says_caught_up_early(
+        bus: Bus, nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sweep lists the Object Store past nats-py's early "caught up" (``libs.bus.object_names``): with
+    nats-py's ``list()`` it ended at the first meta message whose pending count read 0, and removed only the plans
+    before it, once (a sweep runs once per loader)."""
+    store = await ManifestStore.of(bus)
+    plans = [subjects.loader_plan(subjects.operation_key("DataLoad", "default", f"gone-{i}")) for i in range(3)]
+    for plan in plans:
+        await store.objects.put(plan, b"{}")
+    pending_reads_zero(monkeypatch, object_meta_subject(plans[0]))
+    async with loader(nats_server):
+        async def swept() -> bool:
+            return await loader_objects(bus) == set()
+
+        await eventually(swept, what="every plan of an operation gone removed")
 
 
 async def test_a_clean_reaches_every_node(bus: Bus, nats_server: NatsServer) -> None:

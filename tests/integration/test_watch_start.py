@@ -1,5 +1,6 @@
 """A watch's initial entries are all read even when nats-py says "caught up" before them (``libs.bus.WatchStart``),
-on a real nats-server; so is a listing of a bucket's keys (``kv_keys``).
+on a real nats-server; so is a listing of a bucket's keys (``kv_keys``), and of an Object Store's objects
+(``object_names``: nats-py's ``ObjectStore.list()`` has the same early None).
 
 nats-py puts its None first when the consumer's info says nothing is pending and the subscription has counted no
 message yet; under load the info's reply was read before the messages the server had delivered ahead of it (a CI
@@ -22,15 +23,18 @@ from typing import Any
 import pytest
 from nats.aio.msg import Msg
 from nats.js.client import JetStreamContext
+from nats.js.errors import NotFoundError
 from nats.js.kv import KeyValue
+from nats.js.object_store import ObjectStore as NatsObjectStore
 
 from libs import subjects
-from libs.bus import Bus, Replay, initial_entries, kv_delete, kv_keys, kv_watch
+from libs.bus import Bus, Replay, initial_entries, kv_delete, kv_keys, kv_watch, object_names
 from libs.markers import purge_kv_markers
-from tests.helpers import eventually
+from tests.helpers import eventually, object_meta_subject, pending_reads_zero
 
 BUCKET = subjects.KV_OPERATIONS
 KEYS = ("dataload.default.a", "dataload.default.b", "dataload.default.c")
+OBJECTS = ("default.a", "default.b", "default.c")
 
 
 @pytest.fixture
@@ -165,3 +169,48 @@ async def test_a_marker_sweep_finds_the_markers(bus: Bus, late_count: None) -> N
     await kv_delete(kv, KEYS[1], None)
     a_week_on = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=8)
     assert await purge_kv_markers(bus, BUCKET, a_week_on) == [KEYS[1]]
+
+
+async def stored(bus: Bus) -> NatsObjectStore:
+    store = await bus.manifests()
+    for name in OBJECTS:
+        await store.put(name, b"{}")
+    return store
+
+
+async def test_nats_py_alone_lists_part_of_the_objects_under_early_zeros(
+        bus: Bus, monkeypatch: pytest.MonkeyPatch) -> None:
+    """nats-py's ``ObjectStore.list()`` stops at the first meta message whose count reads 0, as ``keys()`` does."""
+    pending_reads_zero(monkeypatch, object_meta_subject(OBJECTS[0]))
+    assert [info.name for info in await (await stored(bus)).list()] == [OBJECTS[0]]
+
+
+async def test_nats_py_alone_lists_no_object_when_the_early_zero_is_a_deleted_ones(
+        bus: Bus, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Deleted objects left out (``ignore_deletes``), it answers that the store is empty: a wait for "no objects
+    left" ended at once."""
+    store = await bus.manifests()
+    await store.put("default.gone", b"{}")
+    await store.delete("default.gone")
+    await stored(bus)
+    pending_reads_zero(monkeypatch, object_meta_subject("default.gone"))
+    with pytest.raises(NotFoundError):
+        await store.list(ignore_deletes=True)
+    assert await object_names(store) == list(OBJECTS)
+
+
+async def test_object_names_lists_every_object_under_early_zeros(bus: Bus, monkeypatch: pytest.MonkeyPatch) -> None:
+    pending_reads_zero(monkeypatch, object_meta_subject(OBJECTS[0]), object_meta_subject(OBJECTS[1]))
+    assert await object_names(await stored(bus)) == list(OBJECTS)
+
+
+async def test_object_names_lists_every_object_when_the_count_comes_late(bus: Bus, late_count: None) -> None:
+    assert await object_names(await stored(bus)) == list(OBJECTS)
+
+
+async def test_object_names_leaves_out_deleted_objects_and_of_an_empty_store_lists_none(bus: Bus) -> None:
+    store = await bus.manifests()
+    assert await object_names(store) == []
+    await stored(bus)
+    await store.delete(OBJECTS[1])
+    assert await object_names(store) == [OBJECTS[0], OBJECTS[2]]
