@@ -39,16 +39,19 @@ from xml.sax.saxutils import escape as xml_escape
 
 from aiohttp import ClientSession, web
 
-from libs.embedded import LOOPBACK, free_port
+from libs.embedded import LOOPBACK
 from libs.ufs import open_store
 from libs.ufs.base import EndpointUnreachable, Location, NoSuchKey, ObjectChanged, ObjectInfo, ObjectStore
 from services.agent.cache.tiers import INDEX_FILE, MARKER, MARKER_TEXT, SHARD_LENGTH
+from tests.helpers import ReservedPort
 
 
 class CuttableProxy:
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
-        self.port = free_port()
+        # Held from here on, also while cut: its clients are refused, never answered by another process's server.
+        self._reserved: ReservedPort | None = ReservedPort()
+        self.port = self._reserved.port
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
 
@@ -57,7 +60,8 @@ class CuttableProxy:
         return f"http://{LOOPBACK}:{self.port}"
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, LOOPBACK, self.port)
+        reserved, self._reserved = self._reserved or ReservedPort(again=self.port), None
+        self._server = await asyncio.start_server(self._serve, sock=reserved.take())
 
     async def cut(self) -> None:
         if self._server is not None:
@@ -66,6 +70,7 @@ class CuttableProxy:
                 writer.close()
             await self._server.wait_closed()
             self._server = None
+            self._reserved = ReservedPort(again=self.port)
 
     async def restore(self) -> None:
         if self._server is None:
@@ -177,7 +182,8 @@ class LoopbackProxy:
 
     def __init__(self, target: str) -> None:
         self.target = target.rstrip("/")
-        self.port = free_port()
+        self._reserved = ReservedPort()  # held until it listens: see ReservedPort
+        self.port = self._reserved.port
         self._runner: web.AppRunner | None = None
         self._session: ClientSession | None = None
 
@@ -194,7 +200,7 @@ class LoopbackProxy:
         self._session = ClientSession(auto_decompress=False)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        await web.TCPSite(self._runner, LOOPBACK, self.port).start()
+        await web.SockSite(self._runner, self._reserved.take()).start()
 
     async def stop(self) -> None:
         if self._runner is not None:

@@ -5,14 +5,19 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
+import errno
 import io
 import json
 import logging
 import os
+import socket
 import time
+import urllib.request
+import weakref
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
 from typing import Any, TypeVar
 
 import msgspec
@@ -26,7 +31,9 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from libs import subjects, telemetry
 from libs.bus import OBJECT_META_PREFIX, Bus, KvMirror, kv_load, kv_save
+from libs.cli.stack.prometheus import PrometheusConfig, start_prometheus
 from libs.config import NatsSettings, S3Settings, Secret, ServiceSettings, Settings
+from libs.embedded import LOOPBACK, PortTaken, ServerProcess, free_port
 from libs.events.agent import AgentHeartbeat, MountReport, group_mounts, peer_url
 from libs.events.common import ObjectMeta, ObjectRef
 from libs.events.dataset import Dataset, DatasetRecord, DatasetSpec, Mount
@@ -51,6 +58,82 @@ async def eventually(probe: Callable[[], Awaitable[T | None]], timeout: float = 
             return last
         await asyncio.sleep(0.05)
     raise AssertionError(f"{what} not reached within {timeout} s; last value: {last!r}")
+
+
+class ReservedPort:
+    """A loopback port held by a bound socket that does not listen, until the server of this process that is to
+    serve it takes the socket (``take``): connections meanwhile are refused, and no other process can bind it.
+    A port ``free_port`` found free and let go of could be taken meanwhile by another worker's server (the suite
+    runs in 4 processes), which would then answer in the place of this one.
+
+    ``again``: the port a server of this process just stopped listening on, held again. When connections it
+    closed linger in TIME_WAIT there, only a socket that allows address reuse can bind it; a process binding the port
+    with address reuse too (Go servers do) could then still take it."""
+
+    def __init__(self, again: int = 0) -> None:
+        try:
+            sock = _bound(again, reuse=False)
+        except OSError as err:
+            if not again or err.errno != errno.EADDRINUSE:
+                raise
+            sock = _bound(again, reuse=True)
+        self.port = int(sock.getsockname()[1])
+        self._socket: socket.socket | None = sock
+        # Closed when the holder is gone without a server having taken it (an unclosed socket warns: an error).
+        self._release = weakref.finalize(self, sock.close)
+
+    def take(self) -> socket.socket:
+        """The bound socket, for a server to listen on (it closes it when it stops); once."""
+        if self._socket is None:
+            raise RuntimeError(f"port {self.port} was taken already")
+        sock, self._socket = self._socket, None
+        self._release.detach()
+        return sock
+
+
+def _bound(port: int, reuse: bool) -> socket.socket:
+    sock = socket.socket()
+    try:
+        if reuse:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((LOOPBACK, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def start_prometheus_on_a_free_port(binary: str, config_on: Callable[[int], PrometheusConfig],
+                                    services: Mapping[str, int], log_path: Path,
+                                    attempts: int = 3) -> tuple[PrometheusConfig, ServerProcess]:
+    """``start_prometheus`` with ``config_on(port)`` for a port chosen now, chosen again (``attempts`` in all) when
+    another process took it before Prometheus bound it (Prometheus cannot listen on port 0 and say which it got).
+    The Prometheus answering must be this one (its ``config.file``): another worker's, on the port this one could
+    not bind, answers ``/-/ready`` too before this one has exited."""
+    for attempt in range(1, attempts + 1):
+        config = config_on(free_port())
+        try:
+            server = start_prometheus(binary, config, services, log_path)
+        except PortTaken:
+            if attempt == attempts:
+                raise
+            continue
+        if _prometheus_config_file(config.port) == str(config.config_path):
+            return config, server
+        server.stop()
+        if attempt == attempts:
+            raise PortTaken("prometheus", server.process.returncode or 0, log_path,
+                            f"another Prometheus answers on port {config.port}")
+    raise AssertionError("attempts must be at least 1")
+
+
+def _prometheus_config_file(port: int) -> str | None:
+    """The configuration file of the Prometheus answering on ``port``."""
+    try:
+        with urllib.request.urlopen(f"http://{LOOPBACK}:{port}/api/v1/status/flags", timeout=5) as response:
+            return str(json.load(response)["data"].get("config.file"))
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def object_meta_subject(name: str, bucket: str = subjects.OBJ_MANIFESTS) -> str:

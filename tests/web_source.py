@@ -26,7 +26,8 @@ from urllib.parse import quote
 
 from aiohttp import web
 
-from libs.embedded import LOOPBACK, free_port
+from libs.embedded import LOOPBACK
+from tests.helpers import ReservedPort
 
 
 def nginx_page(path: str, folder: Path) -> str:
@@ -80,7 +81,8 @@ class WebSource:
         self.style = style
         self.etags = etags
         self.redirects = redirects or {}
-        self.port = free_port()
+        self._reserved = ReservedPort()  # held until it listens: see ReservedPort
+        self.port = self._reserved.port
         self.calls: list[tuple[str, str]] = []
         self._runner: web.AppRunner | None = None
 
@@ -95,7 +97,7 @@ class WebSource:
             app.on_response_prepare.append(self._drop_etag)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        await web.TCPSite(self._runner, LOOPBACK, self.port, ssl_context=self.tls).start()
+        await web.SockSite(self._runner, self._reserved.take(), ssl_context=self.tls).start()
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -33,9 +33,9 @@ import pytest
 from deploy.grafana import build
 from libs import subjects
 from libs.bus import Bus, Conflict, kv_load, kv_save
-from libs.cli.stack.prometheus import TARGETS_DIR_VARIABLE, PrometheusConfig, find_tool, start_prometheus
+from libs.cli.stack.prometheus import TARGETS_DIR_VARIABLE, PrometheusConfig, find_tool
 from libs.config import Settings
-from libs.embedded import LOOPBACK, free_port
+from libs.embedded import LOOPBACK
 from libs.events.agent import AgentHeartbeat, AgentRecord, InventorySnapshot
 from libs.events.common import ObjectMeta, ObjectRef
 from libs.events.dataset import Dataset, DatasetApply, DatasetRecord, DatasetSpec, Mount
@@ -47,7 +47,7 @@ from services.loader import app as loader_app
 from services.scheduler import app as scheduler_app
 from services.scheduler.handlers import NOT_WARM, WARMUP_SECONDS
 from tests.conftest import SeaweedServer, put_objects
-from tests.helpers import eventually, running
+from tests.helpers import eventually, running, start_prometheus_on_a_free_port
 from tests.integration.agent_stack import cluster_stack, read_file
 from tests.integration.test_loader import dataload, operation
 
@@ -76,9 +76,11 @@ async def prometheus(tmp_path: Path, services: dict[str, int], targets_dir: Path
     stopped by its PID on exit, also on failure."""
     binary = find_tool("prometheus")
     assert binary is not None
-    config = PrometheusConfig(free_port(), tmp_path / "tsdb", tmp_path / "prometheus.yml", targets_dir,
-                              scrape_interval=SCRAPE_INTERVAL)
-    server = await asyncio.to_thread(start_prometheus, binary, config, services, tmp_path / "prometheus.log")
+    config, server = await asyncio.to_thread(
+        start_prometheus_on_a_free_port, binary,
+        lambda port: PrometheusConfig(port, tmp_path / "tsdb", tmp_path / "prometheus.yml", targets_dir,
+                                      scrape_interval=SCRAPE_INTERVAL),
+        services, tmp_path / "prometheus.log")
     try:
         yield config.url
     finally:

@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -50,6 +51,7 @@ from libs.events.runtime import (
 )
 from libs.manifest import ManifestStore
 from libs.ring import owners
+from services.agent.domain import EXIT_PEER_PORT_TAKEN
 from services.agent.peer import (
     CHUNK_BYTES,
     HEADER_EXPIRES,
@@ -79,6 +81,7 @@ class MountProcess:
     mountpoint: Path
     port: int
     process: subprocess.Popen[bytes] | None = None
+    popen: dict[str, Any] = field(default_factory=dict)  # how it was started: started again the same way
 
     @property
     def url(self) -> str:
@@ -93,9 +96,22 @@ class Cluster:
     store: HttpProxy
     nodes: dict[str, MountProcess] = field(default_factory=dict)
     inventory: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Each node's peer port, chosen before its mount process starts (its workers' URLs name it before then).
+    ports: dict[str, int] = field(default_factory=dict)
+    workers: list[CacheWorker] = field(default_factory=list)
+
+    def port(self, node: str) -> int:
+        if node not in self.ports:
+            self.ports[node] = free_port()
+        return self.ports[node]
+
+    def worker(self, node: str) -> CacheWorker:
+        """``node`` as a cache worker, at its peer port."""
+        return CacheWorker(node=node, peer_url=f"http://{LOOPBACK}:{self.port(node)}")
 
     async def set_workers(self, workers: list[CacheWorker]) -> None:
         """The runtime record with these cache workers (see the module docstring: written by the test)."""
+        self.workers = workers
         runtime = Runtime(metadata=ObjectMeta(name=NAME), spec=RuntimeSpec(
             block_size="1Mi",
             tieredstore=TieredStore(levels=[Level(mediumtype="SSD", quota="256Mi", path=str(self.tmp_path / "cache"))]),
@@ -104,9 +120,10 @@ class Cluster:
         kv = await self.bus.kv(subjects.KV_RUNTIMES)
         await kv.put(subjects.resource_key("default", NAME), msgspec.json.encode(record))
 
-    def start(self, node: str, port: int | None = None, **popen: Any) -> MountProcess:
-        mount = self.nodes.get(node) or MountProcess(node, self.tmp_path / node / "mnt" / NAME, port or free_port())
+    def start(self, node: str, **popen: Any) -> MountProcess:
+        mount = self.nodes.get(node) or MountProcess(node, self.tmp_path / node / "mnt" / NAME, self.port(node))
         self.nodes[node] = mount
+        mount.popen = dict(popen)
         mount.mountpoint.parent.mkdir(parents=True, exist_ok=True)
         env = {
             **os.environ,
@@ -129,10 +146,25 @@ class Cluster:
 
     async def wait_mounted(self, expect: str) -> None:
         for mount in self.nodes.values():
-            async def visible(path: Path = mount.mountpoint) -> bool:
+            async def visible(mount: MountProcess = mount) -> bool:
+                await self._moved_if_port_taken(mount)
+                path = mount.mountpoint
                 return str(path) in mounted_paths() and await asyncio.to_thread(os.path.exists, path / expect)
 
             await eventually(visible, timeout=30, what=f"{mount.mountpoint} mounted")
+
+    async def _moved_if_port_taken(self, mount: MountProcess) -> None:
+        """A mount process that exited because its peer port was taken (another worker's server bound it after
+        ``free_port`` let it go) starts again on another, and the workers naming its old one name the new one."""
+        if mount.process is None or mount.process.poll() != EXIT_PEER_PORT_TAKEN:
+            return
+        old = mount.url
+        del self.ports[mount.node]
+        mount.port = self.port(mount.node)
+        if any(worker.peer_url == old for worker in self.workers):
+            await self.set_workers([msgspec.structs.replace(worker, peer_url=mount.url) if worker.peer_url == old
+                                    else worker for worker in self.workers])
+        self.start(mount.node, **mount.popen)
 
     async def watch_inventory(self) -> None:
         async def collect(msg: Any) -> None:
@@ -231,6 +263,7 @@ async def test_a_lying_peer_is_not_believed_and_the_read_falls_back(
     objects = {"m.bin": os.urandom(5 * MiB + 123)}
     async with cluster(bus, settings, seaweedfs, bucket, tmp_path, objects) as nodes:
         owner = nodes.start("node-a")
+        await nodes.wait_mounted("m.bin")  # on its peer port (another, if that one was taken meanwhile)
         liar = TamperingPeerProxy(owner.url, mode)
         await liar.start()
         try:
@@ -250,12 +283,10 @@ async def test_every_block_is_fetched_from_the_store_once_for_the_cluster(
     blocks = sum(block_count(len(body), BLOCK) for body in objects.values())
     async with cluster(bus, settings, seaweedfs, bucket, tmp_path, objects) as nodes:
         await nodes.watch_inventory()
-        ports = {node: free_port() for node in ("node-a", "node-b")}
         # node-a and node-b are the cache workers; node-c reads through them and keeps no cache.
-        await nodes.set_workers([CacheWorker(node=node, peer_url=f"http://{LOOPBACK}:{port}")
-                                 for node, port in ports.items()])
+        await nodes.set_workers([nodes.worker("node-a"), nodes.worker("node-b")])
         for node in ("node-a", "node-b", "node-c"):
-            nodes.start(node, ports.get(node))
+            nodes.start(node)
         await nodes.wait_mounted("shard-2.bin")
 
         async def read_all(mount: MountProcess) -> dict[str, str]:
@@ -313,15 +344,34 @@ async def test_every_block_is_fetched_from_the_store_once_for_the_cluster(
         assert answered >= value("node-c", "shoal_block_reads_total", source="peer") > 0
 
 
+async def test_a_mount_whose_peer_port_was_taken_meanwhile_starts_on_another_and_serves_there(
+        bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path) -> None:
+    """A peer port chosen free can be bound by another worker's server before the mount process binds it: that
+    process exits (``EXIT_PEER_PORT_TAKEN``), and the cluster starts it again on another port, which the workers
+    then name. Without that, the test waited for a mount that never came."""
+    objects = {"p.bin": os.urandom(3 * MiB + 5)}
+    async with cluster(bus, settings, seaweedfs, bucket, tmp_path, objects) as nodes:
+        taken = nodes.port("node-a")
+        with socket.socket() as other:  # another process's server, between free_port and the mount's bind
+            other.bind((LOOPBACK, taken))
+            other.listen()
+            await nodes.set_workers([nodes.worker("node-a")])
+            owner, client = nodes.start("node-a"), nodes.start("node-c")
+            await nodes.wait_mounted("p.bin")
+            assert owner.port != taken
+            runtime = await (await bus.kv(subjects.KV_RUNTIMES)).get(subjects.resource_key("default", NAME))
+            record = msgspec.json.decode(runtime.value or b"", type=RuntimeRecord)
+            assert [worker.peer_url for worker in record.status.workers] == [owner.url]
+            assert md5(await read_file(client.mountpoint / "p.bin")) == md5(objects["p.bin"])
+
+
 async def test_kill_9_of_an_owner_during_a_read_returns_the_right_bytes(
         bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path) -> None:
     objects = {"big.bin": os.urandom(12 * MiB + 77)}
     async with cluster(bus, settings, seaweedfs, bucket, tmp_path, objects) as nodes:
-        ports = {node: free_port() for node in ("node-a", "node-b")}
-        await nodes.set_workers([CacheWorker(node=node, peer_url=f"http://{LOOPBACK}:{port}")
-                                 for node, port in ports.items()])
+        await nodes.set_workers([nodes.worker("node-a"), nodes.worker("node-b")])
         for node in ("node-a", "node-b", "node-c"):
-            nodes.start(node, ports.get(node))
+            nodes.start(node)
         await nodes.wait_mounted("big.bin")
         nodes.store.hold()  # owners' store GETs wait: node-c's read is then in flight at its owners
         reading = asyncio.ensure_future(read_file(nodes.nodes["node-c"].mountpoint / "big.bin"))
@@ -392,14 +442,12 @@ async def test_a_new_worker_fetches_only_the_blocks_it_now_owns(
         bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str, tmp_path: Path) -> None:
     objects = {f"layer-{i}.bin": os.urandom(5 * MiB + i * 100_001) for i in range(3)}
     async with cluster(bus, settings, seaweedfs, bucket, tmp_path, objects) as nodes:
-        ports = {node: free_port() for node in ("node-a", "node-b", "node-c")}
-
         def workers(*names: str) -> list[CacheWorker]:
-            return [CacheWorker(node=name, peer_url=f"http://{LOOPBACK}:{ports[name]}") for name in names]
+            return [nodes.worker(name) for name in names]
 
         await nodes.set_workers(workers("node-a", "node-b"))
         for node in ("node-a", "node-b", "node-c"):  # node-c is a client for now: it keeps nothing
-            nodes.start(node, ports[node])
+            nodes.start(node)
         await nodes.wait_mounted("layer-2.bin")
         for key, body in objects.items():
             assert md5(await read_file(nodes.nodes["node-c"].mountpoint / key)) == md5(body)

@@ -14,7 +14,7 @@ import dataclasses
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import aiohttp
 import msgspec
@@ -24,7 +24,6 @@ import pytest
 from libs import subjects
 from libs.bus import Bus, KvMirror, kv_load
 from libs.config import SchedulerSettings, Settings
-from libs.embedded import free_port
 from libs.events.agent import (
     AgentHeartbeat,
     AgentRecord,
@@ -43,6 +42,7 @@ from libs.manifest import ManifestStore, ManifestWriter
 from libs.side_server import Readiness
 from services.scheduler import app
 from services.scheduler.handlers import CATALOG_ATTEMPTS, NOT_READY, NOT_WARM, SchedulerHandlers
+from services.scheduler.http import HttpLoop, http_loop
 from tests.conftest import NatsServer
 from tests.helpers import eventually, make_settings
 from tests.metric_values import Snapshot
@@ -269,16 +269,28 @@ PVC_POD = {"metadata": {"name": "trainer", "namespace": "ml"},
 
 
 async def test_the_http_front_runs_when_its_port_is_set_and_answers_from_the_same_fold(
-        bus: Bus, scheduler_settings: Settings) -> None:
+        bus: Bus, scheduler_settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
     """SHOAL_SCHED_HTTP_PORT set (plain HTTP here; TLS is covered in test_scheduler_http): the extender's
     prioritize answer follows the fold like the NATS API's."""
     await seed(bus, {"node-a": {}})
     agent = FakeAgent(bus, "node-a")
-    port = free_port()
-    settings = dataclasses.replace(scheduler_settings, scheduler=SchedulerSettings(http_port=port))
+    # Port 0, the one it got read back from its loop: a port found free and let go of could be taken by another
+    # worker's server before the scheduler bound it.
+    loops: list[HttpLoop] = []
+
+    def kept(*args: Any, **kwargs: Any) -> HttpLoop:
+        loops.append(http_loop(*args, **kwargs))
+        return loops[-1]
+
+    monkeypatch.setattr(app, "http_loop", kept)
+    settings = dataclasses.replace(scheduler_settings, scheduler=SchedulerSettings(http_port=0))
     stop = asyncio.Event()
     task = asyncio.create_task(app.run(settings, stop))
-    base = f"http://127.0.0.1:{port}"
+
+    async def bound() -> int:
+        return loops[0].bound_port if loops else 0
+
+    base = f"http://127.0.0.1:{await eventually(bound, what='the extender listening')}"
 
     async def prioritized(session: aiohttp.ClientSession) -> list[dict[str, object]] | None:
         try:

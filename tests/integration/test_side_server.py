@@ -5,39 +5,59 @@ follows the NATS connection (false while nats-server is stopped, true again once
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import aiohttp
 import pytest
 
 from libs.config import Settings
-from libs.embedded import LOOPBACK, ServerProcess, free_port, spawn
+from libs.embedded import LOOPBACK, ServerProcess, spawn, wait_until
 from tests.conftest import NatsServer, SeaweedServer
-from tests.helpers import eventually
+from tests.helpers import eventually, json_lines
 
 SERVICES = ("dataset", "runtime", "agent")
 
 
 @pytest.fixture
 def services(nats_server: NatsServer, seaweedfs: SeaweedServer, tmp_path: Path) -> Iterator[dict[str, int]]:
-    """The three services as child processes, each with its side server on its own port: name → port."""
+    """The three services as child processes, each with its side server on its own port: name → port.
+
+    Each binds port 0 and logs the port it got: a port found free here and let go of could be taken by another
+    worker's server before the service bound it (and that server would answer the test)."""
     started: list[ServerProcess] = []
     ports: dict[str, int] = {}
     try:
         for name in SERVICES:
-            ports[name] = free_port()
             env = {**os.environ, "NATS_URL": nats_server.url, "SHOAL_S3_ENDPOINT": seaweedfs.endpoint,
-                   "SHOAL_HTTP_PORT": str(ports[name]), "SHOAL_LOG_FORMAT": "json",
+                   "SHOAL_HTTP_PORT": "0", "SHOAL_LOG_FORMAT": "json",
                    "SHOAL_MOUNT_ROOT": str(tmp_path / "mnt"), "SHOAL_NODE_NAME": "side-node"}
             started.append(spawn(name, [sys.executable, "-m", f"services.{name}"], tmp_path / f"{name}.log", env=env))
+        for name, process in zip(SERVICES, started, strict=True):
+            wait_until(functools.partial(listening, process), 60, f"{name}'s side server", process.process,
+                       process.log_path, process.log_start)
+            ports[name] = side_port(process) or 0
         yield ports
     finally:
         for process in started:
             process.stop()
+
+
+def side_port(process: ServerProcess) -> int | None:
+    """The port of the side server ``process`` logged it listens on, once it has."""
+    for line in json_lines(process.log_path.read_bytes()[process.log_start:].decode(errors="replace")):
+        if line.get("event") == "side server listening":
+            return urlsplit(str(line["url"])).port
+    return None
+
+
+def listening(process: ServerProcess) -> bool:
+    return side_port(process) is not None
 
 
 async def get(session: aiohttp.ClientSession, port: int, path: str) -> tuple[int, str]:

@@ -1,13 +1,21 @@
-"""free_port never hands out a port twice in one process, even when the kernel offers a just-closed one again."""
+"""free_port never hands out a port twice in one process, even when the kernel offers a just-closed one again; the
+test servers of this process (proxies, web sources) hold their port from the start (``tests.helpers.ReservedPort``),
+so another worker's server cannot take it before they listen, nor while a proxy is cut."""
 
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
+import aiohttp
 import pytest
 
 from libs import embedded
 from libs.embedded import LOOPBACK, free_port
+from tests.faults import CuttableProxy, HttpProxy, TamperingPeerProxy
+from tests.web_source import WebSource
 
 
 def test_a_port_the_kernel_offers_again_is_not_handed_out_twice(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -42,3 +50,57 @@ def test_refused_port_refuses_connections_and_cannot_be_taken(refused_port: int)
         other.bind((LOOPBACK, refused_port))
     with socket.socket() as client, pytest.raises(ConnectionRefusedError):
         client.connect((LOOPBACK, refused_port))
+
+
+def untakeable(port: int) -> None:
+    """No other server can bind ``port`` (with address reuse or without, as Go's and asyncio's servers bind), and
+    a connection there is refused."""
+    for reuse in (0, 1):
+        with socket.socket() as other, pytest.raises(OSError, match="in use"):
+            other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, reuse)
+            other.bind((LOOPBACK, port))
+    with socket.socket() as client, pytest.raises(ConnectionRefusedError):
+        client.connect((LOOPBACK, port))
+
+
+async def answers(url: str) -> int:
+    async with aiohttp.ClientSession() as session, session.get(url) as response:
+        return response.status
+
+
+async def test_a_cuttable_proxy_keeps_its_port_before_it_starts_and_while_it_is_cut(refused_port: int) -> None:
+    proxy = CuttableProxy(refused_port)
+    untakeable(proxy.port)  # not listening yet: its clients are refused, by no one else's server
+    await proxy.start()
+    with socket.create_connection((LOOPBACK, proxy.port)):
+        pass
+    await proxy.cut()
+    with socket.socket() as other, pytest.raises(OSError, match="in use"):
+        other.bind((LOOPBACK, proxy.port))
+    with socket.socket() as client, pytest.raises(ConnectionRefusedError):
+        client.connect((LOOPBACK, proxy.port))
+    await proxy.restore()
+    with socket.create_connection((LOOPBACK, proxy.port)):
+        pass
+    await proxy.cut()
+
+
+@pytest.mark.parametrize("make", [HttpProxy, TamperingPeerProxy], ids=["http", "tampering-peer"])
+async def test_a_loopback_proxys_port_cannot_be_taken_before_it_starts(
+        make: Callable[[str], Any], refused_port: int) -> None:
+    proxy = make(f"http://{LOOPBACK}:{refused_port}")
+    untakeable(proxy.port)
+    await proxy.start()
+    try:
+        with socket.create_connection((LOOPBACK, proxy.port)):  # it listens there once started
+            pass
+    finally:
+        await proxy.stop()
+
+
+async def test_a_web_sources_port_cannot_be_taken_before_it_starts(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_bytes(b"a")
+    source = WebSource(tmp_path)
+    untakeable(source.port)
+    async with source:
+        assert await answers(source.url + "a.txt") == 200
