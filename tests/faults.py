@@ -60,8 +60,11 @@ class CuttableProxy:
         return f"http://{LOOPBACK}:{self.port}"
 
     async def start(self) -> None:
-        reserved, self._reserved = self._reserved or ReservedPort(again=self.port), None
-        self._server = await asyncio.start_server(self._serve, sock=reserved.take())
+        reserved, self._reserved = self._reserved, None
+        if reserved is None:  # not held since the cut (see ``cut``)
+            self._server = await asyncio.start_server(self._serve, LOOPBACK, self.port)
+        else:
+            self._server = await asyncio.start_server(self._serve, sock=reserved.take())
 
     async def cut(self) -> None:
         if self._server is not None:
@@ -70,7 +73,10 @@ class CuttableProxy:
                 writer.close()
             await self._server.wait_closed()
             self._server = None
-            self._reserved = ReservedPort(again=self.port)
+            try:
+                self._reserved = ReservedPort(again=self.port)
+            except OSError:  # a connection not closed yet holds it without address reuse: held by none, as before
+                self._reserved = None
 
     async def restore(self) -> None:
         if self._server is None:

@@ -83,11 +83,14 @@ class ReservedPort:
         self._release = weakref.finalize(self, sock.close)
 
     def take(self) -> socket.socket:
-        """The bound socket, for a server to listen on (it closes it when it stops); once."""
+        """The bound socket, for a server to listen on (it closes it when it stops); once. It allows address reuse
+        from now on, as asyncio's servers' sockets do: the connections it accepts inherit that, so once it stops,
+        the port can be held again while they close."""
         if self._socket is None:
             raise RuntimeError(f"port {self.port} was taken already")
         sock, self._socket = self._socket, None
         self._release.detach()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         return sock
 
 

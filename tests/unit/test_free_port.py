@@ -15,6 +15,7 @@ import pytest
 from libs import embedded
 from libs.embedded import LOOPBACK, free_port
 from tests.faults import CuttableProxy, HttpProxy, TamperingPeerProxy
+from tests.helpers import eventually
 from tests.web_source import WebSource
 
 
@@ -68,21 +69,30 @@ async def answers(url: str) -> int:
         return response.status
 
 
-async def test_a_cuttable_proxy_keeps_its_port_before_it_starts_and_while_it_is_cut(refused_port: int) -> None:
-    proxy = CuttableProxy(refused_port)
-    untakeable(proxy.port)  # not listening yet: its clients are refused, by no one else's server
-    await proxy.start()
-    with socket.create_connection((LOOPBACK, proxy.port)):
-        pass
-    await proxy.cut()
-    with socket.socket() as other, pytest.raises(OSError, match="in use"):
-        other.bind((LOOPBACK, proxy.port))
-    with socket.socket() as client, pytest.raises(ConnectionRefusedError):
-        client.connect((LOOPBACK, proxy.port))
-    await proxy.restore()
-    with socket.create_connection((LOOPBACK, proxy.port)):
-        pass
-    await proxy.cut()
+async def test_a_cuttable_proxy_keeps_its_port_before_it_starts_and_while_it_is_cut() -> None:
+    with socket.socket() as target:
+        target.bind((LOOPBACK, 0))
+        target.listen()
+        proxy = CuttableProxy(target.getsockname()[1])
+        untakeable(proxy.port)  # not listening yet: its clients are refused, by no one else's server
+        await proxy.start()
+        with socket.create_connection((LOOPBACK, proxy.port)) as open_across_the_cut:
+            open_across_the_cut.sendall(b"x")
+            await eventually(lambda: _true(len(proxy._writers) == 2), what="the connection piped to the target")
+            await proxy.cut()
+            with socket.socket() as other, pytest.raises(OSError, match="in use"):
+                other.bind((LOOPBACK, proxy.port))
+            assert proxy._reserved is not None  # held by a socket of its own, not only by that connection
+        with socket.socket() as client, pytest.raises(ConnectionRefusedError):
+            client.connect((LOOPBACK, proxy.port))
+        await proxy.restore()
+        with socket.create_connection((LOOPBACK, proxy.port)):
+            pass
+        await proxy.cut()
+
+
+async def _true(value: bool) -> bool:
+    return value
 
 
 @pytest.mark.parametrize("make", [HttpProxy, TamperingPeerProxy], ids=["http", "tampering-peer"])
