@@ -110,3 +110,14 @@ def test_the_readme_names_every_bucket_each_service_sweeps() -> None:
         assert listed, f"the README's markers paragraph names no buckets for the {service} service"
         named[service] = set(re.findall(r"`(shoal_\w+)`", listed.group(1)))
     assert named == {service: set(buckets) for service, buckets in swept.items()}
+
+
+def test_the_notes_the_migration_guide_shows_are_those_its_example_files_give() -> None:
+    """docs/migrating-from-fluid.md shows what `shoal apply -f` prints for two files of deploy/examples/."""
+    text = (ROOT / "docs" / "migrating-from-fluid.md").read_text()
+    command = re.search(r"\(`\.venv/bin/shoal apply((?:\s+-f\s+[^\s`]+)+)`\):\n+```\n(.*?)```", text, re.S)
+    assert command, "the guide's 'Check your manifests first' example is not found"
+    files = re.findall(r"-f\s+(\S+)", command.group(1))
+    notes = [note for name in files
+             for note in documents_to_commands(parse_documents((ROOT / name).read_text()))[1]]
+    assert command.group(2).splitlines() == notes
