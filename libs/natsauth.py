@@ -289,9 +289,11 @@ def permissions(kind: str, node: str = "", nodes: Iterable[str] | None = None) -
             # It erases an apply that carried a secret in clear from the command stream (docs/security.md).
             publish=[subjects.DATASET_FACTS, subjects.INVENTORY_REQUEST,
                      stream_api("MSG.DELETE", subjects.STREAM_COMMANDS)],
-            kv_writes=[subjects.KV_DATASETS, subjects.KV_BINDINGS, subjects.KV_NODE_CACHE, subjects.KV_LISTINGS,
-                       subjects.KV_MEMBERS],
-            objects="write", sweeps=subjects.SWEPT_BY_DATASET)
+            kv_writes=[subjects.KV_DATASETS, subjects.KV_BINDINGS, subjects.KV_NODE_CACHE, subjects.KV_LISTINGS],
+            objects="write", sweeps=subjects.SWEPT_BY_DATASET,
+            # Its replicas beat in shoal_members under their own keys only: the other services' beats there carry
+            # their event limits, which the CLI and the bridge trust.
+            members=subjects.MEMBERS_DATASET)
     if kind == RUNTIME:
         return _service(
             consumers=DURABLES[RUNTIME],

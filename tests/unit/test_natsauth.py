@@ -95,9 +95,21 @@ def test_each_bucket_is_written_by_its_owner_only() -> None:
         subjects.KV_DATASETS: {DATASET}, subjects.KV_BINDINGS: {DATASET}, subjects.KV_NODE_CACHE: {DATASET},
         subjects.KV_LISTINGS: {DATASET},
         subjects.KV_RUNTIMES: {RUNTIME}, subjects.KV_AGENTS: {RUNTIME},
-        subjects.KV_OPERATIONS: {LOADER}, subjects.KV_OPERATION_RUNS: {LOADER}, subjects.KV_MEMBERS: {DATASET},
+        subjects.KV_OPERATIONS: {LOADER}, subjects.KV_OPERATION_RUNS: {LOADER},
+        subjects.KV_MEMBERS: set(),  # each service under its own keys only (below)
         subjects.KV_BRIDGE_APPLIED: {BRIDGE},
     }
+
+
+def test_each_service_beats_in_the_members_bucket_under_its_own_keys_only() -> None:
+    """The beats carry each service's event limit, which the CLI and the bridge trust: the dataset service wrote the
+    whole bucket, so it could have stated the runtime service's limit."""
+    own = {DATASET: subjects.MEMBERS_DATASET, RUNTIME: subjects.MEMBERS_RUNTIME, LOADER: subjects.MEMBERS_LOADER,
+           SCHEDULER: subjects.MEMBERS_SCHEDULER}
+    for kind, prefix in own.items():
+        writable = {other for other in own.values()
+                    if may_publish(kind, f"$KV.{subjects.KV_MEMBERS}.{other}.replica-1")}
+        assert writable == {prefix}, kind
 
 
 def test_the_scheduler_beats_under_its_own_member_keys_and_follows_the_inventory_without_a_durable() -> None:
