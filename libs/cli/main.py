@@ -217,7 +217,8 @@ def wait_timeout_option() -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """``--wait-timeout``, beside every ``--wait``."""
     return click.option("--wait-timeout", type=Duration(), default=None, metavar="DURATION",
                         help="With --wait: give up after this long (90s, 5m, 1h30m), saying where each one stood "
-                             "(a load whose dataset does not exist yet stays Pending); exit 1. The work goes on.  "
+                             "(an operation whose dataset does not exist yet stays Pending); exit 1. The work goes "
+                             "on.  "
                              "[default: until each ends]")
 
 
