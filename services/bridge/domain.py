@@ -385,6 +385,9 @@ class Applied(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     # A Dataset's mirror keys (``mirror_key``) its published spec referred to: removed when it is found deleted, or
     # its spec changed, while the bridge was down. None: unknown (an entry written before they were kept).
     held: tuple[str, ...] | None = None
+    # A Dataset's (Secret, key) references of its published spec: after a start, the Secrets still handed over
+    # while its current spec is invalid (``running_refs``). None: unknown (an entry written before they were kept).
+    secrets: tuple[tuple[str, str], ...] | None = None
     # The commands stream's sequence of the publish: a resend answered with the same one was dropped as a repeat.
     sequence: int = 0
     # The facts stream's sequence of the latest rejection of ``command_id`` the bridge took in, and whether it is in
@@ -397,15 +400,24 @@ class Applied(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
 
 
 def applied(key: ObjectKey, command_id: str, held: frozenset[str] | None = None, sequence: int = 0,
-            rejection: int = 0, first: int = 0) -> Applied:
+            rejection: int = 0, first: int = 0, secrets: list[tuple[str, str]] | None = None) -> Applied:
     return Applied(command_id=command_id, group=key.resource.group, kind=key.resource.kind,
                    namespace=key.namespace, name=key.name, held=None if held is None else tuple(sorted(held)),
-                   sequence=sequence, rejection=rejection, first=first)
+                   sequence=sequence, rejection=rejection, first=first,
+                   secrets=None if secrets is None else tuple(secrets))
 
 
 def held_keys(entry: Applied | None) -> frozenset[str]:
     """The mirror keys an entry says its published spec referred to (none when unknown)."""
     return frozenset(entry.held or ()) if entry is not None else frozenset()
+
+
+def running_refs(published: list[tuple[str, str]] | None, entry: Applied | None) -> list[tuple[str, str]]:
+    """The (Secret, key) references of the spec Shoal runs for a Dataset: those of this process's last publish
+    (``published``), else, after a start, those its bucket entry kept (none when unknown)."""
+    if published is not None:
+        return published
+    return [(name, key) for name, key in entry.secrets or ()] if entry is not None else []
 
 
 def command_uid(command_id: str) -> str:

@@ -74,6 +74,9 @@ EVENTS_KEPT = 8
 # it is dropped, with the reason, until Shoal's status or the object's changes.
 STATUS_REFUSALS = (400, 404, 413, 422)
 REASON_STATUS_REFUSED = "StatusRefused"
+# Event create answers that refuse this Event (its fields or size), not an unavailable API server: the same Event
+# would be refused at every pass, and an Event only informs, so it is logged with the server's reason and given up.
+EVENT_REFUSALS = (400, 413, 422)
 
 
 @dataclass(frozen=True)
@@ -215,7 +218,11 @@ class BridgeHandlers:
     # The mirror keys each Dataset's published spec refers to (the files mode names its files by them too): a spec
     # change removes the ones it dropped.
     mirrored: dict[ObjectKey, frozenset[str]] = field(default_factory=dict)
-    # Which (namespace, Secret, key) each data key of the mirror Secret holds (``_mirror_collisions``).
+    # The (Secret, key) references of each Dataset's published spec, the one Shoal runs: while a later spec is
+    # invalid, their values are still handed over, rotations included (``_hand_over_running``).
+    handed: dict[ObjectKey, list[tuple[str, str]]] = field(default_factory=dict)
+    # Which (namespace, Secret, key) each handed-over key (the mirror's data key, the files') holds
+    # (``_key_collisions``).
     mirror_owners: dict[str, tuple[str, str, str]] = field(default_factory=dict)
     # Resyncs asked for a Dataset waiting for the kubelet to mount its keys: (command id of the spec, tries, when).
     resyncs: dict[ObjectKey, tuple[str, int, float]] = field(default_factory=dict)
@@ -322,6 +329,7 @@ class BridgeHandlers:
         self.volumes.discard(key)
         self.volume_conflicts.pop(key, None)
         self.first_applies.pop(key, None)
+        self.handed.pop(key, None)
         held = self.mirrored.pop(key, frozenset()) | domain.held_keys(self._entry(domain.uid_of(obj)))
         if self.published.pop(key, None) is not None:
             # Not through Shoal's finalizer, or not to its end: what is left is done now, or retried (``tick``)
@@ -399,9 +407,10 @@ class BridgeHandlers:
         # The rejections read so far are answered by this publish: their facts, read again at a start, are old.
         answered = max(self.rejection_sequences.get(command_id, 0),
                        before.rejection if before is not None and before.command_id == command_id else 0)
-        held = domain.mirror_keys(obj) if key.resource.kind == "Dataset" else None
-        await self._save_applied(uid, domain.applied(key, command_id, held, sequence, answered,
-                                                     self.first_applies.get(key, 0)))
+        dataset = key.resource.kind == "Dataset"
+        await self._save_applied(uid, domain.applied(key, command_id, domain.mirror_keys(obj) if dataset else None,
+                                                     sequence, answered, self.first_applies.get(key, 0),
+                                                     domain.secret_refs(obj) if dataset else None))
 
     async def _save_applied(self, uid: str, entry: domain.Applied) -> None:
         assert self.applied is not None
@@ -501,6 +510,7 @@ class BridgeHandlers:
             self.invalid[key] = message
             self.published.pop(key, None)
             self.first_applies.pop(key, None)
+            self.handed.pop(key, None)
             await self._forget_applied(domain.uid_of(obj))  # its delete must never reach the other's record
             return
         if kube.FINALIZER not in domain.finalizers(obj) and not self._family_listed(key):
@@ -517,14 +527,17 @@ class BridgeHandlers:
             return  # this spec is in Shoal already (a status write of ours came back, a duplicate event)
         if command is not None and key.resource.kind == "Dataset":
             # Read when the spec changes and at every list, so a changed Secret reaches the services.
-            errors = await self._store_secrets(key.namespace, domain.secret_refs(obj))
-        self.refresh.discard(key)
+            errors = await self._store_secrets(key, domain.secret_refs(obj))
         if errors or command is None:
             message = "; ".join(errors)
+            if key.resource.kind == "Dataset" and (key in self.refresh or self.invalid.get(key) != message):
+                await self._hand_over_running(key, obj)
+            self.refresh.discard(key)
             if self.invalid.get(key) != message:
                 log.info("invalid custom resource", object=str(key), reasons=errors)
             self.invalid[key] = message
             return
+        self.refresh.discard(key)
         self.invalid.pop(key, None)
         if self.published.get(key) == command.event.id:
             return
@@ -538,6 +551,8 @@ class BridgeHandlers:
         entry = self._entry(domain.uid_of(obj))
         if entry is not None:  # a restart: this object's first apply is known from its entry only
             self.first_applies[key] = entry.first
+        if key.resource.kind == "Dataset":
+            self.handed[key] = domain.secret_refs(obj)
         if self._applied_before(obj, command.event.id):
             self.published[key] = command.event.id  # a restart: Shoal has this spec, publishing it again costs writes
             return
@@ -618,21 +633,23 @@ class BridgeHandlers:
 
     # --- Secrets ---
 
-    async def _store_secrets(self, namespace: str, refs: list[tuple[str, str]]) -> list[str]:
+    async def _store_secrets(self, of: ObjectKey, refs: list[tuple[str, str]]) -> list[str]:
         """Hand every referenced Secret key to the services; the command carries only the reference. With
         ``SHOAL_KUBE_SECRET_MIRROR`` into that one Secret (``_mirror``), which the services mount; else as a file
         ``<SHOAL_SECRETS_DIR>/<ns>.<name>/<key>`` (one host). Both are layouts ``libs.ufs.mounts.read_secrets``
         reads. Nothing is handed over while a reference cannot be resolved. Returns why (never with a value)."""
         if not refs:
             return []
+        namespace = of.namespace
         mirror = self.settings.kube.secret_mirror_ref
         errors = domain.secret_ref_errors(refs, namespace)
         if mirror is not None:
             errors += domain.mirror_key_errors(refs, namespace)
-            errors += self._mirror_collisions(namespace, refs)
         elif not self.settings.s3.secrets_dir:
             errors.append("the bridge has neither SHOAL_KUBE_SECRET_MIRROR nor SHOAL_SECRETS_DIR to hand Secrets "
                           "to the services")
+        # Either way: the files mode names (and removes) its files by the same key (``domain.secret_files``).
+        errors += self._key_collisions(of, refs)
         if errors:
             return errors
         values: dict[tuple[str, str], bytes] = {}
@@ -667,17 +684,39 @@ class BridgeHandlers:
                 await asyncio.to_thread(_write_private, target, value)
         return errors
 
-    def _mirror_collisions(self, namespace: str, refs: list[tuple[str, str]]) -> list[str]:
-        """A mirror key is ``<ns>.<secret>.<key>``, and names and keys may hold dots: Secret ``a.b`` key ``c`` and
-        Secret ``a`` key ``b.c`` would share one. The first reference the bridge saw keeps it (until a restart)."""
+    async def _hand_over_running(self, key: ObjectKey, obj: dict[str, Any]) -> None:
+        """While a Dataset's spec is invalid, Shoal runs its last valid one: that spec's Secrets are still handed
+        over, read again as a valid spec's are (a rotation reaches the running dataset). What cannot be read is
+        logged; the values handed over before stay."""
+        refs = domain.running_refs(self.handed.get(key), self._entry(domain.uid_of(obj)))
+        errors = await self._store_secrets(key, refs)
+        if errors:
+            log.warning("the running spec's Secrets not handed over again", object=str(key), reasons=errors)
+
+    def _key_collisions(self, of: ObjectKey, refs: list[tuple[str, str]]) -> list[str]:
+        """A handed-over key is ``<ns>.<secret>.<key>`` (``domain.mirror_key``: the mirror's data key, and what
+        the files mode names and removes its files by), and names and keys may hold dots: Secret ``a.b`` key ``c``
+        and Secret ``a`` key ``b.c`` would share one. The first reference the bridge saw keeps it while a Dataset
+        other than ``of`` refers to it, until its keys are taken back (``_remove_handed_keys``) or a restart."""
+        namespace = of.namespace
         errors = []
         for name, key in refs:
             flat = domain.mirror_key(namespace, name, key)
             owner = self.mirror_owners.setdefault(flat, (namespace, name, key))
+            if owner != (namespace, name, key) and not self._referred(owner, of):
+                self.mirror_owners[flat] = owner = (namespace, name, key)  # its Datasets are gone: free
             if owner != (namespace, name, key):
-                errors.append(f"Secret {namespace}/{name} key {key!r} would share the mirror's key {flat!r} with "
-                              f"Secret {owner[0]}/{owner[1]} key {owner[2]!r}: rename one")
+                errors.append(f"Secret {namespace}/{name} key {key!r} would be handed over under the key {flat!r} "
+                              f"of Secret {owner[0]}/{owner[1]} key {owner[2]!r}: rename one")
         return errors
+
+    def _referred(self, ref: tuple[str, str, str], but: ObjectKey) -> bool:
+        """Whether a Dataset other than ``but`` refers to (namespace, Secret, key) ``ref``: in its spec, or in the
+        spec Shoal runs for it (``handed``)."""
+        namespace, name, key = ref
+        return any(other.resource.kind == "Dataset" and other != but and other.namespace == namespace
+                   and ((name, key) in domain.secret_refs(obj) or (name, key) in self.handed.get(other, []))
+                   for other, obj in self.objects.items())
 
     async def _mirror(self, mirror: tuple[str, str], wanted: dict[str, bytes]) -> list[str]:
         """Make the mirror Secret hold ``wanted`` (data keys → values): read it, then one merge patch of the keys
@@ -766,10 +805,11 @@ class BridgeHandlers:
             removed = await asyncio.to_thread(_remove_secret_files, Path(self.settings.s3.secrets_dir), unused)
             if removed:
                 log.info("secret files removed", folder=self.settings.s3.secrets_dir, files=removed)  # no values
+        for flat in unused:  # taken back: the name is free for another reference (``_key_collisions``)
+            self.mirror_owners.pop(flat, None)
 
     async def _remove_mirror_keys(self, mirror: tuple[str, str], unused: list[str]) -> None:
-        """Remove ``unused`` keys from the mirror Secret (those it holds: one merge patch of nulls) and free their
-        names (``mirror_owners``)."""
+        """Remove ``unused`` keys from the mirror Secret (those it holds: one merge patch of nulls)."""
         if not unused:
             return
         namespace, name = mirror
@@ -786,8 +826,6 @@ class BridgeHandlers:
                 _content_type=MERGE_PATCH,  # type: ignore[call-arg]  # in **kwargs, not in the stubs
                 _request_timeout=REQUEST_TIMEOUT_SECONDS)
             log.info("secret mirror keys removed", secret=f"{namespace}/{name}", keys=present)
-        for flat in unused:
-            self.mirror_owners.pop(flat, None)
 
     # --- periodic: status, volumes, Events, retries ---
 
@@ -1059,7 +1097,10 @@ class BridgeHandlers:
             await self.core.create_namespaced_event(key.namespace, body,  # type: ignore[arg-type]  # a dict is sent as is
                                                     _request_timeout=REQUEST_TIMEOUT_SECONDS)
         except ApiException as err:
-            if err.status != 409:  # 409: recorded before (a restart), the name is deterministic
+            if err.status in EVENT_REFUSALS:  # no retry: the status and the rest of the pass go on
+                log.warning("event refused by the API server, not recorded", object=str(key), reason=reason,
+                            error=_short(err), message=_api_message(err))
+            elif err.status != 409:  # 409: recorded before (a restart), the name is deterministic
                 raise
         recorded = self.recorded_events.setdefault(key, {})
         recorded[name] = None

@@ -10,6 +10,7 @@ The test plays the watches (``on_listing`` / ``on_event``) and the periodic pass
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import itertools
 import time
@@ -821,3 +822,113 @@ async def test_a_restarted_bridge_does_not_show_the_deleted_objects_record_on_th
     finally:
         applied.stop()
         await task
+
+
+def _encrypted(*refs: tuple[str, str]) -> dict[str, Any]:
+    """A Dataset spec whose one mount names these (Secret, key) references."""
+    return {"mounts": [{"mountPoint": "s3://bucket", "encryptOptions": [
+        {"name": f"aws.secretKey{i}", "valueFrom": {"secretKeyRef": {"name": name, "key": key}}}
+        for i, (name, key) in enumerate(refs)]}]}
+
+
+def _handed(harness: Harness, mirror: bool, secret: str, key: str) -> str | None:
+    """The value of Secret ``default/<secret>``'s ``key`` as the services get it (mirror or files), or None."""
+    if mirror:
+        stored = harness.server.stored("", "secrets", kube.SYSTEM_NAMESPACE, "shoal-dataset-secrets") or {}
+        value = (stored.get("data") or {}).get(f"default.{secret}.{key}")
+        return None if value is None else base64.b64decode(value).decode()
+    path = Path(harness.handlers.settings.s3.secrets_dir) / f"default.{secret}" / key
+    return path.read_text() if path.exists() else None
+
+
+@pytest.mark.parametrize("mode", ["mirror", "files"])
+async def test_a_dataset_edited_to_name_a_missing_secret_keeps_following_its_running_specs_secrets(
+        harness: Harness, mode: str) -> None:
+    """A Dataset accepted with Secret creds, then edited to name Secret absent too: the edit is Invalid (the reason
+    on the object), Shoal keeps running the last valid spec, and that spec's values stay handed over and follow a
+    rotation of creds at the next re-list (before, nothing was handed over while the edit was invalid: the running
+    dataset kept the old value until the user fixed the edit)."""
+    handlers = harness.handlers
+    if mode == "mirror":
+        handlers.settings = dataclasses.replace(handlers.settings, kube=dataclasses.replace(
+            handlers.settings.kube, secret_mirror=f"{kube.SYSTEM_NAMESPACE}/shoal-dataset-secrets"))
+        await handlers.core.create_namespaced_secret(kube.SYSTEM_NAMESPACE, client.V1Secret(
+            metadata=client.V1ObjectMeta(name="shoal-dataset-secrets")))
+    await handlers.core.create_namespaced_secret("default", client.V1Secret(
+        metadata=client.V1ObjectMeta(name="creds"), string_data={"secret": "first"}))
+    await harness.first_lists()
+    await handlers.on_object(SHOAL, await harness.create(SHOAL, "demo", _encrypted(("creds", "secret"))))
+    published = handlers.published[_key(SHOAL)]
+    assert _handed(harness, mode == "mirror", "creds", "secret") == "first"
+
+    await handlers.custom.patch_namespaced_custom_object(
+        SHOAL.group, SHOAL.version, "default", SHOAL.plural, "demo",
+        {"spec": _encrypted(("creds", "secret"), ("absent", "id"))}, _content_type=MERGE)  # type: ignore[call-arg]
+    await handlers.on_event(SHOAL, "MODIFIED", harness.get(SHOAL, "demo") or {})
+    condition = await harness.until(lambda: _accepted(harness.get(SHOAL, "demo")), what="the edit refused")
+    assert condition["reason"] == "Invalid" and "Secret default/absent not found" in condition["message"]
+    assert handlers.published[_key(SHOAL)] == published  # Shoal runs the last valid spec
+
+    await handlers.core.patch_namespaced_secret(
+        "creds", "default", {"data": {"secret": base64.b64encode(b"rotated").decode()}},
+        _content_type=MERGE)  # type: ignore[call-arg]
+    await handlers.on_listing(SHOAL, None, [harness.get(SHOAL, "demo") or {}])  # a re-list reads Secrets again
+    assert _handed(harness, mode == "mirror", "creds", "secret") == "rotated"
+    assert _handed(harness, mode == "mirror", "absent", "id") is None
+    assert _key(SHOAL) in handlers.invalid
+
+
+@pytest.mark.parametrize("mode", ["mirror", "files"])
+async def test_two_secrets_spelt_alike_once_flattened_are_refused_in_either_mode(harness: Harness, mode: str) -> None:
+    """Secret ``a.b`` key ``c`` and Secret ``a`` key ``b.c`` are both handed over as ``default.a.b.c``: the second
+    Dataset naming one is Invalid with that reason, with the mirror and without it (before, the files mode took
+    both: the key's removal could not tell whose value a file held). Once the first Dataset goes, the name is
+    free and the second is taken at its next handling."""
+    handlers = harness.handlers
+    if mode == "mirror":
+        handlers.settings = dataclasses.replace(handlers.settings, kube=dataclasses.replace(
+            handlers.settings.kube, secret_mirror=f"{kube.SYSTEM_NAMESPACE}/shoal-dataset-secrets"))
+        await handlers.core.create_namespaced_secret(kube.SYSTEM_NAMESPACE, client.V1Secret(
+            metadata=client.V1ObjectMeta(name="shoal-dataset-secrets")))
+    for name, key in (("a.b", "c"), ("a", "b.c")):
+        await handlers.core.create_namespaced_secret("default", client.V1Secret(
+            metadata=client.V1ObjectMeta(name=name), string_data={key: name}))
+    await harness.first_lists()
+    await handlers.on_object(SHOAL, await harness.create(SHOAL, "one", _encrypted(("a.b", "c"))))
+    await handlers.on_object(SHOAL, await harness.create(SHOAL, "two", _encrypted(("a", "b.c"))))
+    assert ObjectKey(SHOAL, "default", "one") in handlers.published
+    reason = handlers.invalid[ObjectKey(SHOAL, "default", "two")]
+    assert "default.a.b.c" in reason and "Secret default/a.b key 'c'" in reason
+    assert _handed(harness, mode == "mirror", "a.b", "c") == "a.b"  # the mirror's one key holds the first's value
+    assert mode == "mirror" or _handed(harness, False, "a", "b.c") is None
+
+    deleted = await harness.delete(SHOAL, "one")
+    await handlers.on_event(SHOAL, "MODIFIED", deleted)
+    await harness.until(lambda: harness.get(SHOAL, "one") is None, what="the first Dataset released")
+    await handlers.on_event(SHOAL, "DELETED", deleted)
+    await handlers.on_listing(SHOAL, None, [harness.get(SHOAL, "two") or {}])
+    assert ObjectKey(SHOAL, "default", "two") in handlers.published
+    assert _handed(harness, mode == "mirror", "a", "b.c") == "a"
+
+
+async def test_an_event_the_api_server_refuses_is_logged_and_holds_back_no_status(harness: Harness) -> None:
+    """Every Event create answered 422 (the API server refuses it: any validation of the Event's fields): an
+    Event only informs, so the refusal is logged once with the server's reason, and the pass neither fails nor
+    tries the Event again (before, every pass failed on the Event, retried it for ever, and the next pass, with every
+    object's status, waited out the back-off meant for an API server that is down)."""
+    handlers = harness.handlers
+    await harness.first_lists()
+    harness.server.fail("POST", "/events", 422)
+    with structlog.testing.capture_logs() as logs:
+        await handlers.on_event(DATALOAD, "ADDED", await harness.create(
+            DATALOAD, "load", {"dataset": {"name": "demo"}, "policy": "Sometimes"}))
+        await handlers.tick()
+        assert handlers._tick_failures == 0
+        assert ((harness.get(DATALOAD, "load") or {}).get("status") or {}).get("phase") == "Failed"
+        for _ in range(3):
+            await handlers.tick()
+    assert handlers._tick_failures == 0
+    assert len(harness.server.recorded("POST", "/events")) == 1  # the same Event is refused again: not retried
+    [refused] = [e for e in logs if e["event"].startswith("event refused")]
+    assert refused["log_level"] == "warning" and "injected failure" in refused["message"]
+    assert refused["reason"] == "Invalid" and refused["object"] == "DataLoad.shoal.io default/load"

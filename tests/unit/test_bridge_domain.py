@@ -415,11 +415,22 @@ def test_held_keys_and_command_uids() -> None:
         assert domain.command_uid(other) == ""
 
 
+def test_the_running_specs_secrets_are_this_processs_last_publish_else_the_entrys() -> None:
+    """While a Dataset's spec is invalid, the Secrets of the spec Shoal runs are still handed over; after a start
+    they are the bucket entry's (kept through its JSON), and none when unknown (an entry from before they were)."""
+    refs = [("creds", "secret"), ("a.b", "c")]
+    entry = msgspec.json.decode(msgspec.json.encode(domain.applied(KEY, SENT, secrets=refs)), type=domain.Applied)
+    assert domain.running_refs(None, entry) == refs
+    assert domain.running_refs([("other", "k")], entry) == [("other", "k")]
+    assert domain.running_refs(None, domain.applied(KEY, SENT)) == []
+    assert domain.running_refs(None, None) == []
+
+
 def test_an_entry_written_before_held_keys_were_kept_decodes_as_unknown() -> None:
     old = msgspec.json.encode({"commandId": SENT, "group": SHOAL_DATASET.group, "kind": "Dataset",
                                "namespace": "team", "name": "demo"})
     entry = msgspec.json.decode(old, type=domain.Applied)
-    assert entry.held is None and not entry.rejected and entry.sequence == 0
+    assert entry.held is None and entry.secrets is None and not entry.rejected and entry.sequence == 0
     assert domain.applied_key(entry) == KEY
 
 

@@ -11,7 +11,9 @@ from typing import Any
 from kubernetes_asyncio.client import V1Secret
 from kubernetes_asyncio.client.exceptions import ApiException
 
+from libs import kube
 from libs.config import KubeSettings, Settings
+from services.bridge.domain import ObjectKey
 from services.bridge.handlers import BridgeHandlers
 
 MIRROR = ("shoal-system", "shoal-dataset-secrets")
@@ -76,5 +78,6 @@ async def test_only_changed_keys_are_patched_as_a_merge_patch() -> None:
 
 
 async def test_a_users_secret_the_bridge_may_not_read_is_a_reason_on_the_dataset() -> None:
-    (reason,) = await stubbed(StubCore({}))._store_secrets("locked", [("creds", "secret")])
+    key = ObjectKey(kube.SHOAL_RESOURCES[0], "locked", "demo")
+    (reason,) = await stubbed(StubCore({}))._store_secrets(key, [("creds", "secret")])
     assert "may not read Secret locked/creds" in reason and "shoal-bridge-secrets" in reason
