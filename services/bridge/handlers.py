@@ -265,7 +265,8 @@ class BridgeHandlers:
         if self.applied is not None:
             await self.applied.ready.wait()  # what was published before this process: read before anything is
         self.listed.add((resource, namespace))
-        if not served:
+        if not served:  # still listed: an object waiting for its family's lists may be the last it waited for
+            await self._handle_waiting()
             return
         listed = {domain.key_of(resource, obj) for obj in items}
         gone = [key for key in self.objects if key.resource == resource
@@ -287,6 +288,10 @@ class BridgeHandlers:
             self.refresh.add(key)
             self.volume_conflicts.pop(key, None)
             await self.on_object(resource, obj)
+        await self._handle_waiting()
+
+    async def _handle_waiting(self) -> None:
+        """Handle the objects that waited for their family's first lists, now that all of them came."""
         for key in sorted(self.waiting, key=str):
             if self._family_listed(key):
                 await self._handle(key)

@@ -932,3 +932,21 @@ async def test_an_event_the_api_server_refuses_is_logged_and_holds_back_no_statu
     [refused] = [e for e in logs if e["event"].startswith("event refused")]
     assert refused["log_level"] == "warning" and "injected failure" in refused["message"]
     assert refused["reason"] == "Invalid" and refused["object"] == "DataLoad.shoal.io default/load"
+
+
+async def test_an_object_waiting_for_its_family_is_handled_when_a_rival_kind_is_found_not_installed(
+        harness: Harness, bus: Bus) -> None:
+    """After a start, a Shoal Dataset new to Shoal waits until every Dataset kind was listed (a rival may hold its
+    name). Fluid's Dataset CRD is not installed: its list answers 404 after the Shoal list, and counts as listed, so
+    the Shoal Dataset is applied then (before, it waited for its next event or its own kind's next list, up to
+    SHOAL_KUBE_WATCH_SECONDS: five minutes of a new bridge ignoring its Datasets in a cluster without Fluid)."""
+    applies, stop = await collect(bus, subjects.DATASET_APPLY)
+    await harness.first_lists(SHOAL, FLUID)
+    obj = await harness.create(SHOAL, "demo", {"mounts": [{"mountPoint": "s3://bucket"}]})
+    await harness.handlers.on_listing(SHOAL, None, [obj])
+    assert _key(SHOAL) in harness.handlers.waiting
+    await harness.handlers.on_listing(FLUID, None, [], served=False)
+    await bus.nc.flush()
+    await stop()
+    assert _key(SHOAL) not in harness.handlers.waiting
+    assert applies == [harness.handlers.published[_key(SHOAL)]]
