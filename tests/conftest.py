@@ -22,11 +22,10 @@ from libs.config import NatsSettings, Secret, Settings
 from libs.embedded import (
     LOOPBACK,
     NatsConfig,
-    PortTaken,
     SeaweedConfig,
     ServerProcess,
-    free_port,
     start_nats,
+    start_nats_on_any_ports,
     start_seaweedfs_on_free_ports,
 )
 from libs.ufs.base import S3Location
@@ -103,14 +102,11 @@ def refused_port() -> Iterator[int]:
 def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
     """A nats-server for one test. Tests that restart it use ``stop``/``start``/``restart``, never a process of
     their own: the clients (``bus``) are closed while it still runs, then the fixture stops it."""
-    for attempt in range(1, 4):  # ports chosen again when another process took one before the server bound it
-        config = NatsConfig(port=free_port(), monitor_port=free_port(), store_dir=tmp_path / "jetstream")
-        try:
-            server = NatsServer(config, start_nats(config, tmp_path / "nats.log"), tmp_path)
-            break
-        except PortTaken:
-            if attempt == 3:
-                raise
+    # Ports the server chooses itself: one free_port chose could be bound by another worker's server before this one
+    # bound it, and that server's /healthz would answer for it. A restart takes the same ports again.
+    config, process = start_nats_on_any_ports(NatsConfig(port=0, monitor_port=0, store_dir=tmp_path / "jetstream"),
+                                              tmp_path / "nats.log")
+    server = NatsServer(config, process, tmp_path)
     try:
         yield server
     finally:

@@ -8,6 +8,7 @@ and store), as a crashed server restarted by its supervisor would be.
 from __future__ import annotations
 
 import http.client
+from collections.abc import Callable
 from pathlib import Path
 
 from libs.bus import Bus
@@ -15,12 +16,13 @@ from libs.config import NatsSettings
 from libs.embedded import (
     LOOPBACK,
     NatsConfig,
+    PortTaken,
     ServerProcess,
     free_port,
     meta_leader,
     nats_cluster,
     start_nats,
-    start_nats_cluster,
+    start_nats_cluster_on_any_ports,
     wait_until,
 )
 
@@ -36,11 +38,9 @@ class NatsCluster:
 
     @classmethod
     def start(cls, root: Path, size: int = SIZE) -> NatsCluster:
-        def ports() -> list[int]:
-            return [free_port() for _ in range(size)]
-
-        configs = nats_cluster(size, ports(), ports(), ports(), root / "stores")
-        return cls(configs, start_nats_cluster(configs, root), root)
+        configs, servers = start_on_free_route_ports(
+            lambda routes, stores: nats_cluster(size, [0] * size, [0] * size, routes, stores), size, root)
+        return cls(configs, servers, root)
 
     @property
     def urls(self) -> list[str]:
@@ -87,6 +87,23 @@ class NatsCluster:
             if server is not None:
                 server.stop()
                 self.servers[index] = None
+
+
+def start_on_free_route_ports(make: Callable[[list[int], Path], list[NatsConfig]], size: int, root: Path,
+                              attempts: int = 3) -> tuple[list[NatsConfig], list[ServerProcess]]:
+    """The cluster ``make(route ports, store root)`` configures, on ``size`` route ports chosen now, and client and
+    monitoring ports its servers choose themselves (``make``'s are 0); logs in ``root``. Every member names the
+    others' route ports, so those are chosen before any starts: when another process bound one first (its server
+    exits with "address already in use"), the whole cluster starts again on other route ports, with fresh stores
+    (``attempts`` in all). Returns the configs naming the ports the servers got."""
+    for attempt in range(1, attempts + 1):
+        stores = root / ("stores" if attempt == 1 else f"stores-{attempt}")
+        try:
+            return start_nats_cluster_on_any_ports(make([free_port() for _ in range(size)], stores), root)
+        except PortTaken:
+            if attempt == attempts:
+                raise
+    raise AssertionError("attempts must be at least 1")
 
 
 def _healthy(port: int) -> bool:

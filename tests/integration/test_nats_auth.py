@@ -36,6 +36,7 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
+from unittest import mock
 
 import msgspec
 import nats
@@ -57,9 +58,9 @@ from libs.embedded import (
     find_binary,
     free_port,
     nats_cluster,
+    reported_ports,
     spawn,
-    start_nats,
-    start_nats_cluster,
+    start_nats_on_any_ports,
     wait_until,
 )
 from libs.events.agent import AgentHeartbeat
@@ -86,6 +87,7 @@ from services.scheduler import app as scheduler_app
 from tests.conftest import NatsServer, SeaweedServer, put_objects
 from tests.helpers import eventually, json_lines, json_logs, make_settings, running
 from tests.integration.agent_stack import agent_env, md5, mounted_paths, read_file, target_port
+from tests.nats_cluster import start_on_free_route_ports
 from tests.requirements import require
 from tests.secrets import credentials_from, secret_files
 
@@ -154,10 +156,9 @@ def shared_agent_server(tmp_path: Path, tls_files: TlsFiles) -> Iterator[SecureS
 def _secure_server(tmp_path: Path, tls_files: TlsFiles, users: list[str]) -> Iterator[SecureServer]:
     passwords = ensure_passwords(tmp_path / "passwords.json", users)
     secure = SecureNats(tmp_path, tls_files, passwords)
-    config = NatsConfig(port=free_port(), monitor_port=free_port(), store_dir=tmp_path / "jetstream",
-                        extra_config=secure.server_config())
     log = tmp_path / "nats.log"
-    process = start_nats(config, log)
+    config, process = start_nats_on_any_ports(NatsConfig(port=0, monitor_port=0, store_dir=tmp_path / "jetstream",
+                                                          extra_config=secure.server_config()), log)
     try:
         yield SecureServer(config.url, secure, log, process)
     finally:
@@ -628,8 +629,11 @@ def secure_up_options(tmp_path: Path, tls_files: TlsFiles) -> UpOptions:
 
 
 def secure_up_plan(options: UpOptions) -> Plan:
-    # An external Prometheus: nothing to start, and no binary looked for.
-    return _plan(options, {"PROMETHEUS_URL": "http://127.0.0.1:9"})
+    # An external Prometheus: nothing to start, and no binary looked for. Planning only: no server binds the plan's
+    # ports (the tests start theirs on ports of their own), so another process binding one meanwhile (the ports
+    # free_port chose are let go of) must not make the plan refuse them.
+    with mock.patch.object(up_module, "check_ports", lambda needed: None):
+        return _plan(options, {"PROMETHEUS_URL": "http://127.0.0.1:9"})
 
 
 def test_shoal_up_secure_plans_tls_users_and_a_password_per_service(tmp_path: Path, tls_files: TlsFiles) -> None:
@@ -669,36 +673,39 @@ def test_the_cli_env_file_sources_in_a_shell_wherever_the_state_dir_is(tmp_path:
 
 
 def test_a_secure_clusters_route_ports_admit_no_server_without_the_route_password(
-        tmp_path: Path, tls_files: TlsFiles, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, tls_files: TlsFiles) -> None:
     """``shoal up --secure --nats-cluster 3``: its servers form the cluster with the route password, and a server
     started by anyone else on the machine, routing to a member's route port without it, is refused. Before, the route
     ports asked nothing: such a server joined, and its clients (no user, no TLS) published commands and read every
     fact, whatever the users' permissions."""
     options = dataclasses.replace(secure_up_options(tmp_path, tls_files), nats_servers=3)
-    # Planning only: its cluster's ports, consecutive from one base, may be taken by another test's processes (a CI
-    # failure); the servers below run on free ports of their own.
-    monkeypatch.setattr(up_module, "check_ports", lambda needed: None)
     plan = secure_up_plan(options)
     assert plan.secure is not None and plan.secure.route_password
     assert [config.cluster.route_password if config.cluster else "" for config in plan.nats] == [
         plan.secure.route_password] * 3
     assert (options.layout.nats_secure / "routes.json").stat().st_mode & 0o777 == 0o600
-    # The same servers on free ports (the plan's are consecutive from one base, which may be taken here).
-    configs = [plan.secure.secured(config) for config in
-               nats_cluster(3, [free_port() for _ in range(3)], [free_port() for _ in range(3)],
-                            [free_port() for _ in range(3)], tmp_path / "stores")]
-    members = start_nats_cluster(configs, tmp_path / "logs")  # waits for a meta leader: the routes log in
+    # The same servers on ports of their own (the plan's are consecutive from one base, which may be taken here).
+    secure = plan.secure
+    configs, members = start_on_free_route_ports(  # waits for a meta leader: the routes log in
+        lambda routes, stores: [secure.secured(config) for config in nats_cluster(3, [0] * 3, [0] * 3, routes, stores)],
+        3, tmp_path / "logs")
     stranger_conf = tmp_path / "stranger.conf"
-    stranger_monitor = free_port()
     assert configs[0].cluster is not None
+    # Every port its own choice (-1), reported in its ports file: none can be taken before it binds it.
     stranger_conf.write_text(
-        f"listen: 127.0.0.1:{free_port()}\nhttp: 127.0.0.1:{stranger_monitor}\nserver_name: stranger\n"
-        f"cluster {{\n  name: shoal\n  listen: 127.0.0.1:{free_port()}\n"
+        f"listen: 127.0.0.1:-1\nhttp: 127.0.0.1:-1\nserver_name: stranger\n"
+        f"ports_file_dir: {json.dumps(str(tmp_path))}\n"
+        f"cluster {{\n  name: shoal\n  listen: 127.0.0.1:-1\n"
         f"  routes: [nats://127.0.0.1:{configs[0].cluster.port}]\n}}\n")
     stranger = spawn("stranger", [find_binary("nats-server"), "-c", str(stranger_conf)], tmp_path / "stranger.log")
     try:
+        wait_until(lambda: reported_ports(tmp_path, stranger.pid) is not None, 30, "the stranger listening",
+                   stranger.process)
+        ports = reported_ports(tmp_path, stranger.pid)
+        assert ports is not None
+
         def routes() -> int:
-            with urllib.request.urlopen(f"http://127.0.0.1:{stranger_monitor}/routez", timeout=2) as answer:
+            with urllib.request.urlopen(f"http://127.0.0.1:{ports[1]}/routez", timeout=2) as answer:
                 return int(json.load(answer)["num_routes"])
 
         def joined_or_refused() -> bool:
@@ -1037,10 +1044,9 @@ async def test_the_deploy_config_keeps_each_nodes_agent_to_its_node(
             monkeypatch.setenv(variable, passwords[user])  # the nats container's environment, from the Secrets
     mine, theirs = (deploy_agent_user(node, tmp_path / "kustomize") for node in (NODE, OTHER_NODE))
     assert mine != theirs, f"both nodes' agents connect as {mine!r}"
-    config = NatsConfig(port=free_port(), monitor_port=free_port(), store_dir=tmp_path / "jetstream",
-                        extra_config=natssecure.tls_block(tls_files) + written)
     log = tmp_path / "nats.log"
-    server = start_nats(config, log)
+    config, server = start_nats_on_any_ports(NatsConfig(port=0, monitor_port=0, store_dir=tmp_path / "jetstream",
+                                                        extra_config=natssecure.tls_block(tls_files) + written), log)
     buses: dict[str, Bus] = {}
     try:
         for user in (natsauth.CLI, natsauth.LOADER, mine):
@@ -1079,9 +1085,9 @@ async def test_shoal_up_secure_keeps_each_agent_to_its_node_and_the_loader_to_th
     plan = secure_up_plan(secure_up_options(tmp_path, tls_files))
     secure = plan.secure
     assert secure is not None
-    [config] = plan.nats
     log = tmp_path / "nats.log"
-    server = start_nats(config, log)
+    # The plan's server on ports it chooses itself (the plan's, from free_port, could be taken before it binds them).
+    config, server = start_nats_on_any_ports(dataclasses.replace(plan.nats[0], port=0, monitor_port=0), log)
 
     async def as_user(user: str) -> Bus:
         return await connect(NatsSettings(urls=[config.url], user=user, password=Secret(secure.passwords[user]),
