@@ -46,7 +46,7 @@ from libs.cli.stack.supervision import (
     stack_services,
 )
 from libs.config import NatsSettings
-from libs.embedded import LOOPBACK, SeaweedConfig, find_binary, free_port
+from libs.embedded import LOOPBACK, PORT_TAKEN, PortTaken, SeaweedConfig, ServerExited, find_binary, free_port
 from libs.events.agent import AgentRecord
 from services.agent.mountinfo import is_mounted
 from tests.helpers import dataset_record, eventually, runtime_record
@@ -184,21 +184,45 @@ async def start_up(tmp_path: Path) -> AsyncIterator[StartUp]:
             await run.kill_everything()
 
 
+def taken_meanwhile(output: str) -> bool:
+    """``shoal up`` stopped for a port ``up_arguments`` chose that another process took before it was used (another
+    test's server, or any process's outgoing connection: the free ports are in the ephemeral range): refused when
+    planned, or its server exited for it ("address already in use") when it bound it later."""
+    return " is in use: change it with" in output or PORT_TAKEN in output
+
+
 async def started(start_up: StartUp, state_dir: Path, extra: tuple[str, ...] = (), env: dict[str, str] | None = None,
                   until: str = "Shoal is up") -> UpRun:
     """``shoal up`` on free ports, up to ``until`` in its output; started again on other ports when one was taken
-    between the pick and the bind (another test's server, or any process's outgoing connection: the free ports
-    are in the ephemeral range), which ``shoal up`` refuses before it starts anything."""
+    between the pick and the bind (``taken_meanwhile``)."""
     for attempt in range(3):
         run = await start_up(state_dir, [*up_arguments(state_dir), *extra], env=env)
         try:
             await run.wait_for_output(until)
         except AssertionError:
-            if attempt == 2 or run.process.returncode is None or " is in use: change it with" not in run.output:
+            if attempt == 2 or run.process.returncode is None or not taken_meanwhile(run.output):
                 raise
+            await run.stop()  # exiting, or exited: its servers are stopped before the next one starts
             continue
         return run
     raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+async def refused(start_up: StartUp, state_dir: Path, extra: tuple[str, ...]) -> tuple[int, str]:
+    """``shoal up`` on free ports, expected to refuse to start: its exit code and output; run again on other ports
+    when one was taken meanwhile (``taken_meanwhile``), which it refuses first. Through ``start_up``, whose teardown
+    stops a shoal up that did start."""
+    for attempt in range(3):
+        run = await start_up(state_dir, [*up_arguments(state_dir), *extra])
+        try:
+            await asyncio.wait_for(run.process.wait(), 30)
+        except TimeoutError:
+            raise AssertionError(f"shoal up runs:\n{run.output}") from None
+        code = await run.stop()
+        if attempt < 2 and taken_meanwhile(run.output):
+            continue
+        return code, run.output
+    raise AssertionError("unreachable: the last attempt returns")
 
 
 async def run_to_end(argv: list[str], cwd: Path) -> tuple[int, str]:
@@ -475,14 +499,15 @@ async def test_a_busy_port_is_named_with_the_option_that_moves_it(tmp_path: Path
 
 
 @pytest.mark.timeout(90)
-async def test_a_refused_up_leaves_no_folder_it_made_and_keeps_what_was_there(tmp_path: Path) -> None:
+async def test_a_refused_up_leaves_no_folder_it_made_and_keeps_what_was_there(start_up: StartUp,
+                                                                               tmp_path: Path) -> None:
     """A refused start made the state directory (and the folders above it) to claim its pid file, and left them
     empty behind it: a typo in --state-dir, or a busy port, left a stray folder. One that was there stays, with
     what it held."""
     manifest = tmp_path / "demo.yaml"
     manifest.write_bytes(b"\xff\n")
     state_dir = tmp_path / "new" / "deeper" / "state"
-    code, output = await run_to_end([*up_arguments(state_dir), "--manifest", str(manifest)], tmp_path)
+    code, output = await refused(start_up, state_dir, ("--manifest", str(manifest)))
     assert code == 1 and "not UTF-8 text" in output, output
     assert not (tmp_path / "new").exists(), "a refused start left the folders it made"
 
@@ -499,11 +524,49 @@ async def test_a_refused_up_leaves_no_folder_it_made_and_keeps_what_was_there(tm
     assert sorted(path.name for path in kept.iterdir()) == ["notes.txt"]
 
 
+@pytest.mark.timeout(120)
+async def test_a_refusal_is_seen_for_its_reason_even_when_a_chosen_port_was_taken_meanwhile(
+        start_up: StartUp, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first ports ``up_arguments`` chooses lose one to another process before shoal up checks them (as another
+    worker's server would take it): ``refused`` runs shoal up again on others, and it refuses for the test's reason,
+    not for the port."""
+    manifest = tmp_path / "demo.yaml"
+    manifest.write_bytes(b"\xff\n")
+    choose = up_arguments
+    with socket.socket() as other:
+        other.bind((LOOPBACK, 0))
+        other.listen()
+        chosen: list[list[str]] = []
+
+        def first_one_taken(state_dir: Path) -> list[str]:
+            argv = choose(state_dir)
+            if not chosen:
+                argv[argv.index("--nats-port") + 1] = str(other.getsockname()[1])
+            chosen.append(argv)
+            return argv
+
+        monkeypatch.setattr(sys.modules[__name__], "up_arguments", first_one_taken)
+        code, output = await refused(start_up, tmp_path / "state", ("--manifest", str(manifest)))
+    assert len(chosen) == 2
+    assert code == 1 and output.endswith(f"{manifest}: not UTF-8 text: invalid start byte at byte 0\n"), output
+
+
+def test_a_server_that_exited_for_a_port_taken_meanwhile_is_told_apart() -> None:
+    """What shoal up prints when its nats-server could not bind a port it checked free a moment before."""
+    from libs.cli.up import _server_exited_text
+
+    log = ("[1] [FTL] Can't start monitoring: can't listen to the monitor port: listen tcp 127.0.0.1:45999: bind: "
+           "address already in use\n")
+    assert taken_meanwhile(_server_exited_text(PortTaken("nats-server", 1, Path("nats-server.log"), log)))
+    assert not taken_meanwhile(_server_exited_text(ServerExited("seaweedfs", 1, None, "weed: no disk left\n")))
+
+
 @pytest.mark.timeout(60)
-async def test_a_manifest_that_is_not_utf8_text_is_one_error_and_starts_nothing(tmp_path: Path) -> None:
+async def test_a_manifest_that_is_not_utf8_text_is_one_error_and_starts_nothing(start_up: StartUp,
+                                                                               tmp_path: Path) -> None:
     manifest = tmp_path / "demo.yaml"
     manifest.write_bytes(b"apiVersion: v1\nkind: \xd0\x00\n")
-    code, output = await run_to_end([*up_arguments(tmp_path / "state"), "--manifest", str(manifest)], tmp_path)
+    code, output = await refused(start_up, tmp_path / "state", ("--manifest", str(manifest)))
     assert code == 1
     assert output.endswith(f"{manifest}: not UTF-8 text: invalid continuation byte at byte 21\n"), output
     assert "Traceback" not in output
@@ -519,14 +582,8 @@ async def test_a_manifest_without_objects_is_one_error_and_starts_nothing(start_
     manifest = tmp_path / "demo.yaml"
     manifest.write_text(text)
     state_dir = tmp_path / "state"
-    # Through start_up, whose teardown stops a shoal up that did start.
-    run = await start_up(state_dir, [*up_arguments(state_dir), "--manifest", str(manifest)])
-    try:
-        await asyncio.wait_for(run.process.wait(), 30)
-    except TimeoutError:
-        raise AssertionError(f"shoal up runs with an empty manifest:\n{run.output}") from None
-    code = await run.stop()
-    assert (code, run.output) == (1, f"error: {manifest}: no objects to apply: the file holds no document\n")
+    assert await refused(start_up, state_dir, ("--manifest", str(manifest))) == (
+        1, f"error: {manifest}: no objects to apply: the file holds no document\n")
     assert not (tmp_path / "state" / "up.pid").exists()
     assert not (tmp_path / "state" / "logs").exists(), "a server was started"
 
@@ -547,15 +604,9 @@ spec:
   mounts: [{{mountPoint: "s3://demo/", options: {{aws.accessKeyId: shoal, aws.secretKey: "{secret}"}}}}]
 """)
     state_dir = tmp_path / "state"
-    run = await start_up(state_dir, [*up_arguments(state_dir), "--manifest", str(manifest)])
-    try:
-        await asyncio.wait_for(run.process.wait(), 30)
-    except TimeoutError:
-        raise AssertionError(f"shoal up runs with a secret in its manifest:\n{run.output}") from None
-    code = await run.stop()
-    assert (code, run.output) == (1, f"error: {manifest} is invalid:\n  dataset.shoal.io/leaky: "
-                                     "spec.mounts[0].options.aws.secretKey holds a secret in clear text: put it in "
-                                     "encryptOptions as a secretKeyRef so it never travels in events\n")
+    assert await refused(start_up, state_dir, ("--manifest", str(manifest))) == (
+        1, f"error: {manifest} is invalid:\n  dataset.shoal.io/leaky: spec.mounts[0].options.aws.secretKey holds a "
+           "secret in clear text: put it in encryptOptions as a secretKeyRef so it never travels in events\n")
     assert not (state_dir / "up.pid").exists()
     assert not (state_dir / "logs").exists(), "a server was started"
 
@@ -803,17 +854,17 @@ def test_a_nats_cluster_gets_consecutive_ports_its_own_stores_every_url_and_as_m
 
 
 async def test_up_never_shows_the_password_of_the_nats_it_is_given(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, refused_port: int) -> None:
     """NATS_URL names an existing server, with its login: "cannot reach NATS at ..." showed the URLs as given, and
     the banner hid a password only in a URL with a scheme (nats-py takes ``cli:hunter2@host:4222`` too)."""
     from libs.cli import up as up_module
 
     s3 = S3Access(endpoint="http://127.0.0.1:8333", access_key_id="k", secret_access_key="s", embedded=False)
-    port = free_port()
-    with pytest.raises(UpError) as refused:
+    port = refused_port  # a free_port could be bound meanwhile by another worker's server, which would answer
+    with pytest.raises(UpError) as unreached:
         await prepare(NatsSettings(urls=[f"nats://cli:hunter2@127.0.0.1:{port}"]), s3, [])
-    assert str(refused.value) == (f"cannot reach NATS at nats://***@127.0.0.1:{port} (connection refused or no "
-                                  "route); check NATS_URL")
+    assert str(unreached.value) == (f"cannot reach NATS at nats://***@127.0.0.1:{port} (connection refused or no "
+                                    "route); check NATS_URL")
 
     monkeypatch.setattr(up_module, "check_ports", lambda needed: None)  # planning only: nothing binds them
     plan = up_module._plan(up_module.UpOptions(StateLayout(tmp_path), UpPorts(), up_module.DEMO_MANIFEST),
