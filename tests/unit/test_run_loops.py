@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 import structlog.testing
@@ -103,23 +103,36 @@ class Counting(Prompt):
         await super().run()
 
 
+class Awaited(asyncio.Event):
+    """An event whose ``awaited`` is set once something waits on it: the test then knows the loop waits there (a
+    yield of the test's own, ``asyncio.sleep(0)``, only made that likely)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.awaited = asyncio.Event()
+
+    async def wait(self) -> Literal[True]:
+        self.awaited.set()
+        return await super().wait()
+
+
 async def test_a_loop_that_starts_when_ready_never_runs_if_stopped_first() -> None:
-    inner, never = Counting(), asyncio.Event()
+    inner, never = Counting(), Awaited()
     stop = asyncio.Event()
     running = asyncio.create_task(run_loops([StartsWhen(inner, never)], stop))
-    await asyncio.sleep(0)  # let it start waiting
+    await asyncio.wait_for(never.awaited.wait(), 5)
     stop.set()
     await asyncio.wait_for(running, 5)
     assert inner.runs == 0
 
 
 async def test_a_loop_that_starts_when_ready_runs_once_every_event_is_set() -> None:
-    inner, first, second = Counting(), asyncio.Event(), asyncio.Event()
+    inner, first, second = Counting(), asyncio.Event(), Awaited()
     stop = asyncio.Event()
     gated = StartsWhen(inner, first, second)
     running = asyncio.create_task(run_loops([gated], stop))
     first.set()
-    await asyncio.sleep(0)
+    await asyncio.wait_for(second.awaited.wait(), 5)  # past the first event, waiting on the second
     assert inner.runs == 0 and gated.name == "counting"
     second.set()
     await eventually(lambda: found_run(inner), what="the loop started", timeout=5)
