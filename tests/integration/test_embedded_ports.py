@@ -48,7 +48,8 @@ def test_a_nats_server_whose_monitoring_port_another_nats_server_holds_fails_wit
     try:
         config = NatsConfig(port=free_port(), monitor_port=other_config.monitor_port, store_dir=tmp_path / "js")
         with pytest.raises(PortTaken, match="address already in use"):
-            start_nats(config, tmp_path / "nats.log")
+            # Stopped if it returns: it binds the port once the other has stopped, and would outlive the test.
+            start_nats(config, tmp_path / "nats.log").stop()
     finally:
         other.stop()
 
