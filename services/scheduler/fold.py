@@ -23,7 +23,9 @@ Decides what the scheduler knows and forgets; no I/O (the handlers feed it event
 - ``CacheFold.unique`` is kept the same way: per dataset, the bytes of the current version held by *any* node, each
   block once however many nodes hold it (``holders`` counts them per block). Summing the nodes' bytes counts a block
   that a DataLoad with ``replicas: 2`` put on two nodes twice, and so overstates the share of the dataset that is
-  cached; this is the figure the dataset service's ``cachedPercentage`` takes (``handlers.publish_cache``).
+  cached. It too is as the events report; ``CacheFold.published_unique`` takes off what the blocks of a file claim
+  beyond its size (counted when a figure is published, for the nodes that moved since), and that is the figure the
+  dataset service's ``cachedPercentage`` takes (``handlers.publish_cache``).
 - ``CacheFold.reported`` is kept beside it: per dataset, the nodes' own ``cachedBytes`` (their events' counters)
   summed, the figure the dataset service's ``cached`` is, published with ``unique`` so that service can tell what
   its nodes gained since the fact and keep its two columns together.
@@ -225,6 +227,11 @@ class CacheFold:
         # a new list (readers holding the old one start over).
         self.moves: dict[DatasetKey, list[str]] = {}
         self.moves_base: dict[DatasetKey, int] = {}
+        # Dataset → file version → bytes its blocks (each once, ``holders``) claim over the file's size (only files
+        # claiming more), and how far into the dataset's ``moves`` that was counted (``published_unique``): the cap
+        # of the published figure, kept apart from the event loop like ``excess``.
+        self.unique_excess: dict[DatasetKey, dict[FileKey, int]] = {}
+        self._unique_settled: dict[DatasetKey, tuple[list[str] | None, int, Catalog, int]] = {}
 
     def _changed(self, key: DatasetKey, nodes: bool = False) -> None:
         self.generation += 1
@@ -427,6 +434,8 @@ class CacheFold:
         self.held.pop(key, None)
         self.excess.pop(key, None)
         self._settled.pop(key, None)
+        self.unique_excess.pop(key, None)
+        self._unique_settled.pop(key, None)
         self.holders.pop(key, None)
         self.unique.pop(key, None)
         self.reported.pop(key, None)
@@ -522,6 +531,54 @@ class CacheFold:
                 self._count(key, node, cache, catalog)
         self._settled[key] = (moves, base + len(moves) if moves is not None else 0)
         return self.excess.get(key, {})
+
+    def published_unique(self, key: DatasetKey) -> int:
+        """``unique`` with each file version counting up to its size: what the scheduler publishes (the dataset's
+        ``cachedPercentage``). Blocks partition a file, so the blocks of one file that the nodes hold, each once,
+        adding up to more than its size are a stale block size or a lie: one node claiming 4 MiB of a 1 MiB file,
+        or two nodes each within the size claiming different blocks. Counted here, when a figure is published,
+        not in ``apply`` (see ``settle``): the files counted again are those of the nodes whose cache moved since
+        the last count, and the files over their size then (a file the nodes evicted is in neither when it was
+        within its size, and its bytes only fell); every held file when those moves were dropped or a node
+        forgotten, or the catalog changed. Without a catalog no size is known and ``unique`` is as reported."""
+        unique = self.unique.get(key, 0)
+        catalog, holders = self.catalogs.get(key), self.holders.get(key)
+        if catalog is None or holders is None:
+            self.unique_excess.pop(key, None)
+            self._unique_settled.pop(key, None)
+            return unique
+        moves, base = self.moves.get(key), self.moves_base.get(key, 0)
+        reached = base + len(moves) if moves is not None else 0
+        over = self.unique_excess.get(key, {})
+        settled = self._unique_settled.get(key)
+        files: Iterable[FileKey] = holders  # every held file
+        if settled is not None and settled[0] is moves and settled[2] is catalog:
+            start = settled[1] - base
+            if settled[1] == reached:
+                return unique - settled[3]  # nothing moved since (every dataset is asked every second)
+            if moves is None:
+                files = over
+            elif 0 <= start <= len(moves):
+                nodes = self.datasets.get(key, {})
+                files = {file for node in set(moves[start:]) if (cache := nodes.get(node)) is not None
+                         for file in cache.files}
+                files.update(over)
+        if files is holders:
+            over = {}
+        for file in list(files):
+            size = catalog.size(file)
+            claimed = sum(block for _, block in holders.get(file, {}).values()) if size is not None else 0
+            if size is not None and claimed > size:
+                over[file] = claimed - size
+            else:
+                over.pop(file, None)
+        if over:
+            self.unique_excess[key] = over
+        else:
+            self.unique_excess.pop(key, None)
+        excess = sum(over.values())
+        self._unique_settled[key] = (moves, reached, catalog, excess)
+        return unique - excess
 
 
 # Datasets whose per-node columns the live view keeps (each one int per known node): the datasets asked about

@@ -373,10 +373,11 @@ class SchedulerHandlers:
 
     async def publish_cache(self) -> None:
         """Publish ``scheduler.dataset.cache.v1`` for each dataset whose bytes in the cache, each block once
-        (``CacheFold.unique``), or whose nodes' own ``cachedBytes`` summed (``CacheFold.reported``), changed since
-        this process last published them: the dataset service's ``cachedPercentage`` (it sums the nodes' own figures
-        otherwise, counting twice a block two nodes hold), which counts what its sum gained since the fact as new
-        blocks, so a sum that moved alone (a second copy of blocks, an old file version's evicted) is said too.
+        (``CacheFold.published_unique``: a file's blocks count up to its size), or whose nodes' own ``cachedBytes``
+        summed (``CacheFold.reported``), changed since this process last published them: the dataset service's
+        ``cachedPercentage`` (it sums the nodes' own figures otherwise, counting twice a block two nodes hold), which
+        counts what its sum gained since the fact as new blocks, so a sum that moved alone (a second copy of blocks,
+        an old file version's evicted) is said too.
         Called every second (``app.CACHE_FACTS_SECONDS``), so at most one fact per dataset and second however many
         events moved it. Not while the fold is starting: a fold rebuilding from the agents' snapshots would say
         less than is cached. After a start each dataset with inventory is published once again (harmless). A fact
@@ -396,10 +397,10 @@ class SchedulerHandlers:
         due: list[tuple[DatasetKey, tuple[int, int], DatasetCacheObserved]] = []
         for key, nodes in self.fold.datasets.items():
             info = self.datasets.get(key)
-            figures = (self.fold.unique.get(key, 0), self.fold.reported.get(key, 0))
-            if info is None or self._published.get(key) == figures:
-                continue
-            if publisher is not None and not self._publishes(key):
+            if info is None or (publisher is not None and not self._publishes(key)):
+                continue  # before the figures: another replica's datasets cost this one no count of their files
+            figures = (self.fold.published_unique(key), self.fold.reported.get(key, 0))
+            if self._published.get(key) == figures:
                 continue
             positions = [(node, cache.position.incarnation, cache.position.seq) for node, cache in nodes.items()]
             due.append((key, figures, domain.cache_fact(key, *figures, len(self.fold.held.get(key, {})), positions,

@@ -3,7 +3,8 @@ into ``cacheStates`` hit ratios (local, remote, store) and ``status.nodes``; the
 figures come back from the folded inventory when the dataset binds again, and follow a resync's new size, with no
 new inventory event (an agent whose cache did not change sends none). A node whose agent is gone leaves them.
 With the scheduler running too, a block two nodes hold counts once in ``cachedPercentage`` and twice in ``cached``;
-with its figure a moment behind the nodes', the two columns still agree.
+with its figure a moment behind the nodes', the two columns still agree; an agent claiming more of a file than its
+size does not push ``cachedPercentage`` over the truth.
 """
 
 from __future__ import annotations
@@ -273,6 +274,45 @@ async def test_a_block_two_nodes_hold_counts_once_in_the_cached_percentage(
                 counters=CacheCounters(cached_bytes=2000, capacity_bytes=4000)))
             await status_where(bus, lambda r: r.status.cache_states.cached_percentage == "100.0%"
                                and r.status.cache_states.cached == "1.95KiB")
+
+
+async def test_a_lying_agent_does_not_push_the_cached_percentage_over_the_truth(
+        bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str) -> None:
+    """Half of the dataset (a.bin of a.bin and b.bin, 1,000 bytes each) is cached on node-b; node-a's agent lies,
+    claiming four 1,000-byte blocks of a.bin. Blocks partition a file, so a.bin counts up to its size in the
+    scheduler's figure and ``cachedPercentage`` stays at the truth, 50 %; the figure counted the claimed blocks
+    (4,000 bytes) and the dataset showed 100 %."""
+    await put_objects(seaweedfs, bucket, {"a.bin": b"a" * 1000, "b.bin": b"b" * 1000})
+    async with running(lambda stop: dataset_app.run(settings, stop)):
+        dataset = Dataset(metadata=ObjectMeta(name="model"),
+                          spec=DatasetSpec(mounts=[Mount(mount_point=f"s3://{bucket}/")]))
+        await bus.publish(subjects.DATASET_APPLY, DatasetApply(dataset=dataset))
+        record = await status_where(bus, lambda r: r.status.ufs_total_bytes == 2000)
+        await bus.publish(subjects.RUNTIME_STATUS, runtime_phase("Ready", 1))
+        await status_where(bus, lambda r: r.status.phase == "Bound")
+        etag = {entry.key: entry.etag for entry in await (await ManifestStore.of(bus)).load(record.status.manifest)}
+        wired = asyncio.Event()  # the scheduler as in the test above: started once the dataset is there
+        async with running(lambda stop: scheduler_app.run(settings, stop, started=lambda _: wired.set())):
+            await asyncio.wait_for(wired.wait(), 30)
+            await bus.publish(subjects.agent_inventory("node-b"), InventorySnapshot(
+                node="node-b", dataset=DATASET, incarnation="node-b", seq=1,
+                files=[CachedFile(0, "a.bin", etag["a.bin"], [(0, 1000)])],
+                counters=CacheCounters(cached_bytes=1000, capacity_bytes=4000)))
+            await eventually(lambda: unique_kept(bus, 1000), what="the scheduler's figure of node-b's a.bin")
+            await bus.publish(subjects.agent_inventory("node-a"), InventorySnapshot(
+                node="node-a", dataset=DATASET, incarnation="node-a", seq=1,
+                files=[CachedFile(0, "a.bin", etag["a.bin"], [(index, 1000) for index in range(4)])],
+                counters=CacheCounters(cached_bytes=4000, capacity_bytes=4000)))
+
+            async def figure_of_both() -> DatasetInventory | None:
+                cache, _ = await kv_load(await bus.kv(subjects.KV_NODE_CACHE),
+                                         subjects.resource_key("default", "model"), DatasetInventory)
+                return cache if cache is not None and cache.unique and cache.unique.nodes_bytes == 5000 else None
+
+            cache = await eventually(figure_of_both, what="the scheduler's figure after node-a's claim")
+            assert cache.unique is not None and cache.unique.bytes == 1000  # a.bin up to its size
+            record = await status_where(bus, lambda r: r.status.cache_states.cached == format_bytes(5000))
+            assert record.status.cache_states.cached_percentage == "50.0%"
 
 
 async def test_cached_and_the_cached_percentage_agree_while_the_schedulers_figure_is_behind(

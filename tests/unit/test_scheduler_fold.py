@@ -131,6 +131,7 @@ def test_churn_leaves_no_bookkeeping_behind() -> None:
         state.apply(replace(delta(3, blocks("a", "e", [(2, 4)]), node=f"n{round_ + 1}", incarnation=f"j{round_}"),
                             dataset=ref))
         assert state.settle(key) == {f"n{round_ + 1}": 4}
+        assert state.published_unique(key) == 8 and state.unique[key] == 12
         stamps_seen.add(state.versions[key])
         if round_ >= 2:  # the dataset of two rounds ago is deleted, the node of two rounds ago goes away
             gone = ("ml", f"d{round_ - 2}")
@@ -145,7 +146,8 @@ def test_churn_leaves_no_bookkeeping_behind() -> None:
             ("versions", state.versions), ("datasets", state.datasets), ("held", state.held),
             ("catalogs", state.catalogs), ("moves", state.moves), ("moves_base", state.moves_base),
             ("holders", state.holders), ("unique", state.unique), ("excess", state.excess),
-            ("settled", state._settled)]
+            ("settled", state._settled), ("unique_excess", state.unique_excess),
+            ("unique_settled", state._unique_settled)]
         for name, kept in kept_maps:
             assert set(kept) <= live_datasets, f"{name} keeps {len(kept)} datasets, {len(live_datasets)} exist"
         assert set(state.node_entries) <= live_nodes
@@ -232,6 +234,50 @@ def test_a_node_claiming_more_of_a_file_than_its_size_counts_the_file_once() -> 
     assert view.cached(KEY, ()) == {"honest": 2 * MiB, "liar": MiB}
     state.forget_node("liar")
     assert view.cached(KEY, ()) == {"honest": 2 * MiB} and KEY not in state.excess
+
+
+def test_the_published_unique_bytes_count_each_file_up_to_its_size() -> None:
+    """What the scheduler publishes (the dataset's cachedPercentage) counts a file's blocks, each once, up to the
+    file's size: a liar claiming 4 MiB of a 1 MiB file, or two nodes each within a file's size claiming different
+    blocks, published more than the dataset holds (a percentage over the truth, up to 100 % of files nobody has)."""
+    state = CacheFold()
+    state.set_catalog(KEY, Catalog([entry("/a", "a", MiB), entry("/b", "b", 2 * MiB)]))
+    state.apply(snapshot(1, blocks("b", "e1", [(0, MiB)]), node="honest"))
+    assert state.published_unique(KEY) == MiB
+    state.apply(snapshot(1, blocks("a", "e1", [(0, MiB), (1, MiB)]), node="liar"))
+    state.apply(delta(2, blocks("a", "e1", [(2, MiB), (3, MiB)]), node="liar"))
+    assert state.unique[KEY] == 5 * MiB  # as reported
+    assert state.published_unique(KEY) == 2 * MiB  # a: 1 MiB, b: 1 MiB
+    # Two nodes each within b's 2 MiB, with different blocks: 3 MiB of it claimed, 2 counted.
+    state.apply(delta(2, blocks("b", "e1", [(1, MiB), (2, MiB)]), node="honest"))
+    assert state.published_unique(KEY) == 3 * MiB
+    state.apply(delta(3, blocks("b", "e1", [(4, MiB)]), node="liar"))
+    assert state.published_unique(KEY) == 3 * MiB and state.unique[KEY] == 8 * MiB
+    # Evicting what it never had brings the figure back as reported; forgetting the liar the same.
+    state.apply(delta(4, remove=blocks("a", "e1", [(1, 0), (2, 0), (3, 0)]) + blocks("b", "e1", [(4, 0)]),
+                      node="liar"))
+    assert state.published_unique(KEY) == 3 * MiB and KEY in state.unique_excess  # b: 3 of 2 MiB, honest alone
+    state.apply(delta(3, remove=blocks("b", "e1", [(2, 0)]), node="honest"))
+    assert state.published_unique(KEY) == state.unique[KEY] == 3 * MiB and KEY not in state.unique_excess
+    state.apply(delta(5, blocks("a", "e1", [(7, 9 * MiB)]), node="liar"))
+    assert state.published_unique(KEY) == 3 * MiB
+    state.forget_node("liar")
+    assert state.published_unique(KEY) == state.unique[KEY] == 2 * MiB
+    # A new catalog where b is larger: its blocks count again; without a catalog every block counts as reported.
+    state.apply(delta(4, blocks("b", "e1", [(2, MiB), (3, MiB)]), node="honest"))
+    assert state.published_unique(KEY) == 2 * MiB
+    state.set_catalog(KEY, Catalog([entry("/a", "a", MiB), entry("/b", "b", 8 * MiB)]))
+    assert state.published_unique(KEY) == 4 * MiB
+    state.set_catalog(KEY, None)
+    assert state.published_unique(KEY) == 4 * MiB and KEY not in state._unique_settled
+    # Past the moves kept, every held file is counted again.
+    state.set_catalog(KEY, Catalog([entry("/a", "a", MiB), entry("/b", "b", 2 * MiB)]))
+    assert state.published_unique(KEY) == 2 * MiB
+    for seq in range(5, 5 + 2 * fold_module.MOVES_KEPT):
+        state.apply(delta(seq, blocks("b", "e1", [(seq, 1)]), node="honest"))
+    assert state.published_unique(KEY) == 2 * MiB
+    state.forget_dataset(KEY)
+    assert KEY not in state.unique_excess and KEY not in state._unique_settled
 
 
 def test_a_snapshot_of_an_older_incarnation_after_the_newer_ones_events_is_stale() -> None:
@@ -514,9 +560,10 @@ OTHER_KEY = ("ml", "e")
 def test_what_the_live_view_keeps_and_patches_equals_a_fresh_read(sequence: list[tuple[Inventory, bool] | str]) -> None:
     """The live view keeps each dataset's column and the sum of the requested datasets' columns, and patches them
     from the fold's moves; read after every step (so patches are taken), they equal a fresh view's, and the whole
-    files kept per node equal a recount. So do the zones' and regions' best holders and the nodes' keys scoring
-    derives from a kept sum, patched where it moved. The fold remembers only 2 moves here, so readers that fall
-    behind the dropped ones read every node again, and readers that keep up patch across the drops."""
+    files kept per node and the published unique bytes equal a recount. So do the zones' and regions' best holders
+    and the nodes' keys scoring derives from a kept sum, patched where it moved. The fold remembers only 2 moves
+    here, so readers that fall behind the dropped ones read every node again, and readers that keep up patch across
+    the drops."""
     kept_moves, fold_module.MOVES_KEPT = fold_module.MOVES_KEPT, 2
     try:
         live_view_steps(sequence)
@@ -569,6 +616,20 @@ def live_view_steps(sequence: list[tuple[Inventory, bool] | str]) -> None:
         # these 8-byte files).
         for key in (KEY, OTHER_KEY):
             assert kept.column(key, (), places)[0] == [capped_recount(state, key, node) for node in places.nodes]
+            # What is published counts each file's blocks, each once, up to its size, taken from the nodes that
+            # moved since it was last counted: a recount of every held file says the same.
+            assert state.published_unique(key) == capped_union(state, key)
+
+
+def capped_union(state: CacheFold, key: tuple[str, str]) -> int:
+    """The bytes of the dataset's current files that any node holds, each block once and each file up to its size
+    (every version as held without a catalog)."""
+    catalog = state.catalogs.get(key)
+    files = state.holders.get(key, {})
+    if catalog is None:
+        return sum(size for shared in files.values() for _, size in shared.values())
+    return sum(min(sum(size for _, size in shared.values()), whole) for file, shared in files.items()
+               if (whole := catalog.size(file)) is not None)
 
 
 def capped_recount(state: CacheFold, key: tuple[str, str], node: str) -> int:
