@@ -166,8 +166,8 @@ class SchedulerHandlers:
     datasets: dict[DatasetKey, DatasetInfo] = field(default_factory=dict)
     # Reference datasets (dataset://): their key → the source whose cache they read (``domain.through_references``).
     references: dict[DatasetKey, Reference] = field(default_factory=dict)
-    # Nodes whose agent was seen beating: when such a node's record is gone or stale, its cache is forgotten.
-    # (A node that never beat, e.g. a bench's simulated agent, is judged by its inventory alone.)
+    # Nodes whose agent was seen beating: when such a node's record is gone or stale, its cache is forgotten. Past
+    # ``node_timeout`` after the start (``_settled_in``) every node is judged so, beaten or not.
     beating: set[str] = field(default_factory=set)
     datasets_ready: asyncio.Event = field(default_factory=asyncio.Event)
     # Counts of this process's outcomes, for tests and the README's "errors are counted" (also in /metrics).
@@ -185,7 +185,8 @@ class SchedulerHandlers:
     # ``node_timeout``), oldest first, at most ``GONE_KEPT``: their inventory is ignored until their agent beats
     # again (``on_inventory``), then they are asked for a snapshot (``sweep``). Taken as it came, a late event (or
     # one of a mount process outliving its agent's heartbeats) brought the node back as a node that never beat,
-    # which no sweep forgot again.
+    # which no sweep forgot again. The list lives in memory only: after a restart, a node that has no agent record
+    # at all is judged by ``_settled_in`` instead.
     gone: dict[str, None] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -217,6 +218,21 @@ class SchedulerHandlers:
         # asked once per dataset and membership, not for every dataset at every tick (a rendezvous hash each).
         self._owned: dict[DatasetKey, bool] = {}
         self._owned_among: tuple[str, ...] = ()
+        # When this process started, and whether ``node_timeout`` has passed since: ``_settled_in``.
+        self._started_at = self.clock()
+        self._settled = False
+
+    def _settled_in(self) -> bool:
+        """Whether ``node_timeout`` has passed since the start (and the agents' records are read): from then on a
+        node whose agent is alive has a fresh record, so a node with none is not taken in from its inventory alone
+        (``on_inventory``) and the sweep forgets one without a fresh record whether or not it was seen beating.
+        Before then a node without a record may be an agent whose first beat is on its way (or records not read
+        yet), and is taken in. Without this, the nodes the sweep forgot (``gone``, in memory) came back after a
+        restart: a node whose agent went away but whose mount processes still publish was taken in from their
+        snapshots as a node that never beat, which no sweep forgot again."""
+        if not self._settled:  # for good once it is
+            self._settled = self.clock() - self._started_at >= self.node_timeout and self.agents.ready.is_set()
+        return self._settled
 
     def _count(self, what: str) -> None:
         self.counts[what] = self.counts.get(what, 0) + 1
@@ -340,6 +356,13 @@ class SchedulerHandlers:
                 self._count("inventory_node_gone")
                 return
             del self.gone[event.node]  # back: its events count again (a delta finds no position and asks)
+        elif self._settled_in() and event.node not in self.agents.values:
+            # No agent on record, well after the start: gone (or not beating yet). Noted, so that its first beat
+            # asks it for its inventory (``sweep``).
+            self._note_gone(event.node)
+            _NODE_GONE(1)
+            self._count("inventory_node_gone")
+            return
         generation = self.fold.generation
         ask = self.fold.apply(event)
         if self.fold.generation == generation:
@@ -601,16 +624,14 @@ class SchedulerHandlers:
             metrics.INVENTORY_OTHER_INSTANCE.remove(node)
             self.other_instance_nodes.discard(node)
         self.beating |= set(self.agents.values)
-        for node in sorted(self.fold.nodes() & self.beating):
+        judged = self.fold.nodes() if self._settled_in() else self.fold.nodes() & self.beating
+        for node in sorted(judged):
             record = self.agents.values.get(node)
             if record is None or now - record.received_at > self.node_timeout:
                 log.info("node gone, its cache forgotten", node=node)
                 self.fold.forget_node(node)
                 self.beating.discard(node)
-                self.gone.pop(node, None)
-                self.gone[node] = None
-                if len(self.gone) > GONE_KEPT:
-                    del self.gone[next(iter(self.gone))]
+                self._note_gone(node)
         for node in [node for node in self.gone if self._beats(node)]:
             # Its agent beats again: what its mounts hold now, rather than waiting for their next change.
             log.info("node back, asking for its inventory", node=node)
@@ -618,6 +639,13 @@ class SchedulerHandlers:
             await self.ask_snapshot(node)
         # A node that beat once and now has neither a record nor a cache here has nothing left to forget.
         self.beating &= set(self.agents.values) | self.fold.nodes()
+
+    def _note_gone(self, node: str) -> None:
+        """Remember ``node`` as gone, the latest (at most ``GONE_KEPT``)."""
+        self.gone.pop(node, None)
+        self.gone[node] = None
+        if len(self.gone) > GONE_KEPT:
+            del self.gone[next(iter(self.gone))]
 
 
 def _mount_states(node: str, agents: KvMirror[AgentRecord]) -> tuple[object, ...]:

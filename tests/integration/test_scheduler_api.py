@@ -10,6 +10,7 @@ the same answers; deleting the dataset forgets its cache. (Real agents and mount
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -256,6 +257,79 @@ async def test_a_node_whose_agent_went_away_comes_back_only_when_its_agent_beats
 
             await eventually(back, what="node-a's snapshot folded: a.bin and b.bin, 4 of 5 MiB")
     finally:
+        await listener.unsubscribe()
+
+
+async def test_after_a_restart_a_node_without_an_agent_record_is_not_taken_in_from_its_inventory(
+        bus: Bus, scheduler_settings: Settings) -> None:
+    """node-a's agent went away (its record deleted) while its mount process still publishes and answers snapshot
+    requests. The forgotten nodes live in the scheduler's memory: a restarted scheduler took node-a in from the
+    snapshot it asks everyone for at start, as a node that never beat, and no sweep forgot it again. Now, once
+    ``node_timeout`` has passed since the start, a node with no agent record is forgotten and its inventory ignored
+    (``node_gone``); when its agent beats again it is asked for its snapshot and counts."""
+    await seed(bus, {"node-a": {ZONE: "z1"}, "node-b": {ZONE: "z1"}})
+    agent_a = FakeAgent(bus, "node-a")
+    requests: list[InventoryRequest] = []
+
+    async def on_request(request: InventoryRequest) -> None:
+        requests.append(request)
+        await agent_a.on_request(request)
+
+    listener = await bus.subscribe(subjects.INVENTORY_REQUEST, msgspec.json.Decoder(InventoryRequest), on_request)
+    agents = await bus.kv(subjects.KV_AGENTS)
+    settings = dataclasses.replace(scheduler_settings, scheduler=SchedulerSettings(node_timeout=4.0))
+    beating = asyncio.Event()
+
+    async def beat_a() -> None:  # node-a's agent back, beating as an agent does (well within the node timeout)
+        while True:
+            beat = AgentHeartbeat(node="node-a", labels={ZONE: "z1"}, sent_at=time.time())
+            await agents.put("node-a", msgspec.json.encode(AgentRecord(heartbeat=beat, received_at=time.time())))
+            beating.set()
+            await asyncio.sleep(0.5)  # a heartbeat's period, not a wait for a condition
+
+    async def stop_beating() -> None:
+        if beats is not None:
+            beats.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await beats
+
+    beats: asyncio.Task[None] | None = asyncio.create_task(beat_a())
+    try:
+        async with scheduler(settings) as handlers:
+            await agent_a.cache("/train/a.bin")
+            await eventually(lambda: _true("node-a" in handlers().fold.nodes() and "node-a" in handlers().beating),
+                             what="node-a's cache folded and its agent seen beating")
+            await stop_beating()
+            await agents.delete("node-a")
+            await eventually(lambda: _true("node-a" not in handlers().fold.nodes()), what="node-a forgotten")
+
+        before = len(requests)
+        async with scheduler(settings) as handlers:
+            await eventually(lambda: _true(any(r.node == "" for r in requests[before:])),
+                             what="a snapshot request to every agent at start (node-a's mount answers it)")
+            await eventually(lambda: _true("node-a" not in handlers().fold.nodes() and "node-a" in handlers().gone),
+                             what="node-a, without an agent record, not held once the node timeout has passed")
+            ignored = handlers().counts.get("inventory_node_gone", 0)
+            await agent_a.cache("/train/b.bin")
+            await eventually(lambda: _true(handlers().counts.get("inventory_node_gone", 0) > ignored),
+                             what="node-a's next event ignored")
+            assert "node-a" not in handlers().fold.nodes()
+            assert "node-a" not in [score.node for score in (await ask(bus, WHOLE)).scores]
+
+            before = len(requests)
+            beating.clear()
+            beats = asyncio.create_task(beat_a())
+            await asyncio.wait_for(beating.wait(), 5)
+            await eventually(lambda: _true([r for r in requests[before:] if r.node == "node-a"]),
+                             what="node-a asked for its inventory once its agent beats again")
+
+            async def back() -> ScoreReply | None:
+                reply = await ask(bus, WHOLE)
+                return reply if ranking(reply)[:1] == [("node-a", 80)] else None
+
+            await eventually(back, what="node-a's snapshot folded: a.bin and b.bin, 4 of 5 MiB")
+    finally:
+        await stop_beating()
         await listener.unsubscribe()
 
 

@@ -513,6 +513,62 @@ def test_the_sweep_forgets_agents_whose_records_expired() -> None:
     assert agents.values == {} and handlers.beating == set()
 
 
+def test_a_node_without_an_agent_record_counts_only_until_the_node_timeout_after_the_start() -> None:
+    """The nodes the sweep forgot live in memory: after a restart, a node whose agent went away (no record) while its
+    mount processes still publish came back from their inventory as a node that never beat, which no sweep forgot.
+    Until ``node_timeout`` after the start (a new agent's first beat may be on its way) such a node is taken in; from
+    then on the sweep forgets it and its inventory is ignored until its agent beats, when it is asked for a
+    snapshot. A node with a fresh record is kept throughout."""
+    import asyncio
+
+    from libs.bus import Delivery, KvMirror
+    from libs.events.agent import AgentHeartbeat, AgentRecord
+    from libs.events.common import ObjectMeta
+    from libs.events.dataset import Dataset, DatasetRecord
+    from services.scheduler.handlers import SchedulerHandlers
+
+    async def scenario() -> None:
+        now = [1000.0]
+        agents = KvMirror(None, AgentRecord)  # type: ignore[arg-type]  # fed by hand, never watching
+        agents.ready.set()
+        handlers = SchedulerHandlers(bus=None, agents=agents, node_timeout=10.0,  # type: ignore[arg-type]
+                                     clock=lambda: now[0])
+        asked: list[str] = []
+
+        async def ask_snapshot(node: str = "", dataset: ObjectRef | None = None) -> None:
+            asked.append(node)
+
+        handlers.ask_snapshot = ask_snapshot  # type: ignore[method-assign]
+        handlers.datasets_ready.set()
+        dataset = Dataset(metadata=ObjectMeta(name="d", namespace="ml"))
+        await handlers.dataset_changed(KEY, DatasetRecord(dataset=dataset, generation=1))
+        delivered = Delivery(subject="s", headers={}, deliveries=1, stream_sequence=1)
+
+        def beat(node: str) -> None:
+            agents.values[node] = AgentRecord(heartbeat=AgentHeartbeat(node=node), received_at=now[0])
+
+        beat("alive")
+        await handlers.on_inventory(snapshot(1, blocks("k", "e", [(0, MiB)]), node="alive"), delivered)
+        await handlers.on_inventory(snapshot(1, blocks("k", "e", [(0, MiB)]), node="ghost"), delivered)
+        await handlers.sweep()
+        assert handlers.fold.nodes() == {"alive", "ghost"}  # within the node timeout of the start
+        now[0] += 10
+        beat("alive")
+        await handlers.sweep()
+        assert handlers.fold.nodes() == {"alive"} and list(handlers.gone) == ["ghost"]
+        await handlers.on_inventory(delta(2, blocks("k", "e", [(1, MiB)]), node="ghost"), delivered)
+        await handlers.on_inventory(snapshot(1, blocks("k", "e", [(0, MiB)]), node="stranger"), delivered)
+        assert handlers.fold.nodes() == {"alive"} and handlers.counts["inventory_node_gone"] == 2
+        assert list(handlers.gone) == ["ghost", "stranger"]
+        beat("stranger")  # a new agent whose first beat came after its mount's first snapshot: asked for it
+        await handlers.sweep()
+        assert asked == ["stranger"] and list(handlers.gone) == ["ghost"]
+        await handlers.on_inventory(snapshot(2, blocks("k", "e", [(0, MiB)]), node="stranger"), delivered)
+        assert handlers.fold.nodes() == {"alive", "stranger"}
+
+    asyncio.run(scenario())
+
+
 def held_recounted(state: CacheFold) -> dict[tuple[str, str], dict[str, int]]:
     """What ``CacheFold.held`` must be: every node cache's ``current`` bytes, nodes holding none left out."""
     return {key: {node: cache.current for node, cache in nodes.items() if cache.current > 0}
