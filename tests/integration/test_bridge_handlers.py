@@ -841,6 +841,14 @@ def _handed(harness: Harness, mirror: bool, secret: str, key: str) -> str | None
     return path.read_text() if path.exists() else None
 
 
+async def with_secret_mirror(handlers: BridgeHandlers) -> None:
+    """The bridge hands Secrets' values over through the mirror Secret (made here), not as files."""
+    handlers.settings = dataclasses.replace(handlers.settings, kube=dataclasses.replace(
+        handlers.settings.kube, secret_mirror=f"{kube.SYSTEM_NAMESPACE}/shoal-dataset-secrets"))
+    await handlers.core.create_namespaced_secret(kube.SYSTEM_NAMESPACE, client.V1Secret(
+        metadata=client.V1ObjectMeta(name="shoal-dataset-secrets")))
+
+
 @pytest.mark.parametrize("mode", ["mirror", "files"])
 async def test_a_dataset_edited_to_name_a_missing_secret_keeps_following_its_running_specs_secrets(
         harness: Harness, mode: str) -> None:
@@ -850,10 +858,7 @@ async def test_a_dataset_edited_to_name_a_missing_secret_keeps_following_its_run
     dataset kept the old value until the user fixed the edit)."""
     handlers = harness.handlers
     if mode == "mirror":
-        handlers.settings = dataclasses.replace(handlers.settings, kube=dataclasses.replace(
-            handlers.settings.kube, secret_mirror=f"{kube.SYSTEM_NAMESPACE}/shoal-dataset-secrets"))
-        await handlers.core.create_namespaced_secret(kube.SYSTEM_NAMESPACE, client.V1Secret(
-            metadata=client.V1ObjectMeta(name="shoal-dataset-secrets")))
+        await with_secret_mirror(handlers)
     await handlers.core.create_namespaced_secret("default", client.V1Secret(
         metadata=client.V1ObjectMeta(name="creds"), string_data={"secret": "first"}))
     await harness.first_lists()
@@ -886,10 +891,7 @@ async def test_two_secrets_spelt_alike_once_flattened_are_refused_in_either_mode
     free and the second is taken at its next handling."""
     handlers = harness.handlers
     if mode == "mirror":
-        handlers.settings = dataclasses.replace(handlers.settings, kube=dataclasses.replace(
-            handlers.settings.kube, secret_mirror=f"{kube.SYSTEM_NAMESPACE}/shoal-dataset-secrets"))
-        await handlers.core.create_namespaced_secret(kube.SYSTEM_NAMESPACE, client.V1Secret(
-            metadata=client.V1ObjectMeta(name="shoal-dataset-secrets")))
+        await with_secret_mirror(handlers)
     for name, key in (("a.b", "c"), ("a", "b.c")):
         await handlers.core.create_namespaced_secret("default", client.V1Secret(
             metadata=client.V1ObjectMeta(name=name), string_data={key: name}))

@@ -223,6 +223,17 @@ async def unique_kept(bus: Bus, unique: int) -> DatasetInventory | None:
     return cache if cache is not None and cache.unique is not None and cache.unique.bytes == unique else None
 
 
+async def model_bound(bus: Bus, bucket: str) -> DatasetRecord:
+    """Dataset ``model`` of ``bucket`` (a.bin and b.bin, 2,000 bytes) applied, listed and Bound (a ready runtime of
+    one worker); its record as listed."""
+    dataset = Dataset(metadata=ObjectMeta(name="model"), spec=DatasetSpec(mounts=[Mount(mount_point=f"s3://{bucket}/")]))
+    await bus.publish(subjects.DATASET_APPLY, DatasetApply(dataset=dataset))
+    record = await status_where(bus, lambda r: r.status.ufs_total_bytes == 2000)
+    await bus.publish(subjects.RUNTIME_STATUS, runtime_phase("Ready", 1))
+    await status_where(bus, lambda r: r.status.phase == "Bound")
+    return record
+
+
 async def test_a_block_two_nodes_hold_counts_once_in_the_cached_percentage(
         bus: Bus, settings: Settings, seaweedfs: SeaweedServer, bucket: str) -> None:
     """Half of the dataset (a.bin of a.bin and b.bin) cached on two nodes, as a DataLoad with ``replicas: 2`` leaves
@@ -230,12 +241,7 @@ async def test_a_block_two_nodes_hold_counts_once_in_the_cached_percentage(
     ``cached`` what the nodes hold (2000 bytes, what the cache costs). Summing the nodes said 100 %."""
     await put_objects(seaweedfs, bucket, {"a.bin": b"a" * 1000, "b.bin": b"b" * 1000})
     async with running(lambda stop: dataset_app.run(settings, stop)):
-        dataset = Dataset(metadata=ObjectMeta(name="model"),
-                          spec=DatasetSpec(mounts=[Mount(mount_point=f"s3://{bucket}/")]))
-        await bus.publish(subjects.DATASET_APPLY, DatasetApply(dataset=dataset))
-        record = await status_where(bus, lambda r: r.status.ufs_total_bytes == 2000)
-        await bus.publish(subjects.RUNTIME_STATUS, runtime_phase("Ready", 1))
-        await status_where(bus, lambda r: r.status.phase == "Bound")
+        record = await model_bound(bus, bucket)
         etags = {entry.key: entry.etag for entry in await (await ManifestStore.of(bus)).load(record.status.manifest)}
 
         def held(*keys: str) -> list[CachedFile]:
@@ -284,12 +290,7 @@ async def test_a_lying_agent_does_not_push_the_cached_percentage_over_the_truth(
     (4,000 bytes) and the dataset showed 100 %."""
     await put_objects(seaweedfs, bucket, {"a.bin": b"a" * 1000, "b.bin": b"b" * 1000})
     async with running(lambda stop: dataset_app.run(settings, stop)):
-        dataset = Dataset(metadata=ObjectMeta(name="model"),
-                          spec=DatasetSpec(mounts=[Mount(mount_point=f"s3://{bucket}/")]))
-        await bus.publish(subjects.DATASET_APPLY, DatasetApply(dataset=dataset))
-        record = await status_where(bus, lambda r: r.status.ufs_total_bytes == 2000)
-        await bus.publish(subjects.RUNTIME_STATUS, runtime_phase("Ready", 1))
-        await status_where(bus, lambda r: r.status.phase == "Bound")
+        record = await model_bound(bus, bucket)
         etag = {entry.key: entry.etag for entry in await (await ManifestStore.of(bus)).load(record.status.manifest)}
         wired = asyncio.Event()  # the scheduler as in the test above: started once the dataset is there
         async with running(lambda stop: scheduler_app.run(settings, stop, started=lambda _: wired.set())):

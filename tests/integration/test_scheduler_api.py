@@ -21,6 +21,7 @@ import aiohttp
 import msgspec
 import nats.errors
 import pytest
+from nats.aio.subscription import Subscription
 
 from libs import subjects
 from libs.bus import Bus, KvMirror, kv_load
@@ -212,12 +213,9 @@ async def test_score_api_gap_restart_and_deletion(bus: Bus, scheduler_settings: 
         await listener.unsubscribe()
 
 
-async def test_a_node_whose_agent_went_away_comes_back_only_when_its_agent_beats_again(
-        bus: Bus, scheduler_settings: Settings) -> None:
-    """node-a's agent record is deleted (the node left): the sweep forgets its cache. Its mount's late events (a
-    delta, a snapshot) brought it back as a node that never beat, holding bytes for ever (no sweep forgot it
-    again); now they are ignored and counted (``node_gone``). When its agent beats again the scheduler asks it for
-    its inventory and it counts from its snapshot."""
+async def node_a_answering(bus: Bus) -> tuple[FakeAgent, list[InventoryRequest], Subscription]:
+    """Agents node-a and node-b seeded (zone z1); node-a's fake agent answers the snapshot requests, each kept in
+    the list. The subscription is the caller's to stop."""
     await seed(bus, {"node-a": {ZONE: "z1"}, "node-b": {ZONE: "z1"}})
     agent_a = FakeAgent(bus, "node-a")
     requests: list[InventoryRequest] = []
@@ -227,6 +225,16 @@ async def test_a_node_whose_agent_went_away_comes_back_only_when_its_agent_beats
         await agent_a.on_request(request)
 
     listener = await bus.subscribe(subjects.INVENTORY_REQUEST, msgspec.json.Decoder(InventoryRequest), on_request)
+    return agent_a, requests, listener
+
+
+async def test_a_node_whose_agent_went_away_comes_back_only_when_its_agent_beats_again(
+        bus: Bus, scheduler_settings: Settings) -> None:
+    """node-a's agent record is deleted (the node left): the sweep forgets its cache. Its mount's late events (a
+    delta, a snapshot) brought it back as a node that never beat, holding bytes for ever (no sweep forgot it
+    again); now they are ignored and counted (``node_gone``). When its agent beats again the scheduler asks it for
+    its inventory and it counts from its snapshot."""
+    agent_a, requests, listener = await node_a_answering(bus)
     metrics = Snapshot()
     agents = await bus.kv(subjects.KV_AGENTS)
     try:
@@ -267,15 +275,7 @@ async def test_after_a_restart_a_node_without_an_agent_record_is_not_taken_in_fr
     snapshot it asks everyone for at start, as a node that never beat, and no sweep forgot it again. Now, once
     ``node_timeout`` has passed since the start, a node with no agent record is forgotten and its inventory ignored
     (``node_gone``); when its agent beats again it is asked for its snapshot and counts."""
-    await seed(bus, {"node-a": {ZONE: "z1"}, "node-b": {ZONE: "z1"}})
-    agent_a = FakeAgent(bus, "node-a")
-    requests: list[InventoryRequest] = []
-
-    async def on_request(request: InventoryRequest) -> None:
-        requests.append(request)
-        await agent_a.on_request(request)
-
-    listener = await bus.subscribe(subjects.INVENTORY_REQUEST, msgspec.json.Decoder(InventoryRequest), on_request)
+    agent_a, requests, listener = await node_a_answering(bus)
     agents = await bus.kv(subjects.KV_AGENTS)
     settings = dataclasses.replace(scheduler_settings, scheduler=SchedulerSettings(node_timeout=4.0))
     beating = asyncio.Event()
