@@ -202,14 +202,14 @@ ROUTE_USER = "route"
 
 
 def nats_cluster(size: int, client_ports: list[int], monitor_ports: list[int], cluster_ports: list[int],
-                 store_root: Path) -> list[NatsConfig]:
-    """``size`` servers on loopback forming one JetStream cluster: ``nats-1`` .. ``nats-N``, each with its own
-    ports and its own store below ``store_root`` (two servers on one store directory would corrupt it)."""
+                 store_root: Path, name: str = ClusterMember.name) -> list[NatsConfig]:
+    """``size`` servers on loopback forming one JetStream cluster ``name``: ``nats-1`` .. ``nats-N``, each with its
+    own ports and its own store below ``store_root`` (two servers on one store directory would corrupt it)."""
     if not 1 <= size == len(client_ports) == len(monitor_ports) == len(cluster_ports):
         raise ValueError(f"a cluster of {size} needs {size} client, monitor and cluster ports")
     routes = tuple(cluster_ports)
     return [NatsConfig(client_ports[index], monitor_ports[index], store_root / f"nats-{index + 1}",
-                       cluster=ClusterMember(f"nats-{index + 1}", cluster_ports[index], routes))
+                       cluster=ClusterMember(f"nats-{index + 1}", cluster_ports[index], routes, name))
             for index in range(size)]
 
 

@@ -8,6 +8,7 @@ and store), as a crashed server restarted by its supervisor would be.
 from __future__ import annotations
 
 import http.client
+import secrets
 from collections.abc import Callable
 from pathlib import Path
 
@@ -38,8 +39,11 @@ class NatsCluster:
 
     @classmethod
     def start(cls, root: Path, size: int = SIZE) -> NatsCluster:
+        # A name of its own: route ports are chosen before the servers bind them, and a member reaching another
+        # test's cluster of the same name would join it.
+        name = f"test-{secrets.token_hex(4)}"
         configs, servers = start_on_free_route_ports(
-            lambda routes, stores: nats_cluster(size, [0] * size, [0] * size, routes, stores), size, root)
+            lambda routes, stores: nats_cluster(size, [0] * size, [0] * size, routes, stores, name), size, root)
         return cls(configs, servers, root)
 
     @property
