@@ -228,6 +228,19 @@ async def node_a_answering(bus: Bus) -> tuple[FakeAgent, list[InventoryRequest],
     return agent_a, requests, listener
 
 
+async def node_a_asked_and_back(bus: Bus, requests: list[InventoryRequest], before: int) -> None:
+    """node-a, whose agent beats again, is asked for its inventory (in ``requests`` past ``before``, a list that
+    grows), and once its snapshot is folded it ranks first (a.bin and b.bin, 4 of 5 MiB)."""
+    await eventually(lambda: _true([r for r in requests[before:] if r.node == "node-a"]),
+                     what="node-a asked for its inventory once its agent beats again")
+
+    async def back() -> ScoreReply | None:
+        reply = await ask(bus, WHOLE)
+        return reply if ranking(reply)[:1] == [("node-a", 80)] else None
+
+    await eventually(back, what="node-a's snapshot folded: a.bin and b.bin, 4 of 5 MiB")
+
+
 async def test_a_node_whose_agent_went_away_comes_back_only_when_its_agent_beats_again(
         bus: Bus, scheduler_settings: Settings) -> None:
     """node-a's agent record is deleted (the node left): the sweep forgets its cache. Its mount's late events (a
@@ -256,14 +269,7 @@ async def test_a_node_whose_agent_went_away_comes_back_only_when_its_agent_beats
             before = len(requests)
             beat = AgentHeartbeat(node="node-a", labels={ZONE: "z1"}, sent_at=time.time())
             await agents.put("node-a", msgspec.json.encode(AgentRecord(heartbeat=beat, received_at=time.time())))
-            await eventually(lambda: _true([r for r in requests[before:] if r.node == "node-a"]),
-                             what="node-a asked for its inventory once its agent beats again")
-
-            async def back() -> ScoreReply | None:
-                reply = await ask(bus, WHOLE)
-                return reply if ranking(reply)[:1] == [("node-a", 80)] else None
-
-            await eventually(back, what="node-a's snapshot folded: a.bin and b.bin, 4 of 5 MiB")
+            await node_a_asked_and_back(bus, requests, before)
     finally:
         await listener.unsubscribe()
 
@@ -320,14 +326,7 @@ async def test_after_a_restart_a_node_without_an_agent_record_is_not_taken_in_fr
             beating.clear()
             beats = asyncio.create_task(beat_a())
             await asyncio.wait_for(beating.wait(), 5)
-            await eventually(lambda: _true([r for r in requests[before:] if r.node == "node-a"]),
-                             what="node-a asked for its inventory once its agent beats again")
-
-            async def back() -> ScoreReply | None:
-                reply = await ask(bus, WHOLE)
-                return reply if ranking(reply)[:1] == [("node-a", 80)] else None
-
-            await eventually(back, what="node-a's snapshot folded: a.bin and b.bin, 4 of 5 MiB")
+            await node_a_asked_and_back(bus, requests, before)
     finally:
         await stop_beating()
         await listener.unsubscribe()
