@@ -1502,13 +1502,37 @@ class WatchStart:
             self.mark = (info.delivered.consumer_seq or 0) + (info.num_pending or 0)
         return self.mark is not None and self.read >= self.mark and self.caught_up
 
+    async def idle(self) -> bool:
+        """Whether, no entry having come for a while after nats-py's None, the initial entries are all read: the
+        consumer has nothing pending and every message it delivered was read. A message counted in the mark can be
+        removed before it is delivered (a key expired by the bucket's TTL, or replaced under its history limit),
+        and the mark is then never reached."""
+        subscription = self.watcher._sub
+        if self.mark is None or subscription is None:
+            return False
+        try:
+            info = await subscription.consumer_info()
+        except nats.errors.Error:
+            return False
+        return not info.num_pending and self.read >= (info.delivered.consumer_seq or 0)
+
 
 async def initial_entries(watcher: KeyValue.KeyWatcher, each_within: float) -> AsyncGenerator[KeyValue.Entry, None]:
     """The entries a watch delivers until it has delivered what its keys held when it started (``WatchStart``);
     nats-py's TimeoutError if the next one takes longer than ``each_within`` seconds."""
     start = WatchStart(watcher)
     while True:
-        item = await watcher.updates(timeout=each_within)
+        waited = 0.0
+        while True:
+            try:
+                item = await watcher.updates(timeout=min(WATCH_TICK_SECONDS, each_within))
+                break
+            except TimeoutError:
+                if await start.idle():
+                    return
+                waited += WATCH_TICK_SECONDS
+                if waited >= each_within:
+                    raise
         if item is not None:
             yield item
         if await start.ended(item):
@@ -1557,6 +1581,9 @@ async def kv_watch(kv: KeyValue, stopping: asyncio.Event, reconnects: Callable[[
             try:
                 entry = await watcher.updates(timeout=WATCH_TICK_SECONDS)
             except TimeoutError:
+                if start is not None and await start.idle():
+                    start = None
+                    yield None
                 continue  # look at ``stopping`` and the reconnect count again
             if start is None:
                 yield entry  # past the initial values, nats-py puts no None

@@ -28,7 +28,7 @@ from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore as NatsObjectStore
 
 from libs import subjects
-from libs.bus import Bus, Replay, initial_entries, kv_delete, kv_keys, kv_watch, object_names
+from libs.bus import Bus, Replay, WatchStart, initial_entries, kv_delete, kv_keys, kv_watch, object_names
 from libs.markers import purge_kv_markers
 from tests.helpers import eventually, object_meta_subject, pending_reads_zero
 
@@ -214,3 +214,26 @@ async def test_object_names_leaves_out_deleted_objects_and_of_an_empty_store_lis
     await stored(bus)
     await store.delete(OBJECTS[1])
     assert await object_names(store) == [OBJECTS[0], OBJECTS[2]]
+
+
+async def test_a_start_whose_mark_counted_messages_removed_before_delivery_ends_once_the_consumer_is_idle(
+        bus: Bus) -> None:
+    """The mark taken at nats-py's None counts the consumer's pending messages; one removed before delivery (a
+    member's beat expired by the bucket's TTL) is never read, so the start waited out the read timeout and raised.
+    Here the mark counts two such messages: the start ends once the consumer has nothing pending and every delivered
+    message was read."""
+    kv = await filled(bus)
+    watcher = await kv.watchall()
+    try:
+        start = WatchStart(watcher)
+        read: list[str] = []
+        while len(read) < len(KEYS):
+            item = await watcher.updates(timeout=5)
+            if item is not None:
+                read.append(item.key)
+                await start.ended(item)
+        start.mark = len(KEYS) + 2
+        assert not await start.ended(None)
+        assert await start.idle()
+    finally:
+        await watcher.stop()
